@@ -1,0 +1,99 @@
+"""One exception tree for the whole gateway.
+
+Every error carries a human-readable ``message`` that names the input and the
+rule that was broken, and, where there is one, a ``fix`` an administrator can
+act on.  Errors raised while handling a remote peer's request are never shown
+to that peer verbatim: the channel layer maps them to a generic AS2
+disposition and keeps the detail for the audit trail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MedgwError(Exception):
+    """Base class of every error the gateway raises on purpose."""
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        if self.fix:
+            return f"{self.message} (fix: {self.fix})"
+        return self.message
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with the configuration: where, what, and how to fix it."""
+
+    file: str
+    key: str
+    message: str
+    fix: str
+    severity: str = "error"  # "error" or "warning"
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else self.file
+        return f"{self.severity}: {where}: {self.message} (fix: {self.fix})"
+
+
+class ConfigError(MedgwError):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[ConfigProblem] | tuple[ConfigProblem, ...]) -> None:
+        self.problems = tuple(problems)
+        summary = "; ".join(str(p) for p in self.problems) or "invalid configuration"
+        super().__init__(summary)
+
+
+class PolicyError(MedgwError):
+    """An algorithm or key size is not allowed by the CRYPTREC policy."""
+
+    def __init__(self, algorithm: str, rule: str, fix: str) -> None:
+        self.algorithm = algorithm
+        self.rule = rule
+        super().__init__(f"algorithm {algorithm} refused: {rule}", fix=fix)
+
+
+class ObjectSecurityError(MedgwError):
+    """Signing, verification, encryption or decryption of a payload failed."""
+
+
+class MalformedMessageError(ObjectSecurityError):
+    """The CMS / S/MIME structure cannot be parsed."""
+
+
+class SignatureError(ObjectSecurityError):
+    """A signature or a signed attribute does not verify (content altered)."""
+
+
+class SignerNotTrustedError(ObjectSecurityError):
+    """The signature is intact but the signer is not an accepted signer."""
+
+
+class DecryptionError(ObjectSecurityError):
+    """The payload cannot be decrypted with our keys."""
+
+
+class AuthenticationError(MedgwError):
+    """A peer could not be authenticated or is not who it claims to be."""
+
+
+class ProtocolError(MedgwError):
+    """An AS2 request or receipt does not follow the protocol."""
+
+
+class RoutingError(MedgwError):
+    """A message has no permitted route."""
+
+
+class SpoolError(MedgwError):
+    """The durable spool cannot store or change a message."""
+
+
+class DeliveryError(MedgwError):
+    """A received document cannot be delivered to the internal side."""
