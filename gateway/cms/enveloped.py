@@ -1,0 +1,668 @@
+"""CMS EnvelopedData (RFC 5652 section 6) and AuthEnvelopedData (RFC 5083).
+
+Content encryption: AES-GCM (AuthEnvelopedData, RFC 5084) or AES-CBC
+(EnvelopedData); 3DES-CBC is read under ``compat`` only.
+
+Recipients: RSA -> KeyTransRecipientInfo with RSAES-OAEP (SHA-256, MGF1-SHA-256,
+explicit parameters); EC -> KeyAgreeRecipientInfo, ephemeral-static ECDH with
+dhSinglePass-stdDH-sha{256,384,512}kdf-scheme (RFC 5753), ECC-CMS-SharedInfo and
+AES key wrap (RFC 3394) matching the content-encryption key size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from asn1crypto import algos, cms, core, keys
+from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import padding as sym_padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+from ..errors import DecryptionError, MalformedMessageError, PolicyError
+from ..policy import (
+    COMPAT_CONTENT_CIPHERS,
+    COMPAT_KEY_TRANSPORTS,
+    AlgorithmPolicy,
+    PrivateKey,
+    normalize_digest,
+)
+from .signed import (
+    ASN1_ERRORS,
+    cert_label,
+    cert_ski,
+    hash_for,
+    issuer_and_serial,
+    load_content_info,
+    matches_issuer_serial,
+    name_string,
+)
+
+__all__ = ["Decrypted", "decrypt", "encrypt"]
+
+
+class GCMParameters(core.Sequence):  # type: ignore[misc]
+    """RFC 5084 GCMParameters."""
+
+    _fields = [  # noqa: RUF012 - asn1crypto schema
+        ("aes_nonce", core.OctetString),
+        ("aes_icvlen", core.Integer, {"default": 12}),
+    ]
+
+
+class EccCmsSharedInfo(core.Sequence):  # type: ignore[misc]
+    """RFC 5753 ECC-CMS-SharedInfo."""
+
+    _fields = [  # noqa: RUF012 - asn1crypto schema
+        ("key_info", core.Any),
+        ("entity_u_info", core.OctetString, {"explicit": 0, "optional": True}),
+        ("supp_pub_info", core.OctetString, {"explicit": 2}),
+    ]
+
+
+# name -> (asn1crypto EncryptionAlgorithmId name, key bytes, mode)
+_CIPHERS: dict[str, tuple[str, int, str]] = {
+    "aes-128-gcm": ("aes128_gcm", 16, "gcm"),
+    "aes-192-gcm": ("aes192_gcm", 24, "gcm"),
+    "aes-256-gcm": ("aes256_gcm", 32, "gcm"),
+    "aes-128-cbc": ("aes128_cbc", 16, "cbc"),
+    "aes-192-cbc": ("aes192_cbc", 24, "cbc"),
+    "aes-256-cbc": ("aes256_cbc", 32, "cbc"),
+    "des-ede3-cbc": ("tripledes_3key", 24, "cbc"),
+}
+_CIPHER_BY_OID_NAME = {v[0]: k for k, v in _CIPHERS.items()}
+
+_WRAP_BY_KEYLEN = {16: "aes128_wrap", 24: "aes192_wrap", 32: "aes256_wrap"}
+_WRAP_KEYLEN = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
+
+# ECDH KDF schemes (RFC 5753 / SEC 1). For the NIST curves the cofactor is 1,
+# so cofactor DH is identical to standard DH.
+_KDF_SCHEMES: dict[str, str] = {
+    "1.3.133.16.840.63.0.2": "sha1",  # dhSinglePass-stdDH-sha1kdf-scheme
+    "1.3.132.1.11.0": "sha224",
+    "1.3.132.1.11.1": "sha256",  # dhSinglePass-stdDH-sha256kdf-scheme
+    "1.3.132.1.11.2": "sha384",
+    "1.3.132.1.11.3": "sha512",
+    "1.3.133.16.840.63.0.3": "sha1",  # dhSinglePass-cofactorDH-sha1kdf-scheme
+    "1.3.132.1.14.0": "sha224",
+    "1.3.132.1.14.1": "sha256",
+    "1.3.132.1.14.2": "sha384",
+    "1.3.132.1.14.3": "sha512",
+}
+_STD_KDF_OID = {"sha256": "1.3.132.1.11.1", "sha384": "1.3.132.1.11.2", "sha512": "1.3.132.1.11.3"}
+_KDF_BY_CURVE = {"secp256r1": "sha256", "secp384r1": "sha384", "secp521r1": "sha512"}
+
+
+@dataclass(frozen=True)
+class Decrypted:
+    content: bytes
+    content_cipher: str
+    key_transport: str
+    compat_algorithms: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------
+# encryption
+
+
+def _shared_info(key_info_der: bytes, ukm: bytes | None, kek_len: int) -> bytes:
+    value: dict[str, Any] = {
+        "key_info": core.Any.load(key_info_der),
+        "supp_pub_info": (kek_len * 8).to_bytes(4, "big"),
+    }
+    if ukm is not None:
+        value["entity_u_info"] = ukm
+    out: bytes = EccCmsSharedInfo(value).dump()
+    return out
+
+
+def _kek(
+    shared_secret: bytes, kdf_digest: str, key_info_der: bytes, ukm: bytes | None, kek_len: int
+) -> bytes:
+    kdf = X963KDF(
+        algorithm=hash_for(kdf_digest, allow_sha1=True),
+        length=kek_len,
+        sharedinfo=_shared_info(key_info_der, ukm, kek_len),
+    )
+    return kdf.derive(shared_secret)
+
+
+def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> Any:
+    h = hashes.SHA256()
+    encrypted_key = pub.encrypt(
+        cek, padding.OAEP(mgf=padding.MGF1(algorithm=h), algorithm=h, label=None)
+    )
+    return cms.RecipientInfo(
+        {
+            "ktri": cms.KeyTransRecipientInfo(
+                {
+                    "version": "v0",
+                    "rid": cms.RecipientIdentifier(
+                        {"issuer_and_serial_number": issuer_and_serial(cert)}
+                    ),
+                    "key_encryption_algorithm": {
+                        "algorithm": "rsaes_oaep",
+                        "parameters": algos.RSAESOAEPParams(
+                            {
+                                "hash_algorithm": {"algorithm": "sha256"},
+                                "mask_gen_algorithm": {
+                                    "algorithm": "mgf1",
+                                    "parameters": {"algorithm": "sha256"},
+                                },
+                            }
+                        ),
+                    },
+                    "encrypted_key": encrypted_key,
+                }
+            )
+        }
+    )
+
+
+def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> Any:
+    kdf_digest = _KDF_BY_CURVE[pub.curve.name]
+    wrap = _WRAP_BY_KEYLEN[len(cek)]
+    wrap_der: bytes = cms.KeyEncryptionAlgorithm({"algorithm": wrap}).dump()
+    ephemeral = ec.generate_private_key(pub.curve)
+    shared = ephemeral.exchange(ec.ECDH(), pub)
+    kek = _kek(shared, kdf_digest, wrap_der, None, len(cek))
+    point = ephemeral.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    originator_key = keys.PublicKeyInfo(
+        {
+            "algorithm": keys.PublicKeyAlgorithm({"algorithm": "ec"}),
+            "public_key": point,
+        }
+    )
+    return cms.RecipientInfo(
+        {
+            "kari": cms.KeyAgreeRecipientInfo(
+                {
+                    "version": "v3",
+                    "originator": cms.OriginatorIdentifierOrKey({"originator_key": originator_key}),
+                    "key_encryption_algorithm": cms.KeyEncryptionAlgorithm(
+                        {
+                            "algorithm": _STD_KDF_OID[kdf_digest],
+                            "parameters": core.Any.load(wrap_der),
+                        }
+                    ),
+                    "recipient_encrypted_keys": [
+                        cms.RecipientEncryptedKey(
+                            {
+                                "rid": cms.KeyAgreementRecipientIdentifier(
+                                    {"issuer_and_serial_number": issuer_and_serial(cert)}
+                                ),
+                                "encrypted_key": aes_key_wrap(kek, cek),
+                            }
+                        )
+                    ],
+                }
+            )
+        }
+    )
+
+
+def encrypt(
+    content: bytes,
+    recipients: Sequence[x509.Certificate],
+    *,
+    cipher: str = "aes-256-gcm",
+    policy: AlgorithmPolicy,
+) -> bytes:
+    """Encrypt ``content`` for ``recipients``; returns DER ``ContentInfo``.
+
+    GCM ciphers give AuthEnvelopedData, CBC ciphers EnvelopedData.
+    """
+    content = bytes(content)
+    cipher = cipher.strip().lower()
+    policy.check_content_cipher(cipher, inbound=False)
+    if cipher not in _CIPHERS:  # pragma: no cover - policy refuses unknown names first
+        raise PolicyError(cipher, "unknown content cipher", "use aes-256-gcm")
+    if not recipients:
+        raise ValueError("encrypt() needs at least one recipient certificate")
+    oid_name, key_len, mode = _CIPHERS[cipher]
+
+    cek = os.urandom(key_len)
+    infos = []
+    has_kari = False
+    for cert in recipients:
+        pub = cert.public_key()
+        if isinstance(pub, rsa.RSAPublicKey):
+            policy.check_key_transport("rsaes-oaep", inbound=False)
+            policy.check_recipient_key(pub)
+            infos.append(_ktri(cert, pub, cek))
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            policy.check_key_transport("ecdh", inbound=False)
+            policy.check_recipient_key(pub)
+            infos.append(_kari(cert, pub, cek))
+            has_kari = True
+        else:
+            raise PolicyError(
+                f"{type(pub).__name__} recipient key ({cert_label(cert)})",
+                "only RSA (RSAES-OAEP) and EC P-256/P-384 (ECDH) recipients are supported",
+                "ask the peer for an RSA-3072 or EC P-256/P-384 encryption certificate",
+            )
+
+    if mode == "gcm":
+        nonce = os.urandom(12)
+        encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+        ciphertext = encryptor.update(content) + encryptor.finalize()
+        tag = encryptor.tag
+        alg = algos.EncryptionAlgorithm(
+            {
+                "algorithm": oid_name,
+                "parameters": core.Any.load(
+                    GCMParameters({"aes_nonce": nonce, "aes_icvlen": len(tag)}).dump()
+                ),
+            }
+        )
+        auth_env = cms.AuthEnvelopedData(
+            {
+                "version": "v0",
+                "recipient_infos": infos,
+                "auth_encrypted_content_info": {
+                    "content_type": "data",
+                    "content_encryption_algorithm": alg,
+                    "encrypted_content": ciphertext,
+                },
+                "mac": tag,
+            }
+        )
+        ci = cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth_env})
+    else:
+        iv = os.urandom(16)
+        padder = sym_padding.PKCS7(128).padder()
+        padded = padder.update(content) + padder.finalize()
+        cbc = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+        ciphertext = cbc.update(padded) + cbc.finalize()
+        alg = algos.EncryptionAlgorithm({"algorithm": oid_name, "parameters": iv})
+        env = cms.EnvelopedData(
+            {
+                # RFC 5652 6.1: v2 as soon as a KeyAgreeRecipientInfo (v3) is present
+                "version": "v2" if has_kari else "v0",
+                "recipient_infos": infos,
+                "encrypted_content_info": {
+                    "content_type": "data",
+                    "content_encryption_algorithm": alg,
+                    "encrypted_content": ciphertext,
+                },
+            }
+        )
+        ci = cms.ContentInfo({"content_type": "enveloped_data", "content": env})
+    out: bytes = ci.dump()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# decryption
+
+
+@dataclass
+class _Parsed:
+    kind: str  # "enveloped_data" | "authenticated_enveloped_data"
+    recipient_infos: Any
+    cipher_oid_name: str
+    cipher_params: Any
+    encrypted_content: bytes
+    mac: bytes | None
+    auth_attrs_der: bytes | None
+
+
+def _parse(enveloped: bytes) -> _Parsed:
+    ci = load_content_info(enveloped, "encrypted message")
+    kind = ci["content_type"].native
+    if kind not in ("enveloped_data", "authenticated_enveloped_data"):
+        raise MalformedMessageError(
+            f"encrypted message is a CMS {kind}, not EnvelopedData or AuthEnvelopedData",
+            fix="check the message order: the gateway expects an encrypted message here",
+        )
+    try:
+        body = ci["content"]
+        if kind == "enveloped_data":
+            eci = body["encrypted_content_info"]
+            mac = None
+            auth_attrs_der = None
+        else:
+            eci = body["auth_encrypted_content_info"]
+            mac = body["mac"].native
+            auth_attrs = body["auth_attrs"]
+            # RFC 5083 2.2: AAD is the DER of authAttrs with a SET OF tag
+            auth_attrs_der = (
+                None if isinstance(auth_attrs, core.Void) else auth_attrs.untag().dump(force=True)
+            )
+        alg = eci["content_encryption_algorithm"]
+        encrypted = eci["encrypted_content"]
+        if isinstance(encrypted, core.Void):
+            raise MalformedMessageError(
+                "encrypted message has no encrypted content (detached encrypted content "
+                "is not supported)",
+                fix="ask the peer to send the encrypted content inside the CMS structure",
+            )
+        parsed = _Parsed(
+            kind=kind,
+            recipient_infos=body["recipient_infos"],
+            cipher_oid_name=alg["algorithm"].native,
+            cipher_params=alg["parameters"],
+            encrypted_content=bytes(encrypted),
+            mac=mac,
+            auth_attrs_der=auth_attrs_der,
+        )
+        len(parsed.recipient_infos)
+    except MalformedMessageError:
+        raise
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"encrypted message has a malformed {kind} structure: {exc}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from exc
+    return parsed
+
+
+def _rid_matches(cert: x509.Certificate, rid: Any) -> bool:
+    if rid.name == "issuer_and_serial_number":
+        return matches_issuer_serial(cert, rid.chosen)
+    if rid.name == "subject_key_identifier":
+        return bool(cert_ski(cert) == rid.chosen.native)
+    if rid.name == "r_key_id":
+        return bool(cert_ski(cert) == rid.chosen["subject_key_identifier"].native)
+    return False
+
+
+def _describe_rid(rid: Any) -> str:
+    try:
+        if rid.name == "issuer_and_serial_number":
+            ias = rid.chosen
+            return f"issuer {name_string(ias['issuer'])!r} serial 0x{ias['serial_number'].native:x}"
+        if rid.name == "subject_key_identifier":
+            return f"subjectKeyIdentifier {rid.chosen.native.hex()}"
+        if rid.name == "r_key_id":
+            return f"subjectKeyIdentifier {rid.chosen['subject_key_identifier'].native.hex()}"
+    except ASN1_ERRORS:
+        pass
+    return "<unparseable recipient identifier>"
+
+
+def _oaep_name(params: Any) -> tuple[str, hashes.HashAlgorithm, hashes.HashAlgorithm]:
+    h_name = normalize_digest(params["hash_algorithm"]["algorithm"].native)
+    mgf = params["mask_gen_algorithm"]
+    if mgf["algorithm"].native != "mgf1":
+        raise PolicyError(
+            f"RSAES-OAEP with mask generation {mgf['algorithm'].native}",
+            "only MGF1 is supported",
+            "use RSAES-OAEP with MGF1-SHA-256",
+        )
+    mgf_name = normalize_digest(mgf["parameters"]["algorithm"].native)
+    if params["p_source_algorithm"]["parameters"].native not in (b"", None):
+        raise DecryptionError(
+            "RSAES-OAEP with a non-empty label is not supported",
+            fix="ask the peer to use RSAES-OAEP without a label",
+        )
+    names = {h_name, mgf_name}
+    if "sha1" in names and names <= {"sha1", "sha256", "sha384", "sha512"}:
+        return (
+            "rsaes-oaep-sha1",
+            hash_for(h_name, allow_sha1=True),
+            hash_for(mgf_name, allow_sha1=True),
+        )
+    for n in names:
+        AlgorithmPolicy().check_digest(n)
+    return "rsaes-oaep", hash_for(h_name), hash_for(mgf_name)
+
+
+def _unwrap_ktri(
+    ktri: Any, key: rsa.RSAPrivateKey, policy: AlgorithmPolicy, label: str
+) -> tuple[bytes, str]:
+    alg = ktri["key_encryption_algorithm"]
+    alg_name = alg["algorithm"].native
+    pad: padding.AsymmetricPadding
+    if alg_name == "rsaes_oaep":
+        name, h, mgf_h = _oaep_name(alg["parameters"])
+        policy.check_key_transport(name, inbound=True)
+        pad = padding.OAEP(mgf=padding.MGF1(algorithm=mgf_h), algorithm=h, label=None)
+    elif alg_name == "rsaes_pkcs1v15":
+        name = "rsaes-pkcs1-v1_5"
+        policy.check_key_transport(name, inbound=True)
+        pad = padding.PKCS1v15()
+    else:
+        raise PolicyError(
+            f"key transport {alg_name}",
+            "only RSAES-OAEP (and RSAES-PKCS1-v1_5 under compat) are supported for RSA",
+            "ask the peer to use RSAES-OAEP with SHA-256",
+        )
+    try:
+        cek = key.decrypt(ktri["encrypted_key"].native, pad)
+    except ValueError as exc:
+        raise DecryptionError(
+            f"the content-encryption key for {label} cannot be decrypted with our private key "
+            f"({name})",
+            fix="check that the configured private key matches our encryption certificate",
+        ) from exc
+    return cek, name
+
+
+def _unwrap_kari(
+    kari: Any, rek: Any, key: ec.EllipticCurvePrivateKey, policy: AlgorithmPolicy, label: str
+) -> tuple[bytes, str]:
+    alg = kari["key_encryption_algorithm"]
+    oid = alg["algorithm"].dotted
+    kdf_digest = _KDF_SCHEMES.get(oid)
+    if kdf_digest is None:
+        raise PolicyError(
+            f"key agreement {oid}",
+            "only dhSinglePass-stdDH/cofactorDH with an X9.63 KDF are supported (RFC 5753)",
+            "ask the peer to use ECDH with dhSinglePass-stdDH-sha256kdf-scheme",
+        )
+    if kdf_digest == "sha1":
+        name = "ecdh-sha1kdf"
+    else:
+        AlgorithmPolicy().check_digest(kdf_digest)
+        name = "ecdh"
+    policy.check_key_transport(name, inbound=True)
+    params = alg["parameters"]
+    if isinstance(params, core.Void | core.Null):
+        raise MalformedMessageError(
+            "ECDH KeyAgreeRecipientInfo lacks its key-wrap algorithm parameter",
+            fix="the sender's CMS implementation is broken",
+        )
+    wrap_der = params.dump()
+    wrap_name = cms.KeyEncryptionAlgorithm.load(wrap_der)["algorithm"].native
+    kek_len = _WRAP_KEYLEN.get(wrap_name)
+    if kek_len is None:
+        raise PolicyError(
+            f"key wrap {wrap_name}",
+            "only AES key wrap (RFC 3394) is supported",
+            "ask the peer to use aes128-wrap or aes256-wrap",
+        )
+    originator = kari["originator"]
+    if originator.name != "originator_key":
+        raise DecryptionError(
+            f"ECDH recipient info for {label} uses a static originator key "
+            f"({originator.name}); only ephemeral-static ECDH is supported",
+            fix="ask the peer to use ephemeral-static ECDH (RFC 5753 section 3.1)",
+        )
+    orig = originator.chosen
+    orig_params = orig["algorithm"]["parameters"]
+    if not isinstance(orig_params, core.Void | core.Null):
+        named = orig_params.chosen.native if orig_params.name == "named" else None
+        if named is not None and named != key.curve.name:
+            raise DecryptionError(
+                f"ECDH originator key is on curve {named} but our key for {label} is on "
+                f"{key.curve.name}",
+                fix="the peer encrypted with the wrong certificate; ask it to resend",
+            )
+    try:
+        peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, bytes(orig["public_key"]))
+        shared = key.exchange(ec.ECDH(), peer)
+    except ValueError as exc:
+        raise DecryptionError(
+            f"ECDH originator public key is not a valid point on {key.curve.name}",
+            fix="the message is corrupt; ask the peer to resend",
+        ) from exc
+    ukm_v = kari["ukm"]
+    ukm = None if isinstance(ukm_v, core.Void) else ukm_v.native
+    kek = _kek(shared, kdf_digest, wrap_der, ukm, kek_len)
+    try:
+        cek = aes_key_unwrap(kek, rek["encrypted_key"].native)
+    except (InvalidUnwrap, ValueError) as exc:
+        raise DecryptionError(
+            f"the content-encryption key for {label} cannot be unwrapped (ECDH {name})",
+            fix="check that the configured private key matches our encryption certificate",
+        ) from exc
+    return cek, name
+
+
+def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
+    _oid_name, key_len, mode = _CIPHERS[cipher]
+    if len(cek) != key_len:
+        raise DecryptionError(
+            f"content-encryption key has {len(cek)} bytes, {cipher} needs {key_len}",
+            fix="the message is corrupt or not for our key; ask the peer to resend",
+        )
+    data = parsed.encrypted_content
+    if mode == "gcm":
+        if parsed.kind != "authenticated_enveloped_data" or parsed.mac is None:
+            raise MalformedMessageError(
+                f"{cipher} used in EnvelopedData; GCM requires AuthEnvelopedData (RFC 5084)",
+                fix="ask the peer to send AuthEnvelopedData for AES-GCM",
+            )
+        gp = GCMParameters.load(parsed.cipher_params.dump())
+        nonce = gp["aes_nonce"].native
+        icvlen = gp["aes_icvlen"].native
+        if icvlen != len(parsed.mac) or not 12 <= icvlen <= 16:
+            raise DecryptionError(
+                f"{cipher} tag length {len(parsed.mac)} does not match GCMParameters "
+                f"ICV length {icvlen} (must be 12..16)",
+                fix="the message is corrupt; ask the peer to resend",
+            )
+        try:
+            decryptor = Cipher(
+                algorithms.AES(cek), modes.GCM(nonce, parsed.mac, min_tag_length=12)
+            ).decryptor()
+            if parsed.auth_attrs_der is not None:
+                decryptor.authenticate_additional_data(parsed.auth_attrs_der)
+            return decryptor.update(data) + decryptor.finalize()
+        except (InvalidTag, ValueError) as exc:
+            raise DecryptionError(
+                f"{cipher} authentication tag does not verify: the encrypted content or its "
+                "authenticated attributes were altered, or the key is wrong",
+                fix="ask the peer to resend the message",
+            ) from exc
+    if parsed.kind != "enveloped_data":
+        raise MalformedMessageError(
+            f"{cipher} used in AuthEnvelopedData; only AEAD ciphers are allowed there",
+            fix="ask the peer to use AES-GCM for AuthEnvelopedData",
+        )
+    iv = parsed.cipher_params.native
+    if cipher == "des-ede3-cbc":
+        algo: Any = TripleDES(cek)
+        block = 64
+    else:
+        algo = algorithms.AES(cek)
+        block = 128
+    if not isinstance(iv, bytes) or len(iv) * 8 != block or len(data) % (block // 8):
+        raise DecryptionError(
+            f"{cipher}: bad IV or ciphertext length", fix="the message is corrupt"
+        )
+    cbc = Cipher(algo, modes.CBC(iv)).decryptor()
+    padded = cbc.update(data) + cbc.finalize()
+    try:
+        unpadder = sym_padding.PKCS7(block).unpadder()
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError as exc:
+        raise DecryptionError(
+            f"{cipher}: decrypted content has invalid padding (wrong key or altered message)",
+            fix="ask the peer to resend the message",
+        ) from exc
+
+
+def decrypt(
+    enveloped: bytes,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    policy: AlgorithmPolicy,
+) -> Decrypted:
+    """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``."""
+    parsed = _parse(enveloped)
+    label = cert_label(cert)
+    cipher = _CIPHER_BY_OID_NAME.get(parsed.cipher_oid_name)
+    if cipher is None:
+        raise PolicyError(
+            f"content cipher {parsed.cipher_oid_name}",
+            "content cipher is not on the CRYPTREC recommended list",
+            "ask the peer to encrypt with aes-256-gcm or aes-256-cbc",
+        )
+    policy.check_content_cipher(cipher, inbound=True)
+
+    try:
+        found: tuple[bytes, str] | None = None
+        seen: list[str] = []
+        for ri in parsed.recipient_infos:
+            if ri.name == "ktri":
+                ktri = ri.chosen
+                seen.append(_describe_rid(ktri["rid"]))
+                if _rid_matches(cert, ktri["rid"]):
+                    if not isinstance(key, rsa.RSAPrivateKey):
+                        raise DecryptionError(
+                            f"message was encrypted for {label} with RSA key transport, but "
+                            "our key is not an RSA key",
+                            fix="configure the private key that matches our certificate",
+                        )
+                    found = _unwrap_ktri(ktri, key, policy, label)
+                    break
+            elif ri.name == "kari":
+                kari = ri.chosen
+                for rek in kari["recipient_encrypted_keys"]:
+                    seen.append(_describe_rid(rek["rid"]))
+                    if _rid_matches(cert, rek["rid"]):
+                        if not isinstance(key, ec.EllipticCurvePrivateKey):
+                            raise DecryptionError(
+                                f"message was encrypted for {label} with ECDH, but our key "
+                                "is not an EC key",
+                                fix="configure the private key that matches our certificate",
+                            )
+                        found = _unwrap_kari(kari, rek, key, policy, label)
+                        break
+                if found is not None:
+                    break
+            else:
+                seen.append(f"<{ri.name} recipient>")
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"encrypted message has a malformed RecipientInfo: {exc}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from exc
+    if found is None:
+        raise DecryptionError(
+            f"the message was encrypted for someone else: it has no recipient info for our "
+            f"certificate ({label}); recipients in the message: "
+            + ("; ".join(seen) if seen else "none"),
+            fix="ask the peer to encrypt with our current encryption certificate "
+            "(it may be using an old or another institution's certificate)",
+        )
+    cek, key_transport = found
+    try:
+        content = _decrypt_content(parsed, cipher, cek)
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"encrypted message has malformed {cipher} parameters: {exc}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from exc
+    compat = tuple(
+        n for n in (cipher, key_transport) if n in COMPAT_CONTENT_CIPHERS + COMPAT_KEY_TRANSPORTS
+    )
+    return Decrypted(
+        content=content,
+        content_cipher=cipher,
+        key_transport=key_transport,
+        compat_algorithms=compat,
+    )

@@ -1,0 +1,710 @@
+"""CMS SignedData (RFC 5652 section 5): sign and verify.
+
+Signing always produces DER with the signed attributes contentType,
+messageDigest, signingTime and CMSAlgorithmProtection (RFC 6211).
+Verification accepts DER or BER (indefinite lengths, constructed OCTET
+STRINGs): digests are computed over the *content octets* and the signature
+over the signed attributes encoded as a DER ``SET OF``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from asn1crypto import algos, cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from ..errors import (
+    MalformedMessageError,
+    ObjectSecurityError,
+    PolicyError,
+    SignatureError,
+    SignerNotTrustedError,
+)
+from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
+
+__all__ = ["VerifiedSignature", "compute_mic", "sign", "verify"]
+
+# Exceptions asn1crypto raises on malformed input (it parses lazily, so these
+# can surface on any field access).
+ASN1_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+)
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+# Only used so that a SHA-1 key-management algorithm can be *read* under compat.
+_COMPAT_HASHES: dict[str, type[hashes.HashAlgorithm]] = {**_HASHES, "sha1": hashes.SHA1}
+
+_ECDSA_BY_DIGEST = {
+    "sha256": "sha256_ecdsa",
+    "sha384": "sha384_ecdsa",
+    "sha512": "sha512_ecdsa",
+}
+_EC_PUBLIC_KEY_OID = "1.2.840.10045.2.1"  # some producers put id-ecPublicKey here
+
+
+def hash_for(name: str, *, allow_sha1: bool = False) -> hashes.HashAlgorithm:
+    """A ``cryptography`` hash object for a (policy-checked) digest name."""
+    table = _COMPAT_HASHES if allow_sha1 else _HASHES
+    cls = table.get(normalize_digest(name))
+    if cls is None:
+        raise PolicyError(name, "unsupported digest", "use sha256, sha384 or sha512")
+    return cls()
+
+
+def load_content_info(data: bytes, what: str) -> Any:
+    """Parse a DER/BER ContentInfo; :class:`MalformedMessageError` if it is not one."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise MalformedMessageError(
+            f"{what} is empty: expected a DER/BER CMS ContentInfo",
+            fix="check that the peer sent a CMS/S-MIME body",
+        )
+    try:
+        ci = cms.ContentInfo.load(data, strict=True)
+        ci["content_type"].native  # noqa: B018 - force parsing
+        ci["content"]
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"{what} is not a DER/BER CMS ContentInfo ({len(data)} bytes): {exc}",
+            fix="check that the body is binary CMS (base64 must be decoded first) "
+            "and was not truncated or altered in transit",
+        ) from exc
+    return ci
+
+
+def asn1_cert(cert: x509.Certificate) -> Any:
+    return asn1_x509.Certificate.load(cert.public_bytes(serialization.Encoding.DER))
+
+
+def cert_label(cert: x509.Certificate) -> str:
+    return (
+        f"subject {cert.subject.rfc4514_string()!r}, issuer "
+        f"{cert.issuer.rfc4514_string()!r}, serial 0x{cert.serial_number:x}"
+    )
+
+
+def cert_ski(cert: x509.Certificate) -> bytes | None:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return None
+    return ext.value.digest
+
+
+def issuer_and_serial(cert: x509.Certificate) -> Any:
+    a = asn1_cert(cert)
+    return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
+
+
+def matches_issuer_serial(cert: x509.Certificate, ias: Any) -> bool:
+    """True if an asn1crypto IssuerAndSerialNumber names ``cert``."""
+    if ias["serial_number"].native != cert.serial_number:
+        return False
+    a = asn1_cert(cert)
+    return bool(a.issuer == ias["issuer"])
+
+
+def name_string(asn1_name: Any) -> str:
+    """An asn1crypto ``Name`` in human-readable form (for error messages)."""
+    try:
+        return str(asn1_name.human_friendly)
+    except Exception:  # only for messages
+        return "<unparseable name>"
+
+
+# ---------------------------------------------------------------------------
+# signing
+
+
+@dataclass(frozen=True)
+class VerifiedSignature:
+    signer: x509.Certificate
+    digest: str
+    signature_algorithm: str
+    signing_time: datetime | None
+    content: bytes
+    certificates: tuple[x509.Certificate, ...]
+
+
+def compute_mic(data: bytes, digest: str) -> str:
+    """Base64 of ``digest(data)``: the AS2 MIC (RFC 4130 section 7.3.1)."""
+    name = normalize_digest(digest)
+    AlgorithmPolicy().check_digest(name)
+    h = hashes.Hash(hash_for(name))
+    h.update(data)
+    return base64.b64encode(h.finalize()).decode("ascii")
+
+
+def _digest(data: bytes, name: str) -> bytes:
+    h = hashes.Hash(hash_for(name))
+    h.update(data)
+    return h.finalize()
+
+
+def _signature_algorithm(key: PrivateKey, digest: str, rsa_padding: str) -> Any:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return algos.SignedDigestAlgorithm({"algorithm": _ECDSA_BY_DIGEST[digest]})
+    if rsa_padding == "pss":
+        return algos.SignedDigestAlgorithm(
+            {
+                "algorithm": "rsassa_pss",
+                "parameters": {
+                    "hash_algorithm": {"algorithm": digest},
+                    "mask_gen_algorithm": {
+                        "algorithm": "mgf1",
+                        "parameters": {"algorithm": digest},
+                    },
+                    "salt_length": hash_for(digest).digest_size,
+                },
+            }
+        )
+    return algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
+
+
+def _time(dt: datetime) -> Any:
+    dt = dt.astimezone(UTC).replace(microsecond=0)
+    if 1950 <= dt.year < 2050:
+        return cms.Time({"utc_time": dt})
+    return cms.Time({"generalized_time": dt})
+
+
+def sign(
+    content: bytes,
+    signer_cert: x509.Certificate,
+    signer_key: PrivateKey,
+    *,
+    digest: str = "sha256",
+    detached: bool = True,
+    rsa_padding: Literal["pss", "pkcs1v15"] = "pkcs1v15",
+    certificates: Sequence[x509.Certificate] = (),
+    signing_time: datetime,
+    policy: AlgorithmPolicy,
+) -> bytes:
+    """Sign ``content``; returns a DER ``ContentInfo(SignedData)``."""
+    content = bytes(content)
+    digest = normalize_digest(digest)
+    policy.check_digest(digest)
+    if not isinstance(signer_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise PolicyError(
+            type(signer_key).__name__,
+            "only RSA and ECDSA signing keys are supported",
+            "use an RSA-3072 or EC P-256/P-384 signing key",
+        )
+    policy.check_signature_key(signer_key)
+    if rsa_padding not in ("pss", "pkcs1v15"):
+        raise ValueError(f"rsa_padding must be 'pss' or 'pkcs1v15', not {rsa_padding!r}")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if signer_key.public_key().public_bytes(der, spki) != signer_cert.public_key().public_bytes(
+        der, spki
+    ):
+        raise ObjectSecurityError(
+            f"signing key does not belong to the signing certificate ({cert_label(signer_cert)})",
+            fix="configure the private key that matches this certificate",
+        )
+    if signing_time.tzinfo is None:
+        raise ValueError("signing_time must be timezone-aware")
+
+    digest_alg = algos.DigestAlgorithm({"algorithm": digest})
+    sig_alg = _signature_algorithm(signer_key, digest, rsa_padding)
+    attrs = cms.CMSAttributes(
+        [
+            cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
+            cms.CMSAttribute({"type": "signing_time", "values": [_time(signing_time)]}),
+            cms.CMSAttribute({"type": "message_digest", "values": [_digest(content, digest)]}),
+            cms.CMSAttribute(
+                {
+                    "type": "cms_algorithm_protection",
+                    "values": [
+                        cms.CMSAlgorithmProtection(
+                            {"digest_algorithm": digest_alg, "signature_algorithm": sig_alg}
+                        )
+                    ],
+                }
+            ),
+        ]
+    )
+    attrs_der = attrs.dump(force=True)  # DER: SET OF sorted
+    attrs = cms.CMSAttributes.load(attrs_der)
+
+    h = hash_for(digest)
+    if isinstance(signer_key, ec.EllipticCurvePrivateKey):
+        signature = signer_key.sign(attrs_der, ec.ECDSA(h))
+    elif rsa_padding == "pss":
+        signature = signer_key.sign(
+            attrs_der, padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size), h
+        )
+    else:
+        signature = signer_key.sign(attrs_der, padding.PKCS1v15(), h)
+
+    signer_info = cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": cms.SignerIdentifier(
+                {"issuer_and_serial_number": issuer_and_serial(signer_cert)}
+            ),
+            "digest_algorithm": digest_alg,
+            "signed_attrs": attrs,
+            "signature_algorithm": sig_alg,
+            "signature": signature,
+        }
+    )
+    certs: list[bytes] = []
+    for c in (signer_cert, *certificates):
+        d = c.public_bytes(serialization.Encoding.DER)
+        if d not in certs:
+            certs.append(d)
+    encap: dict[str, Any] = {"content_type": "data"}
+    if not detached:
+        encap["content"] = content
+    signed_data = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [digest_alg],
+            "encap_content_info": encap,
+            "certificates": [
+                cms.CertificateChoices({"certificate": asn1_x509.Certificate.load(d)})
+                for d in certs
+            ],
+            "signer_infos": [signer_info],
+        }
+    )
+    ci = cms.ContentInfo({"content_type": "signed_data", "content": signed_data})
+    out: bytes = ci.dump()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# verification
+
+
+@dataclass
+class _ParsedSigner:
+    index: int
+    sid_issuer_serial: Any | None
+    sid_ski: bytes | None
+    digest: str  # asn1crypto name or dotted OID
+    digest_alg: Any
+    sig_alg: Any
+    sig_alg_name: str
+    signature: bytes
+    attrs_present: bool
+    attrs_der: tuple[bytes, ...]  # candidate DER encodings of the SET OF
+    content_type_attr: str | None
+    message_digest: bytes | None
+    signing_time: datetime | None
+    algorithm_protection: Any | None
+
+    def describe(self) -> str:
+        if self.sid_issuer_serial is not None:
+            return (
+                f"issuer {name_string(self.sid_issuer_serial['issuer'])!r}, serial "
+                f"0x{self.sid_issuer_serial['serial_number'].native:x}"
+            )
+        return f"subjectKeyIdentifier {(self.sid_ski or b'').hex()}"
+
+
+@dataclass
+class _ParsedSignedData:
+    content_type: str
+    content: bytes | None
+    certificates: tuple[x509.Certificate, ...]
+    signers: tuple[_ParsedSigner, ...]
+
+
+def _single(attr: Any, name: str) -> Any:
+    values = attr["values"]
+    if len(values) != 1:
+        raise MalformedMessageError(
+            f"signed attribute {name} has {len(values)} values; RFC 5652 requires exactly one",
+            fix="the sender's CMS implementation is broken; ask the peer to fix it",
+        )
+    return values[0]
+
+
+def _parse_signer(index: int, si: Any) -> _ParsedSigner:
+    sid = si["sid"]
+    ias = sid.chosen if sid.name == "issuer_and_serial_number" else None
+    ski = sid.chosen.native if sid.name == "subject_key_identifier" else None
+    digest_alg = si["digest_algorithm"]
+    sig_alg = si["signature_algorithm"]
+    attrs = si["signed_attrs"]
+    attrs_present = not isinstance(attrs, core.Void)
+    ct_attr = md = st = prot = None
+    candidates: list[bytes] = []
+    if attrs_present:
+        seen: set[str] = set()
+        for attr in attrs:
+            typ = attr["type"].native
+            if typ in seen and typ in (
+                "content_type",
+                "message_digest",
+                "signing_time",
+                "cms_algorithm_protection",
+            ):
+                raise MalformedMessageError(
+                    f"signed attribute {typ} appears twice in signer info #{index}; "
+                    "RFC 5652 forbids repeated attributes",
+                    fix="the sender's CMS implementation is broken; ask the peer to fix it",
+                )
+            seen.add(typ)
+            if typ == "content_type":
+                ct_attr = _single(attr, typ).native
+            elif typ == "message_digest":
+                md = _single(attr, typ).native
+            elif typ == "signing_time":
+                st = _single(attr, typ).native
+            elif typ == "cms_algorithm_protection":
+                prot = _single(attr, typ)
+        original = attrs.dump()
+        candidates.append(b"\x31" + original[1:])
+        forced = attrs.untag().dump(force=True)
+        if forced not in candidates:
+            candidates.append(forced)
+    return _ParsedSigner(
+        index=index,
+        sid_issuer_serial=ias,
+        sid_ski=ski,
+        digest=digest_alg["algorithm"].native,
+        digest_alg=digest_alg,
+        sig_alg=sig_alg,
+        sig_alg_name=sig_alg["algorithm"].native,
+        signature=si["signature"].native,
+        attrs_present=attrs_present,
+        attrs_der=tuple(candidates),
+        content_type_attr=ct_attr,
+        message_digest=md,
+        signing_time=st,
+        algorithm_protection=prot,
+    )
+
+
+def _parse_signed_data(signed: bytes) -> _ParsedSignedData:
+    ci = load_content_info(signed, "signed message")
+    ctype = ci["content_type"].native
+    if ctype != "signed_data":
+        raise MalformedMessageError(
+            f"signed message is a CMS {ctype}, not SignedData",
+            fix="check the message order: the gateway expects a signature here",
+        )
+    try:
+        sd = ci["content"]
+        encap = sd["encap_content_info"]
+        econtent_type = encap["content_type"].native
+        econtent = encap["content"]
+        content: bytes | None = None
+        if not isinstance(econtent, core.Void):
+            # the content octets: chunks of a BER constructed OCTET STRING merged
+            content = bytes(econtent)
+        certs: list[x509.Certificate] = []
+        if not isinstance(sd["certificates"], core.Void):
+            for choice in sd["certificates"]:
+                if choice.name != "certificate":
+                    continue
+                certs.append(x509.load_der_x509_certificate(choice.chosen.dump()))
+        signers = tuple(_parse_signer(i, si) for i, si in enumerate(sd["signer_infos"]))
+    except MalformedMessageError:
+        raise
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"signed message has a malformed SignedData structure: {exc}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from exc
+    if not signers:
+        raise MalformedMessageError(
+            "signed message has no SignerInfo (it carries no signature)",
+            fix="ask the peer to sign the message",
+        )
+    return _ParsedSignedData(
+        content_type=econtent_type,
+        content=content,
+        certificates=tuple(certs),
+        signers=signers,
+    )
+
+
+def _find_cert(
+    signer: _ParsedSigner, candidates: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    for cert in candidates:
+        if signer.sid_issuer_serial is not None:
+            if matches_issuer_serial(cert, signer.sid_issuer_serial):
+                return cert
+        elif signer.sid_ski is not None and cert_ski(cert) == signer.sid_ski:
+            return cert
+    return None
+
+
+def _params_native(alg: Any) -> Any:
+    p = alg["parameters"]
+    if isinstance(p, core.Void | core.Null):
+        return None
+    return p.native
+
+
+def _same_algorithm(a: Any, b: Any) -> bool:
+    return bool(a["algorithm"].dotted == b["algorithm"].dotted) and _params_native(
+        a
+    ) == _params_native(b)
+
+
+def _check_scheme(
+    signer: _ParsedSigner, pub: Any, policy: AlgorithmPolicy
+) -> tuple[str, hashes.HashAlgorithm, Any]:
+    """Policy-check the signer's algorithms; return (name, hash, padding-or-None)."""
+    digest = signer.digest
+    policy.check_digest(digest)
+    h = hash_for(digest)
+    name = signer.sig_alg_name
+    if name in ("rsassa_pkcs1v15", "sha256_rsa", "sha384_rsa", "sha512_rsa", "sha1_rsa", "md5_rsa"):
+        if name != "rsassa_pkcs1v15":
+            inner = name.split("_")[0]
+            policy.check_digest(inner)
+            if inner != digest:
+                raise SignatureError(
+                    f"signer info #{signer.index}: signature algorithm {name} does not match "
+                    f"digest algorithm {digest}",
+                    fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
+                )
+        scheme = "rsassa-pkcs1-v1_5"
+        pad: Any = padding.PKCS1v15()
+        if not isinstance(pub, rsa.RSAPublicKey):
+            raise SignatureError(
+                f"signer info #{signer.index}: RSA signature algorithm but the signer key is "
+                f"{type(pub).__name__}",
+                fix="the sender's CMS implementation is inconsistent",
+            )
+    elif name == "rsassa_pss":
+        params = signer.sig_alg["parameters"]
+        pss_hash = params["hash_algorithm"]["algorithm"].native
+        mgf = params["mask_gen_algorithm"]
+        if mgf["algorithm"].native != "mgf1":
+            raise PolicyError(
+                f"RSASSA-PSS with mask generation {mgf['algorithm'].native}",
+                "only MGF1 is supported",
+                "sign with RSASSA-PSS and MGF1",
+            )
+        mgf_hash = mgf["parameters"]["algorithm"].native
+        policy.check_digest(pss_hash)
+        policy.check_digest(mgf_hash)
+        if params["trailer_field"].native != "trailer_field_bc":
+            raise MalformedMessageError(
+                f"signer info #{signer.index}: RSASSA-PSS trailer field must be 1",
+                fix="the sender's CMS implementation is broken",
+            )
+        if pss_hash != digest:
+            raise SignatureError(
+                f"signer info #{signer.index}: RSASSA-PSS hash {pss_hash} does not match "
+                f"digest algorithm {digest}",
+                fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
+            )
+        h = hash_for(pss_hash)
+        pad = padding.PSS(
+            mgf=padding.MGF1(hash_for(mgf_hash)), salt_length=int(params["salt_length"].native)
+        )
+        scheme = "rsassa-pss"
+        if not isinstance(pub, rsa.RSAPublicKey):
+            raise SignatureError(
+                f"signer info #{signer.index}: RSASSA-PSS signature but the signer key is "
+                f"{type(pub).__name__}",
+                fix="the sender's CMS implementation is inconsistent",
+            )
+    elif name in (
+        "sha256_ecdsa",
+        "sha384_ecdsa",
+        "sha512_ecdsa",
+        "sha1_ecdsa",
+        "sha224_ecdsa",
+        "ecdsa",
+        _EC_PUBLIC_KEY_OID,
+    ):
+        if name.endswith("_ecdsa"):
+            inner = name.split("_")[0]
+            policy.check_digest(inner)
+            if inner != digest:
+                raise SignatureError(
+                    f"signer info #{signer.index}: signature algorithm {name} does not match "
+                    f"digest algorithm {digest}",
+                    fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
+                )
+        scheme = "ecdsa"
+        pad = None
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise SignatureError(
+                f"signer info #{signer.index}: ECDSA signature but the signer key is "
+                f"{type(pub).__name__}",
+                fix="the sender's CMS implementation is inconsistent",
+            )
+    else:
+        raise PolicyError(
+            f"signature algorithm {name}",
+            "only RSASSA-PKCS1-v1_5, RSASSA-PSS and ECDSA are allowed (CRYPTREC)",
+            "sign with RSA (PSS or PKCS#1 v1.5) or ECDSA P-256/P-384 and SHA-256/384/512",
+        )
+    policy.check_signature_key(pub)
+    return scheme, h, pad
+
+
+def _verify_raw(pub: Any, signature: bytes, data: bytes, h: hashes.HashAlgorithm, pad: Any) -> bool:
+    try:
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            pub.verify(signature, data, ec.ECDSA(h))
+        else:
+            pub.verify(signature, data, pad, h)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _verify_signer(
+    signer: _ParsedSigner,
+    cert: x509.Certificate,
+    parsed: _ParsedSignedData,
+    content: bytes,
+    policy: AlgorithmPolicy,
+) -> str:
+    pub = cert.public_key()
+    scheme, h, pad = _check_scheme(signer, pub, policy)
+    who = f"signer {cert.subject.rfc4514_string()!r}"
+    if signer.attrs_present:
+        if signer.content_type_attr is None or signer.message_digest is None:
+            raise MalformedMessageError(
+                f"{who}: signed attributes lack contentType or messageDigest (RFC 5652 5.3)",
+                fix="the sender's CMS implementation is broken; ask the peer to fix it",
+            )
+        if signer.content_type_attr != parsed.content_type:
+            raise SignatureError(
+                f"{who}: contentType attribute {signer.content_type_attr} does not match the "
+                f"encapsulated content type {parsed.content_type}",
+                fix="the message was altered or built incorrectly; ask the peer to resend",
+            )
+        if not hmac.compare_digest(signer.message_digest, _digest(content, signer.digest)):
+            raise SignatureError(
+                f"content does not match its signature (messageDigest): the {signer.digest} "
+                f"digest of the {len(content)}-byte content differs from the one {who} signed",
+                fix="the content was altered after signing (often by a line-ending or "
+                "transfer-encoding conversion); ask the peer to resend with binary transfer",
+            )
+        prot = signer.algorithm_protection
+        if prot is not None:
+            if not isinstance(prot["mac_algorithm"], core.Void) or isinstance(
+                prot["signature_algorithm"], core.Void
+            ):
+                raise SignatureError(
+                    f"{who}: CMSAlgorithmProtection must carry a signatureAlgorithm and no "
+                    "macAlgorithm in SignedData (RFC 6211)",
+                    fix="the message was built incorrectly; ask the peer to fix it",
+                )
+            if prot["digest_algorithm"]["algorithm"].dotted != signer.digest_alg[
+                "algorithm"
+            ].dotted or not _same_algorithm(prot["signature_algorithm"], signer.sig_alg):
+                raise SignatureError(
+                    f"{who}: CMSAlgorithmProtection does not match the algorithms in the "
+                    "signer info (algorithm substitution, RFC 6211)",
+                    fix="the message was altered; ask the peer to resend",
+                )
+        ok = any(_verify_raw(pub, signer.signature, der, h, pad) for der in signer.attrs_der)
+    else:
+        if parsed.content_type != "data":
+            raise MalformedMessageError(
+                f"{who}: no signed attributes although the content type is "
+                f"{parsed.content_type} (RFC 5652 5.3 requires them)",
+                fix="the sender's CMS implementation is broken",
+            )
+        ok = _verify_raw(pub, signer.signature, content, h, pad)
+    if not ok:
+        raise SignatureError(
+            f"{who}: the {scheme} signature over the signed attributes does not verify",
+            fix="the message or its signed attributes were altered, or it was signed with "
+            "another key; ask the peer to resend",
+        )
+    return scheme
+
+
+def verify(
+    signed: bytes,
+    *,
+    content: bytes | None = None,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+) -> VerifiedSignature:
+    """Verify a DER/BER ``ContentInfo(SignedData)``.
+
+    ``content`` is the detached content, if any.  The signer certificate must be
+    byte-equal to one of ``trusted_signers`` (pinning).
+    """
+    parsed = _parse_signed_data(signed)
+    if parsed.content is not None and content is not None:
+        raise MalformedMessageError(
+            "signed message carries its content (attached) but detached content was also given",
+            fix="pass content= only for detached signatures",
+        )
+    data = parsed.content if parsed.content is not None else content
+    if data is None:
+        raise MalformedMessageError(
+            "signed message is a detached signature but no content was given to verify",
+            fix="pass the signed content with content= (the first part of multipart/signed)",
+        )
+    data = bytes(data)
+    trusted_der = {c.public_bytes(serialization.Encoding.DER) for c in trusted_signers}
+    # pinned certificates first: a signer is checked against the key we trust
+    candidates = [*trusted_signers, *parsed.certificates]
+    untrusted: list[str] = []
+    missing: list[str] = []
+    result: VerifiedSignature | None = None
+    for signer in parsed.signers:
+        cert = _find_cert(signer, candidates)
+        if cert is None:
+            missing.append(signer.describe())
+            continue
+        scheme = _verify_signer(signer, cert, parsed, data, policy)
+        if cert.public_bytes(serialization.Encoding.DER) not in trusted_der:
+            untrusted.append(cert_label(cert))
+            continue
+        if result is None:
+            st = signer.signing_time
+            if isinstance(st, datetime) and st.tzinfo is None:
+                st = st.replace(tzinfo=UTC)
+            result = VerifiedSignature(
+                signer=cert,
+                digest=normalize_digest(signer.digest),
+                signature_algorithm=scheme,
+                signing_time=st,
+                content=data,
+                certificates=parsed.certificates,
+            )
+    if result is not None:
+        return result
+    if untrusted:
+        raise SignerNotTrustedError(
+            "the signature is intact but its signer is not an accepted signer for this peer: "
+            + "; ".join(untrusted),
+            fix="if this certificate really belongs to the peer, add it to the peer's "
+            "signing certificates (peers.d/<peer>.toml); otherwise reject the message",
+        )
+    raise SignerNotTrustedError(
+        "the signer certificate is neither included in the message nor among the accepted "
+        "signers: " + "; ".join(missing),
+        fix="add the peer's signing certificate to its configuration, or ask the peer to "
+        "include its certificate in the signature",
+    )

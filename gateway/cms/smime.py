@@ -1,0 +1,270 @@
+"""S/MIME 4.0 framing (RFC 8551, RFC 1847) around our CMS engine.
+
+Signed entities are ``multipart/signed`` with a detached
+``application/pkcs7-signature`` part; the first part is the signed entity,
+byte for byte.  Encrypted entities are ``application/pkcs7-mime`` with a DER
+body (AS2 sends it binary).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+
+from cryptography import x509
+
+from ..errors import MalformedMessageError, SignatureError
+from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
+from .enveloped import Decrypted, decrypt, encrypt
+from .mime import get_header, header_param, media_type, parse_entity
+from .signed import VerifiedSignature, sign, verify
+
+__all__ = ["envelope_entity", "open_envelope", "sign_entity", "verify_entity"]
+
+_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
+_SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
+_MIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+
+
+def _b64_lines(data: bytes) -> bytes:
+    text = base64.b64encode(data)
+    return b"\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+
+
+def sign_entity(
+    entity: bytes,
+    signer_cert: x509.Certificate,
+    signer_key: PrivateKey,
+    *,
+    digest: str = "sha256",
+    signing_time: datetime,
+    policy: AlgorithmPolicy,
+    certificates: Sequence[x509.Certificate] = (),
+) -> bytes:
+    """A complete ``multipart/signed`` entity whose first part is ``entity`` exactly."""
+    entity = bytes(entity)
+    digest = normalize_digest(digest)
+    signature = sign(
+        entity,
+        signer_cert,
+        signer_key,
+        digest=digest,
+        detached=True,
+        certificates=certificates,
+        signing_time=signing_time,
+        policy=policy,
+    )
+    while True:
+        boundary = "----=_medgw_" + secrets.token_hex(16)
+        if boundary.encode("ascii") not in entity:
+            break
+    b = boundary.encode("ascii")
+    micalg = _MICALG.get(digest, digest)
+    head = (
+        "Content-Type: multipart/signed; "
+        f'protocol="application/pkcs7-signature"; micalg={micalg}; boundary="{boundary}"\r\n'
+        "\r\n"
+    ).encode("ascii")
+    sig_part = (
+        b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
+        b"Content-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
+        b"\r\n" + _b64_lines(signature) + b"\r\n"
+    )
+    return (
+        head
+        + b"--"
+        + b
+        + b"\r\n"
+        + entity
+        + b"\r\n--"
+        + b
+        + b"\r\n"
+        + sig_part
+        + b"--"
+        + b
+        + b"--\r\n"
+    )
+
+
+def _decode_body(headers: Sequence[tuple[str, str]], body: bytes, what: str) -> bytes:
+    cte = (get_header(headers, "Content-Transfer-Encoding") or "binary").strip().lower()
+    if cte == "base64":
+        try:
+            return base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MalformedMessageError(
+                f"{what} is declared base64 but is not valid base64: {exc}",
+                fix="the part was damaged in transit; ask the peer to resend",
+            ) from exc
+    if cte in ("binary", "8bit", "7bit"):
+        return body
+    raise MalformedMessageError(
+        f"{what} has unsupported Content-Transfer-Encoding {cte!r}",
+        fix="send the part as base64 or binary",
+    )
+
+
+def _find_delimiter(body: bytes, delim: bytes, start: int) -> int:
+    """Index of the line break that starts the next ``delim`` line at/after ``start``.
+
+    Returns the index of the CR (of CRLF) or LF preceding the delimiter, or -1.
+    """
+    pos = start
+    while True:
+        j = body.find(b"\n" + delim, pos)
+        if j < 0:
+            return -1
+        after = body[j + 1 + len(delim) : j + 3 + len(delim)]
+        if after[:1] in (b"", b"\r", b"\n", b" ", b"\t") or after == b"--":
+            return j - 1 if j > 0 and body[j - 1 : j] == b"\r" else j
+        pos = j + 1
+
+
+def _line_end(body: bytes, pos: int) -> int:
+    nl = body.find(b"\n", pos)
+    return len(body) if nl < 0 else nl + 1
+
+
+def _split_multipart(body: bytes, boundary: str) -> list[tuple[bytes, bytes | None]]:
+    """The parts of a multipart body, byte-exact.
+
+    Each part comes with an alternative reading (or None): when a delimiter is
+    preceded by CR LF we take the CR LF as part of the delimiter (RFC 2046), but
+    producers that frame with bare LF (``openssl cms`` does) make a part that
+    ends in CR ambiguous; the alternative keeps that CR.
+    """
+    delim = b"--" + boundary.encode("latin-1")
+    if body.startswith(delim):
+        first = 0
+    else:
+        first = _find_delimiter(body, delim, 0)
+        if first < 0:
+            raise MalformedMessageError(
+                f"multipart/signed body does not contain its boundary {boundary!r}",
+                fix="the message was damaged in transit or its Content-Type header is wrong",
+            )
+        first = body.index(delim, first)
+    parts: list[tuple[bytes, bytes | None]] = []
+    pos = _line_end(body, first)
+    if body[first + len(delim) : first + len(delim) + 2] == b"--":
+        raise MalformedMessageError(
+            "multipart/signed body has no parts", fix="ask the peer to resend"
+        )
+    while True:
+        j = _find_delimiter(body, delim, pos)
+        if j < 0:
+            raise MalformedMessageError(
+                "multipart/signed body has no closing boundary",
+                fix="the message was truncated in transit; ask the peer to resend",
+            )
+        alt = body[pos : j + 1] if body[j : j + 2] == b"\r\n" and j >= pos else None
+        parts.append((body[pos:j], alt))
+        d = body.index(delim, j)
+        if body[d + len(delim) : d + len(delim) + 2] == b"--":
+            return parts
+        pos = _line_end(body, d)
+
+
+def verify_entity(
+    signed_entity: bytes,
+    *,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+) -> tuple[bytes, VerifiedSignature]:
+    """Verify ``multipart/signed`` (or pkcs7-mime signed-data); return (entity, verification)."""
+    headers, body = parse_entity(signed_entity)
+    ctype = get_header(headers, "Content-Type")
+    if ctype is None:
+        raise MalformedMessageError(
+            "signed entity has no Content-Type header",
+            fix="pass the whole MIME entity including its Content-Type header",
+        )
+    mtype = media_type(ctype)
+    if mtype == "multipart/signed":
+        boundary = header_param(ctype, "boundary")
+        if not boundary:
+            raise MalformedMessageError(
+                f"multipart/signed Content-Type has no boundary: {ctype!r}",
+                fix="the sender produced a broken Content-Type header",
+            )
+        parts = _split_multipart(body, boundary)
+        if len(parts) != 2:
+            raise MalformedMessageError(
+                f"multipart/signed must have exactly 2 parts (content, signature), found "
+                f"{len(parts)}",
+                fix="ask the peer to send a standard S/MIME signed message",
+            )
+        (content, alt_content), (sig_part, _) = parts
+        sig_headers, sig_body = parse_entity(sig_part)
+        sig_type = media_type(get_header(sig_headers, "Content-Type") or "")
+        if sig_type not in _SIGNATURE_TYPES:
+            raise MalformedMessageError(
+                f"second part of multipart/signed is {sig_type or 'untyped'}, expected "
+                "application/pkcs7-signature",
+                fix="ask the peer to send an S/MIME (CMS) signature",
+            )
+        signature = _decode_body(sig_headers, sig_body, "signature part")
+        try:
+            return content, verify(
+                signature, content=content, trusted_signers=trusted_signers, policy=policy
+            )
+        except SignatureError:
+            if alt_content is None:
+                raise
+            try:
+                return alt_content, verify(
+                    signature, content=alt_content, trusted_signers=trusted_signers, policy=policy
+                )
+            except SignatureError:
+                pass
+            raise
+    if mtype in _MIME_TYPES:
+        smime_type = (header_param(ctype, "smime-type") or "signed-data").lower()
+        if smime_type != "signed-data":
+            raise MalformedMessageError(
+                f"application/pkcs7-mime with smime-type={smime_type} is not a signed message",
+                fix="decrypt enveloped data with open_envelope() first",
+            )
+        der = _decode_body(headers, body, "pkcs7-mime body")
+        result = verify(der, trusted_signers=trusted_signers, policy=policy)
+        return result.content, result
+    raise MalformedMessageError(
+        f"entity of type {mtype} is not signed (expected multipart/signed or "
+        "application/pkcs7-mime; smime-type=signed-data)",
+        fix="the peer did not sign the message; check its AS2 configuration",
+    )
+
+
+def envelope_entity(
+    entity: bytes,
+    recipients: Sequence[x509.Certificate],
+    *,
+    cipher: str = "aes-256-gcm",
+    policy: AlgorithmPolicy,
+) -> tuple[str, bytes]:
+    """Encrypt a MIME entity; returns (Content-Type value, DER body)."""
+    der = encrypt(entity, recipients, cipher=cipher, policy=policy)
+    smime_type = (
+        "authEnveloped-data" if cipher.strip().lower().endswith("gcm") else "enveloped-data"
+    )
+    return f'application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"', der
+
+
+def open_envelope(
+    body: bytes, cert: x509.Certificate, key: PrivateKey, *, policy: AlgorithmPolicy
+) -> Decrypted:
+    """Decrypt an ``application/pkcs7-mime`` body (DER, BER or base64)."""
+    body = bytes(body)
+    if body[:1] != b"\x30":
+        try:
+            body = base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise MalformedMessageError(
+                f"encrypted body ({len(body)} bytes) is neither DER/BER CMS nor base64",
+                fix="the body was damaged in transit; ask the peer to resend",
+            ) from exc
+    return decrypt(body, cert, key, policy=policy)

@@ -1,0 +1,219 @@
+"""The CRYPTREC algorithm policy, shared by TLS and CMS.
+
+One frozen object answers "may this algorithm / key be used here?".  Every
+refusal is a :class:`~gateway.errors.PolicyError` naming the algorithm, the
+rule and the fix.
+
+Algorithm names are the gateway's own spelling (lower case, as used in the
+configuration and in audit records):
+
+* digests: ``sha256``, ``sha384``, ``sha512`` (``sha-256`` etc. accepted as input)
+* content ciphers: ``aes-128-gcm``, ``aes-256-gcm``, ``aes-128-cbc``,
+  ``aes-256-cbc``; monitored list: ``des-ede3-cbc``
+* key transport / agreement: ``rsaes-oaep`` (SHA-256/384/512), ``ecdh``
+  (X9.63 KDF with SHA-256/384/512); monitored list: ``rsaes-pkcs1-v1_5``,
+  ``rsaes-oaep-sha1`` and ``ecdh-sha1kdf`` (the SHA-1 based defaults of older
+  OpenSSL-based partners)
+
+``compat`` (per peer) accepts the monitored-list algorithms **inbound only**;
+we never send with them.  Every compat use must be audited by the caller as a
+warning (CMS results carry ``compat_algorithms``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
+
+from .errors import PolicyError
+
+PublicKey = (
+    rsa.RSAPublicKey
+    | ec.EllipticCurvePublicKey
+    | dsa.DSAPublicKey
+    | ed25519.Ed25519PublicKey
+    | ed448.Ed448PublicKey
+    | x25519.X25519PublicKey
+    | x448.X448PublicKey
+)
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | dsa.DSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | x25519.X25519PrivateKey
+    | x448.X448PrivateKey
+)
+
+DIGESTS: tuple[str, ...] = ("sha256", "sha384", "sha512")
+CONTENT_CIPHERS: tuple[str, ...] = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
+COMPAT_CONTENT_CIPHERS: tuple[str, ...] = ("des-ede3-cbc",)
+KEY_TRANSPORTS: tuple[str, ...] = ("rsaes-oaep", "ecdh")
+COMPAT_KEY_TRANSPORTS: tuple[str, ...] = ("rsaes-pkcs1-v1_5", "rsaes-oaep-sha1", "ecdh-sha1kdf")
+EC_CURVES: tuple[str, ...] = ("secp256r1", "secp384r1", "secp521r1")
+MIN_RSA_BITS = 2048
+PREFERRED_RSA_BITS = 3072
+
+_CURVE_LABEL = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+_DIGEST_ALIASES = {
+    "sha-256": "sha256",
+    "sha-384": "sha384",
+    "sha-512": "sha512",
+    "sha-1": "sha1",
+    "sha": "sha1",
+}
+
+
+def normalize_digest(name: str) -> str:
+    """``"SHA-256"`` -> ``"sha256"``; unknown names are returned lower-cased."""
+    n = name.strip().lower().replace("_", "-")
+    return _DIGEST_ALIASES.get(n, n)
+
+
+def _describe_key(key: object) -> str:
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return f"EC {_CURVE_LABEL.get(key.curve.name, key.curve.name)}"
+    return type(key).__name__
+
+
+def _public(key: object) -> object:
+    if isinstance(
+        key,
+        rsa.RSAPrivateKey
+        | ec.EllipticCurvePrivateKey
+        | dsa.DSAPrivateKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PrivateKey
+        | x25519.X25519PrivateKey
+        | x448.X448PrivateKey,
+    ):
+        return key.public_key()
+    return key
+
+
+@dataclass(frozen=True)
+class AlgorithmPolicy:
+    """CRYPTREC e-Government Recommended Ciphers, as one policy object.
+
+    ``compat``: accept monitored-list algorithms (RSAES-PKCS1-v1_5 key
+    transport, 3DES, SHA-1 inside key management) **inbound only**.
+    """
+
+    compat: bool = False
+
+    def check_digest(self, name: str) -> None:
+        n = normalize_digest(name)
+        if n in DIGESTS:
+            return
+        if n in ("sha1", "md5", "md2", "md4"):
+            raise PolicyError(
+                name,
+                f"{n.upper()} is not collision resistant and is not on the CRYPTREC "
+                "e-Government Recommended Ciphers list for signatures and digests",
+                "use sha256, sha384 or sha512 (ask the peer to sign with -md sha256)",
+            )
+        raise PolicyError(
+            name,
+            "digest is not on the CRYPTREC recommended list (sha256, sha384, sha512)",
+            "use sha256, sha384 or sha512",
+        )
+
+    def _check_asymmetric_key(self, key: object, purpose: str) -> None:
+        pub = _public(key)
+        if isinstance(pub, rsa.RSAPublicKey):
+            if pub.key_size < MIN_RSA_BITS:
+                raise PolicyError(
+                    f"RSA-{pub.key_size} ({purpose})",
+                    f"RSA keys must be at least {MIN_RSA_BITS} bits (CRYPTREC)",
+                    f"issue a new certificate with an RSA key of {PREFERRED_RSA_BITS} bits "
+                    "or more, or an EC P-256/P-384 key",
+                )
+            return
+        if isinstance(pub, ec.EllipticCurvePublicKey):
+            if pub.curve.name not in EC_CURVES:
+                raise PolicyError(
+                    f"EC curve {pub.curve.name} ({purpose})",
+                    "only the NIST curves P-256, P-384 and P-521 are allowed (CRYPTREC)",
+                    "issue a new certificate with an EC P-256 or P-384 key",
+                )
+            return
+        raise PolicyError(
+            f"{_describe_key(pub)} ({purpose})",
+            "only RSA (>= 2048 bits) and EC P-256/P-384/P-521 keys are allowed",
+            "issue a new certificate with an RSA-3072 or EC P-256/P-384 key",
+        )
+
+    def check_signature_key(self, key: PublicKey | PrivateKey) -> None:
+        self._check_asymmetric_key(key, "signature key")
+
+    def check_recipient_key(self, key: PublicKey | PrivateKey) -> None:
+        """Key of an encryption recipient (RSA key transport or EC key agreement)."""
+        self._check_asymmetric_key(key, "encryption key")
+
+    def check_content_cipher(self, name: str, *, inbound: bool) -> None:
+        n = name.strip().lower()
+        if n in CONTENT_CIPHERS:
+            return
+        if n in COMPAT_CONTENT_CIPHERS:
+            if self.compat and inbound:
+                return
+            if not inbound:
+                raise PolicyError(
+                    name,
+                    "3DES is on the CRYPTREC monitored list; the gateway never sends with it",
+                    "use aes-256-gcm (or aes-256-cbc if the peer cannot do GCM)",
+                )
+            raise PolicyError(
+                name,
+                "3DES is on the CRYPTREC monitored list and is refused unless the peer "
+                "is marked compat",
+                "ask the peer to encrypt with AES (aes-256-gcm or aes-256-cbc), or set "
+                "compat = true for this peer to accept it with an audit warning",
+            )
+        raise PolicyError(
+            name,
+            "content cipher is not on the CRYPTREC recommended list "
+            "(aes-128/256-gcm, aes-128/256-cbc)",
+            "use aes-256-gcm (or aes-256-cbc if the peer cannot do GCM)",
+        )
+
+    def check_key_transport(self, name: str, *, inbound: bool) -> None:
+        n = name.strip().lower()
+        if n in KEY_TRANSPORTS:
+            return
+        if n in COMPAT_KEY_TRANSPORTS:
+            if self.compat and inbound:
+                return
+            if not inbound:
+                raise PolicyError(
+                    name,
+                    "monitored-list key transport; the gateway never sends with it",
+                    "use rsaes-oaep (SHA-256) or ecdh",
+                )
+            raise PolicyError(
+                name,
+                "key transport is on the CRYPTREC monitored list and is refused unless "
+                "the peer is marked compat",
+                "ask the peer to use RSAES-OAEP with SHA-256 (openssl: -keyopt "
+                "rsa_padding_mode:oaep -keyopt rsa_oaep_md:sha256) or ECDH with a SHA-256 "
+                "KDF (-keyopt ecdh_kdf_md:sha256), or set compat = true for this peer",
+            )
+        raise PolicyError(
+            name,
+            "key transport is not on the CRYPTREC recommended list (rsaes-oaep, ecdh)",
+            "use rsaes-oaep (SHA-256) or ecdh",
+        )
+
+    def warnings_for_key(self, key: PublicKey | PrivateKey) -> list[str]:
+        pub = _public(key)
+        out: list[str] = []
+        if isinstance(pub, rsa.RSAPublicKey) and MIN_RSA_BITS <= pub.key_size < PREFERRED_RSA_BITS:
+            out.append(
+                f"RSA-{pub.key_size} has 112-bit security strength; CRYPTREC allows it "
+                "only until the end of 2030 - plan a move to RSA-3072 or EC P-256"
+            )
+        return out

@@ -1,0 +1,655 @@
+"""CMS engine: our own round trips, negatives, policy, MIME and S/MIME framing.
+
+Interop with the reference implementation (``openssl cms``) is in
+``test_cms_openssl.py``; the test PKI builder below is shared with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asn1crypto import cms as asn1_cms
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from gateway.cms import Decrypted, compute_mic, decrypt, encrypt, sign, verify
+from gateway.cms.mime import header_param, make_entity, parse_entity
+from gateway.cms.smime import envelope_entity, open_envelope, sign_entity, verify_entity
+from gateway.errors import (
+    DecryptionError,
+    MalformedMessageError,
+    ObjectSecurityError,
+    PolicyError,
+    SignatureError,
+    SignerNotTrustedError,
+)
+from gateway.policy import AlgorithmPolicy
+
+# ---------------------------------------------------------------------------
+# test PKI (shared with test_cms_openssl.py)
+
+NOT_BEFORE = datetime(2024, 1, 1, tzinfo=UTC)
+NOT_AFTER = datetime(2049, 12, 31, tzinfo=UTC)
+SIGNING_TIME = datetime(2025, 6, 1, 9, 30, 15, tzinfo=UTC)
+STRICT = AlgorithmPolicy()
+COMPAT = AlgorithmPolicy(compat=True)
+
+# name -> key spec
+PARTY_KEYS: dict[str, tuple[str, Any]] = {
+    "rsa2048": ("rsa", 2048),
+    "rsa3072": ("rsa", 3072),
+    "p256": ("ec", ec.SECP256R1()),
+    "p384": ("ec", ec.SECP384R1()),
+    "other-rsa": ("rsa", 2048),
+    "other-p256": ("ec", ec.SECP256R1()),
+    "rsa1024": ("rsa", 1024),
+}
+
+PAYLOADS: dict[str, bytes] = {
+    "empty": b"",
+    "hl7-bare-cr": b"MSH|^~\\&|LAB|HOSP|||20250601||ORU^R01|1|P|2.5\rPID|||12345||DOE^JANE\r",
+    "binary": bytes(range(256)) * 3 + b"\r\n\r\n--boundary\r\n\x00\r",
+    "mime-crlf": b"Content-Type: text/plain\r\n\r\nline one\r\nline two\r\n",
+}
+
+
+@dataclass(frozen=True)
+class Party:
+    name: str
+    key: Any
+    cert: x509.Certificate
+    cert_path: Path
+    key_path: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    directory: Path
+    ca_cert: x509.Certificate
+    ca_path: Path
+    parties: dict[str, Party]
+
+    def __getitem__(self, name: str) -> Party:
+        return self.parties[name]
+
+
+def _new_key(spec: tuple[str, Any]) -> Any:
+    kind, arg = spec
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=arg)
+    return ec.generate_private_key(arg)
+
+
+def _write(directory: Path, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:
+    cert_path = directory / f"{name}.crt.pem"
+    key_path = directory / f"{name}.key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _issue(
+    subject_cn: str,
+    key: Any,
+    ca_cert: x509.Certificate | None,
+    ca_key: Any,
+    *,
+    serial: int | None = None,
+) -> x509.Certificate:
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medgw test"),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject_cn),
+        ]
+    )
+    is_ca = ca_cert is None
+    issuer = subject if ca_cert is None else ca_cert.subject
+    pub = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(pub)
+        .serial_number(serial or x509.random_serial_number())
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+    )
+    if is_ca:
+        ku = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+    else:
+        is_rsa = isinstance(pub, rsa.RSAPublicKey)
+        ku = x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=True,
+            key_encipherment=is_rsa,
+            data_encipherment=False,
+            key_agreement=not is_rsa,
+            key_cert_sign=False,
+            crl_sign=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        assert ca_cert is not None
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    builder = builder.add_extension(ku, critical=True)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def build_pki(directory: Path) -> Pki:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _issue("medgw test CA", ca_key, None, ca_key)
+    ca_path, _ = _write(directory, "ca", ca_cert, ca_key)
+    parties: dict[str, Party] = {}
+    for name, spec in PARTY_KEYS.items():
+        key = _new_key(spec)
+        cert = _issue(f"{name}.medgw.test", key, ca_cert, ca_key)
+        cert_path, key_path = _write(directory, name, cert, key)
+        parties[name] = Party(name, key, cert, cert_path, key_path)
+    # "rogue": same subject/issuer/serial as rsa2048, different key, issued by another CA
+    rogue_ca_key = ec.generate_private_key(ec.SECP256R1())
+    rogue_ca = x509.CertificateBuilder(
+        issuer_name=ca_cert.subject,
+        subject_name=ca_cert.subject,
+        public_key=rogue_ca_key.public_key(),
+        serial_number=1,
+        not_valid_before=NOT_BEFORE,
+        not_valid_after=NOT_AFTER,
+    ).sign(rogue_ca_key, hashes.SHA256())
+    rogue_key = _new_key(("rsa", 2048))
+    rogue_cert = _issue(
+        "rsa2048.medgw.test",
+        rogue_key,
+        rogue_ca,
+        rogue_ca_key,
+        serial=parties["rsa2048"].cert.serial_number,
+    )
+    cert_path, key_path = _write(directory, "rogue", rogue_cert, rogue_key)
+    parties["rogue"] = Party("rogue", rogue_key, rogue_cert, cert_path, key_path)
+    return Pki(directory, ca_cert, ca_path, parties)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return build_pki(tmp_path_factory.mktemp("pki"))
+
+
+# ---------------------------------------------------------------------------
+# signatures: ours -> ours
+
+# (party, rsa_padding)
+SIGNERS = [
+    ("rsa2048", "pkcs1v15"),
+    ("rsa3072", "pss"),
+    ("rsa2048", "pss"),
+    ("p256", ""),
+    ("p384", ""),
+]
+DIGESTS = ["sha256", "sha384", "sha512"]
+SIGN_MATRIX = [
+    pytest.param(party, pad, digest, detached, id=f"{party}-{pad or 'ecdsa'}-{digest}-{mode}")
+    for (party, pad), digest, (detached, mode) in itertools.product(
+        SIGNERS, DIGESTS, [(True, "detached"), (False, "attached")]
+    )
+]
+
+
+def _sign(pki: Pki, party: str, content: bytes, **kw: Any) -> bytes:
+    p = pki[party]
+    kw.setdefault("signing_time", SIGNING_TIME)
+    kw.setdefault("policy", STRICT)
+    return sign(content, p.cert, p.key, **kw)
+
+
+@pytest.mark.parametrize(("party", "pad", "digest", "detached"), SIGN_MATRIX)
+def test_sign_verify_round_trip(
+    pki: Pki, party: str, pad: str, digest: str, detached: bool
+) -> None:
+    for payload in PAYLOADS.values():
+        kwargs: dict[str, Any] = {"digest": digest, "detached": detached}
+        if pad:
+            kwargs["rsa_padding"] = pad
+        der = _sign(pki, party, payload, **kwargs)
+        v = verify(
+            der,
+            content=payload if detached else None,
+            trusted_signers=[pki["other-rsa"].cert, pki[party].cert],
+            policy=STRICT,
+        )
+        assert v.content == payload
+        assert v.digest == digest
+        assert v.signer == pki[party].cert
+        assert v.signing_time == SIGNING_TIME
+        expected = {"pss": "rsassa-pss", "pkcs1v15": "rsassa-pkcs1-v1_5", "": "ecdsa"}[pad]
+        assert v.signature_algorithm == expected
+        assert pki[party].cert in v.certificates
+
+
+def test_signed_attributes_are_the_required_set(pki: Pki) -> None:
+    der = _sign(pki, "p256", b"x", certificates=[pki.ca_cert])
+    ci = asn1_cms.ContentInfo.load(der)
+    sd = ci["content"]
+    assert der == ci.dump(force=True), "output must be DER"
+    si = sd["signer_infos"][0]
+    types = {a["type"].native for a in si["signed_attrs"]}
+    assert types == {"content_type", "message_digest", "signing_time", "cms_algorithm_protection"}
+    assert len(sd["certificates"]) == 2
+    assert sd["encap_content_info"]["content"].native is None  # detached
+
+
+def test_algorithm_protection_detects_substitution(pki: Pki) -> None:
+    # rsaEncryption -> sha256WithRSAEncryption leaves the signature valid; only the
+    # RFC 6211 CMSAlgorithmProtection attribute notices the substitution
+    der = _sign(pki, "rsa2048", b"payload")
+    ci = asn1_cms.ContentInfo.load(der)
+    ci["content"]["signer_infos"][0]["signature_algorithm"] = {"algorithm": "sha256_rsa"}
+    bad = ci.dump(force=True)
+    with pytest.raises(SignatureError, match="CMSAlgorithmProtection"):
+        verify(bad, content=b"payload", trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
+
+
+def test_compute_mic() -> None:
+    data = b"hello\r\n"
+    assert compute_mic(data, "sha256") == base64.b64encode(hashlib.sha256(data).digest()).decode()
+    assert compute_mic(data, "SHA-384") == base64.b64encode(hashlib.sha384(data).digest()).decode()
+    with pytest.raises(PolicyError):
+        compute_mic(data, "sha1")
+
+
+# ---------------------------------------------------------------------------
+# signatures: negatives
+
+
+def test_tampered_detached_content(pki: Pki) -> None:
+    der = _sign(pki, "rsa2048", b"result: negative")
+    with pytest.raises(
+        SignatureError, match=r"content does not match its signature \(messageDigest\)"
+    ):
+        verify(
+            der, content=b"result: positive", trusted_signers=[pki["rsa2048"].cert], policy=STRICT
+        )
+
+
+def test_tampered_attached_content(pki: Pki) -> None:
+    der = _sign(pki, "p256", b"result: negative", detached=False)
+    bad = der.replace(b"result: negative", b"result: positive")
+    assert bad != der
+    with pytest.raises(SignatureError, match="messageDigest"):
+        verify(bad, trusted_signers=[pki["p256"].cert], policy=STRICT)
+
+
+def test_tampered_signed_attribute(pki: Pki) -> None:
+    der = _sign(pki, "rsa3072", b"payload", rsa_padding="pss")
+    ci = asn1_cms.ContentInfo.load(der)
+    si = ci["content"]["signer_infos"][0]
+    attrs = si["signed_attrs"]
+    for attr in attrs:
+        if attr["type"].native == "signing_time":
+            attr["values"] = [asn1_cms.Time({"utc_time": datetime(2030, 1, 1, tzinfo=UTC)})]
+    si["signed_attrs"] = attrs
+    bad = ci.dump(force=True)
+    with pytest.raises(
+        SignatureError, match="signature over the signed attributes does not verify"
+    ):
+        verify(bad, content=b"payload", trusted_signers=[pki["rsa3072"].cert], policy=STRICT)
+
+
+def test_tampered_signature_value(pki: Pki) -> None:
+    der = bytearray(_sign(pki, "p384", b"payload"))
+    ci = asn1_cms.ContentInfo.load(bytes(der))
+    sig = ci["content"]["signer_infos"][0]["signature"].native
+    i = bytes(der).index(sig)
+    der[i + 10] ^= 0x01
+    with pytest.raises(SignatureError):
+        verify(bytes(der), content=b"payload", trusted_signers=[pki["p384"].cert], policy=STRICT)
+
+
+def test_untrusted_signer(pki: Pki) -> None:
+    der = _sign(pki, "other-rsa", b"payload")
+    with pytest.raises(SignerNotTrustedError, match=r"other-rsa\.medgw\.test"):
+        verify(der, content=b"payload", trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
+
+
+def test_rogue_signer_with_same_issuer_and_serial(pki: Pki) -> None:
+    # same issuer name and serial as the pinned certificate, different key
+    der = _sign(pki, "rogue", b"payload")
+    with pytest.raises((SignatureError, SignerNotTrustedError)):
+        verify(der, content=b"payload", trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
+
+
+def test_signer_certificate_missing(pki: Pki) -> None:
+    der = _sign(pki, "p256", b"payload")
+    ci = asn1_cms.ContentInfo.load(der)
+    ci["content"]["certificates"] = []
+    stripped = ci.dump(force=True)
+    with pytest.raises(SignerNotTrustedError, match="neither included"):
+        verify(stripped, content=b"payload", trusted_signers=[pki["p384"].cert], policy=STRICT)
+    # but a pinned certificate is enough to verify
+    v = verify(stripped, content=b"payload", trusted_signers=[pki["p256"].cert], policy=STRICT)
+    assert v.signer == pki["p256"].cert
+
+
+@pytest.mark.parametrize("digest", ["sha1", "md5"])
+def test_weak_digest_refused_when_signing(pki: Pki, digest: str) -> None:
+    with pytest.raises(PolicyError, match=digest):
+        _sign(pki, "rsa2048", b"payload", digest=digest)
+
+
+def test_small_rsa_key_refused(pki: Pki) -> None:
+    with pytest.raises(PolicyError, match="RSA-1024"):
+        _sign(pki, "rsa1024", b"payload")
+
+
+def test_key_not_matching_certificate(pki: Pki) -> None:
+    with pytest.raises(ObjectSecurityError, match="does not belong"):
+        sign(
+            b"x",
+            pki["rsa2048"].cert,
+            pki["other-rsa"].key,
+            signing_time=SIGNING_TIME,
+            policy=STRICT,
+        )
+
+
+def test_detached_signature_without_content(pki: Pki) -> None:
+    der = _sign(pki, "p256", b"payload")
+    with pytest.raises(MalformedMessageError, match="content="):
+        verify(der, trusted_signers=[pki["p256"].cert], policy=STRICT)
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"", b"\x30\x03\x02\x01\x01", b"not cms at all", b"\x30\x80\x06"]
+)
+def test_garbage_is_malformed(pki: Pki, garbage: bytes) -> None:
+    with pytest.raises(MalformedMessageError):
+        verify(garbage, content=b"", trusted_signers=[pki["p256"].cert], policy=STRICT)
+    with pytest.raises(MalformedMessageError):
+        decrypt(garbage, pki["p256"].cert, pki["p256"].key, policy=STRICT)
+
+
+def test_enveloped_data_given_to_verify(pki: Pki) -> None:
+    env = encrypt(b"x", [pki["p256"].cert], policy=STRICT)
+    with pytest.raises(MalformedMessageError, match="not SignedData"):
+        verify(env, trusted_signers=[pki["p256"].cert], policy=STRICT)
+
+
+# ---------------------------------------------------------------------------
+# encryption: ours -> ours
+
+CIPHERS = ["aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc"]
+RECIPIENTS = ["rsa2048", "rsa3072", "p256", "p384"]
+ENCRYPT_MATRIX = [
+    pytest.param(c, r, p, id=f"{c}-{r}-{p}")
+    for c, r, p in itertools.product(CIPHERS, RECIPIENTS, PAYLOADS)
+]
+
+
+@pytest.mark.parametrize(("cipher", "recipient", "payload"), ENCRYPT_MATRIX)
+def test_encrypt_decrypt_round_trip(pki: Pki, cipher: str, recipient: str, payload: str) -> None:
+    r = pki[recipient]
+    der = encrypt(PAYLOADS[payload], [r.cert], cipher=cipher, policy=STRICT)
+    ctype = asn1_cms.ContentInfo.load(der)["content_type"].native
+    assert ctype == ("authenticated_enveloped_data" if "gcm" in cipher else "enveloped_data")
+    out = decrypt(der, r.cert, r.key, policy=STRICT)
+    assert out == Decrypted(
+        content=PAYLOADS[payload],
+        content_cipher=cipher,
+        key_transport="rsaes-oaep" if recipient.startswith("rsa") else "ecdh",
+        compat_algorithms=(),
+    )
+
+
+def test_several_recipients(pki: Pki) -> None:
+    names = ["rsa2048", "p256", "p384"]
+    der = encrypt(b"for all", [pki[n].cert for n in names], policy=STRICT)
+    for n in names:
+        assert decrypt(der, pki[n].cert, pki[n].key, policy=STRICT).content == b"for all"
+
+
+def test_encrypted_for_someone_else(pki: Pki) -> None:
+    der = encrypt(b"secret", [pki["other-rsa"].cert, pki["other-p256"].cert], policy=STRICT)
+    me = pki["rsa2048"]
+    with pytest.raises(DecryptionError, match="encrypted for someone else") as exc:
+        decrypt(der, me.cert, me.key, policy=STRICT)
+    assert "rsa2048.medgw.test" in str(exc.value)
+    assert f"{me.cert.serial_number:x}" in str(exc.value)
+
+
+def test_rogue_key_for_same_issuer_serial(pki: Pki) -> None:
+    # recipient info names rsa2048's issuer/serial, but we hold the rogue key
+    der = encrypt(b"secret", [pki["rsa2048"].cert], cipher="aes-256-gcm", policy=STRICT)
+    with pytest.raises(DecryptionError):
+        decrypt(der, pki["rogue"].cert, pki["rogue"].key, policy=STRICT)
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "aes-128-cbc"])
+def test_tampered_ciphertext(pki: Pki, cipher: str) -> None:
+    r = pki["p256"]
+    payload = b"A" * 100
+    der = encrypt(payload, [r.cert], cipher=cipher, policy=STRICT)
+    ci = asn1_cms.ContentInfo.load(der)
+    body = ci["content"]
+    field = "auth_encrypted_content_info" if "gcm" in cipher else "encrypted_content_info"
+    ct = bytearray(body[field]["encrypted_content"].native)
+    ct[-1] ^= 0x01
+    body[field]["encrypted_content"] = bytes(ct)
+    with pytest.raises(DecryptionError):
+        decrypt(ci.dump(force=True), r.cert, r.key, policy=STRICT)
+
+
+def test_tampered_gcm_tag(pki: Pki) -> None:
+    r = pki["rsa2048"]
+    der = encrypt(b"payload", [r.cert], policy=STRICT)
+    ci = asn1_cms.ContentInfo.load(der)
+    mac = bytearray(ci["content"]["mac"].native)
+    mac[0] ^= 0x80
+    ci["content"]["mac"] = bytes(mac)
+    with pytest.raises(DecryptionError, match="authentication tag"):
+        decrypt(ci.dump(force=True), r.cert, r.key, policy=STRICT)
+
+
+@pytest.mark.parametrize("cipher", ["des-ede3-cbc", "aes-192-cbc", "rc2-cbc", "aes-128-ecb"])
+@pytest.mark.parametrize("policy", [STRICT, COMPAT], ids=["strict", "compat"])
+def test_outbound_refuses_non_recommended_ciphers(
+    pki: Pki, cipher: str, policy: AlgorithmPolicy
+) -> None:
+    with pytest.raises(PolicyError, match=cipher):
+        encrypt(b"x", [pki["rsa2048"].cert], cipher=cipher, policy=policy)
+
+
+def test_small_rsa_recipient_refused(pki: Pki) -> None:
+    with pytest.raises(PolicyError, match="RSA-1024"):
+        encrypt(b"x", [pki["rsa1024"].cert], policy=STRICT)
+
+
+# ---------------------------------------------------------------------------
+# policy
+
+
+def test_policy_rules() -> None:
+    for d in ("sha256", "sha384", "sha512", "SHA-256"):
+        STRICT.check_digest(d)
+    for d in ("sha1", "md5", "sha224", "whirlpool"):
+        with pytest.raises(PolicyError):
+            STRICT.check_digest(d)
+    for c in ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc"):
+        STRICT.check_content_cipher(c, inbound=False)
+        STRICT.check_content_cipher(c, inbound=True)
+    with pytest.raises(PolicyError, match="compat"):
+        STRICT.check_content_cipher("des-ede3-cbc", inbound=True)
+    COMPAT.check_content_cipher("des-ede3-cbc", inbound=True)
+    with pytest.raises(PolicyError, match="never sends"):
+        COMPAT.check_content_cipher("des-ede3-cbc", inbound=False)
+    for kt in ("rsaes-oaep", "ecdh"):
+        STRICT.check_key_transport(kt, inbound=False)
+    for kt in ("rsaes-pkcs1-v1_5", "rsaes-oaep-sha1", "ecdh-sha1kdf"):
+        with pytest.raises(PolicyError):
+            STRICT.check_key_transport(kt, inbound=True)
+        with pytest.raises(PolicyError):
+            COMPAT.check_key_transport(kt, inbound=False)
+        COMPAT.check_key_transport(kt, inbound=True)
+    with pytest.raises(PolicyError):
+        STRICT.check_signature_key(ec.generate_private_key(ec.SECP256K1()).public_key())
+
+
+def test_policy_key_warnings(pki: Pki) -> None:
+    (w,) = STRICT.warnings_for_key(pki["rsa2048"].cert.public_key())  # type: ignore[arg-type]
+    assert "112-bit" in w and "2030" in w
+    assert STRICT.warnings_for_key(pki["rsa3072"].key) == []
+    assert STRICT.warnings_for_key(pki["p256"].key) == []
+
+
+# ---------------------------------------------------------------------------
+# MIME helper
+
+
+def test_make_and_parse_entity_keep_body_bytes() -> None:
+    for body in PAYLOADS.values():
+        entity = make_entity(
+            "application/hl7-v2; charset=utf-8",
+            body,
+            [("Content-Disposition", 'attachment; filename="a.hl7"')],
+        )
+        assert entity.startswith(b"Content-Type: application/hl7-v2; charset=utf-8\r\n")
+        assert entity.endswith(b"\r\n\r\n" + body)
+        headers, out = parse_entity(entity)
+        assert out == body
+        assert ("Content-Transfer-Encoding", "binary") in headers
+
+
+def test_parse_entity_lf_and_folding() -> None:
+    headers, body = parse_entity(
+        b'Content-Type: multipart/signed;\n\tboundary="a b";\n micalg=sha-256\nX-A: 1\n\nbody\r'
+    )
+    assert headers == [
+        ("Content-Type", 'multipart/signed; boundary="a b"; micalg=sha-256'),
+        ("X-A", "1"),
+    ]
+    assert body == b"body\r"
+    assert parse_entity(b"Content-Type: text/plain\r\n") == ([("Content-Type", "text/plain")], b"")
+    with pytest.raises(MalformedMessageError):
+        parse_entity(b"this is not a header\r\n\r\nbody")
+
+
+def test_make_entity_refuses_header_injection() -> None:
+    with pytest.raises(ValueError, match="CR, LF"):
+        make_entity("text/plain", b"", [("X-A", "1\r\nX-B: 2")])
+
+
+def test_header_param() -> None:
+    v = (
+        'multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256; '
+        'boundary="x;\\"y"'
+    )
+    assert header_param(v, "boundary") == 'x;"y'
+    assert header_param(v, "MICALG") == "sha-256"
+    assert header_param(v, "protocol") == "application/pkcs7-signature"
+    assert header_param(v, "charset") is None
+    assert header_param("text/plain;charset=us-ascii", "charset") == "us-ascii"
+
+
+# ---------------------------------------------------------------------------
+# S/MIME framing
+
+
+@pytest.mark.parametrize("payload", list(PAYLOADS))
+@pytest.mark.parametrize("party", ["rsa2048", "p384"])
+def test_smime_sign_verify_entity(pki: Pki, party: str, payload: str) -> None:
+    entity = make_entity("application/edi-x12", PAYLOADS[payload])
+    signed = sign_entity(
+        entity,
+        pki[party].cert,
+        pki[party].key,
+        digest="sha384",
+        signing_time=SIGNING_TIME,
+        policy=STRICT,
+    )
+    headers, _ = parse_entity(signed)
+    ctype = headers[0][1]
+    assert ctype.startswith("multipart/signed;")
+    assert header_param(ctype, "micalg") == "sha-384"
+    assert header_param(ctype, "protocol") == "application/pkcs7-signature"
+    inner, v = verify_entity(signed, trusted_signers=[pki[party].cert], policy=STRICT)
+    assert inner == entity
+    assert parse_entity(inner)[1] == PAYLOADS[payload]
+    assert v.digest == "sha384"
+
+
+def test_smime_tampered_first_part(pki: Pki) -> None:
+    entity = make_entity("text/plain", b"dose: 5 mg\r\n")
+    signed = sign_entity(
+        entity, pki["p256"].cert, pki["p256"].key, signing_time=SIGNING_TIME, policy=STRICT
+    )
+    with pytest.raises(SignatureError, match="messageDigest"):
+        verify_entity(
+            signed.replace(b"5 mg", b"50 mg"), trusted_signers=[pki["p256"].cert], policy=STRICT
+        )
+
+
+def test_smime_attached_signed_data(pki: Pki) -> None:
+    entity = make_entity("text/plain", b"hello\r")
+    der = _sign(pki, "p256", entity, detached=False)
+    wrapped = make_entity(
+        "application/pkcs7-mime; smime-type=signed-data; name=smime.p7m",
+        base64.encodebytes(der),
+        [("Content-Transfer-Encoding", "base64")],
+    )
+    inner, v = verify_entity(wrapped, trusted_signers=[pki["p256"].cert], policy=STRICT)
+    assert inner == entity
+    assert v.signer == pki["p256"].cert
+
+
+def test_smime_unsigned_entity(pki: Pki) -> None:
+    with pytest.raises(MalformedMessageError, match="not signed"):
+        verify_entity(make_entity("text/plain", b"x"), trusted_signers=[], policy=STRICT)
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "aes-128-cbc"])
+def test_smime_envelope_round_trip(pki: Pki, cipher: str) -> None:
+    entity = make_entity("application/hl7-v2", PAYLOADS["hl7-bare-cr"])
+    signed = sign_entity(
+        entity, pki["rsa3072"].cert, pki["rsa3072"].key, signing_time=SIGNING_TIME, policy=STRICT
+    )
+    ctype, body = envelope_entity(signed, [pki["p384"].cert], cipher=cipher, policy=STRICT)
+    smime_type = "authEnveloped-data" if "gcm" in cipher else "enveloped-data"
+    assert header_param(ctype, "smime-type") == smime_type
+    for wire in (body, base64.encodebytes(body)):
+        opened = open_envelope(wire, pki["p384"].cert, pki["p384"].key, policy=STRICT)
+        assert opened.content == signed
+        inner, _ = verify_entity(
+            opened.content, trusted_signers=[pki["rsa3072"].cert], policy=STRICT
+        )
+        assert inner == entity
+
+
+def test_open_envelope_garbage(pki: Pki) -> None:
+    with pytest.raises(MalformedMessageError):
+        open_envelope(b"%%% not base64 %%%", pki["p256"].cert, pki["p256"].key, policy=STRICT)
+
+
+def test_random_payloads_round_trip(pki: Pki) -> None:
+    for size in (1, 15, 16, 17, 4096, 100_000):
+        data = os.urandom(size)
+        der = encrypt(data, [pki["p256"].cert], cipher="aes-128-cbc", policy=STRICT)
+        assert decrypt(der, pki["p256"].cert, pki["p256"].key, policy=STRICT).content == data
