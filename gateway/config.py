@@ -1,0 +1,628 @@
+"""Configuration: TOML files -> typed, frozen dataclasses.
+
+An installation has one ``gateway.toml`` (this institution) and a folder
+``peers.d/`` with one ``<peer>.toml`` per peer institution; the file's stem is
+the peer's name.  Relative paths inside a file are resolved against the folder
+of ``gateway.toml``.
+
+Loading never stops at the first mistake: every problem found is collected as
+a :class:`~gateway.errors.ConfigProblem` naming the file, the key and the fix,
+and :class:`~gateway.errors.ConfigError` carries all of them.  Unknown keys are
+errors, because a misspelt security option silently falling back to a default
+is exactly the surprise an administrator must not get.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
+from gateway.policy import AlgorithmPolicy
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+CONTENT_CIPHERS = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
+DIGESTS = ("sha256", "sha384", "sha512")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+AS2_ID_MAX = 128
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A certificate and its private key, both loaded and checked to match."""
+
+    certificate_path: Path
+    key_path: Path
+    certificate: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...] = ()
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    identity: KeyPair
+    trust_anchor_paths: tuple[Path, ...]
+    trust_anchors: tuple[x509.Certificate, ...]
+    min_version: str  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True)
+class SmimeSettings:
+    signing: KeyPair
+    encryption: KeyPair
+    digest: str
+    cipher: str
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Storage:
+    state_dir: Path
+    outbox_dir: Path
+    inbox_dir: Path
+    audit_log: Path
+
+
+@dataclass(frozen=True)
+class Runtime:
+    shutdown_deadline_seconds: float
+    outbox_poll_seconds: float
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    connect_timeout_seconds: float
+    request_timeout_seconds: float
+    max_message_bytes: int
+    log_level: str
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer institution, from ``peers.d/<name>.toml``."""
+
+    name: str
+    source: Path
+    as2_id: str
+    institution_id: str
+    url: str
+    tls_certificates: tuple[x509.Certificate, ...]
+    signing_certificates: tuple[x509.Certificate, ...]
+    encryption_certificates: tuple[x509.Certificate, ...]
+    cipher: str
+    digest: str
+    compat: bool
+
+    @property
+    def policy(self) -> AlgorithmPolicy:
+        return AlgorithmPolicy(compat=self.compat)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: Path
+    name: str
+    institution_id: str
+    as2_id: str
+    tls: TlsSettings
+    smime: SmimeSettings
+    listeners: tuple[Listener, ...]
+    storage: Storage
+    runtime: Runtime
+    peers: tuple[Peer, ...]
+    warnings: tuple[ConfigProblem, ...] = ()
+
+    def peer(self, name: str) -> Peer | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    def require_peer(self, name: str) -> Peer:
+        peer = self.peer(name)
+        if peer is None:
+            raise KeyError(f"no peer {name!r} in {self.source.parent / 'peers.d'}")
+        return peer
+
+    def peer_by_as2_id(self, as2_id: str) -> Peer | None:
+        return next((p for p in self.peers if p.as2_id == as2_id), None)
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads typed keys out of one TOML table, collecting problems."""
+
+    def __init__(self, reader: _Reader, file: Path, prefix: str, table: dict[str, Any]) -> None:
+        self._reader = reader
+        self._file = file
+        self._prefix = prefix
+        self._table = table
+        self._seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}.{key}" if self._prefix else key
+
+    def problem(self, key: str, message: str, fix: str, severity: str = "error") -> None:
+        self._reader.add(self._file, self._key(key), message, fix, severity)
+
+    def _get(
+        self,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        kind_name: str,
+        default: T | None,
+        required: bool,
+        example: str,
+    ) -> T | None:
+        self._seen.add(key)
+        if key not in self._table:
+            if required:
+                self.problem(key, "required key is missing", f"add `{key} = {example}`")
+            return default
+        value = self._table[key]
+        # bool is an int in Python; never accept true/false where a number is meant.
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if not ok:
+            self.problem(
+                key,
+                f"must be {kind_name}, found {type(value).__name__} {value!r}",
+                f"write it as `{key} = {example}`",
+            )
+            return default
+        return cast(T, value)
+
+    def string(self, key: str, *, default: str | None = None, example: str = '"..."') -> str:
+        value = self._get(key, str, "a string", default, default is None, example)
+        return value if value is not None else ""
+
+    def choice(self, key: str, choices: tuple[str, ...], *, default: str) -> str:
+        value = self.string(key, default=default, example=f'"{choices[0]}"')
+        if value not in choices:
+            self.problem(
+                key,
+                f"{value!r} is not one of {', '.join(choices)}",
+                f"set {key} to one of: {', '.join(choices)}",
+            )
+            return default
+        return value
+
+    def number(
+        self, key: str, *, default: float, minimum: float, maximum: float | None = None
+    ) -> float:
+        value = self._get(key, (int, float), "a number", default, False, str(default))
+        number = float(value if value is not None else default)
+        if number < minimum or (maximum is not None and number > maximum):
+            upper = f" and at most {maximum:g}" if maximum is not None else ""
+            self.problem(key, f"{number:g} is out of range", f"use at least {minimum:g}{upper}")
+            return default
+        return number
+
+    def integer(self, key: str, *, default: int | None, minimum: int, maximum: int) -> int:
+        value = self._get(key, int, "an integer", default, default is None, str(minimum))
+        if value is None:
+            return default or 0
+        if not minimum <= value <= maximum:
+            self.problem(key, f"{value} is out of range", f"use {minimum}..{maximum}")
+            return default or minimum
+        return value
+
+    def boolean(self, key: str, *, default: bool) -> bool:
+        value = self._get(key, bool, "true or false", default, False, "false")
+        return bool(value)
+
+    def string_list(self, key: str, *, required: bool = True) -> list[str]:
+        value = self._get(key, list, "a list of strings", None, required, '["..."]')
+        if value is None:
+            return []
+        if not all(isinstance(v, str) for v in value):
+            self.problem(key, "every entry must be a string", f'write it as `{key} = ["..."]`')
+            return []
+        if required and not value:
+            self.problem(key, "the list is empty", "name at least one file")
+        return list(value)
+
+    def table(self, key: str, *, required: bool = True) -> _Section:
+        value = self._get(key, dict, "a table", None, required, f"[{self._key(key)}]")
+        return _Section(self._reader, self._file, self._key(key), value or {})
+
+    def tables(self, key: str) -> list[_Section]:
+        value = self._get(key, list, "an array of tables", None, True, f"[[{self._key(key)}]]")
+        sections = []
+        for index, item in enumerate(value or []):
+            if not isinstance(item, dict):
+                self.problem(key, "every entry must be a table", f"write [[{self._key(key)}]]")
+                continue
+            sections.append(_Section(self._reader, self._file, f"{self._key(key)}[{index}]", item))
+        if value is not None and not value:
+            self.problem(key, "no entries", f"add at least one [[{self._key(key)}]]")
+        return sections
+
+    def finish(self) -> None:
+        """Report every key nobody asked for: a typo must not pass silently."""
+        for key in sorted(set(self._table) - self._seen):
+            known = ", ".join(sorted(self._seen)) or "(none)"
+            self.problem(
+                key, "unknown key", f"remove it or correct the spelling; known keys: {known}"
+            )
+
+
+class _Reader:
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.problems: list[ConfigProblem] = []
+
+    def add(self, file: Path, key: str, message: str, fix: str, severity: str = "error") -> None:
+        self.problems.append(ConfigProblem(str(file), key, message, fix, severity))
+
+    @property
+    def errors(self) -> list[ConfigProblem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    def load_toml(self, path: Path) -> dict[str, Any] | None:
+        try:
+            with path.open("rb") as handle:
+                return tomllib.load(handle)
+        except FileNotFoundError:
+            self.add(path, "", "file not found", "create it or pass the right --config path")
+        except PermissionError:
+            self.add(path, "", "file is not readable", "make it readable by the medgw user")
+        except tomllib.TOMLDecodeError as exc:
+            self.add(path, "", f"not valid TOML: {exc}", "correct the syntax at that line")
+        except OSError as exc:
+            self.add(path, "", f"cannot read: {exc.strerror}", "check the path and permissions")
+        return None
+
+    def path(self, value: str) -> Path:
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else self.base_dir / candidate
+
+    def read_file(self, section: _Section, key: str, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            section.problem(key, f"file {path} not found", "correct the path or create the file")
+        except PermissionError:
+            section.problem(key, f"file {path} is not readable", "make it readable by medgw")
+        except OSError as exc:
+            section.problem(key, f"cannot read {path}: {exc.strerror}", "check the path")
+        return None
+
+    def certificates(self, section: _Section, key: str, path: Path) -> list[x509.Certificate]:
+        data = self.read_file(section, key, path)
+        if data is None:
+            return []
+        try:
+            if b"-----BEGIN" in data:
+                certs = x509.load_pem_x509_certificates(data)
+            else:
+                certs = [x509.load_der_x509_certificate(data)]
+        except ValueError as exc:
+            section.problem(
+                key,
+                f"{path} holds no readable X.509 certificate ({exc})",
+                "give a PEM or DER certificate file",
+            )
+            return []
+        return certs
+
+    def private_key(self, section: _Section, key: str, path: Path) -> PrivateKey | None:
+        data = self.read_file(section, key, path)
+        if data is None:
+            return None
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
+            section.problem(
+                key,
+                f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o})",
+                f"chmod 600 {path}",
+                severity="warning",
+            )
+        try:
+            if b"-----BEGIN" in data:
+                loaded = serialization.load_pem_private_key(data, password=None)
+            else:
+                loaded = serialization.load_der_private_key(data, password=None)
+        except TypeError:
+            section.problem(
+                key,
+                f"private key {path} is encrypted with a passphrase",
+                "store it unencrypted, readable only by the medgw user (chmod 600)",
+            )
+            return None
+        except ValueError as exc:
+            section.problem(key, f"{path} holds no readable private key ({exc})", "give a PEM key")
+            return None
+        if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            section.problem(
+                key, f"{path}: {type(loaded).__name__} keys are not supported", "use RSA or ECDSA"
+            )
+            return None
+        return loaded
+
+    def check_key_policy(self, section: _Section, key: str, cert: x509.Certificate) -> None:
+        public = cert.public_key()
+        if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            section.problem(key, "EdDSA is not on the CRYPTREC list", "use RSA-3072 or ECDSA P-256")
+            return
+        policy = AlgorithmPolicy()
+        try:
+            policy.check_signature_key(public)  # type: ignore[arg-type]
+        except PolicyError as exc:
+            section.problem(key, exc.message, exc.fix or "use a stronger key")
+            return
+        for warning in policy.warnings_for_key(public):  # type: ignore[arg-type]
+            section.problem(key, warning, "plan a move to RSA-3072 or ECDSA", "warning")
+
+    def key_pair(self, section: _Section, cert_key: str, key_key: str) -> KeyPair | None:
+        cert_path = self.path(section.string(cert_key, example='"certs/tls.crt"'))
+        key_path = self.path(section.string(key_key, example='"certs/tls.key"'))
+        certs = self.certificates(section, cert_key, cert_path)
+        private = self.private_key(section, key_key, key_path)
+        if not certs or private is None:
+            return None
+        leaf = certs[0]
+        self.check_key_policy(section, cert_key, leaf)
+        if not _same_public_key(leaf, private):
+            section.problem(
+                key_key,
+                f"{key_path} is not the private key of the certificate {cert_path} "
+                f"({leaf.subject.rfc4514_string()})",
+                f"point {cert_key} and {key_key} at a matching certificate and key",
+            )
+            return None
+        return KeyPair(cert_path, key_path, leaf, private, tuple(certs[1:]))
+
+
+def _same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    return bool(cert.public_key().public_bytes(enc, fmt) == key.public_key().public_bytes(enc, fmt))
+
+
+def _check_as2_id(section: _Section, key: str, value: str) -> None:
+    if not value:
+        return
+    if len(value) > AS2_ID_MAX or not all(32 < ord(c) < 127 and c not in '"\\' for c in value):
+        section.problem(
+            key,
+            f"AS2 identifier {value!r} must be 1-{AS2_ID_MAX} printable ASCII characters "
+            "without spaces or quotes",
+            "choose an identifier such as HOSPITAL-TOKYO-01",
+        )
+
+
+def _check_url(section: _Section, key: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        section.problem(
+            key,
+            f"{url!r} is not an https:// URL; medgw never sends over plaintext HTTP",
+            "use the peer's https:// AS2 endpoint",
+        )
+    elif not parts.hostname:
+        section.problem(key, f"{url!r} has no host", "write https://host:port/path")
+
+
+def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> Peer | None:
+    data = reader.load_toml(path)
+    if data is None:
+        return None
+    section = _Section(reader, path, "", data)
+    name = path.stem
+    as2_id = section.string("as2_id", example='"LAB-KITA"')
+    _check_as2_id(section, "as2_id", as2_id)
+    institution_id = section.string("institution_id", default="")
+    url = section.string("url", example='"https://lab.example:4080/as2"')
+    _check_url(section, "url", url)
+    certs: dict[str, list[x509.Certificate]] = {}
+    for key in ("tls_certificates", "signing_certificates", "encryption_certificates"):
+        certs[key] = []
+        for entry in section.string_list(key):
+            found = reader.certificates(section, key, reader.path(entry))
+            for cert in found:
+                reader.check_key_policy(section, key, cert)
+            certs[key].extend(found)
+    cipher = section.choice(
+        "cipher", CONTENT_CIPHERS, default=defaults.cipher if defaults else "aes-256-gcm"
+    )
+    digest = section.choice("digest", DIGESTS, default=defaults.digest if defaults else "sha256")
+    compat = section.boolean("compat", default=False)
+    if compat:
+        section.problem(
+            "compat",
+            "accepts monitored-list algorithms (3DES, RSAES-PKCS1-v1_5) from this peer",
+            "ask the peer to upgrade to AES and RSA-OAEP, then set compat = false",
+            "warning",
+        )
+    section.finish()
+    return Peer(
+        name=name,
+        source=path,
+        as2_id=as2_id,
+        institution_id=institution_id,
+        url=url,
+        tls_certificates=tuple(certs["tls_certificates"]),
+        signing_certificates=tuple(certs["signing_certificates"]),
+        encryption_certificates=tuple(certs["encryption_certificates"]),
+        cipher=cipher,
+        digest=digest,
+        compat=compat,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Load and validate ``gateway.toml`` and its ``peers.d/``.
+
+    Raises :class:`ConfigError` listing every problem found.  Warnings (things
+    that work but an administrator should know) are kept in ``.warnings``.
+    """
+    source = Path(path).absolute()
+    reader = _Reader(source.parent)
+    data = reader.load_toml(source)
+    if data is None:
+        raise ConfigError(reader.problems)
+    root = _Section(reader, source, "", data)
+
+    gw = root.table("gateway")
+    name = gw.string("name", example='"Sakura General Hospital"')
+    institution_id = gw.string("institution_id", default="")
+    as2_id = gw.string("as2_id", example='"SAKURA-HOSP"')
+    _check_as2_id(gw, "as2_id", as2_id)
+    peers_dir = reader.path(gw.string("peers_dir", default="peers.d"))
+    gw.finish()
+
+    tls_section = root.table("tls")
+    tls_identity = reader.key_pair(tls_section, "certificate", "key")
+    anchor_paths = tuple(reader.path(p) for p in tls_section.string_list("trust_anchors"))
+    anchors: list[x509.Certificate] = []
+    for anchor_path in anchor_paths:
+        anchors.extend(reader.certificates(tls_section, "trust_anchors", anchor_path))
+    min_version = tls_section.choice("min_version", ("1.3", "1.2"), default="1.3")
+    tls_section.finish()
+
+    smime_section = root.table("smime")
+    signing = reader.key_pair(smime_section, "signing_certificate", "signing_key")
+    encryption = reader.key_pair(smime_section, "encryption_certificate", "encryption_key")
+    digest = smime_section.choice("digest", DIGESTS, default="sha256")
+    cipher = smime_section.choice("cipher", CONTENT_CIPHERS, default="aes-256-gcm")
+    smime_section.finish()
+
+    listeners: list[Listener] = []
+    for item in root.tables("listeners"):
+        listener_name = item.string("name", example='"regional-vpn"')
+        address = item.string("address", example='"192.0.2.10"')
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            item.problem("address", f"{address!r} is not an IP address", "give the address to bind")
+        port = item.integer("port", default=None, minimum=1, maximum=65535)
+        url_path = item.string("path", default="/as2")
+        if not url_path.startswith("/"):
+            item.problem("path", f"{url_path!r} must start with /", 'use for example "/as2"')
+        item.finish()
+        listeners.append(Listener(listener_name, address, port, url_path))
+    seen: dict[tuple[str, int], str] = {}
+    for listener in listeners:
+        where = (listener.address, listener.port)
+        if where in seen:
+            reader.add(
+                source,
+                "listeners",
+                f"listeners {seen[where]!r} and {listener.name!r} both use "
+                f"{listener.address}:{listener.port}",
+                "give each listener its own address and port",
+            )
+        seen[where] = listener.name
+
+    st = root.table("storage")
+    storage = Storage(
+        state_dir=reader.path(st.string("state_dir", example='"/var/lib/medgw"')),
+        outbox_dir=reader.path(st.string("outbox_dir", example='"/var/lib/medgw/outbox"')),
+        inbox_dir=reader.path(st.string("inbox_dir", example='"/var/lib/medgw/inbox"')),
+        audit_log=reader.path(st.string("audit_log", example='"/var/log/medgw/audit.jsonl"')),
+    )
+    st.finish()
+
+    rt = root.table("runtime", required=False)
+    runtime = Runtime(
+        shutdown_deadline_seconds=rt.number("shutdown_deadline_seconds", default=20, minimum=1),
+        outbox_poll_seconds=rt.number("outbox_poll_seconds", default=1.0, minimum=0.05),
+        retry_initial_seconds=rt.number("retry_initial_seconds", default=10, minimum=0.1),
+        retry_max_seconds=rt.number("retry_max_seconds", default=900, minimum=1),
+        connect_timeout_seconds=rt.number("connect_timeout_seconds", default=15, minimum=0.5),
+        request_timeout_seconds=rt.number("request_timeout_seconds", default=600, minimum=1),
+        max_message_bytes=int(
+            rt.number("max_message_bytes", default=4 * 1024**3, minimum=1024, maximum=2**40)
+        ),
+        log_level=rt.choice("log_level", LOG_LEVELS, default="info"),
+    )
+    rt.finish()
+    root.finish()
+
+    peers: list[Peer] = []
+    defaults = (
+        SmimeSettings(signing, encryption, digest, cipher) if signing and encryption else None
+    )
+    if peers_dir.is_dir():
+        for peer_file in sorted(peers_dir.glob("*.toml")):
+            peer = _load_peer(reader, peer_file, defaults)
+            if peer is not None:
+                peers.append(peer)
+    else:
+        reader.add(
+            source,
+            "gateway.peers_dir",
+            f"folder {peers_dir} not found",
+            "create it and put one <peer>.toml per peer institution in it",
+        )
+    _check_peer_uniqueness(reader, peers, as2_id)
+
+    if reader.errors or tls_identity is None or signing is None or encryption is None:
+        raise ConfigError(reader.problems)
+    return GatewayConfig(
+        source=source,
+        name=name,
+        institution_id=institution_id,
+        as2_id=as2_id,
+        tls=TlsSettings(tls_identity, anchor_paths, tuple(anchors), min_version),
+        smime=SmimeSettings(signing, encryption, digest, cipher),
+        listeners=tuple(listeners),
+        storage=storage,
+        runtime=runtime,
+        peers=tuple(peers),
+        warnings=tuple(reader.problems),
+    )
+
+
+def _check_peer_uniqueness(reader: _Reader, peers: list[Peer], own_as2_id: str) -> None:
+    by_as2: dict[str, Peer] = {}
+    by_tls: dict[bytes, Peer] = {}
+    for peer in peers:
+        if peer.as2_id == own_as2_id:
+            reader.add(
+                peer.source,
+                "as2_id",
+                f"{peer.as2_id!r} is this gateway's own AS2 id",
+                "give the peer its own AS2 identifier",
+            )
+        if peer.as2_id in by_as2:
+            reader.add(
+                peer.source,
+                "as2_id",
+                f"{peer.as2_id!r} is also used by {by_as2[peer.as2_id].source.name}",
+                "every peer needs a distinct AS2 identifier",
+            )
+        by_as2[peer.as2_id] = peer
+        for cert in peer.tls_certificates:
+            fp = cert.fingerprint(hashes.SHA256())
+            if fp in by_tls and by_tls[fp] is not peer:
+                reader.add(
+                    peer.source,
+                    "tls_certificates",
+                    f"certificate {cert.subject.rfc4514_string()} is also listed for "
+                    f"{by_tls[fp].source.name}; a TLS certificate must identify exactly one peer",
+                    "list each certificate for one peer only",
+                )
+            by_tls[fp] = peer
+
+
+def describe_error(exc: MedgwError) -> list[str]:
+    """Lines for an administrator, one per problem."""
+    if isinstance(exc, ConfigError):
+        return [str(p) for p in exc.problems]
+    return [str(exc)]

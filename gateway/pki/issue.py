@@ -1,0 +1,256 @@
+"""Create keys and X.509 certificates: the demo PKI and test PKIs.
+
+Small, explicit helpers over ``cryptography``.  They build well-formed
+certificates by default (SKI/AKI, critical basicConstraints and keyUsage,
+extendedKeyUsage per purpose) and take every input a test needs to build a
+deliberately bad PKI (an expired leaf, an RSA-2048 key, a too-short path
+length, ...).  Nothing here reads a clock or a configuration: the caller
+passes ``now``.
+
+This module is for the demo and for tests.  A production installation gets
+its certificates from the institution's (or the regional network's) CA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+PURPOSES = ("tls", "smime-sign", "smime-encrypt")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and the private key of its subject."""
+
+    certificate: x509.Certificate
+    key: PrivateKey
+
+
+def new_key(kind: str = "ec-p256") -> PrivateKey:
+    """A fresh private key: ``ec-p256``, ``ec-p384``, ``rsa-2048`` or ``rsa-3072``."""
+    if kind == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if kind == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if kind == "rsa-2048":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if kind == "rsa-3072":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    raise ValueError(f"unknown key kind {kind!r}; use one of {', '.join(KEY_KINDS)}")
+
+
+def signature_hash(issuer_key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
+    """SHA-384 for a P-384 issuer (matching strength), SHA-256 otherwise."""
+    if isinstance(issuer_key, ec.EllipticCurvePrivateKey) and issuer_key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def make_ca(
+    common_name: str,
+    *,
+    now: datetime,
+    days: int = 3650,
+    key_kind: str = "ec-p256",
+    organization: str | None = None,
+    parent: Issued | None = None,
+    path_length: int | None = None,
+) -> Issued:
+    """A CA certificate: self-signed root if ``parent`` is None, else an intermediate.
+
+    ``path_length`` is the basicConstraints pathLenConstraint (None: unlimited).
+    """
+    _check_time(now, days)
+    key = new_key(key_kind)
+    subject = _name(common_name, organization)
+    if parent is None:
+        issuer_name, issuer_key, aki = subject, key, _aki_from_key(key)
+    else:
+        issuer_name = parent.certificate.subject
+        issuer_key = parent.key
+        aki = _aki_from_issuer(parent)
+    builder = (
+        _base(subject, issuer_name, key, now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(aki, critical=False)
+    )
+    certificate = builder.sign(issuer_key, signature_hash(issuer_key))
+    return Issued(certificate, key)
+
+
+def issue(
+    ca: Issued,
+    common_name: str,
+    *,
+    purpose: str,
+    now: datetime,
+    days: int = 825,
+    key_kind: str = "ec-p256",
+    organization: str | None = None,
+    dns_names: Iterable[str] = (),
+    ip_addresses: Iterable[str | IPAddress] = (),
+) -> Issued:
+    """An end-entity certificate signed by ``ca``.
+
+    ``purpose``:
+
+    - ``"tls"``: keyUsage digitalSignature (+ keyEncipherment for RSA),
+      extendedKeyUsage serverAuth + clientAuth (mutual TLS uses one
+      certificate both ways);
+    - ``"smime-sign"``: keyUsage digitalSignature + nonRepudiation,
+      extendedKeyUsage emailProtection;
+    - ``"smime-encrypt"``: keyUsage keyAgreement (EC) or keyEncipherment
+      (RSA), extendedKeyUsage emailProtection.
+
+    ``dns_names`` and ``ip_addresses`` go into subjectAltName (omitted when
+    both are empty).
+    """
+    _check_time(now, days)
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}; use one of {', '.join(PURPOSES)}")
+    key = new_key(key_kind)
+    is_rsa = isinstance(key, rsa.RSAPrivateKey)
+    usage = {
+        "digital_signature": purpose in ("tls", "smime-sign"),
+        "content_commitment": purpose == "smime-sign",
+        "key_encipherment": is_rsa and purpose in ("tls", "smime-encrypt"),
+        "key_agreement": not is_rsa and purpose == "smime-encrypt",
+    }
+    eku = (
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        if purpose == "tls"
+        else [ExtendedKeyUsageOID.EMAIL_PROTECTION]
+    )
+    builder = (
+        _base(_name(common_name, organization), ca.certificate.subject, key, now, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                data_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+                **usage,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        .add_extension(_aki_from_issuer(ca), critical=False)
+    )
+    alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    certificate = builder.sign(ca.key, signature_hash(ca.key))
+    return Issued(certificate, key)
+
+
+def write_pem(path: Path, obj: x509.Certificate | Sequence[x509.Certificate] | PrivateKey) -> None:
+    """Write a certificate (or a chain, leaf first) or a private key as PEM.
+
+    Private keys are written as unencrypted PKCS#8 into a file of mode 0600
+    (the mode is set before any key byte is written); certificates get 0644
+    less the umask.  The write is atomic: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``.
+    """
+    if isinstance(obj, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        data = obj.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        mode = 0o600
+    elif isinstance(obj, x509.Certificate):
+        data = obj.public_bytes(serialization.Encoding.PEM)
+        mode = 0o644
+    else:
+        data = b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in obj)
+        mode = 0o644
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        if mode == 0o600:
+            os.fchmod(fd, 0o600)  # independent of the umask, and before the key is written
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_time(now: datetime, days: int) -> None:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("`now` must be timezone-aware, e.g. datetime.now(timezone.utc)")
+    if days <= 0:
+        raise ValueError(f"days must be positive, got {days}")
+
+
+def _name(common_name: str, organization: str | None) -> x509.Name:
+    attributes = []
+    if organization:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
+
+
+def _base(
+    subject: x509.Name, issuer: x509.Name, key: PrivateKey, now: datetime, days: int
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+
+
+def _aki_from_key(key: PrivateKey) -> x509.AuthorityKeyIdentifier:
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+
+
+def _aki_from_issuer(issuer: Issued) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return _aki_from_key(issuer.key)
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
