@@ -1,0 +1,78 @@
+"""The audit event model.
+
+Every security-relevant step emits one :class:`AuditEvent` of one
+:class:`EventType`.  Layers do not invent their own shapes: they fill the same
+fields, and anything specific goes into ``detail`` (flat, JSON-serialisable
+values).  Unlike operational logs, audit events may name documents (file
+names, message IDs) because the audit trail is the place where an auditor
+looks for them; payload bytes never appear anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class EventType(StrEnum):
+    DAEMON_STARTED = "daemon.started"
+    DAEMON_STOPPED = "daemon.stopped"
+    CONFIG_RELOADED = "config.reloaded"
+    CONFIG_RELOAD_FAILED = "config.reload_failed"
+    MESSAGE_ACCEPTED = "message.accepted"  # taken from the outbox into the spool
+    MESSAGE_SENT = "message.sent"  # POSTed to the peer
+    MESSAGE_SEND_FAILED = "message.send_failed"  # will be retried
+    MESSAGE_FAILED = "message.failed"  # final: needs an operator
+    MESSAGE_RECEIVED = "message.received"  # accepted from a peer, verified
+    MESSAGE_REJECTED = "message.rejected"  # refused from a peer
+    MESSAGE_DELIVERED = "message.delivered"  # durably in the inbox
+    MESSAGE_DUPLICATE = "message.duplicate"  # resend answered with the original receipt
+    RECEIPT_SENT = "receipt.sent"
+    RECEIPT_RECEIVED = "receipt.received"
+    RECEIPT_INVALID = "receipt.invalid"
+    TLS_HANDSHAKE_FAILED = "tls.handshake_failed"
+    PEER_AUTHENTICATION_FAILED = "peer.authentication_failed"
+    SIGNATURE_FAILED = "signature.failed"
+    DECRYPTION_FAILED = "decryption.failed"
+    COMPAT_ALGORITHM_USED = "policy.compat_algorithm_used"
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ALERT = "alert"  # a security event an administrator must look at
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    event: EventType
+    outcome: Outcome = Outcome.SUCCESS
+    severity: Severity = Severity.INFO
+    peer: str | None = None
+    message_id: str | None = None
+    direction: str | None = None  # "outbound" or "inbound"
+    remote_address: str | None = None
+    reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self, time: datetime) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "time": time.isoformat(timespec="microseconds"),
+            "event": self.event.value,
+            "outcome": self.outcome.value,
+            "severity": self.severity.value,
+        }
+        for key in ("peer", "message_id", "direction", "remote_address", "reason"):
+            value = getattr(self, key)
+            if value is not None:
+                record[key] = value
+        if self.detail:
+            record["detail"] = self.detail
+        return record

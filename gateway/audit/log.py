@@ -1,0 +1,114 @@
+"""Append-only audit log: JSON lines, each chained to the previous by SHA-256.
+
+Each record carries ``seq`` (1, 2, ...), ``prev`` (the hash of the previous
+record's line, or 64 zeros) and ``hash`` (SHA-256 over the record without the
+``hash`` field, canonical JSON).  Removing, reordering or editing a line breaks
+the chain, which :func:`verify_chain` reports with the line number.  Every
+record is flushed and fsync'ed before :meth:`AuditLog.emit` returns: an event
+that was acted upon is on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.audit.events import AuditEvent
+from gateway.clock import Clock
+from gateway.errors import MedgwError
+
+GENESIS = "0" * 64
+
+
+class AuditSink(Protocol):
+    def emit(self, event: AuditEvent) -> None: ...
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class AuditLog:
+    def __init__(self, path: Path, clock: Clock, *, node: str) -> None:
+        self._path = path
+        self._clock = clock
+        self._node = node
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._seq, self._prev = self._tail(path)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(path, flags, 0o640)
+
+    @staticmethod
+    def _tail(path: Path) -> tuple[int, str]:
+        """Sequence number and hash of the last complete record, to continue the chain."""
+        if not path.exists() or path.stat().st_size == 0:
+            return 0, GENESIS
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 65536))
+            lines = [line for line in handle.read().split(b"\n") if line.strip()]
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+                return int(record["seq"]), str(record["hash"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line after a crash: chain on from the last good one
+        return 0, GENESIS
+
+    def emit(self, event: AuditEvent) -> None:
+        with self._lock:
+            record = event.to_record(self._clock.now())
+            record["node"] = self._node
+            record["seq"] = self._seq + 1
+            record["prev"] = self._prev
+            digest = hashlib.sha256(_canonical(record)).hexdigest()
+            record["hash"] = digest
+            os.write(self._fd, _canonical(record) + b"\n")
+            os.fsync(self._fd)
+            self._seq += 1
+            self._prev = digest
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class AuditChainError(MedgwError):
+    """The audit log's hash chain is broken."""
+
+
+def verify_chain(path: Path) -> int:
+    """Check the whole chain; return the number of records or raise AuditChainError."""
+    prev = GENESIS
+    count = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                claimed = record.pop("hash")
+            except (ValueError, KeyError) as exc:
+                raise AuditChainError(
+                    f"{path}:{number}: not an audit record ({exc})",
+                    fix="restore the audit log from backup; investigate who edited it",
+                ) from exc
+            if record.get("prev") != prev or record.get("seq") != count + 1:
+                raise AuditChainError(
+                    f"{path}:{number}: chain broken (a record before it was removed or reordered)",
+                    fix="restore the audit log from backup; investigate who edited it",
+                )
+            if hashlib.sha256(_canonical(record)).hexdigest() != claimed:
+                raise AuditChainError(
+                    f"{path}:{number}: record was altered after it was written",
+                    fix="restore the audit log from backup; investigate who edited it",
+                )
+            prev = claimed
+            count += 1
+    return count
