@@ -1,0 +1,83 @@
+"""AS2 header values: identifiers, Message-IDs, receipt options, MIC algorithm names."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.errors import ProtocolError
+
+AS2_VERSION = "1.2"
+# AS2 names for digests (RFC 5751 micalg) and ours.
+MICALG_TO_DIGEST = {
+    "sha-256": "sha256",
+    "sha-384": "sha384",
+    "sha-512": "sha512",
+    "sha256": "sha256",
+    "sha384": "sha384",
+    "sha512": "sha512",
+}
+DIGEST_TO_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
+_TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z|~]+$")
+
+
+def quote_as2_id(value: str) -> str:
+    """RFC 4130 section 6.2: quote identifiers that are not a plain token."""
+    if _TOKEN.match(value):
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def unquote_as2_id(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+def new_message_id(as2_id: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", as2_id) or "medgw"
+    return f"<{secrets.token_hex(16)}@{host}>"
+
+
+_MESSAGE_ID = re.compile(r"^<[^<>\s]{1,250}>$")
+
+
+def check_message_id(value: str | None) -> str:
+    if value is None or not _MESSAGE_ID.match(value.strip()):
+        raise ProtocolError(
+            f"Message-ID {value!r} is missing or malformed",
+            fix="the sender must give a Message-ID in angle brackets, e.g. <id@host>",
+        )
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class ReceiptRequest:
+    """What the sender asked for in Disposition-Notification-To / -Options."""
+
+    requested: bool
+    signed: bool
+    micalgs: tuple[str, ...]  # our digest names, in the sender's order of preference
+    async_url: str | None
+
+    def choose_digest(self, default: str = "sha256") -> str:
+        return self.micalgs[0] if self.micalgs else default
+
+
+def parse_receipt_request(headers: Mapping[str, str]) -> ReceiptRequest:
+    requested = "disposition-notification-to" in headers
+    options = headers.get("disposition-notification-options", "")
+    signed = False
+    micalgs: list[str] = []
+    for part in options.split(";"):
+        name, _, values = part.partition("=")
+        items = [v.strip().lower() for v in values.split(",")]
+        if name.strip().lower() == "signed-receipt-protocol" and "pkcs7-signature" in items:
+            signed = True
+        elif name.strip().lower() == "signed-receipt-micalg":
+            micalgs = [MICALG_TO_DIGEST[i] for i in items[1:] if i in MICALG_TO_DIGEST]
+    return ReceiptRequest(requested, signed, tuple(micalgs), headers.get("receipt-delivery-option"))

@@ -1,0 +1,249 @@
+"""AS2 receipts: Message Disposition Notifications (RFC 8098, RFC 4130 section 7).
+
+A receipt is a ``multipart/report; report-type=disposition-notification`` with
+a human-readable part and a ``message/disposition-notification`` part, signed
+as ``multipart/signed``.  It carries the original Message-ID, the disposition
+(``processed`` or ``processed/error: <reason>`` or ``failed``) and the
+Received-Content-MIC.  On the sender's side a receipt whose signature, MIC or
+Message-ID does not match is never taken for success.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+from enum import StrEnum
+
+from cryptography import x509
+
+from gateway.as2.headers import AS2_VERSION, DIGEST_TO_MICALG, quote_as2_id
+from gateway.cms.mime import header_param, make_entity, parse_entity
+from gateway.cms.smime import sign_entity, verify_entity
+from gateway.config import KeyPair
+from gateway.errors import ProtocolError
+from gateway.policy import AlgorithmPolicy
+
+DISPOSITION_PREFIX = "automatic-action/MDN-sent-automatically"
+
+
+class Disposition(StrEnum):
+    PROCESSED = "processed"
+    DECRYPTION_FAILED = "processed/error: decryption-failed"
+    AUTHENTICATION_FAILED = "processed/error: authentication-failed"
+    INTEGRITY_CHECK_FAILED = "processed/error: integrity-check-failed"
+    UNEXPECTED_ERROR = "processed/error: unexpected-processing-error"
+
+
+EXPLANATIONS = {
+    Disposition.PROCESSED: "The document was received, decrypted, its signature verified, "
+    "and it was stored for delivery.",
+    Disposition.DECRYPTION_FAILED: "The document could not be decrypted by the receiver.",
+    Disposition.AUTHENTICATION_FAILED: "The sender or the signer could not be authenticated.",
+    Disposition.INTEGRITY_CHECK_FAILED: "The document does not match its signature.",
+    Disposition.UNEXPECTED_ERROR: "The receiver could not process the document.",
+}
+
+
+@dataclass(frozen=True)
+class BuiltReceipt:
+    headers: tuple[tuple[str, str], ...]  # HTTP headers, Content-Type included
+    body: bytes
+
+
+def split_multipart(body: bytes, boundary: str) -> list[bytes]:
+    """The parts of a multipart body (RFC 2046 5.1.1), each without its delimiter CRLFs."""
+    delimiter = b"--" + boundary.encode()
+    normalized = b"\r\n" + body
+    parts: list[bytes] = []
+    marker = b"\r\n" + delimiter
+    start = normalized.find(marker)
+    if start < 0:
+        marker = b"\n" + delimiter
+        start = normalized.find(marker)
+    if start < 0:
+        raise ProtocolError(
+            f"multipart body has no boundary {boundary!r}",
+            fix="the sender's MIME structure is broken",
+        )
+    while True:
+        after = start + len(marker)
+        if normalized[after : after + 2] == b"--":
+            return parts
+        line_end = normalized.find(b"\n", after)
+        if line_end < 0:
+            raise ProtocolError(
+                "multipart body ends inside a delimiter line",
+                fix="the sender's MIME structure is broken",
+            )
+        nxt = normalized.find(marker, line_end)
+        if nxt < 0:
+            raise ProtocolError(
+                "multipart body has no closing boundary",
+                fix="the sender's MIME structure is truncated",
+            )
+        part = normalized[line_end + 1 : nxt]
+        if marker.startswith(b"\n") and part.endswith(b"\r"):
+            part = part[:-1]
+        parts.append(part)
+        start = nxt
+
+
+def build_receipt(
+    *,
+    original_message_id: str,
+    our_as2_id: str,
+    peer_as2_id: str,
+    disposition: Disposition,
+    mic: str | None,
+    signing: KeyPair,
+    digest: str,
+    policy: AlgorithmPolicy,
+    at: datetime,
+) -> BuiltReceipt:
+    fields = [
+        "Reporting-UA: medgw",
+        f"Original-Recipient: rfc822; {quote_as2_id(our_as2_id)}",
+        f"Final-Recipient: rfc822; {quote_as2_id(our_as2_id)}",
+        f"Original-Message-ID: {original_message_id}",
+    ]
+    if mic is not None:
+        fields.append(f"Received-Content-MIC: {mic}")
+    fields.append(f"Disposition: {DISPOSITION_PREFIX}; {disposition.value}")
+    notification = ("\r\n".join(fields) + "\r\n").encode()
+    boundary = "----=_mdn_" + secrets.token_hex(12)
+    human = make_entity(
+        "text/plain; charset=us-ascii",
+        (EXPLANATIONS[disposition] + "\r\n").encode(),
+        [("Content-Transfer-Encoding", "7bit")],
+    )
+    machine = make_entity(
+        "message/disposition-notification", notification, [("Content-Transfer-Encoding", "7bit")]
+    )
+    report_body = (
+        f"--{boundary}\r\n".encode()
+        + human
+        + f"\r\n--{boundary}\r\n".encode()
+        + machine
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    report = make_entity(
+        f'multipart/report; report-type=disposition-notification; boundary="{boundary}"',
+        report_body,
+    )
+    signed = sign_entity(
+        report,
+        signing.certificate,
+        signing.key,
+        digest=digest,
+        signing_time=at,
+        policy=policy,
+        certificates=signing.chain,
+    )
+    entity_headers, body = parse_entity(signed)
+    headers = [
+        ("AS2-Version", AS2_VERSION),
+        ("AS2-From", quote_as2_id(our_as2_id)),
+        ("AS2-To", quote_as2_id(peer_as2_id)),
+        ("Message-ID", f"<mdn-{secrets.token_hex(16)}@medgw>"),
+        ("Date", format_datetime(at, usegmt=True)),
+        ("MIME-Version", "1.0"),
+        *[(k, v) for k, v in entity_headers if k.lower() == "content-type"],
+    ]
+    return BuiltReceipt(tuple(headers), body)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    original_message_id: str | None
+    disposition: str  # the text after "automatic-action/...; "
+    mic: str | None
+    signer: x509.Certificate
+    signing_digest: str
+
+    @property
+    def processed(self) -> bool:
+        return self.disposition.strip().lower() == "processed"
+
+
+def _fields(block: bytes) -> dict[str, str]:
+    result: dict[str, str] = {}
+    current = ""
+    for raw in block.decode("utf-8", "replace").splitlines():
+        if raw[:1] in (" ", "\t") and current:
+            result[current] += " " + raw.strip()
+            continue
+        name, sep, value = raw.partition(":")
+        if sep:
+            current = name.strip().lower()
+            result[current] = value.strip()
+    return result
+
+
+def parse_receipt(
+    content_type: str,
+    body: bytes,
+    *,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+) -> Receipt:
+    """Verify a signed receipt and read its disposition; raises on anything unsigned or broken."""
+    if not content_type.lower().startswith("multipart/signed"):
+        raise ProtocolError(
+            f"the receipt is not signed (Content-Type {content_type.split(';')[0]!r})",
+            fix="the peer must send signed receipts (signed-receipt-protocol=pkcs7-signature)",
+        )
+    entity = f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    inner, verified = verify_entity(entity, trusted_signers=trusted_signers, policy=policy)
+    report_headers, report_body = parse_entity(inner)
+    report_type = dict((k.lower(), v) for k, v in report_headers).get("content-type", "")
+    boundary = header_param(report_type, "boundary")
+    if not report_type.lower().startswith("multipart/report") or not boundary:
+        raise ProtocolError(
+            f"receipt content is {report_type!r}, not multipart/report",
+            fix="the peer's receipt does not follow RFC 8098",
+        )
+    for part in split_multipart(report_body, boundary):
+        part_headers, part_body = parse_entity(part)
+        part_type = dict((k.lower(), v) for k, v in part_headers).get("content-type", "")
+        if part_type.lower().startswith("message/disposition-notification"):
+            fields = _fields(part_body)
+            disposition = fields.get("disposition", "")
+            _, _, action = disposition.partition(";")
+            return Receipt(
+                original_message_id=fields.get("original-message-id"),
+                disposition=action.strip() or disposition,
+                mic=fields.get("received-content-mic"),
+                signer=verified.signer,
+                signing_digest=verified.digest,
+            )
+    raise ProtocolError(
+        "the receipt has no message/disposition-notification part",
+        fix="the peer's receipt does not follow RFC 8098",
+    )
+
+
+def mic_matches(expected: str, received: str | None) -> bool:
+    """Compare "<base64>, <alg>" values; the algorithm names are compared loosely."""
+    if not received:
+        return False
+    exp_value, _, exp_alg = expected.partition(",")
+    got_value, _, got_alg = received.partition(",")
+    norm = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
+    exp_alg = norm.get(exp_alg.strip().lower(), exp_alg.strip().lower())
+    got_alg = norm.get(got_alg.strip().lower(), got_alg.strip().lower())
+    return exp_value.strip() == got_value.strip() and exp_alg == got_alg
+
+
+__all__ = [
+    "DIGEST_TO_MICALG",
+    "BuiltReceipt",
+    "Disposition",
+    "Receipt",
+    "build_receipt",
+    "mic_matches",
+    "parse_receipt",
+    "split_multipart",
+]

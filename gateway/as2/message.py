@@ -1,0 +1,87 @@
+"""Building an outbound AS2 message (RFC 4130).
+
+The payload becomes a MIME entity (binary transfer encoding: HL7 v2 bare CRs
+arrive exactly as sent), is signed (``multipart/signed``, detached) and then
+enveloped for the peer (``application/pkcs7-mime``).  The MIC the peer must
+return in its receipt is the digest of the signed entity, headers included
+(RFC 4130 section 7.3.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import format_datetime
+
+from cryptography import x509
+
+from gateway.as2.headers import AS2_VERSION, DIGEST_TO_MICALG, quote_as2_id
+from gateway.cms import compute_mic
+from gateway.cms.mime import make_entity
+from gateway.cms.smime import envelope_entity, sign_entity
+from gateway.config import KeyPair
+from gateway.delivery.inbox import safe_name
+from gateway.policy import AlgorithmPolicy
+
+
+@dataclass(frozen=True)
+class BuiltMessage:
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    mic: str  # "<base64>, sha-256"
+
+
+def build_message(
+    payload: bytes,
+    *,
+    filename: str,
+    content_type: str,
+    message_id: str,
+    sender_as2_id: str,
+    receiver_as2_id: str,
+    signing: KeyPair,
+    recipients: tuple[x509.Certificate, ...],
+    digest: str,
+    cipher: str,
+    policy: AlgorithmPolicy,
+    at: datetime,
+) -> BuiltMessage:
+    name = safe_name(filename, message_id)
+    entity = make_entity(
+        content_type,
+        payload,
+        [
+            ("Content-Transfer-Encoding", "binary"),
+            ("Content-Disposition", f'attachment; filename="{name}"'),
+        ],
+    )
+    mic = f"{compute_mic(entity, digest)}, {DIGEST_TO_MICALG[digest]}"
+    signed = sign_entity(
+        entity,
+        signing.certificate,
+        signing.key,
+        digest=digest,
+        signing_time=at,
+        policy=policy,
+        certificates=signing.chain,
+    )
+    envelope_type, body = envelope_entity(signed, recipients, cipher=cipher, policy=policy)
+    headers = (
+        ("AS2-Version", AS2_VERSION),
+        ("AS2-From", quote_as2_id(sender_as2_id)),
+        ("AS2-To", quote_as2_id(receiver_as2_id)),
+        ("Message-ID", message_id),
+        ("Date", format_datetime(at, usegmt=True)),
+        ("Subject", "medgw document"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", envelope_type),
+        ("Content-Transfer-Encoding", "binary"),
+        ("Content-Disposition", 'attachment; filename="smime.p7m"'),
+        ("Disposition-Notification-To", quote_as2_id(sender_as2_id)),
+        (
+            "Disposition-Notification-Options",
+            "signed-receipt-protocol=optional, pkcs7-signature; "
+            f"signed-receipt-micalg=optional, {DIGEST_TO_MICALG[digest]}",
+        ),
+    )
+    return BuiltMessage(headers, body, mic)

@@ -1,0 +1,1 @@
+"""The mutual-TLS channel: aiohttp server per listener, and the client to peers."""

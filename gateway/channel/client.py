@@ -1,0 +1,63 @@
+"""Outbound AS2 POST over mutual TLS to one peer."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+MAX_RECEIPT_BYTES = 1 << 20
+
+
+class TransportError(Exception):
+    """The peer could not be reached or did not answer; the send will be retried."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    content_type: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class PeerClient:
+    def __init__(
+        self, context: ssl.SSLContext, connect_timeout: float, request_timeout: float
+    ) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=context, limit=4, force_close=True),
+            timeout=aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout),
+            auto_decompress=False,
+        )
+
+    async def post(self, url: str, headers: tuple[tuple[str, str], ...], body: Path) -> Response:
+        try:
+            with body.open("rb") as handle:
+                async with self._session.post(
+                    url, data=handle, headers=list(headers), allow_redirects=False
+                ) as response:
+                    data = await response.content.read(MAX_RECEIPT_BYTES + 1)
+                    if len(data) > MAX_RECEIPT_BYTES:
+                        raise TransportError("the peer's answer is larger than any receipt")
+                    return Response(
+                        response.status,
+                        response.headers.get("Content-Type", ""),
+                        tuple(response.headers.items()),
+                        data,
+                    )
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TransportError(
+                f"TLS certificate of the peer refused: {exc.certificate_error}"
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise TransportError(f"TLS handshake failed: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError(f"cannot connect: {exc.os_error.strerror or exc}") from exc
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._session.close()

@@ -1,0 +1,405 @@
+"""The ``medgw run`` daemon: build everything from config, serve, reload, drain, stop.
+
+Life cycle (mirrors what systemd expects from ``Type=notify``):
+
+* start: load and validate config (refuse to start on any error), open the
+  spool and the audit log, finish work a previous run left half-done, bind the
+  listeners, start intake and one sender per peer, then ``READY=1``;
+* SIGHUP: ``RELOADING=1``, build a complete new runtime state from the files
+  (TLS contexts, peers, clients), and only if that succeeds swap it in; on any
+  error keep serving with the old state, log and audit why; ``READY=1``;
+* SIGTERM / SIGINT: ``STOPPING=1``, stop accepting connections and taking
+  files, let sends and receives in progress finish within the configured
+  deadline, park anything still running back in the queue, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
+from gateway.channel.client import PeerClient
+from gateway.channel.server import As2Server
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, Peer, load_config
+from gateway.errors import ConfigError, MedgwError
+from gateway.inbound import InboundProcessor, InboundRequest
+from gateway.logs import Logger
+from gateway.outbound import Outbound
+from gateway.pki.tls import client_context, fingerprint, server_context
+from gateway.sdnotify import Notifier
+from gateway.spool import Spool
+
+PEER_IDLE_CHECK_SECONDS = 5.0
+_DER = Encoding.DER
+
+
+@dataclass(frozen=True)
+class RuntimeState:
+    """Everything derived from one version of the configuration; swapped whole on reload."""
+
+    config: GatewayConfig
+    server_context: ssl.SSLContext
+    clients: Mapping[str, PeerClient]
+    peers_by_tls: Mapping[str, Peer]
+    inbound: InboundProcessor
+
+
+class StartupError(MedgwError):
+    """The daemon cannot start (the message says why and what to do)."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        environ: Mapping[str, str],
+        clock: Clock,
+        log: Logger,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config_path = config_path
+        self._clock = clock
+        self._log = log
+        self._notifier = Notifier(environ)
+        self._rng = rng or random.Random()
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._servers: list[As2Server] = []
+        self._peer_tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
+        self._state: RuntimeState | None = None
+        self._audit: AuditLog | None = None
+        self._spool: Spool | None = None
+        self._outbound: Outbound | None = None
+
+    # -- building -------------------------------------------------------------
+
+    def _build_state(self, config: GatewayConfig) -> RuntimeState:
+        assert self._spool is not None and self._audit is not None
+        accepted = [c for p in config.peers for c in p.tls_certificates]
+        try:
+            server = server_context(
+                config.tls.identity, config.tls.trust_anchors, accepted, config.tls.min_version
+            )
+            contexts = {
+                p.name: client_context(
+                    config.tls.identity,
+                    config.tls.trust_anchors,
+                    p.tls_certificates,
+                    config.tls.min_version,
+                )
+                for p in config.peers
+            }
+        except (ssl.SSLError, OSError) as exc:
+            raise StartupError(
+                f"cannot build the TLS configuration: {exc}",
+                fix="check the [tls] certificate, key and trust_anchors",
+            ) from exc
+        clients = {
+            name: PeerClient(
+                ctx, config.runtime.connect_timeout_seconds, config.runtime.request_timeout_seconds
+            )
+            for name, ctx in contexts.items()
+        }
+        peers_by_tls = {
+            fingerprint(c.public_bytes(_DER)): p for p in config.peers for c in p.tls_certificates
+        }
+        inbound = InboundProcessor(config, self._spool, self._audit, self._log, self._clock)
+        return RuntimeState(config, server, clients, peers_by_tls, inbound)
+
+    @property
+    def state(self) -> RuntimeState:
+        assert self._state is not None
+        return self._state
+
+    # -- running --------------------------------------------------------------
+
+    async def run(self) -> int:
+        config = load_config(self._config_path)  # ConfigError propagates: refuse to start
+        self._log = self._log.bind(node=config.as2_id)
+        for warning in config.warnings:
+            self._log.warning("config.warning", problem=str(warning))
+        self._audit = AuditLog(config.storage.audit_log, self._clock, node=config.as2_id)
+        self._spool = Spool(config.storage.state_dir / "spool.sqlite3", self._clock)
+        for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for peer in config.peers:
+            (config.storage.outbox_dir / peer.name).mkdir(exist_ok=True)
+        self._state = self._build_state(config)
+        self._outbound = Outbound(config, self._spool, self._audit, self._log, self._clock)
+        try:
+            await self._outbound.recover()
+            await self._start_listeners(config)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
+            loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
+            loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+            self._sync_peer_tasks()
+            self._spawn(self._intake_loop())
+            if self._notifier.watchdog_interval:
+                self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
+            ports = {s.listener.name: s.port for s in self._servers}
+            self._audit.emit(
+                AuditEvent(
+                    EventType.DAEMON_STARTED,
+                    detail={"listeners": ports, "peers": [p.name for p in config.peers]},
+                )
+            )
+            self._log.info("daemon.ready", listeners=ports, peers=[p.name for p in config.peers])
+            self._notifier.ready(
+                f"serving {len(self._servers)} listener(s), {len(config.peers)} peer(s)"
+            )
+            await self._stop.wait()
+            await self._shutdown()
+        finally:
+            await self._close()
+        return 0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _start_listeners(self, config: GatewayConfig) -> None:
+        for listener in config.listeners:
+            server = As2Server(
+                listener,
+                lambda: self.state.server_context,
+                self._handle,
+                self._audit_sink(),
+                self._log,
+                config.runtime.max_message_bytes,
+            )
+            try:
+                await server.start()
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {listener.address}:{listener.port} "
+                    f"(listener {listener.name!r}): {exc.strerror}",
+                    fix="free the port, or change [[listeners]] port/address in gateway.toml",
+                ) from exc
+            self._servers.append(server)
+
+    def _audit_sink(self) -> AuditLog:
+        assert self._audit is not None
+        return self._audit
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        state = self.state
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        peer = state.peers_by_tls.get(fingerprint(der)) if der else None
+        remote = request.remote or "unknown"
+        if peer is None:
+            # Pinned at the handshake; reaching here means the peer was removed by a reload.
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.PEER_AUTHENTICATION_FAILED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    remote_address=remote,
+                    direction="inbound",
+                    reason="TLS client certificate belongs to no configured peer",
+                )
+            )
+            return web.Response(status=403, text="forbidden\n")
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            result = await asyncio.to_thread(
+                state.inbound.process, InboundRequest(peer, remote, headers, body)
+            )
+        except Exception as exc:  # a defect must not leak details to the peer
+            self._log.exception("inbound.unexpected_error", peer=peer.name)
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.MESSAGE_REJECTED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    peer=peer.name,
+                    direction="inbound",
+                    remote_address=remote,
+                    reason=f"internal error: {type(exc).__name__}: {exc}"[:500],
+                )
+            )
+            return web.Response(status=500, text="internal error\n")
+        response = web.Response(status=result.status, body=result.body)
+        for name, value in result.headers:
+            response.headers[name] = value
+        return response
+
+    async def _intake_loop(self) -> None:
+        assert self._outbound is not None
+        while not self._stopping:
+            try:
+                await self._outbound.intake_once()
+            except MedgwError as exc:
+                self._log.error("intake.failed", error=exc.message, fix=exc.fix)
+            except OSError as exc:
+                self._log.error(
+                    "intake.failed",
+                    error=str(exc),
+                    fix="check the outbox and state folders' permissions and space",
+                )
+            await asyncio.sleep(self.state.config.runtime.outbox_poll_seconds)
+
+    def _sync_peer_tasks(self) -> None:
+        """One sender task per configured peer: start new ones, stop removed ones."""
+        assert self._outbound is not None
+        names = {p.name for p in self.state.config.peers}
+        for name in list(self._peer_tasks):
+            if name not in names:
+                self._peer_tasks.pop(name).cancel()
+        for name in names - set(self._peer_tasks):
+            self._outbound.wakeups[name] = asyncio.Event()
+            self._peer_tasks[name] = asyncio.get_running_loop().create_task(self._peer_loop(name))
+
+    async def _peer_loop(self, name: str) -> None:
+        assert self._outbound is not None and self._spool is not None
+        wakeup = self._outbound.wakeups[name]
+        while not self._stopping:
+            wakeup.clear()
+            state = self.state
+            peer = state.config.peer(name)
+            if peer is None:
+                return
+            record = self._spool.next_due(name)
+            wait = PEER_IDLE_CHECK_SECONDS
+            if record is not None:
+                due_in = record.next_attempt_at - self._clock.now().timestamp()
+                if due_in <= 0:
+                    await self._outbound.send_one(record, peer, state.clients[name], self._rng)
+                    continue
+                wait = min(wait, due_in)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout=wait)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            self._notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # -- signals --------------------------------------------------------------
+
+    def _request_stop(self, signame: str) -> None:
+        if not self._stop.is_set():
+            self._log.info("daemon.stopping", signal=signame)
+            self._stop.set()
+
+    def _request_reload(self) -> None:
+        self._spawn(self.reload())
+
+    async def reload(self) -> bool:
+        async with self._reload_lock:
+            self._notifier.reloading()
+            old = self.state
+            try:
+                new_config = await asyncio.to_thread(load_config, self._config_path)
+                unchanged = self._restart_only_changes(old.config, new_config)
+                if unchanged:
+                    raise StartupError(
+                        f"{unchanged} cannot change while running",
+                        fix="restart medgw (systemctl restart medgw) to apply it",
+                    )
+                new_state = self._build_state(new_config)
+            except MedgwError as exc:
+                problems = (
+                    [str(p) for p in exc.problems] if isinstance(exc, ConfigError) else [str(exc)]
+                )
+                self._log.error(
+                    "config.reload_failed",
+                    problems=problems,
+                    action="still serving with the previous configuration",
+                )
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.CONFIG_RELOAD_FAILED,
+                        Outcome.FAILURE,
+                        Severity.WARNING,
+                        reason="; ".join(problems)[:2000],
+                    )
+                )
+                self._notifier.ready("reload failed; serving previous configuration")
+                return False
+            self._state = new_state
+            assert self._outbound is not None
+            self._outbound.config = new_config
+            self._sync_peer_tasks()
+            for client in old.clients.values():
+                self._spawn(_close_later(client))
+            self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.CONFIG_RELOADED, detail={"peers": [p.name for p in new_config.peers]}
+                )
+            )
+            self._notifier.ready("configuration reloaded")
+            return True
+
+    @staticmethod
+    def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> str | None:
+        if old.listeners != new.listeners:
+            return "[[listeners]]"
+        if old.storage != new.storage:
+            return "[storage]"
+        if old.as2_id != new.as2_id:
+            return "gateway.as2_id"
+        return None
+
+    # -- stopping -------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._notifier.stopping()
+        deadline = self.state.config.runtime.shutdown_deadline_seconds
+        start = self._clock.monotonic()
+        for server in self._servers:
+            server.stop_accepting()
+        assert self._outbound is not None
+        for event in self._outbound.wakeups.values():
+            event.set()
+        senders = list(self._peer_tasks.values())
+        if senders:
+            _, pending = await asyncio.wait(senders, timeout=deadline)
+            for task in pending:
+                task.cancel()  # send_one parks the message back in the queue
+            await asyncio.gather(*pending, return_exceptions=True)
+        remaining = max(0.5, deadline - (self._clock.monotonic() - start))
+        for server in self._servers:
+            await server.stop(remaining)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for client in self.state.clients.values():
+            await client.close()
+        self._audit_sink().emit(AuditEvent(EventType.DAEMON_STOPPED))
+        self._log.info("daemon.stopped")
+
+    async def _close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+        if self._audit is not None:
+            self._audit.close()
+
+
+async def _close_later(client: PeerClient, delay: float = 60.0) -> None:
+    """Close a replaced client once sends that were using it have had time to finish."""
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        await client.close()

@@ -1,0 +1,1 @@
+"""Delivery of received documents to the internal side."""

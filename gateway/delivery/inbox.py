@@ -1,0 +1,50 @@
+"""Inbox folder delivery: ``inbox/<peer>/<file name>``, written atomically.
+
+Internal systems watching the inbox see a document only once it is complete
+and on disk (hidden temporary file, fsync, rename, fsync of the folder).  A
+name sent by a peer is reduced to a safe base name: a peer can never choose
+where in the file system a document lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from gateway.errors import DeliveryError
+from gateway.fsutil import write_atomic
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+MAX_NAME = 200
+
+
+def safe_name(filename: str | None, message_id: str) -> str:
+    """A file name that is safe to create in the inbox, derived from the sender's name."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).lstrip(".-")[:MAX_NAME]
+    if not base:
+        base = "document-" + hashlib.sha256(message_id.encode()).hexdigest()[:16]
+    return base
+
+
+def choose_target(inbox_dir: Path, peer: str, filename: str | None, message_id: str) -> Path:
+    """Where a new document goes; never an existing file (a suffix from the Message-ID)."""
+    folder = inbox_dir / peer
+    name = safe_name(filename, message_id)
+    target = folder / name
+    if target.exists():
+        stem, dot, ext = name.partition(".")
+        tag = hashlib.sha256(message_id.encode()).hexdigest()[:12]
+        target = folder / f"{stem}-{tag}{dot}{ext}"
+    return target
+
+
+def deliver(target: Path, payload: bytes) -> None:
+    try:
+        write_atomic(target, [payload], overwrite=True)
+    except OSError as exc:
+        raise DeliveryError(
+            f"cannot write the received document to {target}: {exc.strerror}",
+            fix="check that the inbox folder exists, is writable by medgw and the disk has space",
+        ) from exc

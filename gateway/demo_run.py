@@ -1,0 +1,222 @@
+"""``medgw demo``: two gateways on this machine exchange a document, end to end.
+
+It is the product used for real, not a simulation: a demo PKI and two
+institutions' configs are generated, both gateways run as separate ``medgw
+run`` processes on 127.0.0.1 with mutual TLS, the lab drops an HL7 v2 result
+into its outbox, the hospital's gateway delivers it to its inbox, and the
+lab's gateway verifies the hospital's signed receipt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import MedgwError
+
+SAMPLE_HL7 = (
+    b"MSH|^~\\&|KITA-LIS|KITA-LAB|SAKURA-EHR|SAKURA-HOSP|20261126093000||ORU^R01^ORU_R01|"
+    b"MSG000123|P|2.5\r"
+    b"PID|1||DEMO-0001^^^SAKURA^MR||DEMO^PATIENT||19700101|F\r"
+    b"OBR|1|ORD-77|LAB-77|2951-2^Sodium^LN|||20261126080000\r"
+    b"OBX|1|NM|2951-2^Sodium [Moles/volume] in Serum^LN||140|mmol/L|135-145|N|||F\r"
+    b"OBX|2|NM|2823-3^Potassium [Moles/volume] in Serum^LN||4.1|mmol/L|3.5-5.1|N|||F\r"
+)
+
+
+class GatewayProcess:
+    """A ``medgw run`` subprocess whose JSON log lines are collected as they come."""
+
+    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.lines: list[dict[str, Any]] = []
+        self.raw: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.raw.append(line.rstrip("\n"))
+                with contextlib.suppress(ValueError):
+                    self.lines.append(json.loads(line))
+                self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if predicate(line):
+                        return line
+                seen = len(self.lines)
+                if self.proc.poll() is not None and seen == len(self.lines):
+                    self._cond.wait(0.2)
+                    if seen == len(self.lines):
+                        raise MedgwError(
+                            f"medgw ({self.config}) exited with code {self.proc.returncode}:\n"
+                            + "\n".join(self.raw[-20:])
+                        )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MedgwError(
+                        f"timed out waiting for medgw ({self.config}); last output:\n"
+                        + "\n".join(self.raw[-20:])
+                    )
+                self._cond.wait(min(remaining, 0.5))
+
+    def wait_ready(self, timeout: float = 30) -> dict[str, Any]:
+        return self.wait_for(lambda line: line.get("event") == "daemon.ready", timeout)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_audit(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise MedgwError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def drop_file(folder: Path, name: str, data: bytes) -> Path:
+    """Write the way every outbox writer must: hidden temporary name, then rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_bytes(data)
+    target = folder / name
+    os.rename(tmp, target)
+    return target
+
+
+def run_demo(root: Path) -> int:
+    from gateway.pki.demo import init_demo
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+
+    root = root.absolute()
+    say(f"medgw demo: setting up in {root}")
+    layout = init_demo(root, now=datetime.now(UTC), hospital_port=free_port(), lab_port=free_port())
+    hospital, lab = layout.hospital, layout.lab
+    say(f"  demo CA, certificates and configs for {hospital.as2_id} and {lab.as2_id} written")
+
+    procs: list[GatewayProcess] = []
+    try:
+        for inst in (hospital, lab):
+            proc = GatewayProcess(inst.config_path)
+            procs.append(proc)
+            proc.wait_ready()
+            say(
+                f"  {inst.as2_id:<16} medgw run (pid {proc.proc.pid}) listening on "
+                f"https://127.0.0.1:{inst.port}/as2 (mutual TLS)"
+            )
+        name = "lab-result-MSG000123.hl7"
+        drop_file(lab.outbox_dir / "hospital", name, SAMPLE_HL7)
+        say(
+            f"  lab dropped {name} ({len(SAMPLE_HL7)} bytes, HL7 v2 ORU^R01) into "
+            f"{lab.outbox_dir / 'hospital'}"
+        )
+        delivered = hospital.inbox_dir / "lab" / name
+        wait_until(lambda: delivered.exists(), 60, f"{delivered} to appear")
+        if delivered.read_bytes() != SAMPLE_HL7:
+            raise MedgwError(f"{delivered} differs from what the lab sent")
+        say(f"  hospital delivered it to {delivered} (byte-for-byte identical)")
+
+        def receipt() -> dict[str, Any] | None:
+            for record in read_audit(lab.audit_log):
+                if record["event"] in ("receipt.received", "receipt.invalid", "message.failed"):
+                    return record
+            return None
+
+        record = wait_until(receipt, 60, "the signed receipt at the lab")
+        if record["event"] != "receipt.received":
+            raise MedgwError(f"the exchange failed: {record.get('reason')}")
+        accepted = next(r for r in read_audit(lab.audit_log) if r["event"] == "message.accepted")
+        received = next(
+            r for r in read_audit(hospital.audit_log) if r["event"] == "message.received"
+        )
+    finally:
+        codes = [p.stop() for p in procs]
+    if any(codes):
+        raise MedgwError(f"a gateway did not stop cleanly (exit codes {codes})")
+    detail, sent, got = record["detail"], accepted["detail"], received["detail"]
+    say("  both gateways stopped cleanly (SIGTERM, exit 0)")
+    say()
+    say("Summary")
+    say(f"  document     {name}, {sent['size']} bytes, {sent['content_type']}")
+    say(f"  from -> to   {lab.as2_id} (lab) -> {hospital.as2_id} (hospital)")
+    say(f"  message id   {record['message_id']}")
+    say("  channel      HTTPS, TLS 1.3, client and server certificates verified and pinned")
+    say(
+        f"  object       signed {got['signature_algorithm']} with {got['digest']}, "
+        f"encrypted {got['content_cipher']} / {got['key_transport']}"
+    )
+    say(f"  receipt      signed MDN from {detail['signer']}")
+    say(
+        f"               disposition '{detail['disposition']}', MIC {detail['mic']} "
+        f"(matches what was sent)"
+    )
+    say()
+    say("Where to look next")
+    say(f"  delivered document  {delivered}")
+    say(f"  receipt (as sent)   {detail['receipt_file']}")
+    say(f"  audit trails        {lab.audit_log}")
+    say(f"                      {hospital.audit_log}")
+    say(f"  configs             {lab.config_path}, {hospital.config_path}")
+    say(f"  try                 .venv/bin/medgw check-config --config {hospital.config_path}")
+    return 0

@@ -1,0 +1,336 @@
+"""The receiving pipeline: peer check -> decrypt -> verify -> deliver -> receipt.
+
+:meth:`InboundProcessor.process` is synchronous (it does the CPU-bound
+cryptography) and is run in a worker thread by the channel handler.  It never
+raises for a problem with the peer's message: every outcome becomes a signed
+receipt whose disposition says which check failed, plus an audit event with
+the detail.  The peer learns only the standard disposition, nothing internal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.as2.headers import (
+    DIGEST_TO_MICALG,
+    check_message_id,
+    parse_receipt_request,
+    unquote_as2_id,
+)
+from gateway.as2.mdn import Disposition, build_receipt
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.cms import compute_mic
+from gateway.cms.mime import header_param, parse_entity
+from gateway.cms.smime import open_envelope, verify_entity
+from gateway.config import GatewayConfig, Peer
+from gateway.delivery.inbox import choose_target, deliver
+from gateway.errors import (
+    DecryptionError,
+    DeliveryError,
+    MalformedMessageError,
+    MedgwError,
+    PolicyError,
+    ProtocolError,
+    SignatureError,
+    SignerNotTrustedError,
+    SpoolError,
+)
+from gateway.logs import Logger
+from gateway.spool import Spool
+
+
+@dataclass(frozen=True)
+class InboundRequest:
+    peer: Peer
+    remote: str
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+
+
+@dataclass(frozen=True)
+class InboundResponse:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+class _Refused(Exception):
+    def __init__(self, disposition: Disposition, event: EventType, reason: str) -> None:
+        super().__init__(reason)
+        self.disposition = disposition
+        self.event = event
+        self.reason = reason
+
+
+def _payload_of(entity: bytes) -> tuple[str, str | None, bytes]:
+    """Content type, file name and decoded body of the signed MIME entity."""
+    headers, body = parse_entity(entity)
+    fields = {k.lower(): v for k, v in headers}
+    content_type = fields.get("content-type", "application/octet-stream").split(";")[0].strip()
+    filename = header_param(fields.get("content-disposition", ""), "filename")
+    encoding = fields.get("content-transfer-encoding", "binary").strip().lower()
+    if encoding == "base64":
+        try:
+            body = base64.b64decode(body, validate=False)
+        except binascii.Error as exc:
+            raise ProtocolError(
+                "payload declared base64 but is not", fix="the sender's MIME encoding is broken"
+            ) from exc
+    elif encoding not in ("binary", "8bit", "7bit"):
+        raise ProtocolError(
+            f"unsupported Content-Transfer-Encoding {encoding!r}",
+            fix="the sender should use binary or base64",
+        )
+    return content_type, filename, body
+
+
+class InboundProcessor:
+    def __init__(
+        self, config: GatewayConfig, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._audit = audit
+        self._log = log
+        self._clock = clock
+
+    def process(self, request: InboundRequest) -> InboundResponse:
+        peer = request.peer
+        headers = request.headers
+        try:
+            message_id = check_message_id(headers.get("message-id"))
+        except ProtocolError as exc:
+            self._reject(request, None, EventType.MESSAGE_REJECTED, exc.message)
+            return InboundResponse(400, (("Content-Type", "text/plain"),), b"bad request\n")
+        receipt_request = parse_receipt_request(headers)
+        digest = receipt_request.choose_digest(peer.digest)
+        try:
+            mic, delivered_to = self._accept(request, message_id, digest)
+        except _Refused as refused:
+            self._reject(request, message_id, refused.event, refused.reason)
+            return self._receipt(request, message_id, refused.disposition, None, digest)
+        except DuplicateReceipt as duplicate:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_DUPLICATE,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="inbound",
+                    remote_address=request.remote,
+                    reason="resend of a delivered message: answered with the original receipt",
+                )
+            )
+            return InboundResponse(200, duplicate.headers, duplicate.body)
+        response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest)
+        self._spool.inbound_delivered(peer.name, message_id, list(response.headers), response.body)
+        self._log.info("message.delivered", peer=peer.name, message_id=message_id)
+        self._audit.emit(
+            AuditEvent(
+                EventType.RECEIPT_SENT,
+                peer=peer.name,
+                message_id=message_id,
+                direction="inbound",
+                detail={
+                    "disposition": Disposition.PROCESSED.value,
+                    "mic": mic,
+                    "inbox_file": str(delivered_to),
+                },
+            )
+        )
+        return response
+
+    def _accept(self, request: InboundRequest, message_id: str, digest: str) -> tuple[str, str]:
+        peer = request.peer
+        headers = request.headers
+        as2_from = unquote_as2_id(headers.get("as2-from", ""))
+        as2_to = unquote_as2_id(headers.get("as2-to", ""))
+        if as2_from != peer.as2_id:
+            raise _Refused(
+                Disposition.AUTHENTICATION_FAILED,
+                EventType.PEER_AUTHENTICATION_FAILED,
+                f"AS2-From {as2_from!r} does not match the TLS client certificate's peer "
+                f"{peer.name!r} (AS2 id {peer.as2_id!r})",
+            )
+        if as2_to != self._config.as2_id:
+            raise _Refused(
+                Disposition.AUTHENTICATION_FAILED,
+                EventType.MESSAGE_REJECTED,
+                f"AS2-To {as2_to!r} is not this gateway ({self._config.as2_id!r})",
+            )
+        encryption = self._config.smime.encryption
+        try:
+            opened = open_envelope(
+                request.body, encryption.certificate, encryption.key, policy=peer.policy
+            )
+        except (DecryptionError, MalformedMessageError, PolicyError) as exc:
+            raise _Refused(
+                Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(exc)
+            ) from exc
+        for algorithm in opened.compat_algorithms:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.COMPAT_ALGORITHM_USED,
+                    Outcome.SUCCESS,
+                    Severity.WARNING,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="inbound",
+                    reason=f"monitored-list algorithm {algorithm} accepted (peer is compat)",
+                )
+            )
+        try:
+            inner, verified = verify_entity(
+                opened.content, trusted_signers=peer.signing_certificates, policy=peer.policy
+            )
+        except SignerNotTrustedError as exc:
+            raise _Refused(
+                Disposition.AUTHENTICATION_FAILED, EventType.SIGNATURE_FAILED, str(exc)
+            ) from exc
+        except (SignatureError, MalformedMessageError, PolicyError) as exc:
+            raise _Refused(
+                Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc)
+            ) from exc
+        mic = f"{compute_mic(inner, digest)}, {DIGEST_TO_MICALG[digest]}"
+        try:
+            content_type, filename, payload = _payload_of(inner)
+        except ProtocolError as exc:
+            raise _Refused(
+                Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
+            ) from exc
+        sha256 = hashlib.sha256(payload).hexdigest()
+        self._audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_RECEIVED,
+                peer=peer.name,
+                message_id=message_id,
+                direction="inbound",
+                remote_address=request.remote,
+                detail={
+                    "content_type": content_type,
+                    "filename": filename,
+                    "size": len(payload),
+                    "sha256": sha256,
+                    "signer": verified.signer.subject.rfc4514_string(),
+                    "signature_algorithm": verified.signature_algorithm,
+                    "digest": verified.digest,
+                    "content_cipher": opened.content_cipher,
+                    "key_transport": opened.key_transport,
+                },
+            )
+        )
+        target = self._deliver_once(peer, message_id, filename, payload, sha256)
+        return mic, str(target)
+
+    def _deliver_once(
+        self, peer: Peer, message_id: str, filename: str | None, payload: bytes, sha256: str
+    ) -> object:
+        existing = self._spool.inbound_get(peer.name, message_id)
+        if existing is not None and existing.sha256 != sha256:
+            raise _Refused(
+                Disposition.UNEXPECTED_ERROR,
+                EventType.MESSAGE_REJECTED,
+                f"Message-ID {message_id} was already received with different content "
+                "(a resend must carry the same document)",
+            )
+        if existing is not None and existing.state == "delivered" and existing.receipt_body:
+            raise DuplicateReceipt(existing.receipt_headers, existing.receipt_body)
+        if existing is not None:
+            target = existing.target_path  # crashed mid-delivery: finish it, same place
+        else:
+            target = choose_target(self._config.storage.inbox_dir, peer.name, filename, message_id)
+            try:
+                self._spool.inbound_begin(peer.name, message_id, sha256, target)
+            except SpoolError as exc:
+                raise _Refused(
+                    Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
+                ) from exc
+        try:
+            deliver(target, payload)
+        except DeliveryError as exc:
+            self._log.error("delivery.failed", peer=peer.name, error=exc.message, fix=exc.fix)
+            raise _Refused(
+                Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
+            ) from exc
+        self._audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_DELIVERED,
+                peer=peer.name,
+                message_id=message_id,
+                direction="inbound",
+                detail={"inbox_file": str(target), "size": len(payload), "sha256": sha256},
+            )
+        )
+        return target
+
+    def _reject(
+        self, request: InboundRequest, message_id: str | None, event: EventType, reason: str
+    ) -> None:
+        self._log.warning(
+            "message.rejected",
+            peer=request.peer.name,
+            message_id=message_id,
+            audit_event=event.value,
+            reason=reason,
+        )
+        self._audit.emit(
+            AuditEvent(
+                event,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=request.peer.name,
+                message_id=message_id,
+                direction="inbound",
+                remote_address=request.remote,
+                reason=reason,
+            )
+        )
+
+    def _receipt(
+        self,
+        request: InboundRequest,
+        message_id: str,
+        disposition: Disposition,
+        mic: str | None,
+        digest: str,
+    ) -> InboundResponse:
+        signing = self._config.smime.signing
+        try:
+            built = build_receipt(
+                original_message_id=message_id,
+                our_as2_id=self._config.as2_id,
+                peer_as2_id=request.peer.as2_id,
+                disposition=disposition,
+                mic=mic,
+                signing=signing,
+                digest=digest,
+                policy=request.peer.policy,
+                at=self._clock.now(),
+            )
+        except MedgwError as exc:
+            self._log.error("receipt.build_failed", error=str(exc))
+            return InboundResponse(500, (("Content-Type", "text/plain"),), b"internal error\n")
+        if disposition is not Disposition.PROCESSED:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.RECEIPT_SENT,
+                    Outcome.FAILURE,
+                    Severity.WARNING,
+                    peer=request.peer.name,
+                    message_id=message_id,
+                    direction="inbound",
+                    detail={"disposition": disposition.value},
+                )
+            )
+        return InboundResponse(200, built.headers, built.body)
+
+
+class DuplicateReceipt(Exception):
+    def __init__(self, headers: tuple[tuple[str, str], ...], body: bytes) -> None:
+        super().__init__("duplicate")
+        self.headers = headers
+        self.body = body

@@ -1,0 +1,1 @@
+"""Local intake: how internal systems hand documents to the gateway."""

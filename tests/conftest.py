@@ -1,0 +1,52 @@
+"""Shared fixtures: a demo PKI with two institutions, and real ``medgw run`` processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.demo_run import GatewayProcess, free_port
+from gateway.pki.demo import DemoLayout, init_demo
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> DemoLayout:
+    return init_demo(
+        tmp_path / "demo", now=datetime.now(UTC), hospital_port=free_port(), lab_port=free_port()
+    )
+
+
+class Processes:
+    """Starts gateways and guarantees they are gone when the test ends."""
+
+    def __init__(self) -> None:
+        self.started: list[GatewayProcess] = []
+
+    def start(
+        self, config: Path, *, env: dict[str, str] | None = None, wait: bool = True
+    ) -> GatewayProcess:
+        proc = GatewayProcess(config, env=env)
+        self.started.append(proc)
+        if wait:
+            proc.wait_ready()
+        return proc
+
+    def cleanup(self) -> None:
+        for proc in self.started:
+            if proc.proc.poll() is None:
+                proc.kill()
+            # Shown by pytest only when the test failed: the daemon's own account.
+            print(f"--- output of medgw run --config {proc.config}")
+            print("\n".join(proc.raw))
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.cleanup()

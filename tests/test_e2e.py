@@ -1,0 +1,268 @@
+"""End to end: two real ``medgw run`` processes, real mutual TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.as2.mdn import parse_receipt
+from gateway.config import load_config
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import issue, make_ca, write_pem
+from gateway.policy import AlgorithmPolicy
+from tests import as2client
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def inbox_files(layout: DemoLayout) -> list[Path]:
+    folder = layout.hospital.inbox_dir / "lab"
+    return (
+        sorted(p for p in folder.glob("*") if not p.name.startswith(".")) if folder.exists() else []
+    )
+
+
+def test_documents_of_every_size_arrive_identical_with_verified_receipts(layout, processes):
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    rng = __import__("random").Random(7)
+    sizes = {"empty.bin": 0, "one.bin": 1, "four-kib.bin": 4096, "ten-mib.dcm": 10 * 1024 * 1024}
+    documents = {}
+    for name, size in sizes.items():
+        data = bytes(rng.getrandbits(8) for _ in range(min(size, 4096)))
+        if size > 4096:
+            data = os.urandom(size - 3) + b"\r\r\n"  # binary, with bare CRs at the end
+        documents[name] = data
+        drop_file(layout.lab.outbox_dir / "hospital", name, data)
+
+    def all_receipts():
+        got = events(layout.lab.audit_log, "receipt.received")
+        return got if len(got) == len(documents) else None
+
+    receipts = wait_until(all_receipts, 120, "four verified receipts at the lab")
+    for name, data in documents.items():
+        assert (layout.hospital.inbox_dir / "lab" / name).read_bytes() == data, name
+    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
+    assert all(r["detail"]["mic_verified"] for r in receipts)
+    # Every receipt is stored and can be verified again, later, by anyone with the cert.
+    lab_config = load_config(layout.lab.config_path)
+    peer = lab_config.require_peer("hospital")
+    for record in receipts:
+        stored = Path(record["detail"]["receipt_file"]).read_bytes()
+        head, _, body = stored.partition(b"\r\n\r\n")
+        content_type = head.decode().split(":", 1)[1].strip()
+        again = parse_receipt(
+            content_type, body, trusted_signers=peer.signing_certificates, policy=AlgorithmPolicy()
+        )
+        assert again.processed and again.original_message_id == record["message_id"]
+    accepted = {
+        r["detail"]["filename"]: r for r in events(layout.lab.audit_log, "message.accepted")
+    }
+    assert set(accepted) == set(documents)
+    # The spool keeps no plaintext copy once the encrypted form is stored.
+    assert not any((layout.lab.root / "state" / "payloads").iterdir())
+
+
+def _untrusted_identity(tmp_path: Path):
+    now = datetime.now(UTC)
+    rogue_ca = make_ca("Rogue CA", now=now)
+    rogue = issue(rogue_ca, "KITA-LAB", purpose="tls", now=now, ip_addresses=["127.0.0.1"])
+    cert, key = tmp_path / "rogue.crt", tmp_path / "rogue.key"
+    write_pem(cert, rogue.certificate)
+    write_pem(key, rogue.key)
+    return cert, key
+
+
+def test_client_from_untrusted_ca_is_refused_at_handshake_and_audited(layout, processes, tmp_path):
+    processes.start(layout.hospital.config_path)
+    cert, key = _untrusted_identity(tmp_path)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        as2client.post(
+            layout.hospital.port,
+            (("AS2-From", "KITA-LAB"),),
+            b"x",
+            client_cert=cert,
+            client_key=key,
+            ca=layout.ca_certificate,
+        )
+    failures = wait_until(
+        lambda: events(layout.hospital.audit_log, "tls.handshake_failed"),
+        10,
+        "the handshake failure in the audit trail",
+    )
+    assert failures[0]["severity"] == "alert"
+    assert "certificate" in failures[0]["reason"].lower()
+    assert inbox_files(layout) == []
+
+
+def test_trusted_ca_but_unconfigured_certificate_is_refused(layout, processes, tmp_path):
+    """One CA serves many institutions: a valid chain is not an identity (pinning)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from gateway.pki.issue import Issued
+
+    processes.start(layout.hospital.config_path)
+    ca_dir = layout.root / "ca"
+    ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = Issued(x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes()), ca_key)
+    other = issue(
+        ca, "OTHER-CLINIC", purpose="tls", now=datetime.now(UTC), ip_addresses=["127.0.0.1"]
+    )
+    cert, key = tmp_path / "other.crt", tmp_path / "other.key"
+    write_pem(cert, other.certificate)
+    write_pem(key, other.key)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        as2client.post(
+            layout.hospital.port,
+            (("AS2-From", "KITA-LAB"),),
+            b"x",
+            client_cert=cert,
+            client_key=key,
+            ca=layout.ca_certificate,
+        )
+    failures = wait_until(
+        lambda: events(layout.hospital.audit_log, "tls.handshake_failed"),
+        10,
+        "the pinning failure in the audit trail",
+    )
+    assert "not configured for any peer" in failures[0]["reason"]
+    assert inbox_files(layout) == []
+
+
+def _lab_post(layout: DemoLayout, headers, body):
+    certs = layout.lab.root / "certs"
+    return as2client.post(
+        layout.hospital.port,
+        headers,
+        body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+
+
+def _receipt_of(layout: DemoLayout, answer):
+    lab = load_config(layout.lab.config_path)
+    return parse_receipt(
+        answer.content_type,
+        answer.body,
+        trusted_signers=lab.require_peer("hospital").signing_certificates,
+        policy=AlgorithmPolicy(),
+    )
+
+
+def test_tampered_signature_from_configured_peer_is_refused(layout, processes):
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    hospital_peer = lab.require_peer("hospital")
+    headers, body = as2client.build_tampered(
+        b"MSH|^~\\&|tampered lab result\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=hospital_peer.encryption_certificates[0],
+    )
+    answer = _lab_post(layout, headers, body)
+    assert answer.status == 200
+    receipt = _receipt_of(layout, answer)
+    assert receipt.disposition == "processed/error: integrity-check-failed"
+    assert receipt.mic is None
+    failed = events(layout.hospital.audit_log, "signature.failed")
+    assert failed and failed[0]["peer"] == "lab" and failed[0]["severity"] == "alert"
+    assert "messageDigest" in failed[0]["reason"] or "signature" in failed[0]["reason"].lower()
+    assert inbox_files(layout) == []
+
+
+def test_payload_encrypted_for_another_recipient_is_refused(layout, processes, tmp_path):
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    now = datetime.now(UTC)
+    stranger = issue(
+        make_ca("Elsewhere CA", now=now), "SOMEONE-ELSE", purpose="smime-encrypt", now=now
+    )
+    built = as2client.build(
+        b"for someone else",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=stranger.certificate,
+    )
+    answer = _lab_post(layout, built.headers, built.body)
+    receipt = _receipt_of(layout, answer)
+    assert receipt.disposition == "processed/error: decryption-failed"
+    failed = events(layout.hospital.audit_log, "decryption.failed")
+    assert failed and failed[0]["peer"] == "lab"
+    assert inbox_files(layout) == []
+
+
+def test_as2_from_must_match_the_tls_identity(layout, processes):
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    built = as2client.build(
+        b"spoofed",
+        sender_as2="SOME-OTHER-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+    )
+    answer = _lab_post(layout, built.headers, built.body)
+    assert _receipt_of(layout, answer).disposition == "processed/error: authentication-failed"
+    assert events(layout.hospital.audit_log, "peer.authentication_failed")
+    assert inbox_files(layout) == []
+
+
+def test_resend_of_same_message_is_answered_with_original_receipt_and_delivered_once(
+    layout, processes
+):
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    built = as2client.build(
+        b"resent result",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+        filename="resent.hl7",
+    )
+    first = _lab_post(layout, built.headers, built.body)
+    second = _lab_post(layout, built.headers, built.body)
+    assert first.body == second.body
+    assert _receipt_of(layout, second).processed
+    assert [p.name for p in inbox_files(layout)] == ["resent.hl7"]
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(events(layout.hospital.audit_log, "message.duplicate")) == 1
+
+
+def test_sigkill_after_intake_before_send_delivers_exactly_once(layout, processes):
+    # The hospital is down: the lab takes the file from the outbox but cannot send it.
+    lab = processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "urgent.hl7", b"MSH|urgent\r")
+    wait_until(
+        lambda: events(layout.lab.audit_log, "message.send_failed"),
+        30,
+        "the lab to try and fail to send",
+    )
+    assert not (layout.lab.outbox_dir / "hospital" / "urgent.hl7").exists()
+    lab.proc.send_signal(signal.SIGKILL)
+    lab.proc.wait()
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    wait_until(
+        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery after the restart"
+    )
+    assert [p.name for p in inbox_files(layout)] == ["urgent.hl7"]
+    assert (layout.hospital.inbox_dir / "lab" / "urgent.hl7").read_bytes() == b"MSH|urgent\r"
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(events(layout.lab.audit_log, "message.accepted")) == 1
