@@ -1,0 +1,80 @@
+"""``medgw run`` and ``medgw check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import SystemClock
+from gateway.errors import ConfigError, MedgwError
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def register(commands: Any) -> None:
+    run = commands.add_parser("run", help="run the gateway daemon")
+    run.add_argument("--config", required=True, type=Path, help="path to gateway.toml")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check-config", help="validate the configuration and report")
+    check.add_argument("--config", required=True, type=Path, help="path to gateway.toml")
+    check.set_defaults(handler=_check_config)
+
+
+def _print_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(problem, file=sys.stderr)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.report import describe_config
+
+    path: Path = args.config
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        errors = [p for p in exc.problems if p.severity == "error"]
+        _print_problems(exc)
+        print(
+            f"\n{path}: {len(errors)} error(s); medgw will not start with this configuration.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    for warning in config.warnings:
+        print(warning)
+    print(describe_config(config))
+    print(f"\n{path}: configuration is valid ({len(config.warnings)} warning(s)).")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.daemon import Daemon
+    from gateway.logs import make_logger
+
+    path: Path = args.config
+    try:
+        level = load_config(path).runtime.log_level
+    except ConfigError as exc:
+        _print_problems(exc)
+        print(
+            f"medgw: not starting: {path} has errors (run `medgw check-config --config {path}`)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    log = make_logger(level)
+    daemon = Daemon(path, environ=os.environ, clock=SystemClock(), log=log)
+    try:
+        return asyncio.run(daemon.run())
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EXIT_FAILED
+    except MedgwError as exc:
+        log.error("daemon.failed", error=exc.message, fix=exc.fix)
+        print(f"medgw: {exc}", file=sys.stderr)
+        return EXIT_FAILED
