@@ -23,8 +23,8 @@ demo: venv
 test: venv lint typecheck unit
 
 lint: venv
-	$(BIN)/ruff check gateway tests bench
-	$(BIN)/ruff format --check gateway tests bench
+	$(BIN)/ruff check gateway tests $(wildcard bench/*.py)
+	$(BIN)/ruff format --check gateway tests $(wildcard bench/*.py)
 
 typecheck: venv
 	$(BIN)/mypy
