@@ -1,0 +1,139 @@
+"""Signals and systemd integration of a real ``medgw run`` subprocess."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def test_sigterm_stops_cleanly_with_exit_0(layout: DemoLayout, processes: Any) -> None:
+    proc = processes.start(layout.hospital.config_path)
+    started = time.monotonic()
+    assert proc.stop(timeout=15) == 0
+    assert time.monotonic() - started < 12  # within the 10 s shutdown deadline (+ start-up)
+    assert events(layout.hospital.audit_log, "daemon.stopped")
+    assert any(line.get("event") == "daemon.stopped" for line in proc.lines)
+
+
+def test_sigterm_parks_undelivered_work_and_the_next_run_delivers_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    lab = processes.start(layout.lab.config_path)  # the hospital is down
+    drop_file(layout.lab.outbox_dir / "hospital", "parked.hl7", b"MSH|parked\r")
+    wait_until(lambda: events(layout.lab.audit_log, "message.send_failed"), 30, "a failed attempt")
+    assert lab.stop(timeout=15) == 0
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    assert (layout.hospital.inbox_dir / "lab" / "parked.hl7").read_bytes() == b"MSH|parked\r"
+
+
+def test_sighup_applies_a_valid_change(layout: DemoLayout, processes: Any) -> None:
+    proc = processes.start(layout.hospital.config_path)
+    peer_file = layout.hospital.root / "peers.d" / "lab.toml"
+    text = peer_file.read_text()
+    assert 'cipher = "aes-256-gcm"' in text
+    peer_file.write_text(text.replace('cipher = "aes-256-gcm"', 'cipher = "aes-128-gcm"'))
+    proc.signal(signal.SIGHUP)
+    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "the reload")
+    assert proc.proc.poll() is None
+
+
+def test_sighup_with_broken_config_keeps_serving_on_the_old_one(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    config = layout.hospital.config_path
+    good = config.read_text()
+    config.write_text(good.replace("[storage]", "[storage]\nstate_dri = 'typo'"))
+    hospital.signal(signal.SIGHUP)
+    failed = wait_until(
+        lambda: events(layout.hospital.audit_log, "config.reload_failed"), 15, "the refusal"
+    )
+    assert "state_dri" in failed[0]["reason"] and "unknown key" in failed[0]["reason"]
+    assert any(
+        line.get("event") == "config.reload_failed" and "previous" in line.get("action", "")
+        for line in hospital.lines
+    )
+    # Still serving, with the old configuration: an exchange goes through.
+    drop_file(layout.lab.outbox_dir / "hospital", "after-bad-reload.hl7", b"MSH|still up\r")
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    assert (layout.hospital.inbox_dir / "lab" / "after-bad-reload.hl7").exists()
+    assert hospital.proc.poll() is None
+    config.write_text(good)
+    hospital.signal(signal.SIGHUP)
+    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "recovery")
+
+
+class NotifySocket:
+    """Plays systemd's side of sd_notify: a datagram socket collecting messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self._running = True
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        while self._running:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def states(self) -> list[str]:
+        return [line for message in self.messages for line in message.splitlines()]
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join()
+        self._sock.close()
+
+
+def test_sd_notify_ready_reloading_stopping_and_watchdog(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}
+        proc = processes.start(layout.hospital.config_path, env=env)
+        wait_until(lambda: "READY=1" in notify.states(), 10, "READY=1")
+        wait_until(lambda: notify.states().count("WATCHDOG=1") >= 3, 10, "watchdog pings")
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: "RELOADING=1" in notify.states(), 10, "RELOADING=1")
+        wait_until(lambda: notify.states().count("READY=1") >= 2, 10, "READY=1 after reload")
+        assert proc.stop(timeout=15) == 0
+        wait_until(lambda: "STOPPING=1" in notify.states(), 5, "STOPPING=1")
+        states = notify.states()
+        assert states.index("RELOADING=1") < len(states) - 1 - states[::-1].index("READY=1")
+    finally:
+        notify.close()
+
+
+def test_refuses_to_start_on_invalid_config_and_says_why(
+    layout: DemoLayout, processes: Any
+) -> None:
+    config = layout.hospital.config_path
+    config.write_text(config.read_text().replace("[runtime]", "[runtime]\nshutdown_deadline = 5"))
+    proc = processes.start(config, wait=False)
+    assert proc.proc.wait(timeout=30) == 1
+    proc._reader.join(5)
+    output = "\n".join(proc.raw)
+    assert "runtime.shutdown_deadline" in output and "unknown key" in output
+    assert "check-config" in output
