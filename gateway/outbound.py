@@ -49,6 +49,7 @@ class Outbound:
         for folder in (self._payloads, self._outgoing, self._receipts):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._reported_unknown: set[str] = set()
+        self._reported_skipped: set[Path] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
 
     def wake(self, peer: str) -> None:
@@ -70,10 +71,14 @@ class Outbound:
                     fix="create peers.d/<name>.toml or remove the folder",
                 )
         for skipped in result.skipped:
+            if skipped in self._reported_skipped:
+                continue
+            self._reported_skipped.add(skipped)
+            # The folder, not the file name: names can carry patient identifiers.
             self._log.warning(
                 "outbox.not_a_regular_file",
-                path=str(skipped),
-                fix="rename regular files into the outbox; links are not sent",
+                folder=skipped.parent.name,
+                fix="rename regular files into the outbox; links and folders are not sent",
             )
         for candidate in result.candidates:
             await self._take(candidate)

@@ -266,3 +266,20 @@ def test_sigkill_after_intake_before_send_delivers_exactly_once(layout, processe
     assert (layout.hospital.inbox_dir / "lab" / "urgent.hl7").read_bytes() == b"MSH|urgent\r"
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
     assert len(events(layout.lab.audit_log, "message.accepted")) == 1
+
+
+def test_logs_carry_no_payload_or_patient_data_but_the_audit_names_the_document(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    document = b"MSH|^~\\&|LIS|LAB\rPID|1||PAT-4711^^^MR||YAMADA^HANAKO||19800101|F\r"
+    drop_file(layout.lab.outbox_dir / "hospital", "YAMADA-HANAKO-result.hl7", document)
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    assert hospital.stop() == 0 and lab.stop() == 0
+    output = "\n".join(hospital.raw + lab.raw)
+    assert output  # the daemons did log
+    for secret in ("YAMADA", "HANAKO", "PAT-4711"):
+        assert secret not in output
+    accepted = events(layout.lab.audit_log, "message.accepted")
+    assert accepted[0]["detail"]["filename"] == "YAMADA-HANAKO-result.hl7"
