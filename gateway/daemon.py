@@ -283,11 +283,21 @@ class Daemon:
             if record is not None:
                 due_in = record.next_attempt_at - self._clock.now().timestamp()
                 if due_in <= 0:
-                    await self._outbound.send_one(record, peer, state.clients[name], self._rng)
+                    pause = await self._outbound.send_one(
+                        record, peer, state.clients[name], self._rng
+                    )
+                    if pause > 0:
+                        # The peer is unreachable: back off for the whole peer, not only
+                        # this message, instead of trying every queued message in a row.
+                        await self._sleep_unless_stopping(pause)
                     continue
                 wait = min(wait, due_in)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout=wait)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:

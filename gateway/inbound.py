@@ -12,8 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from gateway.as2.headers import (
     DIGEST_TO_MICALG,
@@ -98,6 +101,22 @@ class InboundProcessor:
         self._audit = audit
         self._log = log
         self._clock = clock
+        self._guard = threading.Lock()
+        self._busy: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def _exclusive(self, key: tuple[str, str]) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._busy.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if users[0] == 0:
+                    del self._busy[key]
 
     def process(self, request: InboundRequest) -> InboundResponse:
         peer = request.peer
@@ -109,40 +128,45 @@ class InboundProcessor:
             return InboundResponse(400, (("Content-Type", "text/plain"),), b"bad request\n")
         receipt_request = parse_receipt_request(headers)
         digest = receipt_request.choose_digest(peer.digest)
-        try:
-            mic, delivered_to = self._accept(request, message_id, digest)
-        except _Refused as refused:
-            self._reject(request, message_id, refused.event, refused.reason)
-            return self._receipt(request, message_id, refused.disposition, None, digest)
-        except DuplicateReceipt as duplicate:
+        # One request per (peer, Message-ID) at a time: a resend racing the original
+        # waits for it and is then answered with the original receipt.
+        with self._exclusive((peer.name, message_id)):
+            try:
+                mic, delivered_to = self._accept(request, message_id, digest)
+            except _Refused as refused:
+                self._reject(request, message_id, refused.event, refused.reason)
+                return self._receipt(request, message_id, refused.disposition, None, digest)
+            except DuplicateReceipt as duplicate:
+                self._audit.emit(
+                    AuditEvent(
+                        EventType.MESSAGE_DUPLICATE,
+                        peer=peer.name,
+                        message_id=message_id,
+                        direction="inbound",
+                        remote_address=request.remote,
+                        reason="resend of a delivered message: answered with the original receipt",
+                    )
+                )
+                return InboundResponse(200, duplicate.headers, duplicate.body)
+            response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest)
+            self._spool.inbound_delivered(
+                peer.name, message_id, list(response.headers), response.body
+            )
+            self._log.info("message.delivered", peer=peer.name, message_id=message_id)
             self._audit.emit(
                 AuditEvent(
-                    EventType.MESSAGE_DUPLICATE,
+                    EventType.RECEIPT_SENT,
                     peer=peer.name,
                     message_id=message_id,
                     direction="inbound",
-                    remote_address=request.remote,
-                    reason="resend of a delivered message: answered with the original receipt",
+                    detail={
+                        "disposition": Disposition.PROCESSED.value,
+                        "mic": mic,
+                        "inbox_file": str(delivered_to),
+                    },
                 )
             )
-            return InboundResponse(200, duplicate.headers, duplicate.body)
-        response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest)
-        self._spool.inbound_delivered(peer.name, message_id, list(response.headers), response.body)
-        self._log.info("message.delivered", peer=peer.name, message_id=message_id)
-        self._audit.emit(
-            AuditEvent(
-                EventType.RECEIPT_SENT,
-                peer=peer.name,
-                message_id=message_id,
-                direction="inbound",
-                detail={
-                    "disposition": Disposition.PROCESSED.value,
-                    "mic": mic,
-                    "inbox_file": str(delivered_to),
-                },
-            )
-        )
-        return response
+            return response
 
     def _accept(self, request: InboundRequest, message_id: str, digest: str) -> tuple[str, str]:
         peer = request.peer
@@ -228,7 +252,7 @@ class InboundProcessor:
 
     def _deliver_once(
         self, peer: Peer, message_id: str, filename: str | None, payload: bytes, sha256: str
-    ) -> object:
+    ) -> Path:
         existing = self._spool.inbound_get(peer.name, message_id)
         if existing is not None and existing.sha256 != sha256:
             raise _Refused(
@@ -242,9 +266,16 @@ class InboundProcessor:
         if existing is not None:
             target = existing.target_path  # crashed mid-delivery: finish it, same place
         else:
-            target = choose_target(self._config.storage.inbox_dir, peer.name, filename, message_id)
             try:
-                self._spool.inbound_begin(peer.name, message_id, sha256, target)
+                with self._guard:  # two documents with one name never share a target
+                    target = choose_target(
+                        self._config.storage.inbox_dir,
+                        peer.name,
+                        filename,
+                        message_id,
+                        claimed=self._spool.inbound_target_claimed,
+                    )
+                    self._spool.inbound_begin(peer.name, message_id, sha256, target)
             except SpoolError as exc:
                 raise _Refused(
                     Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)

@@ -175,6 +175,9 @@ class Outbound:
 
     async def recover(self) -> None:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
+        for record in self._spool.in_state(OutboundState.QUEUED):
+            # Killed between "queued" and removing the plaintext copy: remove it now.
+            record.payload_path.unlink(missing_ok=True)
         for message_id in self._spool.requeue_interrupted():
             self._log.info("message.requeued_after_restart", message_id=message_id)
         for record in self._spool.in_state(OutboundState.INTAKE):
@@ -216,7 +219,8 @@ class Outbound:
 
     async def send_one(
         self, record: OutboundRecord, peer: Peer, client: PeerClient, rng: random.Random
-    ) -> None:
+    ) -> float:
+        """Send one message; returns 0, or how long the peer should rest after a failure."""
         assert record.body_path is not None and record.mic is not None
         self._spool.mark_sending(record.message_id)
         log = self._log.bind(peer=peer.name, message_id=record.message_id)
@@ -242,7 +246,7 @@ class Outbound:
                     detail={"attempt": record.attempts + 1, "retry_in_seconds": round(delay, 1)},
                 )
             )
-            return
+            return delay
         except asyncio.CancelledError:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
             self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
@@ -257,6 +261,7 @@ class Outbound:
             )
         )
         await self._handle_receipt(record, peer, response)
+        return 0.0
 
     async def _handle_receipt(self, record: OutboundRecord, peer: Peer, response: Response) -> None:
         assert record.mic is not None

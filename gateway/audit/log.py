@@ -42,6 +42,8 @@ class AuditLog:
         self._seq, self._prev = self._tail(path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
+        if path.stat().st_size and not _ends_with_newline(path):
+            os.write(self._fd, b"\n")  # end a record torn by a crash; the chain shows it
 
     @staticmethod
     def _tail(path: Path) -> tuple[int, str]:
@@ -77,6 +79,12 @@ class AuditLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
 
 
 class AuditChainError(MedgwError):

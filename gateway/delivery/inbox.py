@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.errors import DeliveryError
@@ -28,12 +29,21 @@ def safe_name(filename: str | None, message_id: str) -> str:
     return base
 
 
-def choose_target(inbox_dir: Path, peer: str, filename: str | None, message_id: str) -> Path:
-    """Where a new document goes; never an existing file (a suffix from the Message-ID)."""
+def choose_target(
+    inbox_dir: Path,
+    peer: str,
+    filename: str | None,
+    message_id: str,
+    claimed: Callable[[Path], bool] = lambda _path: False,
+) -> Path:
+    """Where a new document goes: never an existing file, nor one another delivery claimed.
+
+    On a clash the name gets a suffix derived from the Message-ID.
+    """
     folder = inbox_dir / peer
     name = safe_name(filename, message_id)
     target = folder / name
-    if target.exists():
+    if target.exists() or claimed(target):
         stem, dot, ext = name.partition(".")
         tag = hashlib.sha256(message_id.encode()).hexdigest()[:12]
         target = folder / f"{stem}-{tag}{dot}{ext}"

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS inbound (
     updated_at      TEXT NOT NULL,
     PRIMARY KEY (peer, message_id)
 );
+CREATE INDEX IF NOT EXISTS inbound_target ON inbound (target_path);
 """
 
 
@@ -310,6 +311,11 @@ class Spool:
             state=row["state"],
             receipt_headers=tuple(tuple(h) for h in json.loads(row["receipt_headers"] or "[]")),
             receipt_body=row["receipt_body"],
+        )
+
+    def inbound_target_claimed(self, target_path: Path) -> bool:
+        return (
+            self._one("SELECT 1 FROM inbound WHERE target_path=?", (str(target_path),)) is not None
         )
 
     def inbound_begin(self, peer: str, message_id: str, sha256: str, target_path: Path) -> None:

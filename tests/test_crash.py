@@ -1,0 +1,90 @@
+"""Nothing is lost and nothing is doubled while both daemons are SIGKILLed at random."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import SystemClock
+from gateway.demo_run import drop_file, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.spool import OutboundState, Spool
+
+MESSAGES = 200
+
+
+def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"crash test seed {seed}")
+    configs = {"hospital": layout.hospital.config_path, "lab": layout.lab.config_path}
+    running = {name: processes.start(path) for name, path in configs.items()}
+    outbox = layout.lab.outbox_dir / "hospital"
+    sent: dict[str, str] = {}
+    kills = 0
+    dropped = 0
+    while dropped < MESSAGES:
+        for _ in range(rng.randint(5, 25)):
+            if dropped == MESSAGES:
+                break
+            name = f"result-{dropped:04d}.hl7"
+            data = f"MSH|^~\\&|LIS|LAB|{dropped}|{rng.random()}\r".encode() * rng.randint(1, 50)
+            drop_file(outbox, name, data)
+            sent[name] = hashlib.sha256(data).hexdigest()
+            dropped += 1
+        time.sleep(rng.uniform(0.05, 0.6))
+        victim = rng.choice(list(configs))
+        running[victim].proc.send_signal(signal.SIGKILL)
+        running[victim].proc.wait()
+        kills += 1
+        time.sleep(rng.uniform(0.0, 0.3))
+        running[victim] = processes.start(configs[victim])
+
+    lab_spool_path = layout.lab.root / "state" / "spool.sqlite3"
+
+    def all_delivered() -> bool:
+        spool = Spool(lab_spool_path, SystemClock())
+        try:
+            records = spool.all_outbound()
+            return len(records) >= MESSAGES and all(
+                r.state is OutboundState.DELIVERED for r in records
+            )
+        finally:
+            spool.close()
+
+    wait_until(all_delivered, 300, f"all {MESSAGES} messages delivered (seed {seed})")
+    for proc in running.values():
+        assert proc.stop() == 0
+
+    inbox = layout.hospital.inbox_dir / "lab"
+    files = sorted(p for p in inbox.iterdir())
+    assert [p.name for p in files] == sorted(sent), f"seed {seed}: inbox differs"
+    for path in files:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == sent[path.name], path.name
+
+    spool = Spool(lab_spool_path, SystemClock())
+    try:
+        records = spool.all_outbound()
+        assert len(records) == MESSAGES, f"seed {seed}: a file became two messages"
+        for record in records:
+            assert record.state is OutboundState.DELIVERED
+            assert record.disposition == "processed"
+            assert record.receipt_path is not None and record.receipt_path.exists()
+    finally:
+        spool.close()
+    state = layout.lab.root / "state"
+    assert list((state / "payloads").iterdir()) == []  # no plaintext left behind
+    assert list(outbox.iterdir()) == []
+    assert _leftovers(layout.root) == []  # no half-written file anywhere
+    assert kills >= 5
+    print(f"{MESSAGES} messages, {kills} SIGKILLs, all delivered exactly once")
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return list(folder.rglob("*.partial"))
