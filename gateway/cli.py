@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.commands import daemon, demo
+from gateway.commands import daemon, demo, queue
 from gateway.errors import MedgwError
 
 EXIT_FAILED = 1
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     daemon.register(commands)
     demo.register(commands)
+    queue.register(commands)
     pki = commands.add_parser("pki", help="certificate tools")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     demo.register_pki(pki_commands)

@@ -90,6 +90,8 @@ class Runtime:
     connect_timeout_seconds: float
     request_timeout_seconds: float
     max_message_bytes: int
+    message_expiry_seconds: float
+    max_attempts: int
     log_level: str
 
 
@@ -549,6 +551,8 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         max_message_bytes=int(
             rt.number("max_message_bytes", default=4 * 1024**3, minimum=1024, maximum=2**40)
         ),
+        message_expiry_seconds=rt.number("message_expiry_seconds", default=72 * 3600, minimum=60),
+        max_attempts=rt.integer("max_attempts", default=200, minimum=1, maximum=100_000),
         log_level=rt.choice("log_level", LOG_LEVELS, default="info"),
     )
     rt.finish()

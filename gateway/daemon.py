@@ -33,9 +33,12 @@ from gateway.channel.client import PeerClient
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer, load_config
+from gateway.control import SOCKET_NAME
+from gateway.control.server import ControlServer
 from gateway.errors import ConfigError, MedgwError
 from gateway.inbound import InboundProcessor, InboundRequest
 from gateway.logs import Logger
+from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.tls import client_context, fingerprint, server_context
 from gateway.sdnotify import Notifier
@@ -85,6 +88,7 @@ class Daemon:
         self._audit: AuditLog | None = None
         self._spool: Spool | None = None
         self._outbound: Outbound | None = None
+        self._control: ControlServer | None = None
 
     # -- building -------------------------------------------------------------
 
@@ -121,6 +125,12 @@ class Daemon:
         inbound = InboundProcessor(config, self._spool, self._audit, self._log, self._clock)
         return RuntimeState(config, server, clients, peers_by_tls, inbound)
 
+    def _operations(self) -> Operations:
+        assert self._spool is not None and self._outbound is not None
+        return Operations(
+            self.state.config, self._spool, self._audit_sink(), self._clock, self._outbound.wake
+        )
+
     @property
     def state(self) -> RuntimeState:
         assert self._state is not None
@@ -144,6 +154,8 @@ class Daemon:
         try:
             await self._outbound.recover()
             await self._start_listeners(config)
+            self._control = ControlServer(config.storage.state_dir / SOCKET_NAME, self._operations)
+            await self._control.start()
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
@@ -218,6 +230,20 @@ class Daemon:
                 )
             )
             return web.Response(status=403, text="forbidden\n")
+        if self._spool is not None and self._spool.is_suspended(peer.name):
+            # NET-6 "stopping an exchange": the peer keeps its message and retries later.
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.PEER_SUSPENDED_REFUSAL,
+                    Outcome.FAILURE,
+                    Severity.WARNING,
+                    peer=peer.name,
+                    remote_address=remote,
+                    direction="inbound",
+                    reason="exchange with this peer is suspended by an operator",
+                )
+            )
+            return web.Response(status=503, text="exchange suspended, retry later\n")
         body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
@@ -278,7 +304,9 @@ class Daemon:
             peer = state.config.peer(name)
             if peer is None:
                 return
-            record = self._spool.next_due(name)
+            self._outbound.expire(peer)
+            suspended = self._spool.is_suspended(name)
+            record = None if suspended else self._spool.next_due(name)
             wait = PEER_IDLE_CHECK_SECONDS
             if record is not None:
                 due_in = record.next_attempt_at - self._clock.now().timestamp()
@@ -392,6 +420,8 @@ class Daemon:
         remaining = max(0.5, deadline - (self._clock.monotonic() - start))
         for server in self._servers:
             await server.stop(remaining)
+        if self._control is not None:
+            await self._control.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

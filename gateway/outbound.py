@@ -97,6 +97,7 @@ class Outbound:
             candidate.content_type,
             candidate.path,
             payload_path,
+            expires_at=self._clock.now().timestamp() + self.config.runtime.message_expiry_seconds,
         )
         await asyncio.to_thread(_move_into_spool, candidate.path, payload_path)
         record = self._spool.get(message_id)
@@ -230,6 +231,9 @@ class Outbound:
                 raise TransportError(f"peer answered HTTP {response.status}")
         except TransportError as exc:
             delay = self.backoff(record.attempts + 1, rng)
+            if record.attempts + 1 >= self.config.runtime.max_attempts:
+                self._dead_letter(record, peer, str(exc))
+                return delay
             self._spool.mark_retry(
                 record.message_id, str(exc), self._clock.now().timestamp() + delay
             )
@@ -338,6 +342,44 @@ class Outbound:
         )
         if record.body_path is not None:
             record.body_path.unlink(missing_ok=True)
+
+    def expire(self, peer: Peer) -> None:
+        for message_id in self._spool.expire_due(peer.name, self._clock.now().timestamp()):
+            self._log.error("message.expired", peer=peer.name, message_id=message_id)
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_EXPIRED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="outbound",
+                    reason="not delivered before its expiry; retry or cancel it "
+                    "(medgw queue retry|cancel)",
+                )
+            )
+
+    def _dead_letter(self, record: OutboundRecord, peer: Peer, error: str) -> None:
+        attempts = record.attempts + 1
+        self._spool.mark_dead(record.message_id, f"{attempts} attempts failed; last: {error}")
+        self._log.error(
+            "message.dead",
+            peer=peer.name,
+            message_id=record.message_id,
+            attempts=attempts,
+            reason=error,
+        )
+        self._audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_DEAD,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=peer.name,
+                message_id=record.message_id,
+                direction="outbound",
+                reason=f"gave up after {attempts} attempts (max_attempts); last error: {error}",
+            )
+        )
 
     def _fail(
         self,

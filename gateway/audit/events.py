@@ -25,6 +25,13 @@ class EventType(StrEnum):
     MESSAGE_SENT = "message.sent"  # POSTed to the peer
     MESSAGE_SEND_FAILED = "message.send_failed"  # will be retried
     MESSAGE_FAILED = "message.failed"  # final: needs an operator
+    MESSAGE_EXPIRED = "message.expired"  # not delivered in time: needs an operator
+    MESSAGE_DEAD = "message.dead"  # retries exhausted: dead letter, needs an operator
+    MESSAGE_RETRIED = "message.retried"  # operator put it back in the queue
+    MESSAGE_CANCELLED = "message.cancelled"  # operator withdrew it
+    PEER_SUSPENDED = "peer.suspended"  # operator stopped the exchange with a peer
+    PEER_RESUMED = "peer.resumed"
+    PEER_SUSPENDED_REFUSAL = "peer.suspended_refusal"  # a suspended peer tried to send
     MESSAGE_RECEIVED = "message.received"  # accepted from a peer, verified
     MESSAGE_REJECTED = "message.rejected"  # refused from a peer
     MESSAGE_DELIVERED = "message.delivered"  # durably in the inbox

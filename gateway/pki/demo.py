@@ -305,6 +305,10 @@ connect_timeout_seconds = 5
 request_timeout_seconds = 60
 # Largest message accepted or sent, in bytes (default 4 GiB).
 max_message_bytes = 104857600
+# A document not delivered within this many seconds expires (default 259200 = 72 h).
+message_expiry_seconds = 3600
+# After this many failed attempts a message becomes a dead letter (default 200).
+max_attempts = 50
 # debug, info (default), warning or error.
 log_level = "info"
 """

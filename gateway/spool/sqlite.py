@@ -3,9 +3,13 @@
 Outbound life cycle::
 
     intake ──► queued ──► sending ──► delivered
-                 ▲           │
-                 └── retry ◄─┤  (connection or HTTP failure: back-off)
-                             └──► failed  (negative or invalid receipt)
+                 ▲ │         │
+                 │ │         ├──► (connection or HTTP failure) ──► queued, after a back-off
+                 │ │         ├──► failed     (negative or invalid receipt)
+                 │ │         └──► dead       (max_attempts reached: dead letter)
+                 │ └──► expired              (not delivered before its expiry)
+                 └── operator retry ◄── failed | expired | dead
+    operator cancel: queued | failed | expired | dead ──► cancelled
 
 ``intake`` means "taken from the outbox, not yet signed and encrypted";
 ``sending`` rows found at start-up belong to a run that died mid-send and are
@@ -49,6 +53,7 @@ CREATE TABLE IF NOT EXISTS outbound (
     last_error      TEXT,
     disposition     TEXT,
     receipt_path    TEXT,
+    expires_at      REAL NOT NULL DEFAULT 0,
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL
 );
@@ -66,6 +71,13 @@ CREATE TABLE IF NOT EXISTS inbound (
     PRIMARY KEY (peer, message_id)
 );
 CREATE INDEX IF NOT EXISTS inbound_target ON inbound (target_path);
+CREATE TABLE IF NOT EXISTS peer_control (
+    peer            TEXT PRIMARY KEY,
+    suspended       INTEGER NOT NULL,
+    reason          TEXT,
+    actor           TEXT,
+    changed_at      TEXT NOT NULL
+);
 """
 
 
@@ -75,6 +87,22 @@ class OutboundState(StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    EXPIRED = "expired"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+RETRYABLE = (OutboundState.FAILED, OutboundState.EXPIRED, OutboundState.DEAD)
+CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
+
+
+@dataclass(frozen=True)
+class PeerControl:
+    peer: str
+    suspended: bool
+    reason: str | None
+    actor: str | None
+    changed_at: str
 
 
 @dataclass(frozen=True)
@@ -95,6 +123,9 @@ class OutboundRecord:
     last_error: str | None
     disposition: str | None
     receipt_path: Path | None
+    expires_at: float
+    created_at: str
+    updated_at: str
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,9 @@ def _outbound(row: sqlite3.Row) -> OutboundRecord:
         last_error=row["last_error"],
         disposition=row["disposition"],
         receipt_path=Path(row["receipt_path"]) if row["receipt_path"] else None,
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
     )
 
 
@@ -184,11 +218,13 @@ class Spool:
         content_type: str,
         source_path: Path,
         payload_path: Path,
+        expires_at: float = 0.0,
     ) -> None:
         now = self._now()
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
-            " payload_path, state, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            " payload_path, state, expires_at, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 peer,
@@ -197,6 +233,7 @@ class Spool:
                 str(source_path),
                 str(payload_path),
                 OutboundState.INTAKE.value,
+                expires_at,
                 now,
                 now,
             ),
@@ -289,6 +326,128 @@ class Spool:
                 (OutboundState.QUEUED.value, self._now(), OutboundState.SENDING.value),
             )
         return ids
+
+    def list_outbound(
+        self, *, state: OutboundState | None = None, peer: str | None = None, limit: int = 1000
+    ) -> list[OutboundRecord]:
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state=?")
+            params.append(state.value)
+        if peer is not None:
+            clauses.append("peer=?")
+            params.append(peer)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._read(
+            f"SELECT * FROM outbound {where} ORDER BY created_at DESC LIMIT ?",  # noqa: S608
+            (*params, limit),
+        )
+        return [_outbound(r) for r in rows]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of messages per (peer, state)."""
+        rows = self._read("SELECT peer, state, COUNT(*) AS n FROM outbound GROUP BY 1, 2", ())
+        return {(r["peer"], r["state"]): r["n"] for r in rows}
+
+    def expire_due(self, peer: str, now: float) -> list[str]:
+        """Queued messages for ``peer`` past their expiry become ``expired``."""
+        rows = self._read(
+            "SELECT message_id FROM outbound WHERE peer=? AND state=? AND expires_at>0"
+            " AND expires_at<?",
+            (peer, OutboundState.QUEUED.value, now),
+        )
+        ids = [r["message_id"] for r in rows]
+        for message_id in ids:
+            self._transition(
+                message_id,
+                (OutboundState.QUEUED,),
+                OutboundState.EXPIRED,
+                "not delivered before its expiry",
+            )
+        return ids
+
+    def _transition(
+        self,
+        message_id: str,
+        allowed: tuple[OutboundState, ...],
+        new: OutboundState,
+        note: str,
+        *,
+        reset: bool = False,
+        expires_at: float | None = None,
+    ) -> OutboundRecord:
+        """Move one message between states, only from ``allowed`` ones (checked atomically)."""
+        marks = ",".join("?" for _ in allowed)
+        extra = (
+            ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL" if reset else ""
+        )
+        if expires_at is not None:
+            extra += f", expires_at={float(expires_at)!r}"
+        changed = self._write(
+            f"UPDATE outbound SET state=?, last_error=?, updated_at=?{extra}"  # noqa: S608
+            f" WHERE message_id=? AND state IN ({marks})",
+            (new.value, note, self._now(), message_id, *(a.value for a in allowed)),
+        )
+        record = self.get(message_id)
+        if record is None:
+            raise SpoolError(
+                f"no message {message_id} in the spool", fix="check the id with `medgw queue list`"
+            )
+        if not changed:
+            raise SpoolError(
+                f"message {message_id} is {record.state.value}; this needs it to be "
+                f"{' or '.join(a.value for a in allowed)}",
+                fix="see `medgw queue show` for its state and history",
+            )
+        return record
+
+    def mark_dead(self, message_id: str, reason: str) -> OutboundRecord:
+        return self._transition(
+            message_id, (OutboundState.SENDING, OutboundState.QUEUED), OutboundState.DEAD, reason
+        )
+
+    def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
+        record = self.get(message_id)
+        if record is not None and record.body_path is not None and not record.body_path.exists():
+            raise SpoolError(
+                f"message {message_id} has no stored body any more",
+                fix="send the document again from the outbox",
+            )
+        return self._transition(
+            message_id,
+            RETRYABLE,
+            OutboundState.QUEUED,
+            f"retry requested by {actor}",
+            reset=True,
+            expires_at=expires_at,
+        )
+
+    def operator_cancel(self, message_id: str, actor: str) -> OutboundRecord:
+        return self._transition(
+            message_id, CANCELLABLE, OutboundState.CANCELLED, f"cancelled by {actor}"
+        )
+
+    # -- peers ----------------------------------------------------------------
+
+    def set_suspended(self, peer: str, suspended: bool, reason: str, actor: str) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO peer_control (peer, suspended, reason, actor, changed_at)"
+            " VALUES (?,?,?,?,?)",
+            (peer, int(suspended), reason, actor, self._now()),
+        )
+
+    def peer_controls(self) -> dict[str, PeerControl]:
+        rows = self._read("SELECT * FROM peer_control", ())
+        return {
+            r["peer"]: PeerControl(
+                r["peer"], bool(r["suspended"]), r["reason"], r["actor"], r["changed_at"]
+            )
+            for r in rows
+        }
+
+    def is_suspended(self, peer: str) -> bool:
+        row = self._one("SELECT suspended FROM peer_control WHERE peer=?", (peer,))
+        return bool(row and row["suspended"])
 
     def known_source(self, source_path: Path) -> bool:
         row = self._one(

@@ -1,0 +1,160 @@
+"""``medgw queue`` and ``medgw peers``: look at and act on the running gateway."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.control import SOCKET_NAME
+from gateway.control.client import ControlClient, NotRunningError
+from gateway.operations import record_view
+from gateway.spool import OutboundState, Spool
+
+DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
+
+
+def register(commands: Any) -> None:
+    queue = commands.add_parser("queue", help="outbound messages: list, show, retry, cancel")
+    queue_cmds = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    listing = queue_cmds.add_parser("list", help="messages, newest first")
+    listing.add_argument("--state", choices=[s.value for s in OutboundState])
+    listing.add_argument("--peer")
+    listing.set_defaults(handler=_queue_list)
+    for name, helptext, handler in (
+        ("show", "one message in detail", _queue_show),
+        ("retry", "put a failed, expired or dead message back in the queue", _queue_retry),
+        ("cancel", "withdraw a message that was not delivered", _queue_cancel),
+    ):
+        sub = queue_cmds.add_parser(name, help=helptext)
+        sub.add_argument("message_id", help="the Message-ID, as `queue list` shows it")
+        sub.set_defaults(handler=handler)
+
+    peers = commands.add_parser("peers", help="peer institutions: list, suspend, resume")
+    peer_cmds = peers.add_subparsers(dest="peers_command", required=True, metavar="ACTION")
+    peer_cmds.add_parser("list", help="peers, their state and queue").set_defaults(
+        handler=_peers_list
+    )
+    suspend = peer_cmds.add_parser("suspend", help="stop the exchange with a peer (both ways)")
+    suspend.add_argument("peer")
+    suspend.add_argument("--reason", required=True, help="why; recorded in the audit trail")
+    suspend.set_defaults(handler=_peers_suspend)
+    resume = peer_cmds.add_parser("resume", help="resume the exchange with a peer")
+    resume.add_argument("peer")
+    resume.set_defaults(handler=_peers_resume)
+
+    for parser in (*queue_cmds.choices.values(), *peer_cmds.choices.values()):
+        parser.add_argument(
+            "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
+        )
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return load_config(args.config).storage.state_dir
+
+
+def _client(args: argparse.Namespace) -> ControlClient:
+    return ControlClient(_state_dir(args) / SOCKET_NAME)
+
+
+def _offline_spool(args: argparse.Namespace) -> Spool:
+    print("(medgw is not running: reading its spool directly)", file=sys.stderr)
+    return Spool(_state_dir(args) / "spool.sqlite3", SystemClock())
+
+
+def _emit(args: argparse.Namespace, data: Any, table: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else table)
+    return 0
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "no messages"
+    lines = [f"{'STATE':<10} {'PEER':<14} {'TRIES':>5}  {'CREATED':<20} {'FILE':<28} MESSAGE-ID"]
+    for r in records:
+        lines.append(
+            f"{r['state']:<10} {r['peer']:<14} {r['attempts']:>5}  {r['created_at'][:19]:<20} "
+            f"{r['filename'][:28]:<28} {r['message_id']}"
+        )
+    return "\n".join(lines)
+
+
+def _detail(record: dict[str, Any]) -> str:
+    return "\n".join(f"{key:<16} {value}" for key, value in record.items() if value is not None)
+
+
+def _queue_list(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("state", args.state), ("peer", args.peer)) if v}
+    try:
+        records = _client(args).call("GET", "/v1/queue?" + urlencode(query))
+    except NotRunningError:
+        spool = _offline_spool(args)
+        try:
+            state = OutboundState(args.state) if args.state else None
+            records = [record_view(r) for r in spool.list_outbound(state=state, peer=args.peer)]
+        finally:
+            spool.close()
+    return _emit(args, records, _table(records))
+
+
+def _queue_show(args: argparse.Namespace) -> int:
+    try:
+        record = _client(args).call("GET", f"/v1/queue/{quote(args.message_id, safe='')}")
+    except NotRunningError:
+        spool = _offline_spool(args)
+        try:
+            found = spool.get(args.message_id)
+        finally:
+            spool.close()
+        if found is None:
+            print(f"medgw: no message {args.message_id}", file=sys.stderr)
+            return 1
+        record = record_view(found)
+    return _emit(args, record, _detail(record))
+
+
+def _queue_action(args: argparse.Namespace, action: str) -> int:
+    record = _client(args).call("POST", f"/v1/queue/{quote(args.message_id, safe='')}/{action}")
+    return _emit(args, record, f"{record['message_id']}: {action} done, now {record['state']}")
+
+
+def _queue_retry(args: argparse.Namespace) -> int:
+    return _queue_action(args, "retry")
+
+
+def _queue_cancel(args: argparse.Namespace) -> int:
+    return _queue_action(args, "cancel")
+
+
+def _peers_list(args: argparse.Namespace) -> int:
+    peers = _client(args).call("GET", "/v1/peers")
+    lines = [f"{'PEER':<14} {'STATE':<10} {'AS2 ID':<20} QUEUE"]
+    for p in peers:
+        state = "SUSPENDED" if p["suspended"] else "active"
+        queue = ", ".join(f"{k} {v}" for k, v in sorted(p["messages"].items())) or "-"
+        lines.append(f"{p['name']:<14} {state:<10} {p['as2_id']:<20} {queue}")
+        if p["suspended"]:
+            lines.append(f"{'':<14} by {p['suspended_by']}: {p['suspended_reason']}")
+    return _emit(args, peers, "\n".join(lines))
+
+
+def _peers_suspend(args: argparse.Namespace) -> int:
+    _client(args).call(
+        "POST", f"/v1/peers/{quote(args.peer, safe='')}/suspend", {"reason": args.reason}
+    )
+    return _emit(
+        args,
+        {"peer": args.peer, "suspended": True},
+        f"{args.peer}: exchange suspended (outbound held, inbound refused with 503)",
+    )
+
+
+def _peers_resume(args: argparse.Namespace) -> int:
+    _client(args).call("POST", f"/v1/peers/{quote(args.peer, safe='')}/resume")
+    return _emit(args, {"peer": args.peer, "suspended": False}, f"{args.peer}: exchange resumed")

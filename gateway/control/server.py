@@ -1,0 +1,134 @@
+"""HTTP over the control unix socket, for ``medgw queue`` / ``medgw peers``."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import MedgwError, SpoolError
+from gateway.operations import Operations, UnknownPeerError, record_view
+from gateway.spool import OutboundState
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_SOCKET_PATH = 107
+
+
+def caller(request: web.Request) -> str:
+    """Who is on the other end: the uid from the kernel, plus the login name they claim."""
+    uid = -1
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+    try:
+        account = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        account = str(uid)
+    claimed = request.headers.get("X-Medgw-Operator", "").strip()[:64]
+    if claimed and claimed != account:
+        return f"{claimed} (as {account}, uid {uid})"
+    return f"{account} (uid {uid})"
+
+
+def _error(exc: MedgwError, status: int) -> web.Response:
+    return web.json_response({"error": exc.message, "fix": exc.fix}, status=status)
+
+
+class ControlServer:
+    def __init__(self, path: Path, operations: Callable[[], Operations]) -> None:
+        if len(str(path)) > MAX_SOCKET_PATH:
+            raise MedgwError(
+                f"control socket path {path} is longer than {MAX_SOCKET_PATH} characters",
+                fix="use a shorter [storage] state_dir",
+            )
+        self.path = path
+        self._ops = operations
+        app = web.Application()
+        app.router.add_get("/v1/queue", self._list)
+        app.router.add_get("/v1/queue/{message_id}", self._show)
+        app.router.add_post("/v1/queue/{message_id}/retry", self._retry)
+        app.router.add_post("/v1/queue/{message_id}/cancel", self._cancel)
+        app.router.add_get("/v1/peers", self._peers)
+        app.router.add_post("/v1/peers/{peer}/suspend", self._suspend)
+        app.router.add_post("/v1/peers/{peer}/resume", self._resume)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        self.path.unlink(missing_ok=True)  # a stale socket of a killed run
+        old = os.umask(0o177)
+        try:
+            site = web.UnixSite(self._runner, str(self.path))
+            await site.start()
+        finally:
+            os.umask(old)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        self.path.unlink(missing_ok=True)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        try:
+            wanted = OutboundState(state) if state else None
+        except ValueError:
+            names = ", ".join(s.value for s in OutboundState)
+            return web.json_response(
+                {"error": f"unknown state {state!r}", "fix": f"use one of: {names}"}, status=400
+            )
+        records = self._ops().spool.list_outbound(state=wanted, peer=request.query.get("peer"))
+        return web.json_response([record_view(r) for r in records])
+
+    async def _show(self, request: web.Request) -> web.Response:
+        record = self._ops().spool.get(request.match_info["message_id"])
+        if record is None:
+            return web.json_response(
+                {"error": "no such message", "fix": "check the id with medgw queue list"},
+                status=404,
+            )
+        return web.json_response(record_view(record))
+
+    async def _act(self, request: web.Request, action: Callable[[], Any]) -> web.Response:
+        try:
+            result = action()
+        except UnknownPeerError as exc:
+            return _error(exc, 404)
+        except SpoolError as exc:
+            return _error(exc, 409)
+        if result is None:
+            return web.json_response({"ok": True})
+        return web.json_response(record_view(result))
+
+    async def _retry(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        return await self._act(
+            request, lambda: self._ops().retry(request.match_info["message_id"], who)
+        )
+
+    async def _cancel(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        return await self._act(
+            request, lambda: self._ops().cancel(request.match_info["message_id"], who)
+        )
+
+    async def _peers(self, request: web.Request) -> web.Response:
+        return web.json_response(self._ops().peers())
+
+    async def _suspend(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await request.json() if request.can_read_body else {}
+        reason = str(body.get("reason") or "suspended by operator")[:500]
+        return await self._act(
+            request, lambda: self._ops().suspend(request.match_info["peer"], reason, who)
+        )
+
+    async def _resume(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        return await self._act(request, lambda: self._ops().resume(request.match_info["peer"], who))

@@ -1,0 +1,134 @@
+"""Operator actions on messages and peers, each audited with who did it.
+
+Used by the control socket (running daemon).  Pure spool + audit logic: no
+HTTP, no argument parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.clock import Clock
+from gateway.config import GatewayConfig
+from gateway.errors import MedgwError
+from gateway.spool import OutboundRecord, Spool
+
+
+class UnknownPeerError(MedgwError):
+    """The named peer is not configured."""
+
+
+def record_view(record: OutboundRecord) -> dict[str, Any]:
+    return {
+        "message_id": record.message_id,
+        "peer": record.peer,
+        "filename": record.filename,
+        "content_type": record.content_type,
+        "size": record.size,
+        "state": record.state.value,
+        "attempts": record.attempts,
+        "next_attempt_at": record.next_attempt_at or None,
+        "expires_at": record.expires_at or None,
+        "last_error": record.last_error,
+        "disposition": record.disposition,
+        "mic": record.mic,
+        "receipt_file": str(record.receipt_path) if record.receipt_path else None,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+@dataclass
+class Operations:
+    config: GatewayConfig
+    spool: Spool
+    audit: AuditSink
+    clock: Clock
+    wake: Callable[[str], None] = lambda _peer: None  # tell the peer's sender to look again
+
+    def _peer(self, name: str) -> str:
+        if self.config.peer(name) is None:
+            known = ", ".join(p.name for p in self.config.peers) or "(none)"
+            raise UnknownPeerError(
+                f"no peer named {name!r}", fix=f"use one of: {known} (see medgw peers list)"
+            )
+        return name
+
+    def _state_of(self, message_id: str) -> str | None:
+        record = self.spool.get(message_id)
+        return record.state.value if record else None
+
+    def retry(self, message_id: str, actor: str) -> OutboundRecord:
+        expires = self.clock.now().timestamp() + self.config.runtime.message_expiry_seconds
+        previous = self._state_of(message_id)
+        record = self.spool.operator_retry(message_id, actor, expires)
+        self.wake(record.peer)
+        self.audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_RETRIED,
+                severity=Severity.WARNING,
+                peer=record.peer,
+                message_id=message_id,
+                direction="outbound",
+                detail={"actor": actor, "previous_state": previous},
+            )
+        )
+        return record
+
+    def cancel(self, message_id: str, actor: str) -> OutboundRecord:
+        previous = self._state_of(message_id)
+        record = self.spool.operator_cancel(message_id, actor)
+        if record.body_path is not None:
+            record.body_path.unlink(missing_ok=True)
+        self.audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_CANCELLED,
+                severity=Severity.WARNING,
+                peer=record.peer,
+                message_id=message_id,
+                direction="outbound",
+                detail={"actor": actor, "previous_state": previous},
+            )
+        )
+        return record
+
+    def suspend(self, peer: str, reason: str, actor: str) -> None:
+        self.spool.set_suspended(self._peer(peer), True, reason, actor)
+        self.audit.emit(
+            AuditEvent(
+                EventType.PEER_SUSPENDED,
+                severity=Severity.WARNING,
+                peer=peer,
+                reason=reason,
+                detail={"actor": actor},
+            )
+        )
+
+    def resume(self, peer: str, actor: str) -> None:
+        self.spool.set_suspended(self._peer(peer), False, "", actor)
+        self.wake(peer)
+        self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, detail={"actor": actor}))
+
+    def peers(self) -> list[dict[str, Any]]:
+        controls = self.spool.peer_controls()
+        counts = self.spool.counts()
+        result = []
+        for peer in self.config.peers:
+            control = controls.get(peer.name)
+            result.append(
+                {
+                    "name": peer.name,
+                    "as2_id": peer.as2_id,
+                    "url": peer.url,
+                    "suspended": bool(control and control.suspended),
+                    "suspended_reason": control.reason if control and control.suspended else None,
+                    "suspended_by": control.actor if control and control.suspended else None,
+                    "messages": {
+                        state: n for (name, state), n in counts.items() if name == peer.name
+                    },
+                }
+            )
+        return result

@@ -1,0 +1,144 @@
+"""NET-6 operator controls on real daemons: queue states, retry/cancel, suspend/resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+
+
+def medgw(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def queue(config: Path, *args: str) -> Any:
+    result = medgw("queue", *args, "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def set_runtime(config: Path, key: str, value: str) -> None:
+    lines = config.read_text().splitlines()
+    out = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
+    assert out != lines, f"{key} not in {config}"
+    config.write_text("\n".join(out) + "\n")
+
+
+def test_dead_letter_after_max_attempts_then_operator_retry_delivers(
+    layout: DemoLayout, processes: Any
+) -> None:
+    set_runtime(layout.lab.config_path, "max_attempts", "2")
+    lab = processes.start(layout.lab.config_path)  # the hospital is down
+    drop_file(layout.lab.outbox_dir / "hospital", "dead.hl7", b"MSH|dead letter\r")
+    dead = wait_until(lambda: events(layout.lab.audit_log, "message.dead"), 60, "a dead letter")
+    assert dead[0]["severity"] == "alert" and "2 attempts" in dead[0]["reason"]
+    [record] = queue(layout.lab.config_path, "list", "--state", "dead")
+    assert record["filename"] == "dead.hl7" and record["attempts"] == 2
+    processes.start(layout.hospital.config_path)
+    retried = queue(layout.lab.config_path, "retry", record["message_id"])
+    assert retried["state"] == "queued"
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery")
+    shown = queue(layout.lab.config_path, "show", record["message_id"])
+    assert shown["state"] == "delivered" and shown["disposition"] == "processed"
+    audit = events(layout.lab.audit_log, "message.retried")
+    assert audit and "uid" in audit[0]["detail"]["actor"]
+    assert audit[0]["detail"]["previous_state"] == "dead"
+    assert lab.proc.poll() is None
+
+
+def test_expired_message_is_visible_and_can_be_cancelled(
+    layout: DemoLayout, processes: Any
+) -> None:
+    set_runtime(layout.lab.config_path, "message_expiry_seconds", "60")
+    set_runtime(layout.lab.config_path, "retry_initial_seconds", "30")
+    set_runtime(layout.lab.config_path, "retry_max_seconds", "30")
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late\r")
+    [record] = wait_until(
+        lambda: queue(layout.lab.config_path, "list", "--state", "queued"), 30, "queued"
+    )
+    # Time passes for the spool: move its expiry into the past, as 60 s later would.
+    import sqlite3
+
+    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
+    with db:
+        db.execute("UPDATE outbound SET expires_at=1 WHERE message_id=?", (record["message_id"],))
+    db.close()
+    expired = wait_until(lambda: events(layout.lab.audit_log, "message.expired"), 30, "the expiry")
+    assert expired[0]["message_id"] == record["message_id"]
+    assert queue(layout.lab.config_path, "show", record["message_id"])["state"] == "expired"
+    cancelled = medgw(
+        "queue", "cancel", record["message_id"], "--config", str(layout.lab.config_path)
+    )
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert queue(layout.lab.config_path, "show", record["message_id"])["state"] == "cancelled"
+    again = medgw("queue", "cancel", record["message_id"], "--config", str(layout.lab.config_path))
+    assert again.returncode == 1
+    assert "is cancelled; this needs it to be" in again.stderr and "fix:" in again.stderr
+
+
+def test_suspend_holds_both_directions_and_resume_delivers(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    hospital_cfg, lab_cfg = str(layout.hospital.config_path), str(layout.lab.config_path)
+    out = medgw(
+        "peers", "suspend", "hospital", "--reason", "planned maintenance", "--config", lab_cfg
+    )
+    assert out.returncode == 0, out.stderr
+    drop_file(layout.lab.outbox_dir / "hospital", "held.hl7", b"MSH|held\r")
+    wait_until(lambda: queue(layout.lab.config_path, "list", "--state", "queued"), 30, "queued")
+    listing = json.loads(medgw("peers", "list", "--config", lab_cfg, "--json").stdout)
+    assert listing[0]["suspended"] and listing[0]["suspended_reason"] == "planned maintenance"
+    # The hospital suspends the lab too: the lab's sends are refused with 503, not lost.
+    assert (
+        medgw(
+            "peers", "suspend", "lab", "--reason", "incident", "--config", hospital_cfg
+        ).returncode
+        == 0
+    )
+    assert medgw("peers", "resume", "hospital", "--config", lab_cfg).returncode == 0
+    wait_until(
+        lambda: events(layout.hospital.audit_log, "peer.suspended_refusal"),
+        30,
+        "the hospital refusing the suspended lab",
+    )
+    assert not (layout.hospital.inbox_dir / "lab" / "held.hl7").exists()
+    assert medgw("peers", "resume", "lab", "--config", hospital_cfg).returncode == 0
+    wait_until(
+        lambda: (layout.hospital.inbox_dir / "lab" / "held.hl7").exists(),
+        60,
+        "delivery after resume",
+    )
+    for name in ("peer.suspended", "peer.resumed"):
+        assert events(layout.lab.audit_log, name) and events(layout.hospital.audit_log, name)
+
+
+def test_queue_list_works_when_the_daemon_is_stopped(layout: DemoLayout, processes: Any) -> None:
+    lab = processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "offline.hl7", b"MSH|x\r")
+    wait_until(lambda: events(layout.lab.audit_log, "message.accepted"), 30, "intake")
+    lab.signal(signal.SIGTERM)
+    lab.proc.wait(30)
+    result = medgw("queue", "list", "--config", str(layout.lab.config_path))
+    assert result.returncode == 0
+    assert "offline.hl7" in result.stdout and "not running" in result.stderr
+    retry = medgw("queue", "retry", "<x@y>", "--config", str(layout.lab.config_path))
+    assert retry.returncode == 1 and "medgw is not running" in retry.stderr
