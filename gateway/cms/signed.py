@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -647,11 +647,16 @@ def verify(
     content: bytes | None = None,
     trusted_signers: Sequence[x509.Certificate],
     policy: AlgorithmPolicy,
+    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None = None,
 ) -> VerifiedSignature:
     """Verify a DER/BER ``ContentInfo(SignedData)``.
 
     ``content`` is the detached content, if any.  The signer certificate must be
-    byte-equal to one of ``trusted_signers`` (pinning).
+    byte-equal to one of ``trusted_signers`` (pinning), or, when
+    ``validate_signer`` is given, be accepted by it: it receives the signer
+    certificate and the certificates carried in the message and raises
+    :class:`SignerNotTrustedError` to refuse (path validation, e.g.
+    :class:`gateway.cms.trust.TrustAnchors`).
     """
     parsed = _parse_signed_data(signed)
     if parsed.content is not None and content is not None:
@@ -679,8 +684,10 @@ def verify(
             continue
         scheme = _verify_signer(signer, cert, parsed, data, policy)
         if cert.public_bytes(serialization.Encoding.DER) not in trusted_der:
-            untrusted.append(cert_label(cert))
-            continue
+            if validate_signer is None:
+                untrusted.append(cert_label(cert))
+                continue
+            validate_signer(cert, parsed.certificates)
         if result is None:
             st = signer.signing_time
             if isinstance(st, datetime) and st.tzinfo is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,15 +19,50 @@ from cryptography import x509
 
 from ..errors import MalformedMessageError, SignatureError
 from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
+from .compressed import DEFAULT_MAX_DECOMPRESSED, compress, decompress
 from .enveloped import Decrypted, decrypt, encrypt
-from .mime import get_header, header_param, media_type, parse_entity
+from .mime import get_header, header_param, make_entity, media_type, parse_entity
 from .signed import VerifiedSignature, sign, verify
+from .trust import SignerValidator
 
-__all__ = ["envelope_entity", "open_envelope", "sign_entity", "verify_entity"]
+__all__ = [
+    "canonical_crlf",
+    "compress_entity",
+    "decompress_entity",
+    "envelope_entity",
+    "is_compressed_entity",
+    "open_envelope",
+    "sign_entity",
+    "verify_entity",
+]
 
 _MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
 _SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 _MIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
+
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def canonical_crlf(data: bytes) -> bytes:
+    """``data`` with every bare LF turned into CRLF (MIME canonical form)."""
+    return _BARE_LF.sub(b"\r\n", data)
+
+
+def _canonical_readings(part: bytes) -> list[bytes]:
+    """A part whose CRLFs became LF in transit, as it was signed.
+
+    MIME headers are always CRLF; a binary body is signed as is, a text body in
+    canonical CRLF form.  Only computed when the part has bare LFs.
+    """
+    if _BARE_LF.search(part) is None:
+        return []
+    sep = part.find(b"\n\n")
+    out = []
+    if sep >= 0 and part.find(b"\r\n\r\n") < 0:
+        out.append(canonical_crlf(part[: sep + 2]) + part[sep + 2 :])
+    out.append(canonical_crlf(part))
+    return out
 
 
 def _b64_lines(data: bytes) -> bytes:
@@ -174,8 +210,12 @@ def verify_entity(
     *,
     trusted_signers: Sequence[x509.Certificate],
     policy: AlgorithmPolicy,
+    validate_signer: SignerValidator | None = None,
 ) -> tuple[bytes, VerifiedSignature]:
-    """Verify ``multipart/signed`` (or pkcs7-mime signed-data); return (entity, verification)."""
+    """Verify ``multipart/signed`` (or pkcs7-mime signed-data); return (entity, verification).
+
+    ``validate_signer`` as in :func:`gateway.cms.signed.verify`.
+    """
     headers, body = parse_entity(signed_entity)
     ctype = get_header(headers, "Content-Type")
     if ctype is None:
@@ -208,20 +248,30 @@ def verify_entity(
                 fix="ask the peer to send an S/MIME (CMS) signature",
             )
         signature = _decode_body(sig_headers, sig_body, "signature part")
-        try:
-            return content, verify(
-                signature, content=content, trusted_signers=trusted_signers, policy=policy
-            )
-        except SignatureError:
-            if alt_content is None:
-                raise
+        # The exact bytes first; then the reading that keeps a CR before the
+        # delimiter; then the canonical CRLF form of a part whose line endings
+        # were converted to bare LF in transit (RFC 8551 3.1.1: text is signed
+        # in canonical form).  What verifies is what we return and deliver.
+        readings = [content]
+        if alt_content is not None:
+            readings.append(alt_content)
+        for canonical in _canonical_readings(content):
+            if canonical not in readings:
+                readings.append(canonical)
+        first_error: SignatureError | None = None
+        for reading in readings:
             try:
-                return alt_content, verify(
-                    signature, content=alt_content, trusted_signers=trusted_signers, policy=policy
+                return reading, verify(
+                    signature,
+                    content=reading,
+                    trusted_signers=trusted_signers,
+                    policy=policy,
+                    validate_signer=validate_signer,
                 )
-            except SignatureError:
-                pass
-            raise
+            except SignatureError as exc:
+                first_error = first_error or exc
+        assert first_error is not None
+        raise first_error
     if mtype in _MIME_TYPES:
         smime_type = (header_param(ctype, "smime-type") or "signed-data").lower()
         if smime_type != "signed-data":
@@ -230,7 +280,9 @@ def verify_entity(
                 fix="decrypt enveloped data with open_envelope() first",
             )
         der = _decode_body(headers, body, "pkcs7-mime body")
-        result = verify(der, trusted_signers=trusted_signers, policy=policy)
+        result = verify(
+            der, trusted_signers=trusted_signers, policy=policy, validate_signer=validate_signer
+        )
         return result.content, result
     raise MalformedMessageError(
         f"entity of type {mtype} is not signed (expected multipart/signed or "
@@ -268,3 +320,36 @@ def open_envelope(
                 fix="the body was damaged in transit; ask the peer to resend",
             ) from exc
     return decrypt(body, cert, key, policy=policy)
+
+
+def compress_entity(entity: bytes) -> bytes:
+    """A complete ``application/pkcs7-mime; smime-type=compressed-data`` entity (RFC 3274)."""
+    return make_entity(
+        'application/pkcs7-mime; smime-type=compressed-data; name="smime.p7z"',
+        compress(entity),
+        [("Content-Disposition", 'attachment; filename="smime.p7z"')],
+    )
+
+
+def is_compressed_entity(entity: bytes) -> bool:
+    """True if ``entity``'s Content-Type is pkcs7-mime with smime-type=compressed-data."""
+    try:
+        headers, _ = parse_entity(entity[:65536])
+    except MalformedMessageError:
+        return False
+    ctype = get_header(headers, "Content-Type") or ""
+    smime_type = (header_param(ctype, "smime-type") or "").lower()
+    return media_type(ctype) in _MIME_TYPES and smime_type == "compressed-data"
+
+
+def decompress_entity(entity: bytes, *, max_size: int = DEFAULT_MAX_DECOMPRESSED) -> bytes:
+    """The MIME entity inside a compressed-data entity (base64 or binary body)."""
+    headers, body = parse_entity(entity)
+    ctype = get_header(headers, "Content-Type") or ""
+    smime_type = (header_param(ctype, "smime-type") or "").lower()
+    if media_type(ctype) not in _MIME_TYPES or smime_type != "compressed-data":
+        raise MalformedMessageError(
+            f"entity of type {ctype or 'untyped'!r} is not S/MIME compressed data",
+            fix="expected application/pkcs7-mime; smime-type=compressed-data",
+        )
+    return decompress(_decode_body(headers, body, "compressed-data body"), max_size=max_size)
