@@ -119,6 +119,8 @@ def issue(
     organization: str | None = None,
     dns_names: Iterable[str] = (),
     ip_addresses: Iterable[str | IPAddress] = (),
+    ocsp_url: str | None = None,
+    crl_url: str | None = None,
 ) -> Issued:
     """An end-entity certificate signed by ``ca``.
 
@@ -133,7 +135,8 @@ def issue(
       (RSA), extendedKeyUsage emailProtection.
 
     ``dns_names`` and ``ip_addresses`` go into subjectAltName (omitted when
-    both are empty).
+    both are empty).  ``ocsp_url`` goes into authorityInformationAccess,
+    ``crl_url`` into cRLDistributionPoints.
     """
     _check_time(now, days)
     if purpose not in PURPOSES:
@@ -172,8 +175,88 @@ def issue(
     alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
     if alt_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+    builder = _add_revocation_pointers(builder, ocsp_url, crl_url)
     certificate = builder.sign(ca.key, signature_hash(ca.key))
     return Issued(certificate, key)
+
+
+def issue_ocsp_responder(
+    ca: Issued, common_name: str, *, now: datetime, days: int = 30, key_kind: str = "ec-p256"
+) -> Issued:
+    """A delegated OCSP responder certificate (RFC 6960 4.2.2.2): issued by ``ca``,
+    extendedKeyUsage OCSPSigning, with id-pkix-ocsp-nocheck."""
+    _check_time(now, days)
+    key = new_key(key_kind)
+    certificate = (
+        _base(_name(common_name, None), ca.certificate.subject, key, now, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+        .add_extension(x509.OCSPNoCheck(), critical=False)
+        .add_extension(_aki_from_issuer(ca), critical=False)
+        .sign(ca.key, signature_hash(ca.key))
+    )
+    return Issued(certificate, key)
+
+
+def make_crl(
+    ca: Issued,
+    *,
+    now: datetime,
+    days: int = 7,
+    revoked: Iterable[tuple[int, datetime]] = (),
+    number: int = 1,
+) -> x509.CertificateRevocationList:
+    """A CRL signed by ``ca``: thisUpdate ``now``, nextUpdate ``now + days``,
+    listing the ``(serial, revocation time)`` pairs in ``revoked``."""
+    _check_time(now, days)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now)
+        .next_update(now + timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(_aki_from_issuer(ca), critical=False)
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca.key, signature_hash(ca.key))
+
+
+def _add_revocation_pointers(
+    builder: x509.CertificateBuilder, ocsp_url: str | None, crl_url: str | None
+) -> x509.CertificateBuilder:
+    if ocsp_url:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        x509.oid.AuthorityInformationAccessOID.OCSP,
+                        x509.UniformResourceIdentifier(ocsp_url),
+                    )
+                ]
+            ),
+            critical=False,
+        )
+    if crl_url:
+        point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
+        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    return builder
 
 
 def write_pem(path: Path, obj: x509.Certificate | Sequence[x509.Certificate] | PrivateKey) -> None:

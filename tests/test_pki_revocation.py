@@ -1,0 +1,368 @@
+"""Revocation against real things: ``openssl ocsp`` serving an ``openssl ca``
+index on 127.0.0.1, and CRLs signed by a test CA."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from gateway.demo_run import free_port
+from gateway.pki import issue
+from gateway.pki.crl import crl_findings, stale_crl_warnings
+from gateway.pki.ocsp import OcspClient, OcspError, build_request, parse_response
+from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def _index_line(cert: x509.Certificate, revoked_at: datetime | None = None) -> str:
+    expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
+    serial = f"{cert.serial_number:X}"
+    if len(serial) % 2:
+        serial = "0" + serial
+    subject = "/" + "/".join(reversed(cert.subject.rfc4514_string().split(",")))
+    if revoked_at is None:
+        return f"V\t{expiry}\t\t{serial}\tunknown\t{subject}\n"
+    when = revoked_at.strftime("%y%m%d%H%M%SZ")
+    return f"R\t{expiry}\t{when},keyCompromise\t{serial}\tunknown\t{subject}\n"
+
+
+@dataclass
+class Pki:
+    root: issue.Issued
+    good: issue.Issued
+    revoked: issue.Issued
+    unknown: issue.Issued
+    responder: issue.Issued
+    rogue: issue.Issued  # an OCSP-signing certificate from another CA
+    url: str
+    port: int
+    dir: Path
+
+
+class Responder:
+    """A real OCSP responder on 127.0.0.1 only: every POST is answered by
+    ``openssl ocsp -index ... -reqin ... -respout ...`` (OpenSSL 3.0's own
+    server mode cannot bind to one address: ``-port`` takes a number and
+    listens on all interfaces)."""
+
+    def __init__(self, pki: Pki, signer: issue.Issued) -> None:
+        for name, obj in (
+            ("ca.pem", pki.root.certificate),
+            ("rsigner.pem", signer.certificate),
+            ("rkey.pem", signer.key),
+        ):
+            issue.write_pem(pki.dir / name, obj)
+        work = pki.dir
+        command = [
+            "openssl",
+            "ocsp",
+            "-index",
+            str(work / "index.txt"),
+            "-CA",
+            str(work / "ca.pem"),
+            "-rsigner",
+            str(work / "rsigner.pem"),
+            "-rkey",
+            str(work / "rkey.pem"),
+            "-rmd",
+            "sha256",
+            "-nmin",
+            "10",
+        ]
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                request = self.rfile.read(length)
+                with tempfile.TemporaryDirectory(dir=work) as tmp:
+                    req, resp = Path(tmp) / "req.der", Path(tmp) / "resp.der"
+                    req.write_bytes(request)
+                    done = subprocess.run(
+                        [*command, "-reqin", str(req), "-respout", str(resp)],
+                        capture_output=True,
+                        check=False,
+                    )
+                    body = resp.read_bytes() if done.returncode == 0 else b""
+                outer.requests += 1
+                self.send_response(200 if body else 500)
+                self.send_header("Content-Type", "application/ocsp-response")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", pki.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    root = issue.make_ca("OCSP Test Root", now=NOW - timedelta(days=1), organization="Test")
+    start = NOW - timedelta(hours=1)
+    good = issue.issue(root, "good.example", purpose="tls", now=start, ocsp_url=url)
+    revoked = issue.issue(root, "revoked.example", purpose="tls", now=start, ocsp_url=url)
+    unknown = issue.issue(root, "unknown.example", purpose="tls", now=start, ocsp_url=url)
+    responder = issue.issue_ocsp_responder(root, "OCSP Responder", now=start)
+    other_ca = issue.make_ca("Other Root", now=start)
+    rogue = issue.issue_ocsp_responder(other_ca, "OCSP Responder", now=start)
+    (tmp_path / "index.txt").write_text(
+        _index_line(good.certificate)
+        + _index_line(revoked.certificate, NOW - timedelta(minutes=30))
+        + _index_line(responder.certificate)
+    )
+    (tmp_path / "index.txt.attr").write_text("unique_subject = no\n")
+    return Pki(root, good, revoked, unknown, responder, rogue, url, port, tmp_path)
+
+
+@pytest.fixture
+def responder(pki: Pki) -> Iterator[Responder]:
+    server = Responder(pki, pki.responder)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _check(
+    pki: Pki,
+    leaf: issue.Issued,
+    policy: RevocationPolicy,
+    client: OcspClient | None = None,
+) -> ValidationResult:
+    return await validate(
+        leaf.certificate,
+        anchors=[pki.root.certificate],
+        purpose=Purpose.TLS_CLIENT,
+        revocation=policy,
+        ocsp=True,
+        ocsp_client=client or OcspClient(timeout=5),
+    )
+
+
+async def test_ocsp_good(pki: Pki, responder: Responder) -> None:
+    result = await _check(pki, pki.good, RevocationPolicy.REQUIRE)
+    assert result.valid, result.reason
+    assert responder.requests == 1
+    assert result.statuses[0].status == "good" and result.statuses[0].source == "ocsp"
+    assert "CN=good.example" in result.revocation and "ocsp" in result.revocation
+
+
+async def test_ocsp_revoked_is_refused_under_every_checking_policy(
+    pki: Pki, responder: Responder
+) -> None:
+    for policy in (RevocationPolicy.REQUIRE, RevocationPolicy.PREFER):
+        result = await _check(pki, pki.revoked, policy)
+        assert not result.valid
+        assert result.reason is not None
+        assert "CN=revoked.example" in result.reason and "revoked" in result.reason
+        assert "fix:" in result.reason
+
+
+async def test_ocsp_unknown(pki: Pki, responder: Responder) -> None:
+    refused = await _check(pki, pki.unknown, RevocationPolicy.REQUIRE)
+    assert not refused.valid
+    assert refused.reason is not None and "could not be established" in refused.reason
+    preferred = await _check(pki, pki.unknown, RevocationPolicy.PREFER)
+    assert preferred.valid, preferred.reason
+    assert any("unknown" in w for w in preferred.warnings)
+
+
+async def test_ocsp_responder_down_per_policy(pki: Pki) -> None:
+    # nothing listens on pki.port
+    refused = await _check(pki, pki.good, RevocationPolicy.REQUIRE)
+    assert not refused.valid
+    assert refused.reason is not None and "unreachable" in refused.reason
+    warned = await _check(pki, pki.good, RevocationPolicy.PREFER)
+    assert warned.valid and warned.warnings and "unreachable" in warned.warnings[0]
+    off = await _check(pki, pki.good, RevocationPolicy.OFF)
+    assert off.valid and off.revocation == "not-checked"
+
+
+async def test_ocsp_response_signed_by_unauthorised_key_is_refused(pki: Pki) -> None:
+    server = Responder(pki, pki.rogue)
+    try:
+        for leaf in (pki.good, pki.revoked):
+            result = await _check(pki, leaf, RevocationPolicy.REQUIRE)
+            assert not result.valid
+            assert result.reason is not None
+            assert "could not be established" in result.reason
+            assert "unauthori" in result.reason  # the responder is named as not authorised
+        assert server.requests >= 2  # the rogue responder really answered
+    finally:
+        server.stop()
+
+
+async def test_ocsp_cache_until_next_update(pki: Pki) -> None:
+    client = OcspClient(timeout=5)
+    server = Responder(pki, pki.responder)
+    try:
+        assert (await _check(pki, pki.good, RevocationPolicy.REQUIRE, client)).valid
+    finally:
+        server.stop()
+    # The responder is gone: the validated response is still fresh (nextUpdate +10 min).
+    cached = await _check(pki, pki.good, RevocationPolicy.REQUIRE, client)
+    assert cached.valid, cached.reason
+    # Past nextUpdate the cache no longer answers, and require refuses.
+    later = await validate(
+        pki.good.certificate,
+        anchors=[pki.root.certificate],
+        at=datetime.now(UTC) + timedelta(minutes=20),
+        revocation=RevocationPolicy.REQUIRE,
+        ocsp=True,
+        ocsp_client=client,
+    )
+    assert not later.valid
+
+
+async def test_ocsp_nonce_must_be_echoed(pki: Pki, responder: Responder) -> None:
+    import aiohttp
+    from asn1crypto import x509 as asn1_x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    cert = asn1_x509.Certificate.load(pki.good.certificate.public_bytes(Encoding.DER))
+    issuer = asn1_x509.Certificate.load(pki.root.certificate.public_bytes(Encoding.DER))
+    body = build_request(cert, issuer, b"0123456789abcdef").dump()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(pki.url, data=body, headers={"Content-Type": "application/ocsp-request"}) as r,
+    ):
+        raw = await r.read()
+    now = datetime.now(UTC)
+    ok = parse_response(
+        raw, url=pki.url, cert=cert, issuer=issuer, nonce=b"0123456789abcdef", at=now
+    )
+    assert ok.status == "good"
+    with pytest.raises(OcspError, match="nonce"):
+        parse_response(
+            raw, url=pki.url, cert=cert, issuer=issuer, nonce=b"replayed-nonce!!", at=now
+        )
+
+
+# --- CRLs ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def chain() -> tuple[issue.Issued, issue.Issued, issue.Issued]:
+    root = issue.make_ca("CRL Root", now=NOW - timedelta(days=30))
+    sub = issue.make_ca("CRL Issuing CA", now=NOW - timedelta(days=30), parent=root)
+    leaf = issue.issue(sub, "leaf.example", purpose="smime-sign", now=NOW - timedelta(days=1))
+    return root, sub, leaf
+
+
+async def test_crl_good_revoked_missing_and_stale(
+    chain: tuple[issue.Issued, issue.Issued, issue.Issued],
+) -> None:
+    root, sub, leaf = chain
+    root_crl = issue.make_crl(root, now=NOW - timedelta(hours=1), days=30)
+    sub_crl = issue.make_crl(sub, now=NOW - timedelta(hours=1), days=7)
+
+    async def check(crls: list[x509.CertificateRevocationList], **kw: object) -> ValidationResult:
+        return await validate(
+            leaf.certificate,
+            anchors=[root.certificate],
+            intermediates=[sub.certificate],
+            purpose=Purpose.SMIME_SIGN,
+            revocation=kw.get("policy", RevocationPolicy.REQUIRE),  # type: ignore[arg-type]
+            crls=crls,
+            at=kw.get("at", NOW),  # type: ignore[arg-type]
+        )
+
+    good = await check([root_crl, sub_crl])
+    assert good.valid, good.reason
+    assert [s.status for s in good.statuses] == ["good", "good", "trust-anchor"]
+    assert good.subjects[0] == "CN=leaf.example"
+
+    revoked_crl = issue.make_crl(
+        sub,
+        now=NOW - timedelta(minutes=5),
+        revoked=[(leaf.certificate.serial_number, NOW - timedelta(minutes=10))],
+        number=2,
+    )
+    revoked = await check([root_crl, revoked_crl])
+    assert not revoked.valid and revoked.reason is not None
+    assert "CN=leaf.example is revoked" in revoked.reason
+    assert not (await check([root_crl, revoked_crl], policy=RevocationPolicy.PREFER)).valid
+
+    missing = await check([root_crl])  # no CRL from the issuing CA
+    assert not missing.valid and missing.reason is not None
+    assert "CN=leaf.example" in missing.reason and "could not be established" in missing.reason
+    assert (await check([root_crl], policy=RevocationPolicy.PREFER)).valid
+
+    stale_at = NOW + timedelta(days=8)  # past the issuing CA's nextUpdate, inside validity
+    stale = await check([root_crl, sub_crl], at=stale_at)
+    assert not stale.valid
+
+    # a CRL signed by another CA under the same name does not count
+    impostor = issue.make_ca("CRL Issuing CA", now=NOW - timedelta(days=30))
+    forged = issue.make_crl(impostor, now=NOW - timedelta(hours=1))
+    assert not (await check([root_crl, forged])).valid
+
+
+def test_stale_crl_alarm_goes_off_before_next_update(
+    chain: tuple[issue.Issued, issue.Issued, issue.Issued],
+) -> None:
+    _, sub, _ = chain
+    crl = issue.make_crl(sub, now=NOW, days=7)
+    assert stale_crl_warnings([crl], at=NOW, warn_days=3) == []
+    soon = stale_crl_warnings([crl], at=NOW + timedelta(days=5), warn_days=3)
+    assert [f.severity for f in soon] == ["warning"]
+    assert "goes stale in 2 d" in soon[0].message and "CN=CRL Issuing CA" in soon[0].issuer
+    late = crl_findings([crl], at=NOW + timedelta(days=8))
+    assert [f.severity for f in late] == ["error"] and "stale" in late[0].message
+
+
+async def test_purpose_and_expiry_reasons(
+    chain: tuple[issue.Issued, issue.Issued, issue.Issued],
+) -> None:
+    root, sub, leaf = chain
+    wrong = await validate(
+        leaf.certificate,
+        anchors=[root.certificate],
+        intermediates=[sub.certificate],
+        purpose=Purpose.TLS_CLIENT,
+    )
+    assert not wrong.valid and wrong.reason is not None
+    assert "CN=leaf.example" in wrong.reason and "clientAuth" in wrong.reason
+
+    expired = await validate(
+        leaf.certificate,
+        anchors=[root.certificate],
+        intermediates=[sub.certificate],
+        purpose=Purpose.SMIME_SIGN,
+        at=leaf.certificate.not_valid_after_utc + timedelta(days=1),
+    )
+    assert not expired.valid and expired.reason is not None
+    assert "CN=leaf.example expired on" in expired.reason and "renew" in expired.reason
+
+    no_path = await validate(leaf.certificate, anchors=[root.certificate])
+    assert not no_path.valid and no_path.reason is not None
+    assert "CN=CRL Issuing CA" in no_path.reason
+
+    weak_root = issue.make_ca("Weak Root", now=NOW - timedelta(days=1), key_kind="rsa-2048")
+    fine = issue.issue(weak_root, "ok.example", purpose="tls", now=NOW - timedelta(hours=1))
+    assert (await validate(fine.certificate, anchors=[weak_root.certificate])).valid
