@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.commands import daemon, demo, queue
+from gateway.commands import pki as pki_cmds
 from gateway.errors import MedgwError
 
 EXIT_FAILED = 1
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     pki = commands.add_parser("pki", help="certificate tools")
     pki_commands = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
     demo.register_pki(pki_commands)
+    pki_cmds.register(pki_commands)
     return parser
 
 

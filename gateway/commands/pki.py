@@ -1,0 +1,355 @@
+"""``medgw pki verify``, ``medgw pki check`` and ``medgw pki csr``: the admin's certificate tools.
+
+Exit codes: 0 valid / no errors; 1 invalid / errors found; 2 usage error
+(bad arguments, unreadable input files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+VERIFY_PURPOSES = ("tls-client", "tls-server", "smime-sign", "smime-encrypt", "any")
+CSR_PURPOSES = ("tls", "tls-client", "tls-server", "smime-sign", "smime-encrypt")
+EXPIRY_WARN_DAYS = 30
+
+
+def register(pki_commands: Any) -> None:
+    verify = pki_commands.add_parser(
+        "verify", help="validate a certificate path (RFC 5280, policy, revocation)"
+    )
+    verify.add_argument("leaf", type=Path, help="the certificate to verify (PEM or DER)")
+    verify.add_argument(
+        "--intermediate", type=Path, action="append", default=[], metavar="F",
+        help="intermediate CA certificate(s); repeatable",
+    )  # fmt: skip
+    verify.add_argument(
+        "--trust", type=Path, action="append", required=True, metavar="F",
+        help="trust anchor certificate(s); repeatable",
+    )  # fmt: skip
+    verify.add_argument(
+        "--crl", type=Path, action="append", default=[], metavar="F",
+        help="CRL file or folder of CRLs; repeatable. Makes revocation status required",
+    )  # fmt: skip
+    verify.add_argument(
+        "--ocsp", action="store_true",
+        help="ask the OCSP responders named in the certificates; makes revocation status required",
+    )  # fmt: skip
+    verify.add_argument("--at", metavar="ISO-TIME", help="verification time (default: now)")
+    verify.add_argument("--purpose", choices=VERIFY_PURPOSES, default="any")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    verify.set_defaults(handler=_verify)
+
+    check = pki_commands.add_parser(
+        "check", help="expiry, key policy, CRL freshness and pins of the configuration"
+    )
+    check.add_argument("--config", type=Path, default=Path("/etc/medgw/gateway.toml"))
+    check.add_argument(
+        "--crl", type=Path, action="append", default=[], metavar="F",
+        help="CRL file or folder to check for freshness; repeatable",
+    )  # fmt: skip
+    check.add_argument("--warn-days", type=int, default=EXPIRY_WARN_DAYS)
+    check.set_defaults(handler=_check)
+
+    csr = pki_commands.add_parser("csr", help="generate a private key and a CSR for a real CA")
+    csr.add_argument("--purpose", choices=CSR_PURPOSES, required=True)
+    csr.add_argument("--cn", required=True, help="subject common name")
+    csr.add_argument("--org", help="subject organisation")
+    csr.add_argument("--country", help="subject country (two letters)")
+    csr.add_argument("--dns", action="append", default=[], help="subjectAltName DNS name")
+    csr.add_argument("--ip", action="append", default=[], help="subjectAltName IP address")
+    csr.add_argument("--email", action="append", default=[], help="subjectAltName e-mail")
+    csr.add_argument("--key-type", choices=("ec-p256", "ec-p384", "rsa-3072"), default="ec-p256")
+    csr.add_argument("--key-out", type=Path, required=True, help="private key file to create")
+    csr.add_argument("--csr-out", type=Path, required=True, help="CSR file to create")
+    csr.set_defaults(handler=_csr)
+
+
+def _usage(message: str) -> int:
+    print(f"medgw pki: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# --- verify ---------------------------------------------------------------------
+
+
+def _parse_time(text: str) -> datetime:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from gateway.pki.store import PkiFileError, load_certificates, load_crls, load_many
+    from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
+
+    try:
+        at = _parse_time(args.at) if args.at else None
+    except ValueError:
+        return _usage(f"--at {args.at!r} is not an ISO 8601 time (e.g. 2026-04-01T09:00:00Z)")
+    try:
+        leaves = load_certificates(args.leaf)
+        intermediates = load_many(args.intermediate) + leaves[1:]
+        anchors = load_many(args.trust)
+        crls = [crl for path in args.crl for crl in load_crls(path)]
+    except PkiFileError as exc:
+        return _usage(str(exc))
+    checking = bool(args.crl or args.ocsp)
+    result = validate_sync(
+        leaves[0],
+        anchors=anchors,
+        intermediates=intermediates,
+        purpose=Purpose(args.purpose),
+        at=at,
+        revocation=RevocationPolicy.REQUIRE if checking else RevocationPolicy.OFF,
+        crls=crls,
+        ocsp=bool(args.ocsp),
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print("chain (leaf first):")
+        statuses = {s.subject: s for s in result.statuses}
+        for depth, cert in enumerate(result.chain):
+            subject = cert.subject.rfc4514_string()
+            role = "trust anchor" if depth == len(result.chain) - 1 and depth else ""
+            status = statuses.get(subject)
+            rev = f", revocation: {status.status}" if status and status.status != role else ""
+            if status and status.source:
+                rev += f" ({status.source})"
+            until = f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+            extra = f" [{role}]" if role else ""
+            print(f"  {depth}: {subject}{extra} ({until}{rev})")
+        if checking:
+            print(f"revocation: {result.revocation}")
+        else:
+            print("revocation: not-checked (give --crl or --ocsp to require it)")
+        for warning in result.warnings:
+            print(f"warning: {warning}")
+        print("VALID" if result.valid else f"INVALID: {result.reason}")
+    return EXIT_OK if result.valid else EXIT_FAILED
+
+
+# --- check ----------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.errors import ConfigError
+    from gateway.pki.store import PkiFileError, load_crls
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        crls = [crl for path in args.crl for crl in load_crls(path)]
+    except PkiFileError as exc:
+        return _usage(str(exc))
+    rows = check_rows(config, crls, now=datetime.now(UTC), warn_days=args.warn_days)
+    _print_table(rows)
+    errors = sum(1 for r in rows if r[0] == "error")
+    warnings = sum(1 for r in rows if r[0] == "warning")
+    print(f"\n{errors} error(s), {warnings} warning(s)")
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def check_rows(
+    config: Any, crls: list[Any], *, now: datetime, warn_days: int
+) -> list[tuple[str, str, str]]:
+    """(severity, item, finding) for every configured certificate and CRL."""
+    from gateway.pki.crl import crl_findings
+    from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
+
+    rows: list[tuple[str, str, str]] = []
+    # Trust anchors are per zone (older configurations: one set under [tls]).
+    zones = {z.name: z for z in getattr(config, "zones", ())}
+    all_anchors = list(getattr(config.tls, "trust_anchors", ()))
+    anchor_rows: list[tuple[str, Any]] = [("tls trust anchor", c) for c in all_anchors]
+    for zone in zones.values():
+        anchor_rows += [(f"zone {zone.name} trust anchor", c) for c in zone.trust_anchors]
+        all_anchors += [c for c in zone.trust_anchors if c not in all_anchors]
+        if getattr(zone, "revocation", "off") == "off":
+            rows.append(
+                (
+                    "warning",
+                    f"zone {zone.name}",
+                    "revocation = off: a revoked peer certificate is still accepted "
+                    '(fix: set revocation = "require" and keep its CRLs current)',
+                )
+            )
+    own: list[tuple[str, Any]] = [
+        ("tls certificate", config.tls.identity.certificate),
+        *(("tls chain", c) for c in config.tls.identity.chain),
+        *anchor_rows,
+        ("smime signing certificate", config.smime.signing.certificate),
+        ("smime encryption certificate", config.smime.encryption.certificate),
+    ]
+    for label, cert in own:
+        rows.extend(_cert_rows(label, cert, now, warn_days, encryption="encryption" in label))
+    intermediates = list(config.tls.identity.chain)
+    for peer in config.peers:
+        zone = zones.get(getattr(peer, "zone", ""))
+        anchors = list(zone.trust_anchors) if zone is not None else all_anchors
+        groups = (
+            ("tls", peer.tls_certificates, Purpose.TLS_CLIENT),
+            ("signing", peer.signing_certificates, Purpose.SMIME_SIGN),
+            ("encryption", peer.encryption_certificates, Purpose.SMIME_ENCRYPT),
+        )
+        for kind, certs, purpose in groups:
+            for cert in certs:
+                label = f"peer {peer.name} {kind} pin"
+                rows.extend(
+                    _cert_rows(label, cert, now, warn_days, encryption=kind == "encryption")
+                )
+                result = validate_sync(
+                    cert,
+                    anchors=anchors,
+                    intermediates=intermediates,
+                    purpose=purpose,
+                    at=now,
+                    revocation=RevocationPolicy.OFF,
+                )
+                if not result.valid:
+                    rows.append(
+                        (
+                            "error" if kind == "tls" else "warning",
+                            f"{label} {cert.subject.rfc4514_string()}",
+                            f"pin matches no certificate that can be accepted: {result.reason}",
+                        )
+                    )
+    for finding in crl_findings(crls, at=now, warn_days=min(warn_days, 7)):
+        text = finding.message + (f" (fix: {finding.fix})" if finding.fix else "")
+        rows.append((finding.severity, f"CRL {finding.issuer}", text))
+    if not crls:
+        rows.append(
+            (
+                "warning",
+                "revocation",
+                "no CRL given: revocation is not checked (fix: pass --crl FOLDER, and set "
+                "a revocation policy for each zone)",
+            )
+        )
+    return rows
+
+
+def _cert_rows(
+    label: str, cert: Any, now: datetime, warn_days: int, *, encryption: bool
+) -> list[tuple[str, str, str]]:
+    from gateway.errors import PolicyError
+    from gateway.policy import AlgorithmPolicy
+
+    item = f"{label} {cert.subject.rfc4514_string()}"
+    rows: list[tuple[str, str, str]] = []
+    left = cert.not_valid_after_utc - now
+    if left.total_seconds() <= 0:
+        rows.append(
+            ("error", item, f"expired on {cert.not_valid_after_utc:%Y-%m-%d} (fix: renew it)")
+        )
+    elif left.days < warn_days:
+        rows.append(("warning", item, f"expires in {left.days} days (fix: renew it now)"))
+    else:
+        rows.append(("ok", item, f"{left.days} days to expiry"))
+    if cert.not_valid_before_utc > now:
+        rows.append(("error", item, f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"))
+    policy = AlgorithmPolicy()
+    key = cert.public_key()
+    try:
+        if encryption:
+            policy.check_recipient_key(key)
+        else:
+            policy.check_signature_key(key)
+        for warning in policy.warnings_for_key(key):
+            rows.append(("warning", item, warning))
+    except PolicyError as exc:
+        rows.append(("error", item, str(exc)))
+    return rows
+
+
+def _print_table(rows: list[tuple[str, str, str]]) -> None:
+    width = max([len("ITEM")] + [len(r[1]) for r in rows])
+    width = min(width, 70)
+    print(f"{'SEVERITY':<8}  {'ITEM':<{width}}  FINDING")
+    for severity, item, finding in rows:
+        print(f"{severity:<8}  {item:<{width}}  {finding}")
+
+
+# --- csr ------------------------------------------------------------------------
+
+
+def _csr(args: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from gateway.pki.issue import new_key, signature_hash, write_pem
+
+    for path in (args.key_out, args.csr_out):
+        if path.exists():
+            return _usage(f"{path} exists; refusing to overwrite (move it away first)")
+    try:
+        ips = [ipaddress.ip_address(ip) for ip in args.ip]
+    except ValueError as exc:
+        return _usage(str(exc))
+    if args.country and len(args.country) != 2:
+        return _usage("--country must be a two-letter code, e.g. JP")
+    key = new_key(args.key_type)
+    is_rsa = isinstance(key, rsa.RSAPrivateKey)
+    purpose = args.purpose
+    tls = purpose.startswith("tls")
+    usage = {
+        "digital_signature": tls or purpose == "smime-sign",
+        "content_commitment": purpose == "smime-sign",
+        "key_encipherment": is_rsa and purpose == "smime-encrypt",
+        "key_agreement": not is_rsa and purpose == "smime-encrypt",
+    }
+    eku = {
+        "tls": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        "tls-client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+        "tls-server": [ExtendedKeyUsageOID.SERVER_AUTH],
+    }.get(purpose, [ExtendedKeyUsageOID.EMAIL_PROTECTION])
+    attributes = []
+    if args.country:
+        attributes.append(x509.NameAttribute(NameOID.COUNTRY_NAME, args.country.upper()))
+    if args.org:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, args.org))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, args.cn))
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(attributes))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                data_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+                **usage,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    )
+    names: list[x509.GeneralName] = [x509.DNSName(d) for d in args.dns]
+    names += [x509.IPAddress(ip) for ip in ips]
+    names += [x509.RFC822Name(e) for e in args.email]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    csr = builder.sign(key, signature_hash(key))
+    write_pem(args.key_out, key)
+    args.csr_out.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    print(f"private key: {args.key_out} (mode 0600; keep it on this host)")
+    print(f"CSR:         {args.csr_out} - send it to your CA for a {purpose} certificate")
+    return EXIT_OK
