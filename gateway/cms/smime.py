@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Literal
 
 from cryptography import x509
 
@@ -79,6 +80,7 @@ def sign_entity(
     signing_time: datetime,
     policy: AlgorithmPolicy,
     certificates: Sequence[x509.Certificate] = (),
+    rsa_padding: Literal["pss", "pkcs1v15"] = "pkcs1v15",
 ) -> bytes:
     """A complete ``multipart/signed`` entity whose first part is ``entity`` exactly."""
     entity = bytes(entity)
@@ -89,6 +91,7 @@ def sign_entity(
         signer_key,
         digest=digest,
         detached=True,
+        rsa_padding=rsa_padding,
         certificates=certificates,
         signing_time=signing_time,
         policy=policy,
