@@ -45,6 +45,7 @@ from gateway.sdnotify import Notifier
 from gateway.spool import Spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
+PARALLEL_SENDS_PER_PEER = 4
 _DER = Encoding.DER
 
 
@@ -296,32 +297,61 @@ class Daemon:
             self._peer_tasks[name] = asyncio.get_running_loop().create_task(self._peer_loop(name))
 
     async def _peer_loop(self, name: str) -> None:
+        """Send this peer's due messages, up to PARALLEL_SENDS_PER_PEER at a time."""
         assert self._outbound is not None and self._spool is not None
         wakeup = self._outbound.wakeups[name]
-        while not self._stopping:
-            wakeup.clear()
-            state = self.state
-            peer = state.config.peer(name)
-            if peer is None:
-                return
-            self._outbound.expire(peer)
-            suspended = self._spool.is_suspended(name)
-            record = None if suspended else self._spool.next_due(name)
-            wait = PEER_IDLE_CHECK_SECONDS
-            if record is not None:
-                due_in = record.next_attempt_at - self._clock.now().timestamp()
-                if due_in <= 0:
-                    pause = await self._outbound.send_one(
-                        record, peer, state.clients[name], self._rng
-                    )
+        inflight: set[asyncio.Task[float]] = set()
+        resume_at = 0.0  # the whole peer rests after a transport failure
+        try:
+            while not self._stopping:
+                wakeup.clear()
+                state = self.state
+                peer = state.config.peer(name)
+                if peer is None:
+                    break
+                self._outbound.expire(peer)
+                now = self._clock.now().timestamp()
+                wait = PEER_IDLE_CHECK_SECONDS
+                if now < resume_at:
+                    wait = resume_at - now
+                elif not self._spool.is_suspended(name):
+                    while len(inflight) < PARALLEL_SENDS_PER_PEER:
+                        record = self._spool.next_due(name)
+                        if record is None:
+                            break
+                        due_in = record.next_attempt_at - now
+                        if due_in > 0:
+                            wait = min(wait, due_in)
+                            break
+                        self._spool.mark_sending(record.message_id)  # not picked twice
+                        inflight.add(
+                            asyncio.get_running_loop().create_task(
+                                self._outbound.send_one(
+                                    record, peer, state.clients[name], self._rng
+                                )
+                            )
+                        )
+                waiters: set[asyncio.Future[Any]] = {*inflight}
+                waiters.add(asyncio.ensure_future(wakeup.wait()))
+                done, _ = await asyncio.wait(
+                    waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                for future in waiters - inflight:
+                    future.cancel()
+                for task in done & inflight:
+                    inflight.discard(task)
+                    pause = task.result()
                     if pause > 0:
-                        # The peer is unreachable: back off for the whole peer, not only
-                        # this message, instead of trying every queued message in a row.
-                        await self._sleep_unless_stopping(pause)
-                    continue
-                wait = min(wait, due_in)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout=wait)
+                        # The peer is unreachable: back off for the whole peer instead of
+                        # trying every queued message in a row.
+                        resume_at = max(resume_at, self._clock.now().timestamp() + pause)
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+        finally:
+            for task in inflight:
+                task.cancel()  # send_one parks an interrupted message back in the queue
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

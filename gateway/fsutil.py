@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,6 +15,20 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+PARTIAL = re.compile(r"^\..+\.[0-9a-f]{12}\.partial$")
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete temporary files a killed process left behind (only our own naming pattern)."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.rglob(".*.partial"):
+            if PARTIAL.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def write_atomic(

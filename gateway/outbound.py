@@ -27,10 +27,12 @@ from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
 from gateway.errors import MedgwError
-from gateway.fsutil import fsync_dir, read_chunks, write_atomic
+from gateway.fsutil import fsync_dir, read_chunks, remove_stale_partials, write_atomic
 from gateway.intake.outbox import Candidate, scan
 from gateway.logs import Logger
 from gateway.spool import OutboundRecord, OutboundState, Spool
+
+INTAKE_PARALLELISM = 8
 
 
 class Outbound:
@@ -80,8 +82,15 @@ class Outbound:
                 folder=skipped.parent.name,
                 fix="rename regular files into the outbox; links and folders are not sent",
             )
-        for candidate in result.candidates:
-            await self._take(candidate)
+        # Several documents are taken at once: each take is mostly fsync and
+        # crypto in worker threads, so they overlap well.
+        limit = asyncio.Semaphore(INTAKE_PARALLELISM)
+
+        async def take(candidate: Candidate) -> None:
+            async with limit:
+                await self._take(candidate)
+
+        await asyncio.gather(*(take(c) for c in result.candidates))
         return len(result.candidates)
 
     async def _take(self, candidate: Candidate) -> None:
@@ -176,6 +185,10 @@ class Outbound:
 
     async def recover(self) -> None:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
+        storage = self.config.storage
+        for folder in (storage.inbox_dir, self._outgoing, self._receipts, self._payloads):
+            for path in remove_stale_partials(folder):
+                self._log.info("recovery.removed_partial_file", folder=path.parent.name)
         for record in self._spool.in_state(OutboundState.QUEUED):
             # Killed between "queued" and removing the plaintext copy: remove it now.
             record.payload_path.unlink(missing_ok=True)
@@ -223,7 +236,7 @@ class Outbound:
     ) -> float:
         """Send one message; returns 0, or how long the peer should rest after a failure."""
         assert record.body_path is not None and record.mic is not None
-        self._spool.mark_sending(record.message_id)
+        # The caller has marked it "sending" (so no other task picks it up).
         log = self._log.bind(peer=peer.name, message_id=record.message_id)
         try:
             response = await client.post(peer.url, record.headers, record.body_path)

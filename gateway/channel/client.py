@@ -28,7 +28,7 @@ class PeerClient:
         self, context: ssl.SSLContext, connect_timeout: float, request_timeout: float
     ) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=context, limit=4, force_close=True),
+            connector=aiohttp.TCPConnector(ssl=context, limit=4, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout),
             auto_decompress=False,
         )

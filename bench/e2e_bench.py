@@ -1,0 +1,170 @@
+"""End-to-end benchmark: two real gateways on this machine, intake -> verified receipt.
+
+Run:  .venv/bin/python bench/e2e_bench.py [--messages 300] [--size 4096] [--big-mib 0]
+
+Measures, in one run:
+* 4 KiB documents dropped into the lab's outbox, delivered to the hospital with a
+  durable spool and signed receipts: messages/s and p50/p99 latency (outbox
+  rename -> receipt verified at the sender, from the audit trail);
+* the crypto bound of the same work from ``openssl speed`` on this machine now:
+  one message costs two ECDSA P-256 signatures (document, receipt), two
+  verifications and two ECDH P-256 operations (sender's ephemeral key agreement,
+  receiver's key agreement); the bound is 1 / (sum of their times), one core;
+* optionally one large document (--big-mib) end to end: time, and the peak RSS
+  (VmHWM) of each daemon.
+Machines are shared and noisy: read the ratio, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.demo_run import GatewayProcess, drop_file, free_port, read_audit
+from gateway.pki.demo import init_demo
+
+
+def openssl_rates() -> dict[str, float]:
+    out = subprocess.run(
+        ["openssl", "speed", "-seconds", "2", "ecdsap256", "ecdhp256"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sign_verify = re.search(
+        r"256 bits ecdsa \(nistp256\)\s+[\d.]+s\s+[\d.]+s\s+([\d.]+)\s+([\d.]+)", out
+    )
+    ecdh = re.search(r"256 bits ecdh \(nistp256\)\s+[\d.]+s\s+([\d.]+)", out)
+    if not sign_verify or not ecdh:
+        raise SystemExit(f"cannot read openssl speed output:\n{out}")
+    return {
+        "sign": float(sign_verify.group(1)),
+        "verify": float(sign_verify.group(2)),
+        "ecdh": float(ecdh.group(1)),
+    }
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmHWM:\s+(\d+) kB", status)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def wait_receipts(audit: Path, count: int, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = [r for r in read_audit(audit) if r["event"] == "receipt.received"]
+        if len(got) >= count:
+            return got
+        time.sleep(0.05)
+    raise SystemExit(f"only {len(got)} of {count} receipts after {timeout}s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--big-mib", type=int, default=0, help="also send one document this big")
+    args = parser.parse_args()
+
+    rates = openssl_rates()
+    per_message = 2 / rates["sign"] + 2 / rates["verify"] + 2 / rates["ecdh"]
+    bound = 1 / per_message
+
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = init_demo(
+            Path(tmp) / "demo",
+            now=datetime.now(UTC),
+            hospital_port=free_port(),
+            lab_port=free_port(),
+        )
+        for inst in (layout.hospital, layout.lab):
+            text = inst.config_path.read_text()
+            text = text.replace("outbox_poll_seconds = 0.2", "outbox_poll_seconds = 0.05")
+            text = text.replace("max_message_bytes = 104857600", "max_message_bytes = 4294967296")
+            text = text.replace("request_timeout_seconds = 60", "request_timeout_seconds = 3600")
+            inst.config_path.write_text(text)
+        hospital = GatewayProcess(layout.hospital.config_path)
+        hospital.wait_ready()
+        lab = GatewayProcess(layout.lab.config_path)
+        lab.wait_ready()
+        try:
+            outbox = layout.lab.outbox_dir / "hospital"
+            dropped: dict[str, float] = {}
+            payload = os.urandom(args.size)
+            start = time.time()
+            for i in range(args.messages):
+                name = f"doc-{i:05d}.bin"
+                drop_file(outbox, name, payload)
+                dropped[name] = time.time()
+            receipts = wait_receipts(layout.lab.audit_log, args.messages, 600)
+            accepted_records = [
+                r for r in read_audit(layout.lab.audit_log) if r["event"] == "message.accepted"
+            ]
+            accepted = {r["message_id"]: r["detail"]["filename"] for r in accepted_records}
+            accepted_at = {
+                r["message_id"]: datetime.fromisoformat(r["time"]).timestamp()
+                for r in accepted_records
+            }
+            done = [datetime.fromisoformat(r["time"]).timestamp() for r in receipts]
+            elapsed = max(done) - start
+            latencies = sorted(
+                datetime.fromisoformat(r["time"]).timestamp() - dropped[accepted[r["message_id"]]]
+                for r in receipts
+            )
+            intake = sorted(accepted_at[m] - dropped[f] for m, f in accepted.items())
+            sending = sorted(
+                datetime.fromisoformat(r["time"]).timestamp() - accepted_at[r["message_id"]]
+                for r in receipts
+            )
+            rate = args.messages / elapsed
+            p50 = statistics.median(latencies)
+            p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+            print(
+                f"openssl speed (one core): ECDSA P-256 sign {rates['sign']:.0f}/s, "
+                f"verify {rates['verify']:.0f}/s, ECDH P-256 {rates['ecdh']:.0f}/s"
+            )
+            print(f"crypto bound per message (2 sign + 2 verify + 2 ECDH): {bound:.0f} msg/s")
+            print(
+                f"end to end, {args.messages} x {args.size} B: {rate:.1f} msg/s "
+                f"= {rate / bound:.2f} of the crypto bound; latency p50 {p50 * 1000:.0f} ms, "
+                f"p99 {p99 * 1000:.0f} ms"
+            )
+            print(
+                f"  of which intake (outbox -> signed, encrypted, spooled) p50 "
+                f"{statistics.median(intake) * 1000:.0f} ms, send -> verified receipt p50 "
+                f"{statistics.median(sending) * 1000:.0f} ms"
+            )
+            if args.big_mib:
+                big = Path(tmp) / "big.dcm.tmp"
+                with big.open("wb") as handle:
+                    block = os.urandom(1 << 20)
+                    for _ in range(args.big_mib):
+                        handle.write(block)
+                t0 = time.time()
+                os.rename(big, outbox / "big.dcm")
+                wait_receipts(layout.lab.audit_log, args.messages + 1, 3600)
+                took = time.time() - t0
+                print(
+                    f"one {args.big_mib} MiB document end to end: {took:.1f} s "
+                    f"({args.big_mib / took:.1f} MiB/s)"
+                )
+            print(
+                f"peak RSS: lab {peak_rss_mib(lab.proc.pid):.0f} MiB, "
+                f"hospital {peak_rss_mib(hospital.proc.pid):.0f} MiB"
+            )
+        finally:
+            lab.stop()
+            hospital.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
