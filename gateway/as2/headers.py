@@ -20,12 +20,18 @@ MICALG_TO_DIGEST = {
     "sha512": "sha512",
 }
 DIGEST_TO_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
-_TOKEN = re.compile(r"^[!#$%&'*+\-.0-9A-Z^_`a-z|~]+$")
+# RFC 4130 section 6.2: an AS2 name is 1-128 printable US-ASCII characters.  Only
+# a name with a space, a double quote or a backslash is sent quoted (those two
+# escaped); anything else goes as it is.  Quoting more (say every name that is
+# not an HTTP token, like "JP/1310000001") is legal on the wire but not harmless:
+# receivers echo the raw header into the MDN's Original-Recipient and look the
+# original message up by it (pyas2lib does), quotes included.
+_ATOMIC_AS2_NAME = re.compile(r"^[!#-\[\]-~]{1,128}$")
 
 
 def quote_as2_id(value: str) -> str:
-    """RFC 4130 section 6.2: quote identifiers that are not a plain token."""
-    if _TOKEN.match(value):
+    """RFC 4130 section 6.2: quote an identifier only when it is not an atomic AS2 name."""
+    if _ATOMIC_AS2_NAME.match(value):
         return value
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
@@ -43,16 +49,31 @@ def new_message_id(as2_id: str) -> str:
     return f"<{secrets.token_hex(16)}@{host}>"
 
 
-_MESSAGE_ID = re.compile(r"^<[^<>\s]{1,250}>$")
+# RFC 4130 section 5.3.3: the value is "<" id-left "@" id-right ">", at most 998
+# characters; "angle brackets are not part of the Message-Id value" and "when
+# receiving a message, do not check for angle brackets" (IBM Sterling B2B
+# Integrator sends none).  An Original-Message-ID always carries them.
+_MESSAGE_ID_VALUE = re.compile(r"^[^<>\s]{1,996}$")
+
+
+def normalize_message_id(value: str) -> str | None:
+    """``value`` as ``<id>``, with or without the brackets it came with; None if it is no id."""
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1].strip()
+    return f"<{value}>" if _MESSAGE_ID_VALUE.match(value) else None
 
 
 def check_message_id(value: str | None) -> str:
-    if value is None or not _MESSAGE_ID.match(value.strip()):
+    """The received Message-ID in its canonical ``<id>`` form; raises if missing or malformed."""
+    normalized = normalize_message_id(value) if value is not None else None
+    if normalized is None:
         raise ProtocolError(
             f"Message-ID {value!r} is missing or malformed",
-            fix="the sender must give a Message-ID in angle brackets, e.g. <id@host>",
+            fix="the sender must give a Message-ID such as <id@host> (at most 998 characters, "
+            "no spaces)",
         )
-    return value.strip()
+    return normalized
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,13 @@ from enum import StrEnum
 
 from cryptography import x509
 
-from gateway.as2.headers import AS2_VERSION, DIGEST_TO_MICALG, quote_as2_id
+from gateway.as2.headers import (
+    AS2_VERSION,
+    DIGEST_TO_MICALG,
+    normalize_message_id,
+    quote_as2_id,
+    unquote_as2_id,
+)
 from gateway.cms.mime import header_param, make_entity, parse_entity
 from gateway.cms.smime import sign_entity, verify_entity
 from gateway.config import KeyPair
@@ -53,42 +59,54 @@ class BuiltReceipt:
     body: bytes
 
 
+def _next_delimiter(data: bytes, delimiter: bytes, start: int) -> tuple[int, int] | None:
+    """The next delimiter line at or after ``start``: (where its line break starts, its end).
+
+    RFC 2046 5.1.1: the line break before a delimiter belongs to the delimiter.
+    It is CRLF, or a bare LF in a capture whose line ends were converted; it is
+    decided for each delimiter, since one body can hold both (Sterling's does).
+    """
+    pos = start
+    while True:
+        j = data.find(b"\n" + delimiter, pos)
+        if j < 0:
+            return None
+        end = j + 1 + len(delimiter)
+        tail = data[end : end + 2]
+        if tail[:1] in (b"", b"\r", b"\n", b" ", b"\t") or tail == b"--":
+            return (j - 1 if data[j - 1 : j] == b"\r" else j), end
+        pos = j + 1
+
+
 def split_multipart(body: bytes, boundary: str) -> list[bytes]:
-    """The parts of a multipart body (RFC 2046 5.1.1), each without its delimiter CRLFs."""
+    """The parts of a multipart body (RFC 2046 5.1.1), each without its delimiter line breaks."""
     delimiter = b"--" + boundary.encode()
-    normalized = b"\r\n" + body
-    parts: list[bytes] = []
-    marker = b"\r\n" + delimiter
-    start = normalized.find(marker)
-    if start < 0:
-        marker = b"\n" + delimiter
-        start = normalized.find(marker)
-    if start < 0:
+    data = b"\n" + body  # the first delimiter may open the body
+    found = _next_delimiter(data, delimiter, 0)
+    if found is None:
         raise ProtocolError(
             f"multipart body has no boundary {boundary!r}",
             fix="the sender's MIME structure is broken",
         )
+    parts: list[bytes] = []
+    _, after = found
     while True:
-        after = start + len(marker)
-        if normalized[after : after + 2] == b"--":
+        if data[after : after + 2] == b"--":
             return parts
-        line_end = normalized.find(b"\n", after)
+        line_end = data.find(b"\n", after)
         if line_end < 0:
             raise ProtocolError(
                 "multipart body ends inside a delimiter line",
                 fix="the sender's MIME structure is broken",
             )
-        nxt = normalized.find(marker, line_end)
-        if nxt < 0:
+        found = _next_delimiter(data, delimiter, line_end)
+        if found is None:
             raise ProtocolError(
                 "multipart body has no closing boundary",
                 fix="the sender's MIME structure is truncated",
             )
-        part = normalized[line_end + 1 : nxt]
-        if marker.startswith(b"\n") and part.endswith(b"\r"):
-            part = part[:-1]
-        parts.append(part)
-        start = nxt
+        part_end, after = found
+        parts.append(data[line_end + 1 : max(part_end, line_end + 1)])
 
 
 def build_receipt(
@@ -156,6 +174,16 @@ def build_receipt(
 
 
 @dataclass(frozen=True)
+class Report:
+    """What a ``multipart/report; report-type=disposition-notification`` says (RFC 8098)."""
+
+    original_message_id: str | None  # canonical "<id>" form (RFC 4130 section 5.3.3)
+    disposition: str  # the text after "automatic-action/...; "
+    mic: str | None
+    final_recipient: str | None  # the AS2 name after "rfc822;", unquoted
+
+
+@dataclass(frozen=True)
 class Receipt:
     original_message_id: str | None
     disposition: str  # the text after "automatic-action/...; "
@@ -182,6 +210,44 @@ def _fields(block: bytes) -> dict[str, str]:
     return result
 
 
+def read_report(entity: bytes) -> Report:
+    """Read the disposition of a report entity (headers included); it is *not* verified here.
+
+    :func:`parse_receipt` calls this only on what a trusted signature covers.
+    """
+    report_headers, report_body = parse_entity(entity)
+    report_type = dict((k.lower(), v) for k, v in report_headers).get("content-type", "")
+    boundary = header_param(report_type, "boundary")
+    if not report_type.lower().startswith("multipart/report") or not boundary:
+        raise ProtocolError(
+            f"receipt content is {report_type!r}, not multipart/report",
+            fix="the peer's receipt does not follow RFC 8098",
+        )
+    for part in split_multipart(report_body, boundary):
+        part_headers, part_body = parse_entity(part)
+        part_type = dict((k.lower(), v) for k, v in part_headers).get("content-type", "")
+        if part_type.lower().startswith("message/disposition-notification"):
+            fields = _fields(part_body)
+            disposition = fields.get("disposition", "")
+            _, _, action = disposition.partition(";")
+            original = fields.get("original-message-id")
+            recipient = fields.get("final-recipient") or fields.get("original-recipient")
+            _, _, address = (recipient or "").partition(";")
+            return Report(
+                # Compared with what we sent; the brackets are not part of the value.
+                original_message_id=(
+                    normalize_message_id(original) or original if original is not None else None
+                ),
+                disposition=action.strip() or disposition,
+                mic=fields.get("received-content-mic"),
+                final_recipient=unquote_as2_id(address) if recipient else None,
+            )
+    raise ProtocolError(
+        "the receipt has no message/disposition-notification part",
+        fix="the peer's receipt does not follow RFC 8098",
+    )
+
+
 def parse_receipt(
     content_type: str,
     body: bytes,
@@ -197,31 +263,13 @@ def parse_receipt(
         )
     entity = f"Content-Type: {content_type}\r\n\r\n".encode() + body
     inner, verified = verify_entity(entity, trusted_signers=trusted_signers, policy=policy)
-    report_headers, report_body = parse_entity(inner)
-    report_type = dict((k.lower(), v) for k, v in report_headers).get("content-type", "")
-    boundary = header_param(report_type, "boundary")
-    if not report_type.lower().startswith("multipart/report") or not boundary:
-        raise ProtocolError(
-            f"receipt content is {report_type!r}, not multipart/report",
-            fix="the peer's receipt does not follow RFC 8098",
-        )
-    for part in split_multipart(report_body, boundary):
-        part_headers, part_body = parse_entity(part)
-        part_type = dict((k.lower(), v) for k, v in part_headers).get("content-type", "")
-        if part_type.lower().startswith("message/disposition-notification"):
-            fields = _fields(part_body)
-            disposition = fields.get("disposition", "")
-            _, _, action = disposition.partition(";")
-            return Receipt(
-                original_message_id=fields.get("original-message-id"),
-                disposition=action.strip() or disposition,
-                mic=fields.get("received-content-mic"),
-                signer=verified.signer,
-                signing_digest=verified.digest,
-            )
-    raise ProtocolError(
-        "the receipt has no message/disposition-notification part",
-        fix="the peer's receipt does not follow RFC 8098",
+    report = read_report(inner)
+    return Receipt(
+        original_message_id=report.original_message_id,
+        disposition=report.disposition,
+        mic=report.mic,
+        signer=verified.signer,
+        signing_digest=verified.digest,
     )
 
 
@@ -242,8 +290,10 @@ __all__ = [
     "BuiltReceipt",
     "Disposition",
     "Receipt",
+    "Report",
     "build_receipt",
     "mic_matches",
     "parse_receipt",
+    "read_report",
     "split_multipart",
 ]

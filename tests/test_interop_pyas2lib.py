@@ -1,0 +1,415 @@
+"""Interop with an AS2 implementation nobody here wrote: pyas2lib (PyPI).
+
+Both directions run over real mutual TLS on 127.0.0.1 against a real
+``medgw run`` process, with a demo PKI of RSA-3072 keys (pyas2lib signs and
+decrypts with RSA only).
+
+* pyas2lib builds a signed and encrypted message, it is POSTed to the hospital
+  gateway, and pyas2lib verifies the signed MDN that comes back: disposition
+  ``processed`` and a Received-Content-MIC equal to the MIC pyas2lib computed.
+* The lab gateway sends to a receiver whose AS2 processing is pyas2lib's (it
+  verifies our signature against the lab's certificate and CA, computes the
+  MIC and builds and signs the MDN); the lab gateway must verify that MDN and
+  record the message as delivered.
+
+The hospital's AS2 name is ``SAKURA/HOSPITAL``: a plain (atomic) AS2 name by
+RFC 4130 section 6.2, but not an HTTP token, so it exercises header quoting.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.as2.headers import quote_as2_id, unquote_as2_id
+from gateway.clock import SystemClock
+from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.pki.demo import DemoLayout, init_demo
+from gateway.spool import OutboundState, Spool
+from tests import as2client
+from tests.oscrypto_fix import load_pyas2lib
+
+as2 = load_pyas2lib()
+
+HOSPITAL_AS2 = "SAKURA/HOSPITAL"
+LAB_AS2 = "KITA-LAB"
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def _set_compat(layout: DemoLayout, compat: bool) -> None:
+    """The hospital's view of the lab: accept RSAES-PKCS1-v1_5 (monitored list) or not."""
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    text = peer.read_text()
+    assert "compat = false" in text
+    peer.write_text(text.replace("compat = false", f"compat = {'true' if compat else 'false'}"))
+
+
+@pytest.fixture
+def rsa_layout(tmp_path: Path) -> DemoLayout:
+    layout = init_demo(
+        tmp_path / "demo",
+        now=datetime.now(UTC),
+        hospital_port=free_port(),
+        lab_port=free_port(),
+        key_kind="rsa-3072",
+    )
+    for config in (layout.hospital.config_path, layout.lab.root / "peers.d" / "hospital.toml"):
+        text = config.read_text()
+        assert 'as2_id = "SAKURA-HOSPITAL"' in text
+        config.write_text(text.replace('"SAKURA-HOSPITAL"', f'"{HOSPITAL_AS2}"'))
+    return layout
+
+
+def _pem(*paths: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in paths)
+
+
+# -- pyas2lib sends, medgw receives ---------------------------------------------------------
+
+
+def _pyas2lib_lab(layout: DemoLayout) -> tuple[Any, Any]:
+    """pyas2lib configured as the lab: its keys, and the hospital as its partner."""
+    mine = layout.lab.root / "certs"
+    theirs = mine / "peers" / "hospital"
+    org = as2.Organization(
+        as2_name=LAB_AS2,
+        sign_key=_pem(mine / "sign.key", mine / "sign.crt"),
+        decrypt_key=_pem(mine / "encrypt.key", mine / "encrypt.crt"),
+    )
+    partner = as2.Partner(
+        as2_name=HOSPITAL_AS2,
+        verify_cert=_pem(theirs / "sign.crt"),
+        verify_cert_ca=_pem(layout.ca_certificate),
+        encrypt_cert=_pem(theirs / "encrypt.crt"),
+        encrypt_cert_ca=_pem(layout.ca_certificate),
+        encrypt=True,
+        enc_alg="aes_256_cbc",
+        sign=True,
+        digest_alg="sha256",
+        mdn_mode="SYNC",
+        mdn_digest_alg="sha256",
+    )
+    return org, partner
+
+
+@dataclass
+class _Sent:
+    message: Any
+    status: str | None
+    detail: str | None
+    lookups: list[tuple[str, str | None]]
+    mdn_fields: dict[str, str]
+
+
+def _send_with_pyas2lib(layout: DemoLayout, payload: bytes, content_type: str) -> _Sent:
+    org, partner = _pyas2lib_lab(layout)
+    message = as2.Message(org, partner)
+    message.build(payload, filename="result.hl7", content_type=content_type)
+    certs = layout.lab.root / "certs"
+    answer = as2client.post(
+        layout.hospital.port,
+        tuple(message.headers.items()),
+        message.content,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+    assert answer.status == 200, answer.body[:200]
+    lookups: list[tuple[str, str | None]] = []
+
+    def find_message(message_id: str, recipient: str | None) -> Any:
+        lookups.append((message_id, recipient))
+        return message if message_id == message.message_id else None
+
+    mdn = as2.Mdn()
+    raw = f"Content-Type: {answer.content_type}\r\n\r\n".encode() + answer.body
+    status, detail = mdn.parse(raw, find_message_cb=find_message)
+    fields: dict[str, str] = {}
+    if mdn.payload is not None:
+        for part in mdn.payload.walk():
+            if part.get_content_type() == "message/disposition-notification":
+                fields = {k.lower(): v for k, v in part.get_payload()[0].items()}
+    return _Sent(message, status, detail, lookups, fields)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "payload"),
+    [
+        # Binary: every byte value, bare CRs and LFs; pyas2lib sends it with
+        # Content-Transfer-Encoding: binary, so it must arrive byte for byte.
+        ("application/octet-stream", bytes(range(256)) + os.urandom(4096) + b"\r\r\n\n\x00"),
+        # HL7 v2 as text: pyas2lib canonicalises text to CRLF line ends before it signs.
+        ("application/hl7-v2", b"MSH|^~\\&|KITA-LIS|KITA-LAB\rPID|1||DEMO-0001\rOBX|1|NM|140\r"),
+    ],
+    ids=["binary", "hl7-text"],
+)
+def test_pyas2lib_message_is_received_and_our_signed_mdn_verifies_with_its_mic(
+    rsa_layout: DemoLayout, processes: Any, content_type: str, payload: bytes
+) -> None:
+    layout = rsa_layout
+    # pyas2lib 1.4.4 always wraps the content key with RSAES-PKCS1-v1_5 (Message.build
+    # ignores Partner.key_enc_alg): a monitored-list algorithm, accepted only from a
+    # peer marked compat, and audited.
+    _set_compat(layout, True)
+    processes.start(layout.hospital.config_path)
+
+    sent = _send_with_pyas2lib(layout, payload, content_type)
+
+    assert (sent.status, sent.detail) == ("processed", None)
+    # pyas2lib only compares a MIC that is present; require it, and equal to its own.
+    value, _, algorithm = sent.mdn_fields["received-content-mic"].partition(",")
+    assert value.strip() == sent.message.mic.decode()
+    assert algorithm.strip() == "sha-256"
+    # The MDN names the original message and us by our plain AS2 name, so that
+    # pyas2lib (and products built on it) find the original message again.
+    assert sent.lookups == [(sent.message.message_id, HOSPITAL_AS2)]
+
+    received = events(layout.hospital.audit_log, "message.received")
+    assert len(received) == 1
+    assert received[0]["detail"]["key_transport"] == "rsaes-pkcs1-v1_5"
+    assert received[0]["detail"]["signature_algorithm"] == "rsassa-pkcs1-v1_5"
+    warnings = events(layout.hospital.audit_log, "policy.compat_algorithm_used")
+    assert warnings and all(w["severity"] == "warning" for w in warnings)
+    receipt = events(layout.hospital.audit_log, "receipt.sent")
+    assert receipt[-1]["detail"]["mic"] == f"{sent.message.mic.decode()}, sha-256"
+    delivered = (layout.hospital.inbox_dir / "lab" / "result.hl7").read_bytes()
+    if content_type == "application/octet-stream":
+        assert delivered == payload
+    else:
+        assert delivered == payload.replace(b"\r", b"\r\n")
+
+
+def test_pyas2lib_rsaes_pkcs1_v15_is_refused_without_compat_and_pyas2lib_reads_why(
+    rsa_layout: DemoLayout, processes: Any
+) -> None:
+    layout = rsa_layout
+    processes.start(layout.hospital.config_path)
+
+    sent = _send_with_pyas2lib(layout, b"MSH|^~\\&|refused\r", "application/octet-stream")
+
+    assert (sent.status, sent.detail) == ("processed/error", "decryption-failed")
+    assert "received-content-mic" not in sent.mdn_fields
+    failed = events(layout.hospital.audit_log, "decryption.failed")
+    assert failed and "rsaes-pkcs1-v1_5" in failed[0]["reason"].lower()
+    assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
+        (layout.hospital.inbox_dir / "lab").iterdir()
+    )
+
+
+# -- medgw sends, pyas2lib receives ---------------------------------------------------------
+
+
+@dataclass
+class _Pyas2libReceiver:
+    """An HTTPS AS2 endpoint (mutual TLS) whose AS2 processing is pyas2lib's.
+
+    pyas2lib cannot open what we send: its decryption (oscrypto) knows
+    RSAES-PKCS1-v1_5 and RSAES-OAEP with SHA-1 only, and CBC ciphers, while we
+    send RSAES-OAEP with SHA-256 and never a monitored-list algorithm.  So
+    ``openssl cms`` removes the envelope, and pyas2lib does everything AS2 with
+    the rest: parses the headers, checks the lab's certificate against the CA,
+    verifies the signature, computes the MIC, and builds and signs the MDN.
+    """
+
+    layout: DemoLayout
+    verify_cert: Path
+    server: ThreadingHTTPServer | None = None
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    def start(self) -> None:
+        certs = self.layout.hospital.root / "certs"
+        org = as2.Organization(
+            as2_name=HOSPITAL_AS2,
+            sign_key=_pem(certs / "sign.key", certs / "sign.crt"),
+            decrypt_key=_pem(certs / "encrypt.key", certs / "encrypt.crt"),
+        )
+        partner = as2.Partner(
+            as2_name=LAB_AS2,
+            verify_cert=_pem(self.verify_cert),
+            verify_cert_ca=_pem(self.layout.ca_certificate),
+            sign=True,
+        )
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                opened = subprocess.run(
+                    [
+                        *("openssl", "cms", "-decrypt", "-binary", "-inform", "DER"),
+                        *("-recip", str(certs / "encrypt.crt")),
+                        *("-inkey", str(certs / "encrypt.key")),
+                    ],
+                    input=body,
+                    capture_output=True,
+                    timeout=60,
+                    check=True,
+                ).stdout
+                entity_headers = {"content-type", "content-length", "content-transfer-encoding"}
+                as2_headers = "".join(
+                    f"{k}: {v}\r\n"
+                    for k, v in self.headers.items()
+                    if k.lower() not in entity_headers | {"content-disposition", "mime-version"}
+                )
+                message = as2.Message()
+                status, (error, _trace), mdn = message.parse(
+                    as2_headers.encode() + opened,
+                    find_org_cb=lambda name: org if name == HOSPITAL_AS2 else None,
+                    find_partner_cb=lambda name: partner if name == LAB_AS2 else None,
+                )
+                tls = self.connection
+                assert isinstance(tls, ssl.SSLSocket)
+                received.append(
+                    {
+                        "status": status,
+                        "error": error,
+                        "message": message,
+                        "payload": message.content,
+                        "as2_from": self.headers["AS2-From"],
+                        "as2_to": self.headers["AS2-To"],
+                        "client_cert": tls.getpeercert(binary_form=True),
+                    }
+                )
+                answer = mdn.content
+                self.send_response(200)
+                for name, value in mdn.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+        context.load_verify_locations(self.layout.ca_certificate)
+        context.verify_mode = ssl.CERT_REQUIRED
+        server = ThreadingHTTPServer(("127.0.0.1", self.layout.hospital.port), Handler)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self.server = server
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.fixture
+def pyas2lib_receiver(rsa_layout: DemoLayout) -> Iterator[_Pyas2libReceiver]:
+    # It plays the hospital: its TLS identity (the lab pins that certificate) on
+    # the hospital's port, which the lab's peers.d/hospital.toml points at.
+    receiver = _Pyas2libReceiver(
+        rsa_layout, rsa_layout.hospital.root / "certs" / "peers" / "lab" / "sign.crt"
+    )
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+def _outbound_state(layout: DemoLayout, message_id: str) -> Any:
+    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
+    try:
+        return spool.get(message_id)
+    finally:
+        spool.close()
+
+
+def test_gateway_sends_to_pyas2lib_which_verifies_it_and_we_verify_its_mdn(
+    rsa_layout: DemoLayout, pyas2lib_receiver: _Pyas2libReceiver, processes: Any
+) -> None:
+    layout = rsa_layout
+    processes.start(layout.lab.config_path)
+    document = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rPID|1||DEMO-0001\rOBX|1|NM|140|mmol/L\r"
+    drop_file(layout.lab.outbox_for("hospital"), "result.hl7", document)
+
+    def outcome() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in read_audit(layout.lab.audit_log)
+            if r["event"] in ("receipt.received", "receipt.invalid", "message.failed")
+        ]
+
+    [record] = wait_until(outcome, 60, "the lab to handle pyas2lib's MDN")
+    [got] = pyas2lib_receiver.received
+    assert got["status"] == "processed", got["error"]
+    assert got["message"].signed and got["message"].digest_alg == "sha256"
+    assert got["payload"] == document
+    assert unquote_as2_id(got["as2_to"]) == HOSPITAL_AS2 and got["as2_from"] == LAB_AS2
+    lab_tls = (layout.lab.root / "certs" / "tls.crt").read_bytes()
+    assert ssl.DER_cert_to_PEM_cert(got["client_cert"]).strip() == lab_tls.decode().strip()
+
+    assert record["event"] == "receipt.received", record
+    assert record["detail"]["disposition"] == "processed"
+    assert record["detail"]["mic_verified"] is True
+    [accepted] = events(layout.lab.audit_log, "message.accepted")
+    mic = got["message"].mic.decode()
+    assert accepted["detail"]["mic"] == f"{mic}, sha-256"
+    assert record["detail"]["mic"].partition(",")[0] == mic
+    stored = _outbound_state(layout, record["message_id"])
+    assert stored is not None and stored.state is OutboundState.DELIVERED
+    assert stored.disposition == "processed"
+
+
+def test_gateway_records_pyas2lib_authentication_failure_as_failed(
+    rsa_layout: DemoLayout, processes: Any
+) -> None:
+    """pyas2lib is told the lab signs with another key: its negative MDN must not pass."""
+    layout = rsa_layout
+    wrong = layout.lab.root / "certs" / "peers" / "hospital" / "sign.crt"
+    receiver = _Pyas2libReceiver(layout, wrong)
+    receiver.start()
+    try:
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_for("hospital"), "result.hl7", b"MSH|^~\\&|x\r")
+        [record] = wait_until(
+            lambda: events(layout.lab.audit_log, "message.failed"), 60, "the failure"
+        )
+    finally:
+        receiver.stop()
+    [got] = receiver.received
+    assert got["status"] == "processed/Error"
+    assert record["detail"]["disposition"] == "processed/Error: authentication-failed"
+    assert not events(layout.lab.audit_log, "receipt.received")
+    stored = _outbound_state(layout, record["message_id"])
+    assert stored is not None and stored.state is OutboundState.FAILED
+
+
+# -- header quoting, both ways ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "wire"),
+    [
+        ("KITA-LAB", "KITA-LAB"),
+        ("JP/1310000001@sakura", "JP/1310000001@sakura"),
+        ("Sakura General Hospital", '"Sakura General Hospital"'),
+        ('say "hi"\\now', '"say \\"hi\\"\\\\now"'),
+    ],
+)
+def test_as2_names_quote_like_rfc4130_and_pyas2lib(name: str, wire: str) -> None:
+    from pyas2lib.utils import (  # type: ignore[import-untyped]
+        quote_as2name,
+        unquote_as2name,
+    )
+
+    assert quote_as2_id(name) == wire
+    assert unquote_as2name(quote_as2_id(name)) == name
+    assert unquote_as2_id(quote_as2name(name)) == name
+    assert unquote_as2_id(wire) == name
