@@ -313,6 +313,30 @@ class Outbound:
                 EventType.RECEIPT_INVALID,
             )
             return
+        if receipt.duplicate_warning and record.attempts >= 1 and receipt.mic is None:
+            # An earlier attempt reached the peer (some products answer a resend this way,
+            # without a MIC). Delivered, but the content check rests on that first attempt.
+            self._spool.mark_done(
+                record.message_id, OutboundState.DELIVERED, receipt.disposition, receipt_path
+            )
+            self._audit.emit(
+                AuditEvent(
+                    EventType.RECEIPT_RECEIVED,
+                    Outcome.SUCCESS,
+                    Severity.WARNING,
+                    peer=peer.name,
+                    message_id=record.message_id,
+                    direction="outbound",
+                    reason="peer reports it already has this document (resend after a lost "
+                    "receipt) and returned no MIC",
+                    detail={
+                        "disposition": receipt.disposition,
+                        "mic_verified": False,
+                        "receipt_file": str(receipt_path),
+                    },
+                )
+            )
+            return
         if not receipt.processed:
             self._fail(
                 record,

@@ -195,6 +195,12 @@ class Receipt:
     def processed(self) -> bool:
         return self.disposition.strip().lower() == "processed"
 
+    @property
+    def duplicate_warning(self) -> bool:
+        """``processed/warning: duplicate-document``: the peer already has this message."""
+        text = self.disposition.strip().lower().replace(" ", "")
+        return text.startswith("processed/warning:") and "duplicate" in text
+
 
 def _fields(block: bytes) -> dict[str, str]:
     result: dict[str, str] = {}
