@@ -32,6 +32,7 @@ from gateway.cms.mime import header_param, parse_entity
 from gateway.cms.smime import open_envelope, verify_entity
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery.inbox import choose_target, deliver
+from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
 from gateway.errors import (
     DecryptionError,
     DeliveryError,
@@ -92,6 +93,21 @@ def _payload_of(entity: bytes) -> tuple[str, str | None, bytes]:
     return content_type, filename, body
 
 
+def _is_probe(headers: Mapping[str, str], filename: str | None, payload: bytes) -> bool:
+    """A ``medgw diagnose`` test message (see gateway.diagnose): verified, never delivered.
+
+    Only a small text file with the probe's name counts, so that a real
+    document can never be diverted by the header alone.
+    """
+    return (
+        headers.get(PROBE_HEADER.lower()) == "1"
+        and filename is not None
+        and filename.startswith(PROBE_PREFIX)
+        and filename.endswith(PROBE_SUFFIX)
+        and len(payload) <= PROBE_MAX_BYTES
+    )
+
+
 class InboundProcessor:
     def __init__(
         self, config: GatewayConfig, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
@@ -149,6 +165,8 @@ class InboundProcessor:
                 )
                 return InboundResponse(200, duplicate.headers, duplicate.body)
             response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest)
+            if delivered_to is None:  # a `medgw diagnose` probe: audited, never delivered
+                return response
             self._spool.inbound_delivered(
                 peer.name, message_id, list(response.headers), response.body
             )
@@ -168,7 +186,10 @@ class InboundProcessor:
             )
             return response
 
-    def _accept(self, request: InboundRequest, message_id: str, digest: str) -> tuple[str, str]:
+    def _accept(
+        self, request: InboundRequest, message_id: str, digest: str
+    ) -> tuple[str, str | None]:
+        """The MIC and where the document was delivered (None for a diagnose probe)."""
         peer = request.peer
         headers = request.headers
         as2_from = unquote_as2_id(headers.get("as2-from", ""))
@@ -227,6 +248,25 @@ class InboundProcessor:
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
             ) from exc
         sha256 = hashlib.sha256(payload).hexdigest()
+        if _is_probe(headers, filename, payload):
+            self._audit.emit(
+                AuditEvent(
+                    EventType.PROBE_RECEIVED,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="inbound",
+                    remote_address=request.remote,
+                    reason="`medgw diagnose` test message: verified, answered, not delivered",
+                    detail={
+                        "filename": filename,
+                        "size": len(payload),
+                        "sha256": sha256,
+                        "signer": verified.signer.subject.rfc4514_string(),
+                        "mic": mic,
+                    },
+                )
+            )
+            return mic, None
         self._audit.emit(
             AuditEvent(
                 EventType.MESSAGE_RECEIVED,

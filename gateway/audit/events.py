@@ -36,6 +36,7 @@ class EventType(StrEnum):
     MESSAGE_REJECTED = "message.rejected"  # refused from a peer
     MESSAGE_DELIVERED = "message.delivered"  # durably in the inbox
     MESSAGE_DUPLICATE = "message.duplicate"  # resend answered with the original receipt
+    PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"
     RECEIPT_RECEIVED = "receipt.received"
     RECEIPT_INVALID = "receipt.invalid"

@@ -584,29 +584,31 @@ def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
         ) from exc
 
 
-def decrypt(
-    enveloped: bytes,
-    cert: x509.Certificate,
-    key: PrivateKey,
-    *,
-    policy: AlgorithmPolicy,
-) -> Decrypted:
-    """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``."""
-    parsed = _parse(enveloped)
-    label = cert_label(cert)
-    cipher = _CIPHER_BY_OID_NAME.get(parsed.cipher_oid_name)
+def content_cipher_name(oid_name: str, policy: AlgorithmPolicy) -> str:
+    """Our name for a content-encryption algorithm, policy-checked for inbound use."""
+    cipher = _CIPHER_BY_OID_NAME.get(oid_name)
     if cipher is None:
         raise PolicyError(
-            f"content cipher {parsed.cipher_oid_name}",
+            f"content cipher {oid_name}",
             "content cipher is not on the CRYPTREC recommended list",
             "ask the peer to encrypt with aes-256-gcm or aes-256-cbc",
         )
     policy.check_content_cipher(cipher, inbound=True)
+    return cipher
 
+
+def recover_cek(
+    recipient_infos: Any, cert: x509.Certificate, key: PrivateKey, policy: AlgorithmPolicy
+) -> tuple[bytes, str]:
+    """The content-encryption key from the recipient info addressed to ``cert``.
+
+    Returns (key, key transport name).
+    """
+    label = cert_label(cert)
     try:
         found: tuple[bytes, str] | None = None
         seen: list[str] = []
-        for ri in parsed.recipient_infos:
+        for ri in recipient_infos:
             if ri.name == "ktri":
                 ktri = ri.chosen
                 seen.append(_describe_rid(ktri["rid"]))
@@ -649,7 +651,20 @@ def decrypt(
             fix="ask the peer to encrypt with our current encryption certificate "
             "(it may be using an old or another institution's certificate)",
         )
-    cek, key_transport = found
+    return found
+
+
+def decrypt(
+    enveloped: bytes,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    policy: AlgorithmPolicy,
+) -> Decrypted:
+    """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``."""
+    parsed = _parse(enveloped)
+    cipher = content_cipher_name(parsed.cipher_oid_name, policy)
+    cek, key_transport = recover_cek(parsed.recipient_infos, cert, key, policy)
     try:
         content = _decrypt_content(parsed, cipher, cek)
     except ASN1_ERRORS as exc:

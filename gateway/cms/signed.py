@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from ..errors import (
     MalformedMessageError,
@@ -32,7 +33,7 @@ from ..errors import (
 )
 from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
 
-__all__ = ["VerifiedSignature", "compute_mic", "sign", "verify"]
+__all__ = ["VerifiedSignature", "compute_mic", "sign", "sign_digest", "verify", "verify_digest"]
 
 # Exceptions asn1crypto raises on malformed input (it parses lazily, so these
 # can surface on any field access).
@@ -204,6 +205,34 @@ def sign(
     content = bytes(content)
     digest = normalize_digest(digest)
     policy.check_digest(digest)
+    return sign_digest(
+        _digest(content, digest),
+        signer_cert,
+        signer_key,
+        digest=digest,
+        content=None if detached else content,
+        rsa_padding=rsa_padding,
+        certificates=certificates,
+        signing_time=signing_time,
+        policy=policy,
+    )
+
+
+def sign_digest(
+    content_digest: bytes,
+    signer_cert: x509.Certificate,
+    signer_key: PrivateKey,
+    *,
+    digest: str = "sha256",
+    content: bytes | None = None,
+    rsa_padding: Literal["pss", "pkcs1v15"] = "pkcs1v15",
+    certificates: Sequence[x509.Certificate] = (),
+    signing_time: datetime,
+    policy: AlgorithmPolicy,
+) -> bytes:
+    """Sign content known by its ``digest`` (streaming); detached unless ``content`` is given."""
+    digest = normalize_digest(digest)
+    policy.check_digest(digest)
     if not isinstance(signer_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise PolicyError(
             type(signer_key).__name__,
@@ -231,7 +260,7 @@ def sign(
         [
             cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
             cms.CMSAttribute({"type": "signing_time", "values": [_time(signing_time)]}),
-            cms.CMSAttribute({"type": "message_digest", "values": [_digest(content, digest)]}),
+            cms.CMSAttribute({"type": "message_digest", "values": [content_digest]}),
             cms.CMSAttribute(
                 {
                     "type": "cms_algorithm_protection",
@@ -275,7 +304,7 @@ def sign(
         if d not in certs:
             certs.append(d)
     encap: dict[str, Any] = {"content_type": "data"}
-    if not detached:
+    if content is not None:
         encap["content"] = content
     signed_data = cms.SignedData(
         {
@@ -565,7 +594,7 @@ def _check_scheme(
     return scheme, h, pad
 
 
-def _verify_raw(pub: Any, signature: bytes, data: bytes, h: hashes.HashAlgorithm, pad: Any) -> bool:
+def _verify_raw(pub: Any, signature: bytes, data: bytes, h: Any, pad: Any) -> bool:
     try:
         if isinstance(pub, ec.EllipticCurvePublicKey):
             pub.verify(signature, data, ec.ECDSA(h))
@@ -576,11 +605,28 @@ def _verify_raw(pub: Any, signature: bytes, data: bytes, h: hashes.HashAlgorithm
     return True
 
 
+class _Content:
+    """The signed content, as bytes or as its digests (streaming)."""
+
+    def __init__(
+        self, data: bytes | None, digest_of: Callable[[str], bytes] | None, length: int
+    ) -> None:
+        self.data = data
+        self._digest_of = digest_of
+        self.length = length
+
+    def digest(self, name: str) -> bytes:
+        if self.data is not None:
+            return _digest(self.data, name)
+        assert self._digest_of is not None
+        return self._digest_of(name)
+
+
 def _verify_signer(
     signer: _ParsedSigner,
     cert: x509.Certificate,
     parsed: _ParsedSignedData,
-    content: bytes,
+    content: _Content,
     policy: AlgorithmPolicy,
 ) -> str:
     pub = cert.public_key()
@@ -598,10 +644,10 @@ def _verify_signer(
                 f"encapsulated content type {parsed.content_type}",
                 fix="the message was altered or built incorrectly; ask the peer to resend",
             )
-        if not hmac.compare_digest(signer.message_digest, _digest(content, signer.digest)):
+        if not hmac.compare_digest(signer.message_digest, content.digest(signer.digest)):
             raise SignatureError(
                 f"content does not match its signature (messageDigest): the {signer.digest} "
-                f"digest of the {len(content)}-byte content differs from the one {who} signed",
+                f"digest of the {content.length}-byte content differs from the one {who} signed",
                 fix="the content was altered after signing (often by a line-ending or "
                 "transfer-encoding conversion); ask the peer to resend with binary transfer",
             )
@@ -631,7 +677,12 @@ def _verify_signer(
                 f"{parsed.content_type} (RFC 5652 5.3 requires them)",
                 fix="the sender's CMS implementation is broken",
             )
-        ok = _verify_raw(pub, signer.signature, content, h, pad)
+        if content.data is not None:
+            ok = _verify_raw(pub, signer.signature, content.data, h, pad)
+        else:
+            ok = _verify_raw(
+                pub, signer.signature, content.digest(signer.digest), Prehashed(h), pad
+            )
     if not ok:
         raise SignatureError(
             f"{who}: the {scheme} signature over the signed attributes does not verify",
@@ -659,6 +710,41 @@ def verify(
     :class:`gateway.cms.trust.TrustAnchors`).
     """
     parsed = _parse_signed_data(signed)
+    return _verify_parsed(parsed, content, None, 0, trusted_signers, policy, validate_signer)
+
+
+def signer_digests(signature: bytes) -> tuple[str, ...]:
+    """The digest algorithms a detached signature's signers used (to hash content once)."""
+    parsed = _parse_signed_data(signature)
+    return tuple(dict.fromkeys(normalize_digest(s.digest) for s in parsed.signers))
+
+
+def verify_digest(
+    signature: bytes,
+    *,
+    digest_of: Callable[[str], bytes],
+    content_length: int,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None = None,
+) -> VerifiedSignature:
+    """Verify a detached signature over content known by its digests (streaming).
+
+    ``digest_of(name)`` returns the digest of the content with algorithm
+    ``name`` (see :func:`signer_digests`); the result's ``content`` is empty.
+    """
+    parsed = _parse_signed_data(signature)
+    if parsed.content is not None:
+        raise MalformedMessageError(
+            "signed message carries its content (attached) but a detached signature was expected",
+            fix="verify attached signatures with verify()",
+        )
+    return _verify_parsed(
+        parsed, None, digest_of, content_length, trusted_signers, policy, validate_signer
+    )
+
+
+def _content_for(parsed: _ParsedSignedData, content: bytes | None) -> bytes:
     if parsed.content is not None and content is not None:
         raise MalformedMessageError(
             "signed message carries its content (attached) but detached content was also given",
@@ -670,7 +756,24 @@ def verify(
             "signed message is a detached signature but no content was given to verify",
             fix="pass the signed content with content= (the first part of multipart/signed)",
         )
-    data = bytes(data)
+    return bytes(data)
+
+
+def _verify_parsed(
+    parsed: _ParsedSignedData,
+    content: bytes | None,
+    digest_of: Callable[[str], bytes] | None,
+    content_length: int,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None,
+) -> VerifiedSignature:
+    if digest_of is not None:
+        data = b""
+        source = _Content(None, digest_of, content_length)
+    else:
+        data = _content_for(parsed, content)
+        source = _Content(data, None, len(data))
     trusted_der = {c.public_bytes(serialization.Encoding.DER) for c in trusted_signers}
     # pinned certificates first: a signer is checked against the key we trust
     candidates = [*trusted_signers, *parsed.certificates]
@@ -682,7 +785,7 @@ def verify(
         if cert is None:
             missing.append(signer.describe())
             continue
-        scheme = _verify_signer(signer, cert, parsed, data, policy)
+        scheme = _verify_signer(signer, cert, parsed, source, policy)
         if cert.public_bytes(serialization.Encoding.DER) not in trusted_der:
             if validate_signer is None:
                 untrusted.append(cert_label(cert))

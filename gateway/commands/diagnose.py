@@ -1,0 +1,90 @@
+"""``medgw diagnose PEER``: which segment of the path to a peer fails, and what to do."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.diagnose import Diagnoser, Diagnosis, Status
+
+DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Check, in order, each segment of the path to PEER and stop at the first that
+fails: 1 name resolution, 2 TCP connect, 3 TLS handshake (which side rejected
+whose certificate), 4 certificate validity (ours and the peer's), 5 an AS2 test
+message and its signed receipt.  For the failing step it says what it means and
+what to do.  Exit code 0: every step passed (warnings included); 1: a step failed.
+"""
+
+EPILOG = """\
+The test message is a small signed and encrypted text document named
+medgw-diagnose-<UTC time>.txt, sent with the HTTP header "X-Medgw-Probe: 1".
+A medgw peer verifies it fully, records it in its audit trail (probe.received)
+and answers with a signed receipt, but does not put it in its inbox.  Other AS2
+products deliver the file to their inbox like any document; it holds no
+patient data and can be deleted there.
+"""
+
+MARKS = {Status.OK: "[ ok ]", Status.WARN: "[warn]", Status.FAIL: "[FAIL]", Status.SKIP: "[skip]"}
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "diagnose",
+        help="check each segment of the path to a peer and name the one that fails",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("peer", help="the peer's name: its file name in peers.d/ without .toml")
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(handler=_diagnose)
+
+
+def render(diagnosis: Diagnosis) -> str:
+    lines = [f"medgw diagnose {diagnosis.peer} ({diagnosis.as2_id}, {diagnosis.url})"]
+    for step in diagnosis.steps:
+        lines.append(f"{MARKS[step.status]} {step.number} {step.title:<29} {step.detail}")
+    failure = diagnosis.first_failure
+    if failure is not None:
+        lines += [
+            "",
+            f"Step {failure.number} ({failure.title}) failed.",
+            f"What it means: {failure.meaning}",
+            f"What to do:    {failure.action}",
+        ]
+    for step in diagnosis.steps:
+        if step.status is Status.WARN:
+            lines += ["", f"Warning, step {step.number} ({step.title}): {step.meaning}"]
+            lines.append(f"What to do:    {step.action}")
+    if diagnosis.ok:
+        lines += ["", f"All steps passed: the exchange with {diagnosis.peer} works."]
+    return "\n".join(lines)
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    peer = config.peer(args.peer)
+    if peer is None:
+        known = ", ".join(p.name for p in config.peers) or "none"
+        print(
+            f"medgw diagnose: no peer {args.peer!r} in the configuration {args.config} "
+            f"(configured peers: {known}); a peer's name is its file name in peers.d/ "
+            "without .toml",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    diagnosis = asyncio.run(Diagnoser(config, peer, SystemClock()).run())
+    print(json.dumps(diagnosis.to_json(), indent=2) if args.json else render(diagnosis))
+    return EXIT_OK if diagnosis.ok else EXIT_FAILED

@@ -1,0 +1,461 @@
+"""``medgw diagnose``: real daemons, real mutual TLS on 127.0.0.1; one test per NET-6 case.
+
+The lab diagnoses its path to the hospital; each test breaks one segment and
+checks that exactly that step fails, with a meaning an administrator can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.config import load_config
+from gateway.demo_run import read_audit, wait_until
+from gateway.diagnose import STEPS, Diagnoser, Status
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from tests import as2client
+
+
+def medgw(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def diagnose(layout: DemoLayout) -> tuple[int, dict[str, Any]]:
+    result = medgw("diagnose", "hospital", "--config", str(layout.lab.config_path), "--json")
+    assert result.stdout, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def steps(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in report["steps"]}
+
+
+def assert_fails_at(report: dict[str, Any], name: str) -> dict[str, Any]:
+    """``name`` failed, every step before it passed, every step after it was skipped."""
+    by_name = steps(report)
+    order = list(STEPS)
+    assert [s["name"] for s in report["steps"]] == order
+    assert report["ok"] is False and report["failed_step"] == name, report
+    for before in order[: order.index(name)]:
+        assert by_name[before]["status"] in ("ok", "warn"), by_name[before]
+    for after in order[order.index(name) + 1 :]:
+        assert by_name[after]["status"] == "skip", by_name[after]
+    failed = by_name[name]
+    assert failed["status"] == "fail" and failed["meaning"] and failed["action"]
+    return failed
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def inbox(layout: DemoLayout) -> list[Path]:
+    folder = layout.hospital.inbox_dir / "lab"
+    return sorted(folder.glob("*")) if folder.exists() else []
+
+
+def demo_ca(layout: DemoLayout) -> Issued:
+    ca_dir = layout.root / "ca"
+    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return Issued(x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes()), key)
+
+
+def set_key(toml: Path, key: str, value: str) -> None:
+    """Replace the line ``key = ...`` of a config file (which must have one)."""
+    text = toml.read_text()
+    new, count = re.subn(rf"(?m)^{key} = .*$", lambda _: f"{key} = {value}", text)
+    assert count == 1, f"{key} not in {toml}"
+    toml.write_text(new)
+
+
+def write_cert(folder: Path, name: str, issued: Issued) -> Path:
+    write_pem(folder / f"{name}.crt", issued.certificate)
+    write_pem(folder / f"{name}.key", issued.key)
+    (folder / f"{name}.key").chmod(0o600)
+    return folder / f"{name}.crt"
+
+
+# -- the path works ------------------------------------------------------------------
+
+
+def test_all_steps_pass_and_the_probe_is_audited_not_delivered(layout, processes):
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 0, report
+    assert report["ok"] and report["failed_step"] is None
+    assert [s["status"] for s in report["steps"]] == ["ok"] * 5
+    by_name = steps(report)
+    assert "TLSv1.3" in by_name["tls"]["detail"] and "accepted ours" in by_name["tls"]["detail"]
+    assert "processed, MIC matches" in by_name["as2"]["detail"]
+    probes = events(layout.hospital.audit_log, "probe.received")
+    assert len(probes) == 1 and probes[0]["peer"] == "lab"
+    assert probes[0]["message_id"] in by_name["as2"]["detail"]
+    assert re.fullmatch(r"medgw-diagnose-\d{8}T\d{6}Z\.txt", probes[0]["detail"]["filename"])
+    # Verified and answered, but never delivered: nothing in the inbox, no delivery event.
+    assert inbox(layout) == []
+    assert events(layout.hospital.audit_log, "message.delivered") == []
+    assert events(layout.hospital.audit_log, "message.received") == []
+    # Diagnosing a healthy peer leaves no false alarm in its audit trail.
+    assert events(layout.hospital.audit_log, "tls.handshake_failed") == []
+
+    text = medgw("diagnose", "hospital", "--config", str(layout.lab.config_path))
+    assert text.returncode == 0
+    assert text.stdout.count("[ ok ]") == 5 and "What it means" not in text.stdout
+
+
+def test_the_probe_header_alone_never_diverts_a_real_document(layout, processes):
+    """Only a small medgw-diagnose-*.txt is a probe; any other document is delivered."""
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    recipient = lab.require_peer("hospital").encryption_certificates[0]
+    certs = layout.lab.root / "certs"
+    documents = {
+        "result.hl7": b"MSH|^~\\&|real document\r",
+        "medgw-diagnose-20260101T000000Z.txt": b"x" * 5000,  # probe name, but too large
+    }
+    for name, payload in documents.items():
+        built = as2client.build(
+            payload,
+            sender_as2="KITA-LAB",
+            receiver_as2="SAKURA-HOSPITAL",
+            signing=lab.smime.signing,
+            recipient=recipient,
+            filename=name,
+        )
+        answer = as2client.post(
+            layout.hospital.port,
+            (*built.headers, ("X-Medgw-Probe", "1")),
+            built.body,
+            client_cert=certs / "tls.crt",
+            client_key=certs / "tls.key",
+            ca=layout.ca_certificate,
+        )
+        assert answer.status == 200
+    assert {p.name: p.read_bytes() for p in inbox(layout)} == documents
+    assert events(layout.hospital.audit_log, "probe.received") == []
+
+
+# -- name resolution and TCP --------------------------------------------------------
+
+
+def test_unresolvable_name_fails_at_name_resolution(layout):
+    peer_file = layout.lab.root / "peers.d" / "hospital.toml"
+    set_key(peer_file, "url", '"https://no-such-gateway.invalid:18443/as2"')
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "resolve")
+    assert "no-such-gateway.invalid" in failed["detail"]
+    assert "peers.d/hospital.toml" in failed["action"]
+
+
+def test_peer_down_fails_at_tcp_connect_with_refused(layout):
+    code, report = diagnose(layout)  # the hospital's gateway is not started
+    assert code == 1
+    failed = assert_fails_at(report, "tcp")
+    assert "connection refused" in failed["detail"]
+    assert "not running" in failed["meaning"]
+    assert "retried" in failed["action"]
+
+    text = medgw("diagnose", "hospital", "--config", str(layout.lab.config_path))
+    assert text.returncode == 1
+    lines = text.stdout.splitlines()
+    assert lines[1].startswith("[ ok ] 1 name resolution")
+    assert lines[2].startswith("[FAIL] 2 TCP connect")
+    assert all(line.startswith("[skip]") for line in lines[3:6])
+    assert any(line.startswith("What it means: ") for line in lines)
+    assert any(line.startswith("What to do: ") for line in lines)
+
+
+# -- TLS: who rejected whom ---------------------------------------------------------
+
+
+def test_peer_certificate_not_pinned_is_we_rejected(layout, processes):
+    # The lab expects another certificate from the hospital (from the same CA).
+    other = issue(
+        demo_ca(layout), "SAKURA-HOSPITAL", purpose="tls", now=datetime.now(UTC),
+        ip_addresses=["127.0.0.1"],
+    )  # fmt: skip
+    certs = layout.lab.root / "certs" / "peers" / "hospital"
+    write_pem(certs / "other-tls.crt", other.certificate)
+    set_key(
+        layout.lab.root / "peers.d" / "hospital.toml",
+        "tls_certificates",
+        '["certs/peers/hospital/other-tls.crt"]',
+    )
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert failed["detail"].startswith("we rejected the peer's certificate: not pinned")
+    assert "tls_certificates" in failed["detail"]
+    assert "CN=SAKURA-HOSPITAL" in failed["meaning"]  # what it presented, for the phone call
+    assert "fingerprint" in failed["action"]
+
+
+def test_peer_certificate_from_unknown_ca_is_we_rejected(layout, processes):
+    now = datetime.now(UTC)
+    rogue = issue(
+        make_ca("Rogue CA", now=now), "SAKURA-HOSPITAL", purpose="tls", now=now,
+        ip_addresses=["127.0.0.1"],
+    )  # fmt: skip
+    write_cert(layout.hospital.root / "certs", "tls", rogue)  # the hospital now presents it
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert failed["detail"].startswith("we rejected the peer's certificate")
+    assert "trust_anchors" in failed["meaning"] and "Rogue CA" in failed["meaning"]
+
+
+def test_peer_does_not_accept_our_certificate_is_peer_rejected(layout, processes):
+    # The hospital lists another certificate for the lab, so ours is refused after the
+    # TLS 1.3 handshake: the lab only learns it on its first read.
+    other = issue(
+        demo_ca(layout), "KITA-LAB", purpose="tls", now=datetime.now(UTC),
+        ip_addresses=["127.0.0.1"],
+    )  # fmt: skip
+    write_pem(layout.hospital.root / "certs" / "peers" / "lab" / "other-tls.crt", other.certificate)
+    set_key(
+        layout.hospital.root / "peers.d" / "lab.toml",
+        "tls_certificates",
+        '["certs/peers/lab/other-tls.crt"]',
+    )
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert failed["detail"].startswith("the peer rejected our certificate")
+    assert "rejected our certificate" in failed["meaning"]
+    assert "KITA-LAB" in failed["action"] and "sha256" in failed["action"]
+    # And the hospital's audit trail says the same from its side.
+    wait_until(
+        lambda: events(layout.hospital.audit_log, "tls.handshake_failed"),
+        10,
+        "the refusal in the hospital's audit trail",
+    )
+
+
+def rogue_lab_identity(layout: DemoLayout, tmp_path: Path) -> None:
+    """The lab presents a certificate from a CA the hospital does not know; the lab
+    trusts both CAs, so its own check of the hospital's certificate still passes."""
+    now = datetime.now(UTC)
+    rogue_ca = make_ca("Rogue CA", now=now)
+    rogue = issue(rogue_ca, "KITA-LAB", purpose="tls", now=now, ip_addresses=["127.0.0.1"])
+    write_cert(layout.lab.root / "certs", "tls", rogue)
+    write_pem(tmp_path / "rogue-ca.crt", rogue_ca.certificate)
+    set_key(
+        layout.lab.config_path, "trust_anchors", f'["certs/ca.crt", "{tmp_path / "rogue-ca.crt"}"]'
+    )
+
+
+def test_peer_that_does_not_trust_our_ca_rejects_ours(layout, processes, tmp_path):
+    rogue_lab_identity(layout, tmp_path)
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert failed["detail"].startswith("the peer rejected our certificate")
+    assert "rejected our certificate" in failed["meaning"]
+
+
+@contextmanager
+def openssl_server(port: int, *args: str) -> Iterator[None]:
+    """``openssl s_server``: a TLS server nobody here wrote, which sends real TLS alerts."""
+    proc = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-www", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(listening, 10, "openssl s_server to listen")
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_tls_alert_from_the_peer_is_named_peer_rejected_ours(layout, tmp_path):
+    rogue_lab_identity(layout, tmp_path)
+    certs = layout.hospital.root / "certs"
+    with openssl_server(
+        layout.hospital.port,
+        *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key")),
+        *("-CAfile", str(layout.ca_certificate), "-Verify", "1", "-verify_return_error"),
+    ):
+        code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert failed["detail"].startswith("the peer rejected our certificate: TLS alert")
+    assert "unknown ca" in failed["detail"]
+    assert failed["meaning"].startswith("the peer does not trust the CA")
+
+
+def test_no_common_tls_version_is_a_protocol_mismatch(layout):
+    certs = layout.hospital.root / "certs"
+    with openssl_server(
+        layout.hospital.port,
+        *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key"), "-tls1_2"),
+    ):
+        code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert failed["detail"].startswith("no common TLS protocol or cipher")
+    assert "protocol version" in failed["detail"]
+    assert 'min_version = "1.2"' in failed["action"]
+
+
+# -- certificates -------------------------------------------------------------------
+
+
+def test_expired_peer_certificate_fails_at_certificate_validity(layout, processes):
+    past = datetime.now(UTC) - timedelta(days=400)
+    expired = issue(demo_ca(layout), "SAKURA-HOSPITAL", purpose="smime-encrypt", now=past, days=30)
+    folder = layout.lab.root / "certs" / "peers" / "hospital"
+    write_pem(folder / "expired-encrypt.crt", expired.certificate)
+    set_key(
+        layout.lab.root / "peers.d" / "hospital.toml",
+        "encryption_certificates",
+        '["certs/peers/hospital/expired-encrypt.crt"]',
+    )
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "certificates")
+    assert "peer's encryption certificate" in failed["detail"] and "expired on" in failed["detail"]
+    assert "encryption_certificates in peers.d/hospital.toml" in failed["action"]
+
+
+@dataclass
+class FixedClock:
+    at: datetime
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return 0.0
+
+
+def test_certificate_step_follows_the_injected_clock(layout):
+    config = load_config(layout.lab.config_path)
+    peer = config.require_peer("hospital")
+    issued = config.tls.identity.certificate.not_valid_before_utc
+    expires = config.tls.identity.certificate.not_valid_after_utc
+
+    def at(when: datetime):
+        return Diagnoser(config, peer, FixedClock(when)).certificates()
+
+    assert at(issued + timedelta(days=1)).status is Status.OK
+    soon = at(expires - timedelta(days=10))
+    assert soon.status is Status.WARN and soon.ok
+    assert "expires in 10 day(s)" in soon.detail
+    early = at(issued - timedelta(days=1))
+    assert early.status is Status.FAIL and "not valid before" in early.detail
+    late = at(expires + timedelta(days=1))
+    assert late.status is Status.FAIL and "expired on" in late.detail
+    assert "our TLS certificate" in late.detail and "get a new certificate" in late.action
+
+
+# -- the AS2 test message and its receipt ----------------------------------------------
+
+
+def test_wrong_encryption_certificate_is_decryption_failed(layout, processes):
+    # The lab encrypts for a certificate whose key the hospital does not have.
+    stranger = issue(
+        demo_ca(layout), "SAKURA-HOSPITAL", purpose="smime-encrypt", now=datetime.now(UTC)
+    )
+    folder = layout.lab.root / "certs" / "peers" / "hospital"
+    write_pem(folder / "wrong-encrypt.crt", stranger.certificate)
+    set_key(
+        layout.lab.root / "peers.d" / "hospital.toml",
+        "encryption_certificates",
+        '["certs/peers/hospital/wrong-encrypt.crt"]',
+    )
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "as2")
+    assert "decryption-failed" in failed["detail"]
+    assert failed["meaning"].startswith("the peer cannot decrypt")
+    assert "peers.d/hospital.toml encryption_certificates" in failed["meaning"]
+    assert events(layout.hospital.audit_log, "decryption.failed")
+    assert inbox(layout) == []
+
+
+def test_peer_distrusting_our_signing_certificate_is_authentication_failed(layout, processes):
+    other = issue(demo_ca(layout), "KITA-LAB", purpose="smime-sign", now=datetime.now(UTC))
+    write_pem(
+        layout.hospital.root / "certs" / "peers" / "lab" / "other-sign.crt", other.certificate
+    )
+    set_key(
+        layout.hospital.root / "peers.d" / "lab.toml",
+        "signing_certificates",
+        '["certs/peers/lab/other-sign.crt"]',
+    )
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "as2")
+    assert "authentication-failed" in failed["detail"]
+    assert "does not accept us as the sender" in failed["meaning"]
+    assert "signing certificate" in failed["action"]
+    assert events(layout.hospital.audit_log, "signature.failed")
+
+
+def test_peer_suspended_us_is_503_suspended_by_the_peer(layout, processes):
+    processes.start(layout.hospital.config_path)
+    hospital = str(layout.hospital.config_path)
+    suspended = medgw("peers", "suspend", "lab", "--reason", "x", "--config", hospital)
+    assert suspended.returncode == 0, suspended.stderr
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "as2")
+    assert "HTTP 503" in failed["detail"]
+    assert "suspended by the peer" in failed["meaning"]
+    assert "resume" in failed["action"]
+    assert events(layout.hospital.audit_log, "peer.suspended_refusal")
+    # Resumed, the same path passes again.
+    assert medgw("peers", "resume", "lab", "--config", hospital).returncode == 0
+    assert diagnose(layout)[0] == 0
+
+
+# -- usage --------------------------------------------------------------------------
+
+
+def test_unknown_peer_is_a_usage_error_naming_the_configured_peers(layout):
+    result = medgw("diagnose", "nobody", "--config", str(layout.lab.config_path))
+    assert result.returncode == 2
+    assert "'nobody'" in result.stderr and "hospital" in result.stderr
+
+
+def test_help_says_what_other_as2_products_do_with_the_probe():
+    result = medgw("diagnose", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "X-Medgw-Probe: 1" in text and "Other AS2 products deliver the file" in text
