@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
+from pathlib import Path
 
 from cryptography import x509
 
@@ -19,8 +20,10 @@ from gateway.as2.headers import AS2_VERSION, DIGEST_TO_MICALG, quote_as2_id
 from gateway.cms import compute_mic
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity, sign_entity
+from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import KeyPair
 from gateway.delivery.inbox import safe_name
+from gateway.fsutil import read_chunks
 from gateway.policy import AlgorithmPolicy
 
 
@@ -31,42 +34,24 @@ class BuiltMessage:
     mic: str  # "<base64>, sha-256"
 
 
-def build_message(
-    payload: bytes,
+def entity_headers(filename: str, message_id: str) -> list[tuple[str, str]]:
+    name = safe_name(filename, message_id)
+    return [
+        ("Content-Transfer-Encoding", "binary"),
+        ("Content-Disposition", f'attachment; filename="{name}"'),
+    ]
+
+
+def request_headers(
     *,
-    filename: str,
-    content_type: str,
     message_id: str,
     sender_as2_id: str,
     receiver_as2_id: str,
-    signing: KeyPair,
-    recipients: tuple[x509.Certificate, ...],
+    envelope_type: str,
     digest: str,
-    cipher: str,
-    policy: AlgorithmPolicy,
     at: datetime,
-) -> BuiltMessage:
-    name = safe_name(filename, message_id)
-    entity = make_entity(
-        content_type,
-        payload,
-        [
-            ("Content-Transfer-Encoding", "binary"),
-            ("Content-Disposition", f'attachment; filename="{name}"'),
-        ],
-    )
-    mic = f"{compute_mic(entity, digest)}, {DIGEST_TO_MICALG[digest]}"
-    signed = sign_entity(
-        entity,
-        signing.certificate,
-        signing.key,
-        digest=digest,
-        signing_time=at,
-        policy=policy,
-        certificates=signing.chain,
-    )
-    envelope_type, body = envelope_entity(signed, recipients, cipher=cipher, policy=policy)
-    headers = (
+) -> tuple[tuple[str, str], ...]:
+    return (
         ("AS2-Version", AS2_VERSION),
         ("AS2-From", quote_as2_id(sender_as2_id)),
         ("AS2-To", quote_as2_id(receiver_as2_id)),
@@ -84,4 +69,104 @@ def build_message(
             f"signed-receipt-micalg=optional, {DIGEST_TO_MICALG[digest]}",
         ),
     )
+
+
+def build_message(
+    payload: bytes,
+    *,
+    filename: str,
+    content_type: str,
+    message_id: str,
+    sender_as2_id: str,
+    receiver_as2_id: str,
+    signing: KeyPair,
+    recipients: tuple[x509.Certificate, ...],
+    digest: str,
+    cipher: str,
+    policy: AlgorithmPolicy,
+    at: datetime,
+) -> BuiltMessage:
+    entity = make_entity(content_type, payload, entity_headers(filename, message_id))
+    mic = f"{compute_mic(entity, digest)}, {DIGEST_TO_MICALG[digest]}"
+    signed = sign_entity(
+        entity,
+        signing.certificate,
+        signing.key,
+        digest=digest,
+        signing_time=at,
+        policy=policy,
+        certificates=signing.chain,
+    )
+    envelope_type, body = envelope_entity(signed, recipients, cipher=cipher, policy=policy)
+    headers = request_headers(
+        message_id=message_id,
+        sender_as2_id=sender_as2_id,
+        receiver_as2_id=receiver_as2_id,
+        envelope_type=envelope_type,
+        digest=digest,
+        at=at,
+    )
     return BuiltMessage(headers, body, mic)
+
+
+@dataclass(frozen=True)
+class BuiltFile:
+    headers: tuple[tuple[str, str], ...]
+    mic: str  # "<base64>, sha-256"
+    size: int  # of the payload
+
+
+def build_message_file(
+    payload: Path,
+    body: Path,
+    *,
+    filename: str,
+    content_type: str,
+    message_id: str,
+    sender_as2_id: str,
+    receiver_as2_id: str,
+    signing: KeyPair,
+    recipients: tuple[x509.Certificate, ...],
+    digest: str,
+    cipher: str,
+    policy: AlgorithmPolicy,
+    at: datetime,
+) -> BuiltFile:
+    """:func:`build_message` for documents of any size: file in, AS2 body file out.
+
+    Memory use does not grow with the payload: the MIME entity is written
+    beside ``body`` (headers, then the payload copied in chunks), then signed
+    and encrypted by the streaming CMS engine, then removed.
+    """
+    entity = body.with_name(body.name + ".entity")
+    head = make_entity(content_type, b"", entity_headers(filename, message_id))
+    try:
+        size = 0
+        with entity.open("wb") as out:
+            out.write(head)
+            for chunk in read_chunks(payload):
+                out.write(chunk)
+                size += len(chunk)
+        sealed = sign_and_envelope_file(
+            entity,
+            body,
+            signer_cert=signing.certificate,
+            signer_key=signing.key,
+            recipients=recipients,
+            digest=digest,
+            cipher=cipher,
+            certificates=signing.chain,
+            signing_time=at,
+            policy=policy,
+        )
+    finally:
+        entity.unlink(missing_ok=True)
+    headers = request_headers(
+        message_id=message_id,
+        sender_as2_id=sender_as2_id,
+        receiver_as2_id=receiver_as2_id,
+        envelope_type=sealed.content_type,
+        digest=digest,
+        at=at,
+    )
+    return BuiltFile(headers, f"{sealed.mic}, {DIGEST_TO_MICALG[digest]}", size)

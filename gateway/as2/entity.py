@@ -1,0 +1,95 @@
+"""The document inside a verified MIME entity, read from a file in chunks.
+
+After decryption and signature verification the signed entity (MIME headers,
+empty line, body) is in a file.  These functions find its content type, the
+sender's file name and transfer encoding, and yield the decoded document in
+chunks, so a received DICOM study of gigabytes is never held in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.cms.mime import header_param, parse_entity
+from gateway.errors import ProtocolError
+
+HEADER_LIMIT = 65536
+CHUNK = 1 << 20
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
+
+
+@dataclass(frozen=True)
+class EntityInfo:
+    content_type: str
+    filename: str | None
+    encoding: str
+    body_offset: int
+
+
+def read_entity_info(path: Path) -> EntityInfo:
+    with path.open("rb") as handle:
+        head = handle.read(HEADER_LIMIT)
+    ends = [i + 4 for i in (head.find(b"\r\n\r\n"),) if i >= 0]
+    ends += [i + 2 for i in (head.find(b"\n\n"),) if i >= 0]
+    if not ends:
+        raise ProtocolError(
+            "the signed document has no end of its MIME headers in the first 64 KiB",
+            fix="the sender's MIME structure is broken",
+        )
+    offset = min(ends)
+    headers, _ = parse_entity(head[:offset])
+    fields = {k.lower(): v for k, v in headers}
+    content_type = fields.get("content-type", "application/octet-stream").split(";")[0].strip()
+    encoding = fields.get("content-transfer-encoding", "binary").strip().lower()
+    if encoding not in ("binary", "8bit", "7bit", "base64"):
+        raise ProtocolError(
+            f"unsupported Content-Transfer-Encoding {encoding!r}",
+            fix="the sender should use binary or base64",
+        )
+    filename = header_param(fields.get("content-disposition", ""), "filename")
+    return EntityInfo(content_type, filename, encoding, offset)
+
+
+def payload_chunks(path: Path, info: EntityInfo) -> Iterator[bytes]:
+    """The document's bytes, decoded from its transfer encoding, a chunk at a time."""
+    with path.open("rb") as handle:
+        handle.seek(info.body_offset)
+        if info.encoding != "base64":
+            while chunk := handle.read(CHUNK):
+                yield chunk
+            return
+        pending = b""
+        while chunk := handle.read(CHUNK):
+            pending += _NOT_BASE64.sub(b"", chunk)
+            usable = len(pending) - len(pending) % 4
+            if usable:
+                yield _b64(pending[:usable])
+                pending = pending[usable:]
+        if pending:
+            yield _b64(pending + b"=" * (-len(pending) % 4))
+
+
+def _b64(data: bytes) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error as exc:
+        raise ProtocolError(
+            "the document is declared base64 but is not",
+            fix="the sender's MIME encoding is broken",
+        ) from exc
+
+
+def payload_digest(path: Path, info: EntityInfo) -> tuple[int, str]:
+    """Size and SHA-256 (hex) of the decoded document."""
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in payload_chunks(path, info):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()

@@ -1,0 +1,92 @@
+"""File-based AS2 build and receive: the same bytes as the in-memory path, any size."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
+from gateway.as2.message import build_message_file
+from gateway.cms.mime import make_entity
+from gateway.cms.stream import open_and_verify_file
+from gateway.config import load_config
+from gateway.errors import ProtocolError
+from gateway.pki.demo import DemoLayout
+from gateway.policy import AlgorithmPolicy
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 1024 * 1024 + 7])
+def test_built_file_opens_to_the_same_document_and_mic(
+    layout: DemoLayout, tmp_path: Path, size: int
+) -> None:
+    lab = load_config(layout.lab.config_path)
+    hospital = load_config(layout.hospital.config_path)
+    payload = tmp_path / "payload"
+    data = os.urandom(size)
+    payload.write_bytes(data)
+    body = tmp_path / "body.as2"
+    built = build_message_file(
+        payload,
+        body,
+        filename="../../etc/x.dcm",
+        content_type="application/dicom",
+        message_id="<m1@KITA-LAB>",
+        sender_as2_id="KITA-LAB",
+        receiver_as2_id="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipients=lab.require_peer("hospital").encryption_certificates,
+        digest="sha256",
+        cipher="aes-256-gcm",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
+    )
+    assert built.size == size
+    assert dict(built.headers)["Message-ID"] == "<m1@KITA-LAB>"
+    assert not list(tmp_path.glob("*.entity"))  # the plaintext entity was removed
+    entity = tmp_path / "entity"
+    opened = open_and_verify_file(
+        body,
+        entity,
+        cert=hospital.smime.encryption.certificate,
+        key=hospital.smime.encryption.key,
+        trusted_signers=hospital.require_peer("lab").signing_certificates,
+        policy=AlgorithmPolicy(),
+        mic_digest="sha256",
+    )
+    assert built.mic == f"{opened.mic}, sha-256"
+    info = read_entity_info(entity)
+    assert info.content_type == "application/dicom"
+    assert info.filename == "x.dcm"  # reduced to a safe name by the sender already
+    assert b"".join(payload_chunks(entity, info)) == data
+    assert payload_digest(entity, info) == (size, hashlib.sha256(data).hexdigest())
+
+
+def test_base64_documents_are_decoded_in_chunks(tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    encoded = base64.encodebytes(data)  # 76-character lines, as other AS2 products send
+    entity = tmp_path / "entity"
+    entity.write_bytes(
+        make_entity("application/pdf", encoded, [("Content-Transfer-Encoding", "base64")])
+    )
+    info = read_entity_info(entity)
+    assert info.encoding == "base64"
+    assert b"".join(payload_chunks(entity, info)) == data
+
+
+def test_broken_base64_and_unknown_encodings_are_refused(tmp_path: Path) -> None:
+    entity = tmp_path / "entity"
+    entity.write_bytes(
+        make_entity("text/plain", b"abcde", [("Content-Transfer-Encoding", "base64")])
+    )
+    with pytest.raises(ProtocolError, match="declared base64"):
+        b"".join(payload_chunks(entity, read_entity_info(entity)))
+    entity.write_bytes(
+        make_entity("text/plain", b"x", [("Content-Transfer-Encoding", "x-uuencode")])
+    )
+    with pytest.raises(ProtocolError, match="x-uuencode"):
+        read_entity_info(entity)
