@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.policy import AlgorithmPolicy
+from gateway.routing import REVOCATION_POLICIES, ZONE_KINDS, zone_problems
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -51,10 +52,23 @@ class KeyPair:
 
 @dataclass(frozen=True)
 class TlsSettings:
+    """Our TLS identity; what we trust, and how, is set per zone (:class:`Zone`)."""
+
     identity: KeyPair
+
+
+@dataclass(frozen=True)
+class Zone:
+    """One network the gateway is attached to (``[[zones]]``); see gateway.routing."""
+
+    name: str
+    kind: str  # "closed-network", "ip-vpn" or "internet"
+    source_address: str | None  # outbound connections of this zone leave from it
+    egress: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # where its peers live
     trust_anchor_paths: tuple[Path, ...]
     trust_anchors: tuple[x509.Certificate, ...]
     min_version: str  # "1.2" or "1.3"
+    revocation: str  # "require", "prefer" or "off"
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class Listener:
     address: str
     port: int
     path: str
+    zone: str
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,7 @@ class Peer:
     cipher: str
     digest: str
     compat: bool
+    zone: str
 
     @property
     def policy(self) -> AlgorithmPolicy:
@@ -128,10 +144,21 @@ class GatewayConfig:
     storage: Storage
     runtime: Runtime
     peers: tuple[Peer, ...]
+    zones: tuple[Zone, ...]
     warnings: tuple[ConfigProblem, ...] = ()
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
+
+    def zone(self, name: str) -> Zone | None:
+        return next((z for z in self.zones if z.name == name), None)
+
+    def require_zone(self, name: str) -> Zone:
+        """The zone of a loaded peer or listener (load_config guarantees it exists)."""
+        zone = self.zone(name)
+        if zone is None:
+            raise KeyError(f"no zone {name!r} in {self.source}")
+        return zone
 
     def require_peer(self, name: str) -> Peer:
         peer = self.peer(name)
@@ -227,7 +254,9 @@ class _Section:
         value = self._get(key, bool, "true or false", default, False, "false")
         return bool(value)
 
-    def string_list(self, key: str, *, required: bool = True) -> list[str]:
+    def string_list(
+        self, key: str, *, required: bool = True, empty_fix: str = "name at least one file"
+    ) -> list[str]:
         value = self._get(key, list, "a list of strings", None, required, '["..."]')
         if value is None:
             return []
@@ -235,14 +264,24 @@ class _Section:
             self.problem(key, "every entry must be a string", f'write it as `{key} = ["..."]`')
             return []
         if required and not value:
-            self.problem(key, "the list is empty", "name at least one file")
+            self.problem(key, "the list is empty", empty_fix)
         return list(value)
+
+    def moved(self, key: str, fix: str) -> None:
+        """A key that is no longer read in this table: say where it went."""
+        if key in self._table:
+            self._seen.add(key)
+            self.problem(key, "is no longer read in this table", fix)
 
     def table(self, key: str, *, required: bool = True) -> _Section:
         value = self._get(key, dict, "a table", None, required, f"[{self._key(key)}]")
         return _Section(self._reader, self._file, self._key(key), value or {})
 
-    def tables(self, key: str) -> list[_Section]:
+    def tables(self, key: str, *, missing: tuple[str, str] | None = None) -> list[_Section]:
+        if missing is not None and key not in self._table:
+            self._seen.add(key)
+            self.problem(key, *missing)
+            return []
         value = self._get(key, list, "an array of tables", None, True, f"[[{self._key(key)}]]")
         sections = []
         for index, item in enumerate(value or []):
@@ -431,6 +470,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
     institution_id = section.string("institution_id", default="")
     url = section.string("url", example='"https://lab.example:4080/as2"')
     _check_url(section, "url", url)
+    zone = section.string("zone", example='"regional-vpn"')
     certs: dict[str, list[x509.Certificate]] = {}
     for key in ("tls_certificates", "signing_certificates", "encryption_certificates"):
         certs[key] = []
@@ -464,7 +504,82 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         cipher=cipher,
         digest=digest,
         compat=compat,
+        zone=zone,
     )
+
+
+def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
+    """The ``[[zones]]`` tables, in file order (NET-4: every peer is in exactly one)."""
+    zones: list[Zone] = []
+    missing = (
+        "no [[zones]] table: every listener and every peer must belong to a network zone",
+        "add one [[zones]] table per network this gateway is attached to (see the example "
+        'config/gateway.toml), then `zone = "<name>"` in each [[listeners]] and each peer file',
+    )
+    for item in root.tables("zones", missing=missing):
+        name = item.string("name", example='"regional-vpn"')
+        kind = item.string("kind", example=f'"{ZONE_KINDS[1]}"')
+        if kind and kind not in ZONE_KINDS:
+            item.problem(
+                "kind",
+                f"{kind!r} is not one of {', '.join(ZONE_KINDS)}",
+                f"set kind to one of: {', '.join(ZONE_KINDS)}",
+            )
+        source_address = item.string("source_address", default="") or None
+        if source_address is not None:
+            try:
+                source_ip = ipaddress.ip_address(source_address)
+            except ValueError:
+                item.problem(
+                    "source_address",
+                    f"{source_address!r} is not an IP address",
+                    "give this host's address on the zone's network, or remove the key",
+                )
+            else:
+                if source_ip.is_unspecified:
+                    item.problem(
+                        "source_address",
+                        f"{source_address} is the any-address, not an interface's",
+                        "give this host's address on the zone's network, or remove the key",
+                    )
+        egress: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in item.string_list(
+            "egress", empty_fix='name the ranges the zone\'s peers live in, e.g. ["10.20.0.0/16"]'
+        ):
+            try:
+                egress.append(ipaddress.ip_network(entry, strict=True))
+            except ValueError as exc:
+                item.problem(
+                    "egress",
+                    f"{entry!r} is not an address range ({exc})",
+                    'write CIDR ranges with the network address, e.g. "10.20.0.0/16"; '
+                    'the whole internet is ["0.0.0.0/0", "::/0"]',
+                )
+        anchor_paths = tuple(
+            reader.path(p)
+            for p in item.string_list(
+                "trust_anchors", empty_fix="name the CA certificate file(s) of this zone's peers"
+            )
+        )
+        anchors: list[x509.Certificate] = []
+        for anchor_path in anchor_paths:
+            anchors.extend(reader.certificates(item, "trust_anchors", anchor_path))
+        min_version = item.choice("min_version", ("1.3", "1.2"), default="1.3")
+        revocation = item.choice("revocation", REVOCATION_POLICIES, default="require")
+        item.finish()
+        zones.append(
+            Zone(
+                name=name,
+                kind=kind,
+                source_address=source_address,
+                egress=tuple(egress),
+                trust_anchor_paths=anchor_paths,
+                trust_anchors=tuple(anchors),
+                min_version=min_version,
+                revocation=revocation,
+            )
+        )
+    return zones
 
 
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
@@ -490,12 +605,15 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
 
     tls_section = root.table("tls")
     tls_identity = reader.key_pair(tls_section, "certificate", "key")
-    anchor_paths = tuple(reader.path(p) for p in tls_section.string_list("trust_anchors"))
-    anchors: list[x509.Certificate] = []
-    for anchor_path in anchor_paths:
-        anchors.extend(reader.certificates(tls_section, "trust_anchors", anchor_path))
-    min_version = tls_section.choice("min_version", ("1.3", "1.2"), default="1.3")
+    for moved in ("trust_anchors", "min_version"):
+        tls_section.moved(
+            moved,
+            f"move {moved} into each [[zones]] table: what a listener trusts, and how, "
+            "is set per network zone",
+        )
     tls_section.finish()
+
+    zones = _load_zones(reader, root)
 
     smime_section = root.table("smime")
     signing = reader.key_pair(smime_section, "signing_certificate", "signing_key")
@@ -516,8 +634,9 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         url_path = item.string("path", default="/as2")
         if not url_path.startswith("/"):
             item.problem("path", f"{url_path!r} must start with /", 'use for example "/as2"')
+        zone = item.string("zone", example='"regional-vpn"')
         item.finish()
-        listeners.append(Listener(listener_name, address, port, url_path))
+        listeners.append(Listener(listener_name, address, port, url_path, zone))
     seen: dict[tuple[str, int], str] = {}
     for listener in listeners:
         where = (listener.address, listener.port)
@@ -575,6 +694,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             "create it and put one <peer>.toml per peer institution in it",
         )
     _check_peer_uniqueness(reader, peers, as2_id)
+    reader.problems.extend(zone_problems(source, zones, listeners, peers))
 
     if reader.errors or tls_identity is None or signing is None or encryption is None:
         raise ConfigError(reader.problems)
@@ -583,12 +703,13 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         name=name,
         institution_id=institution_id,
         as2_id=as2_id,
-        tls=TlsSettings(tls_identity, anchor_paths, tuple(anchors), min_version),
+        tls=TlsSettings(tls_identity),
         smime=SmimeSettings(signing, encryption, digest, cipher),
         listeners=tuple(listeners),
         storage=storage,
         runtime=runtime,
         peers=tuple(peers),
+        zones=tuple(zones),
         warnings=tuple(reader.problems),
     )
 

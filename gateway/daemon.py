@@ -20,7 +20,7 @@ import contextlib
 import random
 import signal
 import ssl
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
-from gateway.config import GatewayConfig, Peer, load_config
+from gateway.config import GatewayConfig, Listener, Peer, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.errors import ConfigError, MedgwError
@@ -41,6 +41,7 @@ from gateway.logs import Logger
 from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.tls import client_context, fingerprint, server_context
+from gateway.routing import admit
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool
 
@@ -54,7 +55,7 @@ class RuntimeState:
     """Everything derived from one version of the configuration; swapped whole on reload."""
 
     config: GatewayConfig
-    server_context: ssl.SSLContext
+    server_contexts: Mapping[str, ssl.SSLContext]  # by listener name: its zone's trust only
     clients: Mapping[str, PeerClient]
     peers_by_tls: Mapping[str, Peer]
     inbound: InboundProcessor
@@ -95,36 +96,47 @@ class Daemon:
 
     def _build_state(self, config: GatewayConfig) -> RuntimeState:
         assert self._spool is not None and self._audit is not None
-        accepted = [c for p in config.peers for c in p.tls_certificates]
+        zones = {z.name: z for z in config.zones}
         try:
-            server = server_context(
-                config.tls.identity, config.tls.trust_anchors, accepted, config.tls.min_version
-            )
+            # NET-4: each listener trusts only its zone's anchors and pins only its zone's peers.
+            servers = {
+                lst.name: server_context(
+                    config.tls.identity,
+                    zones[lst.zone].trust_anchors,
+                    [c for p in config.peers if p.zone == lst.zone for c in p.tls_certificates],
+                    zones[lst.zone].min_version,
+                )
+                for lst in config.listeners
+            }
             contexts = {
                 p.name: client_context(
                     config.tls.identity,
-                    config.tls.trust_anchors,
+                    zones[p.zone].trust_anchors,
                     p.tls_certificates,
-                    config.tls.min_version,
+                    zones[p.zone].min_version,
                 )
                 for p in config.peers
             }
         except (ssl.SSLError, OSError) as exc:
             raise StartupError(
                 f"cannot build the TLS configuration: {exc}",
-                fix="check the [tls] certificate, key and trust_anchors",
+                fix="check the [tls] certificate and key and each [[zones]] trust_anchors",
             ) from exc
         clients = {
-            name: PeerClient(
-                ctx, config.runtime.connect_timeout_seconds, config.runtime.request_timeout_seconds
+            p.name: PeerClient(
+                contexts[p.name],
+                config.runtime.connect_timeout_seconds,
+                config.runtime.request_timeout_seconds,
+                source_address=zones[p.zone].source_address,
+                egress=zones[p.zone].egress,
             )
-            for name, ctx in contexts.items()
+            for p in config.peers
         }
         peers_by_tls = {
             fingerprint(c.public_bytes(_DER)): p for p in config.peers for c in p.tls_certificates
         }
         inbound = InboundProcessor(config, self._spool, self._audit, self._log, self._clock)
-        return RuntimeState(config, server, clients, peers_by_tls, inbound)
+        return RuntimeState(config, servers, clients, peers_by_tls, inbound)
 
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
@@ -191,8 +203,8 @@ class Daemon:
         for listener in config.listeners:
             server = As2Server(
                 listener,
-                lambda: self.state.server_context,
-                self._handle,
+                self._server_context_for(listener.name),
+                self._handler_for(listener),
                 self._audit_sink(),
                 self._log,
                 config.runtime.max_message_bytes,
@@ -211,7 +223,21 @@ class Daemon:
         assert self._audit is not None
         return self._audit
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _server_context_for(self, listener_name: str) -> Callable[[], ssl.SSLContext]:
+        def context() -> ssl.SSLContext:
+            return self.state.server_contexts[listener_name]  # looked up anew after a reload
+
+        return context
+
+    def _handler_for(
+        self, listener: Listener
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._handle(request, listener)
+
+        return handle
+
+    async def _handle(self, request: web.Request, listener: Listener) -> web.StreamResponse:
         state = self.state
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
@@ -229,6 +255,14 @@ class Daemon:
                     direction="inbound",
                     reason="TLS client certificate belongs to no configured peer",
                 )
+            )
+            return web.Response(status=403, text="forbidden\n")
+        refusal = admit(listener.name, listener.zone, peer)
+        if refusal is not None:
+            # Pinned per zone at the handshake; reaching here means the zones changed on reload.
+            self._log.warning("zone.violation", peer=peer.name, listener=listener.name)
+            self._audit_sink().emit(
+                refusal.audit_event(direction="inbound", peer=peer.name, remote_address=remote)
             )
             return web.Response(status=403, text="forbidden\n")
         if self._spool is not None and self._spool.is_suspended(peer.name):

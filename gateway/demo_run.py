@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,16 @@ SAMPLE_HL7 = (
 class GatewayProcess:
     """A ``medgw run`` subprocess whose JSON log lines are collected as they come."""
 
-    def __init__(self, config: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, *, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
+        """``prefix`` wraps the command, e.g. ``("ip", "netns", "exec", "lab")``."""
         self.config = config
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            [*prefix, sys.executable, "-m", "gateway", "run", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

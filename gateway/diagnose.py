@@ -412,9 +412,12 @@ class Diagnoser:
     # -- 3 --------------------------------------------------------------------
 
     def _context(self) -> ssl.SSLContext:
-        tls = self._config.tls
+        zone = self._config.require_zone(self._peer.zone)  # trust and TLS version are per zone
         return client_context(
-            tls.identity, tls.trust_anchors, self._peer.tls_certificates, tls.min_version
+            self._config.tls.identity,
+            zone.trust_anchors,
+            self._peer.tls_certificates,
+            zone.min_version,
         )
 
     async def handshake(self, connection: socket.socket) -> StepResult:
@@ -572,10 +575,12 @@ class Diagnoser:
             return _fail(
                 "tls",
                 detail,
-                "the peer's certificate was not issued by a CA in our [tls] trust_anchors: the "
-                f"peer changed its CA, or the connection reaches the wrong server{shown}",
+                "the peer's certificate was not issued by a CA in the trust_anchors of its zone "
+                f"{self._peer.zone!r}: the peer changed its CA, or the connection reaches the "
+                f"wrong server{shown}",
                 "ask the peer which CA issued its certificate; obtain that CA certificate "
-                f"through a trusted channel and add it to trust_anchors in {self._config.source}",
+                "through a trusted channel and add it to trust_anchors of the [[zones]] table "
+                f"{self._peer.zone!r} in {self._config.source}",
             )
         if code in (62, 64) or "mismatch" in message:
             return _fail(
@@ -605,7 +610,8 @@ class Diagnoser:
             "tls",
             detail,
             f"we could not verify the peer's TLS certificate ({message}){shown}",
-            f"compare the peer's certificate with [tls] trust_anchors and {peer_file}",
+            f"compare the peer's certificate with the trust_anchors of zone {self._peer.zone!r} "
+            f"and {peer_file}",
         )
 
     async def _peek_certificate(self, address: str) -> x509.Certificate | None:
@@ -648,11 +654,12 @@ class Diagnoser:
                 "tls",
                 f"no common TLS protocol or cipher {when}: {exc}",
                 "we and the peer share no TLS version or cipher suite: we accept TLS "
-                f"{self._config.tls.min_version} or newer with ECDHE/AES-GCM only (CRYPTREC), "
+                f"{self._config.require_zone(self._peer.zone).min_version} or newer with "
+                "ECDHE/AES-GCM only (CRYPTREC), "
                 "or the port does not speak TLS at all",
                 "ask the peer which TLS versions and cipher suites their server accepts; if it "
-                'can only do TLS 1.2, set min_version = "1.2" in [tls] of '
-                f"{self._config.source} (ECDHE + AES-GCM stay required)",
+                f'can only do TLS 1.2, set min_version = "1.2" in the [[zones]] table '
+                f"{self._peer.zone!r} of {self._config.source} (ECDHE + AES-GCM stay required)",
             )
         return _fail(
             "tls",

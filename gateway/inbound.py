@@ -45,6 +45,7 @@ from gateway.errors import (
     SpoolError,
 )
 from gateway.logs import Logger
+from gateway.routing import Refusal, route_inbound
 from gateway.spool import Spool
 
 
@@ -201,12 +202,10 @@ class InboundProcessor:
                 f"AS2-From {as2_from!r} does not match the TLS client certificate's peer "
                 f"{peer.name!r} (AS2 id {peer.as2_id!r})",
             )
-        if as2_to != self._config.as2_id:
-            raise _Refused(
-                Disposition.AUTHENTICATION_FAILED,
-                EventType.MESSAGE_REJECTED,
-                f"AS2-To {as2_to!r} is not this gateway ({self._config.as2_id!r})",
-            )
+        # NET-4: a message from a peer is delivered here or nowhere (no transit, no forwarding).
+        route = route_inbound(self._config.as2_id, peer, as2_to, self._config.peers)
+        if isinstance(route, Refusal):
+            raise _Refused(Disposition.AUTHENTICATION_FAILED, route.event, route.reason)
         encryption = self._config.smime.encryption
         try:
             opened = open_envelope(

@@ -30,6 +30,7 @@ from gateway.errors import MedgwError
 from gateway.fsutil import fsync_dir, read_chunks, remove_stale_partials, write_atomic
 from gateway.intake.outbox import Candidate, scan
 from gateway.logs import Logger
+from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord, OutboundState, Spool
 
 INTAKE_PARALLELISM = 8
@@ -107,6 +108,8 @@ class Outbound:
             candidate.path,
             payload_path,
             expires_at=self._clock.now().timestamp() + self.config.runtime.message_expiry_seconds,
+            zone=peer.zone,
+            origin=LOCAL_INTAKE,
         )
         await asyncio.to_thread(_move_into_spool, candidate.path, payload_path)
         record = self._spool.get(message_id)

@@ -99,7 +99,10 @@ def test_load_config_accepts_both_institutions(demo: DemoLayout) -> None:
     for config, me, other in ((hospital, demo.hospital, demo.lab), (lab, demo.lab, demo.hospital)):
         (listener,) = config.listeners
         assert (listener.address, listener.port, listener.path) == ("127.0.0.1", me.port, "/as2")
-        assert config.tls.min_version == "1.3"
+        (zone,) = config.zones
+        assert (zone.name, zone.kind, zone.min_version) == ("loopback", "closed-network", "1.3")
+        assert zone.source_address == "127.0.0.1"
+        assert listener.zone == zone.name
         assert config.storage.outbox_dir == me.outbox_dir
         assert config.storage.inbox_dir == me.inbox_dir
         assert config.storage.audit_log == me.audit_log
@@ -118,7 +121,8 @@ def test_load_config_accepts_both_institutions(demo: DemoLayout) -> None:
         assert peer.tls_certificates == (other_config.tls.identity.certificate,)
         assert peer.signing_certificates == (other_config.smime.signing.certificate,)
         assert peer.encryption_certificates == (other_config.smime.encryption.certificate,)
-        assert config.tls.trust_anchors == (_load_cert(demo.ca_certificate),)
+        assert peer.zone == zone.name
+        assert zone.trust_anchors == (_load_cert(demo.ca_certificate),)
 
 
 def test_generated_toml_uses_relative_paths(demo: DemoLayout, tmp_path: Path) -> None:
@@ -436,7 +440,7 @@ def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) ->
         gw["smime"]["signing_key"]: own / "sign.key",
         gw["smime"]["encryption_certificate"]: own / "encrypt.crt",
         gw["smime"]["encryption_key"]: own / "encrypt.key",
-        **{anchor: demo.ca_certificate for anchor in gw["tls"]["trust_anchors"]},
+        **{a: demo.ca_certificate for zone in gw["zones"] for a in zone["trust_anchors"]},
         **{p: lab / "tls.crt" for p in peer["tls_certificates"]},
         **{p: lab / "sign.crt" for p in peer["signing_certificates"]},
         **{p: lab / "encrypt.crt" for p in peer["encryption_certificates"]},
@@ -536,7 +540,7 @@ def _assert_every_key_present(gateway_toml: Path, file: Path) -> None:
     lines = original.splitlines()
     probed = [f"{PROBE} = 1"]
     tables = {"": tomllib.loads(original)}
-    listener_index = -1
+    array_index: dict[str, int] = {}
     for line in lines:
         probed.append(line)
         header = re.match(r"^\[\[?([a-z_.]+)\]\]?\s*$", line)
@@ -544,8 +548,8 @@ def _assert_every_key_present(gateway_toml: Path, file: Path) -> None:
             probed.append(f"{PROBE} = 1")
             name = header.group(1)
             if line.startswith("[["):
-                listener_index += 1
-                tables[f"{name}[{listener_index}]"] = tables[""][name][listener_index]
+                index = array_index[name] = array_index.get(name, -1) + 1
+                tables[f"{name}[{index}]"] = tables[""][name][index]
             else:
                 tables[name] = tables[""][name]
     file.write_text("\n".join(probed) + "\n")

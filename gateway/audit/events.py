@@ -42,6 +42,8 @@ class EventType(StrEnum):
     RECEIPT_INVALID = "receipt.invalid"
     TLS_HANDSHAKE_FAILED = "tls.handshake_failed"
     PEER_AUTHENTICATION_FAILED = "peer.authentication_failed"
+    ZONE_VIOLATION = "zone.violation"  # a peer on a listener of another zone (NET-4)
+    TRANSIT_REFUSED = "routing.transit_refused"  # a message would pass through us (NET-4)
     SIGNATURE_FAILED = "signature.failed"
     DECRYPTION_FAILED = "decryption.failed"
     COMPAT_ALGORITHM_USED = "policy.compat_algorithm_used"

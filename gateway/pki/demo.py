@@ -42,6 +42,7 @@ MARKER_TEXT = (
     "Running the demo again deletes and recreates ca/, hospital/ and lab/ here.\n"
 )
 _OWNED = ("ca", "hospital", "lab")
+DEMO_ZONE = "loopback"
 
 
 class DemoFolderError(MedgwError):
@@ -248,11 +249,6 @@ peers_dir = "peers.d"
 certificate = "certs/tls.crt"
 # Its private key (PEM, unencrypted, mode 0600).
 key = "certs/tls.key"
-# CA certificates that issue peers' TLS certificates.  Peers are also pinned to
-# the certificates listed in their peers.d file.
-trust_anchors = ["certs/ca.crt"]
-# Lowest TLS version accepted: "1.3" (default) or "1.2" (ECDHE/DHE + AEAD only).
-min_version = "1.3"
 
 [smime]
 # Certificate and key we sign outgoing messages and receipts (MDNs) with.
@@ -267,6 +263,25 @@ digest = {_s(digest)}
 # aes-128-cbc, aes-256-cbc (EnvelopedData, for partners without GCM).
 cipher = "aes-256-gcm"
 
+[[zones]]
+# A network this gateway is attached to.  Every listener and every peer belongs
+# to exactly one zone, and nothing passes from one zone to another.
+name = {_s(DEMO_ZONE)}
+# "closed-network", "ip-vpn" or "internet".
+kind = "closed-network"
+# Outbound connections to this zone's peers leave from this address.
+source_address = "127.0.0.1"
+# Address ranges this zone's peers live in; a peer url outside them is refused.
+egress = ["127.0.0.0/8"]
+# CA certificates that issue this zone's peers' TLS certificates.  Peers are
+# also pinned to the certificates listed in their peers.d file.
+trust_anchors = ["certs/ca.crt"]
+# Lowest TLS version accepted: "1.3" (default) or "1.2" (ECDHE/DHE + AEAD only).
+min_version = "1.3"
+# Certificate revocation checking: "require" (default), "prefer" or "off".  The
+# demo PKI publishes no CRL or OCSP responder.
+revocation = "off"
+
 [[listeners]]
 # Name of this listener (one per network zone) in logs and audit events.
 name = "loopback"
@@ -276,6 +291,8 @@ address = "127.0.0.1"
 port = {me.port}
 # URL path of the AS2 endpoint.
 path = "/as2"
+# The zone this listener serves: only that zone's peers are accepted on it.
+zone = {_s(DEMO_ZONE)}
 
 [storage]
 # Spool database and other state.
@@ -328,6 +345,8 @@ as2_id = {_s(other.as2_id)}
 institution_id = {_s(other.institution_id)}
 # The peer's AS2 endpoint (https only).
 url = "https://127.0.0.1:{other.port}/as2"
+# The network zone the peer is reached in and may connect from.
+zone = {_s(DEMO_ZONE)}
 # Certificates the peer may present in mutual TLS.  Several may be listed, to
 # rotate without downtime.  One certificate belongs to exactly one peer.
 tls_certificates = ["certs/peers/{other.name}/tls.crt"]

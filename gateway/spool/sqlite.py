@@ -34,6 +34,7 @@ from typing import Any
 
 from gateway.clock import Clock
 from gateway.errors import SpoolError
+from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbound (
@@ -54,6 +55,9 @@ CREATE TABLE IF NOT EXISTS outbound (
     disposition     TEXT,
     receipt_path    TEXT,
     expires_at      REAL NOT NULL DEFAULT 0,
+    zone            TEXT,
+    origin_peer     TEXT,
+    origin_zone     TEXT,
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL
 );
@@ -126,6 +130,8 @@ class OutboundRecord:
     expires_at: float
     created_at: str
     updated_at: str
+    zone: str | None = None  # the destination peer's network zone
+    origin: Origin = LOCAL_INTAKE  # local intake, or the peer (and zone) it came in from
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,17 @@ def _outbound(row: sqlite3.Row) -> OutboundRecord:
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        zone=row["zone"],
+        origin=(
+            Origin(row["origin_peer"], row["origin_zone"])
+            if row["origin_peer"] is not None and row["origin_zone"] is not None
+            else LOCAL_INTAKE
+        ),
     )
+
+
+# Columns added after the first release, for spools created before them.
+_ADDED_COLUMNS = (("zone", "TEXT"), ("origin_peer", "TEXT"), ("origin_zone", "TEXT"))
 
 
 class Spool:
@@ -177,6 +193,10 @@ class Spool:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            present = {r["name"] for r in self._db.execute("PRAGMA table_info(outbound)")}
+            for column, kind in _ADDED_COLUMNS:
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE outbound ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             raise SpoolError(
                 f"cannot open the spool database {path}: {exc}",
@@ -219,12 +239,22 @@ class Spool:
         source_path: Path,
         payload_path: Path,
         expires_at: float = 0.0,
+        *,
+        zone: str | None = None,
+        origin: Origin = LOCAL_INTAKE,
     ) -> None:
+        """Queue a message for ``peer`` (of network ``zone``).
+
+        NET-4 invariant, enforced here whatever the caller checked before: a
+        message that came in from a peer is never queued for a peer of another
+        zone (:class:`~gateway.routing.TransitRefused`; the caller audits it).
+        """
+        check_enqueue(origin, peer, zone)
         now = self._now()
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
-            " payload_path, state, expires_at, created_at, updated_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
+            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 peer,
@@ -234,6 +264,9 @@ class Spool:
                 str(payload_path),
                 OutboundState.INTAKE.value,
                 expires_at,
+                zone,
+                origin.peer,
+                origin.zone,
                 now,
                 now,
             ),

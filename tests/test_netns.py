@@ -1,0 +1,317 @@
+"""System test of network zones (NET-4) with Linux network namespaces.
+
+Three namespaces, two veth links, real ``medgw run`` daemons::
+
+    [lab] 10.77.1.2 ──zone A── 10.77.1.1 [hospital] 10.77.2.1 ──zone B── 10.77.2.2 [pharmacy]
+
+The hospital has one interface per zone; the lab (its own CA) lives in zone A,
+the pharmacy chain (another CA) in zone B.  Lab -> hospital is delivered; lab
+-> pharmacy through the hospital is refused (at the AS2 layer and, since the
+hospital namespace does not forward, at the IP layer); the pharmacy's
+perfectly valid certificate on the zone A interface is refused at the
+handshake; each refusal is in the hospital's audit trail.  The hospital's own
+outbound connections leave from each zone's source address.
+
+Needs root and ``ip netns``; skipped, saying why, where that is impossible.
+Run as a script (``python -m tests.test_netns probe ...``) it is the small
+client the test runs inside a namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.clock import SystemClock
+from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.spool import Spool
+from tests.test_zones import Site, as2_message, two_zone_world
+
+REPO = Path(__file__).resolve().parent.parent
+HOSPITAL_A, LAB = "10.77.1.1", "10.77.1.2"
+HOSPITAL_B, PHARMACY = "10.77.2.1", "10.77.2.2"
+PORT = 4080
+
+
+def _ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+class Namespaces:
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.hospital, self.lab, self.pharmacy = (f"mgw{x}{tag}" for x in "hlp")
+        self.created: list[str] = []
+        self._tag = tag
+
+    def setup(self) -> None:
+        for ns in (self.hospital, self.lab, self.pharmacy):
+            _ip("netns", "add", ns)
+            self.created.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        t = self._tag
+        for (here, here_ip), (there, there_ip), name in (
+            ((self.hospital, HOSPITAL_A), (self.lab, LAB), "a"),
+            ((self.hospital, HOSPITAL_B), (self.pharmacy, PHARMACY), "b"),
+        ):
+            near, far = f"mh{name}{t}", f"mp{name}{t}"
+            _ip("link", "add", near, "type", "veth", "peer", "name", far)
+            _ip("link", "set", near, "netns", here)
+            _ip("link", "set", far, "netns", there)
+            for ns, dev, address in ((here, near, here_ip), (there, far, there_ip)):
+                _ip("-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+                _ip("-n", ns, "link", "set", dev, "up")
+        # The lab even routes zone B's range via the hospital: only the hospital could pass it on.
+        _ip("-n", self.lab, "route", "add", "10.77.2.0/24", "via", HOSPITAL_A)
+
+    def teardown(self) -> None:
+        for ns in reversed(self.created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        self.created.clear()
+
+    def exec(self, ns: str) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", ns)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[Namespaces]:
+    if sys.platform != "linux":
+        pytest.skip("network namespaces need Linux")
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (Debian package iproute2) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root (CI runs as root)")
+    spaces = Namespaces()
+    try:
+        spaces.setup()
+    except RuntimeError as exc:
+        spaces.teardown()
+        pytest.skip(f"network namespaces are not available here: {exc}")
+    try:
+        yield spaces
+    finally:
+        spaces.teardown()
+
+
+def _probe(spaces: Namespaces, ns: str, *args: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [*spaces.exec(ns), sys.executable, "-m", "tests.test_netns", "probe", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def _events(site: Site, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(site.audit_log) if r["event"] == name]
+
+
+def _host(remote: str) -> str:
+    """The address of ``ip`` or ``ip:port`` as the audit trail records it."""
+    return remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
+
+
+def _received_from(site: Site, peer: str) -> dict[str, Any] | None:
+    return next((e for e in _events(site, "message.received") if e["peer"] == peer), None)
+
+
+def test_hospital_in_two_zones_passes_nothing_between_them(
+    namespaces: Namespaces, tmp_path: Path
+) -> None:
+    world = two_zone_world(
+        tmp_path,
+        hospital_a=HOSPITAL_A,
+        hospital_b=HOSPITAL_B,
+        lab_ip=LAB,
+        pharmacy_ip=PHARMACY,
+        net_a="10.77.1.0/24",
+        net_b="10.77.2.0/24",
+        ports=(PORT, PORT, PORT, PORT),
+    )
+    hospital, lab, pharmacy = world.hospital, world.lab, world.pharmacy
+    processes: list[GatewayProcess] = []
+    try:
+        for site, ns in (
+            (hospital, namespaces.hospital),
+            (lab, namespaces.lab),
+            (pharmacy, namespaces.pharmacy),
+        ):
+            proc = GatewayProcess(site.config_path, prefix=namespaces.exec(ns))
+            processes.append(proc)
+            proc.wait_ready()
+
+        # Zone A: lab -> hospital is delivered.
+        drop_file(lab.root / "outbox" / "hospital", "result.hl7", b"MSH|lab result for the ward")
+        delivered = hospital.root / "inbox" / "lab" / "result.hl7"
+        wait_until(delivered.exists, 60, "lab -> hospital delivery")
+        assert delivered.read_bytes() == b"MSH|lab result for the ward"
+        received = wait_until(lambda: _received_from(hospital, "lab"), 10, "the audit record")
+        assert _host(received["remote_address"]) == LAB
+
+        # The hospital's own sends leave from each zone's source address.
+        drop_file(hospital.root / "outbox" / "pharmacy", "rx.txt", b"prescription")
+        drop_file(hospital.root / "outbox" / "lab", "order.hl7", b"MSH|order")
+        at_pharmacy = wait_until(
+            lambda: _received_from(pharmacy, "hospital"), 60, "hospital -> pharmacy"
+        )
+        at_lab = wait_until(lambda: _received_from(lab, "hospital"), 60, "hospital -> lab")
+        assert _host(at_pharmacy["remote_address"]) == HOSPITAL_B
+        assert _host(at_lab["remote_address"]) == HOSPITAL_A
+
+        # Lab -> pharmacy through the hospital: refused, with a signed negative receipt.
+        built = as2_message(lab, hospital, pharmacy.as2_id, b"MSH|for the pharmacy")
+        request = tmp_path / "transit.json"
+        request.write_text(json.dumps({"headers": built.headers, "body": built.body.hex()}))
+        answer = _probe(
+            namespaces,
+            namespaces.lab,
+            "post",
+            str(lab.root / "certs"),
+            HOSPITAL_A,
+            str(PORT),
+            str(request),
+        )
+        assert answer["status"] == 200 and "authentication-failed" in answer["body"], answer
+        (transit,) = _events(hospital, "routing.transit_refused")
+        assert transit["peer"] == "lab" and transit["severity"] == "alert"
+        assert _host(transit["remote_address"]) == LAB
+        assert "zone 'zone-b'" in transit["reason"]
+        assert not (pharmacy.root / "inbox" / "lab").exists()
+        spool = Spool(hospital.root / "state" / "spool.sqlite3", SystemClock())
+        try:
+            queued = [(r.peer, r.filename, r.origin.is_local) for r in spool.all_outbound()]
+        finally:
+            spool.close()
+        assert sorted(queued) == [("lab", "order.hl7", True), ("pharmacy", "rx.txt", True)]
+
+        # ... and at the IP layer the hospital namespace does not forward either.
+        assert _probe(namespaces, namespaces.hospital, "forwarding")["ipv4"] == "0"
+        tcp = _probe(namespaces, namespaces.lab, "connect", PHARMACY, str(PORT))
+        assert tcp["connected"] is False, tcp
+
+        # The pharmacy's valid certificate on the zone A interface: refused at the handshake.
+        pharmacy_cert = str(pharmacy.root / "certs")
+        refused = _probe(
+            namespaces, namespaces.lab, "handshake", pharmacy_cert, HOSPITAL_A, str(PORT)
+        )
+        assert refused["refused"] is True, refused
+        # ... while it is accepted on the zone B interface, where the pharmacy belongs.
+        accepted = _probe(
+            namespaces, namespaces.pharmacy, "handshake", pharmacy_cert, HOSPITAL_B, str(PORT)
+        )
+        assert accepted["refused"] is False, accepted
+        failed = wait_until(
+            lambda: _events(hospital, "tls.handshake_failed"), 10, "the handshake refusal"
+        )
+        (handshake,) = failed
+        assert handshake["detail"]["listener"] == "zone-a"
+        assert _host(handshake["remote_address"]) == LAB
+        assert handshake["severity"] == "alert"
+        # The pharmacy cannot even reach zone A's interface from its own network.
+        unreachable = _probe(namespaces, namespaces.pharmacy, "connect", HOSPITAL_A, str(PORT))
+        assert unreachable["connected"] is False
+
+        for proc in processes:
+            proc.signal(signal.SIGTERM)
+        assert [proc.stop() for proc in processes] == [0, 0, 0]
+    finally:
+        for proc in processes:
+            if proc.proc.poll() is None:
+                proc.kill()
+            print(f"--- output of medgw run --config {proc.config}")
+            print("\n".join(proc.raw[-40:]))
+
+
+# --- the client run inside a namespace ------------------------------------------------------
+
+
+def _context(certs: Path) -> ssl.SSLContext:
+    """Client context of the institution whose certs/ folder this is (trusting its own CA)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(certs / "anchors" / "hospital-ca.crt"))
+    context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
+    return context
+
+
+def _handshake(certs: Path, host: str, port: int) -> dict[str, Any]:
+    try:
+        with (
+            socket.create_connection((host, port), timeout=10) as raw,
+            _context(certs).wrap_socket(raw, server_hostname=host) as conn,
+        ):
+            # TLS 1.3: the server judges the client certificate after our Finished.
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = conn.recv(100)
+            return {"refused": data == b"", "answer": data.decode(errors="replace")}
+    except (ssl.SSLError, ConnectionError) as exc:
+        return {"refused": True, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _post(certs: Path, host: str, port: int, request: Path) -> dict[str, Any]:
+    message = json.loads(request.read_text())
+    body = bytes.fromhex(message["body"])
+    head = "".join(f"{k}: {v}\r\n" for k, v in message["headers"])
+    with (
+        socket.create_connection((host, port), timeout=30) as raw,
+        _context(certs).wrap_socket(raw, server_hostname=host) as conn,
+    ):
+        conn.sendall(
+            f"POST /as2 HTTP/1.1\r\nHost: {host}\r\n{head}Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return {"status": status, "body": answer.decode(errors="replace")}
+
+
+def _connect(host: str, port: int) -> dict[str, Any]:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return {"connected": True}
+    except OSError as exc:
+        return {"connected": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["probe"]:
+        print("usage: python -m tests.test_netns probe ACTION ...", file=sys.stderr)
+        return 2
+    action, args = argv[1], argv[2:]
+    if action == "handshake":
+        result = _handshake(Path(args[0]), args[1], int(args[2]))
+    elif action == "post":
+        result = _post(Path(args[0]), args[1], int(args[2]), Path(args[3]))
+    elif action == "connect":
+        result = _connect(args[0], int(args[1]))
+    elif action == "forwarding":
+        result = {"ipv4": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
+    else:
+        print(f"unknown probe {action!r}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

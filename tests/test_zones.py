@@ -1,0 +1,736 @@
+"""Network zones (NET-4, NET-8): configuration rules, check-config's proof table,
+per-zone TLS on the listeners, the spool's no-transit invariant, and outbound
+connections that stay in their zone.
+
+``Site`` builds real installations (certificates from real CAs, TOML files) for
+any zone layout; the network-namespace system test uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.as2.headers import new_message_id
+from gateway.as2.message import build_message
+from gateway.channel.client import PeerClient, TransportError
+from gateway.clock import SystemClock
+from gateway.config import KeyPair, load_config
+from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from gateway.pki.tls import client_context
+from gateway.policy import AlgorithmPolicy
+from gateway.routing import LOCAL_INTAKE, Origin, TransitRefused
+from gateway.spool import Spool
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+# --- building installations ------------------------------------------------------------
+
+
+def _s(value: Any) -> str:
+    return json.dumps(value)
+
+
+@dataclass
+class Site:
+    """One institution's installation: its certificates and (once written) its config."""
+
+    name: str
+    as2_id: str
+    root: Path
+    ca: Issued
+    tls: Issued
+    sign: Issued
+    encrypt: Issued
+    zones: list[dict[str, Any]] = field(default_factory=list)
+    listeners: list[dict[str, Any]] = field(default_factory=list)
+    peers: list[tuple[Site, str, str]] = field(default_factory=list)  # (peer, zone, url)
+
+    @classmethod
+    def make(cls, root: Path, name: str, as2_id: str, ca: Issued, ips: list[str]) -> Site:
+        def one(purpose: str) -> Issued:
+            return issue(
+                ca,
+                as2_id,
+                purpose=purpose,
+                now=NOW,
+                ip_addresses=ips if purpose == "tls" else (),
+                dns_names=("localhost",) if purpose == "tls" else (),
+            )
+
+        site = cls(
+            name, as2_id, root / name, ca, one("tls"), one("smime-sign"), one("smime-encrypt")
+        )
+        certs = site.root / "certs"
+        certs.mkdir(parents=True, mode=0o700)
+        write_pem(certs / "ca.crt", ca.certificate)
+        for role in ("tls", "sign", "encrypt"):
+            pair: Issued = getattr(site, role)
+            write_pem(certs / f"{role}.crt", pair.certificate)
+            write_pem(certs / f"{role}.key", pair.key)
+        return site
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "gateway.toml"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit" / "audit.jsonl"
+
+    def pair(self, role: str) -> KeyPair:
+        base = self.root / "certs"
+        issued: Issued = getattr(self, role)
+        return KeyPair(base / f"{role}.crt", base / f"{role}.key", issued.certificate, issued.key)
+
+    def trust(self, other: Site) -> str:
+        """Store ``other``'s CA certificate here; the path for a zone's trust_anchors."""
+        path = self.root / "certs" / "anchors" / f"{other.name}-ca.crt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_pem(path, other.ca.certificate)
+        return str(path)
+
+    def zone(self, name: str, egress: list[str], anchors: list[Site], **extra: Any) -> None:
+        self.zones.append(
+            {
+                "name": name,
+                "kind": extra.pop("kind", "closed-network"),
+                "egress": egress,
+                "trust_anchors": [self.trust(a) for a in anchors],
+                "revocation": "off",
+                **extra,
+            }
+        )
+
+    def listen(self, name: str, address: str, port: int, zone: str) -> None:
+        self.listeners.append(
+            {"name": name, "address": address, "port": port, "path": "/as2", "zone": zone}
+        )
+
+    def peer(self, other: Site, zone: str, url: str) -> None:
+        self.peers.append((other, zone, url))
+
+    def write(self, *, gateway_extra: str = "") -> Path:
+        lines = [
+            "[gateway]",
+            f"name = {_s(self.name)}",
+            f"as2_id = {_s(self.as2_id)}",
+            "",
+            "[tls]",
+            'certificate = "certs/tls.crt"',
+            'key = "certs/tls.key"',
+            "",
+            "[smime]",
+            'signing_certificate = "certs/sign.crt"',
+            'signing_key = "certs/sign.key"',
+            'encryption_certificate = "certs/encrypt.crt"',
+            'encryption_key = "certs/encrypt.key"',
+            "",
+        ]
+        for table, entries in (("zones", self.zones), ("listeners", self.listeners)):
+            for entry in entries:
+                lines.append(f"[[{table}]]")
+                lines += [f"{key} = {_s(value)}" for key, value in entry.items()]
+                lines.append("")
+        lines += [
+            "[storage]",
+            'state_dir = "state"',
+            'outbox_dir = "outbox"',
+            'inbox_dir = "inbox"',
+            'audit_log = "audit/audit.jsonl"',
+            "",
+            "[runtime]",
+            "shutdown_deadline_seconds = 5",
+            "outbox_poll_seconds = 0.2",
+            "retry_initial_seconds = 1",
+            "retry_max_seconds = 3",
+            "connect_timeout_seconds = 5",
+            "request_timeout_seconds = 30",
+            'log_level = "info"',
+        ]
+        text = "\n".join(lines) + "\n" + gateway_extra
+        self.config_path.write_text(text)
+        peers_d = self.root / "peers.d"
+        peers_d.mkdir(exist_ok=True)
+        for old in peers_d.glob("*.toml"):
+            old.unlink()
+        for other, zone, url in self.peers:
+            certs = self.root / "certs" / "peers" / other.name
+            certs.mkdir(parents=True, exist_ok=True)
+            for role in ("tls", "sign", "encrypt"):
+                write_pem(certs / f"{role}.crt", getattr(other, role).certificate)
+            (peers_d / f"{other.name}.toml").write_text(
+                f"as2_id = {_s(other.as2_id)}\n"
+                f"url = {_s(url)}\n"
+                f"zone = {_s(zone)}\n"
+                f'tls_certificates = ["certs/peers/{other.name}/tls.crt"]\n'
+                f'signing_certificates = ["certs/peers/{other.name}/sign.crt"]\n'
+                f'encryption_certificates = ["certs/peers/{other.name}/encrypt.crt"]\n'
+            )
+        return self.config_path
+
+
+def new_ca(name: str) -> Issued:
+    return make_ca(f"{name} CA", now=NOW, organization=f"{name} (test PKI)")
+
+
+@dataclass
+class World:
+    """Hospital in two zones; the lab (own CA) in zone A, the pharmacy (own CA) in zone B."""
+
+    hospital: Site
+    lab: Site
+    pharmacy: Site
+
+
+def two_zone_world(
+    root: Path,
+    *,
+    hospital_a: str,
+    hospital_b: str,
+    lab_ip: str,
+    pharmacy_ip: str,
+    net_a: str,
+    net_b: str,
+    ports: tuple[int, int, int, int],
+) -> World:
+    """Zone A is the lab's closed network, zone B the pharmacy chain's IP-VPN.
+
+    The hospital's certificate comes from the lab's CA (both sides of zone A
+    trust it); the pharmacy trusts that CA for the hospital only, and the
+    hospital's zone B trusts only the pharmacy's CA.
+    """
+    ca_a, ca_b = new_ca("Zone A lab"), new_ca("Zone B pharmacy")
+    hospital = Site.make(root, "hospital", "SAKURA-HOSPITAL", ca_a, [hospital_a, hospital_b])
+    lab = Site.make(root, "lab", "KITA-LAB", ca_a, [lab_ip])
+    pharmacy = Site.make(root, "pharmacy", "MIDORI-PHARMACY", ca_b, [pharmacy_ip])
+    port_a, port_b, lab_port, pharmacy_port = ports
+
+    hospital.zone("zone-a", [net_a], [lab], source_address=hospital_a)
+    hospital.zone("zone-b", [net_b], [pharmacy], kind="ip-vpn", source_address=hospital_b)
+    hospital.listen("zone-a", hospital_a, port_a, "zone-a")
+    hospital.listen("zone-b", hospital_b, port_b, "zone-b")
+    hospital.peer(lab, "zone-a", f"https://{lab_ip}:{lab_port}/as2")
+    hospital.peer(pharmacy, "zone-b", f"https://{pharmacy_ip}:{pharmacy_port}/as2")
+
+    lab.zone("hospital-line", [net_a], [hospital], source_address=lab_ip)
+    lab.listen("hospital-line", lab_ip, lab_port, "hospital-line")
+    lab.peer(hospital, "hospital-line", f"https://{hospital_a}:{port_a}/as2")
+
+    pharmacy.zone("chain-vpn", [net_b], [hospital], kind="ip-vpn", source_address=pharmacy_ip)
+    pharmacy.listen("chain-vpn", pharmacy_ip, pharmacy_port, "chain-vpn")
+    pharmacy.peer(hospital, "chain-vpn", f"https://{hospital_b}:{port_b}/as2")
+    for site in (hospital, lab, pharmacy):
+        site.write()
+    return World(hospital, lab, pharmacy)
+
+
+def as2_message(sender: Site, receiver: Site, to_as2_id: str, payload: bytes) -> Any:
+    """What ``sender``'s gateway would POST, encrypted for ``receiver``, to ``to_as2_id``."""
+    return build_message(
+        payload,
+        filename="result.hl7",
+        content_type="application/hl7-v2",
+        message_id=new_message_id(sender.as2_id),
+        sender_as2_id=sender.as2_id,
+        receiver_as2_id=to_as2_id,
+        signing=sender.pair("sign"),
+        recipients=(receiver.encrypt.certificate,),
+        digest="sha256",
+        cipher="aes-256-gcm",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
+    )
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+# --- configuration rules --------------------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    """Two zones on loopback addresses: 127.0.1.0/24 (zone A), 127.0.2.0/24 (zone B)."""
+    return two_zone_world(
+        tmp_path,
+        hospital_a="127.0.1.1",
+        hospital_b="127.0.2.1",
+        lab_ip="127.0.1.2",
+        pharmacy_ip="127.0.2.2",
+        net_a="127.0.1.0/24",
+        net_b="127.0.2.0/24",
+        ports=(free_port(), free_port(), free_port(), free_port()),
+    )
+
+
+def _problems(config: Path) -> list[ConfigProblem]:
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    return [p for p in info.value.problems if p.severity == "error"]
+
+
+def _one(problems: list[ConfigProblem], key: str) -> ConfigProblem:
+    found = [p for p in problems if p.key == key]
+    assert len(found) == 1, (key, [str(p) for p in problems])
+    assert found[0].fix
+    return found[0]
+
+
+def _check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_two_zone_config_loads_and_check_config_prints_the_proof(world: World) -> None:
+    config = load_config(world.hospital.config_path)
+    assert config.warnings == ()
+    a, b = config.zones
+    assert (a.name, a.kind, a.source_address, [str(n) for n in a.egress]) == (
+        "zone-a",
+        "closed-network",
+        "127.0.1.1",
+        ["127.0.1.0/24"],
+    )
+    assert a.trust_anchors == (world.lab.ca.certificate,)
+    assert b.trust_anchors == (world.pharmacy.ca.certificate,)
+    assert (b.kind, b.min_version, b.revocation) == ("ip-vpn", "1.3", "off")
+    assert {p.name: p.zone for p in config.peers} == {"lab": "zone-a", "pharmacy": "zone-b"}
+    assert [(lst.name, lst.zone) for lst in config.listeners] == [
+        ("zone-a", "zone-a"),
+        ("zone-b", "zone-b"),
+    ]
+
+    result = _check_config(world.hospital.config_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    table = out[out.index("network separation proof") :]
+    rows = {
+        line[7:].split("  ")[0]: line
+        for line in table.splitlines()
+        if line[:6].strip() in ("NET-1", "NET-4")
+    }
+    assert set(rows) == {
+        "no plaintext listener",
+        "no listener shared by two zones",
+        "each peer's URL inside its zone's egress",
+        "no cross-zone route",
+    }
+    assert all(" holds " in row for row in rows.values()), table
+    assert "VIOLATED" not in table
+    assert "lab: 127.0.1.2 in 127.0.1.0/24 (zone zone-a)" in table
+    assert "pharmacy: 127.0.2.2 in 127.0.2.0/24 (zone zone-b)" in table
+    profiles = table[table.index("zone TLS profiles") :].splitlines()
+    assert any(
+        line.split()[:6] == ["zone-a", "closed-network", ">=", "1.3", "off", "lab"]
+        for line in profiles
+    )
+    assert any(
+        line.split()[:6] == ["zone-b", "ip-vpn", ">=", "1.3", "off", "pharmacy"]
+        for line in profiles
+    )
+
+
+def _rejected(config: Path, file: Path, key: str, *words: str) -> ConfigProblem:
+    """check-config refuses it, naming the file, the key and a fix; load_config agrees."""
+    result = _check_config(config)
+    assert result.returncode == 1, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert any(f"{file}: {key}: " in line and "(fix: " in line for line in lines), result.stderr
+    problem = _one(_problems(config), key)
+    assert problem.file == str(file)
+    for word in words:
+        assert word in problem.message + problem.fix, (word, str(problem))
+    return problem
+
+
+def test_plaintext_listener_or_peer_cannot_be_configured(world: World) -> None:
+    hospital = world.hospital
+    hospital.listeners[0]["tls"] = False
+    hospital.write()
+    _rejected(hospital.config_path, hospital.config_path, "listeners[0].tls", "unknown key")
+    del hospital.listeners[0]["tls"]
+    hospital.peers[0] = (world.lab, "zone-a", "http://127.0.1.2:4080/as2")
+    hospital.write()
+    _rejected(hospital.config_path, hospital.root / "peers.d" / "lab.toml", "url", "plaintext")
+
+
+def test_listener_shared_by_two_zones_is_refused(world: World) -> None:
+    hospital = world.hospital
+    hospital.listeners[1]["address"] = "127.0.1.1"  # zone B's listener on zone A's address
+    hospital.write()
+    problem = _rejected(
+        hospital.config_path, hospital.config_path, "listeners[1].address", "share", "two zones"
+    )
+    assert "zone-a" in problem.message and "zone-b" in problem.message
+
+
+def test_wildcard_listener_serves_every_zone_and_is_refused(world: World) -> None:
+    hospital = world.hospital
+    hospital.listeners[0]["address"] = "0.0.0.0"
+    hospital.write()
+    _rejected(hospital.config_path, hospital.config_path, "listeners[0].address", "every zone")
+    # With one zone the same binding works but is flagged.
+    lab = load_config(world.lab.config_path)
+    assert lab.warnings == ()
+    world.lab.listeners[0]["address"] = "::"
+    world.lab.write()
+    (warning,) = load_config(world.lab.config_path).warnings
+    assert warning.key == "listeners[0].address" and warning.severity == "warning"
+
+
+def test_zones_sharing_a_source_address_are_refused(world: World) -> None:
+    hospital = world.hospital
+    hospital.zones[1]["source_address"] = "127.0.1.1"
+    hospital.write()
+    _rejected(hospital.config_path, hospital.config_path, "zones[1].source_address", "both send")
+
+
+def test_zone_without_source_address_is_a_warning_with_several_zones(world: World) -> None:
+    del world.hospital.zones[1]["source_address"]
+    world.hospital.write()
+    (warning,) = load_config(world.hospital.config_path).warnings
+    assert warning.key == "zones[1].source_address" and "routing picks" in warning.message
+
+
+def test_peer_url_outside_its_zone_egress_is_refused(world: World) -> None:
+    hospital = world.hospital
+    # The pharmacy's address, but the peer is declared in zone A: it would leave via zone B.
+    hospital.peers[1] = (world.pharmacy, "zone-a", "https://127.0.2.2:4443/as2")
+    hospital.write()
+    problem = _rejected(
+        hospital.config_path, hospital.root / "peers.d" / "pharmacy.toml", "url", "egress"
+    )
+    assert "127.0.1.0/24" in problem.message and "zone-a" in problem.message
+
+
+def test_no_route_between_zones_can_be_configured(world: World) -> None:
+    """medgw has no forwarding: a route table is not part of the schema and is refused."""
+    hospital = world.hospital
+    hospital.write(gateway_extra='\n[[routes]]\nfrom_zone = "zone-a"\nto_zone = "zone-b"\n')
+    problem = _rejected(hospital.config_path, hospital.config_path, "routes", "unknown key")
+    assert "zones" in problem.fix  # lists what the table does know
+
+
+def test_zone_references_and_values_are_checked(world: World) -> None:
+    hospital = world.hospital
+    hospital.listeners[0]["zone"] = "zone-c"
+    hospital.zones[0]["egress"] = ["127.0.1.1/24"]
+    hospital.zones[1]["kind"] = "vpn"
+    hospital.zones[1]["name"] = "zone-a"
+    hospital.peers[1] = (world.pharmacy, "nowhere", "https://127.0.2.2:4443/as2")
+    hospital.write()
+    problems = _problems(hospital.config_path)
+    assert "zone-c" in _one(problems, "listeners[0].zone").message
+    assert "network address" in _one(problems, "zones[0].egress").fix
+    assert "closed-network" in _one(problems, "zones[1].kind").fix
+    assert "twice" in _one(problems, "zones[1].name").message
+    pharmacy = [p for p in problems if p.file.endswith("pharmacy.toml") and p.key == "zone"]
+    assert len(pharmacy) == 1 and "nowhere" in pharmacy[0].message
+
+
+def test_config_from_before_zones_is_refused_with_the_way_forward(world: World) -> None:
+    hospital = world.hospital
+    text = hospital.write().read_text()
+    head, rest = text.split("[[zones]]", 1)
+    old = (
+        head.replace("[tls]\n", '[tls]\ntrust_anchors = ["certs/ca.crt"]\nmin_version = "1.3"\n')
+        + rest[rest.index("[[listeners]]") :]
+    )
+    old = old.replace('zone = "zone-a"\n', "").replace('zone = "zone-b"\n', "")
+    hospital.config_path.write_text(old)
+    for peer in (hospital.root / "peers.d").glob("*.toml"):
+        peer.write_text(
+            "\n".join(x for x in peer.read_text().splitlines() if not x.startswith("zone"))
+        )
+    problems = _problems(hospital.config_path)
+    assert "[[zones]]" in _one(problems, "zones").fix
+    assert "[[zones]]" in _one(problems, "tls.trust_anchors").fix
+    assert "[[zones]]" in _one(problems, "tls.min_version").fix
+    assert _one(problems, "listeners[0].zone").message == "required key is missing"
+    assert {p.file for p in problems if p.key == "zone"} == {
+        str(hospital.root / "peers.d" / "lab.toml"),
+        str(hospital.root / "peers.d" / "pharmacy.toml"),
+    }
+
+
+# --- spool: no transit, enforced where messages are enqueued ----------------------------
+
+
+def test_spool_refuses_a_message_from_one_zone_for_a_peer_of_another(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3", SystemClock())
+    try:
+        args = ("report.pdf", "application/pdf", tmp_path / "src", tmp_path / "payload")
+        with pytest.raises(TransitRefused) as info:
+            spool.add_intake("m1", "pharmacy", *args, zone="zone-b", origin=Origin("lab", "zone-a"))
+        refusal = info.value.refusal
+        assert refusal.event.value == "routing.transit_refused"
+        assert refusal.detail == {
+            "origin_peer": "lab",
+            "from_zone": "zone-a",
+            "to_peer": "pharmacy",
+            "to_zone": "zone-b",
+        }
+        event = refusal.audit_event(direction="outbound", peer="pharmacy", message_id="m1")
+        assert (event.severity.value, event.outcome.value) == ("alert", "failure")
+        assert info.value.fix and "zone" in info.value.message
+        # an inbound origin without a known destination zone fails closed
+        with pytest.raises(TransitRefused):
+            spool.add_intake("m2", "pharmacy", *args, origin=Origin("lab", "zone-a"))
+        assert spool.all_outbound() == []
+
+        spool.add_intake("m3", "lab2", *args, zone="zone-a", origin=Origin("lab", "zone-a"))
+        spool.add_intake("m4", "pharmacy", *args, zone="zone-b")
+        records = {r.message_id: r for r in spool.all_outbound()}
+        assert set(records) == {"m3", "m4"}
+        assert (records["m3"].zone, records["m3"].origin) == ("zone-a", Origin("lab", "zone-a"))
+        assert (records["m4"].zone, records["m4"].origin) == ("zone-b", LOCAL_INTAKE)
+    finally:
+        spool.close()
+
+
+def test_spool_created_before_zones_gains_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE outbound (message_id TEXT PRIMARY KEY, peer TEXT NOT NULL,"
+        " filename TEXT NOT NULL, content_type TEXT NOT NULL, source_path TEXT NOT NULL,"
+        " payload_path TEXT NOT NULL, body_path TEXT, headers TEXT, mic TEXT, size INTEGER,"
+        " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT, disposition TEXT,"
+        " receipt_path TEXT, expires_at REAL NOT NULL DEFAULT 0, created_at TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)"
+    )
+    db.execute(
+        "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
+        " payload_path, state, created_at, updated_at) VALUES"
+        " ('old', 'lab', 'a', 'b', '/s', '/p', 'queued', '2026-01-01', '2026-01-01')"
+    )
+    db.commit()
+    db.close()
+    spool = Spool(path, SystemClock())
+    try:
+        (old,) = spool.all_outbound()
+        assert (old.zone, old.origin) == (None, LOCAL_INTAKE)
+        spool.add_intake("new", "lab", "a", "b", Path("/s2"), Path("/p2"), zone="zone-a")
+        assert spool.get("new") is not None and spool.get("new").zone == "zone-a"  # type: ignore[union-attr]
+    finally:
+        spool.close()
+
+
+# --- outbound: source address and egress --------------------------------------------------
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[int, list[str]]]:
+    """A TCP server on 127.0.0.1 that records who connected (and then hangs up)."""
+    seen: list[str] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    stop = False
+
+    def loop() -> None:
+        while not stop:
+            try:
+                conn, address = server.accept()
+            except TimeoutError:
+                continue
+            seen.append(address[0])
+            conn.close()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], seen
+    finally:
+        stop = True
+        thread.join(2)
+        server.close()
+
+
+def _post(world: World, url: str, body: Path, **kwargs: Any) -> str:
+    """POST with a hospital client made with ``kwargs``; what happened, as text."""
+    context = client_context(
+        world.hospital.pair("tls"), [world.lab.ca.certificate], [world.lab.tls.certificate], "1.3"
+    )
+
+    async def go() -> str:
+        client = PeerClient(context, 2, 5, **kwargs)
+        try:
+            await client.post(url, (), body)
+        except TransportError as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        return "sent"
+
+    return asyncio.run(go())
+
+
+def test_outbound_connections_leave_from_the_zone_source_address(
+    world: World, recorder: tuple[int, list[str]], tmp_path: Path
+) -> None:
+    port, seen = recorder
+    body = tmp_path / "body"
+    body.write_bytes(b"x")
+    for source in ("127.0.0.7", "127.0.0.9"):
+        outcome = _post(world, f"https://127.0.0.1:{port}/as2", body, source_address=source)
+        assert outcome != "sent"
+    assert seen == ["127.0.0.7", "127.0.0.9"]
+
+
+def test_host_names_are_connected_only_to_addresses_inside_the_egress(
+    world: World, recorder: tuple[int, list[str]], tmp_path: Path
+) -> None:
+    port, seen = recorder
+    body = tmp_path / "body"
+    body.write_bytes(b"x")
+    url = f"https://localhost:{port}/as2"
+    outside = _post(world, url, body, egress=(ipaddress.ip_network("10.0.0.0/8"),))
+    assert "outside the zone's egress (10.0.0.0/8)" in outside
+    assert seen == []
+    inside = _post(world, url, body, egress=(ipaddress.ip_network("127.0.0.0/8"),))
+    assert "egress" not in inside
+    wait_until(lambda: seen == ["127.0.0.1"], 5, "the connection inside the egress")
+
+
+# --- listeners bound to their zone (loopback) ---------------------------------------------
+
+
+def _tls_connect(site: Site, anchor: Site, address: str, port: int) -> ssl.SSLSocket:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cadata=anchor.ca.certificate.public_bytes(Encoding.PEM).decode())
+    context.load_cert_chain(site.root / "certs" / "tls.crt", site.root / "certs" / "tls.key")
+    raw = socket.create_connection((address, port), timeout=10)
+    return context.wrap_socket(raw, server_hostname=address)
+
+
+def _send(conn: ssl.SSLSocket, built: Any) -> None:
+    head = "".join(f"{k}: {v}\r\n" for k, v in built.headers)
+    length = len(built.body)
+    conn.sendall(
+        f"POST /as2 HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {length}\r\n\r\n".encode()
+        + built.body
+    )
+
+
+def _handshake_refused(site: Site, anchor: Site, address: str, port: int) -> bool:
+    """True when the server refuses ``site``'s certificate (TLS 1.3: seen on the first read)."""
+    try:
+        conn = _tls_connect(site, anchor, address, port)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    try:
+        conn.sendall(b"POST /as2 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        return conn.recv(100) == b""
+    except (ssl.SSLError, ConnectionError):
+        return True
+    finally:
+        conn.close()
+
+
+def test_each_listener_trusts_only_its_zone(world: World, processes: Any) -> None:
+    hospital = processes.start(world.hospital.config_path)
+    ports = {lst["name"]: lst["port"] for lst in world.hospital.listeners}
+    # The lab's certificate on zone B's listener, the pharmacy's on zone A's: refused.
+    assert _handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
+    assert _handshake_refused(world.pharmacy, world.lab, "127.0.1.1", ports["zone-a"])
+    failed = wait_until(
+        lambda: (
+            len(events(world.hospital.audit_log, "tls.handshake_failed")) >= 2
+            and events(world.hospital.audit_log, "tls.handshake_failed")
+        ),
+        10,
+        "two handshake refusals in the audit trail",
+    )
+    assert sorted(e["detail"]["listener"] for e in failed) == ["zone-a", "zone-b"]
+    assert all(e["severity"] == "alert" for e in failed)
+    # Each on its own zone's listener: the handshake completes.
+    assert not _handshake_refused(world.lab, world.lab, "127.0.1.1", ports["zone-a"])
+    assert not _handshake_refused(world.pharmacy, world.lab, "127.0.2.1", ports["zone-b"])
+    assert hospital.proc.poll() is None
+
+
+def test_zone_checked_again_per_request_after_a_reload(world: World, processes: Any) -> None:
+    """A connection made before a reload moved the peer to another zone is refused, audited."""
+    hospital = processes.start(world.hospital.config_path)
+    port = world.hospital.listeners[0]["port"]
+    conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
+    try:
+        # The lab moves to zone B (its url to zone B's range); zone B now trusts the lab's CA.
+        world.hospital.zones[1]["trust_anchors"].append(world.hospital.trust(world.lab))
+        world.hospital.peers[0] = (world.lab, "zone-b", "https://127.0.2.9:4443/as2")
+        world.hospital.write()
+        hospital.signal(signal.SIGHUP)
+        hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 20)
+        built = as2_message(world.lab, world.hospital, world.hospital.as2_id, b"MSH|after reload")
+        _send(conn, built)
+        answer = conn.recv(200)
+    finally:
+        conn.close()
+    assert answer.startswith(b"HTTP/1.1 403"), answer
+    (violation,) = events(world.hospital.audit_log, "zone.violation")
+    assert violation["peer"] == "lab" and violation["severity"] == "alert"
+    assert violation["detail"]["listener_zone"] == "zone-a"
+    assert violation["detail"]["peer_zone"] == "zone-b"
+    assert not list((world.hospital.root / "inbox").rglob("*.hl7"))
+
+
+def test_lab_to_hospital_delivered_and_transit_to_pharmacy_refused(
+    world: World, processes: Any
+) -> None:
+    processes.start(world.hospital.config_path)
+    processes.start(world.lab.config_path)
+    drop_file(world.lab.root / "outbox" / "hospital", "result.hl7", b"MSH|lab result")
+    delivered = world.hospital.root / "inbox" / "lab" / "result.hl7"
+    wait_until(delivered.exists, 30, "lab -> hospital delivery")
+    # the lab (zone A) addresses a message to the pharmacy (zone B) through the hospital
+    port = world.hospital.listeners[0]["port"]
+    built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
+    conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
+    try:
+        _send(conn, built)
+        answer = b""
+        while b"authentication-failed" not in answer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        conn.close()
+    assert b"authentication-failed" in answer  # the signed MDN says so
+    (refused,) = events(world.hospital.audit_log, "routing.transit_refused")
+    assert refused["peer"] == "lab" and refused["severity"] == "alert"
+    assert "zone 'zone-b'" in refused["reason"]
+    spool = Spool(world.hospital.root / "state" / "spool.sqlite3", SystemClock())
+    try:
+        assert [r.peer for r in spool.all_outbound()] == []  # nothing queued onward
+    finally:
+        spool.close()
