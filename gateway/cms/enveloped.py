@@ -12,7 +12,7 @@ AES key wrap (RFC 3394) matching the content-encryption key size.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +37,18 @@ from ..policy import (
 )
 from .signed import (
     ASN1_ERRORS,
+    _tl,
+    _tlv,
     cert_label,
     cert_ski,
     hash_for,
-    issuer_and_serial,
+    issuer_and_serial_der,
     load_content_info,
     matches_issuer_serial,
     name_string,
 )
 
-__all__ = ["Decrypted", "decrypt", "encrypt"]
+__all__ = ["Decrypted", "decrypt", "encrypt", "encrypt_chunks"]
 
 
 class GCMParameters(core.Sequence):  # type: ignore[misc]
@@ -79,6 +81,10 @@ _CIPHERS: dict[str, tuple[str, int, str]] = {
     "des-ede3-cbc": ("tripledes_3key", 24, "cbc"),
 }
 _CIPHER_BY_OID_NAME = {v[0]: k for k, v in _CIPHERS.items()}
+
+OID_DATA = "1.2.840.113549.1.7.1"
+OID_ENVELOPED = "1.2.840.113549.1.7.3"
+OID_AUTH_ENVELOPED = "1.2.840.113549.1.9.16.1.23"
 
 _WRAP_BY_KEYLEN = {16: "aes128_wrap", 24: "aes192_wrap", 32: "aes256_wrap"}
 _WRAP_KEYLEN = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
@@ -135,39 +141,37 @@ def _kek(
     return kdf.derive(shared_secret)
 
 
-def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> Any:
+# RecipientInfos are written as DER directly: asn1crypto's object builder
+# costs milliseconds per recipient, more than the RSA operation itself.
+_OAEP_SHA256_DER: bytes = cms.KeyEncryptionAlgorithm(
+    {
+        "algorithm": "rsaes_oaep",
+        "parameters": algos.RSAESOAEPParams(
+            {
+                "hash_algorithm": {"algorithm": "sha256"},
+                "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha256"}},
+            }
+        ),
+    }
+).dump()
+_EC_PUBLIC_KEY_ALG_DER: bytes = keys.PublicKeyAlgorithm({"algorithm": "ec"}).dump()
+
+
+def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> bytes:
     h = hashes.SHA256()
     encrypted_key = pub.encrypt(
         cek, padding.OAEP(mgf=padding.MGF1(algorithm=h), algorithm=h, label=None)
     )
-    return cms.RecipientInfo(
-        {
-            "ktri": cms.KeyTransRecipientInfo(
-                {
-                    "version": "v0",
-                    "rid": cms.RecipientIdentifier(
-                        {"issuer_and_serial_number": issuer_and_serial(cert)}
-                    ),
-                    "key_encryption_algorithm": {
-                        "algorithm": "rsaes_oaep",
-                        "parameters": algos.RSAESOAEPParams(
-                            {
-                                "hash_algorithm": {"algorithm": "sha256"},
-                                "mask_gen_algorithm": {
-                                    "algorithm": "mgf1",
-                                    "parameters": {"algorithm": "sha256"},
-                                },
-                            }
-                        ),
-                    },
-                    "encrypted_key": encrypted_key,
-                }
-            )
-        }
+    return _tlv(
+        0x30,
+        b"\x02\x01\x00"  # version 0
+        + issuer_and_serial_der(cert)
+        + _OAEP_SHA256_DER
+        + _tlv(0x04, encrypted_key),
     )
 
 
-def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> Any:
+def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> bytes:
     kdf_digest = _KDF_BY_CURVE[pub.curve.name]
     wrap = _WRAP_BY_KEYLEN[len(cek)]
     wrap_der: bytes = cms.KeyEncryptionAlgorithm({"algorithm": wrap}).dump()
@@ -177,61 +181,28 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
     point = ephemeral.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    originator_key = keys.PublicKeyInfo(
-        {
-            "algorithm": keys.PublicKeyAlgorithm({"algorithm": "ec"}),
-            "public_key": point,
-        }
-    )
-    return cms.RecipientInfo(
-        {
-            "kari": cms.KeyAgreeRecipientInfo(
-                {
-                    "version": "v3",
-                    "originator": cms.OriginatorIdentifierOrKey({"originator_key": originator_key}),
-                    "key_encryption_algorithm": cms.KeyEncryptionAlgorithm(
-                        {
-                            "algorithm": _STD_KDF_OID[kdf_digest],
-                            "parameters": core.Any.load(wrap_der),
-                        }
-                    ),
-                    "recipient_encrypted_keys": [
-                        cms.RecipientEncryptedKey(
-                            {
-                                "rid": cms.KeyAgreementRecipientIdentifier(
-                                    {"issuer_and_serial_number": issuer_and_serial(cert)}
-                                ),
-                                "encrypted_key": aes_key_wrap(kek, cek),
-                            }
-                        )
-                    ],
-                }
-            )
-        }
+    originator_key = _tlv(0x30, _EC_PUBLIC_KEY_ALG_DER + _tlv(0x03, b"\x00" + point))
+    return _tlv(
+        0xA1,  # [1] IMPLICIT KeyAgreeRecipientInfo
+        b"\x02\x01\x03"  # version 3
+        + _tlv(0xA0, b"\xa1" + originator_key[1:])  # originator [0] { originatorKey [1] }
+        + _tlv(0x30, core.ObjectIdentifier(_STD_KDF_OID[kdf_digest]).dump() + wrap_der)
+        + _tlv(
+            0x30,
+            _tlv(0x30, issuer_and_serial_der(cert) + _tlv(0x04, aes_key_wrap(kek, cek))),
+        ),
     )
 
 
-def encrypt(
-    content: bytes,
-    recipients: Sequence[x509.Certificate],
-    *,
-    cipher: str = "aes-256-gcm",
-    policy: AlgorithmPolicy,
-) -> bytes:
-    """Encrypt ``content`` for ``recipients``; returns DER ``ContentInfo``.
+# ---------------------------------------------------------------------------
+# encryption: DER written directly, lengths computed up front
 
-    GCM ciphers give AuthEnvelopedData, CBC ciphers EnvelopedData.
-    """
-    content = bytes(content)
-    cipher = cipher.strip().lower()
-    policy.check_content_cipher(cipher, inbound=False)
-    if cipher not in _CIPHERS:  # pragma: no cover - policy refuses unknown names first
-        raise PolicyError(cipher, "unknown content cipher", "use aes-256-gcm")
+
+def _recipient_infos(
+    recipients: Sequence[x509.Certificate], cek: bytes, policy: AlgorithmPolicy
+) -> tuple[bytes, bool]:
     if not recipients:
-        raise ValueError("encrypt() needs at least one recipient certificate")
-    oid_name, key_len, mode = _CIPHERS[cipher]
-
-    cek = os.urandom(key_len)
+        raise ValueError("encryption needs at least one recipient certificate")
     infos = []
     has_kari = False
     for cert in recipients:
@@ -251,55 +222,106 @@ def encrypt(
                 "only RSA (RSAES-OAEP) and EC P-256/P-384 (ECDH) recipients are supported",
                 "ask the peer for an RSA-3072 or EC P-256/P-384 encryption certificate",
             )
+    return _tlv(0x31, b"".join(sorted(infos))), has_kari  # DER: SET OF sorted
 
+
+def encrypt_chunks(
+    chunks: Iterable[bytes],
+    length: int,
+    recipients: Sequence[x509.Certificate],
+    *,
+    cipher: str = "aes-256-gcm",
+    policy: AlgorithmPolicy,
+) -> Iterator[bytes]:
+    """Encrypt ``length`` bytes arriving as ``chunks``; yields the DER ContentInfo.
+
+    AES-GCM gives AuthEnvelopedData, AES-CBC EnvelopedData.  ``chunks`` must
+    add up to exactly ``length`` bytes (the DER lengths are written first).
+    """
+    cipher = cipher.strip().lower()
+    policy.check_content_cipher(cipher, inbound=False)
+    oid_name, key_len, mode = _CIPHERS[cipher]
+    if length < 0:
+        raise ValueError("length must be >= 0")
+    cek = os.urandom(key_len)
+    ri_der, has_kari = _recipient_infos(recipients, cek, policy)
     if mode == "gcm":
         nonce = os.urandom(12)
-        encryptor = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
-        ciphertext = encryptor.update(content) + encryptor.finalize()
-        tag = encryptor.tag
         alg = algos.EncryptionAlgorithm(
             {
                 "algorithm": oid_name,
                 "parameters": core.Any.load(
-                    GCMParameters({"aes_nonce": nonce, "aes_icvlen": len(tag)}).dump()
+                    GCMParameters({"aes_nonce": nonce, "aes_icvlen": 16}).dump()
                 ),
             }
         )
-        auth_env = cms.AuthEnvelopedData(
-            {
-                "version": "v0",
-                "recipient_infos": infos,
-                "auth_encrypted_content_info": {
-                    "content_type": "data",
-                    "content_encryption_algorithm": alg,
-                    "encrypted_content": ciphertext,
-                },
-                "mac": tag,
-            }
-        )
-        ci = cms.ContentInfo({"content_type": "authenticated_enveloped_data", "content": auth_env})
+        enc_len = length
+        ctx: Any = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
+        padder = None
+        version = b"\x02\x01\x00"
+        outer_oid = OID_AUTH_ENVELOPED
+        tail_len = 2 + 16  # mac OCTET STRING
     else:
         iv = os.urandom(16)
-        padder = sym_padding.PKCS7(128).padder()
-        padded = padder.update(content) + padder.finalize()
-        cbc = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-        ciphertext = cbc.update(padded) + cbc.finalize()
         alg = algos.EncryptionAlgorithm({"algorithm": oid_name, "parameters": iv})
-        env = cms.EnvelopedData(
-            {
-                # RFC 5652 6.1: v2 as soon as a KeyAgreeRecipientInfo (v3) is present
-                "version": "v2" if has_kari else "v0",
-                "recipient_infos": infos,
-                "encrypted_content_info": {
-                    "content_type": "data",
-                    "content_encryption_algorithm": alg,
-                    "encrypted_content": ciphertext,
-                },
-            }
-        )
-        ci = cms.ContentInfo({"content_type": "enveloped_data", "content": env})
-    out: bytes = ci.dump()
-    return out
+        enc_len = (length // 16 + 1) * 16
+        ctx = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+        padder = sym_padding.PKCS7(128).padder()
+        version = b"\x02\x01\x02" if has_kari else b"\x02\x01\x00"
+        outer_oid = OID_ENVELOPED
+        tail_len = 0
+    eci_head = core.ObjectIdentifier(OID_DATA).dump() + alg.dump() + _tl(0x80, enc_len)
+    eci_len = len(eci_head) + enc_len
+    body_len = len(version) + len(ri_der) + len(_tl(0x30, eci_len)) + eci_len + tail_len
+    body_tl = _tl(0x30, body_len)
+    explicit_len = len(body_tl) + body_len
+    oid = core.ObjectIdentifier(outer_oid).dump()
+    ci_len = len(oid) + len(_tl(0xA0, explicit_len)) + explicit_len
+    yield (
+        _tl(0x30, ci_len)
+        + oid
+        + _tl(0xA0, explicit_len)
+        + body_tl
+        + version
+        + ri_der
+        + _tl(0x30, eci_len)
+        + eci_head
+    )
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > length:
+            raise ValueError(f"encrypt_chunks: more than the announced {length} bytes")
+        if padder is not None:
+            chunk = padder.update(chunk)
+        out = ctx.update(chunk)
+        if out:
+            yield out
+    if seen != length:
+        raise ValueError(f"encrypt_chunks: {seen} bytes given, {length} announced")
+    last = ctx.update(padder.finalize()) if padder is not None else b""
+    last += ctx.finalize()
+    if mode == "gcm":
+        last += _tlv(0x04, ctx.tag)
+    if last:
+        yield last
+
+
+def encrypt(
+    content: bytes,
+    recipients: Sequence[x509.Certificate],
+    *,
+    cipher: str = "aes-256-gcm",
+    policy: AlgorithmPolicy,
+) -> bytes:
+    """Encrypt ``content`` for ``recipients``; returns DER ``ContentInfo``.
+
+    GCM ciphers give AuthEnvelopedData, CBC ciphers EnvelopedData.
+    """
+    content = bytes(content)
+    return b"".join(
+        encrypt_chunks([content], len(content), recipients, cipher=cipher, policy=policy)
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -134,6 +134,51 @@ def name_string(asn1_name: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
+# DER writing
+
+
+def _tl(tag: int, length: int) -> bytes:
+    if length < 0x80:
+        return bytes((tag, length))
+    n = (length.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | n)) + length.to_bytes(n, "big")
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    return _tl(tag, len(value)) + value
+
+
+def _oid_der(dotted: str) -> bytes:
+    out: bytes = core.ObjectIdentifier(dotted).dump()
+    return out
+
+
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+OID_ALGORITHM_PROTECTION = "1.2.840.113549.1.9.52"
+_OID_DATA_DER = _oid_der("1.2.840.113549.1.7.1")
+_OID_SIGNED_DATA_DER = _oid_der("1.2.840.113549.1.7.2")
+
+
+def _attribute(oid: str, value_der: bytes) -> bytes:
+    return _tlv(0x30, _oid_der(oid) + _tlv(0x31, value_der))
+
+
+def _time_der(dt: datetime) -> bytes:
+    dt = dt.astimezone(UTC)
+    if 1950 <= dt.year < 2050:
+        return _tlv(0x17, dt.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return _tlv(0x18, dt.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
+
+
+def issuer_and_serial_der(cert: x509.Certificate) -> bytes:
+    """IssuerAndSerialNumber with the issuer Name and serial exactly as in the certificate."""
+    tbs = asn1_cert(cert)["tbs_certificate"]
+    return _tlv(0x30, tbs["issuer"].dump() + tbs["serial_number"].dump())
+
+
+# ---------------------------------------------------------------------------
 # signing
 
 
@@ -254,27 +299,22 @@ def sign_digest(
     if signing_time.tzinfo is None:
         raise ValueError("signing_time must be timezone-aware")
 
-    digest_alg = algos.DigestAlgorithm({"algorithm": digest})
-    sig_alg = _signature_algorithm(signer_key, digest, rsa_padding)
-    attrs = cms.CMSAttributes(
+    # Written as DER directly: asn1crypto's object builder costs more per
+    # message than the private-key operation.
+    digest_alg_der: bytes = algos.DigestAlgorithm({"algorithm": digest}).dump()
+    sig_alg_der: bytes = _signature_algorithm(signer_key, digest, rsa_padding).dump()
+    attrs = sorted(
         [
-            cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
-            cms.CMSAttribute({"type": "signing_time", "values": [_time(signing_time)]}),
-            cms.CMSAttribute({"type": "message_digest", "values": [content_digest]}),
-            cms.CMSAttribute(
-                {
-                    "type": "cms_algorithm_protection",
-                    "values": [
-                        cms.CMSAlgorithmProtection(
-                            {"digest_algorithm": digest_alg, "signature_algorithm": sig_alg}
-                        )
-                    ],
-                }
+            _attribute(OID_CONTENT_TYPE, _OID_DATA_DER),
+            _attribute(OID_SIGNING_TIME, _time_der(signing_time)),
+            _attribute(OID_MESSAGE_DIGEST, _tlv(0x04, content_digest)),
+            _attribute(
+                OID_ALGORITHM_PROTECTION,
+                _tlv(0x30, digest_alg_der + b"\xa1" + sig_alg_der[1:]),
             ),
         ]
     )
-    attrs_der = attrs.dump(force=True)  # DER: SET OF sorted
-    attrs = cms.CMSAttributes.load(attrs_der)
+    attrs_der = _tlv(0x31, b"".join(attrs))  # DER: SET OF sorted
 
     h = hash_for(digest)
     if isinstance(signer_key, ec.EllipticCurvePrivateKey):
@@ -286,41 +326,33 @@ def sign_digest(
     else:
         signature = signer_key.sign(attrs_der, padding.PKCS1v15(), h)
 
-    signer_info = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(
-                {"issuer_and_serial_number": issuer_and_serial(signer_cert)}
-            ),
-            "digest_algorithm": digest_alg,
-            "signed_attrs": attrs,
-            "signature_algorithm": sig_alg,
-            "signature": signature,
-        }
+    signer_info = _tlv(
+        0x30,
+        b"\x02\x01\x01"  # version 1: issuerAndSerialNumber
+        + issuer_and_serial_der(signer_cert)
+        + digest_alg_der
+        + b"\xa0"
+        + attrs_der[1:]  # [0] IMPLICIT signedAttrs
+        + sig_alg_der
+        + _tlv(0x04, signature),
     )
     certs: list[bytes] = []
     for c in (signer_cert, *certificates):
         d = c.public_bytes(serialization.Encoding.DER)
         if d not in certs:
             certs.append(d)
-    encap: dict[str, Any] = {"content_type": "data"}
+    encap = _OID_DATA_DER
     if content is not None:
-        encap["content"] = content
-    signed_data = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [digest_alg],
-            "encap_content_info": encap,
-            "certificates": [
-                cms.CertificateChoices({"certificate": asn1_x509.Certificate.load(d)})
-                for d in certs
-            ],
-            "signer_infos": [signer_info],
-        }
+        encap += _tlv(0xA0, _tlv(0x04, content))
+    signed_data = _tlv(
+        0x30,
+        b"\x02\x01\x01"  # version 1
+        + _tlv(0x31, digest_alg_der)
+        + _tlv(0x30, encap)
+        + _tlv(0xA0, b"".join(sorted(certs)))  # DER: SET OF sorted
+        + _tlv(0x31, signer_info),
     )
-    ci = cms.ContentInfo({"content_type": "signed_data", "content": signed_data})
-    out: bytes = ci.dump()
-    return out
+    return _tlv(0x30, _OID_SIGNED_DATA_DER + _tlv(0xA0, signed_data))
 
 
 # ---------------------------------------------------------------------------

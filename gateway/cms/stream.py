@@ -38,24 +38,23 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import padding as sym_padding
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import DecryptionError, MalformedMessageError, PolicyError, SignatureError
+from ..errors import DecryptionError, MalformedMessageError, SignatureError
 from ..policy import COMPAT_CONTENT_CIPHERS, COMPAT_KEY_TRANSPORTS, AlgorithmPolicy, PrivateKey
 from .enveloped import (
     _CIPHERS,
+    OID_AUTH_ENVELOPED,
+    OID_ENVELOPED,
     GCMParameters,
-    _kari,
-    _ktri,
     content_cipher_name,
+    encrypt_chunks,
     recover_cek,
 )
 from .mime import get_header, header_param, media_type, parse_entity
 from .signed import (
     ASN1_ERRORS,
     VerifiedSignature,
-    cert_label,
     hash_for,
     sign_digest,
     signer_digests,
@@ -85,10 +84,6 @@ MAX_SMALL_ELEMENT = 16 << 20
 # Non-streaming forms (opaque signed-data, canonicalised text) are handled in
 # memory up to this size.
 IN_MEMORY_LIMIT = 64 << 20
-
-_OID_DATA = "1.2.840.113549.1.7.1"
-_OID_ENVELOPED = "1.2.840.113549.1.7.3"
-_OID_AUTH_ENVELOPED = "1.2.840.113549.1.9.16.1.23"
 
 
 @dataclass(frozen=True)
@@ -124,131 +119,6 @@ class OpenedFile:
     size: int
     mic: str
     mic_digest: str
-
-
-# ---------------------------------------------------------------------------
-# DER writing
-
-
-def _tl(tag: int, length: int) -> bytes:
-    if length < 0x80:
-        return bytes((tag, length))
-    n = (length.bit_length() + 7) // 8
-    return bytes((tag, 0x80 | n)) + length.to_bytes(n, "big")
-
-
-def _tlv(tag: int, value: bytes) -> bytes:
-    return _tl(tag, len(value)) + value
-
-
-def _recipient_infos(
-    recipients: Sequence[x509.Certificate], cek: bytes, policy: AlgorithmPolicy
-) -> tuple[bytes, bool]:
-    if not recipients:
-        raise ValueError("encryption needs at least one recipient certificate")
-    infos = []
-    has_kari = False
-    for cert in recipients:
-        pub = cert.public_key()
-        if isinstance(pub, rsa.RSAPublicKey):
-            policy.check_key_transport("rsaes-oaep", inbound=False)
-            policy.check_recipient_key(pub)
-            infos.append(_ktri(cert, pub, cek))
-        elif isinstance(pub, ec.EllipticCurvePublicKey):
-            policy.check_key_transport("ecdh", inbound=False)
-            policy.check_recipient_key(pub)
-            infos.append(_kari(cert, pub, cek))
-            has_kari = True
-        else:
-            raise PolicyError(
-                f"{type(pub).__name__} recipient key ({cert_label(cert)})",
-                "only RSA (RSAES-OAEP) and EC P-256/P-384 (ECDH) recipients are supported",
-                "ask the peer for an RSA-3072 or EC P-256/P-384 encryption certificate",
-            )
-    der: bytes = cms.RecipientInfos(infos).dump()
-    return der, has_kari
-
-
-def encrypt_chunks(
-    chunks: Iterable[bytes],
-    length: int,
-    recipients: Sequence[x509.Certificate],
-    *,
-    cipher: str = "aes-256-gcm",
-    policy: AlgorithmPolicy,
-) -> Iterator[bytes]:
-    """Encrypt ``length`` bytes arriving as ``chunks``; yields the DER ContentInfo.
-
-    AES-GCM gives AuthEnvelopedData, AES-CBC EnvelopedData.  ``chunks`` must
-    add up to exactly ``length`` bytes (the DER lengths are written first).
-    """
-    cipher = cipher.strip().lower()
-    policy.check_content_cipher(cipher, inbound=False)
-    oid_name, key_len, mode = _CIPHERS[cipher]
-    if length < 0:
-        raise ValueError("length must be >= 0")
-    cek = os.urandom(key_len)
-    ri_der, has_kari = _recipient_infos(recipients, cek, policy)
-    if mode == "gcm":
-        nonce = os.urandom(12)
-        alg = algos.EncryptionAlgorithm(
-            {
-                "algorithm": oid_name,
-                "parameters": core.Any.load(
-                    GCMParameters({"aes_nonce": nonce, "aes_icvlen": 16}).dump()
-                ),
-            }
-        )
-        enc_len = length
-        ctx: Any = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
-        padder = None
-        version = b"\x02\x01\x00"
-        outer_oid = _OID_AUTH_ENVELOPED
-        tail_len = 2 + 16  # mac OCTET STRING
-    else:
-        iv = os.urandom(16)
-        alg = algos.EncryptionAlgorithm({"algorithm": oid_name, "parameters": iv})
-        enc_len = (length // 16 + 1) * 16
-        ctx = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
-        padder = sym_padding.PKCS7(128).padder()
-        version = b"\x02\x01\x02" if has_kari else b"\x02\x01\x00"
-        outer_oid = _OID_ENVELOPED
-        tail_len = 0
-    eci_head = core.ObjectIdentifier(_OID_DATA).dump() + alg.dump() + _tl(0x80, enc_len)
-    eci_len = len(eci_head) + enc_len
-    body_len = len(version) + len(ri_der) + len(_tl(0x30, eci_len)) + eci_len + tail_len
-    body_tl = _tl(0x30, body_len)
-    explicit_len = len(body_tl) + body_len
-    oid = core.ObjectIdentifier(outer_oid).dump()
-    ci_len = len(oid) + len(_tl(0xA0, explicit_len)) + explicit_len
-    yield (
-        _tl(0x30, ci_len)
-        + oid
-        + _tl(0xA0, explicit_len)
-        + body_tl
-        + version
-        + ri_der
-        + _tl(0x30, eci_len)
-        + eci_head
-    )
-    seen = 0
-    for chunk in chunks:
-        seen += len(chunk)
-        if seen > length:
-            raise ValueError(f"encrypt_chunks: more than the announced {length} bytes")
-        if padder is not None:
-            chunk = padder.update(chunk)
-        out = ctx.update(chunk)
-        if out:
-            yield out
-    if seen != length:
-        raise ValueError(f"encrypt_chunks: {seen} bytes given, {length} announced")
-    last = ctx.update(padder.finalize()) if padder is not None else b""
-    last += ctx.finalize()
-    if mode == "gcm":
-        last += _tlv(0x04, ctx.tag)
-    if last:
-        yield last
 
 
 def _file_chunks(path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -601,9 +471,9 @@ class _Head:
 def _read_head(r: _Reader, policy: AlgorithmPolicy) -> tuple[_Head, list[int | None]]:
     ends: list[int | None] = [r.enter(0x30, "ContentInfo SEQUENCE")]
     oid = core.ObjectIdentifier.load(r.element(64)).dotted
-    if oid == _OID_AUTH_ENVELOPED:
+    if oid == OID_AUTH_ENVELOPED:
         kind = "authenticated_enveloped_data"
-    elif oid == _OID_ENVELOPED:
+    elif oid == OID_ENVELOPED:
         kind = "enveloped_data"
     else:
         raise MalformedMessageError(
