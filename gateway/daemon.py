@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
+import shutil
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,7 +34,7 @@ from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
-from gateway.config import GatewayConfig, Listener, Peer, load_config
+from gateway.config import GatewayConfig, Listener, Peer, Runtime, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.errors import ConfigError, MedgwError
@@ -164,6 +166,9 @@ class Daemon:
             (config.storage.outbox_dir / peer.name).mkdir(exist_ok=True)
         self._state = self._build_state(config)
         self._outbound = Outbound(config, self._spool, self._audit, self._log, self._clock)
+        # Bodies of requests a killed run was receiving: the peers resend them.
+        shutil.rmtree(config.storage.state_dir / "incoming", ignore_errors=True)
+        (config.storage.state_dir / "incoming").mkdir(mode=0o700)
         try:
             await self._outbound.recover()
             await self._start_listeners(config)
@@ -279,11 +284,24 @@ class Daemon:
                 )
             )
             return web.Response(status=503, text="exchange suspended, retry later\n")
-        body = await request.read()
         headers = {k.lower(): v for k, v in request.headers.items()}
+        body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
         try:
+            if not await self._spool_body(request, body_path, state.config.runtime):
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.MESSAGE_REJECTED,
+                        Outcome.FAILURE,
+                        Severity.WARNING,
+                        peer=peer.name,
+                        direction="inbound",
+                        remote_address=remote,
+                        reason="message larger than runtime.max_message_bytes",
+                    )
+                )
+                return web.Response(status=413, text="message too large\n")
             result = await asyncio.to_thread(
-                state.inbound.process, InboundRequest(peer, remote, headers, body)
+                state.inbound.process, InboundRequest(peer, remote, headers, body_path)
             )
         except Exception as exc:  # a defect must not leak details to the peer
             self._log.exception("inbound.unexpected_error", peer=peer.name)
@@ -299,10 +317,27 @@ class Daemon:
                 )
             )
             return web.Response(status=500, text="internal error\n")
+        finally:
+            body_path.unlink(missing_ok=True)
         response = web.Response(status=result.status, body=result.body)
         for name, value in result.headers:
             response.headers[name] = value
         return response
+
+    def _incoming_dir(self) -> Path:
+        return self.state.config.storage.state_dir / "incoming"
+
+    @staticmethod
+    async def _spool_body(request: web.Request, path: Path, runtime: Runtime) -> bool:
+        """Stream the request body to ``path``; False if it exceeds the size limit."""
+        size = 0
+        with path.open("wb") as out:
+            async for chunk in request.content.iter_chunked(1 << 20):
+                size += len(chunk)
+                if size > runtime.max_message_bytes:
+                    return False
+                await asyncio.to_thread(out.write, chunk)
+        return True
 
     async def _intake_loop(self) -> None:
         assert self._outbound is not None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.headers import (
     DIGEST_TO_MICALG,
     check_message_id,
@@ -27,9 +28,8 @@ from gateway.as2.headers import (
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.cms import compute_mic
 from gateway.cms.mime import header_param, parse_entity
-from gateway.cms.smime import open_envelope, verify_entity
+from gateway.cms.stream import decrypt_file, verify_entity_file
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery.inbox import choose_target, deliver
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
@@ -44,6 +44,7 @@ from gateway.errors import (
     SignerNotTrustedError,
     SpoolError,
 )
+from gateway.fsutil import write_atomic
 from gateway.logs import Logger
 from gateway.routing import Refusal, route_inbound
 from gateway.spool import Spool
@@ -54,7 +55,7 @@ class InboundRequest:
     peer: Peer
     remote: str
     headers: Mapping[str, str]  # lower-case names
-    body: bytes
+    body: Path | bytes  # the AS2 body as received: a spooled file (any size), or bytes
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def _payload_of(entity: bytes) -> tuple[str, str | None, bytes]:
     return content_type, filename, body
 
 
-def _is_probe(headers: Mapping[str, str], filename: str | None, payload: bytes) -> bool:
+def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bool:
     """A ``medgw diagnose`` test message (see gateway.diagnose): verified, never delivered.
 
     Only a small text file with the probe's name counts, so that a real
@@ -105,7 +106,7 @@ def _is_probe(headers: Mapping[str, str], filename: str | None, payload: bytes) 
         and filename is not None
         and filename.startswith(PROBE_PREFIX)
         and filename.endswith(PROBE_SUFFIX)
-        and len(payload) <= PROBE_MAX_BYTES
+        and size <= PROBE_MAX_BYTES
     )
 
 
@@ -206,10 +207,42 @@ class InboundProcessor:
         route = route_inbound(self._config.as2_id, peer, as2_to, self._config.peers)
         if isinstance(route, Refusal):
             raise _Refused(Disposition.AUTHENTICATION_FAILED, route.event, route.reason)
+        work = self._config.storage.state_dir / "incoming"
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = secrets.token_hex(8)
+        body_path, signed_path, entity_path = (
+            work / f"{token}.{suffix}" for suffix in ("as2", "signed", "entity")
+        )
+        if isinstance(request.body, Path):
+            body_path = request.body
+        else:
+            write_atomic(body_path, [request.body], mode=0o600)
+        try:
+            return self._open_and_deliver(
+                request, message_id, digest, body_path, signed_path, entity_path
+            )
+        finally:
+            for path in (signed_path, entity_path):
+                path.unlink(missing_ok=True)
+            if not isinstance(request.body, Path):
+                body_path.unlink(missing_ok=True)
+
+    def _open_and_deliver(
+        self,
+        request: InboundRequest,
+        message_id: str,
+        digest: str,
+        body_path: Path,
+        signed_path: Path,
+        entity_path: Path,
+    ) -> tuple[str, str | None]:
+        """Decrypt, verify and deliver, file to file: memory does not grow with the size."""
+        peer = request.peer
+        headers = request.headers
         encryption = self._config.smime.encryption
         try:
-            opened = open_envelope(
-                request.body, encryption.certificate, encryption.key, policy=peer.policy
+            opened = decrypt_file(
+                body_path, signed_path, encryption.certificate, encryption.key, policy=peer.policy
             )
         except (DecryptionError, MalformedMessageError, PolicyError) as exc:
             raise _Refused(
@@ -228,8 +261,12 @@ class InboundProcessor:
                 )
             )
         try:
-            inner, verified = verify_entity(
-                opened.content, trusted_signers=peer.signing_certificates, policy=peer.policy
+            verified, _size, mic_value = verify_entity_file(
+                signed_path,
+                entity_path,
+                trusted_signers=peer.signing_certificates,
+                policy=peer.policy,
+                mic_digest=digest,
             )
         except SignerNotTrustedError as exc:
             raise _Refused(
@@ -239,15 +276,16 @@ class InboundProcessor:
             raise _Refused(
                 Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc)
             ) from exc
-        mic = f"{compute_mic(inner, digest)}, {DIGEST_TO_MICALG[digest]}"
+        mic = f"{mic_value}, {DIGEST_TO_MICALG[digest]}"
         try:
-            content_type, filename, payload = _payload_of(inner)
+            info = read_entity_info(entity_path)
+            size, sha256 = payload_digest(entity_path, info)
         except ProtocolError as exc:
             raise _Refused(
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
             ) from exc
-        sha256 = hashlib.sha256(payload).hexdigest()
-        if _is_probe(headers, filename, payload):
+        content_type, filename = info.content_type, info.filename
+        if _is_probe(headers, filename, size):
             self._audit.emit(
                 AuditEvent(
                     EventType.PROBE_RECEIVED,
@@ -258,7 +296,7 @@ class InboundProcessor:
                     reason="`medgw diagnose` test message: verified, answered, not delivered",
                     detail={
                         "filename": filename,
-                        "size": len(payload),
+                        "size": size,
                         "sha256": sha256,
                         "signer": verified.signer.subject.rfc4514_string(),
                         "mic": mic,
@@ -276,7 +314,7 @@ class InboundProcessor:
                 detail={
                     "content_type": content_type,
                     "filename": filename,
-                    "size": len(payload),
+                    "size": size,
                     "sha256": sha256,
                     "signer": verified.signer.subject.rfc4514_string(),
                     "signature_algorithm": verified.signature_algorithm,
@@ -286,11 +324,19 @@ class InboundProcessor:
                 },
             )
         )
-        target = self._deliver_once(peer, message_id, filename, payload, sha256)
+        target = self._deliver_once(
+            peer, message_id, filename, lambda: payload_chunks(entity_path, info), size, sha256
+        )
         return mic, str(target)
 
     def _deliver_once(
-        self, peer: Peer, message_id: str, filename: str | None, payload: bytes, sha256: str
+        self,
+        peer: Peer,
+        message_id: str,
+        filename: str | None,
+        payload: Callable[[], Iterable[bytes]],
+        size: int,
+        sha256: str,
     ) -> Path:
         existing = self._spool.inbound_get(peer.name, message_id)
         if existing is not None and existing.sha256 != sha256:
@@ -320,7 +366,7 @@ class InboundProcessor:
                     Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
                 ) from exc
         try:
-            deliver(target, payload)
+            deliver(target, payload())
         except DeliveryError as exc:
             self._log.error("delivery.failed", peer=peer.name, error=exc.message, fix=exc.fix)
             raise _Refused(
@@ -332,7 +378,7 @@ class InboundProcessor:
                 peer=peer.name,
                 message_id=message_id,
                 direction="inbound",
-                detail={"inbox_file": str(target), "size": len(payload), "sha256": sha256},
+                detail={"inbox_file": str(target), "size": size, "sha256": sha256},
             )
         )
         return target

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.mdn import mic_matches, parse_receipt
-from gateway.as2.message import build_message
+from gateway.as2.message import build_message_file
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
@@ -122,9 +122,11 @@ class Outbound:
         body_path = self._outgoing / (record.payload_path.name + ".as2")
 
         def build() -> tuple[tuple[tuple[str, str], ...], str, int]:
-            payload = record.payload_path.read_bytes()
-            built = build_message(
-                payload,
+            # File to file through the streaming CMS engine: a DICOM study of
+            # gigabytes is never held in memory.
+            built = build_message_file(
+                record.payload_path,
+                body_path,
                 filename=record.filename,
                 content_type=record.content_type,
                 message_id=record.message_id,
@@ -137,8 +139,7 @@ class Outbound:
                 policy=peer.policy,
                 at=at,
             )
-            write_atomic(body_path, [built.body], mode=0o600)
-            return built.headers, built.mic, len(payload)
+            return built.headers, built.mic, built.size
 
         try:
             headers, mic, size = await asyncio.to_thread(build)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from gateway.errors import DeliveryError
@@ -50,9 +50,11 @@ def choose_target(
     return target
 
 
-def deliver(target: Path, payload: bytes) -> None:
+def deliver(target: Path, payload: Iterable[bytes]) -> None:
+    """Write the document (bytes, or chunks of it) to ``target`` atomically."""
+    chunks = [payload] if isinstance(payload, bytes) else payload
     try:
-        write_atomic(target, [payload], overwrite=True)
+        write_atomic(target, chunks, overwrite=True)
     except OSError as exc:
         raise DeliveryError(
             f"cannot write the received document to {target}: {exc.strerror}",
