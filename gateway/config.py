@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import stat
 import tomllib
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
+from gateway.pki.store import load_crls
 from gateway.policy import AlgorithmPolicy
 from gateway.routing import REVOCATION_POLICIES, ZONE_KINDS, zone_problems
 
@@ -69,6 +71,10 @@ class Zone:
     trust_anchors: tuple[x509.Certificate, ...]
     min_version: str  # "1.2" or "1.3"
     revocation: str  # "require", "prefer" or "off"
+    crl_paths: tuple[Path, ...] = ()  # files or folders, maintained by the administrator
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    ocsp: bool = False  # ask the responders named in the certificates (AIA)
+    crl_warn_days: int = 7  # alarm this many days before a CRL's nextUpdate
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,25 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class ApiClient:
+    """One internal system allowed to submit over the local API (``[[api.clients]]``)."""
+
+    name: str
+    token_sha256: str  # hex SHA-256 of its bearer token; the token itself is never stored
+    peers: tuple[str, ...]  # the peers it may send to
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The local submission API (``[api]``): a unix socket and/or a loopback TCP port."""
+
+    socket: Path | None
+    address: str | None  # a loopback IP address, with port
+    port: int | None
+    clients: tuple[ApiClient, ...]
+
+
+@dataclass(frozen=True)
 class Peer:
     """A peer institution, from ``peers.d/<name>.toml``."""
 
@@ -146,6 +171,7 @@ class GatewayConfig:
     peers: tuple[Peer, ...]
     zones: tuple[Zone, ...]
     warnings: tuple[ConfigProblem, ...] = ()
+    api: ApiSettings | None = None
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -566,6 +592,24 @@ def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
             anchors.extend(reader.certificates(item, "trust_anchors", anchor_path))
         min_version = item.choice("min_version", ("1.3", "1.2"), default="1.3")
         revocation = item.choice("revocation", REVOCATION_POLICIES, default="require")
+        crl_paths = tuple(reader.path(p) for p in item.string_list("crls", required=False))
+        crls: list[x509.CertificateRevocationList] = []
+        for crl_path in crl_paths:
+            try:
+                crls.extend(load_crls(crl_path))
+            except MedgwError as exc:
+                item.problem("crls", exc.message, exc.fix or "give CRL files (PEM or DER)")
+        ocsp = item.boolean("ocsp", default=False)
+        crl_warn_days = item.integer("crl_warn_days", default=7, minimum=1, maximum=90)
+        if revocation == "require" and not crl_paths and not ocsp:
+            item.problem(
+                "revocation",
+                'revocation = "require" but the zone has no `crls` and `ocsp = false`: '
+                "no certificate's status could ever be established, so every peer would be "
+                "refused",
+                "list the CA's CRL files in `crls` (and refresh them, e.g. by cron), set "
+                '`ocsp = true`, or, knowingly, revocation = "prefer"',
+            )
         item.finish()
         zones.append(
             Zone(
@@ -577,6 +621,10 @@ def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
                 trust_anchors=tuple(anchors),
                 min_version=min_version,
                 revocation=revocation,
+                crl_paths=crl_paths,
+                crls=tuple(crls),
+                ocsp=ocsp,
+                crl_warn_days=crl_warn_days,
             )
         )
     return zones
@@ -675,6 +723,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         log_level=rt.choice("log_level", LOG_LEVELS, default="info"),
     )
     rt.finish()
+    api_section = root.table("api", required=False) if "api" in data else None
     root.finish()
 
     peers: list[Peer] = []
@@ -694,6 +743,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             "create it and put one <peer>.toml per peer institution in it",
         )
     _check_peer_uniqueness(reader, peers, as2_id)
+    api = _load_api(reader, api_section, peers) if api_section is not None else None
     reader.problems.extend(zone_problems(source, zones, listeners, peers))
 
     if reader.errors or tls_identity is None or signing is None or encryption is None:
@@ -711,6 +761,104 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         peers=tuple(peers),
         zones=tuple(zones),
         warnings=tuple(reader.problems),
+        api=api,
+    )
+
+
+MAX_SOCKET_PATH = 107  # sun_path
+_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _parse_listen(item: _Section, value: str) -> tuple[str, int] | None:
+    """``127.0.0.1:8470`` or ``[::1]:8470``: a loopback address only (NET-3)."""
+    host, sep, port_text = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    fix = 'write listen = "127.0.0.1:8470" (or "[::1]:8470"), or use socket = "..." instead'
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        item.problem("listen", f"{value!r} is not ADDRESS:PORT with a port 1-65535", fix)
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        item.problem("listen", f"{host!r} is not an IP address (host names are not accepted)", fix)
+        return None
+    if not address.is_loopback:
+        item.problem(
+            "listen",
+            f"{host} is not a loopback address: the local API must not be reachable from "
+            "the network (NET-3)",
+            "use 127.0.0.1 or ::1; internal systems on other hosts use the outbox folder "
+            "on a share, or a local relay",
+        )
+        return None
+    return str(address), int(port_text)
+
+
+def _load_api(reader: _Reader, section: _Section, peers: list[Peer]) -> ApiSettings | None:
+    """The optional ``[api]`` table: where the local API listens and who may use it."""
+    socket_text = section.string("socket", default="")
+    listen_text = section.string("listen", default="")
+    socket_path = reader.path(socket_text) if socket_text else None
+    if socket_path is not None and len(str(socket_path)) > MAX_SOCKET_PATH:
+        section.problem(
+            "socket",
+            f"{socket_path} is longer than {MAX_SOCKET_PATH} characters (a unix socket limit)",
+            "choose a shorter path, e.g. /run/medgw/api.sock",
+        )
+    listen = _parse_listen(section, listen_text) if listen_text else None
+    if not socket_text and not listen_text:
+        section.problem(
+            "socket",
+            "[api] has neither socket nor listen: the API would not be reachable",
+            'add socket = "/run/medgw/api.sock" and/or listen = "127.0.0.1:8470", '
+            "or remove the [api] table",
+        )
+    known = {p.name for p in peers}
+    clients: list[ApiClient] = []
+    names: set[str] = set()
+    hashes_seen: set[str] = set()
+    for item in section.tables("clients"):
+        name = item.string("name", example='"ris"')
+        if name and not _CLIENT_NAME.match(name):
+            item.problem(
+                "name",
+                f"{name!r} must be 1-64 letters, digits, '.', '_' or '-'",
+                'name the internal system, e.g. "ris" or "lab-lis"',
+            )
+        elif name in names:
+            item.problem("name", f"client {name!r} is listed twice", "give each client one entry")
+        names.add(name)
+        token_sha256 = item.string("token_sha256", example='"<64 hex digits>"').lower()
+        if token_sha256 and not _SHA256_HEX.match(token_sha256):
+            item.problem(
+                "token_sha256",
+                "must be the 64 hex digits of the token's SHA-256",
+                "run `medgw api token` and paste the token_sha256 line it prints",
+            )
+        elif token_sha256 in hashes_seen:
+            item.problem(
+                "token_sha256",
+                "the same token is configured for two clients: it would not identify one",
+                "give each client its own token (`medgw api token`)",
+            )
+        hashes_seen.add(token_sha256)
+        allowed = item.string_list("peers", empty_fix="name the peers this client may send to")
+        for peer_name in allowed:
+            if peer_name not in known:
+                item.problem(
+                    "peers",
+                    f"no peer named {peer_name!r}",
+                    f"use peer names from peers.d/ ({', '.join(sorted(known)) or 'none yet'})",
+                )
+        item.finish()
+        clients.append(ApiClient(name, token_sha256, tuple(allowed)))
+    section.finish()
+    return ApiSettings(
+        socket=socket_path,
+        address=listen[0] if listen else None,
+        port=listen[1] if listen else None,
+        clients=tuple(clients),
     )
 
 

@@ -34,21 +34,27 @@ from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
-from gateway.config import GatewayConfig, Listener, Peer, Runtime, load_config
+from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.errors import ConfigError, MedgwError
 from gateway.inbound import InboundProcessor, InboundRequest
+from gateway.intake.api import LocalApi
 from gateway.logs import Logger
 from gateway.operations import Operations
 from gateway.outbound import Outbound
+from gateway.pki.crl import stale_crl_warnings
+from gateway.pki.ocsp import OcspClient
+from gateway.pki.peers import PeerTrust, TrustSettings, assess_peer
 from gateway.pki.tls import client_context, fingerprint, server_context
+from gateway.pki.validate import RevocationPolicy
 from gateway.routing import admit
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
+TRUST_REFRESH_SECONDS = 300.0
 _DER = Encoding.DER
 
 
@@ -61,6 +67,7 @@ class RuntimeState:
     clients: Mapping[str, PeerClient]
     peers_by_tls: Mapping[str, Peer]
     inbound: InboundProcessor
+    trust: Mapping[str, PeerTrust]  # which of each peer's certificates are acceptable now
 
 
 class StartupError(MedgwError):
@@ -93,10 +100,85 @@ class Daemon:
         self._spool: Spool | None = None
         self._outbound: Outbound | None = None
         self._control: ControlServer | None = None
+        self._api: LocalApi | None = None
+        self._ocsp_clients: dict[str, OcspClient] = {}  # per zone: each keeps its OCSP cache
 
     # -- building -------------------------------------------------------------
 
-    def _build_state(self, config: GatewayConfig) -> RuntimeState:
+    async def _assess_trust(self, config: GatewayConfig) -> dict[str, PeerTrust]:
+        """Path validation (with the zone's revocation policy) of every configured peer cert."""
+        zones = {z.name: z for z in config.zones}
+        now = self._clock.now()
+        trust = {}
+        for peer in config.peers:
+            zone = zones[peer.zone]
+            client = self._ocsp_clients.setdefault(zone.name, OcspClient())
+            trust[peer.name] = await assess_peer(
+                peer.name,
+                tls=peer.tls_certificates,
+                signing=peer.signing_certificates,
+                encryption=peer.encryption_certificates,
+                trust=TrustSettings(
+                    anchors=zone.trust_anchors,
+                    crls=zone.crls,
+                    revocation=RevocationPolicy(zone.revocation),
+                    ocsp=zone.ocsp,
+                ),
+                at=now,
+                policy=peer.policy,
+                ocsp_client=client,
+            )
+        return trust
+
+    def _audit_trust(
+        self,
+        config: GatewayConfig,
+        trust: Mapping[str, PeerTrust],
+        previous: Mapping[str, PeerTrust],
+    ) -> None:
+        """Alert on every configured certificate that is not acceptable (new ones only)."""
+        for name, verdicts in trust.items():
+            before = previous.get(name)
+            already = {(v.fingerprint, v.purpose) for v in before.rejected} if before else set()
+            for verdict in verdicts.rejected:
+                if (verdict.fingerprint, verdict.purpose) in already:
+                    continue
+                self._log.warning(
+                    "peer.certificate_rejected",
+                    peer=name,
+                    purpose=verdict.purpose.value,
+                    reason=verdict.result.reason,
+                )
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.PEER_CERTIFICATE_REJECTED,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        peer=name,
+                        reason=verdict.result.reason,
+                        detail={
+                            "purpose": verdict.purpose.value,
+                            "subject": verdict.subject,
+                            "sha256": verdict.fingerprint,
+                            "revocation": verdict.result.revocation,
+                        },
+                    )
+                )
+        now = self._clock.now()
+        for zone in config.zones:
+            for finding in stale_crl_warnings(zone.crls, at=now, warn_days=zone.crl_warn_days):
+                self._log.warning("crl.stale", zone=zone.name, finding=finding.message)
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.CRL_STALE,
+                        Outcome.FAILURE,
+                        Severity.ALERT if finding.severity == "error" else Severity.WARNING,
+                        reason=finding.message,
+                        detail={"zone": zone.name},
+                    )
+                )
+
+    def _build_state(self, config: GatewayConfig, trust: Mapping[str, PeerTrust]) -> RuntimeState:
         assert self._spool is not None and self._audit is not None
         zones = {z.name: z for z in config.zones}
         try:
@@ -105,7 +187,12 @@ class Daemon:
                 lst.name: server_context(
                     config.tls.identity,
                     zones[lst.zone].trust_anchors,
-                    [c for p in config.peers if p.zone == lst.zone for c in p.tls_certificates],
+                    [
+                        c
+                        for p in config.peers
+                        if p.zone == lst.zone
+                        for c in trust[p.name].tls_certificates
+                    ],
                     zones[lst.zone].min_version,
                 )
                 for lst in config.listeners
@@ -114,7 +201,7 @@ class Daemon:
                 p.name: client_context(
                     config.tls.identity,
                     zones[p.zone].trust_anchors,
-                    p.tls_certificates,
+                    trust[p.name].tls_certificates,
                     zones[p.zone].min_version,
                 )
                 for p in config.peers
@@ -135,10 +222,15 @@ class Daemon:
             for p in config.peers
         }
         peers_by_tls = {
-            fingerprint(c.public_bytes(_DER)): p for p in config.peers for c in p.tls_certificates
+            fingerprint(c.public_bytes(_DER)): p
+            for p in config.peers
+            for c in trust[p.name].tls_certificates
         }
-        inbound = InboundProcessor(config, self._spool, self._audit, self._log, self._clock)
-        return RuntimeState(config, servers, clients, peers_by_tls, inbound)
+        signers = {name: t.signing_certificates for name, t in trust.items()}
+        inbound = InboundProcessor(
+            config, self._spool, self._audit, self._log, self._clock, signers=signers
+        )
+        return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust)
 
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
@@ -164,22 +256,32 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         for peer in config.peers:
             (config.storage.outbox_dir / peer.name).mkdir(exist_ok=True)
-        self._state = self._build_state(config)
+        trust = await self._assess_trust(config)
+        self._audit_trust(config, trust, {})
+        self._state = self._build_state(config, trust)
         self._outbound = Outbound(config, self._spool, self._audit, self._log, self._clock)
+        self._outbound.trust = trust
         # Bodies of requests a killed run was receiving: the peers resend them.
         shutil.rmtree(config.storage.state_dir / "incoming", ignore_errors=True)
         (config.storage.state_dir / "incoming").mkdir(mode=0o700)
         try:
             await self._outbound.recover()
             await self._start_listeners(config)
-            self._control = ControlServer(config.storage.state_dir / SOCKET_NAME, self._operations)
+            self._control = ControlServer(
+                config.storage.state_dir / SOCKET_NAME,
+                self._operations,
+                self._outbound.submit,
+                self._outbound.status,
+            )
             await self._control.start()
+            await self._start_api(config)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
             loop.add_signal_handler(signal.SIGHUP, self._request_reload)
             self._sync_peer_tasks()
             self._spawn(self._intake_loop())
+            self._spawn(self._trust_refresh_loop())
             if self._notifier.watchdog_interval:
                 self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
             ports = {s.listener.name: s.port for s in self._servers}
@@ -223,6 +325,25 @@ class Daemon:
                     fix="free the port, or change [[listeners]] port/address in gateway.toml",
                 ) from exc
             self._servers.append(server)
+
+    async def _start_api(self, config: GatewayConfig) -> None:
+        """The local submission API for internal systems (NET-3), when [api] is set."""
+        if config.api is None:
+            return
+        assert self._outbound is not None
+        self._api = LocalApi(
+            self._api_clients,  # looked up anew after a reload: tokens change live
+            self._outbound.submit,
+            self._outbound.status,
+            self._audit_sink(),
+        )
+        await self._api.start(
+            socket_path=config.api.socket, address=config.api.address, port=config.api.port
+        )
+
+    def _api_clients(self) -> tuple[ApiClient, ...]:
+        api = self.state.config.api
+        return api.clients if api is not None else ()
 
     def _audit_sink(self) -> AuditLog:
         assert self._audit is not None
@@ -453,7 +574,8 @@ class Daemon:
                         f"{unchanged} cannot change while running",
                         fix="restart medgw (systemctl restart medgw) to apply it",
                     )
-                new_state = self._build_state(new_config)
+                new_trust = await self._assess_trust(new_config)
+                new_state = self._build_state(new_config, new_trust)
             except MedgwError as exc:
                 problems = (
                     [str(p) for p in exc.problems] if isinstance(exc, ConfigError) else [str(exc)]
@@ -473,10 +595,8 @@ class Daemon:
                 )
                 self._notifier.ready("reload failed; serving previous configuration")
                 return False
-            self._state = new_state
-            assert self._outbound is not None
-            self._outbound.config = new_config
-            self._sync_peer_tasks()
+            self._audit_trust(new_config, new_state.trust, old.trust)
+            self._swap(new_state)
             for client in old.clients.values():
                 self._spawn(_close_later(client))
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
@@ -488,6 +608,51 @@ class Daemon:
             self._notifier.ready("configuration reloaded")
             return True
 
+    def _swap(self, new_state: RuntimeState) -> None:
+        """Make ``new_state`` current; drop connections whose certificate it no longer accepts."""
+        self._state = new_state
+        assert self._outbound is not None
+        self._outbound.config = new_state.config
+        self._outbound.trust = new_state.trust
+        self._sync_peer_tasks()
+        for server in self._servers:
+            closed = server.close_unaccepted(set(new_state.peers_by_tls))
+            for remote, subject in closed:
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.TLS_CONNECTION_CLOSED,
+                        Outcome.SUCCESS,
+                        Severity.WARNING,
+                        remote_address=remote,
+                        reason="the peer's certificate is no longer acceptable "
+                        "(revoked, expired or removed from its peers.d file)",
+                        detail={"listener": server.listener.name, "subject": subject},
+                    )
+                )
+
+    async def _trust_refresh_loop(self) -> None:
+        """Re-judge peer certificates as time passes (expiry, CRL nextUpdate, OCSP)."""
+        while True:
+            await asyncio.sleep(TRUST_REFRESH_SECONDS)
+            async with self._reload_lock:
+                old = self.state
+                trust = await self._assess_trust(old.config)
+                pins = {n: {v.fingerprint for v in t.tls if v.valid} for n, t in trust.items()}
+                old_pins = {
+                    n: {v.fingerprint for v in t.tls if v.valid} for n, t in old.trust.items()
+                }
+                self._audit_trust(old.config, trust, old.trust)
+                changed = pins != old_pins or any(
+                    trust[n].signing_certificates != old.trust[n].signing_certificates
+                    or trust[n].encryption_recipient != old.trust[n].encryption_recipient
+                    for n in trust
+                )
+                if changed:
+                    self._swap(self._build_state(old.config, trust))
+                    for client in old.clients.values():
+                        self._spawn(_close_later(client))
+                    self._log.info("trust.refreshed")
+
     @staticmethod
     def _restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> str | None:
         if old.listeners != new.listeners:
@@ -496,6 +661,8 @@ class Daemon:
             return "[storage]"
         if old.as2_id != new.as2_id:
             return "gateway.as2_id"
+        if _api_endpoints(old) != _api_endpoints(new):
+            return "[api] socket and listen"
         return None
 
     # -- stopping -------------------------------------------------------------
@@ -519,6 +686,8 @@ class Daemon:
         remaining = max(0.5, deadline - (self._clock.monotonic() - start))
         for server in self._servers:
             await server.stop(remaining)
+        if self._api is not None:
+            await self._api.stop()
         if self._control is not None:
             await self._control.stop()
         for task in list(self._background):
@@ -534,6 +703,11 @@ class Daemon:
             self._spool.close()
         if self._audit is not None:
             self._audit.close()
+
+
+def _api_endpoints(config: GatewayConfig) -> tuple[object, ...] | None:
+    api = config.api
+    return (api.socket, api.address, api.port) if api is not None else None
 
 
 async def _close_later(client: PeerClient, delay: float = 60.0) -> None:

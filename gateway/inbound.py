@@ -9,14 +9,14 @@ the detail.  The peer learns only the standard disposition, nothing internal.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from cryptography import x509
 
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.headers import (
@@ -28,7 +28,6 @@ from gateway.as2.headers import (
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.cms.mime import header_param, parse_entity
 from gateway.cms.stream import decrypt_file, verify_entity_file
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery.inbox import choose_target, deliver
@@ -73,28 +72,6 @@ class _Refused(Exception):
         self.reason = reason
 
 
-def _payload_of(entity: bytes) -> tuple[str, str | None, bytes]:
-    """Content type, file name and decoded body of the signed MIME entity."""
-    headers, body = parse_entity(entity)
-    fields = {k.lower(): v for k, v in headers}
-    content_type = fields.get("content-type", "application/octet-stream").split(";")[0].strip()
-    filename = header_param(fields.get("content-disposition", ""), "filename")
-    encoding = fields.get("content-transfer-encoding", "binary").strip().lower()
-    if encoding == "base64":
-        try:
-            body = base64.b64decode(body, validate=False)
-        except binascii.Error as exc:
-            raise ProtocolError(
-                "payload declared base64 but is not", fix="the sender's MIME encoding is broken"
-            ) from exc
-    elif encoding not in ("binary", "8bit", "7bit"):
-        raise ProtocolError(
-            f"unsupported Content-Transfer-Encoding {encoding!r}",
-            fix="the sender should use binary or base64",
-        )
-    return content_type, filename, body
-
-
 def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bool:
     """A ``medgw diagnose`` test message (see gateway.diagnose): verified, never delivered.
 
@@ -112,8 +89,18 @@ def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bo
 
 class InboundProcessor:
     def __init__(
-        self, config: GatewayConfig, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+        self,
+        config: GatewayConfig,
+        spool: Spool,
+        audit: AuditSink,
+        log: Logger,
+        clock: Clock,
+        *,
+        signers: Mapping[str, tuple[x509.Certificate, ...]] | None = None,
     ) -> None:
+        # ``signers``: each peer's signing certificates that validate now (PKI layer);
+        # without it (tests of this layer alone), every configured one.
+        self._signers = signers
         self._config = config
         self._spool = spool
         self._audit = audit
@@ -135,6 +122,11 @@ class InboundProcessor:
                 users[0] -= 1
                 if users[0] == 0:
                     del self._busy[key]
+
+    def _trusted_signers(self, peer: Peer) -> tuple[x509.Certificate, ...]:
+        if self._signers is None:
+            return peer.signing_certificates
+        return self._signers.get(peer.name, ())
 
     def process(self, request: InboundRequest) -> InboundResponse:
         peer = request.peer
@@ -264,7 +256,7 @@ class InboundProcessor:
             verified, _size, mic_value = verify_entity_file(
                 signed_path,
                 entity_path,
-                trusted_signers=peer.signing_certificates,
+                trusted_signers=self._trusted_signers(peer),
                 policy=peer.policy,
                 mic_digest=digest,
             )

@@ -7,6 +7,14 @@ spool, then the signed and encrypted AS2 body is written and the row becomes
 finishes whatever a killed process left half-done, so a document taken from
 the outbox is never lost and never sent twice as two messages.
 
+Documents submitted over HTTP (the local API, the control socket) arrive
+through :meth:`Outbound.submit`: the body is streamed to a temporary file in
+the spool, fsync'ed and renamed, then the ``intake`` row is written together
+with who submitted it, and from there on it is prepared exactly like a
+document from the outbox.  A payload file without a row (killed between the
+rename and the row) is removed at start-up: its submitter never got a
+Message-ID and submits again.
+
 Each peer has its own sender task, so a slow or dead peer never delays
 documents to the others.
 """
@@ -17,7 +25,12 @@ import asyncio
 import errno
 import os
 import random
+import secrets
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import IO, Any
+
+from cryptography import x509
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.mdn import mic_matches, parse_receipt
@@ -26,14 +39,27 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
-from gateway.errors import MedgwError
+from gateway.errors import MedgwError, ObjectSecurityError
 from gateway.fsutil import fsync_dir, read_chunks, remove_stale_partials, write_atomic
 from gateway.intake.outbox import Candidate, scan
+from gateway.intake.submit import Submission, SubmissionRefused
 from gateway.logs import Logger
+from gateway.operations import record_view
+from gateway.pki.peers import PeerTrust
 from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord, OutboundState, Spool
 
 INTAKE_PARALLELISM = 8
+WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
+FINAL_STATES = frozenset(
+    {
+        OutboundState.DELIVERED,
+        OutboundState.FAILED,
+        OutboundState.EXPIRED,
+        OutboundState.DEAD,
+        OutboundState.CANCELLED,
+    }
+)
 
 
 class Outbound:
@@ -54,6 +80,28 @@ class Outbound:
         self._reported_unknown: set[str] = set()
         self._reported_skipped: set[Path] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
+        # Which peer certificates are acceptable now; set by the daemon on every swap.
+        self.trust: Mapping[str, PeerTrust] = {}
+
+    def _recipient(self, peer: Peer) -> x509.Certificate:
+        """The newest acceptable encryption certificate of ``peer`` (rotation: see pki.peers)."""
+        judged = self.trust.get(peer.name)
+        recipient = judged.encryption_recipient if judged else None
+        if recipient is None:
+            reasons = "; ".join(
+                v.result.reason or "" for v in (judged.encryption if judged else ())
+            )
+            raise ObjectSecurityError(
+                f"peer {peer.name!r} has no acceptable encryption certificate"
+                + (f" ({reasons})" if reasons else ""),
+                fix=f"put the peer's current encryption certificate in {peer.source} "
+                "encryption_certificates and reload",
+            )
+        return recipient
+
+    def _signers(self, peer: Peer) -> tuple[x509.Certificate, ...]:
+        judged = self.trust.get(peer.name)
+        return judged.signing_certificates if judged else ()
 
     def wake(self, peer: str) -> None:
         event = self.wakeups.get(peer)
@@ -116,7 +164,117 @@ class Outbound:
         assert record is not None
         await self._prepare(record, peer)
 
-    async def _prepare(self, record: OutboundRecord, peer: Peer) -> None:
+    async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Spool a document streamed from a local submitter; returns the message's view.
+
+        Memory use does not grow with the body: chunks are gathered up to
+        WRITE_BATCH and written by a worker thread.  Raises SubmissionRefused
+        (unknown peer, empty, too large) before anything is recorded.
+        """
+        peer = self.config.peer(submission.peer)
+        if peer is None:
+            known = ", ".join(p.name for p in self.config.peers) or "(none)"
+            raise SubmissionRefused(
+                f"no peer named {submission.peer!r}",
+                fix=f"use one of: {known}",
+                status=404,
+            )
+        limit = self.config.runtime.max_message_bytes
+        token = os.urandom(12).hex()
+        payload_path = self._payloads / token
+        partial = self._payloads / f".{token}.{secrets.token_hex(6)}.partial"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=True) as out:
+                size = 0
+                batch: list[bytes] = []
+                batched = 0
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise SubmissionRefused(
+                            f"the document is larger than runtime.max_message_bytes ({limit})",
+                            fix="send a smaller document, or raise max_message_bytes in "
+                            "gateway.toml (the peer must accept it too)",
+                            status=413,
+                        )
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= WRITE_BATCH:
+                        await asyncio.to_thread(out.writelines, batch)
+                        batch, batched = [], 0
+                if size == 0:
+                    raise SubmissionRefused(
+                        "the request body is empty", fix="send the document as the body", status=400
+                    )
+                await asyncio.to_thread(_finish_file, out, batch)
+            await asyncio.to_thread(_rename_durably, partial, payload_path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        message_id = new_message_id(self.config.as2_id)
+        try:
+            self._spool.add_intake(
+                message_id,
+                peer.name,
+                submission.filename,
+                submission.content_type,
+                payload_path,
+                payload_path,
+                expires_at=self._clock.now().timestamp()
+                + self.config.runtime.message_expiry_seconds,
+                zone=peer.zone,
+                origin=LOCAL_INTAKE,
+                submitted_by=submission.submitter,
+            )
+        except BaseException:
+            payload_path.unlink(missing_ok=True)
+            raise
+        record = self._spool.get(message_id)
+        assert record is not None
+        # Durable from here: finish even if the submitter hangs up now.
+        await asyncio.shield(self._prepare(record, peer, submitted_by=submission.submitter))
+        view = await self.status(message_id)
+        assert view is not None
+        return view
+
+    async def status(self, message_id: str) -> dict[str, Any] | None:
+        """A message's state, who submitted it, and its receipt verified again from the store."""
+        record = self._spool.get(message_id)
+        if record is None:
+            return None
+        view = record_view(record)
+        view["submitted_by"] = self._spool.submitter(message_id)
+        view["final"] = record.state in FINAL_STATES
+        view["receipt"] = await asyncio.to_thread(self._stored_receipt, record)
+        return view
+
+    def _stored_receipt(self, record: OutboundRecord) -> dict[str, Any] | None:
+        if record.receipt_path is None or not record.receipt_path.is_file():
+            return None
+        peer = self.config.peer(record.peer)
+        if peer is None:
+            return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
+        head, _, body = record.receipt_path.read_bytes().partition(b"\r\n\r\n")
+        content_type = head.decode("latin-1").partition(":")[2].strip()
+        try:
+            receipt = parse_receipt(
+                content_type, body, trusted_signers=peer.signing_certificates, policy=peer.policy
+            )
+        except MedgwError as exc:
+            return {"verified": False, "error": str(exc)}
+        return {
+            "verified": True,
+            "disposition": receipt.disposition,
+            "mic": receipt.mic,
+            "mic_matches": record.mic is not None and mic_matches(record.mic, receipt.mic),
+            "signer": receipt.signer.subject.rfc4514_string(),
+            "original_message_id": receipt.original_message_id,
+        }
+
+    async def _prepare(
+        self, record: OutboundRecord, peer: Peer, *, submitted_by: str | None = None
+    ) -> None:
         smime = self.config.smime
         at = self._clock.now()
         body_path = self._outgoing / (record.payload_path.name + ".as2")
@@ -133,7 +291,7 @@ class Outbound:
                 sender_as2_id=self.config.as2_id,
                 receiver_as2_id=peer.as2_id,
                 signing=smime.signing,
-                recipients=peer.encryption_certificates,
+                recipients=(self._recipient(peer),),
                 digest=peer.digest,
                 cipher=peer.cipher,
                 policy=peer.policy,
@@ -182,6 +340,7 @@ class Outbound:
                     "mic": mic,
                     "cipher": peer.cipher,
                     "digest": peer.digest,
+                    **({"submitted_by": submitted_by} if submitted_by else {}),
                 },
             )
         )
@@ -193,6 +352,13 @@ class Outbound:
         for folder in (storage.inbox_dir, self._outgoing, self._receipts, self._payloads):
             for path in remove_stale_partials(folder):
                 self._log.info("recovery.removed_partial_file", folder=path.parent.name)
+        known = self._spool.payload_names()
+        for path in self._payloads.iterdir():
+            if not path.name.startswith(".") and path.name not in known and path.is_file():
+                # Killed between spooling a submitted body and recording it: the submitter
+                # got no Message-ID and submits again.
+                path.unlink(missing_ok=True)
+                self._log.info("recovery.removed_unrecorded_submission", file=path.name)
         for record in self._spool.in_state(OutboundState.QUEUED):
             # Killed between "queued" and removing the plaintext copy: remove it now.
             record.payload_path.unlink(missing_ok=True)
@@ -201,7 +367,8 @@ class Outbound:
         for record in self._spool.in_state(OutboundState.INTAKE):
             peer = self.config.peer(record.peer)
             if record.payload_path.exists() and peer is not None:
-                await self._prepare(record, peer)
+                submitter = self._spool.submitter(record.message_id)
+                await self._prepare(record, peer, submitted_by=submitter)
             elif record.source_path.exists() and peer is not None:
                 await asyncio.to_thread(_move_into_spool, record.source_path, record.payload_path)
                 await self._prepare(record, peer)
@@ -294,7 +461,7 @@ class Outbound:
                 parse_receipt,
                 response.content_type,
                 response.body,
-                trusted_signers=peer.signing_certificates,
+                trusted_signers=self._signers(peer),
                 policy=peer.policy,
             )
         except MedgwError as exc:
@@ -449,6 +616,17 @@ class Outbound:
                 detail={"disposition": disposition, "receipt_file": str(receipt_path)},
             )
         )
+
+
+def _finish_file(out: IO[bytes], batch: list[bytes]) -> None:
+    out.writelines(batch)
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _rename_durably(source: Path, target: Path) -> None:
+    os.rename(source, target)
+    fsync_dir(target.parent)
 
 
 def _move_into_spool(source: Path, target: Path) -> None:

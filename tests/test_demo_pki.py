@@ -410,7 +410,7 @@ def test_write_pem_is_atomic_and_private(tmp_path: Path) -> None:
 def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) -> None:
     """Put the demo certificates where the examples expect them; load_config must accept it."""
     fake = tmp_path / "fs"
-    prefixes = ("/etc/medgw", "/var/lib/medgw", "/var/log/medgw")
+    prefixes = ("/etc/medgw", "/var/lib/medgw", "/var/log/medgw", "/run/medgw")
 
     def relocate(text: str) -> str:
         for prefix in prefixes:
@@ -448,6 +448,10 @@ def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) ->
     for destination, source in copies.items():
         Path(destination).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, destination)
+    for zone in gw["zones"]:  # the examples name CRL folders
+        for folder in zone.get("crls", []):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(own / "ca.crl", Path(folder) / "ca.crl")
 
     config = load_config(gateway_toml)
     assert config.warnings == ()
@@ -547,11 +551,13 @@ def _assert_every_key_present(gateway_toml: Path, file: Path) -> None:
         if header:
             probed.append(f"{PROBE} = 1")
             name = header.group(1)
+            parent, _, leaf = name.rpartition(".")  # [[api.clients]] is a table in [api]
+            container = tables[parent] if parent else tables[""]
             if line.startswith("[["):
                 index = array_index[name] = array_index.get(name, -1) + 1
-                tables[f"{name}[{index}]"] = tables[""][name][index]
+                tables[f"{name}[{index}]"] = container[leaf][index]
             else:
-                tables[name] = tables[""][name]
+                tables[name] = container[leaf]
     file.write_text("\n".join(probed) + "\n")
     try:
         with pytest.raises(ConfigError) as info:

@@ -41,12 +41,17 @@ class EventType(StrEnum):
     RECEIPT_RECEIVED = "receipt.received"
     RECEIPT_INVALID = "receipt.invalid"
     TLS_HANDSHAKE_FAILED = "tls.handshake_failed"
+    TLS_CONNECTION_CLOSED = "tls.connection_closed"  # its certificate stopped being acceptable
+    PEER_CERTIFICATE_REJECTED = "peer.certificate_rejected"  # a configured cert fails validation
+    CRL_STALE = "pki.crl_stale"  # a CRL is near or past its nextUpdate
     PEER_AUTHENTICATION_FAILED = "peer.authentication_failed"
     ZONE_VIOLATION = "zone.violation"  # a peer on a listener of another zone (NET-4)
     TRANSIT_REFUSED = "routing.transit_refused"  # a message would pass through us (NET-4)
     SIGNATURE_FAILED = "signature.failed"
     DECRYPTION_FAILED = "decryption.failed"
     COMPAT_ALGORITHM_USED = "policy.compat_algorithm_used"
+    API_AUTHENTICATION_FAILED = "api.authentication_failed"  # a local client's token refused
+    API_REQUEST_REFUSED = "api.request_refused"  # a client asked for a peer it may not send to
 
 
 class Outcome(StrEnum):

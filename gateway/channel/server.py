@@ -19,13 +19,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.config import Listener
 from gateway.logs import Logger
+from gateway.pki.tls import fingerprint
 
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HANDSHAKE_TIMEOUT = 15.0
+
+
+def _subject(der: bytes) -> str:
+    return x509.load_der_x509_certificate(der).subject.rfc4514_string()
 
 
 class _TlsAcceptor(asyncio.Protocol):
@@ -95,6 +101,8 @@ class As2Server:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Established connections: remote address, certificate SHA-256, subject.
+        self._connections: dict[asyncio.Transport, tuple[str, str, str]] = {}
         self.port: int = listener.port
 
     def track(self, task: asyncio.Task[Any]) -> None:
@@ -149,6 +157,27 @@ class As2Server:
         if tls_transport is None or handoff.lost:
             return
         handoff.hand_over(tls_transport, http())
+        ssl_object = tls_transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is not None:
+            self._connections[tls_transport] = (remote, fingerprint(der), _subject(der))
+
+    def close_unaccepted(self, accepted: set[str]) -> list[tuple[str, str]]:
+        """Close established connections whose certificate (SHA-256) is not in ``accepted``.
+
+        Called when trust changes (reload, revocation, expiry): a revoked peer
+        must not keep using a connection opened before.  Returns (remote, subject)
+        of each connection closed.
+        """
+        closed = []
+        for transport, (remote, print_, subject) in list(self._connections.items()):
+            if transport.is_closing():
+                del self._connections[transport]
+            elif print_ not in accepted:
+                transport.abort()
+                del self._connections[transport]
+                closed.append((remote, subject))
+        return closed
 
     def stop_accepting(self) -> None:
         if self._server is not None:

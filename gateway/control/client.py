@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,55 @@ class ControlClient:
         self.timeout = timeout
 
     def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
-        connection = _UnixConnection(self.path, self.timeout)
+        return self._exchange(
+            method, url, json.dumps(body or {}).encode(), {"Content-Type": "application/json"}
+        )
+
+    def upload(
+        self,
+        url: str,
+        path: Path,
+        content_type: str,
+        progress: Callable[[int], None] = lambda _sent: None,
+        timeout: float = 3600,
+    ) -> Any:
+        """POST the file at ``path`` as the body, streamed in chunks (any size)."""
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    yield chunk
+                    sent += len(chunk)
+                    progress(sent)
+
+        headers = {"Content-Type": content_type, "Content-Length": str(size)}
+        return self._exchange("POST", url, chunks(), headers, timeout)
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | Iterator[bytes],
+        headers: dict[str, str],
+        timeout: float | None = None,
+    ) -> Any:
+        connection = _UnixConnection(self.path, timeout or self.timeout)
         operator = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
-        headers = {"X-Medgw-Operator": operator, "Content-Type": "application/json"}
+        headers = {"X-Medgw-Operator": operator, **headers}
         try:
-            connection.request(method, url, json.dumps(body or {}).encode(), headers)
-            response = connection.getresponse()
-            data = json.loads(response.read() or b"null")
+            # The daemon may refuse before reading everything: then its answer says why.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                connection.request(method, url, body, headers)
+            try:
+                response = connection.getresponse()
+                data = json.loads(response.read() or b"null")
+            except (http.client.HTTPException, ConnectionError) as exc:
+                raise MedgwError(
+                    f"the gateway closed the connection on {self.path} without an answer",
+                    fix="look at the daemon's log (journalctl -u medgw) and try again",
+                ) from exc
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NotRunningError(
                 f"medgw is not running (no answer on {self.path})",

@@ -1,4 +1,10 @@
-"""HTTP over the control unix socket, for ``medgw queue`` / ``medgw peers``."""
+"""HTTP over the control unix socket, for ``medgw queue`` / ``peers`` / ``send``.
+
+``POST /v1/messages`` and ``GET /v1/messages/{id}`` are the local API's (see
+gateway.intake.submit), for the administrator: the submitter recorded is the
+caller's account as the kernel reports it, e.g. ``operator:alice (uid 1000)``,
+and every message is visible.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import MedgwError, SpoolError
+from gateway.intake.submit import StatusFn, SubmitFn, parse_submission, status, submit
 from gateway.operations import Operations, UnknownPeerError, record_view
 from gateway.spool import OutboundState
 
@@ -42,7 +49,13 @@ def _error(exc: MedgwError, status: int) -> web.Response:
 
 
 class ControlServer:
-    def __init__(self, path: Path, operations: Callable[[], Operations]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        operations: Callable[[], Operations],
+        submit_fn: SubmitFn,
+        status_fn: StatusFn,
+    ) -> None:
         if len(str(path)) > MAX_SOCKET_PATH:
             raise MedgwError(
                 f"control socket path {path} is longer than {MAX_SOCKET_PATH} characters",
@@ -50,6 +63,8 @@ class ControlServer:
             )
         self.path = path
         self._ops = operations
+        self._submit = submit_fn
+        self._status = status_fn
         app = web.Application()
         app.router.add_get("/v1/queue", self._list)
         app.router.add_get("/v1/queue/{message_id}", self._show)
@@ -58,6 +73,8 @@ class ControlServer:
         app.router.add_get("/v1/peers", self._peers)
         app.router.add_post("/v1/peers/{peer}/suspend", self._suspend)
         app.router.add_post("/v1/peers/{peer}/resume", self._resume)
+        app.router.add_post("/v1/messages", self._submit_message)
+        app.router.add_get("/v1/messages/{message_id}", self._message_status)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self) -> None:
@@ -132,3 +149,12 @@ class ControlServer:
     async def _resume(self, request: web.Request) -> web.Response:
         who = caller(request)
         return await self._act(request, lambda: self._ops().resume(request.match_info["peer"], who))
+
+    async def _submit_message(self, request: web.Request) -> web.Response:
+        submission = parse_submission(request, f"operator:{caller(request)}")
+        if isinstance(submission, web.Response):
+            return submission
+        return await submit(request, submission, self._submit)
+
+    async def _message_status(self, request: web.Request) -> web.Response:
+        return await status(request, None, self._status)

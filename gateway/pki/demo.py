@@ -32,8 +32,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from gateway.errors import MedgwError
-from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 
 MARKER = ".medgw-demo"
 MARKER_TEXT = (
@@ -119,6 +121,10 @@ def init_demo(
     ca_dir.mkdir(mode=0o700)
     write_pem(ca_dir / "ca.crt", ca.certificate)
     write_pem(ca_dir / "ca.key", ca.key)
+    # The demo CA's CRL (nothing revoked yet): the demo zones require revocation
+    # status like a real installation.  To revoke, issue a new CRL with make_crl.
+    crl = make_crl(ca, now=now, days=30)
+    (ca_dir / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
     issued = {spec.name: _issue_all(ca, spec, now, key_kind) for spec in (hospital, lab)}
     institutions = {}
@@ -198,6 +204,7 @@ def _write_institution(
         folder.mkdir(parents=True, mode=0o750, exist_ok=True)
 
     write_pem(certs / "ca.crt", ca.certificate)
+    shutil.copyfile(root.parent / "ca" / "ca.crl", certs / "ca.crl")
     for role, pair in mine.items():
         write_pem(certs / f"{role}.crt", pair.certificate)
         write_pem(certs / f"{role}.key", pair.key)
@@ -278,9 +285,17 @@ egress = ["127.0.0.0/8"]
 trust_anchors = ["certs/ca.crt"]
 # Lowest TLS version accepted: "1.3" (default) or "1.2" (ECDHE/DHE + AEAD only).
 min_version = "1.3"
-# Certificate revocation checking: "require" (default), "prefer" or "off".  The
-# demo PKI publishes no CRL or OCSP responder.
-revocation = "off"
+# Certificate revocation checking: "require" (default), "prefer" or "off".
+# With "require" a certificate whose status cannot be established from a fresh
+# CRL (or OCSP) is refused.
+revocation = "require"
+# CRL files (or folders of them) of this zone's CAs.  Refresh them before their
+# nextUpdate (medgw warns crl_warn_days ahead) and reload: systemctl reload medgw.
+crls = ["certs/ca.crl"]
+# Ask the OCSP responders named in the certificates (default false).
+ocsp = false
+# Warn this many days before a CRL's nextUpdate (default 7).
+crl_warn_days = 7
 
 [[listeners]]
 # Name of this listener (one per network zone) in logs and audit events.

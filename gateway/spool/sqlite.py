@@ -17,6 +17,8 @@ queued again (the receiver deduplicates by Message-ID, so a resend after a
 crash is delivered once).  Inbound rows remember each (peer, Message-ID), the
 SHA-256 of what was delivered and the receipt we sent, so that a resend is
 answered with the original receipt instead of being delivered twice.
+``submissions`` names who submitted a message through the local API or the
+control socket (NET-3); documents from the outbox folder have no row there.
 
 The database runs with ``journal_mode=WAL`` and ``synchronous=FULL``: a
 committed transition survives power loss.
@@ -75,6 +77,10 @@ CREATE TABLE IF NOT EXISTS inbound (
     PRIMARY KEY (peer, message_id)
 );
 CREATE INDEX IF NOT EXISTS inbound_target ON inbound (target_path);
+CREATE TABLE IF NOT EXISTS submissions (
+    message_id      TEXT PRIMARY KEY,
+    submitted_by    TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS peer_control (
     peer            TEXT PRIMARY KEY,
     suspended       INTEGER NOT NULL,
@@ -217,11 +223,20 @@ class Spool:
     def _now(self) -> str:
         return self._clock.now().isoformat()
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+    def _write(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        more: list[tuple[str, tuple[Any, ...]]] | None = None,
+    ) -> int:
+        """Run ``sql`` (and the statements in ``more``) as one transaction."""
         try:
             with self._lock, self._db:  # one transaction, committed (and fsync'ed) on exit
                 self._db.execute("BEGIN IMMEDIATE")
-                return self._db.execute(sql, params).rowcount
+                count = self._db.execute(sql, params).rowcount
+                for statement, values in more or ():
+                    self._db.execute(statement, values)
+                return int(count)
         except sqlite3.Error as exc:
             raise SpoolError(
                 f"spool write failed: {exc}",
@@ -242,15 +257,28 @@ class Spool:
         *,
         zone: str | None = None,
         origin: Origin = LOCAL_INTAKE,
+        submitted_by: str | None = None,
     ) -> None:
         """Queue a message for ``peer`` (of network ``zone``).
 
         NET-4 invariant, enforced here whatever the caller checked before: a
         message that came in from a peer is never queued for a peer of another
         zone (:class:`~gateway.routing.TransitRefused`; the caller audits it).
+        ``submitted_by`` (a local API client or an operator) is recorded in the
+        same transaction.
         """
         check_enqueue(origin, peer, zone)
         now = self._now()
+        extra = (
+            [
+                (
+                    "INSERT INTO submissions (message_id, submitted_by) VALUES (?,?)",
+                    (message_id, submitted_by),
+                )
+            ]
+            if submitted_by is not None
+            else []
+        )
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
             " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
@@ -270,7 +298,18 @@ class Spool:
                 now,
                 now,
             ),
+            extra,
         )
+
+    def submitter(self, message_id: str) -> str | None:
+        """Who submitted the message (None: the outbox folder, or no such message)."""
+        row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
+        return str(row["submitted_by"]) if row else None
+
+    def payload_names(self) -> set[str]:
+        """File names of every message's payload (in ``state/payloads``)."""
+        rows = self._read("SELECT payload_path FROM outbound", ())
+        return {Path(r["payload_path"]).name for r in rows}
 
     def mark_queued(
         self, message_id: str, body_path: Path, headers: list[tuple[str, str]], mic: str, size: int

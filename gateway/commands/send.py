@@ -1,0 +1,174 @@
+"""``medgw send FILE --to PEER``: hand a document to the running gateway and wait for its receipt.
+
+The file is streamed over the control socket (any size; a progress bar on
+stderr for large files when stderr is a terminal), then the command follows
+the message until it reaches a final state and prints the verified receipt.
+Exit codes: 0 delivered, 1 failed / expired / dead / cancelled (the reason is
+printed), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import quote, urlencode
+
+from gateway.config import load_config
+from gateway.control import SOCKET_NAME
+from gateway.control.client import ControlClient
+from gateway.intake.outbox import CONTENT_TYPES
+from gateway.intake.submit import SERVICE_FIX, SERVICE_UNSUPPORTED
+
+DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
+PROGRESS_ABOVE = 4 << 20  # files up to this size get no progress bar
+EXIT_USAGE = 2
+MIB = 1 << 20
+
+
+def register(commands: Any) -> None:
+    send = commands.add_parser(
+        "send",
+        help="send a file to a peer through the running gateway and wait for the receipt",
+        description="Send FILE to PEER through the running gateway (over its control socket) "
+        "and wait for the signed receipt.  Exit 0 delivered, 1 failed, expired or dead, "
+        "2 usage error.",
+    )
+    send.add_argument("file", type=Path, metavar="FILE")
+    send.add_argument("--to", required=True, metavar="PEER", help="the peer's name (peers.d/)")
+    send.add_argument(
+        "--service",
+        metavar="S",
+        help="not supported: documents are delivered to the peer's inbox folder for us",
+    )
+    send.add_argument(
+        "--content-type",
+        help="media type; default from the file suffix (.hl7 application/hl7-v2, "
+        ".json application/fhir+json, .pdf, .dcm, .xml), else application/octet-stream",
+    )
+    send.add_argument(
+        "--no-wait", action="store_true", help="print the Message-ID once spooled; do not wait"
+    )
+    send.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
+    )
+    send.set_defaults(handler=_send)
+
+
+def _usage(message: str, fix: str) -> int:
+    print(f"medgw send: {message}\n  fix: {fix}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+class Progress:
+    """A one-line progress bar on a terminal; nothing at all elsewhere."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.enabled = total > PROGRESS_ABOVE and stream.isatty()
+        self._shown = -1
+
+    def __call__(self, sent: int) -> None:
+        if not self.enabled:
+            return
+        percent = sent * 100 // self.total
+        if percent == self._shown:
+            return
+        self._shown = percent
+        bar = "#" * (percent // 4)
+        self.stream.write(
+            f"\r  uploading [{bar:<25}] {percent:3d}%  {sent / MIB:.1f}/{self.total / MIB:.1f} MiB"
+        )
+        if sent >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _send(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    if args.service is not None:
+        return _usage(SERVICE_UNSUPPORTED, SERVICE_FIX)
+    if not path.is_file():
+        return _usage(f"{path} is not a readable regular file", "give the path of the document")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        return _usage(f"cannot read {path}: {exc.strerror}", "check the path and permissions")
+    config = load_config(args.config)
+    if config.peer(args.to) is None:
+        known = ", ".join(p.name for p in config.peers) or "(none configured)"
+        return _usage(f"no peer named {args.to!r}", f"use one of: {known}")
+    content_type = args.content_type or CONTENT_TYPES.get(
+        path.suffix.lower(), "application/octet-stream"
+    )
+    client = ControlClient(config.storage.state_dir / SOCKET_NAME)
+    query = urlencode({"to": args.to, "filename": path.name})
+    size = path.stat().st_size
+    progress = Progress(size, sys.stderr)
+    view = client.upload(f"/v1/messages?{query}", path, content_type, progress)
+    message_id = view["message_id"]
+    if args.no_wait:
+        print(message_id)
+        return 0
+    print(f"medgw send: {path.name} ({size} bytes) spooled as {message_id}", file=sys.stderr)
+    try:
+        final = _follow(client, view)
+    except KeyboardInterrupt:
+        print(
+            f"\nmedgw send: stopped waiting; the message stays in the gateway's queue "
+            f"(medgw queue show '{message_id}')",
+            file=sys.stderr,
+        )
+        return 130
+    return _report(final)
+
+
+def _follow(client: ControlClient, view: dict[str, Any]) -> dict[str, Any]:
+    """Poll the message until it is final, telling retries on stderr."""
+    url = f"/v1/messages/{quote(view['message_id'], safe='')}"
+    seen = (view["state"], view["attempts"])
+    delay = 0.2
+    while not view["final"]:
+        time.sleep(delay)
+        delay = min(2.0, delay * 1.5)
+        view = client.call("GET", url)
+        now = (view["state"], view["attempts"])
+        if now != seen and view["state"] == "queued" and view["last_error"]:
+            print(
+                f"medgw send: attempt {view['attempts']} failed ({view['last_error']}); "
+                "the gateway retries",
+                file=sys.stderr,
+            )
+        seen = now
+    return view
+
+
+def _report(view: dict[str, Any]) -> int:
+    receipt = view.get("receipt") or {}
+    lines = [f"{view['state']:<12} {view['message_id']}", f"{'peer':<12} {view['peer']}"]
+    if receipt.get("verified"):
+        lines.append(f"{'disposition':<12} {receipt['disposition']}")
+        match = "matches what was sent" if receipt["mic_matches"] else "DOES NOT MATCH"
+        lines.append(f"{'MIC':<12} {receipt['mic']} ({match})")
+        lines.append(f"{'signed by':<12} {receipt['signer']}")
+    elif receipt:
+        lines.append(f"{'receipt':<12} cannot be verified now: {receipt['error']}")
+    elif view.get("disposition"):
+        lines.append(f"{'disposition':<12} {view['disposition']}")
+    if view.get("receipt_file"):
+        lines.append(f"{'receipt file':<12} {view['receipt_file']}")
+    print("\n".join(lines))
+    if view["state"] == "delivered":
+        return 0
+    reason = view.get("last_error") or view["state"]
+    print(f"medgw send: not delivered ({view['state']}): {reason}", file=sys.stderr)
+    print(
+        f"  fix: see medgw queue show '{view['message_id']}' and medgw diagnose {view['peer']}; "
+        "medgw queue retry puts it back in the queue",
+        file=sys.stderr,
+    )
+    return 1

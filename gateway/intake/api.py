@@ -1,0 +1,162 @@
+"""The local submission API for internal systems (NET-3).
+
+Listens on a unix socket and/or a loopback address only (never a routable
+one: internal systems on other hosts use the outbox folder on a share).  Each
+internal client has its own bearer token; the configuration stores only the
+token's SHA-256, so a leaked config file does not leak a token.  A client may
+send only to the peers listed for it, sees only its own messages, and every
+submission and every refused token is in the audit trail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.config import ApiClient
+from gateway.errors import MedgwError
+from gateway.intake.submit import (
+    StatusFn,
+    SubmitFn,
+    json_error,
+    parse_submission,
+    status,
+    submit,
+)
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh token and the SHA-256 (hex) to put in the configuration."""
+    token = secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).hexdigest()
+
+
+def authenticate(clients: Sequence[ApiClient], header: str) -> ApiClient | None:
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    presented = hashlib.sha256(token.strip().encode()).hexdigest()
+    match = None
+    for client in clients:  # compare with every client, in constant time
+        if hmac.compare_digest(presented, client.token_sha256):
+            match = client
+    return match
+
+
+def unauthorized() -> web.Response:
+    response = json_error(
+        401,
+        "missing or unknown API token",
+        "send 'Authorization: Bearer <token>' with this client's token (medgw api token "
+        "makes one; its token_sha256 goes into [[api.clients]] in gateway.toml)",
+    )
+    response.headers["WWW-Authenticate"] = 'Bearer realm="medgw"'
+    return response
+
+
+class LocalApi:
+    def __init__(
+        self,
+        clients: Callable[[], Sequence[ApiClient]],
+        submit_fn: SubmitFn,
+        status_fn: StatusFn,
+        audit: AuditSink,
+    ) -> None:
+        self._clients = clients
+        self._submit = submit_fn
+        self._status = status_fn
+        self._audit = audit
+        self._socket_path: Path | None = None
+        # Bodies are streamed from request.content; client_max_size limits only what
+        # aiohttp itself would buffer (we never call request.read()).
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._post)
+        app.router.add_get("/v1/messages/{message_id}", self._get)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    async def start(
+        self, *, socket_path: Path | None, address: str | None, port: int | None
+    ) -> None:
+        """Listen on the unix socket (mode 0660) and/or the loopback address."""
+        await self._runner.setup()
+        try:
+            if socket_path is not None:
+                socket_path.parent.mkdir(parents=True, exist_ok=True)
+                socket_path.unlink(missing_ok=True)  # a stale socket of a killed run
+                old = os.umask(0o117)  # the medgw user and its group (the internal systems)
+                try:
+                    await web.UnixSite(self._runner, str(socket_path)).start()
+                finally:
+                    os.umask(old)
+                self._socket_path = socket_path
+            if address is not None and port is not None:
+                await web.TCPSite(self._runner, address, port, reuse_address=True).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            where = f"{address}:{port}" if address is not None else str(socket_path)
+            raise MedgwError(
+                f"cannot listen for the local API on {where}: {exc.strerror}",
+                fix="free the port or the socket path, or change [api] in gateway.toml",
+            ) from exc
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        if self._socket_path is not None:
+            self._socket_path.unlink(missing_ok=True)
+
+    def _client(self, request: web.Request) -> ApiClient | None:
+        client = authenticate(self._clients(), request.headers.get("Authorization", ""))
+        if client is None:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.API_AUTHENTICATION_FAILED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    remote_address=request.remote or "local socket",
+                    reason="missing or unknown API token",
+                    detail={"path": request.path},
+                )
+            )
+        return client
+
+    async def _post(self, request: web.Request) -> web.Response:
+        client = self._client(request)
+        if client is None:
+            return unauthorized()
+        submission = parse_submission(request, f"api:{client.name}")
+        if isinstance(submission, web.Response):
+            return submission
+        if submission.peer not in client.peers:
+            # NET-3: a client sends only where its entry allows; an attempt is audited.
+            self._audit.emit(
+                AuditEvent(
+                    EventType.API_REQUEST_REFUSED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    peer=submission.peer,
+                    direction="outbound",
+                    remote_address=request.remote or "local socket",
+                    reason=f"API client {client.name!r} may not send to this peer",
+                    detail={"client": client.name},
+                )
+            )
+            return json_error(
+                403,
+                f"this client may not send to {submission.peer!r}",
+                "ask the gateway administrator to add the peer to this client's `peers` "
+                "in [[api.clients]]",
+            )
+        return await submit(request, submission, self._submit)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        client = self._client(request)
+        if client is None:
+            return unauthorized()
+        return await status(request, f"api:{client.name}", self._status)

@@ -1,0 +1,114 @@
+"""Submitting a document over HTTP: shared by the local API and the control socket.
+
+``POST /v1/messages?to=PEER[&filename=NAME]`` with the document as the request
+body (any size: it is streamed to the spool, never held in memory) and its
+media type as ``Content-Type``.  The answer (202) carries the Message-ID once
+the document is durably spooled, signed and encrypted; ``GET
+/v1/messages/{id}`` then tells its state and, once a receipt came back, the
+receipt as verified again from the stored copy (disposition, MIC, signer).
+Who submitted it is recorded with the message and in the audit trail (NET-3);
+a local API client sees only its own messages.
+
+There is no ``service`` parameter: the receiving gateway delivers every
+document from a peer into that peer's inbox folder, so a service name would
+be carried and then ignored.  A request naming one is refused instead of
+pretending.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import MedgwError
+
+CHUNK = 1 << 20
+MAX_FILENAME = 255
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
+SERVICE_UNSUPPORTED = (
+    "services are not supported: the receiving gateway delivers every document into "
+    "the inbox folder of the peer that sent it (inbox/<peer>/), whatever the service"
+)
+SERVICE_FIX = "leave out the service; agree with the peer on file names or content types instead"
+
+
+@dataclass(frozen=True)
+class Submission:
+    peer: str
+    filename: str
+    content_type: str
+    submitter: str  # "api:<client>" or "operator:<account> (uid N)"
+
+
+class SubmissionRefused(MedgwError):
+    """A submission the gateway will not take; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, *, fix: str, status: int) -> None:
+        super().__init__(message, fix=fix)
+        self.status = status
+
+
+SubmitFn = Callable[[Submission, AsyncIterator[bytes]], Awaitable[dict[str, Any]]]
+# The message's view (state, receipt, submitted_by), or None when there is no such message.
+StatusFn = Callable[[str], Awaitable[dict[str, Any] | None]]
+
+
+def json_error(status: int, message: str, fix: str) -> web.Response:
+    return web.json_response({"error": message, "fix": fix}, status=status)
+
+
+def parse_submission(request: web.Request, submitter: str) -> Submission | web.Response:
+    """The submission a request asks for, or the error response to give (nothing read yet)."""
+    peer = request.query.get("to", "")
+    filename = request.query.get("filename", "")
+    if "service" in request.query:
+        return json_error(400, SERVICE_UNSUPPORTED, SERVICE_FIX)
+    if not peer:
+        return json_error(
+            400,
+            "the destination peer is missing",
+            "POST /v1/messages?to=PEER&filename=NAME with the document as the body",
+        )
+    if len(filename) > MAX_FILENAME or any(ord(c) < 32 or c in "/\\" for c in filename):
+        return json_error(
+            400,
+            f"filename must be a plain file name of at most {MAX_FILENAME} characters",
+            "send the base name only, e.g. filename=result.hl7",
+        )
+    raw_type = request.headers.get("Content-Type", "application/octet-stream")
+    content_type = raw_type.split(";")[0].strip().lower()
+    if content_type == "application/x-www-form-urlencoded":  # what curl -d sends by default
+        content_type = "application/octet-stream"
+    if not _MEDIA_TYPE.match(content_type):
+        return json_error(
+            400,
+            f"Content-Type {raw_type[:80]!r} is not a media type",
+            "send e.g. Content-Type: application/hl7-v2, application/fhir+json, "
+            "application/pdf, application/dicom or application/octet-stream",
+        )
+    return Submission(peer, filename, content_type, submitter)
+
+
+async def submit(request: web.Request, submission: Submission, submit_fn: SubmitFn) -> web.Response:
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await request.content.read(CHUNK):
+            yield chunk
+
+    try:
+        view = await submit_fn(submission, chunks())
+    except SubmissionRefused as exc:
+        return json_error(exc.status, exc.message, exc.fix or "")
+    return web.json_response(view, status=202)
+
+
+async def status(request: web.Request, submitter: str | None, status_fn: StatusFn) -> web.Response:
+    """``submitter=None`` sees every message (the administrator on the control socket)."""
+    view = await status_fn(request.match_info["message_id"])
+    if view is None or (submitter is not None and view.get("submitted_by") != submitter):
+        # The same answer for "not there" and "not yours": a client learns nothing of others.
+        return json_error(404, "no such message", "use the message_id the submission returned")
+    return web.json_response(view)

@@ -1,0 +1,444 @@
+"""The local submission API and ``medgw send``, on real daemons and real sockets (NET-3)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import pty
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import load_config
+from gateway.demo_run import free_port, read_audit, wait_until
+from gateway.errors import ConfigError
+from gateway.intake.api import new_token
+from gateway.pki.demo import DemoLayout
+
+LIS_TOKEN, LIS_SHA = new_token()
+RIS_TOKEN, RIS_SHA = new_token()
+MIB = 1 << 20
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=120)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+class Api:
+    """A client of the local API over TCP (127.0.0.1) or the unix socket."""
+
+    def __init__(self, port: int, socket_path: Path) -> None:
+        self.port = port
+        self.socket_path = socket_path
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        token: str | None,
+        body: bytes | Iterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
+        unix: bool = False,
+    ) -> tuple[int, Any]:
+        connection = (
+            UnixConnection(self.socket_path)
+            if unix
+            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        )
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        try:
+            connection.request(method, url, body, all_headers)
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    def wait_final(self, message_id: str, token: str) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            status, view = self.request("GET", f"/v1/messages/{message_id}", token=token)
+            assert status == 200, view
+            return view if view["final"] else None
+
+        result: dict[str, Any] = wait_until(final, 90, f"a final state of {message_id}")
+        return result
+
+
+def enable_api(layout: DemoLayout) -> Api:
+    """The lab gets an [api] with two clients: "lis" and "ris", both may send to the hospital."""
+    port = free_port()
+    config = layout.lab.config_path
+    config.write_text(
+        config.read_text()
+        + f"""
+[api]
+socket = "state/api.sock"
+listen = "127.0.0.1:{port}"
+
+[[api.clients]]
+name = "lis"
+token_sha256 = "{LIS_SHA}"
+peers = ["hospital"]
+
+[[api.clients]]
+name = "ris"
+token_sha256 = "{RIS_SHA}"
+peers = ["hospital"]
+"""
+    )
+    return Api(port, layout.lab.root / "state" / "api.sock")
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def medgw(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        **kwargs,
+    )
+
+
+def test_api_submission_is_delivered_and_its_receipt_shown(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    document = b"MSH|^~\\&|LIS|KITA|EHR|SAKURA|20260101||ORU^R01|API-1|P|2.5\rOBX|1|NM|x||7\r"
+    status, view = api.request(
+        "POST",
+        "/v1/messages?to=hospital&filename=result.hl7",
+        token=LIS_TOKEN,
+        body=document,
+        headers={"Content-Type": "application/hl7-v2"},
+    )
+    assert status == 202, view
+    message_id = view["message_id"]
+    assert view["submitted_by"] == "api:lis" and view["state"] in ("queued", "sending")
+
+    final = api.wait_final(message_id, LIS_TOKEN)
+    assert final["state"] == "delivered"
+    receipt = final["receipt"]
+    assert receipt["verified"] and receipt["disposition"] == "processed"
+    assert receipt["mic_matches"] and receipt["mic"] == final["mic"]
+    assert receipt["original_message_id"] == message_id
+    assert "Sakura" in receipt["signer"] or layout.hospital.as2_id in receipt["signer"], receipt
+    assert (layout.hospital.inbox_dir / "lab" / "result.hl7").read_bytes() == document
+
+    # The same view over the unix socket; the other client cannot even see it exists.
+    status, same = api.request("GET", f"/v1/messages/{message_id}", token=LIS_TOKEN, unix=True)
+    assert status == 200 and same["state"] == "delivered"
+    status, hidden = api.request("GET", f"/v1/messages/{message_id}", token=RIS_TOKEN)
+    assert status == 404 and hidden["error"] == "no such message"
+    status, _ = api.request("GET", "/v1/messages/%3Cnot-there%3E", token=LIS_TOKEN)
+    assert status == 404
+
+    accepted = events(layout.lab.audit_log, "message.accepted")
+    assert [a["detail"].get("submitted_by") for a in accepted] == ["api:lis"]
+    # The administrator sees every message and who submitted it (control socket, no token).
+    control = UnixConnection(layout.lab.root / "state" / "control.sock")
+    control.request("GET", f"/v1/messages/{message_id}")
+    admin_view = json.loads(control.getresponse().read())
+    control.close()
+    assert admin_view["submitted_by"] == "api:lis" and admin_view["state"] == "delivered"
+
+
+def test_api_refuses_bad_tokens_foreign_peers_and_services(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    processes.start(layout.lab.config_path)
+    for token, unix in ((None, False), ("not-a-token", False), (LIS_TOKEN + "x", True)):
+        status, answer = api.request(
+            "POST", "/v1/messages?to=hospital", token=token, body=b"MSH|x\r", unix=unix
+        )
+        assert status == 401, answer
+        assert "Bearer" in answer["fix"]
+    status, _ = api.request("GET", "/v1/messages/x", token="wrong")
+    assert status == 401
+    refused = events(layout.lab.audit_log, "api.authentication_failed")
+    assert len(refused) == 4
+    assert {r["severity"] for r in refused} == {"alert"}
+    assert {r["remote_address"] for r in refused} >= {"127.0.0.1", "local socket"}
+
+    status, answer = api.request(
+        "POST", "/v1/messages?to=pharmacy", token=LIS_TOKEN, body=b"MSH|x\r"
+    )
+    assert status == 403 and "pharmacy" in answer["error"] and "peers" in answer["fix"]
+    [audited] = events(layout.lab.audit_log, "api.request_refused")
+    assert audited["peer"] == "pharmacy" and audited["detail"]["client"] == "lis"
+
+    status, answer = api.request(
+        "POST", "/v1/messages?to=hospital&service=results", token=LIS_TOKEN, body=b"MSH|x\r"
+    )
+    assert status == 400 and "services are not supported" in answer["error"]
+    status, answer = api.request("POST", "/v1/messages?to=hospital", token=LIS_TOKEN, body=b"")
+    assert status == 400 and "empty" in answer["error"]
+    status, answer = api.request(
+        "POST",
+        "/v1/messages?to=hospital",
+        token=LIS_TOKEN,
+        body=b"x",
+        headers={"Content-Type": "not a type"},
+    )
+    assert status == 400 and "media type" in answer["error"]
+    # Nothing of all that reached the spool.
+    listed = medgw("queue", "list", "--config", str(layout.lab.config_path), "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_20_mib_body_streams_without_growing_the_daemon(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    # Warm up the paths (imports, TLS, thread pool) with a small document first.
+    status, small = api.request(
+        "POST", "/v1/messages?to=hospital&filename=warm.bin", token=LIS_TOKEN, body=b"w" * 4096
+    )
+    assert status == 202, small
+    assert api.wait_final(small["message_id"], LIS_TOKEN)["state"] == "delivered"
+    before = _vm_hwm_kib(lab.proc.pid)
+
+    block = os.urandom(MIB)
+    digest = hashlib.sha256()
+
+    def body() -> Iterator[bytes]:
+        for index in range(20):
+            chunk = block[index:] + block[:index]
+            digest.update(chunk)
+            yield chunk
+
+    status, view = api.request(
+        "POST",
+        "/v1/messages?to=hospital&filename=study.dcm",
+        token=LIS_TOKEN,
+        body=body(),
+        headers={"Content-Type": "application/dicom", "Content-Length": str(20 * MIB)},
+        unix=True,
+    )
+    assert status == 202, view
+    final = api.wait_final(view["message_id"], LIS_TOKEN)
+    assert final["state"] == "delivered" and final["size"] == 20 * MIB
+    after = _vm_hwm_kib(lab.proc.pid)
+    delivered = layout.hospital.inbox_dir / "lab" / "study.dcm"
+    assert hashlib.sha256(delivered.read_bytes()).hexdigest() == digest.hexdigest()
+    # Held in memory, the body alone would raise the peak by 20 MiB.
+    assert after - before < 12 * 1024, f"peak RSS grew by {(after - before) / 1024:.1f} MiB"
+
+
+def test_medgw_send_prints_the_receipt_and_exits_0(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    document = tmp_path / "scan.dcm"
+    document.write_bytes(os.urandom(5 * MIB))  # above the progress-bar threshold
+    # stderr on a terminal: the progress bar is drawn there.
+    master, slave = pty.openpty()
+    drawn: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            drawn.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "send",
+                str(document),
+                "--to",
+                "hospital",
+                "--config",
+                str(layout.lab.config_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(slave)
+        reader.join(5)
+        os.close(master)
+    terminal = b"".join(drawn).decode()
+    assert result.returncode == 0, terminal
+    assert "uploading [" in terminal and "100%" in terminal
+    out = result.stdout
+    assert out.startswith("delivered ")
+    assert "disposition  processed" in out and "(matches what was sent)" in out
+    assert "signed by" in out
+    message_id = out.split()[1]
+    assert (layout.hospital.inbox_dir / "lab" / "scan.dcm").read_bytes() == document.read_bytes()
+
+    # Recorded as the operator who ran it, from the kernel's view of the socket.
+    accepted = events(layout.lab.audit_log, "message.accepted")
+    [mine] = [a for a in accepted if a["message_id"] == message_id]
+    assert mine["detail"]["submitted_by"].startswith("operator:")
+    assert f"(uid {os.getuid()})" in mine["detail"]["submitted_by"]
+
+    # A small file, stderr not a terminal: no bar; --no-wait prints just the id.
+    small = tmp_path / "note.hl7"
+    small.write_bytes(b"MSH|small\r")
+    quick = medgw(
+        "send", str(small), "--to", "hospital", "--no-wait", "--config", str(layout.lab.config_path)
+    )
+    assert quick.returncode == 0, quick.stderr
+    assert quick.stdout.strip().startswith("<") and "uploading" not in quick.stderr
+
+
+def test_medgw_send_exits_1_with_the_reason_when_the_peer_refuses(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    # The lab encrypts for a certificate the hospital has no key for (the lab's own).
+    peer_file = layout.lab.root / "peers.d" / "hospital.toml"
+    text = peer_file.read_text()
+    assert "certs/peers/hospital/encrypt.crt" in text
+    peer_file.write_text(text.replace("certs/peers/hospital/encrypt.crt", "certs/encrypt.crt"))
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    document = tmp_path / "secret.hl7"
+    document.write_bytes(b"MSH|secret\r")
+    result = medgw(
+        "send", str(document), "--to", "hospital", "--config", str(layout.lab.config_path)
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.startswith("failed ")
+    assert "decryption-failed" in result.stdout
+    assert "not delivered (failed)" in result.stderr and "decryption-failed" in result.stderr
+    assert not (layout.hospital.inbox_dir / "lab" / "secret.hl7").exists()
+
+
+def test_medgw_send_usage_errors_exit_2(layout: DemoLayout, tmp_path: Path) -> None:
+    config = str(layout.lab.config_path)
+    document = tmp_path / "a.hl7"
+    document.write_bytes(b"MSH|a\r")
+    service = medgw("send", str(document), "--to", "hospital", "--service", "x", "--config", config)
+    assert service.returncode == 2 and "services are not supported" in service.stderr
+    missing = medgw("send", str(tmp_path / "nope.hl7"), "--to", "hospital", "--config", config)
+    assert missing.returncode == 2 and "not a readable regular file" in missing.stderr
+    unknown = medgw("send", str(document), "--to", "pharmacy", "--config", config)
+    assert unknown.returncode == 2 and "use one of: hospital" in unknown.stderr
+    no_peer = medgw("send", str(document), "--config", config)
+    assert no_peer.returncode == 2
+    # The daemon is not running: that is a failure, not a usage error.
+    down = medgw("send", str(document), "--to", "hospital", "--config", config)
+    assert down.returncode == 1 and "not running" in down.stderr
+
+
+def test_api_token_prints_a_token_and_its_hash() -> None:
+    result = medgw("api", "token")
+    assert result.returncode == 0
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    token = lines[1]
+    assert f'token_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"' in lines
+    again = medgw("api", "token")
+    assert again.stdout.splitlines()[1].strip() != token
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def _with_api(layout: DemoLayout, table: str) -> Path:
+    config = layout.lab.config_path
+    config.write_text(config.read_text() + "\n" + table)
+    return config
+
+
+def _problems(config: Path) -> list[tuple[str, str, str]]:
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    return [(p.key, p.message, p.fix) for p in info.value.problems]
+
+
+CLIENT = f'[[api.clients]]\nname = "lis"\ntoken_sha256 = "{LIS_SHA}"\npeers = ["hospital"]\n'
+
+
+@pytest.mark.parametrize(
+    "listen",
+    ["0.0.0.0:8470", "192.0.2.10:8470", "[2001:db8::1]:8470", "[::]:8470"],
+)
+def test_config_refuses_a_non_loopback_listen_address(layout: DemoLayout, listen: str) -> None:
+    config = _with_api(layout, f'[api]\nlisten = "{listen}"\n{CLIENT}')
+    [(key, message, fix)] = _problems(config)
+    assert key == "api.listen"
+    assert "not a loopback address" in message and "NET-3" in message
+    assert "127.0.0.1" in fix
+
+
+def test_config_accepts_loopback_and_reads_clients(layout: DemoLayout) -> None:
+    config = _with_api(layout, f'[api]\nlisten = "[::1]:8470"\nsocket = "api.sock"\n{CLIENT}')
+    api = load_config(config).api
+    assert api is not None
+    assert (api.address, api.port) == ("::1", 8470)
+    assert api.socket == layout.lab.config_path.parent / "api.sock"
+    assert [(c.name, c.token_sha256, c.peers) for c in api.clients] == [
+        ("lis", LIS_SHA, ("hospital",))
+    ]
+    assert load_config(layout.hospital.config_path).api is None
+
+
+def test_config_api_mistakes_name_key_and_fix(layout: DemoLayout) -> None:
+    config = _with_api(
+        layout,
+        '[api]\nlisten = "localhost:8470"\nport = 1\n'
+        '[[api.clients]]\nname = "lis"\ntoken_sha256 = "abc"\npeers = ["pharmacy"]\n'
+        f'[[api.clients]]\nname = "lis"\ntoken_sha256 = "{LIS_SHA}"\npeers = ["hospital"]\n',
+    )
+    problems = {key: (message, fix) for key, message, fix in _problems(config)}
+    assert "host names are not accepted" in problems["api.listen"][0]
+    assert problems["api.port"][0] == "unknown key" and "listen" in problems["api.port"][1]
+    assert "64 hex digits" in problems["api.clients[0].token_sha256"][0]
+    assert "medgw api token" in problems["api.clients[0].token_sha256"][1]
+    assert "no peer named 'pharmacy'" in problems["api.clients[0].peers"][0]
+    assert "listed twice" in problems["api.clients[1].name"][0]
+
+
+def test_config_api_without_endpoint_or_clients(layout: DemoLayout) -> None:
+    problems = {key: message for key, message, _fix in _problems(_with_api(layout, "[api]\n"))}
+    assert "neither socket nor listen" in problems["api.socket"]
+    assert "missing" in problems["api.clients"]

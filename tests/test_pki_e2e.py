@@ -1,0 +1,167 @@
+"""Peer authentication by PKI on real daemons: revocation, pinning, identity."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.as2.mdn import parse_receipt
+from gateway.config import KeyPair, load_config
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_crl, write_pem
+from gateway.policy import AlgorithmPolicy
+from tests import as2client
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def demo_ca(layout: DemoLayout) -> Issued:
+    folder = layout.root / "ca"
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
+
+
+def revoke(layout: DemoLayout, crl_file: Path, *certs: x509.Certificate) -> None:
+    now = datetime.now(UTC)
+    crl = make_crl(
+        demo_ca(layout),
+        now=now - timedelta(minutes=1),
+        revoked=[(c.serial_number, now - timedelta(minutes=2)) for c in certs],
+        number=2,
+    )
+    crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+def open_tls(layout: DemoLayout) -> ssl.SSLSocket:
+    """A connection to the hospital with the lab's TLS identity, left open."""
+    certs = layout.lab.root / "certs"
+    context = ssl.create_default_context(cafile=str(layout.ca_certificate))
+    context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
+    raw = socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=10)
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_revoked_peer_is_refused_after_reload_and_its_open_connection_closed(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "first delivery")
+    held = open_tls(layout)  # an established connection from before the revocation
+    held.sendall(b"POST /as2 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+
+    lab_tls = load_config(layout.lab.config_path).tls.identity.certificate
+    revoke(layout, layout.hospital.root / "certs" / "ca.crl", lab_tls)
+    hospital.signal(signal.SIGHUP)
+    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 30, "the reload")
+
+    rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
+    assert any(r["peer"] == "lab" and "revoked" in r["reason"].lower() for r in rejected)
+    closed = wait_until(
+        lambda: events(layout.hospital.audit_log, "tls.connection_closed"), 10, "the close"
+    )
+    assert "KITA-LAB" in closed[0]["detail"]["subject"]
+    held.settimeout(10)
+    try:
+        data = held.recv(1024)  # a timeout here means the connection stayed open: a failure
+    except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        data = b""
+    assert data == b""
+
+    drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
+    wait_until(
+        lambda: [
+            r
+            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
+            if "not configured for any peer" in r["reason"]
+        ],
+        60,
+        "the revoked certificate refused at the handshake",
+    )
+    assert not (layout.hospital.inbox_dir / "lab" / "after.hl7").exists()
+    assert (layout.hospital.inbox_dir / "lab" / "before.hl7").exists()
+
+
+def test_revoked_signing_certificate_is_not_accepted_for_messages(
+    layout: DemoLayout, processes: Any
+) -> None:
+    lab_sign = load_config(layout.lab.config_path).smime.signing.certificate
+    revoke(layout, layout.hospital.root / "certs" / "ca.crl", lab_sign)
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "signed.hl7", b"MSH|x\r")
+    failed = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 60, "refusal")
+    assert "authentication-failed" in failed[0]["reason"]
+    rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
+    assert any(r["detail"]["purpose"] == "smime-sign" for r in rejected)
+
+
+def test_message_signed_by_another_institutions_valid_certificate_is_refused(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    processes.start(layout.hospital.config_path)
+    other = issue(
+        demo_ca(layout),
+        "OTHER-CLINIC",
+        purpose="smime-sign",
+        now=datetime.now(UTC) - timedelta(minutes=5),
+    )
+    cert, key = tmp_path / "other.crt", tmp_path / "other.key"
+    write_pem(cert, other.certificate)
+    write_pem(key, other.key)
+    signing = as2client.load_pair(cert, key)
+    assert isinstance(signing, KeyPair)
+    lab = load_config(layout.lab.config_path)
+    built = as2client.build(
+        b"MSH|signed by someone else\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+    )
+    certs = layout.lab.root / "certs"
+    answer = as2client.post(
+        layout.hospital.port,
+        built.headers,
+        built.body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+    receipt = parse_receipt(
+        answer.content_type,
+        answer.body,
+        trusted_signers=lab.require_peer("hospital").signing_certificates,
+        policy=AlgorithmPolicy(),
+    )
+    assert receipt.disposition == "processed/error: authentication-failed"
+    assert events(layout.hospital.audit_log, "signature.failed")
+    assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
+        (layout.hospital.inbox_dir / "lab").iterdir()
+    )
+
+
+def test_stale_crl_under_require_refuses_the_peer_and_raises_an_alarm(
+    layout: DemoLayout, processes: Any
+) -> None:
+    crl = make_crl(demo_ca(layout), now=datetime.now(UTC) - timedelta(days=40), days=30)
+    (layout.hospital.root / "certs" / "ca.crl").write_bytes(
+        crl.public_bytes(serialization.Encoding.PEM)
+    )
+    processes.start(layout.hospital.config_path)
+    assert events(layout.hospital.audit_log, "pki.crl_stale")
+    rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
+    assert {r["detail"]["purpose"] for r in rejected} >= {"tls-client", "smime-sign"}
