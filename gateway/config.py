@@ -83,6 +83,13 @@ class SmimeSettings:
     encryption: KeyPair
     digest: str
     cipher: str
+    # Further key pairs that may decrypt incoming messages: during a rotation the
+    # new key before peers switch to it, or the old one until nothing is in flight.
+    extra_decryption: tuple[KeyPair, ...] = ()
+
+    @property
+    def decryption_keys(self) -> tuple[KeyPair, ...]:
+        return (self.encryption, *self.extra_decryption)
 
 
 @dataclass(frozen=True)
@@ -318,6 +325,9 @@ class _Section:
         if value is not None and not value:
             self.problem(key, "no entries", f"add at least one [[{self._key(key)}]]")
         return sections
+
+    def mark_seen(self, key: str) -> None:
+        self._seen.add(key)
 
     def finish(self) -> None:
         """Report every key nobody asked for: a typo must not pass silently."""
@@ -630,6 +640,11 @@ def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
     return zones
 
 
+def smime_section_keys(data: dict[str, Any]) -> set[str]:
+    smime = data.get("smime")
+    return set(smime) if isinstance(smime, dict) else set()
+
+
 def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     """Load and validate ``gateway.toml`` and its ``peers.d/``.
 
@@ -668,6 +683,15 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     encryption = reader.key_pair(smime_section, "encryption_certificate", "encryption_key")
     digest = smime_section.choice("digest", DIGESTS, default="sha256")
     cipher = smime_section.choice("cipher", CONTENT_CIPHERS, default="aes-256-gcm")
+    extra_decryption: list[KeyPair] = []
+    if "decryption_keys" in smime_section_keys(data):
+        for item in smime_section.tables("decryption_keys"):
+            pair = reader.key_pair(item, "certificate", "key")
+            item.finish()
+            if pair is not None:
+                extra_decryption.append(pair)
+    else:
+        smime_section.mark_seen("decryption_keys")
     smime_section.finish()
 
     listeners: list[Listener] = []
@@ -754,7 +778,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         institution_id=institution_id,
         as2_id=as2_id,
         tls=TlsSettings(tls_identity),
-        smime=SmimeSettings(signing, encryption, digest, cipher),
+        smime=SmimeSettings(signing, encryption, digest, cipher, tuple(extra_decryption)),
         listeners=tuple(listeners),
         storage=storage,
         runtime=runtime,

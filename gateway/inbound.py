@@ -28,7 +28,7 @@ from gateway.as2.headers import (
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.cms.stream import decrypt_file, verify_entity_file
+from gateway.cms.stream import DecryptedFile, decrypt_file, verify_entity_file
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery.inbox import choose_target, deliver
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
@@ -122,6 +122,21 @@ class InboundProcessor:
                 users[0] -= 1
                 if users[0] == 0:
                     del self._busy[key]
+
+    def _decrypt(self, body_path: Path, signed_path: Path, peer: Peer) -> DecryptedFile:
+        """Decrypt with our current key pair, or one of ``[[smime.decryption_keys]]`` (rotation)."""
+        first: Exception | None = None
+        for pair in self._config.smime.decryption_keys:
+            try:
+                return decrypt_file(
+                    body_path, signed_path, pair.certificate, pair.key, policy=peer.policy
+                )
+            except DecryptionError as exc:
+                first = first or exc  # encrypted for another of our keys, perhaps
+            except (MalformedMessageError, PolicyError) as exc:
+                first = exc
+                break
+        raise _Refused(Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(first))
 
     def _trusted_signers(self, peer: Peer) -> tuple[x509.Certificate, ...]:
         if self._signers is None:
@@ -231,15 +246,7 @@ class InboundProcessor:
         """Decrypt, verify and deliver, file to file: memory does not grow with the size."""
         peer = request.peer
         headers = request.headers
-        encryption = self._config.smime.encryption
-        try:
-            opened = decrypt_file(
-                body_path, signed_path, encryption.certificate, encryption.key, policy=peer.policy
-            )
-        except (DecryptionError, MalformedMessageError, PolicyError) as exc:
-            raise _Refused(
-                Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(exc)
-            ) from exc
+        opened = self._decrypt(body_path, signed_path, peer)
         for algorithm in opened.compat_algorithms:
             self._audit.emit(
                 AuditEvent(
