@@ -7,7 +7,8 @@ rule and the fix.
 Algorithm names are the gateway's own spelling (lower case, as used in the
 configuration and in audit records):
 
-* digests: ``sha256``, ``sha384``, ``sha512`` (``sha-256`` etc. accepted as input)
+* digests: ``sha256``, ``sha384``, ``sha512`` (``sha-256`` etc. accepted as input);
+  monitored list: ``sha1`` (verifying a received signature or receipt MIC only)
 * content ciphers: ``aes-128-gcm``, ``aes-256-gcm``, ``aes-128-cbc``,
   ``aes-256-cbc``; monitored list: ``des-ede3-cbc``
 * key transport / agreement: ``rsaes-oaep`` (SHA-256/384/512), ``ecdh``
@@ -50,6 +51,8 @@ PrivateKey = (
 DIGESTS: tuple[str, ...] = ("sha256", "sha384", "sha512")
 CONTENT_CIPHERS: tuple[str, ...] = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
 COMPAT_CONTENT_CIPHERS: tuple[str, ...] = ("des-ede3-cbc",)
+# Verifying what a compat peer sent only: never for signing or for a MIC we send.
+COMPAT_DIGESTS: tuple[str, ...] = ("sha1",)
 KEY_TRANSPORTS: tuple[str, ...] = ("rsaes-oaep", "ecdh")
 COMPAT_KEY_TRANSPORTS: tuple[str, ...] = ("rsaes-pkcs1-v1_5", "rsaes-oaep-sha1", "ecdh-sha1kdf")
 EC_CURVES: tuple[str, ...] = ("secp256r1", "secp384r1", "secp521r1")
@@ -100,15 +103,36 @@ class AlgorithmPolicy:
     """CRYPTREC e-Government Recommended Ciphers, as one policy object.
 
     ``compat``: accept monitored-list algorithms (RSAES-PKCS1-v1_5 key
-    transport, 3DES, SHA-1 inside key management) **inbound only**.
+    transport, 3DES, SHA-1 inside key management, SHA-1 signature digests and
+    receipt MICs) **inbound only**.
     """
 
     compat: bool = False
 
-    def check_digest(self, name: str) -> None:
+    def check_digest(self, name: str, *, inbound: bool = False) -> None:
+        """May digest ``name`` be used?
+
+        ``inbound=True`` only to verify something a peer sent (its signature,
+        its receipt's MIC): a compat peer may then use a monitored-list digest
+        (``sha1``), which the caller must audit.  Signing, MICs we send and
+        everything outbound use the default, which never allows it.
+        """
         n = normalize_digest(name)
         if n in DIGESTS:
             return
+        if n in COMPAT_DIGESTS:
+            if self.compat and inbound:
+                return
+            if inbound:
+                raise PolicyError(
+                    name,
+                    f"{n.upper()} is not collision resistant and is not on the CRYPTREC "
+                    "e-Government Recommended Ciphers list for signatures and digests (it is on "
+                    "the monitored list: refused unless the peer is marked compat)",
+                    "ask the peer to sign with sha256, sha384 or sha512 (openssl: -md sha256), "
+                    "or set compat = true for this peer to accept SHA-1 inbound with an audit "
+                    "warning",
+                )
         if n in ("sha1", "md5", "md2", "md4"):
             raise PolicyError(
                 name,

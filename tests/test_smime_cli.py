@@ -281,7 +281,7 @@ def test_inspect_signed(pki: Pki, tmp_path: Path, payload: Path) -> None:
     )
     text = medgw("inspect", signed).stdout.decode()
     assert "CMS signed_data" in text and f"attached, {len(PAYLOAD)} bytes" in text
-    assert "digest: sha1 (refused:" in text
+    assert "digest: sha1 (compat only (monitored list))" in text
     assert "signingTime=" in text
 
 

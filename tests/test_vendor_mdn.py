@@ -18,11 +18,11 @@ import pytest
 from cryptography import x509
 
 from gateway.as2.headers import check_message_id, parse_receipt_request, unquote_as2_id
-from gateway.as2.mdn import Report, parse_receipt, read_report, split_multipart
+from gateway.as2.mdn import Receipt, Report, parse_receipt, read_report, split_multipart
 from gateway.cms.mime import get_header, header_param, parse_entity
 from gateway.config import load_config
 from gateway.demo_run import read_audit
-from gateway.errors import PolicyError, ProtocolError
+from gateway.errors import PolicyError, ProtocolError, SignatureError, SignerNotTrustedError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
@@ -43,9 +43,12 @@ def _http(raw: bytes) -> tuple[dict[str, str], bytes]:
     return {k.lower(): v for k, v in headers}, body
 
 
-SIGNED_MDNS = {
+# name -> (the signer's certificate file, or None: only the one the MDN carries; the report)
+SIGNED_MDNS: dict[str, tuple[str | None, Report]] = {
+    # Signed by a self-signed "CN=mecas2" certificate (expired 2017) that the MDN
+    # carries, not by cert_mecas2_public.pem ("mendelson test key 3").
     "mecas2_signed.mdn": (
-        "cert_mecas2_public.pem",
+        None,
         Report(
             original_message_id="<20161230102456.10748.40759@imac.local>",
             disposition="processed",
@@ -89,20 +92,20 @@ def test_vendor_signed_mdn_reports_read(vendors: Path, name: str) -> None:
     assert read_report(report) == expected
 
 
-@pytest.mark.parametrize("name", sorted(SIGNED_MDNS))
-def test_vendor_mdn_signature_covers_exactly_the_report_we_read(
-    vendors: Path, name: str, tmp_path: Path
-) -> None:
-    """openssl checks the vendor's signature over the report bytes as our MDN layer cut them."""
+def _openssl_signer(vendors: Path, name: str, tmp_path: Path) -> x509.Certificate:
+    """openssl checks the vendor's signature over the report bytes as our MDN layer cut
+    them; the certificate that signed (the one to pin for this peer)."""
     cert, _expected = SIGNED_MDNS[name]
     _content_type, report, signature = _signed_parts(vendors, name)
     (tmp_path / "report").write_bytes(report)
     (tmp_path / "signature.der").write_bytes(signature)
+    certfile = ("-certfile", str(vendors / cert)) if cert else ()
     proc = subprocess.run(
         [
             *("openssl", "cms", "-verify", "-noverify", "-binary", "-inform", "DER"),
             *("-in", str(tmp_path / "signature.der"), "-content", str(tmp_path / "report")),
-            *("-certfile", str(vendors / cert), "-out", "/dev/null"),
+            *certfile,
+            *("-signer", str(tmp_path / "signer.pem"), "-out", "/dev/null"),
         ],
         capture_output=True,
         text=True,
@@ -110,26 +113,69 @@ def test_vendor_mdn_signature_covers_exactly_the_report_we_read(
     )
     assert proc.returncode == 0, proc.stderr
     assert "Verification successful" in proc.stderr
+    signer = x509.load_pem_x509_certificate((tmp_path / "signer.pem").read_bytes())
+    if cert:
+        assert signer == x509.load_pem_x509_certificate((vendors / cert).read_bytes())
+    return signer
 
 
 @pytest.mark.parametrize("name", sorted(SIGNED_MDNS))
-@pytest.mark.parametrize("compat", [False, True], ids=["strict", "compat"])
-def test_vendor_mdns_signed_with_sha1_are_refused_naming_the_rule(
-    vendors: Path, name: str, compat: bool
+def test_vendor_mdn_signature_covers_exactly_the_report_we_read(
+    vendors: Path, name: str, tmp_path: Path
 ) -> None:
-    """Both vendor MDNs are signed with SHA-1; the CRYPTREC policy refuses it, by name."""
-    cert, _expected = SIGNED_MDNS[name]
+    _openssl_signer(vendors, name, tmp_path)
+
+
+def _receipt(vendors: Path, name: str, signer: x509.Certificate, *, compat: bool) -> Receipt:
     headers, body = _http((vendors / name).read_bytes())
-    signer = x509.load_pem_x509_certificate((vendors / cert).read_bytes())
+    return parse_receipt(
+        headers["content-type"],
+        body,
+        trusted_signers=[signer],
+        policy=AlgorithmPolicy(compat=compat),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED_MDNS))
+def test_vendor_mdns_signed_with_sha1_verify_only_for_compat_peers(
+    vendors: Path, name: str, tmp_path: Path
+) -> None:
+    """Both vendor MDNs are signed with SHA-1 (CRYPTREC monitored list): refused, by name,
+    unless the peer is compat; then verified, and the compat use reported for the audit."""
+    _cert, expected = SIGNED_MDNS[name]
+    signer = _openssl_signer(vendors, name, tmp_path)
     with pytest.raises(PolicyError) as refused:
+        _receipt(vendors, name, signer, compat=False)
+    assert refused.value.algorithm == "sha1"
+    assert "CRYPTREC" in refused.value.rule and "compat" in refused.value.rule
+    assert refused.value.fix is not None and "compat = true" in refused.value.fix
+
+    receipt = _receipt(vendors, name, signer, compat=True)
+    assert receipt.signer == signer
+    assert receipt.signing_digest == "sha1"
+    assert receipt.compat_algorithms == ("sha1",)  # the signature (and Sterling's MIC)
+    assert receipt.original_message_id == expected.original_message_id
+    assert receipt.disposition == expected.disposition and receipt.processed
+    assert receipt.mic == expected.mic
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED_MDNS))
+def test_vendor_mdn_altered_or_from_another_signer_refused_for_compat_peers(
+    vendors: Path, name: str, tmp_path: Path
+) -> None:
+    signer = _openssl_signer(vendors, name, tmp_path)
+    headers, body = _http((vendors / name).read_bytes())
+    assert body.count(b"processed") >= 1
+    with pytest.raises(SignatureError):
         parse_receipt(
             headers["content-type"],
-            body,
+            body.replace(b"processed", b"processeD", 1),
             trusted_signers=[signer],
-            policy=AlgorithmPolicy(compat=compat),
+            policy=AlgorithmPolicy(compat=True),
         )
-    assert refused.value.algorithm == "sha1"
-    assert "CRYPTREC" in refused.value.rule
+    other = x509.load_pem_x509_certificate((vendors / "cert_test_public.pem").read_bytes())
+    with pytest.raises(SignerNotTrustedError):
+        _receipt(vendors, name, other, compat=True)
 
 
 def test_mendelson_unsigned_mdn_reads_and_is_never_taken_as_a_receipt(vendors: Path) -> None:

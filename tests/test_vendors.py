@@ -130,20 +130,34 @@ def _sterling_parts(vendors: Path) -> tuple[bytes, bytes]:
     return first, sig_body
 
 
-def test_sterling_compressed_signed_sha1_refused_naming_rule(vendors: Path, tmp_path: Path) -> None:
+def test_sterling_compressed_signed_sha1_verifies_only_for_compat(
+    vendors: Path, tmp_path: Path
+) -> None:
     raw = (vendors / "sb2bi_signed_cmp.msg").read_bytes()
     signer = _cert(vendors, "cert_sb2bi_public.pem")
-    for policy in (STRICT, COMPAT):  # SHA-1 signatures are refused even for compat peers
-        with pytest.raises(PolicyError) as exc:
-            verify_entity(raw, trusted_signers=[signer], policy=policy)
-        assert exc.value.algorithm == "sha1"
-        assert "CRYPTREC" in exc.value.rule
-        assert exc.value.fix is not None and "sha256" in exc.value.fix
-    # The refusal is the policy, not a parsing accident: openssl confirms that the
-    # first part as we read it (its MIME headers back in canonical CRLF form, the
-    # capture turned them into LF) is exactly what Sterling signed.
+    # SHA-1 (CRYPTREC monitored list): refused, by name, unless the peer is compat
+    with pytest.raises(PolicyError) as exc:
+        verify_entity(raw, trusted_signers=[signer], policy=STRICT)
+    assert exc.value.algorithm == "sha1"
+    assert "CRYPTREC" in exc.value.rule and "monitored list" in exc.value.rule
+    assert exc.value.fix is not None and "sha256" in exc.value.fix
+    assert "compat = true" in exc.value.fix
+    # from a compat peer: verified (the certificate is pinned; it expired in 2020,
+    # which is the PKI layer's concern), the SHA-1 use reported for the audit
+    entity, v = verify_entity(raw, trusted_signers=[signer], policy=COMPAT)
+    assert v.signer == signer
+    assert v.digest == "sha1" and v.signature_algorithm == "rsassa-pkcs1-v1_5"
+    assert v.compat_algorithms == ("sha1",)
+    _headers, edi = parse_entity(decompress_entity(entity))
+    assert edi.startswith(b"ISA*00*")
+    with pytest.raises(SignerNotTrustedError):
+        verify_entity(raw, trusted_signers=[_cert(vendors, "cert_test_public.pem")], policy=COMPAT)
+    # openssl confirms that the first part as we read it (its MIME headers back in
+    # canonical CRLF form, the capture turned them into LF) is exactly what Sterling
+    # signed, and it is what we verified.
     first, signature = _sterling_parts(vendors)
     canonical = _canonical_readings(first)[0]
+    assert entity == canonical
     assert canonical.startswith(b"content-type: application/pkcs7-mime; ")
     assert canonical.split(b"\r\n\r\n", 1)[1] == first.split(b"\n\n", 1)[1]
     (tmp_path / "content").write_bytes(canonical)
@@ -184,10 +198,17 @@ def test_sterling_chain_validates_only_inside_its_validity(vendors: Path) -> Non
         TrustAnchors(anchors, datetime(2024, 1, 1, tzinfo=UTC))(signer, intermediates)
 
 
-def test_mendelson_mdn_sha1_signature_refused(vendors: Path) -> None:
+def test_mendelson_mdn_sha1_signature_verifies_only_for_compat(vendors: Path) -> None:
     raw = (vendors / "mecas2_signed.mdn").read_bytes()
     with pytest.raises(PolicyError) as exc:
         verify_entity(
-            raw, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=COMPAT
+            raw, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=STRICT
         )
     assert exc.value.algorithm == "sha1"
+    # For a compat peer the SHA-1 signature verifies, but its signer is a self-signed
+    # "CN=mecas2" certificate the MDN carries, not cert_mecas2_public.pem: refused
+    # unless that certificate is the one pinned (see test_vendor_mdn.py).
+    with pytest.raises(SignerNotTrustedError, match="CN=mecas2,"):
+        verify_entity(
+            raw, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=COMPAT
+        )

@@ -30,7 +30,7 @@ from gateway.cms.mime import header_param, make_entity, parse_entity
 from gateway.cms.smime import sign_entity, verify_entity
 from gateway.config import KeyPair
 from gateway.errors import ProtocolError
-from gateway.policy import AlgorithmPolicy
+from gateway.policy import COMPAT_DIGESTS, AlgorithmPolicy, normalize_digest
 
 DISPOSITION_PREFIX = "automatic-action/MDN-sent-automatically"
 
@@ -185,11 +185,16 @@ class Report:
 
 @dataclass(frozen=True)
 class Receipt:
+    """A verified receipt.  ``compat_algorithms``: the monitored-list algorithms it
+    used (``sha1`` for its signature or its MIC), accepted only because the peer is
+    compat; the caller audits each as a warning."""
+
     original_message_id: str | None
     disposition: str  # the text after "automatic-action/...; "
     mic: str | None
     signer: x509.Certificate
     signing_digest: str
+    compat_algorithms: tuple[str, ...] = ()
 
     @property
     def processed(self) -> bool:
@@ -270,12 +275,20 @@ def parse_receipt(
     entity = f"Content-Type: {content_type}\r\n\r\n".encode() + body
     inner, verified = verify_entity(entity, trusted_signers=trusted_signers, policy=policy)
     report = read_report(inner)
+    compat = list(verified.compat_algorithms)
+    if report.mic is not None:
+        mic_digest = normalize_digest(report.mic.partition(",")[2])
+        if mic_digest in COMPAT_DIGESTS:
+            # The peer's MIC of what we sent: SHA-1 is read only from a compat peer.
+            policy.check_digest(report.mic.partition(",")[2].strip(), inbound=True)
+            compat.append(mic_digest)
     return Receipt(
         original_message_id=report.original_message_id,
         disposition=report.disposition,
         mic=report.mic,
         signer=verified.signer,
         signing_digest=verified.digest,
+        compat_algorithms=tuple(dict.fromkeys(compat)),
     )
 
 

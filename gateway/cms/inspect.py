@@ -36,7 +36,8 @@ def _verdict(check: Any) -> str:
 
 
 def _digest_verdict(name: str) -> str:
-    return _verdict(lambda p: p.check_digest(name))
+    """The digest of a received signature (SHA-1: compat peers only)."""
+    return _verdict(lambda p: p.check_digest(name, inbound=True))
 
 
 def _sid(sid: Any) -> str:

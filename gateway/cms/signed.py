@@ -31,7 +31,7 @@ from ..errors import (
     SignatureError,
     SignerNotTrustedError,
 )
-from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
+from ..policy import COMPAT_DIGESTS, AlgorithmPolicy, PrivateKey, normalize_digest
 
 __all__ = ["VerifiedSignature", "compute_mic", "sign", "sign_digest", "verify", "verify_digest"]
 
@@ -50,7 +50,8 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
 }
-# Only used so that a SHA-1 key-management algorithm can be *read* under compat.
+# Only used so that a SHA-1 key-management algorithm, or a compat peer's SHA-1
+# signature, can be *read* under compat (never to sign or compute a MIC we send).
 _COMPAT_HASHES: dict[str, type[hashes.HashAlgorithm]] = {**_HASHES, "sha1": hashes.SHA1}
 
 _ECDSA_BY_DIGEST = {
@@ -184,12 +185,19 @@ def issuer_and_serial_der(cert: x509.Certificate) -> bytes:
 
 @dataclass(frozen=True)
 class VerifiedSignature:
+    """A signature that verified.
+
+    ``compat_algorithms``: the monitored-list algorithms (``sha1``) it used,
+    accepted only because the peer is compat; the caller audits each as a warning.
+    """
+
     signer: x509.Certificate
     digest: str
     signature_algorithm: str
     signing_time: datetime | None
     content: bytes
     certificates: tuple[x509.Certificate, ...]
+    compat_algorithms: tuple[str, ...] = ()
 
 
 def compute_mic(data: bytes, digest: str) -> str:
@@ -201,8 +209,8 @@ def compute_mic(data: bytes, digest: str) -> str:
     return base64.b64encode(h.finalize()).decode("ascii")
 
 
-def _digest(data: bytes, name: str) -> bytes:
-    h = hashes.Hash(hash_for(name))
+def _digest(data: bytes, name: str, *, allow_sha1: bool = False) -> bytes:
+    h = hashes.Hash(hash_for(name, allow_sha1=allow_sha1))
     h.update(data)
     return h.finalize()
 
@@ -532,15 +540,19 @@ def _same_algorithm(a: Any, b: Any) -> bool:
 def _check_scheme(
     signer: _ParsedSigner, pub: Any, policy: AlgorithmPolicy
 ) -> tuple[str, hashes.HashAlgorithm, Any]:
-    """Policy-check the signer's algorithms; return (name, hash, padding-or-None)."""
+    """Policy-check the signer's algorithms; return (name, hash, padding-or-None).
+
+    A received signature: a compat peer's monitored-list digest (SHA-1) passes
+    (see :func:`_compat_digests`).
+    """
     digest = signer.digest
-    policy.check_digest(digest)
-    h = hash_for(digest)
+    policy.check_digest(digest, inbound=True)
+    h = hash_for(digest, allow_sha1=True)
     name = signer.sig_alg_name
     if name in ("rsassa_pkcs1v15", "sha256_rsa", "sha384_rsa", "sha512_rsa", "sha1_rsa", "md5_rsa"):
         if name != "rsassa_pkcs1v15":
             inner = name.split("_")[0]
-            policy.check_digest(inner)
+            policy.check_digest(inner, inbound=True)
             if inner != digest:
                 raise SignatureError(
                     f"signer info #{signer.index}: signature algorithm {name} does not match "
@@ -566,8 +578,8 @@ def _check_scheme(
                 "sign with RSASSA-PSS and MGF1",
             )
         mgf_hash = mgf["parameters"]["algorithm"].native
-        policy.check_digest(pss_hash)
-        policy.check_digest(mgf_hash)
+        policy.check_digest(pss_hash, inbound=True)
+        policy.check_digest(mgf_hash, inbound=True)
         if params["trailer_field"].native != "trailer_field_bc":
             raise MalformedMessageError(
                 f"signer info #{signer.index}: RSASSA-PSS trailer field must be 1",
@@ -579,9 +591,10 @@ def _check_scheme(
                 f"digest algorithm {digest}",
                 fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
             )
-        h = hash_for(pss_hash)
+        h = hash_for(pss_hash, allow_sha1=True)
         pad = padding.PSS(
-            mgf=padding.MGF1(hash_for(mgf_hash)), salt_length=int(params["salt_length"].native)
+            mgf=padding.MGF1(hash_for(mgf_hash, allow_sha1=True)),
+            salt_length=int(params["salt_length"].native),
         )
         scheme = "rsassa-pss"
         if not isinstance(pub, rsa.RSAPublicKey):
@@ -601,7 +614,7 @@ def _check_scheme(
     ):
         if name.endswith("_ecdsa"):
             inner = name.split("_")[0]
-            policy.check_digest(inner)
+            policy.check_digest(inner, inbound=True)
             if inner != digest:
                 raise SignatureError(
                     f"signer info #{signer.index}: signature algorithm {name} does not match "
@@ -626,6 +639,17 @@ def _check_scheme(
     return scheme, h, pad
 
 
+def _compat_digests(signer: _ParsedSigner) -> tuple[str, ...]:
+    """The monitored-list digests a (policy-checked) signer used: the signature's digest,
+    and for RSASSA-PSS its hash and MGF1 hash."""
+    names = [signer.digest]
+    if signer.sig_alg_name == "rsassa_pss":
+        params = signer.sig_alg["parameters"]
+        names.append(params["hash_algorithm"]["algorithm"].native)
+        names.append(params["mask_gen_algorithm"]["parameters"]["algorithm"].native)
+    return tuple(dict.fromkeys(n for n in map(normalize_digest, names) if n in COMPAT_DIGESTS))
+
+
 def _verify_raw(pub: Any, signature: bytes, data: bytes, h: Any, pad: Any) -> bool:
     try:
         if isinstance(pub, ec.EllipticCurvePublicKey):
@@ -648,8 +672,9 @@ class _Content:
         self.length = length
 
     def digest(self, name: str) -> bytes:
+        """Only for a policy-checked signer digest (SHA-1 passes only for a compat peer)."""
         if self.data is not None:
-            return _digest(self.data, name)
+            return _digest(self.data, name, allow_sha1=True)
         assert self._digest_of is not None
         return self._digest_of(name)
 
@@ -834,6 +859,7 @@ def _verify_parsed(
                 signing_time=st,
                 content=data,
                 certificates=parsed.certificates,
+                compat_algorithms=_compat_digests(signer),
             )
     if result is not None:
         return result

@@ -41,7 +41,13 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import DecryptionError, MalformedMessageError, SignatureError
-from ..policy import COMPAT_CONTENT_CIPHERS, COMPAT_KEY_TRANSPORTS, AlgorithmPolicy, PrivateKey
+from ..policy import (
+    COMPAT_CONTENT_CIPHERS,
+    COMPAT_KEY_TRANSPORTS,
+    DIGESTS,
+    AlgorithmPolicy,
+    PrivateKey,
+)
 from .enveloped import (
     _CIPHERS,
     OID_AUTH_ENVELOPED,
@@ -112,7 +118,8 @@ class DecryptedFile:
 class OpenedFile:
     """What :func:`open_and_verify_file` found; ``verified.content`` is empty
     (the entity is in the destination file).  ``mic`` is the base64 digest of
-    the delivered entity with the requested ``mic_digest`` (or the signer's)."""
+    the delivered entity with the requested ``mic_digest`` (or the signer's;
+    sha256 if that is a compat peer's SHA-1: we never send a SHA-1 MIC)."""
 
     decrypted: DecryptedFile
     verified: VerifiedSignature
@@ -763,7 +770,8 @@ def verify_entity_file(
     """Verify the ``multipart/signed`` entity in ``src``; write the signed entity to ``dst``.
 
     Returns (verification, size of the entity, MIC of the entity with
-    ``mic_digest`` or the signer's digest).  Other signed forms (opaque
+    ``mic_digest`` or the signer's digest - sha256 instead of a compat peer's
+    SHA-1).  Other signed forms (opaque
     signed-data, parts needing line-ending canonicalisation) are verified in
     memory up to 64 MiB.
     """
@@ -804,10 +812,15 @@ def verify_entity_file(
     sig_headers, sig_body = parse_entity(sig_part)
     signature = _decode_body(sig_headers, sig_body, "signature part")
     names = list(signer_digests(signature))
-    if mic_digest is not None and mic_digest not in names:
-        policy.check_digest(mic_digest)
-        names.append(mic_digest)
-    hashers = {n: hashes.Hash(hash_for(n)) for n in names}
+    for name in names:  # what the peer signed with: SHA-1 passes only for a compat peer
+        policy.check_digest(name, inbound=True)
+    if mic_digest is not None:
+        policy.check_digest(mic_digest)  # a MIC we send: never SHA-1
+        if mic_digest not in names:
+            names.append(mic_digest)
+    elif any(n not in DIGESTS for n in names) and "sha256" not in names:
+        names.append("sha256")  # the MIC of a compat peer's SHA-1 signed entity
+    hashers = {n: hashes.Hash(hash_for(n, allow_sha1=True)) for n in names}
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
     try:
         with tmp.open("wb") as out:
@@ -839,7 +852,7 @@ def verify_entity_file(
                     first_error = first_error or exc
                     continue
                 out.write(extra)
-                size, mic_bytes = length, digests[mic_digest or result.digest]
+                size, mic_bytes = length, digests[_mic_name(mic_digest, result.digest)]
                 break
         if result is None:
             assert first_error is not None
@@ -853,6 +866,14 @@ def verify_entity_file(
     finally:
         tmp.unlink(missing_ok=True)
     return result, size, base64.b64encode(mic_bytes).decode("ascii")
+
+
+def _mic_name(mic_digest: str | None, signer_digest: str) -> str:
+    """The digest of the MIC we return: the one asked for, else the signer's - unless
+    that is a compat peer's SHA-1, which we never compute a MIC with: then sha256."""
+    if mic_digest is not None:
+        return mic_digest
+    return signer_digest if signer_digest in DIGESTS else "sha256"
 
 
 def _verify_in_memory(
@@ -878,7 +899,7 @@ def _verify_in_memory(
         validate_signer=validate_signer,
     )
     _write_atomically(dst, [entity])
-    h = hashes.Hash(hash_for(mic_digest or verified.digest))
+    h = hashes.Hash(hash_for(_mic_name(mic_digest, verified.digest)))
     h.update(entity)
     return verified, len(entity), base64.b64encode(h.finalize()).decode("ascii")
 
@@ -913,4 +934,4 @@ def open_and_verify_file(
         )
     finally:
         decrypted_path.unlink(missing_ok=True)
-    return OpenedFile(decrypted, verified, size, mic, mic_digest or verified.digest)
+    return OpenedFile(decrypted, verified, size, mic, _mic_name(mic_digest, verified.digest))
