@@ -490,7 +490,7 @@ class Daemon:
         """Send this peer's due messages, up to PARALLEL_SENDS_PER_PEER at a time."""
         assert self._outbound is not None and self._spool is not None
         wakeup = self._outbound.wakeups[name]
-        inflight: set[asyncio.Task[float]] = set()
+        inflight: dict[asyncio.Task[float], str] = {}  # task -> Message-ID
         resume_at = 0.0  # the whole peer rests after a transport failure
         try:
             while not self._stopping:
@@ -514,23 +514,23 @@ class Daemon:
                             wait = min(wait, due_in)
                             break
                         self._spool.mark_sending(record.message_id)  # not picked twice
-                        inflight.add(
-                            asyncio.get_running_loop().create_task(
-                                self._outbound.send_one(
-                                    record, peer, state.clients[name], self._rng
-                                )
-                            )
+                        task = asyncio.get_running_loop().create_task(
+                            self._outbound.send_one(record, peer, state.clients[name], self._rng)
                         )
+                        inflight[task] = record.message_id
                 waiters: set[asyncio.Future[Any]] = {*inflight}
                 waiters.add(asyncio.ensure_future(wakeup.wait()))
                 done, _ = await asyncio.wait(
                     waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
-                for future in waiters - inflight:
+                for future in waiters - inflight.keys():
                     future.cancel()
-                for task in done & inflight:
-                    inflight.discard(task)
-                    pause = task.result()
+                for finished in [task for task in inflight if task in done]:
+                    message_id = inflight.pop(finished)
+                    try:
+                        pause = finished.result()
+                    except Exception as exc:  # a defect must not stop this peer's queue
+                        pause = self._send_crashed(name, message_id, exc)
                     if pause > 0:
                         # The peer is unreachable: back off for the whole peer instead of
                         # trying every queued message in a row.
@@ -542,6 +542,30 @@ class Daemon:
                 task.cancel()  # send_one parks an interrupted message back in the queue
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+
+    def _send_crashed(self, peer: str, message_id: str, exc: Exception) -> float:
+        """An unexpected error while sending: park the message, alert, keep the queue going."""
+        delay = self.state.config.runtime.retry_max_seconds
+        assert self._spool is not None
+        self._spool.mark_retry(
+            message_id,
+            f"internal error: {type(exc).__name__}",
+            self._clock.now().timestamp() + delay,
+        )
+        self._log.error("message.send_crashed", peer=peer, message_id=message_id, exc_info=exc)
+        self._audit_sink().emit(
+            AuditEvent(
+                EventType.MESSAGE_SEND_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=peer,
+                message_id=message_id,
+                direction="outbound",
+                reason=f"internal error while sending ({type(exc).__name__}); retried in "
+                f"{delay:.0f} s; please report it with the daemon's log",
+            )
+        )
+        return 0.0
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

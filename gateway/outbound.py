@@ -259,7 +259,7 @@ class Outbound:
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:
             receipt = parse_receipt(
-                content_type, body, trusted_signers=peer.signing_certificates, policy=peer.policy
+                content_type, body, trusted_signers=self._signers(peer), policy=peer.policy
             )
         except MedgwError as exc:
             return {"verified": False, "error": str(exc)}

@@ -137,3 +137,16 @@ def test_refuses_to_start_on_invalid_config_and_says_why(
     output = "\n".join(proc.raw)
     assert "runtime.shutdown_deadline" in output and "unknown key" in output
     assert "check-config" in output
+
+
+def test_sigterm_does_not_wait_for_idle_keep_alive_connections(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "kept-alive.hl7", b"MSH|x\r")
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery")
+    # The lab keeps its connection to the hospital open for the next document.
+    started = time.monotonic()
+    assert hospital.stop(timeout=15) == 0
+    assert time.monotonic() - started < 5  # not the 10 s shutdown deadline

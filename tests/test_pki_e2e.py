@@ -165,3 +165,36 @@ def test_stale_crl_under_require_refuses_the_peer_and_raises_an_alarm(
     assert events(layout.hospital.audit_log, "pki.crl_stale")
     rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
     assert {r["detail"]["purpose"] for r in rejected} >= {"tls-client", "smime-sign"}
+
+
+def test_no_acceptable_encryption_certificate_fails_the_message_and_retry_says_why(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital_enc = load_config(layout.hospital.config_path).smime.encryption.certificate
+    revoke(layout, layout.lab.root / "certs" / "ca.crl", hospital_enc)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "nowhere.hl7", b"MSH|x\r")
+    failed = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 30, "failure")
+    assert "no acceptable encryption certificate" in failed[0]["reason"]
+    assert "revoked" in failed[0]["reason"].lower()
+    import subprocess
+    import sys
+
+    retry = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "queue",
+            "retry",
+            failed[0]["message_id"],
+            "--config",
+            str(layout.lab.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert retry.returncode == 1
+    assert "never signed and encrypted" in retry.stderr and "fix:" in retry.stderr

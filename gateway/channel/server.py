@@ -188,8 +188,12 @@ class As2Server:
         self.stop_accepting()
         for task in list(self._tasks):
             task.cancel()
-        await self._runner.shutdown()
         http = self._runner.server
+        if http is not None:
+            # Idle keep-alive connections end now; a request in progress finishes first.
+            for connection in http.connections:
+                connection.close()
+        await self._runner.shutdown()
         if http is not None:
             await http.shutdown(timeout)
         await self._runner.cleanup()

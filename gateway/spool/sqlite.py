@@ -480,6 +480,12 @@ class Spool:
 
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
+        if record is not None and record.body_path is None:
+            raise SpoolError(
+                f"message {message_id} was never signed and encrypted "
+                f"({record.last_error or 'its preparation failed'}), so there is nothing to resend",
+                fix="correct the cause named here, then put the document in the outbox again",
+            )
         if record is not None and record.body_path is not None and not record.body_path.exists():
             raise SpoolError(
                 f"message {message_id} has no stored body any more",
