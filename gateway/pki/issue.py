@@ -121,6 +121,7 @@ def issue(
     ip_addresses: Iterable[str | IPAddress] = (),
     ocsp_url: str | None = None,
     crl_url: str | None = None,
+    extensions: Sequence[x509.ExtensionType] = (),
 ) -> Issued:
     """An end-entity certificate signed by ``ca``.
 
@@ -136,7 +137,8 @@ def issue(
 
     ``dns_names`` and ``ip_addresses`` go into subjectAltName (omitted when
     both are empty).  ``ocsp_url`` goes into authorityInformationAccess,
-    ``crl_url`` into cRLDistributionPoints.
+    ``crl_url`` into cRLDistributionPoints.  ``extensions`` are added as they
+    are, non-critical (e.g. an HPKI hcRole in subjectDirectoryAttributes).
     """
     _check_time(now, days)
     if purpose not in PURPOSES:
@@ -176,6 +178,8 @@ def issue(
     if alt_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     builder = _add_revocation_pointers(builder, ocsp_url, crl_url)
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     certificate = builder.sign(ca.key, signature_hash(ca.key))
     return Issued(certificate, key)
 
