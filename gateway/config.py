@@ -158,6 +158,9 @@ class Peer:
     digest: str
     compat: bool
     zone: str
+    # Also accept a person's signature (e.g. a doctor's HPKI certificate) that
+    # validates for S/MIME signing under the zone's trust anchors.
+    personal_signers: bool = False
 
     @property
     def policy(self) -> AlgorithmPolicy:
@@ -527,6 +530,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
             "ask the peer to upgrade to AES and RSA-OAEP, then set compat = false",
             "warning",
         )
+    personal_signers = section.boolean("personal_signers", default=False)
     section.finish()
     return Peer(
         name=name,
@@ -541,6 +545,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         digest=digest,
         compat=compat,
         zone=zone,
+        personal_signers=personal_signers,
     )
 
 

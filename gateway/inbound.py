@@ -45,6 +45,11 @@ from gateway.errors import (
 )
 from gateway.fsutil import write_atomic
 from gateway.logs import Logger
+from gateway.pki.hpki import hcroles
+from gateway.pki.peers import TrustSettings
+from gateway.pki.signers import PersonalSigners
+from gateway.pki.tls import certificate_fingerprint
+from gateway.pki.validate import RevocationPolicy
 from gateway.routing import Refusal, route_inbound
 from gateway.spool import Spool
 
@@ -143,6 +148,35 @@ class InboundProcessor:
             return peer.signing_certificates
         return self._signers.get(peer.name, ())
 
+    def _personal_signers(self, peer: Peer) -> PersonalSigners | None:
+        """With ``personal_signers = true``: accept a person's certificate under the zone's PKI."""
+        if not peer.personal_signers:
+            return None
+        zone = self._config.require_zone(peer.zone)
+        others = {
+            certificate_fingerprint(cert): other.name
+            for other in self._config.peers
+            if other.name != peer.name
+            for cert in (
+                *other.tls_certificates,
+                *other.signing_certificates,
+                *other.encryption_certificates,
+            )
+        }
+        return PersonalSigners(
+            peer=peer.name,
+            zone=zone.name,
+            trust=TrustSettings(
+                anchors=zone.trust_anchors,
+                crls=zone.crls,
+                revocation=RevocationPolicy(zone.revocation),
+                ocsp=zone.ocsp,
+            ),
+            at=self._clock.now(),
+            policy=peer.policy,
+            others=others,
+        )
+
     def process(self, request: InboundRequest) -> InboundResponse:
         peer = request.peer
         headers = request.headers
@@ -157,7 +191,7 @@ class InboundProcessor:
         # waits for it and is then answered with the original receipt.
         with self._exclusive((peer.name, message_id)):
             try:
-                mic, delivered_to = self._accept(request, message_id, digest)
+                mic, delivered_to, details = self._accept(request, message_id, digest)
             except _Refused as refused:
                 self._reject(request, message_id, refused.event, refused.reason)
                 return self._receipt(request, message_id, refused.disposition, None, digest)
@@ -173,7 +207,9 @@ class InboundProcessor:
                     )
                 )
                 return InboundResponse(200, duplicate.headers, duplicate.body)
-            response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest)
+            response = self._receipt(
+                request, message_id, Disposition.PROCESSED, mic, digest, details
+            )
             if delivered_to is None:  # a `medgw diagnose` probe: audited, never delivered
                 return response
             self._spool.inbound_delivered(
@@ -197,8 +233,9 @@ class InboundProcessor:
 
     def _accept(
         self, request: InboundRequest, message_id: str, digest: str
-    ) -> tuple[str, str | None]:
-        """The MIC and where the document was delivered (None for a diagnose probe)."""
+    ) -> tuple[str, str | None, str | None]:
+        """The MIC, where the document was delivered (None for a diagnose probe), and a
+        line for the receipt about the signer (None: nothing to add)."""
         peer = request.peer
         headers = request.headers
         as2_from = unquote_as2_id(headers.get("as2-from", ""))
@@ -242,7 +279,7 @@ class InboundProcessor:
         body_path: Path,
         signed_path: Path,
         entity_path: Path,
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, str | None]:
         """Decrypt, verify and deliver, file to file: memory does not grow with the size."""
         peer = request.peer
         headers = request.headers
@@ -259,12 +296,14 @@ class InboundProcessor:
                     reason=f"monitored-list algorithm {algorithm} accepted (peer is compat)",
                 )
             )
+        personal = self._personal_signers(peer)
         try:
             verified, _size, mic_value = verify_entity_file(
                 signed_path,
                 entity_path,
                 trusted_signers=self._trusted_signers(peer),
                 policy=peer.policy,
+                validate_signer=personal,
                 mic_digest=digest,
             )
         except SignerNotTrustedError as exc:
@@ -276,6 +315,18 @@ class InboundProcessor:
                 Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc)
             ) from exc
         mic = f"{mic_value}, {DIGEST_TO_MICALG[digest]}"
+        signer = verified.signer.subject.rfc4514_string()
+        roles = hcroles(verified.signer)  # HPKI qualification: recorded, never a refusal
+        signer_detail: dict[str, object] = {"signer": signer}
+        if personal is not None and personal.accepted is not None:
+            signer_detail["signer_kind"] = "personal"
+            signer_detail["signer_revocation"] = personal.accepted.revocation
+        if roles.present:
+            signer_detail["signer_role"] = roles.summary
+            signer_detail["signer_roles"] = [r.to_json() for r in roles.roles]
+            if roles.problem is not None:
+                signer_detail["signer_role_problem"] = roles.problem
+        details = f"Signed by {signer}, {roles.describe()}" if roles.present else None
         try:
             info = read_entity_info(entity_path)
             size, sha256 = payload_digest(entity_path, info)
@@ -297,12 +348,12 @@ class InboundProcessor:
                         "filename": filename,
                         "size": size,
                         "sha256": sha256,
-                        "signer": verified.signer.subject.rfc4514_string(),
+                        **signer_detail,
                         "mic": mic,
                     },
                 )
             )
-            return mic, None
+            return mic, None, details
         self._audit.emit(
             AuditEvent(
                 EventType.MESSAGE_RECEIVED,
@@ -315,7 +366,7 @@ class InboundProcessor:
                     "filename": filename,
                     "size": size,
                     "sha256": sha256,
-                    "signer": verified.signer.subject.rfc4514_string(),
+                    **signer_detail,
                     "signature_algorithm": verified.signature_algorithm,
                     "digest": verified.digest,
                     "content_cipher": opened.content_cipher,
@@ -326,7 +377,7 @@ class InboundProcessor:
         target = self._deliver_once(
             peer, message_id, filename, lambda: payload_chunks(entity_path, info), size, sha256
         )
-        return mic, str(target)
+        return mic, str(target), details
 
     def _deliver_once(
         self,
@@ -412,6 +463,7 @@ class InboundProcessor:
         disposition: Disposition,
         mic: str | None,
         digest: str,
+        details: str | None = None,
     ) -> InboundResponse:
         signing = self._config.smime.signing
         try:
@@ -425,6 +477,7 @@ class InboundProcessor:
                 digest=digest,
                 policy=request.peer.policy,
                 at=self._clock.now(),
+                details=details,
             )
         except MedgwError as exc:
             self._log.error("receipt.build_failed", error=str(exc))

@@ -10,6 +10,7 @@ Message-ID does not match is never taken for success.
 
 from __future__ import annotations
 
+import quopri
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -120,7 +121,10 @@ def build_receipt(
     digest: str,
     policy: AlgorithmPolicy,
     at: datetime,
+    details: str | None = None,
 ) -> BuiltReceipt:
+    """A signed receipt.  ``details``: a further line for its human-readable part
+    (e.g. who signed the document); non-ASCII text goes as UTF-8, quoted-printable."""
     fields = [
         "Reporting-UA: medgw",
         f"Original-Recipient: rfc822; {quote_as2_id(our_as2_id)}",
@@ -132,11 +136,21 @@ def build_receipt(
     fields.append(f"Disposition: {DISPOSITION_PREFIX}; {disposition.value}")
     notification = ("\r\n".join(fields) + "\r\n").encode()
     boundary = "----=_mdn_" + secrets.token_hex(12)
-    human = make_entity(
-        "text/plain; charset=us-ascii",
-        (EXPLANATIONS[disposition] + "\r\n").encode(),
-        [("Content-Transfer-Encoding", "7bit")],
-    )
+    text = EXPLANATIONS[disposition] + "\r\n"
+    if details:
+        text += " ".join(details.split()) + "\r\n"  # one line: no header or boundary injection
+    if text.isascii():
+        human = make_entity(
+            "text/plain; charset=us-ascii",
+            text.encode(),
+            [("Content-Transfer-Encoding", "7bit")],
+        )
+    else:
+        human = make_entity(
+            "text/plain; charset=utf-8",
+            quopri.encodestring(text.replace("\r\n", "\n").encode()).replace(b"\n", b"\r\n"),
+            [("Content-Transfer-Encoding", "quoted-printable")],
+        )
     machine = make_entity(
         "message/disposition-notification", notification, [("Content-Transfer-Encoding", "7bit")]
     )

@@ -375,4 +375,7 @@ digest = {_s(digest)}
 # true would accept monitored-list algorithms (3DES, RSAES-PKCS1-v1_5) from an
 # old partner, each use audited as a warning.  Never needed between medgw gateways.
 compat = false
+# true would also accept messages signed by a person of the peer (e.g. a doctor's
+# HPKI certificate) whose certificate validates under the zone's trust anchors.
+personal_signers = false
 """
