@@ -314,6 +314,19 @@ class InboundProcessor:
             raise _Refused(
                 Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc)
             ) from exc
+        for algorithm in verified.compat_algorithms:  # e.g. signed with SHA-1
+            self._audit.emit(
+                AuditEvent(
+                    EventType.COMPAT_ALGORITHM_USED,
+                    Outcome.SUCCESS,
+                    Severity.WARNING,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="inbound",
+                    reason=f"monitored-list algorithm {algorithm} accepted in the signature "
+                    "(peer is compat)",
+                )
+            )
         mic = f"{mic_value}, {DIGEST_TO_MICALG[digest]}"
         signer = verified.signer.subject.rfc4514_string()
         roles = hcroles(verified.signer)  # HPKI qualification: recorded, never a refusal

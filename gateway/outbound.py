@@ -474,6 +474,20 @@ class Outbound:
                 EventType.RECEIPT_INVALID,
             )
             return
+        for algorithm in receipt.compat_algorithms:  # e.g. a receipt signed with SHA-1
+            self._audit.emit(
+                AuditEvent(
+                    EventType.COMPAT_ALGORITHM_USED,
+                    Outcome.SUCCESS,
+                    Severity.WARNING,
+                    peer=peer.name,
+                    message_id=record.message_id,
+                    direction="outbound",
+                    reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
+                    "(peer is compat)",
+                    detail={"receipt_file": str(receipt_path)},
+                )
+            )
         if receipt.original_message_id != record.message_id:
             self._fail(
                 record,

@@ -49,9 +49,11 @@ def events(path: Path, name: str) -> list[dict[str, Any]]:
     return [r for r in read_audit(path) if r["event"] == name]
 
 
-def _set_compat(layout: DemoLayout, compat: bool) -> None:
-    """The hospital's view of the lab: accept RSAES-PKCS1-v1_5 (monitored list) or not."""
-    peer = layout.hospital.root / "peers.d" / "lab.toml"
+def _set_compat(layout: DemoLayout, compat: bool, *, at_lab: bool = False) -> None:
+    """The hospital's view of the lab (or, ``at_lab``, the lab's view of the hospital):
+    accept monitored-list algorithms (RSAES-PKCS1-v1_5, SHA-1 signatures) or not."""
+    site, other = (layout.lab, "hospital") if at_lab else (layout.hospital, "lab")
+    peer = site.root / "peers.d" / f"{other}.toml"
     text = peer.read_text()
     assert "compat = false" in text
     peer.write_text(text.replace("compat = false", f"compat = {'true' if compat else 'false'}"))
@@ -80,7 +82,7 @@ def _pem(*paths: Path) -> bytes:
 # -- pyas2lib sends, medgw receives ---------------------------------------------------------
 
 
-def _pyas2lib_lab(layout: DemoLayout) -> tuple[Any, Any]:
+def _pyas2lib_lab(layout: DemoLayout, digest: str = "sha256") -> tuple[Any, Any]:
     """pyas2lib configured as the lab: its keys, and the hospital as its partner."""
     mine = layout.lab.root / "certs"
     theirs = mine / "peers" / "hospital"
@@ -98,7 +100,7 @@ def _pyas2lib_lab(layout: DemoLayout) -> tuple[Any, Any]:
         encrypt=True,
         enc_alg="aes_256_cbc",
         sign=True,
-        digest_alg="sha256",
+        digest_alg=digest,
         mdn_mode="SYNC",
         mdn_digest_alg="sha256",
     )
@@ -114,8 +116,10 @@ class _Sent:
     mdn_fields: dict[str, str]
 
 
-def _send_with_pyas2lib(layout: DemoLayout, payload: bytes, content_type: str) -> _Sent:
-    org, partner = _pyas2lib_lab(layout)
+def _send_with_pyas2lib(
+    layout: DemoLayout, payload: bytes, content_type: str, digest: str = "sha256"
+) -> _Sent:
+    org, partner = _pyas2lib_lab(layout, digest)
     message = as2.Message(org, partner)
     message.build(payload, filename="result.hl7", content_type=content_type)
     certs = layout.lab.root / "certs"
@@ -209,6 +213,35 @@ def test_pyas2lib_rsaes_pkcs1_v15_is_refused_without_compat_and_pyas2lib_reads_w
     )
 
 
+def test_pyas2lib_sha1_signed_message_is_received_from_a_compat_peer_and_audited(
+    rsa_layout: DemoLayout, processes: Any
+) -> None:
+    """SHA-1 (CRYPTREC monitored list) from a compat peer: verified, delivered, audited as a
+    warning; the MIC we return is still SHA-256, never SHA-1."""
+    layout = rsa_layout
+    _set_compat(layout, True)
+    processes.start(layout.hospital.config_path)
+    payload = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rOBX|1|NM|K^Potassium||4.1|mmol/L\r"
+
+    sent = _send_with_pyas2lib(layout, payload, "application/octet-stream", digest="sha1")
+
+    assert sent.message.digest_alg == "sha1"
+    # pyas2lib compares the MIC value with its own, which it computes with its signing
+    # digest (SHA-1) whatever micalg it asked for (sha256): it flags ours.
+    assert (sent.status, sent.detail) == ("processed/warning", "Message Integrity check failed.")
+    value, _, algorithm = sent.mdn_fields["received-content-mic"].partition(",")
+    assert algorithm.strip() == "sha-256"
+    assert (layout.hospital.inbox_dir / "lab" / "result.hl7").read_bytes() == payload
+    [received] = events(layout.hospital.audit_log, "message.received")
+    assert received["detail"]["digest"] == "sha1"
+    warnings = events(layout.hospital.audit_log, "policy.compat_algorithm_used")
+    sha1 = [w for w in warnings if "sha1" in w["reason"]]
+    assert len(sha1) == 1 and sha1[0]["severity"] == "warning"
+    assert sha1[0]["direction"] == "inbound" and sha1[0]["message_id"] == received["message_id"]
+    [receipt] = events(layout.hospital.audit_log, "receipt.sent")
+    assert receipt["detail"]["mic"] == f"{value.strip()}, sha-256"
+
+
 # -- medgw sends, pyas2lib receives ---------------------------------------------------------
 
 
@@ -226,6 +259,7 @@ class _Pyas2libReceiver:
 
     layout: DemoLayout
     verify_cert: Path
+    mdn_digest: str | None = None  # sign the MDN with this instead of the micalg asked for
     server: ThreadingHTTPServer | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
 
@@ -243,6 +277,7 @@ class _Pyas2libReceiver:
             sign=True,
         )
         received = self.received
+        mdn_digest = self.mdn_digest
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
@@ -264,6 +299,11 @@ class _Pyas2libReceiver:
                     for k, v in self.headers.items()
                     if k.lower() not in entity_headers | {"content-disposition", "mime-version"}
                 )
+                if mdn_digest is not None:  # pyas2lib signs its MDN with the micalg asked for
+                    options = self.headers["Disposition-Notification-Options"]
+                    as2_headers = as2_headers.replace(
+                        options, options.rpartition(",")[0] + f", {mdn_digest}"
+                    )
                 message = as2.Message()
                 status, (error, _trace), mdn = message.parse(
                     as2_headers.encode() + opened,
@@ -365,6 +405,53 @@ def test_gateway_sends_to_pyas2lib_which_verifies_it_and_we_verify_its_mdn(
     stored = _outbound_state(layout, record["message_id"])
     assert stored is not None and stored.state is OutboundState.DELIVERED
     assert stored.disposition == "processed"
+
+
+@pytest.mark.parametrize("compat", [False, True], ids=["strict", "compat"])
+def test_gateway_takes_a_sha1_signed_mdn_only_from_a_compat_peer(
+    rsa_layout: DemoLayout, processes: Any, compat: bool
+) -> None:
+    """pyas2lib signs its MDN with SHA-1 (CRYPTREC monitored list): refused naming SHA-1 and
+    the rule unless the peer is compat; then the delivery is recorded, with a warning."""
+    layout = rsa_layout
+    _set_compat(layout, compat, at_lab=True)
+    receiver = _Pyas2libReceiver(
+        layout, layout.hospital.root / "certs" / "peers" / "lab" / "sign.crt", mdn_digest="sha1"
+    )
+    receiver.start()
+    try:
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_for("hospital"), "result.hl7", b"MSH|^~\\&|sha1-mdn\r")
+
+        def outcome() -> list[dict[str, Any]]:
+            return [
+                r
+                for r in read_audit(layout.lab.audit_log)
+                if r["event"] in ("receipt.received", "receipt.invalid", "message.failed")
+            ]
+
+        [record] = wait_until(outcome, 60, "the lab to handle pyas2lib's MDN")
+    finally:
+        receiver.stop()
+    [got] = receiver.received
+    assert got["status"] == "processed", got["error"]
+    stored = _outbound_state(layout, record["message_id"])
+    assert stored is not None and stored.receipt_path is not None
+    assert b'micalg="sha1"' in stored.receipt_path.read_bytes().partition(b"\r\n\r\n")[0]
+    warnings = events(layout.lab.audit_log, "policy.compat_algorithm_used")
+    if not compat:
+        assert record["event"] in ("receipt.invalid", "message.failed"), record
+        text = str(record.get("reason")) + str(record.get("detail"))
+        assert "sha1" in text and "CRYPTREC" in text and "compat = true" in text
+        assert stored.state is not OutboundState.DELIVERED
+        assert not warnings
+        return
+    assert record["event"] == "receipt.received", record
+    assert record["detail"]["mic_verified"] is True
+    assert stored.state is OutboundState.DELIVERED
+    [warning] = warnings
+    assert warning["severity"] == "warning" and warning["direction"] == "outbound"
+    assert warning["message_id"] == record["message_id"] and "sha1" in warning["reason"]
 
 
 def test_gateway_records_pyas2lib_authentication_failure_as_failed(
