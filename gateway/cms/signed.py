@@ -825,6 +825,31 @@ def _verify_parsed(
     policy: AlgorithmPolicy,
     validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None,
 ) -> VerifiedSignature:
+    """:func:`_verify_checked`, with any parse error deep in the structure made a clean refusal.
+
+    asn1crypto parses nested values lazily, so a corrupted field (an issuer name,
+    a signed attribute) can raise a bare ValueError long after the outer parse.
+    """
+    try:
+        return _verify_checked(
+            parsed, content, digest_of, content_length, trusted_signers, policy, validate_signer
+        )
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        raise MalformedMessageError(
+            f"signed message is malformed: {exc}",
+            fix="the message was altered or truncated in transit; ask the peer to resend",
+        ) from exc
+
+
+def _verify_checked(
+    parsed: _ParsedSignedData,
+    content: bytes | None,
+    digest_of: Callable[[str], bytes] | None,
+    content_length: int,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None,
+) -> VerifiedSignature:
     if digest_of is not None:
         data = b""
         source = _Content(None, digest_of, content_length)
