@@ -161,6 +161,9 @@ class Peer:
     # Also accept a person's signature (e.g. a doctor's HPKI certificate) that
     # validates for S/MIME signing under the zone's trust anchors.
     personal_signers: bool = False
+    # Where this peer should POST our receipts later (asynchronous MDN, RFC 4130
+    # 7.3): one of our own listeners' https URLs as the peer reaches it; "" = sync.
+    async_receipt_url: str = ""
 
     @property
     def policy(self) -> AlgorithmPolicy:
@@ -531,6 +534,9 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
             "warning",
         )
     personal_signers = section.boolean("personal_signers", default=False)
+    async_receipt_url = section.string("async_receipt_url", default="")
+    if async_receipt_url:
+        _check_url(section, "async_receipt_url", async_receipt_url)
     section.finish()
     return Peer(
         name=name,
@@ -546,6 +552,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         compat=compat,
         zone=zone,
         personal_signers=personal_signers,
+        async_receipt_url=async_receipt_url,
     )
 
 

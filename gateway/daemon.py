@@ -30,8 +30,9 @@ from typing import Any
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.as2.asyncmdn import is_receipt
 from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
-from gateway.channel.client import PeerClient
+from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient, TransportError
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, load_config
@@ -55,6 +56,7 @@ from gateway.spool import Spool
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
 TRUST_REFRESH_SECONDS = 300.0
+ASYNC_RECEIPT_ATTEMPTS = 5
 _DER = Encoding.DER
 
 
@@ -297,6 +299,12 @@ class Daemon:
             )
             await self._stop.wait()
             await self._shutdown()
+            # From here on a repeated SIGTERM must not kill the process mid-exit (asyncio
+            # would restore the default action when the loop closes): ignore it.
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, signal.SIG_IGN)
         finally:
             await self._close()
         return 0
@@ -406,6 +414,8 @@ class Daemon:
             )
             return web.Response(status=503, text="exchange suspended, retry later\n")
         headers = {k.lower(): v for k, v in request.headers.items()}
+        if is_receipt(headers):
+            return await self._receive_receipt(request, peer)
         body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
         try:
             if not await self._spool_body(request, body_path, state.config.runtime):
@@ -440,10 +450,57 @@ class Daemon:
             return web.Response(status=500, text="internal error\n")
         finally:
             body_path.unlink(missing_ok=True)
+        if result.receipt_url is not None and result.receipt is not None:
+            self._spawn(self._deliver_async_receipt(peer, result.receipt_url, *result.receipt))
         response = web.Response(status=result.status, body=result.body)
         for name, value in result.headers:
             response.headers[name] = value
         return response
+
+    async def _receive_receipt(self, request: web.Request, peer: Peer) -> web.StreamResponse:
+        """An asynchronous receipt POSTed by a peer for one of our messages."""
+        assert self._outbound is not None
+        body = await request.content.read(MAX_RECEIPT_BYTES + 1)
+        if len(body) > MAX_RECEIPT_BYTES:
+            return web.Response(status=413, text="receipt too large\n")
+        outcome = await self._outbound.receive_async_receipt(
+            peer, request.headers.get("Content-Type", ""), body
+        )
+        return web.Response(status=200, text=f"receipt {outcome}\n")
+
+    async def _deliver_async_receipt(
+        self, peer: Peer, url: str, headers: tuple[tuple[str, str], ...], body: bytes
+    ) -> None:
+        """POST a receipt the sender asked to get later; a few tries with back-off."""
+        message_id = dict(headers).get("Original-Message-ID")
+        delay = 1.0
+        for attempt in range(1, ASYNC_RECEIPT_ATTEMPTS + 1):
+            client = self.state.clients.get(peer.name)
+            if client is None:
+                return
+            try:
+                answer = await client.post(url, headers, body)
+                if 200 <= answer.status < 300:
+                    self._log.info("receipt.delivered_async", peer=peer.name, attempt=attempt)
+                    return
+                problem = f"HTTP {answer.status}"
+            except TransportError as exc:
+                problem = str(exc)
+            self._log.warning("receipt.async_delivery_failed", peer=peer.name, reason=problem)
+            await asyncio.sleep(delay)
+            delay = min(delay * 4, 300.0)
+        self._audit_sink().emit(
+            AuditEvent(
+                EventType.RECEIPT_SENT,
+                Outcome.FAILURE,
+                Severity.WARNING,
+                peer=peer.name,
+                message_id=message_id,
+                direction="inbound",
+                reason=f"asynchronous receipt could not be delivered to {url} after "
+                f"{ASYNC_RECEIPT_ATTEMPTS} attempts; the peer will resend and get it again",
+            )
+        )
 
     def _incoming_dir(self) -> Path:
         return self.state.config.storage.state_dir / "incoming"
@@ -500,6 +557,7 @@ class Daemon:
                 if peer is None:
                     break
                 self._outbound.expire(peer)
+                self._outbound.requeue_unanswered(peer)
                 now = self._clock.now().timestamp()
                 wait = PEER_IDLE_CHECK_SECONDS
                 if now < resume_at:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from gateway.as2.asyncmdn import async_receipt_url
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.headers import (
     DIGEST_TO_MICALG,
@@ -67,6 +68,10 @@ class InboundResponse:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    # Set when the sender asked for an asynchronous receipt (RFC 4130 7.3): the
+    # HTTP answer is then empty, and ``receipt`` is POSTed to ``receipt_url``.
+    receipt_url: str | None = None
+    receipt: tuple[tuple[tuple[str, str], ...], bytes] | None = None
 
 
 class _Refused(Exception):
@@ -178,6 +183,21 @@ class InboundProcessor:
         )
 
     def process(self, request: InboundRequest) -> InboundResponse:
+        """Handle one AS2 request; the receipt comes back in the answer or, if the
+        sender asked for it and the URL is its own gateway's, for later delivery."""
+        response = self._process(request)
+        url = async_receipt_url(request.headers.get("receipt-delivery-option"), request.peer.url)
+        if url is None or response.status != 200 or not response.body:
+            return response
+        return InboundResponse(
+            200,
+            (("Content-Type", "text/plain"),),
+            b"",
+            receipt_url=url,
+            receipt=(response.headers, response.body),
+        )
+
+    def _process(self, request: InboundRequest) -> InboundResponse:
         peer = request.peer
         headers = request.headers
         try:

@@ -27,6 +27,7 @@ import os
 import random
 import secrets
 from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -296,6 +297,7 @@ class Outbound:
                 cipher=peer.cipher,
                 policy=peer.policy,
                 at=at,
+                receipt_url=peer.async_receipt_url or None,
             )
             return built.headers, built.mic, built.size
 
@@ -411,8 +413,13 @@ class Outbound:
         log = self._log.bind(peer=peer.name, message_id=record.message_id)
         try:
             response = await client.post(peer.url, record.headers, record.body_path)
-            if response.status != 200:
+            awaiting = bool(peer.async_receipt_url) and 200 <= response.status < 300
+            if awaiting and not response.body.strip():
+                pass  # accepted; the signed receipt will be POSTed to us later
+            elif response.status != 200:
                 raise TransportError(f"peer answered HTTP {response.status}")
+            else:
+                awaiting = False
         except TransportError as exc:
             delay = self.backoff(record.attempts + 1, rng)
             if record.attempts + 1 >= self.config.runtime.max_attempts:
@@ -445,11 +452,82 @@ class Outbound:
                 peer=peer.name,
                 message_id=record.message_id,
                 direction="outbound",
-                detail={"attempt": record.attempts + 1},
+                detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
             )
         )
+        if awaiting:
+            self._spool.mark_awaiting_receipt(record.message_id)
+            return 0.0
         await self._handle_receipt(record, peer, response)
         return 0.0
+
+    async def receive_async_receipt(self, peer: Peer, content_type: str, body: bytes) -> str:
+        """A receipt POSTed to us later (RFC 4130 7.3.2): settle the message it answers.
+
+        Returns what happened, for the HTTP answer's log line.  A receipt that
+        cannot be verified, or answers no message of this peer that awaits one,
+        changes nothing and is audited.
+        """
+        try:
+            receipt = await asyncio.to_thread(
+                parse_receipt,
+                content_type,
+                body,
+                trusted_signers=self._signers(peer),
+                policy=peer.policy,
+            )
+        except MedgwError as exc:
+            self._receipt_refused(peer, None, f"asynchronous receipt could not be verified: {exc}")
+            return "refused"
+        record = self._spool.get(receipt.original_message_id or "")
+        if (
+            record is None
+            or record.peer != peer.name
+            or record.state is not OutboundState.AWAITING_RECEIPT
+        ):
+            state = record.state.value if record is not None and record.peer == peer.name else None
+            self._receipt_refused(
+                peer,
+                receipt.original_message_id,
+                f"asynchronous receipt for {receipt.original_message_id!r}, which is "
+                + (f"{state}, not awaiting a receipt" if state else "no message sent to this peer"),
+            )
+            return "ignored"
+        response = Response(200, content_type, (), body)
+        await self._handle_receipt(record, peer, response)
+        return "accepted"
+
+    def _receipt_refused(self, peer: Peer, message_id: str | None, reason: str) -> None:
+        self._log.warning("receipt.refused", peer=peer.name, message_id=message_id, reason=reason)
+        self._audit.emit(
+            AuditEvent(
+                EventType.RECEIPT_INVALID,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=peer.name,
+                message_id=message_id,
+                direction="outbound",
+                reason=reason,
+            )
+        )
+
+    def requeue_unanswered(self, peer: Peer) -> None:
+        """Asynchronous receipts that did not come within request_timeout_seconds: resend."""
+        limit = self._clock.now() - timedelta(seconds=self.config.runtime.request_timeout_seconds)
+        for message_id in self._spool.requeue_unanswered(peer.name, limit.isoformat()):
+            self._log.warning("message.receipt_overdue", peer=peer.name, message_id=message_id)
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_SEND_FAILED,
+                    Outcome.FAILURE,
+                    Severity.WARNING,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="outbound",
+                    reason="no asynchronous receipt within request_timeout_seconds; resending "
+                    "(the peer answers a resend with its receipt)",
+                )
+            )
 
     async def _handle_receipt(self, record: OutboundRecord, peer: Peer, response: Response) -> None:
         assert record.mic is not None

@@ -50,7 +50,9 @@ def request_headers(
     envelope_type: str,
     digest: str,
     at: datetime,
+    receipt_url: str | None = None,
 ) -> tuple[tuple[str, str], ...]:
+    asynchronous = (("Receipt-Delivery-Option", receipt_url),) if receipt_url else ()
     return (
         ("AS2-Version", AS2_VERSION),
         ("AS2-From", quote_as2_id(sender_as2_id)),
@@ -68,6 +70,7 @@ def request_headers(
             "signed-receipt-protocol=optional, pkcs7-signature; "
             f"signed-receipt-micalg=optional, {DIGEST_TO_MICALG[digest]}",
         ),
+        *asynchronous,
     )
 
 
@@ -131,6 +134,7 @@ def build_message_file(
     cipher: str,
     policy: AlgorithmPolicy,
     at: datetime,
+    receipt_url: str | None = None,
 ) -> BuiltFile:
     """:func:`build_message` for documents of any size: file in, AS2 body file out.
 
@@ -168,5 +172,6 @@ def build_message_file(
         envelope_type=sealed.content_type,
         digest=digest,
         at=at,
+        receipt_url=receipt_url,
     )
     return BuiltFile(headers, f"{sealed.mic}, {DIGEST_TO_MICALG[digest]}", size)

@@ -8,6 +8,7 @@ at every connect with only the addresses inside the zone's egress ranges kept
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import ssl
@@ -84,11 +85,15 @@ class PeerClient:
             auto_decompress=False,
         )
 
-    async def post(self, url: str, headers: tuple[tuple[str, str], ...], body: Path) -> Response:
+    async def post(
+        self, url: str, headers: tuple[tuple[str, str], ...], body: Path | bytes
+    ) -> Response:
+        """POST ``body`` (a file, streamed; or bytes, for a receipt) and read the answer."""
         try:
-            with body.open("rb") as handle:
+            with contextlib.ExitStack() as stack:
+                data_in = body if isinstance(body, bytes) else stack.enter_context(body.open("rb"))
                 async with self._session.post(
-                    url, data=handle, headers=list(headers), allow_redirects=False
+                    url, data=data_in, headers=list(headers), allow_redirects=False
                 ) as response:
                     data = await response.content.read(MAX_RECEIPT_BYTES + 1)
                     if len(data) > MAX_RECEIPT_BYTES:

@@ -378,4 +378,7 @@ compat = false
 # true would also accept messages signed by a person of the peer (e.g. a doctor's
 # HPKI certificate) whose certificate validates under the zone's trust anchors.
 personal_signers = false
+# "" asks the peer for synchronous receipts (in the HTTP response); an https URL
+# of our own listener asks it to POST them there later (asynchronous MDN).
+async_receipt_url = ""
 """

@@ -95,6 +95,7 @@ class OutboundState(StrEnum):
     INTAKE = "intake"
     QUEUED = "queued"
     SENDING = "sending"
+    AWAITING_RECEIPT = "awaiting-receipt"  # sent; the peer will POST the receipt later
     DELIVERED = "delivered"
     FAILED = "failed"
     EXPIRED = "expired"
@@ -334,6 +335,29 @@ class Spool:
             "UPDATE outbound SET state=?, attempts=attempts+1, updated_at=? WHERE message_id=?",
             (OutboundState.SENDING.value, self._now(), message_id),
         )
+
+    def mark_awaiting_receipt(self, message_id: str) -> None:
+        self._write(
+            "UPDATE outbound SET state=?, updated_at=? WHERE message_id=?",
+            (OutboundState.AWAITING_RECEIPT.value, self._now(), message_id),
+        )
+
+    def requeue_unanswered(self, peer: str, sent_before: str) -> list[str]:
+        """Messages whose asynchronous receipt never came go back to the queue (resend:
+        the receiver deduplicates and answers with the receipt again)."""
+        rows = self._read(
+            "SELECT message_id FROM outbound WHERE peer=? AND state=? AND updated_at<?",
+            (peer, OutboundState.AWAITING_RECEIPT.value, sent_before),
+        )
+        ids = [r["message_id"] for r in rows]
+        for message_id in ids:
+            self._transition(
+                message_id,
+                (OutboundState.AWAITING_RECEIPT,),
+                OutboundState.QUEUED,
+                "no asynchronous receipt in time; resending",
+            )
+        return ids
 
     def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> None:
         self._write(

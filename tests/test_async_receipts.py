@@ -1,0 +1,100 @@
+"""Asynchronous receipts (RFC 4130 7.3) between two real gateways."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.as2.mdn import Disposition, build_receipt
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.policy import AlgorithmPolicy
+from gateway.spool import OutboundState, Spool
+from tests import as2client
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def ask_async(layout: DemoLayout, url: str) -> None:
+    peer_file = layout.lab.root / "peers.d" / "hospital.toml"
+    text = peer_file.read_text()
+    assert 'async_receipt_url = ""' in text
+    peer_file.write_text(text.replace('async_receipt_url = ""', f'async_receipt_url = "{url}"'))
+
+
+def state_of(layout: DemoLayout, message_id: str) -> OutboundState:
+    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
+    try:
+        record = spool.get(message_id)
+    finally:
+        spool.close()
+    assert record is not None
+    return record.state
+
+
+def test_receipt_posted_back_later_settles_the_message(layout: DemoLayout, processes: Any) -> None:
+    ask_async(layout, f"https://127.0.0.1:{layout.lab.port}/as2")
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "later.hl7", b"MSH|async receipt\r")
+    [received] = wait_until(
+        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the async receipt"
+    )
+    [sent] = events(layout.lab.audit_log, "message.sent")
+    assert sent["detail"]["receipt"] == "async"
+    assert received["detail"]["mic_verified"] is True
+    assert received["detail"]["disposition"] == "processed"
+    assert state_of(layout, received["message_id"]) is OutboundState.DELIVERED
+    assert (layout.hospital.inbox_dir / "lab" / "later.hl7").read_bytes() == b"MSH|async receipt\r"
+
+
+def test_receipt_url_of_another_host_is_ignored_and_answered_synchronously(
+    layout: DemoLayout, processes: Any
+) -> None:
+    # localhost is not the host the hospital has configured for the lab (127.0.0.1):
+    # it must not send anything there, and answers in the HTTP response instead.
+    ask_async(layout, f"https://localhost:{layout.lab.port}/as2")
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "sync.hl7", b"MSH|x\r")
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    [sent] = events(layout.lab.audit_log, "message.sent")
+    assert sent["detail"]["receipt"] == "sync"
+
+
+def test_unsolicited_receipt_changes_nothing_and_is_audited(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.lab.config_path)
+    hospital = load_config(layout.hospital.config_path)
+    message_id = f"<{secrets.token_hex(8)}@KITA-LAB>"
+    built = build_receipt(
+        original_message_id=message_id,
+        our_as2_id="SAKURA-HOSPITAL",
+        peer_as2_id="KITA-LAB",
+        disposition=Disposition.PROCESSED,
+        mic="AAAA, sha-256",
+        signing=hospital.smime.signing,
+        digest="sha256",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
+    )
+    certs = layout.hospital.root / "certs"
+    answer = as2client.post(
+        layout.lab.port,
+        built.headers,
+        built.body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+    assert answer.status == 200 and b"ignored" in answer.body
+    [refused] = events(layout.lab.audit_log, "receipt.invalid")
+    assert refused["message_id"] == message_id
+    assert "no message sent to this peer" in refused["reason"]
