@@ -205,6 +205,7 @@ def run_demo(root: Path) -> int:
     say(f"  from -> to   {lab.as2_id} (lab) -> {hospital.as2_id} (hospital)")
     say(f"  message id   {record['message_id']}")
     say("  channel      HTTPS, TLS 1.3, client and server certificates verified and pinned")
+    say("  PKI          every peer certificate path-validated, revocation required (demo CA's CRL)")
     say(
         f"  object       signed {got['signature_algorithm']} with {got['digest']}, "
         f"encrypted {got['content_cipher']} / {got['key_transport']}"
