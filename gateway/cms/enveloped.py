@@ -37,6 +37,7 @@ from ..policy import (
 )
 from .signed import (
     ASN1_ERRORS,
+    _oid_der,
     _tl,
     _tlv,
     cert_label,
@@ -81,6 +82,9 @@ _CIPHERS: dict[str, tuple[str, int, str]] = {
     "des-ede3-cbc": ("tripledes_3key", 24, "cbc"),
 }
 _CIPHER_BY_OID_NAME = {v[0]: k for k, v in _CIPHERS.items()}
+_CIPHER_OID_DER: dict[str, bytes] = {
+    v[0]: algos.EncryptionAlgorithmId(v[0]).dump() for v in _CIPHERS.values()
+}
 
 OID_DATA = "1.2.840.113549.1.7.1"
 OID_ENVELOPED = "1.2.840.113549.1.7.3"
@@ -120,14 +124,12 @@ class Decrypted:
 
 
 def _shared_info(key_info_der: bytes, ukm: bytes | None, kek_len: int) -> bytes:
-    value: dict[str, Any] = {
-        "key_info": core.Any.load(key_info_der),
-        "supp_pub_info": (kek_len * 8).to_bytes(4, "big"),
-    }
-    if ukm is not None:
-        value["entity_u_info"] = ukm
-    out: bytes = EccCmsSharedInfo(value).dump()
-    return out
+    """DER ECC-CMS-SharedInfo (RFC 5753 7.2), written directly: ``key_info_der`` as is,
+    then ``[0] EXPLICIT OCTET STRING`` ukm if there is one, ``[2] EXPLICIT OCTET STRING``
+    the key-encryption key's length in bits."""
+    entity_u_info = b"" if ukm is None else _tlv(0xA0, _tlv(0x04, ukm))
+    supp_pub_info = _tlv(0xA2, _tlv(0x04, (kek_len * 8).to_bytes(4, "big")))
+    return _tlv(0x30, key_info_der + entity_u_info + supp_pub_info)
 
 
 def _kek(
@@ -155,6 +157,9 @@ _OAEP_SHA256_DER: bytes = cms.KeyEncryptionAlgorithm(
     }
 ).dump()
 _EC_PUBLIC_KEY_ALG_DER: bytes = keys.PublicKeyAlgorithm({"algorithm": "ec"}).dump()
+_WRAP_ALG_DER: dict[str, bytes] = {
+    name: cms.KeyEncryptionAlgorithm({"algorithm": name}).dump() for name in _WRAP_KEYLEN
+}
 
 
 def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> bytes:
@@ -174,7 +179,7 @@ def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> bytes:
 def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) -> bytes:
     kdf_digest = _KDF_BY_CURVE[pub.curve.name]
     wrap = _WRAP_BY_KEYLEN[len(cek)]
-    wrap_der: bytes = cms.KeyEncryptionAlgorithm({"algorithm": wrap}).dump()
+    wrap_der = _WRAP_ALG_DER[wrap]
     ephemeral = ec.generate_private_key(pub.curve)
     shared = ephemeral.exchange(ec.ECDH(), pub)
     kek = _kek(shared, kdf_digest, wrap_der, None, len(cek))
@@ -186,7 +191,7 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
         0xA1,  # [1] IMPLICIT KeyAgreeRecipientInfo
         b"\x02\x01\x03"  # version 3
         + _tlv(0xA0, b"\xa1" + originator_key[1:])  # originator [0] { originatorKey [1] }
-        + _tlv(0x30, core.ObjectIdentifier(_STD_KDF_OID[kdf_digest]).dump() + wrap_der)
+        + _tlv(0x30, _oid_der(_STD_KDF_OID[kdf_digest]) + wrap_der)
         + _tlv(
             0x30,
             _tlv(0x30, issuer_and_serial_der(cert) + _tlv(0x04, aes_key_wrap(kek, cek))),
@@ -196,6 +201,17 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
 
 # ---------------------------------------------------------------------------
 # encryption: DER written directly, lengths computed up front
+
+
+def content_algorithm_der(cipher: str, iv_or_nonce: bytes) -> bytes:
+    """DER contentEncryptionAlgorithm: AES-GCM with GCMParameters (nonce, 16-byte ICV,
+    RFC 5084), or a CBC cipher with its IV as the OCTET STRING parameter."""
+    oid_name, _key_len, mode = _CIPHERS[cipher]
+    if mode == "gcm":
+        params = _tlv(0x30, _tlv(0x04, iv_or_nonce) + b"\x02\x01\x10")  # aes-ICVlen 16
+    else:
+        params = _tlv(0x04, iv_or_nonce)
+    return _tlv(0x30, _CIPHER_OID_DER[oid_name] + params)
 
 
 def _recipient_infos(
@@ -240,21 +256,14 @@ def encrypt_chunks(
     """
     cipher = cipher.strip().lower()
     policy.check_content_cipher(cipher, inbound=False)
-    oid_name, key_len, mode = _CIPHERS[cipher]
+    _oid_name, key_len, mode = _CIPHERS[cipher]
     if length < 0:
         raise ValueError("length must be >= 0")
     cek = os.urandom(key_len)
     ri_der, has_kari = _recipient_infos(recipients, cek, policy)
     if mode == "gcm":
         nonce = os.urandom(12)
-        alg = algos.EncryptionAlgorithm(
-            {
-                "algorithm": oid_name,
-                "parameters": core.Any.load(
-                    GCMParameters({"aes_nonce": nonce, "aes_icvlen": 16}).dump()
-                ),
-            }
-        )
+        alg_der = content_algorithm_der(cipher, nonce)
         enc_len = length
         ctx: Any = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
         padder = None
@@ -263,19 +272,19 @@ def encrypt_chunks(
         tail_len = 2 + 16  # mac OCTET STRING
     else:
         iv = os.urandom(16)
-        alg = algos.EncryptionAlgorithm({"algorithm": oid_name, "parameters": iv})
+        alg_der = content_algorithm_der(cipher, iv)
         enc_len = (length // 16 + 1) * 16
         ctx = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
         padder = sym_padding.PKCS7(128).padder()
         version = b"\x02\x01\x02" if has_kari else b"\x02\x01\x00"
         outer_oid = OID_ENVELOPED
         tail_len = 0
-    eci_head = core.ObjectIdentifier(OID_DATA).dump() + alg.dump() + _tl(0x80, enc_len)
+    eci_head = _oid_der(OID_DATA) + alg_der + _tl(0x80, enc_len)
     eci_len = len(eci_head) + enc_len
     body_len = len(version) + len(ri_der) + len(_tl(0x30, eci_len)) + eci_len + tail_len
     body_tl = _tl(0x30, body_len)
     explicit_len = len(body_tl) + body_len
-    oid = core.ObjectIdentifier(outer_oid).dump()
+    oid = _oid_der(outer_oid)
     ci_len = len(oid) + len(_tl(0xA0, explicit_len)) + explicit_len
     yield (
         _tl(0x30, ci_len)
@@ -629,11 +638,11 @@ def recover_cek(
     label = cert_label(cert)
     try:
         found: tuple[bytes, str] | None = None
-        seen: list[str] = []
+        seen: list[Any] = []  # recipient identifiers, described only if none is ours
         for ri in recipient_infos:
             if ri.name == "ktri":
                 ktri = ri.chosen
-                seen.append(_describe_rid(ktri["rid"]))
+                seen.append(ktri["rid"])
                 if _rid_matches(cert, ktri["rid"]):
                     if not isinstance(key, rsa.RSAPrivateKey):
                         raise DecryptionError(
@@ -646,7 +655,7 @@ def recover_cek(
             elif ri.name == "kari":
                 kari = ri.chosen
                 for rek in kari["recipient_encrypted_keys"]:
-                    seen.append(_describe_rid(rek["rid"]))
+                    seen.append(rek["rid"])
                     if _rid_matches(cert, rek["rid"]):
                         if not isinstance(key, ec.EllipticCurvePrivateKey):
                             raise DecryptionError(
@@ -669,7 +678,11 @@ def recover_cek(
         raise DecryptionError(
             f"the message was encrypted for someone else: it has no recipient info for our "
             f"certificate ({label}); recipients in the message: "
-            + ("; ".join(seen) if seen else "none"),
+            + (
+                "; ".join(r if isinstance(r, str) else _describe_rid(r) for r in seen)
+                if seen
+                else "none"
+            ),
             fix="ask the peer to encrypt with our current encryption certificate "
             "(it may be using an old or another institution's certificate)",
         )

@@ -10,9 +10,10 @@ over the signed attributes encoded as a DER ``SET OF``.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -33,7 +34,17 @@ from ..errors import (
 )
 from ..policy import COMPAT_DIGESTS, AlgorithmPolicy, PrivateKey, normalize_digest
 
-__all__ = ["VerifiedSignature", "compute_mic", "sign", "sign_digest", "verify", "verify_digest"]
+__all__ = [
+    "ParsedSignature",
+    "VerifiedSignature",
+    "compute_mic",
+    "parse_signature",
+    "sign",
+    "sign_digest",
+    "signer_digests",
+    "verify",
+    "verify_digest",
+]
 
 # Exceptions asn1crypto raises on malformed input (it parses lazily, so these
 # can surface on any field access).
@@ -118,12 +129,34 @@ def issuer_and_serial(cert: x509.Certificate) -> Any:
     return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
 
 
+@functools.lru_cache(maxsize=256)
+def _issuer_serial_ders(cert_der: bytes) -> tuple[bytes, bytes]:
+    """(issuer Name DER, serialNumber INTEGER DER) exactly as encoded in the certificate.
+
+    A pure function of the certificate's bytes, cached: the certificates a
+    gateway pins, signs with and decrypts with are few and the same for every
+    message, and asn1crypto's parse of one costs more than the message's
+    private-key operation.
+    """
+    tbs = asn1_x509.Certificate.load(cert_der)["tbs_certificate"]
+    return tbs["issuer"].dump(), tbs["serial_number"].dump()
+
+
 def matches_issuer_serial(cert: x509.Certificate, ias: Any) -> bool:
-    """True if an asn1crypto IssuerAndSerialNumber names ``cert``."""
+    """True if an asn1crypto IssuerAndSerialNumber names ``cert``.
+
+    The issuer is compared by its DER bytes first; only if they differ is it
+    compared as a Name (RFC 5280 7.1: the same name may be encoded with other
+    string types, case or spacing).
+    """
     if ias["serial_number"].native != cert.serial_number:
         return False
-    a = asn1_cert(cert)
-    return bool(a.issuer == ias["issuer"])
+    issuer_der, _ = _issuer_serial_ders(cert.public_bytes(serialization.Encoding.DER))
+    other = ias["issuer"]
+    if other.dump() == issuer_der:
+        return True
+    # a fresh object each time: asn1crypto caches comparison forms on the Name
+    return bool(asn1_x509.Name.load(issuer_der) == other)
 
 
 def name_string(asn1_name: Any) -> str:
@@ -149,6 +182,7 @@ def _tlv(tag: int, value: bytes) -> bytes:
     return _tl(tag, len(value)) + value
 
 
+@functools.lru_cache(maxsize=128)
 def _oid_der(dotted: str) -> bytes:
     out: bytes = core.ObjectIdentifier(dotted).dump()
     return out
@@ -175,8 +209,8 @@ def _time_der(dt: datetime) -> bytes:
 
 def issuer_and_serial_der(cert: x509.Certificate) -> bytes:
     """IssuerAndSerialNumber with the issuer Name and serial exactly as in the certificate."""
-    tbs = asn1_cert(cert)["tbs_certificate"]
-    return _tlv(0x30, tbs["issuer"].dump() + tbs["serial_number"].dump())
+    issuer, serial = _issuer_serial_ders(cert.public_bytes(serialization.Encoding.DER))
+    return _tlv(0x30, issuer + serial)
 
 
 # ---------------------------------------------------------------------------
@@ -215,8 +249,21 @@ def _digest(data: bytes, name: str, *, allow_sha1: bool = False) -> bytes:
     return h.finalize()
 
 
-def _signature_algorithm(key: PrivateKey, digest: str, rsa_padding: str) -> Any:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+@functools.lru_cache(maxsize=32)
+def _digest_algorithm_der(digest: str) -> bytes:
+    out: bytes = algos.DigestAlgorithm({"algorithm": digest}).dump()
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _signature_algorithm_der(ecdsa: bool, digest: str, rsa_padding: str) -> bytes:
+    """The DER of a signer's signatureAlgorithm; a pure function of its arguments."""
+    out: bytes = _build_signature_algorithm(ecdsa, digest, rsa_padding).dump()
+    return out
+
+
+def _build_signature_algorithm(ecdsa: bool, digest: str, rsa_padding: str) -> Any:
+    if ecdsa:
         return algos.SignedDigestAlgorithm({"algorithm": _ECDSA_BY_DIGEST[digest]})
     if rsa_padding == "pss":
         return algos.SignedDigestAlgorithm(
@@ -309,8 +356,10 @@ def sign_digest(
 
     # Written as DER directly: asn1crypto's object builder costs more per
     # message than the private-key operation.
-    digest_alg_der: bytes = algos.DigestAlgorithm({"algorithm": digest}).dump()
-    sig_alg_der: bytes = _signature_algorithm(signer_key, digest, rsa_padding).dump()
+    digest_alg_der = _digest_algorithm_der(digest)
+    sig_alg_der = _signature_algorithm_der(
+        isinstance(signer_key, ec.EllipticCurvePrivateKey), digest, rsa_padding
+    )
     attrs = sorted(
         [
             _attribute(OID_CONTENT_TYPE, _OID_DATA_DER),
@@ -378,11 +427,26 @@ class _ParsedSigner:
     sig_alg_name: str
     signature: bytes
     attrs_present: bool
-    attrs_der: tuple[bytes, ...]  # candidate DER encodings of the SET OF
+    attrs_original: bytes | None  # the signed attributes as received, tagged SET OF
+    attrs: Any  # the asn1crypto [0] IMPLICIT signedAttrs, or Void
     content_type_attr: str | None
     message_digest: bytes | None
     signing_time: datetime | None
     algorithm_protection: Any | None
+    _forced: bytes | None = field(default=None, repr=False)
+
+    def attrs_der(self) -> Iterator[bytes]:
+        """The encodings the signature may be over: the signed attributes as received
+        (tagged SET OF), then - only if that one does not verify - their DER
+        re-encoding, if it differs (a BER SET OF, or an unsorted one, that an
+        intermediary re-encoded, or that its signer encoded in DER for signing)."""
+        if self.attrs_original is None:
+            return
+        yield self.attrs_original
+        if self._forced is None:
+            self._forced = self.attrs.untag().dump(force=True)
+        if self._forced != self.attrs_original:
+            yield self._forced
 
     def describe(self) -> str:
         if self.sid_issuer_serial is not None:
@@ -399,6 +463,9 @@ class _ParsedSignedData:
     content: bytes | None
     certificates: tuple[x509.Certificate, ...]
     signers: tuple[_ParsedSigner, ...]
+
+
+ParsedSignature = _ParsedSignedData
 
 
 def _single(attr: Any, name: str) -> Any:
@@ -420,7 +487,7 @@ def _parse_signer(index: int, si: Any) -> _ParsedSigner:
     attrs = si["signed_attrs"]
     attrs_present = not isinstance(attrs, core.Void)
     ct_attr = md = st = prot = None
-    candidates: list[bytes] = []
+    original: bytes | None = None
     if attrs_present:
         seen: set[str] = set()
         for attr in attrs:
@@ -445,11 +512,7 @@ def _parse_signer(index: int, si: Any) -> _ParsedSigner:
                 st = _single(attr, typ).native
             elif typ == "cms_algorithm_protection":
                 prot = _single(attr, typ)
-        original = attrs.dump()
-        candidates.append(b"\x31" + original[1:])
-        forced = attrs.untag().dump(force=True)
-        if forced not in candidates:
-            candidates.append(forced)
+        original = b"\x31" + attrs.dump()[1:]
     return _ParsedSigner(
         index=index,
         sid_issuer_serial=ias,
@@ -460,7 +523,8 @@ def _parse_signer(index: int, si: Any) -> _ParsedSigner:
         sig_alg_name=sig_alg["algorithm"].native,
         signature=si["signature"].native,
         attrs_present=attrs_present,
-        attrs_der=tuple(candidates),
+        attrs_original=original,
+        attrs=attrs,
         content_type_attr=ct_attr,
         message_digest=md,
         signing_time=st,
@@ -726,7 +790,7 @@ def _verify_signer(
                     "signer info (algorithm substitution, RFC 6211)",
                     fix="the message was altered; ask the peer to resend",
                 )
-        ok = any(_verify_raw(pub, signer.signature, der, h, pad) for der in signer.attrs_der)
+        ok = any(_verify_raw(pub, signer.signature, der, h, pad) for der in signer.attrs_der())
     else:
         if parsed.content_type != "data":
             raise MalformedMessageError(
@@ -770,14 +834,26 @@ def verify(
     return _verify_parsed(parsed, content, None, 0, trusted_signers, policy, validate_signer)
 
 
-def signer_digests(signature: bytes) -> tuple[str, ...]:
+def parse_signature(signature: bytes) -> ParsedSignature:
+    """Parse a DER/BER ``ContentInfo(SignedData)`` once, for :func:`signer_digests` and
+    :func:`verify_digest` (which otherwise each parse it)."""
+    return _parse_signed_data(signature)
+
+
+def _parsed(signature: bytes | ParsedSignature) -> _ParsedSignedData:
+    if isinstance(signature, _ParsedSignedData):
+        return signature
+    return _parse_signed_data(signature)
+
+
+def signer_digests(signature: bytes | ParsedSignature) -> tuple[str, ...]:
     """The digest algorithms a detached signature's signers used (to hash content once)."""
-    parsed = _parse_signed_data(signature)
+    parsed = _parsed(signature)
     return tuple(dict.fromkeys(normalize_digest(s.digest) for s in parsed.signers))
 
 
 def verify_digest(
-    signature: bytes,
+    signature: bytes | ParsedSignature,
     *,
     digest_of: Callable[[str], bytes],
     content_length: int,
@@ -789,8 +865,9 @@ def verify_digest(
 
     ``digest_of(name)`` returns the digest of the content with algorithm
     ``name`` (see :func:`signer_digests`); the result's ``content`` is empty.
+    ``signature`` may be given parsed (:func:`parse_signature`).
     """
-    parsed = _parse_signed_data(signature)
+    parsed = _parsed(signature)
     if parsed.content is not None:
         raise MalformedMessageError(
             "signed message carries its content (attached) but a detached signature was expected",

@@ -62,6 +62,7 @@ from .signed import (
     ASN1_ERRORS,
     VerifiedSignature,
     hash_for,
+    parse_signature,
     sign_digest,
     signer_digests,
     verify_digest,
@@ -810,7 +811,7 @@ def verify_entity_file(
         if sig_part.endswith(b"\r"):
             sig_part = sig_part[:-1]
     sig_headers, sig_body = parse_entity(sig_part)
-    signature = _decode_body(sig_headers, sig_body, "signature part")
+    signature = parse_signature(_decode_body(sig_headers, sig_body, "signature part"))
     names = list(signer_digests(signature))
     for name in names:  # what the peer signed with: SHA-1 passes only for a compat peer
         policy.check_digest(name, inbound=True)
