@@ -39,6 +39,8 @@ CONTENT_CIPHERS = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
 DIGESTS = ("sha256", "sha384", "sha512")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AS2_ID_MAX = 128
+# A service name is also a folder name (outbox/<peer>/<service>/, inbox/<peer>/<service>/).
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,31 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class ServiceDelivery:
+    """A per-service override of the hand-over URL (``[[delivery.services]]``)."""
+
+    name: str
+    http_url: str  # "" = this service's documents stay in the inbox only
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Hand-over of received documents to an internal system (``[delivery]``)."""
+
+    http_url: str  # "" = none (the inbox folder only), unless a service names one
+    ca: Path | None  # CA certificate(s) for an https:// internal system
+    timeout_seconds: float
+    services: tuple[ServiceDelivery, ...] = ()
+
+    def url_for(self, service: str | None) -> str:
+        """Where a document of ``service`` (None: no service) is POSTed; "" = nowhere."""
+        for item in self.services:
+            if item.name == service:
+                return item.http_url
+        return self.http_url
+
+
+@dataclass(frozen=True)
 class Peer:
     """A peer institution, from ``peers.d/<name>.toml``."""
 
@@ -164,6 +191,9 @@ class Peer:
     # Where this peer should POST our receipts later (asynchronous MDN, RFC 4130
     # 7.3): one of our own listeners' https URLs as the peer reaches it; "" = sync.
     async_receipt_url: str = ""
+    # Routing keys agreed with this peer (which internal function a document is
+    # for): sent as outbox/<peer>/<service>/, delivered to inbox/<peer>/<service>/.
+    services: tuple[str, ...] = ()
 
     @property
     def policy(self) -> AlgorithmPolicy:
@@ -185,6 +215,7 @@ class GatewayConfig:
     zones: tuple[Zone, ...]
     warnings: tuple[ConfigProblem, ...] = ()
     api: ApiSettings | None = None
+    delivery: DeliverySettings | None = None
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -331,6 +362,9 @@ class _Section:
         if value is not None and not value:
             self.problem(key, "no entries", f"add at least one [[{self._key(key)}]]")
         return sections
+
+    def has(self, key: str) -> bool:
+        return key in self._table
 
     def mark_seen(self, key: str) -> None:
         self._seen.add(key)
@@ -537,6 +571,17 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
     async_receipt_url = section.string("async_receipt_url", default="")
     if async_receipt_url:
         _check_url(section, "async_receipt_url", async_receipt_url)
+    services = section.string_list("services", required=False)
+    for service in services:
+        if not SERVICE_NAME.match(service):
+            section.problem(
+                "services",
+                f"{service!r} is not a service name (1-64 letters, digits, '.', '_' or '-', "
+                "not starting with '.' or '-')",
+                'name the routing key agreed with the peer, e.g. "lab-results"',
+            )
+    if len(set(services)) != len(services):
+        section.problem("services", "a service is listed twice", "list each service once")
     section.finish()
     return Peer(
         name=name,
@@ -553,6 +598,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         zone=zone,
         personal_signers=personal_signers,
         async_receipt_url=async_receipt_url,
+        services=tuple(dict.fromkeys(s for s in services if SERVICE_NAME.match(s))),
     )
 
 
@@ -760,6 +806,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     )
     rt.finish()
     api_section = root.table("api", required=False) if "api" in data else None
+    delivery_section = root.table("delivery", required=False) if "delivery" in data else None
     root.finish()
 
     peers: list[Peer] = []
@@ -780,6 +827,9 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         )
     _check_peer_uniqueness(reader, peers, as2_id)
     api = _load_api(reader, api_section, peers) if api_section is not None else None
+    delivery = (
+        _load_delivery(reader, delivery_section, peers) if delivery_section is not None else None
+    )
     reader.problems.extend(zone_problems(source, zones, listeners, peers))
 
     if reader.errors or tls_identity is None or signing is None or encryption is None:
@@ -798,7 +848,73 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         zones=tuple(zones),
         warnings=tuple(reader.problems),
         api=api,
+        delivery=delivery,
     )
+
+
+def _check_internal_url(reader: _Reader, item: _Section, key: str, url: str) -> None:
+    """http:// to a loopback address only; https:// anywhere (verified against ``ca``)."""
+    parts = urlsplit(url)
+    fix = (
+        'use "http://127.0.0.1:PORT/path" for a system on this host, or '
+        '"https://host:PORT/path" with `ca` naming the CA of its certificate'
+    )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        item.problem(key, f"{url!r} is not an http:// or https:// URL with a host", fix)
+        return
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            item.problem(
+                key,
+                f"{url!r}: plaintext http:// is allowed only to a loopback IP address "
+                "(received documents hold patient data)",
+                fix,
+            )
+
+
+def _load_delivery(reader: _Reader, section: _Section, peers: list[Peer]) -> DeliverySettings:
+    """The optional ``[delivery]`` table: hand received documents to an internal system."""
+    http_url = section.string("http_url", default="")
+    if http_url:
+        _check_internal_url(reader, section, "http_url", http_url)
+    ca_text = section.string("ca", default="")
+    ca = reader.path(ca_text) if ca_text else None
+    if ca is not None:
+        reader.certificates(section, "ca", ca)
+    timeout = section.number("timeout_seconds", default=60, minimum=1, maximum=3600)
+    known = sorted({s for p in peers for s in p.services})
+    overrides: list[ServiceDelivery] = []
+    if section.has("services"):
+        for item in section.tables("services"):
+            name = item.string("name", example='"lab-results"')
+            if name and name not in known:
+                item.problem(
+                    "name",
+                    f"no peer has a service named {name!r}",
+                    f"use a service from a peer's `services` ({', '.join(known) or 'none yet'})",
+                )
+            if any(o.name == name for o in overrides):
+                item.problem("name", f"service {name!r} is listed twice", "give it one entry")
+            url = item.string("http_url", example='"http://127.0.0.1:9001/referrals"')
+            if url:
+                _check_internal_url(reader, item, "http_url", url)
+            item.finish()
+            overrides.append(ServiceDelivery(name, url))
+    else:
+        section.mark_seen("services")
+    urls = [http_url, *(o.http_url for o in overrides)]
+    if any(urlsplit(u).scheme == "https" for u in urls if u) and ca is None:
+        section.problem(
+            "ca",
+            "an https:// hand-over URL needs the CA that issued the internal system's certificate",
+            'add ca = "/etc/medgw/internal-ca.crt" (PEM)',
+        )
+    section.finish()
+    return DeliverySettings(http_url, ca, timeout, tuple(overrides))
 
 
 MAX_SOCKET_PATH = 107  # sun_path

@@ -38,6 +38,7 @@ from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
+from gateway.delivery.http import HandOver
 from gateway.errors import ConfigError, MedgwError
 from gateway.inbound import InboundProcessor, InboundRequest
 from gateway.intake.api import LocalApi
@@ -103,6 +104,7 @@ class Daemon:
         self._outbound: Outbound | None = None
         self._control: ControlServer | None = None
         self._api: LocalApi | None = None
+        self._handover: HandOver | None = None
         self._ocsp_clients: dict[str, OcspClient] = {}  # per zone: each keeps its OCSP cache
 
     # -- building -------------------------------------------------------------
@@ -258,6 +260,8 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         for peer in config.peers:
             (config.storage.outbox_dir / peer.name).mkdir(exist_ok=True)
+            for service in peer.services:
+                (config.storage.outbox_dir / peer.name / service).mkdir(exist_ok=True)
         trust = await self._assess_trust(config)
         self._audit_trust(config, trust, {})
         self._state = self._build_state(config, trust)
@@ -283,6 +287,15 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self._request_reload)
             self._sync_peer_tasks()
             self._spawn(self._intake_loop())
+            self._handover = HandOver(
+                self._spool,
+                self._audit_sink,
+                self._log,
+                self._clock,
+                lambda: self.state.config,
+                self._rng,
+            )
+            self._spawn(self._handover.run())
             self._spawn(self._trust_refresh_loop())
             if self._notifier.watchdog_interval:
                 self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
@@ -450,6 +463,8 @@ class Daemon:
             return web.Response(status=500, text="internal error\n")
         finally:
             body_path.unlink(missing_ok=True)
+        if self._handover is not None and result.status == 200:
+            self._handover.wake()  # a hand-over to the internal system may be due now
         if result.receipt_url is not None and result.receipt is not None:
             self._spawn(self._deliver_async_receipt(peer, result.receipt_url, *result.receipt))
         response = web.Response(status=result.status, body=result.body)

@@ -74,6 +74,16 @@ class InboundResponse:
     receipt: tuple[tuple[tuple[str, str], ...], bytes] | None = None
 
 
+@dataclass(frozen=True)
+class _Delivered:
+    """Where a document went, and what its hand-over to an internal system needs."""
+
+    target: Path
+    service: str | None
+    content_type: str
+    size: int
+
+
 class _Refused(Exception):
     def __init__(self, disposition: Disposition, event: EventType, reason: str) -> None:
         super().__init__(reason)
@@ -211,7 +221,7 @@ class InboundProcessor:
         # waits for it and is then answered with the original receipt.
         with self._exclusive((peer.name, message_id)):
             try:
-                mic, delivered_to, details = self._accept(request, message_id, digest)
+                mic, delivered, details = self._accept(request, message_id, digest)
             except _Refused as refused:
                 self._reject(request, message_id, refused.event, refused.reason)
                 return self._receipt(request, message_id, refused.disposition, None, digest)
@@ -230,22 +240,32 @@ class InboundProcessor:
             response = self._receipt(
                 request, message_id, Disposition.PROCESSED, mic, digest, details
             )
-            if delivered_to is None:  # a `medgw diagnose` probe: audited, never delivered
+            if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
                 return response
+            delivery = self._config.delivery
+            hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
+            # The receipt and the hand-over to the internal system are recorded in one
+            # transaction: every document answered "processed" is handed over.
             self._spool.inbound_delivered(
-                peer.name, message_id, list(response.headers), response.body
+                peer.name,
+                message_id,
+                list(response.headers),
+                response.body,
+                handover=(delivered.content_type, delivered.size) if hand_over else None,
             )
             self._log.info("message.delivered", peer=peer.name, message_id=message_id)
             self._audit.emit(
                 AuditEvent(
                     EventType.RECEIPT_SENT,
                     peer=peer.name,
+                    service=delivered.service,
                     message_id=message_id,
                     direction="inbound",
                     detail={
                         "disposition": Disposition.PROCESSED.value,
                         "mic": mic,
-                        "inbox_file": str(delivered_to),
+                        "inbox_file": str(delivered.target),
+                        "handover": "queued" if hand_over else "none",
                     },
                 )
             )
@@ -253,7 +273,7 @@ class InboundProcessor:
 
     def _accept(
         self, request: InboundRequest, message_id: str, digest: str
-    ) -> tuple[str, str | None, str | None]:
+    ) -> tuple[str, _Delivered | None, str | None]:
         """The MIC, where the document was delivered (None for a diagnose probe), and a
         line for the receipt about the signer (None: nothing to add)."""
         peer = request.peer
@@ -299,7 +319,7 @@ class InboundProcessor:
         body_path: Path,
         signed_path: Path,
         entity_path: Path,
-    ) -> tuple[str, str | None, str | None]:
+    ) -> tuple[str, _Delivered | None, str | None]:
         """Decrypt, verify and deliver, file to file: memory does not grow with the size."""
         peer = request.peer
         headers = request.headers
@@ -367,7 +387,17 @@ class InboundProcessor:
             raise _Refused(
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
             ) from exc
-        content_type, filename = info.content_type, info.filename
+        content_type, filename, service = info.content_type, info.filename, info.service
+        if service is not None and service not in peer.services:
+            # Signed by the peer, so not forged in transit: a service we did not agree with it.
+            configured = ", ".join(peer.services) or "none"
+            raise _Refused(
+                Disposition.UNEXPECTED_ERROR,
+                EventType.MESSAGE_REJECTED,
+                f"the document names service {service[:80]!r}, which is not configured for "
+                f"peer {peer.name!r} (its services: {configured}); add it to `services` in "
+                f"{peer.source.name} if it was agreed with the peer",
+            )
         if _is_probe(headers, filename, size):
             self._audit.emit(
                 AuditEvent(
@@ -391,6 +421,7 @@ class InboundProcessor:
             AuditEvent(
                 EventType.MESSAGE_RECEIVED,
                 peer=peer.name,
+                service=service,
                 message_id=message_id,
                 direction="inbound",
                 remote_address=request.remote,
@@ -408,9 +439,15 @@ class InboundProcessor:
             )
         )
         target = self._deliver_once(
-            peer, message_id, filename, lambda: payload_chunks(entity_path, info), size, sha256
+            peer,
+            message_id,
+            filename,
+            lambda: payload_chunks(entity_path, info),
+            size,
+            sha256,
+            service,
         )
-        return mic, str(target), details
+        return mic, _Delivered(target, service, content_type, size), details
 
     def _deliver_once(
         self,
@@ -420,14 +457,15 @@ class InboundProcessor:
         payload: Callable[[], Iterable[bytes]],
         size: int,
         sha256: str,
+        service: str | None,
     ) -> Path:
         existing = self._spool.inbound_get(peer.name, message_id)
-        if existing is not None and existing.sha256 != sha256:
+        if existing is not None and (existing.sha256 != sha256 or existing.service != service):
             raise _Refused(
                 Disposition.UNEXPECTED_ERROR,
                 EventType.MESSAGE_REJECTED,
                 f"Message-ID {message_id} was already received with different content "
-                "(a resend must carry the same document)",
+                "or service (a resend must carry the same document)",
             )
         if existing is not None and existing.state == "delivered" and existing.receipt_body:
             raise DuplicateReceipt(existing.receipt_headers, existing.receipt_body)
@@ -442,8 +480,9 @@ class InboundProcessor:
                         filename,
                         message_id,
                         claimed=self._spool.inbound_target_claimed,
+                        service=service,
                     )
-                    self._spool.inbound_begin(peer.name, message_id, sha256, target)
+                    self._spool.inbound_begin(peer.name, message_id, sha256, target, service)
             except SpoolError as exc:
                 raise _Refused(
                     Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
@@ -459,6 +498,7 @@ class InboundProcessor:
             AuditEvent(
                 EventType.MESSAGE_DELIVERED,
                 peer=peer.name,
+                service=service,
                 message_id=message_id,
                 direction="inbound",
                 detail={"inbox_file": str(target), "size": size, "sha256": sha256},

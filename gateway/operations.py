@@ -25,6 +25,7 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
     return {
         "message_id": record.message_id,
         "peer": record.peer,
+        "service": record.service,
         "filename": record.filename,
         "content_type": record.content_type,
         "size": record.size,

@@ -79,6 +79,7 @@ class Outbound:
         for folder in (self._payloads, self._outgoing, self._receipts):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._reported_unknown: set[str] = set()
+        self._reported_unknown_services: set[tuple[str, str]] = set()
         self._reported_skipped: set[Path] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
         # Which peer certificates are acceptable now; set by the daemon on every swap.
@@ -112,8 +113,21 @@ class Outbound:
     # -- intake ---------------------------------------------------------------
 
     async def intake_once(self) -> int:
-        peers = frozenset(p.name for p in self.config.peers)
+        peers = {p.name: p.services for p in self.config.peers}
         result = scan(self.config.storage.outbox_dir, peers)
+        for peer_name, folder in result.unknown_services:
+            if (peer_name, folder) not in self._reported_unknown_services:
+                self._reported_unknown_services.add((peer_name, folder))
+                services = ", ".join(peers[peer_name]) or "none"
+                self._log.warning(
+                    "outbox.unknown_service_folder",
+                    peer=peer_name,
+                    folder=folder,
+                    services=services,
+                    fix=f"its files are not sent: add {folder!r} to `services` in "
+                    f"peers.d/{peer_name}.toml (as agreed with the peer), or move them into "
+                    f"outbox/{peer_name}/ or one of its service folders ({services})",
+                )
         for folder in result.unknown_folders:
             if folder not in self._reported_unknown:
                 self._reported_unknown.add(folder)
@@ -159,6 +173,7 @@ class Outbound:
             expires_at=self._clock.now().timestamp() + self.config.runtime.message_expiry_seconds,
             zone=peer.zone,
             origin=LOCAL_INTAKE,
+            service=candidate.service,
         )
         await asyncio.to_thread(_move_into_spool, candidate.path, payload_path)
         record = self._spool.get(message_id)
@@ -179,6 +194,15 @@ class Outbound:
                 f"no peer named {submission.peer!r}",
                 fix=f"use one of: {known}",
                 status=404,
+            )
+        if submission.service is not None and submission.service not in peer.services:
+            configured = ", ".join(peer.services) or "none"
+            raise SubmissionRefused(
+                f"peer {peer.name!r} has no service {submission.service!r} "
+                f"(its services: {configured})",
+                fix=f"use one of its services, leave the service out, or add it to `services` "
+                f"in {peer.source.name} once agreed with the peer",
+                status=400,
             )
         limit = self.config.runtime.max_message_bytes
         token = os.urandom(12).hex()
@@ -227,6 +251,7 @@ class Outbound:
                 zone=peer.zone,
                 origin=LOCAL_INTAKE,
                 submitted_by=submission.submitter,
+                service=submission.service,
             )
         except BaseException:
             payload_path.unlink(missing_ok=True)
@@ -298,6 +323,7 @@ class Outbound:
                 policy=peer.policy,
                 at=at,
                 receipt_url=peer.async_receipt_url or None,
+                service=record.service,
             )
             return built.headers, built.mic, built.size
 
@@ -333,6 +359,7 @@ class Outbound:
             AuditEvent(
                 EventType.MESSAGE_ACCEPTED,
                 peer=peer.name,
+                service=record.service,
                 message_id=record.message_id,
                 direction="outbound",
                 detail={
@@ -450,6 +477,7 @@ class Outbound:
             AuditEvent(
                 EventType.MESSAGE_SENT,
                 peer=peer.name,
+                service=record.service,
                 message_id=record.message_id,
                 direction="outbound",
                 detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
@@ -629,6 +657,7 @@ class Outbound:
             AuditEvent(
                 EventType.RECEIPT_RECEIVED,
                 peer=peer.name,
+                service=record.service,
                 message_id=record.message_id,
                 direction="outbound",
                 detail={
@@ -702,6 +731,7 @@ class Outbound:
                 Outcome.FAILURE,
                 Severity.ALERT,
                 peer=peer.name,
+                service=record.service,
                 message_id=record.message_id,
                 direction="outbound",
                 reason=reason,

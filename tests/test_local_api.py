@@ -195,7 +195,13 @@ def test_api_refuses_bad_tokens_foreign_peers_and_services(
     status, answer = api.request(
         "POST", "/v1/messages?to=hospital&service=results", token=LIS_TOKEN, body=b"MSH|x\r"
     )
-    assert status == 400 and "services are not supported" in answer["error"]
+    # The demo peers agree on no services: a service is refused, naming what there is.
+    assert status == 400 and "has no service 'results'" in answer["error"], answer
+    assert "its services: none" in answer["error"] and "services" in answer["fix"]
+    status, answer = api.request(
+        "POST", "/v1/messages?to=hospital&service=../x", token=LIS_TOKEN, body=b"MSH|x\r"
+    )
+    assert status == 400 and "not a service name" in answer["error"], answer
     status, answer = api.request("POST", "/v1/messages?to=hospital", token=LIS_TOKEN, body=b"")
     assert status == 400 and "empty" in answer["error"]
     status, answer = api.request(
@@ -358,7 +364,7 @@ def test_medgw_send_usage_errors_exit_2(layout: DemoLayout, tmp_path: Path) -> N
     document = tmp_path / "a.hl7"
     document.write_bytes(b"MSH|a\r")
     service = medgw("send", str(document), "--to", "hospital", "--service", "x", "--config", config)
-    assert service.returncode == 2 and "services are not supported" in service.stderr
+    assert service.returncode == 2 and "has no service 'x'" in service.stderr
     missing = medgw("send", str(tmp_path / "nope.hl7"), "--to", "hospital", "--config", config)
     assert missing.returncode == 2 and "not a readable regular file" in missing.stderr
     unknown = medgw("send", str(document), "--to", "pharmacy", "--config", config)

@@ -30,6 +30,8 @@ class EntityInfo:
     filename: str | None
     encoding: str
     body_offset: int
+    # The X-Medgw-Service header (None: absent; checked by the caller against the peer's).
+    service: str | None = None
 
 
 def read_entity_info(path: Path) -> EntityInfo:
@@ -53,7 +55,10 @@ def read_entity_info(path: Path) -> EntityInfo:
             fix="the sender should use binary or base64",
         )
     filename = header_param(fields.get("content-disposition", ""), "filename")
-    return EntityInfo(content_type, filename, encoding, offset)
+    service = fields.get("x-medgw-service")
+    return EntityInfo(
+        content_type, filename, encoding, offset, service.strip() if service is not None else None
+    )
 
 
 def payload_chunks(path: Path, info: EntityInfo) -> Iterator[bytes]:

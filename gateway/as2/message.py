@@ -5,6 +5,13 @@ arrive exactly as sent), is signed (``multipart/signed``, detached) and then
 enveloped for the peer (``application/pkcs7-mime``).  The MIC the peer must
 return in its receipt is the digest of the signed entity, headers included
 (RFC 4130 section 7.3.1).
+
+A document for one of the peer's services (a routing key agreed with it, see
+the admin guide) names it in the signed entity's own header
+``X-Medgw-Service``: inside the signature (and the MIC), so it cannot be
+changed or added in transit, and invisible outside the encryption.  Other AS2
+products ignore an unknown entity header, so a medgw peer is needed for the
+service to mean anything at the receiving end.
 """
 
 from __future__ import annotations
@@ -34,11 +41,17 @@ class BuiltMessage:
     mic: str  # "<base64>, sha-256"
 
 
-def entity_headers(filename: str, message_id: str) -> list[tuple[str, str]]:
+SERVICE_HEADER = "X-Medgw-Service"
+
+
+def entity_headers(
+    filename: str, message_id: str, service: str | None = None
+) -> list[tuple[str, str]]:
     name = safe_name(filename, message_id)
     return [
         ("Content-Transfer-Encoding", "binary"),
         ("Content-Disposition", f'attachment; filename="{name}"'),
+        *([(SERVICE_HEADER, service)] if service else []),
     ]
 
 
@@ -88,8 +101,9 @@ def build_message(
     cipher: str,
     policy: AlgorithmPolicy,
     at: datetime,
+    service: str | None = None,
 ) -> BuiltMessage:
-    entity = make_entity(content_type, payload, entity_headers(filename, message_id))
+    entity = make_entity(content_type, payload, entity_headers(filename, message_id, service))
     mic = f"{compute_mic(entity, digest)}, {DIGEST_TO_MICALG[digest]}"
     signed = sign_entity(
         entity,
@@ -135,6 +149,7 @@ def build_message_file(
     policy: AlgorithmPolicy,
     at: datetime,
     receipt_url: str | None = None,
+    service: str | None = None,
 ) -> BuiltFile:
     """:func:`build_message` for documents of any size: file in, AS2 body file out.
 
@@ -143,7 +158,7 @@ def build_message_file(
     and encrypted by the streaming CMS engine, then removed.
     """
     entity = body.with_name(body.name + ".entity")
-    head = make_entity(content_type, b"", entity_headers(filename, message_id))
+    head = make_entity(content_type, b"", entity_headers(filename, message_id, service))
     try:
         size = 0
         with entity.open("wb") as out:

@@ -35,6 +35,8 @@ class EventType(StrEnum):
     MESSAGE_RECEIVED = "message.received"  # accepted from a peer, verified
     MESSAGE_REJECTED = "message.rejected"  # refused from a peer
     MESSAGE_DELIVERED = "message.delivered"  # durably in the inbox
+    MESSAGE_HANDED_OVER = "message.handed_over"  # POSTed to the internal system, 2xx answer
+    HANDOVER_FAILED = "message.handover_failed"  # that POST failed; retried with back-off
     MESSAGE_DUPLICATE = "message.duplicate"  # resend answered with the original receipt
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"
@@ -76,6 +78,7 @@ class AuditEvent:
     remote_address: str | None = None
     reason: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    service: str | None = None  # the routing key agreed with the peer, if the document has one
 
     def to_record(self, time: datetime) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -84,7 +87,7 @@ class AuditEvent:
             "outcome": self.outcome.value,
             "severity": self.severity.value,
         }
-        for key in ("peer", "message_id", "direction", "remote_address", "reason"):
+        for key in ("peer", "service", "message_id", "direction", "remote_address", "reason"):
             value = getattr(self, key)
             if value is not None:
                 record[key] = value

@@ -1,4 +1,4 @@
-"""``medgw send FILE --to PEER``: hand a document to the running gateway and wait for its receipt.
+"""``medgw send FILE --to PEER [--service S]``: send through the running gateway, await the receipt.
 
 The file is streamed over the control socket (any size; a progress bar on
 stderr for large files when stderr is a terminal), then the command follows
@@ -20,7 +20,6 @@ from gateway.config import load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient
 from gateway.intake.outbox import CONTENT_TYPES
-from gateway.intake.submit import SERVICE_FIX, SERVICE_UNSUPPORTED
 
 DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 PROGRESS_ABOVE = 4 << 20  # files up to this size get no progress bar
@@ -41,7 +40,8 @@ def register(commands: Any) -> None:
     send.add_argument(
         "--service",
         metavar="S",
-        help="not supported: documents are delivered to the peer's inbox folder for us",
+        help="one of the peer's services (peers.d/<peer>.toml `services`); the peer "
+        "delivers the document into its inbox folder for that service",
     )
     send.add_argument(
         "--content-type",
@@ -89,8 +89,6 @@ class Progress:
 
 def _send(args: argparse.Namespace) -> int:
     path: Path = args.file
-    if args.service is not None:
-        return _usage(SERVICE_UNSUPPORTED, SERVICE_FIX)
     if not path.is_file():
         return _usage(f"{path} is not a readable regular file", "give the path of the document")
     try:
@@ -99,14 +97,25 @@ def _send(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _usage(f"cannot read {path}: {exc.strerror}", "check the path and permissions")
     config = load_config(args.config)
-    if config.peer(args.to) is None:
+    peer = config.peer(args.to)
+    if peer is None:
         known = ", ".join(p.name for p in config.peers) or "(none configured)"
         return _usage(f"no peer named {args.to!r}", f"use one of: {known}")
+    if args.service is not None and args.service not in peer.services:
+        configured = ", ".join(peer.services) or "none"
+        return _usage(
+            f"peer {args.to!r} has no service {args.service!r} (its services: {configured})",
+            f"use one of its services, leave --service out, or add it to `services` in "
+            f"{peer.source} once agreed with the peer",
+        )
     content_type = args.content_type or CONTENT_TYPES.get(
         path.suffix.lower(), "application/octet-stream"
     )
     client = ControlClient(config.storage.state_dir / SOCKET_NAME)
-    query = urlencode({"to": args.to, "filename": path.name})
+    query = urlencode(
+        {"to": args.to, "filename": path.name}
+        | ({"service": args.service} if args.service is not None else {})
+    )
     size = path.stat().st_size
     progress = Progress(size, sys.stderr)
     view = client.upload(f"/v1/messages?{query}", path, content_type, progress)
@@ -150,6 +159,8 @@ def _follow(client: ControlClient, view: dict[str, Any]) -> dict[str, Any]:
 def _report(view: dict[str, Any]) -> int:
     receipt = view.get("receipt") or {}
     lines = [f"{view['state']:<12} {view['message_id']}", f"{'peer':<12} {view['peer']}"]
+    if view.get("service"):
+        lines.append(f"{'service':<12} {view['service']}")
     if receipt.get("verified"):
         lines.append(f"{'disposition':<12} {receipt['disposition']}")
         match = "matches what was sent" if receipt["mic_matches"] else "DOES NOT MATCH"

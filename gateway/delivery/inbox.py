@@ -1,4 +1,4 @@
-"""Inbox folder delivery: ``inbox/<peer>/<file name>``, written atomically.
+"""Inbox folder delivery: ``inbox/<peer>/[<service>/]<file name>``, written atomically.
 
 Internal systems watching the inbox see a document only once it is complete
 and on disk (hidden temporary file, fsync, rename, fsync of the folder).  A
@@ -35,12 +35,14 @@ def choose_target(
     filename: str | None,
     message_id: str,
     claimed: Callable[[Path], bool] = lambda _path: False,
+    service: str | None = None,
 ) -> Path:
     """Where a new document goes: never an existing file, nor one another delivery claimed.
 
+    ``service`` must be one configured for the peer (a checked folder name).
     On a clash the name gets a suffix derived from the Message-ID.
     """
-    folder = inbox_dir / peer
+    folder = inbox_dir / peer if service is None else inbox_dir / peer / service
     name = safe_name(filename, message_id)
     target = folder / name
     if target.exists() or claimed(target):

@@ -1,5 +1,9 @@
 """The outbox folder: ``outbox/<peer>/<file>`` is a document for that peer.
 
+``outbox/<peer>/<service>/<file>`` is a document for that peer's service (a
+routing key agreed with the peer, listed in its ``services``).  A subfolder
+that names no service of the peer is reported and left alone.
+
 Writers must create the file under a hidden name (``.name``) or with a
 ``.tmp`` / ``.part`` suffix and then *rename* it into place: only a completed
 rename makes a file visible to medgw.  Symbolic links and anything that is not
@@ -10,6 +14,7 @@ writer may not read).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +32,7 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".partial")
 class Candidate:
     peer: str
     path: Path
+    service: str | None = None
 
     @property
     def content_type(self) -> str:
@@ -38,12 +44,15 @@ class ScanResult:
     candidates: tuple[Candidate, ...]
     unknown_folders: tuple[str, ...]
     skipped: tuple[Path, ...]  # symlinks and other non-regular files
+    unknown_services: tuple[tuple[str, str], ...] = ()  # (peer, subfolder) of no service
 
 
-def scan(outbox_dir: Path, peers: frozenset[str]) -> ScanResult:
+def scan(outbox_dir: Path, peers: Mapping[str, tuple[str, ...]]) -> ScanResult:
+    """Documents waiting in the outbox; ``peers`` maps each peer to its services."""
     candidates: list[Candidate] = []
     unknown: list[str] = []
     skipped: list[Path] = []
+    unknown_services: list[tuple[str, str]] = []
     try:
         folders = sorted(os.scandir(outbox_dir), key=lambda e: e.name)
     except FileNotFoundError:
@@ -54,12 +63,30 @@ def scan(outbox_dir: Path, peers: frozenset[str]) -> ScanResult:
         if folder.name not in peers:
             unknown.append(folder.name)
             continue
-        entries = sorted(os.scandir(folder.path), key=lambda e: e.name)
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(IGNORED_SUFFIXES):
-                continue
-            if not entry.is_file(follow_symlinks=False):
+        services = peers[folder.name]
+        for entry in _entries(folder.path):
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name not in services:
+                    unknown_services.append((folder.name, entry.name))
+                    continue
+                for inner in _entries(entry.path):
+                    if inner.is_file(follow_symlinks=False):
+                        candidates.append(Candidate(folder.name, Path(inner.path), entry.name))
+                    else:
+                        skipped.append(Path(inner.path))
+            elif entry.is_file(follow_symlinks=False):
+                candidates.append(Candidate(folder.name, Path(entry.path)))
+            else:
                 skipped.append(Path(entry.path))
-                continue
-            candidates.append(Candidate(folder.name, Path(entry.path)))
-    return ScanResult(tuple(candidates), tuple(unknown), tuple(skipped))
+    return ScanResult(tuple(candidates), tuple(unknown), tuple(skipped), tuple(unknown_services))
+
+
+def _entries(folder: str) -> list[os.DirEntry[str]]:
+    """The visible, complete entries of a folder, by name (temporary names are skipped)."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:  # removed while we looked
+        return []
+    return [
+        e for e in entries if not e.name.startswith(".") and not e.name.endswith(IGNORED_SUFFIXES)
+    ]

@@ -1,6 +1,6 @@
 """Submitting a document over HTTP: shared by the local API and the control socket.
 
-``POST /v1/messages?to=PEER[&filename=NAME]`` with the document as the request
+``POST /v1/messages?to=PEER[&service=S][&filename=NAME]`` with the document as the request
 body (any size: it is streamed to the spool, never held in memory) and its
 media type as ``Content-Type``.  The answer (202) carries the Message-ID once
 the document is durably spooled, signed and encrypted; ``GET
@@ -9,10 +9,9 @@ receipt as verified again from the stored copy (disposition, MIC, signer).
 Who submitted it is recorded with the message and in the audit trail (NET-3);
 a local API client sees only its own messages.
 
-There is no ``service`` parameter: the receiving gateway delivers every
-document from a peer into that peer's inbox folder, so a service name would
-be carried and then ignored.  A request naming one is refused instead of
-pretending.
+``service`` names one of the destination peer's ``services`` (a routing key
+agreed with it); the receiving medgw delivers the document into
+``inbox/<us>/<service>/``.  A service the peer does not have is refused.
 """
 
 from __future__ import annotations
@@ -24,16 +23,12 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.config import SERVICE_NAME
 from gateway.errors import MedgwError
 
 CHUNK = 1 << 20
 MAX_FILENAME = 255
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
-SERVICE_UNSUPPORTED = (
-    "services are not supported: the receiving gateway delivers every document into "
-    "the inbox folder of the peer that sent it (inbox/<peer>/), whatever the service"
-)
-SERVICE_FIX = "leave out the service; agree with the peer on file names or content types instead"
 
 
 @dataclass(frozen=True)
@@ -42,6 +37,7 @@ class Submission:
     filename: str
     content_type: str
     submitter: str  # "api:<client>" or "operator:<account> (uid N)"
+    service: str | None = None  # one of the peer's services (checked on submission)
 
 
 class SubmissionRefused(MedgwError):
@@ -65,8 +61,14 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
     """The submission a request asks for, or the error response to give (nothing read yet)."""
     peer = request.query.get("to", "")
     filename = request.query.get("filename", "")
-    if "service" in request.query:
-        return json_error(400, SERVICE_UNSUPPORTED, SERVICE_FIX)
+    service = request.query.get("service")
+    if service is not None and not SERVICE_NAME.match(service):
+        return json_error(
+            400,
+            f"service {service[:80]!r} is not a service name",
+            "give one of the destination peer's `services` (letters, digits, '.', '_', '-'), "
+            "or leave the parameter out",
+        )
     if not peer:
         return json_error(
             400,
@@ -90,7 +92,7 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
             "send e.g. Content-Type: application/hl7-v2, application/fhir+json, "
             "application/pdf, application/dicom or application/octet-stream",
         )
-    return Submission(peer, filename, content_type, submitter)
+    return Submission(peer, filename, content_type, submitter, service)
 
 
 async def submit(request: web.Request, submission: Submission, submit_fn: SubmitFn) -> web.Response:

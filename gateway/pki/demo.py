@@ -381,4 +381,8 @@ personal_signers = false
 # "" asks the peer for synchronous receipts (in the HTTP response); an https URL
 # of our own listener asks it to POST them there later (asynchronous MDN).
 async_receipt_url = ""
+# Services (routing keys agreed with the peer), e.g. ["lab-results"]: sent from
+# outbox/{other.name}/<service>/, delivered to inbox/{other.name}/<service>/.
+# [] = none: everything goes through outbox/{other.name}/ and inbox/{other.name}/.
+services = []
 """

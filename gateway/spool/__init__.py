@@ -1,6 +1,8 @@
 """The durable store of messages in transit (SQLite in WAL mode by default)."""
 
 from gateway.spool.sqlite import (
+    HandoverRecord,
+    HandoverState,
     InboundRecord,
     OutboundRecord,
     OutboundState,
@@ -8,4 +10,12 @@ from gateway.spool.sqlite import (
     Spool,
 )
 
-__all__ = ["InboundRecord", "OutboundRecord", "OutboundState", "PeerControl", "Spool"]
+__all__ = [
+    "HandoverRecord",
+    "HandoverState",
+    "InboundRecord",
+    "OutboundRecord",
+    "OutboundState",
+    "PeerControl",
+    "Spool",
+]

@@ -81,6 +81,23 @@ CREATE TABLE IF NOT EXISTS submissions (
     message_id      TEXT PRIMARY KEY,
     submitted_by    TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS handover (
+    peer            TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    service         TEXT,
+    path            TEXT NOT NULL,
+    content_type    TEXT NOT NULL,
+    sha256          TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    PRIMARY KEY (peer, message_id)
+);
+CREATE INDEX IF NOT EXISTS handover_due ON handover (state, next_attempt_at);
 CREATE TABLE IF NOT EXISTS peer_control (
     peer            TEXT PRIMARY KEY,
     suspended       INTEGER NOT NULL,
@@ -139,6 +156,7 @@ class OutboundRecord:
     updated_at: str
     zone: str | None = None  # the destination peer's network zone
     origin: Origin = LOCAL_INTAKE  # local intake, or the peer (and zone) it came in from
+    service: str | None = None  # the routing key agreed with the peer, if any
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,30 @@ class InboundRecord:
     state: str  # "delivering" or "delivered"
     receipt_headers: tuple[tuple[str, str], ...]
     receipt_body: bytes | None
+    service: str | None = None
+
+
+class HandoverState(StrEnum):
+    PENDING = "pending"  # to be POSTed to the internal system (again, after a back-off)
+    DONE = "done"  # the internal system answered 2xx
+    FAILED = "failed"  # cannot ever succeed (the inbox file is gone); needs an operator
+
+
+@dataclass(frozen=True)
+class HandoverRecord:
+    """A received document to POST to the internal system (at least once, see delivery.http)."""
+
+    peer: str
+    message_id: str
+    service: str | None
+    path: Path
+    content_type: str
+    sha256: str
+    size: int
+    state: HandoverState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
 
 
 def _outbound(row: sqlite3.Row) -> OutboundRecord:
@@ -179,11 +221,18 @@ def _outbound(row: sqlite3.Row) -> OutboundRecord:
             if row["origin_peer"] is not None and row["origin_zone"] is not None
             else LOCAL_INTAKE
         ),
+        service=row["service"],
     )
 
 
 # Columns added after the first release, for spools created before them.
-_ADDED_COLUMNS = (("zone", "TEXT"), ("origin_peer", "TEXT"), ("origin_zone", "TEXT"))
+_ADDED_COLUMNS = (
+    ("outbound", "zone", "TEXT"),
+    ("outbound", "origin_peer", "TEXT"),
+    ("outbound", "origin_zone", "TEXT"),
+    ("outbound", "service", "TEXT"),
+    ("inbound", "service", "TEXT"),
+)
 
 
 class Spool:
@@ -200,10 +249,10 @@ class Spool:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
-            present = {r["name"] for r in self._db.execute("PRAGMA table_info(outbound)")}
-            for column, kind in _ADDED_COLUMNS:
+            for table, column, kind in _ADDED_COLUMNS:
+                present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in present:
-                    self._db.execute(f"ALTER TABLE outbound ADD COLUMN {column} {kind}")
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.Error as exc:
             raise SpoolError(
                 f"cannot open the spool database {path}: {exc}",
@@ -259,6 +308,7 @@ class Spool:
         zone: str | None = None,
         origin: Origin = LOCAL_INTAKE,
         submitted_by: str | None = None,
+        service: str | None = None,
     ) -> None:
         """Queue a message for ``peer`` (of network ``zone``).
 
@@ -283,7 +333,7 @@ class Spool:
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
             " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
-            " updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, service) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 peer,
@@ -298,6 +348,7 @@ class Spool:
                 origin.zone,
                 now,
                 now,
+                service,
             ),
             extra,
         )
@@ -572,6 +623,7 @@ class Spool:
             state=row["state"],
             receipt_headers=tuple(tuple(h) for h in json.loads(row["receipt_headers"] or "[]")),
             receipt_body=row["receipt_body"],
+            service=row["service"],
         )
 
     def inbound_target_claimed(self, target_path: Path) -> bool:
@@ -579,12 +631,19 @@ class Spool:
             self._one("SELECT 1 FROM inbound WHERE target_path=?", (str(target_path),)) is not None
         )
 
-    def inbound_begin(self, peer: str, message_id: str, sha256: str, target_path: Path) -> None:
+    def inbound_begin(
+        self,
+        peer: str,
+        message_id: str,
+        sha256: str,
+        target_path: Path,
+        service: str | None = None,
+    ) -> None:
         now = self._now()
         self._write(
             "INSERT OR REPLACE INTO inbound (peer, message_id, sha256, target_path, state,"
-            " received_at, updated_at) VALUES (?,?,?,?,?,?,?)",
-            (peer, message_id, sha256, str(target_path), "delivering", now, now),
+            " received_at, updated_at, service) VALUES (?,?,?,?,?,?,?,?)",
+            (peer, message_id, sha256, str(target_path), "delivering", now, now, service),
         )
 
     def inbound_delivered(
@@ -593,9 +652,97 @@ class Spool:
         message_id: str,
         receipt_headers: list[tuple[str, str]],
         receipt_body: bytes,
+        handover: tuple[str, int] | None = None,
     ) -> None:
+        """The document is durably in the inbox and its receipt stored.
+
+        ``handover`` (content type, size): also queue its hand-over to the internal
+        system, in the same transaction, so that every document answered
+        ``processed`` is handed over even if the process dies right after.
+        """
+        now = self._now()
+        more: list[tuple[str, tuple[Any, ...]]] = []
+        if handover is not None:
+            content_type, size = handover
+            more.append(
+                (
+                    "INSERT OR IGNORE INTO handover (peer, message_id, service, path,"
+                    " content_type, sha256, size, state, created_at, updated_at)"
+                    " SELECT peer, message_id, service, target_path, ?, sha256, ?, ?, ?, ?"
+                    " FROM inbound WHERE peer=? AND message_id=?",
+                    (
+                        content_type,
+                        size,
+                        HandoverState.PENDING.value,
+                        now,
+                        now,
+                        peer,
+                        message_id,
+                    ),
+                )
+            )
         self._write(
             "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?, updated_at=?"
             " WHERE peer=? AND message_id=?",
-            (json.dumps(receipt_headers), receipt_body, self._now(), peer, message_id),
+            (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
+            more,
         )
+
+    # -- hand-over to the internal system ---------------------------------------
+
+    def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:
+        rows = self._read(
+            "SELECT * FROM handover WHERE state=? AND next_attempt_at<=?"
+            " ORDER BY next_attempt_at, created_at LIMIT ?",
+            (HandoverState.PENDING.value, now, limit),
+        )
+        return [_handover(r) for r in rows]
+
+    def handover_next_at(self) -> float | None:
+        """When the earliest pending hand-over is due (None: nothing pending)."""
+        row = self._one(
+            "SELECT MIN(next_attempt_at) AS t FROM handover WHERE state=?",
+            (HandoverState.PENDING.value,),
+        )
+        return float(row["t"]) if row is not None and row["t"] is not None else None
+
+    def handover_get(self, peer: str, message_id: str) -> HandoverRecord | None:
+        row = self._one("SELECT * FROM handover WHERE peer=? AND message_id=?", (peer, message_id))
+        return _handover(row) if row else None
+
+    def handover_done(self, peer: str, message_id: str) -> None:
+        self._write(
+            "UPDATE handover SET state=?, attempts=attempts+1, last_error=NULL, updated_at=?"
+            " WHERE peer=? AND message_id=?",
+            (HandoverState.DONE.value, self._now(), peer, message_id),
+        )
+
+    def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> None:
+        self._write(
+            "UPDATE handover SET attempts=attempts+1, last_error=?, next_attempt_at=?,"
+            " updated_at=? WHERE peer=? AND message_id=?",
+            (error, next_at, self._now(), peer, message_id),
+        )
+
+    def handover_failed(self, peer: str, message_id: str, error: str) -> None:
+        self._write(
+            "UPDATE handover SET state=?, attempts=attempts+1, last_error=?, updated_at=?"
+            " WHERE peer=? AND message_id=?",
+            (HandoverState.FAILED.value, error, self._now(), peer, message_id),
+        )
+
+
+def _handover(row: sqlite3.Row) -> HandoverRecord:
+    return HandoverRecord(
+        peer=row["peer"],
+        message_id=row["message_id"],
+        service=row["service"],
+        path=Path(row["path"]),
+        content_type=row["content_type"],
+        sha256=row["sha256"],
+        size=row["size"],
+        state=HandoverState(row["state"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+    )

@@ -1,0 +1,267 @@
+"""Hand-over of received documents to an internal system over HTTP (``[delivery]``).
+
+The receipt ``processed`` means one thing: the document is durably in the
+inbox folder.  Handing it to an internal system (an EHR's import endpoint, a
+LIS interface engine) is a second, separate step: the row for it is written in
+the same spool transaction that stores the receipt, and this worker POSTs the
+inbox file, streamed, until the system answers 2xx.  It is retried with capped
+exponential back-off across restarts, so it is *at least once*: the system
+must treat ``Idempotency-Key`` (the AS2 Message-ID, unique per peer) as the
+key of the document and ignore a repeat.
+
+Headers of each POST::
+
+    Content-Type        the document's media type, as the peer sent it
+    Content-Length      its size
+    Idempotency-Key     the Message-ID (also X-Medgw-Message-Id)
+    X-Medgw-Peer        the sending peer's name (peers.d/)
+    X-Medgw-Service     the service, when the document has one
+    X-Medgw-Filename    the file's name in the inbox
+    X-Medgw-Sha256      SHA-256 (hex) of the body
+
+The body is read from the inbox file; if that file is gone or no longer has
+the SHA-256 it was received with, the hand-over stops (state ``failed``,
+an alert) rather than POST something else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.config import GatewayConfig
+from gateway.logs import Logger
+from gateway.spool import HandoverRecord, Spool
+
+CHUNK = 1 << 20
+IDLE_CHECK_SECONDS = 5.0
+
+
+class _Changed(Exception):
+    """The inbox file is not the document that was received (gone, or other content)."""
+
+
+async def _body(path: Path, size: int, sha256: str) -> AsyncIterator[bytes]:
+    """The file in chunks; the last chunk only once its SHA-256 is confirmed.
+
+    A mismatch raises before the request is complete, so the internal system
+    never receives a whole body that is not the received document.
+    """
+    digest = hashlib.sha256()
+    seen = 0
+    with path.open("rb") as handle:
+        pending = b""
+        while chunk := await asyncio.to_thread(handle.read, CHUNK):
+            if pending:
+                yield pending
+            digest.update(chunk)
+            seen += len(chunk)
+            pending = chunk
+    if seen != size or digest.hexdigest() != sha256:
+        raise _Changed(f"the inbox file {path} changed after delivery")
+    if pending:
+        yield pending
+
+
+class HandOver:
+    """POSTs every pending hand-over in the spool; one worker per daemon."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        audit: Callable[[], AuditSink],
+        log: Logger,
+        clock: Clock,
+        config: Callable[[], GatewayConfig],
+        rng: random.Random,
+    ) -> None:
+        self._spool = spool
+        self._audit = audit
+        self._log = log
+        self._clock = clock
+        self._config = config
+        self._rng = rng
+        self._wakeup = asyncio.Event()
+        self._contexts: dict[Path, ssl.SSLContext] = {}
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Until cancelled: hand over what is due; rest the whole queue after a failure."""
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            resume_at = 0.0
+            while True:
+                self._wakeup.clear()
+                now = self._clock.now().timestamp()
+                if now >= resume_at:
+                    for record in self._spool.handover_due(now):
+                        pause = await self.hand_over(session, record)
+                        if pause > 0:
+                            resume_at = self._clock.now().timestamp() + pause
+                            break
+                now = self._clock.now().timestamp()
+                next_at = self._spool.handover_next_at()
+                wait = IDLE_CHECK_SECONDS
+                if next_at is not None:
+                    wait = min(wait, max(next_at, resume_at) - now)
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+
+    def _context(self, ca: Path) -> ssl.SSLContext:
+        context = self._contexts.get(ca)
+        if context is None:
+            context = ssl.create_default_context(cafile=str(ca))
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._contexts[ca] = context
+        return context
+
+    async def hand_over(self, session: aiohttp.ClientSession, record: HandoverRecord) -> float:
+        """One attempt; returns 0, or how long the queue should rest after a failure."""
+        config = self._config()
+        delivery = config.delivery
+        url = delivery.url_for(record.service) if delivery is not None else ""
+        if delivery is None or not url:
+            self._give_up(
+                record,
+                "the hand-over is no longer configured ([delivery] in "
+                "gateway.toml); the document stays in the inbox",
+            )
+            return 0.0
+        headers = {
+            "Content-Type": record.content_type,
+            "Content-Length": str(record.size),
+            "Idempotency-Key": record.message_id,
+            "X-Medgw-Message-Id": record.message_id,
+            "X-Medgw-Peer": record.peer,
+            "X-Medgw-Filename": record.path.name,
+            "X-Medgw-Sha256": record.sha256,
+            **({"X-Medgw-Service": record.service} if record.service else {}),
+        }
+        ssl_context: ssl.SSLContext | bool = True
+        if urlsplit(url).scheme == "https":
+            assert delivery.ca is not None  # load_config requires it
+            ssl_context = self._context(delivery.ca)
+        try:
+            if not record.path.is_file():
+                raise _Changed(f"the inbox file {record.path} is gone")
+            async with session.post(
+                url,
+                data=_body(record.path, record.size, record.sha256),
+                headers=headers,
+                ssl=ssl_context,
+                timeout=aiohttp.ClientTimeout(total=delivery.timeout_seconds),
+                allow_redirects=False,
+            ) as response:
+                await response.read()
+                status = response.status
+        except _Changed as exc:
+            self._give_up(record, f"{exc}: nothing was handed over")
+            return 0.0
+        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
+            cause = exc.__cause__
+            if isinstance(cause, _Changed):
+                self._give_up(record, f"{cause}: nothing was handed over")
+                return 0.0
+            return self._retry(record, url, f"{type(exc).__name__}: {exc}")
+        if not 200 <= status < 300:
+            return self._retry(record, url, f"the internal system answered HTTP {status}")
+        self._spool.handover_done(record.peer, record.message_id)
+        self._log.info("message.handed_over", peer=record.peer, message_id=record.message_id)
+        self._audit().emit(
+            AuditEvent(
+                EventType.MESSAGE_HANDED_OVER,
+                peer=record.peer,
+                service=record.service,
+                message_id=record.message_id,
+                direction="inbound",
+                detail={
+                    "url": _shown(url),
+                    "status": status,
+                    "attempt": record.attempts + 1,
+                    "size": record.size,
+                    "sha256": record.sha256,
+                },
+            )
+        )
+        return 0.0
+
+    def _retry(self, record: HandoverRecord, url: str, reason: str) -> float:
+        runtime = self._config().runtime
+        attempt = record.attempts + 1
+        base = min(
+            runtime.retry_max_seconds, runtime.retry_initial_seconds * 2 ** max(0, attempt - 1)
+        )
+        delay = float(base * (0.5 + self._rng.random() / 2))
+        self._spool.handover_retry(
+            record.peer, record.message_id, reason, self._clock.now().timestamp() + delay
+        )
+        self._log.warning(
+            "message.handover_failed",
+            peer=record.peer,
+            message_id=record.message_id,
+            reason=reason,
+            retry_in_seconds=round(delay, 1),
+            fix=f"check that the internal system at {_shown(url)} is up and answers 2xx; "
+            "the document is safe in the inbox and is handed over again",
+        )
+        self._audit().emit(
+            AuditEvent(
+                EventType.HANDOVER_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=record.peer,
+                service=record.service,
+                message_id=record.message_id,
+                direction="inbound",
+                reason=f"{reason}; retried in {delay:.0f} s",
+                detail={
+                    "url": _shown(url),
+                    "attempt": attempt,
+                    "retry_in_seconds": round(delay, 1),
+                },
+            )
+        )
+        return delay
+
+    def _give_up(self, record: HandoverRecord, reason: str) -> None:
+        self._spool.handover_failed(record.peer, record.message_id, reason)
+        self._log.error(
+            "message.handover_failed",
+            peer=record.peer,
+            message_id=record.message_id,
+            reason=reason,
+            fix="hand the document to the internal system by hand; it is not retried",
+        )
+        self._audit().emit(
+            AuditEvent(
+                EventType.HANDOVER_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=record.peer,
+                service=record.service,
+                message_id=record.message_id,
+                direction="inbound",
+                reason=f"{reason}; not retried",
+                detail={"final": True},
+            )
+        )
+
+
+def _shown(url: str) -> str:
+    """The URL without credentials or query, for logs and the audit trail."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
