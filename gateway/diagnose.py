@@ -448,10 +448,12 @@ class Diagnoser:
             return _fail(
                 "tls",
                 f"{target.where}: no TLS handshake within {self._connect_timeout:g} s",
-                "the peer accepts TCP connections but does not complete a TLS handshake: "
-                "the port serves something else, or the peer's gateway is overloaded or hung",
-                "ask the peer's administrator to check their gateway and which service "
-                f"listens on port {target.port}",
+                "the peer accepts TCP connections but does not complete a TLS handshake in "
+                "time: the path is very slow, the port serves something else, or the peer's "
+                "gateway is overloaded or hung",
+                "if the path is known to be slow, raise connect_timeout_seconds in [runtime]; "
+                "otherwise ask the peer's administrator to check their gateway and which "
+                f"service listens on port {target.port}",
             )
         except (OSError, asyncio.IncompleteReadError) as exc:
             return _fail(
