@@ -1,0 +1,55 @@
+"""``medgw audit verify`` on a real daemon's audit trail, intact and tampered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+
+
+def verify(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "verify", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_intact_trail_verifies_and_each_kind_of_tampering_is_found(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "doc.hl7", b"MSH|x\r")
+    wait_until(
+        lambda: [r for r in read_audit(layout.lab.audit_log) if r["event"] == "receipt.received"],
+        60,
+        "the receipt",
+    )
+    assert lab.stop() == 0
+    ok = verify("--config", str(layout.lab.config_path))
+    assert ok.returncode == 0, ok.stderr
+    assert "hash chain intact" in ok.stdout
+
+    path = layout.lab.audit_log
+    original = path.read_text().splitlines()
+    assert len(original) >= 4
+
+    record = json.loads(original[2])
+    record["peer"] = "someone-else"  # an edited field
+    path.write_text("\n".join([*original[:2], json.dumps(record), *original[3:]]) + "\n")
+    edited = verify("--file", str(path))
+    assert edited.returncode == 1 and f"{path}:3" in edited.stderr and "altered" in edited.stderr
+
+    path.write_text("\n".join([*original[:1], *original[2:]]) + "\n")  # a removed record
+    removed = verify("--file", str(path))
+    assert removed.returncode == 1 and "chain broken" in removed.stderr
+
+    path.write_text("\n".join([original[1], original[0], *original[2:]]) + "\n")  # reordered
+    assert verify("--file", str(path)).returncode == 1
