@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.commands import api, audit, daemon, demo, diagnose, queue, send, smime
+from gateway.commands import api, audit, daemon, demo, diagnose, handover, queue, send, smime
 from gateway.commands import pki as pki_cmds
 from gateway.errors import MedgwError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.register(commands)
     demo.register(commands)
     queue.register(commands)
+    handover.register(commands)
     audit.register(commands)
     send.register(commands)
     api.register(commands)

@@ -13,8 +13,8 @@ from typing import Any
 from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
-from gateway.errors import MedgwError
-from gateway.spool import OutboundRecord, Spool
+from gateway.errors import MedgwError, SpoolError
+from gateway.spool import HandoverRecord, HandoverState, OutboundRecord, Spool
 
 
 class UnknownPeerError(MedgwError):
@@ -37,6 +37,24 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
         "disposition": record.disposition,
         "mic": record.mic,
         "receipt_file": str(record.receipt_path) if record.receipt_path else None,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+
+
+def handover_view(record: HandoverRecord) -> dict[str, Any]:
+    return {
+        "message_id": record.message_id,
+        "peer": record.peer,
+        "service": record.service,
+        "inbox_file": str(record.path),
+        "content_type": record.content_type,
+        "size": record.size,
+        "state": record.state.value,
+        "attempts": record.attempts,
+        "next_attempt_at": record.next_attempt_at or None,
+        "expires_at": record.expires_at or None,
+        "last_error": record.last_error,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
     }
@@ -95,6 +113,47 @@ class Operations:
             )
         )
         return record
+
+    def handover_retry(
+        self, message_id: str, actor: str, peer: str | None = None
+    ) -> HandoverRecord:
+        """A failed hand-over to the internal system is tried again, from attempt 1."""
+        found = [
+            r for r in self.spool.handover_list(message_id=message_id) if peer in (None, r.peer)
+        ]
+        if not found:
+            raise SpoolError(
+                f"no hand-over of message {message_id}" + (f" from peer {peer}" if peer else ""),
+                fix="check the id with `medgw handover list`",
+            )
+        if len(found) > 1:
+            peers = ", ".join(r.peer for r in found)
+            raise SpoolError(
+                f"message {message_id} came from more than one peer ({peers})",
+                fix="name the peer with --peer",
+            )
+        [before] = found
+        expires = self.clock.now().timestamp() + self.config.runtime.message_expiry_seconds
+        record = self.spool.handover_operator_retry(before.peer, message_id, actor, expires)
+        self.audit.emit(
+            AuditEvent(
+                EventType.HANDOVER_RETRIED,
+                severity=Severity.WARNING,
+                peer=record.peer,
+                service=record.service,
+                message_id=message_id,
+                direction="inbound",
+                detail={
+                    "actor": actor,
+                    "previous_state": before.state.value,
+                    "previous_error": before.last_error,
+                },
+            )
+        )
+        return record
+
+    def handovers(self, state: HandoverState | None = None) -> list[dict[str, Any]]:
+        return [handover_view(r) for r in self.spool.handover_list(state=state)]
 
     def suspend(self, peer: str, reason: str, actor: str) -> None:
         self.spool.set_suspended(self._peer(peer), True, reason, actor)

@@ -36,7 +36,8 @@ class EventType(StrEnum):
     MESSAGE_REJECTED = "message.rejected"  # refused from a peer
     MESSAGE_DELIVERED = "message.delivered"  # durably in the inbox
     MESSAGE_HANDED_OVER = "message.handed_over"  # POSTed to the internal system, 2xx answer
-    HANDOVER_FAILED = "message.handover_failed"  # that POST failed; retried with back-off
+    HANDOVER_FAILED = "message.handover_failed"  # that POST failed; retried, or final
+    HANDOVER_RETRIED = "message.handover_retried"  # operator put a failed hand-over back
     MESSAGE_DUPLICATE = "message.duplicate"  # resend answered with the original receipt
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"

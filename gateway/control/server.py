@@ -1,4 +1,4 @@
-"""HTTP over the control unix socket, for ``medgw queue`` / ``peers`` / ``send``.
+"""HTTP over the control unix socket, for ``medgw queue`` / ``peers`` / ``send`` / ``handover``.
 
 ``POST /v1/messages`` and ``GET /v1/messages/{id}`` are the local API's (see
 gateway.intake.submit), for the administrator: the submitter recorded is the
@@ -20,8 +20,8 @@ from aiohttp import web
 
 from gateway.errors import MedgwError, SpoolError
 from gateway.intake.submit import StatusFn, SubmitFn, parse_submission, status, submit
-from gateway.operations import Operations, UnknownPeerError, record_view
-from gateway.spool import OutboundState
+from gateway.operations import Operations, UnknownPeerError, handover_view, record_view
+from gateway.spool import HandoverState, OutboundState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SOCKET_PATH = 107
@@ -73,6 +73,8 @@ class ControlServer:
         app.router.add_get("/v1/peers", self._peers)
         app.router.add_post("/v1/peers/{peer}/suspend", self._suspend)
         app.router.add_post("/v1/peers/{peer}/resume", self._resume)
+        app.router.add_get("/v1/handover", self._handover_list)
+        app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -149,6 +151,30 @@ class ControlServer:
     async def _resume(self, request: web.Request) -> web.Response:
         who = caller(request)
         return await self._act(request, lambda: self._ops().resume(request.match_info["peer"], who))
+
+    async def _handover_list(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        try:
+            wanted = HandoverState(state) if state else None
+        except ValueError:
+            names = ", ".join(s.value for s in HandoverState)
+            return web.json_response(
+                {"error": f"unknown hand-over state {state!r}", "fix": f"use one of: {names}"},
+                status=400,
+            )
+        return web.json_response(self._ops().handovers(wanted))
+
+    async def _handover_retry(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await request.json() if request.can_read_body else {}
+        peer = body.get("peer") if isinstance(body, dict) else None
+        try:
+            record = self._ops().handover_retry(
+                request.match_info["message_id"], who, str(peer) if peer else None
+            )
+        except SpoolError as exc:
+            return _error(exc, 409)
+        return web.json_response(handover_view(record))
 
     async def _submit_message(self, request: web.Request) -> web.Response:
         submission = parse_submission(request, f"operator:{caller(request)}")

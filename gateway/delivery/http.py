@@ -22,6 +22,11 @@ Headers of each POST::
 The body is read from the inbox file; if that file is gone or no longer has
 the SHA-256 it was received with, the hand-over stops (state ``failed``,
 an alert) rather than POST something else.
+
+It is not retried for ever: after ``[runtime] max_attempts`` attempts, or once
+``[runtime] message_expiry_seconds`` have passed since the document arrived (or
+since an operator's ``medgw handover retry``), it becomes ``failed`` too, with
+an alert naming the document, the internal system's host and the last error.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import hashlib
 import random
 import ssl
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,7 +45,7 @@ import aiohttp
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Runtime
 from gateway.logs import Logger
 from gateway.spool import HandoverRecord, Spool
 
@@ -204,6 +210,10 @@ class HandOver:
             runtime.retry_max_seconds, runtime.retry_initial_seconds * 2 ** max(0, attempt - 1)
         )
         delay = float(base * (0.5 + self._rng.random() / 2))
+        now = self._clock.now().timestamp()
+        if attempt >= runtime.max_attempts or now >= _deadline(record, runtime):
+            self._expire(record, url, reason, attempt)
+            return delay  # the system is still failing: the rest of the queue waits too
         self._spool.handover_retry(
             record.peer, record.message_id, reason, self._clock.now().timestamp() + delay
         )
@@ -235,6 +245,43 @@ class HandOver:
         )
         return delay
 
+    def _expire(self, record: HandoverRecord, url: str, error: str, attempt: int) -> None:
+        """Attempts or time ran out: ``failed``, not retried until an operator says so."""
+        host = urlsplit(url).hostname or ""
+        why = (
+            f"gave up after {attempt} attempts ([runtime] max_attempts / "
+            f"message_expiry_seconds); last error: {error}"
+        )
+        self._spool.handover_failed(record.peer, record.message_id, why)
+        self._log.error(
+            "message.handover_failed",
+            peer=record.peer,
+            message_id=record.message_id,
+            reason=why,
+            fix=f"bring the internal system at {host} back, then "
+            f"`medgw handover retry {record.message_id}`; the document is in the inbox",
+        )
+        self._audit().emit(
+            AuditEvent(
+                EventType.HANDOVER_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=record.peer,
+                service=record.service,
+                message_id=record.message_id,
+                direction="inbound",
+                reason=f"{why}; not retried",
+                detail={
+                    "final": True,
+                    "url": _shown(url),
+                    "host": host,
+                    "inbox_file": str(record.path),
+                    "attempt": attempt,
+                    "last_error": error,
+                },
+            )
+        )
+
     def _give_up(self, record: HandoverRecord, reason: str) -> None:
         self._spool.handover_failed(record.peer, record.message_id, reason)
         self._log.error(
@@ -257,6 +304,17 @@ class HandOver:
                 detail={"final": True},
             )
         )
+
+
+def _deadline(record: HandoverRecord, runtime: Runtime) -> float:
+    """When the hand-over expires: set by an operator's retry, else arrival + expiry."""
+    if record.expires_at > 0:
+        return record.expires_at
+    try:
+        arrived = datetime.fromisoformat(record.created_at).timestamp()
+    except ValueError:
+        return float("inf")  # no usable arrival time: max_attempts still applies
+    return arrived + runtime.message_expiry_seconds
 
 
 def _shown(url: str) -> str:

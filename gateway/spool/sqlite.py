@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS handover (
     last_error      TEXT,
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
+    expires_at      REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (peer, message_id)
 );
 CREATE INDEX IF NOT EXISTS handover_due ON handover (state, next_attempt_at);
@@ -174,7 +175,7 @@ class InboundRecord:
 class HandoverState(StrEnum):
     PENDING = "pending"  # to be POSTed to the internal system (again, after a back-off)
     DONE = "done"  # the internal system answered 2xx
-    FAILED = "failed"  # cannot ever succeed (the inbox file is gone); needs an operator
+    FAILED = "failed"  # final: gone/changed inbox file, or attempts/time ran out; an operator
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,9 @@ class HandoverRecord:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    created_at: str = ""
+    updated_at: str = ""
+    expires_at: float = 0.0  # 0: created_at + [runtime] message_expiry_seconds
 
 
 def _outbound(row: sqlite3.Row) -> OutboundRecord:
@@ -232,6 +236,7 @@ _ADDED_COLUMNS = (
     ("outbound", "origin_zone", "TEXT"),
     ("outbound", "service", "TEXT"),
     ("inbound", "service", "TEXT"),
+    ("handover", "expires_at", "REAL NOT NULL DEFAULT 0"),
 )
 
 
@@ -731,6 +736,52 @@ class Spool:
             (HandoverState.FAILED.value, error, self._now(), peer, message_id),
         )
 
+    def handover_list(
+        self, state: HandoverState | None = None, message_id: str | None = None
+    ) -> list[HandoverRecord]:
+        """Hand-overs, newest first; only those in ``state`` / with ``message_id`` if given."""
+        clauses = [(c, v) for c, v in (("state", state), ("message_id", message_id)) if v]
+        where = " AND ".join(f"{column}=?" for column, _ in clauses)
+        rows = self._read(
+            "SELECT * FROM handover"  # noqa: S608 - column names are fixed above
+            + (f" WHERE {where}" if where else "")
+            + " ORDER BY created_at DESC, message_id",
+            tuple(str(v) for _, v in clauses),
+        )
+        return [_handover(r) for r in rows]
+
+    def handover_operator_retry(
+        self, peer: str, message_id: str, actor: str, expires_at: float
+    ) -> HandoverRecord:
+        """A ``failed`` hand-over back to ``pending``: attempts reset, a new expiry."""
+        changed = self._write(
+            "UPDATE handover SET state=?, attempts=0, next_attempt_at=0, last_error=?,"
+            " expires_at=?, updated_at=? WHERE peer=? AND message_id=? AND state=?",
+            (
+                HandoverState.PENDING.value,
+                f"retry requested by {actor}",
+                expires_at,
+                self._now(),
+                peer,
+                message_id,
+                HandoverState.FAILED.value,
+            ),
+        )
+        record = self.handover_get(peer, message_id)
+        if record is None:
+            raise SpoolError(
+                f"no hand-over of message {message_id} from peer {peer}",
+                fix="check the id with `medgw handover list`",
+            )
+        if not changed:
+            raise SpoolError(
+                f"the hand-over of message {message_id} is {record.state.value}; only a failed "
+                "hand-over can be retried",
+                fix="see `medgw handover list`; a pending one is retried by itself, a done one "
+                "was answered 2xx by the internal system",
+            )
+        return record
+
 
 def _handover(row: sqlite3.Row) -> HandoverRecord:
     return HandoverRecord(
@@ -745,4 +796,7 @@ def _handover(row: sqlite3.Row) -> HandoverRecord:
         attempts=row["attempts"],
         next_attempt_at=row["next_attempt_at"],
         last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"] or 0.0,
     )

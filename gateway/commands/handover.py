@@ -1,0 +1,87 @@
+"""``medgw handover``: hand-overs of received documents to the internal system.
+
+``list`` shows them (``--state failed``: those that need an operator);
+``retry`` puts a failed one back, attempts reset, audited with who asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from gateway.commands.queue import DEFAULT_CONFIG, _client, _offline_spool
+from gateway.control.client import NotRunningError
+from gateway.operations import handover_view
+from gateway.spool import HandoverState
+
+STATES = [s.value for s in HandoverState]
+
+
+def register(commands: Any) -> None:
+    handover = commands.add_parser(
+        "handover", help="hand-overs of received documents to the internal system: list, retry"
+    )
+    actions = handover.add_subparsers(dest="handover_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="hand-overs, newest first")
+    listing.add_argument("--state", choices=STATES)
+    listing.set_defaults(handler=_list)
+    retry = actions.add_parser(
+        "retry", help="hand a failed document over again (attempts start from 1)"
+    )
+    retry.add_argument("message_id", help="the Message-ID, as `handover list` shows it")
+    retry.add_argument("--peer", help="the sending peer, if two sent the same Message-ID")
+    retry.set_defaults(handler=_retry)
+    for parser in actions.choices.values():
+        parser.add_argument(
+            "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
+        )
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> int:
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "no hand-overs"
+    lines = [f"{'STATE':<8} {'PEER':<14} {'TRIES':>5}  {'RECEIVED':<20} {'FILE':<28} MESSAGE-ID"]
+    for r in records:
+        lines.append(
+            f"{r['state']:<8} {r['peer']:<14} {r['attempts']:>5}  {r['created_at'][:19]:<20} "
+            f"{Path(r['inbox_file']).name[:28]:<28} {r['message_id']}"
+        )
+        if r["state"] != HandoverState.DONE.value and r["last_error"]:
+            lines.append(f"{'':<8} last error: {r['last_error']}")
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> int:
+    try:
+        query = urlencode({"state": args.state} if args.state else {})
+        records = _client(args).call("GET", "/v1/handover?" + query)
+    except NotRunningError:
+        spool = _offline_spool(args)
+        try:
+            state = HandoverState(args.state) if args.state else None
+            records = [handover_view(r) for r in spool.handover_list(state=state)]
+        finally:
+            spool.close()
+    return _emit(args, records, _table(records))
+
+
+def _retry(args: argparse.Namespace) -> int:
+    record = _client(args).call(
+        "POST",
+        f"/v1/handover/{quote(args.message_id, safe='')}/retry",
+        {"peer": args.peer} if args.peer else None,
+    )
+    return _emit(
+        args,
+        record,
+        f"{record['message_id']}: hand-over retry requested, now {record['state']}",
+    )
