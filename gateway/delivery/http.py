@@ -249,8 +249,8 @@ class HandOver:
         """Attempts or time ran out: ``failed``, not retried until an operator says so."""
         host = urlsplit(url).hostname or ""
         why = (
-            f"gave up after {attempt} attempts ([runtime] max_attempts / "
-            f"message_expiry_seconds); last error: {error}"
+            f"gave up after {attempt} attempt{'s' if attempt != 1 else ''} ([runtime] "
+            f"max_attempts / message_expiry_seconds); last error: {error}"
         )
         self._spool.handover_failed(record.peer, record.message_id, why)
         self._log.error(
