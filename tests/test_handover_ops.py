@@ -162,7 +162,7 @@ def test_a_hand_over_older_than_message_expiry_fails_at_its_next_failed_attempt(
             asyncio.run(attempt())
             record = spool.handover_get("lab", message_id)
             assert record is not None and record.state.value == "failed"
-            assert record.attempts == 1 and "gave up after 1 attempts" in str(record.last_error)
+            assert record.attempts == 1 and "gave up after 1 attempt " in str(record.last_error)
         # After an operator's retry the expiry runs from the retry: a failure is retried.
         operations = Operations(config, spool, audit, SystemClock())
         operations.handover_retry("<retried@x>", "alice (uid 1000)")
