@@ -14,6 +14,7 @@ is exactly the surprise an administrator must not get.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -41,6 +42,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 AS2_ID_MAX = 128
 # A service name is also a folder name (outbox/<peer>/<service>/, inbox/<peer>/<service>/).
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SPKI_PIN = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,11 @@ class Peer:
     # Routing keys agreed with this peer (which internal function a document is
     # for): sent as outbox/<peer>/<service>/, delivered to inbox/<peer>/<service>/.
     services: tuple[str, ...] = ()
+    # SHA-256 (lower-case hex) of SubjectPublicKeyInfo DER: a TLS client
+    # certificate with one of these keys identifies this peer even when it is
+    # not listed in tls_certificates (checked by full path validation after the
+    # handshake).  Inbound connections only.
+    tls_spki_pins: tuple[str, ...] = ()
 
     @property
     def policy(self) -> AlgorithmPolicy:
@@ -555,6 +562,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
             for cert in found:
                 reader.check_key_policy(section, key, cert)
             certs[key].extend(found)
+    tls_spki_pins = _spki_pins(section, "tls_spki_pins")
     cipher = section.choice(
         "cipher", CONTENT_CIPHERS, default=defaults.cipher if defaults else "aes-256-gcm"
     )
@@ -599,7 +607,28 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         personal_signers=personal_signers,
         async_receipt_url=async_receipt_url,
         services=tuple(dict.fromkeys(s for s in services if SERVICE_NAME.match(s))),
+        tls_spki_pins=tls_spki_pins,
     )
+
+
+def _spki_pins(section: _Section, key: str) -> tuple[str, ...]:
+    """SHA-256 pins of public keys: 64 hex digits each, listed once."""
+    pins: list[str] = []
+    for entry in section.string_list(key, required=False):
+        pin = entry.strip().lower()
+        if not SPKI_PIN.fullmatch(pin):
+            section.problem(
+                key,
+                f"{entry!r} is not a SHA-256 public key pin (64 hexadecimal digits)",
+                "write the SHA-256 of the certificate's SubjectPublicKeyInfo (DER) in hex: "
+                "openssl x509 -in tls.crt -pubkey -noout | openssl pkey -pubin -outform DER "
+                "| sha256sum",
+            )
+        elif pin in pins:
+            section.problem(key, f"pin {pin} is listed twice", "list each pin once")
+        else:
+            pins.append(pin)
+    return tuple(pins)
 
 
 def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
@@ -1044,6 +1073,33 @@ def _check_peer_uniqueness(reader: _Reader, peers: list[Peer], own_as2_id: str) 
                     "list each certificate for one peer only",
                 )
             by_tls[fp] = peer
+    # A public key pinned for one peer must identify that peer only: neither
+    # pinned for another peer nor the key of another peer's listed certificate.
+    by_spki: dict[str, Peer] = {}
+    for peer in peers:
+        for cert in peer.tls_certificates:
+            by_spki.setdefault(_spki_sha256(cert), peer)
+    for peer in peers:
+        for pin in peer.tls_spki_pins:
+            other = by_spki.get(pin)
+            if other is not None and other is not peer:
+                reader.add(
+                    peer.source,
+                    "tls_spki_pins",
+                    f"public key pin {pin} also identifies {other.source.name} "
+                    "(pinned there or the key of a certificate listed there); a TLS key "
+                    "must identify exactly one peer",
+                    "pin each key for one peer only",
+                )
+            else:
+                by_spki[pin] = peer
+
+
+def _spki_sha256(cert: x509.Certificate) -> str:
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
 
 
 def describe_error(exc: MedgwError) -> list[str]:

@@ -23,11 +23,12 @@ import shutil
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.as2.asyncmdn import is_receipt
@@ -48,8 +49,8 @@ from gateway.outbound import Outbound
 from gateway.pki.crl import stale_crl_warnings
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peer
-from gateway.pki.tls import client_context, fingerprint, server_context
-from gateway.pki.validate import RevocationPolicy
+from gateway.pki.tls import client_context, der_spki_fingerprint, fingerprint, server_context
+from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.routing import admit
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool
@@ -71,6 +72,9 @@ class RuntimeState:
     peers_by_tls: Mapping[str, Peer]
     inbound: InboundProcessor
     trust: Mapping[str, PeerTrust]  # which of each peer's certificates are acceptable now
+    # tls_spki_pins -> peer: certificates not listed but carrying a pinned key,
+    # validated in full when they are presented.
+    peers_by_spki: Mapping[str, Peer] = field(default_factory=dict)
 
 
 class StartupError(MedgwError):
@@ -198,6 +202,7 @@ class Daemon:
                         for c in trust[p.name].tls_certificates
                     ],
                     zones[lst.zone].min_version,
+                    [pin for p in config.peers if p.zone == lst.zone for pin in p.tls_spki_pins],
                 )
                 for lst in config.listeners
             }
@@ -234,7 +239,8 @@ class Daemon:
         inbound = InboundProcessor(
             config, self._spool, self._audit, self._log, self._clock, signers=signers
         )
-        return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust)
+        peers_by_spki = {pin: p for p in config.peers for pin in p.tls_spki_pins}
+        return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust, peers_by_spki)
 
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
@@ -391,6 +397,16 @@ class Daemon:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         peer = state.peers_by_tls.get(fingerprint(der)) if der else None
         remote = request.remote or "unknown"
+        if peer is None and der:
+            pinned = state.peers_by_spki.get(der_spki_fingerprint(der) or "")
+            if pinned is not None:
+                # Accepted at the handshake by its key pin only: judge it now, in full.
+                cert = x509.load_der_x509_certificate(der)
+                verdict = await self._validate_spki_pinned(state, pinned, cert)
+                if not verdict.valid:
+                    self._refuse_spki_pinned(pinned, cert, verdict, remote, listener)
+                    return web.Response(status=403, text="forbidden\n")
+                peer = pinned
         if peer is None:
             # Pinned at the handshake; reaching here means the peer was removed by a reload.
             self._audit_sink().emit(
@@ -471,6 +487,54 @@ class Daemon:
         for name, value in result.headers:
             response.headers[name] = value
         return response
+
+    async def _validate_spki_pinned(
+        self, state: RuntimeState, peer: Peer, cert: x509.Certificate
+    ) -> ValidationResult:
+        """Path validation of an unlisted TLS client certificate with a pinned key."""
+        zone = next(z for z in state.config.zones if z.name == peer.zone)
+        return await validate(
+            cert,
+            anchors=zone.trust_anchors,
+            purpose=Purpose.TLS_CLIENT,
+            at=self._clock.now(),
+            revocation=RevocationPolicy(zone.revocation),
+            crls=zone.crls,
+            ocsp=zone.ocsp,
+            ocsp_client=self._ocsp_clients.setdefault(zone.name, OcspClient()),
+            policy=peer.policy,
+        )
+
+    def _refuse_spki_pinned(
+        self,
+        peer: Peer,
+        cert: x509.Certificate,
+        verdict: ValidationResult,
+        remote: str,
+        listener: Listener,
+    ) -> None:
+        subject = cert.subject.rfc4514_string()
+        self._log.warning(
+            "peer.authentication_failed", peer=peer.name, subject=subject, reason=verdict.reason
+        )
+        self._audit_sink().emit(
+            AuditEvent(
+                EventType.PEER_AUTHENTICATION_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                peer=peer.name,
+                remote_address=remote,
+                direction="inbound",
+                reason=f"TLS client certificate with a pinned key (tls_spki_pins) is not "
+                f"acceptable: {verdict.reason}",
+                detail={
+                    "listener": listener.name,
+                    "subject": subject,
+                    "sha256": fingerprint(cert.public_bytes(_DER)),
+                    "revocation": verdict.revocation,
+                },
+            )
+        )
 
     async def _receive_receipt(self, request: web.Request, peer: Peer) -> web.StreamResponse:
         """An asynchronous receipt POSTed by a peer for one of our messages."""

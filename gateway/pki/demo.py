@@ -365,6 +365,11 @@ zone = {_s(DEMO_ZONE)}
 # Certificates the peer may present in mutual TLS.  Several may be listed, to
 # rotate without downtime.  One certificate belongs to exactly one peer.
 tls_certificates = ["certs/peers/{other.name}/tls.crt"]
+# SHA-256 of public keys (SubjectPublicKeyInfo DER, 64 hex digits): a TLS
+# client certificate of the peer with such a key is accepted without being
+# listed above (it must still validate, revocation included), so the peer may
+# renew with the same key.  Inbound only.  Empty: listed certificates only.
+tls_spki_pins = []
 # Certificates whose signatures we accept from this peer (messages and MDNs).
 signing_certificates = ["certs/peers/{other.name}/sign.crt"]
 # Certificates we encrypt to when sending to this peer.

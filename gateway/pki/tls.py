@@ -5,7 +5,11 @@ Both directions require a certificate from the other side that
 1. chains to one of our configured trust anchors (OpenSSL's path validation,
    X.509 strict mode), and
 2. is one of the certificates configured for a peer (pinning): one CA often
-   serves many institutions, so a valid chain alone is not an identity.
+   serves many institutions, so a valid chain alone is not an identity.  On
+   the server side a certificate may instead carry a public key pinned for a
+   peer (``tls_spki_pins``, SHA-256 of the SubjectPublicKeyInfo): the daemon
+   then validates it fully (path, purpose, revocation) before reading a
+   request, since it was not judged in advance like a listed certificate.
 
 The pin is checked inside the handshake (a custom ``SSLObject``), so on the
 client side no byte of a request is sent to an unpinned server, and on the
@@ -50,16 +54,35 @@ def certificate_fingerprint(cert: x509.Certificate) -> str:
     return fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
-def _pinned_object_class(pins: frozenset[str], side: str) -> type[ssl.SSLObject]:
+def spki_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 (hex) of the certificate's SubjectPublicKeyInfo DER: a pin that survives renewal."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def der_spki_fingerprint(der: bytes) -> str | None:
+    """``spki_fingerprint`` of a DER certificate; None if it cannot be parsed."""
+    try:
+        return spki_fingerprint(x509.load_der_x509_certificate(der))
+    except ValueError:
+        return None
+
+
+def _pinned_object_class(
+    pins: frozenset[str], side: str, spki_pins: frozenset[str] = frozenset()
+) -> type[ssl.SSLObject]:
     class PinnedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
             der = self.getpeercert(binary_form=True)
-            if der is None or fingerprint(der) not in pins:
-                what = "no certificate" if der is None else f"certificate sha256:{fingerprint(der)}"
-                raise NotPinnedError(
-                    f"{side} presented {what}, which is not configured for any peer"
-                )
+            if der is not None and fingerprint(der) in pins:
+                return
+            if der is not None and spki_pins and der_spki_fingerprint(der) in spki_pins:
+                return  # validated in full by the daemon before any request is read
+            what = "no certificate" if der is None else f"certificate sha256:{fingerprint(der)}"
+            raise NotPinnedError(f"{side} presented {what}, which is not configured for any peer")
 
     return PinnedSSLObject
 
@@ -89,11 +112,13 @@ def server_context(
     anchors: Iterable[x509.Certificate],
     accepted_clients: Iterable[x509.Certificate],
     min_version: str,
+    accepted_spki: Iterable[str] = (),
 ) -> ssl.SSLContext:
-    """Listener context: client certificate required, must chain and be a configured peer's."""
+    """Listener context: client certificate required, must chain and be a configured peer's
+    (a listed certificate, or one whose public key is in ``accepted_spki``)."""
     context = _base_context(ssl.Purpose.CLIENT_AUTH, identity, anchors, min_version)
     pins = frozenset(certificate_fingerprint(c) for c in accepted_clients)
-    context.sslobject_class = _pinned_object_class(pins, "client")
+    context.sslobject_class = _pinned_object_class(pins, "client", frozenset(accepted_spki))
     return context
 
 

@@ -1,0 +1,270 @@
+"""TLS client certificates accepted by a pinned public key (``tls_spki_pins``).
+
+A peer that renews its TLS certificate with the same key is still accepted
+without a configuration change; an unlisted certificate is judged in full
+(path validation, revocation) before any request is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.config import load_config
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.errors import ConfigError
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, make_crl, write_pem
+from gateway.pki.tls import certificate_fingerprint, spki_fingerprint
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def demo_ca(layout: DemoLayout) -> Issued:
+    folder = layout.root / "ca"
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def lab_tls(layout: DemoLayout) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    certs = layout.lab.root / "certs"
+    cert = x509.load_pem_x509_certificate((certs / "tls.crt").read_bytes())
+    key = serialization.load_pem_private_key((certs / "tls.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def reissue(ca: Issued, old: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """A new certificate (new serial and validity) with ``old``'s subject and extensions."""
+    now = datetime.now(UTC) - timedelta(minutes=1)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(old.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    for extension in old.extensions:
+        if not isinstance(extension.value, x509.SubjectKeyIdentifier):
+            builder = builder.add_extension(extension.value, critical=extension.critical)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def pin_lab_key(layout: DemoLayout, pin: str) -> None:
+    edit(
+        layout.hospital.root / "peers.d" / "lab.toml",
+        "tls_spki_pins = []",
+        f'tls_spki_pins = ["{pin}"]',
+    )
+
+
+def renew_lab_tls(
+    layout: DemoLayout, key: ec.EllipticCurvePrivateKey | None = None
+) -> x509.Certificate:
+    """The lab's gateway switches to a new TLS certificate (same key unless ``key``)."""
+    old, own_key = lab_tls(layout)
+    new = reissue(demo_ca(layout), old, key or own_key)
+    if key is not None:
+        write_pem(layout.lab.root / "certs" / "tls.key", key)
+    write_pem(layout.lab.root / "certs" / "tls.crt", new)
+    return new
+
+
+# -- configuration -------------------------------------------------------------
+
+
+def test_pin_is_the_sha256_of_the_subject_public_key_info() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert spki_fingerprint(self_signed(key)) == hashlib.sha256(spki).hexdigest()
+
+
+def self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "PIN-TEST")])
+    now = datetime.now(UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
+def test_pins_are_read_and_normalised(layout: DemoLayout) -> None:
+    cert, _ = lab_tls(layout)
+    pin = spki_fingerprint(cert)
+    pin_lab_key(layout, pin.upper())
+    peer = load_config(layout.hospital.config_path).require_peer("lab")
+    assert peer.tls_spki_pins == (pin,)
+
+
+@pytest.mark.parametrize("bad", ["abc", "g" * 64, "a" * 63, "a" * 65, "sha256:" + "a" * 64])
+def test_malformed_pin_is_a_config_error_with_file_key_and_fix(
+    layout: DemoLayout, bad: str
+) -> None:
+    pin_lab_key(layout, bad)
+    with pytest.raises(ConfigError) as caught:
+        load_config(layout.hospital.config_path)
+    problems = [p for p in caught.value.problems if p.key == "tls_spki_pins"]
+    assert len(problems) == 1, caught.value.problems
+    assert problems[0].file.endswith("lab.toml")
+    assert "64 hexadecimal digits" in problems[0].message
+    assert "SubjectPublicKeyInfo" in problems[0].fix and "sha256sum" in problems[0].fix
+
+
+def test_pin_listed_twice_is_a_config_error(layout: DemoLayout) -> None:
+    edit(
+        layout.hospital.root / "peers.d" / "lab.toml",
+        "tls_spki_pins = []",
+        f'tls_spki_pins = ["{"a" * 64}", "{"A" * 64}"]',
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(layout.hospital.config_path)
+    assert any(
+        p.key == "tls_spki_pins" and "listed twice" in p.message for p in caught.value.problems
+    )
+
+
+def _second_peer(layout: DemoLayout, pin: str) -> Path:
+    """peers.d/other.toml: another peer with its own TLS certificate, pinning ``pin``."""
+    ca = demo_ca(layout)
+    key = ec.generate_private_key(ec.SECP256R1())
+    other_cert = reissue(ca, lab_tls(layout)[0], key)
+    folder = layout.hospital.root / "certs" / "peers" / "other"
+    folder.mkdir(parents=True)
+    write_pem(folder / "tls.crt", other_cert)
+    text = (layout.hospital.root / "peers.d" / "lab.toml").read_text()
+    text = text.replace("certs/peers/lab/tls.crt", "certs/peers/other/tls.crt")
+    text = text.replace('as2_id = "KITA-LAB"', 'as2_id = "OTHER-CLINIC"')
+    assert "OTHER-CLINIC" in text and "peers/other/tls.crt" in text
+    path = layout.hospital.root / "peers.d" / "other.toml"
+    path.write_text(text.replace("tls_spki_pins = []", f'tls_spki_pins = ["{pin}"]'))
+    return path
+
+
+def test_same_pin_for_two_peers_is_a_config_error(layout: DemoLayout) -> None:
+    pin = "b" * 64
+    pin_lab_key(layout, pin)
+    _second_peer(layout, pin)
+    with pytest.raises(ConfigError) as caught:
+        load_config(layout.hospital.config_path)
+    clash = [p for p in caught.value.problems if p.key == "tls_spki_pins"]
+    assert len(clash) == 1, caught.value.problems
+    assert "exactly one peer" in clash[0].message and clash[0].fix
+
+
+def test_pinning_the_key_of_another_peers_listed_certificate_is_a_config_error(
+    layout: DemoLayout,
+) -> None:
+    _second_peer(layout, spki_fingerprint(lab_tls(layout)[0]))
+    with pytest.raises(ConfigError) as caught:
+        load_config(layout.hospital.config_path)
+    clash = [p for p in caught.value.problems if p.key == "tls_spki_pins"]
+    assert len(clash) == 1 and clash[0].file.endswith("other.toml"), caught.value.problems
+    assert "lab.toml" in clash[0].message
+
+
+# -- real daemons --------------------------------------------------------------
+
+
+def test_renewed_certificate_with_the_pinned_key_is_accepted_without_listing_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    old, _ = lab_tls(layout)
+    pin_lab_key(layout, spki_fingerprint(old))
+    new = renew_lab_tls(layout)
+    listed = load_config(layout.hospital.config_path).require_peer("lab").tls_certificates
+    assert certificate_fingerprint(new) not in {certificate_fingerprint(c) for c in listed}
+
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "renewed.hl7", b"MSH|renewed\r")
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the delivery")
+    assert (layout.hospital.inbox_dir / "lab" / "renewed.hl7").read_bytes() == b"MSH|renewed\r"
+    assert not events(layout.hospital.audit_log, "peer.authentication_failed")
+    assert not events(layout.hospital.audit_log, "tls.handshake_failed")
+
+
+def test_same_subject_with_another_key_is_refused_at_the_handshake(
+    layout: DemoLayout, processes: Any
+) -> None:
+    old, _ = lab_tls(layout)
+    pin_lab_key(layout, spki_fingerprint(old))
+    renew_lab_tls(layout, key=ec.generate_private_key(ec.SECP256R1()))
+
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "impostor.hl7", b"MSH|x\r")
+    refused = wait_until(
+        lambda: [
+            r
+            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
+            if "not configured for any peer" in r["reason"]
+        ],
+        60,
+        "the other key refused at the handshake",
+    )
+    assert refused[0]["severity"] == "alert"
+    assert not (layout.hospital.inbox_dir / "lab" / "impostor.hl7").exists()
+
+
+def test_revoked_certificate_with_the_pinned_key_is_refused_and_audited(
+    layout: DemoLayout, processes: Any
+) -> None:
+    old, _ = lab_tls(layout)
+    pin_lab_key(layout, spki_fingerprint(old))
+    new = renew_lab_tls(layout)
+    now = datetime.now(UTC)
+    crl = make_crl(
+        demo_ca(layout),
+        now=now - timedelta(minutes=1),
+        revoked=[(new.serial_number, now - timedelta(minutes=1))],
+        number=2,
+    )
+    (layout.hospital.root / "certs" / "ca.crl").write_bytes(
+        crl.public_bytes(serialization.Encoding.PEM)
+    )
+
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "revoked.hl7", b"MSH|x\r")
+    refused = wait_until(
+        lambda: events(layout.hospital.audit_log, "peer.authentication_failed"),
+        60,
+        "the revoked certificate refused",
+    )
+    assert refused[0]["peer"] == "lab" and refused[0]["severity"] == "alert"
+    assert "revoked" in refused[0]["reason"].lower()
+    assert refused[0]["detail"]["sha256"] == certificate_fingerprint(new)
+    assert not (layout.hospital.inbox_dir / "lab" / "revoked.hl7").exists()
+    # The listed (old) certificate is not revoked and stays acceptable.
+    assert not [
+        r
+        for r in events(layout.hospital.audit_log, "peer.certificate_rejected")
+        if r["detail"]["purpose"] == "tls-client"
+    ]
