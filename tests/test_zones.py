@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -641,6 +642,24 @@ def _send(conn: ssl.SSLSocket, built: Any) -> None:
     )
 
 
+def _round_trip(conn: ssl.SSLSocket) -> bytes:
+    """One request on ``conn`` and its whole answer: proof that the server finished the
+    handshake (TLS 1.3 lets the client finish first), with the connection kept open."""
+    conn.sendall(b"GET /as2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = conn.recv(4096)
+        assert chunk, f"connection closed after {answer!r}"
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    assert match, head
+    length = int(match.group(1))
+    while len(body) < length:
+        body += conn.recv(4096)
+    return head
+
+
 def _handshake_refused(site: Site, anchor: Site, address: str, port: int) -> bool:
     """True when the server refuses ``site``'s certificate (TLS 1.3: seen on the first read)."""
     try:
@@ -684,6 +703,7 @@ def test_zone_checked_again_per_request_after_a_reload(world: World, processes: 
     port = world.hospital.listeners[0]["port"]
     conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
     try:
+        assert _round_trip(conn).startswith(b"HTTP/1.1 ")  # established before the reload
         # The lab moves to zone B (its url to zone B's range); zone B now trusts the lab's CA.
         world.hospital.zones[1]["trust_anchors"].append(world.hospital.trust(world.lab))
         world.hospital.peers[0] = (world.lab, "zone-b", "https://127.0.2.9:4443/as2")
