@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from gateway.egress import ZonePath
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.pki.store import load_crls
 from gateway.policy import AlgorithmPolicy
@@ -79,6 +80,11 @@ class Zone:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     ocsp: bool = False  # ask the responders named in the certificates (AIA)
     crl_warn_days: int = 7  # alarm this many days before a CRL's nextUpdate
+
+    @property
+    def network(self) -> ZonePath:
+        """The zone's way out, for everything sent on its behalf (NET-4)."""
+        return ZonePath(self.source_address, self.egress)
 
 
 @dataclass(frozen=True)

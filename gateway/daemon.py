@@ -36,7 +36,7 @@ from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
 from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient, TransportError
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
-from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, load_config
+from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, Zone, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
@@ -113,6 +113,14 @@ class Daemon:
 
     # -- building -------------------------------------------------------------
 
+    def _ocsp_client(self, zone: Zone) -> OcspClient:
+        """The zone's OCSP client: its cache survives reloads while the zone's way out
+        (source address, egress) stays the same."""
+        client = self._ocsp_clients.get(zone.name)
+        if client is None or client.path != zone.network:
+            client = self._ocsp_clients[zone.name] = OcspClient(path=zone.network)
+        return client
+
     async def _assess_trust(self, config: GatewayConfig) -> dict[str, PeerTrust]:
         """Path validation (with the zone's revocation policy) of every configured peer cert."""
         zones = {z.name: z for z in config.zones}
@@ -120,18 +128,13 @@ class Daemon:
         trust = {}
         for peer in config.peers:
             zone = zones[peer.zone]
-            client = self._ocsp_clients.setdefault(zone.name, OcspClient())
+            client = self._ocsp_client(zone)
             trust[peer.name] = await assess_peer(
                 peer.name,
                 tls=peer.tls_certificates,
                 signing=peer.signing_certificates,
                 encryption=peer.encryption_certificates,
-                trust=TrustSettings(
-                    anchors=zone.trust_anchors,
-                    crls=zone.crls,
-                    revocation=RevocationPolicy(zone.revocation),
-                    ocsp=zone.ocsp,
-                ),
+                trust=TrustSettings.of_zone(zone),
                 at=now,
                 policy=peer.policy,
                 ocsp_client=client,
@@ -501,7 +504,7 @@ class Daemon:
             revocation=RevocationPolicy(zone.revocation),
             crls=zone.crls,
             ocsp=zone.ocsp,
-            ocsp_client=self._ocsp_clients.setdefault(zone.name, OcspClient()),
+            ocsp_client=self._ocsp_client(zone),
             policy=peer.policy,
         )
 

@@ -50,7 +50,6 @@ from gateway.pki.hpki import hcroles
 from gateway.pki.peers import TrustSettings
 from gateway.pki.signers import PersonalSigners
 from gateway.pki.tls import certificate_fingerprint
-from gateway.pki.validate import RevocationPolicy
 from gateway.routing import Refusal, route_inbound
 from gateway.spool import Spool
 
@@ -181,12 +180,7 @@ class InboundProcessor:
         return PersonalSigners(
             peer=peer.name,
             zone=zone.name,
-            trust=TrustSettings(
-                anchors=zone.trust_anchors,
-                crls=zone.crls,
-                revocation=RevocationPolicy(zone.revocation),
-                ocsp=zone.ocsp,
-            ),
+            trust=TrustSettings.of_zone(zone),
             at=self._clock.now(),
             policy=peer.policy,
             others=others,

@@ -3,11 +3,8 @@ index on 127.0.0.1, and CRLs signed by a test CA."""
 
 from __future__ import annotations
 
-import http.server
+import ipaddress
 import shutil
-import subprocess
-import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,26 +14,16 @@ import pytest
 from cryptography import x509
 
 from gateway.demo_run import free_port
+from gateway.egress import ZonePath
 from gateway.pki import issue
 from gateway.pki.crl import crl_findings, stale_crl_warnings
 from gateway.pki.ocsp import OcspClient, OcspError, build_request, parse_response
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
+from tests.ocsp_responder import Responder, index_line
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-
-
-def _index_line(cert: x509.Certificate, revoked_at: datetime | None = None) -> str:
-    expiry = cert.not_valid_after_utc.strftime("%y%m%d%H%M%SZ")
-    serial = f"{cert.serial_number:X}"
-    if len(serial) % 2:
-        serial = "0" + serial
-    subject = "/" + "/".join(reversed(cert.subject.rfc4514_string().split(",")))
-    if revoked_at is None:
-        return f"V\t{expiry}\t\t{serial}\tunknown\t{subject}\n"
-    when = revoked_at.strftime("%y%m%d%H%M%SZ")
-    return f"R\t{expiry}\t{when},keyCompromise\t{serial}\tunknown\t{subject}\n"
 
 
 @dataclass
@@ -52,72 +39,6 @@ class Pki:
     dir: Path
 
 
-class Responder:
-    """A real OCSP responder on 127.0.0.1 only: every POST is answered by
-    ``openssl ocsp -index ... -reqin ... -respout ...`` (OpenSSL 3.0's own
-    server mode cannot bind to one address: ``-port`` takes a number and
-    listens on all interfaces)."""
-
-    def __init__(self, pki: Pki, signer: issue.Issued) -> None:
-        for name, obj in (
-            ("ca.pem", pki.root.certificate),
-            ("rsigner.pem", signer.certificate),
-            ("rkey.pem", signer.key),
-        ):
-            issue.write_pem(pki.dir / name, obj)
-        work = pki.dir
-        command = [
-            "openssl",
-            "ocsp",
-            "-index",
-            str(work / "index.txt"),
-            "-CA",
-            str(work / "ca.pem"),
-            "-rsigner",
-            str(work / "rsigner.pem"),
-            "-rkey",
-            str(work / "rkey.pem"),
-            "-rmd",
-            "sha256",
-            "-nmin",
-            "10",
-        ]
-        self.requests = 0
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                request = self.rfile.read(length)
-                with tempfile.TemporaryDirectory(dir=work) as tmp:
-                    req, resp = Path(tmp) / "req.der", Path(tmp) / "resp.der"
-                    req.write_bytes(request)
-                    done = subprocess.run(
-                        [*command, "-reqin", str(req), "-respout", str(resp)],
-                        capture_output=True,
-                        check=False,
-                    )
-                    body = resp.read_bytes() if done.returncode == 0 else b""
-                outer.requests += 1
-                self.send_response(200 if body else 500)
-                self.send_header("Content-Type", "application/ocsp-response")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", pki.port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     port = free_port()
@@ -131,9 +52,9 @@ def pki(tmp_path: Path) -> Pki:
     other_ca = issue.make_ca("Other Root", now=start)
     rogue = issue.issue_ocsp_responder(other_ca, "OCSP Responder", now=start)
     (tmp_path / "index.txt").write_text(
-        _index_line(good.certificate)
-        + _index_line(revoked.certificate, NOW - timedelta(minutes=30))
-        + _index_line(responder.certificate)
+        index_line(good.certificate)
+        + index_line(revoked.certificate, NOW - timedelta(minutes=30))
+        + index_line(responder.certificate)
     )
     (tmp_path / "index.txt.attr").write_text("unique_subject = no\n")
     return Pki(root, good, revoked, unknown, responder, rogue, url, port, tmp_path)
@@ -141,7 +62,7 @@ def pki(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 def responder(pki: Pki) -> Iterator[Responder]:
-    server = Responder(pki, pki.responder)
+    server = Responder(pki.dir, pki.root.certificate, pki.responder, pki.port)
     try:
         yield server
     finally:
@@ -204,7 +125,7 @@ async def test_ocsp_responder_down_per_policy(pki: Pki) -> None:
 
 
 async def test_ocsp_response_signed_by_unauthorised_key_is_refused(pki: Pki) -> None:
-    server = Responder(pki, pki.rogue)
+    server = Responder(pki.dir, pki.root.certificate, pki.rogue, pki.port)
     try:
         for leaf in (pki.good, pki.revoked):
             result = await _check(pki, leaf, RevocationPolicy.REQUIRE)
@@ -219,7 +140,7 @@ async def test_ocsp_response_signed_by_unauthorised_key_is_refused(pki: Pki) -> 
 
 async def test_ocsp_cache_until_next_update(pki: Pki) -> None:
     client = OcspClient(timeout=5)
-    server = Responder(pki, pki.responder)
+    server = Responder(pki.dir, pki.root.certificate, pki.responder, pki.port)
     try:
         assert (await _check(pki, pki.good, RevocationPolicy.REQUIRE, client)).valid
     finally:
@@ -237,6 +158,44 @@ async def test_ocsp_cache_until_next_update(pki: Pki) -> None:
         ocsp_client=client,
     )
     assert not later.valid
+
+
+async def test_ocsp_request_leaves_from_the_zones_source_address(
+    pki: Pki, responder: Responder
+) -> None:
+    path = ZonePath("127.0.0.2", (ipaddress.ip_network("127.0.0.0/8"),))
+    result = await _check(pki, pki.good, RevocationPolicy.REQUIRE, OcspClient(timeout=5, path=path))
+    assert result.valid, result.reason
+    assert responder.clients == ["127.0.0.2"]  # not the address the OS would have chosen
+
+
+async def test_ocsp_responder_outside_the_zones_egress_is_never_asked(
+    pki: Pki, responder: Responder
+) -> None:
+    """NET-4: a revocation check for a closed network's peer does not go out elsewhere."""
+    path = ZonePath(None, (ipaddress.ip_network("10.20.0.0/16"),))
+    client = OcspClient(timeout=5, path=path)
+    refused = await _check(pki, pki.good, RevocationPolicy.REQUIRE, client)
+    assert not refused.valid
+    assert refused.reason is not None
+    assert "outside the zone's egress (10.20.0.0/16)" in refused.reason
+    assert f"{pki.url}" in refused.reason
+    # a host name is resolved, and only addresses inside the egress are connected to
+    named = issue.issue(
+        pki.root,
+        "named.example",
+        purpose="tls",
+        now=NOW - timedelta(hours=1),
+        ocsp_url=f"http://localhost:{pki.port}/",
+    )
+    by_name = await _check(pki, named, RevocationPolicy.REQUIRE, client)
+    assert not by_name.valid
+    assert by_name.reason is not None and "outside the zone's egress" in by_name.reason
+    assert responder.requests == 0
+    # inside the egress, the same responder is asked
+    allowed = OcspClient(timeout=5, path=ZonePath(None, (ipaddress.ip_network("127.0.0.0/8"),)))
+    assert (await _check(pki, pki.good, RevocationPolicy.REQUIRE, allowed)).valid
+    assert responder.requests == 1
 
 
 async def test_ocsp_nonce_must_be_echoed(pki: Pki, responder: Responder) -> None:

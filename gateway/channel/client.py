@@ -3,24 +3,22 @@
 Each peer's connections stay in the peer's network zone (NET-4): they leave
 from the zone's source address, and a host name in the peer's URL is resolved
 at every connect with only the addresses inside the zone's egress ranges kept
-(a literal IP address was already checked when the configuration was loaded).
+(:mod:`gateway.egress`; a literal IP address was already checked when the
+configuration was loaded).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
-from gateway.routing import Network, egress_allows
+from gateway.egress import ZonePath
+from gateway.routing import Network
 
 MAX_RECEIPT_BYTES = 1 << 20
 
@@ -37,32 +35,6 @@ class Response:
     body: bytes
 
 
-class EgressResolver(AbstractResolver):
-    """Resolves host names, keeping only addresses inside the zone's egress ranges."""
-
-    def __init__(self, egress: Sequence[Network]) -> None:
-        self._egress = tuple(egress)
-        self._resolver = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await self._resolver.resolve(host, port, family)
-        allowed = [r for r in found if egress_allows(self._egress, r["host"])]
-        if not allowed:
-            addresses = ", ".join(sorted({r["host"] for r in found})) or "none"
-            ranges = ", ".join(str(n) for n in self._egress)
-            raise OSError(
-                errno.EHOSTUNREACH,
-                f"{host} resolves to {addresses}, outside the zone's egress ({ranges}); "
-                "not connecting",
-            )
-        return allowed
-
-    async def close(self) -> None:
-        await self._resolver.close()
-
-
 class PeerClient:
     def __init__(
         self,
@@ -73,14 +45,9 @@ class PeerClient:
         source_address: str | None = None,
         egress: Sequence[Network] = (),
     ) -> None:
+        path = ZonePath(source_address, tuple(egress))
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                ssl=context,
-                limit=4,
-                keepalive_timeout=30,
-                local_addr=(source_address, 0) if source_address else None,
-                resolver=EgressResolver(egress) if egress else None,
-            ),
+            connector=path.connector(tls=context, limit=4, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout),
             auto_decompress=False,
         )

@@ -292,7 +292,8 @@ revocation = "require"
 # CRL files (or folders of them) of this zone's CAs.  Refresh them before their
 # nextUpdate (medgw warns crl_warn_days ahead) and reload: systemctl reload medgw.
 crls = ["certs/ca.crl"]
-# Ask the OCSP responders named in the certificates (default false).
+# Ask the OCSP responders named in the certificates (default false); only
+# responders inside this zone's egress, from its source_address.
 ocsp = false
 # Warn this many days before a CRL's nextUpdate (default 7).
 crl_warn_days = 7

@@ -25,6 +25,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
+from gateway.egress import ZonePath
 from gateway.errors import MedgwError
 
 MAX_RESPONSE_BYTES = 256 * 1024
@@ -153,10 +154,13 @@ class OcspClient:
 
     ``require_nonce``: refuse responses that do not echo our nonce.
     ``timeout``: seconds for one request.
+    ``path``: the zone's way out - requests about a zone's peers leave from the
+    zone's source address, to responders inside its egress ranges only (NET-4).
     """
 
     timeout: float = 10.0
     require_nonce: bool = True
+    path: ZonePath = field(default_factory=ZonePath)
     _cache: dict[tuple[bytes, int], OcspAnswer] = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -192,12 +196,19 @@ class OcspClient:
         *,
         at: datetime,
     ) -> OcspAnswer:
+        refusal = self.path.refusal(url)
+        if refusal is not None:
+            raise OcspError(
+                f"OCSP responder {url} not asked: {refusal}",
+                fix="add the responder's address range to the zone's egress if it is reached "
+                "through this zone's network, or give the zone CRLs (`crls`) instead",
+            )
         nonce = secrets.token_bytes(16)
         request = build_request(cert, issuer, nonce).dump()
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
+                aiohttp.ClientSession(timeout=timeout, connector=self.path.connector()) as session,
                 session.post(
                     url,
                     data=request,

@@ -13,15 +13,20 @@ an overlap window (both valid) needs no switch at an exact instant.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
+from gateway.egress import ZonePath
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.tls import certificate_fingerprint
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.policy import AlgorithmPolicy
+
+if TYPE_CHECKING:
+    from gateway.config import Zone
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,19 @@ class TrustSettings:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     revocation: RevocationPolicy = RevocationPolicy.OFF
     ocsp: bool = False
+    # How OCSP requests leave: from the zone's source address, into its egress only.
+    network: ZonePath = field(default_factory=ZonePath)
+
+    @classmethod
+    def of_zone(cls, zone: Zone) -> TrustSettings:
+        """What ``zone`` trusts, how it checks revocation, and how its OCSP requests leave."""
+        return cls(
+            anchors=zone.trust_anchors,
+            crls=zone.crls,
+            revocation=RevocationPolicy(zone.revocation),
+            ocsp=zone.ocsp,
+            network=zone.network,
+        )
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ class PersonalSigners:
                     revocation=self.trust.revocation,
                     crls=self.trust.crls,
                     ocsp=self.trust.ocsp,
-                    ocsp_client=OcspClient(),
+                    ocsp_client=OcspClient(path=self.trust.network),
                     policy=self.policy,
                 )
             )
