@@ -247,8 +247,14 @@ class Daemon:
 
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
+        handover = self._handover
         return Operations(
-            self.state.config, self._spool, self._audit_sink(), self._clock, self._outbound.wake
+            self.state.config,
+            self._spool,
+            self._audit_sink(),
+            self._clock,
+            self._outbound.wake,
+            handover.wake if handover is not None else lambda: None,
         )
 
     @property

@@ -67,6 +67,7 @@ class Operations:
     audit: AuditSink
     clock: Clock
     wake: Callable[[str], None] = lambda _peer: None  # tell the peer's sender to look again
+    wake_handover: Callable[[], None] = lambda: None  # tell the hand-over worker to look again
 
     def _peer(self, name: str) -> str:
         if self.config.peer(name) is None:
@@ -135,6 +136,7 @@ class Operations:
         [before] = found
         expires = self.clock.now().timestamp() + self.config.runtime.message_expiry_seconds
         record = self.spool.handover_operator_retry(before.peer, message_id, actor, expires)
+        self.wake_handover()
         self.audit.emit(
             AuditEvent(
                 EventType.HANDOVER_RETRIED,
