@@ -11,6 +11,7 @@ AES key wrap (RFC 3394) matching the content-encryption key size.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,11 +36,14 @@ from ..policy import (
     PrivateKey,
     normalize_digest,
 )
+from .der import Cursor, DerError, contents_of, integer
 from .signed import (
     ASN1_ERRORS,
+    _issuer_serial_ders,
     _oid_der,
     _tl,
     _tlv,
+    cert_der,
     cert_label,
     cert_ski,
     hash_for,
@@ -91,6 +95,7 @@ OID_ENVELOPED = "1.2.840.113549.1.7.3"
 OID_AUTH_ENVELOPED = "1.2.840.113549.1.9.16.1.23"
 
 _WRAP_BY_KEYLEN = {16: "aes128_wrap", 24: "aes192_wrap", 32: "aes256_wrap"}
+_HASH_NAMES = ("sha256", "sha384", "sha512")
 _WRAP_KEYLEN = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
 
 # ECDH KDF schemes (RFC 5753 / SEC 1). For the NIST curves the cofactor is 1,
@@ -398,6 +403,338 @@ def _parse(enveloped: bytes) -> _Parsed:
     return parsed
 
 
+# ---------------------------------------------------------------------------
+# the common shapes, read directly (gateway.cms.der)
+#
+# Accepted: DER ContentInfo with EnvelopedData (AES-CBC, 3DES-CBC) or
+# AuthEnvelopedData (AES-GCM) without originatorInfo, authenticated or
+# unprotected attributes, the encrypted content inside as one primitive
+# OCTET STRING; recipients: KeyTransRecipientInfo with RSAES-OAEP (SHA-2 hash
+# and MGF1 given explicitly, no label) and KeyAgreeRecipientInfo with
+# ephemeral-static ECDH (SHA-2 X9.63 KDF, AES key wrap), each recipient named
+# by issuerAndSerialNumber or subjectKeyIdentifier.  Anything else raises
+# DerError and is read with asn1crypto; so are our recipient infos when they
+# name our certificate other than by exactly its bytes.
+
+
+def _oid_contents(dotted: str) -> bytes:
+    return _oid_der(dotted)[2:]
+
+
+_KINDS = {
+    _oid_contents(OID_ENVELOPED): "enveloped_data",
+    _oid_contents(OID_AUTH_ENVELOPED): "authenticated_enveloped_data",
+}
+_CONTENT_CIPHERS_BY_OID: dict[bytes, str] = {
+    _oid_contents(dotted): name
+    for dotted, name in algos.EncryptionAlgorithmId._map.items()
+    if name in _CIPHER_BY_OID_NAME
+}
+_SHA2: dict[bytes, str] = {
+    _oid_contents(d): n for d, n in algos.DigestAlgorithmId._map.items() if n in _HASH_NAMES
+}
+_OID_RSAES_OAEP = _oid_contents("1.2.840.113549.1.1.7")
+_OID_MGF1 = _oid_contents("1.2.840.113549.1.1.8")
+_OID_EC_PUBLIC_KEY = _oid_contents("1.2.840.10045.2.1")
+_CURVES: dict[bytes, str] = {_oid_contents(d): n for d, n in keys.NamedCurve._map.items()}
+_KDF_SHA2: dict[bytes, str] = {
+    _oid_contents(d): h for d, h in _KDF_SCHEMES.items() if h in _HASH_NAMES
+}
+_WRAPS: dict[bytes, int] = {
+    _oid_contents(d): _WRAP_KEYLEN[n]
+    for d, n in cms.KeyEncryptionAlgorithmId._map.items()
+    if n in _WRAP_KEYLEN
+}
+_NULL = b"\x05\x00"
+
+
+@dataclass(frozen=True)
+class GcmParams:
+    """RFC 5084 GCMParameters, read directly."""
+
+    nonce: bytes
+    icvlen: int
+
+
+def gcm_parameters(params: Any) -> tuple[bytes, int]:
+    """(nonce, ICV length) of AES-GCM parameters, read directly or by asn1crypto."""
+    if isinstance(params, GcmParams):
+        return params.nonce, params.icvlen
+    gp = GCMParameters.load(params.dump())
+    return gp["aes_nonce"].native, gp["aes_icvlen"].native
+
+
+def cbc_iv(params: Any) -> Any:
+    """The IV of CBC parameters, read directly (bytes) or by asn1crypto (its native value)."""
+    if isinstance(params, bytes):
+        return params
+    return params.native
+
+
+@dataclass(frozen=True)
+class _Rid:
+    issuer_der: bytes | None  # issuerAndSerialNumber, or
+    serial: int
+    ski: bytes | None  # subjectKeyIdentifier
+
+
+@dataclass(frozen=True)
+class _DirectKtri:
+    rid: _Rid
+    hash_name: str
+    mgf_hash_name: str
+    encrypted_key: bytes
+
+
+@dataclass(frozen=True)
+class _DirectKari:
+    kdf_digest: str
+    wrap_der: bytes
+    kek_len: int
+    curve: str | None
+    point: bytes
+    ukm: bytes | None
+    keys: tuple[tuple[_Rid, bytes], ...]
+
+
+@dataclass(frozen=True)
+class _DirectRecipients:
+    der: bytes  # the RecipientInfos as received
+    infos: tuple[_DirectKtri | _DirectKari, ...]
+
+
+def _sha2_algorithm(c: Cursor) -> str:
+    """A SHA-2 AlgorithmIdentifier, parameters absent or NULL."""
+    alg = c.inner(0x30)
+    name = _SHA2.get(alg.value(0x06))
+    if name is None:
+        raise DerError("not a SHA-2 digest")
+    if not alg.at_end() and alg.raw(0x05) != _NULL:
+        raise DerError("NULL with contents")
+    alg.finish()
+    return name
+
+
+def _rid(c: Cursor, ski_tag: int) -> _Rid:
+    tag = c.peek()
+    if tag == 0x30:
+        ias = c.inner(0x30)
+        issuer = ias.raw(0x30)
+        start, stop = ias.next(0x02)
+        serial = integer(ias.buf, start, stop)
+        ias.finish()
+        return _Rid(issuer, serial, None)
+    if tag == ski_tag and ski_tag == 0x80:
+        return _Rid(None, 0, c.value(0x80))
+    raise DerError("a recipient identifier the direct reader does not read")
+
+
+def _direct_ktri(c: Cursor) -> _DirectKtri:
+    c.next(0x02)  # version: not used
+    rid = _rid(c, 0x80)
+    alg = c.inner(0x30)
+    if alg.value(0x06) != _OID_RSAES_OAEP:
+        raise DerError("key transport other than RSAES-OAEP")
+    params = alg.inner(0x30)
+    alg.finish()
+    explicit = params.inner(0xA0)
+    hash_name = _sha2_algorithm(explicit)
+    explicit.finish()
+    explicit = params.inner(0xA1)
+    mgf = explicit.inner(0x30)
+    explicit.finish()
+    if mgf.value(0x06) != _OID_MGF1:
+        raise DerError("mask generation other than MGF1")
+    mgf_hash_name = _sha2_algorithm(mgf)
+    mgf.finish()
+    params.finish()  # pSourceAlgorithm: the default, an empty label
+    encrypted_key = c.value(0x04)
+    c.finish()
+    return _DirectKtri(rid, hash_name, mgf_hash_name, encrypted_key)
+
+
+def _direct_kari(c: Cursor) -> _DirectKari:
+    c.next(0x02)  # version: not used
+    originator = c.inner(0xA0)
+    spki = originator.inner(0xA1)  # originatorKey
+    originator.finish()
+    alg = spki.inner(0x30)
+    if alg.value(0x06) != _OID_EC_PUBLIC_KEY:
+        raise DerError("originator key is not an EC key")
+    curve: str | None = None
+    tag = alg.peek()
+    if tag == 0x06:
+        curve = _CURVES.get(alg.value(0x06))
+        if curve is None:
+            raise DerError("unknown named curve")
+    elif tag != -1 and alg.raw(0x05) != _NULL:
+        raise DerError("EC parameters other than a named curve")
+    alg.finish()
+    bits = spki.value(0x03)
+    spki.finish()
+    if len(bits) < 2 or bits[0] != 0:
+        raise DerError("originator public key with unused bits")
+    ukm: bytes | None = None
+    if c.peek() == 0xA1:
+        explicit = c.inner(0xA1)
+        ukm = explicit.value(0x04)
+        explicit.finish()
+    kea = c.inner(0x30)
+    kdf_digest = _KDF_SHA2.get(kea.value(0x06))
+    if kdf_digest is None:
+        raise DerError("key agreement other than ECDH with a SHA-2 KDF")
+    wrap_start = kea.pos
+    wrap = kea.inner(0x30)
+    kek_len = _WRAPS.get(wrap.value(0x06))
+    if kek_len is None:
+        raise DerError("key wrap other than AES key wrap")
+    wrap.finish()
+    wrap_der = kea.buf[wrap_start : kea.pos]
+    kea.finish()
+    reks = c.inner(0x30)
+    keys_: list[tuple[_Rid, bytes]] = []
+    while not reks.at_end():
+        rek = reks.inner(0x30)
+        rid = _rid(rek, -1)  # rKeyId: read with asn1crypto
+        keys_.append((rid, rek.value(0x04)))
+        rek.finish()
+    c.finish()
+    return _DirectKari(kdf_digest, wrap_der, kek_len, curve, bits[1:], ukm, tuple(keys_))
+
+
+def direct_recipients(ri_der: bytes) -> _DirectRecipients | None:
+    """RecipientInfos (a whole SET element) read directly, or None if it is not of
+    the common shapes (then read it with asn1crypto)."""
+    try:
+        c = contents_of(ri_der, 0x31)
+        infos: list[_DirectKtri | _DirectKari] = []
+        while not c.at_end():
+            tag = c.peek()
+            if tag == 0x30:
+                infos.append(_direct_ktri(c.inner(0x30)))
+            elif tag == 0xA1:
+                infos.append(_direct_kari(c.inner(0xA1)))
+            else:
+                raise DerError("a recipient info the direct reader does not read")
+    except DerError:
+        return None
+    return _DirectRecipients(ri_der, tuple(infos))
+
+
+def content_algorithm_direct(c: Cursor, kind: str) -> tuple[str, GcmParams | bytes]:
+    """(asn1crypto name, parameters) of a contentEncryptionAlgorithm: AES-GCM in
+    AuthEnvelopedData, a CBC cipher with its IV in EnvelopedData."""
+    alg = c.inner(0x30)
+    oid_name = _CONTENT_CIPHERS_BY_OID.get(alg.value(0x06))
+    if oid_name is None:
+        raise DerError("a content cipher the direct reader does not read")
+    mode = _CIPHERS[_CIPHER_BY_OID_NAME[oid_name]][2]
+    params: GcmParams | bytes
+    if mode == "gcm":
+        if kind != "authenticated_enveloped_data":
+            raise DerError("GCM outside AuthEnvelopedData")
+        p = alg.inner(0x30)
+        nonce = p.value(0x04)
+        icvlen = 12
+        if not p.at_end():
+            start, stop = p.next(0x02)
+            icvlen = integer(p.buf, start, stop)
+        p.finish()
+        params = GcmParams(nonce, icvlen)
+    else:
+        if kind != "enveloped_data":
+            raise DerError("CBC inside AuthEnvelopedData")
+        params = alg.value(0x04)
+    alg.finish()
+    return oid_name, params
+
+
+def _parse_der(enveloped: bytes) -> _Parsed:
+    ci = contents_of(enveloped, 0x30)
+    kind = _KINDS.get(ci.value(0x06))
+    if kind is None:
+        raise DerError("not EnvelopedData or AuthEnvelopedData")
+    explicit = ci.inner(0xA0)
+    ci.finish()
+    body = explicit.inner(0x30)
+    explicit.finish()
+    body.next(0x02)  # version: not used
+    recipients = direct_recipients(body.raw(0x31))  # no originatorInfo
+    if recipients is None:
+        raise DerError("recipient infos of another shape")
+    eci = body.inner(0x30)
+    eci.next(0x06)  # content type: not used
+    oid_name, params = content_algorithm_direct(eci, kind)
+    encrypted = eci.value(0x80)
+    eci.finish()
+    mac = body.value(0x04) if kind == "authenticated_enveloped_data" else None
+    body.finish()  # no authenticated, unauthenticated or unprotected attributes
+    return _Parsed(kind, recipients, oid_name, params, encrypted, mac, None)
+
+
+def _names(rid: _Rid, cert: x509.Certificate, issuer_der: bytes, serial: int) -> bool | None:
+    """Whether ``rid`` names ``cert``; None if only asn1crypto can tell (the same
+    issuer encoded otherwise, an unreadable subjectKeyIdentifier extension)."""
+    if rid.issuer_der is not None:
+        if rid.serial != serial:
+            return False
+        return True if rid.issuer_der == issuer_der else None
+    try:
+        return cert_ski(cert) == rid.ski
+    except ValueError:
+        return None
+
+
+def _recover_direct(
+    recipients: _DirectRecipients,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    policy: AlgorithmPolicy,
+    label: str,
+) -> tuple[bytes, str] | None:
+    """The content-encryption key, as :func:`recover_cek` finds it; None if that
+    takes the asn1crypto reading (found otherwise than by exactly our bytes, not
+    found, or an error to report as the asn1crypto path reports it)."""
+    issuer_der, _ = _issuer_serial_ders(cert_der(cert))
+    serial = cert.serial_number
+    for info in recipients.infos:
+        if isinstance(info, _DirectKtri):
+            found = _names(info.rid, cert, issuer_der, serial)
+            if found is None:
+                return None
+            if not found:
+                continue
+            if not isinstance(key, rsa.RSAPrivateKey):
+                return None
+            policy.check_key_transport("rsaes-oaep", inbound=True)
+            h, mgf_h = hash_for(info.hash_name), hash_for(info.mgf_hash_name)
+            pad = padding.OAEP(mgf=padding.MGF1(algorithm=mgf_h), algorithm=h, label=None)
+            return _rsa_decrypt_cek(key, info.encrypted_key, pad, "rsaes-oaep", label)
+        for rid, encrypted_key in info.keys:
+            found = _names(rid, cert, issuer_der, serial)
+            if found is None:
+                return None
+            if not found:
+                continue
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                return None
+            if info.curve is not None and info.curve != key.curve.name:
+                return None
+            policy.check_key_transport("ecdh", inbound=True)
+            shared = _ecdh_shared(key, info.point)
+            return _ecdh_unwrap_cek(
+                shared,
+                info.kdf_digest,
+                info.wrap_der,
+                info.ukm,
+                info.kek_len,
+                encrypted_key,
+                "ecdh",
+                label,
+            )
+    return None
+
+
 def _rid_matches(cert: x509.Certificate, rid: Any) -> bool:
     if rid.name == "issuer_and_serial_number":
         return matches_issuer_serial(cert, rid.chosen)
@@ -469,8 +806,18 @@ def _unwrap_ktri(
             "only RSAES-OAEP (and RSAES-PKCS1-v1_5 under compat) are supported for RSA",
             "ask the peer to use RSAES-OAEP with SHA-256",
         )
+    return _rsa_decrypt_cek(key, ktri["encrypted_key"].native, pad, name, label)
+
+
+def _rsa_decrypt_cek(
+    key: rsa.RSAPrivateKey,
+    encrypted_key: bytes,
+    pad: padding.AsymmetricPadding,
+    name: str,
+    label: str,
+) -> tuple[bytes, str]:
     try:
-        cek = key.decrypt(ktri["encrypted_key"].native, pad)
+        cek = key.decrypt(encrypted_key, pad)
     except ValueError as exc:
         raise DecryptionError(
             f"the content-encryption key for {label} cannot be decrypted with our private key "
@@ -530,19 +877,38 @@ def _unwrap_kari(
                 f"{key.curve.name}",
                 fix="the peer encrypted with the wrong certificate; ask it to resend",
             )
+    shared = _ecdh_shared(key, bytes(orig["public_key"]))
+    ukm_v = kari["ukm"]
+    ukm = None if isinstance(ukm_v, core.Void) else ukm_v.native
+    return _ecdh_unwrap_cek(
+        shared, kdf_digest, wrap_der, ukm, kek_len, rek["encrypted_key"].native, name, label
+    )
+
+
+def _ecdh_shared(key: ec.EllipticCurvePrivateKey, point: bytes) -> bytes:
     try:
-        peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, bytes(orig["public_key"]))
-        shared = key.exchange(ec.ECDH(), peer)
+        peer = ec.EllipticCurvePublicKey.from_encoded_point(key.curve, point)
+        return key.exchange(ec.ECDH(), peer)
     except ValueError as exc:
         raise DecryptionError(
             f"ECDH originator public key is not a valid point on {key.curve.name}",
             fix="the message is corrupt; ask the peer to resend",
         ) from exc
-    ukm_v = kari["ukm"]
-    ukm = None if isinstance(ukm_v, core.Void) else ukm_v.native
+
+
+def _ecdh_unwrap_cek(
+    shared: bytes,
+    kdf_digest: str,
+    wrap_der: bytes,
+    ukm: bytes | None,
+    kek_len: int,
+    encrypted_key: bytes,
+    name: str,
+    label: str,
+) -> tuple[bytes, str]:
     kek = _kek(shared, kdf_digest, wrap_der, ukm, kek_len)
     try:
-        cek = aes_key_unwrap(kek, rek["encrypted_key"].native)
+        cek = aes_key_unwrap(kek, encrypted_key)
     except (InvalidUnwrap, ValueError) as exc:
         raise DecryptionError(
             f"the content-encryption key for {label} cannot be unwrapped (ECDH {name})",
@@ -565,9 +931,7 @@ def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
                 f"{cipher} used in EnvelopedData; GCM requires AuthEnvelopedData (RFC 5084)",
                 fix="ask the peer to send AuthEnvelopedData for AES-GCM",
             )
-        gp = GCMParameters.load(parsed.cipher_params.dump())
-        nonce = gp["aes_nonce"].native
-        icvlen = gp["aes_icvlen"].native
+        nonce, icvlen = gcm_parameters(parsed.cipher_params)
         if icvlen != len(parsed.mac) or not 12 <= icvlen <= 16:
             raise DecryptionError(
                 f"{cipher} tag length {len(parsed.mac)} does not match GCMParameters "
@@ -592,7 +956,7 @@ def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
             f"{cipher} used in AuthEnvelopedData; only AEAD ciphers are allowed there",
             fix="ask the peer to use AES-GCM for AuthEnvelopedData",
         )
-    iv = parsed.cipher_params.native
+    iv = cbc_iv(parsed.cipher_params)
     if cipher == "des-ede3-cbc":
         algo: Any = TripleDES(cek)
         block = 64
@@ -633,9 +997,17 @@ def recover_cek(
 ) -> tuple[bytes, str]:
     """The content-encryption key from the recipient info addressed to ``cert``.
 
-    Returns (key, key transport name).
+    Returns (key, key transport name).  ``recipient_infos`` is asn1crypto's
+    RecipientInfos or what :func:`direct_recipients` read.
     """
     label = cert_label(cert)
+    if isinstance(recipient_infos, _DirectRecipients):
+        found_direct = _recover_direct(recipient_infos, cert, key, policy, label)
+        if found_direct is not None:
+            return found_direct
+        # not the common case (ours not named by exactly our bytes, not found, ...):
+        # the asn1crypto reading, for exactly its result or error
+        recipient_infos = cms.RecipientInfos.load(recipient_infos.der)
     try:
         found: tuple[bytes, str] | None = None
         seen: list[Any] = []  # recipient identifiers, described only if none is ours
@@ -697,7 +1069,12 @@ def decrypt(
     policy: AlgorithmPolicy,
 ) -> Decrypted:
     """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``."""
-    parsed = _parse(enveloped)
+    parsed: _Parsed | None = None
+    if type(enveloped) is bytes:
+        with contextlib.suppress(DerError):  # not the common shape: asn1crypto reads it
+            parsed = _parse_der(enveloped)
+    if parsed is None:
+        parsed = _parse(enveloped)
     cipher = content_cipher_name(parsed.cipher_oid_name, policy)
     cek, key_transport = recover_cek(parsed.recipient_infos, cert, key, policy)
     try:

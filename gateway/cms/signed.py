@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import hmac
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from ..errors import (
     SignerNotTrustedError,
 )
 from ..policy import COMPAT_DIGESTS, AlgorithmPolicy, PrivateKey, normalize_digest
+from .der import Cursor, DerError, contents_of, integer, oid_valid
 
 __all__ = [
     "ParsedSignature",
@@ -142,6 +144,12 @@ def _issuer_serial_ders(cert_der: bytes) -> tuple[bytes, bytes]:
     return tbs["issuer"].dump(), tbs["serial_number"].dump()
 
 
+@functools.lru_cache(maxsize=256)
+def cert_der(cert: x509.Certificate) -> bytes:
+    """The DER of ``cert`` (cached: the same few certificates are compared for every message)."""
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 def matches_issuer_serial(cert: x509.Certificate, ias: Any) -> bool:
     """True if an asn1crypto IssuerAndSerialNumber names ``cert``.
 
@@ -151,7 +159,7 @@ def matches_issuer_serial(cert: x509.Certificate, ias: Any) -> bool:
     """
     if ias["serial_number"].native != cert.serial_number:
         return False
-    issuer_der, _ = _issuer_serial_ders(cert.public_bytes(serialization.Encoding.DER))
+    issuer_der, _ = _issuer_serial_ders(cert_der(cert))
     other = ias["issuer"]
     if other.dump() == issuer_der:
         return True
@@ -209,7 +217,7 @@ def _time_der(dt: datetime) -> bytes:
 
 def issuer_and_serial_der(cert: x509.Certificate) -> bytes:
     """IssuerAndSerialNumber with the issuer Name and serial exactly as in the certificate."""
-    issuer, serial = _issuer_serial_ders(cert.public_bytes(serialization.Encoding.DER))
+    issuer, serial = _issuer_serial_ders(cert_der(cert))
     return _tlv(0x30, issuer + serial)
 
 
@@ -418,6 +426,8 @@ def sign_digest(
 
 @dataclass
 class _ParsedSigner:
+    """A SignerInfo read with asn1crypto (any shape the asn1crypto path accepts)."""
+
     index: int
     sid_issuer_serial: Any | None
     sid_ski: bytes | None
@@ -456,13 +466,134 @@ class _ParsedSigner:
             )
         return f"subjectKeyIdentifier {(self.sid_ski or b'').hex()}"
 
+    def names(self, cert: x509.Certificate) -> bool:
+        """True if the signer identifier names ``cert``."""
+        if self.sid_issuer_serial is not None:
+            return matches_issuer_serial(cert, self.sid_issuer_serial)
+        return self.sid_ski is not None and cert_ski(cert) == self.sid_ski
+
+    def check_protection(self, who: str) -> None:
+        """RFC 6211: the CMSAlgorithmProtection attribute, if any, names the signer
+        info's own digest and signature algorithms."""
+        prot = self.algorithm_protection
+        if prot is None:
+            return
+        if not isinstance(prot["mac_algorithm"], core.Void) or isinstance(
+            prot["signature_algorithm"], core.Void
+        ):
+            raise SignatureError(
+                f"{who}: CMSAlgorithmProtection must carry a signatureAlgorithm and no "
+                "macAlgorithm in SignedData (RFC 6211)",
+                fix="the message was built incorrectly; ask the peer to fix it",
+            )
+        if prot["digest_algorithm"]["algorithm"].dotted != self.digest_alg[
+            "algorithm"
+        ].dotted or not _same_algorithm(prot["signature_algorithm"], self.sig_alg):
+            raise SignatureError(
+                f"{who}: CMSAlgorithmProtection does not match the algorithms in the "
+                "signer info (algorithm substitution, RFC 6211)",
+                fix="the message was altered; ask the peer to resend",
+            )
+
+
+class _Asn1Twin:
+    """The asn1crypto reading of a signature the direct reader took, made only when
+    a rare path needs an asn1crypto object (a Name compared as a Name, a DER
+    re-encoding of the signed attributes, an error message)."""
+
+    __slots__ = ("_der", "_parsed")
+
+    def __init__(self, der: bytes) -> None:
+        self._der = der
+        self._parsed: _ParsedSignedData | None = None
+
+    def signer(self, index: int) -> _ParsedSigner:
+        if self._parsed is None:
+            self._parsed = _parse_signed_data_asn1(self._der)
+        signer = self._parsed.signers[index]
+        assert isinstance(signer, _ParsedSigner)
+        return signer
+
+
+class _DirectSigner:
+    """A SignerInfo of the common shape, read directly from its DER.
+
+    The values read are exactly those :func:`_parse_signer` gives; anything
+    needing an asn1crypto object comes from the asn1crypto reading of the same
+    bytes (``_twin``), so that rare paths behave exactly as there.  Its
+    CMSAlgorithmProtection, if present, was checked when it was read: it is
+    accepted only as the byte-exact copy of the signer info's algorithms.
+    """
+
+    __slots__ = (
+        "_twin",
+        "attrs_original",
+        "attrs_present",
+        "content_type_attr",
+        "digest",
+        "index",
+        "message_digest",
+        "sid_issuer_der",
+        "sid_serial",
+        "sid_ski",
+        "sig_alg_name",
+        "signature",
+        "signing_time",
+    )
+
+    def __init__(self, index: int, twin: _Asn1Twin) -> None:
+        self.index = index
+        self._twin = twin
+        self.sid_issuer_der: bytes | None = None
+        self.sid_serial = 0
+        self.sid_ski: bytes | None = None
+        self.digest = ""
+        self.sig_alg_name = ""
+        self.signature = b""
+        self.attrs_present = False
+        self.attrs_original: bytes | None = None
+        self.content_type_attr: str | None = None
+        self.message_digest: bytes | None = None
+        self.signing_time: datetime | None = None
+
+    @property
+    def sig_alg(self) -> Any:
+        return self._twin.signer(self.index).sig_alg
+
+    def attrs_der(self) -> Iterator[bytes]:
+        if self.attrs_original is None:
+            return
+        yield self.attrs_original
+        # not verified as received: as the asn1crypto path, try the DER re-encoding
+        yield from itertools.islice(self._twin.signer(self.index).attrs_der(), 1, None)
+
+    def describe(self) -> str:
+        return self._twin.signer(self.index).describe()
+
+    def names(self, cert: x509.Certificate) -> bool:
+        if self.sid_issuer_der is None:
+            return self.sid_ski is not None and cert_ski(cert) == self.sid_ski
+        if self.sid_serial != cert.serial_number:
+            return False
+        issuer_der, _ = _issuer_serial_ders(cert_der(cert))
+        if issuer_der == self.sid_issuer_der:
+            return True
+        # the same name encoded otherwise? compared as a Name, as the asn1crypto path does
+        return self._twin.signer(self.index).names(cert)
+
+    def check_protection(self, who: str) -> None:
+        return None  # checked when read
+
+
+_Signer = _ParsedSigner | _DirectSigner
+
 
 @dataclass
 class _ParsedSignedData:
     content_type: str
     content: bytes | None
     certificates: tuple[x509.Certificate, ...]
-    signers: tuple[_ParsedSigner, ...]
+    signers: tuple[_Signer, ...]
 
 
 ParsedSignature = _ParsedSignedData
@@ -533,6 +664,17 @@ def _parse_signer(index: int, si: Any) -> _ParsedSigner:
 
 
 def _parse_signed_data(signed: bytes) -> _ParsedSignedData:
+    """The signature read directly if it has the common shape, else with asn1crypto;
+    both give the same values, and a malformed signature the asn1crypto error."""
+    if type(signed) is bytes:
+        try:
+            return _parse_signed_data_der(signed)
+        except DerError:
+            pass
+    return _parse_signed_data_asn1(signed)
+
+
+def _parse_signed_data_asn1(signed: bytes) -> _ParsedSignedData:
     ci = load_content_info(signed, "signed message")
     ctype = ci["content_type"].native
     if ctype != "signed_data":
@@ -576,14 +718,193 @@ def _parse_signed_data(signed: bytes) -> _ParsedSignedData:
     )
 
 
-def _find_cert(
-    signer: _ParsedSigner, candidates: Sequence[x509.Certificate]
-) -> x509.Certificate | None:
+# ---------------------------------------------------------------------------
+# the common shape, read directly (gateway.cms.der)
+#
+# Accepted: DER; one or more SignerInfos with an issuerAndSerialNumber or a
+# subjectKeyIdentifier; digest and signature algorithms without parameters
+# (or NULL), so not RSASSA-PSS; signed attributes whose contentType,
+# messageDigest, signingTime (UTCTime or GeneralizedTime, seconds, Z) and
+# CMSAlgorithmProtection (a copy of the signer info's algorithms) have one
+# value each, others skipped as the asn1crypto path skips them; certificates
+# only as X.509 certificates; no CRLs, no unsigned attributes.  Anything else
+# raises DerError and is read with asn1crypto.
+
+
+def _oid_names(*maps: dict[str, str]) -> dict[bytes, str]:
+    """DER contents of each OID -> the name asn1crypto's ``.native`` gives it."""
+    out: dict[bytes, str] = {}
+    for m in maps:
+        for dotted, name in m.items():
+            out[_oid_der(dotted)[2:]] = name
+    return out
+
+
+_DIGEST_NAMES = _oid_names(algos.DigestAlgorithmId._map)
+_SIGNATURE_NAMES = _oid_names(algos.SignedDigestAlgorithmId._map)
+del _SIGNATURE_NAMES[_oid_der("1.2.840.113549.1.1.10")[2:]]  # RSASSA-PSS: parameters
+_CONTENT_TYPE_NAMES = _oid_names(cms.ContentType._map)
+_OID_SIGNED_DATA = _OID_SIGNED_DATA_DER[2:]
+_ATTR_CONTENT_TYPE = _oid_der(OID_CONTENT_TYPE)[2:]
+_ATTR_MESSAGE_DIGEST = _oid_der(OID_MESSAGE_DIGEST)[2:]
+_ATTR_SIGNING_TIME = _oid_der(OID_SIGNING_TIME)[2:]
+_ATTR_ALGORITHM_PROTECTION = _oid_der(OID_ALGORITHM_PROTECTION)[2:]
+_NULL = b"\x05\x00"
+
+
+def _oid_name(c: Cursor, names: dict[bytes, str]) -> str:
+    oid = c.value(0x06)
+    name = names.get(oid)
+    if name is None:
+        raise DerError("an object identifier the direct reader does not know")
+    return name
+
+
+def _algorithm(c: Cursor, names: dict[bytes, str]) -> tuple[str, bytes]:
+    """(asn1crypto name, DER) of an AlgorithmIdentifier without parameters or with NULL."""
+    start = c.pos
+    alg = c.inner(0x30)
+    name = _oid_name(alg, names)
+    if not alg.at_end() and alg.raw(0x05) != _NULL:
+        raise DerError("NULL with contents")
+    alg.finish()
+    return name, c.buf[start : c.pos]
+
+
+def _one_value(attr: Cursor) -> Cursor:
+    values = attr.inner(0x31)
+    attr.finish()
+    return values
+
+
+def _time_value(tag: int, text: bytes) -> datetime:
+    """UTCTime / GeneralizedTime with seconds and Z, as asn1crypto's ``.native`` gives it."""
+    if tag == 0x17 and len(text) == 13 and text[12] == 0x5A and text[:12].isdigit():
+        year = int(text[0:2])
+        year += 2000 if year < 50 else 1900
+        rest = text[2:12]
+    elif tag == 0x18 and len(text) == 15 and text[14] == 0x5A and text[:14].isdigit():
+        year = int(text[0:4])
+        rest = text[4:14]
+        if year == 0:
+            raise DerError("year 0")
+    else:
+        raise DerError("a time form the direct reader does not read")
+    try:
+        return datetime(
+            year,
+            int(rest[0:2]),
+            int(rest[2:4]),
+            int(rest[4:6]),
+            int(rest[6:8]),
+            int(rest[8:10]),
+            tzinfo=UTC,
+        )
+    except ValueError as exc:
+        raise DerError(f"invalid time: {exc}") from None
+
+
+def _signer_der(c: Cursor, index: int, twin: _Asn1Twin) -> _DirectSigner:
+    s = _DirectSigner(index, twin)
+    buf = c.buf
+    c.next(0x02)  # version: not used
+    tag = c.peek()
+    if tag == 0x30:
+        ias = c.inner(0x30)
+        s.sid_issuer_der = ias.raw(0x30)
+        start, stop = ias.next(0x02)
+        s.sid_serial = integer(buf, start, stop)
+        ias.finish()
+    elif tag == 0x80:
+        s.sid_ski = c.value(0x80)
+    else:
+        raise DerError("a signer identifier the direct reader does not read")
+    s.digest, digest_alg_der = _algorithm(c, _DIGEST_NAMES)
+    attrs_at = c.pos
+    attrs = c.optional(0xA0)
+    protection: bytes | None = None
+    if attrs is not None:
+        s.attrs_present = True
+        s.attrs_original = b"\x31" + buf[attrs_at + 1 : c.pos]
+        seen: set[bytes] = set()
+        a = Cursor(buf, *attrs)
+        while not a.at_end():
+            attr = a.inner(0x30)
+            typ = attr.value(0x06)
+            if not oid_valid(typ):
+                raise DerError("an object identifier not in its DER form")
+            if typ == _ATTR_CONTENT_TYPE:
+                v = _one_value(attr)
+                s.content_type_attr = _oid_name(v, _CONTENT_TYPE_NAMES)
+            elif typ == _ATTR_MESSAGE_DIGEST:
+                v = _one_value(attr)
+                s.message_digest = v.value(0x04)
+            elif typ == _ATTR_SIGNING_TIME:
+                v = _one_value(attr)
+                t, start, stop = v.any()
+                s.signing_time = _time_value(t, buf[start:stop])
+            elif typ == _ATTR_ALGORITHM_PROTECTION:
+                v = _one_value(attr)
+                protection = v.value(0x30)
+            else:  # skipped, as the asn1crypto path skips it
+                attr.next(0x31)
+                attr.finish()
+                continue
+            v.finish()
+            if typ in seen:
+                raise DerError("a signed attribute repeated")
+            seen.add(typ)
+    sig_alg, sig_alg_der = _algorithm(c, _SIGNATURE_NAMES)
+    s.sig_alg_name = sig_alg
+    s.signature = c.value(0x04)
+    c.finish()  # no unsignedAttrs
+    # RFC 6211: only the exact copy of the signer info's algorithms is taken here
+    if protection is not None and protection != digest_alg_der + b"\xa1" + sig_alg_der[1:]:
+        raise DerError("a CMSAlgorithmProtection other than the signer info's algorithms")
+    return s
+
+
+def _parse_signed_data_der(signed: bytes) -> _ParsedSignedData:
+    ci = contents_of(signed, 0x30)
+    if ci.value(0x06) != _OID_SIGNED_DATA:
+        raise DerError("not SignedData")
+    explicit = ci.inner(0xA0)
+    ci.finish()
+    sd = explicit.inner(0x30)
+    explicit.finish()
+    sd.next(0x02)  # version: not used
+    sd.next(0x31)  # digestAlgorithms: not used (each signer names its own)
+    encap = sd.inner(0x30)
+    content_type = _oid_name(encap, _CONTENT_TYPE_NAMES)
+    content: bytes | None = None
+    if not encap.at_end():
+        econtent = encap.inner(0xA0)
+        content = econtent.value(0x04)
+        econtent.finish()
+    encap.finish()
+    certs: list[x509.Certificate] = []
+    certificates = sd.optional(0xA0)
+    if certificates is not None:
+        cc = Cursor(signed, *certificates)
+        while not cc.at_end():
+            try:
+                certs.append(x509.load_der_x509_certificate(cc.raw(0x30)))
+            except ValueError as exc:
+                raise DerError(f"certificate: {exc}") from None
+    signer_infos = sd.inner(0x31)
+    sd.finish()  # no CRLs
+    twin = _Asn1Twin(signed)
+    signers: list[_Signer] = []
+    while not signer_infos.at_end():
+        signers.append(_signer_der(signer_infos.inner(0x30), len(signers), twin))
+    if not signers:
+        raise DerError("no SignerInfo")
+    return _ParsedSignedData(content_type, content, tuple(certs), tuple(signers))
+
+
+def _find_cert(signer: _Signer, candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
     for cert in candidates:
-        if signer.sid_issuer_serial is not None:
-            if matches_issuer_serial(cert, signer.sid_issuer_serial):
-                return cert
-        elif signer.sid_ski is not None and cert_ski(cert) == signer.sid_ski:
+        if signer.names(cert):
             return cert
     return None
 
@@ -602,7 +923,7 @@ def _same_algorithm(a: Any, b: Any) -> bool:
 
 
 def _check_scheme(
-    signer: _ParsedSigner, pub: Any, policy: AlgorithmPolicy
+    signer: _Signer, pub: Any, policy: AlgorithmPolicy
 ) -> tuple[str, hashes.HashAlgorithm, Any]:
     """Policy-check the signer's algorithms; return (name, hash, padding-or-None).
 
@@ -703,7 +1024,7 @@ def _check_scheme(
     return scheme, h, pad
 
 
-def _compat_digests(signer: _ParsedSigner) -> tuple[str, ...]:
+def _compat_digests(signer: _Signer) -> tuple[str, ...]:
     """The monitored-list digests a (policy-checked) signer used: the signature's digest,
     and for RSASSA-PSS its hash and MGF1 hash."""
     names = [signer.digest]
@@ -743,8 +1064,13 @@ class _Content:
         return self._digest_of(name)
 
 
+@functools.lru_cache(maxsize=256)
+def _signer_label(cert: x509.Certificate) -> str:
+    return f"signer {cert.subject.rfc4514_string()!r}"
+
+
 def _verify_signer(
-    signer: _ParsedSigner,
+    signer: _Signer,
     cert: x509.Certificate,
     parsed: _ParsedSignedData,
     content: _Content,
@@ -752,7 +1078,7 @@ def _verify_signer(
 ) -> str:
     pub = cert.public_key()
     scheme, h, pad = _check_scheme(signer, pub, policy)
-    who = f"signer {cert.subject.rfc4514_string()!r}"
+    who = _signer_label(cert)
     if signer.attrs_present:
         if signer.content_type_attr is None or signer.message_digest is None:
             raise MalformedMessageError(
@@ -772,24 +1098,7 @@ def _verify_signer(
                 fix="the content was altered after signing (often by a line-ending or "
                 "transfer-encoding conversion); ask the peer to resend with binary transfer",
             )
-        prot = signer.algorithm_protection
-        if prot is not None:
-            if not isinstance(prot["mac_algorithm"], core.Void) or isinstance(
-                prot["signature_algorithm"], core.Void
-            ):
-                raise SignatureError(
-                    f"{who}: CMSAlgorithmProtection must carry a signatureAlgorithm and no "
-                    "macAlgorithm in SignedData (RFC 6211)",
-                    fix="the message was built incorrectly; ask the peer to fix it",
-                )
-            if prot["digest_algorithm"]["algorithm"].dotted != signer.digest_alg[
-                "algorithm"
-            ].dotted or not _same_algorithm(prot["signature_algorithm"], signer.sig_alg):
-                raise SignatureError(
-                    f"{who}: CMSAlgorithmProtection does not match the algorithms in the "
-                    "signer info (algorithm substitution, RFC 6211)",
-                    fix="the message was altered; ask the peer to resend",
-                )
+        signer.check_protection(who)
         ok = any(_verify_raw(pub, signer.signature, der, h, pad) for der in signer.attrs_der())
     else:
         if parsed.content_type != "data":
@@ -933,7 +1242,7 @@ def _verify_checked(
     else:
         data = _content_for(parsed, content)
         source = _Content(data, None, len(data))
-    trusted_der = {c.public_bytes(serialization.Encoding.DER) for c in trusted_signers}
+    trusted_der = {cert_der(c) for c in trusted_signers}
     # pinned certificates first: a signer is checked against the key we trust
     candidates = [*trusted_signers, *parsed.certificates]
     untrusted: list[str] = []
@@ -945,7 +1254,7 @@ def _verify_checked(
             missing.append(signer.describe())
             continue
         scheme = _verify_signer(signer, cert, parsed, source, policy)
-        if cert.public_bytes(serialization.Encoding.DER) not in trusted_der:
+        if cert_der(cert) not in trusted_der:
             if validate_signer is None:
                 untrusted.append(cert_label(cert))
                 continue

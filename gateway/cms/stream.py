@@ -48,6 +48,8 @@ from ..policy import (
     AlgorithmPolicy,
     PrivateKey,
 )
+from .der import CHUNK as CHUNK  # the streaming chunk size, part of this module's interface
+from .der import MAX_SMALL_ELEMENT, StreamReader
 from .enveloped import (
     _CIPHERS,
     OID_AUTH_ENVELOPED,
@@ -84,10 +86,6 @@ __all__ = [
     "verify_entity_file",
 ]
 
-CHUNK = 1 << 20
-# Parts we do hold in memory (recipient infos, a detached signature with its
-# certificates, MIME headers) are small; anything bigger is refused.
-MAX_SMALL_ELEMENT = 16 << 20
 # Non-streaming forms (opaque signed-data, canonicalised text) are handled in
 # memory up to this size.
 IN_MEMORY_LIMIT = 64 << 20
@@ -337,134 +335,6 @@ def sign_and_envelope_file(
 
 
 # ---------------------------------------------------------------------------
-# BER reading
-
-
-class _Reader:
-    """Incremental DER/BER reader over a binary file object."""
-
-    def __init__(self, f: BinaryIO, what: str) -> None:
-        self.f = f
-        self.pos = 0
-        self.what = what
-        self._peeked: bytes = b""
-
-    def _truncated(self) -> MalformedMessageError:
-        return MalformedMessageError(
-            f"{self.what} ends early at byte {self.pos}: the CMS structure is truncated",
-            fix="the message was truncated in transit; ask the peer to resend",
-        )
-
-    def malformed(self, detail: str) -> MalformedMessageError:
-        return MalformedMessageError(
-            f"{self.what} is not valid DER/BER CMS at byte {self.pos}: {detail}",
-            fix="check that the message was not truncated or altered in transit",
-        )
-
-    def read(self, n: int) -> bytes:
-        out = self._peeked[:n]
-        self._peeked = self._peeked[n:]
-        if len(out) < n:
-            more = self.f.read(n - len(out))
-            out += more
-        if len(out) < n:
-            raise self._truncated()
-        self.pos += n
-        return out
-
-    def peek(self, n: int) -> bytes:
-        if len(self._peeked) < n:
-            self._peeked += self.f.read(n - len(self._peeked))
-        return self._peeked[:n]
-
-    def at_eof(self) -> bool:
-        return self.peek(1) == b""
-
-    def header(self) -> tuple[int, int | None, bytes]:
-        """(identifier octet, length or None for indefinite, raw header bytes)."""
-        first = self.read(2)
-        tag, ln = first[0], first[1]
-        if tag & 0x1F == 0x1F:
-            raise self.malformed("high tag numbers do not occur in CMS")
-        raw = first
-        if ln < 0x80:
-            return tag, ln, raw
-        if ln == 0x80:
-            if not tag & 0x20:
-                raise self.malformed("indefinite length on a primitive element")
-            return tag, None, raw
-        n = ln & 0x7F
-        if n > 8:
-            raise self.malformed(f"length of {n} octets")
-        more = self.read(n)
-        return tag, int.from_bytes(more, "big"), raw + more
-
-    def element(self, limit: int = MAX_SMALL_ELEMENT) -> bytes:
-        """A whole element (header and contents), indefinite lengths included."""
-        _tag, length, raw = self.header()
-        if length is not None:
-            if length > limit:
-                raise self.malformed(f"element of {length} bytes where a small one is expected")
-            return raw + self.read(length)
-        parts = [raw]
-        total = 0
-        while True:
-            if self.peek(2) == b"\x00\x00":
-                parts.append(self.read(2))
-                return b"".join(parts)
-            child = self.element(limit - total)
-            total += len(child)
-            parts.append(child)
-
-    def end_of(self, end: int | None) -> bool:
-        """At the end of a container whose end offset (or None: indefinite) is ``end``."""
-        if end is None:
-            return self.peek(2) == b"\x00\x00"
-        if self.pos > end:
-            raise self.malformed("element overruns its container")
-        return self.pos == end
-
-    def close(self, end: int | None) -> None:
-        if end is None:
-            if self.read(2) != b"\x00\x00":
-                raise self.malformed("missing end-of-contents octets")
-        elif self.pos != end:
-            raise self.malformed("container has unexpected trailing elements")
-
-    def enter(self, expected: int, name: str) -> int | None:
-        tag, length, _ = self.header()
-        if tag != expected:
-            raise self.malformed(f"expected {name} (tag 0x{expected:02x}), found tag 0x{tag:02x}")
-        return None if length is None else self.pos + length
-
-    def octets(self, sink: Callable[[bytes], None]) -> int:
-        """Stream the content octets of an [IMPLICIT] OCTET STRING, any BER form."""
-        tag, length, _ = self.header()
-        return self._octets_body(tag, length, sink)
-
-    def _octets_body(self, tag: int, length: int | None, sink: Callable[[bytes], None]) -> int:
-        if not tag & 0x20:  # primitive
-            assert length is not None
-            left = length
-            while left:
-                data = self.read(min(CHUNK, left))
-                sink(data)
-                left -= len(data)
-            return length
-        end = None if length is None else self.pos + length
-        total = 0
-        while not self.end_of(end):
-            ctag, clen, _ = self.header()
-            if ctag not in (0x04, 0x24):
-                raise self.malformed(
-                    f"constructed OCTET STRING holds tag 0x{ctag:02x}, not OCTET STRING"
-                )
-            total += self._octets_body(ctag, clen, sink)
-        self.close(end)
-        return total
-
-
-# ---------------------------------------------------------------------------
 # decryption, streamed
 
 
@@ -476,7 +346,7 @@ class _Head:
     params: Any
 
 
-def _read_head(r: _Reader, policy: AlgorithmPolicy) -> tuple[_Head, list[int | None]]:
+def _read_head(r: StreamReader, policy: AlgorithmPolicy) -> tuple[_Head, list[int | None]]:
     ends: list[int | None] = [r.enter(0x30, "ContentInfo SEQUENCE")]
     oid = core.ObjectIdentifier.load(r.element(64)).dotted
     if oid == OID_AUTH_ENVELOPED:
@@ -502,7 +372,7 @@ def _read_head(r: _Reader, policy: AlgorithmPolicy) -> tuple[_Head, list[int | N
 
 
 def _read_tail(
-    r: _Reader, head: _Head, ends: list[int | None]
+    r: StreamReader, head: _Head, ends: list[int | None]
 ) -> tuple[bytes | None, bytes | None]:
     r.close(ends.pop())  # EncryptedContentInfo
     aad = mac = None
@@ -564,7 +434,7 @@ def _decrypt_pass(
     aad: bytes | None,
 ) -> tuple[_Head, str, int, bytes | None, bool]:
     """One pass: (head, key transport, plaintext size, AAD found, tag verified)."""
-    r = _Reader(src, what)
+    r = StreamReader(src, what)
     head, ends = _read_head(r, policy)
     cek, key_transport = recover_cek(head.recipient_infos, cert, key, policy)
     _name, key_len, mode = _CIPHERS[head.cipher]

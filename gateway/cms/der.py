@@ -1,0 +1,314 @@
+"""Reading DER/BER: one header decoder, a cursor over bytes, a reader over files.
+
+The CMS hot path (opening a message, parsing its signature) reads the few
+fields it needs directly instead of building asn1crypto objects, which cost
+more per message than the private-key operation.  Everything here is strict:
+
+* :func:`header` decodes one identifier and length.  In DER mode (the
+  default) it refuses indefinite lengths, non-minimal length octets and
+  high tag numbers; every length must fit inside its container.
+* :class:`Cursor` walks the elements inside one container of an in-memory
+  buffer: each element must have the expected tag, and :meth:`Cursor.finish`
+  refuses anything left over (trailing data).
+* :class:`StreamReader` reads DER or BER (indefinite lengths, constructed
+  OCTET STRINGs) incrementally from a file object; the small elements it
+  returns are then read with a :class:`Cursor`.
+
+Every refusal is a :class:`DerError` (a
+:class:`~gateway.errors.MalformedMessageError`).  The CMS modules treat a
+refusal of the in-memory reader as "not one of the common shapes" and read
+the message again with asn1crypto, so that unusual but valid messages, and the
+error a malformed one gets, stay exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import BinaryIO
+
+from ..errors import MalformedMessageError
+
+__all__ = [
+    "CHUNK",
+    "MAX_SMALL_ELEMENT",
+    "Cursor",
+    "DerError",
+    "StreamReader",
+    "Truncated",
+    "contents_of",
+    "header",
+    "integer",
+    "oid_valid",
+]
+
+CHUNK = 1 << 20
+# Parts we do hold in memory (recipient infos, a detached signature with its
+# certificates, MIME headers) are small; anything bigger is refused.
+MAX_SMALL_ELEMENT = 16 << 20
+
+
+class DerError(MalformedMessageError):
+    """The bytes are not the DER the strict reader accepts."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"not valid DER: {detail}",
+            fix="check that the message was not truncated or altered in transit",
+        )
+        self.detail = detail
+
+
+class Truncated(DerError):
+    """A header or its contents run past the end of the input (``at``: where, from
+    the start of the header, the missing bytes begin)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__("the input ends inside an element")
+        self.at = at
+
+
+def header(buf: bytes, pos: int, end: int, *, ber: bool = False) -> tuple[int, int | None, int]:
+    """(identifier octet, content length or None, header length) of the element at ``pos``.
+
+    ``buf[pos:end]`` is what is available.  ``None`` (indefinite length) only
+    with ``ber=True``; DER also refuses long-form lengths that are not minimal.
+    Raises :class:`Truncated` if the header itself is incomplete.
+    """
+    if end - pos < 2:
+        raise Truncated(0)
+    tag = buf[pos]
+    ln = buf[pos + 1]
+    if tag & 0x1F == 0x1F:
+        raise DerError("high tag numbers do not occur in CMS")
+    if ln < 0x80:
+        return tag, ln, 2
+    if ln == 0x80:
+        if not ber:
+            raise DerError("indefinite length in DER")
+        if not tag & 0x20:
+            raise DerError("indefinite length on a primitive element")
+        return tag, None, 2
+    n = ln & 0x7F
+    if n > 8:
+        raise DerError(f"length of {n} octets")
+    if end - pos - 2 < n:
+        raise Truncated(2)
+    length = int.from_bytes(buf[pos + 2 : pos + 2 + n], "big")
+    if not ber and (length < 0x80 or buf[pos + 2] == 0):
+        raise DerError("length not in its shortest form")
+    return tag, length, 2 + n
+
+
+def integer(buf: bytes, start: int, stop: int) -> int:
+    """A DER INTEGER's contents (two's complement, shortest form)."""
+    if stop <= start:
+        raise DerError("empty INTEGER")
+    if stop - start > 1:
+        first, second = buf[start], buf[start + 1]
+        if (first == 0 and second < 0x80) or (first == 0xFF and second >= 0x80):
+            raise DerError("INTEGER not in its shortest form")
+    return int.from_bytes(buf[start:stop], "big", signed=True)
+
+
+def oid_valid(contents: bytes) -> bool:
+    """True if ``contents`` is an OBJECT IDENTIFIER in its one DER encoding (every
+    sub-identifier in the fewest octets), so that equal OIDs have equal bytes."""
+    if not contents or contents[-1] & 0x80:
+        return False
+    prev = 0  # the previous octet: 0 marks the start of a sub-identifier
+    for octet in contents:
+        if octet == 0x80 and not prev & 0x80:
+            return False
+        prev = octet
+    return True
+
+
+class Cursor:
+    """The elements inside ``buf[start:end]``, read in order, DER only."""
+
+    __slots__ = ("buf", "end", "pos")
+
+    def __init__(self, buf: bytes, start: int, end: int) -> None:
+        self.buf = buf
+        self.pos = start
+        self.end = end
+
+    def peek(self) -> int:
+        """The identifier octet of the next element, or -1 at the end."""
+        return self.buf[self.pos] if self.pos < self.end else -1
+
+    def any(self) -> tuple[int, int, int]:
+        """(tag, start, stop) of the next element's contents."""
+        pos = self.pos
+        tag, length, hlen = header(self.buf, pos, self.end)
+        start = pos + hlen
+        stop = start + length  # type: ignore[operator]  # never None in DER
+        if stop > self.end:
+            raise DerError(f"element of {length} bytes runs past the end of its container")
+        self.pos = stop
+        return tag, start, stop
+
+    def next(self, tag: int) -> tuple[int, int]:
+        """(start, stop) of the next element's contents; it must have identifier ``tag``."""
+        found, start, stop = self.any()
+        if found != tag:
+            raise DerError(f"expected tag 0x{tag:02x}, found 0x{found:02x}")
+        return start, stop
+
+    def raw(self, tag: int) -> bytes:
+        """The next element, header included; it must have identifier ``tag``."""
+        pos = self.pos
+        self.next(tag)
+        return self.buf[pos : self.pos]
+
+    def value(self, tag: int) -> bytes:
+        """The contents of the next element, which must have identifier ``tag``."""
+        start, stop = self.next(tag)
+        return self.buf[start:stop]
+
+    def optional(self, tag: int) -> tuple[int, int] | None:
+        """Like :meth:`next` if the next element has identifier ``tag``, else None."""
+        if self.pos < self.end and self.buf[self.pos] == tag:
+            return self.next(tag)
+        return None
+
+    def inner(self, tag: int) -> Cursor:
+        """A cursor over the contents of the next element (identifier ``tag``)."""
+        start, stop = self.next(tag)
+        return Cursor(self.buf, start, stop)
+
+    def at_end(self) -> bool:
+        return self.pos >= self.end
+
+    def finish(self) -> None:
+        """Refuse anything after the last element read."""
+        if self.pos != self.end:
+            raise DerError(f"{self.end - self.pos} unexpected bytes at the end of an element")
+
+
+def contents_of(buf: bytes, tag: int) -> Cursor:
+    """A cursor over the contents of ``buf``, which must be one element with
+    identifier ``tag`` and nothing after it."""
+    c = Cursor(buf, 0, len(buf))
+    inner = c.inner(tag)
+    c.finish()
+    return inner
+
+
+class StreamReader:
+    """Incremental DER/BER reader over a binary file object.
+
+    Errors name the input (``what``) and the byte offset, for the audit trail.
+    """
+
+    def __init__(self, f: BinaryIO, what: str) -> None:
+        self.f = f
+        self.pos = 0
+        self.what = what
+        self._peeked: bytes = b""
+
+    def _truncated(self, at: int = 0) -> MalformedMessageError:
+        return MalformedMessageError(
+            f"{self.what} ends early at byte {self.pos + at}: the CMS structure is truncated",
+            fix="the message was truncated in transit; ask the peer to resend",
+        )
+
+    def malformed(self, detail: str, at: int = 0) -> MalformedMessageError:
+        return MalformedMessageError(
+            f"{self.what} is not valid DER/BER CMS at byte {self.pos + at}: {detail}",
+            fix="check that the message was not truncated or altered in transit",
+        )
+
+    def read(self, n: int) -> bytes:
+        out = self._peeked[:n]
+        self._peeked = self._peeked[n:]
+        if len(out) < n:
+            more = self.f.read(n - len(out))
+            out += more
+        if len(out) < n:
+            raise self._truncated()
+        self.pos += n
+        return out
+
+    def peek(self, n: int) -> bytes:
+        if len(self._peeked) < n:
+            self._peeked += self.f.read(n - len(self._peeked))
+        return self._peeked[:n]
+
+    def at_eof(self) -> bool:
+        return self.peek(1) == b""
+
+    def header(self) -> tuple[int, int | None, bytes]:
+        """(identifier octet, length or None for indefinite, raw header bytes)."""
+        head = self.peek(10)
+        try:
+            tag, length, hlen = header(head, 0, len(head), ber=True)
+        except Truncated as exc:
+            raise self._truncated(exc.at) from None
+        except DerError as exc:  # found after the identifier and first length octet
+            raise self.malformed(exc.detail, 2) from None
+        return tag, length, self.read(hlen)
+
+    def element(self, limit: int = MAX_SMALL_ELEMENT) -> bytes:
+        """A whole element (header and contents), indefinite lengths included."""
+        _tag, length, raw = self.header()
+        if length is not None:
+            if length > limit:
+                raise self.malformed(f"element of {length} bytes where a small one is expected")
+            return raw + self.read(length)
+        parts = [raw]
+        total = 0
+        while True:
+            if self.peek(2) == b"\x00\x00":
+                parts.append(self.read(2))
+                return b"".join(parts)
+            child = self.element(limit - total)
+            total += len(child)
+            parts.append(child)
+
+    def end_of(self, end: int | None) -> bool:
+        """At the end of a container whose end offset (or None: indefinite) is ``end``."""
+        if end is None:
+            return self.peek(2) == b"\x00\x00"
+        if self.pos > end:
+            raise self.malformed("element overruns its container")
+        return self.pos == end
+
+    def close(self, end: int | None) -> None:
+        if end is None:
+            if self.read(2) != b"\x00\x00":
+                raise self.malformed("missing end-of-contents octets")
+        elif self.pos != end:
+            raise self.malformed("container has unexpected trailing elements")
+
+    def enter(self, expected: int, name: str) -> int | None:
+        tag, length, _ = self.header()
+        if tag != expected:
+            raise self.malformed(f"expected {name} (tag 0x{expected:02x}), found tag 0x{tag:02x}")
+        return None if length is None else self.pos + length
+
+    def octets(self, sink: Callable[[bytes], None]) -> int:
+        """Stream the content octets of an [IMPLICIT] OCTET STRING, any BER form."""
+        tag, length, _ = self.header()
+        return self._octets_body(tag, length, sink)
+
+    def _octets_body(self, tag: int, length: int | None, sink: Callable[[bytes], None]) -> int:
+        if not tag & 0x20:  # primitive
+            assert length is not None
+            left = length
+            while left:
+                data = self.read(min(CHUNK, left))
+                sink(data)
+                left -= len(data)
+            return length
+        end = None if length is None else self.pos + length
+        total = 0
+        while not self.end_of(end):
+            ctag, clen, _ = self.header()
+            if ctag not in (0x04, 0x24):
+                raise self.malformed(
+                    f"constructed OCTET STRING holds tag 0x{ctag:02x}, not OCTET STRING"
+                )
+            total += self._octets_body(ctag, clen, sink)
+        self.close(end)
+        return total
