@@ -17,7 +17,7 @@ from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, issue_ocsp_responder, write_pem
 from tests.ocsp_responder import Responder, index_line
-from tests.test_pki_e2e import demo_ca, events
+from tests.test_pki_e2e import demo_ca, events, wait_handshake_refused
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 
@@ -135,15 +135,7 @@ def test_good_by_ocsp_delivered_then_revoked_refused_after_reload(
     assert all("revoked" in r["reason"].lower() for r in rejected)
 
     drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
-    wait_until(
-        lambda: [
-            r
-            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
-            if "not configured for any peer" in r["reason"]
-        ],
-        60,
-        "the revoked certificate refused at the handshake",
-    )
+    wait_handshake_refused(layout)
     assert not _delivered(layout, "after.hl7").exists()
 
 

@@ -44,6 +44,19 @@ def revoke(layout: DemoLayout, crl_file: Path, *certs: x509.Certificate) -> None
     crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 
+def wait_handshake_refused(layout: DemoLayout) -> None:
+    """Until the hospital refuses a TLS client certificate it no longer accepts."""
+    wait_until(
+        lambda: [
+            r
+            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
+            if "not configured for any peer" in r["reason"]
+        ],
+        60,
+        "the revoked certificate refused at the handshake",
+    )
+
+
 def open_tls(layout: DemoLayout) -> ssl.SSLSocket:
     """A connection to the hospital with the lab's TLS identity, left open."""
     certs = layout.lab.root / "certs"
@@ -82,15 +95,7 @@ def test_revoked_peer_is_refused_after_reload_and_its_open_connection_closed(
     assert data == b""
 
     drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
-    wait_until(
-        lambda: [
-            r
-            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
-            if "not configured for any peer" in r["reason"]
-        ],
-        60,
-        "the revoked certificate refused at the handshake",
-    )
+    wait_handshake_refused(layout)
     assert not (layout.hospital.inbox_dir / "lab" / "after.hl7").exists()
     assert (layout.hospital.inbox_dir / "lab" / "before.hl7").exists()
 
