@@ -93,27 +93,33 @@ def parse_entity(entity: bytes) -> tuple[list[tuple[str, str]], bytes]:
 
 
 def _split_params(value: str) -> list[str]:
+    """``value`` split at each ``;`` outside a quoted string (where a backslash
+    escapes the next character); an unterminated quote runs to the end."""
+    if '"' not in value:
+        return value.split(";")
     parts: list[str] = []
-    cur: list[str] = []
-    in_quotes = False
-    escaped = False
-    for ch in value:
-        if escaped:
-            cur.append(ch)
-            escaped = False
-        elif ch == "\\" and in_quotes:
-            cur.append(ch)
-            escaped = True
-        elif ch == '"':
-            cur.append(ch)
-            in_quotes = not in_quotes
-        elif ch == ";" and not in_quotes:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
+    start = pos = 0
+    while True:
+        semi = value.find(";", pos)
+        quote = value.find('"', pos)
+        if quote < 0 or 0 <= semi < quote:
+            if semi < 0:
+                parts.append(value[start:])
+                return parts
+            parts.append(value[start:semi])
+            start = pos = semi + 1
+            continue
+        pos = quote + 1  # inside the quoted string
+        while True:
+            close = value.find('"', pos)
+            if close < 0:
+                parts.append(value[start:])
+                return parts
+            escape = value.find("\\", pos, close)
+            if escape < 0:
+                pos = close + 1
+                break
+            pos = escape + 2
 
 
 def _unquote(v: str) -> str:

@@ -12,7 +12,7 @@ import base64
 import binascii
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Literal
 
@@ -64,6 +64,20 @@ def _canonical_readings(part: bytes) -> list[bytes]:
         out.append(canonical_crlf(part[: sep + 2]) + part[sep + 2 :])
     out.append(canonical_crlf(part))
     return out
+
+
+def _readings(content: bytes, alt_content: bytes | None) -> Iterator[bytes]:
+    """The readings of a signed part to try, in order, each once; the canonical
+    ones are only computed if the ones before do not verify."""
+    tried = [content]
+    yield content
+    if alt_content is not None:
+        tried.append(alt_content)
+        yield alt_content
+    for canonical in _canonical_readings(content):
+        if canonical not in tried:
+            tried.append(canonical)
+            yield canonical
 
 
 def _b64_lines(data: bytes) -> bytes:
@@ -255,14 +269,8 @@ def verify_entity(
         # delimiter; then the canonical CRLF form of a part whose line endings
         # were converted to bare LF in transit (RFC 8551 3.1.1: text is signed
         # in canonical form).  What verifies is what we return and deliver.
-        readings = [content]
-        if alt_content is not None:
-            readings.append(alt_content)
-        for canonical in _canonical_readings(content):
-            if canonical not in readings:
-                readings.append(canonical)
         first_error: SignatureError | None = None
-        for reading in readings:
+        for reading in _readings(content, alt_content):
             try:
                 return reading, verify(
                     signature,

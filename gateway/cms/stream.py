@@ -49,20 +49,24 @@ from ..policy import (
     PrivateKey,
 )
 from .der import CHUNK as CHUNK  # the streaming chunk size, part of this module's interface
-from .der import MAX_SMALL_ELEMENT, StreamReader
+from .der import MAX_SMALL_ELEMENT, Cursor, DerError, StreamReader
 from .enveloped import (
     _CIPHERS,
     OID_AUTH_ENVELOPED,
     OID_ENVELOPED,
-    GCMParameters,
+    cbc_iv,
+    content_algorithm_direct,
     content_cipher_name,
+    direct_recipients,
     encrypt_chunks,
+    gcm_parameters,
     recover_cek,
 )
 from .mime import get_header, header_param, media_type, parse_entity
 from .signed import (
     ASN1_ERRORS,
     VerifiedSignature,
+    _oid_der,
     hash_for,
     parse_signature,
     sign_digest,
@@ -338,6 +342,9 @@ def sign_and_envelope_file(
 # decryption, streamed
 
 
+_KIND_OIDS = {_oid_der(oid): oid for oid in (OID_AUTH_ENVELOPED, OID_ENVELOPED)}
+
+
 @dataclass
 class _Head:
     kind: str
@@ -348,7 +355,8 @@ class _Head:
 
 def _read_head(r: StreamReader, policy: AlgorithmPolicy) -> tuple[_Head, list[int | None]]:
     ends: list[int | None] = [r.enter(0x30, "ContentInfo SEQUENCE")]
-    oid = core.ObjectIdentifier.load(r.element(64)).dotted
+    oid_der = r.element(64)
+    oid = _KIND_OIDS.get(oid_der) or core.ObjectIdentifier.load(oid_der).dotted
     if oid == OID_AUTH_ENVELOPED:
         kind = "authenticated_enveloped_data"
     elif oid == OID_ENVELOPED:
@@ -363,12 +371,20 @@ def _read_head(r: StreamReader, policy: AlgorithmPolicy) -> tuple[_Head, list[in
     r.element(16)  # version
     if r.peek(1) == b"\xa0":
         r.element()  # originatorInfo: certificates we do not need
-    ris = cms.RecipientInfos.load(r.element())
+    ri_der = r.element()
+    ris = direct_recipients(ri_der) or cms.RecipientInfos.load(ri_der)
     ends.append(r.enter(0x30, "EncryptedContentInfo"))
     r.element(64)  # content type
-    alg = algos.EncryptionAlgorithm.load(r.element(4096))
-    cipher = content_cipher_name(alg["algorithm"].native, policy)
-    return _Head(kind, ris, cipher, alg["parameters"]), ends
+    alg_der = r.element(4096)
+    try:
+        c = Cursor(alg_der, 0, len(alg_der))
+        oid_name, params = content_algorithm_direct(c, kind)
+        c.finish()
+    except DerError:  # not the common shape: asn1crypto reads it
+        alg = algos.EncryptionAlgorithm.load(alg_der)
+        oid_name, params = alg["algorithm"].native, alg["parameters"]
+    cipher = content_cipher_name(oid_name, policy)
+    return _Head(kind, ris, cipher, params), ends
 
 
 def _read_tail(
@@ -381,7 +397,11 @@ def _read_tail(
             raw = r.element()
             # RFC 5083 2.2: the AAD is the DER of authAttrs with a SET OF tag
             aad = cms.CMSAttributes.load(b"\x31" + raw[1:]).dump(force=True)
-        mac = core.OctetString.load(r.element(64)).native
+        mac_der = r.element(64)
+        if mac_der[:1] == b"\x04" and mac_der[1:2] == bytes((len(mac_der) - 2,)):
+            mac = mac_der[2:]
+        else:
+            mac = core.OctetString.load(mac_der).native
         if not r.end_of(ends[-1]) and r.peek(1) == b"\xa2":
             r.element()  # unauthAttrs
     elif not r.end_of(ends[-1]) and r.peek(1) == b"\xa1":
@@ -461,8 +481,7 @@ def _decrypt_pass(
                 f"{head.cipher} used in EnvelopedData; GCM requires AuthEnvelopedData (RFC 5084)",
                 fix="ask the peer to send AuthEnvelopedData for AES-GCM",
             )
-        gp = GCMParameters.load(head.params.dump())
-        nonce, icvlen = gp["aes_nonce"].native, gp["aes_icvlen"].native
+        nonce, icvlen = gcm_parameters(head.params)
         dec = Cipher(algorithms.AES(cek), modes.GCM(nonce)).decryptor()
         if aad is not None:
             dec.authenticate_additional_data(aad)
@@ -497,7 +516,7 @@ def _decrypt_pass(
             f"{head.cipher} used in AuthEnvelopedData; only AEAD ciphers are allowed there",
             fix="ask the peer to use AES-GCM for AuthEnvelopedData",
         )
-    iv = head.params.native
+    iv = cbc_iv(head.params)
     if head.cipher in COMPAT_CONTENT_CIPHERS:
         algo: Any = TripleDES(cek)
         block = 64
