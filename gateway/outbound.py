@@ -110,6 +110,57 @@ class Outbound:
         if event is not None:
             event.set()
 
+    # -- audit ----------------------------------------------------------------
+
+    def _record(
+        self,
+        event: EventType,
+        *,
+        peer: str,
+        message_id: str | None,
+        outcome: Outcome = Outcome.SUCCESS,
+        severity: Severity = Severity.INFO,
+        service: str | None = None,
+        reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One audit record about an outbound message."""
+        self._audit.emit(
+            AuditEvent(
+                event,
+                outcome,
+                severity,
+                peer=peer,
+                message_id=message_id,
+                direction="outbound",
+                service=service,
+                reason=reason,
+                detail=detail or {},
+            )
+        )
+
+    def _alert(
+        self,
+        event: EventType,
+        *,
+        peer: str,
+        message_id: str | None,
+        reason: str,
+        service: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """An outbound message failed in a way an operator must look at."""
+        self._record(
+            event,
+            peer=peer,
+            message_id=message_id,
+            outcome=Outcome.FAILURE,
+            severity=Severity.ALERT,
+            service=service,
+            reason=reason,
+            detail=detail,
+        )
+
     # -- intake ---------------------------------------------------------------
 
     async def intake_once(self) -> int:
@@ -340,38 +391,30 @@ class Outbound:
                 error=exc.message,
                 fix=exc.fix,
             )
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_FAILED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    direction="outbound",
-                    reason=str(exc),
-                )
+            self._alert(
+                EventType.MESSAGE_FAILED,
+                peer=peer.name,
+                message_id=record.message_id,
+                reason=str(exc),
             )
             return
         self._spool.mark_queued(record.message_id, body_path, list(headers), mic, size)
         record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
         self._log.info("message.accepted", peer=peer.name, message_id=record.message_id, size=size)
-        self._audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_ACCEPTED,
-                peer=peer.name,
-                service=record.service,
-                message_id=record.message_id,
-                direction="outbound",
-                detail={
-                    "filename": record.filename,
-                    "content_type": record.content_type,
-                    "size": size,
-                    "mic": mic,
-                    "cipher": peer.cipher,
-                    "digest": peer.digest,
-                    **({"submitted_by": submitted_by} if submitted_by else {}),
-                },
-            )
+        self._record(
+            EventType.MESSAGE_ACCEPTED,
+            peer=peer.name,
+            message_id=record.message_id,
+            service=record.service,
+            detail={
+                "filename": record.filename,
+                "content_type": record.content_type,
+                "size": size,
+                "mic": mic,
+                "cipher": peer.cipher,
+                "digest": peer.digest,
+                **({"submitted_by": submitted_by} if submitted_by else {}),
+            },
         )
         self.wake(peer.name)
 
@@ -410,16 +453,11 @@ class Outbound:
                 self._spool.mark_done(
                     record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
                 )
-                self._audit.emit(
-                    AuditEvent(
-                        EventType.MESSAGE_FAILED,
-                        Outcome.FAILURE,
-                        Severity.ALERT,
-                        peer=record.peer,
-                        message_id=record.message_id,
-                        direction="outbound",
-                        reason=reason,
-                    )
+                self._alert(
+                    EventType.MESSAGE_FAILED,
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    reason=reason,
                 )
 
     # -- sending --------------------------------------------------------------
@@ -456,32 +494,26 @@ class Outbound:
                 record.message_id, str(exc), self._clock.now().timestamp() + delay
             )
             log.warning("message.send_failed", reason=str(exc), retry_in_seconds=round(delay, 1))
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_SEND_FAILED,
-                    Outcome.FAILURE,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    direction="outbound",
-                    reason=str(exc),
-                    detail={"attempt": record.attempts + 1, "retry_in_seconds": round(delay, 1)},
-                )
+            self._record(
+                EventType.MESSAGE_SEND_FAILED,
+                peer=peer.name,
+                message_id=record.message_id,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason=str(exc),
+                detail={"attempt": record.attempts + 1, "retry_in_seconds": round(delay, 1)},
             )
             return delay
         except asyncio.CancelledError:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
             self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
             raise
-        self._audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_SENT,
-                peer=peer.name,
-                service=record.service,
-                message_id=record.message_id,
-                direction="outbound",
-                detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
-            )
+        self._record(
+            EventType.MESSAGE_SENT,
+            peer=peer.name,
+            message_id=record.message_id,
+            service=record.service,
+            detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
         )
         if awaiting:
             self._spool.mark_awaiting_receipt(record.message_id)
@@ -527,16 +559,11 @@ class Outbound:
 
     def _receipt_refused(self, peer: Peer, message_id: str | None, reason: str) -> None:
         self._log.warning("receipt.refused", peer=peer.name, message_id=message_id, reason=reason)
-        self._audit.emit(
-            AuditEvent(
-                EventType.RECEIPT_INVALID,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=peer.name,
-                message_id=message_id,
-                direction="outbound",
-                reason=reason,
-            )
+        self._alert(
+            EventType.RECEIPT_INVALID,
+            peer=peer.name,
+            message_id=message_id,
+            reason=reason,
         )
 
     def requeue_unanswered(self, peer: Peer) -> None:
@@ -544,17 +571,14 @@ class Outbound:
         limit = self._clock.now() - timedelta(seconds=self.config.runtime.request_timeout_seconds)
         for message_id in self._spool.requeue_unanswered(peer.name, limit.isoformat()):
             self._log.warning("message.receipt_overdue", peer=peer.name, message_id=message_id)
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_SEND_FAILED,
-                    Outcome.FAILURE,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    message_id=message_id,
-                    direction="outbound",
-                    reason="no asynchronous receipt within request_timeout_seconds; resending "
-                    "(the peer answers a resend with its receipt)",
-                )
+            self._record(
+                EventType.MESSAGE_SEND_FAILED,
+                peer=peer.name,
+                message_id=message_id,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason="no asynchronous receipt within request_timeout_seconds; resending "
+                "(the peer answers a resend with its receipt)",
             )
 
     async def _handle_receipt(self, record: OutboundRecord, peer: Peer, response: Response) -> None:
@@ -581,18 +605,14 @@ class Outbound:
             )
             return
         for algorithm in receipt.compat_algorithms:  # e.g. a receipt signed with SHA-1
-            self._audit.emit(
-                AuditEvent(
-                    EventType.COMPAT_ALGORITHM_USED,
-                    Outcome.SUCCESS,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    direction="outbound",
-                    reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
-                    "(peer is compat)",
-                    detail={"receipt_file": str(receipt_path)},
-                )
+            self._record(
+                EventType.COMPAT_ALGORITHM_USED,
+                peer=peer.name,
+                message_id=record.message_id,
+                severity=Severity.WARNING,
+                reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
+                "(peer is compat)",
+                detail={"receipt_file": str(receipt_path)},
             )
         if receipt.original_message_id != record.message_id:
             self._fail(
@@ -610,22 +630,18 @@ class Outbound:
             self._spool.mark_done(
                 record.message_id, OutboundState.DELIVERED, receipt.disposition, receipt_path
             )
-            self._audit.emit(
-                AuditEvent(
-                    EventType.RECEIPT_RECEIVED,
-                    Outcome.SUCCESS,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    direction="outbound",
-                    reason="peer reports it already has this document (resend after a lost "
-                    "receipt) and returned no MIC",
-                    detail={
-                        "disposition": receipt.disposition,
-                        "mic_verified": False,
-                        "receipt_file": str(receipt_path),
-                    },
-                )
+            self._record(
+                EventType.RECEIPT_RECEIVED,
+                peer=peer.name,
+                message_id=record.message_id,
+                severity=Severity.WARNING,
+                reason="peer reports it already has this document (resend after a lost "
+                "receipt) and returned no MIC",
+                detail={
+                    "disposition": receipt.disposition,
+                    "mic_verified": False,
+                    "receipt_file": str(receipt_path),
+                },
             )
             return
         if not receipt.processed:
@@ -653,21 +669,18 @@ class Outbound:
             record.message_id, OutboundState.DELIVERED, receipt.disposition, receipt_path
         )
         self._log.info("message.receipt_verified", peer=peer.name, message_id=record.message_id)
-        self._audit.emit(
-            AuditEvent(
-                EventType.RECEIPT_RECEIVED,
-                peer=peer.name,
-                service=record.service,
-                message_id=record.message_id,
-                direction="outbound",
-                detail={
-                    "disposition": receipt.disposition,
-                    "mic": receipt.mic,
-                    "mic_verified": True,
-                    "signer": receipt.signer.subject.rfc4514_string(),
-                    "receipt_file": str(receipt_path),
-                },
-            )
+        self._record(
+            EventType.RECEIPT_RECEIVED,
+            peer=peer.name,
+            message_id=record.message_id,
+            service=record.service,
+            detail={
+                "disposition": receipt.disposition,
+                "mic": receipt.mic,
+                "mic_verified": True,
+                "signer": receipt.signer.subject.rfc4514_string(),
+                "receipt_file": str(receipt_path),
+            },
         )
         if record.body_path is not None:
             record.body_path.unlink(missing_ok=True)
@@ -675,17 +688,12 @@ class Outbound:
     def expire(self, peer: Peer) -> None:
         for message_id in self._spool.expire_due(peer.name, self._clock.now().timestamp()):
             self._log.error("message.expired", peer=peer.name, message_id=message_id)
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_EXPIRED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    peer=peer.name,
-                    message_id=message_id,
-                    direction="outbound",
-                    reason="not delivered before its expiry; retry or cancel it "
-                    "(medgw queue retry|cancel)",
-                )
+            self._alert(
+                EventType.MESSAGE_EXPIRED,
+                peer=peer.name,
+                message_id=message_id,
+                reason="not delivered before its expiry; retry or cancel it "
+                "(medgw queue retry|cancel)",
             )
 
     def _dead_letter(self, record: OutboundRecord, peer: Peer, error: str) -> None:
@@ -698,16 +706,11 @@ class Outbound:
             attempts=attempts,
             reason=error,
         )
-        self._audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_DEAD,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=peer.name,
-                message_id=record.message_id,
-                direction="outbound",
-                reason=f"gave up after {attempts} attempts (max_attempts); last error: {error}",
-            )
+        self._alert(
+            EventType.MESSAGE_DEAD,
+            peer=peer.name,
+            message_id=record.message_id,
+            reason=f"gave up after {attempts} attempts (max_attempts); last error: {error}",
         )
 
     def _fail(
@@ -725,18 +728,13 @@ class Outbound:
         self._log.error(
             "message.failed", peer=peer.name, message_id=record.message_id, reason=reason
         )
-        self._audit.emit(
-            AuditEvent(
-                event,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=peer.name,
-                service=record.service,
-                message_id=record.message_id,
-                direction="outbound",
-                reason=reason,
-                detail={"disposition": disposition, "receipt_file": str(receipt_path)},
-            )
+        self._alert(
+            event,
+            peer=peer.name,
+            message_id=record.message_id,
+            service=record.service,
+            reason=reason,
+            detail={"disposition": disposition, "receipt_file": str(receipt_path)},
         )
 
 
