@@ -150,8 +150,20 @@ class Cursor:
 
     def next(self, tag: int) -> tuple[int, int]:
         """(start, stop) of the next element's contents; it must have identifier ``tag``."""
+        buf, pos, end = self.buf, self.pos, self.end
+        # the short form inline (most elements); anything else through header()
+        if end - pos >= 2 and buf[pos] == tag and buf[pos + 1] < 0x80:
+            start = pos + 2
+            stop = start + buf[pos + 1]
+            if stop > end:
+                raise DerError(
+                    f"element of {buf[pos + 1]} bytes runs past the end of its container"
+                )
+            self.pos = stop
+            return start, stop
         found, start, stop = self.any()
         if found != tag:
+            self.pos = pos
             raise DerError(f"expected tag 0x{tag:02x}, found 0x{found:02x}")
         return start, stop
 

@@ -12,6 +12,7 @@ AES key wrap (RFC 3394) matching the content-encryption key size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -227,23 +228,35 @@ def _recipient_infos(
     infos = []
     has_kari = False
     for cert in recipients:
+        _check_recipient(policy, cert)
         pub = cert.public_key()
         if isinstance(pub, rsa.RSAPublicKey):
-            policy.check_key_transport("rsaes-oaep", inbound=False)
-            policy.check_recipient_key(pub)
             infos.append(_ktri(cert, pub, cek))
-        elif isinstance(pub, ec.EllipticCurvePublicKey):
-            policy.check_key_transport("ecdh", inbound=False)
-            policy.check_recipient_key(pub)
+        else:
+            assert isinstance(pub, ec.EllipticCurvePublicKey)
             infos.append(_kari(cert, pub, cek))
             has_kari = True
-        else:
-            raise PolicyError(
-                f"{type(pub).__name__} recipient key ({cert_label(cert)})",
-                "only RSA (RSAES-OAEP) and EC P-256/P-384 (ECDH) recipients are supported",
-                "ask the peer for an RSA-3072 or EC P-256/P-384 encryption certificate",
-            )
     return _tlv(0x31, b"".join(sorted(infos))), has_kari  # DER: SET OF sorted
+
+
+@functools.lru_cache(maxsize=64)
+def _check_recipient(policy: AlgorithmPolicy, cert: x509.Certificate) -> None:
+    """Policy-check a recipient certificate's key: RSA (key transport) or EC (key
+    agreement).  Cached: a pure function of the policy and the certificate."""
+    pub = cert.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        policy.check_key_transport("rsaes-oaep", inbound=False)
+        policy.check_recipient_key(pub)
+        return
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        policy.check_key_transport("ecdh", inbound=False)
+        policy.check_recipient_key(pub)
+        return
+    raise PolicyError(
+        f"{type(pub).__name__} recipient key ({cert_label(cert)})",
+        "only RSA (RSAES-OAEP) and EC P-256/P-384 (ECDH) recipients are supported",
+        "ask the peer for an RSA-3072 or EC P-256/P-384 encryption certificate",
+    )
 
 
 def encrypt_chunks(

@@ -326,6 +326,36 @@ def sign(
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _check_signature_key(policy: AlgorithmPolicy, key: PrivateKey) -> None:
+    """``policy.check_signature_key``, cached: a pure function of the policy and the key,
+    and the gateway signs with the same few keys (which the cache keeps alive, as the
+    configuration does anyway)."""
+    policy.check_signature_key(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _key_belongs_to(key: PrivateKey, cert: x509.Certificate) -> bool:
+    """Whether ``key`` is the private key of ``cert``'s public key (cached, as above)."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return bool(
+        key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _fixed_attributes(digest_alg_der: bytes, sig_alg_der: bytes) -> tuple[bytes, bytes]:
+    """The signed attributes that depend only on the algorithms: contentType (data) and
+    CMSAlgorithmProtection (RFC 6211)."""
+    return (
+        _attribute(OID_CONTENT_TYPE, _OID_DATA_DER),
+        _attribute(
+            OID_ALGORITHM_PROTECTION, _tlv(0x30, digest_alg_der + b"\xa1" + sig_alg_der[1:])
+        ),
+    )
+
+
 def sign_digest(
     content_digest: bytes,
     signer_cert: x509.Certificate,
@@ -347,14 +377,10 @@ def sign_digest(
             "only RSA and ECDSA signing keys are supported",
             "use an RSA-3072 or EC P-256/P-384 signing key",
         )
-    policy.check_signature_key(signer_key)
+    _check_signature_key(policy, signer_key)
     if rsa_padding not in ("pss", "pkcs1v15"):
         raise ValueError(f"rsa_padding must be 'pss' or 'pkcs1v15', not {rsa_padding!r}")
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if signer_key.public_key().public_bytes(der, spki) != signer_cert.public_key().public_bytes(
-        der, spki
-    ):
+    if not _key_belongs_to(signer_key, signer_cert):
         raise ObjectSecurityError(
             f"signing key does not belong to the signing certificate ({cert_label(signer_cert)})",
             fix="configure the private key that matches this certificate",
@@ -368,15 +394,13 @@ def sign_digest(
     sig_alg_der = _signature_algorithm_der(
         isinstance(signer_key, ec.EllipticCurvePrivateKey), digest, rsa_padding
     )
+    content_type_attr, protection_attr = _fixed_attributes(digest_alg_der, sig_alg_der)
     attrs = sorted(
         [
-            _attribute(OID_CONTENT_TYPE, _OID_DATA_DER),
+            content_type_attr,
             _attribute(OID_SIGNING_TIME, _time_der(signing_time)),
             _attribute(OID_MESSAGE_DIGEST, _tlv(0x04, content_digest)),
-            _attribute(
-                OID_ALGORITHM_PROTECTION,
-                _tlv(0x30, digest_alg_der + b"\xa1" + sig_alg_der[1:]),
-            ),
+            protection_attr,
         ]
     )
     attrs_der = _tlv(0x31, b"".join(attrs))  # DER: SET OF sorted
@@ -403,7 +427,7 @@ def sign_digest(
     )
     certs: list[bytes] = []
     for c in (signer_cert, *certificates):
-        d = c.public_bytes(serialization.Encoding.DER)
+        d = cert_der(c)
         if d not in certs:
             certs.append(d)
     encap = _OID_DATA_DER
