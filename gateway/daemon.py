@@ -472,6 +472,9 @@ class Daemon:
             result = await asyncio.to_thread(
                 state.inbound.process, InboundRequest(peer, remote, headers, body_path)
             )
+        except OSError as exc:  # the body could not be spooled: disk full, permissions
+            request_seen = InboundRequest(peer, remote, headers, body_path)
+            result = state.inbound.unavailable(request_seen, None, exc)
         except Exception as exc:  # a defect must not leak details to the peer
             self._log.exception("inbound.unexpected_error", peer=peer.name)
             self._audit_sink().emit(

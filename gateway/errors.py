@@ -97,3 +97,11 @@ class SpoolError(MedgwError):
 
 class DeliveryError(MedgwError):
     """A received document cannot be delivered to the internal side."""
+
+
+class StorageFullError(DeliveryError):
+    """No space is left where a received document goes (disk full, quota).
+
+    Unlike other delivery errors this one passes by itself once space is freed:
+    the peer is asked to resend instead of being told the delivery failed.
+    """

@@ -31,7 +31,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.cms.stream import DecryptedFile, decrypt_file, verify_entity_file
 from gateway.config import GatewayConfig, Peer
-from gateway.delivery.inbox import choose_target, deliver
+from gateway.delivery.inbox import choose_target, deliver, storage_fix
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
 from gateway.errors import (
     DecryptionError,
@@ -43,6 +43,7 @@ from gateway.errors import (
     SignatureError,
     SignerNotTrustedError,
     SpoolError,
+    StorageFullError,
 )
 from gateway.fsutil import write_atomic
 from gateway.logs import Logger
@@ -215,55 +216,114 @@ class InboundProcessor:
         # waits for it and is then answered with the original receipt.
         with self._exclusive((peer.name, message_id)):
             try:
-                mic, delivered, details = self._accept(request, message_id, digest)
-            except _Refused as refused:
-                self._reject(request, message_id, refused.event, refused.reason)
-                return self._receipt(request, message_id, refused.disposition, None, digest)
-            except DuplicateReceipt as duplicate:
-                self._audit.emit(
-                    AuditEvent(
-                        EventType.MESSAGE_DUPLICATE,
-                        peer=peer.name,
-                        message_id=message_id,
-                        direction="inbound",
-                        remote_address=request.remote,
-                        reason="resend of a delivered message: answered with the original receipt",
-                    )
-                )
-                return InboundResponse(200, duplicate.headers, duplicate.body)
-            response = self._receipt(
-                request, message_id, Disposition.PROCESSED, mic, digest, details
-            )
-            if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
-                return response
-            delivery = self._config.delivery
-            hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
-            # The receipt and the hand-over to the internal system are recorded in one
-            # transaction: every document answered "processed" is handed over.
-            self._spool.inbound_delivered(
-                peer.name,
-                message_id,
-                list(response.headers),
-                response.body,
-                handover=(delivered.content_type, delivered.size) if hand_over else None,
-            )
-            self._log.info("message.delivered", peer=peer.name, message_id=message_id)
+                return self._accept_and_answer(request, message_id, digest)
+            except (StorageFullError, SpoolError, OSError) as exc:
+                return self.unavailable(request, message_id, exc)
+
+    def unavailable(
+        self, request: InboundRequest, message_id: str | None, exc: MedgwError | OSError
+    ) -> InboundResponse:
+        """What a peer sent could not be stored here for now: no space left for the
+        document, or the spool, working files or audit log could not be written.
+
+        Nothing is acknowledged: the answer is HTTP 503 without a receipt, so the
+        peer keeps the message and resends it (a document half-delivered before is
+        finished at the same place).  An alert names the cause and the fix; the
+        peer learns nothing of it.  (An inbox the administrator must repair, such
+        as a file where a folder should be, is answered with a negative receipt
+        instead: the sender learns at once that the document was not delivered.)
+        """
+        fix: str | None = None
+        if isinstance(exc, MedgwError):
+            cause, fix = exc.message, exc.fix
+        elif isinstance(exc, OSError) and exc.filename:
+            cause = f"{exc.strerror or exc} ({exc.filename})"
+            fix = storage_fix(exc, Path(exc.filename).parent)
+        else:
+            cause = str(exc)
+        fix = fix or "free disk space, or fix the permissions, of the state and inbox folders"
+        self._log.error(
+            "storage.unavailable",
+            peer=request.peer.name,
+            message_id=message_id,
+            error=cause,
+            fix=fix,
+        )
+        try:
             self._audit.emit(
                 AuditEvent(
-                    EventType.RECEIPT_SENT,
-                    peer=peer.name,
-                    service=delivered.service,
+                    EventType.STORAGE_UNAVAILABLE,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    peer=request.peer.name,
                     message_id=message_id,
                     direction="inbound",
-                    detail={
-                        "disposition": Disposition.PROCESSED.value,
-                        "mic": mic,
-                        "inbox_file": str(delivered.target),
-                        "handover": "queued" if hand_over else "none",
-                    },
+                    remote_address=request.remote,
+                    reason=f"could not store a received message: {cause}; answered 503, "
+                    "the peer keeps it and resends",
+                    detail={"fix": fix},
                 )
             )
+        except OSError as audit_exc:  # the audit log's disk may be the full one
+            self._log.critical("audit.write_failed", error=str(audit_exc), event=cause)
+        return InboundResponse(
+            503,
+            (("Content-Type", "text/plain"), ("Retry-After", "60")),
+            b"temporarily unable to accept messages, retry later\n",
+        )
+
+    def _accept_and_answer(
+        self, request: InboundRequest, message_id: str, digest: str
+    ) -> InboundResponse:
+        peer = request.peer
+        try:
+            mic, delivered, details = self._accept(request, message_id, digest)
+        except _Refused as refused:
+            self._reject(request, message_id, refused.event, refused.reason)
+            return self._receipt(request, message_id, refused.disposition, None, digest)
+        except DuplicateReceipt as duplicate:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_DUPLICATE,
+                    peer=peer.name,
+                    message_id=message_id,
+                    direction="inbound",
+                    remote_address=request.remote,
+                    reason="resend of a delivered message: answered with the original receipt",
+                )
+            )
+            return InboundResponse(200, duplicate.headers, duplicate.body)
+        response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest, details)
+        if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
             return response
+        delivery = self._config.delivery
+        hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
+        # The receipt and the hand-over to the internal system are recorded in one
+        # transaction: every document answered "processed" is handed over.
+        self._spool.inbound_delivered(
+            peer.name,
+            message_id,
+            list(response.headers),
+            response.body,
+            handover=(delivered.content_type, delivered.size) if hand_over else None,
+        )
+        self._log.info("message.delivered", peer=peer.name, message_id=message_id)
+        self._audit.emit(
+            AuditEvent(
+                EventType.RECEIPT_SENT,
+                peer=peer.name,
+                service=delivered.service,
+                message_id=message_id,
+                direction="inbound",
+                detail={
+                    "disposition": Disposition.PROCESSED.value,
+                    "mic": mic,
+                    "inbox_file": str(delivered.target),
+                    "handover": "queued" if hand_over else "none",
+                },
+            )
+        )
+        return response
 
     def _accept(
         self, request: InboundRequest, message_id: str, digest: str
@@ -466,24 +526,21 @@ class InboundProcessor:
         if existing is not None:
             target = existing.target_path  # crashed mid-delivery: finish it, same place
         else:
-            try:
-                with self._guard:  # two documents with one name never share a target
-                    target = choose_target(
-                        self._config.storage.inbox_dir,
-                        peer.name,
-                        filename,
-                        message_id,
-                        claimed=self._spool.inbound_target_claimed,
-                        service=service,
-                    )
-                    self._spool.inbound_begin(peer.name, message_id, sha256, target, service)
-            except SpoolError as exc:
-                raise _Refused(
-                    Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
-                ) from exc
+            with self._guard:  # two documents with one name never share a target
+                target = choose_target(
+                    self._config.storage.inbox_dir,
+                    peer.name,
+                    filename,
+                    message_id,
+                    claimed=self._spool.inbound_target_claimed,
+                    service=service,
+                )
+                self._spool.inbound_begin(peer.name, message_id, sha256, target, service)
         try:
             deliver(target, payload())
-        except DeliveryError as exc:
+        except StorageFullError:
+            raise  # passes once space is freed: the peer resends (see unavailable())
+        except DeliveryError as exc:  # needs the administrator: the sender is told now
             self._log.error("delivery.failed", peer=peer.name, error=exc.message, fix=exc.fix)
             raise _Refused(
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)

@@ -38,6 +38,9 @@ class EventType(StrEnum):
     MESSAGE_HANDED_OVER = "message.handed_over"  # POSTed to the internal system, 2xx answer
     HANDOVER_FAILED = "message.handover_failed"  # that POST failed; retried, or final
     HANDOVER_RETRIED = "message.handover_retried"  # operator put a failed hand-over back
+    # What a peer sent could not be stored here (disk full, permissions, I/O error):
+    # nothing was acknowledged, the peer was asked to resend (HTTP 503).
+    STORAGE_UNAVAILABLE = "storage.unavailable"
     MESSAGE_DUPLICATE = "message.duplicate"  # resend answered with the original receipt
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"
