@@ -168,11 +168,13 @@ _WRAP_ALG_DER: dict[str, bytes] = {
 }
 
 
+_OAEP_SHA256 = padding.OAEP(
+    mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+)
+
+
 def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> bytes:
-    h = hashes.SHA256()
-    encrypted_key = pub.encrypt(
-        cek, padding.OAEP(mgf=padding.MGF1(algorithm=h), algorithm=h, label=None)
-    )
+    encrypted_key = pub.encrypt(cek, _OAEP_SHA256)
     return _tlv(
         0x30,
         b"\x02\x01\x00"  # version 0

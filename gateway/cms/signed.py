@@ -182,6 +182,10 @@ def name_string(asn1_name: Any) -> str:
 def _tl(tag: int, length: int) -> bytes:
     if length < 0x80:
         return bytes((tag, length))
+    if length < 0x100:
+        return bytes((tag, 0x81, length))
+    if length < 0x10000:
+        return bytes((tag, 0x82, length >> 8, length & 0xFF))
     n = (length.bit_length() + 7) // 8
     return bytes((tag, 0x80 | n)) + length.to_bytes(n, "big")
 
@@ -208,6 +212,7 @@ def _attribute(oid: str, value_der: bytes) -> bytes:
     return _tlv(0x30, _oid_der(oid) + _tlv(0x31, value_der))
 
 
+@functools.lru_cache(maxsize=8)
 def _time_der(dt: datetime) -> bytes:
     dt = dt.astimezone(UTC)
     if 1950 <= dt.year < 2050:

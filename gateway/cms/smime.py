@@ -82,7 +82,7 @@ def _readings(content: bytes, alt_content: bytes | None) -> Iterator[bytes]:
 
 def _b64_lines(data: bytes) -> bytes:
     text = base64.b64encode(data)
-    return b"\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    return b"\r\n".join([text[i : i + 76] for i in range(0, len(text), 76)])
 
 
 def sign_entity(
