@@ -57,6 +57,7 @@ from gateway.spool import Spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
+INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
 ASYNC_RECEIPT_ATTEMPTS = 5
 _DER = Encoding.DER
@@ -609,18 +610,37 @@ class Daemon:
         return True
 
     async def _intake_loop(self) -> None:
+        """Take documents from the outbox.  A failure (say, the spool's disk is full)
+        leaves them there and is logged when it starts, every INTAKE_ERROR_REPEAT_SECONDS
+        while it lasts (not at every poll), and when it ends."""
         assert self._outbound is not None
+        failing: str | None = None  # the error being reported
+        said_at = 0.0
+        polls = 0  # failed polls since it was last said
         while not self._stopping:
+            error, fix = None, None
             try:
                 await self._outbound.intake_once()
             except MedgwError as exc:
-                self._log.error("intake.failed", error=exc.message, fix=exc.fix)
+                error, fix = exc.message, exc.fix
             except OSError as exc:
+                error = str(exc)
+                fix = "check the outbox and state folders' permissions and free space (df -h)"
+            now = self._clock.monotonic()
+            if error is None:
+                if failing is not None:
+                    self._log.info("intake.recovered", failed_polls=polls)
+                    failing, polls = None, 0
+            elif error != failing or now - said_at >= INTAKE_ERROR_REPEAT_SECONDS:
                 self._log.error(
                     "intake.failed",
-                    error=str(exc),
-                    fix="check the outbox and state folders' permissions and space",
+                    error=error,
+                    fix=f"{fix}; the documents stay in the outbox until then",
+                    failed_polls=polls + 1,
                 )
+                failing, said_at, polls = error, now, 0
+            else:
+                polls += 1
             await asyncio.sleep(self.state.config.runtime.outbox_poll_seconds)
 
     def _sync_peer_tasks(self) -> None:

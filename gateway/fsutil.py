@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -67,3 +68,15 @@ def read_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterable[bytes]:
     with path.open("rb") as handle:
         while chunk := handle.read(chunk_size):
             yield chunk
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the file system (or the user's quota) is full
+
+
+def storage_fix(exc: OSError, folder: Path) -> str:
+    """What an administrator does about ``exc``, raised while writing into ``folder``."""
+    if exc.errno in NO_SPACE:
+        return f"free disk space on the file system of {folder} (df -h {folder})"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {folder} writable by the medgw user (ls -ld {folder})"
+    return f"check {folder} and the disk under it (dmesg may show I/O errors)"

@@ -31,7 +31,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.cms.stream import DecryptedFile, decrypt_file, verify_entity_file
 from gateway.config import GatewayConfig, Peer
-from gateway.delivery.inbox import choose_target, deliver, storage_fix
+from gateway.delivery.inbox import choose_target, deliver
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
 from gateway.errors import (
     DecryptionError,
@@ -45,7 +45,7 @@ from gateway.errors import (
     SpoolError,
     StorageFullError,
 )
-from gateway.fsutil import write_atomic
+from gateway.fsutil import storage_fix, write_atomic
 from gateway.logs import Logger
 from gateway.pki.hpki import hcroles
 from gateway.pki.peers import TrustSettings

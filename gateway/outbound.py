@@ -22,6 +22,7 @@ documents to the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
@@ -40,8 +41,14 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
-from gateway.errors import MedgwError, ObjectSecurityError
-from gateway.fsutil import fsync_dir, read_chunks, remove_stale_partials, write_atomic
+from gateway.errors import MedgwError, ObjectSecurityError, SpoolError
+from gateway.fsutil import (
+    fsync_dir,
+    read_chunks,
+    remove_stale_partials,
+    storage_fix,
+    write_atomic,
+)
 from gateway.intake.outbox import Candidate, scan
 from gateway.intake.submit import Submission, SubmissionRefused
 from gateway.logs import Logger
@@ -226,7 +233,22 @@ class Outbound:
             origin=LOCAL_INTAKE,
             service=candidate.service,
         )
-        await asyncio.to_thread(_move_into_spool, candidate.path, payload_path)
+        try:
+            await asyncio.to_thread(_move_into_spool, candidate.path, payload_path)
+        except OSError as exc:
+            if candidate.path.exists():
+                # Still in the outbox (say the spool's disk is full): a later scan takes it
+                # again. The row must not outlive this try, or a restart would take a new
+                # document of the same name for this message as well.
+                payload_path.unlink(missing_ok=True)
+                with contextlib.suppress(SpoolError):
+                    self._spool.abandon_intake(message_id)
+            # The folder, not the file name: names can carry patient identifiers.
+            raise SpoolError(
+                f"cannot move a document from outbox/{candidate.peer} into the spool "
+                f"({self._payloads}): {exc.strerror or exc}",
+                fix=storage_fix(exc, self._payloads),
+            ) from exc
         record = self._spool.get(message_id)
         assert record is not None
         await self._prepare(record, peer)

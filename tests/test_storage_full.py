@@ -1,19 +1,28 @@
-"""A full disk at the receiver loses nothing and delivers nothing twice.
+"""A full disk loses nothing and delivers nothing twice, at either end.
 
-The hospital's inbox is a real, small file system (tmpfs) filled to the last
-byte.  A document from the lab cannot be stored: the hospital acknowledges
-nothing (HTTP 503, no receipt), raises an alert that names the cause and the
-fix, and leaves no partial file; the lab keeps the message and retries.  Once
-space is freed the document arrives, once, with a verified receipt.
+Receiver: the hospital's inbox is a real, small file system (tmpfs) filled to
+the last byte.  A document from the lab cannot be stored: the hospital
+acknowledges nothing (HTTP 503, no receipt), raises an alert that names the
+cause and the fix, and leaves no partial file; the lab keeps the message and
+retries.  Once space is freed the document arrives, once, with a verified
+receipt.
+
+Sender: the lab's state folder (spool) is full.  The document stays in the
+outbox, the failure is logged once rather than at every poll, and once space
+is freed it is sent, once, with no stray spool entry left behind.
 
 Needs root to mount; skipped, saying why, where that is impossible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sqlite3
 import subprocess
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,14 +37,14 @@ def events(path: Path, name: str) -> list[dict[str, Any]]:
     return [r for r in read_audit(path) if r["event"] == name]
 
 
-@pytest.fixture
-def small_inbox(layout: DemoLayout) -> Iterator[Path]:
+@contextlib.contextmanager
+def _small_file_system(folder: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``folder`` for the duration."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small file system for the inbox needs root (CI runs as root)")
-    inbox = layout.hospital.inbox_dir
-    inbox.mkdir(parents=True, exist_ok=True)
+        pytest.skip("mounting a small file system needs root (CI runs as root)")
+    folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0750", "tmpfs", str(inbox)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
         check=False,
@@ -43,13 +52,26 @@ def small_inbox(layout: DemoLayout) -> Iterator[Path]:
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
-        yield inbox
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(inbox)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def _fill(folder: Path) -> Path:
-    """Write a file into ``folder`` until its file system has no byte left."""
+@pytest.fixture
+def small_inbox(layout: DemoLayout) -> Iterator[Path]:
+    with _small_file_system(layout.hospital.inbox_dir, "256k") as inbox:
+        yield inbox
+
+
+@pytest.fixture
+def small_lab_state(layout: DemoLayout) -> Iterator[Path]:
+    with _small_file_system(layout.lab.root / "state", "2m") as state:
+        yield state
+
+
+def _fill(folder: Path, leave: int = 0) -> Path:
+    """Write a file into ``folder`` until its file system has no byte left, then
+    give ``leave`` bytes back."""
     filler = folder / "filler.bin"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -57,6 +79,7 @@ def _fill(folder: Path) -> Path:
             os.write(fd, b"\0" * 4096)
     except OSError as exc:
         assert exc.errno == errno.ENOSPC, exc
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
     finally:
         os.close(fd)
     return filler
@@ -99,3 +122,45 @@ def test_full_inbox_answers_503_keeps_nothing_then_delivers_once(
     assert [p.name for p in delivered] == ["scan.bin"]
     assert delivered[0].read_bytes() == document
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+
+
+@pytest.mark.parametrize(
+    ("leave", "error"),
+    [
+        (0, "spool write failed: database or disk is full"),  # not even a spool entry fits
+        (100_000, "into the spool"),  # the entry fits, the document does not
+    ],
+)
+def test_full_spool_at_the_sender_keeps_the_document_in_the_outbox_then_sends_it_once(
+    layout: DemoLayout, small_lab_state: Path, processes: Any, leave: int, error: str
+) -> None:
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    filler = _fill(small_lab_state, leave)
+    document = os.urandom(300_000)
+    source = drop_file(layout.lab.outbox_dir / "hospital", "study.bin", document)
+
+    failed = lab.wait_for(lambda line: line.get("event") == "intake.failed", 30)
+    assert error in failed["error"], failed
+    assert "stay in the outbox" in failed["fix"]
+    time.sleep(3)  # fifteen polls
+    assert source.read_bytes() == document  # still there, untouched
+    said = Counter(x["error"] for x in lab.lines if x.get("event") == "intake.failed")
+    assert set(said.values()) == {1}, said  # each error said once, not at every poll
+    assert not events(layout.lab.audit_log, "message.accepted")
+
+    filler.unlink()  # the administrator frees space
+    lab.wait_for(lambda line: line.get("event") == "intake.recovered", 30)
+    [receipt] = wait_until(
+        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery after freeing space"
+    )
+    assert receipt["detail"]["mic_verified"]
+    assert (layout.hospital.inbox_dir / "lab" / "study.bin").read_bytes() == document
+    assert not source.exists()
+    assert len(events(layout.lab.audit_log, "message.accepted")) == 1
+    spool = sqlite3.connect(small_lab_state / "spool.sqlite3")
+    try:
+        rows = spool.execute("SELECT message_id, state FROM outbound").fetchall()
+    finally:
+        spool.close()
+    assert rows == [(receipt["message_id"], "delivered")]  # no stray intake entry

@@ -8,14 +8,13 @@ where in the file system a document lands.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from gateway.errors import DeliveryError, StorageFullError
-from gateway.fsutil import write_atomic
+from gateway.fsutil import NO_SPACE, storage_fix, write_atomic
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 MAX_NAME = 200
@@ -59,17 +58,8 @@ def deliver(target: Path, payload: Iterable[bytes]) -> None:
     try:
         write_atomic(target, chunks, overwrite=True)
     except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = exc.errno in NO_SPACE
         raise (StorageFullError if full else DeliveryError)(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
             fix=storage_fix(exc, target.parent),
         ) from exc
-
-
-def storage_fix(exc: OSError, folder: Path) -> str:
-    """What an administrator does about ``exc``, raised while writing into ``folder``."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"free disk space on the file system of {folder} (df -h {folder})"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"make {folder} writable by the medgw user (ls -ld {folder})"
-    return f"check {folder} and the disk under it (dmesg may show I/O errors)"

@@ -607,12 +607,16 @@ class Spool:
         row = self._one("SELECT suspended FROM peer_control WHERE peer=?", (peer,))
         return bool(row and row["suspended"])
 
-    def known_source(self, source_path: Path) -> bool:
-        row = self._one(
-            "SELECT 1 FROM outbound WHERE source_path=? AND state=?",
-            (str(source_path), OutboundState.INTAKE.value),
+    def abandon_intake(self, message_id: str) -> bool:
+        """Forget a message whose document could not be taken from the outbox (it is
+        still there, and a later scan takes it again under a new Message-ID)."""
+        return (
+            self._write(
+                "DELETE FROM outbound WHERE message_id=? AND state=?",
+                (message_id, OutboundState.INTAKE.value),
+            )
+            == 1
         )
-        return row is not None
 
     # -- inbound --------------------------------------------------------------
 
