@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import secrets
 import shutil
@@ -57,6 +58,7 @@ from gateway.spool import Spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
+SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
 ASYNC_RECEIPT_ATTEMPTS = 5
@@ -302,7 +304,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
             loop.add_signal_handler(signal.SIGHUP, self._request_reload)
             self._sync_peer_tasks()
-            self._spawn(self._intake_loop())
+            self._spawn(self._supervised("outbox intake", self._intake_loop))
             self._handover = HandOver(
                 self._spool,
                 self._audit_sink,
@@ -311,8 +313,8 @@ class Daemon:
                 lambda: self.state.config,
                 self._rng,
             )
-            self._spawn(self._handover.run())
-            self._spawn(self._trust_refresh_loop())
+            self._spawn(self._supervised("hand-over to internal systems", self._handover.run))
+            self._spawn(self._supervised("trust refresh", self._trust_refresh_loop))
             if self._notifier.watchdog_interval:
                 self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
             ports = {s.listener.name: s.port for s in self._servers}
@@ -337,6 +339,44 @@ class Daemon:
         finally:
             await self._close()
         return 0
+
+    async def _supervised(self, what: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the daemon's long-lived loops, and start it again if it fails.
+
+        A failure (a defect, or the spool's disk full for a moment) must not stop
+        sending, intake or hand-overs silently until the next restart: it is logged
+        and audited as an alert, and the loop starts again after a pause that grows
+        from 1 s to 30 s while the failures go on.
+        """
+        pause = 1.0
+        while not self._stopping:
+            started = self._clock.monotonic()
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                if self._clock.monotonic() - started > SUPERVISED_MAX_PAUSE:
+                    pause = 1.0  # it ran well for a while: this is a new failure
+                cause = f"{type(exc).__name__}: {exc}"
+                self._log.error(
+                    "daemon.task_failed",
+                    task=what,
+                    error=cause,
+                    restart_in_seconds=pause,
+                    exc_info=exc,
+                )
+                with contextlib.suppress(Exception):  # the audit log's disk may be the problem
+                    self._audit_sink().emit(
+                        AuditEvent(
+                            EventType.TASK_FAILED,
+                            Outcome.FAILURE,
+                            Severity.ALERT,
+                            reason=f"{what} failed ({cause[:300]}); started again in {pause:.0f} s",
+                            detail={"task": what},
+                        )
+                    )
+            await self._sleep_unless_stopping(pause)
+            pause = min(pause * 2, SUPERVISED_MAX_PAUSE)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -652,13 +692,20 @@ class Daemon:
                 self._peer_tasks.pop(name).cancel()
         for name in names - set(self._peer_tasks):
             self._outbound.wakeups[name] = asyncio.Event()
-            self._peer_tasks[name] = asyncio.get_running_loop().create_task(self._peer_loop(name))
+            self._peer_tasks[name] = asyncio.get_running_loop().create_task(
+                self._supervised(
+                    f"sender for peer {name}", functools.partial(self._peer_loop, name)
+                )
+            )
 
     async def _peer_loop(self, name: str) -> None:
         """Send this peer's due messages, up to PARALLEL_SENDS_PER_PEER at a time."""
         assert self._outbound is not None and self._spool is not None
         wakeup = self._outbound.wakeups[name]
         inflight: dict[asyncio.Task[float], str] = {}  # task -> Message-ID
+        # Started again after a failure: what the failed run was sending is queued again.
+        for message_id in self._spool.requeue_interrupted(peer=name):
+            self._log.info("message.requeued_after_failure", peer=name, message_id=message_id)
         resume_at = 0.0  # the whole peer rests after a transport failure
         try:
             while not self._stopping:

@@ -31,6 +31,7 @@ import pytest
 
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from tests.test_operations import set_runtime
 
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:
@@ -164,3 +165,29 @@ def test_full_spool_at_the_sender_keeps_the_document_in_the_outbox_then_sends_it
     finally:
         spool.close()
     assert rows == [(receipt["message_id"], "delivered")]  # no stray intake entry
+
+
+def test_sender_stopped_by_a_full_spool_starts_again_and_delivers_once_space_is_freed(
+    layout: DemoLayout, small_lab_state: Path, processes: Any
+) -> None:
+    set_runtime(layout.lab.config_path, "retry_initial_seconds", "0.2")
+    set_runtime(layout.lab.config_path, "retry_max_seconds", "1")
+    lab = processes.start(layout.lab.config_path)  # the hospital is not up yet
+    drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late\r")
+    wait_until(lambda: events(layout.lab.audit_log, "message.send_failed"), 30, "a first retry")
+
+    filler = _fill(small_lab_state)  # now the sender cannot record its next retry
+    failed = lab.wait_for(lambda line: line.get("event") == "daemon.task_failed", 30)
+    assert failed["task"] == "sender for peer hospital"
+    assert "database or disk is full" in failed["error"]
+    [alert, *_] = events(layout.lab.audit_log, "daemon.task_failed")
+    assert alert["severity"] == "alert" and "sender for peer hospital" in alert["reason"]
+
+    filler.unlink()
+    processes.start(layout.hospital.config_path)
+    [receipt] = wait_until(
+        lambda: events(layout.lab.audit_log, "receipt.received"), 90, "delivery after the restart"
+    )
+    assert receipt["detail"]["mic_verified"]
+    assert (layout.hospital.inbox_dir / "lab" / "late.hl7").read_bytes() == b"MSH|late\r"
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1

@@ -19,6 +19,9 @@ from typing import Any
 class EventType(StrEnum):
     DAEMON_STARTED = "daemon.started"
     DAEMON_STOPPED = "daemon.stopped"
+    # One of the daemon's loops (a peer's sender, intake, hand-over, trust refresh)
+    # failed; it is started again after a pause.
+    TASK_FAILED = "daemon.task_failed"
     CONFIG_RELOADED = "config.reloaded"
     CONFIG_RELOAD_FAILED = "config.reload_failed"
     MESSAGE_ACCEPTED = "message.accepted"  # taken from the outbox into the spool

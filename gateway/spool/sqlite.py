@@ -466,16 +466,18 @@ class Spool:
         )
         return _outbound(row) if row else None
 
-    def requeue_interrupted(self) -> list[str]:
-        """At start-up: messages a previous run was sending go back to the queue."""
-        rows = self._read(
-            "SELECT message_id FROM outbound WHERE state=?", (OutboundState.SENDING.value,)
-        )
+    def requeue_interrupted(self, peer: str | None = None) -> list[str]:
+        """Messages whose sending was interrupted go back to the queue: at start-up all
+        of them, or ``peer``'s when its sender starts again after a failure."""
+        where, params = "state=?", [OutboundState.SENDING.value]
+        if peer is not None:
+            where, params = "state=? AND peer=?", [OutboundState.SENDING.value, peer]
+        rows = self._read(f"SELECT message_id FROM outbound WHERE {where}", tuple(params))  # noqa: S608
         ids = [r["message_id"] for r in rows]
         if ids:
             self._write(
-                "UPDATE outbound SET state=?, next_attempt_at=0, updated_at=? WHERE state=?",
-                (OutboundState.QUEUED.value, self._now(), OutboundState.SENDING.value),
+                f"UPDATE outbound SET state=?, next_attempt_at=0, updated_at=? WHERE {where}",  # noqa: S608
+                (OutboundState.QUEUED.value, self._now(), *params),
             )
         return ids
 
