@@ -42,6 +42,7 @@ from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.errors import ConfigError, MedgwError
+from gateway.httpbody import read_capped
 from gateway.inbound import InboundProcessor, InboundRequest
 from gateway.intake.api import LocalApi
 from gateway.logs import Logger
@@ -592,7 +593,7 @@ class Daemon:
     async def _receive_receipt(self, request: web.Request, peer: Peer) -> web.StreamResponse:
         """An asynchronous receipt POSTed by a peer for one of our messages."""
         assert self._outbound is not None
-        body = await request.content.read(MAX_RECEIPT_BYTES + 1)
+        body = await read_capped(request.content, MAX_RECEIPT_BYTES)
         if len(body) > MAX_RECEIPT_BYTES:
             return web.Response(status=413, text="receipt too large\n")
         outcome = await self._outbound.receive_async_receipt(

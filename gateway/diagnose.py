@@ -61,6 +61,7 @@ from gateway.errors import (
     SignatureError,
     SignerNotTrustedError,
 )
+from gateway.httpbody import read_capped
 from gateway.pki.tls import NotPinnedError, client_context
 from gateway.pki.validate import Purpose, check_purpose
 
@@ -818,7 +819,7 @@ class Diagnoser:
                     peer.url, data=built.body, headers=headers, allow_redirects=False
                 ) as response,
             ):
-                body = await response.content.read(MAX_RECEIPT_BYTES + 1)
+                body = await read_capped(response.content, MAX_RECEIPT_BYTES)
                 status = response.status
                 content_type = response.headers.get("Content-Type", "")
         except TimeoutError:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.as2.mdn import DISPOSITION_PREFIX
 from gateway.cms.mime import make_entity, parse_entity
@@ -51,10 +54,19 @@ def duplicate_mdn(layout: DemoLayout, message_id: str) -> tuple[str, bytes]:
     return dict(headers)["Content-Type"], body
 
 
-def serve(layout: DemoLayout, drop_first: bool) -> tuple[ThreadingHTTPServer, list[str]]:
+def serve(
+    layout: DemoLayout, drop_first: bool, split: str | None = None
+) -> tuple[ThreadingHTTPServer, list[str]]:
+    """A stand-in for the hospital answering with a signed duplicate-document receipt.
+
+    ``split``: the receipt comes in two pieces 0.2 s apart, as two TLS records of
+    a Content-Length body (``"length"``) or as two HTTP chunks (``"chunked"``).
+    """
     seen: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if split == "chunked" else "HTTP/1.0"
+
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             message_id = self.headers["Message-ID"]
@@ -66,9 +78,23 @@ def serve(layout: DemoLayout, drop_first: bool) -> tuple[ThreadingHTTPServer, li
             content_type, body = duplicate_mdn(layout, message_id)
             self.send_response(200)
             self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            half = len(body) // 2
+            if split == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:])]
+                pieces[-1] += b"0\r\n\r\n"
+            else:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                pieces = [body[:half], body[half:]] if split else [body]
+            for number, piece in enumerate(pieces):
+                if number:
+                    time.sleep(0.2)  # the rest comes a moment later
+                self.wfile.write(piece)
+                self.wfile.flush()
+            self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -122,3 +148,24 @@ def test_duplicate_warning_on_a_first_attempt_is_a_failure(
     assert len(seen) == 1
     assert "duplicate-document" in failed["reason"]
     assert not events(layout.lab.audit_log, "receipt.received")
+
+
+@pytest.mark.parametrize("split", ["length", "chunked"])
+def test_a_receipt_that_arrives_in_pieces_is_read_whole(
+    layout: DemoLayout, processes: Any, split: str
+) -> None:
+    """The receipt is read to its end, not only the part that has arrived so far."""
+    server, seen = serve(layout, drop_first=True, split=split)
+    try:
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_dir / "hospital", "pieces.hl7", b"MSH|x\r")
+        [receipt] = wait_until(
+            lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt"
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(seen) == 2
+    assert receipt["detail"]["disposition"].endswith("duplicate-document")
+    assert not events(layout.lab.audit_log, "receipt.invalid")
+    assert not events(layout.lab.audit_log, "message.failed")

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.egress import ZonePath
+from gateway.httpbody import read_capped
 from gateway.routing import Network
 
 MAX_RECEIPT_BYTES = 1 << 20
@@ -62,7 +63,7 @@ class PeerClient:
                 async with self._session.post(
                     url, data=data_in, headers=list(headers), allow_redirects=False
                 ) as response:
-                    data = await response.content.read(MAX_RECEIPT_BYTES + 1)
+                    data = await read_capped(response.content, MAX_RECEIPT_BYTES)
                     if len(data) > MAX_RECEIPT_BYTES:
                         raise TransportError("the peer's answer is larger than any receipt")
                     return Response(

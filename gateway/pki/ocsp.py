@@ -27,6 +27,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID
 
 from gateway.egress import ZonePath
 from gateway.errors import MedgwError
+from gateway.httpbody import read_capped
 
 MAX_RESPONSE_BYTES = 256 * 1024
 CONTENT_TYPE_REQUEST = "application/ocsp-request"
@@ -218,7 +219,7 @@ class OcspClient:
             ):
                 if reply.status != 200:
                     raise OcspError(f"OCSP responder {url} answered HTTP {reply.status}")
-                body = await reply.content.read(MAX_RESPONSE_BYTES + 1)
+                body = await read_capped(reply.content, MAX_RESPONSE_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise OcspError(
