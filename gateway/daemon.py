@@ -514,6 +514,11 @@ class Daemon:
             result = await asyncio.to_thread(
                 state.inbound.process, InboundRequest(peer, remote, headers, body_path)
             )
+        except ConnectionError as exc:  # the peer hung up mid-upload: it will resend
+            self._log.warning(
+                "inbound.aborted", peer=peer.name, remote_address=remote, reason=str(exc)
+            )
+            return web.Response(status=400, text="incomplete request\n")
         except OSError as exc:  # the body could not be spooled: disk full, permissions
             request_seen = InboundRequest(peer, remote, headers, body_path)
             result = state.inbound.unavailable(request_seen, None, exc)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import sqlite3
+import ssl
 import subprocess
 import time
 from collections import Counter
@@ -191,3 +193,24 @@ def test_sender_stopped_by_a_full_spool_starts_again_and_delivers_once_space_is_
     assert receipt["detail"]["mic_verified"]
     assert (layout.hospital.inbox_dir / "lab" / "late.hl7").read_bytes() == b"MSH|late\r"
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+
+
+def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    certs = layout.lab.root / "certs"
+    context = ssl.create_default_context(cafile=str(layout.ca_certificate))
+    context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
+    raw = socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(
+            b"POST /as2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkcs7-mime\r\n"
+            b"Message-ID: <hangup@KITA-LAB>\r\nAS2-From: KITA-LAB\r\nAS2-To: SAKURA-HOSPITAL\r\n"
+            b"Content-Length: 100000\r\n\r\n" + b"A" * 10
+        )
+        time.sleep(0.3)
+    aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 10)
+    assert aborted["peer"] == "lab"
+    assert not events(layout.hospital.audit_log, "storage.unavailable")
+    assert not list((layout.hospital.root / "state" / "incoming").iterdir())
