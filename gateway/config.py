@@ -18,8 +18,10 @@ import hashlib
 import ipaddress
 import os
 import re
+import ssl
 import stat
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -168,6 +170,9 @@ class DeliverySettings:
     ca: Path | None  # CA certificate(s) for an https:// internal system
     timeout_seconds: float
     services: tuple[ServiceDelivery, ...] = ()
+    # The certificates read from ``ca`` (PEM or DER) at load: the TLS context is built
+    # from these, never from the file again, so what was checked is what is used.
+    ca_certificates: tuple[x509.Certificate, ...] = ()
 
     def url_for(self, service: str | None) -> str:
         """Where a document of ``service`` (None: no service) is POSTed; "" = nowhere."""
@@ -918,8 +923,21 @@ def _load_delivery(reader: _Reader, section: _Section, peers: list[Peer]) -> Del
         _check_internal_url(reader, section, "http_url", http_url)
     ca_text = section.string("ca", default="")
     ca = reader.path(ca_text) if ca_text else None
+    ca_certificates: list[x509.Certificate] = []
     if ca is not None:
-        reader.certificates(section, "ca", ca)
+        ca_certificates = reader.certificates(section, "ca", ca)
+        if ca_certificates:
+            try:
+                delivery_tls_context(ca_certificates)
+            except (ssl.SSLError, ValueError) as exc:
+                section.problem(
+                    "ca",
+                    f"{ca}: the certificates in it cannot be used to verify an https:// "
+                    f"internal system ({exc})",
+                    "give the CA certificate(s) that issued the internal system's "
+                    "certificate, as a PEM or DER file",
+                )
+                ca_certificates = []
     timeout = section.number("timeout_seconds", default=60, minimum=1, maximum=3600)
     known = sorted({s for p in peers for s in p.services})
     overrides: list[ServiceDelivery] = []
@@ -946,10 +964,22 @@ def _load_delivery(reader: _Reader, section: _Section, peers: list[Peer]) -> Del
         section.problem(
             "ca",
             "an https:// hand-over URL needs the CA that issued the internal system's certificate",
-            'add ca = "/etc/medgw/internal-ca.crt" (PEM)',
+            'add ca = "/etc/medgw/internal-ca.crt" (PEM or DER)',
         )
     section.finish()
-    return DeliverySettings(http_url, ca, timeout, tuple(overrides))
+    return DeliverySettings(http_url, ca, timeout, tuple(overrides), tuple(ca_certificates))
+
+
+def delivery_tls_context(certificates: Sequence[x509.Certificate]) -> ssl.SSLContext:
+    """The client TLS context for an https:// hand-over: trusts exactly ``certificates``
+    (``[delivery] ca``), TLS 1.2 or newer.  Built from the loaded certificates rather
+    than the file, so a DER file works as well as a PEM one.  Raises ssl.SSLError."""
+    if not certificates:
+        raise ValueError("no CA certificate to verify the internal system against")
+    pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
+    context = ssl.create_default_context(cadata=pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 MAX_SOCKET_PATH = 107  # sun_path

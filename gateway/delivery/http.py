@@ -42,10 +42,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
+from cryptography import x509
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.config import GatewayConfig, Runtime
+from gateway.config import DeliverySettings, GatewayConfig, Runtime, delivery_tls_context
 from gateway.logs import Logger
 from gateway.spool import HandoverRecord, Spool
 
@@ -55,6 +56,10 @@ IDLE_CHECK_SECONDS = 5.0
 
 class _Changed(Exception):
     """The inbox file is not the document that was received (gone, or other content)."""
+
+
+class _NoContext(Exception):
+    """The TLS context for an https:// internal system could not be built."""
 
 
 async def _body(path: Path, size: int, sha256: str) -> AsyncIterator[bytes]:
@@ -98,7 +103,9 @@ class HandOver:
         self._config = config
         self._rng = rng
         self._wakeup = asyncio.Event()
-        self._contexts: dict[Path, ssl.SSLContext] = {}
+        # Keyed by the CA certificates themselves: a reloaded config with other
+        # certificates in the same file gets a new context.
+        self._contexts: dict[tuple[x509.Certificate, ...], ssl.SSLContext] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -125,12 +132,22 @@ class HandOver:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
 
-    def _context(self, ca: Path) -> ssl.SSLContext:
-        context = self._contexts.get(ca)
+    def _context(self, delivery: DeliverySettings) -> ssl.SSLContext:
+        """Raises _NoContext: load_config checked the certificates, but a failure here
+        must still fail one attempt, not the worker."""
+        certificates = delivery.ca_certificates
+        context = self._contexts.get(certificates)
         if context is None:
-            context = ssl.create_default_context(cafile=str(ca))
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._contexts[ca] = context
+            try:
+                context = delivery_tls_context(certificates)
+            except (ssl.SSLError, ValueError) as exc:
+                raise _NoContext(
+                    f"no TLS context from [delivery] ca {delivery.ca} "
+                    f"({type(exc).__name__}: {exc}); fix: give the CA certificate(s) that "
+                    "issued the internal system's certificate (PEM or DER), then run "
+                    "`medgw check-config` and reload"
+                ) from exc
+            self._contexts[certificates] = context
         return context
 
     async def hand_over(self, session: aiohttp.ClientSession, record: HandoverRecord) -> float:
@@ -156,10 +173,9 @@ class HandOver:
             **({"X-Medgw-Service": record.service} if record.service else {}),
         }
         ssl_context: ssl.SSLContext | bool = True
-        if urlsplit(url).scheme == "https":
-            assert delivery.ca is not None  # load_config requires it
-            ssl_context = self._context(delivery.ca)
         try:
+            if urlsplit(url).scheme == "https":
+                ssl_context = self._context(delivery)
             if not record.path.is_file():
                 raise _Changed(f"the inbox file {record.path} is gone")
             async with session.post(
@@ -175,6 +191,8 @@ class HandOver:
         except _Changed as exc:
             self._give_up(record, f"{exc}: nothing was handed over")
             return 0.0
+        except _NoContext as exc:
+            return self._retry(record, url, str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             cause = exc.__cause__
             if isinstance(cause, _Changed):
