@@ -5,11 +5,14 @@ record's line, or 64 zeros) and ``hash`` (SHA-256 over the record without the
 ``hash`` field, canonical JSON).  Removing, reordering or editing a line breaks
 the chain, which :func:`verify_chain` reports with the line number.  Every
 record is flushed and fsync'ed before :meth:`AuditLog.emit` returns: an event
-that was acted upon is on disk.
+that was acted upon is on disk.  A record that could not be written whole (a
+full disk) is cut off again before ``emit`` raises, so it never merges with the
+next one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -42,6 +45,7 @@ class AuditLog:
         self._seq, self._prev = self._tail(path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
+        self._torn: int | None = None  # size to cut the file back to before the next record
         if path.stat().st_size and not _ends_with_newline(path):
             os.write(self._fd, b"\n")  # end a record torn by a crash; the chain shows it
 
@@ -69,10 +73,35 @@ class AuditLog:
             record["prev"] = self._prev
             digest = hashlib.sha256(_canonical(record)).hexdigest()
             record["hash"] = digest
-            os.write(self._fd, _canonical(record) + b"\n")
-            os.fsync(self._fd)
+            self._append(_canonical(record) + b"\n")
             self._seq += 1
             self._prev = digest
+
+    def _append(self, line: bytes) -> None:
+        """Write all of ``line`` and fsync it, or leave the file as it was and raise.
+
+        A full disk (ENOSPC) or an I/O error can cut a record short; its bytes are
+        cut off again so that the next record starts on a line of its own and the
+        chain goes on (seq and prev are not advanced for a record not written).
+        """
+        if self._torn is not None:
+            os.ftruncate(self._fd, self._torn)  # an earlier cut-off did not succeed
+            self._torn = None
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(self._fd, view)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"wrote nothing of an audit record to {self._path}")
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                self._torn = size  # try again before the next record
+            raise
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,68 @@
+"""A full disk under the audit log: a record that did not fit leaves no trace, and the
+next one after space is freed continues the chain, so ``medgw audit verify`` passes.
+
+The audit log lives on a real, small file system (tmpfs) filled to the last byte.
+Needs root to mount; skipped, saying why, where that is impossible.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditEvent, EventType
+from gateway.audit.log import AuditLog, verify_chain
+from gateway.clock import SystemClock
+from tests.test_storage_full import _fill, _small_file_system
+
+PAGE = 4096
+
+
+def _event(note: str, size: int = 0) -> AuditEvent:
+    return AuditEvent(
+        EventType.MESSAGE_HANDED_OVER, peer="lab", detail={"note": note, "pad": "x" * size}
+    )
+
+
+def test_a_record_that_does_not_fit_leaves_nothing_and_the_chain_goes_on(tmp_path: Path) -> None:
+    with _small_file_system(tmp_path / "audit", "256k") as folder:
+        path = folder / "audit.jsonl"
+        audit = AuditLog(path, SystemClock(), node="hospital")
+        try:
+            audit.emit(_event("first"))
+            audit.emit(_event("second"))
+            # The file's last page is part-used: the next record fills its free part,
+            # then the file system has nothing more (a short write, then ENOSPC).
+            assert path.stat().st_size % PAGE != 0
+            filler = _fill(folder)
+            before = path.read_bytes()
+
+            with pytest.raises(OSError) as raised:
+                audit.emit(_event("too big", 3 * PAGE))
+            assert raised.value.errno == errno.ENOSPC
+            assert path.read_bytes() == before  # nothing of it is left
+            with pytest.raises(OSError):
+                audit.emit(_event("still full", 3 * PAGE))
+            assert path.read_bytes() == before
+
+            filler.unlink()  # space is freed
+            audit.emit(_event("after", 3 * PAGE))
+            audit.emit(_event("last"))
+        finally:
+            audit.close()
+
+        assert verify_chain(path) == 4
+        records = [json.loads(line) for line in path.read_bytes().splitlines()]
+        assert [r["detail"]["note"] for r in records] == ["first", "second", "after", "last"]
+        assert [r["seq"] for r in records] == [1, 2, 3, 4]
+
+        # A restart chains on from the same place.
+        again = AuditLog(path, SystemClock(), node="hospital")
+        try:
+            again.emit(_event("restarted"))
+        finally:
+            again.close()
+        assert verify_chain(path) == 5
