@@ -259,7 +259,12 @@ class Daemon:
             self._clock,
             self._outbound.wake,
             handover.wake if handover is not None else lambda: None,
+            lambda message_id: self._spawn(self._outbound_prepare_again(message_id)),
         )
+
+    async def _outbound_prepare_again(self, message_id: str) -> None:
+        assert self._outbound is not None
+        await self._outbound.prepare_again(message_id)
 
     @property
     def state(self) -> RuntimeState:

@@ -14,7 +14,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
-from gateway.spool import HandoverRecord, HandoverState, OutboundRecord, Spool
+from gateway.spool import HandoverRecord, HandoverState, OutboundRecord, OutboundState, Spool
 
 
 class UnknownPeerError(MedgwError):
@@ -68,6 +68,7 @@ class Operations:
     clock: Clock
     wake: Callable[[str], None] = lambda _peer: None  # tell the peer's sender to look again
     wake_handover: Callable[[], None] = lambda: None  # tell the hand-over worker to look again
+    prepare: Callable[[str], None] = lambda _id: None  # sign and encrypt a kept document again
 
     def _peer(self, name: str) -> str:
         if self.config.peer(name) is None:
@@ -85,7 +86,10 @@ class Operations:
         expires = self.clock.now().timestamp() + self.config.runtime.message_expiry_seconds
         previous = self._state_of(message_id)
         record = self.spool.operator_retry(message_id, actor, expires)
-        self.wake(record.peer)
+        if record.state is OutboundState.INTAKE:
+            self.prepare(message_id)  # it was never signed and encrypted: do that first
+        else:
+            self.wake(record.peer)
         self.audit.emit(
             AuditEvent(
                 EventType.MESSAGE_RETRIED,
@@ -103,6 +107,7 @@ class Operations:
         record = self.spool.operator_cancel(message_id, actor)
         if record.body_path is not None:
             record.body_path.unlink(missing_ok=True)
+        record.payload_path.unlink(missing_ok=True)  # a document kept after a failed preparation
         self.audit.emit(
             AuditEvent(
                 EventType.MESSAGE_CANCELLED,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import filecmp
 import os
 import random
 import secrets
@@ -212,7 +213,14 @@ class Outbound:
             async with limit:
                 await self._take(candidate)
 
-        await asyncio.gather(*(take(c) for c in result.candidates))
+        # Every take finishes before this returns, even when one fails: the next scan
+        # must not start a second take of a file this one is still moving.
+        outcomes = await asyncio.gather(
+            *(take(c) for c in result.candidates), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return len(result.candidates)
 
     async def _take(self, candidate: Candidate) -> None:
@@ -402,22 +410,32 @@ class Outbound:
 
         try:
             headers, mic, size = await asyncio.to_thread(build)
-        except MedgwError as exc:
+        except (MedgwError, OSError) as exc:
+            # The document is kept (in the spool, not sent): once the cause is corrected,
+            # `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it.
+            if isinstance(exc, MedgwError):
+                error, fix = exc.message, exc.fix
+            else:
+                error = f"cannot write the signed, encrypted message: {exc.strerror or exc}"
+                fix = storage_fix(exc, self._outgoing)
             self._spool.mark_done(
-                record.message_id, OutboundState.FAILED, "not-sent", None, error=str(exc)
+                record.message_id, OutboundState.FAILED, "not-sent", None, error=error
             )
+            retry = f"medgw queue retry {record.message_id}"
             self._log.error(
                 "message.prepare_failed",
                 peer=peer.name,
                 message_id=record.message_id,
-                error=exc.message,
-                fix=exc.fix,
+                error=error,
+                fix=f"{fix + '; then ' if fix else 'correct the cause, then '}{retry}",
             )
             self._alert(
                 EventType.MESSAGE_FAILED,
                 peer=peer.name,
                 message_id=record.message_id,
-                reason=str(exc),
+                reason=f"{error}; the document is kept, not sent: correct the cause, then "
+                f"{retry} (or cancel it)",
+                detail={"fix": fix} if fix else None,
             )
             return
         self._spool.mark_queued(record.message_id, body_path, list(headers), mic, size)
@@ -440,6 +458,16 @@ class Outbound:
         )
         self.wake(peer.name)
 
+    async def prepare_again(self, message_id: str) -> None:
+        """Sign, encrypt and queue a kept document whose preparation an operator retried."""
+        record = self._spool.get(message_id)
+        if record is None or record.state is not OutboundState.INTAKE:
+            return
+        peer = self.config.peer(record.peer)
+        if peer is None or not record.payload_path.exists():
+            return  # recovery at the next start marks it failed, saying why
+        await self._prepare(record, peer, submitted_by=self._spool.submitter(message_id))
+
     async def recover(self) -> None:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
         storage = self.config.storage
@@ -461,6 +489,18 @@ class Outbound:
         for record in self._spool.in_state(OutboundState.INTAKE):
             peer = self.config.peer(record.peer)
             if record.payload_path.exists() and peer is not None:
+                source = record.source_path
+                if (
+                    source != record.payload_path
+                    and source.exists()
+                    and filecmp.cmp(source, record.payload_path, shallow=False)
+                ):
+                    # Killed after copying the document from another file system into the
+                    # spool, before removing it from the outbox (the copy is complete: it
+                    # was written atomically). Remove it, or the next scan sends it again.
+                    # (A different document dropped since under the same name stays.)
+                    source.unlink()
+                    fsync_dir(source.parent)
                 submitter = self._spool.submitter(record.message_id)
                 await self._prepare(record, peer, submitted_by=submitter)
             elif record.source_path.exists() and peer is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -172,34 +174,47 @@ def test_stale_crl_under_require_refuses_the_peer_and_raises_an_alarm(
     assert {r["detail"]["purpose"] for r in rejected} >= {"tls-client", "smime-sign"}
 
 
-def test_no_acceptable_encryption_certificate_fails_the_message_and_retry_says_why(
+def test_no_acceptable_encryption_certificate_keeps_the_document_until_an_operator_retry(
     layout: DemoLayout, processes: Any
 ) -> None:
     hospital_enc = load_config(layout.hospital.config_path).smime.encryption.certificate
-    revoke(layout, layout.lab.root / "certs" / "ca.crl", hospital_enc)
-    processes.start(layout.lab.config_path)
+    lab_crl = layout.lab.root / "certs" / "ca.crl"
+    revoke(layout, lab_crl, hospital_enc)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "nowhere.hl7", b"MSH|x\r")
-    failed = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 30, "failure")
-    assert "no acceptable encryption certificate" in failed[0]["reason"]
-    assert "revoked" in failed[0]["reason"].lower()
-    import subprocess
-    import sys
+    [failed] = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 30, "failure")
+    assert "no acceptable encryption certificate" in failed["reason"]
+    assert "revoked" in failed["reason"].lower()
+    message_id = failed["message_id"]
+    assert f"medgw queue retry {message_id}" in failed["reason"]
+    assert "the document is kept" in failed["reason"]
 
-    retry = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "queue",
-            "retry",
-            failed[0]["message_id"],
-            "--config",
-            str(layout.lab.config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert retry.returncode == 1
-    assert "never signed and encrypted" in retry.stderr and "fix:" in retry.stderr
+    def queue(*args: str) -> subprocess.CompletedProcess[str]:
+        config = str(layout.lab.config_path)
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", "queue", *args, "--config", config],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    # Retried before the cause is corrected: prepared again, and refused again.
+    early = queue("retry", message_id)
+    assert early.returncode == 0, early.stderr
+    assert "signed and encrypted again" in early.stdout
+    wait_until(lambda: len(events(layout.lab.audit_log, "message.failed")) == 2, 30, "again")
+
+    # The CA's next CRL no longer lists the certificate (it was suspended, say): reload.
+    now = datetime.now(UTC)
+    crl = make_crl(demo_ca(layout), now=now - timedelta(minutes=1), revoked=[], number=3)
+    lab_crl.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    lab.signal(signal.SIGHUP)
+    wait_until(lambda: len(events(layout.lab.audit_log, "config.reloaded")) == 1, 30, "reload")
+    retried = queue("retry", message_id)
+    assert retried.returncode == 0, retried.stderr
+    [receipt] = wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "sent")
+    assert receipt["message_id"] == message_id and receipt["detail"]["mic_verified"]
+    assert (layout.hospital.inbox_dir / "lab" / "nowhere.hl7").read_bytes() == b"MSH|x\r"
+    assert not list((layout.lab.root / "state" / "payloads").iterdir())  # no plaintext left

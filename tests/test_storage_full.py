@@ -23,6 +23,7 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -214,3 +215,34 @@ def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
     assert aborted["peer"] == "lab"
     assert not events(layout.hospital.audit_log, "storage.unavailable")
     assert not list((layout.hospital.root / "state" / "incoming").iterdir())
+
+
+def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
+    layout: DemoLayout, small_lab_state: Path, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    # Room for the spool entry and the document, not for its signed, encrypted form.
+    filler = _fill(small_lab_state, leave=450_000)
+    document = os.urandom(300_000)
+    drop_file(layout.lab.outbox_dir / "hospital", "large.bin", document)
+    [failed] = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 30, "failure")
+    assert "No space left on device" in failed["reason"]
+    assert "the document is kept" in failed["reason"]
+    assert failed["detail"]["fix"].startswith("free disk space on the file system of")
+
+    filler.unlink()
+    retry = subprocess.run(
+        [
+            *(sys.executable, "-m", "gateway", "queue", "retry", failed["message_id"]),
+            *("--config", str(layout.lab.config_path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert retry.returncode == 0, retry.stderr
+    [receipt] = wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "sent")
+    assert receipt["message_id"] == failed["message_id"]
+    assert (layout.hospital.inbox_dir / "lab" / "large.bin").read_bytes() == document

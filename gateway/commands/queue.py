@@ -121,7 +121,10 @@ def _queue_show(args: argparse.Namespace) -> int:
 
 def _queue_action(args: argparse.Namespace, action: str) -> int:
     record = _client(args).call("POST", f"/v1/queue/{quote(args.message_id, safe='')}/{action}")
-    return _emit(args, record, f"{record['message_id']}: {action} done, now {record['state']}")
+    text = f"{record['message_id']}: {action} done, now {record['state']}"
+    if action == "retry" and record["state"] == "intake":
+        text += " (its kept document is being signed and encrypted again; see medgw queue show)"
+    return _emit(args, record, text)
 
 
 def _queue_retry(args: argparse.Namespace) -> int:

@@ -563,9 +563,21 @@ class Spool:
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
         if record is not None and record.body_path is None:
+            if record.state in RETRYABLE and record.payload_path.exists():
+                # Never signed and encrypted, but the document is kept: prepare it again
+                # (the caller does, or the next start's recovery).
+                return self._transition(
+                    message_id,
+                    RETRYABLE,
+                    OutboundState.INTAKE,
+                    f"preparation retried by {actor}",
+                    reset=True,
+                    expires_at=expires_at,
+                )
             raise SpoolError(
                 f"message {message_id} was never signed and encrypted "
-                f"({record.last_error or 'its preparation failed'}), so there is nothing to resend",
+                f"({record.last_error or 'its preparation failed'}) and its document is no "
+                "longer kept, so there is nothing to resend",
                 fix="correct the cause named here, then put the document in the outbox again",
             )
         if record is not None and record.body_path is not None and not record.body_path.exists():

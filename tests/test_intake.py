@@ -1,0 +1,107 @@
+"""Outbox intake: a scan's takes all finish before the next scan starts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit.log import AuditLog
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.demo_run import free_port, read_audit, wait_until
+from gateway.errors import SpoolError
+from gateway.intake.outbox import Candidate
+from gateway.logs import make_logger
+from gateway.outbound import Outbound
+from gateway.pki.demo import DemoLayout, init_demo
+from gateway.spool import Spool
+
+
+class SlowTakes(Outbound):
+    """The real intake, with each take's work replaced by a pause (one take fails)."""
+
+    finished: list[str]
+
+    async def _take(self, candidate: Candidate) -> None:
+        if candidate.path.name == "broken.hl7":
+            raise SpoolError("cannot take broken.hl7")
+        await asyncio.sleep(0.2)
+        self.finished.append(candidate.path.name)
+
+
+def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
+    tmp_path: Path,
+) -> None:
+    """Otherwise the next scan starts a second take of files still being moved: one
+    document, two messages."""
+    layout = init_demo(
+        tmp_path / "demo", now=datetime.now(UTC), hospital_port=free_port(), lab_port=free_port()
+    )
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    spool = Spool(tmp_path / "spool.sqlite3", clock)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    intake = SlowTakes(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    intake.finished = []
+    folder = layout.lab.outbox_dir / "hospital"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.hl7").write_bytes(b"MSH|x\r")
+    names = [f"result-{i}.hl7" for i in range(5)]
+    for name in names:
+        (folder / name).write_bytes(b"MSH|y\r")
+    try:
+        with pytest.raises(SpoolError, match=r"broken\.hl7"):
+            asyncio.run(intake.intake_once())
+        assert sorted(intake.finished) == names
+    finally:
+        spool.close()
+        audit.close()
+
+
+def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_sends_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The outbox on another file system: the document is copied into the spool, then
+    removed from the outbox.  A kill between the two leaves both; the restart must
+    send it once, not once for the spool entry and again for the outbox file."""
+    config = load_config(layout.lab.config_path)
+    source = layout.lab.outbox_dir / "hospital" / "copied.hl7"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(b"MSH|copied\r")
+    payload = config.storage.state_dir / "payloads" / "0123456789abcdef01234567"
+    payload.parent.mkdir(parents=True, exist_ok=True)
+    spool = Spool(config.storage.state_dir / "spool.sqlite3", SystemClock())
+    try:
+        spool.add_intake(
+            "<copied@KITA-LAB>",
+            "hospital",
+            source.name,
+            "application/octet-stream",
+            source,
+            payload,
+            expires_at=datetime.now(UTC).timestamp() + 3600,
+            zone="loopback",
+        )
+    finally:
+        spool.close()
+    shutil.copyfile(source, payload)  # the copy was complete; the unlink never came
+
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    [receipt] = wait_until(
+        lambda: [r for r in read_audit(layout.lab.audit_log) if r["event"] == "receipt.received"],
+        60,
+        "the delivery",
+    )
+    assert receipt["message_id"] == "<copied@KITA-LAB>"
+    assert not source.exists()
+    time.sleep(2)  # ten outbox polls: nothing more is sent
+    delivered = sorted(p.name for p in (layout.hospital.inbox_dir / "lab").iterdir())
+    assert delivered == ["copied.hl7"]
