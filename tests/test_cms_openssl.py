@@ -375,6 +375,22 @@ def test_openssl_several_recipients(pki: Pki, tmp_path: Path) -> None:
         assert decrypt(der, pki[name].cert, pki[name].key, policy=STRICT).content == b"to both"
 
 
+@pytest.mark.parametrize("recipient", ["rsa2048", "p256", "p384"])
+def test_openssl_recipient_named_by_key_identifier(
+    pki: Pki, tmp_path: Path, recipient: str
+) -> None:
+    """``-keyid``: the recipient is named by subjectKeyIdentifier (rKeyId for ECDH)."""
+    keyopts = RSA_OAEP_SHA256 if recipient.startswith("rsa") else ECDH_SHA256
+    der = _openssl_encrypt(
+        pki, tmp_path, b"by key id", "aes-256-gcm", [(recipient, keyopts)], "-keyid"
+    )
+    r = pki[recipient]
+    assert decrypt(der, r.cert, r.key, policy=STRICT).content == b"by key id"
+    with pytest.raises(DecryptionError, match="encrypted for someone else"):
+        other = pki["other-rsa"]
+        decrypt(der, other.cert, other.key, policy=STRICT)
+
+
 def test_openssl_encrypted_for_someone_else(pki: Pki, tmp_path: Path) -> None:
     der = _openssl_encrypt(pki, tmp_path, b"x", "aes-256-gcm", [("other-rsa", RSA_OAEP_SHA256)])
     with pytest.raises(DecryptionError, match="encrypted for someone else"):
