@@ -43,7 +43,7 @@ from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.errors import ConfigError, MedgwError
 from gateway.httpbody import read_capped
-from gateway.inbound import InboundProcessor, InboundRequest
+from gateway.inbound import InboundLocks, InboundProcessor, InboundRequest
 from gateway.intake.api import LocalApi
 from gateway.logs import Logger
 from gateway.operations import Operations
@@ -114,6 +114,7 @@ class Daemon:
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
         self._ocsp_clients: dict[str, OcspClient] = {}  # per zone: each keeps its OCSP cache
+        self._inbound_locks = InboundLocks()  # shared by the processors of every reload
 
     # -- building -------------------------------------------------------------
 
@@ -244,7 +245,13 @@ class Daemon:
         }
         signers = {name: t.signing_certificates for name, t in trust.items()}
         inbound = InboundProcessor(
-            config, self._spool, self._audit, self._log, self._clock, signers=signers
+            config,
+            self._spool,
+            self._audit,
+            self._log,
+            self._clock,
+            signers=signers,
+            locks=self._inbound_locks,
         )
         peers_by_spki = {pin: p for p in config.peers for pin in p.tls_spki_pins}
         return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust, peers_by_spki)

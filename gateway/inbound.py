@@ -107,30 +107,20 @@ def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bo
     )
 
 
-class InboundProcessor:
-    def __init__(
-        self,
-        config: GatewayConfig,
-        spool: Spool,
-        audit: AuditSink,
-        log: Logger,
-        clock: Clock,
-        *,
-        signers: Mapping[str, tuple[x509.Certificate, ...]] | None = None,
-    ) -> None:
-        # ``signers``: each peer's signing certificates that validate now (PKI layer);
-        # without it (tests of this layer alone), every configured one.
-        self._signers = signers
-        self._config = config
-        self._spool = spool
-        self._audit = audit
-        self._log = log
-        self._clock = clock
+class InboundLocks:
+    """What keeps concurrent requests apart, shared by every InboundProcessor of a
+    daemon: a reload makes a new processor while requests on the old one go on."""
+
+    def __init__(self) -> None:
+        # Held while a new document's inbox file is chosen and claimed: two documents
+        # with one name never share a target.
+        self.target = threading.Lock()
         self._guard = threading.Lock()
         self._busy: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
 
     @contextmanager
-    def _exclusive(self, key: tuple[str, str]) -> Iterator[None]:
+    def exclusive(self, key: tuple[str, str]) -> Iterator[None]:
+        """One request per ``key`` (peer, Message-ID) at a time."""
         with self._guard:
             lock, users = self._busy.setdefault(key, (threading.Lock(), [0]))
             users[0] += 1
@@ -142,6 +132,30 @@ class InboundProcessor:
                 users[0] -= 1
                 if users[0] == 0:
                     del self._busy[key]
+
+
+class InboundProcessor:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        spool: Spool,
+        audit: AuditSink,
+        log: Logger,
+        clock: Clock,
+        *,
+        signers: Mapping[str, tuple[x509.Certificate, ...]] | None = None,
+        locks: InboundLocks | None = None,
+    ) -> None:
+        # ``signers``: each peer's signing certificates that validate now (PKI layer);
+        # without it (tests of this layer alone), every configured one.
+        # ``locks``: the daemon's, kept across reloads (alone: its own).
+        self._signers = signers
+        self._config = config
+        self._spool = spool
+        self._audit = audit
+        self._log = log
+        self._clock = clock
+        self._locks = locks if locks is not None else InboundLocks()
 
     def _decrypt(self, body_path: Path, signed_path: Path, peer: Peer) -> DecryptedFile:
         """Decrypt with our current key pair, or one of ``[[smime.decryption_keys]]`` (rotation)."""
@@ -214,7 +228,7 @@ class InboundProcessor:
         digest = receipt_request.choose_digest(peer.digest)
         # One request per (peer, Message-ID) at a time: a resend racing the original
         # waits for it and is then answered with the original receipt.
-        with self._exclusive((peer.name, message_id)):
+        with self._locks.exclusive((peer.name, message_id)):
             try:
                 return self._accept_and_answer(request, message_id, digest)
             except (StorageFullError, SpoolError, OSError) as exc:
@@ -526,7 +540,7 @@ class InboundProcessor:
         if existing is not None:
             target = existing.target_path  # crashed mid-delivery: finish it, same place
         else:
-            with self._guard:  # two documents with one name never share a target
+            with self._locks.target:  # two documents with one name never share a target
                 target = choose_target(
                     self._config.storage.inbox_dir,
                     peer.name,
