@@ -59,6 +59,7 @@ from gateway.spool import Spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
+INBOUND_PER_PEER = 8  # messages of one peer received at once; more wait their turn
 SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
@@ -115,6 +116,7 @@ class Daemon:
         self._handover: HandOver | None = None
         self._ocsp_clients: dict[str, OcspClient] = {}  # per zone: each keeps its OCSP cache
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
+        self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
 
     # -- building -------------------------------------------------------------
 
@@ -508,6 +510,21 @@ class Daemon:
         headers = {k.lower(): v for k, v in request.headers.items()}
         if is_receipt(headers):
             return await self._receive_receipt(request, peer)
+        # A peer's requests beyond INBOUND_PER_PEER wait here, holding only their
+        # connection: one peer cannot fill the disk with bodies or take every worker.
+        slots = self._inbound_slots.setdefault(peer.name, asyncio.Semaphore(INBOUND_PER_PEER))
+        async with slots:
+            return await self._receive_message(request, state, peer, remote, headers)
+
+    async def _receive_message(
+        self,
+        request: web.Request,
+        state: RuntimeState,
+        peer: Peer,
+        remote: str,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Spool the body of an AS2 message, process it, answer with its receipt."""
         body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
         try:
             if not await self._spool_body(request, body_path, state.config.runtime):

@@ -196,25 +196,53 @@ def test_sender_stopped_by_a_full_spool_starts_again_and_delivers_once_space_is_
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
-def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
-    layout: DemoLayout, processes: Any
-) -> None:
-    hospital = processes.start(layout.hospital.config_path)
+def _start_upload(layout: DemoLayout, message_id: str) -> ssl.SSLSocket:
+    """A message from the lab whose body has only begun to arrive (10 of 100000 bytes)."""
     certs = layout.lab.root / "certs"
     context = ssl.create_default_context(cafile=str(layout.ca_certificate))
     context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
     raw = socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=10)
-    with context.wrap_socket(raw, server_hostname="localhost") as conn:
-        conn.sendall(
-            b"POST /as2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkcs7-mime\r\n"
-            b"Message-ID: <hangup@KITA-LAB>\r\nAS2-From: KITA-LAB\r\nAS2-To: SAKURA-HOSPITAL\r\n"
-            b"Content-Length: 100000\r\n\r\n" + b"A" * 10
-        )
+    conn = context.wrap_socket(raw, server_hostname="localhost")
+    conn.sendall(
+        b"POST /as2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkcs7-mime\r\n"
+        + f"Message-ID: {message_id}\r\n".encode()
+        + b"AS2-From: KITA-LAB\r\nAS2-To: SAKURA-HOSPITAL\r\n"
+        b"Content-Length: 100000\r\n\r\n" + b"A" * 10
+    )
+    return conn
+
+
+def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    with _start_upload(layout, "<hangup@KITA-LAB>"):
         time.sleep(0.3)
     aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 10)
     assert aborted["peer"] == "lab"
     assert not events(layout.hospital.audit_log, "storage.unavailable")
     assert not list((layout.hospital.root / "state" / "incoming").iterdir())
+
+
+def test_one_peer_receives_at_most_eight_messages_at_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Bodies beyond that wait for their turn: one peer cannot fill the disk with
+    parallel uploads or take every worker."""
+    processes.start(layout.hospital.config_path)
+    incoming = layout.hospital.root / "state" / "incoming"
+    uploads = [_start_upload(layout, f"<upload-{i}@KITA-LAB>") for i in range(12)]
+    try:
+        wait_until(lambda: len(list(incoming.iterdir())) >= 8, 10, "eight bodies")
+        time.sleep(1)  # the other four stay waiting
+        assert len(list(incoming.iterdir())) == 8
+        uploads.pop(0).close()  # one ends: one waiting upload takes its place
+        time.sleep(1)
+        wait_until(lambda: len(list(incoming.iterdir())) == 8, 10, "the next in line")
+    finally:
+        for conn in uploads:
+            conn.close()
+    wait_until(lambda: not list(incoming.iterdir()), 10, "every body removed")
 
 
 def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
