@@ -44,6 +44,7 @@ from gateway.delivery.http import HandOver
 from gateway.errors import ConfigError, MedgwError
 from gateway.httpbody import read_capped
 from gateway.inbound import InboundLocks, InboundProcessor, InboundRequest
+from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
 from gateway.logs import Logger
 from gateway.operations import Operations
@@ -116,6 +117,7 @@ class Daemon:
         self._handover: HandOver | None = None
         self._ocsp_clients: dict[str, OcspClient] = {}  # per zone: each keeps its OCSP cache
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
+        self._instance: InstanceLock | None = None  # one daemon per state folder
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
 
     # -- building -------------------------------------------------------------
@@ -285,6 +287,8 @@ class Daemon:
     async def run(self) -> int:
         config = load_config(self._config_path)  # ConfigError propagates: refuse to start
         self._log = self._log.bind(node=config.as2_id)
+        self._instance = InstanceLock(config.storage.state_dir)
+        self._instance.acquire()  # before anything in the state folder is touched
         for warning in config.warnings:
             self._log.warning("config.warning", problem=str(warning))
         self._audit = AuditLog(config.storage.audit_log, self._clock, node=config.as2_id)
@@ -978,6 +982,8 @@ class Daemon:
             self._spool.close()
         if self._audit is not None:
             self._audit.close()
+        if self._instance is not None:
+            self._instance.release()
 
 
 def _api_endpoints(config: GatewayConfig) -> tuple[object, ...] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -150,3 +152,31 @@ def test_sigterm_does_not_wait_for_idle_keep_alive_connections(
     started = time.monotonic()
     assert hospital.stop(timeout=15) == 0
     assert time.monotonic() - started < 5  # not the 10 s shutdown deadline
+
+
+def test_a_second_daemon_on_the_same_state_folder_stops_before_touching_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    first = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    # What a second start would otherwise clear: a body the first is receiving.
+    receiving = layout.hospital.root / "state" / "incoming" / "in-progress.as2"
+    receiving.write_bytes(b"half a message")
+    second = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(layout.hospital.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 1
+    assert f"another medgw (pid {first.proc.pid}) is already running" in second.stderr
+    assert "systemctl stop medgw" in second.stderr
+    assert receiving.read_bytes() == b"half a message"
+    # The first one carries on.
+    drop_file(layout.lab.outbox_dir / "hospital", "still.hl7", b"MSH|still\r")
+    wait_until(lambda: (layout.hospital.inbox_dir / "lab" / "still.hl7").exists(), 60, "delivery")
+    assert first.proc.poll() is None
+    assert first.stop() == 0
+    restarted = processes.start(layout.hospital.config_path)  # the lock went with the process
+    assert restarted.proc.poll() is None
