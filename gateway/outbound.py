@@ -195,6 +195,18 @@ class Outbound:
                     folder=folder,
                     fix="create peers.d/<name>.toml or remove the folder",
                 )
+        for bad in result.bad_names:
+            if bad in self._reported_skipped:
+                continue
+            self._reported_skipped.add(bad)
+            # The folder only: the name cannot be written as text, and may identify a patient.
+            self._log.warning(
+                "outbox.bad_file_name",
+                folder=bad.parent.name,
+                fix="a file there has a name that is not UTF-8 (a Windows share writing "
+                "Shift_JIS, say); it is not sent until it is renamed to a UTF-8 name "
+                "(for example: convmv -f shift_jis -t utf-8 --notest FILE)",
+            )
         for skipped in result.skipped:
             if skipped in self._reported_skipped:
                 continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import time
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ import pytest
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.demo_run import free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_port, read_audit, wait_until
 from gateway.errors import SpoolError
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
@@ -105,3 +106,26 @@ def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_send
     time.sleep(2)  # ten outbox polls: nothing more is sent
     delivered = sorted(p.name for p in (layout.hospital.inbox_dir / "lab").iterdir())
     assert delivered == ["copied.hl7"]
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_once_and_the_others_go_on(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    folder = os.fsencode(layout.lab.outbox_dir / "hospital")
+    hidden = os.path.join(folder, b".writing")
+    with open(hidden, "wb") as handle:
+        handle.write(b"MSH|sjis\r")
+    shift_jis = os.path.join(folder, "検査.hl7".encode("shift_jis"))
+    os.rename(hidden, shift_jis)
+    drop_file(layout.lab.outbox_dir / "hospital", "plain.hl7", b"MSH|plain\r")
+
+    warned = lab.wait_for(lambda line: line.get("event") == "outbox.bad_file_name", 30)
+    assert warned["folder"] == "hospital" and "not UTF-8" in warned["fix"]
+    wait_until(lambda: (layout.hospital.inbox_dir / "lab" / "plain.hl7").exists(), 60, "delivery")
+    time.sleep(1)  # five more polls
+    assert os.path.exists(shift_jis)  # left alone, not lost
+    said = [x for x in lab.lines if x.get("event") == "outbox.bad_file_name"]
+    assert len(said) == 1
+    assert not [x for x in lab.lines if x.get("event") in ("daemon.task_failed", "intake.failed")]

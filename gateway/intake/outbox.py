@@ -45,6 +45,9 @@ class ScanResult:
     unknown_folders: tuple[str, ...]
     skipped: tuple[Path, ...]  # symlinks and other non-regular files
     unknown_services: tuple[tuple[str, str], ...] = ()  # (peer, subfolder) of no service
+    # Files whose names are not UTF-8 (say Shift_JIS from a Windows share): a name is
+    # recorded, logged and sent as text, so they are left alone until renamed.
+    bad_names: tuple[Path, ...] = ()
 
 
 def scan(outbox_dir: Path, peers: Mapping[str, tuple[str, ...]]) -> ScanResult:
@@ -53,6 +56,14 @@ def scan(outbox_dir: Path, peers: Mapping[str, tuple[str, ...]]) -> ScanResult:
     unknown: list[str] = []
     skipped: list[Path] = []
     unknown_services: list[tuple[str, str]] = []
+    bad_names: list[Path] = []
+
+    def take(peer: str, entry: os.DirEntry[str], service: str | None = None) -> None:
+        if _is_utf8(entry.name):
+            candidates.append(Candidate(peer, Path(entry.path), service))
+        else:
+            bad_names.append(Path(entry.path))
+
     try:
         folders = sorted(os.scandir(outbox_dir), key=lambda e: e.name)
     except FileNotFoundError:
@@ -71,14 +82,30 @@ def scan(outbox_dir: Path, peers: Mapping[str, tuple[str, ...]]) -> ScanResult:
                     continue
                 for inner in _entries(entry.path):
                     if inner.is_file(follow_symlinks=False):
-                        candidates.append(Candidate(folder.name, Path(inner.path), entry.name))
+                        take(folder.name, inner, entry.name)
                     else:
                         skipped.append(Path(inner.path))
             elif entry.is_file(follow_symlinks=False):
-                candidates.append(Candidate(folder.name, Path(entry.path)))
+                take(folder.name, entry)
             else:
                 skipped.append(Path(entry.path))
-    return ScanResult(tuple(candidates), tuple(unknown), tuple(skipped), tuple(unknown_services))
+    return ScanResult(
+        tuple(candidates),
+        tuple(unknown),
+        tuple(skipped),
+        tuple(unknown_services),
+        tuple(bad_names),
+    )
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name the file system gave as bytes that are not UTF-8 (they come
+    back as lone surrogates, which cannot be encoded)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _entries(folder: str) -> list[os.DirEntry[str]]:
