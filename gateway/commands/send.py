@@ -3,13 +3,17 @@
 The file is streamed over the control socket (any size; a progress bar on
 stderr for large files when stderr is a terminal), then the command follows
 the message until it reaches a final state and prints the verified receipt.
-Exit codes: 0 delivered, 1 failed / expired / dead / cancelled (the reason is
-printed), 2 usage error.
+Exit codes: 0 delivered, 1 failed / expired / dead / cancelled or refused
+before it was spooled (the reason is printed), 2 usage error, 3 outcome
+unknown: the command lost contact with the daemon after the document may have
+been spooled.  With 3 the document is still in the gateway's queue (or may
+be): it must not be sent again, or the peer receives it twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import sys
 import time
 from pathlib import Path
@@ -18,12 +22,21 @@ from urllib.parse import quote, urlencode
 
 from gateway.config import load_config
 from gateway.control import SOCKET_NAME
-from gateway.control.client import ControlClient
+from gateway.control.client import ControlClient, NotRunningError
+from gateway.errors import MedgwError
 from gateway.intake.outbox import CONTENT_TYPES
 
 DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 PROGRESS_ABOVE = 4 << 20  # files up to this size get no progress bar
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNKNOWN = 3
+EXIT_CODES = (
+    "exit status: 0 delivered; 1 failed, expired, dead or cancelled, or refused before it "
+    "was spooled; 2 usage error; 3 outcome unknown: contact with the gateway was lost after "
+    "the document was (or may have been) spooled - do NOT send it again, look at medgw queue "
+    "show / medgw queue list"
+)
 MIB = 1 << 20
 
 
@@ -32,8 +45,8 @@ def register(commands: Any) -> None:
         "send",
         help="send a file to a peer through the running gateway and wait for the receipt",
         description="Send FILE to PEER through the running gateway (over its control socket) "
-        "and wait for the signed receipt.  Exit 0 delivered, 1 failed, expired or dead, "
-        "2 usage error.",
+        "and wait for the signed receipt.",
+        epilog=EXIT_CODES,
     )
     send.add_argument("file", type=Path, metavar="FILE")
     send.add_argument("--to", required=True, metavar="PEER", help="the peer's name (peers.d/)")
@@ -118,7 +131,20 @@ def _send(args: argparse.Namespace) -> int:
     )
     size = path.stat().st_size
     progress = Progress(size, sys.stderr)
-    view = client.upload(f"/v1/messages?{query}", path, content_type, progress)
+    try:
+        view = client.upload(f"/v1/messages?{query}", path, content_type, progress)
+    except NotRunningError:
+        raise  # nothing was sent: exit 1, "medgw is not running"
+    except (MedgwError, OSError) as exc:
+        if isinstance(exc, MedgwError) and not _connection_lost(exc):
+            raise  # the gateway answered and refused it: nothing was spooled
+        print(
+            f"medgw send: lost contact with the daemon before it confirmed {path.name} "
+            f"({exc}); it may have been spooled - do NOT send it again before checking "
+            f"medgw queue list --peer {args.to}",
+            file=sys.stderr,
+        )
+        return EXIT_UNKNOWN
     message_id = view["message_id"]
     if args.no_wait:
         print(message_id)
@@ -133,7 +159,21 @@ def _send(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    except (MedgwError, OSError) as exc:
+        # The message is in the spool and the daemon goes on with it (now, or once it
+        # runs again): a resend would give the peer the document twice.
+        print(
+            f"medgw send: lost contact with the daemon ({exc}); {message_id} is still in "
+            f"the queue - do NOT send it again; see medgw queue show '{message_id}'",
+            file=sys.stderr,
+        )
+        return EXIT_UNKNOWN
     return _report(final)
+
+
+def _connection_lost(exc: MedgwError) -> bool:
+    """The request went out but no answer came back (the daemon stopped or crashed)."""
+    return isinstance(exc.__cause__, http.client.HTTPException | OSError)
 
 
 def _follow(client: ControlClient, view: dict[str, Any]) -> dict[str, Any]:
@@ -182,4 +222,4 @@ def _report(view: dict[str, Any]) -> int:
         "medgw queue retry puts it back in the queue",
         file=sys.stderr,
     )
-    return 1
+    return EXIT_FAILED
