@@ -22,7 +22,7 @@ import ssl
 import stat
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -542,7 +542,19 @@ def _check_as2_id(section: _Section, key: str, value: str) -> None:
 
 
 def _check_url(section: _Section, key: str, url: str) -> None:
-    parts = urlsplit(url)
+    fix = (
+        "write https://host:port/path, an IPv6 address in brackets: https://[2001:db8::1]:4443/as2"
+    )
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed [ of an IPv6 address
+        section.problem(key, f"{url!r} is not a valid URL ({exc})", fix)
+        return
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or above 65535
+        section.problem(key, f"{url!r}: the port is not a number 1-65535", fix)
+        return
     if parts.scheme != "https":
         section.problem(
             key,
@@ -550,7 +562,17 @@ def _check_url(section: _Section, key: str, url: str) -> None:
             "use the peer's https:// AS2 endpoint",
         )
     elif not parts.hostname:
-        section.problem(key, f"{url!r} has no host", "write https://host:port/path")
+        section.problem(key, f"{url!r} has no host", fix)
+    elif port is not None and not 1 <= port <= 65535:
+        section.problem(key, f"{url!r}: port {port} is out of range 1-65535", fix)
+
+
+def _parses(url: str) -> bool:
+    try:
+        _ = urlsplit(url).port  # a port that is not a number 1-65535 raises ValueError
+    except ValueError:
+        return False
+    return True
 
 
 def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> Peer | None:
@@ -870,7 +892,9 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     delivery = (
         _load_delivery(reader, delivery_section, peers) if delivery_section is not None else None
     )
-    reader.problems.extend(zone_problems(source, zones, listeners, peers))
+    # A url already reported as unreadable is not judged against the zones a second time.
+    judged = [p if _parses(p.url) else replace(p, url="") for p in peers]
+    reader.problems.extend(zone_problems(source, zones, listeners, judged))
 
     if reader.errors or tls_identity is None or signing is None or encryption is None:
         raise ConfigError(reader.problems)
@@ -894,11 +918,19 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
 
 def _check_internal_url(reader: _Reader, item: _Section, key: str, url: str) -> None:
     """http:// to a loopback address only; https:// anywhere (verified against ``ca``)."""
-    parts = urlsplit(url)
     fix = (
         'use "http://127.0.0.1:PORT/path" for a system on this host, or '
         '"https://host:PORT/path" with `ca` naming the CA of its certificate'
     )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # an unclosed [ of an IPv6 address, a port above 65535
+        item.problem(key, f"{url!r} is not a valid URL ({exc})", fix)
+        return
+    if port is not None and not 1 <= port <= 65535:
+        item.problem(key, f"{url!r}: port {port} is out of range 1-65535", fix)
+        return
     if parts.scheme not in ("http", "https") or not parts.hostname:
         item.problem(key, f"{url!r} is not an http:// or https:// URL with a host", fix)
         return
@@ -960,7 +992,7 @@ def _load_delivery(reader: _Reader, section: _Section, peers: list[Peer]) -> Del
     else:
         section.mark_seen("services")
     urls = [http_url, *(o.http_url for o in overrides)]
-    if any(urlsplit(u).scheme == "https" for u in urls if u) and ca is None:
+    if any(u.lower().startswith("https:") for u in urls) and ca is None:
         section.problem(
             "ca",
             "an https:// hand-over URL needs the CA that issued the internal system's certificate",

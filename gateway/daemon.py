@@ -855,23 +855,35 @@ class Daemon:
                     )
                 new_trust = await self._assess_trust(new_config)
                 new_state = self._build_state(new_config, new_trust)
-            except MedgwError as exc:
-                problems = (
-                    [str(p) for p in exc.problems] if isinstance(exc, ConfigError) else [str(exc)]
-                )
+            except Exception as exc:
+                # A defect must be a failed reload too, never a dead task that leaves the
+                # old configuration half-replaced and systemd waiting in RELOADING.
+                if isinstance(exc, ConfigError):
+                    problems = [str(p) for p in exc.problems]
+                elif isinstance(exc, MedgwError):
+                    problems = [str(exc)]
+                else:
+                    problems = [
+                        f"unexpected error while reading {self._config_path} "
+                        f"({type(exc).__name__}: {exc}); run `medgw check-config --config "
+                        f"{self._config_path}` and report it if it names no problem"
+                    ]
+                defect: dict[str, Any] = {} if isinstance(exc, MedgwError) else {"exc_info": exc}
                 self._log.error(
                     "config.reload_failed",
                     problems=problems,
                     action="still serving with the previous configuration",
+                    **defect,
                 )
-                self._audit_sink().emit(
-                    AuditEvent(
-                        EventType.CONFIG_RELOAD_FAILED,
-                        Outcome.FAILURE,
-                        Severity.WARNING,
-                        reason="; ".join(problems)[:2000],
+                with contextlib.suppress(Exception):  # the audit log's disk may be the problem
+                    self._audit_sink().emit(
+                        AuditEvent(
+                            EventType.CONFIG_RELOAD_FAILED,
+                            Outcome.FAILURE,
+                            Severity.WARNING,
+                            reason="; ".join(problems)[:2000],
+                        )
                     )
-                )
                 self._notifier.ready("reload failed; serving previous configuration")
                 return False
             self._audit_trust(new_config, new_state.trust, old.trust)

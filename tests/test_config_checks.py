@@ -1,0 +1,176 @@
+"""Configuration rules that keep a bad value from doing damage later, checked the way
+an administrator meets them: ``medgw check-config`` and a reload of a running daemon."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo_run import read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+
+
+def medgw(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def check_config(config: Path) -> subprocess.CompletedProcess[str]:
+    return medgw("check-config", "--config", str(config))
+
+
+def reported(
+    result: subprocess.CompletedProcess[str], file: Path, key: str, words: str, fix: str
+) -> bool:
+    """One line names the file, the key, what is wrong and the fix."""
+    return any(
+        line.startswith(("error:", "warning:"))
+        and f"{file}: {key}:" in line
+        and words in line
+        and "(fix: " in line
+        and fix in line.split("(fix: ", 1)[1]
+        for line in (result.stdout + result.stderr).splitlines()
+    )
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def set_peer_url(layout: DemoLayout, url: str) -> Path:
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    text = peer.read_text()
+    start = text.index('url = "')
+    end = text.index('"', start + len('url = "'))
+    peer.write_text(text[:start] + f'url = "{url}' + text[end:])
+    return peer
+
+
+# --- 1. peer URLs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("https://[::1/as2", "is not a valid URL"),
+        ("https://127.0.0.1:99999/as2", "port"),
+        ("https://127.0.0.1:0/as2", "port"),
+        ("https://127.0.0.1:x/as2", "port"),
+    ],
+)
+def test_check_config_reports_a_malformed_peer_url(
+    layout: DemoLayout, url: str, words: str
+) -> None:
+    peer = set_peer_url(layout, url)
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert reported(result, peer, "url", words, "https://host:port/path"), result.stderr
+
+
+def test_a_malformed_async_receipt_url_is_reported_too(layout: DemoLayout) -> None:
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    text = peer.read_text()
+    assert 'async_receipt_url = ""' in text
+    peer.write_text(text.replace('async_receipt_url = ""', 'async_receipt_url = "https://[x/r"'))
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert reported(result, peer, "async_receipt_url", "is not a valid URL", "https://")
+
+
+def test_sighup_with_a_malformed_peer_url_keeps_serving_on_the_old_config(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    good = peer.read_text()
+    set_peer_url(layout, "https://[::1/as2")
+    hospital.signal(signal.SIGHUP)
+    [failed] = wait_until(
+        lambda: events(layout.hospital.audit_log, "config.reload_failed"), 15, "the refusal"
+    )
+    assert "url" in failed["reason"] and "not a valid URL" in failed["reason"]
+    assert not any("Task exception" in line for line in hospital.raw)
+    assert hospital.proc.poll() is None
+    # Mended, the next reload is applied.
+    peer.write_text(good)
+    hospital.signal(signal.SIGHUP)
+    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "recovery")
+
+
+def test_a_malformed_hand_over_url_is_reported(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    config.write_text(config.read_text() + '\n[delivery]\nhttp_url = "http://[::1:9001/in"\n')
+    result = check_config(config)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert reported(result, config, "delivery.http_url", "is not a valid URL", "127.0.0.1")
+
+
+# A fault injected into a real daemon: from the moment the file named by
+# MEDGW_TEST_BREAK_RELOAD exists, reading the configuration for a reload fails with
+# an error no configuration check anticipates (a defect, not a ConfigError).
+BREAK_RELOAD = """
+import os
+from pathlib import Path
+
+import gateway.daemon
+
+_load_config = gateway.daemon.load_config
+
+
+def _broken(path):
+    if Path(os.environ["MEDGW_TEST_BREAK_RELOAD"]).exists():
+        raise RuntimeError("injected defect")
+    return _load_config(path)
+
+
+gateway.daemon.load_config = _broken
+"""
+
+
+def test_a_defect_during_a_reload_is_a_failed_reload(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    from tests.test_lifecycle import NotifySocket
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(BREAK_RELOAD)
+    trigger = tmp_path / "break"
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        env = {
+            "PYTHONPATH": str(hooks),
+            "MEDGW_TEST_BREAK_RELOAD": str(trigger),
+            "NOTIFY_SOCKET": str(notify.path),
+        }
+        hospital = processes.start(layout.hospital.config_path, env=env)
+        wait_until(lambda: "READY=1" in notify.states(), 10, "READY=1")
+        trigger.touch()
+        hospital.signal(signal.SIGHUP)
+        [failed] = wait_until(
+            lambda: events(layout.hospital.audit_log, "config.reload_failed"), 15, "the refusal"
+        )
+        assert "RuntimeError: injected defect" in failed["reason"]
+        assert "check-config" in failed["reason"]
+        wait_until(lambda: notify.states().count("READY=1") >= 2, 10, "READY=1 after it")
+        logged = hospital.wait_for(lambda line: line.get("event") == "config.reload_failed", 5)
+        assert "previous" in logged["action"]
+        assert not any("Task exception" in line for line in hospital.raw)
+        # Still serving, and a later reload (the defect gone) is applied.
+        trigger.unlink()
+        hospital.signal(signal.SIGHUP)
+        wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "reload")
+        assert hospital.proc.poll() is None
+    finally:
+        notify.close()
