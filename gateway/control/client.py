@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from gateway.errors import MedgwError
 
@@ -72,7 +73,8 @@ class ControlClient:
     ) -> Any:
         connection = _UnixConnection(self.path, timeout or self.timeout)
         operator = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
-        headers = {"X-Medgw-Operator": operator, **headers}
+        # Percent-encoded: any name (non-ASCII, or with control characters) fits a header.
+        headers = {"X-Medgw-Operator": quote(operator[:64], safe=""), **headers}
         try:
             # The daemon may refuse before reading everything: then its answer says why.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -28,7 +29,9 @@ MAX_SOCKET_PATH = 107
 
 
 def caller(request: web.Request) -> str:
-    """Who is on the other end: the uid from the kernel, plus the login name they claim."""
+    """Who is on the other end: the account and uid the kernel reports for the socket,
+    first; then the login name the command passes (sudo's SUDO_USER, else USER) - which
+    medgw cannot verify (only sudo's own log does), and so is marked as claimed."""
     uid = -1
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
@@ -38,9 +41,11 @@ def caller(request: web.Request) -> str:
         account = pwd.getpwuid(uid).pw_name
     except KeyError:
         account = str(uid)
-    claimed = request.headers.get("X-Medgw-Operator", "").strip()[:64]
+    passed = unquote(request.headers.get("X-Medgw-Operator", ""))
+    claimed = "".join(c for c in passed if c.isprintable())
+    claimed = claimed.strip()[:64]
     if claimed and claimed != account:
-        return f"{claimed} (as {account}, uid {uid})"
+        return f"{account} (uid {uid}, claims to be {claimed})"
     return f"{account} (uid {uid})"
 
 
@@ -82,12 +87,18 @@ class ControlServer:
     async def start(self) -> None:
         await self._runner.setup()
         self.path.unlink(missing_ok=True)  # a stale socket of a killed run
-        old = os.umask(0o177)
+        # Bound here and made owner-only before it listens. (Not by changing the umask:
+        # that is process-wide, and the listeners are already writing inbox files.)
+        # Until the chmod no one else can connect: connecting needs write permission,
+        # which the umask never gives to others.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            site = web.UnixSite(self._runner, str(self.path))
-            await site.start()
-        finally:
-            os.umask(old)
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)
+        except OSError:
+            sock.close()
+            raise
+        await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
         await self._runner.cleanup()
