@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 
@@ -142,3 +144,48 @@ def test_queue_list_works_when_the_daemon_is_stopped(layout: DemoLayout, process
     assert "offline.hl7" in result.stdout and "not running" in result.stderr
     retry = medgw("queue", "retry", "<x@y>", "--config", str(layout.lab.config_path))
     assert retry.returncode == 1 and "medgw is not running" in retry.stderr
+
+
+def test_operator_commands_work_while_the_config_on_disk_has_a_mistake(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    processes.start(layout.lab.config_path)  # running on its (valid) configuration
+    peer_file = layout.lab.root / "peers.d" / "hospital.toml"
+    peer_file.write_text(peer_file.read_text() + "\ncolour = 'blue'\n")  # an edit in progress
+    lab_cfg = str(layout.lab.config_path)
+    assert medgw("check-config", "--config", lab_cfg).returncode == 1
+    out = medgw("peers", "suspend", "hospital", "--reason", "compromised", "--config", lab_cfg)
+    assert out.returncode == 0, out.stderr
+    assert events(layout.lab.audit_log, "peer.suspended")
+    [peer] = json.loads(medgw("peers", "list", "--config", lab_cfg, "--json").stdout)
+    assert peer["suspended"] and peer["suspended_reason"] == "compromised"
+    document = tmp_path / "urgent.hl7"
+    document.write_bytes(b"MSH|urgent\r")
+    sent = medgw("send", str(document), "--to", "hospital", "--no-wait", "--config", lab_cfg)
+    assert sent.returncode == 0, sent.stderr
+    assert "check-config lists them" in sent.stderr
+    [record] = queue(layout.lab.config_path, "list")
+    assert record["filename"] == "urgent.hl7" and record["message_id"] == sent.stdout.strip()
+    assert medgw("handover", "list", "--config", lab_cfg).returncode == 0
+    unknown = medgw("send", str(document), "--to", "pharmacy", "--config", lab_cfg)
+    assert unknown.returncode == 1 and "no peer named 'pharmacy'" in unknown.stderr
+    assert medgw("peers", "resume", "hospital", "--config", lab_cfg).returncode == 0
+
+
+def test_state_dir_is_resolved_as_the_full_loader_resolves_it(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.commands.queue import state_dir
+    from gateway.config import load_config
+
+    config = layout.lab.config_path
+    text = config.read_text()
+    assert 'state_dir = "state"' in text
+    for value in ("state", "./sub/../state", str(tmp_path / "abs-state"), "~/medgw-state"):
+        config.write_text(text.replace('state_dir = "state"', f"state_dir = {value!r}"))
+        assert state_dir(config) == load_config(config).storage.state_dir, value
+    # A relative --config, from another working directory.
+    config.write_text(text)
+    monkeypatch.chdir(config.parents[1])
+    relative = Path(config.parent.name, config.name)
+    assert state_dir(relative) == load_config(relative).storage.state_dir == config.parent / "state"

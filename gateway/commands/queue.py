@@ -1,10 +1,20 @@
-"""``medgw queue`` and ``medgw peers``: look at and act on the running gateway."""
+"""``medgw queue`` and ``medgw peers``: look at and act on the running gateway.
+
+Talking to the running daemon needs only its control socket,
+``<state_dir>/control.sock``: :func:`state_dir` reads just ``[storage]
+state_dir`` from gateway.toml, so a mistake elsewhere in the configuration
+(which the daemon, running on its previous valid configuration, does not
+use) never stops an operator from suspending a peer or retrying a message.
+Only reading the spool directly, while the daemon is stopped, loads and
+validates the whole configuration.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -55,17 +65,39 @@ def register(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _state_dir(args: argparse.Namespace) -> Path:
-    return load_config(args.config).storage.state_dir
+def state_dir(config: Path) -> Path:
+    """``[storage] state_dir`` of ``config``, resolved as :func:`load_config` resolves it
+    (``~`` expanded; relative to the folder of gateway.toml), nothing else read or checked.
+
+    When that one key cannot be read (no file, not TOML, no such key), the full
+    load runs instead, so the :class:`ConfigError` names the problem and its fix.
+    """
+    source = Path(config).absolute()
+    try:
+        with source.open("rb") as handle:
+            value = tomllib.load(handle)["storage"]["state_dir"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        value = None
+    if not isinstance(value, str) or not value:
+        return load_config(config).storage.state_dir
+    candidate = Path(value).expanduser()
+    return candidate if candidate.is_absolute() else source.parent / candidate
+
+
+def control_client(config: Path) -> ControlClient:
+    """A client of the running daemon's control socket (see :func:`state_dir`)."""
+    return ControlClient(state_dir(config) / SOCKET_NAME)
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
-    return ControlClient(_state_dir(args) / SOCKET_NAME)
+    return control_client(args.config)
 
 
 def _offline_spool(args: argparse.Namespace) -> Spool:
+    # No daemon vouches for this configuration: validate all of it before opening its spool.
+    spool_dir = load_config(args.config).storage.state_dir
     print("(medgw is not running: reading its spool directly)", file=sys.stderr)
-    return Spool(_state_dir(args) / "spool.sqlite3", SystemClock())
+    return Spool(spool_dir / "spool.sqlite3", SystemClock())
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> int:

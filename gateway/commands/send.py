@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode
 
+from gateway.commands.queue import control_client
 from gateway.config import load_config
-from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient, NotRunningError
-from gateway.errors import MedgwError
+from gateway.errors import ConfigError, MedgwError
 from gateway.intake.outbox import CONTENT_TYPES
 
 DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
@@ -109,22 +109,32 @@ def _send(args: argparse.Namespace) -> int:
             pass
     except OSError as exc:
         return _usage(f"cannot read {path}: {exc.strerror}", "check the path and permissions")
-    config = load_config(args.config)
-    peer = config.peer(args.to)
-    if peer is None:
-        known = ", ".join(p.name for p in config.peers) or "(none configured)"
-        return _usage(f"no peer named {args.to!r}", f"use one of: {known}")
-    if args.service is not None and args.service not in peer.services:
-        configured = ", ".join(peer.services) or "none"
-        return _usage(
-            f"peer {args.to!r} has no service {args.service!r} (its services: {configured})",
-            f"use one of its services, leave --service out, or add it to `services` in "
-            f"{peer.source} once agreed with the peer",
+    client = control_client(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        # The running daemon uses its previous valid configuration and checks --to and
+        # --service itself: a mistake on disk must not stop an urgent send.
+        print(
+            f"medgw send: note: {args.config} does not load ({len(exc.problems)} problem(s); "
+            "medgw check-config lists them); the running gateway checks the peer itself",
+            file=sys.stderr,
         )
+    else:
+        peer = config.peer(args.to)
+        if peer is None:
+            known = ", ".join(p.name for p in config.peers) or "(none configured)"
+            return _usage(f"no peer named {args.to!r}", f"use one of: {known}")
+        if args.service is not None and args.service not in peer.services:
+            configured = ", ".join(peer.services) or "none"
+            return _usage(
+                f"peer {args.to!r} has no service {args.service!r} (its services: {configured})",
+                f"use one of its services, leave --service out, or add it to `services` in "
+                f"{peer.source} once agreed with the peer",
+            )
     content_type = args.content_type or CONTENT_TYPES.get(
         path.suffix.lower(), "application/octet-stream"
     )
-    client = ControlClient(config.storage.state_dir / SOCKET_NAME)
     query = urlencode(
         {"to": args.to, "filename": path.name}
         | ({"service": args.service} if args.service is not None else {})
