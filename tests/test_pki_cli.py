@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.pki import issue
@@ -189,7 +190,6 @@ def test_check_reports_expiry_policy_and_crl_freshness(layout: DemoLayout, tmp_p
     fine = medgw("pki", "check", "--config", config)
     assert fine.returncode == 0, fine.stdout + fine.stderr
     assert "days to expiry" in fine.stdout and "peer lab tls pin" in fine.stdout
-    assert "no CRL given" in fine.stdout  # revocation not checked is said out loud
 
     ca = issue.make_ca("Stale CA", now=NOW - timedelta(days=30))
     stale = tmp_path / "stale.crl"
@@ -205,3 +205,39 @@ def test_check_reports_expiry_policy_and_crl_freshness(layout: DemoLayout, tmp_p
     failed = medgw("pki", "check", "--config", config, "--crl", stale)
     assert failed.returncode == 1
     assert "stale" in failed.stdout and "CN=Stale CA" in failed.stdout
+
+
+def _demo_ca(layout: DemoLayout) -> issue.Issued:
+    key = serialization.load_pem_private_key((layout.root / "ca" / "ca.key").read_bytes(), None)
+    cert = x509.load_pem_x509_certificate(layout.ca_certificate.read_bytes())
+    return issue.Issued(cert, key)  # type: ignore[arg-type]
+
+
+def test_check_judges_the_crls_the_zones_are_configured_with(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    crl_file = layout.hospital.root / "certs" / "ca.crl"
+    assert 'crls = ["certs/ca.crl"]' in config.read_text() and crl_file.exists()
+    fresh = medgw("pki", "check", "--config", config)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert "no CRL" not in fresh.stdout  # the zone's CRL is what revocation is checked with
+    [row] = [line for line in fresh.stdout.splitlines() if "zone " in line and " CRL " in line]
+    assert row.startswith("ok") and "CN=medgw Demo Root CA" in row and "fresh for" in row
+
+    # The configured CRL is about to go stale: said before the daemon starts refusing peers.
+    ca = _demo_ca(layout)
+    soon = issue.make_crl(ca, now=NOW - timedelta(days=6, hours=12), days=7, number=2)
+    crl_file.write_bytes(soon.public_bytes(Encoding.PEM))
+    warned = medgw("pki", "check", "--config", config)
+    assert warned.returncode == 0, warned.stdout + warned.stderr
+    [row] = [line for line in warned.stdout.splitlines() if "goes stale in 0 d" in line]
+    assert row.startswith("warning") and "zone " in row and "fix:" in row
+
+    # A zone that requires revocation status but whose CRL folder is empty refuses every peer.
+    folder = layout.hospital.root / "certs" / "crls"
+    folder.mkdir()
+    config.write_text(
+        config.read_text().replace('crls = ["certs/ca.crl"]', 'crls = ["certs/crls"]')
+    )
+    empty = medgw("pki", "check", "--config", config)
+    assert empty.returncode == 1, empty.stdout + empty.stderr
+    assert "holds no CRL" in empty.stdout and "no CRL configured or given" in empty.stdout

@@ -55,7 +55,8 @@ def register(pki_commands: Any) -> None:
     check.add_argument("--config", type=Path, default=Path("/etc/medgw/gateway.toml"))
     check.add_argument(
         "--crl", type=Path, action="append", default=[], metavar="F",
-        help="CRL file or folder to check for freshness; repeatable",
+        help="CRL file or folder to check for freshness, on top of the CRLs each zone is "
+        "configured with; repeatable",
     )  # fmt: skip
     check.add_argument("--warn-days", type=int, default=EXPIRY_WARN_DAYS)
     check.set_defaults(handler=_check)
@@ -167,8 +168,10 @@ def _check(args: argparse.Namespace) -> int:
 def check_rows(
     config: Any, crls: list[Any], *, now: datetime, warn_days: int
 ) -> list[tuple[str, str, str]]:
-    """(severity, item, finding) for every configured certificate and CRL."""
-    from gateway.pki.crl import crl_findings
+    """(severity, item, finding) for every configured certificate and CRL.
+
+    ``crls`` are extra CRLs (``--crl``), checked on top of each zone's ``crls``.
+    """
     from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
 
     rows: list[tuple[str, str, str]] = []
@@ -228,18 +231,48 @@ def check_rows(
                             f"pin matches no certificate that can be accepted: {result.reason}",
                         )
                     )
-    for finding in crl_findings(crls, at=now, warn_days=min(warn_days, 7)):
-        text = finding.message + (f" (fix: {finding.fix})" if finding.fix else "")
-        rows.append((finding.severity, f"CRL {finding.issuer}", text))
-    if not crls:
+    # The CRLs each zone is configured with, judged as the daemon judges them (its
+    # crl_warn_days), then any given with --crl on top.
+    for zone in zones.values():
+        zone_crls = list(getattr(zone, "crls", ()))
+        label = f"zone {zone.name} CRL"
+        rows.extend(_crl_rows(label, zone_crls, now, getattr(zone, "crl_warn_days", 7)))
+        if zone_crls or getattr(zone, "revocation", "off") == "off" or getattr(zone, "ocsp", False):
+            continue
+        paths = ", ".join(str(p) for p in getattr(zone, "crl_paths", ()))
+        where = f"`crls` ({paths}) holds no CRL" if paths else "no `crls` and ocsp = false"
+        rows.append(
+            (
+                "error" if zone.revocation == "require" else "warning",
+                f"zone {zone.name}",
+                f"revocation = {zone.revocation!r} but {where}: no certificate's status can "
+                "be established (fix: put the CA's current CRL files there and reload)",
+            )
+        )
+    rows.extend(_crl_rows("CRL", crls, now, min(warn_days, 7)))
+    if not crls and not any(
+        getattr(z, "crls", ()) or getattr(z, "ocsp", False) for z in zones.values()
+    ):
         rows.append(
             (
                 "warning",
                 "revocation",
-                "no CRL given: revocation is not checked (fix: pass --crl FOLDER, and set "
-                "a revocation policy for each zone)",
+                "no CRL configured or given: revocation is not checked (fix: list the CA's "
+                "CRL files in each zone's `crls`, or pass --crl FOLDER)",
             )
         )
+    return rows
+
+
+def _crl_rows(
+    label: str, crls: list[Any], now: datetime, warn_days: int
+) -> list[tuple[str, str, str]]:
+    from gateway.pki.crl import crl_findings
+
+    rows: list[tuple[str, str, str]] = []
+    for finding in crl_findings(crls, at=now, warn_days=warn_days):
+        text = finding.message + (f" (fix: {finding.fix})" if finding.fix else "")
+        rows.append((finding.severity, f"{label} {finding.issuer}", text))
     return rows
 
 
