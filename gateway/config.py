@@ -531,6 +531,13 @@ def _same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
 
 def _check_as2_id(section: _Section, key: str, value: str) -> None:
     if not value:
+        if section.has(key):  # a missing key is reported as missing already
+            section.problem(
+                key,
+                "AS2 identifier is empty: messages could not be addressed to or from it",
+                "choose an identifier such as HOSPITAL-TOKYO-01 (1-128 printable ASCII "
+                "characters, no spaces or quotes)",
+            )
         return
     if len(value) > AS2_ID_MAX or not all(32 < ord(c) < 127 and c not in '"\\' for c in value):
         section.problem(
@@ -817,6 +824,13 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     listeners: list[Listener] = []
     for item in root.tables("listeners"):
         listener_name = item.string("name", example='"regional-vpn"')
+        if listener_name and any(other.name == listener_name for other in listeners):
+            # Logs, audit events and each listener's TLS settings are looked up by name.
+            item.problem(
+                "name",
+                f"listener name {listener_name!r} is used by another [[listeners]] table",
+                "give each listener its own name",
+            )
         address = item.string("address", example='"192.0.2.10"')
         try:
             ipaddress.ip_address(address)
@@ -888,7 +902,11 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             "create it and put one <peer>.toml per peer institution in it",
         )
     _check_peer_uniqueness(reader, peers, as2_id)
-    api = _load_api(reader, api_section, peers) if api_section is not None else None
+    api = None
+    if api_section is not None:
+        pairs = [tls_identity, signing, encryption, *extra_decryption]
+        keep = _files_that_matter(source, peers_dir, storage, [p for p in pairs if p])
+        api = _load_api(reader, api_section, peers, keep)
     delivery = (
         _load_delivery(reader, delivery_section, peers) if delivery_section is not None else None
     )
@@ -1044,7 +1062,52 @@ def _parse_listen(item: _Section, value: str) -> tuple[str, int] | None:
     return str(address), int(port_text)
 
 
-def _load_api(reader: _Reader, section: _Section, peers: list[Peer]) -> ApiSettings | None:
+# Files and folders under ``[storage] state_dir`` that medgw keeps its work in.
+STATE_FILES = (
+    "spool.sqlite3",
+    "spool.sqlite3-wal",
+    "spool.sqlite3-shm",
+    "spool.sqlite3-journal",
+    "medgw.lock",  # gateway.instance.LOCK_NAME
+    "control.sock",  # gateway.control.SOCKET_NAME
+)
+STATE_FOLDERS = ("incoming", "payloads", "outgoing", "receipts")
+
+
+def _files_that_matter(
+    source: Path, peers_dir: Path, storage: Storage, pairs: Sequence[KeyPair]
+) -> list[tuple[Path, bool, str]]:
+    """(path, whether what lies inside it counts too, what it is): places the API
+    socket must never be, since a stale socket is removed before listening."""
+    keep: list[tuple[Path, bool, str]] = [
+        (source, False, "this configuration file"),
+        (peers_dir, True, "the peers folder ([gateway] peers_dir)"),
+        (storage.audit_log, False, "the audit log ([storage] audit_log)"),
+        (storage.state_dir, False, "the state folder ([storage] state_dir)"),
+        (storage.inbox_dir, True, "the inbox folder ([storage] inbox_dir)"),
+        (storage.outbox_dir, True, "the outbox folder ([storage] outbox_dir)"),
+    ]
+    keep += [(storage.state_dir / n, False, f"the spool's {n} in state_dir") for n in STATE_FILES]
+    keep += [
+        (storage.state_dir / n, True, f"the work folder {n}/ in state_dir") for n in STATE_FOLDERS
+    ]
+    for pair in pairs:
+        keep.append((pair.key_path, False, "a private key of this gateway"))
+        keep.append((pair.certificate_path, False, "a certificate of this gateway"))
+    return keep
+
+
+def _same_or_inside(path: Path, other: Path, inside: bool) -> bool:
+    path, other = path.resolve(), other.resolve()
+    return path == other or (inside and path.is_relative_to(other))
+
+
+def _load_api(
+    reader: _Reader,
+    section: _Section,
+    peers: list[Peer],
+    keep: Sequence[tuple[Path, bool, str]] = (),
+) -> ApiSettings | None:
     """The optional ``[api]`` table: where the local API listens and who may use it."""
     socket_text = section.string("socket", default="")
     listen_text = section.string("listen", default="")
@@ -1055,6 +1118,17 @@ def _load_api(reader: _Reader, section: _Section, peers: list[Peer]) -> ApiSetti
             f"{socket_path} is longer than {MAX_SOCKET_PATH} characters (a unix socket limit)",
             "choose a shorter path, e.g. /run/medgw/api.sock",
         )
+    if socket_path is not None:
+        for path, inside, what in keep:
+            if _same_or_inside(socket_path, path, inside):
+                where = "is" if socket_path.resolve() == path.resolve() else "is inside"
+                section.problem(
+                    "socket",
+                    f"{socket_path} {where} {what} ({path}): medgw would delete or "
+                    "overlay it to make the API socket",
+                    'give the socket a path of its own, e.g. socket = "/run/medgw/api.sock"',
+                )
+                break
     listen = _parse_listen(section, listen_text) if listen_text else None
     if not socket_text and not listen_text:
         section.problem(

@@ -174,3 +174,81 @@ def test_a_defect_during_a_reload_is_a_failed_reload(
         assert hospital.proc.poll() is None
     finally:
         notify.close()
+
+
+# --- 2. values that would do damage later -------------------------------------------------
+
+
+def test_an_empty_as2_id_is_refused_in_gateway_toml_and_in_a_peer_file(
+    layout: DemoLayout,
+) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    assert f'as2_id = "{layout.hospital.as2_id}"' in text
+    config.write_text(text.replace(f'as2_id = "{layout.hospital.as2_id}"', 'as2_id = ""'))
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    peer_text = peer.read_text()
+    assert f'as2_id = "{layout.lab.as2_id}"' in peer_text
+    peer.write_text(peer_text.replace(f'as2_id = "{layout.lab.as2_id}"', 'as2_id = ""'))
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    assert reported(result, config, "gateway.as2_id", "is empty", "HOSPITAL-TOKYO-01")
+    assert reported(result, peer, "as2_id", "is empty", "HOSPITAL-TOKYO-01")
+
+
+def with_api_socket(layout: DemoLayout, socket: str) -> Path:
+    config = layout.lab.config_path
+    config.write_text(
+        config.read_text()
+        + f'\n[api]\nsocket = "{socket}"\n'
+        + '[[api.clients]]\nname = "lis"\ntoken_sha256 = "'
+        + "0" * 64
+        + '"\npeers = ["hospital"]\n'
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("socket", "what"),
+    [
+        ("audit/audit.jsonl", "the audit log"),
+        ("state/spool.sqlite3", "spool.sqlite3"),
+        ("state/spool.sqlite3-wal", "spool.sqlite3-wal"),
+        ("state/medgw.lock", "medgw.lock"),
+        ("state/control.sock", "control.sock"),
+        ("state/incoming/api.sock", "incoming"),
+        ("state", "the state folder"),
+        ("inbox", "the inbox folder"),
+        ("inbox/hospital/api.sock", "the inbox folder"),
+        ("outbox/hospital/api.sock", "the outbox folder"),
+        ("state/../audit/audit.jsonl", "the audit log"),
+        ("certs/tls.key", "a private key"),
+        ("gateway.toml", "this configuration file"),
+        ("peers.d/api.sock", "the peers folder"),
+    ],
+)
+def test_the_api_socket_may_not_be_a_file_medgw_keeps(
+    layout: DemoLayout, socket: str, what: str
+) -> None:
+    config = with_api_socket(layout, socket)
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    assert reported(result, config, "api.socket", what, "/run/medgw/api.sock"), result.stderr
+    assert "would delete" in result.stderr
+
+
+def test_an_api_socket_of_its_own_in_the_state_folder_is_fine(layout: DemoLayout) -> None:
+    result = check_config(with_api_socket(layout, "state/api.sock"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_two_listeners_with_one_name_are_refused(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    start = text.index("[[listeners]]")
+    end = text.index("[storage]")
+    second = text[start:end].replace(f"port = {layout.hospital.port}", "port = 1")
+    config.write_text(text[:end] + second + text[end:])
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    assert reported(result, config, "listeners[1].name", "'loopback' is used by another", "own")

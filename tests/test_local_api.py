@@ -448,3 +448,27 @@ def test_config_api_without_endpoint_or_clients(layout: DemoLayout) -> None:
     problems = {key: message for key, message, _fix in _problems(_with_api(layout, "[api]\n"))}
     assert "neither socket nor listen" in problems["api.socket"]
     assert "missing" in problems["api.clients"]
+
+
+def test_the_api_replaces_a_stale_socket_but_never_another_file(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    # A socket left by a killed run is replaced.
+    api.socket_path.parent.mkdir(parents=True, exist_ok=True)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(api.socket_path))
+    stale.close()
+    lab = processes.start(layout.lab.config_path)
+    status, _ = api.request("GET", "/v1/messages/x", token=LIS_TOKEN, unix=True)
+    assert status == 404
+    assert lab.stop() == 0
+    # A file that is not a socket stays as it is, and medgw says why it does not start.
+    api.socket_path.write_bytes(b"someone's notes")
+    proc = processes.start(layout.lab.config_path, wait=False)
+    assert proc.proc.wait(timeout=30) == 1
+    proc._reader.join(5)
+    output = "\n".join(proc.raw)
+    assert str(api.socket_path) in output and "is not a socket" in output, output
+    assert "[api] socket" in output
+    assert api.socket_path.read_bytes() == b"someone's notes"

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -61,6 +62,22 @@ def unauthorized() -> web.Response:
     return response
 
 
+def _remove_stale_socket(path: Path) -> None:
+    """Remove the socket a killed run left behind; never anything else at that path."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise MedgwError(
+            f"cannot listen for the local API on {path}: it exists and is not a socket "
+            "(medgw replaces only a socket left by an earlier run, never another file)",
+            fix="set [api] socket in gateway.toml to a path of its own, e.g. "
+            '"/run/medgw/api.sock", or move that file away if it is not needed',
+        )
+    path.unlink(missing_ok=True)
+
+
 class LocalApi:
     def __init__(
         self,
@@ -89,7 +106,7 @@ class LocalApi:
         try:
             if socket_path is not None:
                 socket_path.parent.mkdir(parents=True, exist_ok=True)
-                socket_path.unlink(missing_ok=True)  # a stale socket of a killed run
+                _remove_stale_socket(socket_path)
                 old = os.umask(0o117)  # the medgw user and its group (the internal systems)
                 try:
                     await web.UnixSite(self._runner, str(socket_path)).start()
@@ -98,6 +115,9 @@ class LocalApi:
                 self._socket_path = socket_path
             if address is not None and port is not None:
                 await web.TCPSite(self._runner, address, port, reuse_address=True).start()
+        except MedgwError:
+            await self._runner.cleanup()
+            raise
         except OSError as exc:
             await self._runner.cleanup()
             where = f"{address}:{port}" if address is not None else str(socket_path)
