@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -12,15 +13,18 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from gateway.config import load_config
+from gateway.audit import AuditEvent, EventType
+from gateway.config import ApiClient, load_config
 from gateway.demo_run import free_port, read_audit, wait_until
 from gateway.errors import ConfigError
-from gateway.intake.api import new_token
+from gateway.intake.api import LocalApi, new_token
 from gateway.pki.demo import DemoLayout
 
 LIS_TOKEN, LIS_SHA = new_token()
@@ -472,3 +476,92 @@ def test_the_api_replaces_a_stale_socket_but_never_another_file(
     assert str(api.socket_path) in output and "is not a socket" in output, output
     assert "[api] socket" in output
     assert api.socket_path.read_bytes() == b"someone's notes"
+
+
+def test_failed_tokens_cannot_flood_the_audit_trail(layout: DemoLayout, processes: Any) -> None:
+    api = enable_api(layout)
+    processes.start(layout.lab.config_path)
+    long_path = "/v1/messages/" + "x" * 5000
+    for _ in range(25):
+        status, _ = api.request("GET", long_path, token="wrong")
+        assert status == 401
+    for _ in range(3):  # another address keeps its own count
+        status, _ = api.request("GET", "/v1/messages/y", token="wrong", unix=True)
+        assert status == 401
+    refused = events(layout.lab.audit_log, "api.authentication_failed")
+    by_tcp = [r for r in refused if r["remote_address"] == "127.0.0.1"]
+    assert len(by_tcp) == 10, [r["detail"] for r in by_tcp]
+    assert all(len(r["detail"]["path"]) <= 203 for r in by_tcp)
+    assert by_tcp[0]["detail"]["path"].startswith("/v1/messages/xxx")
+    assert by_tcp[0]["detail"]["path_length"] == len(long_path)
+    assert len([r for r in refused if r["remote_address"] == "local socket"]) == 3
+    # A correct token still works at once.
+    status, _ = api.request("GET", "/v1/messages/x", token=LIS_TOKEN)
+    assert status == 404
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.seconds, UTC)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+async def test_beyond_ten_a_minute_one_record_a_minute_counts_the_failures() -> None:
+    clock = FakeClock()
+    sink = ListSink()
+
+    async def never(*_args: Any) -> Any:
+        raise AssertionError("no submission expected")
+
+    client = ApiClient("lis", LIS_SHA, ("hospital",))
+    local = LocalApi(lambda: (client,), never, never, sink, clock=clock, flush_seconds=0.05)
+    port = free_port()
+    await local.start(socket_path=None, address="127.0.0.1", port=port)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+
+            async def fail(times: int) -> None:
+                for _ in range(times):
+                    async with session.get("/v1/messages/x", headers={"Authorization": "x"}) as r:
+                        assert r.status == 401
+
+            def failures() -> list[AuditEvent]:
+                return [e for e in sink.events if e.event == EventType.API_AUTHENTICATION_FAILED]
+
+            await fail(14)
+            assert len(failures()) == 10
+            clock.seconds += 30
+            await fail(3)  # still the same minute: counted, not recorded
+            await asyncio.sleep(0.3)
+            assert len(failures()) == 10
+            clock.seconds += 31  # the minute is over: one record says how many more
+            for _ in range(100):
+                if len(failures()) == 11:
+                    break
+                await asyncio.sleep(0.05)
+            summary = failures()[10]
+            assert summary.detail["not_recorded_one_by_one"] == 7
+            assert "7 more failed" in (summary.reason or "")
+            assert summary.remote_address == "127.0.0.1"
+            await fail(10)  # a new minute: recorded one by one again
+            assert len(failures()) == 21
+            await fail(2)
+        await asyncio.sleep(0.2)
+        assert len(failures()) == 21
+    finally:
+        await local.stop()
+    # Stopping does not lose the count of the last minute.
+    assert len(failures()) == 22 and failures()[21].detail["not_recorded_one_by_one"] == 2

@@ -10,17 +10,21 @@ submission and every refused token is in the audit trail.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 import stat
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock, SystemClock
 from gateway.config import ApiClient
 from gateway.errors import MedgwError
 from gateway.intake.submit import (
@@ -78,6 +82,82 @@ def _remove_stale_socket(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+# Refused tokens: every local user can reach the API, so what one address can put into
+# the audit trail is bounded.  Up to FAILURES_RECORDED a minute are recorded one by
+# one; the rest of that minute are counted, and one record says how many there were.
+FAILURES_RECORDED = 10
+FAILURE_WINDOW_SECONDS = 60.0
+PATH_RECORDED = 200  # characters of the request path kept in a record
+
+
+@dataclass
+class _FailureWindow:
+    start: float  # the injected clock's monotonic seconds
+    recorded: int = 0
+    not_recorded: int = 0
+
+
+class _FailureRecorder:
+    """Audits refused tokens, at most FAILURES_RECORDED a minute per remote address."""
+
+    def __init__(self, audit: AuditSink, clock: Clock) -> None:
+        self._audit = audit
+        self._clock = clock
+        self._windows: dict[str, _FailureWindow] = {}
+
+    def failed(self, remote: str, path: str) -> None:
+        now = self._clock.monotonic()
+        window = self._windows.get(remote)
+        if window is None or now - window.start >= FAILURE_WINDOW_SECONDS:
+            if window is not None:
+                self._summarise(remote, window)
+            window = self._windows[remote] = _FailureWindow(now)
+        if window.recorded >= FAILURES_RECORDED:
+            window.not_recorded += 1
+            return
+        window.recorded += 1
+        detail: dict[str, object] = {"path": path}
+        if len(path) > PATH_RECORDED:
+            detail = {"path": path[:PATH_RECORDED] + "...", "path_length": len(path)}
+        self._audit.emit(
+            AuditEvent(
+                EventType.API_AUTHENTICATION_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                remote_address=remote,
+                reason="missing or unknown API token",
+                detail=detail,
+            )
+        )
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Close the minutes that are over (all of them with ``everything``)."""
+        now = self._clock.monotonic()
+        for remote, window in list(self._windows.items()):
+            if everything or now - window.start >= FAILURE_WINDOW_SECONDS:
+                del self._windows[remote]
+                self._summarise(remote, window)
+
+    def _summarise(self, remote: str, window: _FailureWindow) -> None:
+        if not window.not_recorded:
+            return
+        self._audit.emit(
+            AuditEvent(
+                EventType.API_AUTHENTICATION_FAILED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                remote_address=remote,
+                reason=f"{window.not_recorded} more failed token attempts from this address "
+                f"within {FAILURE_WINDOW_SECONDS:.0f} s, beyond the {FAILURES_RECORDED} "
+                "recorded one by one",
+                detail={
+                    "not_recorded_one_by_one": window.not_recorded,
+                    "window_seconds": FAILURE_WINDOW_SECONDS,
+                },
+            )
+        )
+
+
 class LocalApi:
     def __init__(
         self,
@@ -85,11 +165,17 @@ class LocalApi:
         submit_fn: SubmitFn,
         status_fn: StatusFn,
         audit: AuditSink,
+        *,
+        clock: Clock | None = None,
+        flush_seconds: float = 1.0,
     ) -> None:
         self._clients = clients
         self._submit = submit_fn
         self._status = status_fn
         self._audit = audit
+        self._failures = _FailureRecorder(audit, clock or SystemClock())
+        self._flush_seconds = flush_seconds
+        self._flusher: asyncio.Task[None] | None = None
         self._socket_path: Path | None = None
         # Bodies are streamed from request.content; client_max_size limits only what
         # aiohttp itself would buffer (we never call request.read()).
@@ -103,6 +189,7 @@ class LocalApi:
     ) -> None:
         """Listen on the unix socket (mode 0660) and/or the loopback address."""
         await self._runner.setup()
+        self._flusher = asyncio.create_task(self._flush_loop())
         try:
             if socket_path is not None:
                 socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +203,10 @@ class LocalApi:
             if address is not None and port is not None:
                 await web.TCPSite(self._runner, address, port, reuse_address=True).start()
         except MedgwError:
-            await self._runner.cleanup()
+            await self.stop()
             raise
         except OSError as exc:
-            await self._runner.cleanup()
+            await self.stop()
             where = f"{address}:{port}" if address is not None else str(socket_path)
             raise MedgwError(
                 f"cannot listen for the local API on {where}: {exc.strerror}",
@@ -128,22 +215,26 @@ class LocalApi:
 
     async def stop(self) -> None:
         await self._runner.cleanup()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        self._failures.flush(everything=True)  # the count of the last minute is not lost
         if self._socket_path is not None:
             self._socket_path.unlink(missing_ok=True)
+            self._socket_path = None
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_seconds)
+            with contextlib.suppress(Exception):  # the audit log's disk may be full for now
+                self._failures.flush()
 
     def _client(self, request: web.Request) -> ApiClient | None:
         client = authenticate(self._clients(), request.headers.get("Authorization", ""))
         if client is None:
-            self._audit.emit(
-                AuditEvent(
-                    EventType.API_AUTHENTICATION_FAILED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    remote_address=request.remote or "local socket",
-                    reason="missing or unknown API token",
-                    detail={"path": request.path},
-                )
-            )
+            self._failures.failed(request.remote or "local socket", request.path)
         return client
 
     async def _post(self, request: web.Request) -> web.Response:
