@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from gateway.demo_run import drop_file, read_audit, wait_until
@@ -53,3 +54,10 @@ def test_intact_trail_verifies_and_each_kind_of_tampering_is_found(
 
     path.write_text("\n".join([original[1], original[0], *original[2:]]) + "\n")  # reordered
     assert verify("--file", str(path)).returncode == 1
+
+
+def test_a_folder_given_as_the_audit_log_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    result = verify("--file", str(tmp_path))
+    assert result.returncode == 1
+    assert f"cannot read audit log {tmp_path}: Is a directory" in result.stderr
+    assert "fix:" in result.stderr and "Traceback" not in result.stderr

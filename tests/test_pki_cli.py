@@ -241,3 +241,13 @@ def test_check_judges_the_crls_the_zones_are_configured_with(layout: DemoLayout)
     empty = medgw("pki", "check", "--config", config)
     assert empty.returncode == 1, empty.stdout + empty.stderr
     assert "holds no CRL" in empty.stdout and "no CRL configured or given" in empty.stdout
+
+
+def test_csr_into_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nonexist" / "dir"
+    result = medgw("pki", "csr", "--purpose", "tls", "--cn", "gw.lab.example",
+                   "--key-out", missing / "k", "--csr-out", tmp_path / "new.csr")  # fmt: skip
+    assert result.returncode == 2
+    assert f"--key-out {missing / 'k'}: the folder {missing} does not exist" in result.stderr
+    assert "fix:" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "new.csr").exists()

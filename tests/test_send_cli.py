@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
@@ -72,3 +75,38 @@ def test_send_help_documents_the_exit_codes() -> None:
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "0 delivered" in text and "2 usage error" in text and "3 outcome unknown" in text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [
+        ("テキスト/plain", "'テキスト/plain'"),  # not ASCII: cannot be an HTTP header
+        ("text/plain\r\nX: 1", r"'text/plain\r\nX: 1'"),  # a header injection
+        ("bad", "'bad'"),  # the gateway would refuse it: a usage error, not a failure
+    ],
+)
+def test_an_invalid_content_type_is_a_usage_error(
+    layout: DemoLayout, tmp_path: Path, content_type: str, shown: str
+) -> None:
+    document = tmp_path / "a.hl7"
+    document.write_bytes(b"MSH|a\r")
+    config = str(layout.lab.config_path)
+    result = medgw(
+        "send", str(document), "--to", "hospital", "--content-type", content_type,
+        "--config", config,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"--content-type {shown} is not a media type" in result.stderr
+    assert "fix: give e.g. application/hl7-v2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_a_usage_error(layout: DemoLayout, tmp_path: Path) -> None:
+    document = tmp_path / os.fsdecode(b"\xff\xfe-result.hl7")  # e.g. a Shift_JIS name
+    document.write_bytes(b"MSH|a\r")
+    result = medgw(
+        "send", str(document), "--to", "hospital", "--config", str(layout.lab.config_path)
+    )
+    assert result.returncode == 2, result.stderr
+    assert r"the file name '\xff\xfe-result.hl7' is not valid UTF-8" in result.stderr
+    assert "fix: copy or rename the file" in result.stderr and "Traceback" not in result.stderr

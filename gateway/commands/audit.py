@@ -18,7 +18,8 @@ def register(commands: Any) -> None:
     actions = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = actions.add_parser(
         "verify",
-        help="check that no record was removed, reordered or edited (exit 0 intact, 1 broken)",
+        help="check that no record was removed, reordered or edited (exit 0 intact, 1 broken "
+        "or unreadable)",
     )
     source = verify.add_mutually_exclusive_group()
     source.add_argument(
@@ -35,6 +36,14 @@ def _verify(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(
             f"medgw: audit log {path} not found (fix: check --file or [storage] audit_log)",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:  # a folder, no permission, an I/O error
+        reason = exc.strerror or str(exc)
+        print(
+            f"medgw: cannot read audit log {path}: {reason} (fix: give the audit log file "
+            "itself with --file, readable by this user, e.g. sudo -u medgw medgw audit verify)",
             file=sys.stderr,
         )
         return 1

@@ -328,9 +328,17 @@ def _csr(args: argparse.Namespace) -> int:
 
     from gateway.pki.issue import new_key, signature_hash, write_pem
 
-    for path in (args.key_out, args.csr_out):
+    for option, path in (("--key-out", args.key_out), ("--csr-out", args.csr_out)):
         if path.exists():
             return _usage(f"{path} exists; refusing to overwrite (move it away first)")
+        folder = path.absolute().parent
+        if not folder.is_dir():
+            return _usage(
+                f"{option} {path}: the folder {folder} does not exist "
+                "(fix: create it first, or give a path in an existing folder)"
+            )
+    if args.key_out.absolute() == args.csr_out.absolute():
+        return _usage("--key-out and --csr-out name the same file; give two different paths")
     try:
         ips = [ipaddress.ip_address(ip) for ip in args.ip]
     except ValueError as exc:
@@ -381,8 +389,18 @@ def _csr(args: argparse.Namespace) -> int:
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     csr = builder.sign(key, signature_hash(key))
-    write_pem(args.key_out, key)
-    args.csr_out.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    try:
+        write_pem(args.key_out, key)
+    except OSError as exc:
+        return _usage(f"cannot write --key-out {args.key_out}: {exc.strerror or exc}")
+    try:
+        args.csr_out.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    except OSError as exc:
+        args.key_out.unlink()  # a key without its CSR is of no use; a rerun starts clean
+        return _usage(
+            f"cannot write --csr-out {args.csr_out}: {exc.strerror or exc} "
+            f"(nothing kept: {args.key_out} removed again)"
+        )
     print(f"private key: {args.key_out} (mode 0600; keep it on this host)")
     print(f"CSR:         {args.csr_out} - send it to your CA for a {purpose} certificate")
     return EXIT_OK

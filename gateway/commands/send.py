@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from gateway.intake.outbox import CONTENT_TYPES
 
 DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 PROGRESS_ABOVE = 4 << 20  # files up to this size get no progress bar
+MAX_FILENAME = 255
+MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNKNOWN = 3
@@ -109,6 +112,14 @@ def _send(args: argparse.Namespace) -> int:
             pass
     except OSError as exc:
         return _usage(f"cannot read {path}: {exc.strerror}", "check the path and permissions")
+    refused = (
+        _check_filename(path.name)
+        or _check_content_type(args.content_type)
+        or _check_text("--to", args.to)
+        or _check_text("--service", args.service)
+    )
+    if refused is not None:
+        return _usage(*refused)
     client = control_client(args.config)
     try:
         config = load_config(args.config)
@@ -179,6 +190,56 @@ def _send(args: argparse.Namespace) -> int:
         )
         return EXIT_UNKNOWN
     return _report(final)
+
+
+def _check_filename(name: str) -> tuple[str, str] | None:
+    """The gateway's rule for the name the peer receives (gateway.intake.submit), up front."""
+    if not _encodes(name):
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return (
+            f"the file name '{shown}' is not valid UTF-8 (the peer receives the document "
+            "under its file name, which must be UTF-8 text)",
+            "copy or rename the file to a UTF-8 name, e.g. cp -- FILE result.hl7",
+        )
+    if len(name) > MAX_FILENAME or any(ord(c) < 32 or c in "/\\" for c in name):
+        return (
+            f"the file name {name!r} is not a plain file name of at most {MAX_FILENAME} "
+            "characters (no control characters, no backslash)",
+            "copy or rename the file to a plain name",
+        )
+    return None
+
+
+def _check_text(option: str, value: str | None) -> tuple[str, str] | None:
+    if value is None or (value.isprintable() and _encodes(value)):
+        return None
+    return (
+        f"{option} {value!a} holds bytes that are not UTF-8 text, or control characters",
+        f"give {option} as it is written in the configuration (peers.d/)",
+    )
+
+
+def _encodes(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_content_type(value: str | None) -> tuple[str, str] | None:
+    """--content-type must be a media type the gateway takes (gateway.intake.submit)."""
+    if value is None:
+        return None
+    media_type = value.split(";")[0].strip()
+    if value.isascii() and value.isprintable() and MEDIA_TYPE.match(media_type):
+        return None
+    return (
+        f"--content-type {value!r} is not a media type: type/subtype in ASCII letters, digits "
+        "and !#$&^_.+- (optionally ; parameters), no spaces or line breaks in the type",
+        "give e.g. application/hl7-v2, application/fhir+json, application/pdf, "
+        "application/dicom or application/octet-stream, or leave it out",
+    )
 
 
 def _connection_lost(exc: MedgwError) -> bool:
