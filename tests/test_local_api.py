@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -519,12 +520,13 @@ class ListSink:
         self.events.append(event)
 
 
+async def never(*_args: Any) -> Any:
+    raise AssertionError("no submission expected")
+
+
 async def test_beyond_ten_a_minute_one_record_a_minute_counts_the_failures() -> None:
     clock = FakeClock()
     sink = ListSink()
-
-    async def never(*_args: Any) -> Any:
-        raise AssertionError("no submission expected")
 
     client = ApiClient("lis", LIS_SHA, ("hospital",))
     local = LocalApi(lambda: (client,), never, never, sink, clock=clock, flush_seconds=0.05)
@@ -565,3 +567,43 @@ async def test_beyond_ten_a_minute_one_record_a_minute_counts_the_failures() -> 
         await local.stop()
     # Stopping does not lose the count of the last minute.
     assert len(failures()) == 22 and failures()[21].detail["not_recorded_one_by_one"] == 2
+
+
+async def test_the_api_socket_gets_its_mode_without_touching_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The umask is the whole process's: while other tasks and threads create inbox and
+    # spool files, changing it for the socket would give those files wrong modes.
+    calls: list[int] = []
+    real_umask = os.umask
+
+    def umask(mask: int) -> int:
+        calls.append(mask)
+        return real_umask(mask)
+
+    previous = real_umask(0o077)
+    monkeypatch.setattr(os, "umask", umask)
+    local = LocalApi(lambda: (), never, never, ListSink())
+    path = tmp_path / "run" / "api.sock"
+    try:
+        await local.start(socket_path=path, address=None, port=None)
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, oct(mode)
+        assert calls == []
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(b"GET /v1/messages/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 401")
+        writer.close()
+    finally:
+        await local.stop()
+        real_umask(previous)
+    assert not path.exists()
+
+
+def test_the_daemons_api_socket_is_for_the_medgw_user_and_group(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    processes.start(layout.lab.config_path)
+    mode = api.socket_path.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, oct(mode)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import socket
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,26 @@ class _FailureRecorder:
         )
 
 
+SOCKET_MODE = 0o660  # the medgw user and its group (the internal systems)
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A unix stream socket bound at ``path`` with SOCKET_MODE, not yet listening.
+
+    The mode is set on the path before listen(), so no connection is ever accepted
+    under another mode; the process-wide umask is left alone, since other tasks and
+    threads create inbox and spool files meanwhile.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class LocalApi:
     def __init__(
         self,
@@ -187,27 +208,29 @@ class LocalApi:
     async def start(
         self, *, socket_path: Path | None, address: str | None, port: int | None
     ) -> None:
-        """Listen on the unix socket (mode 0660) and/or the loopback address."""
+        """Listen on the unix socket (SOCKET_MODE) and/or the loopback address."""
         await self._runner.setup()
         self._flusher = asyncio.create_task(self._flush_loop())
+        where = str(socket_path)
         try:
             if socket_path is not None:
                 socket_path.parent.mkdir(parents=True, exist_ok=True)
                 _remove_stale_socket(socket_path)
-                old = os.umask(0o117)  # the medgw user and its group (the internal systems)
-                try:
-                    await web.UnixSite(self._runner, str(socket_path)).start()
-                finally:
-                    os.umask(old)
+                listening = _bind_unix(socket_path)
                 self._socket_path = socket_path
+                try:
+                    await web.SockSite(self._runner, listening).start()
+                except BaseException:
+                    listening.close()
+                    raise
             if address is not None and port is not None:
+                where = f"{address}:{port}"
                 await web.TCPSite(self._runner, address, port, reuse_address=True).start()
         except MedgwError:
             await self.stop()
             raise
         except OSError as exc:
             await self.stop()
-            where = f"{address}:{port}" if address is not None else str(socket_path)
             raise MedgwError(
                 f"cannot listen for the local API on {where}: {exc.strerror}",
                 fix="free the port or the socket path, or change [api] in gateway.toml",
