@@ -14,6 +14,7 @@ is exactly the surprise an administrator must not get.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import ipaddress
 import os
@@ -459,11 +460,23 @@ class _Reader:
         data = self.read_file(section, key, path)
         if data is None:
             return None
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
+        status = path.stat()
+        mode = status.st_mode
+        if mode & stat.S_IRWXO:
             section.problem(
                 key,
                 f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o})",
+                f"chmod 600 {path}",
+                severity="warning",
+            )
+        elif mode & stat.S_IRWXG:
+            # The medgw group is where internal systems are put to reach the API socket.
+            section.problem(
+                key,
+                f"private key {path} is accessible by its group {_group_name(status.st_gid)} "
+                f"(mode {stat.S_IMODE(mode):o}): every member of that group, e.g. an "
+                "internal system given access to the API socket, "
+                f"{'could read it' if mode & stat.S_IRGRP else 'has access to it'}",
                 f"chmod 600 {path}",
                 severity="warning",
             )
@@ -521,6 +534,13 @@ class _Reader:
             )
             return None
         return KeyPair(cert_path, key_path, leaf, private, tuple(certs[1:]))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return repr(grp.getgrgid(gid).gr_name)
+    except KeyError:
+        return f"gid {gid}"
 
 
 def _same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:

@@ -252,3 +252,26 @@ def test_two_listeners_with_one_name_are_refused(layout: DemoLayout) -> None:
     result = check_config(config)
     assert result.returncode == 1, result.stdout
     assert reported(result, config, "listeners[1].name", "'loopback' is used by another", "own")
+
+
+# --- 5. private keys readable by a group --------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604])
+def test_a_private_key_readable_beyond_its_owner_is_a_warning(
+    layout: DemoLayout, mode: int
+) -> None:
+    key = layout.hospital.root / "certs" / "sign.key"
+    key.chmod(mode)
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stderr  # a warning, not an error
+    assert reported(
+        result, layout.hospital.config_path, "smime.signing_key", str(key), f"chmod 600 {key}"
+    ), result.stdout
+    assert f"mode {mode:o}" in result.stdout
+
+
+def test_keys_of_mode_600_give_no_warning(layout: DemoLayout) -> None:
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stderr
+    assert "chmod 600" not in result.stdout
