@@ -55,6 +55,13 @@ def test_intact_trail_verifies_and_each_kind_of_tampering_is_found(
     path.write_text("\n".join([original[1], original[0], *original[2:]]) + "\n")  # reordered
     assert verify("--file", str(path)).returncode == 1
 
+    for foreign in ("1", '"text"', "[1, 2]", "null"):  # valid JSON, but not a record
+        path.write_text("\n".join([original[0], foreign, *original[1:]]) + "\n")
+        replaced = verify("--file", str(path))
+        assert replaced.returncode == 1, foreign
+        assert f"{path}:2: not an audit record" in replaced.stderr, replaced.stderr
+        assert "Traceback" not in replaced.stderr
+
 
 def test_a_folder_given_as_the_audit_log_is_reported_without_a_traceback(tmp_path: Path) -> None:
     result = verify("--file", str(tmp_path))

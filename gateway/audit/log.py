@@ -130,6 +130,8 @@ def verify_chain(path: Path) -> int:
                 continue
             try:
                 record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
                 claimed = record.pop("hash")
             except (ValueError, KeyError) as exc:
                 raise AuditChainError(
