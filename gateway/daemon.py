@@ -432,6 +432,7 @@ class Daemon:
             self._outbound.submit,
             self._outbound.status,
             self._audit_sink(),
+            clock=self._clock,
         )
         await self._api.start(
             socket_path=config.api.socket, address=config.api.address, port=config.api.port
