@@ -2,24 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from gateway.pki.demo import DemoLayout
-
-
-def medgw(
-    *args: str, cwd: Path | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        check=False,
-    )
+from tests.cli import medgw
 
 
 def test_check_config_accepts_the_demo_and_prints_a_summary(layout: DemoLayout) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,7 @@ import pytest
 
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-
-
-def medgw(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.cli import medgw
 
 
 def check_config(config: Path) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,16 +27,7 @@ from gateway.diagnose import STEPS, Diagnoser, Status
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from tests import as2client
-
-
-def medgw(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.cli import medgw
 
 
 def diagnose(layout: DemoLayout) -> tuple[int, dict[str, Any]]:

@@ -29,7 +29,7 @@ from gateway.logs import make_logger
 from gateway.operations import Operations
 from gateway.pki.demo import DemoLayout
 from gateway.spool import HandoverState, Spool
-from tests.test_local_api import medgw
+from tests.cli import medgw
 from tests.test_operations import set_runtime
 from tests.test_services import InternalSystem, enable_delivery, events
 

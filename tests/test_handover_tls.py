@@ -30,7 +30,7 @@ from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from gateway.spool import Spool
-from tests.test_local_api import medgw
+from tests.cli import medgw
 from tests.test_services import events
 
 

@@ -27,6 +27,7 @@ from gateway.demo_run import free_port, read_audit, wait_until
 from gateway.errors import ConfigError
 from gateway.intake.api import LocalApi, new_token
 from gateway.pki.demo import DemoLayout
+from tests.cli import medgw
 
 LIS_TOKEN, LIS_SHA = new_token()
 RIS_TOKEN, RIS_SHA = new_token()
@@ -114,17 +115,6 @@ peers = ["hospital"]
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:
     return [r for r in read_audit(path) if r["event"] == name]
-
-
-def medgw(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        **kwargs,
-    )
 
 
 def test_api_submission_is_delivered_and_its_receipt_shown(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +11,7 @@ import pytest
 
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-
-
-def medgw(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.cli import medgw
 
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:

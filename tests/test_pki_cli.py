@@ -6,7 +6,6 @@ import json
 import shutil
 import stat
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,20 +16,14 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.pki import issue
 from gateway.pki.demo import DemoLayout
+from tests.cli import medgw as run_medgw
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 def medgw(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_medgw(*args, cwd=ROOT)
 
 
 @pytest.fixture

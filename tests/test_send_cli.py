@@ -13,16 +13,7 @@ import pytest
 
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-
-
-def medgw(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+from tests.cli import medgw
 
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:

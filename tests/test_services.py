@@ -22,7 +22,8 @@ from gateway.demo_run import drop_file, free_port, read_audit, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
-from tests.test_local_api import LIS_TOKEN, enable_api, medgw
+from tests.cli import medgw
+from tests.test_local_api import LIS_TOKEN, enable_api
 
 
 def set_services(layout: DemoLayout, *, hospital_accepts: str, lab_sends: str) -> None:
