@@ -45,6 +45,12 @@ CHUNK = 1 << 20
 # Parts we do hold in memory (recipient infos, a detached signature with its
 # certificates, MIME headers) are small; anything bigger is refused.
 MAX_SMALL_ELEMENT = 16 << 20
+# Deepest nesting of indefinite-length elements (or OCTET STRING segments) read from a
+# stream.  CMS needs about a dozen; a crafted message could otherwise exhaust the stack.
+MAX_NESTING = 64
+# Most elements one small element may be made of (counted through indefinite-length
+# nesting; a definite-length element counts once, its contents are not walked).
+MAX_PARTS = 100_000
 
 
 class DerError(MalformedMessageError):
@@ -262,21 +268,36 @@ class StreamReader:
         return tag, length, self.read(hlen)
 
     def element(self, limit: int = MAX_SMALL_ELEMENT) -> bytes:
-        """A whole element (header and contents), indefinite lengths included."""
+        """A whole element (header and contents), indefinite lengths included.
+
+        Every byte counts toward ``limit`` - headers and end-of-contents octets of
+        nested indefinite-length elements too - and so does every element
+        (MAX_PARTS): a peer cannot make this read without end with ``30 80 00 00``
+        repeated.  Nesting is bounded (MAX_NESTING), so a crafted message cannot
+        exhaust the stack.
+        """
+        out = bytearray()
+        self._element_into(out, limit, 0, [0])
+        return bytes(out)
+
+    def _element_into(self, out: bytearray, limit: int, depth: int, count: list[int]) -> None:
+        if depth > MAX_NESTING:
+            raise self.malformed(f"elements nested more than {MAX_NESTING} deep")
+        count[0] += 1
+        if count[0] > MAX_PARTS:
+            raise self.malformed(f"more than {MAX_PARTS} elements where a small one is expected")
         _tag, length, raw = self.header()
+        out += raw
         if length is not None:
-            if length > limit:
+            if len(out) + length > limit:
                 raise self.malformed(f"element of {length} bytes where a small one is expected")
-            return raw + self.read(length)
-        parts = [raw]
-        total = 0
-        while True:
-            if self.peek(2) == b"\x00\x00":
-                parts.append(self.read(2))
-                return b"".join(parts)
-            child = self.element(limit - total)
-            total += len(child)
-            parts.append(child)
+            out += self.read(length)
+            return
+        while self.peek(2) != b"\x00\x00":
+            if len(out) >= limit:
+                raise self.malformed(f"element of over {limit} bytes where a small one is expected")
+            self._element_into(out, limit, depth + 1, count)
+        out += self.read(2)
 
     def end_of(self, end: int | None) -> bool:
         """At the end of a container whose end offset (or None: indefinite) is ``end``."""
@@ -304,7 +325,9 @@ class StreamReader:
         tag, length, _ = self.header()
         return self._octets_body(tag, length, sink)
 
-    def _octets_body(self, tag: int, length: int | None, sink: Callable[[bytes], None]) -> int:
+    def _octets_body(
+        self, tag: int, length: int | None, sink: Callable[[bytes], None], depth: int = 0
+    ) -> int:
         if not tag & 0x20:  # primitive
             assert length is not None
             left = length
@@ -313,6 +336,8 @@ class StreamReader:
                 sink(data)
                 left -= len(data)
             return length
+        if depth > MAX_NESTING:
+            raise self.malformed(f"OCTET STRING segments nested more than {MAX_NESTING} deep")
         end = None if length is None else self.pos + length
         total = 0
         while not self.end_of(end):
@@ -321,6 +346,6 @@ class StreamReader:
                 raise self.malformed(
                     f"constructed OCTET STRING holds tag 0x{ctag:02x}, not OCTET STRING"
                 )
-            total += self._octets_body(ctag, clen, sink)
+            total += self._octets_body(ctag, clen, sink, depth + 1)
         self.close(end)
         return total

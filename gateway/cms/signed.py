@@ -49,13 +49,15 @@ __all__ = [
 ]
 
 # Exceptions asn1crypto raises on malformed input (it parses lazily, so these
-# can surface on any field access).
+# can surface on any field access), and what cryptography raises on a certificate
+# carried in a message with an unknown version.
 ASN1_ERRORS: tuple[type[Exception], ...] = (
     ValueError,
     TypeError,
     KeyError,
     IndexError,
     OverflowError,
+    x509.InvalidVersion,
 )
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
@@ -918,7 +920,7 @@ def _parse_signed_data_der(signed: bytes) -> _ParsedSignedData:
         while not cc.at_end():
             try:
                 certs.append(x509.load_der_x509_certificate(cc.raw(0x30)))
-            except ValueError as exc:
+            except (ValueError, x509.InvalidVersion) as exc:
                 raise DerError(f"certificate: {exc}") from None
     signer_infos = sd.inner(0x31)
     sd.finish()  # no CRLs

@@ -222,6 +222,17 @@ def _split_multipart(body: bytes, boundary: str) -> list[tuple[bytes, bytes | No
         pos = _line_end(body, d)
 
 
+def check_signature_part(headers: Sequence[tuple[str, str]]) -> None:
+    """The second part of a multipart/signed must say it is a CMS signature."""
+    sig_type = media_type(get_header(headers, "Content-Type") or "")
+    if sig_type not in _SIGNATURE_TYPES:
+        raise MalformedMessageError(
+            f"second part of multipart/signed is {sig_type or 'untyped'}, expected "
+            "application/pkcs7-signature",
+            fix="ask the peer to send an S/MIME (CMS) signature",
+        )
+
+
 def verify_entity(
     signed_entity: bytes,
     *,
@@ -257,13 +268,7 @@ def verify_entity(
             )
         (content, alt_content), (sig_part, _) = parts
         sig_headers, sig_body = parse_entity(sig_part)
-        sig_type = media_type(get_header(sig_headers, "Content-Type") or "")
-        if sig_type not in _SIGNATURE_TYPES:
-            raise MalformedMessageError(
-                f"second part of multipart/signed is {sig_type or 'untyped'}, expected "
-                "application/pkcs7-signature",
-                fix="ask the peer to send an S/MIME (CMS) signature",
-            )
+        check_signature_part(sig_headers)
         signature = _decode_body(sig_headers, sig_body, "signature part")
         # The exact bytes first; then the reading that keeps a CR before the
         # delimiter; then the canonical CRLF form of a part whose line endings

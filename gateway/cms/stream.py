@@ -73,7 +73,7 @@ from .signed import (
     signer_digests,
     verify_digest,
 )
-from .smime import _MICALG, _b64_lines, _decode_body, verify_entity
+from .smime import _MICALG, _b64_lines, _decode_body, check_signature_part, verify_entity
 from .trust import SignerValidator
 
 __all__ = [
@@ -482,7 +482,9 @@ def _decrypt_pass(
                 fix="ask the peer to send AuthEnvelopedData for AES-GCM",
             )
         nonce, icvlen = gcm_parameters(head.params)
-        dec = Cipher(algorithms.AES(cek), modes.GCM(nonce)).decryptor()
+        # RFC 5084 allows tags of 12 to 16 bytes (the tag length itself is checked
+        # against ICVlen when the tail is read); cryptography wants 16 unless told.
+        dec = Cipher(algorithms.AES(cek), modes.GCM(nonce, min_tag_length=12)).decryptor()
         if aad is not None:
             dec.authenticate_additional_data(aad)
 
@@ -700,6 +702,7 @@ def verify_entity_file(
         if sig_part.endswith(b"\r"):
             sig_part = sig_part[:-1]
     sig_headers, sig_body = parse_entity(sig_part)
+    check_signature_part(sig_headers)
     signature = parse_signature(_decode_body(sig_headers, sig_body, "signature part"))
     names = list(signer_digests(signature))
     for name in names:  # what the peer signed with: SHA-1 passes only for a compat peer
