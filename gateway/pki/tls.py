@@ -17,6 +17,9 @@ server side an unknown client never reaches the HTTP layer.
 
 Protocol: TLS 1.3 by default; TLS 1.2 only when configured, and then only with
 ECDHE/DHE key exchange and AES-GCM (the CRYPTREC "high security" profile).
+TLS 1.3 suites cannot be restricted through Python's ``ssl``, so the handshake
+is refused right after it completes if it settled on anything but AES-GCM
+(ChaCha20-Poly1305 is not on the CRYPTREC list).
 """
 
 from __future__ import annotations
@@ -42,8 +45,24 @@ TLS12_CIPHERS = ":".join(
 )
 
 
-class NotPinnedError(ssl.SSLCertVerificationError):
+TLS13_SUITES = frozenset({"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"})
+
+
+class _Refusal:
+    """``str()`` is the message (``ssl.SSLError`` would show the tuple of arguments)."""
+
+    args: tuple[object, ...]
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if len(self.args) == 1 else str(self.args)
+
+
+class NotPinnedError(_Refusal, ssl.SSLCertVerificationError):
     """The peer's certificate chains to a trust anchor but belongs to no configured peer."""
+
+
+class CipherRefusedError(_Refusal, ssl.SSLError):
+    """The handshake settled on a cipher suite outside the CRYPTREC list."""
 
 
 def fingerprint(der: bytes) -> str:
@@ -76,6 +95,13 @@ def _pinned_object_class(
     class PinnedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
+            suite = (self.cipher() or ("",))[0]
+            if self.version() == "TLSv1.3" and suite not in TLS13_SUITES:
+                raise CipherRefusedError(
+                    f"the {side} negotiated {suite}, which is not on the CRYPTREC list "
+                    "(TLS 1.3 with AES-GCM only); fix: the other side must offer "
+                    "TLS_AES_256_GCM_SHA384 or TLS_AES_128_GCM_SHA256"
+                )
             der = self.getpeercert(binary_form=True)
             if der is not None and fingerprint(der) in pins:
                 return

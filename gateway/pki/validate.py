@@ -247,6 +247,16 @@ def check_purpose(cert: x509.Certificate, purpose: Purpose) -> str | None:
         ku: x509.KeyUsage | None = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         ku = None
+    try:
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        ca = False
+    if ca or (ku is not None and ku.key_cert_sign):
+        return (
+            f"{who} is a CA certificate (basicConstraints cA or keyUsage keyCertSign): a CA's "
+            f"key issues certificates and is not used for {purpose} (RFC 5280 4.2.1.9); "
+            "fix: use an end-entity certificate issued by that CA"
+        )
     if ku is not None:
         public = cert.public_key()
         if purpose in (Purpose.TLS_CLIENT, Purpose.TLS_SERVER):
@@ -445,6 +455,39 @@ async def _status_of(
     return CertificateStatus(subject, "unknown", "", "; ".join(problems))
 
 
+def _revoked_in_a_stale_crl(
+    cert: asn1_x509.Certificate, issuer: asn1_x509.Certificate, crls: Sequence[bytes]
+) -> CertificateStatus | None:
+    """A CRL past its nextUpdate tells nothing about certificates it does not list, but a
+    certificate it lists stays revoked: revocation does not expire.  (The validator skips
+    a stale CRL as a whole, which under 'prefer' would let a revoked certificate back in
+    as 'unknown' when the CRL refresh stops.)  Only a CRL signed by the issuer counts."""
+    issuer_cert = _from_asn1(issuer)
+    for der in crls:
+        try:
+            crl = x509.load_der_x509_crl(der)
+            if crl.issuer != issuer_cert.subject:
+                continue
+            if not crl.is_signature_valid(issuer_cert.public_key()):  # type: ignore[arg-type]
+                continue
+        except (ValueError, TypeError):
+            continue
+        entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        if entry is not None:
+            subject = _subject(cert)
+            return CertificateStatus(
+                subject,
+                "revoked",
+                "crl",
+                f"certificate {subject} is revoked since "
+                f"{entry.revocation_date_utc:%Y-%m-%d %H:%MZ} (listed in a CRL of its issuer "
+                "that is past its nextUpdate: a revocation does not expire); fix: its holder "
+                "must obtain a new certificate, and the revoked one must be removed from the "
+                "configuration; also refresh the zone's CRLs",
+            )
+    return None
+
+
 async def _fetch_ocsp(
     path: ValidationPath, client: OcspClient, at: datetime, notes: dict[bytes, str]
 ) -> list[tuple[asn1_x509.Certificate, asn1_x509.Certificate, OcspAnswer]]:
@@ -600,6 +643,8 @@ async def _validate_path(
     pairs: list[tuple[asn1_x509.Certificate, CertificateStatus]] = []
     for index, cert in enumerate(certs[1:], start=1):
         status = await _status_of(cert, index, path, context)
+        if status.status == "unknown":
+            status = _revoked_in_a_stale_crl(cert, certs[index - 1], inputs.crls) or status
         note = notes.get(cert.sha256)
         if note and status.status != "good":
             status = CertificateStatus(

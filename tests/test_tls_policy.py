@@ -1,0 +1,126 @@
+"""The TLS and certificate rules of the CRYPTREC policy, on real daemons and real
+openssl: AES-GCM only, also under TLS 1.3; no CA certificate as a peer's."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from gateway.demo_run import read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import issue, make_ca, make_crl, new_key
+from gateway.pki.validate import Purpose, RevocationPolicy, validate
+
+
+def _s_client(layout: DemoLayout, suite: str) -> subprocess.CompletedProcess[bytes]:
+    certs = layout.lab.root / "certs"
+    return subprocess.run(
+        [
+            *("openssl", "s_client", "-connect", f"127.0.0.1:{layout.hospital.port}"),
+            *("-tls1_3", "-ciphersuites", suite),
+            *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key")),
+            *("-CAfile", str(layout.ca_certificate), "-ign_eof", "-quiet"),
+        ],
+        input=b"GET /as2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_tls13_chacha20_is_refused_aes_gcm_accepted(layout: DemoLayout, processes: Any) -> None:
+    processes.start(layout.hospital.config_path)
+    _s_client(layout, "TLS_CHACHA20_POLY1305_SHA256")
+    [refused] = wait_until(
+        lambda: [
+            r
+            for r in read_audit(layout.hospital.audit_log)
+            if r["event"] == "tls.handshake_failed" and "CHACHA20" in r["reason"]
+        ],
+        20,
+        "the refusal",
+    )
+    assert refused["reason"].startswith("the client negotiated TLS_CHACHA20_POLY1305_SHA256")
+    assert "not on the CRYPTREC list" in refused["reason"]
+    accepted = _s_client(layout, "TLS_AES_256_GCM_SHA384")
+    assert b"HTTP/1.1 " in accepted.stdout  # an HTTP answer: the connection was served
+
+
+def test_a_ca_certificate_is_not_accepted_as_a_peers_certificate() -> None:
+    now = datetime.now(UTC)
+    root = make_ca("Root", now=now - timedelta(days=10))
+    key = new_key()
+    sub_ca = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name.from_rfc4514_string("CN=Sub CA"))
+        .issuer_name(root.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=100))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, True, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(root.key, hashes.SHA256())
+    )
+    crl = make_crl(root, now=now - timedelta(hours=1))
+    for purpose in (Purpose.TLS_CLIENT, Purpose.SMIME_SIGN):
+        result = asyncio.run(
+            validate(
+                sub_ca,
+                anchors=[root.certificate],
+                purpose=purpose,
+                at=now,
+                revocation=RevocationPolicy.REQUIRE,
+                crls=[crl],
+            )
+        )
+        assert not result.valid
+        assert result.reason is not None and "is a CA certificate" in result.reason
+
+
+@pytest.mark.parametrize("policy", [RevocationPolicy.PREFER, RevocationPolicy.REQUIRE])
+def test_a_revoked_certificate_stays_revoked_when_its_crl_goes_stale(
+    policy: RevocationPolicy,
+) -> None:
+    now = datetime.now(UTC)
+    ca = make_ca("Regional CA", now=now - timedelta(days=100))
+    leaf = issue(ca, "LAB-TLS", purpose="tls", now=now - timedelta(days=50))
+    revoked = [(leaf.certificate.serial_number, now - timedelta(days=45))]
+    stale = make_crl(ca, now=now - timedelta(days=40), days=30, revoked=revoked)
+    result = asyncio.run(
+        validate(
+            leaf.certificate,
+            anchors=[ca.certificate],
+            purpose=Purpose.TLS_CLIENT,
+            at=now,
+            revocation=policy,
+            crls=[stale],
+        )
+    )
+    assert not result.valid
+    assert result.reason is not None and "is revoked since" in result.reason
+    assert "past its nextUpdate" in result.reason
+    # Another issuer's stale CRL (or a forged one) listing the same serial proves nothing.
+    other = make_ca("Other CA", now=now - timedelta(days=100))
+    foreign = make_crl(other, now=now - timedelta(days=40), days=30, revoked=revoked)
+    if policy is RevocationPolicy.PREFER:
+        lenient = asyncio.run(
+            validate(
+                leaf.certificate,
+                anchors=[ca.certificate],
+                purpose=Purpose.TLS_CLIENT,
+                at=now,
+                revocation=policy,
+                crls=[foreign],
+            )
+        )
+        assert lenient.valid, lenient.reason
