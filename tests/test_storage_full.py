@@ -221,7 +221,9 @@ def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
     aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 10)
     assert aborted["peer"] == "lab"
     assert not events(layout.hospital.audit_log, "storage.unavailable")
-    assert not list((layout.hospital.root / "state" / "incoming").iterdir())
+    incoming = layout.hospital.root / "state" / "incoming"
+    # The partial body is removed right after the log line is written.
+    wait_until(lambda: not list(incoming.iterdir()), 10, "the partial body removed")
 
 
 def test_one_peer_receives_at_most_eight_messages_at_once(
