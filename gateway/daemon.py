@@ -545,6 +545,16 @@ class Daemon:
                     )
                 )
                 return web.Response(status=413, text="message too large\n")
+            if self.state is not state:
+                # Trust changed while the body arrived (a reload, a revocation found by the
+                # refresh): it is not judged under the trust of before. Nothing was
+                # acknowledged; the peer resends and is judged anew from the handshake on.
+                self._log.warning(
+                    "inbound.trust_changed_during_upload", peer=peer.name, remote_address=remote
+                )
+                return web.Response(
+                    status=503, headers={"Retry-After": "5"}, text="please resend\n"
+                )
             result = await asyncio.to_thread(
                 state.inbound.process, InboundRequest(peer, remote, headers, body_path)
             )

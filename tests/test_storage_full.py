@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import socket
 import sqlite3
 import ssl
@@ -276,3 +277,26 @@ def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
     [receipt] = wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "sent")
     assert receipt["message_id"] == failed["message_id"]
     assert (layout.hospital.inbox_dir / "lab" / "large.bin").read_bytes() == document
+
+
+def test_a_message_still_arriving_when_trust_changes_is_not_judged_by_the_old_trust(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A reload (say, a signing certificate revoked) while a body arrives: the message is
+    not checked against the trust of before; nothing is acknowledged and the peer is
+    asked to resend, to be judged anew."""
+    hospital = processes.start(layout.hospital.config_path)
+    with _start_upload(layout, "<straddling@KITA-LAB>") as conn:
+        time.sleep(0.3)
+        hospital.signal(signal.SIGHUP)
+        hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 20)
+        conn.sendall(b"A" * (100_000 - 10))
+        answer = conn.recv(200)
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert (
+        hospital.wait_for(
+            lambda line: line.get("event") == "inbound.trust_changed_during_upload", 10
+        )["peer"]
+        == "lab"
+    )
+    assert not events(layout.hospital.audit_log, "message.rejected")
