@@ -39,6 +39,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -244,22 +245,14 @@ class HandOver:
             fix=f"check that the internal system at {_shown(url)} is up and answers 2xx; "
             "the document is safe in the inbox and is handed over again",
         )
-        self._audit().emit(
-            AuditEvent(
-                EventType.HANDOVER_FAILED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=record.peer,
-                service=record.service,
-                message_id=record.message_id,
-                direction="inbound",
-                reason=f"{reason}; retried in {delay:.0f} s",
-                detail={
-                    "url": _shown(url),
-                    "attempt": attempt,
-                    "retry_in_seconds": round(delay, 1),
-                },
-            )
+        self._alert_failed(
+            record,
+            f"{reason}; retried in {delay:.0f} s",
+            {
+                "url": _shown(url),
+                "attempt": attempt,
+                "retry_in_seconds": round(delay, 1),
+            },
         )
         return delay
 
@@ -279,6 +272,21 @@ class HandOver:
             fix=f"bring the internal system at {host} back, then "
             f"`medgw handover retry {record.message_id}`; the document is in the inbox",
         )
+        self._alert_failed(
+            record,
+            f"{why}; not retried",
+            {
+                "final": True,
+                "url": _shown(url),
+                "host": host,
+                "inbox_file": str(record.path),
+                "attempt": attempt,
+                "last_error": error,
+            },
+        )
+
+    def _alert_failed(self, record: HandoverRecord, reason: str, detail: dict[str, Any]) -> None:
+        """The audit alert of a failed hand-over attempt (retried, or final)."""
         self._audit().emit(
             AuditEvent(
                 EventType.HANDOVER_FAILED,
@@ -288,15 +296,8 @@ class HandOver:
                 service=record.service,
                 message_id=record.message_id,
                 direction="inbound",
-                reason=f"{why}; not retried",
-                detail={
-                    "final": True,
-                    "url": _shown(url),
-                    "host": host,
-                    "inbox_file": str(record.path),
-                    "attempt": attempt,
-                    "last_error": error,
-                },
+                reason=reason,
+                detail=detail,
             )
         )
 
@@ -309,19 +310,7 @@ class HandOver:
             reason=reason,
             fix="hand the document to the internal system by hand; it is not retried",
         )
-        self._audit().emit(
-            AuditEvent(
-                EventType.HANDOVER_FAILED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=record.peer,
-                service=record.service,
-                message_id=record.message_id,
-                direction="inbound",
-                reason=f"{reason}; not retried",
-                detail={"final": True},
-            )
-        )
+        self._alert_failed(record, f"{reason}; not retried", {"final": True})
 
 
 def _deadline(record: HandoverRecord, runtime: Runtime) -> float:
