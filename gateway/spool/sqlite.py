@@ -63,7 +63,14 @@ CREATE TABLE IF NOT EXISTS outbound (
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbound_due ON outbound (peer, state, next_attempt_at);
+-- The sender's loop asks for the next message, and for the expired ones, after
+-- every send: with a backlog of thousands (a peer back after an outage) these
+-- must be index lookups, not a scan and sort of the whole queue per message.
+DROP INDEX IF EXISTS outbound_due;
+CREATE INDEX IF NOT EXISTS outbound_next ON outbound (peer, state, next_attempt_at, created_at);
+CREATE INDEX IF NOT EXISTS outbound_expiry ON outbound (peer, state, expires_at);
+CREATE INDEX IF NOT EXISTS outbound_unanswered ON outbound (peer, state, updated_at);
+CREATE INDEX IF NOT EXISTS outbound_created ON outbound (created_at);
 CREATE TABLE IF NOT EXISTS inbound (
     peer            TEXT NOT NULL,
     message_id      TEXT NOT NULL,
@@ -98,7 +105,8 @@ CREATE TABLE IF NOT EXISTS handover (
     expires_at      REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (peer, message_id)
 );
-CREATE INDEX IF NOT EXISTS handover_due ON handover (state, next_attempt_at);
+DROP INDEX IF EXISTS handover_due;
+CREATE INDEX IF NOT EXISTS handover_next ON handover (state, next_attempt_at, created_at);
 CREATE TABLE IF NOT EXISTS peer_control (
     peer            TEXT PRIMARY KEY,
     suspended       INTEGER NOT NULL,

@@ -1,0 +1,142 @@
+"""The spool's per-message queries stay index lookups however long the queue is.
+
+After a peer's outage thousands of messages wait for it.  The sender's loop asks
+for the next due message and for expired ones after every send; if SQLite had
+to scan and sort the whole queue for that, each message would cost time in
+proportion to the backlog and the queue would drain ever more slowly.  These
+tests read SQLite's own query plan (``EXPLAIN QUERY PLAN``) of the statements
+the spool really runs, on a spool with a backlog.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.spool import Spool
+from gateway.spool.sqlite import OutboundState
+
+BACKLOG = 500
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.at = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        self.at += timedelta(milliseconds=1)
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool.db", Clock())
+    for peer in ("lab", "pharmacy"):
+        for i in range(BACKLOG):
+            message_id = f"<{peer}-{i}@hospital>"
+            spool.add_intake(
+                message_id,
+                peer,
+                f"doc-{i}.hl7",
+                "application/hl7-v2",
+                tmp_path / f"{peer}-{i}",
+                tmp_path / f"payload-{peer}-{i}",
+                expires_at=2e9 + i,
+            )
+            spool.mark_queued(message_id, tmp_path / f"body-{peer}-{i}", [], "mic", 10)
+    return spool
+
+
+def statements_of(spool: Spool, call: Callable[[], object]) -> list[str]:
+    """The SQL statements (parameters filled in) that ``call`` runs on the spool."""
+    seen: list[str] = []
+    db: sqlite3.Connection = spool._db
+    db.set_trace_callback(seen.append)
+    try:
+        call()
+    finally:
+        db.set_trace_callback(None)
+    return [s for s in seen if s.lstrip().upper().startswith("SELECT")]
+
+
+def plan(spool: Spool, statement: str) -> list[str]:
+    return [row[3] for row in spool._db.execute(f"EXPLAIN QUERY PLAN {statement}")]
+
+
+@pytest.mark.parametrize(
+    ("what", "call", "searched_by"),
+    [
+        ("next due message", lambda s: s.next_due("lab"), "peer=? AND state=?"),
+        (
+            "expired messages",
+            lambda s: s.expire_due("lab", 2e9 + 10),
+            "expires_at>? AND expires_at<?",
+        ),
+        (
+            "unanswered messages",
+            lambda s: s.requeue_unanswered("lab", "2026-11-26T03:00:00"),
+            "updated_at<?",
+        ),
+        ("interrupted messages", lambda s: s.requeue_interrupted("lab"), "peer=? AND state=?"),
+        ("due hand-overs", lambda s: s.handover_due(2e9), "next_attempt_at<?"),
+        ("next hand-over time", lambda s: s.handover_next_at(), "state=?"),
+        ("operator's latest messages", lambda s: s.list_outbound(limit=20), "outbound_created"),
+    ],
+)
+def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
+    spool: Spool, what: str, call: Callable[[Spool], object], searched_by: str
+) -> None:
+    """Each condition is answered by an index (SEARCH ... (cond)), the order comes from
+    the index (no temporary B-tree), and no table is read whole."""
+    statements = statements_of(spool, lambda: call(spool))
+    assert statements, f"{what}: no SELECT seen"
+    plans = {statement: plan(spool, statement) for statement in statements}
+    for statement, steps in plans.items():
+        whole = [s for s in steps if s.startswith("SCAN ") and " USING " not in s]
+        sorts = [s for s in steps if "TEMP B-TREE" in s]
+        assert not whole and not sorts, f"{what}: {statement}\n  plan: {steps}"
+    assert any(searched_by in s for steps in plans.values() for s in steps), f"{what}: {plans}"
+
+
+def test_the_next_due_message_is_the_earliest_due_then_the_oldest(spool: Spool) -> None:
+    first = spool.next_due("lab")
+    assert first is not None and first.message_id == "<lab-0@hospital>"
+    spool.mark_retry("<lab-0@hospital>", "connection refused", 2e9)  # later than the rest
+    assert spool.next_due("lab").message_id == "<lab-1@hospital>"  # type: ignore[union-attr]
+
+
+def test_expiry_takes_exactly_the_messages_past_their_time(spool: Spool) -> None:
+    expired = spool.expire_due("lab", 2e9 + 3)
+    assert expired == [f"<lab-{i}@hospital>" for i in range(3)]
+    assert {spool.get(m).state for m in expired} == {OutboundState.EXPIRED}  # type: ignore[union-attr]
+    assert spool.get("<pharmacy-0@hospital>").state is OutboundState.QUEUED  # type: ignore[union-attr]
+
+
+def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE outbound (message_id TEXT PRIMARY KEY, peer TEXT NOT NULL,"
+        " filename TEXT NOT NULL, content_type TEXT NOT NULL, source_path TEXT NOT NULL,"
+        " payload_path TEXT NOT NULL, body_path TEXT, headers TEXT, mic TEXT, size INTEGER,"
+        " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT, disposition TEXT,"
+        " receipt_path TEXT, expires_at REAL NOT NULL DEFAULT 0, created_at TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX outbound_due ON outbound (peer, state, next_attempt_at)")
+    db.commit()
+    db.close()
+    spool = Spool(path, Clock())
+    names = {r[0] for r in spool._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"outbound_next", "outbound_expiry", "outbound_unanswered", "outbound_created"} <= names
+    assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
+    statement = statements_of(spool, lambda: spool.next_due("lab"))[0]
+    assert not [s for s in plan(spool, statement) if "TEMP B-TREE" in s]
