@@ -767,6 +767,14 @@ def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
                 "list the CA's CRL files in `crls` (and refresh them, e.g. by cron), set "
                 '`ocsp = true`, or, knowingly, revocation = "prefer"',
             )
+        if revocation == "off":
+            item.problem(
+                "revocation",
+                'revocation = "off": a revoked certificate of this zone\'s peers is still accepted',
+                'set revocation = "require" with the CA\'s CRLs in `crls` (or `ocsp = true`), '
+                'or at least "prefer"',
+                "warning",
+            )
         item.finish()
         zones.append(
             Zone(

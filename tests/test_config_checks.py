@@ -265,3 +265,24 @@ def test_keys_of_mode_600_give_no_warning(layout: DemoLayout) -> None:
     result = check_config(layout.hospital.config_path)
     assert result.returncode == 0, result.stderr
     assert "chmod 600" not in result.stdout
+
+
+# --- 6. revocation checking switched off --------------------------------------------------
+
+
+def test_revocation_off_is_a_warning(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    assert 'revocation = "require"' in text
+    config.write_text(text.replace('revocation = "require"', 'revocation = "off"'))
+    result = check_config(config)
+    assert result.returncode == 0, result.stderr  # a warning, not an error
+    assert reported(
+        result, config, "zones[0].revocation", "still accepted", 'revocation = "require"'
+    ), result.stdout
+
+
+def test_revocation_require_gives_no_revocation_warning(layout: DemoLayout) -> None:
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stderr
+    assert "revocation:" not in result.stdout
