@@ -4,10 +4,19 @@ Each record carries ``seq`` (1, 2, ...), ``prev`` (the hash of the previous
 record's line, or 64 zeros) and ``hash`` (SHA-256 over the record without the
 ``hash`` field, canonical JSON).  Removing, reordering or editing a line breaks
 the chain, which :func:`verify_chain` reports with the line number.  Every
-record is flushed and fsync'ed before :meth:`AuditLog.emit` returns: an event
+record is written and fsync'ed before :meth:`AuditLog.emit` returns: an event
 that was acted upon is on disk.  A record that could not be written whole (a
 full disk) is cut off again before ``emit`` raises, so it never merges with the
 next one.
+
+Records are synced in groups (group commit): they are written in chain order
+under one lock, and the fsync happens outside it, one at a time; each fsync
+covers every record written before it began, so threads that emit at the same
+moment share one fsync instead of queueing for one each.  On a disk where an
+fsync takes milliseconds this keeps the audit trail from limiting the whole
+gateway.  If an fsync fails, every record it was to make durable (and any
+written while it ran) is cut off, the chain goes back to the last durable
+record, and each of those ``emit`` calls raises.
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from gateway.audit.events import AuditEvent
 from gateway.clock import Clock
@@ -36,11 +46,15 @@ def _canonical(record: dict[str, Any]) -> bytes:
 
 
 class AuditLog:
-    def __init__(self, path: Path, clock: Clock, *, node: str) -> None:
+    def __init__(
+        self, path: Path, clock: Clock, *, node: str, sync: Callable[[int], None] = os.fsync
+    ) -> None:
         self._path = path
         self._clock = clock
         self._node = node
-        self._lock = threading.Lock()
+        self._sync = sync
+        self._lock = threading.Lock()  # the chain: seq, prev and the write of each record
+        self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._prev = self._tail(path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -48,6 +62,11 @@ class AuditLog:
         self._torn: int | None = None  # size to cut the file back to before the next record
         if path.stat().st_size and not _ends_with_newline(path):
             os.write(self._fd, b"\n")  # end a record torn by a crash; the chain shows it
+        self._sync(self._fd)
+        # Records are also numbered by ticket: never reused, unlike seq after a rollback.
+        self._written = 0  # tickets of the records written so far
+        self._durable = _Mark(0, self._seq, self._prev, os.fstat(self._fd).st_size)
+        self._lost: list[tuple[int, int, OSError]] = []  # (after, through, why): failed fsyncs
 
     @staticmethod
     def _tail(path: Path) -> tuple[int, str]:
@@ -76,9 +95,12 @@ class AuditLog:
             self._append(_canonical(record) + b"\n")
             self._seq += 1
             self._prev = digest
+            self._written += 1
+            ticket = self._written
+        self._make_durable(ticket)
 
     def _append(self, line: bytes) -> None:
-        """Write all of ``line`` and fsync it, or leave the file as it was and raise.
+        """Write all of ``line``, or leave the file as it was and raise.
 
         A full disk (ENOSPC) or an I/O error can cut a record short; its bytes are
         cut off again so that the next record starts on a line of its own and the
@@ -95,19 +117,57 @@ class AuditLog:
                 if written <= 0:
                     raise OSError(errno.EIO, f"wrote nothing of an audit record to {self._path}")
                 view = view[written:]
-            os.fsync(self._fd)
         except OSError:
-            try:
-                os.ftruncate(self._fd, size)
-            except OSError:
-                self._torn = size  # try again before the next record
+            self._cut_back(size)
             raise
 
+    def _make_durable(self, ticket: int) -> None:
+        """Return once record ``ticket`` is on disk; raise if it was cut off instead."""
+        with self._sync_lock:
+            self._raise_if_lost(ticket)
+            if self._durable.ticket >= ticket:
+                return  # an fsync that began after it was written has covered it
+            with self._lock:
+                mark = _Mark(self._written, self._seq, self._prev, os.fstat(self._fd).st_size)
+            try:
+                self._sync(self._fd)
+            except OSError as exc:
+                with self._lock:
+                    # Nothing after the last durable record is known to be on disk: cut it
+                    # all off (records written while this fsync ran too), chain on from there.
+                    self._lost.append((self._durable.ticket, self._written, exc))
+                    self._cut_back(self._durable.size)
+                    self._seq, self._prev = self._durable.seq, self._durable.prev
+                raise
+            self._durable = mark
+
+    def _raise_if_lost(self, ticket: int) -> None:
+        for after, through, why in self._lost:
+            if after < ticket <= through:
+                raise OSError(
+                    why.errno, f"the audit record was not made durable in {self._path}: {why}"
+                ) from why
+
+    def _cut_back(self, size: int) -> None:
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            self._torn = size  # try again before the next record
+
     def close(self) -> None:
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+class _Mark(NamedTuple):
+    """Where the chain stood when an fsync began: what it makes durable."""
+
+    ticket: int
+    seq: int
+    prev: str
+    size: int
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -1,0 +1,182 @@
+"""The audit log syncs records in groups, and never returns before a record is on disk.
+
+The gateway emits audit records from the event loop and from worker threads at
+once.  Each ``emit`` must return only after its record is fsync'ed; but records
+emitted at the same moment share one fsync instead of queueing for one each
+(on a disk where an fsync takes milliseconds, one fsync per record would limit
+the whole gateway).  The fsync is the real ``os.fsync``, wrapped to note what it
+covered and, where a test needs it, to take as long as a slow disk's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditEvent, EventType
+from gateway.audit.log import AuditLog, verify_chain
+from gateway.clock import SystemClock
+
+THREADS = 8
+EACH = 25
+
+
+def _event(note: str) -> AuditEvent:
+    return AuditEvent(EventType.MESSAGE_HANDED_OVER, peer="lab", detail={"note": note})
+
+
+class SlowDisk:
+    """os.fsync that takes ``seconds`` and notes the file size each call made durable."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.synced_sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, fd: int) -> None:
+        size = os.fstat(fd).st_size  # everything written before the fsync began
+        time.sleep(self.seconds)
+        os.fsync(fd)
+        with self.lock:
+            self.synced_sizes.append(size)
+
+
+def _end_of(path: Path, note: str) -> int:
+    """Offset just past the line of the record with this note."""
+    offset = 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        offset += len(line)
+        if line.endswith(b"\n") and json.loads(line)["detail"]["note"] == note:
+            return offset  # (a line without its end is another thread's, being written)
+    raise AssertionError(f"no record {note!r}")
+
+
+def test_records_emitted_together_share_fsyncs_and_each_is_on_disk_when_emit_returns(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    disk = SlowDisk(0.005)
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    not_covered: list[str] = []
+    start = threading.Barrier(THREADS)
+
+    def emitter(n: int) -> None:
+        start.wait()
+        for i in range(EACH):
+            note = f"t{n}-{i}"
+            audit.emit(_event(note))
+            durable = max(disk.synced_sizes)
+            if _end_of(path, note) > durable:
+                not_covered.append(note)
+
+    threads = [threading.Thread(target=emitter, args=(n,)) for n in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    audit.close()
+
+    assert not_covered == []  # emit never returned before its record was synced
+    assert verify_chain(path) == THREADS * EACH
+    records = THREADS * EACH
+    syncs = len(disk.synced_sizes) - 1  # the first one is at opening
+    # One fsync per record would be 200; eight threads waiting together share them.
+    assert syncs <= records // 2, f"{syncs} fsyncs for {records} records"
+
+
+def test_a_single_emitter_still_syncs_every_record(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    disk = SlowDisk(0)
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    for i in range(5):
+        audit.emit(_event(f"r{i}"))
+        assert disk.synced_sizes[-1] == path.stat().st_size
+    audit.close()
+    assert len(disk.synced_sizes) == 1 + 5
+
+
+class FailingDisk(SlowDisk):
+    """Fails the fsync that begins once ``records`` records are in the file."""
+
+    def __init__(self, path: Path, records: int) -> None:
+        super().__init__(0)
+        self.path = path
+        self.records = records
+        self.failed = False
+
+    def __call__(self, fd: int) -> None:
+        if not self.failed and self.path.read_bytes().count(b"\n") >= self.records:
+            self.failed = True
+            raise OSError(errno.EIO, "Input/output error")
+        super().__call__(fd)
+
+
+def test_a_failed_fsync_cuts_off_the_record_and_the_chain_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=FailingDisk(path, 3))
+    audit.emit(_event("first"))
+    audit.emit(_event("second"))
+    before = path.read_bytes()
+    with pytest.raises(OSError) as raised:
+        audit.emit(_event("not durable"))
+    assert raised.value.errno == errno.EIO
+    assert path.read_bytes() == before  # nothing of it is left
+    audit.emit(_event("after"))
+    audit.close()
+    assert verify_chain(path) == 3
+    notes = [json.loads(line)["detail"]["note"] for line in path.read_bytes().splitlines()]
+    assert notes == ["first", "second", "after"]
+
+
+def test_a_failed_fsync_fails_every_record_it_was_to_cover(tmp_path: Path) -> None:
+    """Two threads' records wait for one fsync; it fails: both emits raise, neither
+    record stays in the file, and the next record chains on from the last durable one."""
+    path = tmp_path / "audit.jsonl"
+    both_written = threading.Event()
+
+    class Disk(SlowDisk):
+        calls = 0
+
+        def __call__(self, fd: int) -> None:
+            self.calls += 1
+            if self.calls == 2:  # the first fsync after opening: wait for the second record
+                assert both_written.wait(10)
+                raise OSError(errno.EIO, "Input/output error")
+            super().__call__(fd)
+
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=Disk(0))
+    outcomes: dict[str, str] = {}
+
+    def emit(note: str) -> None:
+        try:
+            audit.emit(_event(note))
+            outcomes[note] = "returned"
+        except OSError as exc:
+            outcomes[note] = errno.errorcode[exc.errno or 0]
+
+    first = threading.Thread(target=emit, args=("a",))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not (path.stat().st_size and path.read_bytes().count(b"\n") >= 1):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    second = threading.Thread(target=emit, args=("b",))
+    second.start()
+    while path.read_bytes().count(b"\n") < 2:  # b is written, and waits for the fsync
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    both_written.set()
+    first.join()
+    second.join()
+
+    assert outcomes == {"a": "EIO", "b": "EIO"}
+    assert path.read_bytes() == b""
+    audit.emit(_event("after"))
+    audit.close()
+    assert verify_chain(path) == 1
