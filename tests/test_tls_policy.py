@@ -4,15 +4,19 @@ openssl: AES-GCM only, also under TLS 1.3; no CA certificate as a peer's."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
+import types
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
+from gateway.config import KeyPair
 from gateway.demo_run import read_audit, wait_until
+from gateway.pki import tls
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, make_crl, new_key
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
@@ -124,3 +128,31 @@ def test_a_revoked_certificate_stays_revoked_when_its_crl_goes_stale(
             )
         )
         assert lenient.valid, lenient.reason
+
+
+def _context_under_system_policy(protocol: int) -> ssl.SSLContext:
+    """An SSLContext as a Python built to defer to the system's OpenSSL policy creates it
+    (``--with-ssl-default-suites=openssl``, as some distributions do) on a system whose
+    policy is at level 0.  This Python sets level 2 itself, so that build is simulated."""
+    context = ssl.SSLContext(protocol)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return context
+
+
+def test_the_tls_security_level_does_not_follow_a_lowered_system_policy(
+    layout: DemoLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1024-bit DH group or RSA key must not get into a handshake, whatever the system's
+    crypto policy: the contexts set OpenSSL security level 2 (112 bits) themselves."""
+    certs = layout.lab.root / "certs"
+    own = x509.load_pem_x509_certificate((certs / "tls.crt").read_bytes())
+    anchor = x509.load_pem_x509_certificate(layout.ca_certificate.read_bytes())
+    key = serialization.load_pem_private_key((certs / "tls.key").read_bytes(), password=None)
+    identity = KeyPair(certs / "tls.crt", certs / "tls.key", own, key)  # type: ignore[arg-type]
+    system_policy_ssl = types.SimpleNamespace(**vars(ssl))
+    system_policy_ssl.SSLContext = _context_under_system_policy
+    monkeypatch.setattr(tls, "ssl", system_policy_ssl)
+    assert _context_under_system_policy(ssl.PROTOCOL_TLS_CLIENT).security_level == 0
+    for version in ("1.2", "1.3"):
+        assert tls.client_context(identity, [anchor], [anchor], version).security_level == 2
+        assert tls.server_context(identity, [anchor], [anchor], version).security_level == 2

@@ -16,7 +16,9 @@ client side no byte of a request is sent to an unpinned server, and on the
 server side an unknown client never reaches the HTTP layer.
 
 Protocol: TLS 1.3 by default; TLS 1.2 only when configured, and then only with
-ECDHE/DHE key exchange and AES-GCM (the CRYPTREC "high security" profile).
+ECDHE/DHE key exchange and AES-GCM (the CRYPTREC "high security" profile), at
+OpenSSL security level 2 whatever the system's openssl.cnf says (a server's
+1024-bit DH group or RSA key is refused).
 TLS 1.3 suites cannot be restricted through Python's ``ssl``, so the handshake
 is refused right after it completes if it settled on anything but AES-GCM
 (ChaCha20-Poly1305 is not on the CRYPTREC list).
@@ -46,6 +48,11 @@ TLS12_CIPHERS = ":".join(
 
 
 TLS13_SUITES = frozenset({"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"})
+
+# OpenSSL security level 2: at least 112-bit security in the handshake, which is
+# the CRYPTREC floor (RSA and DH >= 2048 bits, EC >= 224 bits, no SHA-1
+# signatures).  Set here, not left to the system's openssl.cnf, which may lower it.
+SECURITY_LEVEL = 2
 
 
 class _Refusal:
@@ -123,7 +130,7 @@ def _base_context(
     context.minimum_version = (
         ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     )
-    context.set_ciphers(TLS12_CIPHERS)
+    context.set_ciphers(f"{TLS12_CIPHERS}:@SECLEVEL={SECURITY_LEVEL}")
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.verify_mode = ssl.CERT_REQUIRED
