@@ -552,7 +552,12 @@ class Outbound:
         log = self._log.bind(peer=peer.name, message_id=record.message_id)
         try:
             response = await client.post(peer.url, record.headers, record.body_path)
-            awaiting = bool(peer.async_receipt_url) and 200 <= response.status < 300
+            # What the message itself asked for when it was signed, not the peer's
+            # configuration now (a reload may have changed it while it was queued).
+            asked_async = any(
+                name.lower() == "receipt-delivery-option" for name, _ in record.headers
+            )
+            awaiting = asked_async and 200 <= response.status < 300
             if awaiting and not response.body.strip():
                 pass  # accepted; the signed receipt will be POSTed to us later
             elif response.status != 200:
