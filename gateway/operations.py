@@ -84,7 +84,16 @@ class Operations:
 
     def retry(self, message_id: str, actor: str) -> OutboundRecord:
         expires = self.clock.now().timestamp() + self.config.runtime.message_expiry_seconds
-        previous = self._state_of(message_id)
+        before = self.spool.get(message_id)
+        previous = before.state.value if before else None
+        if before is not None and self.config.peer(before.peer) is None:
+            # Queued again it would never be sent: no sender runs for an unknown peer.
+            raise UnknownPeerError(
+                f"message {message_id} is for peer {before.peer!r}, which is no longer "
+                "configured; nothing would send it",
+                fix=f"configure the peer again (peers.d/{before.peer}.toml) and reload, "
+                f"or withdraw it with `medgw queue cancel {message_id}`",
+            )
         record = self.spool.operator_retry(message_id, actor, expires)
         if record.state is OutboundState.INTAKE:
             self.prepare(message_id)  # it was never signed and encrypted: do that first

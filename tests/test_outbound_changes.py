@@ -74,3 +74,34 @@ def test_a_message_that_asked_for_an_async_receipt_waits_for_it_after_the_peer_i
     assert sent["detail"]["receipt"] == "async"
     shown = queue(layout.lab.config_path, "show", record["message_id"])
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
+
+
+def set_runtime(config: Path, key: str, value: str) -> None:
+    lines = config.read_text().splitlines()
+    out = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
+    assert out != lines, f"{key} not in {config}"
+    config.write_text("\n".join(out) + "\n")
+
+
+def test_retry_of_a_message_to_a_peer_no_longer_configured_is_refused_and_says_why(
+    layout: DemoLayout, processes: Any
+) -> None:
+    set_runtime(layout.lab.config_path, "max_attempts", "1")
+    lab = processes.start(layout.lab.config_path)  # the hospital is down
+    drop_file(layout.lab.outbox_dir / "hospital", "gone.hl7", b"MSH|gone\r")
+    wait_until(lambda: events(layout.lab.audit_log, "message.dead"), 60, "a dead letter")
+    [record] = queue(layout.lab.config_path, "list", "--state", "dead")
+    (layout.lab.root / "peers.d" / "hospital.toml").unlink()  # the exchange has ended
+    reload(lab, layout.lab.audit_log)
+    retried = medgw("queue", "retry", record["message_id"], "--config", str(layout.lab.config_path))
+    # Nobody would ever send it: not "retry done, now queued".
+    assert retried.returncode == 1
+    assert "hospital" in retried.stderr and "no longer configured" in retried.stderr
+    assert "fix:" in retried.stderr
+    assert queue(layout.lab.config_path, "show", record["message_id"])["state"] == "dead"
+    assert not events(layout.lab.audit_log, "message.retried")
+    # It can still be withdrawn.
+    cancelled = medgw(
+        "queue", "cancel", record["message_id"], "--config", str(layout.lab.config_path)
+    )
+    assert cancelled.returncode == 0, cancelled.stderr
