@@ -597,3 +597,28 @@ def test_the_daemons_api_socket_is_for_the_medgw_user_and_group(
     processes.start(layout.lab.config_path)
     mode = api.socket_path.stat().st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, oct(mode)
+
+
+async def test_a_token_that_is_not_utf8_is_refused_and_audited_like_any_other() -> None:
+    # Header bytes that are not UTF-8 reach the handler as surrogate escapes; hashing
+    # them must not fail (a 500 that leaves no record), the answer is 401 and audited.
+    sink = ListSink()
+    client = ApiClient("lis", LIS_SHA, ("hospital",))
+    local = LocalApi(lambda: (client,), never, never, sink)
+    port = free_port()
+    await local.start(socket_path=None, address="127.0.0.1", port=port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /v1/messages/x HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer \xff\xfe" + LIS_TOKEN.encode() + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        answer = await reader.read()
+        writer.close()
+    finally:
+        await local.stop()
+    assert answer.startswith(b"HTTP/1.1 401"), answer
+    assert b"Bearer" in answer
+    [failed] = [e for e in sink.events if e.event == EventType.API_AUTHENTICATION_FAILED]
+    assert failed.remote_address == "127.0.0.1"

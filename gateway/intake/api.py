@@ -48,7 +48,9 @@ def authenticate(clients: Sequence[ApiClient], header: str) -> ApiClient | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    presented = hashlib.sha256(token.strip().encode()).hexdigest()
+    # The bytes as sent: aiohttp hands header bytes that are not UTF-8 over as
+    # surrogate escapes, which a plain encode() refuses (no answer, no audit record).
+    presented = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
     match = None
     for client in clients:  # compare with every client, in constant time
         if hmac.compare_digest(presented, client.token_sha256):
