@@ -554,10 +554,7 @@ class Outbound:
             response = await client.post(peer.url, record.headers, record.body_path)
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
-            asked_async = any(
-                name.lower() == "receipt-delivery-option" for name, _ in record.headers
-            )
-            awaiting = asked_async and 200 <= response.status < 300
+            awaiting = _asks_async_receipt(record) and 200 <= response.status < 300
             if awaiting and not response.body.strip():
                 pass  # accepted; the signed receipt will be POSTed to us later
             elif response.status != 200:
@@ -565,6 +562,8 @@ class Outbound:
             else:
                 awaiting = False
         except TransportError as exc:
+            if self._settled_meanwhile(record):
+                return 0.0
             delay = self.backoff(record.attempts + 1, rng)
             if record.attempts + 1 >= self.config.runtime.max_attempts:
                 self._dead_letter(record, peer, str(exc))
@@ -595,10 +594,25 @@ class Outbound:
             detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
         )
         if awaiting:
+            # Unless its receipt came before this answer and settled it already.
             self._spool.mark_awaiting_receipt(record.message_id)
             return 0.0
         await self._handle_receipt(record, peer, response)
         return 0.0
+
+    def _settled_meanwhile(self, record: OutboundRecord) -> bool:
+        """Whether the asynchronous receipt of a message being sent has already settled it
+        (some peers POST it before they answer the send itself)."""
+        current = self._spool.get(record.message_id)
+        if current is None or current.state is OutboundState.SENDING:
+            return False
+        self._log.info(
+            "message.settled_during_send",
+            peer=record.peer,
+            message_id=record.message_id,
+            state=current.state.value,
+        )
+        return True
 
     async def receive_async_receipt(self, peer: Peer, content_type: str, body: bytes) -> str:
         """A receipt POSTed to us later (RFC 4130 7.3.2): settle the message it answers.
@@ -622,7 +636,11 @@ class Outbound:
         if (
             record is None
             or record.peer != peer.name
-            or record.state is not OutboundState.AWAITING_RECEIPT
+            or not (
+                record.state is OutboundState.AWAITING_RECEIPT
+                # Some peers POST the receipt before they answer the send itself.
+                or (record.state is OutboundState.SENDING and _asks_async_receipt(record))
+            )
         ):
             state = record.state.value if record is not None and record.peer == peer.name else None
             self._receipt_refused(
@@ -815,6 +833,11 @@ class Outbound:
             reason=reason,
             detail={"disposition": disposition, "receipt_file": str(receipt_path)},
         )
+
+
+def _asks_async_receipt(record: OutboundRecord) -> bool:
+    """Whether the message asked the peer to POST its receipt later (Receipt-Delivery-Option)."""
+    return any(name.lower() == "receipt-delivery-option" for name, _ in record.headers)
 
 
 def _finish_file(out: IO[bytes], batch: list[bytes]) -> None:

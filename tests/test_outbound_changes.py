@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from gateway.as2.mdn import Disposition, build_receipt
+from gateway.clock import SystemClock
+from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from gateway.policy import AlgorithmPolicy
+from gateway.spool import Spool
+from tests import as2client
 from tests.cli import medgw
 
 
@@ -105,3 +115,87 @@ def test_retry_of_a_message_to_a_peer_no_longer_configured_is_refused_and_says_w
         "queue", "cancel", record["message_id"], "--config", str(layout.lab.config_path)
     )
     assert cancelled.returncode == 0, cancelled.stderr
+
+
+def receipt_first_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[bytes]]:
+    """A stand-in for the hospital that POSTs the asynchronous receipt before it answers
+    the message's own request (AS2 products that process at once may do so)."""
+    answers: list[bytes] = []
+    hospital = load_config(layout.hospital.config_path)
+    certs = layout.hospital.root / "certs"
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            message_id = self.headers["Message-ID"]
+            assert self.headers["Receipt-Delivery-Option"]
+            spool = Spool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
+            try:
+                record = spool.get(message_id)
+            finally:
+                spool.close()
+            assert record is not None
+            built = build_receipt(
+                original_message_id=message_id,
+                our_as2_id="SAKURA-HOSPITAL",
+                peer_as2_id="KITA-LAB",
+                disposition=Disposition.PROCESSED,
+                mic=record.mic,
+                signing=hospital.smime.signing,
+                digest="sha256",
+                policy=AlgorithmPolicy(),
+                at=datetime.now(UTC),
+            )
+            answer = as2client.post(
+                layout.lab.port,
+                built.headers,
+                built.body,
+                client_cert=certs / "tls.crt",
+                client_key=certs / "tls.key",
+                ca=layout.ca_certificate,
+            )
+            answers.append(answer.body)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    context.load_verify_locations(layout.ca_certificate)
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, answers
+
+
+def test_an_async_receipt_that_arrives_before_the_answer_to_the_send_settles_the_message(
+    layout: DemoLayout, processes: Any
+) -> None:
+    set_async_receipt_url(layout, f"https://127.0.0.1:{layout.lab.port}/as2")
+    server, answers = receipt_first_peer(layout)
+    try:
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_dir / "hospital", "quick.hl7", b"MSH|quick\r")
+        wait_until(lambda: answers, 30, "the receipt")
+        [sent] = wait_until(lambda: events(layout.lab.audit_log, "message.sent"), 30, "the send")
+        wait_until(
+            lambda: queue(layout.lab.config_path, "show", sent["message_id"])["state"] != "sending",
+            30,
+            "the end of the send",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answers == [b"receipt accepted\n"]
+    assert not events(layout.lab.audit_log, "receipt.invalid")
+    [received] = events(layout.lab.audit_log, "receipt.received")
+    assert received["detail"]["mic_verified"] is True
+    shown = queue(layout.lab.config_path, "show", sent["message_id"])
+    assert shown["state"] == "delivered" and shown["disposition"] == "processed"

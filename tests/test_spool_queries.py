@@ -108,6 +108,7 @@ def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
 def test_the_next_due_message_is_the_earliest_due_then_the_oldest(spool: Spool) -> None:
     first = spool.next_due("lab")
     assert first is not None and first.message_id == "<lab-0@hospital>"
+    spool.mark_sending("<lab-0@hospital>")
     spool.mark_retry("<lab-0@hospital>", "connection refused", 2e9)  # later than the rest
     assert spool.next_due("lab").message_id == "<lab-1@hospital>"  # type: ignore[union-attr]
 

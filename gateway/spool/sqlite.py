@@ -400,10 +400,19 @@ class Spool:
             (OutboundState.SENDING.value, self._now(), message_id),
         )
 
-    def mark_awaiting_receipt(self, message_id: str) -> None:
-        self._write(
-            "UPDATE outbound SET state=?, updated_at=? WHERE message_id=?",
-            (OutboundState.AWAITING_RECEIPT.value, self._now(), message_id),
+    def mark_awaiting_receipt(self, message_id: str) -> bool:
+        """Sent, its receipt to come later; False if that receipt has already settled it."""
+        return (
+            self._write(
+                "UPDATE outbound SET state=?, updated_at=? WHERE message_id=? AND state=?",
+                (
+                    OutboundState.AWAITING_RECEIPT.value,
+                    self._now(),
+                    message_id,
+                    OutboundState.SENDING.value,
+                ),
+            )
+            == 1
         )
 
     def requeue_unanswered(self, peer: str, sent_before: str) -> list[str]:
@@ -423,11 +432,23 @@ class Spool:
             )
         return ids
 
-    def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> None:
-        self._write(
-            "UPDATE outbound SET state=?, last_error=?, next_attempt_at=?, updated_at=?"
-            " WHERE message_id=?",
-            (OutboundState.QUEUED.value, error, next_attempt_at, self._now(), message_id),
+    def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
+        """A send that did not get through goes back to the queue; False (nothing changed)
+        if the message is no longer being sent (its asynchronous receipt settled it)."""
+        return (
+            self._write(
+                "UPDATE outbound SET state=?, last_error=?, next_attempt_at=?, updated_at=?"
+                " WHERE message_id=? AND state=?",
+                (
+                    OutboundState.QUEUED.value,
+                    error,
+                    next_attempt_at,
+                    self._now(),
+                    message_id,
+                    OutboundState.SENDING.value,
+                ),
+            )
+            == 1
         )
 
     def mark_done(
