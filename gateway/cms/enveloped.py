@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +50,6 @@ from .signed import (
     cert_ski,
     hash_for,
     issuer_and_serial_der,
-    load_content_info,
     matches_issuer_serial,
     name_string,
 )
@@ -366,56 +366,6 @@ class _Parsed:
     encrypted_content: bytes
     mac: bytes | None
     auth_attrs_der: bytes | None
-
-
-def _parse(enveloped: bytes) -> _Parsed:
-    ci = load_content_info(enveloped, "encrypted message")
-    kind = ci["content_type"].native
-    if kind not in ("enveloped_data", "authenticated_enveloped_data"):
-        raise MalformedMessageError(
-            f"encrypted message is a CMS {kind}, not EnvelopedData or AuthEnvelopedData",
-            fix="check the message order: the gateway expects an encrypted message here",
-        )
-    try:
-        body = ci["content"]
-        if kind == "enveloped_data":
-            eci = body["encrypted_content_info"]
-            mac = None
-            auth_attrs_der = None
-        else:
-            eci = body["auth_encrypted_content_info"]
-            mac = body["mac"].native
-            auth_attrs = body["auth_attrs"]
-            # RFC 5083 2.2: AAD is the DER of authAttrs with a SET OF tag
-            auth_attrs_der = (
-                None if isinstance(auth_attrs, core.Void) else auth_attrs.untag().dump(force=True)
-            )
-        alg = eci["content_encryption_algorithm"]
-        encrypted = eci["encrypted_content"]
-        if isinstance(encrypted, core.Void):
-            raise MalformedMessageError(
-                "encrypted message has no encrypted content (detached encrypted content "
-                "is not supported)",
-                fix="ask the peer to send the encrypted content inside the CMS structure",
-            )
-        parsed = _Parsed(
-            kind=kind,
-            recipient_infos=body["recipient_infos"],
-            cipher_oid_name=alg["algorithm"].native,
-            cipher_params=alg["parameters"],
-            encrypted_content=bytes(encrypted),
-            mac=mac,
-            auth_attrs_der=auth_attrs_der,
-        )
-        len(parsed.recipient_infos)
-    except MalformedMessageError:
-        raise
-    except ASN1_ERRORS as exc:
-        raise MalformedMessageError(
-            f"encrypted message has a malformed {kind} structure: {exc}",
-            fix="check that the message was not truncated or altered in transit",
-        ) from exc
-    return parsed
 
 
 # ---------------------------------------------------------------------------
@@ -1083,13 +1033,19 @@ def decrypt(
     *,
     policy: AlgorithmPolicy,
 ) -> Decrypted:
-    """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``."""
+    """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``.
+
+    The common DER shapes are read directly; anything else (BER, other recipient
+    forms, a malformed message) by the streaming reader that the daemon's file
+    path uses, so that a message gets the same result or error either way.
+    """
+    if not isinstance(enveloped, bytes | bytearray | memoryview):
+        raise TypeError(f"encrypted message must be bytes, not {type(enveloped).__name__}")
     parsed: _Parsed | None = None
-    if type(enveloped) is bytes:
-        with contextlib.suppress(DerError):  # not the common shape: asn1crypto reads it
-            parsed = _parse_der(enveloped)
+    with contextlib.suppress(DerError):  # not the common shape: read as a stream
+        parsed = _parse_der(bytes(enveloped))
     if parsed is None:
-        parsed = _parse(enveloped)
+        return _decrypt_streamed(bytes(enveloped), cert, key, policy)
     cipher = content_cipher_name(parsed.cipher_oid_name, policy)
     cek, key_transport = recover_cek(parsed.recipient_infos, cert, key, policy)
     try:
@@ -1107,4 +1063,24 @@ def decrypt(
         content_cipher=cipher,
         key_transport=key_transport,
         compat_algorithms=compat,
+    )
+
+
+def _decrypt_streamed(
+    enveloped: bytes, cert: x509.Certificate, key: PrivateKey, policy: AlgorithmPolicy
+) -> Decrypted:
+    from gateway.cms.stream import decrypt_stream  # builds on this module
+
+    if not enveloped:
+        raise MalformedMessageError(
+            "encrypted message is empty: expected a DER/BER CMS ContentInfo",
+            fix="check that the peer sent a CMS/S-MIME body",
+        )
+    plaintext = io.BytesIO()
+    opened = decrypt_stream(io.BytesIO(enveloped), plaintext, cert, key, policy=policy)
+    return Decrypted(
+        content=plaintext.getvalue(),
+        content_cipher=opened.content_cipher,
+        key_transport=opened.key_transport,
+        compat_algorithms=opened.compat_algorithms,
     )

@@ -1,0 +1,137 @@
+"""Unusual but legal BER, and illegal extra elements, read the same in memory and from a file.
+
+``medgw smime decrypt`` (in memory) and the daemon (a file, streamed) must agree:
+an admin debugging a partner's message with the tool has to see what the
+daemon does.  BER lets a sender split the encrypted content into a constructed
+OCTET STRING of definite length (not only the indefinite length that
+``openssl cms -stream`` writes); such a message must decrypt.  An element after
+the last field of a CMS structure is not allowed and must be refused, whichever
+way the message is read.  The messages are made by ``openssl cms`` and then
+re-encoded here, element by element.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.cms import decrypt
+from gateway.cms.stream import decrypt_file
+from gateway.errors import MalformedMessageError
+from tests.test_cms import STRICT, Pki, build_pki
+from tests.test_cms_negative import PAYLOAD, _encrypt
+from tests.test_cms_openssl import openssl
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return build_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def _elements(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """(tag, contents, whole encoding) of each DER element in ``data``."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        tag, first = data[pos], data[pos + 1]
+        start = pos + 2
+        if first < 0x80:
+            n = first
+        else:
+            n = int.from_bytes(data[start : start + (first & 0x7F)], "big")
+            start += first & 0x7F
+        out.append((tag, data[start : start + n], data[pos : start + n]))
+        pos = start + n
+    return out
+
+
+def _enveloped_parts(message: bytes) -> tuple[bytes, int, list[tuple[int, bytes, bytes]]]:
+    """(content type OID element, EnvelopedData's tag, its elements) of a DER ContentInfo."""
+    [(_, content_info, _)] = _elements(message)
+    (_, _, oid), (_, explicit, _) = _elements(content_info)
+    [(tag, enveloped, _)] = _elements(explicit)
+    return oid, tag, _elements(enveloped)
+
+
+def _content_info(oid: bytes, tag: int, elements: list[bytes], after: bytes = b"") -> bytes:
+    return _tlv(0x30, oid + _tlv(0xA0, _tlv(tag, b"".join(elements))) + after)
+
+
+def _both(message: bytes, pki: Pki, tmp_path: Path) -> tuple[object, object]:
+    """What in-memory decryption and the daemon's file path make of ``message``."""
+    p = pki["rsa2048"]
+    try:
+        in_memory: object = decrypt(message, p.cert, p.key, policy=STRICT).content
+    except MalformedMessageError as exc:
+        in_memory = exc.message
+    src, dst = tmp_path / "message.p7m", tmp_path / "out"
+    src.write_bytes(message)
+    try:
+        decrypt_file(src, dst, p.cert, p.key, policy=STRICT)
+        from_file: object = dst.read_bytes()
+    except MalformedMessageError as exc:
+        from_file = exc.message.replace(f"encrypted file {src}", "encrypted message")
+    return in_memory, from_file
+
+
+@pytest.mark.parametrize("cipher", ["-aes-256-gcm", "-aes-128-cbc"])
+@pytest.mark.parametrize("split", ["definite", "nested", "indefinite"])
+def test_encrypted_content_split_into_a_constructed_octet_string_decrypts(
+    pki: Pki, tmp_path: Path, cipher: str, split: str
+) -> None:
+    oid, tag, elements = _enveloped_parts(_encrypt(pki, tmp_path, "rsa2048", cipher))
+    [index] = [
+        i
+        for i, (t, contents, _) in enumerate(elements)
+        if t == 0x30 and len(_elements(contents)) == 3 and _elements(contents)[2][0] == 0x80
+    ]
+    content_type, algorithm, (_, encrypted, _) = _elements(elements[index][1])
+    half = len(encrypted) // 2
+    pieces = _tlv(0x04, encrypted[:half]) + _tlv(0x04, encrypted[half:])
+    constructed = {
+        "definite": _tlv(0xA0, pieces),
+        "nested": _tlv(0xA0, _tlv(0x24, pieces)),
+        "indefinite": b"\xa0\x80" + pieces + b"\x00\x00",
+    }[split]
+    info = _tlv(0x30, content_type[2] + algorithm[2] + constructed)
+    parts = [info if i == index else whole for i, (_, _, whole) in enumerate(elements)]
+
+    message = _content_info(oid, tag, parts)
+    assert _both(message, pki, tmp_path) == (PAYLOAD, PAYLOAD)
+    # openssl, the reference, reads it too: it is a legal BER form, not our invention.
+    (tmp_path / "split.der").write_bytes(message)
+    p = pki["rsa2048"]
+    given, out = tmp_path / "split.der", tmp_path / "by-openssl"
+    openssl("-decrypt", "-inform", "DER", "-in", given, "-binary",
+            "-recip", p.cert_path, "-inkey", p.key_path, "-out", out)  # fmt: skip
+    assert out.read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("where", ["EnvelopedData", "ContentInfo"])
+def test_an_element_after_the_last_field_is_refused_either_way(
+    pki: Pki, tmp_path: Path, where: str
+) -> None:
+    oid, tag, elements = _enveloped_parts(_encrypt(pki, tmp_path, "rsa2048", "-aes-256-gcm"))
+    extra = _tlv(0x04, b"hidden")
+    parts = [whole for _, _, whole in elements]
+    if where == "EnvelopedData":
+        message = _content_info(oid, tag, [*parts, extra])
+    else:
+        message = _content_info(oid, tag, parts, after=extra)
+    in_memory, from_file = _both(message, pki, tmp_path)
+    assert in_memory == from_file
+    (tmp_path / "extra.der").write_bytes(message)
+    p = pki["rsa2048"]
+    refused = openssl("-decrypt", "-inform", "DER", "-in", tmp_path / "extra.der",
+                      "-recip", p.cert_path, "-inkey", p.key_path, ok=False)  # fmt: skip
+    assert refused.returncode != 0  # openssl refuses it as well
+    assert isinstance(in_memory, str) and "unexpected trailing elements" in in_memory
