@@ -1,4 +1,4 @@
-"""Unusual but legal BER, and illegal extra elements, read the same in memory and from a file.
+"""Unusual but legal BER is read, illegal extra elements are refused, in memory as from a file.
 
 ``medgw smime decrypt`` (in memory) and the daemon (a file, streamed) must agree:
 an admin debugging a partner's message with the tool has to see what the
@@ -6,8 +6,12 @@ daemon does.  BER lets a sender split the encrypted content into a constructed
 OCTET STRING of definite length (not only the indefinite length that
 ``openssl cms -stream`` writes); such a message must decrypt.  An element after
 the last field of a CMS structure is not allowed and must be refused, whichever
-way the message is read.  The messages are made by ``openssl cms`` and then
-re-encoded here, element by element.
+way the message is read.  The same holds for signatures: the encapsulated
+content of an attached SignedData may be split, and nothing may follow the
+last field of a SignedData, its SignerInfo or its ContentInfo (that would be
+data outside everything the signature covers).  The messages are made by
+``openssl cms`` and then re-encoded here, element by element; openssl, the
+reference, reads or refuses each the same way.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cms import decrypt
+from gateway.cms import decrypt, verify
 from gateway.cms.stream import decrypt_file
 from gateway.errors import MalformedMessageError
 from tests.test_cms import STRICT, Pki, build_pki
-from tests.test_cms_negative import PAYLOAD, _encrypt
+from tests.test_cms_negative import PAYLOAD, _encrypt, _sign
 from tests.test_cms_openssl import openssl
 
 
@@ -135,3 +139,78 @@ def test_an_element_after_the_last_field_is_refused_either_way(
                       "-recip", p.cert_path, "-inkey", p.key_path, ok=False)  # fmt: skip
     assert refused.returncode != 0  # openssl refuses it as well
     assert isinstance(in_memory, str) and "unexpected trailing elements" in in_memory
+
+
+def _signed_parts(message: bytes) -> tuple[bytes, list[tuple[int, bytes, bytes]]]:
+    """(content type OID element, SignedData's elements) of a DER ContentInfo."""
+    oid, tag, elements = _enveloped_parts(message)
+    assert tag == 0x30
+    return oid, elements
+
+
+def _openssl_verifies(tmp_path: Path, message: bytes) -> bool:
+    """openssl checks the signature (not the signer's chain: that is ours to judge)."""
+    given, content = tmp_path / "given.der", tmp_path / "content"
+    given.write_bytes(message)
+    done = openssl("-verify", "-noverify", "-inform", "DER", "-in", given, "-binary",
+                   "-out", content, ok=False)  # fmt: skip
+    return done.returncode == 0 and content.read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("split", ["definite", "nested", "indefinite"])
+def test_encapsulated_content_split_into_a_constructed_octet_string_verifies(
+    pki: Pki, tmp_path: Path, split: str
+) -> None:
+    oid, elements = _signed_parts(_sign(pki, tmp_path, "rsa2048"))
+    # version, digestAlgorithms, encapContentInfo { eContentType, [0] { OCTET STRING } }, ...
+    content_type, (_, explicit, _) = _elements(elements[2][1])
+    [(_, content, _)] = _elements(explicit)
+    half = len(content) // 2
+    pieces = _tlv(0x04, content[:half]) + _tlv(0x04, content[half:])
+    constructed = {
+        "definite": _tlv(0x24, pieces),
+        "nested": _tlv(0x24, _tlv(0x24, pieces)),
+        "indefinite": b"\x24\x80" + pieces + b"\x00\x00",
+    }[split]
+    encap = _tlv(0x30, content_type[2] + _tlv(0xA0, constructed))
+    parts = [encap if i == 2 else whole for i, (_, _, whole) in enumerate(elements)]
+    message = _content_info(oid, 0x30, parts)
+
+    verified = verify(message, trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
+    assert verified.content == PAYLOAD
+    assert _openssl_verifies(tmp_path, message)
+
+
+@pytest.mark.parametrize("where", ["SignerInfo", "SignedData", "ContentInfo"])
+@pytest.mark.parametrize("attached", [True, False], ids=["attached", "detached"])
+def test_an_element_after_the_last_field_of_a_signature_is_refused(
+    pki: Pki, tmp_path: Path, where: str, attached: bool
+) -> None:
+    message = _sign(pki, tmp_path, "rsa2048")  # attached; made detached below
+    oid, elements = _signed_parts(message)
+    if not attached:  # drop the encapsulated content: a detached signature
+        content_type, _ = _elements(elements[2][1])
+        elements[2] = (0x30, content_type[2], _tlv(0x30, content_type[2]))
+    hidden = _tlv(0x04, b"hidden")
+    parts = [whole for _, _, whole in elements]
+    after = b""
+    if where == "SignerInfo":
+        [(_, signer, _)] = _elements(elements[-1][1])
+        parts[-1] = _tlv(0x31, _tlv(0x30, signer + hidden))
+    elif where == "SignedData":
+        parts.append(hidden)
+    else:
+        after = hidden
+    altered = _content_info(oid, 0x30, parts, after)
+
+    with pytest.raises(MalformedMessageError) as refused:
+        verify(
+            altered,
+            content=None if attached else PAYLOAD,
+            trusted_signers=[pki["rsa2048"].cert],
+            policy=STRICT,
+        )
+    assert "unexpected element" in refused.value.message
+    assert where in refused.value.message
+    if attached:
+        assert not _openssl_verifies(tmp_path, altered)  # openssl refuses it too

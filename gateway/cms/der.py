@@ -38,6 +38,7 @@ __all__ = [
     "contents_of",
     "header",
     "integer",
+    "joined_octet_strings",
     "oid_valid",
 ]
 
@@ -103,6 +104,68 @@ def header(buf: bytes, pos: int, end: int, *, ber: bool = False) -> tuple[int, i
     if not ber and (length < 0x80 or buf[pos + 2] == 0):
         raise DerError("length not in its shortest form")
     return tag, length, 2 + n
+
+
+def joined_octet_strings(buf: bytes) -> bytes:
+    """``buf`` (BER) with every constructed OCTET STRING joined into one primitive.
+
+    BER lets a sender split an OCTET STRING (the encapsulated content of a
+    SignedData, typically) into segments, of definite or indefinite length.
+    asn1crypto reads the indefinite form only; this gives it the joined one.
+    Everything else keeps its tags and contents; lengths become definite.
+    Raises :class:`DerError` if ``buf`` is not one well-formed BER element.
+    """
+    out, pos = _rewritten(buf, 0, len(buf), 0, [0])
+    if pos != len(buf):
+        raise DerError("trailing data after the element")
+    return out
+
+
+def _rewritten(buf: bytes, pos: int, end: int, depth: int, count: list[int]) -> tuple[bytes, int]:
+    """The element at ``pos`` rewritten, and the position after it."""
+    if depth > MAX_NESTING:
+        raise DerError(f"elements nested more than {MAX_NESTING} deep")
+    count[0] += 1
+    if count[0] > MAX_PARTS:
+        raise DerError(f"more than {MAX_PARTS} elements")
+    tag, length, hlen = header(buf, pos, end, ber=True)
+    start = pos + hlen
+    if not tag & 0x20:  # primitive: as it is
+        assert length is not None
+        if start + length > end:
+            raise Truncated(hlen)
+        return buf[pos : start + length], start + length
+    stop = end if length is None else start + length
+    if stop > end:
+        raise Truncated(hlen)
+    parts: list[bytes] = []
+    cursor = start
+    while True:
+        if length is None:
+            if buf[cursor : cursor + 2] == b"\x00\x00":
+                cursor += 2
+                break
+        elif cursor == stop:
+            break
+        part, cursor = _rewritten(buf, cursor, stop, depth + 1, count)
+        parts.append(part)
+    if tag == 0x24:  # a constructed OCTET STRING: its segments' octets, joined
+        octets = bytearray()
+        for part in parts:
+            if part[0] != 0x04:
+                raise DerError(f"constructed OCTET STRING holds tag 0x{part[0]:02x}")
+            _, _, h = header(part, 0, len(part))
+            octets += part[h:]
+        return _encoded(0x04, bytes(octets)), cursor
+    return _encoded(tag, b"".join(parts)), cursor
+
+
+def _encoded(tag: int, contents: bytes) -> bytes:
+    n = len(contents)
+    if n < 0x80:
+        return bytes((tag, n)) + contents
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + contents
 
 
 def integer(buf: bytes, start: int, stop: int) -> int:

@@ -10,6 +10,7 @@ over the signed attributes encoded as a DER ``SET OF``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hmac
 import itertools
@@ -34,7 +35,15 @@ from ..errors import (
     SignerNotTrustedError,
 )
 from ..policy import COMPAT_DIGESTS, AlgorithmPolicy, PrivateKey, normalize_digest
-from .der import Cursor, DerError, contents_of, integer, oid_valid
+from .der import (
+    MAX_NESTING,
+    Cursor,
+    DerError,
+    contents_of,
+    integer,
+    joined_octet_strings,
+    oid_valid,
+)
 
 __all__ = [
     "ParsedSignature",
@@ -706,6 +715,8 @@ def _parse_signed_data(signed: bytes) -> _ParsedSignedData:
 
 
 def _parse_signed_data_asn1(signed: bytes) -> _ParsedSignedData:
+    with contextlib.suppress(DerError, TypeError):  # malformed: asn1crypto says how
+        signed = joined_octet_strings(bytes(signed))
     ci = load_content_info(signed, "signed message")
     ctype = ci["content_type"].native
     if ctype != "signed_data":
@@ -714,6 +725,7 @@ def _parse_signed_data_asn1(signed: bytes) -> _ParsedSignedData:
             fix="check the message order: the gateway expects a signature here",
         )
     try:
+        _refuse_extra_elements(ci, "signed message")
         sd = ci["content"]
         encap = sd["encap_content_info"]
         econtent_type = encap["content_type"].native
@@ -747,6 +759,40 @@ def _parse_signed_data_asn1(signed: bytes) -> _ParsedSignedData:
         certificates=tuple(certs),
         signers=signers,
     )
+
+
+def _refuse_extra_elements(value: core.Asn1Value, what: str) -> None:
+    """Refuse an element after the last field of any SEQUENCE in ``value``.
+
+    asn1crypto keeps such elements aside instead of refusing them; they are
+    outside everything the signature covers, and the direct reader (and
+    openssl) refuse them.  Certificates are left to ``cryptography``'s strict
+    reader, OCTET STRING and ANY contents to whoever reads them.
+    """
+    stack: list[tuple[core.Asn1Value, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise MalformedMessageError(
+                f"{what} nests elements more than {MAX_NESTING} deep",
+                fix="check that the message was not altered in transit",
+            )
+        if isinstance(item, core.Choice):
+            stack.append((item.chosen, depth + 1))
+        elif isinstance(item, asn1_x509.Certificate):
+            continue
+        elif isinstance(item, core.Sequence):
+            fields = len(item._fields)
+            if len(item) > fields:
+                raise MalformedMessageError(
+                    f"{what} has {len(item) - fields} unexpected element(s) after the last "
+                    f"field of its {type(item).__name__}",
+                    fix="check that the message was not altered in transit; the sender's "
+                    "product writes CMS that is not valid",
+                )
+            stack.extend((item._lazy_child(i), depth + 1) for i in range(fields))
+        elif isinstance(item, core.SequenceOf):
+            stack.extend((child, depth + 1) for child in item)
 
 
 # ---------------------------------------------------------------------------
