@@ -70,6 +70,22 @@ FINAL_STATES = frozenset(
     }
 )
 
+# A message that asked for its receipt later is settled by that receipt (verified, for
+# this message, from this peer) in these states too: the peer may POST it before it
+# answers the send, or after the receipt was given up as overdue and the message was
+# queued again, expired, marked dead or cancelled.  The receipt is the peer's word
+# that it has the document; the message's state must not say otherwise.
+LATE_RECEIPT_STATES = frozenset(
+    {
+        OutboundState.SENDING,
+        OutboundState.QUEUED,
+        OutboundState.EXPIRED,
+        OutboundState.DEAD,
+        OutboundState.CANCELLED,
+    }
+)
+GIVEN_UP = frozenset({OutboundState.EXPIRED, OutboundState.DEAD, OutboundState.CANCELLED})
+
 
 class Outbound:
     def __init__(
@@ -638,8 +654,7 @@ class Outbound:
             or record.peer != peer.name
             or not (
                 record.state is OutboundState.AWAITING_RECEIPT
-                # Some peers POST the receipt before they answer the send itself.
-                or (record.state is OutboundState.SENDING and _asks_async_receipt(record))
+                or (record.state in LATE_RECEIPT_STATES and _asks_async_receipt(record))
             )
         ):
             state = record.state.value if record is not None and record.peer == peer.name else None
@@ -651,7 +666,7 @@ class Outbound:
             )
             return "ignored"
         response = Response(200, content_type, (), body)
-        await self._handle_receipt(record, peer, response)
+        await self._handle_receipt(record, peer, response, given_up=record.state in GIVEN_UP)
         return "accepted"
 
     def _receipt_refused(self, peer: Peer, message_id: str | None, reason: str) -> None:
@@ -678,7 +693,11 @@ class Outbound:
                 "(the peer answers a resend with its receipt)",
             )
 
-    async def _handle_receipt(self, record: OutboundRecord, peer: Peer, response: Response) -> None:
+    async def _handle_receipt(
+        self, record: OutboundRecord, peer: Peer, response: Response, *, given_up: bool = False
+    ) -> None:
+        """Settle ``record`` by its receipt; ``given_up``: it had been marked expired, dead
+        or cancelled before this receipt came."""
         assert record.mic is not None
         receipt_path = self._receipts / (record.payload_path.name + ".mdn")
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
@@ -771,6 +790,13 @@ class Outbound:
             peer=peer.name,
             message_id=record.message_id,
             service=record.service,
+            severity=Severity.WARNING if given_up else Severity.INFO,
+            reason=(
+                f"the receipt came after the message was marked {record.state.value}: "
+                "the peer has the document, do not send it again"
+                if given_up
+                else None
+            ),
             detail={
                 "disposition": receipt.disposition,
                 "mic": receipt.mic,

@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -198,4 +200,111 @@ def test_an_async_receipt_that_arrives_before_the_answer_to_the_send_settles_the
     [received] = events(layout.lab.audit_log, "receipt.received")
     assert received["detail"]["mic_verified"] is True
     shown = queue(layout.lab.config_path, "show", sent["message_id"])
+    assert shown["state"] == "delivered" and shown["disposition"] == "processed"
+
+
+def quiet_async_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[str]]:
+    """A stand-in for the hospital that takes each message and says its receipt will come
+    later (an empty 200); the test POSTs that receipt when it wants to."""
+    seen: list[str] = []
+    certs = layout.hospital.root / "certs"
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers["Message-ID"])
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    context.load_verify_locations(layout.ca_certificate)
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+def post_receipt(layout: DemoLayout, message_id: str, mic: str) -> bytes:
+    hospital = load_config(layout.hospital.config_path)
+    built = build_receipt(
+        original_message_id=message_id,
+        our_as2_id="SAKURA-HOSPITAL",
+        peer_as2_id="KITA-LAB",
+        disposition=Disposition.PROCESSED,
+        mic=mic,
+        signing=hospital.smime.signing,
+        digest="sha256",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
+    )
+    certs = layout.hospital.root / "certs"
+    answer = as2client.post(
+        layout.lab.port,
+        built.headers,
+        built.body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+    assert answer.status == 200
+    return answer.body
+
+
+def age(layout: DemoLayout, message_id: str, column: str, value: object) -> None:
+    """Time passes for one message of the lab's spool."""
+    import sqlite3
+
+    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
+    with db:
+        db.execute(f"UPDATE outbound SET {column}=? WHERE message_id=?", (value, message_id))
+    db.close()
+
+
+@pytest.mark.parametrize("then", ["expired", "cancelled"])
+def test_a_late_receipt_tells_the_truth_about_a_message_given_up_meanwhile(
+    layout: DemoLayout, processes: Any, then: str
+) -> None:
+    set_async_receipt_url(layout, f"https://127.0.0.1:{layout.lab.port}/as2")
+    server, seen = quiet_async_peer(layout)
+    lab_cfg = layout.lab.config_path
+    try:
+        processes.start(lab_cfg)
+        drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late receipt\r")
+        [record] = wait_until(
+            lambda: queue(lab_cfg, "list", "--state", "awaiting-receipt"), 30, "the send"
+        )
+        message_id = record["message_id"]
+        # The receipt is late: the lab holds the hospital, gives the receipt up for
+        # overdue, and the message expires or an operator withdraws it.
+        peers(lab_cfg, "suspend", "hospital", "--reason", "slow receipts")
+        age(layout, message_id, "updated_at", "2000-01-01T00:00:00+00:00")
+        wait_until(lambda: queue(lab_cfg, "list", "--state", "queued"), 30, "the resend")
+        if then == "expired":
+            age(layout, message_id, "expires_at", 1)
+            wait_until(lambda: queue(lab_cfg, "list", "--state", "expired"), 30, "the expiry")
+        else:
+            cancelled = medgw("queue", "cancel", message_id, "--config", str(lab_cfg))
+            assert cancelled.returncode == 0, cancelled.stderr
+        peers(lab_cfg, "resume", "hospital")
+        # The peer had the document all along; its signed receipt says so.
+        answer = post_receipt(layout, message_id, record["mic"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == [message_id]
+    assert answer == b"receipt accepted\n"
+    assert not events(layout.lab.audit_log, "receipt.invalid")
+    [received] = events(layout.lab.audit_log, "receipt.received")
+    assert received["detail"]["mic_verified"] is True
+    assert received["severity"] == "warning" and then in received["reason"]
+    shown = queue(lab_cfg, "show", message_id)
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
