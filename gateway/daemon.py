@@ -985,13 +985,16 @@ class Daemon:
             for task in pending:
                 task.cancel()  # send_one parks the message back in the queue
             await asyncio.gather(*pending, return_exceptions=True)
-        remaining = max(0.5, deadline - (self._clock.monotonic() - start))
+
+        def remaining() -> float:
+            return max(0.5, deadline - (self._clock.monotonic() - start))
+
         for server in self._servers:
-            await server.stop(remaining)
+            await server.stop(remaining())
         if self._api is not None:
-            await self._api.stop()
+            await self._api.stop(remaining())
         if self._control is not None:
-            await self._control.stop()
+            await self._control.stop(remaining())
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -622,3 +623,44 @@ async def test_a_token_that_is_not_utf8_is_refused_and_audited_like_any_other() 
     assert b"Bearer" in answer
     [failed] = [e for e in sink.events if e.event == EventType.API_AUTHENTICATION_FAILED]
     assert failed.remote_address == "127.0.0.1"
+
+
+def _stall_mid_body(sock: socket.socket, token: str | None) -> None:
+    """Send a submission's head and ten of its 1000 bytes, then nothing more."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    sock.sendall(
+        f"POST /v1/messages?to=hospital&filename=a.hl7 HTTP/1.1\r\nHost: x\r\n{auth}"
+        "Content-Length: 1000\r\n\r\n".encode()
+        + b"MSH|stall"
+    )
+
+
+def test_a_stalled_submission_does_not_hold_the_daemon_past_its_shutdown_deadline(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    config = layout.lab.config_path
+    text = config.read_text()
+    assert "shutdown_deadline_seconds = 10" in text
+    config.write_text(
+        text.replace("shutdown_deadline_seconds = 10", "shutdown_deadline_seconds = 2")
+    )
+    lab = processes.start(config)
+    over_tcp = socket.create_connection(("127.0.0.1", api.port))
+    over_control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    over_control.connect(str(layout.lab.root / "state" / "control.sock"))
+    try:
+        _stall_mid_body(over_tcp, LIS_TOKEN)
+        _stall_mid_body(over_control, None)
+        payloads = layout.lab.root / "state" / "payloads"
+        wait_until(lambda: len(list(payloads.iterdir())) == 2 or None, 10, "two partial bodies")
+        started = time.monotonic()
+        assert lab.stop(timeout=30) == 0  # what systemd allows (TimeoutStopSec)
+        took = time.monotonic() - started
+    finally:
+        over_tcp.close()
+        over_control.close()
+    # Within the deadline (and well within systemd's TimeoutStopSec=30), not a minute later.
+    assert took < 10, f"stopping took {took:.1f} s"
+    assert list(payloads.iterdir()) == []
+    assert events(layout.lab.audit_log, "daemon.stopped")

@@ -20,7 +20,14 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from gateway.errors import MedgwError, SpoolError
-from gateway.intake.submit import StatusFn, SubmitFn, parse_submission, status, submit
+from gateway.intake.submit import (
+    StatusFn,
+    SubmitFn,
+    parse_submission,
+    status,
+    stop_runner,
+    submit,
+)
 from gateway.operations import Operations, UnknownPeerError, handover_view, record_view
 from gateway.spool import HandoverState, OutboundState
 
@@ -100,8 +107,9 @@ class ControlServer:
             raise
         await web.SockSite(self._runner, sock).start()
 
-    async def stop(self) -> None:
-        await self._runner.cleanup()
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled."""
+        await stop_runner(self._runner, timeout)
         self.path.unlink(missing_ok=True)
 
     async def _list(self, request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ from gateway.intake.submit import (
     json_error,
     parse_submission,
     status,
+    stop_runner,
     submit,
 )
 
@@ -238,8 +239,10 @@ class LocalApi:
                 fix="free the port or the socket path, or change [api] in gateway.toml",
             ) from exc
 
-    async def stop(self) -> None:
-        await self._runner.cleanup()
+    async def stop(self, timeout: float = 60.0) -> None:
+        """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled
+        (a submission not yet spooled leaves nothing behind)."""
+        await stop_runner(self._runner, timeout)
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
