@@ -65,6 +65,7 @@ SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
 ASYNC_RECEIPT_ATTEMPTS = 5
+CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
 _DER = Encoding.DER
 
 
@@ -900,7 +901,7 @@ class Daemon:
             self._audit_trust(new_config, new_state.trust, old.trust)
             self._swap(new_state)
             for client in old.clients.values():
-                self._spawn(_close_later(client))
+                self._spawn(_close_later(client, old.config.runtime))
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
             self._audit_sink().emit(
                 AuditEvent(
@@ -952,7 +953,7 @@ class Daemon:
                 if changed:
                     self._swap(self._build_state(old.config, trust))
                     for client in old.clients.values():
-                        self._spawn(_close_later(client))
+                        self._spawn(_close_later(client, old.config.runtime))
                     self._log.info("trust.refreshed")
 
     @staticmethod
@@ -1017,9 +1018,14 @@ def _api_endpoints(config: GatewayConfig) -> tuple[object, ...] | None:
     return (api.socket, api.address, api.port) if api is not None else None
 
 
-async def _close_later(client: PeerClient, delay: float = 60.0) -> None:
-    """Close a replaced client once sends that were using it have had time to finish."""
+async def _close_later(client: PeerClient, runtime: Runtime) -> None:
+    """Close a replaced client once sends that were using it have had time to finish.
+
+    No new request starts on it, and each one already started ends within the
+    ``request_timeout_seconds`` it was made with (a large document to a slow peer
+    may need all of it): closing sooner would break off a send in progress.
+    """
     try:
-        await asyncio.sleep(delay)
+        await asyncio.sleep(runtime.request_timeout_seconds + CLIENT_CLOSE_MARGIN_SECONDS)
     finally:
         await client.close()

@@ -6,6 +6,7 @@ import json
 import signal
 import ssl
 import threading
+import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -308,3 +309,62 @@ def test_a_late_receipt_tells_the_truth_about_a_message_given_up_meanwhile(
     assert received["severity"] == "warning" and then in received["reason"]
     shown = queue(lab_cfg, "show", message_id)
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
+
+
+def test_a_reload_does_not_break_off_a_long_send_in_progress(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A large document to a slow peer may take minutes (request_timeout_seconds); a
+    reload meanwhile (a CRL refreshed by cron, say) must let it finish."""
+    set_async_receipt_url(layout, f"https://127.0.0.1:{layout.lab.port}/as2")
+    set_runtime(layout.lab.config_path, "request_timeout_seconds", "150")
+    seen: list[str] = []
+    answered: list[str] = []
+    certs = layout.hospital.root / "certs"
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers["Message-ID"])
+            time.sleep(70)  # still working on it when the old connections are closed
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                answered.append("200")
+            except OSError as exc:
+                answered.append(type(exc).__name__)
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    context.load_verify_locations(layout.ca_certificate)
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), Slow)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        lab = processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_dir / "hospital", "large.dcm", b"DICM" * 1000)
+        wait_until(lambda: seen, 30, "the send to begin")
+        reload(lab, layout.lab.audit_log)
+        wait_until(
+            lambda: (
+                events(layout.lab.audit_log, "message.sent")
+                or events(layout.lab.audit_log, "message.send_failed")
+            ),
+            120,
+            "the end of the send",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not events(layout.lab.audit_log, "message.send_failed")
+    assert len(seen) == 1 and answered == ["200"]
+    [record] = queue(layout.lab.config_path, "list")
+    assert record["state"] == "awaiting-receipt" and record["attempts"] == 1
