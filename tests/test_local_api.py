@@ -664,3 +664,41 @@ def test_a_stalled_submission_does_not_hold_the_daemon_past_its_shutdown_deadlin
     assert took < 10, f"stopping took {took:.1f} s"
     assert list(payloads.iterdir()) == []
     assert events(layout.lab.audit_log, "daemon.stopped")
+
+
+async def test_a_body_that_stops_arriving_is_given_up_and_nothing_kept() -> None:
+    # A client that sends part of a document and then nothing (hung, or stopped) must
+    # not hold its connection, its handler and a partial spool file for ever.
+    sink = ListSink()
+    client = ApiClient("lis", LIS_SHA, ("hospital",))
+    received: list[bytes] = []
+    outcome: list[BaseException] = []
+
+    async def spool(_submission: Any, chunks: Any) -> Any:
+        try:
+            async for chunk in chunks:
+                received.append(chunk)
+        except BaseException as exc:  # what Outbound.submit sees: it removes the partial file
+            outcome.append(exc)
+            raise
+        raise AssertionError("the body cannot be complete")
+
+    local = LocalApi(lambda: (client,), spool, never, sink, body_idle_seconds=0.5)
+    port = free_port()
+    await local.start(socket_path=None, address="127.0.0.1", port=port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST /v1/messages?to=hospital HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {LIS_TOKEN}\r\nContent-Length: 1000\r\n\r\n".encode()
+            + b"MSH|part"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().partition(b"content-length:")[2].split(b"\r\n")[0])
+        answer = json.loads(await reader.readexactly(length))
+        writer.close()
+    finally:
+        await local.stop(0.5)  # aiohttp lingers on what is left of the connection
+    assert head.startswith(b"HTTP/1.1 408"), head
+    assert "stopped arriving" in answer["error"] and answer["fix"]
+    assert b"".join(received) == b"MSH|part" and len(outcome) == 1

@@ -29,6 +29,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.config import ApiClient
 from gateway.errors import MedgwError
 from gateway.intake.submit import (
+    BODY_IDLE_SECONDS,
     StatusFn,
     SubmitFn,
     json_error,
@@ -192,6 +193,7 @@ class LocalApi:
         *,
         clock: Clock | None = None,
         flush_seconds: float = 1.0,
+        body_idle_seconds: float = BODY_IDLE_SECONDS,
     ) -> None:
         self._clients = clients
         self._submit = submit_fn
@@ -199,6 +201,7 @@ class LocalApi:
         self._audit = audit
         self._failures = _FailureRecorder(audit, clock or SystemClock())
         self._flush_seconds = flush_seconds
+        self._body_idle_seconds = body_idle_seconds
         self._flusher: asyncio.Task[None] | None = None
         self._socket_path: Path | None = None
         # Bodies are streamed from request.content; client_max_size limits only what
@@ -292,7 +295,7 @@ class LocalApi:
                 "ask the gateway administrator to add the peer to this client's `peers` "
                 "in [[api.clients]]",
             )
-        return await submit(request, submission, self._submit)
+        return await submit(request, submission, self._submit, idle_seconds=self._body_idle_seconds)
 
     async def _get(self, request: web.Request) -> web.Response:
         client = self._client(request)

@@ -16,6 +16,7 @@ agreed with it); the receiving medgw delivers the document into
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from gateway.config import SERVICE_NAME
 from gateway.errors import MedgwError
 
 CHUNK = 1 << 20
+# A body that stops arriving for this long is given up (408): a hung client must not
+# hold its connection and a partial spool file for ever.
+BODY_IDLE_SECONDS = 60.0
 MAX_FILENAME = 255
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 
@@ -95,9 +99,27 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
     return Submission(peer, filename, content_type, submitter, service)
 
 
-async def submit(request: web.Request, submission: Submission, submit_fn: SubmitFn) -> web.Response:
+async def submit(
+    request: web.Request,
+    submission: Submission,
+    submit_fn: SubmitFn,
+    *,
+    idle_seconds: float = BODY_IDLE_SECONDS,
+) -> web.Response:
     async def chunks() -> AsyncIterator[bytes]:
-        while chunk := await request.content.read(CHUNK):
+        while True:
+            try:
+                async with asyncio.timeout(idle_seconds):
+                    chunk = await request.content.read(CHUNK)
+            except TimeoutError:
+                raise SubmissionRefused(
+                    f"the request body stopped arriving (nothing for {idle_seconds:g} s); "
+                    "nothing was spooled",
+                    fix="send the whole document without pausing, then submit it again",
+                    status=408,
+                ) from None
+            if not chunk:
+                return
             yield chunk
 
     try:
