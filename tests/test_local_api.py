@@ -702,3 +702,34 @@ async def test_a_body_that_stops_arriving_is_given_up_and_nothing_kept() -> None
     assert head.startswith(b"HTTP/1.1 408"), head
     assert "stopped arriving" in answer["error"] and answer["fix"]
     assert b"".join(received) == b"MSH|part" and len(outcome) == 1
+
+
+async def test_other_loopback_source_addresses_do_not_multiply_the_audit_bound() -> None:
+    # Any local user can connect from any of 127.0.0.0/8: counted per source address,
+    # ten failures a minute would become ten per address, without bound.
+    clock = FakeClock()
+    sink = ListSink()
+    client = ApiClient("lis", LIS_SHA, ("hospital",))
+    local = LocalApi(lambda: (client,), never, never, sink, clock=clock, flush_seconds=0.05)
+    port = free_port()
+    await local.start(socket_path=None, address="127.0.0.1", port=port)
+    try:
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.1.2.3"):
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(source, 0)
+                )
+                writer.write(b"GET /v1/messages/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert (await reader.read()).startswith(b"HTTP/1.1 401")
+                writer.close()
+    finally:
+        await local.stop()
+
+    failures = [e for e in sink.events if e.event == EventType.API_AUTHENTICATION_FAILED]
+    one_by_one = [e for e in failures if "not_recorded_one_by_one" not in e.detail]
+    assert len(one_by_one) == 10, [e.remote_address for e in one_by_one]
+    assert {e.remote_address for e in one_by_one} == {"127.0.0.1"}  # what each one came from
+    [summary] = [e for e in failures if "not_recorded_one_by_one" in e.detail]
+    assert summary.detail["not_recorded_one_by_one"] == 30
+    assert summary.remote_address == "loopback"
+    assert "loopback" in (summary.reason or "")

@@ -90,20 +90,27 @@ def _remove_stale_socket(path: Path) -> None:
 # Refused tokens: every local user can reach the API, so what one address can put into
 # the audit trail is bounded.  Up to FAILURES_RECORDED a minute are recorded one by
 # one; the rest of that minute are counted, and one record says how many there were.
+# All TCP clients are counted as one address: the API listens on loopback only, and
+# any local user can connect from any address of 127.0.0.0/8.
 FAILURES_RECORDED = 10
 FAILURE_WINDOW_SECONDS = 60.0
 PATH_RECORDED = 200  # characters of the request path kept in a record
+UNIX_SOCKET = "local socket"  # the remote address recorded for the unix socket
+LOOPBACK = "loopback"  # the remote address of a summary of several loopback addresses
 
 
 @dataclass
 class _FailureWindow:
     start: float  # the injected clock's monotonic seconds
+    remote: str  # the address of the first failure in this window
+    mixed: bool = False  # failures came from other loopback addresses too
     recorded: int = 0
     not_recorded: int = 0
 
 
 class _FailureRecorder:
-    """Audits refused tokens, at most FAILURES_RECORDED a minute per remote address."""
+    """Audits refused tokens, at most FAILURES_RECORDED a minute from the unix socket
+    and as many from loopback TCP."""
 
     def __init__(self, audit: AuditSink, clock: Clock) -> None:
         self._audit = audit
@@ -112,11 +119,13 @@ class _FailureRecorder:
 
     def failed(self, remote: str, path: str) -> None:
         now = self._clock.monotonic()
-        window = self._windows.get(remote)
+        source = UNIX_SOCKET if remote == UNIX_SOCKET else LOOPBACK
+        window = self._windows.get(source)
         if window is None or now - window.start >= FAILURE_WINDOW_SECONDS:
             if window is not None:
-                self._summarise(remote, window)
-            window = self._windows[remote] = _FailureWindow(now)
+                self._summarise(window)
+            window = self._windows[source] = _FailureWindow(now, remote)
+        window.mixed = window.mixed or remote != window.remote
         if window.recorded >= FAILURES_RECORDED:
             window.not_recorded += 1
             return
@@ -138,21 +147,22 @@ class _FailureRecorder:
     def flush(self, *, everything: bool = False) -> None:
         """Close the minutes that are over (all of them with ``everything``)."""
         now = self._clock.monotonic()
-        for remote, window in list(self._windows.items()):
+        for source, window in list(self._windows.items()):
             if everything or now - window.start >= FAILURE_WINDOW_SECONDS:
-                del self._windows[remote]
-                self._summarise(remote, window)
+                del self._windows[source]
+                self._summarise(window)
 
-    def _summarise(self, remote: str, window: _FailureWindow) -> None:
+    def _summarise(self, window: _FailureWindow) -> None:
         if not window.not_recorded:
             return
+        where = "loopback addresses" if window.mixed else "this address"
         self._audit.emit(
             AuditEvent(
                 EventType.API_AUTHENTICATION_FAILED,
                 Outcome.FAILURE,
                 Severity.ALERT,
-                remote_address=remote,
-                reason=f"{window.not_recorded} more failed token attempts from this address "
+                remote_address=LOOPBACK if window.mixed else window.remote,
+                reason=f"{window.not_recorded} more failed token attempts from {where} "
                 f"within {FAILURE_WINDOW_SECONDS:.0f} s, beyond the {FAILURES_RECORDED} "
                 "recorded one by one",
                 detail={
@@ -265,7 +275,7 @@ class LocalApi:
     def _client(self, request: web.Request) -> ApiClient | None:
         client = authenticate(self._clients(), request.headers.get("Authorization", ""))
         if client is None:
-            self._failures.failed(request.remote or "local socket", request.path)
+            self._failures.failed(request.remote or UNIX_SOCKET, request.path)
         return client
 
     async def _post(self, request: web.Request) -> web.Response:
