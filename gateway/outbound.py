@@ -317,8 +317,8 @@ class Outbound:
         token = os.urandom(12).hex()
         payload_path = self._payloads / token
         partial = self._payloads / f".{token}.{secrets.token_hex(6)}.partial"
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb", closefd=True) as out:
                 size = 0
                 batch: list[bytes] = []
@@ -343,8 +343,12 @@ class Outbound:
                     )
                 await asyncio.to_thread(_finish_file, out, batch)
             await asyncio.to_thread(_rename_durably, partial, payload_path)
-        except BaseException:
+        except BaseException as exc:
             partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+                # This disk, not the submitter (who may have hung up: ConnectionError).
+                error = f"cannot write a submitted document: {exc.strerror or exc}"
+                raise self._not_stored(error, storage_fix(exc, self._payloads)) from exc
             raise
         message_id = new_message_id(self.config.as2_id)
         try:
@@ -362,8 +366,10 @@ class Outbound:
                 submitted_by=submission.submitter,
                 service=submission.service,
             )
-        except BaseException:
+        except BaseException as exc:
             payload_path.unlink(missing_ok=True)
+            if isinstance(exc, SpoolError):
+                raise self._not_stored(exc.message, exc.fix or "") from exc
             raise
         record = self._spool.get(message_id)
         assert record is not None
@@ -372,6 +378,23 @@ class Outbound:
         view = await self.status(message_id)
         assert view is not None
         return view
+
+    def _not_stored(self, error: str, fix: str) -> SubmissionRefused:
+        """The answer to a submission this gateway cannot store now (its disk is full, say).
+
+        The administrator gets the cause and the fix in the log; the submitter, who can
+        do nothing about them, is told to send again later (503), not our paths.
+        """
+        self._log.error(
+            "submission.not_stored",
+            error=error,
+            fix=f"{fix}; the submitter was answered 503 (nothing spooled) and sends again",
+        )
+        return SubmissionRefused(
+            "the gateway cannot store the document just now; nothing was spooled",
+            fix="send it again later; if this goes on, tell the gateway administrator",
+            status=503,
+        )
 
     async def status(self, message_id: str) -> dict[str, Any] | None:
         """A message's state, who submitted it, and its receipt verified again from the store."""

@@ -29,6 +29,7 @@ from gateway.errors import ConfigError
 from gateway.intake.api import LocalApi, new_token
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
+from tests.test_storage_full import _fill, _small_file_system
 
 LIS_TOKEN, LIS_SHA = new_token()
 RIS_TOKEN, RIS_SHA = new_token()
@@ -733,3 +734,35 @@ async def test_other_loopback_source_addresses_do_not_multiply_the_audit_bound()
     assert summary.detail["not_recorded_one_by_one"] == 30
     assert summary.remote_address == "loopback"
     assert "loopback" in (summary.reason or "")
+
+
+def test_a_full_spool_answers_503_with_a_fix_and_keeps_nothing(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    state = layout.lab.root / "state"
+    with _small_file_system(state, "2m"):
+        lab = processes.start(layout.lab.config_path)
+        filler = _fill(state)
+        status, answer = api.request(
+            "POST",
+            "/v1/messages?to=hospital&filename=a.hl7",
+            token=LIS_TOKEN,
+            body=b"MSH|x\r" * 1000,
+        )
+        # Clear for the internal system (send again later), without the gateway's insides.
+        assert status == 503, answer
+        assert "cannot store" in answer["error"] and "again" in answer["fix"]
+        assert str(state) not in json.dumps(answer)
+        # The administrator is told the cause and the fix.
+        said = lab.wait_for(lambda line: line.get("event") == "submission.not_stored", 10)
+        assert "No space left" in said["error"] and "free disk space" in said["fix"]
+        assert [p.name for p in (state / "payloads").iterdir()] == []
+        filler.unlink()
+        status, view = api.request(
+            "POST", "/v1/messages?to=hospital&filename=a.hl7", token=LIS_TOKEN, body=b"MSH|x\r"
+        )
+        assert status == 202, view
+        assert lab.stop() == 0
+        listed = medgw("queue", "list", "--config", str(layout.lab.config_path), "--json")
+        assert [m["message_id"] for m in json.loads(listed.stdout)] == [view["message_id"]]
