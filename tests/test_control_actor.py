@@ -3,8 +3,10 @@ for the control socket, and a name passed by sudo only as a claim."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import socket
 import stat
 import subprocess
 import sys
@@ -39,3 +41,27 @@ def test_the_kernels_account_comes_first_and_a_passed_name_is_only_claimed(
         f"{account} (uid {uid}, claims to be dr.satoforged: yes)"
     )
     assert records["peer.resumed"]["detail"]["actor"] == f"{account} (uid {uid})"
+
+
+def test_a_body_that_is_not_a_json_object_is_answered_400_and_changes_nothing(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.lab.config_path)
+    for url in ("/v1/peers/hospital/suspend", "/v1/handover/x/retry"):
+        for body in (b"not json", b"[1]", b'"text"'):
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            control.connect(str(layout.lab.root / "state" / "control.sock"))
+            control.sendall(
+                f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            answer = b""
+            while chunk := control.recv(65536):
+                answer += chunk
+            control.close()
+            head, _, text = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400"), (url, body, answer)
+            refused = json.loads(text)
+            assert "JSON object" in refused["error"] and refused["fix"]
+    assert not [r for r in read_audit(layout.lab.audit_log) if r["event"] == "peer.suspended"]

@@ -60,6 +60,25 @@ def _error(exc: MedgwError, status: int) -> web.Response:
     return web.json_response({"error": exc.message, "fix": exc.fix}, status=status)
 
 
+async def _json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request's JSON object (empty without a body), or the 400 to answer."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
+    if not isinstance(body, dict):
+        return web.json_response(
+            {
+                "error": "the request body is not a JSON object",
+                "fix": "send a JSON object (as medgw peers and medgw handover do), or no body",
+            },
+            status=400,
+        )
+    return body
+
+
 class ControlServer:
     def __init__(
         self,
@@ -161,7 +180,9 @@ class ControlServer:
 
     async def _suspend(self, request: web.Request) -> web.Response:
         who = caller(request)
-        body = await request.json() if request.can_read_body else {}
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
         reason = str(body.get("reason") or "suspended by operator")[:500]
         return await self._act(
             request, lambda: self._ops().suspend(request.match_info["peer"], reason, who)
@@ -185,8 +206,10 @@ class ControlServer:
 
     async def _handover_retry(self, request: web.Request) -> web.Response:
         who = caller(request)
-        body = await request.json() if request.can_read_body else {}
-        peer = body.get("peer") if isinstance(body, dict) else None
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        peer = body.get("peer")
         try:
             record = self._ops().handover_retry(
                 request.match_info["message_id"], who, str(peer) if peer else None
