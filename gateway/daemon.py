@@ -61,6 +61,9 @@ from gateway.spool import Spool
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
 INBOUND_PER_PEER = 8  # messages of one peer received at once; more wait their turn
+# A request body up to this size is held in memory (at most INBOUND_PER_PEER per peer);
+# a larger one is streamed to a file under state_dir/incoming.
+SMALL_BODY = 1 << 20
 SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
@@ -533,7 +536,8 @@ class Daemon:
         """Spool the body of an AS2 message, process it, answer with its receipt."""
         body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
         try:
-            if not await self._spool_body(request, body_path, state.config.runtime):
+            body = await self._receive_body(request, body_path, state.config.runtime)
+            if body is None:
                 self._audit_sink().emit(
                     AuditEvent(
                         EventType.MESSAGE_REJECTED,
@@ -557,7 +561,7 @@ class Daemon:
                     status=503, headers={"Retry-After": "5"}, text="please resend\n"
                 )
             result = await asyncio.to_thread(
-                state.inbound.process, InboundRequest(peer, remote, headers, body_path)
+                state.inbound.process, InboundRequest(peer, remote, headers, body)
             )
         except ConnectionError as exc:  # the peer hung up mid-upload: it will resend
             self._log.warning(
@@ -689,16 +693,35 @@ class Daemon:
         return self.state.config.storage.state_dir / "incoming"
 
     @staticmethod
-    async def _spool_body(request: web.Request, path: Path, runtime: Runtime) -> bool:
-        """Stream the request body to ``path``; False if it exceeds the size limit."""
+    async def _receive_body(
+        request: web.Request, path: Path, runtime: Runtime
+    ) -> bytes | Path | None:
+        """The request body: in memory up to SMALL_BODY, else streamed to ``path``
+        (from the start when the declared length says so); None if it exceeds the
+        size limit."""
+        held: list[bytes] = []
         size = 0
-        with path.open("wb") as out:
+        declared = request.content_length
+        out = path.open("wb") if declared is not None and declared > SMALL_BODY else None
+        try:
             async for chunk in request.content.iter_chunked(1 << 20):
                 size += len(chunk)
                 if size > runtime.max_message_bytes:
-                    return False
-                await asyncio.to_thread(out.write, chunk)
-        return True
+                    return None
+                if out is None and size <= SMALL_BODY:
+                    held.append(chunk)
+                    continue
+                if out is None:  # too big to hold: to the file from here on
+                    out = path.open("wb")
+                    held.append(chunk)
+                    await asyncio.to_thread(out.writelines, held)
+                    held.clear()
+                else:
+                    await asyncio.to_thread(out.write, chunk)
+        finally:
+            if out is not None:
+                out.close()
+        return path if out is not None else b"".join(held)
 
     async def _intake_loop(self) -> None:
         """Take documents from the outbox.  A failure (say, the spool's disk is full)

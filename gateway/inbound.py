@@ -29,7 +29,7 @@ from gateway.as2.headers import (
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.cms.stream import DecryptedFile, decrypt_file, verify_entity_file
+from gateway.cms.stream import DecryptedFile, decrypt_file, verify_entity_span
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery.inbox import choose_target, deliver
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
@@ -45,7 +45,7 @@ from gateway.errors import (
     SpoolError,
     StorageFullError,
 )
-from gateway.fsutil import storage_fix, write_atomic
+from gateway.fsutil import storage_fix
 from gateway.logs import Logger
 from gateway.pki.hpki import hcroles
 from gateway.pki.peers import TrustSettings
@@ -157,13 +157,13 @@ class InboundProcessor:
         self._clock = clock
         self._locks = locks if locks is not None else InboundLocks()
 
-    def _decrypt(self, body_path: Path, signed_path: Path, peer: Peer) -> DecryptedFile:
+    def _decrypt(self, body: Path | bytes, signed_path: Path, peer: Peer) -> DecryptedFile:
         """Decrypt with our current key pair, or one of ``[[smime.decryption_keys]]`` (rotation)."""
         first: Exception | None = None
         for pair in self._config.smime.decryption_keys:
             try:
                 return decrypt_file(
-                    body_path, signed_path, pair.certificate, pair.key, policy=peer.policy
+                    body, signed_path, pair.certificate, pair.key, policy=peer.policy
                 )
             except DecryptionError as exc:
                 first = first or exc  # encrypted for another of our keys, perhaps
@@ -362,36 +362,26 @@ class InboundProcessor:
         work = self._config.storage.state_dir / "incoming"
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = secrets.token_hex(8)
-        body_path, signed_path, entity_path = (
-            work / f"{token}.{suffix}" for suffix in ("as2", "signed", "entity")
-        )
-        if isinstance(request.body, Path):
-            body_path = request.body
-        else:
-            write_atomic(body_path, [request.body], mode=0o600)
+        signed_path, entity_path = (work / f"{token}.{suffix}" for suffix in ("signed", "entity"))
         try:
-            return self._open_and_deliver(
-                request, message_id, digest, body_path, signed_path, entity_path
-            )
+            return self._open_and_deliver(request, message_id, digest, signed_path, entity_path)
         finally:
             for path in (signed_path, entity_path):
                 path.unlink(missing_ok=True)
-            if not isinstance(request.body, Path):
-                body_path.unlink(missing_ok=True)
 
     def _open_and_deliver(
         self,
         request: InboundRequest,
         message_id: str,
         digest: str,
-        body_path: Path,
         signed_path: Path,
         entity_path: Path,
     ) -> tuple[str, _Delivered | None, str | None]:
-        """Decrypt, verify and deliver, file to file: memory does not grow with the size."""
+        """Decrypt, verify and deliver, file to file: memory does not grow with the size
+        (a small body is held in memory; the decrypted entity is always a file)."""
         peer = request.peer
         headers = request.headers
-        opened = self._decrypt(body_path, signed_path, peer)
+        opened = self._decrypt(request.body, signed_path, peer)
         for algorithm in opened.compat_algorithms:
             self._audit.emit(
                 AuditEvent(
@@ -406,7 +396,7 @@ class InboundProcessor:
             )
         personal = self._personal_signers(peer)
         try:
-            verified, _size, mic_value = verify_entity_file(
+            verified, entity, mic_value = verify_entity_span(
                 signed_path,
                 entity_path,
                 trusted_signers=self._trusted_signers(peer),
@@ -449,8 +439,8 @@ class InboundProcessor:
                 signer_detail["signer_role_problem"] = roles.problem
         details = f"Signed by {signer}, {roles.describe()}" if roles.present else None
         try:
-            info = read_entity_info(entity_path)
-            size, sha256 = payload_digest(entity_path, info)
+            info = read_entity_info(entity.path, entity.start, entity.end)
+            size, sha256 = payload_digest(entity.path, info)
         except ProtocolError as exc:
             raise _Refused(
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
@@ -510,7 +500,7 @@ class InboundProcessor:
             peer,
             message_id,
             filename,
-            lambda: payload_chunks(entity_path, info),
+            lambda: payload_chunks(entity.path, info),
             size,
             sha256,
             service,

@@ -13,7 +13,7 @@ import pytest
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.message import build_message_file
 from gateway.cms.mime import make_entity
-from gateway.cms.stream import open_and_verify_file
+from gateway.cms.stream import decrypt_file, open_and_verify_file, verify_entity_span
 from gateway.config import load_config
 from gateway.errors import ProtocolError
 from gateway.pki.demo import DemoLayout
@@ -64,6 +64,78 @@ def test_built_file_opens_to_the_same_document_and_mic(
     assert info.filename == "x.dcm"  # reduced to a safe name by the sender already
     assert b"".join(payload_chunks(entity, info)) == data
     assert payload_digest(entity, info) == (size, hashlib.sha256(data).hexdigest())
+
+
+@pytest.mark.parametrize("encoding", ["binary", "base64"])
+@pytest.mark.parametrize("size", [0, 4096, 3 * 1024 * 1024 + 7])
+def test_the_verified_document_is_read_inside_the_decrypted_file_not_copied(
+    layout: DemoLayout, tmp_path: Path, size: int, encoding: str
+) -> None:
+    """The receiver reads the document from the first part of the decrypted
+    multipart/signed where it is: no copy, and not a byte of what follows it."""
+    lab = load_config(layout.lab.config_path)
+    hospital = load_config(layout.hospital.config_path)
+    data = os.urandom(size)
+    if encoding == "base64":  # a signed entity as another product may send it
+        from gateway.cms.smime import sign_entity
+
+        entity = make_entity(
+            "application/pdf", base64.encodebytes(data), [("Content-Transfer-Encoding", "base64")]
+        )
+        signed_bytes = sign_entity(
+            entity,
+            lab.smime.signing.certificate,
+            lab.smime.signing.key,
+            signing_time=datetime.now(UTC),
+            policy=AlgorithmPolicy(),
+        )
+    else:
+        payload = tmp_path / "payload"
+        payload.write_bytes(data)
+        built = build_message_file(
+            payload,
+            tmp_path / "body.as2",
+            filename="scan.pdf",
+            content_type="application/pdf",
+            message_id="<m2@KITA-LAB>",
+            sender_as2_id="KITA-LAB",
+            receiver_as2_id="SAKURA-HOSPITAL",
+            signing=lab.smime.signing,
+            recipients=lab.require_peer("hospital").encryption_certificates,
+            digest="sha256",
+            cipher="aes-256-gcm",
+            policy=AlgorithmPolicy(),
+            at=datetime.now(UTC),
+        )
+        assert built.size == size
+        decrypt_file(
+            tmp_path / "body.as2",
+            tmp_path / "signed",
+            hospital.smime.encryption.certificate,
+            hospital.smime.encryption.key,
+            policy=AlgorithmPolicy(),
+        )
+        signed_bytes = (tmp_path / "signed").read_bytes()
+    signed = tmp_path / "signed"
+    signed.write_bytes(signed_bytes)
+    spill = tmp_path / "spill"
+
+    verified, span, mic = verify_entity_span(
+        signed,
+        spill,
+        trusted_signers=hospital.require_peer("lab").signing_certificates,
+        policy=AlgorithmPolicy(),
+        mic_digest="sha256",
+    )
+    assert verified.signer == lab.smime.signing.certificate
+    assert span.path == signed and not spill.exists()  # read in place
+    assert span.end < signed.stat().st_size  # the signature part follows, unread
+    entity_bytes = signed_bytes[span.start : span.end]
+    assert mic == base64.b64encode(hashlib.sha256(entity_bytes).digest()).decode()
+    info = read_entity_info(span.path, span.start, span.end)
+    assert info.content_type == "application/pdf"
+    assert b"".join(payload_chunks(span.path, info)) == data
+    assert payload_digest(span.path, info) == (size, hashlib.sha256(data).hexdigest())
 
 
 def test_base64_documents_are_decoded_in_chunks(tmp_path: Path) -> None:

@@ -197,8 +197,11 @@ def test_sender_stopped_by_a_full_spool_starts_again_and_delivers_once_space_is_
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
+UPLOAD_SIZE = 2_000_000  # spooled to state/incoming as it arrives, not held in memory
+
+
 def _start_upload(layout: DemoLayout, message_id: str) -> ssl.SSLSocket:
-    """A message from the lab whose body has only begun to arrive (10 of 100000 bytes)."""
+    """A message from the lab whose body has only begun to arrive (10 of UPLOAD_SIZE)."""
     certs = layout.lab.root / "certs"
     context = ssl.create_default_context(cafile=str(layout.ca_certificate))
     context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
@@ -208,7 +211,8 @@ def _start_upload(layout: DemoLayout, message_id: str) -> ssl.SSLSocket:
         b"POST /as2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/pkcs7-mime\r\n"
         + f"Message-ID: {message_id}\r\n".encode()
         + b"AS2-From: KITA-LAB\r\nAS2-To: SAKURA-HOSPITAL\r\n"
-        b"Content-Length: 100000\r\n\r\n" + b"A" * 10
+        + f"Content-Length: {UPLOAD_SIZE}\r\n\r\n".encode()
+        + b"A" * 10
     )
     return conn
 
@@ -290,7 +294,7 @@ def test_a_message_still_arriving_when_trust_changes_is_not_judged_by_the_old_tr
         time.sleep(0.3)
         hospital.signal(signal.SIGHUP)
         hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 20)
-        conn.sendall(b"A" * (100_000 - 10))
+        conn.sendall(b"A" * (UPLOAD_SIZE - 10))
         answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert (

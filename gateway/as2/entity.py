@@ -1,9 +1,11 @@
 """The document inside a verified MIME entity, read from a file in chunks.
 
 After decryption and signature verification the signed entity (MIME headers,
-empty line, body) is in a file.  These functions find its content type, the
-sender's file name and transfer encoding, and yield the decoded document in
-chunks, so a received DICOM study of gigabytes is never held in memory.
+empty line, body) is in a file, or in part of one (the first part of the
+decrypted ``multipart/signed``: it is not copied out).  These functions find
+its content type, the sender's file name and transfer encoding, and yield the
+decoded document in chunks, so a received DICOM study of gigabytes is never
+held in memory.
 """
 
 from __future__ import annotations
@@ -29,14 +31,18 @@ class EntityInfo:
     content_type: str
     filename: str | None
     encoding: str
-    body_offset: int
+    body_offset: int  # where the body starts in the file
     # The X-Medgw-Service header (None: absent; checked by the caller against the peer's).
     service: str | None = None
+    end: int | None = None  # where the entity ends in the file (None: at its end)
 
 
-def read_entity_info(path: Path) -> EntityInfo:
+def read_entity_info(path: Path, start: int = 0, end: int | None = None) -> EntityInfo:
+    """The entity in bytes ``start`` to ``end`` (None: the end) of the file ``path``."""
     with path.open("rb") as handle:
-        head = handle.read(HEADER_LIMIT)
+        handle.seek(start)
+        limit = HEADER_LIMIT if end is None else min(HEADER_LIMIT, end - start)
+        head = handle.read(limit)
     ends = [i + 4 for i in (head.find(b"\r\n\r\n"),) if i >= 0]
     ends += [i + 2 for i in (head.find(b"\n\n"),) if i >= 0]
     if not ends:
@@ -57,7 +63,12 @@ def read_entity_info(path: Path) -> EntityInfo:
     filename = header_param(fields.get("content-disposition", ""), "filename")
     service = fields.get("x-medgw-service")
     return EntityInfo(
-        content_type, filename, encoding, offset, service.strip() if service is not None else None
+        content_type,
+        filename,
+        encoding,
+        start + offset,
+        service.strip() if service is not None else None,
+        end,
     )
 
 
@@ -65,12 +76,22 @@ def payload_chunks(path: Path, info: EntityInfo) -> Iterator[bytes]:
     """The document's bytes, decoded from its transfer encoding, a chunk at a time."""
     with path.open("rb") as handle:
         handle.seek(info.body_offset)
+        left = None if info.end is None else info.end - info.body_offset
+
+        def read() -> bytes:
+            nonlocal left
+            if left is None:
+                return handle.read(CHUNK)
+            chunk = handle.read(min(CHUNK, left))
+            left -= len(chunk)
+            return chunk
+
         if info.encoding != "base64":
-            while chunk := handle.read(CHUNK):
+            while chunk := read():
                 yield chunk
             return
         pending = b""
-        while chunk := handle.read(CHUNK):
+        while chunk := read():
             pending += _NOT_BASE64.sub(b"", chunk)
             usable = len(pending) - len(pending) % 4
             if usable:

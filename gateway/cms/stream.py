@@ -24,6 +24,7 @@ pieces: :func:`encrypt_chunks` (iterator in, iterator out),
 from __future__ import annotations
 
 import base64
+import io
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -78,6 +79,7 @@ from .trust import SignerValidator
 
 __all__ = [
     "DecryptedFile",
+    "EntitySpan",
     "OpenedFile",
     "SealedFile",
     "decrypt_file",
@@ -88,6 +90,7 @@ __all__ = [
     "sign_and_envelope_file",
     "sign_entity_file",
     "verify_entity_file",
+    "verify_entity_span",
 ]
 
 # Non-streaming forms (opaque signed-data, canonicalised text) are handled in
@@ -115,6 +118,19 @@ class DecryptedFile:
     content_cipher: str
     key_transport: str
     compat_algorithms: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EntitySpan:
+    """Where a verified entity is: bytes ``start`` to ``end`` of the file ``path``."""
+
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -575,13 +591,24 @@ def decrypt_stream(
 
 
 def decrypt_file(
-    src: Path, dst: Path, cert: x509.Certificate, key: PrivateKey, *, policy: AlgorithmPolicy
+    src: Path | bytes,
+    dst: Path,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    policy: AlgorithmPolicy,
 ) -> DecryptedFile:
-    """Decrypt the file ``src`` (DER/BER) into ``dst``; ``dst`` appears only on success."""
+    """Decrypt ``src`` (DER/BER: a file, or a small message held in memory) into the
+    file ``dst``; ``dst`` appears only on success."""
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
+    if isinstance(src, Path):
+        source: BinaryIO = src.open("rb")
+        what = f"encrypted file {src}"
+    else:
+        source, what = io.BytesIO(src), "encrypted message"
     try:
-        with src.open("rb") as f, tmp.open("w+b") as out:
-            result = decrypt_stream(f, out, cert, key, policy=policy, what=f"encrypted file {src}")
+        with source as f, tmp.open("w+b") as out:
+            result = decrypt_stream(f, out, cert, key, policy=policy, what=what)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -667,6 +694,35 @@ def verify_entity_file(
     signed-data, parts needing line-ending canonicalisation) are verified in
     memory up to 64 MiB.
     """
+    verified, span, mic = verify_entity_span(
+        src,
+        dst,
+        trusted_signers=trusted_signers,
+        policy=policy,
+        validate_signer=validate_signer,
+        mic_digest=mic_digest,
+    )
+    if span.path != dst:  # verified where it is: copy it out
+        _write_atomically(dst, _file_chunks(src, span.start, span.end))
+    return verified, span.size, mic
+
+
+def verify_entity_span(
+    src: Path,
+    spill: Path,
+    *,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+    validate_signer: SignerValidator | None = None,
+    mic_digest: str | None = None,
+) -> tuple[VerifiedSignature, EntitySpan, str]:
+    """Verify the ``multipart/signed`` entity in ``src`` without copying it.
+
+    Returns (verification, where the signed entity is, its MIC as for
+    :func:`verify_entity_file`).  The entity is normally the first part of
+    ``src`` itself; only a form verified in memory (opaque signed-data, line
+    endings converted in transit) is written, to ``spill``.
+    """
     what = f"signed entity {src}"
     with src.open("rb") as f:
         headers, body_start = _read_headers(f, what)
@@ -674,7 +730,7 @@ def verify_entity_file(
         boundary = header_param(ctype, "boundary")
         if media_type(ctype) != "multipart/signed" or not boundary:
             return _verify_in_memory(
-                src, dst, trusted_signers, policy, validate_signer, mic_digest, what
+                src, spill, trusted_signers, policy, validate_signer, mic_digest, what
             )
         delims = _delimiters(f, body_start, b"--" + boundary.encode("latin-1"))
         if not delims or not delims[-1][2]:
@@ -714,51 +770,38 @@ def verify_entity_file(
     elif any(n not in DIGESTS for n in names) and "sha256" not in names:
         names.append("sha256")  # the MIC of a compat peer's SHA-1 signed entity
     hashers = {n: hashes.Hash(hash_for(n, allow_sha1=True)) for n in names}
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
-    try:
-        with tmp.open("wb") as out:
-            for chunk in _file_chunks(src, start, max(start, end)):
-                for h in hashers.values():
-                    h.update(chunk)
-                out.write(chunk)
-            exact = {n: h.copy().finalize() for n, h in hashers.items()}
-            readings = [(exact, end - start, b"")]
-            if crlf:  # the CR before the delimiter may belong to the part
-                for h in hashers.values():
-                    h.update(b"\r")
-                readings.append(
-                    ({n: h.finalize() for n, h in hashers.items()}, end - start + 1, b"\r")
-                )
-            result = None
-            first_error: SignatureError | None = None
-            for digests, length, extra in readings:
-                try:
-                    result = verify_digest(
-                        signature,
-                        digest_of=digests.__getitem__,
-                        content_length=length,
-                        trusted_signers=trusted_signers,
-                        policy=policy,
-                        validate_signer=validate_signer,
-                    )
-                except SignatureError as exc:
-                    first_error = first_error or exc
-                    continue
-                out.write(extra)
-                size, mic_bytes = length, digests[_mic_name(mic_digest, result.digest)]
-                break
-        if result is None:
-            assert first_error is not None
-            if end - start <= IN_MEMORY_LIMIT:
-                # line endings converted in transit: try the canonical readings
-                return _verify_in_memory(
-                    src, dst, trusted_signers, policy, validate_signer, mic_digest, what
-                )
-            raise first_error
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return result, size, base64.b64encode(mic_bytes).decode("ascii")
+    for chunk in _file_chunks(src, start, max(start, end)):
+        for h in hashers.values():
+            h.update(chunk)
+    exact = {n: h.copy().finalize() for n, h in hashers.items()}
+    readings = [(exact, max(start, end) - start)]
+    if crlf:  # the CR before the delimiter may belong to the part
+        for h in hashers.values():
+            h.update(b"\r")
+        readings.append(({n: h.finalize() for n, h in hashers.items()}, end - start + 1))
+    first_error: SignatureError | None = None
+    for digests, length in readings:
+        try:
+            result = verify_digest(
+                signature,
+                digest_of=digests.__getitem__,
+                content_length=length,
+                trusted_signers=trusted_signers,
+                policy=policy,
+                validate_signer=validate_signer,
+            )
+        except SignatureError as exc:
+            first_error = first_error or exc
+            continue
+        mic_bytes = digests[_mic_name(mic_digest, result.digest)]
+        return result, EntitySpan(src, start, start + length), base64.b64encode(mic_bytes).decode()
+    assert first_error is not None
+    if end - start <= IN_MEMORY_LIMIT:
+        # line endings converted in transit: try the canonical readings
+        return _verify_in_memory(
+            src, spill, trusted_signers, policy, validate_signer, mic_digest, what
+        )
+    raise first_error
 
 
 def _mic_name(mic_digest: str | None, signer_digest: str) -> str:
@@ -771,13 +814,13 @@ def _mic_name(mic_digest: str | None, signer_digest: str) -> str:
 
 def _verify_in_memory(
     src: Path,
-    dst: Path,
+    spill: Path,
     trusted_signers: Sequence[x509.Certificate],
     policy: AlgorithmPolicy,
     validate_signer: SignerValidator | None,
     mic_digest: str | None,
     what: str,
-) -> tuple[VerifiedSignature, int, str]:
+) -> tuple[VerifiedSignature, EntitySpan, str]:
     size = src.stat().st_size
     if size > IN_MEMORY_LIMIT:
         raise MalformedMessageError(
@@ -791,10 +834,10 @@ def _verify_in_memory(
         policy=policy,
         validate_signer=validate_signer,
     )
-    _write_atomically(dst, [entity])
+    _write_atomically(spill, [entity])
     h = hashes.Hash(hash_for(_mic_name(mic_digest, verified.digest)))
     h.update(entity)
-    return verified, len(entity), base64.b64encode(h.finalize()).decode("ascii")
+    return verified, EntitySpan(spill, 0, len(entity)), base64.b64encode(h.finalize()).decode()
 
 
 def open_and_verify_file(
