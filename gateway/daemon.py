@@ -415,6 +415,7 @@ class Daemon:
                 self._audit_sink(),
                 self._log,
                 config.runtime.max_message_bytes,
+                self._clock,
             )
             try:
                 await server.start()

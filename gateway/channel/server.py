@@ -9,11 +9,20 @@ reason — asyncio would otherwise drop it silently.
 
 The TLS context is looked up for every new connection, so a reload swaps
 trust for new connections atomically.
+
+A failed handshake (no certificate, an unknown or unpinned one, plain HTTP,
+an old protocol) is audited as an alert, the first FAILURES_RECORDED a minute
+from each address one by one and then one record with the count.  A
+connection closed or left silent before the handshake ends (a load balancer's
+or a monitor's TCP check, a port scan, a client that gave up) is no
+authentication attempt: it is logged, once per address every
+ABANDONED_WINDOW_SECONDS with the count, not audited.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,12 +31,25 @@ from aiohttp import web
 from cryptography import x509
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
 from gateway.config import Listener
 from gateway.logs import Logger
 from gateway.pki.tls import fingerprint
+from gateway.ratelimit import SourceBudget
 
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HANDSHAKE_TIMEOUT = 15.0
+FAILURES_RECORDED = 10  # failed handshakes audited one by one per address and minute
+ABANDONED_WINDOW_SECONDS = 600.0  # one log line per address for abandoned handshakes
+SUMMARY_SECONDS = 10.0  # how often the counts of windows that are over are written
+# The other side closed or went silent: nothing to authenticate, nothing to alert on.
+_ABANDONED = (
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+    TimeoutError,
+    ssl.SSLEOFError,
+)
 
 
 def _subject(der: bytes) -> str:
@@ -91,11 +113,15 @@ class As2Server:
         audit: AuditSink,
         log: Logger,
         max_body_bytes: int,
+        clock: Clock,
     ) -> None:
         self.listener = listener
         self._context = context
         self._audit = audit
         self._log = log.bind(listener=listener.name)
+        self._failures = SourceBudget(clock, per_window=FAILURES_RECORDED)
+        self._abandoned = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
+        self._summaries: asyncio.Task[None] | None = None
         app = web.Application(client_max_size=max_body_bytes)
         app.router.add_post(listener.path, handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -121,6 +147,7 @@ class As2Server:
         sockets = self._server.sockets
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        self._summaries = loop.create_task(self._summary_loop())
         self._log.info("listener.started", address=self.listener.address, port=self.port)
 
     async def upgrade(self, transport: asyncio.Transport) -> None:
@@ -140,19 +167,29 @@ class As2Server:
             )
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             transport.abort()
+            host = peername[0] if peername else "unknown"
+            if isinstance(exc, _ABANDONED):
+                if self._abandoned.admit(host):
+                    self._log.info(
+                        "tls.handshake_abandoned",
+                        remote=remote,
+                        reason=_abandoned_reason(exc),
+                    )
+                return
             reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
-            self._log.warning("tls.handshake_failed", remote=remote, reason=reason)
-            self._audit.emit(
-                AuditEvent(
-                    EventType.TLS_HANDSHAKE_FAILED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    remote_address=remote,
-                    reason=reason,
-                    direction="inbound",
-                    detail={"listener": self.listener.name},
+            if self._failures.admit(host):
+                self._log.warning("tls.handshake_failed", remote=remote, reason=reason)
+                self._audit.emit(
+                    AuditEvent(
+                        EventType.TLS_HANDSHAKE_FAILED,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        remote_address=remote,
+                        reason=reason,
+                        direction="inbound",
+                        detail={"listener": self.listener.name},
+                    )
                 )
-            )
             return
         if tls_transport is None or handoff.lost:
             return
@@ -161,6 +198,48 @@ class As2Server:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der is not None:
             self._connections[tls_transport] = (remote, fingerprint(der), _subject(der))
+
+    async def _summary_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SUMMARY_SECONDS)
+            try:
+                self.write_summaries()
+            except Exception as exc:  # the audit log's disk may be full for now
+                self._log.warning("listener.summary_failed", error=str(exc))
+
+    def write_summaries(self, *, everything: bool = False) -> None:
+        """One record for each address whose events were counted, not written one by one."""
+        for window in self._failures.closed(everything=everything):
+            reason = (
+                f"{window.held_back} more failed TLS handshakes from {window.source} within "
+                f"{self._failures.window_seconds:.0f} s, beyond the {FAILURES_RECORDED} "
+                "recorded one by one"
+            )
+            self._log.warning("tls.handshake_failed", remote=window.source, reason=reason)
+            self._audit.emit(
+                AuditEvent(
+                    EventType.TLS_HANDSHAKE_FAILED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    remote_address=window.source,
+                    reason=reason,
+                    direction="inbound",
+                    detail={
+                        "listener": self.listener.name,
+                        "not_recorded_one_by_one": window.held_back,
+                        "window_seconds": self._failures.window_seconds,
+                    },
+                )
+            )
+        for window in self._abandoned.closed(everything=everything):
+            self._log.info(
+                "tls.handshake_abandoned",
+                remote=window.source,
+                more=window.held_back,
+                window_seconds=self._abandoned.window_seconds,
+                reason="more connections closed or left silent before the TLS handshake "
+                "ended (a TCP health check or port scan does this)",
+            )
 
     def close_unaccepted(self, accepted: set[str]) -> list[tuple[str, str]]:
         """Close established connections whose certificate (SHA-256) is not in ``accepted``.
@@ -182,6 +261,11 @@ class As2Server:
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._summaries is not None:
+            self._summaries.cancel()
+            self._summaries = None
+            with contextlib.suppress(Exception):  # the audit log's disk may be full
+                self.write_summaries(everything=True)  # the last counts are not lost
 
     async def stop(self, timeout: float) -> None:
         """Stop accepting, let requests in progress finish within ``timeout``."""
@@ -200,3 +284,9 @@ class As2Server:
         if self._server is not None:
             await self._server.wait_closed()
         self._log.info("listener.stopped")
+
+
+def _abandoned_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"nothing, or not a whole handshake, within {HANDSHAKE_TIMEOUT:.0f} s"
+    return "closed by the other side before the TLS handshake ended"

@@ -1,0 +1,121 @@
+"""What the AS2 listener records when connections fail before a peer is known.
+
+A load balancer's or a monitor's TCP check connects and hangs up, every few
+seconds, for ever.  That is no authentication attempt: it must not raise an
+alert each time (admins would learn to ignore alerts), yet it is logged.  A
+real failed handshake (plain HTTP, no certificate, an unknown one) is an alert;
+one address can produce only so many one by one, then one record counts the
+rest, so nothing is lost and nothing floods the trail.
+
+The listener runs in this process on a real socket with real TLS; only its
+clock is injected, to close a minute's window without waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import ssl
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.audit.log import AuditLog
+from gateway.channel.server import FAILURES_RECORDED, As2Server
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.logs import make_logger
+from gateway.pki.demo import DemoLayout
+
+
+class SteppedClock:
+    def __init__(self) -> None:
+        self.seconds = 1000.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return self.seconds
+
+
+async def _not_reached(request: web.Request) -> web.Response:
+    raise AssertionError("no request can get past a failed handshake")
+
+
+def _records(path: Path, event: str) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == event]
+
+
+async def _settled(server: As2Server) -> None:
+    """Every accepted connection's handshake has ended one way or the other."""
+    for _ in range(500):
+        if not server._tasks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("handshakes still running")
+
+
+async def test_health_checks_are_logged_and_failed_handshakes_audited_within_a_bound(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    config = load_config(layout.hospital.config_path)
+    certs = layout.hospital.root / "certs"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(layout.ca_certificate)
+    audit_path = tmp_path / "audit.jsonl"
+    audit = AuditLog(audit_path, SystemClock(), node="hospital")
+    log = io.StringIO()
+    clock = SteppedClock()
+    listener = replace(config.listeners[0], address="127.0.0.1", port=0)
+    server = As2Server(
+        listener, lambda: context, _not_reached, audit, make_logger("info", log), 1 << 20, clock
+    )
+    await server.start()
+    try:
+        for _ in range(20):  # a TCP health check: connect, hang up
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.close()
+            await writer.wait_closed()
+        attempts = FAILURES_RECORDED + 15
+        for _ in range(attempts):  # plain HTTP on the TLS port: a failed handshake
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /as2 HTTP/1.0\r\n\r\n")
+            await reader.read()
+            writer.close()
+            await writer.wait_closed()
+        await _settled(server)
+
+        failed = _records(audit_path, "tls.handshake_failed")
+        assert len(failed) == FAILURES_RECORDED  # one by one, then only counted
+        assert all("HTTP_REQUEST" in str(r["reason"]) for r in failed)
+        lines = [json.loads(line) for line in log.getvalue().splitlines()]
+        abandoned = [line for line in lines if line["event"] == "tls.handshake_abandoned"]
+        assert len(abandoned) == 1  # logged, once for that address, not audited
+        assert abandoned[0]["remote"].startswith("127.0.0.1:")
+
+        server.write_summaries()  # the minute is not over: nothing to add yet
+        assert len(_records(audit_path, "tls.handshake_failed")) == FAILURES_RECORDED
+        clock.seconds += 61
+        server.write_summaries()
+        summary = _records(audit_path, "tls.handshake_failed")[-1]
+        assert summary["severity"] == "alert"
+        assert summary["remote_address"] == "127.0.0.1"
+        assert str(summary["reason"]).startswith("15 more failed TLS handshakes from 127.0.0.1")
+        assert summary["detail"]["not_recorded_one_by_one"] == 15  # type: ignore[index]
+    finally:
+        await server.stop(5)
+        audit.close()
+    # The health checks' count is written when the listener stops.
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    [last] = [
+        line for line in lines if line["event"] == "tls.handshake_abandoned" and "more" in line
+    ]
+    assert last["more"] == 19 and last["remote"] == "127.0.0.1"
