@@ -19,7 +19,6 @@ import secrets
 import socket
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -38,6 +37,7 @@ from gateway.intake.submit import (
     stop_runner,
     submit,
 )
+from gateway.ratelimit import SourceBudget
 
 
 def new_token() -> tuple[str, str]:
@@ -99,37 +99,20 @@ UNIX_SOCKET = "local socket"  # the remote address recorded for the unix socket
 LOOPBACK = "loopback"  # the remote address of a summary of several loopback addresses
 
 
-@dataclass
-class _FailureWindow:
-    start: float  # the injected clock's monotonic seconds
-    remote: str  # the address of the first failure in this window
-    mixed: bool = False  # failures came from other loopback addresses too
-    recorded: int = 0
-    not_recorded: int = 0
-
-
 class _FailureRecorder:
     """Audits refused tokens, at most FAILURES_RECORDED a minute from the unix socket
     and as many from loopback TCP."""
 
     def __init__(self, audit: AuditSink, clock: Clock) -> None:
         self._audit = audit
-        self._clock = clock
-        self._windows: dict[str, _FailureWindow] = {}
+        self._budget = SourceBudget(
+            clock, per_window=FAILURES_RECORDED, window_seconds=FAILURE_WINDOW_SECONDS
+        )
 
     def failed(self, remote: str, path: str) -> None:
-        now = self._clock.monotonic()
         source = UNIX_SOCKET if remote == UNIX_SOCKET else LOOPBACK
-        window = self._windows.get(source)
-        if window is None or now - window.start >= FAILURE_WINDOW_SECONDS:
-            if window is not None:
-                self._summarise(window)
-            window = self._windows[source] = _FailureWindow(now, remote)
-        window.mixed = window.mixed or remote != window.remote
-        if window.recorded >= FAILURES_RECORDED:
-            window.not_recorded += 1
+        if not self._budget.admit(source, remote):
             return
-        window.recorded += 1
         detail: dict[str, object] = {"path": path}
         if len(path) > PATH_RECORDED:
             detail = {"path": path[:PATH_RECORDED] + "...", "path_length": len(path)}
@@ -145,32 +128,25 @@ class _FailureRecorder:
         )
 
     def flush(self, *, everything: bool = False) -> None:
-        """Close the minutes that are over (all of them with ``everything``)."""
-        now = self._clock.monotonic()
-        for source, window in list(self._windows.items()):
-            if everything or now - window.start >= FAILURE_WINDOW_SECONDS:
-                del self._windows[source]
-                self._summarise(window)
-
-    def _summarise(self, window: _FailureWindow) -> None:
-        if not window.not_recorded:
-            return
-        where = "loopback addresses" if window.mixed else "this address"
-        self._audit.emit(
-            AuditEvent(
-                EventType.API_AUTHENTICATION_FAILED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                remote_address=LOOPBACK if window.mixed else window.remote,
-                reason=f"{window.not_recorded} more failed token attempts from {where} "
-                f"within {FAILURE_WINDOW_SECONDS:.0f} s, beyond the {FAILURES_RECORDED} "
-                "recorded one by one",
-                detail={
-                    "not_recorded_one_by_one": window.not_recorded,
-                    "window_seconds": FAILURE_WINDOW_SECONDS,
-                },
+        """Write the count of each minute that is over (of every minute with ``everything``)."""
+        for window in self._budget.closed(everything=everything):
+            mixed = len(window.notes) > 1 or window.more_notes
+            where = "loopback addresses" if mixed else "this address"
+            self._audit.emit(
+                AuditEvent(
+                    EventType.API_AUTHENTICATION_FAILED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    remote_address=LOOPBACK if mixed else window.notes[0],
+                    reason=f"{window.held_back} more failed token attempts from {where} "
+                    f"within {FAILURE_WINDOW_SECONDS:.0f} s, beyond the {FAILURES_RECORDED} "
+                    "recorded one by one",
+                    detail={
+                        "not_recorded_one_by_one": window.held_back,
+                        "window_seconds": FAILURE_WINDOW_SECONDS,
+                    },
+                )
             )
-        )
 
 
 SOCKET_MODE = 0o660  # the medgw user and its group (the internal systems)
