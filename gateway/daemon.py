@@ -57,6 +57,7 @@ from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, va
 from gateway.routing import admit
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool
+from gateway.spool.sqlite import OutboundState
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
@@ -67,6 +68,15 @@ SMALL_BODY = 1 << 20
 SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
+# States of a message still on its way to its peer (see gateway.spool.sqlite).
+PENDING_STATES = frozenset(
+    {
+        OutboundState.INTAKE,
+        OutboundState.QUEUED,
+        OutboundState.SENDING,
+        OutboundState.AWAITING_RECEIPT,
+    }
+)
 ASYNC_RECEIPT_ATTEMPTS = 5
 CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
 _DER = Encoding.DER
@@ -348,6 +358,7 @@ class Daemon:
                 )
             )
             self._log.info("daemon.ready", listeners=ports, peers=[p.name for p in config.peers])
+            self._report_unconfigured_peers(config)
             self._notifier.ready(
                 f"serving {len(self._servers)} listener(s), {len(config.peers)} peer(s)"
             )
@@ -932,8 +943,39 @@ class Daemon:
                     EventType.CONFIG_RELOADED, detail={"peers": [p.name for p in new_config.peers]}
                 )
             )
+            self._report_unconfigured_peers(new_config)
             self._notifier.ready("configuration reloaded")
             return True
+
+    def _report_unconfigured_peers(self, config: GatewayConfig) -> None:
+        """Alert about messages waiting for a peer that is no longer configured: no sender
+        runs for it, so they are neither sent nor expired until an operator acts."""
+        assert self._spool is not None
+        configured = {p.name for p in config.peers}
+        waiting: dict[str, dict[str, int]] = {}
+        for (peer, state), count in self._spool.counts().items():
+            if peer not in configured and state in PENDING_STATES:
+                waiting.setdefault(peer, {})[state] = count
+        for peer, states in sorted(waiting.items()):
+            total = sum(states.values())
+            fix = (
+                f"to send them, configure the peer again (peers.d/{peer}.toml) and reload; "
+                f"to withdraw them: medgw queue list --peer {peer} --state queued, then "
+                "medgw queue cancel ID for each"
+            )
+            self._log.error("queue.peer_not_configured", peer=peer, messages=states, fix=fix)
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.QUEUE_PEER_NOT_CONFIGURED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    peer=peer,
+                    direction="outbound",
+                    reason=f"{total} message(s) for peer {peer!r} wait in the queue, but no "
+                    "peer of that name is configured: they are neither sent nor expired",
+                    detail={"states": states, "fix": fix},
+                )
+            )
 
     def _swap(self, new_state: RuntimeState) -> None:
         """Make ``new_state`` current; drop connections whose certificate it no longer accepts."""

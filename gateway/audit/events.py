@@ -32,6 +32,7 @@ class EventType(StrEnum):
     MESSAGE_DEAD = "message.dead"  # retries exhausted: dead letter, needs an operator
     MESSAGE_RETRIED = "message.retried"  # operator put it back in the queue
     MESSAGE_CANCELLED = "message.cancelled"  # operator withdrew it
+    QUEUE_PEER_NOT_CONFIGURED = "queue.peer_not_configured"  # queued for a peer removed
     PEER_SUSPENDED = "peer.suspended"  # operator stopped the exchange with a peer
     PEER_RESUMED = "peer.resumed"
     PEER_SUSPENDED_REFUSAL = "peer.suspended_refusal"  # a suspended peer tried to send

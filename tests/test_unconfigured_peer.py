@@ -1,0 +1,60 @@
+"""Messages left for a peer that is no longer configured are not forgotten.
+
+Removing a peer's file ends the exchange with it, but documents may still wait
+in the queue for it. No sender runs for a peer that is not configured, so they
+would be neither sent nor expired, and nothing would say so. The daemon raises
+an alert naming the peer, the count and the fix after every reload and at
+every start, until the peer is configured again or the messages are withdrawn.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.cli import medgw
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
+    layout: DemoLayout, processes: Any
+) -> None:
+    audit = layout.lab.audit_log
+    lab = processes.start(layout.lab.config_path)  # the hospital is down: it stays queued
+    drop_file(layout.lab.outbox_dir / "hospital", "pending.hl7", b"MSH|pending\r")
+    wait_until(lambda: events(audit, "message.send_failed"), 60, "a failed attempt")
+    assert not events(audit, "queue.peer_not_configured")  # the peer is configured
+
+    (layout.lab.root / "peers.d" / "hospital.toml").unlink()  # the exchange has ended
+    lab.signal(signal.SIGHUP)
+    [alert] = wait_until(lambda: events(audit, "queue.peer_not_configured"), 15, "the alert")
+    assert alert["severity"] == "alert" and alert["peer"] == "hospital"
+    assert alert["detail"]["states"] == {"queued": 1}
+    assert "1 message(s) for peer 'hospital'" in alert["reason"]
+    assert "neither sent nor expired" in alert["reason"]
+    assert "medgw queue cancel" in alert["detail"]["fix"]
+
+    lab.stop()  # said again at the next start
+    processes.start(layout.lab.config_path)
+    wait_until(lambda: len(events(audit, "queue.peer_not_configured")) == 2, 15, "at start")
+
+    listed = medgw(
+        "queue", "list", "--peer", "hospital", "--state", "queued", "--json",
+        "--config", str(layout.lab.config_path),
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    [record] = json.loads(listed.stdout)
+    cancelled = medgw(
+        "queue", "cancel", record["message_id"], "--config", str(layout.lab.config_path)
+    )
+    assert cancelled.returncode == 0, cancelled.stderr
+    processes.started[-1].signal(signal.SIGHUP)
+    wait_until(lambda: len(events(audit, "config.reloaded")) >= 2, 15, "the next reload")
+    assert len(events(audit, "queue.peer_not_configured")) == 2  # nothing waits any more
