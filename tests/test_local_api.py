@@ -209,6 +209,17 @@ def test_api_refuses_bad_tokens_foreign_peers_and_services(
         headers={"Content-Type": "not a type"},
     )
     assert status == 400 and "media type" in answer["error"]
+    # Names an admin will read in `medgw queue list`: no control or formatting
+    # characters (an escape sequence, a right-to-left override that shows
+    # "result\u202egpj.exe" as "resultexe.jpg"), nothing that was not UTF-8.
+    for name in ("a%1Bb.hl7", "a%7Fb.hl7", "a%C2%9Bb.hl7", "result%E2%80%AEgpj.exe", "x%FF.hl7"):
+        status, answer = api.request(
+            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"x"
+        )
+        assert status == 400 and "control or formatting" in answer["error"], (name, answer)
+    status, answer = api.request("POST", "/v1/messages?to=" + "p" * 300, token=LIS_TOKEN, body=b"x")
+    assert status == 400 and "is not a peer name" in answer["error"], answer
+    assert len(events(layout.lab.audit_log, "api.request_refused")) == 1  # not audited again
     # Nothing of all that reached the spool.
     listed = medgw("queue", "list", "--config", str(layout.lab.config_path), "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout) == []

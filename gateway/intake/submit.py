@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,16 @@ CHUNK = 1 << 20
 # hold its connection and a partial spool file for ever.
 BODY_IDLE_SECONDS = 60.0
 MAX_FILENAME = 255
+MAX_PEER_NAME = 255  # a peer is named by its file in peers.d
+
+
+def _printable(text: str) -> bool:
+    """No control characters (C0, DEL, C1), no formatting ones (bidirectional overrides,
+    zero-width: they make a name show as another in a terminal), no U+FFFD (the
+    sender's bytes were not UTF-8): what ``medgw queue list`` prints is what was sent."""
+    return not any(c == "\ufffd" or unicodedata.category(c) in ("Cc", "Cf") for c in text)
+
+
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 
 
@@ -79,10 +90,21 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
             "the destination peer is missing",
             "POST /v1/messages?to=PEER&filename=NAME with the document as the body",
         )
-    if len(filename) > MAX_FILENAME or any(ord(c) < 32 or c in "/\\" for c in filename):
+    if len(peer) > MAX_PEER_NAME or not _printable(peer):
         return json_error(
             400,
-            f"filename must be a plain file name of at most {MAX_FILENAME} characters",
+            f"to={peer[:80]!r} is not a peer name",
+            "give the name of a peer file in peers.d without .toml, e.g. to=kita-lab",
+        )
+    if (
+        len(filename) > MAX_FILENAME
+        or not _printable(filename)
+        or any(c in "/\\" for c in filename)
+    ):
+        return json_error(
+            400,
+            f"filename must be a plain file name of at most {MAX_FILENAME} characters, in "
+            "UTF-8, without control or formatting characters",
             "send the base name only, e.g. filename=result.hl7",
         )
     raw_type = request.headers.get("Content-Type", "application/octet-stream")
