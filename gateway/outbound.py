@@ -396,13 +396,20 @@ class Outbound:
             status=503,
         )
 
-    async def status(self, message_id: str) -> dict[str, Any] | None:
-        """A message's state, who submitted it, and its receipt verified again from the store."""
+    async def status(self, message_id: str, submitter: str | None = None) -> dict[str, Any] | None:
+        """A message's state, who submitted it, and its receipt verified again from the store.
+
+        With ``submitter``: None unless that submitter sent it, decided before any work is
+        done for it (a client learns nothing of other clients' messages, not even by time).
+        """
+        submitted_by = self._spool.submitter(message_id)
+        if submitter is not None and submitted_by != submitter:
+            return None
         record = self._spool.get(message_id)
         if record is None:
             return None
         view = record_view(record)
-        view["submitted_by"] = self._spool.submitter(message_id)
+        view["submitted_by"] = submitted_by
         view["final"] = record.state in FINAL_STATES
         view["receipt"] = await asyncio.to_thread(self._stored_receipt, record)
         return view

@@ -64,8 +64,9 @@ class SubmissionRefused(MedgwError):
 
 
 SubmitFn = Callable[[Submission, AsyncIterator[bytes]], Awaitable[dict[str, Any]]]
-# The message's view (state, receipt, submitted_by), or None when there is no such message.
-StatusFn = Callable[[str], Awaitable[dict[str, Any] | None]]
+# The message's view (state, receipt, submitted_by), or None when there is no such message
+# or (with a submitter given) it is not that submitter's.
+StatusFn = Callable[[str, str | None], Awaitable[dict[str, Any] | None]]
 
 
 def json_error(status: int, message: str, fix: str) -> web.Response:
@@ -153,7 +154,7 @@ async def submit(
 
 async def status(request: web.Request, submitter: str | None, status_fn: StatusFn) -> web.Response:
     """``submitter=None`` sees every message (the administrator on the control socket)."""
-    view = await status_fn(request.match_info["message_id"])
+    view = await status_fn(request.match_info["message_id"], submitter)
     if view is None or (submitter is not None and view.get("submitted_by") != submitter):
         # The same answer for "not there" and "not yours": a client learns nothing of others.
         return json_error(404, "no such message", "use the message_id the submission returned")
