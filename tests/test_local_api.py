@@ -777,3 +777,21 @@ def test_a_full_spool_answers_503_with_a_fix_and_keeps_nothing(
         assert lab.stop() == 0
         listed = medgw("queue", "list", "--config", str(layout.lab.config_path), "--json")
         assert [m["message_id"] for m in json.loads(listed.stdout)] == [view["message_id"]]
+
+
+async def test_an_idle_connection_is_closed_by_the_gateway() -> None:
+    # Any local user can connect without a token; a connection that sends nothing
+    # must not be held for aiohttp's default hour (thousands of them would use up the
+    # daemon's file descriptors, AS2 listeners included).
+    client = ApiClient("lis", LIS_SHA, ("hospital",))
+    local = LocalApi(lambda: (client,), never, never, ListSink(), idle_connection_seconds=0.5)
+    port = free_port()
+    await local.start(socket_path=None, address="127.0.0.1", port=port)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the gateway
+        assert asyncio.get_running_loop().time() - started < 5
+        writer.close()
+    finally:
+        await local.stop()

@@ -42,6 +42,7 @@ HANDSHAKE_TIMEOUT = 15.0
 FAILURES_RECORDED = 10  # failed handshakes audited one by one per address and minute
 ABANDONED_WINDOW_SECONDS = 600.0  # one log line per address for abandoned handshakes
 SUMMARY_SECONDS = 10.0  # how often the counts of windows that are over are written
+IDLE_CONNECTION_SECONDS = 75.0  # a peer's connection without a request is closed after
 # The other side closed or went silent: nothing to authenticate, nothing to alert on.
 _ABANDONED = (
     ConnectionResetError,
@@ -124,7 +125,9 @@ class As2Server:
         self._summaries: asyncio.Task[None] | None = None
         app = web.Application(client_max_size=max_body_bytes)
         app.router.add_post(listener.path, handler)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_CONNECTION_SECONDS
+        )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # Established connections: remote address, certificate SHA-256, subject.

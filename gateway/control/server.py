@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.errors import MedgwError, SpoolError
 from gateway.intake.submit import (
+    IDLE_CONNECTION_SECONDS,
     StatusFn,
     SubmitFn,
     parse_submission,
@@ -108,7 +109,12 @@ class ControlServer:
         app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=IDLE_CONNECTION_SECONDS,
+        )
 
     async def start(self) -> None:
         await self._runner.setup()

@@ -29,6 +29,7 @@ from gateway.config import ApiClient
 from gateway.errors import MedgwError
 from gateway.intake.submit import (
     BODY_IDLE_SECONDS,
+    IDLE_CONNECTION_SECONDS,
     StatusFn,
     SubmitFn,
     json_error,
@@ -180,6 +181,7 @@ class LocalApi:
         clock: Clock | None = None,
         flush_seconds: float = 1.0,
         body_idle_seconds: float = BODY_IDLE_SECONDS,
+        idle_connection_seconds: float = IDLE_CONNECTION_SECONDS,
     ) -> None:
         self._clients = clients
         self._submit = submit_fn
@@ -195,7 +197,12 @@ class LocalApi:
         app = web.Application()
         app.router.add_post("/v1/messages", self._post)
         app.router.add_get("/v1/messages/{message_id}", self._get)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=idle_connection_seconds,
+        )
 
     async def start(
         self, *, socket_path: Path | None, address: str | None, port: int | None

@@ -32,6 +32,9 @@ CHUNK = 1 << 20
 # A body that stops arriving for this long is given up (408): a hung client must not
 # hold its connection and a partial spool file for ever.
 BODY_IDLE_SECONDS = 60.0
+# A connection with no request in progress is closed after this long (aiohttp's own
+# default is an hour): any local user can connect, so idle connections must not pile up.
+IDLE_CONNECTION_SECONDS = 30.0
 MAX_FILENAME = 255
 MAX_PEER_NAME = 255  # a peer is named by its file in peers.d
 
