@@ -61,23 +61,36 @@ async def _settled(server: As2Server) -> None:
     raise AssertionError("handshakes still running")
 
 
-async def test_health_checks_are_logged_and_failed_handshakes_audited_within_a_bound(
-    layout: DemoLayout, tmp_path: Path
-) -> None:
+def _listener(
+    layout: DemoLayout, audit: AuditLog, log: io.StringIO, clock: SteppedClock, **kwargs: int
+) -> As2Server:
     config = load_config(layout.hospital.config_path)
     certs = layout.hospital.root / "certs"
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_verify_locations(layout.ca_certificate)
+    listener = replace(config.listeners[0], address="127.0.0.1", port=0)
+    return As2Server(
+        listener,
+        lambda: context,
+        _not_reached,
+        audit,
+        make_logger("info", log),
+        1 << 20,
+        clock,
+        **kwargs,
+    )
+
+
+async def test_health_checks_are_logged_and_failed_handshakes_audited_within_a_bound(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
     audit_path = tmp_path / "audit.jsonl"
     audit = AuditLog(audit_path, SystemClock(), node="hospital")
     log = io.StringIO()
     clock = SteppedClock()
-    listener = replace(config.listeners[0], address="127.0.0.1", port=0)
-    server = As2Server(
-        listener, lambda: context, _not_reached, audit, make_logger("info", log), 1 << 20, clock
-    )
+    server = _listener(layout, audit, log, clock)
     await server.start()
     try:
         for _ in range(20):  # a TCP health check: connect, hang up
@@ -119,3 +132,44 @@ async def test_health_checks_are_logged_and_failed_handshakes_audited_within_a_b
         line for line in lines if line["event"] == "tls.handshake_abandoned" and "more" in line
     ]
     assert last["more"] == 19 and last["remote"] == "127.0.0.1"
+
+
+async def test_connections_beyond_the_handshakes_in_progress_are_closed_at_once(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A flood of connections that never finish a handshake cannot take every socket:
+    beyond the bound a new connection is closed at once, and said in the log."""
+    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
+    log = io.StringIO()
+    server = _listener(layout, audit, log, SteppedClock(), max_handshakes=2)
+    await server.start()
+    held = []
+    try:
+        for _ in range(2):  # connect, say nothing: each holds a handshake slot
+            held.append(await asyncio.open_connection("127.0.0.1", server.port))
+        for _ in range(100):
+            if len(server._tasks) == 2:
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
+        writer.close()
+        lines = [json.loads(line) for line in log.getvalue().splitlines()]
+        [busy] = [line for line in lines if line["event"] == "listener.busy"]
+        assert busy["handshakes"] == 2 and "fix" in busy
+
+        for _, w in held:  # the slots free up: connections are taken again
+            w.close()
+        await _settled(server)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /as2 HTTP/1.0\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await _settled(server)
+        failed = [r for r in map(json.loads, (tmp_path / "audit.jsonl").read_text().splitlines())]
+        assert any(r["event"] == "tls.handshake_failed" for r in failed)  # it got a handshake
+    finally:
+        for _, w in held:
+            w.close()
+        await server.stop(5)
+        audit.close()

@@ -43,6 +43,10 @@ FAILURES_RECORDED = 10  # failed handshakes audited one by one per address and m
 ABANDONED_WINDOW_SECONDS = 600.0  # one log line per address for abandoned handshakes
 SUMMARY_SECONDS = 10.0  # how often the counts of windows that are over are written
 IDLE_CONNECTION_SECONDS = 75.0  # a peer's connection without a request is closed after
+# Handshakes in progress at once on one listener (each lasts at most HANDSHAKE_TIMEOUT):
+# a flood of connections from anyone who can reach the port cannot take every socket
+# and CPU; beyond it a new connection is closed at once.
+MAX_HANDSHAKES = 256
 # The other side closed or went silent: nothing to authenticate, nothing to alert on.
 _ABANDONED = (
     ConnectionResetError,
@@ -66,6 +70,8 @@ class _TlsAcceptor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()  # nothing is read until TLS owns the connection
+        if not self._server.handshake_slot_free(transport):
+            return
         task = asyncio.get_running_loop().create_task(self._server.upgrade(transport))
         self._server.track(task)
 
@@ -115,6 +121,8 @@ class As2Server:
         log: Logger,
         max_body_bytes: int,
         clock: Clock,
+        *,
+        max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
         self.listener = listener
         self._context = context
@@ -123,6 +131,8 @@ class As2Server:
         self._failures = SourceBudget(clock, per_window=FAILURES_RECORDED)
         self._abandoned = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
         self._summaries: asyncio.Task[None] | None = None
+        self._max_handshakes = max_handshakes
+        self._busy = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
         app = web.Application(client_max_size=max_body_bytes)
         app.router.add_post(listener.path, handler)
         self._runner = web.AppRunner(
@@ -133,6 +143,25 @@ class As2Server:
         # Established connections: remote address, certificate SHA-256, subject.
         self._connections: dict[asyncio.Transport, tuple[str, str, str]] = {}
         self.port: int = listener.port
+
+    def handshake_slot_free(self, transport: asyncio.Transport) -> bool:
+        """False (and the connection closed) when MAX_HANDSHAKES are already in progress."""
+        if len(self._tasks) < self._max_handshakes:
+            return True
+        transport.abort()
+        peername = transport.get_extra_info("peername")
+        host = peername[0] if peername else "unknown"
+        if self._busy.admit(self.listener.name):
+            self._log.warning(
+                "listener.busy",
+                remote=host,
+                handshakes=len(self._tasks),
+                reason=f"{self._max_handshakes} TLS handshakes already in progress: new "
+                "connections are closed at once until some end",
+                fix="if this is not a flood from one address (see tls.handshake_abandoned "
+                "and tls.handshake_failed), look for a peer opening connections in a loop",
+            )
+        return False
 
     def track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -233,6 +262,13 @@ class As2Server:
                         "window_seconds": self._failures.window_seconds,
                     },
                 )
+            )
+        for window in self._busy.closed(everything=everything):
+            self._log.warning(
+                "listener.busy",
+                more=window.held_back,
+                window_seconds=self._busy.window_seconds,
+                reason="more connections closed at once: too many TLS handshakes in progress",
             )
         for window in self._abandoned.closed(everything=everything):
             self._log.info(
