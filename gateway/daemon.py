@@ -52,7 +52,13 @@ from gateway.outbound import Outbound
 from gateway.pki.crl import stale_crl_warnings
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peer
-from gateway.pki.tls import client_context, der_spki_fingerprint, fingerprint, server_context
+from gateway.pki.tls import (
+    certificate_fingerprint,
+    client_context,
+    der_spki_fingerprint,
+    fingerprint,
+    server_context,
+)
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.routing import admit
 from gateway.sdnotify import Notifier
@@ -358,7 +364,7 @@ class Daemon:
                 )
             )
             self._log.info("daemon.ready", listeners=ports, peers=[p.name for p in config.peers])
-            self._report_unconfigured_peers(config)
+            self._report_stranded_messages(config)
             self._notifier.ready(
                 f"serving {len(self._servers)} listener(s), {len(config.peers)} peer(s)"
             )
@@ -943,9 +949,51 @@ class Daemon:
                     EventType.CONFIG_RELOADED, detail={"peers": [p.name for p in new_config.peers]}
                 )
             )
-            self._report_unconfigured_peers(new_config)
+            self._report_stranded_messages(new_config)
             self._notifier.ready("configuration reloaded")
             return True
+
+    def _report_stranded_messages(self, config: GatewayConfig) -> None:
+        self._report_unconfigured_peers(config)
+        self._report_removed_recipients(config)
+
+    def _report_removed_recipients(self, config: GatewayConfig) -> None:
+        """Alert about messages queued for a peer, encrypted to a certificate of it that is
+        no longer configured: the peer's rotation has moved on, and unless it still has
+        that key it cannot decrypt them (their plaintext is not kept)."""
+        assert self._spool is not None
+        for peer in config.peers:
+            current = {certificate_fingerprint(c) for c in peer.encryption_certificates}
+            for encrypted_for, count in sorted(self._spool.pending_by_recipient(peer.name).items()):
+                if encrypted_for in current:
+                    continue
+                fix = (
+                    f"ask {peer.name} to keep the decryption key of that certificate until "
+                    f"`medgw queue list --peer {peer.name}` shows nothing waiting; a message "
+                    "it can no longer decrypt comes back failed (decryption-failed) and must "
+                    "be submitted again from its source"
+                )
+                self._log.error(
+                    "queue.recipient_certificate_removed",
+                    peer=peer.name,
+                    messages=count,
+                    certificate_sha256=encrypted_for,
+                    fix=fix,
+                )
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.QUEUE_RECIPIENT_REMOVED,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        peer=peer.name,
+                        direction="outbound",
+                        reason=f"{count} message(s) waiting for {peer.name!r} are encrypted to "
+                        f"a certificate no longer in {peer.source.name} "
+                        f"(SHA-256 {encrypted_for[:16]}...): the peer can read them only "
+                        "while it keeps that key",
+                        detail={"certificate_sha256": encrypted_for, "messages": count, "fix": fix},
+                    )
+                )
 
     def _report_unconfigured_peers(self, config: GatewayConfig) -> None:
         """Alert about messages waiting for a peer that is no longer configured: no sender

@@ -55,6 +55,7 @@ from gateway.intake.submit import Submission, SubmissionRefused
 from gateway.logs import Logger
 from gateway.operations import record_view
 from gateway.pki.peers import PeerTrust
+from gateway.pki.tls import certificate_fingerprint
 from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord, OutboundState, Spool
 
@@ -444,9 +445,10 @@ class Outbound:
         at = self._clock.now()
         body_path = self._outgoing / (record.payload_path.name + ".as2")
 
-        def build() -> tuple[tuple[tuple[str, str], ...], str, int]:
+        def build() -> tuple[tuple[tuple[str, str], ...], str, int, str]:
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
+            recipient = self._recipient(peer)
             built = build_message_file(
                 record.payload_path,
                 body_path,
@@ -456,7 +458,7 @@ class Outbound:
                 sender_as2_id=self.config.as2_id,
                 receiver_as2_id=peer.as2_id,
                 signing=smime.signing,
-                recipients=(self._recipient(peer),),
+                recipients=(recipient,),
                 digest=peer.digest,
                 cipher=peer.cipher,
                 policy=peer.policy,
@@ -464,10 +466,10 @@ class Outbound:
                 receipt_url=peer.async_receipt_url or None,
                 service=record.service,
             )
-            return built.headers, built.mic, built.size
+            return built.headers, built.mic, built.size, certificate_fingerprint(recipient)
 
         try:
-            headers, mic, size = await asyncio.to_thread(build)
+            headers, mic, size, encrypted_for = await asyncio.to_thread(build)
         except (MedgwError, OSError) as exc:
             # The document is kept (in the spool, not sent): once the cause is corrected,
             # `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it.
@@ -496,7 +498,9 @@ class Outbound:
                 detail={"fix": fix} if fix else None,
             )
             return
-        self._spool.mark_queued(record.message_id, body_path, list(headers), mic, size)
+        self._spool.mark_queued(
+            record.message_id, body_path, list(headers), mic, size, encrypted_for
+        )
         record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
         self._log.info("message.accepted", peer=peer.name, message_id=record.message_id, size=size)
         self._record(

@@ -1,4 +1,4 @@
-"""Messages left for a peer that is no longer configured are not forgotten.
+"""Messages left for a peer, or for a peer certificate, that is no longer configured.
 
 Removing a peer's file ends the exchange with it, but documents may still wait
 in the queue for it. No sender runs for a peer that is not configured, so they
@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import json
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import issue, write_pem
+from gateway.pki.tls import certificate_fingerprint
 from tests.cli import medgw
+from tests.test_rotation import demo_ca, edit, reload
 
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:
@@ -58,3 +64,42 @@ def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
     processes.started[-1].signal(signal.SIGHUP)
     wait_until(lambda: len(events(audit, "config.reloaded")) >= 2, 15, "the next reload")
     assert len(events(audit, "queue.peer_not_configured")) == 2  # nothing waits any more
+
+
+def test_messages_encrypted_to_a_peer_certificate_that_was_removed_raise_an_alert(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The peer rotated its encryption certificate and the old one was removed from its
+    file while a document encrypted to it still waits: the admin is told, with the fix
+    (the peer must keep the old key until the queue is empty)."""
+    audit = layout.lab.audit_log
+    lab = processes.start(layout.lab.config_path)  # the hospital is down: it stays queued
+    drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
+    wait_until(lambda: events(audit, "message.send_failed"), 60, "a failed attempt")
+    certs = layout.lab.root / "certs" / "peers" / "hospital"
+    old = x509.load_pem_x509_certificate((certs / "encrypt.crt").read_bytes())
+    new = issue(
+        demo_ca(layout),
+        "SAKURA-HOSPITAL",
+        purpose="smime-encrypt",
+        now=datetime.now(UTC),  # newer than the demo's: the one documents go to
+        organization="Sakura General Hospital 2027",
+    )
+    write_pem(certs / "encrypt-new.crt", new.certificate)
+    peer_file = layout.lab.root / "peers.d" / "hospital.toml"
+    both = 'encryption_certificates = ["certs/peers/hospital/encrypt.crt", ' + (
+        '"certs/peers/hospital/encrypt-new.crt"]'
+    )
+    edit(peer_file, 'encryption_certificates = ["certs/peers/hospital/encrypt.crt"]', both)
+    reload(lab, audit)  # the overlap: both listed, nothing to say
+    assert not events(audit, "queue.recipient_certificate_removed")
+    drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
+    wait_until(lambda: len(events(audit, "message.accepted")) == 2, 30, "the second document")
+
+    edit(peer_file, both, 'encryption_certificates = ["certs/peers/hospital/encrypt-new.crt"]')
+    reload(lab, audit)  # the old certificate is gone; "before.hl7" is still encrypted to it
+    [alert] = events(audit, "queue.recipient_certificate_removed")
+    assert alert["severity"] == "alert" and alert["peer"] == "hospital"
+    assert alert["detail"]["messages"] == 1  # "after.hl7" went to the new certificate
+    assert alert["detail"]["certificate_sha256"] == certificate_fingerprint(old)
+    assert "keep the decryption key" in alert["detail"]["fix"]

@@ -33,6 +33,8 @@ class EventType(StrEnum):
     MESSAGE_RETRIED = "message.retried"  # operator put it back in the queue
     MESSAGE_CANCELLED = "message.cancelled"  # operator withdrew it
     QUEUE_PEER_NOT_CONFIGURED = "queue.peer_not_configured"  # queued for a peer removed
+    # queued messages encrypted to a peer certificate no longer configured (a rotation)
+    QUEUE_RECIPIENT_REMOVED = "queue.recipient_certificate_removed"
     PEER_SUSPENDED = "peer.suspended"  # operator stopped the exchange with a peer
     PEER_RESUMED = "peer.resumed"
     PEER_SUSPENDED_REFUSAL = "peer.suspended_refusal"  # a suspended peer tried to send

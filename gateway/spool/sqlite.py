@@ -245,6 +245,9 @@ _ADDED_COLUMNS = (
     ("outbound", "service", "TEXT"),
     ("inbound", "service", "TEXT"),
     ("handover", "expires_at", "REAL NOT NULL DEFAULT 0"),
+    # SHA-256 of the peer certificate a queued message is encrypted to (NULL: before this
+    # was recorded): a rotation that drops it can be told about (see daemon).
+    ("outbound", "encrypted_for", "TEXT"),
 )
 
 
@@ -377,11 +380,17 @@ class Spool:
         return {Path(r["payload_path"]).name for r in rows}
 
     def mark_queued(
-        self, message_id: str, body_path: Path, headers: list[tuple[str, str]], mic: str, size: int
+        self,
+        message_id: str,
+        body_path: Path,
+        headers: list[tuple[str, str]],
+        mic: str,
+        size: int,
+        encrypted_for: str | None = None,
     ) -> None:
         self._write(
-            "UPDATE outbound SET state=?, body_path=?, headers=?, mic=?, size=?, updated_at=?"
-            " WHERE message_id=? AND state=?",
+            "UPDATE outbound SET state=?, body_path=?, headers=?, mic=?, size=?, updated_at=?,"
+            " encrypted_for=? WHERE message_id=? AND state=?",
             (
                 OutboundState.QUEUED.value,
                 str(body_path),
@@ -389,10 +398,26 @@ class Spool:
                 mic,
                 size,
                 self._now(),
+                encrypted_for,
                 message_id,
                 OutboundState.INTAKE.value,
             ),
         )
+
+    def pending_by_recipient(self, peer: str) -> dict[str, int]:
+        """Messages for ``peer`` not yet delivered, by the SHA-256 of the certificate they
+        are encrypted to (those prepared before it was recorded are left out)."""
+        rows = self._read(
+            "SELECT encrypted_for, COUNT(*) AS n FROM outbound WHERE peer=? AND state IN"
+            " (?, ?, ?) AND encrypted_for IS NOT NULL GROUP BY encrypted_for",
+            (
+                peer,
+                OutboundState.QUEUED.value,
+                OutboundState.SENDING.value,
+                OutboundState.AWAITING_RECEIPT.value,
+            ),
+        )
+        return {r["encrypted_for"]: r["n"] for r in rows}
 
     def mark_sending(self, message_id: str) -> None:
         self._write(
