@@ -180,3 +180,47 @@ def test_a_failed_fsync_fails_every_record_it_was_to_cover(tmp_path: Path) -> No
     audit.emit(_event("after"))
     audit.close()
     assert verify_chain(path) == 1
+
+
+def test_a_record_written_while_the_log_closes_is_synced_before_the_file_is_closed(
+    tmp_path: Path,
+) -> None:
+    # A stopping daemon closes the log while worker threads may still emit.  A record
+    # written before close() took the file must be made durable by it (and its emit
+    # return), never left in the file unsynced while its emit raises.
+    path = tmp_path / "audit.jsonl"
+    disk = SlowDisk(0.0)
+    in_fsync, release = threading.Event(), threading.Event()
+
+    def sync(fd: int) -> None:
+        if not in_fsync.is_set() and os.fstat(fd).st_size:
+            in_fsync.set()
+            release.wait(10)
+        disk(fd)
+
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=sync)
+    outcome: dict[str, str] = {}
+
+    def emitter(note: str) -> None:
+        try:
+            audit.emit(_event(note))
+            outcome[note] = "returned"
+        except OSError as exc:
+            outcome[note] = f"raised {exc}"
+
+    first = threading.Thread(target=emitter, args=("first",))
+    first.start()
+    assert in_fsync.wait(10)  # the first record's fsync is in progress
+    closing = threading.Thread(target=audit.close)
+    closing.start()
+    time.sleep(0.1)  # close() waits for that fsync
+    second = threading.Thread(target=emitter, args=("second",))
+    second.start()
+    time.sleep(0.1)  # the second record is written; its emit waits for an fsync
+    release.set()
+    for thread in (first, closing, second):
+        thread.join(10)
+
+    assert outcome == {"first": "returned", "second": "returned"}
+    assert verify_chain(path) == 2
+    assert max(disk.synced_sizes) == path.stat().st_size  # both records are on disk

@@ -133,13 +133,17 @@ class AuditLog:
                 self._sync(self._fd)
             except OSError as exc:
                 with self._lock:
-                    # Nothing after the last durable record is known to be on disk: cut it
-                    # all off (records written while this fsync ran too), chain on from there.
-                    self._lost.append((self._durable.ticket, self._written, exc))
-                    self._cut_back(self._durable.size)
-                    self._seq, self._prev = self._durable.seq, self._durable.prev
+                    self._roll_back(exc)
                 raise
             self._durable = mark
+
+    def _roll_back(self, exc: OSError) -> None:
+        """After a failed fsync (``_sync_lock`` and ``_lock`` held): nothing after the last
+        durable record is known to be on disk.  Cut it all off (records written while the
+        fsync ran too), chain on from there; the emits of those records raise."""
+        self._lost.append((self._durable.ticket, self._written, exc))
+        self._cut_back(self._durable.size)
+        self._seq, self._prev = self._durable.seq, self._durable.prev
 
     def _raise_if_lost(self, ticket: int) -> None:
         for after, through, why in self._lost:
@@ -155,10 +159,24 @@ class AuditLog:
             self._torn = size  # try again before the next record
 
     def close(self) -> None:
+        """Close the file once every record written is on disk.
+
+        A record may be written while its ``emit`` still waits for its fsync; it is
+        synced here (no new record is written meanwhile), so that ``emit`` returns,
+        or, if this fsync fails, it is cut off and that ``emit`` raises.
+        """
         with self._sync_lock, self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            if self._fd < 0:
+                return
+            if self._written > self._durable.ticket:
+                try:
+                    size = os.fstat(self._fd).st_size
+                    self._sync(self._fd)
+                    self._durable = _Mark(self._written, self._seq, self._prev, size)
+                except OSError as exc:
+                    self._roll_back(exc)
+            os.close(self._fd)
+            self._fd = -1
 
 
 class _Mark(NamedTuple):
