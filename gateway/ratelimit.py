@@ -14,12 +14,30 @@ one budget, :data:`OTHER_SOURCES`.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from gateway.clock import Clock
 
 OTHER_SOURCES = "other sources"  # where sources beyond max_sources are counted
 NOTES_KEPT = 8  # distinct notes (say, addresses) remembered per window
+IPV6_SOURCE_PREFIX = 64  # one IPv6 host (one subscriber, one VM) holds a whole /64
+
+
+def address_source(address: str) -> str:
+    """The source a remote address is counted as: an IPv4 address itself, an IPv6
+    address its /64.  Whoever holds one IPv6 address can send from any other of its
+    /64; counted one by one, a single host would get a fresh budget per connection and
+    could fill every tracked source."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])  # without a zone (fe80::1%eth0)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:192.0.2.1 on a dual-stack socket
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_SOURCE_PREFIX), strict=False))
+    return str(ip)
 
 
 @dataclass

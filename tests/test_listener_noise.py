@@ -21,6 +21,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from gateway.audit.log import AuditLog
@@ -29,6 +30,7 @@ from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
+from gateway.ratelimit import address_source
 
 
 class SteppedClock:
@@ -173,3 +175,57 @@ async def test_connections_beyond_the_handshakes_in_progress_are_closed_at_once(
             w.close()
         await server.stop(5)
         audit.close()
+
+
+class _Unfinished(asyncio.Transport):
+    """A connection from ``address`` whose handshake is refused (see the patched start_tls)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self._peername = (address, 50000, 0, 0)
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._peername if name == "peername" else default
+
+    def abort(self) -> None:
+        pass
+
+
+async def test_one_ipv6_host_gets_one_budget_whatever_address_of_its_64_it_uses(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A single IPv6 host can send from any address of its /64: counted per address it
+    # would get ten alerts per connection, and fill every source tracked.
+    audit_path = tmp_path / "audit.jsonl"
+    audit = AuditLog(audit_path, SystemClock(), node="hospital")
+    server = _listener(layout, audit, io.StringIO(), SteppedClock())
+    await server.start()
+
+    async def refused(*args: object, **kwargs: object) -> None:
+        raise ssl.SSLError(1, "[SSL: HTTP_REQUEST] http request")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "start_tls", refused)
+    try:
+        for n in range(FAILURES_RECORDED + 15):  # a new address of one /64 each time
+            await server.upgrade(_Unfinished(f"2001:db8:0:7::{n + 1:x}"))
+        await server.upgrade(_Unfinished("2001:db8:0:8::1"))  # another /64: its own budget
+        await server.upgrade(_Unfinished("::ffff:192.0.2.1"))  # IPv4 on a dual-stack socket
+        failed = _records(audit_path, "tls.handshake_failed")
+        assert len(failed) == FAILURES_RECORDED + 2
+        server.write_summaries(everything=True)
+        summary = _records(audit_path, "tls.handshake_failed")[-1]
+        assert str(summary["reason"]).startswith(
+            "15 more failed TLS handshakes from 2001:db8:0:7::/64"
+        )
+    finally:
+        monkeypatch.undo()
+        await server.stop(5)
+        audit.close()
+
+
+def test_sources_are_addresses_and_ipv6_prefixes() -> None:
+    assert address_source("192.0.2.7") == "192.0.2.7"
+    assert address_source("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_source("2001:db8:1:2:aaaa::5") == "2001:db8:1:2::/64"
+    assert address_source("fe80::1%eth0") == "fe80::/64"
+    assert address_source("unknown") == "unknown"

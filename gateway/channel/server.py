@@ -12,7 +12,8 @@ trust for new connections atomically.
 
 A failed handshake (no certificate, an unknown or unpinned one, plain HTTP,
 an old protocol) is audited as an alert, the first FAILURES_RECORDED a minute
-from each address one by one and then one record with the count.  A
+from each address (an IPv6 address: its /64) one by one and then one record
+with the count.  A
 connection closed or left silent before the handshake ends (a load balancer's
 or a monitor's TCP check, a port scan, a client that gave up) is no
 authentication attempt: it is logged, once per address every
@@ -35,7 +36,7 @@ from gateway.clock import Clock
 from gateway.config import Listener
 from gateway.logs import Logger
 from gateway.pki.tls import fingerprint
-from gateway.ratelimit import SourceBudget
+from gateway.ratelimit import SourceBudget, address_source
 
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HANDSHAKE_TIMEOUT = 15.0
@@ -199,7 +200,7 @@ class As2Server:
             )
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             transport.abort()
-            host = peername[0] if peername else "unknown"
+            host = address_source(peername[0]) if peername else "unknown"
             if isinstance(exc, _ABANDONED):
                 if self._abandoned.admit(host):
                     self._log.info(
