@@ -67,6 +67,7 @@ class AuditLog:
         self._written = 0  # tickets of the records written so far
         self._durable = _Mark(0, self._seq, self._prev, os.fstat(self._fd).st_size)
         self._lost: list[tuple[int, int, OSError]] = []  # (after, through, why): failed fsyncs
+        self._waiting: set[int] = set()  # tickets whose emit has not returned or raised yet
 
     @staticmethod
     def _tail(path: Path) -> tuple[int, str]:
@@ -97,7 +98,12 @@ class AuditLog:
             self._prev = digest
             self._written += 1
             ticket = self._written
-        self._make_durable(ticket)
+            self._waiting.add(ticket)
+        try:
+            self._make_durable(ticket)
+        finally:
+            with self._lock:
+                self._waiting.discard(ticket)
 
     def _append(self, line: bytes) -> None:
         """Write all of ``line``, or leave the file as it was and raise.
@@ -142,6 +148,10 @@ class AuditLog:
         durable record is known to be on disk.  Cut it all off (records written while the
         fsync ran too), chain on from there; the emits of those records raise."""
         self._lost.append((self._durable.ticket, self._written, exc))
+        # Only a record still waiting can ask about a loss: forget the others, so a disk
+        # that keeps failing does not make the list (and every emit's look at it) grow.
+        oldest = min(self._waiting, default=self._written + 1)
+        self._lost = [lost for lost in self._lost if lost[1] >= oldest]
         self._cut_back(self._durable.size)
         self._seq, self._prev = self._durable.seq, self._durable.prev
 
