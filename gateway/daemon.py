@@ -954,8 +954,18 @@ class Daemon:
             return True
 
     def _report_stranded_messages(self, config: GatewayConfig) -> None:
-        self._report_unconfigured_peers(config)
-        self._report_removed_recipients(config)
+        """Messages that wait for something no longer configured: said, never a reason for
+        a start or a reload to fail (the spool or the audit log may be unwritable now)."""
+        try:
+            self._report_unconfigured_peers(config)
+            self._report_removed_recipients(config)
+        except Exception as exc:
+            self._log.error(
+                "queue.check_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                fix="run `medgw queue list` to see what waits; look at the spool's and the "
+                "audit log's disk",
+            )
 
     def _report_removed_recipients(self, config: GatewayConfig) -> None:
         """Alert about messages queued for a peer, encrypted to a certificate of it that is
