@@ -775,7 +775,7 @@ def verify_entity_span(
             h.update(chunk)
     exact = {n: h.copy().finalize() for n, h in hashers.items()}
     readings = [(exact, max(start, end) - start)]
-    if crlf:  # the CR before the delimiter may belong to the part
+    if crlf and end >= start:  # the CR before the delimiter may belong to the part
         for h in hashers.values():
             h.update(b"\r")
         readings.append(({n: h.finalize() for n, h in hashers.items()}, end - start + 1))
