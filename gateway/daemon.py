@@ -63,7 +63,7 @@ from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, va
 from gateway.routing import admit
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool
-from gateway.spool.sqlite import OutboundState
+from gateway.spool.sqlite import PENDING_STATES
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 4
@@ -74,15 +74,6 @@ SMALL_BODY = 1 << 20
 SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 TRUST_REFRESH_SECONDS = 300.0
-# States of a message still on its way to its peer (see gateway.spool.sqlite).
-PENDING_STATES = frozenset(
-    {
-        OutboundState.INTAKE,
-        OutboundState.QUEUED,
-        OutboundState.SENDING,
-        OutboundState.AWAITING_RECEIPT,
-    }
-)
 ASYNC_RECEIPT_ATTEMPTS = 5
 CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
 _DER = Encoding.DER

@@ -15,6 +15,7 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
 from gateway.spool import HandoverRecord, HandoverState, OutboundRecord, OutboundState, Spool
+from gateway.spool.sqlite import PENDING_STATES
 
 
 class UnknownPeerError(MedgwError):
@@ -197,6 +198,7 @@ class Operations:
             result.append(
                 {
                     "name": peer.name,
+                    "configured": True,
                     "as2_id": peer.as2_id,
                     "url": peer.url,
                     "suspended": bool(control and control.suspended),
@@ -207,4 +209,26 @@ class Operations:
                     },
                 }
             )
+        # Peers no longer configured that messages still wait for: shown, or they would be
+        # forgotten (no sender runs for them; see queue.peer_not_configured).
+        configured = {peer.name for peer in self.config.peers}
+        for name in sorted({name for (name, state) in counts if name not in configured}):
+            waiting = {
+                state: n
+                for (peer, state), n in counts.items()
+                if peer == name and state in PENDING_STATES
+            }
+            if waiting:
+                result.append(
+                    {
+                        "name": name,
+                        "configured": False,
+                        "as2_id": None,
+                        "url": None,
+                        "suspended": False,
+                        "suspended_reason": None,
+                        "suspended_by": None,
+                        "messages": waiting,
+                    }
+                )
         return result

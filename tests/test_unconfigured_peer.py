@@ -47,6 +47,14 @@ def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
     assert "neither sent nor expired" in alert["reason"]
     assert "medgw queue cancel" in alert["detail"]["fix"]
 
+    # `peers list` shows it too, among the configured peers.
+    listing = medgw("peers", "list", "--config", str(layout.lab.config_path), "--json")
+    assert listing.returncode == 0, listing.stderr
+    [removed] = [p for p in json.loads(listing.stdout) if p["name"] == "hospital"]
+    assert removed["configured"] is False and removed["messages"] == {"queued": 1}
+    shown = medgw("peers", "list", "--config", str(layout.lab.config_path))
+    assert "REMOVED" in shown.stdout and "medgw queue cancel" in shown.stdout
+
     lab.stop()  # said again at the next start
     processes.start(layout.lab.config_path)
     wait_until(lambda: len(events(audit, "queue.peer_not_configured")) == 2, 15, "at start")

@@ -172,10 +172,18 @@ def _peers_list(args: argparse.Namespace) -> int:
     lines = [f"{'PEER':<14} {'STATE':<10} {'AS2 ID':<20} QUEUE"]
     for p in peers:
         state = "SUSPENDED" if p["suspended"] else "active"
+        if not p.get("configured", True):
+            state = "REMOVED"
         queue = ", ".join(f"{k} {v}" for k, v in sorted(p["messages"].items())) or "-"
-        lines.append(f"{p['name']:<14} {state:<10} {p['as2_id']:<20} {queue}")
+        lines.append(f"{p['name']:<14} {state:<10} {p['as2_id'] or '-':<20} {queue}")
         if p["suspended"]:
             lines.append(f"{'':<14} by {p['suspended_by']}: {p['suspended_reason']}")
+        if state == "REMOVED":
+            lines.append(
+                f"{'':<14} not configured any more: these are neither sent nor expired; "
+                f"configure it again, or: medgw queue list --peer {p['name']} --state queued, "
+                "then medgw queue cancel ID"
+            )
     return _emit(args, peers, "\n".join(lines))
 
 

@@ -129,6 +129,17 @@ class OutboundState(StrEnum):
     CANCELLED = "cancelled"
 
 
+# States of a message still on its way to its peer.
+PENDING_STATES = frozenset(
+    {
+        OutboundState.INTAKE,
+        OutboundState.QUEUED,
+        OutboundState.SENDING,
+        OutboundState.AWAITING_RECEIPT,
+    }
+)
+
+
 RETRYABLE = (OutboundState.FAILED, OutboundState.EXPIRED, OutboundState.DEAD)
 CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
 
