@@ -11,7 +11,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from asn1crypto import crl as asn1_crl
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.demo_run import free_port
 from gateway.egress import ZonePath
@@ -280,6 +283,47 @@ async def test_crl_good_revoked_missing_and_stale(
     impostor = issue.make_ca("CRL Issuing CA", now=NOW - timedelta(days=30))
     forged = issue.make_crl(impostor, now=NOW - timedelta(hours=1))
     assert not (await check([root_crl, forged])).valid
+
+
+def _resigned_with_sha1(
+    crl: x509.CertificateRevocationList, ca: issue.Issued
+) -> x509.CertificateRevocationList:
+    """``crl`` signed again by ``ca`` (an RSA key) with sha1WithRSAEncryption."""
+    listed = asn1_crl.CertificateList.load(crl.public_bytes(serialization.Encoding.DER))
+    listed["tbs_cert_list"]["signature"] = {"algorithm": "sha1_rsa"}
+    listed["signature_algorithm"] = {"algorithm": "sha1_rsa"}
+    tbs = listed["tbs_cert_list"].dump(force=True)
+    assert isinstance(ca.key, rsa.RSAPrivateKey)
+    listed["signature"] = ca.key.sign(tbs, padding.PKCS1v15(), hashes.SHA1())
+    return x509.load_der_x509_crl(listed.dump(force=True))
+
+
+async def test_crl_signed_with_sha1_establishes_no_status() -> None:
+    root = issue.make_ca("RSA Root", now=NOW - timedelta(days=30), key_kind="rsa-2048")
+    sub = issue.make_ca("RSA CA", now=NOW - timedelta(days=30), parent=root, key_kind="rsa-2048")
+    leaf = issue.issue(sub, "leaf.example", purpose="smime-sign", now=NOW - timedelta(days=1))
+    crls = [
+        issue.make_crl(root, now=NOW - timedelta(hours=1)),
+        issue.make_crl(sub, now=NOW - timedelta(hours=1)),
+    ]
+
+    async def check(crls: list[x509.CertificateRevocationList]) -> ValidationResult:
+        return await validate(
+            leaf.certificate,
+            anchors=[root.certificate],
+            intermediates=[sub.certificate],
+            purpose=Purpose.SMIME_SIGN,
+            revocation=RevocationPolicy.REQUIRE,
+            crls=crls,
+            at=NOW,
+        )
+
+    assert (await check(crls)).valid
+    weak = [crls[0], _resigned_with_sha1(crls[1], sub)]
+    refused = await check(weak)
+    assert not refused.valid and refused.reason is not None
+    assert [s.status for s in refused.statuses] == ["unknown", "good", "trust-anchor"]
+    assert "CN=leaf.example could not be established" in refused.reason
 
 
 def test_stale_crl_alarm_goes_off_before_next_update(

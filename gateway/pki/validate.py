@@ -37,6 +37,7 @@ from asn1crypto import crl as asn1_crl
 from asn1crypto import ocsp as asn1_ocsp
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pyhanko_certvalidator.authority import CertTrustAnchor
@@ -75,6 +76,11 @@ from pyhanko_certvalidator.revinfo.archival import (
 from pyhanko_certvalidator.revinfo.manager import RevinfoManager
 from pyhanko_certvalidator.revinfo.validate_crl import verify_crl
 from pyhanko_certvalidator.revinfo.validate_ocsp import verify_ocsp_response
+from pyhanko_certvalidator.sig_validate import (
+    DEFAULT_VALIDATION_CONTEXT,
+    DefaultSignatureValidator,
+    SignatureValidationContext,
+)
 
 from gateway.errors import PolicyError
 from gateway.pki.ocsp import OcspAnswer, OcspClient, OcspError, ocsp_urls
@@ -221,6 +227,36 @@ class CryptrecAlgorithms(AlgorithmUsagePolicy):
 @dataclass(frozen=True)
 class _Native:
     native: str
+
+
+class CryptrecSignatures(DefaultSignatureValidator):
+    """Verifies a signature only if :class:`CryptrecAlgorithms` allows its algorithm and key.
+
+    The validator checks the policy itself only for certificate signatures;
+    CRL and OCSP response signatures go straight to the signature validator,
+    so without this a CRL signed with SHA-1, or an OCSP response signed by an
+    RSA-1024 responder key, would establish revocation status.
+    """
+
+    def __init__(self, algorithms: CryptrecAlgorithms) -> None:
+        self._algorithms = algorithms
+
+    def validate_signature(
+        self,
+        signature: bytes,
+        signed_data: bytes,
+        public_key_info: Any,
+        signature_algorithm: Any,
+        context: SignatureValidationContext = DEFAULT_VALIDATION_CONTEXT,
+    ) -> None:
+        verdict = self._algorithms.signature_algorithm_allowed(
+            signature_algorithm, None, public_key_info
+        )
+        if not verdict.allowed:
+            raise InvalidSignature(verdict.failure_reason)
+        super().validate_signature(
+            signature, signed_data, public_key_info, signature_algorithm, context
+        )
 
 
 # --- purpose --------------------------------------------------------------------
@@ -411,6 +447,7 @@ class _Inputs:
             revinfo_policy=CertRevTrustPolicy(REQUIRE_REVINFO if revocation else NO_REVOCATION),
             moment=self.at,
             algorithm_usage_policy=self.algorithms,
+            signature_validator=CryptrecSignatures(self.algorithms),
         )
 
     def fresh(self, path: ValidationPath) -> ValidationPath:
