@@ -62,6 +62,8 @@ from gateway.errors import (
     SignerNotTrustedError,
 )
 from gateway.httpbody import read_capped
+from gateway.pki.ocsp import OcspClient
+from gateway.pki.peers import TrustSettings, assess_peer
 from gateway.pki.tls import NotPinnedError, client_context
 from gateway.pki.validate import Purpose, check_purpose
 
@@ -263,7 +265,13 @@ class Diagnoser:
             return await self.handshake(connection)
 
         async def certificates() -> StepResult:
-            return self.certificates()
+            result = self.certificates()
+            if result.status is Status.FAIL:
+                return result
+            refused = await self.peer_trust()
+            if refused is None or (refused.status is Status.WARN and result.status is Status.WARN):
+                return result
+            return refused
 
         plan = (
             ("resolve", resolve),
@@ -759,12 +767,79 @@ class Diagnoser:
                     if is_ours
                     else f"ask the peer for its next certificate and add it to {where}"
                 )
-                + "; revocation is checked by TLS and S/MIME verification, not here",
+                + "; the peer's certificates are also validated (revocation included) "
+                "as the daemon validates them",
             )
         until = (
             f"; the first to expire is {earliest[1]}, on {_day(earliest[0])}" if earliest else ""
         )
         return _ok("certificates", f"{count} certificates valid now and for 30 days{until}")
+
+    async def peer_trust(self) -> StepResult | None:
+        """The peer's certificates validated the way the daemon does before it uses them
+        (chain, revocation by the zone's CRLs or OCSP, algorithm policy): a failure when a
+        role has no acceptable certificate left, a warning when some are refused, else None."""
+        peer = self._peer
+        zone = self._config.require_zone(peer.zone)
+        trust = await assess_peer(
+            peer.name,
+            tls=peer.tls_certificates,
+            signing=peer.signing_certificates,
+            encryption=peer.encryption_certificates,
+            trust=TrustSettings.of_zone(zone),
+            at=self._clock.now(),
+            policy=peer.policy,
+            ocsp_client=OcspClient(path=zone.network),
+        )
+        roles = (
+            ("TLS certificate", trust.tls, "tls_certificates"),
+            ("signing certificate", trust.signing, "signing_certificates"),
+            ("encryption certificate", trust.encryption, "encryption_certificates"),
+        )
+        for failing in (True, False):
+            for role, verdicts, key in roles:
+                refused = [v for v in verdicts if not v.valid]
+                if not refused or failing != (len(refused) == len(verdicts)):
+                    continue
+                verdict = refused[0]
+                where = f"{key} in {self._peer_file}"
+                detail = (
+                    f"the peer's {role} {verdict.subject} (sha256 {verdict.fingerprint[:16]}...) "
+                    f"is refused: {verdict.result.reason}"
+                )
+                if not failing:
+                    return StepResult(
+                        "certificates",
+                        Status.WARN,
+                        detail,
+                        f"the gateway does not use this certificate; another one in {where} "
+                        "is still accepted",
+                        f"remove it from {where}, or ask the peer for its current one, and reload",
+                    )
+                revoked = "revoked" in (verdict.result.reason or "")
+                return _fail(
+                    "certificates",
+                    detail,
+                    (
+                        "the peer's CA has revoked it"
+                        if revoked
+                        else f"it does not validate under zone {zone.name!r} (trust anchors, "
+                        f"revocation = {zone.revocation!r} with its CRLs or OCSP)"
+                    )
+                    + f": the gateway refuses it, and {where} holds no other acceptable one, "
+                    "so every exchange that needs it fails",
+                    (
+                        "do not use it; ask the peer for its new certificate through a trusted "
+                        f"channel, confirm its fingerprint by phone, put it in {where} and "
+                        "reload: systemctl reload medgw"
+                        if revoked
+                        else "if a CRL is missing or out of date, fetch the CA's current CRL into "
+                        f"crls of the [[zones]] table {zone.name!r} in {self._config.source} and "
+                        "reload; otherwise ask the peer for its current certificate and put it "
+                        f"in {where}"
+                    ),
+                )
+        return None
 
     # -- 5 --------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from gateway.config import load_config
 from gateway.demo_run import read_audit, wait_until
 from gateway.diagnose import STEPS, Diagnoser, Status
 from gateway.pki.demo import DemoLayout
-from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests import as2client
 from tests.cli import medgw
 
@@ -339,6 +339,28 @@ def test_expired_peer_certificate_fails_at_certificate_validity(layout, processe
     failed = assert_fails_at(report, "certificates")
     assert "peer's encryption certificate" in failed["detail"] and "expired on" in failed["detail"]
     assert "encryption_certificates in peers.d/hospital.toml" in failed["action"]
+
+
+def test_revoked_peer_certificate_fails_at_certificate_validity(layout, processes):
+    # The hospital's CA revoked its TLS certificate; the lab's CRL says so, and the
+    # lab's gateway refuses the certificate, so the exchange cannot work.
+    hospital_tls = x509.load_pem_x509_certificate(
+        (layout.lab.root / "certs" / "peers" / "hospital" / "tls.crt").read_bytes()
+    )
+    now = datetime.now(UTC)
+    crl = make_crl(
+        demo_ca(layout),
+        now=now - timedelta(hours=1),
+        revoked=[(hospital_tls.serial_number, now - timedelta(minutes=30))],
+    )
+    (layout.lab.root / "certs" / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "certificates")
+    assert "peer's TLS certificate CN=SAKURA-HOSPITAL" in failed["detail"]
+    assert "revoked" in failed["detail"] and "revoked" in failed["meaning"]
+    assert "tls_certificates in peers.d/hospital.toml" in failed["action"]
 
 
 @dataclass
