@@ -203,7 +203,6 @@ _MISMATCH = (
     "protocol version",
     "unsupported protocol",
     "no protocols available",
-    "wrong version number",
     "handshake failure",
     "no shared cipher",
     "no ciphers available",
@@ -211,6 +210,9 @@ _MISMATCH = (
     "no suitable",
     "version too low",
 )
+# What OpenSSL says when the bytes that come back are no TLS record at all
+# (a plain-HTTP server answers our ClientHello with "HTTP/1.1 400 ...").
+_NOT_TLS = ("wrong version number", "http request", "packet length too long")
 _UNKNOWN_CA_CODES = (2, 18, 19, 20, 21)  # issuer unknown, self-signed, unverifiable chain
 
 
@@ -660,6 +662,17 @@ class Diagnoser:
                     f"CA and list the certificate for {self._config.as2_id}, then reload their "
                     "gateway",
                 )
+        if not after_handshake and any(key in text for key in _NOT_TLS):
+            return _fail(
+                "tls",
+                f"{self._target.where} does not speak TLS: {exc}",
+                "the server on this port answered our TLS handshake with something that is "
+                "not TLS: most likely plain HTTP (an http:// endpoint, or the peer's HTTP port), "
+                "or another service",
+                f"ask the peer for its HTTPS AS2 URL (host, port and path) and correct `url` in "
+                f"{self._peer_file}; AS2 with us runs over mutual TLS only, so a plain-HTTP "
+                "endpoint cannot be used",
+            )
         if any(key in text for key in _MISMATCH):
             return _fail(
                 "tls",

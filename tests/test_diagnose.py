@@ -6,10 +6,12 @@ checks that exactly that step fails, with a meaning an administrator can act on.
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -318,6 +320,31 @@ def test_no_common_tls_version_is_a_protocol_mismatch(layout):
     assert failed["detail"].startswith("no common TLS protocol or cipher")
     assert "protocol version" in failed["detail"]
     assert 'min_version = "1.2"' in failed["action"]
+
+
+def test_plain_http_server_is_named_not_tls(layout):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", layout.hospital.port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, report = diagnose(layout)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert "does not speak TLS" in failed["detail"]
+    assert "plain HTTP" in failed["meaning"]
+    # Lowering our TLS version would not help, and is not what to do.
+    assert "min_version" not in failed["action"]
+    assert "`url` in peers.d/hospital.toml" in failed["action"]
 
 
 # -- certificates -------------------------------------------------------------------
