@@ -351,6 +351,8 @@ class Diagnoser:
         """A TCP connection to the first address that accepts; step 3 upgrades it to TLS."""
         port = self._target.port
         loop = asyncio.get_running_loop()
+        # The daemon's connections to this peer leave from its zone's source address (NET-4).
+        source = self._config.require_zone(self._peer.zone).source_address
         errors: list[tuple[str, BaseException]] = []
         for address in addresses:
             family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -358,6 +360,8 @@ class Diagnoser:
             sock.setblocking(False)
             started = self._clock.monotonic()
             try:
+                if source:
+                    sock.bind((source, 0))
                 async with asyncio.timeout(self._connect_timeout):
                     await loop.sock_connect(sock, (address, port))
             except (TimeoutError, OSError) as exc:
@@ -401,6 +405,19 @@ class Diagnoser:
                 f"check the firewall rules for {address}:{port} on both sides and the state of "
                 f"the line or VPN (`traceroute -T -p {port} {address}`); ask the peer whether "
                 "their host is up",
+            )
+        if isinstance(exc, OSError) and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            source = self._config.require_zone(self._peer.zone).source_address
+            return _fail(
+                "tcp",
+                f"{detail_where}: cannot send from {source}: {exc.strerror}",
+                f"connections to this peer leave from the source_address {source} of its zone "
+                f"{self._peer.zone!r}, and this machine cannot use that address (it is not "
+                "configured on any interface, or is of the other IP family than the peer's "
+                "address)",
+                f"check `ip -brief address` for {source}; correct source_address of the "
+                f"[[zones]] table {self._peer.zone!r} in {self._config.source}, or bring up "
+                "the interface of that network",
             )
         if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             return _fail(
@@ -632,10 +649,15 @@ class Diagnoser:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+        source = self._config.require_zone(self._peer.zone).source_address
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, writer = await asyncio.open_connection(
-                    address, self._target.port, ssl=context, server_hostname=self._target.host
+                    address,
+                    self._target.port,
+                    ssl=context,
+                    server_hostname=self._target.host,
+                    local_addr=(source, 0) if source else None,
                 )
         except (TimeoutError, OSError):
             return None
@@ -893,11 +915,16 @@ class Diagnoser:
             )
         sent = f"probe {filename} {message_id}"
         headers = [*built.headers, (PROBE_HEADER, "1")]
+        source = config.require_zone(peer.zone).source_address
         try:
             context = self._context()
             async with (
                 aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(ssl=context, force_close=True),
+                    connector=aiohttp.TCPConnector(
+                        ssl=context,
+                        force_close=True,
+                        local_addr=(source, 0) if source else None,
+                    ),
                     timeout=aiohttp.ClientTimeout(
                         total=self._probe_timeout, sock_connect=self._connect_timeout
                     ),

@@ -179,6 +179,27 @@ def test_peer_down_fails_at_tcp_connect_with_refused(layout):
     assert any(line.startswith("What to do: ") for line in lines)
 
 
+def test_diagnose_leaves_from_the_zones_source_address(layout, processes):
+    # The daemon sends to the hospital from its zone's source address; a peer's
+    # firewall lets only that one through, so diagnose must test that path too.
+    set_key(layout.lab.config_path, "source_address", '"127.0.0.2"')
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 0, report
+    probes = events(layout.hospital.audit_log, "probe.received")
+    assert [p["remote_address"] for p in probes] == ["127.0.0.2"]
+
+
+def test_unusable_source_address_fails_at_tcp_connect(layout, processes):
+    set_key(layout.lab.config_path, "source_address", '"192.0.2.1"')  # on no interface here
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "tcp")
+    assert "cannot send from 192.0.2.1" in failed["detail"]
+    assert "source_address" in failed["action"] and "'loopback'" in failed["action"]
+
+
 # -- TLS: who rejected whom ---------------------------------------------------------
 
 
