@@ -326,6 +326,80 @@ async def test_crl_signed_with_sha1_establishes_no_status() -> None:
     assert "CN=leaf.example could not be established" in refused.reason
 
 
+def _crl_with_reasons(
+    ca: issue.Issued,
+    *,
+    now: datetime,
+    number: int,
+    entries: list[tuple[int, x509.ReasonFlags]],
+    delta_of: int | None = None,
+) -> x509.CertificateRevocationList:
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(now)
+        .next_update(now + timedelta(days=2))
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    if delta_of is not None:
+        builder = builder.add_extension(x509.DeltaCRLIndicator(delta_of), critical=True)
+    for serial, reason in entries:
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - timedelta(hours=1))
+            .add_extension(x509.CRLReason(reason), critical=False)
+            .build()
+        )
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca.key, issue.signature_hash(ca.key))
+
+
+async def test_stale_crls_a_lifted_hold_is_no_revocation(
+    chain: tuple[issue.Issued, issue.Issued, issue.Issued],
+) -> None:
+    root, sub, leaf = chain
+    root_crl = issue.make_crl(root, now=NOW - timedelta(hours=1), days=30)
+    serial = leaf.certificate.serial_number
+    flags = x509.ReasonFlags
+    held = _crl_with_reasons(
+        sub, now=NOW - timedelta(days=10), number=1, entries=[(serial, flags.certificate_hold)]
+    )
+    released = _crl_with_reasons(
+        sub,
+        now=NOW - timedelta(days=9),
+        number=2,
+        entries=[(serial, flags.remove_from_crl)],
+        delta_of=1,
+    )
+    later = _crl_with_reasons(sub, now=NOW - timedelta(days=9), number=2, entries=[])
+    compromised = _crl_with_reasons(
+        sub, now=NOW - timedelta(days=10), number=1, entries=[(serial, flags.key_compromise)]
+    )
+
+    async def check(*crls: x509.CertificateRevocationList) -> ValidationResult:
+        return await validate(
+            leaf.certificate,
+            anchors=[root.certificate],
+            intermediates=[sub.certificate],
+            purpose=Purpose.SMIME_SIGN,
+            revocation=RevocationPolicy.PREFER,
+            crls=[root_crl, *crls],
+            at=NOW,
+        )
+
+    # every CRL of the issuing CA is past its nextUpdate: the leaf's status is unknown ...
+    for crls in ((released,), (held, released), (held, later)):
+        result = await check(*crls)
+        assert result.valid, result.reason
+        assert result.statuses[0].status == "unknown" and result.warnings
+    # ... unless its last word is a revocation: a hold not lifted, or any other reason
+    for crls in ((held,), (compromised, later), (released, compromised)):
+        result = await check(*crls)
+        assert not result.valid and result.reason is not None
+        assert "CN=leaf.example is revoked" in result.reason
+
+
 def test_stale_crl_alarm_goes_off_before_next_update(
     chain: tuple[issue.Issued, issue.Issued, issue.Issued],
 ) -> None:

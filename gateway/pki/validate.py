@@ -83,6 +83,7 @@ from pyhanko_certvalidator.sig_validate import (
 )
 
 from gateway.errors import PolicyError
+from gateway.pki.crl import is_delta
 from gateway.pki.ocsp import OcspAnswer, OcspClient, OcspError, ocsp_urls
 from gateway.policy import AlgorithmPolicy
 
@@ -492,14 +493,29 @@ async def _status_of(
     return CertificateStatus(subject, "unknown", "", "; ".join(problems))
 
 
+def _crl_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError:  # unreadable entry extensions: a revocation for good (fail closed)
+        return x509.ReasonFlags.unspecified
+
+
 def _revoked_in_a_stale_crl(
     cert: asn1_x509.Certificate, issuer: asn1_x509.Certificate, crls: Sequence[bytes]
 ) -> CertificateStatus | None:
     """A CRL past its nextUpdate tells nothing about certificates it does not list, but a
     certificate it lists stays revoked: revocation does not expire.  (The validator skips
     a stale CRL as a whole, which under 'prefer' would let a revoked certificate back in
-    as 'unknown' when the CRL refresh stops.)  Only a CRL signed by the issuer counts."""
+    as 'unknown' when the CRL refresh stops.)  Only a CRL signed by the issuer counts.
+
+    A certificateHold is the one revocation that can be lifted: a later complete CRL of
+    the issuer (one without an issuingDistributionPoint, so covering every certificate)
+    that no longer lists the certificate, or a later delta CRL that lists it as
+    removeFromCRL, releases it; a removeFromCRL entry itself never revokes."""
     issuer_cert = _from_asn1(issuer)
+    listings: list[tuple[datetime, bool, bool, x509.RevokedCertificate | None]] = []
     for der in crls:
         try:
             crl = x509.load_der_x509_crl(der)
@@ -507,22 +523,36 @@ def _revoked_in_a_stale_crl(
                 continue
             if not crl.is_signature_valid(issuer_cert.public_key()):  # type: ignore[arg-type]
                 continue
+            delta = is_delta(crl)
+            complete = not delta and not any(
+                isinstance(e.value, x509.IssuingDistributionPoint) for e in crl.extensions
+            )
         except (ValueError, TypeError):
             continue
         entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-        if entry is not None:
-            subject = _subject(cert)
-            return CertificateStatus(
-                subject,
-                "revoked",
-                "crl",
-                f"certificate {subject} is revoked since "
-                f"{entry.revocation_date_utc:%Y-%m-%d %H:%MZ} (listed in a CRL of its issuer "
-                "that is past its nextUpdate: a revocation does not expire); fix: its holder "
-                "must obtain a new certificate, and the revoked one must be removed from the "
-                "configuration; also refresh the zone's CRLs",
-            )
-    return None
+        listings.append((crl.last_update_utc, delta, complete, entry))
+    hold = x509.ReasonFlags.certificate_hold
+    revoked: x509.RevokedCertificate | None = None
+    for _, _, complete, entry in sorted(listings, key=lambda listing: listing[:2]):
+        on_hold = revoked is not None and _crl_reason(revoked) is hold
+        if entry is None or _crl_reason(entry) is x509.ReasonFlags.remove_from_crl:
+            if on_hold and (entry is not None or complete):
+                revoked = None
+        elif revoked is None or on_hold:
+            revoked = entry
+    if revoked is None:
+        return None
+    subject = _subject(cert)
+    return CertificateStatus(
+        subject,
+        "revoked",
+        "crl",
+        f"certificate {subject} is revoked since "
+        f"{revoked.revocation_date_utc:%Y-%m-%d %H:%MZ} (listed in a CRL of its issuer "
+        "that is past its nextUpdate: a revocation does not expire); fix: its holder "
+        "must obtain a new certificate, and the revoked one must be removed from the "
+        "configuration; also refresh the zone's CRLs",
+    )
 
 
 async def _fetch_ocsp(
