@@ -66,6 +66,7 @@ from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import TrustSettings, assess_peer
 from gateway.pki.tls import NotPinnedError, client_context
 from gateway.pki.validate import Purpose, check_purpose
+from gateway.routing import egress_allows
 
 PROBE_HEADER = "X-Medgw-Probe"
 PROBE_PREFIX = "medgw-diagnose-"
@@ -343,6 +344,26 @@ class Diagnoser:
                 "/etc/hosts entry or the network's own DNS server",
             ), []
         found = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        zone = self._config.require_zone(self._peer.zone)
+        if zone.egress:  # the daemon connects only to addresses inside the zone's egress (NET-4)
+            allowed = [a for a in found if egress_allows(zone.egress, a)]
+            if not allowed:
+                ranges = ", ".join(str(n) for n in zone.egress)
+                return _fail(
+                    "resolve",
+                    f"{host} -> {', '.join(found)}, none inside the egress of zone "
+                    f"{zone.name!r} ({ranges})",
+                    f"the name resolves to addresses outside the network of the peer's zone "
+                    f"{zone.name!r}, and the gateway never sends a zone's messages through "
+                    "another network: this machine's resolver gives another address than the "
+                    "peer's on that network (DNS or /etc/hosts), or the peer belongs to another "
+                    "zone",
+                    f"compare `getent hosts {host}` with the peer's address on the zone's "
+                    "network and fix the DNS or /etc/hosts entry; or correct `url` or `zone` in "
+                    f"{self._peer_file}, or egress of the [[zones]] table {zone.name!r} in "
+                    f"{self._config.source}",
+                ), []
+            found = allowed
         return _ok("resolve", f"{host} -> {', '.join(found)}"), found
 
     # -- 2 --------------------------------------------------------------------

@@ -161,6 +161,30 @@ def test_unresolvable_name_fails_at_name_resolution(layout):
     assert "peers.d/hospital.toml" in failed["action"]
 
 
+def test_name_resolving_outside_the_zones_egress_fails_at_name_resolution(layout, processes):
+    # The hospital's name resolves to 127.0.0.1, but its zone is a network the gateway
+    # reaches only within 10.0.0.0/8: the daemon does not connect there.
+    now = datetime.now(UTC)
+    tls = issue(
+        demo_ca(layout), "SAKURA-HOSPITAL", purpose="tls", now=now,
+        dns_names=["localhost"], ip_addresses=["127.0.0.1"],
+    )  # fmt: skip
+    write_cert(layout.hospital.root / "certs", "tls", tls)
+    write_pem(layout.lab.root / "certs" / "peers" / "hospital" / "tls.crt", tls.certificate)
+    set_key(
+        layout.lab.root / "peers.d" / "hospital.toml",
+        "url",
+        f'"https://localhost:{layout.hospital.port}/as2"',
+    )
+    set_key(layout.lab.config_path, "egress", '["10.0.0.0/8"]')
+    processes.start(layout.hospital.config_path)
+    code, report = diagnose(layout)
+    assert code == 1
+    failed = assert_fails_at(report, "resolve")
+    assert "none inside the egress of zone 'loopback' (10.0.0.0/8)" in failed["detail"]
+    assert "getent hosts localhost" in failed["action"]
+
+
 def test_peer_down_fails_at_tcp_connect_with_refused(layout):
     code, report = diagnose(layout)  # the hospital's gateway is not started
     assert code == 1
