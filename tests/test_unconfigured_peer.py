@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import signal
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ def test_messages_encrypted_to_a_peer_certificate_that_was_removed_raise_an_aler
     wait_until(lambda: events(audit, "message.send_failed"), 60, "a failed attempt")
     certs = layout.lab.root / "certs" / "peers" / "hospital"
     old = x509.load_pem_x509_certificate((certs / "encrypt.crt").read_bytes())
+    # Certificate times have whole seconds: the new one must start in a later second to be
+    # the newest, the one documents go to.
+    while datetime.now(UTC) < old.not_valid_before_utc + timedelta(seconds=1):
+        time.sleep(0.05)
     new = issue(
         demo_ca(layout),
         "SAKURA-HOSPITAL",
