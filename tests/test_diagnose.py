@@ -529,6 +529,24 @@ def test_peer_suspended_us_is_503_suspended_by_the_peer(layout, processes):
     assert diagnose(layout)[0] == 0
 
 
+def test_our_own_suspension_of_the_peer_is_said_even_when_the_path_works(layout, processes):
+    """At 3 a.m. "why is nothing sent?": the path works, but we suspended the exchange."""
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    lab = str(layout.lab.config_path)
+    suspended = medgw("peers", "suspend", "hospital", "--reason", "planned work", "--config", lab)
+    assert suspended.returncode == 0, suspended.stderr
+    code, report = diagnose(layout)
+    assert code == 0 and report["ok"]  # the path itself works
+    assert report["suspended_here"]["reason"] == "planned work"
+    text = medgw("diagnose", "hospital", "--config", lab)
+    assert "is suspended here" in text.stdout and "medgw peers resume hospital" in text.stdout
+    assert "works, but is suspended here" in text.stdout
+    assert medgw("peers", "resume", "hospital", "--config", lab).returncode == 0
+    code, report = diagnose(layout)
+    assert code == 0 and report["suspended_here"] is None
+
+
 # -- usage --------------------------------------------------------------------------
 
 

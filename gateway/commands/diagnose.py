@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from gateway.clock import SystemClock
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.diagnose import Diagnoser, Diagnosis, Status
+from gateway.errors import MedgwError
+from gateway.spool import PeerControl, Spool
 
 DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -52,7 +54,24 @@ def register(commands: Any) -> None:
     parser.set_defaults(handler=_diagnose)
 
 
-def render(diagnosis: Diagnosis) -> str:
+def suspended_here(config: GatewayConfig, peer: str) -> PeerControl | None:
+    """Our own suspension of ``peer`` (``medgw peers suspend``), read from the spool: the
+    path may work while nothing is exchanged on purpose."""
+    path = config.storage.state_dir / "spool.sqlite3"
+    if not path.is_file():
+        return None
+    try:
+        spool = Spool(path, SystemClock())
+    except (MedgwError, OSError):
+        return None  # not readable by this account: the steps say what they can
+    try:
+        control = spool.peer_controls().get(peer)
+    finally:
+        spool.close()
+    return control if control is not None and control.suspended else None
+
+
+def render(diagnosis: Diagnosis, suspension: PeerControl | None = None) -> str:
     lines = [f"medgw diagnose {diagnosis.peer} ({diagnosis.as2_id}, {diagnosis.url})"]
     for step in diagnosis.steps:
         lines.append(f"{MARKS[step.status]} {step.number} {step.title:<29} {step.detail}")
@@ -68,8 +87,16 @@ def render(diagnosis: Diagnosis) -> str:
         if step.status is Status.WARN:
             lines += ["", f"Warning, step {step.number} ({step.title}): {step.meaning}"]
             lines.append(f"What to do:    {step.action}")
+    if suspension is not None:
+        lines += [
+            "",
+            f"Note: the exchange with {diagnosis.peer} is suspended here (by "
+            f"{suspension.actor}: {suspension.reason}): nothing is sent to it and what it "
+            f"sends is refused with 503 until `medgw peers resume {diagnosis.peer}`.",
+        ]
     if diagnosis.ok:
-        lines += ["", f"All steps passed: the exchange with {diagnosis.peer} works."]
+        works = "works" if suspension is None else "works, but is suspended here (see above)"
+        lines += ["", f"All steps passed: the exchange with {diagnosis.peer} {works}."]
     return "\n".join(lines)
 
 
@@ -86,5 +113,13 @@ def _diagnose(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     diagnosis = asyncio.run(Diagnoser(config, peer, SystemClock()).run())
-    print(json.dumps(diagnosis.to_json(), indent=2) if args.json else render(diagnosis))
+    suspension = suspended_here(config, peer.name)
+    if args.json:
+        report = diagnosis.to_json()
+        report["suspended_here"] = (
+            {"by": suspension.actor, "reason": suspension.reason} if suspension else None
+        )
+        print(json.dumps(report, indent=2))
+    else:
+        print(render(diagnosis, suspension))
     return EXIT_OK if diagnosis.ok else EXIT_FAILED
