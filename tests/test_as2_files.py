@@ -11,13 +11,34 @@ from pathlib import Path
 import pytest
 
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
-from gateway.as2.message import build_message_file
+from gateway.as2.message import BuiltFile, build_message_file
 from gateway.cms.mime import make_entity
 from gateway.cms.stream import decrypt_file, open_and_verify_file, verify_entity_span
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.errors import ProtocolError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
+
+
+def _build(
+    lab: GatewayConfig, payload: Path, body: Path, filename: str, content_type: str
+) -> BuiltFile:
+    """The lab's AS2 message for the hospital, as the daemon builds it."""
+    return build_message_file(
+        payload,
+        body,
+        filename=filename,
+        content_type=content_type,
+        message_id="<m1@KITA-LAB>",
+        sender_as2_id="KITA-LAB",
+        receiver_as2_id="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipients=lab.require_peer("hospital").encryption_certificates,
+        digest="sha256",
+        cipher="aes-256-gcm",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
+    )
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 3 * 1024 * 1024 + 7])
@@ -30,21 +51,7 @@ def test_built_file_opens_to_the_same_document_and_mic(
     data = os.urandom(size)
     payload.write_bytes(data)
     body = tmp_path / "body.as2"
-    built = build_message_file(
-        payload,
-        body,
-        filename="../../etc/x.dcm",
-        content_type="application/dicom",
-        message_id="<m1@KITA-LAB>",
-        sender_as2_id="KITA-LAB",
-        receiver_as2_id="SAKURA-HOSPITAL",
-        signing=lab.smime.signing,
-        recipients=lab.require_peer("hospital").encryption_certificates,
-        digest="sha256",
-        cipher="aes-256-gcm",
-        policy=AlgorithmPolicy(),
-        at=datetime.now(UTC),
-    )
+    built = _build(lab, payload, body, "../../etc/x.dcm", "application/dicom")
     assert built.size == size
     assert dict(built.headers)["Message-ID"] == "<m1@KITA-LAB>"
     assert not list(tmp_path.glob("*.entity"))  # the plaintext entity was removed
@@ -92,21 +99,7 @@ def test_the_verified_document_is_read_inside_the_decrypted_file_not_copied(
     else:
         payload = tmp_path / "payload"
         payload.write_bytes(data)
-        built = build_message_file(
-            payload,
-            tmp_path / "body.as2",
-            filename="scan.pdf",
-            content_type="application/pdf",
-            message_id="<m2@KITA-LAB>",
-            sender_as2_id="KITA-LAB",
-            receiver_as2_id="SAKURA-HOSPITAL",
-            signing=lab.smime.signing,
-            recipients=lab.require_peer("hospital").encryption_certificates,
-            digest="sha256",
-            cipher="aes-256-gcm",
-            policy=AlgorithmPolicy(),
-            at=datetime.now(UTC),
-        )
+        built = _build(lab, payload, tmp_path / "body.as2", "scan.pdf", "application/pdf")
         assert built.size == size
         decrypt_file(
             tmp_path / "body.as2",

@@ -23,6 +23,7 @@ from gateway.policy import AlgorithmPolicy
 from gateway.spool import Spool
 from tests import as2client
 from tests.cli import medgw
+from tests.test_operations import set_runtime
 
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:
@@ -89,13 +90,6 @@ def test_a_message_that_asked_for_an_async_receipt_waits_for_it_after_the_peer_i
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
 
 
-def set_runtime(config: Path, key: str, value: str) -> None:
-    lines = config.read_text().splitlines()
-    out = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
-    assert out != lines, f"{key} not in {config}"
-    config.write_text("\n".join(out) + "\n")
-
-
 def test_retry_of_a_message_to_a_peer_no_longer_configured_is_refused_and_says_why(
     layout: DemoLayout, processes: Any
 ) -> None:
@@ -118,6 +112,21 @@ def test_retry_of_a_message_to_a_peer_no_longer_configured_is_refused_and_says_w
         "queue", "cancel", record["message_id"], "--config", str(layout.lab.config_path)
     )
     assert cancelled.returncode == 0, cancelled.stderr
+
+
+def serve_as_hospital(
+    layout: DemoLayout, handler: type[BaseHTTPRequestHandler]
+) -> ThreadingHTTPServer:
+    """``handler`` on the hospital's port, with its TLS certificate, clients' required."""
+    certs = layout.hospital.root / "certs"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    context.load_verify_locations(layout.ca_certificate)
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 def receipt_first_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[bytes]]:
@@ -168,13 +177,7 @@ def receipt_first_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[by
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
-    context.load_verify_locations(layout.ca_certificate)
-    context.verify_mode = ssl.CERT_REQUIRED
-    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_as_hospital(layout, Handler)
     return server, answers
 
 
@@ -208,7 +211,6 @@ def quiet_async_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[str]
     """A stand-in for the hospital that takes each message and says its receipt will come
     later (an empty 200); the test POSTs that receipt when it wants to."""
     seen: list[str] = []
-    certs = layout.hospital.root / "certs"
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
@@ -224,13 +226,7 @@ def quiet_async_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[str]
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
-    context.load_verify_locations(layout.ca_certificate)
-    context.verify_mode = ssl.CERT_REQUIRED
-    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), Handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_as_hospital(layout, Handler)
     return server, seen
 
 
