@@ -34,7 +34,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.demo_run import GatewayProcess, drop_file, free_port
+from gateway.demo_run import GatewayProcess, drop_file, free_ports
 from gateway.pki.demo import init_demo
 
 
@@ -140,11 +140,12 @@ def main() -> int:
     bound, bound_all, counted = crypto_bounds(args.keys, rates)
 
     with tempfile.TemporaryDirectory() as tmp:
+        hospital_port, lab_port = free_ports(2)
         layout = init_demo(
             Path(tmp) / "demo",
             now=datetime.now(UTC),
-            hospital_port=free_port(),
-            lab_port=free_port(),
+            hospital_port=hospital_port,
+            lab_port=lab_port,
             key_kind=args.keys,
         )
         for inst in (layout.hospital, layout.lab):

@@ -115,9 +115,19 @@ class GatewayProcess:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct unused ports on 127.0.0.1 (held open together while chosen:
+    asked one at a time, the kernel may hand out the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
@@ -154,7 +164,8 @@ def run_demo(root: Path) -> int:
 
     root = root.absolute()
     say(f"medgw demo: setting up in {root}")
-    layout = init_demo(root, now=datetime.now(UTC), hospital_port=free_port(), lab_port=free_port())
+    hospital_port, lab_port = free_ports(2)
+    layout = init_demo(root, now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port)
     hospital, lab = layout.hospital, layout.lab
     say(f"  demo CA, certificates and configs for {hospital.as2_id} and {lab.as2_id} written")
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.demo_run import GatewayProcess, free_port
+from gateway.demo_run import GatewayProcess, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 
 
 @pytest.fixture
 def layout(tmp_path: Path) -> DemoLayout:
+    hospital_port, lab_port = free_ports(2)
     return init_demo(
-        tmp_path / "demo", now=datetime.now(UTC), hospital_port=free_port(), lab_port=free_port()
+        tmp_path / "demo", now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port
     )
 
 

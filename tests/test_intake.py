@@ -16,7 +16,7 @@ import pytest
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
 from gateway.errors import SpoolError
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
@@ -42,8 +42,9 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
 ) -> None:
     """Otherwise the next scan starts a second take of files still being moved: one
     document, two messages."""
+    hospital_port, lab_port = free_ports(2)
     layout = init_demo(
-        tmp_path / "demo", now=datetime.now(UTC), hospital_port=free_port(), lab_port=free_port()
+        tmp_path / "demo", now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port
     )
     config = load_config(layout.lab.config_path)
     clock = SystemClock()

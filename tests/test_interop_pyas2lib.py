@@ -33,7 +33,7 @@ import pytest
 
 from gateway.as2.headers import quote_as2_id, unquote_as2_id
 from gateway.clock import SystemClock
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import OutboundState, Spool
 from tests import as2client
@@ -61,11 +61,12 @@ def _set_compat(layout: DemoLayout, compat: bool, *, at_lab: bool = False) -> No
 
 @pytest.fixture
 def rsa_layout(tmp_path: Path) -> DemoLayout:
+    hospital_port, lab_port = free_ports(2)
     layout = init_demo(
         tmp_path / "demo",
         now=datetime.now(UTC),
-        hospital_port=free_port(),
-        lab_port=free_port(),
+        hospital_port=hospital_port,
+        lab_port=lab_port,
         key_kind="rsa-3072",
     )
     for config in (layout.hospital.config_path, layout.lab.root / "peers.d" / "hospital.toml"):
