@@ -33,7 +33,7 @@ from gateway.as2.message import build_message
 from gateway.channel.client import PeerClient, TransportError
 from gateway.clock import SystemClock
 from gateway.config import KeyPair, load_config
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from gateway.pki.tls import client_context
@@ -281,7 +281,7 @@ def world(tmp_path: Path) -> World:
         pharmacy_ip="127.0.2.2",
         net_a="127.0.1.0/24",
         net_b="127.0.2.0/24",
-        ports=(free_port(), free_port(), free_port(), free_port()),
+        ports=tuple(free_ports(4)),
     )
 
 
