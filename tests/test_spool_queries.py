@@ -1,7 +1,7 @@
 """The spool's per-message queries stay index lookups however long the queue is.
 
 After a peer's outage thousands of messages wait for it.  The sender's loop asks
-for the next due message and for expired ones after every send; if SQLite had
+for the due messages and for expired ones after every send; if SQLite had
 to scan and sort the whole queue for that, each message would cost time in
 proportion to the backlog and the queue would drain ever more slowly.  These
 tests read SQLite's own query plan (``EXPLAIN QUERY PLAN``) of the statements
@@ -57,12 +57,14 @@ def spool(tmp_path: Path) -> Spool:
 def statements_of(spool: Spool, call: Callable[[], object]) -> list[str]:
     """The SQL statements (parameters filled in) that ``call`` runs on the spool."""
     seen: list[str] = []
-    db: sqlite3.Connection = spool._db
-    db.set_trace_callback(seen.append)
+    connections: list[sqlite3.Connection] = [spool._db, spool._reader]  # writes, reads
+    for db in connections:
+        db.set_trace_callback(seen.append)
     try:
         call()
     finally:
-        db.set_trace_callback(None)
+        for db in connections:
+            db.set_trace_callback(None)
     return [s for s in seen if s.lstrip().upper().startswith("SELECT")]
 
 
@@ -73,7 +75,7 @@ def plan(spool: Spool, statement: str) -> list[str]:
 @pytest.mark.parametrize(
     ("what", "call", "searched_by"),
     [
-        ("next due message", lambda s: s.next_due("lab"), "peer=? AND state=?"),
+        ("due messages", lambda s: s.claim_due("lab", 2e9, 4), "peer=? AND state=?"),
         (
             "expired messages",
             lambda s: s.expire_due("lab", 2e9 + 10),
@@ -105,12 +107,32 @@ def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
     assert any(searched_by in s for steps in plans.values() for s in steps), f"{what}: {plans}"
 
 
-def test_the_next_due_message_is_the_earliest_due_then_the_oldest(spool: Spool) -> None:
-    first = spool.next_due("lab")
-    assert first is not None and first.message_id == "<lab-0@hospital>"
-    spool.mark_sending("<lab-0@hospital>")
+def test_due_messages_are_claimed_earliest_due_then_oldest(spool: Spool) -> None:
+    claimed, next_at = spool.claim_due("lab", 1.0, 1)
+    assert [r.message_id for r in claimed] == ["<lab-0@hospital>"]
+    assert claimed[0].attempts == 0  # as it was before this attempt
+    assert spool.get("<lab-0@hospital>").state is OutboundState.SENDING  # type: ignore[union-attr]
+    assert spool.get("<lab-0@hospital>").attempts == 1  # type: ignore[union-attr]
+    assert next_at == 0  # the next one is due already
     spool.mark_retry("<lab-0@hospital>", "connection refused", 2e9)  # later than the rest
-    assert spool.next_due("lab").message_id == "<lab-1@hospital>"  # type: ignore[union-attr]
+    claimed, _ = spool.claim_due("lab", 1.0, 3)
+    assert [r.message_id for r in claimed] == [f"<lab-{i}@hospital>" for i in (1, 2, 3)]
+    assert spool.get("<pharmacy-1@hospital>").state is OutboundState.QUEUED  # type: ignore[union-attr]
+
+
+def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", Clock())
+    spool.add_intake(
+        "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
+    )
+    spool.mark_queued("<m@lab>", tmp_path / "b", [], "mic", 10)
+    spool.mark_sending("<m@lab>")
+    spool.mark_retry("<m@lab>", "connection refused", 500.0)
+    assert spool.claim_due("lab", 100.0, 4) == ([], 500.0)
+    assert spool.get("<m@lab>").state is OutboundState.QUEUED  # type: ignore[union-attr]
+    assert spool.claim_due("pharmacy", 100.0, 4) == ([], None)  # nothing queued at all
+    claimed, next_at = spool.claim_due("lab", 500.0, 4)
+    assert [r.message_id for r in claimed] == ["<m@lab>"] and next_at is None
 
 
 def test_expiry_takes_exactly_the_messages_past_their_time(spool: Spool) -> None:
@@ -139,5 +161,5 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
     names = {r[0] for r in spool._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"outbound_next", "outbound_expiry", "outbound_unanswered", "outbound_created"} <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
-    statement = statements_of(spool, lambda: spool.next_due("lab"))[0]
+    statement = statements_of(spool, lambda: spool.claim_due("lab", 0.0, 4))[0]
     assert not [s for s in plan(spool, statement) if "TEMP B-TREE" in s]

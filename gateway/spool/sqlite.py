@@ -29,14 +29,18 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import SpoolError
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
+from gateway.spool.groupcommit import GroupCommit
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbound (
@@ -265,11 +269,12 @@ _ADDED_COLUMNS = (
 class Spool:
     def __init__(self, path: Path, clock: Clock) -> None:
         self._clock = clock
-        # One connection shared by the event loop and worker threads; the lock
-        # keeps each transaction whole.
-        self._lock = threading.RLock()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            # Two connections shared by the event loop and worker threads: one writes
+            # (transactions of several threads share a commit: see groupcommit), one
+            # reads, so a read never waits for a commit's fsync.  WAL mode lets the
+            # reader see every committed transaction without blocking the writer.
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -280,18 +285,35 @@ class Spool:
                 present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in present:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._reader.row_factory = sqlite3.Row
+            self._reader.execute("PRAGMA busy_timeout=5000")
+            self._reader.execute("PRAGMA query_only=1")
         except sqlite3.Error as exc:
             raise SpoolError(
                 f"cannot open the spool database {path}: {exc}",
                 fix="check that the state directory is writable and the disk is not full",
             ) from exc
+        self._writer = GroupCommit(self._db)
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
+        self._reader.close()
         self._db.close()
 
     def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, params).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
+
+    def _transact(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` as one transaction; returns once it is committed (and fsync'ed)."""
+        try:
+            return self._writer.run(work)
+        except sqlite3.Error as exc:
+            raise SpoolError(
+                f"spool write failed: {exc}",
+                fix="check free disk space and permissions of the state directory",
+            ) from exc
 
     def _one(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
         rows = self._read(sql, params)
@@ -307,18 +329,14 @@ class Spool:
         more: list[tuple[str, tuple[Any, ...]]] | None = None,
     ) -> int:
         """Run ``sql`` (and the statements in ``more``) as one transaction."""
-        try:
-            with self._lock, self._db:  # one transaction, committed (and fsync'ed) on exit
-                self._db.execute("BEGIN IMMEDIATE")
-                count = self._db.execute(sql, params).rowcount
-                for statement, values in more or ():
-                    self._db.execute(statement, values)
-                return int(count)
-        except sqlite3.Error as exc:
-            raise SpoolError(
-                f"spool write failed: {exc}",
-                fix="check free disk space and permissions of the state directory",
-            ) from exc
+
+        def work(db: sqlite3.Connection) -> int:
+            count = db.execute(sql, params).rowcount
+            for statement, values in more or ():
+                db.execute(statement, values)
+            return int(count)
+
+        return self._transact(work)
 
     # -- outbound -------------------------------------------------------------
 
@@ -522,14 +540,33 @@ class Spool:
         rows = self._read("SELECT * FROM outbound ORDER BY created_at", ())
         return [_outbound(r) for r in rows]
 
-    def next_due(self, peer: str) -> OutboundRecord | None:
-        """The oldest queued message for ``peer`` (due or not: the caller checks the time)."""
-        row = self._one(
-            "SELECT * FROM outbound WHERE peer=? AND state=? ORDER BY next_attempt_at, created_at"
-            " LIMIT 1",
-            (peer, OutboundState.QUEUED.value),
-        )
-        return _outbound(row) if row else None
+    def claim_due(
+        self, peer: str, now: float, limit: int
+    ) -> tuple[list[OutboundRecord], float | None]:
+        """Take up to ``limit`` of ``peer``'s queued messages that are due at ``now``,
+        oldest first, and mark them ``sending`` in one transaction (so no other task
+        picks them up).  Returns them as they were before (``attempts`` not yet
+        counted), and when the next queued message is due (None: none is queued)."""
+
+        def claim(db: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+            rows = db.execute(
+                "SELECT * FROM outbound WHERE peer=? AND state=?"
+                " ORDER BY next_attempt_at, created_at LIMIT ?",
+                (peer, OutboundState.QUEUED.value, max(0, limit) + 1),
+            ).fetchall()
+            due = [r for r in rows if r["next_attempt_at"] <= now][: max(0, limit)]
+            if due:
+                updated_at = self._now()
+                db.executemany(
+                    "UPDATE outbound SET state=?, attempts=attempts+1, updated_at=?"
+                    " WHERE message_id=?",
+                    [(OutboundState.SENDING.value, updated_at, r["message_id"]) for r in due],
+                )
+            return rows, due
+
+        rows, due = self._transact(claim)
+        rest = rows[len(due) :]
+        return [_outbound(r) for r in due], (rest[0]["next_attempt_at"] if rest else None)
 
     def requeue_interrupted(self, peer: str | None = None) -> list[str]:
         """Messages whose sending was interrupted go back to the queue: at start-up all

@@ -1,0 +1,176 @@
+"""Spool writes of several threads share a COMMIT, and stay each whole.
+
+The spool's writes come from the event loop's worker threads (taking,
+sealing, sending and settling documents at once).  Each used to commit, and
+fsync, alone while the others waited for it.  These tests run real threads on
+a real SQLite database in WAL mode and check both halves of the promise: fewer
+commits than transactions under concurrency, and every caller's transaction
+committed whole or not at all, whatever the others in its batch do.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import SpoolError
+from gateway.spool import Spool
+from gateway.spool.groupcommit import GroupCommit
+from gateway.spool.sqlite import OutboundState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.at = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        self.at += timedelta(milliseconds=1)
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER)")
+    return db
+
+
+def rows(path: Path) -> dict[str, int]:
+    """What another connection (another process, after a crash) finds committed."""
+    with sqlite3.connect(path) as other:
+        return dict(other.execute("SELECT k, v FROM t").fetchall())
+
+
+def in_threads(count: int, target: object) -> list[BaseException]:
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            target(i)  # type: ignore[operator]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_concurrent_transactions_share_commits_and_all_land(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    writer = GroupCommit(connect(path))
+
+    def insert(i: int) -> None:
+        for j in range(50):
+            key = f"{i}-{j}"
+            assert writer.run(lambda db, k=key: db.execute("INSERT INTO t VALUES (?, 1)", (k,)))
+            assert key in rows(path)  # committed when run() returns, not later
+
+    assert in_threads(8, insert) == []
+    assert len(rows(path)) == 400
+    assert writer.commits < 400  # a burst shares COMMITs (and their fsyncs)
+
+
+def test_a_failing_transaction_is_rolled_back_alone(tmp_path: Path) -> None:
+    """Two statements each: the failing caller's first statement is undone, the
+    others' both statements are committed in the same batch."""
+    path = tmp_path / "t.db"
+    writer = GroupCommit(connect(path))
+    writer.run(lambda db: db.execute("INSERT INTO t VALUES ('taken', 0)"))
+
+    def pair(i: int) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO t VALUES (?, 1)", (f"a{i}",))
+            if i % 3 == 0:
+                db.execute("INSERT INTO t VALUES ('taken', 2)")  # duplicate key: fails
+            else:
+                db.execute("INSERT INTO t VALUES (?, 2)", (f"b{i}",))
+
+        writer.run(work)
+
+    errors = in_threads(9, pair)
+    assert len(errors) == 3 and all(isinstance(e, sqlite3.IntegrityError) for e in errors)
+    committed = rows(path)
+    assert set(committed) == {"taken"} | {f"{p}{i}" for i in range(9) if i % 3 for p in "ab"}
+
+
+def test_an_exception_of_any_kind_in_one_transaction_leaves_the_others(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t.db"
+    writer = GroupCommit(connect(path))
+
+    def boom(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t VALUES ('lost', 1)")
+        raise RuntimeError("a defect in the caller")
+
+    with pytest.raises(RuntimeError, match="defect"):
+        writer.run(boom)
+    writer.run(lambda db: db.execute("INSERT INTO t VALUES ('kept', 1)"))
+    assert rows(path) == {"kept": 1}
+
+
+def test_a_failed_commit_fails_every_caller_and_keeps_nothing(tmp_path: Path) -> None:
+    """The database cannot be written (say, another process holds its lock for too
+    long): nobody is told their change is stored, and none of it is."""
+    path = tmp_path / "t.db"
+    db = connect(path)
+    db.execute("PRAGMA busy_timeout=100")
+    writer = GroupCommit(db)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            writer.run(lambda db: db.execute("INSERT INTO t VALUES ('x', 1)"))
+    finally:
+        blocker.execute("ROLLBACK")
+    assert rows(path) == {}
+    writer.run(lambda db: db.execute("INSERT INTO t VALUES ('y', 1)"))  # usable again
+    assert rows(path) == {"y": 1}
+
+
+def test_the_spool_reports_a_failed_write_and_reads_what_was_committed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", Clock())
+    spool.add_intake(
+        "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b"
+    )
+    with pytest.raises(SpoolError, match="spool write failed") as caught:
+        # The same Message-ID again: refused by the primary key, named, with a fix.
+        spool.add_intake(
+            "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b"
+        )
+    assert caught.value.fix
+    spool.mark_queued("<m@lab>", tmp_path / "c", [], "mic", 10)
+    record = spool.get("<m@lab>")  # read on the reading connection, right after the commit
+    assert record is not None and record.state is OutboundState.QUEUED
+
+
+def test_spool_writes_from_many_threads_are_all_there(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", Clock())
+
+    def take(i: int) -> None:
+        for j in range(20):
+            message_id = f"<{i}-{j}@lab>"
+            spool.add_intake(
+                message_id, "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b"
+            )
+            spool.mark_queued(message_id, tmp_path / "c", [], "mic", 10)
+            claimed, _ = spool.claim_due("lab", 2e9, 1)
+            assert len(claimed) == 1  # at least this thread's own message is there
+
+    assert in_threads(6, take) == []
+    queued = spool.list_outbound(state=OutboundState.QUEUED)
+    sending = spool.list_outbound(state=OutboundState.SENDING)
+    assert len(queued) == 0 and len(sending) == 120  # each claimed once, none twice
