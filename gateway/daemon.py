@@ -66,7 +66,7 @@ from gateway.spool import Spool
 from gateway.spool.sqlite import PENDING_STATES
 
 PEER_IDLE_CHECK_SECONDS = 5.0
-PARALLEL_SENDS_PER_PEER = 4
+PARALLEL_SENDS_PER_PEER = 8
 INBOUND_PER_PEER = 8  # messages of one peer received at once; more wait their turn
 # A request body up to this size is held in memory (at most INBOUND_PER_PEER per peer);
 # a larger one is streamed to a file under state_dir/incoming.
@@ -797,26 +797,19 @@ class Daemon:
                 peer = state.config.peer(name)
                 if peer is None:
                     break
-                self._outbound.expire(peer)
-                self._outbound.requeue_unanswered(peer)
                 now = self._clock.now().timestamp()
+                free = PARALLEL_SENDS_PER_PEER - len(inflight) if now >= resume_at else 0
+                claimed, next_at = await self._outbound.due_for_sending(peer, now, free)
+                for record in claimed:
+                    task = asyncio.get_running_loop().create_task(
+                        self._outbound.send_one(record, peer, state.clients[name], self._rng)
+                    )
+                    inflight[task] = record.message_id
                 wait = PEER_IDLE_CHECK_SECONDS
                 if now < resume_at:
                     wait = resume_at - now
-                elif not self._spool.is_suspended(name):
-                    while len(inflight) < PARALLEL_SENDS_PER_PEER:
-                        record = self._spool.next_due(name)
-                        if record is None:
-                            break
-                        due_in = record.next_attempt_at - now
-                        if due_in > 0:
-                            wait = min(wait, due_in)
-                            break
-                        self._spool.mark_sending(record.message_id)  # not picked twice
-                        task = asyncio.get_running_loop().create_task(
-                            self._outbound.send_one(record, peer, state.clients[name], self._rng)
-                        )
-                        inflight[task] = record.message_id
+                elif next_at is not None and next_at > now:
+                    wait = min(wait, next_at - now)
                 waiters: set[asyncio.Future[Any]] = {*inflight}
                 waiters.add(asyncio.ensure_future(wakeup.wait()))
                 done, _ = await asyncio.wait(

@@ -28,10 +28,10 @@ import filecmp
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from cryptography import x509
 
@@ -58,6 +58,8 @@ from gateway.pki.peers import PeerTrust
 from gateway.pki.tls import certificate_fingerprint
 from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord, OutboundState, Spool
+
+T = TypeVar("T")
 
 INTAKE_PARALLELISM = 8
 WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
@@ -253,6 +255,11 @@ class Outbound:
         return len(result.candidates)
 
     async def _take(self, candidate: Candidate) -> None:
+        record, peer = await _in_thread(self._take_into_spool, candidate)
+        await self._prepare(record, peer)
+
+    def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer]:
+        """Record the document and move it from the outbox into the spool (worker thread)."""
         peer = self.config.peer(candidate.peer)
         assert peer is not None
         message_id = new_message_id(self.config.as2_id)
@@ -271,7 +278,7 @@ class Outbound:
             service=candidate.service,
         )
         try:
-            await asyncio.to_thread(_move_into_spool, candidate.path, payload_path)
+            _move_into_spool(candidate.path, payload_path)
         except OSError as exc:
             if candidate.path.exists():
                 # Still in the outbox (say the spool's disk is full): a later scan takes it
@@ -288,7 +295,7 @@ class Outbound:
             ) from exc
         record = self._spool.get(message_id)
         assert record is not None
-        await self._prepare(record, peer)
+        return record, peer
 
     async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """Spool a document streamed from a local submitter; returns the message's view.
@@ -441,6 +448,13 @@ class Outbound:
     async def _prepare(
         self, record: OutboundRecord, peer: Peer, *, submitted_by: str | None = None
     ) -> None:
+        if await _in_thread(self._seal_and_queue, record, peer, submitted_by):
+            self.wake(peer.name)
+
+    def _seal_and_queue(self, record: OutboundRecord, peer: Peer, submitted_by: str | None) -> bool:
+        """Sign and encrypt a spooled document and queue it (True); or keep it, unsent,
+        and alert (False).  Runs in a worker thread: crypto, files and the spool's
+        transactions, each with its fsync, stay off the event loop."""
         smime = self.config.smime
         at = self._clock.now()
         body_path = self._outgoing / (record.payload_path.name + ".as2")
@@ -469,7 +483,7 @@ class Outbound:
             return built.headers, built.mic, built.size, certificate_fingerprint(recipient)
 
         try:
-            headers, mic, size, encrypted_for = await asyncio.to_thread(build)
+            headers, mic, size, encrypted_for = build()
         except (MedgwError, OSError) as exc:
             # The document is kept (in the spool, not sent): once the cause is corrected,
             # `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it.
@@ -497,7 +511,7 @@ class Outbound:
                 f"{retry} (or cancel it)",
                 detail={"fix": fix} if fix else None,
             )
-            return
+            return False
         self._spool.mark_queued(
             record.message_id, body_path, list(headers), mic, size, encrypted_for
         )
@@ -518,7 +532,7 @@ class Outbound:
                 **({"submitted_by": submitted_by} if submitted_by else {}),
             },
         )
-        self.wake(peer.name)
+        return True
 
     async def prepare_again(self, message_id: str) -> None:
         """Sign, encrypt and queue a kept document whose preparation an operator retried."""
@@ -636,6 +650,12 @@ class Outbound:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
             self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
             raise
+        await _in_thread(self._sent, record, peer, response, awaiting)
+        return 0.0
+
+    def _sent(self, record: OutboundRecord, peer: Peer, response: Response, awaiting: bool) -> None:
+        """The peer took the message: record it, and settle it by the receipt in the
+        answer, or wait for the one it will POST (worker thread)."""
         self._record(
             EventType.MESSAGE_SENT,
             peer=peer.name,
@@ -646,9 +666,8 @@ class Outbound:
         if awaiting:
             # Unless its receipt came before this answer and settled it already.
             self._spool.mark_awaiting_receipt(record.message_id)
-            return 0.0
-        await self._handle_receipt(record, peer, response)
-        return 0.0
+            return
+        self._settle(record, peer, response)
 
     def _settled_meanwhile(self, record: OutboundRecord) -> bool:
         """Whether the asynchronous receipt of a message being sent has already settled it
@@ -700,7 +719,7 @@ class Outbound:
             )
             return "ignored"
         response = Response(200, content_type, (), body)
-        await self._handle_receipt(record, peer, response, given_up=record.state in GIVEN_UP)
+        await _in_thread(self._settle, record, peer, response, record.state in GIVEN_UP)
         return "accepted"
 
     def _receipt_refused(self, peer: Peer, message_id: str | None, reason: str) -> None:
@@ -711,6 +730,29 @@ class Outbound:
             message_id=message_id,
             reason=reason,
         )
+
+    async def due_for_sending(
+        self, peer: Peer, now: float, free: int
+    ) -> tuple[list[OutboundRecord], float | None]:
+        """The peer's sender asks what to send next: expired messages and overdue
+        asynchronous receipts are dealt with, then up to ``free`` due messages are
+        claimed (marked sending), unless the exchange is suspended.  Returns them and
+        when the next queued one is due.  One trip to a worker thread: the spool's
+        transactions stay off the event loop.  Interrupted (shutdown), what was
+        claimed goes back to the queue."""
+
+        def claim() -> tuple[list[OutboundRecord], float | None]:
+            self.expire(peer)
+            self.requeue_unanswered(peer)
+            if free <= 0 or self._spool.is_suspended(peer.name):
+                return [], None
+            return self._spool.claim_due(peer.name, now, free)
+
+        def give_back(result: tuple[list[OutboundRecord], float | None]) -> None:
+            for record in result[0]:
+                self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
+
+        return await _in_thread(claim, on_cancel=give_back)
 
     def requeue_unanswered(self, peer: Peer) -> None:
         """Asynchronous receipts that did not come within request_timeout_seconds: resend."""
@@ -727,18 +769,17 @@ class Outbound:
                 "(the peer answers a resend with its receipt)",
             )
 
-    async def _handle_receipt(
-        self, record: OutboundRecord, peer: Peer, response: Response, *, given_up: bool = False
+    def _settle(
+        self, record: OutboundRecord, peer: Peer, response: Response, given_up: bool = False
     ) -> None:
-        """Settle ``record`` by its receipt; ``given_up``: it had been marked expired, dead
-        or cancelled before this receipt came."""
+        """Settle ``record`` by its receipt (worker thread); ``given_up``: it had been
+        marked expired, dead or cancelled before this receipt came."""
         assert record.mic is not None
         receipt_path = self._receipts / (record.payload_path.name + ".mdn")
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
-        await asyncio.to_thread(write_atomic, receipt_path, [stored], mode=0o600)
+        write_atomic(receipt_path, [stored], mode=0o600)
         try:
-            receipt = await asyncio.to_thread(
-                parse_receipt,
+            receipt = parse_receipt(
                 response.content_type,
                 response.body,
                 trusted_signers=self._signers(peer),
@@ -924,3 +965,21 @@ def _move_into_spool(source: Path, target: Path) -> None:
         return
     fsync_dir(target.parent)
     fsync_dir(source.parent)
+
+
+async def _in_thread(
+    function: Callable[..., T], *args: Any, on_cancel: Callable[[T], None] | None = None
+) -> T:
+    """Run ``function`` in a worker thread: the spool's transactions, audit records and
+    files, each with its fsync, stay off the event loop, which keeps serving other
+    messages meanwhile.  A cancellation (shutdown) waits until it has finished, so
+    nothing is left half-recorded when the spool is closed; ``on_cancel`` then undoes
+    what its result would have started."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        if not work.cancelled() and work.exception() is None and on_cancel is not None:
+            on_cancel(work.result())
+        raise
