@@ -250,6 +250,7 @@ class Daemon:
                 config.runtime.request_timeout_seconds,
                 source_address=zones[p.zone].source_address,
                 egress=zones[p.zone].egress,
+                connections=PARALLEL_SENDS_PER_PEER,
             )
             for p in config.peers
         }

@@ -45,10 +45,12 @@ class PeerClient:
         *,
         source_address: str | None = None,
         egress: Sequence[Network] = (),
+        connections: int = 4,
     ) -> None:
+        """``connections``: at most this many to the peer at once (more requests wait)."""
         path = ZonePath(source_address, tuple(egress))
         self._session = aiohttp.ClientSession(
-            connector=path.connector(tls=context, limit=4, keepalive_timeout=30),
+            connector=path.connector(tls=context, limit=connections, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout),
             auto_decompress=False,
         )
