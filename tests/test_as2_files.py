@@ -155,3 +155,28 @@ def test_broken_base64_and_unknown_encodings_are_refused(tmp_path: Path) -> None
     )
     with pytest.raises(ProtocolError, match="x-uuencode"):
         read_entity_info(entity)
+
+
+def test_the_sealed_body_is_on_disk_before_it_is_handed_back(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon records the message as queued right after this, and deletes the
+    plaintext: the body and its name in the folder must survive a power loss first."""
+    lab = load_config(layout.lab.config_path)
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(70_000))
+    folder = tmp_path / "outgoing"
+    folder.mkdir()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    _build(lab, payload, folder / "body.as2", "a.dcm", "application/dicom")
+    body_syncs = [i for i, p in enumerate(synced) if Path(p).name.startswith(".body.as2.")]
+    folder_syncs = [i for i, p in enumerate(synced) if p == str(folder)]
+    assert body_syncs and folder_syncs, synced
+    assert body_syncs[0] < folder_syncs[-1]  # the file's data, then its name in the folder

@@ -177,6 +177,7 @@ def build_message_file(
             certificates=signing.chain,
             signing_time=at,
             policy=policy,
+            durable=True,  # the spool records it as queued next, and drops the plaintext
         )
     finally:
         entity.unlink(missing_ok=True)

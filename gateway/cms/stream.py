@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import DecryptionError, MalformedMessageError, SignatureError
+from ..fsutil import fsync_dir
 from ..policy import (
     COMPAT_CONTENT_CIPHERS,
     COMPAT_KEY_TRANSPORTS,
@@ -161,7 +162,10 @@ def _file_chunks(path: Path, start: int = 0, end: int | None = None) -> Iterator
             yield data
 
 
-def _write_atomically(dst: Path, pieces: Iterable[bytes]) -> int:
+def _write_atomically(dst: Path, pieces: Iterable[bytes], *, durable: bool = False) -> int:
+    """Write to a hidden temporary file beside ``dst`` and rename it; ``durable``: fsync
+    the file before the rename and the folder after, so that what a caller records
+    next (a spool row saying "queued") never outlives the file in a power loss."""
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
     size = 0
     try:
@@ -169,10 +173,15 @@ def _write_atomically(dst: Path, pieces: Iterable[bytes]) -> int:
             for piece in pieces:
                 out.write(piece)
                 size += len(piece)
+            if durable:
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_dir(dst.parent)
     return size
 
 
@@ -320,11 +329,13 @@ def sign_and_envelope_file(
     certificates: Sequence[x509.Certificate] = (),
     signing_time: datetime,
     policy: AlgorithmPolicy,
+    durable: bool = False,
 ) -> SealedFile:
     """Sign the MIME entity in ``src_entity`` (multipart/signed) and encrypt it into ``dst``.
 
-    ``dst`` is the AS2 body (DER), written atomically.  Equivalent to
-    ``envelope_entity(sign_entity(entity))`` without holding the entity.
+    ``dst`` is the AS2 body (DER), written atomically (and with ``durable``, on disk
+    when this returns).  Equivalent to ``envelope_entity(sign_entity(entity))``
+    without holding the entity.
     """
     cipher = cipher.strip().lower()
     policy.check_content_cipher(cipher, inbound=False)
@@ -344,6 +355,7 @@ def sign_and_envelope_file(
         encrypt_chunks(
             _framed_chunks(src_entity, frame), length, recipients, cipher=cipher, policy=policy
         ),
+        durable=durable,
     )
     smime_type = "authEnveloped-data" if cipher.endswith("gcm") else "enveloped-data"
     return SealedFile(
