@@ -29,6 +29,7 @@ import os
 import random
 import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -37,7 +38,7 @@ from cryptography import x509
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.mdn import mic_matches, parse_receipt
-from gateway.as2.message import build_message_file
+from gateway.as2.message import build_message, build_message_file
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
@@ -62,6 +63,10 @@ from gateway.spool import OutboundRecord, OutboundState, Spool
 T = TypeVar("T")
 
 INTAKE_PARALLELISM = 8
+# A document up to this size is signed and encrypted in memory, and its AS2 body kept
+# in the spool's row (committed with the row, no file); a larger one streams file
+# to file, its body in state/outgoing.
+INLINE_BODY_BYTES = 64 * 1024
 WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
 FINAL_STATES = frozenset(
     {
@@ -459,31 +464,39 @@ class Outbound:
         at = self._clock.now()
         body_path = self._outgoing / (record.payload_path.name + ".as2")
 
-        def build() -> tuple[tuple[tuple[str, str], ...], str, int, str]:
+        def build() -> _Sealed:
+            recipient = self._recipient(peer)
+            common: dict[str, Any] = {
+                "filename": record.filename,
+                "content_type": record.content_type,
+                "message_id": record.message_id,
+                "sender_as2_id": self.config.as2_id,
+                "receiver_as2_id": peer.as2_id,
+                "signing": smime.signing,
+                "recipients": (recipient,),
+                "digest": peer.digest,
+                "cipher": peer.cipher,
+                "policy": peer.policy,
+                "at": at,
+                "receipt_url": peer.async_receipt_url or None,
+                "service": record.service,
+            }
+            encrypted_for = certificate_fingerprint(recipient)
+            with record.payload_path.open("rb") as handle:
+                small = handle.read(INLINE_BODY_BYTES + 1)
+            if len(small) <= INLINE_BODY_BYTES:
+                # Sealed in memory and kept in the spool row itself: no more files.
+                message = build_message(small, **common)
+                return _Sealed(
+                    message.headers, message.mic, len(small), encrypted_for, None, message.body
+                )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
-            recipient = self._recipient(peer)
-            built = build_message_file(
-                record.payload_path,
-                body_path,
-                filename=record.filename,
-                content_type=record.content_type,
-                message_id=record.message_id,
-                sender_as2_id=self.config.as2_id,
-                receiver_as2_id=peer.as2_id,
-                signing=smime.signing,
-                recipients=(recipient,),
-                digest=peer.digest,
-                cipher=peer.cipher,
-                policy=peer.policy,
-                at=at,
-                receipt_url=peer.async_receipt_url or None,
-                service=record.service,
-            )
-            return built.headers, built.mic, built.size, certificate_fingerprint(recipient)
+            built = build_message_file(record.payload_path, body_path, **common)
+            return _Sealed(built.headers, built.mic, built.size, encrypted_for, body_path, None)
 
         try:
-            headers, mic, size, encrypted_for = build()
+            sealed = build()
         except (MedgwError, OSError) as exc:
             # The document is kept (in the spool, not sent): once the cause is corrected,
             # `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it.
@@ -513,10 +526,18 @@ class Outbound:
             )
             return False
         self._spool.mark_queued(
-            record.message_id, body_path, list(headers), mic, size, encrypted_for
+            record.message_id,
+            sealed.body_path,
+            list(sealed.headers),
+            sealed.mic,
+            sealed.size,
+            sealed.encrypted_for,
+            body=sealed.body,
         )
         record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
-        self._log.info("message.accepted", peer=peer.name, message_id=record.message_id, size=size)
+        self._log.info(
+            "message.accepted", peer=peer.name, message_id=record.message_id, size=sealed.size
+        )
         self._record(
             EventType.MESSAGE_ACCEPTED,
             peer=peer.name,
@@ -525,8 +546,8 @@ class Outbound:
             detail={
                 "filename": record.filename,
                 "content_type": record.content_type,
-                "size": size,
-                "mic": mic,
+                "size": sealed.size,
+                "mic": sealed.mic,
                 "cipher": peer.cipher,
                 "digest": peer.digest,
                 **({"submitted_by": submitted_by} if submitted_by else {}),
@@ -611,11 +632,13 @@ class Outbound:
         self, record: OutboundRecord, peer: Peer, client: PeerClient, rng: random.Random
     ) -> float:
         """Send one message; returns 0, or how long the peer should rest after a failure."""
-        assert record.body_path is not None and record.mic is not None
+        assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task picks it up).
         log = self._log.bind(peer=peer.name, message_id=record.message_id)
         try:
-            response = await client.post(peer.url, record.headers, record.body_path)
+            body = record.body if record.body is not None else record.body_path
+            assert body is not None
+            response = await client.post(peer.url, record.headers, body)
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
             awaiting = _asks_async_receipt(record) and 200 <= response.status < 300
@@ -934,6 +957,18 @@ class Outbound:
             reason=reason,
             detail={"disposition": disposition, "receipt_file": str(receipt_path)},
         )
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A document signed and encrypted: its AS2 headers and body (a file, or bytes)."""
+
+    headers: tuple[tuple[str, str], ...]
+    mic: str
+    size: int  # of the document
+    encrypted_for: str  # SHA-256 of the recipient's certificate
+    body_path: Path | None
+    body: bytes | None
 
 
 def _asks_async_receipt(record: OutboundRecord) -> bool:

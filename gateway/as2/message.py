@@ -102,6 +102,7 @@ def build_message(
     policy: AlgorithmPolicy,
     at: datetime,
     service: str | None = None,
+    receipt_url: str | None = None,
 ) -> BuiltMessage:
     entity = make_entity(content_type, payload, entity_headers(filename, message_id, service))
     mic = f"{compute_mic(entity, digest)}, {DIGEST_TO_MICALG[digest]}"
@@ -122,6 +123,7 @@ def build_message(
         envelope_type=envelope_type,
         digest=digest,
         at=at,
+        receipt_url=receipt_url,
     )
     return BuiltMessage(headers, body, mic)
 

@@ -181,6 +181,14 @@ class OutboundRecord:
     zone: str | None = None  # the destination peer's network zone
     origin: Origin = LOCAL_INTAKE  # local intake, or the peer (and zone) it came in from
     service: str | None = None  # the routing key agreed with the peer, if any
+    # The signed, encrypted AS2 body of a small message, kept in the spool itself (a
+    # larger one is the file at body_path); until it is delivered or cancelled.
+    body: bytes | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """Signed and encrypted: its AS2 body is stored (in a file or in the spool)."""
+        return self.body_path is not None or self.body is not None
 
 
 @dataclass(frozen=True)
@@ -249,6 +257,7 @@ def _outbound(row: sqlite3.Row) -> OutboundRecord:
             else LOCAL_INTAKE
         ),
         service=row["service"],
+        body=row["body"],
     )
 
 
@@ -263,6 +272,8 @@ _ADDED_COLUMNS = (
     # SHA-256 of the peer certificate a queued message is encrypted to (NULL: before this
     # was recorded): a rotation that drops it can be told about (see daemon).
     ("outbound", "encrypted_for", "TEXT"),
+    # The AS2 body of a small message (see OutboundRecord.body); NULL: in body_path.
+    ("outbound", "body", "BLOB"),
 )
 
 
@@ -411,18 +422,25 @@ class Spool:
     def mark_queued(
         self,
         message_id: str,
-        body_path: Path,
+        body_path: Path | None,
         headers: list[tuple[str, str]],
         mic: str,
         size: int,
         encrypted_for: str | None = None,
+        *,
+        body: bytes | None = None,
     ) -> None:
+        """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
+        message, ``body``, stored in this same transaction."""
+        if (body_path is None) == (body is None):
+            raise ValueError("a queued message has its body in a file or in the spool")
         self._write(
-            "UPDATE outbound SET state=?, body_path=?, headers=?, mic=?, size=?, updated_at=?,"
-            " encrypted_for=? WHERE message_id=? AND state=?",
+            "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
+            " updated_at=?, encrypted_for=? WHERE message_id=? AND state=?",
             (
                 OutboundState.QUEUED.value,
-                str(body_path),
+                str(body_path) if body_path is not None else None,
+                body,
                 json.dumps(headers),
                 mic,
                 size,
@@ -513,15 +531,17 @@ class Spool:
         receipt_path: Path | None,
         error: str | None = None,
     ) -> None:
+        # Once delivered, the body stored in the spool is of no more use (as its file is).
         self._write(
             "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?,"
-            " updated_at=? WHERE message_id=?",
+            " updated_at=?, body=CASE WHEN ? THEN NULL ELSE body END WHERE message_id=?",
             (
                 state.value,
                 disposition,
                 str(receipt_path) if receipt_path else None,
                 error,
                 self._now(),
+                state is OutboundState.DELIVERED,
                 message_id,
             ),
         )
@@ -631,12 +651,15 @@ class Spool:
         *,
         reset: bool = False,
         expires_at: float | None = None,
+        drop_body: bool = False,
     ) -> OutboundRecord:
         """Move one message between states, only from ``allowed`` ones (checked atomically)."""
         marks = ",".join("?" for _ in allowed)
         extra = (
             ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL" if reset else ""
         )
+        if drop_body:
+            extra += ", body=NULL"
         if expires_at is not None:
             extra += f", expires_at={float(expires_at)!r}"
         changed = self._write(
@@ -664,7 +687,7 @@ class Spool:
 
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
-        if record is not None and record.body_path is None:
+        if record is not None and not record.sealed:
             if record.state in RETRYABLE and record.payload_path.exists():
                 # Never signed and encrypted, but the document is kept: prepare it again
                 # (the caller does, or the next start's recovery).
@@ -698,7 +721,11 @@ class Spool:
 
     def operator_cancel(self, message_id: str, actor: str) -> OutboundRecord:
         return self._transition(
-            message_id, CANCELLABLE, OutboundState.CANCELLED, f"cancelled by {actor}"
+            message_id,
+            CANCELLABLE,
+            OutboundState.CANCELLED,
+            f"cancelled by {actor}",
+            drop_body=True,
         )
 
     # -- peers ----------------------------------------------------------------
