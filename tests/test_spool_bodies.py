@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
     drop_file(layout.lab.outbox_dir / "hospital", "small.hl7", small)
     drop_file(layout.lab.outbox_dir / "hospital", "large.bin", large)
 
-    def accepted() -> list[dict] | None:
+    def accepted() -> list[dict[str, Any]] | None:
         got = [r for r in read_audit(layout.lab.audit_log) if r["event"] == "message.accepted"]
         return got if len(got) == 2 else None
 

@@ -75,7 +75,11 @@ def test_concurrent_transactions_share_commits_and_all_land(tmp_path: Path) -> N
     def insert(i: int) -> None:
         for j in range(50):
             key = f"{i}-{j}"
-            assert writer.run(lambda db, k=key: db.execute("INSERT INTO t VALUES (?, 1)", (k,)))
+
+            def add(db: sqlite3.Connection, key: str = key) -> int:
+                return db.execute("INSERT INTO t VALUES (?, 1)", (key,)).rowcount
+
+            assert writer.run(add) == 1
             assert key in rows(path)  # committed when run() returns, not later
 
     assert in_threads(8, insert) == []

@@ -273,6 +273,7 @@ def events(path: Path, name: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     """Two zones on loopback addresses: 127.0.1.0/24 (zone A), 127.0.2.0/24 (zone B)."""
+    ports = free_ports(4)
     return two_zone_world(
         tmp_path,
         hospital_a="127.0.1.1",
@@ -281,7 +282,7 @@ def world(tmp_path: Path) -> World:
         pharmacy_ip="127.0.2.2",
         net_a="127.0.1.0/24",
         net_b="127.0.2.0/24",
-        ports=tuple(free_ports(4)),
+        ports=(ports[0], ports[1], ports[2], ports[3]),
     )
 
 
