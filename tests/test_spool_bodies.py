@@ -8,7 +8,6 @@ cancelled, and kept while the message can still be sent or retried.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,7 @@ from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
 from gateway.spool.sqlite import OutboundState
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.at = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        self.at += timedelta(milliseconds=1)
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
+from tests.clocks import TickingClock
 
 
 def queued(spool: Spool, tmp_path: Path, message_id: str, body: bytes) -> None:
@@ -41,7 +29,7 @@ def queued(spool: Spool, tmp_path: Path, message_id: str, body: bytes) -> None:
 
 
 def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"\x30\x80sealed")
     record = spool.get("<m@lab>")
     assert record is not None and record.sealed and record.body == b"\x30\x80sealed"
@@ -58,14 +46,14 @@ def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_message_keeps_no_body(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"sealed")
     spool.operator_cancel("<m@lab>", "alice")
     assert spool.get("<m@lab>").body is None  # type: ignore[union-attr]
 
 
 def test_a_queued_message_has_its_body_in_exactly_one_place(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -92,7 +80,7 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
         return got if len(got) == 2 else None
 
     ids = {r["detail"]["filename"]: r["message_id"] for r in wait_until(accepted, 60, "intake")}
-    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", Clock())
+    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", TickingClock())
     waiting = {name: spool.get(ids[name]) for name in ids}
     assert waiting["small.hl7"].body is not None and waiting["small.hl7"].body_path is None  # type: ignore[union-attr]
     assert waiting["large.bin"].body is None and waiting["large.bin"].body_path.is_file()  # type: ignore[union-attr]

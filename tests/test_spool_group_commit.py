@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,18 +21,7 @@ from gateway.errors import SpoolError
 from gateway.spool import Spool
 from gateway.spool.groupcommit import GroupCommit
 from gateway.spool.sqlite import OutboundState
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.at = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        self.at += timedelta(milliseconds=1)
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
+from tests.clocks import TickingClock
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -49,14 +38,14 @@ def rows(path: Path) -> dict[str, int]:
         return dict(other.execute("SELECT k, v FROM t").fetchall())
 
 
-def in_threads(count: int, target: object) -> list[BaseException]:
+def in_threads(count: int, target: Callable[[int], None]) -> list[BaseException]:
     errors: list[BaseException] = []
     start = threading.Barrier(count)
 
     def run(i: int) -> None:
         start.wait()
         try:
-            target(i)  # type: ignore[operator]
+            target(i)
         except BaseException as exc:
             errors.append(exc)
 
@@ -146,7 +135,7 @@ def test_a_failed_commit_fails_every_caller_and_keeps_nothing(tmp_path: Path) ->
 
 
 def test_the_spool_reports_a_failed_write_and_reads_what_was_committed(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b"
     )
@@ -162,7 +151,7 @@ def test_the_spool_reports_a_failed_write_and_reads_what_was_committed(tmp_path:
 
 
 def test_spool_writes_from_many_threads_are_all_there(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
 
     def take(i: int) -> None:
         for j in range(20):

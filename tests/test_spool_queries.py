@@ -12,32 +12,20 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from gateway.spool import Spool
 from gateway.spool.sqlite import OutboundState
+from tests.clocks import TickingClock
 
 BACKLOG = 500
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.at = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        self.at += timedelta(milliseconds=1)
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
-
-
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
     for peer in ("lab", "pharmacy"):
         for i in range(BACKLOG):
             message_id = f"<{peer}-{i}@hospital>"
@@ -121,7 +109,7 @@ def test_due_messages_are_claimed_earliest_due_then_oldest(spool: Spool) -> None
 
 
 def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", Clock())
+    spool = Spool(tmp_path / "spool.db", TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -157,7 +145,7 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
     db.execute("CREATE INDEX outbound_due ON outbound (peer, state, next_attempt_at)")
     db.commit()
     db.close()
-    spool = Spool(path, Clock())
+    spool = Spool(path, TickingClock())
     names = {r[0] for r in spool._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"outbound_next", "outbound_expiry", "outbound_unanswered", "outbound_created"} <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
