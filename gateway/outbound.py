@@ -260,8 +260,13 @@ class Outbound:
         return len(result.candidates)
 
     async def _take(self, candidate: Candidate) -> None:
-        record, peer = await _in_thread(self._take_into_spool, candidate)
-        await self._prepare(record, peer)
+        def take_and_seal() -> str | None:
+            record, peer = self._take_into_spool(candidate)
+            return peer.name if self._seal_and_queue(record, peer, None) else None
+
+        queued_for = await _in_thread(take_and_seal)  # one trip to a worker thread
+        if queued_for is not None:
+            self.wake(queued_for)
 
     def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer]:
         """Record the document and move it from the outbox into the spool (worker thread)."""
