@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(directory: Path) -> None:
@@ -62,6 +64,12 @@ def write_atomic(
         raise
     fsync_dir(path.parent)
     return size
+
+
+def open_source(source: Path | bytes) -> BinaryIO:
+    """A file, or a small document held in memory, opened for reading: the code that
+    reads MIME and CMS structures works the same on both."""
+    return source.open("rb") if isinstance(source, Path) else io.BytesIO(source)
 
 
 def read_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterable[bytes]:

@@ -29,7 +29,7 @@ from gateway.as2.headers import (
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.cms.stream import DecryptedFile, decrypt_file, verify_entity_span
+from gateway.cms.stream import DecryptedFile, decrypt_bytes, decrypt_file, verify_entity_span
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery.inbox import choose_target, deliver
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
@@ -157,14 +157,21 @@ class InboundProcessor:
         self._clock = clock
         self._locks = locks if locks is not None else InboundLocks()
 
-    def _decrypt(self, body: Path | bytes, signed_path: Path, peer: Peer) -> DecryptedFile:
-        """Decrypt with our current key pair, or one of ``[[smime.decryption_keys]]`` (rotation)."""
+    def _decrypt(
+        self, body: Path | bytes, signed_path: Path, peer: Peer
+    ) -> tuple[Path | bytes, DecryptedFile]:
+        """Decrypt with our current key pair, or one of ``[[smime.decryption_keys]]``
+        (rotation).  Returns the signed entity: a body held in memory (a small one)
+        is decrypted in memory, a body in a file into ``signed_path``."""
         first: Exception | None = None
         for pair in self._config.smime.decryption_keys:
             try:
-                return decrypt_file(
+                if isinstance(body, bytes):
+                    return decrypt_bytes(body, pair.certificate, pair.key, policy=peer.policy)
+                opened = decrypt_file(
                     body, signed_path, pair.certificate, pair.key, policy=peer.policy
                 )
+                return signed_path, opened
             except DecryptionError as exc:
                 first = first or exc  # encrypted for another of our keys, perhaps
             except (MalformedMessageError, PolicyError) as exc:
@@ -381,7 +388,7 @@ class InboundProcessor:
         (a small body is held in memory; the decrypted entity is always a file)."""
         peer = request.peer
         headers = request.headers
-        opened = self._decrypt(request.body, signed_path, peer)
+        signed, opened = self._decrypt(request.body, signed_path, peer)
         for algorithm in opened.compat_algorithms:
             self._audit.emit(
                 AuditEvent(
@@ -397,7 +404,7 @@ class InboundProcessor:
         personal = self._personal_signers(peer)
         try:
             verified, entity, mic_value = verify_entity_span(
-                signed_path,
+                signed,
                 entity_path,
                 trusted_signers=self._trusted_signers(peer),
                 policy=peer.policy,

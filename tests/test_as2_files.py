@@ -13,7 +13,12 @@ import pytest
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.message import BuiltFile, build_message_file
 from gateway.cms.mime import make_entity
-from gateway.cms.stream import decrypt_file, open_and_verify_file, verify_entity_span
+from gateway.cms.stream import (
+    decrypt_bytes,
+    decrypt_file,
+    open_and_verify_file,
+    verify_entity_span,
+)
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ProtocolError
 from gateway.pki.demo import DemoLayout
@@ -73,10 +78,11 @@ def test_built_file_opens_to_the_same_document_and_mic(
     assert payload_digest(entity, info) == (size, hashlib.sha256(data).hexdigest())
 
 
+@pytest.mark.parametrize("held", ["file", "memory"])
 @pytest.mark.parametrize("encoding", ["binary", "base64"])
 @pytest.mark.parametrize("size", [0, 4096, 3 * 1024 * 1024 + 7])
 def test_the_verified_document_is_read_inside_the_decrypted_file_not_copied(
-    layout: DemoLayout, tmp_path: Path, size: int, encoding: str
+    layout: DemoLayout, tmp_path: Path, size: int, encoding: str, held: str
 ) -> None:
     """The receiver reads the document from the first part of the decrypted
     multipart/signed where it is: no copy, and not a byte of what follows it."""
@@ -101,28 +107,31 @@ def test_the_verified_document_is_read_inside_the_decrypted_file_not_copied(
         payload.write_bytes(data)
         built = _build(lab, payload, tmp_path / "body.as2", "scan.pdf", "application/pdf")
         assert built.size == size
-        decrypt_file(
-            tmp_path / "body.as2",
-            tmp_path / "signed",
-            hospital.smime.encryption.certificate,
-            hospital.smime.encryption.key,
-            policy=AlgorithmPolicy(),
+        keys = (hospital.smime.encryption.certificate, hospital.smime.encryption.key)
+        from_file = decrypt_file(
+            tmp_path / "body.as2", tmp_path / "signed", *keys, policy=AlgorithmPolicy()
         )
         signed_bytes = (tmp_path / "signed").read_bytes()
+        # A small body is decrypted in memory by the same reader: the same bytes.
+        in_memory, from_memory = decrypt_bytes(
+            (tmp_path / "body.as2").read_bytes(), *keys, policy=AlgorithmPolicy()
+        )
+        assert in_memory == signed_bytes and from_memory == from_file
     signed = tmp_path / "signed"
     signed.write_bytes(signed_bytes)
     spill = tmp_path / "spill"
+    source: Path | bytes = signed if held == "file" else signed_bytes
 
     verified, span, mic = verify_entity_span(
-        signed,
+        source,
         spill,
         trusted_signers=hospital.require_peer("lab").signing_certificates,
         policy=AlgorithmPolicy(),
         mic_digest="sha256",
     )
     assert verified.signer == lab.smime.signing.certificate
-    assert span.path == signed and not spill.exists()  # read in place
-    assert span.end < signed.stat().st_size  # the signature part follows, unread
+    assert span.path == source and not spill.exists()  # read in place
+    assert span.end < len(signed_bytes)  # the signature part follows, unread
     entity_bytes = signed_bytes[span.start : span.end]
     assert mic == base64.b64encode(hashlib.sha256(entity_bytes).digest()).decode()
     info = read_entity_info(span.path, span.start, span.end)

@@ -1,11 +1,12 @@
-"""The document inside a verified MIME entity, read from a file in chunks.
+"""The document inside a verified MIME entity, read in chunks.
 
 After decryption and signature verification the signed entity (MIME headers,
 empty line, body) is in a file, or in part of one (the first part of the
-decrypted ``multipart/signed``: it is not copied out).  These functions find
-its content type, the sender's file name and transfer encoding, and yield the
-decoded document in chunks, so a received DICOM study of gigabytes is never
-held in memory.
+decrypted ``multipart/signed``: it is not copied out); a small message is held
+in memory instead, and read the same way.  These functions find its content
+type, the sender's file name and transfer encoding, and yield the decoded
+document in chunks, so a received DICOM study of gigabytes is never held in
+memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from gateway.cms.mime import header_param, parse_entity
 from gateway.errors import ProtocolError
+from gateway.fsutil import open_source
 
 HEADER_LIMIT = 65536
 CHUNK = 1 << 20
@@ -37,9 +39,10 @@ class EntityInfo:
     end: int | None = None  # where the entity ends in the file (None: at its end)
 
 
-def read_entity_info(path: Path, start: int = 0, end: int | None = None) -> EntityInfo:
-    """The entity in bytes ``start`` to ``end`` (None: the end) of the file ``path``."""
-    with path.open("rb") as handle:
+def read_entity_info(path: Path | bytes, start: int = 0, end: int | None = None) -> EntityInfo:
+    """The entity in bytes ``start`` to ``end`` (None: the end) of the file ``path`` (or
+    of a small message held in memory)."""
+    with open_source(path) as handle:
         handle.seek(start)
         limit = HEADER_LIMIT if end is None else min(HEADER_LIMIT, end - start)
         head = handle.read(limit)
@@ -72,9 +75,9 @@ def read_entity_info(path: Path, start: int = 0, end: int | None = None) -> Enti
     )
 
 
-def payload_chunks(path: Path, info: EntityInfo) -> Iterator[bytes]:
+def payload_chunks(path: Path | bytes, info: EntityInfo) -> Iterator[bytes]:
     """The document's bytes, decoded from its transfer encoding, a chunk at a time."""
-    with path.open("rb") as handle:
+    with open_source(path) as handle:
         handle.seek(info.body_offset)
         left = None if info.end is None else info.end - info.body_offset
 
@@ -111,7 +114,7 @@ def _b64(data: bytes) -> bytes:
         ) from exc
 
 
-def payload_digest(path: Path, info: EntityInfo) -> tuple[int, str]:
+def payload_digest(path: Path | bytes, info: EntityInfo) -> tuple[int, str]:
     """Size and SHA-256 (hex) of the decoded document."""
     digest = hashlib.sha256()
     size = 0

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import DecryptionError, MalformedMessageError, SignatureError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, open_source
 from ..policy import (
     COMPAT_CONTENT_CIPHERS,
     COMPAT_KEY_TRANSPORTS,
@@ -83,6 +83,7 @@ __all__ = [
     "EntitySpan",
     "OpenedFile",
     "SealedFile",
+    "decrypt_bytes",
     "decrypt_file",
     "decrypt_stream",
     "encrypt_chunks",
@@ -123,9 +124,10 @@ class DecryptedFile:
 
 @dataclass(frozen=True)
 class EntitySpan:
-    """Where a verified entity is: bytes ``start`` to ``end`` of the file ``path``."""
+    """Where a verified entity is: bytes ``start`` to ``end`` of the file ``path`` (or of
+    the decrypted message itself, when a small one is held in memory)."""
 
-    path: Path
+    path: Path | bytes
     start: int
     end: int
 
@@ -148,8 +150,8 @@ class OpenedFile:
     mic_digest: str
 
 
-def _file_chunks(path: Path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-    with path.open("rb") as f:
+def _file_chunks(path: Path | bytes, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    with open_source(path) as f:
         f.seek(start)
         remaining = None if end is None else end - start
         while remaining is None or remaining > 0:
@@ -627,6 +629,21 @@ def decrypt_file(
     return result
 
 
+def decrypt_bytes(
+    src: bytes,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    policy: AlgorithmPolicy,
+) -> tuple[bytes, DecryptedFile]:
+    """Decrypt a small message held in memory (the same reader as :func:`decrypt_file`)."""
+    sink = io.BytesIO()
+    result = decrypt_stream(
+        io.BytesIO(src), sink, cert, key, policy=policy, what="encrypted message"
+    )
+    return sink.getvalue(), result
+
+
 # ---------------------------------------------------------------------------
 # verification, streamed
 
@@ -720,7 +737,7 @@ def verify_entity_file(
 
 
 def verify_entity_span(
-    src: Path,
+    src: Path | bytes,
     spill: Path,
     *,
     trusted_signers: Sequence[x509.Certificate],
@@ -732,11 +749,12 @@ def verify_entity_span(
 
     Returns (verification, where the signed entity is, its MIC as for
     :func:`verify_entity_file`).  The entity is normally the first part of
-    ``src`` itself; only a form verified in memory (opaque signed-data, line
-    endings converted in transit) is written, to ``spill``.
+    ``src`` itself (a file, or a small decrypted message held in memory); only a
+    form verified in memory (opaque signed-data, line endings converted in
+    transit) is written, to ``spill``.
     """
-    what = f"signed entity {src}"
-    with src.open("rb") as f:
+    what = f"signed entity {src}" if isinstance(src, Path) else "signed entity"
+    with open_source(src) as f:
         headers, body_start = _read_headers(f, what)
         ctype = get_header(headers, "Content-Type") or ""
         boundary = header_param(ctype, "boundary")
@@ -825,7 +843,7 @@ def _mic_name(mic_digest: str | None, signer_digest: str) -> str:
 
 
 def _verify_in_memory(
-    src: Path,
+    src: Path | bytes,
     spill: Path,
     trusted_signers: Sequence[x509.Certificate],
     policy: AlgorithmPolicy,
@@ -833,7 +851,7 @@ def _verify_in_memory(
     mic_digest: str | None,
     what: str,
 ) -> tuple[VerifiedSignature, EntitySpan, str]:
-    size = src.stat().st_size
+    size = src.stat().st_size if isinstance(src, Path) else len(src)
     if size > IN_MEMORY_LIMIT:
         raise MalformedMessageError(
             f"{what} ({size} bytes) is not multipart/signed; other signed forms are only "
@@ -841,7 +859,7 @@ def _verify_in_memory(
             fix="ask the peer to sign large documents as multipart/signed (detached)",
         )
     entity, verified = verify_entity(
-        src.read_bytes(),
+        src.read_bytes() if isinstance(src, Path) else src,
         trusted_signers=trusted_signers,
         policy=policy,
         validate_signer=validate_signer,
