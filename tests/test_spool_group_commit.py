@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,3 +168,46 @@ def test_spool_writes_from_many_threads_are_all_there(tmp_path: Path) -> None:
     queued = spool.list_outbound(state=OutboundState.QUEUED)
     sending = spool.list_outbound(state=OutboundState.SENDING)
     assert len(queued) == 0 and len(sending) == 120  # each claimed once, none twice
+
+
+def test_a_caller_is_never_told_its_change_is_stored_when_the_database_is_gone(
+    tmp_path: Path,
+) -> None:
+    """The spool is closed (the daemon stopping) while writes wait for the one in
+    progress: every one of them fails; none returns as if it were committed."""
+    path = tmp_path / "t.db"
+    db = connect(path)
+    writer = GroupCommit(db)
+    inside, go = threading.Event(), threading.Event()
+
+    def slow(db: sqlite3.Connection) -> None:
+        inside.set()
+        go.wait(10)
+        db.execute("INSERT INTO t VALUES ('slow', 1)")
+
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, work: object) -> None:
+        try:
+            outcomes[name] = writer.run(work)  # type: ignore[arg-type]
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    def insert(key: str) -> object:
+        return lambda db: db.execute("INSERT INTO t VALUES (?, 1)", (key,)).rowcount
+
+    threads = [threading.Thread(target=call, args=("slow", slow))]
+    threads[0].start()
+    assert inside.wait(10)
+    for key in ("a", "b"):  # both wait for the batch in progress, then form one batch
+        threads.append(threading.Thread(target=call, args=(key, insert(key))))
+        threads[-1].start()
+    deadline = time.monotonic() + 10
+    while len(writer._waiting) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    db.close()
+    go.set()
+    for thread in threads:
+        thread.join(10)
+    assert rows(path) == {}
+    assert all(isinstance(outcome, sqlite3.Error) for outcome in outcomes.values()), outcomes

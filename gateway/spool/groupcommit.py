@@ -74,12 +74,14 @@ class GroupCommit:
             db.execute("COMMIT")
             self.commits += 1
         except BaseException as exc:
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
             for transaction in batch:  # nothing of this batch was committed
                 transaction.error = transaction.error or exc
                 transaction.value = None
+            # Only then: on a closed connection even asking whether it is in a
+            # transaction raises, and no caller may be left looking successful.
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
         finally:
             for transaction in batch:
                 transaction.done = True
