@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,61 @@ def test_a_caller_is_never_told_its_change_is_stored_when_the_database_is_gone(
         thread.join(10)
     assert rows(path) == {}
     assert all(isinstance(outcome, sqlite3.Error) for outcome in outcomes.values()), outcomes
+
+
+class MeanwhileClock(TickingClock):
+    """``meanwhile`` runs once, in another thread, when the time is next read: what
+    another thread does while the spool is between a read and its write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meanwhile: Callable[[], object] | None = None
+
+    def now(self) -> datetime:
+        action, self.meanwhile = self.meanwhile, None
+        if action is not None:
+            other = threading.Thread(target=action)
+            other.start()
+            other.join()
+        return super().now()
+
+
+@pytest.mark.parametrize(
+    ("state", "meanwhile", "sweep"),
+    [
+        (
+            # The asynchronous receipt comes (and is settled in its worker thread) while
+            # the sender looks for overdue receipts.
+            OutboundState.DELIVERED,
+            lambda s: s.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", None),
+            lambda s: s.requeue_unanswered("lab", "2100-01-01T00:00:00"),
+        ),
+        (
+            # An operator cancels it while the sender looks for expired messages.
+            OutboundState.CANCELLED,
+            lambda s: s.operator_cancel("<m@lab>", "alice"),
+            lambda s: s.expire_due("lab", 2e9),
+        ),
+    ],
+)
+def test_a_message_changed_meanwhile_is_left_alone_by_the_senders_sweeps(
+    tmp_path: Path,
+    state: OutboundState,
+    meanwhile: Callable[[Spool], object],
+    sweep: Callable[[Spool], list[str]],
+) -> None:
+    """Not an error that stops the peer's sender (and breaks off its sends): the
+    message is no longer the sweep's to move."""
+    clock = MeanwhileClock()
+    spool = Spool(tmp_path / "spool.db", clock)
+    spool.add_intake(
+        "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b", 1.0
+    )
+    spool.mark_queued("<m@lab>", None, [], "mic", 10, body=b"sealed")
+    if state is OutboundState.DELIVERED:
+        assert spool.claim_due("lab", 2e9, 1)[0]
+        assert spool.mark_awaiting_receipt("<m@lab>")
+    clock.meanwhile = lambda: meanwhile(spool)
+    assert sweep(spool) == []
+    record = spool.get("<m@lab>")
+    assert record is not None and record.state is state

@@ -494,15 +494,36 @@ class Spool:
             "SELECT message_id FROM outbound WHERE peer=? AND state=? AND updated_at<?",
             (peer, OutboundState.AWAITING_RECEIPT.value, sent_before),
         )
-        ids = [r["message_id"] for r in rows]
-        for message_id in ids:
-            self._transition(
-                message_id,
-                (OutboundState.AWAITING_RECEIPT,),
-                OutboundState.QUEUED,
-                "no asynchronous receipt in time; resending",
-            )
-        return ids
+        return self._move_still(
+            [r["message_id"] for r in rows],
+            OutboundState.AWAITING_RECEIPT,
+            OutboundState.QUEUED,
+            "no asynchronous receipt in time; resending",
+        )
+
+    def _move_still(
+        self, ids: list[str], state: OutboundState, new: OutboundState, note: str
+    ) -> list[str]:
+        """Move the messages ``ids`` (just read in ``state``) to ``new``, in one transaction;
+        returns those moved.  One that another thread has moved since it was read (its
+        receipt settled it, an operator cancelled it) is no longer in ``state``: left alone."""
+        if not ids:
+            return []
+        updated_at = self._now()
+
+        def move(db: sqlite3.Connection) -> list[str]:
+            return [
+                message_id
+                for message_id in ids
+                if db.execute(
+                    "UPDATE outbound SET state=?, last_error=?, updated_at=?"
+                    " WHERE message_id=? AND state=?",
+                    (new.value, note, updated_at, message_id, state.value),
+                ).rowcount
+                == 1
+            ]
+
+        return self._transact(move)
 
     def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
         """A send that did not get through goes back to the queue; False (nothing changed)
@@ -632,15 +653,12 @@ class Spool:
             " AND expires_at<?",
             (peer, OutboundState.QUEUED.value, now),
         )
-        ids = [r["message_id"] for r in rows]
-        for message_id in ids:
-            self._transition(
-                message_id,
-                (OutboundState.QUEUED,),
-                OutboundState.EXPIRED,
-                "not delivered before its expiry",
-            )
-        return ids
+        return self._move_still(
+            [r["message_id"] for r in rows],
+            OutboundState.QUEUED,
+            OutboundState.EXPIRED,
+            "not delivered before its expiry",
+        )
 
     def _transition(
         self,
