@@ -23,6 +23,12 @@ def fsync_dir(directory: Path) -> None:
 PARTIAL = re.compile(r"^\..+\.[0-9a-f]{12}\.partial$")
 
 
+def partial_name(path: Path) -> Path:
+    """A hidden temporary name beside ``path`` for a file being written (or a working
+    file): the start-up cleanup (:func:`remove_stale_partials`) knows it."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+
+
 def remove_stale_partials(folder: Path) -> list[Path]:
     """Delete temporary files a killed process left behind (only our own naming pattern)."""
     removed = []
@@ -44,7 +50,7 @@ def write_atomic(
     Returns the number of bytes written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+    tmp = partial_name(path)
     size = 0
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:

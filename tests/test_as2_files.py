@@ -21,6 +21,7 @@ from gateway.cms.stream import (
 )
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ProtocolError
+from gateway.fsutil import PARTIAL, remove_stale_partials
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 
@@ -59,7 +60,8 @@ def test_built_file_opens_to_the_same_document_and_mic(
     built = _build(lab, payload, body, "../../etc/x.dcm", "application/dicom")
     assert built.size == size
     assert dict(built.headers)["Message-ID"] == "<m1@KITA-LAB>"
-    assert not list(tmp_path.glob("*.entity"))  # the plaintext entity was removed
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the plaintext entity was removed
     entity = tmp_path / "entity"
     opened = open_and_verify_file(
         body,
@@ -189,3 +191,29 @@ def test_the_sealed_body_is_on_disk_before_it_is_handed_back(
     folder_syncs = [i for i, p in enumerate(synced) if p == str(folder)]
     assert body_syncs and folder_syncs, synced
     assert body_syncs[0] < folder_syncs[-1]  # the file's data, then its name in the folder
+
+
+def test_a_killed_sealing_leaves_only_files_the_next_start_removes(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a large document is sealed, the plaintext entity and the body being
+    written sit beside the body's final name.  Killed at that moment, the process
+    leaves them behind: each must be named so that the start-up cleanup
+    (remove_stale_partials) deletes it, or a plaintext copy stays on disk."""
+    lab = load_config(layout.lab.config_path)
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(100_000))
+    folder = tmp_path / "outgoing"
+    folder.mkdir()
+    seen: list[str] = []
+    real_replace = os.replace
+
+    def snapshot_then_replace(src: str | Path, dst: str | Path) -> None:
+        seen.extend(p.name for p in folder.iterdir())  # what a kill now would leave
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", snapshot_then_replace)
+    _build(lab, payload, folder / "body.as2", "a.dcm", "application/dicom")
+    assert len(seen) >= 2, seen  # the entity and the body being written
+    assert all(PARTIAL.match(name) for name in seen), seen
+    assert remove_stale_partials(folder) == []  # nothing left after a clean run

@@ -30,7 +30,7 @@ from gateway.cms.smime import envelope_entity, sign_entity
 from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import KeyPair
 from gateway.delivery.inbox import safe_name
-from gateway.fsutil import read_chunks
+from gateway.fsutil import partial_name, read_chunks
 from gateway.policy import AlgorithmPolicy
 
 
@@ -159,7 +159,9 @@ def build_message_file(
     beside ``body`` (headers, then the payload copied in chunks), then signed
     and encrypted by the streaming CMS engine, then removed.
     """
-    entity = body.with_name(body.name + ".entity")
+    # The plaintext entity, beside the body while it is sealed; named as a partial
+    # file so that the next start removes it if this process is killed meanwhile.
+    entity = partial_name(body)
     head = make_entity(content_type, b"", entity_headers(filename, message_id, service))
     try:
         size = 0

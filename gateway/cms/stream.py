@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import DecryptionError, MalformedMessageError, SignatureError
-from ..fsutil import fsync_dir, open_source
+from ..fsutil import fsync_dir, open_source, partial_name
 from ..policy import (
     COMPAT_CONTENT_CIPHERS,
     COMPAT_KEY_TRANSPORTS,
@@ -168,7 +168,7 @@ def _write_atomically(dst: Path, pieces: Iterable[bytes], *, durable: bool = Fal
     """Write to a hidden temporary file beside ``dst`` and rename it; ``durable``: fsync
     the file before the rename and the folder after, so that what a caller records
     next (a spool row saying "queued") never outlives the file in a power loss."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
+    tmp = partial_name(dst)
     size = 0
     try:
         with tmp.open("wb") as out:
@@ -614,7 +614,7 @@ def decrypt_file(
 ) -> DecryptedFile:
     """Decrypt ``src`` (DER/BER: a file, or a small message held in memory) into the
     file ``dst``; ``dst`` appears only on success."""
-    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.part")
+    tmp = partial_name(dst)
     if isinstance(src, Path):
         source: BinaryIO = src.open("rb")
         what = f"encrypted file {src}"
