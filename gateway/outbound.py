@@ -261,17 +261,23 @@ class Outbound:
 
     async def _take(self, candidate: Candidate) -> None:
         def take_and_seal() -> str | None:
-            record, peer = self._take_into_spool(candidate)
+            taken = self._take_into_spool(candidate)
+            if taken is None:
+                return None
+            record, peer = taken
             return peer.name if self._seal_and_queue(record, peer, None) else None
 
         queued_for = await _in_thread(take_and_seal)  # one trip to a worker thread
         if queued_for is not None:
             self.wake(queued_for)
 
-    def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer]:
-        """Record the document and move it from the outbox into the spool (worker thread)."""
+    def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer] | None:
+        """Record the document and move it from the outbox into the spool (worker thread);
+        None if its peer was removed (by a reload) since the scan: it stays in the outbox,
+        and the next scan reports the folder as one without a peer."""
         peer = self.config.peer(candidate.peer)
-        assert peer is not None
+        if peer is None:
+            return None
         message_id = new_message_id(self.config.as2_id)
         token = os.urandom(12).hex()
         payload_path = self._payloads / token

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.errors import SpoolError
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
@@ -97,3 +98,13 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
     assert (layout.hospital.inbox_dir / "lab" / "large.bin").read_bytes() == large
     assert all(spool.get(m).body is None for m in ids.values())  # type: ignore[union-attr]
     assert not list(outgoing.iterdir())
+
+
+def test_retrying_a_delivered_message_says_it_was_delivered(tmp_path: Path) -> None:
+    """Its body is dropped once delivered; that does not make it 'never signed'."""
+    spool = Spool(tmp_path / "spool.db", TickingClock())
+    queued(spool, tmp_path, "<m@lab>", b"sealed")
+    spool.mark_sending("<m@lab>")
+    spool.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r.mdn")
+    with pytest.raises(SpoolError, match="is delivered; this needs it to be failed"):
+        spool.operator_retry("<m@lab>", "alice", 2e9)

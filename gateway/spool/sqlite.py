@@ -705,8 +705,8 @@ class Spool:
 
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
-        if record is not None and not record.sealed:
-            if record.state in RETRYABLE and record.payload_path.exists():
+        if record is not None and record.state in RETRYABLE and not record.sealed:
+            if record.payload_path.exists():
                 # Never signed and encrypted, but the document is kept: prepare it again
                 # (the caller does, or the next start's recovery).
                 return self._transition(
