@@ -142,6 +142,36 @@ class Outbound:
         if event is not None:
             event.set()
 
+    async def _in_thread(
+        self,
+        function: Callable[..., T],
+        *args: Any,
+        on_cancel: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run ``function`` in a worker thread: the spool's transactions, audit records
+        and files, each with its fsync, stay off the event loop, which keeps serving
+        other messages meanwhile.  A cancellation (shutdown) waits until it has
+        finished, so nothing is left half-recorded when the spool is closed;
+        ``on_cancel`` then undoes what its result would have started, and an error
+        it raised meanwhile is logged (its caller is gone)."""
+        work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            error = None if work.cancelled() else work.exception()
+            if error is not None:
+                self._log.error(
+                    "shutdown.step_failed",
+                    step=getattr(function, "__name__", "step"),
+                    error=str(error) or type(error).__name__,
+                    fix="the message is queued again at the next start; see the spool's "
+                    "state with `medgw queue list`",
+                )
+            elif on_cancel is not None and not work.cancelled():
+                on_cancel(work.result())
+            raise
+
     # -- audit ----------------------------------------------------------------
 
     def _record(
@@ -267,7 +297,7 @@ class Outbound:
             record, peer = taken
             return peer.name if self._seal_and_queue(record, peer, None) else None
 
-        queued_for = await _in_thread(take_and_seal)  # one trip to a worker thread
+        queued_for = await self._in_thread(take_and_seal)  # one trip to a worker thread
         if queued_for is not None:
             self.wake(queued_for)
 
@@ -464,7 +494,7 @@ class Outbound:
     async def _prepare(
         self, record: OutboundRecord, peer: Peer, *, submitted_by: str | None = None
     ) -> None:
-        if await _in_thread(self._seal_and_queue, record, peer, submitted_by):
+        if await self._in_thread(self._seal_and_queue, record, peer, submitted_by):
             self.wake(peer.name)
 
     def _seal_and_queue(self, record: OutboundRecord, peer: Peer, submitted_by: str | None) -> bool:
@@ -684,7 +714,7 @@ class Outbound:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
             self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
             raise
-        await _in_thread(self._sent, record, peer, response, awaiting)
+        await self._in_thread(self._sent, record, peer, response, awaiting)
         return 0.0
 
     def _sent(self, record: OutboundRecord, peer: Peer, response: Response, awaiting: bool) -> None:
@@ -753,7 +783,7 @@ class Outbound:
             )
             return "ignored"
         response = Response(200, content_type, (), body)
-        await _in_thread(self._settle, record, peer, response, record.state in GIVEN_UP)
+        await self._in_thread(self._settle, record, peer, response, record.state in GIVEN_UP)
         return "accepted"
 
     def _receipt_refused(self, peer: Peer, message_id: str | None, reason: str) -> None:
@@ -786,7 +816,7 @@ class Outbound:
             for record in result[0]:
                 self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
 
-        return await _in_thread(claim, on_cancel=give_back)
+        return await self._in_thread(claim, on_cancel=give_back)
 
     def requeue_unanswered(self, peer: Peer) -> None:
         """Asynchronous receipts that did not come within request_timeout_seconds: resend."""
@@ -1011,21 +1041,3 @@ def _move_into_spool(source: Path, target: Path) -> None:
         return
     fsync_dir(target.parent)
     fsync_dir(source.parent)
-
-
-async def _in_thread(
-    function: Callable[..., T], *args: Any, on_cancel: Callable[[T], None] | None = None
-) -> T:
-    """Run ``function`` in a worker thread: the spool's transactions, audit records and
-    files, each with its fsync, stay off the event loop, which keeps serving other
-    messages meanwhile.  A cancellation (shutdown) waits until it has finished, so
-    nothing is left half-recorded when the spool is closed; ``on_cancel`` then undoes
-    what its result would have started."""
-    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(work)
-    except asyncio.CancelledError:
-        await asyncio.wait([work])
-        if not work.cancelled() and work.exception() is None and on_cancel is not None:
-            on_cancel(work.result())
-        raise
