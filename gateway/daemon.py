@@ -1114,6 +1114,10 @@ class Daemon:
         self._log.info("daemon.stopped")
 
     async def _close(self) -> None:
+        # Work still running in worker threads (a received message being delivered, a
+        # submission being sealed) finishes first: the spool and the audit log it
+        # writes to are closed only then.
+        await asyncio.get_running_loop().shutdown_default_executor()
         if self._spool is not None:
             self._spool.close()
         if self._audit is not None:
