@@ -33,7 +33,6 @@ comes from an injected :class:`~gateway.clock.Clock`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import ipaddress
 import socket
@@ -1177,9 +1176,20 @@ class Diagnoser:
         )
 
 
+CLOSE_WAIT_SECONDS = 2.0
+
+
 async def _closed(writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):  # the connection is gone either way (SSLError too)
-        await writer.wait_closed()
+    """Wait briefly for a connection to close.  A TLS close waits for the peer's
+    close_notify, up to 30 s: a hung peer never sends it, and diagnose has said all
+    it can by then, so after a moment the connection is dropped instead."""
+    try:
+        async with asyncio.timeout(CLOSE_WAIT_SECONDS):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except OSError:
+        pass  # the connection is gone either way (SSLError too)
 
 
 async def diagnose(config: GatewayConfig, peer: Peer, clock: Clock) -> Diagnosis:

@@ -6,12 +6,15 @@ checks that exactly that step fails, with a meaning an administrator can act on.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import re
 import socket
+import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -561,3 +564,37 @@ def test_help_says_what_other_as2_products_do_with_the_probe():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "X-Medgw-Probe: 1" in text and "Other AS2 products deliver the file" in text
+
+
+def test_a_peer_silent_after_the_handshake_is_named_hung_without_a_long_wait(layout):
+    """A gateway that completes the TLS handshake and then reads nothing (hung, or
+    overloaded): the step says so after connect_timeout_seconds, and diagnose does not
+    then sit out TLS's own 30-second wait for the peer's goodbye (close_notify)."""
+    certs = layout.hospital.root / "certs"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    listener = socket.create_server(("127.0.0.1", layout.hospital.port))
+    held: list[ssl.SSLSocket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                tls = context.wrap_socket(conn, server_side=True)  # handshake, then silence
+                held.append(tls)
+
+    threading.Thread(target=serve, daemon=True).start()
+    set_key(layout.lab.config_path, "connect_timeout_seconds", "1")
+    try:
+        started = time.monotonic()
+        code, report = diagnose(layout)
+        took = time.monotonic() - started
+    finally:
+        listener.close()
+        for tls in held:
+            tls.close()
+    assert code == 1
+    failed = assert_fails_at(report, "tls")
+    assert "handshake done, but no HTTP answer within 1 s" in failed["detail"]
+    assert "hung" in failed["meaning"]
+    assert took < 20, f"diagnose took {took:.0f} s"  # was over 30 s
