@@ -447,6 +447,7 @@ class Daemon:
             self._outbound.status,
             self._audit_sink(),
             clock=self._clock,
+            log=self._log,
         )
         await self._api.start(
             socket_path=config.api.socket, address=config.api.address, port=config.api.port

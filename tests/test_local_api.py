@@ -795,3 +795,74 @@ async def test_an_idle_connection_is_closed_by_the_gateway() -> None:
         writer.close()
     finally:
         await local.stop()
+
+
+class LogLines:
+    """Collects what the API logs (structlog-style: event name and fields)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append((event, fields))
+
+
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+async def test_connections_beyond_the_cap_are_closed_at_once_and_logged_once(
+    tmp_path: Path, where: str
+) -> None:
+    """A local client opening connections in a loop cannot take every file descriptor:
+    past the cap a new connection is closed at once, one log line says why, and a
+    client is served again as soon as connections end."""
+    client = ApiClient("lis", LIS_SHA, ("hospital",))
+    log = LogLines()
+    local = LocalApi(lambda: (client,), never, never, ListSink(), max_connections=3, log=log)
+    port = free_port()
+    sock_path = tmp_path / "api.sock"
+    if where == "tcp":
+        await local.start(socket_path=None, address="127.0.0.1", port=port)
+    else:
+        await local.start(socket_path=sock_path, address=None, port=None)
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if where == "tcp":
+            return await asyncio.open_connection("127.0.0.1", port)
+        return await asyncio.open_unix_connection(str(sock_path))
+
+    async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """The answer; empty if the connection was closed without one."""
+        try:
+            writer.write(b"GET /v1/messages/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return await asyncio.wait_for(reader.read(), 10)
+        except ConnectionError:  # closed before or while we wrote (a unix socket says so)
+            return b""
+
+    try:
+        held = [await connect() for _ in range(3)]
+        for reader, writer in held:  # all three are served (and stay open: keep-alive)
+            writer.write(b"GET /v1/messages/x HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 401")
+        for _ in range(5):
+            reader, writer = await connect()
+            assert await ask(reader, writer) == b""  # closed at once, nothing answered
+            writer.close()
+        assert [event for event, _ in log.lines] == ["api.busy"]  # said once, not per try
+        assert log.lines[0][1]["connections"] == 3 and "fix" in log.lines[0][1]
+        for _, writer in held:
+            writer.close()
+            await writer.wait_closed()
+
+        async def served_again() -> bool:
+            reader, writer = await connect()
+            answer = await ask(reader, writer)
+            writer.close()
+            return answer.startswith(b"HTTP/1.1 401")
+
+        for _ in range(50):
+            if await served_again():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("not served again once the held connections ended")
+    finally:
+        await local.stop()

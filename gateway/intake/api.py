@@ -38,6 +38,7 @@ from gateway.intake.submit import (
     stop_runner,
     submit,
 )
+from gateway.logs import Logger
 from gateway.ratelimit import SourceBudget
 
 
@@ -170,6 +171,54 @@ def _bind_unix(path: Path) -> socket.socket:
     return sock
 
 
+# Connections from local clients open at once (idle ones close after
+# IDLE_CONNECTION_SECONDS); beyond it a new one is closed at once, so that a client
+# opening connections in a loop cannot take the file descriptors the gateway needs
+# for its peers, its spool and its inbox.
+MAX_CONNECTIONS = 128
+BUSY_LOG_SECONDS = 600.0  # the "too many connections" line, at most once per this
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.abort()
+
+
+class _CappedSite(web.SockSite):
+    """A listening socket whose new connections are closed at once while ``limit``
+    are open (``on_full`` is told)."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        sock: socket.socket,
+        *,
+        limit: int,
+        on_full: Callable[[int], None],
+        shutdown_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(runner, sock, shutdown_timeout=shutdown_timeout)
+        self._limit = limit
+        self._on_full = on_full
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.Protocol:
+            open_now = len(server.connections)
+            if open_now >= self._limit:
+                self._on_full(open_now)
+                return _Refuse()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, sock=self._sock, backlog=self._backlog
+        )
+
+
 class LocalApi:
     def __init__(
         self,
@@ -182,6 +231,8 @@ class LocalApi:
         flush_seconds: float = 1.0,
         body_idle_seconds: float = BODY_IDLE_SECONDS,
         idle_connection_seconds: float = IDLE_CONNECTION_SECONDS,
+        max_connections: int = MAX_CONNECTIONS,
+        log: Logger | None = None,
     ) -> None:
         self._clients = clients
         self._submit = submit_fn
@@ -192,6 +243,11 @@ class LocalApi:
         self._body_idle_seconds = body_idle_seconds
         self._flusher: asyncio.Task[None] | None = None
         self._socket_path: Path | None = None
+        self._max_connections = max_connections
+        self._log = log
+        self._busy = SourceBudget(
+            clock or SystemClock(), per_window=1, window_seconds=BUSY_LOG_SECONDS
+        )
         # Bodies are streamed from request.content; client_max_size limits only what
         # aiohttp itself would buffer (we never call request.read()).
         app = web.Application()
@@ -217,14 +273,11 @@ class LocalApi:
                 _remove_stale_socket(socket_path)
                 listening = _bind_unix(socket_path)
                 self._socket_path = socket_path
-                try:
-                    await web.SockSite(self._runner, listening).start()
-                except BaseException:
-                    listening.close()
-                    raise
+                await self._listen(listening)
             if address is not None and port is not None:
                 where = f"{address}:{port}"
-                await web.TCPSite(self._runner, address, port, reuse_address=True).start()
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                await self._listen(socket.create_server((address, port), family=family))
         except MedgwError:
             await self.stop()
             raise
@@ -234,6 +287,26 @@ class LocalApi:
                 f"cannot listen for the local API on {where}: {exc.strerror}",
                 fix="free the port or the socket path, or change [api] in gateway.toml",
             ) from exc
+
+    async def _listen(self, listening: socket.socket) -> None:
+        site = _CappedSite(self._runner, listening, limit=self._max_connections, on_full=self._full)
+        try:
+            await site.start()
+        except BaseException:
+            listening.close()
+            raise
+
+    def _full(self, open_now: int) -> None:
+        if self._log is not None and self._busy.admit("api"):
+            self._log.warning(
+                "api.busy",
+                connections=open_now,
+                reason=f"{self._max_connections} local API connections are open: new ones "
+                "are closed at once until some end (idle ones close after "
+                f"{IDLE_CONNECTION_SECONDS:g} s)",
+                fix="look for an internal client that opens connections without closing "
+                "them (ss -xp or ss -tnp on the API's socket or port shows which process)",
+            )
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled
