@@ -878,6 +878,11 @@ class Daemon:
             self._stop.set()
 
     def _request_reload(self) -> None:
+        if self._stopping:
+            # Shutdown may still be waiting for worker threads, which no new work can
+            # use: a reload now could only fail (or apply a configuration nobody serves).
+            self._log.info("config.reload_skipped", reason="the daemon is stopping")
+            return
         self._spawn(self.reload())
 
     async def reload(self) -> bool:

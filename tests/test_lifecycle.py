@@ -1,7 +1,11 @@
-"""Signals and systemd integration of a real ``medgw run`` subprocess."""
+"""Signals and systemd integration of a real ``medgw run`` subprocess (and of the
+daemon run in this process, where a test must act while it stops)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import os
 import signal
 import socket
 import subprocess
@@ -11,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.clock import SystemClock
+from gateway.daemon import Daemon
 from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 
 
@@ -180,3 +187,45 @@ def test_a_second_daemon_on_the_same_state_folder_stops_before_touching_it(
     assert first.stop() == 0
     restarted = processes.start(layout.hospital.config_path)  # the lock went with the process
     assert restarted.proc.poll() is None
+
+
+def test_a_sighup_while_stopping_is_not_a_failed_reload(layout: DemoLayout) -> None:
+    """Once stopping, the daemon waits for its worker threads (a received message still
+    being delivered) before it closes the spool and the audit log.  A SIGHUP meanwhile
+    (a log rotation, say) must not start a reload that can no longer run: no
+    "reload failed" error and alert in the audit trail of a clean stop."""
+    out = io.StringIO()
+    daemon = Daemon(
+        layout.hospital.config_path, environ={}, clock=SystemClock(), log=make_logger("info", out)
+    )
+    audit = layout.hospital.audit_log
+    release = threading.Event()
+
+    async def until(name: str) -> None:
+        for _ in range(400):
+            if events(audit, name):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {name} in the audit log")
+
+    async def main() -> int:
+        running = asyncio.create_task(daemon.run())
+        await until("daemon.started")
+        # A worker thread still busy when the daemon stops, as a delivery would be.
+        busy = asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await until("daemon.stopped")  # now waiting for the worker thread
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        release.set()
+        await busy
+        return await running
+
+    try:
+        assert asyncio.run(main()) == 0
+    finally:
+        release.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert not events(audit, "config.reload_failed"), out.getvalue()
+    assert "reload_failed" not in out.getvalue()
