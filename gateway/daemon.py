@@ -301,6 +301,10 @@ class Daemon:
         self._log = self._log.bind(node=config.as2_id)
         self._instance = InstanceLock(config.storage.state_dir)
         self._instance.acquire()  # before anything in the state folder is touched
+        # What a killed run was receiving (bodies, decrypted working files): the peers
+        # resend them.  Removed first, so that no plaintext outlives a start that fails.
+        shutil.rmtree(config.storage.state_dir / "incoming", ignore_errors=True)
+        (config.storage.state_dir / "incoming").mkdir(mode=0o700, parents=True)
         for warning in config.warnings:
             self._log.warning("config.warning", problem=str(warning))
         self._audit = AuditLog(config.storage.audit_log, self._clock, node=config.as2_id)
@@ -316,9 +320,6 @@ class Daemon:
         self._state = self._build_state(config, trust)
         self._outbound = Outbound(config, self._spool, self._audit, self._log, self._clock)
         self._outbound.trust = trust
-        # Bodies of requests a killed run was receiving: the peers resend them.
-        shutil.rmtree(config.storage.state_dir / "incoming", ignore_errors=True)
-        (config.storage.state_dir / "incoming").mkdir(mode=0o700)
         try:
             await self._outbound.recover()
             await self._start_listeners(config)
