@@ -612,16 +612,20 @@ class Outbound:
         for folder in (storage.inbox_dir, self._outgoing, self._receipts, self._payloads):
             for path in remove_stale_partials(folder):
                 self._log.info("recovery.removed_partial_file", folder=path.parent.name)
-        known = self._spool.payload_names()
+        known = self._spool.payload_names()  # name -> whether the plaintext is needed
         for path in self._payloads.iterdir():
-            if not path.name.startswith(".") and path.name not in known and path.is_file():
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if path.name not in known:
                 # Killed between spooling a submitted body and recording it: the submitter
                 # got no Message-ID and submits again.
                 path.unlink(missing_ok=True)
                 self._log.info("recovery.removed_unrecorded_submission", file=path.name)
-        for record in self._spool.in_state(OutboundState.QUEUED):
-            # Killed between "queued" and removing the plaintext copy: remove it now.
-            record.payload_path.unlink(missing_ok=True)
+            elif not known[path.name]:
+                # Killed between "queued" and removing the plaintext copy (the message
+                # may have moved on since): only the encrypted form stays at rest.
+                path.unlink(missing_ok=True)
+                self._log.info("recovery.removed_plaintext_copy", file=path.name)
         for message_id in self._spool.requeue_interrupted():
             self._log.info("message.requeued_after_restart", message_id=message_id)
         for record in self._spool.in_state(OutboundState.INTAKE):

@@ -108,3 +108,28 @@ def test_retrying_a_delivered_message_says_it_was_delivered(tmp_path: Path) -> N
     spool.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r.mdn")
     with pytest.raises(SpoolError, match="is delivered; this needs it to be failed"):
         spool.operator_retry("<m@lab>", "alice", 2e9)
+
+
+def test_a_plaintext_copy_left_by_a_kill_is_removed_at_start_whatever_came_after(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Killed between recording a message as queued and deleting its plaintext copy,
+    then (after a restart) the message was delivered: the copy must still go.  The
+    document of a message whose sealing failed is kept (it is what `queue retry` seals)."""
+    state = layout.lab.root / "state"
+    payloads = state / "payloads"
+    payloads.mkdir(parents=True, exist_ok=True)
+    spool = Spool(state / "spool.sqlite3", TickingClock())
+    left, kept = payloads / ("a" * 24), payloads / ("b" * 24)
+    spool.add_intake("<sent@lab>", "hospital", "a.hl7", "application/hl7-v2", left, left)
+    spool.mark_queued("<sent@lab>", None, [], "mic, sha-256", 10, body=b"sealed")
+    spool.mark_sending("<sent@lab>")
+    spool.mark_done("<sent@lab>", OutboundState.DELIVERED, "processed", None)
+    spool.add_intake("<kept@lab>", "hospital", "b.hl7", "application/hl7-v2", kept, kept)
+    spool.mark_done("<kept@lab>", OutboundState.FAILED, "not-sent", None, error="no certificate")
+    spool.close()
+    left.write_bytes(b"MSH|plaintext")
+    kept.write_bytes(b"MSH|kept until retried or cancelled")
+    processes.start(layout.lab.config_path)
+    assert not left.exists()
+    assert kept.read_bytes() == b"MSH|kept until retried or cancelled"

@@ -414,10 +414,17 @@ class Spool:
         row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
         return str(row["submitted_by"]) if row else None
 
-    def payload_names(self) -> set[str]:
-        """File names of every message's payload (in ``state/payloads``)."""
-        rows = self._read("SELECT payload_path FROM outbound", ())
-        return {Path(r["payload_path"]).name for r in rows}
+    def payload_names(self) -> dict[str, bool]:
+        """File names of every message's payload (in ``state/payloads``), each with
+        whether its plaintext is still needed: not once the message was signed and
+        encrypted (it has a MIC) and is past intake."""
+        rows = self._read("SELECT payload_path, state, mic FROM outbound", ())
+        return {
+            Path(r["payload_path"]).name: (
+                r["mic"] is None or r["state"] == OutboundState.INTAKE.value
+            )
+            for r in rows
+        }
 
     def mark_queued(
         self,
