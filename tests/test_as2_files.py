@@ -168,16 +168,22 @@ def test_broken_base64_and_unknown_encodings_are_refused(tmp_path: Path) -> None
         read_entity_info(entity)
 
 
+def _large_document(tmp_path: Path) -> tuple[Path, Path]:
+    """A document too large to be sealed in memory, and an empty folder for its body."""
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(100_000))
+    folder = tmp_path / "outgoing"
+    folder.mkdir()
+    return payload, folder
+
+
 def test_the_sealed_body_is_on_disk_before_it_is_handed_back(
     layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon records the message as queued right after this, and deletes the
     plaintext: the body and its name in the folder must survive a power loss first."""
     lab = load_config(layout.lab.config_path)
-    payload = tmp_path / "payload"
-    payload.write_bytes(os.urandom(70_000))
-    folder = tmp_path / "outgoing"
-    folder.mkdir()
+    payload, folder = _large_document(tmp_path)
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -201,10 +207,7 @@ def test_a_killed_sealing_leaves_only_files_the_next_start_removes(
     leaves them behind: each must be named so that the start-up cleanup
     (remove_stale_partials) deletes it, or a plaintext copy stays on disk."""
     lab = load_config(layout.lab.config_path)
-    payload = tmp_path / "payload"
-    payload.write_bytes(os.urandom(100_000))
-    folder = tmp_path / "outgoing"
-    folder.mkdir()
+    payload, folder = _large_document(tmp_path)
     seen: list[str] = []
     real_replace = os.replace
 
