@@ -18,8 +18,9 @@ import os
 import secrets
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +32,7 @@ from gateway.intake.submit import (
     BODY_IDLE_SECONDS,
     IDLE_CONNECTION_SECONDS,
     StatusFn,
+    Submission,
     SubmitFn,
     json_error,
     parse_submission,
@@ -219,6 +221,15 @@ class _CappedSite(web.SockSite):
         )
 
 
+# Fields of a message's view that are the gateway's own business: where it keeps
+# files.  The administrator's view (control socket, `medgw queue show`) has them.
+INTERNAL_FIELDS = frozenset({"receipt_file"})
+
+
+def _client_view(view: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in view.items() if key not in INTERNAL_FIELDS}
+
+
 class LocalApi:
     def __init__(
         self,
@@ -235,8 +246,20 @@ class LocalApi:
         log: Logger | None = None,
     ) -> None:
         self._clients = clients
-        self._submit = submit_fn
-        self._status = status_fn
+
+        async def submit_for_client(
+            submission: Submission, chunks: AsyncIterator[bytes]
+        ) -> dict[str, Any]:
+            return _client_view(await submit_fn(submission, chunks))
+
+        async def status_for_client(
+            message_id: str, submitter: str | None
+        ) -> dict[str, Any] | None:
+            view = await status_fn(message_id, submitter)
+            return _client_view(view) if view is not None else None
+
+        self._submit: SubmitFn = submit_for_client
+        self._status: StatusFn = status_for_client
         self._audit = audit
         self._failures = _FailureRecorder(audit, clock or SystemClock())
         self._flush_seconds = flush_seconds
