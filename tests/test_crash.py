@@ -1,4 +1,8 @@
-"""Nothing is lost and nothing is doubled while both daemons are SIGKILLed at random."""
+"""Nothing is lost and nothing is doubled while both daemons are SIGKILLed at random.
+
+Most documents are small (sealed in memory, their body kept in the spool row);
+every tenth is larger, so that its body goes through a file in state/outgoing.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 
 from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, wait_until
+from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Spool
 
@@ -35,6 +40,8 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
                 break
             name = f"result-{dropped:04d}.hl7"
             data = f"MSH|^~\\&|LIS|LAB|{dropped}|{rng.random()}\r".encode() * rng.randint(1, 50)
+            if dropped % 10 == 0:  # larger than INLINE_BODY_BYTES: its body is a file
+                data = rng.randbytes(INLINE_BODY_BYTES + rng.randint(1, 64 * 1024))
             drop_file(outbox, name, data)
             sent[name] = hashlib.sha256(data).hexdigest()
             dropped += 1
