@@ -7,7 +7,8 @@ Measures, in one run:
 * 4 KiB documents dropped into the lab's outbox, delivered to the hospital with a
   durable spool and signed receipts: messages/s and p50/p99 latency (outbox
   rename -> receipt verified at the sender, from the audit trail);
-* the crypto bound of the same work from ``openssl speed`` on this machine now:
+* the crypto bound of the same work from ``openssl speed`` on this machine now
+  (measured right before and right after the run; their mean is used):
   the private-key operations one message costs, one core.  With P-256 keys (the
   demo's, ``--keys ec-p256``): two ECDSA signatures (document, receipt) and two
   ECDH derivations (the sender's ephemeral key agreement, the receiver's key
@@ -136,8 +137,7 @@ def main() -> int:
     parser.add_argument("--keys", choices=("ec-p256", "rsa-2048"), default="ec-p256")
     args = parser.parse_args()
 
-    rates = openssl_rates(args.keys)
-    bound, bound_all, counted = crypto_bounds(args.keys, rates)
+    before = openssl_rates(args.keys)
 
     with tempfile.TemporaryDirectory() as tmp:
         hospital_port, lab_port = free_ports(2)
@@ -196,8 +196,16 @@ def main() -> int:
             rate = args.messages / elapsed
             p50 = statistics.median(latencies)
             p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-            rates_text = ", ".join(f"{name} {ops:.0f}/s" for name, ops in rates.items())
-            print(f"openssl speed ({args.keys}, one core): {rates_text}")
+            # The host's load changes within minutes: the reference is measured right
+            # before and right after the run, and their mean is used.
+            after = openssl_rates(args.keys)
+            rates = {name: (before[name] + after[name]) / 2 for name in before}
+            bound, bound_all, counted = crypto_bounds(args.keys, rates)
+            rates_text = ", ".join(
+                f"{name} {ops:.0f}/s (before {before[name]:.0f}, after {after[name]:.0f})"
+                for name, ops in rates.items()
+            )
+            print(f"openssl speed ({args.keys}, one core, mean of before and after): {rates_text}")
             print(
                 f"crypto bound per message ({counted}): {bound:.0f} msg/s; "
                 f"with the public-key operations too: {bound_all:.0f} msg/s"
