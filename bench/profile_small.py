@@ -42,7 +42,7 @@ def main() -> int:
 
     from gateway.as2.headers import new_message_id
     from gateway.as2.mdn import Disposition, build_receipt, parse_receipt
-    from gateway.as2.message import build_message_file
+    from gateway.as2.message import MessageSpec, build_message_file
     from gateway.cms.stream import decrypt_file, verify_entity_file
     from gateway.config import KeyPair
     from gateway.policy import AlgorithmPolicy
@@ -66,17 +66,19 @@ def main() -> int:
             built = build_message_file(
                 payload,
                 body,
-                filename="doc.bin",
-                content_type="application/octet-stream",
-                message_id=mid,
-                sender_as2_id="lab",
-                receiver_as2_id="hospital",
-                signing=signing,
-                recipients=(k["recipient"],),
-                digest="sha256",
-                cipher="aes-256-gcm",
-                policy=policy,
-                at=datetime.now(UTC),
+                MessageSpec(
+                    filename="doc.bin",
+                    content_type="application/octet-stream",
+                    message_id=mid,
+                    sender_as2_id="lab",
+                    receiver_as2_id="hospital",
+                    signing=signing,
+                    recipients=(k["recipient"],),
+                    digest="sha256",
+                    cipher="aes-256-gcm",
+                    policy=policy,
+                    at=datetime.now(UTC),
+                ),
             )
             state["mic"] = built.mic
 

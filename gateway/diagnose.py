@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.mdn import Disposition, mic_matches, parse_receipt
-from gateway.as2.message import build_message
+from gateway.as2.message import MessageSpec, build_message
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
 from gateway.errors import (
@@ -909,9 +909,7 @@ class Diagnoser:
         ).encode()
         message_id = new_message_id(config.as2_id)
         try:
-            built = await asyncio.to_thread(
-                build_message,
-                payload,
+            spec = MessageSpec(
                 filename=filename,
                 content_type="text/plain",
                 message_id=message_id,
@@ -924,6 +922,7 @@ class Diagnoser:
                 policy=peer.policy,
                 at=now,
             )
+            built = await asyncio.to_thread(build_message, payload, spec)
         except MedgwError as exc:
             return _fail(
                 "as2",

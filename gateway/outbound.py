@@ -38,7 +38,7 @@ from cryptography import x509
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.mdn import mic_matches, parse_receipt
-from gateway.as2.message import build_message, build_message_file
+from gateway.as2.message import MessageSpec, build_message, build_message_file
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
@@ -507,33 +507,33 @@ class Outbound:
 
         def build() -> _Sealed:
             recipient = self._recipient(peer)
-            common: dict[str, Any] = {
-                "filename": record.filename,
-                "content_type": record.content_type,
-                "message_id": record.message_id,
-                "sender_as2_id": self.config.as2_id,
-                "receiver_as2_id": peer.as2_id,
-                "signing": smime.signing,
-                "recipients": (recipient,),
-                "digest": peer.digest,
-                "cipher": peer.cipher,
-                "policy": peer.policy,
-                "at": at,
-                "receipt_url": peer.async_receipt_url or None,
-                "service": record.service,
-            }
+            spec = MessageSpec(
+                filename=record.filename,
+                content_type=record.content_type,
+                message_id=record.message_id,
+                sender_as2_id=self.config.as2_id,
+                receiver_as2_id=peer.as2_id,
+                signing=smime.signing,
+                recipients=(recipient,),
+                digest=peer.digest,
+                cipher=peer.cipher,
+                policy=peer.policy,
+                at=at,
+                service=record.service,
+                receipt_url=peer.async_receipt_url or None,
+            )
             encrypted_for = certificate_fingerprint(recipient)
             with record.payload_path.open("rb") as handle:
                 small = handle.read(INLINE_BODY_BYTES + 1)
             if len(small) <= INLINE_BODY_BYTES:
                 # Sealed in memory and kept in the spool row itself: no more files.
-                message = build_message(small, **common)
+                message = build_message(small, spec)
                 return _Sealed(
                     message.headers, message.mic, len(small), encrypted_for, None, message.body
                 )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
-            built = build_message_file(record.payload_path, body_path, **common)
+            built = build_message_file(record.payload_path, body_path, spec)
             return _Sealed(built.headers, built.mic, built.size, encrypted_for, body_path, None)
 
         try:

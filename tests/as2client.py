@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.as2.headers import new_message_id
-from gateway.as2.message import build_message
+from gateway.as2.message import MessageSpec, build_message
 from gateway.config import KeyPair
 from gateway.policy import AlgorithmPolicy
 
@@ -66,17 +66,19 @@ def build(
 ):
     return build_message(
         payload,
-        filename=filename,
-        content_type="application/octet-stream",
-        message_id=new_message_id(sender_as2),
-        sender_as2_id=sender_as2,
-        receiver_as2_id=receiver_as2,
-        signing=signing,
-        recipients=(recipient,),
-        digest="sha256",
-        cipher="aes-256-gcm",
-        policy=AlgorithmPolicy(),
-        at=datetime.now(UTC),
+        MessageSpec(
+            filename=filename,
+            content_type="application/octet-stream",
+            message_id=new_message_id(sender_as2),
+            sender_as2_id=sender_as2,
+            receiver_as2_id=receiver_as2,
+            signing=signing,
+            recipients=(recipient,),
+            digest="sha256",
+            cipher="aes-256-gcm",
+            policy=AlgorithmPolicy(),
+            at=datetime.now(UTC),
+        ),
     )
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
-from gateway.as2.message import BuiltFile, build_message_file
+from gateway.as2.message import BuiltFile, MessageSpec, build_message, build_message_file
 from gateway.cms.mime import make_entity
 from gateway.cms.stream import (
     decrypt_bytes,
@@ -30,9 +32,11 @@ def _build(
     lab: GatewayConfig, payload: Path, body: Path, filename: str, content_type: str
 ) -> BuiltFile:
     """The lab's AS2 message for the hospital, as the daemon builds it."""
-    return build_message_file(
-        payload,
-        body,
+    return build_message_file(payload, body, _spec(lab, filename, content_type))
+
+
+def _spec(lab: GatewayConfig, filename: str, content_type: str, **more: Any) -> MessageSpec:
+    return MessageSpec(
         filename=filename,
         content_type=content_type,
         message_id="<m1@KITA-LAB>",
@@ -44,6 +48,7 @@ def _build(
         cipher="aes-256-gcm",
         policy=AlgorithmPolicy(),
         at=datetime.now(UTC),
+        **more,
     )
 
 
@@ -220,3 +225,43 @@ def test_a_killed_sealing_leaves_only_files_the_next_start_removes(
     assert len(seen) >= 2, seen  # the entity and the body being written
     assert all(PARTIAL.match(name) for name in seen), seen
     assert remove_stale_partials(folder) == []  # nothing left after a clean run
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "aes-128-cbc"])
+@pytest.mark.parametrize(
+    "more", [{}, {"service": "lab-results", "receipt_url": "https://kita-lab.example/as2"}]
+)
+def test_in_memory_and_file_builds_send_the_same_headers_and_mic(
+    layout: DemoLayout, tmp_path: Path, cipher: str, more: dict[str, str]
+) -> None:
+    """A small document is sealed in memory, a large one file to file: the peer must
+    not be able to tell which (same AS2 headers, asynchronous-receipt option included;
+    the same MIC for the same document)."""
+    lab = load_config(layout.lab.config_path)
+    hospital = load_config(layout.hospital.config_path)
+    spec = replace(_spec(lab, "result.hl7", "application/hl7-v2", **more), cipher=cipher)
+    document = b"MSH|^~\\&|LIS|KITA|EHR|SAKURA\rOBX|1|NM|x||7\r"
+    payload = tmp_path / "payload"
+    payload.write_bytes(document)
+    in_memory = build_message(document, spec)
+    from_file = build_message_file(payload, tmp_path / "body.as2", spec)
+    assert in_memory.headers == from_file.headers
+    assert in_memory.mic == from_file.mic
+    for body in (in_memory.body, (tmp_path / "body.as2").read_bytes()):
+        signed, _ = decrypt_bytes(
+            body,
+            hospital.smime.encryption.certificate,
+            hospital.smime.encryption.key,
+            policy=AlgorithmPolicy(),
+        )
+        _verified, span, mic = verify_entity_span(
+            signed,
+            tmp_path / "spill",
+            trusted_signers=hospital.require_peer("lab").signing_certificates,
+            policy=AlgorithmPolicy(),
+            mic_digest="sha256",
+        )
+        assert f"{mic}, sha-256" == in_memory.mic
+        info = read_entity_info(span.path, span.start, span.end)
+        assert b"".join(payload_chunks(span.path, info)) == document
+        assert info.service == more.get("service")

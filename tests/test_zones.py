@@ -29,7 +29,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.as2.headers import new_message_id
-from gateway.as2.message import build_message
+from gateway.as2.message import MessageSpec, build_message
 from gateway.channel.client import PeerClient, TransportError
 from gateway.clock import SystemClock
 from gateway.config import KeyPair, load_config
@@ -249,17 +249,19 @@ def as2_message(sender: Site, receiver: Site, to_as2_id: str, payload: bytes) ->
     """What ``sender``'s gateway would POST, encrypted for ``receiver``, to ``to_as2_id``."""
     return build_message(
         payload,
-        filename="result.hl7",
-        content_type="application/hl7-v2",
-        message_id=new_message_id(sender.as2_id),
-        sender_as2_id=sender.as2_id,
-        receiver_as2_id=to_as2_id,
-        signing=sender.pair("sign"),
-        recipients=(receiver.encrypt.certificate,),
-        digest="sha256",
-        cipher="aes-256-gcm",
-        policy=AlgorithmPolicy(),
-        at=datetime.now(UTC),
+        MessageSpec(
+            filename="result.hl7",
+            content_type="application/hl7-v2",
+            message_id=new_message_id(sender.as2_id),
+            sender_as2_id=sender.as2_id,
+            receiver_as2_id=to_as2_id,
+            signing=sender.pair("sign"),
+            recipients=(receiver.encrypt.certificate,),
+            digest="sha256",
+            cipher="aes-256-gcm",
+            policy=AlgorithmPolicy(),
+            at=datetime.now(UTC),
+        ),
     )
 
 

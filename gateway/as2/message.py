@@ -87,45 +87,61 @@ def request_headers(
     )
 
 
-def build_message(
-    payload: bytes,
-    *,
-    filename: str,
-    content_type: str,
-    message_id: str,
-    sender_as2_id: str,
-    receiver_as2_id: str,
-    signing: KeyPair,
-    recipients: tuple[x509.Certificate, ...],
-    digest: str,
-    cipher: str,
-    policy: AlgorithmPolicy,
-    at: datetime,
-    service: str | None = None,
-    receipt_url: str | None = None,
-) -> BuiltMessage:
-    entity = make_entity(content_type, payload, entity_headers(filename, message_id, service))
-    mic = f"{compute_mic(entity, digest)}, {DIGEST_TO_MICALG[digest]}"
+@dataclass(frozen=True)
+class MessageSpec:
+    """Everything an outbound AS2 message is made of, apart from the document."""
+
+    filename: str
+    content_type: str
+    message_id: str
+    sender_as2_id: str
+    receiver_as2_id: str
+    signing: KeyPair
+    recipients: tuple[x509.Certificate, ...]
+    digest: str
+    cipher: str
+    policy: AlgorithmPolicy
+    at: datetime
+    service: str | None = None
+    receipt_url: str | None = None  # where the peer POSTs the receipt (None: in the answer)
+
+    def entity_head(self, payload: bytes = b"") -> bytes:
+        """The signed entity: MIME headers, then ``payload`` (b"": the headers only)."""
+        return make_entity(
+            self.content_type,
+            payload,
+            entity_headers(self.filename, self.message_id, self.service),
+        )
+
+    def headers(self, envelope_type: str) -> tuple[tuple[str, str], ...]:
+        return request_headers(
+            message_id=self.message_id,
+            sender_as2_id=self.sender_as2_id,
+            receiver_as2_id=self.receiver_as2_id,
+            envelope_type=envelope_type,
+            digest=self.digest,
+            at=self.at,
+            receipt_url=self.receipt_url,
+        )
+
+
+def build_message(payload: bytes, spec: MessageSpec) -> BuiltMessage:
+    """A small document, signed and encrypted in memory."""
+    entity = spec.entity_head(payload)
+    mic = f"{compute_mic(entity, spec.digest)}, {DIGEST_TO_MICALG[spec.digest]}"
     signed = sign_entity(
         entity,
-        signing.certificate,
-        signing.key,
-        digest=digest,
-        signing_time=at,
-        policy=policy,
-        certificates=signing.chain,
+        spec.signing.certificate,
+        spec.signing.key,
+        digest=spec.digest,
+        signing_time=spec.at,
+        policy=spec.policy,
+        certificates=spec.signing.chain,
     )
-    envelope_type, body = envelope_entity(signed, recipients, cipher=cipher, policy=policy)
-    headers = request_headers(
-        message_id=message_id,
-        sender_as2_id=sender_as2_id,
-        receiver_as2_id=receiver_as2_id,
-        envelope_type=envelope_type,
-        digest=digest,
-        at=at,
-        receipt_url=receipt_url,
+    envelope_type, body = envelope_entity(
+        signed, spec.recipients, cipher=spec.cipher, policy=spec.policy
     )
-    return BuiltMessage(headers, body, mic)
+    return BuiltMessage(spec.headers(envelope_type), body, mic)
 
 
 @dataclass(frozen=True)
@@ -135,24 +151,7 @@ class BuiltFile:
     size: int  # of the payload
 
 
-def build_message_file(
-    payload: Path,
-    body: Path,
-    *,
-    filename: str,
-    content_type: str,
-    message_id: str,
-    sender_as2_id: str,
-    receiver_as2_id: str,
-    signing: KeyPair,
-    recipients: tuple[x509.Certificate, ...],
-    digest: str,
-    cipher: str,
-    policy: AlgorithmPolicy,
-    at: datetime,
-    receipt_url: str | None = None,
-    service: str | None = None,
-) -> BuiltFile:
+def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFile:
     """:func:`build_message` for documents of any size: file in, AS2 body file out.
 
     Memory use does not grow with the payload: the MIME entity is written
@@ -162,36 +161,27 @@ def build_message_file(
     # The plaintext entity, beside the body while it is sealed; named as a partial
     # file so that the next start removes it if this process is killed meanwhile.
     entity = partial_name(body)
-    head = make_entity(content_type, b"", entity_headers(filename, message_id, service))
     try:
         size = 0
         with entity.open("wb") as out:
-            out.write(head)
+            out.write(spec.entity_head())
             for chunk in read_chunks(payload):
                 out.write(chunk)
                 size += len(chunk)
         sealed = sign_and_envelope_file(
             entity,
             body,
-            signer_cert=signing.certificate,
-            signer_key=signing.key,
-            recipients=recipients,
-            digest=digest,
-            cipher=cipher,
-            certificates=signing.chain,
-            signing_time=at,
-            policy=policy,
+            signer_cert=spec.signing.certificate,
+            signer_key=spec.signing.key,
+            recipients=spec.recipients,
+            digest=spec.digest,
+            cipher=spec.cipher,
+            certificates=spec.signing.chain,
+            signing_time=spec.at,
+            policy=spec.policy,
             durable=True,  # the spool records it as queued next, and drops the plaintext
         )
     finally:
         entity.unlink(missing_ok=True)
-    headers = request_headers(
-        message_id=message_id,
-        sender_as2_id=sender_as2_id,
-        receiver_as2_id=receiver_as2_id,
-        envelope_type=sealed.content_type,
-        digest=digest,
-        at=at,
-        receipt_url=receipt_url,
-    )
-    return BuiltFile(headers, f"{sealed.mic}, {DIGEST_TO_MICALG[digest]}", size)
+    mic = f"{sealed.mic}, {DIGEST_TO_MICALG[spec.digest]}"
+    return BuiltFile(spec.headers(sealed.content_type), mic, size)
