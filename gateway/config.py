@@ -465,9 +465,9 @@ class _Reader:
         if mode & stat.S_IRWXO:
             section.problem(
                 key,
-                f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o})",
+                f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
+                "medgw does not start with a private key anyone but its owner can reach",
                 f"chmod 600 {path}",
-                severity="warning",
             )
         elif mode & stat.S_IRWXG:
             # The medgw group is where internal systems are put to reach the API socket.
@@ -476,9 +476,9 @@ class _Reader:
                 f"private key {path} is accessible by its group {_group_name(status.st_gid)} "
                 f"(mode {stat.S_IMODE(mode):o}): every member of that group, e.g. an "
                 "internal system given access to the API socket, "
-                f"{'could read it' if mode & stat.S_IRGRP else 'has access to it'}",
+                f"{'could read it' if mode & stat.S_IRGRP else 'has access to it'}; medgw "
+                "does not start with a private key anyone but its owner can reach",
                 f"chmod 600 {path}",
-                severity="warning",
             )
         try:
             if b"-----BEGIN" in data:

@@ -244,27 +244,38 @@ def test_two_listeners_with_one_name_are_refused(layout: DemoLayout) -> None:
     assert reported(result, config, "listeners[1].name", "'loopback' is used by another", "own")
 
 
-# --- 5. private keys readable by a group --------------------------------------------------
+# --- 5. private keys readable by a group or others -----------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604])
-def test_a_private_key_readable_beyond_its_owner_is_a_warning(
-    layout: DemoLayout, mode: int
-) -> None:
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o610, 0o604, 0o644])
+def test_a_private_key_readable_beyond_its_owner_is_an_error(layout: DemoLayout, mode: int) -> None:
     key = layout.hospital.root / "certs" / "sign.key"
     key.chmod(mode)
-    result = check_config(layout.hospital.config_path)
-    assert result.returncode == 0, result.stderr  # a warning, not an error
-    assert reported(
-        result, layout.hospital.config_path, "smime.signing_key", str(key), f"chmod 600 {key}"
-    ), result.stdout
-    assert f"mode {mode:o}" in result.stdout
+    config = layout.hospital.config_path
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    assert reported(result, config, "smime.signing_key", str(key), f"chmod 600 {key}"), (
+        result.stderr
+    )
+    assert f"mode {mode:o}" in result.stderr
+    assert "error:" in result.stderr and "does not start" in result.stderr
+
+
+def test_the_daemon_refuses_to_start_with_a_private_key_readable_by_others(
+    layout: DemoLayout,
+) -> None:
+    key = layout.hospital.root / "certs" / "tls.key"
+    key.chmod(0o644)
+    result = medgw("run", "--config", layout.hospital.config_path, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"chmod 600 {key}" in result.stderr
+    assert "not starting" in result.stderr
 
 
 def test_keys_of_mode_600_give_no_warning(layout: DemoLayout) -> None:
     result = check_config(layout.hospital.config_path)
     assert result.returncode == 0, result.stderr
-    assert "chmod 600" not in result.stdout
+    assert "chmod 600" not in result.stdout + result.stderr
 
 
 # --- 6. revocation checking switched off --------------------------------------------------
