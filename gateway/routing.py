@@ -61,6 +61,16 @@ class ZonedPeer(Protocol):
     def zone(self) -> str: ...
 
 
+class EgressZone(Protocol):
+    """What the egress rules need to know about a zone (``gateway.config.Zone`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def egress(self) -> tuple[Network, ...]: ...
+
+
 class SourcedPeer(ZonedPeer, Protocol):
     @property
     def source(self) -> Path: ...
@@ -220,6 +230,13 @@ def egress_allows(egress: Sequence[Network], address: str) -> bool:
     except ValueError:
         return False
     return any(ip in network for network in egress if network.version == ip.version)
+
+
+def zones_holding(zones: Iterable[EgressZone], address: str) -> list[str]:
+    """The names of the zones whose egress ranges hold ``address`` (a literal IP), in
+    the given order: one zone, none (the internal side or nowhere), or several where
+    egress ranges overlap."""
+    return [zone.name for zone in zones if egress_allows(zone.egress, address)]
 
 
 def url_address(url: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
