@@ -141,8 +141,6 @@ class As2Server:
         )
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        # Established connections: remote address, certificate SHA-256, subject.
-        self._connections: dict[asyncio.Transport, tuple[str, str, str]] = {}
         self.port: int = listener.port
 
     def handshake_slot_free(self, transport: asyncio.Transport) -> bool:
@@ -226,11 +224,8 @@ class As2Server:
             return
         if tls_transport is None or handoff.lost:
             return
+        # From here on the HTTP server owns the connection, and lists it while it is open.
         handoff.hand_over(tls_transport, http())
-        ssl_object = tls_transport.get_extra_info("ssl_object")
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        if der is not None:
-            self._connections[tls_transport] = (remote, fingerprint(der), _subject(der))
 
     async def _summary_loop(self) -> None:
         while True:
@@ -281,6 +276,31 @@ class As2Server:
                 "ended (a TCP health check or port scan does this)",
             )
 
+    def _open_connections(self) -> list[tuple[asyncio.Transport, str, str, str]]:
+        """Established connections still open: transport, remote address, certificate
+        SHA-256, subject.  The HTTP server lists a connection from the end of its
+        handshake until it closes; nothing here outlives it."""
+        http = self._runner.server
+        out = []
+        for handler in http.connections if http is not None else ():
+            transport = handler.transport
+            if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+                continue
+            ssl_object = transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if der is None:
+                continue
+            peername = transport.get_extra_info("peername")
+            remote = f"{peername[0]}:{peername[1]}" if peername else "unknown"
+            out.append((transport, remote, fingerprint(der), _subject(der)))
+        return out
+
+    def established(self) -> list[tuple[str, str, str]]:
+        """(remote, certificate SHA-256, subject) of each established connection still open."""
+        return [
+            (remote, print_, subject) for _, remote, print_, subject in self._open_connections()
+        ]
+
     def close_unaccepted(self, accepted: set[str]) -> list[tuple[str, str]]:
         """Close established connections whose certificate (SHA-256) is not in ``accepted``.
 
@@ -289,12 +309,9 @@ class As2Server:
         of each connection closed.
         """
         closed = []
-        for transport, (remote, print_, subject) in list(self._connections.items()):
-            if transport.is_closing():
-                del self._connections[transport]
-            elif print_ not in accepted:
+        for transport, remote, print_, subject in self._open_connections():
+            if print_ not in accepted:
                 transport.abort()
-                del self._connections[transport]
                 closed.append((remote, subject))
         return closed
 
