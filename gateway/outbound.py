@@ -679,7 +679,6 @@ class Outbound:
         """Send one message; returns 0, or how long the peer should rest after a failure."""
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task picks it up).
-        log = self._log.bind(peer=peer.name, message_id=record.message_id)
         try:
             body = record.body if record.body is not None else record.body_path
             assert body is not None
@@ -694,32 +693,44 @@ class Outbound:
             else:
                 awaiting = False
         except TransportError as exc:
-            if self._settled_meanwhile(record):
-                return 0.0
             delay = self.backoff(record.attempts + 1, rng)
-            if record.attempts + 1 >= self.config.runtime.max_attempts:
-                self._dead_letter(record, peer, str(exc))
-                return delay
-            self._spool.mark_retry(
-                record.message_id, str(exc), self._clock.now().timestamp() + delay
-            )
-            log.warning("message.send_failed", reason=str(exc), retry_in_seconds=round(delay, 1))
-            self._record(
-                EventType.MESSAGE_SEND_FAILED,
-                peer=peer.name,
-                message_id=record.message_id,
-                outcome=Outcome.FAILURE,
-                severity=Severity.WARNING,
-                reason=str(exc),
-                detail={"attempt": record.attempts + 1, "retry_in_seconds": round(delay, 1)},
-            )
-            return delay
+            return await self._in_thread(self._send_failed, record, peer, str(exc), delay)
         except asyncio.CancelledError:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
-            self._spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
+            await self._in_thread(
+                self._spool.mark_retry, record.message_id, "interrupted by shutdown", 0
+            )
             raise
         await self._in_thread(self._sent, record, peer, response, awaiting)
         return 0.0
+
+    def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:
+        """The send failed (connection, TLS, HTTP): queue it again after ``delay``, or make
+        it a dead letter after its last attempt; returns how long the peer should rest
+        (worker thread)."""
+        if self._settled_meanwhile(record):
+            return 0.0
+        if record.attempts + 1 >= self.config.runtime.max_attempts:
+            self._dead_letter(record, peer, error)
+            return delay
+        self._spool.mark_retry(record.message_id, error, self._clock.now().timestamp() + delay)
+        self._log.warning(
+            "message.send_failed",
+            peer=peer.name,
+            message_id=record.message_id,
+            reason=error,
+            retry_in_seconds=round(delay, 1),
+        )
+        self._record(
+            EventType.MESSAGE_SEND_FAILED,
+            peer=peer.name,
+            message_id=record.message_id,
+            outcome=Outcome.FAILURE,
+            severity=Severity.WARNING,
+            reason=error,
+            detail={"attempt": record.attempts + 1, "retry_in_seconds": round(delay, 1)},
+        )
+        return delay
 
     def _sent(self, record: OutboundRecord, peer: Peer, response: Response, awaiting: bool) -> None:
         """The peer took the message: record it, and settle it by the receipt in the

@@ -1,0 +1,186 @@
+"""A send that fails records it off the event loop, like a send that succeeds.
+
+Each failure of a send (the peer refuses the connection, the last attempt fails,
+shutdown interrupts it) commits to the spool and writes an audit record, each
+with its fsync.  On the event loop that would stall every other peer's sends
+and every receive for as long as the disk takes, at the moment a peer is down
+and all its queued messages fail in a row.
+
+Real spool, real audit log, a real TLS client against a closed port and a
+silent one; the spool and the audit log only note which thread wrote to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditEvent
+from gateway.audit.log import AuditLog
+from gateway.channel.client import PeerClient
+from gateway.clock import SystemClock
+from gateway.config import GatewayConfig, Peer, load_config
+from gateway.demo_run import free_ports, read_audit
+from gateway.logs import make_logger
+from gateway.outbound import Outbound
+from gateway.pki.demo import DemoLayout
+from gateway.pki.peers import TrustSettings, assess_peer
+from gateway.pki.tls import client_context
+from gateway.spool import OutboundRecord, OutboundState, Spool
+
+
+class NotedSpool(Spool):
+    """The real spool; notes the thread of each state change a failed send makes."""
+
+    threads: list[tuple[str, int]]
+
+    def mark_retry(self, *args: Any, **kwargs: Any) -> bool:
+        self.threads.append(("mark_retry", threading.get_ident()))
+        return super().mark_retry(*args, **kwargs)
+
+    def mark_dead(self, *args: Any, **kwargs: Any) -> OutboundRecord:
+        self.threads.append(("mark_dead", threading.get_ident()))
+        return super().mark_dead(*args, **kwargs)
+
+
+class NotedAudit(AuditLog):
+    """The real audit log; notes the thread of each record."""
+
+    threads: list[tuple[str, int]]
+
+    def emit(self, event: AuditEvent) -> None:
+        self.threads.append((str(event.event), threading.get_ident()))
+        super().emit(event)
+
+
+async def _sender(
+    layout: DemoLayout, tmp_path: Path, config: GatewayConfig
+) -> tuple[Outbound, NotedSpool, NotedAudit, Peer]:
+    clock = SystemClock()
+    spool = NotedSpool(tmp_path / "spool.sqlite3", clock)
+    spool.threads = []
+    audit = NotedAudit(tmp_path / "audit.jsonl", clock, node="hospital")
+    audit.threads = []
+    outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    [peer] = config.peers
+    [zone] = [z for z in config.zones if z.name == peer.zone]
+    outbound.trust = {
+        peer.name: await assess_peer(
+            peer.name,
+            tls=peer.tls_certificates,
+            signing=peer.signing_certificates,
+            encryption=peer.encryption_certificates,
+            trust=TrustSettings.of_zone(zone),
+            at=clock.now(),
+            policy=peer.policy,
+        )
+    }
+    return outbound, spool, audit, peer
+
+
+def _client(outbound: Outbound, peer: Peer) -> PeerClient:
+    config = outbound.config
+    [zone] = [z for z in config.zones if z.name == peer.zone]
+    context = client_context(
+        config.tls.identity,
+        zone.trust_anchors,
+        outbound.trust[peer.name].tls_certificates,
+        zone.min_version,
+    )
+    return PeerClient(context, 5, 10, source_address=zone.source_address, egress=zone.egress)
+
+
+async def _claim_one(outbound: Outbound, peer: Peer, layout: DemoLayout) -> OutboundRecord:
+    folder = layout.hospital.outbox_dir / peer.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "order.hl7").write_bytes(b"MSH|^~\\&|order\r")
+    assert await outbound.intake_once() == 1
+    now = SystemClock().now().timestamp()
+    [record], _ = await outbound.due_for_sending(peer, now, 1)
+    return record
+
+
+def _on_loop(noted: list[tuple[str, int]]) -> list[str]:
+    loop_thread = threading.get_ident()
+    return [what for what, thread in noted if thread == loop_thread]
+
+
+async def test_a_refused_connection_and_the_last_attempt_are_recorded_off_the_event_loop(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    config = load_config(layout.hospital.config_path)  # the lab is not running: refused
+    outbound, spool, audit, peer = await _sender(layout, tmp_path, config)
+    client = _client(outbound, peer)
+    try:
+        record = await _claim_one(outbound, peer, layout)
+        spool.threads.clear()
+        audit.threads.clear()
+        delay = await outbound.send_one(record, peer, client, random.Random(1))
+        assert delay > 0
+        assert ("mark_retry" in {w for w, _ in spool.threads}) and audit.threads
+        assert _on_loop(spool.threads + audit.threads) == []
+        again = spool.get(record.message_id)
+        assert again is not None and again.state is OutboundState.QUEUED
+
+        # The last attempt: the message becomes a dead letter, off the loop too.
+        outbound.config = replace(config, runtime=replace(config.runtime, max_attempts=1))
+        later = SystemClock().now().timestamp() + 100_000
+        [record], _ = await outbound.due_for_sending(peer, later, 1)
+        spool.threads.clear()
+        audit.threads.clear()
+        await outbound.send_one(record, peer, client, random.Random(1))
+        assert "mark_dead" in {w for w, _ in spool.threads}
+        assert "message.dead" in {w for w, _ in audit.threads}
+        assert _on_loop(spool.threads + audit.threads) == []
+        dead = spool.get(record.message_id)
+        assert dead is not None and dead.state is OutboundState.DEAD
+    finally:
+        await client.close()
+        spool.close()
+        audit.close()
+    events = [r["event"] for r in read_audit(tmp_path / "audit.jsonl")]
+    assert events.count("message.send_failed") == 1 and events.count("message.dead") == 1
+
+
+async def test_a_send_interrupted_by_shutdown_is_parked_off_the_event_loop(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    accepted = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepts, never answers the TLS handshake
+        accepted.set()
+
+    [port] = free_ports(1)
+    listener = await asyncio.start_server(silent, "127.0.0.1", port)
+    config = load_config(layout.hospital.config_path)
+    [peer] = config.peers
+    config = replace(config, peers=(replace(peer, url=f"https://127.0.0.1:{port}/as2"),))
+    outbound, spool, audit, peer = await _sender(layout, tmp_path, config)
+    client = _client(outbound, peer)
+    try:
+        record = await _claim_one(outbound, peer, layout)
+        spool.threads.clear()
+        send = asyncio.get_running_loop().create_task(
+            outbound.send_one(record, peer, client, random.Random(1))
+        )
+        await asyncio.wait_for(accepted.wait(), 30)
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+        assert [w for w, _ in spool.threads] == ["mark_retry"]
+        assert _on_loop(spool.threads) == []
+        parked = spool.get(record.message_id)
+        assert parked is not None and parked.state is OutboundState.QUEUED
+    finally:
+        for writer in held:
+            writer.close()
+        listener.close()
+        await client.close()
+        spool.close()
+        audit.close()
