@@ -299,7 +299,7 @@ class _Section:
             self.problem(
                 key,
                 f"must be {kind_name}, found {type(value).__name__} {value!r}",
-                f"write it as `{key} = {example}`",
+                f"write it as `{key} = {_as_kind(value, kind) or example}`",
             )
             return default
         return cast(T, value)
@@ -1277,3 +1277,21 @@ def describe_error(exc: MedgwError) -> list[str]:
     if isinstance(exc, ConfigError):
         return [str(p) for p in exc.problems]
     return [str(exc)]
+
+
+def _as_kind(value: object, kind: type | tuple[type, ...]) -> str | None:
+    """The admin's own value written as the kind the key wants (``"28443"`` as ``28443``,
+    ``8470`` as ``"8470"``), for the fix of a type error; None when it does not convert."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, str):
+        text = value.strip()
+        if bool in kinds and text.lower() in ("true", "false"):
+            return text.lower()
+        if int in kinds and re.fullmatch(r"[+-]?[0-9][0-9_]*", text):
+            return text
+        if float in kinds and re.fullmatch(r"[+-]?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?", text):
+            return text
+        return None
+    if str in kinds and isinstance(value, int | float) and not isinstance(value, bool):
+        return f'"{value}"'
+    return None

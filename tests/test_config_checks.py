@@ -297,3 +297,29 @@ def test_revocation_require_gives_no_revocation_warning(layout: DemoLayout) -> N
     result = check_config(layout.hospital.config_path)
     assert result.returncode == 0, result.stderr
     assert "revocation:" not in result.stdout
+
+
+# --- a value of the wrong type: the fix shows the admin's own value ----------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "key", "fix"),
+    [
+        ('port = "{port}"', "listeners[0].port", "`port = {port}`"),
+        ('max_attempts = "7"', "runtime.max_attempts", "`max_attempts = 7`"),
+        ("name = 7", "gateway.name", '`name = "7"`'),
+    ],
+)
+def test_a_wrong_type_fix_shows_the_value_as_written(
+    layout: DemoLayout, written: str, key: str, fix: str
+) -> None:
+    config = layout.hospital.config_path
+    port = layout.hospital.port
+    text = config.read_text()
+    line = written.format(port=port)
+    name = line.split(" =", 1)[0]
+    original = next(x for x in text.splitlines() if x.startswith(f"{name} ="))
+    config.write_text(text.replace(original, line, 1))
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    assert reported(result, config, key, "must be", fix.format(port=port)), result.stderr
