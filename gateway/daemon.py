@@ -1121,6 +1121,11 @@ class Daemon:
         self._log.info("daemon.stopped")
 
     async def _close(self) -> None:
+        # Also after a start that failed half-way (a port in use): the peers' HTTP
+        # clients are closed here, not only by an orderly shutdown (closing twice is fine).
+        if self._state is not None:
+            for client in self._state.clients.values():
+                await client.close()
         # Work still running in worker threads (a received message being delivered, a
         # submission being sealed) finishes first: the spool and the audit log it
         # writes to are closed only then.

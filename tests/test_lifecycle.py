@@ -229,3 +229,25 @@ def test_a_sighup_while_stopping_is_not_a_failed_reload(layout: DemoLayout) -> N
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert not events(audit, "config.reload_failed"), out.getvalue()
     assert "reload_failed" not in out.getvalue()
+
+
+def test_a_port_in_use_stops_the_start_with_one_clear_error_and_no_noise(
+    layout: DemoLayout,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", layout.hospital.port))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "--config", str(layout.hospital.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{layout.hospital.port}" in result.stderr
+    assert "fix:" in result.stderr
+    # Nothing after the error but the error: no "Unclosed client session" from aiohttp.
+    assert "Unclosed" not in result.stderr + result.stdout, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [
+        line for line in result.stderr.splitlines() if line.startswith("medgw: ")
+    ]
