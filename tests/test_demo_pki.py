@@ -583,3 +583,35 @@ def _assert_every_key_present(
         present = set(tables[table]) - {PROBE}
         known -= (rotation_only or set()) - present
         assert present == known, f"{file.name} [{table or 'top level'}]: missing {known - present}"
+
+
+# --- `medgw pki init-demo` on the command line --------------------------------------------
+
+
+def test_init_demo_picks_free_ports_and_prints_the_next_steps(tmp_path: Path) -> None:
+    from tests.cli import medgw
+
+    result = medgw("pki", "init-demo", str(tmp_path / "d"), "--key-type", "rsa-2048")
+    assert result.returncode == 0, result.stderr
+    ports = [int(p) for p in re.findall(r"listens on 127\.0\.0\.1:(\d+)", result.stdout)]
+    assert len(ports) == 2 and ports[0] != ports[1]
+    for step in ("medgw check-config --config", "medgw run --config", "medgw send --config"):
+        assert step in result.stdout
+    key = (tmp_path / "d" / "hospital" / "certs" / "sign.crt").read_bytes()
+    assert isinstance(x509.load_pem_x509_certificate(key).public_key(), rsa.RSAPublicKey)
+    load_config(tmp_path / "d" / "hospital" / "gateway.toml")  # valid as written
+
+
+def test_init_demo_refuses_a_port_in_use(tmp_path: Path) -> None:
+    import socket
+
+    from tests.cli import medgw
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = medgw("pki", "init-demo", str(tmp_path / "d"), "--lab-port", str(port))
+    assert result.returncode == 1
+    assert f"--lab-port {port}: the port is in use" in result.stderr and "fix:" in result.stderr
+    assert not (tmp_path / "d").exists()
