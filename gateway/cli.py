@@ -35,11 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
     api.register(commands)
     diagnose.register(commands)
     smime.register(commands)
-    pki = commands.add_parser("pki", help="certificate tools")
-    pki_commands = pki.add_subparsers(dest="pki_command", required=True, metavar="PKI_COMMAND")
+    pki = commands.add_parser(
+        "pki",
+        help="certificate tools",
+        description="Certificate tools: a demo PKI, path validation as medgw does it, "
+        "a check of every configured certificate and CRL, keys and CSRs for a real CA.",
+    )
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True, metavar="COMMAND")
     demo.register_pki(pki_commands)
     pki_cmds.register(pki_commands)
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """Every command's ``--help`` opens with a description: its one-line help where
+    the command has no longer text of its own."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, sub in action.choices.items():
+            if not sub.description and helps.get(name):
+                text = str(helps[name])
+                sub.description = text[0].upper() + text[1:] + "."
+            _describe(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,22 @@ class Clock(Protocol):
         ...
 
 
+def iso_time(epoch: float) -> str | None:
+    """A spool time (seconds since the epoch; 0 = not set) as ISO 8601 with its UTC offset,
+    the one form every command and API shows times in."""
+    if not epoch:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def iso_seconds(text: str) -> str:
+    """An ISO 8601 time as stored (microseconds, offset) shortened to seconds, offset kept."""
+    try:
+        return datetime.fromisoformat(text).isoformat(timespec="seconds")
+    except ValueError:
+        return text
+
+
 class SystemClock:
     def now(self) -> datetime:
         return datetime.now(UTC)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Severity
-from gateway.clock import Clock
+from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
 from gateway.spool import HandoverRecord, HandoverState, OutboundRecord, OutboundState, Spool
@@ -32,8 +32,8 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
         "size": record.size,
         "state": record.state.value,
         "attempts": record.attempts,
-        "next_attempt_at": record.next_attempt_at or None,
-        "expires_at": record.expires_at or None,
+        "next_attempt_at": iso_time(record.next_attempt_at),
+        "expires_at": iso_time(record.expires_at),
         "last_error": record.last_error,
         "disposition": record.disposition,
         "mic": record.mic,
@@ -53,8 +53,8 @@ def handover_view(record: HandoverRecord) -> dict[str, Any]:
         "size": record.size,
         "state": record.state.value,
         "attempts": record.attempts,
-        "next_attempt_at": record.next_attempt_at or None,
-        "expires_at": record.expires_at or None,
+        "next_attempt_at": iso_time(record.next_attempt_at),
+        "expires_at": iso_time(record.expires_at),
         "last_error": record.last_error,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
@@ -190,45 +190,50 @@ class Operations:
         self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, detail={"actor": actor}))
 
     def peers(self) -> list[dict[str, Any]]:
-        controls = self.spool.peer_controls()
-        counts = self.spool.counts()
-        result = []
-        for peer in self.config.peers:
-            control = controls.get(peer.name)
+        return peers_view(self.config, self.spool)
+
+
+def peers_view(config: GatewayConfig, spool: Spool) -> list[dict[str, Any]]:
+    """Every configured peer with its suspension and queue counts, and the peers no longer
+    configured that messages still wait for; the running daemon and the offline
+    ``medgw peers list`` show the same."""
+    controls = spool.peer_controls()
+    counts = spool.counts()
+    result = []
+    for peer in config.peers:
+        control = controls.get(peer.name)
+        result.append(
+            {
+                "name": peer.name,
+                "configured": True,
+                "as2_id": peer.as2_id,
+                "url": peer.url,
+                "suspended": bool(control and control.suspended),
+                "suspended_reason": control.reason if control and control.suspended else None,
+                "suspended_by": control.actor if control and control.suspended else None,
+                "messages": {state: n for (name, state), n in counts.items() if name == peer.name},
+            }
+        )
+    # Peers no longer configured that messages still wait for: shown, or they would be
+    # forgotten (no sender runs for them; see queue.peer_not_configured).
+    configured = {peer.name for peer in config.peers}
+    for name in sorted({name for (name, state) in counts if name not in configured}):
+        waiting = {
+            state: n
+            for (peer, state), n in counts.items()
+            if peer == name and state in PENDING_STATES
+        }
+        if waiting:
             result.append(
                 {
-                    "name": peer.name,
-                    "configured": True,
-                    "as2_id": peer.as2_id,
-                    "url": peer.url,
-                    "suspended": bool(control and control.suspended),
-                    "suspended_reason": control.reason if control and control.suspended else None,
-                    "suspended_by": control.actor if control and control.suspended else None,
-                    "messages": {
-                        state: n for (name, state), n in counts.items() if name == peer.name
-                    },
+                    "name": name,
+                    "configured": False,
+                    "as2_id": None,
+                    "url": None,
+                    "suspended": False,
+                    "suspended_reason": None,
+                    "suspended_by": None,
+                    "messages": waiting,
                 }
             )
-        # Peers no longer configured that messages still wait for: shown, or they would be
-        # forgotten (no sender runs for them; see queue.peer_not_configured).
-        configured = {peer.name for peer in self.config.peers}
-        for name in sorted({name for (name, state) in counts if name not in configured}):
-            waiting = {
-                state: n
-                for (peer, state), n in counts.items()
-                if peer == name and state in PENDING_STATES
-            }
-            if waiting:
-                result.append(
-                    {
-                        "name": name,
-                        "configured": False,
-                        "as2_id": None,
-                        "url": None,
-                        "suspended": False,
-                        "suspended_reason": None,
-                        "suspended_by": None,
-                        "messages": waiting,
-                    }
-                )
-        return result
+    return result

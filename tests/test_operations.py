@@ -133,6 +133,17 @@ def test_queue_list_works_when_the_daemon_is_stopped(layout: DemoLayout, process
     assert "offline.hl7" in result.stdout and "not running" in result.stderr
     retry = medgw("queue", "retry", "<x@y>", "--config", str(layout.lab.config_path))
     assert retry.returncode == 1 and "medgw is not running" in retry.stderr
+    # Times carry their zone, in the table and in JSON (ISO 8601 with offset).
+    [record] = queue(layout.lab.config_path, "list")
+    for key in ("created_at", "expires_at"):
+        assert record[key].endswith("+00:00"), (key, record[key])
+    assert "+00:00" in result.stdout
+    # `peers list` reads the spool directly too, like `queue list`.
+    peers = medgw("peers", "list", "--config", str(layout.lab.config_path), "--json")
+    assert peers.returncode == 0, peers.stderr
+    [hospital] = json.loads(peers.stdout)
+    assert hospital["name"] == "hospital" and sum(hospital["messages"].values()) == 1
+    assert "not running" in peers.stderr
 
 
 def test_operator_commands_work_while_the_config_on_disk_has_a_mistake(

@@ -10,7 +10,7 @@ from gateway.intake.api import new_token
 
 def register(commands: Any) -> None:
     api = commands.add_parser("api", help="the local submission API: client tokens")
-    api_cmds = api.add_subparsers(dest="api_command", required=True, metavar="ACTION")
+    api_cmds = api.add_subparsers(dest="api_command", required=True, metavar="COMMAND")
     token = api_cmds.add_parser(
         "token",
         help="make a new client token (shown once) and the token_sha256 line for gateway.toml",

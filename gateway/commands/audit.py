@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.log import AuditChainError, verify_chain
+from gateway.commands import DEFAULT_CONFIG
 from gateway.config import load_config
-
-DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 
 
 def register(commands: Any) -> None:
     audit = commands.add_parser("audit", help="the audit trail")
-    actions = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    actions = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     verify = actions.add_parser(
         "verify",
         help="check that no record was removed, reordered or edited (exit 0 intact, 1 broken "
@@ -23,7 +22,10 @@ def register(commands: Any) -> None:
     )
     source = verify.add_mutually_exclusive_group()
     source.add_argument(
-        "--config", type=Path, help=f"read the audit log path from it (default {DEFAULT_CONFIG})"
+        "--config",
+        type=Path,
+        metavar="PATH",
+        help=f"gateway.toml to read the audit log path from (default {DEFAULT_CONFIG})",
     )
     source.add_argument("--file", type=Path, help="an audit log file (e.g. an archived copy)")
     verify.set_defaults(handler=_verify)

@@ -6,16 +6,15 @@ import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from gateway.clock import SystemClock
+from gateway.commands import add_config_option
 from gateway.config import GatewayConfig, load_config
 from gateway.diagnose import Diagnoser, Diagnosis, Status
 from gateway.errors import MedgwError
 from gateway.spool import PeerControl, Spool
 
-DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 DESCRIPTION = """\
@@ -47,9 +46,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("peer", help="the peer's name: its file name in peers.d/ without .toml")
-    parser.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
-    )
+    add_config_option(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(handler=_diagnose)
 

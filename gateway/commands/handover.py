@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from gateway.commands.queue import DEFAULT_CONFIG, _client, _offline_spool
+from gateway.clock import iso_seconds
+from gateway.commands import add_config_option
+from gateway.commands.queue import _client, _offline_spool
 from gateway.control.client import NotRunningError
 from gateway.operations import handover_view
 from gateway.spool import HandoverState
@@ -24,9 +26,9 @@ def register(commands: Any) -> None:
     handover = commands.add_parser(
         "handover", help="hand-overs of received documents to the internal system: list, retry"
     )
-    actions = handover.add_subparsers(dest="handover_command", required=True, metavar="ACTION")
+    actions = handover.add_subparsers(dest="handover_command", required=True, metavar="COMMAND")
     listing = actions.add_parser("list", help="hand-overs, newest first")
-    listing.add_argument("--state", choices=STATES)
+    listing.add_argument("--state", choices=STATES, help="only hand-overs in this state")
     listing.set_defaults(handler=_list)
     retry = actions.add_parser(
         "retry", help="hand a failed document over again (attempts start from 1)"
@@ -35,9 +37,7 @@ def register(commands: Any) -> None:
     retry.add_argument("--peer", help="the sending peer, if two sent the same Message-ID")
     retry.set_defaults(handler=_retry)
     for parser in actions.choices.values():
-        parser.add_argument(
-            "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
-        )
+        add_config_option(parser)
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -49,10 +49,11 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> int:
 def _table(records: list[dict[str, Any]]) -> str:
     if not records:
         return "no hand-overs"
-    lines = [f"{'STATE':<8} {'PEER':<14} {'TRIES':>5}  {'RECEIVED':<20} {'FILE':<28} MESSAGE-ID"]
+    lines = [f"{'STATE':<8} {'PEER':<14} {'TRIES':>5}  {'RECEIVED':<25} {'FILE':<28} MESSAGE-ID"]
     for r in records:
         lines.append(
-            f"{r['state']:<8} {r['peer']:<14} {r['attempts']:>5}  {r['created_at'][:19]:<20} "
+            f"{r['state']:<8} {r['peer']:<14} {r['attempts']:>5}  "
+            f"{iso_seconds(r['created_at']):<25} "
             f"{Path(r['inbox_file']).name[:28]:<28} {r['message_id']}"
         )
         if r["state"] != HandoverState.DONE.value and r["last_error"]:

@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.commands import add_config_option
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -45,31 +47,52 @@ def register(pki_commands: Any) -> None:
         help="ask the OCSP responders named in the certificates; makes revocation status required",
     )  # fmt: skip
     verify.add_argument("--at", metavar="ISO-TIME", help="verification time (default: now)")
-    verify.add_argument("--purpose", choices=VERIFY_PURPOSES, default="any")
+    verify.add_argument(
+        "--purpose",
+        choices=VERIFY_PURPOSES,
+        default="any",
+        help="what the certificate must be fit for (keyUsage, extendedKeyUsage); default any",
+    )
     verify.add_argument("--json", action="store_true", help="print one JSON object")
     verify.set_defaults(handler=_verify)
 
     check = pki_commands.add_parser(
         "check", help="expiry, key policy, CRL freshness and pins of the configuration"
     )
-    check.add_argument("--config", type=Path, default=Path("/etc/medgw/gateway.toml"))
+    add_config_option(check)
     check.add_argument(
         "--crl", type=Path, action="append", default=[], metavar="F",
         help="CRL file or folder to check for freshness, on top of the CRLs each zone is "
         "configured with; repeatable",
     )  # fmt: skip
-    check.add_argument("--warn-days", type=int, default=EXPIRY_WARN_DAYS)
+    check.add_argument(
+        "--warn-days",
+        type=int,
+        default=EXPIRY_WARN_DAYS,
+        metavar="N",
+        help=f"warn about certificates that expire within N days (default {EXPIRY_WARN_DAYS})",
+    )
     check.set_defaults(handler=_check)
 
     csr = pki_commands.add_parser("csr", help="generate a private key and a CSR for a real CA")
-    csr.add_argument("--purpose", choices=CSR_PURPOSES, required=True)
+    csr.add_argument(
+        "--purpose",
+        choices=CSR_PURPOSES,
+        required=True,
+        help="what the certificate is for: sets the requested keyUsage and extendedKeyUsage",
+    )
     csr.add_argument("--cn", required=True, help="subject common name")
     csr.add_argument("--org", help="subject organisation")
     csr.add_argument("--country", help="subject country (two letters)")
     csr.add_argument("--dns", action="append", default=[], help="subjectAltName DNS name")
     csr.add_argument("--ip", action="append", default=[], help="subjectAltName IP address")
     csr.add_argument("--email", action="append", default=[], help="subjectAltName e-mail")
-    csr.add_argument("--key-type", choices=("ec-p256", "ec-p384", "rsa-3072"), default="ec-p256")
+    csr.add_argument(
+        "--key-type",
+        choices=("ec-p256", "ec-p384", "rsa-3072"),
+        default="ec-p256",
+        help="the new private key (default ec-p256)",
+    )
     csr.add_argument("--key-out", type=Path, required=True, help="private key file to create")
     csr.add_argument("--csr-out", type=Path, required=True, help="CSR file to create")
     csr.set_defaults(handler=_csr)

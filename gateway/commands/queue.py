@@ -19,22 +19,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from gateway.clock import SystemClock
-from gateway.config import load_config
+from gateway.clock import SystemClock, iso_seconds
+from gateway.commands import add_config_option
+from gateway.config import GatewayConfig, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient, NotRunningError
-from gateway.operations import record_view
+from gateway.operations import peers_view, record_view
 from gateway.spool import OutboundState, Spool
-
-DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 
 
 def register(commands: Any) -> None:
     queue = commands.add_parser("queue", help="outbound messages: list, show, retry, cancel")
-    queue_cmds = queue.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    queue_cmds = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
     listing = queue_cmds.add_parser("list", help="messages, newest first")
-    listing.add_argument("--state", choices=[s.value for s in OutboundState])
-    listing.add_argument("--peer")
+    listing.add_argument(
+        "--state", choices=[s.value for s in OutboundState], help="only messages in this state"
+    )
+    listing.add_argument("--peer", help="only messages for this peer (its name in peers.d/)")
     listing.set_defaults(handler=_queue_list)
     for name, helptext, handler in (
         ("show", "one message in detail", _queue_show),
@@ -46,22 +47,20 @@ def register(commands: Any) -> None:
         sub.set_defaults(handler=handler)
 
     peers = commands.add_parser("peers", help="peer institutions: list, suspend, resume")
-    peer_cmds = peers.add_subparsers(dest="peers_command", required=True, metavar="ACTION")
+    peer_cmds = peers.add_subparsers(dest="peers_command", required=True, metavar="COMMAND")
     peer_cmds.add_parser("list", help="peers, their state and queue").set_defaults(
         handler=_peers_list
     )
     suspend = peer_cmds.add_parser("suspend", help="stop the exchange with a peer (both ways)")
-    suspend.add_argument("peer")
+    suspend.add_argument("peer", help="the peer's name (its file name in peers.d/)")
     suspend.add_argument("--reason", required=True, help="why; recorded in the audit trail")
     suspend.set_defaults(handler=_peers_suspend)
     resume = peer_cmds.add_parser("resume", help="resume the exchange with a peer")
-    resume.add_argument("peer")
+    resume.add_argument("peer", help="the peer's name (its file name in peers.d/)")
     resume.set_defaults(handler=_peers_resume)
 
     for parser in (*queue_cmds.choices.values(), *peer_cmds.choices.values()):
-        parser.add_argument(
-            "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
-        )
+        add_config_option(parser)
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -93,11 +92,15 @@ def _client(args: argparse.Namespace) -> ControlClient:
     return control_client(args.config)
 
 
-def _offline_spool(args: argparse.Namespace) -> Spool:
+def _offline(args: argparse.Namespace) -> tuple[GatewayConfig, Spool]:
     # No daemon vouches for this configuration: validate all of it before opening its spool.
-    spool_dir = load_config(args.config).storage.state_dir
+    config = load_config(args.config)
     print("(medgw is not running: reading its spool directly)", file=sys.stderr)
-    return Spool(spool_dir / "spool.sqlite3", SystemClock())
+    return config, Spool(config.storage.state_dir / "spool.sqlite3", SystemClock())
+
+
+def _offline_spool(args: argparse.Namespace) -> Spool:
+    return _offline(args)[1]
 
 
 def _emit(args: argparse.Namespace, data: Any, table: str) -> int:
@@ -108,10 +111,11 @@ def _emit(args: argparse.Namespace, data: Any, table: str) -> int:
 def _table(records: list[dict[str, Any]]) -> str:
     if not records:
         return "no messages"
-    lines = [f"{'STATE':<10} {'PEER':<14} {'TRIES':>5}  {'CREATED':<20} {'FILE':<28} MESSAGE-ID"]
+    lines = [f"{'STATE':<10} {'PEER':<14} {'TRIES':>5}  {'CREATED':<25} {'FILE':<28} MESSAGE-ID"]
     for r in records:
         lines.append(
-            f"{r['state']:<10} {r['peer']:<14} {r['attempts']:>5}  {r['created_at'][:19]:<20} "
+            f"{r['state']:<10} {r['peer']:<14} {r['attempts']:>5}  "
+            f"{iso_seconds(r['created_at']):<25} "
             f"{r['filename'][:28]:<28} {r['message_id']}"
         )
     return "\n".join(lines)
@@ -168,7 +172,14 @@ def _queue_cancel(args: argparse.Namespace) -> int:
 
 
 def _peers_list(args: argparse.Namespace) -> int:
-    peers = _client(args).call("GET", "/v1/peers")
+    try:
+        peers = _client(args).call("GET", "/v1/peers")
+    except NotRunningError:
+        config, spool = _offline(args)
+        try:
+            peers = peers_view(config, spool)
+        finally:
+            spool.close()
     lines = [f"{'PEER':<14} {'STATE':<10} {'AS2 ID':<20} QUEUE"]
     for p in peers:
         state = "SUSPENDED" if p["suspended"] else "active"

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode
 
+from gateway.commands import add_config_option
 from gateway.commands.queue import control_client
 from gateway.config import load_config
 from gateway.control.client import ControlClient, NotRunningError
 from gateway.errors import ConfigError, MedgwError
 from gateway.intake.outbox import CONTENT_TYPES
 
-DEFAULT_CONFIG = Path("/etc/medgw/gateway.toml")
 PROGRESS_ABOVE = 4 << 20  # files up to this size get no progress bar
 MAX_FILENAME = 255
 MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
@@ -51,7 +51,7 @@ def register(commands: Any) -> None:
         "and wait for the signed receipt.",
         epilog=EXIT_CODES,
     )
-    send.add_argument("file", type=Path, metavar="FILE")
+    send.add_argument("file", type=Path, metavar="FILE", help="the document to send")
     send.add_argument("--to", required=True, metavar="PEER", help="the peer's name (peers.d/)")
     send.add_argument(
         "--service",
@@ -67,9 +67,7 @@ def register(commands: Any) -> None:
     send.add_argument(
         "--no-wait", action="store_true", help="print the Message-ID once spooled; do not wait"
     )
-    send.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG, help=f"default {DEFAULT_CONFIG}"
-    )
+    add_config_option(send)
     send.set_defaults(handler=_send)
 
 

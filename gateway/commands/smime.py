@@ -38,7 +38,7 @@ def register(commands: Any) -> None:
         help="sign, verify, encrypt, decrypt and inspect S/MIME and CMS files",
         description="Interop tools like 'openssl cms', under the gateway's CRYPTREC policy.",
     )
-    sub = smime.add_subparsers(dest="smime_command", required=True, metavar="SMIME_COMMAND")
+    sub = smime.add_subparsers(dest="smime_command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("sign", help="sign a file (CMS SignedData or S/MIME)")
     p.add_argument("--cert", type=Path, required=True, help="signer certificate (PEM or DER)")
@@ -58,7 +58,9 @@ def register(commands: Any) -> None:
         default="der",
         help="output format (default der)",
     )
-    p.add_argument("--digest", choices=DIGESTS, default="sha256")
+    p.add_argument(
+        "--digest", choices=DIGESTS, default="sha256", help="message digest (default sha256)"
+    )
     p.add_argument(
         "--rsa-padding",
         choices=("pss", "pkcs1v15"),
@@ -91,7 +93,12 @@ def register(commands: Any) -> None:
         required=True,
         help="recipient certificate (repeatable)",
     )
-    p.add_argument("--cipher", choices=CONTENT_CIPHERS, default="aes-256-gcm")
+    p.add_argument(
+        "--cipher",
+        choices=CONTENT_CIPHERS,
+        default="aes-256-gcm",
+        help="content encryption (default aes-256-gcm: AuthEnvelopedData)",
+    )
     p.add_argument(
         "--format",
         choices=("der", "smime"),
