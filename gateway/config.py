@@ -122,6 +122,13 @@ class Storage:
     audit_log: Path
 
 
+# A peer's request body may pause at most this long, and after this long must have kept
+# an average of BODY_MIN_BYTES_PER_SECOND (defaults of [runtime] body_idle_seconds and
+# body_min_bytes_per_second; see gateway.httpbody).
+BODY_IDLE_SECONDS = 60.0
+BODY_MIN_BYTES_PER_SECOND = 4096.0
+
+
 @dataclass(frozen=True)
 class Runtime:
     shutdown_deadline_seconds: float
@@ -134,6 +141,10 @@ class Runtime:
     message_expiry_seconds: float
     max_attempts: int
     log_level: str
+    # A peer's request body may pause at most body_idle_seconds, and must average at
+    # least body_min_bytes_per_second after that long (gateway.httpbody).
+    body_idle_seconds: float = BODY_IDLE_SECONDS
+    body_min_bytes_per_second: float = BODY_MIN_BYTES_PER_SECOND
 
 
 @dataclass(frozen=True)
@@ -907,6 +918,12 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         message_expiry_seconds=rt.number("message_expiry_seconds", default=72 * 3600, minimum=60),
         max_attempts=rt.integer("max_attempts", default=200, minimum=1, maximum=100_000),
         log_level=rt.choice("log_level", LOG_LEVELS, default="info"),
+        body_idle_seconds=rt.number(
+            "body_idle_seconds", default=BODY_IDLE_SECONDS, minimum=1, maximum=3600
+        ),
+        body_min_bytes_per_second=rt.number(
+            "body_min_bytes_per_second", default=BODY_MIN_BYTES_PER_SECOND, minimum=1
+        ),
     )
     rt.finish()
     api_section = root.table("api", required=False) if "api" in data else None

@@ -42,7 +42,7 @@ from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.errors import ConfigError, MedgwError
-from gateway.httpbody import read_capped
+from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
 from gateway.inbound import InboundLocks, InboundProcessor, InboundRequest
 from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
@@ -529,7 +529,19 @@ class Daemon:
             )
             return web.Response(status=503, text="exchange suspended, retry later\n")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        if is_receipt(headers):
+        receipt = is_receipt(headers)
+        limit = MAX_RECEIPT_BYTES if receipt else state.config.runtime.max_message_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            # Refused before a byte of the body is read or a slot is taken.
+            return self._refuse_body(
+                peer,
+                remote,
+                413,
+                f"declared Content-Length {declared} is above the limit of {limit} bytes "
+                + ("for a receipt" if receipt else "(runtime.max_message_bytes)"),
+            )
+        if receipt:
             return await self._receive_receipt(request, peer)
         # A peer's requests beyond INBOUND_PER_PEER wait here, holding only their
         # connection: one peer cannot fill the disk with bodies or take every worker.
@@ -548,20 +560,18 @@ class Daemon:
         """Spool the body of an AS2 message, process it, answer with its receipt."""
         body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
         try:
-            body = await self._receive_body(request, body_path, state.config.runtime)
+            try:
+                body = await self._receive_body(request, body_path, state.config.runtime)
+            except BodyTooSlow as exc:
+                return self._refuse_body(peer, remote, 408, exc.message)
             if body is None:
-                self._audit_sink().emit(
-                    AuditEvent(
-                        EventType.MESSAGE_REJECTED,
-                        Outcome.FAILURE,
-                        Severity.WARNING,
-                        peer=peer.name,
-                        direction="inbound",
-                        remote_address=remote,
-                        reason="message larger than runtime.max_message_bytes",
-                    )
+                return self._refuse_body(
+                    peer,
+                    remote,
+                    413,
+                    "message larger than runtime.max_message_bytes "
+                    f"({state.config.runtime.max_message_bytes} bytes)",
                 )
-                return web.Response(status=413, text="message too large\n")
             if self.state is not state:
                 # Trust changed while the body arrived (a reload, a revocation found by the
                 # refresh): it is not judged under the trust of before. Nothing was
@@ -606,6 +616,28 @@ class Daemon:
         response = web.Response(status=result.status, body=result.body)
         for name, value in result.headers:
             response.headers[name] = value
+        return response
+
+    def _refuse_body(self, peer: Peer, remote: str, status: int, reason: str) -> web.Response:
+        """413 (too large) or 408 (too slow), audited; the connection is closed after it."""
+        self._log.warning(
+            "inbound.body_refused", peer=peer.name, remote_address=remote, status=status
+        )
+        self._audit_sink().emit(
+            AuditEvent(
+                EventType.MESSAGE_REJECTED,
+                Outcome.FAILURE,
+                Severity.WARNING,
+                peer=peer.name,
+                direction="inbound",
+                remote_address=remote,
+                reason=reason,
+                detail={"http_status": status},
+            )
+        )
+        text = "message too large\n" if status == 413 else "request body too slow\n"
+        response = web.Response(status=status, text=text)
+        response.force_close()
         return response
 
     async def _validate_spki_pinned(
@@ -659,9 +691,16 @@ class Daemon:
     async def _receive_receipt(self, request: web.Request, peer: Peer) -> web.StreamResponse:
         """An asynchronous receipt POSTed by a peer for one of our messages."""
         assert self._outbound is not None
-        body = await read_capped(request.content, MAX_RECEIPT_BYTES)
+        pace = BodyPace.of(self.state.config.runtime)
+        remote = request.remote or "unknown"
+        try:
+            body = await read_capped(request.content, MAX_RECEIPT_BYTES, pace)
+        except BodyTooSlow as exc:
+            return self._refuse_body(peer, remote, 408, exc.message)
         if len(body) > MAX_RECEIPT_BYTES:
-            return web.Response(status=413, text="receipt too large\n")
+            return self._refuse_body(
+                peer, remote, 413, f"receipt larger than {MAX_RECEIPT_BYTES} bytes"
+            )
         outcome = await self._outbound.receive_async_receipt(
             peer, request.headers.get("Content-Type", ""), body
         )
@@ -716,7 +755,7 @@ class Daemon:
         declared = request.content_length
         out = path.open("wb") if declared is not None and declared > SMALL_BODY else None
         try:
-            async for chunk in request.content.iter_chunked(1 << 20):
+            async for chunk in paced_chunks(request.content, BodyPace.of(runtime)):
                 size += len(chunk)
                 if size > runtime.max_message_bytes:
                     return None

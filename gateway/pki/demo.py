@@ -338,6 +338,9 @@ connect_timeout_seconds = 5
 request_timeout_seconds = 60
 # Largest message accepted or sent, in bytes (default 4 GiB).
 max_message_bytes = 104857600
+# A request body may pause this long, then must average this rate (defaults 60, 4096).
+body_idle_seconds = 60
+body_min_bytes_per_second = 4096
 # A document not delivered within this many seconds expires (default 259200 = 72 h).
 message_expiry_seconds = 3600
 # After this many failed attempts a message becomes a dead letter (default 200).
