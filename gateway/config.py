@@ -165,6 +165,14 @@ class ApiSettings:
     port: int | None
     clients: tuple[ApiClient, ...]
 
+    def endpoints(self) -> list[str]:
+        """Where it listens, as an admin would write it: ``unix:PATH``, ``http://HOST:PORT``."""
+        found = [f"unix:{self.socket}"] if self.socket else []
+        if self.address is not None and self.port is not None:
+            host = f"[{self.address}]" if ":" in self.address else self.address
+            found.append(f"http://{host}:{self.port}")
+        return found
+
 
 @dataclass(frozen=True)
 class ServiceDelivery:

@@ -353,10 +353,19 @@ class Daemon:
             self._audit.emit(
                 AuditEvent(
                     EventType.DAEMON_STARTED,
-                    detail={"listeners": ports, "peers": [p.name for p in config.peers]},
+                    detail={
+                        "listeners": ports,
+                        "local_api": config.api.endpoints() if config.api else [],
+                        "peers": [p.name for p in config.peers],
+                    },
                 )
             )
-            self._log.info("daemon.ready", listeners=ports, peers=[p.name for p in config.peers])
+            self._log.info(
+                "daemon.ready",
+                listeners=ports,
+                local_api=config.api.endpoints() if config.api else [],
+                peers=[p.name for p in config.peers],
+            )
             self._report_stranded_messages(config)
             self._notifier.ready(
                 f"serving {len(self._servers)} listener(s), {len(config.peers)} peer(s)"

@@ -37,6 +37,7 @@ def describe_config(config: GatewayConfig) -> str:
             f"  {listener.name:<16} https://{listener.address}:{listener.port}{listener.path}"
             f"  zone {listener.zone}"
         )
+    lines += _internal_side(config)
     lines.append("peers")
     for peer in config.peers:
         lines.append(f"  {peer.name:<16} AS2 id {peer.as2_id:<20} {peer.url}  zone {peer.zone}")
@@ -49,6 +50,28 @@ def describe_config(config: GatewayConfig) -> str:
     lines.append("")
     lines.append(proof_table(config))
     return "\n".join(lines)
+
+
+def _internal_side(config: GatewayConfig) -> list[str]:
+    """The gateway's internal side: the local API and the hand-over targets."""
+    lines = ["internal side (this host and the hospital's own systems, never a zone)"]
+    if config.api is None:
+        lines.append("  local API        off (no [api]): internal systems use the outbox folder")
+    else:
+        lines.append(
+            f"  local API        {', '.join(config.api.endpoints())} "
+            "(plain HTTP on this host only; each client a bearer token)"
+        )
+        for client in config.api.clients:
+            lines.append(f"  {'':<16} client {client.name}: may send to {', '.join(client.peers)}")
+    delivery = config.delivery
+    targets = [("all documents", delivery.http_url)] if delivery and delivery.http_url else []
+    targets += [(f"service {s.name}", s.http_url) for s in (delivery.services if delivery else ())]
+    if not targets:
+        lines.append("  hand-over        off (no [delivery]): documents stay in the inbox folder")
+    for what, url in targets:
+        lines.append(f"  hand-over        {what}: {url or 'inbox folder only'}")
+    return lines
 
 
 def proof_table(config: GatewayConfig) -> str:

@@ -869,3 +869,24 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_logged_once(
             raise AssertionError("not served again once the held connections ended")
     finally:
         await local.stop()
+
+
+def test_check_config_and_the_ready_line_show_the_local_api(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    socket_path = layout.lab.root / "state" / "api.sock"
+    shown = medgw("check-config", "--config", str(layout.lab.config_path))
+    assert shown.returncode == 0, shown.stderr
+    line = next(x for x in shown.stdout.splitlines() if x.strip().startswith("local API"))
+    assert f"unix:{socket_path}" in line and f"http://127.0.0.1:{api.port}" in line
+    assert "client lis: may send to hospital" in shown.stdout
+    assert "hand-over        off" in shown.stdout
+
+    lab = processes.start(layout.lab.config_path)
+    ready = next(x for x in lab.lines if x.get("event") == "daemon.ready")
+    assert ready["local_api"] == [f"unix:{socket_path}", f"http://127.0.0.1:{api.port}"]
+    started = wait_until(
+        lambda: events(layout.lab.audit_log, "daemon.started"), 30, "daemon.started"
+    )
+    assert started[-1]["detail"]["local_api"] == ready["local_api"]
