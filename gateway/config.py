@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from gateway.egress import ZonePath
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.pki.store import load_crls
-from gateway.policy import AlgorithmPolicy
+from gateway.policy import AlgorithmPolicy, certificate_key
 from gateway.routing import REVOCATION_POLICIES, ZONE_KINDS, zone_problems
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -522,17 +522,21 @@ class _Reader:
         return loaded
 
     def check_key_policy(self, section: _Section, key: str, cert: x509.Certificate) -> None:
-        public = cert.public_key()
+        try:
+            public = certificate_key(cert, "certificate key")
+        except PolicyError as exc:
+            section.problem(key, exc.message, exc.fix or "use an RSA-3072 or ECDSA P-256 key")
+            return
         if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
             section.problem(key, "EdDSA is not on the CRYPTREC list", "use RSA-3072 or ECDSA P-256")
             return
         policy = AlgorithmPolicy()
         try:
-            policy.check_signature_key(public)  # type: ignore[arg-type]
+            policy.check_signature_key(public)
         except PolicyError as exc:
             section.problem(key, exc.message, exc.fix or "use a stronger key")
             return
-        for warning in policy.warnings_for_key(public):  # type: ignore[arg-type]
+        for warning in policy.warnings_for_key(public):
             section.problem(key, warning, "plan a move to RSA-3072 or ECDSA", "warning")
 
     def key_pair(self, section: _Section, cert_key: str, key_key: str) -> KeyPair | None:
@@ -1273,7 +1277,9 @@ def _check_peer_uniqueness(reader: _Reader, peers: list[Peer], own_as2_id: str) 
     by_spki: dict[str, Peer] = {}
     for peer in peers:
         for cert in peer.tls_certificates:
-            by_spki.setdefault(_spki_sha256(cert), peer)
+            spki = _spki_sha256(cert)
+            if spki is not None:  # None: an unusable key, reported by check_key_policy
+                by_spki.setdefault(spki, peer)
     for peer in peers:
         for pin in peer.tls_spki_pins:
             other = by_spki.get(pin)
@@ -1290,8 +1296,12 @@ def _check_peer_uniqueness(reader: _Reader, peers: list[Peer], own_as2_id: str) 
                 by_spki[pin] = peer
 
 
-def _spki_sha256(cert: x509.Certificate) -> str:
-    spki = cert.public_key().public_bytes(
+def _spki_sha256(cert: x509.Certificate) -> str | None:
+    try:
+        public = certificate_key(cert, "TLS key")
+    except PolicyError:
+        return None
+    spki = public.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()

@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.as2.asyncmdn import is_receipt
+from gateway.as2.headers import undecodable_header
 from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
 from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient, TransportError
 from gateway.channel.server import As2Server
@@ -539,6 +540,21 @@ class Daemon:
             return web.Response(status=503, text="exchange suspended, retry later\n")
         headers = {k.lower(): v for k, v in request.headers.items()}
         receipt = is_receipt(headers)
+        bad = undecodable_header(headers)
+        if bad is not None:
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.RECEIPT_INVALID if receipt else EventType.MESSAGE_REJECTED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    peer=peer.name,
+                    remote_address=remote,
+                    direction="inbound",
+                    reason=f"header {bad} holds bytes that are not UTF-8 (AS2 headers are "
+                    "US-ASCII): the request was refused unread",
+                )
+            )
+            return web.Response(status=400, text="bad request\n")
         limit = MAX_RECEIPT_BYTES if receipt else state.config.runtime.max_message_bytes
         declared = request.content_length
         if declared is not None and declared > limit:

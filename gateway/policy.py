@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 
 from .errors import PolicyError
@@ -73,6 +75,25 @@ def normalize_digest(name: str) -> str:
     """``"SHA-256"`` -> ``"sha256"``; unknown names are returned lower-cased."""
     n = name.strip().lower().replace("_", "-")
     return _DIGEST_ALIASES.get(n, n)
+
+
+def certificate_key(cert: x509.Certificate, purpose: str) -> PublicKey:
+    """``cert``'s public key, or a PolicyError when it is of a kind that cannot even be
+    loaded (an EC curve outside the NIST ones, explicit curve parameters, an unknown
+    algorithm): such a certificate may arrive inside a message or a receipt, and
+    ``cryptography`` then raises ``UnsupportedAlgorithm``, which is no input error
+    to the rest of the gateway."""
+    try:
+        key: PublicKey = cert.public_key()  # type: ignore[assignment]
+    except (UnsupportedAlgorithm, ValueError) as exc:
+        subject = cert.subject.rfc4514_string()[:200]
+        raise PolicyError(
+            f"public key of {subject!r} ({purpose})",
+            f"{str(exc)[:200]}: only RSA (>= {MIN_RSA_BITS} bits) and EC P-256/P-384/P-521 "
+            "keys are allowed (CRYPTREC)",
+            "the certificate must be reissued with an RSA-3072 or EC P-256/P-384 key",
+        ) from exc
+    return key
 
 
 def _describe_key(key: object) -> str:

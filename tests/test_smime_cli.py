@@ -325,3 +325,51 @@ def test_stdin_stdout(pki: Pki) -> None:
     out = medgw("decrypt", "--cert", r.cert_path, "--key", r.key_path, "-", "-", stdin=env.stdout)
     assert out.returncode == 0, out.stderr.decode()
     assert out.stdout == PAYLOAD
+
+
+@pytest.mark.parametrize("role", ["tls", "smime-encrypt", "ca", "smime-sign"])
+def test_verify_refuses_a_signer_not_meant_for_signing_documents(
+    tmp_path: Path, payload: Path, role: str
+) -> None:
+    from datetime import UTC, datetime
+
+    from gateway.pki.issue import issue, make_ca, write_pem
+
+    now = datetime.now(UTC)
+    ca = make_ca("Purpose CA", now=now)
+    signer = ca if role == "ca" else issue(ca, f"{role}.medgw.test", purpose=role, now=now)
+    ca_path, cert_path, key_path = (tmp_path / n for n in ("ca.pem", "signer.pem", "key.pem"))
+    write_pem(ca_path, ca.certificate)
+    write_pem(cert_path, signer.certificate)
+    write_pem(key_path, signer.key)
+    signed = tmp_path / "signed.der"
+    openssl(
+        "-sign", "-binary", "-in", payload, "-signer", cert_path, "-inkey", key_path,
+        "-nodetach", "-outform", "DER", "-out", signed,
+    )  # fmt: skip
+    proc = medgw("verify", "--trust", ca_path, signed)
+    if role == "smime-sign":
+        assert proc.returncode == 0, proc.stderr.decode()
+        return
+    assert proc.returncode == 1, proc.stderr.decode()
+    err = proc.stderr.decode()
+    assert "Verification FAILED" in err and "smime-sign" in err and "fix:" in err
+    # openssl refuses it too, for the same reason
+    ref = subprocess.run(
+        ["openssl", "cms", "-verify", "-inform", "DER", "-in", signed, "-CAfile", ca_path,
+         "-purpose", "smimesign", "-out", "/dev/null"],
+        capture_output=True,
+    )  # fmt: skip
+    assert ref.returncode != 0
+
+
+def test_verify_signer_on_an_unsupported_curve_fails_cleanly(tmp_path: Path, payload: Path) -> None:
+    from tests.test_hostile_errors import signed_by_openssl, unsupported_curve_signer
+
+    cert, key = unsupported_curve_signer(tmp_path)
+    signed = tmp_path / "signed.eml"
+    signed.write_bytes(signed_by_openssl(tmp_path, cert, key, PAYLOAD))
+    proc = medgw("verify", "--trust", cert, signed)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "1.3.132.0.16 is not supported" in err

@@ -52,8 +52,9 @@ def new_message_id(as2_id: str) -> str:
 # RFC 4130 section 5.3.3: the value is "<" id-left "@" id-right ">", at most 998
 # characters; "angle brackets are not part of the Message-Id value" and "when
 # receiving a message, do not check for angle brackets" (IBM Sterling B2B
-# Integrator sends none).  An Original-Message-ID always carries them.
-_MESSAGE_ID_VALUE = re.compile(r"^[^<>\s]{1,996}$")
+# Integrator sends none).  An Original-Message-ID always carries them.  Printable
+# US-ASCII only (RFC 5322 msg-id): the id is stored, logged and echoed in receipts.
+_MESSAGE_ID_VALUE = re.compile(r"^[!-;=?-~]{1,996}$")
 
 
 def normalize_message_id(value: str) -> str | None:
@@ -64,12 +65,28 @@ def normalize_message_id(value: str) -> str | None:
     return f"<{value}>" if _MESSAGE_ID_VALUE.match(value) else None
 
 
+def undecodable_header(headers: Mapping[str, str]) -> str | None:
+    """The name of the first header whose value holds bytes that are not UTF-8, if any.
+
+    aiohttp keeps such bytes as lone surrogates (``surrogateescape``): any later
+    encoding of the value (a log line, the spool, a receipt) would fail, so the
+    request is refused before anything reads it.  AS2 headers are US-ASCII.
+    """
+    for name, value in headers.items():
+        try:
+            value.encode()
+            name.encode()
+        except UnicodeEncodeError:
+            return name.encode(errors="backslashreplace").decode()[:80]
+    return None
+
+
 def check_message_id(value: str | None) -> str:
     """The received Message-ID in its canonical ``<id>`` form; raises if missing or malformed."""
     normalized = normalize_message_id(value) if value is not None else None
     if normalized is None:
         raise ProtocolError(
-            f"Message-ID {value!r} is missing or malformed",
+            f"Message-ID {value if value is None else value[:120]!r} is missing or malformed",
             fix="the sender must give a Message-ID such as <id@host> (at most 998 characters, "
             "no spaces)",
         )

@@ -286,7 +286,14 @@ def parse_receipt(
             f"the receipt is not signed (Content-Type {content_type.split(';')[0]!r})",
             fix="the peer must send signed receipts (signed-receipt-protocol=pkcs7-signature)",
         )
-    entity = f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    try:
+        head = f"Content-Type: {content_type}\r\n\r\n".encode("ascii")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(
+            "the receipt's Content-Type holds characters that are not US-ASCII",
+            fix="the peer's AS2 product sent a broken receipt header; ask the peer to fix it",
+        ) from exc
+    entity = head + body
     inner, verified = verify_entity(entity, trusted_signers=trusted_signers, policy=policy)
     report = read_report(inner)
     compat = list(verified.compat_algorithms)

@@ -36,6 +36,7 @@ from ..policy import (
     COMPAT_KEY_TRANSPORTS,
     AlgorithmPolicy,
     PrivateKey,
+    certificate_key,
     normalize_digest,
 )
 from .der import Cursor, DerError, contents_of, integer
@@ -245,7 +246,7 @@ def _recipient_infos(
 def _check_recipient(policy: AlgorithmPolicy, cert: x509.Certificate) -> None:
     """Policy-check a recipient certificate's key: RSA (key transport) or EC (key
     agreement).  Cached: a pure function of the policy and the certificate."""
-    pub = cert.public_key()
+    pub = certificate_key(cert, "encryption key")
     if isinstance(pub, rsa.RSAPublicKey):
         policy.check_key_transport("rsaes-oaep", inbound=False)
         policy.check_recipient_key(pub)

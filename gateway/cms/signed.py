@@ -34,7 +34,13 @@ from ..errors import (
     SignatureError,
     SignerNotTrustedError,
 )
-from ..policy import COMPAT_DIGESTS, AlgorithmPolicy, PrivateKey, normalize_digest
+from ..policy import (
+    COMPAT_DIGESTS,
+    AlgorithmPolicy,
+    PrivateKey,
+    certificate_key,
+    normalize_digest,
+)
 from .der import (
     MAX_NESTING,
     Cursor,
@@ -1153,7 +1159,7 @@ def _verify_signer(
     content: _Content,
     policy: AlgorithmPolicy,
 ) -> str:
-    pub = cert.public_key()
+    pub = certificate_key(cert, "signature key")
     scheme, h, pad = _check_scheme(signer, pub, policy)
     who = _signer_label(cert)
     if signer.attrs_present:

@@ -303,7 +303,7 @@ def _cert_rows(
     label: str, cert: Any, now: datetime, warn_days: int, *, encryption: bool
 ) -> list[tuple[str, str, str]]:
     from gateway.errors import PolicyError
-    from gateway.policy import AlgorithmPolicy
+    from gateway.policy import AlgorithmPolicy, certificate_key
 
     item = f"{label} {cert.subject.rfc4514_string()}"
     rows: list[tuple[str, str, str]] = []
@@ -319,8 +319,8 @@ def _cert_rows(
     if cert.not_valid_before_utc > now:
         rows.append(("error", item, f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"))
     policy = AlgorithmPolicy()
-    key = cert.public_key()
     try:
+        key = certificate_key(cert, "certificate key")
         if encryption:
             policy.check_recipient_key(key)
         else:

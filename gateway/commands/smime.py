@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.clock import SystemClock
-from gateway.errors import MedgwError
+from gateway.errors import MedgwError, SignerNotTrustedError
 from gateway.policy import CONTENT_CIPHERS, DIGESTS, AlgorithmPolicy
 
 EXIT_OK = 0
@@ -267,12 +267,22 @@ def _verify(args: argparse.Namespace) -> int:
     from gateway.cms.formats import detect
     from gateway.cms.smime import verify_entity
     from gateway.cms.trust import TrustAnchors
+    from gateway.pki.validate import Purpose, check_purpose
 
     anchors = tuple(c for path in args.trust for c in _certs(path))
     at = _parse_time(args.at)
     data = _read(args.input, "input")
     detached = None if args.content is None else _read(args.content, "content")
-    validate = TrustAnchors(anchors, at)
+    chains = TrustAnchors(anchors, at)
+
+    def validate(signer: x509.Certificate, carried: Sequence[x509.Certificate]) -> None:
+        # As `medgw pki verify --purpose smime-sign` and `openssl cms -verify` do: a TLS
+        # certificate, a key-agreement-only one or the CA itself signs no documents.
+        problem = check_purpose(signer, Purpose.SMIME_SIGN)
+        if problem is not None:
+            raise SignerNotTrustedError(problem)
+        chains(signer, carried)
+
     policy = AlgorithmPolicy()
     found = detect(data)
     try:

@@ -31,6 +31,7 @@ import ssl
 from collections.abc import Iterable
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway.config import KeyPair
@@ -92,7 +93,7 @@ def der_spki_fingerprint(der: bytes) -> str | None:
     """``spki_fingerprint`` of a DER certificate; None if it cannot be parsed."""
     try:
         return spki_fingerprint(x509.load_der_x509_certificate(der))
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         return None
 
 

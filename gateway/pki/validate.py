@@ -85,7 +85,7 @@ from pyhanko_certvalidator.sig_validate import (
 from gateway.errors import PolicyError
 from gateway.pki.crl import is_delta
 from gateway.pki.ocsp import OcspAnswer, OcspClient, OcspError, ocsp_urls
-from gateway.policy import AlgorithmPolicy
+from gateway.policy import AlgorithmPolicy, certificate_key
 
 NOT_CHECKED = "not-checked"
 
@@ -295,7 +295,10 @@ def check_purpose(cert: x509.Certificate, purpose: Purpose) -> str | None:
             "fix: use an end-entity certificate issued by that CA"
         )
     if ku is not None:
-        public = cert.public_key()
+        try:
+            public = certificate_key(cert, purpose.value)
+        except PolicyError as exc:
+            return str(exc)
         if purpose in (Purpose.TLS_CLIENT, Purpose.TLS_SERVER):
             needed, ok = "digitalSignature", ku.digital_signature
         elif purpose is Purpose.SMIME_SIGN:
@@ -332,11 +335,11 @@ def _check_leaf_key(
     cert: x509.Certificate, purpose: Purpose, policy: AlgorithmPolicy
 ) -> str | None:
     try:
-        key = cert.public_key()
+        key = certificate_key(cert, purpose.value)
         if purpose is Purpose.SMIME_ENCRYPT:
-            policy.check_recipient_key(key)  # type: ignore[arg-type]
+            policy.check_recipient_key(key)
         else:
-            policy.check_signature_key(key)  # type: ignore[arg-type]
+            policy.check_signature_key(key)
     except PolicyError as exc:
         return f"certificate {_subject(cert)}: {exc.message}; fix: {exc.fix}"
     except (ValueError, x509.UnsupportedGeneralNameType) as exc:

@@ -1,0 +1,174 @@
+"""A broken or hostile peer's input is refused, audited, and never answered with a 500.
+
+Two real gateways on 127.0.0.1; the hostile requests are sent by hand with the
+lab's real TLS client certificate, as a configured peer gone bad would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from gateway.as2.headers import check_message_id
+from gateway.as2.mdn import parse_receipt
+from gateway.cms.mime import make_entity
+from gateway.cms.smime import envelope_entity
+from gateway.config import load_config
+from gateway.demo_run import read_audit, wait_until
+from gateway.errors import PolicyError, ProtocolError
+from gateway.pki.demo import DemoLayout
+from gateway.policy import AlgorithmPolicy, certificate_key
+from tests import as2client
+
+
+def events(path: Path, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(path) if r["event"] == name]
+
+
+def _lab_post(layout: DemoLayout, headers: tuple[tuple[str, str], ...], body: bytes) -> Any:
+    certs = layout.lab.root / "certs"
+    return as2client.post(
+        layout.hospital.port,
+        headers,
+        body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+
+
+def _message(layout: DemoLayout, payload: bytes = b"MSH|hostile\r") -> Any:
+    lab = load_config(layout.lab.config_path)
+    return as2client.build(
+        payload,
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+    )
+
+
+def _output(layout: DemoLayout, processes: Any) -> str:
+    return "\n".join(processes.started[0].raw)
+
+
+def unsupported_curve_signer(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate and key on sect283k1: OpenSSL signs with it, `cryptography` cannot
+    load its public key (UnsupportedAlgorithm)."""
+    key, cert = tmp_path / "sect.key", tmp_path / "sect.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:sect283k1",
+         "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=odd curve", "-days", "30"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def signed_by_openssl(tmp_path: Path, cert: Path, key: Path, payload: bytes) -> bytes:
+    """A multipart/signed entity made by `openssl cms -sign` (carrying ``cert``)."""
+    entity = tmp_path / "entity.mime"
+    entity.write_bytes(make_entity("application/octet-stream", payload))
+    done = subprocess.run(
+        ["openssl", "cms", "-sign", "-binary", "-in", entity, "-signer", cert, "-inkey", key,
+         "-md", "sha256", "-crlfeol"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+def test_message_signed_on_an_unsupported_curve_is_refused_not_a_500(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    processes.start(layout.hospital.config_path)
+    cert, key = unsupported_curve_signer(tmp_path)
+    signed = signed_by_openssl(tmp_path, cert, key, b"MSH|odd curve\r")
+    lab = load_config(layout.lab.config_path)
+    content_type, body = envelope_entity(
+        signed,
+        lab.require_peer("hospital").encryption_certificates,
+        cipher="aes-256-gcm",
+        policy=AlgorithmPolicy(),
+    )
+    reference = _message(layout)
+    headers = tuple((k, content_type if k == "Content-Type" else v) for k, v in reference.headers)
+    answer = _lab_post(layout, headers, body)
+    assert answer.status == 200, answer.body
+    assert b"integrity-check-failed" in answer.body or b"authentication-failed" in answer.body
+    [failed] = wait_until(
+        lambda: events(layout.hospital.audit_log, "signature.failed"), 30, "the refusal"
+    )
+    assert "1.3.132.0.16" in failed["reason"] and "not supported" in failed["reason"]
+    assert "Traceback" not in _output(layout, processes)
+
+
+def test_message_id_with_a_byte_that_is_not_utf8_is_a_400_every_time(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    built = _message(layout)
+    headers = tuple(
+        (k, "<bad\xff@lab>" if k.lower() == "message-id" else v) for k, v in built.headers
+    )
+    for _ in range(2):  # the resend is refused the same way, not with a 500
+        answer = _lab_post(layout, headers, built.body)
+        assert answer.status == 400, answer.body
+        assert answer.body == b"bad request\n"
+    rejected = wait_until(
+        lambda: [
+            r
+            for r in events(layout.hospital.audit_log, "message.rejected")
+            if "message-id" in r["reason"].lower()
+        ][1:],
+        30,
+        "both refusals",
+    )
+    assert rejected
+    assert "Traceback" not in _output(layout, processes)
+
+
+def test_async_receipt_with_a_content_type_that_is_not_utf8_is_refused_and_audited(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    headers = (
+        ("AS2-Version", "1.2"),
+        ("AS2-From", "KITA-LAB"),
+        ("AS2-To", "SAKURA-HOSPITAL"),
+        ("Message-ID", "<receipt-1@lab>"),
+        ("Content-Type", 'multipart/signed; boundary="\xff"; protocol="pkcs7-signature"'),
+    )
+    answer = _lab_post(layout, headers, b"--\xff--\r\n")
+    assert answer.status < 500, answer.body
+    [refused] = wait_until(
+        lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
+    )
+    assert refused["peer"] == "lab"
+    assert "Traceback" not in _output(layout, processes)
+
+
+def test_a_synchronous_receipt_with_a_content_type_that_is_not_ascii_is_a_protocol_error() -> None:
+    # aiohttp's client keeps a byte that is not UTF-8 as a lone surrogate, as its server does
+    with pytest.raises(ProtocolError, match="not US-ASCII"):
+        parse_receipt(
+            'multipart/signed; boundary="\udcff"', b"", trusted_signers=(), policy=AlgorithmPolicy()
+        )
+
+
+@pytest.mark.parametrize("value", ["<a\udcff@b>", "<caf\u00e9@lab>", "<a\x7f@b>"])
+def test_a_message_id_must_be_printable_ascii(value: str) -> None:
+    with pytest.raises(ProtocolError, match="Message-ID"):
+        check_message_id(value)
+    assert check_message_id("<ok-1.2_3@lab.example>") == "<ok-1.2_3@lab.example>"
+
+
+def test_a_certificate_on_an_unsupported_curve_is_a_policy_error(tmp_path: Path) -> None:
+    cert_path, _ = unsupported_curve_signer(tmp_path)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    with pytest.raises(PolicyError, match=r"1\.3\.132\.0\.16 is not supported"):
+        certificate_key(cert, "signature key")
