@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import errno
 import filecmp
+import hashlib
 import os
 import random
 import secrets
@@ -52,7 +53,7 @@ from gateway.fsutil import (
     write_atomic,
 )
 from gateway.intake.outbox import Candidate, scan
-from gateway.intake.submit import Submission, SubmissionRefused
+from gateway.intake.submit import Submission, SubmissionRefused, account_name
 from gateway.logs import Logger
 from gateway.operations import record_view
 from gateway.pki.peers import PeerTrust
@@ -294,20 +295,26 @@ class Outbound:
             taken = self._take_into_spool(candidate)
             if taken is None:
                 return None
-            record, peer = taken
-            return peer.name if self._seal_and_queue(record, peer, None) else None
+            record, peer, submitter = taken
+            return peer.name if self._seal_and_queue(record, peer, submitter) else None
 
         queued_for = await self._in_thread(take_and_seal)  # one trip to a worker thread
         if queued_for is not None:
             self.wake(queued_for)
 
-    def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer] | None:
+    def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer, str] | None:
         """Record the document and move it from the outbox into the spool (worker thread);
         None if its peer was removed (by a reload) since the scan: it stays in the outbox,
-        and the next scan reports the folder as one without a peer."""
+        and the next scan reports the folder as one without a peer.  The submitter
+        recorded is the file's owner, the account that wrote it into the outbox."""
         peer = self.config.peer(candidate.peer)
         if peer is None:
             return None
+        try:
+            owner = candidate.path.lstat().st_uid
+        except FileNotFoundError:
+            return None  # taken away since the scan
+        submitter = f"outbox:{account_name(owner)} (uid {owner})"
         message_id = new_message_id(self.config.as2_id)
         token = os.urandom(12).hex()
         payload_path = self._payloads / token
@@ -321,6 +328,7 @@ class Outbound:
             expires_at=self._clock.now().timestamp() + self.config.runtime.message_expiry_seconds,
             zone=peer.zone,
             origin=LOCAL_INTAKE,
+            submitted_by=submitter,
             service=candidate.service,
         )
         try:
@@ -341,7 +349,7 @@ class Outbound:
             ) from exc
         record = self._spool.get(message_id)
         assert record is not None
-        return record, peer
+        return record, peer, submitter
 
     async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """Spool a document streamed from a local submitter; returns the message's view.
@@ -529,12 +537,20 @@ class Outbound:
                 # Sealed in memory and kept in the spool row itself: no more files.
                 message = build_message(small, spec)
                 return _Sealed(
-                    message.headers, message.mic, len(small), encrypted_for, None, message.body
+                    message.headers,
+                    message.mic,
+                    len(small),
+                    hashlib.sha256(small).hexdigest(),
+                    encrypted_for,
+                    None,
+                    message.body,
                 )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
             built = build_message_file(record.payload_path, body_path, spec)
-            return _Sealed(built.headers, built.mic, built.size, encrypted_for, body_path, None)
+            return _Sealed(
+                built.headers, built.mic, built.size, built.sha256, encrypted_for, body_path, None
+            )
 
         try:
             sealed = build()
@@ -588,6 +604,7 @@ class Outbound:
                 "filename": record.filename,
                 "content_type": record.content_type,
                 "size": sealed.size,
+                "sha256": sealed.sha256,
                 "mic": sealed.mic,
                 "cipher": peer.cipher,
                 "digest": peer.digest,
@@ -647,7 +664,8 @@ class Outbound:
                 await self._prepare(record, peer, submitted_by=submitter)
             elif record.source_path.exists() and peer is not None:
                 await asyncio.to_thread(_move_into_spool, record.source_path, record.payload_path)
-                await self._prepare(record, peer)
+                submitter = self._spool.submitter(record.message_id)
+                await self._prepare(record, peer, submitted_by=submitter)
             else:
                 reason = (
                     "peer no longer configured"
@@ -1022,6 +1040,7 @@ class _Sealed:
     headers: tuple[tuple[str, str], ...]
     mic: str
     size: int  # of the document
+    sha256: str  # of the document (hex), as message.delivered records it at the receiver
     encrypted_for: str  # SHA-256 of the recipient's certificate
     body_path: Path | None
     body: bytes | None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
+import pwd
 import shutil
 import time
 from datetime import UTC, datetime
@@ -20,9 +22,10 @@ from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
 from gateway.errors import SpoolError
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
-from gateway.outbound import Outbound
+from gateway.outbound import INLINE_BODY_BYTES, Outbound
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import Spool
+from tests.trust import peer_trust
 
 
 class SlowTakes(Outbound):
@@ -130,3 +133,41 @@ def test_a_file_name_that_is_not_utf8_is_reported_once_and_the_others_go_on(
     said = [x for x in lab.lines if x.get("event") == "outbox.bad_file_name"]
     assert len(said) == 1
     assert not [x for x in lab.lines if x.get("event") in ("daemon.task_failed", "intake.failed")]
+
+
+async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A reviewer links a document re-sent by a local user to the one received, by its
+    SHA-256 (message.delivered records it at the receiver), and to who dropped it."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    spool = Spool(tmp_path / "spool.sqlite3", clock)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    [peer] = config.peers
+    outbound.trust = await peer_trust(config)
+    documents = {
+        "small.hl7": b"MSH|^~\\&|small\r",
+        "large.dcm": os.urandom(INLINE_BODY_BYTES + 1000),  # sealed file to file
+    }
+    folder = layout.lab.outbox_dir / peer.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in documents.items():
+        (folder / name).write_bytes(data)
+    try:
+        assert await outbound.intake_once() == 2
+        me = f"outbox:{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+        accepted = [
+            r for r in read_audit(tmp_path / "audit.jsonl") if r["event"] == "message.accepted"
+        ]
+        by_name = {r["detail"]["filename"]: r for r in accepted}
+        assert set(by_name) == set(documents)
+        for name, data in documents.items():
+            detail = by_name[name]["detail"]
+            assert detail["sha256"] == hashlib.sha256(data).hexdigest()
+            assert detail["submitted_by"] == me
+            assert spool.submitter(by_name[name]["message_id"]) == me
+    finally:
+        spool.close()
+        audit.close()

@@ -29,9 +29,9 @@ from gateway.demo_run import free_ports, read_audit
 from gateway.logs import make_logger
 from gateway.outbound import Outbound
 from gateway.pki.demo import DemoLayout
-from gateway.pki.peers import TrustSettings, assess_peer
 from gateway.pki.tls import client_context
 from gateway.spool import OutboundRecord, OutboundState, Spool
+from tests.trust import peer_trust
 
 
 class NotedSpool(Spool):
@@ -68,18 +68,7 @@ async def _sender(
     audit.threads = []
     outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
     [peer] = config.peers
-    [zone] = [z for z in config.zones if z.name == peer.zone]
-    outbound.trust = {
-        peer.name: await assess_peer(
-            peer.name,
-            tls=peer.tls_certificates,
-            signing=peer.signing_certificates,
-            encryption=peer.encryption_certificates,
-            trust=TrustSettings.of_zone(zone),
-            at=clock.now(),
-            policy=peer.policy,
-        )
-    }
+    outbound.trust = await peer_trust(config)
     return outbound, spool, audit, peer
 
 

@@ -16,6 +16,7 @@ service to mean anything at the receiving end.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -149,6 +150,7 @@ class BuiltFile:
     headers: tuple[tuple[str, str], ...]
     mic: str  # "<base64>, sha-256"
     size: int  # of the payload
+    sha256: str  # of the payload (hex): what the audit trail links the document by
 
 
 def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFile:
@@ -163,10 +165,12 @@ def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFil
     entity = partial_name(body)
     try:
         size = 0
+        digest = hashlib.sha256()
         with entity.open("wb") as out:
             out.write(spec.entity_head())
             for chunk in read_chunks(payload):
                 out.write(chunk)
+                digest.update(chunk)
                 size += len(chunk)
         sealed = sign_and_envelope_file(
             entity,
@@ -184,4 +188,4 @@ def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFil
     finally:
         entity.unlink(missing_ok=True)
     mic = f"{sealed.mic}, {DIGEST_TO_MICALG[spec.digest]}"
-    return BuiltFile(spec.headers(sealed.content_type), mic, size)
+    return BuiltFile(spec.headers(sealed.content_type), mic, size, digest.hexdigest())

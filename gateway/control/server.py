@@ -9,7 +9,6 @@ and every message is visible.
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -24,6 +23,7 @@ from gateway.intake.submit import (
     IDLE_CONNECTION_SECONDS,
     StatusFn,
     SubmitFn,
+    account_name,
     parse_submission,
     status,
     stop_runner,
@@ -45,16 +45,13 @@ def caller(request: web.Request) -> str:
     if sock is not None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
-    try:
-        account = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        account = str(uid)
+    name = account_name(uid)
     passed = unquote(request.headers.get("X-Medgw-Operator", ""))
     claimed = "".join(c for c in passed if c.isprintable())
     claimed = claimed.strip()[:64]
-    if claimed and claimed != account:
-        return f"{account} (uid {uid}, claims to be {claimed})"
-    return f"{account} (uid {uid})"
+    if claimed and claimed != name:
+        return f"{name} (uid {uid}, claims to be {claimed})"
+    return f"{name} (uid {uid})"
 
 
 def _error(exc: MedgwError, status: int) -> web.Response:

@@ -17,6 +17,7 @@ agreed with it); the receiving medgw delivers the document into
 from __future__ import annotations
 
 import asyncio
+import pwd
 import re
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -49,12 +50,21 @@ def _printable(text: str) -> bool:
 _MEDIA_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 
 
+def account_name(uid: int) -> str:
+    """The name of a local account (its number when it has none)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 @dataclass(frozen=True)
 class Submission:
     peer: str
     filename: str
     content_type: str
-    submitter: str  # "api:<client>" or "operator:<account> (uid N)"
+    # "api:<client>", "operator:<account> (uid N)"; outbox files: "outbox:<owner> (uid N)"
+    submitter: str
     service: str | None = None  # one of the peer's services (checked on submission)
 
 

@@ -17,8 +17,9 @@ queued again (the receiver deduplicates by Message-ID, so a resend after a
 crash is delivered once).  Inbound rows remember each (peer, Message-ID), the
 SHA-256 of what was delivered and the receipt we sent, so that a resend is
 answered with the original receipt instead of being delivered twice.
-``submissions`` names who submitted a message through the local API or the
-control socket (NET-3); documents from the outbox folder have no row there.
+``submissions`` names who submitted a message (NET-3): a local API client, an
+operator on the control socket, or the account owning a file taken from the
+outbox folder.
 
 The database runs with ``journal_mode=WAL`` and ``synchronous=FULL``: a
 committed transition survives power loss.
@@ -371,8 +372,8 @@ class Spool:
         NET-4 invariant, enforced here whatever the caller checked before: a
         message that came in from a peer is never queued for a peer of another
         zone (:class:`~gateway.routing.TransitRefused`; the caller audits it).
-        ``submitted_by`` (a local API client or an operator) is recorded in the
-        same transaction.
+        ``submitted_by`` (a local API client, an operator, an outbox file's owner) is
+        recorded in the same transaction.
         """
         check_enqueue(origin, peer, zone)
         now = self._now()
@@ -410,7 +411,7 @@ class Spool:
         )
 
     def submitter(self, message_id: str) -> str | None:
-        """Who submitted the message (None: the outbox folder, or no such message)."""
+        """Who submitted the message (None: not recorded, or no such message)."""
         row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
         return str(row["submitted_by"]) if row else None
 
