@@ -482,27 +482,30 @@ class InboundProcessor:
                 )
             )
             return mic, None, details
-        self._audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_RECEIVED,
-                peer=peer.name,
-                service=service,
-                message_id=message_id,
-                direction="inbound",
-                remote_address=request.remote,
-                detail={
-                    "content_type": content_type,
-                    "filename": filename,
-                    "size": size,
-                    "sha256": sha256,
-                    **signer_detail,
-                    "signature_algorithm": verified.signature_algorithm,
-                    "digest": verified.digest,
-                    "content_cipher": opened.content_cipher,
-                    "key_transport": opened.key_transport,
-                },
+        if self._spool.inbound_get(peer.name, message_id) is None:
+            # Recorded once: a resend of a document recorded before is recorded by
+            # _deliver_once, as message.duplicate (or refused when it differs).
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_RECEIVED,
+                    peer=peer.name,
+                    service=service,
+                    message_id=message_id,
+                    direction="inbound",
+                    remote_address=request.remote,
+                    detail={
+                        "content_type": content_type,
+                        "filename": filename,
+                        "size": size,
+                        "sha256": sha256,
+                        **signer_detail,
+                        "signature_algorithm": verified.signature_algorithm,
+                        "digest": verified.digest,
+                        "content_cipher": opened.content_cipher,
+                        "key_transport": opened.key_transport,
+                    },
+                )
             )
-        )
         target = self._deliver_once(
             peer,
             message_id,
