@@ -92,6 +92,24 @@ class _Refused(Exception):
         self.reason = reason
 
 
+def _unverified(exc: Exception | None, opened: DecryptedFile) -> _Refused:
+    """The refusal of content whose signature did not verify, or whose CBC padding was
+    invalid.  The two get one answer (integrity-check-failed), one audit event type and
+    the same work (the signature is checked either way): a sender that could tell them
+    apart could decrypt, block by block, any CBC message captured on its way to us by
+    altering it and sending it as its own (a padding oracle)."""
+    if not opened.intact:
+        reason = (
+            f"the decrypted content is not intact: its {opened.content_cipher} padding is "
+            "invalid (the encrypted content was altered in transit, or encrypted with "
+            "another key); answered as a failed signature check"
+        )
+        return _Refused(Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, reason)
+    if isinstance(exc, SignerNotTrustedError):
+        return _Refused(Disposition.AUTHENTICATION_FAILED, EventType.SIGNATURE_FAILED, str(exc))
+    return _Refused(Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc))
+
+
 def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bool:
     """A ``medgw diagnose`` test message (see gateway.diagnose): verified, never delivered.
 
@@ -411,14 +429,10 @@ class InboundProcessor:
                 validate_signer=personal,
                 mic_digest=digest,
             )
-        except SignerNotTrustedError as exc:
-            raise _Refused(
-                Disposition.AUTHENTICATION_FAILED, EventType.SIGNATURE_FAILED, str(exc)
-            ) from exc
-        except (SignatureError, MalformedMessageError, PolicyError) as exc:
-            raise _Refused(
-                Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc)
-            ) from exc
+        except (SignerNotTrustedError, SignatureError, MalformedMessageError, PolicyError) as exc:
+            raise _unverified(exc, opened) from exc
+        if not opened.intact:  # verified all the same: the answer must not depend on it
+            raise _unverified(None, opened)
         for algorithm in verified.compat_algorithms:  # e.g. signed with SHA-1
             self._audit.emit(
                 AuditEvent(

@@ -63,6 +63,7 @@ def build(
     signing: KeyPair,
     recipient: x509.Certificate,
     filename: str = "doc.bin",
+    cipher: str = "aes-256-gcm",
 ):
     return build_message(
         payload,
@@ -75,7 +76,7 @@ def build(
             signing=signing,
             recipients=(recipient,),
             digest="sha256",
-            cipher="aes-256-gcm",
+            cipher=cipher,
             policy=AlgorithmPolicy(),
             at=datetime.now(UTC),
         ),

@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asn1crypto import cms
 from cryptography import x509
 
 from gateway.as2.headers import check_message_id
 from gateway.as2.mdn import parse_receipt
+from gateway.cms import decrypt
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity
+from gateway.cms.stream import decrypt_bytes
 from gateway.config import load_config
 from gateway.demo_run import read_audit, wait_until
-from gateway.errors import PolicyError, ProtocolError
+from gateway.errors import DecryptionError, PolicyError, ProtocolError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy, certificate_key
 from tests import as2client
@@ -172,3 +175,106 @@ def test_a_certificate_on_an_unsupported_curve_is_a_policy_error(tmp_path: Path)
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     with pytest.raises(PolicyError, match=r"1\.3\.132\.0\.16 is not supported"):
         certificate_key(cert, "signature key")
+
+
+def _altered_cbc(body: bytes, delta: int) -> bytes:
+    """``body`` with the last byte of the second-to-last ciphertext block XORed with
+    ``delta``: the last plaintext byte (the padding) changes by ``delta``, the block
+    before it turns to noise."""
+    ci = cms.ContentInfo.load(body)
+    info = ci["content"]["encrypted_content_info"]
+    ct = bytearray(info["encrypted_content"].native)
+    ct[-17] ^= delta
+    info["encrypted_content"] = bytes(ct)
+    return bytes(ci.dump(force=True))
+
+
+def test_cbc_padding_is_no_oracle(layout: DemoLayout, processes: Any) -> None:
+    """Altered CBC content gets one answer and one audit event type whether or not its
+    padding happens to be valid (before: decryption-failed for 15 of 16 values,
+    integrity-check-failed for the one that made valid padding)."""
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    hospital = load_config(layout.hospital.config_path)
+    built = as2client.build(
+        b"MSH|" + b"x" * 200 + b"\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+        cipher="aes-256-cbc",
+    )
+    plain = decrypt(
+        built.body,
+        hospital.smime.encryption.certificate,
+        hospital.smime.encryption.key,
+        policy=AlgorithmPolicy(),
+    ).content
+    ciphertext = cms.ContentInfo.load(built.body)["content"]["encrypted_content_info"]
+    pad = len(ciphertext["encrypted_content"].native) - len(plain)
+    assert 1 <= pad <= 16
+    valid = pad ^ 0x01  # the last byte becomes 0x01: valid padding
+    invalid = [d for d in (0x80, 0x40, 0x20, 0x10) if (pad ^ d) > 16]
+    answers = {}
+    for delta in (valid, *invalid):
+        headers = tuple(
+            (k, f"<cbc-{delta}@lab>" if k.lower() == "message-id" else v) for k, v in built.headers
+        )
+        answer = _lab_post(layout, headers, _altered_cbc(built.body, delta))
+        assert answer.status == 200, answer.body
+        answers[delta] = _disposition(answer.body)
+    assert set(answers.values()) == {"processed/error: integrity-check-failed"}, answers
+    refused = wait_until(
+        lambda: [
+            r
+            for r in read_audit(layout.hospital.audit_log)
+            if r.get("message_id", "").startswith("<cbc-")
+            and r["outcome"] == "failure"
+            and r["event"] != "receipt.sent"
+        ][len(answers) - 1 :],
+        30,
+        "every refusal",
+    )
+    assert refused
+    failures = [
+        r
+        for r in read_audit(layout.hospital.audit_log)
+        if r.get("message_id", "").startswith("<cbc-") and r["event"] != "receipt.sent"
+    ]
+    assert {r["event"] for r in failures} == {"signature.failed"}, failures
+    assert len(failures) == len(answers)
+    assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
+        (layout.hospital.inbox_dir / "lab").iterdir()
+    )
+
+
+def _disposition(receipt: bytes) -> str:
+    for line in receipt.replace(b"\r\n", b"\n").split(b"\n"):
+        if line.lower().startswith(b"disposition:"):
+            return line.split(b";", 1)[1].strip().decode()
+    raise AssertionError(f"no disposition in {receipt[:400]!r}")
+
+
+def test_bad_cbc_padding_is_reported_after_the_content_not_raised(layout: DemoLayout) -> None:
+    lab = load_config(layout.lab.config_path)
+    hospital = load_config(layout.hospital.config_path)
+    built = as2client.build(
+        b"MSH|padding\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+        cipher="aes-128-cbc",
+    )
+    pair = hospital.smime.encryption
+    intact, opened = decrypt_bytes(built.body, pair.certificate, pair.key, policy=AlgorithmPolicy())
+    assert opened.intact
+    # the last plaintext byte becomes 0x11: invalid padding whatever it was (1..16)
+    info = cms.ContentInfo.load(built.body)["content"]["encrypted_content_info"]
+    pad = len(info["encrypted_content"].native) - len(intact)
+    altered = _altered_cbc(built.body, pad ^ 0x11)
+    content, opened = decrypt_bytes(altered, pair.certificate, pair.key, policy=AlgorithmPolicy())
+    assert not opened.intact
+    assert len(content) == len(intact) + pad  # the padding block is passed on whole
+    with pytest.raises(DecryptionError, match="invalid padding"):
+        decrypt(altered, pair.certificate, pair.key, policy=AlgorithmPolicy())

@@ -939,10 +939,17 @@ def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
         unpadder = sym_padding.PKCS7(block).unpadder()
         return unpadder.update(padded) + unpadder.finalize()
     except ValueError as exc:
-        raise DecryptionError(
-            f"{cipher}: decrypted content has invalid padding (wrong key or altered message)",
-            fix="ask the peer to resend the message",
-        ) from exc
+        raise _bad_padding(cipher) from exc
+
+
+def _bad_padding(cipher: str) -> DecryptionError:
+    """For a caller that holds the whole content and answers no remote party.  (The
+    daemon does not get it: it refuses such content like an altered signature, see
+    gateway.cms.stream.DecryptedFile.intact.)"""
+    return DecryptionError(
+        f"{cipher}: decrypted content has invalid padding (wrong key or altered message)",
+        fix="ask the peer to resend the message",
+    )
 
 
 def content_cipher_name(oid_name: str, policy: AlgorithmPolicy) -> str:
@@ -1079,6 +1086,8 @@ def _decrypt_streamed(
         )
     plaintext = io.BytesIO()
     opened = decrypt_stream(io.BytesIO(enveloped), plaintext, cert, key, policy=policy)
+    if not opened.intact:
+        raise _bad_padding(opened.content_cipher)
     return Decrypted(
         content=plaintext.getvalue(),
         content_cipher=opened.content_cipher,

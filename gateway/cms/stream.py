@@ -120,6 +120,12 @@ class DecryptedFile:
     content_cipher: str
     key_transport: str
     compat_algorithms: tuple[str, ...]
+    # False: the CBC padding of the content is invalid (the ciphertext was altered, or
+    # the key is wrong).  The content is then passed on whole, unpadded by no rule,
+    # and the caller must refuse it *after* the same work as for any other content,
+    # with the answer a signature failure gets: answering "decryption failed" at once
+    # would tell whoever sent it whether the padding was valid (a padding oracle).
+    intact: bool = True
 
 
 @dataclass(frozen=True)
@@ -444,34 +450,40 @@ def _read_tail(
 
 
 class _CbcSink:
+    """CBC decryption, holding back the last block until its padding can be judged."""
+
     def __init__(self, algo: Any, iv: bytes, block: int, out: Callable[[bytes], None]) -> None:
         self.dec = Cipher(algo, modes.CBC(iv)).decryptor()
-        self.unpad = sym_padding.PKCS7(block).unpadder()
+        self.bits = block
         self.block = block // 8
         self.out = out
         self.n = 0
+        self.held = b""
 
     def __call__(self, data: bytes) -> None:
         self.n += len(data)
-        plain = self.unpad.update(self.dec.update(data))
-        if plain:
-            self.out(plain)
+        plain = self.held + self.dec.update(data)  # whole blocks only
+        self.held = plain[-self.block :]
+        if len(plain) > self.block:
+            self.out(plain[: -self.block])
 
-    def finish(self, cipher: str) -> None:
+    def finish(self, cipher: str) -> bool:
+        """Write the last block, unpadded; False when its padding is invalid (it is then
+        written whole: see DecryptedFile.intact)."""
         if self.n % self.block or self.n == 0:
             raise DecryptionError(
                 f"{cipher}: ciphertext of {self.n} bytes is not a whole number of blocks",
                 fix="the message is corrupt or truncated; ask the peer to resend",
             )
+        last = self.held + self.dec.finalize()
+        unpadder = sym_padding.PKCS7(self.bits).unpadder()
         try:
-            last = self.unpad.update(self.dec.finalize()) + self.unpad.finalize()
-        except ValueError as exc:
-            raise DecryptionError(
-                f"{cipher}: decrypted content has invalid padding (wrong key or altered message)",
-                fix="ask the peer to resend the message",
-            ) from exc
+            last, intact = unpadder.update(last) + unpadder.finalize(), True
+        except ValueError:
+            intact = False
         if last:
             self.out(last)
+        return intact
 
 
 def _decrypt_pass(
@@ -482,8 +494,9 @@ def _decrypt_pass(
     policy: AlgorithmPolicy,
     what: str,
     aad: bytes | None,
-) -> tuple[_Head, str, int, bytes | None, bool]:
-    """One pass: (head, key transport, plaintext size, AAD found, tag verified)."""
+) -> tuple[_Head, str, int, bytes | None, bool, bool]:
+    """One pass: (head, key transport, plaintext size, AAD found, tag verified, CBC
+    padding valid)."""
     r = StreamReader(src, what)
     head, ends = _read_head(r, policy)
     cek, key_transport = recover_cek(head.recipient_infos, cert, key, policy)
@@ -526,7 +539,7 @@ def _decrypt_pass(
         r.octets(gcm_sink)
         found_aad, mac = _read_tail(r, head, ends)
         if found_aad is not None and aad is None:
-            return head, key_transport, size, found_aad, False
+            return head, key_transport, size, found_aad, False, True
         if mac is None or len(mac) != icvlen or not 12 <= icvlen <= 16:
             raise DecryptionError(
                 f"{head.cipher} tag length does not match GCMParameters ICV length {icvlen}",
@@ -542,7 +555,7 @@ def _decrypt_pass(
             ) from exc
         if tail:
             counted(tail)
-        return head, key_transport, size, found_aad, True
+        return head, key_transport, size, found_aad, True, True
     if head.kind != "enveloped_data":
         raise MalformedMessageError(
             f"{head.cipher} used in AuthEnvelopedData; only AEAD ciphers are allowed there",
@@ -559,9 +572,9 @@ def _decrypt_pass(
         raise DecryptionError(f"{head.cipher}: bad IV", fix="the message is corrupt")
     cbc = _CbcSink(algo, iv, block, counted)
     r.octets(cbc)
-    cbc.finish(head.cipher)
+    intact = cbc.finish(head.cipher)
     _read_tail(r, head, ends)
-    return head, key_transport, size, None, True
+    return head, key_transport, size, None, True, intact
 
 
 def decrypt_stream(
@@ -587,12 +600,14 @@ def decrypt_stream(
         sink.write(data)
 
     try:
-        head, kt, size, aad, done = _decrypt_pass(src, write, cert, key, policy, what, None)
+        head, kt, size, aad, done, intact = _decrypt_pass(src, write, cert, key, policy, what, None)
         if not done:
             src.seek(start)
             sink.seek(sink_start)
             sink.truncate()
-            head, kt, size, aad, done = _decrypt_pass(src, write, cert, key, policy, what, aad)
+            head, kt, size, aad, done, intact = _decrypt_pass(
+                src, write, cert, key, policy, what, aad
+            )
     except ASN1_ERRORS as exc:
         raise MalformedMessageError(
             f"{what} has a malformed structure: {exc}",
@@ -601,7 +616,7 @@ def decrypt_stream(
     compat = tuple(
         n for n in (head.cipher, kt) if n in COMPAT_CONTENT_CIPHERS + COMPAT_KEY_TRANSPORTS
     )
-    return DecryptedFile(size, head.cipher, kt, compat)
+    return DecryptedFile(size, head.cipher, kt, compat, intact)
 
 
 def decrypt_file(
