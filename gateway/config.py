@@ -35,7 +35,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from gateway.egress import ZonePath
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.pki.store import load_crls
-from gateway.policy import AlgorithmPolicy, certificate_key
+from gateway.policy import (
+    DEFAULT_KEY_TRANSPORT,
+    LEGACY_ALGORITHMS,
+    AlgorithmPolicy,
+    certificate_key,
+    describe_legacy,
+)
 from gateway.routing import REVOCATION_POLICIES, ZONE_KINDS, zone_problems
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -216,8 +222,12 @@ class Peer:
     encryption_certificates: tuple[x509.Certificate, ...]
     cipher: str
     digest: str
-    compat: bool
     zone: str
+    # Monitored-list algorithms accepted from this peer, each on its own
+    # (names of policy.LEGACY_ALGORITHMS); never used to send.
+    accept_legacy: frozenset[str] = frozenset()
+    # How we wrap content-encryption keys for this peer's RSA certificates.
+    key_transport: str = DEFAULT_KEY_TRANSPORT
     # Also accept a person's signature (e.g. a doctor's HPKI certificate) that
     # validates for S/MIME signing under the zone's trust anchors.
     personal_signers: bool = False
@@ -235,7 +245,7 @@ class Peer:
 
     @property
     def policy(self) -> AlgorithmPolicy:
-        return AlgorithmPolicy(compat=self.compat)
+        return AlgorithmPolicy(accept_legacy=self.accept_legacy, key_transport=self.key_transport)
 
 
 @dataclass(frozen=True)
@@ -650,14 +660,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         "cipher", CONTENT_CIPHERS, default=defaults.cipher if defaults else "aes-256-gcm"
     )
     digest = section.choice("digest", DIGESTS, default=defaults.digest if defaults else "sha256")
-    compat = section.boolean("compat", default=False)
-    if compat:
-        section.problem(
-            "compat",
-            "accepts monitored-list algorithms (3DES, RSAES-PKCS1-v1_5) from this peer",
-            "ask the peer to upgrade to AES and RSA-OAEP, then set compat = false",
-            "warning",
-        )
+    accept_legacy = _accept_legacy(section)
     personal_signers = section.boolean("personal_signers", default=False)
     async_receipt_url = section.string("async_receipt_url", default="")
     if async_receipt_url:
@@ -685,13 +688,65 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         encryption_certificates=tuple(certs["encryption_certificates"]),
         cipher=cipher,
         digest=digest,
-        compat=compat,
         zone=zone,
+        accept_legacy=accept_legacy,
         personal_signers=personal_signers,
         async_receipt_url=async_receipt_url,
         services=tuple(dict.fromkeys(s for s in services if SERVICE_NAME.match(s))),
         tls_spki_pins=tls_spki_pins,
     )
+
+
+def _accept_legacy(section: _Section) -> frozenset[str]:
+    """``accept_legacy``: the monitored-list algorithms accepted from this peer, each
+    named on its own; a warning lists exactly what is admitted.  The old ``compat``
+    switch admitted all of them at once: ``compat = true`` is refused, naming the
+    replacement, so that an upgrade never widens or narrows what a peer may send
+    without the admin deciding it."""
+    names = LEGACY_ALGORITHMS
+    every = ", ".join(f'"{n}"' for n in names)
+    if section.has("compat"):
+        if section.boolean("compat", default=False):
+            section.problem(
+                "compat",
+                "compat = true is no longer read: it admitted every monitored-list algorithm "
+                f"at once ({describe_legacy(tuple(names))}); each is now permitted on its own",
+                "replace it with accept_legacy listing only the algorithms this peer still "
+                "sends (its policy.compat_algorithm_used records in the audit trail name "
+                'them), e.g. accept_legacy = ["rsaes-pkcs1-v1_5"]; every one of them: '
+                f"accept_legacy = [{every}]",
+            )
+        else:
+            section.problem(
+                "compat",
+                "compat is no longer read (it admitted nothing when false)",
+                "remove the line; accept_legacy = [...] names any monitored-list algorithm "
+                "to accept from this peer",
+                "warning",
+            )
+    admitted: list[str] = []
+    for entry in section.string_list("accept_legacy", required=False):
+        name = entry.strip().lower()
+        if name not in names:
+            section.problem(
+                "accept_legacy",
+                f"{entry!r} is not a monitored-list algorithm the gateway can accept",
+                f"use some of: {', '.join(names)}",
+            )
+        elif name in admitted:
+            section.problem("accept_legacy", f"{name} is listed twice", "list each once")
+        else:
+            admitted.append(name)
+    if admitted:
+        section.problem(
+            "accept_legacy",
+            "accepts monitored-list algorithms from this peer (each use audited as a warning): "
+            f"{describe_legacy(tuple(admitted))}",
+            "ask the peer to upgrade to SHA-256, AES and RSAES-OAEP/ECDH with SHA-256, then "
+            "remove each from accept_legacy",
+            "warning",
+        )
+    return frozenset(admitted)
 
 
 def _spki_pins(section: _Section, key: str) -> tuple[str, ...]:

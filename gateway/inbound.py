@@ -416,7 +416,9 @@ class InboundProcessor:
                     peer=peer.name,
                     message_id=message_id,
                     direction="inbound",
-                    reason=f"monitored-list algorithm {algorithm} accepted (peer is compat)",
+                    reason=f"monitored-list algorithm {algorithm} accepted (named in this "
+                    "peer's accept_legacy)",
+                    detail={"algorithm": algorithm},
                 )
             )
         personal = self._personal_signers(peer)
@@ -443,7 +445,8 @@ class InboundProcessor:
                     message_id=message_id,
                     direction="inbound",
                     reason=f"monitored-list algorithm {algorithm} accepted in the signature "
-                    "(peer is compat)",
+                    "(named in this peer's accept_legacy)",
+                    detail={"algorithm": algorithm},
                 )
             )
         mic = f"{mic_value}, {DIGEST_TO_MICALG[digest]}"

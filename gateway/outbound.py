@@ -899,8 +899,8 @@ class Outbound:
                 message_id=record.message_id,
                 severity=Severity.WARNING,
                 reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
-                "(peer is compat)",
-                detail={"receipt_file": str(receipt_path)},
+                "(named in this peer's accept_legacy)",
+                detail={"algorithm": algorithm, "receipt_file": str(receipt_path)},
             )
         if receipt.original_message_id != record.message_id:
             self._fail(

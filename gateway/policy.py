@@ -16,9 +16,10 @@ configuration and in audit records):
   ``rsaes-oaep-sha1`` and ``ecdh-sha1kdf`` (the SHA-1 based defaults of older
   OpenSSL-based partners)
 
-``compat`` (per peer) accepts the monitored-list algorithms **inbound only**;
-we never send with them.  Every compat use must be audited by the caller as a
-warning (CMS results carry ``compat_algorithms``).
+Monitored-list algorithms are accepted **inbound only**, and each only when
+the peer's ``accept_legacy`` names it (:data:`LEGACY_ALGORITHMS`): admitting
+one for a partner never admits another.  Every such use must be audited by the
+caller as a warning (CMS results carry ``compat_algorithms``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ COMPAT_CONTENT_CIPHERS: tuple[str, ...] = ("des-ede3-cbc",)
 COMPAT_DIGESTS: tuple[str, ...] = ("sha1",)
 KEY_TRANSPORTS: tuple[str, ...] = ("rsaes-oaep", "ecdh")
 COMPAT_KEY_TRANSPORTS: tuple[str, ...] = ("rsaes-pkcs1-v1_5", "rsaes-oaep-sha1", "ecdh-sha1kdf")
+# The monitored-list algorithms a peer may be permitted to send us, each on its
+# own (the peer's ``accept_legacy``), with what each one admits.
+LEGACY_ALGORITHMS: dict[str, str] = {
+    "sha1": "SHA-1 signatures and receipt MICs",
+    "rsaes-oaep-sha1": "RSAES-OAEP key transport with SHA-1",
+    "ecdh-sha1kdf": "ECDH key agreement with a SHA-1 KDF",
+    "des-ede3-cbc": "3DES content encryption",
+    "rsaes-pkcs1-v1_5": "RSAES-PKCS1-v1_5 key transport",
+}
+# How we wrap the content-encryption key for an RSA recipient (the peer's
+# ``key_transport``); RSAES-PKCS1-v1_5 only behind ``legacy_send_rsaes_pkcs1_v1_5``.
+DEFAULT_KEY_TRANSPORT = "rsaes-oaep-sha256"
+SEND_KEY_TRANSPORTS: tuple[str, ...] = (DEFAULT_KEY_TRANSPORT, "rsaes-oaep-sha1")
+LEGACY_SEND_KEY_TRANSPORT = "rsaes-pkcs1-v1_5"
 EC_CURVES: tuple[str, ...] = ("secp256r1", "secp384r1", "secp521r1")
 MIN_RSA_BITS = 2048
 PREFERRED_RSA_BITS = 3072
@@ -119,40 +134,65 @@ def _public(key: object) -> object:
     return key
 
 
+def _admit_fix(name: str) -> str:
+    """How an admin admits one monitored-list algorithm from one peer."""
+    return (
+        f'or add "{name}" to accept_legacy in this peer\'s file (accept_legacy = ["{name}"]) '
+        "to accept it from this peer only, with an audit warning per message"
+    )
+
+
+def describe_legacy(names: frozenset[str] | tuple[str, ...]) -> str:
+    """``sha1 (SHA-1 signatures and receipt MICs), ...``, in :data:`LEGACY_ALGORITHMS` order."""
+    return ", ".join(f"{n} ({what})" for n, what in LEGACY_ALGORITHMS.items() if n in names)
+
+
 @dataclass(frozen=True)
 class AlgorithmPolicy:
     """CRYPTREC e-Government Recommended Ciphers, as one policy object.
 
-    ``compat``: accept monitored-list algorithms (RSAES-PKCS1-v1_5 key
-    transport, 3DES, SHA-1 inside key management, SHA-1 signature digests and
-    receipt MICs) **inbound only**.
+    ``accept_legacy``: the monitored-list algorithms (names of
+    :data:`LEGACY_ALGORITHMS`) accepted from this peer, **inbound only**, each
+    on its own.  ``key_transport``: how we wrap content-encryption keys for this
+    peer's RSA certificates (:data:`SEND_KEY_TRANSPORTS` or
+    :data:`LEGACY_SEND_KEY_TRANSPORT`).
     """
 
-    compat: bool = False
+    accept_legacy: frozenset[str] = frozenset()
+    key_transport: str = DEFAULT_KEY_TRANSPORT
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.accept_legacy) - set(LEGACY_ALGORITHMS))
+        if unknown:
+            raise ValueError(f"not a legacy algorithm: {', '.join(unknown)}")
+        if self.key_transport not in (*SEND_KEY_TRANSPORTS, LEGACY_SEND_KEY_TRANSPORT):
+            raise ValueError(f"not a key transport to send with: {self.key_transport}")
+
+    def _admits(self, name: str, inbound: bool) -> bool:
+        return inbound and name in self.accept_legacy
 
     def check_digest(self, name: str, *, inbound: bool = False) -> None:
         """May digest ``name`` be used?
 
         ``inbound=True`` only to verify something a peer sent (its signature,
-        its receipt's MIC): a compat peer may then use a monitored-list digest
-        (``sha1``), which the caller must audit.  Signing, MICs we send and
-        everything outbound use the default, which never allows it.
+        its receipt's MIC): a peer whose ``accept_legacy`` names ``sha1`` may
+        then use SHA-1, which the caller must audit.  Signing, MICs we send and
+        everything outbound never allow it.
         """
         n = normalize_digest(name)
         if n in DIGESTS:
             return
         if n in COMPAT_DIGESTS:
-            if self.compat and inbound:
+            if self._admits(n, inbound):
                 return
             if inbound:
                 raise PolicyError(
                     name,
                     f"{n.upper()} is not collision resistant and is not on the CRYPTREC "
                     "e-Government Recommended Ciphers list for signatures and digests (it is on "
-                    "the monitored list: refused unless the peer is marked compat)",
+                    f'the monitored list: refused unless the peer\'s accept_legacy names "{n}")',
                     "ask the peer to sign with sha256, sha384 or sha512 (openssl: -md sha256), "
-                    "or set compat = true for this peer to accept SHA-1 inbound with an audit "
-                    "warning",
+                    + _admit_fix(n),
                 )
         if n in ("sha1", "md5", "md2", "md4"):
             raise PolicyError(
@@ -204,7 +244,7 @@ class AlgorithmPolicy:
         if n in CONTENT_CIPHERS:
             return
         if n in COMPAT_CONTENT_CIPHERS:
-            if self.compat and inbound:
+            if self._admits(n, inbound):
                 return
             if not inbound:
                 raise PolicyError(
@@ -214,10 +254,9 @@ class AlgorithmPolicy:
                 )
             raise PolicyError(
                 name,
-                "3DES is on the CRYPTREC monitored list and is refused unless the peer "
-                "is marked compat",
-                "ask the peer to encrypt with AES (aes-256-gcm or aes-256-cbc), or set "
-                "compat = true for this peer to accept it with an audit warning",
+                "3DES is on the CRYPTREC monitored list and is refused unless the peer's "
+                f'accept_legacy names "{n}"',
+                "ask the peer to encrypt with AES (aes-256-gcm or aes-256-cbc), " + _admit_fix(n),
             )
         raise PolicyError(
             name,
@@ -227,25 +266,32 @@ class AlgorithmPolicy:
         )
 
     def check_key_transport(self, name: str, *, inbound: bool) -> None:
+        """May key transport ``name`` be used?  Inbound: ``rsaes-oaep`` (SHA-2) and
+        ``ecdh`` (SHA-2 KDF), and a monitored-list one the peer's ``accept_legacy``
+        names.  Outbound: ``ecdh``, or for RSA exactly this peer's ``key_transport``."""
         n = name.strip().lower()
+        if not inbound:
+            if n in ("ecdh", self.key_transport):
+                return
+            raise PolicyError(
+                name,
+                f"this peer's key transport is {self.key_transport}; the gateway sends with "
+                "no other",
+                'set key_transport = "rsaes-oaep-sha256" (the default) or "rsaes-oaep-sha1" '
+                "in the peer's file",
+            )
         if n in KEY_TRANSPORTS:
             return
         if n in COMPAT_KEY_TRANSPORTS:
-            if self.compat and inbound:
+            if self._admits(n, inbound):
                 return
-            if not inbound:
-                raise PolicyError(
-                    name,
-                    "monitored-list key transport; the gateway never sends with it",
-                    "use rsaes-oaep (SHA-256) or ecdh",
-                )
             raise PolicyError(
                 name,
-                "key transport is on the CRYPTREC monitored list and is refused unless "
-                "the peer is marked compat",
+                "key transport is on the CRYPTREC monitored list and is refused unless the "
+                f'peer\'s accept_legacy names "{n}"',
                 "ask the peer to use RSAES-OAEP with SHA-256 (openssl: -keyopt "
                 "rsa_padding_mode:oaep -keyopt rsa_oaep_md:sha256) or ECDH with a SHA-256 "
-                "KDF (-keyopt ecdh_kdf_md:sha256), or set compat = true for this peer",
+                "KDF (-keyopt ecdh_kdf_md:sha256), " + _admit_fix(n),
             )
         raise PolicyError(
             name,

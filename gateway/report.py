@@ -43,7 +43,11 @@ def describe_config(config: GatewayConfig) -> str:
         lines.append(f"  {peer.name:<16} AS2 id {peer.as2_id:<20} {peer.url}  zone {peer.zone}")
         lines.append(
             f"  {'':<16} cipher {peer.cipher}, digest {peer.digest}"
-            f"{', COMPAT (monitored algorithms accepted inbound)' if peer.compat else ''}"
+            + (
+                f", ACCEPTS LEGACY: {', '.join(sorted(peer.accept_legacy))}"
+                if peer.accept_legacy
+                else ""
+            )
         )
     if not config.peers:
         lines.append("  (none: add one file per peer in peers.d/)")

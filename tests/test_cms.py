@@ -33,7 +33,7 @@ from gateway.errors import (
     SignatureError,
     SignerNotTrustedError,
 )
-from gateway.policy import AlgorithmPolicy
+from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 
 # ---------------------------------------------------------------------------
 # test PKI (shared with test_cms_openssl.py)
@@ -42,7 +42,7 @@ NOT_BEFORE = datetime(2024, 1, 1, tzinfo=UTC)
 NOT_AFTER = datetime(2049, 12, 31, tzinfo=UTC)
 SIGNING_TIME = datetime(2025, 6, 1, 9, 30, 15, tzinfo=UTC)
 STRICT = AlgorithmPolicy()
-COMPAT = AlgorithmPolicy(compat=True)
+ALL_LEGACY = AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS))
 
 # name -> key spec
 PARTY_KEYS: dict[str, tuple[str, Any]] = {
@@ -470,7 +470,7 @@ def test_tampered_gcm_tag(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("cipher", ["des-ede3-cbc", "aes-192-cbc", "rc2-cbc", "aes-128-ecb"])
-@pytest.mark.parametrize("policy", [STRICT, COMPAT], ids=["strict", "compat"])
+@pytest.mark.parametrize("policy", [STRICT, ALL_LEGACY], ids=["strict", "all-legacy"])
 def test_outbound_refuses_non_recommended_ciphers(
     pki: Pki, cipher: str, policy: AlgorithmPolicy
 ) -> None:
@@ -496,19 +496,21 @@ def test_policy_rules() -> None:
     for c in ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc"):
         STRICT.check_content_cipher(c, inbound=False)
         STRICT.check_content_cipher(c, inbound=True)
-    with pytest.raises(PolicyError, match="compat"):
+    with pytest.raises(PolicyError, match="accept_legacy"):
         STRICT.check_content_cipher("des-ede3-cbc", inbound=True)
-    COMPAT.check_content_cipher("des-ede3-cbc", inbound=True)
+    ALL_LEGACY.check_content_cipher("des-ede3-cbc", inbound=True)
     with pytest.raises(PolicyError, match="never sends"):
-        COMPAT.check_content_cipher("des-ede3-cbc", inbound=False)
-    for kt in ("rsaes-oaep", "ecdh"):
+        ALL_LEGACY.check_content_cipher("des-ede3-cbc", inbound=False)
+    for kt in ("rsaes-oaep-sha256", "ecdh"):
         STRICT.check_key_transport(kt, inbound=False)
+    for kt in ("rsaes-oaep", "ecdh"):
+        STRICT.check_key_transport(kt, inbound=True)
     for kt in ("rsaes-pkcs1-v1_5", "rsaes-oaep-sha1", "ecdh-sha1kdf"):
         with pytest.raises(PolicyError):
             STRICT.check_key_transport(kt, inbound=True)
         with pytest.raises(PolicyError):
-            COMPAT.check_key_transport(kt, inbound=False)
-        COMPAT.check_key_transport(kt, inbound=True)
+            ALL_LEGACY.check_key_transport(kt, inbound=False)
+        ALL_LEGACY.check_key_transport(kt, inbound=True)
     with pytest.raises(PolicyError):
         STRICT.check_signature_key(ec.generate_private_key(ec.SECP256K1()).public_key())
 

@@ -23,7 +23,7 @@ from gateway.errors import (
     PolicyError,
     SignatureError,
 )
-from tests.test_cms import COMPAT, NOT_AFTER, NOT_BEFORE, STRICT, Pki, build_pki
+from tests.test_cms import ALL_LEGACY, NOT_AFTER, NOT_BEFORE, STRICT, Pki, build_pki
 from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
@@ -176,16 +176,18 @@ def test_sha1_signature_without_compat(pki: Pki, tmp_path: Path) -> None:
         verify(der, trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
     assert exc.value.algorithm == "sha1"
     assert "CRYPTREC" in exc.value.rule and "monitored list" in exc.value.rule
-    assert exc.value.fix and "sha256" in exc.value.fix and "compat = true" in exc.value.fix
+    assert (
+        exc.value.fix and "sha256" in exc.value.fix and 'accept_legacy = ["sha1"]' in exc.value.fix
+    )
     # the same message is accepted from a compat peer, and the use reported
-    out = verify(der, trusted_signers=[pki["rsa2048"].cert], policy=COMPAT)
+    out = verify(der, trusted_signers=[pki["rsa2048"].cert], policy=ALL_LEGACY)
     assert out.content == PAYLOAD
     assert out.compat_algorithms == ("sha1",)
 
 
 def test_rsa1024_signer(pki: Pki, tmp_path: Path) -> None:
     der = _sign(pki, tmp_path, "rsa1024")
-    for policy in (STRICT, COMPAT):
+    for policy in (STRICT, ALL_LEGACY):
         with pytest.raises(PolicyError) as exc:
             verify(der, trusted_signers=[pki["rsa1024"].cert], policy=policy)
         assert exc.value.algorithm == "RSA-1024 (signature key)"
@@ -199,9 +201,9 @@ def test_3des_without_compat(pki: Pki, tmp_path: Path) -> None:
         decrypt(der, pki["rsa3072"].cert, pki["rsa3072"].key, policy=STRICT)
     assert exc.value.algorithm == "des-ede3-cbc"
     assert "3DES is on the CRYPTREC monitored list" in exc.value.rule
-    assert exc.value.fix and "compat = true" in exc.value.fix
+    assert exc.value.fix and 'accept_legacy = ["des-ede3-cbc"]' in exc.value.fix
     # the same message is accepted from a compat peer
-    out = decrypt(der, pki["rsa3072"].cert, pki["rsa3072"].key, policy=COMPAT)
+    out = decrypt(der, pki["rsa3072"].cert, pki["rsa3072"].key, policy=ALL_LEGACY)
     assert out.content == PAYLOAD
     assert out.compat_algorithms == ("des-ede3-cbc",)
 

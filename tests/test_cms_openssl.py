@@ -16,7 +16,8 @@ from gateway.cms import decrypt, encrypt, sign, verify
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import open_envelope, sign_entity, verify_entity
 from gateway.errors import DecryptionError, PolicyError, SignatureError, SignerNotTrustedError
-from tests.test_cms import COMPAT, PAYLOADS, SIGNING_TIME, STRICT, Party, Pki, build_pki
+from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
+from tests.test_cms import ALL_LEGACY, PAYLOADS, SIGNING_TIME, STRICT, Party, Pki, build_pki
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
 
@@ -418,11 +419,11 @@ def test_3des_key_wrap_not_supported_even_in_compat(pki: Pki, tmp_path: Path) ->
     # (RFC 3217); we do not implement that monitored-list key wrap.
     der = _openssl_encrypt(pki, tmp_path, b"x", "des3", [("p384", ECDH_SHA256)])
     with pytest.raises(PolicyError, match="key wrap"):
-        decrypt(der, pki["p384"].cert, pki["p384"].key, policy=COMPAT)
+        decrypt(der, pki["p384"].cert, pki["p384"].key, policy=ALL_LEGACY)
 
 
 @pytest.mark.parametrize(("cipher", "recipient", "keyopts", "legacy"), LEGACY_CASES)
-def test_monitored_algorithms_refused_unless_compat(
+def test_each_monitored_algorithm_needs_its_own_permission(
     pki: Pki,
     tmp_path: Path,
     cipher: str,
@@ -430,11 +431,18 @@ def test_monitored_algorithms_refused_unless_compat(
     keyopts: list[str],
     legacy: tuple[str, ...],
 ) -> None:
+    """A message that uses monitored-list algorithms opens only when accept_legacy names
+    every one of them: each other permission together does not admit any of them."""
     der = _openssl_encrypt(pki, tmp_path, PAYLOADS["hl7-bare-cr"], cipher, [(recipient, keyopts)])
     r = pki[recipient]
-    with pytest.raises(PolicyError, match="compat"):
+    with pytest.raises(PolicyError, match="accept_legacy"):
         decrypt(der, r.cert, r.key, policy=STRICT)
-    out = decrypt(der, r.cert, r.key, policy=COMPAT)
+    for missing in legacy:
+        others = frozenset(LEGACY_ALGORITHMS) - {missing}
+        with pytest.raises(PolicyError, match=f'accept_legacy names "{missing}"') as refused:
+            decrypt(der, r.cert, r.key, policy=AlgorithmPolicy(accept_legacy=others))
+        assert refused.value.algorithm == missing
+    out = decrypt(der, r.cert, r.key, policy=AlgorithmPolicy(accept_legacy=frozenset(legacy)))
     assert out.content == PAYLOADS["hl7-bare-cr"]
     assert out.compat_algorithms == legacy
 
@@ -445,7 +453,7 @@ def test_openssl_3des_refused_message_names_rule(pki: Pki, tmp_path: Path) -> No
         decrypt(der, pki["rsa2048"].cert, pki["rsa2048"].key, policy=STRICT)
     assert exc.value.algorithm == "des-ede3-cbc"
     assert "monitored list" in exc.value.rule
-    assert exc.value.fix and "compat" in exc.value.fix
+    assert exc.value.fix and 'accept_legacy = ["des-ede3-cbc"]' in exc.value.fix
 
 
 def test_openssl_smime_envelope_base64(pki: Pki, tmp_path: Path) -> None:

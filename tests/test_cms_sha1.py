@@ -26,7 +26,7 @@ from gateway.cms.stream import sign_and_envelope_file, sign_entity_file, verify_
 from gateway.config import KeyPair
 from gateway.errors import PolicyError, SignatureError
 from gateway.policy import AlgorithmPolicy
-from tests.test_cms import COMPAT, SIGNING_TIME, STRICT, Pki, build_pki
+from tests.test_cms import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
 from tests.test_cms_openssl import openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
@@ -61,8 +61,8 @@ def _openssl_sign(pki: Pki, tmp_path: Path, party: str, md: str, *extra: str) ->
 
 def _assert_refused_naming_sha1(err: PolicyError) -> None:
     assert err.algorithm == "sha1"
-    assert "CRYPTREC" in err.rule and "monitored list" in err.rule and "compat" in err.rule
-    assert err.fix is not None and "sha256" in err.fix and "compat = true" in err.fix
+    assert "CRYPTREC" in err.rule and "monitored list" in err.rule and "accept_legacy" in err.rule
+    assert err.fix is not None and "sha256" in err.fix and 'accept_legacy = ["sha1"]' in err.fix
 
 
 @pytest.mark.parametrize(("party", "extra", "scheme"), SHA1_SIGNERS)
@@ -75,14 +75,14 @@ def test_openssl_sha1_signature_refused_strict_accepted_compat(
         verify(der, content=PAYLOAD, trusted_signers=[signer], policy=STRICT)
     _assert_refused_naming_sha1(refused.value)
 
-    v = verify(der, content=PAYLOAD, trusted_signers=[signer], policy=COMPAT)
+    v = verify(der, content=PAYLOAD, trusted_signers=[signer], policy=ALL_LEGACY)
     assert v.signer == signer
     assert v.digest == "sha1"
     assert v.signature_algorithm == scheme
     assert v.compat_algorithms == ("sha1",)
     # accepted means verified: altered content still fails
     with pytest.raises(SignatureError, match="messageDigest"):
-        verify(der, content=PAYLOAD + b"x", trusted_signers=[signer], policy=COMPAT)
+        verify(der, content=PAYLOAD + b"x", trusted_signers=[signer], policy=ALL_LEGACY)
 
 
 def test_openssl_sha1_signature_with_a_wrong_signature_fails_under_compat(
@@ -91,18 +91,20 @@ def test_openssl_sha1_signature_with_a_wrong_signature_fails_under_compat(
     der = bytearray(_openssl_sign(pki, tmp_path, "rsa2048", "sha1"))
     der[-5] ^= 0x01  # inside the signature value, the last element of the SignerInfo
     with pytest.raises(SignatureError, match="does not verify"):
-        verify(bytes(der), content=PAYLOAD, trusted_signers=[pki["rsa2048"].cert], policy=COMPAT)
+        verify(
+            bytes(der), content=PAYLOAD, trusted_signers=[pki["rsa2048"].cert], policy=ALL_LEGACY
+        )
 
 
 def test_sha256_signature_reports_no_compat_use(pki: Pki, tmp_path: Path) -> None:
     der = _openssl_sign(pki, tmp_path, "p256", "sha256")
-    v = verify(der, content=PAYLOAD, trusted_signers=[pki["p256"].cert], policy=COMPAT)
+    v = verify(der, content=PAYLOAD, trusted_signers=[pki["p256"].cert], policy=ALL_LEGACY)
     assert v.digest == "sha256" and v.compat_algorithms == ()
 
 
 def test_md5_signature_refused_even_for_compat(pki: Pki, tmp_path: Path) -> None:
     der = _openssl_sign(pki, tmp_path, "rsa2048", "md5")
-    for policy in (STRICT, COMPAT):
+    for policy in (STRICT, ALL_LEGACY):
         with pytest.raises(PolicyError) as refused:
             verify(der, content=PAYLOAD, trusted_signers=[pki["rsa2048"].cert], policy=policy)
         assert refused.value.algorithm == "md5"
@@ -132,23 +134,23 @@ def test_openssl_sha1_smime_verified_for_compat_and_our_mic_is_sha256(
             verify_entity_file(signed, out, trusted_signers=[p.cert], policy=STRICT)
         _assert_refused_naming_sha1(refused.value)
         assert not out.exists()
-        v, size, mic = verify_entity_file(signed, out, trusted_signers=[p.cert], policy=COMPAT)
+        v, size, mic = verify_entity_file(signed, out, trusted_signers=[p.cert], policy=ALL_LEGACY)
         assert out.read_bytes() == entity and size == len(entity)
         assert mic == compute_mic(entity, "sha256")
         _v, _size, mic384 = verify_entity_file(
-            signed, out, trusted_signers=[p.cert], policy=COMPAT, mic_digest="sha384"
+            signed, out, trusted_signers=[p.cert], policy=ALL_LEGACY, mic_digest="sha384"
         )
         assert mic384 == base64.b64encode(hashlib.sha384(entity).digest()).decode()
         # a SHA-1 MIC is never computed for sending, even for a compat peer
         with pytest.raises(PolicyError, match="sha1"):
             verify_entity_file(
-                signed, out, trusted_signers=[p.cert], policy=COMPAT, mic_digest="sha1"
+                signed, out, trusted_signers=[p.cert], policy=ALL_LEGACY, mic_digest="sha1"
             )
     else:
         with pytest.raises(PolicyError) as refused:
             verify_entity(signed.read_bytes(), trusted_signers=[p.cert], policy=STRICT)
         _assert_refused_naming_sha1(refused.value)
-        inner, v = verify_entity(signed.read_bytes(), trusted_signers=[p.cert], policy=COMPAT)
+        inner, v = verify_entity(signed.read_bytes(), trusted_signers=[p.cert], policy=ALL_LEGACY)
         assert inner == entity
     assert v.digest == "sha1" and v.compat_algorithms == ("sha1",)
 
@@ -157,7 +159,7 @@ def test_openssl_sha1_smime_verified_for_compat_and_our_mic_is_sha256(
 # never made by us, whatever the policy
 
 
-@pytest.mark.parametrize("policy", [STRICT, COMPAT], ids=["strict", "compat"])
+@pytest.mark.parametrize("policy", [STRICT, ALL_LEGACY], ids=["strict", "all-legacy"])
 @pytest.mark.parametrize("digest", ["sha1", "SHA-1", "md5"])
 def test_we_never_sign_or_compute_a_mic_with_a_weak_digest(
     pki: Pki, tmp_path: Path, policy: AlgorithmPolicy, digest: str
@@ -218,21 +220,21 @@ def test_we_never_sign_or_compute_a_mic_with_a_weak_digest(
             attempt()
         assert refused.value.algorithm.lower().replace("-", "") in ("sha1", "md5"), what
         assert "CRYPTREC" in refused.value.rule, what
-        assert "compat" not in refused.value.rule, what  # no compat way out when we sign
+        assert "accept_legacy" not in refused.value.rule, what  # no way out when we sign
     assert not (tmp_path / "signed.eml").exists() and not (tmp_path / "body.der").exists()
 
 
 def test_policy_digest_rule() -> None:
     for d in ("sha256", "sha384", "sha512"):
-        for policy in (STRICT, COMPAT):
+        for policy in (STRICT, ALL_LEGACY):
             policy.check_digest(d)
             policy.check_digest(d, inbound=True)
-    COMPAT.check_digest("sha1", inbound=True)
-    COMPAT.check_digest("SHA-1", inbound=True)
+    ALL_LEGACY.check_digest("sha1", inbound=True)
+    ALL_LEGACY.check_digest("SHA-1", inbound=True)
     with pytest.raises(PolicyError) as refused:
         STRICT.check_digest("sha1", inbound=True)
     _assert_refused_naming_sha1(refused.value)
-    for policy in (STRICT, COMPAT):
+    for policy in (STRICT, ALL_LEGACY):
         with pytest.raises(PolicyError, match="sha1"):
             policy.check_digest("sha1")  # signing, MICs we send, outbound
         for d in ("md5", "md2", "md4", "sha224"):

@@ -33,7 +33,7 @@ from gateway.errors import (
     PolicyError,
     SignatureError,
 )
-from tests.test_cms import COMPAT, SIGNING_TIME, STRICT, Pki, build_pki
+from tests.test_cms import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
 from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
@@ -178,7 +178,9 @@ def test_encrypt_chunks_any_chunking(pki: Pki, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="more than the announced"):
         b"".join(encrypt_chunks(pieces, len(data) - 1, [r.cert], policy=STRICT))
     with pytest.raises(PolicyError, match="3DES"):
-        b"".join(encrypt_chunks(pieces, len(data), [r.cert], cipher="des-ede3-cbc", policy=COMPAT))
+        b"".join(
+            encrypt_chunks(pieces, len(data), [r.cert], cipher="des-ede3-cbc", policy=ALL_LEGACY)
+        )
 
 
 def _sealed(pki: Pki, tmp_path: Path, cipher: str, size: int = 5000) -> tuple[Path, bytes]:
@@ -306,7 +308,7 @@ def test_vendor_messages_streamed(tmp_path: Path) -> None:
         cert=cert,
         key=key,
         trusted_signers=[signer],
-        policy=COMPAT,
+        policy=ALL_LEGACY,
     )
     assert got.decrypted.compat_algorithms == ("des-ede3-cbc", "rsaes-pkcs1-v1_5")
     assert parse_entity(out.read_bytes())[1] == (VENDORS / "payload.txt").read_bytes()

@@ -115,7 +115,7 @@ def test_load_config_accepts_both_institutions(demo: DemoLayout) -> None:
         assert peer.name == other.name
         assert peer.as2_id == other.as2_id
         assert peer.url == f"https://127.0.0.1:{other.port}/as2"
-        assert not peer.compat
+        assert not peer.accept_legacy
         # what we trust for the peer is exactly what the peer presents
         other_config = load_config(other.config_path)
         assert peer.tls_certificates == (other_config.tls.identity.certificate,)

@@ -49,14 +49,15 @@ def events(path: Path, name: str) -> list[dict[str, Any]]:
     return [r for r in read_audit(path) if r["event"] == name]
 
 
-def _set_compat(layout: DemoLayout, compat: bool, *, at_lab: bool = False) -> None:
+def _accept_legacy(layout: DemoLayout, *names: str, at_lab: bool = False) -> None:
     """The hospital's view of the lab (or, ``at_lab``, the lab's view of the hospital):
-    accept monitored-list algorithms (RSAES-PKCS1-v1_5, SHA-1 signatures) or not."""
+    accept these monitored-list algorithms (e.g. RSAES-PKCS1-v1_5, SHA-1 signatures)."""
     site, other = (layout.lab, "hospital") if at_lab else (layout.hospital, "lab")
     peer = site.root / "peers.d" / f"{other}.toml"
     text = peer.read_text()
-    assert "compat = false" in text
-    peer.write_text(text.replace("compat = false", f"compat = {'true' if compat else 'false'}"))
+    assert "accept_legacy = []" in text
+    listed = ", ".join(f'"{n}"' for n in names)
+    peer.write_text(text.replace("accept_legacy = []", f"accept_legacy = [{listed}]"))
 
 
 @pytest.fixture
@@ -167,8 +168,8 @@ def test_pyas2lib_message_is_received_and_our_signed_mdn_verifies_with_its_mic(
     layout = rsa_layout
     # pyas2lib 1.4.4 always wraps the content key with RSAES-PKCS1-v1_5 (Message.build
     # ignores Partner.key_enc_alg): a monitored-list algorithm, accepted only from a
-    # peer marked compat, and audited.
-    _set_compat(layout, True)
+    # peer whose accept_legacy names it, and audited.
+    _accept_legacy(layout, "rsaes-pkcs1-v1_5")
     processes.start(layout.hospital.config_path)
 
     sent = _send_with_pyas2lib(layout, payload, content_type)
@@ -197,7 +198,7 @@ def test_pyas2lib_message_is_received_and_our_signed_mdn_verifies_with_its_mic(
         assert delivered == payload.replace(b"\r", b"\r\n")
 
 
-def test_pyas2lib_rsaes_pkcs1_v15_is_refused_without_compat_and_pyas2lib_reads_why(
+def test_pyas2lib_rsaes_pkcs1_v15_is_refused_unless_accepted_and_pyas2lib_reads_why(
     rsa_layout: DemoLayout, processes: Any
 ) -> None:
     layout = rsa_layout
@@ -214,13 +215,14 @@ def test_pyas2lib_rsaes_pkcs1_v15_is_refused_without_compat_and_pyas2lib_reads_w
     )
 
 
-def test_pyas2lib_sha1_signed_message_is_received_from_a_compat_peer_and_audited(
+def test_pyas2lib_sha1_signed_message_is_received_if_accepted_and_audited(
     rsa_layout: DemoLayout, processes: Any
 ) -> None:
-    """SHA-1 (CRYPTREC monitored list) from a compat peer: verified, delivered, audited as a
+    """SHA-1 (CRYPTREC monitored list) from a peer whose accept_legacy names it (and
+    RSAES-PKCS1-v1_5, which pyas2lib always wraps with): verified, delivered, audited as a
     warning; the MIC we return is still SHA-256, never SHA-1."""
     layout = rsa_layout
-    _set_compat(layout, True)
+    _accept_legacy(layout, "rsaes-pkcs1-v1_5", "sha1")
     processes.start(layout.hospital.config_path)
     payload = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rOBX|1|NM|K^Potassium||4.1|mmol/L\r"
 
@@ -408,14 +410,20 @@ def test_gateway_sends_to_pyas2lib_which_verifies_it_and_we_verify_its_mdn(
     assert stored.disposition == "processed"
 
 
-@pytest.mark.parametrize("compat", [False, True], ids=["strict", "compat"])
-def test_gateway_takes_a_sha1_signed_mdn_only_from_a_compat_peer(
-    rsa_layout: DemoLayout, processes: Any, compat: bool
+@pytest.mark.parametrize(
+    "accepted",
+    [(), ("rsaes-pkcs1-v1_5", "des-ede3-cbc"), ("sha1",)],
+    ids=["strict", "others", "sha1"],
+)
+def test_gateway_takes_a_sha1_signed_mdn_only_from_a_peer_that_may_use_sha1(
+    rsa_layout: DemoLayout, processes: Any, accepted: tuple[str, ...]
 ) -> None:
     """pyas2lib signs its MDN with SHA-1 (CRYPTREC monitored list): refused naming SHA-1 and
-    the rule unless the peer is compat; then the delivery is recorded, with a warning."""
+    the rule unless the peer's accept_legacy names "sha1" (other legacy permissions do not
+    admit it); then the delivery is recorded, with a warning."""
     layout = rsa_layout
-    _set_compat(layout, compat, at_lab=True)
+    compat = "sha1" in accepted
+    _accept_legacy(layout, *accepted, at_lab=True)
     receiver = _Pyas2libReceiver(
         layout, layout.hospital.root / "certs" / "peers" / "lab" / "sign.crt", mdn_digest="sha1"
     )
@@ -443,7 +451,7 @@ def test_gateway_takes_a_sha1_signed_mdn_only_from_a_compat_peer(
     if not compat:
         assert record["event"] in ("receipt.invalid", "message.failed"), record
         text = str(record.get("reason")) + str(record.get("detail"))
-        assert "sha1" in text and "CRYPTREC" in text and "compat = true" in text
+        assert "sha1" in text and "CRYPTREC" in text and 'accept_legacy = ["sha1"]' in text
         assert stored.state is not OutboundState.DELIVERED
         assert not warnings
         return

@@ -212,7 +212,12 @@ def test_decrypt_openssl_made(
     assert cipher[1:].encode() in proc.stderr
 
 
-def test_decrypt_3des_needs_compat(pki: Pki, tmp_path: Path, payload: Path) -> None:
+def test_decrypt_3des_needs_each_legacy_algorithm_named(
+    pki: Pki, tmp_path: Path, payload: Path
+) -> None:
+    """openssl's defaults here are two monitored-list algorithms (3DES content encryption,
+    RSAES-PKCS1-v1_5 key transport): each must be named; naming one does not admit the
+    other, and the old all-at-once --compat is refused naming its replacement."""
     r = pki["rsa2048"]
     env = tmp_path / "env"
     openssl(
@@ -232,9 +237,21 @@ def test_decrypt_3des_needs_compat(pki: Pki, tmp_path: Path, payload: Path) -> N
     refused = medgw("decrypt", "--cert", r.cert_path, "--key", r.key_path, env, out)
     assert refused.returncode == 1
     err = refused.stderr.decode()
-    assert "des-ede3-cbc refused" in err and "3DES" in err and "compat" in err
+    assert "des-ede3-cbc refused" in err and "3DES" in err and "accept_legacy" in err
     assert not out.exists()
-    ok = medgw("decrypt", "--compat", "--cert", r.cert_path, "--key", r.key_path, env, out)
+    half = medgw(
+        "decrypt", "--accept-legacy", "des-ede3-cbc",
+        "--cert", r.cert_path, "--key", r.key_path, env, out,
+    )  # fmt: skip
+    assert half.returncode == 1 and "rsaes-pkcs1-v1_5 refused" in half.stderr.decode()
+    assert not out.exists()
+    old = medgw("decrypt", "--compat", "--cert", r.cert_path, "--key", r.key_path, env, out)
+    assert old.returncode == 2 and "--accept-legacy" in old.stderr.decode()
+    assert not out.exists()
+    ok = medgw(
+        "decrypt", "--accept-legacy", "des-ede3-cbc", "--accept-legacy", "rsaes-pkcs1-v1_5",
+        "--cert", r.cert_path, "--key", r.key_path, env, out,
+    )  # fmt: skip
     assert ok.returncode == 0, ok.stderr.decode()
     assert out.read_bytes() == PAYLOAD
     warnings = ok.stderr.decode()
@@ -272,7 +289,10 @@ def test_inspect_openssl_envelope(pki: Pki, tmp_path: Path, payload: Path) -> No
     assert "content cipher: aes-128-gcm (recommended)" in text
     assert "recipients: 2" in text
     assert "key transport rsaes-oaep (sha256) [recommended]" in text
-    assert "key agreement ECDH (KDF sha1) [compat only (monitored list)]" in text
+    assert (
+        'key agreement ECDH (KDF sha1) [monitored list: only with accept_legacy = ["ecdh-sha1kdf"]]'
+        in text
+    )
 
 
 def test_inspect_signed(pki: Pki, tmp_path: Path, payload: Path) -> None:
@@ -281,7 +301,7 @@ def test_inspect_signed(pki: Pki, tmp_path: Path, payload: Path) -> None:
     )
     text = medgw("inspect", signed).stdout.decode()
     assert "CMS signed_data" in text and f"attached, {len(PAYLOAD)} bytes" in text
-    assert "digest: sha1 (compat only (monitored list))" in text
+    assert 'digest: sha1 (monitored list: only with accept_legacy = ["sha1"])' in text
     assert "signingTime=" in text
 
 
@@ -291,7 +311,7 @@ def test_inspect_mendelson(tmp_path: Path) -> None:
         pytest.skip(f"vendor AS2 messages not present at {VENDORS} (outside the repository)")
     text = medgw("inspect", msg).stdout.decode()
     assert "BER (indefinite lengths)" in text
-    assert "des-ede3-cbc (compat only (monitored list))" in text
+    assert 'des-ede3-cbc (monitored list: only with accept_legacy = ["des-ede3-cbc"])' in text
 
 
 @pytest.mark.parametrize(

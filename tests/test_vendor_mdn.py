@@ -24,7 +24,7 @@ from gateway.config import load_config
 from gateway.demo_run import read_audit
 from gateway.errors import PolicyError, ProtocolError, SignatureError, SignerNotTrustedError
 from gateway.pki.demo import DemoLayout
-from gateway.policy import AlgorithmPolicy
+from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests import as2client
 
 VENDORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "as2-vendors"
@@ -132,7 +132,7 @@ def _receipt(vendors: Path, name: str, signer: x509.Certificate, *, compat: bool
         headers["content-type"],
         body,
         trusted_signers=[signer],
-        policy=AlgorithmPolicy(compat=compat),
+        policy=AlgorithmPolicy(accept_legacy=frozenset({"sha1"} if compat else ())),
     )
 
 
@@ -147,8 +147,8 @@ def test_vendor_mdns_signed_with_sha1_verify_only_for_compat_peers(
     with pytest.raises(PolicyError) as refused:
         _receipt(vendors, name, signer, compat=False)
     assert refused.value.algorithm == "sha1"
-    assert "CRYPTREC" in refused.value.rule and "compat" in refused.value.rule
-    assert refused.value.fix is not None and "compat = true" in refused.value.fix
+    assert "CRYPTREC" in refused.value.rule and "accept_legacy" in refused.value.rule
+    assert refused.value.fix is not None and 'accept_legacy = ["sha1"]' in refused.value.fix
 
     receipt = _receipt(vendors, name, signer, compat=True)
     assert receipt.signer == signer
@@ -171,7 +171,7 @@ def test_vendor_mdn_altered_or_from_another_signer_refused_for_compat_peers(
             headers["content-type"],
             body.replace(b"processed", b"processeD", 1),
             trusted_signers=[signer],
-            policy=AlgorithmPolicy(compat=True),
+            policy=AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS)),
         )
     other = x509.load_pem_x509_certificate((vendors / "cert_test_public.pem").read_bytes())
     with pytest.raises(SignerNotTrustedError):
@@ -190,7 +190,10 @@ def test_mendelson_unsigned_mdn_reads_and_is_never_taken_as_a_receipt(vendors: P
     headers, body = _http(raw)
     with pytest.raises(ProtocolError, match="not signed"):
         parse_receipt(
-            headers["content-type"], body, trusted_signers=[], policy=AlgorithmPolicy(compat=True)
+            headers["content-type"],
+            body,
+            trusted_signers=[],
+            policy=AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS)),
         )
 
 

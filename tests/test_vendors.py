@@ -25,11 +25,11 @@ from gateway.cms.smime import (
 )
 from gateway.cms.trust import TrustAnchors
 from gateway.errors import PolicyError, SignerNotTrustedError
-from gateway.policy import AlgorithmPolicy
+from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 
 VENDORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "as2-vendors"
 STRICT = AlgorithmPolicy()
-COMPAT = AlgorithmPolicy(compat=True)
+ALL_LEGACY = AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS))
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,10 @@ def test_mendelson_3des_refused_without_compat(vendors: Path, name: str) -> None
         open_envelope(body, cert, key, policy=STRICT)  # type: ignore[arg-type]
     err = exc.value
     assert err.algorithm == "des-ede3-cbc"
-    assert "3DES" in err.rule and "monitored list" in err.rule and "compat" in err.rule
-    assert err.fix is not None and "aes" in err.fix and "compat = true" in err.fix
+    assert "3DES" in err.rule and "monitored list" in err.rule and "accept_legacy" in err.rule
+    assert (
+        err.fix is not None and "aes" in err.fix and 'accept_legacy = ["des-ede3-cbc"]' in err.fix
+    )
 
 
 @pytest.mark.parametrize("name", ENCRYPTED)
@@ -81,14 +83,14 @@ def test_mendelson_decrypts_with_compat_and_verifies(vendors: Path, name: str) -
     cert, key = _our_key(vendors)
     payload = (vendors / "payload.txt").read_bytes()
     _ctype, body = _body((vendors / name).read_bytes())
-    opened = open_envelope(body, cert, key, policy=COMPAT)  # type: ignore[arg-type]
+    opened = open_envelope(body, cert, key, policy=ALL_LEGACY)  # type: ignore[arg-type]
     assert opened.content_cipher == "des-ede3-cbc"
     assert opened.key_transport == "rsaes-pkcs1-v1_5"
     assert opened.compat_algorithms == ("des-ede3-cbc", "rsaes-pkcs1-v1_5")
     entity = opened.content
     if "signed" in name:
         entity, v = verify_entity(
-            entity, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=COMPAT
+            entity, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=ALL_LEGACY
         )
         assert v.digest == "sha256"
         assert v.signature_algorithm == "rsassa-pkcs1-v1_5"
@@ -117,7 +119,9 @@ def test_mendelson_signed_verifies(vendors: Path, name: str) -> None:
 def test_mendelson_signed_refused_for_another_signer(vendors: Path) -> None:
     raw = (vendors / "mecas2_signed.as2").read_bytes()
     with pytest.raises(SignerNotTrustedError, match="mendelson test key 3"):
-        verify_entity(raw, trusted_signers=[_cert(vendors, "cert_test_public.pem")], policy=COMPAT)
+        verify_entity(
+            raw, trusted_signers=[_cert(vendors, "cert_test_public.pem")], policy=ALL_LEGACY
+        )
 
 
 def _sterling_parts(vendors: Path) -> tuple[bytes, bytes]:
@@ -141,17 +145,19 @@ def test_sterling_compressed_signed_sha1_verifies_only_for_compat(
     assert exc.value.algorithm == "sha1"
     assert "CRYPTREC" in exc.value.rule and "monitored list" in exc.value.rule
     assert exc.value.fix is not None and "sha256" in exc.value.fix
-    assert "compat = true" in exc.value.fix
+    assert 'accept_legacy = ["sha1"]' in exc.value.fix
     # from a compat peer: verified (the certificate is pinned; it expired in 2020,
     # which is the PKI layer's concern), the SHA-1 use reported for the audit
-    entity, v = verify_entity(raw, trusted_signers=[signer], policy=COMPAT)
+    entity, v = verify_entity(raw, trusted_signers=[signer], policy=ALL_LEGACY)
     assert v.signer == signer
     assert v.digest == "sha1" and v.signature_algorithm == "rsassa-pkcs1-v1_5"
     assert v.compat_algorithms == ("sha1",)
     _headers, edi = parse_entity(decompress_entity(entity))
     assert edi.startswith(b"ISA*00*")
     with pytest.raises(SignerNotTrustedError):
-        verify_entity(raw, trusted_signers=[_cert(vendors, "cert_test_public.pem")], policy=COMPAT)
+        verify_entity(
+            raw, trusted_signers=[_cert(vendors, "cert_test_public.pem")], policy=ALL_LEGACY
+        )
     # openssl confirms that the first part as we read it (its MIME headers back in
     # canonical CRLF form, the capture turned them into LF) is exactly what Sterling
     # signed, and it is what we verified.
@@ -210,5 +216,5 @@ def test_mendelson_mdn_sha1_signature_verifies_only_for_compat(vendors: Path) ->
     # unless that certificate is the one pinned (see test_vendor_mdn.py).
     with pytest.raises(SignerNotTrustedError, match="CN=mecas2,"):
         verify_entity(
-            raw, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=COMPAT
+            raw, trusted_signers=[_cert(vendors, "cert_mecas2_public.pem")], policy=ALL_LEGACY
         )

@@ -200,8 +200,8 @@ class Report:
 @dataclass(frozen=True)
 class Receipt:
     """A verified receipt.  ``compat_algorithms``: the monitored-list algorithms it
-    used (``sha1`` for its signature or its MIC), accepted only because the peer is
-    compat; the caller audits each as a warning."""
+    used (``sha1`` for its signature or its MIC), accepted only because the peer's
+    ``accept_legacy`` names them; the caller audits each as a warning."""
 
     original_message_id: str | None
     disposition: str  # the text after "automatic-action/...; "
@@ -300,7 +300,7 @@ def parse_receipt(
     if report.mic is not None:
         mic_digest = normalize_digest(report.mic.partition(",")[2])
         if mic_digest in COMPAT_DIGESTS:
-            # The peer's MIC of what we sent: SHA-1 is read only from a compat peer.
+            # The peer's MIC of what we sent: SHA-1 is read only if accept_legacy names it.
             policy.check_digest(report.mic.partition(",")[2].strip(), inbound=True)
             compat.append(mic_digest)
     return Receipt(

@@ -1,7 +1,7 @@
 """CMS EnvelopedData (RFC 5652 section 6) and AuthEnvelopedData (RFC 5083).
 
 Content encryption: AES-GCM (AuthEnvelopedData, RFC 5084) or AES-CBC
-(EnvelopedData); 3DES-CBC is read under ``compat`` only.
+(EnvelopedData); 3DES-CBC is read only from a peer whose ``accept_legacy`` names it.
 
 Recipients: RSA -> KeyTransRecipientInfo with RSAES-OAEP (SHA-256, MGF1-SHA-256,
 explicit parameters); EC -> KeyAgreeRecipientInfo, ephemeral-static ECDH with
@@ -248,7 +248,7 @@ def _check_recipient(policy: AlgorithmPolicy, cert: x509.Certificate) -> None:
     agreement).  Cached: a pure function of the policy and the certificate."""
     pub = certificate_key(cert, "encryption key")
     if isinstance(pub, rsa.RSAPublicKey):
-        policy.check_key_transport("rsaes-oaep", inbound=False)
+        policy.check_key_transport(policy.key_transport, inbound=False)
         policy.check_recipient_key(pub)
         return
     if isinstance(pub, ec.EllipticCurvePublicKey):
@@ -769,7 +769,8 @@ def _unwrap_ktri(
     else:
         raise PolicyError(
             f"key transport {alg_name}",
-            "only RSAES-OAEP (and RSAES-PKCS1-v1_5 under compat) are supported for RSA",
+            "only RSAES-OAEP (and RSAES-PKCS1-v1_5, if accept_legacy names it) are "
+            "supported for RSA",
             "ask the peer to use RSAES-OAEP with SHA-256",
         )
     return _rsa_decrypt_cek(key, ktri["encrypted_key"].native, pad, name, label)

@@ -1,7 +1,7 @@
 """A human-readable account of a CMS object: structure, algorithms, parties.
 
 For interop debugging: every algorithm is shown with the policy's verdict
-(recommended, compat-only, refused) so an admin sees at once why a partner's
+(recommended, monitored list, refused) so an admin sees at once why a partner's
 message would be refused.
 """
 
@@ -12,32 +12,36 @@ from typing import Any
 from asn1crypto import core
 
 from ..errors import MalformedMessageError, PolicyError
-from ..policy import AlgorithmPolicy
+from ..policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from .enveloped import _CIPHER_BY_OID_NAME, _KDF_SCHEMES
 from .signed import ASN1_ERRORS, load_content_info, name_string
 
 __all__ = ["describe"]
 
 _STRICT = AlgorithmPolicy()
-_COMPAT = AlgorithmPolicy(compat=True)
+_LEGACY = AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS))
 
 
-def _verdict(check: Any) -> str:
+def _legacy(name: str) -> str:
+    return f'monitored list: only with accept_legacy = ["{name}"]'
+
+
+def _verdict(check: Any, legacy: str) -> str:
     try:
         check(_STRICT)
         return "recommended"
     except PolicyError:
         pass
     try:
-        check(_COMPAT)
-        return "compat only (monitored list)"
+        check(_LEGACY)
+        return _legacy(legacy)
     except PolicyError as exc:
         return f"refused: {exc.rule}"
 
 
 def _digest_verdict(name: str) -> str:
-    """The digest of a received signature (SHA-1: compat peers only)."""
-    return _verdict(lambda p: p.check_digest(name, inbound=True))
+    """The digest of a received signature (SHA-1: only from a peer that accepts it)."""
+    return _verdict(lambda p: p.check_digest(name, inbound=True), "sha1")
 
 
 def _sid(sid: Any) -> str:
@@ -104,9 +108,9 @@ def _recipients(infos: Any, out: list[str]) -> None:
             if name == "rsaes_oaep":
                 h = alg["parameters"]["hash_algorithm"]["algorithm"].native
                 name = f"rsaes-oaep ({h})"
-                verdict = "recommended" if h != "sha1" else "compat only (monitored list)"
+                verdict = "recommended" if h != "sha1" else _legacy("rsaes-oaep-sha1")
             elif name == "rsaes_pkcs1v15":
-                verdict = "compat only (monitored list)"
+                verdict = _legacy("rsaes-pkcs1-v1_5")
             else:
                 verdict = "refused"
             out.append(f"    - key transport {name} [{verdict}] to {_sid(k['rid'])}")
@@ -117,7 +121,7 @@ def _recipients(infos: Any, out: list[str]) -> None:
             verdict = (
                 "refused (unknown scheme)"
                 if kdf is None
-                else ("compat only (monitored list)" if kdf == "sha1" else "recommended")
+                else (_legacy("ecdh-sha1kdf") if kdf == "sha1" else "recommended")
             )
             for rek in k["recipient_encrypted_keys"]:
                 out.append(
@@ -130,7 +134,7 @@ def _recipients(infos: Any, out: list[str]) -> None:
 def _cipher(alg: Any) -> str:
     oid_name = alg["algorithm"].native
     name = _CIPHER_BY_OID_NAME.get(oid_name, oid_name)
-    verdict = _verdict(lambda p: p.check_content_cipher(name, inbound=True))
+    verdict = _verdict(lambda p: p.check_content_cipher(name, inbound=True), name)
     return f"{name} ({verdict})"
 
 

@@ -80,8 +80,9 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
 }
-# Only used so that a SHA-1 key-management algorithm, or a compat peer's SHA-1
-# signature, can be *read* under compat (never to sign or compute a MIC we send).
+# Only used so that a SHA-1 key-management algorithm, or a peer's SHA-1 signature,
+# can be *read* when that peer's accept_legacy names it (never to sign or compute
+# a MIC we send).
 _COMPAT_HASHES: dict[str, type[hashes.HashAlgorithm]] = {**_HASHES, "sha1": hashes.SHA1}
 
 _ECDSA_BY_DIGEST = {
@@ -252,7 +253,7 @@ class VerifiedSignature:
     """A signature that verified.
 
     ``compat_algorithms``: the monitored-list algorithms (``sha1``) it used,
-    accepted only because the peer is compat; the caller audits each as a warning.
+    accepted only because the peer's accept_legacy names them; the caller audits each as a warning.
     """
 
     signer: x509.Certificate
@@ -1010,8 +1011,8 @@ def _check_scheme(
 ) -> tuple[str, hashes.HashAlgorithm, Any]:
     """Policy-check the signer's algorithms; return (name, hash, padding-or-None).
 
-    A received signature: a compat peer's monitored-list digest (SHA-1) passes
-    (see :func:`_compat_digests`).
+    A received signature: a peer's monitored-list digest (SHA-1) passes when its
+    accept_legacy names it (see :func:`_compat_digests`).
     """
     digest = signer.digest
     policy.check_digest(digest, inbound=True)
@@ -1140,7 +1141,7 @@ class _Content:
         self.length = length
 
     def digest(self, name: str) -> bytes:
-        """Only for a policy-checked signer digest (SHA-1 passes only for a compat peer)."""
+        """Only for a policy-checked signer digest (SHA-1 only if accept_legacy names it)."""
         if self.data is not None:
             return _digest(self.data, name, allow_sha1=True)
         assert self._digest_of is not None

@@ -147,7 +147,7 @@ class OpenedFile:
     """What :func:`open_and_verify_file` found; ``verified.content`` is empty
     (the entity is in the destination file).  ``mic`` is the base64 digest of
     the delivered entity with the requested ``mic_digest`` (or the signer's;
-    sha256 if that is a compat peer's SHA-1: we never send a SHA-1 MIC)."""
+    sha256 if that is a legacy peer's SHA-1: we never send a SHA-1 MIC)."""
 
     decrypted: DecryptedFile
     verified: VerifiedSignature
@@ -733,7 +733,7 @@ def verify_entity_file(
     """Verify the ``multipart/signed`` entity in ``src``; write the signed entity to ``dst``.
 
     Returns (verification, size of the entity, MIC of the entity with
-    ``mic_digest`` or the signer's digest - sha256 instead of a compat peer's
+    ``mic_digest`` or the signer's digest - sha256 instead of a legacy peer's
     SHA-1).  Other signed forms (opaque
     signed-data, parts needing line-ending canonicalisation) are verified in
     memory up to 64 MiB.
@@ -806,14 +806,14 @@ def verify_entity_span(
     check_signature_part(sig_headers)
     signature = parse_signature(_decode_body(sig_headers, sig_body, "signature part"))
     names = list(signer_digests(signature))
-    for name in names:  # what the peer signed with: SHA-1 passes only for a compat peer
+    for name in names:  # what the peer signed with: SHA-1 only if accept_legacy names it
         policy.check_digest(name, inbound=True)
     if mic_digest is not None:
         policy.check_digest(mic_digest)  # a MIC we send: never SHA-1
         if mic_digest not in names:
             names.append(mic_digest)
     elif any(n not in DIGESTS for n in names) and "sha256" not in names:
-        names.append("sha256")  # the MIC of a compat peer's SHA-1 signed entity
+        names.append("sha256")  # the MIC of a legacy peer's SHA-1 signed entity
     hashers = {n: hashes.Hash(hash_for(n, allow_sha1=True)) for n in names}
     for chunk in _file_chunks(src, start, max(start, end)):
         for h in hashers.values():
@@ -851,7 +851,7 @@ def verify_entity_span(
 
 def _mic_name(mic_digest: str | None, signer_digest: str) -> str:
     """The digest of the MIC we return: the one asked for, else the signer's - unless
-    that is a compat peer's SHA-1, which we never compute a MIC with: then sha256."""
+    that is a legacy peer's SHA-1, which we never compute a MIC with: then sha256."""
     if mic_digest is not None:
         return mic_digest
     return signer_digest if signer_digest in DIGESTS else "sha256"

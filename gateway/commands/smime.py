@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.clock import SystemClock
 from gateway.errors import MedgwError, SignerNotTrustedError
-from gateway.policy import CONTENT_CIPHERS, DIGESTS, AlgorithmPolicy
+from gateway.policy import CONTENT_CIPHERS, DIGESTS, LEGACY_ALGORITHMS, AlgorithmPolicy
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -114,10 +114,15 @@ def register(commands: Any) -> None:
     p.add_argument("--key", type=Path, required=True, help="our private key (PEM or DER)")
     p.add_argument("--key-password-file", type=Path, help="file holding the key's password")
     p.add_argument(
-        "--compat",
-        action="store_true",
-        help="accept monitored-list algorithms (3DES, RSAES-PKCS1-v1_5)",
+        "--accept-legacy",
+        action="append",
+        default=[],
+        choices=tuple(LEGACY_ALGORITHMS),
+        metavar="ALGORITHM",
+        help="also accept this monitored-list algorithm (repeat for several): "
+        + ", ".join(LEGACY_ALGORITHMS),
     )
+    p.add_argument("--compat", action="store_true", help=argparse.SUPPRESS)  # replaced
     p.add_argument("input", type=Path, help="encrypted message ('-' for stdin)")
     p.add_argument("output", type=Path, help="where to write the content ('-' for stdout)")
     p.set_defaults(handler=_guard(_decrypt))
@@ -338,9 +343,17 @@ def _decrypt(args: argparse.Namespace) -> int:
     from gateway.cms.mime import parse_entity
     from gateway.cms.smime import open_envelope
 
+    if args.compat:
+        print(
+            "medgw smime decrypt: --compat is no longer accepted: it admitted every "
+            "monitored-list algorithm at once (fix: name each one the message needs with "
+            f"--accept-legacy, one of {', '.join(LEGACY_ALGORITHMS)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     cert = _cert(args.cert)
     key = _key(args.key, args.key_password_file)
-    policy = AlgorithmPolicy(compat=args.compat)
+    policy = AlgorithmPolicy(accept_legacy=frozenset(args.accept_legacy))
     found = detect(_read(args.input, "input"))
     if found.format == "smime":
         assert found.entity is not None
@@ -351,7 +364,7 @@ def _decrypt(args: argparse.Namespace) -> int:
         result = decrypt(found.der, cert, key, policy=policy)
     for algorithm in result.compat_algorithms:
         print(
-            f"warning: monitored-list algorithm {algorithm} accepted because of --compat",
+            f"warning: monitored-list algorithm {algorithm} accepted because of --accept-legacy",
             file=sys.stderr,
         )
     print(

@@ -381,9 +381,10 @@ encryption_certificates = ["certs/peers/{other.name}/encrypt.crt"]
 # Content cipher and digest used when sending to this peer.
 cipher = "aes-256-gcm"
 digest = {_s(digest)}
-# true would accept monitored-list algorithms (3DES, RSAES-PKCS1-v1_5) from an
-# old partner, each use audited as a warning.  Never needed between medgw gateways.
-compat = false
+# Monitored-list algorithms accepted from an old partner, each named on its own
+# and each use audited as a warning, e.g. ["rsaes-pkcs1-v1_5"].  Never needed
+# between medgw gateways.
+accept_legacy = []
 # true would also accept messages signed by a person of the peer (e.g. a doctor's
 # HPKI certificate) whose certificate validates under the zone's trust anchors.
 personal_signers = false
