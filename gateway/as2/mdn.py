@@ -27,6 +27,7 @@ from gateway.as2.headers import (
     quote_as2_id,
     unquote_as2_id,
 )
+from gateway.cms.limits import MAX_REPORT_PARTS
 from gateway.cms.mime import header_param, make_entity, parse_entity
 from gateway.cms.smime import sign_entity, verify_entity
 from gateway.config import KeyPair
@@ -79,8 +80,9 @@ def _next_delimiter(data: bytes, delimiter: bytes, start: int) -> tuple[int, int
         pos = j + 1
 
 
-def split_multipart(body: bytes, boundary: str) -> list[bytes]:
-    """The parts of a multipart body (RFC 2046 5.1.1), each without its delimiter line breaks."""
+def split_multipart(body: bytes, boundary: str, *, most: int = MAX_REPORT_PARTS) -> list[bytes]:
+    """The parts of a multipart body (RFC 2046 5.1.1), each without its delimiter line
+    breaks; ProtocolError if there are more than ``most``."""
     delimiter = b"--" + boundary.encode()
     data = b"\n" + body  # the first delimiter may open the body
     found = _next_delimiter(data, delimiter, 0)
@@ -107,6 +109,11 @@ def split_multipart(body: bytes, boundary: str) -> list[bytes]:
                 fix="the sender's MIME structure is truncated",
             )
         part_end, after = found
+        if len(parts) == most:
+            raise ProtocolError(
+                f"multipart body has more than {most} parts",
+                fix="the sender's MIME structure is not a receipt's",
+            )
         parts.append(data[line_end + 1 : max(part_end, line_end + 1)])
 
 

@@ -5,7 +5,8 @@ Every security-relevant step emits one :class:`AuditEvent` of one
 fields, and anything specific goes into ``detail`` (flat, JSON-serialisable
 values).  Unlike operational logs, audit events may name documents (file
 names, message IDs) because the audit trail is the place where an auditor
-looks for them; payload bytes never appear anywhere.
+looks for them; payload bytes never appear anywhere.  What a record holds is
+bounded (gateway.textbounds): a peer cannot make one megabytes long.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+from gateway.textbounds import bounded
 
 
 class EventType(StrEnum):
@@ -100,7 +103,7 @@ class AuditEvent:
         for key in ("peer", "service", "message_id", "direction", "remote_address", "reason"):
             value = getattr(self, key)
             if value is not None:
-                record[key] = value
+                record[key] = bounded(value)
         if self.detail:
-            record["detail"] = self.detail
+            record["detail"] = bounded(self.detail)
         return record

@@ -23,10 +23,11 @@ error a malformed one gets, stay exactly as before.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from ..errors import MalformedMessageError
+from .limits import check_count
 
 __all__ = [
     "CHUNK",
@@ -35,7 +36,9 @@ __all__ = [
     "DerError",
     "StreamReader",
     "Truncated",
+    "children",
     "contents_of",
+    "count_children",
     "header",
     "integer",
     "joined_octet_strings",
@@ -106,6 +109,166 @@ def header(buf: bytes, pos: int, end: int, *, ber: bool = False) -> tuple[int, i
     return tag, length, 2 + n
 
 
+def children(buf: bytes, pos: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(identifier octet, start, stop) of each element inside the constructed BER
+    element at ``pos`` (start: of its header; stop: after it).
+
+    Nothing is built: an element of indefinite length is skipped by walking its
+    own elements, at most MAX_PARTS of them all told (and MAX_NESTING deep), so
+    that counting the elements of a container costs at most that much whatever
+    the encoding.  Raises :class:`DerError` if the element is not well-formed
+    BER as far as it is read.
+    """
+    tag, length, hlen = header(buf, pos, len(buf), ber=True)
+    if not tag & 0x20:
+        raise DerError(f"expected a constructed element, found tag 0x{tag:02x}")
+    budget = [0]
+    cursor = pos + hlen
+    stop = len(buf) if length is None else cursor + length
+    if stop > len(buf):
+        raise Truncated(hlen)
+    while True:
+        if length is None:
+            if buf[cursor : cursor + 2] == b"\x00\x00":
+                return
+        elif cursor == stop:
+            return
+        after = _skip(buf, cursor, stop, 1, budget)
+        yield buf[cursor], cursor, after
+        cursor = after
+
+
+def _skip(buf: bytes, pos: int, end: int, depth: int, budget: list[int]) -> int:
+    """The position after the BER element at ``pos``."""
+    if depth > MAX_NESTING:
+        raise DerError(f"elements nested more than {MAX_NESTING} deep")
+    budget[0] += 1
+    if budget[0] > MAX_PARTS:
+        raise DerError(f"more than {MAX_PARTS} elements")
+    _tag, length, hlen = header(buf, pos, end, ber=True)
+    cursor = pos + hlen
+    if length is not None:
+        if cursor + length > end:
+            raise Truncated(hlen)
+        return cursor + length
+    while buf[cursor : cursor + 2] != b"\x00\x00":
+        if cursor >= end:
+            raise Truncated(hlen)
+        cursor = _skip(buf, cursor, end, depth + 1, budget)
+    return cursor + 2
+
+
+def count_children(buf: bytes, pos: int, limit: int, what: str) -> int:
+    """How many elements the constructed BER element at ``pos`` holds; TooMany (read
+    no further) as soon as there are more than ``limit``."""
+    count = 0
+    for _ in children(buf, pos):
+        count += 1
+        check_count(count, limit, what)
+    return count
+
+
+# A run of at least this many OCTET STRING segments of one short length is copied with
+# strided slices (C speed) instead of one segment at a time.
+_STRIDE_PROBE = 16
+
+
+def _stride_run(buf: bytes, pos: int, stop: int, length: int, out: bytearray) -> int:
+    """Where the run of segments ``04 <length> <length bytes>`` starting at ``pos`` ends,
+    their contents appended to ``out``; ``pos`` itself if the run is shorter than
+    _STRIDE_PROBE."""
+    step = length + 2
+    probe_end = pos + _STRIDE_PROBE * step
+    if probe_end > stop or buf[pos:probe_end:step] != b"\x04" * _STRIDE_PROBE:
+        return pos
+    mark = bytes((length,))
+    if buf[pos + 1 : probe_end : step] != mark * _STRIDE_PROBE:
+        return pos
+    whole = (stop - pos) // step
+    end = pos + whole * step
+    tags = buf[pos:end:step]
+    lengths = buf[pos + 1 : end : step]
+    run = min(whole - len(tags.lstrip(b"\x04")), whole - len(lengths.lstrip(mark)))
+    end = pos + run * step
+    if length == 1:
+        out += buf[pos + 2 : end : step]
+    elif length:
+        block = bytearray(run * length)
+        for k in range(length):
+            block[k::length] = buf[pos + 2 + k : end : step]
+        out += block
+    return end
+
+
+def primitive_segments(buf: bytes, pos: int, stop: int, out: bytearray) -> int:
+    """Append to ``out`` the contents of the primitive OCTET STRING segments (BER) that
+    follow one another from ``pos`` and end by ``stop``; return where the first one
+    not taken starts (another tag, end-of-contents octets, a segment running past
+    ``stop``).
+
+    The cost per byte is small whatever the segmentation: runs of equal short
+    segments (a 1-byte chunking, say) are copied in bulk, others one by one with
+    no more than a few operations each.
+    """
+    view = memoryview(buf)
+    probe_at = pos
+    while pos + 2 <= stop and buf[pos] == 0x04:
+        length = buf[pos + 1]
+        if length < 0x80:
+            if pos >= probe_at:
+                after = _stride_run(buf, pos, stop, length, out)
+                if after != pos:
+                    pos = after
+                    continue
+                probe_at = pos + _STRIDE_PROBE * (length + 2)  # not a run: probe later
+            end = pos + 2 + length
+            if end > stop:
+                break
+            out += view[pos + 2 : end]
+            pos = end
+            continue
+        size = length & 0x7F
+        if not 0 < size <= 8 or pos + 2 + size > stop:
+            break  # indefinite on a primitive, or a header cut by ``stop``: the caller's
+        start = pos + 2 + size
+        end = start + int.from_bytes(buf[pos + 2 : start], "big")
+        if end > stop:
+            break
+        out += view[start:end]
+        pos = end
+    return pos
+
+
+def _joined_segments(
+    buf: bytes, start: int, stop: int, indefinite: bool, depth: int
+) -> tuple[bytes, int]:
+    """The octets of a constructed OCTET STRING whose contents start at ``start`` (and
+    end at ``stop``, or with end-of-contents octets), and the position after it."""
+    if depth > MAX_NESTING:
+        raise DerError(f"OCTET STRING segments nested more than {MAX_NESTING} deep")
+    out = bytearray()
+    cursor = start
+    while True:
+        cursor = primitive_segments(buf, cursor, stop, out)
+        if indefinite:
+            if buf[cursor : cursor + 2] == b"\x00\x00":
+                return bytes(out), cursor + 2
+        elif cursor == stop:
+            return bytes(out), cursor
+        tag, length, hlen = header(buf, cursor, stop, ber=True)
+        if tag not in (0x04, 0x24):
+            raise DerError(f"constructed OCTET STRING holds tag 0x{tag:02x}")
+        if tag == 0x04:  # what primitive_segments left: it runs past its container
+            raise Truncated(hlen)
+        inner_stop = stop if length is None else cursor + hlen + length
+        if inner_stop > stop:
+            raise Truncated(hlen)
+        octets, cursor = _joined_segments(buf, cursor + hlen, inner_stop, length is None, depth + 1)
+        out += octets
+        if length is not None and cursor != inner_stop:
+            raise DerError("segment overruns its constructed OCTET STRING")
+
+
 def joined_octet_strings(buf: bytes) -> bytes:
     """``buf`` (BER) with every constructed OCTET STRING joined into one primitive.
 
@@ -126,8 +289,7 @@ def _rewritten(buf: bytes, pos: int, end: int, depth: int, count: list[int]) -> 
     if depth > MAX_NESTING:
         raise DerError(f"elements nested more than {MAX_NESTING} deep")
     count[0] += 1
-    if count[0] > MAX_PARTS:
-        raise DerError(f"more than {MAX_PARTS} elements")
+    check_count(count[0], MAX_PARTS, "ASN.1 elements")
     tag, length, hlen = header(buf, pos, end, ber=True)
     start = pos + hlen
     if not tag & 0x20:  # primitive: as it is
@@ -138,6 +300,11 @@ def _rewritten(buf: bytes, pos: int, end: int, depth: int, count: list[int]) -> 
     stop = end if length is None else start + length
     if stop > end:
         raise Truncated(hlen)
+    if tag == 0x24:  # a constructed OCTET STRING: its segments' octets, joined in bulk
+        octets, after = _joined_segments(buf, start, stop, length is None, depth + 1)
+        if length is not None and after != stop:
+            raise DerError("segment overruns its constructed OCTET STRING")
+        return _encoded(0x04, octets), after
     parts: list[bytes] = []
     cursor = start
     while True:
@@ -149,14 +316,6 @@ def _rewritten(buf: bytes, pos: int, end: int, depth: int, count: list[int]) -> 
             break
         part, cursor = _rewritten(buf, cursor, stop, depth + 1, count)
         parts.append(part)
-    if tag == 0x24:  # a constructed OCTET STRING: its segments' octets, joined
-        octets = bytearray()
-        for part in parts:
-            if part[0] != 0x04:
-                raise DerError(f"constructed OCTET STRING holds tag 0x{part[0]:02x}")
-            _, _, h = header(part, 0, len(part))
-            octets += part[h:]
-        return _encoded(0x04, bytes(octets)), cursor
     return _encoded(tag, b"".join(parts)), cursor
 
 
@@ -403,8 +562,26 @@ class StreamReader:
             raise self.malformed(f"OCTET STRING segments nested more than {MAX_NESTING} deep")
         end = None if length is None else self.pos + length
         total = 0
-        while not self.end_of(end):
-            ctag, clen, _ = self.header()
+        joined = bytearray()  # the octets of small segments, passed on a CHUNK at a time
+        while True:
+            # the segments wholly in the next window of the input, in bulk
+            want = CHUNK if end is None else min(CHUNK, end - self.pos)
+            if len(self._peeked) < want:
+                self._peeked += self.f.read(want - len(self._peeked))
+            window = self._peeked
+            taken = primitive_segments(window, 0, min(len(window), max(want, 0)), joined)
+            if taken:
+                self._peeked = window[taken:]
+                self.pos += taken
+            if len(joined) >= CHUNK or (not taken and joined):
+                sink(bytes(joined))
+                total += len(joined)
+                joined.clear()
+            if taken:
+                continue
+            if self.end_of(end):
+                break
+            ctag, clen, _ = self.header()  # a big segment, or a constructed one
             if ctag not in (0x04, 0x24):
                 raise self.malformed(
                     f"constructed OCTET STRING holds tag 0x{ctag:02x}, not OCTET STRING"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from ..policy import (
     certificate_key,
     normalize_digest,
 )
-from .der import Cursor, DerError, contents_of, integer
+from .der import Cursor, DerError, children, contents_of, count_children, integer
+from .limits import MAX_RECIPIENT_INFOS, MAX_RECIPIENT_KEYS, check_count
 from .signed import (
     ASN1_ERRORS,
     _issuer_serial_ders,
@@ -568,9 +570,30 @@ def _direct_kari(c: Cursor) -> _DirectKari:
     return _DirectKari(kdf_digest, wrap_der, kek_len, curve, bits[1:], ukm, tuple(keys_))
 
 
+def check_recipient_counts(ri_der: bytes) -> None:
+    """Refuse (:class:`~gateway.cms.limits.TooMany`) RecipientInfos (DER or BER) with
+    more recipient infos, or a key agreement with more recipient keys, than any real
+    message carries; nothing is built from them first."""
+    try:
+        for count, (tag, start, _stop) in enumerate(children(ri_der), 1):
+            check_count(count, MAX_RECIPIENT_INFOS, "recipient infos")
+            if tag == 0xA1:  # KeyAgreeRecipientInfo: its recipientEncryptedKeys come last
+                fields = list(itertools.islice(children(ri_der, start), 6))
+                if fields and fields[-1][0] == 0x30:
+                    count_children(
+                        ri_der, fields[-1][1], MAX_RECIPIENT_KEYS, "keys in a key agreement"
+                    )
+    except DerError as exc:
+        raise MalformedMessageError(
+            f"encrypted message has a malformed RecipientInfo: {exc.detail}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from None
+
+
 def direct_recipients(ri_der: bytes) -> _DirectRecipients | None:
     """RecipientInfos (a whole SET element) read directly, or None if it is not of
-    the common shapes (then read it with asn1crypto)."""
+    the common shapes (then read it with asn1crypto).  Check their counts first
+    (:func:`check_recipient_counts`)."""
     try:
         c = contents_of(ri_der, 0x31)
         infos: list[_DirectKtri | _DirectKari] = []
@@ -625,7 +648,9 @@ def _parse_der(enveloped: bytes) -> _Parsed:
     body = explicit.inner(0x30)
     explicit.finish()
     body.next(0x02)  # version: not used
-    recipients = direct_recipients(body.raw(0x31))  # no originatorInfo
+    ri_der = body.raw(0x31)  # no originatorInfo
+    check_recipient_counts(ri_der)
+    recipients = direct_recipients(ri_der)
     if recipients is None:
         raise DerError("recipient infos of another shape")
     eci = body.inner(0x30)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 
 from ..errors import MalformedMessageError
+from .limits import MAX_MIME_HEADERS, TooMany
 
 __all__ = ["header_param", "make_entity", "parse_entity"]
 
@@ -80,6 +81,8 @@ def parse_entity(entity: bytes) -> tuple[list[tuple[str, str]], bytes]:
             name, value = headers[-1]
             headers[-1] = (name, (value + " " + text.strip()).strip())
         else:
+            if len(headers) >= MAX_MIME_HEADERS:
+                raise TooMany("MIME header lines", MAX_MIME_HEADERS)
             name, sep, value = text.partition(":")
             if not sep or not name or not _TOKEN.match(name):
                 raise MalformedMessageError(

@@ -45,10 +45,21 @@ from .der import (
     MAX_NESTING,
     Cursor,
     DerError,
+    children,
     contents_of,
+    count_children,
     integer,
     joined_octet_strings,
     oid_valid,
+)
+from .limits import (
+    MAX_ATTRIBUTE_VALUES,
+    MAX_ATTRIBUTES,
+    MAX_CERTIFICATES,
+    MAX_CRLS,
+    MAX_DIGEST_ALGORITHMS,
+    MAX_SIGNER_INFOS,
+    check_count,
 )
 
 __all__ = [
@@ -710,9 +721,72 @@ def _parse_signer(index: int, si: Any) -> _ParsedSigner:
     )
 
 
+def check_signed_counts(signed: bytes, what: str = "signed message") -> None:
+    """Refuse (:class:`~gateway.cms.limits.TooMany`) a ContentInfo(SignedData), DER
+    or BER, with more digest algorithms, certificates, CRLs, signer infos or
+    attributes than any real message carries; nothing is built from them first.
+
+    Only the containers counted are walked; a malformed one is refused here too.
+    Another content type is left to the reader, which names it.
+    """
+    try:
+        ci = list(children(signed))
+        if len(ci) != 2 or ci[1][0] != 0xA0:
+            return
+        explicit = list(children(signed, ci[1][1]))
+        if len(explicit) != 1 or explicit[0][0] != 0x30:
+            return
+        fields = _first_children(signed, explicit[0][1], 7, "SignedData fields")
+        for index, (tag, start, _stop) in enumerate(fields):
+            if index == 1 and tag == 0x31:
+                count_children(signed, start, MAX_DIGEST_ALGORITHMS, "digest algorithms")
+            elif index >= 3 and tag == 0xA0:
+                count_children(signed, start, MAX_CERTIFICATES, "certificates")
+            elif index >= 3 and tag == 0xA1:
+                count_children(signed, start, MAX_CRLS, "CRLs")
+            elif index >= 3 and tag == 0x31:
+                for _, signer, _ in _first_children(
+                    signed, start, MAX_SIGNER_INFOS, "signer infos"
+                ):
+                    _check_signer_counts(signed, signer)
+    except DerError as exc:
+        raise MalformedMessageError(
+            f"{what} is not a DER/BER CMS ContentInfo ({len(signed)} bytes): {exc.detail}",
+            fix="check that the body is binary CMS (base64 must be decoded first) "
+            "and was not truncated or altered in transit",
+        ) from None
+
+
+def _first_children(buf: bytes, pos: int, limit: int, what: str) -> list[tuple[int, int, int]]:
+    found: list[tuple[int, int, int]] = []
+    for child in children(buf, pos):
+        found.append(child)
+        check_count(len(found), limit, what)
+    return found
+
+
+def _check_signer_counts(signed: bytes, pos: int) -> None:
+    """At most MAX_ATTRIBUTES signed and unsigned attributes in the SignerInfo at ``pos``."""
+    fields = _first_children(signed, pos, 7, "SignerInfo fields")
+    for index, (tag, start, _stop) in enumerate(fields):
+        if (index == 3 and tag == 0xA0) or (index >= 5 and tag == 0xA1):
+            kind = "signed" if tag == 0xA0 else "unsigned"
+            for _, attribute, _ in _first_children(
+                signed, start, MAX_ATTRIBUTES, f"{kind} attributes in a signer info"
+            ):
+                parts = _first_children(signed, attribute, 2, "fields in an attribute")
+                if len(parts) == 2 and parts[1][0] == 0x31:
+                    count_children(
+                        signed, parts[1][1], MAX_ATTRIBUTE_VALUES, "values of one attribute"
+                    )
+
+
 def _parse_signed_data(signed: bytes) -> _ParsedSignedData:
     """The signature read directly if it has the common shape, else with asn1crypto;
-    both give the same values, and a malformed signature the asn1crypto error."""
+    both give the same values, and a malformed signature the asn1crypto error.
+    Its counts are checked first (:func:`check_signed_counts`)."""
+    if isinstance(signed, bytes | bytearray | memoryview) and len(signed):
+        check_signed_counts(bytes(signed))
     if type(signed) is bytes:
         try:
             return _parse_signed_data_der(signed)

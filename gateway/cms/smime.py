@@ -182,8 +182,10 @@ def _line_end(body: bytes, pos: int) -> int:
     return len(body) if nl < 0 else nl + 1
 
 
-def _split_multipart(body: bytes, boundary: str) -> list[tuple[bytes, bytes | None]]:
-    """The parts of a multipart body, byte-exact.
+def _split_multipart(
+    body: bytes, boundary: str, *, most: int = 2
+) -> list[tuple[bytes, bytes | None]]:
+    """The parts of a multipart body, byte-exact (MalformedMessageError beyond ``most``).
 
     Each part comes with an alternative reading (or None): when a delimiter is
     preceded by CR LF we take the CR LF as part of the delimiter (RFC 2046), but
@@ -215,6 +217,12 @@ def _split_multipart(body: bytes, boundary: str) -> list[tuple[bytes, bytes | No
                 fix="the message was truncated in transit; ask the peer to resend",
             )
         alt = body[pos : j + 1] if body[j : j + 2] == b"\r\n" and j >= pos else None
+        if len(parts) == most:  # one more: nothing more is read or copied
+            raise MalformedMessageError(
+                "multipart/signed must have exactly 2 parts (content, signature), found "
+                f"more than {most}",
+                fix="ask the peer to send a standard S/MIME signed message",
+            )
         parts.append((body[pos:j], alt))
         d = body.index(delim, j)
         if body[d + len(delim) : d + len(delim) + 2] == b"--":

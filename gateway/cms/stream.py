@@ -51,12 +51,13 @@ from ..policy import (
     PrivateKey,
 )
 from .der import CHUNK as CHUNK  # the streaming chunk size, part of this module's interface
-from .der import MAX_SMALL_ELEMENT, Cursor, DerError, StreamReader
+from .der import Cursor, DerError, StreamReader, count_children
 from .enveloped import (
     _CIPHERS,
     OID_AUTH_ENVELOPED,
     OID_ENVELOPED,
     cbc_iv,
+    check_recipient_counts,
     content_algorithm_direct,
     content_cipher_name,
     direct_recipients,
@@ -64,6 +65,7 @@ from .enveloped import (
     gcm_parameters,
     recover_cek,
 )
+from .limits import MAX_ATTRIBUTES, MAX_HEADER_ELEMENT, MAX_SIGNATURE_PART
 from .mime import get_header, header_param, media_type, parse_entity
 from .signed import (
     ASN1_ERRORS,
@@ -406,8 +408,9 @@ def _read_head(r: StreamReader, policy: AlgorithmPolicy) -> tuple[_Head, list[in
     ends.append(r.enter(0x30, f"{kind} SEQUENCE"))
     r.element(16)  # version
     if r.peek(1) == b"\xa0":
-        r.element()  # originatorInfo: certificates we do not need
-    ri_der = r.element()
+        r.element(MAX_HEADER_ELEMENT)  # originatorInfo: certificates we do not need
+    ri_der = r.element(MAX_HEADER_ELEMENT)
+    check_recipient_counts(ri_der)
     ris = direct_recipients(ri_der) or cms.RecipientInfos.load(ri_der)
     ends.append(r.enter(0x30, "EncryptedContentInfo"))
     r.element(64)  # content type
@@ -430,7 +433,8 @@ def _read_tail(
     aad = mac = None
     if head.kind == "authenticated_enveloped_data":
         if r.peek(1) == b"\xa1":
-            raw = r.element()
+            raw = r.element(MAX_HEADER_ELEMENT)
+            count_children(raw, 0, MAX_ATTRIBUTES, "authenticated attributes")
             # RFC 5083 2.2: the AAD is the DER of authAttrs with a SET OF tag
             aad = cms.CMSAttributes.load(b"\x31" + raw[1:]).dump(force=True)
         mac_der = r.element(64)
@@ -439,9 +443,9 @@ def _read_tail(
         else:
             mac = core.OctetString.load(mac_der).native
         if not r.end_of(ends[-1]) and r.peek(1) == b"\xa2":
-            r.element()  # unauthAttrs
+            r.element(MAX_HEADER_ELEMENT)  # unauthAttrs
     elif not r.end_of(ends[-1]) and r.peek(1) == b"\xa1":
-        r.element()  # unprotectedAttrs
+        r.element(MAX_HEADER_ELEMENT)  # unprotectedAttrs
     while ends:
         r.close(ends.pop())
     if not r.at_eof():
@@ -793,7 +797,7 @@ def verify_entity_span(
         f.seek(nl - 1 if nl > 0 else nl)
         crlf = f.read(2) == b"\r\n"
         end = nl - 1 if crlf else nl
-        if sig_nl - sig_start > MAX_SMALL_ELEMENT:
+        if sig_nl - sig_start > MAX_SIGNATURE_PART:
             raise MalformedMessageError(
                 f"{what}: signature part of {sig_nl - sig_start} bytes is implausibly large",
                 fix="ask the peer to send a standard S/MIME signed message",

@@ -379,6 +379,7 @@ def _decrypt(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from gateway.cms.formats import Detected, detect
     from gateway.cms.inspect import describe
+    from gateway.cms.limits import MAX_REPORT_PARTS
     from gateway.cms.mime import get_header, header_param, parse_entity
     from gateway.cms.smime import _decode_body, _split_multipart
 
@@ -397,7 +398,7 @@ def _inspect(args: argparse.Namespace) -> int:
         lines.append(f"MIME type: {found.mime_type}{smime_type}")
         if found.mime_type == "multipart/signed":
             boundary = header_param(ctype, "boundary") or ""
-            parts = _split_multipart(body, boundary)
+            parts = _split_multipart(body, boundary, most=MAX_REPORT_PARTS)
             lines.append(f"  parts: {len(parts)}; micalg={header_param(ctype, 'micalg')}")
             if parts:
                 first_headers, _ = parse_entity(parts[0][0])
