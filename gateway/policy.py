@@ -73,6 +73,15 @@ DEFAULT_KEY_TRANSPORT = "rsaes-oaep-sha256"
 SEND_KEY_TRANSPORTS: tuple[str, ...] = (DEFAULT_KEY_TRANSPORT, "rsaes-oaep-sha1")
 LEGACY_SEND_KEY_TRANSPORT = "rsaes-pkcs1-v1_5"
 EC_CURVES: tuple[str, ...] = ("secp256r1", "secp384r1", "secp521r1")
+# TLS (both directions).  TLS 1.3 cipher suites: AES-GCM only (ChaCha20-Poly1305 is
+# not on the CRYPTREC e-Government Recommended Ciphers List), the stronger first.
+TLS13_SUITES: tuple[str, ...] = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
+# Key-exchange groups (TLS 1.3, and ECDHE in TLS 1.2): ECDH over the NIST curves
+# P-256, P-384 and P-521.  The list (CRYPTREC LS-0001-2022R1) names ECDH with the
+# curves of NIST SP 800-56A / FIPS 186-4; X25519 and X448 (RFC 7748) are not on it,
+# so they are refused although OpenSSL offers and prefers X25519 by default.
+# (Finite-field groups are not offered: TLS 1.2 DHE uses the server's parameters.)
+TLS_GROUPS: tuple[str, ...] = ("P-256", "P-384", "P-521")
 MIN_RSA_BITS = 2048
 PREFERRED_RSA_BITS = 3072
 

@@ -4,6 +4,7 @@ openssl: AES-GCM only, also under TLS 1.3; no CA certificate as a peer's."""
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import subprocess
 import types
@@ -22,14 +23,16 @@ from gateway.pki.issue import issue, make_ca, make_crl, new_key
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
 
 
-def _s_client(layout: DemoLayout, suite: str) -> subprocess.CompletedProcess[bytes]:
+def _s_client(
+    layout: DemoLayout, suite: str, *extra: str, groups: str = "P-256"
+) -> subprocess.CompletedProcess[bytes]:
     certs = layout.lab.root / "certs"
     return subprocess.run(
         [
             *("openssl", "s_client", "-connect", f"127.0.0.1:{layout.hospital.port}"),
-            *("-tls1_3", "-ciphersuites", suite),
+            *("-tls1_3", "-ciphersuites", suite, "-groups", groups),
             *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key")),
-            *("-CAfile", str(layout.ca_certificate), "-ign_eof", "-quiet"),
+            *("-CAfile", str(layout.ca_certificate), "-ign_eof", *extra),
         ],
         input=b"GET /as2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         capture_output=True,
@@ -38,22 +41,78 @@ def _s_client(layout: DemoLayout, suite: str) -> subprocess.CompletedProcess[byt
     )
 
 
-def test_tls13_chacha20_is_refused_aes_gcm_accepted(layout: DemoLayout, processes: Any) -> None:
+def _served(done: subprocess.CompletedProcess[bytes]) -> bool:
+    return b"HTTP/1.1 " in done.stdout  # an HTTP answer: the connection was served
+
+
+def test_tls13_offers_only_the_policys_suites_and_groups(
+    layout: DemoLayout, processes: Any
+) -> None:
     processes.start(layout.hospital.config_path)
-    _s_client(layout, "TLS_CHACHA20_POLY1305_SHA256")
-    [refused] = wait_until(
+    # A client that prefers ChaCha20 gets AES-GCM (before: ChaCha20, then dropped).
+    prefers = _s_client(layout, "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256")
+    assert _served(prefers), prefers.stderr[-400:]
+    assert b"Cipher is TLS_AES_128_GCM_SHA256" in prefers.stdout
+    # One that offers ChaCha20 only is refused in the handshake, audited.
+    only = _s_client(layout, "TLS_CHACHA20_POLY1305_SHA256")
+    assert not _served(only)
+    wait_until(
         lambda: [
             r
             for r in read_audit(layout.hospital.audit_log)
-            if r["event"] == "tls.handshake_failed" and "CHACHA20" in r["reason"]
+            if r["event"] == "tls.handshake_failed" and "shared cipher" in r["reason"]
         ],
         20,
         "the refusal",
     )
-    assert refused["reason"].startswith("the client negotiated TLS_CHACHA20_POLY1305_SHA256")
-    assert "not on the CRYPTREC list" in refused["reason"]
-    accepted = _s_client(layout, "TLS_AES_256_GCM_SHA384")
-    assert b"HTTP/1.1 " in accepted.stdout  # an HTTP answer: the connection was served
+    # X25519 and X448 are not on the CRYPTREC list: a client with only them is refused;
+    # one that prefers X25519 is asked for (HelloRetryRequest) and gets P-256.
+    for group in ("X25519", "X448"):
+        assert not _served(_s_client(layout, "TLS_AES_256_GCM_SHA384", groups=group)), group
+    mixed = _s_client(layout, "TLS_AES_256_GCM_SHA384", groups="X25519:P-384")
+    assert _served(mixed), mixed.stderr[-400:]
+    assert b"Server Temp Key: ECDH, secp384r1" in mixed.stdout or b"P-384" in mixed.stdout
+
+
+def test_the_server_sends_no_root_certificate(layout: DemoLayout, processes: Any) -> None:
+    processes.start(layout.hospital.config_path)
+    done = _s_client(layout, "TLS_AES_256_GCM_SHA384", "-showcerts")
+    assert _served(done), done.stderr[-400:]
+    subjects = re.findall(rb"^ *\d+ s:(.*)$", done.stdout, re.MULTILINE)
+    # the leaf alone: it is issued by the root, which the peer holds already
+    assert len(subjects) == 1, done.stdout.decode()
+    assert done.stdout.count(b"-----BEGIN CERTIFICATE-----") == 1
+
+
+def test_intermediates_are_sent_and_the_root_is_not(tmp_path: Any) -> None:
+    now = datetime.now(UTC)
+    root = make_ca("Chain Root", now=now)
+    middle = make_ca("Chain Intermediate", now=now, parent=root)
+    leaf = issue(middle, "server.chain.test", purpose="tls", now=now, dns_names=["localhost"])
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(
+        b"".join(
+            c.public_bytes(serialization.Encoding.PEM)
+            for c in (leaf.certificate, middle.certificate, root.certificate)
+        )
+    )
+    key_path.write_bytes(
+        leaf.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    pair = KeyPair(
+        cert_path, key_path, leaf.certificate, leaf.key, (middle.certificate, root.certificate)
+    )
+    assert tls.chain_to_send(pair, [root.certificate]) == [leaf.certificate, middle.certificate]
+    # a file with the leaf alone: the intermediate comes from the anchors, the root never
+    only_leaf = tmp_path / "leaf.crt"
+    only_leaf.write_bytes(leaf.certificate.public_bytes(serialization.Encoding.PEM))
+    pair = KeyPair(only_leaf, key_path, leaf.certificate, leaf.key)
+    anchors = [root.certificate, middle.certificate]
+    assert tls.chain_to_send(pair, anchors) == [leaf.certificate, middle.certificate]
 
 
 def test_a_ca_certificate_is_not_accepted_as_a_peers_certificate() -> None:

@@ -19,22 +19,36 @@ Protocol: TLS 1.3 by default; TLS 1.2 only when configured, and then only with
 ECDHE/DHE key exchange and AES-GCM (the CRYPTREC "high security" profile), at
 OpenSSL security level 2 whatever the system's openssl.cnf says (a server's
 1024-bit DH group or RSA key is refused).
-TLS 1.3 suites cannot be restricted through Python's ``ssl``, so the handshake
-is refused right after it completes if it settled on anything but AES-GCM
-(ChaCha20-Poly1305 is not on the CRYPTREC list).
+TLS 1.3 suites and the key-exchange groups are those of the policy
+(:data:`gateway.policy.TLS13_SUITES`, :data:`gateway.policy.TLS_GROUPS`: AES-GCM,
+ECDH over P-256/P-384/P-521), set through :mod:`gateway.pki.tlsnative` since
+Python's ``ssl`` cannot: a server never selects what the policy refuses (a client
+that prefers ChaCha20 gets AES-GCM), a client never offers it.  A handshake that
+settled on anything else all the same is refused right after it completes.
+
+Only the certificate and its intermediate CAs are sent, never a root: the
+peer must already hold the root as its trust anchor, and a root in the chain
+only tells a scanner which one it is.  Intermediates come from the certificate
+file and, when it lacks them, from the trust anchors given (as OpenSSL's own
+chain building did, root included).
 """
 
 from __future__ import annotations
 
 import hashlib
 import ssl
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway.config import KeyPair
+from gateway.pki import tlsnative
+from gateway.policy import TLS13_SUITES as POLICY_TLS13_SUITES
+from gateway.policy import TLS_GROUPS
 
 TLS12_CIPHERS = ":".join(
     (
@@ -48,7 +62,7 @@ TLS12_CIPHERS = ":".join(
 )
 
 
-TLS13_SUITES = frozenset({"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"})
+TLS13_SUITES = frozenset(POLICY_TLS13_SUITES)
 
 # OpenSSL security level 2: at least 112-bit security in the handshake, which is
 # the CRYPTREC floor (RSA and DH >= 2048 bits, EC >= 224 bits, no SHA-1
@@ -135,10 +149,50 @@ def _base_context(
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     context.verify_mode = ssl.CERT_REQUIRED
+    anchors = tuple(anchors)
     pem = "".join(cert.public_bytes(serialization.Encoding.PEM).decode() for cert in anchors)
     context.load_verify_locations(cadata=pem)
-    context.load_cert_chain(str(identity.certificate_path), str(identity.key_path))
+    tlsnative.restrict(
+        context,
+        tls13_suites=":".join(POLICY_TLS13_SUITES),
+        groups=":".join(TLS_GROUPS),
+        security_level=SECURITY_LEVEL,
+    )
+    chain = chain_to_send(identity, anchors)
+    with tempfile.TemporaryDirectory(prefix="medgw-chain-") as folder:
+        # ssl loads a chain from a file only; it holds public certificates alone
+        chain_file = Path(folder) / "chain.pem"
+        chain_file.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+        context.load_cert_chain(str(chain_file), str(identity.key_path))
     return context
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject
+
+
+def _issues(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def chain_to_send(identity: KeyPair, anchors: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    """Our certificate, then the intermediate CAs up to (not including) a root: from the
+    certificate file, else from ``anchors``.  At most 8 intermediates."""
+    leaf = identity.certificate
+    candidates = [c for c in (*identity.chain, *anchors) if c != leaf and not _self_signed(c)]
+    chain = [leaf]
+    while len(chain) <= 8 and not _self_signed(chain[-1]):
+        issuer = next((c for c in candidates if c not in chain and _issues(c, chain[-1])), None)
+        if issuer is None:
+            break
+        chain.append(issuer)
+    return chain
 
 
 def server_context(
