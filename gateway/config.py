@@ -22,8 +22,8 @@ import re
 import ssl
 import stat
 import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from gateway.egress import ZonePath
+from gateway.egress import ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.pki.store import load_crls
 from gateway.policy import (
@@ -42,7 +42,14 @@ from gateway.policy import (
     certificate_key,
     describe_legacy,
 )
-from gateway.routing import REVOCATION_POLICIES, ZONE_KINDS, zone_problems
+from gateway.routing import (
+    REVOCATION_POLICIES,
+    ZONE_KINDS,
+    Network,
+    hosts_to_resolve,
+    reach_problems,
+    zone_problems,
+)
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -89,6 +96,8 @@ class Zone:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     ocsp: bool = False  # ask the responders named in the certificates (AIA)
     crl_warn_days: int = 7  # alarm this many days before a CRL's nextUpdate
+    # Ranges taken out of ``egress`` as written (``egress`` is what is left).
+    egress_except: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def network(self) -> ZonePath:
@@ -179,6 +188,13 @@ class ApiSettings:
             found.append(f"http://{host}:{self.port}")
         return found
 
+    @property
+    def endpoint(self) -> tuple[str, int] | None:
+        """The TCP address and port it listens on, if any."""
+        if self.address is None or self.port is None:
+            return None
+        return self.address, self.port
+
 
 @dataclass(frozen=True)
 class ServiceDelivery:
@@ -199,6 +215,14 @@ class DeliverySettings:
     # The certificates read from ``ca`` (PEM or DER) at load: the TLS context is built
     # from these, never from the file again, so what was checked is what is used.
     ca_certificates: tuple[x509.Certificate, ...] = ()
+
+    def targets(self) -> tuple[tuple[str, str], ...]:
+        """(config key, URL) of every hand-over target, "" where there is none."""
+        overrides = (
+            (f"delivery.services[{index}].http_url", item.http_url)
+            for index, item in enumerate(self.services)
+        )
+        return (("delivery.http_url", self.http_url), *overrides)
 
     def url_for(self, service: str | None) -> str:
         """Where a document of ``service`` (None: no service) is POSTed; "" = nowhere."""
@@ -264,6 +288,9 @@ class GatewayConfig:
     warnings: tuple[ConfigProblem, ...] = ()
     api: ApiSettings | None = None
     delivery: DeliverySettings | None = None
+    # The addresses each host name in a peer or hand-over URL resolved to when the
+    # configuration was loaded (a name that did not resolve is absent).
+    resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -816,6 +843,7 @@ def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
                     'write CIDR ranges with the network address, e.g. "10.20.0.0/16"; '
                     'the whole internet is ["0.0.0.0/0", "::/0"]',
                 )
+        egress, egress_except = _egress_except(item, egress)
         anchor_paths = tuple(
             reader.path(p)
             for p in item.string_list(
@@ -868,9 +896,54 @@ def _load_zones(reader: _Reader, root: _Section) -> list[Zone]:
                 crls=tuple(crls),
                 ocsp=ocsp,
                 crl_warn_days=crl_warn_days,
+                egress_except=tuple(egress_except),
             )
         )
     return zones
+
+
+def _egress_except(item: _Section, egress: list[Network]) -> tuple[list[Network], list[Network]]:
+    """``egress`` without the ranges of ``egress_except`` (each inside one of them), and
+    those ranges: an internet zone's ["0.0.0.0/0"] less another zone's network."""
+    excluded: list[Network] = []
+    for entry in item.string_list("egress_except", required=False):
+        try:
+            network = ipaddress.ip_network(entry, strict=True)
+        except ValueError as exc:
+            item.problem(
+                "egress_except",
+                f"{entry!r} is not an address range ({exc})",
+                'write CIDR ranges with the network address, e.g. "10.20.0.0/16"',
+            )
+            continue
+        if not any(r.version == network.version and network.subnet_of(r) for r in egress):  # type: ignore[arg-type]
+            item.problem(
+                "egress_except",
+                f"{network} is not inside any of the egress ranges "
+                f"({', '.join(str(r) for r in egress) or 'none'})",
+                "list only ranges taken out of this zone's egress, or remove it",
+            )
+            continue
+        excluded.append(network)
+    if not excluded:
+        return egress, []
+    left: list[Network] = []
+    for network in egress:
+        parts = [network]
+        for hole in excluded:
+            rest: list[Network] = []
+            for part in parts:
+                if hole.version != part.version or not hole.overlaps(part):
+                    rest.append(part)
+                elif hole.subnet_of(part):  # type: ignore[arg-type]
+                    rest.extend(part.address_exclude(hole))  # type: ignore[arg-type]
+            parts = rest
+        left.extend(parts)
+    v4 = [n for n in left if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in left if isinstance(n, ipaddress.IPv6Network)]
+    collapsed: list[Network] = [*ipaddress.collapse_addresses(v4)]
+    collapsed += ipaddress.collapse_addresses(v6)
+    return collapsed, excluded
 
 
 def smime_section_keys(data: dict[str, Any]) -> set[str]:
@@ -1023,8 +1096,29 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         _load_delivery(reader, delivery_section, peers) if delivery_section is not None else None
     )
     # A url already reported as unreadable is not judged against the zones a second time.
-    judged = [p if _parses(p.url) else replace(p, url="") for p in peers]
+    judged = [
+        replace(
+            p,
+            url=p.url if _parses(p.url) else "",
+            async_receipt_url=p.async_receipt_url if _parses(p.async_receipt_url) else "",
+        )
+        for p in peers
+    ]
     reader.problems.extend(zone_problems(source, zones, listeners, judged))
+    handover = delivery.targets() if delivery is not None else ()
+    urls = [u for p in judged for u in (p.url, p.async_receipt_url)] + [u for _, u in handover]
+    resolved = resolve_hosts(hosts_to_resolve(urls))
+    reader.problems.extend(
+        reach_problems(
+            source,
+            zones,
+            listeners,
+            api.endpoint if api is not None else None,
+            judged,
+            handover,
+            resolved,
+        )
+    )
 
     if reader.errors or tls_identity is None or signing is None or encryption is None:
         raise ConfigError(reader.problems)
@@ -1043,6 +1137,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         warnings=tuple(reader.problems),
         api=api,
         delivery=delivery,
+        resolved_hosts=resolved,
     )
 
 

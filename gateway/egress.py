@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import aiohttp
@@ -83,3 +84,38 @@ class EgressResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._resolver.close()
+
+
+RESOLVE_SECONDS = 5.0
+RESOLVE_THREADS = 8
+
+
+def resolve_hosts(
+    hosts: Iterable[str], timeout: float = RESOLVE_SECONDS
+) -> dict[str, tuple[str, ...]]:
+    """The addresses each host name resolves to now, all looked up at once and within
+    ``timeout`` seconds in all; a name that fails or takes longer is left out.
+
+    For the configuration checks, which show where a URL with a host name leads
+    today; a connection resolves again, and judges what it connects to then.
+    """
+    names = sorted(set(hosts))
+    if not names:
+        return {}
+    pool = ThreadPoolExecutor(min(RESOLVE_THREADS, len(names)), thread_name_prefix="resolve")
+    try:
+        futures = {
+            pool.submit(socket.getaddrinfo, name, None, type=socket.SOCK_STREAM): name
+            for name in names
+        }
+        done, _ = wait(futures, timeout=timeout)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    resolved: dict[str, tuple[str, ...]] = {}
+    for future in done:
+        try:
+            found = future.result()
+        except (OSError, UnicodeError):
+            continue
+        resolved[futures[future]] = tuple(dict.fromkeys(str(info[4][0]) for info in found))
+    return resolved

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cryptography import x509
 
 from gateway.config import GatewayConfig
-from gateway.routing import proof
+from gateway.routing import egress_text, proof
 
 
 def _cert_line(cert: x509.Certificate) -> str:
@@ -24,8 +24,7 @@ def describe_config(config: GatewayConfig) -> str:
     for zone in config.zones:
         lines.append(
             f"  {zone.name:<16} {zone.kind}; source address "
-            f"{zone.source_address or '(chosen by the OS)'}; egress "
-            f"{', '.join(str(n) for n in zone.egress)}"
+            f"{zone.source_address or '(chosen by the OS)'}; egress {egress_text(zone)}"
         )
         lines.append(
             f"  {'':<16} TLS >= {zone.min_version}, revocation {zone.revocation}, trust anchors: "

@@ -15,6 +15,9 @@ between zones, and this module is where that is decided:
   zone B, even if every other check were bypassed;
 * :func:`zone_problems` -- the configuration rules (each problem names the
   file, the key and the fix);
+* :func:`reach_problems` -- where each configured URL leads: a peer's URLs
+  never to one of our own listeners (nor receipts into another zone), the
+  hand-over to an internal system never into a zone;
 * :func:`proof` -- the rows ``medgw check-config`` prints to show that NET-1
   and NET-4 hold for a loaded configuration.
 
@@ -26,12 +29,19 @@ ranges when the configuration is loaded.  A host name cannot be checked then
 (DNS answers change), so each address it resolves to is checked at every
 connect instead (:func:`egress_allows`, used by the channel's resolver);
 addresses outside the egress are never connected to.
+
+What a zone *reaches*: the addresses inside its egress ranges, except those on
+this host (loopback, the any-address), which never leave it; on this host a
+zone reaches only its endpoints, its listeners and its peers' URLs (address
+and port).  Two zones never reach the same address (their egress ranges may
+not overlap), and the internal side (the hand-over, the local API) reaches
+nothing a zone reaches.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +54,7 @@ if TYPE_CHECKING:
     from gateway.config import GatewayConfig, Listener, Zone
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 ZONE_KINDS = ("closed-network", "ip-vpn", "internet")
 REVOCATION_POLICIES = ("require", "prefer", "off")
 
@@ -77,6 +88,9 @@ class SourcedPeer(ZonedPeer, Protocol):
 
     @property
     def url(self) -> str: ...
+
+    @property
+    def async_receipt_url(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -223,13 +237,30 @@ def check_enqueue(origin: Origin, destination_peer: str, destination_zone: str |
     )
 
 
+def ip_of(text: str) -> Address | None:
+    """The IP address ``text`` names, or None when it is not a literal address.
+
+    The scope of a link-local IPv6 address is dropped, and an IPv4-mapped IPv6
+    address (``::ffff:10.1.2.3``) is the IPv4 address it reaches: judged by the
+    IPv4 ranges, never by an IPv6 range such as ``::/0``.
+    """
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def in_ranges(ranges: Iterable[Network], ip: Address) -> bool:
+    return any(ip in network for network in ranges if network.version == ip.version)
+
+
 def egress_allows(egress: Sequence[Network], address: str) -> bool:
     """True when ``address`` (a literal IP) lies inside one of the egress ranges."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    return any(ip in network for network in egress if network.version == ip.version)
+    ip = ip_of(address)
+    return ip is not None and in_ranges(egress, ip)
 
 
 def zones_holding(zones: Iterable[EgressZone], address: str) -> list[str]:
@@ -239,13 +270,14 @@ def zones_holding(zones: Iterable[EgressZone], address: str) -> list[str]:
     return [zone.name for zone in zones if egress_allows(zone.egress, address)]
 
 
-def url_address(url: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def url_address(url: str) -> Address | None:
     """The literal IP address in ``url``, or None for a host name."""
-    host = urlsplit(url).hostname or ""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
+    return ip_of(urlsplit(url).hostname or "")
+
+
+def on_this_host(ip: Address) -> bool:
+    """A loopback or any-address destination: a connection to it never leaves this host."""
+    return ip.is_loopback or ip.is_unspecified
 
 
 def covers_everything(egress: Sequence[Network]) -> bool:
@@ -279,6 +311,7 @@ def zone_problems(
             )
         by_name.setdefault(zone.name, zone)
     known = ", ".join(names) or "(none)"
+    problems += _egress_overlaps(gateway_file, zones)
 
     shared_source: dict[str, str] = {}
     for index, zone in enumerate(zones):
@@ -375,6 +408,260 @@ def zone_problems(
     return problems
 
 
+def _egress_overlaps(gateway_file: Path, zones: Sequence[Zone]) -> list[ConfigProblem]:
+    """Two zones may not reach one address: the proof could not say which network a
+    connection to it leaves by, and a peer of one zone could be reached from the other."""
+    problems = []
+    for index, later in enumerate(zones):
+        for earlier in zones[:index]:
+            if earlier.name == later.name:
+                continue  # reported as a zone defined twice
+            shared = [
+                (a, b)
+                for a in earlier.egress
+                for b in later.egress
+                if a.version == b.version and a.overlaps(b)
+            ]
+            if not shared:
+                continue
+            narrow = [b if b.prefixlen >= a.prefixlen else a for a, b in shared]
+            wider = earlier if shared[0][0].prefixlen < shared[0][1].prefixlen else later
+            other = later if wider is earlier else earlier
+            both = ", ".join(f"{a} and {b}" if a != b else str(a) for a, b in shared)
+            problems.append(
+                ConfigProblem(
+                    str(gateway_file),
+                    f"zones[{index}].egress",
+                    f"the egress of zones {earlier.name!r} and {later.name!r} overlap ({both}): "
+                    f"an address in {', '.join(str(n) for n in narrow)} would belong to two "
+                    "zones, so a connection to it could leave by either network (NET-4)",
+                    f"give each zone only the ranges of its own network; when zone "
+                    f"{wider.name!r} is wider (e.g. the internet), keep zone {other.name!r}'s "
+                    f"ranges out of it with egress_except = "
+                    "[" + ", ".join(f'"{n}"' for n in narrow) + "]",
+                )
+            )
+    return problems
+
+
+@dataclass(frozen=True)
+class OwnListener:
+    """A TCP listener of this gateway: an AS2 listener of a zone, or the local API."""
+
+    what: str
+    address: Address
+    port: int
+    zone: str | None  # None: the local API (the internal side)
+
+
+def own_listeners(listeners: Sequence[Listener], api: tuple[str, int] | None) -> list[OwnListener]:
+    own = []
+    for listener in listeners:
+        ip = ip_of(listener.address)
+        if ip is not None:
+            what = f"listener {listener.name!r} (zone {listener.zone!r})"
+            own.append(OwnListener(what, ip, listener.port, listener.zone))
+    if api is not None:
+        ip = ip_of(api[0])
+        if ip is not None:
+            own.append(OwnListener("the local API ([api] listen)", ip, api[1], None))
+    return own
+
+
+def listener_at(
+    own: Sequence[OwnListener], ip: Address, port: int, host: Iterable[Address] = ()
+) -> OwnListener | None:
+    """Our listener a connection to ``ip``:``port`` would reach; ``host``: this host's
+    other known addresses (zone source addresses), which a wildcard listener serves too."""
+    local = on_this_host(ip) or ip in set(host) or any(o.address == ip for o in own)
+    for item in own:
+        if item.port != port:
+            continue
+        if item.address == ip or (local and (item.address.is_unspecified or ip.is_unspecified)):
+            return item
+    return None
+
+
+def endpoint(url: str, resolved: Mapping[str, Sequence[str]]) -> tuple[list[Address], int] | None:
+    """The addresses and the port a connection to ``url`` reaches; None when its host is
+    a name that could not be resolved (or the URL does not parse)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        return None
+    host = parts.hostname or ""
+    literal = ip_of(host)
+    if literal is not None:
+        return [literal], port
+    found = [ip for ip in (ip_of(a) for a in resolved.get(host, ())) if ip is not None]
+    return (found, port) if found else None
+
+
+def hosts_to_resolve(urls: Iterable[str]) -> set[str]:
+    """The host names (not literal addresses) in ``urls``."""
+    hosts = set()
+    for url in urls:
+        try:
+            host = urlsplit(url).hostname
+        except ValueError:
+            continue
+        if host and ip_of(host) is None:
+            hosts.add(host)
+    return hosts
+
+
+def _zones_reaching(zones: Sequence[Zone], ip: Address) -> list[Zone]:
+    """The zones whose network ``ip`` is in (never an address on this host)."""
+    if on_this_host(ip):
+        return []
+    holding = zones_holding(zones, str(ip))
+    return [zone for zone in zones if zone.name in holding]
+
+
+def _ranges(zone: Zone) -> str:
+    return ", ".join(str(n) for n in zone.egress)
+
+
+def reach_problems(
+    gateway_file: Path,
+    zones: Sequence[Zone],
+    listeners: Sequence[Listener],
+    api: tuple[str, int] | None,
+    peers: Sequence[SourcedPeer],
+    handover: Sequence[tuple[str, str]],
+    resolved: Mapping[str, Sequence[str]],
+) -> list[ConfigProblem]:
+    """Where each configured URL leads (host names as ``resolved``, host -> addresses).
+
+    A peer's ``url`` must not be one of our own listeners (of any zone, or the local
+    API); its ``async_receipt_url`` (ours, as the peer reaches us) must not be a
+    listener of another zone, the local API, or inside another zone's egress.  A
+    hand-over URL (``handover``: key, url) must reach nothing a zone reaches: no
+    address inside a zone's egress, none of our listeners, and no peer's endpoint
+    on this host.
+    """
+    problems: list[ConfigProblem] = []
+    own = own_listeners(listeners, api)
+    host = [ip for ip in (ip_of(z.source_address or "") for z in zones) if ip is not None]
+    peer_endpoints: dict[tuple[Address, int], SourcedPeer] = {}
+
+    for peer in peers:
+        found = endpoint(peer.url, resolved) if peer.url else None
+        if found is not None:
+            addresses, port = found
+            for ip in addresses:
+                peer_endpoints.setdefault((ip, port), peer)
+            hits = [(ip, hit) for ip in addresses if (hit := listener_at(own, ip, port, host))]
+            if hits:
+                ip, hit = hits[0]
+                across = f", from zone {peer.zone!r} into another" if hit.zone != peer.zone else ""
+                problems.append(
+                    ConfigProblem(
+                        str(peer.source),
+                        "url",
+                        f"{peer.url!r} reaches {ip} port {port}, which is {hit.what} of this "
+                        f"gateway: medgw would send this peer's messages to itself{across}",
+                        "set url to the peer's own AS2 endpoint (its gateway's https URL)",
+                    )
+                )
+        if peer.async_receipt_url:
+            problems += _receipt_url_problems(peer, zones, own, host, resolved)
+
+    for key, url in handover:
+        if not url:
+            continue
+        found = endpoint(url, resolved)
+        if found is None:
+            problems.append(
+                ConfigProblem(
+                    str(gateway_file),
+                    key,
+                    f"the host of {url!r} cannot be resolved now, so it cannot be shown to "
+                    "stay on the internal side (outside every zone's egress)",
+                    "use the internal system's IP address, or make the name resolvable and "
+                    "run check-config again",
+                    "warning",
+                )
+            )
+            continue
+        addresses, port = found
+        for ip in addresses:
+            reason = _handover_reason(ip, port, zones, own, host, peer_endpoints)
+            if reason is not None:
+                problems.append(
+                    ConfigProblem(
+                        str(gateway_file),
+                        key,
+                        f"{url!r} reaches {ip} port {port}, {reason}: received documents "
+                        "would be handed over there, outside the zone's TLS and S/MIME "
+                        "protection (NET-4: nothing received leaves into a zone)",
+                        "hand over to an internal system outside every zone's egress (e.g. "
+                        "http://127.0.0.1:PORT/path on this host); if that address is "
+                        "internal, keep it out of the zone with egress_except",
+                    )
+                )
+                break
+    return problems
+
+
+def _handover_reason(
+    ip: Address,
+    port: int,
+    zones: Sequence[Zone],
+    own: Sequence[OwnListener],
+    host: Sequence[Address],
+    peer_endpoints: Mapping[tuple[Address, int], SourcedPeer],
+) -> str | None:
+    hit = listener_at(own, ip, port, host)
+    if hit is not None:
+        return f"which is {hit.what} of this gateway"
+    reaching = _zones_reaching(zones, ip)
+    if reaching:
+        zone = reaching[0]
+        return f"inside the egress of zone {zone.name!r} ({_ranges(zone)})"
+    peer = peer_endpoints.get((ip, port))
+    if peer is not None:
+        return f"the AS2 endpoint of peer {peer.name!r} (zone {peer.zone!r}) on this host"
+    return None
+
+
+def _receipt_url_problems(
+    peer: SourcedPeer,
+    zones: Sequence[Zone],
+    own: Sequence[OwnListener],
+    host: Sequence[Address],
+    resolved: Mapping[str, Sequence[str]],
+) -> list[ConfigProblem]:
+    url = peer.async_receipt_url
+    found = endpoint(url, resolved)
+    if found is None:
+        return []
+    addresses, port = found
+    for ip in addresses:
+        hit = listener_at(own, ip, port, host)
+        reason = None
+        if hit is not None and hit.zone != peer.zone:
+            reason = f"which is {hit.what} of this gateway"
+        elif hit is None:
+            others = [z for z in _zones_reaching(zones, ip) if z.name != peer.zone]
+            if others:
+                reason = f"inside the egress of zone {others[0].name!r} ({_ranges(others[0])})"
+        if reason is not None:
+            return [
+                ConfigProblem(
+                    str(peer.source),
+                    "async_receipt_url",
+                    f"{url!r} reaches {ip} port {port}, {reason}, but peer {peer.name!r} "
+                    f"belongs to zone {peer.zone!r}: it would be asked to deliver its "
+                    "receipts into another zone (NET-4)",
+                    f"give the https URL of this gateway's listener of zone {peer.zone!r}, "
+                    'as the peer reaches it, or "" for synchronous receipts',
+                )
+            ]
+    return []
+
+
 # -- proof --------------------------------------------------------------------------
 
 
@@ -386,13 +673,31 @@ class ProofRow:
     evidence: tuple[str, ...]
 
 
+def egress_text(zone: Zone) -> str:
+    ranges = ", ".join(str(n) for n in zone.egress) or "(none)"
+    if zone.egress_except:
+        ranges += f" (egress_except {', '.join(str(n) for n in zone.egress_except)})"
+    return ranges
+
+
 def proof(config: GatewayConfig) -> list[ProofRow]:
     """What ``check-config`` shows to prove NET-1/NET-4 for a loaded configuration."""
+    handover = config.delivery.targets() if config.delivery else ()
+    api = config.api.endpoint if config.api else None
     problems = zone_problems(config.source, config.zones, config.listeners, config.peers)
+    problems += reach_problems(
+        config.source,
+        config.zones,
+        config.listeners,
+        api,
+        config.peers,
+        handover,
+        config.resolved_hosts,
+    )
     errors = [p for p in problems if p.severity == "error"]
 
-    def failing(*keys: str) -> tuple[str, ...]:
-        return tuple(str(p) for p in errors if any(k in p.key for k in keys))
+    def failing(test: Callable[[ConfigProblem], bool]) -> tuple[str, ...]:
+        return tuple(str(p) for p in errors if test(p))
 
     listener_lines = tuple(
         f"{lst.name}: https://{lst.address}:{lst.port}{lst.path}, zone {lst.zone}, "
@@ -403,20 +708,39 @@ def proof(config: GatewayConfig) -> list[ProofRow]:
     for zone in config.zones:
         own = [f"{lst.address}:{lst.port}" for lst in config.listeners if lst.zone == zone.name]
         bound.append(f"{zone.name}: {', '.join(own) or '(no listener: outbound only)'}")
-    shared = failing("listeners", "source_address")
+    shared = failing(lambda p: p.key.startswith("listeners") or "source_address" in p.key)
+    overlapping = failing(lambda p: p.key.endswith(".egress"))
+    ranges = tuple(f"{zone.name}: {egress_text(zone)}" for zone in config.zones)
     egress_lines = []
     for peer in config.peers:
         found = config.zone(peer.zone)
         address = url_address(peer.url)
-        ranges = ", ".join(str(n) for n in found.egress) if found else "?"
+        zone_ranges = egress_text(found) if found else "?"
         if address is None:
             egress_lines.append(
                 f"{peer.name}: {urlsplit(peer.url).hostname} (host name: every resolved "
-                f"address checked at connect against {ranges})"
+                f"address checked at connect against {zone_ranges})"
             )
         else:
-            egress_lines.append(f"{peer.name}: {address} in {ranges} (zone {peer.zone})")
-    misplaced = failing(".url", "url")
+            egress_lines.append(f"{peer.name}: {address} in {zone_ranges} (zone {peer.zone})")
+        if peer.async_receipt_url:
+            egress_lines.append(
+                f"{peer.name}: asks for receipts at {peer.async_receipt_url} (not a listener "
+                "or the egress of another zone)"
+            )
+    misplaced = failing(lambda p: p.key in ("url", "async_receipt_url"))
+    internal = [
+        f"{key}: {url} -> {_where(url, config.resolved_hosts)}" for key, url in handover if url
+    ] or ["(no hand-over: received documents stay in the inbox folder)"]
+    if config.api is not None:
+        if config.api.endpoint is not None:
+            api_address, api_port = config.api.endpoint
+            internal.append(
+                f"local API: http://{api_address}:{api_port} (loopback: this host only)"
+            )
+        if config.api.socket is not None:
+            internal.append(f"local API: unix socket {config.api.socket} (this host only)")
+    leaking = failing(lambda p: p.key.startswith("delivery."))
     return [
         ProofRow(
             "NET-1",
@@ -427,9 +751,21 @@ def proof(config: GatewayConfig) -> list[ProofRow]:
         ProofRow("NET-4", "no listener shared by two zones", not shared, tuple(bound) + shared),
         ProofRow(
             "NET-4",
+            "no address in two zones' egress",
+            not overlapping,
+            ranges + overlapping or ("(no zones)",),
+        ),
+        ProofRow(
+            "NET-4",
             "each peer's URL inside its zone's egress",
             not misplaced,
             tuple(egress_lines) + misplaced or ("(no peers)",),
+        ),
+        ProofRow(
+            "NET-4",
+            "hand-over and local API outside every zone",
+            not leaking,
+            tuple(internal) + leaking,
         ),
         ProofRow(
             "NET-4",
@@ -446,3 +782,15 @@ def proof(config: GatewayConfig) -> list[ProofRow]:
             ),
         ),
     ]
+
+
+def _where(url: str, resolved: Mapping[str, Sequence[str]]) -> str:
+    found = endpoint(url, resolved)
+    if found is None:
+        return "(host name not resolved: not shown)"
+    addresses, port = found
+    return ", ".join(f"{ip} port {port}" for ip in addresses) + (
+        " (this host; no listener and no peer endpoint)"
+        if all(on_this_host(ip) for ip in addresses)
+        else " (in no zone's egress)"
+    )

@@ -131,7 +131,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Pool:
     hospital.zone("z0", ["127.0.0.0/8"], [hospital, peers[1]])
     hospital.listen("z0", "127.0.0.1", 4080, "z0")
     for peer in peers:
-        hospital.peer(peer, "z0", "https://127.0.0.1:4080/as2")
+        hospital.peer(peer, "z0", "https://127.0.0.1:4180/as2")  # not our own listener
     return Pool(hospital, peers, load_config(hospital.write()))
 
 

@@ -347,13 +347,17 @@ def test_two_zone_config_loads_and_check_config_prints_the_proof(world: World) -
     assert set(rows) == {
         "no plaintext listener",
         "no listener shared by two zones",
+        "no address in two zones' egress",
         "each peer's URL inside its zone's egress",
+        "hand-over and local API outside every zone",
         "no cross-zone route",
     }
     assert all(" holds " in row for row in rows.values()), table
     assert "VIOLATED" not in table
     assert "lab: 127.0.1.2 in 127.0.1.0/24 (zone zone-a)" in table
     assert "pharmacy: 127.0.2.2 in 127.0.2.0/24 (zone zone-b)" in table
+    assert "zone-a: 127.0.1.0/24" in table and "zone-b: 127.0.2.0/24" in table
+    assert "(no hand-over: received documents stay in the inbox folder)" in table
     profiles = table[table.index("zone TLS profiles") :].splitlines()
     assert any(
         line.split()[:6] == ["zone-a", "closed-network", ">=", "1.3", "off", "lab"]
@@ -485,6 +489,186 @@ def test_config_from_before_zones_is_refused_with_the_way_forward(world: World) 
         str(hospital.root / "peers.d" / "lab.toml"),
         str(hospital.root / "peers.d" / "pharmacy.toml"),
     }
+
+
+# --- what each configured URL reaches (hand-over, peers' URLs, egress) ---------------------
+
+
+def _hand_over(url: str, *, services: str = "", ca: bool = False) -> str:
+    lines = ["", "[delivery]", f"http_url = {_s(url)}"]
+    if ca:
+        lines.append('ca = "certs/ca.crt"')
+    return "\n".join(lines) + "\n" + services
+
+
+def _run_refused(config: Path, *words: str) -> str:
+    """``medgw run`` does not start, and says why."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode != 0, result.stdout
+    assert "not starting" in result.stderr, result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+    return result.stderr
+
+
+def test_hand_over_to_a_peers_endpoint_is_refused_everywhere(world: World) -> None:
+    """The reproduction: the hand-over URL set to the lab's AS2 endpoint (zone A)."""
+    hospital = world.hospital
+    lab_port = world.lab.listeners[0]["port"]
+    hospital.write(gateway_extra=_hand_over(f"http://127.0.1.2:{lab_port}/as2"))
+    problem = _rejected(
+        hospital.config_path, hospital.config_path, "delivery.http_url", "peer 'lab'", "NET-4"
+    )
+    assert "egress" in problem.fix
+    _run_refused(hospital.config_path, "delivery.http_url", "peer 'lab'")
+
+
+def test_hand_over_into_a_zones_egress_or_to_our_listener_is_refused(world: World) -> None:
+    hospital = world.hospital
+    # A third zone on a real network range: an internal-looking address inside it.
+    hospital.zone("zone-c", ["10.20.0.0/16"], [world.lab], source_address="127.0.3.1")
+    hospital.write(gateway_extra=_hand_over("https://10.20.0.5:8443/inbound", ca=True))
+    problem = _rejected(
+        hospital.config_path, hospital.config_path, "delivery.http_url", "zone 'zone-c'"
+    )
+    assert "10.20.0.0/16" in problem.message
+    # The same address, as an IPv4-mapped IPv6 literal, is the same place.
+    hospital.write(gateway_extra=_hand_over("https://[::ffff:10.20.0.5]:8443/inbound", ca=True))
+    _rejected(hospital.config_path, hospital.config_path, "delivery.http_url", "zone 'zone-c'")
+    # Our own listener of zone B.
+    port_b = hospital.listeners[1]["port"]
+    hospital.write(gateway_extra=_hand_over(f"http://127.0.2.1:{port_b}/as2"))
+    _rejected(hospital.config_path, hospital.config_path, "delivery.http_url", "'zone-b'")
+
+
+def test_hand_over_per_service_and_by_host_name_is_checked_too(world: World) -> None:
+    hospital = world.hospital
+    (api_port,) = free_ports(1)
+    api = (
+        f'\n[api]\nlisten = "127.0.0.1:{api_port}"\n[[api.clients]]\nname = "lis"\n'
+        f'token_sha256 = "{"0" * 64}"\npeers = ["lab"]\n'
+    )
+    service = (
+        '[[delivery.services]]\nname = "referrals"\n'
+        f'http_url = "https://localhost:{api_port}/referrals"\n'
+    )
+    text = hospital.write(
+        gateway_extra=_hand_over("http://127.0.0.1:9000/inbound", services=service, ca=True) + api
+    )
+    lab = hospital.root / "peers.d" / "lab.toml"
+    lab.write_text(lab.read_text() + 'services = ["referrals"]\n')
+    # "localhost" resolves to this host: at the API's port it is the local API.
+    problem = _rejected(
+        text, hospital.config_path, "delivery.services[0].http_url", "the local API"
+    )
+    assert f"port {api_port}" in problem.message
+
+
+def test_hand_over_on_this_host_is_accepted_and_shown_in_the_proof(world: World) -> None:
+    hospital = world.hospital
+    (api_port,) = free_ports(1)
+    api = (
+        f'\n[api]\nlisten = "127.0.0.1:{api_port}"\n[[api.clients]]\nname = "lis"\n'
+        f'token_sha256 = "{"0" * 64}"\npeers = ["lab"]\n'
+    )
+    hospital.write(gateway_extra=_hand_over("http://127.0.0.1:9000/inbound") + api)
+    result = _check_config(hospital.config_path)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout[result.stdout.index("network separation proof") :]
+    row = table[table.index("hand-over and local API outside every zone") :]
+    assert row.split("\n")[0].split()[7] == "holds", row
+    assert "delivery.http_url: http://127.0.0.1:9000/inbound -> 127.0.0.1 port 9000" in row
+    assert f"local API: http://127.0.0.1:{api_port} (loopback: this host only)" in row
+
+
+def test_reload_into_a_hand_over_to_a_peer_keeps_the_old_configuration(
+    world: World, processes: Any
+) -> None:
+    hospital = world.hospital
+    hospital.write(gateway_extra=_hand_over("http://127.0.0.1:9000/inbound"))
+    daemon = processes.start(hospital.config_path)
+    lab_port = world.lab.listeners[0]["port"]
+    hospital.write(gateway_extra=_hand_over(f"http://127.0.1.2:{lab_port}/as2"))
+    daemon.signal(signal.SIGHUP)
+    [failed] = wait_until(
+        lambda: events(hospital.audit_log, "config.reload_failed"), 20, "the refused reload"
+    )
+    assert "delivery.http_url" in failed["reason"] and "peer 'lab'" in failed["reason"]
+    assert daemon.proc.poll() is None
+    # Still serving: the listener of zone A completes a handshake with the lab.
+    assert not _handshake_refused(world.lab, world.lab, "127.0.1.1", hospital.listeners[0]["port"])
+    assert events(hospital.audit_log, "config.reloaded") == []
+
+
+def test_peer_url_pointing_at_our_own_listener_is_refused(world: World) -> None:
+    hospital = world.hospital
+    port_a = hospital.listeners[0]["port"]
+    # The lab's url set to our own zone A listener: we would send to ourselves.
+    hospital.peers[0] = (world.lab, "zone-a", f"https://127.0.1.1:{port_a}/as2")
+    hospital.write()
+    problem = _rejected(
+        hospital.config_path, hospital.root / "peers.d" / "lab.toml", "url", "'zone-a'"
+    )
+    assert "to itself" in problem.message
+
+
+def test_async_receipt_url_at_another_zones_listener_is_refused(world: World) -> None:
+    hospital = world.hospital
+    hospital.zone("zone-c", ["10.20.0.0/16"], [world.lab], source_address="127.0.3.1")
+    hospital.write()
+    lab = hospital.root / "peers.d" / "lab.toml"
+    port_a, port_b = (entry["port"] for entry in hospital.listeners)
+    plain = lab.read_text()
+    # Our zone A listener, as the lab (zone A) reaches it: fine.
+    lab.write_text(plain + f'async_receipt_url = "https://127.0.1.1:{port_a}/as2"\n')
+    assert _warnings(hospital.config_path) == []
+    # Our zone B listener: the lab would be told to deliver receipts into zone B.
+    lab.write_text(plain + f'async_receipt_url = "https://127.0.2.1:{port_b}/as2"\n')
+    problem = _rejected(hospital.config_path, lab, "async_receipt_url", "'zone-b'", "NET-4")
+    assert "zone 'zone-a'" in problem.fix
+    # Inside zone C's egress, though no listener of ours: refused too.
+    lab.write_text(plain + 'async_receipt_url = "https://10.20.0.7:4443/as2"\n')
+    _rejected(hospital.config_path, lab, "async_receipt_url", "egress of zone 'zone-c'")
+
+
+def test_overlapping_egress_of_two_zones_is_refused(world: World) -> None:
+    hospital = world.hospital
+    hospital.zones[1]["egress"] = ["127.0.2.0/24", "127.0.1.128/25"]
+    hospital.write()
+    problem = _rejected(
+        hospital.config_path, hospital.config_path, "zones[1].egress", "'zone-a'", "'zone-b'"
+    )
+    assert "127.0.1.128/25" in problem.message and "egress_except" in problem.fix
+
+
+def test_egress_except_keeps_another_zones_network_out_of_a_wide_zone(world: World) -> None:
+    """An internet-like zone ("everything") next to zone A: refused until zone A's range
+    is taken out of it with egress_except."""
+    hospital = world.hospital
+    hospital.zones[1]["egress"] = ["127.0.0.0/8"]
+    hospital.write()
+    problem = _rejected(hospital.config_path, hospital.config_path, "zones[1].egress", "overlap")
+    assert 'egress_except = ["127.0.1.0/24"]' in problem.fix
+    hospital.zones[1]["egress_except"] = ["127.0.1.0/24"]
+    hospital.write()
+    config = load_config(hospital.config_path)
+    zone_b = config.require_zone("zone-b")
+    assert not any(ipaddress.ip_address("127.0.1.2") in n for n in zone_b.egress)
+    assert any(ipaddress.ip_address("127.0.2.2") in n for n in zone_b.egress)
+    assert [str(n) for n in zone_b.egress_except] == ["127.0.1.0/24"]
+    result = _check_config(hospital.config_path)
+    assert result.returncode == 0, result.stderr
+    assert "(egress_except 127.0.1.0/24)" in result.stdout
+    # A range outside the egress cannot be excepted.
+    hospital.zones[1]["egress_except"] = ["10.0.0.0/8"]
+    hospital.write()
+    _rejected(hospital.config_path, hospital.config_path, "zones[1].egress_except", "not inside")
 
 
 # --- spool: no transit, enforced where messages are enqueued ----------------------------

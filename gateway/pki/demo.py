@@ -280,6 +280,8 @@ kind = "closed-network"
 source_address = "127.0.0.1"
 # Address ranges this zone's peers live in; a peer url outside them is refused.
 egress = ["127.0.0.0/8"]
+# Ranges taken out of egress (another zone's network inside it); default none.
+egress_except = []
 # CA certificates that issue this zone's peers' TLS certificates.  Peers are
 # also pinned to the certificates listed in their peers.d file.
 trust_anchors = ["certs/ca.crt"]
