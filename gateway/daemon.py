@@ -322,6 +322,8 @@ class Daemon:
         self._outbound = Outbound(config, self._spool, self._audit, self._log, self._clock)
         self._outbound.trust = trust
         try:
+            # Before any request: deliveries a killed run left half-done are settled first.
+            await asyncio.to_thread(self.state.inbound.recover)
             await self._outbound.recover()
             await self._start_listeners(config)
             self._control = ControlServer(

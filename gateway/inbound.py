@@ -13,7 +13,8 @@ import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -28,10 +29,11 @@ from gateway.as2.headers import (
 )
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit.log import recorded_since
 from gateway.clock import Clock
 from gateway.cms.stream import DecryptedFile, decrypt_bytes, decrypt_file, verify_entity_span
 from gateway.config import GatewayConfig, Peer
-from gateway.delivery.inbox import choose_target, deliver
+from gateway.delivery import inbox
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
 from gateway.errors import (
     DecryptionError,
@@ -52,7 +54,7 @@ from gateway.pki.peers import TrustSettings
 from gateway.pki.signers import PersonalSigners
 from gateway.pki.tls import certificate_fingerprint
 from gateway.routing import Refusal, route_inbound
-from gateway.spool import Spool
+from gateway.spool import InboundRecord, Spool
 
 
 @dataclass(frozen=True)
@@ -266,11 +268,12 @@ class InboundProcessor:
         document, or the spool, working files or audit log could not be written.
 
         Nothing is acknowledged: the answer is HTTP 503 without a receipt, so the
-        peer keeps the message and resends it (a document half-delivered before is
-        finished at the same place).  An alert names the cause and the fix; the
-        peer learns nothing of it.  (An inbox the administrator must repair, such
-        as a file where a folder should be, is answered with a negative receipt
-        instead: the sender learns at once that the document was not delivered.)
+        peer keeps the message and resends it (a document that reached the inbox
+        before the failure is not written again: see _deliver_once).  An alert
+        names the cause and the fix; the peer learns nothing of it.  (An inbox the
+        administrator must repair, such as a file where a folder should be, is
+        answered with a negative receipt instead: the sender learns at once that
+        the document was not delivered.)
         """
         fix: str | None = None
         if isinstance(exc, MedgwError):
@@ -544,6 +547,13 @@ class InboundProcessor:
         sha256: str,
         service: str | None,
     ) -> Path:
+        """Put the document in the inbox, unless it is there already: exactly once.
+
+        A resend whose document reached the inbox before an interruption (the process
+        died, or the audit log or spool could not be written, before the receipt was
+        stored) is not written again: it is audited as ``message.duplicate`` and
+        answered with a new receipt.
+        """
         existing = self._spool.inbound_get(peer.name, message_id)
         if existing is not None and (existing.sha256 != sha256 or existing.service != service):
             raise _Refused(
@@ -554,21 +564,39 @@ class InboundProcessor:
             )
         if existing is not None and existing.state == "delivered" and existing.receipt_body:
             raise DuplicateReceipt(existing.receipt_headers, existing.receipt_body)
+        if existing is not None and existing.state == "delivering":
+            existing = self._settle(existing)
         if existing is not None:
-            target = existing.target_path  # crashed mid-delivery: finish it, same place
-        else:
-            with self._locks.target:  # two documents with one name never share a target
-                target = choose_target(
-                    self._config.storage.inbox_dir,
-                    peer.name,
-                    filename,
-                    message_id,
-                    claimed=self._spool.inbound_target_claimed,
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_DUPLICATE,
+                    peer=peer.name,
                     service=service,
+                    message_id=message_id,
+                    direction="inbound",
+                    reason="resend of a message whose document was put in the inbox before "
+                    "an interruption: not written again, answered with a receipt",
+                    detail={"inbox_file": str(existing.target_path)},
                 )
-                self._spool.inbound_begin(peer.name, message_id, sha256, target, service)
+            )
+            return existing.target_path
         try:
-            deliver(target, payload())
+            with self._locks.target:  # two documents with one name never share a target
+                target = self._choose_target(peer, message_id, filename, service)
+                work = inbox.prepare(target)
+                try:
+                    self._spool.inbound_begin(
+                        peer.name, message_id, sha256, target, service, work_path=work, size=size
+                    )
+                except BaseException:
+                    inbox.discard(work)
+                    raise
+            try:
+                target = self._write(peer, message_id, filename, service, payload, work, target)
+            except DeliveryError:
+                self._spool.inbound_release(peer.name, message_id)  # nothing reached the inbox
+                inbox.discard(work)
+                raise
         except StorageFullError:
             raise  # passes once space is freed: the peer resends (see unavailable())
         except DeliveryError as exc:  # needs the administrator: the sender is told now
@@ -576,6 +604,12 @@ class InboundProcessor:
             raise _Refused(
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
             ) from exc
+        # From here on the document is in the inbox: whatever fails, it is never released
+        # nor written again (the next attempt, or the next start, settles it).
+        try:
+            inbox.finish(work, target)
+        except OSError as exc:
+            raise inbox.delivery_error(exc, target) from exc
         self._audit.emit(
             AuditEvent(
                 EventType.MESSAGE_DELIVERED,
@@ -587,6 +621,115 @@ class InboundProcessor:
             )
         )
         return target
+
+    def _choose_target(
+        self, peer: Peer, message_id: str, filename: str | None, service: str | None
+    ) -> Path:
+        """A free name for a new document (with ``self._locks.target`` held)."""
+        return inbox.choose_target(
+            self._config.storage.inbox_dir,
+            peer.name,
+            filename,
+            message_id,
+            claimed=self._spool.inbound_target_claimed,
+            service=service,
+            services=peer.services,
+        )
+
+    def _write(
+        self,
+        peer: Peer,
+        message_id: str,
+        filename: str | None,
+        service: str | None,
+        payload: Callable[[], Iterable[bytes]],
+        work: Path,
+        target: Path,
+    ) -> Path:
+        """Fill the work file and link it into the inbox; the name it took.  Raises
+        DeliveryError (StorageFullError) if the document did not reach the inbox."""
+        try:
+            inbox.fill(work, payload())
+        except OSError as exc:
+            raise inbox.delivery_error(exc, target) from exc
+        for _ in range(3):
+            try:
+                inbox.link(work, target)
+                return target
+            except FileExistsError:
+                # Something outside medgw took the name meanwhile: never replaced, another one.
+                with self._locks.target:
+                    target = self._choose_target(peer, message_id, filename, service)
+                    self._spool.inbound_retarget(peer.name, message_id, target)
+            except OSError as exc:
+                raise inbox.delivery_error(exc, target) from exc
+        raise DeliveryError(
+            f"cannot write the received document to {target.parent}: every free name "
+            "chosen for it was taken before it could be written",
+            fix=f"check {target.parent}: something else creates files there",
+        )
+
+    def recover(self) -> None:
+        """At start, before any request: settle every delivery a stopped process left in
+        the middle, so that none is written twice and each is audited once."""
+        for record in self._spool.inbound_unfinished():
+            try:
+                settled = self._settle(record)
+            except (OSError, MedgwError) as exc:  # left as it is: a resend settles it
+                self._log.error(
+                    "recovery.inbound_failed",
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    error=str(exc),
+                    fix=f"check {record.target_path.parent} and the disk under it",
+                )
+                continue
+            self._log.info(
+                "recovery.inbound_settled",
+                peer=record.peer,
+                message_id=record.message_id,
+                in_inbox=settled is not None,
+            )
+        keep = {r.work_path for r in self._spool.inbound_unfinished() if r.work_path}
+        for path in inbox.remove_stale_work_files(self._config.storage.inbox_dir, keep):
+            self._log.info("recovery.removed_work_file", folder=path.parent.name)
+
+    def _settle(self, record: InboundRecord) -> InboundRecord | None:
+        """An interrupted delivery: if its document reached the inbox, make sure that is
+        audited (once) and recorded; else forget it, for a resend to start afresh.
+        Returns the record as it now is (None: forgotten)."""
+        if not inbox.landed(record.work_path, record.target_path):
+            self._spool.inbound_release(record.peer, record.message_id)
+            if record.work_path is not None:
+                inbox.discard(record.work_path)
+            return None
+        received = datetime.fromisoformat(record.received_at)
+
+        def delivered(event: dict[str, object]) -> bool:
+            return (
+                event.get("event") == EventType.MESSAGE_DELIVERED.value
+                and event.get("peer") == record.peer
+                and event.get("message_id") == record.message_id
+            )
+
+        if not recorded_since(self._config.storage.audit_log, received, delivered):
+            self._audit.emit(
+                AuditEvent(
+                    EventType.MESSAGE_DELIVERED,
+                    peer=record.peer,
+                    service=record.service,
+                    message_id=record.message_id,
+                    direction="inbound",
+                    reason="put in the inbox before an interruption; recorded now",
+                    detail={
+                        "inbox_file": str(record.target_path),
+                        "size": record.size,
+                        "sha256": record.sha256,
+                    },
+                )
+            )
+        self._spool.inbound_written(record.peer, record.message_id)
+        return replace(record, state="written")
 
     def _reject(
         self, request: InboundRequest, message_id: str | None, event: EventType, reason: str

@@ -64,13 +64,14 @@ def build(
     recipient: x509.Certificate,
     filename: str = "doc.bin",
     cipher: str = "aes-256-gcm",
+    message_id: str | None = None,
 ):
     return build_message(
         payload,
         MessageSpec(
             filename=filename,
             content_type="application/octet-stream",
-            message_id=new_message_id(sender_as2),
+            message_id=message_id or new_message_id(sender_as2),
             sender_as2_id=sender_as2,
             receiver_as2_id=receiver_as2,
             signing=signing,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,9 +27,15 @@ class Processes:
         self.started: list[GatewayProcess] = []
 
     def start(
-        self, config: Path, *, env: dict[str, str] | None = None, wait: bool = True
+        self,
+        config: Path,
+        *,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        prefix: Sequence[str] = (),
     ) -> GatewayProcess:
-        proc = GatewayProcess(config, env=env)
+        """``prefix`` wraps the command (see GatewayProcess), e.g. tests/faultpoint.py."""
+        proc = GatewayProcess(config, env=env, prefix=prefix)
         self.started.append(proc)
         if wait:
             proc.wait_ready()

@@ -50,7 +50,7 @@ class EventType(StrEnum):
     # What a peer sent could not be stored here (disk full, permissions, I/O error):
     # nothing was acknowledged, the peer was asked to resend (HTTP 503).
     STORAGE_UNAVAILABLE = "storage.unavailable"
-    MESSAGE_DUPLICATE = "message.duplicate"  # resend answered with the original receipt
+    MESSAGE_DUPLICATE = "message.duplicate"  # resend of a delivered document: not written again
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"
     RECEIPT_RECEIVED = "receipt.received"

@@ -27,6 +27,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -35,6 +36,7 @@ from gateway.clock import Clock
 from gateway.errors import MedgwError
 
 GENESIS = "0" * 64
+CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see recorded_since
 
 
 class AuditSink(Protocol):
@@ -202,6 +204,41 @@ def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
+
+
+def recorded_since(
+    path: Path, since: datetime, match: Callable[[dict[str, Any]], bool], block: int = 1 << 16
+) -> bool:
+    """Whether a record written at ``since`` or later satisfies ``match``.
+
+    Reads the log backwards from its end, so the cost is that of the records
+    written since then (plus a margin for a clock set back meanwhile), whatever
+    the size of the log.  For recovery: whether an event was recorded before a
+    process died.
+    """
+    if not path.exists():
+        return False
+    limit = since - CLOCK_MARGIN
+    with path.open("rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        rest = b""
+        while end > 0:
+            start = max(0, end - block)
+            handle.seek(start)
+            lines = (handle.read(end - start) + rest).split(b"\n")
+            end = start
+            rest = lines.pop(0) if start > 0 else b""  # may be cut: read with the block before
+            for line in reversed(lines):
+                try:
+                    record = json.loads(line)
+                    at = datetime.fromisoformat(record["time"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # an empty or torn line
+                if at < limit:
+                    return False
+                if match(record):
+                    return True
+    return False
 
 
 class AuditChainError(MedgwError):

@@ -1,23 +1,40 @@
-"""Inbox folder delivery: ``inbox/<peer>/[<service>/]<file name>``, written atomically.
+"""Inbox folder delivery: ``inbox/<peer>/[<service>/]<file name>``, exactly once.
 
 Internal systems watching the inbox see a document only once it is complete
-and on disk (hidden temporary file, fsync, rename, fsync of the folder).  A
-name sent by a peer is reduced to a safe base name: a peer can never choose
-where in the file system a document lands.
+and on disk, and never see it written twice.  A document is written to a
+hidden *work file* beside its target (created before the spool records the
+delivery, so that the record always names an existing work file), synced, and
+then hard-linked to its target name, which never replaces anything: a name
+that exists is never overwritten.  The work name is then removed.  Whether an
+interrupted delivery reached the inbox is therefore known from the work file
+alone (:func:`landed`): gone, or the same file as the target, means the
+document is in the inbox (even if an internal system has already taken it
+away); otherwise it is not.
+
+A name sent by a peer is reduced to a safe base name: a peer can never choose
+where in the file system a document lands, nor which existing file it meets.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
-from collections.abc import Callable, Iterable
+import secrets
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from gateway.errors import DeliveryError, StorageFullError
-from gateway.fsutil import NO_SPACE, storage_fix, write_atomic
+from gateway.fsutil import NO_SPACE, fsync_dir, storage_fix
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 MAX_NAME = 200
+FILE_MODE = 0o640
+# A clash gets a random suffix, tried again until free: nobody can predict the
+# name a document will take, so nobody can put something there first.
+_SUFFIX_TRIES = 16
+WORK = re.compile(r"^\..+\.[0-9a-f]{12}\.delivering$")
 
 
 def safe_name(filename: str | None, message_id: str) -> str:
@@ -36,30 +53,149 @@ def choose_target(
     message_id: str,
     claimed: Callable[[Path], bool] = lambda _path: False,
     service: str | None = None,
+    services: Collection[str] = (),
 ) -> Path:
-    """Where a new document goes: never an existing file, nor one another delivery claimed.
+    """Where a new document goes: never a name that exists (file, folder or link), nor
+    one another delivery claimed, nor in ``inbox/<peer>/`` the name of one of the
+    peer's ``services`` (their folders live there).
 
     ``service`` must be one configured for the peer (a checked folder name).
-    On a clash the name gets a suffix derived from the Message-ID.
+    On a clash the name gets a random suffix.
     """
     folder = inbox_dir / peer if service is None else inbox_dir / peer / service
+    kept = {s.casefold() for s in services} if service is None else set()
+
+    def free(candidate: Path) -> bool:
+        return (
+            candidate.name.casefold() not in kept
+            and not os.path.lexists(candidate)
+            and not claimed(candidate)
+        )
+
     name = safe_name(filename, message_id)
-    target = folder / name
-    if target.exists() or claimed(target):
-        stem, dot, ext = name.partition(".")
-        tag = hashlib.sha256(message_id.encode()).hexdigest()[:12]
-        target = folder / f"{stem}-{tag}{dot}{ext}"
-    return target
+    if free(folder / name):
+        return folder / name
+    stem, dot, ext = name.partition(".")
+    for _ in range(_SUFFIX_TRIES):
+        target = folder / f"{stem}-{secrets.token_hex(6)}{dot}{ext}"
+        if free(target):
+            return target
+    raise DeliveryError(
+        f"no free name for a document named {name!r} in {folder}",
+        fix=f"check {folder}: something else creates files there",
+    )
 
 
-def deliver(target: Path, payload: Iterable[bytes]) -> None:
-    """Write the document (bytes, or chunks of it) to ``target`` atomically."""
-    chunks = [payload] if isinstance(payload, bytes) else payload
+def work_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.delivering")
+
+
+def prepare(target: Path) -> Path:
+    """Create the target's folder and an empty hidden work file beside it; its path.
+
+    Raises StorageFullError or DeliveryError (see :func:`delivery_error`).
+    """
+    work = work_name(target)
     try:
-        write_atomic(target, chunks, overwrite=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        os.close(fd)
     except OSError as exc:
-        full = exc.errno in NO_SPACE
-        raise (StorageFullError if full else DeliveryError)(
+        raise delivery_error(exc, target) from exc
+    return work
+
+
+def fill(work: Path, payload: Iterable[bytes]) -> None:
+    """Write the document (bytes, or chunks of it) to the work file and sync it.
+
+    Raises OSError; the work file stays, for the caller to discard."""
+    chunks = [payload] if isinstance(payload, bytes) else payload
+    fd = os.open(work, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    with os.fdopen(fd, "wb", closefd=True) as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def link(work: Path, target: Path) -> None:
+    """Give the complete work file its name in the inbox: from here on the document is
+    delivered.  FileExistsError if anything has that name (nothing is replaced)."""
+    os.link(work, target, follow_symlinks=False)
+
+
+def finish(work: Path, target: Path) -> None:
+    """After :func:`link`: remove the work name and make both changes durable.
+
+    Raises OSError; the document is in the inbox all the same (see :func:`landed`)."""
+    os.unlink(work)
+    fsync_dir(target.parent)
+
+
+def landed(work: Path | None, target: Path) -> bool:
+    """Whether an interrupted delivery put its document in the inbox: its work file is
+    gone, or is the target itself (then the work name is removed now).
+
+    ``work`` None: a delivery recorded before work files (by an older version),
+    which wrote the target in one rename: landed if the target is there.
+    """
+    if work is None:
+        return os.path.lexists(target)
+    try:
+        held = os.stat(work, follow_symlinks=False)
+    except FileNotFoundError:
+        return True
+    try:
+        named = os.stat(target, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+        return False
+    finish(work, target)
+    return True
+
+
+def discard(work: Path) -> None:
+    work.unlink(missing_ok=True)
+
+
+def remove_stale_work_files(inbox_dir: Path, keep: Collection[Path]) -> list[Path]:
+    """Delete work files a killed process left behind before recording them (our own
+    naming pattern only), except those in ``keep``."""
+    removed = []
+    if inbox_dir.is_dir():
+        for path in inbox_dir.rglob(".*.delivering"):
+            if WORK.match(path.name) and path not in keep and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def delivery_error(exc: OSError, target: Path) -> DeliveryError:
+    """``exc``, raised while delivering to ``target``, for the administrator."""
+    if exc.errno in NO_SPACE:
+        return StorageFullError(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
             fix=storage_fix(exc, target.parent),
-        ) from exc
+        )
+    blocker = _file_in_the_way(target.parent)
+    if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return DeliveryError(
+            f"cannot write the received document to {target}: {blocker} is a file, "
+            "where medgw keeps a folder",
+            fix=f"move {blocker} out of the way (look at it first: it may be a document "
+            "delivered under that name by an older version); medgw then creates the "
+            "folder and the peer's resends are delivered",
+        )
+    return DeliveryError(
+        f"cannot write the received document to {target}: {exc.strerror or exc}",
+        fix=storage_fix(exc, target.parent),
+    )
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest of ``folder`` and its parents that exists and is not a folder."""
+    for candidate in (folder, *folder.parents):
+        if os.path.lexists(candidate):
+            return None if candidate.is_dir() else candidate
+    return None

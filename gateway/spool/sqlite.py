@@ -198,10 +198,15 @@ class InboundRecord:
     message_id: str
     sha256: str
     target_path: Path
-    state: str  # "delivering" or "delivered"
+    # "delivering": the document is being written (or was, when the process died);
+    # "written": it is in the inbox, its receipt not yet sent; "delivered": receipt stored.
+    state: str
     receipt_headers: tuple[tuple[str, str], ...]
     receipt_body: bytes | None
     service: str | None = None
+    work_path: Path | None = None  # see gateway.delivery.inbox
+    size: int | None = None
+    received_at: str = ""
 
 
 class HandoverState(StrEnum):
@@ -228,6 +233,22 @@ class HandoverRecord:
     created_at: str = ""
     updated_at: str = ""
     expires_at: float = 0.0  # 0: created_at + [runtime] message_expiry_seconds
+
+
+def _inbound(row: sqlite3.Row) -> InboundRecord:
+    return InboundRecord(
+        peer=row["peer"],
+        message_id=row["message_id"],
+        sha256=row["sha256"],
+        target_path=Path(row["target_path"]),
+        state=row["state"],
+        receipt_headers=tuple(tuple(h) for h in json.loads(row["receipt_headers"] or "[]")),
+        receipt_body=row["receipt_body"],
+        service=row["service"],
+        work_path=Path(row["work_path"]) if row["work_path"] else None,
+        size=row["size"],
+        received_at=row["received_at"],
+    )
 
 
 def _outbound(row: sqlite3.Row) -> OutboundRecord:
@@ -269,6 +290,10 @@ _ADDED_COLUMNS = (
     ("outbound", "origin_zone", "TEXT"),
     ("outbound", "service", "TEXT"),
     ("inbound", "service", "TEXT"),
+    # The hidden file a received document is written to before it takes its name in
+    # the inbox (NULL: recorded before work files), and the document's size.
+    ("inbound", "work_path", "TEXT"),
+    ("inbound", "size", "INTEGER"),
     ("handover", "expires_at", "REAL NOT NULL DEFAULT 0"),
     # SHA-256 of the peer certificate a queued message is encrypted to (NULL: before this
     # was recorded): a rotation that drops it can be told about (see daemon).
@@ -791,18 +816,12 @@ class Spool:
 
     def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None:
         row = self._one("SELECT * FROM inbound WHERE peer=? AND message_id=?", (peer, message_id))
-        if row is None:
-            return None
-        return InboundRecord(
-            peer=row["peer"],
-            message_id=row["message_id"],
-            sha256=row["sha256"],
-            target_path=Path(row["target_path"]),
-            state=row["state"],
-            receipt_headers=tuple(tuple(h) for h in json.loads(row["receipt_headers"] or "[]")),
-            receipt_body=row["receipt_body"],
-            service=row["service"],
-        )
+        return None if row is None else _inbound(row)
+
+    def inbound_unfinished(self) -> list[InboundRecord]:
+        """Deliveries a stopped process left in the middle (state ``delivering``)."""
+        rows = self._read("SELECT * FROM inbound WHERE state='delivering'", ())
+        return [_inbound(r) for r in rows]
 
     def inbound_target_claimed(self, target_path: Path) -> bool:
         return (
@@ -816,12 +835,49 @@ class Spool:
         sha256: str,
         target_path: Path,
         service: str | None = None,
+        *,
+        work_path: Path | None = None,
+        size: int | None = None,
     ) -> None:
         now = self._now()
         self._write(
             "INSERT OR REPLACE INTO inbound (peer, message_id, sha256, target_path, state,"
-            " received_at, updated_at, service) VALUES (?,?,?,?,?,?,?,?)",
-            (peer, message_id, sha256, str(target_path), "delivering", now, now, service),
+            " received_at, updated_at, service, work_path, size) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                peer,
+                message_id,
+                sha256,
+                str(target_path),
+                "delivering",
+                now,
+                now,
+                service,
+                str(work_path) if work_path is not None else None,
+                size,
+            ),
+        )
+
+    def inbound_retarget(self, peer: str, message_id: str, target_path: Path) -> None:
+        """A delivery in progress takes another name (its first one was taken meanwhile)."""
+        self._write(
+            "UPDATE inbound SET target_path=?, updated_at=? WHERE peer=? AND message_id=?"
+            " AND state='delivering'",
+            (str(target_path), self._now(), peer, message_id),
+        )
+
+    def inbound_release(self, peer: str, message_id: str) -> None:
+        """Forget a delivery that did not reach the inbox: a resend starts afresh."""
+        self._write(
+            "DELETE FROM inbound WHERE peer=? AND message_id=? AND state='delivering'",
+            (peer, message_id),
+        )
+
+    def inbound_written(self, peer: str, message_id: str) -> None:
+        """An interrupted delivery is known to be in the inbox (and audited as such)."""
+        self._write(
+            "UPDATE inbound SET state='written', updated_at=? WHERE peer=? AND message_id=?"
+            " AND state='delivering'",
+            (self._now(), peer, message_id),
         )
 
     def inbound_delivered(

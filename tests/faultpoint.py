@@ -1,0 +1,96 @@
+"""Run a command of ``python -m <module>`` that SIGKILLs itself at one named point.
+
+For crash tests that must stop a daemon at an exact place in the code, not by
+luck.  It is a wrapper, used as the command prefix of a test's ``medgw run``
+(:class:`gateway.demo_run.GatewayProcess`)::
+
+    python tests/faultpoint.py --kill-after gateway.delivery.inbox:finish -- \\
+        python -m gateway run --config gateway.toml
+
+It replaces the named function, in this process only, with one that calls it
+and then kills the process (``--kill-after``), or kills it before the call
+(``--kill-before``); ``--kill-after-event NAME`` kills it right after the audit
+record of event NAME is written.  The product has no hook of its own: this
+file is not part of the installed package, and nothing an administrator sets
+can make a ``medgw`` process stop like this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import runpy
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _patch(spec: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """``spec`` ``package.module:Name[.attr]``: replace that function with ``wrap(it)``."""
+    module_name, _, path = spec.partition(":")
+    owner: Any = importlib.import_module(module_name)
+    *parents, name = path.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    original = getattr(owner, name)  # AttributeError: the fault point no longer exists
+    setattr(owner, name, functools.wraps(original)(wrap(original)))
+
+
+def _after(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        original(*args, **kwargs)
+        _kill()
+
+    return call
+
+
+def _before(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        _kill()
+
+    return call
+
+
+def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def emit(self: Any, record: Any) -> None:
+            original(self, record)
+            if record.event.value == event:
+                _kill()
+
+        return emit
+
+    return wrap
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kill-after", metavar="MODULE:FUNCTION")
+    parser.add_argument("--kill-before", metavar="MODULE:FUNCTION")
+    parser.add_argument("--kill-after-event", metavar="EVENT")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.kill_after:
+        _patch(args.kill_after, _after)
+    if args.kill_before:
+        _patch(args.kill_before, _before)
+    if args.kill_after_event:
+        _patch("gateway.audit.log:AuditLog.emit", _after_event(args.kill_after_event))
+    # The command: python -m MODULE ARGS...
+    at = command.index("-m")
+    module, rest = command[at + 1], command[at + 2 :]
+    sys.argv = [module, *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,192 @@
+"""Exactly once into the inbox, across a crash at the worst moment.
+
+The receiving daemon is stopped (SIGKILL) at an exact point of a delivery by
+tests/faultpoint.py: after the document took its name in the inbox and before
+anything recorded that.  The sender resends; the document must not be written
+again (same inode and modification time, watched all along), the audit trail
+must show one ``message.delivered`` and a ``message.duplicate`` for the resend,
+and the sender must get a verified ``processed`` receipt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import AuditEvent, AuditLog, EventType
+from gateway.audit.log import CLOCK_MARGIN, recorded_since
+from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.clocks import TickingClock
+from tests.inboxwatch import InboxWatch
+from tests.test_services import InternalSystem, enable_delivery, internal_port  # noqa: F401
+
+FAULTPOINT = Path(__file__).with_name("faultpoint.py")
+
+
+def events(path: Path, name: str, message_id: str | None = None) -> list[dict[str, Any]]:
+    return [
+        r
+        for r in read_audit(path)
+        if r["event"] == name and (message_id is None or r.get("message_id") == message_id)
+    ]
+
+
+def killed_at(*point: str) -> tuple[str, ...]:
+    return (sys.executable, str(FAULTPOINT), *point, "--")
+
+
+def wait_killed(proc: GatewayProcess) -> None:
+    wait_until(lambda: proc.proc.poll() is not None, 60, "the daemon to be killed at the point")
+    assert proc.proc.returncode == -signal.SIGKILL, "\n".join(proc.raw[-20:])
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        # Named in the inbox, the work name not yet removed.
+        ("--kill-after", "gateway.delivery.inbox:link"),
+        # In the inbox and on disk; nothing recorded: not the audit, not the spool.
+        ("--kill-after", "gateway.delivery.inbox:finish"),
+        # Audited as delivered; the spool does not know it yet.
+        ("--kill-after-event", "message.delivered"),
+    ],
+    ids=["after-link", "after-rename", "after-audit"],
+)
+def test_a_resend_after_a_kill_between_rename_and_record_is_not_written_again(
+    layout: DemoLayout, processes: Any, point: tuple[str, str]
+) -> None:
+    hospital = processes.start(layout.hospital.config_path, prefix=killed_at(*point))
+    processes.start(layout.lab.config_path)
+    document = os.urandom(50_000)
+    drop_file(layout.lab.outbox_for("hospital"), "order.hl7", document)
+    wait_killed(hospital)
+
+    inbox = layout.hospital.inbox_dir / "lab"
+    target = inbox / "order.hl7"
+    assert target.read_bytes() == document
+    before = os.stat(target)
+    [received] = events(layout.hospital.audit_log, "message.received")
+    message_id = received["message_id"]
+    delivered_before = len(events(layout.hospital.audit_log, "message.delivered"))
+    assert delivered_before == (1 if point[0] == "--kill-after-event" else 0)
+    assert not events(layout.hospital.audit_log, "receipt.sent")
+
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        processes.start(layout.hospital.config_path)
+        [receipt] = wait_until(
+            lambda: events(layout.lab.audit_log, "receipt.received", message_id),
+            60,
+            "the lab's receipt for the resend",
+        )
+    assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
+    assert watch.rewritten == [] and watch.looks > 10
+    after = os.stat(target)
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_size,
+    )
+    assert target.read_bytes() == document
+    assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]  # no work file, no copy
+    audit = layout.hospital.audit_log
+    [delivered] = events(audit, "message.delivered", message_id)
+    assert delivered["detail"]["inbox_file"] == str(target)
+    assert delivered["detail"]["sha256"] == received["detail"]["sha256"]
+    [duplicate] = events(audit, "message.duplicate", message_id)
+    assert "not written again" in duplicate["reason"]
+    [sent] = events(audit, "receipt.sent", message_id)
+    assert sent["detail"]["disposition"] == "processed"
+
+
+def test_a_kill_before_the_rename_delivers_the_resend_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The work file was written, not named: nothing reached the inbox; the resend does."""
+    hospital = processes.start(
+        layout.hospital.config_path,
+        prefix=killed_at("--kill-before", "gateway.delivery.inbox:link"),
+    )
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
+    wait_killed(hospital)
+    inbox = layout.hospital.inbox_dir / "lab"
+    [work] = list(inbox.iterdir())
+    assert work.name.startswith(".order.hl7.") and work.name.endswith(".delivering")
+
+    processes.start(layout.hospital.config_path)
+    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]
+    assert (inbox / "order.hl7").read_bytes() == b"MSH|order\r"
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert not events(layout.hospital.audit_log, "message.duplicate")
+
+
+def test_a_kill_between_the_internal_systems_answer_and_the_record_hands_over_with_one_key(
+    layout: DemoLayout,
+    processes: Any,
+    internal_port: int,  # noqa: F811
+) -> None:
+    """The hand-over is at least once: the repeat carries the same Idempotency-Key."""
+    enable_delivery(layout, internal_port)
+    system = InternalSystem(internal_port)
+    try:
+        hospital = processes.start(
+            layout.hospital.config_path,
+            prefix=killed_at("--kill-before", "gateway.spool.sqlite:Spool.handover_done"),
+        )
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
+        wait_killed(hospital)
+        [first] = system.ok()
+        processes.start(layout.hospital.config_path)
+        wait_until(
+            lambda: events(layout.hospital.audit_log, "message.handed_over"), 60, "handed over"
+        )
+        first_path, first_headers, first_body, _ = first
+        [_, (path, headers, body, _)] = system.ok()
+        assert (path, body) == (first_path, first_body) == ("/inbound", b"MSH|doc\r")
+        for name in ("Idempotency-Key", "X-Medgw-Peer", "X-Medgw-Sha256", "X-Medgw-Filename"):
+            assert headers[name] == first_headers[name], name
+        [receipt] = events(layout.lab.audit_log, "receipt.received")
+        assert headers["Idempotency-Key"] == receipt["message_id"]
+        assert len(events(layout.hospital.audit_log, "message.handed_over")) == 1
+        assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    finally:
+        system.close()
+
+
+def test_recovery_reads_only_the_audit_written_since_the_delivery_began(tmp_path: Path) -> None:
+    clock = TickingClock()
+    log = AuditLog(tmp_path / "audit.jsonl", clock, node="n")
+    for number in range(600):
+        log.emit(AuditEvent(EventType.MESSAGE_RECEIVED, peer="lab", message_id=f"<{number}@x>"))
+    began = clock.now()
+    log.emit(AuditEvent(EventType.MESSAGE_DELIVERED, peer="lab", message_id="<late@x>"))
+    for number in range(500):  # other documents, after it
+        log.emit(AuditEvent(EventType.MESSAGE_RECEIVED, peer="lab", message_id=f"<o{number}@x>"))
+    log.close()
+
+    def of(message_id: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda record: record.get("message_id") == message_id
+
+    looked: list[str] = []
+
+    def watching(record: dict[str, Any]) -> bool:
+        looked.append(record["message_id"])
+        return False
+
+    for block in (97, 4096, 1 << 16):  # records cut across reads
+        assert recorded_since(tmp_path / "audit.jsonl", began, of("<late@x>"), block=block)
+        assert not recorded_since(tmp_path / "audit.jsonl", began, of("<early@x>"), block=block)
+    # An earlier record is not looked for further back than the clock margin.
+    assert not recorded_since(tmp_path / "audit.jsonl", began + CLOCK_MARGIN, of("<0@x>"))
+    looked.clear()
+    recorded_since(tmp_path / "audit.jsonl", began + CLOCK_MARGIN, watching)
+    assert len(looked) == 501
