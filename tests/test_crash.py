@@ -2,6 +2,10 @@
 
 Most documents are small (sealed in memory, their body kept in the spool row);
 every tenth is larger, so that its body goes through a file in state/outgoing.
+The hospital's inbox is watched all along (inode, size, modification time
+every few milliseconds), as an internal system taking files from it would:
+no document may be written there twice, and the audit trail records each
+delivery once.
 """
 
 from __future__ import annotations
@@ -10,14 +14,16 @@ import hashlib
 import random
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from gateway.clock import SystemClock
-from gateway.demo_run import drop_file, wait_until
+from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Spool
+from tests.inboxwatch import InboxWatch
 
 MESSAGES = 200
 
@@ -34,25 +40,6 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     sent: dict[str, str] = {}
     kills = 0
     dropped = 0
-    while dropped < MESSAGES:
-        for _ in range(rng.randint(5, 25)):
-            if dropped == MESSAGES:
-                break
-            name = f"result-{dropped:04d}.hl7"
-            data = f"MSH|^~\\&|LIS|LAB|{dropped}|{rng.random()}\r".encode() * rng.randint(1, 50)
-            if dropped % 10 == 0:  # larger than INLINE_BODY_BYTES: its body is a file
-                data = rng.randbytes(INLINE_BODY_BYTES + rng.randint(1, 64 * 1024))
-            drop_file(outbox, name, data)
-            sent[name] = hashlib.sha256(data).hexdigest()
-            dropped += 1
-        time.sleep(rng.uniform(0.05, 0.6))
-        victim = rng.choice(list(configs))
-        running[victim].proc.send_signal(signal.SIGKILL)
-        running[victim].proc.wait()
-        kills += 1
-        time.sleep(rng.uniform(0.0, 0.3))
-        running[victim] = processes.start(configs[victim])
-
     lab_spool_path = layout.lab.root / "state" / "spool.sqlite3"
 
     def all_delivered() -> bool:
@@ -65,9 +52,32 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
         finally:
             spool.close()
 
-    wait_until(all_delivered, 300, f"all {MESSAGES} messages delivered (seed {seed})")
-    for proc in running.values():
-        assert proc.stop() == 0
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        while dropped < MESSAGES:
+            for _ in range(rng.randint(5, 25)):
+                if dropped == MESSAGES:
+                    break
+                name = f"result-{dropped:04d}.hl7"
+                line = f"MSH|^~\\&|LIS|LAB|{dropped}|{rng.random()}\r".encode()
+                data = line * rng.randint(1, 50)
+                if dropped % 10 == 0:  # larger than INLINE_BODY_BYTES: its body is a file
+                    data = rng.randbytes(INLINE_BODY_BYTES + rng.randint(1, 64 * 1024))
+                drop_file(outbox, name, data)
+                sent[name] = hashlib.sha256(data).hexdigest()
+                dropped += 1
+            time.sleep(rng.uniform(0.05, 0.6))
+            victim = rng.choice(list(configs))
+            running[victim].proc.send_signal(signal.SIGKILL)
+            running[victim].proc.wait()
+            kills += 1
+            time.sleep(rng.uniform(0.0, 0.3))
+            running[victim] = processes.start(configs[victim])
+
+        wait_until(all_delivered, 300, f"all {MESSAGES} messages delivered (seed {seed})")
+        for proc in running.values():
+            assert proc.stop() == 0
+    assert watch.rewritten == [], f"seed {seed}: written into the inbox again"
+    assert watch.looks > 100
 
     inbox = layout.hospital.inbox_dir / "lab"
     files = sorted(p for p in inbox.iterdir())
@@ -90,6 +100,13 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     assert list(outbox.iterdir()) == []
     assert _leftovers(layout.root) == []  # no half-written file anywhere
     assert kills >= 5
+    # The audit trail: one delivery per document, whatever the resends.
+    delivered = Counter(
+        r["message_id"]
+        for r in read_audit(layout.hospital.audit_log)
+        if r["event"] == "message.delivered"
+    )
+    assert len(delivered) == MESSAGES and set(delivered.values()) == {1}, f"seed {seed}"
     print(f"{MESSAGES} messages, {kills} SIGKILLs, all delivered exactly once")
 
 
