@@ -10,7 +10,8 @@ luck.  It is a wrapper, used as the command prefix of a test's ``medgw run``
 It replaces the named function, in this process only, with one that calls it
 and then kills the process (``--kill-after``), or kills it before the call
 (``--kill-before``); ``--kill-after-event NAME`` kills it right after the audit
-record of event NAME is written.  The product has no hook of its own: this
+record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
+write of that record fail instead (as on a full disk).  The product has no hook of its own: this
 file is not part of the installed package, and nothing an administrator sets
 can make a ``medgw`` process stop like this.
 """
@@ -18,6 +19,7 @@ can make a ``medgw`` process stop like this.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import importlib
 import os
@@ -71,11 +73,28 @@ def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any
     return wrap
 
 
+def _fail_once_at_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The first audit record of ``event`` is not written: emit raises, as on a full disk."""
+    failed: list[bool] = []
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def emit(self: Any, record: Any) -> None:
+            if record.event.value == event and not failed:
+                failed.append(True)
+                raise OSError(errno.ENOSPC, "No space left on device (faultpoint.py)")
+            original(self, record)
+
+        return emit
+
+    return wrap
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kill-after", metavar="MODULE:FUNCTION")
     parser.add_argument("--kill-before", metavar="MODULE:FUNCTION")
     parser.add_argument("--kill-after-event", metavar="EVENT")
+    parser.add_argument("--fail-once-at-event", metavar="EVENT")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -85,6 +104,8 @@ def main(argv: list[str]) -> None:
         _patch(args.kill_before, _before)
     if args.kill_after_event:
         _patch("gateway.audit.log:AuditLog.emit", _after_event(args.kill_after_event))
+    if args.fail_once_at_event:
+        _patch("gateway.audit.log:AuditLog.emit", _fail_once_at_event(args.fail_once_at_event))
     # The command: python -m MODULE ARGS...
     at = command.index("-m")
     module, rest = command[at + 1], command[at + 2 :]

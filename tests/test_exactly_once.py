@@ -21,8 +21,10 @@ import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.log import CLOCK_MARGIN, recorded_since
+from gateway.clock import SystemClock
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from gateway.spool import Spool
 from tests.clocks import TickingClock
 from tests.inboxwatch import InboxWatch
 from tests.test_services import InternalSystem, enable_delivery, internal_port  # noqa: F401
@@ -190,3 +192,59 @@ def test_recovery_reads_only_the_audit_written_since_the_delivery_began(tmp_path
     looked.clear()
     recorded_since(tmp_path / "audit.jsonl", began + CLOCK_MARGIN, watching)
     assert len(looked) == 501
+
+
+def test_a_resend_after_a_failure_between_rename_and_record_is_not_written_again(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """No crash: the audit record of the delivery could not be written (503); the
+    resend to the same process settles the delivery without writing it again."""
+    processes.start(
+        layout.hospital.config_path, prefix=killed_at("--fail-once-at-event", "message.delivered")
+    )
+    processes.start(layout.lab.config_path)
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
+        [receipt] = wait_until(
+            lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt"
+        )
+    assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
+    assert watch.rewritten == []
+    message_id = receipt["message_id"]
+    audit = layout.hospital.audit_log
+    [unavailable] = events(audit, "storage.unavailable", message_id)
+    assert "faultpoint" in unavailable["reason"]
+    [delivered] = events(audit, "message.delivered", message_id)
+    assert "before an interruption" in delivered["reason"]
+    assert len(events(audit, "message.duplicate", message_id)) == 1
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]
+
+
+def test_deliveries_recorded_by_an_older_version_are_settled_at_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A spool row without a work file: in the inbox if its target is there."""
+    spool = Spool(layout.hospital.root / "state" / "spool.sqlite3", SystemClock())
+    inbox = layout.hospital.inbox_dir / "lab"
+    inbox.mkdir(parents=True)
+    (inbox / "there.hl7").write_bytes(b"MSH|there\r")
+    try:
+        spool.inbound_begin("lab", "<there@x>", "ab" * 32, inbox / "there.hl7")
+        spool.inbound_begin("lab", "<gone@x>", "cd" * 32, inbox / "gone.hl7")
+    finally:
+        spool.close()
+    processes.start(layout.hospital.config_path).stop()
+    processes.start(layout.hospital.config_path).stop()  # settled once, not at every start
+
+    spool = Spool(layout.hospital.root / "state" / "spool.sqlite3", SystemClock())
+    try:
+        there = spool.inbound_get("lab", "<there@x>")
+        assert there is not None and there.state == "written"
+        assert spool.inbound_get("lab", "<gone@x>") is None
+    finally:
+        spool.close()
+    [delivered] = events(layout.hospital.audit_log, "message.delivered")
+    assert delivered["message_id"] == "<there@x>"
+    assert delivered["detail"]["inbox_file"] == str(inbox / "there.hl7")
+    assert (inbox / "there.hl7").read_bytes() == b"MSH|there\r"
