@@ -73,7 +73,9 @@ def test_layout_and_files(demo: DemoLayout) -> None:
             # the peer copy is byte-identical to the other side's own certificate
             copy = base / "certs" / "peers" / other.name / f"{role}.crt"
             assert copy.read_bytes() == (root / other.name / "certs" / f"{role}.crt").read_bytes()
-        assert (base / "certs" / "ca.crt").read_bytes() == demo.ca_certificate.read_bytes()
+        assert (
+            base / "certs" / "trust" / "loopback.crt"
+        ).read_bytes() == demo.ca_certificate.read_bytes()
         assert (base / "peers.d" / f"{other.name}.toml").is_file()
         for folder in ("inbox", "state", "audit", "outbox", f"outbox/{other.name}"):
             assert (base / folder).is_dir()
@@ -208,7 +210,7 @@ def test_stdlib_ssl_accepts_the_tls_identities(demo: DemoLayout) -> None:
     for inst in (demo.hospital, demo.lab):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(inst.root / "certs" / "tls.crt", inst.root / "certs" / "tls.key")
-        context.load_verify_locations(cafile=inst.root / "certs" / "ca.crt")
+        context.load_verify_locations(cafile=inst.root / "certs" / "trust" / "loopback.crt")
 
 
 def test_init_demo_twice_recreates_cleanly(tmp_path: Path) -> None:
@@ -407,12 +409,23 @@ def test_write_pem_is_atomic_and_private(tmp_path: Path) -> None:
 # --- config/ examples and schema coverage ---------------------------------------------------
 
 
-def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) -> None:
-    """Put the demo certificates where the examples expect them; load_config must accept it."""
+def _enable_optional(text: str) -> str:
+    """The example with its optional, commented-out settings (``#key = ...``) enabled."""
+    return re.sub(r"(?m)^#(?=\[|[a-z_0-9]+ = )", "", text)
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["as-shipped", "optional-enabled"])
+def test_examples_are_complete_and_loadable(
+    demo: DemoLayout, tmp_path: Path, optional: bool
+) -> None:
+    """Put the demo certificates where the examples expect them; load_config must accept it,
+    as shipped and with every optional table enabled."""
     fake = tmp_path / "fs"
     prefixes = ("/etc/medgw", "/var/lib/medgw", "/var/log/medgw", "/run/medgw")
 
     def relocate(text: str) -> str:
+        if optional:
+            text = _enable_optional(text)
         for prefix in prefixes:
             text = text.replace(f'"{prefix}', f'"{fake}{prefix}')
         return text
@@ -440,8 +453,8 @@ def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) ->
         gw["smime"]["signing_key"]: own / "sign.key",
         gw["smime"]["encryption_certificate"]: own / "encrypt.crt",
         gw["smime"]["encryption_key"]: own / "encrypt.key",
-        **{k["certificate"]: own / "encrypt.crt" for k in gw["smime"]["decryption_keys"]},
-        **{k["key"]: own / "encrypt.key" for k in gw["smime"]["decryption_keys"]},
+        **{k["certificate"]: own / "encrypt.crt" for k in gw["smime"].get("decryption_keys", [])},
+        **{k["key"]: own / "encrypt.key" for k in gw["smime"].get("decryption_keys", [])},
         **{a: demo.ca_certificate for zone in gw["zones"] for a in zone["trust_anchors"]},
         **{p: lab / "tls.crt" for p in peer["tls_certificates"]},
         **{p: lab / "sign.crt" for p in peer["signing_certificates"]},
@@ -453,7 +466,7 @@ def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) ->
     for zone in gw["zones"]:  # the examples name CRL folders
         for folder in zone.get("crls", []):
             Path(folder).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(own / "ca.crl", Path(folder) / "ca.crl")
+            shutil.copy2(own / "crls" / "loopback" / "ca.crl", Path(folder) / "ca.crl")
 
     config = load_config(gateway_toml)
     assert config.warnings == ()
@@ -464,8 +477,13 @@ def test_examples_are_complete_and_loadable(demo: DemoLayout, tmp_path: Path) ->
     defaults = _runtime_defaults(tmp_path / "defaults", demo)
     assert config.runtime == defaults
 
-    _assert_every_key_present(gateway_toml, gateway_toml)
-    _assert_every_key_present(gateway_toml, peer_toml)
+    if optional:
+        _assert_every_key_present(gateway_toml, gateway_toml)
+        _assert_every_key_present(gateway_toml, peer_toml)
+    else:  # as shipped: one zone, one listener, no rotation key, API or hand-over
+        assert [z.name for z in config.zones] == ["regional-vpn"]
+        assert config.api is None and config.delivery is None
+        assert len(config.listeners) == 1
 
 
 def test_demo_toml_has_every_key(demo: DemoLayout, tmp_path: Path) -> None:
@@ -482,7 +500,7 @@ def test_examples_comment_every_key() -> None:
     for path in (EXAMPLE_GATEWAY, EXAMPLE_PEER):
         previous = ""
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if re.match(r"^[a-z_0-9]+ = ", line):
+            if re.match(r"^#?[a-z_0-9]+ = ", line):
                 assert previous.startswith("#") or re.match(r"^[a-z_0-9]+ = ", previous), (
                     f"{path.name}:{number}: key without an explanatory comment above it"
                 )

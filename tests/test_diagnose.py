@@ -305,7 +305,9 @@ def rogue_lab_identity(layout: DemoLayout, tmp_path: Path) -> None:
     write_cert(layout.lab.root / "certs", "tls", rogue)
     write_pem(tmp_path / "rogue-ca.crt", rogue_ca.certificate)
     set_key(
-        layout.lab.config_path, "trust_anchors", f'["certs/ca.crt", "{tmp_path / "rogue-ca.crt"}"]'
+        layout.lab.config_path,
+        "trust_anchors",
+        f'["certs/trust/loopback.crt", "{tmp_path / "rogue-ca.crt"}"]',
     )
 
 
@@ -428,7 +430,9 @@ def test_revoked_peer_certificate_fails_at_certificate_validity(layout, processe
         now=now - timedelta(hours=1),
         revoked=[(hospital_tls.serial_number, now - timedelta(minutes=30))],
     )
-    (layout.lab.root / "certs" / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    (layout.lab.root / "certs" / "crls" / "loopback" / "ca.crl").write_bytes(
+        crl.public_bytes(serialization.Encoding.PEM)
+    )
     processes.start(layout.hospital.config_path)
     code, report = diagnose(layout)
     assert code == 1

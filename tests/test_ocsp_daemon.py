@@ -61,9 +61,9 @@ class OcspWorld:
         # The hospital's zone: no CRLs, OCSP required.
         config = layout.hospital.config_path
         text = config.read_text()
-        assert 'crls = ["certs/ca.crl"]' in text and "ocsp = false" in text
+        assert 'crls = ["certs/crls/loopback"]' in text and "ocsp = false" in text
         config.write_text(
-            text.replace('crls = ["certs/ca.crl"]', "crls = []").replace(
+            text.replace('crls = ["certs/crls/loopback"]', "crls = []").replace(
                 "ocsp = false", "ocsp = true"
             )
         )

@@ -190,7 +190,9 @@ def test_revoked_doctor_is_refused_even_when_allowed(
 ) -> None:
     allow_personal_signers(layout, True)
     signer = doctor(demo_ca(layout))
-    revoke(layout, layout.hospital.root / "certs" / "ca.crl", signer.certificate)
+    revoke(
+        layout, layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl", signer.certificate
+    )
     processes.start(layout.hospital.config_path)
 
     disposition, _ = send_signed_by(layout, signer, tmp_path, b"MSH|revoked doctor\r")

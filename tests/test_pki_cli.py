@@ -208,8 +208,8 @@ def _demo_ca(layout: DemoLayout) -> issue.Issued:
 
 def test_check_judges_the_crls_the_zones_are_configured_with(layout: DemoLayout) -> None:
     config = layout.hospital.config_path
-    crl_file = layout.hospital.root / "certs" / "ca.crl"
-    assert 'crls = ["certs/ca.crl"]' in config.read_text() and crl_file.exists()
+    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    assert 'crls = ["certs/crls/loopback"]' in config.read_text() and crl_file.exists()
     fresh = medgw("pki", "check", "--config", config)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     assert "no CRL" not in fresh.stdout  # the zone's CRL is what revocation is checked with
@@ -226,10 +226,10 @@ def test_check_judges_the_crls_the_zones_are_configured_with(layout: DemoLayout)
     assert row.startswith("warning") and "zone " in row and "fix:" in row
 
     # A zone that requires revocation status but whose CRL folder is empty refuses every peer.
-    folder = layout.hospital.root / "certs" / "crls"
+    folder = layout.hospital.root / "certs" / "crls" / "empty"
     folder.mkdir()
     config.write_text(
-        config.read_text().replace('crls = ["certs/ca.crl"]', 'crls = ["certs/crls"]')
+        config.read_text().replace('crls = ["certs/crls/loopback"]', 'crls = ["certs/crls/empty"]')
     )
     empty = medgw("pki", "check", "--config", config)
     assert empty.returncode == 1, empty.stdout + empty.stderr

@@ -79,7 +79,7 @@ def test_revoked_peer_is_refused_after_reload_and_its_open_connection_closed(
     held.sendall(b"POST /as2 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
 
     lab_tls = load_config(layout.lab.config_path).tls.identity.certificate
-    revoke(layout, layout.hospital.root / "certs" / "ca.crl", lab_tls)
+    revoke(layout, layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl", lab_tls)
     hospital.signal(signal.SIGHUP)
     wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 30, "the reload")
 
@@ -106,7 +106,7 @@ def test_revoked_signing_certificate_is_not_accepted_for_messages(
     layout: DemoLayout, processes: Any
 ) -> None:
     lab_sign = load_config(layout.lab.config_path).smime.signing.certificate
-    revoke(layout, layout.hospital.root / "certs" / "ca.crl", lab_sign)
+    revoke(layout, layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl", lab_sign)
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "signed.hl7", b"MSH|x\r")
@@ -165,7 +165,7 @@ def test_stale_crl_under_require_refuses_the_peer_and_raises_an_alarm(
     layout: DemoLayout, processes: Any
 ) -> None:
     crl = make_crl(demo_ca(layout), now=datetime.now(UTC) - timedelta(days=40), days=30)
-    (layout.hospital.root / "certs" / "ca.crl").write_bytes(
+    (layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl").write_bytes(
         crl.public_bytes(serialization.Encoding.PEM)
     )
     processes.start(layout.hospital.config_path)
@@ -178,7 +178,7 @@ def test_no_acceptable_encryption_certificate_keeps_the_document_until_an_operat
     layout: DemoLayout, processes: Any
 ) -> None:
     hospital_enc = load_config(layout.hospital.config_path).smime.encryption.certificate
-    lab_crl = layout.lab.root / "certs" / "ca.crl"
+    lab_crl = layout.lab.root / "certs" / "crls" / "loopback" / "ca.crl"
     revoke(layout, lab_crl, hospital_enc)
     processes.start(layout.hospital.config_path)
     lab = processes.start(layout.lab.config_path)

@@ -246,7 +246,7 @@ def test_revoked_certificate_with_the_pinned_key_is_refused_and_audited(
         revoked=[(new.serial_number, now - timedelta(minutes=1))],
         number=2,
     )
-    (layout.hospital.root / "certs" / "ca.crl").write_bytes(
+    (layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl").write_bytes(
         crl.public_bytes(serialization.Encoding.PEM)
     )
 

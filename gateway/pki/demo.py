@@ -12,8 +12,11 @@ audit folders), configured to talk to each other over mutual TLS on
       hospital/                   Sakura General Hospital, AS2 id SAKURA-HOSPITAL
         gateway.toml
         peers.d/lab.toml
-        certs/{tls,sign,encrypt}.{crt,key}, certs/ca.crt
-        certs/peers/lab/{tls,sign,encrypt}.crt
+        certs/{tls,sign,encrypt}.{crt,key}     this gateway's key pairs
+        certs/trust/loopback.crt                the zone's trust anchor (the demo CA)
+        certs/crls/loopback/ca.crl              the demo CA's CRL
+        certs/peers/lab/{tls,sign,encrypt}.crt  the partner's certificates
+        (the layout of a real installation's /etc/medgw/certs: see certs/README.md)
         outbox/lab/               drop a document here to send it to the lab
         inbox/ state/ audit/
       lab/                        Kita Clinical Laboratory, AS2 id KITA-LAB
@@ -198,13 +201,14 @@ def _write_institution(
 ) -> DemoInstitution:
     certs = root / "certs"
     peer_certs = certs / "peers" / other.name
-    for folder in (root, certs, peer_certs, root / "state", root / "audit"):
+    crls = certs / "crls" / DEMO_ZONE
+    for folder in (root, certs, peer_certs, crls, certs / "trust", root / "state", root / "audit"):
         folder.mkdir(parents=True, mode=0o700, exist_ok=True)
     for folder in (root / "peers.d", root / "inbox", root / "outbox" / other.name):
         folder.mkdir(parents=True, mode=0o750, exist_ok=True)
 
-    write_pem(certs / "ca.crt", ca.certificate)
-    shutil.copyfile(root.parent / "ca" / "ca.crl", certs / "ca.crl")
+    write_pem(certs / "trust" / f"{DEMO_ZONE}.crt", ca.certificate)
+    shutil.copyfile(root.parent / "ca" / "ca.crl", crls / "ca.crl")
     for role, pair in mine.items():
         write_pem(certs / f"{role}.crt", pair.certificate)
         write_pem(certs / f"{role}.key", pair.key)
@@ -284,7 +288,7 @@ egress = ["127.0.0.0/8"]
 egress_except = []
 # CA certificates that issue this zone's peers' TLS certificates.  Peers are
 # also pinned to the certificates listed in their peers.d file.
-trust_anchors = ["certs/ca.crt"]
+trust_anchors = ["certs/trust/{DEMO_ZONE}.crt"]
 # Lowest TLS version accepted: "1.3" (default) or "1.2" (ECDHE/DHE + AEAD only).
 min_version = "1.3"
 # Certificate revocation checking: "require" (default), "prefer" or "off".
@@ -293,7 +297,7 @@ min_version = "1.3"
 revocation = "require"
 # CRL files (or folders of them) of this zone's CAs.  Refresh them before their
 # nextUpdate (medgw warns crl_warn_days ahead) and reload: systemctl reload medgw.
-crls = ["certs/ca.crl"]
+crls = ["certs/crls/{DEMO_ZONE}"]
 # Ask the OCSP responders named in the certificates (default false); only
 # responders inside this zone's egress, from its source_address.
 ocsp = false
