@@ -52,7 +52,7 @@ from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.crl import stale_crl_warnings
 from gateway.pki.ocsp import OcspClient
-from gateway.pki.peers import PeerTrust, TrustSettings, assess_peer
+from gateway.pki.peers import PeerTrust, assess_peers
 from gateway.pki.tls import (
     certificate_fingerprint,
     client_context,
@@ -144,23 +144,9 @@ class Daemon:
 
     async def _assess_trust(self, config: GatewayConfig) -> dict[str, PeerTrust]:
         """Path validation (with the zone's revocation policy) of every configured peer cert."""
-        zones = {z.name: z for z in config.zones}
-        now = self._clock.now()
-        trust = {}
-        for peer in config.peers:
-            zone = zones[peer.zone]
-            client = self._ocsp_client(zone)
-            trust[peer.name] = await assess_peer(
-                peer.name,
-                tls=peer.tls_certificates,
-                signing=peer.signing_certificates,
-                encryption=peer.encryption_certificates,
-                trust=TrustSettings.of_zone(zone),
-                at=now,
-                policy=peer.policy,
-                ocsp_client=client,
-            )
-        return trust
+        return await assess_peers(
+            config.peers, config.zones, at=self._clock.now(), ocsp_client=self._ocsp_client
+        )
 
     def _audit_trust(
         self,
@@ -196,6 +182,7 @@ class Daemon:
                         },
                     )
                 )
+        self._audit_unusable(trust, previous)
         now = self._clock.now()
         for zone in config.zones:
             for finding in stale_crl_warnings(zone.crls, at=now, warn_days=zone.crl_warn_days):
@@ -209,6 +196,48 @@ class Daemon:
                         detail={"zone": zone.name},
                     )
                 )
+
+    def _audit_unusable(
+        self, trust: Mapping[str, PeerTrust], previous: Mapping[str, PeerTrust]
+    ) -> None:
+        """One alert when a peer becomes unusable (a use with no acceptable certificate:
+        nothing is sent to it until that changes), one record when it is usable again;
+        nothing while it stays as it was."""
+        for name, verdicts in trust.items():
+            before = previous.get(name)
+            was = before.unusable if before is not None else None
+            now = verdicts.unusable
+            if now is not None and now != was:
+                fix = (
+                    f"put the peer's current certificates in peers.d/{name}.toml and reload "
+                    f"(medgw check-config names each one and why it is refused); messages for "
+                    f"{name} wait in the queue meanwhile"
+                )
+                self._log.error("peer.unusable", peer=name, reason=now, fix=fix)
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.PEER_UNUSABLE,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        peer=name,
+                        reason=now,
+                        detail={"fix": fix},
+                    )
+                )
+            elif now is None and was is not None:
+                self._log.info("peer.usable", peer=name)
+                self._audit_sink().emit(
+                    AuditEvent(
+                        EventType.PEER_USABLE,
+                        peer=name,
+                        reason="every use has an acceptable certificate again",
+                    )
+                )
+
+    def _unusable(self) -> dict[str, str]:
+        """Peers the exchange cannot work with now, and why."""
+        trust = self.state.trust
+        return {name: t.unusable for name, t in trust.items() if t.unusable is not None}
 
     def _build_state(self, config: GatewayConfig, trust: Mapping[str, PeerTrust]) -> RuntimeState:
         assert self._spool is not None and self._audit is not None
@@ -284,6 +313,7 @@ class Daemon:
             self._outbound.wake,
             handover.wake if handover is not None else lambda: None,
             lambda message_id: self._spawn(self._outbound_prepare_again(message_id)),
+            self._unusable,
         )
 
     async def _outbound_prepare_again(self, message_id: str) -> None:
@@ -868,6 +898,8 @@ class Daemon:
                     break
                 now = self._clock.now().timestamp()
                 free = PARALLEL_SENDS_PER_PEER - len(inflight) if now >= resume_at else 0
+                if state.trust[name].unusable is not None:
+                    free = 0  # said once (peer.unusable); its messages wait, unsent
                 claimed, next_at = await self._outbound.due_for_sending(peer, now, free)
                 for record in claimed:
                     task = asyncio.get_running_loop().create_task(

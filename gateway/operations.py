@@ -6,7 +6,7 @@ HTTP, no argument parsing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,8 @@ class Operations:
     wake: Callable[[str], None] = lambda _peer: None  # tell the peer's sender to look again
     wake_handover: Callable[[], None] = lambda: None  # tell the hand-over worker to look again
     prepare: Callable[[str], None] = lambda _id: None  # sign and encrypt a kept document again
+    # Peers with a use that has no acceptable certificate now, and why (the daemon's view).
+    unusable: Callable[[], Mapping[str, str]] = dict
 
     def _peer(self, name: str) -> str:
         if self.config.peer(name) is None:
@@ -190,14 +192,18 @@ class Operations:
         self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, detail={"actor": actor}))
 
     def peers(self) -> list[dict[str, Any]]:
-        return peers_view(self.config, self.spool)
+        return peers_view(self.config, self.spool, self.unusable())
 
 
-def peers_view(config: GatewayConfig, spool: Spool) -> list[dict[str, Any]]:
+def peers_view(
+    config: GatewayConfig, spool: Spool, unusable: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Every configured peer with its suspension and queue counts, and the peers no longer
     configured that messages still wait for; the running daemon and the offline
-    ``medgw peers list`` show the same."""
+    ``medgw peers list`` show the same.  ``unusable``: why the running daemon exchanges
+    nothing with a peer (its certificates; None when no daemon judged them)."""
     controls = spool.peer_controls()
+    unusable = unusable or {}
     counts = spool.counts()
     result = []
     for peer in config.peers:
@@ -211,6 +217,7 @@ def peers_view(config: GatewayConfig, spool: Spool) -> list[dict[str, Any]]:
                 "suspended": bool(control and control.suspended),
                 "suspended_reason": control.reason if control and control.suspended else None,
                 "suspended_by": control.actor if control and control.suspended else None,
+                "unusable": unusable.get(peer.name),
                 "messages": {state: n for (name, state), n in counts.items() if name == peer.name},
             }
         )
@@ -233,6 +240,7 @@ def peers_view(config: GatewayConfig, spool: Spool) -> list[dict[str, Any]]:
                     "suspended": False,
                     "suspended_reason": None,
                     "suspended_by": None,
+                    "unusable": None,
                     "messages": waiting,
                 }
             )

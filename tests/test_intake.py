@@ -24,8 +24,8 @@ from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
 from gateway.outbound import INLINE_BODY_BYTES, Outbound
 from gateway.pki.demo import DemoLayout, init_demo
+from gateway.pki.peers import assess_peers
 from gateway.spool import Spool
-from tests.trust import peer_trust
 
 
 class SlowTakes(Outbound):
@@ -146,7 +146,7 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
     outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
     [peer] = config.peers
-    outbound.trust = await peer_trust(config)
+    outbound.trust = await assess_peers(config.peers, config.zones, at=clock.now())
     documents = {
         "small.hl7": b"MSH|^~\\&|small\r",
         "large.dcm": os.urandom(INLINE_BODY_BYTES + 1000),  # sealed file to file

@@ -29,9 +29,9 @@ from gateway.demo_run import free_ports, read_audit
 from gateway.logs import make_logger
 from gateway.outbound import Outbound
 from gateway.pki.demo import DemoLayout
+from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
 from gateway.spool import OutboundRecord, OutboundState, Spool
-from tests.trust import peer_trust
 
 
 class NotedSpool(Spool):
@@ -68,7 +68,7 @@ async def _sender(
     audit.threads = []
     outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
     [peer] = config.peers
-    outbound.trust = await peer_trust(config)
+    outbound.trust = await assess_peers(config.peers, config.zones, at=clock.now())
     return outbound, spool, audit, peer
 
 

@@ -58,6 +58,8 @@ class EventType(StrEnum):
     TLS_HANDSHAKE_FAILED = "tls.handshake_failed"
     TLS_CONNECTION_CLOSED = "tls.connection_closed"  # its certificate stopped being acceptable
     PEER_CERTIFICATE_REJECTED = "peer.certificate_rejected"  # a configured cert fails validation
+    PEER_UNUSABLE = "peer.unusable"  # a use (TLS, signing, encryption) has no acceptable cert
+    PEER_USABLE = "peer.usable"  # an unusable peer has an acceptable cert for every use again
     CRL_STALE = "pki.crl_stale"  # a CRL is near or past its nextUpdate
     PEER_AUTHENTICATION_FAILED = "peer.authentication_failed"
     ZONE_VIOLATION = "zone.violation"  # a peer on a listener of another zone (NET-4)

@@ -45,6 +45,7 @@ def _print_problems(exc: ConfigError) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.pki.peers import assess_peers, trust_problems
     from gateway.report import describe_config
 
     path: Path = args.config
@@ -58,10 +59,26 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    for warning in config.warnings:
+    # Every peer certificate judged as the daemon judges it (from local files: no OCSP).
+    now = SystemClock().now()
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=now))
+    found = [p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)]
+    errors = [p for p in found if p.severity == "error"]
+    warnings = [*config.warnings, *(p for p in found if p.severity != "error")]
+    for warning in warnings:
         print(warning)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        unusable = sorted({e.file for e in errors})
+        print(
+            f"\n{path}: {len(errors)} error(s): medgw starts, but exchanges nothing with the "
+            f"peer(s) of {', '.join(unusable)} (shown unusable by `medgw peers list`).",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     print(describe_config(config))
-    print(f"\n{path}: configuration is valid ({len(config.warnings)} warning(s)).")
+    print(f"\n{path}: configuration is valid ({len(warnings)} warning(s)).")
     return EXIT_OK
 
 

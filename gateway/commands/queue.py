@@ -183,10 +183,17 @@ def _peers_list(args: argparse.Namespace) -> int:
     lines = [f"{'PEER':<14} {'STATE':<10} {'AS2 ID':<20} QUEUE"]
     for p in peers:
         state = "SUSPENDED" if p["suspended"] else "active"
+        if p.get("unusable"):
+            state = "UNUSABLE"
         if not p.get("configured", True):
             state = "REMOVED"
         queue = ", ".join(f"{k} {v}" for k, v in sorted(p["messages"].items())) or "-"
         lines.append(f"{p['name']:<14} {state:<10} {p['as2_id'] or '-':<20} {queue}")
+        if p.get("unusable"):
+            lines.append(
+                f"{'':<14} unusable: {p['unusable']}; nothing is sent to it (its messages "
+                "wait) until its certificates are corrected and medgw reloaded"
+            )
         if p["suspended"]:
             lines.append(f"{'':<14} by {p['suspended_by']}: {p['suspended_reason']}")
         if state == "REMOVED":

@@ -12,21 +12,31 @@ an overlap window (both valid) needs no switch at an exact instant.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from gateway.egress import ZonePath
+from gateway.errors import ConfigProblem
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.tls import certificate_fingerprint
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.policy import AlgorithmPolicy
 
 if TYPE_CHECKING:
-    from gateway.config import Zone
+    from gateway.config import Peer, Zone
+
+EXPIRY_WARNING_DAYS = 30  # check-config warns about a certificate expiring this soon
+
+# Each use of a peer's certificates: the peers.d key that lists them, and its name.
+ROLES = (
+    ("tls", "tls_certificates", "TLS"),
+    ("signing", "signing_certificates", "S/MIME signing"),
+    ("encryption", "encryption_certificates", "S/MIME encryption"),
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +107,23 @@ class PeerTrust:
     def rejected(self) -> tuple[CertVerdict, ...]:
         return tuple(v for v in (*self.tls, *self.signing, *self.encryption) if not v.valid)
 
+    def role(self, name: str) -> tuple[CertVerdict, ...]:
+        """The verdicts of one use: ``tls``, ``signing`` or ``encryption``."""
+        verdicts: tuple[CertVerdict, ...] = getattr(self, name)
+        return verdicts
+
+    @property
+    def unusable(self) -> str | None:
+        """Why the exchange with this peer cannot work (None: it can): a use for which
+        none of its configured certificates is acceptable."""
+        missing = []
+        for name, _, label in ROLES:
+            verdicts = self.role(name)
+            if not any(v.valid for v in verdicts):
+                why = next((v.result.reason for v in verdicts if v.result.reason), None)
+                missing.append(f"no acceptable {label} certificate" + (f" ({why})" if why else ""))
+        return "; ".join(missing) or None
+
 
 async def _judge(
     certs: Sequence[x509.Certificate],
@@ -148,3 +175,102 @@ async def assess_peer(
         signing=await judge(signing, Purpose.SMIME_SIGN),
         encryption=await judge(encryption, Purpose.SMIME_ENCRYPT),
     )
+
+
+def offline(trust: TrustSettings) -> TrustSettings:
+    """``trust`` judged from local files only (``check-config``): no OCSP request; where
+    the zone relies on OCSP, a status the local CRLs cannot establish is not a refusal
+    (the daemon asks the responder), while a revocation in a local CRL still is."""
+    if not trust.ocsp:
+        return trust
+    revocation = trust.revocation
+    if revocation is RevocationPolicy.REQUIRE:
+        revocation = RevocationPolicy.PREFER
+    return replace(trust, ocsp=False, revocation=revocation)
+
+
+async def assess_peers(
+    peers: Iterable[Peer],
+    zones: Iterable[Zone],
+    *,
+    at: datetime,
+    ocsp_client: Callable[[Zone], OcspClient] | None = None,
+) -> dict[str, PeerTrust]:
+    """Judge every configured certificate of every peer, with its zone's trust.
+
+    ``ocsp_client`` gives each zone's OCSP client (the daemon); without it the
+    judgement uses local files only (see :func:`offline`).
+    """
+    by_name = {z.name: z for z in zones}
+    trust = {}
+    for peer in peers:
+        zone = by_name[peer.zone]
+        settings = TrustSettings.of_zone(zone)
+        trust[peer.name] = await assess_peer(
+            peer.name,
+            tls=peer.tls_certificates,
+            signing=peer.signing_certificates,
+            encryption=peer.encryption_certificates,
+            trust=settings if ocsp_client is not None else offline(settings),
+            at=at,
+            policy=peer.policy,
+            ocsp_client=ocsp_client(zone) if ocsp_client is not None else None,
+        )
+    return trust
+
+
+def trust_problems(
+    peer: Peer, trust: PeerTrust, *, at: datetime, warn_days: int = EXPIRY_WARNING_DAYS
+) -> list[ConfigProblem]:
+    """What ``check-config`` says about one peer's certificates: an error for a use with
+    no acceptable certificate left (the daemon marks the peer unusable), a warning for
+    each unacceptable one beside an acceptable one, and for each acceptable one that
+    expires within ``warn_days``."""
+    problems = []
+    source = str(peer.source)
+    for name, key, label in ROLES:
+        verdicts = trust.role(name)
+        good = [v for v in verdicts if v.valid]
+        for verdict in verdicts:
+            if verdict.valid:
+                left = verdict.certificate.not_valid_after_utc - at
+                if left < timedelta(days=warn_days):
+                    problems.append(
+                        ConfigProblem(
+                            source,
+                            key,
+                            f"{label} certificate {verdict.subject} of peer {peer.name!r} "
+                            f"expires on {verdict.certificate.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
+                            f" (in {max(left.days, 0)} day(s))",
+                            f"ask {peer.name} for its next certificate now and add it to {key} "
+                            "beside this one (both are accepted until this one expires)",
+                            "warning",
+                        )
+                    )
+            elif good:
+                problems.append(
+                    ConfigProblem(
+                        source,
+                        key,
+                        f"{label} certificate {verdict.subject} of peer {peer.name!r} is not "
+                        f"acceptable and is not used ({len(good)} other(s) are): "
+                        f"{verdict.result.reason}",
+                        f"remove it from {key}, or correct what the reason says",
+                        "warning",
+                    )
+                )
+        if not good:
+            reasons = "; ".join(f"{v.subject}: {v.result.reason}" for v in verdicts)
+            problems.append(
+                ConfigProblem(
+                    source,
+                    key,
+                    f"peer {peer.name!r} has no acceptable {label} certificate"
+                    + (f" ({reasons})" if reasons else " (none is listed)")
+                    + ": medgw marks the peer unusable and exchanges nothing with it",
+                    f"put the peer's current {label} certificate in {key} (one that chains "
+                    f"to zone {peer.zone!r}'s trust_anchors, is valid now, is made for this "
+                    "use and is not revoked), or correct what the reason says",
+                )
+            )
+    return problems

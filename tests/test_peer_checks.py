@@ -1,0 +1,181 @@
+"""Peer certificates judged before anything is exchanged, the way the daemon judges them.
+
+``check-config`` validates every configured peer certificate (path to the zone's
+trust anchors, validity, purpose, local CRLs): a use (TLS, signing, encryption)
+with no acceptable certificate left is an error; an unacceptable certificate
+beside an acceptable one, or one that expires within 30 days, a warning.  The
+running daemon marks such a peer unusable in ``medgw peers list``, raises one
+alert, and sends nothing to it (its messages wait) instead of retrying for ever.
+
+Real demo PKI, real ``medgw check-config`` and ``medgw run`` subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from tests.cli import medgw
+
+NOW = datetime.now(UTC)
+
+
+def demo_ca(layout: DemoLayout) -> Issued:
+    folder = layout.root / "ca"
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
+
+
+def lab_file(layout: DemoLayout) -> Path:
+    return layout.hospital.root / "peers.d" / "lab.toml"
+
+
+def lab_cert(layout: DemoLayout, role: str) -> Path:
+    return layout.hospital.root / "certs" / "peers" / "lab" / f"{role}.crt"
+
+
+def check_config(layout: DemoLayout) -> subprocess.CompletedProcess[str]:
+    return medgw("check-config", "--config", layout.hospital.config_path)
+
+
+def findings(
+    result: subprocess.CompletedProcess[str], layout: DemoLayout, severity: str, key: str
+) -> list[str]:
+    """The lines of one severity about one key of the lab's peers.d file."""
+    where = f"{severity}: {lab_file(layout)}: {key}:"
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith(where)]
+
+
+def expired_tls(layout: DemoLayout) -> Issued:
+    return issue(
+        demo_ca(layout), "Kita Lab TLS (old)", purpose="tls", now=NOW - timedelta(days=400), days=30
+    )
+
+
+def foreign_tls(layout: DemoLayout) -> Issued:
+    other = make_ca("Some Other CA", now=NOW)
+    return issue(other, "Kita Lab TLS", purpose="tls", now=NOW, dns_names=("localhost",))
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [(expired_tls, "expired on"), (foreign_tls, "no path from certificate")],
+    ids=["expired", "unknown-ca"],
+)
+def test_check_config_refuses_a_peer_whose_only_tls_certificate_is_unusable(
+    layout: DemoLayout, make: Any, words: str
+) -> None:
+    write_pem(lab_cert(layout, "tls"), make(layout).certificate)
+    result = check_config(layout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "configuration is valid" not in result.stdout
+    [error] = findings(result, layout, "error", "tls_certificates")
+    assert "peer 'lab' has no acceptable TLS certificate" in error
+    assert words in error and "(fix: " in error
+    assert "medgw starts, but exchanges nothing with the peer(s) of" in result.stderr
+
+
+def test_an_unusable_certificate_beside_a_usable_one_and_one_expiring_soon_are_warnings(
+    layout: DemoLayout,
+) -> None:
+    ca = demo_ca(layout)
+    folder = lab_cert(layout, "sign").parent
+    # A TLS certificate listed for signing: its extendedKeyUsage lacks emailProtection.
+    write_pem(
+        folder / "wrong-purpose.crt", issue(ca, "Kita Lab", purpose="tls", now=NOW).certificate
+    )
+    soon = issue(
+        ca, "Kita Lab sign (ending)", purpose="smime-sign", now=NOW - timedelta(days=800), days=810
+    )
+    write_pem(folder / "ending.crt", soon.certificate)
+    text = lab_file(layout).read_text()
+    old = 'signing_certificates = ["certs/peers/lab/sign.crt"]'
+    assert old in text
+    lab_file(layout).write_text(
+        text.replace(
+            old,
+            'signing_certificates = ["certs/peers/lab/sign.crt", '
+            '"certs/peers/lab/wrong-purpose.crt", "certs/peers/lab/ending.crt"]',
+        )
+    )
+    result = check_config(layout)
+    assert result.returncode == 0, result.stderr
+    warnings = findings(result, layout, "warning", "signing_certificates")
+    [unusable] = [w for w in warnings if "is not acceptable" in w]
+    assert "extendedKeyUsage lacks emailProtection" in unusable and "2 other(s) are" in unusable
+    [ending] = [w for w in warnings if "expires on" in w]
+    assert "Kita Lab sign (ending)" in ending and "(in 9 day(s))" in ending
+    assert "configuration is valid (2 warning(s))" in result.stdout
+    assert not findings(result, layout, "error", "signing_certificates")
+
+
+def test_a_usable_configuration_gives_no_certificate_finding(layout: DemoLayout) -> None:
+    result = check_config(layout)
+    assert result.returncode == 0, result.stderr
+    assert "certificate" not in result.stdout.split("gateway  ", 1)[0]
+
+
+def _peers(layout: DemoLayout) -> list[dict[str, Any]]:
+    listing = medgw("peers", "list", "--config", layout.hospital.config_path, "--json")
+    assert listing.returncode == 0, listing.stderr
+    peers: list[dict[str, Any]] = json.loads(listing.stdout)
+    return peers
+
+
+def _events(layout: DemoLayout, name: str) -> list[dict[str, Any]]:
+    return [r for r in read_audit(layout.hospital.audit_log) if r["event"] == name]
+
+
+def _reload(proc: Any, layout: DemoLayout) -> None:
+    before = len(_events(layout, "config.reloaded"))
+    proc.signal(signal.SIGHUP)
+    wait_until(lambda: len(_events(layout, "config.reloaded")) > before, 30, "the reload")
+
+
+def test_the_daemon_marks_the_peer_unusable_alerts_once_and_holds_its_messages(
+    layout: DemoLayout, processes: Any
+) -> None:
+    original = lab_cert(layout, "tls").read_bytes()
+    write_pem(lab_cert(layout, "tls"), foreign_tls(layout).certificate)
+    processes.start(layout.lab.config_path)
+    hospital = processes.start(layout.hospital.config_path)
+
+    [alert] = _events(layout, "peer.unusable")  # written before the daemon is ready
+    assert alert["severity"] == "alert" and alert["peer"] == "lab"
+    assert "no acceptable TLS certificate" in alert["reason"]
+    [peer] = _peers(layout)
+    assert peer["unusable"] == alert["reason"]
+    text = medgw("peers", "list", "--config", layout.hospital.config_path).stdout
+    assert "UNUSABLE" in text and "unusable: no acceptable TLS certificate" in text
+    [line] = [entry for entry in hospital.lines if entry.get("event") == "peer.unusable"]
+    assert line["level"] == "error" and "fix" in line
+
+    drop_file(layout.hospital.outbox_dir / "lab", "held.hl7", b"MSH|held\r")
+    wait_until(lambda: _events(layout, "message.accepted"), 30, "the document sealed")
+    _reload(hospital, layout)  # the same trust again: no second alert
+    assert len(_events(layout, "peer.unusable")) == 1
+    assert not _events(layout, "message.send_failed")  # held, not retried for ever
+    [peer] = _peers(layout)
+    assert peer["messages"] == {"queued": 1}
+
+    lab_cert(layout, "tls").write_bytes(original)  # the peer's real certificate again
+    _reload(hospital, layout)
+    [usable] = _events(layout, "peer.usable")
+    assert usable["peer"] == "lab"
+    [peer] = _peers(layout)
+    assert peer["unusable"] is None
+    [receipt] = wait_until(lambda: _events(layout, "receipt.received"), 60, "the delivery")
+    assert receipt["detail"]["mic_verified"]
