@@ -44,6 +44,7 @@ from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.errors import ConfigError, MedgwError
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
+from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks, InboundProcessor, InboundRequest
 from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
@@ -361,6 +362,7 @@ class Daemon:
                 self._operations,
                 self._outbound.submit,
                 self._outbound.status,
+                front=FrontDoor("control", self._log, lambda: self._audit, self._clock),
             )
             await self._control.start()
             await self._start_api(config)

@@ -6,23 +6,34 @@ lab's real TLS client certificate, as a configured peer gone bad would.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+import socket
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from asn1crypto import cms
 from cryptography import x509
 
 from gateway.as2.headers import check_message_id
 from gateway.as2.mdn import parse_receipt
+from gateway.audit import AuditEvent, EventType
+from gateway.clock import SystemClock
 from gateway.cms import decrypt
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity
 from gateway.cms.stream import decrypt_bytes
 from gateway.config import load_config
-from gateway.demo_run import read_audit, wait_until
+from gateway.demo_run import free_port, read_audit, wait_until
 from gateway.errors import DecryptionError, PolicyError, ProtocolError
+from gateway.httpfront import FrontDoor
+from gateway.intake.api import new_token
+from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy, certificate_key
 from tests import as2client
@@ -278,3 +289,132 @@ def test_bad_cbc_padding_is_reported_after_the_content_not_raised(layout: DemoLa
     assert len(content) == len(intact) + pad  # the padding block is passed on whole
     with pytest.raises(DecryptionError, match="invalid padding"):
         decrypt(altered, pair.certificate, pair.key, policy=AlgorithmPolicy())
+
+
+MALFORMED = {
+    "header byte": b"POST {path} HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nContent-Length: 0\r\n\r\n",
+    "folded header": b"POST {path} HTTP/1.1\r\nHost: x\r\nX-F: a\r\n  folded\r\n"
+    b"Content-Length: 0\r\n\r\n",
+    "length and chunked": b"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "chunk size": b"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"zz\r\nhello\r\n0\r\n\r\n",
+}
+
+
+def _exchange(sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    sock.settimeout(30)
+    sock.sendall(request)
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 1 << 30
+
+
+def _tls_to_hospital(layout: DemoLayout) -> socket.socket:
+    certs = layout.lab.root / "certs"
+    context = ssl.create_default_context(cafile=str(layout.ca_certificate))
+    context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
+    raw = socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=30)
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _only_json_lines(output: str) -> None:
+    for line in output.splitlines():
+        if line.strip():
+            json.loads(line)  # a traceback or any other text is not a JSON line
+
+
+def test_malformed_http_gets_a_generic_400_a_json_log_line_and_an_audit_record(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api_port = free_port()
+    config = layout.hospital.config_path
+    _, sha = new_token()
+    config.write_text(
+        config.read_text()
+        + f'\n[api]\nlisten = "127.0.0.1:{api_port}"\n\n[[api.clients]]\nname = "his"\n'
+        + f'token_sha256 = "{sha}"\npeers = ["lab"]\n'
+    )
+    daemon = processes.start(layout.hospital.config_path)
+    answers = []
+    for what, template in MALFORMED.items():
+        with _tls_to_hospital(layout) as sock:
+            answers.append((what, "as2", _exchange(sock, template.replace(b"{path}", b"/as2"))))
+        with socket.create_connection(("127.0.0.1", api_port), timeout=30) as sock:
+            request = template.replace(b"{path}", b"/v1/messages?to=lab")
+            answers.append((what, "api", _exchange(sock, request)))
+    for what, where, (status, headers, body) in answers:
+        assert status == 400, (what, where, status, body)
+        assert body == b"bad request\n", (what, where, body)
+        assert headers.get("server") == "medgw", (what, where, headers)
+    refused = wait_until(
+        lambda: events(layout.hospital.audit_log, "http.request_refused")[len(answers) - 1 :],
+        30,
+        "an audit record of each refusal",
+    )
+    assert refused
+    records = events(layout.hospital.audit_log, "http.request_refused")
+    assert {r["detail"]["listener"] for r in records} == {"loopback", "api"}
+    assert all(r["reason"].startswith("malformed HTTP request refused (400)") for r in records)
+    _only_json_lines("\n".join(daemon.raw))
+
+
+def test_a_well_formed_answer_names_no_versions(layout: DemoLayout, processes: Any) -> None:
+    processes.start(layout.hospital.config_path)
+    with _tls_to_hospital(layout) as sock:
+        status, headers, _ = _exchange(sock, b"GET /as2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 405
+    assert headers.get("server") == "medgw"
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+async def test_an_exception_in_a_handler_is_a_generic_500_logged_and_audited() -> None:
+    async def broken(request: web.Request) -> web.Response:
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    app = web.Application()
+    app.router.add_get("/x", broken)
+    out, sink = io.StringIO(), _Sink()
+    front = FrontDoor("test", make_logger(stream=out), lambda: sink, SystemClock())
+    runner = front.runner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    finally:
+        await runner.cleanup()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500") and body == b"internal error\n"
+    assert b"Server: medgw\r\n" in head
+    [line] = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert line["event"] == "http.internal_error" and "UnicodeEncodeError" in line["error"]
+    [event] = sink.events
+    assert event.event is EventType.HTTP_REQUEST_REFUSED and "UnicodeEncodeError" in (
+        event.reason or ""
+    )

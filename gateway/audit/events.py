@@ -69,6 +69,8 @@ class EventType(StrEnum):
     COMPAT_ALGORITHM_USED = "policy.compat_algorithm_used"
     API_AUTHENTICATION_FAILED = "api.authentication_failed"  # a local client's token refused
     API_REQUEST_REFUSED = "api.request_refused"  # a client asked for a peer it may not send to
+    # malformed HTTP refused, or an internal error answered 500 (any HTTP listener)
+    HTTP_REQUEST_REFUSED = "http.request_refused"
 
 
 class Outcome(StrEnum):

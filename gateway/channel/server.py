@@ -34,6 +34,7 @@ from cryptography import x509
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config import Listener
+from gateway.httpfront import FrontDoor
 from gateway.logs import Logger
 from gateway.pki.tls import fingerprint
 from gateway.ratelimit import SourceBudget, address_source
@@ -136,7 +137,8 @@ class As2Server:
         self._busy = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
         app = web.Application(client_max_size=max_body_bytes)
         app.router.add_post(listener.path, handler)
-        self._runner = web.AppRunner(
+        self._front = FrontDoor(listener.name, self._log, lambda: audit, clock)
+        self._runner = self._front.runner(
             app, access_log=None, handle_signals=False, keepalive_timeout=IDLE_CONNECTION_SECONDS
         )
         self._server: asyncio.Server | None = None
@@ -237,6 +239,7 @@ class As2Server:
 
     def write_summaries(self, *, everything: bool = False) -> None:
         """One record for each address whose events were counted, not written one by one."""
+        self._front.flush(everything=everything)
         for window in self._failures.closed(everything=everything):
             reason = (
                 f"{window.held_back} more failed TLS handshakes from {window.source} within "

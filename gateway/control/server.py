@@ -18,7 +18,9 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from gateway.clock import SystemClock
 from gateway.errors import MedgwError, SpoolError
+from gateway.httpfront import FrontDoor
 from gateway.intake.submit import (
     IDLE_CONNECTION_SECONDS,
     StatusFn,
@@ -29,6 +31,7 @@ from gateway.intake.submit import (
     stop_runner,
     submit,
 )
+from gateway.logs import make_logger
 from gateway.operations import Operations, UnknownPeerError, handover_view, record_view
 from gateway.spool import HandoverState, OutboundState
 
@@ -84,7 +87,10 @@ class ControlServer:
         operations: Callable[[], Operations],
         submit_fn: SubmitFn,
         status_fn: StatusFn,
+        front: FrontDoor | None = None,
     ) -> None:
+        """``front``: how malformed requests and internal errors are answered, logged and
+        audited (without: a front door that only logs)."""
         if len(str(path)) > MAX_SOCKET_PATH:
             raise MedgwError(
                 f"control socket path {path} is longer than {MAX_SOCKET_PATH} characters",
@@ -106,7 +112,8 @@ class ControlServer:
         app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
-        self._runner = web.AppRunner(
+        front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
+        self._runner = front.runner(
             app,
             access_log=None,
             handle_signals=False,

@@ -28,6 +28,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock, SystemClock
 from gateway.config import ApiClient
 from gateway.errors import MedgwError
+from gateway.httpfront import FrontDoor
 from gateway.intake.submit import (
     BODY_IDLE_SECONDS,
     IDLE_CONNECTION_SECONDS,
@@ -40,7 +41,7 @@ from gateway.intake.submit import (
     stop_runner,
     submit,
 )
-from gateway.logs import Logger
+from gateway.logs import Logger, make_logger
 from gateway.ratelimit import SourceBudget
 
 
@@ -276,7 +277,8 @@ class LocalApi:
         app = web.Application()
         app.router.add_post("/v1/messages", self._post)
         app.router.add_get("/v1/messages/{message_id}", self._get)
-        self._runner = web.AppRunner(
+        self._front = FrontDoor("api", log or make_logger(), lambda: audit, clock or SystemClock())
+        self._runner = self._front.runner(
             app,
             access_log=None,
             handle_signals=False,

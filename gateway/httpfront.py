@@ -1,0 +1,225 @@
+"""The front door of every HTTP listener: the AS2 listeners, the local API, the control
+socket.
+
+What aiohttp does by itself when a request cannot be parsed (bad header bytes,
+folded headers, a Content-Length with chunked encoding, a bad chunk size) or
+when a handler raises: it logs a multi-line traceback through the stdlib
+``logging`` module (not our JSON lines), writes nothing to the audit trail,
+echoes the parser's detail in the 400 body, and names the aiohttp and Python
+versions in a ``Server`` header of every answer.  Here instead:
+
+* a request aiohttp refuses is answered with a generic body for its status
+  (``bad request``), logged as one JSON line (``http.bad_request``) and audited
+  (``http.request_refused``, the parser's reason kept there);
+* an exception that escapes a handler is answered ``500 internal error``, logged
+  as one JSON line with the traceback in a field (``http.internal_error``) and
+  audited; the client learns nothing of it;
+* the ``Server`` header says ``medgw``, without versions.
+
+Audit records of one source are bounded as for failed handshakes: the first
+RECORDED a minute one by one, the rest counted in one record (:meth:`flush`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.logs import Logger
+from gateway.ratelimit import SourceBudget, address_source
+
+SERVER_NAME = "medgw"
+RECORDED = 10  # refused requests audited one by one per source and minute
+REASON_CHARS = 300  # of a parser's reason kept in a log line or audit record
+# Answers to a refused request: one text per status, nothing from the request.
+_BODIES = {400: "bad request\n", 413: "request too large\n", 431: "bad request\n"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class FrontDoor:
+    """One listener's refusals: answers, log lines, audit records."""
+
+    def __init__(
+        self,
+        listener: str,
+        log: Logger,
+        audit: Callable[[], AuditSink | None],
+        clock: Clock,
+    ) -> None:
+        """``audit`` finds the audit sink when one is written to (None: log only)."""
+        self.listener = listener
+        self._log = log
+        self._audit = audit
+        self._budget = SourceBudget(clock, per_window=RECORDED)
+
+    def runner(self, app: web.Application, **kwargs: Any) -> web.AppRunner:
+        """An AppRunner for ``app`` whose connections go through this front door."""
+        app.middlewares.append(self._middleware)
+        app.on_response_prepare.append(_name_server)
+        return _Runner(self, app, **kwargs)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:
+            return self.internal_error(request, exc)
+
+    def internal_error(self, request: web.BaseRequest, exc: BaseException) -> web.Response:
+        remote = request.remote or "unknown"
+        what = _printable(f"{type(exc).__name__}: {exc}")
+        self._log.error(
+            "http.internal_error",
+            remote=remote,
+            method=_printable(request.method),
+            path=_printable(request.path),
+            error=what,
+            exc_info=exc,
+        )
+        self._record(
+            remote,
+            f"internal error while answering {_printable(request.method)} "
+            f"{_printable(request.path)}: {what}; "
+            "answered 500 without detail",
+            500,
+            Severity.ALERT,
+        )
+        return _answer(500)
+
+    def refused(self, request: web.BaseRequest, status: int, reason: str) -> web.Response:
+        """aiohttp could not read the request (``status`` is its 4xx)."""
+        remote = request.remote or "unknown"
+        reason = _printable(reason) or HTTPStatus(status).phrase
+        self._log.warning("http.bad_request", remote=remote, status=status, reason=reason)
+        self._record(
+            remote, f"malformed HTTP request refused ({status}): {reason}", status, Severity.WARNING
+        )
+        return _answer(status)
+
+    def _record(self, remote: str, reason: str, status: int, severity: Severity) -> None:
+        sink = self._sink()
+        if sink is None:
+            return
+        self.flush()
+        if not self._budget.admit(address_source(remote)):
+            return
+        sink.emit(
+            AuditEvent(
+                EventType.HTTP_REQUEST_REFUSED,
+                Outcome.FAILURE,
+                severity,
+                remote_address=remote,
+                direction="inbound",
+                reason=reason,
+                detail={"listener": self.listener, "status": status},
+            )
+        )
+
+    def flush(self, *, everything: bool = False) -> None:
+        """One record for each source whose refusals were counted, not written one by one."""
+        sink = self._sink()
+        if sink is None:
+            return
+        for window in self._budget.closed(everything=everything):
+            sink.emit(
+                AuditEvent(
+                    EventType.HTTP_REQUEST_REFUSED,
+                    Outcome.FAILURE,
+                    Severity.WARNING,
+                    remote_address=window.source,
+                    direction="inbound",
+                    reason=f"{window.held_back} more requests refused from {window.source} "
+                    f"within {self._budget.window_seconds:.0f} s, beyond the {RECORDED} "
+                    "recorded one by one",
+                    detail={
+                        "listener": self.listener,
+                        "not_recorded_one_by_one": window.held_back,
+                        "window_seconds": self._budget.window_seconds,
+                    },
+                )
+            )
+
+    def _sink(self) -> AuditSink | None:
+        return self._audit()
+
+    def log_exception(self, message: str, exc: BaseException | None) -> None:
+        """What aiohttp itself would have logged through stdlib logging."""
+        self._log.error("http.internal_error", reason=message[:REASON_CHARS], exc_info=exc)
+
+
+def _printable(text: str) -> str:
+    """One line of printable US-ASCII, at most REASON_CHARS: what a client sent may hold
+    anything (bytes that are not UTF-8 arrive as lone surrogates)."""
+    flat = " ".join(text.split())
+    return flat.encode("ascii", "backslashreplace").decode()[:REASON_CHARS]
+
+
+def _answer(status: int) -> web.Response:
+    body = _BODIES.get(status, "internal error\n" if status >= 500 else "bad request\n")
+    response = web.Response(status=status, text=body, headers={"Server": SERVER_NAME})
+    response.force_close()
+    return response
+
+
+async def _name_server(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME
+
+
+class _Handler(RequestHandler):
+    """aiohttp's per-connection protocol, answering and logging through a FrontDoor."""
+
+    front: FrontDoor
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer is out: nothing more to say
+            raise ConnectionError("response already started")
+        if status >= 500:
+            return self.front.internal_error(request, exc or RuntimeError(message or "error"))
+        return self.front.refused(request, status, message or str(exc or ""))
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        self.front.log_exception(
+            str(args[0]) if args else "error", exc if isinstance(exc, BaseException) else None
+        )
+
+
+class _Server(web.Server):
+    def __init__(self, front: FrontDoor, plain: web.Server) -> None:
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **plain._kwargs,
+        )
+        self._front = front
+
+    def __call__(self) -> RequestHandler:
+        handler = _Handler(self, loop=self._loop, **self._kwargs)
+        handler.front = self._front
+        return handler
+
+
+class _Runner(web.AppRunner):
+    def __init__(self, front: FrontDoor, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._front = front
+
+    async def _make_server(self) -> web.Server:
+        return _Server(self._front, await super()._make_server())
