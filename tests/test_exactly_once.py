@@ -22,6 +22,7 @@ import pytest
 from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.log import CLOCK_MARGIN, recorded_since
 from gateway.clock import SystemClock
+from gateway.delivery.http import idempotency_key
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
@@ -157,7 +158,8 @@ def test_a_kill_between_the_internal_systems_answer_and_the_record_hands_over_wi
         for name in ("Idempotency-Key", "X-Medgw-Peer", "X-Medgw-Sha256", "X-Medgw-Filename"):
             assert headers[name] == first_headers[name], name
         [receipt] = events(layout.lab.audit_log, "receipt.received")
-        assert headers["Idempotency-Key"] == receipt["message_id"]
+        assert headers["Idempotency-Key"] == idempotency_key("lab", receipt["message_id"])
+        assert headers["X-Medgw-Message-Id"] == receipt["message_id"]
         assert len(events(layout.hospital.audit_log, "message.handed_over")) == 1
         assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
     finally:
@@ -248,3 +250,16 @@ def test_deliveries_recorded_by_an_older_version_are_settled_at_start(
     assert delivered["message_id"] == "<there@x>"
     assert delivered["detail"]["inbox_file"] == str(inbox / "there.hl7")
     assert (inbox / "there.hl7").read_bytes() == b"MSH|there\r"
+
+
+def test_the_idempotency_key_names_the_document_not_only_its_message_id() -> None:
+    """A peer chooses its Message-IDs: one it reuses from another peer is another key."""
+    key = idempotency_key("lab", "<m@x>")
+    assert key == idempotency_key("lab", "<m@x>") and len(key) == 64
+    others = {
+        idempotency_key("pharmacy", "<m@x>"),
+        idempotency_key("lab", "<n@x>"),
+        idempotency_key("la", "b\0<m@x>"),
+        idempotency_key("lab:", "<m@x>"),
+    }
+    assert key not in others and len(others) == 4

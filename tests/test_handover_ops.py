@@ -22,7 +22,7 @@ import pytest
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.delivery.http import HandOver
+from gateway.delivery.http import HandOver, idempotency_key
 from gateway.demo_run import drop_file, free_port, read_audit, wait_until
 from gateway.errors import SpoolError
 from gateway.logs import make_logger
@@ -97,7 +97,7 @@ def test_an_exhausted_hand_over_fails_and_an_operator_retry_hands_it_over_once(
         assert handed["message_id"] == message_id and handed["detail"]["attempt"] == 1
         [(path, headers, body, _)] = system.ok()
         assert path == "/inbound" and body == b"MSH|doc\r"
-        assert headers["Idempotency-Key"] == message_id
+        assert headers["Idempotency-Key"] == idempotency_key("lab", message_id)
         [audited] = events(layout.hospital.audit_log, "message.handover_retried")
         assert audited["message_id"] == message_id and audited["severity"] == "warning"
         assert audited["detail"]["previous_state"] == "failed"

@@ -23,7 +23,7 @@ from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery import http as delivery_http
-from gateway.delivery.http import HandOver
+from gateway.delivery.http import HandOver, idempotency_key
 from gateway.demo_run import drop_file, free_port, read_audit, wait_until
 from gateway.errors import ConfigError
 from gateway.logs import make_logger
@@ -133,7 +133,7 @@ def test_a_document_is_handed_over_over_https_verified_by_a_der_or_pem_ca_file(
         )
         [(path, headers, body)] = system.received()
         assert path == "/inbound" and body == b"MSH|tls\r"
-        assert headers["Idempotency-Key"] == handed["message_id"]
+        assert headers["Idempotency-Key"] == idempotency_key("lab", handed["message_id"])
         assert handed["detail"]["attempt"] == 1
         assert events(layout.hospital.audit_log, "message.handover_failed") == []
         assert events(layout.hospital.audit_log, "daemon.task_failed") == []

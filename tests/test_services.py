@@ -18,6 +18,7 @@ import pytest
 
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.delivery.http import idempotency_key
 from gateway.demo_run import drop_file, free_port, read_audit, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
@@ -327,7 +328,7 @@ def test_received_documents_are_handed_over_with_retries_after_the_receipt(
         assert headers["X-Medgw-Peer"] == "lab" and headers["X-Medgw-Service"] == "lab-results"
         assert headers["X-Medgw-Filename"] == "r1.hl7"
         assert headers["X-Medgw-Sha256"] == hashlib.sha256(result).hexdigest()
-        assert headers["Idempotency-Key"] == headers["X-Medgw-Message-Id"]
+        assert headers["Idempotency-Key"] == idempotency_key("lab", headers["X-Medgw-Message-Id"])
         _, ref_headers, ref_body, _ = by_path["/referrals"]
         assert ref_body == b"%PDF ref" and ref_headers["X-Medgw-Service"] == "referrals"
 
@@ -344,7 +345,8 @@ def test_received_documents_are_handed_over_with_retries_after_the_receipt(
             "two message.handed_over events",
         )
         ids = {e["message_id"]: e for e in handed}
-        assert set(ids) == {h["Idempotency-Key"] for _, h, _, _ in system.ok()}
+        keys = {h["Idempotency-Key"] for _, h, _, _ in system.ok()}
+        assert {idempotency_key("lab", i) for i in ids} == keys
         assert {e["service"] for e in handed} == {"lab-results", "referrals"}
         # The receipt did not wait for the internal system: both messages were delivered
         # (receipt verified at the lab) whatever the hand-over's fate.
@@ -378,7 +380,7 @@ def test_a_pending_hand_over_survives_a_crash_and_resumes_once(
         )
         [(path, headers, body, _)] = system.ok()
         assert path == "/inbound" and body == b"MSH|doc\r" and "X-Medgw-Service" not in headers
-        assert headers["Idempotency-Key"] == receipt["message_id"]
+        assert headers["Idempotency-Key"] == idempotency_key("lab", receipt["message_id"])
         failures = events(layout.hospital.audit_log, "message.handover_failed")
         assert failures and "ClientConnector" in failures[0]["reason"]
         [handed] = events(layout.hospital.audit_log, "message.handed_over")

@@ -7,13 +7,16 @@ the same spool transaction that stores the receipt, and this worker POSTs the
 inbox file, streamed, until the system answers 2xx.  It is retried with capped
 exponential back-off across restarts, so it is *at least once*: the system
 must treat ``Idempotency-Key`` (the AS2 Message-ID, unique per peer) as the
-key of the document and ignore a repeat.
+key of the document and ignore a repeat.  A repeat comes when the daemon stops
+between the system's answer and the record of it; it carries the same key,
+headers and body.
 
 Headers of each POST::
 
     Content-Type        the document's media type, as the peer sent it
     Content-Length      its size
-    Idempotency-Key     the Message-ID (also X-Medgw-Message-Id)
+    Idempotency-Key     the document's key: see :func:`idempotency_key`
+    X-Medgw-Message-Id  the AS2 Message-ID
     X-Medgw-Peer        the sending peer's name (peers.d/)
     X-Medgw-Service     the service, when the document has one
     X-Medgw-Filename    the file's name in the inbox
@@ -53,6 +56,15 @@ from gateway.spool import HandoverRecord, Spool
 
 CHUNK = 1 << 20
 IDLE_CHECK_SECONDS = 5.0
+
+
+def idempotency_key(peer: str, message_id: str) -> str:
+    """The key of one received document: SHA-256 (hex) of the peer's name and the
+    Message-ID.  A Message-ID is unique only per peer, and a peer chooses it: with
+    the Message-ID alone, a peer could send one it expects another peer to use, and
+    an internal system would drop that peer's document as a repeat."""
+    both = f"{peer}\0{message_id}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(both).hexdigest()
 
 
 class _Changed(Exception):
@@ -166,7 +178,7 @@ class HandOver:
         headers = {
             "Content-Type": record.content_type,
             "Content-Length": str(record.size),
-            "Idempotency-Key": record.message_id,
+            "Idempotency-Key": idempotency_key(record.peer, record.message_id),
             "X-Medgw-Message-Id": record.message_id,
             "X-Medgw-Peer": record.peer,
             "X-Medgw-Filename": record.path.name,
