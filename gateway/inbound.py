@@ -605,11 +605,9 @@ class InboundProcessor:
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
             ) from exc
         # From here on the document is in the inbox: whatever fails, it is never released
-        # nor written again (the next attempt, or the next start, settles it).
-        try:
-            inbox.finish(work, target)
-        except OSError as exc:
-            raise inbox.delivery_error(exc, target) from exc
+        # nor written again (the resend, or the next start, settles it).  An OSError
+        # is answered 503 (see unavailable()): the peer resends.
+        inbox.finish(work, target)
         self._audit.emit(
             AuditEvent(
                 EventType.MESSAGE_DELIVERED,

@@ -9,7 +9,8 @@ luck.  It is a wrapper, used as the command prefix of a test's ``medgw run``
 
 It replaces the named function, in this process only, with one that calls it
 and then kills the process (``--kill-after``), or kills it before the call
-(``--kill-before``); ``--kill-after-event NAME`` kills it right after the audit
+(``--kill-before``), or makes its first call fail with an I/O error
+(``--fail-once``); ``--kill-after-event NAME`` kills it right after the audit
 record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
 write of that record fail instead (as on a full disk).  The product has no hook of its own: this
 file is not part of the installed package, and nothing an administrator sets
@@ -61,6 +62,18 @@ def _before(original: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
+    failed: list[bool] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not failed:
+            failed.append(True)
+            raise OSError(errno.EIO, "Input/output error (faultpoint.py)")
+        return original(*args, **kwargs)
+
+    return call
+
+
 def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def emit(self: Any, record: Any) -> None:
@@ -93,6 +106,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kill-after", metavar="MODULE:FUNCTION")
     parser.add_argument("--kill-before", metavar="MODULE:FUNCTION")
+    parser.add_argument("--fail-once", metavar="MODULE:FUNCTION")
     parser.add_argument("--kill-after-event", metavar="EVENT")
     parser.add_argument("--fail-once-at-event", metavar="EVENT")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -102,6 +116,8 @@ def main(argv: list[str]) -> None:
         _patch(args.kill_after, _after)
     if args.kill_before:
         _patch(args.kill_before, _before)
+    if args.fail_once:
+        _patch(args.fail_once, _fail_once)
     if args.kill_after_event:
         _patch("gateway.audit.log:AuditLog.emit", _after_event(args.kill_after_event))
     if args.fail_once_at_event:

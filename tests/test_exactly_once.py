@@ -196,14 +196,21 @@ def test_recovery_reads_only_the_audit_written_since_the_delivery_began(tmp_path
     assert len(looked) == 501
 
 
+@pytest.mark.parametrize(
+    ("point", "cause"),
+    [
+        (("--fail-once-at-event", "message.delivered"), "No space left"),
+        (("--fail-once", "gateway.delivery.inbox:finish"), "Input/output error"),
+    ],
+    ids=["audit-record", "work-name-removal"],
+)
 def test_a_resend_after_a_failure_between_rename_and_record_is_not_written_again(
-    layout: DemoLayout, processes: Any
+    layout: DemoLayout, processes: Any, point: tuple[str, str], cause: str
 ) -> None:
-    """No crash: the audit record of the delivery could not be written (503); the
-    resend to the same process settles the delivery without writing it again."""
-    processes.start(
-        layout.hospital.config_path, prefix=killed_at("--fail-once-at-event", "message.delivered")
-    )
+    """No crash: after the document took its name, the audit record of the delivery
+    could not be written, or the work name removed (503); the resend to the same
+    process settles the delivery without writing it again."""
+    processes.start(layout.hospital.config_path, prefix=killed_at(*point))
     processes.start(layout.lab.config_path)
     with InboxWatch(layout.hospital.inbox_dir) as watch:
         drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
@@ -215,7 +222,7 @@ def test_a_resend_after_a_failure_between_rename_and_record_is_not_written_again
     message_id = receipt["message_id"]
     audit = layout.hospital.audit_log
     [unavailable] = events(audit, "storage.unavailable", message_id)
-    assert "faultpoint" in unavailable["reason"]
+    assert cause in unavailable["reason"] and "answered 503" in unavailable["reason"]
     [delivered] = events(audit, "message.delivered", message_id)
     assert "before an interruption" in delivered["reason"]
     assert len(events(audit, "message.duplicate", message_id)) == 1
