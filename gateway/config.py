@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from gateway.egress import ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.pki.store import load_crls
+from gateway.places import Place, overlap_problems
 from gateway.policy import (
     DEFAULT_KEY_TRANSPORT,
     LEGACY_ALGORITHMS,
@@ -334,6 +335,10 @@ class _Section:
     def problem(self, key: str, message: str, fix: str, severity: str = "error") -> None:
         self._reader.add(self._file, self._key(key), message, fix, severity)
 
+    def where(self, key: str) -> tuple[Path, str]:
+        """The file and the full key path of ``key`` in this table."""
+        return self._file, self._key(key)
+
     def _get(
         self,
         key: str,
@@ -457,6 +462,7 @@ class _Reader:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
         self.problems: list[ConfigProblem] = []
+        self.read: list[Place] = []  # every file read for a key, for the overlap rules
 
     def add(self, file: Path, key: str, message: str, fix: str, severity: str = "error") -> None:
         self.problems.append(ConfigProblem(str(file), key, message, fix, severity))
@@ -483,7 +489,11 @@ class _Reader:
         candidate = Path(value).expanduser()
         return candidate if candidate.is_absolute() else self.base_dir / candidate
 
-    def read_file(self, section: _Section, key: str, path: Path) -> bytes | None:
+    def read_file(
+        self, section: _Section, key: str, path: Path, what: str = "a file medgw reads"
+    ) -> bytes | None:
+        file, full_key = section.where(key)
+        self.read.append(Place(path, file, full_key, what, tree=False))
         try:
             return path.read_bytes()
         except FileNotFoundError:
@@ -495,7 +505,7 @@ class _Reader:
         return None
 
     def certificates(self, section: _Section, key: str, path: Path) -> list[x509.Certificate]:
-        data = self.read_file(section, key, path)
+        data = self.read_file(section, key, path, "a certificate file")
         if data is None:
             return []
         try:
@@ -513,7 +523,7 @@ class _Reader:
         return certs
 
     def private_key(self, section: _Section, key: str, path: Path) -> PrivateKey | None:
-        data = self.read_file(section, key, path)
+        data = self.read_file(section, key, path, "a private key of this gateway")
         if data is None:
             return None
         status = path.stat()
@@ -1087,14 +1097,12 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             "create it and put one <peer>.toml per peer institution in it",
         )
     _check_peer_uniqueness(reader, peers, as2_id)
-    api = None
-    if api_section is not None:
-        pairs = [tls_identity, signing, encryption, *extra_decryption]
-        keep = _files_that_matter(source, peers_dir, storage, [p for p in pairs if p])
-        api = _load_api(reader, api_section, peers, keep)
     delivery = (
         _load_delivery(reader, delivery_section, peers) if delivery_section is not None else None
     )
+    places = _places(source, peers_dir, storage, zones, reader.read)
+    reader.problems.extend(overlap_problems(places))
+    api = _load_api(reader, api_section, peers, places) if api_section is not None else None
     # A url already reported as unreadable is not judged against the zones a second time.
     judged = [
         replace(
@@ -1281,39 +1289,93 @@ STATE_FILES = (
 STATE_FOLDERS = ("incoming", "payloads", "outgoing", "receipts")
 
 
-def _files_that_matter(
-    source: Path, peers_dir: Path, storage: Storage, pairs: Sequence[KeyPair]
-) -> list[tuple[Path, bool, str]]:
-    """(path, whether what lies inside it counts too, what it is): places the API
-    socket must never be, since a stale socket is removed before listening."""
-    keep: list[tuple[Path, bool, str]] = [
-        (source, False, "this configuration file"),
-        (peers_dir, True, "the peers folder ([gateway] peers_dir)"),
-        (storage.audit_log, False, "the audit log ([storage] audit_log)"),
-        (storage.state_dir, False, "the state folder ([storage] state_dir)"),
-        (storage.inbox_dir, True, "the inbox folder ([storage] inbox_dir)"),
-        (storage.outbox_dir, True, "the outbox folder ([storage] outbox_dir)"),
+def _places(
+    source: Path, peers_dir: Path, storage: Storage, zones: Sequence[Zone], read: Sequence[Place]
+) -> list[Place]:
+    """Every file and folder the configuration names (gateway.places)."""
+    state = storage.state_dir
+    state_use = "medgw keeps its spool and work files there"
+    # The inbox and outbox may be folders of their own inside the state folder, so it
+    # is not a tree here: its own entries are.
+    places = [
+        Place(
+            state,
+            source,
+            "storage.state_dir",
+            "the state folder ([storage] state_dir)",
+            tree=False,
+            use=state_use,
+        ),
     ]
-    keep += [(storage.state_dir / n, False, f"the spool's {n} in state_dir") for n in STATE_FILES]
-    keep += [
-        (storage.state_dir / n, True, f"the work folder {n}/ in state_dir") for n in STATE_FOLDERS
+    places += [
+        Place(
+            state / n,
+            source,
+            "storage.state_dir",
+            f"the spool's {n} in state_dir",
+            tree=False,
+            use=state_use,
+        )
+        for n in STATE_FILES
     ]
-    for pair in pairs:
-        keep.append((pair.key_path, False, "a private key of this gateway"))
-        keep.append((pair.certificate_path, False, "a certificate of this gateway"))
-    return keep
-
-
-def _same_or_inside(path: Path, other: Path, inside: bool) -> bool:
-    path, other = path.resolve(), other.resolve()
-    return path == other or (inside and path.is_relative_to(other))
+    places += [
+        Place(
+            state / n,
+            source,
+            "storage.state_dir",
+            f"the work folder {n}/ in state_dir",
+            tree=True,
+            use=state_use,
+        )
+        for n in STATE_FOLDERS
+    ]
+    places += [
+        Place(
+            storage.outbox_dir,
+            source,
+            "storage.outbox_dir",
+            "the outbox folder ([storage] outbox_dir)",
+            tree=True,
+            use="medgw sends every file put there to a peer and removes it",
+        ),
+        Place(
+            storage.inbox_dir,
+            source,
+            "storage.inbox_dir",
+            "the inbox folder ([storage] inbox_dir)",
+            tree=True,
+            use="medgw writes every received document there",
+        ),
+        Place(
+            storage.audit_log,
+            source,
+            "storage.audit_log",
+            "the audit log ([storage] audit_log)",
+            tree=False,
+            use="medgw appends the audit trail to it",
+        ),
+        Place(
+            peers_dir,
+            source,
+            "gateway.peers_dir",
+            "the peers folder ([gateway] peers_dir)",
+            tree=True,
+        ),
+        Place(source, source, "", "this configuration file", tree=False),
+    ]
+    for index, zone in enumerate(zones):
+        places += [
+            Place(path, source, f"zones[{index}].crls", "a CRL file or folder", path.is_dir())
+            for path in zone.crl_paths
+        ]
+    return places + list(read)
 
 
 def _load_api(
     reader: _Reader,
     section: _Section,
     peers: list[Peer],
-    keep: Sequence[tuple[Path, bool, str]] = (),
+    places: Sequence[Place] = (),
 ) -> ApiSettings | None:
     """The optional ``[api]`` table: where the local API listens and who may use it."""
     socket_text = section.string("socket", default="")
@@ -1326,13 +1388,15 @@ def _load_api(
             "choose a shorter path, e.g. /run/medgw/api.sock",
         )
     if socket_path is not None:
-        for path, inside, what in keep:
-            if _same_or_inside(socket_path, path, inside):
-                where = "is" if socket_path.resolve() == path.resolve() else "is inside"
+        file, key = section.where("socket")
+        socket_place = Place(socket_path, file, key, "the API socket", tree=False)
+        for place in places:
+            where = socket_place.relation(place)
+            if where is not None:
                 section.problem(
                     "socket",
-                    f"{socket_path} {where} {what} ({path}): medgw would delete or "
-                    "overlay it to make the API socket",
+                    f"{socket_path} {where} {place.what} ({place.path}): medgw would delete "
+                    "or overlay it to make the API socket",
                     'give the socket a path of its own, e.g. socket = "/run/medgw/api.sock"',
                 )
                 break

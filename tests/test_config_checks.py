@@ -244,6 +244,100 @@ def test_two_listeners_with_one_name_are_refused(layout: DemoLayout) -> None:
     assert reported(result, config, "listeners[1].name", "'loopback' is used by another", "own")
 
 
+# --- folders that overlap turn the gateway into a forwarder -------------------------------
+
+
+def set_storage(layout: DemoLayout, **values: str) -> Path:
+    """Replace ``[storage]`` keys of the hospital's gateway.toml (paths as written)."""
+    config = layout.hospital.config_path
+    text = config.read_text()
+    for key, value in values.items():
+        start = text.index(f"\n{key} = ") + 1
+        end = text.index("\n", start)
+        text = text[:start] + f'{key} = "{value}"' + text[end:]
+    config.write_text(text)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("storage", "key", "words"),
+    [
+        # every received document straight back out
+        ({"inbox_dir": "outbox"}, "storage.inbox_dir", "is the outbox folder"),
+        # a received document dropped into the lab's outbox folder is sent to the lab
+        ({"inbox_dir": "outbox/lab"}, "storage.inbox_dir", "is inside the outbox folder"),
+        ({"outbox_dir": "inbox/out"}, "storage.outbox_dir", "is inside the inbox folder"),
+        ({"inbox_dir": "state"}, "storage.inbox_dir", "is the state folder"),
+        ({"inbox_dir": "state/payloads"}, "storage.inbox_dir", "the work folder payloads/"),
+        ({"state_dir": "inbox/state"}, "storage.state_dir", "is inside the inbox folder"),
+        ({"audit_log": "outbox/audit.jsonl"}, "storage.audit_log", "inside the outbox"),
+        # our private keys would be sent to a peer
+        ({"outbox_dir": "certs"}, "tls.key", "a private key of this gateway"),
+        # a received document could replace a peer's certificate or a CRL
+        ({"inbox_dir": "certs/peers"}, "tls_certificates", "a certificate file"),
+        ({"inbox_dir": "certs"}, "zones[0].crls", "a CRL file or folder"),
+        ({"inbox_dir": "peers.d"}, "gateway.peers_dir", "is the inbox folder"),
+        ({"outbox_dir": "."}, "", "this configuration file"),
+    ],
+)
+def test_overlapping_folders_are_refused(
+    layout: DemoLayout, storage: dict[str, str], key: str, words: str
+) -> None:
+    config = set_storage(layout, **storage)
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    found = [line for line in lines if f": {key}: " in line and words in line]
+    if key == "":
+        found = [line for line in lines if f"{config}: " in line and words in line]
+    assert found, result.stderr
+    assert "may not overlap" in found[0] and "(fix: give " in found[0], found[0]
+
+
+def test_overlap_through_a_symbolic_link_is_refused(layout: DemoLayout) -> None:
+    (layout.hospital.root / "mail").symlink_to(layout.hospital.root / "outbox")
+    config = set_storage(layout, inbox_dir="mail/lab")
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout
+    assert reported(
+        result, config, "storage.inbox_dir", "is inside the outbox folder", "storage.outbox_dir"
+    ), result.stderr
+
+
+def test_inbox_and_outbox_of_their_own_inside_the_state_folder_are_fine(
+    layout: DemoLayout,
+) -> None:
+    """The layout of the example configuration (/var/lib/medgw and folders in it)."""
+    config = set_storage(layout, state_dir="var", outbox_dir="var/outbox", inbox_dir="var/inbox")
+    result = check_config(config)
+    assert result.returncode == 0, result.stderr
+
+
+def test_overlapping_folders_stop_a_start_and_a_reload(layout: DemoLayout, processes: Any) -> None:
+    config = set_storage(layout, inbox_dir="outbox")
+    result = medgw("run", "--config", config, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not starting" in result.stderr and "storage.inbox_dir" in result.stderr
+    set_storage(layout, inbox_dir="inbox")
+    hospital = processes.start(config)
+    # A peer certificate moved into the inbox, where a received document could replace it.
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    moved = layout.hospital.root / "inbox" / "lab-tls.crt"
+    moved.parent.mkdir(exist_ok=True)
+    moved.write_bytes((layout.hospital.root / "certs" / "peers" / "lab" / "tls.crt").read_bytes())
+    text = peer.read_text()
+    peer.write_text(text.replace('"certs/peers/lab/tls.crt"', f'"{moved}"'))
+    hospital.signal(signal.SIGHUP)
+    [failed] = wait_until(
+        lambda: events(layout.hospital.audit_log, "config.reload_failed"), 15, "the refusal"
+    )
+    assert "is inside the inbox folder" in failed["reason"], failed["reason"]
+    assert hospital.proc.poll() is None
+    peer.write_text(text)
+    hospital.signal(signal.SIGHUP)
+    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "recovery")
+
+
 # --- 5. private keys readable by a group or others -----------------------------------------
 
 
