@@ -14,6 +14,7 @@ is exactly the surprise an administrator must not get.
 
 from __future__ import annotations
 
+import functools
 import grp
 import hashlib
 import ipaddress
@@ -32,7 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from gateway.egress import ZonePath, resolve_hosts
+from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.pki.store import load_crls
 from gateway.places import Place, overlap_problems
@@ -46,8 +47,11 @@ from gateway.policy import (
 from gateway.routing import (
     REVOCATION_POLICIES,
     ZONE_KINDS,
+    Address,
     Network,
+    endpoint,
     hosts_to_resolve,
+    own_listeners,
     reach_problems,
     zone_problems,
 )
@@ -295,6 +299,23 @@ class GatewayConfig:
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
+
+    @functools.cached_property
+    def network_map(self) -> NetworkMap:
+        """What every outbound connection is judged by (:mod:`gateway.egress`)."""
+        api = self.api.endpoint if self.api is not None else None
+        endpoints: dict[tuple[Address, int], Peer] = {}
+        for peer in self.peers:
+            found = endpoint(peer.url, self.resolved_hosts)
+            if found is not None:
+                addresses, port = found
+                for ip in addresses:
+                    endpoints.setdefault((ip, port), peer)
+        return NetworkMap(
+            {z.name: z.network for z in self.zones},
+            tuple(own_listeners(self.listeners, api)),
+            endpoints,
+        )
 
     def zone(self, name: str) -> Zone | None:
         return next((z for z in self.zones if z.name == name), None)

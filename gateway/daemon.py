@@ -42,6 +42,7 @@ from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, Zo
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
+from gateway.egress import Network, NetworkMap, Refused, ZonePath
 from gateway.errors import ConfigError, MedgwError
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
 from gateway.httpfront import FrontDoor
@@ -128,25 +129,56 @@ class Daemon:
         self._control: ControlServer | None = None
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
-        self._ocsp_clients: dict[str, OcspClient] = {}  # per zone: each keeps its OCSP cache
+        # Per zone, with the way out it was made for: each keeps its OCSP cache.
+        self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
+        # Every outbound connection, judged by the configuration in force when it is made.
+        self._network = Network(self._network_map, on_refused=self._egress_refused)
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
         self._instance: InstanceLock | None = None  # one daemon per state folder
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
 
     # -- building -------------------------------------------------------------
 
-    def _ocsp_client(self, zone: Zone) -> OcspClient:
+    def _network_map(self) -> NetworkMap:
+        return self.state.config.network_map
+
+    def _egress_refused(self, refused: Refused) -> None:
+        """The connect path refused a connection (may be called from a worker thread)."""
+        self._log.warning(
+            "egress.refused", route=refused.route, address=refused.address, port=refused.port
+        )
+        self._audit_sink().emit(
+            AuditEvent(
+                EventType.EGRESS_REFUSED,
+                Outcome.FAILURE,
+                Severity.ALERT,
+                remote_address=refused.address,
+                reason=refused.reason,
+                detail={"route": refused.route, "port": refused.port},
+            )
+        )
+
+    def _ocsp_client(self, zone: Zone, network: Network | None = None) -> OcspClient:
         """The zone's OCSP client: its cache survives reloads while the zone's way out
-        (source address, egress) stays the same."""
-        client = self._ocsp_clients.get(zone.name)
-        if client is None or client.path != zone.network:
-            client = self._ocsp_clients[zone.name] = OcspClient(path=zone.network)
-        return client
+        (source address, egress) stays the same.  Its requests go through ``network``'s
+        route of the zone (default: the daemon's, judged by the configuration in force)."""
+        known = self._ocsp_clients.get(zone.name)
+        if known is None or known[0] != zone.network:
+            client = OcspClient(self._network.zone(zone.name))
+            known = self._ocsp_clients[zone.name] = (zone.network, client)
+        return known[1] if network is None else known[1].via(network.zone(zone.name))
 
     async def _assess_trust(self, config: GatewayConfig) -> dict[str, PeerTrust]:
-        """Path validation (with the zone's revocation policy) of every configured peer cert."""
+        """Path validation (with the zone's revocation policy) of every configured peer cert.
+
+        OCSP requests go out by ``config``'s zones: it is the configuration being judged
+        (at a reload, the new one, before it is in force)."""
+        network = Network(lambda: config.network_map, on_refused=self._egress_refused)
         return await assess_peers(
-            config.peers, config.zones, at=self._clock.now(), ocsp_client=self._ocsp_client
+            config.peers,
+            config.zones,
+            at=self._clock.now(),
+            ocsp_client=lambda zone: self._ocsp_client(zone, network),
         )
 
     def _audit_trust(
@@ -279,8 +311,7 @@ class Daemon:
                 contexts[p.name],
                 config.runtime.connect_timeout_seconds,
                 config.runtime.request_timeout_seconds,
-                source_address=zones[p.zone].source_address,
-                egress=zones[p.zone].egress,
+                route=self._network.zone(p.zone),
                 connections=PARALLEL_SENDS_PER_PEER,
             )
             for p in config.peers
@@ -299,6 +330,7 @@ class Daemon:
             self._clock,
             signers=signers,
             locks=self._inbound_locks,
+            network=self._network,
         )
         peers_by_spki = {pin: p for p in config.peers for pin in p.tls_spki_pins}
         return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust, peers_by_spki)
@@ -379,6 +411,7 @@ class Daemon:
                 self._clock,
                 lambda: self.state.config,
                 self._rng,
+                self._network.internal(),
             )
             self._spawn(self._supervised("hand-over to internal systems", self._handover.run))
             self._spawn(self._supervised("trust refresh", self._trust_refresh_loop))
@@ -782,10 +815,15 @@ class Daemon:
                     return
                 problem = f"HTTP {answer.status}"
             except TransportError as exc:
+                if exc.refused:  # NET-4: the URL is outside the peer's zone as configured now
+                    why = f"{exc}; not tried again"
+                    break
                 problem = str(exc)
             self._log.warning("receipt.async_delivery_failed", peer=peer.name, reason=problem)
             await asyncio.sleep(delay)
             delay = min(delay * 4, 300.0)
+        else:
+            why = f"{ASYNC_RECEIPT_ATTEMPTS} attempts failed, the last: {problem}"
         self._audit_sink().emit(
             AuditEvent(
                 EventType.RECEIPT_SENT,
@@ -794,8 +832,8 @@ class Daemon:
                 peer=peer.name,
                 message_id=message_id,
                 direction="inbound",
-                reason=f"asynchronous receipt could not be delivered to {url} after "
-                f"{ASYNC_RECEIPT_ATTEMPTS} attempts; the peer will resend and get it again",
+                reason=f"asynchronous receipt not delivered to {url}: {why}; the peer will "
+                "resend the message and get it again",
             )
         )
 

@@ -52,6 +52,7 @@ from gateway.as2.mdn import Disposition, mic_matches, parse_receipt
 from gateway.as2.message import MessageSpec, build_message
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
+from gateway.egress import Network
 from gateway.errors import (
     MalformedMessageError,
     MedgwError,
@@ -65,7 +66,6 @@ from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import TrustSettings, assess_peer
 from gateway.pki.tls import NotPinnedError, client_context
 from gateway.pki.validate import Purpose, check_purpose
-from gateway.routing import egress_allows
 
 PROBE_HEADER = "X-Medgw-Probe"
 PROBE_PREFIX = "medgw-diagnose-"
@@ -244,6 +244,8 @@ class Diagnoser:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._target = _Target(parts.hostname or "", parts.port or 443, path)
         self._peer_file = f"peers.d/{peer.source.name}"
+        # The daemon's connect path for the peer's zone (NET-4), judged by this configuration.
+        self._route = Network.fixed(config.network_map).zone(peer.zone)
 
     async def run(self) -> Diagnosis:
         steps: list[StepResult] = []
@@ -314,6 +316,9 @@ class Diagnoser:
         except ValueError:
             pass
         else:
+            refused = self._route.judge(host, port)[1]
+            if refused is not None:
+                return self._outside_zone(host, [host], refused), []
             return _ok("resolve", f"{host} is an IP address: nothing to resolve"), [host]
         loop = asyncio.get_running_loop()
         try:
@@ -343,49 +348,45 @@ class Diagnoser:
                 "/etc/hosts entry or the network's own DNS server",
             ), []
         found = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        zone = self._config.require_zone(self._peer.zone)
-        if zone.egress:  # the daemon connects only to addresses inside the zone's egress (NET-4)
-            allowed = [a for a in found if egress_allows(zone.egress, a)]
-            if not allowed:
-                ranges = ", ".join(str(n) for n in zone.egress)
-                return _fail(
-                    "resolve",
-                    f"{host} -> {', '.join(found)}, none inside the egress of zone "
-                    f"{zone.name!r} ({ranges})",
-                    f"the name resolves to addresses outside the network of the peer's zone "
-                    f"{zone.name!r}, and the gateway never sends a zone's messages through "
-                    "another network: this machine's resolver gives another address than the "
-                    "peer's on that network (DNS or /etc/hosts), or the peer belongs to another "
-                    "zone",
-                    f"compare `getent hosts {host}` with the peer's address on the zone's "
-                    "network and fix the DNS or /etc/hosts entry; or correct `url` or `zone` in "
-                    f"{self._peer_file}, or egress of the [[zones]] table {zone.name!r} in "
-                    f"{self._config.source}",
-                ), []
-            found = allowed
+        # the daemon connects only to addresses its zone route allows (NET-4)
+        verdicts = {a: self._route.judge(a, port)[1] for a in found}
+        allowed = [a for a in found if verdicts[a] is None]
+        if not allowed:
+            return self._outside_zone(host, found, next(iter(verdicts.values())) or ""), []
+        found = allowed
         return _ok("resolve", f"{host} -> {', '.join(found)}"), found
+
+    def _outside_zone(self, host: str, found: list[str], refused: str) -> StepResult:
+        zone = self._config.require_zone(self._peer.zone)
+        ranges = ", ".join(str(n) for n in zone.egress)
+        shown = host if found == [host] else f"{host} -> {', '.join(found)}"
+        return _fail(
+            "resolve",
+            f"{shown}, none inside the egress of zone {zone.name!r} ({ranges}): {refused}",
+            f"the address is outside the network of the peer's zone {zone.name!r} (or is "
+            "one of this gateway's own listeners), and the gateway never sends a zone's "
+            "messages through another network: this machine's resolver gives another "
+            "address than the peer's on that network (DNS or /etc/hosts), or the peer "
+            "belongs to another zone",
+            f"compare `getent hosts {host}` with the peer's address on the zone's "
+            "network and fix the DNS or /etc/hosts entry; or correct `url` or `zone` in "
+            f"{self._peer_file}, or egress of the [[zones]] table {zone.name!r} in "
+            f"{self._config.source}",
+        )
 
     # -- 2 --------------------------------------------------------------------
 
     async def connect(self, addresses: list[str]) -> tuple[StepResult, socket.socket | None]:
         """A TCP connection to the first address that accepts; step 3 upgrades it to TLS."""
         port = self._target.port
-        loop = asyncio.get_running_loop()
         # The daemon's connections to this peer leave from its zone's source address (NET-4).
-        source = self._config.require_zone(self._peer.zone).source_address
         errors: list[tuple[str, BaseException]] = []
         for address in addresses:
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
             started = self._clock.monotonic()
             try:
-                if source:
-                    sock.bind((source, 0))
                 async with asyncio.timeout(self._connect_timeout):
-                    await loop.sock_connect(sock, (address, port))
+                    sock = await self._route.open_socket(address, port)
             except (TimeoutError, OSError) as exc:
-                sock.close()
                 errors.append((address, exc))
                 continue
             elapsed = (self._clock.monotonic() - started) * 1000
@@ -430,7 +431,7 @@ class Diagnoser:
             source = self._config.require_zone(self._peer.zone).source_address
             return _fail(
                 "tcp",
-                f"{detail_where}: cannot send from {source}: {exc.strerror}",
+                f"{detail_where}: {exc.strerror}",
                 f"connections to this peer leave from the source_address {source} of its zone "
                 f"{self._peer.zone!r}, and this machine cannot use that address (it is not "
                 "configured on any interface, or is of the other IP family than the peer's "
@@ -669,16 +670,16 @@ class Diagnoser:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        source = self._config.require_zone(self._peer.zone).source_address
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, writer = await asyncio.open_connection(
-                    address,
-                    self._target.port,
-                    ssl=context,
-                    server_hostname=self._target.host,
-                    local_addr=(source, 0) if source else None,
-                )
+                sock = await self._route.open_socket(address, self._target.port)
+                try:
+                    _, writer = await asyncio.open_connection(
+                        sock=sock, ssl=context, server_hostname=self._target.host
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
         except (TimeoutError, OSError):
             return None
         ssl_object = writer.get_extra_info("ssl_object")
@@ -841,10 +842,10 @@ class Diagnoser:
             tls=peer.tls_certificates,
             signing=peer.signing_certificates,
             encryption=peer.encryption_certificates,
-            trust=TrustSettings.of_zone(zone),
+            trust=TrustSettings.of_zone(zone, self._route),
             at=self._clock.now(),
             policy=peer.policy,
-            ocsp_client=OcspClient(path=zone.network),
+            ocsp_client=OcspClient(self._route),
         )
         roles = (
             ("TLS certificate", trust.tls, "tls_certificates"),
@@ -934,20 +935,15 @@ class Diagnoser:
             )
         sent = f"probe {filename} {message_id}"
         headers = [*built.headers, (PROBE_HEADER, "1")]
-        source = config.require_zone(peer.zone).source_address
         try:
             context = self._context()
             async with (
-                aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(
-                        ssl=context,
-                        force_close=True,
-                        local_addr=(source, 0) if source else None,
-                    ),
+                self._route.session(
+                    tls=context,
+                    force_close=True,
                     timeout=aiohttp.ClientTimeout(
                         total=self._probe_timeout, sock_connect=self._connect_timeout
                     ),
-                    auto_decompress=False,
                 ) as session,
                 session.post(
                     peer.url, data=built.body, headers=headers, allow_redirects=False

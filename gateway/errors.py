@@ -91,6 +91,12 @@ class RoutingError(MedgwError):
     """A message has no permitted route."""
 
 
+class EgressRefused(RoutingError, OSError):
+    """The connect path refused an outbound connection: the address is outside the
+    route's zone, inside a zone for the internal side, or one of our own listeners
+    (NET-4).  An ``OSError`` too, so that HTTP clients report it as a failed connect."""
+
+
 class SpoolError(MedgwError):
     """The durable spool cannot store or change a message."""
 

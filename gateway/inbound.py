@@ -35,6 +35,7 @@ from gateway.cms.stream import DecryptedFile, decrypt_bytes, decrypt_file, verif
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
 from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
+from gateway.egress import Network
 from gateway.errors import (
     DecryptionError,
     DeliveryError,
@@ -165,10 +166,14 @@ class InboundProcessor:
         *,
         signers: Mapping[str, tuple[x509.Certificate, ...]] | None = None,
         locks: InboundLocks | None = None,
+        network: Network | None = None,
     ) -> None:
         # ``signers``: each peer's signing certificates that validate now (PKI layer);
         # without it (tests of this layer alone), every configured one.
         # ``locks``: the daemon's, kept across reloads (alone: its own).
+        # ``network``: the daemon's connect path, for OCSP about personal signers
+        # (alone: one judged by this configuration).
+        self._network = network if network is not None else Network.fixed(config.network_map)
         self._signers = signers
         self._config = config
         self._spool = spool
@@ -222,7 +227,7 @@ class InboundProcessor:
         return PersonalSigners(
             peer=peer.name,
             zone=zone.name,
-            trust=TrustSettings.of_zone(zone),
+            trust=TrustSettings.of_zone(zone, self._network.zone(zone.name)),
             at=self._clock.now(),
             policy=peer.policy,
             others=others,

@@ -44,7 +44,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from gateway.audit.events import AuditEvent, EventType, Outcome, Severity
@@ -80,6 +80,9 @@ class EgressZone(Protocol):
 
     @property
     def egress(self) -> tuple[Network, ...]: ...
+
+
+_Z = TypeVar("_Z", bound=EgressZone)
 
 
 class SourcedPeer(ZonedPeer, Protocol):
@@ -511,7 +514,7 @@ def hosts_to_resolve(urls: Iterable[str]) -> set[str]:
     return hosts
 
 
-def _zones_reaching(zones: Sequence[Zone], ip: Address) -> list[Zone]:
+def _zones_reaching(zones: Sequence[_Z], ip: Address) -> list[_Z]:
     """The zones whose network ``ip`` is in (never an address on this host)."""
     if on_this_host(ip):
         return []
@@ -519,7 +522,7 @@ def _zones_reaching(zones: Sequence[Zone], ip: Address) -> list[Zone]:
     return [zone for zone in zones if zone.name in holding]
 
 
-def _ranges(zone: Zone) -> str:
+def _ranges(zone: EgressZone) -> str:
     return ", ".join(str(n) for n in zone.egress)
 
 
@@ -587,7 +590,7 @@ def reach_problems(
             continue
         addresses, port = found
         for ip in addresses:
-            reason = _handover_reason(ip, port, zones, own, host, peer_endpoints)
+            reason = handover_reason(ip, port, zones, own, host, peer_endpoints)
             if reason is not None:
                 problems.append(
                     ConfigProblem(
@@ -605,14 +608,17 @@ def reach_problems(
     return problems
 
 
-def _handover_reason(
+def handover_reason(
     ip: Address,
     port: int,
-    zones: Sequence[Zone],
+    zones: Sequence[EgressZone],
     own: Sequence[OwnListener],
     host: Sequence[Address],
-    peer_endpoints: Mapping[tuple[Address, int], SourcedPeer],
+    peer_endpoints: Mapping[tuple[Address, int], ZonedPeer],
 ) -> str | None:
+    """Why a connection of the hand-over (the internal side) to ``ip``:``port`` would
+    reach a zone or this gateway, or None when it stays on the internal side; judged
+    when the configuration is loaded and again by the connect path at every connect."""
     hit = listener_at(own, ip, port, host)
     if hit is not None:
         return f"which is {hit.what} of this gateway"

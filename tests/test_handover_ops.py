@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from gateway.audit.log import AuditLog
@@ -24,6 +23,7 @@ from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery.http import HandOver, idempotency_key
 from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.egress import Network
 from gateway.errors import SpoolError
 from gateway.logs import make_logger
 from gateway.operations import Operations
@@ -147,12 +147,12 @@ def test_a_hand_over_older_than_message_expiry_fails_at_its_next_failed_attempt(
     audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
     worker = HandOver(
         spool, lambda: audit, make_logger(stream=io.StringIO()), SystemClock(),
-        lambda: config, random.Random(1),
+        lambda: config, random.Random(1), Network.fixed(config.network_map).internal(),
     )  # fmt: skip
 
     async def attempt() -> None:
         [record] = spool.handover_due(now.timestamp() + 1)
-        async with aiohttp.ClientSession() as session:
+        async with worker.session() as session:
             await worker.hand_over(session, record)
 
     try:

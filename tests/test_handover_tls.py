@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -25,6 +24,7 @@ from gateway.config import load_config
 from gateway.delivery import http as delivery_http
 from gateway.delivery.http import HandOver, idempotency_key
 from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.egress import Network
 from gateway.errors import ConfigError
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
@@ -198,12 +198,12 @@ def test_a_tls_context_that_cannot_be_built_fails_one_attempt_with_an_alert(
     audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
     worker = HandOver(
         spool, lambda: audit, make_logger(stream=io.StringIO()), SystemClock(),
-        lambda: config, random.Random(1),
+        lambda: config, random.Random(1), Network.fixed(config.network_map).internal(),
     )  # fmt: skip
 
     async def attempt() -> float:
         [record] = spool.handover_due(datetime.now(UTC).timestamp() + 1)
-        async with aiohttp.ClientSession() as session:
+        async with worker.session() as session:
             return await worker.hand_over(session, record)
 
     try:

@@ -3,7 +3,6 @@ index on 127.0.0.1, and CRLs signed by a test CA."""
 
 from __future__ import annotations
 
-import ipaddress
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,12 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.demo_run import free_port
-from gateway.egress import ZonePath
+from gateway.egress import Network
 from gateway.pki import issue
 from gateway.pki.crl import crl_findings, stale_crl_warnings
 from gateway.pki.ocsp import OcspClient, OcspError, build_request, parse_response
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from tests.ocsp_responder import Responder, index_line
+from tests.routes import zone_route
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 
@@ -84,7 +84,7 @@ async def _check(
         purpose=Purpose.TLS_CLIENT,
         revocation=policy,
         ocsp=True,
-        ocsp_client=client or OcspClient(timeout=5),
+        ocsp_client=client or OcspClient(Network.unconfigured(), timeout=5),
     )
 
 
@@ -142,7 +142,7 @@ async def test_ocsp_response_signed_by_unauthorised_key_is_refused(pki: Pki) -> 
 
 
 async def test_ocsp_cache_until_next_update(pki: Pki) -> None:
-    client = OcspClient(timeout=5)
+    client = OcspClient(Network.unconfigured(), timeout=5)
     server = Responder(pki.dir, pki.root.certificate, pki.responder, pki.port)
     try:
         assert (await _check(pki, pki.good, RevocationPolicy.REQUIRE, client)).valid
@@ -166,8 +166,8 @@ async def test_ocsp_cache_until_next_update(pki: Pki) -> None:
 async def test_ocsp_request_leaves_from_the_zones_source_address(
     pki: Pki, responder: Responder
 ) -> None:
-    path = ZonePath("127.0.0.2", (ipaddress.ip_network("127.0.0.0/8"),))
-    result = await _check(pki, pki.good, RevocationPolicy.REQUIRE, OcspClient(timeout=5, path=path))
+    route = zone_route("127.0.0.2", "127.0.0.0/8")
+    result = await _check(pki, pki.good, RevocationPolicy.REQUIRE, OcspClient(route, timeout=5))
     assert result.valid, result.reason
     assert responder.clients == ["127.0.0.2"]  # not the address the OS would have chosen
 
@@ -176,12 +176,11 @@ async def test_ocsp_responder_outside_the_zones_egress_is_never_asked(
     pki: Pki, responder: Responder
 ) -> None:
     """NET-4: a revocation check for a closed network's peer does not go out elsewhere."""
-    path = ZonePath(None, (ipaddress.ip_network("10.20.0.0/16"),))
-    client = OcspClient(timeout=5, path=path)
+    client = OcspClient(zone_route(None, "10.20.0.0/16"), timeout=5)
     refused = await _check(pki, pki.good, RevocationPolicy.REQUIRE, client)
     assert not refused.valid
     assert refused.reason is not None
-    assert "outside the zone's egress (10.20.0.0/16)" in refused.reason
+    assert "outside the egress of zone 'z' (10.20.0.0/16)" in refused.reason
     assert f"{pki.url}" in refused.reason
     # a host name is resolved, and only addresses inside the egress are connected to
     named = issue.issue(
@@ -193,10 +192,10 @@ async def test_ocsp_responder_outside_the_zones_egress_is_never_asked(
     )
     by_name = await _check(pki, named, RevocationPolicy.REQUIRE, client)
     assert not by_name.valid
-    assert by_name.reason is not None and "outside the zone's egress" in by_name.reason
+    assert by_name.reason is not None and "outside the egress of zone 'z'" in by_name.reason
     assert responder.requests == 0
     # inside the egress, the same responder is asked
-    allowed = OcspClient(timeout=5, path=ZonePath(None, (ipaddress.ip_network("127.0.0.0/8"),)))
+    allowed = OcspClient(zone_route(None, "127.0.0.0/8"), timeout=5)
     assert (await _check(pki, pki.good, RevocationPolicy.REQUIRE, allowed)).valid
     assert responder.requests == 1
 

@@ -9,7 +9,6 @@ any zone layout; the network-namespace system test uses it too.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import re
 import signal
@@ -34,12 +33,14 @@ from gateway.channel.client import PeerClient, TransportError
 from gateway.clock import SystemClock
 from gateway.config import KeyPair, load_config
 from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
+from gateway.egress import Route
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from gateway.pki.tls import client_context
 from gateway.policy import AlgorithmPolicy
 from gateway.routing import LOCAL_INTAKE, Origin, TransitRefused
 from gateway.spool import Spool
+from tests.routes import zone_route
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -245,8 +246,11 @@ def two_zone_world(
     return World(hospital, lab, pharmacy)
 
 
-def as2_message(sender: Site, receiver: Site, to_as2_id: str, payload: bytes) -> Any:
-    """What ``sender``'s gateway would POST, encrypted for ``receiver``, to ``to_as2_id``."""
+def as2_message(
+    sender: Site, receiver: Site, to_as2_id: str, payload: bytes, receipt_url: str | None = None
+) -> Any:
+    """What ``sender``'s gateway would POST, encrypted for ``receiver``, to ``to_as2_id``
+    (``receipt_url``: asking for an asynchronous receipt there)."""
     return build_message(
         payload,
         MessageSpec(
@@ -261,6 +265,7 @@ def as2_message(sender: Site, receiver: Site, to_as2_id: str, payload: bytes) ->
             cipher="aes-256-gcm",
             policy=AlgorithmPolicy(),
             at=datetime.now(UTC),
+            receipt_url=receipt_url,
         ),
     )
 
@@ -767,14 +772,14 @@ def recorder() -> Iterator[tuple[int, list[str]]]:
         server.close()
 
 
-def _post(world: World, url: str, body: Path, **kwargs: Any) -> str:
-    """POST with a hospital client made with ``kwargs``; what happened, as text."""
+def _post(world: World, url: str, body: Path, route: Route) -> str:
+    """POST with a hospital client going through ``route``; what happened, as text."""
     context = client_context(
         world.hospital.pair("tls"), [world.lab.ca.certificate], [world.lab.tls.certificate], "1.3"
     )
 
     async def go() -> str:
-        client = PeerClient(context, 2, 5, **kwargs)
+        client = PeerClient(context, 2, 5, route=route)
         try:
             await client.post(url, (), body)
         except TransportError as exc:
@@ -793,7 +798,8 @@ def test_outbound_connections_leave_from_the_zone_source_address(
     body = tmp_path / "body"
     body.write_bytes(b"x")
     for source in ("127.0.0.7", "127.0.0.9"):
-        outcome = _post(world, f"https://127.0.0.1:{port}/as2", body, source_address=source)
+        route = zone_route(source, "127.0.0.0/8")
+        outcome = _post(world, f"https://127.0.0.1:{port}/as2", body, route)
         assert outcome != "sent"
     assert seen == ["127.0.0.7", "127.0.0.9"]
 
@@ -805,10 +811,10 @@ def test_host_names_are_connected_only_to_addresses_inside_the_egress(
     body = tmp_path / "body"
     body.write_bytes(b"x")
     url = f"https://localhost:{port}/as2"
-    outside = _post(world, url, body, egress=(ipaddress.ip_network("10.0.0.0/8"),))
-    assert "outside the zone's egress (10.0.0.0/8)" in outside
+    outside = _post(world, url, body, zone_route(None, "10.0.0.0/8"))
+    assert "outside the egress of zone 'z' (10.0.0.0/8)" in outside
     assert seen == []
-    inside = _post(world, url, body, egress=(ipaddress.ip_network("127.0.0.0/8"),))
+    inside = _post(world, url, body, zone_route(None, "127.0.0.0/8"))
     assert "egress" not in inside
     wait_until(lambda: seen == ["127.0.0.1"], 5, "the connection inside the egress")
 

@@ -64,6 +64,9 @@ class EventType(StrEnum):
     PEER_AUTHENTICATION_FAILED = "peer.authentication_failed"
     ZONE_VIOLATION = "zone.violation"  # a peer on a listener of another zone (NET-4)
     TRANSIT_REFUSED = "routing.transit_refused"  # a message would pass through us (NET-4)
+    # The connect path refused an outbound connection: outside its zone's egress, into a
+    # zone for the internal side, or to one of our own listeners (NET-4).
+    EGRESS_REFUSED = "zone.egress_refused"
     SIGNATURE_FAILED = "signature.failed"
     DECRYPTION_FAILED = "decryption.failed"
     COMPAT_ALGORITHM_USED = "policy.compat_algorithm_used"

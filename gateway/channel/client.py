@@ -1,31 +1,37 @@
 """Outbound AS2 POST over mutual TLS to one peer.
 
-Each peer's connections stay in the peer's network zone (NET-4): they leave
-from the zone's source address, and a host name in the peer's URL is resolved
-at every connect with only the addresses inside the zone's egress ranges kept
-(:mod:`gateway.egress`; a literal IP address was already checked when the
-configuration was loaded).
+Each peer's connections stay in the peer's network zone (NET-4): they go
+through the peer's zone route (:mod:`gateway.egress`), which binds the zone's
+source address and connects only to addresses inside the zone's egress ranges,
+judged at every connect by the configuration in force then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from gateway.egress import ZonePath
+from gateway.egress import Route
+from gateway.errors import EgressRefused
 from gateway.httpbody import read_capped
-from gateway.routing import Network
 
 MAX_RECEIPT_BYTES = 1 << 20
 
 
 class TransportError(Exception):
-    """The peer could not be reached or did not answer; the send will be retried."""
+    """The peer could not be reached or did not answer; the send will be retried.
+
+    ``refused``: the connect path refused the address (outside the zone's egress,
+    NET-4): trying again helps only once the configuration is corrected.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,16 @@ class PeerClient:
         connect_timeout: float,
         request_timeout: float,
         *,
-        source_address: str | None = None,
-        egress: Sequence[Network] = (),
+        route: Route,
         connections: int = 4,
     ) -> None:
-        """``connections``: at most this many to the peer at once (more requests wait)."""
-        path = ZonePath(source_address, tuple(egress))
-        self._session = aiohttp.ClientSession(
-            connector=path.connector(tls=context, limit=connections, keepalive_timeout=30),
+        """``route``: the peer's zone; ``connections``: at most this many to the peer at
+        once (more requests wait)."""
+        self._session = route.session(
+            tls=context,
+            limit=connections,
+            keepalive_timeout=30,
             timeout=aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout),
-            auto_decompress=False,
         )
 
     async def post(
@@ -81,6 +87,10 @@ class PeerClient:
         except aiohttp.ClientSSLError as exc:
             raise TransportError(f"TLS handshake failed: {exc}") from exc
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, EgressRefused):
+                raise TransportError(
+                    f"cannot connect: {exc.os_error.message}", refused=True
+                ) from exc
             raise TransportError(f"cannot connect: {exc.os_error.strerror or exc}") from exc
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc

@@ -112,6 +112,8 @@ def _parse_time(text: str) -> datetime:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from gateway.egress import Network
+    from gateway.pki.ocsp import OcspClient
     from gateway.pki.store import PkiFileError, load_certificates, load_crls, load_many
     from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
 
@@ -136,6 +138,9 @@ def _verify(args: argparse.Namespace) -> int:
         revocation=RevocationPolicy.REQUIRE if checking else RevocationPolicy.OFF,
         crls=crls,
         ocsp=bool(args.ocsp),
+        # No configuration, so no zone: the responders the certificates name, from the
+        # host's default route, as the operator asked.
+        ocsp_client=OcspClient(Network.unconfigured()) if args.ocsp else None,
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

@@ -26,6 +26,11 @@ The body is read from the inbox file; if that file is gone or no longer has
 the SHA-256 it was received with, the hand-over stops (state ``failed``,
 an alert) rather than POST something else.
 
+The internal system belongs to the internal side, not to any zone: the POST
+goes through the connect path's internal route (:mod:`gateway.egress`), which
+never connects to an address inside a zone's egress ranges or to one of our
+own listeners (NET-4), whatever the URL or its name resolves to at the time.
+
 It is not retried for ever: after ``[runtime] max_attempts`` attempts, or once
 ``[runtime] message_expiry_seconds`` have passed since the document arrived (or
 since an operator's ``medgw handover retry``), it becomes ``failed`` too, with
@@ -51,6 +56,8 @@ from cryptography import x509
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config import DeliverySettings, GatewayConfig, Runtime, delivery_tls_context
+from gateway.egress import Route
+from gateway.errors import EgressRefused
 from gateway.logs import Logger
 from gateway.spool import HandoverRecord, Spool
 
@@ -108,7 +115,10 @@ class HandOver:
         clock: Clock,
         config: Callable[[], GatewayConfig],
         rng: random.Random,
+        route: Route,
     ) -> None:
+        """``route``: the connect path's route to the internal side."""
+        self._route = route
         self._spool = spool
         self._audit = audit
         self._log = log
@@ -123,15 +133,30 @@ class HandOver:
     def wake(self) -> None:
         self._wakeup.set()
 
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session hand-overs are made with (each request sets its own TLS
+        context and timeout)."""
+        return self._route.session(timeout=aiohttp.ClientTimeout(total=300, sock_connect=30))
+
     async def run(self) -> None:
-        """Until cancelled: hand over what is due; rest the whole queue after a failure."""
-        async with aiohttp.ClientSession(auto_decompress=False) as session:
+        """Until cancelled: hand over what is due; rest the whole queue after a failure.
+
+        A new configuration gets a new session: a connection kept alive from before a
+        reload is not used after it (the connect path judges each new connection by
+        the configuration in force)."""
+        made_for: GatewayConfig | None = None
+        session: aiohttp.ClientSession | None = None
+        try:
             resume_at = 0.0
             while True:
                 self._wakeup.clear()
                 now = self._clock.now().timestamp()
                 if now >= resume_at:
                     for record in self._spool.handover_due(now):
+                        if session is None or self._config() is not made_for:
+                            if session is not None:
+                                await session.close()
+                            made_for, session = self._config(), self.session()
                         pause = await self.hand_over(session, record)
                         if pause > 0:
                             resume_at = self._clock.now().timestamp() + pause
@@ -144,6 +169,9 @@ class HandOver:
                 if wait > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), timeout=wait)
+        finally:
+            if session is not None:
+                await session.close()
 
     def _context(self, delivery: DeliverySettings) -> ssl.SSLContext:
         """Raises _NoContext: load_config checked the certificates, but a failure here
@@ -211,6 +239,10 @@ class HandOver:
             if isinstance(cause, _Changed):
                 self._give_up(record, f"{cause}: nothing was handed over")
                 return 0.0
+            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, EgressRefused
+            ):
+                return self._retry(record, url, f"not connected: {exc.os_error.message}")
             return self._retry(record, url, f"{type(exc).__name__}: {exc}")
         if not 200 <= status < 300:
             return self._retry(record, url, f"the internal system answered HTTP {status}")

@@ -25,8 +25,8 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.x509.oid import AuthorityInformationAccessOID
 
-from gateway.egress import ZonePath
-from gateway.errors import MedgwError
+from gateway.egress import Route
+from gateway.errors import EgressRefused, MedgwError
 from gateway.httpbody import read_capped
 
 MAX_RESPONSE_BYTES = 256 * 1024
@@ -155,14 +155,18 @@ class OcspClient:
 
     ``require_nonce``: refuse responses that do not echo our nonce.
     ``timeout``: seconds for one request.
-    ``path``: the zone's way out - requests about a zone's peers leave from the
-    zone's source address, to responders inside its egress ranges only (NET-4).
+    ``route``: how the requests leave - for a zone's peers, the zone's route:
+    from its source address, to responders inside its egress ranges only (NET-4).
     """
 
+    route: Route
     timeout: float = 10.0
     require_nonce: bool = True
-    path: ZonePath = field(default_factory=ZonePath)
     _cache: dict[tuple[bytes, int], OcspAnswer] = field(default_factory=dict, repr=False)
+
+    def via(self, route: Route) -> OcspClient:
+        """This client with its requests going through ``route``; the cache is shared."""
+        return OcspClient(route, self.timeout, self.require_nonce, self._cache)
 
     @staticmethod
     def _key(cert: asn1_x509.Certificate, issuer: asn1_x509.Certificate) -> tuple[bytes, int]:
@@ -197,19 +201,12 @@ class OcspClient:
         *,
         at: datetime,
     ) -> OcspAnswer:
-        refusal = self.path.refusal(url)
-        if refusal is not None:
-            raise OcspError(
-                f"OCSP responder {url} not asked: {refusal}",
-                fix="add the responder's address range to the zone's egress if it is reached "
-                "through this zone's network, or give the zone CRLs (`crls`) instead",
-            )
         nonce = secrets.token_bytes(16)
         request = build_request(cert, issuer, nonce).dump()
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         try:
             async with (
-                aiohttp.ClientSession(timeout=timeout, connector=self.path.connector()) as session,
+                self.route.session(timeout=timeout, force_close=True) as session,
                 session.post(
                     url,
                     data=request,
@@ -220,6 +217,18 @@ class OcspClient:
                 if reply.status != 200:
                     raise OcspError(f"OCSP responder {url} answered HTTP {reply.status}")
                 body = await read_capped(reply.content, MAX_RESPONSE_BYTES)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, EgressRefused):
+                raise OcspError(
+                    f"OCSP responder {url} not asked: {exc.os_error.message}",
+                    fix="add the responder's address range to the zone's egress if it is "
+                    "reached through this zone's network, or give the zone CRLs (`crls`) "
+                    "instead",
+                ) from None
+            raise OcspError(
+                f"OCSP responder {url} unreachable ({exc})",
+                fix="check that the responder is running and reachable from this host",
+            ) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise OcspError(

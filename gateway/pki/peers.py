@@ -13,13 +13,13 @@ an overlap window (both valid) needs no switch at an exact instant.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from gateway.egress import ZonePath
+from gateway.egress import Route
 from gateway.errors import ConfigProblem
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.tls import certificate_fingerprint
@@ -48,18 +48,20 @@ class TrustSettings:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     revocation: RevocationPolicy = RevocationPolicy.OFF
     ocsp: bool = False
-    # How OCSP requests leave: from the zone's source address, into its egress only.
-    network: ZonePath = field(default_factory=ZonePath)
+    # How OCSP requests about certificates met in traffic (personal signers) leave:
+    # the zone's route (its source address, into its egress only); None: not asked.
+    ocsp_route: Route | None = None
 
     @classmethod
-    def of_zone(cls, zone: Zone) -> TrustSettings:
-        """What ``zone`` trusts, how it checks revocation, and how its OCSP requests leave."""
+    def of_zone(cls, zone: Zone, route: Route | None = None) -> TrustSettings:
+        """What ``zone`` trusts, how it checks revocation, and how its OCSP requests
+        leave (``route``: the zone's)."""
         return cls(
             anchors=zone.trust_anchors,
             crls=zone.crls,
             revocation=RevocationPolicy(zone.revocation),
             ocsp=zone.ocsp,
-            network=zone.network,
+            ocsp_route=route,
         )
 
 

@@ -72,7 +72,11 @@ class PersonalSigners:
                     revocation=self.trust.revocation,
                     crls=self.trust.crls,
                     ocsp=self.trust.ocsp,
-                    ocsp_client=OcspClient(path=self.trust.network),
+                    ocsp_client=(
+                        OcspClient(self.trust.ocsp_route)
+                        if self.trust.ocsp_route is not None
+                        else None
+                    ),
                     policy=self.policy,
                 )
             )

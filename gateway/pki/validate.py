@@ -604,7 +604,8 @@ async def validate(
     from what the peer presented); only those that chain are used.
     ``revocation`` decides what a missing status means; ``crls`` are the CRLs
     (base and delta) to judge status by; ``ocsp`` asks the responders named
-    in the certificates (through ``ocsp_client``, whose cache is reused).
+    in the certificates (through ``ocsp_client``, whose cache is reused and whose
+    route says how the requests leave: required with ``ocsp``).
     """
     when = at if at is not None else datetime.now(UTC)
     if when.tzinfo is None:
@@ -619,7 +620,7 @@ async def validate(
             revocation=RevocationPolicy(revocation),
             crls=crls,
             ocsp=ocsp,
-            ocsp_client=ocsp_client,
+            ocsp_client=ocsp_client if ocsp else None,
             policy=policy or AlgorithmPolicy(),
             pkix_params=pkix_params,
         )
@@ -643,6 +644,9 @@ async def _validate(
     policy: AlgorithmPolicy,
     pkix_params: PKIXValidationParams | None,
 ) -> ValidationResult:
+    if ocsp and ocsp_client is None:
+        # Its route says how the requests leave (NET-4); there is no default way out.
+        raise ValueError("ocsp=True needs an ocsp_client")
     if not anchors:
         return ValidationResult(
             False,
@@ -673,10 +677,9 @@ async def _validate(
             "fix: supply the issuing CA certificates as intermediates, or trust the PKI's root",
             (leaf,),
         )
-    client = ocsp_client if ocsp_client is not None else OcspClient()
     failures: list[ValidationResult] = []
     for path in paths:
-        result = await _validate_path(path, inputs, revocation, ocsp, client, pkix_params)
+        result = await _validate_path(path, inputs, revocation, ocsp_client, pkix_params)
         if result.valid:
             return result
         failures.append(result)
@@ -691,10 +694,10 @@ async def _validate_path(
     path: ValidationPath,
     inputs: _Inputs,
     revocation: RevocationPolicy,
-    ocsp: bool,
-    client: OcspClient,
+    client: OcspClient | None,
     pkix_params: PKIXValidationParams | None,
 ) -> ValidationResult:
+    """One candidate path; ``client``: ask OCSP through it (None: no OCSP)."""
     certs = list(path.iter_certs(include_root=True))
     chain = tuple(_from_asn1(c) for c in reversed(certs))
     # 1. Everything except revocation: signatures, validity, names, constraints, policies.
@@ -706,7 +709,7 @@ async def _validate_path(
         return ValidationResult(True, None, chain, NOT_CHECKED)
     # 2. Revocation status of every certificate below the anchor.
     notes: dict[bytes, str] = {}
-    fetched = await _fetch_ocsp(path, client, inputs.at, notes) if ocsp else []
+    fetched = await _fetch_ocsp(path, client, inputs.at, notes) if client is not None else []
     inputs.ocsps = [answer.response.dump() for _, _, answer in fetched]
     context = inputs.context(revocation=True)
     path = inputs.fresh(path)
@@ -758,7 +761,7 @@ async def _validate_path(
         return ValidationResult(False, _explain(exc, path), chain, summary, statuses)
     good_by_ocsp = {c.sha256 for c, s in pairs if "ocsp" in s.source}
     for cert, issuer, answer in fetched:
-        if cert.sha256 in good_by_ocsp:
+        if cert.sha256 in good_by_ocsp and client is not None:
             client.remember(cert, issuer, answer)
     return ValidationResult(True, None, chain, summary, statuses, warnings)
 
