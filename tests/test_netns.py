@@ -12,6 +12,12 @@ perfectly valid certificate on the zone A interface is refused at the
 handshake; each refusal is in the hospital's audit trail.  The hospital's own
 outbound connections leave from each zone's source address.
 
+The hospital hands received documents over to its internal system (an HTTPS
+server on its own loopback, named ``ehr.internal`` in the namespace's hosts
+file) and answers the lab with asynchronous receipts.  When the name of the
+internal system is made to point into zone B (at the pharmacy), the next
+hand-over is refused at connect time and nothing reaches the pharmacy.
+
 Needs root and ``ip netns``; skipped, saying why, where that is impossible.
 Run as a script (``python -m tests.test_netns probe ...``) it is the small
 client the test runs inside a namespace.
@@ -19,6 +25,8 @@ client the test runs inside a namespace.
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
 import shutil
@@ -35,8 +43,9 @@ import pytest
 
 from gateway.clock import SystemClock
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.spool import Spool
-from tests.test_zones import Site, as2_message, two_zone_world
+from tests.test_zones import NOW, Site, as2_message, two_zone_world
 
 REPO = Path(__file__).resolve().parent.parent
 HOSPITAL_A, LAB = "10.77.1.1", "10.77.1.2"
@@ -56,6 +65,7 @@ class Namespaces:
         self.hospital, self.lab, self.pharmacy = (f"mgw{x}{tag}" for x in "hlp")
         self.created: list[str] = []
         self._tag = tag
+        self.etc: list[Path] = []
 
     def setup(self) -> None:
         for ns in (self.hospital, self.lab, self.pharmacy):
@@ -81,6 +91,19 @@ class Namespaces:
         for ns in reversed(self.created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self.created.clear()
+        for folder in self.etc:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.etc.clear()
+
+    def hosts(self, ns: str, text: str) -> None:
+        """The namespace's /etc/hosts (``ip netns exec`` mounts /etc/netns/NS/hosts over
+        it; rewritten in place, so a process already running sees the change)."""
+        folder = Path("/etc/netns") / ns
+        if folder not in self.etc:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.etc.append(folder)
+        with (folder / "hosts").open("w") as hosts:
+            hosts.write("127.0.0.1 localhost\n" + text)
 
     def exec(self, ns: str) -> tuple[str, ...]:
         return ("ip", "netns", "exec", ns)
@@ -240,6 +263,133 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
             print("\n".join(proc.raw[-40:]))
 
 
+class Background:
+    """A probe that keeps running inside a namespace (a server), until :meth:`stop`."""
+
+    def __init__(self, spaces: Namespaces, ns: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*spaces.exec(ns), sys.executable, "-m", "tests.test_netns", "probe", *args],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        assert self.proc.stdout is not None
+        ready = self.proc.stdout.readline()  # printed once it listens
+        assert ready.strip() == "ready", ready
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+EHR_PORT = 9443
+
+
+def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
+    namespaces: Namespaces, tmp_path: Path
+) -> None:
+    world = two_zone_world(
+        tmp_path,
+        hospital_a=HOSPITAL_A,
+        hospital_b=HOSPITAL_B,
+        lab_ip=LAB,
+        pharmacy_ip=PHARMACY,
+        net_a="10.77.1.0/24",
+        net_b="10.77.2.0/24",
+        ports=(PORT, PORT, PORT, PORT),
+    )
+    hospital, lab = world.hospital, world.lab
+    # The internal system: its own CA, a certificate for ehr.internal.
+    internal_ca = make_ca("Sakura internal CA", now=NOW, organization="Sakura IT")
+    ehr = issue(internal_ca, "ehr.internal", purpose="tls", now=NOW, dns_names=("ehr.internal",))
+    certs = hospital.root / "certs"
+    write_pem(certs / "internal-ca.crt", internal_ca.certificate)
+    write_pem(tmp_path / "ehr.crt", ehr.certificate)
+    write_pem(tmp_path / "ehr.key", ehr.key)
+    hospital.write(
+        gateway_extra="[delivery]\n"
+        f'http_url = "https://ehr.internal:{EHR_PORT}/inbound"\n'
+        'ca = "certs/internal-ca.crt"\n'
+        "timeout_seconds = 5\n"
+    )
+    # The lab asks for its receipts asynchronously, at its own zone A address.
+    lab_peer = lab.root / "peers.d" / "hospital.toml"
+    lab_peer.write_text(lab_peer.read_text() + f'async_receipt_url = "https://{LAB}:{PORT}/as2"\n')
+    namespaces.hosts(namespaces.hospital, "127.0.0.1 ehr.internal\n")
+    handed_over, knocked = tmp_path / "ehr.jsonl", tmp_path / "pharmacy-9443.jsonl"
+    servers: list[Background] = []
+    processes: list[GatewayProcess] = []
+    try:
+        ehr_files = (str(tmp_path / "ehr.crt"), str(tmp_path / "ehr.key"))
+        servers.append(
+            Background(
+                namespaces,
+                namespaces.hospital,
+                "serve-https",
+                *ehr_files,
+                str(EHR_PORT),
+                str(handed_over),
+            )
+        )
+        # What ehr.internal will be made to point at: a port on the pharmacy's host.
+        record = ("record", PHARMACY, str(EHR_PORT), str(knocked))
+        servers.append(Background(namespaces, namespaces.pharmacy, *record))
+        for site, ns in ((hospital, namespaces.hospital), (lab, namespaces.lab)):
+            proc = GatewayProcess(site.config_path, prefix=namespaces.exec(ns))
+            processes.append(proc)
+            proc.wait_ready()
+
+        # Lab -> hospital: delivered, handed over on the hospital's own host, and the
+        # receipt POSTed back to the lab afterwards.
+        drop_file(lab.root / "outbox" / "hospital", "one.hl7", b"MSH|first result")
+        [one] = wait_until(lambda: _lines(handed_over), 60, "the first hand-over")
+        assert one["path"] == "/inbound" and one["peer"] == "lab"
+        assert one["sha256"] == hashlib.sha256(b"MSH|first result").hexdigest()
+        sent = wait_until(lambda: _events(lab, "message.sent"), 30, "the lab's send")
+        assert sent[0]["detail"]["receipt"] == "async"
+        [receipt] = wait_until(
+            lambda: _events(lab, "receipt.received"), 60, "the asynchronous receipt"
+        )
+        assert receipt["message_id"] == sent[0]["message_id"]
+        assert receipt["detail"]["disposition"] == "processed"
+        assert receipt["detail"]["mic_verified"] is True
+
+        # ehr.internal now resolves into zone B: the hand-over is refused at connect.
+        namespaces.hosts(namespaces.hospital, f"{PHARMACY} ehr.internal\n")
+        drop_file(lab.root / "outbox" / "hospital", "two.hl7", b"MSH|second result")
+        [refused] = wait_until(
+            lambda: _events(hospital, "zone.egress_refused"), 60, "the refused hand-over"
+        )
+        assert refused["remote_address"] == PHARMACY
+        assert refused["detail"] == {"route": "the internal side", "port": EHR_PORT}
+        assert "is in zone 'zone-b'" in refused["reason"]
+        failed = wait_until(
+            lambda: _events(hospital, "message.handover_failed"), 30, "the failed attempt"
+        )
+        assert "not connected" in failed[0]["reason"]
+        assert (hospital.root / "inbox" / "lab" / "two.hl7").exists()
+        assert _lines(knocked) == []  # nothing reached the pharmacy's host
+        assert len(_lines(handed_over)) == 1
+
+        for proc in processes:
+            proc.signal(signal.SIGTERM)
+        assert [proc.stop() for proc in processes] == [0, 0]
+    finally:
+        for server in servers:
+            server.stop()
+        for proc in processes:
+            if proc.proc.poll() is None:
+                proc.kill()
+            print(f"--- output of medgw run --config {proc.config}")
+            print("\n".join(proc.raw[-40:]))
+
+
 # --- the client run inside a namespace ------------------------------------------------------
 
 
@@ -293,6 +443,46 @@ def _connect(host: str, port: int) -> dict[str, Any]:
         return {"connected": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+def _serve_https(certificate: Path, key: Path, port: int, out: Path) -> None:
+    """An internal system on this namespace's loopback: notes each POST, answers 200
+    and closes the connection (HTTP/1.0), so every hand-over is a new connection."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            note = {
+                "path": self.path,
+                "peer": self.headers.get("X-Medgw-Peer"),
+                "sha256": hashlib.sha256(body).hexdigest(),
+            }
+            with out.open("a") as notes:
+                notes.write(json.dumps(note) + "\n")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+def _record(address: str, port: int, out: Path) -> None:
+    """Accepts TCP connections and notes who connected."""
+    server = socket.create_server((address, port))
+    print("ready", flush=True)
+    while True:
+        conn, peer = server.accept()
+        with out.open("a") as notes:
+            notes.write(json.dumps({"from": peer[0]}) + "\n")
+        conn.close()
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] != ["probe"]:
         print("usage: python -m tests.test_netns probe ACTION ...", file=sys.stderr)
@@ -304,6 +494,12 @@ def main(argv: list[str]) -> int:
         result = _post(Path(args[0]), args[1], int(args[2]), Path(args[3]))
     elif action == "connect":
         result = _connect(args[0], int(args[1]))
+    elif action == "serve-https":
+        _serve_https(Path(args[0]), Path(args[1]), int(args[2]), Path(args[3]))
+        return 0
+    elif action == "record":
+        _record(args[0], int(args[1]), Path(args[2]))
+        return 0
     elif action == "forwarding":
         result = {"ipv4": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
     else:
