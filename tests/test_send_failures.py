@@ -26,6 +26,7 @@ from gateway.channel.client import PeerClient
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, Peer, load_config
 from gateway.demo_run import free_ports, read_audit
+from gateway.egress import Network
 from gateway.logs import make_logger
 from gateway.outbound import Outbound
 from gateway.pki.demo import DemoLayout
@@ -81,7 +82,8 @@ def _client(outbound: Outbound, peer: Peer) -> PeerClient:
         outbound.trust[peer.name].tls_certificates,
         zone.min_version,
     )
-    return PeerClient(context, 5, 10, source_address=zone.source_address, egress=zone.egress)
+    route = Network.fixed(config.network_map).zone(zone.name)
+    return PeerClient(context, 5, 10, route=route)
 
 
 async def _claim_one(outbound: Outbound, peer: Peer, layout: DemoLayout) -> OutboundRecord:
