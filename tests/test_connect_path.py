@@ -38,6 +38,7 @@ from gateway.logs import make_logger
 from gateway.pki.tls import client_context
 from gateway.routing import Network, zones_holding
 from gateway.spool import Spool
+from tests.routes import listening, zone_map
 from tests.test_zones import World, _send, _tls_connect, as2_message, two_zone_world
 
 GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
@@ -141,8 +142,14 @@ def _client(world: World, network: ConnectPath, zone: str = "z") -> PeerClient:
 
 
 def _map(*ranges: str, listeners: tuple[tuple[str, int], ...] = ()) -> NetworkMap:
-    egress = tuple(ipaddress.ip_network(r) for r in ranges)
-    return NetworkMap({"z": ZonePath(None, egress)}, listeners)
+    return zone_map(None, *ranges, listeners=listeners)
+
+
+@dataclass(frozen=True)
+class _Peer:
+    name: str
+    as2_id: str
+    zone: str
 
 
 # --- AS2 messages and receipts: the peer client -------------------------------------------
@@ -194,10 +201,10 @@ def test_no_route_connects_to_one_of_our_own_listeners(world: World, recorder: R
     ours = (("127.0.0.1", recorder.port),)
     network = ConnectPath(lambda: _map("127.0.0.0/8", listeners=ours))
     outcome = _post(world, f"https://127.0.0.1:{recorder.port}/as2", network)
-    assert "one of this gateway's own listeners" in outcome
+    assert "listener 0 (zone 'z') of this gateway" in outcome
     wildcard = ConnectPath(lambda: _map("127.0.0.0/8", listeners=(("0.0.0.0", recorder.port),)))
     outcome = _post(world, f"https://127.0.0.1:{recorder.port}/as2", wildcard)
-    assert "one of this gateway's own listeners" in outcome
+    assert "listener 0 (zone 'z') of this gateway" in outcome
     assert recorder.seen == []
 
 
@@ -207,15 +214,19 @@ def test_the_internal_route_never_reaches_into_a_zone() -> None:
             "a": ZonePath("10.1.0.1", (ipaddress.ip_network("10.1.0.0/16"),)),
             "wan": ZonePath(None, (ipaddress.ip_network("0.0.0.0/0"),)),
         },
-        (("127.0.0.1", 4080),),
-        (("a", "127.0.0.1", 5080),),
+        listening(("127.0.0.1", 4080)),
+        {(ipaddress.ip_address("127.0.0.1"), 5080): _Peer("lab", "LAB", "a")},
     )
     internal = ConnectPath.fixed(network_map).internal()
-    assert "is in zone 'a', 'wan'" in str(internal.judge("10.1.2.3", 80)[1])
-    assert "is in zone 'wan'" in str(internal.judge("192.0.2.7", 443)[1])
+
+    def why(address: str, port: int) -> str:
+        return str(internal.judge(address, port)[1])
+
+    assert "inside the egress of zone 'a' (10.1.0.0/16)" in why("10.1.2.3", 80)
+    assert "inside the egress of zone 'wan'" in why("192.0.2.7", 443)
     # On this host only a peer's endpoint (address and port) or our listener is a zone's.
-    assert "is in zone 'a'" in str(internal.judge("127.0.0.1", 5080)[1])
-    assert "own listeners" in str(internal.judge("127.0.0.1", 4080)[1])
+    assert "the AS2 endpoint of peer 'lab' (zone 'a') on this host" in why("127.0.0.1", 5080)
+    assert "listener 0 (zone 'z') of this gateway" in why("127.0.0.1", 4080)
     assert internal.judge("127.0.0.1", 9001) == (None, None)  # the EHR on this host
     # ... and it leaves from the OS's choice of address, never a zone's source address.
     zone_a = ConnectPath.fixed(network_map).zone("a")
@@ -265,7 +276,7 @@ def test_a_hand_over_to_a_peers_endpoint_is_refused_and_retried_not_sent(
         record = spool.handover_get("lab", "<m@x>")
         assert record is not None and record.state.value == "pending"
         assert "not connected: 127.0.0.1 port" in str(record.last_error)
-        assert "is in zone 'zone-a'" in str(record.last_error)
+        assert "the AS2 endpoint of peer 'lab' (zone 'zone-a')" in str(record.last_error)
         assert [r.route for r in refusals] == ["the internal side"]
         assert recorder.seen == []
     finally:

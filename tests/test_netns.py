@@ -368,7 +368,7 @@ def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
         )
         assert refused["remote_address"] == PHARMACY
         assert refused["detail"] == {"route": "the internal side", "port": EHR_PORT}
-        assert "is in zone 'zone-b'" in refused["reason"]
+        assert "inside the egress of zone 'zone-b'" in refused["reason"]
         failed = wait_until(
             lambda: _events(hospital, "message.handover_failed"), 30, "the failed attempt"
         )

@@ -9,6 +9,7 @@ any zone layout; the network-namespace system test uses it too.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import re
 import signal
