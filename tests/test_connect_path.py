@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
+import http.server
 import io
 import ipaddress
 import random
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -282,6 +284,103 @@ def test_a_hand_over_to_a_peers_endpoint_is_refused_and_retried_not_sent(
     finally:
         spool.close()
         audit.close()
+
+
+class KeepAliveSystem:
+    """An internal system on 127.0.0.1 that keeps connections open (HTTP/1.1) and notes,
+    for each POST, the client's port: one port per connection."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        system = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                system.ports.append(self.client_address[1])
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_connection_kept_alive_from_before_a_reload_is_not_used_after_it(
+    world: World, tmp_path: Path
+) -> None:
+    """The hand-over worker runs across reloads: after one, a new connection is made
+    and judged, instead of sending over the one the old configuration allowed."""
+    system = KeepAliveSystem()
+    world.hospital.write(
+        gateway_extra=f'[delivery]\nhttp_url = "http://127.0.0.1:{system.port}/inbound"\n'
+    )
+    before = load_config(world.hospital.config_path)
+    # The reload: the lab's AS2 endpoint is now that address and port.
+    lab = dataclasses.replace(
+        before.require_peer("lab"), url=f"https://127.0.0.1:{system.port}/as2"
+    )
+    after = dataclasses.replace(
+        before, peers=tuple(lab if p.name == "lab" else p for p in before.peers)
+    )
+    now = {"config": before}
+    spool = Spool(tmp_path / "spool.sqlite3", SystemClock())
+    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
+    network = ConnectPath(lambda: now["config"].network_map)
+    worker = HandOver(
+        spool, lambda: audit, make_logger(stream=io.StringIO()), SystemClock(),
+        lambda: now["config"], random.Random(1), network.internal(),
+    )  # fmt: skip
+
+    def arrive(message_id: str) -> None:
+        inbox_file = tmp_path / f"{len(message_id)}-{message_id.strip('<>@')}.hl7"
+        inbox_file.write_bytes(b"MSH|a\r")
+        sha = hashlib.sha256(b"MSH|a\r").hexdigest()
+        spool.inbound_begin("lab", message_id, sha, inbox_file)
+        spool.inbound_delivered("lab", message_id, [], b"mdn", handover=("x/y", 6))
+        worker.wake()
+
+    def state(message_id: str) -> Any:
+        return spool.handover_get("lab", message_id)
+
+    async def go() -> None:
+        task = asyncio.create_task(worker.run())
+        try:
+            arrive("<one@x>")
+            await _until(lambda: state("<one@x>").state.value == "done")
+            now["config"] = after
+            arrive("<two@x>")
+            await _until(lambda: "not connected" in str(state("<two@x>").last_error))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    try:
+        asyncio.run(go())
+        assert "the AS2 endpoint of peer 'lab'" in str(state("<two@x>").last_error)
+        assert len(system.ports) == 1  # only the first document reached the system
+    finally:
+        system.close()
+        spool.close()
+        audit.close()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
 
 
 # --- diagnose -----------------------------------------------------------------------------
