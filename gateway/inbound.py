@@ -598,9 +598,9 @@ class InboundProcessor:
                     raise
             try:
                 target = self._write(peer, message_id, filename, service, payload, work, target)
-            except DeliveryError:
-                self._spool.inbound_release(peer.name, message_id)  # nothing reached the inbox
-                inbox.discard(work)
+            except BaseException:  # whatever it was, nothing reached the inbox
+                self._spool.inbound_release(peer.name, message_id)
+                inbox.discard(work)  # kept if the release failed: the record needs it
                 raise
         except StorageFullError:
             raise  # passes once space is freed: the peer resends (see unavailable())
@@ -649,8 +649,8 @@ class InboundProcessor:
         work: Path,
         target: Path,
     ) -> Path:
-        """Fill the work file and link it into the inbox; the name it took.  Raises
-        DeliveryError (StorageFullError) if the document did not reach the inbox."""
+        """Fill the work file and link it into the inbox; the name it took.  Raises only
+        before the link: DeliveryError (StorageFullError) for a file-system error."""
         try:
             inbox.fill(work, payload())
         except OSError as exc:
