@@ -44,6 +44,7 @@ from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.egress import Network, NetworkMap, Refused, ZonePath
 from gateway.errors import ConfigError, MedgwError
+from gateway.fsutil import create_private, private_folder, shared_folder
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks, InboundProcessor, InboundRequest
@@ -368,17 +369,18 @@ class Daemon:
         # What a killed run was receiving (bodies, decrypted working files): the peers
         # resend them.  Removed first, so that no plaintext outlives a start that fails.
         shutil.rmtree(config.storage.state_dir / "incoming", ignore_errors=True)
-        (config.storage.state_dir / "incoming").mkdir(mode=0o700, parents=True)
+        shared_folder(config.storage.state_dir)  # holds the spool; often the inbox and outbox
+        private_folder(config.storage.state_dir / "incoming")
         for warning in config.warnings:
             self._log.warning("config.warning", problem=str(warning))
         self._audit = AuditLog(config.storage.audit_log, self._clock, node=config.as2_id)
         self._spool = Spool(config.storage.state_dir / "spool.sqlite3", self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            shared_folder(folder)
         for peer in config.peers:
-            (config.storage.outbox_dir / peer.name).mkdir(exist_ok=True)
+            shared_folder(config.storage.outbox_dir / peer.name)
             for service in peer.services:
-                (config.storage.outbox_dir / peer.name / service).mkdir(exist_ok=True)
+                shared_folder(config.storage.outbox_dir / peer.name / service)
         trust = await self._assess_trust(config)
         self._audit_trust(config, trust, {})
         self._state = self._build_state(config, trust)
@@ -850,7 +852,7 @@ class Daemon:
         held: list[bytes] = []
         size = 0
         declared = request.content_length
-        out = path.open("wb") if declared is not None and declared > SMALL_BODY else None
+        out = create_private(path) if declared is not None and declared > SMALL_BODY else None
         try:
             async for chunk in paced_chunks(request.content, BodyPace.of(runtime)):
                 size += len(chunk)
@@ -860,7 +862,7 @@ class Daemon:
                     held.append(chunk)
                     continue
                 if out is None:  # too big to hold: to the file from here on
-                    out = path.open("wb")
+                    out = create_private(path)
                     held.append(chunk)
                     await asyncio.to_thread(out.writelines, held)
                     held.clear()

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import secrets
-from collections.abc import Iterable
+import stat
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+# Modes set explicitly, whatever the umask (0022 outside systemd gives 0755/0644):
+PRIVATE_FOLDER = 0o700  # the state folder and its working folders: medgw only
+PRIVATE_FILE = 0o600  # the spool database, working files (plaintext among them)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -21,6 +27,80 @@ def fsync_dir(directory: Path) -> None:
 
 
 PARTIAL = re.compile(r"^\..+\.[0-9a-f]{12}\.partial$")
+
+
+def private_folder(path: Path) -> None:
+    """``path`` (and any missing parent) as a folder of mode 0700, an existing one
+    included: it holds what no other user may read."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_FOLDER)
+    os.chmod(path, PRIVATE_FOLDER)
+
+
+def shared_folder(path: Path) -> None:
+    """``path`` (and any missing parent) as a folder for medgw and the internal systems:
+    the owner's and the group's permissions as the umask or a default ACL make them
+    (so that an ACL granting an internal system access keeps working), never any for
+    other users."""
+    missing = []
+    folder = path
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    path.mkdir(parents=True, exist_ok=True, mode=0o770)  # a file in the way: an OSError
+    for folder in (*missing, path):
+        mode = stat.S_IMODE(os.stat(folder).st_mode)
+        if mode & 0o007:
+            os.chmod(folder, mode & ~0o007)
+
+
+def private_file(path: Path) -> None:
+    """``path`` exists as a file of mode 0600 (created empty if missing)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE))
+    os.chmod(path, PRIVATE_FILE)
+
+
+def create_private(path: Path) -> BinaryIO:
+    """A new file at ``path``, mode 0600, open for writing and reading."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
+    return os.fdopen(fd, "w+b")
+
+
+@contextlib.contextmanager
+def private_work_file(dst: Path) -> Iterator[BinaryIO]:
+    """A file that takes the name ``dst`` (mode 0600) only when the block ends without
+    an exception.  Meanwhile it has no name at all where the system allows it (Linux
+    O_TMPFILE): a process killed while writing it leaves nothing behind, not even
+    plaintext for the next start to remove.  Elsewhere it is a hidden partial file
+    (see :func:`remove_stale_partials`)."""
+    try:
+        fd = os.open(dst.parent, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, PRIVATE_FILE)
+    except (AttributeError, OSError):  # no O_TMPFILE here, or not on this file system
+        fd = -1
+    if fd < 0:
+        tmp = partial_name(dst)
+        try:
+            with create_private(tmp) as out:
+                yield out
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    with os.fdopen(fd, "w+b") as out:
+        yield out
+        out.flush()
+        try:  # gives the unnamed file its name (linkat through /proc: no privilege needed)
+            os.link(f"/proc/self/fd/{out.fileno()}", dst, follow_symlinks=True)
+        except OSError:  # no /proc: copy it to a named file
+            out.seek(0)
+            tmp = partial_name(dst)
+            try:
+                with create_private(tmp) as named:
+                    while chunk := out.read(1 << 20):
+                        named.write(chunk)
+                os.replace(tmp, dst)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def partial_name(path: Path) -> Path:

@@ -48,7 +48,7 @@ from gateway.errors import (
     SpoolError,
     StorageFullError,
 )
-from gateway.fsutil import storage_fix
+from gateway.fsutil import private_folder, storage_fix
 from gateway.logs import Logger
 from gateway.pki.hpki import hcroles
 from gateway.pki.peers import TrustSettings
@@ -393,7 +393,7 @@ class InboundProcessor:
         if isinstance(route, Refusal):
             raise _Refused(Disposition.AUTHENTICATION_FAILED, route.event, route.reason)
         work = self._config.storage.state_dir / "incoming"
-        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(work)
         token = secrets.token_hex(8)
         signed_path, entity_path = (work / f"{token}.{suffix}" for suffix in ("signed", "entity"))
         try:

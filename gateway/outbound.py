@@ -47,6 +47,7 @@ from gateway.config import GatewayConfig, Peer
 from gateway.errors import MedgwError, ObjectSecurityError, SpoolError
 from gateway.fsutil import (
     fsync_dir,
+    private_folder,
     read_chunks,
     remove_stale_partials,
     storage_fix,
@@ -110,7 +111,7 @@ class Outbound:
         self._outgoing = state / "outgoing"
         self._receipts = state / "receipts"
         for folder in (self._payloads, self._outgoing, self._receipts):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_folder(folder)
         self._reported_unknown: set[str] = set()
         self._reported_unknown_services: set[tuple[str, str]] = set()
         self._reported_skipped: set[Path] = set()

@@ -7,11 +7,14 @@ lab's real TLS client certificate, as a configured peer gone bad would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import os
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +421,113 @@ async def test_an_exception_in_a_handler_is_a_generic_500_logged_and_audited() -
     assert event.event is EventType.HTTP_REQUEST_REFUSED and "UnicodeEncodeError" in (
         event.reason or ""
     )
+
+
+def _others(path: Path) -> int:
+    return path.stat().st_mode & 0o007
+
+
+def test_folders_and_the_spool_take_explicit_modes_whatever_the_umask(
+    layout: DemoLayout, processes: Any
+) -> None:
+    old = os.umask(0o022)  # as outside systemd: the daemon inherits it
+    try:
+        processes.start(layout.hospital.config_path)
+    finally:
+        os.umask(old)
+    built = _message(layout, b"MSH|modes\r")
+    assert _lab_post(layout, built.headers, built.body).status == 200
+    state = layout.hospital.root / "state"
+    delivered = wait_until(
+        lambda: [p for p in (layout.hospital.inbox_dir / "lab").glob("*") if p.is_file()],
+        30,
+        "the delivered document",
+    )
+    spool = state / "spool.sqlite3"
+    for path in (spool, *(spool.with_name(spool.name + s) for s in ("-wal", "-shm"))):
+        if path.exists():
+            assert path.stat().st_mode & 0o777 == 0o600, path
+    assert (state / "incoming").stat().st_mode & 0o777 == 0o700
+    for path in (
+        state,
+        layout.hospital.inbox_dir,
+        layout.hospital.inbox_dir / "lab",
+        layout.hospital.outbox_dir,
+        layout.hospital.outbox_dir / "lab",
+        layout.hospital.audit_log.parent,
+        layout.hospital.audit_log,
+        *delivered,
+    ):
+        assert _others(path) == 0, (path, oct(path.stat().st_mode))
+
+
+# Decrypts a message whose source stalls (as a slow disk or a client would) once
+# half of it is read: the test looks at the work file meanwhile, then kills it.
+DECRYPT_SLOWLY = """
+import signal, sys
+from pathlib import PosixPath
+from gateway.cms.stream import decrypt_file
+from gateway.config import load_config
+from gateway.policy import AlgorithmPolicy
+
+class Stalling:
+    def __init__(self, f, limit):
+        self.f, self.limit = f, limit
+    def read(self, n=-1):
+        if self.f.tell() >= self.limit:
+            signal.pause()  # until killed
+        return self.f.read(n)
+    def tell(self):
+        return self.f.tell()
+    def seek(self, *args):
+        return self.f.seek(*args)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+class SlowPath(PosixPath):
+    def open(self, *args, **kwargs):
+        return Stalling(super().open(*args, **kwargs), self.stat().st_size // 2)
+
+pair = load_config(PosixPath(sys.argv[1])).smime.encryption
+decrypt_file(SlowPath(sys.argv[2]), PosixPath(sys.argv[3]), pair.certificate, pair.key,
+             policy=AlgorithmPolicy())
+"""
+
+
+def test_a_kill_during_decryption_leaves_no_plaintext_behind(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    built = _message(layout, b"MSH|" + b"secret " * 200_000 + b"\r")
+    body, work = tmp_path / "body.as2", tmp_path / "work"
+    body.write_bytes(built.body)
+    work.mkdir()
+    old = os.umask(0o022)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", DECRYPT_SLOWLY, str(layout.hospital.config_path), str(body),
+             str(work / "signed")],
+            cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    try:
+
+        def plaintext_file() -> list[Path]:  # the work file, open in the decryptor, written to
+            found = []
+            for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                    if os.readlink(fd).startswith(str(work) + "/") and fd.stat().st_size:
+                        found.append(fd)
+            return found
+
+        [open_file] = wait_until(plaintext_file, 60, "plaintext in the decryption's work file")
+        assert open_file.stat().st_mode & 0o777 == 0o600
+        assert list(work.iterdir()) == []  # it has no name in the folder
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(work.iterdir()) == []

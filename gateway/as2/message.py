@@ -31,7 +31,7 @@ from gateway.cms.smime import envelope_entity, sign_entity
 from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import KeyPair
 from gateway.delivery.inbox import safe_name
-from gateway.fsutil import partial_name, read_chunks
+from gateway.fsutil import create_private, partial_name, read_chunks
 from gateway.policy import AlgorithmPolicy
 
 
@@ -166,7 +166,7 @@ def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFil
     try:
         size = 0
         digest = hashlib.sha256()
-        with entity.open("wb") as out:
+        with create_private(entity) as out:
             out.write(spec.entity_head())
             for chunk in read_chunks(payload):
                 out.write(chunk)

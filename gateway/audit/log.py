@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Protocol
 from gateway.audit.events import AuditEvent
 from gateway.clock import Clock
 from gateway.errors import MedgwError
+from gateway.fsutil import shared_folder
 
 GENESIS = "0" * 64
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see recorded_since
@@ -57,10 +58,13 @@ class AuditLog:
         self._sync = sync
         self._lock = threading.Lock()  # the chain: seq, prev and the write of each record
         self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock
-        path.parent.mkdir(parents=True, exist_ok=True)
+        shared_folder(path.parent)
         self._seq, self._prev = self._tail(path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
+        mode = os.fstat(self._fd).st_mode & 0o777
+        if mode & 0o007:  # never readable by other users, whatever the umask was
+            os.fchmod(self._fd, mode & ~0o007)
         self._torn: int | None = None  # size to cut the file back to before the next record
         if path.stat().st_size and not _ends_with_newline(path):
             os.write(self._fd, b"\n")  # end a record torn by a crash; the chain shows it

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..errors import DecryptionError, MalformedMessageError, SignatureError
-from ..fsutil import fsync_dir, open_source, partial_name
+from ..fsutil import create_private, fsync_dir, open_source, partial_name, private_work_file
 from ..policy import (
     COMPAT_CONTENT_CIPHERS,
     COMPAT_KEY_TRANSPORTS,
@@ -179,7 +179,7 @@ def _write_atomically(dst: Path, pieces: Iterable[bytes], *, durable: bool = Fal
     tmp = partial_name(dst)
     size = 0
     try:
-        with tmp.open("wb") as out:
+        with create_private(tmp) as out:
             for piece in pieces:
                 out.write(piece)
                 size += len(piece)
@@ -632,20 +632,16 @@ def decrypt_file(
     policy: AlgorithmPolicy,
 ) -> DecryptedFile:
     """Decrypt ``src`` (DER/BER: a file, or a small message held in memory) into the
-    file ``dst``; ``dst`` appears only on success."""
-    tmp = partial_name(dst)
+    file ``dst`` (mode 0600); ``dst`` appears only on success."""
     if isinstance(src, Path):
         source: BinaryIO = src.open("rb")
         what = f"encrypted file {src}"
     else:
         source, what = io.BytesIO(src), "encrypted message"
-    try:
-        with source as f, tmp.open("w+b") as out:
-            result = decrypt_stream(f, out, cert, key, policy=policy, what=what)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return result
+    # Plaintext: mode 0600, and nameless until it is complete (nothing is left behind
+    # by a process killed meanwhile).
+    with source as f, private_work_file(dst) as out:
+        return decrypt_stream(f, out, cert, key, policy=policy, what=what)
 
 
 def decrypt_bytes(

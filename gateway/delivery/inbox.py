@@ -26,7 +26,7 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from gateway.errors import DeliveryError, StorageFullError
-from gateway.fsutil import NO_SPACE, fsync_dir, storage_fix
+from gateway.fsutil import NO_SPACE, fsync_dir, shared_folder, storage_fix
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 MAX_NAME = 200
@@ -97,7 +97,7 @@ def prepare(target: Path) -> Path:
     """
     work = work_name(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        shared_folder(target.parent)
         fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         os.close(fd)
     except OSError as exc:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import SpoolError
+from gateway.fsutil import private_file, shared_folder, storage_fix
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.groupcommit import GroupCommit
 
@@ -306,7 +307,22 @@ _ADDED_COLUMNS = (
 class Spool:
     def __init__(self, path: Path, clock: Clock) -> None:
         self._clock = clock
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shared_folder(path.parent)  # the state folder: the inbox and outbox may be in it
+            # Mode 0600 whatever the umask; SQLite gives its -wal and -shm files the mode
+            # of the database (those of an older version are corrected here too).
+            for file in (
+                path,
+                path.with_name(path.name + "-wal"),
+                path.with_name(path.name + "-shm"),
+            ):
+                if file is path or file.exists():
+                    private_file(file)
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot create the spool database {path}: {exc.strerror or exc}",
+                fix=storage_fix(exc, path.parent),
+            ) from exc
         try:
             # Two connections shared by the event loop and worker threads: one writes
             # (transactions of several threads share a commit: see groupcommit), one
