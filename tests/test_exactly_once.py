@@ -108,6 +108,31 @@ def test_a_resend_after_a_kill_between_rename_and_record_is_not_written_again(
     assert sent["detail"]["disposition"] == "processed"
 
 
+def test_a_document_taken_from_the_inbox_before_the_restart_is_not_written_again(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The internal system took the document away while medgw was down: its work
+    file being gone is what tells that it was delivered."""
+    hospital = processes.start(
+        layout.hospital.config_path,
+        prefix=killed_at("--kill-after", "gateway.delivery.inbox:finish"),
+    )
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
+    wait_killed(hospital)
+    inbox = layout.hospital.inbox_dir / "lab"
+    (inbox / "order.hl7").rename(layout.root / "taken.hl7")  # the internal system's move
+
+    processes.start(layout.hospital.config_path)
+    [receipt] = wait_until(
+        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt"
+    )
+    assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
+    assert list(inbox.iterdir()) == []  # not delivered a second time
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(events(layout.hospital.audit_log, "message.duplicate")) == 1
+
+
 def test_a_kill_before_the_rename_delivers_the_resend_once(
     layout: DemoLayout, processes: Any
 ) -> None:
