@@ -40,6 +40,8 @@ from gateway.places import Place, overlap_problems
 from gateway.policy import (
     DEFAULT_KEY_TRANSPORT,
     LEGACY_ALGORITHMS,
+    LEGACY_SEND_KEY_TRANSPORT,
+    SEND_KEY_TRANSPORTS,
     AlgorithmPolicy,
     certificate_key,
     describe_legacy,
@@ -719,6 +721,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
     )
     digest = section.choice("digest", DIGESTS, default=defaults.digest if defaults else "sha256")
     accept_legacy = _accept_legacy(section)
+    key_transport = _key_transport(section, certs["encryption_certificates"])
     personal_signers = section.boolean("personal_signers", default=False)
     async_receipt_url = section.string("async_receipt_url", default="")
     if async_receipt_url:
@@ -748,6 +751,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         digest=digest,
         zone=zone,
         accept_legacy=accept_legacy,
+        key_transport=key_transport,
         personal_signers=personal_signers,
         async_receipt_url=async_receipt_url,
         services=tuple(dict.fromkeys(s for s in services if SERVICE_NAME.match(s))),
@@ -805,6 +809,69 @@ def _accept_legacy(section: _Section) -> frozenset[str]:
             "warning",
         )
     return frozenset(admitted)
+
+
+def _key_transport(section: _Section, encryption: list[x509.Certificate]) -> str:
+    """``key_transport``: how we wrap content-encryption keys for this peer's RSA
+    certificates.  RSAES-OAEP with SHA-256 by default, or with SHA-1 for a partner
+    that decrypts nothing else; RSAES-PKCS1-v1_5 (monitored list) only when the
+    peer's own legacy option ``legacy_send_rsaes_pkcs1_v1_5`` is also true.  Each
+    choice but the default is a warning."""
+    legacy = section.boolean("legacy_send_rsaes_pkcs1_v1_5", default=False)
+    chosen = section.choice(
+        "key_transport",
+        (*SEND_KEY_TRANSPORTS, LEGACY_SEND_KEY_TRANSPORT),
+        default=DEFAULT_KEY_TRANSPORT,
+    )
+    if chosen == LEGACY_SEND_KEY_TRANSPORT and not legacy:
+        section.problem(
+            "key_transport",
+            f"{chosen} is on the CRYPTREC monitored list (padding-oracle attacks on the "
+            "receiving side); it is sent only to a peer whose legacy_send_rsaes_pkcs1_v1_5 "
+            "is true",
+            'ask the peer to decrypt RSAES-OAEP and set key_transport = "rsaes-oaep-sha1" '
+            "(or the default); only if it cannot, also set legacy_send_rsaes_pkcs1_v1_5 = true",
+        )
+        return DEFAULT_KEY_TRANSPORT
+    if chosen == LEGACY_SEND_KEY_TRANSPORT:
+        section.problem(
+            "key_transport",
+            "sends to this peer with RSAES-PKCS1-v1_5 key transport, on the CRYPTREC "
+            "monitored list; every message is audited with a warning",
+            'ask the peer to decrypt RSAES-OAEP, then set key_transport = "rsaes-oaep-sha1" '
+            "(or the default) and legacy_send_rsaes_pkcs1_v1_5 = false",
+            "warning",
+        )
+    elif legacy:
+        section.problem(
+            "legacy_send_rsaes_pkcs1_v1_5",
+            f"has no effect: key_transport is {chosen}",
+            "set it to false (RSAES-PKCS1-v1_5 is sent only with key_transport = "
+            '"rsaes-pkcs1-v1_5" as well)',
+            "warning",
+        )
+    if chosen == "rsaes-oaep-sha1":
+        section.problem(
+            "key_transport",
+            "sends to this peer with RSAES-OAEP with SHA-1 (its default parameters) instead "
+            "of SHA-256; every message is audited with a warning",
+            "ask the peer to decrypt RSAES-OAEP with SHA-256, then set key_transport = "
+            f'"{DEFAULT_KEY_TRANSPORT}" (the default)',
+            "warning",
+        )
+    if (
+        chosen != DEFAULT_KEY_TRANSPORT
+        and encryption
+        and not any(isinstance(cert.public_key(), rsa.RSAPublicKey) for cert in encryption)
+    ):
+        section.problem(
+            "key_transport",
+            "has no effect: every encryption certificate of this peer has an EC key, and "
+            "an EC key is sent the content-encryption key by ECDH key agreement",
+            f'remove the line, or set key_transport = "{DEFAULT_KEY_TRANSPORT}"',
+            "warning",
+        )
+    return chosen
 
 
 def _spki_pins(section: _Section, key: str) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ from gateway.as2.message import MessageSpec, build_message, build_message_file
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
+from gateway.cms.enveloped import key_transport_for
 from gateway.config import GatewayConfig, Peer
 from gateway.errors import MedgwError, ObjectSecurityError, SpoolError
 from gateway.fsutil import (
@@ -59,6 +60,7 @@ from gateway.logs import Logger
 from gateway.operations import record_view
 from gateway.pki.peers import PeerTrust
 from gateway.pki.tls import certificate_fingerprint
+from gateway.policy import DEFAULT_KEY_TRANSPORT
 from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord, OutboundState, Spool
 
@@ -532,6 +534,7 @@ class Outbound:
                 receipt_url=peer.async_receipt_url or None,
             )
             encrypted_for = certificate_fingerprint(recipient)
+            key_transport = key_transport_for(recipient, peer.policy)
             with record.payload_path.open("rb") as handle:
                 small = handle.read(INLINE_BODY_BYTES + 1)
             if len(small) <= INLINE_BODY_BYTES:
@@ -545,12 +548,20 @@ class Outbound:
                     encrypted_for,
                     None,
                     message.body,
+                    key_transport,
                 )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
             built = build_message_file(record.payload_path, body_path, spec)
             return _Sealed(
-                built.headers, built.mic, built.size, built.sha256, encrypted_for, body_path, None
+                built.headers,
+                built.mic,
+                built.size,
+                built.sha256,
+                encrypted_for,
+                body_path,
+                None,
+                key_transport,
             )
 
         try:
@@ -609,9 +620,22 @@ class Outbound:
                 "mic": sealed.mic,
                 "cipher": peer.cipher,
                 "digest": peer.digest,
+                "key_transport": sealed.key_transport,
                 **({"submitted_by": submitted_by} if submitted_by else {}),
             },
         )
+        if sealed.key_transport not in ("ecdh", DEFAULT_KEY_TRANSPORT):
+            # RSAES-OAEP with SHA-1, or RSAES-PKCS1-v1_5: chosen for this peer, and
+            # counted per message like every legacy algorithm.
+            self._record(
+                EventType.COMPAT_ALGORITHM_USED,
+                peer=peer.name,
+                message_id=record.message_id,
+                severity=Severity.WARNING,
+                reason=f"key transport {sealed.key_transport} used to send (this peer's "
+                "key_transport)",
+                detail={"algorithm": sealed.key_transport},
+            )
         return True
 
     async def prepare_again(self, message_id: str) -> None:
@@ -1045,6 +1069,7 @@ class _Sealed:
     encrypted_for: str  # SHA-256 of the recipient's certificate
     body_path: Path | None
     body: bytes | None
+    key_transport: str  # how the content-encryption key was sent to the recipient
 
 
 def _asks_async_receipt(record: OutboundRecord) -> bool:

@@ -20,6 +20,12 @@ Monitored-list algorithms are accepted **inbound only**, and each only when
 the peer's ``accept_legacy`` names it (:data:`LEGACY_ALGORITHMS`): admitting
 one for a partner never admits another.  Every such use must be audited by the
 caller as a warning (CMS results carry ``compat_algorithms``).
+
+Sending, the peer's ``key_transport`` chooses how the content-encryption key
+is wrapped for an RSA recipient (:data:`SEND_KEY_TRANSPORTS`): RSAES-OAEP with
+SHA-256 by default, RSAES-OAEP with its default (SHA-1) parameters for a
+partner that can decrypt nothing else, or RSAES-PKCS1-v1_5 (monitored list)
+only behind the peer's own legacy option ``legacy_send_rsaes_pkcs1_v1_5``.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ def describe_config(config: GatewayConfig) -> str:
     for peer in config.peers:
         lines.append(f"  {peer.name:<16} AS2 id {peer.as2_id:<20} {peer.url}  zone {peer.zone}")
         lines.append(
-            f"  {'':<16} cipher {peer.cipher}, digest {peer.digest}"
+            f"  {'':<16} cipher {peer.cipher}, digest {peer.digest}, "
+            f"key transport {peer.key_transport}"
             + (
                 f", ACCEPTS LEGACY: {', '.join(sorted(peer.accept_legacy))}"
                 if peer.accept_legacy

@@ -252,17 +252,21 @@ def test_pyas2lib_sha1_signed_message_is_received_if_accepted_and_audited(
 class _Pyas2libReceiver:
     """An HTTPS AS2 endpoint (mutual TLS) whose AS2 processing is pyas2lib's.
 
-    pyas2lib cannot open what we send: its decryption (oscrypto) knows
-    RSAES-PKCS1-v1_5 and RSAES-OAEP with SHA-1 only, and CBC ciphers, while we
-    send RSAES-OAEP with SHA-256 and never a monitored-list algorithm.  So
-    ``openssl cms`` removes the envelope, and pyas2lib does everything AS2 with
-    the rest: parses the headers, checks the lab's certificate against the CA,
-    verifies the signature, computes the MIC, and builds and signs the MDN.
+    pyas2lib's decryption (oscrypto) knows RSAES-PKCS1-v1_5 and RSAES-OAEP with
+    SHA-1 only, and CBC ciphers, while we send RSAES-OAEP with SHA-256 unless the
+    peer's key_transport says otherwise.  So by default ``openssl cms`` removes
+    the envelope, and pyas2lib does everything AS2 with the rest: parses the
+    headers, checks the lab's certificate against the CA, verifies the
+    signature, computes the MIC, and builds and signs the MDN.  With
+    ``pyas2lib_decrypts`` pyas2lib is given the message as it arrived and
+    decrypts it itself; ``openssl cms -decrypt`` still opens a copy, for the
+    record (``openssl_opened``).
     """
 
     layout: DemoLayout
     verify_cert: Path
     mdn_digest: str | None = None  # sign the MDN with this instead of the micalg asked for
+    pyas2lib_decrypts: bool = False
     server: ThreadingHTTPServer | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
 
@@ -281,11 +285,12 @@ class _Pyas2libReceiver:
         )
         received = self.received
         mdn_digest = self.mdn_digest
+        pyas2lib_decrypts = self.pyas2lib_decrypts
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                opened = subprocess.run(
+                openssl = subprocess.run(
                     [
                         *("openssl", "cms", "-decrypt", "-binary", "-inform", "DER"),
                         *("-recip", str(certs / "encrypt.crt")),
@@ -294,8 +299,9 @@ class _Pyas2libReceiver:
                     input=body,
                     capture_output=True,
                     timeout=60,
-                    check=True,
-                ).stdout
+                    check=not pyas2lib_decrypts,
+                )
+                opened = openssl.stdout if openssl.returncode == 0 else None
                 entity_headers = {"content-type", "content-length", "content-transfer-encoding"}
                 as2_headers = "".join(
                     f"{k}: {v}\r\n"
@@ -307,9 +313,15 @@ class _Pyas2libReceiver:
                     as2_headers = as2_headers.replace(
                         options, options.rpartition(",")[0] + f", {mdn_digest}"
                     )
+                if pyas2lib_decrypts:  # the message as it arrived, envelope and all
+                    raw = "".join(f"{k}: {v}\r\n" for k, v in self.headers.items()).encode()
+                    raw += b"\r\n" + body
+                else:
+                    assert opened is not None
+                    raw = as2_headers.encode() + opened
                 message = as2.Message()
                 status, (error, _trace), mdn = message.parse(
-                    as2_headers.encode() + opened,
+                    raw,
                     find_org_cb=lambda name: org if name == HOSPITAL_AS2 else None,
                     find_partner_cb=lambda name: partner if name == LAB_AS2 else None,
                 )
@@ -324,6 +336,7 @@ class _Pyas2libReceiver:
                         "as2_from": self.headers["AS2-From"],
                         "as2_to": self.headers["AS2-To"],
                         "client_cert": tls.getpeercert(binary_form=True),
+                        "openssl_opened": opened,
                     }
                 )
                 answer = mdn.content
@@ -408,6 +421,75 @@ def test_gateway_sends_to_pyas2lib_which_verifies_it_and_we_verify_its_mdn(
     stored = _outbound_state(layout, record["message_id"])
     assert stored is not None and stored.state is OutboundState.DELIVERED
     assert stored.disposition == "processed"
+
+
+@pytest.mark.parametrize(
+    ("option", "key_transport"),
+    [
+        ('key_transport = "rsaes-oaep-sha1"', "rsaes-oaep-sha1"),
+        (
+            'key_transport = "rsaes-pkcs1-v1_5"\nlegacy_send_rsaes_pkcs1_v1_5 = true',
+            "rsaes-pkcs1-v1_5",
+        ),
+        ('key_transport = "rsaes-oaep-sha256"', "rsaes-oaep-sha256"),
+    ],
+    ids=["oaep-sha1", "pkcs1-v1_5", "default"],
+)
+def test_pyas2lib_decrypts_what_we_send_with_the_peers_key_transport(
+    rsa_layout: DemoLayout, processes: Any, option: str, key_transport: str
+) -> None:
+    """pyas2lib opens what the lab gateway sends itself, envelope included, once the
+    hospital's key_transport (at the lab) is one it can decrypt; openssl opens the same
+    message whatever the option.  The default, RSAES-OAEP with SHA-256, pyas2lib cannot
+    decrypt: its answer is a decryption failure.  Every message's audit record names the
+    key transport; a non-default one is also a warning per message."""
+    layout = rsa_layout
+    peer = layout.lab.root / "peers.d" / "hospital.toml"
+    text = peer.read_text()
+    for line in ('cipher = "aes-256-gcm"', 'key_transport = "rsaes-oaep-sha256"'):
+        assert line in text
+        text = text.replace(line, "")
+    text = text.replace("legacy_send_rsaes_pkcs1_v1_5 = false", "")
+    peer.write_text(f'{text}\ncipher = "aes-256-cbc"\n{option}\n')  # pyas2lib: CBC only
+    receiver = _Pyas2libReceiver(
+        layout,
+        layout.hospital.root / "certs" / "peers" / "lab" / "sign.crt",
+        pyas2lib_decrypts=True,
+    )
+    receiver.start()
+    document = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rPID|1||DEMO-0001\rOBX|1|NM|140|mmol/L\r"
+    try:
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_for("hospital"), "result.hl7", document)
+
+        def outcome() -> list[dict[str, Any]]:
+            return [
+                r
+                for r in read_audit(layout.lab.audit_log)
+                if r["event"] in ("receipt.received", "receipt.invalid", "message.failed")
+            ]
+
+        [record] = wait_until(outcome, 60, "the lab to handle pyas2lib's MDN")
+    finally:
+        receiver.stop()
+    [got] = receiver.received
+    assert got["openssl_opened"] is not None  # openssl cms -decrypt opened it
+    [accepted] = events(layout.lab.audit_log, "message.accepted")
+    assert accepted["detail"]["key_transport"] == key_transport
+    warnings = events(layout.lab.audit_log, "policy.compat_algorithm_used")
+    if key_transport == "rsaes-oaep-sha256":
+        assert got["status"] == "processed/Error" and "decrypt" in str(got["error"]).lower()
+        assert record["event"] == "message.failed", record
+        assert not warnings
+        return
+    assert got["status"] == "processed", got["error"]
+    assert got["payload"] == document
+    assert record["event"] == "receipt.received", record
+    assert record["detail"]["mic_verified"] is True
+    [warning] = warnings
+    assert warning["severity"] == "warning" and warning["direction"] == "outbound"
+    assert warning["message_id"] == accepted["message_id"]
+    assert warning["detail"]["algorithm"] == key_transport
 
 
 @pytest.mark.parametrize(

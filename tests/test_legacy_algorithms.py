@@ -12,12 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.cms import decrypt, encrypt
 from gateway.config import load_config
 from gateway.errors import PolicyError
 from gateway.pki.demo import DemoLayout
-from gateway.policy import LEGACY_ALGORITHMS
+from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests.cli import medgw
+from tests.oscrypto_fix import load_pyas2lib
+
+as2 = load_pyas2lib()
 
 
 def check_config(config: Path) -> subprocess.CompletedProcess[str]:
@@ -31,6 +38,9 @@ def lines(result: subprocess.CompletedProcess[str], file: Path, key: str) -> lis
         for line in (result.stdout + result.stderr).splitlines()
         if line.startswith(("error:", "warning:")) and f"{file}: {key}:" in line
     ]
+
+
+DEFAULT = 'key_transport = "rsaes-oaep-sha256"'
 
 
 def edit_peer(layout: DemoLayout, old: str, new: str) -> Path:
@@ -108,3 +118,135 @@ def test_an_unknown_or_repeated_legacy_name_is_an_error(layout: DemoLayout) -> N
         "'3des' is not a monitored-list algorithm" in x and "des-ede3-cbc" in x for x in found
     )
     assert any("sha1 is listed twice" in x for x in found)
+
+
+# --- what we send: the key transport for an RSA recipient ---------------------------------
+
+
+def test_key_transport_rsaes_oaep_sha1_is_a_warning_and_chosen(layout: DemoLayout) -> None:
+    peer = edit_peer(layout, DEFAULT, 'key_transport = "rsaes-oaep-sha1"')
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = lines(result, peer, "key_transport")
+    assert any(x.startswith("warning:") and "RSAES-OAEP with SHA-1" in x for x in found), found
+    # the demo's certificates are EC: the choice cannot apply, and check-config says so
+    assert any("has no effect" in x and "ECDH" in x for x in found), found
+    lab = load_config(layout.hospital.config_path).peer("lab")
+    assert lab is not None and lab.policy.key_transport == "rsaes-oaep-sha1"
+    assert "key transport rsaes-oaep-sha1" in result.stdout
+
+
+def test_rsaes_pkcs1_v15_is_sent_only_behind_its_own_legacy_option(layout: DemoLayout) -> None:
+    peer = edit_peer(layout, DEFAULT, 'key_transport = "rsaes-pkcs1-v1_5"')
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = lines(result, peer, "key_transport")
+    assert line.startswith("error:") and "monitored list" in line
+    assert "legacy_send_rsaes_pkcs1_v1_5 = true" in line.split("(fix: ", 1)[1]
+
+    edit_peer(layout, "legacy_send_rsaes_pkcs1_v1_5 = false", "legacy_send_rsaes_pkcs1_v1_5 = true")
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = lines(result, peer, "key_transport")
+    assert any(x.startswith("warning:") and "RSAES-PKCS1-v1_5" in x for x in found), found
+    lab = load_config(layout.hospital.config_path).peer("lab")
+    assert lab is not None and lab.policy.key_transport == "rsaes-pkcs1-v1_5"
+    assert lab.accept_legacy == frozenset()  # sending with it admits nothing inbound
+
+    # the legacy option alone sends nothing differently, and check-config says so
+    edit_peer(layout, 'key_transport = "rsaes-pkcs1-v1_5"', DEFAULT)
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = lines(result, peer, "legacy_send_rsaes_pkcs1_v1_5")
+    assert line.startswith("warning:") and "has no effect" in line
+    lab = load_config(layout.hospital.config_path).peer("lab")
+    assert lab is not None and lab.policy.key_transport == "rsaes-oaep-sha256"
+
+
+OAEP = "2a864886f70d010107"
+# key transport -> its KeyEncryptionAlgorithmIdentifier, DER (hex)
+SENT_IDENTIFIERS = {
+    # sha256 and mgf1-sha256 given explicitly (they are not the defaults)
+    "rsaes-oaep-sha256": f"303c0609{OAEP}302f"
+    "a00f300d0609608648016503040201" + "0500"
+    "a11c301a06092a864886f70d010108300d0609608648016503040201" + "0500",
+    # all parameters at their defaults: RSAES-OAEP-params present, an empty SEQUENCE
+    # (RFC 4055 4.1); openssl refuses the identifier without it
+    "rsaes-oaep-sha1": f"300d0609{OAEP}3000",
+    # rsaEncryption, NULL parameters (RFC 3370 4.2.1)
+    "rsaes-pkcs1-v1_5": "300d06092a864886f70d0101010500",
+}
+
+
+@pytest.fixture(scope="module")
+def rsa_recipient(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("rsa")
+    key, cert = directory / "enc.key", directory / "enc.crt"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-days", "2"),
+            *("-subj", "/CN=recipient.medgw.test", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-cbc", "aes-256-gcm"])
+@pytest.mark.parametrize("key_transport", list(SENT_IDENTIFIERS))
+def test_what_we_send_with_each_key_transport_opens_with_openssl_and_reads_back(
+    rsa_recipient: tuple[Path, Path], tmp_path: Path, key_transport: str, cipher: str
+) -> None:
+    cert_path, key_path = rsa_recipient
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    payload = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rPID|1||DEMO-0001\r" * 20
+    der = encrypt(
+        payload, [cert], cipher=cipher, policy=AlgorithmPolicy(key_transport=key_transport)
+    )
+    assert bytes.fromhex(SENT_IDENTIFIERS[key_transport]) in der
+    envelope = tmp_path / "env.der"
+    envelope.write_bytes(der)
+    opened = subprocess.run(
+        [
+            *("openssl", "cms", "-decrypt", "-binary", "-inform", "DER", "-in", str(envelope)),
+            *("-recip", str(cert_path), "-inkey", str(key_path)),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert opened.returncode == 0, opened.stderr.decode()
+    assert opened.stdout == payload
+    # our own reading: the name the audit trail uses, and a monitored-list one only
+    # from a peer whose accept_legacy names it
+    inbound = {"rsaes-oaep-sha256": "rsaes-oaep"}.get(key_transport, key_transport)
+    legacy = frozenset() if inbound == "rsaes-oaep" else frozenset({inbound})
+    back = decrypt(der, cert, key, policy=AlgorithmPolicy(accept_legacy=legacy))
+    assert (back.content, back.key_transport) == (payload, inbound)
+
+
+def test_pyas2lib_decrypts_rsaes_oaep_sha1_and_pkcs1_v15_but_not_oaep_sha256(
+    rsa_recipient: tuple[Path, Path],
+) -> None:
+    """Why the choice exists: pyas2lib (oscrypto) unwraps the key with RSAES-OAEP-SHA-1 or
+    RSAES-PKCS1-v1_5 only."""
+    from pyas2lib.cms import decrypt_message  # type: ignore[import-untyped]
+
+    cert_path, key_path = rsa_recipient
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    org = as2.Organization(as2_name="X", decrypt_key=key_path.read_bytes() + cert_path.read_bytes())
+    payload = b"OBX|1|NM|K^Potassium||4.1|mmol/L\r"
+    for key_transport in SENT_IDENTIFIERS:
+        der = encrypt(
+            payload,
+            [cert],
+            cipher="aes-256-cbc",
+            policy=AlgorithmPolicy(key_transport=key_transport),
+        )
+        if key_transport == "rsaes-oaep-sha256":
+            with pytest.raises(Exception, match="decryption key"):
+                decrypt_message(der, org.decrypt_key)
+        else:
+            assert decrypt_message(der, org.decrypt_key)[1] == payload, key_transport

@@ -3,8 +3,14 @@
 Content encryption: AES-GCM (AuthEnvelopedData, RFC 5084) or AES-CBC
 (EnvelopedData); 3DES-CBC is read only from a peer whose ``accept_legacy`` names it.
 
-Recipients: RSA -> KeyTransRecipientInfo with RSAES-OAEP (SHA-256, MGF1-SHA-256,
-explicit parameters); EC -> KeyAgreeRecipientInfo, ephemeral-static ECDH with
+Recipients: RSA -> KeyTransRecipientInfo with the peer's key transport
+(:func:`key_transport_for`): RSAES-OAEP with SHA-256 and MGF1-SHA-256, explicit
+parameters (the default); RSAES-OAEP with its default parameters (SHA-1,
+MGF1-SHA-1, empty label: ``RSAES-OAEP-params`` present as an empty SEQUENCE, as
+RFC 4055 section 4.1 requires and OpenSSL writes and reads); or
+RSAES-PKCS1-v1_5 (``rsaEncryption`` with NULL parameters, RFC 3370 section
+4.2.1), a monitored-list algorithm sent only behind its own legacy option.
+EC -> KeyAgreeRecipientInfo, ephemeral-static ECDH with
 dhSinglePass-stdDH-sha{256,384,512}kdf-scheme (RFC 5753), ECC-CMS-SharedInfo and
 AES key wrap (RFC 3394) matching the content-encryption key size.
 """
@@ -57,7 +63,7 @@ from .signed import (
     name_string,
 )
 
-__all__ = ["Decrypted", "decrypt", "encrypt", "encrypt_chunks"]
+__all__ = ["Decrypted", "decrypt", "encrypt", "encrypt_chunks", "key_transport_for"]
 
 
 class GCMParameters(core.Sequence):  # type: ignore[misc]
@@ -171,18 +177,49 @@ _WRAP_ALG_DER: dict[str, bytes] = {
 }
 
 
-_OAEP_SHA256 = padding.OAEP(
-    mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
-)
+# RSAES-OAEP with every parameter at its default (SHA-1, MGF1-SHA-1, empty label):
+# DER leaves defaults out, so RSAES-OAEP-params is an empty SEQUENCE; it must be
+# present (RFC 4055 section 4.1: OpenSSL refuses an OAEP identifier without it).
+_OAEP_DEFAULT_DER: bytes = _tlv(0x30, _oid_der("1.2.840.113549.1.1.7") + b"\x30\x00")
+# rsaEncryption, parameters NULL (RFC 3370 section 4.2.1).
+_PKCS1V15_DER: bytes = _tlv(0x30, _oid_der("1.2.840.113549.1.1.1") + b"\x05\x00")
+
+# key transport name -> (KeyEncryptionAlgorithmIdentifier DER, padding)
+_KEY_TRANSPORTS: dict[str, tuple[bytes, padding.AsymmetricPadding]] = {
+    "rsaes-oaep-sha256": (
+        _OAEP_SHA256_DER,
+        padding.OAEP(
+            mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+        ),
+    ),
+    "rsaes-oaep-sha1": (
+        _OAEP_DEFAULT_DER,
+        padding.OAEP(
+            mgf=padding.MGF1(algorithm=hash_for("sha1", allow_sha1=True)),
+            algorithm=hash_for("sha1", allow_sha1=True),
+            label=None,
+        ),
+    ),
+    "rsaes-pkcs1-v1_5": (_PKCS1V15_DER, padding.PKCS1v15()),
+}
 
 
-def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes) -> bytes:
-    encrypted_key = pub.encrypt(cek, _OAEP_SHA256)
+def key_transport_for(cert: x509.Certificate, policy: AlgorithmPolicy) -> str:
+    """How the content-encryption key is sent to ``cert``: ``ecdh`` for an EC key,
+    else the peer's RSA key transport (``policy.key_transport``)."""
+    if isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+        return "ecdh"
+    return policy.key_transport
+
+
+def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes, key_transport: str) -> bytes:
+    algorithm_der, pad = _KEY_TRANSPORTS[key_transport]
+    encrypted_key = pub.encrypt(cek, pad)
     return _tlv(
         0x30,
         b"\x02\x01\x00"  # version 0
         + issuer_and_serial_der(cert)
-        + _OAEP_SHA256_DER
+        + algorithm_der
         + _tlv(0x04, encrypted_key),
     )
 
@@ -236,7 +273,7 @@ def _recipient_infos(
         _check_recipient(policy, cert)
         pub = cert.public_key()
         if isinstance(pub, rsa.RSAPublicKey):
-            infos.append(_ktri(cert, pub, cek))
+            infos.append(_ktri(cert, pub, cek, policy.key_transport))
         else:
             assert isinstance(pub, ec.EllipticCurvePublicKey)
             infos.append(_kari(cert, pub, cek))

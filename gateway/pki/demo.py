@@ -387,6 +387,12 @@ encryption_certificates = ["certs/peers/{other.name}/encrypt.crt"]
 # Content cipher and digest used when sending to this peer.
 cipher = "aes-256-gcm"
 digest = {_s(digest)}
+# How the content-encryption key is wrapped for an RSA encryption certificate
+# ("rsaes-oaep-sha1" for a partner that decrypts nothing else); an EC one gets ECDH.
+key_transport = "rsaes-oaep-sha256"
+# true allows key_transport = "rsaes-pkcs1-v1_5" (monitored list), for a partner
+# that cannot decrypt RSAES-OAEP at all.  Never needed between medgw gateways.
+legacy_send_rsaes_pkcs1_v1_5 = false
 # Monitored-list algorithms accepted from an old partner, each named on its own
 # and each use audited as a warning, e.g. ["rsaes-pkcs1-v1_5"].  Never needed
 # between medgw gateways.
