@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,7 +37,7 @@ from gateway.clock import Clock
 from gateway.config import Listener
 from gateway.httpfront import FrontDoor
 from gateway.logs import Logger
-from gateway.pki.tls import fingerprint
+from gateway.pki.tls import fingerprint, refusal_alert
 from gateway.ratelimit import SourceBudget, address_source
 
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -190,6 +191,10 @@ class As2Server:
         http = self._runner.server
         assert http is not None
         handoff = _Handoff()
+        # asyncio closes a connection whose handshake failed without sending what OpenSSL
+        # wrote to answer it (the alert saying why): a second descriptor of the socket
+        # keeps the connection for that until the alert is sent.
+        spare = _spare_descriptor(transport)
         try:
             tls_transport = await loop.start_tls(
                 transport,
@@ -200,6 +205,7 @@ class As2Server:
             )
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             transport.abort()
+            _send_alert(spare, refusal_alert(exc))
             host = address_source(peername[0]) if peername else "unknown"
             if isinstance(exc, _ABANDONED):
                 if self._abandoned.admit(host):
@@ -224,6 +230,9 @@ class As2Server:
                     )
                 )
             return
+        finally:
+            if spare is not None:
+                os.close(spare)
         if tls_transport is None or handoff.lost:
             return
         # From here on the HTTP server owns the connection, and lists it while it is open.
@@ -344,6 +353,26 @@ class As2Server:
         if self._server is not None:
             await self._server.wait_closed()
         self._log.info("listener.stopped")
+
+
+def _spare_descriptor(transport: asyncio.Transport) -> int | None:
+    """A second descriptor of the connection's socket (None if it has none)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        return os.dup(sock.fileno())
+    except OSError:  # out of descriptors: the refusal goes without its alert
+        return None
+
+
+def _send_alert(descriptor: int | None, alert: bytes) -> None:
+    """Write OpenSSL's alert on the connection (a few dozen bytes: the socket takes them
+    at once, or they are dropped - the refusal stands either way)."""
+    if descriptor is None or not alert:
+        return
+    with contextlib.suppress(OSError):
+        os.write(descriptor, alert)
 
 
 def _abandoned_reason(exc: BaseException) -> str:

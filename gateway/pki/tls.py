@@ -13,7 +13,13 @@ Both directions require a certificate from the other side that
 
 The pin is checked inside the handshake (a custom ``SSLObject``), so on the
 client side no byte of a request is sent to an unpinned server, and on the
-server side an unknown client never reaches the HTTP layer.
+server side an unknown client never reaches the HTTP layer.  On the server side
+OpenSSL itself asks for the pin, right after its own path validation (a
+verification callback, see :func:`gateway.pki.tlsnative.judge_leaf`): a refused
+client gets the alert a standard TLS server sends (``bad_certificate``; for
+OpenSSL's own refusals ``unknown_ca``, ``certificate_expired``,
+``certificate_required``...), which :func:`refusal_alert` keeps for the listener
+to send, since asyncio closes a failed handshake's connection without it.
 
 Protocol: TLS 1.3 by default; TLS 1.2 only when configured, and then only with
 ECDHE/DHE key exchange and AES-GCM (the CRYPTREC "high security" profile), at
@@ -38,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -111,12 +118,47 @@ def der_spki_fingerprint(der: bytes) -> str | None:
         return None
 
 
+def refusal_alert(exc: BaseException) -> bytes:
+    """The TLS record OpenSSL wrote to tell the other side why a handshake failed (its
+    alert: unknown_ca, certificate_required, bad_certificate, certificate_expired...),
+    or b"" when it wrote none.  asyncio closes the connection without sending it."""
+    alert = getattr(exc, "tls_alert", b"")
+    return alert if isinstance(alert, bytes) else b""
+
+
+class _Refused(threading.local):
+    """The leaf certificate the verification callback last refused, in this thread
+    (a handshake runs its callback synchronously, inside ``do_handshake``)."""
+
+    der: bytes | None = None
+
+
 def _pinned_object_class(
-    pins: frozenset[str], side: str, spki_pins: frozenset[str] = frozenset()
+    pins: frozenset[str],
+    side: str,
+    spki_pins: frozenset[str] = frozenset(),
+    refused: _Refused | None = None,
 ) -> type[ssl.SSLObject]:
     class PinnedSSLObject(ssl.SSLObject):
+        _outgoing: ssl.MemoryBIO | None = None
+
+        @classmethod
+        def _create(  # type: ignore[no-untyped-def]
+            cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, *args, **kwargs
+        ) -> PinnedSSLObject:
+            created: PinnedSSLObject = super()._create(  # type: ignore[misc]
+                incoming, outgoing, *args, **kwargs
+            )
+            created._outgoing = outgoing  # where OpenSSL writes its alert on a refusal
+            return created
+
         def do_handshake(self) -> None:
-            super().do_handshake()
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                raise
+            except ssl.SSLError as exc:
+                raise self._refusal(exc) from None
             suite = (self.cipher() or ("",))[0]
             if self.version() == "TLSv1.3" and suite not in TLS13_SUITES:
                 raise CipherRefusedError(
@@ -125,14 +167,38 @@ def _pinned_object_class(
                     "TLS_AES_256_GCM_SHA384 or TLS_AES_128_GCM_SHA256"
                 )
             der = self.getpeercert(binary_form=True)
-            if der is not None and fingerprint(der) in pins:
+            if der is not None and _pinned(der, pins, spki_pins):
                 return
-            if der is not None and spki_pins and der_spki_fingerprint(der) in spki_pins:
-                return  # validated in full by the daemon before any request is read
             what = "no certificate" if der is None else f"certificate sha256:{fingerprint(der)}"
             raise NotPinnedError(f"{side} presented {what}, which is not configured for any peer")
 
+        def _refusal(self, exc: ssl.SSLError) -> ssl.SSLError:
+            """``exc`` with OpenSSL's alert kept (see refusal_alert); a certificate the
+            pins refused inside the handshake is named as such."""
+            der = refused.der if refused is not None else None
+            if refused is not None:
+                refused.der = None
+            if (
+                isinstance(exc, ssl.SSLCertVerificationError)
+                and exc.verify_code == tlsnative.CERT_REJECTED
+                and der is not None
+            ):
+                exc = NotPinnedError(
+                    f"{side} presented certificate sha256:{fingerprint(der)}, which is not "
+                    "configured for any peer"
+                )
+            exc.tls_alert = self._outgoing.read() if self._outgoing is not None else b""  # type: ignore[attr-defined]
+            return exc
+
     return PinnedSSLObject
+
+
+def _pinned(der: bytes, pins: frozenset[str], spki_pins: frozenset[str]) -> bool:
+    """A listed certificate, or one carrying a pinned key (validated in full by the
+    daemon before any request is read)."""
+    if fingerprint(der) in pins:
+        return True
+    return bool(spki_pins) and der_spki_fingerprint(der) in spki_pins
 
 
 def _base_context(
@@ -206,7 +272,18 @@ def server_context(
     (a listed certificate, or one whose public key is in ``accepted_spki``)."""
     context = _base_context(ssl.Purpose.CLIENT_AUTH, identity, anchors, min_version)
     pins = frozenset(certificate_fingerprint(c) for c in accepted_clients)
-    context.sslobject_class = _pinned_object_class(pins, "client", frozenset(accepted_spki))
+    spki_pins = frozenset(accepted_spki)
+    refused = _Refused()
+
+    def accept(der: bytes) -> bool:
+        if _pinned(der, pins, spki_pins):
+            return True
+        refused.der = der
+        return False
+
+    # Refused inside the handshake: the client gets the bad_certificate alert.
+    tlsnative.judge_leaf(context, security_level=SECURITY_LEVEL, accept=accept)
+    context.sslobject_class = _pinned_object_class(pins, "client", spki_pins, refused)
     return context
 
 

@@ -1,6 +1,8 @@
 """What Python 3.11's ``ssl`` cannot set on a context, set through the libssl it uses.
 
-``ssl.SSLContext`` has no way to choose the TLS 1.3 cipher suites (``set_ciphers``
+``ssl.SSLContext`` has no verification callback (to refuse, inside the handshake
+and with the alert OpenSSL sends, a certificate that chains but is not pinned)
+and no way to choose the TLS 1.3 cipher suites (``set_ciphers``
 only governs TLS 1.2 and below) nor more than one key-exchange group
 (``set_ecdh_curve`` takes one), and OpenSSL completes a server's certificate
 chain from the trust store, root included, when the certificate file holds no
@@ -23,6 +25,9 @@ import _ssl
 import ctypes
 import functools
 import ssl
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 from gateway.errors import MedgwError
 
@@ -91,3 +96,79 @@ def restrict(
             f"TLS 1.3 cipher suites read back as {offered}, not {tls13_suites}",
             fix="report this with the output of `openssl version`",
         )
+
+
+# -- the leaf certificate judged inside the handshake -----------------------------------
+
+_X509_V_ERR_CERT_REJECTED = 28  # OpenSSL answers it with the bad_certificate alert
+_X509_V_ERR_APPLICATION_VERIFICATION = 50
+_VerifyCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+# The callbacks must live as long as their context (OpenSSL holds only a C pointer).
+_callbacks: weakref.WeakKeyDictionary[ssl.SSLContext, Any] = weakref.WeakKeyDictionary()
+CERT_REJECTED = _X509_V_ERR_CERT_REJECTED
+
+
+@functools.cache
+def _libcrypto() -> ctypes.CDLL:
+    lib = _libssl()  # libcrypto's symbols resolve through libssl's handle too
+    lib.SSL_CTX_set_cert_verify_callback.restype = None
+    lib.SSL_CTX_set_cert_verify_callback.argtypes = [
+        ctypes.c_void_p,
+        _VerifyCallback,
+        ctypes.c_void_p,
+    ]
+    lib.X509_verify_cert.restype = ctypes.c_int
+    lib.X509_verify_cert.argtypes = [ctypes.c_void_p]
+    lib.X509_STORE_CTX_get0_cert.restype = ctypes.c_void_p
+    lib.X509_STORE_CTX_get0_cert.argtypes = [ctypes.c_void_p]
+    lib.X509_STORE_CTX_set_error.restype = None
+    lib.X509_STORE_CTX_set_error.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.i2d_X509.restype = ctypes.c_int
+    lib.i2d_X509.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte))]
+    return lib
+
+
+def _der(lib: ctypes.CDLL, cert: int) -> bytes | None:
+    size = lib.i2d_X509(cert, None)
+    if size <= 0:
+        return None
+    buffer = (ctypes.c_ubyte * size)()
+    cursor = ctypes.cast(buffer, ctypes.POINTER(ctypes.c_ubyte))
+    if lib.i2d_X509(cert, ctypes.byref(cursor)) != size:
+        return None
+    return bytes(buffer)
+
+
+def judge_leaf(
+    context: ssl.SSLContext, *, security_level: int, accept: Callable[[bytes], bool]
+) -> None:
+    """After OpenSSL's own path validation of the other side's certificate, ``accept``
+    (called with the leaf's DER) decides; a certificate it refuses fails the handshake
+    inside OpenSSL with X509_V_ERR_CERT_REJECTED, so the other side gets the
+    bad_certificate alert a standard TLS implementation sends (a refusal after the
+    handshake could only close the connection).  Any error in ``accept`` refuses."""
+    _, pointer = _ssl_ctx(context, security_level)
+    try:
+        lib = _libcrypto()
+    except AttributeError as exc:
+        raise NativeTlsError(
+            f"the OpenSSL library of Python's ssl module lacks a certificate call ({exc})",
+            fix="run medgw on a CPython 3.11 whose ssl module is linked to OpenSSL 1.1.1 or later",
+        ) from exc
+
+    def verify(store: int | None, _arg: int | None) -> int:
+        try:
+            if lib.X509_verify_cert(store) != 1:
+                return 0  # OpenSSL's own reason (unknown CA, expired, ...) and alert stand
+            leaf = lib.X509_STORE_CTX_get0_cert(store)
+            der = _der(lib, leaf) if leaf else None
+            if der is not None and accept(der):
+                return 1
+            lib.X509_STORE_CTX_set_error(store, _X509_V_ERR_CERT_REJECTED)
+        except BaseException:  # nothing may cross into C: refuse instead
+            lib.X509_STORE_CTX_set_error(store, _X509_V_ERR_APPLICATION_VERIFICATION)
+        return 0
+
+    callback = _VerifyCallback(verify)
+    _callbacks[context] = callback
+    lib.SSL_CTX_set_cert_verify_callback(pointer, callback, None)
