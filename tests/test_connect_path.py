@@ -402,7 +402,8 @@ def test_diagnose_refuses_an_ip_literal_outside_the_zone(world: World) -> None:
 # --- the daemon: an asynchronous receipt owed across a reload -----------------------------
 
 
-def _set_runtime(site_config: Path, **values: int) -> None:
+def set_runtime(site_config: Path, **values: int) -> None:
+    """Set `[runtime]` keys the config file already has (Site.write writes them)."""
     lines = site_config.read_text().splitlines()
     for key, value in values.items():
         lines = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
@@ -439,7 +440,7 @@ def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
         world.hospital.peers[0] = (world.lab, "zone-a", receipt_url)
         world.hospital.write()
         # The first attempt waits on the held connection while the test reloads.
-        _set_runtime(
+        set_runtime(
             world.hospital.config_path, connect_timeout_seconds=120, request_timeout_seconds=300
         )
         hospital = processes.start(world.hospital.config_path)
@@ -455,7 +456,7 @@ def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
         world.hospital.zones[1]["trust_anchors"].append(world.hospital.trust(world.lab))
         world.hospital.peers[0] = (world.lab, "zone-b", "https://127.0.2.9:4443/as2")
         world.hospital.write()
-        _set_runtime(
+        set_runtime(
             world.hospital.config_path, connect_timeout_seconds=120, request_timeout_seconds=300
         )
         hospital.signal(signal.SIGHUP)

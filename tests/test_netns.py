@@ -45,6 +45,7 @@ from gateway.clock import SystemClock
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.spool import Spool
+from tests.test_connect_path import set_runtime
 from tests.test_zones import NOW, Site, as2_message, two_zone_world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -390,6 +391,83 @@ def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
             print("\n".join(proc.raw[-40:]))
 
 
+RECEIPT_PORT = 4443
+
+
+def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
+    namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """The lab asked for its receipt at its zone A address; while the first delivery
+    attempt hangs, a reload moves the lab into zone B.  The hospital could route from
+    zone B's interface to the lab's address (it has both): the next attempt is refused
+    by the zone in force, and the lab's address hears nothing from zone B."""
+    world = two_zone_world(
+        tmp_path,
+        hospital_a=HOSPITAL_A,
+        hospital_b=HOSPITAL_B,
+        lab_ip=LAB,
+        pharmacy_ip=PHARMACY,
+        net_a="10.77.1.0/24",
+        net_b="10.77.2.0/24",
+        ports=(PORT, PORT, PORT, PORT),
+    )
+    hospital, lab = world.hospital, world.lab
+    receipt_url = f"https://{LAB}:{RECEIPT_PORT}/as2"
+    hospital.peers[0] = (lab, "zone-a", receipt_url)
+    hospital.write()
+    # The first attempt waits on the held connection for as long as the test needs.
+    slow = {"connect_timeout_seconds": 120, "request_timeout_seconds": 300}
+    set_runtime(hospital.config_path, **slow)
+    knocked, release = tmp_path / "lab-4443.jsonl", tmp_path / "release"
+    servers: list[Background] = []
+    daemon: GatewayProcess | None = None
+    try:
+        record = ("record", LAB, str(RECEIPT_PORT), str(knocked), str(release))
+        servers.append(Background(namespaces, namespaces.lab, *record))
+        daemon = GatewayProcess(hospital.config_path, prefix=namespaces.exec(namespaces.hospital))
+        daemon.wait_ready()
+        built = as2_message(lab, hospital, hospital.as2_id, b"MSH|x\r", receipt_url=receipt_url)
+        request = tmp_path / "message.json"
+        request.write_text(json.dumps({"headers": built.headers, "body": built.body.hex()}))
+        certs = str(lab.root / "certs")
+        answer = _probe(
+            namespaces, namespaces.lab, "post", certs, HOSPITAL_A, str(PORT), str(request)
+        )
+        assert answer["status"] == 200, answer
+        wait_until(lambda: _lines(knocked) == [{"from": HOSPITAL_A}], 60, "the first attempt")
+
+        hospital.zones[1]["trust_anchors"].append(hospital.trust(lab))
+        hospital.peers[0] = (lab, "zone-b", "https://10.77.2.9:4443/as2")
+        hospital.write()
+        set_runtime(hospital.config_path, **slow)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for(lambda line: line.get("event") == "config.reloaded", 60)
+        release.touch()  # the first attempt fails; the next is made by the new zones
+
+        [refused] = wait_until(
+            lambda: _events(hospital, "zone.egress_refused"), 60, "the refused receipt"
+        )
+        assert refused["remote_address"] == LAB
+        assert refused["detail"] == {"route": "zone 'zone-b'", "port": RECEIPT_PORT}
+        given_up = wait_until(
+            lambda: [e for e in _events(hospital, "receipt.sent") if e["outcome"] == "failure"],
+            30,
+            "the receipt given up",
+        )
+        assert "not tried again" in given_up[0]["reason"]
+        assert _lines(knocked) == [{"from": HOSPITAL_A}]  # nothing from HOSPITAL_B
+        daemon.signal(signal.SIGTERM)
+        assert daemon.stop() == 0
+    finally:
+        for server in servers:
+            server.stop()
+        if daemon is not None:
+            if daemon.proc.poll() is None:
+                daemon.kill()
+            print(f"--- output of medgw run --config {daemon.config}")
+            print("\n".join(daemon.raw[-60:]))
+
+
 # --- the client run inside a namespace ------------------------------------------------------
 
 
@@ -472,15 +550,28 @@ def _serve_https(certificate: Path, key: Path, port: int, out: Path) -> None:
     server.serve_forever()
 
 
-def _record(address: str, port: int, out: Path) -> None:
-    """Accepts TCP connections and notes who connected."""
+def _record(address: str, port: int, out: Path, release: Path | None = None) -> None:
+    """Accepts TCP connections and notes who connected; with ``release``, keeps them
+    open, unanswered, until that file exists."""
     server = socket.create_server((address, port))
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
     print("ready", flush=True)
     while True:
-        conn, peer = server.accept()
+        if release is None or release.exists():
+            for conn in held:
+                conn.close()
+            held.clear()
+        try:
+            conn, peer = server.accept()
+        except TimeoutError:
+            continue
         with out.open("a") as notes:
             notes.write(json.dumps({"from": peer[0]}) + "\n")
-        conn.close()
+        if release is None or release.exists():
+            conn.close()
+        else:
+            held.append(conn)
 
 
 def main(argv: list[str]) -> int:
@@ -498,7 +589,7 @@ def main(argv: list[str]) -> int:
         _serve_https(Path(args[0]), Path(args[1]), int(args[2]), Path(args[3]))
         return 0
     elif action == "record":
-        _record(args[0], int(args[1]), Path(args[2]))
+        _record(args[0], int(args[1]), Path(args[2]), Path(args[3]) if args[3:] else None)
         return 0
     elif action == "forwarding":
         result = {"ipv4": Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()}
