@@ -521,6 +521,7 @@ OUTBOUND = {
     "connect": "socket.connect / connect_ex: connects a socket",
     "connect_ex": "socket.connect_ex: connects a socket",
     "sendto": "socket.sendto: sends a datagram anywhere",
+    "allow_fetching": "pyhanko-certvalidator: fetches CRLs, OCSP and certificates itself",
 }
 # (file under gateway/, name): why it is not an outbound network connection.
 ALLOWED = {
@@ -558,7 +559,8 @@ def _outbound_name(node: ast.expr, imported: dict[str, str]) -> str | None:
 def _names_used(tree: ast.AST) -> set[str]:
     """The OUTBOUND names ``tree`` calls or subclasses (``aiohttp.ClientSession()``,
     ``sock.connect(...)``, ``class C(http.client.HTTPConnection)``, and names imported
-    from the modules that connect); a type annotation connects nothing."""
+    from the modules that connect), and a certificate validator allowed to fetch by
+    itself; a type annotation connects nothing."""
     imported = {
         alias.asname or alias.name: alias.name
         for node in ast.walk(tree)
@@ -572,6 +574,12 @@ def _names_used(tree: ast.AST) -> set[str]:
         targets: list[ast.expr] = []
         if isinstance(node, ast.Call):
             targets = [node.func]
+            if any(
+                k.arg == "allow_fetching"
+                and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                for k in node.keywords
+            ):
+                found.add("allow_fetching")
         elif isinstance(node, ast.ClassDef):
             targets = list(node.bases)
         for target in targets:
@@ -613,6 +621,7 @@ def test_the_rule_catches_each_way_of_connecting() -> None:
         "import http.client\nclass C(http.client.HTTPConnection): pass": "HTTPConnection",
         "import urllib.request\nurllib.request.urlopen(u)": "urlopen",
         "import http.client\nhttp.client.HTTPSConnection(h)": "HTTPSConnection",
+        "ValidationContext(trust_roots=r, allow_fetching=True)": "allow_fetching",
     }
     for source, name in samples.items():
         assert name in _names_used(ast.parse(source)), source
@@ -620,6 +629,7 @@ def test_the_rule_catches_each_way_of_connecting() -> None:
         "db.connect()",
         "sqlite3.connect(p)",
         "connection.request('GET', u)",
+        "ValidationContext(trust_roots=r, allow_fetching=False)",
         "def f(s: aiohttp.ClientSession, c: socket.socket) -> None: ...",
     ):
         assert not _names_used(ast.parse(harmless)), harmless

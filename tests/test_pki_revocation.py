@@ -96,6 +96,22 @@ async def test_ocsp_good(pki: Pki, responder: Responder) -> None:
     assert "CN=good.example" in result.revocation and "ocsp" in result.revocation
 
 
+async def test_ocsp_without_a_client_asks_nobody_and_fails_closed(
+    pki: Pki, responder: Responder
+) -> None:
+    """There is no default way out: OCSP needs a client, whose route says how it leaves."""
+    result = await validate(
+        pki.good.certificate,
+        anchors=[pki.root.certificate],
+        purpose=Purpose.TLS_CLIENT,
+        revocation=RevocationPolicy.PREFER,
+        ocsp=True,
+    )
+    assert not result.valid
+    assert result.reason is not None and "needs an ocsp_client" in result.reason
+    assert responder.requests == 0
+
+
 async def test_ocsp_revoked_is_refused_under_every_checking_policy(
     pki: Pki, responder: Responder
 ) -> None:
