@@ -44,6 +44,7 @@ from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.egress import Network, NetworkMap, Refused, ZonePath
 from gateway.errors import ConfigError, MedgwError
+from gateway.fairpool import FairPool
 from gateway.fsutil import create_private, private_folder, shared_folder
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
 from gateway.httpfront import FrontDoor
@@ -72,6 +73,12 @@ from gateway.spool.sqlite import PENDING_STATES
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 8
 INBOUND_PER_PEER = 8  # messages of one peer received at once; more wait their turn
+# Worker threads that decrypt, verify and deliver received messages, and how many of
+# them one peer's messages may take at once (gateway.fairpool): a peer flooding the
+# gateway with expensive messages leaves the others threads that start at once.  A
+# message larger than SMALL_BODY takes the peer's whole share: one such at a time.
+INBOUND_WORKERS = 4
+INBOUND_WORKERS_PER_PEER = 2
 # A request body up to this size is held in memory (at most INBOUND_PER_PEER per peer);
 # a larger one is streamed to a file under state_dir/incoming.
 SMALL_BODY = 1 << 20
@@ -137,6 +144,8 @@ class Daemon:
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
         self._instance: InstanceLock | None = None  # one daemon per state folder
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
+        # Decrypting and verifying received messages: each peer gets its share.
+        self._inbound_pool = FairPool(INBOUND_WORKERS, INBOUND_WORKERS_PER_PEER, name="inbound")
 
     # -- building -------------------------------------------------------------
 
@@ -635,12 +644,13 @@ class Daemon:
                 f"declared Content-Length {declared} is above the limit of {limit} bytes "
                 + ("for a receipt" if receipt else "(runtime.max_message_bytes)"),
             )
-        if receipt:
-            return await self._receive_receipt(request, peer)
-        # A peer's requests beyond INBOUND_PER_PEER wait here, holding only their
-        # connection: one peer cannot fill the disk with bodies or take every worker.
+        # A peer's requests (messages and asynchronous receipts) beyond INBOUND_PER_PEER
+        # wait here, holding only their connection: one peer cannot fill the disk with
+        # bodies or take every worker.
         slots = self._inbound_slots.setdefault(peer.name, asyncio.Semaphore(INBOUND_PER_PEER))
         async with slots:
+            if receipt:
+                return await self._receive_receipt(request, peer)
             return await self._receive_message(request, state, peer, remote, headers)
 
     async def _receive_message(
@@ -676,8 +686,13 @@ class Daemon:
                 return web.Response(
                     status=503, headers={"Retry-After": "5"}, text="please resend\n"
                 )
-            result = await asyncio.to_thread(
-                state.inbound.process, InboundRequest(peer, remote, headers, body)
+            result = await self._inbound_pool.run(
+                peer.name,
+                state.inbound.process,
+                InboundRequest(peer, remote, headers, body),
+                # a large body (spooled to a file) may be costly to read: it takes the
+                # peer's whole share, small ones half of it each
+                weight=INBOUND_WORKERS_PER_PEER if isinstance(body, Path) else 1,
             )
         except ConnectionError as exc:  # the peer hung up mid-upload: it will resend
             self._log.warning(
@@ -1269,6 +1284,7 @@ class Daemon:
         # Work still running in worker threads (a received message being delivered, a
         # submission being sealed) finishes first: the spool and the audit log it
         # writes to are closed only then.
+        await self._inbound_pool.close()
         await asyncio.get_running_loop().shutdown_default_executor()
         if self._spool is not None:
             self._spool.close()

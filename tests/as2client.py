@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,10 +39,11 @@ def post(
     client_cert: Path,
     client_key: Path,
     ca: Path,
+    timeout: float = 30,
 ) -> Answer:
     context = ssl.create_default_context(cafile=str(ca))
     context.load_cert_chain(str(client_cert), str(client_key))
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=timeout)
     try:
         conn.putrequest("POST", "/as2")
         for name, value in headers:
@@ -122,3 +124,131 @@ def build_tampered(
     )
     headers = tuple((k, content_type if k == "Content-Type" else v) for k, v in reference.headers)
     return headers, body
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def resegmented(body: bytes, lengths: Callable[[], int], *, spoil_tag: bool = False) -> bytes:
+    """The AuthEnvelopedData ``body`` (DER, as medgw sends it) with its encrypted content
+    re-encoded as a constructed OCTET STRING of indefinite length, in segments of
+    ``lengths()`` bytes each: legal BER, the same plaintext.  ``spoil_tag``: the GCM
+    tag altered, so that the message costs its whole decryption and is then refused."""
+    from gateway.cms.der import contents_of
+
+    info = contents_of(body, 0x30)
+    oid = info.raw(0x06)
+    explicit = info.inner(0xA0)
+    data = explicit.inner(0x30)
+    version, recipients = data.raw(0x02), data.raw(0x31)
+    content_info = data.inner(0x30)
+    content_type, algorithm = content_info.raw(0x06), content_info.raw(0x30)
+    encrypted = content_info.value(0x80)
+    mac = bytearray(data.value(0x04))
+    if spoil_tag:
+        mac[-1] ^= 0x01
+    segments = bytearray()
+    pos = 0
+    while pos < len(encrypted):
+        n = max(1, lengths())
+        segments += _tlv(0x04, encrypted[pos : pos + n])
+        pos += n
+    constructed = b"\xa0\x80" + segments + b"\x00\x00"
+    inner = _tlv(0x30, content_type + algorithm + constructed)
+    rebuilt = _tlv(0x30, version + recipients + inner + _tlv(0x04, bytes(mac)))
+    return _tlv(0x30, oid + _tlv(0xA0, rebuilt))
+
+
+def repeated(message: bytes, field: int, count: int) -> bytes:
+    """The DER ContentInfo ``message`` (SignedData, EnvelopedData...) with the first
+    element of the SET that is its content's ``field``-th field (-1: the last) repeated
+    ``count`` times: each one still valid, only their number is hostile."""
+    from gateway.cms.der import contents_of
+
+    info = contents_of(message, 0x30)
+    oid = info.raw(0x06)
+    data = info.inner(0xA0).inner(0x30)
+    fields = []
+    while not data.at_end():
+        fields.append(data.raw(data.peek()))
+    elements = contents_of(fields[field], 0x31)
+    fields[field] = _tlv(0x31, elements.raw(elements.peek()) * count)
+    return _tlv(0x30, oid + _tlv(0xA0, _tlv(0x30, b"".join(fields))))
+
+
+def with_signer_infos(signature: bytes, count: int) -> bytes:
+    """A ContentInfo(SignedData) with its SignerInfo repeated ``count`` times."""
+    return repeated(signature, -1, count)
+
+
+def signed_with_altered_signature(
+    entity: bytes, alter: Callable[[bytes], bytes], signing: KeyPair
+) -> bytes:
+    """``entity`` signed (multipart/signed), its detached signature (DER) then changed by
+    ``alter``."""
+    import base64
+
+    from gateway.cms.mime import header_param, parse_entity
+    from gateway.cms.smime import _split_multipart, sign_entity
+
+    signed = sign_entity(
+        entity,
+        signing.certificate,
+        signing.key,
+        digest="sha256",
+        signing_time=datetime.now(UTC),
+        policy=AlgorithmPolicy(),
+    )
+    headers, body = parse_entity(signed)
+    boundary = header_param(dict(headers)["Content-Type"], "boundary")
+    assert boundary
+    (content, _), (signature_part, _) = _split_multipart(body, boundary)
+    signature_headers, encoded = parse_entity(signature_part)
+    altered = base64.encodebytes(alter(base64.b64decode(b"".join(encoded.split()))))
+    part = b"".join(f"{k}: {v}\r\n".encode() for k, v in signature_headers) + b"\r\n" + altered
+    delimiter = b"--" + boundary.encode()
+    return b"".join(
+        (
+            signed[: len(signed) - len(body)],
+            delimiter + b"\r\n" + content + b"\r\n",
+            delimiter + b"\r\n" + part + b"\r\n",
+            delimiter + b"--\r\n",
+        )
+    )
+
+
+def build_with_signature(
+    payload: bytes,
+    alter: Callable[[bytes], bytes],
+    *,
+    sender_as2: str,
+    receiver_as2: str,
+    signing: KeyPair,
+    recipient: x509.Certificate,
+) -> tuple[tuple[tuple[str, str], ...], bytes]:
+    """A message signed and encrypted properly, whose detached signature (DER) was
+    changed by ``alter`` before encryption."""
+    from gateway.cms.mime import make_entity
+    from gateway.cms.smime import envelope_entity
+
+    entity = make_entity("application/octet-stream", payload)
+    signed = signed_with_altered_signature(entity, alter, signing)
+    content_type, envelope = envelope_entity(
+        signed, (recipient,), cipher="aes-256-gcm", policy=AlgorithmPolicy()
+    )
+    reference = build(
+        payload,
+        sender_as2=sender_as2,
+        receiver_as2=receiver_as2,
+        signing=signing,
+        recipient=recipient,
+    )
+    message_headers = tuple(
+        (k, content_type if k == "Content-Type" else v) for k, v in reference.headers
+    )
+    return message_headers, envelope

@@ -10,6 +10,8 @@ far below what the same messages cost before they were bounded.
 
 from __future__ import annotations
 
+import json
+import random
 import socket
 import ssl
 import time
@@ -163,3 +165,130 @@ def test_stalled_uploads_beyond_a_peers_slots_do_not_keep_its_next_message_out(
         assert answer.status == 200
         assert time.monotonic() - started < ANSWERED_WITHIN
     wait_until(lambda: events(layout.hospital.audit_log, "message.delivered"), 30, "the delivery")
+
+
+# Growth of the daemon's peak resident memory (VmHWM) that a hostile message may cause.
+# Before the bounds, an 8 MB signature with many SignerInfos took it up by 650 MB.
+RSS_GROWTH_MIB = 150
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {
+        key: int(line.split()[1])
+        for line in status.splitlines()
+        for key in ("VmRSS", "VmHWM")
+        if line.startswith(f"{key}:")
+    }
+
+
+def _sender(layout: DemoLayout) -> tuple[Any, Any]:
+    lab = load_config(layout.lab.config_path)
+    return lab.smime.signing, lab.require_peer("hospital").encryption_certificates[0]
+
+
+def _post_as_lab(layout: DemoLayout, headers: Any, body: bytes) -> as2client.Answer:
+    certs = layout.lab.root / "certs"
+    return as2client.post(
+        layout.hospital.port,
+        headers,
+        body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+        timeout=ANSWERED_WITHIN,
+    )
+
+
+def test_hostile_messages_are_answered_in_bounded_time_and_memory(
+    layout: DemoLayout, processes: Any
+) -> None:
+    daemon = processes.start(layout.hospital.config_path)
+    signing, recipient = _sender(layout)
+    common = {
+        "sender_as2": "KITA-LAB",
+        "receiver_as2": "SAKURA-HOSPITAL",
+        "signing": signing,
+        "recipient": recipient,
+    }
+    warm_up = as2client.build(b"MSH|warm up\r", **common)
+    assert b"processed/error" not in _post_as_lab(layout, warm_up.headers, warm_up.body).body
+    baseline = _memory_kib(daemon.proc.pid)["VmHWM"]
+
+    rng = random.Random(18)
+    large = as2client.build(rng.randbytes(5 << 20), **common)
+    hostile: dict[str, tuple[Any, bytes]] = {
+        # 1500 SignerInfos in a signature part under its size bound: counted, refused
+        "many signer infos": as2client.build_with_signature(
+            b"MSH|x\r", lambda s: as2client.with_signer_infos(s, 1500), **common
+        ),
+        # an 8 MB signature part (the one that took 650 MB): refused by its size
+        "8 MB of signer infos": as2client.build_with_signature(
+            b"MSH|x\r", lambda s: as2client.with_signer_infos(s, 30_000), **common
+        ),
+        "50 000 recipient infos": (warm_up.headers, as2client.repeated(warm_up.body, 1, 50_000)),
+        "1-byte segments": (large.headers, as2client.resegmented(large.body, lambda: 1)),
+        "1-to-3-byte segments, altered tag": (
+            large.headers,
+            as2client.resegmented(large.body, lambda: rng.randint(1, 3), spoil_tag=True),
+        ),
+    }
+    for name, (headers, body) in hostile.items():
+        headers = tuple(
+            (k, new_message_id("KITA-LAB") if k == "Message-ID" else v) for k, v in headers
+        )
+        started = time.monotonic()
+        answer = _post_as_lab(layout, headers, body)
+        elapsed = time.monotonic() - started
+        growth_mib = (_memory_kib(daemon.proc.pid)["VmHWM"] - baseline) / 1024
+        assert answer.status == 200, name
+        assert elapsed < ANSWERED_WITHIN, (name, elapsed)
+        assert growth_mib < RSS_GROWTH_MIB, (name, growth_mib)
+        processed = b"processed/error" not in answer.body
+        assert processed == (name == "1-byte segments"), name  # legal BER: delivered
+
+    def refusals() -> list[dict[str, Any]]:
+        return [
+            r
+            for r in read_audit(layout.hospital.audit_log)
+            if r["event"] in ("signature.failed", "decryption.failed")
+        ]
+
+    wait_until(lambda: len(refusals()) >= 4, 30, "the four refusals")
+    refused = refusals()
+    assert all(len(json.dumps(r)) < 10_000 for r in refused)
+    reasons = " ".join(r["reason"] for r in refused)
+    assert "more than 8 signer infos" in reasons
+    assert "implausibly large" in reasons
+
+
+def test_a_hostile_asynchronous_receipt_is_refused_in_bounded_time_and_memory(
+    layout: DemoLayout, processes: Any
+) -> None:
+    from gateway.cms.mime import make_entity, parse_entity
+
+    daemon = processes.start(layout.hospital.config_path)
+    signing, _ = _sender(layout)
+    report = make_entity(
+        'multipart/report; report-type=disposition-notification; boundary="r"',
+        b"--r\r\nContent-Type: text/plain\r\n\r\nreceipt\r\n--r--\r\n",
+    )
+    baseline = _memory_kib(daemon.proc.pid)["VmHWM"]
+    signed = as2client.signed_with_altered_signature(
+        report, lambda s: as2client.with_signer_infos(s, 1500), signing
+    )
+    headers, body = parse_entity(signed)
+    started = time.monotonic()
+    answer = _post_as_lab(
+        layout,
+        (("Content-Type", dict(headers)["Content-Type"]), ("AS2-From", "KITA-LAB")),
+        body,
+    )
+    assert answer.status == 200 and b"refused" in answer.body
+    assert time.monotonic() - started < ANSWERED_WITHIN
+    assert (_memory_kib(daemon.proc.pid)["VmHWM"] - baseline) / 1024 < RSS_GROWTH_MIB
+    [refusal] = wait_until(
+        lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
+    )
+    assert "more than 8 signer infos" in refusal["reason"]
+    assert len(refusal["reason"]) < 3000

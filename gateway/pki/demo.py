@@ -29,13 +29,16 @@ wiped by a mistyped ``--dir``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.errors import MedgwError
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
@@ -141,6 +144,42 @@ def init_demo(
         hospital=institutions["hospital"],
         lab=institutions["lab"],
     )
+
+
+def add_demo_sender(
+    layout: DemoLayout, name: str, as2_id: str, *, now: datetime, key_kind: str = "ec-p256"
+) -> Path:
+    """A third institution, configured as a peer of the hospital only (it runs no
+    gateway: tests and benchmarks send as it by hand, to see two peers' traffic
+    side by side).  Returns the folder of its keys and certificates (tls, sign,
+    encrypt); the hospital's configuration needs a reload or restart to know it."""
+    folder = layout.root / "ca"
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    ca = Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), ca_key)
+    number = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10**9
+    spec = _Spec(name, f"Demo sender {name}", as2_id, f"JP-9{number:09d}", 9)
+    hospital = layout.hospital
+    me = _Spec(
+        hospital.name,
+        hospital.display_name,
+        hospital.as2_id,
+        hospital.institution_id,
+        hospital.port,
+    )
+    certs = layout.root / name / "certs"
+    peer_certs = hospital.config_path.parent / "certs" / "peers" / name
+    for where in (certs, peer_certs):
+        where.mkdir(parents=True, mode=0o700, exist_ok=True)
+    for role, pair in _issue_all(ca, spec, now, key_kind).items():
+        write_pem(certs / f"{role}.crt", pair.certificate)
+        write_pem(certs / f"{role}.key", pair.key)
+        write_pem(peer_certs / f"{role}.crt", pair.certificate)
+    digest = "sha384" if key_kind == "ec-p384" else "sha256"
+    (hospital.config_path.parent / "peers.d" / f"{name}.toml").write_text(
+        _peer_toml(me, spec, digest), encoding="utf-8"
+    )
+    return certs
 
 
 def _prepare(target: Path) -> None:
