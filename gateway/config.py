@@ -259,6 +259,8 @@ class Peer:
     accept_legacy: frozenset[str] = frozenset()
     # How we wrap content-encryption keys for this peer's RSA certificates.
     key_transport: str = DEFAULT_KEY_TRANSPORT
+    # Accept AES-CBC content (EnvelopedData) from this peer; false: AES-GCM only.
+    accept_cbc: bool = False
     # Also accept a person's signature (e.g. a doctor's HPKI certificate) that
     # validates for S/MIME signing under the zone's trust anchors.
     personal_signers: bool = False
@@ -276,7 +278,11 @@ class Peer:
 
     @property
     def policy(self) -> AlgorithmPolicy:
-        return AlgorithmPolicy(accept_legacy=self.accept_legacy, key_transport=self.key_transport)
+        return AlgorithmPolicy(
+            accept_legacy=self.accept_legacy,
+            key_transport=self.key_transport,
+            accept_cbc=self.accept_cbc,
+        )
 
 
 @dataclass(frozen=True)
@@ -722,6 +728,15 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
     digest = section.choice("digest", DIGESTS, default=defaults.digest if defaults else "sha256")
     accept_legacy = _accept_legacy(section)
     key_transport = _key_transport(section, certs["encryption_certificates"])
+    accept_cbc = section.boolean("accept_cbc", default=False)
+    if cipher.endswith("-cbc") and not accept_cbc:
+        section.problem(
+            "accept_cbc",
+            f"we encrypt with {cipher} for this peer, which likely sends CBC too, but its "
+            "CBC messages are refused (accept_cbc = false)",
+            "if the peer's product cannot do AES-GCM either way, set accept_cbc = true",
+            "warning",
+        )
     personal_signers = section.boolean("personal_signers", default=False)
     async_receipt_url = section.string("async_receipt_url", default="")
     if async_receipt_url:
@@ -752,6 +767,7 @@ def _load_peer(reader: _Reader, path: Path, defaults: SmimeSettings | None) -> P
         zone=zone,
         accept_legacy=accept_legacy,
         key_transport=key_transport,
+        accept_cbc=accept_cbc,
         personal_signers=personal_signers,
         async_receipt_url=async_receipt_url,
         services=tuple(dict.fromkeys(s for s in services if SERVICE_NAME.match(s))),

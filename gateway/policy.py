@@ -59,6 +59,9 @@ PrivateKey = (
 
 DIGESTS: tuple[str, ...] = ("sha256", "sha384", "sha512")
 CONTENT_CIPHERS: tuple[str, ...] = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
+# On the CRYPTREC list, but without integrity of their own: accepted only from a
+# peer whose ``accept_cbc`` is true (see AlgorithmPolicy.accept_cbc).
+CBC_CIPHERS: tuple[str, ...] = ("aes-128-cbc", "aes-256-cbc")
 COMPAT_CONTENT_CIPHERS: tuple[str, ...] = ("des-ede3-cbc",)
 # Verifying what a compat peer sent only: never for signing or for a MIC we send.
 COMPAT_DIGESTS: tuple[str, ...] = ("sha1",)
@@ -175,6 +178,10 @@ class AlgorithmPolicy:
 
     accept_legacy: frozenset[str] = frozenset()
     key_transport: str = DEFAULT_KEY_TRANSPORT
+    # False: AES-CBC content (EnvelopedData) is refused inbound.  A peer's policy
+    # takes it from the peer's ``accept_cbc`` (default false); True here for what
+    # opens local files (the CLI) or messages of no remote party.
+    accept_cbc: bool = True
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.accept_legacy) - set(LEGACY_ALGORITHMS))
@@ -256,6 +263,15 @@ class AlgorithmPolicy:
 
     def check_content_cipher(self, name: str, *, inbound: bool) -> None:
         n = name.strip().lower()
+        if inbound and n in CBC_CIPHERS and not self.accept_cbc:
+            raise PolicyError(
+                name,
+                "AES-CBC content is accepted only from a peer configured for it (accept_cbc): "
+                "CBC protects no integrity of its own, so each altered CBC message a peer can "
+                "have decrypted here probes the decryption of messages of others",
+                "ask the peer to encrypt with aes-256-gcm (AuthEnvelopedData); if its AS2 "
+                "product cannot, set accept_cbc = true in this peer's file",
+            )
         if n in CONTENT_CIPHERS:
             return
         if n in COMPAT_CONTENT_CIPHERS:

@@ -207,6 +207,7 @@ def test_cbc_padding_is_no_oracle(layout: DemoLayout, processes: Any) -> None:
     """Altered CBC content gets one answer and one audit event type whether or not its
     padding happens to be valid (before: decryption-failed for 15 of 16 values,
     integrity-check-failed for the one that made valid padding)."""
+    _accept_cbc(layout)
     processes.start(layout.hospital.config_path)
     lab = load_config(layout.lab.config_path)
     hospital = load_config(layout.hospital.config_path)
@@ -257,6 +258,37 @@ def test_cbc_padding_is_no_oracle(layout: DemoLayout, processes: Any) -> None:
     ]
     assert {r["event"] for r in failures} == {"signature.failed"}, failures
     assert len(failures) == len(answers)
+    assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
+        (layout.hospital.inbox_dir / "lab").iterdir()
+    )
+
+
+def _accept_cbc(layout: DemoLayout) -> None:
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    text = peer.read_text()
+    assert "accept_cbc = false" in text
+    peer.write_text(text.replace("accept_cbc = false", "accept_cbc = true"))
+
+
+def test_cbc_is_accepted_only_from_a_peer_configured_for_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.hospital.config_path)
+    lab = load_config(layout.lab.config_path)
+    built = as2client.build(
+        b"MSH|cbc\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+        cipher="aes-256-cbc",
+    )
+    answer = _lab_post(layout, built.headers, built.body)
+    assert _disposition(answer.body) == "processed/error: decryption-failed"
+    [failed] = wait_until(
+        lambda: events(layout.hospital.audit_log, "decryption.failed"), 30, "the refusal"
+    )
+    assert "accept_cbc" in failed["reason"] and "aes-256-gcm" in failed["reason"]
     assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
         (layout.hospital.inbox_dir / "lab").iterdir()
     )
@@ -531,3 +563,18 @@ def test_a_kill_during_decryption_leaves_no_plaintext_behind(
         if proc.poll() is None:
             proc.kill()
     assert list(work.iterdir()) == []
+
+
+def test_check_config_warns_when_we_send_cbc_to_a_peer_whose_cbc_we_refuse(
+    layout: DemoLayout,
+) -> None:
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    peer.write_text(peer.read_text().replace('cipher = "aes-256-gcm"', 'cipher = "aes-256-cbc"'))
+    [warning] = [
+        w for w in load_config(layout.hospital.config_path).warnings if "accept_cbc" in str(w)
+    ]
+    assert "lab.toml" in str(warning) and "accept_cbc = true" in str(warning)
+    _accept_cbc(layout)
+    config = load_config(layout.hospital.config_path)
+    assert not [w for w in config.warnings if "accept_cbc" in str(w)]
+    assert config.require_peer("lab").policy.accept_cbc

@@ -49,6 +49,14 @@ def events(path: Path, name: str) -> list[dict[str, Any]]:
     return [r for r in read_audit(path) if r["event"] == name]
 
 
+def _accept_cbc(layout: DemoLayout) -> None:
+    """The hospital accepts AES-CBC from the lab: pyas2lib cannot encrypt with AES-GCM."""
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    text = peer.read_text()
+    assert "accept_cbc = false" in text
+    peer.write_text(text.replace("accept_cbc = false", "accept_cbc = true"))
+
+
 def _accept_legacy(layout: DemoLayout, *names: str, at_lab: bool = False) -> None:
     """The hospital's view of the lab (or, ``at_lab``, the lab's view of the hospital):
     accept these monitored-list algorithms (e.g. RSAES-PKCS1-v1_5, SHA-1 signatures)."""
@@ -170,6 +178,7 @@ def test_pyas2lib_message_is_received_and_our_signed_mdn_verifies_with_its_mic(
     # ignores Partner.key_enc_alg): a monitored-list algorithm, accepted only from a
     # peer whose accept_legacy names it, and audited.
     _accept_legacy(layout, "rsaes-pkcs1-v1_5")
+    _accept_cbc(layout)
     processes.start(layout.hospital.config_path)
 
     sent = _send_with_pyas2lib(layout, payload, content_type)
@@ -202,6 +211,7 @@ def test_pyas2lib_rsaes_pkcs1_v15_is_refused_unless_accepted_and_pyas2lib_reads_
     rsa_layout: DemoLayout, processes: Any
 ) -> None:
     layout = rsa_layout
+    _accept_cbc(layout)
     processes.start(layout.hospital.config_path)
 
     sent = _send_with_pyas2lib(layout, b"MSH|^~\\&|refused\r", "application/octet-stream")
@@ -223,6 +233,7 @@ def test_pyas2lib_sha1_signed_message_is_received_if_accepted_and_audited(
     warning; the MIC we return is still SHA-256, never SHA-1."""
     layout = rsa_layout
     _accept_legacy(layout, "rsaes-pkcs1-v1_5", "sha1")
+    _accept_cbc(layout)
     processes.start(layout.hospital.config_path)
     payload = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rOBX|1|NM|K^Potassium||4.1|mmol/L\r"
 

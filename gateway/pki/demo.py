@@ -436,6 +436,9 @@ legacy_send_rsaes_pkcs1_v1_5 = false
 # and each use audited as a warning, e.g. ["rsaes-pkcs1-v1_5"].  Never needed
 # between medgw gateways.
 accept_legacy = []
+# true would also accept AES-CBC content (EnvelopedData) from this peer, for a
+# partner product without AES-GCM.  Never needed between medgw gateways.
+accept_cbc = false
 # true would also accept messages signed by a person of the peer (e.g. a doctor's
 # HPKI certificate) whose certificate validates under the zone's trust anchors.
 personal_signers = false
