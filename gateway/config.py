@@ -1053,6 +1053,14 @@ def _egress_except(item: _Section, egress: list[Network]) -> tuple[list[Network]
                     rest.extend(part.address_exclude(hole))  # type: ignore[arg-type]
             parts = rest
         left.extend(parts)
+    if not left:
+        # An empty egress means "no ranges given" to the connect-time checks.
+        item.problem(
+            "egress_except",
+            "takes out every address of the egress: the zone would reach nothing",
+            "take out only the ranges of other networks, or remove the zone",
+        )
+        return egress, excluded
     v4 = [n for n in left if isinstance(n, ipaddress.IPv4Network)]
     v6 = [n for n in left if isinstance(n, ipaddress.IPv6Network)]
     collapsed: list[Network] = [*ipaddress.collapse_addresses(v4)]

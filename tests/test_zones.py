@@ -675,6 +675,10 @@ def test_egress_except_keeps_another_zones_network_out_of_a_wide_zone(world: Wor
     hospital.zones[1]["egress_except"] = ["10.0.0.0/8"]
     hospital.write()
     _rejected(hospital.config_path, hospital.config_path, "zones[1].egress_except", "not inside")
+    # Nor the whole egress: an empty egress would leave the zone's connections unchecked.
+    hospital.zones[1]["egress_except"] = ["127.0.0.0/8"]
+    hospital.write()
+    _rejected(hospital.config_path, hospital.config_path, "zones[1].egress_except", "nothing")
 
 
 # --- spool: no transit, enforced where messages are enqueued ----------------------------
