@@ -251,3 +251,42 @@ def test_audit_records_and_log_lines_are_bounded_whatever_is_put_in_them() -> No
     line = stream.getvalue()
     assert len(line) < MAX_TEXT + 500
     assert json.loads(line)["reason"].startswith("rrr")
+
+
+@pytest.mark.parametrize("mib", [1, 17])
+def test_a_form_verified_in_memory_is_so_only_up_to_its_bound(
+    pki: Pki, tmp_path: Path, mib: int
+) -> None:
+    """Line endings converted in transit: verified in memory (several copies of the
+    entity at once), so only up to MAX_IN_MEMORY_ENTITY."""
+    from datetime import UTC, datetime
+
+    from gateway.cms.limits import MAX_IN_MEMORY_ENTITY
+    from gateway.cms.mime import make_entity
+    from gateway.cms.smime import sign_entity
+    from gateway.cms.stream import verify_entity_span
+    from gateway.errors import SignatureError
+
+    p = pki["p256"]
+    content = (b"x" * 70 + b"\r\n") * ((mib << 20) // 72)
+    signed = sign_entity(
+        make_entity("text/plain", content),
+        p.cert,
+        p.key,
+        digest="sha256",
+        signing_time=datetime.now(UTC),
+        policy=STRICT,
+    )
+    src = tmp_path / "signed"
+    src.write_bytes(signed.replace(b"\r\n", b"\n"))  # converted in transit
+    tracemalloc.start()
+    try:
+        if mib << 20 < MAX_IN_MEMORY_ENTITY:
+            verify_entity_span(src, tmp_path / "spill", trusted_signers=[p.cert], policy=STRICT)
+        else:
+            with pytest.raises(SignatureError, match="line-ending"):
+                verify_entity_span(src, tmp_path / "spill", trusted_signers=[p.cert], policy=STRICT)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * min(mib << 20, MAX_IN_MEMORY_ENTITY) + (8 << 20)

@@ -30,6 +30,11 @@ MAX_REPORT_PARTS = 16  # parts of a receipt's multipart/report (a real one has 2
 # is a few KiB (the signature part base64, with the certificate chain).
 MAX_HEADER_ELEMENT = 1 << 20
 MAX_SIGNATURE_PART = 1 << 20
+# A signed entity that cannot be verified as a stream (opaque signed-data, or a
+# multipart/signed whose line endings were converted in transit) is verified in
+# memory, which takes several copies of it (about 9 times its size at the peak):
+# only up to this size.
+MAX_IN_MEMORY_ENTITY = 16 << 20
 
 
 class TooMany(MalformedMessageError):

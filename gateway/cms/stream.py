@@ -65,7 +65,12 @@ from .enveloped import (
     gcm_parameters,
     recover_cek,
 )
-from .limits import MAX_ATTRIBUTES, MAX_HEADER_ELEMENT, MAX_SIGNATURE_PART
+from .limits import (
+    MAX_ATTRIBUTES,
+    MAX_HEADER_ELEMENT,
+    MAX_IN_MEMORY_ENTITY,
+    MAX_SIGNATURE_PART,
+)
 from .mime import get_header, header_param, media_type, parse_entity
 from .signed import (
     ASN1_ERRORS,
@@ -98,8 +103,8 @@ __all__ = [
 ]
 
 # Non-streaming forms (opaque signed-data, canonicalised text) are handled in
-# memory up to this size.
-IN_MEMORY_LIMIT = 64 << 20
+# memory up to this size (gateway.cms.limits).
+IN_MEMORY_LIMIT = MAX_IN_MEMORY_ENTITY
 
 
 @dataclass(frozen=True)
@@ -736,7 +741,7 @@ def verify_entity_file(
     ``mic_digest`` or the signer's digest - sha256 instead of a legacy peer's
     SHA-1).  Other signed forms (opaque
     signed-data, parts needing line-ending canonicalisation) are verified in
-    memory up to 64 MiB.
+    memory up to IN_MEMORY_LIMIT.
     """
     verified, span, mic = verify_entity_span(
         src,
@@ -869,9 +874,11 @@ def _verify_in_memory(
     size = src.stat().st_size if isinstance(src, Path) else len(src)
     if size > IN_MEMORY_LIMIT:
         raise MalformedMessageError(
-            f"{what} ({size} bytes) is not multipart/signed; other signed forms are only "
-            f"accepted up to {IN_MEMORY_LIMIT >> 20} MiB",
-            fix="ask the peer to sign large documents as multipart/signed (detached)",
+            f"{what} ({size} bytes) can only be verified in memory (it is not "
+            "multipart/signed, or its line endings were converted in transit), which is "
+            f"done up to {IN_MEMORY_LIMIT >> 20} MiB",
+            fix="ask the peer to sign large documents as multipart/signed (detached) and "
+            "to send them with binary transfer, line endings unchanged",
         )
     entity, verified = verify_entity(
         src.read_bytes() if isinstance(src, Path) else src,
