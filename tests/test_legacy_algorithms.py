@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from asn1crypto import cms
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.cms import decrypt, encrypt
 from gateway.config import load_config
-from gateway.errors import PolicyError
+from gateway.errors import MalformedMessageError, PolicyError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests.cli import medgw
@@ -250,3 +251,40 @@ def test_pyas2lib_decrypts_rsaes_oaep_sha1_and_pkcs1_v15_but_not_oaep_sha256(
                 decrypt_message(der, org.decrypt_key)
         else:
             assert decrypt_message(der, org.decrypt_key)[1] == payload, key_transport
+
+
+def test_an_oaep_identifier_without_parameters_is_refused_naming_rfc_4055(
+    rsa_recipient: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """pyas2lib writes RSAES-OAEP without its parameters: openssl cannot open that, and
+    medgw says which rule it breaks instead of guessing the hash (or a vague parse error)."""
+    cert_path, key_path = rsa_recipient
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    good = encrypt(
+        b"x", [cert], cipher="aes-256-cbc", policy=AlgorithmPolicy(key_transport="rsaes-oaep-sha1")
+    )
+    info = cms.ContentInfo.load(good)
+    ktri = info["content"]["recipient_infos"][0].chosen
+    ktri["key_encryption_algorithm"] = cms.KeyEncryptionAlgorithm({"algorithm": "rsaes_oaep"})
+    bad = info.dump(force=True)
+    assert bytes.fromhex(f"300b0609{OAEP}") in bad
+    envelope = tmp_path / "env.der"
+    envelope.write_bytes(bad)
+    opened = subprocess.run(
+        [
+            *("openssl", "cms", "-decrypt", "-binary", "-inform", "DER", "-in", str(envelope)),
+            *("-recip", str(cert_path), "-inkey", str(key_path)),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    assert opened.returncode != 0
+    everything = AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS))
+    with pytest.raises(MalformedMessageError, match="RFC 4055") as refused:
+        decrypt(bad, cert, key, policy=everything)
+    assert refused.value.fix is not None and "rsa_oaep_md:sha256" in refused.value.fix
+    shown = medgw("smime", "inspect", str(envelope))
+    assert shown.returncode == 0, shown.stderr
+    assert "rsaes-oaep (no parameters) [refused: RFC 4055" in shown.stdout

@@ -788,6 +788,15 @@ def _describe_rid(rid: Any) -> str:
 
 
 def _oaep_name(params: Any) -> tuple[str, hashes.HashAlgorithm, hashes.HashAlgorithm]:
+    if isinstance(params, core.Void):
+        # Which hash the sender meant is not ours to guess (openssl refuses it too).
+        raise MalformedMessageError(
+            "the RSAES-OAEP key transport identifier has no parameters: RFC 4055 section 4.1 "
+            "requires RSAES-OAEP-params, an empty SEQUENCE for the SHA-1 defaults",
+            fix="ask the peer to write the OAEP parameters (openssl cms does), or to use "
+            "RSAES-OAEP with SHA-256 (openssl: -keyopt rsa_padding_mode:oaep -keyopt "
+            "rsa_oaep_md:sha256)",
+        )
     h_name = normalize_digest(params["hash_algorithm"]["algorithm"].native)
     mgf = params["mask_gen_algorithm"]
     if mgf["algorithm"].native != "mgf1":

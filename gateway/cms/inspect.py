@@ -105,7 +105,10 @@ def _recipients(infos: Any, out: list[str]) -> None:
             k = ri.chosen
             alg = k["key_encryption_algorithm"]
             name = alg["algorithm"].native
-            if name == "rsaes_oaep":
+            if name == "rsaes_oaep" and isinstance(alg["parameters"], core.Void):
+                name = "rsaes-oaep (no parameters)"
+                verdict = "refused: RFC 4055 requires RSAES-OAEP-params"
+            elif name == "rsaes_oaep":
                 h = alg["parameters"]["hash_algorithm"]["algorithm"].native
                 name = f"rsaes-oaep ({h})"
                 verdict = "recommended" if h != "sha1" else _legacy("rsaes-oaep-sha1")
