@@ -529,7 +529,6 @@ ALLOWED = {
     ("egress.py", "TCPConnector"): "the connect path itself",
     ("egress.py", "socket"): "the connect path itself (its socket factory)",
     ("egress.py", "sock_connect"): "the connect path itself (open_socket)",
-    ("diagnose.py", "open_connection"): "upgrades to TLS a socket the connect path opened",
     ("control/client.py", "socket"): "AF_UNIX: the local control socket",
     ("control/client.py", "HTTPConnection"): "AF_UNIX: HTTP over the local control socket",
     ("control/client.py", "connect"): "AF_UNIX: the local control socket",
@@ -584,6 +583,9 @@ def _names_used(tree: ast.AST) -> set[str]:
             targets = list(node.bases)
         for target in targets:
             name = _outbound_name(target, imported)
+            upgrades = isinstance(node, ast.Call) and any(k.arg == "sock" for k in node.keywords)
+            if name in ("open_connection", "create_connection") and upgrades:
+                continue  # wraps a socket already connected (by the connect path)
             if name is not None:
                 found.add(name)
     return found
@@ -613,6 +615,7 @@ def test_the_rule_catches_each_way_of_connecting() -> None:
         "import asyncio\nasyncio.open_connection(h, p)": "open_connection",
         "loop.create_connection(f, h, p)": "create_connection",
         "loop.sock_connect(s, a)": "sock_connect",
+        "import asyncio\nasyncio.open_connection(h, p, ssl=c)": "open_connection",
         "import socket\nsocket.create_connection((h, p))": "create_connection",
         "import socket\nsocket.socket()": "socket",
         "sock.connect((h, p))": "connect",
@@ -630,6 +633,7 @@ def test_the_rule_catches_each_way_of_connecting() -> None:
         "sqlite3.connect(p)",
         "connection.request('GET', u)",
         "ValidationContext(trust_roots=r, allow_fetching=False)",
+        "asyncio.open_connection(sock=s, ssl=c)",
         "def f(s: aiohttp.ClientSession, c: socket.socket) -> None: ...",
     ):
         assert not _names_used(ast.parse(harmless)), harmless
