@@ -16,15 +16,18 @@ import pytest
 from gateway.audit import AuditEvent, EventType
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
+from gateway.textbounds import MAX_ITEMS
 from tests.test_storage_full import _fill, _small_file_system
 
 PAGE = 4096
 
 
 def _event(note: str, size: int = 0) -> AuditEvent:
-    return AuditEvent(
-        EventType.MESSAGE_HANDED_OVER, peer="lab", detail={"note": note, "pad": "x" * size}
-    )
+    # A record of about ``size`` bytes made of strings each under the audit trail's bound
+    # on one string (gateway.textbounds), which would cut a single long one short.
+    pad = {f"pad{i}": "x" * 1000 for i in range(size // 1000)}
+    assert len(pad) < MAX_ITEMS
+    return AuditEvent(EventType.MESSAGE_HANDED_OVER, peer="lab", detail={"note": note, **pad})
 
 
 def test_a_record_that_does_not_fit_leaves_nothing_and_the_chain_goes_on(tmp_path: Path) -> None:
