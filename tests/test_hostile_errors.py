@@ -578,3 +578,40 @@ def test_check_config_warns_when_we_send_cbc_to_a_peer_whose_cbc_we_refuse(
     config = load_config(layout.hospital.config_path)
     assert not [w for w in config.warnings if "accept_cbc" in str(w)]
     assert config.require_peer("lab").policy.accept_cbc
+
+
+def test_a_receipt_signed_on_an_unsupported_curve_is_refused_and_audited(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    processes.start(layout.hospital.config_path)
+    cert, key = unsupported_curve_signer(tmp_path)
+    report = tmp_path / "report.mime"
+    report.write_bytes(
+        b'Content-Type: multipart/report; report-type=disposition-notification; boundary="b"'
+        b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nreceipt\r\n--b--\r\n"
+    )
+    signed = subprocess.run(
+        ["openssl", "smime", "-sign", "-binary", "-in", report, "-signer", cert, "-inkey", key,
+         "-md", "sha256", "-crlfeol"],
+        check=True,
+        capture_output=True,
+    ).stdout  # fmt: skip
+    head, _, body = signed.partition(b"\r\n\r\n")
+    content_type = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ").split(b"\r\n")
+        if line.lower().startswith(b"content-type:")
+    )
+    headers = (
+        ("AS2-Version", "1.2"),
+        ("AS2-From", "KITA-LAB"),
+        ("AS2-To", "SAKURA-HOSPITAL"),
+        ("Message-ID", "<receipt-curve@lab>"),
+        ("Content-Type", content_type),
+    )
+    answer = _lab_post(layout, headers, body)
+    assert answer.status == 200 and answer.body == b"receipt refused\n", answer
+    [refused] = wait_until(
+        lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
+    )
+    assert "1.3.132.0.16 is not supported" in refused["reason"]
