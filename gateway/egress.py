@@ -56,6 +56,8 @@ from gateway.routing import Network as AddressRange
 
 AddrInfo = tuple[int, int, int, str, tuple[Any, ...]]
 
+USER_AGENT = "medgw"  # what our requests say they are: no versions
+
 
 @dataclass(frozen=True)
 class ZonePath:
@@ -243,8 +245,9 @@ class Route:
         force_close: bool = False,
         timeout: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientSession:
-        """An HTTP client session on :meth:`connector`; never decompresses bodies and
-        never reads proxy settings from the environment."""
+        """An HTTP client session on :meth:`connector`; never decompresses bodies,
+        never reads proxy settings from the environment, and names no versions to the
+        other side (aiohttp's User-Agent gives its own and Python's)."""
         return aiohttp.ClientSession(
             connector=self.connector(
                 tls=tls, limit=limit, keepalive_timeout=keepalive_timeout, force_close=force_close
@@ -252,6 +255,7 @@ class Route:
             timeout=timeout,
             auto_decompress=False,
             trust_env=False,
+            headers={"User-Agent": USER_AGENT},
         )
 
     async def open_socket(self, address: str, port: int) -> socket.socket:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from asn1crypto import cms
@@ -40,6 +41,7 @@ from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy, certificate_key
 from tests import as2client
+from tests.routes import zone_route
 
 
 def events(path: Path, name: str) -> list[dict[str, Any]]:
@@ -615,3 +617,27 @@ def test_a_receipt_signed_on_an_unsupported_curve_is_refused_and_audited(
         lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
     )
     assert "1.3.132.0.16 is not supported" in refused["reason"]
+
+
+async def test_our_requests_name_no_versions() -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("User-Agent", ""))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", record)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        route = zone_route(None, "127.0.0.0/8")
+        session = route.session(timeout=aiohttp.ClientTimeout(total=30))
+        async with session, session.get(f"http://127.0.0.1:{port}/") as answer:
+            assert answer.status == 200
+    finally:
+        await runner.cleanup()
+    assert seen == ["medgw"]
