@@ -256,6 +256,29 @@ def test_pyas2lib_sha1_signed_message_is_received_if_accepted_and_audited(
     assert receipt["detail"]["mic"] == f"{value.strip()}, sha-256"
 
 
+def test_pyas2lib_sha1_signature_is_refused_when_only_its_key_transport_is_accepted(
+    rsa_layout: DemoLayout, processes: Any
+) -> None:
+    """Admitting RSAES-PKCS1-v1_5 for a partner does not admit its SHA-1 signatures: the
+    message is opened, then refused naming SHA-1 and the permission it would need."""
+    layout = rsa_layout
+    _accept_legacy(layout, "rsaes-pkcs1-v1_5")
+    _accept_cbc(layout)
+    processes.start(layout.hospital.config_path)
+
+    sent = _send_with_pyas2lib(layout, b"MSH|^~\\&|sha1\r", "application/octet-stream", "sha1")
+
+    assert sent.status is not None and sent.status.lower() == "processed/error", sent.status
+    assert sent.detail == "integrity-check-failed"
+    [failed] = events(layout.hospital.audit_log, "signature.failed")
+    assert "sha1" in failed["reason"].lower() and 'accept_legacy = ["sha1"]' in failed["reason"]
+    warnings = events(layout.hospital.audit_log, "policy.compat_algorithm_used")
+    assert [w["detail"]["algorithm"] for w in warnings] == ["rsaes-pkcs1-v1_5"]
+    assert not events(layout.hospital.audit_log, "message.delivered")
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert not inbox.exists() or not any(inbox.iterdir())
+
+
 # -- medgw sends, pyas2lib receives ---------------------------------------------------------
 
 

@@ -87,6 +87,7 @@ def test_one_legacy_permission_admits_that_algorithm_only_and_the_warning_says_w
     assert f"{name} ({LEGACY_ALGORITHMS[name]})" in said
     for other in set(LEGACY_ALGORITHMS) - {name}:
         assert LEGACY_ALGORITHMS[other] not in said, other
+    assert f"ACCEPTS LEGACY: {name}\n" in result.stdout  # the summary of the peer
     lab = load_config(layout.hospital.config_path).peer("lab")
     assert lab is not None and lab.accept_legacy == frozenset({name})
     policy = lab.policy
