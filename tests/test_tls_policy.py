@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 import subprocess
 import types
@@ -215,3 +216,67 @@ def test_the_tls_security_level_does_not_follow_a_lowered_system_policy(
     for version in ("1.2", "1.3"):
         assert tls.client_context(identity, [anchor], [anchor], version).security_level == 2
         assert tls.server_context(identity, [anchor], [anchor], version).security_level == 2
+
+
+def _openssl_server(layout: DemoLayout, *options: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``openssl s_server`` with the hospital's TLS certificate, requiring a client one."""
+    from gateway.demo_run import free_port
+
+    certs = layout.hospital.root / "certs"
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *("openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "1"),
+            *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key")),
+            *("-CAfile", str(layout.ca_certificate), "-Verify", "1", "-www", *options),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert server.stdout is not None
+    for line in server.stdout:  # it says ACCEPT once it listens
+        if line.startswith(b"ACCEPT"):
+            return server, port
+    raise AssertionError("openssl s_server did not start")
+
+
+def _connect(layout: DemoLayout, port: int) -> str:
+    """Our client context to the hospital; the cipher suite negotiated."""
+    from gateway.config import load_config
+
+    lab = load_config(layout.lab.config_path)
+    hospital = lab.require_peer("hospital")
+    zone = next(z for z in lab.zones if z.name == hospital.zone)
+    context = tls.client_context(
+        lab.tls.identity, zone.trust_anchors, hospital.tls_certificates, "1.3"
+    )
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        return str((conn.cipher() or ("",))[0])
+
+
+@pytest.mark.parametrize(
+    ("options", "refused"),
+    [
+        (("-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"), True),
+        (("-groups", "X25519"), True),
+        (("-groups", "X448:X25519"), True),
+        (("-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"), False),
+        (("-groups", "X25519:P-384"), False),
+    ],
+)
+def test_our_client_offers_only_the_policys_suites_and_groups(
+    layout: DemoLayout, options: tuple[str, ...], refused: bool
+) -> None:
+    server, port = _openssl_server(layout, *options)
+    try:
+        if refused:
+            with pytest.raises(ssl.SSLError):
+                _connect(layout, port)
+        else:
+            assert _connect(layout, port) in tls.TLS13_SUITES
+    finally:
+        server.kill()
+        server.wait(30)
