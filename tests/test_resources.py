@@ -292,3 +292,59 @@ def test_a_hostile_asynchronous_receipt_is_refused_in_bounded_time_and_memory(
     )
     assert "more than 8 signer infos" in refusal["reason"]
     assert len(refusal["reason"]) < 3000
+
+
+def test_one_peers_idle_connections_are_bounded_and_leave_the_others_in(
+    layout: DemoLayout, processes: Any
+) -> None:
+    from datetime import UTC, datetime
+
+    from gateway.channel.server import MAX_CONNECTIONS_PER_CERTIFICATE
+    from gateway.pki.demo import add_demo_sender
+
+    clinic = add_demo_sender(layout, "clinic", "CLINIC", now=datetime.now(UTC))
+    daemon = processes.start(layout.hospital.config_path)
+    _, recipient = _sender(layout)
+    with ExitStack() as stack:
+        for _ in range(MAX_CONNECTIONS_PER_CERTIFICATE):
+            stack.enter_context(connection(layout))  # handshake done, then nothing
+        started = time.monotonic()
+        with connection(layout) as one_more:
+            one_more.settimeout(ANSWERED_WITHIN)
+            closed = one_more.recv(10)  # closed by the gateway, not by a timeout
+        assert closed == b"" and time.monotonic() - started < ANSWERED_WITHIN
+        daemon.wait_for(lambda line: line.get("event") == "listener.peer_connections_full", 30)
+        # another peer is not affected
+        built = as2client.build(
+            b"MSH|from the clinic\r",
+            sender_as2="CLINIC",
+            receiver_as2="SAKURA-HOSPITAL",
+            signing=as2client.load_pair(clinic / "sign.crt", clinic / "sign.key"),
+            recipient=recipient,
+        )
+        answer = as2client.post(
+            layout.hospital.port,
+            built.headers,
+            built.body,
+            client_cert=clinic / "tls.crt",
+            client_key=clinic / "tls.key",
+            ca=layout.ca_certificate,
+        )
+        assert answer.status == 200 and b"processed/error" not in answer.body
+    # once the peer's connections are closed, it gets in again
+    signing, _ = _sender(layout)
+    again = as2client.build(
+        b"MSH|again\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=signing,
+        recipient=recipient,
+    )
+
+    def accepted() -> bool:
+        try:  # the gateway may not have seen all 32 closes yet when the first try comes
+            return _post_as_lab(layout, again.headers, again.body).status == 200
+        except (ConnectionError, ssl.SSLError):
+            return False
+
+    wait_until(accepted, 30, "the lab's message once its connections are closed")

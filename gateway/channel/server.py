@@ -50,6 +50,11 @@ IDLE_CONNECTION_SECONDS = 75.0  # a peer's connection without a request is close
 # a flood of connections from anyone who can reach the port cannot take every socket
 # and CPU; beyond it a new connection is closed at once.
 MAX_HANDSHAKES = 256
+# Connections open at once with one client certificate (one peer): our own sender
+# opens at most 8 to a peer, other AS2 products fewer.  Beyond it a new connection is
+# closed right after its handshake, so one peer cannot take every file descriptor
+# with connections it leaves idle (each lasts up to IDLE_CONNECTION_SECONDS).
+MAX_CONNECTIONS_PER_CERTIFICATE = 32
 # The other side closed or went silent: nothing to authenticate, nothing to alert on.
 _ABANDONED = (
     ConnectionResetError,
@@ -62,6 +67,12 @@ _ABANDONED = (
 
 def _subject(der: bytes) -> str:
     return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+
+def _fingerprint_of(transport: asyncio.Transport) -> str | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return fingerprint(der) if der is not None else None
 
 
 class _TlsAcceptor(asyncio.Protocol):
@@ -126,6 +137,7 @@ class As2Server:
         clock: Clock,
         *,
         max_handshakes: int = MAX_HANDSHAKES,
+        max_connections_per_certificate: int = MAX_CONNECTIONS_PER_CERTIFICATE,
     ) -> None:
         self.listener = listener
         self._context = context
@@ -136,6 +148,8 @@ class As2Server:
         self._summaries: asyncio.Task[None] | None = None
         self._max_handshakes = max_handshakes
         self._busy = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
+        self._crowded = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
+        self._max_per_certificate = max_connections_per_certificate
         app = web.Application(client_max_size=max_body_bytes)
         app.router.add_post(listener.path, handler)
         self._front = FrontDoor(listener.name, self._log, lambda: audit, clock)
@@ -235,8 +249,42 @@ class As2Server:
                 os.close(spare)
         if tls_transport is None or handoff.lost:
             return
+        if not self._connection_allowed(tls_transport, remote):
+            return
         # From here on the HTTP server owns the connection, and lists it while it is open.
         handoff.hand_over(tls_transport, http())
+
+    def _connection_allowed(self, transport: asyncio.Transport, remote: str) -> bool:
+        """False (and the connection closed) when its certificate already has
+        MAX_CONNECTIONS_PER_CERTIFICATE connections open."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if der is None:
+            return True
+        print_ = fingerprint(der)
+        http = self._runner.server
+        open_now = sum(
+            1
+            for handler in (http.connections if http is not None else ())
+            if isinstance(handler.transport, asyncio.Transport)
+            and not handler.transport.is_closing()
+            and _fingerprint_of(handler.transport) == print_
+        )
+        if open_now < self._max_per_certificate:
+            return True
+        transport.abort()
+        if self._crowded.admit(print_):
+            self._log.warning(
+                "listener.peer_connections_full",
+                remote=remote,
+                subject=_subject(der),
+                connections=open_now,
+                reason=f"{open_now} connections with this certificate are open: new ones "
+                "are closed right after the handshake until some end (said once every "
+                f"{ABANDONED_WINDOW_SECONDS / 60:.0f} minutes per certificate)",
+                fix="ask the peer why its gateway keeps this many connections open",
+            )
+        return False
 
     async def _summary_loop(self) -> None:
         while True:
@@ -278,6 +326,16 @@ class As2Server:
                 window_seconds=self._busy.window_seconds,
                 reason="more connections closed at once: too many TLS handshakes in progress",
             )
+        for window in self._crowded.closed(everything=everything):
+            if window.held_back:
+                self._log.warning(
+                    "listener.peer_connections_full",
+                    certificate=window.source,
+                    more=window.held_back,
+                    window_seconds=self._crowded.window_seconds,
+                    reason="more connections closed right after the handshake: "
+                    f"{self._max_per_certificate} with this certificate were open",
+                )
         for window in self._abandoned.closed(everything=everything):
             self._log.info(
                 "tls.handshake_abandoned",
