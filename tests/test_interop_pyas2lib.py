@@ -19,6 +19,7 @@ RFC 4130 section 6.2, but not an HTTP token, so it exercises header quoting.
 from __future__ import annotations
 
 import os
+import signal
 import ssl
 import subprocess
 import threading
@@ -277,6 +278,33 @@ def test_pyas2lib_sha1_signature_is_refused_when_only_its_key_transport_is_accep
     assert not events(layout.hospital.audit_log, "message.delivered")
     inbox = layout.hospital.inbox_dir / "lab"
     assert not inbox.exists() or not any(inbox.iterdir())
+
+
+def test_a_reload_with_compat_true_is_refused_and_admits_nothing_more(
+    rsa_layout: DemoLayout, processes: Any
+) -> None:
+    """An upgraded peer file still saying compat = true: the reload is refused naming
+    accept_legacy, and the running configuration stays exactly as it was (a SHA-1 signed
+    message, which compat = true used to admit, is still refused)."""
+    layout = rsa_layout
+    _accept_legacy(layout, "rsaes-pkcs1-v1_5")
+    _accept_cbc(layout)
+    hospital = processes.start(layout.hospital.config_path)
+    peer = layout.hospital.root / "peers.d" / "lab.toml"
+    peer.write_text(
+        peer.read_text().replace('accept_legacy = ["rsaes-pkcs1-v1_5"]', "compat = true")
+    )
+    hospital.signal(signal.SIGHUP)
+    [failed] = wait_until(
+        lambda: events(layout.hospital.audit_log, "config.reload_failed"), 30, "the refusal"
+    )
+    assert "compat" in failed["reason"] and "accept_legacy" in failed["reason"]
+
+    sent = _send_with_pyas2lib(layout, b"MSH|^~\\&|sha1\r", "application/octet-stream", "sha1")
+
+    assert sent.detail == "integrity-check-failed"
+    assert events(layout.hospital.audit_log, "signature.failed")
+    assert not events(layout.hospital.audit_log, "message.delivered")
 
 
 # -- medgw sends, pyas2lib receives ---------------------------------------------------------
