@@ -568,6 +568,7 @@ def reach_problems(
                         "set url to the peer's own AS2 endpoint (its gateway's https URL)",
                     )
                 )
+            problems += _name_outside_egress(peer, zones, addresses)
         if peer.async_receipt_url:
             problems += _receipt_url_problems(peer, zones, own, host, resolved)
 
@@ -630,6 +631,30 @@ def handover_reason(
     if peer is not None:
         return f"the AS2 endpoint of peer {peer.name!r} (zone {peer.zone!r}) on this host"
     return None
+
+
+def _name_outside_egress(
+    peer: SourcedPeer, zones: Sequence[EgressZone], addresses: Sequence[Address]
+) -> list[ConfigProblem]:
+    """A warning when the peer's host name resolves now to no address its zone may reach:
+    every connection would be refused (a literal address outside is an error already)."""
+    zone = next((z for z in zones if z.name == peer.zone), None)
+    if url_address(peer.url) is not None or zone is None or not zone.egress:
+        return []
+    if any(in_ranges(zone.egress, ip) for ip in addresses):
+        return []
+    ranges = ", ".join(str(n) for n in zone.egress)
+    return [
+        ConfigProblem(
+            str(peer.source),
+            "url",
+            f"the host of {peer.url!r} resolves now to {', '.join(map(str, addresses))}, none "
+            f"inside the egress of zone {peer.zone!r} ({ranges}): every connection to it "
+            "would be refused",
+            "correct the url or the name's DNS entry, or add the peer's range to the zone's egress",
+            "warning",
+        )
+    ]
 
 
 def _receipt_url_problems(
@@ -723,9 +748,11 @@ def proof(config: GatewayConfig) -> list[ProofRow]:
         address = url_address(peer.url)
         zone_ranges = egress_text(found) if found else "?"
         if address is None:
+            host = urlsplit(peer.url).hostname or ""
+            now = ", ".join(config.resolved_hosts.get(host, ())) or "not resolved now"
             egress_lines.append(
-                f"{peer.name}: {urlsplit(peer.url).hostname} (host name: every resolved "
-                f"address checked at connect against {zone_ranges})"
+                f"{peer.name}: {host} ({now}; host name: every resolved address checked at "
+                f"connect against {zone_ranges})"
             )
         else:
             egress_lines.append(f"{peer.name}: {address} in {zone_ranges} (zone {peer.zone})")

@@ -643,6 +643,24 @@ def test_async_receipt_url_at_another_zones_listener_is_refused(world: World) ->
     _rejected(hospital.config_path, lab, "async_receipt_url", "egress of zone 'zone-c'")
 
 
+def test_peer_host_name_resolving_outside_its_zone_is_a_warning_shown_in_the_proof(
+    world: World,
+) -> None:
+    """ "localhost" resolves to 127.0.0.1, outside zone A's 127.0.1.0/24: every connection
+    would be refused at connect time, which check-config says now."""
+    hospital = world.hospital
+    hospital.peers[0] = (world.lab, "zone-a", "https://localhost:4443/as2")
+    hospital.write()
+    (warning,) = _warnings(hospital.config_path)
+    assert warning.file == str(hospital.root / "peers.d" / "lab.toml")
+    assert warning.key == "url" and "127.0.0.1" in warning.message
+    assert "would be refused" in warning.message and warning.fix
+    result = _check_config(hospital.config_path)
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if "lab: localhost (" in x]
+    assert "127.0.0.1" in line and "checked at connect against 127.0.1.0/24" in line
+
+
 def test_overlapping_egress_of_two_zones_is_refused(world: World) -> None:
     hospital = world.hospital
     hospital.zones[1]["egress"] = ["127.0.2.0/24", "127.0.1.128/25"]
