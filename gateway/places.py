@@ -18,6 +18,7 @@ that are only read may share folders (certificates next to ``gateway.toml``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,14 @@ class Place:
     tree: bool  # a folder whose contents count too
     use: str | None = None  # what medgw writes there; None: only read
 
+    @functools.cached_property
+    def resolved(self) -> Path:
+        """The path with every symbolic link resolved: the file or folder really used."""
+        return self.path.resolve()
+
     def relation(self, other: Place) -> str | None:
-        """ "is" or "is inside" when this place overlaps ``other``, else None."""
-        mine, theirs = self.path.resolve(), other.path.resolve()
+        """'is' or 'is inside' when this place overlaps ``other``, else None."""
+        mine, theirs = self.resolved, other.resolved
         if mine == theirs:
             return "is"
         if other.tree and mine.is_relative_to(theirs):
