@@ -23,12 +23,14 @@ RECORDED a minute one by one, the rest counted in one record (:meth:`flush`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from cryptography import x509
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
@@ -86,7 +88,7 @@ class FrontDoor:
             exc_info=exc,
         )
         self._record(
-            remote,
+            request,
             f"internal error while answering {_printable(request.method)} "
             f"{_printable(request.path)}: {what}; "
             "answered 500 without detail",
@@ -100,18 +102,24 @@ class FrontDoor:
         remote = request.remote or "unknown"
         reason = _printable(reason) or HTTPStatus(status).phrase
         self._log.warning("http.bad_request", remote=remote, status=status, reason=reason)
-        self._record(
-            remote, f"malformed HTTP request refused ({status}): {reason}", status, Severity.WARNING
-        )
+        refusal = f"malformed HTTP request refused ({status}): {reason}"
+        self._record(request, refusal, status, Severity.WARNING)
         return _answer(status)
 
-    def _record(self, remote: str, reason: str, status: int, severity: Severity) -> None:
+    def _record(
+        self, request: web.BaseRequest, reason: str, status: int, severity: Severity
+    ) -> None:
         sink = self._sink()
         if sink is None:
             return
         self.flush()
+        remote = request.remote or "unknown"
         if not self._budget.admit(address_source(remote)):
             return
+        detail: dict[str, object] = {"listener": self.listener, "status": status}
+        certificate = _client_certificate(request)
+        if certificate is not None:  # who sent it, on a listener with client certificates
+            detail["client_certificate"] = certificate
         sink.emit(
             AuditEvent(
                 EventType.HTTP_REQUEST_REFUSED,
@@ -120,7 +128,7 @@ class FrontDoor:
                 remote_address=remote,
                 direction="inbound",
                 reason=reason,
-                detail={"listener": self.listener, "status": status},
+                detail=detail,
             )
         )
 
@@ -154,6 +162,20 @@ class FrontDoor:
     def log_exception(self, message: str, exc: BaseException | None) -> None:
         """What aiohttp itself would have logged through stdlib logging."""
         self._log.error("http.internal_error", reason=message[:REASON_CHARS], exc_info=exc)
+
+
+def _client_certificate(request: web.BaseRequest) -> dict[str, str] | None:
+    """Subject and SHA-256 of the TLS client certificate of the request's connection."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    try:
+        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        subject = "unreadable"
+    return {"subject": _printable(subject), "sha256": hashlib.sha256(der).hexdigest()}
 
 
 def _printable(text: str) -> str:

@@ -407,6 +407,12 @@ def test_malformed_http_gets_a_generic_400_a_json_log_line_and_an_audit_record(
     records = events(layout.hospital.audit_log, "http.request_refused")
     assert {r["detail"]["listener"] for r in records} == {"loopback", "api"}
     assert all(r["reason"].startswith("malformed HTTP request refused (400)") for r in records)
+    # on the AS2 listener, who sent it: the TLS client certificate of the connection
+    for record in records:
+        if record["detail"]["listener"] == "loopback":
+            assert "KITA-LAB" in record["detail"]["client_certificate"]["subject"], record
+        else:
+            assert "client_certificate" not in record["detail"]
     _only_json_lines("\n".join(daemon.raw))
 
 
