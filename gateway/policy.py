@@ -86,9 +86,11 @@ EC_CURVES: tuple[str, ...] = ("secp256r1", "secp384r1", "secp521r1")
 # not on the CRYPTREC e-Government Recommended Ciphers List), the stronger first.
 TLS13_SUITES: tuple[str, ...] = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256")
 # Key-exchange groups (TLS 1.3, and ECDHE in TLS 1.2): ECDH over the NIST curves
-# P-256, P-384 and P-521.  The list (CRYPTREC LS-0001-2022R1) names ECDH with the
-# curves of NIST SP 800-56A / FIPS 186-4; X25519 and X448 (RFC 7748) are not on it,
-# so they are refused although OpenSSL offers and prefers X25519 by default.
+# P-256, P-384 and P-521.  The list followed (CRYPTREC LS-0001-2022, 2023-03-30)
+# names ECDH as NIST SP 800-56A Rev. 3 specifies it, over the NIST prime curves;
+# X25519 and X448 (RFC 7748) are outside that specification, so they are refused
+# although OpenSSL offers and prefers X25519 by default.  (EdDSA, on the list
+# since that edition, is a signature scheme: it does not admit X25519 for ECDH.)
 # (Finite-field groups are not offered: TLS 1.2 DHE uses the server's parameters.)
 TLS_GROUPS: tuple[str, ...] = ("P-256", "P-384", "P-521")
 MIN_RSA_BITS = 2048
