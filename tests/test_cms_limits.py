@@ -290,3 +290,34 @@ def test_a_form_verified_in_memory_is_so_only_up_to_its_bound(
     finally:
         tracemalloc.stop()
     assert peak < 12 * min(mib << 20, MAX_IN_MEMORY_ENTITY) + (8 << 20)
+
+
+def test_the_inspection_and_decompression_tools_are_bounded_too(
+    signed: bytes, enveloped: bytes
+) -> None:
+    """``medgw smime inspect`` and the CompressedData reader read with asn1crypto: the
+    counts are checked and segments joined before it builds anything."""
+    from gateway.cms.compressed import compress, decompress
+    from gateway.cms.inspect import describe
+
+    with pytest.raises(TooMany, match="signer infos"):
+        describe(_with_signer_infos(signed, 100_000))
+    with pytest.raises(TooMany, match="recipient infos"):
+        describe(_with_recipients(enveloped, MAX_RECIPIENT_INFOS + 1))
+    with pytest.raises(TooMany):  # too many elements for the join, even before they are counted
+        describe(_with_recipients(enveloped, 50_000))
+    assert describe(_with_signer_infos(signed, 2))[0].startswith("CMS signed_data")
+    # a CompressedData whose compressed octets come in 1-byte segments
+    oid, _, elements = _enveloped_parts(compress(PAYLOAD * 100))
+    content_type, (_, explicit, _) = _elements(elements[2][1])
+    [(_, octets, _)] = _elements(explicit)
+    pieces = b"".join(_tlv(0x04, octets[i : i + 1]) for i in range(len(octets)))
+    encap = _tlv(0x30, content_type[2] + _tlv(0xA0, b"\x24\x80" + pieces + b"\x00\x00"))
+    parts = [encap if i == 2 else whole for i, (_, _, whole) in enumerate(elements)]
+    tracemalloc.start()
+    try:
+        assert decompress(_content_info(oid, 0x30, parts)) == PAYLOAD * 100
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20

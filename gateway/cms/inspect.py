@@ -13,7 +13,7 @@ from asn1crypto import core
 
 from ..errors import MalformedMessageError, PolicyError
 from ..policy import LEGACY_ALGORITHMS, AlgorithmPolicy
-from .enveloped import _CIPHER_BY_OID_NAME, _KDF_SCHEMES
+from .enveloped import _CIPHER_BY_OID_NAME, _KDF_SCHEMES, check_recipient_counts
 from .signed import ASN1_ERRORS, load_content_info, name_string
 
 __all__ = ["describe"]
@@ -152,10 +152,12 @@ def describe(der: bytes) -> list[str]:
         if kind == "signed_data":
             _signed(body, out)
         elif kind == "enveloped_data":
+            check_recipient_counts(body["recipient_infos"].dump())
             eci = body["encrypted_content_info"]
             out.append(f"  content cipher: {_cipher(eci['content_encryption_algorithm'])}")
             _recipients(body["recipient_infos"], out)
         elif kind == "authenticated_enveloped_data":
+            check_recipient_counts(body["recipient_infos"].dump())
             eci = body["auth_encrypted_content_info"]
             out.append(f"  content cipher: {_cipher(eci['content_encryption_algorithm'])}")
             out.append(f"  tag: {len(body['mac'].native)} bytes")

@@ -114,7 +114,11 @@ def hash_for(name: str, *, allow_sha1: bool = False) -> hashes.HashAlgorithm:
 
 
 def load_content_info(data: bytes, what: str) -> Any:
-    """Parse a DER/BER ContentInfo; :class:`MalformedMessageError` if it is not one."""
+    """Parse a DER/BER ContentInfo; :class:`MalformedMessageError` if it is not one.
+
+    A SignedData's counts are checked first (:func:`check_signed_counts`), and OCTET
+    STRING segments joined (:func:`~gateway.cms.der.joined_octet_strings`): asn1crypto
+    would build an object for every segment and every element."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
     data = bytes(data)
@@ -123,6 +127,9 @@ def load_content_info(data: bytes, what: str) -> Any:
             f"{what} is empty: expected a DER/BER CMS ContentInfo",
             fix="check that the peer sent a CMS/S-MIME body",
         )
+    check_signed_counts(data, what)
+    with contextlib.suppress(DerError):  # malformed: asn1crypto says how
+        data = joined_octet_strings(data)
     try:
         ci = cms.ContentInfo.load(data, strict=True)
         ci["content_type"].native  # noqa: B018 - force parsing
@@ -730,10 +737,10 @@ def check_signed_counts(signed: bytes, what: str = "signed message") -> None:
     Another content type is left to the reader, which names it.
     """
     try:
-        ci = list(children(signed))
-        if len(ci) != 2 or ci[1][0] != 0xA0:
+        ci = list(itertools.islice(children(signed), 3))
+        if len(ci) != 2 or ci[1][0] != 0xA0 or signed[ci[0][1] : ci[0][2]] != _OID_SIGNED_DATA_DER:
             return
-        explicit = list(children(signed, ci[1][1]))
+        explicit = list(itertools.islice(children(signed, ci[1][1]), 2))
         if len(explicit) != 1 or explicit[0][0] != 0x30:
             return
         fields = _first_children(signed, explicit[0][1], 7, "SignedData fields")
@@ -796,8 +803,6 @@ def _parse_signed_data(signed: bytes) -> _ParsedSignedData:
 
 
 def _parse_signed_data_asn1(signed: bytes) -> _ParsedSignedData:
-    with contextlib.suppress(DerError, TypeError):  # malformed: asn1crypto says how
-        signed = joined_octet_strings(bytes(signed))
     ci = load_content_info(signed, "signed message")
     ctype = ci["content_type"].native
     if ctype != "signed_data":
