@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.as2client
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.message import BuiltMessage
-from gateway.config import KeyPair, load_config
+from gateway.config import load_config
 from gateway.demo_run import GatewayProcess, free_ports
 from gateway.pki.demo import add_demo_sender, init_demo
+from gateway.pki.keypair import KeyPair
 from tests import as2client
 
 

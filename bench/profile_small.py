@@ -44,7 +44,7 @@ def main() -> int:
     from gateway.as2.mdn import Disposition, build_receipt, parse_receipt
     from gateway.as2.message import MessageSpec, build_message_file
     from gateway.cms.stream import decrypt_file, verify_entity_file
-    from gateway.config import KeyPair
+    from gateway.pki.keypair import KeyPair
     from gateway.policy import AlgorithmPolicy
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
+from gateway.httpbody import BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND
+from gateway.pki.keypair import KeyPair, PrivateKey
 from gateway.pki.store import load_crls
 from gateway.places import Place, overlap_problems
 from gateway.policy import (
@@ -58,8 +60,6 @@ from gateway.routing import (
     zone_problems,
 )
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
 CONTENT_CIPHERS = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
 DIGESTS = ("sha256", "sha384", "sha512")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -67,17 +67,6 @@ AS2_ID_MAX = 128
 # A service name is also a folder name (outbox/<peer>/<service>/, inbox/<peer>/<service>/).
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SPKI_PIN = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    """A certificate and its private key, both loaded and checked to match."""
-
-    certificate_path: Path
-    key_path: Path
-    certificate: x509.Certificate
-    key: PrivateKey
-    chain: tuple[x509.Certificate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,13 +131,6 @@ class Storage:
     outbox_dir: Path
     inbox_dir: Path
     audit_log: Path
-
-
-# A peer's request body may pause at most this long, and after this long must have kept
-# an average of BODY_MIN_BYTES_PER_SECOND (defaults of [runtime] body_idle_seconds and
-# body_min_bytes_per_second; see gateway.httpbody).
-BODY_IDLE_SECONDS = 60.0
-BODY_MIN_BYTES_PER_SECOND = 4096.0
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,10 @@ import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from gateway.as2.headers import new_message_id
+from gateway.as2.headers import PROBE_HEADER, PROBE_PREFIX, PROBE_SUFFIX, new_message_id
 from gateway.as2.mdn import Disposition, mic_matches, parse_receipt
 from gateway.as2.message import MessageSpec, build_message
+from gateway.channel.client import MAX_RECEIPT_BYTES
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
 from gateway.egress import Network
@@ -67,12 +68,7 @@ from gateway.pki.peers import TrustSettings, assess_peer
 from gateway.pki.tls import NotPinnedError, client_context
 from gateway.pki.validate import Purpose, check_purpose
 
-PROBE_HEADER = "X-Medgw-Probe"
-PROBE_PREFIX = "medgw-diagnose-"
-PROBE_SUFFIX = ".txt"
-PROBE_MAX_BYTES = 4096  # a receiver treats only a small document as a probe
 EXPIRY_WARNING = timedelta(days=30)
-MAX_RECEIPT_BYTES = 1 << 20
 DEFAULT_PROBE_TIMEOUT = 60.0
 
 STEPS: dict[str, str] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import re
@@ -24,6 +25,21 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+MAX_NAME = 200
+
+
+def safe_name(filename: str | None, message_id: str) -> str:
+    """A safe base name derived from a sender's file name: a peer can never choose
+    where in the file system a document lands (used by the inbox and by the sender,
+    which names the document the same way the receiving side will)."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = _UNSAFE.sub("_", base).lstrip(".-")[:MAX_NAME]
+    if not base:
+        base = "document-" + hashlib.sha256(message_id.encode()).hexdigest()[:16]
+    return base
 
 
 PARTIAL = re.compile(r"^\..+\.[0-9a-f]{12}\.partial$")

@@ -16,13 +16,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
-from gateway.config import BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND, Runtime
 from gateway.errors import ProtocolError
 
 CHUNK = 1 << 20
+# A peer's request body may pause at most this long, and after this long must have kept
+# an average of BODY_MIN_BYTES_PER_SECOND (defaults of [runtime] body_idle_seconds and
+# body_min_bytes_per_second).
+BODY_IDLE_SECONDS = 60.0
+BODY_MIN_BYTES_PER_SECOND = 4096.0
+
+
+class PaceSettings(Protocol):
+    """Where the pace is configured (``gateway.config.Runtime`` is one)."""
+
+    @property
+    def body_idle_seconds(self) -> float: ...
+
+    @property
+    def body_min_bytes_per_second(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,7 @@ class BodyPace:
     min_bytes_per_second: float = BODY_MIN_BYTES_PER_SECOND
 
     @classmethod
-    def of(cls, runtime: Runtime) -> BodyPace:
+    def of(cls, runtime: PaceSettings) -> BodyPace:
         return cls(runtime.body_idle_seconds, runtime.body_min_bytes_per_second)
 
 

@@ -23,6 +23,10 @@ from gateway.as2.asyncmdn import async_receipt_url
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.headers import (
     DIGEST_TO_MICALG,
+    PROBE_HEADER,
+    PROBE_MAX_BYTES,
+    PROBE_PREFIX,
+    PROBE_SUFFIX,
     check_message_id,
     parse_receipt_request,
     unquote_as2_id,
@@ -34,7 +38,6 @@ from gateway.clock import Clock
 from gateway.cms.stream import DecryptedFile, decrypt_bytes, decrypt_file, verify_entity_span
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
-from gateway.diagnose import PROBE_HEADER, PROBE_MAX_BYTES, PROBE_PREFIX, PROBE_SUFFIX
 from gateway.egress import Network
 from gateway.errors import (
     DecryptionError,

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.message import MessageSpec, build_message
-from gateway.config import KeyPair
+from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 
 

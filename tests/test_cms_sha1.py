@@ -23,8 +23,8 @@ from gateway.cms.mime import make_entity
 from gateway.cms.signed import sign_digest
 from gateway.cms.smime import sign_entity, verify_entity
 from gateway.cms.stream import sign_and_envelope_file, sign_entity_file, verify_entity_file
-from gateway.config import KeyPair
 from gateway.errors import PolicyError, SignatureError
+from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 from tests.test_cms import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
 from tests.test_cms_openssl import openssl

@@ -232,8 +232,8 @@ def test_another_peers_certificate_does_not_pass_as_a_person_of_this_peer(
 
 def test_receipt_details_stay_one_line_and_plain_ascii_stays_7bit(tmp_path: Path) -> None:
     from gateway.as2.mdn import Disposition, build_receipt
-    from gateway.config import KeyPair
     from gateway.pki.issue import issue
+    from gateway.pki.keypair import KeyPair
 
     now = datetime.now(UTC)
     ca = make_ca("Receipt CA", now=now - timedelta(days=1))

@@ -16,10 +16,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.as2.mdn import parse_receipt
-from gateway.config import KeyPair, load_config
+from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_crl, write_pem
+from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
 

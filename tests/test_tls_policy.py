@@ -16,11 +16,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from gateway.config import KeyPair
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki import tls
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, make_crl, new_key
+from gateway.pki.keypair import KeyPair
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
 
 

@@ -32,11 +32,12 @@ from gateway.as2.headers import new_message_id
 from gateway.as2.message import MessageSpec, build_message
 from gateway.channel.client import PeerClient, TransportError
 from gateway.clock import SystemClock
-from gateway.config import KeyPair, load_config
+from gateway.config import load_config
 from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
 from gateway.egress import Route
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from gateway.pki.keypair import KeyPair
 from gateway.pki.tls import client_context
 from gateway.policy import AlgorithmPolicy
 from gateway.routing import LOCAL_INTAKE, Origin, TransitRefused

@@ -20,6 +20,12 @@ MICALG_TO_DIGEST = {
     "sha512": "sha512",
 }
 DIGEST_TO_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
+# A `medgw diagnose` test message: sent with this header and a file name of this
+# shape; a receiver treats only a small document as a probe (verified, never delivered).
+PROBE_HEADER = "X-Medgw-Probe"
+PROBE_PREFIX = "medgw-diagnose-"
+PROBE_SUFFIX = ".txt"
+PROBE_MAX_BYTES = 4096
 # RFC 4130 section 6.2: an AS2 name is 1-128 printable US-ASCII characters.  Only
 # a name with a space, a double quote or a backslash is sent quoted (those two
 # escaped); anything else goes as it is.  Quoting more (say every name that is

@@ -30,8 +30,8 @@ from gateway.as2.headers import (
 from gateway.cms.limits import MAX_REPORT_PARTS
 from gateway.cms.mime import header_param, make_entity, parse_entity
 from gateway.cms.smime import sign_entity, verify_entity
-from gateway.config import KeyPair
 from gateway.errors import ProtocolError
+from gateway.pki.keypair import KeyPair
 from gateway.policy import COMPAT_DIGESTS, AlgorithmPolicy, normalize_digest
 
 DISPOSITION_PREFIX = "automatic-action/MDN-sent-automatically"

@@ -29,9 +29,8 @@ from gateway.cms import compute_mic
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity, sign_entity
 from gateway.cms.stream import sign_and_envelope_file
-from gateway.config import KeyPair
-from gateway.delivery.inbox import safe_name
-from gateway.fsutil import create_private, partial_name, read_chunks
+from gateway.fsutil import create_private, partial_name, read_chunks, safe_name
+from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 
 

@@ -18,7 +18,6 @@ where in the file system a document lands, nor which existing file it meets.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import secrets
@@ -26,24 +25,13 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from gateway.errors import DeliveryError, StorageFullError
-from gateway.fsutil import NO_SPACE, fsync_dir, shared_folder, storage_fix
+from gateway.fsutil import NO_SPACE, fsync_dir, safe_name, shared_folder, storage_fix
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
-MAX_NAME = 200
 FILE_MODE = 0o640
 # A clash gets a random suffix, tried again until free: nobody can predict the
 # name a document will take, so nobody can put something there first.
 _SUFFIX_TRIES = 16
 WORK = re.compile(r"^\..+\.[0-9a-f]{12}\.delivering$")
-
-
-def safe_name(filename: str | None, message_id: str) -> str:
-    """A file name that is safe to create in the inbox, derived from the sender's name."""
-    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    base = _UNSAFE.sub("_", base).lstrip(".-")[:MAX_NAME]
-    if not base:
-        base = "document-" + hashlib.sha256(message_id.encode()).hexdigest()[:16]
-    return base
 
 
 def choose_target(

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+from gateway.pki.keypair import PrivateKey
 
 KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
 PURPOSES = ("tls", "smime-sign", "smime-encrypt")

@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol, TypeVar
 
 from cryptography import x509
 
@@ -26,8 +27,42 @@ from gateway.pki.tls import certificate_fingerprint
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.policy import AlgorithmPolicy
 
-if TYPE_CHECKING:
-    from gateway.config import Peer, Zone
+
+class Zone(Protocol):
+    """What trust needs to know about a zone (``gateway.config.Zone`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]: ...
+    @property
+    def crls(self) -> tuple[x509.CertificateRevocationList, ...]: ...
+    @property
+    def revocation(self) -> str: ...
+    @property
+    def ocsp(self) -> bool: ...
+
+
+class Peer(Protocol):
+    """What trust needs to know about a peer (``gateway.config.Peer`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> Path: ...
+    @property
+    def zone(self) -> str: ...
+    @property
+    def tls_certificates(self) -> tuple[x509.Certificate, ...]: ...
+    @property
+    def signing_certificates(self) -> tuple[x509.Certificate, ...]: ...
+    @property
+    def encryption_certificates(self) -> tuple[x509.Certificate, ...]: ...
+    @property
+    def policy(self) -> AlgorithmPolicy: ...
+
+
+Z = TypeVar("Z", bound=Zone)
 
 EXPIRY_WARNING_DAYS = 30  # check-config warns about a certificate expiring this soon
 
@@ -193,10 +228,10 @@ def offline(trust: TrustSettings) -> TrustSettings:
 
 async def assess_peers(
     peers: Iterable[Peer],
-    zones: Iterable[Zone],
+    zones: Iterable[Z],
     *,
     at: datetime,
-    ocsp_client: Callable[[Zone], OcspClient] | None = None,
+    ocsp_client: Callable[[Z], OcspClient] | None = None,
 ) -> dict[str, PeerTrust]:
     """Judge every configured certificate of every peer, with its zone's trust.
 

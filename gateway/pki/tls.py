@@ -52,8 +52,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from gateway.config import KeyPair
 from gateway.pki import tlsnative
+from gateway.pki.keypair import KeyPair
 from gateway.policy import TLS13_SUITES as POLICY_TLS13_SUITES
 from gateway.policy import TLS_GROUPS
 
