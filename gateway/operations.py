@@ -109,7 +109,8 @@ class Operations:
                 peer=record.peer,
                 message_id=message_id,
                 direction="outbound",
-                detail={"actor": actor, "previous_state": previous},
+                actor=actor,
+                detail={"previous_state": previous},
             )
         )
         return record
@@ -127,7 +128,8 @@ class Operations:
                 peer=record.peer,
                 message_id=message_id,
                 direction="outbound",
-                detail={"actor": actor, "previous_state": previous},
+                actor=actor,
+                detail={"previous_state": previous},
             )
         )
         return record
@@ -162,8 +164,8 @@ class Operations:
                 service=record.service,
                 message_id=message_id,
                 direction="inbound",
+                actor=actor,
                 detail={
-                    "actor": actor,
                     "previous_state": before.state.value,
                     "previous_error": before.last_error,
                 },
@@ -182,14 +184,14 @@ class Operations:
                 severity=Severity.WARNING,
                 peer=peer,
                 reason=reason,
-                detail={"actor": actor},
+                actor=actor,
             )
         )
 
     def resume(self, peer: str, actor: str) -> None:
         self.spool.set_suspended(self._peer(peer), False, "", actor)
         self.wake(peer)
-        self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, detail={"actor": actor}))
+        self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, actor=actor))
 
     def peers(self) -> list[dict[str, Any]]:
         return peers_view(self.config, self.spool, self.unusable())

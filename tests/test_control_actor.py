@@ -37,10 +37,10 @@ def test_the_kernels_account_comes_first_and_a_passed_name_is_only_claimed(
         assert done.returncode == 0, done.stderr
     records = {r["event"]: r for r in read_audit(layout.lab.audit_log)}
     uid = os.getuid()
-    assert records["peer.suspended"]["detail"]["actor"] == (
-        f"{account} (uid {uid}, claims to be dr.satoforged: yes)"
+    assert records["peer.suspended"]["actor"] == (
+        f"operator:{account} (uid {uid}, claims to be dr.satoforged: yes)"
     )
-    assert records["peer.resumed"]["detail"]["actor"] == f"{account} (uid {uid})"
+    assert records["peer.resumed"]["actor"] == f"operator:{account} (uid {uid})"
 
 
 def test_a_body_that_is_not_a_json_object_is_answered_400_and_changes_nothing(

@@ -101,7 +101,7 @@ def test_an_exhausted_hand_over_fails_and_an_operator_retry_hands_it_over_once(
         [audited] = events(layout.hospital.audit_log, "message.handover_retried")
         assert audited["message_id"] == message_id and audited["severity"] == "warning"
         assert audited["detail"]["previous_state"] == "failed"
-        assert "(uid " in audited["detail"]["actor"]
+        assert "(uid " in audited["actor"]
 
         done = medgw("handover", "list", "--state", "done", "--json", "--config", config)
         [row] = json.loads(done.stdout)

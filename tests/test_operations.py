@@ -48,7 +48,7 @@ def test_dead_letter_after_max_attempts_then_operator_retry_delivers(
     shown = queue(layout.lab.config_path, "show", record["message_id"])
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
     audit = events(layout.lab.audit_log, "message.retried")
-    assert audit and "uid" in audit[0]["detail"]["actor"]
+    assert audit and "uid" in audit[0]["actor"]
     assert audit[0]["detail"]["previous_state"] == "dead"
     assert lab.proc.poll() is None
 

@@ -1,6 +1,6 @@
 """The audit trail: one event model shared by every layer, written as JSON lines."""
 
-from gateway.audit.events import AuditEvent, EventType, Outcome, Severity
+from gateway.audit.events import AuditEvent, EventType, Outcome, PatientId, Severity
 from gateway.audit.log import AuditLog, AuditSink, verify_chain
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "AuditSink",
     "EventType",
     "Outcome",
+    "PatientId",
     "Severity",
     "verify_chain",
 ]

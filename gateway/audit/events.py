@@ -7,6 +7,15 @@ values).  Unlike operational logs, audit events may name documents (file
 names, message IDs) because the audit trail is the place where an auditor
 looks for them; payload bytes never appear anywhere.  What a record holds is
 bounded (gateway.textbounds): a peer cannot make one megabytes long.
+
+Two fields say who touched which patient (MNT-1, MNT-5), and only here: never in an
+operational log line.  ``actor`` is the person or account that caused the event,
+as the gateway knows it (``operator:<account> (uid N)`` from the control socket's
+peer credentials, ``api:<client>`` for a local API client, ``outbox:<owner> (uid
+N)`` for an outbox file's owner, ``peer:<name>`` for a peer authenticated by its
+certificate, ``medgw`` for the gateway's own work).  ``patient_ids`` are the
+patient identifiers the document carries (see gateway.audit.patients) or its
+submitter declared, each with the authority that assigned it.
 """
 
 from __future__ import annotations
@@ -88,6 +97,29 @@ class Severity(StrEnum):
 
 
 @dataclass(frozen=True)
+class PatientId:
+    """One patient identifier: ``id`` as assigned by ``authority`` (HL7 v2 CX.4, a CDA
+    ``id/@root`` OID, a FHIR ``identifier.system``; None when the document names none),
+    of ``type`` where the format says (HL7 v2 CX.5 such as ``MR`` or ``PI``, a FHIR
+    identifier type code), found ``source``: ``hl7v2``, ``cda``, ``fhir`` or ``client``
+    (declared by the local submitter)."""
+
+    id: str
+    source: str
+    authority: str | None = None
+    type: str | None = None
+
+    def to_record(self) -> dict[str, str]:
+        record = {"id": self.id}
+        if self.authority is not None:
+            record["authority"] = self.authority
+        if self.type is not None:
+            record["type"] = self.type
+        record["source"] = self.source
+        return record
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     event: EventType
     outcome: Outcome = Outcome.SUCCESS
@@ -99,6 +131,8 @@ class AuditEvent:
     reason: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     service: str | None = None  # the routing key agreed with the peer, if the document has one
+    actor: str | None = None  # who caused it: see the module's documentation
+    patient_ids: tuple[PatientId, ...] = ()  # the patients the document concerns
 
     def to_record(self, time: datetime) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -107,10 +141,13 @@ class AuditEvent:
             "outcome": self.outcome.value,
             "severity": self.severity.value,
         }
-        for key in ("peer", "service", "message_id", "direction", "remote_address", "reason"):
+        keys = ("peer", "service", "message_id", "direction", "remote_address", "reason", "actor")
+        for key in keys:
             value = getattr(self, key)
             if value is not None:
                 record[key] = bounded(value)
+        if self.patient_ids:
+            record["patient_ids"] = [bounded(p.to_record()) for p in self.patient_ids]
         if self.detail:
             record["detail"] = bounded(self.detail)
         return record

@@ -40,9 +40,10 @@ MAX_SOCKET_PATH = 107
 
 
 def caller(request: web.Request) -> str:
-    """Who is on the other end: the account and uid the kernel reports for the socket,
-    first; then the login name the command passes (sudo's SUDO_USER, else USER) - which
-    medgw cannot verify (only sudo's own log does), and so is marked as claimed."""
+    """Who is on the other end, as the audit trail's ``actor``: the account and uid the
+    kernel reports for the socket, first; then the login name the command passes (sudo's
+    SUDO_USER, else USER) - which medgw cannot verify (only sudo's own log does), and so
+    is marked as claimed."""
     uid = -1
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
@@ -53,8 +54,8 @@ def caller(request: web.Request) -> str:
     claimed = "".join(c for c in passed if c.isprintable())
     claimed = claimed.strip()[:64]
     if claimed and claimed != name:
-        return f"{name} (uid {uid}, claims to be {claimed})"
-    return f"{name} (uid {uid})"
+        return f"operator:{name} (uid {uid}, claims to be {claimed})"
+    return f"operator:{name} (uid {uid})"
 
 
 def _error(exc: MedgwError, status: int) -> web.Response:
@@ -229,7 +230,7 @@ class ControlServer:
         return web.json_response(handover_view(record))
 
     async def _submit_message(self, request: web.Request) -> web.Response:
-        submission = parse_submission(request, f"operator:{caller(request)}")
+        submission = parse_submission(request, caller(request))
         if isinstance(submission, web.Response):
             return submission
         return await submit(request, submission, self._submit)
