@@ -56,7 +56,7 @@ def shared_folder(path: Path) -> None:
     """``path`` (and any missing parent) as a folder for medgw and the internal systems:
     the owner's and the group's permissions as the umask or a default ACL make them
     (so that an ACL granting an internal system access keeps working), never any for
-    other users."""
+    other users (on the folders medgw owns)."""
     missing = []
     folder = path
     while not os.path.lexists(folder):
@@ -64,8 +64,11 @@ def shared_folder(path: Path) -> None:
         folder = folder.parent
     path.mkdir(parents=True, exist_ok=True, mode=0o770)  # a file in the way: an OSError
     for folder in (*missing, path):
-        mode = stat.S_IMODE(os.stat(folder).st_mode)
-        if mode & 0o007:
+        info = os.stat(folder)
+        mode = stat.S_IMODE(info.st_mode)
+        # A folder another user owns (an inbox the internal system's account made, a
+        # share) keeps the mode its owner gave it: only the owner may change it.
+        if mode & 0o007 and info.st_uid == os.geteuid():
             os.chmod(folder, mode & ~0o007)
 
 

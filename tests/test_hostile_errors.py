@@ -35,6 +35,7 @@ from gateway.cms.stream import decrypt_bytes
 from gateway.config import load_config
 from gateway.demo_run import free_port, read_audit, wait_until
 from gateway.errors import DecryptionError, PolicyError, ProtocolError
+from gateway.fsutil import shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.intake.api import new_token
 from gateway.logs import make_logger
@@ -647,3 +648,26 @@ async def test_our_requests_name_no_versions() -> None:
     finally:
         await runner.cleanup()
     assert seen == ["medgw"]
+
+
+def test_shared_folders_lose_other_users_permissions_only_where_medgw_owns_them(
+    tmp_path: Path,
+) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    for folder in (mine, theirs):
+        folder.mkdir()
+        os.chmod(folder, 0o755)
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)  # an internal system's account made it
+    old = os.umask(0o022)
+    try:
+        shared_folder(mine / "lab" / "results")  # made here: mine/lab and mine/lab/results
+    finally:
+        os.umask(old)
+    for made in (mine / "lab", mine / "lab" / "results"):
+        assert made.stat().st_mode & 0o777 == 0o750, made
+    shared_folder(mine)  # an existing folder of ours is corrected too
+    assert mine.stat().st_mode & 0o777 == 0o750
+    if os.geteuid() == 0:
+        shared_folder(theirs)  # not ours to change: no error, mode kept
+        assert theirs.stat().st_mode & 0o777 == 0o755
