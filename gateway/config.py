@@ -492,6 +492,13 @@ class _Reader:
             self.add(path, "", "file is not readable", "make it readable by the medgw user")
         except tomllib.TOMLDecodeError as exc:
             self.add(path, "", f"not valid TOML: {exc}", "correct the syntax at that line")
+        except UnicodeDecodeError as exc:
+            self.add(
+                path,
+                "",
+                f"not UTF-8 text: byte {exc.start} is 0x{exc.object[exc.start]:02x}",
+                "save the file as UTF-8 (TOML files are UTF-8)",
+            )
         except OSError as exc:
             self.add(path, "", f"cannot read: {exc.strerror}", "check the path and permissions")
         return None
