@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: demo test lint typecheck unit venv clean
+.PHONY: demo test lint typecheck unit venv clean fuzz
 
 $(BIN)/medgw: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "medgw needs $(PYTHON) (Python 3.11) on PATH" >&2; exit 1; }
@@ -23,14 +23,20 @@ demo: venv
 test: venv lint typecheck unit
 
 lint: venv
-	$(BIN)/ruff check gateway tests $(wildcard bench/*.py)
-	$(BIN)/ruff format --check gateway tests $(wildcard bench/*.py)
+	$(BIN)/ruff check gateway tests fuzz $(wildcard bench/*.py)
+	$(BIN)/ruff format --check gateway tests fuzz $(wildcard bench/*.py)
 
 typecheck: venv
 	$(BIN)/mypy
 
 unit: venv
 	$(BIN)/pytest -q
+
+## The long fuzzing run (fuzz/README.md): each target for FUZZ_SECONDS, corpus kept in fuzz/work/.
+FUZZ_SECONDS ?= 600
+FUZZ_TARGETS ?= cms smime as2 mdn config
+fuzz: venv
+	@for t in $(FUZZ_TARGETS); do $(BIN)/python -m fuzz run $$t --seconds $(FUZZ_SECONDS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
