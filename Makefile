@@ -1,27 +1,25 @@
 # medgw — the two commands a new admin needs: `make demo` and `make test`.
-PYTHON ?= python3.11
+# The interpreter: PYTHON=... (command line or environment) to choose one; otherwise
+# the existing $(VENV) is kept, or made with the newest of python3.13, python3.12,
+# python3.11 on PATH (tools/make-venv says what is missing when none fits).
+PYTHON_ARG := $(if $(filter undefined,$(origin PYTHON)),,$(PYTHON))
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_DIR ?= demo
 
 .PHONY: demo test lint typecheck unit venv clean fuzz
 
-$(BIN)/medgw: pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "medgw needs $(PYTHON) (Python 3.11) on PATH" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	@touch $@
-
 # sslyze (the TLS scanner of tests/test_tls_scan.py) pins an older cryptography than
-# medgw needs, so it gets an environment of its own.  Where it cannot be installed,
-# those tests are skipped and say why.
+# medgw needs, so it gets an environment of its own (made from the same interpreter;
+# made again with $(VENV)).  Where it cannot be installed, those tests are skipped and
+# say why.
 SSLYZE_REQ ?= sslyze>=6.1,<7
-$(VENV)/scan/bin/python:
-	$(PYTHON) -m venv $(VENV)/scan
-	$(VENV)/scan/bin/pip install --quiet '$(SSLYZE_REQ)' || echo "warning: sslyze could not be installed; the TLS scan tests will be skipped" >&2
 
-venv: $(BIN)/medgw $(VENV)/scan/bin/python
+venv:
+	@sh tools/make-venv '$(VENV)' '$(PYTHON_ARG)'
+	@[ -x $(VENV)/scan/bin/python ] || { $(BIN)/python -m venv $(VENV)/scan && \
+	  { $(VENV)/scan/bin/pip install --quiet '$(SSLYZE_REQ)' || \
+	    echo "warning: sslyze could not be installed; the TLS scan tests will be skipped" >&2; }; }
 
 ## Two gateways on this machine exchange a signed, encrypted document and show the receipt.
 demo: venv
