@@ -12,6 +12,8 @@ with bash.  Only what a test machine cannot have is stood in for:
   without ``-o``/``-g``, and ``systemctl`` (``enable --now`` starts the unit's
   own ``ExecStart`` with a real ``NOTIFY_SOCKET`` and waits for READY=1, as
   systemd does for ``Type=notify``) are small stand-ins on PATH;
+* ``python3`` is the interpreter running the tests (a server's system Python is
+  whichever supported version it ships), so each supported version installs;
 * the people outside: the CA (real ``openssl x509 -req``, with the demo CA)
   and the partner's administrator (a demo laboratory gateway, ``medgw run``,
   given our certificates).
@@ -152,6 +154,8 @@ class Machine:
             path = self.bin / name
             path.write_text(textwrap.dedent(text).lstrip())
             path.chmod(0o755)
+        # The base interpreter behind this one (a virtual environment's python links to it).
+        (self.bin / "python3").symlink_to(Path(sys.executable).resolve())
 
     def stop_service(self) -> None:
         pid_file = self.state / "medgw.pid"
@@ -286,7 +290,7 @@ def test_the_install_walk_through_works_as_written(
         REPO,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "demo", "*.egg-info", "build", "__pycache__", ".*_cache"
+            ".git", ".venv*", "demo", "*.egg-info", "build", "__pycache__", ".*_cache"
         ),
     )
     machine.run(walk[1], cwd=source)
@@ -353,6 +357,18 @@ def test_the_install_walk_through_works_as_written(
         30,
         "the partner's delivery record",
     )
+
+
+def test_the_install_and_the_unit_name_no_python_minor_version() -> None:
+    """A server runs whichever of 3.11 to 3.13 its distribution ships, and keeps
+    running medgw after an upgrade to the next: nothing an admin types from the README
+    or the unit starts names one minor version."""
+    minor = re.compile(r"python3\.\d+")
+    assert not minor.search(steps()[1]), steps()[1]
+    unit = (REPO / "systemd" / "medgw.service").read_text()
+    [exec_start] = [line for line in unit.splitlines() if line.startswith("ExecStart=")]
+    assert exec_start == "ExecStart=/usr/bin/medgw run --config /etc/medgw/gateway.toml"
+    assert "sudo ln -s /opt/medgw/bin/medgw /usr/bin/medgw" in steps()[1]
 
 
 def test_the_quick_start_demo_runs_as_written(tmp_path: Path) -> None:
