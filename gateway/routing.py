@@ -41,17 +41,14 @@ nothing a zone reaches.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from gateway.audit.events import AuditEvent, EventType, Outcome, Severity
 from gateway.errors import ConfigProblem, RoutingError
-
-if TYPE_CHECKING:
-    from gateway.config import GatewayConfig, Listener, Zone
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -83,6 +80,29 @@ class EgressZone(Protocol):
 
 
 _Z = TypeVar("_Z", bound=EgressZone)
+
+
+class Zone(EgressZone, Protocol):
+    """What the zone rules need to know about a zone (``gateway.config.Zone`` is one)."""
+
+    @property
+    def source_address(self) -> str | None: ...
+
+
+class Listener(Protocol):
+    """What the zone rules need to know about a listener (``gateway.config.Listener``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def zone(self) -> str: ...
 
 
 class SourcedPeer(ZonedPeer, Protocol):
@@ -691,139 +711,3 @@ def _receipt_url_problems(
                 )
             ]
     return []
-
-
-# -- proof --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProofRow:
-    requirement: str
-    check: str
-    holds: bool
-    evidence: tuple[str, ...]
-
-
-def egress_text(zone: Zone) -> str:
-    ranges = ", ".join(str(n) for n in zone.egress) or "(none)"
-    if zone.egress_except:
-        ranges += f" (egress_except {', '.join(str(n) for n in zone.egress_except)})"
-    return ranges
-
-
-def proof(config: GatewayConfig) -> list[ProofRow]:
-    """What ``check-config`` shows to prove NET-1/NET-4 for a loaded configuration."""
-    handover = config.delivery.targets() if config.delivery else ()
-    api = config.api.endpoint if config.api else None
-    problems = zone_problems(config.source, config.zones, config.listeners, config.peers)
-    problems += reach_problems(
-        config.source,
-        config.zones,
-        config.listeners,
-        api,
-        config.peers,
-        handover,
-        config.resolved_hosts,
-    )
-    errors = [p for p in problems if p.severity == "error"]
-
-    def failing(test: Callable[[ConfigProblem], bool]) -> tuple[str, ...]:
-        return tuple(str(p) for p in errors if test(p))
-
-    listener_lines = tuple(
-        f"{lst.name}: https://{lst.address}:{lst.port}{lst.path}, zone {lst.zone}, "
-        "client certificate required"
-        for lst in config.listeners
-    )
-    bound = []
-    for zone in config.zones:
-        own = [f"{lst.address}:{lst.port}" for lst in config.listeners if lst.zone == zone.name]
-        bound.append(f"{zone.name}: {', '.join(own) or '(no listener: outbound only)'}")
-    shared = failing(lambda p: p.key.startswith("listeners") or "source_address" in p.key)
-    overlapping = failing(lambda p: p.key.endswith(".egress"))
-    ranges = tuple(f"{zone.name}: {egress_text(zone)}" for zone in config.zones)
-    egress_lines = []
-    for peer in config.peers:
-        found = config.zone(peer.zone)
-        address = url_address(peer.url)
-        zone_ranges = egress_text(found) if found else "?"
-        if address is None:
-            host = urlsplit(peer.url).hostname or ""
-            now = ", ".join(config.resolved_hosts.get(host, ())) or "not resolved now"
-            egress_lines.append(
-                f"{peer.name}: {host} ({now}; host name: every resolved address checked at "
-                f"connect against {zone_ranges})"
-            )
-        else:
-            egress_lines.append(f"{peer.name}: {address} in {zone_ranges} (zone {peer.zone})")
-        if peer.async_receipt_url:
-            egress_lines.append(
-                f"{peer.name}: asks for receipts at {peer.async_receipt_url} (not a listener "
-                "or the egress of another zone)"
-            )
-    misplaced = failing(lambda p: p.key in ("url", "async_receipt_url"))
-    internal = [
-        f"{key}: {url} -> {_where(url, config.resolved_hosts)}" for key, url in handover if url
-    ] or ["(no hand-over: received documents stay in the inbox folder)"]
-    if config.api is not None:
-        if config.api.endpoint is not None:
-            api_address, api_port = config.api.endpoint
-            internal.append(
-                f"local API: http://{api_address}:{api_port} (loopback: this host only)"
-            )
-        if config.api.socket is not None:
-            internal.append(f"local API: unix socket {config.api.socket} (this host only)")
-    leaking = failing(lambda p: p.key.startswith("delivery."))
-    return [
-        ProofRow(
-            "NET-1",
-            "no plaintext listener",
-            True,
-            listener_lines or ("(no listener: this gateway only sends)",),
-        ),
-        ProofRow("NET-4", "no listener shared by two zones", not shared, tuple(bound) + shared),
-        ProofRow(
-            "NET-4",
-            "no address in two zones' egress",
-            not overlapping,
-            ranges + overlapping or ("(no zones)",),
-        ),
-        ProofRow(
-            "NET-4",
-            "each peer's URL inside its zone's egress",
-            not misplaced,
-            tuple(egress_lines) + misplaced or ("(no peers)",),
-        ),
-        ProofRow(
-            "NET-4",
-            "hand-over and local API outside every zone",
-            not leaking,
-            tuple(internal) + leaking,
-        ),
-        ProofRow(
-            "NET-4",
-            "no cross-zone route",
-            True,
-            (
-                "inbound messages are delivered to the local inbox only; medgw does not "
-                "forward, so no route exists between any two zones",
-                "a message addressed through this gateway to another peer is refused "
-                "and audited (routing.transit_refused)",
-                "the spool refuses to queue a message from zone A for a peer of zone B",
-                "a peer is accepted only on its own zone's listener (TLS pins + "
-                "zone check, zone.violation)",
-            ),
-        ),
-    ]
-
-
-def _where(url: str, resolved: Mapping[str, Sequence[str]]) -> str:
-    found = endpoint(url, resolved)
-    if found is None:
-        return "(host name not resolved: not shown)"
-    addresses, port = found
-    return ", ".join(f"{ip} port {port}" for ip in addresses) + (
-        " (this host; no listener and no peer endpoint)"
-        if all(on_this_host(ip) for ip in addresses)
-        else " (in no zone's egress)"
-    )
