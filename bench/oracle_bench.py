@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.as2.headers import new_message_id  # noqa: E402
 from gateway.as2.message import MessageSpec, build_message  # noqa: E402
-from gateway.cms.stream import decrypt_file, verify_entity_span  # noqa: E402
+from gateway.cms.decrypting import decrypt_file  # noqa: E402
+from gateway.cms.stream import verify_entity_span  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.demo_run import free_ports  # noqa: E402
 from gateway.errors import ObjectSecurityError, PolicyError  # noqa: E402

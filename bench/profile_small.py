@@ -43,7 +43,8 @@ def main() -> int:
     from gateway.as2.headers import new_message_id
     from gateway.as2.mdn import Disposition, build_receipt, parse_receipt
     from gateway.as2.message import MessageSpec, build_message_file
-    from gateway.cms.stream import decrypt_file, verify_entity_file
+    from gateway.cms.decrypting import decrypt_file
+    from gateway.cms.stream import verify_entity_file
     from gateway.pki.keypair import KeyPair
     from gateway.policy import AlgorithmPolicy
 

@@ -38,12 +38,13 @@ from gateway.as2.headers import (
 )
 from gateway.as2.mdn import parse_receipt, read_report
 from gateway.cms.compressed import decompress
+from gateway.cms.decrypting import decrypt_bytes
 from gateway.cms.formats import detect
 from gateway.cms.inspect import describe
 from gateway.cms.mime import parse_entity
 from gateway.cms.signed import verify
 from gateway.cms.smime import decompress_entity, is_compressed_entity, open_envelope, verify_entity
-from gateway.cms.stream import decrypt_bytes, verify_entity_span
+from gateway.cms.stream import verify_entity_span
 from gateway.config import load_config
 from gateway.errors import (
     ConfigError,

@@ -35,7 +35,8 @@ from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.audit.log import recorded_since
 from gateway.clock import Clock
-from gateway.cms.stream import DecryptedFile, decrypt_bytes, decrypt_file, verify_entity_span
+from gateway.cms.decrypting import DecryptedFile, decrypt_bytes, decrypt_file
+from gateway.cms.stream import verify_entity_span
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
 from gateway.egress import Network

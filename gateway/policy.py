@@ -58,6 +58,8 @@ PrivateKey = (
 )
 
 DIGESTS: tuple[str, ...] = ("sha256", "sha384", "sha512")
+# S/MIME micalg names of the digests (RFC 5751 section 3.4.3.2).
+DIGEST_TO_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
 CONTENT_CIPHERS: tuple[str, ...] = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
 # On the CRYPTREC list, but without integrity of their own: accepted only from a
 # peer whose ``accept_cbc`` is true (see AlgorithmPolicy.accept_cbc).

@@ -194,7 +194,7 @@ def signed_with_altered_signature(
     import base64
 
     from gateway.cms.mime import header_param, parse_entity
-    from gateway.cms.smime import _split_multipart, sign_entity
+    from gateway.cms.smime import sign_entity, split_multipart
 
     signed = sign_entity(
         entity,
@@ -207,7 +207,7 @@ def signed_with_altered_signature(
     headers, body = parse_entity(signed)
     boundary = header_param(dict(headers)["Content-Type"], "boundary")
     assert boundary
-    (content, _), (signature_part, _) = _split_multipart(body, boundary)
+    (content, _), (signature_part, _) = split_multipart(body, boundary)
     signature_headers, encoded = parse_entity(signature_part)
     altered = base64.encodebytes(alter(base64.b64decode(b"".join(encoded.split()))))
     part = b"".join(f"{k}: {v}\r\n".encode() for k, v in signature_headers) + b"\r\n" + altered

@@ -14,13 +14,9 @@ import pytest
 
 from gateway.as2.entity import payload_chunks, payload_digest, read_entity_info
 from gateway.as2.message import BuiltFile, MessageSpec, build_message, build_message_file
+from gateway.cms.decrypting import decrypt_bytes, decrypt_file
 from gateway.cms.mime import make_entity
-from gateway.cms.stream import (
-    decrypt_bytes,
-    decrypt_file,
-    open_and_verify_file,
-    verify_entity_span,
-)
+from gateway.cms.stream import open_and_verify_file, verify_entity_span
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ProtocolError
 from gateway.fsutil import PARTIAL, remove_stale_partials

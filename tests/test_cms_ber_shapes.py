@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cms import decrypt, verify
-from gateway.cms.stream import decrypt_file
+from gateway.cms.decrypting import decrypt_file
 from gateway.errors import MalformedMessageError
 from tests.test_cms import STRICT, Pki, build_pki
 from tests.test_cms_negative import PAYLOAD, _encrypt, _sign

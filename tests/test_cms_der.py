@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from gateway.cms import decrypt, der, encrypt, sign, verify
 from gateway.cms import enveloped as env_mod
 from gateway.cms import signed as sig_mod
-from gateway.cms.stream import decrypt_stream
+from gateway.cms.decrypting import decrypt_stream
 from gateway.errors import MalformedMessageError, MedgwError
 from tests.test_cms import SIGNING_TIME, STRICT, Pki, build_pki
 from tests.test_cms_openssl import ECDH_SHA256, RSA_OAEP_SHA256
@@ -362,8 +362,8 @@ def _asn1_only() -> Iterator[None]:
     with (
         mock.patch.object(sig_mod, "_parse_signed_data_der", refuse),
         mock.patch.object(env_mod, "_parse_der", refuse),
-        mock.patch("gateway.cms.stream.direct_recipients", lambda _der: None),
-        mock.patch("gateway.cms.stream.content_algorithm_direct", refuse),
+        mock.patch("gateway.cms.decrypting.direct_recipients", lambda _der: None),
+        mock.patch("gateway.cms.decrypting.content_algorithm_direct", refuse),
         mock.patch.object(env_mod, "_recover_direct", lambda *_args: None),
     ):
         yield

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.cms import decrypt, encrypt, sign, verify
 from gateway.cms.enveloped import (
-    _CIPHERS,
+    CIPHERS,
     EccCmsSharedInfo,
     GCMParameters,
     _shared_info,
@@ -170,9 +170,9 @@ def test_signed_attributes_received_in_another_order(
         )
 
 
-@pytest.mark.parametrize("cipher", sorted(c for c in _CIPHERS if c.startswith("aes")))
+@pytest.mark.parametrize("cipher", sorted(c for c in CIPHERS if c.startswith("aes")))
 def test_content_algorithm_der_is_what_asn1crypto_writes(cipher: str) -> None:
-    oid_name, _, mode = _CIPHERS[cipher]
+    oid_name, _, mode = CIPHERS[cipher]
     if mode == "gcm":
         nonce = bytes(range(12))
         params: Any = core.Any.load(GCMParameters({"aes_nonce": nonce, "aes_icvlen": 16}).dump())

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from gateway.cms import sign, verify
+from gateway.cms.decrypting import decrypt_stream
 from gateway.cms.der import MAX_NESTING, StreamReader
-from gateway.cms.stream import decrypt_stream, verify_entity_file
+from gateway.cms.stream import verify_entity_file
 from gateway.errors import MalformedMessageError
 from tests.test_cms import SIGNING_TIME, STRICT, Pki, build_pki
 

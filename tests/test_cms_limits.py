@@ -22,6 +22,7 @@ import pytest
 
 from gateway.audit import AuditEvent, EventType
 from gateway.cms import decrypt, encrypt, verify
+from gateway.cms.decrypting import decrypt_file
 from gateway.cms.der import joined_octet_strings
 from gateway.cms.limits import (
     MAX_ATTRIBUTE_VALUES,
@@ -34,7 +35,6 @@ from gateway.cms.limits import (
 )
 from gateway.cms.mime import parse_entity
 from gateway.cms.smime import verify_entity
-from gateway.cms.stream import decrypt_file
 from gateway.errors import MalformedMessageError
 from gateway.logs import make_logger
 from gateway.textbounds import MAX_ITEMS, MAX_TEXT

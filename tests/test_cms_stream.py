@@ -14,11 +14,11 @@ import pytest
 from asn1crypto import cms as asn1_cms
 
 from gateway.cms import compute_mic
+from gateway.cms.decrypting import decrypt_file
 from gateway.cms.mime import make_entity, parse_entity
 from gateway.cms.smime import open_envelope, verify_entity
 from gateway.cms.stream import (
     CHUNK,
-    decrypt_file,
     encrypt_chunks,
     encrypt_file,
     open_and_verify_file,

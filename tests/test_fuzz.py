@@ -59,8 +59,8 @@ def test_vendor_seeds_keep_every_contract(tmp_path: Path) -> None:
 
 def test_the_seeds_reach_the_readers_past_the_errors(own: targets.Material) -> None:
     """Seeds that all failed early would leave the fuzzer in the error paths."""
+    from gateway.cms.decrypting import decrypt_bytes
     from gateway.cms.smime import open_envelope, verify_entity
-    from gateway.cms.stream import decrypt_bytes
 
     seeds = own_seeds(own)
     opened = 0

@@ -29,9 +29,9 @@ from gateway.as2.mdn import parse_receipt
 from gateway.audit import AuditEvent, EventType
 from gateway.clock import SystemClock
 from gateway.cms import decrypt
+from gateway.cms.decrypting import decrypt_bytes
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity
-from gateway.cms.stream import decrypt_bytes
 from gateway.config import load_config
 from gateway.demo_run import free_port, read_audit, wait_until
 from gateway.errors import DecryptionError, PolicyError, ProtocolError
@@ -507,7 +507,7 @@ def test_folders_and_the_spool_take_explicit_modes_whatever_the_umask(
 DECRYPT_SLOWLY = """
 import signal, sys
 from pathlib import PosixPath
-from gateway.cms.stream import decrypt_file
+from gateway.cms.decrypting import decrypt_file
 from gateway.config import load_config
 from gateway.policy import AlgorithmPolicy
 

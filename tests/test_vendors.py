@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from gateway.cms.mime import get_header, header_param, parse_entity
 from gateway.cms.smime import (
     _canonical_readings,
-    _split_multipart,
     decompress_entity,
     is_compressed_entity,
     open_envelope,
+    split_multipart,
     verify_entity,
 )
 from gateway.cms.trust import TrustAnchors
@@ -128,7 +128,7 @@ def _sterling_parts(vendors: Path) -> tuple[bytes, bytes]:
     ctype, body = _body((vendors / "sb2bi_signed_cmp.msg").read_bytes())
     boundary = header_param(ctype, "boundary")
     assert boundary
-    (first, _alt), (sig_part, _) = _split_multipart(body, boundary)
+    (first, _alt), (sig_part, _) = split_multipart(body, boundary)
     sig_headers, sig_body = parse_entity(sig_part)
     assert get_header(sig_headers, "Content-Transfer-Encoding") is None  # binary DER
     return first, sig_body

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.errors import ProtocolError
+from gateway.policy import DIGEST_TO_MICALG as DIGEST_TO_MICALG  # for AS2 headers
 
 AS2_VERSION = "1.2"
 # AS2 names for digests (RFC 5751 micalg) and ours.
@@ -19,7 +20,6 @@ MICALG_TO_DIGEST = {
     "sha384": "sha384",
     "sha512": "sha512",
 }
-DIGEST_TO_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
 # A `medgw diagnose` test message: sent with this header and a file name of this
 # shape; a receiver treats only a small document as a probe (verified, never delivered).
 PROBE_HEADER = "X-Medgw-Probe"

@@ -326,9 +326,8 @@ def mic_matches(expected: str, received: str | None) -> bool:
         return False
     exp_value, _, exp_alg = expected.partition(",")
     got_value, _, got_alg = received.partition(",")
-    norm = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
-    exp_alg = norm.get(exp_alg.strip().lower(), exp_alg.strip().lower())
-    got_alg = norm.get(got_alg.strip().lower(), got_alg.strip().lower())
+    exp_alg = DIGEST_TO_MICALG.get(exp_alg.strip().lower(), exp_alg.strip().lower())
+    got_alg = DIGEST_TO_MICALG.get(got_alg.strip().lower(), got_alg.strip().lower())
     return exp_value.strip() == got_value.strip() and exp_alg == got_alg
 
 

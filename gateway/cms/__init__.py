@@ -5,7 +5,8 @@ SignedData, EnvelopedData and AuthEnvelopedData, plus S/MIME framing in
 Every algorithm decision goes through :class:`gateway.policy.AlgorithmPolicy`.
 """
 
-from .enveloped import Decrypted, decrypt, encrypt
+from .decrypting import decrypt
+from .enveloped import Decrypted, encrypt
 from .signed import VerifiedSignature, compute_mic, sign, verify
 
 __all__ = [

@@ -23,8 +23,11 @@ error a malformed one gets, stay exactly as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
+
+from asn1crypto import core
 
 from ..errors import MalformedMessageError
 from .limits import check_count
@@ -42,7 +45,10 @@ __all__ = [
     "header",
     "integer",
     "joined_octet_strings",
+    "oid_der",
     "oid_valid",
+    "tl",
+    "tlv",
 ]
 
 CHUNK = 1 << 20
@@ -589,3 +595,29 @@ class StreamReader:
             total += self._octets_body(ctag, clen, sink, depth + 1)
         self.close(end)
         return total
+
+
+# -- writing -----------------------------------------------------------------------
+
+
+def tl(tag: int, length: int) -> bytes:
+    """The DER tag and definite length of an element of ``length`` content bytes."""
+    if length < 0x80:
+        return bytes((tag, length))
+    if length < 0x100:
+        return bytes((tag, 0x81, length))
+    if length < 0x10000:
+        return bytes((tag, 0x82, length >> 8, length & 0xFF))
+    n = (length.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | n)) + length.to_bytes(n, "big")
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    """A whole DER element: tag, definite length, ``value``."""
+    return tl(tag, len(value)) + value
+
+
+@functools.lru_cache(maxsize=128)
+def oid_der(dotted: str) -> bytes:
+    out: bytes = core.ObjectIdentifier(dotted).dump()
+    return out

@@ -17,9 +17,7 @@ AES key wrap (RFC 3394) matching the content-encryption key size.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,24 +44,21 @@ from ..policy import (
     certificate_key,
     normalize_digest,
 )
-from .der import Cursor, DerError, children, contents_of, count_children, integer
+from .der import Cursor, DerError, children, contents_of, count_children, integer, oid_der, tl, tlv
 from .limits import MAX_RECIPIENT_INFOS, MAX_RECIPIENT_KEYS, check_count
 from .signed import (
     ASN1_ERRORS,
-    _issuer_serial_ders,
-    _oid_der,
-    _tl,
-    _tlv,
     cert_der,
     cert_label,
     cert_ski,
     hash_for,
     issuer_and_serial_der,
+    issuer_serial_ders,
     matches_issuer_serial,
     name_string,
 )
 
-__all__ = ["Decrypted", "decrypt", "encrypt", "encrypt_chunks", "key_transport_for"]
+__all__ = ["Decrypted", "decrypt_der", "encrypt", "encrypt_chunks", "key_transport_for"]
 
 
 class GCMParameters(core.Sequence):  # type: ignore[misc]
@@ -86,7 +81,7 @@ class EccCmsSharedInfo(core.Sequence):  # type: ignore[misc]
 
 
 # name -> (asn1crypto EncryptionAlgorithmId name, key bytes, mode)
-_CIPHERS: dict[str, tuple[str, int, str]] = {
+CIPHERS: dict[str, tuple[str, int, str]] = {
     "aes-128-gcm": ("aes128_gcm", 16, "gcm"),
     "aes-192-gcm": ("aes192_gcm", 24, "gcm"),
     "aes-256-gcm": ("aes256_gcm", 32, "gcm"),
@@ -95,9 +90,9 @@ _CIPHERS: dict[str, tuple[str, int, str]] = {
     "aes-256-cbc": ("aes256_cbc", 32, "cbc"),
     "des-ede3-cbc": ("tripledes_3key", 24, "cbc"),
 }
-_CIPHER_BY_OID_NAME = {v[0]: k for k, v in _CIPHERS.items()}
+CIPHER_BY_OID_NAME = {v[0]: k for k, v in CIPHERS.items()}
 _CIPHER_OID_DER: dict[str, bytes] = {
-    v[0]: algos.EncryptionAlgorithmId(v[0]).dump() for v in _CIPHERS.values()
+    v[0]: algos.EncryptionAlgorithmId(v[0]).dump() for v in CIPHERS.values()
 }
 
 OID_DATA = "1.2.840.113549.1.7.1"
@@ -110,7 +105,7 @@ _WRAP_KEYLEN = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
 
 # ECDH KDF schemes (RFC 5753 / SEC 1). For the NIST curves the cofactor is 1,
 # so cofactor DH is identical to standard DH.
-_KDF_SCHEMES: dict[str, str] = {
+KDF_SCHEMES: dict[str, str] = {
     "1.3.133.16.840.63.0.2": "sha1",  # dhSinglePass-stdDH-sha1kdf-scheme
     "1.3.132.1.11.0": "sha224",
     "1.3.132.1.11.1": "sha256",  # dhSinglePass-stdDH-sha256kdf-scheme
@@ -142,9 +137,9 @@ def _shared_info(key_info_der: bytes, ukm: bytes | None, kek_len: int) -> bytes:
     """DER ECC-CMS-SharedInfo (RFC 5753 7.2), written directly: ``key_info_der`` as is,
     then ``[0] EXPLICIT OCTET STRING`` ukm if there is one, ``[2] EXPLICIT OCTET STRING``
     the key-encryption key's length in bits."""
-    entity_u_info = b"" if ukm is None else _tlv(0xA0, _tlv(0x04, ukm))
-    supp_pub_info = _tlv(0xA2, _tlv(0x04, (kek_len * 8).to_bytes(4, "big")))
-    return _tlv(0x30, key_info_der + entity_u_info + supp_pub_info)
+    entity_u_info = b"" if ukm is None else tlv(0xA0, tlv(0x04, ukm))
+    supp_pub_info = tlv(0xA2, tlv(0x04, (kek_len * 8).to_bytes(4, "big")))
+    return tlv(0x30, key_info_der + entity_u_info + supp_pub_info)
 
 
 def _kek(
@@ -180,9 +175,9 @@ _WRAP_ALG_DER: dict[str, bytes] = {
 # RSAES-OAEP with every parameter at its default (SHA-1, MGF1-SHA-1, empty label):
 # DER leaves defaults out, so RSAES-OAEP-params is an empty SEQUENCE; it must be
 # present (RFC 4055 section 4.1: OpenSSL refuses an OAEP identifier without it).
-_OAEP_DEFAULT_DER: bytes = _tlv(0x30, _oid_der("1.2.840.113549.1.1.7") + b"\x30\x00")
+_OAEP_DEFAULT_DER: bytes = tlv(0x30, oid_der("1.2.840.113549.1.1.7") + b"\x30\x00")
 # rsaEncryption, parameters NULL (RFC 3370 section 4.2.1).
-_PKCS1V15_DER: bytes = _tlv(0x30, _oid_der("1.2.840.113549.1.1.1") + b"\x05\x00")
+_PKCS1V15_DER: bytes = tlv(0x30, oid_der("1.2.840.113549.1.1.1") + b"\x05\x00")
 
 # key transport name -> (KeyEncryptionAlgorithmIdentifier DER, padding)
 _KEY_TRANSPORTS: dict[str, tuple[bytes, padding.AsymmetricPadding]] = {
@@ -215,12 +210,12 @@ def key_transport_for(cert: x509.Certificate, policy: AlgorithmPolicy) -> str:
 def _ktri(cert: x509.Certificate, pub: rsa.RSAPublicKey, cek: bytes, key_transport: str) -> bytes:
     algorithm_der, pad = _KEY_TRANSPORTS[key_transport]
     encrypted_key = pub.encrypt(cek, pad)
-    return _tlv(
+    return tlv(
         0x30,
         b"\x02\x01\x00"  # version 0
         + issuer_and_serial_der(cert)
         + algorithm_der
-        + _tlv(0x04, encrypted_key),
+        + tlv(0x04, encrypted_key),
     )
 
 
@@ -234,15 +229,15 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
     point = ephemeral.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    originator_key = _tlv(0x30, _EC_PUBLIC_KEY_ALG_DER + _tlv(0x03, b"\x00" + point))
-    return _tlv(
+    originator_key = tlv(0x30, _EC_PUBLIC_KEY_ALG_DER + tlv(0x03, b"\x00" + point))
+    return tlv(
         0xA1,  # [1] IMPLICIT KeyAgreeRecipientInfo
         b"\x02\x01\x03"  # version 3
-        + _tlv(0xA0, b"\xa1" + originator_key[1:])  # originator [0] { originatorKey [1] }
-        + _tlv(0x30, _oid_der(_STD_KDF_OID[kdf_digest]) + wrap_der)
-        + _tlv(
+        + tlv(0xA0, b"\xa1" + originator_key[1:])  # originator [0] { originatorKey [1] }
+        + tlv(0x30, oid_der(_STD_KDF_OID[kdf_digest]) + wrap_der)
+        + tlv(
             0x30,
-            _tlv(0x30, issuer_and_serial_der(cert) + _tlv(0x04, aes_key_wrap(kek, cek))),
+            tlv(0x30, issuer_and_serial_der(cert) + tlv(0x04, aes_key_wrap(kek, cek))),
         ),
     )
 
@@ -254,12 +249,12 @@ def _kari(cert: x509.Certificate, pub: ec.EllipticCurvePublicKey, cek: bytes) ->
 def content_algorithm_der(cipher: str, iv_or_nonce: bytes) -> bytes:
     """DER contentEncryptionAlgorithm: AES-GCM with GCMParameters (nonce, 16-byte ICV,
     RFC 5084), or a CBC cipher with its IV as the OCTET STRING parameter."""
-    oid_name, _key_len, mode = _CIPHERS[cipher]
+    oid_name, _key_len, mode = CIPHERS[cipher]
     if mode == "gcm":
-        params = _tlv(0x30, _tlv(0x04, iv_or_nonce) + b"\x02\x01\x10")  # aes-ICVlen 16
+        params = tlv(0x30, tlv(0x04, iv_or_nonce) + b"\x02\x01\x10")  # aes-ICVlen 16
     else:
-        params = _tlv(0x04, iv_or_nonce)
-    return _tlv(0x30, _CIPHER_OID_DER[oid_name] + params)
+        params = tlv(0x04, iv_or_nonce)
+    return tlv(0x30, _CIPHER_OID_DER[oid_name] + params)
 
 
 def _recipient_infos(
@@ -278,7 +273,7 @@ def _recipient_infos(
             assert isinstance(pub, ec.EllipticCurvePublicKey)
             infos.append(_kari(cert, pub, cek))
             has_kari = True
-    return _tlv(0x31, b"".join(sorted(infos))), has_kari  # DER: SET OF sorted
+    return tlv(0x31, b"".join(sorted(infos))), has_kari  # DER: SET OF sorted
 
 
 @functools.lru_cache(maxsize=64)
@@ -316,7 +311,7 @@ def encrypt_chunks(
     """
     cipher = cipher.strip().lower()
     policy.check_content_cipher(cipher, inbound=False)
-    _oid_name, key_len, mode = _CIPHERS[cipher]
+    _oid_name, key_len, mode = CIPHERS[cipher]
     if length < 0:
         raise ValueError("length must be >= 0")
     cek = os.urandom(key_len)
@@ -339,21 +334,21 @@ def encrypt_chunks(
         version = b"\x02\x01\x02" if has_kari else b"\x02\x01\x00"
         outer_oid = OID_ENVELOPED
         tail_len = 0
-    eci_head = _oid_der(OID_DATA) + alg_der + _tl(0x80, enc_len)
+    eci_head = oid_der(OID_DATA) + alg_der + tl(0x80, enc_len)
     eci_len = len(eci_head) + enc_len
-    body_len = len(version) + len(ri_der) + len(_tl(0x30, eci_len)) + eci_len + tail_len
-    body_tl = _tl(0x30, body_len)
+    body_len = len(version) + len(ri_der) + len(tl(0x30, eci_len)) + eci_len + tail_len
+    body_tl = tl(0x30, body_len)
     explicit_len = len(body_tl) + body_len
-    oid = _oid_der(outer_oid)
-    ci_len = len(oid) + len(_tl(0xA0, explicit_len)) + explicit_len
+    oid = oid_der(outer_oid)
+    ci_len = len(oid) + len(tl(0xA0, explicit_len)) + explicit_len
     yield (
-        _tl(0x30, ci_len)
+        tl(0x30, ci_len)
         + oid
-        + _tl(0xA0, explicit_len)
+        + tl(0xA0, explicit_len)
         + body_tl
         + version
         + ri_der
-        + _tl(0x30, eci_len)
+        + tl(0x30, eci_len)
         + eci_head
     )
     seen = 0
@@ -371,7 +366,7 @@ def encrypt_chunks(
     last = ctx.update(padder.finalize()) if padder is not None else b""
     last += ctx.finalize()
     if mode == "gcm":
-        last += _tlv(0x04, ctx.tag)
+        last += tlv(0x04, ctx.tag)
     if last:
         yield last
 
@@ -423,7 +418,7 @@ class _Parsed:
 
 
 def _oid_contents(dotted: str) -> bytes:
-    return _oid_der(dotted)[2:]
+    return oid_der(dotted)[2:]
 
 
 _KINDS = {
@@ -433,7 +428,7 @@ _KINDS = {
 _CONTENT_CIPHERS_BY_OID: dict[bytes, str] = {
     _oid_contents(dotted): name
     for dotted, name in algos.EncryptionAlgorithmId._map.items()
-    if name in _CIPHER_BY_OID_NAME
+    if name in CIPHER_BY_OID_NAME
 }
 _SHA2: dict[bytes, str] = {
     _oid_contents(d): n for d, n in algos.DigestAlgorithmId._map.items() if n in _HASH_NAMES
@@ -443,7 +438,7 @@ _OID_MGF1 = _oid_contents("1.2.840.113549.1.1.8")
 _OID_EC_PUBLIC_KEY = _oid_contents("1.2.840.10045.2.1")
 _CURVES: dict[bytes, str] = {_oid_contents(d): n for d, n in keys.NamedCurve._map.items()}
 _KDF_SHA2: dict[bytes, str] = {
-    _oid_contents(d): h for d, h in _KDF_SCHEMES.items() if h in _HASH_NAMES
+    _oid_contents(d): h for d, h in KDF_SCHEMES.items() if h in _HASH_NAMES
 }
 _WRAPS: dict[bytes, int] = {
     _oid_contents(d): _WRAP_KEYLEN[n]
@@ -654,7 +649,7 @@ def content_algorithm_direct(c: Cursor, kind: str) -> tuple[str, GcmParams | byt
     oid_name = _CONTENT_CIPHERS_BY_OID.get(alg.value(0x06))
     if oid_name is None:
         raise DerError("a content cipher the direct reader does not read")
-    mode = _CIPHERS[_CIPHER_BY_OID_NAME[oid_name]][2]
+    mode = CIPHERS[CIPHER_BY_OID_NAME[oid_name]][2]
     params: GcmParams | bytes
     if mode == "gcm":
         if kind != "authenticated_enveloped_data":
@@ -723,7 +718,7 @@ def _recover_direct(
     """The content-encryption key, as :func:`recover_cek` finds it; None if that
     takes the asn1crypto reading (found otherwise than by exactly our bytes, not
     found, or an error to report as the asn1crypto path reports it)."""
-    issuer_der, _ = _issuer_serial_ders(cert_der(cert))
+    issuer_der, _ = issuer_serial_ders(cert_der(cert))
     serial = cert.serial_number
     for info in recipients.infos:
         if isinstance(info, _DirectKtri):
@@ -870,7 +865,7 @@ def _unwrap_kari(
 ) -> tuple[bytes, str]:
     alg = kari["key_encryption_algorithm"]
     oid = alg["algorithm"].dotted
-    kdf_digest = _KDF_SCHEMES.get(oid)
+    kdf_digest = KDF_SCHEMES.get(oid)
     if kdf_digest is None:
         raise PolicyError(
             f"key agreement {oid}",
@@ -956,7 +951,7 @@ def _ecdh_unwrap_cek(
 
 
 def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
-    _oid_name, key_len, mode = _CIPHERS[cipher]
+    _oid_name, key_len, mode = CIPHERS[cipher]
     if len(cek) != key_len:
         raise DecryptionError(
             f"content-encryption key has {len(cek)} bytes, {cipher} needs {key_len}",
@@ -1011,13 +1006,47 @@ def _decrypt_content(parsed: _Parsed, cipher: str, cek: bytes) -> bytes:
         unpadder = sym_padding.PKCS7(block).unpadder()
         return unpadder.update(padded) + unpadder.finalize()
     except ValueError as exc:
-        raise _bad_padding(cipher) from exc
+        raise bad_padding(cipher) from exc
 
 
-def _bad_padding(cipher: str) -> DecryptionError:
+def decrypt_der(
+    enveloped: bytes,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    policy: AlgorithmPolicy,
+) -> Decrypted | None:
+    """Decrypt the common DER shapes of EnvelopedData or AuthEnvelopedData addressed to
+    ``cert`` directly; None for anything else (BER, other recipient forms, a malformed
+    message), which :func:`gateway.cms.decrypting.decrypt` reads as a stream."""
+    try:
+        parsed = _parse_der(enveloped)
+    except DerError:
+        return None
+    cipher = content_cipher_name(parsed.cipher_oid_name, policy)
+    cek, key_transport = recover_cek(parsed.recipient_infos, cert, key, policy)
+    try:
+        content = _decrypt_content(parsed, cipher, cek)
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"encrypted message has malformed {cipher} parameters: {exc}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from exc
+    compat = tuple(
+        n for n in (cipher, key_transport) if n in COMPAT_CONTENT_CIPHERS + COMPAT_KEY_TRANSPORTS
+    )
+    return Decrypted(
+        content=content,
+        content_cipher=cipher,
+        key_transport=key_transport,
+        compat_algorithms=compat,
+    )
+
+
+def bad_padding(cipher: str) -> DecryptionError:
     """For a caller that holds the whole content and answers no remote party.  (The
     daemon does not get it: it refuses such content like an altered signature, see
-    gateway.cms.stream.DecryptedFile.intact.)"""
+    gateway.cms.decrypting.DecryptedFile.intact.)"""
     return DecryptionError(
         f"{cipher}: decrypted content has invalid padding (wrong key or altered message)",
         fix="ask the peer to resend the message",
@@ -1026,7 +1055,7 @@ def _bad_padding(cipher: str) -> DecryptionError:
 
 def content_cipher_name(oid_name: str, policy: AlgorithmPolicy) -> str:
     """Our name for a content-encryption algorithm, policy-checked for inbound use."""
-    cipher = _CIPHER_BY_OID_NAME.get(oid_name)
+    cipher = CIPHER_BY_OID_NAME.get(oid_name)
     if cipher is None:
         raise PolicyError(
             f"content cipher {oid_name}",
@@ -1104,65 +1133,3 @@ def recover_cek(
             "(it may be using an old or another institution's certificate)",
         )
     return found
-
-
-def decrypt(
-    enveloped: bytes,
-    cert: x509.Certificate,
-    key: PrivateKey,
-    *,
-    policy: AlgorithmPolicy,
-) -> Decrypted:
-    """Decrypt a DER/BER EnvelopedData or AuthEnvelopedData addressed to ``cert``.
-
-    The common DER shapes are read directly; anything else (BER, other recipient
-    forms, a malformed message) by the streaming reader that the daemon's file
-    path uses, so that a message gets the same result or error either way.
-    """
-    if not isinstance(enveloped, bytes | bytearray | memoryview):
-        raise TypeError(f"encrypted message must be bytes, not {type(enveloped).__name__}")
-    parsed: _Parsed | None = None
-    with contextlib.suppress(DerError):  # not the common shape: read as a stream
-        parsed = _parse_der(bytes(enveloped))
-    if parsed is None:
-        return _decrypt_streamed(bytes(enveloped), cert, key, policy)
-    cipher = content_cipher_name(parsed.cipher_oid_name, policy)
-    cek, key_transport = recover_cek(parsed.recipient_infos, cert, key, policy)
-    try:
-        content = _decrypt_content(parsed, cipher, cek)
-    except ASN1_ERRORS as exc:
-        raise MalformedMessageError(
-            f"encrypted message has malformed {cipher} parameters: {exc}",
-            fix="check that the message was not truncated or altered in transit",
-        ) from exc
-    compat = tuple(
-        n for n in (cipher, key_transport) if n in COMPAT_CONTENT_CIPHERS + COMPAT_KEY_TRANSPORTS
-    )
-    return Decrypted(
-        content=content,
-        content_cipher=cipher,
-        key_transport=key_transport,
-        compat_algorithms=compat,
-    )
-
-
-def _decrypt_streamed(
-    enveloped: bytes, cert: x509.Certificate, key: PrivateKey, policy: AlgorithmPolicy
-) -> Decrypted:
-    from gateway.cms.stream import decrypt_stream  # builds on this module
-
-    if not enveloped:
-        raise MalformedMessageError(
-            "encrypted message is empty: expected a DER/BER CMS ContentInfo",
-            fix="check that the peer sent a CMS/S-MIME body",
-        )
-    plaintext = io.BytesIO()
-    opened = decrypt_stream(io.BytesIO(enveloped), plaintext, cert, key, policy=policy)
-    if not opened.intact:
-        raise _bad_padding(opened.content_cipher)
-    return Decrypted(
-        content=plaintext.getvalue(),
-        content_cipher=opened.content_cipher,
-        key_transport=opened.key_transport,
-        compat_algorithms=opened.compat_algorithms,
-    )

@@ -13,7 +13,7 @@ from asn1crypto import core
 
 from ..errors import MalformedMessageError, PolicyError
 from ..policy import LEGACY_ALGORITHMS, AlgorithmPolicy
-from .enveloped import _CIPHER_BY_OID_NAME, _KDF_SCHEMES, check_recipient_counts
+from .enveloped import CIPHER_BY_OID_NAME, KDF_SCHEMES, check_recipient_counts
 from .signed import ASN1_ERRORS, load_content_info, name_string
 
 __all__ = ["describe"]
@@ -120,7 +120,7 @@ def _recipients(infos: Any, out: list[str]) -> None:
         elif ri.name == "kari":
             k = ri.chosen
             oid = k["key_encryption_algorithm"]["algorithm"].dotted
-            kdf = _KDF_SCHEMES.get(oid)
+            kdf = KDF_SCHEMES.get(oid)
             verdict = (
                 "refused (unknown scheme)"
                 if kdf is None
@@ -136,7 +136,7 @@ def _recipients(infos: Any, out: list[str]) -> None:
 
 def _cipher(alg: Any) -> str:
     oid_name = alg["algorithm"].native
-    name = _CIPHER_BY_OID_NAME.get(oid_name, oid_name)
+    name = CIPHER_BY_OID_NAME.get(oid_name, oid_name)
     verdict = _verdict(lambda p: p.check_content_cipher(name, inbound=True), name)
     return f"{name} ({verdict})"
 

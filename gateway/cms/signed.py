@@ -50,7 +50,9 @@ from .der import (
     count_children,
     integer,
     joined_octet_strings,
+    oid_der,
     oid_valid,
+    tlv,
 )
 from .limits import (
     MAX_ATTRIBUTE_VALUES,
@@ -168,7 +170,7 @@ def issuer_and_serial(cert: x509.Certificate) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _issuer_serial_ders(cert_der: bytes) -> tuple[bytes, bytes]:
+def issuer_serial_ders(cert_der: bytes) -> tuple[bytes, bytes]:
     """(issuer Name DER, serialNumber INTEGER DER) exactly as encoded in the certificate.
 
     A pure function of the certificate's bytes, cached: the certificates a
@@ -195,7 +197,7 @@ def matches_issuer_serial(cert: x509.Certificate, ias: Any) -> bool:
     """
     if ias["serial_number"].native != cert.serial_number:
         return False
-    issuer_der, _ = _issuer_serial_ders(cert_der(cert))
+    issuer_der, _ = issuer_serial_ders(cert_der(cert))
     other = ias["issuer"]
     if other.dump() == issuer_der:
         return True
@@ -215,51 +217,30 @@ def name_string(asn1_name: Any) -> str:
 # DER writing
 
 
-def _tl(tag: int, length: int) -> bytes:
-    if length < 0x80:
-        return bytes((tag, length))
-    if length < 0x100:
-        return bytes((tag, 0x81, length))
-    if length < 0x10000:
-        return bytes((tag, 0x82, length >> 8, length & 0xFF))
-    n = (length.bit_length() + 7) // 8
-    return bytes((tag, 0x80 | n)) + length.to_bytes(n, "big")
-
-
-def _tlv(tag: int, value: bytes) -> bytes:
-    return _tl(tag, len(value)) + value
-
-
-@functools.lru_cache(maxsize=128)
-def _oid_der(dotted: str) -> bytes:
-    out: bytes = core.ObjectIdentifier(dotted).dump()
-    return out
-
-
 OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
 OID_ALGORITHM_PROTECTION = "1.2.840.113549.1.9.52"
-_OID_DATA_DER = _oid_der("1.2.840.113549.1.7.1")
-_OID_SIGNED_DATA_DER = _oid_der("1.2.840.113549.1.7.2")
+_OID_DATA_DER = oid_der("1.2.840.113549.1.7.1")
+_OID_SIGNED_DATA_DER = oid_der("1.2.840.113549.1.7.2")
 
 
 def _attribute(oid: str, value_der: bytes) -> bytes:
-    return _tlv(0x30, _oid_der(oid) + _tlv(0x31, value_der))
+    return tlv(0x30, oid_der(oid) + tlv(0x31, value_der))
 
 
 @functools.lru_cache(maxsize=8)
 def _time_der(dt: datetime) -> bytes:
     dt = dt.astimezone(UTC)
     if 1950 <= dt.year < 2050:
-        return _tlv(0x17, dt.strftime("%y%m%d%H%M%SZ").encode("ascii"))
-    return _tlv(0x18, dt.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
+        return tlv(0x17, dt.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return tlv(0x18, dt.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
 
 
 def issuer_and_serial_der(cert: x509.Certificate) -> bytes:
     """IssuerAndSerialNumber with the issuer Name and serial exactly as in the certificate."""
-    issuer, serial = _issuer_serial_ders(cert_der(cert))
-    return _tlv(0x30, issuer + serial)
+    issuer, serial = issuer_serial_ders(cert_der(cert))
+    return tlv(0x30, issuer + serial)
 
 
 # ---------------------------------------------------------------------------
@@ -391,9 +372,7 @@ def _fixed_attributes(digest_alg_der: bytes, sig_alg_der: bytes) -> tuple[bytes,
     CMSAlgorithmProtection (RFC 6211)."""
     return (
         _attribute(OID_CONTENT_TYPE, _OID_DATA_DER),
-        _attribute(
-            OID_ALGORITHM_PROTECTION, _tlv(0x30, digest_alg_der + b"\xa1" + sig_alg_der[1:])
-        ),
+        _attribute(OID_ALGORITHM_PROTECTION, tlv(0x30, digest_alg_der + b"\xa1" + sig_alg_der[1:])),
     )
 
 
@@ -440,11 +419,11 @@ def sign_digest(
         [
             content_type_attr,
             _attribute(OID_SIGNING_TIME, _time_der(signing_time)),
-            _attribute(OID_MESSAGE_DIGEST, _tlv(0x04, content_digest)),
+            _attribute(OID_MESSAGE_DIGEST, tlv(0x04, content_digest)),
             protection_attr,
         ]
     )
-    attrs_der = _tlv(0x31, b"".join(attrs))  # DER: SET OF sorted
+    attrs_der = tlv(0x31, b"".join(attrs))  # DER: SET OF sorted
 
     h = hash_for(digest)
     if isinstance(signer_key, ec.EllipticCurvePrivateKey):
@@ -456,7 +435,7 @@ def sign_digest(
     else:
         signature = signer_key.sign(attrs_der, padding.PKCS1v15(), h)
 
-    signer_info = _tlv(
+    signer_info = tlv(
         0x30,
         b"\x02\x01\x01"  # version 1: issuerAndSerialNumber
         + issuer_and_serial_der(signer_cert)
@@ -464,7 +443,7 @@ def sign_digest(
         + b"\xa0"
         + attrs_der[1:]  # [0] IMPLICIT signedAttrs
         + sig_alg_der
-        + _tlv(0x04, signature),
+        + tlv(0x04, signature),
     )
     certs: list[bytes] = []
     for c in (signer_cert, *certificates):
@@ -473,16 +452,16 @@ def sign_digest(
             certs.append(d)
     encap = _OID_DATA_DER
     if content is not None:
-        encap += _tlv(0xA0, _tlv(0x04, content))
-    signed_data = _tlv(
+        encap += tlv(0xA0, tlv(0x04, content))
+    signed_data = tlv(
         0x30,
         b"\x02\x01\x01"  # version 1
-        + _tlv(0x31, digest_alg_der)
-        + _tlv(0x30, encap)
-        + _tlv(0xA0, b"".join(sorted(certs)))  # DER: SET OF sorted
-        + _tlv(0x31, signer_info),
+        + tlv(0x31, digest_alg_der)
+        + tlv(0x30, encap)
+        + tlv(0xA0, b"".join(sorted(certs)))  # DER: SET OF sorted
+        + tlv(0x31, signer_info),
     )
-    return _tlv(0x30, _OID_SIGNED_DATA_DER + _tlv(0xA0, signed_data))
+    return tlv(0x30, _OID_SIGNED_DATA_DER + tlv(0xA0, signed_data))
 
 
 # ---------------------------------------------------------------------------
@@ -640,7 +619,7 @@ class _DirectSigner:
             return self.sid_ski is not None and cert_ski(cert) == self.sid_ski
         if self.sid_serial != cert.serial_number:
             return False
-        issuer_der, _ = _issuer_serial_ders(cert_der(cert))
+        issuer_der, _ = issuer_serial_ders(cert_der(cert))
         if issuer_der == self.sid_issuer_der:
             return True
         # the same name encoded otherwise? compared as a Name, as the asn1crypto path does
@@ -899,19 +878,19 @@ def _oid_names(*maps: dict[str, str]) -> dict[bytes, str]:
     out: dict[bytes, str] = {}
     for m in maps:
         for dotted, name in m.items():
-            out[_oid_der(dotted)[2:]] = name
+            out[oid_der(dotted)[2:]] = name
     return out
 
 
 _DIGEST_NAMES = _oid_names(algos.DigestAlgorithmId._map)
 _SIGNATURE_NAMES = _oid_names(algos.SignedDigestAlgorithmId._map)
-del _SIGNATURE_NAMES[_oid_der("1.2.840.113549.1.1.10")[2:]]  # RSASSA-PSS: parameters
+del _SIGNATURE_NAMES[oid_der("1.2.840.113549.1.1.10")[2:]]  # RSASSA-PSS: parameters
 _CONTENT_TYPE_NAMES = _oid_names(cms.ContentType._map)
 _OID_SIGNED_DATA = _OID_SIGNED_DATA_DER[2:]
-_ATTR_CONTENT_TYPE = _oid_der(OID_CONTENT_TYPE)[2:]
-_ATTR_MESSAGE_DIGEST = _oid_der(OID_MESSAGE_DIGEST)[2:]
-_ATTR_SIGNING_TIME = _oid_der(OID_SIGNING_TIME)[2:]
-_ATTR_ALGORITHM_PROTECTION = _oid_der(OID_ALGORITHM_PROTECTION)[2:]
+_ATTR_CONTENT_TYPE = oid_der(OID_CONTENT_TYPE)[2:]
+_ATTR_MESSAGE_DIGEST = oid_der(OID_MESSAGE_DIGEST)[2:]
+_ATTR_SIGNING_TIME = oid_der(OID_SIGNING_TIME)[2:]
+_ATTR_ALGORITHM_PROTECTION = oid_der(OID_ALGORITHM_PROTECTION)[2:]
 _NULL = b"\x05\x00"
 
 

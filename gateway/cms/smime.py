@@ -19,9 +19,10 @@ from typing import Literal
 from cryptography import x509
 
 from ..errors import MalformedMessageError, SignatureError
-from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
+from ..policy import DIGEST_TO_MICALG, AlgorithmPolicy, PrivateKey, normalize_digest
 from .compressed import DEFAULT_MAX_DECOMPRESSED, compress, decompress
-from .enveloped import Decrypted, decrypt, encrypt
+from .decrypting import decrypt
+from .enveloped import Decrypted, encrypt
 from .mime import get_header, header_param, make_entity, media_type, parse_entity
 from .signed import VerifiedSignature, sign, verify
 from .trust import SignerValidator
@@ -37,7 +38,6 @@ __all__ = [
     "verify_entity",
 ]
 
-_MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
 _SIGNATURE_TYPES = ("application/pkcs7-signature", "application/x-pkcs7-signature")
 _MIME_TYPES = ("application/pkcs7-mime", "application/x-pkcs7-mime")
 
@@ -80,7 +80,7 @@ def _readings(content: bytes, alt_content: bytes | None) -> Iterator[bytes]:
             yield canonical
 
 
-def _b64_lines(data: bytes) -> bytes:
+def b64_lines(data: bytes) -> bytes:
     text = base64.b64encode(data)
     return b"\r\n".join([text[i : i + 76] for i in range(0, len(text), 76)])
 
@@ -115,7 +115,7 @@ def sign_entity(
         if boundary.encode("ascii") not in entity:
             break
     b = boundary.encode("ascii")
-    micalg = _MICALG.get(digest, digest)
+    micalg = DIGEST_TO_MICALG.get(digest, digest)
     head = (
         "Content-Type: multipart/signed; "
         f'protocol="application/pkcs7-signature"; micalg={micalg}; boundary="{boundary}"\r\n'
@@ -125,7 +125,7 @@ def sign_entity(
         b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
         b"Content-Transfer-Encoding: base64\r\n"
         b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
-        b"\r\n" + _b64_lines(signature) + b"\r\n"
+        b"\r\n" + b64_lines(signature) + b"\r\n"
     )
     return (
         head
@@ -143,7 +143,7 @@ def sign_entity(
     )
 
 
-def _decode_body(headers: Sequence[tuple[str, str]], body: bytes, what: str) -> bytes:
+def decode_body(headers: Sequence[tuple[str, str]], body: bytes, what: str) -> bytes:
     cte = (get_header(headers, "Content-Transfer-Encoding") or "binary").strip().lower()
     if cte == "base64":
         try:
@@ -182,7 +182,7 @@ def _line_end(body: bytes, pos: int) -> int:
     return len(body) if nl < 0 else nl + 1
 
 
-def _split_multipart(
+def split_multipart(
     body: bytes, boundary: str, *, most: int = 2
 ) -> list[tuple[bytes, bytes | None]]:
     """The parts of a multipart body, byte-exact (MalformedMessageError beyond ``most``).
@@ -267,7 +267,7 @@ def verify_entity(
                 f"multipart/signed Content-Type has no boundary: {ctype!r}",
                 fix="the sender produced a broken Content-Type header",
             )
-        parts = _split_multipart(body, boundary)
+        parts = split_multipart(body, boundary)
         if len(parts) != 2:
             raise MalformedMessageError(
                 f"multipart/signed must have exactly 2 parts (content, signature), found "
@@ -277,7 +277,7 @@ def verify_entity(
         (content, alt_content), (sig_part, _) = parts
         sig_headers, sig_body = parse_entity(sig_part)
         check_signature_part(sig_headers)
-        signature = _decode_body(sig_headers, sig_body, "signature part")
+        signature = decode_body(sig_headers, sig_body, "signature part")
         # The exact bytes first; then the reading that keeps a CR before the
         # delimiter; then the canonical CRLF form of a part whose line endings
         # were converted to bare LF in transit (RFC 8551 3.1.1: text is signed
@@ -303,7 +303,7 @@ def verify_entity(
                 f"application/pkcs7-mime with smime-type={smime_type} is not a signed message",
                 fix="decrypt enveloped data with open_envelope() first",
             )
-        der = _decode_body(headers, body, "pkcs7-mime body")
+        der = decode_body(headers, body, "pkcs7-mime body")
         result = verify(
             der, trusted_signers=trusted_signers, policy=policy, validate_signer=validate_signer
         )
@@ -376,4 +376,4 @@ def decompress_entity(entity: bytes, *, max_size: int = DEFAULT_MAX_DECOMPRESSED
             f"entity of type {ctype or 'untyped'!r} is not S/MIME compressed data",
             fix="expected application/pkcs7-mime; smime-type=compressed-data",
         )
-    return decompress(_decode_body(headers, body, "compressed-data body"), max_size=max_size)
+    return decompress(decode_body(headers, body, "compressed-data body"), max_size=max_size)

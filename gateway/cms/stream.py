@@ -7,9 +7,8 @@ it (the signature and the AS2 MIC), one to encrypt it.  The output is
 definite-length DER: every length is computed up front from the entity's size
 (GCM ciphertext = plaintext, CBC = plaintext padded to the next block).
 
-Inbound, :func:`open_and_verify_file` decrypts DER or BER (indefinite lengths,
-constructed OCTET STRINGs of any chunking) incrementally into a temporary
-file next to the destination, checks the GCM tag or CBC padding at the end,
+Inbound, :func:`open_and_verify_file` decrypts DER or BER incrementally
+(:mod:`gateway.cms.decrypting`) into a temporary file next to the destination,
 then verifies ``multipart/signed`` by digesting the first part while copying
 it to the destination; only the small parts (recipient infos, the signature)
 are ever held in memory.  On any error the destination is not created.
@@ -17,82 +16,56 @@ are ever held in memory.  On any error the destination is not created.
 The functions are blocking and CPU-bound: call them from a worker thread
 (``await asyncio.to_thread(sign_and_envelope_file, ...)``).  Lower-level
 pieces: :func:`encrypt_chunks` (iterator in, iterator out),
-:func:`decrypt_stream` (file object in, file object out),
 :func:`sign_entity_file` and :func:`verify_entity_file`.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import BinaryIO, Literal
 
-from asn1crypto import algos, cms, core
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import padding as sym_padding
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import DecryptionError, MalformedMessageError, SignatureError
-from ..fsutil import create_private, fsync_dir, open_source, partial_name, private_work_file
+from ..errors import MalformedMessageError, SignatureError
+from ..fsutil import create_private, fsync_dir, open_source, partial_name
 from ..policy import (
-    COMPAT_CONTENT_CIPHERS,
-    COMPAT_KEY_TRANSPORTS,
+    DIGEST_TO_MICALG,
     DIGESTS,
     AlgorithmPolicy,
     PrivateKey,
 )
+from .decrypting import DecryptedFile, decrypt_file
 from .der import CHUNK as CHUNK  # the streaming chunk size, part of this module's interface
-from .der import Cursor, DerError, StreamReader, count_children
 from .enveloped import (
-    _CIPHERS,
-    OID_AUTH_ENVELOPED,
-    OID_ENVELOPED,
-    cbc_iv,
-    check_recipient_counts,
-    content_algorithm_direct,
-    content_cipher_name,
-    direct_recipients,
     encrypt_chunks,
-    gcm_parameters,
-    recover_cek,
 )
 from .limits import (
-    MAX_ATTRIBUTES,
-    MAX_HEADER_ELEMENT,
     MAX_IN_MEMORY_ENTITY,
     MAX_SIGNATURE_PART,
 )
 from .mime import get_header, header_param, media_type, parse_entity
 from .signed import (
-    ASN1_ERRORS,
     VerifiedSignature,
-    _oid_der,
     hash_for,
     parse_signature,
     sign_digest,
     signer_digests,
     verify_digest,
 )
-from .smime import _MICALG, _b64_lines, _decode_body, check_signature_part, verify_entity
+from .smime import b64_lines, check_signature_part, decode_body, verify_entity
 from .trust import SignerValidator
 
 __all__ = [
-    "DecryptedFile",
     "EntitySpan",
     "OpenedFile",
     "SealedFile",
-    "decrypt_bytes",
-    "decrypt_file",
-    "decrypt_stream",
     "encrypt_chunks",
     "encrypt_file",
     "open_and_verify_file",
@@ -119,20 +92,6 @@ class SealedFile:
     digest: str
     content_type: str
     size: int
-
-
-@dataclass(frozen=True)
-class DecryptedFile:
-    size: int
-    content_cipher: str
-    key_transport: str
-    compat_algorithms: tuple[str, ...]
-    # False: the CBC padding of the content is invalid (the ciphertext was altered, or
-    # the key is wrong).  The content is then passed on whole, unpadded by no rule,
-    # and the caller must refuse it *after* the same work as for any other content,
-    # with the answer a signature failure gets: answering "decryption failed" at once
-    # would tell whoever sent it whether the padding was valid (a padding oracle).
-    intact: bool = True
 
 
 @dataclass(frozen=True)
@@ -271,7 +230,7 @@ def _frame(
         signing_time=signing_time,
         policy=policy,
     )
-    micalg = _MICALG.get(digest, digest)
+    micalg = DIGEST_TO_MICALG.get(digest, digest)
     head = (
         "Content-Type: multipart/signed; "
         f'protocol="application/pkcs7-signature"; micalg={micalg}; boundary="{boundary}"\r\n'
@@ -285,7 +244,7 @@ def _frame(
         + b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
         + b"Content-Transfer-Encoding: base64\r\n"
         + b'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n'
-        + _b64_lines(signature)
+        + b64_lines(signature)
         + b"\r\n--"
         + b
         + b"--\r\n"
@@ -379,289 +338,6 @@ def sign_and_envelope_file(
         content_type=f'application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"',
         size=size,
     )
-
-
-# ---------------------------------------------------------------------------
-# decryption, streamed
-
-
-_KIND_OIDS = {_oid_der(oid): oid for oid in (OID_AUTH_ENVELOPED, OID_ENVELOPED)}
-
-
-@dataclass
-class _Head:
-    kind: str
-    recipient_infos: Any
-    cipher: str
-    params: Any
-
-
-def _read_head(r: StreamReader, policy: AlgorithmPolicy) -> tuple[_Head, list[int | None]]:
-    ends: list[int | None] = [r.enter(0x30, "ContentInfo SEQUENCE")]
-    oid_der = r.element(64)
-    oid = _KIND_OIDS.get(oid_der) or core.ObjectIdentifier.load(oid_der).dotted
-    if oid == OID_AUTH_ENVELOPED:
-        kind = "authenticated_enveloped_data"
-    elif oid == OID_ENVELOPED:
-        kind = "enveloped_data"
-    else:
-        raise MalformedMessageError(
-            f"{r.what} is a CMS {oid}, not EnvelopedData or AuthEnvelopedData",
-            fix="check the message order: the gateway expects an encrypted message here",
-        )
-    ends.append(r.enter(0xA0, "[0] content"))
-    ends.append(r.enter(0x30, f"{kind} SEQUENCE"))
-    r.element(16)  # version
-    if r.peek(1) == b"\xa0":
-        r.element(MAX_HEADER_ELEMENT)  # originatorInfo: certificates we do not need
-    ri_der = r.element(MAX_HEADER_ELEMENT)
-    check_recipient_counts(ri_der)
-    ris = direct_recipients(ri_der) or cms.RecipientInfos.load(ri_der)
-    ends.append(r.enter(0x30, "EncryptedContentInfo"))
-    r.element(64)  # content type
-    alg_der = r.element(4096)
-    try:
-        c = Cursor(alg_der, 0, len(alg_der))
-        oid_name, params = content_algorithm_direct(c, kind)
-        c.finish()
-    except DerError:  # not the common shape: asn1crypto reads it
-        alg = algos.EncryptionAlgorithm.load(alg_der)
-        oid_name, params = alg["algorithm"].native, alg["parameters"]
-    cipher = content_cipher_name(oid_name, policy)
-    return _Head(kind, ris, cipher, params), ends
-
-
-def _read_tail(
-    r: StreamReader, head: _Head, ends: list[int | None]
-) -> tuple[bytes | None, bytes | None]:
-    r.close(ends.pop())  # EncryptedContentInfo
-    aad = mac = None
-    if head.kind == "authenticated_enveloped_data":
-        if r.peek(1) == b"\xa1":
-            raw = r.element(MAX_HEADER_ELEMENT)
-            count_children(raw, 0, MAX_ATTRIBUTES, "authenticated attributes")
-            # RFC 5083 2.2: the AAD is the DER of authAttrs with a SET OF tag
-            aad = cms.CMSAttributes.load(b"\x31" + raw[1:]).dump(force=True)
-        mac_der = r.element(64)
-        if mac_der[:1] == b"\x04" and mac_der[1:2] == bytes((len(mac_der) - 2,)):
-            mac = mac_der[2:]
-        else:
-            mac = core.OctetString.load(mac_der).native
-        if not r.end_of(ends[-1]) and r.peek(1) == b"\xa2":
-            r.element(MAX_HEADER_ELEMENT)  # unauthAttrs
-    elif not r.end_of(ends[-1]) and r.peek(1) == b"\xa1":
-        r.element(MAX_HEADER_ELEMENT)  # unprotectedAttrs
-    while ends:
-        r.close(ends.pop())
-    if not r.at_eof():
-        raise r.malformed("trailing data after the ContentInfo")
-    return aad, mac
-
-
-class _CbcSink:
-    """CBC decryption, holding back the last block until its padding can be judged."""
-
-    def __init__(self, algo: Any, iv: bytes, block: int, out: Callable[[bytes], None]) -> None:
-        self.dec = Cipher(algo, modes.CBC(iv)).decryptor()
-        self.bits = block
-        self.block = block // 8
-        self.out = out
-        self.n = 0
-        self.held = b""
-
-    def __call__(self, data: bytes) -> None:
-        self.n += len(data)
-        plain = self.held + self.dec.update(data)  # whole blocks only
-        self.held = plain[-self.block :]
-        if len(plain) > self.block:
-            self.out(plain[: -self.block])
-
-    def finish(self, cipher: str) -> bool:
-        """Write the last block, unpadded; False when its padding is invalid (it is then
-        written whole: see DecryptedFile.intact)."""
-        if self.n % self.block or self.n == 0:
-            raise DecryptionError(
-                f"{cipher}: ciphertext of {self.n} bytes is not a whole number of blocks",
-                fix="the message is corrupt or truncated; ask the peer to resend",
-            )
-        last = self.held + self.dec.finalize()
-        unpadder = sym_padding.PKCS7(self.bits).unpadder()
-        try:
-            last, intact = unpadder.update(last) + unpadder.finalize(), True
-        except ValueError:
-            intact = False
-        if last:
-            self.out(last)
-        return intact
-
-
-def _decrypt_pass(
-    src: BinaryIO,
-    sink: Callable[[bytes], None],
-    cert: x509.Certificate,
-    key: PrivateKey,
-    policy: AlgorithmPolicy,
-    what: str,
-    aad: bytes | None,
-) -> tuple[_Head, str, int, bytes | None, bool, bool]:
-    """One pass: (head, key transport, plaintext size, AAD found, tag verified, CBC
-    padding valid)."""
-    r = StreamReader(src, what)
-    head, ends = _read_head(r, policy)
-    cek, key_transport = recover_cek(head.recipient_infos, cert, key, policy)
-    _name, key_len, mode = _CIPHERS[head.cipher]
-    if len(cek) != key_len:
-        raise DecryptionError(
-            f"content-encryption key has {len(cek)} bytes, {head.cipher} needs {key_len}",
-            fix="the message is corrupt or not for our key; ask the peer to resend",
-        )
-    size = 0
-
-    def counted(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        sink(data)
-
-    if r.peek(1) not in (b"\x80", b"\xa0"):
-        raise MalformedMessageError(
-            f"{what} has no encrypted content (detached encrypted content is not supported)",
-            fix="ask the peer to send the encrypted content inside the CMS structure",
-        )
-    if mode == "gcm":
-        if head.kind != "authenticated_enveloped_data":
-            raise MalformedMessageError(
-                f"{head.cipher} used in EnvelopedData; GCM requires AuthEnvelopedData (RFC 5084)",
-                fix="ask the peer to send AuthEnvelopedData for AES-GCM",
-            )
-        nonce, icvlen = gcm_parameters(head.params)
-        # RFC 5084 allows tags of 12 to 16 bytes (the tag length itself is checked
-        # against ICVlen when the tail is read); cryptography wants 16 unless told.
-        dec = Cipher(algorithms.AES(cek), modes.GCM(nonce, min_tag_length=12)).decryptor()
-        if aad is not None:
-            dec.authenticate_additional_data(aad)
-
-        def gcm_sink(data: bytes) -> None:
-            out = dec.update(data)
-            if out:
-                counted(out)
-
-        r.octets(gcm_sink)
-        found_aad, mac = _read_tail(r, head, ends)
-        if found_aad is not None and aad is None:
-            return head, key_transport, size, found_aad, False, True
-        if mac is None or len(mac) != icvlen or not 12 <= icvlen <= 16:
-            raise DecryptionError(
-                f"{head.cipher} tag length does not match GCMParameters ICV length {icvlen}",
-                fix="the message is corrupt; ask the peer to resend",
-            )
-        try:
-            tail = dec.finalize_with_tag(mac)
-        except (InvalidTag, ValueError) as exc:
-            raise DecryptionError(
-                f"{head.cipher} authentication tag does not verify: the encrypted content or "
-                "its authenticated attributes were altered, or the key is wrong",
-                fix="ask the peer to resend the message",
-            ) from exc
-        if tail:
-            counted(tail)
-        return head, key_transport, size, found_aad, True, True
-    if head.kind != "enveloped_data":
-        raise MalformedMessageError(
-            f"{head.cipher} used in AuthEnvelopedData; only AEAD ciphers are allowed there",
-            fix="ask the peer to use AES-GCM for AuthEnvelopedData",
-        )
-    iv = cbc_iv(head.params)
-    if head.cipher in COMPAT_CONTENT_CIPHERS:
-        algo: Any = TripleDES(cek)
-        block = 64
-    else:
-        algo = algorithms.AES(cek)
-        block = 128
-    if not isinstance(iv, bytes) or len(iv) * 8 != block:
-        raise DecryptionError(f"{head.cipher}: bad IV", fix="the message is corrupt")
-    cbc = _CbcSink(algo, iv, block, counted)
-    r.octets(cbc)
-    intact = cbc.finish(head.cipher)
-    _read_tail(r, head, ends)
-    return head, key_transport, size, None, True, intact
-
-
-def decrypt_stream(
-    src: BinaryIO,
-    sink: BinaryIO,
-    cert: x509.Certificate,
-    key: PrivateKey,
-    *,
-    policy: AlgorithmPolicy,
-    what: str = "encrypted message",
-) -> DecryptedFile:
-    """Decrypt DER/BER from ``src`` into ``sink`` incrementally.
-
-    The plaintext is written *before* the GCM tag or CBC padding is checked at
-    the end: on any exception the caller must discard ``sink``.  ``src`` must
-    be seekable if the message has GCM authenticated attributes (rare: they
-    follow the ciphertext, so a second pass is needed).
-    """
-    start = src.tell()
-    sink_start = sink.tell()
-
-    def write(data: bytes) -> None:
-        sink.write(data)
-
-    try:
-        head, kt, size, aad, done, intact = _decrypt_pass(src, write, cert, key, policy, what, None)
-        if not done:
-            src.seek(start)
-            sink.seek(sink_start)
-            sink.truncate()
-            head, kt, size, aad, done, intact = _decrypt_pass(
-                src, write, cert, key, policy, what, aad
-            )
-    except ASN1_ERRORS as exc:
-        raise MalformedMessageError(
-            f"{what} has a malformed structure: {exc}",
-            fix="check that the message was not truncated or altered in transit",
-        ) from exc
-    compat = tuple(
-        n for n in (head.cipher, kt) if n in COMPAT_CONTENT_CIPHERS + COMPAT_KEY_TRANSPORTS
-    )
-    return DecryptedFile(size, head.cipher, kt, compat, intact)
-
-
-def decrypt_file(
-    src: Path | bytes,
-    dst: Path,
-    cert: x509.Certificate,
-    key: PrivateKey,
-    *,
-    policy: AlgorithmPolicy,
-) -> DecryptedFile:
-    """Decrypt ``src`` (DER/BER: a file, or a small message held in memory) into the
-    file ``dst`` (mode 0600); ``dst`` appears only on success."""
-    if isinstance(src, Path):
-        source: BinaryIO = src.open("rb")
-        what = f"encrypted file {src}"
-    else:
-        source, what = io.BytesIO(src), "encrypted message"
-    # Plaintext: mode 0600, and nameless until it is complete (nothing is left behind
-    # by a process killed meanwhile).
-    with source as f, private_work_file(dst) as out:
-        return decrypt_stream(f, out, cert, key, policy=policy, what=what)
-
-
-def decrypt_bytes(
-    src: bytes,
-    cert: x509.Certificate,
-    key: PrivateKey,
-    *,
-    policy: AlgorithmPolicy,
-) -> tuple[bytes, DecryptedFile]:
-    """Decrypt a small message held in memory (the same reader as :func:`decrypt_file`)."""
-    sink = io.BytesIO()
-    result = decrypt_stream(
-        io.BytesIO(src), sink, cert, key, policy=policy, what="encrypted message"
-    )
-    return sink.getvalue(), result
 
 
 # ---------------------------------------------------------------------------
@@ -809,7 +485,7 @@ def verify_entity_span(
             sig_part = sig_part[:-1]
     sig_headers, sig_body = parse_entity(sig_part)
     check_signature_part(sig_headers)
-    signature = parse_signature(_decode_body(sig_headers, sig_body, "signature part"))
+    signature = parse_signature(decode_body(sig_headers, sig_body, "signature part"))
     names = list(signer_digests(signature))
     for name in names:  # what the peer signed with: SHA-1 only if accept_legacy names it
         policy.check_digest(name, inbound=True)

@@ -381,7 +381,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from gateway.cms.inspect import describe
     from gateway.cms.limits import MAX_REPORT_PARTS
     from gateway.cms.mime import get_header, header_param, parse_entity
-    from gateway.cms.smime import _decode_body, _split_multipart
+    from gateway.cms.smime import decode_body, split_multipart
 
     found = detect(_read(args.input, "input"))
     lines = [f"format: {found.format}"]
@@ -398,7 +398,7 @@ def _inspect(args: argparse.Namespace) -> int:
         lines.append(f"MIME type: {found.mime_type}{smime_type}")
         if found.mime_type == "multipart/signed":
             boundary = header_param(ctype, "boundary") or ""
-            parts = _split_multipart(body, boundary, most=MAX_REPORT_PARTS)
+            parts = split_multipart(body, boundary, most=MAX_REPORT_PARTS)
             lines.append(f"  parts: {len(parts)}; micalg={header_param(ctype, 'micalg')}")
             if parts:
                 first_headers, _ = parse_entity(parts[0][0])
@@ -406,10 +406,10 @@ def _inspect(args: argparse.Namespace) -> int:
                 lines.append(f"  signed part: {len(parts[0][0])} bytes, Content-Type {first_type}")
             if len(parts) == 2:
                 sig_headers, sig_body = parse_entity(parts[1][0])
-                der = _decode_body(sig_headers, sig_body, "signature part")
+                der = decode_body(sig_headers, sig_body, "signature part")
                 cms_lines(Detected("der", der=der))
         else:
-            der = _decode_body(headers, body, "body")
+            der = decode_body(headers, body, "body")
             cms_lines(detect(der, "body"))
     else:
         cms_lines(found)
