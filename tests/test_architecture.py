@@ -1,0 +1,169 @@
+"""The arrows between the parts of gateway/ point one way (see ARCHITECTURE.md).
+
+The imports are read from the source with ``ast`` (every import: at the top,
+inside a function, or only for type checking, since each is knowledge of the
+other module), so the rules stay true as the code changes:
+
+- no import cycles between modules;
+- the lower layers (message formats, crypto, trust, algorithm policy) know
+  nothing of the configuration, the daemon, delivery, diagnosis or the command
+  line, not even through a module they import;
+- only the command line knows the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "gateway"
+
+LOWER = ("gateway.cms", "gateway.pki", "gateway.as2", "gateway.policy")
+UPPER = (
+    "gateway.config",
+    "gateway.daemon",
+    "gateway.delivery",
+    "gateway.diagnose",
+    "gateway.commands",
+    "gateway.cli",
+)
+CLI = ("gateway.cli", "gateway.commands", "gateway.__main__")
+
+
+def _within(module: str, prefixes: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def modules(package: Path = PACKAGE) -> dict[str, tuple[Path, bool]]:
+    """Every module of the package: dotted name -> (file, is a package)."""
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts.pop()
+        found[".".join(parts)] = (path, is_package)
+    return found
+
+
+def imports_of(name: str, path: Path, is_package: bool, known: Mapping[str, object]) -> set[str]:
+    """The modules of the package that ``name`` imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    here = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here.split(".")[: len(here.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                submodule = f"{target}.{alias.name}"
+                found.add(submodule if submodule in known else target)
+    return {m for m in found if m in known and m != name}
+
+
+def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    known = modules(package)
+    return {name: imports_of(name, path, pkg, known) for name, (path, pkg) in known.items()}
+
+
+def cycles(edges: Mapping[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def reachable(edges: Mapping[str, set[str]], start: str) -> dict[str, list[str]]:
+    """Every module ``start`` reaches, with one import path to it."""
+    paths = {start: [start]}
+    todo = [start]
+    while todo:
+        node = todo.pop()
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in paths:
+                paths[nxt] = [*paths[node], nxt]
+                todo.append(nxt)
+    del paths[start]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def edges() -> dict[str, set[str]]:
+    return graph()
+
+
+def test_the_reader_sees_the_imports_it_must_judge(edges: dict[str, set[str]]) -> None:
+    # absolute, relative, "from package import module", and imports inside functions
+    assert "gateway.config" in edges["gateway.daemon"]
+    assert "gateway.cms.signed" in edges["gateway.cms.enveloped"]  # from .signed import
+    assert "gateway.pki.tlsnative" in edges["gateway.pki.tls"]  # from gateway.pki import tlsnative
+    assert "gateway.commands.daemon" in edges["gateway.cli"]
+
+
+def test_cycles_and_upward_paths_are_found() -> None:
+    made_up = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(made_up) == [["a", "b", "c"]]
+    assert reachable(made_up, "d")["c"] == ["d", "a", "b", "c"]
+
+
+def test_no_import_cycles(edges: dict[str, set[str]]) -> None:
+    assert cycles(edges) == []
+
+
+def test_lower_layers_never_reach_up(edges: dict[str, set[str]]) -> None:
+    wrong = [
+        " -> ".join(path)
+        for name in sorted(edges)
+        if _within(name, LOWER)
+        for target, path in reachable(edges, name).items()
+        if _within(target, UPPER)
+    ]
+    assert wrong == []
+
+
+def test_only_the_command_line_knows_the_command_line(edges: dict[str, set[str]]) -> None:
+    wrong = [
+        f"{name} -> {target}"
+        for name, targets in sorted(edges.items())
+        if not _within(name, CLI)
+        for target in sorted(targets)
+        if _within(target, CLI)
+    ]
+    assert wrong == []
