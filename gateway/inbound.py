@@ -34,6 +34,7 @@ from gateway.as2.headers import (
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.audit.log import recorded_since
+from gateway.audit.patients import patients_in_chunks
 from gateway.clock import Clock
 from gateway.cms.decrypting import DecryptedFile, decrypt_bytes, decrypt_file
 from gateway.cms.stream import verify_entity_span
@@ -522,6 +523,9 @@ class InboundProcessor:
                     message_id=message_id,
                     direction="inbound",
                     remote_address=request.remote,
+                    actor=f"peer:{peer.name}",
+                    # read from the decrypted document's first bytes (see SCAN_BYTES)
+                    patient_ids=patients_in_chunks(payload_chunks(entity.path, info)),
                     detail={
                         "content_type": content_type,
                         "filename": filename,

@@ -40,7 +40,8 @@ from cryptography import x509
 from gateway.as2.headers import new_message_id
 from gateway.as2.mdn import mic_matches, parse_receipt
 from gateway.as2.message import MessageSpec, build_message, build_message_file
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, PatientId, Severity
+from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.channel.client import PeerClient, Response, TransportError
 from gateway.clock import Clock
 from gateway.cms.enveloped import key_transport_for
@@ -439,7 +440,14 @@ class Outbound:
         record = self._spool.get(message_id)
         assert record is not None
         # Durable from here: finish even if the submitter hangs up now.
-        await asyncio.shield(self._prepare(record, peer, submitted_by=submission.submitter))
+        # The patients the submitter named go into message.accepted with the document's
+        # own; they are not kept in the spool (only the audit trail holds patient ids),
+        # so a preparation finished after a restart records the document's only.
+        await asyncio.shield(
+            self._prepare(
+                record, peer, submitted_by=submission.submitter, declared=submission.patients
+            )
+        )
         view = await self.status(message_id)
         assert view is not None
         return view
@@ -503,15 +511,28 @@ class Outbound:
         }
 
     async def _prepare(
-        self, record: OutboundRecord, peer: Peer, *, submitted_by: str | None = None
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        *,
+        submitted_by: str | None = None,
+        declared: tuple[PatientId, ...] = (),
     ) -> None:
-        if await self._in_thread(self._seal_and_queue, record, peer, submitted_by):
+        if await self._in_thread(self._seal_and_queue, record, peer, submitted_by, declared):
             self.wake(peer.name)
 
-    def _seal_and_queue(self, record: OutboundRecord, peer: Peer, submitted_by: str | None) -> bool:
+    def _seal_and_queue(
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        submitted_by: str | None,
+        declared: tuple[PatientId, ...] = (),
+    ) -> bool:
         """Sign and encrypt a spooled document and queue it (True); or keep it, unsent,
-        and alert (False).  Runs in a worker thread: crypto, files and the spool's
-        transactions, each with its fsync, stay off the event loop."""
+        and alert (False).  ``declared``: the patients its submitter named (the local
+        API), recorded with those the document itself names.  Runs in a worker thread:
+        crypto, files and the spool's transactions, each with its fsync, stay off the
+        event loop."""
         smime = self.config.smime
         at = self._clock.now()
         body_path = self._outgoing / (record.payload_path.name + ".as2")
@@ -535,9 +556,13 @@ class Outbound:
             )
             encrypted_for = certificate_fingerprint(recipient)
             key_transport = key_transport_for(recipient, peer.policy)
+            # The patients are read from the document's first bytes: all of a small one,
+            # a bounded prefix of a large one (read again as it streams; from the cache).
             with record.payload_path.open("rb") as handle:
-                small = handle.read(INLINE_BODY_BYTES + 1)
-            if len(small) <= INLINE_BODY_BYTES:
+                head = handle.read(SCAN_BYTES)
+            patients = patients_in(head)
+            if len(head) <= INLINE_BODY_BYTES:
+                small = head
                 # Sealed in memory and kept in the spool row itself: no more files.
                 message = build_message(small, spec)
                 return _Sealed(
@@ -549,6 +574,7 @@ class Outbound:
                     None,
                     message.body,
                     key_transport,
+                    patients,
                 )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
@@ -562,6 +588,7 @@ class Outbound:
                 body_path,
                 None,
                 key_transport,
+                patients,
             )
 
         try:
@@ -607,22 +634,27 @@ class Outbound:
         self._log.info(
             "message.accepted", peer=peer.name, message_id=record.message_id, size=sealed.size
         )
-        self._record(
-            EventType.MESSAGE_ACCEPTED,
-            peer=peer.name,
-            message_id=record.message_id,
-            service=record.service,
-            detail={
-                "filename": record.filename,
-                "content_type": record.content_type,
-                "size": sealed.size,
-                "sha256": sealed.sha256,
-                "mic": sealed.mic,
-                "cipher": peer.cipher,
-                "digest": peer.digest,
-                "key_transport": sealed.key_transport,
-                **({"submitted_by": submitted_by} if submitted_by else {}),
-            },
+        self._audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_ACCEPTED,
+                peer=peer.name,
+                message_id=record.message_id,
+                direction="outbound",
+                service=record.service,
+                actor=submitted_by,
+                patient_ids=unique_patients([*declared, *sealed.patients]),
+                detail={
+                    "filename": record.filename,
+                    "content_type": record.content_type,
+                    "size": sealed.size,
+                    "sha256": sealed.sha256,
+                    "mic": sealed.mic,
+                    "cipher": peer.cipher,
+                    "digest": peer.digest,
+                    "key_transport": sealed.key_transport,
+                    **({"submitted_by": submitted_by} if submitted_by else {}),
+                },
+            )
         )
         if sealed.key_transport not in ("ecdh", DEFAULT_KEY_TRANSPORT):
             # RSAES-OAEP with SHA-1, or RSAES-PKCS1-v1_5: chosen for this peer, and
@@ -1070,6 +1102,7 @@ class _Sealed:
     body_path: Path | None
     body: bytes | None
     key_transport: str  # how the content-encryption key was sent to the recipient
+    patients: tuple[PatientId, ...]  # found in the document's first bytes
 
 
 def _asks_async_receipt(record: OutboundRecord) -> bool:

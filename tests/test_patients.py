@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import PatientId
-from gateway.audit.patients import MAX_IDS, SCAN_BYTES, patients_in
+from gateway.audit.patients import MAX_IDS, SCAN_BYTES, declared_patients, patients_in
 
 SAMPLES = Path(__file__).parent / "samples" / "patients"
 
@@ -172,3 +172,17 @@ def test_control_characters_do_not_reach_the_record() -> None:
     message = b"MSH|^~\\&|A|B\rPID|1||12\x1b[31m34^^^A\x07\r"
     [patient] = patients_in(message)
     assert patient.id.isprintable() and patient.authority == "A"
+
+
+def test_declared_patients_with_and_without_authority() -> None:
+    assert declared_patients(["urn:oid:1.2|P-1, P-2", "a|b|P-3"]) == (
+        PatientId("P-1", "client", "urn:oid:1.2"),
+        PatientId("P-2", "client"),
+        PatientId("P-3", "client", "a|b"),
+    )
+
+
+@pytest.mark.parametrize("value", ["", "A|", "P\x00", "\u202eP", "x" * 201, ",".join("1" * 33)])
+def test_declared_patients_refused(value: str) -> None:
+    with pytest.raises(ValueError):
+        declared_patients([value])

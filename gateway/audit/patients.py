@@ -31,7 +31,8 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 from xml.parsers import expat
 
@@ -65,7 +66,56 @@ def patients_in(prefix: bytes) -> tuple[PatientId, ...]:
                 found = _xml(start)
     except (ValueError, RecursionError, UnicodeError, LookupError):
         found = []  # not what it looked like: names no patient
-    return _unique(found)
+    return unique_patients(found)
+
+
+def patients_in_chunks(chunks: Iterator[bytes]) -> tuple[PatientId, ...]:
+    """The patient identifiers in a document given as chunks: only as many are taken as
+    make up SCAN_BYTES (a generator is closed then, and its file with it)."""
+    head = bytearray()
+    try:
+        for chunk in chunks:
+            head += chunk[: SCAN_BYTES - len(head)]
+            if len(head) >= SCAN_BYTES:
+                break
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    return patients_in(bytes(head))
+
+
+def patients_in_file(path: Path) -> tuple[PatientId, ...]:
+    """The patient identifiers in a document file (its first SCAN_BYTES are read)."""
+    with path.open("rb") as handle:
+        return patients_in(handle.read(SCAN_BYTES))
+
+
+PATIENT_HEADER = "X-Medgw-Patient"
+
+
+def declared_patients(values: list[str]) -> tuple[PatientId, ...]:
+    """The patients a local submitter names in PATIENT_HEADER: ``AUTHORITY|ID`` or ``ID``,
+    several separated by commas or in several headers.  Raises ValueError saying what
+    is wrong (the caller answers 400)."""
+    found: list[PatientId] = []
+    for value in values:
+        for item in value.split(","):
+            authority, _, patient = item.strip().rpartition("|")
+            if not patient.strip() or len(found) >= MAX_IDS:
+                raise ValueError(
+                    "an empty patient identifier"
+                    if len(found) < MAX_IDS
+                    else f"more than {MAX_IDS} patient identifiers"
+                )
+            for text in (authority, patient):
+                if len(text) > MAX_ID_CHARS or not all(c.isprintable() for c in text):
+                    raise ValueError(
+                        f"a patient identifier or authority longer than {MAX_ID_CHARS} "
+                        "characters, or with control characters"
+                    )
+            found.append(PatientId(patient.strip(), "client", authority.strip() or None))
+    return unique_patients(found)
 
 
 def _clean(text: str) -> str | None:
@@ -73,7 +123,8 @@ def _clean(text: str) -> str | None:
     return text[:MAX_ID_CHARS] or None
 
 
-def _unique(found: list[PatientId]) -> tuple[PatientId, ...]:
+def unique_patients(found: list[PatientId]) -> tuple[PatientId, ...]:
+    """``found`` without repeats, at most MAX_IDS."""
     seen: dict[tuple[str, str | None, str | None, str], PatientId] = {}
     for patient in found:
         seen.setdefault((patient.id, patient.authority, patient.type, patient.source), patient)

@@ -53,7 +53,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from cryptography import x509
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, PatientId, Severity
+from gateway.audit.patients import patients_in_file
 from gateway.clock import Clock
 from gateway.config import DeliverySettings, GatewayConfig, Runtime, delivery_tls_context
 from gateway.egress import Route
@@ -255,6 +256,8 @@ class HandOver:
                 service=record.service,
                 message_id=record.message_id,
                 direction="inbound",
+                actor="medgw",
+                patient_ids=await asyncio.to_thread(_patients, record.path),
                 detail={
                     "url": _shown(url),
                     "status": status,
@@ -374,3 +377,11 @@ def _shown(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _patients(path: Path) -> tuple[PatientId, ...]:
+    """The patients of a document handed over (none if its inbox file went meanwhile)."""
+    try:
+        return patients_in_file(path)
+    except OSError:
+        return ()

@@ -9,6 +9,10 @@ receipt as verified again from the stored copy (disposition, MIC, signer).
 Who submitted it is recorded with the message and in the audit trail (NET-3);
 a local API client sees only its own messages.
 
+An ``X-Medgw-Patient: AUTHORITY|ID[, ...]`` header names the patients the document
+concerns, for the audit trail (with those the document itself names: see
+gateway.audit.patients).
+
 ``service`` names one of the destination peer's ``services`` (a routing key
 agreed with it); the receiving medgw delivers the document into
 ``inbox/<us>/<service>/``.  A service the peer does not have is refused.
@@ -26,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.audit import PatientId
+from gateway.audit.patients import MAX_IDS, PATIENT_HEADER, declared_patients
 from gateway.config import SERVICE_NAME
 from gateway.errors import MedgwError
 
@@ -66,6 +72,7 @@ class Submission:
     # "api:<client>", "operator:<account> (uid N)"; outbox files: "outbox:<owner> (uid N)"
     submitter: str
     service: str | None = None  # one of the peer's services (checked on submission)
+    patients: tuple[PatientId, ...] = ()  # named by the submitter (X-Medgw-Patient)
 
 
 class SubmissionRefused(MedgwError):
@@ -132,7 +139,16 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
             "send e.g. Content-Type: application/hl7-v2, application/fhir+json, "
             "application/pdf, application/dicom or application/octet-stream",
         )
-    return Submission(peer, filename, content_type, submitter, service)
+    try:
+        patients = declared_patients(request.headers.getall(PATIENT_HEADER, []))
+    except ValueError as exc:
+        return json_error(
+            400,
+            f"{PATIENT_HEADER}: {exc}",
+            f"send each patient as AUTHORITY|ID (e.g. urn:oid:1.2.392.100495.20.3.51.1|12345) "
+            f"or ID, separated by commas, at most {MAX_IDS}; or leave the header out",
+        )
+    return Submission(peer, filename, content_type, submitter, service, patients)
 
 
 async def submit(

@@ -1,0 +1,115 @@
+"""Who touched which patient, on two real daemons: the patients a document names are in
+the audit records of its intake, reception and hand-over, with the actor; never in a
+log line."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+from typing import Any
+
+from gateway.demo_run import drop_file, free_port, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.test_local_api import LIS_TOKEN, enable_api, events
+from tests.test_services import InternalSystem, enable_delivery
+
+SAMPLES = Path(__file__).parent / "samples" / "patients"
+# Every patient identifier of the documents sent below; none may reach a log line.
+PATIENT_IDS = ("0000123456", "8812345", "06-12345678-01", "DECL-31337")
+
+
+def by_message(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["message_id"]: r for r in records}
+
+
+def test_patients_and_actors_are_audited_on_both_sides_and_never_logged(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    port = free_port()
+    enable_delivery(layout, port)
+    system = InternalSystem(port)
+    try:
+        hospital = processes.start(layout.hospital.config_path)
+        lab = processes.start(layout.lab.config_path)
+        drop_file(
+            layout.lab.outbox_for("hospital"),
+            "referral.xml",
+            (SAMPLES / "referral_cda.xml").read_bytes(),
+        )
+        drop_file(layout.lab.outbox_for("hospital"), "note.txt", b"no patient here\n")
+        status, view = api.request(
+            "POST",
+            "/v1/messages?to=hospital&filename=bundle.json",
+            token=LIS_TOKEN,
+            body=(SAMPLES / "referral_bundle.json").read_bytes(),
+            headers={
+                "Content-Type": "application/fhir+json",
+                "X-Medgw-Patient": "urn:oid:1.2.392.100495.20.3.51.9|DECL-31337",
+            },
+        )
+        assert status == 202, view
+        api_message = view["message_id"]
+        wait_until(
+            lambda: len(events(layout.hospital.audit_log, "message.handed_over")) == 3,
+            90,
+            "three hand-overs",
+        )
+        assert hospital.stop() == 0 and lab.stop() == 0
+    finally:
+        system.server.shutdown()
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    accepted = by_message(events(layout.lab.audit_log, "message.accepted"))
+    by_file = {r["detail"]["filename"]: r for r in accepted.values()}
+    cda = by_file["referral.xml"]
+    assert cda["actor"] == f"outbox:{me} (uid {os.getuid()})"
+    assert cda["patient_ids"] == [
+        {"id": "0000123456", "authority": "1.2.392.200119.6.102.11312345678", "source": "cda"},
+        {"id": "8812345", "authority": "1.2.392.100495.20.3.51.11312345678", "source": "cda"},
+    ]
+    assert "patient_ids" not in by_file["note.txt"]
+    fhir = accepted[api_message]
+    assert fhir["actor"] == "api:lis"
+    assert [(p["id"], p["source"]) for p in fhir["patient_ids"]] == [
+        ("DECL-31337", "client"),
+        ("0000123456", "fhir"),
+        ("06-12345678-01", "fhir"),
+    ]
+    assert fhir["patient_ids"][0]["authority"] == "urn:oid:1.2.392.100495.20.3.51.9"
+
+    # The receiver reads the same patients from what it decrypted (the declared one is
+    # the lab's own statement: it does not travel), and records the peer as the actor.
+    received = by_message(events(layout.hospital.audit_log, "message.received"))
+    handed = by_message(events(layout.hospital.audit_log, "message.handed_over"))
+    for message_id, sent in accepted.items():
+        expected = [p for p in sent.get("patient_ids", []) if p["source"] != "client"]
+        assert received[message_id]["actor"] == "peer:lab"
+        assert received[message_id].get("patient_ids", []) == expected
+        assert handed[message_id]["actor"] == "medgw"
+        assert handed[message_id].get("patient_ids", []) == expected
+
+    output = "\n".join(hospital.raw + lab.raw)
+    assert "message.accepted" in output and "message.handed_over" in output  # they did log
+    for patient in PATIENT_IDS:
+        assert patient not in output
+
+
+def test_a_malformed_patient_header_is_refused_naming_the_rule(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    processes.start(layout.lab.config_path)
+    for header in ("", "A|", "x" * 201, ",".join(str(n) for n in range(33))):
+        status, answer = api.request(
+            "POST",
+            "/v1/messages?to=hospital&filename=r.hl7",
+            token=LIS_TOKEN,
+            body=b"MSH|^~\\&|A\r",
+            headers={"X-Medgw-Patient": header},
+        )
+        assert status == 400, (header, answer)
+        assert answer["error"].startswith("X-Medgw-Patient: ")
+        assert "AUTHORITY|ID" in answer["fix"]
+    assert events(layout.lab.audit_log, "message.accepted") == []
