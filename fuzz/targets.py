@@ -53,7 +53,7 @@ from gateway.errors import (
     ProtocolError,
 )
 from gateway.pki.demo import init_demo
-from gateway.pki.issue import issue, make_ca
+from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy, PrivateKey
 
 # Far above a real message's cost at the fuzzer's input sizes (at most 64 KiB),
@@ -100,14 +100,6 @@ def _load_party(folder: Path, role: str) -> Party:
     return Party(cert, key)  # type: ignore[arg-type]
 
 
-def _write_pem_pair(folder: Path, role: str, certificate: x509.Certificate, key: object) -> None:
-    from gateway.pki.issue import write_pem
-
-    folder.mkdir(parents=True, exist_ok=True)
-    write_pem(folder / f"{role}.crt", certificate)
-    write_pem(folder / f"{role}.key", key)  # type: ignore[arg-type]
-
-
 def material(work: Path, vendors: Path | None = None) -> Material:
     """The keys under ``work`` (made on first use: a demo installation and an RSA
     recipient), plus the interop fixtures' test key when ``vendors`` is given."""
@@ -120,7 +112,9 @@ def material(work: Path, vendors: Path | None = None) -> Material:
         ca = make_ca("medgw fuzz RSA CA", now=now, key_kind="rsa-2048")
         for role, purpose in (("encrypt", "smime-encrypt"), ("sign", "smime-sign")):
             pair = issue(ca, f"FUZZ-RSA-{role}", purpose=purpose, now=now, key_kind="rsa-2048")
-            _write_pem_pair(rsa_dir, role, pair.certificate, pair.key)
+            rsa_dir.mkdir(parents=True, exist_ok=True)
+            write_pem(rsa_dir / f"{role}.crt", pair.certificate)
+            write_pem(rsa_dir / f"{role}.key", pair.key)
     certs = demo / "hospital" / "certs"
     recipients = [_load_party(certs, "encrypt"), _load_party(rsa_dir, "encrypt")]
     signers = [
