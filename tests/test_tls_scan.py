@@ -122,6 +122,7 @@ def _result(scan: dict[str, Any], name: str) -> dict[str, Any]:
 FULL_SCAN = (
     *("--sslv2", "--sslv3", "--tlsv1", "--tlsv1_1", "--tlsv1_2", "--tlsv1_3"),
     *("--elliptic_curves", "--compression", "--reneg", "--resum", "--early_data"),
+    *("--ems", "--heartbleed", "--openssl_ccs"),
     "--certinfo",
 )
 
@@ -147,6 +148,8 @@ def _common_checks(server: dict[str, Any]) -> dict[str, Any]:
     assert reneg["is_vulnerable_to_client_renegotiation_dos"] is False
     assert reneg["client_renegotiations_success_count"] == 0
     assert _result(scan, "tls_1_3_early_data")["supports_early_data"] is False
+    assert _result(scan, "heartbleed")["is_vulnerable_to_heartbleed"] is False
+    assert _result(scan, "openssl_ccs_injection")["is_vulnerable_to_ccs_injection"] is False
     [deployment] = _result(scan, "certificate_info")["certificate_deployments"]
     assert deployment["received_chain_contains_anchor_certificate"] is False  # no root sent
     return scan  # type: ignore[no-any-return]
@@ -174,6 +177,8 @@ def test_a_tls12_zone_listener_offers_only_ecdhe_or_dhe_with_aead(
     scan = _common_checks(server)
     tls12 = _accepted(scan, "tls_1_2")
     assert tls12, "zone B allows TLS 1.2"
+    # RFC 7627: the session bound to the handshake (no triple handshake)
+    assert _result(scan, "tls_extended_master_secret")["supports_ems_extension"] is True
     for name in tls12:
         assert name.startswith(("TLS_ECDHE_", "TLS_DHE_")), name  # forward secrecy
         assert "_GCM_" in name, name  # AEAD: AES-GCM (no CBC, no ChaCha20)
