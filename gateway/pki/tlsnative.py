@@ -1,4 +1,4 @@
-"""What Python 3.11's ``ssl`` cannot set on a context, set through the libssl it uses.
+"""What ``ssl`` (CPython 3.11 to 3.13) cannot set on a context, set through the libssl it uses.
 
 ``ssl.SSLContext`` has no verification callback (to refuse, inside the handshake
 and with the alert OpenSSL sends, a certificate that chains but is not pinned)
@@ -61,8 +61,8 @@ def _ssl_ctx(context: ssl.SSLContext, security_level: int) -> tuple[ctypes.CDLL,
     except (OSError, AttributeError) as exc:
         raise NativeTlsError(
             f"cannot reach the OpenSSL library of Python's ssl module ({exc})",
-            fix="run medgw on a CPython 3.11 whose ssl module is linked to OpenSSL 1.1.1 or "
-            "later (as every Linux distribution's is)",
+            fix="run medgw on a CPython 3.11 to 3.13 whose ssl module is linked to OpenSSL "
+            "1.1.1 or later (as every Linux distribution's is)",
         ) from exc
     pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
     if (
@@ -72,7 +72,7 @@ def _ssl_ctx(context: ssl.SSLContext, security_level: int) -> tuple[ctypes.CDLL,
     ):
         raise NativeTlsError(
             "the TLS context of Python's ssl module is not laid out as expected",
-            fix="run medgw on CPython 3.11 (another interpreter or build is not supported)",
+            fix="run medgw on CPython 3.11 to 3.13 (another interpreter or build is not supported)",
         )
     return lib, pointer
 
@@ -153,7 +153,8 @@ def judge_leaf(
     except AttributeError as exc:
         raise NativeTlsError(
             f"the OpenSSL library of Python's ssl module lacks a certificate call ({exc})",
-            fix="run medgw on a CPython 3.11 whose ssl module is linked to OpenSSL 1.1.1 or later",
+            fix="run medgw on a CPython 3.11 to 3.13 whose ssl module is linked to OpenSSL "
+            "1.1.1 or later",
         ) from exc
 
     def verify(store: int | None, _arg: int | None) -> int:
