@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from gateway.audit.seal import CURVES, SealSettings
 from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.httpbody import BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND
@@ -283,6 +284,7 @@ class GatewayConfig:
     warnings: tuple[ConfigProblem, ...] = ()
     api: ApiSettings | None = None
     delivery: DeliverySettings | None = None
+    audit: SealSettings | None = None  # [audit]: signed checkpoints (gateway.audit.seal)
     # The addresses each host name in a peer or hand-over URL resolved to when the
     # configuration was loaded (a name that did not resolve is absent).
     resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -622,6 +624,43 @@ class _Reader:
             )
             return None
         return KeyPair(cert_path, key_path, leaf, private, tuple(certs[1:]))
+
+
+def _load_audit(reader: _Reader, section: _Section, storage: Storage) -> SealSettings | None:
+    """``[audit]``: the key that signs checkpoints, kept out of the folders it protects."""
+    pair = reader.key_pair(section, "certificate", "signing_key")
+    every_records = section.integer(
+        "checkpoint_every_records", default=1000, minimum=1, maximum=1_000_000
+    )
+    every_seconds = section.number(
+        "checkpoint_every_seconds", default=300, minimum=1, maximum=86_400
+    )
+    section.finish()
+    if pair is None:
+        return None
+    key = pair.key
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in CURVES:
+        section.problem(
+            "signing_key",
+            f"{pair.key_path}: audit checkpoints are signed with ECDSA P-256 or P-384 (CRYPTREC)",
+            "make one: openssl ecparam -name prime256v1 -genkey -noout -out audit.key",
+        )
+        return None
+    where = pair.key_path.resolve()
+    for folder, name in (
+        (storage.state_dir, "[storage] state_dir"),
+        (storage.audit_log.parent, "the audit log's folder"),
+    ):
+        if where.is_relative_to(folder.resolve()):
+            section.problem(
+                "signing_key",
+                f"{pair.key_path} is inside {name} ({folder}): whoever can rewrite the "
+                "audit trail could also sign it",
+                "keep the audit key elsewhere, e.g. /etc/medgw/audit/audit.key, readable "
+                "only by the medgw user",
+            )
+            return None
+    return SealSettings(key, pair.certificate, every_records, every_seconds)
 
 
 def _group_name(gid: int) -> str:
@@ -1179,6 +1218,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     rt.finish()
     api_section = root.table("api", required=False) if "api" in data else None
     delivery_section = root.table("delivery", required=False) if "delivery" in data else None
+    audit = _load_audit(reader, root.table("audit"), storage) if "audit" in data else None
     root.finish()
 
     peers: list[Peer] = []
@@ -1246,6 +1286,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         warnings=tuple(reader.problems),
         api=api,
         delivery=delivery,
+        audit=audit,
         resolved_hosts=resolved,
     )
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from gateway.as2.asyncmdn import is_receipt
 from gateway.as2.headers import undecodable_header
 from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
+from gateway.audit.seal import Sealer
 from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient, TransportError
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
@@ -382,7 +383,10 @@ class Daemon:
         private_folder(config.storage.state_dir / "incoming")
         for warning in config.warnings:
             self._log.warning("config.warning", problem=str(warning))
-        self._audit = AuditLog(config.storage.audit_log, self._clock, node=config.as2_id)
+        sealer = Sealer(config.audit) if config.audit is not None else None
+        self._audit = AuditLog(
+            config.storage.audit_log, self._clock, node=config.as2_id, sealer=sealer
+        )
         self._spool = Spool(config.storage.state_dir / "spool.sqlite3", self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
@@ -426,6 +430,9 @@ class Daemon:
             )
             self._spawn(self._supervised("hand-over to internal systems", self._handover.run))
             self._spawn(self._supervised("trust refresh", self._trust_refresh_loop))
+            if config.audit is not None:
+                every = config.audit.every_seconds
+                self._spawn(self._supervised("audit checkpoints", lambda: self._seal_loop(every)))
             if self._notifier.watchdog_interval:
                 self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
             ports = {s.listener.name: s.port for s in self._servers}
@@ -1021,6 +1028,13 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
+    async def _seal_loop(self, every: float) -> None:
+        """A signed checkpoint every ``every`` seconds, if records were written since."""
+        while not self._stopping:
+            await self._sleep_unless_stopping(every)
+            if not self._stopping:
+                await asyncio.to_thread(self._audit_sink().checkpoint, "time")
+
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
             self._notifier.watchdog()
@@ -1235,6 +1249,8 @@ class Daemon:
             return "[storage]"
         if old.as2_id != new.as2_id:
             return "gateway.as2_id"
+        if old.audit != new.audit:
+            return "[audit]"
         if _api_endpoints(old) != _api_endpoints(new):
             return "[api] socket and listen"
         return None

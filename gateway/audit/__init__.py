@@ -1,7 +1,8 @@
 """The audit trail: one event model shared by every layer, written as JSON lines."""
 
 from gateway.audit.events import AuditEvent, EventType, Outcome, PatientId, Severity
-from gateway.audit.log import AuditLog, AuditSink, verify_chain
+from gateway.audit.log import AuditLog, AuditSink
+from gateway.audit.verify import verify_chain
 
 __all__ = [
     "AuditEvent",

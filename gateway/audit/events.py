@@ -83,6 +83,8 @@ class EventType(StrEnum):
     API_REQUEST_REFUSED = "api.request_refused"  # a client asked for a peer it may not send to
     # malformed HTTP refused, or an internal error answered 500 (any HTTP listener)
     HTTP_REQUEST_REFUSED = "http.request_refused"
+    # A signed checkpoint sealing every record before it (gateway.audit.seal).
+    AUDIT_CHECKPOINT = "audit.checkpoint"
 
 
 class Outcome(StrEnum):

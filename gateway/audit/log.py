@@ -21,22 +21,26 @@ record, and each of those ``emit`` calls raises.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from gateway.audit.events import AuditEvent
+from gateway.audit.chain import GENESIS, canonical
+from gateway.audit.events import AuditEvent, EventType
+from gateway.audit.seal import CHECKPOINT_EVENT, Sealer
+from gateway.audit.verify import AuditChainError, verify_chain
 from gateway.clock import Clock
-from gateway.errors import MedgwError
 from gateway.fsutil import shared_folder
 
-GENESIS = "0" * 64
+__all__ = ["GENESIS", "AuditChainError", "AuditLog", "AuditSink", "recorded_since", "verify_chain"]
+
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see recorded_since
 
 
@@ -44,22 +48,25 @@ class AuditSink(Protocol):
     def emit(self, event: AuditEvent) -> None: ...
 
 
-def _canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 class AuditLog:
     def __init__(
-        self, path: Path, clock: Clock, *, node: str, sync: Callable[[int], None] = os.fsync
+        self,
+        path: Path,
+        clock: Clock,
+        *,
+        node: str,
+        sync: Callable[[int], None] = os.fsync,
+        sealer: Sealer | None = None,
     ) -> None:
         self._path = path
         self._clock = clock
         self._node = node
         self._sync = sync
+        self._sealer = sealer
         self._lock = threading.Lock()  # the chain: seq, prev and the write of each record
         self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock
         shared_folder(path.parent)
-        self._seq, self._prev = self._tail(path)
+        self._seq, self._prev, self._sealed = self._tail(path)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         self._fd = os.open(path, flags, 0o640)
         mode = os.fstat(self._fd).st_mode & 0o777
@@ -71,37 +78,57 @@ class AuditLog:
         self._sync(self._fd)
         # Records are also numbered by ticket: never reused, unlike seq after a rollback.
         self._written = 0  # tickets of the records written so far
-        self._durable = _Mark(0, self._seq, self._prev, os.fstat(self._fd).st_size)
+        self._durable = _Mark(0, self._seq, self._prev, os.fstat(self._fd).st_size, self._sealed)
         self._lost: list[tuple[int, int, OSError]] = []  # (after, through, why): failed fsyncs
         self._waiting: set[int] = set()  # tickets whose emit has not returned or raised yet
 
-    @staticmethod
-    def _tail(path: Path) -> tuple[int, str]:
-        """Sequence number and hash of the last complete record, to continue the chain."""
-        if not path.exists() or path.stat().st_size == 0:
-            return 0, GENESIS
-        with path.open("rb") as handle:
-            handle.seek(max(0, path.stat().st_size - 65536))
-            lines = [line for line in handle.read().split(b"\n") if line.strip()]
-        for line in reversed(lines):
+    def _tail(self, path: Path) -> tuple[int, str, int]:
+        """Sequence number and hash of the last complete record, to continue the chain,
+        and the sequence number of the last checkpoint (0 if none).  Reads backwards:
+        with an audit key, a checkpoint is at most a few thousand records back."""
+        last: tuple[int, str] | None = None
+        for line in backwards(path):
             try:
                 record = json.loads(line)
-                return int(record["seq"]), str(record["hash"])
+                seq, digest = int(record["seq"]), str(record["hash"])
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line after a crash: chain on from the last good one
-        return 0, GENESIS
+            last = last or (seq, digest)
+            if self._sealer is None:
+                return seq, digest, 0
+            if record.get("event") == CHECKPOINT_EVENT:
+                return last[0], last[1], seq
+        return (*last, 0) if last else (0, GENESIS, 0)
 
     def emit(self, event: AuditEvent) -> None:
         with self._lock:
-            record = event.to_record(self._clock.now())
-            record["node"] = self._node
-            record["seq"] = self._seq + 1
-            record["prev"] = self._prev
-            digest = hashlib.sha256(_canonical(record)).hexdigest()
-            record["hash"] = digest
-            self._append(_canonical(record) + b"\n")
-            self._seq += 1
-            self._prev = digest
+            self._write(event.to_record(self._clock.now()))
+            self._written += 1
+            ticket = self._written
+            sealer = self._sealer
+            if sealer is not None and self._seq - self._sealed >= sealer.settings.every_records:
+                try:
+                    self._write_checkpoint(sealer, "records")
+                    self._written += 1  # covered by the fsync of the record it follows
+                except OSError:
+                    pass  # not written (a full disk): the next record tries again
+            self._waiting.add(ticket)
+        try:
+            self._make_durable(ticket)
+        finally:
+            with self._lock:
+                self._waiting.discard(ticket)
+
+    def checkpoint(self, trigger: str) -> bool:
+        """Seal the records written since the last checkpoint (none: nothing is written).
+
+        Returns whether a checkpoint was written; raises OSError if it could not be
+        made durable.  For the timer (``trigger`` "time") and at shutdown.
+        """
+        with self._lock:
+            if self._sealer is None or self._seq == self._sealed or self._fd < 0:
+                return False
+            self._write_checkpoint(self._sealer, trigger)
             self._written += 1
             ticket = self._written
             self._waiting.add(ticket)
@@ -110,6 +137,31 @@ class AuditLog:
         finally:
             with self._lock:
                 self._waiting.discard(ticket)
+        return True
+
+    @property
+    def unsealed(self) -> int:
+        """How many records no checkpoint covers yet."""
+        with self._lock:
+            return self._seq - self._sealed
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Chain ``record`` on and write it (``_lock`` held)."""
+        record["node"] = self._node
+        record["seq"] = self._seq + 1
+        record["prev"] = self._prev
+        digest = hashlib.sha256(canonical(record)).hexdigest()
+        record["hash"] = digest
+        self._append(canonical(record) + b"\n")
+        self._seq += 1
+        self._prev = digest
+
+    def _write_checkpoint(self, sealer: Sealer, trigger: str) -> None:
+        seq = self._seq + 1
+        detail = sealer.detail(self._node, seq, self._prev, self._sealed, trigger)
+        event = AuditEvent(EventType.AUDIT_CHECKPOINT, detail=detail)
+        self._write(event.to_record(self._clock.now()))
+        self._sealed = seq
 
     def _append(self, line: bytes) -> None:
         """Write all of ``line``, or leave the file as it was and raise.
@@ -140,7 +192,8 @@ class AuditLog:
             if self._durable.ticket >= ticket:
                 return  # an fsync that began after it was written has covered it
             with self._lock:
-                mark = _Mark(self._written, self._seq, self._prev, os.fstat(self._fd).st_size)
+                size = os.fstat(self._fd).st_size
+                mark = _Mark(self._written, self._seq, self._prev, size, self._sealed)
             try:
                 self._sync(self._fd)
             except OSError as exc:
@@ -160,6 +213,7 @@ class AuditLog:
         self._lost = [lost for lost in self._lost if lost[1] >= oldest]
         self._cut_back(self._durable.size)
         self._seq, self._prev = self._durable.seq, self._durable.prev
+        self._sealed = self._durable.sealed
 
     def _raise_if_lost(self, ticket: int) -> None:
         for after, through, why in self._lost:
@@ -181,6 +235,10 @@ class AuditLog:
         synced here (no new record is written meanwhile), so that ``emit`` returns,
         or, if this fsync fails, it is cut off and that ``emit`` raises.
         """
+        if self._fd >= 0:
+            # If it cannot be written the records stay unsealed; `medgw audit verify` says so.
+            with contextlib.suppress(OSError):
+                self.checkpoint("shutdown")
         with self._sync_lock, self._lock:
             if self._fd < 0:
                 return
@@ -188,7 +246,7 @@ class AuditLog:
                 try:
                     size = os.fstat(self._fd).st_size
                     self._sync(self._fd)
-                    self._durable = _Mark(self._written, self._seq, self._prev, size)
+                    self._durable = _Mark(self._written, self._seq, self._prev, size, self._sealed)
                 except OSError as exc:
                     self._roll_back(exc)
             os.close(self._fd)
@@ -202,12 +260,29 @@ class _Mark(NamedTuple):
     seq: int
     prev: str
     size: int
+    sealed: int  # the last checkpoint
 
 
 def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
+
+
+def backwards(path: Path, block: int = 1 << 16) -> Iterator[bytes]:
+    """The lines of ``path`` from the last to the first (none if it does not exist)."""
+    if not path.exists():
+        return
+    with path.open("rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        rest = b""
+        while end > 0:
+            start = max(0, end - block)
+            handle.seek(start)
+            lines = (handle.read(end - start) + rest).split(b"\n")
+            end = start
+            rest = lines.pop(0) if start > 0 else b""  # may be cut: read with the block before
+            yield from reversed(lines)
 
 
 def recorded_since(
@@ -220,63 +295,15 @@ def recorded_since(
     the size of the log.  For recovery: whether an event was recorded before a
     process died.
     """
-    if not path.exists():
-        return False
     limit = since - CLOCK_MARGIN
-    with path.open("rb") as handle:
-        end = handle.seek(0, os.SEEK_END)
-        rest = b""
-        while end > 0:
-            start = max(0, end - block)
-            handle.seek(start)
-            lines = (handle.read(end - start) + rest).split(b"\n")
-            end = start
-            rest = lines.pop(0) if start > 0 else b""  # may be cut: read with the block before
-            for line in reversed(lines):
-                try:
-                    record = json.loads(line)
-                    at = datetime.fromisoformat(record["time"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # an empty or torn line
-                if at < limit:
-                    return False
-                if match(record):
-                    return True
+    for line in backwards(path, block):
+        try:
+            record = json.loads(line)
+            at = datetime.fromisoformat(record["time"])
+        except (ValueError, KeyError, TypeError):
+            continue  # an empty or torn line
+        if at < limit:
+            return False
+        if match(record):
+            return True
     return False
-
-
-class AuditChainError(MedgwError):
-    """The audit log's hash chain is broken."""
-
-
-def verify_chain(path: Path) -> int:
-    """Check the whole chain; return the number of records or raise AuditChainError."""
-    prev = GENESIS
-    count = 0
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError(f"a JSON {type(record).__name__}, not an object")
-                claimed = record.pop("hash")
-            except (ValueError, KeyError) as exc:
-                raise AuditChainError(
-                    f"{path}:{number}: not an audit record ({exc})",
-                    fix="restore the audit log from backup; investigate who edited it",
-                ) from exc
-            if record.get("prev") != prev or record.get("seq") != count + 1:
-                raise AuditChainError(
-                    f"{path}:{number}: chain broken (a record before it was removed or reordered)",
-                    fix="restore the audit log from backup; investigate who edited it",
-                )
-            if hashlib.sha256(_canonical(record)).hexdigest() != claimed:
-                raise AuditChainError(
-                    f"{path}:{number}: record was altered after it was written",
-                    fix="restore the audit log from backup; investigate who edited it",
-                )
-            prev = claimed
-            count += 1
-    return count

@@ -1,0 +1,168 @@
+"""Checking an audit trail: the hash chain, the checkpoints' signatures, their continuity.
+
+The trail is one file or several in order (rotation: each file goes on from the
+last hash of the one before).  What is reported names the first bad record by
+file, line and sequence number:
+
+- an edited record: its hash no longer matches;
+- a removed, inserted or reordered record: the chain breaks at the record after;
+- a chain rewritten without the audit key (records changed and every hash computed
+  again): the first checkpoint after the change no longer verifies;
+- a trail cut short: found against the last checkpoint seen outside the box
+  (``last_checkpoint``); records after the last checkpoint are "not yet sealed".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.audit.chain import GENESIS, canonical
+from gateway.audit.seal import CHECKPOINT_EVENT, CheckpointKeys
+from gateway.errors import MedgwError
+
+FIX = "restore the audit log from backup; investigate who edited it"
+
+
+class AuditChainError(MedgwError):
+    """The audit log's hash chain is broken, a checkpoint fails, or the trail was cut short."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    hash: str
+    where: str  # file:line
+
+
+@dataclass(frozen=True)
+class TrailReport:
+    records: int
+    first_seq: int  # 0 for an empty trail
+    last_seq: int
+    checkpoints: int
+    last_checkpoint: Checkpoint | None
+    signatures_checked: bool
+
+    @property
+    def unsealed(self) -> int:
+        """Records after the last checkpoint: no signature covers them yet."""
+        sealed = self.last_checkpoint.seq if self.last_checkpoint else self.first_seq - 1
+        return max(0, self.last_seq - sealed) if self.records else 0
+
+
+def parse_checkpoint(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` as given on the command line."""
+    seq, _, digest = text.partition(":")
+    if not seq.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{text!r} is not SEQ:HASH (a record number and its 64-hex hash)")
+    return int(seq), digest
+
+
+def verify_trail(
+    paths: Sequence[Path],
+    keys: CheckpointKeys | None = None,
+    last_checkpoint: tuple[int, str] | None = None,
+) -> TrailReport:
+    """Check the files of one trail, oldest first; raise AuditChainError at the first fault."""
+    prev: str | None = None  # None: take the first record's prev (earlier files not given)
+    expected = 0
+    first = 0
+    count = 0
+    checkpoints = 0
+    last: Checkpoint | None = None
+    outside_seen = False
+    for path in paths:
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+                    claimed = record.pop("hash")
+                    seq = record["seq"]
+                    if not isinstance(seq, int):
+                        raise ValueError("seq is not a number")
+                except (ValueError, KeyError) as exc:
+                    raise AuditChainError(f"{where}: not an audit record ({exc})", fix=FIX) from exc
+                if prev is None:
+                    prev = GENESIS if seq == 1 else record.get("prev")
+                    expected = seq
+                    first = seq
+                if record.get("prev") != prev or seq != expected:
+                    raise AuditChainError(
+                        f"{where}: record {seq}: chain broken: record {expected} expected "
+                        "here (a record before it was removed, inserted or reordered)",
+                        fix=FIX,
+                    )
+                if hashlib.sha256(canonical(record)).hexdigest() != claimed:
+                    raise AuditChainError(
+                        f"{where}: record {seq} was altered after it was written", fix=FIX
+                    )
+                if record.get("event") == CHECKPOINT_EVENT:
+                    _check_checkpoint(record, where, keys, last, first)
+                    last = Checkpoint(seq, claimed, where)
+                    checkpoints += 1
+                if last_checkpoint is not None and seq == last_checkpoint[0]:
+                    outside_seen = True
+                    if record.get("event") != CHECKPOINT_EVENT or claimed != last_checkpoint[1]:
+                        raise AuditChainError(
+                            f"{where}: record {seq} is not the checkpoint seen outside "
+                            f"({last_checkpoint[1]}): the trail was rewritten up to it",
+                            fix=FIX,
+                        )
+                prev = claimed
+                expected = seq + 1
+                count += 1
+    if last_checkpoint is not None and not outside_seen:
+        end = f"ends at record {expected - 1}" if count else "is empty"
+        raise AuditChainError(
+            f"TRUNCATED: the trail {end}, but checkpoint {last_checkpoint[0]} was seen outside: "
+            "records were cut off the end (or the file holding them was not given)",
+            fix=FIX,
+        )
+    return TrailReport(count, first, expected - 1, checkpoints, last, bool(keys))
+
+
+def _check_checkpoint(
+    record: dict[str, object],
+    where: str,
+    keys: CheckpointKeys | None,
+    last: Checkpoint | None,
+    first: int,
+) -> None:
+    seq = record["seq"]
+    since = f"after checkpoint {last.seq} ({last.where})" if last else "before it"
+    if keys:
+        problem = keys.problem(record)
+        if problem is not None:
+            raise AuditChainError(
+                f"{where}: record {seq}: {problem}; the records {since} were changed, "
+                "removed or inserted, and the chain computed again",
+                fix=FIX,
+            )
+    detail = record.get("detail")
+    previous = detail.get("previous_checkpoint") if isinstance(detail, dict) else None
+    if last is not None and previous != last.seq:
+        raise AuditChainError(
+            f"{where}: record {seq}: checkpoint says the one before it was record "
+            f"{previous}, but it is record {last.seq} ({last.where}): a checkpoint was removed",
+            fix=FIX,
+        )
+    if last is None and first == 1 and previous != 0:
+        raise AuditChainError(
+            f"{where}: record {seq}: checkpoint says the one before it was record {previous}, "
+            "but there is none: a checkpoint was removed",
+            fix=FIX,
+        )
+
+
+def verify_chain(path: Path) -> int:
+    """Check one file's chain; return the number of records or raise AuditChainError."""
+    return verify_trail([path]).records
