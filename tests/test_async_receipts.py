@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 from gateway.spool import OutboundState, Spool
 from tests import as2client
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
+from tests.audit_trail import wait_for_events
 
 
 def ask_async(layout: DemoLayout, url: str) -> None:
@@ -43,10 +39,9 @@ def test_receipt_posted_back_later_settles_the_message(layout: DemoLayout, proce
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "later.hl7", b"MSH|async receipt\r")
-    [received] = wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the async receipt"
-    )
-    [sent] = events(layout.lab.audit_log, "message.sent")
+    [received] = wait_for_events(layout.lab.audit_log, "receipt.received")
+    # The receipt may come back before the lab has recorded the message as sent.
+    [sent] = wait_for_events(layout.lab.audit_log, "message.sent")
     assert sent["detail"]["receipt"] == "async"
     assert received["detail"]["mic_verified"] is True
     assert received["detail"]["disposition"] == "processed"
@@ -63,8 +58,8 @@ def test_receipt_url_of_another_host_is_ignored_and_answered_synchronously(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "sync.hl7", b"MSH|x\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
-    [sent] = events(layout.lab.audit_log, "message.sent")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
+    [sent] = wait_for_events(layout.lab.audit_log, "message.sent")
     assert sent["detail"]["receipt"] == "sync"
 
 
@@ -95,6 +90,6 @@ def test_unsolicited_receipt_changes_nothing_and_is_audited(
         ca=layout.ca_certificate,
     )
     assert answer.status == 200 and b"ignored" in answer.body
-    [refused] = events(layout.lab.audit_log, "receipt.invalid")
+    [refused] = wait_for_events(layout.lab.audit_log, "receipt.invalid")
     assert refused["message_id"] == message_id
     assert "no message sent to this peer" in refused["reason"]

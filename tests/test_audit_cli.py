@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import wait_for_events
 
 
 def verify(*args: str) -> subprocess.CompletedProcess[str]:
@@ -28,11 +29,8 @@ def test_intact_trail_verifies_and_each_kind_of_tampering_is_found(
     processes.start(layout.hospital.config_path)
     lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "doc.hl7", b"MSH|x\r")
-    wait_until(
-        lambda: [r for r in read_audit(layout.lab.audit_log) if r["event"] == "receipt.received"],
-        60,
-        "the receipt",
-    )
+    wait_for_events(layout.lab.audit_log, "receipt.received")
+
     assert lab.stop() == 0
     ok = verify("--config", str(layout.lab.config_path))
     assert ok.returncode == 0, ok.stderr

@@ -12,8 +12,8 @@ import subprocess
 import sys
 from typing import Any
 
-from gateway.demo_run import read_audit
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import events, wait_for_event
 
 
 def test_the_kernels_account_comes_first_and_a_passed_name_is_only_claimed(
@@ -35,12 +35,13 @@ def test_the_kernels_account_comes_first_and_a_passed_name_is_only_claimed(
             env={**os.environ, "SUDO_USER": env_name},
         )
         assert done.returncode == 0, done.stderr
-    records = {r["event"]: r for r in read_audit(layout.lab.audit_log)}
     uid = os.getuid()
-    assert records["peer.suspended"]["actor"] == (
+    suspended = wait_for_event(layout.lab.audit_log, "peer.suspended")
+    assert suspended["actor"] == (
         f"operator:{account} (uid {uid}, claims to be dr.satoforged: yes)"
     )
-    assert records["peer.resumed"]["actor"] == f"operator:{account} (uid {uid})"
+    resumed = wait_for_event(layout.lab.audit_log, "peer.resumed")
+    assert resumed["actor"] == f"operator:{account} (uid {uid})"
 
 
 def test_a_body_that_is_not_a_json_object_is_answered_400_and_changes_nothing(
@@ -64,4 +65,4 @@ def test_a_body_that_is_not_a_json_object_is_answered_400_and_changes_nothing(
             assert head.startswith(b"HTTP/1.1 400"), (url, body, answer)
             refused = json.loads(text)
             assert "JSON object" in refused["error"] and refused["fix"]
-    assert not [r for r in read_audit(layout.lab.audit_log) if r["event"] == "peer.suspended"]
+    assert not events(layout.lab.audit_log, "peer.suspended")

@@ -27,11 +27,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import load_config
-from gateway.demo_run import read_audit, wait_until
+from gateway.demo_run import wait_until
 from gateway.diagnose import STEPS, Diagnoser, Status
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests import as2client
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 
 
@@ -58,10 +59,6 @@ def assert_fails_at(report: dict[str, Any], name: str) -> dict[str, Any]:
     failed = by_name[name]
     assert failed["status"] == "fail" and failed["meaning"] and failed["action"]
     return failed
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def inbox(layout: DemoLayout) -> list[Path]:
@@ -103,7 +100,7 @@ def test_all_steps_pass_and_the_probe_is_audited_not_delivered(layout, processes
     by_name = steps(report)
     assert "TLSv1.3" in by_name["tls"]["detail"] and "accepted ours" in by_name["tls"]["detail"]
     assert "processed, MIC matches" in by_name["as2"]["detail"]
-    probes = events(layout.hospital.audit_log, "probe.received")
+    probes = wait_for_events(layout.hospital.audit_log, "probe.received")
     assert len(probes) == 1 and probes[0]["peer"] == "lab"
     assert probes[0]["message_id"] in by_name["as2"]["detail"]
     assert re.fullmatch(r"medgw-diagnose-\d{8}T\d{6}Z\.txt", probes[0]["detail"]["filename"])
@@ -213,7 +210,7 @@ def test_diagnose_leaves_from_the_zones_source_address(layout, processes):
     processes.start(layout.hospital.config_path)
     code, report = diagnose(layout)
     assert code == 0, report
-    probes = events(layout.hospital.audit_log, "probe.received")
+    probes = wait_for_events(layout.hospital.audit_log, "probe.received")
     assert [p["remote_address"] for p in probes] == ["127.0.0.2"]
 
 
@@ -290,11 +287,7 @@ def test_peer_does_not_accept_our_certificate_is_peer_rejected(layout, processes
     assert "rejected our TLS certificate" in failed["meaning"]
     assert "KITA-LAB" in failed["action"] and "sha256" in failed["action"]
     # And the hospital's audit trail says the same from its side.
-    wait_until(
-        lambda: events(layout.hospital.audit_log, "tls.handshake_failed"),
-        10,
-        "the refusal in the hospital's audit trail",
-    )
+    wait_for_events(layout.hospital.audit_log, "tls.handshake_failed")
 
 
 def rogue_lab_identity(layout: DemoLayout, tmp_path: Path) -> None:
@@ -337,7 +330,7 @@ def openssl_server(port: int, *args: str) -> Iterator[None]:
             return probe.connect_ex(("127.0.0.1", port)) == 0
 
     try:
-        wait_until(listening, 10, "openssl s_server to listen")
+        wait_until(listening, 30, "openssl s_server to listen")
         yield
     finally:
         proc.kill()
@@ -497,7 +490,7 @@ def test_wrong_encryption_certificate_is_decryption_failed(layout, processes):
     assert "decryption-failed" in failed["detail"]
     assert failed["meaning"].startswith("the peer cannot decrypt")
     assert "peers.d/hospital.toml encryption_certificates" in failed["meaning"]
-    assert events(layout.hospital.audit_log, "decryption.failed")
+    wait_for_events(layout.hospital.audit_log, "decryption.failed")
     assert inbox(layout) == []
 
 
@@ -518,7 +511,7 @@ def test_peer_distrusting_our_signing_certificate_is_authentication_failed(layou
     assert "authentication-failed" in failed["detail"]
     assert "does not accept us as the sender" in failed["meaning"]
     assert "signing certificate" in failed["action"]
-    assert events(layout.hospital.audit_log, "signature.failed")
+    wait_for_events(layout.hospital.audit_log, "signature.failed")
 
 
 def test_peer_suspended_us_is_503_suspended_by_the_peer(layout, processes):
@@ -532,7 +525,8 @@ def test_peer_suspended_us_is_503_suspended_by_the_peer(layout, processes):
     assert "HTTP 503" in failed["detail"]
     assert "suspended by the peer" in failed["meaning"]
     assert "resume" in failed["action"]
-    assert events(layout.hospital.audit_log, "peer.suspended_refusal")
+    wait_for_events(layout.hospital.audit_log, "peer.suspended_refusal")
+
     # Resumed, the same path passes again.
     assert medgw("peers", "resume", "lab", "--config", hospital).returncode == 0
     assert diagnose(layout)[0] == 0

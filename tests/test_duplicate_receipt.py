@@ -13,7 +13,6 @@ import threading
 import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +21,10 @@ from gateway.as2.mdn import DISPOSITION_PREFIX
 from gateway.cms.mime import make_entity, parse_entity
 from gateway.cms.smime import sign_entity
 from gateway.config import load_config
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
+from tests.audit_trail import events, wait_for_events
 
 
 def duplicate_mdn(layout: DemoLayout, message_id: str) -> tuple[str, bytes]:
@@ -110,10 +110,6 @@ def serve(
     return server, seen
 
 
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
-
-
 def test_duplicate_warning_on_a_resend_is_delivered_with_a_warning(
     layout: DemoLayout, processes: Any
 ) -> None:
@@ -121,9 +117,7 @@ def test_duplicate_warning_on_a_resend_is_delivered_with_a_warning(
     try:
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_dir / "hospital", "twice.hl7", b"MSH|x\r")
-        [receipt] = wait_until(
-            lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the duplicate receipt"
-        )
+        [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     finally:
         server.shutdown()
         server.server_close()
@@ -139,9 +133,7 @@ def test_duplicate_warning_on_a_first_attempt_is_a_failure(
     try:
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_dir / "hospital", "once.hl7", b"MSH|x\r")
-        [failed] = wait_until(
-            lambda: events(layout.lab.audit_log, "message.failed"), 60, "the failure"
-        )
+        [failed] = wait_for_events(layout.lab.audit_log, "message.failed")
     finally:
         server.shutdown()
         server.server_close()
@@ -159,9 +151,7 @@ def test_a_receipt_that_arrives_in_pieces_is_read_whole(
     try:
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_dir / "hospital", "pieces.hl7", b"MSH|x\r")
-        [receipt] = wait_until(
-            lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt"
-        )
+        [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     finally:
         server.shutdown()
         server.server_close()

@@ -13,15 +13,12 @@ import pytest
 
 from gateway.as2.mdn import parse_receipt
 from gateway.config import load_config
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
+from tests.audit_trail import events, wait_for_events
 
 
 def inbox_files(layout: DemoLayout) -> list[Path]:
@@ -44,11 +41,10 @@ def test_documents_of_every_size_arrive_identical_with_verified_receipts(layout,
         documents[name] = data
         drop_file(layout.lab.outbox_dir / "hospital", name, data)
 
-    def all_receipts():
-        got = events(layout.lab.audit_log, "receipt.received")
-        return got if len(got) == len(documents) else None
-
-    receipts = wait_until(all_receipts, 120, "four verified receipts at the lab")
+    receipts = wait_for_events(
+        layout.lab.audit_log, "receipt.received", count=len(documents), timeout=120
+    )
+    assert len(receipts) == len(documents)
     for name, data in documents.items():
         assert (layout.hospital.inbox_dir / "lab" / name).read_bytes() == data, name
     assert all(r["detail"]["disposition"] == "processed" for r in receipts)
@@ -94,11 +90,7 @@ def test_client_from_untrusted_ca_is_refused_at_handshake_and_audited(layout, pr
             client_key=key,
             ca=layout.ca_certificate,
         )
-    failures = wait_until(
-        lambda: events(layout.hospital.audit_log, "tls.handshake_failed"),
-        10,
-        "the handshake failure in the audit trail",
-    )
+    failures = wait_for_events(layout.hospital.audit_log, "tls.handshake_failed")
     assert failures[0]["severity"] == "alert"
     assert "certificate" in failures[0]["reason"].lower()
     assert inbox_files(layout) == []
@@ -132,11 +124,7 @@ def test_trusted_ca_but_unconfigured_certificate_is_refused(layout, processes, t
             client_key=key,
             ca=layout.ca_certificate,
         )
-    failures = wait_until(
-        lambda: events(layout.hospital.audit_log, "tls.handshake_failed"),
-        10,
-        "the pinning failure in the audit trail",
-    )
+    failures = wait_for_events(layout.hospital.audit_log, "tls.handshake_failed")
     assert "not configured for any peer" in failures[0]["reason"]
     assert inbox_files(layout) == []
 
@@ -179,7 +167,7 @@ def test_tampered_signature_from_configured_peer_is_refused(layout, processes):
     receipt = _receipt_of(layout, answer)
     assert receipt.disposition == "processed/error: integrity-check-failed"
     assert receipt.mic is None
-    failed = events(layout.hospital.audit_log, "signature.failed")
+    failed = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert failed and failed[0]["peer"] == "lab" and failed[0]["severity"] == "alert"
     assert "messageDigest" in failed[0]["reason"] or "signature" in failed[0]["reason"].lower()
     assert inbox_files(layout) == []
@@ -202,7 +190,7 @@ def test_payload_encrypted_for_another_recipient_is_refused(layout, processes, t
     answer = _lab_post(layout, built.headers, built.body)
     receipt = _receipt_of(layout, answer)
     assert receipt.disposition == "processed/error: decryption-failed"
-    failed = events(layout.hospital.audit_log, "decryption.failed")
+    failed = wait_for_events(layout.hospital.audit_log, "decryption.failed")
     assert failed and failed[0]["peer"] == "lab"
     assert inbox_files(layout) == []
 
@@ -219,7 +207,7 @@ def test_as2_from_must_match_the_tls_identity(layout, processes):
     )
     answer = _lab_post(layout, built.headers, built.body)
     assert _receipt_of(layout, answer).disposition == "processed/error: authentication-failed"
-    assert events(layout.hospital.audit_log, "peer.authentication_failed")
+    wait_for_events(layout.hospital.audit_log, "peer.authentication_failed")
     assert inbox_files(layout) == []
 
 
@@ -241,33 +229,27 @@ def test_resend_of_same_message_is_answered_with_original_receipt_and_delivered_
     assert first.body == second.body
     assert _receipt_of(layout, second).processed
     assert [p.name for p in inbox_files(layout)] == ["resent.hl7"]
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
     # The document is recorded received once; the resend is recorded as a duplicate.
-    assert len(events(layout.hospital.audit_log, "message.received")) == 1
-    [duplicate] = events(layout.hospital.audit_log, "message.duplicate")
+    [duplicate] = wait_for_events(layout.hospital.audit_log, "message.duplicate")
     assert duplicate["message_id"] == dict(built.headers)["Message-ID"]
+    assert len(events(layout.hospital.audit_log, "message.received")) == 1
 
 
 def test_sigkill_after_intake_before_send_delivers_exactly_once(layout, processes):
     # The hospital is down: the lab takes the file from the outbox but cannot send it.
     lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "urgent.hl7", b"MSH|urgent\r")
-    wait_until(
-        lambda: events(layout.lab.audit_log, "message.send_failed"),
-        30,
-        "the lab to try and fail to send",
-    )
+    wait_for_events(layout.lab.audit_log, "message.send_failed")
     assert not (layout.lab.outbox_dir / "hospital" / "urgent.hl7").exists()
     lab.proc.send_signal(signal.SIGKILL)
     lab.proc.wait()
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
-    wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery after the restart"
-    )
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert [p.name for p in inbox_files(layout)] == ["urgent.hl7"]
     assert (layout.hospital.inbox_dir / "lab" / "urgent.hl7").read_bytes() == b"MSH|urgent\r"
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
     assert len(events(layout.lab.audit_log, "message.accepted")) == 1
 
 
@@ -278,7 +260,7 @@ def test_logs_carry_no_payload_or_patient_data_but_the_audit_names_the_document(
     lab = processes.start(layout.lab.config_path)
     document = b"MSH|^~\\&|LIS|LAB\rPID|1||PAT-4711^^^MR||YAMADA^HANAKO||19800101|F\r"
     drop_file(layout.lab.outbox_dir / "hospital", "YAMADA-HANAKO-result.hl7", document)
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert hospital.stop() == 0 and lab.stop() == 0
     output = "\n".join(hospital.raw + lab.raw)
     assert output  # the daemons did log

@@ -29,9 +29,10 @@ from gateway.logs import make_logger
 from gateway.operations import Operations
 from gateway.pki.demo import DemoLayout
 from gateway.spool import HandoverState, Spool
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 from tests.test_operations import set_runtime
-from tests.test_services import InternalSystem, enable_delivery, events
+from tests.test_services import InternalSystem, enable_delivery
 
 
 @pytest.fixture
@@ -52,14 +53,11 @@ def test_an_exhausted_hand_over_fails_and_an_operator_retry_hands_it_over_once(
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
 
-    def final() -> list[dict[str, Any]]:
-        return [
-            e
-            for e in events(layout.hospital.audit_log, "message.handover_failed")
-            if e["detail"].get("final")
-        ]
-
-    [gave_up] = wait_until(final, 60, "the hand-over to give up after max_attempts")
+    [gave_up] = wait_for_events(
+        layout.hospital.audit_log,
+        "message.handover_failed",
+        where=lambda e: e["detail"].get("final"),
+    )
     message_id = gave_up["message_id"]
     assert gave_up["severity"] == "alert" and gave_up["outcome"] == "failure"
     assert gave_up["detail"]["host"] == "127.0.0.1"
@@ -91,14 +89,12 @@ def test_an_exhausted_hand_over_fails_and_an_operator_retry_hands_it_over_once(
         assert retried.returncode == 0, retried.stderr
         assert f"{message_id}: hand-over retry requested, now pending" in retried.stdout
         wait_until(system.ok, 30, "the hand-over after the operator's retry")
-        [handed] = wait_until(
-            lambda: events(layout.hospital.audit_log, "message.handed_over"), 10, "handed_over"
-        )
+        [handed] = wait_for_events(layout.hospital.audit_log, "message.handed_over")
         assert handed["message_id"] == message_id and handed["detail"]["attempt"] == 1
         [(path, headers, body, _)] = system.ok()
         assert path == "/inbound" and body == b"MSH|doc\r"
         assert headers["Idempotency-Key"] == idempotency_key("lab", message_id)
-        [audited] = events(layout.hospital.audit_log, "message.handover_retried")
+        [audited] = wait_for_events(layout.hospital.audit_log, "message.handover_retried")
         assert audited["message_id"] == message_id and audited["severity"] == "warning"
         assert audited["detail"]["previous_state"] == "failed"
         assert "(uid " in audited["actor"]

@@ -23,15 +23,15 @@ from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery import http as delivery_http
 from gateway.delivery.http import HandOver, idempotency_key
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_port, read_audit
 from gateway.egress import Network
 from gateway.errors import ConfigError
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from gateway.spool import Spool
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
-from tests.test_services import events
 
 
 class HttpsInternalSystem:
@@ -126,11 +126,7 @@ def test_a_document_is_handed_over_over_https_verified_by_a_der_or_pem_ca_file(
         processes.start(layout.hospital.config_path)
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|tls\r")
-        [handed] = wait_until(
-            lambda: events(layout.hospital.audit_log, "message.handed_over"),
-            60,
-            "the hand-over over https",
-        )
+        [handed] = wait_for_events(layout.hospital.audit_log, "message.handed_over")
         [(path, headers, body)] = system.received()
         assert path == "/inbound" and body == b"MSH|tls\r"
         assert headers["Idempotency-Key"] == idempotency_key("lab", handed["message_id"])

@@ -18,7 +18,7 @@ import pytest
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
+from gateway.demo_run import drop_file, free_ports, wait_until
 from gateway.errors import SpoolError
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
@@ -26,6 +26,7 @@ from gateway.outbound import INLINE_BODY_BYTES, Outbound
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
 from gateway.spool import Spool
+from tests.audit_trail import events, wait_for_events
 
 
 class SlowTakes(Outbound):
@@ -100,11 +101,8 @@ def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_send
 
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
-    [receipt] = wait_until(
-        lambda: [r for r in read_audit(layout.lab.audit_log) if r["event"] == "receipt.received"],
-        60,
-        "the delivery",
-    )
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
+
     assert receipt["message_id"] == "<copied@KITA-LAB>"
     assert not source.exists()
     time.sleep(2)  # ten outbox polls: nothing more is sent
@@ -158,9 +156,7 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
     try:
         assert await outbound.intake_once() == 2
         me = f"outbox:{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
-        accepted = [
-            r for r in read_audit(tmp_path / "audit.jsonl") if r["event"] == "message.accepted"
-        ]
+        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
         by_name = {r["detail"]["filename"]: r for r in accepted}
         assert set(by_name) == set(documents)
         for name, data in documents.items():

@@ -34,20 +34,17 @@ import pytest
 
 from gateway.as2.headers import quote_as2_id, unquote_as2_id
 from gateway.clock import SystemClock
-from gateway.demo_run import drop_file, free_ports, read_audit, wait_until
+from gateway.demo_run import drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import OutboundState, Spool
 from tests import as2client
+from tests.audit_trail import events, wait_for_events
 from tests.oscrypto_fix import load_pyas2lib
 
 as2 = load_pyas2lib()
 
 HOSPITAL_AS2 = "SAKURA/HOSPITAL"
 LAB_AS2 = "KITA-LAB"
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def _accept_cbc(layout: DemoLayout) -> None:
@@ -193,13 +190,13 @@ def test_pyas2lib_message_is_received_and_our_signed_mdn_verifies_with_its_mic(
     # pyas2lib (and products built on it) find the original message again.
     assert sent.lookups == [(sent.message.message_id, HOSPITAL_AS2)]
 
-    received = events(layout.hospital.audit_log, "message.received")
+    received = wait_for_events(layout.hospital.audit_log, "message.received")
     assert len(received) == 1
     assert received[0]["detail"]["key_transport"] == "rsaes-pkcs1-v1_5"
     assert received[0]["detail"]["signature_algorithm"] == "rsassa-pkcs1-v1_5"
-    warnings = events(layout.hospital.audit_log, "policy.compat_algorithm_used")
-    assert warnings and all(w["severity"] == "warning" for w in warnings)
-    receipt = events(layout.hospital.audit_log, "receipt.sent")
+    warnings = wait_for_events(layout.hospital.audit_log, "policy.compat_algorithm_used")
+    assert all(w["severity"] == "warning" for w in warnings)
+    receipt = wait_for_events(layout.hospital.audit_log, "receipt.sent")
     assert receipt[-1]["detail"]["mic"] == f"{sent.message.mic.decode()}, sha-256"
     delivered = (layout.hospital.inbox_dir / "lab" / "result.hl7").read_bytes()
     if content_type == "application/octet-stream":
@@ -219,8 +216,8 @@ def test_pyas2lib_rsaes_pkcs1_v15_is_refused_unless_accepted_and_pyas2lib_reads_
 
     assert (sent.status, sent.detail) == ("processed/error", "decryption-failed")
     assert "received-content-mic" not in sent.mdn_fields
-    failed = events(layout.hospital.audit_log, "decryption.failed")
-    assert failed and "rsaes-pkcs1-v1_5" in failed[0]["reason"].lower()
+    failed = wait_for_events(layout.hospital.audit_log, "decryption.failed")
+    assert "rsaes-pkcs1-v1_5" in failed[0]["reason"].lower()
     assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
         (layout.hospital.inbox_dir / "lab").iterdir()
     )
@@ -247,13 +244,16 @@ def test_pyas2lib_sha1_signed_message_is_received_if_accepted_and_audited(
     value, _, algorithm = sent.mdn_fields["received-content-mic"].partition(",")
     assert algorithm.strip() == "sha-256"
     assert (layout.hospital.inbox_dir / "lab" / "result.hl7").read_bytes() == payload
-    [received] = events(layout.hospital.audit_log, "message.received")
+    [received] = wait_for_events(layout.hospital.audit_log, "message.received")
     assert received["detail"]["digest"] == "sha1"
-    warnings = events(layout.hospital.audit_log, "policy.compat_algorithm_used")
-    sha1 = [w for w in warnings if "sha1" in w["reason"]]
+    sha1 = wait_for_events(
+        layout.hospital.audit_log,
+        "policy.compat_algorithm_used",
+        where=lambda w: "sha1" in w["reason"],
+    )
     assert len(sha1) == 1 and sha1[0]["severity"] == "warning"
     assert sha1[0]["direction"] == "inbound" and sha1[0]["message_id"] == received["message_id"]
-    [receipt] = events(layout.hospital.audit_log, "receipt.sent")
+    [receipt] = wait_for_events(layout.hospital.audit_log, "receipt.sent")
     assert receipt["detail"]["mic"] == f"{value.strip()}, sha-256"
 
 
@@ -295,9 +295,7 @@ def test_a_reload_with_compat_true_is_refused_and_admits_nothing_more(
         peer.read_text().replace('accept_legacy = ["rsaes-pkcs1-v1_5"]', "compat = true")
     )
     hospital.signal(signal.SIGHUP)
-    [failed] = wait_until(
-        lambda: events(layout.hospital.audit_log, "config.reload_failed"), 30, "the refusal"
-    )
+    [failed] = wait_for_events(layout.hospital.audit_log, "config.reload_failed")
     assert "compat" in failed["reason"] and "accept_legacy" in failed["reason"]
 
     sent = _send_with_pyas2lib(layout, b"MSH|^~\\&|sha1\r", "application/octet-stream", "sha1")
@@ -457,14 +455,9 @@ def test_gateway_sends_to_pyas2lib_which_verifies_it_and_we_verify_its_mdn(
     document = b"MSH|^~\\&|KITA-LIS|KITA-LAB\rPID|1||DEMO-0001\rOBX|1|NM|140|mmol/L\r"
     drop_file(layout.lab.outbox_for("hospital"), "result.hl7", document)
 
-    def outcome() -> list[dict[str, Any]]:
-        return [
-            r
-            for r in read_audit(layout.lab.audit_log)
-            if r["event"] in ("receipt.received", "receipt.invalid", "message.failed")
-        ]
-
-    [record] = wait_until(outcome, 60, "the lab to handle pyas2lib's MDN")
+    [record] = wait_for_events(
+        layout.lab.audit_log, ("receipt.received", "receipt.invalid", "message.failed")
+    )
     [got] = pyas2lib_receiver.received
     assert got["status"] == "processed", got["error"]
     assert got["message"].signed and got["message"].digest_alg == "sha256"
@@ -524,14 +517,10 @@ def test_pyas2lib_decrypts_what_we_send_with_the_peers_key_transport(
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_for("hospital"), "result.hl7", document)
 
-        def outcome() -> list[dict[str, Any]]:
-            return [
-                r
-                for r in read_audit(layout.lab.audit_log)
-                if r["event"] in ("receipt.received", "receipt.invalid", "message.failed")
-            ]
+        [record] = wait_for_events(
+            layout.lab.audit_log, ("receipt.received", "receipt.invalid", "message.failed")
+        )
 
-        [record] = wait_until(outcome, 60, "the lab to handle pyas2lib's MDN")
     finally:
         receiver.stop()
     [got] = receiver.received
@@ -576,14 +565,9 @@ def test_gateway_takes_a_sha1_signed_mdn_only_from_a_peer_that_may_use_sha1(
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_for("hospital"), "result.hl7", b"MSH|^~\\&|sha1-mdn\r")
 
-        def outcome() -> list[dict[str, Any]]:
-            return [
-                r
-                for r in read_audit(layout.lab.audit_log)
-                if r["event"] in ("receipt.received", "receipt.invalid", "message.failed")
-            ]
-
-        [record] = wait_until(outcome, 60, "the lab to handle pyas2lib's MDN")
+        [record] = wait_for_events(
+            layout.lab.audit_log, ("receipt.received", "receipt.invalid", "message.failed")
+        )
     finally:
         receiver.stop()
     [got] = receiver.received
@@ -618,9 +602,7 @@ def test_gateway_records_pyas2lib_authentication_failure_as_failed(
     try:
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_for("hospital"), "result.hl7", b"MSH|^~\\&|x\r")
-        [record] = wait_until(
-            lambda: events(layout.lab.audit_log, "message.failed"), 60, "the failure"
-        )
+        [record] = wait_for_events(layout.lab.audit_log, "message.failed")
     finally:
         receiver.stop()
     [got] = receiver.received

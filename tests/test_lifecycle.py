@@ -17,13 +17,10 @@ from typing import Any
 
 from gateway.clock import SystemClock
 from gateway.daemon import Daemon
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
+from tests.audit_trail import events, wait_for_events
 
 
 def test_sigterm_stops_cleanly_with_exit_0(layout: DemoLayout, processes: Any) -> None:
@@ -40,11 +37,11 @@ def test_sigterm_parks_undelivered_work_and_the_next_run_delivers_it(
 ) -> None:
     lab = processes.start(layout.lab.config_path)  # the hospital is down
     drop_file(layout.lab.outbox_dir / "hospital", "parked.hl7", b"MSH|parked\r")
-    wait_until(lambda: events(layout.lab.audit_log, "message.send_failed"), 30, "a failed attempt")
+    wait_for_events(layout.lab.audit_log, "message.send_failed")
     assert lab.stop(timeout=15) == 0
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert (layout.hospital.inbox_dir / "lab" / "parked.hl7").read_bytes() == b"MSH|parked\r"
 
 
@@ -55,7 +52,7 @@ def test_sighup_applies_a_valid_change(layout: DemoLayout, processes: Any) -> No
     assert 'cipher = "aes-256-gcm"' in text
     peer_file.write_text(text.replace('cipher = "aes-256-gcm"', 'cipher = "aes-128-gcm"'))
     proc.signal(signal.SIGHUP)
-    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "the reload")
+    wait_for_events(layout.hospital.audit_log, "config.reloaded")
     assert proc.proc.poll() is None
 
 
@@ -68,22 +65,23 @@ def test_sighup_with_broken_config_keeps_serving_on_the_old_one(
     good = config.read_text()
     config.write_text(good.replace("[storage]", "[storage]\nstate_dri = 'typo'"))
     hospital.signal(signal.SIGHUP)
-    failed = wait_until(
-        lambda: events(layout.hospital.audit_log, "config.reload_failed"), 15, "the refusal"
-    )
+    failed = wait_for_events(layout.hospital.audit_log, "config.reload_failed")
     assert "state_dri" in failed[0]["reason"] and "unknown key" in failed[0]["reason"]
-    assert any(
-        line.get("event") == "config.reload_failed" and "previous" in line.get("action", "")
-        for line in hospital.lines
+    hospital.wait_for(
+        lambda line: (
+            line.get("event") == "config.reload_failed" and "previous" in line.get("action", "")
+        ),
+        30,
     )
+
     # Still serving, with the old configuration: an exchange goes through.
     drop_file(layout.lab.outbox_dir / "hospital", "after-bad-reload.hl7", b"MSH|still up\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert (layout.hospital.inbox_dir / "lab" / "after-bad-reload.hl7").exists()
     assert hospital.proc.poll() is None
     config.write_text(good)
     hospital.signal(signal.SIGHUP)
-    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 15, "recovery")
+    wait_for_events(layout.hospital.audit_log, "config.reloaded")
 
 
 class NotifySocket:
@@ -122,13 +120,13 @@ def test_sd_notify_ready_reloading_stopping_and_watchdog(
     try:
         env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"}
         proc = processes.start(layout.hospital.config_path, env=env)
-        wait_until(lambda: "READY=1" in notify.states(), 10, "READY=1")
-        wait_until(lambda: notify.states().count("WATCHDOG=1") >= 3, 10, "watchdog pings")
+        wait_until(lambda: "READY=1" in notify.states(), 30, "READY=1")
+        wait_until(lambda: notify.states().count("WATCHDOG=1") >= 3, 30, "watchdog pings")
         proc.signal(signal.SIGHUP)
-        wait_until(lambda: "RELOADING=1" in notify.states(), 10, "RELOADING=1")
-        wait_until(lambda: notify.states().count("READY=1") >= 2, 10, "READY=1 after reload")
+        wait_until(lambda: "RELOADING=1" in notify.states(), 30, "RELOADING=1")
+        wait_until(lambda: notify.states().count("READY=1") >= 2, 30, "READY=1 after reload")
         assert proc.stop(timeout=15) == 0
-        wait_until(lambda: "STOPPING=1" in notify.states(), 5, "STOPPING=1")
+        wait_until(lambda: "STOPPING=1" in notify.states(), 30, "STOPPING=1")
         states = notify.states()
         assert states.index("RELOADING=1") < len(states) - 1 - states[::-1].index("READY=1")
     finally:
@@ -154,7 +152,7 @@ def test_sigterm_does_not_wait_for_idle_keep_alive_connections(
     hospital = processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "kept-alive.hl7", b"MSH|x\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     # The lab keeps its connection to the hospital open for the next document.
     started = time.monotonic()
     assert hospital.stop(timeout=15) == 0

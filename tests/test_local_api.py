@@ -24,10 +24,11 @@ import pytest
 
 from gateway.audit import AuditEvent, EventType
 from gateway.config import ApiClient, load_config
-from gateway.demo_run import free_port, read_audit, wait_until
+from gateway.demo_run import free_port, wait_until
 from gateway.errors import ConfigError
 from gateway.intake.api import LocalApi, new_token
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 from tests.test_storage_full import _fill, _small_file_system
 
@@ -115,10 +116,6 @@ peers = ["hospital"]
     return Api(port, layout.lab.root / "state" / "api.sock")
 
 
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
-
-
 def test_api_submission_is_delivered_and_its_receipt_shown(
     layout: DemoLayout, processes: Any
 ) -> None:
@@ -156,7 +153,7 @@ def test_api_submission_is_delivered_and_its_receipt_shown(
     status, _ = api.request("GET", "/v1/messages/%3Cnot-there%3E", token=LIS_TOKEN)
     assert status == 404
 
-    accepted = events(layout.lab.audit_log, "message.accepted")
+    accepted = wait_for_events(layout.lab.audit_log, "message.accepted")
     assert [a["detail"].get("submitted_by") for a in accepted] == ["api:lis"]
     # The document is linked across both audit trails by its SHA-256.
     [delivered] = events(layout.hospital.audit_log, "message.delivered")
@@ -184,7 +181,7 @@ def test_api_refuses_bad_tokens_foreign_peers_and_services(
         assert "Bearer" in answer["fix"]
     status, _ = api.request("GET", "/v1/messages/x", token="wrong")
     assert status == 401
-    refused = events(layout.lab.audit_log, "api.authentication_failed")
+    refused = wait_for_events(layout.lab.audit_log, "api.authentication_failed", count=4)
     assert len(refused) == 4
     assert {r["severity"] for r in refused} == {"alert"}
     assert {r["remote_address"] for r in refused} >= {"127.0.0.1", "local socket"}
@@ -193,7 +190,7 @@ def test_api_refuses_bad_tokens_foreign_peers_and_services(
         "POST", "/v1/messages?to=pharmacy", token=LIS_TOKEN, body=b"MSH|x\r"
     )
     assert status == 403 and "pharmacy" in answer["error"] and "peers" in answer["fix"]
-    [audited] = events(layout.lab.audit_log, "api.request_refused")
+    [audited] = wait_for_events(layout.lab.audit_log, "api.request_refused")
     assert audited["peer"] == "pharmacy" and audited["detail"]["client"] == "lis"
 
     status, answer = api.request(
@@ -337,8 +334,9 @@ def test_medgw_send_prints_the_receipt_and_exits_0(
     assert (layout.hospital.inbox_dir / "lab" / "scan.dcm").read_bytes() == document.read_bytes()
 
     # Recorded as the operator who ran it, from the kernel's view of the socket.
-    accepted = events(layout.lab.audit_log, "message.accepted")
-    [mine] = [a for a in accepted if a["message_id"] == message_id]
+    [mine] = wait_for_events(
+        layout.lab.audit_log, "message.accepted", where=lambda a: a["message_id"] == message_id
+    )
     assert mine["detail"]["submitted_by"].startswith("operator:")
     assert f"(uid {os.getuid()})" in mine["detail"]["submitted_by"]
 
@@ -499,8 +497,10 @@ def test_failed_tokens_cannot_flood_the_audit_trail(layout: DemoLayout, processe
     for _ in range(3):  # another address keeps its own count
         status, _ = api.request("GET", "/v1/messages/y", token="wrong", unix=True)
         assert status == 401
-    refused = events(layout.lab.audit_log, "api.authentication_failed")
+    # Ten from the address that sent 25, three from the other: all there is to wait for.
+    refused = wait_for_events(layout.lab.audit_log, "api.authentication_failed", count=13)
     by_tcp = [r for r in refused if r["remote_address"] == "127.0.0.1"]
+
     assert len(by_tcp) == 10, [r["detail"] for r in by_tcp]
     assert all(len(r["detail"]["path"]) <= 203 for r in by_tcp)
     assert by_tcp[0]["detail"]["path"].startswith("/v1/messages/xxx")
@@ -672,7 +672,7 @@ def test_a_stalled_submission_does_not_hold_the_daemon_past_its_shutdown_deadlin
         _stall_mid_body(over_tcp, LIS_TOKEN)
         _stall_mid_body(over_control, None)
         payloads = layout.lab.root / "state" / "payloads"
-        wait_until(lambda: len(list(payloads.iterdir())) == 2 or None, 10, "two partial bodies")
+        wait_until(lambda: len(list(payloads.iterdir())) == 2 or None, 30, "two partial bodies")
         started = time.monotonic()
         assert lab.stop(timeout=30) == 0  # what systemd allows (TimeoutStopSec)
         took = time.monotonic() - started
@@ -773,7 +773,7 @@ def test_a_full_spool_answers_503_with_a_fix_and_keeps_nothing(
         assert "cannot store" in answer["error"] and "again" in answer["fix"]
         assert str(state) not in json.dumps(answer)
         # The administrator is told the cause and the fix.
-        said = lab.wait_for(lambda line: line.get("event") == "submission.not_stored", 10)
+        said = lab.wait_for(lambda line: line.get("event") == "submission.not_stored", 30)
         assert "No space left" in said["error"] and "free disk space" in said["fix"]
         assert [p.name for p in (state / "payloads").iterdir()] == []
         filler.unlink()

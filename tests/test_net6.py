@@ -10,12 +10,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.pki.demo import DemoLayout
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
+from tests.audit_trail import wait_for_events
 
 
 def queue_show_all(config: Path) -> list[dict[str, Any]]:
@@ -58,9 +55,10 @@ def test_receiver_fails_to_store_negative_receipt_reaches_sender_state(
     record = final_state(layout)
     assert record["state"] == "failed"
     assert record["disposition"] == "processed/error: unexpected-processing-error"
-    failed = events(layout.lab.audit_log, "message.failed")
-    assert failed and failed[0]["severity"] == "alert"
-    assert events(layout.hospital.audit_log, "message.rejected")
+    # The spool says "failed" before the audit trail does: wait for what is read.
+    failed = wait_for_events(layout.lab.audit_log, "message.failed")
+    assert failed[0]["severity"] == "alert"
+    wait_for_events(layout.hospital.audit_log, "message.rejected")
 
 
 def test_encryption_failure_is_reported_back_to_the_sender(
@@ -78,8 +76,8 @@ def test_encryption_failure_is_reported_back_to_the_sender(
     record = final_state(layout)
     assert record["state"] == "failed"
     assert record["disposition"] == "processed/error: decryption-failed"
-    assert events(layout.hospital.audit_log, "decryption.failed")
-    assert events(layout.lab.audit_log, "message.failed")
+    wait_for_events(layout.hospital.audit_log, "decryption.failed")
+    wait_for_events(layout.lab.audit_log, "message.failed")
 
 
 def test_authentication_failure_is_reported_back_to_the_sender(
@@ -95,7 +93,7 @@ def test_authentication_failure_is_reported_back_to_the_sender(
     record = final_state(layout)
     assert record["state"] == "failed"
     assert record["disposition"] == "processed/error: authentication-failed"
-    assert events(layout.hospital.audit_log, "signature.failed")
+    wait_for_events(layout.hospital.audit_log, "signature.failed")
 
 
 class SlowProxy:
@@ -174,17 +172,16 @@ def test_very_slow_path_times_out_retries_and_delivers_once(
         processes.start(layout.hospital.config_path)
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_dir / "hospital", "slow.hl7", b"MSH|slow path\r")
-        failure = wait_until(
-            lambda: events(layout.lab.audit_log, "message.send_failed"), 30, "a timeout at the lab"
-        )
+        failure = wait_for_events(layout.lab.audit_log, "message.send_failed")
         assert "Timeout" in failure[0]["reason"]
         [queued] = [r for r in queue_show_all(layout.lab.config_path) if r["state"] != "delivered"]
         assert queued["attempts"] >= 1 and "Timeout" in (queued["last_error"] or "")
         proxy.delay = 0.0  # the path recovers
-        wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery")
+        wait_for_events(layout.lab.audit_log, "receipt.received")
     finally:
         proxy.close()
     # Delivered once, after at least one timed-out attempt over the slow path.
     assert [p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()] == ["slow.hl7"]
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
+
     assert proxy.connections >= 2

@@ -42,9 +42,10 @@ from typing import Any
 import pytest
 
 from gateway.clock import SystemClock
-from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.spool import Spool
+from tests.audit_trail import wait_for_event, wait_for_events
 from tests.test_connect_path import set_runtime
 from tests.test_zones import NOW, Site, as2_message, two_zone_world
 
@@ -144,17 +145,14 @@ def _probe(spaces: Namespaces, ns: str, *args: str) -> dict[str, Any]:
     return answer
 
 
-def _events(site: Site, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(site.audit_log) if r["event"] == name]
-
-
 def _host(remote: str) -> str:
     """The address of ``ip`` or ``ip:port`` as the audit trail records it."""
     return remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
 
 
-def _received_from(site: Site, peer: str) -> dict[str, Any] | None:
-    return next((e for e in _events(site, "message.received") if e["peer"] == peer), None)
+def _received_from(site: Site, peer: str) -> dict[str, Any]:
+    """The record of the first message ``site`` received from ``peer``, once there is one."""
+    return wait_for_event(site.audit_log, "message.received", where=lambda e: e["peer"] == peer)
 
 
 def test_hospital_in_two_zones_passes_nothing_between_them(
@@ -187,16 +185,14 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
         delivered = hospital.root / "inbox" / "lab" / "result.hl7"
         wait_until(delivered.exists, 60, "lab -> hospital delivery")
         assert delivered.read_bytes() == b"MSH|lab result for the ward"
-        received = wait_until(lambda: _received_from(hospital, "lab"), 10, "the audit record")
+        received = _received_from(hospital, "lab")
         assert _host(received["remote_address"]) == LAB
 
         # The hospital's own sends leave from each zone's source address.
         drop_file(hospital.root / "outbox" / "pharmacy", "rx.txt", b"prescription")
         drop_file(hospital.root / "outbox" / "lab", "order.hl7", b"MSH|order")
-        at_pharmacy = wait_until(
-            lambda: _received_from(pharmacy, "hospital"), 60, "hospital -> pharmacy"
-        )
-        at_lab = wait_until(lambda: _received_from(lab, "hospital"), 60, "hospital -> lab")
+        at_pharmacy = _received_from(pharmacy, "hospital")
+        at_lab = _received_from(lab, "hospital")
         assert _host(at_pharmacy["remote_address"]) == HOSPITAL_B
         assert _host(at_lab["remote_address"]) == HOSPITAL_A
 
@@ -214,7 +210,7 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
             str(request),
         )
         assert answer["status"] == 200 and "authentication-failed" in answer["body"], answer
-        (transit,) = _events(hospital, "routing.transit_refused")
+        (transit,) = wait_for_events(hospital.audit_log, "routing.transit_refused")
         assert transit["peer"] == "lab" and transit["severity"] == "alert"
         assert _host(transit["remote_address"]) == LAB
         assert "zone 'zone-b'" in transit["reason"]
@@ -242,10 +238,8 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
             namespaces, namespaces.pharmacy, "handshake", pharmacy_cert, HOSPITAL_B, str(PORT)
         )
         assert accepted["refused"] is False, accepted
-        failed = wait_until(
-            lambda: _events(hospital, "tls.handshake_failed"), 10, "the handshake refusal"
-        )
-        (handshake,) = failed
+        (handshake,) = wait_for_events(hospital.audit_log, "tls.handshake_failed")
+
         assert handshake["detail"]["listener"] == "zone-a"
         assert _host(handshake["remote_address"]) == LAB
         assert handshake["severity"] == "alert"
@@ -352,11 +346,9 @@ def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
         [one] = wait_until(lambda: _lines(handed_over), 60, "the first hand-over")
         assert one["path"] == "/inbound" and one["peer"] == "lab"
         assert one["sha256"] == hashlib.sha256(b"MSH|first result").hexdigest()
-        sent = wait_until(lambda: _events(lab, "message.sent"), 30, "the lab's send")
+        sent = wait_for_events(lab.audit_log, "message.sent")
         assert sent[0]["detail"]["receipt"] == "async"
-        [receipt] = wait_until(
-            lambda: _events(lab, "receipt.received"), 60, "the asynchronous receipt"
-        )
+        [receipt] = wait_for_events(lab.audit_log, "receipt.received")
         assert receipt["message_id"] == sent[0]["message_id"]
         assert receipt["detail"]["disposition"] == "processed"
         assert receipt["detail"]["mic_verified"] is True
@@ -364,15 +356,11 @@ def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
         # ehr.internal now resolves into zone B: the hand-over is refused at connect.
         namespaces.hosts(namespaces.hospital, f"{PHARMACY} ehr.internal\n")
         drop_file(lab.root / "outbox" / "hospital", "two.hl7", b"MSH|second result")
-        [refused] = wait_until(
-            lambda: _events(hospital, "zone.egress_refused"), 60, "the refused hand-over"
-        )
+        [refused] = wait_for_events(hospital.audit_log, "zone.egress_refused")
         assert refused["remote_address"] == PHARMACY
         assert refused["detail"] == {"route": "the internal side", "port": EHR_PORT}
         assert "inside the egress of zone 'zone-b'" in refused["reason"]
-        failed = wait_until(
-            lambda: _events(hospital, "message.handover_failed"), 30, "the failed attempt"
-        )
+        failed = wait_for_events(hospital.audit_log, "message.handover_failed")
         assert "not connected" in failed[0]["reason"]
         assert (hospital.root / "inbox" / "lab" / "two.hl7").exists()
         assert _lines(knocked) == []  # nothing reached the pharmacy's host
@@ -444,16 +432,13 @@ def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
         daemon.wait_for(lambda line: line.get("event") == "config.reloaded", 60)
         release.touch()  # the first attempt fails; the next is made by the new zones
 
-        [refused] = wait_until(
-            lambda: _events(hospital, "zone.egress_refused"), 60, "the refused receipt"
-        )
+        [refused] = wait_for_events(hospital.audit_log, "zone.egress_refused")
         assert refused["remote_address"] == LAB
         assert refused["detail"] == {"route": "zone 'zone-b'", "port": RECEIPT_PORT}
-        given_up = wait_until(
-            lambda: [e for e in _events(hospital, "receipt.sent") if e["outcome"] == "failure"],
-            30,
-            "the receipt given up",
+        given_up = wait_for_events(
+            hospital.audit_log, "receipt.sent", where=lambda e: e["outcome"] == "failure"
         )
+
         assert "not tried again" in given_up[0]["reason"]
         assert _lines(knocked) == [{"from": HOSPITAL_A}]  # nothing from HOSPITAL_B
         daemon.signal(signal.SIGTERM)

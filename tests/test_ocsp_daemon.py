@@ -16,8 +16,9 @@ import pytest
 from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, issue_ocsp_responder, write_pem
+from tests.audit_trail import events, wait_for_events
 from tests.ocsp_responder import Responder, index_line
-from tests.test_pki_e2e import demo_ca, events, wait_handshake_refused
+from tests.test_pki_e2e import demo_ca, wait_handshake_refused
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 
@@ -118,19 +119,20 @@ def test_good_by_ocsp_delivered_then_revoked_refused_after_reload(
     assert not events(layout.hospital.audit_log, "peer.certificate_rejected")
 
     drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "first delivery")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert _delivered(layout, "before.hl7").read_bytes() == b"MSH|before\r"
 
     world.set_status(revoked=("tls", "sign"))
     asked = responder.requests
     hospital.signal(signal.SIGHUP)
-    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 30, "the reload")
+    wait_for_events(layout.hospital.audit_log, "config.reloaded")
     assert responder.requests > asked  # asked again, not answered from a cache
-    rejected = [
-        r
-        for r in events(layout.hospital.audit_log, "peer.certificate_rejected")
-        if r["peer"] == "lab"
-    ]
+    rejected = wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["peer"] == "lab",
+        count=2,
+    )
     assert len(rejected) == 2, rejected
     assert all("revoked" in r["reason"].lower() for r in rejected)
 
@@ -145,12 +147,14 @@ def test_responder_unreachable_under_require_refuses_the_peer(
     """No responder answers: under ``require`` the lab's certificates are not accepted."""
     layout = world.layout
     processes.start(layout.hospital.config_path)
-    rejected = [
-        r
-        for r in events(layout.hospital.audit_log, "peer.certificate_rejected")
-        if r["peer"] == "lab"
-    ]
+    rejected = wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["peer"] == "lab",
+        count=3,
+    )
     assert len(rejected) == 3, rejected
+
     assert all("unreachable" in r["reason"] for r in rejected), rejected
     assert all(f"127.0.0.1:{world.port}" in r["reason"] for r in rejected), rejected
 
@@ -161,7 +165,7 @@ def test_responder_unreachable_under_require_refuses_the_peer(
         drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late\r")
         hospital = processes.started[0]
         hospital.signal(signal.SIGHUP)
-        wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 30, "the reload")
+        wait_for_events(layout.hospital.audit_log, "config.reloaded")
         wait_until(lambda: _delivered(layout, "late.hl7").exists(), 90, "delivery after the reload")
         assert server.requests >= 3
     finally:

@@ -9,13 +9,10 @@ from typing import Any
 
 import pytest
 
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import wait_for_events
 from tests.cli import medgw
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def queue(config: Path, *args: str) -> Any:
@@ -37,18 +34,18 @@ def test_dead_letter_after_max_attempts_then_operator_retry_delivers(
     set_runtime(layout.lab.config_path, "max_attempts", "2")
     lab = processes.start(layout.lab.config_path)  # the hospital is down
     drop_file(layout.lab.outbox_dir / "hospital", "dead.hl7", b"MSH|dead letter\r")
-    dead = wait_until(lambda: events(layout.lab.audit_log, "message.dead"), 60, "a dead letter")
+    dead = wait_for_events(layout.lab.audit_log, "message.dead")
     assert dead[0]["severity"] == "alert" and "2 attempts" in dead[0]["reason"]
     [record] = queue(layout.lab.config_path, "list", "--state", "dead")
     assert record["filename"] == "dead.hl7" and record["attempts"] == 2
     processes.start(layout.hospital.config_path)
     retried = queue(layout.lab.config_path, "retry", record["message_id"])
     assert retried["state"] == "queued"
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     shown = queue(layout.lab.config_path, "show", record["message_id"])
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
-    audit = events(layout.lab.audit_log, "message.retried")
-    assert audit and "uid" in audit[0]["actor"]
+    audit = wait_for_events(layout.lab.audit_log, "message.retried")
+    assert "uid" in audit[0]["actor"]
     assert audit[0]["detail"]["previous_state"] == "dead"
     assert lab.proc.poll() is None
 
@@ -71,7 +68,7 @@ def test_expired_message_is_visible_and_can_be_cancelled(
     with db:
         db.execute("UPDATE outbound SET expires_at=1 WHERE message_id=?", (record["message_id"],))
     db.close()
-    expired = wait_until(lambda: events(layout.lab.audit_log, "message.expired"), 30, "the expiry")
+    expired = wait_for_events(layout.lab.audit_log, "message.expired")
     assert expired[0]["message_id"] == record["message_id"]
     assert queue(layout.lab.config_path, "show", record["message_id"])["state"] == "expired"
     cancelled = medgw(
@@ -106,11 +103,7 @@ def test_suspend_holds_both_directions_and_resume_delivers(
         == 0
     )
     assert medgw("peers", "resume", "hospital", "--config", lab_cfg).returncode == 0
-    wait_until(
-        lambda: events(layout.hospital.audit_log, "peer.suspended_refusal"),
-        30,
-        "the hospital refusing the suspended lab",
-    )
+    wait_for_events(layout.hospital.audit_log, "peer.suspended_refusal")
     assert not (layout.hospital.inbox_dir / "lab" / "held.hl7").exists()
     assert medgw("peers", "resume", "lab", "--config", hospital_cfg).returncode == 0
     wait_until(
@@ -119,13 +112,14 @@ def test_suspend_holds_both_directions_and_resume_delivers(
         "delivery after resume",
     )
     for name in ("peer.suspended", "peer.resumed"):
-        assert events(layout.lab.audit_log, name) and events(layout.hospital.audit_log, name)
+        wait_for_events(layout.lab.audit_log, name)
+        wait_for_events(layout.hospital.audit_log, name)
 
 
 def test_queue_list_works_when_the_daemon_is_stopped(layout: DemoLayout, processes: Any) -> None:
     lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "offline.hl7", b"MSH|x\r")
-    wait_until(lambda: events(layout.lab.audit_log, "message.accepted"), 30, "intake")
+    wait_for_events(layout.lab.audit_log, "message.accepted")
     lab.signal(signal.SIGTERM)
     lab.proc.wait(30)
     result = medgw("queue", "list", "--config", str(layout.lab.config_path))
@@ -156,7 +150,8 @@ def test_operator_commands_work_while_the_config_on_disk_has_a_mistake(
     assert medgw("check-config", "--config", lab_cfg).returncode == 1
     out = medgw("peers", "suspend", "hospital", "--reason", "compromised", "--config", lab_cfg)
     assert out.returncode == 0, out.stderr
-    assert events(layout.lab.audit_log, "peer.suspended")
+    wait_for_events(layout.lab.audit_log, "peer.suspended")
+
     [peer] = json.loads(medgw("peers", "list", "--config", lab_cfg, "--json").stdout)
     assert peer["suspended"] and peer["suspended_reason"] == "compromised"
     document = tmp_path / "urgent.hl7"

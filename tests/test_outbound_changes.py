@@ -17,17 +17,14 @@ import pytest
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 from gateway.spool import Spool
 from tests import as2client
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 from tests.test_operations import set_runtime
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def queue(config: Path, *args: str) -> Any:
@@ -55,7 +52,7 @@ def set_async_receipt_url(layout: DemoLayout, url: str) -> None:
 def reload(proc: Any, audit_log: Path) -> None:
     before = len(events(audit_log, "config.reloaded"))
     proc.signal(signal.SIGHUP)
-    wait_until(lambda: len(events(audit_log, "config.reloaded")) > before, 15, "the reload")
+    wait_for_events(audit_log, "config.reloaded", count=before + 1)
 
 
 def test_a_message_that_asked_for_an_async_receipt_waits_for_it_after_the_peer_is_made_sync(
@@ -74,17 +71,11 @@ def test_a_message_that_asked_for_an_async_receipt_waits_for_it_after_the_peer_i
     set_async_receipt_url(layout, "")
     reload(lab, layout.lab.audit_log)
     peers(layout.lab.config_path, "resume", "hospital")
-    wait_until(
-        lambda: (
-            events(layout.lab.audit_log, "receipt.received")
-            or events(layout.lab.audit_log, "receipt.invalid")
-        ),
-        60,
-        "the receipt",
-    )
+    wait_for_events(layout.lab.audit_log, ("receipt.received", "receipt.invalid"))
     # The message asked for its receipt later: the empty 200 is not an invalid receipt.
     assert not events(layout.lab.audit_log, "receipt.invalid")
-    [sent] = events(layout.lab.audit_log, "message.sent")
+    # The receipt may come back before the lab has recorded the message as sent.
+    [sent] = wait_for_events(layout.lab.audit_log, "message.sent")
     assert sent["detail"]["receipt"] == "async"
     shown = queue(layout.lab.config_path, "show", record["message_id"])
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
@@ -96,7 +87,7 @@ def test_retry_of_a_message_to_a_peer_no_longer_configured_is_refused_and_says_w
     set_runtime(layout.lab.config_path, "max_attempts", "1")
     lab = processes.start(layout.lab.config_path)  # the hospital is down
     drop_file(layout.lab.outbox_dir / "hospital", "gone.hl7", b"MSH|gone\r")
-    wait_until(lambda: events(layout.lab.audit_log, "message.dead"), 60, "a dead letter")
+    wait_for_events(layout.lab.audit_log, "message.dead")
     [record] = queue(layout.lab.config_path, "list", "--state", "dead")
     (layout.lab.root / "peers.d" / "hospital.toml").unlink()  # the exchange has ended
     reload(lab, layout.lab.audit_log)
@@ -190,7 +181,7 @@ def test_an_async_receipt_that_arrives_before_the_answer_to_the_send_settles_the
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_dir / "hospital", "quick.hl7", b"MSH|quick\r")
         wait_until(lambda: answers, 30, "the receipt")
-        [sent] = wait_until(lambda: events(layout.lab.audit_log, "message.sent"), 30, "the send")
+        [sent] = wait_for_events(layout.lab.audit_log, "message.sent")
         wait_until(
             lambda: queue(layout.lab.config_path, "show", sent["message_id"])["state"] != "sending",
             30,
@@ -200,8 +191,8 @@ def test_an_async_receipt_that_arrives_before_the_answer_to_the_send_settles_the
         server.shutdown()
         server.server_close()
     assert answers == [b"receipt accepted\n"]
-    assert not events(layout.lab.audit_log, "receipt.invalid")
-    [received] = events(layout.lab.audit_log, "receipt.received")
+    [received] = wait_for_events(layout.lab.audit_log, ("receipt.received", "receipt.invalid"))
+    assert received["event"] == "receipt.received", received
     assert received["detail"]["mic_verified"] is True
     shown = queue(layout.lab.config_path, "show", sent["message_id"])
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
@@ -299,8 +290,8 @@ def test_a_late_receipt_tells_the_truth_about_a_message_given_up_meanwhile(
         server.server_close()
     assert seen == [message_id]
     assert answer == b"receipt accepted\n"
-    assert not events(layout.lab.audit_log, "receipt.invalid")
-    [received] = events(layout.lab.audit_log, "receipt.received")
+    [received] = wait_for_events(layout.lab.audit_log, ("receipt.received", "receipt.invalid"))
+    assert received["event"] == "receipt.received", received
     assert received["detail"]["mic_verified"] is True
     assert received["severity"] == "warning" and then in received["reason"]
     shown = queue(lab_cfg, "show", message_id)
@@ -349,14 +340,8 @@ def test_a_reload_does_not_break_off_a_long_send_in_progress(
         drop_file(layout.lab.outbox_dir / "hospital", "large.dcm", b"DICM" * 1000)
         wait_until(lambda: seen, 30, "the send to begin")
         reload(lab, layout.lab.audit_log)
-        wait_until(
-            lambda: (
-                events(layout.lab.audit_log, "message.sent")
-                or events(layout.lab.audit_log, "message.send_failed")
-            ),
-            120,
-            "the end of the send",
-        )
+        wait_for_events(layout.lab.audit_log, ("message.sent", "message.send_failed"), timeout=120)
+
     finally:
         server.shutdown()
         server.server_close()

@@ -23,8 +23,9 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
+from tests.audit_trail import events, wait_for_events
 from tests.hpki_certs import Role, issue_person, subject_directory_attributes
-from tests.test_pki_e2e import demo_ca, events, revoke
+from tests.test_pki_e2e import demo_ca, revoke
 
 DOCTOR = "神楽坂 花子"  # a person's name, as HPKI certificates carry it
 
@@ -101,10 +102,6 @@ def inbox(layout: DemoLayout) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-def refusals(layout: DemoLayout) -> list[dict[str, Any]]:
-    return [r for r in events(layout.hospital.audit_log, "signature.failed")]
-
-
 def test_doctor_signs_for_the_lab_when_personal_signers_are_allowed(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:
@@ -119,7 +116,8 @@ def test_doctor_signs_for_the_lab_when_personal_signers_are_allowed(
     assert (layout.hospital.inbox_dir / "lab" / "referral.hl7").read_bytes() == (
         b"MSH|referral by a doctor\r"
     )
-    (received,) = events(layout.hospital.audit_log, "message.received")
+    (received,) = wait_for_events(layout.hospital.audit_log, "message.received")
+
     detail = received["detail"]
     assert detail["signer"] == f"CN={DOCTOR}"
     assert detail["signer_role"] == "Medical Doctor"
@@ -127,7 +125,7 @@ def test_doctor_signs_for_the_lab_when_personal_signers_are_allowed(
     assert detail["signer_roles"][0]["japanese"] == "医師"
     assert "good" in detail["signer_revocation"]  # the zone requires revocation: CRL checked
     assert f"Signed by CN={DOCTOR}, Medical Doctor (HPKI)" in text
-    assert not refusals(layout)
+    assert not events(layout.hospital.audit_log, "signature.failed")
 
 
 def test_lab_key_signed_message_has_no_personal_or_role_detail(
@@ -143,7 +141,8 @@ def test_lab_key_signed_message_has_no_personal_or_role_detail(
     )
     disposition, text = send_signed_by(layout, lab_key, tmp_path, b"MSH|lab key\r")
     assert disposition == "processed"
-    (received,) = events(layout.hospital.audit_log, "message.received")
+    (received,) = wait_for_events(layout.hospital.audit_log, "message.received")
+
     assert "signer_kind" not in received["detail"]
     assert "signer_role" not in received["detail"]
     assert "Signed by" not in text
@@ -162,7 +161,7 @@ def test_doctor_is_refused_when_the_peer_does_not_allow_personal_signers(
     assert disposition == "processed/error: authentication-failed"
     assert "Signed by" not in text
     assert inbox(layout) == []
-    (refused,) = refusals(layout)
+    (refused,) = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert refused["severity"] == "alert"
     assert DOCTOR in refused["reason"]
     assert not events(layout.hospital.audit_log, "message.received")
@@ -179,7 +178,7 @@ def test_personal_certificate_from_another_ca_is_refused_even_when_allowed(
 
     assert disposition == "processed/error: authentication-failed"
     assert inbox(layout) == []
-    (refused,) = refusals(layout)
+    (refused,) = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert refused["severity"] == "alert"
     assert DOCTOR in refused["reason"]
     assert "no path" in refused["reason"] and "Another HPKI CA" in refused["reason"]
@@ -199,7 +198,7 @@ def test_revoked_doctor_is_refused_even_when_allowed(
 
     assert disposition == "processed/error: authentication-failed"
     assert inbox(layout) == []
-    (refused,) = refusals(layout)
+    (refused,) = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert DOCTOR in refused["reason"] and "revoked" in refused["reason"]
 
 
@@ -226,7 +225,7 @@ def test_another_peers_certificate_does_not_pass_as_a_person_of_this_peer(
     disposition, _ = send_signed_by(layout, signer, tmp_path, b"MSH|borrowed\r")
 
     assert disposition == "processed/error: authentication-failed"
-    (refused,) = refusals(layout)
+    (refused,) = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert "certificate of peer 'clinic'" in refused["reason"]
 
 

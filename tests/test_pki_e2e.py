@@ -17,16 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.as2.mdn import parse_receipt
 from gateway.config import load_config
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_crl, write_pem
 from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
+from tests.audit_trail import events, wait_for_events
 
 
 def demo_ca(layout: DemoLayout) -> Issued:
@@ -49,14 +46,10 @@ def revoke(layout: DemoLayout, crl_file: Path, *certs: x509.Certificate) -> None
 
 def wait_handshake_refused(layout: DemoLayout) -> None:
     """Until the hospital refuses a TLS client certificate it no longer accepts."""
-    wait_until(
-        lambda: [
-            r
-            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
-            if "not configured for any peer" in r["reason"]
-        ],
-        60,
-        "the revoked certificate refused at the handshake",
+    wait_for_events(
+        layout.hospital.audit_log,
+        "tls.handshake_failed",
+        where=lambda r: "not configured for any peer" in r["reason"],
     )
 
 
@@ -75,20 +68,21 @@ def test_revoked_peer_is_refused_after_reload_and_its_open_connection_closed(
     hospital = processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "first delivery")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     held = open_tls(layout)  # an established connection from before the revocation
     held.sendall(b"POST /as2 HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
 
     lab_tls = load_config(layout.lab.config_path).tls.identity.certificate
     revoke(layout, layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl", lab_tls)
     hospital.signal(signal.SIGHUP)
-    wait_until(lambda: events(layout.hospital.audit_log, "config.reloaded"), 30, "the reload")
+    wait_for_events(layout.hospital.audit_log, "config.reloaded")
 
-    rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
-    assert any(r["peer"] == "lab" and "revoked" in r["reason"].lower() for r in rejected)
-    closed = wait_until(
-        lambda: events(layout.hospital.audit_log, "tls.connection_closed"), 10, "the close"
+    wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["peer"] == "lab" and "revoked" in r["reason"].lower(),
     )
+    closed = wait_for_events(layout.hospital.audit_log, "tls.connection_closed")
     assert "KITA-LAB" in closed[0]["detail"]["subject"]
     held.settimeout(10)
     try:
@@ -111,10 +105,13 @@ def test_revoked_signing_certificate_is_not_accepted_for_messages(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "signed.hl7", b"MSH|x\r")
-    failed = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 60, "refusal")
+    failed = wait_for_events(layout.lab.audit_log, "message.failed")
     assert "authentication-failed" in failed[0]["reason"]
-    rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
-    assert any(r["detail"]["purpose"] == "smime-sign" for r in rejected)
+    wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["detail"]["purpose"] == "smime-sign",
+    )
 
 
 def test_message_signed_by_another_institutions_valid_certificate_is_refused(
@@ -156,7 +153,7 @@ def test_message_signed_by_another_institutions_valid_certificate_is_refused(
         policy=AlgorithmPolicy(),
     )
     assert receipt.disposition == "processed/error: authentication-failed"
-    assert events(layout.hospital.audit_log, "signature.failed")
+    wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
         (layout.hospital.inbox_dir / "lab").iterdir()
     )
@@ -170,9 +167,17 @@ def test_stale_crl_under_require_refuses_the_peer_and_raises_an_alarm(
         crl.public_bytes(serialization.Encoding.PEM)
     )
     processes.start(layout.hospital.config_path)
-    assert events(layout.hospital.audit_log, "pki.crl_stale")
-    rejected = events(layout.hospital.audit_log, "peer.certificate_rejected")
-    assert {r["detail"]["purpose"] for r in rejected} >= {"tls-client", "smime-sign"}
+    wait_for_events(layout.hospital.audit_log, "pki.crl_stale")
+    wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["detail"]["purpose"] == "tls-client",
+    )
+    wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["detail"]["purpose"] == "smime-sign",
+    )
 
 
 def test_no_acceptable_encryption_certificate_keeps_the_document_until_an_operator_retry(
@@ -184,7 +189,7 @@ def test_no_acceptable_encryption_certificate_keeps_the_document_until_an_operat
     processes.start(layout.hospital.config_path)
     lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "nowhere.hl7", b"MSH|x\r")
-    [failed] = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 30, "failure")
+    [failed] = wait_for_events(layout.lab.audit_log, "message.failed")
     assert "no acceptable encryption certificate" in failed["reason"]
     assert "revoked" in failed["reason"].lower()
     message_id = failed["message_id"]
@@ -215,7 +220,7 @@ def test_no_acceptable_encryption_certificate_keeps_the_document_until_an_operat
     wait_until(lambda: len(events(layout.lab.audit_log, "config.reloaded")) == 1, 30, "reload")
     retried = queue("retry", message_id)
     assert retried.returncode == 0, retried.stderr
-    [receipt] = wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "sent")
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["message_id"] == message_id and receipt["detail"]["mic_verified"]
     assert (layout.hospital.inbox_dir / "lab" / "nowhere.hl7").read_bytes() == b"MSH|x\r"
     assert not list((layout.lab.root / "state" / "payloads").iterdir())  # no plaintext left

@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.clock import SystemClock
-from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, write_pem
 from gateway.spool import OutboundState, Spool
+from tests.audit_trail import events, wait_for_events
 
 
 def demo_ca(layout: DemoLayout) -> Issued:
@@ -34,14 +35,10 @@ def edit(path: Path, old: str, new: str) -> None:
 
 
 def reload(proc: GatewayProcess, audit: Path) -> None:
-    before = len([r for r in read_audit(audit) if r["event"] == "config.reloaded"])
+    before = len(events(audit, "config.reloaded"))
     proc.signal(signal.SIGHUP)
-    wait_until(
-        lambda: len([r for r in read_audit(audit) if r["event"] == "config.reloaded"]) > before,
-        30,
-        f"a reload of {audit.parent.parent.name}",
-    )
-    failed = [r for r in read_audit(audit) if r["event"] == "config.reload_failed"]
+    wait_for_events(audit, "config.reloaded", count=before + 1)
+    failed = events(audit, "config.reload_failed")
     assert not failed, failed
 
 
@@ -167,8 +164,9 @@ def test_rotation_of_all_lab_certificates_with_overlap_loses_no_message(
     ):
         assert sorted(p.name for p in receiver.iterdir()) == sorted(names)
     # Messages sent after the switch used the new identity end to end.
-    received = [
-        r for r in read_audit(layout.hospital.audit_log) if r["event"] == "message.received"
-    ]
+    received = wait_for_events(
+        layout.hospital.audit_log, "message.received", count=len(sent_by_lab)
+    )
+
     assert "Kita Lab 2027" in received[-1]["detail"]["signer"]
     assert len(sent_by_lab) >= 10

@@ -11,13 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import wait_for_events
 from tests.cli import medgw
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def test_lost_contact_while_waiting_exits_3_and_the_message_is_delivered_once(
@@ -52,13 +48,13 @@ def test_lost_contact_while_waiting_exits_3_and_the_message_is_delivered_once(
 
     processes.start(layout.lab.config_path)
     processes.start(layout.hospital.config_path)
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     shown = json.loads(medgw("queue", "show", message_id, "--config", config, "--json").stdout)
     assert shown["state"] == "delivered"
     listed = json.loads(medgw("queue", "list", "--config", config, "--json").stdout)
     assert [r["message_id"] for r in listed] == [message_id]
     assert (layout.hospital.inbox_dir / "lab" / "once.hl7").read_bytes() == b"MSH|exactly once\r"
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
 def test_send_help_documents_the_exit_codes() -> None:

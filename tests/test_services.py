@@ -19,10 +19,11 @@ import pytest
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery.http import idempotency_key
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
+from tests.audit_trail import events, wait_for_event, wait_for_events
 from tests.cli import medgw
 from tests.test_local_api import LIS_TOKEN, enable_api
 
@@ -36,10 +37,6 @@ def set_services(layout: DemoLayout, *, hospital_accepts: str, lab_sends: str) -
         text = path.read_text()
         assert "\nservices = []\n" in text
         path.write_text(text.replace("\nservices = []\n", f"\nservices = {value}\n"))
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def test_services_from_outbox_api_and_send_arrive_in_service_folders(
@@ -94,7 +91,7 @@ def test_services_from_outbox_api_and_send_arrive_in_service_folders(
     assert wrong.returncode == 2 and "lab-results, referrals" in wrong.stderr
 
     # The unknown service folder: warned about once, its file never sent.
-    lab.wait_for(lambda line: line.get("event") == "outbox.unknown_service_folder", 10)
+    lab.wait_for(lambda line: line.get("event") == "outbox.unknown_service_folder", 30)
     warnings = [line for line in lab.lines if line.get("event") == "outbox.unknown_service_folder"]
     assert len(warnings) == 1 and warnings[0]["folder"] == "billing"
     assert (outbox / "billing" / "b1.hl7").exists()
@@ -103,7 +100,7 @@ def test_services_from_outbox_api_and_send_arrive_in_service_folders(
     # Audit on both sides names the service; the spool records it.
     delivered = {
         Path(e["detail"]["inbox_file"]).name: e.get("service")
-        for e in events(layout.hospital.audit_log, "message.delivered")
+        for e in wait_for_events(layout.hospital.audit_log, "message.delivered", count=4)
     }
     assert delivered == {
         "r1.hl7": "lab-results",
@@ -111,7 +108,7 @@ def test_services_from_outbox_api_and_send_arrive_in_service_folders(
         "ref.json": "referrals",
         "by-hand.pdf": "referrals",
     }
-    received = events(layout.hospital.audit_log, "message.received")
+    received = wait_for_events(layout.hospital.audit_log, "message.received", count=4)
     assert sorted(str(e.get("service")) for e in received) == [
         "None",
         "lab-results",
@@ -120,7 +117,7 @@ def test_services_from_outbox_api_and_send_arrive_in_service_folders(
     ]
     accepted = {
         e["detail"]["filename"]: e.get("service")
-        for e in events(layout.lab.audit_log, "message.accepted")
+        for e in wait_for_events(layout.lab.audit_log, "message.accepted", count=4)
     }
     assert accepted["r1.hl7"] == "lab-results" and accepted["plain.hl7"] is None
     listed = medgw("queue", "list", "--config", config, "--json")
@@ -143,14 +140,11 @@ def test_a_service_not_configured_for_the_peer_is_refused_with_a_signed_receipt(
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_for("hospital") / "referrals", "ref.hl7", b"MSH|ref\r")
 
-    def failed() -> dict[str, Any] | None:
-        found = events(layout.lab.audit_log, "message.failed")
-        return found[0] if found else None
-
-    failure = wait_until(failed, 60, "the lab's message.failed")
+    failure = wait_for_event(layout.lab.audit_log, "message.failed")
     assert failure["service"] == "referrals"
     assert failure["detail"]["disposition"] == "processed/error: unexpected-processing-error"
-    [rejected] = events(layout.hospital.audit_log, "message.rejected")
+    [rejected] = wait_for_events(layout.hospital.audit_log, "message.rejected")
+
     assert rejected["severity"] == "alert"
     assert "service 'referrals', which is not configured for peer 'lab'" in rejected["reason"]
     assert "its services: lab-results" in rejected["reason"]
@@ -333,24 +327,19 @@ def test_received_documents_are_handed_over_with_retries_after_the_receipt(
         assert ref_body == b"%PDF ref" and ref_headers["X-Medgw-Service"] == "referrals"
 
         audit = layout.hospital.audit_log
-        failures = events(audit, "message.handover_failed")
+        # The internal system answers before the gateway records the failure.
+        failures = wait_for_events(audit, "message.handover_failed", count=2)
         assert len(failures) == 2 and {f["severity"] for f in failures} == {"alert"}
         assert all("HTTP 503" in f["reason"] for f in failures)
-        handed = wait_until(
-            lambda: (
-                len(events(audit, "message.handed_over")) == 2
-                and events(audit, "message.handed_over")
-            ),
-            10,
-            "two message.handed_over events",
-        )
+        handed = wait_for_events(audit, "message.handed_over", count=2)
+        assert len(handed) == 2
         ids = {e["message_id"]: e for e in handed}
         keys = {h["Idempotency-Key"] for _, h, _, _ in system.ok()}
         assert {idempotency_key("lab", i) for i in ids} == keys
         assert {e["service"] for e in handed} == {"lab-results", "referrals"}
         # The receipt did not wait for the internal system: both messages were delivered
         # (receipt verified at the lab) whatever the hand-over's fate.
-        receipts = events(layout.lab.audit_log, "receipt.received")
+        receipts = wait_for_events(layout.lab.audit_log, "receipt.received", count=2)
         assert len(receipts) == 2 and all(r["detail"]["mic_verified"] for r in receipts)
         assert (layout.hospital.inbox_dir / "lab" / "lab-results" / "r1.hl7").read_bytes() == result
     finally:
@@ -365,9 +354,7 @@ def test_a_pending_hand_over_survives_a_crash_and_resumes_once(
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
     hospital.wait_for(lambda line: line.get("event") == "message.handover_failed", 60)
-    [receipt] = wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 30, "the lab's receipt"
-    )
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["detail"]["mic_verified"] is True
     hospital.kill()  # SIGKILL: the pending hand-over is only in the spool
     assert hospital.proc.returncode == -signal.SIGKILL
@@ -375,9 +362,7 @@ def test_a_pending_hand_over_survives_a_crash_and_resumes_once(
     try:
         processes.start(layout.hospital.config_path)
         wait_until(lambda: system.ok(), 30, "the hand-over after the restart")
-        wait_until(
-            lambda: events(layout.hospital.audit_log, "message.handed_over"), 10, "handed_over"
-        )
+        wait_for_events(layout.hospital.audit_log, "message.handed_over")
         [(path, headers, body, _)] = system.ok()
         assert path == "/inbound" and body == b"MSH|doc\r" and "X-Medgw-Service" not in headers
         assert headers["Idempotency-Key"] == idempotency_key("lab", receipt["message_id"])
@@ -400,15 +385,12 @@ def test_a_changed_inbox_file_is_not_handed_over(
     (layout.hospital.inbox_dir / "lab" / "doc.hl7").write_bytes(b"MSH|other\r")
     system = InternalSystem(internal_port)
     try:
+        [gave_up] = wait_for_events(
+            layout.hospital.audit_log,
+            "message.handover_failed",
+            where=lambda e: e["detail"].get("final"),
+        )
 
-        def final() -> list[dict[str, Any]]:
-            return [
-                e
-                for e in events(layout.hospital.audit_log, "message.handover_failed")
-                if e["detail"].get("final")
-            ]
-
-        [gave_up] = wait_until(final, 30, "the final hand-over failure")
         assert "changed after delivery" in gave_up["reason"] and gave_up["severity"] == "alert"
         assert all(r[2] != b"MSH|other\r" or r[3] != 200 for r in system.requests)
         assert not system.ok()

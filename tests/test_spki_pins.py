@@ -18,15 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import load_config
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, make_crl, write_pem
 from gateway.pki.tls import certificate_fingerprint, spki_fingerprint
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
+from tests.audit_trail import events, wait_for_events
 
 
 def demo_ca(layout: DemoLayout) -> Issued:
@@ -204,7 +201,7 @@ def test_renewed_certificate_with_the_pinned_key_is_accepted_without_listing_it(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "renewed.hl7", b"MSH|renewed\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the delivery")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert (layout.hospital.inbox_dir / "lab" / "renewed.hl7").read_bytes() == b"MSH|renewed\r"
     assert not events(layout.hospital.audit_log, "peer.authentication_failed")
     assert not events(layout.hospital.audit_log, "tls.handshake_failed")
@@ -220,15 +217,12 @@ def test_same_subject_with_another_key_is_refused_at_the_handshake(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "impostor.hl7", b"MSH|x\r")
-    refused = wait_until(
-        lambda: [
-            r
-            for r in events(layout.hospital.audit_log, "tls.handshake_failed")
-            if "not configured for any peer" in r["reason"]
-        ],
-        60,
-        "the other key refused at the handshake",
+    refused = wait_for_events(
+        layout.hospital.audit_log,
+        "tls.handshake_failed",
+        where=lambda r: "not configured for any peer" in r["reason"],
     )
+
     assert refused[0]["severity"] == "alert"
     assert not (layout.hospital.inbox_dir / "lab" / "impostor.hl7").exists()
 
@@ -253,11 +247,7 @@ def test_revoked_certificate_with_the_pinned_key_is_refused_and_audited(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "revoked.hl7", b"MSH|x\r")
-    refused = wait_until(
-        lambda: events(layout.hospital.audit_log, "peer.authentication_failed"),
-        60,
-        "the revoked certificate refused",
-    )
+    refused = wait_for_events(layout.hospital.audit_log, "peer.authentication_failed")
     assert refused[0]["peer"] == "lab" and refused[0]["severity"] == "alert"
     assert "revoked" in refused[0]["reason"].lower()
     assert refused[0]["detail"]["sha256"] == certificate_fingerprint(new)

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.errors import SpoolError
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
 from gateway.spool.sqlite import OutboundState
+from tests.audit_trail import wait_for_events
 from tests.clocks import TickingClock
 
 
@@ -76,11 +77,9 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
     drop_file(layout.lab.outbox_dir / "hospital", "small.hl7", small)
     drop_file(layout.lab.outbox_dir / "hospital", "large.bin", large)
 
-    def accepted() -> list[dict[str, Any]] | None:
-        got = [r for r in read_audit(layout.lab.audit_log) if r["event"] == "message.accepted"]
-        return got if len(got) == 2 else None
+    accepted = wait_for_events(layout.lab.audit_log, "message.accepted", count=2)
+    ids = {r["detail"]["filename"]: r["message_id"] for r in accepted}
 
-    ids = {r["detail"]["filename"]: r["message_id"] for r in wait_until(accepted, 60, "intake")}
     spool = Spool(layout.lab.root / "state" / "spool.sqlite3", TickingClock())
     waiting = {name: spool.get(ids[name]) for name in ids}
     assert waiting["small.hl7"].body is not None and waiting["small.hl7"].body_path is None  # type: ignore[union-attr]

@@ -33,13 +33,10 @@ from typing import Any
 
 import pytest
 
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import events, wait_for_event, wait_for_events
 from tests.test_operations import set_runtime
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 @contextlib.contextmanager
@@ -99,17 +96,13 @@ def test_full_inbox_answers_503_keeps_nothing_then_delivers_once(
     document = os.urandom(20_000)
     drop_file(layout.lab.outbox_dir / "hospital", "scan.bin", document)
 
-    [alert, *_] = wait_until(
-        lambda: events(layout.hospital.audit_log, "storage.unavailable"), 60, "the alert"
-    )
+    alert = wait_for_event(layout.hospital.audit_log, "storage.unavailable")
     assert alert["severity"] == "alert" and alert["outcome"] == "failure"
     assert alert["peer"] == "lab" and alert["message_id"]
     assert "No space left on device" in alert["reason"], alert
     assert "answered 503" in alert["reason"]
     assert alert["detail"]["fix"].startswith(f"free disk space on the file system of {small_inbox}")
-    [retry, *_] = wait_until(
-        lambda: events(layout.lab.audit_log, "message.send_failed"), 60, "the lab's retry"
-    )
+    retry = wait_for_event(layout.lab.audit_log, "message.send_failed")
     assert "HTTP 503" in retry["reason"] and retry["message_id"] == alert["message_id"]
     # Nothing acknowledged, nothing half-written, nothing refused for good.
     assert not events(layout.lab.audit_log, "receipt.received")
@@ -118,15 +111,13 @@ def test_full_inbox_answers_503_keeps_nothing_then_delivers_once(
     assert sorted(p.name for p in small_inbox.rglob("*") if p.is_file()) == ["filler.bin"]
 
     filler.unlink()  # the administrator frees space
-    [receipt] = wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery after the retry"
-    )
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["message_id"] == alert["message_id"]
     assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
     delivered = [p for p in small_inbox.rglob("*") if p.is_file()]
     assert [p.name for p in delivered] == ["scan.bin"]
     assert delivered[0].read_bytes() == document
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
 @pytest.mark.parametrize(
@@ -156,9 +147,7 @@ def test_full_spool_at_the_sender_keeps_the_document_in_the_outbox_then_sends_it
 
     filler.unlink()  # the administrator frees space
     lab.wait_for(lambda line: line.get("event") == "intake.recovered", 30)
-    [receipt] = wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "delivery after freeing space"
-    )
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["detail"]["mic_verified"]
     assert (layout.hospital.inbox_dir / "lab" / "study.bin").read_bytes() == document
     assert not source.exists()
@@ -178,23 +167,22 @@ def test_sender_stopped_by_a_full_spool_starts_again_and_delivers_once_space_is_
     set_runtime(layout.lab.config_path, "retry_max_seconds", "1")
     lab = processes.start(layout.lab.config_path)  # the hospital is not up yet
     drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late\r")
-    wait_until(lambda: events(layout.lab.audit_log, "message.send_failed"), 30, "a first retry")
+    wait_for_event(layout.lab.audit_log, "message.send_failed")
 
     filler = _fill(small_lab_state)  # now the sender cannot record its next retry
     failed = lab.wait_for(lambda line: line.get("event") == "daemon.task_failed", 30)
     assert failed["task"] == "sender for peer hospital"
     assert "database or disk is full" in failed["error"]
-    [alert, *_] = events(layout.lab.audit_log, "daemon.task_failed")
+    # The log line comes first; the audit record follows it.
+    alert = wait_for_event(layout.lab.audit_log, "daemon.task_failed")
     assert alert["severity"] == "alert" and "sender for peer hospital" in alert["reason"]
 
     filler.unlink()
     processes.start(layout.hospital.config_path)
-    [receipt] = wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 90, "delivery after the restart"
-    )
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received", timeout=90)
     assert receipt["detail"]["mic_verified"]
     assert (layout.hospital.inbox_dir / "lab" / "late.hl7").read_bytes() == b"MSH|late\r"
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
 UPLOAD_SIZE = 2_000_000  # spooled to state/incoming as it arrives, not held in memory
@@ -223,12 +211,12 @@ def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
     hospital = processes.start(layout.hospital.config_path)
     with _start_upload(layout, "<hangup@KITA-LAB>"):
         time.sleep(0.3)
-    aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 10)
+    aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 30)
     assert aborted["peer"] == "lab"
     assert not events(layout.hospital.audit_log, "storage.unavailable")
     incoming = layout.hospital.root / "state" / "incoming"
     # The partial body is removed right after the log line is written.
-    wait_until(lambda: not list(incoming.iterdir()), 10, "the partial body removed")
+    wait_until(lambda: not list(incoming.iterdir()), 30, "the partial body removed")
 
 
 def test_one_peer_receives_at_most_eight_messages_at_once(
@@ -240,16 +228,16 @@ def test_one_peer_receives_at_most_eight_messages_at_once(
     incoming = layout.hospital.root / "state" / "incoming"
     uploads = [_start_upload(layout, f"<upload-{i}@KITA-LAB>") for i in range(12)]
     try:
-        wait_until(lambda: len(list(incoming.iterdir())) >= 8, 10, "eight bodies")
+        wait_until(lambda: len(list(incoming.iterdir())) >= 8, 30, "eight bodies")
         time.sleep(1)  # the other four stay waiting
         assert len(list(incoming.iterdir())) == 8
         uploads.pop(0).close()  # one ends: one waiting upload takes its place
         time.sleep(1)
-        wait_until(lambda: len(list(incoming.iterdir())) == 8, 10, "the next in line")
+        wait_until(lambda: len(list(incoming.iterdir())) == 8, 30, "the next in line")
     finally:
         for conn in uploads:
             conn.close()
-    wait_until(lambda: not list(incoming.iterdir()), 10, "every body removed")
+    wait_until(lambda: not list(incoming.iterdir()), 30, "every body removed")
 
 
 def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
@@ -261,7 +249,7 @@ def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
     filler = _fill(small_lab_state, leave=450_000)
     document = os.urandom(300_000)
     drop_file(layout.lab.outbox_dir / "hospital", "large.bin", document)
-    [failed] = wait_until(lambda: events(layout.lab.audit_log, "message.failed"), 30, "failure")
+    [failed] = wait_for_events(layout.lab.audit_log, "message.failed")
     assert "No space left on device" in failed["reason"]
     assert "the document is kept" in failed["reason"]
     assert failed["detail"]["fix"].startswith("free disk space on the file system of")
@@ -278,7 +266,7 @@ def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
         check=False,
     )
     assert retry.returncode == 0, retry.stderr
-    [receipt] = wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "sent")
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["message_id"] == failed["message_id"]
     assert (layout.hospital.inbox_dir / "lab" / "large.bin").read_bytes() == document
 

@@ -16,12 +16,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from gateway.demo_run import read_audit, wait_until
 from gateway.pki import tls
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, make_crl, new_key
 from gateway.pki.keypair import KeyPair
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
+from tests.audit_trail import wait_for_events
 
 
 def _s_client(
@@ -57,14 +57,10 @@ def test_tls13_offers_only_the_policys_suites_and_groups(
     # One that offers ChaCha20 only is refused in the handshake, audited.
     only = _s_client(layout, "TLS_CHACHA20_POLY1305_SHA256")
     assert not _served(only)
-    wait_until(
-        lambda: [
-            r
-            for r in read_audit(layout.hospital.audit_log)
-            if r["event"] == "tls.handshake_failed" and "shared cipher" in r["reason"]
-        ],
-        20,
-        "the refusal",
+    wait_for_events(
+        layout.hospital.audit_log,
+        "tls.handshake_failed",
+        where=lambda r: "shared cipher" in r["reason"],
     )
     # X25519 and X448 are not on the CRYPTREC list: a client with only them is refused;
     # one that prefers X25519 is asked for (HelloRetryRequest) and gets P-256.

@@ -13,21 +13,17 @@ import json
 import signal
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, write_pem
 from gateway.pki.tls import certificate_fingerprint
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 from tests.test_rotation import demo_ca, edit, reload
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
@@ -36,12 +32,12 @@ def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
     audit = layout.lab.audit_log
     lab = processes.start(layout.lab.config_path)  # the hospital is down: it stays queued
     drop_file(layout.lab.outbox_dir / "hospital", "pending.hl7", b"MSH|pending\r")
-    wait_until(lambda: events(audit, "message.send_failed"), 60, "a failed attempt")
+    wait_for_events(audit, "message.send_failed")
     assert not events(audit, "queue.peer_not_configured")  # the peer is configured
 
     (layout.lab.root / "peers.d" / "hospital.toml").unlink()  # the exchange has ended
     lab.signal(signal.SIGHUP)
-    [alert] = wait_until(lambda: events(audit, "queue.peer_not_configured"), 15, "the alert")
+    [alert] = wait_for_events(audit, "queue.peer_not_configured")
     assert alert["severity"] == "alert" and alert["peer"] == "hospital"
     assert alert["detail"]["states"] == {"queued": 1}
     assert "1 message(s) for peer 'hospital'" in alert["reason"]
@@ -58,7 +54,7 @@ def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
 
     lab.stop()  # said again at the next start
     processes.start(layout.lab.config_path)
-    wait_until(lambda: len(events(audit, "queue.peer_not_configured")) == 2, 15, "at start")
+    wait_for_events(audit, "queue.peer_not_configured", count=2)
 
     listed = medgw(
         "queue", "list", "--peer", "hospital", "--state", "queued", "--json",
@@ -71,7 +67,8 @@ def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(
     )
     assert cancelled.returncode == 0, cancelled.stderr
     processes.started[-1].signal(signal.SIGHUP)
-    wait_until(lambda: len(events(audit, "config.reloaded")) >= 2, 15, "the next reload")
+    wait_for_events(audit, "config.reloaded", count=2)
+
     assert len(events(audit, "queue.peer_not_configured")) == 2  # nothing waits any more
 
 
@@ -84,7 +81,7 @@ def test_messages_encrypted_to_a_peer_certificate_that_was_removed_raise_an_aler
     audit = layout.lab.audit_log
     lab = processes.start(layout.lab.config_path)  # the hospital is down: it stays queued
     drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
-    wait_until(lambda: events(audit, "message.send_failed"), 60, "a failed attempt")
+    wait_for_events(audit, "message.send_failed")
     certs = layout.lab.root / "certs" / "peers" / "hospital"
     old = x509.load_pem_x509_certificate((certs / "encrypt.crt").read_bytes())
     # Certificate times have whole seconds: the new one must start in a later second to be
@@ -111,9 +108,7 @@ def test_messages_encrypted_to_a_peer_certificate_that_was_removed_raise_an_aler
 
     edit(peer_file, both, 'encryption_certificates = ["certs/peers/hospital/encrypt-new.crt"]')
     reload(lab, audit)  # the old certificate is gone; "before.hl7" is still encrypted to it
-    [alert] = wait_until(
-        lambda: events(audit, "queue.recipient_certificate_removed"), 15, "the alert"
-    )
+    [alert] = wait_for_events(audit, "queue.recipient_certificate_removed")
     assert alert["severity"] == "alert" and alert["peer"] == "hospital"
     assert alert["detail"]["messages"] == 1  # "after.hl7" went to the new certificate
     assert alert["detail"]["certificate_sha256"] == certificate_fingerprint(old)

@@ -21,11 +21,11 @@ from gateway.as2.headers import check_message_id, parse_receipt_request, unquote
 from gateway.as2.mdn import Receipt, Report, parse_receipt, read_report, split_multipart
 from gateway.cms.mime import get_header, header_param, parse_entity
 from gateway.config import load_config
-from gateway.demo_run import read_audit
 from gateway.errors import PolicyError, ProtocolError, SignatureError, SignerNotTrustedError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests import as2client
+from tests.audit_trail import events, wait_for_events
 
 VENDORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "as2-vendors"
 
@@ -272,10 +272,10 @@ def test_message_id_without_angle_brackets_is_accepted_and_echoed_with_them(
     # The same value with brackets is the same message: answered with the same receipt.
     second = post(f"<{STERLING_MESSAGE_ID}>")
     assert second.body == first.body
-    audit = read_audit(layout.hospital.audit_log)
-    delivered = [r for r in audit if r["event"] == "message.delivered"]
+    duplicates = wait_for_events(layout.hospital.audit_log, "message.duplicate")
+    assert len(duplicates) == 1
+    delivered = events(layout.hospital.audit_log, "message.delivered")
     assert [r["message_id"] for r in delivered] == [f"<{STERLING_MESSAGE_ID}>"]
-    assert [r["event"] for r in audit].count("message.duplicate") == 1
     assert (layout.hospital.inbox_dir / "lab" / "edi.x12").read_bytes() == b"ISA*00*sterling-style~"
 
 
