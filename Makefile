@@ -35,8 +35,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+## Tests that run real gateways (marked `daemon`) run a second time: a test that reads
+## what a gateway writes before it is written fails only now and then.
 unit: venv
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m daemon
 
 ## The long fuzzing run (fuzz/README.md): each target for FUZZ_SECONDS, corpus kept in fuzz/work/.
 FUZZ_SECONDS ?= 600

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 
@@ -53,7 +55,9 @@ def test_python_dash_m_and_usage_errors() -> None:
     assert medgw("frobnicate").returncode == 2
 
 
+@pytest.mark.daemon
 def test_demo_runs_twice_and_shows_the_verified_receipt(tmp_path: Path) -> None:
+
     for _ in range(2):
         result = medgw("demo", "--dir", str(tmp_path / "demo"), timeout=240)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -155,6 +155,7 @@ def _received_from(site: Site, peer: str) -> dict[str, Any]:
     return wait_for_event(site.audit_log, "message.received", where=lambda e: e["peer"] == peer)
 
 
+@pytest.mark.daemon
 def test_hospital_in_two_zones_passes_nothing_between_them(
     namespaces: Namespaces, tmp_path: Path
 ) -> None:
