@@ -33,13 +33,13 @@ from gateway.errors import (
     PolicyError,
     SignatureError,
 )
+from tests import testdata
 from tests.test_cms import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
 from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
 
 ROOT = Path(__file__).resolve().parents[1]
-VENDORS = ROOT.parent / "shared" / "testdata" / "as2-vendors"
 
 
 @pytest.fixture(scope="module")
@@ -287,16 +287,16 @@ def test_encrypt_file_openssl_decrypts(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_vendor_messages_streamed(tmp_path: Path) -> None:
-    if not VENDORS.is_dir():
-        pytest.skip(f"vendor AS2 messages not present at {VENDORS} (outside the repository)")
+    vendors = testdata.AS2_VENDORS.require()
+
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    pem = (VENDORS / "cert_test.pem").read_bytes()
+    pem = (vendors / "cert_test.pem").read_bytes()
     cert = x509.load_pem_x509_certificate(pem)
     key: Any = load_pem_private_key(pem, b"test")
-    signer = x509.load_pem_x509_certificate((VENDORS / "cert_mecas2_public.pem").read_bytes())
-    _headers, body = parse_entity((VENDORS / "mecas2_signed_encrypted.as2").read_bytes())
+    signer = x509.load_pem_x509_certificate((vendors / "cert_mecas2_public.pem").read_bytes())
+    _headers, body = parse_entity((vendors / "mecas2_signed_encrypted.as2").read_bytes())
     src = tmp_path / "body.ber"
     src.write_bytes(body)
     out = tmp_path / "entity"
@@ -311,12 +311,12 @@ def test_vendor_messages_streamed(tmp_path: Path) -> None:
         policy=ALL_LEGACY,
     )
     assert got.decrypted.compat_algorithms == ("des-ede3-cbc", "rsaes-pkcs1-v1_5")
-    assert parse_entity(out.read_bytes())[1] == (VENDORS / "payload.txt").read_bytes()
+    assert parse_entity(out.read_bytes())[1] == (vendors / "payload.txt").read_bytes()
     # the LF-converted signed message goes through the in-memory canonical fallback
     plain = tmp_path / "signed.eml"
-    plain.write_bytes((VENDORS / "mecas2_signed.as2").read_bytes())
+    plain.write_bytes((vendors / "mecas2_signed.as2").read_bytes())
     v, size, _mic = verify_entity_file(plain, out, trusted_signers=[signer], policy=STRICT)
-    assert parse_entity(out.read_bytes())[1] == (VENDORS / "payload.txt").read_bytes()
+    assert parse_entity(out.read_bytes())[1] == (vendors / "payload.txt").read_bytes()
     assert size == len(out.read_bytes()) and v.digest == "sha256"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,9 @@ from cryptography import x509
 from pyhanko_certvalidator.policy_decl import PKIXValidationParams
 
 from gateway.pki.validate import RevocationPolicy, validate
+from tests import testdata
 
-PKITS = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata" / "pkits"
+PKITS = testdata.PKITS.folder
 SECTIONS = ("401", "402", "403", "404", "405", "406", "407", "413", "414", "415", "416")
 # Inside every certificate's and CRL's validity window of the 2011 edition.
 AT = datetime(2022, 5, 1, tzinfo=UTC)
@@ -88,7 +88,7 @@ async def _accepted(case: dict[str, Any]) -> tuple[bool, str]:
     return result.valid, result.reason or ""
 
 
-@pytest.mark.skipif(not _cases(), reason=f"PKITS test data not found at {PKITS}")
+@pytest.mark.skipif(not testdata.PKITS.present, reason=testdata.PKITS.missing())
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 async def test_pkits_with_revocation_required() -> None:
     cases = _cases()

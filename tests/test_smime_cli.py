@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import testdata
 from tests.test_cms import Pki, build_pki
 from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
 
@@ -16,7 +17,6 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs o
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = b"MSH|^~\\&|LAB|HOSP|||20250601||ORU^R01|1|P|2.5\rPID|||12345||DOE^JANE\r"
-VENDORS = ROOT.parent / "shared" / "testdata" / "as2-vendors"
 
 
 @pytest.fixture(scope="module")
@@ -306,9 +306,8 @@ def test_inspect_signed(pki: Pki, tmp_path: Path, payload: Path) -> None:
 
 
 def test_inspect_mendelson(tmp_path: Path) -> None:
-    msg = VENDORS / "mecas2_compressed_signed_encrypted.as2"
-    if not msg.exists():
-        pytest.skip(f"vendor AS2 messages not present at {VENDORS} (outside the repository)")
+    msg = testdata.AS2_VENDORS.require() / "mecas2_compressed_signed_encrypted.as2"
+
     text = medgw("inspect", msg).stdout.decode()
     assert "BER (indefinite lengths)" in text
     assert 'des-ede3-cbc (monitored list: only with accept_legacy = ["des-ede3-cbc"])' in text

@@ -24,17 +24,13 @@ from gateway.config import load_config
 from gateway.errors import PolicyError, ProtocolError, SignatureError, SignerNotTrustedError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
-from tests import as2client
+from tests import as2client, testdata
 from tests.audit_trail import events, wait_for_events
-
-VENDORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "as2-vendors"
 
 
 @pytest.fixture(scope="module")
 def vendors() -> Path:
-    if not VENDORS.is_dir():
-        pytest.skip(f"vendor AS2 test data not present at {VENDORS} (it is outside the repository)")
-    return VENDORS
+    return testdata.AS2_VENDORS.require()
 
 
 def _http(raw: bytes) -> tuple[dict[str, str], bytes]:

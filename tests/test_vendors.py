@@ -26,17 +26,15 @@ from gateway.cms.smime import (
 from gateway.cms.trust import TrustAnchors
 from gateway.errors import PolicyError, SignerNotTrustedError
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
+from tests import testdata
 
-VENDORS = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "as2-vendors"
 STRICT = AlgorithmPolicy()
 ALL_LEGACY = AlgorithmPolicy(accept_legacy=frozenset(LEGACY_ALGORITHMS))
 
 
 @pytest.fixture(scope="module")
 def vendors() -> Path:
-    if not VENDORS.is_dir():
-        pytest.skip(f"vendor AS2 messages not present at {VENDORS} (outside the repository)")
-    return VENDORS
+    return testdata.AS2_VENDORS.require()
 
 
 def _cert(vendors: Path, name: str) -> x509.Certificate:
