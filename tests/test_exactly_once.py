@@ -23,22 +23,15 @@ from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.log import CLOCK_MARGIN, recorded_since
 from gateway.clock import SystemClock
 from gateway.delivery.http import idempotency_key
-from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
+from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Spool
+from tests.audit_trail import events, wait_for_events
 from tests.clocks import TickingClock
 from tests.inboxwatch import InboxWatch
 from tests.test_services import InternalSystem, enable_delivery, internal_port  # noqa: F401
 
 FAULTPOINT = Path(__file__).with_name("faultpoint.py")
-
-
-def events(path: Path, name: str, message_id: str | None = None) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in read_audit(path)
-        if r["event"] == name and (message_id is None or r.get("message_id") == message_id)
-    ]
 
 
 def killed_at(*point: str) -> tuple[str, ...]:
@@ -83,10 +76,8 @@ def test_a_resend_after_a_kill_between_rename_and_record_is_not_written_again(
 
     with InboxWatch(layout.hospital.inbox_dir) as watch:
         processes.start(layout.hospital.config_path)
-        [receipt] = wait_until(
-            lambda: events(layout.lab.audit_log, "receipt.received", message_id),
-            60,
-            "the lab's receipt for the resend",
+        [receipt] = wait_for_events(
+            layout.lab.audit_log, "receipt.received", where=lambda r: r["message_id"] == message_id
         )
     assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
     assert watch.rewritten == [] and watch.looks > 10
@@ -99,12 +90,16 @@ def test_a_resend_after_a_kill_between_rename_and_record_is_not_written_again(
     assert target.read_bytes() == document
     assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]  # no work file, no copy
     audit = layout.hospital.audit_log
-    [delivered] = events(audit, "message.delivered", message_id)
+
+    def this_one(record: dict[str, Any]) -> bool:
+        return bool(record["message_id"] == message_id)
+
+    [delivered] = wait_for_events(audit, "message.delivered", where=this_one)
     assert delivered["detail"]["inbox_file"] == str(target)
     assert delivered["detail"]["sha256"] == received["detail"]["sha256"]
-    [duplicate] = events(audit, "message.duplicate", message_id)
+    [duplicate] = wait_for_events(audit, "message.duplicate", where=this_one)
     assert "not written again" in duplicate["reason"]
-    [sent] = events(audit, "receipt.sent", message_id)
+    [sent] = wait_for_events(audit, "receipt.sent", where=this_one)
     assert sent["detail"]["disposition"] == "processed"
 
 
@@ -124,13 +119,11 @@ def test_a_document_taken_from_the_inbox_before_the_restart_is_not_written_again
     (inbox / "order.hl7").rename(layout.root / "taken.hl7")  # the internal system's move
 
     processes.start(layout.hospital.config_path)
-    [receipt] = wait_until(
-        lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt"
-    )
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
     assert list(inbox.iterdir()) == []  # not delivered a second time
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
-    assert len(events(layout.hospital.audit_log, "message.duplicate")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.duplicate")) == 1
 
 
 def test_a_kill_before_the_rename_delivers_the_resend_once(
@@ -149,10 +142,10 @@ def test_a_kill_before_the_rename_delivers_the_resend_once(
     assert work.name.startswith(".order.hl7.") and work.name.endswith(".delivering")
 
     processes.start(layout.hospital.config_path)
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
     assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]
     assert (inbox / "order.hl7").read_bytes() == b"MSH|order\r"
-    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
     assert not events(layout.hospital.audit_log, "message.duplicate")
 
 
@@ -174,15 +167,13 @@ def test_a_kill_between_the_internal_systems_answer_and_the_record_hands_over_wi
         wait_killed(hospital)
         [first] = system.ok()
         processes.start(layout.hospital.config_path)
-        wait_until(
-            lambda: events(layout.hospital.audit_log, "message.handed_over"), 60, "handed over"
-        )
+        wait_for_events(layout.hospital.audit_log, "message.handed_over")
         first_path, first_headers, first_body, _ = first
         [_, (path, headers, body, _)] = system.ok()
         assert (path, body) == (first_path, first_body) == ("/inbound", b"MSH|doc\r")
         for name in ("Idempotency-Key", "X-Medgw-Peer", "X-Medgw-Sha256", "X-Medgw-Filename"):
             assert headers[name] == first_headers[name], name
-        [receipt] = events(layout.lab.audit_log, "receipt.received")
+        [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
         assert headers["Idempotency-Key"] == idempotency_key("lab", receipt["message_id"])
         assert headers["X-Medgw-Message-Id"] == receipt["message_id"]
         assert len(events(layout.hospital.audit_log, "message.handed_over")) == 1
@@ -239,18 +230,21 @@ def test_a_resend_after_a_failure_between_rename_and_record_is_not_written_again
     processes.start(layout.lab.config_path)
     with InboxWatch(layout.hospital.inbox_dir) as watch:
         drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
-        [receipt] = wait_until(
-            lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt"
-        )
+        [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
     assert watch.rewritten == []
     message_id = receipt["message_id"]
     audit = layout.hospital.audit_log
-    [unavailable] = events(audit, "storage.unavailable", message_id)
+
+    def this_one(record: dict[str, Any]) -> bool:
+        return bool(record["message_id"] == message_id)
+
+    [unavailable] = wait_for_events(audit, "storage.unavailable", where=this_one)
     assert cause in unavailable["reason"] and "answered 503" in unavailable["reason"]
-    [delivered] = events(audit, "message.delivered", message_id)
+    [delivered] = wait_for_events(audit, "message.delivered", where=this_one)
     assert "before an interruption" in delivered["reason"]
-    assert len(events(audit, "message.duplicate", message_id)) == 1
+    assert len(wait_for_events(audit, "message.duplicate", where=this_one)) == 1
+
     inbox = layout.hospital.inbox_dir / "lab"
     assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]
 

@@ -42,11 +42,8 @@ from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy, certificate_key
 from tests import as2client
+from tests.audit_trail import wait_for_events
 from tests.routes import zone_route
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def _lab_post(layout: DemoLayout, headers: tuple[tuple[str, str], ...], body: bytes) -> Any:
@@ -120,9 +117,7 @@ def test_message_signed_on_an_unsupported_curve_is_refused_not_a_500(
     answer = _lab_post(layout, headers, body)
     assert answer.status == 200, answer.body
     assert b"integrity-check-failed" in answer.body or b"authentication-failed" in answer.body
-    [failed] = wait_until(
-        lambda: events(layout.hospital.audit_log, "signature.failed"), 30, "the refusal"
-    )
+    [failed] = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert "1.3.132.0.16" in failed["reason"] and "not supported" in failed["reason"]
     assert "Traceback" not in _output(layout, processes)
 
@@ -139,16 +134,12 @@ def test_message_id_with_a_byte_that_is_not_utf8_is_a_400_every_time(
         answer = _lab_post(layout, headers, built.body)
         assert answer.status == 400, answer.body
         assert answer.body == b"bad request\n"
-    rejected = wait_until(
-        lambda: [
-            r
-            for r in events(layout.hospital.audit_log, "message.rejected")
-            if "message-id" in r["reason"].lower()
-        ][1:],
-        30,
-        "both refusals",
+    wait_for_events(
+        layout.hospital.audit_log,
+        "message.rejected",
+        where=lambda r: "message-id" in r["reason"].lower(),
+        count=2,
     )
-    assert rejected
     assert "Traceback" not in _output(layout, processes)
 
 
@@ -165,9 +156,7 @@ def test_async_receipt_with_a_content_type_that_is_not_utf8_is_refused_and_audit
     )
     answer = _lab_post(layout, headers, b"--\xff--\r\n")
     assert answer.status < 500, answer.body
-    [refused] = wait_until(
-        lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
-    )
+    [refused] = wait_for_events(layout.hospital.audit_log, "receipt.invalid")
     assert refused["peer"] == "lab"
     assert "Traceback" not in _output(layout, processes)
 
@@ -288,9 +277,7 @@ def test_cbc_is_accepted_only_from_a_peer_configured_for_it(
     )
     answer = _lab_post(layout, built.headers, built.body)
     assert _disposition(answer.body) == "processed/error: decryption-failed"
-    [failed] = wait_until(
-        lambda: events(layout.hospital.audit_log, "decryption.failed"), 30, "the refusal"
-    )
+    [failed] = wait_for_events(layout.hospital.audit_log, "decryption.failed")
     assert "accept_cbc" in failed["reason"] and "aes-256-gcm" in failed["reason"]
     assert not (layout.hospital.inbox_dir / "lab").exists() or not any(
         (layout.hospital.inbox_dir / "lab").iterdir()
@@ -399,13 +386,7 @@ def test_malformed_http_gets_a_generic_400_a_json_log_line_and_an_audit_record(
         assert status == 400, (what, where, status, body)
         assert body == b"bad request\n", (what, where, body)
         assert headers.get("server") == "medgw", (what, where, headers)
-    refused = wait_until(
-        lambda: events(layout.hospital.audit_log, "http.request_refused")[len(answers) - 1 :],
-        30,
-        "an audit record of each refusal",
-    )
-    assert refused
-    records = events(layout.hospital.audit_log, "http.request_refused")
+    records = wait_for_events(layout.hospital.audit_log, "http.request_refused", count=len(answers))
     assert {r["detail"]["listener"] for r in records} == {"loopback", "api"}
     assert all(r["reason"].startswith("malformed HTTP request refused (400)") for r in records)
     # on the AS2 listener, who sent it: the TLS client certificate of the connection
@@ -620,9 +601,7 @@ def test_a_receipt_signed_on_an_unsupported_curve_is_refused_and_audited(
     )
     answer = _lab_post(layout, headers, body)
     assert answer.status == 200 and answer.body == b"receipt refused\n", answer
-    [refused] = wait_until(
-        lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
-    )
+    [refused] = wait_for_events(layout.hospital.audit_log, "receipt.invalid")
     assert "1.3.132.0.16 is not supported" in refused["reason"]
 
 

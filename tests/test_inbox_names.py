@@ -17,16 +17,13 @@ import pytest
 
 from gateway.config import load_config
 from gateway.delivery.inbox import choose_target, remove_stale_work_files, work_name
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.errors import DeliveryError
 from gateway.pki.demo import DemoLayout
 from tests import as2client
+from tests.audit_trail import wait_for_events
 from tests.test_e2e import _lab_post, _receipt_of
 from tests.test_services import set_services
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def _send(layout: DemoLayout, filename: str, message_id: str, payload: bytes) -> None:
@@ -79,7 +76,7 @@ def test_hostile_names_and_message_ids_never_replace_a_file(
         payloads[message_id] = f"document {number}: {filename} {message_id}".encode()
         _send(layout, filename, message_id, payloads[message_id])
 
-    delivered = events(layout.hospital.audit_log, "message.delivered")
+    delivered = wait_for_events(layout.hospital.audit_log, "message.delivered", count=len(sent))
     assert len(delivered) == len(sent)
     files = {e["message_id"]: Path(e["detail"]["inbox_file"]) for e in delivered}
     assert len(set(files.values())) == len(sent), "two documents share a file"
@@ -105,7 +102,7 @@ def test_a_document_named_like_a_service_leaves_the_service_folder_alone(
     _send(layout, "lab-results", "<named-like-a-service@KITA-LAB>", b"no service")
     _send(layout, "LAB-RESULTS", "<upper-case@KITA-LAB>", b"no service either")
     drop_file(layout.lab.outbox_for("hospital") / "lab-results", "r1.hl7", b"MSH|r1\r")
-    wait_until(lambda: events(layout.lab.audit_log, "receipt.received"), 60, "the receipt")
+    wait_for_events(layout.lab.audit_log, "receipt.received")
 
     inbox = layout.hospital.inbox_dir / "lab"
     assert (inbox / "lab-results").is_dir()
@@ -128,11 +125,9 @@ def test_a_file_where_a_service_folder_belongs_is_named_with_the_fix(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_for("hospital") / "lab-results", "r1.hl7", b"MSH|r1\r")
-    [failure] = wait_until(
-        lambda: events(layout.lab.audit_log, "message.failed"), 60, "the lab's message.failed"
-    )
+    [failure] = wait_for_events(layout.lab.audit_log, "message.failed")
     assert failure["detail"]["disposition"] == "processed/error: unexpected-processing-error"
-    [rejected] = events(layout.hospital.audit_log, "message.rejected")
+    [rejected] = wait_for_events(layout.hospital.audit_log, "message.rejected")
     assert f"{blocker} is a file, where medgw keeps a folder" in rejected["reason"]
     assert "move" in rejected["reason"] and "File exists" not in rejected["reason"]
     assert blocker.read_bytes() == b"an old document"

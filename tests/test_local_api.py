@@ -156,7 +156,8 @@ def test_api_submission_is_delivered_and_its_receipt_shown(
     accepted = wait_for_events(layout.lab.audit_log, "message.accepted")
     assert [a["detail"].get("submitted_by") for a in accepted] == ["api:lis"]
     # The document is linked across both audit trails by its SHA-256.
-    [delivered] = events(layout.hospital.audit_log, "message.delivered")
+    [delivered] = wait_for_events(layout.hospital.audit_log, "message.delivered")
+
     assert accepted[0]["detail"]["sha256"] == hashlib.sha256(document).hexdigest()
     assert delivered["detail"]["sha256"] == accepted[0]["detail"]["sha256"]
     # The administrator sees every message and who submitted it (control socket, no token).

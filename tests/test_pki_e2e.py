@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.as2.mdn import parse_receipt
 from gateway.config import load_config
-from gateway.demo_run import drop_file, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_crl, write_pem
 from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
+from tests.audit_trail import wait_for_events
 
 
 def demo_ca(layout: DemoLayout) -> Issued:
@@ -210,14 +210,14 @@ def test_no_acceptable_encryption_certificate_keeps_the_document_until_an_operat
     early = queue("retry", message_id)
     assert early.returncode == 0, early.stderr
     assert "signed and encrypted again" in early.stdout
-    wait_until(lambda: len(events(layout.lab.audit_log, "message.failed")) == 2, 30, "again")
+    wait_for_events(layout.lab.audit_log, "message.failed", count=2)
 
     # The CA's next CRL no longer lists the certificate (it was suspended, say): reload.
     now = datetime.now(UTC)
     crl = make_crl(demo_ca(layout), now=now - timedelta(minutes=1), revoked=[], number=3)
     lab_crl.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     lab.signal(signal.SIGHUP)
-    wait_until(lambda: len(events(layout.lab.audit_log, "config.reloaded")) == 1, 30, "reload")
+    wait_for_events(layout.lab.audit_log, "config.reloaded")
     retried = queue("retry", message_id)
     assert retried.returncode == 0, retried.stderr
     [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")

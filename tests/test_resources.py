@@ -22,16 +22,13 @@ from typing import Any
 
 from gateway.as2.headers import new_message_id
 from gateway.config import load_config
-from gateway.demo_run import read_audit, wait_until
+from gateway.demo_run import wait_until
 from gateway.pki.demo import DemoLayout
 from tests import as2client
+from tests.audit_trail import wait_for_events
 from tests.test_rotation import edit
 
 ANSWERED_WITHIN = 60.0  # seconds: every hostile request is answered or closed by then
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def _tls_context(layout: DemoLayout) -> ssl.SSLContext:
@@ -91,9 +88,7 @@ def test_a_declared_length_above_the_limit_is_refused_before_the_body(
         sock.sendall(_request_head(layout, 2147483648))  # and not one byte of body
         assert _status(sock) == 413
         assert time.monotonic() - started < ANSWERED_WITHIN
-    [refusal] = wait_until(
-        lambda: events(layout.hospital.audit_log, "message.rejected"), 30, "the refusal"
-    )
+    [refusal] = wait_for_events(layout.hospital.audit_log, "message.rejected")
     assert refusal["peer"] == "lab" and refusal["detail"]["http_status"] == 413
     assert "declared Content-Length 2147483648" in refusal["reason"]
     assert str(limit) in refusal["reason"]
@@ -123,14 +118,11 @@ def test_a_stalled_or_trickling_body_is_given_up_and_frees_the_peers_slots(
         elapsed = time.monotonic() - started
     assert answers == {"trickle": 408, "stalled": 408}
     assert elapsed < ANSWERED_WITHIN
-    refusals = wait_until(
-        lambda: [
-            r
-            for r in events(layout.hospital.audit_log, "message.rejected")
-            if r["detail"].get("http_status") == 408
-        ][1:],
-        30,
-        "both refusals",
+    refusals = wait_for_events(
+        layout.hospital.audit_log,
+        "message.rejected",
+        where=lambda r: r["detail"].get("http_status") == 408,
+        count=2,
     )
     assert all("arrived too slowly" in r["reason"] for r in refusals)
 
@@ -164,7 +156,7 @@ def test_stalled_uploads_beyond_a_peers_slots_do_not_keep_its_next_message_out(
         )
         assert answer.status == 200
         assert time.monotonic() - started < ANSWERED_WITHIN
-    wait_until(lambda: events(layout.hospital.audit_log, "message.delivered"), 30, "the delivery")
+    wait_for_events(layout.hospital.audit_log, "message.delivered")
 
 
 # Growth of the daemon's peak resident memory (VmHWM) that a hostile message may cause.
@@ -247,15 +239,9 @@ def test_hostile_messages_are_answered_in_bounded_time_and_memory(
         processed = b"processed/error" not in answer.body
         assert processed == (name == "1-byte segments"), name  # legal BER: delivered
 
-    def refusals() -> list[dict[str, Any]]:
-        return [
-            r
-            for r in read_audit(layout.hospital.audit_log)
-            if r["event"] in ("signature.failed", "decryption.failed")
-        ]
-
-    wait_until(lambda: len(refusals()) >= 4, 30, "the four refusals")
-    refused = refusals()
+    refused = wait_for_events(
+        layout.hospital.audit_log, ("signature.failed", "decryption.failed"), count=4
+    )
     assert all(len(json.dumps(r)) < 10_000 for r in refused)
     reasons = " ".join(r["reason"] for r in refused)
     assert "more than 8 signer infos" in reasons
@@ -287,9 +273,7 @@ def test_a_hostile_asynchronous_receipt_is_refused_in_bounded_time_and_memory(
     assert answer.status == 200 and b"refused" in answer.body
     assert time.monotonic() - started < ANSWERED_WITHIN
     assert (_memory_kib(daemon.proc.pid)["VmHWM"] - baseline) / 1024 < RSS_GROWTH_MIB
-    [refusal] = wait_until(
-        lambda: events(layout.hospital.audit_log, "receipt.invalid"), 30, "the refusal"
-    )
+    [refusal] = wait_for_events(layout.hospital.audit_log, "receipt.invalid")
     assert "more than 8 signer infos" in refusal["reason"]
     assert len(refusal["reason"]) < 3000
 

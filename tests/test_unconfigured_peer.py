@@ -17,7 +17,7 @@ from typing import Any
 
 from cryptography import x509
 
-from gateway.demo_run import drop_file, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, write_pem
 from gateway.pki.tls import certificate_fingerprint
@@ -103,7 +103,7 @@ def test_messages_encrypted_to_a_peer_certificate_that_was_removed_raise_an_aler
     edit(peer_file, 'encryption_certificates = ["certs/peers/hospital/encrypt.crt"]', both)
     reload(lab, audit)  # the overlap: both listed, nothing to say
     drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
-    wait_until(lambda: len(events(audit, "message.accepted")) == 2, 30, "the second document")
+    wait_for_events(audit, "message.accepted", count=2)
     assert not events(audit, "queue.recipient_certificate_removed")  # (said by now if at all)
 
     edit(peer_file, both, 'encryption_certificates = ["certs/peers/hospital/encrypt-new.crt"]')
