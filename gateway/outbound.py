@@ -22,7 +22,6 @@ documents to the others.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import filecmp
 import hashlib
@@ -118,6 +117,9 @@ class Outbound:
         self._reported_unknown: set[str] = set()
         self._reported_unknown_services: set[tuple[str, str]] = set()
         self._reported_skipped: set[Path] = set()
+        # Rows of takes that failed and whose removal failed too (the spool's disk full):
+        # removed before any document is taken again, see intake_once.
+        self._unabandoned: set[str] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
         # Which peer certificates are acceptable now; set by the daemon on every swap.
         self.trust: Mapping[str, PeerTrust] = {}
@@ -231,6 +233,8 @@ class Outbound:
     # -- intake ---------------------------------------------------------------
 
     async def intake_once(self) -> int:
+        if self._unabandoned:
+            await self._in_thread(self._abandon_failed_takes)
         peers = {p.name: p.services for p in self.config.peers}
         result = scan(self.config.storage.outbox_dir, peers)
         for peer_name, folder in result.unknown_services:
@@ -294,7 +298,16 @@ class Outbound:
                 raise outcome
         return len(result.candidates)
 
+    def _abandon_failed_takes(self) -> None:
+        """Remove the rows of earlier takes that could not be removed when they failed.
+        Raises SpoolError while one stays: no document is taken again (under a new
+        Message-ID) beside the row of a failed take, which a restart would act on."""
+        for message_id in sorted(self._unabandoned):
+            self._spool.abandon_intake(message_id)
+            self._unabandoned.discard(message_id)
+
     async def _take(self, candidate: Candidate) -> None:
+
         def take_and_seal() -> str | None:
             taken = self._take_into_spool(candidate)
             if taken is None:
@@ -343,8 +356,10 @@ class Outbound:
                 # again. The row must not outlive this try, or a restart would take a new
                 # document of the same name for this message as well.
                 payload_path.unlink(missing_ok=True)
-                with contextlib.suppress(SpoolError):
+                try:
                     self._spool.abandon_intake(message_id)
+                except SpoolError:
+                    self._unabandoned.add(message_id)  # removed before the next take
             # The folder, not the file name: names can carry patient identifiers.
             raise SpoolError(
                 f"cannot move a document from outbox/{candidate.peer} into the spool "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import os
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+import gateway.outbound
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -164,6 +166,63 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
             assert detail["sha256"] == hashlib.sha256(data).hexdigest()
             assert detail["submitted_by"] == me
             assert spool.submitter(by_name[name]["message_id"]) == me
+    finally:
+        spool.close()
+        audit.close()
+
+
+class FullSpool(Spool):
+    """A spool whose disk has no room left while ``full`` is set: removing a row fails
+    as SQLite fails then (tests/test_storage_full.py fills real file systems; the moment
+    a full disk refuses one statement and not the one before cannot be timed there)."""
+
+    full = False
+
+    def abandon_intake(self, message_id: str) -> bool:
+        if self.full:
+            raise SpoolError("spool write failed: database or disk is full")
+        return super().abandon_intake(message_id)
+
+
+async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_next_take(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The document could not be moved into the spool and its row could not be removed
+    either: no second row is made for the document while that one stays (a restart would
+    act on both), and once there is room again the document is taken once."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    spool = FullSpool(tmp_path / "spool.sqlite3", clock)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    [peer] = config.peers
+    outbound.trust = await peer_trust(config)
+    document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
+    move = gateway.outbound._move_into_spool
+
+    def no_room(source: Path, target: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gateway.outbound, "_move_into_spool", no_room)
+    spool.full = True
+    try:
+        with pytest.raises(SpoolError, match="into the spool"):
+            await outbound.intake_once()
+        [stray] = spool.all_outbound()
+        assert stray.state.value == "intake"
+        monkeypatch.setattr(gateway.outbound, "_move_into_spool", move)
+        # The spool is still full: nothing is taken beside the row that stays.
+
+        with pytest.raises(SpoolError, match="database or disk is full"):
+            await outbound.intake_once()
+        assert [r.message_id for r in spool.all_outbound()] == [stray.message_id]
+        assert document.exists()
+
+        spool.full = False  # room again
+        assert await outbound.intake_once() == 1
+        [taken] = spool.all_outbound()
+        assert taken.message_id != stray.message_id and taken.state.value == "queued"
+        assert not document.exists()
     finally:
         spool.close()
         audit.close()
