@@ -196,7 +196,7 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
     outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
     [peer] = config.peers
-    outbound.trust = await peer_trust(config)
+    outbound.trust = await assess_peers(config.peers, config.zones, at=clock.now())
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
     move = gateway.outbound._move_into_spool
 
