@@ -24,9 +24,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 
 NOW = datetime.now(UTC)
@@ -135,14 +136,10 @@ def _peers(layout: DemoLayout) -> list[dict[str, Any]]:
     return peers
 
 
-def _events(layout: DemoLayout, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(layout.hospital.audit_log) if r["event"] == name]
-
-
 def _reload(proc: Any, layout: DemoLayout) -> None:
-    before = len(_events(layout, "config.reloaded"))
+    before = len(events(layout.hospital.audit_log, "config.reloaded"))
     proc.signal(signal.SIGHUP)
-    wait_until(lambda: len(_events(layout, "config.reloaded")) > before, 30, "the reload")
+    wait_for_events(layout.hospital.audit_log, "config.reloaded", count=before + 1)
 
 
 def test_the_daemon_marks_the_peer_unusable_alerts_once_and_holds_its_messages(
@@ -153,29 +150,31 @@ def test_the_daemon_marks_the_peer_unusable_alerts_once_and_holds_its_messages(
     processes.start(layout.lab.config_path)
     hospital = processes.start(layout.hospital.config_path)
 
-    [alert] = _events(layout, "peer.unusable")  # written before the daemon is ready
+    [alert] = wait_for_events(layout.hospital.audit_log, "peer.unusable")
     assert alert["severity"] == "alert" and alert["peer"] == "lab"
     assert "no acceptable TLS certificate" in alert["reason"]
     [peer] = _peers(layout)
     assert peer["unusable"] == alert["reason"]
     text = medgw("peers", "list", "--config", layout.hospital.config_path).stdout
     assert "UNUSABLE" in text and "unusable: no acceptable TLS certificate" in text
-    [line] = [entry for entry in hospital.lines if entry.get("event") == "peer.unusable"]
+    line = hospital.wait_for(lambda entry: entry.get("event") == "peer.unusable", 30)
+    assert len([e for e in hospital.lines if e.get("event") == "peer.unusable"]) == 1
     assert line["level"] == "error" and "fix" in line
 
     drop_file(layout.hospital.outbox_dir / "lab", "held.hl7", b"MSH|held\r")
-    wait_until(lambda: _events(layout, "message.accepted"), 30, "the document sealed")
+    wait_for_events(layout.hospital.audit_log, "message.accepted")
     _reload(hospital, layout)  # the same trust again: no second alert
-    assert len(_events(layout, "peer.unusable")) == 1
-    assert not _events(layout, "message.send_failed")  # held, not retried for ever
+    assert len(events(layout.hospital.audit_log, "peer.unusable")) == 1
+    assert not events(layout.hospital.audit_log, "message.send_failed")  # held, not retried
     [peer] = _peers(layout)
     assert peer["messages"] == {"queued": 1}
 
     lab_cert(layout, "tls").write_bytes(original)  # the peer's real certificate again
     _reload(hospital, layout)
-    [usable] = _events(layout, "peer.usable")
+    [usable] = wait_for_events(layout.hospital.audit_log, "peer.usable")
     assert usable["peer"] == "lab"
     [peer] = _peers(layout)
     assert peer["unusable"] is None
-    [receipt] = wait_until(lambda: _events(layout, "receipt.received"), 60, "the delivery")
+    [receipt] = wait_for_events(layout.hospital.audit_log, "receipt.received")
+
     assert receipt["detail"]["mic_verified"]
