@@ -35,11 +35,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-## Tests that run real gateways (marked `daemon`) run a second time: a test that reads
-## what a gateway writes before it is written fails only now and then.
+## Tests that run real gateways (marked `daemon`) run a second time, but for the few
+## marked `long`: a test that reads what a gateway writes before it is written fails
+## only now and then.
 unit: venv
 	$(BIN)/pytest -q
-	$(BIN)/pytest -q -m daemon
+	$(BIN)/pytest -q -m "daemon and not long"
 
 ## The long fuzzing run (fuzz/README.md): each target for FUZZ_SECONDS, corpus kept in fuzz/work/.
 FUZZ_SECONDS ?= 600

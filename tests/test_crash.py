@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
@@ -28,6 +30,7 @@ from tests.inboxwatch import InboxWatch
 MESSAGES = 200
 
 
+@pytest.mark.long
 def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     layout: DemoLayout, processes: Any
 ) -> None:

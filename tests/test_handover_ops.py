@@ -40,6 +40,7 @@ def internal_port() -> Iterator[int]:
     yield free_port()
 
 
+@pytest.mark.long
 def test_an_exhausted_hand_over_fails_and_an_operator_retry_hands_it_over_once(
     layout: DemoLayout, processes: Any, internal_port: int
 ) -> None:

@@ -50,6 +50,8 @@ from tests.test_connect_path import set_runtime
 from tests.test_zones import NOW, Site, as2_message, two_zone_world
 
 REPO = Path(__file__).resolve().parent.parent
+# Every test here runs real gateways, one per network namespace.
+pytestmark = pytest.mark.daemon
 HOSPITAL_A, LAB = "10.77.1.1", "10.77.1.2"
 HOSPITAL_B, PHARMACY = "10.77.2.1", "10.77.2.2"
 PORT = 4080
@@ -155,7 +157,6 @@ def _received_from(site: Site, peer: str) -> dict[str, Any]:
     return wait_for_event(site.audit_log, "message.received", where=lambda e: e["peer"] == peer)
 
 
-@pytest.mark.daemon
 def test_hospital_in_two_zones_passes_nothing_between_them(
     namespaces: Namespaces, tmp_path: Path
 ) -> None:

@@ -50,6 +50,7 @@ def test_dead_letter_after_max_attempts_then_operator_retry_delivers(
     assert lab.proc.poll() is None
 
 
+@pytest.mark.long
 def test_expired_message_is_visible_and_can_be_cancelled(
     layout: DemoLayout, processes: Any
 ) -> None:

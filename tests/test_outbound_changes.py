@@ -298,6 +298,7 @@ def test_a_late_receipt_tells_the_truth_about_a_message_given_up_meanwhile(
     assert shown["state"] == "delivered" and shown["disposition"] == "processed"
 
 
+@pytest.mark.long
 def test_a_reload_does_not_break_off_a_long_send_in_progress(
     layout: DemoLayout, processes: Any
 ) -> None:
