@@ -9,9 +9,10 @@ import pwd
 from pathlib import Path
 from typing import Any
 
-from gateway.demo_run import drop_file, free_port, wait_until
+from gateway.demo_run import drop_file, free_port
 from gateway.pki.demo import DemoLayout
-from tests.test_local_api import LIS_TOKEN, enable_api, events
+from tests.audit_trail import events, wait_for_events
+from tests.test_local_api import LIS_TOKEN, enable_api
 from tests.test_services import InternalSystem, enable_delivery
 
 SAMPLES = Path(__file__).parent / "samples" / "patients"
@@ -51,11 +52,8 @@ def test_patients_and_actors_are_audited_on_both_sides_and_never_logged(
         )
         assert status == 202, view
         api_message = view["message_id"]
-        wait_until(
-            lambda: len(events(layout.hospital.audit_log, "message.handed_over")) == 3,
-            90,
-            "three hand-overs",
-        )
+        wait_for_events(layout.hospital.audit_log, "message.handed_over", count=3, timeout=90)
+
         assert hospital.stop() == 0 and lab.stop() == 0
     finally:
         system.server.shutdown()
