@@ -176,6 +176,12 @@ class Operations:
     def handovers(self, state: HandoverState | None = None) -> list[dict[str, Any]]:
         return [handover_view(r) for r in self.spool.handover_list(state=state)]
 
+    def viewed(self, view: Mapping[str, Any], actor: str, via: str) -> None:
+        viewed(self.audit, view, actor, via)
+
+    def listed(self, views: list[dict[str, Any]], actor: str, what: str, query: Any) -> None:
+        listed(self.audit, views, actor, what, query)
+
     def suspend(self, peer: str, reason: str, actor: str) -> None:
         self.spool.set_suspended(self._peer(peer), True, reason, actor)
         self.audit.emit(
@@ -195,6 +201,42 @@ class Operations:
 
     def peers(self) -> list[dict[str, Any]]:
         return peers_view(self.config, self.spool, self.unusable())
+
+
+def viewed(audit: AuditSink, view: Mapping[str, Any], actor: str, via: str) -> None:
+    """An operator or a local client read one message's record (MNT-1): audited with who,
+    and how (``via``: "control socket", "local API", "spool")."""
+    inbound = "inbox_file" in view
+    audit.emit(
+        AuditEvent(
+            EventType.MESSAGE_VIEWED,
+            peer=view.get("peer"),
+            service=view.get("service"),
+            message_id=view.get("message_id"),
+            direction="inbound" if inbound else "outbound",
+            actor=actor,
+            detail={"via": via, "receipt": bool(view.get("receipt") or view.get("receipt_file"))},
+        )
+    )
+
+
+def listed(
+    audit: AuditSink, views: list[dict[str, Any]], actor: str, what: str, query: Any
+) -> None:
+    """An operator read a list of messages (``what``: "queue" or "handover"): one record
+    with who, the filter and how many (each listed message's id, up to the audit bound)."""
+    audit.emit(
+        AuditEvent(
+            EventType.MESSAGES_LISTED,
+            actor=actor,
+            detail={
+                "list": what,
+                "query": {k: v for k, v in dict(query).items() if v},
+                "count": len(views),
+                "message_ids": [v["message_id"] for v in views],
+            },
+        )
+    )
 
 
 def peers_view(

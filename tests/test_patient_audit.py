@@ -12,7 +12,8 @@ from typing import Any
 from gateway.demo_run import drop_file, free_port
 from gateway.pki.demo import DemoLayout
 from tests.audit_trail import events, wait_for_events
-from tests.test_local_api import LIS_TOKEN, enable_api
+from tests.cli import medgw
+from tests.test_local_api import LIS_TOKEN, RIS_TOKEN, enable_api
 from tests.test_services import InternalSystem, enable_delivery
 
 SAMPLES = Path(__file__).parent / "samples" / "patients"
@@ -111,3 +112,60 @@ def test_a_malformed_patient_header_is_refused_naming_the_rule(
         assert answer["error"].startswith("X-Medgw-Patient: ")
         assert "AUTHORITY|ID" in answer["fix"]
     assert events(layout.lab.audit_log, "message.accepted") == []
+
+
+def test_every_read_of_a_message_is_audited_with_who_read_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    status, view = api.request(
+        "POST",
+        "/v1/messages?to=hospital&filename=r.hl7",
+        token=LIS_TOKEN,
+        body=(SAMPLES / "oru_mllp.hl7").read_bytes(),
+    )
+    assert status == 202, view
+    message_id = view["message_id"]
+    api.wait_final(message_id, LIS_TOKEN)  # the client's own reads: audited too
+    reads_by_lis = len(events(layout.lab.audit_log, "message.viewed"))
+    assert reads_by_lis >= 1
+    status, _ = api.request("GET", f"/v1/messages/{message_id}", token=RIS_TOKEN)
+    assert status == 404  # not its message: nothing read, nothing recorded
+    config = layout.lab.config_path
+    for command in (("queue", "show", message_id), ("queue", "list", "--peer", "hospital")):
+        done = medgw(*command, "--config", config)
+        assert done.returncode == 0, done.stderr
+    assert lab.stop() == 0
+    offline = medgw("queue", "show", message_id, "--config", config)
+    assert offline.returncode == 0, offline.stderr
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    operator = f"operator:{me} (uid {os.getuid()})"
+    viewed = events(layout.lab.audit_log, "message.viewed")
+    assert [(v["actor"], v["detail"]["via"]) for v in viewed] == [
+        ("api:lis", "local API")
+    ] * reads_by_lis + [(operator, "control socket"), (operator, "spool")]
+    assert all(v["message_id"] == message_id and v["peer"] == "hospital" for v in viewed)
+    assert viewed[reads_by_lis - 1]["detail"]["receipt"] is True  # the receipt was shown
+    [listed] = events(layout.lab.audit_log, "messages.listed")
+    assert listed["actor"] == operator
+    assert listed["detail"] == {
+        "list": "queue",
+        "query": {"peer": "hospital"},
+        "count": 1,
+        "message_ids": [message_id],
+    }
+    verified = medgw("audit", "verify", "--config", config)
+    assert verified.returncode == 0, verified.stderr  # the offline read chained on
+
+
+def test_an_offline_read_that_cannot_be_audited_shows_nothing(layout: DemoLayout) -> None:
+    audit_log = layout.lab.audit_log
+    audit_log.parent.mkdir(parents=True, exist_ok=True)
+    audit_log.mkdir()  # not a file: the record cannot be written
+    done = medgw("queue", "list", "--config", layout.lab.config_path)
+    assert done.returncode == 1
+    assert "cannot record this read in the audit trail" in done.stderr
+    assert "no messages" not in done.stdout and done.stdout == ""

@@ -47,6 +47,10 @@ class EventType(StrEnum):
     QUEUE_PEER_NOT_CONFIGURED = "queue.peer_not_configured"  # queued for a peer removed
     # queued messages encrypted to a peer certificate no longer configured (a rotation)
     QUEUE_RECIPIENT_REMOVED = "queue.recipient_certificate_removed"
+    # An operator or a local API client read a message's record (state, receipt, file
+    # names: MNT-1), or a list of messages.
+    MESSAGE_VIEWED = "message.viewed"
+    MESSAGES_LISTED = "messages.listed"
     PEER_SUSPENDED = "peer.suspended"  # operator stopped the exchange with a peer
     PEER_RESUMED = "peer.resumed"
     PEER_SUSPENDED_REFUSAL = "peer.suspended_refusal"  # a suspended peer tried to send

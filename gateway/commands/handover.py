@@ -14,9 +14,9 @@ from urllib.parse import quote, urlencode
 
 from gateway.clock import iso_seconds
 from gateway.commands import add_config_option
-from gateway.commands.queue import _client, _offline_spool
+from gateway.commands.queue import _client, _offline, offline_read
 from gateway.control.client import NotRunningError
-from gateway.operations import handover_view
+from gateway.operations import handover_view, listed
 from gateway.spool import HandoverState
 
 STATES = [s.value for s in HandoverState]
@@ -66,12 +66,16 @@ def _list(args: argparse.Namespace) -> int:
         query = urlencode({"state": args.state} if args.state else {})
         records = _client(args).call("GET", "/v1/handover?" + query)
     except NotRunningError:
-        spool = _offline_spool(args)
+        config, spool = _offline(args)
         try:
             state = HandoverState(args.state) if args.state else None
             records = [handover_view(r) for r in spool.handover_list(state=state)]
         finally:
             spool.close()
+        filters = {"state": args.state}
+        offline_read(
+            config, lambda audit, actor: listed(audit, records, actor, "handover", filters)
+        )
     return _emit(args, records, _table(records))
 
 

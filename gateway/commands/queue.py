@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from gateway.audit import AuditLog, AuditSink
 from gateway.clock import SystemClock, iso_seconds
 from gateway.commands import add_config_option
 from gateway.config import GatewayConfig, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient, NotRunningError
-from gateway.operations import peers_view, record_view
+from gateway.control.server import operator
+from gateway.errors import MedgwError
+from gateway.operations import listed, peers_view, record_view, viewed
 from gateway.spool import OutboundState, Spool
 
 
@@ -103,6 +108,25 @@ def _offline_spool(args: argparse.Namespace) -> Spool:
     return _offline(args)[1]
 
 
+def offline_read(config: GatewayConfig, record: Callable[[AuditSink, str], None]) -> None:
+    """Audit a read of the spool made with the daemon stopped (MNT-1): ``record`` writes
+    the event, given the audit log and the actor (this process's account, and the name
+    sudo passes).  Raises MedgwError if it cannot be written: then nothing is shown."""
+    actor = operator(os.getuid(), os.environ.get("SUDO_USER") or os.environ.get("USER") or "")
+    try:
+        audit = AuditLog(config.storage.audit_log, SystemClock(), node=config.as2_id)
+        try:
+            record(audit, actor)
+        finally:
+            audit.close()
+    except OSError as exc:
+        raise MedgwError(
+            f"cannot record this read in the audit trail {config.storage.audit_log}: "
+            f"{exc.strerror or exc}; nothing is shown",
+            fix="run it as the medgw user (sudo -u medgw medgw ...), or start the daemon",
+        ) from exc
+
+
 def _emit(args: argparse.Namespace, data: Any, table: str) -> int:
     print(json.dumps(data, indent=2) if args.json else table)
     return 0
@@ -130,12 +154,13 @@ def _queue_list(args: argparse.Namespace) -> int:
     try:
         records = _client(args).call("GET", "/v1/queue?" + urlencode(query))
     except NotRunningError:
-        spool = _offline_spool(args)
+        config, spool = _offline(args)
         try:
             state = OutboundState(args.state) if args.state else None
             records = [record_view(r) for r in spool.list_outbound(state=state, peer=args.peer)]
         finally:
             spool.close()
+        offline_read(config, lambda audit, actor: listed(audit, records, actor, "queue", query))
     return _emit(args, records, _table(records))
 
 
@@ -143,7 +168,7 @@ def _queue_show(args: argparse.Namespace) -> int:
     try:
         record = _client(args).call("GET", f"/v1/queue/{quote(args.message_id, safe='')}")
     except NotRunningError:
-        spool = _offline_spool(args)
+        config, spool = _offline(args)
         try:
             found = spool.get(args.message_id)
         finally:
@@ -152,6 +177,7 @@ def _queue_show(args: argparse.Namespace) -> int:
             print(f"medgw: no message {args.message_id}", file=sys.stderr)
             return 1
         record = record_view(found)
+        offline_read(config, lambda audit, actor: viewed(audit, record, actor, "spool"))
     return _emit(args, record, _detail(record))
 
 

@@ -49,8 +49,12 @@ def caller(request: web.Request) -> str:
     if sock is not None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
+    return operator(uid, unquote(request.headers.get("X-Medgw-Operator", "")))
+
+
+def operator(uid: int, passed: str) -> str:
+    """The actor for account ``uid`` that says it is ``passed`` (see :func:`caller`)."""
     name = account_name(uid)
-    passed = unquote(request.headers.get("X-Medgw-Operator", ""))
     claimed = "".join(c for c in passed if c.isprintable())
     claimed = claimed.strip()[:64]
     if claimed and claimed != name:
@@ -151,17 +155,23 @@ class ControlServer:
             return web.json_response(
                 {"error": f"unknown state {state!r}", "fix": f"use one of: {names}"}, status=400
             )
-        records = self._ops().spool.list_outbound(state=wanted, peer=request.query.get("peer"))
-        return web.json_response([record_view(r) for r in records])
+        ops = self._ops()
+        records = ops.spool.list_outbound(state=wanted, peer=request.query.get("peer"))
+        views = [record_view(r) for r in records]
+        ops.listed(views, caller(request), "queue", request.query)
+        return web.json_response(views)
 
     async def _show(self, request: web.Request) -> web.Response:
-        record = self._ops().spool.get(request.match_info["message_id"])
+        ops = self._ops()
+        record = ops.spool.get(request.match_info["message_id"])
         if record is None:
             return web.json_response(
                 {"error": "no such message", "fix": "check the id with medgw queue list"},
                 status=404,
             )
-        return web.json_response(record_view(record))
+        view = record_view(record)
+        ops.viewed(view, caller(request), "control socket")
+        return web.json_response(view)
 
     async def _act(self, request: web.Request, action: Callable[[], Any]) -> web.Response:
         try:
@@ -213,7 +223,10 @@ class ControlServer:
                 {"error": f"unknown hand-over state {state!r}", "fix": f"use one of: {names}"},
                 status=400,
             )
-        return web.json_response(self._ops().handovers(wanted))
+        ops = self._ops()
+        views = ops.handovers(wanted)
+        ops.listed(views, caller(request), "handover", request.query)
+        return web.json_response(views)
 
     async def _handover_retry(self, request: web.Request) -> web.Response:
         who = caller(request)
@@ -236,4 +249,12 @@ class ControlServer:
         return await submit(request, submission, self._submit)
 
     async def _message_status(self, request: web.Request) -> web.Response:
-        return await status(request, None, self._status)
+        who = caller(request)
+
+        async def status_fn(message_id: str, submitter: str | None) -> dict[str, Any] | None:
+            view = await self._status(message_id, submitter)
+            if view is not None:
+                self._ops().viewed(view, who, "control socket")
+            return view
+
+        return await status(request, None, status_fn)

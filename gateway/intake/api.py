@@ -42,6 +42,7 @@ from gateway.intake.submit import (
     submit,
 )
 from gateway.logs import Logger, make_logger
+from gateway.operations import viewed
 from gateway.ratelimit import SourceBudget
 
 
@@ -392,4 +393,12 @@ class LocalApi:
         client = self._client(request)
         if client is None:
             return unauthorized()
-        return await status(request, f"api:{client.name}", self._status)
+        actor = f"api:{client.name}"
+
+        async def status_fn(message_id: str, submitter: str | None) -> dict[str, Any] | None:
+            view = await self._status(message_id, submitter)
+            if view is not None and view.get("submitted_by") == actor:
+                viewed(self._audit, view, actor, "local API")  # its own message: a read
+            return view
+
+        return await status(request, actor, status_fn)
