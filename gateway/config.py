@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from gateway.audit.export.settings import ExportSettings, load_export
 from gateway.audit.seal import CURVES, SealSettings
 from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
@@ -288,6 +289,7 @@ class GatewayConfig:
     # The addresses each host name in a peer or hand-over URL resolved to when the
     # configuration was loaded (a name that did not resolve is absent).
     resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    audit_export: ExportSettings | None = None  # [audit.export]: off when None
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -1218,7 +1220,15 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     rt.finish()
     api_section = root.table("api", required=False) if "api" in data else None
     delivery_section = root.table("delivery", required=False) if "delivery" in data else None
-    audit = _load_audit(reader, root.table("audit"), storage) if "audit" in data else None
+    audit, audit_export = None, None
+    if "audit" in data:
+        audit_section = root.table("audit")
+        if audit_section.has("export"):
+            audit_export = load_export(reader, audit_section.table("export"))
+        if isinstance(data["audit"], dict) and set(data["audit"]) - {"export"}:
+            audit = _load_audit(reader, audit_section, storage)
+        else:
+            audit_section.finish()  # [audit.export] alone: no checkpoints
     root.finish()
 
     peers: list[Peer] = []
@@ -1288,6 +1298,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         delivery=delivery,
         audit=audit,
         resolved_hosts=resolved,
+        audit_export=audit_export,
     )
 
 

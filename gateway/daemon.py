@@ -35,6 +35,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from gateway.as2.asyncmdn import is_receipt
 from gateway.as2.headers import undecodable_header
 from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
+from gateway.audit.export.exporter import AuditExporter
+from gateway.audit.export.exporter import Target as ExportTarget
+from gateway.audit.export.record import Source as ExportSource
 from gateway.audit.seal import Sealer
 from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient, TransportError
 from gateway.channel.server import As2Server
@@ -138,6 +141,8 @@ class Daemon:
         self._control: ControlServer | None = None
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
+        self._exporter: AuditExporter | None = None  # [audit.export]
+        self._export_task: asyncio.Task[None] | None = None
         # Per zone, with the way out it was made for: each keeps its OCSP cache.
         self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
         # Every outbound connection, judged by the configuration in force when it is made.
@@ -433,6 +438,7 @@ class Daemon:
             if config.audit is not None:
                 every = config.audit.every_seconds
                 self._spawn(self._supervised("audit checkpoints", lambda: self._seal_loop(every)))
+            self._sync_exporter()
             if self._notifier.watchdog_interval:
                 self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
             ports = {s.listener.name: s.port for s in self._servers}
@@ -1203,6 +1209,7 @@ class Daemon:
         self._outbound.config = new_state.config
         self._outbound.trust = new_state.trust
         self._sync_peer_tasks()
+        self._sync_exporter()
         for server in self._servers:
             closed = server.close_unaccepted(set(new_state.peers_by_tls))
             for remote, subject in closed:
@@ -1289,9 +1296,48 @@ class Daemon:
         for client in self.state.clients.values():
             await client.close()
         self._audit_sink().emit(AuditEvent(EventType.DAEMON_STOPPED))
+        if self._exporter is not None and self._export_task is not None:
+            await self._exporter.finish(self._export_task, min(5.0, remaining()))
         self._log.info("daemon.stopped")
 
+    def _export_target(self) -> ExportTarget | None:
+        """Where the audit trail goes, by the configuration in force (None: not exported)."""
+        config = self.state.config
+        settings = config.audit_export
+        if settings is None:
+            return None
+        return ExportTarget(
+            settings,
+            settings.identity or config.tls.identity,
+            ExportSource(config.as2_id, config.institution_id or config.name),
+        )
+
+    def _sync_exporter(self) -> None:
+        """Start the audit export when [audit.export] is set (at start or by a reload); it
+        stops by itself when a reload removes it, and reconnects when one changes it."""
+        if self._stopping or self.state.config.audit_export is None:
+            return
+        if self._export_task is not None and not self._export_task.done():
+            return
+        config = self.state.config
+        self._exporter = AuditExporter(
+            self._export_target,
+            log_path=config.storage.audit_log,
+            state_dir=config.storage.state_dir,
+            audit=self._audit_sink(),
+            route=self._network.internal(),
+            log=self._log,
+            clock=self._clock,
+        )
+        self._export_task = asyncio.get_running_loop().create_task(
+            self._supervised("audit export", self._exporter.run)
+        )
+
     async def _close(self) -> None:
+        if self._export_task is not None:
+            self._export_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._export_task
         # Also after a start that failed half-way (a port in use): the peers' HTTP
         # clients are closed here, not only by an orderly shutdown (closing twice is fine).
         if self._state is not None:

@@ -80,6 +80,22 @@ def _internal_side(config: GatewayConfig) -> list[str]:
         lines.append("  hand-over        off (no [delivery]): documents stay in the inbox folder")
     for what, url in targets:
         lines.append(f"  hand-over        {what}: {url or 'inbox folder only'}")
+    export = config.audit_export
+    if export is None:
+        lines.append(
+            "  audit export     off (no [audit.export]): the audit trail stays on this host"
+        )
+    else:
+        identity = (export.identity or config.tls.identity).certificate
+        lines.append(
+            f"  audit export     syslog over TLS (RFC 5425) to {export.collector}, "
+            f"{'IHE ATNA (DICOM XML)' if export.message_format == 'atna' else 'FHIR AuditEvent'}"
+        )
+        lines.append(
+            f"  {'':<16} TLS >= {export.min_version}, collector checked as {export.server_name} "
+            f"against {export.ca}; our certificate {identity.subject.rfc4514_string()}; "
+            f"at most {export.max_backlog_bytes // (1024 * 1024) or 1} MiB wait"
+        )
     return lines
 
 

@@ -89,6 +89,15 @@ class EventType(StrEnum):
     HTTP_REQUEST_REFUSED = "http.request_refused"
     # A signed checkpoint sealing every record before it (gateway.audit.seal).
     AUDIT_CHECKPOINT = "audit.checkpoint"
+    # Export to the hospital's monitoring (gateway.audit.export)
+    EXPORT_INTERRUPTED = "audit.export_interrupted"  # the collector cannot be reached
+    EXPORT_RESUMED = "audit.export_resumed"  # it can again; what waited is being sent
+    EXPORT_BACKLOG = "audit.export_backlog"  # what waits nears the bound
+    EXPORT_SKIPPED = "audit.export_skipped"  # the bound was reached: the oldest not exported
+    # A record of the audit log read for export does not hold its chain link (edited)
+    AUDIT_VERIFICATION_FAILED = "audit.verification_failed"
+    # Our own or a peer's certificate expires within 30, 7 or 1 day(s)
+    CERTIFICATE_EXPIRING = "pki.certificate_expiring"
 
 
 class Outcome(StrEnum):

@@ -299,3 +299,14 @@ def client_context(
     pins = frozenset(certificate_fingerprint(c) for c in peer_certificates)
     context.sslobject_class = _pinned_object_class(pins, "server")
     return context
+
+
+def collector_context(
+    identity: KeyPair, anchors: Iterable[x509.Certificate], min_version: str
+) -> ssl.SSLContext:
+    """Context to connect to the hospital's audit collector (syslog over TLS): our client
+    certificate, the policy's TLS, the collector's certificate chained to ``anchors``
+    and its name checked."""
+    context = _base_context(ssl.Purpose.SERVER_AUTH, identity, anchors, min_version)
+    context.check_hostname = True
+    return context
