@@ -460,6 +460,11 @@ def test_examples_are_complete_and_loadable(
         **{p: lab / "sign.crt" for p in peer["signing_certificates"]},
         **{p: lab / "encrypt.crt" for p in peer["encryption_certificates"]},
     }
+    export = gw.get("audit", {}).get("export")
+    if export is not None:  # the collector's CA and our client certificate for it
+        copies[export["ca"]] = demo.ca_certificate
+        copies[export["certificate"]] = own / "tls.crt"
+        copies[export["key"]] = own / "tls.key"
     for destination, source in copies.items():
         Path(destination).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, destination)

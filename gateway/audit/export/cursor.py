@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.log import GENESIS, _canonical
+from gateway.audit.chain import GENESIS, canonical
 
 MAX_LINE = 1 << 20  # a record line longer than this is not one the log writes
 
@@ -148,7 +148,7 @@ def _link_problem(record: dict[str, Any], prev: str, seq: int) -> str | None:
     body = {k: v for k, v in record.items() if k != "hash"}
     if record.get("seq") != seq + 1 or record.get("prev") != prev:
         return f"chain broken before record {record.get('seq')} (expected seq {seq + 1})"
-    if hashlib.sha256(_canonical(body)).hexdigest() != record.get("hash"):
+    if hashlib.sha256(canonical(body)).hexdigest() != record.get("hash"):
         return f"record {record.get('seq')} was altered after it was written"
     return None
 
