@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from gateway.audit.query import (
+    DOCUMENTS_REMEMBERED,
+    Filters,
+    accesses,
+    actor_of,
+    patients_of,
+    records,
+)
 from gateway.audit.seal import CheckpointKeys
 from gateway.audit.verify import AuditChainError, TrailReport, parse_checkpoint, verify_trail
+from gateway.clock import iso_seconds
 from gateway.commands import DEFAULT_CONFIG
 from gateway.config import load_config
 
@@ -51,6 +64,168 @@ def register(commands: Any) -> None:
         "collector): the trail must reach it unchanged, or it was cut short or rewritten",
     )
     verify.set_defaults(handler=_verify)
+
+    query = actions.add_parser(
+        "query",
+        help="the records of a time window, oldest first, filtered by patient, peer, actor or "
+        "event (MNT-5)",
+    )
+    _review_options(query)
+    query.add_argument("--patient", metavar="ID", help="records naming this patient identifier")
+    query.add_argument("--peer", help="records about this peer (its name in peers.d)")
+    query.add_argument("--actor", help="records caused by this actor, e.g. 'api:ris'")
+    query.add_argument("--event", help="records of this event type, e.g. message.received")
+    query.set_defaults(handler=_query)
+    patients = actions.add_parser(
+        "patients",
+        help="how many records name each patient in a time window, in all and per actor (MNT-5)",
+    )
+    _review_options(patients)
+    patients.set_defaults(handler=_patients)
+
+
+def _review_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config",
+        type=Path,
+        metavar="PATH",
+        default=DEFAULT_CONFIG,
+        help=f"gateway.toml to read the audit log path from (default {DEFAULT_CONFIG})",
+    )
+    source.add_argument(
+        "--file",
+        type=Path,
+        action="append",
+        help="an audit log file (e.g. an archived copy); several in order, oldest first",
+    )
+    parser.add_argument(
+        "--since",
+        type=_time,
+        metavar="TIME",
+        help="from this time on (ISO 8601: 2026-11-01 or 2026-11-01T09:00+09:00; UTC if no "
+        "offset is given)",
+    )
+    parser.add_argument(
+        "--until",
+        type=_until,
+        metavar="TIME",
+        help="before this time; a date alone includes that whole day",
+    )
+    parser.add_argument(
+        "--format", choices=("table", "json", "csv"), default="table", help="default table"
+    )
+
+
+def _time(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or 2026-11-01T09:00+09:00)"
+        ) from exc
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _until(text: str) -> datetime:
+    at = _time(text)
+    return at + timedelta(days=1) if len(text) == len("2026-11-01") else at
+
+
+def _trail(args: argparse.Namespace) -> list[Path]:
+    if args.file:
+        return list(args.file)
+    return [load_config(args.config).storage.audit_log]
+
+
+def _unreadable(exc: OSError, paths: list[Path]) -> int:
+    print(
+        f"medgw: cannot read audit log {exc.filename or paths[0]}: {exc.strerror or exc} "
+        "(fix: check --file or [storage] audit_log, readable by this user, e.g. sudo -u "
+        "medgw medgw audit ...)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+NO_ACTOR = "(none)"  # a record that names no actor: the gateway's own work, or an old record
+QUERY_COLUMNS = ("time", "seq", "event", "outcome", "actor", "peer", "patients", "message_id")
+CSV_COLUMNS = (
+    "time", "seq", "node", "event", "outcome", "severity", "actor", "peer", "service",
+    "direction", "message_id", "patients", "remote_address", "reason",
+)  # fmt: skip
+
+
+def _cells(record: dict[str, Any]) -> dict[str, str]:
+    patients = " ".join(f"{a}^{p}" if a else p for p, a in patients_of(record))
+    cells = {k: "" if record.get(k) is None else str(record[k]) for k in CSV_COLUMNS}
+    return {**cells, "actor": actor_of(record) or "", "patients": patients}
+
+
+def _query(args: argparse.Namespace) -> int:
+    filters = Filters(args.since, args.until, args.patient, args.peer, args.actor, args.event)
+    paths = _trail(args)
+    try:
+        _show(args.format, records(paths, filters))
+    except OSError as exc:
+        return _unreadable(exc, paths)
+    return 0
+
+
+def _show(form: str, found: Iterator[dict[str, Any]]) -> None:
+    if form == "json":
+        for record in found:
+            print(json.dumps(record, ensure_ascii=False))
+    elif form == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for record in found:
+            cells = _cells(record)
+            writer.writerow([cells[k] for k in CSV_COLUMNS])
+    else:
+        widths = (25, 8, 28, 7, 24, 14, 24, 0)
+        print(_row([c.upper() for c in QUERY_COLUMNS], widths))
+        for record in found:
+            cells = _cells(record)
+            cells["time"] = iso_seconds(cells["time"])
+            print(_row([cells[k] for k in QUERY_COLUMNS], widths))
+
+
+def _row(cells: list[str], widths: tuple[int, ...]) -> str:
+    return " ".join(f"{c:<{w}}" if w else c for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _patients(args: argparse.Namespace) -> int:
+    paths = _trail(args)
+    try:
+        rows, forgot = accesses(paths, Filters(args.since, args.until))
+    except OSError as exc:
+        return _unreadable(exc, paths)
+    if args.format == "json":
+        for row in rows:
+            actors = [{"actor": a, "accesses": n} for a, n in row.by_actor]
+            line = {"patient": row.patient, "authority": row.authority}
+            print(json.dumps({**line, "accesses": row.total, "actors": actors}, ensure_ascii=False))
+    elif args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(("patient", "authority", "actor", "accesses"))
+        for row in rows:  # one row per patient and actor: a spreadsheet sums them
+            for actor, count in row.by_actor:
+                writer.writerow((row.patient, row.authority, actor or NO_ACTOR, count))
+    else:
+        widths = (24, 28, 9, 0)
+        print(_row(["PATIENT", "AUTHORITY", "ACCESSES", "BY ACTOR"], widths))
+        for row in rows:
+            by = ", ".join(f"{a or NO_ACTOR} {n}" for a, n in row.by_actor)
+            print(_row([row.patient, row.authority, str(row.total), by], widths))
+    if forgot:
+        print(
+            f"medgw: note: more than {DOCUMENTS_REMEMBERED} documents named patients; records "
+            "about the oldest ones that do not name the patient themselves were not counted "
+            "(fix: give a --since closer to the window, or --file the recent files only)",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -1,0 +1,278 @@
+"""Reviewing the audit trail (MNT-5): records in a time window, and accesses per patient.
+
+The trail can hold a year of records, millions of lines: it is streamed, never
+loaded.  Records are written in time order (the clock may have been set back a
+little: CLOCK_MARGIN), so the first record of the window is found by bisecting
+the file on its ``time`` field, and reading stops once records are well past
+the window.  A line is parsed only if its raw bytes can match: its time is
+read in place, and each filter's value must appear in it.  Records written
+before patients and actors were recorded simply lack them: they match no
+``patient``/``actor`` filter and are counted under no patient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from gateway.audit.log import CLOCK_MARGIN
+
+TIME_KEY = b'"time":"'
+TIME_LENGTH = len("2026-12-05T04:22:55.459825+00:00")
+PATIENT_NEEDLE = b'"patient_ids":'
+# Documents `audit patients` remembers to link later records to their patients: about
+# 100 bytes each, so at most some 200 MB.
+DOCUMENTS_REMEMBERED = 2_000_000
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+    patient: str | None = None
+    peer: str | None = None
+    actor: str | None = None
+    event: str | None = None
+    with_patients: bool = False  # only records that name a patient
+
+    def needles(self) -> list[bytes]:
+        """Bytes every matching line contains (a JSON string as written), the patient aside:
+        a record about a patient's document may name only the document."""
+        values = (self.peer, self.actor, self.event)
+        found = [_json(v) for v in values if v is not None]
+        return [*found, PATIENT_NEEDLE] if self.with_patients else found
+
+    def match(self, record: dict[str, Any]) -> bool:
+        """Whether ``record`` passes the filters other than ``patient``."""
+        if self.peer is not None and record.get("peer") != self.peer:
+            return False
+        if self.actor is not None and actor_of(record) != self.actor:
+            return False
+        if self.event is not None and record.get("event") != self.event:
+            return False
+        return not self.with_patients or bool(patients_of(record))
+
+
+def _json(value: str) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+def _stamp(at: datetime) -> bytes:
+    """``at`` as the log writes times (UTC, microseconds): these compare as bytes."""
+    return at.astimezone(UTC).isoformat(timespec="microseconds").encode()
+
+
+def _time_of(line: bytes) -> bytes | None:
+    """The record's time, read in place, in the form :func:`_stamp` writes."""
+    start = line.find(TIME_KEY)
+    if start < 0:
+        return None
+    start += len(TIME_KEY)
+    text = line[start : start + TIME_LENGTH]
+    if text.endswith(b"+00:00"):
+        return text
+    try:  # written with another offset: compare it in UTC
+        end = line.index(b'"', start)
+        return _stamp(datetime.fromisoformat(line[start:end].decode()))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def actor_of(record: dict[str, Any]) -> str | None:
+    actor = record.get("actor")
+    if actor is None and isinstance(record.get("detail"), dict):
+        actor = record["detail"].get("actor")  # records of older versions
+    return actor if isinstance(actor, str) else None
+
+
+def patients_of(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(id, authority) of each patient a record names, once each; authority "" if none."""
+    found = record.get("patient_ids")
+    if found is None and isinstance(record.get("detail"), dict):
+        found = record["detail"].get("patient_ids")
+    if not isinstance(found, list):
+        return []
+    out: list[tuple[str, str]] = []
+    for item in found:
+        if isinstance(item, str):
+            key = (item, "")
+        elif isinstance(item, dict) and isinstance(item.get("id"), str):
+            key = (item["id"], str(item.get("authority") or ""))
+        else:
+            continue
+        if key not in out:
+            out.append(key)
+    return out
+
+
+def _first_offset(handle: BinaryIO, size: int, since: bytes) -> int:
+    """An offset at or before the first line written at ``since`` or later (bisection;
+    times may step back by up to CLOCK_MARGIN, so the caller starts earlier by that)."""
+    low, high = 0, size
+    while high - low > 65536:
+        middle = (low + high) // 2
+        handle.seek(middle)
+        handle.readline()  # the rest of a line cut in the middle
+        at = None
+        while at is None:
+            line = handle.readline()
+            if not line:
+                break
+            at = _time_of(line)
+        if at is None or at >= since:
+            high = middle
+        else:
+            low = middle
+    return low
+
+
+def _lines(
+    paths: Sequence[Path], filters: Filters, *, from_start: bool
+) -> Iterator[tuple[bytes, bool]]:
+    """Each line up to the end of the window (plus CLOCK_MARGIN), with whether it is
+    inside the window; from the window's start (bisected) unless ``from_start``."""
+    since = _stamp(filters.since) if filters.since else None
+    until = _stamp(filters.until) if filters.until else None
+    early = _stamp(filters.since - CLOCK_MARGIN) if filters.since else None
+    late = _stamp(filters.until + CLOCK_MARGIN) if filters.until else None
+    for path in paths:
+        with path.open("rb") as handle:
+            if early is not None and not from_start:
+                handle.seek(_first_offset(handle, os.fstat(handle.fileno()).st_size, early))
+                if handle.tell():
+                    handle.readline()
+            for line in handle:
+                at = _time_of(line)
+                if at is None:
+                    continue  # a torn line after a crash: `audit verify` reports it
+                if late is not None and at >= late:
+                    return  # past the window, even allowing for a clock set back
+                yield line, (since is None or at >= since) and (until is None or at < until)
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def records(paths: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]:
+    """The records of ``paths`` (oldest file first) in the window that match ``filters``.
+
+    With ``patient``: the records that name the patient, and every record about the same
+    document (same ``peer`` and ``message_id``: sent, receipt, operator reads...), which
+    is why such a query reads the trail from its start.
+    """
+    if filters.patient is None:
+        needles = filters.needles()
+        for line, inside in _lines(paths, filters, from_start=False):
+            if inside and all(n in line for n in needles):
+                record = _parse(line)
+                if record is not None and filters.match(record):
+                    yield record
+        return
+    patient = _json(filters.patient)
+    documents: set[tuple[Any, Any]] = set()  # (peer, message_id) of the patient's documents
+    named: set[bytes] = set()  # their message_ids as written
+    for line, inside in _lines(paths, filters, from_start=True):
+        if patient not in line and _message_id(line) not in named:
+            continue
+        record = _parse(line)
+        if record is None:
+            continue
+        document = (record.get("peer"), record.get("message_id"))
+        if any(p == filters.patient for p, _ in patients_of(record)):
+            if document[1] is not None:
+                documents.add(document)
+                named.add(_json(str(document[1])))
+        elif document not in documents:
+            continue
+        if inside and filters.match(record):
+            yield record
+
+
+def _message_id(line: bytes) -> bytes | None:
+    """The record's message_id as written (a JSON string with its quotes), read in place."""
+    start = line.find(b'"message_id":')
+    if start < 0:
+        return None
+    start += len(b'"message_id":')
+    end = start + 1
+    while True:
+        end = line.find(b'"', end)
+        if end < 0:
+            return None
+        slashes = len(line[:end]) - len(line[:end].rstrip(b"\\"))
+        if slashes % 2 == 0:  # not an escaped quote
+            return line[start : end + 1]
+        end += 1
+
+
+@dataclass(frozen=True)
+class PatientAccesses:
+    patient: str
+    authority: str
+    total: int
+    by_actor: tuple[tuple[str, int], ...]  # most first; "" for records without an actor
+
+
+def accesses(
+    paths: Sequence[Path], filters: Filters, limit: int = DOCUMENTS_REMEMBERED
+) -> tuple[list[PatientAccesses], bool]:
+    """How many records in the window concern each patient, in all and per actor, most
+    accessed first: records that name the patient, and records about a document that
+    named them before (same peer and message_id: a send, a receipt, an operator's read).
+
+    Reads from the start of the trail to link documents; the documents remembered are
+    bounded by ``limit`` (the oldest forgotten first); the second value says whether any
+    was forgotten, so that records about it may have gone uncounted.
+    """
+    documents: dict[tuple[Any, Any], tuple[tuple[str, str], ...]] = {}
+    ids: dict[bytes, int] = {}  # message_ids as written, remembered: how many documents
+    forgot = False
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for line, inside in _lines(paths, filters, from_start=True):
+        if PATIENT_NEEDLE not in line and (not inside or _message_id(line) not in ids):
+            continue
+        record = _parse(line)
+        if record is None:
+            continue
+        document = (record.get("peer"), record.get("message_id"))
+        patients = tuple(patients_of(record))
+        if patients and document[1] is not None:
+            if document not in documents:
+                key = _json(str(document[1]))
+                ids[key] = ids.get(key, 0) + 1
+                if len(documents) >= limit:
+                    forgot = True
+                    old = next(iter(documents))
+                    del documents[old]
+                    old_key = _json(str(old[1]))
+                    ids[old_key] -= 1
+                    if not ids[old_key]:
+                        del ids[old_key]
+            documents[document] = patients
+        elif not patients:
+            patients = documents.get(document, ())
+        if inside and patients:
+            actor = actor_of(record) or ""
+            for patient, authority in patients:
+                counts[(patient, authority, actor)] += 1
+    per: dict[tuple[str, str], Counter[str]] = {}
+    for (patient, authority, actor), count in counts.items():
+        per.setdefault((patient, authority), Counter())[actor] = count
+    rows = [
+        PatientAccesses(
+            p, a, sum(c.values()), tuple(sorted(c.items(), key=lambda i: (-i[1], i[0])))
+        )
+        for (p, a), c in per.items()
+    ]
+    return sorted(rows, key=lambda r: (-r.total, r.patient, r.authority)), forgot
