@@ -326,3 +326,27 @@ def test_check_config_refuses_an_audit_key_it_cannot_trust(
     result = medgw("check-config", "--config", config)
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
+
+
+def test_a_trail_split_over_files_verifies_in_order_and_a_missing_file_is_named(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    lines = write_trail(tmp_path / "whole.jsonl", keys)
+    parts = [tmp_path / f"audit-{n}.jsonl" for n in range(3)]
+    for part, chunk in zip(parts, (lines[:6], lines[6:12], lines[12:]), strict=True):
+        part.write_text("\n".join(chunk) + "\n")
+    files = [arg for part in parts for arg in ("--file", str(part))]
+    whole = medgw("audit", "verify", *files, "--certificate", keys[1])
+    assert whole.returncode == 0, whole.stderr
+    assert "15 records, hash chain intact" in whole.stdout
+    assert f"last checkpoint: record 15 ({parts[2]}:3)" in whole.stdout
+
+    gap = medgw("audit", "verify", "--file", parts[0], "--file", parts[2], "--certificate", keys[1])
+    assert gap.returncode == 1
+    assert f"{parts[2]}:1: record 13: chain broken: record 7 expected here" in gap.stderr
+
+    recent = medgw(
+        "audit", "verify", "--file", parts[1], "--file", parts[2], "--certificate", keys[1]
+    )
+    assert recent.returncode == 0, recent.stderr
+    assert "starts at record 7: the files before it were not given" in recent.stdout
