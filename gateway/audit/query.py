@@ -26,9 +26,9 @@ from gateway.audit.log import CLOCK_MARGIN
 TIME_KEY = b'"time":"'
 TIME_LENGTH = len("2026-12-05T04:22:55.459825+00:00")
 PATIENT_NEEDLE = b'"patient_ids":'
-# Documents `audit patients` remembers to link later records to their patients: about
-# 100 bytes each, so at most some 200 MB.
-DOCUMENTS_REMEMBERED = 2_000_000
+# Documents `audit patients` remembers to link later records to their patients: some
+# 250 bytes each, so at most about 250 MB.
+DOCUMENTS_REMEMBERED = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -180,37 +180,43 @@ def records(paths: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]
                     yield record
         return
     patient = _json(filters.patient)
-    documents: set[tuple[Any, Any]] = set()  # (peer, message_id) of the patient's documents
-    named: set[bytes] = set()  # their message_ids as written
+    documents: set[tuple[bytes, bytes]] = set()  # the patient's documents
     for line, inside in _lines(paths, filters, from_start=True):
-        if patient not in line and _message_id(line) not in named:
+        document = _document(line)
+        if patient not in line and document not in documents:
             continue
         record = _parse(line)
         if record is None:
             continue
-        document = (record.get("peer"), record.get("message_id"))
         if any(p == filters.patient for p, _ in patients_of(record)):
-            if document[1] is not None:
+            if document is not None:
                 documents.add(document)
-                named.add(_json(str(document[1])))
         elif document not in documents:
             continue
         if inside and filters.match(record):
             yield record
 
 
-def _message_id(line: bytes) -> bytes | None:
-    """The record's message_id as written (a JSON string with its quotes), read in place."""
-    start = line.find(b'"message_id":')
-    if start < 0:
+def _document(line: bytes) -> tuple[bytes, bytes] | None:
+    """The record's peer and message_id as written (JSON strings), read in place: which
+    document it is about.  Top-level keys come after ``detail`` in a record (sorted), and
+    no string value holds an unescaped quote, so the last occurrence is the record's own."""
+    peer = _string_field(line, b'"peer":')
+    message_id = _string_field(line, b'"message_id":')
+    return (peer, message_id) if peer is not None and message_id is not None else None
+
+
+def _string_field(line: bytes, key: bytes) -> bytes | None:
+    start = line.rfind(key)
+    if start < 0 or line[start + len(key) : start + len(key) + 1] != b'"':
         return None
-    start += len(b'"message_id":')
+    start += len(key)
     end = start + 1
     while True:
         end = line.find(b'"', end)
         if end < 0:
             return None
-        slashes = len(line[:end]) - len(line[:end].rstrip(b"\\"))
+        slashes = end - len(line[:end].rstrip(b"\\"))
         if slashes % 2 == 0:  # not an escaped quote
             return line[start : end + 1]
         end += 1
@@ -235,32 +241,28 @@ def accesses(
     bounded by ``limit`` (the oldest forgotten first); the second value says whether any
     was forgotten, so that records about it may have gone uncounted.
     """
-    documents: dict[tuple[Any, Any], tuple[tuple[str, str], ...]] = {}
-    ids: dict[bytes, int] = {}  # message_ids as written, remembered: how many documents
+    documents: dict[tuple[bytes, bytes], tuple[tuple[str, str], ...]] = {}
+    peers: dict[bytes, bytes] = {}  # one copy of each peer name
+    shared: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}  # and patients
     forgot = False
     counts: Counter[tuple[str, str, str]] = Counter()
     for line, inside in _lines(paths, filters, from_start=True):
-        if PATIENT_NEEDLE not in line and (not inside or _message_id(line) not in ids):
+        document = _document(line)
+        names = PATIENT_NEEDLE in line
+        if not names and (not inside or document not in documents):
             continue
         record = _parse(line)
         if record is None:
             continue
-        document = (record.get("peer"), record.get("message_id"))
         patients = tuple(patients_of(record))
-        if patients and document[1] is not None:
-            if document not in documents:
-                key = _json(str(document[1]))
-                ids[key] = ids.get(key, 0) + 1
-                if len(documents) >= limit:
-                    forgot = True
-                    old = next(iter(documents))
-                    del documents[old]
-                    old_key = _json(str(old[1]))
-                    ids[old_key] -= 1
-                    if not ids[old_key]:
-                        del ids[old_key]
+        if patients and document is not None:
+            patients = shared.setdefault(patients, patients)
+            document = (peers.setdefault(document[0], document[0]), document[1])
+            if document not in documents and len(documents) >= limit:
+                forgot = True
+                del documents[next(iter(documents))]
             documents[document] = patients
-        elif not patients:
+        elif not patients and document is not None:
             patients = documents.get(document, ())
         if inside and patients:
             actor = actor_of(record) or ""
