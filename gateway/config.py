@@ -65,6 +65,10 @@ from gateway.routing import (
 CONTENT_CIPHERS = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
 DIGESTS = ("sha256", "sha384", "sha512")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# What an administrator named in [[responsible]] answers for (NET-6b); "incidents" is
+# called about every alert.
+RESPONSIBILITIES = ("communication", "encryption", "authentication", "incidents")
+MAX_RESPONSIBLE_TEXT = 200
 AS2_ID_MAX = 128
 # A service name is also a folder name (outbox/<peer>/<service>/, inbox/<peer>/<service>/).
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -151,6 +155,27 @@ class Runtime:
     # least body_min_bytes_per_second after that long (gateway.httpbody).
     body_idle_seconds: float = BODY_IDLE_SECONDS
     body_min_bytes_per_second: float = BODY_MIN_BYTES_PER_SECOND
+
+
+@dataclass(frozen=True)
+class Responsible:
+    """An administrator named in ``[[responsible]]`` (NET-6b): who to call."""
+
+    name: str
+    role: str  # the position, e.g. "医療情報システム管理者" or "network administrator"
+    contact: str  # telephone, extension, mail: how to reach them
+    responsible_for: tuple[str, ...]  # of RESPONSIBILITIES
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.role}; {self.contact})"
+
+
+def who_to_call(people: Sequence[Responsible], area: str) -> tuple[Responsible, ...]:
+    """Those responsible for ``area`` and for incidents; everyone named if none is."""
+    found = tuple(
+        p for p in people if area in p.responsible_for or "incidents" in p.responsible_for
+    )
+    return found or tuple(people)
 
 
 @dataclass(frozen=True)
@@ -286,6 +311,7 @@ class GatewayConfig:
     api: ApiSettings | None = None
     delivery: DeliverySettings | None = None
     audit: SealSettings | None = None  # [audit]: signed checkpoints (gateway.audit.seal)
+    responsible: tuple[Responsible, ...] = ()  # [[responsible]]: who to call (NET-6b)
     # The addresses each host name in a peer or hand-over URL resolved to when the
     # configuration was loaded (a name that did not resolve is absent).
     resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -1229,6 +1255,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
             audit = _load_audit(reader, audit_section, storage)
         else:
             audit_section.finish()  # [audit.export] alone: no checkpoints
+    responsible = _load_responsible(reader, root, source)
     root.finish()
 
     peers: list[Peer] = []
@@ -1297,9 +1324,55 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         api=api,
         delivery=delivery,
         audit=audit,
+        responsible=responsible,
         resolved_hosts=resolved,
         audit_export=audit_export,
     )
+
+
+def _load_responsible(reader: _Reader, root: _Section, source: Path) -> tuple[Responsible, ...]:
+    """``[[responsible]]``: the administrators for communication, encryption and
+    authentication (NET-6b).  None named, or an area without anyone, is a warning: the
+    gateway runs, but an alert would not say who to call."""
+    people: list[Responsible] = []
+    for item in root.tables("responsible") if root.has("responsible") else []:
+        texts = {}
+        for key, example in (
+            ("name", '"Hanako Sato"'),
+            ("role", '"medical information systems manager"'),
+            ("contact", '"ext. 4321, it-security@hospital.example"'),
+        ):
+            text = item.string(key, example=example)
+            if len(text) > MAX_RESPONSIBLE_TEXT or not text.isprintable():
+                item.problem(
+                    key,
+                    f"must be one line of at most {MAX_RESPONSIBLE_TEXT} characters",
+                    f"shorten it, e.g. {key} = {example}",
+                )
+            texts[key] = text
+        areas = item.string_list("responsible_for", empty_fix=f"name some of {RESPONSIBILITIES}")
+        for area in areas:
+            if area not in RESPONSIBILITIES:
+                item.problem(
+                    "responsible_for",
+                    f"{area!r} is not one of {', '.join(RESPONSIBILITIES)}",
+                    f"use some of: {', '.join(RESPONSIBILITIES)}",
+                )
+        item.finish()
+        people.append(Responsible(texts["name"], texts["role"], texts["contact"], tuple(areas)))
+    root.mark_seen("responsible")
+    for area in RESPONSIBILITIES[:3]:
+        if not any(area in p.responsible_for for p in people):
+            reader.add(
+                source,
+                "responsible",
+                f"no one is named responsible for {area} (NET-6b): alerts, check-config "
+                "and diagnose cannot say who to call",
+                "add a [[responsible]] table with name, role, contact and "
+                f'responsible_for = ["{area}", ...] to gateway.toml',
+                "warning",
+            )
+    return tuple(people)
 
 
 def _check_internal_url(reader: _Reader, item: _Section, key: str, url: str) -> None:

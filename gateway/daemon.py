@@ -32,9 +32,10 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.alerts import AlertCalls
 from gateway.as2.asyncmdn import is_receipt
 from gateway.as2.headers import undecodable_header
-from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, Severity
+from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
 from gateway.audit.export.exporter import AuditExporter
 from gateway.audit.export.exporter import Target as ExportTarget
 from gateway.audit.export.record import Source as ExportSource
@@ -136,6 +137,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._state: RuntimeState | None = None
         self._audit: AuditLog | None = None
+        self._alerts: AlertCalls | None = None
         self._spool: Spool | None = None
         self._outbound: Outbound | None = None
         self._control: ControlServer | None = None
@@ -341,7 +343,7 @@ class Daemon:
         inbound = InboundProcessor(
             config,
             self._spool,
-            self._audit,
+            self._audit_sink(),
             self._log,
             self._clock,
             signers=signers,
@@ -392,6 +394,7 @@ class Daemon:
         self._audit = AuditLog(
             config.storage.audit_log, self._clock, node=config.as2_id, sealer=sealer
         )
+        self._alerts = AlertCalls(self._audit, config.responsible, self._log)
         self._spool = Spool(config.storage.state_dir / "spool.sqlite3", self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
@@ -402,7 +405,7 @@ class Daemon:
         trust = await self._assess_trust(config)
         self._audit_trust(config, trust, {})
         self._state = self._build_state(config, trust)
-        self._outbound = Outbound(config, self._spool, self._audit, self._log, self._clock)
+        self._outbound = Outbound(config, self._spool, self._audit_sink(), self._log, self._clock)
         self._outbound.trust = trust
         try:
             # Before any request: deliveries a killed run left half-done are settled first.
@@ -414,7 +417,7 @@ class Daemon:
                 self._operations,
                 self._outbound.submit,
                 self._outbound.status,
-                front=FrontDoor("control", self._log, lambda: self._audit, self._clock),
+                front=FrontDoor("control", self._log, self._audit_sink, self._clock),
             )
             await self._control.start()
             await self._start_api(config)
@@ -442,7 +445,7 @@ class Daemon:
             if self._notifier.watchdog_interval:
                 self._spawn(self._watchdog_loop(self._notifier.watchdog_interval))
             ports = {s.listener.name: s.port for s in self._servers}
-            self._audit.emit(
+            self._audit_sink().emit(
                 AuditEvent(
                     EventType.DAEMON_STARTED,
                     detail={
@@ -559,9 +562,10 @@ class Daemon:
         api = self.state.config.api
         return api.clients if api is not None else ()
 
-    def _audit_sink(self) -> AuditLog:
-        assert self._audit is not None
-        return self._audit
+    def _audit_sink(self) -> AuditSink:
+        """Where events go: the audit log, each alert with whom to call (gateway.alerts)."""
+        assert self._alerts is not None
+        return self._alerts
 
     def _server_context_for(self, listener_name: str) -> Callable[[], ssl.SSLContext]:
         def context() -> ssl.SSLContext:
@@ -1039,7 +1043,8 @@ class Daemon:
         while not self._stopping:
             await self._sleep_unless_stopping(every)
             if not self._stopping:
-                await asyncio.to_thread(self._audit_sink().checkpoint, "time")
+                assert self._audit is not None
+                await asyncio.to_thread(self._audit.checkpoint, "time")
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:
@@ -1205,7 +1210,8 @@ class Daemon:
     def _swap(self, new_state: RuntimeState) -> None:
         """Make ``new_state`` current; drop connections whose certificate it no longer accepts."""
         self._state = new_state
-        assert self._outbound is not None
+        assert self._outbound is not None and self._alerts is not None
+        self._alerts.responsible = new_state.config.responsible
         self._outbound.config = new_state.config
         self._outbound.trust = new_state.trust
         self._sync_peer_tasks()

@@ -68,6 +68,14 @@ from gateway.pki.peers import TrustSettings, assess_peer
 from gateway.pki.tls import NotPinnedError, client_context
 from gateway.pki.validate import Purpose, check_purpose
 
+# Whose area a failing step is (NET-6b: who to call; see config.who_to_call).
+STEP_AREAS: dict[str, str] = {
+    "resolve": "communication",
+    "tcp": "communication",
+    "tls": "authentication",
+    "certificates": "authentication",
+    "as2": "encryption",
+}
 EXPIRY_WARNING = timedelta(days=30)
 DEFAULT_PROBE_TIMEOUT = 60.0
 

@@ -42,6 +42,11 @@ def describe_config(config: GatewayConfig) -> str:
             f"  zone {listener.zone}"
         )
     lines += _internal_side(config)
+    lines.append("responsible (NET-6b: who to call)")
+    for person in config.responsible:
+        lines.append(f"  {', '.join(person.responsible_for):<16} {person.describe()}")
+    if not config.responsible:
+        lines.append("  (no one named: add [[responsible]] tables to gateway.toml)")
     lines.append("peers")
     for peer in config.peers:
         lines.append(f"  {peer.name:<16} AS2 id {peer.as2_id:<20} {peer.url}  zone {peer.zone}")

@@ -148,6 +148,7 @@ class AuditEvent:
     service: str | None = None  # the routing key agreed with the peer, if the document has one
     actor: str | None = None  # who caused it: see the module's documentation
     patient_ids: tuple[PatientId, ...] = ()  # the patients the document concerns
+    call: tuple[str, ...] = ()  # an alert's: whom to call (gateway.alerts, NET-6b)
 
     def to_record(self, time: datetime) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -163,6 +164,8 @@ class AuditEvent:
                 record[key] = bounded(value)
         if self.patient_ids:
             record["patient_ids"] = [bounded(p.to_record()) for p in self.patient_ids]
+        if self.call:
+            record["call"] = bounded(list(self.call))
         if self.detail:
             record["detail"] = bounded(self.detail)
         return record

@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.clock import SystemClock
 from gateway.commands import add_config_option
-from gateway.config import GatewayConfig, load_config
-from gateway.diagnose import Diagnoser, Diagnosis, Status
+from gateway.config import GatewayConfig, Responsible, load_config, who_to_call
+from gateway.diagnose import STEP_AREAS, Diagnoser, Diagnosis, Status
 from gateway.errors import MedgwError
 from gateway.spool import PeerControl, Spool
 
@@ -68,7 +69,11 @@ def suspended_here(config: GatewayConfig, peer: str) -> PeerControl | None:
     return control if control is not None and control.suspended else None
 
 
-def render(diagnosis: Diagnosis, suspension: PeerControl | None = None) -> str:
+def render(
+    diagnosis: Diagnosis,
+    suspension: PeerControl | None = None,
+    responsible: Sequence[Responsible] = (),
+) -> str:
     lines = [f"medgw diagnose {diagnosis.peer} ({diagnosis.as2_id}, {diagnosis.url})"]
     for step in diagnosis.steps:
         lines.append(f"{MARKS[step.status]} {step.number} {step.title:<29} {step.detail}")
@@ -80,6 +85,7 @@ def render(diagnosis: Diagnosis, suspension: PeerControl | None = None) -> str:
             f"What it means: {failure.meaning}",
             f"What to do:    {failure.action}",
         ]
+        lines += [f"Who to call:   {line}" for line in _calls(responsible, failure.name)]
     for step in diagnosis.steps:
         if step.status is Status.WARN:
             lines += ["", f"Warning, step {step.number} ({step.title}): {step.meaning}"]
@@ -95,6 +101,14 @@ def render(diagnosis: Diagnosis, suspension: PeerControl | None = None) -> str:
         works = "works" if suspension is None else "works, but is suspended here (see above)"
         lines += ["", f"All steps passed: the exchange with {diagnosis.peer} {works}."]
     return "\n".join(lines)
+
+
+def _calls(responsible: Sequence[Responsible], step: str) -> list[str]:
+    """Who answers for the failing step's area ([[responsible]] in gateway.toml)."""
+    people = who_to_call(responsible, STEP_AREAS.get(step, "communication"))
+    if not people:
+        return ["no one is named: add [[responsible]] tables to gateway.toml (NET-6b)"]
+    return [person.describe() for person in people]
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -116,7 +130,13 @@ def _diagnose(args: argparse.Namespace) -> int:
         report["suspended_here"] = (
             {"by": suspension.actor, "reason": suspension.reason} if suspension else None
         )
+        failure = diagnosis.first_failure
+        report["who_to_call"] = (
+            [p.describe() for p in who_to_call(config.responsible, STEP_AREAS[failure.name])]
+            if failure is not None
+            else []
+        )
         print(json.dumps(report, indent=2))
     else:
-        print(render(diagnosis, suspension))
+        print(render(diagnosis, suspension, config.responsible))
     return EXIT_OK if diagnosis.ok else EXIT_FAILED

@@ -355,6 +355,13 @@ path = "/as2"
 # The zone this listener serves: only that zone's peers are accepted on it.
 zone = {_s(DEMO_ZONE)}
 
+[[responsible]]
+# Who to call (NET-6b): named by check-config, diagnose and every alert.
+name = "Demo Administrator"
+role = "gateway administrator"
+contact = "ext. 0000"
+responsible_for = ["communication", "encryption", "authentication", "incidents"]
+
 [storage]
 # Spool database and other state.
 state_dir = "state"
