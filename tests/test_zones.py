@@ -157,6 +157,12 @@ class Site:
                 lines += [f"{key} = {_s(value)}" for key, value in entry.items()]
                 lines.append("")
         lines += [
+            "[[responsible]]",  # who to call (NET-6b): without, check-config warns
+            'name = "Zone Admin"',
+            'role = "network administrator"',
+            'contact = "ext. 1"',
+            'responsible_for = ["communication", "encryption", "authentication"]',
+            "",
             "[storage]",
             'state_dir = "state"',
             'outbox_dir = "outbox"',
