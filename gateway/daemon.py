@@ -60,6 +60,7 @@ from gateway.logs import Logger
 from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.crl import stale_crl_warnings
+from gateway.pki.expiry import Held, expiring
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import PeerTrust, assess_peers
 from gateway.pki.tls import (
@@ -144,6 +145,8 @@ class Daemon:
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
         self._exporter: AuditExporter | None = None  # [audit.export]
+        # (fingerprint, owner, use, days): certificate expiry alerts already raised
+        self._expiry_alerted: set[tuple[str, str, str, int]] = set()
         self._export_task: asyncio.Task[None] | None = None
         # Per zone, with the way out it was made for: each keeps its OCSP cache.
         self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
@@ -206,6 +209,7 @@ class Daemon:
         previous: Mapping[str, PeerTrust],
     ) -> None:
         """Alert on every configured certificate that is not acceptable (new ones only)."""
+        self._alert_expiring(config)
         for name, verdicts in trust.items():
             before = previous.get(name)
             already = {(v.fingerprint, v.purpose) for v in before.rejected} if before else set()
@@ -1306,6 +1310,38 @@ class Daemon:
             await self._exporter.finish(self._export_task, min(5.0, remaining()))
         self._log.info("daemon.stopped")
 
+    def _alert_expiring(self, config: GatewayConfig) -> None:
+        """An alert for each of our and the peers' certificates that expires within 30, 7
+        and 1 day(s): once per certificate and threshold in this run."""
+        for found in expiring(_held_certificates(config), self._clock.now()):
+            key = (found.fingerprint, found.held.owner, found.held.use, found.threshold_days)
+            if key in self._expiry_alerted:
+                continue
+            self._expiry_alerted.add(key)
+            self._log.warning(
+                "pki.certificate_expiring",
+                owner=found.held.owner,
+                use=found.held.use,
+                days_left=round(found.days_left, 1),
+            )
+            self._audit_sink().emit(
+                AuditEvent(
+                    EventType.CERTIFICATE_EXPIRING,
+                    Outcome.FAILURE if found.days_left <= 0 else Outcome.SUCCESS,
+                    Severity.ALERT,
+                    peer=found.held.peer,
+                    reason=found.text(),
+                    detail={
+                        "use": found.held.use,
+                        "fingerprint": found.fingerprint,
+                        "threshold_days": found.threshold_days,
+                        "days_left": round(found.days_left, 2),
+                        "not_after": found.not_after.isoformat(timespec="seconds"),
+                        "fix": "issue and install a new certificate (README: rotation runbook)",
+                    },
+                )
+            )
+
     def _export_target(self) -> ExportTarget | None:
         """Where the audit trail goes, by the configuration in force (None: not exported)."""
         config = self.state.config
@@ -1360,6 +1396,27 @@ class Daemon:
             self._audit.close()
         if self._instance is not None:
             self._instance.release()
+
+
+def _held_certificates(config: GatewayConfig) -> list[Held]:
+    """Every certificate the configuration uses, ours and the peers'."""
+    ours = "this gateway"
+    held = [
+        Held(ours, "TLS", config.tls.identity.certificate),
+        Held(ours, "S/MIME signing", config.smime.signing.certificate),
+        *(Held(ours, "S/MIME decryption", k.certificate) for k in config.smime.decryption_keys),
+    ]
+    export = config.audit_export
+    if export is not None and export.identity is not None:
+        held.append(Held(ours, "audit export client", export.identity.certificate))
+    for peer in config.peers:
+        owner = f"peer {peer.name!r}"
+        held += [Held(owner, "TLS", c, peer.name) for c in peer.tls_certificates]
+        held += [Held(owner, "S/MIME signing", c, peer.name) for c in peer.signing_certificates]
+        held += [
+            Held(owner, "S/MIME encryption", c, peer.name) for c in peer.encryption_certificates
+        ]
+    return held
 
 
 def _api_endpoints(config: GatewayConfig) -> tuple[object, ...] | None:

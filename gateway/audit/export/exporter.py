@@ -155,7 +155,7 @@ class AuditExporter:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        self._save(force=True)
+        self._save_now()
 
     async def _connect(self, target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         settings = target.settings
@@ -191,7 +191,7 @@ class AuditExporter:
                     return  # reconnect with the reloaded settings
                 self._bound_backlog(target.settings)
                 position = self._position
-                frames, after = await asyncio.to_thread(self._frames, target, position)
+                frames, after, full = await asyncio.to_thread(self._frames, target, position)
                 if self._position != position:
                     continue  # the bound moved the cursor meanwhile
                 if frames:
@@ -200,19 +200,25 @@ class AuditExporter:
                     self._sent.append((self._clock.monotonic(), after))
                     self._position = after
                     self._confirm(idle=False)
-                    continue
-                self._confirm(idle=True)
-                if self._finishing:
-                    return
+                    await self._save_due()
+                    if full:
+                        continue  # more is waiting: read on at once
+                else:
+                    self._confirm(idle=True)
+                    await self._save_due()
+                    if self._finishing:
+                        return
+                # What is written meanwhile goes out together: one read, one write.
                 await asyncio.wait({closed}, timeout=POLL_SECONDS)
         finally:
             closed.cancel()
 
-    def _frames(self, target: Target, start: Position) -> tuple[bytes, Position]:
-        """The next records after ``start``, framed for the wire, and the cursor after them."""
+    def _frames(self, target: Target, start: Position) -> tuple[bytes, Position, bool]:
+        """The next records after ``start``, framed for the wire, the cursor after them, and
+        whether there may be more (a full batch)."""
         reads = read_forward(self._log_path, start, BATCH, self._on_broken)
         if not reads:
-            return b"", start
+            return b"", start, False
         settings = target.settings
         encode = atna_message if settings.message_format == "atna" else fhir_message
         frames = [
@@ -226,7 +232,7 @@ class AuditExporter:
             )
             for read in reads
         ]
-        return b"".join(frames), reads[-1].after
+        return b"".join(frames), reads[-1].after, len(reads) == BATCH
 
     def _confirm(self, *, idle: bool) -> None:
         """Move the persisted cursor to what was sent long enough ago."""
@@ -236,17 +242,22 @@ class AuditExporter:
         if idle and self._sent and self._sent[-1][0] <= now - RESEND_SECONDS:
             self._sent.clear()
             self._confirmed = self._position
-        self._save()
 
     def _rewind(self) -> None:
         self._sent.clear()
         self._position = self._confirmed
 
-    def _save(self, *, force: bool = False) -> None:
+    async def _save_due(self) -> None:
+        """Write the cursor if it is due, in a worker thread (an fsync)."""
         now = self._clock.monotonic()
-        if force or now - self._saved_at >= SAVE_SECONDS:
-            save_position(self._cursor_path, self._confirmed if not force else self._position)
+        if now - self._saved_at >= SAVE_SECONDS:
             self._saved_at = now
+            await asyncio.to_thread(save_position, self._cursor_path, self._confirmed)
+
+    def _save_now(self) -> None:
+        """Write the cursor at once: at the end, and after the bound moved it."""
+        save_position(self._cursor_path, self._position)
+        self._saved_at = self._clock.monotonic()
 
     def _on_broken(self, broken: Broken) -> None:
         """A record read for export does not hold its chain link: an alert (once each)."""
@@ -302,7 +313,7 @@ class AuditExporter:
         first, last = self._position.seq + 1, position.seq
         self._sent.clear()
         self._position = self._confirmed = position
-        self._save(force=True)
+        self._save_now()
         self._warned = False
         self._log.error("audit.export_skipped", first_seq=first, last_seq=last)
         self._audit.emit(
