@@ -37,12 +37,15 @@ from gateway.audit.export.settings import ExportSettings, load_export
 from gateway.audit.seal import CURVES, SealSettings
 from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
+from gateway.fsutil import MAX_SOCKET_PATH
 from gateway.httpbody import BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND
 from gateway.pki.keypair import KeyPair, PrivateKey
 from gateway.pki.store import load_crls
 from gateway.places import Place, overlap_problems
 from gateway.policy import (
+    CONTENT_CIPHERS,
     DEFAULT_KEY_TRANSPORT,
+    DIGESTS,
     LEGACY_ALGORITHMS,
     LEGACY_SEND_KEY_TRANSPORT,
     SEND_KEY_TRANSPORTS,
@@ -62,8 +65,6 @@ from gateway.routing import (
     zone_problems,
 )
 
-CONTENT_CIPHERS = ("aes-128-gcm", "aes-256-gcm", "aes-128-cbc", "aes-256-cbc")
-DIGESTS = ("sha256", "sha384", "sha512")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # What an administrator named in [[responsible]] answers for (NET-6b); "incidents" is
 # called about every alert.
@@ -131,12 +132,20 @@ class Listener:
     zone: str
 
 
+SPOOL_FILE = "spool.sqlite3"  # in [storage] state_dir
+
+
 @dataclass(frozen=True)
 class Storage:
     state_dir: Path
     outbox_dir: Path
     inbox_dir: Path
     audit_log: Path
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool database."""
+        return self.state_dir / SPOOL_FILE
 
 
 @dataclass(frozen=True)
@@ -1473,7 +1482,6 @@ def delivery_tls_context(certificates: Sequence[x509.Certificate]) -> ssl.SSLCon
     return context
 
 
-MAX_SOCKET_PATH = 107  # sun_path
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -1505,10 +1513,10 @@ def _parse_listen(item: _Section, value: str) -> tuple[str, int] | None:
 
 # Files and folders under ``[storage] state_dir`` that medgw keeps its work in.
 STATE_FILES = (
-    "spool.sqlite3",
-    "spool.sqlite3-wal",
-    "spool.sqlite3-shm",
-    "spool.sqlite3-journal",
+    SPOOL_FILE,
+    f"{SPOOL_FILE}-wal",
+    f"{SPOOL_FILE}-shm",
+    f"{SPOOL_FILE}-journal",
     "medgw.lock",  # gateway.instance.LOCK_NAME
     "control.sock",  # gateway.control.SOCKET_NAME
 )

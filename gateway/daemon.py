@@ -40,7 +40,7 @@ from gateway.audit.export.exporter import AuditExporter
 from gateway.audit.export.exporter import Target as ExportTarget
 from gateway.audit.export.record import Source as ExportSource
 from gateway.audit.seal import Sealer
-from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient, TransportError
+from gateway.channel.client import MAX_RECEIPT_BYTES, PeerClient
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, Listener, Peer, Runtime, Zone, load_config
@@ -48,7 +48,7 @@ from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.delivery.http import HandOver
 from gateway.egress import Network, NetworkMap, Refused, ZonePath
-from gateway.errors import ConfigError, MedgwError
+from gateway.errors import ConfigError, MedgwError, TransportError
 from gateway.fairpool import FairPool
 from gateway.fsutil import create_private, private_folder, shared_folder
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
@@ -399,7 +399,7 @@ class Daemon:
             config.storage.audit_log, self._clock, node=config.as2_id, sealer=sealer
         )
         self._alerts = AlertCalls(self._audit, config.responsible, self._log)
-        self._spool = Spool(config.storage.state_dir / "spool.sqlite3", self._clock)
+        self._spool = Spool(config.storage.spool_path, self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
         for peer in config.peers:

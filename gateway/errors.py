@@ -97,6 +97,18 @@ class EgressRefused(RoutingError, OSError):
     (NET-4).  An ``OSError`` too, so that HTTP clients report it as a failed connect."""
 
 
+class TransportError(MedgwError):
+    """The peer could not be reached or did not answer; the send will be retried.
+
+    ``refused``: the connect path refused the address (outside the zone's egress,
+    NET-4): trying again helps only once the configuration is corrected.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 class SpoolError(MedgwError):
     """The durable spool cannot store or change a message."""
 

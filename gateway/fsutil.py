@@ -17,6 +17,7 @@ from typing import BinaryIO
 # Modes set explicitly, whatever the umask (0022 outside systemd gives 0755/0644):
 PRIVATE_FOLDER = 0o700  # the state folder and its working folders: medgw only
 PRIVATE_FILE = 0o600  # the spool database, working files (plaintext among them)
+MAX_SOCKET_PATH = 107  # the longest path a unix socket can be bound to (sun_path)
 
 
 def fsync_dir(directory: Path) -> None:

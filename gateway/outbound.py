@@ -41,11 +41,11 @@ from gateway.as2.mdn import mic_matches, parse_receipt
 from gateway.as2.message import MessageSpec, build_message, build_message_file
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, PatientId, Severity
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
-from gateway.channel.client import PeerClient, Response, TransportError
+from gateway.channel.client import PeerClient, Response
 from gateway.clock import Clock
 from gateway.cms.enveloped import key_transport_for
 from gateway.config import GatewayConfig, Peer
-from gateway.errors import MedgwError, ObjectSecurityError, SpoolError
+from gateway.errors import MedgwError, ObjectSecurityError, SpoolError, TransportError
 from gateway.fsutil import (
     fsync_dir,
     private_folder,

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from gateway.audit import AuditLog
-from gateway.channel.client import PeerClient, TransportError
+from gateway.channel.client import PeerClient
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery.http import HandOver
@@ -36,6 +36,7 @@ from gateway.demo_run import free_ports, read_audit, wait_until
 from gateway.diagnose import Diagnoser
 from gateway.egress import Network as ConnectPath
 from gateway.egress import NetworkMap, Refused, ZonePath
+from gateway.errors import TransportError
 from gateway.logs import make_logger
 from gateway.pki.tls import client_context
 from gateway.routing import Network, zones_holding

@@ -30,12 +30,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.as2.headers import new_message_id
 from gateway.as2.message import MessageSpec, build_message
-from gateway.channel.client import PeerClient, TransportError
+from gateway.channel.client import PeerClient
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import drop_file, free_ports, wait_until
 from gateway.egress import Route
-from gateway.errors import ConfigError, ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem, TransportError
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from gateway.pki.keypair import KeyPair
 from gateway.pki.tls import client_context

@@ -16,22 +16,10 @@ from pathlib import Path
 import aiohttp
 
 from gateway.egress import Route
-from gateway.errors import EgressRefused
+from gateway.errors import EgressRefused, TransportError
 from gateway.httpbody import read_capped
 
 MAX_RECEIPT_BYTES = 1 << 20
-
-
-class TransportError(Exception):
-    """The peer could not be reached or did not answer; the send will be retried.
-
-    ``refused``: the connect path refused the address (outside the zone's egress,
-    NET-4): trying again helps only once the configuration is corrected.
-    """
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
 
 
 @dataclass(frozen=True)

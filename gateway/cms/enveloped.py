@@ -39,6 +39,7 @@ from ..errors import DecryptionError, MalformedMessageError, PolicyError
 from ..policy import (
     COMPAT_CONTENT_CIPHERS,
     COMPAT_KEY_TRANSPORTS,
+    DIGESTS,
     AlgorithmPolicy,
     PrivateKey,
     certificate_key,
@@ -100,7 +101,6 @@ OID_ENVELOPED = "1.2.840.113549.1.7.3"
 OID_AUTH_ENVELOPED = "1.2.840.113549.1.9.16.1.23"
 
 _WRAP_BY_KEYLEN = {16: "aes128_wrap", 24: "aes192_wrap", 32: "aes256_wrap"}
-_HASH_NAMES = ("sha256", "sha384", "sha512")
 _WRAP_KEYLEN = {"aes128_wrap": 16, "aes192_wrap": 24, "aes256_wrap": 32}
 
 # ECDH KDF schemes (RFC 5753 / SEC 1). For the NIST curves the cofactor is 1,
@@ -431,15 +431,13 @@ _CONTENT_CIPHERS_BY_OID: dict[bytes, str] = {
     if name in CIPHER_BY_OID_NAME
 }
 _SHA2: dict[bytes, str] = {
-    _oid_contents(d): n for d, n in algos.DigestAlgorithmId._map.items() if n in _HASH_NAMES
+    _oid_contents(d): n for d, n in algos.DigestAlgorithmId._map.items() if n in DIGESTS
 }
 _OID_RSAES_OAEP = _oid_contents("1.2.840.113549.1.1.7")
 _OID_MGF1 = _oid_contents("1.2.840.113549.1.1.8")
 _OID_EC_PUBLIC_KEY = _oid_contents("1.2.840.10045.2.1")
 _CURVES: dict[bytes, str] = {_oid_contents(d): n for d, n in keys.NamedCurve._map.items()}
-_KDF_SHA2: dict[bytes, str] = {
-    _oid_contents(d): h for d, h in KDF_SCHEMES.items() if h in _HASH_NAMES
-}
+_KDF_SHA2: dict[bytes, str] = {_oid_contents(d): h for d, h in KDF_SCHEMES.items() if h in DIGESTS}
 _WRAPS: dict[bytes, int] = {
     _oid_contents(d): _WRAP_KEYLEN[n]
     for d, n in cms.KeyEncryptionAlgorithmId._map.items()

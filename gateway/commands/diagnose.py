@@ -55,7 +55,7 @@ def register(commands: Any) -> None:
 def suspended_here(config: GatewayConfig, peer: str) -> PeerControl | None:
     """Our own suspension of ``peer`` (``medgw peers suspend``), read from the spool: the
     path may work while nothing is exchanged on purpose."""
-    path = config.storage.state_dir / "spool.sqlite3"
+    path = config.storage.spool_path
     if not path.is_file():
         return None
     try:

@@ -101,7 +101,7 @@ def _offline(args: argparse.Namespace) -> tuple[GatewayConfig, Spool]:
     # No daemon vouches for this configuration: validate all of it before opening its spool.
     config = load_config(args.config)
     print("(medgw is not running: reading its spool directly)", file=sys.stderr)
-    return config, Spool(config.storage.state_dir / "spool.sqlite3", SystemClock())
+    return config, Spool(config.storage.spool_path, SystemClock())
 
 
 def _offline_spool(args: argparse.Namespace) -> Spool:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.clock import SystemClock
 from gateway.errors import MedgwError, SpoolError
+from gateway.fsutil import MAX_SOCKET_PATH
 from gateway.httpfront import FrontDoor
 from gateway.intake.submit import (
     IDLE_CONNECTION_SECONDS,
@@ -36,7 +37,6 @@ from gateway.operations import Operations, UnknownPeerError, handover_view, reco
 from gateway.spool import HandoverState, OutboundState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MAX_SOCKET_PATH = 107
 
 
 def caller(request: web.Request) -> str:
