@@ -73,8 +73,7 @@ from gateway.pki.tls import (
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.routing import admit
 from gateway.sdnotify import Notifier
-from gateway.spool import Spool
-from gateway.spool.sqlite import PENDING_STATES
+from gateway.spool import PENDING_STATES, Spool, open_spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 PARALLEL_SENDS_PER_PEER = 8
@@ -399,7 +398,7 @@ class Daemon:
             config.storage.audit_log, self._clock, node=config.as2_id, sealer=sealer
         )
         self._alerts = AlertCalls(self._audit, config.responsible, self._log)
-        self._spool = Spool(config.storage.spool_path, self._clock)
+        self._spool = open_spool(config.storage.spool_path, self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
         for peer in config.peers:

@@ -14,8 +14,14 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
-from gateway.spool import HandoverRecord, HandoverState, OutboundRecord, OutboundState, Spool
-from gateway.spool.sqlite import PENDING_STATES
+from gateway.spool import (
+    PENDING_STATES,
+    HandoverRecord,
+    HandoverState,
+    OutboundRecord,
+    OutboundState,
+    Spool,
+)
 
 
 class UnknownPeerError(MedgwError):

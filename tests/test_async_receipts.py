@@ -12,7 +12,7 @@ from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
-from gateway.spool import OutboundState, Spool
+from gateway.spool import OutboundState, SqliteSpool
 from tests import as2client
 from tests.audit_trail import wait_for_events
 
@@ -25,7 +25,7 @@ def ask_async(layout: DemoLayout, url: str) -> None:
 
 
 def state_of(layout: DemoLayout, message_id: str) -> OutboundState:
-    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
     try:
         record = spool.get(message_id)
     finally:

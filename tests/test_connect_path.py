@@ -40,7 +40,7 @@ from gateway.errors import TransportError
 from gateway.logs import make_logger
 from gateway.pki.tls import client_context
 from gateway.routing import Network, zones_holding
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.routes import listening, zone_map
 from tests.test_zones import World, _send, _tls_connect, as2_message, two_zone_world
 
@@ -255,7 +255,7 @@ def test_a_hand_over_to_a_peers_endpoint_is_refused_and_retried_not_sent(
     # What the URL leads to now is the lab's endpoint (as after a reload or a DNS change).
     moved = dataclasses.replace(loaded.delivery, http_url=f"http://127.0.0.1:{recorder.port}/in")
     config = dataclasses.replace(loaded, delivery=moved)
-    spool = Spool(tmp_path / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
     refusals: list[Refused] = []
     network = ConnectPath(lambda: config.network_map, on_refused=refusals.append)
@@ -336,7 +336,7 @@ def test_a_connection_kept_alive_from_before_a_reload_is_not_used_after_it(
         before, peers=tuple(lab if p.name == "lab" else p for p in before.peers)
     )
     now = {"config": before}
-    spool = Spool(tmp_path / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
     network = ConnectPath(lambda: now["config"].network_map)
     worker = HandOver(

@@ -24,7 +24,7 @@ from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, Spool
+from gateway.spool import OutboundState, SqliteSpool
 from tests.inboxwatch import InboxWatch
 
 MESSAGES = 200
@@ -46,7 +46,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     lab_spool_path = layout.lab.root / "state" / "spool.sqlite3"
 
     def all_delivered() -> bool:
-        spool = Spool(lab_spool_path, SystemClock())
+        spool = SqliteSpool(lab_spool_path, SystemClock())
         try:
             records = spool.all_outbound()
             return len(records) >= MESSAGES and all(
@@ -88,7 +88,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     for path in files:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == sent[path.name], path.name
 
-    spool = Spool(lab_spool_path, SystemClock())
+    spool = SqliteSpool(lab_spool_path, SystemClock())
     try:
         records = spool.all_outbound()
         assert len(records) == MESSAGES, f"seed {seed}: a file became two messages"

@@ -25,7 +25,7 @@ from gateway.clock import SystemClock
 from gateway.delivery.http import idempotency_key
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.audit_trail import events, wait_for_events
 from tests.clocks import TickingClock
 from tests.inboxwatch import InboxWatch
@@ -160,7 +160,7 @@ def test_a_kill_between_the_internal_systems_answer_and_the_record_hands_over_wi
     try:
         hospital = processes.start(
             layout.hospital.config_path,
-            prefix=killed_at("--kill-before", "gateway.spool.sqlite:Spool.handover_done"),
+            prefix=killed_at("--kill-before", "gateway.spool.sqlite:SqliteSpool.handover_done"),
         )
         processes.start(layout.lab.config_path)
         drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
@@ -253,7 +253,7 @@ def test_deliveries_recorded_by_an_older_version_are_settled_at_start(
     layout: DemoLayout, processes: Any
 ) -> None:
     """A spool row without a work file: in the inbox if its target is there."""
-    spool = Spool(layout.hospital.root / "state" / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(layout.hospital.root / "state" / "spool.sqlite3", SystemClock())
     inbox = layout.hospital.inbox_dir / "lab"
     inbox.mkdir(parents=True)
     (inbox / "there.hl7").write_bytes(b"MSH|there\r")
@@ -265,7 +265,7 @@ def test_deliveries_recorded_by_an_older_version_are_settled_at_start(
     processes.start(layout.hospital.config_path).stop()
     processes.start(layout.hospital.config_path).stop()  # settled once, not at every start
 
-    spool = Spool(layout.hospital.root / "state" / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(layout.hospital.root / "state" / "spool.sqlite3", SystemClock())
     try:
         there = spool.inbound_get("lab", "<there@x>")
         assert there is not None and there.state == "written"

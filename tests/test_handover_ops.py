@@ -28,7 +28,7 @@ from gateway.errors import SpoolError
 from gateway.logs import make_logger
 from gateway.operations import Operations
 from gateway.pki.demo import DemoLayout
-from gateway.spool import HandoverState, Spool
+from gateway.spool import HandoverState, SqliteSpool
 from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 from tests.test_operations import set_runtime
@@ -137,7 +137,7 @@ def test_a_hand_over_older_than_message_expiry_fails_at_its_next_failed_attempt(
     enable_delivery(layout, internal_port)  # nothing listens there
     config = load_config(layout.hospital.config_path)
     now = datetime.now(UTC)
-    spool = Spool(tmp_path / "spool.sqlite3", _Clock(now - timedelta(hours=2)))
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", _Clock(now - timedelta(hours=2)))
     inbox_file = tmp_path / "a.hl7"
     inbox_file.write_bytes(b"MSH|a\r")
     sha = hashlib.sha256(b"MSH|a\r").hexdigest()
@@ -181,7 +181,7 @@ def test_a_hand_over_older_than_message_expiry_fails_at_its_next_failed_attempt(
 
 def test_an_old_hand_over_table_gains_its_expiry_column(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
-    Spool(path, SystemClock()).close()
+    SqliteSpool(path, SystemClock()).close()
     with sqlite3.connect(path) as db:
         db.execute("ALTER TABLE handover DROP COLUMN expires_at")
         db.execute(
@@ -189,7 +189,7 @@ def test_an_old_hand_over_table_gains_its_expiry_column(tmp_path: Path) -> None:
             " created_at, updated_at) VALUES ('lab', '<m@x>', '/i/a', 'x/y', 'ab', 1, 'failed',"
             " 't', 't')"
         )
-    spool = Spool(path, SystemClock())
+    spool = SqliteSpool(path, SystemClock())
     try:
         [record] = spool.handover_list(state=HandoverState.FAILED)
         assert record.expires_at == 0.0

@@ -29,7 +29,7 @@ from gateway.errors import ConfigError
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 
@@ -187,7 +187,7 @@ def test_a_tls_context_that_cannot_be_built_fails_one_attempt_with_an_alert(
         raise ssl.SSLError(ssl.SSL_ERROR_SSL, "[X509] no certificate or crl found")
 
     monkeypatch.setattr(delivery_http, "delivery_tls_context", broken)
-    spool = Spool(tmp_path / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     inbox_file = tmp_path / "a.hl7"
     inbox_file.write_bytes(b"MSH|a\r")
     sha = hashlib.sha256(b"MSH|a\r").hexdigest()

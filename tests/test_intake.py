@@ -27,7 +27,7 @@ from gateway.logs import make_logger
 from gateway.outbound import INLINE_BODY_BYTES, Outbound
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.audit_trail import events, wait_for_events
 
 
@@ -54,7 +54,7 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
     )
     config = load_config(layout.lab.config_path)
     clock = SystemClock()
-    spool = Spool(tmp_path / "spool.sqlite3", clock)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
     intake = SlowTakes(config, spool, audit, make_logger(stream=io.StringIO()), clock)
     intake.finished = []
@@ -85,7 +85,7 @@ def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_send
     source.write_bytes(b"MSH|copied\r")
     payload = config.storage.state_dir / "payloads" / "0123456789abcdef01234567"
     payload.parent.mkdir(parents=True, exist_ok=True)
-    spool = Spool(config.storage.state_dir / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(config.storage.state_dir / "spool.sqlite3", SystemClock())
     try:
         spool.add_intake(
             "<copied@KITA-LAB>",
@@ -142,7 +142,7 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
     SHA-256 (message.delivered records it at the receiver), and to who dropped it."""
     config = load_config(layout.lab.config_path)
     clock = SystemClock()
-    spool = Spool(tmp_path / "spool.sqlite3", clock)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
     outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
     [peer] = config.peers
@@ -171,7 +171,7 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
         audit.close()
 
 
-class FullSpool(Spool):
+class FullSpool(SqliteSpool):
     """A spool whose disk has no room left while ``full`` is set: removing a row fails
     as SQLite fails then (tests/test_storage_full.py fills real file systems; the moment
     a full disk refuses one statement and not the one before cannot be timed there)."""

@@ -36,7 +36,7 @@ from gateway.as2.headers import quote_as2_id, unquote_as2_id
 from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
-from gateway.spool import OutboundState, Spool
+from gateway.spool import OutboundState, SqliteSpool
 from tests import as2client
 from tests.audit_trail import events, wait_for_events
 from tests.oscrypto_fix import load_pyas2lib
@@ -440,7 +440,7 @@ def pyas2lib_receiver(rsa_layout: DemoLayout) -> Iterator[_Pyas2libReceiver]:
 
 
 def _outbound_state(layout: DemoLayout, message_id: str) -> Any:
-    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
     try:
         return spool.get(message_id)
     finally:

@@ -44,7 +44,7 @@ import pytest
 from gateway.clock import SystemClock
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.issue import issue, make_ca, write_pem
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.audit_trail import wait_for_event, wait_for_events
 from tests.test_connect_path import set_runtime
 from tests.test_zones import NOW, Site, as2_message, two_zone_world
@@ -217,7 +217,7 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
         assert _host(transit["remote_address"]) == LAB
         assert "zone 'zone-b'" in transit["reason"]
         assert not (pharmacy.root / "inbox" / "lab").exists()
-        spool = Spool(hospital.root / "state" / "spool.sqlite3", SystemClock())
+        spool = SqliteSpool(hospital.root / "state" / "spool.sqlite3", SystemClock())
         try:
             queued = [(r.peer, r.filename, r.origin.is_local) for r in spool.all_outbound()]
         finally:

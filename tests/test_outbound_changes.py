@@ -20,7 +20,7 @@ from gateway.config import load_config
 from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests import as2client
 from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
@@ -134,7 +134,7 @@ def receipt_first_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[by
             self.rfile.read(int(self.headers["Content-Length"]))
             message_id = self.headers["Message-ID"]
             assert self.headers["Receipt-Delivery-Option"]
-            spool = Spool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
+            spool = SqliteSpool(layout.lab.root / "state" / "spool.sqlite3", SystemClock())
             try:
                 record = spool.get(message_id)
             finally:

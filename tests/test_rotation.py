@@ -17,7 +17,7 @@ from gateway.clock import SystemClock
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, write_pem
-from gateway.spool import OutboundState, Spool
+from gateway.spool import OutboundState, SqliteSpool
 from tests.audit_trail import events, wait_for_events
 
 
@@ -71,7 +71,7 @@ class Traffic:
 
 
 def all_delivered(root: Path, count: int) -> bool:
-    spool = Spool(root / "state" / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(root / "state" / "spool.sqlite3", SystemClock())
     try:
         records = spool.all_outbound()
     finally:

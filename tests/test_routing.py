@@ -38,7 +38,7 @@ from gateway.routing import (
     check_enqueue,
     route_inbound,
 )
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.test_zones import Site, as2_message, new_ca
 
 PEERS = 5
@@ -188,7 +188,7 @@ def gateway(pool: Pool, peer_zones: list[int], listener_zones: list[int]) -> Ite
             ),
         )
         clock = SystemClock()
-        spool = Spool(base / "state" / "spool.sqlite3", clock)
+        spool = SqliteSpool(base / "state" / "spool.sqlite3", clock)
         audit = AuditLog(config.storage.audit_log, clock, node=config.as2_id)
         log = make_logger("error", io.StringIO())
         try:

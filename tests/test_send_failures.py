@@ -32,10 +32,10 @@ from gateway.outbound import Outbound
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
-from gateway.spool import OutboundRecord, OutboundState, Spool
+from gateway.spool import OutboundRecord, OutboundState, SqliteSpool
 
 
-class NotedSpool(Spool):
+class NotedSpool(SqliteSpool):
     """The real spool; notes the thread of each state change a failed send makes."""
 
     threads: list[tuple[str, int]]

@@ -22,7 +22,7 @@ from gateway.delivery.http import idempotency_key
 from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.audit_trail import events, wait_for_event, wait_for_events
 from tests.cli import medgw
 from tests.test_local_api import LIS_TOKEN, enable_api
@@ -156,7 +156,7 @@ def test_a_service_not_configured_for_the_peer_is_refused_with_a_signed_receipt(
 
 def test_an_old_spool_without_services_keeps_working(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
-    Spool(path, SystemClock()).close()
+    SqliteSpool(path, SystemClock()).close()
     with sqlite3.connect(path) as db:  # what a spool from before services looks like
         db.execute("ALTER TABLE outbound DROP COLUMN service")
         db.execute("ALTER TABLE inbound DROP COLUMN service")
@@ -170,7 +170,7 @@ def test_an_old_spool_without_services_keeps_working(tmp_path: Path) -> None:
             "INSERT INTO inbound (peer, message_id, sha256, target_path, state, received_at,"
             " updated_at) VALUES ('lab', '<in@x>', 'ab', '/inbox/lab/a', 'delivered', 't', 't')"
         )
-    spool = Spool(path, SystemClock())
+    spool = SqliteSpool(path, SystemClock())
     try:
         old = spool.get("<old@x>")
         assert old is not None and old.service is None and old.state.value == "queued"
@@ -400,7 +400,7 @@ def test_a_changed_inbox_file_is_not_handed_over(
 
 def test_handover_state_is_in_the_spool(layout: DemoLayout) -> None:
     """The spool row a hand-over needs is written with the receipt, in one transaction."""
-    spool = Spool(layout.hospital.root / "state" / "s.sqlite3", SystemClock())
+    spool = SqliteSpool(layout.hospital.root / "state" / "s.sqlite3", SystemClock())
     try:
         spool.inbound_begin("lab", "<m@x>", "ab" * 32, Path("/inbox/lab/svc/a.hl7"), "svc")
         spool.inbound_delivered(

@@ -17,13 +17,12 @@ from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.errors import SpoolError
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Spool
-from gateway.spool.sqlite import OutboundState
+from gateway.spool import OutboundState, SqliteSpool
 from tests.audit_trail import wait_for_events
 from tests.clocks import TickingClock
 
 
-def queued(spool: Spool, tmp_path: Path, message_id: str, body: bytes) -> None:
+def queued(spool: SqliteSpool, tmp_path: Path, message_id: str, body: bytes) -> None:
     spool.add_intake(
         message_id, "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -31,7 +30,7 @@ def queued(spool: Spool, tmp_path: Path, message_id: str, body: bytes) -> None:
 
 
 def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"\x30\x80sealed")
     record = spool.get("<m@lab>")
     assert record is not None and record.sealed and record.body == b"\x30\x80sealed"
@@ -48,14 +47,14 @@ def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path) -> None:
 
 
 def test_a_cancelled_message_keeps_no_body(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"sealed")
     spool.operator_cancel("<m@lab>", "alice")
     assert spool.get("<m@lab>").body is None  # type: ignore[union-attr]
 
 
 def test_a_queued_message_has_its_body_in_exactly_one_place(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -80,7 +79,7 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
     accepted = wait_for_events(layout.lab.audit_log, "message.accepted", count=2)
     ids = {r["detail"]["filename"]: r["message_id"] for r in accepted}
 
-    spool = Spool(layout.lab.root / "state" / "spool.sqlite3", TickingClock())
+    spool = SqliteSpool(layout.lab.root / "state" / "spool.sqlite3", TickingClock())
     waiting = {name: spool.get(ids[name]) for name in ids}
     assert waiting["small.hl7"].body is not None and waiting["small.hl7"].body_path is None  # type: ignore[union-attr]
     assert waiting["large.bin"].body is None and waiting["large.bin"].body_path.is_file()  # type: ignore[union-attr]
@@ -101,7 +100,7 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
 
 def test_retrying_a_delivered_message_says_it_was_delivered(tmp_path: Path) -> None:
     """Its body is dropped once delivered; that does not make it 'never signed'."""
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"sealed")
     spool.mark_sending("<m@lab>")
     spool.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r.mdn")
@@ -118,7 +117,7 @@ def test_a_plaintext_copy_left_by_a_kill_is_removed_at_start_whatever_came_after
     state = layout.lab.root / "state"
     payloads = state / "payloads"
     payloads.mkdir(parents=True, exist_ok=True)
-    spool = Spool(state / "spool.sqlite3", TickingClock())
+    spool = SqliteSpool(state / "spool.sqlite3", TickingClock())
     left, kept = payloads / ("a" * 24), payloads / ("b" * 24)
     spool.add_intake("<sent@lab>", "hospital", "a.hl7", "application/hl7-v2", left, left)
     spool.mark_queued("<sent@lab>", None, [], "mic, sha-256", 10, body=b"sealed")

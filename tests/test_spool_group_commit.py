@@ -1,4 +1,4 @@
-"""Spool writes of several threads share a COMMIT, and stay each whole.
+"""SqliteSpool writes of several threads share a COMMIT, and stay each whole.
 
 The spool's writes come from the event loop's worker threads (taking,
 sealing, sending and settling documents at once).  Each used to commit, and
@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import SpoolError
-from gateway.spool import Spool
+from gateway.spool import OutboundState, SqliteSpool
 from gateway.spool.groupcommit import GroupCommit
-from gateway.spool.sqlite import OutboundState
 from tests.clocks import TickingClock
 
 
@@ -137,7 +136,7 @@ def test_a_failed_commit_fails_every_caller_and_keeps_nothing(tmp_path: Path) ->
 
 
 def test_the_spool_reports_a_failed_write_and_reads_what_was_committed(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b"
     )
@@ -153,7 +152,7 @@ def test_the_spool_reports_a_failed_write_and_reads_what_was_committed(tmp_path:
 
 
 def test_spool_writes_from_many_threads_are_all_there(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
 
     def take(i: int) -> None:
         for j in range(20):
@@ -252,13 +251,13 @@ class MeanwhileClock(TickingClock):
 def test_a_message_changed_meanwhile_is_left_alone_by_the_senders_sweeps(
     tmp_path: Path,
     state: OutboundState,
-    meanwhile: Callable[[Spool], object],
-    sweep: Callable[[Spool], list[str]],
+    meanwhile: Callable[[SqliteSpool], object],
+    sweep: Callable[[SqliteSpool], list[str]],
 ) -> None:
     """Not an error that stops the peer's sender (and breaks off its sends): the
     message is no longer the sweep's to move."""
     clock = MeanwhileClock()
-    spool = Spool(tmp_path / "spool.db", clock)
+    spool = SqliteSpool(tmp_path / "spool.db", clock)
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "b", 1.0
     )

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import Spool
-from gateway.spool.sqlite import OutboundState
+from gateway.spool import OutboundState, SqliteSpool
 from tests.clocks import TickingClock
 
 BACKLOG = 500
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+def spool(tmp_path: Path) -> SqliteSpool:
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     for peer in ("lab", "pharmacy"):
         for i in range(BACKLOG):
             message_id = f"<{peer}-{i}@hospital>"
@@ -42,7 +41,7 @@ def spool(tmp_path: Path) -> Spool:
     return spool
 
 
-def statements_of(spool: Spool, call: Callable[[], object]) -> list[str]:
+def statements_of(spool: SqliteSpool, call: Callable[[], object]) -> list[str]:
     """The SQL statements (parameters filled in) that ``call`` runs on the spool."""
     seen: list[str] = []
     connections: list[sqlite3.Connection] = [spool._db, spool._reader]  # writes, reads
@@ -56,7 +55,7 @@ def statements_of(spool: Spool, call: Callable[[], object]) -> list[str]:
     return [s for s in seen if s.lstrip().upper().startswith("SELECT")]
 
 
-def plan(spool: Spool, statement: str) -> list[str]:
+def plan(spool: SqliteSpool, statement: str) -> list[str]:
     return [row[3] for row in spool._db.execute(f"EXPLAIN QUERY PLAN {statement}")]
 
 
@@ -81,7 +80,7 @@ def plan(spool: Spool, statement: str) -> list[str]:
     ],
 )
 def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
-    spool: Spool, what: str, call: Callable[[Spool], object], searched_by: str
+    spool: SqliteSpool, what: str, call: Callable[[SqliteSpool], object], searched_by: str
 ) -> None:
     """Each condition is answered by an index (SEARCH ... (cond)), the order comes from
     the index (no temporary B-tree), and no table is read whole."""
@@ -95,7 +94,7 @@ def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
     assert any(searched_by in s for steps in plans.values() for s in steps), f"{what}: {plans}"
 
 
-def test_due_messages_are_claimed_earliest_due_then_oldest(spool: Spool) -> None:
+def test_due_messages_are_claimed_earliest_due_then_oldest(spool: SqliteSpool) -> None:
     claimed, next_at = spool.claim_due("lab", 1.0, 1)
     assert [r.message_id for r in claimed] == ["<lab-0@hospital>"]
     assert claimed[0].attempts == 0  # as it was before this attempt
@@ -109,7 +108,7 @@ def test_due_messages_are_claimed_earliest_due_then_oldest(spool: Spool) -> None
 
 
 def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db", TickingClock())
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -123,7 +122,7 @@ def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(tmp_path: Path
     assert [r.message_id for r in claimed] == ["<m@lab>"] and next_at is None
 
 
-def test_expiry_takes_exactly_the_messages_past_their_time(spool: Spool) -> None:
+def test_expiry_takes_exactly_the_messages_past_their_time(spool: SqliteSpool) -> None:
     expired = spool.expire_due("lab", 2e9 + 3)
     assert expired == [f"<lab-{i}@hospital>" for i in range(3)]
     assert {spool.get(m).state for m in expired} == {OutboundState.EXPIRED}  # type: ignore[union-attr]
@@ -145,7 +144,7 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
     db.execute("CREATE INDEX outbound_due ON outbound (peer, state, next_attempt_at)")
     db.commit()
     db.close()
-    spool = Spool(path, TickingClock())
+    spool = SqliteSpool(path, TickingClock())
     names = {r[0] for r in spool._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"outbound_next", "outbound_expiry", "outbound_unanswered", "outbound_created"} <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes

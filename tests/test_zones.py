@@ -41,7 +41,7 @@ from gateway.pki.keypair import KeyPair
 from gateway.pki.tls import client_context
 from gateway.policy import AlgorithmPolicy
 from gateway.routing import LOCAL_INTAKE, Origin, TransitRefused
-from gateway.spool import Spool
+from gateway.spool import SqliteSpool
 from tests.audit_trail import events, wait_for_events
 from tests.routes import zone_route
 
@@ -705,7 +705,7 @@ def test_egress_except_keeps_another_zones_network_out_of_a_wide_zone(world: Wor
 
 
 def test_spool_refuses_a_message_from_one_zone_for_a_peer_of_another(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     try:
         args = ("report.pdf", "application/pdf", tmp_path / "src", tmp_path / "payload")
         with pytest.raises(TransitRefused) as info:
@@ -755,7 +755,7 @@ def test_spool_created_before_zones_gains_the_columns(tmp_path: Path) -> None:
     )
     db.commit()
     db.close()
-    spool = Spool(path, SystemClock())
+    spool = SqliteSpool(path, SystemClock())
     try:
         (old,) = spool.all_outbound()
         assert (old.zone, old.origin) == (None, LOCAL_INTAKE)
@@ -965,7 +965,7 @@ def test_lab_to_hospital_delivered_and_transit_to_pharmacy_refused(
 
     assert refused["peer"] == "lab" and refused["severity"] == "alert"
     assert "zone 'zone-b'" in refused["reason"]
-    spool = Spool(world.hospital.root / "state" / "spool.sqlite3", SystemClock())
+    spool = SqliteSpool(world.hospital.root / "state" / "spool.sqlite3", SystemClock())
     try:
         assert [r.peer for r in spool.all_outbound()] == []  # nothing queued onward
     finally:

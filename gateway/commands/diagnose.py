@@ -14,7 +14,7 @@ from gateway.commands import add_config_option
 from gateway.config import GatewayConfig, Responsible, load_config, who_to_call
 from gateway.diagnose import STEP_AREAS, Diagnoser, Diagnosis, Status
 from gateway.errors import MedgwError
-from gateway.spool import PeerControl, Spool
+from gateway.spool import PeerControl, open_spool
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -59,7 +59,7 @@ def suspended_here(config: GatewayConfig, peer: str) -> PeerControl | None:
     if not path.is_file():
         return None
     try:
-        spool = Spool(path, SystemClock())
+        spool = open_spool(path, SystemClock())
     except (MedgwError, OSError):
         return None  # not readable by this account: the steps say what they can
     try:

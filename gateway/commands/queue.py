@@ -30,7 +30,7 @@ from gateway.control.client import ControlClient, NotRunningError
 from gateway.control.server import operator
 from gateway.errors import MedgwError
 from gateway.operations import listed, peers_view, record_view, viewed
-from gateway.spool import OutboundState, Spool
+from gateway.spool import OutboundState, Spool, open_spool
 
 
 def register(commands: Any) -> None:
@@ -101,7 +101,7 @@ def _offline(args: argparse.Namespace) -> tuple[GatewayConfig, Spool]:
     # No daemon vouches for this configuration: validate all of it before opening its spool.
     config = load_config(args.config)
     print("(medgw is not running: reading its spool directly)", file=sys.stderr)
-    return config, Spool(config.storage.spool_path, SystemClock())
+    return config, open_spool(config.storage.spool_path, SystemClock())
 
 
 def _offline_spool(args: argparse.Namespace) -> Spool:

@@ -1,17 +1,6 @@
-"""SQLite spool: every state change of a message is one committed transaction.
+"""The SQLite spool: every state change of a message is one committed transaction.
 
-Outbound life cycle::
-
-    intake ──► queued ──► sending ──► delivered
-                 ▲ │         │
-                 │ │         ├──► (connection or HTTP failure) ──► queued, after a back-off
-                 │ │         ├──► failed     (negative or invalid receipt)
-                 │ │         └──► dead       (max_attempts reached: dead letter)
-                 │ └──► expired              (not delivered before its expiry)
-                 └── operator retry ◄── failed | expired | dead
-    operator cancel: queued | failed | expired | dead ──► cancelled
-
-``intake`` means "taken from the outbox, not yet signed and encrypted";
+Outbound rows follow the life cycle of :class:`~gateway.spool.records.OutboundState`;
 ``sending`` rows found at start-up belong to a run that died mid-send and are
 queued again (the receiver deduplicates by Message-ID, so a resend after a
 crash is delivered once).  Inbound rows remember each (peer, Message-ID), the
@@ -19,7 +8,7 @@ SHA-256 of what was delivered and the receipt we sent, so that a resend is
 answered with the original receipt instead of being delivered twice.
 ``submissions`` names who submitted a message (NET-3): a local API client, an
 operator on the control socket, or the account owning a file taken from the
-outbox folder.
+outbox folder.  The tables are in :mod:`gateway.spool.schema`.
 
 The database runs with ``journal_mode=WAL`` and ``synchronous=FULL``: a
 committed transition survives power loss.
@@ -31,8 +20,6 @@ import json
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,199 +28,19 @@ from gateway.errors import SpoolError
 from gateway.fsutil import private_file, shared_folder, storage_fix
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.groupcommit import GroupCommit
+from gateway.spool.records import (
+    CANCELLABLE,
+    RETRYABLE,
+    HandoverRecord,
+    HandoverState,
+    InboundRecord,
+    OutboundRecord,
+    OutboundState,
+    PeerControl,
+)
+from gateway.spool.schema import create_or_upgrade
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbound (
-    message_id      TEXT PRIMARY KEY,
-    peer            TEXT NOT NULL,
-    filename        TEXT NOT NULL,
-    content_type    TEXT NOT NULL,
-    source_path     TEXT NOT NULL,
-    payload_path    TEXT NOT NULL,
-    body_path       TEXT,
-    headers         TEXT,
-    mic             TEXT,
-    size            INTEGER,
-    state           TEXT NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error      TEXT,
-    disposition     TEXT,
-    receipt_path    TEXT,
-    expires_at      REAL NOT NULL DEFAULT 0,
-    zone            TEXT,
-    origin_peer     TEXT,
-    origin_zone     TEXT,
-    created_at      TEXT NOT NULL,
-    updated_at      TEXT NOT NULL
-);
--- The sender's loop asks for the next message, and for the expired ones, after
--- every send: with a backlog of thousands (a peer back after an outage) these
--- must be index lookups, not a scan and sort of the whole queue per message.
-DROP INDEX IF EXISTS outbound_due;
-CREATE INDEX IF NOT EXISTS outbound_next ON outbound (peer, state, next_attempt_at, created_at);
-CREATE INDEX IF NOT EXISTS outbound_expiry ON outbound (peer, state, expires_at);
-CREATE INDEX IF NOT EXISTS outbound_unanswered ON outbound (peer, state, updated_at);
-CREATE INDEX IF NOT EXISTS outbound_created ON outbound (created_at);
-CREATE TABLE IF NOT EXISTS inbound (
-    peer            TEXT NOT NULL,
-    message_id      TEXT NOT NULL,
-    sha256          TEXT NOT NULL,
-    target_path     TEXT NOT NULL,
-    state           TEXT NOT NULL,
-    receipt_headers TEXT,
-    receipt_body    BLOB,
-    received_at     TEXT NOT NULL,
-    updated_at      TEXT NOT NULL,
-    PRIMARY KEY (peer, message_id)
-);
-CREATE INDEX IF NOT EXISTS inbound_target ON inbound (target_path);
-CREATE TABLE IF NOT EXISTS submissions (
-    message_id      TEXT PRIMARY KEY,
-    submitted_by    TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS handover (
-    peer            TEXT NOT NULL,
-    message_id      TEXT NOT NULL,
-    service         TEXT,
-    path            TEXT NOT NULL,
-    content_type    TEXT NOT NULL,
-    sha256          TEXT NOT NULL,
-    size            INTEGER NOT NULL,
-    state           TEXT NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error      TEXT,
-    created_at      TEXT NOT NULL,
-    updated_at      TEXT NOT NULL,
-    expires_at      REAL NOT NULL DEFAULT 0,
-    PRIMARY KEY (peer, message_id)
-);
-DROP INDEX IF EXISTS handover_due;
-CREATE INDEX IF NOT EXISTS handover_next ON handover (state, next_attempt_at, created_at);
-CREATE TABLE IF NOT EXISTS peer_control (
-    peer            TEXT PRIMARY KEY,
-    suspended       INTEGER NOT NULL,
-    reason          TEXT,
-    actor           TEXT,
-    changed_at      TEXT NOT NULL
-);
-"""
-
-
-class OutboundState(StrEnum):
-    INTAKE = "intake"
-    QUEUED = "queued"
-    SENDING = "sending"
-    AWAITING_RECEIPT = "awaiting-receipt"  # sent; the peer will POST the receipt later
-    DELIVERED = "delivered"
-    FAILED = "failed"
-    EXPIRED = "expired"
-    DEAD = "dead"
-    CANCELLED = "cancelled"
-
-
-# States of a message still on its way to its peer.
-PENDING_STATES = frozenset(
-    {
-        OutboundState.INTAKE,
-        OutboundState.QUEUED,
-        OutboundState.SENDING,
-        OutboundState.AWAITING_RECEIPT,
-    }
-)
-
-
-RETRYABLE = (OutboundState.FAILED, OutboundState.EXPIRED, OutboundState.DEAD)
-CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
-
-
-@dataclass(frozen=True)
-class PeerControl:
-    peer: str
-    suspended: bool
-    reason: str | None
-    actor: str | None
-    changed_at: str
-
-
-@dataclass(frozen=True)
-class OutboundRecord:
-    message_id: str
-    peer: str
-    filename: str
-    content_type: str
-    source_path: Path
-    payload_path: Path
-    body_path: Path | None
-    headers: tuple[tuple[str, str], ...]
-    mic: str | None
-    size: int | None
-    state: OutboundState
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    disposition: str | None
-    receipt_path: Path | None
-    expires_at: float
-    created_at: str
-    updated_at: str
-    zone: str | None = None  # the destination peer's network zone
-    origin: Origin = LOCAL_INTAKE  # local intake, or the peer (and zone) it came in from
-    service: str | None = None  # the routing key agreed with the peer, if any
-    # The signed, encrypted AS2 body of a small message, kept in the spool itself (a
-    # larger one is the file at body_path); until it is delivered or cancelled.
-    body: bytes | None = None
-
-    @property
-    def sealed(self) -> bool:
-        """Signed and encrypted: its AS2 body is stored (in a file or in the spool)."""
-        return self.body_path is not None or self.body is not None
-
-
-@dataclass(frozen=True)
-class InboundRecord:
-    peer: str
-    message_id: str
-    sha256: str
-    target_path: Path
-    # "delivering": the document is being written (or was, when the process died);
-    # "written": it is in the inbox, its receipt not yet sent; "delivered": receipt stored.
-    state: str
-    receipt_headers: tuple[tuple[str, str], ...]
-    receipt_body: bytes | None
-    service: str | None = None
-    work_path: Path | None = None  # see gateway.delivery.inbox
-    size: int | None = None
-    received_at: str = ""
-
-
-class HandoverState(StrEnum):
-    PENDING = "pending"  # to be POSTed to the internal system (again, after a back-off)
-    DONE = "done"  # the internal system answered 2xx
-    FAILED = "failed"  # final: gone/changed inbox file, or attempts/time ran out; an operator
-
-
-@dataclass(frozen=True)
-class HandoverRecord:
-    """A received document to POST to the internal system (at least once, see delivery.http)."""
-
-    peer: str
-    message_id: str
-    service: str | None
-    path: Path
-    content_type: str
-    sha256: str
-    size: int
-    state: HandoverState
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    created_at: str = ""
-    updated_at: str = ""
-    expires_at: float = 0.0  # 0: created_at + [runtime] message_expiry_seconds
 
 
 def _inbound(row: sqlite3.Row) -> InboundRecord:
@@ -284,27 +91,9 @@ def _outbound(row: sqlite3.Row) -> OutboundRecord:
     )
 
 
-# Columns added after the first release, for spools created before them.
-_ADDED_COLUMNS = (
-    ("outbound", "zone", "TEXT"),
-    ("outbound", "origin_peer", "TEXT"),
-    ("outbound", "origin_zone", "TEXT"),
-    ("outbound", "service", "TEXT"),
-    ("inbound", "service", "TEXT"),
-    # The hidden file a received document is written to before it takes its name in
-    # the inbox (NULL: recorded before work files), and the document's size.
-    ("inbound", "work_path", "TEXT"),
-    ("inbound", "size", "INTEGER"),
-    ("handover", "expires_at", "REAL NOT NULL DEFAULT 0"),
-    # SHA-256 of the peer certificate a queued message is encrypted to (NULL: before this
-    # was recorded): a rotation that drops it can be told about (see daemon).
-    ("outbound", "encrypted_for", "TEXT"),
-    # The AS2 body of a small message (see OutboundRecord.body); NULL: in body_path.
-    ("outbound", "body", "BLOB"),
-)
+class SqliteSpool:
+    """The spool in one SQLite database (see :class:`gateway.spool.Spool`)."""
 
-
-class Spool:
     def __init__(self, path: Path, clock: Clock) -> None:
         self._clock = clock
         try:
@@ -333,11 +122,7 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(SCHEMA)
-            for table, column, kind in _ADDED_COLUMNS:
-                present = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            create_or_upgrade(self._db)
             self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._reader.row_factory = sqlite3.Row
             self._reader.execute("PRAGMA busy_timeout=5000")

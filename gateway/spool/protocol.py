@@ -1,0 +1,229 @@
+"""The spool as its callers see it: a protocol any backend implements.
+
+The daemon, the sender, the receiver, the hand-over and the operator commands
+depend on :class:`Spool` only; :class:`gateway.spool.sqlite.SqliteSpool` is the
+one backend today.  Every method is one committed transaction (or a read of
+committed state), safe to call from worker threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from gateway.routing import LOCAL_INTAKE, Origin
+from gateway.spool.records import (
+    HandoverRecord,
+    HandoverState,
+    InboundRecord,
+    OutboundRecord,
+    OutboundState,
+    PeerControl,
+)
+
+
+class Spool(Protocol):
+    """The durable store of messages in transit (see gateway.spool.records for states)."""
+
+    def close(self) -> None: ...
+
+    def add_intake(
+        self,
+        message_id: str,
+        peer: str,
+        filename: str,
+        content_type: str,
+        source_path: Path,
+        payload_path: Path,
+        expires_at: float = 0.0,
+        *,
+        zone: str | None = None,
+        origin: Origin = LOCAL_INTAKE,
+        submitted_by: str | None = None,
+        service: str | None = None,
+    ) -> None:
+        """Queue a message for ``peer`` (of network ``zone``).
+
+        NET-4 invariant, enforced here whatever the caller checked before: a
+        message that came in from a peer is never queued for a peer of another
+        zone (:class:`~gateway.routing.TransitRefused`; the caller audits it).
+        ``submitted_by`` (a local API client, an operator, an outbox file's owner) is
+        recorded in the same transaction."""
+        ...
+
+    def submitter(self, message_id: str) -> str | None:
+        """Who submitted the message (None: not recorded, or no such message)."""
+        ...
+
+    def payload_names(self) -> dict[str, bool]:
+        """File names of every message's payload (in ``state/payloads``), each with
+        whether its plaintext is still needed: not once the message was signed and
+        encrypted (it has a MIC) and is past intake."""
+        ...
+
+    def mark_queued(
+        self,
+        message_id: str,
+        body_path: Path | None,
+        headers: list[tuple[str, str]],
+        mic: str,
+        size: int,
+        encrypted_for: str | None = None,
+        *,
+        body: bytes | None = None,
+    ) -> None:
+        """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
+        message, ``body``, stored in this same transaction."""
+        ...
+
+    def pending_by_recipient(self, peer: str) -> dict[str, int]:
+        """Messages for ``peer`` not yet delivered, by the SHA-256 of the certificate they
+        are encrypted to (those prepared before it was recorded are left out)."""
+        ...
+
+    def mark_sending(self, message_id: str) -> None: ...
+
+    def mark_awaiting_receipt(self, message_id: str) -> bool:
+        """Sent, its receipt to come later; False if that receipt has already settled it."""
+        ...
+
+    def requeue_unanswered(self, peer: str, sent_before: str) -> list[str]:
+        """Messages whose asynchronous receipt never came go back to the queue (resend:
+        the receiver deduplicates and answers with the receipt again)."""
+        ...
+
+    def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
+        """A send that did not get through goes back to the queue; False (nothing changed)
+        if the message is no longer being sent (its asynchronous receipt settled it)."""
+        ...
+
+    def mark_done(
+        self,
+        message_id: str,
+        state: OutboundState,
+        disposition: str,
+        receipt_path: Path | None,
+        error: str | None = None,
+    ) -> None: ...
+
+    def get(self, message_id: str) -> OutboundRecord | None: ...
+
+    def in_state(self, state: OutboundState) -> list[OutboundRecord]: ...
+
+    def all_outbound(self) -> list[OutboundRecord]: ...
+
+    def claim_due(
+        self, peer: str, now: float, limit: int
+    ) -> tuple[list[OutboundRecord], float | None]:
+        """Take up to ``limit`` of ``peer``'s queued messages that are due at ``now``,
+        oldest first, and mark them ``sending`` in one transaction (so no other task
+        picks them up).  Returns them as they were before (``attempts`` not yet
+        counted), and when the next queued message is due (None: none is queued)."""
+        ...
+
+    def requeue_interrupted(self, peer: str | None = None) -> list[str]:
+        """Messages whose sending was interrupted go back to the queue: at start-up all
+        of them, or ``peer``'s when its sender starts again after a failure."""
+        ...
+
+    def list_outbound(
+        self, *, state: OutboundState | None = None, peer: str | None = None, limit: int = 1000
+    ) -> list[OutboundRecord]: ...
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of messages per (peer, state)."""
+        ...
+
+    def expire_due(self, peer: str, now: float) -> list[str]:
+        """Queued messages for ``peer`` past their expiry become ``expired``."""
+        ...
+
+    def mark_dead(self, message_id: str, reason: str) -> OutboundRecord: ...
+
+    def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord: ...
+
+    def operator_cancel(self, message_id: str, actor: str) -> OutboundRecord: ...
+
+    def set_suspended(self, peer: str, suspended: bool, reason: str, actor: str) -> None: ...
+
+    def peer_controls(self) -> dict[str, PeerControl]: ...
+
+    def is_suspended(self, peer: str) -> bool: ...
+
+    def abandon_intake(self, message_id: str) -> bool:
+        """Forget a message whose document could not be taken from the outbox (it is
+        still there, and a later scan takes it again under a new Message-ID)."""
+        ...
+
+    def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None: ...
+
+    def inbound_unfinished(self) -> list[InboundRecord]:
+        """Deliveries a stopped process left in the middle (state ``delivering``)."""
+        ...
+
+    def inbound_target_claimed(self, target_path: Path) -> bool: ...
+
+    def inbound_begin(
+        self,
+        peer: str,
+        message_id: str,
+        sha256: str,
+        target_path: Path,
+        service: str | None = None,
+        *,
+        work_path: Path | None = None,
+        size: int | None = None,
+    ) -> None: ...
+
+    def inbound_retarget(self, peer: str, message_id: str, target_path: Path) -> None:
+        """A delivery in progress takes another name (its first one was taken meanwhile)."""
+        ...
+
+    def inbound_release(self, peer: str, message_id: str) -> None:
+        """Forget a delivery that did not reach the inbox: a resend starts afresh."""
+        ...
+
+    def inbound_written(self, peer: str, message_id: str) -> None:
+        """An interrupted delivery is known to be in the inbox (and audited as such)."""
+        ...
+
+    def inbound_delivered(
+        self,
+        peer: str,
+        message_id: str,
+        receipt_headers: list[tuple[str, str]],
+        receipt_body: bytes,
+        handover: tuple[str, int] | None = None,
+    ) -> None:
+        """The document is durably in the inbox and its receipt stored.
+
+        ``handover`` (content type, size): also queue its hand-over to the internal
+        system, in the same transaction, so that every document answered
+        ``processed`` is handed over even if the process dies right after."""
+        ...
+
+    def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]: ...
+
+    def handover_next_at(self) -> float | None:
+        """When the earliest pending hand-over is due (None: nothing pending)."""
+        ...
+
+    def handover_get(self, peer: str, message_id: str) -> HandoverRecord | None: ...
+
+    def handover_done(self, peer: str, message_id: str) -> None: ...
+
+    def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> None: ...
+
+    def handover_failed(self, peer: str, message_id: str, error: str) -> None: ...
+
+    def handover_list(
+        self, state: HandoverState | None = None, message_id: str | None = None
+    ) -> list[HandoverRecord]:
+        """Hand-overs, newest first; only those in ``state`` / with ``message_id`` if given."""
+        ...
+
+    def handover_operator_retry(
+        self, peer: str, message_id: str, actor: str, expires_at: float
+    ) -> HandoverRecord:
+        """A ``failed`` hand-over back to ``pending``: attempts reset, a new expiry."""
+        ...

@@ -1,0 +1,140 @@
+"""What the spool keeps, whatever stores it: states and records of messages.
+
+Outbound life cycle (:class:`OutboundState`)::
+
+    intake ──► queued ──► sending ──► delivered
+                 ▲ │         │
+                 │ │         ├──► awaiting-receipt ──► delivered | failed
+                 │ │         │      (accepted; the     (the asynchronous
+                 │ │         │       receipt comes      receipt arrives)
+                 │ │         │       later)  └──► queued (no receipt in time: resent)
+                 │ │         ├──► (connection or HTTP failure) ──► queued, after a back-off
+                 │ │         ├──► failed     (negative or invalid receipt)
+                 │ │         └──► dead       (max_attempts reached: dead letter)
+                 │ └──► expired              (not delivered before its expiry)
+                 └── operator retry ◄── failed | expired | dead
+    operator cancel: queued | failed | expired | dead ──► cancelled
+
+``intake`` means "taken from the outbox, not yet signed and encrypted".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from gateway.routing import LOCAL_INTAKE, Origin
+
+
+class OutboundState(StrEnum):
+    INTAKE = "intake"
+    QUEUED = "queued"
+    SENDING = "sending"
+    AWAITING_RECEIPT = "awaiting-receipt"  # sent; the peer will POST the receipt later
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+# States of a message still on its way to its peer.
+PENDING_STATES = frozenset(
+    {
+        OutboundState.INTAKE,
+        OutboundState.QUEUED,
+        OutboundState.SENDING,
+        OutboundState.AWAITING_RECEIPT,
+    }
+)
+
+
+RETRYABLE = (OutboundState.FAILED, OutboundState.EXPIRED, OutboundState.DEAD)
+CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
+
+
+@dataclass(frozen=True)
+class PeerControl:
+    peer: str
+    suspended: bool
+    reason: str | None
+    actor: str | None
+    changed_at: str
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    message_id: str
+    peer: str
+    filename: str
+    content_type: str
+    source_path: Path
+    payload_path: Path
+    body_path: Path | None
+    headers: tuple[tuple[str, str], ...]
+    mic: str | None
+    size: int | None
+    state: OutboundState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    disposition: str | None
+    receipt_path: Path | None
+    expires_at: float
+    created_at: str
+    updated_at: str
+    zone: str | None = None  # the destination peer's network zone
+    origin: Origin = LOCAL_INTAKE  # local intake, or the peer (and zone) it came in from
+    service: str | None = None  # the routing key agreed with the peer, if any
+    # The signed, encrypted AS2 body of a small message, kept in the spool itself (a
+    # larger one is the file at body_path); until it is delivered or cancelled.
+    body: bytes | None = None
+
+    @property
+    def sealed(self) -> bool:
+        """Signed and encrypted: its AS2 body is stored (in a file or in the spool)."""
+        return self.body_path is not None or self.body is not None
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    peer: str
+    message_id: str
+    sha256: str
+    target_path: Path
+    # "delivering": the document is being written (or was, when the process died);
+    # "written": it is in the inbox, its receipt not yet sent; "delivered": receipt stored.
+    state: str
+    receipt_headers: tuple[tuple[str, str], ...]
+    receipt_body: bytes | None
+    service: str | None = None
+    work_path: Path | None = None  # see gateway.delivery.inbox
+    size: int | None = None
+    received_at: str = ""
+
+
+class HandoverState(StrEnum):
+    PENDING = "pending"  # to be POSTed to the internal system (again, after a back-off)
+    DONE = "done"  # the internal system answered 2xx
+    FAILED = "failed"  # final: gone/changed inbox file, or attempts/time ran out; an operator
+
+
+@dataclass(frozen=True)
+class HandoverRecord:
+    """A received document to POST to the internal system (at least once, see delivery.http)."""
+
+    peer: str
+    message_id: str
+    service: str | None
+    path: Path
+    content_type: str
+    sha256: str
+    size: int
+    state: HandoverState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: str = ""
+    updated_at: str = ""
+    expires_at: float = 0.0  # 0: created_at + [runtime] message_expiry_seconds

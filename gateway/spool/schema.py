@@ -1,0 +1,112 @@
+"""The spool's SQLite tables, and the columns added to them since the first release."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbound (
+    message_id      TEXT PRIMARY KEY,
+    peer            TEXT NOT NULL,
+    filename        TEXT NOT NULL,
+    content_type    TEXT NOT NULL,
+    source_path     TEXT NOT NULL,
+    payload_path    TEXT NOT NULL,
+    body_path       TEXT,
+    headers         TEXT,
+    mic             TEXT,
+    size            INTEGER,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    disposition     TEXT,
+    receipt_path    TEXT,
+    expires_at      REAL NOT NULL DEFAULT 0,
+    zone            TEXT,
+    origin_peer     TEXT,
+    origin_zone     TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL
+);
+-- The sender's loop asks for the next message, and for the expired ones, after
+-- every send: with a backlog of thousands (a peer back after an outage) these
+-- must be index lookups, not a scan and sort of the whole queue per message.
+DROP INDEX IF EXISTS outbound_due;
+CREATE INDEX IF NOT EXISTS outbound_next ON outbound (peer, state, next_attempt_at, created_at);
+CREATE INDEX IF NOT EXISTS outbound_expiry ON outbound (peer, state, expires_at);
+CREATE INDEX IF NOT EXISTS outbound_unanswered ON outbound (peer, state, updated_at);
+CREATE INDEX IF NOT EXISTS outbound_created ON outbound (created_at);
+CREATE TABLE IF NOT EXISTS inbound (
+    peer            TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    sha256          TEXT NOT NULL,
+    target_path     TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    receipt_headers TEXT,
+    receipt_body    BLOB,
+    received_at     TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    PRIMARY KEY (peer, message_id)
+);
+CREATE INDEX IF NOT EXISTS inbound_target ON inbound (target_path);
+CREATE TABLE IF NOT EXISTS submissions (
+    message_id      TEXT PRIMARY KEY,
+    submitted_by    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS handover (
+    peer            TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    service         TEXT,
+    path            TEXT NOT NULL,
+    content_type    TEXT NOT NULL,
+    sha256          TEXT NOT NULL,
+    size            INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    expires_at      REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (peer, message_id)
+);
+DROP INDEX IF EXISTS handover_due;
+CREATE INDEX IF NOT EXISTS handover_next ON handover (state, next_attempt_at, created_at);
+CREATE TABLE IF NOT EXISTS peer_control (
+    peer            TEXT PRIMARY KEY,
+    suspended       INTEGER NOT NULL,
+    reason          TEXT,
+    actor           TEXT,
+    changed_at      TEXT NOT NULL
+);
+"""
+
+
+# Columns added after the first release, for spools created before them.
+_ADDED_COLUMNS = (
+    ("outbound", "zone", "TEXT"),
+    ("outbound", "origin_peer", "TEXT"),
+    ("outbound", "origin_zone", "TEXT"),
+    ("outbound", "service", "TEXT"),
+    ("inbound", "service", "TEXT"),
+    # The hidden file a received document is written to before it takes its name in
+    # the inbox (NULL: recorded before work files), and the document's size.
+    ("inbound", "work_path", "TEXT"),
+    ("inbound", "size", "INTEGER"),
+    ("handover", "expires_at", "REAL NOT NULL DEFAULT 0"),
+    # SHA-256 of the peer certificate a queued message is encrypted to (NULL: before this
+    # was recorded): a rotation that drops it can be told about (see daemon).
+    ("outbound", "encrypted_for", "TEXT"),
+    # The AS2 body of a small message (see OutboundRecord.body); NULL: in body_path.
+    ("outbound", "body", "BLOB"),
+)
+
+
+def create_or_upgrade(db: sqlite3.Connection) -> None:
+    """Create the tables (a new spool) or add the columns an older one lacks."""
+    db.executescript(SCHEMA)
+    for table, column, kind in _ADDED_COLUMNS:
+        present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
