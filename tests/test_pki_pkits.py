@@ -17,7 +17,8 @@ import pytest
 from cryptography import x509
 from pyhanko_certvalidator.policy_decl import PKIXValidationParams
 
-from gateway.pki.validate import RevocationPolicy, validate
+from gateway.pki.validate import Purpose, RevocationPolicy, validate
+from gateway.policy import AlgorithmPolicy
 from tests import testdata
 
 PKITS = testdata.PKITS.folder
@@ -80,6 +81,8 @@ async def _accepted(case: dict[str, Any]) -> tuple[bool, str]:
         revocation=RevocationPolicy.REQUIRE,
         crls=crls,
         pkix_params=_params(case),
+        purpose=Purpose.ANY,
+        policy=AlgorithmPolicy(),
     )
     if result.valid:
         # revocation was really established for every certificate below the anchor

@@ -21,6 +21,7 @@ from gateway.pki import issue
 from gateway.pki.crl import crl_findings, stale_crl_warnings
 from gateway.pki.ocsp import OcspClient, OcspError, build_request, parse_response
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
+from gateway.policy import AlgorithmPolicy
 from tests.ocsp_responder import Responder, index_line
 from tests.routes import zone_route
 
@@ -85,6 +86,8 @@ async def _check(
         revocation=policy,
         ocsp=True,
         ocsp_client=client or OcspClient(Network.unconfigured(), timeout=5),
+        at=datetime.now(UTC),
+        policy=AlgorithmPolicy(),
     )
 
 
@@ -106,6 +109,8 @@ async def test_ocsp_without_a_client_asks_nobody_and_fails_closed(
         purpose=Purpose.TLS_CLIENT,
         revocation=RevocationPolicy.PREFER,
         ocsp=True,
+        at=datetime.now(UTC),
+        policy=AlgorithmPolicy(),
     )
     assert not result.valid
     assert result.reason is not None and "needs an ocsp_client" in result.reason
@@ -175,6 +180,8 @@ async def test_ocsp_cache_until_next_update(pki: Pki) -> None:
         revocation=RevocationPolicy.REQUIRE,
         ocsp=True,
         ocsp_client=client,
+        purpose=Purpose.ANY,
+        policy=AlgorithmPolicy(),
     )
     assert not later.valid
 
@@ -267,6 +274,7 @@ async def test_crl_good_revoked_missing_and_stale(
             revocation=kw.get("policy", RevocationPolicy.REQUIRE),  # type: ignore[arg-type]
             crls=crls,
             at=kw.get("at", NOW),  # type: ignore[arg-type]
+            policy=AlgorithmPolicy(),
         )
 
     good = await check([root_crl, sub_crl])
@@ -331,6 +339,7 @@ async def test_crl_signed_with_sha1_establishes_no_status() -> None:
             revocation=RevocationPolicy.REQUIRE,
             crls=crls,
             at=NOW,
+            policy=AlgorithmPolicy(),
         )
 
     assert (await check(crls)).valid
@@ -401,6 +410,7 @@ async def test_stale_crls_a_lifted_hold_is_no_revocation(
             revocation=RevocationPolicy.PREFER,
             crls=[root_crl, *crls],
             at=NOW,
+            policy=AlgorithmPolicy(),
         )
 
     # every CRL of the issuing CA is past its nextUpdate: the leaf's status is unknown ...
@@ -437,6 +447,9 @@ async def test_purpose_and_expiry_reasons(
         anchors=[root.certificate],
         intermediates=[sub.certificate],
         purpose=Purpose.TLS_CLIENT,
+        at=datetime.now(UTC),
+        revocation=RevocationPolicy.OFF,
+        policy=AlgorithmPolicy(),
     )
     assert not wrong.valid and wrong.reason is not None
     assert "CN=leaf.example" in wrong.reason and "clientAuth" in wrong.reason
@@ -447,14 +460,32 @@ async def test_purpose_and_expiry_reasons(
         intermediates=[sub.certificate],
         purpose=Purpose.SMIME_SIGN,
         at=leaf.certificate.not_valid_after_utc + timedelta(days=1),
+        revocation=RevocationPolicy.OFF,
+        policy=AlgorithmPolicy(),
     )
     assert not expired.valid and expired.reason is not None
     assert "CN=leaf.example expired on" in expired.reason and "renew" in expired.reason
 
-    no_path = await validate(leaf.certificate, anchors=[root.certificate])
+    no_path = await validate(
+        leaf.certificate,
+        anchors=[root.certificate],
+        purpose=Purpose.ANY,
+        at=datetime.now(UTC),
+        revocation=RevocationPolicy.OFF,
+        policy=AlgorithmPolicy(),
+    )
     assert not no_path.valid and no_path.reason is not None
     assert "CN=CRL Issuing CA" in no_path.reason
 
     weak_root = issue.make_ca("Weak Root", now=NOW - timedelta(days=1), key_kind="rsa-2048")
     fine = issue.issue(weak_root, "ok.example", purpose="tls", now=NOW - timedelta(hours=1))
-    assert (await validate(fine.certificate, anchors=[weak_root.certificate])).valid
+    assert (
+        await validate(
+            fine.certificate,
+            anchors=[weak_root.certificate],
+            purpose=Purpose.ANY,
+            at=datetime.now(UTC),
+            revocation=RevocationPolicy.OFF,
+            policy=AlgorithmPolicy(),
+        )
+    ).valid

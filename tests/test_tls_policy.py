@@ -21,6 +21,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, make_crl, new_key
 from gateway.pki.keypair import KeyPair
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
+from gateway.policy import AlgorithmPolicy
 from tests.audit_trail import wait_for_events
 
 
@@ -141,6 +142,7 @@ def test_a_ca_certificate_is_not_accepted_as_a_peers_certificate() -> None:
                 at=now,
                 revocation=RevocationPolicy.REQUIRE,
                 crls=[crl],
+                policy=AlgorithmPolicy(),
             )
         )
         assert not result.valid
@@ -164,6 +166,7 @@ def test_a_revoked_certificate_stays_revoked_when_its_crl_goes_stale(
             at=now,
             revocation=policy,
             crls=[stale],
+            policy=AlgorithmPolicy(),
         )
     )
     assert not result.valid
@@ -181,6 +184,7 @@ def test_a_revoked_certificate_stays_revoked_when_its_crl_goes_stale(
                 at=now,
                 revocation=policy,
                 crls=[foreign],
+                policy=AlgorithmPolicy(),
             )
         )
         assert lenient.valid, lenient.reason

@@ -116,9 +116,10 @@ def _verify(args: argparse.Namespace) -> int:
     from gateway.pki.ocsp import OcspClient
     from gateway.pki.store import PkiFileError, load_certificates, load_crls, load_many
     from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
+    from gateway.policy import AlgorithmPolicy
 
     try:
-        at = _parse_time(args.at) if args.at else None
+        at = _parse_time(args.at) if args.at else datetime.now(UTC)
     except ValueError:
         return _usage(f"--at {args.at!r} is not an ISO 8601 time (e.g. 2026-04-01T09:00:00Z)")
     try:
@@ -141,6 +142,7 @@ def _verify(args: argparse.Namespace) -> int:
         # No configuration, so no zone: the responders the certificates name, from the
         # host's default route, as the operator asked.
         ocsp_client=OcspClient(Network.unconfigured()) if args.ocsp else None,
+        policy=AlgorithmPolicy(),
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -201,6 +203,7 @@ def check_rows(
     ``crls`` are extra CRLs (``--crl``), checked on top of each zone's ``crls``.
     """
     from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
+    from gateway.policy import AlgorithmPolicy
 
     rows: list[tuple[str, str, str]] = []
     # Trust anchors are per zone (older configurations: one set under [tls]).
@@ -250,6 +253,7 @@ def check_rows(
                     purpose=purpose,
                     at=now,
                     revocation=RevocationPolicy.OFF,
+                    policy=AlgorithmPolicy(),
                 )
                 if not result.valid:
                     rows.append(

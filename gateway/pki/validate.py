@@ -29,7 +29,7 @@ import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from hashlib import sha256
 from typing import Any
 
@@ -588,17 +588,22 @@ async def validate(
     leaf: x509.Certificate,
     *,
     anchors: Sequence[x509.Certificate],
+    purpose: Purpose,
+    at: datetime,
+    revocation: RevocationPolicy,
+    policy: AlgorithmPolicy,
     intermediates: Sequence[x509.Certificate] = (),
-    purpose: Purpose = Purpose.ANY,
-    at: datetime | None = None,
-    revocation: RevocationPolicy = RevocationPolicy.OFF,
     crls: Sequence[x509.CertificateRevocationList] = (),
     ocsp: bool = False,
     ocsp_client: OcspClient | None = None,
-    policy: AlgorithmPolicy | None = None,
     pkix_params: PKIXValidationParams | None = None,
 ) -> ValidationResult:
-    """Validate ``leaf`` for ``purpose`` at ``at`` (default: now).
+    """Validate ``leaf`` for ``purpose`` at ``at`` under the algorithm ``policy``.
+
+    What the path is for, the time it is judged at, how strictly revocation is
+    checked and which algorithms are acceptable are always the caller's choice:
+    none has a default that would quietly accept more (``Purpose.ANY``,
+    ``RevocationPolicy.OFF`` and the default policy are there to be named).
 
     ``intermediates`` may hold any certificates (from the configuration and
     from what the peer presented); only those that chain are used.
@@ -607,7 +612,7 @@ async def validate(
     in the certificates (through ``ocsp_client``, whose cache is reused and whose
     route says how the requests leave: required with ``ocsp``).
     """
-    when = at if at is not None else datetime.now(UTC)
+    when = at
     if when.tzinfo is None:
         raise ValueError("`at` must be timezone-aware")
     try:
@@ -621,7 +626,7 @@ async def validate(
             crls=crls,
             ocsp=ocsp,
             ocsp_client=ocsp_client if ocsp else None,
-            policy=policy or AlgorithmPolicy(),
+            policy=policy,
             pkix_params=pkix_params,
         )
     except Exception as exc:  # fail closed: an unexpected error never validates a path
@@ -774,8 +779,33 @@ async def _run(
     await async_validate_path(context, path, parameters=params)
 
 
-def validate_sync(leaf: x509.Certificate, **kwargs: Any) -> ValidationResult:
+def validate_sync(
+    leaf: x509.Certificate,
+    *,
+    anchors: Sequence[x509.Certificate],
+    purpose: Purpose,
+    at: datetime,
+    revocation: RevocationPolicy,
+    policy: AlgorithmPolicy,
+    intermediates: Sequence[x509.Certificate] = (),
+    crls: Sequence[x509.CertificateRevocationList] = (),
+    ocsp: bool = False,
+    ocsp_client: OcspClient | None = None,
+) -> ValidationResult:
     """:func:`validate` for synchronous callers (command line tools); not inside a loop."""
     import asyncio
 
-    return asyncio.run(validate(leaf, **kwargs))
+    return asyncio.run(
+        validate(
+            leaf,
+            anchors=anchors,
+            purpose=purpose,
+            at=at,
+            revocation=revocation,
+            policy=policy,
+            intermediates=intermediates,
+            crls=crls,
+            ocsp=ocsp,
+            ocsp_client=ocsp_client,
+        )
+    )
