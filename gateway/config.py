@@ -362,9 +362,6 @@ class GatewayConfig:
             raise KeyError(f"no peer {name!r} in {self.source.parent / 'peers.d'}")
         return peer
 
-    def peer_by_as2_id(self, as2_id: str) -> Peer | None:
-        return next((p for p in self.peers if p.as2_id == as2_id), None)
-
 
 T = TypeVar("T")
 
@@ -1753,13 +1750,6 @@ def _spki_sha256(cert: x509.Certificate) -> str | None:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return hashlib.sha256(spki).hexdigest()
-
-
-def describe_error(exc: MedgwError) -> list[str]:
-    """Lines for an administrator, one per problem."""
-    if isinstance(exc, ConfigError):
-        return [str(p) for p in exc.problems]
-    return [str(exc)]
 
 
 def _as_kind(value: object, kind: type | tuple[type, ...]) -> str | None:

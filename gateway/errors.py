@@ -79,10 +79,6 @@ class DecryptionError(ObjectSecurityError):
     """The payload cannot be decrypted with our keys."""
 
 
-class AuthenticationError(MedgwError):
-    """A peer could not be authenticated or is not who it claims to be."""
-
-
 class ProtocolError(MedgwError):
     """An AS2 request or receipt does not follow the protocol."""
 

@@ -140,10 +140,6 @@ class Origin:
 LOCAL_INTAKE = Origin()
 
 
-def inbound_from(peer: ZonedPeer) -> Origin:
-    return Origin(peer.name, peer.zone)
-
-
 @dataclass(frozen=True)
 class Refusal:
     """A routing decision against a message or a connection, with its audit event."""
@@ -301,10 +297,6 @@ def url_address(url: str) -> Address | None:
 def on_this_host(ip: Address) -> bool:
     """A loopback or any-address destination: a connection to it never leaves this host."""
     return ip.is_loopback or ip.is_unspecified
-
-
-def covers_everything(egress: Sequence[Network]) -> bool:
-    return any(n.prefixlen == 0 for n in egress)
 
 
 # -- configuration rules ------------------------------------------------------------

@@ -164,11 +164,6 @@ def cert_ski(cert: x509.Certificate) -> bytes | None:
     return ext.value.digest
 
 
-def issuer_and_serial(cert: x509.Certificate) -> Any:
-    a = asn1_cert(cert)
-    return cms.IssuerAndSerialNumber({"issuer": a.issuer, "serial_number": a.serial_number})
-
-
 @functools.lru_cache(maxsize=256)
 def issuer_serial_ders(cert_der: bytes) -> tuple[bytes, bytes]:
     """(issuer Name DER, serialNumber INTEGER DER) exactly as encoded in the certificate.
@@ -310,13 +305,6 @@ def _build_signature_algorithm(ecdsa: bool, digest: str, rsa_padding: str) -> An
             }
         )
     return algos.SignedDigestAlgorithm({"algorithm": "rsassa_pkcs1v15"})
-
-
-def _time(dt: datetime) -> Any:
-    dt = dt.astimezone(UTC).replace(microsecond=0)
-    if 1950 <= dt.year < 2050:
-        return cms.Time({"utc_time": dt})
-    return cms.Time({"generalized_time": dt})
 
 
 def sign(

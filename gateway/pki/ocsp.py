@@ -190,9 +190,6 @@ class OcspClient:
         if answer.next_update is not None:
             self._cache[self._key(cert, issuer)] = answer
 
-    def forget_all(self) -> None:
-        self._cache.clear()
-
     async def fetch(
         self,
         cert: asn1_x509.Certificate,
