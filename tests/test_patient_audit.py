@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.demo_run import drop_file, free_port
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import events, wait_for_events
+from tests.audit_trail import events, wait_for_event, wait_for_events
 from tests.cli import medgw
 from tests.test_local_api import LIS_TOKEN, RIS_TOKEN, enable_api
 from tests.test_services import InternalSystem, enable_delivery
@@ -169,3 +169,32 @@ def test_an_offline_read_that_cannot_be_audited_shows_nothing(layout: DemoLayout
     assert done.returncode == 1
     assert "cannot record this read in the audit trail" in done.stderr
     assert "no messages" not in done.stdout and done.stdout == ""
+
+
+def test_medgw_send_declares_patients_recorded_with_the_documents_own(
+    layout: DemoLayout, processes: Any
+) -> None:
+    processes.start(layout.lab.config_path)
+    sent = medgw(
+        "send",
+        SAMPLES / "batch.hl7",
+        "--to",
+        "hospital",
+        "--patient",
+        "urn:oid:1.2.392.9|DECL-1",
+        "--patient",
+        "DECL-2",
+        "--no-wait",
+        "--config",
+        layout.lab.config_path,
+    )
+    assert sent.returncode == 0, sent.stderr
+    accepted = wait_for_event(layout.lab.audit_log, "message.accepted")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert accepted["actor"].startswith(f"operator:{me} (uid {os.getuid()}")
+    assert [(p["id"], p.get("authority"), p["source"]) for p in accepted["patient_ids"]] == [
+        ("DECL-1", "urn:oid:1.2.392.9", "client"),
+        ("DECL-2", None, "client"),
+        ("P-0001", "KITA_HOSP", "hl7v2"),
+        ("P-0002", "KITA_HOSP", "hl7v2"),
+    ]

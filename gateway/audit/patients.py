@@ -38,7 +38,7 @@ from xml.parsers import expat
 
 from gateway.audit.events import PatientId
 
-SCAN_BYTES = 1 << 20  # of a document's beginning
+SCAN_BYTES = 256 * 1024  # of a document's beginning
 MAX_IDS = 32  # identifiers kept per document
 MAX_ID_CHARS = 200  # of one id, authority or type
 MAX_XML_DEPTH = 64  # nested elements
@@ -150,6 +150,8 @@ def _hl7v2(data: bytes) -> list[PatientId]:
     found: list[PatientId] = []
     field = component = repetition = escape = subcomponent = ""
     for segment in re.split(r"[\r\n]+", text):
+        if len(found) >= MAX_IDS * 4:
+            break  # enough: the rest is not read
         name = segment[:3]
         if name in ("MSH", "FHS", "BHS") and len(segment) >= 8:
             field = segment[3]

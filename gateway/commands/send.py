@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode
 
+from gateway.audit.patients import PATIENT_HEADER
 from gateway.commands import add_config_option
 from gateway.commands.queue import control_client
 from gateway.config import load_config
@@ -63,6 +64,14 @@ def register(commands: Any) -> None:
         "--content-type",
         help="media type; default from the file suffix (.hl7 application/hl7-v2, "
         ".json application/fhir+json, .pdf, .dcm, .xml), else application/octet-stream",
+    )
+    send.add_argument(
+        "--patient",
+        action="append",
+        default=[],
+        metavar="[AUTHORITY|]ID",
+        help="a patient the document concerns, for the audit trail (besides those medgw "
+        "reads from HL7 v2, CDA and FHIR documents); may be given several times",
     )
     send.add_argument(
         "--no-wait", action="store_true", help="print the Message-ID once spooled; do not wait"
@@ -151,7 +160,10 @@ def _send(args: argparse.Namespace) -> int:
     size = path.stat().st_size
     progress = Progress(size, sys.stderr)
     try:
-        view = client.upload(f"/v1/messages?{query}", path, content_type, progress)
+        patients = {PATIENT_HEADER: ", ".join(args.patient)} if args.patient else None
+        view = client.upload(
+            f"/v1/messages?{query}", path, content_type, progress, extra_headers=patients
+        )
     except NotRunningError:
         raise  # nothing was sent: exit 1, "medgw is not running"
     except (MedgwError, OSError) as exc:

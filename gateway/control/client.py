@@ -48,6 +48,7 @@ class ControlClient:
         content_type: str,
         progress: Callable[[int], None] = lambda _sent: None,
         timeout: float = 3600,
+        extra_headers: dict[str, str] | None = None,
     ) -> Any:
         """POST the file at ``path`` as the body, streamed in chunks (any size)."""
         size = path.stat().st_size
@@ -61,7 +62,7 @@ class ControlClient:
                     progress(sent)
 
         headers = {"Content-Type": content_type, "Content-Length": str(size)}
-        return self._exchange("POST", url, chunks(), headers, timeout)
+        return self._exchange("POST", url, chunks(), headers | (extra_headers or {}), timeout)
 
     def _exchange(
         self,
