@@ -4,6 +4,7 @@ and diagnose, and in every alert - its audit record and its log line."""
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,16 @@ def test_diagnose_names_whom_to_call_for_the_failing_segment(layout: DemoLayout)
     assert f"Who to call:   {NETWORK}" in text.stdout and SECURITY not in text.stdout
     report = json.loads(medgw("diagnose", "hospital", "--config", config, "--json").stdout)
     assert report["failed_step"] == "tcp" and report["who_to_call"] == [NETWORK]
+
+
+def test_a_reload_changes_whom_alerts_name(layout: DemoLayout, processes: Any) -> None:
+    config = layout.lab.config_path
+    api: Api = enable_api(layout)
+    lab = processes.start(config)
+    split_responsibility(config)
+    lab.signal(signal.SIGHUP)
+    wait_for_event(layout.lab.audit_log, "config.reloaded")
+    status, _ = api.request("GET", "/v1/messages/x", token="not-a-token")
+    assert status == 401
+    alert = wait_for_event(layout.lab.audit_log, "api.authentication_failed")
+    assert alert["call"] == [SECURITY]  # not the demo administrator named at start
