@@ -12,7 +12,18 @@ import sys
 from collections.abc import Sequence
 
 from gateway import __version__
-from gateway.commands import api, audit, daemon, demo, diagnose, handover, queue, send, smime
+from gateway.commands import (
+    api,
+    audit,
+    daemon,
+    demo,
+    diagnose,
+    handover,
+    maintenance,
+    queue,
+    send,
+    smime,
+)
 from gateway.commands import pki as pki_cmds
 from gateway.errors import MedgwError
 
@@ -35,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.register(commands)
     diagnose.register(commands)
     smime.register(commands)
+    maintenance.register(commands)
     pki = commands.add_parser(
         "pki",
         help="certificate tools",

@@ -39,6 +39,7 @@ from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
 from gateway.fsutil import MAX_SOCKET_PATH
 from gateway.httpbody import BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND
+from gateway.maintenance.settings import MaintenanceSettings, load_maintenance
 from gateway.pki.keypair import KeyPair, PrivateKey
 from gateway.pki.store import load_crls
 from gateway.places import Place, overlap_problems
@@ -325,6 +326,7 @@ class GatewayConfig:
     # configuration was loaded (a name that did not resolve is absent).
     resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     audit_export: ExportSettings | None = None  # [audit.export]: off when None
+    maintenance: MaintenanceSettings | None = None  # the SSH maintenance listener
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -576,30 +578,36 @@ class _Reader:
             return []
         return certs
 
-    def private_key(self, section: _Section, key: str, path: Path) -> PrivateKey | None:
-        data = self.read_file(section, key, path, "a private key of this gateway")
-        if data is None:
-            return None
+    def check_private_mode(
+        self, section: _Section, key: str, path: Path, what: str = "private key"
+    ) -> None:
+        """A secret file only its owner can reach, or a problem naming ``what``."""
         status = path.stat()
         mode = status.st_mode
         if mode & stat.S_IRWXO:
             section.problem(
                 key,
-                f"private key {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
-                "medgw does not start with a private key anyone but its owner can reach",
+                f"{what} {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
+                "medgw does not start with a secret anyone but its owner can reach",
                 f"chmod 600 {path}",
             )
         elif mode & stat.S_IRWXG:
             # The medgw group is where internal systems are put to reach the API socket.
             section.problem(
                 key,
-                f"private key {path} is accessible by its group {_group_name(status.st_gid)} "
+                f"{what} {path} is accessible by its group {_group_name(status.st_gid)} "
                 f"(mode {stat.S_IMODE(mode):o}): every member of that group, e.g. an "
                 "internal system given access to the API socket, "
                 f"{'could read it' if mode & stat.S_IRGRP else 'has access to it'}; medgw "
-                "does not start with a private key anyone but its owner can reach",
+                "does not start with a secret anyone but its owner can reach",
                 f"chmod 600 {path}",
             )
+
+    def private_key(self, section: _Section, key: str, path: Path) -> PrivateKey | None:
+        data = self.read_file(section, key, path, "a private key of this gateway")
+        if data is None:
+            return None
+        self.check_private_mode(section, key, path)
         try:
             if b"-----BEGIN" in data:
                 loaded = serialization.load_pem_private_key(data, password=None)
@@ -1262,6 +1270,9 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         else:
             audit_section.finish()  # [audit.export] alone: no checkpoints
     responsible = _load_responsible(reader, root, source)
+    maintenance_section = (
+        root.table("maintenance", required=False) if "maintenance" in data else None
+    )
     root.finish()
 
     peers: list[Peer] = []
@@ -1287,6 +1298,13 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     places = _places(source, peers_dir, storage, zones, reader.read)
     reader.problems.extend(overlap_problems(places))
     api = _load_api(reader, api_section, peers, places) if api_section is not None else None
+    maintenance = (
+        load_maintenance(
+            reader, maintenance_section, listeners, zones, api.endpoint if api else None
+        )
+        if maintenance_section is not None
+        else None
+    )
     # A url already reported as unreadable is not judged against the zones a second time.
     judged = [
         replace(
@@ -1333,6 +1351,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         responsible=responsible,
         resolved_hosts=resolved,
         audit_export=audit_export,
+        maintenance=maintenance,
     )
 
 

@@ -57,6 +57,8 @@ from gateway.inbound import InboundLocks, InboundProcessor, InboundRequest
 from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
 from gateway.logs import Logger
+from gateway.maintenance.approvals import Approvals
+from gateway.maintenance.server import MaintenanceServer
 from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.crl import stale_crl_warnings
@@ -141,6 +143,7 @@ class Daemon:
         self._spool: Spool | None = None
         self._outbound: Outbound | None = None
         self._control: ControlServer | None = None
+        self._maintenance: MaintenanceServer | None = None
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
         self._exporter: AuditExporter | None = None  # [audit.export]
@@ -424,6 +427,7 @@ class Daemon:
             )
             await self._control.start()
             await self._start_api(config)
+            await self._start_maintenance(config)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
@@ -454,6 +458,7 @@ class Daemon:
                     detail={
                         "listeners": ports,
                         "local_api": config.api.endpoints() if config.api else [],
+                        "maintenance": self._maintenance.port if self._maintenance else None,
                         "peers": [p.name for p in config.peers],
                     },
                 )
@@ -560,6 +565,20 @@ class Daemon:
         await self._api.start(
             socket_path=config.api.socket, address=config.api.address, port=config.api.port
         )
+
+    async def _start_maintenance(self, config: GatewayConfig) -> None:
+        if config.maintenance is None:
+            return
+        approvals = Approvals(config.storage.state_dir, self._clock)
+        self._maintenance = MaintenanceServer(
+            config.maintenance,
+            self._operations,
+            self._audit_sink,
+            self._clock,
+            self.reload,
+            approvals.approved,
+        )
+        await self._maintenance.start()
 
     def _api_clients(self) -> tuple[ApiClient, ...]:
         api = self.state.config.api
@@ -1215,6 +1234,8 @@ class Daemon:
         self._state = new_state
         assert self._outbound is not None and self._alerts is not None
         self._alerts.responsible = new_state.config.responsible
+        if self._maintenance is not None and new_state.config.maintenance is not None:
+            self._maintenance.update(new_state.config.maintenance)
         self._outbound.config = new_state.config
         self._outbound.trust = new_state.trust
         self._sync_peer_tasks()
@@ -1269,6 +1290,8 @@ class Daemon:
             return "[audit]"
         if _api_endpoints(old) != _api_endpoints(new):
             return "[api] socket and listen"
+        if _maintenance_endpoint(old) != _maintenance_endpoint(new):
+            return "[maintenance] listen and host_key (and whether it is there)"
         return None
 
     # -- stopping -------------------------------------------------------------
@@ -1299,6 +1322,8 @@ class Daemon:
             await self._api.stop(remaining())
         if self._control is not None:
             await self._control.stop(remaining())
+        if self._maintenance is not None:
+            await self._maintenance.stop()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -1416,6 +1441,11 @@ def _held_certificates(config: GatewayConfig) -> list[Held]:
             Held(owner, "S/MIME encryption", c, peer.name) for c in peer.encryption_certificates
         ]
     return held
+
+
+def _maintenance_endpoint(config: GatewayConfig) -> tuple[object, ...] | None:
+    found = config.maintenance
+    return (found.address, found.port, found.host_key_path) if found is not None else None
 
 
 def _api_endpoints(config: GatewayConfig) -> tuple[object, ...] | None:

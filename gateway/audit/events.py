@@ -98,6 +98,14 @@ class EventType(StrEnum):
     AUDIT_VERIFICATION_FAILED = "audit.verification_failed"
     # Our own or a peer's certificate expires within 30, 7 or 1 day(s)
     CERTIFICATE_EXPIRING = "pki.certificate_expiring"
+    # Remote maintenance over SSH (gateway.maintenance): one session's login, each
+    # command, each refused request (shell, port forward, SFTP), logout (MNT-3).
+    MAINTENANCE_LOGIN = "maintenance.login"
+    MAINTENANCE_LOGIN_FAILED = "maintenance.login_failed"
+    MAINTENANCE_COMMAND = "maintenance.command"
+    MAINTENANCE_REFUSED = "maintenance.request_refused"
+    MAINTENANCE_LOGOUT = "maintenance.logout"
+    MAINTENANCE_APPROVED = "maintenance.approved"  # work approved in advance for a person
 
 
 class Outcome(StrEnum):

@@ -33,6 +33,7 @@ from gateway.intake.submit import (
     submit,
 )
 from gateway.logs import make_logger
+from gateway.maintenance.approvals import approve
 from gateway.operations import Operations, UnknownPeerError, handover_view, record_view
 from gateway.spool import HandoverState, OutboundState
 
@@ -115,6 +116,7 @@ class ControlServer:
         app.router.add_post("/v1/peers/{peer}/resume", self._resume)
         app.router.add_get("/v1/handover", self._handover_list)
         app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
+        app.router.add_post("/v1/maintenance/approve", self._maintenance_approve)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
         front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
@@ -241,6 +243,23 @@ class ControlServer:
         except SpoolError as exc:
             return _error(exc, 409)
         return web.json_response(handover_view(record))
+
+    async def _maintenance_approve(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            entry = approve(
+                self._ops(),
+                str(body.get("person", "")),
+                str(body.get("until", "")),
+                str(body.get("reason", "")),
+                who,
+            )
+        except MedgwError as exc:
+            return _error(exc, 400)
+        return web.json_response(entry)
 
     async def _submit_message(self, request: web.Request) -> web.Response:
         submission = parse_submission(request, caller(request))

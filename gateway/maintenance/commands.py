@@ -1,0 +1,186 @@
+"""The restricted command set of a maintenance session: the operator CLI's actions,
+each allowed per role, carried out through the same operations as the control socket
+(gateway.operations).  No shell: a command line is split like a shell would, then
+looked up here; anything else is refused."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import MedgwError
+from gateway.operations import Operations, record_view
+from gateway.spool import OutboundState
+
+MAX_LINE = 4096  # bytes of one command line
+ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+@dataclass
+class Result:
+    status: int  # the exit status the SSH client sees
+    text: str
+    # What the person was shown that names a document or a patient (MNT-1): audited.
+    shown: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    operations: Operations
+    actor: str
+    reload: Callable[[], Awaitable[bool]]
+
+
+Handler = Callable[[Context, list[str]], Awaitable[Result]]
+
+
+@dataclass(frozen=True)
+class Command:
+    words: tuple[str, ...]
+    role: str  # the least role that may run it
+    usage: str
+    reveals: str | None  # "documents" when its answer names documents
+    run: Handler
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def _usage(command: Command) -> Result:
+    return Result(2, f"usage: {command.usage}\n")
+
+
+async def _status(ctx: Context, args: list[str]) -> Result:
+    peers = ctx.operations.peers()
+    summary = [
+        {"peer": p["name"], "suspended": p["suspended"], "messages": p["messages"]} for p in peers
+    ]
+    return Result(0, _json({"peers": summary}))
+
+
+async def _queue_list(ctx: Context, args: list[str]) -> Result:
+    state = None
+    if args:
+        try:
+            state = OutboundState(args[0])
+        except ValueError:
+            names = ", ".join(s.value for s in OutboundState)
+            return Result(2, f"unknown state {args[0]!r}; use one of: {names}\n")
+    records = ctx.operations.spool.list_outbound(state=state)
+    views = [record_view(r) for r in records]
+    shown = {"documents": [[v["message_id"], v["filename"]] for v in views]}
+    return Result(0, _json(views), shown)
+
+
+async def _queue_show(ctx: Context, args: list[str]) -> Result:
+    record = ctx.operations.spool.get(args[0])
+    if record is None:
+        return Result(1, "no such message; check the id with `queue list`\n")
+    view = record_view(record)
+    return Result(0, _json(view), {"documents": [[view["message_id"], view["filename"]]]})
+
+
+async def _queue_retry(ctx: Context, args: list[str]) -> Result:
+    return Result(0, _json(record_view(ctx.operations.retry(args[0], ctx.actor))))
+
+
+async def _queue_cancel(ctx: Context, args: list[str]) -> Result:
+    return Result(0, _json(record_view(ctx.operations.cancel(args[0], ctx.actor))))
+
+
+async def _peers_list(ctx: Context, args: list[str]) -> Result:
+    return Result(0, _json(ctx.operations.peers()))
+
+
+async def _peers_suspend(ctx: Context, args: list[str]) -> Result:
+    reason = " ".join(args[1:])[:500] or "suspended by maintainer"
+    ctx.operations.suspend(args[0], reason, ctx.actor)
+    return Result(0, _json({"ok": True}))
+
+
+async def _peers_resume(ctx: Context, args: list[str]) -> Result:
+    ctx.operations.resume(args[0], ctx.actor)
+    return Result(0, _json({"ok": True}))
+
+
+async def _reload(ctx: Context, args: list[str]) -> Result:
+    if await ctx.reload():
+        return Result(0, _json({"reloaded": True}))
+    return Result(1, "reload failed; still serving the previous configuration (see the log)\n")
+
+
+COMMANDS = (
+    Command(("status",), "viewer", "status", None, _status),
+    Command(("queue", "list"), "viewer", "queue list [STATE]", "documents", _queue_list),
+    Command(("queue", "show"), "viewer", "queue show MESSAGE_ID", "documents", _queue_show),
+    Command(("queue", "retry"), "operator", "queue retry MESSAGE_ID", None, _queue_retry),
+    Command(("queue", "cancel"), "operator", "queue cancel MESSAGE_ID", None, _queue_cancel),
+    Command(("peers", "list"), "viewer", "peers list", None, _peers_list),
+    Command(("peers", "suspend"), "operator", "peers suspend PEER [REASON]", None, _peers_suspend),
+    Command(("peers", "resume"), "operator", "peers resume PEER", None, _peers_resume),
+    Command(("reload",), "admin", "reload", None, _reload),
+)
+# How many words after the command each takes: (least, most).
+ARITY = {
+    "status": (0, 0),
+    "queue list": (0, 1),
+    "queue show": (1, 1),
+    "queue retry": (1, 1),
+    "queue cancel": (1, 1),
+    "peers list": (0, 0),
+    "peers suspend": (1, 64),
+    "peers resume": (1, 1),
+    "reload": (0, 0),
+}
+
+
+def allowed(role: str) -> list[Command]:
+    return [c for c in COMMANDS if ROLE_RANK[role] >= ROLE_RANK[c.role]]
+
+
+def help_text(role: str) -> str:
+    lines = [f"commands for role {role}:"]
+    for command in allowed(role):
+        note = "  (shows document names: audited)" if command.reveals else ""
+        lines.append(f"  {command.usage}{note}")
+    return "\n".join(lines) + "\n"
+
+
+def lookup(line: str) -> tuple[Command | None, list[str], str]:
+    """The command a line names, its arguments, and why not when it names none."""
+    if len(line.encode()) > MAX_LINE:
+        return None, [], f"the command line is longer than {MAX_LINE} bytes"
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        return None, [], f"cannot read the command line ({exc})"
+    for command in COMMANDS:
+        n = len(command.words)
+        if tuple(words[:n]) == command.words:
+            return command, words[n:], ""
+    return None, words, "unknown command"
+
+
+async def execute(ctx: Context, role: str, line: str) -> tuple[Command | None, list[str], Result]:
+    """Run one command line for a person of ``role``."""
+    command, args, why = lookup(line)
+    if command is None:
+        if line.strip() in ("", "help"):
+            return None, [], Result(0, help_text(role))
+        return None, args, Result(127, f"{why}: {line[:80]!r}\n{help_text(role)}")
+    name = " ".join(command.words)
+    if ROLE_RANK[role] < ROLE_RANK[command.role]:
+        text = f"{name} needs the role {command.role} (you are {role})\n"
+        return command, args, Result(126, text)
+    least, most = ARITY[name]
+    if not least <= len(args) <= most:
+        return command, args, _usage(command)
+    try:
+        return command, args, await command.run(ctx, args)
+    except MedgwError as exc:  # an unknown message or peer, a state that does not allow it
+        fix = f"fix: {exc.fix}\n" if exc.fix else ""
+        return command, args, Result(1, f"{exc.message}\n{fix}")

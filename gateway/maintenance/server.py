@@ -1,0 +1,410 @@
+"""The maintenance listener: SSH (asyncssh) with a personal key and a one-time code.
+
+Authentication is two steps on one connection: the person's public key (signature
+verified), then keyboard-interactive with a TOTP code.  asyncssh completes
+authentication on the first method that succeeds and has no "partial success"
+(RFC 4252 section 5.1), so a verified key is recorded here and answered with a
+failure whose list of remaining methods holds only keyboard-interactive; OpenSSH
+and asyncssh's client go on with it.  Whether the account has expired or lies
+outside an approved window is said only after both factors: a stranger learns
+nothing about accounts.
+
+Refused, each with an audit event: a shell, a pseudo-terminal, subsystems (SFTP),
+local and remote port forwarding (TCP and unix sockets), tunnels.  Agent and X11
+forwarding are switched off in asyncssh itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+from asyncssh.public_key import decode_ssh_public_key
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.maintenance import algorithms, commands, totp
+from gateway.maintenance.settings import Maintainer, MaintenanceSettings
+from gateway.operations import Operations
+
+LOGIN_TIMEOUT_SECONDS = 30
+MAX_CODE_ATTEMPTS = 3
+# Approved(person, now) -> whether an approved window covers now.
+Approved = Callable[[str, float], bool]
+
+
+def actor_of(person: str) -> str:
+    return f"maintainer:{person}"
+
+
+@dataclass
+class _Session:
+    """What one SSH connection has proven so far, and what it is."""
+
+    id: str
+    remote: str
+    person: str | None = None
+    fingerprint: str | None = None  # the verified key: the first factor
+    role: str | None = None  # set once logged in
+    code_failures: int = 0
+    logged_in: bool = False
+    ended: bool = False
+    conn: asyncssh.SSHServerConnection | None = field(default=None, repr=False)
+
+
+class MaintenanceServer:
+    def __init__(
+        self,
+        settings: MaintenanceSettings,
+        operations: Callable[[], Operations],
+        audit: Callable[[], AuditSink],
+        clock: Clock,
+        reload: Callable[[], Awaitable[bool]],
+        approved: Approved,
+    ) -> None:
+        self.settings = settings
+        self._operations = operations
+        self._audit = audit
+        self._clock = clock
+        self._reload = reload
+        self._approved = approved
+        self._sessions: dict[str, _Session] = {}
+        self._last_step: dict[str, int] = {}  # person -> last code step used: no replay
+        self._acceptor: asyncssh.SSHAcceptor | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._acceptor is not None
+        return int(self._acceptor.get_port())
+
+    async def start(self) -> None:
+        s = self.settings
+        self._acceptor = await asyncssh.create_server(
+            lambda: _Connection(self),
+            s.address,
+            s.port,
+            server_host_keys=[s.host_key],
+            kex_algs=list(algorithms.KEX),
+            encryption_algs=list(algorithms.CIPHERS),
+            mac_algs=list(algorithms.MACS),
+            compression_algs=["none"],
+            signature_algs=list(algorithms.USER_SIGNATURES),
+            server_version="medgw",
+            login_timeout=LOGIN_TIMEOUT_SECONDS,
+            password_auth=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=False,
+            allow_scp=False,
+            sftp_factory=None,
+            keepalive_interval=60,
+            keepalive_count_max=3,
+        )
+
+    async def stop(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.close()
+            await self._acceptor.wait_closed()
+        for session in list(self._sessions.values()):
+            self._end(session, "the gateway is stopping")
+
+    def update(self, settings: MaintenanceSettings) -> None:
+        """A reload: the sessions of accounts removed, changed or expired end now (MNT-2)."""
+        self.settings = settings
+        today = self._clock.now().date()
+        for session in list(self._sessions.values()):
+            if not session.logged_in or session.person is None:
+                continue
+            account = settings.maintainer(session.person)
+            if account is None:
+                why = "the account was removed"
+            elif account.expired(today):
+                why = "the account has expired"
+            elif account.role != session.role or session.fingerprint not in account.fingerprints:
+                why = "the account's role or keys changed"
+            else:
+                continue
+            self._end(session, why)
+
+    # -- events of one connection ------------------------------------------------
+
+    def emit(self, session: _Session, event: EventType, **fields: Any) -> None:
+        detail = {"session": session.id, **fields.pop("detail", {})}
+        if session.fingerprint:
+            detail.setdefault("key", session.fingerprint)
+        self._audit().emit(
+            AuditEvent(
+                event,
+                actor=actor_of(session.person) if session.person else None,
+                remote_address=session.remote,
+                detail=detail,
+                **fields,
+            )
+        )
+
+    def opened(self, session: _Session) -> bool:
+        if len(self._sessions) >= self.settings.max_connections:
+            self.emit(
+                session,
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason=f"more than {self.settings.max_connections} maintenance connections",
+            )
+            return False
+        self._sessions[session.id] = session
+        return True
+
+    def closed(self, session: _Session) -> None:
+        self._sessions.pop(session.id, None)
+        if session.ended:
+            return
+        session.ended = True
+        if session.logged_in:
+            self.emit(session, EventType.MAINTENANCE_LOGOUT, reason="the client closed it")
+        elif session.fingerprint:
+            self.emit(
+                session,
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason="the key was verified, but no valid one-time code followed",
+                detail={"second_factor": "missing"},
+            )
+
+    def _end(self, session: _Session, why: str) -> None:
+        if not session.ended and session.logged_in:
+            session.ended = True
+            self.emit(session, EventType.MAINTENANCE_LOGOUT, severity=Severity.WARNING, reason=why)
+        if session.conn is not None:
+            session.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
+
+    def key_allowed(self, person: str, key: asyncssh.SSHKey) -> bool:
+        account = self.settings.maintainer(person)
+        return account is not None and key.get_fingerprint("sha256") in account.fingerprints
+
+    def check_code(self, session: _Session, code: str) -> bool:
+        """The second factor, then the account's expiry and approval: the login."""
+        assert session.person is not None
+        account = self.settings.maintainer(session.person)
+        now = self._clock.now()
+        step = (
+            totp.matching_step(account.totp_secret, code, now.timestamp(), account.totp_algorithm)
+            if account is not None
+            else None
+        )
+        replayed = step is not None and step <= self._last_step.get(session.person, -1)
+        if account is None or step is None or replayed:
+            session.code_failures += 1
+            self.emit(
+                session,
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason="one-time code already used" if replayed else "wrong one-time code",
+                detail={"second_factor": "failed", "attempt": session.code_failures},
+            )
+            if session.code_failures >= MAX_CODE_ATTEMPTS and session.conn is not None:
+                session.ended = True
+                session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "")
+            return False
+        self._last_step[session.person] = step
+        refusal = self._refusal(account, now.timestamp())
+        if refusal is not None:
+            session.ended = True
+            self.emit(
+                session,
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason=refusal,
+                detail={"second_factor": "passed"},
+            )
+            if session.conn is not None:
+                session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, refusal)
+            return False
+        session.logged_in = True
+        session.role = account.role
+        self.emit(
+            session,
+            EventType.MAINTENANCE_LOGIN,
+            detail={"second_factor": "passed", "role": account.role, "name": account.name},
+        )
+        return True
+
+    def _refusal(self, account: Maintainer, now: float) -> str | None:
+        if account.expired(self._clock.now().date()):
+            return f"the account expired on {account.expires.isoformat()}"
+        if self._approved(account.person, now):
+            return None
+        if account.role == "viewer" and self.settings.viewer_without_approval:
+            return None
+        return "no approved maintenance window now (medgw maintenance approve)"
+
+    def refuse(self, session: _Session, what: str) -> None:
+        self.emit(
+            session,
+            EventType.MAINTENANCE_REFUSED,
+            outcome=Outcome.FAILURE,
+            severity=Severity.WARNING,
+            reason=f"{what} is not offered",
+            detail={"request": what},
+        )
+
+    async def run(self, session: _Session, line: str) -> commands.Result:
+        assert session.person is not None and session.role is not None
+        context = commands.Context(self._operations(), actor_of(session.person), self._reload)
+        command, args, result = await commands.execute(context, session.role, line)
+        detail: dict[str, Any] = {
+            "command": " ".join(command.words) if command else line[:200],
+            "arguments": args[:16],
+            "exit_status": result.status,
+        }
+        if command is not None and command.reveals and result.shown:
+            detail["reveals"] = command.reveals
+            detail["shown"] = result.shown
+        self.emit(
+            session,
+            EventType.MAINTENANCE_COMMAND,
+            outcome=Outcome.SUCCESS if result.status == 0 else Outcome.FAILURE,
+            detail=detail,
+        )
+        return result
+
+
+_PROHIBITED = asyncssh.ChannelOpenError(
+    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "forwarding is not offered"
+)
+
+
+class _Connection(asyncssh.SSHServer):
+    def __init__(self, server: MaintenanceServer) -> None:
+        self._server = server
+        self._session = _Session(id=secrets.token_hex(8), remote="?")
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        peer = conn.get_extra_info("peername")
+        self._session.remote = str(peer[0]) if peer else "?"
+        self._session.conn = conn
+        if not self._server.opened(self._session):
+            self._session.ended = True
+            conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
+            return
+        verify = conn.validate_public_key
+
+        async def first_factor(
+            username: str, key_data: bytes, msg: bytes, signature: bytes
+        ) -> bool:
+            ok = await verify(username, key_data, msg, signature)
+            if ok and msg:  # signed and verified: now the one-time code
+                key = decode_ssh_public_key(key_data)
+                self._session.fingerprint = key.get_fingerprint("sha256")
+                return False
+            return ok
+
+        conn.validate_public_key = first_factor  # type: ignore[method-assign]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.closed(self._session)
+
+    def begin_auth(self, username: str) -> bool:
+        self._session.person = username[:64]
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return self._session.fingerprint is None
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._server.key_allowed(username, key)
+
+    def kbdint_auth_supported(self) -> bool:
+        return self._session.fingerprint is not None
+
+    def get_kbdint_challenge(
+        self, username: str, lang: str, submethods: str
+    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        return ("medgw maintenance", "", "", [("One-time code: ", False)])
+
+    def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        if self._session.fingerprint is None or len(responses) != 1:
+            return False
+        return self._server.check_code(self._session, responses[0][:16])
+
+    def session_requested(self) -> asyncssh.SSHServerSession[str] | bool:
+        if not self._session.logged_in:
+            return False
+        return _CommandSession(self._server, self._session)
+
+    def connection_requested(self, dest_host: str, dest_port: int, *_: Any) -> bool:
+        self._server.refuse(self._session, f"port forwarding to {dest_host}:{dest_port}")
+        raise _PROHIBITED
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self._server.refuse(self._session, f"remote port forwarding from port {listen_port}")
+        return False
+
+    def unix_connection_requested(self, dest_path: str) -> bool:
+        self._server.refuse(self._session, "forwarding to a unix socket")
+        raise _PROHIBITED
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self._server.refuse(self._session, "remote forwarding of a unix socket")
+        return False
+
+    def tun_requested(self, unit: int | None) -> bool:
+        self._server.refuse(self._session, "a tunnel device")
+        return False
+
+    def tap_requested(self, unit: int | None) -> bool:
+        self._server.refuse(self._session, "a tap device")
+        return False
+
+
+class _CommandSession(asyncssh.SSHServerSession[str]):
+    """One exec request: a command of the restricted set, its answer, its exit status."""
+
+    def __init__(self, server: MaintenanceServer, session: _Session) -> None:
+        self._server = server
+        self._session = session
+        self._command: str | None = None
+        self._chan: asyncssh.SSHServerChannel[str] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[str]) -> None:
+        self._chan = chan
+
+    def shell_requested(self) -> bool:
+        self._server.refuse(self._session, "a shell")
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self._server.refuse(self._session, f"the {subsystem[:32]} subsystem")
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        self._command = command
+        return True
+
+    def eof_received(self) -> bool:
+        return True  # the client sends no input (OpenSSH with stdin closed): answer still
+
+    def session_started(self) -> None:
+        assert self._chan is not None and self._command is not None
+        task = asyncio.ensure_future(self._run(self._chan, self._command))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _run(self, chan: asyncssh.SSHServerChannel[str], line: str) -> None:
+        result = await self._server.run(self._session, line)
+        with contextlib.suppress(OSError, asyncssh.Error):
+            if result.status == 0:
+                chan.write(result.text)
+            else:
+                chan.write_stderr(result.text)
+            chan.exit(result.status)

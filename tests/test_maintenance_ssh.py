@@ -1,0 +1,389 @@
+"""Remote maintenance over SSH, with real clients: OpenSSH's ``ssh`` and ``sftp``
+(keyboard-interactive answered through SSH_ASKPASS) and asyncssh's client, against a
+real ``medgw run``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from gateway.config import load_config
+from gateway.demo_run import free_ports, read_audit, wait_until
+from gateway.errors import ConfigError
+from gateway.maintenance import algorithms, totp
+from gateway.pki.demo import DemoLayout
+
+ADDRESS = "127.0.0.2"  # a loopback address of its own: not the zone listener's 127.0.0.1
+
+
+class Site:
+    def __init__(self, layout: DemoLayout) -> None:
+        self.root = layout.lab.root
+        self.config = layout.lab.config_path
+        self.audit = layout.lab.audit_log
+        self.port = free_ports(1)[0]
+        self.host_key = self.root / "certs" / "ssh_host_ecdsa_key"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(self.host_key)],
+            check=True,
+        )
+        self.folder = self.root / "maintainers.d"
+        self.folder.mkdir(mode=0o700)
+        self.secrets: dict[str, str] = {}
+        with self.config.open("a") as handle:
+            handle.write(
+                f'\n[maintenance]\nlisten = "{ADDRESS}:{self.port}"\n'
+                f'host_key = "certs/ssh_host_ecdsa_key"\n'
+            )
+        self.known_hosts = self.root / "known_hosts"
+        public = self.host_key.with_suffix(".pub").read_text().split()
+        self.known_hosts.write_text(f"[{ADDRESS}]:{self.port} {public[0]} {public[1]}\n")
+
+    def key(self, person: str) -> Path:
+        path = self.root / f"{person}_id"
+        if not path.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "256", "-N", "", "-f", str(path)],
+                check=True,
+            )
+        return path
+
+    def add(self, person: str, role: str, expires: str = "2099-12-31") -> None:
+        secret = totp.new_secret()
+        self.secrets[person] = secret
+        public = self.key(person).with_suffix(".pub").read_text().strip()
+        path = self.folder / f"{person}.toml"
+        path.write_text(
+            f'name = "{person.title()}"\nrole = "{role}"\npublic_keys = ["{public}"]\n'
+            f'totp_secret = "{secret}"\nexpires = {expires}\n'
+        )
+        path.chmod(0o600)
+
+    def code(self, person: str, offset: int = 0) -> str:
+        key = totp.decode_secret(self.secrets[person])
+        return totp.code_at(key, totp.step_of(time.time()) + offset)
+
+    def approve(self, person: str) -> None:
+        until = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 3600))
+        command = ["maintenance", "approve", person, "--until", until, "--reason", "CRL"]
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", *command, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in read_audit(self.audit) if r["event"] == event]
+
+    def ssh(
+        self,
+        person: str,
+        *args: str,
+        command: str | None = None,
+        code: str | None = None,
+        prog: str = "ssh",
+    ) -> Any:
+        askpass = self.root / f"askpass-{person}"
+        askpass.write_text(f"#!/bin/sh\necho {code or '000000'}\n")
+        askpass.chmod(0o700)
+        options = [
+            "-F",
+            "/dev/null",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-i",
+            str(self.key(person)),
+            "-o",
+            f"BatchMode={'no' if code else 'yes'}",
+        ]
+        target = [f"{person}@{ADDRESS}"]
+        port = ["-P" if prog == "sftp" else "-p", str(self.port)]
+        env = {
+            "PATH": os.environ["PATH"],
+            "SSH_ASKPASS": str(askpass),
+            "SSH_ASKPASS_REQUIRE": "force",
+            "DISPLAY": ":0",
+        }
+        return subprocess.run(
+            [prog, *port, *options, *args, *target, *([command] if command else [])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+
+    async def connect(self, person: str, code: str | None) -> asyncssh.SSHClientConnection:
+        class Answer(asyncssh.SSHClient):
+            def kbdint_auth_requested(self) -> str:
+                return ""
+
+            def kbdint_challenge_received(self, name, instructions, lang, prompts):
+                return [code] * len(prompts) if code is not None else None
+
+        host = asyncssh.read_public_key(self.host_key.with_suffix(".pub"))
+        conn, _ = await asyncssh.create_connection(
+            Answer,
+            ADDRESS,
+            self.port,
+            username=person,
+            client_keys=[str(self.key(person))],
+            known_hosts=([host], [], []),
+            agent_path=None,
+            preferred_auth=["publickey", "keyboard-interactive"],
+        )
+        return conn
+
+
+@pytest.fixture
+def site(layout: DemoLayout) -> Site:
+    return Site(layout)
+
+
+def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: Any) -> None:
+    site.add("alice", "operator")
+    site.add("victor", "viewer")
+    processes.start(site.config)
+    site.approve("alice")
+    site.approve("victor")
+
+    async def scenario() -> None:
+        conn = await site.connect("alice", site.code("alice"))
+        async with conn:
+            done = await conn.run("peers list")
+            assert done.exit_status == 0 and '"hospital"' in str(done.stdout)
+            done = await conn.run("queue list")
+            assert done.exit_status == 0
+            done = await conn.run("rm -rf /")
+            assert done.exit_status == 127 and "unknown command" in str(done.stderr)
+        viewer = await site.connect("victor", site.code("victor"))
+        async with viewer:
+            done = await viewer.run("queue retry 1234")
+            assert done.exit_status == 126 and "needs the role operator" in str(done.stderr)
+        # a wrong code: refused, audited
+        with pytest.raises(asyncssh.PermissionDenied):
+            await site.connect("alice", "000000" if site.code("alice") != "000000" else "111111")
+
+    asyncio.run(scenario())
+    logins = site.events("maintenance.login")
+    assert [r["actor"] for r in logins] == ["maintainer:alice", "maintainer:victor"]
+    assert logins[0]["remote_address"] == "127.0.0.1" or logins[0]["remote_address"]
+    assert logins[0]["detail"]["key"].startswith("SHA256:")
+    assert logins[0]["detail"]["second_factor"] == "passed"
+    commands = wait_until(
+        lambda: len(site.events("maintenance.command")) >= 4 and site.events("maintenance.command"),
+        30,
+        "the commands in the audit trail",
+    )
+    assert [(c["detail"]["command"], c["detail"]["exit_status"]) for c in commands] == [
+        ("peers list", 0),
+        ("queue list", 0),
+        ("rm -rf /", 127),
+        ("queue retry", 126),
+    ]
+    assert commands[1]["detail"]["reveals"] == "documents" or "shown" not in commands[1]["detail"]
+    failed = wait_until(
+        lambda: [
+            r
+            for r in site.events("maintenance.login_failed")
+            if r["detail"].get("second_factor") == "failed"
+        ],
+        30,
+        "the wrong code in the audit trail",
+    )
+    assert failed[0]["actor"] == "maintainer:alice" and failed[0]["reason"] == "wrong one-time code"
+    wait_until(lambda: len(site.events("maintenance.logout")) >= 2, 30, "the logouts")
+
+
+def test_a_key_without_a_code_an_expired_account_and_no_window_are_refused(
+    site: Site, processes: Any
+) -> None:
+    site.add("alice", "operator")
+    site.add("erin", "admin", expires="2020-01-01")
+    site.add("nora", "operator")
+    processes.start(site.config)
+    site.approve("alice")
+    site.approve("erin")
+    # OpenSSH in batch mode: the key alone, no keyboard-interactive
+    done = site.ssh("alice", command="status")
+    assert done.returncode == 255 and "Permission denied" in done.stderr
+    wait_until(
+        lambda: [
+            r
+            for r in site.events("maintenance.login_failed")
+            if r["detail"].get("second_factor") == "missing"
+        ],
+        30,
+        "the missing second factor in the audit trail",
+    )
+    done = site.ssh("erin", command="status", code=site.code("erin"))
+    assert done.returncode == 255, done.stdout
+    done = site.ssh("nora", command="status", code=site.code("nora"))
+    assert done.returncode == 255, done.stdout
+    reasons = wait_until(
+        lambda: (
+            len(site.events("maintenance.login_failed")) >= 3
+            and [r["reason"] for r in site.events("maintenance.login_failed")]
+        ),
+        30,
+        "the refusals",
+    )
+    assert any("expired on 2020-01-01" in r for r in reasons), reasons
+    assert any("no approved maintenance window" in r for r in reasons), reasons
+    # With the key and the code, OpenSSH gets in
+    done = site.ssh("alice", command="status", code=site.code("alice"))
+    assert done.returncode == 0, done.stderr
+    assert '"peers"' in done.stdout
+
+
+def test_a_shell_a_port_forward_and_sftp_are_refused_and_audited(
+    site: Site, processes: Any
+) -> None:
+    # one person per login: a one-time code is accepted once
+    for person in ("alice", "bob", "carol"):
+        site.add(person, "admin")
+    processes.start(site.config)
+    for person in ("alice", "bob", "carol"):
+        site.approve(person)
+    shell = site.ssh("alice", code=site.code("alice"))
+    assert shell.returncode != 0
+    assert "shell request failed" in shell.stderr or "failed" in shell.stderr
+    forward = site.ssh("bob", "-W", "127.0.0.1:22", code=site.code("bob"))
+    assert forward.returncode != 0 and "administratively prohibited" in forward.stderr
+    sftp = site.ssh("carol", "-b", "/dev/null", code=site.code("carol"), prog="sftp")
+    assert sftp.returncode != 0
+    refused = wait_until(
+        lambda: (
+            len(site.events("maintenance.request_refused")) >= 3
+            and [r["detail"]["request"] for r in site.events("maintenance.request_refused")]
+        ),
+        30,
+        "the refused requests",
+    )
+    assert "a shell" in refused
+    assert "port forwarding to 127.0.0.1:22" in refused
+    assert "the sftp subsystem" in refused
+
+
+def test_only_cryptrec_algorithms_are_negotiated(site: Site, processes: Any) -> None:
+    site.add("alice", "viewer")
+    processes.start(site.config)
+    site.approve("alice")
+    offered = {
+        what: subprocess.run(
+            ["ssh", "-Q", what], capture_output=True, text=True, check=True
+        ).stdout.split()
+        for what in ("kex", "cipher", "mac")
+    }
+    assert set(algorithms.KEX) <= set(offered["kex"])
+    assert set(algorithms.CIPHERS) <= set(offered["cipher"])
+    assert set(algorithms.MACS) <= set(offered["mac"])
+    done = site.ssh("alice", "-vv", command="status", code=site.code("alice"))
+    assert done.returncode == 0, done.stderr
+    kex = re.findall(r"kex: algorithm: (\S+)", done.stderr)
+    host_key = re.findall(r"kex: host key algorithm: (\S+)", done.stderr)
+    ciphers = re.findall(r"kex: \S+ cipher: (\S+) MAC: (\S+)", done.stderr)
+    assert kex and set(kex) <= set(algorithms.KEX), done.stderr
+    assert host_key == ["ecdsa-sha2-nistp384"]
+    assert len(ciphers) == 2, done.stderr
+    for cipher, mac in ciphers:
+        assert cipher in algorithms.CIPHERS
+        assert mac in algorithms.MACS or (mac == "<implicit>" and "gcm" in cipher)
+    for option in (
+        "KexAlgorithms=curve25519-sha256,diffie-hellman-group14-sha256",
+        "Ciphers=chacha20-poly1305@openssh.com,aes256-cbc",
+        "MACs=umac-128-etm@openssh.com,hmac-sha1",
+        "HostKeyAlgorithms=ssh-ed25519,rsa-sha2-256",
+    ):
+        done = site.ssh("alice", "-o", option, command="status", code=site.code("alice"))
+        assert done.returncode == 255 and "no matching" in done.stderr, (option, done.stderr)
+
+
+def test_an_account_removed_at_reload_loses_its_open_session(site: Site, processes: Any) -> None:
+    site.add("oscar", "operator")
+    proc = processes.start(site.config)
+    site.approve("oscar")
+
+    async def scenario() -> None:
+        conn = await site.connect("oscar", site.code("oscar"))
+        done = await conn.run("status")
+        assert done.exit_status == 0
+        (site.folder / "oscar.toml").unlink()
+        os.kill(proc.proc.pid, signal.SIGHUP)
+        await asyncio.wait_for(conn.wait_closed(), 60)
+
+    asyncio.run(scenario())
+    logout = wait_until(lambda: site.events("maintenance.logout"), 30, "the logout")
+    assert logout[0]["reason"] == "the account was removed"
+    assert logout[0]["actor"] == "maintainer:oscar"
+
+
+def _problems(config: Path) -> list[str]:
+    try:
+        load_config(config)
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+def test_check_config_keeps_maintenance_off_the_zones_networks(site: Site) -> None:
+    assert _problems(site.config) == []
+    text = site.config.read_text()
+    on_listener = text.replace(f'listen = "{ADDRESS}:', 'listen = "127.0.0.1:')
+    site.config.write_text(on_listener)
+    [problem] = _problems(site.config)
+    assert "maintenance.listen" in problem and "also the address of listener" in problem
+    in_egress = text.replace(f'listen = "{ADDRESS}:', 'listen = "192.0.2.5:').replace(
+        'egress = ["127.0.0.0/8"]', 'egress = ["127.0.0.0/8", "192.0.2.0/24"]'
+    )
+    site.config.write_text(in_egress)
+    [problem] = _problems(site.config)
+    assert "inside the egress of zone" in problem
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(site.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and "inside the egress of zone" in done.stdout + done.stderr
+
+
+def test_an_account_file_with_an_unknown_key_a_weak_key_or_loose_mode_is_refused(
+    site: Site,
+) -> None:
+    site.add("alice", "operator")
+    path = site.folder / "alice.toml"
+    text = path.read_text()
+    path.write_text(text + 'shell = "/bin/bash"\n')
+    problems = _problems(site.config)
+    assert any("shell" in p and "unknown key" in p for p in problems), problems
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(site.root / "ed")], check=True
+    )
+    ed = (site.root / "ed.pub").read_text().strip()
+    path.write_text(text.replace("public_keys = [", f'public_keys = ["{ed}", '))
+    problems = _problems(site.config)
+    assert any("ssh-ed25519 keys are not on the CRYPTREC list" in p for p in problems), problems
+    path.write_text(text)
+    path.chmod(0o644)
+    problems = _problems(site.config)
+    assert any("accessible by other users" in p and "chmod 600" in p for p in problems)
