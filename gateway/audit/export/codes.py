@@ -49,6 +49,10 @@ _BY_NAME: dict[str, tuple[Code, str]] = {
     # authentication of a local client or a peer
     "api.authentication_failed": (USER_AUTHENTICATION, EXECUTE),
     "peer.authentication_failed": (USER_AUTHENTICATION, EXECUTE),
+    # a maintainer's SSH session (gateway.maintenance)
+    "maintenance.login": (USER_AUTHENTICATION, EXECUTE),
+    "maintenance.login_failed": (USER_AUTHENTICATION, EXECUTE),
+    "maintenance.logout": (USER_AUTHENTICATION, EXECUTE),
 }
 
 # The last part of the name of an event that reads stored documents or records
