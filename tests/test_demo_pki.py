@@ -495,6 +495,16 @@ def test_examples_are_complete_and_loadable(
             check=True,
             capture_output=True,
         )
+    if "maintenance" in gw:  # the SSH host key, made as the example's comment says
+        host_key = etc / gw["maintenance"]["host_key"]
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(host_key)],
+            check=True,
+        )
+        folder = etc / gw["maintenance"]["maintainers_dir"]
+        folder.mkdir(mode=0o700)
+        shutil.copy2(EXAMPLE_GATEWAY.parent / "maintainers.d" / "example.toml", folder)
+        (folder / "example.toml").chmod(0o600)
     for zone in gw["zones"]:  # the examples name CRL folders
         for folder in zone.get("crls", []):
             Path(folder).mkdir(parents=True, exist_ok=True)

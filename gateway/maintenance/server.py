@@ -55,6 +55,7 @@ class _Session:
     logged_in: bool = False
     ended: bool = False
     conn: asyncssh.SSHServerConnection | None = field(default=None, repr=False)
+    idle: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 class MaintenanceServer:
@@ -160,8 +161,18 @@ class MaintenanceServer:
         self._sessions[session.id] = session
         return True
 
+    def _arm_idle(self, session: _Session) -> None:
+        """The session ends after ``idle_timeout_seconds`` without a command."""
+        if session.idle is not None:
+            session.idle.cancel()
+        session.idle = asyncio.get_running_loop().call_later(
+            self.settings.idle_timeout_seconds, self._end, session, "idle for too long"
+        )
+
     def closed(self, session: _Session) -> None:
         self._sessions.pop(session.id, None)
+        if session.idle is not None:
+            session.idle.cancel()
         if session.ended:
             return
         session.ended = True
@@ -230,6 +241,7 @@ class MaintenanceServer:
             return False
         session.logged_in = True
         session.role = account.role
+        self._arm_idle(session)
         self.emit(
             session,
             EventType.MAINTENANCE_LOGIN,
@@ -260,6 +272,7 @@ class MaintenanceServer:
         assert session.person is not None and session.role is not None
         context = commands.Context(self._operations(), actor_of(session.person), self._reload)
         command, args, result = await commands.execute(context, session.role, line)
+        self._arm_idle(session)
         detail: dict[str, Any] = {
             "command": " ".join(command.words) if command else line[:200],
             "arguments": args[:16],
