@@ -37,7 +37,7 @@ from gateway.audit.export.settings import ExportSettings, load_export
 from gateway.audit.seal import CURVES, SealSettings
 from gateway.egress import NetworkMap, ZonePath, resolve_hosts
 from gateway.errors import ConfigError, ConfigProblem, MedgwError, PolicyError
-from gateway.fsutil import MAX_SOCKET_PATH
+from gateway.fsutil import MAX_SOCKET_PATH, read_admin_file
 from gateway.httpbody import BODY_IDLE_SECONDS, BODY_MIN_BYTES_PER_SECOND
 from gateway.maintenance.settings import MaintenanceSettings, load_maintenance
 from gateway.pki.keypair import KeyPair, PrivateKey
@@ -522,8 +522,7 @@ class _Reader:
 
     def load_toml(self, path: Path) -> dict[str, Any] | None:
         try:
-            with path.open("rb") as handle:
-                return tomllib.load(handle)
+            return tomllib.loads(read_admin_file(path).decode())
         except FileNotFoundError:
             self.add(path, "", "file not found", "create it or pass the right --config path")
         except PermissionError:
@@ -551,7 +550,7 @@ class _Reader:
         file, full_key = section.where(key)
         self.read.append(Place(path, file, full_key, what, tree=False))
         try:
-            return path.read_bytes()
+            return read_admin_file(path)
         except FileNotFoundError:
             section.problem(key, f"file {path} not found", "correct the path or create the file")
         except PermissionError:

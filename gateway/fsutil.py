@@ -18,6 +18,9 @@ from typing import BinaryIO
 PRIVATE_FOLDER = 0o700  # the state folder and its working folders: medgw only
 PRIVATE_FILE = 0o600  # the spool database, working files (plaintext among them)
 MAX_SOCKET_PATH = 107  # the longest path a unix socket can be bound to (sun_path)
+# A file an administrator names (configuration, certificate, key, CRL): far above any
+# real one (a large CA's CRL is a few MiB).
+MAX_ADMIN_FILE_BYTES = 64 << 20
 
 
 def fsync_dir(directory: Path) -> None:
@@ -176,6 +179,28 @@ def open_source(source: Path | bytes) -> BinaryIO:
     """A file, or a small document held in memory, opened for reading: the code that
     reads MIME and CMS structures works the same on both."""
     return source.open("rb") if isinstance(source, Path) else io.BytesIO(source)
+
+
+def read_admin_file(path: Path, limit: int = MAX_ADMIN_FILE_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, which an administrator named.
+
+    A device, pipe or socket, or a file over ``limit`` bytes, is an ``OSError``
+    whose ``strerror`` says so: a wrong path (``/dev/zero``, a FIFO) must neither
+    hang nor exhaust the reader (``check-config``, a reload).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait
+    with open(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(
+            errno.EFBIG, f"larger than {limit >> 20} MiB, more than any such file", str(path)
+        )
+    return data
 
 
 def read_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterable[bytes]:

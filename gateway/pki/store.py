@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.errors import MedgwError
+from gateway.fsutil import read_admin_file
 
 CRL_SUFFIXES = (".crl", ".pem", ".der", ".r0", ".r1")
 
@@ -24,7 +25,7 @@ class PkiFileError(MedgwError):
 
 def _read(path: Path, what: str) -> bytes:
     try:
-        return path.read_bytes()
+        return read_admin_file(path)
     except FileNotFoundError:
         raise PkiFileError(
             f"{what} file {path} not found", fix="correct the path or create the file"
