@@ -111,6 +111,7 @@ def test_every_record_reaches_the_collector_in_order_across_a_collector_restart(
         assert item.facility == 10 and item.msgid == "IHE+RFC-3881"
     events = [by_seq[seq]["event"] for seq in expected]
     assert "audit.export_interrupted" in events and "audit.export_resumed" in events
+    assert "audit.verification_failed" not in events  # every chain link re-checked, intact
     # Each body is a DICOM audit message with the standard EventID of its event.
     for item in received:
         message = ET.fromstring(item.body)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.chain import GENESIS, canonical
+from gateway.audit.chain import GENESIS
 
 MAX_LINE = 1 << 20  # a record line longer than this is not one the log writes
 
@@ -131,7 +131,7 @@ def read_forward(
                 prev, seq = str(record.get("hash")), number  # sent before: skip
                 continue
             rereading = False
-            why = _link_problem(record, prev, seq)
+            why = _link_problem(record, line, prev, seq)
             if why is not None:
                 on_broken(Broken(_int(record.get("seq")), here, why))
             seq = number if number is not None else seq + 1
@@ -144,11 +144,18 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _link_problem(record: dict[str, Any], prev: str, seq: int) -> str | None:
-    body = {k: v for k, v in record.items() if k != "hash"}
+def _link_problem(record: dict[str, Any], line: bytes, prev: str, seq: int) -> str | None:
     if record.get("seq") != seq + 1 or record.get("prev") != prev:
         return f"chain broken before record {record.get('seq')} (expected seq {seq + 1})"
-    if hashlib.sha256(canonical(body)).hexdigest() != record.get("hash"):
+    claimed = record.get("hash")
+    # The log writes each record in canonical form with its hash among the sorted keys:
+    # without that member, the line is what was hashed (no second serialisation).  A line
+    # not in that form was not written so by the log, and is reported like an edit.
+    member = f'"hash":"{claimed}"'.encode()
+    body = line.rstrip(b"\n").replace(member + b",", b"", 1)
+    if body == line.rstrip(b"\n"):
+        body = body.replace(b"," + member, b"", 1)
+    if not isinstance(claimed, str) or hashlib.sha256(body).hexdigest() != claimed:
         return f"record {record.get('seq')} was altered after it was written"
     return None
 
