@@ -5,6 +5,7 @@ real ``medgw run``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -212,6 +213,42 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
     )
     assert failed[0]["actor"] == "maintainer:alice" and failed[0]["reason"] == "wrong one-time code"
     wait_until(lambda: len(site.events("maintenance.logout")) >= 2, 30, "the logouts")
+    # the review report: one entry per connection, its commands, the approvals
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    window = ["--since", today, "--until", today, "--format", "json"]
+    review = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "audit",
+            "sessions",
+            *window,
+            "--config",
+            str(site.config),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    entries = [json.loads(line) for line in review.stdout.splitlines()]
+    approvals = [e for e in entries if e["approved"]]
+    assert [a["person"] for a in approvals] == ["alice", "victor"]
+    assert all(a["approved"]["reason"] == "CRL" for a in approvals)
+    alice, victor, wrong = [e for e in entries if not e["approved"]]
+    assert alice["person"] == "alice" and alice["login"] == "passed" and alice["role"] == "operator"
+    assert alice["key"].startswith("SHA256:") and alice["source"]
+    assert [c["command"] for c in alice["commands"]] == ["peers list", "queue list", "rm -rf /"]
+    assert victor["commands"][0]["arguments"] == ["1234"]
+    assert victor["commands"][0]["exit_status"] == 126
+    assert wrong["login"] == "refused: wrong one-time code" and wrong["commands"] == []
+    table = subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", "sessions", "--config", str(site.config)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "$ queue retry 1234  -> 126" in table and "APPROVED alice" in table
 
 
 def test_a_key_without_a_code_an_expired_account_and_no_window_are_refused(

@@ -26,6 +26,7 @@ from gateway.audit.verify import AuditChainError, TrailReport, parse_checkpoint,
 from gateway.clock import iso_seconds
 from gateway.commands import DEFAULT_CONFIG
 from gateway.config import load_config
+from gateway.maintenance import report
 
 
 def register(commands: Any) -> None:
@@ -82,6 +83,13 @@ def register(commands: Any) -> None:
     )
     _review_options(patients)
     patients.set_defaults(handler=_patients)
+    sessions = actions.add_parser(
+        "sessions",
+        help="the remote maintenance sessions of a time window: who, from where, with which "
+        "key, every command and its result, refusals, approvals (MNT-3, MNT-4)",
+    )
+    _review_options(sessions)
+    sessions.set_defaults(handler=_sessions)
 
 
 def _review_options(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +201,31 @@ def _show(form: str, found: Iterator[dict[str, Any]]) -> None:
 
 def _row(cells: list[str], widths: tuple[int, ...]) -> str:
     return " ".join(f"{c:<{w}}" if w else c for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    paths = _trail(args)
+    try:
+        found = report.sessions(records(paths, Filters(args.since, args.until)))
+    except OSError as exc:
+        return _unreadable(exc, paths)
+    if args.format == "json":
+        for entry in found:
+            print(json.dumps(entry, ensure_ascii=False))
+    elif args.format == "csv":  # one row per session, its commands in one cell
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        columns = ("start", "end", "session", "person", "role", "source", "key", "login")
+        writer.writerow([*columns, "commands", "refused"])
+        for entry in found:
+            commands = "; ".join(
+                " ".join([str(c["command"]), *map(str, c["arguments"])]) + f" -> {c['exit_status']}"
+                for c in entry["commands"]
+            )
+            cells = ["" if entry[k] is None else str(entry[k]) for k in columns]
+            writer.writerow([*cells, commands, "; ".join(map(str, entry["refused"]))])
+    else:
+        sys.stdout.write(report.text(found))
+    return 0
 
 
 def _patients(args: argparse.Namespace) -> int:
