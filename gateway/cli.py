@@ -19,6 +19,7 @@ from gateway.commands import (
     demo,
     diagnose,
     handover,
+    maintainer,
     maintenance,
     queue,
     send,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.register(commands)
     smime.register(commands)
     maintenance.register(commands)
+    maintainer.register(commands)
     pki = commands.add_parser(
         "pki",
         help="certificate tools",

@@ -424,3 +424,31 @@ def test_an_account_file_with_an_unknown_key_a_weak_key_or_loose_mode_is_refused
     path.chmod(0o644)
     problems = _problems(site.config)
     assert any("accessible by other users" in p and "chmod 600" in p for p in problems)
+
+
+def test_maintainer_add_writes_the_account_and_shows_its_secret_once(
+    site: Site, processes: Any
+) -> None:
+    public = site.key("hana").with_suffix(".pub")
+    command = [sys.executable, "-m", "gateway", "maintainer", "add", "hana", "--role"]
+    command += ["operator", "--key", str(public), "--expires", "2099-01-31"]
+    command += ["--config", str(site.config)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    [secret] = re.findall(r"secret: ([A-Z2-7]+)", done.stdout)
+    assert "otpauth://totp/" in done.stdout and f"secret={secret}" in done.stdout
+    assert "\u2588" in done.stdout or "\u2580" in done.stdout  # the QR code, drawn in blocks
+    account = site.folder / "hana.toml"
+    assert account.stat().st_mode & 0o777 == 0o600
+    assert secret in account.read_text()
+    again = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert secret in account.read_text()  # unchanged
+    site.secrets["hana"] = secret
+    processes.start(site.config)
+    site.approve("hana")
+
+    async def scenario() -> None:
+        async with await site.connect("hana", site.code("hana")) as conn:
+            assert (await conn.run("status")).exit_status == 0
+
+    asyncio.run(scenario())
