@@ -589,3 +589,49 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def test_the_maintenance_listener_cannot_be_reached_from_any_zone(
+    namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """The hospital's SSH maintenance port is on its loopback (reached through a jump host):
+    from the lab's zone and the pharmacy's zone no address of the hospital answers on it."""
+    world = two_zone_world(
+        tmp_path,
+        hospital_a=HOSPITAL_A,
+        hospital_b=HOSPITAL_B,
+        lab_ip=LAB,
+        pharmacy_ip=PHARMACY,
+        net_a="10.77.1.0/24",
+        net_b="10.77.2.0/24",
+        ports=(PORT, PORT, PORT, PORT),
+    )
+    hospital = world.hospital
+    maintenance_port = 2222
+    host_key = hospital.root / "certs" / "ssh_host_ecdsa_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(host_key)],
+        check=True,
+    )
+    (hospital.root / "maintainers.d").mkdir(mode=0o700)
+    with hospital.config_path.open("a") as config:
+        config.write(
+            f'\n[maintenance]\nlisten = "127.0.0.1:{maintenance_port}"\nhost_key = "{host_key}"\n'
+        )
+    proc = GatewayProcess(hospital.config_path, prefix=namespaces.exec(namespaces.hospital))
+    try:
+        proc.wait_ready()
+        # it listens: on the hospital's own loopback an SSH server answers
+        inside = _probe(namespaces, namespaces.hospital, "connect", "127.0.0.1", "2222")
+        assert inside["connected"], inside
+        for ns, address in (
+            (namespaces.lab, HOSPITAL_A),
+            (namespaces.pharmacy, HOSPITAL_B),
+            (namespaces.lab, HOSPITAL_B),  # routed via the hospital, which does not forward
+        ):
+            outside = _probe(namespaces, ns, "connect", address, str(maintenance_port))
+            assert not outside["connected"], (ns, address, outside)
+        assert proc.stop() == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
