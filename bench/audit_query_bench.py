@@ -100,11 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=10_000_000)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the log")
+    parser.add_argument("--log", type=Path, help="use this log written by an earlier run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        path = Path(folder) / "audit.jsonl"
+        path = args.log or Path(folder) / "audit.jsonl"
         began = time.perf_counter()
-        write_trail(path, args.records, random.Random(15))
+        if args.log is None:
+            write_trail(path, args.records, random.Random(15))
         size = path.stat().st_size
         print(
             f"{args.records} records, {size / 2**30:.2f} GiB, written in "

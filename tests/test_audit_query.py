@@ -257,3 +257,37 @@ def test_a_patient_query_includes_every_record_about_the_patients_documents(
     # the documents remembered are bounded: with room for one, the first is forgotten
     rows, forgot = accesses([path], Filters(), limit=1)
     assert forgot and [(r.patient, r.total) for r in rows] == [("P8", 2), ("P9", 1)]
+
+
+def test_a_document_is_linked_to_its_patient_for_31_days_before_the_window(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, SteppingClock(timedelta(days=20)), node="HOSP", sync=lambda fd: None)
+    for n in range(2):  # 2026-11-21 and 2026-12-11
+        log.emit(
+            AuditEvent(
+                EventType.MESSAGE_ACCEPTED,
+                peer="lab",
+                message_id=f"<{n}@x>",
+                patient_ids=(patient("P7"),),
+            )
+        )
+    for n in range(2):  # both read on 2026-12-31 and 2027-01-20
+        log.emit(AuditEvent(EventType.MESSAGE_VIEWED, peer="lab", message_id=f"<{n}@x>"))
+    log.close()
+    found = medgw(
+        "audit", "query", "--file", path, "--patient", "P7", "--since", "2027-01-20",
+        "--format", "json",
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    # <1@x> was named 40 days before the window: too long ago to be linked
+    assert [json.loads(line)["message_id"] for line in found.stdout.splitlines()] == []
+    found = medgw(
+        "audit", "query", "--file", path, "--patient", "P7", "--since", "2026-12-20",
+        "--format", "json",
+    )  # fmt: skip
+    assert [json.loads(line)["message_id"] for line in found.stdout.splitlines()] == [
+        "<0@x>",
+        "<1@x>",
+    ]

@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -26,6 +26,9 @@ from gateway.audit.log import CLOCK_MARGIN
 TIME_KEY = b'"time":"'
 TIME_LENGTH = len("2026-12-05T04:22:55.459825+00:00")
 PATIENT_NEEDLE = b'"patient_ids":'
+# Records about a document are linked to its patients when the document named them in
+# the window or this long before it: operators read a document within weeks of it.
+LINK_BEFORE = timedelta(days=31)
 # Documents `audit patients` remembers to link later records to their patients: some
 # 250 bytes each, so at most about 250 MB.
 DOCUMENTS_REMEMBERED = 1_000_000
@@ -133,17 +136,17 @@ def _first_offset(handle: BinaryIO, size: int, since: bytes) -> int:
 
 
 def _lines(
-    paths: Sequence[Path], filters: Filters, *, from_start: bool
+    paths: Sequence[Path], filters: Filters, *, before: timedelta = timedelta(0)
 ) -> Iterator[tuple[bytes, bool]]:
-    """Each line up to the end of the window (plus CLOCK_MARGIN), with whether it is
-    inside the window; from the window's start (bisected) unless ``from_start``."""
+    """Each line from ``before`` the window's start (found by bisection) up to its end
+    (both plus CLOCK_MARGIN), with whether it is inside the window."""
     since = _stamp(filters.since) if filters.since else None
     until = _stamp(filters.until) if filters.until else None
-    early = _stamp(filters.since - CLOCK_MARGIN) if filters.since else None
+    early = _stamp(filters.since - CLOCK_MARGIN - before) if filters.since else None
     late = _stamp(filters.until + CLOCK_MARGIN) if filters.until else None
     for path in paths:
         with path.open("rb") as handle:
-            if early is not None and not from_start:
+            if early is not None:
                 handle.seek(_first_offset(handle, os.fstat(handle.fileno()).st_size, early))
                 if handle.tell():
                     handle.readline()
@@ -153,6 +156,8 @@ def _lines(
                     continue  # a torn line after a crash: `audit verify` reports it
                 if late is not None and at >= late:
                     return  # past the window, even allowing for a clock set back
+                if early is not None and at < early:
+                    continue  # bisection stops a block short
                 yield line, (since is None or at >= since) and (until is None or at < until)
 
 
@@ -168,12 +173,12 @@ def records(paths: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]
     """The records of ``paths`` (oldest file first) in the window that match ``filters``.
 
     With ``patient``: the records that name the patient, and every record about the same
-    document (same ``peer`` and ``message_id``: sent, receipt, operator reads...), which
-    is why such a query reads the trail from its start.
+    document (same ``peer`` and ``message_id``: sent, receipt, operator reads...) when
+    the document named the patient in the window or up to LINK_BEFORE before it.
     """
     if filters.patient is None:
         needles = filters.needles()
-        for line, inside in _lines(paths, filters, from_start=False):
+        for line, inside in _lines(paths, filters):
             if inside and all(n in line for n in needles):
                 record = _parse(line)
                 if record is not None and filters.match(record):
@@ -181,7 +186,7 @@ def records(paths: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]
         return
     patient = _json(filters.patient)
     documents: set[tuple[bytes, bytes]] = set()  # the patient's documents
-    for line, inside in _lines(paths, filters, from_start=True):
+    for line, inside in _lines(paths, filters, before=LINK_BEFORE):
         document = _document(line)
         if patient not in line and document not in documents:
             continue
@@ -237,7 +242,7 @@ def accesses(
     accessed first: records that name the patient, and records about a document that
     named them before (same peer and message_id: a send, a receipt, an operator's read).
 
-    Reads from the start of the trail to link documents; the documents remembered are
+    Reads from LINK_BEFORE before the window to link documents; the documents remembered are
     bounded by ``limit`` (the oldest forgotten first); the second value says whether any
     was forgotten, so that records about it may have gone uncounted.
     """
@@ -246,7 +251,7 @@ def accesses(
     shared: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}  # and patients
     forgot = False
     counts: Counter[tuple[str, str, str]] = Counter()
-    for line, inside in _lines(paths, filters, from_start=True):
+    for line, inside in _lines(paths, filters, before=LINK_BEFORE):
         document = _document(line)
         names = PATIENT_NEEDLE in line
         if not names and (not inside or document not in documents):
