@@ -161,11 +161,12 @@ def site(layout: DemoLayout) -> Site:
 
 
 def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: Any) -> None:
-    site.add("alice", "operator")
-    site.add("victor", "viewer")
+    people = ("alice", "victor", "ada")
+    for person, role in zip(people, ("operator", "viewer", "admin"), strict=True):
+        site.add(person, role)
     processes.start(site.config)
-    site.approve("alice")
-    site.approve("victor")
+    for person in people:
+        site.approve(person)
 
     async def scenario() -> None:
         conn = await site.connect("alice", site.code("alice"))
@@ -180,18 +181,26 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
         async with viewer:
             done = await viewer.run("queue retry 1234")
             assert done.exit_status == 126 and "needs the role operator" in str(done.stderr)
+        admin = await site.connect("ada", site.code("ada"))
+        async with admin:
+            done = await admin.run("audit query --event maintenance.login")
+            assert done.exit_status == 0, done.stderr
+            shown = [json.loads(line) for line in str(done.stdout).splitlines()]
+            assert [r["actor"] for r in shown] == [f"maintainer:{p}" for p in people]
+            done = await admin.run("audit query --since yesterday")
+            assert done.exit_status == 2 and "not ISO 8601" in str(done.stderr)
         # a wrong code: refused, audited
         with pytest.raises(asyncssh.PermissionDenied):
             await site.connect("alice", "000000" if site.code("alice") != "000000" else "111111")
 
     asyncio.run(scenario())
     logins = site.events("maintenance.login")
-    assert [r["actor"] for r in logins] == ["maintainer:alice", "maintainer:victor"]
+    assert [r["actor"] for r in logins] == [f"maintainer:{p}" for p in people]
     assert logins[0]["remote_address"] == "127.0.0.1" or logins[0]["remote_address"]
     assert logins[0]["detail"]["key"].startswith("SHA256:")
     assert logins[0]["detail"]["second_factor"] == "passed"
     commands = wait_until(
-        lambda: len(site.events("maintenance.command")) >= 4 and site.events("maintenance.command"),
+        lambda: len(site.events("maintenance.command")) >= 6 and site.events("maintenance.command"),
         30,
         "the commands in the audit trail",
     )
@@ -200,7 +209,12 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
         ("queue list", 0),
         ("rm -rf /", 127),
         ("queue retry", 126),
+        ("audit query", 0),
+        ("audit query", 2),
     ]
+    assert commands[4]["detail"]["reveals"] == "patient identifiers"
+    assert commands[4]["detail"]["shown"]["records"] == 3
+    assert commands[4]["detail"]["arguments"] == ["--event", "maintenance.login"]
     assert commands[1]["detail"]["reveals"] == "documents" or "shown" not in commands[1]["detail"]
     failed = wait_until(
         lambda: [
@@ -233,9 +247,9 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
     )
     entries = [json.loads(line) for line in review.stdout.splitlines()]
     approvals = [e for e in entries if e["approved"]]
-    assert [a["person"] for a in approvals] == ["alice", "victor"]
+    assert [a["person"] for a in approvals] == list(people)
     assert all(a["approved"]["reason"] == "CRL" for a in approvals)
-    alice, victor, wrong = [e for e in entries if not e["approved"]]
+    alice, victor, _ada, wrong = [e for e in entries if not e["approved"]]
     assert alice["person"] == "alice" and alice["login"] == "passed" and alice["role"] == "operator"
     assert alice["key"].startswith("SHA256:") and alice["source"]
     assert [c["command"] for c in alice["commands"]] == ["peers list", "queue list", "rm -rf /"]

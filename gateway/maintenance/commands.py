@@ -5,12 +5,16 @@ looked up here; anything else is refused."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
+from gateway.audit.query import Filters, patients_of, records
 from gateway.errors import MedgwError
 from gateway.operations import Operations, record_view
 from gateway.spool import OutboundState
@@ -107,6 +111,58 @@ async def _peers_resume(ctx: Context, args: list[str]) -> Result:
     return Result(0, _json({"ok": True}))
 
 
+AUDIT_OPTIONS = ("--since", "--until", "--patient", "--peer", "--actor", "--event")
+MAX_AUDIT_RECORDS = 1000  # one answer's records; narrow the window for more
+
+
+def _audit_filters(args: list[str]) -> Filters | str:
+    """The filters ``audit query`` was given, or why they cannot be read."""
+    if len(args) % 2:
+        return f"options come in pairs: {' '.join(AUDIT_OPTIONS)} VALUE"
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    unknown = set(given) - set(AUDIT_OPTIONS)
+    if unknown:
+        return f"unknown option {sorted(unknown)[0]}; use {', '.join(AUDIT_OPTIONS)}"
+    times: dict[str, datetime | None] = {}
+    for key in ("--since", "--until"):
+        text = given.get(key)
+        try:
+            at = datetime.fromisoformat(text) if text else None
+        except ValueError:
+            return f"{key} {text!r} is not ISO 8601 (e.g. 2026-11-01T09:00+09:00)"
+        times[key] = at.replace(tzinfo=UTC) if at and at.tzinfo is None else at
+    return Filters(
+        times["--since"],
+        times["--until"],
+        given.get("--patient"),
+        given.get("--peer"),
+        given.get("--actor"),
+        given.get("--event"),
+    )
+
+
+async def _audit_query(ctx: Context, args: list[str]) -> Result:
+    filters = _audit_filters(args)
+    if isinstance(filters, str):
+        return Result(2, filters + "\n")
+    path = ctx.operations.config.storage.audit_log
+
+    def read() -> list[dict[str, Any]]:
+        return list(itertools.islice(records([path], filters), MAX_AUDIT_RECORDS + 1))
+
+    found = await asyncio.to_thread(read)
+    more = len(found) > MAX_AUDIT_RECORDS
+    found = found[:MAX_AUDIT_RECORDS]
+    patients = sorted({f"{a}^{p}" if a else p for r in found for p, a in patients_of(r)})
+    shown: dict[str, Any] = {"records": len(found)}
+    if patients:
+        shown["patients"] = patients
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)
+    if more:
+        text += f"(more than {MAX_AUDIT_RECORDS} records: narrow --since/--until)\n"
+    return Result(0, text, shown)
+
+
 async def _reload(ctx: Context, args: list[str]) -> Result:
     if await ctx.reload():
         return Result(0, _json({"reloaded": True}))
@@ -122,6 +178,13 @@ COMMANDS = (
     Command(("peers", "list"), "viewer", "peers list", None, _peers_list),
     Command(("peers", "suspend"), "operator", "peers suspend PEER [REASON]", None, _peers_suspend),
     Command(("peers", "resume"), "operator", "peers resume PEER", None, _peers_resume),
+    Command(
+        ("audit", "query"),
+        "admin",
+        "audit query [--since T] [--until T] [--patient ID] [--peer P] [--actor A] [--event E]",
+        "patient identifiers",
+        _audit_query,
+    ),
     Command(("reload",), "admin", "reload", None, _reload),
 )
 # How many words after the command each takes: (least, most).
@@ -135,6 +198,7 @@ ARITY = {
     "peers suspend": (1, 64),
     "peers resume": (1, 1),
     "reload": (0, 0),
+    "audit query": (0, 2 * len(AUDIT_OPTIONS)),
 }
 
 
@@ -145,7 +209,7 @@ def allowed(role: str) -> list[Command]:
 def help_text(role: str) -> str:
     lines = [f"commands for role {role}:"]
     for command in allowed(role):
-        note = "  (shows document names: audited)" if command.reveals else ""
+        note = f"  (shows {command.reveals}: audited)" if command.reveals else ""
         lines.append(f"  {command.usage}{note}")
     return "\n".join(lines) + "\n"
 
