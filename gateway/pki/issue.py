@@ -108,6 +108,28 @@ def make_ca(
     return Issued(certificate, key)
 
 
+def leaf_extensions(
+    usage: dict[str, bool], eku: Sequence[x509.ObjectIdentifier]
+) -> list[tuple[x509.ExtensionType, bool]]:
+    """The extensions of an end-entity certificate (or its request), each with whether
+    it is critical: not a CA, the key usages in ``usage`` (the others off), ``eku``."""
+    return [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (
+            x509.KeyUsage(
+                data_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+                **usage,
+            ),
+            True,
+        ),
+        (x509.ExtendedKeyUsage(eku), False),
+    ]
+
+
 def issue(
     ca: Issued,
     common_name: str,
@@ -156,23 +178,10 @@ def issue(
         if purpose == "tls"
         else [ExtendedKeyUsageOID.EMAIL_PROTECTION]
     )
-    builder = (
-        _base(_name(common_name, organization), ca.certificate.subject, key, now, days)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                data_encipherment=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-                **usage,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        .add_extension(_aki_from_issuer(ca), critical=False)
-    )
+    builder = _base(_name(common_name, organization), ca.certificate.subject, key, now, days)
+    for extension, critical in leaf_extensions(usage, eku):
+        builder = builder.add_extension(extension, critical=critical)
+    builder = builder.add_extension(_aki_from_issuer(ca), critical=False)
     alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
     alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
     if alt_names:
