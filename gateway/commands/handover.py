@@ -7,13 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from gateway.clock import iso_seconds
-from gateway.commands import add_config_option
+from gateway.commands import add_config_option, emit, record_table
 from gateway.commands.queue import _client, _offline, offline_read
 from gateway.control.client import NotRunningError
 from gateway.operations import handover_view, listed
@@ -41,24 +39,19 @@ def register(commands: Any) -> None:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _emit(args: argparse.Namespace, data: Any, text: str) -> int:
-    print(json.dumps(data, indent=2) if args.json else text)
-    return 0
-
-
 def _table(records: list[dict[str, Any]]) -> str:
-    if not records:
-        return "no hand-overs"
-    lines = [f"{'STATE':<8} {'PEER':<14} {'TRIES':>5}  {'RECEIVED':<25} {'FILE':<28} MESSAGE-ID"]
-    for r in records:
-        lines.append(
-            f"{r['state']:<8} {r['peer']:<14} {r['attempts']:>5}  "
-            f"{iso_seconds(r['created_at']):<25} "
-            f"{Path(r['inbox_file']).name[:28]:<28} {r['message_id']}"
-        )
-        if r["state"] != HandoverState.DONE.value and r["last_error"]:
-            lines.append(f"{'':<8} last error: {r['last_error']}")
-    return "\n".join(lines)
+    return record_table(
+        records,
+        empty="no hand-overs",
+        state_width=8,
+        created="RECEIVED",
+        file=lambda r: Path(r["inbox_file"]).name,
+        notes=lambda r: (
+            [f"last error: {r['last_error']}"]
+            if r["state"] != HandoverState.DONE.value and r["last_error"]
+            else []
+        ),
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -76,7 +69,7 @@ def _list(args: argparse.Namespace) -> int:
         offline_read(
             config, lambda audit, actor: listed(audit, records, actor, "handover", filters)
         )
-    return _emit(args, records, _table(records))
+    return emit(args, records, _table(records))
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -85,7 +78,7 @@ def _retry(args: argparse.Namespace) -> int:
         f"/v1/handover/{quote(args.message_id, safe='')}/retry",
         {"peer": args.peer} if args.peer else None,
     )
-    return _emit(
+    return emit(
         args,
         record,
         f"{record['message_id']}: hand-over retry requested, now {record['state']}",

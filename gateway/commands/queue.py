@@ -12,7 +12,6 @@ validates the whole configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tomllib
@@ -22,8 +21,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from gateway.audit import AuditLog, AuditSink
-from gateway.clock import SystemClock, iso_seconds
-from gateway.commands import add_config_option
+from gateway.clock import SystemClock
+from gateway.commands import add_config_option, emit, record_table
 from gateway.config import GatewayConfig, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient, NotRunningError
@@ -127,22 +126,14 @@ def offline_read(config: GatewayConfig, record: Callable[[AuditSink, str], None]
         ) from exc
 
 
-def _emit(args: argparse.Namespace, data: Any, table: str) -> int:
-    print(json.dumps(data, indent=2) if args.json else table)
-    return 0
-
-
 def _table(records: list[dict[str, Any]]) -> str:
-    if not records:
-        return "no messages"
-    lines = [f"{'STATE':<10} {'PEER':<14} {'TRIES':>5}  {'CREATED':<25} {'FILE':<28} MESSAGE-ID"]
-    for r in records:
-        lines.append(
-            f"{r['state']:<10} {r['peer']:<14} {r['attempts']:>5}  "
-            f"{iso_seconds(r['created_at']):<25} "
-            f"{r['filename'][:28]:<28} {r['message_id']}"
-        )
-    return "\n".join(lines)
+    return record_table(
+        records,
+        empty="no messages",
+        state_width=10,
+        created="CREATED",
+        file=lambda r: str(r["filename"]),
+    )
 
 
 def _detail(record: dict[str, Any]) -> str:
@@ -161,7 +152,7 @@ def _queue_list(args: argparse.Namespace) -> int:
         finally:
             spool.close()
         offline_read(config, lambda audit, actor: listed(audit, records, actor, "queue", query))
-    return _emit(args, records, _table(records))
+    return emit(args, records, _table(records))
 
 
 def _queue_show(args: argparse.Namespace) -> int:
@@ -178,7 +169,7 @@ def _queue_show(args: argparse.Namespace) -> int:
             return 1
         record = record_view(found)
         offline_read(config, lambda audit, actor: viewed(audit, record, actor, "spool"))
-    return _emit(args, record, _detail(record))
+    return emit(args, record, _detail(record))
 
 
 def _queue_action(args: argparse.Namespace, action: str) -> int:
@@ -186,7 +177,7 @@ def _queue_action(args: argparse.Namespace, action: str) -> int:
     text = f"{record['message_id']}: {action} done, now {record['state']}"
     if action == "retry" and record["state"] == "intake":
         text += " (its kept document is being signed and encrypted again; see medgw queue show)"
-    return _emit(args, record, text)
+    return emit(args, record, text)
 
 
 def _queue_retry(args: argparse.Namespace) -> int:
@@ -228,14 +219,14 @@ def _peers_list(args: argparse.Namespace) -> int:
                 f"configure it again, or: medgw queue list --peer {p['name']} --state queued, "
                 "then medgw queue cancel ID"
             )
-    return _emit(args, peers, "\n".join(lines))
+    return emit(args, peers, "\n".join(lines))
 
 
 def _peers_suspend(args: argparse.Namespace) -> int:
     _client(args).call(
         "POST", f"/v1/peers/{quote(args.peer, safe='')}/suspend", {"reason": args.reason}
     )
-    return _emit(
+    return emit(
         args,
         {"peer": args.peer, "suspended": True},
         f"{args.peer}: exchange suspended (outbound held, inbound refused with 503)",
@@ -244,4 +235,4 @@ def _peers_suspend(args: argparse.Namespace) -> int:
 
 def _peers_resume(args: argparse.Namespace) -> int:
     _client(args).call("POST", f"/v1/peers/{quote(args.peer, safe='')}/resume")
-    return _emit(args, {"peer": args.peer, "suspended": False}, f"{args.peer}: exchange resumed")
+    return emit(args, {"peer": args.peer, "suspended": False}, f"{args.peer}: exchange resumed")
