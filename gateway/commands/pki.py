@@ -7,6 +7,7 @@ Exit codes: 0 valid / no errors; 1 invalid / errors found; 2 usage error
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import sys
@@ -115,7 +116,7 @@ def _verify(args: argparse.Namespace) -> int:
     from gateway.egress import Network
     from gateway.pki.ocsp import OcspClient
     from gateway.pki.store import PkiFileError, load_certificates, load_crls, load_many
-    from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
+    from gateway.pki.validate import Purpose, RevocationPolicy, validate
     from gateway.policy import AlgorithmPolicy
 
     try:
@@ -130,19 +131,21 @@ def _verify(args: argparse.Namespace) -> int:
     except PkiFileError as exc:
         return _usage(str(exc))
     checking = bool(args.crl or args.ocsp)
-    result = validate_sync(
-        leaves[0],
-        anchors=anchors,
-        intermediates=intermediates,
-        purpose=Purpose(args.purpose),
-        at=at,
-        revocation=RevocationPolicy.REQUIRE if checking else RevocationPolicy.OFF,
-        crls=crls,
-        ocsp=bool(args.ocsp),
-        # No configuration, so no zone: the responders the certificates name, from the
-        # host's default route, as the operator asked.
-        ocsp_client=OcspClient(Network.unconfigured()) if args.ocsp else None,
-        policy=AlgorithmPolicy(),
+    result = asyncio.run(
+        validate(
+            leaves[0],
+            anchors=anchors,
+            intermediates=intermediates,
+            purpose=Purpose(args.purpose),
+            at=at,
+            revocation=RevocationPolicy.REQUIRE if checking else RevocationPolicy.OFF,
+            crls=crls,
+            ocsp=bool(args.ocsp),
+            # No configuration, so no zone: the responders the certificates name, from the
+            # host's default route, as the operator asked.
+            ocsp_client=OcspClient(Network.unconfigured()) if args.ocsp else None,
+            policy=AlgorithmPolicy(),
+        )
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -202,7 +205,7 @@ def check_rows(
 
     ``crls`` are extra CRLs (``--crl``), checked on top of each zone's ``crls``.
     """
-    from gateway.pki.validate import Purpose, RevocationPolicy, validate_sync
+    from gateway.pki.validate import Purpose, RevocationPolicy, validate
     from gateway.policy import AlgorithmPolicy
 
     rows: list[tuple[str, str, str]] = []
@@ -246,14 +249,16 @@ def check_rows(
                 rows.extend(
                     _cert_rows(label, cert, now, warn_days, encryption=kind == "encryption")
                 )
-                result = validate_sync(
-                    cert,
-                    anchors=anchors,
-                    intermediates=intermediates,
-                    purpose=purpose,
-                    at=now,
-                    revocation=RevocationPolicy.OFF,
-                    policy=AlgorithmPolicy(),
+                result = asyncio.run(
+                    validate(
+                        cert,
+                        anchors=anchors,
+                        intermediates=intermediates,
+                        purpose=purpose,
+                        at=now,
+                        revocation=RevocationPolicy.OFF,
+                        policy=AlgorithmPolicy(),
+                    )
                 )
                 if not result.valid:
                     rows.append(
@@ -358,7 +363,7 @@ def _csr(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    from gateway.pki.issue import new_key, signature_hash, write_pem
+    from gateway.pki.issue import leaf_extensions, new_key, signature_hash, write_pem
 
     for option, path in (("--key-out", args.key_out), ("--csr-out", args.csr_out)):
         if path.exists():
@@ -398,23 +403,9 @@ def _csr(args: argparse.Namespace) -> int:
     if args.org:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, args.org))
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, args.cn))
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(attributes))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                data_encipherment=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-                **usage,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    )
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attributes))
+    for extension, critical in leaf_extensions(usage, eku):
+        builder = builder.add_extension(extension, critical=critical)
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in args.dns]
     names += [x509.IPAddress(ip) for ip in ips]
     names += [x509.RFC822Name(e) for e in args.email]

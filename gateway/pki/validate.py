@@ -777,35 +777,3 @@ async def _run(
     from pyhanko_certvalidator.validate import async_validate_path
 
     await async_validate_path(context, path, parameters=params)
-
-
-def validate_sync(
-    leaf: x509.Certificate,
-    *,
-    anchors: Sequence[x509.Certificate],
-    purpose: Purpose,
-    at: datetime,
-    revocation: RevocationPolicy,
-    policy: AlgorithmPolicy,
-    intermediates: Sequence[x509.Certificate] = (),
-    crls: Sequence[x509.CertificateRevocationList] = (),
-    ocsp: bool = False,
-    ocsp_client: OcspClient | None = None,
-) -> ValidationResult:
-    """:func:`validate` for synchronous callers (command line tools); not inside a loop."""
-    import asyncio
-
-    return asyncio.run(
-        validate(
-            leaf,
-            anchors=anchors,
-            purpose=purpose,
-            at=at,
-            revocation=revocation,
-            policy=policy,
-            intermediates=intermediates,
-            crls=crls,
-            ocsp=ocsp,
-            ocsp_client=ocsp_client,
-        )
-    )
