@@ -411,8 +411,9 @@ class Daemon:
         trust = await self._assess_trust(config)
         self._audit_trust(config, trust, {})
         self._state = self._build_state(config, trust)
-        self._outbound = Outbound(config, self._spool, self._audit_sink(), self._log, self._clock)
-        self._outbound.trust = trust
+        self._outbound = Outbound(
+            self._state, self._spool, self._audit_sink(), self._log, self._clock
+        )
         try:
             # Before any request: deliveries a killed run left half-done are settled first.
             await asyncio.to_thread(self.state.inbound.recover)
@@ -1236,8 +1237,7 @@ class Daemon:
         self._alerts.responsible = new_state.config.responsible
         if self._maintenance is not None and new_state.config.maintenance is not None:
             self._maintenance.update(new_state.config.maintenance)
-        self._outbound.config = new_state.config
-        self._outbound.trust = new_state.trust
+        self._outbound.use(new_state)
         self._sync_peer_tasks()
         self._sync_exporter()
         for server in self._servers:

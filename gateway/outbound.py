@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from cryptography import x509
 
@@ -99,19 +99,36 @@ LATE_RECEIPT_STATES = frozenset(
 GIVEN_UP = frozenset({OutboundState.EXPIRED, OutboundState.DEAD, OutboundState.CANCELLED})
 
 
+class Current(Protocol):
+    """The runtime state the sender reads: one configuration and the trust judged for it
+    (the daemon's RuntimeState is one; :class:`Settings` for tests and tools)."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def trust(self) -> Mapping[str, PeerTrust]: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: GatewayConfig
+    trust: Mapping[str, PeerTrust]
+
+
 class Outbound:
     def __init__(
-        self, config: GatewayConfig, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+        self, state: Current, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
     ) -> None:
-        self.config = config
+        self._state = state
         self._spool = spool
         self._audit = audit
         self._log = log
         self._clock = clock
-        state = config.storage.state_dir
-        self._payloads = state / "payloads"
-        self._outgoing = state / "outgoing"
-        self._receipts = state / "receipts"
+        state_dir = state.config.storage.state_dir
+        self._payloads = state_dir / "payloads"
+        self._outgoing = state_dir / "outgoing"
+        self._receipts = state_dir / "receipts"
         for folder in (self._payloads, self._outgoing, self._receipts):
             private_folder(folder)
         self._reported_unknown: set[str] = set()
@@ -121,8 +138,20 @@ class Outbound:
         # removed before any document is taken again, see intake_once.
         self._unabandoned: set[str] = set()
         self.wakeups: dict[str, asyncio.Event] = {}
-        # Which peer certificates are acceptable now; set by the daemon on every swap.
-        self.trust: Mapping[str, PeerTrust] = {}
+
+    def use(self, state: Current) -> None:
+        """Read ``state`` from now on: a reload swaps the configuration and the trust
+        judged for it together, never one without the other."""
+        self._state = state
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._state.config
+
+    @property
+    def trust(self) -> Mapping[str, PeerTrust]:
+        """Which peer certificates are acceptable now."""
+        return self._state.trust
 
     def _recipient(self, peer: Peer) -> x509.Certificate:
         """The newest acceptable encryption certificate of ``peer`` (rotation: see pki.peers)."""

@@ -24,7 +24,7 @@ from gateway.demo_run import drop_file, free_ports, wait_until
 from gateway.errors import SpoolError
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
-from gateway.outbound import INLINE_BODY_BYTES, Outbound
+from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
 from gateway.spool import SqliteSpool
@@ -56,7 +56,7 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    intake = SlowTakes(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    intake = SlowTakes(Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), clock)
     intake.finished = []
     folder = layout.lab.outbox_dir / "hospital"
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,9 +144,11 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    outbound = Outbound(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
+    )
     [peer] = config.peers
-    outbound.trust = await assess_peers(config.peers, config.zones, at=clock.now())
     documents = {
         "small.hl7": b"MSH|^~\\&|small\r",
         "large.dcm": os.urandom(INLINE_BODY_BYTES + 1000),  # sealed file to file
@@ -194,9 +196,11 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     clock = SystemClock()
     spool = FullSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    outbound = Outbound(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
+    )
     [peer] = config.peers
-    outbound.trust = await assess_peers(config.peers, config.zones, at=clock.now())
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
     move = gateway.outbound._move_into_spool
 

@@ -28,7 +28,7 @@ from gateway.config import GatewayConfig, Peer, load_config
 from gateway.demo_run import free_ports, read_audit
 from gateway.egress import Network
 from gateway.logs import make_logger
-from gateway.outbound import Outbound
+from gateway.outbound import Outbound, Settings
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
@@ -67,9 +67,11 @@ async def _sender(
     spool.threads = []
     audit = NotedAudit(tmp_path / "audit.jsonl", clock, node="hospital")
     audit.threads = []
-    outbound = Outbound(config, spool, audit, make_logger(stream=io.StringIO()), clock)
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    outbound = Outbound(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
+    )
     [peer] = config.peers
-    outbound.trust = await assess_peers(config.peers, config.zones, at=clock.now())
     return outbound, spool, audit, peer
 
 
@@ -119,7 +121,8 @@ async def test_a_refused_connection_and_the_last_attempt_are_recorded_off_the_ev
         assert again is not None and again.state is OutboundState.QUEUED
 
         # The last attempt: the message becomes a dead letter, off the loop too.
-        outbound.config = replace(config, runtime=replace(config.runtime, max_attempts=1))
+        last = replace(config, runtime=replace(config.runtime, max_attempts=1))
+        outbound.use(Settings(last, outbound.trust))
         later = SystemClock().now().timestamp() + 100_000
         [record], _ = await outbound.due_for_sending(peer, later, 1)
         spool.threads.clear()
