@@ -1,0 +1,103 @@
+"""One SQLite database with a writer and a reader connection; every change one transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.clock import Clock
+from gateway.errors import SpoolError
+from gateway.fsutil import private_file, shared_folder, storage_fix
+from gateway.spool.groupcommit import GroupCommit
+from gateway.spool.schema import create_or_upgrade
+
+T = TypeVar("T")
+
+
+class Database:
+    """The connections and the transaction helpers the parts of the SQLite spool share."""
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self._clock = clock
+        try:
+            shared_folder(path.parent)  # the state folder: the inbox and outbox may be in it
+            # Mode 0600 whatever the umask; SQLite gives its -wal and -shm files the mode
+            # of the database (those of an older version are corrected here too).
+            for file in (
+                path,
+                path.with_name(path.name + "-wal"),
+                path.with_name(path.name + "-shm"),
+            ):
+                if file is path or file.exists():
+                    private_file(file)
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot create the spool database {path}: {exc.strerror or exc}",
+                fix=storage_fix(exc, path.parent),
+            ) from exc
+        try:
+            # Two connections shared by the event loop and worker threads: one writes
+            # (transactions of several threads share a commit: see groupcommit), one
+            # reads, so a read never waits for a commit's fsync.  WAL mode lets the
+            # reader see every committed transaction without blocking the writer.
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            create_or_upgrade(self._db)
+            self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._reader.row_factory = sqlite3.Row
+            self._reader.execute("PRAGMA busy_timeout=5000")
+            self._reader.execute("PRAGMA query_only=1")
+        except sqlite3.Error as exc:
+            raise SpoolError(
+                f"cannot open the spool database {path}: {exc}",
+                fix="check that the state directory is writable and the disk is not full",
+            ) from exc
+        self._writer = GroupCommit(self._db)
+        self._read_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._db.close()
+
+    def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
+
+    def _transact(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` as one transaction; returns once it is committed (and fsync'ed)."""
+        try:
+            return self._writer.run(work)
+        except sqlite3.Error as exc:
+            raise SpoolError(
+                f"spool write failed: {exc}",
+                fix="check free disk space and permissions of the state directory",
+            ) from exc
+
+    def _one(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+        rows = self._read(sql, params)
+        return rows[0] if rows else None
+
+    def _now(self) -> str:
+        return self._clock.now().isoformat()
+
+    def _write(
+        self,
+        sql: str,
+        params: tuple[Any, ...],
+        more: list[tuple[str, tuple[Any, ...]]] | None = None,
+    ) -> int:
+        """Run ``sql`` (and the statements in ``more``) as one transaction."""
+
+        def work(db: sqlite3.Connection) -> int:
+            count = db.execute(sql, params).rowcount
+            for statement, values in more or ():
+                db.execute(statement, values)
+            return int(count)
+
+        return self._transact(work)

@@ -1,0 +1,142 @@
+"""Received messages by (peer, Message-ID): delivered once, answered with the same receipt."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from gateway.spool.records import (
+    HandoverState,
+    InboundRecord,
+)
+from gateway.spool.sqlite.database import Database
+
+
+def _inbound(row: sqlite3.Row) -> InboundRecord:
+    return InboundRecord(
+        peer=row["peer"],
+        message_id=row["message_id"],
+        sha256=row["sha256"],
+        target_path=Path(row["target_path"]),
+        state=row["state"],
+        receipt_headers=tuple(tuple(h) for h in json.loads(row["receipt_headers"] or "[]")),
+        receipt_body=row["receipt_body"],
+        service=row["service"],
+        work_path=Path(row["work_path"]) if row["work_path"] else None,
+        size=row["size"],
+        received_at=row["received_at"],
+    )
+
+
+class InboundDedup(Database):
+    """Received messages by (peer, Message-ID): delivered once, answered with the same receipt."""
+
+    def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None:
+        row = self._one("SELECT * FROM inbound WHERE peer=? AND message_id=?", (peer, message_id))
+        return None if row is None else _inbound(row)
+
+    def inbound_unfinished(self) -> list[InboundRecord]:
+        """Deliveries a stopped process left in the middle (state ``delivering``)."""
+        rows = self._read("SELECT * FROM inbound WHERE state='delivering'", ())
+        return [_inbound(r) for r in rows]
+
+    def inbound_target_claimed(self, target_path: Path) -> bool:
+        return (
+            self._one("SELECT 1 FROM inbound WHERE target_path=?", (str(target_path),)) is not None
+        )
+
+    def inbound_begin(
+        self,
+        peer: str,
+        message_id: str,
+        sha256: str,
+        target_path: Path,
+        service: str | None = None,
+        *,
+        work_path: Path | None = None,
+        size: int | None = None,
+    ) -> None:
+        now = self._now()
+        self._write(
+            "INSERT OR REPLACE INTO inbound (peer, message_id, sha256, target_path, state,"
+            " received_at, updated_at, service, work_path, size) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                peer,
+                message_id,
+                sha256,
+                str(target_path),
+                "delivering",
+                now,
+                now,
+                service,
+                str(work_path) if work_path is not None else None,
+                size,
+            ),
+        )
+
+    def inbound_retarget(self, peer: str, message_id: str, target_path: Path) -> None:
+        """A delivery in progress takes another name (its first one was taken meanwhile)."""
+        self._write(
+            "UPDATE inbound SET target_path=?, updated_at=? WHERE peer=? AND message_id=?"
+            " AND state='delivering'",
+            (str(target_path), self._now(), peer, message_id),
+        )
+
+    def inbound_release(self, peer: str, message_id: str) -> None:
+        """Forget a delivery that did not reach the inbox: a resend starts afresh."""
+        self._write(
+            "DELETE FROM inbound WHERE peer=? AND message_id=? AND state='delivering'",
+            (peer, message_id),
+        )
+
+    def inbound_written(self, peer: str, message_id: str) -> None:
+        """An interrupted delivery is known to be in the inbox (and audited as such)."""
+        self._write(
+            "UPDATE inbound SET state='written', updated_at=? WHERE peer=? AND message_id=?"
+            " AND state='delivering'",
+            (self._now(), peer, message_id),
+        )
+
+    def inbound_delivered(
+        self,
+        peer: str,
+        message_id: str,
+        receipt_headers: list[tuple[str, str]],
+        receipt_body: bytes,
+        handover: tuple[str, int] | None = None,
+    ) -> None:
+        """The document is durably in the inbox and its receipt stored.
+
+        ``handover`` (content type, size): also queue its hand-over to the internal
+        system, in the same transaction, so that every document answered
+        ``processed`` is handed over even if the process dies right after.
+        """
+        now = self._now()
+        more: list[tuple[str, tuple[Any, ...]]] = []
+        if handover is not None:
+            content_type, size = handover
+            more.append(
+                (
+                    "INSERT OR IGNORE INTO handover (peer, message_id, service, path,"
+                    " content_type, sha256, size, state, created_at, updated_at)"
+                    " SELECT peer, message_id, service, target_path, ?, sha256, ?, ?, ?, ?"
+                    " FROM inbound WHERE peer=? AND message_id=?",
+                    (
+                        content_type,
+                        size,
+                        HandoverState.PENDING.value,
+                        now,
+                        now,
+                        peer,
+                        message_id,
+                    ),
+                )
+            )
+        self._write(
+            "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?, updated_at=?"
+            " WHERE peer=? AND message_id=?",
+            (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
+            more,
+        )
