@@ -271,6 +271,13 @@ def server_context(
     """Listener context: client certificate required, must chain and be a configured peer's
     (a listed certificate, or one whose public key is in ``accepted_spki``)."""
     context = _base_context(ssl.Purpose.CLIENT_AUTH, identity, anchors, min_version)
+    # No session resumption: a resumed session skips the client certificate's path
+    # validation and pin check, which must be judged again on every connection (a
+    # revocation or a peer removed since then counts).  AS2 clients keep connections
+    # alive, so a full handshake per connection costs little.
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
+    tlsnative.no_session_cache(context, security_level=SECURITY_LEVEL)
     pins = frozenset(certificate_fingerprint(c) for c in accepted_clients)
     spki_pins = frozenset(accepted_spki)
     refused = _Refused()

@@ -33,6 +33,8 @@ from gateway.errors import MedgwError
 
 # From openssl/ssl.h (stable ABI since OpenSSL 1.1.1).
 _SSL_CTRL_MODE = 33
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF = 0
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _SSL_MODE_NO_AUTO_CHAIN = 0x00000008
 
@@ -75,6 +77,13 @@ def _ssl_ctx(context: ssl.SSLContext, security_level: int) -> tuple[ctypes.CDLL,
             fix="run medgw on CPython 3.11 to 3.13 (another interpreter or build is not supported)",
         )
     return lib, pointer
+
+
+def no_session_cache(context: ssl.SSLContext, *, security_level: int) -> None:
+    """The server keeps no sessions: a client cannot resume one by its session ID (with
+    ``OP_NO_TICKET`` and no TLS 1.3 tickets, nothing can be resumed at all)."""
+    lib, pointer = _ssl_ctx(context, security_level)
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
 
 
 def restrict(
