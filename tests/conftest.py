@@ -7,9 +7,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from gateway.demo_run import GatewayProcess, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
+
+# No property test has a wall-clock deadline per example: on a loaded machine a
+# correct example can take longer than hypothesis' default 200 ms, and how fast
+# the code is is measured in bench/, not asserted by a test.
+settings.register_profile("medgw", deadline=None)
+settings.load_profile("medgw")
 
 
 @pytest.fixture
