@@ -18,10 +18,13 @@ from typing import Any
 import asyncssh
 import pytest
 
+from gateway.audit import AuditEvent, EventType
+from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import free_ports, read_audit, wait_until
 from gateway.errors import ConfigError
 from gateway.maintenance import algorithms, totp
+from gateway.maintenance.server import MaintenanceServer, _Connection, _Session
 from gateway.pki.demo import DemoLayout
 
 ADDRESS = "127.0.0.2"  # a loopback address of its own: not the zone listener's 127.0.0.1
@@ -466,3 +469,63 @@ def test_maintainer_add_writes_the_account_and_shows_its_secret_once(
             assert (await conn.run("status")).exit_status == 0
 
     asyncio.run(scenario())
+
+
+def test_a_one_time_code_is_accepted_once(site: Site, processes: Any) -> None:
+    site.add("alice", "operator")
+    processes.start(site.config)
+    site.approve("alice")
+
+    async def scenario() -> None:
+        code = site.code("alice", 1)  # the next step's code: still valid on the next try
+        async with await site.connect("alice", code):
+            pass
+        with pytest.raises(asyncssh.PermissionDenied):
+            await site.connect("alice", code)
+
+    asyncio.run(scenario())
+    refused = wait_until(
+        lambda: [
+            r
+            for r in site.events("maintenance.login_failed")
+            if r["reason"] == "one-time code already used"
+        ],
+        30,
+        "the replayed code in the audit trail",
+    )
+    assert refused[0]["actor"] == "maintainer:alice"
+
+
+def test_a_key_verified_for_one_person_is_not_the_first_factor_of_another(site: Site) -> None:
+    """SSH lets a client change the user name between authentication requests."""
+    site.add("alice", "admin")
+    site.add("bob", "admin")
+    settings = load_config(site.config).maintenance
+    assert settings is not None
+    events: list[AuditEvent] = []
+
+    class Sink:
+        def emit(self, event: AuditEvent) -> None:
+            events.append(event)
+
+    async def no_reload() -> bool:
+        return False
+
+    def no_operations() -> Any:
+        raise AssertionError("nobody logs in here")
+
+    server = MaintenanceServer(
+        settings, no_operations, Sink, SystemClock(), no_reload, lambda *_: True
+    )
+    alice_key = asyncssh.read_public_key(site.key("alice").with_suffix(".pub"))
+    connection = _Connection(server)
+    connection.begin_auth("alice")
+    connection._session.fingerprint = alice_key.get_fingerprint("sha256")
+    assert connection.kbdint_auth_supported()
+    connection.begin_auth("bob")
+    assert not connection.kbdint_auth_supported()
+    # and alice's key with bob's code is no login of bob's
+    session = _Session("s", "127.0.0.1", "bob", alice_key.get_fingerprint("sha256"))
+    assert not server.check_code(session, site.code("bob"))
+    assert not session.logged_in
+    assert [e.event for e in events] == [EventType.MAINTENANCE_LOGIN_FAILED]

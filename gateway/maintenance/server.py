@@ -210,6 +210,9 @@ class MaintenanceServer:
             else None
         )
         replayed = step is not None and step <= self._last_step.get(session.person, -1)
+        # the key verified must be this person's (the user name cannot change in between)
+        if account is not None and session.fingerprint not in account.fingerprints:
+            account = None
         if account is None or step is None or replayed:
             session.code_failures += 1
             self.emit(
@@ -326,6 +329,10 @@ class _Connection(asyncssh.SSHServer):
         self._server.closed(self._session)
 
     def begin_auth(self, username: str) -> bool:
+        # A client may change the user name between requests: a key verified for one
+        # person is never the first factor of another.
+        if self._session.person != username[:64]:
+            self._session.fingerprint = None
         self._session.person = username[:64]
         return True
 
