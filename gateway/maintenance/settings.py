@@ -10,16 +10,15 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import asyncssh
 
 from gateway.maintenance import algorithms, totp
-
-if TYPE_CHECKING:
-    from gateway.config import Listener, Zone, _Reader, _Section
+from gateway.routing import Listener, Zone
+from gateway.tomlreader import Reader, Section
 
 ROLES = ("viewer", "operator", "admin")
 PERSON = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
@@ -61,10 +60,10 @@ class MaintenanceSettings:
 
 
 def load_maintenance(
-    reader: _Reader,
-    section: _Section,
-    listeners: list[Listener],
-    zones: list[Zone],
+    reader: Reader,
+    section: Section,
+    listeners: Sequence[Listener],
+    zones: Sequence[Zone],
     api: tuple[str, int] | None,
 ) -> MaintenanceSettings | None:
     listen = section.string("listen", example='"192.0.2.20:2222"')
@@ -105,10 +104,10 @@ def load_maintenance(
 
 
 def _listen_address(
-    section: _Section,
+    section: Section,
     value: str,
-    listeners: list[Listener],
-    zones: list[Zone],
+    listeners: Sequence[Listener],
+    zones: Sequence[Zone],
     api: tuple[str, int] | None,
 ) -> tuple[str, int] | None:
     """``ADDRESS:PORT`` on an address of its own: never a zone listener's (a peer could
@@ -162,7 +161,7 @@ def _listen_address(
     return str(address), int(port_text)
 
 
-def _host_key(reader: _Reader, section: _Section, path: Path) -> asyncssh.SSHKey | None:
+def _host_key(reader: Reader, section: Section, path: Path) -> asyncssh.SSHKey | None:
     data = reader.read_file(section, "host_key", path, "the SSH host key of this gateway")
     if data is None:
         return None
@@ -200,13 +199,12 @@ def parse_public_key(line: str) -> tuple[asyncssh.SSHKey | None, str]:
     return key, ""
 
 
-def load_maintainer(reader: _Reader, path: Path) -> Maintainer | None:
-    from gateway.config import _Section  # the loader's section reader (no import cycle)
+def load_maintainer(reader: Reader, path: Path) -> Maintainer | None:
 
     data = reader.load_toml(path)
     if data is None:
         return None
-    section = _Section(reader, path, "", data)
+    section = Section(reader, path, "", data)
     person = path.stem
     if not PERSON.match(person):
         section.problem(

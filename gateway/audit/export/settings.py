@@ -19,38 +19,11 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
 
 from cryptography import x509
 
 from gateway.pki.keypair import KeyPair
-
-
-class Section(Protocol):
-    """The ``[audit.export]`` table as gateway.config reads it (problems name file and key)."""
-
-    def problem(self, key: str, message: str, fix: str, severity: str = "error") -> None: ...
-    def string(self, key: str, *, default: str | None = None, example: str = '"..."') -> str: ...
-    def choice(self, key: str, choices: tuple[str, ...], *, default: str) -> str: ...
-    def number(
-        self, key: str, *, default: float, minimum: float, maximum: float | None = None
-    ) -> float: ...
-    def has(self, key: str) -> bool: ...
-    def mark_seen(self, key: str) -> None: ...
-    def finish(self) -> None: ...
-
-
-S = TypeVar("S", bound=Section)
-S_contra = TypeVar("S_contra", bound=Section, contravariant=True)
-
-
-class Reader(Protocol[S_contra]):
-    """gateway.config's file reader: paths, certificates and keys, checked as it checks them."""
-
-    def path(self, value: str) -> Path: ...
-    def certificates(self, section: S_contra, key: str, path: Path) -> list[x509.Certificate]: ...
-    def key_pair(self, section: S_contra, cert_key: str, key_key: str) -> KeyPair | None: ...
-
+from gateway.tomlreader import Reader, Section
 
 FORMATS = ("atna", "fhir")
 DEFAULT_PORT = 6514  # RFC 5425
@@ -92,7 +65,7 @@ def parse_collector(value: str) -> tuple[str, int] | None:
     return host, port
 
 
-def load_export(reader: Reader[S], section: S) -> ExportSettings | None:
+def load_export(reader: Reader, section: Section) -> ExportSettings | None:
     """Read ``[audit.export]``; problems go to ``reader`` (None when it is unusable)."""
     collector_text = section.string("collector", example='"siem.hospital.example:6514"')
     collector = parse_collector(collector_text) if collector_text else None
