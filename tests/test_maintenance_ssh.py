@@ -98,6 +98,7 @@ class Site:
         command: str | None = None,
         code: str | None = None,
         prog: str = "ssh",
+        env: dict[str, str] | None = None,
     ) -> Any:
         askpass = self.root / f"askpass-{person}"
         askpass.write_text(f"#!/bin/sh\necho {code or '000000'}\n")
@@ -121,6 +122,7 @@ class Site:
         target = [f"{person}@{ADDRESS}"]
         port = ["-P" if prog == "sftp" else "-p", str(self.port)]
         env = {
+            **(env or {}),
             "PATH": os.environ["PATH"],
             "SSH_ASKPASS": str(askpass),
             "SSH_ASKPASS_REQUIRE": "force",
@@ -321,13 +323,33 @@ def test_a_shell_a_port_forward_and_sftp_are_refused_and_audited(
     shell = site.ssh("alice", code=site.code("alice"))
     assert shell.returncode != 0
     assert "shell request failed" in shell.stderr or "failed" in shell.stderr
+    # agent and X11 forwarding asked for along with a command: refused, the command runs
+    agent_socket = site.root / "agent.sock"
+    agent = subprocess.Popen(
+        ["ssh-agent", "-D", "-a", str(agent_socket)], stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_until(agent_socket.exists, 30, "the ssh-agent socket")
+        done = site.ssh(
+            "alice",
+            "-A",
+            "-X",
+            command="status",
+            code=site.code("alice", 1),
+            env={"SSH_AUTH_SOCK": str(agent_socket)},
+        )
+    finally:
+        agent.terminate()
+        agent.wait(30)
+    assert done.returncode == 0, done.stderr
+    assert "X11 forwarding request failed" in done.stderr
     forward = site.ssh("bob", "-W", "127.0.0.1:22", code=site.code("bob"))
     assert forward.returncode != 0 and "administratively prohibited" in forward.stderr
     sftp = site.ssh("carol", "-b", "/dev/null", code=site.code("carol"), prog="sftp")
     assert sftp.returncode != 0
     refused = wait_until(
         lambda: (
-            len(site.events("maintenance.request_refused")) >= 3
+            len(site.events("maintenance.request_refused")) >= 5
             and [r["detail"]["request"] for r in site.events("maintenance.request_refused")]
         ),
         30,
@@ -336,6 +358,7 @@ def test_a_shell_a_port_forward_and_sftp_are_refused_and_audited(
     assert "a shell" in refused
     assert "port forwarding to 127.0.0.1:22" in refused
     assert "the sftp subsystem" in refused
+    assert "agent forwarding" in refused and "X11 forwarding" in refused
 
 
 def test_only_cryptrec_algorithms_are_negotiated(site: Site, processes: Any) -> None:

@@ -9,9 +9,9 @@ and asyncssh's client go on with it.  Whether the account has expired or lies
 outside an approved window is said only after both factors: a stranger learns
 nothing about accounts.
 
-Refused, each with an audit event: a shell, a pseudo-terminal, subsystems (SFTP),
-local and remote port forwarding (TCP and unix sockets), tunnels.  Agent and X11
-forwarding are switched off in asyncssh itself.
+Refused, each with an audit event: a shell, subsystems (SFTP), local and remote port
+forwarding (TCP and unix sockets), tunnels, agent and X11 forwarding (also switched
+off in asyncssh's options).  A pseudo-terminal is refused by asyncssh.
 """
 
 from __future__ import annotations
@@ -324,6 +324,17 @@ class _Connection(asyncssh.SSHServer):
             return ok
 
         conn.validate_public_key = first_factor  # type: ignore[method-assign]
+
+        # Switched off in asyncssh's options too; here each request is also audited.
+        async def no_agent() -> bool:
+            self._server.refuse(self._session, "agent forwarding")
+            return False
+
+        async def no_x11(chan: Any, auth_proto: bytes, auth_data: bytes, screen: int) -> None:
+            self._server.refuse(self._session, "X11 forwarding")
+
+        conn.create_agent_listener = no_agent  # type: ignore[method-assign]
+        conn.attach_x11_listener = no_x11  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.closed(self._session)
