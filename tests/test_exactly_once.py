@@ -289,3 +289,31 @@ def test_the_idempotency_key_names_the_document_not_only_its_message_id() -> Non
         idempotency_key("lab:", "<m@x>"),
     }
     assert key not in others and len(others) == 4
+
+
+def test_a_failed_hand_over_attempt_is_audited_before_it_is_counted(
+    layout: DemoLayout,
+    processes: Any,
+    internal_port: int,  # noqa: F811
+) -> None:
+    """A crash between the two leaves an audited attempt, never a counted one the
+    audit trail does not show."""
+    enable_delivery(layout, internal_port)  # nothing listens there yet
+    point = "gateway.spool.sqlite.handover:HandoverQueue.handover_retry"
+    hospital = processes.start(
+        layout.hospital.config_path,
+        prefix=killed_at("--kill-before", point),
+    )
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
+    wait_killed(hospital)
+    [failed] = events(layout.hospital.audit_log, "message.handover_failed")
+    assert failed["detail"]["attempt"] == 1
+    system = InternalSystem(internal_port)
+    try:
+        processes.start(layout.hospital.config_path)
+        [handed] = wait_for_events(layout.hospital.audit_log, "message.handed_over")
+        assert handed["detail"]["attempt"] == 1  # the uncounted attempt's number again
+        assert len(system.ok()) == 1
+    finally:
+        system.close()

@@ -353,7 +353,7 @@ def test_a_pending_hand_over_survives_a_crash_and_resumes_once(
     hospital = processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
-    hospital.wait_for(lambda line: line.get("event") == "message.handover_failed", 60)
+    wait_for_events(layout.hospital.audit_log, "message.handover_failed")
     [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
     assert receipt["detail"]["mic_verified"] is True
     hospital.kill()  # SIGKILL: the pending hand-over is only in the spool
@@ -369,7 +369,12 @@ def test_a_pending_hand_over_survives_a_crash_and_resumes_once(
         failures = events(layout.hospital.audit_log, "message.handover_failed")
         assert failures and "ClientConnector" in failures[0]["reason"]
         [handed] = events(layout.hospital.audit_log, "message.handed_over")
-        assert handed["detail"]["attempt"] == len(failures) + 1
+        # Every attempt the spool counted before the hand-over is audited; the kill may
+        # fall between an attempt's audit record and its count, so that the hand-over
+        # after the restart carries the number of that audited attempt again.
+        attempt = handed["detail"]["attempt"]
+        audited = {f["detail"]["attempt"] for f in failures}
+        assert set(range(1, attempt)) <= audited <= set(range(1, attempt + 1))
     finally:
         system.close()
 

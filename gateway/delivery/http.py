@@ -280,9 +280,6 @@ class HandOver:
         if attempt >= runtime.max_attempts or now >= _deadline(record, runtime):
             self._expire(record, url, reason, attempt)
             return delay  # the system is still failing: the rest of the queue waits too
-        self._spool.handover_retry(
-            record.peer, record.message_id, reason, self._clock.now().timestamp() + delay
-        )
         self._log.warning(
             "message.handover_failed",
             peer=record.peer,
@@ -300,6 +297,12 @@ class HandOver:
                 "attempt": attempt,
                 "retry_in_seconds": round(delay, 1),
             },
+        )
+        # Counted only once audited: a crash in between leaves an audited attempt that
+        # the spool did not count (its number is audited again), never a counted one
+        # the audit trail does not show.
+        self._spool.handover_retry(
+            record.peer, record.message_id, reason, self._clock.now().timestamp() + delay
         )
         return delay
 
