@@ -217,7 +217,10 @@ def test_a_record_written_while_the_log_closes_is_synced_before_the_file_is_clos
     time.sleep(0.1)  # close() waits for that fsync
     second = threading.Thread(target=emitter, args=("second",))
     second.start()
-    time.sleep(0.1)  # the second record is written; its emit waits for an fsync
+    deadline = time.monotonic() + 10
+    while path.read_bytes().count(b"\n") < 2:  # the second record is written; its emit waits
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     release.set()
     for thread in (first, closing, second):
         thread.join(10)
