@@ -300,7 +300,12 @@ class Reader:
             section.problem(key, exc.message, exc.fix or "use an RSA-3072 or ECDSA P-256 key")
             return
         if isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-            section.problem(key, "EdDSA is not on the CRYPTREC list", "use RSA-3072 or ECDSA P-256")
+            section.problem(
+                key,
+                "EdDSA (Ed25519/Ed448) certificates are not accepted: medgw signs and verifies "
+                "with ECDSA and RSA, which every AS2 partner's software supports",
+                "use an ECDSA P-256 or RSA-3072 key",
+            )
             return
         policy = AlgorithmPolicy()
         try:

@@ -178,3 +178,28 @@ def test_the_daemon_marks_the_peer_unusable_alerts_once_and_holds_its_messages(
     [receipt] = wait_for_events(layout.hospital.audit_log, "receipt.received")
 
     assert receipt["detail"]["mic_verified"]
+
+
+def test_an_eddsa_peer_certificate_is_refused_with_the_key_families_medgw_accepts(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    ca = layout.root / "ca"
+    key, csr, cert = tmp_path / "ed.key", tmp_path / "ed.csr", tmp_path / "ed.crt"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", key], check=True)
+    subprocess.run(
+        ["openssl", "req", "-new", "-key", key, "-subj", "/CN=Kita Lab TLS", "-out", csr],
+        check=True,
+    )
+    signing = ["-CA", ca / "ca.crt", "-CAkey", ca / "ca.key", "-days", "30"]
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", csr, *signing, "-out", cert],
+        check=True,
+        capture_output=True,
+    )
+    lab_cert(layout, "tls").write_bytes(cert.read_bytes())
+    result = check_config(layout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    assert "EdDSA (Ed25519/Ed448) certificates are not accepted" in said, said
+    assert "use an ECDSA P-256 or RSA-3072 key" in said
+    assert "not on the CRYPTREC list" not in said

@@ -3,7 +3,8 @@
 CRYPTREC e-Government Recommended Ciphers List: ECDH over P-256/P-384 for key
 agreement, AES-128/256 in GCM or CTR for confidentiality, HMAC with SHA-256/SHA-512
 for integrity, ECDSA P-256/P-384 and RSA (PKCS#1 v1.5 with SHA-256/512) for
-signatures.  Not offered: curve25519/X25519 and Ed25519 (not on the list),
+signatures.  Not offered: curve25519/X25519 (the list's ECDH is over the NIST curves),
+Ed25519 (maintainers' keys follow the certificates' ECDSA/RSA families),
 chacha20-poly1305, UMAC, SHA-1 in kex or signatures, CBC modes, 3DES and arcfour.
 The ``-etm`` MACs are the same HMACs applied to the ciphertext (encrypt-then-MAC).
 """

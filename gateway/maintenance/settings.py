@@ -191,7 +191,10 @@ def parse_public_key(line: str) -> tuple[asyncssh.SSHKey | None, str]:
         return None, f"not an OpenSSH public key ({exc})"
     kind = key.get_algorithm()
     if kind not in algorithms.USER_KEY_TYPES:
-        return None, f"{kind} keys are not on the CRYPTREC list"
+        return None, (
+            f"{kind} keys are not accepted: a maintainer's key is ECDSA P-256/P-384 or RSA "
+            f"of at least {algorithms.RSA_MIN_BITS} bits"
+        )
     pyca = getattr(key, "pyca_key", None)
     bits = getattr(pyca, "key_size", 0)
     if kind == "ssh-rsa" and bits < algorithms.RSA_MIN_BITS:
