@@ -1,0 +1,2 @@
+"""What the monitoring team sees: Prometheus metrics and health endpoints on a local
+address (``[metrics]``), never on a zone listener."""
