@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import gateway.outbound
+import gateway.outbound.intake
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -25,14 +25,17 @@ from gateway.errors import SpoolError
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
 from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
+from gateway.outbound.context import Context
+from gateway.outbound.intake import OutboxIntake
+from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
 from gateway.spool import SqliteSpool
 from tests.audit_trail import events, wait_for_events
 
 
-class SlowTakes(Outbound):
-    """The real intake, with each take's work replaced by a pause (one take fails)."""
+class SlowTakes(OutboxIntake):
+    """The real outbox intake, with each take's work replaced by a pause (one take fails)."""
 
     finished: list[str]
 
@@ -56,7 +59,8 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    intake = SlowTakes(Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), clock)
+    context = Context(Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), clock)
+    intake = SlowTakes(context, Sealer(context))
     intake.finished = []
     folder = layout.lab.outbox_dir / "hospital"
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,19 +206,19 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     )
     [peer] = config.peers
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
-    move = gateway.outbound._move_into_spool
+    move = gateway.outbound.intake.move_into_spool
 
     def no_room(source: Path, target: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gateway.outbound, "_move_into_spool", no_room)
+    monkeypatch.setattr(gateway.outbound.intake, "move_into_spool", no_room)
     spool.full = True
     try:
         with pytest.raises(SpoolError, match="into the spool"):
             await outbound.intake_once()
         [stray] = spool.all_outbound()
         assert stray.state.value == "intake"
-        monkeypatch.setattr(gateway.outbound, "_move_into_spool", move)
+        monkeypatch.setattr(gateway.outbound.intake, "move_into_spool", move)
         # The spool is still full: nothing is taken beside the row that stays.
 
         with pytest.raises(SpoolError, match="database or disk is full"):

@@ -1,0 +1,180 @@
+"""What every step of the sending pipeline shares: the runtime state read now, the
+spool, the audit trail, the log, the clock, the spool's folders, and the worker
+threads that keep fsync and crypto off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from cryptography import x509
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, Peer
+from gateway.errors import ObjectSecurityError
+from gateway.fsutil import private_folder
+from gateway.logs import Logger
+from gateway.pki.peers import PeerTrust
+from gateway.spool import Spool
+
+T = TypeVar("T")
+
+
+class Current(Protocol):
+    """The runtime state the sender reads: one configuration and the trust judged for it
+    (the daemon's RuntimeState is one; :class:`Settings` for tests and tools)."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def trust(self) -> Mapping[str, PeerTrust]: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: GatewayConfig
+    trust: Mapping[str, PeerTrust]
+
+
+class Context:
+    """The parts and the state the steps share; one per :class:`~gateway.outbound.Outbound`."""
+
+    def __init__(
+        self, state: Current, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+    ) -> None:
+        self._state = state
+        self.spool = spool
+        self.audit = audit
+        self.log = log
+        self.clock = clock
+        state_dir = state.config.storage.state_dir
+        self.payloads = state_dir / "payloads"
+        self.outgoing = state_dir / "outgoing"
+        self.receipts = state_dir / "receipts"
+        for folder in (self.payloads, self.outgoing, self.receipts):
+            private_folder(folder)
+        self.wakeups: dict[str, asyncio.Event] = {}
+
+    def use(self, state: Current) -> None:
+        """Read ``state`` from now on: a reload swaps the configuration and the trust
+        judged for it together, never one without the other."""
+        self._state = state
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._state.config
+
+    @property
+    def trust(self) -> Mapping[str, PeerTrust]:
+        """Which peer certificates are acceptable now."""
+        return self._state.trust
+
+    def recipient(self, peer: Peer) -> x509.Certificate:
+        """The newest acceptable encryption certificate of ``peer`` (rotation: see pki.peers)."""
+        judged = self.trust.get(peer.name)
+        recipient = judged.encryption_recipient if judged else None
+        if recipient is None:
+            reasons = "; ".join(
+                v.result.reason or "" for v in (judged.encryption if judged else ())
+            )
+            raise ObjectSecurityError(
+                f"peer {peer.name!r} has no acceptable encryption certificate"
+                + (f" ({reasons})" if reasons else ""),
+                fix=f"put the peer's current encryption certificate in {peer.source} "
+                "encryption_certificates and reload",
+            )
+        return recipient
+
+    def signers(self, peer: Peer) -> tuple[x509.Certificate, ...]:
+        """The peer's signing certificates acceptable now (its receipts are signed by one)."""
+        judged = self.trust.get(peer.name)
+        return judged.signing_certificates if judged else ()
+
+    def wake(self, peer: str) -> None:
+        """Tell the peer's sender task that a message is queued for it."""
+        event = self.wakeups.get(peer)
+        if event is not None:
+            event.set()
+
+    async def in_thread(
+        self,
+        function: Callable[..., T],
+        *args: Any,
+        on_cancel: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run ``function`` in a worker thread: the spool's transactions, audit records
+        and files, each with its fsync, stay off the event loop, which keeps serving
+        other messages meanwhile.  A cancellation (shutdown) waits until it has
+        finished, so nothing is left half-recorded when the spool is closed;
+        ``on_cancel`` then undoes what its result would have started, and an error
+        it raised meanwhile is logged (its caller is gone)."""
+        work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            error = None if work.cancelled() else work.exception()
+            if error is not None:
+                self.log.error(
+                    "shutdown.step_failed",
+                    step=getattr(function, "__name__", "step"),
+                    error=str(error) or type(error).__name__,
+                    fix="the message is queued again at the next start; see the spool's "
+                    "state with `medgw queue list`",
+                )
+            elif on_cancel is not None and not work.cancelled():
+                on_cancel(work.result())
+            raise
+
+    def record(
+        self,
+        event: EventType,
+        *,
+        peer: str,
+        message_id: str | None,
+        outcome: Outcome = Outcome.SUCCESS,
+        severity: Severity = Severity.INFO,
+        service: str | None = None,
+        reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One audit record about an outbound message."""
+        self.audit.emit(
+            AuditEvent(
+                event,
+                outcome,
+                severity,
+                peer=peer,
+                message_id=message_id,
+                direction="outbound",
+                service=service,
+                reason=reason,
+                detail=detail or {},
+            )
+        )
+
+    def alert(
+        self,
+        event: EventType,
+        *,
+        peer: str,
+        message_id: str | None,
+        reason: str,
+        service: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """An outbound message failed in a way an operator must look at."""
+        self.record(
+            event,
+            peer=peer,
+            message_id=message_id,
+            outcome=Outcome.FAILURE,
+            severity=Severity.ALERT,
+            service=service,
+            reason=reason,
+            detail=detail,
+        )

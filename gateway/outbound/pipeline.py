@@ -1,0 +1,103 @@
+"""The sending pipeline as the daemon holds it: one object over the steps, each in its
+own module, all reading one :class:`~gateway.outbound.context.Context`."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from gateway.audit import AuditSink
+from gateway.channel.client import PeerClient
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, Peer
+from gateway.intake.submit import Submission
+from gateway.logs import Logger
+from gateway.outbound.context import Context, Current
+from gateway.outbound.intake import OutboxIntake
+from gateway.outbound.recover import Recovery
+from gateway.outbound.seal import Sealer
+from gateway.outbound.send import Sender
+from gateway.outbound.settle import Settler
+from gateway.outbound.status import MessageStatus
+from gateway.outbound.submit import Submissions
+from gateway.pki.peers import PeerTrust
+from gateway.spool import OutboundRecord, Spool
+
+
+class Outbound:
+    """outbox or local API -> sign and encrypt -> spool -> POST -> receipt."""
+
+    def __init__(
+        self, state: Current, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+    ) -> None:
+        self._ctx = Context(state, spool, audit, log, clock)
+        sealer = Sealer(self._ctx)
+        status = MessageStatus(self._ctx)
+        settler = Settler(self._ctx)
+        self._intake = OutboxIntake(self._ctx, sealer)
+        self._submissions = Submissions(self._ctx, sealer, status)
+        self._status = status
+        self._sealer = sealer
+        self._recovery = Recovery(self._ctx, sealer)
+        self._sender = Sender(self._ctx, settler)
+        self._settler = settler
+
+    def use(self, state: Current) -> None:
+        """Read ``state`` from now on: a reload swaps the configuration and the trust
+        judged for it together, never one without the other."""
+        self._ctx.use(state)
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._ctx.config
+
+    @property
+    def trust(self) -> Mapping[str, PeerTrust]:
+        """Which peer certificates are acceptable now."""
+        return self._ctx.trust
+
+    @property
+    def wakeups(self) -> dict[str, asyncio.Event]:
+        """Each peer's sender task waits on its event for messages queued for it."""
+        return self._ctx.wakeups
+
+    def wake(self, peer: str) -> None:
+        self._ctx.wake(peer)
+
+    async def intake_once(self) -> int:
+        """Take every document now in the outbox; returns how many were found."""
+        return await self._intake.intake_once()
+
+    async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Spool a document streamed from a local submitter; returns the message's view."""
+        return await self._submissions.submit(submission, chunks)
+
+    async def status(self, message_id: str, submitter: str | None = None) -> dict[str, Any] | None:
+        """A message's state, who submitted it, and its receipt verified again."""
+        return await self._status.status(message_id, submitter)
+
+    async def prepare_again(self, message_id: str) -> None:
+        """Sign, encrypt and queue a kept document whose preparation an operator retried."""
+        await self._sealer.prepare_again(message_id)
+
+    async def recover(self) -> None:
+        """Finish what a previous run left half-done (after a crash or SIGKILL)."""
+        await self._recovery.recover()
+
+    async def due_for_sending(
+        self, peer: Peer, now: float, free: int
+    ) -> tuple[list[OutboundRecord], float | None]:
+        """Up to ``free`` due messages of ``peer``, claimed, and when the next is due."""
+        return await self._sender.due_for_sending(peer, now, free)
+
+    async def send_one(
+        self, record: OutboundRecord, peer: Peer, client: PeerClient, rng: random.Random
+    ) -> float:
+        """Send one message; returns 0, or how long the peer should rest after a failure."""
+        return await self._sender.send_one(record, peer, client, rng)
+
+    async def receive_async_receipt(self, peer: Peer, content_type: str, body: bytes) -> str:
+        """A receipt POSTed to us later: settle the message it answers."""
+        return await self._settler.receive_async_receipt(peer, content_type, body)

@@ -1,0 +1,86 @@
+"""Recovery at start-up: finish whatever a killed process left half-done, so that a
+document taken in is never lost and never sent twice as two messages."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+
+from gateway.audit import EventType
+from gateway.fsutil import fsync_dir, remove_stale_partials
+from gateway.outbound.context import Context
+from gateway.outbound.intake import move_into_spool
+from gateway.outbound.seal import Sealer
+from gateway.spool import OutboundState
+
+
+class Recovery:
+    """The spool and its folders made whole again after a crash or SIGKILL."""
+
+    def __init__(self, context: Context, sealer: Sealer) -> None:
+        self._ctx = context
+        self._sealer = sealer
+
+    async def recover(self) -> None:
+        """Finish what a previous run left half-done (after a crash or SIGKILL)."""
+        storage = self._ctx.config.storage
+        for folder in (
+            storage.inbox_dir,
+            self._ctx.outgoing,
+            self._ctx.receipts,
+            self._ctx.payloads,
+        ):
+            for path in remove_stale_partials(folder):
+                self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
+        known = self._ctx.spool.payload_names()  # name -> whether the plaintext is needed
+        for path in self._ctx.payloads.iterdir():
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            if path.name not in known:
+                # Killed between spooling a submitted body and recording it: the submitter
+                # got no Message-ID and submits again.
+                path.unlink(missing_ok=True)
+                self._ctx.log.info("recovery.removed_unrecorded_submission", file=path.name)
+            elif not known[path.name]:
+                # Killed between "queued" and removing the plaintext copy (the message
+                # may have moved on since): only the encrypted form stays at rest.
+                path.unlink(missing_ok=True)
+                self._ctx.log.info("recovery.removed_plaintext_copy", file=path.name)
+        for message_id in self._ctx.spool.requeue_interrupted():
+            self._ctx.log.info("message.requeued_after_restart", message_id=message_id)
+        for record in self._ctx.spool.in_state(OutboundState.INTAKE):
+            peer = self._ctx.config.peer(record.peer)
+            if record.payload_path.exists() and peer is not None:
+                source = record.source_path
+                if (
+                    source != record.payload_path
+                    and source.exists()
+                    and filecmp.cmp(source, record.payload_path, shallow=False)
+                ):
+                    # Killed after copying the document from another file system into the
+                    # spool, before removing it from the outbox (the copy is complete: it
+                    # was written atomically). Remove it, or the next scan sends it again.
+                    # (A different document dropped since under the same name stays.)
+                    source.unlink()
+                    fsync_dir(source.parent)
+                submitter = self._ctx.spool.submitter(record.message_id)
+                await self._sealer.prepare(record, peer, submitted_by=submitter)
+            elif record.source_path.exists() and peer is not None:
+                await asyncio.to_thread(move_into_spool, record.source_path, record.payload_path)
+                submitter = self._ctx.spool.submitter(record.message_id)
+                await self._sealer.prepare(record, peer, submitted_by=submitter)
+            else:
+                reason = (
+                    "peer no longer configured"
+                    if peer is None
+                    else "the document vanished between outbox and spool"
+                )
+                self._ctx.spool.mark_done(
+                    record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
+                )
+                self._ctx.alert(
+                    EventType.MESSAGE_FAILED,
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    reason=reason,
+                )

@@ -1,0 +1,217 @@
+"""Sealing: a spooled document signed and encrypted for its peer (S/MIME in AS2) and
+queued, or kept unsent with an alert saying what to correct."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.as2.message import MessageSpec, build_message, build_message_file
+from gateway.audit import AuditEvent, EventType, PatientId, Severity
+from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
+from gateway.cms.enveloped import key_transport_for
+from gateway.config import Peer
+from gateway.errors import MedgwError
+from gateway.fsutil import storage_fix
+from gateway.outbound.context import Context
+from gateway.pki.tls import certificate_fingerprint
+from gateway.policy import DEFAULT_KEY_TRANSPORT
+from gateway.spool import OutboundRecord, OutboundState
+
+# A document up to this size is signed and encrypted in memory, and its AS2 body kept
+# in the spool's row (committed with the row, no file); a larger one streams file
+# to file, its body in state/outgoing.
+INLINE_BODY_BYTES = 64 * 1024
+
+
+class Sealer:
+    """Signs, encrypts and queues the documents taken in, whatever their way in."""
+
+    def __init__(self, context: Context) -> None:
+        self._ctx = context
+
+    async def prepare(
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        *,
+        submitted_by: str | None = None,
+        declared: tuple[PatientId, ...] = (),
+    ) -> None:
+        if await self._ctx.in_thread(self.seal_and_queue, record, peer, submitted_by, declared):
+            self._ctx.wake(peer.name)
+
+    def seal_and_queue(
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        submitted_by: str | None,
+        declared: tuple[PatientId, ...] = (),
+    ) -> bool:
+        """Sign and encrypt a spooled document and queue it (True); or keep it, unsent,
+        and alert (False).  ``declared``: the patients its submitter named (the local
+        API), recorded with those the document itself names.  Runs in a worker thread:
+        crypto, files and the spool's transactions, each with its fsync, stay off the
+        event loop."""
+        smime = self._ctx.config.smime
+        at = self._ctx.clock.now()
+        body_path = self._ctx.outgoing / (record.payload_path.name + ".as2")
+
+        def build() -> _Sealed:
+            recipient = self._ctx.recipient(peer)
+            spec = MessageSpec(
+                filename=record.filename,
+                content_type=record.content_type,
+                message_id=record.message_id,
+                sender_as2_id=self._ctx.config.as2_id,
+                receiver_as2_id=peer.as2_id,
+                signing=smime.signing,
+                recipients=(recipient,),
+                digest=peer.digest,
+                cipher=peer.cipher,
+                policy=peer.policy,
+                at=at,
+                service=record.service,
+                receipt_url=peer.async_receipt_url or None,
+            )
+            encrypted_for = certificate_fingerprint(recipient)
+            key_transport = key_transport_for(recipient, peer.policy)
+            # The patients are read from the document's first bytes: all of a small one,
+            # a bounded prefix of a large one (read again as it streams; from the cache).
+            with record.payload_path.open("rb") as handle:
+                head = handle.read(SCAN_BYTES)
+            patients = patients_in(head)
+            if len(head) <= INLINE_BODY_BYTES:
+                small = head
+                # Sealed in memory and kept in the spool row itself: no more files.
+                message = build_message(small, spec)
+                return _Sealed(
+                    message.headers,
+                    message.mic,
+                    len(small),
+                    hashlib.sha256(small).hexdigest(),
+                    encrypted_for,
+                    None,
+                    message.body,
+                    key_transport,
+                    patients,
+                )
+            # File to file through the streaming CMS engine: a DICOM study of
+            # gigabytes is never held in memory.
+            built = build_message_file(record.payload_path, body_path, spec)
+            return _Sealed(
+                built.headers,
+                built.mic,
+                built.size,
+                built.sha256,
+                encrypted_for,
+                body_path,
+                None,
+                key_transport,
+                patients,
+            )
+
+        try:
+            sealed = build()
+        except (MedgwError, OSError) as exc:
+            # The document is kept (in the spool, not sent): once the cause is corrected,
+            # `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it.
+            if isinstance(exc, MedgwError):
+                error, fix = exc.message, exc.fix
+            else:
+                error = f"cannot write the signed, encrypted message: {exc.strerror or exc}"
+                fix = storage_fix(exc, self._ctx.outgoing)
+            self._ctx.spool.mark_done(
+                record.message_id, OutboundState.FAILED, "not-sent", None, error=error
+            )
+            retry = f"medgw queue retry {record.message_id}"
+            self._ctx.log.error(
+                "message.prepare_failed",
+                peer=peer.name,
+                message_id=record.message_id,
+                error=error,
+                fix=f"{fix + '; then ' if fix else 'correct the cause, then '}{retry}",
+            )
+            self._ctx.alert(
+                EventType.MESSAGE_FAILED,
+                peer=peer.name,
+                message_id=record.message_id,
+                reason=f"{error}; the document is kept, not sent: correct the cause, then "
+                f"{retry} (or cancel it)",
+                detail={"fix": fix} if fix else None,
+            )
+            return False
+        self._ctx.spool.mark_queued(
+            record.message_id,
+            sealed.body_path,
+            list(sealed.headers),
+            sealed.mic,
+            sealed.size,
+            sealed.encrypted_for,
+            body=sealed.body,
+        )
+        record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
+        self._ctx.log.info(
+            "message.accepted", peer=peer.name, message_id=record.message_id, size=sealed.size
+        )
+        self._ctx.audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_ACCEPTED,
+                peer=peer.name,
+                message_id=record.message_id,
+                direction="outbound",
+                service=record.service,
+                actor=submitted_by,
+                patient_ids=unique_patients([*declared, *sealed.patients]),
+                detail={
+                    "filename": record.filename,
+                    "content_type": record.content_type,
+                    "size": sealed.size,
+                    "sha256": sealed.sha256,
+                    "mic": sealed.mic,
+                    "cipher": peer.cipher,
+                    "digest": peer.digest,
+                    "key_transport": sealed.key_transport,
+                    **({"submitted_by": submitted_by} if submitted_by else {}),
+                },
+            )
+        )
+        if sealed.key_transport not in ("ecdh", DEFAULT_KEY_TRANSPORT):
+            # RSAES-OAEP with SHA-1, or RSAES-PKCS1-v1_5: chosen for this peer, and
+            # counted per message like every legacy algorithm.
+            self._ctx.record(
+                EventType.COMPAT_ALGORITHM_USED,
+                peer=peer.name,
+                message_id=record.message_id,
+                severity=Severity.WARNING,
+                reason=f"key transport {sealed.key_transport} used to send (this peer's "
+                "key_transport)",
+                detail={"algorithm": sealed.key_transport},
+            )
+        return True
+
+    async def prepare_again(self, message_id: str) -> None:
+        """Sign, encrypt and queue a kept document whose preparation an operator retried."""
+        record = self._ctx.spool.get(message_id)
+        if record is None or record.state is not OutboundState.INTAKE:
+            return
+        peer = self._ctx.config.peer(record.peer)
+        if peer is None or not record.payload_path.exists():
+            return  # recovery at the next start marks it failed, saying why
+        await self.prepare(record, peer, submitted_by=self._ctx.spool.submitter(message_id))
+
+
+@dataclass(frozen=True)
+class _Sealed:
+    """A document signed and encrypted: its AS2 headers and body (a file, or bytes)."""
+
+    headers: tuple[tuple[str, str], ...]
+    mic: str
+    size: int  # of the document
+    sha256: str  # of the document (hex), as message.delivered records it at the receiver
+    encrypted_for: str  # SHA-256 of the recipient's certificate
+    body_path: Path | None
+    body: bytes | None
+    key_transport: str  # how the content-encryption key was sent to the recipient
+    patients: tuple[PatientId, ...]  # found in the document's first bytes

@@ -1,0 +1,191 @@
+"""Sending: the queued messages due for a peer claimed, POSTed, retried with back-off,
+expired or made dead letters; each peer has its own sender task (in the daemon), so a
+slow or dead peer never delays documents to the others."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+
+from gateway.audit import EventType, Outcome, Severity
+from gateway.channel.client import PeerClient, Response
+from gateway.config import Peer
+from gateway.errors import TransportError
+from gateway.outbound.context import Context
+from gateway.outbound.settle import Settler, asks_async_receipt
+from gateway.spool import OutboundRecord, OutboundState
+
+
+class Sender:
+    """What a peer's sender task does with the messages queued for it."""
+
+    def __init__(self, context: Context, settler: Settler) -> None:
+        self._ctx = context
+        self._settler = settler
+
+    def backoff(self, attempts: int, rng: random.Random) -> float:
+        runtime = self._ctx.config.runtime
+        base = min(
+            runtime.retry_max_seconds, runtime.retry_initial_seconds * 2 ** max(0, attempts - 1)
+        )
+        return float(base * (0.5 + rng.random() / 2))  # "equal jitter"
+
+    async def send_one(
+        self, record: OutboundRecord, peer: Peer, client: PeerClient, rng: random.Random
+    ) -> float:
+        """Send one message; returns 0, or how long the peer should rest after a failure."""
+        assert record.sealed and record.mic is not None
+        # The caller has marked it "sending" (so no other task picks it up).
+        try:
+            body = record.body if record.body is not None else record.body_path
+            assert body is not None
+            response = await client.post(peer.url, record.headers, body)
+            # What the message itself asked for when it was signed, not the peer's
+            # configuration now (a reload may have changed it while it was queued).
+            awaiting = asks_async_receipt(record) and 200 <= response.status < 300
+            if awaiting and not response.body.strip():
+                pass  # accepted; the signed receipt will be POSTed to us later
+            elif response.status != 200:
+                raise TransportError(f"peer answered HTTP {response.status}")
+            else:
+                awaiting = False
+        except TransportError as exc:
+            delay = self.backoff(record.attempts + 1, rng)
+            return await self._ctx.in_thread(self._send_failed, record, peer, str(exc), delay)
+        except asyncio.CancelledError:
+            # Shutting down mid-send: park it; the receiver deduplicates a resend.
+            await self._ctx.in_thread(
+                self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
+            )
+            raise
+        await self._ctx.in_thread(self._sent, record, peer, response, awaiting)
+        return 0.0
+
+    def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:
+        """The send failed (connection, TLS, HTTP): queue it again after ``delay``, or make
+        it a dead letter after its last attempt; returns how long the peer should rest
+        (worker thread)."""
+        if self._settled_meanwhile(record):
+            return 0.0
+        if record.attempts + 1 >= self._ctx.config.runtime.max_attempts:
+            self._dead_letter(record, peer, error)
+            return delay
+        self._ctx.spool.mark_retry(
+            record.message_id, error, self._ctx.clock.now().timestamp() + delay
+        )
+        self._ctx.log.warning(
+            "message.send_failed",
+            peer=peer.name,
+            message_id=record.message_id,
+            reason=error,
+            retry_in_seconds=round(delay, 1),
+        )
+        self._ctx.record(
+            EventType.MESSAGE_SEND_FAILED,
+            peer=peer.name,
+            message_id=record.message_id,
+            outcome=Outcome.FAILURE,
+            severity=Severity.WARNING,
+            reason=error,
+            detail={"attempt": record.attempts + 1, "retry_in_seconds": round(delay, 1)},
+        )
+        return delay
+
+    def _sent(self, record: OutboundRecord, peer: Peer, response: Response, awaiting: bool) -> None:
+        """The peer took the message: record it, and settle it by the receipt in the
+        answer, or wait for the one it will POST (worker thread)."""
+        self._ctx.record(
+            EventType.MESSAGE_SENT,
+            peer=peer.name,
+            message_id=record.message_id,
+            service=record.service,
+            detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
+        )
+        if awaiting:
+            # Unless its receipt came before this answer and settled it already.
+            self._ctx.spool.mark_awaiting_receipt(record.message_id)
+            return
+        self._settler.settle(record, peer, response)
+
+    def _settled_meanwhile(self, record: OutboundRecord) -> bool:
+        """Whether the asynchronous receipt of a message being sent has already settled it
+        (some peers POST it before they answer the send itself)."""
+        current = self._ctx.spool.get(record.message_id)
+        if current is None or current.state is OutboundState.SENDING:
+            return False
+        self._ctx.log.info(
+            "message.settled_during_send",
+            peer=record.peer,
+            message_id=record.message_id,
+            state=current.state.value,
+        )
+        return True
+
+    async def due_for_sending(
+        self, peer: Peer, now: float, free: int
+    ) -> tuple[list[OutboundRecord], float | None]:
+        """The peer's sender asks what to send next: expired messages and overdue
+        asynchronous receipts are dealt with, then up to ``free`` due messages are
+        claimed (marked sending), unless the exchange is suspended.  Returns them and
+        when the next queued one is due.  One trip to a worker thread: the spool's
+        transactions stay off the event loop.  Interrupted (shutdown), what was
+        claimed goes back to the queue."""
+
+        def claim() -> tuple[list[OutboundRecord], float | None]:
+            self.expire(peer)
+            self.requeue_unanswered(peer)
+            if free <= 0 or self._ctx.spool.is_suspended(peer.name):
+                return [], None
+            return self._ctx.spool.claim_due(peer.name, now, free)
+
+        def give_back(result: tuple[list[OutboundRecord], float | None]) -> None:
+            for record in result[0]:
+                self._ctx.spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
+
+        return await self._ctx.in_thread(claim, on_cancel=give_back)
+
+    def requeue_unanswered(self, peer: Peer) -> None:
+        """Asynchronous receipts that did not come within request_timeout_seconds: resend."""
+        limit = self._ctx.clock.now() - timedelta(
+            seconds=self._ctx.config.runtime.request_timeout_seconds
+        )
+        for message_id in self._ctx.spool.requeue_unanswered(peer.name, limit.isoformat()):
+            self._ctx.log.warning("message.receipt_overdue", peer=peer.name, message_id=message_id)
+            self._ctx.record(
+                EventType.MESSAGE_SEND_FAILED,
+                peer=peer.name,
+                message_id=message_id,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason="no asynchronous receipt within request_timeout_seconds; resending "
+                "(the peer answers a resend with its receipt)",
+            )
+
+    def expire(self, peer: Peer) -> None:
+        for message_id in self._ctx.spool.expire_due(peer.name, self._ctx.clock.now().timestamp()):
+            self._ctx.log.error("message.expired", peer=peer.name, message_id=message_id)
+            self._ctx.alert(
+                EventType.MESSAGE_EXPIRED,
+                peer=peer.name,
+                message_id=message_id,
+                reason="not delivered before its expiry; retry or cancel it "
+                "(medgw queue retry|cancel)",
+            )
+
+    def _dead_letter(self, record: OutboundRecord, peer: Peer, error: str) -> None:
+        attempts = record.attempts + 1
+        self._ctx.spool.mark_dead(record.message_id, f"{attempts} attempts failed; last: {error}")
+        self._ctx.log.error(
+            "message.dead",
+            peer=peer.name,
+            message_id=record.message_id,
+            attempts=attempts,
+            reason=error,
+        )
+        self._ctx.alert(
+            EventType.MESSAGE_DEAD,
+            peer=peer.name,
+            message_id=record.message_id,
+            reason=f"gave up after {attempts} attempts (max_attempts); last error: {error}",
+        )

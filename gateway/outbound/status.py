@@ -1,0 +1,71 @@
+"""A message's state as a local submitter or an operator sees it, with its stored
+receipt verified again."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.as2.mdn import mic_matches, parse_receipt
+from gateway.errors import MedgwError
+from gateway.operations import record_view
+from gateway.outbound.context import Context
+from gateway.spool import OutboundRecord, OutboundState
+
+FINAL_STATES = frozenset(
+    {
+        OutboundState.DELIVERED,
+        OutboundState.FAILED,
+        OutboundState.EXPIRED,
+        OutboundState.DEAD,
+        OutboundState.CANCELLED,
+    }
+)
+
+
+class MessageStatus:
+    """What the spool and the stored receipt say about one outbound message."""
+
+    def __init__(self, context: Context) -> None:
+        self._ctx = context
+
+    async def status(self, message_id: str, submitter: str | None = None) -> dict[str, Any] | None:
+        """A message's state, who submitted it, and its receipt verified again from the store.
+
+        With ``submitter``: None unless that submitter sent it, decided before any work is
+        done for it (a client learns nothing of other clients' messages, not even by time).
+        """
+        submitted_by = self._ctx.spool.submitter(message_id)
+        if submitter is not None and submitted_by != submitter:
+            return None
+        record = self._ctx.spool.get(message_id)
+        if record is None:
+            return None
+        view = record_view(record)
+        view["submitted_by"] = submitted_by
+        view["final"] = record.state in FINAL_STATES
+        view["receipt"] = await asyncio.to_thread(self._stored_receipt, record)
+        return view
+
+    def _stored_receipt(self, record: OutboundRecord) -> dict[str, Any] | None:
+        if record.receipt_path is None or not record.receipt_path.is_file():
+            return None
+        peer = self._ctx.config.peer(record.peer)
+        if peer is None:
+            return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
+        head, _, body = record.receipt_path.read_bytes().partition(b"\r\n\r\n")
+        content_type = head.decode("latin-1").partition(":")[2].strip()
+        try:
+            receipt = parse_receipt(
+                content_type, body, trusted_signers=self._ctx.signers(peer), policy=peer.policy
+            )
+        except MedgwError as exc:
+            return {"verified": False, "error": str(exc)}
+        return {
+            "verified": True,
+            "disposition": receipt.disposition,
+            "mic": receipt.mic,
+            "mic_matches": record.mic is not None and mic_matches(record.mic, receipt.mic),
+            "signer": receipt.signer.subject.rfc4514_string(),
+            "original_message_id": receipt.original_message_id,
+        }

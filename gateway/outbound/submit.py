@@ -1,0 +1,163 @@
+"""Documents submitted over HTTP (the local API, the control socket).
+
+The body is streamed to a temporary file in the spool, fsync'ed and renamed,
+then the ``intake`` row is written together with who submitted it, and from
+there on it is prepared exactly like a document from the outbox.  A payload
+file without a row (killed between the rename and the row) is removed at
+start-up (see :mod:`gateway.outbound.recover`): its submitter never got a
+Message-ID and submits again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any
+
+from gateway.as2.headers import new_message_id
+from gateway.errors import SpoolError
+from gateway.fsutil import fsync_dir, storage_fix
+from gateway.intake.submit import Submission, SubmissionRefused
+from gateway.outbound.context import Context
+from gateway.outbound.seal import Sealer
+from gateway.outbound.status import MessageStatus
+from gateway.routing import LOCAL_INTAKE
+
+WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
+
+
+class Submissions:
+    """Documents streamed by local submitters, spooled and handed to the sealer."""
+
+    def __init__(self, context: Context, sealer: Sealer, status: MessageStatus) -> None:
+        self._ctx = context
+        self._sealer = sealer
+        self._status = status
+
+    async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
+        """Spool a document streamed from a local submitter; returns the message's view.
+
+        Memory use does not grow with the body: chunks are gathered up to
+        WRITE_BATCH and written by a worker thread.  Raises SubmissionRefused
+        (unknown peer, empty, too large) before anything is recorded.
+        """
+        peer = self._ctx.config.peer(submission.peer)
+        if peer is None:
+            known = ", ".join(p.name for p in self._ctx.config.peers) or "(none)"
+            raise SubmissionRefused(
+                f"no peer named {submission.peer!r}",
+                fix=f"use one of: {known}",
+                status=404,
+            )
+        if submission.service is not None and submission.service not in peer.services:
+            configured = ", ".join(peer.services) or "none"
+            raise SubmissionRefused(
+                f"peer {peer.name!r} has no service {submission.service!r} "
+                f"(its services: {configured})",
+                fix=f"use one of its services, leave the service out, or add it to `services` "
+                f"in {peer.source.name} once agreed with the peer",
+                status=400,
+            )
+        limit = self._ctx.config.runtime.max_message_bytes
+        token = os.urandom(12).hex()
+        payload_path = self._ctx.payloads / token
+        partial = self._ctx.payloads / f".{token}.{secrets.token_hex(6)}.partial"
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb", closefd=True) as out:
+                size = 0
+                batch: list[bytes] = []
+                batched = 0
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise SubmissionRefused(
+                            f"the document is larger than runtime.max_message_bytes ({limit})",
+                            fix="send a smaller document, or raise max_message_bytes in "
+                            "gateway.toml (the peer must accept it too)",
+                            status=413,
+                        )
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    if batched >= WRITE_BATCH:
+                        await asyncio.to_thread(out.writelines, batch)
+                        batch, batched = [], 0
+                if size == 0:
+                    raise SubmissionRefused(
+                        "the request body is empty", fix="send the document as the body", status=400
+                    )
+                await asyncio.to_thread(_finish_file, out, batch)
+            await asyncio.to_thread(_rename_durably, partial, payload_path)
+        except BaseException as exc:
+            partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+                # This disk, not the submitter (who may have hung up: ConnectionError).
+                error = f"cannot write a submitted document: {exc.strerror or exc}"
+                raise self._not_stored(error, storage_fix(exc, self._ctx.payloads)) from exc
+            raise
+        message_id = new_message_id(self._ctx.config.as2_id)
+        try:
+            self._ctx.spool.add_intake(
+                message_id,
+                peer.name,
+                submission.filename,
+                submission.content_type,
+                payload_path,
+                payload_path,
+                expires_at=self._ctx.clock.now().timestamp()
+                + self._ctx.config.runtime.message_expiry_seconds,
+                zone=peer.zone,
+                origin=LOCAL_INTAKE,
+                submitted_by=submission.submitter,
+                service=submission.service,
+            )
+        except BaseException as exc:
+            payload_path.unlink(missing_ok=True)
+            if isinstance(exc, SpoolError):
+                raise self._not_stored(exc.message, exc.fix or "") from exc
+            raise
+        record = self._ctx.spool.get(message_id)
+        assert record is not None
+        # Durable from here: finish even if the submitter hangs up now.
+        # The patients the submitter named go into message.accepted with the document's
+        # own; they are not kept in the spool (only the audit trail holds patient ids),
+        # so a preparation finished after a restart records the document's only.
+        await asyncio.shield(
+            self._sealer.prepare(
+                record, peer, submitted_by=submission.submitter, declared=submission.patients
+            )
+        )
+        view = await self._status.status(message_id)
+        assert view is not None
+        return view
+
+    def _not_stored(self, error: str, fix: str) -> SubmissionRefused:
+        """The answer to a submission this gateway cannot store now (its disk is full, say).
+
+        The administrator gets the cause and the fix in the log; the submitter, who can
+        do nothing about them, is told to send again later (503), not our paths.
+        """
+        self._ctx.log.error(
+            "submission.not_stored",
+            error=error,
+            fix=f"{fix}; the submitter was answered 503 (nothing spooled) and sends again",
+        )
+        return SubmissionRefused(
+            "the gateway cannot store the document just now; nothing was spooled",
+            fix="send it again later; if this goes on, tell the gateway administrator",
+            status=503,
+        )
+
+
+def _finish_file(out: IO[bytes], batch: list[bytes]) -> None:
+    out.writelines(batch)
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def _rename_durably(source: Path, target: Path) -> None:
+    os.rename(source, target)
+    fsync_dir(target.parent)
