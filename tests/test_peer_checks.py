@@ -190,7 +190,7 @@ def test_an_eddsa_peer_certificate_is_refused_with_the_key_families_medgw_accept
         ["openssl", "req", "-new", "-key", key, "-subj", "/CN=Kita Lab TLS", "-out", csr],
         check=True,
     )
-    signing = ["-CA", ca / "ca.crt", "-CAkey", ca / "ca.key", "-days", "30"]
+    signing: list[str | Path] = ["-CA", ca / "ca.crt", "-CAkey", ca / "ca.key", "-days", "30"]
     subprocess.run(
         ["openssl", "x509", "-req", "-in", csr, *signing, "-out", cert],
         check=True,
