@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway import config as config_module
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
+from gateway.config import delivery as config_delivery
 from gateway.config import load_config
 from gateway.delivery import http as delivery_http
 from gateway.delivery.http import HandOver, idempotency_key
@@ -161,7 +161,7 @@ def test_certificates_openssl_refuses_are_a_config_problem_not_a_hand_over_failu
     def refused(*args: Any, **kwargs: Any) -> ssl.SSLContext:
         raise ssl.SSLError(ssl.SSL_ERROR_SSL, "[X509] unsupported certificate")
 
-    monkeypatch.setattr(config_module, "delivery_tls_context", refused)
+    monkeypatch.setattr(config_delivery, "delivery_tls_context", refused)
     with pytest.raises(ConfigError) as info:
         load_config(layout.hospital.config_path)
     [problem] = [p for p in info.value.problems if str(ca_file) in str(p)]

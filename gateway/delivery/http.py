@@ -56,10 +56,11 @@ from cryptography import x509
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, PatientId, Severity
 from gateway.audit.patients import patients_in_file
 from gateway.clock import Clock
-from gateway.config import DeliverySettings, GatewayConfig, Runtime, delivery_tls_context
+from gateway.config import DeliverySettings, GatewayConfig, Runtime
 from gateway.egress import Route
 from gateway.errors import EgressRefused
 from gateway.logs import Logger
+from gateway.pki.tls import delivery_tls_context
 from gateway.spool import HandoverRecord, Spool
 
 CHUNK = 1 << 20

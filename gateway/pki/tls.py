@@ -45,7 +45,7 @@ import hashlib
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -316,4 +316,16 @@ def collector_context(
     and its name checked."""
     context = _base_context(ssl.Purpose.SERVER_AUTH, identity, anchors, min_version)
     context.check_hostname = True
+    return context
+
+
+def delivery_tls_context(certificates: Sequence[x509.Certificate]) -> ssl.SSLContext:
+    """The client TLS context for an https:// hand-over: trusts exactly ``certificates``
+    (``[delivery] ca``), TLS 1.2 or newer.  Built from the loaded certificates rather
+    than the file, so a DER file works as well as a PEM one.  Raises ssl.SSLError."""
+    if not certificates:
+        raise ValueError("no CA certificate to verify the internal system against")
+    pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
+    context = ssl.create_default_context(cadata=pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

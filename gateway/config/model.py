@@ -1,0 +1,86 @@
+"""The loaded configuration as one frozen object: :class:`GatewayConfig`."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.audit.export.settings import ExportSettings
+from gateway.audit.seal import SealSettings
+from gateway.config.api import ApiSettings
+from gateway.config.delivery import DeliverySettings
+from gateway.config.identity import TlsSettings
+from gateway.config.listeners import Listener
+from gateway.config.peers import Peer
+from gateway.config.responsible import Responsible
+from gateway.config.runtime import Runtime
+from gateway.config.smime import SmimeSettings
+from gateway.config.storage import Storage
+from gateway.config.zones import Zone
+from gateway.egress import NetworkMap
+from gateway.errors import ConfigProblem
+from gateway.maintenance.settings import MaintenanceSettings
+from gateway.routing import Address, endpoint, own_listeners
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: Path
+    name: str
+    institution_id: str
+    as2_id: str
+    tls: TlsSettings
+    smime: SmimeSettings
+    listeners: tuple[Listener, ...]
+    storage: Storage
+    runtime: Runtime
+    peers: tuple[Peer, ...]
+    zones: tuple[Zone, ...]
+    warnings: tuple[ConfigProblem, ...] = ()
+    api: ApiSettings | None = None
+    delivery: DeliverySettings | None = None
+    audit: SealSettings | None = None  # [audit]: signed checkpoints (gateway.audit.seal)
+    responsible: tuple[Responsible, ...] = ()  # [[responsible]]: who to call (NET-6b)
+    # The addresses each host name in a peer or hand-over URL resolved to when the
+    # configuration was loaded (a name that did not resolve is absent).
+    resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    audit_export: ExportSettings | None = None  # [audit.export]: off when None
+    maintenance: MaintenanceSettings | None = None  # the SSH maintenance listener
+
+    def peer(self, name: str) -> Peer | None:
+        return next((p for p in self.peers if p.name == name), None)
+
+    @functools.cached_property
+    def network_map(self) -> NetworkMap:
+        """What every outbound connection is judged by (:mod:`gateway.egress`)."""
+        api = self.api.endpoint if self.api is not None else None
+        endpoints: dict[tuple[Address, int], Peer] = {}
+        for peer in self.peers:
+            found = endpoint(peer.url, self.resolved_hosts)
+            if found is not None:
+                addresses, port = found
+                for ip in addresses:
+                    endpoints.setdefault((ip, port), peer)
+        return NetworkMap(
+            {z.name: z.network for z in self.zones},
+            tuple(own_listeners(self.listeners, api)),
+            endpoints,
+        )
+
+    def zone(self, name: str) -> Zone | None:
+        return next((z for z in self.zones if z.name == name), None)
+
+    def require_zone(self, name: str) -> Zone:
+        """The zone of a loaded peer or listener (load_config guarantees it exists)."""
+        zone = self.zone(name)
+        if zone is None:
+            raise KeyError(f"no zone {name!r} in {self.source}")
+        return zone
+
+    def require_peer(self, name: str) -> Peer:
+        peer = self.peer(name)
+        if peer is None:
+            raise KeyError(f"no peer {name!r} in {self.source.parent / 'peers.d'}")
+        return peer
