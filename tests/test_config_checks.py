@@ -108,9 +108,9 @@ BREAK_RELOAD = """
 import os
 from pathlib import Path
 
-import gateway.daemon
+import gateway.daemon.reload
 
-_load_config = gateway.daemon.load_config
+_load_config = gateway.daemon.reload.load_config
 
 
 def _broken(path):
@@ -119,7 +119,7 @@ def _broken(path):
     return _load_config(path)
 
 
-gateway.daemon.load_config = _broken
+gateway.daemon.reload.load_config = _broken
 """
 
 

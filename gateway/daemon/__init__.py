@@ -1,5 +1,16 @@
-"""The ``medgw run`` daemon (see :mod:`gateway.daemon.lifecycle`)."""
+"""The ``medgw run`` daemon, one module per job:
 
-from gateway.daemon.lifecycle import Daemon, RuntimeState, StartupError
+* ``lifecycle``: start, signals, ready, drain and stop (systemd ``Type=notify``);
+* ``state``: the runtime state built from one configuration, swapped whole;
+* ``trust``: the verdicts on the peers' certificates, and the alerts about them;
+* ``reload``: SIGHUP and trust refreshes (build, validate, swap);
+* ``as2_handler``: a peer's AS2 request, from the TLS certificate to the answer;
+* ``sending``: outbox intake and one sender loop per peer;
+* ``tasks``: background loops, supervised and stopped together;
+* ``reports``: queued messages a configuration leaves stranded.
+"""
+
+from gateway.daemon.lifecycle import Daemon
+from gateway.daemon.state import RuntimeState, StartupError
 
 __all__ = ["Daemon", "RuntimeState", "StartupError"]

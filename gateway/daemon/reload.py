@@ -1,0 +1,180 @@
+"""Reload (SIGHUP, or a maintainer's command): build a complete new runtime state
+from the files and swap it in only if that succeeds; and the same, without the
+files, when the verdicts on the peers' certificates change as time passes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.channel.client import PeerClient
+from gateway.config import GatewayConfig, Runtime, load_config
+from gateway.daemon.reports import report_stranded_messages
+from gateway.daemon.state import RuntimeState, StartupError
+from gateway.daemon.tasks import Tasks
+from gateway.daemon.trust import TrustKeeper, trust_changed
+from gateway.errors import ConfigError, MedgwError
+from gateway.logs import Logger
+from gateway.pki.peers import PeerTrust
+from gateway.sdnotify import Notifier
+from gateway.spool import Spool
+
+TRUST_REFRESH_SECONDS = 300.0
+CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
+
+
+class Reloader:
+    """Builds, validates and swaps runtime states; one at a time."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        state: Callable[[], RuntimeState],
+        build: Callable[[GatewayConfig, Mapping[str, PeerTrust]], RuntimeState],
+        swap: Callable[[RuntimeState], None],
+        trust: TrustKeeper,
+        *,
+        spool: Spool,
+        tasks: Tasks,
+        notifier: Notifier,
+        audit: AuditSink,
+        log: Logger,
+    ) -> None:
+        self._config_path = config_path
+        self._state = state
+        self._build = build
+        self._swap = swap
+        self._trust = trust
+        self._spool = spool
+        self._tasks = tasks
+        self._notifier = notifier
+        self._audit = audit
+        self._log = log
+        self._lock = asyncio.Lock()
+
+    def request(self) -> None:
+        """SIGHUP."""
+        if self._tasks.stopping:
+            # Shutdown may still be waiting for worker threads, which no new work can
+            # use: a reload now could only fail (or apply a configuration nobody serves).
+            self._log.info("config.reload_skipped", reason="the daemon is stopping")
+            return
+        self._tasks.spawn(self.reload())
+
+    async def reload(self) -> bool:
+        async with self._lock:
+            self._notifier.reloading()
+            old = self._state()
+            try:
+                new_config = await asyncio.to_thread(load_config, self._config_path)
+                unchanged = restart_only_changes(old.config, new_config)
+                if unchanged:
+                    raise StartupError(
+                        f"{unchanged} cannot change while running",
+                        fix="restart medgw (systemctl restart medgw) to apply it",
+                    )
+                new_trust = await self._trust.assess(new_config)
+                new_state = self._build(new_config, new_trust)
+            except Exception as exc:
+                # A defect must be a failed reload too, never a dead task that leaves the
+                # old configuration half-replaced and systemd waiting in RELOADING.
+                if isinstance(exc, ConfigError):
+                    problems = [str(p) for p in exc.problems]
+                elif isinstance(exc, MedgwError):
+                    problems = [str(exc)]
+                else:
+                    problems = [
+                        f"unexpected error while reading {self._config_path} "
+                        f"({type(exc).__name__}: {exc}); run `medgw check-config --config "
+                        f"{self._config_path}` and report it if it names no problem"
+                    ]
+                defect: dict[str, Any] = {} if isinstance(exc, MedgwError) else {"exc_info": exc}
+                self._log.error(
+                    "config.reload_failed",
+                    problems=problems,
+                    action="still serving with the previous configuration",
+                    **defect,
+                )
+                with contextlib.suppress(Exception):  # the audit log's disk may be the problem
+                    self._audit.emit(
+                        AuditEvent(
+                            EventType.CONFIG_RELOAD_FAILED,
+                            Outcome.FAILURE,
+                            Severity.WARNING,
+                            reason="; ".join(problems)[:2000],
+                        )
+                    )
+                self._notifier.ready("reload failed; serving previous configuration")
+                return False
+            self._trust.audit(new_config, new_state.trust, old.trust)
+            self._replace(old, new_state)
+            self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
+            self._audit.emit(
+                AuditEvent(
+                    EventType.CONFIG_RELOADED, detail={"peers": [p.name for p in new_config.peers]}
+                )
+            )
+            report_stranded_messages(new_config, self._spool, self._audit, self._log)
+            self._notifier.ready("configuration reloaded")
+            return True
+
+    async def trust_refresh_loop(self) -> None:
+        """Re-judge peer certificates as time passes (expiry, CRL nextUpdate, OCSP)."""
+        while True:
+            await asyncio.sleep(TRUST_REFRESH_SECONDS)
+            async with self._lock:
+                old = self._state()
+                trust = await self._trust.assess(old.config)
+                self._trust.audit(old.config, trust, old.trust)
+                if trust_changed(old.trust, trust):
+                    self._replace(old, self._build(old.config, trust))
+                    self._log.info("trust.refreshed")
+
+    def _replace(self, old: RuntimeState, new: RuntimeState) -> None:
+        self._swap(new)
+        for client in old.clients.values():
+            self._tasks.spawn(_close_later(client, old.config.runtime))
+
+
+def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> str | None:
+    """What of ``new`` only a restart can apply (None: a reload can apply it all)."""
+    if old.listeners != new.listeners:
+        return "[[listeners]]"
+    if old.storage != new.storage:
+        return "[storage]"
+    if old.as2_id != new.as2_id:
+        return "gateway.as2_id"
+    if old.audit != new.audit:
+        return "[audit]"
+    if _api_endpoints(old) != _api_endpoints(new):
+        return "[api] socket and listen"
+    if _maintenance_endpoint(old) != _maintenance_endpoint(new):
+        return "[maintenance] listen and host_key (and whether it is there)"
+    return None
+
+
+def _maintenance_endpoint(config: GatewayConfig) -> tuple[object, ...] | None:
+    found = config.maintenance
+    return (found.address, found.port, found.host_key_path) if found is not None else None
+
+
+def _api_endpoints(config: GatewayConfig) -> tuple[object, ...] | None:
+    api = config.api
+    return (api.socket, api.address, api.port) if api is not None else None
+
+
+async def _close_later(client: PeerClient, runtime: Runtime) -> None:
+    """Close a replaced client once sends that were using it have had time to finish.
+
+    No new request starts on it, and each one already started ends within the
+    ``request_timeout_seconds`` it was made with (a large document to a slow peer
+    may need all of it): closing sooner would break off a send in progress.
+    """
+    try:
+        await asyncio.sleep(runtime.request_timeout_seconds + CLIENT_CLOSE_MARGIN_SECONDS)
+    finally:
+        await client.close()

@@ -1,0 +1,80 @@
+"""The daemon's background tasks: started, supervised (started again after a
+failure), and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.logs import Logger
+
+SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
+
+
+class Tasks:
+    """Long-lived loops and one-off background work of one daemon run."""
+
+    def __init__(self, audit: Callable[[], AuditSink], log: Logger, clock: Clock) -> None:
+        self._audit = audit
+        self._log = log
+        self._clock = clock
+        self.stop_requested = asyncio.Event()  # SIGTERM / SIGINT
+        self.stopping = False  # set once the shutdown has begun
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` in the background; it is cancelled at the shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def cancel_all(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def supervised(self, what: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the daemon's long-lived loops, and start it again if it fails.
+
+        A failure (a defect, or the spool's disk full for a moment) must not stop
+        sending, intake or hand-overs silently until the next restart: it is logged
+        and audited as an alert, and the loop starts again after a pause that grows
+        from 1 s to 30 s while the failures go on.
+        """
+        pause = 1.0
+        while not self.stopping:
+            started = self._clock.monotonic()
+            try:
+                await loop()
+                return
+            except Exception as exc:
+                if self._clock.monotonic() - started > SUPERVISED_MAX_PAUSE:
+                    pause = 1.0  # it ran well for a while: this is a new failure
+                cause = f"{type(exc).__name__}: {exc}"
+                self._log.error(
+                    "daemon.task_failed",
+                    task=what,
+                    error=cause,
+                    restart_in_seconds=pause,
+                    exc_info=exc,
+                )
+                with contextlib.suppress(Exception):  # the audit log's disk may be the problem
+                    self._audit().emit(
+                        AuditEvent(
+                            EventType.TASK_FAILED,
+                            Outcome.FAILURE,
+                            Severity.ALERT,
+                            reason=f"{what} failed ({cause[:300]}); started again in {pause:.0f} s",
+                            detail={"task": what},
+                        )
+                    )
+            await self.sleep_unless_stopping(pause)
+            pause = min(pause * 2, SUPERVISED_MAX_PAUSE)
+
+    async def sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_requested.wait(), timeout=seconds)

@@ -1,0 +1,223 @@
+"""Judging the peers' certificates: at start, at each reload, and as time passes.
+
+Every configured certificate is validated (RFC 5280, with the zone's revocation
+policy); what is not acceptable, what expires soon, a stale CRL and a peer left
+without a usable certificate are logged and audited as alerts, each once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, Zone
+from gateway.egress import Network, Refused, ZonePath
+from gateway.logs import Logger
+from gateway.pki.crl import stale_crl_warnings
+from gateway.pki.expiry import Held, expiring
+from gateway.pki.ocsp import OcspClient
+from gateway.pki.peers import PeerTrust, assess_peers
+
+
+class TrustKeeper:
+    """The verdicts on the configured certificates, and the alerts about them."""
+
+    def __init__(
+        self,
+        network: Network,
+        audit: Callable[[], AuditSink],
+        log: Logger,
+        clock: Clock,
+        on_refused: Callable[[Refused], None],
+    ) -> None:
+        """``network``: the daemon's connect path (judged by the configuration in force);
+        ``on_refused``: what a refused OCSP connection is told to."""
+        self._network = network
+        self._audit = audit
+        self._log = log
+        self._clock = clock
+        self._on_refused = on_refused
+        # Per zone, with the way out it was made for: each keeps its OCSP cache.
+        self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
+        # (fingerprint, owner, use, days): certificate expiry alerts already raised
+        self._expiry_alerted: set[tuple[str, str, str, int]] = set()
+
+    def ocsp_client(self, zone: Zone, network: Network | None = None) -> OcspClient:
+        """The zone's OCSP client: its cache survives reloads while the zone's way out
+        (source address, egress) stays the same.  Its requests go through ``network``'s
+        route of the zone (default: the daemon's, judged by the configuration in force)."""
+        known = self._ocsp_clients.get(zone.name)
+        if known is None or known[0] != zone.network:
+            client = OcspClient(self._network.zone(zone.name))
+            known = self._ocsp_clients[zone.name] = (zone.network, client)
+        return known[1] if network is None else known[1].via(network.zone(zone.name))
+
+    async def assess(self, config: GatewayConfig) -> dict[str, PeerTrust]:
+        """Path validation (with the zone's revocation policy) of every configured peer cert.
+
+        OCSP requests go out by ``config``'s zones: it is the configuration being judged
+        (at a reload, the new one, before it is in force)."""
+        network = Network(lambda: config.network_map, on_refused=self._on_refused)
+        return await assess_peers(
+            config.peers,
+            config.zones,
+            at=self._clock.now(),
+            ocsp_client=lambda zone: self.ocsp_client(zone, network),
+        )
+
+    def audit(
+        self,
+        config: GatewayConfig,
+        trust: Mapping[str, PeerTrust],
+        previous: Mapping[str, PeerTrust],
+    ) -> None:
+        """Alert on every configured certificate that is not acceptable (new ones only)."""
+        self._alert_expiring(config)
+        for name, verdicts in trust.items():
+            before = previous.get(name)
+            already = {(v.fingerprint, v.purpose) for v in before.rejected} if before else set()
+            for verdict in verdicts.rejected:
+                if (verdict.fingerprint, verdict.purpose) in already:
+                    continue
+                self._log.warning(
+                    "peer.certificate_rejected",
+                    peer=name,
+                    purpose=verdict.purpose.value,
+                    reason=verdict.result.reason,
+                )
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.PEER_CERTIFICATE_REJECTED,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        peer=name,
+                        reason=verdict.result.reason,
+                        detail={
+                            "purpose": verdict.purpose.value,
+                            "subject": verdict.subject,
+                            "sha256": verdict.fingerprint,
+                            "revocation": verdict.result.revocation,
+                        },
+                    )
+                )
+        self._audit_unusable(trust, previous)
+        now = self._clock.now()
+        for zone in config.zones:
+            for finding in stale_crl_warnings(zone.crls, at=now, warn_days=zone.crl_warn_days):
+                self._log.warning("crl.stale", zone=zone.name, finding=finding.message)
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.CRL_STALE,
+                        Outcome.FAILURE,
+                        Severity.ALERT if finding.severity == "error" else Severity.WARNING,
+                        reason=finding.message,
+                        detail={"zone": zone.name},
+                    )
+                )
+
+    def _audit_unusable(
+        self, trust: Mapping[str, PeerTrust], previous: Mapping[str, PeerTrust]
+    ) -> None:
+        """One alert when a peer becomes unusable (a use with no acceptable certificate:
+        nothing is sent to it until that changes), one record when it is usable again;
+        nothing while it stays as it was."""
+        for name, verdicts in trust.items():
+            before = previous.get(name)
+            was = before.unusable if before is not None else None
+            now = verdicts.unusable
+            if now is not None and now != was:
+                fix = (
+                    f"put the peer's current certificates in peers.d/{name}.toml and reload "
+                    f"(medgw check-config names each one and why it is refused); messages for "
+                    f"{name} wait in the queue meanwhile"
+                )
+                self._log.error("peer.unusable", peer=name, reason=now, fix=fix)
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.PEER_UNUSABLE,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        peer=name,
+                        reason=now,
+                        detail={"fix": fix},
+                    )
+                )
+            elif now is None and was is not None:
+                self._log.info("peer.usable", peer=name)
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.PEER_USABLE,
+                        peer=name,
+                        reason="every use has an acceptable certificate again",
+                    )
+                )
+
+    def _alert_expiring(self, config: GatewayConfig) -> None:
+        """An alert for each of our and the peers' certificates that expires within 30, 7
+        and 1 day(s): once per certificate and threshold in this run."""
+        for found in expiring(held_certificates(config), self._clock.now()):
+            key = (found.fingerprint, found.held.owner, found.held.use, found.threshold_days)
+            if key in self._expiry_alerted:
+                continue
+            self._expiry_alerted.add(key)
+            self._log.warning(
+                "pki.certificate_expiring",
+                owner=found.held.owner,
+                use=found.held.use,
+                days_left=round(found.days_left, 1),
+            )
+            self._audit().emit(
+                AuditEvent(
+                    EventType.CERTIFICATE_EXPIRING,
+                    Outcome.FAILURE if found.days_left <= 0 else Outcome.SUCCESS,
+                    Severity.ALERT,
+                    peer=found.held.peer,
+                    reason=found.text(),
+                    detail={
+                        "use": found.held.use,
+                        "fingerprint": found.fingerprint,
+                        "threshold_days": found.threshold_days,
+                        "days_left": round(found.days_left, 2),
+                        "not_after": found.not_after.isoformat(timespec="seconds"),
+                        "fix": "issue and install a new certificate (README: rotation runbook)",
+                    },
+                )
+            )
+
+
+def unusable(trust: Mapping[str, PeerTrust]) -> dict[str, str]:
+    """Peers the exchange cannot work with now, and why."""
+    return {name: t.unusable for name, t in trust.items() if t.unusable is not None}
+
+
+def trust_changed(old: Mapping[str, PeerTrust], new: Mapping[str, PeerTrust]) -> bool:
+    """Whether ``new`` accepts other certificates than ``old`` (a new state is due)."""
+    pins = {n: {v.fingerprint for v in t.tls if v.valid} for n, t in new.items()}
+    old_pins = {n: {v.fingerprint for v in t.tls if v.valid} for n, t in old.items()}
+    return pins != old_pins or any(
+        new[n].signing_certificates != old[n].signing_certificates
+        or new[n].encryption_recipient != old[n].encryption_recipient
+        for n in new
+    )
+
+
+def held_certificates(config: GatewayConfig) -> list[Held]:
+    """Every certificate the configuration uses, ours and the peers'."""
+    ours = "this gateway"
+    held = [
+        Held(ours, "TLS", config.tls.identity.certificate),
+        Held(ours, "S/MIME signing", config.smime.signing.certificate),
+        *(Held(ours, "S/MIME decryption", k.certificate) for k in config.smime.decryption_keys),
+    ]
+    export = config.audit_export
+    if export is not None and export.identity is not None:
+        held.append(Held(ours, "audit export client", export.identity.certificate))
+    for peer in config.peers:
+        owner = f"peer {peer.name!r}"
+        held += [Held(owner, "TLS", c, peer.name) for c in peer.tls_certificates]
+        held += [Held(owner, "S/MIME signing", c, peer.name) for c in peer.signing_certificates]
+        held += [
+            Held(owner, "S/MIME encryption", c, peer.name) for c in peer.encryption_certificates
+        ]
+    return held
