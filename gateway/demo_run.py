@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.files import trail_files
 from gateway.errors import MedgwError
 
 SAMPLE_HL7 = (
@@ -131,12 +132,15 @@ def free_ports(count: int) -> list[int]:
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:
-    """The complete records of a gateway's audit log, which may be written as it is read:
-    a last line not yet ended by its newline is not a record yet."""
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
+    """The complete records of a gateway's audit trail (the file at ``path`` and the files
+    rotated out of it), which may be written as it is read: a last line not yet ended by
+    its newline is not a record yet."""
+    records: list[dict[str, Any]] = []
+    for file in trail_files(path):
+        with contextlib.suppress(FileNotFoundError):  # rotated meanwhile: read again later
+            lines = file.read_bytes().split(b"\n")[:-1]
+            records.extend(json.loads(line) for line in lines if line.strip())
+    return records
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -17,6 +17,12 @@ fsync takes milliseconds this keeps the audit trail from limiting the whole
 gateway.  If an fsync fails, every record it was to make durable (and any
 written while it ran) is cut off, the chain goes back to the last durable
 record, and each of those ``emit`` calls raises.
+
+With rotation settings, the file is closed when it reaches a size or when the
+first record of a new UTC day is written (gateway.audit.rotation): sealed by a
+checkpoint, synced, renamed to its closed name (gateway.audit.files), and the
+chain goes on in a new file.  A rotation that fails (a rename refused) leaves
+the records where they are and is tried again later: it never costs a record.
 """
 
 from __future__ import annotations
@@ -27,19 +33,29 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from gateway.audit import rotation as steps  # by module: a crash test can stop between them
 from gateway.audit.chain import GENESIS, canonical
 from gateway.audit.events import AuditEvent, EventType
+from gateway.audit.files import closed_files, closed_name, trail_backwards
+from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CHECKPOINT_EVENT, Sealer
 from gateway.audit.verify import AuditChainError, verify_chain
 from gateway.clock import Clock
 from gateway.fsutil import shared_folder
 
-__all__ = ["GENESIS", "AuditChainError", "AuditLog", "AuditSink", "recorded_since", "verify_chain"]
+__all__ = [
+    "GENESIS",
+    "AuditChainError",
+    "AuditLog",
+    "AuditSink",
+    "recorded_since",
+    "verify_chain",
+]
 
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see recorded_since
 
@@ -57,25 +73,28 @@ class AuditLog:
         node: str,
         sync: Callable[[int], None] = os.fsync,
         sealer: Sealer | None = None,
+        rotation: RotationSettings | None = None,
     ) -> None:
         self._path = path
         self._clock = clock
         self._node = node
         self._sync = sync
         self._sealer = sealer
+        self._rotation = rotation
         self._lock = threading.Lock()  # the chain: seq, prev and the write of each record
         self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock
         shared_folder(path.parent)
         self._seq, self._prev, self._sealed = self._tail(path)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self._fd = os.open(path, flags, 0o640)
-        mode = os.fstat(self._fd).st_mode & 0o777
-        if mode & 0o007:  # never readable by other users, whatever the umask was
-            os.fchmod(self._fd, mode & ~0o007)
+        self._fd = steps.open_current(path)
         self._torn: int | None = None  # size to cut the file back to before the next record
         if path.stat().st_size and not _ends_with_newline(path):
             os.write(self._fd, b"\n")  # end a record torn by a crash; the chain shows it
         self._sync(self._fd)
+        self._size = os.fstat(self._fd).st_size  # of the current file
+        self._day = _first_day(path)  # when its first record was written (None: empty)
+        closed = closed_files(path)
+        self._last_closed = closed[-1].name if closed else ""
+        self._retry_at = float("-inf")  # monotonic: no rotation before (one failed)
         # Records are also numbered by ticket: never reused, unlike seq after a rollback.
         self._written = 0  # tickets of the records written so far
         self._durable = _Mark(0, self._seq, self._prev, os.fstat(self._fd).st_size, self._sealed)
@@ -84,10 +103,11 @@ class AuditLog:
 
     def _tail(self, path: Path) -> tuple[int, str, int]:
         """Sequence number and hash of the last complete record, to continue the chain,
-        and the sequence number of the last checkpoint (0 if none).  Reads backwards:
-        with an audit key, a checkpoint is at most a few thousand records back."""
+        and the sequence number of the last checkpoint (0 if none).  Reads backwards,
+        into the closed files if the current one is empty or missing (a rotation was cut
+        short): with an audit key, a checkpoint is at most a few thousand records back."""
         last: tuple[int, str] | None = None
-        for line in backwards(path):
+        for line in trail_backwards(path):
             try:
                 record = json.loads(line)
                 seq, digest = int(record["seq"]), str(record["hash"])
@@ -101,6 +121,8 @@ class AuditLog:
         return (*last, 0) if last else (0, GENESIS, 0)
 
     def emit(self, event: AuditEvent) -> None:
+        if self._rotation is not None:
+            self._rotate_if_due(self._rotation)
         with self._lock:
             self._write(event.to_record(self._clock.now()))
             self._written += 1
@@ -139,6 +161,56 @@ class AuditLog:
                 self._waiting.discard(ticket)
         return True
 
+    def _rotate_if_due(self, rotation: RotationSettings) -> None:
+        now = self._clock.now()
+        if not rotation.due(self._size, self._day, now):
+            return  # read without the lock: looked at again under it
+        with self._sync_lock, self._lock:
+            if self._fd < 0 or not rotation.due(self._size, self._day, now):
+                return
+            if self._clock.monotonic() < self._retry_at:
+                return
+            closed = closed_name(self._path, now)
+            if closed.name <= self._last_closed:
+                return  # one a second, and never named before a file closed earlier
+            try:
+                self._rotate(closed)
+            except OSError:
+                self._retry_at = self._clock.monotonic() + RETRY_SECONDS
+
+    def _rotate(self, closed: Path) -> None:
+        """Seal, sync and close the current file as ``closed``; go on in a new one (both
+        locks held).  On an OSError the records stay in the current file."""
+        if self._sealer is not None and self._seq > self._sealed:
+            self._write_checkpoint(self._sealer, "rotation")
+            self._written += 1
+        self._flush()
+        steps.close_file(self._path, closed)
+        try:
+            fd = steps.open_current(self._path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rename(closed, self._path)  # else the records go on into the closed file
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        with contextlib.suppress(OSError):  # if it fails, a power cut may undo the rename
+            steps.sync_folder(self._path.parent)
+        self._durable = _Mark(self._written, self._seq, self._prev, 0, self._sealed)
+        self._size, self._day, self._torn = 0, None, None
+        self._last_closed = closed.name
+
+    def _flush(self) -> None:
+        """Sync every record written (both locks held); if that fails, cut them off and raise."""
+        if self._written > self._durable.ticket:
+            try:
+                size = os.fstat(self._fd).st_size
+                self._sync(self._fd)
+            except OSError as exc:
+                self._roll_back(exc)
+                raise
+            self._durable = _Mark(self._written, self._seq, self._prev, size, self._sealed)
+
     @property
     def unsealed(self) -> int:
         """How many records no checkpoint covers yet."""
@@ -155,6 +227,8 @@ class AuditLog:
         self._append(canonical(record) + b"\n")
         self._seq += 1
         self._prev = digest
+        if self._day is None:
+            self._day = datetime.fromisoformat(record["time"]).date()
 
     def _write_checkpoint(self, sealer: Sealer, trigger: str) -> None:
         seq = self._seq + 1
@@ -184,6 +258,7 @@ class AuditLog:
         except OSError:
             self._cut_back(size)
             raise
+        self._size = size + len(line)
 
     def _make_durable(self, ticket: int) -> None:
         """Return once record ``ticket`` is on disk; raise if it was cut off instead."""
@@ -225,6 +300,7 @@ class AuditLog:
     def _cut_back(self, size: int) -> None:
         try:
             os.ftruncate(self._fd, size)
+            self._size = size
         except OSError:
             self._torn = size  # try again before the next record
 
@@ -242,13 +318,8 @@ class AuditLog:
         with self._sync_lock, self._lock:
             if self._fd < 0:
                 return
-            if self._written > self._durable.ticket:
-                try:
-                    size = os.fstat(self._fd).st_size
-                    self._sync(self._fd)
-                    self._durable = _Mark(self._written, self._seq, self._prev, size, self._sealed)
-                except OSError as exc:
-                    self._roll_back(exc)
+            with contextlib.suppress(OSError):  # cut off: those emits raise
+                self._flush()
             os.close(self._fd)
             self._fd = -1
 
@@ -263,26 +334,19 @@ class _Mark(NamedTuple):
     sealed: int  # the last checkpoint
 
 
+def _first_day(path: Path) -> date | None:
+    with path.open("rb") as handle:
+        line = handle.readline(1 << 20)
+    try:
+        return datetime.fromisoformat(json.loads(line)["time"]).date()
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _ends_with_newline(path: Path) -> bool:
     with path.open("rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
-
-
-def backwards(path: Path, block: int = 1 << 16) -> Iterator[bytes]:
-    """The lines of ``path`` from the last to the first (none if it does not exist)."""
-    if not path.exists():
-        return
-    with path.open("rb") as handle:
-        end = handle.seek(0, os.SEEK_END)
-        rest = b""
-        while end > 0:
-            start = max(0, end - block)
-            handle.seek(start)
-            lines = (handle.read(end - start) + rest).split(b"\n")
-            end = start
-            rest = lines.pop(0) if start > 0 else b""  # may be cut: read with the block before
-            yield from reversed(lines)
 
 
 def recorded_since(
@@ -290,13 +354,13 @@ def recorded_since(
 ) -> bool:
     """Whether a record written at ``since`` or later satisfies ``match``.
 
-    Reads the log backwards from its end, so the cost is that of the records
-    written since then (plus a margin for a clock set back meanwhile), whatever
+    Reads the trail backwards from its end (into closed files too), so the cost is
+    that of the records written since then (plus a margin for a clock set back meanwhile), whatever
     the size of the log.  For recovery: whether an event was recorded before a
     process died.
     """
     limit = since - CLOCK_MARGIN
-    for line in backwards(path, block):
+    for line in trail_backwards(path, block):
         try:
             record = json.loads(line)
             at = datetime.fromisoformat(record["time"])

@@ -75,7 +75,9 @@ def verify_trail(
     checkpoints = 0
     last: Checkpoint | None = None
     outside_seen = False
+    before: Path | None = None  # the file before this one
     for path in paths:
+        starting = before is not None
         with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -96,11 +98,19 @@ def verify_trail(
                     expected = seq
                     first = seq
                 if record.get("prev") != prev or seq != expected:
+                    why = "a record before it was removed, inserted or reordered"
+                    if starting:
+                        why = (
+                            f"the first record of this file does not go on from the last of "
+                            f"{before}: a file between them is missing, or records were cut "
+                            "off the end of that one"
+                        )
                     raise AuditChainError(
                         f"{where}: record {seq}: chain broken: record {expected} expected "
-                        "here (a record before it was removed, inserted or reordered)",
+                        f"here ({why})",
                         fix=FIX,
                     )
+                starting = False
                 if hashlib.sha256(canonical(record)).hexdigest() != claimed:
                     raise AuditChainError(
                         f"{where}: record {seq} was altered after it was written", fix=FIX
@@ -120,6 +130,7 @@ def verify_trail(
                 prev = claimed
                 expected = seq + 1
                 count += 1
+        before = path
     if last_checkpoint is not None and not outside_seen:
         end = f"ends at record {expected - 1}" if count else "is empty"
         raise AuditChainError(

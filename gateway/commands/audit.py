@@ -13,6 +13,7 @@ from typing import Any
 
 from cryptography import x509
 
+from gateway.audit.files import trail_files
 from gateway.audit.query import (
     DOCUMENTS_REMEMBERED,
     Filters,
@@ -143,7 +144,13 @@ def _until(text: str) -> datetime:
 def _trail(args: argparse.Namespace) -> list[Path]:
     if args.file:
         return list(args.file)
-    return [load_config(args.config).storage.audit_log]
+    return _files(load_config(args.config).storage.audit_log)
+
+
+def _files(current: Path) -> list[Path]:
+    """The trail's files, oldest first (the configured file alone if there is none: it is
+    reported missing)."""
+    return trail_files(current) or [current]
 
 
 def _unreadable(exc: OSError, paths: list[Path]) -> int:
@@ -268,7 +275,7 @@ def _verify(args: argparse.Namespace) -> int:
         paths: list[Path] = args.file
     else:
         config = load_config(args.config or DEFAULT_CONFIG)
-        paths = [config.storage.audit_log]
+        paths = _files(config.storage.audit_log)
         if config.audit is not None and not certificates:
             keys = CheckpointKeys([config.audit.certificate])
     try:

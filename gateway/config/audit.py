@@ -1,5 +1,5 @@
-"""``[audit]``: the key that signs audit checkpoints; ``[audit.export]`` is read by
-gateway.audit.export.settings."""
+"""``[audit]``: the key that signs audit checkpoints and when the trail is rotated;
+``[audit.export]`` is read by gateway.audit.export.settings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.audit.export.settings import ExportSettings, load_export
+from gateway.audit.rotation import DEFAULT_MIB, MIB, MIN_MIB, RotationSettings
 from gateway.audit.seal import CURVES, SealSettings
 from gateway.config.storage import Storage
 from gateway.tomlreader import Reader, Section
@@ -50,18 +51,35 @@ def _load_checkpoints(reader: Reader, section: Section, storage: Storage) -> Sea
     return SealSettings(key, pair.certificate, every_records, every_seconds)
 
 
+ROTATION_KEYS = ("rotate_mib", "rotate_daily")
+
+
+def _load_rotation(section: Section) -> RotationSettings:
+    """``rotate_mib`` (0: not by size) and ``rotate_daily``."""
+    mib = section.number("rotate_mib", default=DEFAULT_MIB, minimum=0, maximum=1 << 20)
+    if 0 < mib < MIN_MIB:
+        section.problem(
+            "rotate_mib",
+            f"{mib:g} MiB is too small: a file would be closed every few records",
+            f"give at least {MIN_MIB:g} (MiB), or 0 not to rotate by size",
+        )
+    daily = section.boolean("rotate_daily", default=RotationSettings.daily)
+    return RotationSettings(int(mib * MIB) if mib else None, daily)
+
+
 def load_audit(
     reader: Reader, root: Section, data: dict[str, Any], storage: Storage
-) -> tuple[SealSettings | None, ExportSettings | None]:
-    """The optional ``[audit]`` table: checkpoints (any key but ``export``) and
-    ``[audit.export]``, each off when absent."""
-    audit, audit_export = None, None
+) -> tuple[SealSettings | None, ExportSettings | None, RotationSettings]:
+    """The optional ``[audit]`` table: checkpoints (any key but ``export`` and the rotation
+    keys), ``[audit.export]``, each off when absent, and rotation."""
+    audit, audit_export, rotation = None, None, RotationSettings()
     if "audit" in data:
         audit_section = root.table("audit")
         if audit_section.has("export"):
             audit_export = load_export(reader, audit_section.table("export"))
-        if isinstance(data["audit"], dict) and set(data["audit"]) - {"export"}:
+        rotation = _load_rotation(audit_section)
+        if isinstance(data["audit"], dict) and set(data["audit"]) - {"export", *ROTATION_KEYS}:
             audit = _load_checkpoints(reader, audit_section, storage)
         else:
-            audit_section.finish()  # [audit.export] alone: no checkpoints
-    return audit, audit_export
+            audit_section.finish()  # [audit.export] or rotation alone: no checkpoints
+    return audit, audit_export, rotation

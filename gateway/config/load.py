@@ -58,7 +58,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     runtime = load_runtime(root)
     api_section = root.table("api", required=False) if "api" in data else None
     delivery_section = root.table("delivery", required=False) if "delivery" in data else None
-    audit, audit_export = load_audit(reader, root, data, storage)
+    audit, audit_export, audit_rotation = load_audit(reader, root, data, storage)
     responsible = load_responsible(reader, root, source)
     maintenance_section = (
         root.table("maintenance", required=False) if "maintenance" in data else None
@@ -103,6 +103,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         responsible=responsible,
         resolved_hosts=resolved,
         audit_export=audit_export,
+        audit_rotation=audit_rotation,
         maintenance=maintenance,
     )
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.audit.export.settings import ExportSettings
+from gateway.audit.rotation import RotationSettings
 from gateway.audit.seal import SealSettings
 from gateway.config.api import ApiSettings
 from gateway.config.delivery import DeliverySettings
@@ -47,6 +48,8 @@ class GatewayConfig:
     # configuration was loaded (a name that did not resolve is absent).
     resolved_hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     audit_export: ExportSettings | None = None  # [audit.export]: off when None
+    # [audit] rotate_mib, rotate_daily: when the audit log is rotated (gateway.audit.rotation)
+    audit_rotation: RotationSettings = field(default_factory=RotationSettings)
     maintenance: MaintenanceSettings | None = None  # the SSH maintenance listener
 
     def peer(self, name: str) -> Peer | None:

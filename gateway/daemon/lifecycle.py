@@ -177,7 +177,11 @@ class Daemon:
             self._log.warning("config.warning", problem=str(warning))
         sealer = Sealer(config.audit) if config.audit is not None else None
         self._audit = AuditLog(
-            config.storage.audit_log, self._clock, node=config.as2_id, sealer=sealer
+            config.storage.audit_log,
+            self._clock,
+            node=config.as2_id,
+            sealer=sealer,
+            rotation=config.audit_rotation,
         )
         self._alerts = AlertCalls(self._audit, config.responsible, self._log)
         self._spool = open_spool(config.storage.spool_path, self._clock)

@@ -1,0 +1,273 @@
+"""Rotation of the audit trail: by size and by day, the chain going on across files,
+a checkpoint closing each file, and nothing lost or written twice when the writer or
+a real daemon is killed between two steps of a rotation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from gateway.audit import AuditEvent, AuditLog, EventType
+from gateway.audit import rotation as steps
+from gateway.audit.files import closed_name, trail_files
+from gateway.audit.log import recorded_since
+from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
+from gateway.audit.seal import CheckpointKeys
+from gateway.audit.verify import verify_trail
+from gateway.config import load_config
+from gateway.demo_run import read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.audit_writer import StepClock, sealer
+from tests.cli import medgw
+from tests.test_audit_seal import openssl_audit_key
+
+START = datetime(2026, 12, 4, 23, 50, tzinfo=UTC)
+FAULTPOINT = Path(__file__).with_name("faultpoint.py")
+ROOT = Path(__file__).resolve().parents[1]
+KILL_AFTER_RENAME = "gateway.audit.rotation:close_file"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return openssl_audit_key(tmp_path_factory.mktemp("keys"))
+
+
+def checkpoint_keys(cert: Path) -> CheckpointKeys:
+    return CheckpointKeys([x509.load_pem_x509_certificate(cert.read_bytes())])
+
+
+def emit(log: AuditLog, numbers: range) -> None:
+    for n in numbers:
+        log.emit(AuditEvent(EventType.MESSAGE_SENT, peer="lab", message_id=f"<{n}@writer>"))
+
+
+def lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def sent(path: Path) -> list[str]:
+    return [r["message_id"] for r in read_audit(path) if r["event"] == "message.sent"]
+
+
+def test_closed_files_are_named_by_their_closing_time_and_ls_lists_the_trail_in_order(
+    tmp_path: Path,
+) -> None:
+    current = tmp_path / "audit.jsonl"
+    log = AuditLog(current, StepClock(START), node="HOSP", rotation=RotationSettings(1500, False))
+    emit(log, range(30))
+    log.close()
+    files = trail_files(current)
+    assert len(files) >= 3
+    assert files[-1] == current
+    for closed in files[:-1]:
+        first = lines(closed)[0]
+        assert closed.name.startswith("audit-2026120") and closed.name.endswith("Z.jsonl")
+        assert closed_name(current, datetime.fromisoformat(first["time"])).name <= closed.name
+    listed = subprocess.run(["ls", tmp_path], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == [f.name for f in files]
+    seqs = [r["seq"] for f in files for r in lines(f)]
+    assert seqs == list(range(1, 31))
+
+
+def test_size_rotation_goes_on_with_the_chain_and_seals_each_file_with_a_checkpoint(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    current = tmp_path / "audit.jsonl"
+    rotation = RotationSettings(3000, daily=False)
+    log = AuditLog(current, StepClock(START), node="HOSP", sealer=sealer(*keys), rotation=rotation)
+    emit(log, range(40))
+    log.close()
+    files = trail_files(current)
+    assert len(files) >= 3
+    for before, after in itertools.pairwise(files):
+        last, first = lines(before)[-1], lines(after)[0]
+        assert last["event"] == "audit.checkpoint" and last["detail"]["trigger"] == "rotation"
+        assert first["prev"] == last["hash"] and first["seq"] == last["seq"] + 1
+        assert before.stat().st_size < 3000 + 2000  # closed at the first record over the size
+    report = verify_trail(files, checkpoint_keys(keys[1]))
+    assert report.first_seq == 1 and report.checkpoints == len(files)  # + the shutdown one
+    assert sent(current) == [f"<{n}@writer>" for n in range(40)]
+    # Started again, the writer chains on from the current file's last record.
+    log = AuditLog(current, StepClock(START.replace(hour=23, minute=59)), node="HOSP")
+    emit(log, range(40, 41))
+    log.close()
+    assert verify_trail(trail_files(current)).records == report.records + 1
+
+
+def test_the_first_record_of_a_new_utc_day_starts_a_new_file(tmp_path: Path) -> None:
+    current = tmp_path / "audit.jsonl"
+    clock = StepClock(datetime(2026, 12, 4, 23, 59, 57, tzinfo=UTC))
+    log = AuditLog(current, clock, node="HOSP", rotation=RotationSettings(None, daily=True))
+    emit(log, range(5))  # the clock passes midnight at the second record
+    log.close()
+    closed, now = trail_files(current)
+    assert closed.name == "audit-20261205T000000Z.jsonl"
+    assert {r["time"][:10] for r in lines(closed)} == {"2026-12-04"}
+    assert {r["time"][:10] for r in lines(now)} == {"2026-12-05"}
+    assert verify_trail([closed, now]).records == 5
+    # A restart the same day goes on in the same file.
+    log = AuditLog(current, clock, node="HOSP", rotation=RotationSettings(None, daily=True))
+    emit(log, range(5, 6))
+    log.close()
+    assert trail_files(current) == [closed, now]
+
+
+def test_a_rotation_that_cannot_rename_keeps_every_record_and_is_tried_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    current = tmp_path / "audit.jsonl"
+    clock = StepClock(START)
+    log = AuditLog(current, clock, node="HOSP", rotation=RotationSettings(500, daily=False))
+    refused: list[Path] = []
+
+    def refuse(current: Path, closed: Path) -> None:  # as on a folder made read-only
+        refused.append(closed)
+        raise PermissionError(13, "Permission denied", str(current))
+
+    monkeypatch.setattr(steps, "close_file", refuse)
+    emit(log, range(20))
+    assert len(refused) == 1  # tried once, then not again for a while
+    assert trail_files(current) == [current]
+    assert sent(current) == [f"<{n}@writer>" for n in range(20)]
+    monkeypatch.undo()
+    clock.at += timedelta(seconds=RETRY_SECONDS)
+    emit(log, range(20, 21))
+    log.close()
+    files = trail_files(current)
+    assert len(files) == 2
+    assert verify_trail(files).records == 21
+    assert sent(current) == [f"<{n}@writer>" for n in range(21)]
+
+
+def test_recorded_since_finds_a_record_in_a_closed_file(tmp_path: Path) -> None:
+    current = tmp_path / "audit.jsonl"
+    log = AuditLog(current, StepClock(START), node="HOSP", rotation=RotationSettings(600, False))
+    emit(log, range(6))
+    log.close()
+    assert len(trail_files(current)) >= 3
+    assert recorded_since(current, START, lambda r: r.get("message_id") == "<0@writer>")
+    assert not recorded_since(current, START, lambda r: r.get("message_id") == "<9@writer>")
+
+
+def writer(path: Path, first: int, count: int, keys: tuple[Path, Path], *fault: str) -> int:
+    command = [
+        *((sys.executable, str(FAULTPOINT), *fault, "--") if fault else ()),
+        sys.executable,
+        "-m",
+        "tests.audit_writer",
+        str(path),
+        f"--first={first}",
+        f"--count={count}",
+        "--rotate-bytes=2500",
+        f"--start={START.isoformat()}",
+        f"--key={keys[0]}",
+        f"--cert={keys[1]}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, timeout=120, check=False).returncode
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        # Sealed and synced, not renamed: the file is still the current one.
+        ("--kill-before", "gateway.audit.rotation:close_file"),
+        # Renamed, no current file: the trail ends with the closed file.
+        ("--kill-after", "gateway.audit.rotation:close_file"),
+        # The new file exists, empty, its name not yet synced in the folder.
+        ("--kill-before", "gateway.audit.rotation:sync_folder"),
+        ("--kill-after", "gateway.audit.rotation:sync_folder"),
+    ],
+    ids=["before-rename", "after-rename", "before-folder-sync", "after-folder-sync"],
+)
+def test_a_writer_killed_at_each_step_of_a_rotation_loses_and_repeats_nothing(
+    tmp_path: Path, keys: tuple[Path, Path], fault: tuple[str, str]
+) -> None:
+    current = tmp_path / "audit.jsonl"
+    assert writer(current, 0, 100, keys, *fault) == -signal.SIGKILL
+    written = sent(current)
+    assert written == [f"<{n}@writer>" for n in range(len(written))]  # in order, no repeat
+    killed_at = len(written)  # the record whose emit began the rotation was not written
+    assert 0 < killed_at < 100
+    assert writer(current, killed_at, 30, keys) == 0
+    files = trail_files(current)
+    assert sent(current) == [f"<{n}@writer>" for n in range(killed_at + 30)]
+    report = verify_trail(files, checkpoint_keys(keys[1]))
+    assert report.first_seq == 1 and report.unsealed == 0
+    assert all(lines(f) for f in files)  # no empty file is left in the trail
+
+
+def test_a_daemon_killed_in_the_middle_of_a_rotation_goes_on_with_the_chain(
+    layout: DemoLayout, processes: Any, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    key, cert = openssl_audit_key(tmp_path)
+    key.chmod(0o600)
+    config = layout.lab.config_path
+    config.write_text(
+        config.read_text()
+        + f'\n[audit]\nsigning_key = "{key}"\ncertificate = "{cert}"\nrotate_mib = 0.01\n'
+    )
+    trail = layout.lab.audit_log
+    # A trail just over the size: the daemon's first record rotates it.
+    trail.parent.mkdir(parents=True, exist_ok=True)
+    log = AuditLog(trail, StepClock(datetime.now(UTC).replace(microsecond=0)), node="LAB")
+    emit(log, range(60))
+    log.close()
+    assert trail.stat().st_size > 10 * 1024
+    killed = processes.start(
+        config,
+        wait=False,
+        prefix=(
+            sys.executable,
+            str(FAULTPOINT),
+            "--kill-after",
+            "gateway.audit.rotation:close_file",
+            "--",
+        ),
+    )
+    wait_until(lambda: killed.proc.poll() is not None, 60, "the daemon to be killed")
+    assert killed.proc.returncode == -signal.SIGKILL, "\n".join(killed.raw[-20:])
+    assert not trail.exists()  # renamed: killed before the new file was made
+    lab = processes.start(config)
+    assert lab.stop() == 0
+    records = read_audit(trail)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert sent(trail) == [f"<{n}@writer>" for n in range(60)]
+    assert [r["event"] for r in records].count("daemon.started") == 1
+    ok = medgw("audit", "verify", "--config", config)
+    assert ok.returncode == 0, ok.stderr
+    assert f"{len(records)} records, hash chain intact" in ok.stdout
+    assert "signatures valid" in ok.stdout and "not yet sealed" not in ok.stdout
+    closed, _ = trail_files(trail)
+    assert ok.stdout.startswith(f"{closed}, {trail}: ")
+
+
+def test_rotation_keys_alone_need_no_audit_key_and_bad_values_are_named(
+    layout: DemoLayout,
+) -> None:
+    config = layout.lab.config_path
+    shipped = config.read_text()
+    config.write_text(shipped + "\n[audit]\nrotate_daily = true\nrotate_mib = 64\n")
+    loaded = load_config(config)
+    assert loaded.audit is None
+    assert loaded.audit_rotation == RotationSettings(64 * 1024 * 1024, daily=True)
+    for bad, expected in [
+        ("rotate_mib = 0.001", "audit.rotate_mib: 0.001 MiB is too small"),
+        ("rotate_mib = -1", "audit.rotate_mib: -1 is out of range"),
+        ('rotate_daily = "yes"', "audit.rotate_daily"),
+        ("rotate_bytes = 1000", "audit.rotate_bytes: unknown key"),
+    ]:
+        config.write_text(shipped + f"\n[audit]\n{bad}\n")
+        result = medgw("check-config", "--config", config)
+        assert result.returncode != 0
+        assert expected in result.stdout + result.stderr, result.stdout + result.stderr
