@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from gateway.config import GatewayConfig, Zone
+from gateway.config import GatewayConfig, Peer, Zone
+from gateway.config.network_rules import reach_problems, zone_problems
 from gateway.errors import ConfigProblem
-from gateway.routing import endpoint, on_this_host, reach_problems, url_address, zone_problems
+from gateway.pki.peers import ROLES, PeerTrust
+from gateway.routing import endpoint, on_this_host, url_address
+
+EXPIRY_WARNING_DAYS = 30  # check-config warns about a certificate expiring this soon
 
 
 def _cert_line(cert: x509.Certificate) -> str:
@@ -261,3 +266,60 @@ def _where(url: str, resolved: Mapping[str, Sequence[str]]) -> str:
         if all(on_this_host(ip) for ip in addresses)
         else " (in no zone's egress)"
     )
+
+
+def trust_problems(
+    peer: Peer, trust: PeerTrust, *, at: datetime, warn_days: int = EXPIRY_WARNING_DAYS
+) -> list[ConfigProblem]:
+    """What ``check-config`` says about one peer's certificates: an error for a use with
+    no acceptable certificate left (the daemon marks the peer unusable), a warning for
+    each unacceptable one beside an acceptable one, and for each acceptable one that
+    expires within ``warn_days``."""
+    problems = []
+    source = str(peer.source)
+    for name, key, label in ROLES:
+        verdicts = trust.role(name)
+        good = [v for v in verdicts if v.valid]
+        for verdict in verdicts:
+            if verdict.valid:
+                left = verdict.certificate.not_valid_after_utc - at
+                if left < timedelta(days=warn_days):
+                    problems.append(
+                        ConfigProblem(
+                            source,
+                            key,
+                            f"{label} certificate {verdict.subject} of peer {peer.name!r} "
+                            f"expires on {verdict.certificate.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
+                            f" (in {max(left.days, 0)} day(s))",
+                            f"ask {peer.name} for its next certificate now and add it to {key} "
+                            "beside this one (both are accepted until this one expires)",
+                            "warning",
+                        )
+                    )
+            elif good:
+                problems.append(
+                    ConfigProblem(
+                        source,
+                        key,
+                        f"{label} certificate {verdict.subject} of peer {peer.name!r} is not "
+                        f"acceptable and is not used ({len(good)} other(s) are): "
+                        f"{verdict.result.reason}",
+                        f"remove it from {key}, or correct what the reason says",
+                        "warning",
+                    )
+                )
+        if not good:
+            reasons = "; ".join(f"{v.subject}: {v.result.reason}" for v in verdicts)
+            problems.append(
+                ConfigProblem(
+                    source,
+                    key,
+                    f"peer {peer.name!r} has no acceptable {label} certificate"
+                    + (f" ({reasons})" if reasons else " (none is listed)")
+                    + ": medgw marks the peer unusable and exchanges nothing with it",
+                    f"put the peer's current {label} certificate in {key} (one that chains "
+                    f"to zone {peer.zone!r}'s trust_anchors, is valid now, is made for this "
+                    "use and is not revoked), or correct what the reason says",
+                )
+            )
+    return problems

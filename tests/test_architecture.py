@@ -32,6 +32,30 @@ UPPER = (
     "gateway.cli",
 )
 CLI = ("gateway.cli", "gateway.commands", "gateway.__main__")
+# What the configuration is read with and judged by: these know nothing of it.
+BELOW_CONFIG = (
+    "gateway.routing",
+    "gateway.egress",
+    "gateway.httpbody",
+    "gateway.tomlreader",
+    "gateway.places",
+    "gateway.spool",
+    "gateway.audit",
+    "gateway.errors",
+    "gateway.clock",
+    "gateway.fsutil",
+    "gateway.textbounds",
+)
+# Where an administrator's configuration is judged (a ConfigProblem names its file,
+# key and fix): the configuration package, the readers it is built with, check-config's
+# report, and a feature's own settings loader (``<feature>.settings``).
+CONFIGURATION = (
+    "gateway.config",
+    "gateway.tomlreader",
+    "gateway.places",
+    "gateway.report",
+    "gateway.errors",
+)
 
 
 def _within(module: str, prefixes: Iterable[str]) -> bool:
@@ -52,7 +76,7 @@ def modules(package: Path = PACKAGE) -> dict[str, tuple[Path, bool]]:
 
 def imports_of(name: str, path: Path, is_package: bool, known: Mapping[str, object]) -> set[str]:
     """The modules of the package that ``name`` imports."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    tree = _tree(path)
     here = name if is_package else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -68,6 +92,20 @@ def imports_of(name: str, path: Path, is_package: bool, known: Mapping[str, obje
                 submodule = f"{target}.{alias.name}"
                 found.add(submodule if submodule in known else target)
     return {m for m in found if m in known and m != name}
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def names_imported(path: Path) -> set[str]:
+    """Every name ``path`` imports with ``from ... import``."""
+    return {
+        alias.name
+        for node in ast.walk(_tree(path))
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
 
 
 def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
@@ -165,5 +203,32 @@ def test_only_the_command_line_knows_the_command_line(edges: dict[str, set[str]]
         if not _within(name, CLI)
         for target in sorted(targets)
         if _within(target, CLI)
+    ]
+    assert wrong == []
+
+
+def test_the_configuration_is_built_on_what_knows_nothing_of_it(
+    edges: dict[str, set[str]],
+) -> None:
+    # the zone and address rules, the readers, the state: none reaches back into config
+    wrong = [
+        " -> ".join(path)
+        for name in sorted(edges)
+        if _within(name, BELOW_CONFIG)
+        for target, path in reachable(edges, name).items()
+        if _within(target, ("gateway.config",))
+    ]
+    assert wrong == []
+
+
+def test_only_the_configuration_layer_judges_the_configuration() -> None:
+    """Configuration rules live with the configuration, not in routing or trust: only
+    the configuration layer, and a feature's own settings loader, make a ConfigProblem."""
+    wrong = [
+        name
+        for name, (path, _) in sorted(modules().items())
+        if "ConfigProblem" in names_imported(path)
+        and not _within(name, CONFIGURATION)
+        and name.rpartition(".")[2] != "settings"
     ]
     assert wrong == []

@@ -45,8 +45,8 @@ def _print_problems(exc: ConfigError) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.config import load_config
-    from gateway.pki.peers import assess_peers, trust_problems
-    from gateway.report import describe_config
+    from gateway.pki.peers import assess_peers
+    from gateway.report import describe_config, trust_problems
 
     path: Path = args.config
     try:

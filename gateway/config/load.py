@@ -11,28 +11,24 @@ the first mistake: every problem found is collected as a
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from gateway.config.api import ApiSettings, load_api
+from gateway.config.api import load_api
 from gateway.config.audit import load_audit
-from gateway.config.delivery import DeliverySettings, load_delivery
+from gateway.config.delivery import load_delivery
 from gateway.config.identity import load_identity, load_tls
-from gateway.config.listeners import Listener, load_listeners
+from gateway.config.listeners import load_listeners
 from gateway.config.model import GatewayConfig
-from gateway.config.peers import Peer, check_peer_uniqueness, load_peers
+from gateway.config.network_rules import network_problems
+from gateway.config.peers import check_peer_uniqueness, load_peers
 from gateway.config.responsible import load_responsible
 from gateway.config.runtime import load_runtime
 from gateway.config.smime import load_smime
 from gateway.config.storage import load_storage, named_places
-from gateway.config.zones import Zone, load_zones
-from gateway.egress import resolve_hosts
+from gateway.config.zones import load_zones
 from gateway.errors import ConfigError
 from gateway.maintenance.settings import load_maintenance
 from gateway.places import overlap_problems
-from gateway.routing import hosts_to_resolve, reach_problems, zone_problems
 from gateway.tomlreader import Reader, Section
 
 
@@ -80,7 +76,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         if maintenance_section is not None
         else None
     )
-    resolved = _network_problems(reader, source, zones, listeners, peers, api, delivery)
+    resolved = network_problems(reader, source, zones, listeners, peers, api, delivery)
 
     if reader.errors or tls is None or smime is None:
         raise ConfigError(reader.problems)
@@ -106,49 +102,3 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         audit_rotation=audit_rotation,
         maintenance=maintenance,
     )
-
-
-def _network_problems(
-    reader: Reader,
-    source: Path,
-    zones: Sequence[Zone],
-    listeners: Sequence[Listener],
-    peers: Sequence[Peer],
-    api: ApiSettings | None,
-    delivery: DeliverySettings | None,
-) -> dict[str, tuple[str, ...]]:
-    """The zone rules (NET-4) and where each configured URL leads, judged with the
-    addresses its host name resolves to now; returns those addresses."""
-    # A url already reported as unreadable is not judged against the zones a second time.
-    judged = [
-        replace(
-            p,
-            url=p.url if _parses(p.url) else "",
-            async_receipt_url=p.async_receipt_url if _parses(p.async_receipt_url) else "",
-        )
-        for p in peers
-    ]
-    reader.problems.extend(zone_problems(source, zones, listeners, judged))
-    handover = delivery.targets() if delivery is not None else ()
-    urls = [u for p in judged for u in (p.url, p.async_receipt_url)] + [u for _, u in handover]
-    resolved = resolve_hosts(hosts_to_resolve(urls))
-    reader.problems.extend(
-        reach_problems(
-            source,
-            zones,
-            listeners,
-            api.endpoint if api is not None else None,
-            judged,
-            handover,
-            resolved,
-        )
-    )
-    return resolved
-
-
-def _parses(url: str) -> bool:
-    try:
-        _ = urlsplit(url).port  # a port that is not a number 1-65535 raises ValueError
-    except ValueError:
-        return False
-    return True

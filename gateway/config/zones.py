@@ -11,8 +11,11 @@ from cryptography import x509
 from gateway.egress import ZonePath
 from gateway.errors import MedgwError
 from gateway.pki.store import load_crls
-from gateway.routing import REVOCATION_POLICIES, ZONE_KINDS, Network
+from gateway.routing import Network
 from gateway.tomlreader import Reader, Section
+
+ZONE_KINDS = ("closed-network", "ip-vpn", "internet")
+REVOCATION_POLICIES = ("require", "prefer", "off")
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 from cryptography import x509
 
 from gateway.egress import Route
-from gateway.errors import ConfigProblem
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.tls import certificate_fingerprint
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
@@ -63,8 +62,6 @@ class Peer(Protocol):
 
 
 Z = TypeVar("Z", bound=Zone)
-
-EXPIRY_WARNING_DAYS = 30  # check-config warns about a certificate expiring this soon
 
 # Each use of a peer's certificates: the peers.d key that lists them, and its name.
 ROLES = (
@@ -254,60 +251,3 @@ async def assess_peers(
             ocsp_client=ocsp_client(zone) if ocsp_client is not None else None,
         )
     return trust
-
-
-def trust_problems(
-    peer: Peer, trust: PeerTrust, *, at: datetime, warn_days: int = EXPIRY_WARNING_DAYS
-) -> list[ConfigProblem]:
-    """What ``check-config`` says about one peer's certificates: an error for a use with
-    no acceptable certificate left (the daemon marks the peer unusable), a warning for
-    each unacceptable one beside an acceptable one, and for each acceptable one that
-    expires within ``warn_days``."""
-    problems = []
-    source = str(peer.source)
-    for name, key, label in ROLES:
-        verdicts = trust.role(name)
-        good = [v for v in verdicts if v.valid]
-        for verdict in verdicts:
-            if verdict.valid:
-                left = verdict.certificate.not_valid_after_utc - at
-                if left < timedelta(days=warn_days):
-                    problems.append(
-                        ConfigProblem(
-                            source,
-                            key,
-                            f"{label} certificate {verdict.subject} of peer {peer.name!r} "
-                            f"expires on {verdict.certificate.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
-                            f" (in {max(left.days, 0)} day(s))",
-                            f"ask {peer.name} for its next certificate now and add it to {key} "
-                            "beside this one (both are accepted until this one expires)",
-                            "warning",
-                        )
-                    )
-            elif good:
-                problems.append(
-                    ConfigProblem(
-                        source,
-                        key,
-                        f"{label} certificate {verdict.subject} of peer {peer.name!r} is not "
-                        f"acceptable and is not used ({len(good)} other(s) are): "
-                        f"{verdict.result.reason}",
-                        f"remove it from {key}, or correct what the reason says",
-                        "warning",
-                    )
-                )
-        if not good:
-            reasons = "; ".join(f"{v.subject}: {v.result.reason}" for v in verdicts)
-            problems.append(
-                ConfigProblem(
-                    source,
-                    key,
-                    f"peer {peer.name!r} has no acceptable {label} certificate"
-                    + (f" ({reasons})" if reasons else " (none is listed)")
-                    + ": medgw marks the peer unusable and exchanges nothing with it",
-                    f"put the peer's current {label} certificate in {key} (one that chains "
-                    f"to zone {peer.zone!r}'s trust_anchors, is valid now, is made for this "
-                    "use and is not revoked), or correct what the reason says",
-                )
-            )
-    return problems
