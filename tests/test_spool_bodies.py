@@ -95,7 +95,8 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
     assert (layout.hospital.inbox_dir / "lab" / "small.hl7").read_bytes() == small
     assert (layout.hospital.inbox_dir / "lab" / "large.bin").read_bytes() == large
     assert all(spool.get(m).body is None for m in ids.values())  # type: ignore[union-attr]
-    assert not list(outgoing.iterdir())
+    # The body file goes after the record says delivered: wait for the file itself.
+    wait_until(lambda: not list(outgoing.iterdir()), 60, "the large body's file removed")
 
 
 def test_retrying_a_delivered_message_says_it_was_delivered(tmp_path: Path) -> None:
