@@ -22,6 +22,7 @@ from gateway.commands import (
     maintainer,
     maintenance,
     queue,
+    retention,
     send,
     smime,
 )
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(commands)
     queue.register(commands)
     handover.register(commands)
+    retention.register(commands)
     audit.register(commands)
     send.register(commands)
     api.register(commands)

@@ -14,6 +14,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
+from gateway.retention.purge import PurgeRequest, Retention
 from gateway.spool import (
     PENDING_STATES,
     HandoverRecord,
@@ -207,6 +208,11 @@ class Operations:
 
     def peers(self) -> list[dict[str, Any]]:
         return peers_view(self.config, self.spool, self.unusable())
+
+    def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
+        """Dispose of what finished before ``request.before`` (DSP-1), audited with
+        ``actor`` and the counts per kind."""
+        return Retention(self.spool, self.audit, self.clock).purge(request, actor)
 
 
 def viewed(audit: AuditSink, view: Mapping[str, Any], actor: str, via: str) -> None:

@@ -106,6 +106,10 @@ class EventType(StrEnum):
     MAINTENANCE_REFUSED = "maintenance.request_refused"
     MAINTENANCE_LOGOUT = "maintenance.logout"
     MAINTENANCE_APPROVED = "maintenance.approved"  # work approved in advance for a person
+    # Disposal (DSP-1, gateway.retention): one purge or sweep with its counts per kind,
+    # and each batch of messages whose records, receipts or copies were disposed of.
+    RETENTION_PURGED = "retention.purged"
+    RETENTION_DISPOSED = "retention.disposed"
 
 
 class Outcome(StrEnum):

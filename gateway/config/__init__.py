@@ -23,7 +23,8 @@ The parts:
   :mod:`~gateway.config.smime`, :mod:`~gateway.config.storage`,
   :mod:`~gateway.config.runtime`, :mod:`~gateway.config.api`,
   :mod:`~gateway.config.delivery`, :mod:`~gateway.config.audit`,
-  :mod:`~gateway.config.responsible`, and the peer files:
+  :mod:`~gateway.config.responsible`, :mod:`~gateway.config.retention`
+  (``[retention]``, applied by :mod:`gateway.retention`), and the peer files:
   :mod:`~gateway.config.peers` with :mod:`~gateway.config.peer_algorithms`.
 
 Typed values, and the problems a key can have, are read with

@@ -22,6 +22,7 @@ from gateway.config.model import GatewayConfig
 from gateway.config.network_rules import network_problems
 from gateway.config.peers import check_peer_uniqueness, load_peers
 from gateway.config.responsible import load_responsible
+from gateway.config.retention import KEEP, load_retention
 from gateway.config.runtime import load_runtime
 from gateway.config.smime import load_smime
 from gateway.config.storage import load_storage, named_places
@@ -59,12 +60,22 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     maintenance_section = (
         root.table("maintenance", required=False) if "maintenance" in data else None
     )
+    retention_section = root.table("retention", required=False) if "retention" in data else None
     root.finish()
 
     peers = load_peers(reader, source, identity.peers_dir, smime)
     check_peer_uniqueness(reader, peers, identity.as2_id)
     delivery = (
         load_delivery(reader, delivery_section, peers) if delivery_section is not None else None
+    )
+    retention = (
+        load_retention(
+            retention_section,
+            {p.name: p.services for p in peers},
+            runtime.message_expiry_seconds,
+        )
+        if retention_section is not None
+        else KEEP
     )
     places = named_places(source, identity.peers_dir, storage, zones, reader.read)
     reader.problems.extend(overlap_problems(places))
@@ -101,4 +112,5 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         audit_export=audit_export,
         audit_rotation=audit_rotation,
         maintenance=maintenance,
+        retention=retention,
     )

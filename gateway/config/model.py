@@ -16,6 +16,7 @@ from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
 from gateway.config.peers import Peer
 from gateway.config.responsible import Responsible
+from gateway.config.retention import KEEP, RetentionSettings
 from gateway.config.runtime import Runtime
 from gateway.config.smime import SmimeSettings
 from gateway.config.storage import Storage
@@ -51,6 +52,7 @@ class GatewayConfig:
     # [audit] rotate_mib, rotate_daily: when the audit log is rotated (gateway.audit.rotation)
     audit_rotation: RotationSettings = field(default_factory=RotationSettings)
     maintenance: MaintenanceSettings | None = None  # the SSH maintenance listener
+    retention: RetentionSettings = KEEP  # [retention]: everything kept for ever by default
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)

@@ -8,6 +8,7 @@ and every message is visible.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -35,6 +36,7 @@ from gateway.intake.submit import (
 from gateway.logs import make_logger
 from gateway.maintenance.approvals import approve
 from gateway.operations import Operations, UnknownPeerError, handover_view, record_view
+from gateway.retention.purge import purge_request
 from gateway.spool import HandoverState, OutboundState
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -117,6 +119,7 @@ class ControlServer:
         app.router.add_get("/v1/handover", self._handover_list)
         app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
         app.router.add_post("/v1/maintenance/approve", self._maintenance_approve)
+        app.router.add_post("/v1/purge", self._purge)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
         front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
@@ -243,6 +246,19 @@ class ControlServer:
         except SpoolError as exc:
             return _error(exc, 409)
         return web.json_response(handover_view(record))
+
+    async def _purge(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        ops = self._ops()
+        try:
+            purge = purge_request(body, ops.clock.now())
+            counts = await asyncio.to_thread(ops.purge, purge, who)
+        except MedgwError as exc:
+            return _error(exc, 400)
+        return web.json_response({"dry_run": purge.dry_run, "counts": counts})
 
     async def _maintenance_approve(self, request: web.Request) -> web.Response:
         who = caller(request)

@@ -55,6 +55,7 @@ from gateway.maintenance.server import MaintenanceServer
 from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.peers import PeerTrust
+from gateway.retention.purge import Retention
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool, open_spool
 
@@ -266,6 +267,7 @@ class Daemon:
             )
             tasks.spawn(tasks.supervised("hand-over to internal systems", self._handover.run))
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))
+            tasks.spawn(tasks.supervised("retention sweep", self._retention_loop))
             if config.audit is not None:
                 every = config.audit.every_seconds
                 tasks.spawn(tasks.supervised("audit checkpoints", lambda: self._seal_loop(every)))
@@ -505,6 +507,15 @@ class Daemon:
             if not self.tasks.stopping:
                 assert self._audit is not None
                 await asyncio.to_thread(self._audit.checkpoint, "time")
+
+    async def _retention_loop(self) -> None:
+        """Apply the [retention] rules in force, at start and every sweep interval."""
+        assert self._spool is not None
+        retention = Retention(self._spool, self._audit_sink(), self._clock)
+        while not self.tasks.stopping:
+            settings = self.state.config.retention
+            await asyncio.to_thread(retention.sweep, settings)
+            await self.tasks.sleep_unless_stopping(settings.sweep_interval_seconds)
 
     async def _watchdog_loop(self, interval: float) -> None:
         while True:

@@ -13,12 +13,14 @@ from gateway.clock import Clock
 from gateway.spool.protocol import Spool
 from gateway.spool.records import (
     PENDING_STATES,
+    Disposable,
     HandoverRecord,
     HandoverState,
     InboundRecord,
     OutboundRecord,
     OutboundState,
     PeerControl,
+    RetainedKind,
 )
 from gateway.spool.sqlite import SqliteSpool
 
@@ -30,12 +32,14 @@ def open_spool(path: Path, clock: Clock) -> Spool:
 
 __all__ = [
     "PENDING_STATES",
+    "Disposable",
     "HandoverRecord",
     "HandoverState",
     "InboundRecord",
     "OutboundRecord",
     "OutboundState",
     "PeerControl",
+    "RetainedKind",
     "Spool",
     "SqliteSpool",
     "open_spool",

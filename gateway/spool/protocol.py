@@ -8,17 +8,20 @@ committed state), safe to call from worker threads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from gateway.routing import LOCAL_INTAKE, Origin
 from gateway.spool.records import (
+    Disposable,
     HandoverRecord,
     HandoverState,
     InboundRecord,
     OutboundRecord,
     OutboundState,
     PeerControl,
+    RetainedKind,
 )
 
 
@@ -226,4 +229,40 @@ class Spool(Protocol):
         self, peer: str, message_id: str, actor: str, expires_at: float
     ) -> HandoverRecord:
         """A ``failed`` hand-over back to ``pending``: attempts reset, a new expiry."""
+        ...
+
+    def retained_groups(self, kind: RetainedKind) -> list[tuple[str, str | None]]:
+        """The (peer, service) pairs that have something of ``kind`` to dispose of."""
+        ...
+
+    def disposable(
+        self,
+        kind: RetainedKind,
+        before: str,
+        *,
+        peer: str | None = None,
+        service: str | None = None,
+        any_service: bool = True,
+        limit: int = 64,
+    ) -> list[Disposable]:
+        """Up to ``limit`` things of ``kind`` finished before ``before`` (ISO 8601) of
+        ``peer`` and ``service``, on which nothing is owed any more (see
+        gateway.spool.sqlite.retention), oldest first."""
+        ...
+
+    def count_disposable(
+        self,
+        kind: RetainedKind,
+        before: str,
+        *,
+        peer: str | None = None,
+        service: str | None = None,
+        any_service: bool = True,
+    ) -> int:
+        """How many things a purge with these filters would dispose of (a dry run)."""
+        ...
+
+    def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
+        """Dispose of ``items`` in one transaction, each only if it still may be; returns
+        those disposed of.  Their files are the caller's to remove, before."""
         ...

@@ -138,3 +138,24 @@ class HandoverRecord:
     created_at: str = ""
     updated_at: str = ""
     expires_at: float = 0.0  # 0: created_at + [runtime] message_expiry_seconds
+
+
+class RetainedKind(StrEnum):
+    """What the gateway keeps after a message is finished, each with its own retention."""
+
+    RECEIVED = "received"  # the inbox copy of a document handed over to the internal system
+    RECEIPTS = "receipts"  # receipts received (files) and sent (kept to answer a resend)
+    HANDOVER = "handover"  # records of hand-overs to the internal system
+    SPOOL = "spool"  # records of finished messages (inbound: the resend detection)
+
+
+@dataclass(frozen=True)
+class Disposable:
+    """One kept thing of a finished message that retention may dispose of."""
+
+    kind: RetainedKind
+    table: str  # where the spool keeps it: "outbound", "inbound" or "handover"
+    peer: str
+    message_id: str
+    service: str | None
+    file: Path | None  # the file it is (a received copy, a receipt), if any

@@ -100,6 +100,8 @@ _ADDED_COLUMNS = (
     ("outbound", "encrypted_for", "TEXT"),
     # The AS2 body of a small message (see OutboundRecord.body); NULL: in body_path.
     ("outbound", "body", "BLOB"),
+    # When the inbox copy of a handed-over document was disposed of (gateway.retention).
+    ("handover", "copy_purged_at", "TEXT"),
 )
 
 

@@ -20,10 +20,12 @@ from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
 from gateway.spool.sqlite.outbound import OutboundQueue
 from gateway.spool.sqlite.peers import PeerControls
+from gateway.spool.sqlite.retention import RetainedItems
 
 __all__ = ["SqliteSpool"]
 
 
-class SqliteSpool(OutboundQueue, InboundDedup, HandoverQueue, PeerControls):
+class SqliteSpool(OutboundQueue, InboundDedup, HandoverQueue, PeerControls, RetainedItems):
     """The spool in one SQLite database (see :class:`gateway.spool.Spool`): one part per
-    concern (``outbound``, ``inbound``, ``handover``, ``peers``) over one ``database``."""
+    concern (``outbound``, ``inbound``, ``handover``, ``peers``, ``retention``) over one
+    ``database``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,7 +65,7 @@ class Database:
         self._reader.close()
         self._db.close()
 
-    def _read(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+    def _read(self, sql: str, params: tuple[Any, ...] | Mapping[str, Any]) -> list[sqlite3.Row]:
         with self._read_lock:
             return self._reader.execute(sql, params).fetchall()
 
@@ -79,7 +79,7 @@ class Database:
                 fix="check free disk space and permissions of the state directory",
             ) from exc
 
-    def _one(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+    def _one(self, sql: str, params: tuple[Any, ...] | Mapping[str, Any]) -> sqlite3.Row | None:
         rows = self._read(sql, params)
         return rows[0] if rows else None
 

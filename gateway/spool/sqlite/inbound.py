@@ -114,15 +114,17 @@ class InboundDedup(Database):
         ``processed`` is handed over even if the process dies right after.
         """
         now = self._now()
-        more: list[tuple[str, tuple[Any, ...]]] = []
+        statements: list[tuple[str, tuple[Any, ...]]] = []
         if handover is not None:
             content_type, size = handover
-            more.append(
+            # Only for a first delivery: a resend answered again after its stored receipt
+            # was disposed of (gateway.retention) was handed over already.
+            statements.append(
                 (
                     "INSERT OR IGNORE INTO handover (peer, message_id, service, path,"
                     " content_type, sha256, size, state, created_at, updated_at)"
                     " SELECT peer, message_id, service, target_path, ?, sha256, ?, ?, ?, ?"
-                    " FROM inbound WHERE peer=? AND message_id=?",
+                    " FROM inbound WHERE peer=? AND message_id=? AND state!='delivered'",
                     (
                         content_type,
                         size,
@@ -134,9 +136,12 @@ class InboundDedup(Database):
                     ),
                 )
             )
-        self._write(
-            "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?, updated_at=?"
-            " WHERE peer=? AND message_id=?",
-            (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
-            more,
+        statements.append(
+            (
+                "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?,"
+                " updated_at=? WHERE peer=? AND message_id=?",
+                (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
+            )
         )
+        first, *more = statements
+        self._write(*first, more)

@@ -1,0 +1,1 @@
+"""Retention and disposal of what the gateway keeps after a message is finished (DSP-1)."""

@@ -1,0 +1,233 @@
+"""Disposal of what the gateway keeps after a message is finished (DSP-1).
+
+Two ways in, one path: the daemon's sweep applies the ``[retention]`` rules
+every ``sweep_interval_seconds``; ``medgw purge --before DATE`` disposes of
+everything finished before a date on an operator's request.  Both remove only
+what nothing is owed on any more (the spool decides that, in the transaction
+that disposes of it: see gateway.spool.sqlite.retention), the files first and
+then their records, a batch at a time, and both are audited: one
+``retention.disposed`` per batch naming each message, and one
+``retention.purged`` with the counts per kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.clock import Clock
+from gateway.config.retention import HOLDS, RetentionSettings
+from gateway.errors import MedgwError
+from gateway.spool import Disposable, RetainedKind, Spool
+from gateway.textbounds import MAX_ITEMS
+
+# Kinds in the order they go: what a record holds before the record.
+ORDER = (RetainedKind.RECEIVED, RetainedKind.RECEIPTS, RetainedKind.HANDOVER, RetainedKind.SPOOL)
+
+
+class PurgeRefused(MedgwError):
+    """A purge request that cannot be carried out as asked."""
+
+
+@dataclass(frozen=True)
+class PurgeRequest:
+    before: datetime  # what finished before this time
+    kinds: tuple[RetainedKind, ...] = ORDER  # with what they hold (see settings.HOLDS)
+    peer: str | None = None
+    service: str | None = None  # None: any service
+    dry_run: bool = False
+
+    def closure(self) -> tuple[RetainedKind, ...]:
+        """The kinds asked for and what they hold, in the order they go."""
+        wanted = set(self.kinds)
+        for kind in self.kinds:
+            wanted.update(HOLDS[kind])
+        return tuple(k for k in ORDER if k in wanted)
+
+
+def parse_before(text: str, now: datetime) -> datetime:
+    """``--before``: an ISO 8601 date (midnight UTC) or time with its offset, not later
+    than now."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise PurgeRefused(
+            f"--before {text!r} is not an ISO 8601 date or time",
+            fix="write it as 2026-04-01 (midnight UTC) or 2026-04-01T00:00:00+09:00",
+        ) from None
+    if when.tzinfo is None:
+        if len(text) > 10:
+            raise PurgeRefused(
+                f"--before {text!r} has no UTC offset",
+                fix="add the offset, for example 2026-04-01T00:00:00+09:00",
+            )
+        when = when.replace(tzinfo=now.tzinfo)
+    if when > now:
+        raise PurgeRefused(
+            f"--before {text!r} is in the future",
+            fix="give a date in the past: only what finished before it is disposed of",
+        )
+    return when
+
+
+def purge_request(body: Mapping[str, Any], now: datetime) -> PurgeRequest:
+    """A purge as the control socket receives it: ``before`` (required), ``kinds``,
+    ``peer``, ``service``, ``dry_run``."""
+    kinds_text = body.get("kinds") or [k.value for k in ORDER]
+    names = ", ".join(k.value for k in ORDER)
+    if not isinstance(kinds_text, list):
+        raise PurgeRefused("kinds must be a list", fix=f"name kinds of: {names}")
+    kinds = []
+    for text in kinds_text:
+        try:
+            kinds.append(RetainedKind(str(text)))
+        except ValueError:
+            raise PurgeRefused(
+                f"unknown kind {str(text)[:64]!r}", fix=f"use one of: {names}"
+            ) from None
+    peer, service = body.get("peer"), body.get("service")
+    return PurgeRequest(
+        before=parse_before(str(body.get("before") or ""), now),
+        kinds=tuple(kinds),
+        peer=str(peer) if peer else None,
+        service=str(service) if service else None,
+        dry_run=bool(body.get("dry_run")),
+    )
+
+
+class Retention:
+    """Disposes of kept things in ``spool``, audited to ``audit``."""
+
+    def __init__(self, spool: Spool, audit: AuditSink, clock: Clock) -> None:
+        self._spool = spool
+        self._audit = audit
+        self._clock = clock
+
+    def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
+        """An operator's purge: counts per kind (of what would go, for a dry run)."""
+        before = request.before.isoformat()
+        counts: dict[str, int] = {}
+        for kind in request.closure():
+            if request.dry_run:
+                counts[kind.value] = self._spool.count_disposable(
+                    kind,
+                    before,
+                    peer=request.peer,
+                    service=request.service,
+                    any_service=request.service is None,
+                )
+            else:
+                counts[kind.value] = self._dispose(
+                    kind,
+                    before,
+                    actor,
+                    peer=request.peer,
+                    service=request.service,
+                    any_service=request.service is None,
+                )
+        self._audit.emit(
+            AuditEvent(
+                EventType.RETENTION_PURGED,
+                severity=Severity.INFO if request.dry_run else Severity.WARNING,
+                peer=request.peer,
+                service=request.service,
+                actor=actor,
+                detail={
+                    "trigger": "operator",
+                    "dry_run": request.dry_run,
+                    "before": before,
+                    "kinds": [k.value for k in request.kinds],
+                    "counts": counts,
+                },
+            )
+        )
+        return counts
+
+    def sweep(
+        self, settings: RetentionSettings, actor: str = "medgw retention sweep"
+    ) -> dict[str, int]:
+        """Apply ``settings`` now: each kind, for each peer and service, by its own limit.
+        Audited only when something went."""
+        now = self._clock.now()
+        counts: dict[str, int] = {}
+        for kind in ORDER:
+            for peer, service in self._spool.retained_groups(kind):
+                cutoff = settings.cutoff(kind, peer, service, now)
+                if cutoff is None:
+                    continue
+                gone = self._dispose(
+                    kind, cutoff.isoformat(), actor, peer=peer, service=service, any_service=False
+                )
+                if gone:
+                    counts[kind.value] = counts.get(kind.value, 0) + gone
+        if counts:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.RETENTION_PURGED,
+                    actor=actor,
+                    detail={"trigger": "sweep", "dry_run": False, "counts": counts},
+                )
+            )
+        return counts
+
+    def _dispose(
+        self,
+        kind: RetainedKind,
+        before: str,
+        actor: str,
+        *,
+        peer: str | None,
+        service: str | None,
+        any_service: bool,
+    ) -> int:
+        total = 0
+        while True:
+            batch = self._spool.disposable(
+                kind,
+                before,
+                peer=peer,
+                service=service,
+                any_service=any_service,
+                limit=MAX_ITEMS,
+            )
+            if not batch:
+                return total
+            _remove_files(batch)
+            done = self._spool.dispose(batch)
+            if done:
+                self._audit.emit(
+                    AuditEvent(
+                        EventType.RETENTION_DISPOSED,
+                        actor=actor,
+                        detail={
+                            "kind": kind.value,
+                            "before": before,
+                            "count": len(done),
+                            "messages": [_name(item) for item in done],
+                        },
+                    )
+                )
+            total += len(done)
+            if len(done) < len(batch):
+                # Something changed under us (a late receipt); the rest waits for next time.
+                return total
+
+
+def _name(item: Disposable) -> dict[str, str | None]:
+    return {
+        "peer": item.peer,
+        "message_id": item.message_id,
+        "service": item.service,
+        "direction": "outbound" if item.table == "outbound" else "inbound",
+    }
+
+
+def _remove_files(items: Iterable[Disposable]) -> None:
+    """The files go before their records: a crash in between leaves a record whose file
+    is gone (found and disposed of again), never a file no record names."""
+    for item in items:
+        if item.file is not None:
+            item.file.unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""What the spool keeps after a message is finished, and its disposal (DSP-1).
+
+Four kinds of kept things, each disposed of on its own (see
+:mod:`gateway.retention`): ``received`` (the inbox copy of a document the
+internal system took over), ``receipts`` (received receipt files, and the
+receipts we sent, kept to answer a resend), ``handover`` (hand-over records)
+and ``spool`` (the records of finished messages).  A thing is disposable only
+when nothing is owed on it: the outbound message was delivered or cancelled,
+the inbound one answered with its receipt and handed over.  A record goes only
+after what it holds went first (its receipt, its hand-over record, the copy),
+so that no file is left that no record names.  Every condition is checked
+again in the transaction that disposes of it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.spool.records import Disposable, RetainedKind
+from gateway.spool.sqlite.database import Database
+
+# Nothing owed: delivered (a verified receipt), or withdrawn by an operator.
+_OUT_FINISHED = "state IN ('delivered', 'cancelled')"
+# Answered with its receipt, and not waiting for (or failed in) a hand-over.
+_IN_FINISHED = (
+    "state='delivered' AND NOT EXISTS (SELECT 1 FROM handover h WHERE h.peer=inbound.peer"
+    " AND h.message_id=inbound.message_id AND h.state!='done')"
+)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    table: str
+    condition: str  # nothing is owed on the row
+    held: str  # what the row holds went first (a kind disposed of before it)
+    # ``held`` for a dry run, where those go in the same run but are not gone yet
+    held_in_run: str
+    file: str | None  # the column naming the file it is
+    disposal: str
+
+
+_NO_HANDOVER = (
+    "NOT EXISTS (SELECT 1 FROM handover h WHERE h.peer=inbound.peer"
+    " AND h.message_id=inbound.message_id{later})"
+)
+
+_RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
+    RetainedKind.RECEIVED: (
+        _Rule(
+            "handover",
+            "state='done' AND copy_purged_at IS NULL",
+            "1",
+            "1",
+            "path",
+            "UPDATE handover SET copy_purged_at=:now",
+        ),
+    ),
+    RetainedKind.RECEIPTS: (
+        _Rule(
+            "outbound",
+            f"{_OUT_FINISHED} AND receipt_path IS NOT NULL",
+            "1",
+            "1",
+            "receipt_path",
+            "UPDATE outbound SET receipt_path=NULL",
+        ),
+        _Rule(
+            "inbound",
+            f"{_IN_FINISHED} AND receipt_body IS NOT NULL",
+            "1",
+            "1",
+            None,
+            "UPDATE inbound SET receipt_body=NULL, receipt_headers=NULL",
+        ),
+    ),
+    RetainedKind.HANDOVER: (
+        _Rule(
+            "handover",
+            "state='done'",
+            "copy_purged_at IS NOT NULL",
+            "1",
+            None,
+            "DELETE FROM handover",
+        ),
+    ),
+    RetainedKind.SPOOL: (
+        _Rule("outbound", _OUT_FINISHED, "receipt_path IS NULL", "1", None, "DELETE FROM outbound"),
+        _Rule(
+            "inbound",
+            _IN_FINISHED,
+            "receipt_body IS NULL AND " + _NO_HANDOVER.format(later=""),
+            _NO_HANDOVER.format(later=" AND h.updated_at >= :before"),
+            None,
+            "DELETE FROM inbound",
+        ),
+    ),
+}
+
+
+def _where(
+    rule: _Rule, peer: str | None, service: str | None, any_service: bool, dry_run: bool
+) -> tuple[str, dict[str, object]]:
+    where = [rule.condition, rule.held_in_run if dry_run else rule.held, "updated_at < :before"]
+    params: dict[str, object] = {}
+    if peer is not None:
+        where.append("peer = :peer")
+        params["peer"] = peer
+    if not any_service:
+        where.append("service IS :service")
+        params["service"] = service
+    return " AND ".join(f"({w})" for w in where), params
+
+
+class RetainedItems(Database):
+    """Finished messages' records, receipts and copies: found and disposed of by kind."""
+
+    def retained_groups(self, kind: RetainedKind) -> list[tuple[str, str | None]]:
+        """The (peer, service) pairs that have something of ``kind`` to dispose of."""
+        found: set[tuple[str, str | None]] = set()
+        for rule in _RULES[kind]:
+            rows = self._read(
+                f"SELECT DISTINCT peer, service FROM {rule.table}"  # noqa: S608 - fixed text
+                f" WHERE {rule.condition}",
+                (),
+            )
+            found.update((r["peer"], r["service"]) for r in rows)
+        return sorted(found, key=lambda g: (g[0], g[1] or ""))
+
+    def disposable(
+        self,
+        kind: RetainedKind,
+        before: str,
+        *,
+        peer: str | None = None,
+        service: str | None = None,
+        any_service: bool = True,
+        limit: int = 64,
+    ) -> list[Disposable]:
+        """Up to ``limit`` things of ``kind`` finished before ``before`` (ISO 8601, as the
+        spool stores times), of ``peer`` (any: None) and ``service`` (any service when
+        ``any_service``; else exactly ``service``, None meaning none), oldest first."""
+        found: list[Disposable] = []
+        for rule in _RULES[kind]:
+            where, params = _where(rule, peer, service, any_service, dry_run=False)
+            rows = self._read(
+                f"SELECT peer, message_id, service, {rule.file or 'NULL'} AS file"  # noqa: S608
+                f" FROM {rule.table} WHERE {where} ORDER BY updated_at LIMIT :limit",
+                params | {"before": before, "limit": limit - len(found)},
+            )
+            found.extend(
+                Disposable(
+                    kind=kind,
+                    table=rule.table,
+                    peer=r["peer"],
+                    message_id=r["message_id"],
+                    service=r["service"],
+                    file=Path(r["file"]) if r["file"] else None,
+                )
+                for r in rows
+            )
+            if len(found) >= limit:
+                break
+        return found
+
+    def count_disposable(
+        self,
+        kind: RetainedKind,
+        before: str,
+        *,
+        peer: str | None = None,
+        service: str | None = None,
+        any_service: bool = True,
+    ) -> int:
+        """How many things of ``kind`` a purge with these filters would dispose of, those
+        it would dispose of first (what they hold) counted as gone."""
+        total = 0
+        for rule in _RULES[kind]:
+            where, params = _where(rule, peer, service, any_service, dry_run=True)
+            row = self._one(
+                f"SELECT COUNT(*) AS n FROM {rule.table} WHERE {where}",  # noqa: S608
+                params | {"before": before},
+            )
+            total += int(row["n"]) if row is not None else 0
+        return total
+
+    def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
+        """Dispose of ``items`` (as :meth:`disposable` found them) in one transaction, each
+        only if it is still disposable; returns those disposed of.  Files are the
+        caller's: remove them before (a record naming a removed file is found again)."""
+        now = self._now()
+
+        def work(db: sqlite3.Connection) -> list[Disposable]:
+            done = []
+            for item in items:
+                for rule in _RULES[item.kind]:
+                    if rule.table != item.table:
+                        continue
+                    count = db.execute(
+                        f"{rule.disposal} WHERE peer=:peer AND message_id=:id"
+                        f" AND ({rule.condition}) AND ({rule.held})",
+                        {"now": now, "peer": item.peer, "id": item.message_id},
+                    ).rowcount
+                    if count and item.table == "outbound" and item.kind is RetainedKind.SPOOL:
+                        db.execute("DELETE FROM submissions WHERE message_id=?", (item.message_id,))
+                    if count:
+                        done.append(item)
+            return done
+
+        return self._transact(work)

@@ -1,0 +1,278 @@
+"""Retention and disposal (DSP-1) on a real SQLite spool and real files: what finished
+goes by kind, peer and service; nothing still owed ever does."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditEvent
+from gateway.config.retention import RetentionRule, RetentionSettings
+from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
+from gateway.spool import OutboundState, RetainedKind, SqliteSpool
+
+START = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)
+
+
+@dataclass
+class Clock:
+    at: datetime = START
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+
+@dataclass
+class Audit:
+    events: list[AuditEvent] = field(default_factory=list)
+
+    def emit(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    def named(self, name: str) -> list[AuditEvent]:
+        return [e for e in self.events if e.event.value == name]
+
+
+@dataclass
+class Place:
+    tmp: Path
+    clock: Clock = field(default_factory=Clock)
+    audit: Audit = field(default_factory=Audit)
+
+    def __post_init__(self) -> None:
+        self.spool = SqliteSpool(self.tmp / "spool.sqlite3", self.clock)
+        self.retention = Retention(self.spool, self.audit, self.clock)
+        (self.tmp / "receipts").mkdir()
+        (self.tmp / "inbox").mkdir()
+
+    def outbound(
+        self, message_id: str, state: OutboundState, peer: str = "lab", service: str | None = None
+    ) -> Path:
+        """A message for ``peer`` brought to ``state`` the way the gateway does; returns
+        its receipt file (there only for a settled message)."""
+        self.spool.add_intake(
+            message_id,
+            peer,
+            "doc.hl7",
+            "application/hl7-v2",
+            self.tmp / "src",
+            self.tmp / "payload",
+            service=service,
+        )
+        receipt = self.tmp / "receipts" / f"{message_id}.mdn"
+        if state is OutboundState.INTAKE:
+            return receipt
+        self.spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+        if state is OutboundState.QUEUED:
+            return receipt
+        if state is OutboundState.CANCELLED:
+            self.spool.operator_cancel(message_id, "operator:test")
+            return receipt
+        if state in (OutboundState.EXPIRED,):
+            self.spool.expire_due(peer, 1e12)
+        self.spool.mark_sending(message_id)
+        if state is OutboundState.SENDING:
+            return receipt
+        if state is OutboundState.AWAITING_RECEIPT:
+            assert self.spool.mark_awaiting_receipt(message_id)
+            return receipt
+        if state is OutboundState.DEAD:
+            self.spool.mark_dead(message_id, "too many attempts")
+            return receipt
+        receipt.write_bytes(b"signed receipt of " + message_id.encode())
+        self.spool.mark_done(message_id, state, "processed", receipt)
+        return receipt
+
+    def inbound(
+        self,
+        message_id: str,
+        peer: str = "lab",
+        *,
+        delivered: bool = True,
+        handover: str | None = "done",
+        service: str | None = None,
+    ) -> Path:
+        """A received document in the inbox: its receipt stored (``delivered``) and its
+        hand-over (None: no internal system) pending or done."""
+        copy = self.tmp / "inbox" / f"{message_id}.hl7"
+        copy.write_bytes(b"MSH|" + message_id.encode())
+        digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+        self.spool.inbound_begin(peer, message_id, digest, copy, service)
+        if not delivered:
+            return copy
+        ticket = ("text/plain", 10) if handover is not None else None
+        self.spool.inbound_delivered(peer, message_id, [("X", "y")], b"our receipt", ticket)
+        if handover == "done":
+            self.spool.handover_done(peer, message_id)
+        elif handover == "failed":
+            self.spool.handover_failed(peer, message_id, "gave up")
+        return copy
+
+    def later(self, days: float) -> datetime:
+        self.clock.at += timedelta(days=days)
+        return self.clock.at
+
+
+@pytest.fixture
+def place(tmp_path: Path) -> Place:
+    return Place(tmp_path)
+
+
+def test_nothing_still_owed_is_purged_whatever_the_date(place: Place) -> None:
+    owed_out = [
+        OutboundState.INTAKE,  # not signed and encrypted yet
+        OutboundState.QUEUED,  # unsent
+        OutboundState.SENDING,
+        OutboundState.AWAITING_RECEIPT,  # its receipt still to come
+        OutboundState.FAILED,  # an operator decides: retry or cancel
+        OutboundState.DEAD,
+        OutboundState.EXPIRED,
+    ]
+    receipts = {s: place.outbound(f"<{s.value}@h>", s) for s in owed_out}
+    assert place.spool.get("<expired@h>").state is OutboundState.EXPIRED  # type: ignore[union-attr]
+    assert receipts[OutboundState.FAILED].exists()
+    not_answered = place.inbound("<in-delivering@l>", delivered=False)  # receipt owed to peer
+    pending = place.inbound("<in-pending@l>", handover="pending")  # not handed over
+    failed = place.inbound("<in-failed@l>", handover="failed")  # hand-over failed: owed
+    place.later(10_000)
+
+    counts = place.retention.purge(PurgeRequest(before=place.clock.at), "operator:test")
+
+    assert counts == {k.value: 0 for k in ORDER}
+    for state in owed_out:
+        record = place.spool.get(f"<{state.value}@h>")
+        assert record is not None and record.state is state
+    assert receipts[OutboundState.FAILED].exists()
+    assert place.spool.get("<failed@h>").receipt_path is not None  # type: ignore[union-attr]
+    for copy, mid, inbound_state in (
+        (not_answered, "<in-delivering@l>", "delivering"),
+        (pending, "<in-pending@l>", "delivered"),
+        (failed, "<in-failed@l>", "delivered"),
+    ):
+        assert copy.exists()
+        received = place.spool.inbound_get("lab", mid)
+        assert received is not None and received.state == inbound_state
+    assert place.spool.inbound_get("lab", "<in-pending@l>").receipt_body == b"our receipt"  # type: ignore[union-attr]
+    assert len(place.spool.handover_list()) == 2
+    assert place.audit.named("retention.disposed") == []
+    [summary] = place.audit.named("retention.purged")
+    assert summary.actor == "operator:test" and summary.detail["counts"] == counts
+
+
+def test_a_purge_disposes_of_finished_messages_files_first_and_audits_each(
+    place: Place,
+) -> None:
+    receipt = place.outbound("<sent@h>", OutboundState.DELIVERED)
+    place.outbound("<withdrawn@h>", OutboundState.CANCELLED)
+    copy = place.inbound("<got@l>")  # answered and handed over
+    own = place.inbound("<inbox-only@l>", handover=None)  # no internal system: not ours
+    before = place.later(1)
+    place.outbound("<newer@h>", OutboundState.DELIVERED)  # finished after the date: kept
+
+    dry = place.retention.purge(PurgeRequest(before=before, dry_run=True), "operator:test")
+    assert receipt.exists() and copy.exists() and place.spool.get("<sent@h>") is not None
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+
+    assert counts == dry == {"received": 1, "receipts": 3, "handover": 1, "spool": 4}
+    assert not receipt.exists() and not copy.exists()
+    assert own.exists()  # the inbox copy no hand-over took over is the internal side's
+    for mid in ("<sent@h>", "<withdrawn@h>"):
+        assert place.spool.get(mid) is None
+    assert place.spool.submitter("<sent@h>") is None
+    assert place.spool.inbound_get("lab", "<got@l>") is None
+    assert place.spool.inbound_get("lab", "<inbox-only@l>") is None
+    assert place.spool.handover_list() == []
+    assert place.spool.get("<newer@h>").receipt_path.exists()  # type: ignore[union-attr]
+    disposed = place.audit.named("retention.disposed")
+    by_kind = {e.detail["kind"]: e.detail["messages"] for e in disposed}
+    assert [m["message_id"] for m in by_kind["received"]] == ["<got@l>"]
+    assert {m["message_id"] for m in by_kind["spool"]} == {
+        "<sent@h>",
+        "<withdrawn@h>",
+        "<got@l>",
+        "<inbox-only@l>",
+    }
+    assert all(e.actor == "operator:test" for e in disposed)
+    [dry_event, real] = place.audit.named("retention.purged")
+    assert dry_event.detail["dry_run"] is True and real.detail["dry_run"] is False
+    assert real.detail["counts"] == counts and real.severity.value == "warning"
+
+
+def test_a_kind_takes_only_itself_and_what_it_holds(place: Place) -> None:
+    receipt = place.outbound("<sent@h>", OutboundState.DELIVERED)
+    copy = place.inbound("<got@l>")
+    before = place.later(1)
+
+    counts = place.retention.purge(
+        PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)), "operator:test"
+    )
+    assert counts == {"received": 1}
+    assert not copy.exists() and receipt.exists()
+    assert len(place.spool.handover_list()) == 1
+
+    counts = place.retention.purge(
+        PurgeRequest(before=before, kinds=(RetainedKind.RECEIPTS,)), "operator:test"
+    )
+    assert counts == {"receipts": 2}
+    assert not receipt.exists() and place.spool.get("<sent@h>") is not None
+    kept = place.spool.inbound_get("lab", "<got@l>")
+    assert kept is not None and kept.receipt_body is None  # still detects a resend
+
+
+def test_a_resend_after_its_receipt_was_disposed_of_is_not_handed_over_again(
+    place: Place,
+) -> None:
+    place.inbound("<got@l>")
+    kinds = (RetainedKind.RECEIPTS, RetainedKind.HANDOVER)
+    counts = place.retention.purge(PurgeRequest(place.later(1), kinds), "operator:test")
+    assert counts == {"received": 1, "receipts": 1, "handover": 1}
+    record = place.spool.inbound_get("lab", "<got@l>")
+    assert record is not None and record.state == "delivered"  # the resend detection stays
+    # The receiver answers the resend again, as gateway.inbound does for a known record.
+    place.spool.inbound_delivered("lab", "<got@l>", [], b"new receipt", ("text/plain", 10))
+    assert place.spool.handover_list() == []  # not queued a second time
+
+
+def test_the_sweep_applies_each_peers_and_services_own_limit(place: Place) -> None:
+    place.outbound("<lab-a@h>", OutboundState.DELIVERED, "lab", "results")
+    place.outbound("<lab-b@h>", OutboundState.DELIVERED, "lab")
+    place.outbound("<clinic@h>", OutboundState.DELIVERED, "clinic")
+    settings = RetentionSettings(
+        days={RetainedKind.SPOOL: 100, RetainedKind.RECEIPTS: 100},
+        rules=(
+            RetentionRule("lab", "results", {RetainedKind.SPOOL: 10, RetainedKind.RECEIPTS: 10}),
+            RetentionRule("lab", None, {RetainedKind.SPOOL: None, RetainedKind.RECEIPTS: None}),
+        ),
+    )
+    place.later(9)
+    assert place.retention.sweep(settings) == {}
+    assert place.audit.events == []  # a sweep that disposes of nothing is not audited
+    place.later(2)
+    assert place.retention.sweep(settings) == {"receipts": 1, "spool": 1}
+    assert place.spool.get("<lab-a@h>") is None
+    assert place.spool.get("<clinic@h>") is not None
+    place.later(100)
+    assert place.retention.sweep(settings) == {"receipts": 1, "spool": 1}
+    assert place.spool.get("<clinic@h>") is None
+    assert place.spool.get("<lab-b@h>") is not None  # the lab's rule: kept for ever
+    assert [e.detail["trigger"] for e in place.audit.named("retention.purged")] == ["sweep"] * 2
+    assert {e.actor for e in place.audit.events} == {"medgw retention sweep"}
+
+
+def test_purge_dates_are_checked() -> None:
+    now = datetime(2026, 5, 1, tzinfo=UTC)
+    assert parse_before("2026-04-01", now) == datetime(2026, 4, 1, tzinfo=UTC)
+    assert parse_before("2026-04-01T09:00:00+09:00", now) == datetime(2026, 4, 1, tzinfo=UTC)
+    with pytest.raises(PurgeRefused, match="in the future"):
+        parse_before("2026-06-01", now)
+    with pytest.raises(PurgeRefused, match="no UTC offset"):
+        parse_before("2026-04-01T00:00:00", now)
+    with pytest.raises(PurgeRefused, match="not an ISO 8601"):
+        parse_before("last week", now)
