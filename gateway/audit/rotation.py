@@ -17,7 +17,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 MIB = 1024 * 1024
-DEFAULT_MIB = 0  # off until the audit export follows the files of a rotated trail
+DEFAULT_MIB = 256
 MIN_MIB = 0.01  # 10 KiB: small enough to see rotation in a test, never every record
 RETRY_SECONDS = 60.0  # after a rotation that failed (a rename refused), try again this late
 
@@ -26,8 +26,8 @@ RETRY_SECONDS = 60.0  # after a rotation that failed (a rename refused), try aga
 class RotationSettings:
     """``[audit] rotate_mib`` and ``rotate_daily``: when the current file is closed."""
 
-    max_bytes: int | None = None  # None: not by size
-    daily: bool = False  # at the first record of each UTC day
+    max_bytes: int | None = DEFAULT_MIB * MIB  # None: not by size
+    daily: bool = True  # at the first record of each UTC day
 
     def due(self, size: int, day: date | None, now: datetime) -> bool:
         """Whether a file of ``size`` bytes whose first record was written on ``day`` (None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.audit.files import trail_files
 from gateway.audit.query import Filters, patients_of, records
 from gateway.errors import MedgwError
 from gateway.operations import Operations, record_view
@@ -148,7 +149,8 @@ async def _audit_query(ctx: Context, args: list[str]) -> Result:
     path = ctx.operations.config.storage.audit_log
 
     def read() -> list[dict[str, Any]]:
-        return list(itertools.islice(records([path], filters), MAX_AUDIT_RECORDS + 1))
+        files = trail_files(path) or [path]
+        return list(itertools.islice(records(files, filters), MAX_AUDIT_RECORDS + 1))
 
     found = await asyncio.to_thread(read)
     more = len(found) > MAX_AUDIT_RECORDS

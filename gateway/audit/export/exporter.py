@@ -43,6 +43,7 @@ from gateway.audit.export.cursor import (
     read_forward,
     save_position,
     skip_to,
+    waiting_bytes,
 )
 from gateway.audit.export.fhir import fhir_message
 from gateway.audit.export.record import Source, describe
@@ -108,7 +109,7 @@ class AuditExporter:
         self._warned = False
         self._finishing = False
         self._wake = asyncio.Event()
-        self._broken_reported: set[int] = set()
+        self._broken_reported: set[tuple[Path, int]] = set()
         save_position(self._cursor_path, self._position)
 
     @property
@@ -261,25 +262,22 @@ class AuditExporter:
 
     def _on_broken(self, broken: Broken) -> None:
         """A record read for export does not hold its chain link: an alert (once each)."""
-        if broken.offset in self._broken_reported:
+        if (broken.path, broken.offset) in self._broken_reported:
             return
-        self._broken_reported.add(broken.offset)
+        self._broken_reported.add((broken.path, broken.offset))
         self._log.error("audit.verification_failed", offset=broken.offset, seq=broken.seq)
         self._audit.emit(
             AuditEvent(
                 EventType.AUDIT_VERIFICATION_FAILED,
                 Outcome.FAILURE,
                 Severity.ALERT,
-                reason=f"{self._log_path}: {broken.why} (byte {broken.offset})",
+                reason=f"{broken.path}: {broken.why} (byte {broken.offset})",
                 detail={"seq": broken.seq, "offset": broken.offset},
             )
         )
 
     def _backlog(self) -> int:
-        try:
-            return max(0, self._log_path.stat().st_size - self._position.offset)
-        except FileNotFoundError:
-            return 0
+        return waiting_bytes(self._log_path, self._position)
 
     def _bound_backlog(self, settings: ExportSettings) -> None:
         bound = settings.max_backlog_bytes
