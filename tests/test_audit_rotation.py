@@ -271,3 +271,60 @@ def test_rotation_keys_alone_need_no_audit_key_and_bad_values_are_named(
         result = medgw("check-config", "--config", config)
         assert result.returncode != 0
         assert expected in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_verify_reads_the_whole_set_and_names_a_missing_or_cut_file_by_the_record_after(
+    layout: DemoLayout, keys: tuple[Path, Path]
+) -> None:
+    config = layout.lab.config_path
+    trail = layout.lab.audit_log
+    trail.parent.mkdir(parents=True, exist_ok=True)
+    log = AuditLog(
+        trail,
+        StepClock(START),
+        node="LAB",
+        sealer=sealer(*keys),
+        rotation=RotationSettings(2500, daily=False),
+    )
+    emit(log, range(60))
+    log.close()
+    files = trail_files(trail)
+    assert len(files) >= 4
+    total = sum(len(lines(f)) for f in files)
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return medgw("audit", "verify", "--config", config, "--certificate", keys[1])
+
+    ok = verify()
+    assert ok.returncode == 0, ok.stderr
+    assert f"{total} records, hash chain intact" in ok.stdout
+    assert f"{len(files)} checkpoints, signatures valid" in ok.stdout
+
+    # Records cut off the end of a closed file (its checkpoint with them).
+    kept = files[1].read_text().splitlines(keepends=True)
+    files[1].write_text("".join(kept[:-2]))
+    cut = verify()
+    assert cut.returncode == 1
+    first = lines(files[2])[0]["seq"]
+    assert f"{files[2]}:1: record {first}: chain broken: record {first - 2} expected here" in (
+        cut.stderr
+    )
+    assert f"does not go on from the last of {files[1]}" in cut.stderr
+    assert "records were cut off the end of that one" in cut.stderr
+
+    # A whole file removed from the middle.
+    files[1].write_text("".join(kept))
+    assert verify().returncode == 0
+    files[2].unlink()
+    gap = verify()
+    assert gap.returncode == 1
+    after = lines(files[3])[0]["seq"]
+    assert f"{files[3]}:1: record {after}: chain broken" in gap.stderr
+    assert "a file between them is missing" in gap.stderr
+
+    # The oldest files archived away: what is left verifies, and says where it starts.
+    for old in files[:3]:
+        old.unlink(missing_ok=True)
+    recent = verify()
+    assert recent.returncode == 0, recent.stderr
+    assert f"starts at record {after}: the files before it were not given" in recent.stdout
