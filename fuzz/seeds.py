@@ -14,9 +14,9 @@ from typing import cast
 
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.cms.compressed import compress
-from gateway.cms.enveloped import encrypt
+from gateway.cms.enveloping import encrypt
 from gateway.cms.mime import make_entity, parse_entity
-from gateway.cms.signed import sign
+from gateway.cms.signing import sign
 from gateway.cms.smime import compress_entity, envelope_entity, sign_entity
 from gateway.pki.keypair import KeyPair, PrivateKey
 

@@ -42,9 +42,9 @@ from gateway.cms.decrypting import decrypt_bytes
 from gateway.cms.formats import detect
 from gateway.cms.inspect import describe
 from gateway.cms.mime import parse_entity
-from gateway.cms.signed import verify
 from gateway.cms.smime import decompress_entity, is_compressed_entity, open_envelope, verify_entity
 from gateway.cms.stream import verify_entity_span
+from gateway.cms.verification import verify
 from gateway.config import load_config
 from gateway.errors import (
     ConfigError,

@@ -22,10 +22,19 @@ from asn1crypto import cms, core
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.cms import decrypt, der, encrypt, sign, verify
-from gateway.cms import enveloped as env_mod
-from gateway.cms import signed as sig_mod
+from gateway.cms import (
+    decrypt,
+    der,
+    encrypt,
+    enveloped_read,
+    key_recovery,
+    sign,
+    signed_parsed,
+    signed_read,
+    verify,
+)
 from gateway.cms.decrypting import decrypt_stream
+from gateway.cms.envelope_algorithms import cbc_iv, gcm_parameters
 from gateway.errors import MalformedMessageError, MedgwError
 from tests.test_cms import SIGNING_TIME, STRICT, Pki, build_pki
 from tests.test_cms_openssl import ECDH_SHA256, RSA_OAEP_SHA256
@@ -227,8 +236,8 @@ CBC = {"ossl-enc-rsa-cbc", "ossl-enc-p384-cbc", "ours-enc-p256"}  # no integrity
 @pytest.mark.parametrize("name", SIGNATURES)
 def test_signature_read_as_asn1crypto_reads_it(messages: dict[str, bytes], name: str) -> None:
     data = messages[name]
-    direct = sig_mod._parse_signed_data_der(data)  # the common shape: no fallback
-    slow = sig_mod._parse_signed_data_asn1(data)
+    direct = signed_read.parse_signed_data_der(data)  # the common shape: no fallback
+    slow = signed_parsed.parse_signed_data_asn1(data)
     assert direct.content_type == slow.content_type == "data"
     assert direct.content == slow.content
     assert [c.public_bytes(der_enc()) for c in direct.certificates] == [
@@ -236,7 +245,7 @@ def test_signature_read_as_asn1crypto_reads_it(messages: dict[str, bytes], name:
     ]
     assert len(direct.signers) == len(slow.signers) == 1
     d, s = direct.signers[0], slow.signers[0]
-    assert isinstance(d, sig_mod._DirectSigner) and isinstance(s, sig_mod._ParsedSigner)
+    assert isinstance(d, signed_parsed.DirectSigner) and isinstance(s, signed_parsed.ParsedSigner)
     for field in (
         "index",
         "digest",
@@ -267,7 +276,7 @@ def der_enc() -> Any:
     return Encoding.DER
 
 
-def _asn1crypto_reading(data: bytes) -> env_mod._Parsed:
+def _asn1crypto_reading(data: bytes) -> enveloped_read.ParsedEnvelope:
     """The same fields as asn1crypto reads them: the independent reference."""
     ci = cms.ContentInfo.load(data, strict=True)
     kind = ci["content_type"].native
@@ -278,7 +287,7 @@ def _asn1crypto_reading(data: bytes) -> env_mod._Parsed:
         eci, mac = body["auth_encrypted_content_info"], body["mac"].native
         assert isinstance(body["auth_attrs"], core.Void)
     alg = eci["content_encryption_algorithm"]
-    return env_mod._Parsed(
+    return enveloped_read.ParsedEnvelope(
         kind=kind,
         recipient_infos=body["recipient_infos"],
         cipher_oid_name=alg["algorithm"].native,
@@ -294,7 +303,7 @@ def test_envelope_read_as_asn1crypto_reads_it(
     pki: Pki, messages: dict[str, bytes], name: str, party: str
 ) -> None:
     data = messages[name]
-    direct = env_mod._parse_der(data)  # the common shape: no fallback
+    direct = enveloped_read.parse_enveloped_der(data)  # the common shape: no fallback
     slow = _asn1crypto_reading(data)
     assert direct.kind == slow.kind
     assert direct.cipher_oid_name == slow.cipher_oid_name
@@ -302,17 +311,15 @@ def test_envelope_read_as_asn1crypto_reads_it(
     assert direct.mac == slow.mac
     assert direct.auth_attrs_der is slow.auth_attrs_der is None
     if direct.kind == "authenticated_enveloped_data":
-        assert env_mod.gcm_parameters(direct.cipher_params) == env_mod.gcm_parameters(
-            slow.cipher_params
-        )
+        assert gcm_parameters(direct.cipher_params) == gcm_parameters(slow.cipher_params)
     else:
-        assert env_mod.cbc_iv(direct.cipher_params) == env_mod.cbc_iv(slow.cipher_params)
+        assert cbc_iv(direct.cipher_params) == cbc_iv(slow.cipher_params)
     ris = direct.recipient_infos
-    assert isinstance(ris, env_mod._DirectRecipients)
+    assert isinstance(ris, enveloped_read.DirectRecipients)
     asn1_ris = list(slow.recipient_infos)
     assert len(ris.infos) == len(asn1_ris)
     for info, ri in zip(ris.infos, asn1_ris, strict=True):
-        if isinstance(info, env_mod._DirectKtri):
+        if isinstance(info, enveloped_read.DirectKtri):
             assert ri.name == "ktri"
             k = ri.chosen
             _same_rid(info.rid, k["rid"])
@@ -335,9 +342,9 @@ def test_envelope_read_as_asn1crypto_reads_it(
                 _same_rid(rid, rek["rid"])
                 assert encrypted_key == rek["encrypted_key"].native
     p = pki[party]
-    fast_cek = env_mod.recover_cek(ris, p.cert, p.key, STRICT)
+    fast_cek = key_recovery.recover_cek(ris, p.cert, p.key, STRICT)
     with _asn1_only():
-        assert env_mod.recover_cek(slow.recipient_infos, p.cert, p.key, STRICT) == fast_cek
+        assert key_recovery.recover_cek(slow.recipient_infos, p.cert, p.key, STRICT) == fast_cek
     assert decrypt(data, p.cert, p.key, policy=STRICT).content == PAYLOAD
 
 
@@ -360,11 +367,11 @@ def _asn1_only() -> Iterator[None]:
         raise der.DerError("direct reader off")
 
     with (
-        mock.patch.object(sig_mod, "_parse_signed_data_der", refuse),
-        mock.patch.object(env_mod, "_parse_der", refuse),
+        mock.patch.object(signed_read, "parse_signed_data_der", refuse),
+        mock.patch.object(enveloped_read, "parse_enveloped_der", refuse),
         mock.patch("gateway.cms.decrypting.direct_recipients", lambda _der: None),
         mock.patch("gateway.cms.decrypting.content_algorithm_direct", refuse),
-        mock.patch.object(env_mod, "_recover_direct", lambda *_args: None),
+        mock.patch.object(key_recovery, "_recover_direct", lambda *_args: None),
     ):
         yield
 
@@ -467,7 +474,7 @@ def test_trailing_garbage_after_a_signature_refused(
     pki: Pki, messages: dict[str, bytes], name: str
 ) -> None:
     with pytest.raises(der.DerError):
-        sig_mod._parse_signed_data_der(messages[name] + b"\x00")
+        signed_read.parse_signed_data_der(messages[name] + b"\x00")
     with pytest.raises(MalformedMessageError):
         verify(messages[name] + b"\x00\x00", content=PAYLOAD, trusted_signers=[], policy=STRICT)
 
@@ -480,7 +487,7 @@ def test_every_truncation_of_an_envelope_refused(
     p = pki[party]
     for cut in range(0, len(data), max(1, len(data) // 97)):
         with pytest.raises(der.DerError):
-            env_mod._parse_der(data[:cut])
+            enveloped_read.parse_enveloped_der(data[:cut])
         with pytest.raises(MedgwError):
             decrypt(data[:cut], p.cert, p.key, policy=STRICT)
 
@@ -488,8 +495,10 @@ def test_every_truncation_of_an_envelope_refused(
 def test_asn1_only_switch_really_switches(pki: Pki, messages: dict[str, bytes]) -> None:
     # the differential tests above compare something only if this holds
     data = messages["ours-sign-rsa2048"]
-    assert isinstance(sig_mod._parse_signed_data(data).signers[0], sig_mod._DirectSigner)
+    assert isinstance(signed_read.parse_signed_data(data).signers[0], signed_parsed.DirectSigner)
     with _asn1_only():
-        assert isinstance(sig_mod._parse_signed_data(data).signers[0], sig_mod._ParsedSigner)
+        assert isinstance(
+            signed_read.parse_signed_data(data).signers[0], signed_parsed.ParsedSigner
+        )
         with pytest.raises(der.DerError):
-            env_mod._parse_der(messages["ours-enc-rsa2048"])
+            enveloped_read.parse_enveloped_der(messages["ours-enc-rsa2048"])

@@ -18,14 +18,9 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
 from gateway.cms import decrypt, encrypt, sign, verify
-from gateway.cms.enveloped import (
-    CIPHERS,
-    EccCmsSharedInfo,
-    GCMParameters,
-    _shared_info,
-    content_algorithm_der,
-)
-from gateway.cms.signed import matches_issuer_serial
+from gateway.cms.common import matches_issuer_serial
+from gateway.cms.envelope_algorithms import CIPHERS, EccCmsSharedInfo, GCMParameters, _shared_info
+from gateway.cms.enveloping import content_algorithm_der
 from gateway.errors import SignatureError, SignerNotTrustedError
 from gateway.policy import AlgorithmPolicy
 

@@ -20,7 +20,7 @@ import pytest
 from gateway.as2.mdn import Disposition, build_receipt
 from gateway.cms import compute_mic, sign, verify
 from gateway.cms.mime import make_entity
-from gateway.cms.signed import sign_digest
+from gateway.cms.signing import sign_digest
 from gateway.cms.smime import sign_entity, verify_entity
 from gateway.cms.stream import sign_and_envelope_file, sign_entity_file, verify_entity_file
 from gateway.errors import PolicyError, SignatureError

@@ -6,8 +6,10 @@ Every algorithm decision goes through :class:`gateway.policy.AlgorithmPolicy`.
 """
 
 from .decrypting import decrypt
-from .enveloped import Decrypted, encrypt
-from .signed import VerifiedSignature, compute_mic, sign, verify
+from .envelope_algorithms import Decrypted
+from .enveloping import encrypt
+from .signing import compute_mic, sign
+from .verification import VerifiedSignature, verify
 
 __all__ = [
     "Decrypted",

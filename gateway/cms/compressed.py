@@ -12,7 +12,8 @@ import zlib
 from asn1crypto import cms, core
 
 from ..errors import MalformedMessageError, PolicyError
-from .signed import ASN1_ERRORS, load_content_info
+from .common import ASN1_ERRORS
+from .contentinfo import load_content_info
 
 __all__ = ["DEFAULT_MAX_DECOMPRESSED", "compress", "decompress"]
 

@@ -5,9 +5,9 @@ STRINGs of any chunking) incrementally from a file object into another, checking
 the GCM tag or CBC padding at the end; only the recipient infos are held in
 memory.  :func:`decrypt_file` and :func:`decrypt_bytes` use it for a file and a
 small message.  :func:`decrypt` returns the content in memory: the common DER
-shapes are read directly (:func:`gateway.cms.enveloped.decrypt_der`), anything
+shapes are read directly (:func:`decrypt_der`), anything
 else by the streaming reader, so a message gets the same result or error either
-way.  Writing (encryption) is in :mod:`gateway.cms.enveloped`.
+way.  Writing (encryption) is in :mod:`gateway.cms.enveloping`.
 """
 
 from __future__ import annotations
@@ -28,24 +28,27 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from ..errors import DecryptionError, MalformedMessageError
 from ..fsutil import private_work_file
 from ..policy import COMPAT_CONTENT_CIPHERS, COMPAT_KEY_TRANSPORTS, AlgorithmPolicy, PrivateKey
+from . import enveloped_read
+from .common import ASN1_ERRORS
 from .der import Cursor, DerError, StreamReader, count_children, oid_der
-from .enveloped import (
+from .envelope_algorithms import (
     CIPHERS,
     OID_AUTH_ENVELOPED,
     OID_ENVELOPED,
     Decrypted,
     bad_padding,
     cbc_iv,
+    content_cipher_name,
+    gcm_parameters,
+)
+from .enveloped_read import (
+    ParsedEnvelope,
     check_recipient_counts,
     content_algorithm_direct,
-    content_cipher_name,
-    decrypt_der,
     direct_recipients,
-    gcm_parameters,
-    recover_cek,
 )
+from .key_recovery import recover_cek
 from .limits import MAX_ATTRIBUTES, MAX_HEADER_ELEMENT
-from .signed import ASN1_ERRORS
 
 __all__ = ["DecryptedFile", "decrypt", "decrypt_bytes", "decrypt_file", "decrypt_stream"]
 
@@ -375,4 +378,98 @@ def decrypt(
         content_cipher=opened.content_cipher,
         key_transport=opened.key_transport,
         compat_algorithms=opened.compat_algorithms,
+    )
+
+
+def _decrypt_content(parsed: ParsedEnvelope, cipher: str, cek: bytes) -> bytes:
+    _oid_name, key_len, mode = CIPHERS[cipher]
+    if len(cek) != key_len:
+        raise DecryptionError(
+            f"content-encryption key has {len(cek)} bytes, {cipher} needs {key_len}",
+            fix="the message is corrupt or not for our key; ask the peer to resend",
+        )
+    data = parsed.encrypted_content
+    if mode == "gcm":
+        if parsed.kind != "authenticated_enveloped_data" or parsed.mac is None:
+            raise MalformedMessageError(
+                f"{cipher} used in EnvelopedData; GCM requires AuthEnvelopedData (RFC 5084)",
+                fix="ask the peer to send AuthEnvelopedData for AES-GCM",
+            )
+        nonce, icvlen = gcm_parameters(parsed.cipher_params)
+        if icvlen != len(parsed.mac) or not 12 <= icvlen <= 16:
+            raise DecryptionError(
+                f"{cipher} tag length {len(parsed.mac)} does not match GCMParameters "
+                f"ICV length {icvlen} (must be 12..16)",
+                fix="the message is corrupt; ask the peer to resend",
+            )
+        try:
+            decryptor = Cipher(
+                algorithms.AES(cek), modes.GCM(nonce, parsed.mac, min_tag_length=12)
+            ).decryptor()
+            if parsed.auth_attrs_der is not None:
+                decryptor.authenticate_additional_data(parsed.auth_attrs_der)
+            return decryptor.update(data) + decryptor.finalize()
+        except (InvalidTag, ValueError) as exc:
+            raise DecryptionError(
+                f"{cipher} authentication tag does not verify: the encrypted content or its "
+                "authenticated attributes were altered, or the key is wrong",
+                fix="ask the peer to resend the message",
+            ) from exc
+    if parsed.kind != "enveloped_data":
+        raise MalformedMessageError(
+            f"{cipher} used in AuthEnvelopedData; only AEAD ciphers are allowed there",
+            fix="ask the peer to use AES-GCM for AuthEnvelopedData",
+        )
+    iv = cbc_iv(parsed.cipher_params)
+    if cipher == "des-ede3-cbc":
+        algo: Any = TripleDES(cek)
+        block = 64
+    else:
+        algo = algorithms.AES(cek)
+        block = 128
+    if not isinstance(iv, bytes) or len(iv) * 8 != block or len(data) % (block // 8):
+        raise DecryptionError(
+            f"{cipher}: bad IV or ciphertext length", fix="the message is corrupt"
+        )
+    cbc = Cipher(algo, modes.CBC(iv)).decryptor()
+    padded = cbc.update(data) + cbc.finalize()
+    try:
+        unpadder = sym_padding.PKCS7(block).unpadder()
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError as exc:
+        raise bad_padding(cipher) from exc
+
+
+def decrypt_der(
+    enveloped: bytes,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    *,
+    policy: AlgorithmPolicy,
+) -> Decrypted | None:
+    """Decrypt the common DER shapes of EnvelopedData or AuthEnvelopedData addressed to
+    ``cert`` directly; None for anything else (BER, other recipient forms, a malformed
+    message), which :func:`gateway.cms.decrypting.decrypt` reads as a stream."""
+    try:
+        # through the module: tests switch the direct reader off to compare both paths
+        parsed = enveloped_read.parse_enveloped_der(enveloped)
+    except DerError:
+        return None
+    cipher = content_cipher_name(parsed.cipher_oid_name, policy)
+    cek, key_transport = recover_cek(parsed.recipient_infos, cert, key, policy)
+    try:
+        content = _decrypt_content(parsed, cipher, cek)
+    except ASN1_ERRORS as exc:
+        raise MalformedMessageError(
+            f"encrypted message has malformed {cipher} parameters: {exc}",
+            fix="check that the message was not truncated or altered in transit",
+        ) from exc
+    compat = tuple(
+        n for n in (cipher, key_transport) if n in COMPAT_CONTENT_CIPHERS + COMPAT_KEY_TRANSPORTS
+    )
+    return Decrypted(
+        content=content,
+        content_cipher=cipher,
+        key_transport=key_transport,
+        compat_algorithms=compat,
     )

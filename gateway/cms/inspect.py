@@ -13,8 +13,10 @@ from asn1crypto import core
 
 from ..errors import MalformedMessageError, PolicyError
 from ..policy import LEGACY_ALGORITHMS, AlgorithmPolicy
-from .enveloped import CIPHER_BY_OID_NAME, KDF_SCHEMES, check_recipient_counts
-from .signed import ASN1_ERRORS, load_content_info, name_string
+from .common import ASN1_ERRORS, name_string
+from .contentinfo import load_content_info
+from .envelope_algorithms import CIPHER_BY_OID_NAME, KDF_SCHEMES
+from .enveloped_read import check_recipient_counts
 
 __all__ = ["describe"]
 

@@ -22,10 +22,12 @@ from ..errors import MalformedMessageError, SignatureError
 from ..policy import DIGEST_TO_MICALG, AlgorithmPolicy, PrivateKey, normalize_digest
 from .compressed import DEFAULT_MAX_DECOMPRESSED, compress, decompress
 from .decrypting import decrypt
-from .enveloped import Decrypted, encrypt
+from .envelope_algorithms import Decrypted
+from .enveloping import encrypt
 from .mime import get_header, header_param, make_entity, media_type, parse_entity
-from .signed import VerifiedSignature, sign, verify
+from .signing import sign
 from .trust import SignerValidator
+from .verification import VerifiedSignature, verify
 
 __all__ = [
     "canonical_crlf",
@@ -250,7 +252,7 @@ def verify_entity(
 ) -> tuple[bytes, VerifiedSignature]:
     """Verify ``multipart/signed`` (or pkcs7-mime signed-data); return (entity, verification).
 
-    ``validate_signer`` as in :func:`gateway.cms.signed.verify`.
+    ``validate_signer`` as in :func:`gateway.cms.verification.verify`.
     """
     headers, body = parse_entity(signed_entity)
     ctype = get_header(headers, "Content-Type")

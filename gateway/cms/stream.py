@@ -35,32 +35,17 @@ from cryptography.hazmat.primitives import hashes
 
 from ..errors import MalformedMessageError, SignatureError
 from ..fsutil import create_private, fsync_dir, open_source, partial_name
-from ..policy import (
-    DIGEST_TO_MICALG,
-    DIGESTS,
-    AlgorithmPolicy,
-    PrivateKey,
-)
+from ..policy import DIGEST_TO_MICALG, DIGESTS, AlgorithmPolicy, PrivateKey
+from .common import hash_for
 from .decrypting import DecryptedFile, decrypt_file
 from .der import CHUNK as CHUNK  # the streaming chunk size, part of this module's interface
-from .enveloped import (
-    encrypt_chunks,
-)
-from .limits import (
-    MAX_IN_MEMORY_ENTITY,
-    MAX_SIGNATURE_PART,
-)
+from .enveloping import encrypt_chunks
+from .limits import MAX_IN_MEMORY_ENTITY, MAX_SIGNATURE_PART
 from .mime import get_header, header_param, media_type, parse_entity
-from .signed import (
-    VerifiedSignature,
-    hash_for,
-    parse_signature,
-    sign_digest,
-    signer_digests,
-    verify_digest,
-)
+from .signing import sign_digest
 from .smime import b64_lines, check_signature_part, decode_body, verify_entity
 from .trust import SignerValidator
+from .verification import VerifiedSignature, parse_signature, signer_digests, verify_digest
 
 __all__ = [
     "EntitySpan",

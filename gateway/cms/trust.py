@@ -4,7 +4,7 @@ A deliberately small path check used until the PKI layer's RFC 5280 validator
 (with revocation) takes over: it builds a chain from the signer through the
 certificates carried in the message to one of the given anchors, checks each
 certificate's signature, its validity at the verification time, and that every
-issuer is a CA.  It is what :func:`gateway.cms.signed.verify` calls through its
+issuer is a CA.  It is what :func:`gateway.cms.verification.verify` calls through its
 ``validate_signer`` hook; the PKI layer plugs in the same way.
 """
 
@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
 from ..errors import SignerNotTrustedError
-from .signed import cert_label
+from .common import cert_label
 
 __all__ = ["SignerValidator", "TrustAnchors"]
 

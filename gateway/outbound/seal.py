@@ -10,7 +10,7 @@ from pathlib import Path
 from gateway.as2.message import MessageSpec, build_message, build_message_file
 from gateway.audit import AuditEvent, EventType, PatientId, Severity
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
-from gateway.cms.enveloped import key_transport_for
+from gateway.cms.enveloping import key_transport_for
 from gateway.config import Peer
 from gateway.errors import MedgwError
 from gateway.fsutil import storage_fix
