@@ -20,6 +20,7 @@ from gateway.logs import Logger
 # The area of each alert that is not communication's (sending, receiving, storage).
 _AREAS: dict[str, str] = {
     EventType.TLS_HANDSHAKE_FAILED: "authentication",
+    EventType.TLS_HANDSHAKE_STORM: "authentication",
     EventType.TLS_CONNECTION_CLOSED: "authentication",
     EventType.PEER_AUTHENTICATION_FAILED: "authentication",
     EventType.PEER_CERTIFICATE_REJECTED: "authentication",

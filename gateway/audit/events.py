@@ -69,6 +69,10 @@ class EventType(StrEnum):
     RECEIPT_RECEIVED = "receipt.received"
     RECEIPT_INVALID = "receipt.invalid"
     TLS_HANDSHAKE_FAILED = "tls.handshake_failed"
+    # Many failed handshakes from one source or from all within a window: one alert per
+    # storm (gateway.channel.storms), and a record with the count when it ends.
+    TLS_HANDSHAKE_STORM = "tls.handshake_storm"
+    TLS_HANDSHAKE_STORM_ENDED = "tls.handshake_storm_ended"
     TLS_CONNECTION_CLOSED = "tls.connection_closed"  # its certificate stopped being acceptable
     PEER_CERTIFICATE_REJECTED = "peer.certificate_rejected"  # a configured cert fails validation
     PEER_UNUSABLE = "peer.unusable"  # a use (TLS, signing, encryption) has no acceptable cert

@@ -13,7 +13,9 @@ trust for new connections atomically.
 A failed handshake (no certificate, an unknown or unpinned one, plain HTTP,
 an old protocol) is audited as an alert, the first FAILURES_RECORDED a minute
 from each address (an IPv6 address: its /64) one by one and then one record
-with the count.  A
+with the count.  Many of them from one address or from all together are a
+storm (gateway.channel.storms): one alert for the storm, and its failed
+handshakes are recorded as warnings while it lasts.  A
 connection closed or left silent before the handshake ends (a load balancer's
 or a monitor's TCP check, a port scan, a client that gave up) is no
 authentication attempt: it is logged, once per address every
@@ -33,6 +35,7 @@ from aiohttp import web
 from cryptography import x509
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.channel.storms import HandshakeStorms, StormNotice
 from gateway.clock import Clock
 from gateway.config import Listener
 from gateway.httpfront import FrontDoor
@@ -144,6 +147,7 @@ class As2Server:
         self._audit = audit
         self._log = log.bind(listener=listener.name)
         self._failures = SourceBudget(clock, per_window=FAILURES_RECORDED)
+        self._storms = HandshakeStorms(clock)
         self._abandoned = SourceBudget(clock, per_window=1, window_seconds=ABANDONED_WINDOW_SECONDS)
         self._summaries: asyncio.Task[None] | None = None
         self._max_handshakes = max_handshakes
@@ -230,13 +234,14 @@ class As2Server:
                     )
                 return
             reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
+            self._audit_storms(self._storms.failed(host))
             if self._failures.admit(host):
                 self._log.warning("tls.handshake_failed", remote=remote, reason=reason)
                 self._audit.emit(
                     AuditEvent(
                         EventType.TLS_HANDSHAKE_FAILED,
                         Outcome.FAILURE,
-                        Severity.ALERT,
+                        self._failure_severity(host),
                         remote_address=remote,
                         reason=reason,
                         direction="inbound",
@@ -286,6 +291,55 @@ class As2Server:
             )
         return False
 
+    def _failure_severity(self, source: str) -> Severity:
+        """A failed handshake is an alert, unless it is part of a storm: then the storm is."""
+        return Severity.WARNING if self._storms.in_storm(source) else Severity.ALERT
+
+    def _audit_storms(self, notices: list[StormNotice]) -> None:
+        for notice in notices:
+            storm = notice.storm
+            source = storm.source or "all addresses together"
+            window = self._storms.window_seconds
+            detail = {
+                "listener": self.listener.name,
+                "source": storm.source or "all",
+                "failures": notice.failures,
+                "threshold": storm.threshold,
+                "window_seconds": window,
+            }
+            if not notice.ended:
+                reason = (
+                    f"a TLS handshake storm: {notice.failures} failed handshakes from {source} "
+                    f"within {window:.0f} s (a storm from {storm.threshold}); until it ends, its "
+                    "failed handshakes are recorded as warnings"
+                )
+                self._log.error("tls.handshake_storm", remote=storm.source, reason=reason)
+                event = AuditEvent(
+                    EventType.TLS_HANDSHAKE_STORM,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    remote_address=storm.source,
+                    reason=reason,
+                    direction="inbound",
+                    detail=detail,
+                )
+            else:
+                reason = (
+                    f"the TLS handshake storm from {source} ended: {notice.failures} failed "
+                    f"handshakes in {notice.seconds:.0f} s"
+                )
+                self._log.warning("tls.handshake_storm_ended", remote=storm.source, reason=reason)
+                event = AuditEvent(
+                    EventType.TLS_HANDSHAKE_STORM_ENDED,
+                    Outcome.FAILURE,
+                    Severity.WARNING,
+                    remote_address=storm.source,
+                    reason=reason,
+                    direction="inbound",
+                    detail={**detail, "seconds": round(notice.seconds, 1)},
+                )
+            self._audit.emit(event)
+
     async def _summary_loop(self) -> None:
         while True:
             await asyncio.sleep(SUMMARY_SECONDS)
@@ -308,7 +362,7 @@ class As2Server:
                 AuditEvent(
                     EventType.TLS_HANDSHAKE_FAILED,
                     Outcome.FAILURE,
-                    Severity.ALERT,
+                    self._failure_severity(window.source),
                     remote_address=window.source,
                     reason=reason,
                     direction="inbound",
@@ -319,6 +373,7 @@ class As2Server:
                     },
                 )
             )
+        self._audit_storms(self._storms.tick(everything=everything))  # after their summaries
         for window in self._busy.closed(everything=everything):
             self._log.warning(
                 "listener.busy",
