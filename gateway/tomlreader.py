@@ -10,6 +10,7 @@ features such as [audit.export] and [maintenance]) are read with these.
 from __future__ import annotations
 
 import grp
+import ipaddress
 import re
 import stat
 import tomllib
@@ -129,6 +130,24 @@ class Section:
         if required and not value:
             self.problem(key, "the list is empty", empty_fix)
         return list(value)
+
+    def address_port(
+        self, key: str, value: str, fix: str, *, not_an_ip: str = ""
+    ) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+        """``value`` as ``ADDRESS:PORT`` (``[IPv6]:PORT``): the address as written, as an
+        IP address, and the port 1-65535; None, with a problem naming ``fix``, otherwise.
+        ``not_an_ip``: what the problem adds when the address is not an IP address."""
+        host, sep, port_text = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            self.problem(key, f"{value!r} is not ADDRESS:PORT with a port 1-65535", fix)
+            return None
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            self.problem(key, f"{host!r} is not an IP address{not_an_ip}", fix)
+            return None
+        return host, address, int(port_text)
 
     def moved(self, key: str, fix: str) -> None:
         """A key that is no longer read in this table: say where it went."""

@@ -46,9 +46,27 @@ BELOW_CONFIG = (
     "gateway.fsutil",
     "gateway.textbounds",
 )
+# The parts that run: flows, listeners and workers, the process, the command line.  The
+# configuration describes them and is read by them; it never uses one.
+RUNNING = (
+    "gateway.inbound",
+    "gateway.outbound",
+    "gateway.channel",
+    "gateway.intake",
+    "gateway.delivery",
+    "gateway.control",
+    "gateway.operations",
+    "gateway.maintenance.server",
+    "gateway.maintenance.commands",
+    "gateway.daemon",
+    "gateway.httpfront",
+    "gateway.diagnose",
+    "gateway.commands",
+    "gateway.cli",
+)
 # Where an administrator's configuration is judged (a ConfigProblem names its file,
-# key and fix): the configuration package, the readers it is built with, check-config's
-# report, and a feature's own settings loader (``<feature>.settings``).
+# key and fix): the configuration package, the readers it is built with, and
+# check-config's report.
 CONFIGURATION = (
     "gateway.config",
     "gateway.tomlreader",
@@ -223,12 +241,22 @@ def test_the_configuration_is_built_on_what_knows_nothing_of_it(
 
 def test_only_the_configuration_layer_judges_the_configuration() -> None:
     """Configuration rules live with the configuration, not in routing or trust: only
-    the configuration layer, and a feature's own settings loader, make a ConfigProblem."""
+    the configuration layer makes a ConfigProblem (a feature's settings loader reports
+    through a tomlreader Section)."""
     wrong = [
         name
         for name, (path, _) in sorted(modules().items())
-        if "ConfigProblem" in names_imported(path)
-        and not _within(name, CONFIGURATION)
-        and name.rpartition(".")[2] != "settings"
+        if "ConfigProblem" in names_imported(path) and not _within(name, CONFIGURATION)
+    ]
+    assert wrong == []
+
+
+def test_the_configuration_uses_none_of_the_parts_that_run(edges: dict[str, set[str]]) -> None:
+    wrong = [
+        " -> ".join(path)
+        for name in sorted(edges)
+        if _within(name, ("gateway.config",))
+        for target, path in reachable(edges, name).items()
+        if _within(target, RUNNING)
     ]
     assert wrong == []

@@ -14,9 +14,9 @@ from typing import Any
 import qrcode
 
 from gateway.commands import add_config_option
+from gateway.config.maintenance import PERSON, ROLES, parse_public_key
 from gateway.errors import MedgwError
 from gateway.maintenance import totp
-from gateway.maintenance.settings import PERSON, ROLES, parse_public_key
 
 
 class AccountError(MedgwError):

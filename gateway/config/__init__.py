@@ -24,13 +24,16 @@ The parts:
   :mod:`~gateway.config.runtime`, :mod:`~gateway.config.api`,
   :mod:`~gateway.config.delivery`, :mod:`~gateway.config.audit`,
   :mod:`~gateway.config.responsible`, :mod:`~gateway.config.retention`
-  (``[retention]``, applied by :mod:`gateway.retention`), and the peer files:
-  :mod:`~gateway.config.peers` with :mod:`~gateway.config.peer_algorithms`.
+  (``[retention]``, applied by :mod:`gateway.retention`),
+  :mod:`~gateway.config.maintenance` (``[maintenance]`` and ``maintainers.d/``),
+  and the peer files: :mod:`~gateway.config.peers` with
+  :mod:`~gateway.config.peer_algorithms`;
+* :mod:`~gateway.config.network_rules` -- the rules across sections (NET-4).
 
 Typed values, and the problems a key can have, are read with
-:mod:`gateway.tomlreader`; ``[audit.export]`` and ``[maintenance]`` are read by
-their own features (:mod:`gateway.audit.export.settings`,
-:mod:`gateway.maintenance.settings`).
+:mod:`gateway.tomlreader`.  ``[audit.export]`` is read by
+:mod:`gateway.audit.export.settings`, beside the exporter that uses it (the audit
+trail sits below the configuration and knows nothing of it).
 """
 
 from gateway.config.api import ApiClient, ApiSettings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,17 +53,11 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 def _parse_listen(item: Section, value: str) -> tuple[str, int] | None:
     """``127.0.0.1:8470`` or ``[::1]:8470``: a loopback address only (NET-3)."""
-    host, sep, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     fix = 'write listen = "127.0.0.1:8470" (or "[::1]:8470"), or use socket = "..." instead'
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        item.problem("listen", f"{value!r} is not ADDRESS:PORT with a port 1-65535", fix)
+    found = item.address_port("listen", value, fix, not_an_ip=" (host names are not accepted)")
+    if found is None:
         return None
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        item.problem("listen", f"{host!r} is not an IP address (host names are not accepted)", fix)
-        return None
+    host, address, port = found
     if not address.is_loopback:
         item.problem(
             "listen",
@@ -74,7 +67,7 @@ def _parse_listen(item: Section, value: str) -> tuple[str, int] | None:
             "on a share, or a local relay",
         )
         return None
-    return str(address), int(port_text)
+    return str(address), port
 
 
 def load_api(

@@ -18,6 +18,7 @@ from gateway.config.audit import load_audit
 from gateway.config.delivery import load_delivery
 from gateway.config.identity import load_identity, load_tls
 from gateway.config.listeners import load_listeners
+from gateway.config.maintenance import load_maintenance
 from gateway.config.model import GatewayConfig
 from gateway.config.network_rules import network_problems
 from gateway.config.peers import check_peer_uniqueness, load_peers
@@ -28,7 +29,6 @@ from gateway.config.smime import load_smime
 from gateway.config.storage import load_storage, named_places
 from gateway.config.zones import load_zones
 from gateway.errors import ConfigError
-from gateway.maintenance.settings import load_maintenance
 from gateway.places import overlap_problems
 from gateway.tomlreader import Reader, Section
 

@@ -14,6 +14,7 @@ from gateway.config.api import ApiSettings
 from gateway.config.delivery import DeliverySettings
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
+from gateway.config.maintenance import MaintenanceSettings
 from gateway.config.peers import Peer
 from gateway.config.responsible import Responsible
 from gateway.config.retention import KEEP, RetentionSettings
@@ -23,7 +24,6 @@ from gateway.config.storage import Storage
 from gateway.config.zones import Zone
 from gateway.egress import NetworkMap
 from gateway.errors import ConfigProblem
-from gateway.maintenance.settings import MaintenanceSettings
 from gateway.routing import Address, endpoint, own_listeners
 
 

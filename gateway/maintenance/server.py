@@ -28,8 +28,8 @@ from asyncssh.public_key import decode_ssh_public_key
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
+from gateway.config.maintenance import Maintainer, MaintenanceSettings
 from gateway.maintenance import algorithms, commands, totp
-from gateway.maintenance.settings import Maintainer, MaintenanceSettings
 from gateway.operations import Operations
 
 LOGIN_TIMEOUT_SECONDS = 30

@@ -112,17 +112,11 @@ def _listen_address(
 ) -> tuple[str, int] | None:
     """``ADDRESS:PORT`` on an address of its own: never a zone listener's (a peer could
     reach it there) and never inside a zone's egress unless it is loopback (NET-7)."""
-    host, sep, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     fix = 'write listen = "ADDRESS:PORT" with an address of the management network'
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        section.problem("listen", f"{value!r} is not ADDRESS:PORT with a port 1-65535", fix)
+    found = section.address_port("listen", value, fix)
+    if found is None:
         return None
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        section.problem("listen", f"{host!r} is not an IP address", fix)
-        return None
+    host, address, port = found
     if address.is_unspecified:
         section.problem(
             "listen",
@@ -158,7 +152,7 @@ def _listen_address(
             "every zone's egress (or 127.0.0.1, reached through a jump host)",
         )
         return None
-    return str(address), int(port_text)
+    return str(address), port
 
 
 def _host_key(reader: Reader, section: Section, path: Path) -> asyncssh.SSHKey | None:
