@@ -14,6 +14,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
+from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import PurgeRequest, Retention
 from gateway.spool import (
     PENDING_STATES,
@@ -79,6 +80,7 @@ class Operations:
     prepare: Callable[[str], None] = lambda _id: None  # sign and encrypt a kept document again
     # Peers with a use that has no acceptable certificate now, and why (the daemon's view).
     unusable: Callable[[], Mapping[str, str]] = dict
+    audit_files: AuditFiles | None = None  # the closed audit files purge may dispose of
 
     def _peer(self, name: str) -> str:
         if self.config.peer(name) is None:
@@ -212,7 +214,7 @@ class Operations:
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """Dispose of what finished before ``request.before`` (DSP-1), audited with
         ``actor`` and the counts per kind."""
-        return Retention(self.spool, self.audit, self.clock).purge(request, actor)
+        return Retention(self.spool, self.audit, self.clock, self.audit_files).purge(request, actor)
 
 
 def viewed(audit: AuditSink, view: Mapping[str, Any], actor: str, via: str) -> None:

@@ -114,6 +114,9 @@ class EventType(StrEnum):
     # and each batch of messages whose records, receipts or copies were disposed of.
     RETENTION_PURGED = "retention.purged"
     RETENTION_DISPOSED = "retention.disposed"
+    # Closed audit files removed: which (first and last record, hashes), and where the
+    # trail now starts; sealed by a checkpoint before the files go.
+    RETENTION_AUDIT_DISPOSED = "retention.audit_disposed"
 
 
 class Outcome(StrEnum):

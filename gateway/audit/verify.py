@@ -19,11 +19,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.audit.chain import GENESIS, canonical
 from gateway.audit.seal import CHECKPOINT_EVENT, CheckpointKeys
 from gateway.errors import MedgwError
 
+# Closed files disposed of by retention (gateway.retention.audit_files): where the trail starts.
+AUDIT_DISPOSED_EVENT = "retention.audit_disposed"
 FIX = "restore the audit log from backup; investigate who edited it"
 
 
@@ -46,6 +49,9 @@ class TrailReport:
     checkpoints: int
     last_checkpoint: Checkpoint | None
     signatures_checked: bool
+    # The record that says the files before first_seq were disposed of (retention)
+    # and names first_seq's predecessor; None: no such record.
+    disposal_record: int | None = None
 
     @property
     def unsealed(self) -> int:
@@ -76,6 +82,8 @@ def verify_trail(
     last: Checkpoint | None = None
     outside_seen = False
     before: Path | None = None  # the file before this one
+    first_prev: str | None = None
+    disposal: int | None = None
     for path in paths:
         starting = before is not None
         with path.open("rb") as handle:
@@ -95,6 +103,7 @@ def verify_trail(
                     raise AuditChainError(f"{where}: not an audit record ({exc})", fix=FIX) from exc
                 if prev is None:
                     prev = GENESIS if seq == 1 else record.get("prev")
+                    first_prev = prev
                     expected = seq
                     first = seq
                 if record.get("prev") != prev or seq != expected:
@@ -115,6 +124,8 @@ def verify_trail(
                     raise AuditChainError(
                         f"{where}: record {seq} was altered after it was written", fix=FIX
                     )
+                if _explains_start(record, first, first_prev):
+                    disposal = seq
                 if record.get("event") == CHECKPOINT_EVENT:
                     _check_checkpoint(record, where, keys, last, first)
                     last = Checkpoint(seq, claimed, where)
@@ -138,7 +149,19 @@ def verify_trail(
             "records were cut off the end (or the file holding them was not given)",
             fix=FIX,
         )
-    return TrailReport(count, first, expected - 1, checkpoints, last, bool(keys))
+    return TrailReport(count, first, expected - 1, checkpoints, last, bool(keys), disposal)
+
+
+def _explains_start(record: dict[str, Any], first: int, first_prev: str | None) -> bool:
+    """A retention record saying the files before record ``first`` (whose prev is
+    ``first_prev``) were disposed of."""
+    detail = record.get("detail")
+    return (
+        record.get("event") == AUDIT_DISPOSED_EVENT
+        and isinstance(detail, dict)
+        and detail.get("trail_starts_at") == first
+        and detail.get("prev") == first_prev
+    )
 
 
 def _check_checkpoint(

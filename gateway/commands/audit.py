@@ -332,7 +332,13 @@ def _certificate(path: Path) -> x509.Certificate:
 
 def _describe(shown: str, report: TrailReport) -> list[str]:
     lines = [f"{shown}: {report.records} records, hash chain intact"]
-    if report.first_seq > 1:
+    if report.first_seq > 1 and report.disposal_record is not None:
+        lines.append(
+            f"starts at record {report.first_seq}: the files before it were disposed of by "
+            f"retention (record {report.disposal_record} names them and the last hash, which "
+            "this record goes on from)"
+        )
+    elif report.first_seq > 1:
         lines.append(f"starts at record {report.first_seq}: the files before it were not given")
     if report.checkpoints:
         signed = (

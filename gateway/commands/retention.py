@@ -10,7 +10,7 @@ from gateway.commands import add_config_option, emit
 from gateway.commands.queue import control_client
 from gateway.spool import RetainedKind
 
-KINDS = [k.value for k in RetainedKind]
+KINDS = [*(k.value for k in RetainedKind), "audit"]
 
 
 def register(commands: Any) -> None:
@@ -19,8 +19,9 @@ def register(commands: Any) -> None:
         help="dispose of kept copies, receipts and records of messages finished before a date",
         description="Dispose of what the gateway keeps of messages finished before DATE: "
         "inbox copies already handed over (received), receipts, hand-over records, records "
-        "of finished messages (spool). Nothing still owed is touched: unsent, awaiting a "
-        "receipt, not handed over, or a receipt not yet given to the peer. A kind takes "
+        "of finished messages (spool), closed audit files (audit). Nothing still owed is "
+        "touched: unsent, awaiting a receipt, not handed over, or a receipt not yet given to "
+        "the peer. A kind takes "
         "what it holds with it (spool: its receipts, hand-over records and copies).",
     )
     purge.add_argument(
@@ -35,7 +36,8 @@ def register(commands: Any) -> None:
         "--kind",
         action="append",
         choices=KINDS,
-        help="only this kind (and what it holds); repeat for several; default all",
+        help="only this kind (and what it holds); repeat for several; default all "
+        "(audit: closed audit files older than DATE, not with --peer or --service)",
     )
     purge.add_argument(
         "--dry-run", action="store_true", help="count what would go; dispose of nothing"
@@ -48,7 +50,7 @@ def register(commands: Any) -> None:
 def _purge(args: argparse.Namespace) -> int:
     body = {
         "before": args.before,
-        "kinds": args.kind or KINDS,
+        "kinds": args.kind or [],  # the daemon's default: every kind that applies
         "peer": args.peer,
         "service": args.service,
         "dry_run": args.dry_run,

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from gateway.alerts import AlertCalls
 from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
-from gateway.audit.export.exporter import AuditExporter
+from gateway.audit.export.cursor import load_position
+from gateway.audit.export.exporter import CURSOR_NAME, AuditExporter
 from gateway.audit.export.exporter import Target as ExportTarget
 from gateway.audit.export.record import Source as ExportSource
 from gateway.audit.seal import Sealer
@@ -55,6 +56,7 @@ from gateway.maintenance.server import MaintenanceServer
 from gateway.operations import Operations
 from gateway.outbound import Outbound
 from gateway.pki.peers import PeerTrust
+from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import Retention
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool, open_spool
@@ -142,7 +144,23 @@ class Daemon:
             handover.wake if handover is not None else lambda: None,
             lambda message_id: self.tasks.spawn(self._outbound_prepare_again(message_id)),
             lambda: unusable(self.state.trust),
+            self._audit_files(),
         )
+
+    def _audit_files(self) -> AuditFiles:
+        """The closed audit files retention may dispose of: never one the export (when
+        configured) has not sent yet."""
+        assert self._audit is not None
+        storage = self.state.config.storage
+        cursor = storage.state_dir / CURSOR_NAME
+
+        def exported() -> int | None:
+            if self.state.config.audit_export is None:
+                return None
+            position = load_position(cursor)
+            return position.seq if position is not None else 0
+
+        return AuditFiles(storage.audit_log, self._audit.checkpoint, exported)
 
     async def _outbound_prepare_again(self, message_id: str) -> None:
         assert self._outbound is not None
@@ -511,7 +529,7 @@ class Daemon:
     async def _retention_loop(self) -> None:
         """Apply the [retention] rules in force, at start and every sweep interval."""
         assert self._spool is not None
-        retention = Retention(self._spool, self._audit_sink(), self._clock)
+        retention = Retention(self._spool, self._audit_sink(), self._clock, self._audit_files())
         while not self.tasks.stopping:
             settings = self.state.config.retention
             await asyncio.to_thread(retention.sweep, settings)

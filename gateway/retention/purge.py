@@ -14,18 +14,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock
 from gateway.config.retention import HOLDS, RetentionSettings
 from gateway.errors import MedgwError
+from gateway.retention.audit_files import AuditFiles
 from gateway.spool import Disposable, RetainedKind, Spool
 from gateway.textbounds import MAX_ITEMS
 
 # Kinds in the order they go: what a record holds before the record.
 ORDER = (RetainedKind.RECEIVED, RetainedKind.RECEIPTS, RetainedKind.HANDOVER, RetainedKind.SPOOL)
+
+
+AUDIT = "audit"  # closed audit files: not in the spool
 
 
 class PurgeRefused(MedgwError):
@@ -39,6 +43,7 @@ class PurgeRequest:
     peer: str | None = None
     service: str | None = None  # None: any service
     dry_run: bool = False
+    audit_files: bool = False  # also closed audit files (see gateway.retention.audit_files)
 
     def closure(self) -> tuple[RetainedKind, ...]:
         """The kinds asked for and what they hold, in the order they go."""
@@ -76,38 +81,57 @@ def parse_before(text: str, now: datetime) -> datetime:
 def purge_request(body: Mapping[str, Any], now: datetime) -> PurgeRequest:
     """A purge as the control socket receives it: ``before`` (required), ``kinds``,
     ``peer``, ``service``, ``dry_run``."""
-    kinds_text = body.get("kinds") or [k.value for k in ORDER]
-    names = ", ".join(k.value for k in ORDER)
+    peer, service = body.get("peer"), body.get("service")
+    # All kinds by default; audit files belong to no peer, so not when one is named.
+    every = [k.value for k in ORDER] + ([] if peer or service else [AUDIT])
+    kinds_text = body.get("kinds") or every
+    names = ", ".join([*(k.value for k in ORDER), AUDIT])
     if not isinstance(kinds_text, list):
         raise PurgeRefused("kinds must be a list", fix=f"name kinds of: {names}")
     kinds = []
     for text in kinds_text:
+        if text == AUDIT:
+            continue
         try:
             kinds.append(RetainedKind(str(text)))
         except ValueError:
             raise PurgeRefused(
                 f"unknown kind {str(text)[:64]!r}", fix=f"use one of: {names}"
             ) from None
-    peer, service = body.get("peer"), body.get("service")
     return PurgeRequest(
         before=parse_before(str(body.get("before") or ""), now),
         kinds=tuple(kinds),
         peer=str(peer) if peer else None,
         service=str(service) if service else None,
         dry_run=bool(body.get("dry_run")),
+        audit_files=AUDIT in kinds_text,
     )
 
 
 class Retention:
     """Disposes of kept things in ``spool``, audited to ``audit``."""
 
-    def __init__(self, spool: Spool, audit: AuditSink, clock: Clock) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        audit: AuditSink,
+        clock: Clock,
+        audit_files: AuditFiles | None = None,
+    ) -> None:
         self._spool = spool
         self._audit = audit
         self._clock = clock
+        self._audit_files = audit_files  # None: closed audit files are not disposed of here
 
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """An operator's purge: counts per kind (of what would go, for a dry run)."""
+        if request.audit_files and (self._audit_files is None or request.peer or request.service):
+            raise PurgeRefused(
+                "audit files belong to no peer or service"
+                if self._audit_files
+                else "audit files are purged only by the running daemon",
+                fix="purge the kind audit without --peer and --service",
+            )
         before = request.before.isoformat()
         counts: dict[str, int] = {}
         for kind in request.closure():
@@ -128,6 +152,10 @@ class Retention:
                     service=request.service,
                     any_service=request.service is None,
                 )
+        if request.audit_files and self._audit_files is not None:
+            counts[AUDIT] = self._audit_files.dispose(
+                request.before, actor, self._audit, dry_run=request.dry_run
+            )
         self._audit.emit(
             AuditEvent(
                 EventType.RETENTION_PURGED,
@@ -139,7 +167,8 @@ class Retention:
                     "trigger": "operator",
                     "dry_run": request.dry_run,
                     "before": before,
-                    "kinds": [k.value for k in request.kinds],
+                    "kinds": [k.value for k in request.kinds]
+                    + ([AUDIT] if request.audit_files else []),
                     "counts": counts,
                 },
             )
@@ -163,6 +192,10 @@ class Retention:
                 )
                 if gone:
                     counts[kind.value] = counts.get(kind.value, 0) + gone
+        if settings.audit_days is not None and self._audit_files is not None:
+            before = now - timedelta(days=settings.audit_days)
+            if gone := self._audit_files.dispose(before, actor, self._audit):
+                counts[AUDIT] = gone
         if counts:
             self._audit.emit(
                 AuditEvent(
