@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,7 +71,7 @@ def _stamp(at: datetime) -> bytes:
     return at.astimezone(UTC).isoformat(timespec="microseconds").encode()
 
 
-def _time_of(line: bytes) -> bytes | None:
+def time_of(line: bytes) -> bytes | None:
     """The record's time, read in place, in the form :func:`_stamp` writes."""
     start = line.find(TIME_KEY)
     if start < 0:
@@ -127,7 +127,7 @@ def _first_offset(handle: BinaryIO, size: int, since: bytes) -> int:
             line = handle.readline()
             if not line:
                 break
-            at = _time_of(line)
+            at = time_of(line)
         if at is None or at >= since:
             high = middle
         else:
@@ -135,33 +135,65 @@ def _first_offset(handle: BinaryIO, size: int, since: bytes) -> int:
     return low
 
 
+@dataclass(frozen=True)
+class Window:
+    """The times that bound a read, in the form :func:`_stamp` writes (None: unbounded)."""
+
+    since: bytes | None  # the window, inclusive
+    until: bytes | None  # exclusive
+    early: bytes | None  # reading starts here: ``before`` the window, less CLOCK_MARGIN
+    late: bytes | None  # and stops here: the window's end plus CLOCK_MARGIN
+
+    def inside(self, at: bytes) -> bool:
+        return (self.since is None or at >= self.since) and (self.until is None or at < self.until)
+
+
+def window(filters: Filters, before: timedelta = timedelta(0)) -> Window:
+    return Window(
+        _stamp(filters.since) if filters.since else None,
+        _stamp(filters.until) if filters.until else None,
+        _stamp(filters.since - CLOCK_MARGIN - before) if filters.since else None,
+        _stamp(filters.until + CLOCK_MARGIN) if filters.until else None,
+    )
+
+
+def reach(filters: Filters) -> timedelta:
+    """How far before the window records are read: a patient's documents are linked."""
+    return LINK_BEFORE if filters.patient is not None else timedelta(0)
+
+
+def start_offset(handle: BinaryIO, early: bytes | None) -> int:
+    """Where reading a file for a window starting at ``early`` begins: the start of a line
+    at or before the first one written at ``early`` or later."""
+    if early is None:
+        return 0
+    handle.seek(_first_offset(handle, os.fstat(handle.fileno()).st_size, early))
+    if handle.tell():
+        handle.readline()
+    return handle.tell()
+
+
 def _lines(
     paths: Sequence[Path], filters: Filters, *, before: timedelta = timedelta(0)
 ) -> Iterator[tuple[bytes, bool]]:
     """Each line from ``before`` the window's start (found by bisection) up to its end
     (both plus CLOCK_MARGIN), with whether it is inside the window."""
-    since = _stamp(filters.since) if filters.since else None
-    until = _stamp(filters.until) if filters.until else None
-    early = _stamp(filters.since - CLOCK_MARGIN - before) if filters.since else None
-    late = _stamp(filters.until + CLOCK_MARGIN) if filters.until else None
+    bounds = window(filters, before)
     for path in paths:
         with path.open("rb") as handle:
-            if early is not None:
-                handle.seek(_first_offset(handle, os.fstat(handle.fileno()).st_size, early))
-                if handle.tell():
-                    handle.readline()
+            handle.seek(start_offset(handle, bounds.early))
             for line in handle:
-                at = _time_of(line)
+                at = time_of(line)
                 if at is None:
                     continue  # a torn line after a crash: `audit verify` reports it
-                if late is not None and at >= late:
+                if bounds.late is not None and at >= bounds.late:
                     return  # past the window, even allowing for a clock set back
-                if early is not None and at < early:
+                if bounds.early is not None and at < bounds.early:
                     continue  # bisection stops a block short
-                yield line, (since is None or at >= since) and (until is None or at < until)
+                yield line, bounds.inside(at)
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
+def parse(line: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except ValueError:
@@ -176,21 +208,27 @@ def records(paths: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]
     document (same ``peer`` and ``message_id``: sent, receipt, operator reads...) when
     the document named the patient in the window or up to LINK_BEFORE before it.
     """
+    return select(_lines(paths, filters, before=reach(filters)), filters)
+
+
+def select(lines: Iterable[tuple[bytes, bool]], filters: Filters) -> Iterator[dict[str, Any]]:
+    """The records that match ``filters`` among ``lines`` (each with whether it is inside
+    the window), read from ``reach(filters)`` before the window, in the trail's order."""
     if filters.patient is None:
         needles = filters.needles()
-        for line, inside in _lines(paths, filters):
+        for line, inside in lines:
             if inside and all(n in line for n in needles):
-                record = _parse(line)
+                record = parse(line)
                 if record is not None and filters.match(record):
                     yield record
         return
     patient = _json(filters.patient)
     documents: set[tuple[bytes, bytes]] = set()  # the patient's documents
-    for line, inside in _lines(paths, filters, before=LINK_BEFORE):
-        document = _document(line)
+    for line, inside in lines:
+        document = document_of(line)
         if patient not in line and document not in documents:
             continue
-        record = _parse(line)
+        record = parse(line)
         if record is None:
             continue
         if any(p == filters.patient for p, _ in patients_of(record)):
@@ -202,7 +240,7 @@ def records(paths: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]
             yield record
 
 
-def _document(line: bytes) -> tuple[bytes, bytes] | None:
+def document_of(line: bytes) -> tuple[bytes, bytes] | None:
     """The record's peer and message_id as written (JSON strings), read in place: which
     document it is about.  Top-level keys come after ``detail`` in a record (sorted), and
     no string value holds an unescaped quote, so the last occurrence is the record's own."""
@@ -252,11 +290,11 @@ def accesses(
     forgot = False
     counts: Counter[tuple[str, str, str]] = Counter()
     for line, inside in _lines(paths, filters, before=LINK_BEFORE):
-        document = _document(line)
+        document = document_of(line)
         names = PATIENT_NEEDLE in line
         if not names and (not inside or document not in documents):
             continue
-        record = _parse(line)
+        record = parse(line)
         if record is None:
             continue
         patients = tuple(patients_of(record))
@@ -273,6 +311,11 @@ def accesses(
             actor = actor_of(record) or ""
             for patient, authority in patients:
                 counts[(patient, authority, actor)] += 1
+    return tally(counts), forgot
+
+
+def tally(counts: Counter[tuple[str, str, str]]) -> list[PatientAccesses]:
+    """Rows of :func:`accesses` from counts per (patient, authority, actor)."""
     per: dict[tuple[str, str], Counter[str]] = {}
     for (patient, authority, actor), count in counts.items():
         per.setdefault((patient, authority), Counter())[actor] = count
@@ -282,4 +325,4 @@ def accesses(
         )
         for (p, a), c in per.items()
     ]
-    return sorted(rows, key=lambda r: (-r.total, r.patient, r.authority)), forgot
+    return sorted(rows, key=lambda r: (-r.total, r.patient, r.authority))

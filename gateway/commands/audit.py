@@ -13,7 +13,9 @@ from typing import Any
 
 from cryptography import x509
 
+from gateway.audit import index
 from gateway.audit.files import trail_files
+from gateway.audit.index import AuditIndexError
 from gateway.audit.query import (
     DOCUMENTS_REMEMBERED,
     Filters,
@@ -77,12 +79,14 @@ def register(commands: Any) -> None:
     query.add_argument("--peer", help="records about this peer (its name in peers.d)")
     query.add_argument("--actor", help="records caused by this actor, e.g. 'api:ris'")
     query.add_argument("--event", help="records of this event type, e.g. message.received")
+    _index_option(query)
     query.set_defaults(handler=_query)
     patients = actions.add_parser(
         "patients",
         help="how many records name each patient in a time window, in all and per actor (MNT-5)",
     )
     _review_options(patients)
+    _index_option(patients)
     patients.set_defaults(handler=_patients)
     sessions = actions.add_parser(
         "sessions",
@@ -124,6 +128,33 @@ def _review_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=("table", "json", "csv"), default="table", help="default table"
     )
+
+
+def _index_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-index",
+        action="store_true",
+        help="read the log alone, without the index kept beside it (<log>.index: built, "
+        "brought up to date and used otherwise)",
+    )
+
+
+def _indexed(args: argparse.Namespace, paths: list[Path]) -> bool:
+    """Whether to read through the indexes: built or brought up to date here.  One that
+    cannot be written (an archived copy on read-only media) is done without, with a note."""
+    if args.no_index:
+        return False
+    try:
+        index.prepare(paths)
+    except AuditIndexError as exc:
+        print(f"medgw: note: {exc} (reading the log without it: slower)", file=sys.stderr)
+        return False
+    return True
+
+
+def _index_failed(exc: AuditIndexError) -> int:
+    print(f"medgw: {exc}", file=sys.stderr)
+    return 1
 
 
 def _time(text: str) -> datetime:
@@ -180,10 +211,14 @@ def _cells(record: dict[str, Any]) -> dict[str, str]:
 def _query(args: argparse.Namespace) -> int:
     filters = Filters(args.since, args.until, args.patient, args.peer, args.actor, args.event)
     paths = _trail(args)
-    try:
-        _show(args.format, records(paths, filters))
+    narrowed = any(v is not None for v in (args.patient, args.peer, args.actor, args.event))
+    try:  # a time window alone is found by bisecting the log: no index needed
+        found = index.records if narrowed and _indexed(args, paths) else records
+        _show(args.format, found(paths, filters))
     except OSError as exc:
         return _unreadable(exc, paths)
+    except AuditIndexError as exc:
+        return _index_failed(exc)
     return 0
 
 
@@ -238,9 +273,12 @@ def _sessions(args: argparse.Namespace) -> int:
 def _patients(args: argparse.Namespace) -> int:
     paths = _trail(args)
     try:
-        rows, forgot = accesses(paths, Filters(args.since, args.until))
+        counter = index.accesses if _indexed(args, paths) else accesses
+        rows, forgot = counter(paths, Filters(args.since, args.until))
     except OSError as exc:
         return _unreadable(exc, paths)
+    except AuditIndexError as exc:
+        return _index_failed(exc)
     if args.format == "json":
         for row in rows:
             actors = [{"actor": a, "accesses": n} for a, n in row.by_actor]
