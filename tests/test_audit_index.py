@@ -16,7 +16,11 @@ from hypothesis import strategies as st
 
 from gateway.audit import AuditEvent, AuditLog, EventType, PatientId
 from gateway.audit import index as audit_index
+from gateway.audit.files import trail_files
 from gateway.audit.query import Filters, accesses, records
+from gateway.audit.rotation import RotationSettings
+from gateway.retention.audit_files import AuditFiles
+from tests.audit_writer import StepClock
 from tests.cli import medgw
 from tests.clocks import TickingClock
 
@@ -276,3 +280,48 @@ def test_patient_identifiers_stay_out_of_what_the_review_says_besides_its_answer
         audit_index.index_path(trail).write_bytes(b"garbage")
     error = audit_index._unwritable(audit_index.index_path(trail), OSError("read-only"))
     assert "P4" not in str(error) and str(trail) in str(error)
+
+
+def test_a_rotated_trail_links_across_files_and_a_disposed_file_takes_its_index(
+    tmp_path: Path,
+) -> None:
+    """Daily files from the real writer: a document named on one day and read on a later
+    day is counted for its patient through the indexes as by reading the logs; retention
+    removing a closed file removes its index (it names patients) with it."""
+    current = tmp_path / "audit" / "audit.jsonl"
+    clock = StepClock(START)
+    log = AuditLog(current, clock, node="HOSP", rotation=RotationSettings(None, daily=True))
+    for day in range(6):
+        log.emit(
+            AuditEvent(
+                EventType.MESSAGE_ACCEPTED,
+                peer="lab",
+                actor="api:ris",
+                message_id=f"<{day}@x>",
+                patient_ids=(PatientId(f"P{day}", "hl7v2", None, None),),
+            )
+        )
+        if day:  # yesterday's document read today
+            operator = "operator:sato (uid 1001)"
+            log.emit(AuditEvent(EventType.MESSAGE_VIEWED, peer="lab", message_id=f"<{day - 1}@x>",
+                                actor=operator))  # fmt: skip
+        clock.at += timedelta(days=1)
+    log.close()
+    paths = trail_files(current)
+    assert len(paths) == 6
+    for since in (None, START + timedelta(days=2)):
+        window = Filters(since, None)
+        assert audit_index.accesses(paths, window) == accesses(paths, window)
+        patient = Filters(since, None, "P2")
+        assert [r["seq"] for r in audit_index.records(paths, patient)] == [
+            r["seq"] for r in records(paths, patient)
+        ]
+    rows, _ = audit_index.accesses(paths, Filters(START + timedelta(days=3), None))
+    assert ("P2", 1) in [(r.patient, r.total) for r in rows]  # named on day 2, read on day 3
+    assert all(audit_index.index_path(p).exists() for p in paths)
+
+    audit = AuditLog(current, clock, node="HOSP")
+    AuditFiles(current, audit.checkpoint).dispose(START + timedelta(days=3), "operator:x", audit)
+    audit.close()
+    gone = [p for p in paths if not p.exists()]
+    assert gone and not any(audit_index.index_path(p).exists() for p in gone)

@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.audit.files import backwards, closed_at, closed_files, first_seq
+from gateway.audit.index import index_path
 
 
 @dataclass(frozen=True)
@@ -122,4 +123,5 @@ class AuditFiles:
         self._checkpoint("retention")  # signed (with [audit] signing) before anything goes
         for item in going:
             item.path.unlink(missing_ok=True)
+            index_path(item.path).unlink(missing_ok=True)  # names patients: goes with it
         return len(going)
