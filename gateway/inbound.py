@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -35,6 +36,7 @@ from gateway.as2.mdn import Disposition, build_receipt
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.audit.log import recorded_since
 from gateway.audit.patients import patients_in_chunks
+from gateway.channel.answers import ANSWERS, Answer, refusal_event
 from gateway.clock import Clock
 from gateway.cms.decrypting import DecryptedFile, decrypt_bytes, decrypt_file
 from gateway.cms.stream import verify_entity_span
@@ -73,13 +75,22 @@ class InboundRequest:
 
 @dataclass(frozen=True)
 class InboundResponse:
-    status: int
+    answer: Answer  # its HTTP status and text: gateway.channel.answers
     headers: tuple[tuple[str, str], ...]
     body: bytes
     # Set when the sender asked for an asynchronous receipt (RFC 4130 7.3): the
     # HTTP answer is then empty, and ``receipt`` is POSTed to ``receipt_url``.
     receipt_url: str | None = None
     receipt: tuple[tuple[tuple[str, str], ...], bytes] | None = None
+
+    @property
+    def status(self) -> int:
+        return ANSWERS[self.answer].status
+
+    @classmethod
+    def refused(cls, answer: Answer) -> InboundResponse:
+        found = ANSWERS[answer]
+        return cls(answer, found.headers(), found.text.encode())
 
 
 @dataclass(frozen=True)
@@ -243,11 +254,11 @@ class InboundProcessor:
         sender asked for it and the URL is its own gateway's, for later delivery."""
         response = self._process(request)
         url = async_receipt_url(request.headers.get("receipt-delivery-option"), request.peer.url)
-        if url is None or response.status != 200 or not response.body:
+        if url is None or response.answer is not Answer.RECEIPT or not response.body:
             return response
         return InboundResponse(
-            200,
-            (("Content-Type", "text/plain"),),
+            Answer.RECEIPT_LATER,
+            ANSWERS[Answer.RECEIPT_LATER].headers(),
             b"",
             receipt_url=url,
             receipt=(response.headers, response.body),
@@ -259,8 +270,8 @@ class InboundProcessor:
         try:
             message_id = check_message_id(headers.get("message-id"))
         except ProtocolError as exc:
-            self._reject(request, None, EventType.MESSAGE_REJECTED, exc.message)
-            return InboundResponse(400, (("Content-Type", "text/plain"),), b"bad request\n")
+            self._reject(request, None, Answer.BAD_MESSAGE_ID, exc.message)
+            return InboundResponse.refused(Answer.BAD_MESSAGE_ID)
         receipt_request = parse_receipt_request(headers)
         digest = receipt_request.choose_digest(peer.digest)
         # One request per (peer, Message-ID) at a time: a resend racing the original
@@ -303,26 +314,19 @@ class InboundProcessor:
         )
         try:
             self._audit.emit(
-                AuditEvent(
-                    EventType.STORAGE_UNAVAILABLE,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
+                refusal_event(
+                    Answer.UNAVAILABLE,
                     peer=request.peer.name,
                     message_id=message_id,
-                    direction="inbound",
-                    remote_address=request.remote,
-                    reason=f"could not store a received message: {cause}; answered 503, "
-                    "the peer keeps it and resends",
+                    remote=request.remote,
+                    reason=f"could not store a received message: {cause}; answered "
+                    f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
                     detail={"fix": fix},
                 )
             )
         except OSError as audit_exc:  # the audit log's disk may be the full one
             self._log.critical("audit.write_failed", error=str(audit_exc), event=cause)
-        return InboundResponse(
-            503,
-            (("Content-Type", "text/plain"), ("Retry-After", "60")),
-            b"temporarily unable to accept messages, retry later\n",
-        )
+        return InboundResponse.refused(Answer.UNAVAILABLE)
 
     def _accept_and_answer(
         self, request: InboundRequest, message_id: str, digest: str
@@ -334,17 +338,14 @@ class InboundProcessor:
             self._reject(request, message_id, refused.event, refused.reason)
             return self._receipt(request, message_id, refused.disposition, None, digest)
         except DuplicateReceipt as duplicate:
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_DUPLICATE,
-                    peer=peer.name,
-                    message_id=message_id,
-                    direction="inbound",
-                    remote_address=request.remote,
-                    reason="resend of a delivered message: answered with the original receipt",
-                )
+            self._record(
+                EventType.MESSAGE_DUPLICATE,
+                peer.name,
+                message_id,
+                remote_address=request.remote,
+                reason="resend of a delivered message: answered with the original receipt",
             )
-            return InboundResponse(200, duplicate.headers, duplicate.body)
+            return InboundResponse(Answer.RECEIPT, duplicate.headers, duplicate.body)
         response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest, details)
         if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
             return response
@@ -360,20 +361,17 @@ class InboundProcessor:
             handover=(delivered.content_type, delivered.size) if hand_over else None,
         )
         self._log.info("message.delivered", peer=peer.name, message_id=message_id)
-        self._audit.emit(
-            AuditEvent(
-                EventType.RECEIPT_SENT,
-                peer=peer.name,
-                service=delivered.service,
-                message_id=message_id,
-                direction="inbound",
-                detail={
-                    "disposition": Disposition.PROCESSED.value,
-                    "mic": mic,
-                    "inbox_file": str(delivered.target),
-                    "handover": "queued" if hand_over else "none",
-                },
-            )
+        self._record(
+            EventType.RECEIPT_SENT,
+            peer.name,
+            message_id,
+            service=delivered.service,
+            detail={
+                "disposition": Disposition.PROCESSED.value,
+                "mic": mic,
+                "inbox_file": str(delivered.target),
+                "handover": "queued" if hand_over else "none",
+            },
         )
         return response
 
@@ -420,20 +418,7 @@ class InboundProcessor:
         peer = request.peer
         headers = request.headers
         signed, opened = self._decrypt(request.body, signed_path, peer)
-        for algorithm in opened.compat_algorithms:
-            self._audit.emit(
-                AuditEvent(
-                    EventType.COMPAT_ALGORITHM_USED,
-                    Outcome.SUCCESS,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    message_id=message_id,
-                    direction="inbound",
-                    reason=f"monitored-list algorithm {algorithm} accepted (named in this "
-                    "peer's accept_legacy)",
-                    detail={"algorithm": algorithm},
-                )
-            )
+        self._legacy_accepted(peer, message_id, opened.compat_algorithms, "")
         personal = self._personal_signers(peer)
         try:
             verified, entity, mic_value = verify_entity_span(
@@ -448,20 +433,8 @@ class InboundProcessor:
             raise _unverified(exc, opened) from exc
         if not opened.intact:  # verified all the same: the answer must not depend on it
             raise _unverified(None, opened)
-        for algorithm in verified.compat_algorithms:  # e.g. signed with SHA-1
-            self._audit.emit(
-                AuditEvent(
-                    EventType.COMPAT_ALGORITHM_USED,
-                    Outcome.SUCCESS,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    message_id=message_id,
-                    direction="inbound",
-                    reason=f"monitored-list algorithm {algorithm} accepted in the signature "
-                    "(named in this peer's accept_legacy)",
-                    detail={"algorithm": algorithm},
-                )
-            )
+        # e.g. signed with SHA-1
+        self._legacy_accepted(peer, message_id, verified.compat_algorithms, " in the signature")
         mic = f"{mic_value}, {DIGEST_TO_MICALG[digest]}"
         signer = verified.signer.subject.rfc4514_string()
         roles = hcroles(verified.signer)  # HPKI qualification: recorded, never a refusal
@@ -494,50 +467,44 @@ class InboundProcessor:
                 f"{peer.source.name} if it was agreed with the peer",
             )
         if _is_probe(headers, filename, size):
-            self._audit.emit(
-                AuditEvent(
-                    EventType.PROBE_RECEIVED,
-                    peer=peer.name,
-                    message_id=message_id,
-                    direction="inbound",
-                    remote_address=request.remote,
-                    reason="`medgw diagnose` test message: verified, answered, not delivered",
-                    detail={
-                        "filename": filename,
-                        "size": size,
-                        "sha256": sha256,
-                        **signer_detail,
-                        "mic": mic,
-                    },
-                )
+            self._record(
+                EventType.PROBE_RECEIVED,
+                peer.name,
+                message_id,
+                remote_address=request.remote,
+                reason="`medgw diagnose` test message: verified, answered, not delivered",
+                detail={
+                    "filename": filename,
+                    "size": size,
+                    "sha256": sha256,
+                    **signer_detail,
+                    "mic": mic,
+                },
             )
             return mic, None, details
         if self._spool.inbound_get(peer.name, message_id) is None:
             # Recorded once: a resend of a document recorded before is recorded by
             # _deliver_once, as message.duplicate (or refused when it differs).
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_RECEIVED,
-                    peer=peer.name,
-                    service=service,
-                    message_id=message_id,
-                    direction="inbound",
-                    remote_address=request.remote,
-                    actor=f"peer:{peer.name}",
-                    # read from the decrypted document's first bytes (see SCAN_BYTES)
-                    patient_ids=patients_in_chunks(payload_chunks(entity.path, info)),
-                    detail={
-                        "content_type": content_type,
-                        "filename": filename,
-                        "size": size,
-                        "sha256": sha256,
-                        **signer_detail,
-                        "signature_algorithm": verified.signature_algorithm,
-                        "digest": verified.digest,
-                        "content_cipher": opened.content_cipher,
-                        "key_transport": opened.key_transport,
-                    },
-                )
+            self._record(
+                EventType.MESSAGE_RECEIVED,
+                peer.name,
+                message_id,
+                service=service,
+                remote_address=request.remote,
+                actor=f"peer:{peer.name}",
+                # read from the decrypted document's first bytes (see SCAN_BYTES)
+                patient_ids=patients_in_chunks(payload_chunks(entity.path, info)),
+                detail={
+                    "content_type": content_type,
+                    "filename": filename,
+                    "size": size,
+                    "sha256": sha256,
+                    **signer_detail,
+                    "signature_algorithm": verified.signature_algorithm,
+                    "digest": verified.digest,
+                    "content_cipher": opened.content_cipher,
+                    "key_transport": opened.key_transport,
+                },
             )
         target = self._deliver_once(
             peer,
@@ -580,17 +547,14 @@ class InboundProcessor:
         if existing is not None and existing.state == "delivering":
             existing = self._settle(existing)
         if existing is not None:
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_DUPLICATE,
-                    peer=peer.name,
-                    service=service,
-                    message_id=message_id,
-                    direction="inbound",
-                    reason="resend of a message whose document was put in the inbox before "
-                    "an interruption: not written again, answered with a receipt",
-                    detail={"inbox_file": str(existing.target_path)},
-                )
+            self._record(
+                EventType.MESSAGE_DUPLICATE,
+                peer.name,
+                message_id,
+                service=service,
+                reason="resend of a message whose document was put in the inbox before "
+                "an interruption: not written again, answered with a receipt",
+                detail={"inbox_file": str(existing.target_path)},
             )
             return existing.target_path
         try:
@@ -621,15 +585,12 @@ class InboundProcessor:
         # nor written again (the resend, or the next start, settles it).  An OSError
         # is answered 503 (see unavailable()): the peer resends.
         inbox.finish(work, target)
-        self._audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_DELIVERED,
-                peer=peer.name,
-                service=service,
-                message_id=message_id,
-                direction="inbound",
-                detail={"inbox_file": str(target), "size": size, "sha256": sha256},
-            )
+        self._record(
+            EventType.MESSAGE_DELIVERED,
+            peer.name,
+            message_id,
+            service=service,
+            detail={"inbox_file": str(target), "size": size, "sha256": sha256},
         )
         return target
 
@@ -724,46 +685,67 @@ class InboundProcessor:
             )
 
         if not recorded_since(self._config.storage.audit_log, received, delivered):
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_DELIVERED,
-                    peer=record.peer,
-                    service=record.service,
-                    message_id=record.message_id,
-                    direction="inbound",
-                    reason="put in the inbox before an interruption; recorded now",
-                    detail={
-                        "inbox_file": str(record.target_path),
-                        "size": record.size,
-                        "sha256": record.sha256,
-                    },
-                )
+            self._record(
+                EventType.MESSAGE_DELIVERED,
+                record.peer,
+                record.message_id,
+                service=record.service,
+                reason="put in the inbox before an interruption; recorded now",
+                detail={
+                    "inbox_file": str(record.target_path),
+                    "size": record.size,
+                    "sha256": record.sha256,
+                },
             )
         self._spool.inbound_written(record.peer, record.message_id)
         return replace(record, state="written")
 
-    def _reject(
-        self, request: InboundRequest, message_id: str | None, event: EventType, reason: str
+    # -- audit ----------------------------------------------------------------
+
+    def _record(self, event: EventType, peer: str, message_id: str | None, **fields: Any) -> None:
+        """One audit record about a received message (``fields``: AuditEvent's others)."""
+        self._audit.emit(
+            AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields)
+        )
+
+    def _legacy_accepted(
+        self, peer: Peer, message_id: str, algorithms: Iterable[str], where: str
     ) -> None:
+        """A warning for each monitored-list algorithm the peer's accept_legacy let in."""
+        for algorithm in algorithms:
+            self._record(
+                EventType.COMPAT_ALGORITHM_USED,
+                peer.name,
+                message_id,
+                outcome=Outcome.SUCCESS,
+                severity=Severity.WARNING,
+                reason=f"monitored-list algorithm {algorithm} accepted{where} (named in this "
+                "peer's accept_legacy)",
+                detail={"algorithm": algorithm},
+            )
+
+    def _reject(
+        self,
+        request: InboundRequest,
+        message_id: str | None,
+        why: Answer | EventType,
+        reason: str,
+    ) -> None:
+        event = refusal_event(
+            why,
+            peer=request.peer.name,
+            message_id=message_id,
+            remote=request.remote,
+            reason=reason,
+        )
         self._log.warning(
             "message.rejected",
             peer=request.peer.name,
             message_id=message_id,
-            audit_event=event.value,
+            audit_event=event.event.value,
             reason=reason,
         )
-        self._audit.emit(
-            AuditEvent(
-                event,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=request.peer.name,
-                message_id=message_id,
-                direction="inbound",
-                remote_address=request.remote,
-                reason=reason,
-            )
-        )
+        self._audit.emit(event)
 
     def _receipt(
         self,
@@ -790,20 +772,17 @@ class InboundProcessor:
             )
         except MedgwError as exc:
             self._log.error("receipt.build_failed", error=str(exc))
-            return InboundResponse(500, (("Content-Type", "text/plain"),), b"internal error\n")
+            return InboundResponse.refused(Answer.RECEIPT_NOT_BUILT)
         if disposition is not Disposition.PROCESSED:
-            self._audit.emit(
-                AuditEvent(
-                    EventType.RECEIPT_SENT,
-                    Outcome.FAILURE,
-                    Severity.WARNING,
-                    peer=request.peer.name,
-                    message_id=message_id,
-                    direction="inbound",
-                    detail={"disposition": disposition.value},
-                )
+            self._record(
+                EventType.RECEIPT_SENT,
+                request.peer.name,
+                message_id,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                detail={"disposition": disposition.value},
             )
-        return InboundResponse(200, built.headers, built.body)
+        return InboundResponse(Answer.RECEIPT, built.headers, built.body)
 
 
 class DuplicateReceipt(Exception):

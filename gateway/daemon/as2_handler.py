@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
@@ -21,24 +21,22 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.as2.asyncmdn import is_receipt
 from gateway.as2.headers import undecodable_header
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
+from gateway.channel.answers import ANSWERS, Answer, refusal_event, response
 from gateway.channel.client import MAX_RECEIPT_BYTES
-from gateway.clock import Clock
 from gateway.config import Listener, Peer, Runtime, Zone
-from gateway.daemon.state import RuntimeState
+from gateway.daemon.state import Parts, RuntimeState
 from gateway.daemon.tasks import Tasks
 from gateway.errors import TransportError
 from gateway.fairpool import FairPool
 from gateway.fsutil import create_private
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
 from gateway.inbound import InboundRequest
-from gateway.logs import Logger
 from gateway.outbound import Outbound
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.tls import der_spki_fingerprint, fingerprint
 from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.routing import admit
-from gateway.spool import Spool
 
 INBOUND_PER_PEER = 8  # messages of one peer received at once; more wait their turn
 # Worker threads that decrypt, verify and deliver received messages, and how many of
@@ -60,24 +58,23 @@ class As2Handler:
     def __init__(
         self,
         state: Callable[[], RuntimeState],
-        spool: Spool,
+        parts: Parts,
         outbound: Outbound,
         tasks: Tasks,
-        audit: AuditSink,
-        log: Logger,
-        clock: Clock,
         *,
         ocsp_client: Callable[[Zone], OcspClient],
         on_delivered: Callable[[], None],
     ) -> None:
         """``on_delivered``: a document was answered "processed" (a hand-over may be due)."""
         self._state = state
-        self._spool = spool
+        self._spool, self._audit, self._log, self._clock = (
+            parts.spool,
+            parts.audit,
+            parts.log,
+            parts.clock,
+        )
         self._outbound = outbound
         self._tasks = tasks
-        self._audit = audit
-        self._log = log
-        self._clock = clock
         self._ocsp_client = ocsp_client
         self._on_delivered = on_delivered
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
@@ -106,69 +103,44 @@ class As2Handler:
                 cert = x509.load_der_x509_certificate(der)
                 verdict = await self._validate_spki_pinned(state, pinned, cert)
                 if not verdict.valid:
-                    self._refuse_spki_pinned(pinned, cert, verdict, remote, listener)
-                    return web.Response(status=403, text="forbidden\n")
+                    return self._refuse_spki_pinned(pinned, cert, verdict, remote, listener)
                 peer = pinned
         if peer is None:
             # Pinned at the handshake; reaching here means the peer was removed by a reload.
-            self._audit.emit(
-                AuditEvent(
-                    EventType.PEER_AUTHENTICATION_FAILED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    remote_address=remote,
-                    direction="inbound",
-                    reason="TLS client certificate belongs to no configured peer",
-                )
+            return self._refuse(
+                Answer.UNKNOWN_CERTIFICATE,
+                None,
+                remote,
+                "TLS client certificate belongs to no configured peer",
             )
-            return web.Response(status=403, text="forbidden\n")
         refusal = admit(listener.name, listener.zone, peer)
         if refusal is not None:
             # Pinned per zone at the handshake; reaching here means the zones changed on reload.
             self._log.warning("zone.violation", peer=peer.name, listener=listener.name)
-            self._audit.emit(
-                refusal.audit_event(direction="inbound", peer=peer.name, remote_address=remote)
-            )
-            return web.Response(status=403, text="forbidden\n")
+            detail = {"rule": refusal.rule, **refusal.detail}
+            return self._refuse(Answer.WRONG_ZONE, peer, remote, refusal.reason, detail)
         if self._spool.is_suspended(peer.name):
-            # NET-6 "stopping an exchange": the peer keeps its message and retries later.
-            self._audit.emit(
-                AuditEvent(
-                    EventType.PEER_SUSPENDED_REFUSAL,
-                    Outcome.FAILURE,
-                    Severity.WARNING,
-                    peer=peer.name,
-                    remote_address=remote,
-                    direction="inbound",
-                    reason="exchange with this peer is suspended by an operator",
-                )
-            )
-            return web.Response(status=503, text="exchange suspended, retry later\n")
+            reason = "exchange with this peer is suspended by an operator"
+            return self._refuse(Answer.SUSPENDED, peer, remote, reason)
         headers = {k.lower(): v for k, v in request.headers.items()}
         receipt = is_receipt(headers)
         bad = undecodable_header(headers)
         if bad is not None:
-            self._audit.emit(
-                AuditEvent(
-                    EventType.RECEIPT_INVALID if receipt else EventType.MESSAGE_REJECTED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    peer=peer.name,
-                    remote_address=remote,
-                    direction="inbound",
-                    reason=f"header {bad} holds bytes that are not UTF-8 (AS2 headers are "
-                    "US-ASCII): the request was refused unread",
-                )
+            return self._refuse(
+                Answer.UNDECODABLE_RECEIPT_HEADER if receipt else Answer.UNDECODABLE_HEADER,
+                peer,
+                remote,
+                f"header {bad} holds bytes that are not UTF-8 (AS2 headers are "
+                "US-ASCII): the request was refused unread",
             )
-            return web.Response(status=400, text="bad request\n")
         limit = MAX_RECEIPT_BYTES if receipt else state.config.runtime.max_message_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
             # Refused before a byte of the body is read or a slot is taken.
             return self._refuse_body(
+                Answer.TOO_LARGE,
                 peer,
                 remote,
-                413,
                 f"declared Content-Length {declared} is above the limit of {limit} bytes "
                 + ("for a receipt" if receipt else "(runtime.max_message_bytes)"),
             )
@@ -195,12 +167,12 @@ class As2Handler:
             try:
                 body = await self._receive_body(request, body_path, state.config.runtime)
             except BodyTooSlow as exc:
-                return self._refuse_body(peer, remote, 408, exc.message)
+                return self._refuse_body(Answer.TOO_SLOW, peer, remote, exc.message)
             if body is None:
                 return self._refuse_body(
+                    Answer.TOO_LARGE,
                     peer,
                     remote,
-                    413,
                     "message larger than runtime.max_message_bytes "
                     f"({state.config.runtime.max_message_bytes} bytes)",
                 )
@@ -211,9 +183,7 @@ class As2Handler:
                 self._log.warning(
                     "inbound.trust_changed_during_upload", peer=peer.name, remote_address=remote
                 )
-                return web.Response(
-                    status=503, headers={"Retry-After": "5"}, text="please resend\n"
-                )
+                return response(Answer.TRUST_CHANGED)
             result = await self.pool.run(
                 peer.name,
                 state.inbound.process,
@@ -226,24 +196,14 @@ class As2Handler:
             self._log.warning(
                 "inbound.aborted", peer=peer.name, remote_address=remote, reason=str(exc)
             )
-            return web.Response(status=400, text="incomplete request\n")
+            return response(Answer.INCOMPLETE)
         except OSError as exc:  # the body could not be spooled: disk full, permissions
             request_seen = InboundRequest(peer, remote, headers, body_path)
             result = state.inbound.unavailable(request_seen, None, exc)
         except Exception as exc:  # a defect must not leak details to the peer
             self._log.exception("inbound.unexpected_error", peer=peer.name)
-            self._audit.emit(
-                AuditEvent(
-                    EventType.MESSAGE_REJECTED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    peer=peer.name,
-                    direction="inbound",
-                    remote_address=remote,
-                    reason=f"internal error: {type(exc).__name__}: {exc}"[:500],
-                )
-            )
-            return web.Response(status=500, text="internal error\n")
+            reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
+            return self._refuse(Answer.INTERNAL_ERROR, peer, remote, reason)
         finally:
             body_path.unlink(missing_ok=True)
         if result.status == 200:
@@ -252,32 +212,30 @@ class As2Handler:
             self._tasks.spawn(
                 self._deliver_async_receipt(peer, result.receipt_url, *result.receipt)
             )
-        response = web.Response(status=result.status, body=result.body)
-        for name, value in result.headers:
-            response.headers[name] = value
-        return response
+        return response(result.answer, headers=result.headers, body=result.body)
 
-    def _refuse_body(self, peer: Peer, remote: str, status: int, reason: str) -> web.Response:
-        """413 (too large) or 408 (too slow), audited; the connection is closed after it."""
+    def _refuse(
+        self,
+        answer: Answer,
+        peer: Peer | None,
+        remote: str,
+        reason: str,
+        detail: Mapping[str, object] | None = None,
+    ) -> web.Response:
+        """A refused request: audited, answered as every refusal of its kind."""
+        name = peer.name if peer is not None else None
+        self._audit.emit(
+            refusal_event(answer, peer=name, remote=remote, reason=reason, detail=detail)
+        )
+        return response(answer)
+
+    def _refuse_body(self, answer: Answer, peer: Peer, remote: str, reason: str) -> web.Response:
+        """Too large or too slow, audited; the connection is closed after it."""
+        status = ANSWERS[answer].status
         self._log.warning(
             "inbound.body_refused", peer=peer.name, remote_address=remote, status=status
         )
-        self._audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_REJECTED,
-                Outcome.FAILURE,
-                Severity.WARNING,
-                peer=peer.name,
-                direction="inbound",
-                remote_address=remote,
-                reason=reason,
-                detail={"http_status": status},
-            )
-        )
-        text = "message too large\n" if status == 413 else "request body too slow\n"
-        response = web.Response(status=status, text=text)
-        response.force_close()
-        return response
+        return self._refuse(answer, peer, remote, reason, {"http_status": status})
 
     async def _validate_spki_pinned(
         self, state: RuntimeState, peer: Peer, cert: x509.Certificate
@@ -303,28 +261,23 @@ class As2Handler:
         verdict: ValidationResult,
         remote: str,
         listener: Listener,
-    ) -> None:
+    ) -> web.Response:
         subject = cert.subject.rfc4514_string()
         self._log.warning(
             "peer.authentication_failed", peer=peer.name, subject=subject, reason=verdict.reason
         )
-        self._audit.emit(
-            AuditEvent(
-                EventType.PEER_AUTHENTICATION_FAILED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=peer.name,
-                remote_address=remote,
-                direction="inbound",
-                reason=f"TLS client certificate with a pinned key (tls_spki_pins) is not "
-                f"acceptable: {verdict.reason}",
-                detail={
-                    "listener": listener.name,
-                    "subject": subject,
-                    "sha256": fingerprint(cert.public_bytes(_DER)),
-                    "revocation": verdict.revocation,
-                },
-            )
+        return self._refuse(
+            Answer.PINNED_KEY_REFUSED,
+            peer,
+            remote,
+            f"TLS client certificate with a pinned key (tls_spki_pins) is not "
+            f"acceptable: {verdict.reason}",
+            {
+                "listener": listener.name,
+                "subject": subject,
+                "sha256": fingerprint(cert.public_bytes(_DER)),
+                "revocation": verdict.revocation,
+            },
         )
 
     async def _receive_receipt(self, request: web.Request, peer: Peer) -> web.StreamResponse:
@@ -334,15 +287,14 @@ class As2Handler:
         try:
             body = await read_capped(request.content, MAX_RECEIPT_BYTES, pace)
         except BodyTooSlow as exc:
-            return self._refuse_body(peer, remote, 408, exc.message)
+            return self._refuse_body(Answer.TOO_SLOW, peer, remote, exc.message)
         if len(body) > MAX_RECEIPT_BYTES:
-            return self._refuse_body(
-                peer, remote, 413, f"receipt larger than {MAX_RECEIPT_BYTES} bytes"
-            )
+            reason = f"receipt larger than {MAX_RECEIPT_BYTES} bytes"
+            return self._refuse_body(Answer.TOO_LARGE, peer, remote, reason)
         outcome = await self._outbound.receive_async_receipt(
             peer, request.headers.get("Content-Type", ""), body
         )
-        return web.Response(status=200, text=f"receipt {outcome}\n")
+        return response(Answer.RECEIPT_TAKEN, body=f"receipt {outcome}\n".encode())
 
     async def _deliver_async_receipt(
         self, peer: Peer, url: str, headers: tuple[tuple[str, str], ...], body: bytes

@@ -84,6 +84,7 @@ class Daemon:
         self._spool: Spool | None = None
         self._outbound: Outbound | None = None
         self._tasks: Tasks | None = None
+        self._parts: Parts | None = None  # what every runtime state is built with
         self._trust: TrustKeeper | None = None
         self._senders: Senders | None = None
         self._handler: As2Handler | None = None
@@ -121,16 +122,8 @@ class Daemon:
         )
 
     def _build_state(self, config: GatewayConfig, trust: Mapping[str, PeerTrust]) -> RuntimeState:
-        assert self._spool is not None
-        parts = Parts(
-            self._spool,
-            self._audit_sink(),
-            self._log,
-            self._clock,
-            self._network,
-            self._inbound_locks,
-        )
-        return build_state(config, trust, parts)
+        assert self._parts is not None
+        return build_state(config, trust, self._parts)
 
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
@@ -211,6 +204,14 @@ class Daemon:
             for service in peer.services:
                 shared_folder(config.storage.outbox_dir / peer.name / service)
         self._tasks = tasks = Tasks(self._audit_sink, self._log, self._clock)
+        self._parts = parts = Parts(
+            self._spool,
+            self._audit_sink(),
+            self._log,
+            self._clock,
+            self._network,
+            self._inbound_locks,
+        )
         self._trust = TrustKeeper(
             self._network, self._audit_sink, self._log, self._clock, self._egress_refused
         )
@@ -220,24 +221,12 @@ class Daemon:
         self._outbound = Outbound(
             self._state, self._spool, self._audit_sink(), self._log, self._clock
         )
-        self._senders = Senders(
-            lambda: self.state,
-            self._outbound,
-            self._spool,
-            tasks,
-            self._audit_sink(),
-            self._log,
-            self._clock,
-            self._rng,
-        )
+        self._senders = Senders(lambda: self.state, parts, self._outbound, tasks, self._rng)
         self._handler = As2Handler(
             lambda: self.state,
-            self._spool,
+            parts,
             self._outbound,
             tasks,
-            self._audit_sink(),
-            self._log,
-            self._clock,
             ocsp_client=self._trust.ocsp_client,
             on_delivered=self._wake_handover,
         )
@@ -247,11 +236,9 @@ class Daemon:
             self._build_state,
             self._swap,
             self._trust,
-            spool=self._spool,
+            parts=parts,
             tasks=tasks,
             notifier=self._notifier,
-            audit=self._audit_sink(),
-            log=self._log,
         )
         try:
             # Before any request: deliveries a killed run left half-done are settled first.

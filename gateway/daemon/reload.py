@@ -10,18 +10,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient
 from gateway.config import GatewayConfig, Runtime, load_config
 from gateway.daemon.reports import report_stranded_messages
-from gateway.daemon.state import RuntimeState, StartupError
+from gateway.daemon.state import Parts, RuntimeState, StartupError
 from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, trust_changed
 from gateway.errors import ConfigError, MedgwError
-from gateway.logs import Logger
 from gateway.pki.peers import PeerTrust
 from gateway.sdnotify import Notifier
-from gateway.spool import Spool
 
 TRUST_REFRESH_SECONDS = 300.0
 CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
@@ -38,22 +36,18 @@ class Reloader:
         swap: Callable[[RuntimeState], None],
         trust: TrustKeeper,
         *,
-        spool: Spool,
+        parts: Parts,
         tasks: Tasks,
         notifier: Notifier,
-        audit: AuditSink,
-        log: Logger,
     ) -> None:
         self._config_path = config_path
         self._state = state
         self._build = build
         self._swap = swap
         self._trust = trust
-        self._spool = spool
+        self._spool, self._audit, self._log = parts.spool, parts.audit, parts.log
         self._tasks = tasks
         self._notifier = notifier
-        self._audit = audit
-        self._log = log
         self._lock = asyncio.Lock()
 
     def request(self) -> None:

@@ -8,14 +8,11 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.clock import Clock
-from gateway.daemon.state import PARALLEL_SENDS_PER_PEER, RuntimeState
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
+from gateway.daemon.state import PARALLEL_SENDS_PER_PEER, Parts, RuntimeState
 from gateway.daemon.tasks import Tasks
 from gateway.errors import MedgwError
-from gateway.logs import Logger
 from gateway.outbound import Outbound
-from gateway.spool import Spool
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
@@ -27,22 +24,13 @@ class Senders:
     def __init__(
         self,
         state: Callable[[], RuntimeState],
+        parts: Parts,
         outbound: Outbound,
-        spool: Spool,
         tasks: Tasks,
-        audit: AuditSink,
-        log: Logger,
-        clock: Clock,
         rng: random.Random,
     ) -> None:
-        self._state = state
-        self._outbound = outbound
-        self._spool = spool
-        self._tasks = tasks
-        self._audit = audit
-        self._log = log
-        self._clock = clock
-        self._rng = rng
+        self._state, self._outbound, self._tasks, self._rng = state, outbound, tasks, rng
+        self._parts = parts
         self.peer_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def intake_loop(self) -> None:
@@ -61,13 +49,13 @@ class Senders:
             except OSError as exc:
                 error = str(exc)
                 fix = "check the outbox and state folders' permissions and free space (df -h)"
-            now = self._clock.monotonic()
+            now = self._parts.clock.monotonic()
             if error is None:
                 if failing is not None:
-                    self._log.info("intake.recovered", failed_polls=polls)
+                    self._parts.log.info("intake.recovered", failed_polls=polls)
                     failing, polls = None, 0
             elif error != failing or now - said_at >= INTAKE_ERROR_REPEAT_SECONDS:
-                self._log.error(
+                self._parts.log.error(
                     "intake.failed",
                     error=error,
                     fix=f"{fix}; the documents stay in the outbox until then",
@@ -109,8 +97,8 @@ class Senders:
         wakeup = self._outbound.wakeups[name]
         inflight: dict[asyncio.Task[float], str] = {}  # task -> Message-ID
         # Started again after a failure: what the failed run was sending is queued again.
-        for message_id in self._spool.requeue_interrupted(peer=name):
-            self._log.info("message.requeued_after_failure", peer=name, message_id=message_id)
+        for message_id in self._parts.spool.requeue_interrupted(peer=name):
+            self._parts.log.info("message.requeued_after_failure", peer=name, message_id=message_id)
         resume_at = 0.0  # the whole peer rests after a transport failure
         try:
             while not self._tasks.stopping:
@@ -119,7 +107,7 @@ class Senders:
                 peer = state.config.peer(name)
                 if peer is None:
                     break
-                now = self._clock.now().timestamp()
+                now = self._parts.clock.now().timestamp()
                 free = PARALLEL_SENDS_PER_PEER - len(inflight) if now >= resume_at else 0
                 if state.trust[name].unusable is not None:
                     free = 0  # said once (peer.unusable); its messages wait, unsent
@@ -150,7 +138,7 @@ class Senders:
                     if pause > 0:
                         # The peer is unreachable: back off for the whole peer instead of
                         # trying every queued message in a row.
-                        resume_at = max(resume_at, self._clock.now().timestamp() + pause)
+                        resume_at = max(resume_at, self._parts.clock.now().timestamp() + pause)
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
         finally:
@@ -162,13 +150,14 @@ class Senders:
     def _send_crashed(self, peer: str, message_id: str, exc: Exception) -> float:
         """An unexpected error while sending: park the message, alert, keep the queue going."""
         delay = self._state().config.runtime.retry_max_seconds
-        self._spool.mark_retry(
+        self._parts.spool.mark_retry(
             message_id,
             f"internal error: {type(exc).__name__}",
-            self._clock.now().timestamp() + delay,
+            self._parts.clock.now().timestamp() + delay,
         )
-        self._log.error("message.send_crashed", peer=peer, message_id=message_id, exc_info=exc)
-        self._audit.emit(
+        log = self._parts.log
+        log.error("message.send_crashed", peer=peer, message_id=message_id, exc_info=exc)
+        self._parts.audit.emit(
             AuditEvent(
                 EventType.MESSAGE_SEND_FAILED,
                 Outcome.FAILURE,
