@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
@@ -208,6 +208,11 @@ class Operations:
         self.wake(peer)
         self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, actor=actor))
 
+    def audit_verification_failed(self, reason: str, actor: str) -> None:
+        """An administrator's ``medgw audit verify`` found the trail broken: an alert that
+        the export carries to the monitoring (EMG-4)."""
+        self.audit.emit(audit_verification_failed(reason, actor))
+
     def peers(self) -> list[dict[str, Any]]:
         return peers_view(self.config, self.spool, self.unusable())
 
@@ -303,3 +308,15 @@ def peers_view(
                 }
             )
     return result
+
+
+def audit_verification_failed(reason: str, actor: str) -> AuditEvent:
+    """What ``medgw audit verify`` records when it finds the trail broken."""
+    return AuditEvent(
+        EventType.AUDIT_VERIFICATION_FAILED,
+        Outcome.FAILURE,
+        Severity.ALERT,
+        reason=reason,
+        actor=actor,
+        detail={"checked_by": "medgw audit verify"},
+    )

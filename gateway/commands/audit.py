@@ -28,8 +28,12 @@ from gateway.audit.seal import CheckpointKeys
 from gateway.audit.verify import AuditChainError, TrailReport, parse_checkpoint, verify_trail
 from gateway.clock import iso_seconds
 from gateway.commands import DEFAULT_CONFIG
-from gateway.config import load_config
+from gateway.commands.queue import control_client, offline_read
+from gateway.config import GatewayConfig, load_config
+from gateway.control.client import NotRunningError
+from gateway.errors import MedgwError
 from gateway.maintenance import report
+from gateway.operations import audit_verification_failed
 
 
 def register(commands: Any) -> None:
@@ -309,6 +313,7 @@ def _patients(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     certificates: list[Path] = list(args.certificate or [])
     keys: CheckpointKeys | None = None
+    config: GatewayConfig | None = None  # the installation's own trail (not --file)
     if args.file:
         paths: list[Path] = args.file
     else:
@@ -354,10 +359,37 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     except AuditChainError as exc:
         print(f"BROKEN: {exc}", file=sys.stderr)
+        if config is not None:
+            _record_broken(args.config or DEFAULT_CONFIG, config, exc.message)
         return 1
     for line in _describe(shown, report):
         print(line)
     return 0
+
+
+def _record_broken(config_path: Path, config: GatewayConfig, why: str) -> None:
+    """The installation's trail is broken: an audit.verification_failed alert, recorded by
+    the running daemon (exported at once), or directly if it is stopped (EMG-4)."""
+    reason = f"medgw audit verify: {why}"
+    try:
+        control_client(config_path).call(
+            "POST", "/v1/audit/verification-failed", {"reason": reason}
+        )
+        said = "recorded as an alert by the running daemon (audit.verification_failed)"
+    except NotRunningError:
+        try:
+            offline_read(
+                config, lambda audit, actor: audit.emit(audit_verification_failed(reason, actor))
+            )
+            said = (
+                "recorded in the audit trail as an alert (audit.verification_failed); the "
+                "daemon is stopped: it is exported when the daemon starts"
+            )
+        except MedgwError as exc:
+            said = f"NOT recorded in the audit trail: {exc.message} (fix: {exc.fix})"
+    except MedgwError as exc:
+        said = f"NOT recorded in the audit trail: {exc.message} (fix: {exc.fix})"
+    print(f"medgw: {said}", file=sys.stderr)
 
 
 def _certificate(path: Path) -> x509.Certificate:

@@ -120,6 +120,7 @@ class ControlServer:
         app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
         app.router.add_post("/v1/maintenance/approve", self._maintenance_approve)
         app.router.add_post("/v1/purge", self._purge)
+        app.router.add_post("/v1/audit/verification-failed", self._verification_failed)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
         front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
@@ -213,6 +214,14 @@ class ControlServer:
         return await self._act(
             request, lambda: self._ops().suspend(request.match_info["peer"], reason, who)
         )
+
+    async def _verification_failed(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        reason = str(body.get("reason") or "medgw audit verify found the trail broken")[:2000]
+        return await self._act(request, lambda: self._ops().audit_verification_failed(reason, who))
 
     async def _resume(self, request: web.Request) -> web.Response:
         who = caller(request)

@@ -30,7 +30,8 @@ from gateway.audit.export.cursor import load_position
 from gateway.audit.export.exporter import CURSOR_NAME, AuditExporter
 from gateway.audit.export.exporter import Target as ExportTarget
 from gateway.audit.export.record import Source as ExportSource
-from gateway.audit.seal import Sealer
+from gateway.audit.seal import CheckpointKeys, Sealer
+from gateway.audit.watch import TrailWatch
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, load_config
@@ -94,6 +95,7 @@ class Daemon:
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
         self._exporter: AuditExporter | None = None  # [audit.export]
+        self._watch: TrailWatch | None = None  # the daemon's own check of its trail
         self._export_task: asyncio.Task[None] | None = None
         # Every outbound connection, judged by the configuration in force when it is made.
         self._network = Network(self._network_map, on_refused=self._egress_refused)
@@ -196,6 +198,8 @@ class Daemon:
             rotation=config.audit_rotation,
         )
         self._alerts = AlertCalls(self._audit, config.responsible, self._log)
+        keys = CheckpointKeys([config.audit.certificate]) if config.audit is not None else None
+        self._watch = TrailWatch(config.storage.audit_log, keys, self._alerts, self._log)
         self._spool = open_spool(config.storage.spool_path, self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
@@ -273,9 +277,8 @@ class Daemon:
             tasks.spawn(tasks.supervised("hand-over to internal systems", self._handover.run))
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))
             tasks.spawn(tasks.supervised("retention sweep", self._retention_loop))
-            if config.audit is not None:
-                every = config.audit.every_seconds
-                tasks.spawn(tasks.supervised("audit checkpoints", lambda: self._seal_loop(every)))
+            every = config.audit.every_seconds if config.audit is not None else None
+            tasks.spawn(tasks.supervised("audit checkpoints", lambda: self._seal_loop(every)))
             self._sync_exporter()
             if self._notifier.watchdog_interval:
                 tasks.spawn(self._watchdog_loop(self._notifier.watchdog_interval))
@@ -505,13 +508,17 @@ class Daemon:
         if self._instance is not None:
             self._instance.release()
 
-    async def _seal_loop(self, every: float) -> None:
-        """A signed checkpoint every ``every`` seconds, if records were written since."""
-        while not self.tasks.stopping:
+    async def _seal_loop(self, every: float | None) -> None:
+        """The trail's tail checked at start; then (with [audit] signing) a signed
+        checkpoint every ``every`` seconds if records were written since, and what was
+        written since the last check checked again (gateway.audit.watch)."""
+        assert self._audit is not None and self._watch is not None
+        await asyncio.to_thread(self._watch.check)
+        while every is not None and not self.tasks.stopping:
             await self.tasks.sleep_unless_stopping(every)
             if not self.tasks.stopping:
-                assert self._audit is not None
                 await asyncio.to_thread(self._audit.checkpoint, "time")
+                await asyncio.to_thread(self._watch.check)
 
     async def _retention_loop(self) -> None:
         """Apply the [retention] rules in force, at start and every sweep interval."""

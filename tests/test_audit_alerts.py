@@ -1,0 +1,137 @@
+"""A tampered audit trail is an alert that reaches the monitoring (EMG-4): found by the
+daemon itself at start and after each checkpoint, and by ``medgw audit verify`` run by an
+administrator; checked in the trail and at a real rsyslog collector (syslog severity
+alert)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import AuditEvent, AuditLog, EventType
+from gateway.demo_run import read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.audit_trail import wait_for_event, wait_for_events
+from tests.audit_writer import StepClock
+from tests.cli import medgw
+from tests.rsyslog import Collector, Received
+from tests.test_audit_export import export_to
+from tests.test_audit_seal import openssl_audit_key
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
+    try:
+        yield found
+    finally:
+        found.stop()
+
+
+def tamper(path: Path, seq: int) -> None:
+    """Change one character of record ``seq`` in place (same length, as an editor would
+    leave it), while the daemon may be appending to the file."""
+    offset = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if json.loads(line)["seq"] == seq:
+                at = line.index(b'"outcome":"success"') + len(b'"outcome":"')
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, b"S", offset + at)
+                finally:
+                    os.close(fd)
+                return
+            offset += len(line)
+    raise AssertionError(f"no record {seq} in {path}")
+
+
+def alerts_at(collector: Collector) -> list[Received]:
+    return [r for r in collector.received() if r.event == "audit.verification_failed"]
+
+
+def test_the_daemon_alerts_on_a_record_edited_before_it_started(
+    layout: DemoLayout, processes: Any, collector: Collector
+) -> None:
+    export_to(layout, collector)
+    collector.start()
+    trail = layout.hospital.audit_log
+    trail.parent.mkdir(parents=True, exist_ok=True)
+    log = AuditLog(trail, StepClock(datetime.now(UTC)), node="SAKURA-HOSPITAL")
+    for n in range(5):
+        log.emit(AuditEvent(EventType.MESSAGE_SENT, peer="lab", message_id=f"<{n}@x>"))
+    log.close()
+    tamper(trail, 3)
+    processes.start(layout.hospital.config_path)
+    [alert] = wait_for_events(
+        trail,
+        "audit.verification_failed",
+        where=lambda r: r.get("detail", {}).get("checked_by") == "daemon",
+    )
+    assert alert["severity"] == "alert" and alert["detail"]["seq"] == 3
+    assert f"{trail}: record 3 was altered after it was written" in alert["reason"]
+    assert alert["call"]  # whom to call, as every alert
+    # Export on for the first time: the records before it are not sent, the alert is.
+    [item] = wait_until(lambda: alerts_at(collector), 30, "the alert at the collector")
+    assert item.severity == 1  # syslog Alert
+
+
+def test_an_edit_while_running_is_found_at_the_next_checkpoint_and_by_audit_verify(
+    layout: DemoLayout, processes: Any, collector: Collector, tmp_path: Path
+) -> None:
+    key, cert = openssl_audit_key(tmp_path)
+    key.chmod(0o600)
+    export_to(layout, collector)
+    config = layout.hospital.config_path
+    with config.open("a") as handle:
+        handle.write(
+            f'\n[audit]\nsigning_key = "{key}"\ncertificate = "{cert}"\n'
+            "checkpoint_every_seconds = 1\n"
+        )
+    collector.start()
+    hospital = processes.start(config)
+    trail = layout.hospital.audit_log
+    started = wait_for_event(trail, "daemon.started")
+    assert not [r for r in read_audit(trail) if r["event"] == "audit.verification_failed"]
+    tamper(trail, started["seq"])
+    [found] = wait_for_events(
+        trail,
+        "audit.verification_failed",
+        where=lambda r: r.get("detail", {}).get("checked_by") == "daemon",
+    )
+    assert found["detail"]["seq"] == started["seq"]
+
+    verified = medgw("audit", "verify", "--config", config)
+    assert verified.returncode == 1
+    assert f"record {started['seq']} was altered after it was written" in verified.stderr
+    assert "recorded as an alert by the running daemon" in verified.stderr
+    [by_admin] = wait_for_events(
+        trail,
+        "audit.verification_failed",
+        where=lambda r: r.get("detail", {}).get("checked_by") == "medgw audit verify",
+    )
+    assert by_admin["severity"] == "alert" and by_admin["actor"].startswith("operator:")
+    assert f"record {started['seq']} was altered" in by_admin["reason"]
+
+    def both() -> list[Received] | None:
+        got = alerts_at(collector)
+        seqs = {r.seq for r in got}
+        return got if {found["seq"], by_admin["seq"]} <= seqs else None
+
+    received = wait_until(both, 30, "both alerts at the collector")
+    assert {r.severity for r in received} == {1}
+    assert hospital.stop() == 0
+
+    # With the daemon stopped, verify records the alert itself; the next start exports it.
+    offline = medgw("audit", "verify", "--config", config)
+    assert offline.returncode == 1
+    assert "the daemon is stopped: it is exported when the daemon starts" in offline.stderr
+    last = read_audit(trail)[-1]
+    assert last["event"] == "audit.verification_failed" and last["severity"] == "alert"
+    assert last["detail"]["checked_by"] == "medgw audit verify"
