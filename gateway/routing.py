@@ -297,7 +297,13 @@ class OwnListener:
     zone: str | None  # None: the local API (the internal side)
 
 
-def own_listeners(listeners: Sequence[Listener], api: tuple[str, int] | None) -> list[OwnListener]:
+def own_listeners(
+    listeners: Sequence[Listener],
+    api: tuple[str, int] | None,
+    others: Sequence[tuple[str, tuple[str, int]]] = (),
+) -> list[OwnListener]:
+    """Our listeners: the zones', the local API's TCP port, and ``others`` (what, endpoint),
+    such as the metrics port."""
     own = []
     for listener in listeners:
         ip = ip_of(listener.address)
@@ -308,6 +314,10 @@ def own_listeners(listeners: Sequence[Listener], api: tuple[str, int] | None) ->
         ip = ip_of(api[0])
         if ip is not None:
             own.append(OwnListener("the local API ([api] listen)", ip, api[1], None))
+    for what, (address, port) in others:
+        ip = ip_of(address)
+        if ip is not None:
+            own.append(OwnListener(what, ip, port, None))
     return own
 
 

@@ -23,7 +23,8 @@ The parts:
   :mod:`~gateway.config.smime`, :mod:`~gateway.config.storage`,
   :mod:`~gateway.config.runtime`, :mod:`~gateway.config.api`,
   :mod:`~gateway.config.delivery`, :mod:`~gateway.config.audit`,
-  :mod:`~gateway.config.responsible`, :mod:`~gateway.config.retention`
+  :mod:`~gateway.config.responsible`, :mod:`~gateway.config.metrics`,
+  :mod:`~gateway.config.retention`
   (``[retention]``, applied by :mod:`gateway.retention`),
   :mod:`~gateway.config.maintenance` (``[maintenance]`` and ``maintainers.d/``),
   and the peer files: :mod:`~gateway.config.peers` with
@@ -41,6 +42,7 @@ from gateway.config.delivery import DeliverySettings, ServiceDelivery
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
 from gateway.config.load import load_config
+from gateway.config.metrics import MetricsSettings
 from gateway.config.model import GatewayConfig
 from gateway.config.peers import SERVICE_NAME, Peer
 from gateway.config.responsible import RESPONSIBILITIES, Responsible, who_to_call
@@ -61,6 +63,7 @@ __all__ = [
     "DeliverySettings",
     "GatewayConfig",
     "Listener",
+    "MetricsSettings",
     "Peer",
     "Responsible",
     "Runtime",

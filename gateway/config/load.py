@@ -19,6 +19,7 @@ from gateway.config.delivery import load_delivery
 from gateway.config.identity import load_identity, load_tls
 from gateway.config.listeners import load_listeners
 from gateway.config.maintenance import load_maintenance
+from gateway.config.metrics import load_metrics
 from gateway.config.model import GatewayConfig
 from gateway.config.network_rules import network_problems
 from gateway.config.peers import check_peer_uniqueness, load_peers
@@ -61,6 +62,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         root.table("maintenance", required=False) if "maintenance" in data else None
     )
     retention_section = root.table("retention", required=False) if "retention" in data else None
+    metrics_section = root.table("metrics", required=False) if "metrics" in data else None
     root.finish()
 
     peers = load_peers(reader, source, identity.peers_dir, smime)
@@ -86,6 +88,12 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         )
         if maintenance_section is not None
         else None
+    )
+    others = [("the local API ([api] listen)", api.endpoint)] if api and api.endpoint else []
+    if maintenance is not None:
+        others.append(("the maintenance listener", (maintenance.address, maintenance.port)))
+    metrics = (
+        load_metrics(metrics_section, listeners, others) if metrics_section is not None else None
     )
     resolved = network_problems(reader, source, zones, listeners, peers, api, delivery)
 
@@ -113,4 +121,5 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         audit_rotation=audit_rotation,
         maintenance=maintenance,
         retention=retention,
+        metrics=metrics,
     )

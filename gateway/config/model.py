@@ -15,6 +15,7 @@ from gateway.config.delivery import DeliverySettings
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
 from gateway.config.maintenance import MaintenanceSettings
+from gateway.config.metrics import MetricsSettings
 from gateway.config.peers import Peer
 from gateway.config.responsible import Responsible
 from gateway.config.retention import KEEP, RetentionSettings
@@ -53,6 +54,7 @@ class GatewayConfig:
     audit_rotation: RotationSettings = field(default_factory=RotationSettings)
     maintenance: MaintenanceSettings | None = None  # the SSH maintenance listener
     retention: RetentionSettings = KEEP  # [retention]: everything kept for ever by default
+    metrics: MetricsSettings | None = None  # [metrics]: Prometheus and health endpoints
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)
@@ -70,9 +72,17 @@ class GatewayConfig:
                     endpoints.setdefault((ip, port), peer)
         return NetworkMap(
             {z.name: z.network for z in self.zones},
-            tuple(own_listeners(self.listeners, api)),
+            tuple(own_listeners(self.listeners, api, self._other_listeners)),
             endpoints,
         )
+
+    @property
+    def _other_listeners(self) -> list[tuple[str, tuple[str, int]]]:
+        """Our listeners besides the zones' and the local API's."""
+        found = []
+        if self.metrics is not None:
+            found.append(("the metrics endpoint ([metrics] listen)", self.metrics.endpoint))
+        return found
 
     def zone(self, name: str) -> Zone | None:
         return next((z for z in self.zones if z.name == name), None)

@@ -34,8 +34,18 @@ class Zone:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     ocsp: bool = False  # ask the responders named in the certificates (AIA)
     crl_warn_days: int = 7  # alarm this many days before a CRL's nextUpdate
+    # Download the CRLs named in the peers' certificates (gateway.pki.crlfetch) ...
+    fetch_crls: bool = False
+    crl_refresh_hours: int = 6  # ... at least this often
+    # ... and the ones held now: set by the daemon, never read from a file.
+    fetched_crls: tuple[x509.CertificateRevocationList, ...] = ()
     # Ranges taken out of ``egress`` as written (``egress`` is what is left).
     egress_except: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @property
+    def crls_in_use(self) -> tuple[x509.CertificateRevocationList, ...]:
+        """The CRLs paths are judged by: the files of ``crls`` and those fetched."""
+        return (*self.crls, *self.fetched_crls)
 
     @property
     def network(self) -> ZonePath:
@@ -111,14 +121,17 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
                 item.problem("crls", exc.message, exc.fix or "give CRL files (PEM or DER)")
         ocsp = item.boolean("ocsp", default=False)
         crl_warn_days = item.integer("crl_warn_days", default=7, minimum=1, maximum=90)
-        if revocation == "require" and not crl_paths and not ocsp:
+        fetch_crls = item.boolean("fetch_crls", default=False)
+        crl_refresh_hours = item.integer("crl_refresh_hours", default=6, minimum=1, maximum=168)
+        if revocation == "require" and not crl_paths and not ocsp and not fetch_crls:
             item.problem(
                 "revocation",
-                'revocation = "require" but the zone has no `crls` and `ocsp = false`: '
-                "no certificate's status could ever be established, so every peer would be "
-                "refused",
-                "list the CA's CRL files in `crls` (and refresh them, e.g. by cron), set "
-                '`ocsp = true`, or, knowingly, revocation = "prefer"',
+                'revocation = "require" but the zone has no `crls`, `fetch_crls = false` and '
+                "`ocsp = false`: no certificate's status could ever be established, so every "
+                "peer would be refused",
+                "set `fetch_crls = true` (medgw downloads the CRLs the certificates name), "
+                "list the CA's CRL files in `crls`, set `ocsp = true`, or, knowingly, "
+                'revocation = "prefer"',
             )
         if revocation == "off":
             item.problem(
@@ -144,6 +157,8 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
                 ocsp=ocsp,
                 crl_warn_days=crl_warn_days,
                 egress_except=tuple(egress_except),
+                fetch_crls=fetch_crls,
+                crl_refresh_hours=crl_refresh_hours,
             )
         )
     return zones

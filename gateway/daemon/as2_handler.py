@@ -248,7 +248,7 @@ class As2Handler:
             purpose=Purpose.TLS_CLIENT,
             at=self._clock.now(),
             revocation=RevocationPolicy(zone.revocation),
-            crls=zone.crls,
+            crls=zone.crls_in_use,
             ocsp=zone.ocsp,
             ocsp_client=self._ocsp_client(zone),
             policy=peer.policy,

@@ -38,6 +38,8 @@ from gateway.config import ApiClient, GatewayConfig, load_config
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.daemon.as2_handler import As2Handler
+from gateway.daemon.crls import DaemonCrls
+from gateway.daemon.observe import Observer
 from gateway.daemon.reload import Reloader
 from gateway.daemon.reports import report_stranded_messages
 from gateway.daemon.sending import Senders
@@ -46,6 +48,7 @@ from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, unusable
 from gateway.delivery.http import HandOver
 from gateway.egress import Network, NetworkMap, Refused
+from gateway.errors import MedgwError
 from gateway.fsutil import private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
@@ -101,6 +104,15 @@ class Daemon:
         self._network = Network(self._network_map, on_refused=self._egress_refused)
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
         self._instance: InstanceLock | None = None  # one daemon per state folder
+        self._sink: AuditSink | None = None  # the alerts, counted by the metrics
+        self._crls: DaemonCrls | None = None
+        self._observer = Observer(
+            clock,
+            log,
+            config=lambda: self._state.config if self._state is not None else None,
+            spool=lambda: self._spool,
+            export_backlog=self._export_backlog,
+        )
 
     # -- building -------------------------------------------------------------
 
@@ -200,6 +212,7 @@ class Daemon:
         self._alerts = AlertCalls(self._audit, config.responsible, self._log)
         keys = CheckpointKeys([config.audit.certificate]) if config.audit is not None else None
         self._watch = TrailWatch(config.storage.audit_log, keys, self._alerts, self._log)
+        self._sink = self._observer.sink(self._alerts)
         self._spool = open_spool(config.storage.spool_path, self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
@@ -216,9 +229,28 @@ class Daemon:
             self._network,
             self._inbound_locks,
         )
-        self._trust = TrustKeeper(
-            self._network, self._audit_sink, self._log, self._clock, self._egress_refused
+        self._crls = crls = DaemonCrls(
+            config.storage.state_dir,
+            self._clock,
+            self._network,
+            self._audit_sink,
+            self._log,
+            self._rng,
+            self._egress_refused,
         )
+        self._trust = TrustKeeper(
+            self._network,
+            self._audit_sink,
+            self._log,
+            self._clock,
+            self._egress_refused,
+            crl_findings=crls.findings,
+        )
+        # The zones' CRLs from their distribution points (cached ones first), before the
+        # peers' certificates are judged by them.
+        crls.plan(config)
+        await crls.refresh(config)
+        config = crls.applied(config)
         trust = await self._trust.assess(config)
         self._trust.audit(config, trust, {})
         self._state = self._build_state(config, trust)
@@ -241,6 +273,8 @@ class Daemon:
             self._swap,
             self._trust,
             parts=parts,
+            crls=crls,
+            readiness=self._observer.readiness,
             tasks=tasks,
             notifier=self._notifier,
         )
@@ -259,6 +293,7 @@ class Daemon:
             await self._control.start()
             await self._start_api(config)
             await self._start_maintenance(config)
+            await self._start_metrics(config)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self._request_stop, "SIGTERM")
             loop.add_signal_handler(signal.SIGINT, self._request_stop, "SIGINT")
@@ -277,11 +312,13 @@ class Daemon:
             tasks.spawn(tasks.supervised("hand-over to internal systems", self._handover.run))
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))
             tasks.spawn(tasks.supervised("retention sweep", self._retention_loop))
+            tasks.spawn(tasks.supervised("CRL refresh", self._reloader.crl_refresh_loop))
             every = config.audit.every_seconds if config.audit is not None else None
             tasks.spawn(tasks.supervised("audit checkpoints", lambda: self._seal_loop(every)))
             self._sync_exporter()
             if self._notifier.watchdog_interval:
                 tasks.spawn(self._watchdog_loop(self._notifier.watchdog_interval))
+            self._observer.readiness.started = True  # listeners, spool and trust are up
             ports = {s.listener.name: s.port for s in self._servers}
             self._audit_sink().emit(
                 AuditEvent(
@@ -369,14 +406,27 @@ class Daemon:
         )
         await self._maintenance.start()
 
+    async def _start_metrics(self, config: GatewayConfig) -> None:
+        try:
+            await self._observer.start(config.metrics, self._audit_sink())
+        except MedgwError as exc:
+            raise StartupError(exc.message, fix=exc.fix) from exc
+
+    def _export_backlog(self) -> int | None:
+        """Bytes of audit records waiting for export (None: no [audit.export])."""
+        if self._state is None or self._state.config.audit_export is None:
+            return None
+        return self._exporter.backlog_bytes if self._exporter is not None else 0
+
     def _api_clients(self) -> tuple[ApiClient, ...]:
         api = self.state.config.api
         return api.clients if api is not None else ()
 
     def _audit_sink(self) -> AuditSink:
-        """Where events go: the audit log, each alert with whom to call (gateway.alerts)."""
-        assert self._alerts is not None
-        return self._alerts
+        """Where events go: the audit log, each alert with whom to call (gateway.alerts),
+        each counted by the metrics."""
+        assert self._sink is not None
+        return self._sink
 
     def _server_context_for(self, listener_name: str) -> Callable[[], ssl.SSLContext]:
         def context() -> ssl.SSLContext:
@@ -425,6 +475,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         tasks = self.tasks
         tasks.stopping = True
+        self._observer.readiness.stopping = True
         self._notifier.stopping()
         deadline = self.state.config.runtime.shutdown_deadline_seconds
         start = self._clock.monotonic()
@@ -444,6 +495,7 @@ class Daemon:
             await self._control.stop(remaining())
         if self._maintenance is not None:
             await self._maintenance.stop()
+        await self._observer.stop()
         await tasks.cancel_all()
         for client in self.state.clients.values():
             await client.close()
@@ -486,6 +538,7 @@ class Daemon:
         )
 
     async def _close(self) -> None:
+        await self._observer.stop()  # also after a start that failed half-way
         if self._export_task is not None:
             self._export_task.cancel()
             with contextlib.suppress(BaseException):

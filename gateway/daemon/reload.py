@@ -13,6 +13,8 @@ from typing import Any
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient
 from gateway.config import GatewayConfig, Runtime, load_config
+from gateway.daemon.crls import DaemonCrls
+from gateway.daemon.observe import Readiness
 from gateway.daemon.reports import report_stranded_messages
 from gateway.daemon.state import Parts, RuntimeState, StartupError
 from gateway.daemon.tasks import Tasks
@@ -37,6 +39,8 @@ class Reloader:
         trust: TrustKeeper,
         *,
         parts: Parts,
+        crls: DaemonCrls,
+        readiness: Readiness,
         tasks: Tasks,
         notifier: Notifier,
     ) -> None:
@@ -46,6 +50,8 @@ class Reloader:
         self._swap = swap
         self._trust = trust
         self._spool, self._audit, self._log = parts.spool, parts.audit, parts.log
+        self._crls = crls
+        self._readiness = readiness
         self._tasks = tasks
         self._notifier = notifier
         self._lock = asyncio.Lock()
@@ -71,9 +77,14 @@ class Reloader:
                         f"{unchanged} cannot change while running",
                         fix="restart medgw (systemctl restart medgw) to apply it",
                     )
+                # An operator's reload fetches every CRL again (an urgent revocation).
+                self._crls.plan(new_config, fetch_now=True)
+                await self._crls.refresh(new_config)
+                new_config = self._crls.applied(new_config)
                 new_trust = await self._trust.assess(new_config)
                 new_state = self._build(new_config, new_trust)
             except Exception as exc:
+                self._crls.plan(old.config)
                 # A defect must be a failed reload too, never a dead task that leaves the
                 # old configuration half-replaced and systemd waiting in RELOADING.
                 if isinstance(exc, ConfigError):
@@ -103,7 +114,9 @@ class Reloader:
                         )
                     )
                 self._notifier.ready("reload failed; serving previous configuration")
+                self._readiness.reload_failed = "; ".join(problems)
                 return False
+            self._readiness.reload_failed = None
             self._trust.audit(new_config, new_state.trust, old.trust)
             self._replace(old, new_state)
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
@@ -128,6 +141,21 @@ class Reloader:
                     self._replace(old, self._build(old.config, trust))
                     self._log.info("trust.refreshed")
 
+    async def crl_refresh_loop(self) -> None:
+        """Fetch the zones' CRLs when due; a new one is applied at once: the peers'
+        certificates are judged again with it and a new state is swapped in."""
+        while not self._tasks.stopping:
+            await self._tasks.sleep_unless_stopping(self._crls.seconds_to_next())
+            if self._tasks.stopping or not await self._crls.refresh():
+                continue
+            async with self._lock:
+                old = self._state()
+                config = self._crls.applied(old.config)
+                trust = await self._trust.assess(config)
+                self._trust.audit(config, trust, old.trust)
+                self._replace(old, self._build(config, trust))
+                self._log.info("trust.refreshed", reason="a new CRL")
+
     def _replace(self, old: RuntimeState, new: RuntimeState) -> None:
         self._swap(new)
         for client in old.clients.values():
@@ -148,6 +176,8 @@ def restart_only_changes(old: GatewayConfig, new: GatewayConfig) -> str | None:
         return "[api] socket and listen"
     if _maintenance_endpoint(old) != _maintenance_endpoint(new):
         return "[maintenance] listen and host_key (and whether it is there)"
+    if old.metrics != new.metrics:
+        return "[metrics] (and whether it is there)"
     return None
 
 

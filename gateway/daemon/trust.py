@@ -14,7 +14,7 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig, Zone
 from gateway.egress import Network, Refused, ZonePath
 from gateway.logs import Logger
-from gateway.pki.crl import stale_crl_warnings
+from gateway.pki.crl import CrlFinding, stale_crl_warnings
 from gateway.pki.expiry import Held, expiring
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import PeerTrust, assess_peers
@@ -30,6 +30,7 @@ class TrustKeeper:
         log: Logger,
         clock: Clock,
         on_refused: Callable[[Refused], None],
+        crl_findings: Callable[[Zone], list[CrlFinding]] | None = None,
     ) -> None:
         """``network``: the daemon's connect path (judged by the configuration in force);
         ``on_refused``: what a refused OCSP connection is told to."""
@@ -38,6 +39,8 @@ class TrustKeeper:
         self._log = log
         self._clock = clock
         self._on_refused = on_refused
+        # What to say about a zone's CRLs (default: its files' freshness).
+        self._crl_findings = crl_findings or self._file_crl_findings
         # Per zone, with the way out it was made for: each keeps its OCSP cache.
         self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
         # (fingerprint, owner, use, days): certificate expiry alerts already raised
@@ -102,9 +105,8 @@ class TrustKeeper:
                     )
                 )
         self._audit_unusable(trust, previous)
-        now = self._clock.now()
         for zone in config.zones:
-            for finding in stale_crl_warnings(zone.crls, at=now, warn_days=zone.crl_warn_days):
+            for finding in self._crl_findings(zone):
                 self._log.warning("crl.stale", zone=zone.name, finding=finding.message)
                 self._audit().emit(
                     AuditEvent(
@@ -115,6 +117,9 @@ class TrustKeeper:
                         detail={"zone": zone.name},
                     )
                 )
+
+    def _file_crl_findings(self, zone: Zone) -> list[CrlFinding]:
+        return stale_crl_warnings(zone.crls, at=self._clock.now(), warn_days=zone.crl_warn_days)
 
     def _audit_unusable(
         self, trust: Mapping[str, PeerTrust], previous: Mapping[str, PeerTrust]

@@ -337,6 +337,10 @@ revocation = "require"
 # CRL files (or folders of them) of this zone's CAs.  Refresh them before their
 # nextUpdate (medgw warns crl_warn_days ahead) and reload: systemctl reload medgw.
 crls = ["certs/crls/{DEMO_ZONE}"]
+# Or let medgw download them from the distribution points the certificates name
+# (the demo's name none), at least every crl_refresh_hours.
+fetch_crls = false
+crl_refresh_hours = 6
 # Ask the OCSP responders named in the certificates (default false); only
 # responders inside this zone's egress, from its source_address.
 ocsp = false

@@ -35,7 +35,7 @@ class Zone(Protocol):
     @property
     def trust_anchors(self) -> tuple[x509.Certificate, ...]: ...
     @property
-    def crls(self) -> tuple[x509.CertificateRevocationList, ...]: ...
+    def crls_in_use(self) -> tuple[x509.CertificateRevocationList, ...]: ...
     @property
     def revocation(self) -> str: ...
     @property
@@ -90,7 +90,7 @@ class TrustSettings:
         leave (``route``: the zone's)."""
         return cls(
             anchors=zone.trust_anchors,
-            crls=zone.crls,
+            crls=zone.crls_in_use,
             revocation=RevocationPolicy(zone.revocation),
             ocsp=zone.ocsp,
             ocsp_route=route,

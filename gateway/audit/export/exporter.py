@@ -276,6 +276,11 @@ class AuditExporter:
             )
         )
 
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of audit records written but not yet exported."""
+        return self._backlog()
+
     def _backlog(self) -> int:
         return waiting_bytes(self._log_path, self._position)
 

@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from gateway.routing import Listener
+from gateway.config.listeners import Listener
 from gateway.tomlreader import Section
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
@@ -38,17 +38,10 @@ def load_metrics(
     value = section.string("listen", default=DEFAULT_LISTEN)
     section.finish()
     fix = 'write listen = "127.0.0.1:PORT" (a loopback address and a free port)'
-    host, sep, port_text = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        section.problem("listen", f"{value!r} is not ADDRESS:PORT with a port 1-65535", fix)
+    found = section.address_port("listen", value, fix)
+    if found is None:
         return None
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        section.problem("listen", f"{host!r} is not an IP address", fix)
-        return None
-    port = int(port_text)
+    host, address, port = found
     if not address.is_loopback:
         section.problem(
             "listen",

@@ -1,0 +1,186 @@
+"""What the monitoring team sees of the daemon (gateway.metrics): the metrics of what
+happens (counted from the audit events), a snapshot of what it holds at each scrape,
+why it is not ready, and the endpoint that serves them (``[metrics]``)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+
+from cryptography import x509
+
+from gateway.audit import AuditEvent, AuditSink, EventType
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, MetricsSettings
+from gateway.logs import Logger
+from gateway.metrics.collector import Certificate, Crl, GatewayMetrics, Snapshot
+from gateway.metrics.server import MetricsServer
+from gateway.pki.tls import certificate_fingerprint
+from gateway.spool import Spool
+
+MIN_FREE_BYTES = 64 << 20  # the spool's file system with less free: not ready
+STORAGE_FAILURE_SECONDS = 60.0  # a received document that could not be stored: not ready
+
+
+class Readiness:
+    """Why the gateway is not ready now."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.started = False  # listeners, spool and trust are up
+        self.stopping = False
+        self.reload_failed: str | None = None  # the problems of the last reload, if it failed
+        self._storage_failed_at: datetime | None = None
+
+    def note(self, event: AuditEvent) -> None:
+        if event.event is EventType.STORAGE_UNAVAILABLE:
+            self._storage_failed_at = self._clock.now()
+
+    def reasons(self, config: GatewayConfig | None) -> list[str]:
+        out = []
+        if self.stopping:
+            out.append("the daemon is stopping")
+        elif not self.started:
+            out.append("starting: listeners, spool and trust are not all up yet")
+        if self.reload_failed is not None:
+            out.append(
+                f"the last reload failed ({self.reload_failed[:300]}); serving the previous "
+                "configuration"
+            )
+        failed = self._storage_failed_at
+        recent = timedelta(seconds=STORAGE_FAILURE_SECONDS)
+        if failed is not None and self._clock.now() - failed < recent:
+            out.append("a received document could not be stored within the last minute")
+        if config is not None:
+            try:
+                free = shutil.disk_usage(config.storage.state_dir).free
+            except OSError as exc:
+                out.append(f"the spool's folder cannot be read: {exc.strerror}")
+            else:
+                if free < MIN_FREE_BYTES:
+                    out.append(f"the spool's file system is full: {free >> 20} MiB free")
+        return out
+
+
+class Observer:
+    """The daemon's metrics, readiness and their endpoint."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        log: Logger,
+        *,
+        config: Callable[[], GatewayConfig | None],
+        spool: Callable[[], Spool | None],
+        export_backlog: Callable[[], int | None],
+    ) -> None:
+        """``config``: the configuration in force (None before there is one)."""
+        self._clock = clock
+        self._log = log
+        self._config = config
+        self._spool = spool
+        self._export_backlog = export_backlog
+        self.readiness = Readiness(clock)
+        self.metrics = GatewayMetrics(clock, self._snapshot, self._peers)
+        self._server: MetricsServer | None = None
+
+    def sink(self, inner: AuditSink) -> AuditSink:
+        """``inner``, with every event also counted."""
+        return _Counting(inner, self)
+
+    def not_ready(self) -> list[str]:
+        return self.readiness.reasons(self._config())
+
+    async def start(self, settings: MetricsSettings | None, audit: AuditSink) -> None:
+        if settings is None:
+            return
+        self._server = MetricsServer(
+            self.metrics, self.not_ready, audit=lambda: audit, clock=self._clock, log=self._log
+        )
+        await self._server.start(settings.address, settings.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.stop()
+            self._server = None
+
+    def _peers(self) -> list[str]:
+        config = self._config()
+        return [p.name for p in config.peers] if config is not None else []
+
+    def _snapshot(self) -> Snapshot:
+        config = self._config()
+        spool = self._spool()
+        if config is None or spool is None:
+            return Snapshot(not_ready=self.not_ready())
+        return snapshot(
+            config,
+            spool,
+            not_ready=self.not_ready(),
+            export_backlog=self._export_backlog(),
+        )
+
+
+class _Counting:
+    def __init__(self, inner: AuditSink, observer: Observer) -> None:
+        self._inner = inner
+        self._observer = observer
+
+    def emit(self, event: AuditEvent) -> None:
+        self._inner.emit(event)
+        self._observer.metrics.observe(event)
+        self._observer.readiness.note(event)
+
+
+def _certificates(owner: str, use: str, certs: Iterable[x509.Certificate]) -> list[Certificate]:
+    return [
+        Certificate(owner, use, certificate_fingerprint(c)[:16], c.not_valid_after_utc)
+        for c in certs
+    ]
+
+
+def snapshot(
+    config: GatewayConfig,
+    spool: Spool,
+    *,
+    not_ready: list[str],
+    export_backlog: int | None,
+) -> Snapshot:
+    """What Prometheus reads at one scrape, from the configuration in force."""
+    certificates = [
+        *_certificates("self", "tls", [config.tls.identity.certificate]),
+        *_certificates("self", "signing", [config.smime.signing.certificate]),
+        *_certificates("self", "encryption", [k.certificate for k in config.smime.decryption_keys]),
+    ]
+    for peer in config.peers:
+        certificates += _certificates(peer.name, "tls", peer.tls_certificates)
+        certificates += _certificates(peer.name, "signing", peer.signing_certificates)
+        certificates += _certificates(peer.name, "encryption", peer.encryption_certificates)
+    crls = [
+        Crl(
+            zone.name,
+            crl.issuer.rfc4514_string(),
+            crl.last_update_utc,
+            crl.next_update_utc,
+            fetched,
+        )
+        for zone in config.zones
+        for fetched, held in ((False, zone.crls), (True, zone.fetched_crls))
+        for crl in held
+    ]
+    spool_bytes = 0
+    for suffix in ("", "-wal"):
+        path = config.storage.spool_path.with_name(config.storage.spool_path.name + suffix)
+        with contextlib.suppress(OSError):
+            spool_bytes += path.stat().st_size
+    return Snapshot(
+        messages={(peer, str(state)): n for (peer, state), n in spool.counts().items()},
+        certificates=certificates,
+        crls=crls,
+        export_backlog_bytes=export_backlog,
+        spool_bytes=spool_bytes,
+        not_ready=not_ready,
+    )

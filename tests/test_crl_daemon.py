@@ -1,0 +1,166 @@
+"""CRLs kept fresh by a real daemon: the hospital's zone has no CRL files, only
+``fetch_crls = true``; the lab's certificates name a real distribution point on
+127.0.0.1 serving CRLs of the demo CA."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from gateway.demo_run import drop_file, free_port, wait_until
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
+from tests.audit_trail import events, wait_for_events
+from tests.crl_server import DistributionPoint, openssl_crl
+from tests.test_pki_e2e import demo_ca, wait_handshake_refused
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
+
+
+class CrlWorld:
+    """The demo, with the lab's certificates re-issued to name ``url`` as their CRL DP,
+    and the hospital's zone fetching CRLs instead of reading files."""
+
+    def __init__(self, layout: DemoLayout, url: str) -> None:
+        self.layout = layout
+        self.ca = demo_ca(layout)
+        start = datetime.now(UTC) - timedelta(hours=1)
+        self.lab: dict[str, Issued] = {}
+        lab_certs = layout.lab.root / "certs"
+        seen_by_hospital = layout.hospital.root / "certs" / "peers" / "lab"
+        for role, purpose, dns, ips in (
+            ("tls", "tls", ("localhost",), ("127.0.0.1",)),
+            ("sign", "smime-sign", (), ()),
+            ("encrypt", "smime-encrypt", (), ()),
+        ):
+            issued = issue(
+                self.ca,
+                layout.lab.as2_id,
+                purpose=purpose,
+                now=start,
+                organization=layout.lab.display_name,
+                dns_names=dns,
+                ip_addresses=ips,
+                crl_url=url,
+            )
+            write_pem(lab_certs / f"{role}.key", issued.key)
+            write_pem(lab_certs / f"{role}.crt", issued.certificate)
+            write_pem(seen_by_hospital / f"{role}.crt", issued.certificate)
+            self.lab[role] = issued
+        config = layout.hospital.config_path
+        text = config.read_text()
+        assert 'crls = ["certs/crls/loopback"]' in text
+        assert "fetch_crls = false" in text
+        config.write_text(
+            text.replace('crls = ["certs/crls/loopback"]', "crls = []").replace(
+                "fetch_crls = false", "fetch_crls = true"
+            )
+        )
+
+    @property
+    def cache(self) -> Path:
+        return self.layout.hospital.root / "state" / "crls" / "loopback"
+
+    def certificate(self, role: str) -> x509.Certificate:
+        return self.lab[role].certificate
+
+
+def _delivered(layout: DemoLayout, name: str) -> Path:
+    return layout.hospital.inbox_dir / "lab" / name
+
+
+def test_fetched_crl_admits_the_peer_and_a_new_one_revokes_it(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    point = DistributionPoint(free_port())
+    try:
+        world = CrlWorld(layout, point.url)
+        point.serve(make_crl(world.ca, now=datetime.now(UTC) - timedelta(minutes=1), days=7))
+        hospital = processes.start(layout.hospital.config_path)
+        processes.start(layout.lab.config_path)
+        [fetched] = wait_for_events(layout.hospital.audit_log, "pki.crl_fetched")
+        assert fetched["detail"]["url"] == point.url and fetched["detail"]["zone"] == "loopback"
+        assert set(point.clients) == {"127.0.0.1"}  # from the zone's source address
+        assert len(list(world.cache.glob("*.crl"))) == 1
+        assert not events(layout.hospital.audit_log, "peer.certificate_rejected")
+
+        drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
+        wait_for_events(layout.lab.audit_log, "receipt.received")
+        assert _delivered(layout, "before.hl7").read_bytes() == b"MSH|before\r"
+
+        # The CA revokes the lab's TLS and signing certificates (openssl ca -gencrl).
+        when = datetime.now(UTC) - timedelta(minutes=5)
+        point.serve(
+            openssl_crl(
+                tmp_path / "ca",
+                world.ca,
+                revoked={world.certificate("tls"): when, world.certificate("sign"): when},
+                valid=(world.certificate("encrypt"),),
+                number=2,
+            )
+        )
+        hospital.signal(signal.SIGHUP)  # a reload fetches every CRL again
+        wait_for_events(layout.hospital.audit_log, "pki.crl_fetched", count=2)
+        rejected = wait_for_events(
+            layout.hospital.audit_log,
+            "peer.certificate_rejected",
+            where=lambda r: r["peer"] == "lab",
+            count=2,
+        )
+        assert all("revoked" in r["reason"].lower() for r in rejected), rejected
+        drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
+        wait_handshake_refused(layout)
+        assert not _delivered(layout, "after.hl7").exists()
+    finally:
+        point.stop()
+
+
+def test_a_crl_that_cannot_be_had_is_an_alert(layout: DemoLayout, processes: Any) -> None:
+    """A distribution point outside the zone's egress is not asked (audited by the connect
+    path), and with no CRL at all the zone's CRL is reported stale."""
+    world = CrlWorld(layout, "http://192.0.2.10/ca.crl")
+    processes.start(layout.hospital.config_path)
+    refused = wait_for_events(layout.hospital.audit_log, "zone.egress_refused")
+    assert refused[0]["remote_address"] == "192.0.2.10"
+    failed = wait_for_events(layout.hospital.audit_log, "pki.crl_fetch_failed")
+    assert "not asked" in failed[0]["reason"]
+    stale = wait_for_events(
+        layout.hospital.audit_log, "pki.crl_stale", where=lambda r: r["severity"] == "alert"
+    )
+    assert "192.0.2.10" in stale[0]["reason"]
+    assert not list(world.cache.glob("*.crl")) if world.cache.exists() else True
+
+
+def test_a_crl_signed_by_another_ca_is_refused_by_the_daemon(
+    layout: DemoLayout, processes: Any
+) -> None:
+    point = DistributionPoint(free_port())
+    try:
+        world = CrlWorld(layout, point.url)
+        subject = world.ca.certificate.subject
+        [cn] = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        [org] = subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+        # The demo CA's name, another key: only the signature tells them apart.
+        impostor = make_ca(
+            str(cn.value), organization=str(org.value), now=datetime.now(UTC) - timedelta(days=1)
+        )
+        assert impostor.certificate.subject == subject
+        point.serve(make_crl(impostor, now=datetime.now(UTC) - timedelta(minutes=1)))
+        processes.start(layout.hospital.config_path)
+        failed = wait_for_events(layout.hospital.audit_log, "pki.crl_fetch_failed")
+        assert "signature" in failed[0]["reason"]
+        wait_until(
+            lambda: events(layout.hospital.audit_log, "peer.certificate_rejected"),
+            60,
+            "the lab's certificates refused for want of a CRL",
+        )
+        assert not world.cache.exists() or not list(world.cache.glob("*.crl"))
+    finally:
+        point.stop()

@@ -1,0 +1,153 @@
+"""A real daemon's metrics and health endpoints, scraped after real messages and read
+with Prometheus' own text parser (prometheus_client.parser)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import urllib.error
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.demo_run import drop_file, free_port, wait_until
+from gateway.pki.demo import DemoInstitution, DemoLayout
+from tests.audit_trail import wait_for_events
+
+DEADLINE = 90.0
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def with_metrics(side: DemoInstitution) -> int:
+    port = free_port()
+    with side.config_path.open("a") as config:
+        config.write(f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    return port
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scrape(port: int) -> Samples:
+    status, text = get(port, "/metrics")
+    assert status == 200
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def wait_scrape(port: int, what: str, check: Any) -> Samples:
+    """Scrapes until ``check(samples)`` holds (the counters move as the daemon works)."""
+
+    def ready() -> Samples | None:
+        found = scrape(port)
+        return found if check(found) else None
+
+    result: Samples = wait_until(ready, DEADLINE, what)
+    return result
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def test_scrape_after_real_messages(layout: DemoLayout, processes: Any) -> None:
+    lab_port = with_metrics(layout.lab)
+    hospital_port = with_metrics(layout.hospital)
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    assert get(lab_port, "/health/live") == (200, "live\n")
+    assert get(lab_port, "/health/ready") == (200, "ready\n")
+    for index in range(3):
+        drop_file(layout.lab.outbox_dir / "hospital", f"m{index}.hl7", b"MSH|%d\r" % index)
+    wait_for_events(layout.lab.audit_log, "receipt.received", count=3)
+
+    lab = wait_scrape(
+        lab_port,
+        "three receipts counted",
+        lambda s: value(s, "medgw_end_to_end_latency_seconds_count", peer="hospital") == 3,
+    )
+    assert value(lab, "medgw_outbound_messages", peer="hospital", state="delivered") == 3
+    assert (
+        value(lab, "medgw_messages_total", direction="outbound", event="accepted", peer="hospital")
+        == 3
+    )
+    assert value(lab, "medgw_receipt_latency_seconds_count", peer="hospital") == 3
+    receipt = value(lab, "medgw_receipt_latency_seconds_sum", peer="hospital")
+    whole = value(lab, "medgw_end_to_end_latency_seconds_sum", peer="hospital")
+    assert receipt is not None and whole is not None and 0 < receipt <= whole < 3 * DEADLINE
+    assert value(lab, "medgw_ready") == 1
+    spool = value(lab, "medgw_spool_bytes")
+    assert spool is not None and spool > 0
+    # Certificate days to expiry: ours and the peer's, for each use (demo: 825 days).
+    days = {
+        (dict(k[1])["owner"], dict(k[1])["use"]): v
+        for k, v in lab.items()
+        if k[0] == "medgw_certificate_expiry_days"
+    }
+    assert {
+        ("self", "tls"),
+        ("self", "signing"),
+        ("hospital", "tls"),
+        ("hospital", "encryption"),
+    } <= set(days)
+    assert all(800 < d <= 825 for d in days.values()), days
+    # The demo zone's CRL file: about a minute old, fresh for 30 days.
+    ages = [v for k, v in lab.items() if k[0] == "medgw_crl_age_seconds"]
+    left = [v for k, v in lab.items() if k[0] == "medgw_crl_next_update_seconds"]
+    assert len(ages) == 1 and 0 <= ages[0] < 3600, ages
+    assert len(left) == 1 and 29 * 86400 < left[0] <= 30 * 86400, left
+
+    hospital = wait_scrape(
+        hospital_port,
+        "three received",
+        lambda s: (
+            value(s, "medgw_messages_total", direction="inbound", event="received", peer="lab") == 3
+        ),
+    )
+    assert value(hospital, "medgw_ready") == 1
+
+    # A TLS client without a certificate: one failed handshake, by a fixed reason.
+    context = ssl.create_default_context(cafile=str(layout.ca_certificate))
+    with socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=10) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+    failed = wait_scrape(
+        hospital_port,
+        "the failed handshake",
+        lambda s: any(k[0] == "medgw_tls_handshake_failures_total" for k in s),
+    )
+    reasons = {dict(k[1])["reason"] for k in failed if k[0] == "medgw_tls_handshake_failures_total"}
+    assert reasons == {"no_certificate"}, reasons
+
+
+def test_not_ready_while_a_failed_reload_leaves_the_old_configuration(
+    layout: DemoLayout, processes: Any
+) -> None:
+    port = with_metrics(layout.hospital)
+    hospital = processes.start(layout.hospital.config_path)
+    assert get(port, "/health/ready") == (200, "ready\n")
+    good = layout.hospital.config_path.read_text()
+    layout.hospital.config_path.write_text(good + "\n[metrics.nonsense]\n")
+    hospital.signal(signal.SIGHUP)
+    wait_for_events(layout.hospital.audit_log, "config.reload_failed")
+    status, text = get(port, "/health/ready")
+    assert status == 503 and "reload" in text, text
+    assert value(scrape(port), "medgw_ready") == 0
+    assert get(port, "/health/live") == (200, "live\n")
+    layout.hospital.config_path.write_text(good)
+    hospital.signal(signal.SIGHUP)
+    wait_for_events(layout.hospital.audit_log, "config.reloaded")
+    assert get(port, "/health/ready") == (200, "ready\n")
