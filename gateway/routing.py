@@ -78,15 +78,8 @@ class EgressZone(Protocol):
 _Z = TypeVar("_Z", bound=EgressZone)
 
 
-class Zone(EgressZone, Protocol):
-    """What the zone rules need to know about a zone (``gateway.config.Zone`` is one)."""
-
-    @property
-    def source_address(self) -> str | None: ...
-
-
 class Listener(Protocol):
-    """What the zone rules need to know about a listener (``gateway.config.Listener``)."""
+    """What the address rules need to know about a listener (``gateway.config.Listener``)."""
 
     @property
     def name(self) -> str: ...

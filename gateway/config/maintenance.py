@@ -16,8 +16,9 @@ from pathlib import Path
 
 import asyncssh
 
+from gateway.config.listeners import Listener
+from gateway.config.zones import Zone
 from gateway.maintenance import algorithms, totp
-from gateway.routing import Listener, Zone
 from gateway.tomlreader import Reader, Section
 
 ROLES = ("viewer", "operator", "admin")
