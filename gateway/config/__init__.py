@@ -45,19 +45,14 @@ from gateway.config.load import load_config
 from gateway.config.metrics import MetricsSettings
 from gateway.config.model import GatewayConfig
 from gateway.config.peers import SERVICE_NAME, Peer
-from gateway.config.responsible import RESPONSIBILITIES, Responsible, who_to_call
-from gateway.config.runtime import LOG_LEVELS, Runtime
+from gateway.config.responsible import Responsible, who_to_call
+from gateway.config.runtime import Runtime
 from gateway.config.smime import SmimeSettings
-from gateway.config.storage import SPOOL_FILE, STATE_FILES, STATE_FOLDERS, Storage
+from gateway.config.storage import Storage
 from gateway.config.zones import Zone
 
 __all__ = [
-    "LOG_LEVELS",
-    "RESPONSIBILITIES",
     "SERVICE_NAME",
-    "SPOOL_FILE",
-    "STATE_FILES",
-    "STATE_FOLDERS",
     "ApiClient",
     "ApiSettings",
     "DeliverySettings",
