@@ -182,3 +182,25 @@ def test_a_handshake_reason_is_one_of_a_fixed_set() -> None:
     assert handshake_reason("unsupported protocol") == "protocol_version"
     assert handshake_reason("\x1b[31m anything a peer could put here") == "other"
     assert handshake_reason(None) == "other"
+
+
+def test_not_ready_for_a_minute_after_a_document_could_not_be_stored(
+    clock: SetClock, tmp_path
+) -> None:
+    from gateway.daemon.observe import Readiness
+
+    readiness = Readiness(clock)
+    assert readiness.reasons(None) == ["starting: listeners, spool and trust are not all up yet"]
+    readiness.started = True
+    assert readiness.reasons(None) == []
+    readiness.note(AuditEvent(EventType.STORAGE_UNAVAILABLE, Outcome.FAILURE, Severity.ALERT))
+    assert readiness.reasons(None) == [
+        "a received document could not be stored within the last minute"
+    ]
+    clock.at += timedelta(seconds=61)
+    assert readiness.reasons(None) == []
+    readiness.reload_failed = "gateway.toml: metrics.auth: unknown key"
+    assert "the last reload failed" in readiness.reasons(None)[0]
+    readiness.reload_failed = None
+    readiness.stopping = True
+    assert readiness.reasons(None) == ["the daemon is stopping"]

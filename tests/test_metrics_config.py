@@ -93,3 +93,7 @@ def test_require_is_satisfied_by_fetch_crls(layout: DemoLayout) -> None:
     )
     loaded = load_config(config)
     assert loaded.zones[0].fetch_crls and loaded.zones[0].crl_refresh_hours == 6
+    # check-config reads no distribution point: a status only the daemon's downloads can
+    # establish is no error there (as with OCSP).
+    result = check_config(config)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -40,6 +40,8 @@ class Zone(Protocol):
     def revocation(self) -> str: ...
     @property
     def ocsp(self) -> bool: ...
+    @property
+    def fetch_crls(self) -> bool: ...
 
 
 class Peer(Protocol):
@@ -80,6 +82,8 @@ class TrustSettings:
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     revocation: RevocationPolicy = RevocationPolicy.OFF
     ocsp: bool = False
+    # The daemon downloads the CRLs the certificates name (gateway.pki.crlfetch).
+    fetch_crls: bool = False
     # How OCSP requests about certificates met in traffic (personal signers) leave:
     # the zone's route (its source address, into its egress only); None: not asked.
     ocsp_route: Route | None = None
@@ -93,6 +97,7 @@ class TrustSettings:
             crls=zone.crls_in_use,
             revocation=RevocationPolicy(zone.revocation),
             ocsp=zone.ocsp,
+            fetch_crls=zone.fetch_crls,
             ocsp_route=route,
         )
 
@@ -213,9 +218,10 @@ async def assess_peer(
 
 def offline(trust: TrustSettings) -> TrustSettings:
     """``trust`` judged from local files only (``check-config``): no OCSP request; where
-    the zone relies on OCSP, a status the local CRLs cannot establish is not a refusal
-    (the daemon asks the responder), while a revocation in a local CRL still is."""
-    if not trust.ocsp:
+    the zone relies on OCSP or on CRLs the daemon downloads, a status the local CRLs
+    cannot establish is not a refusal (the daemon asks the responder, or fetches the
+    CRL), while a revocation in a local CRL still is."""
+    if not trust.ocsp and not trust.fetch_crls:
         return trust
     revocation = trust.revocation
     if revocation is RevocationPolicy.REQUIRE:
