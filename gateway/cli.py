@@ -15,6 +15,7 @@ from gateway import __version__
 from gateway.commands import (
     api,
     audit,
+    backup,
     daemon,
     demo,
     diagnose,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue.register(commands)
     handover.register(commands)
     retention.register(commands)
+    backup.register(commands)
     audit.register(commands)
     send.register(commands)
     api.register(commands)

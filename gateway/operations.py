@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.backup.bundle import Written, created_event, write_bundle
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.errors import MedgwError, SpoolError
@@ -215,6 +217,12 @@ class Operations:
 
     def peers(self) -> list[dict[str, Any]]:
         return peers_view(self.config, self.spool, self.unusable())
+
+    def backup(self, to: Path, actor: str) -> Written:
+        """Write an encrypted, signed bundle of this gateway to ``to`` (OUT-1), audited."""
+        written = write_bundle(self.config, to, self.clock.now())
+        self.audit.emit(created_event(written, actor))
+        return written
 
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """Dispose of what finished before ``request.before`` (DSP-1), audited with

@@ -119,6 +119,9 @@ class EventType(StrEnum):
     # Closed audit files removed: which (first and last record, hashes), and where the
     # trail now starts; sealed by a checkpoint before the files go.
     RETENTION_AUDIT_DISPOSED = "retention.audit_disposed"
+    # An encrypted, signed backup bundle written (OUT-1), and one restored onto this host.
+    BACKUP_CREATED = "backup.created"
+    BACKUP_RESTORED = "backup.restored"
 
 
 class Outcome(StrEnum):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gateway.config.api import load_api
 from gateway.config.audit import load_audit
+from gateway.config.backup import load_backup
 from gateway.config.delivery import load_delivery
 from gateway.config.identity import load_identity, load_tls
 from gateway.config.listeners import load_listeners
@@ -63,6 +64,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     )
     retention_section = root.table("retention", required=False) if "retention" in data else None
     metrics_section = root.table("metrics", required=False) if "metrics" in data else None
+    backup = load_backup(reader, root.table("backup")) if "backup" in data else None
     root.finish()
 
     peers = load_peers(reader, source, identity.peers_dir, smime)
@@ -122,4 +124,5 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         maintenance=maintenance,
         retention=retention,
         metrics=metrics,
+        backup=backup,
     )

@@ -11,6 +11,7 @@ from gateway.audit.export.settings import ExportSettings
 from gateway.audit.rotation import RotationSettings
 from gateway.audit.seal import SealSettings
 from gateway.config.api import ApiSettings
+from gateway.config.backup import BackupSettings
 from gateway.config.delivery import DeliverySettings
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
@@ -55,6 +56,7 @@ class GatewayConfig:
     maintenance: MaintenanceSettings | None = None  # the SSH maintenance listener
     retention: RetentionSettings = KEEP  # [retention]: everything kept for ever by default
     metrics: MetricsSettings | None = None  # [metrics]: Prometheus and health endpoints
+    backup: BackupSettings | None = None  # [backup]: whom medgw backup encrypts to
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)

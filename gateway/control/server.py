@@ -121,6 +121,7 @@ class ControlServer:
         app.router.add_post("/v1/maintenance/approve", self._maintenance_approve)
         app.router.add_post("/v1/purge", self._purge)
         app.router.add_post("/v1/audit/verification-failed", self._verification_failed)
+        app.router.add_post("/v1/backup", self._backup)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
         front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
@@ -268,6 +269,33 @@ class ControlServer:
         except MedgwError as exc:
             return _error(exc, 400)
         return web.json_response({"dry_run": purge.dry_run, "counts": counts})
+
+    async def _backup(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        to = str(body.get("to") or "")
+        if not to.startswith("/"):
+            return web.json_response(
+                {
+                    "error": f"backup file {to[:200]!r} is not an absolute path",
+                    "fix": "give --to an absolute path the medgw user may write",
+                },
+                status=400,
+            )
+        try:
+            written = await asyncio.to_thread(self._ops().backup, Path(to), who)
+        except MedgwError as exc:
+            return _error(exc, 409)
+        return web.json_response(
+            {
+                "file": str(written.path),
+                "size": written.size,
+                "files": written.files,
+                "outbound_messages": written.messages,
+            }
+        )
 
     async def _maintenance_approve(self, request: web.Request) -> web.Response:
         who = caller(request)

@@ -1,0 +1,347 @@
+"""The backup bundle: what goes in, how it is sealed, and how it is opened again.
+
+A bundle is one S/MIME object, as an AS2 body is: a tar archive as a MIME entity,
+signed (multipart/signed) with the ``[smime]`` signing key and encrypted
+(AuthEnvelopedData, AES-GCM by default: ``[backup] cipher``) to the ``[backup]
+recipient`` certificate, whose private key stays off the gateway.  ``openssl
+cms -decrypt`` and ``openssl smime -verify`` open it as well as medgw does.
+
+Inside::
+
+    medgw-backup.json        manifest: who, when, the places it came from, each file's SHA-256
+    config/gateway.toml      the configuration, and config/peers.d/*.toml
+    state/spool.sqlite3      the spool, copied with SQLite's online backup (consistent)
+    state/<folder>/<file>    the bodies, documents and receipts the spool names
+    inbox/<peer>/...         received documents whose hand-over is owed, or kept
+    audit/<file>             every file of the audit trail (the current one up to its last
+                             whole record)
+
+The spool is copied first; every file it names is copied after.  A file that
+is gone by then belongs to a message that moved on (sent, delivered): its row
+is taken again from the live spool, so the bundle never names a file it lacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tarfile
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from gateway.audit import AuditEvent, EventType, Severity
+from gateway.audit.files import trail_files
+from gateway.cms.stream import open_and_verify_file, sign_and_envelope_file
+from gateway.config import GatewayConfig
+from gateway.errors import MedgwError
+from gateway.fsutil import private_folder
+from gateway.pki.keypair import PrivateKey
+from gateway.policy import AlgorithmPolicy
+
+MANIFEST = "medgw-backup.json"
+FORMAT = 1
+# base64 in CRLF lines: canonical text that every S/MIME reader (openssl's line-based
+# multipart parser included) verifies byte for byte.
+ENTITY_HEAD = b"Content-Type: application/x-tar\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+_LINE = 57  # bytes per base64 line of 76 characters
+# Outbound rows whose files are still needed to send them (or for an operator to).
+_OWED = ("intake", "queued", "sending", "awaiting-receipt", "failed", "expired", "dead")
+
+
+class BackupError(MedgwError):
+    """A backup could not be written, or a bundle cannot be restored."""
+
+
+@dataclass(frozen=True)
+class Written:
+    path: Path
+    size: int
+    files: int
+    messages: int  # outbound messages in the spool copy
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _peers_dir(config: GatewayConfig) -> Path:
+    with config.source.open("rb") as handle:
+        value = tomllib.load(handle).get("gateway", {}).get("peers_dir", "peers.d")
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else config.source.parent / path
+
+
+class _Collector:
+    """Copies files into the work folder under their name in the bundle."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, str] = {}
+
+    def copy(self, src: Path, name: str, *, upto: int | None = None) -> bool:
+        """Copy ``src`` (its first ``upto`` bytes) as ``name``; False if it is gone."""
+        dst = self.root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with src.open("rb") as reader, dst.open("wb") as writer:
+                if upto is None:
+                    shutil.copyfileobj(reader, writer, 1 << 20)
+                else:
+                    writer.write(reader.read(upto))
+        except FileNotFoundError:
+            dst.unlink(missing_ok=True)
+            return False
+        self.files[name] = _sha256(dst)
+        return True
+
+
+def _complete_records(path: Path) -> int:
+    """The length of ``path`` up to the end of its last whole line (a record being written
+    by the running daemon is left out: the chain of the copy stays whole)."""
+    with path.open("rb") as handle:
+        data = handle.read()
+    return data.rfind(b"\n") + 1
+
+
+def _place(path_text: str | None, config: GatewayConfig) -> str | None:
+    """A spooled file's name in the bundle (None: outside the state folder and inbox)."""
+    if not path_text:
+        return None
+    path = Path(path_text)
+    for folder, prefix in (
+        (config.storage.state_dir, "state"),
+        (config.storage.inbox_dir, "inbox"),
+    ):
+        if path.is_relative_to(folder):
+            return f"{prefix}/{path.relative_to(folder).as_posix()}"
+    return None
+
+
+def _spooled_files(db: sqlite3.Connection) -> Iterator[tuple[str, str, str, bool]]:
+    """(table, key, path, needed) for each file the spool copy names."""
+    for row in db.execute(
+        "SELECT message_id, state, mic, payload_path, body_path, body, receipt_path FROM outbound"
+    ):
+        message_id, state, mic, payload, body_path, body, receipt = row
+        owed = state in _OWED
+        yield "outbound", message_id, payload, owed and (mic is None or state == "intake")
+        yield "outbound", message_id, body_path, owed and state != "intake" and body is None
+        yield "outbound", message_id, receipt, False
+    for peer, message_id, path, state, purged in db.execute(
+        "SELECT peer, message_id, path, state, copy_purged_at FROM handover"
+    ):
+        if purged is None:
+            yield "handover", f"{peer}\0{message_id}", path, state != "done"
+
+
+def _refresh(snapshot: sqlite3.Connection, live: Path, table: str, key: str) -> None:
+    """Take the row ``key`` of ``table`` again from the live spool (it moved on)."""
+    source = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
+    try:
+        source.row_factory = sqlite3.Row
+        params: tuple[str, ...] = (key,)
+        where = "message_id=?"
+        if table != "outbound":
+            peer, _, message_id = key.partition("\0")
+            where, params = "peer=? AND message_id=?", (peer, message_id)
+        row = source.execute(f"SELECT * FROM {table} WHERE {where}", params).fetchone()  # noqa: S608
+    finally:
+        source.close()
+    snapshot.execute(f"DELETE FROM {table} WHERE {where}", params)  # noqa: S608
+    if row is not None:
+        columns = ", ".join(row.keys())
+        marks = ", ".join("?" * len(row))
+        snapshot.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row))  # noqa: S608
+    snapshot.commit()
+
+
+def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
+    """Put everything the bundle holds into ``work``; returns the manifest."""
+    files = _Collector(work)
+    live = config.storage.spool_path
+    snapshot_path = work / "state" / live.name
+    snapshot_path.parent.mkdir(parents=True)
+    source = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
+    snapshot = sqlite3.connect(snapshot_path)
+    try:
+        source.backup(snapshot)  # SQLite's online backup: one consistent state
+        source.close()
+        for table, key, path_text, needed in list(_spooled_files(snapshot)):
+            name = _place(path_text, config)
+            if name is None or path_text is None or files.copy(Path(path_text), name):
+                continue
+            if needed:  # moved on since the copy: take its row as it is now
+                _refresh(snapshot, live, table, key)
+        for _table, key, path_text, needed in list(_spooled_files(snapshot)):
+            name = _place(path_text, config)
+            missing = needed and name is not None and name not in files.files
+            if missing and (path_text is None or not files.copy(Path(path_text), name or "")):
+                raise BackupError(
+                    f"{path_text}, which the spool needs to send message {key}, is gone",
+                    fix="run medgw backup again; if it happens again, see medgw queue show",
+                )
+        messages = snapshot.execute("SELECT COUNT(*) FROM outbound").fetchone()[0]
+    finally:
+        snapshot.close()
+    files.files[f"state/{live.name}"] = _sha256(snapshot_path)
+    files.copy(config.source, "config/gateway.toml")
+    peers_dir = _peers_dir(config)
+    for peer_file in sorted(peers_dir.glob("*.toml")):
+        files.copy(peer_file, f"config/peers.d/{peer_file.name}")
+    for audit_file in trail_files(config.storage.audit_log):
+        upto = None
+        if audit_file == config.storage.audit_log:
+            upto = _complete_records(audit_file)
+        files.copy(audit_file, f"audit/{audit_file.name}", upto=upto)
+    return {
+        "format": FORMAT,
+        "as2_id": config.as2_id,
+        "state_dir": str(config.storage.state_dir),
+        "inbox_dir": str(config.storage.inbox_dir),
+        "audit_log": config.storage.audit_log.name,
+        "outbound_messages": messages,
+        "files": files.files,
+    }
+
+
+def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
+    """Write the sealed bundle of ``config``'s gateway to ``dst`` (atomically, durably)."""
+    if config.backup is None:
+        raise BackupError(
+            "no [backup] section: there is no one to encrypt the bundle to",
+            fix='add [backup] recipient = "/etc/medgw/backup/recipient.crt" to gateway.toml '
+            "(see README, Backups)",
+        )
+    state = config.storage.state_dir
+    work = state / f".backup-{os.getpid()}-{now.strftime('%Y%m%dT%H%M%S%f')}"
+    private_folder(work)
+    entity = work.with_name(work.name + ".entity")
+    try:
+        manifest = collect(config, work)
+        manifest["created_at"] = now.isoformat()
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        archive = work.with_name(work.name + ".tar")
+        with archive.open("wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(work / MANIFEST, arcname=MANIFEST)
+                for name in sorted(manifest["files"]):
+                    tar.add(work / name, arcname=name)
+        shutil.rmtree(work, ignore_errors=True)  # its files are in the archive now
+        with entity.open("wb") as handle, archive.open("rb") as tar_file:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(ENTITY_HEAD)
+            while chunk := tar_file.read(_LINE * 1024):
+                for start in range(0, len(chunk), _LINE):
+                    handle.write(base64.b64encode(chunk[start : start + _LINE]) + b"\r\n")
+        signing = config.smime.signing
+        sealed = sign_and_envelope_file(
+            entity,
+            dst,
+            signer_cert=signing.certificate,
+            signer_key=signing.key,
+            recipients=[config.backup.recipient],
+            digest=config.smime.digest,
+            cipher=config.backup.cipher,
+            signing_time=now,
+            policy=AlgorithmPolicy(),
+            durable=True,
+        )
+    except OSError as exc:
+        raise BackupError(
+            f"cannot write the backup {dst}: {exc.strerror or exc}",
+            fix="check that the medgw user may write there and the disk is not full",
+        ) from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        work.with_name(work.name + ".tar").unlink(missing_ok=True)
+        entity.unlink(missing_ok=True)
+    return Written(dst, sealed.size, len(manifest["files"]), manifest["outbound_messages"])
+
+
+def open_bundle(
+    src: Path,
+    work: Path,
+    *,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    signers: list[x509.Certificate],
+) -> dict[str, Any]:
+    """Decrypt ``src``, verify its signature (by one of ``signers``) and every file's
+    SHA-256, and unpack it into ``work``; returns the manifest."""
+    entity = work.with_name(work.name + ".entity")
+    archive = work.with_name(work.name + ".tar")
+    try:
+        try:
+            open_and_verify_file(
+                src, entity, cert=cert, key=key, trusted_signers=signers, policy=AlgorithmPolicy()
+            )
+        except MedgwError as exc:
+            raise BackupError(
+                f"{src} cannot be opened: {exc.message}",
+                fix="give the backup recipient's certificate and key (--cert, --key), and a "
+                "bundle signed with this gateway's [smime] signing certificate",
+            ) from exc
+        with entity.open("rb") as handle, archive.open("wb") as tar_file:
+            os.fchmod(tar_file.fileno(), 0o600)
+            head = handle.read(len(ENTITY_HEAD))
+            if head != ENTITY_HEAD:
+                raise BackupError(f"{src} is not a medgw backup", fix="give a medgw backup bundle")
+            while lines := handle.readlines(1 << 20):
+                try:
+                    tar_file.write(base64.b64decode(b"".join(lines), validate=False))
+                except ValueError as exc:
+                    raise BackupError(
+                        f"{src}: the archive is not base64", fix="give a medgw backup bundle"
+                    ) from exc
+        with tarfile.open(archive, mode="r:") as tar:
+            tar.extractall(work, filter="data")
+    finally:
+        entity.unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
+    try:
+        manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"{src} has no readable manifest", fix="give a medgw backup") from exc
+    if manifest.get("format") != FORMAT:
+        raise BackupError(
+            f"{src} is a backup of format {manifest.get('format')!r}, this medgw reads {FORMAT}",
+            fix="restore it with the medgw version that wrote it",
+        )
+    for name, digest in manifest["files"].items():
+        path = work / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise BackupError(
+                f"{src}: {name} does not match its SHA-256 in the manifest",
+                fix="the bundle was damaged: restore another one",
+            )
+    return dict(manifest)
+
+
+def created_event(written: Written, actor: str) -> AuditEvent:
+    """``backup.created``: where, how big, how many files and messages, and who asked."""
+    return AuditEvent(
+        EventType.BACKUP_CREATED,
+        severity=Severity.WARNING,  # data leaves the gateway's folders, encrypted
+        actor=actor,
+        detail={
+            "file": str(written.path),
+            "size": written.size,
+            "files": written.files,
+            "outbound_messages": written.messages,
+        },
+    )

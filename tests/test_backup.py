@@ -1,0 +1,232 @@
+"""Backups safe to carry out (OUT-1): a bundle written while a daemon sends, opened by
+real ``openssl cms``, restored onto a fresh host whose daemon sends what was queued,
+each document arriving exactly once."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.backup.bundle import ENTITY_HEAD, MANIFEST
+from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.audit_trail import wait_for_events
+from tests.cli import medgw
+
+
+def recipient(folder: Path) -> tuple[Path, Path]:
+    """The backup recipient: an RSA-3072 key and self-signed certificate, made with openssl
+    (the key is kept off the gateway; only the certificate is configured)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / "recipient.key", folder / "recipient.crt"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:3072",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "30",
+            "-subj",
+            "/CN=medgw backup recipient",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+def add_backup(config: Path, cert: Path) -> None:
+    config.write_text(config.read_text() + f'\n[backup]\nrecipient = "{cert}"\n')
+
+
+def fresh_host(layout: DemoLayout, name: str) -> Path:
+    """The lab's configuration, keys and certificates on a new host: no state, no audit."""
+    root = layout.lab.root.with_name(name)
+    shutil.copytree(
+        layout.lab.root, root, ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox")
+    )
+    return root / "gateway.toml"
+
+
+def openssl_opens(bundle: Path, key: Path, cert: Path, ca: Path, tmp: Path) -> dict[str, Any]:
+    """Decrypt and verify the bundle with openssl alone; the manifest inside."""
+    entity, content = tmp / "entity.eml", tmp / "content.bin"
+    subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-decrypt",
+            "-binary",
+            "-inform",
+            "DER",
+            "-in",
+            str(bundle),
+            "-recip",
+            str(cert),
+            "-inkey",
+            str(key),
+            "-out",
+            str(entity),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    verified = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-verify",
+            "-in",
+            str(entity),
+            "-inform",
+            "SMIME",
+            "-CAfile",
+            str(ca),
+            "-purpose",
+            "any",
+            "-out",
+            str(content),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert "Verification successful" in verified.stderr
+    data = content.read_bytes()
+    assert data.startswith(ENTITY_HEAD)
+    (tmp / "tar").write_bytes(base64.b64decode(data[len(ENTITY_HEAD) :]))
+    with tarfile.open(tmp / "tar") as tar:
+        member = tar.extractfile(MANIFEST)
+        assert member is not None
+        return dict(json.loads(member.read()))
+
+
+def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_once(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    key, cert = recipient(tmp_path / "offline")
+    add_backup(layout.lab.config_path, cert)
+    hospital = processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    outbox = layout.lab.outbox_for("hospital")
+    total = 40
+
+    def drop(numbers: range) -> None:
+        for n in numbers:
+            drop_file(outbox, f"doc-{n:03}.hl7", f"MSH|document {n}\r".encode())
+
+    drop(range(5))
+    wait_for_events(layout.hospital.audit_log, "message.delivered", count=3)
+    hospital.stop()  # the peer goes away: the lab queues and retries
+    dropping = threading.Thread(target=drop, args=(range(5, total),))
+    dropping.start()
+    bundle = tmp_path / "carried-out" / "medgw.p7m"
+    bundle.parent.mkdir()
+    made = medgw("backup", "--to", bundle, "--json", "--config", lab.config)  # under way
+    assert made.returncode == 0, made.stderr
+    written = json.loads(made.stdout)
+    dropping.join()
+    before = len(read_audit(layout.hospital.audit_log))
+    hospital = processes.start(layout.hospital.config_path)
+    # The lab sends on after the backup; the restored host will send those again.
+    wait_for_events(
+        layout.hospital.audit_log,
+        "message.delivered",
+        where=lambda r: r["seq"] > before,
+    )
+    lab.kill()  # the host is lost
+    [created] = wait_for_events(layout.lab.audit_log, "backup.created")
+    assert "(uid " in created["actor"] and created["detail"]["file"] == str(bundle)
+
+    # The bundle is unreadable without the recipient's key, and openssl opens it.
+    assert b"MSH|document" not in bundle.read_bytes()
+    manifest = openssl_opens(bundle, key, cert, layout.ca_certificate, tmp_path)
+    assert manifest["as2_id"] == "KITA-LAB"
+    assert written["outbound_messages"] == manifest["outbound_messages"] > 0
+    assert {"config/gateway.toml", "state/spool.sqlite3"} <= set(manifest["files"])
+    assert any(name.startswith("audit/") for name in manifest["files"])
+
+    config = fresh_host(layout, "lab-restored")
+    refused = medgw(
+        "restore",
+        "--from",
+        bundle,
+        "--cert",
+        cert,
+        "--key",
+        layout.lab.root / "certs" / "sign.key",
+        "--config",
+        config,
+    )
+    assert refused.returncode == 1 and "cannot be opened" in refused.stderr
+    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert done.returncode == 0, done.stderr
+    again = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert again.returncode == 1 and "is not empty" in again.stderr and "--force" in again.stderr
+    verify = medgw("audit", "verify", "--config", config)
+    assert verify.returncode == 0, verify.stderr
+
+    waiting = json.loads(medgw("queue", "list", "--json", "--config", config).stdout)
+    assert len(waiting) == manifest["outbound_messages"]
+    assert any(r["state"] != "delivered" for r in waiting), "nothing was left to send"
+
+    restored = processes.start(config)
+    audit = config.parent / "audit" / "audit.jsonl"
+    [event] = wait_for_events(audit, "backup.restored")
+    assert event["detail"]["files"] == len(manifest["files"])
+
+    def settled() -> list[dict[str, Any]] | None:
+        listed = medgw("queue", "list", "--json", "--config", restored.config)
+        records = json.loads(listed.stdout) if listed.returncode == 0 else []
+        return records if records and all(r["state"] == "delivered" for r in records) else None
+
+    records = wait_until(settled, 180, "every restored message delivered")
+    assert len(records) == manifest["outbound_messages"]
+    # Exactly once at the receiver: each document in its inbox once, delivered once.
+    delivered = [
+        r["message_id"]
+        for r in read_audit(layout.hospital.audit_log)
+        if r["event"] == "message.delivered"
+    ]
+    assert len(delivered) == len(set(delivered))
+    # Those the lost host sent after the backup came again, and were answered, not delivered.
+    assert wait_for_events(layout.hospital.audit_log, "message.duplicate")
+    assert {r["message_id"] for r in records} <= set(delivered)
+    inbox = sorted(p.name for p in (layout.hospital.inbox_dir / "lab").iterdir())
+    assert inbox == sorted(set(inbox)) and len(inbox) == len(delivered)
+    for name in inbox:
+        number = int(name.removeprefix("doc-").removesuffix(".hl7"))
+        text = (layout.hospital.inbox_dir / "lab" / name).read_bytes()
+        assert text == f"MSH|document {number}\r".encode()
+
+
+def test_backup_without_a_recipient_is_refused(layout: DemoLayout, tmp_path: Path) -> None:
+    made = medgw("backup", "--to", tmp_path / "b.p7m", "--config", layout.lab.config_path)
+    assert made.returncode == 1
+    assert "no [backup] section" in made.stderr and "recipient" in made.stderr
+
+
+@pytest.mark.parametrize("bad", ['recipient = "nope.crt"', 'cipher = "des-ede3-cbc"'])
+def test_backup_configuration_is_checked(layout: DemoLayout, tmp_path: Path, bad: str) -> None:
+    _, cert = recipient(tmp_path)
+    config = layout.lab.config_path
+    base = f'recipient = "{cert}"\n' if "recipient" not in bad else ""
+    config.write_text(config.read_text() + f"\n[backup]\n{base}{bad}\n")
+    check = medgw("check-config", "--config", config)
+    assert check.returncode == 1
+    assert "backup." in check.stdout + check.stderr
