@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType
+from gateway.audit.export.cursor import Position
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.audit_trail import wait_for_event, wait_for_events
@@ -68,18 +70,23 @@ def test_the_daemon_alerts_on_a_record_edited_before_it_started(
         log.emit(AuditEvent(EventType.MESSAGE_SENT, peer="lab", message_id=f"<{n}@x>"))
     log.close()
     tamper(trail, 3)
+    # The export has sent nothing yet: it reads record 3 too.
+    state = layout.hospital.root / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "audit-export.json").write_text(json.dumps(asdict(Position())))
     processes.start(layout.hospital.config_path)
-    [alert] = wait_for_events(
-        trail,
-        "audit.verification_failed",
-        where=lambda r: r.get("detail", {}).get("checked_by") == "daemon",
-    )
+    [alert] = wait_for_events(trail, "audit.verification_failed")
     assert alert["severity"] == "alert" and alert["detail"]["seq"] == 3
     assert f"{trail}: record 3 was altered after it was written" in alert["reason"]
     assert alert["call"]  # whom to call, as every alert
-    # Export on for the first time: the records before it are not sent, the alert is.
     [item] = wait_until(lambda: alerts_at(collector), 30, "the alert at the collector")
     assert item.severity == 1  # syslog Alert
+    # Both the daemon's check and the export read record 3: one alert, not two.
+    wait_until(
+        lambda: {5, item.seq} <= {r.seq for r in collector.received()}, 30, "records exported"
+    )
+    recorded = [r for r in read_audit(trail) if r["event"] == "audit.verification_failed"]
+    assert recorded == [alert]
 
 
 def test_an_edit_while_running_is_found_at_the_next_checkpoint_and_by_audit_verify(
@@ -100,10 +107,12 @@ def test_an_edit_while_running_is_found_at_the_next_checkpoint_and_by_audit_veri
     started = wait_for_event(trail, "daemon.started")
     assert not [r for r in read_audit(trail) if r["event"] == "audit.verification_failed"]
     tamper(trail, started["seq"])
+    # Found by the daemon's check after the next checkpoint, or by the export reading
+    # the record again (it re-reads what it sent last): one alert either way.
     [found] = wait_for_events(
         trail,
         "audit.verification_failed",
-        where=lambda r: r.get("detail", {}).get("checked_by") == "daemon",
+        where=lambda r: r.get("detail", {}).get("checked_by") in ("daemon", "export"),
     )
     assert found["detail"]["seq"] == started["seq"]
 
@@ -135,3 +144,28 @@ def test_an_edit_while_running_is_found_at_the_next_checkpoint_and_by_audit_veri
     last = read_audit(trail)[-1]
     assert last["event"] == "audit.verification_failed" and last["severity"] == "alert"
     assert last["detail"]["checked_by"] == "medgw audit verify"
+
+
+def test_without_export_the_daemon_finds_an_edit_after_its_next_checkpoint(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    key, cert = openssl_audit_key(tmp_path)
+    key.chmod(0o600)
+    config = layout.hospital.config_path
+    with config.open("a") as handle:
+        handle.write(
+            f'\n[audit]\nsigning_key = "{key}"\ncertificate = "{cert}"\n'
+            "checkpoint_every_seconds = 1\n"
+        )
+    processes.start(config)
+    trail = layout.hospital.audit_log
+    # Once the timer has sealed, the check at start is over: what follows is found by the
+    # check after each timed checkpoint.
+    wait_for_event(trail, "audit.checkpoint")
+    listed = medgw("queue", "list", "--config", config)  # an operator's read: one record
+    assert listed.returncode == 0, listed.stderr
+    [read] = wait_for_events(trail, "messages.listed")
+    tamper(trail, read["seq"])
+    [found] = wait_for_events(trail, "audit.verification_failed")
+    assert found["detail"] == {"seq": read["seq"], "file": str(trail), "checked_by": "daemon"}
+    assert found["seq"] > read["seq"] + 1  # sealed by a checkpoint, then checked

@@ -31,7 +31,7 @@ from gateway.audit.export.exporter import CURSOR_NAME, AuditExporter
 from gateway.audit.export.exporter import Target as ExportTarget
 from gateway.audit.export.record import Source as ExportSource
 from gateway.audit.seal import CheckpointKeys, Sealer
-from gateway.audit.watch import TrailWatch
+from gateway.audit.watch import BrokenRecords, TrailWatch
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, load_config
@@ -99,6 +99,7 @@ class Daemon:
         self._handover: HandOver | None = None
         self._exporter: AuditExporter | None = None  # [audit.export]
         self._watch: TrailWatch | None = None  # the daemon's own check of its trail
+        self._broken: BrokenRecords | None = None  # alerts on bad records, once each
         self._export_task: asyncio.Task[None] | None = None
         # Every outbound connection, judged by the configuration in force when it is made.
         self._network = Network(self._network_map, on_refused=self._egress_refused)
@@ -211,8 +212,9 @@ class Daemon:
         )
         self._alerts = AlertCalls(self._audit, config.responsible, self._log)
         keys = CheckpointKeys([config.audit.certificate]) if config.audit is not None else None
-        self._watch = TrailWatch(config.storage.audit_log, keys, self._alerts, self._log)
         self._sink = self._observer.sink(self._alerts)
+        self._broken = BrokenRecords(self._sink, self._log)  # the same record alerts once
+        self._watch = TrailWatch(config.storage.audit_log, keys, self._broken)
         self._spool = open_spool(config.storage.spool_path, self._clock)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
@@ -532,6 +534,7 @@ class Daemon:
             route=self._network.internal(),
             log=self._log,
             clock=self._clock,
+            on_broken=self._broken.reporter("export") if self._broken else None,
         )
         self._export_task = asyncio.get_running_loop().create_task(
             self.tasks.supervised("audit export", self._exporter.run)

@@ -91,8 +91,13 @@ class AuditExporter:
         route: Route,
         log: Logger,
         clock: Clock,
+        on_broken: Callable[[Broken], None] | None = None,
     ) -> None:
+        """``on_broken``: who alerts on a record whose chain link does not hold (the
+        daemon's gateway.audit.watch.BrokenRecords, shared with its own check); by default
+        this exporter, once each."""
         self._target = target
+        self._report_broken = on_broken or self._on_broken
         self._log_path = log_path
         self._cursor_path = state_dir / CURSOR_NAME
         self._audit = audit
@@ -217,7 +222,7 @@ class AuditExporter:
     def _frames(self, target: Target, start: Position) -> tuple[bytes, Position, bool]:
         """The next records after ``start``, framed for the wire, the cursor after them, and
         whether there may be more (a full batch)."""
-        reads = read_forward(self._log_path, start, BATCH, self._on_broken)
+        reads = read_forward(self._log_path, start, BATCH, self._report_broken)
         if not reads:
             return b"", start, False
         settings = target.settings
