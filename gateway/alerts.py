@@ -31,6 +31,7 @@ _AREAS: dict[str, str] = {
     EventType.DECRYPTION_FAILED: "encryption",
     EventType.COMPAT_ALGORITHM_USED: "encryption",
     EventType.RECEIPT_INVALID: "encryption",
+    EventType.EMERGENCY_BREAK_GLASS: "authentication",
 }
 NOBODY = "no one is named in [[responsible]] in gateway.toml (NET-6b)"
 

@@ -19,6 +19,7 @@ from gateway.commands import (
     daemon,
     demo,
     diagnose,
+    emergency,
     handover,
     maintainer,
     maintenance,
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     smime.register(commands)
     maintenance.register(commands)
     maintainer.register(commands)
+    emergency.register(commands)
     pki = commands.add_parser(
         "pki",
         help="certificate tools",

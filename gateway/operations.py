@@ -15,6 +15,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.backup.bundle import Written, created_event, write_bundle
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
+from gateway.emergency.actions import Emergency
 from gateway.errors import MedgwError, SpoolError
 from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import PurgeRequest, Retention
@@ -83,6 +84,7 @@ class Operations:
     # Peers with a use that has no acceptable certificate now, and why (the daemon's view).
     unusable: Callable[[], Mapping[str, str]] = dict
     audit_files: AuditFiles | None = None  # the closed audit files purge may dispose of
+    emergency: Emergency | None = None  # break-glass credential and emergency mode
 
     def _peer(self, name: str) -> str:
         if self.config.peer(name) is None:

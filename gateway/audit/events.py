@@ -122,6 +122,12 @@ class EventType(StrEnum):
     # An encrypted, signed backup bundle written (OUT-1), and one restored onto this host.
     BACKUP_CREATED = "backup.created"
     BACKUP_RESTORED = "backup.restored"
+    # Emergencies (gateway.emergency): a break-glass credential sealed (any earlier one
+    # stops working), used (an alert), emergency mode entered (an alert) and left.
+    EMERGENCY_SEALED = "emergency.credential_sealed"
+    EMERGENCY_BREAK_GLASS = "emergency.break_glass_used"
+    EMERGENCY_ENTERED = "emergency.entered"
+    EMERGENCY_LEFT = "emergency.left"
 
 
 class Outcome(StrEnum):

@@ -17,6 +17,7 @@ from gateway.config.api import load_api
 from gateway.config.audit import load_audit
 from gateway.config.backup import load_backup
 from gateway.config.delivery import load_delivery
+from gateway.config.emergency import EmergencySettings, load_emergency
 from gateway.config.identity import load_identity, load_tls
 from gateway.config.listeners import load_listeners
 from gateway.config.maintenance import load_maintenance
@@ -65,6 +66,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     retention_section = root.table("retention", required=False) if "retention" in data else None
     metrics_section = root.table("metrics", required=False) if "metrics" in data else None
     backup = load_backup(reader, root.table("backup")) if "backup" in data else None
+    emergency_section = root.table("emergency", required=False) if "emergency" in data else None
     root.finish()
 
     peers = load_peers(reader, source, identity.peers_dir, smime)
@@ -97,6 +99,11 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     metrics = (
         load_metrics(metrics_section, listeners, others) if metrics_section is not None else None
     )
+    emergency = (
+        load_emergency(emergency_section, [p.name for p in peers])
+        if emergency_section is not None
+        else EmergencySettings()
+    )
     resolved = network_problems(reader, source, zones, listeners, peers, api, delivery)
 
     if reader.errors or tls is None or smime is None:
@@ -125,4 +132,5 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         retention=retention,
         metrics=metrics,
         backup=backup,
+        emergency=emergency,
     )

@@ -18,6 +18,7 @@ import asyncssh
 
 from gateway.config.listeners import Listener
 from gateway.config.zones import Zone
+from gateway.emergency.credential import USER as BREAK_GLASS_USER
 from gateway.maintenance import algorithms, totp
 from gateway.tomlreader import Reader, Section
 
@@ -210,6 +211,13 @@ def load_maintainer(reader: Reader, path: Path) -> Maintainer | None:
             f"{person!r} is not a usable SSH user name",
             "name the file <person>.toml with lower-case letters, digits, '.', '_' or '-'",
         )
+    if person == BREAK_GLASS_USER:
+        section.problem(
+            "",
+            f"{person!r} is the user name of the sealed break-glass credential",
+            "name the person's file after the person (medgw emergency seal makes the "
+            "break-glass credential)",
+        )
     name = section.string("name", example='"Hanako Yamada"')
     role = section.choice("role", ROLES, default="viewer")
     lines = section.string_list("public_keys", empty_fix="add the person's OpenSSH public key")
@@ -246,7 +254,8 @@ def load_maintainer(reader: Reader, path: Path) -> Maintainer | None:
         expires = None
     reader.check_private_mode(section, "totp_secret", path, "maintainer account file")
     section.finish()
-    if not PERSON.match(person) or expires is None or not keys or len(secret) < 16:
+    unusable = not PERSON.match(person) or person == BREAK_GLASS_USER
+    if unusable or expires is None or not keys or len(secret) < 16:
         return None
     return Maintainer(
         person, name, role, tuple(keys), tuple(fingerprints), secret, algorithm, expires, path

@@ -13,6 +13,7 @@ from gateway.audit.seal import SealSettings
 from gateway.config.api import ApiSettings
 from gateway.config.backup import BackupSettings
 from gateway.config.delivery import DeliverySettings
+from gateway.config.emergency import EmergencySettings
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
 from gateway.config.maintenance import MaintenanceSettings
@@ -57,6 +58,7 @@ class GatewayConfig:
     retention: RetentionSettings = KEEP  # [retention]: everything kept for ever by default
     metrics: MetricsSettings | None = None  # [metrics]: Prometheus and health endpoints
     backup: BackupSettings | None = None  # [backup]: whom medgw backup encrypts to
+    emergency: EmergencySettings = field(default_factory=EmergencySettings)  # [emergency]
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)

@@ -122,6 +122,8 @@ class ControlServer:
         app.router.add_post("/v1/purge", self._purge)
         app.router.add_post("/v1/audit/verification-failed", self._verification_failed)
         app.router.add_post("/v1/backup", self._backup)
+        app.router.add_get("/v1/emergency", self._emergency)
+        app.router.add_post("/v1/emergency/{action:seal|enter|leave}", self._emergency)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
         front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
@@ -313,6 +315,41 @@ class ControlServer:
         except MedgwError as exc:
             return _error(exc, 400)
         return web.json_response(entry)
+
+    async def _emergency(self, request: web.Request) -> web.Response:
+        """Where emergencies stand; seal a break-glass credential; enter or leave
+        emergency mode (gateway.emergency), each audited with the caller."""
+        who = caller(request)
+        emergency = self._ops().emergency
+        if emergency is None:
+            return _error(MedgwError("emergencies are not handled here"), 503)
+        if request.method == "GET":
+            return web.json_response(emergency.status())
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        action = request.match_info["action"]
+        hours = body.get("hours")
+        try:
+            if action == "seal":
+                answer = emergency.seal(
+                    str(body.get("public_key", "")),
+                    str(body.get("salt", "")),
+                    str(body.get("verifier", "")),
+                    who,
+                )
+            elif action == "enter":
+                answer = emergency.enter(
+                    str(body.get("reason", "")),
+                    str(body["until"]) if body.get("until") is not None else None,
+                    float(hours) if isinstance(hours, int | float) else None,
+                    who,
+                )
+            else:
+                answer = emergency.leave(str(body.get("reason", "")), who)
+        except MedgwError as exc:
+            return _error(exc, 400)
+        return web.json_response(answer)
 
     async def _submit_message(self, request: web.Request) -> web.Response:
         submission = parse_submission(request, caller(request))

@@ -48,6 +48,8 @@ from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, unusable
 from gateway.delivery.http import HandOver
 from gateway.egress import Network, NetworkMap, Refused
+from gateway.emergency.actions import Emergency
+from gateway.emergency.mode import MarkingSink
 from gateway.errors import MedgwError
 from gateway.fsutil import private_folder, shared_folder
 from gateway.httpfront import FrontDoor
@@ -64,6 +66,8 @@ from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import Retention
 from gateway.sdnotify import Notifier
 from gateway.spool import Spool, open_spool
+
+EMERGENCY_TICK_SECONDS = 1.0  # how soon emergency mode is left when its time is up
 
 
 class Daemon:
@@ -95,6 +99,7 @@ class Daemon:
         self._reloader: Reloader | None = None
         self._control: ControlServer | None = None
         self._maintenance: MaintenanceServer | None = None
+        self._emergency: Emergency | None = None
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
         self._exporter: AuditExporter | None = None  # [audit.export]
@@ -153,6 +158,7 @@ class Daemon:
             lambda message_id: self.tasks.spawn(self._outbound_prepare_again(message_id)),
             lambda: unusable(self.state.trust),
             self._audit_files(),
+            self._emergency,
         )
 
     def _audit_files(self) -> AuditFiles:
@@ -210,7 +216,16 @@ class Daemon:
             sealer=sealer,
             rotation=config.audit_rotation,
         )
-        self._alerts = AlertCalls(self._audit, config.responsible, self._log)
+        self._emergency = Emergency(
+            config.storage.state_dir,
+            self._clock,
+            self._audit_sink,
+            lambda: self.state.config.emergency,
+        )
+        # While emergency mode is on, every event about a message carries its mark.
+        emergency = self._emergency
+        marked = MarkingSink(self._audit, lambda: emergency.mode)
+        self._alerts = AlertCalls(marked, config.responsible, self._log)
         keys = CheckpointKeys([config.audit.certificate]) if config.audit is not None else None
         self._sink = self._observer.sink(self._alerts)
         self._broken = BrokenRecords(self._sink, self._log)  # the same record alerts once
@@ -314,6 +329,7 @@ class Daemon:
             tasks.spawn(tasks.supervised("hand-over to internal systems", self._handover.run))
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))
             tasks.spawn(tasks.supervised("retention sweep", self._retention_loop))
+            tasks.spawn(tasks.supervised("emergency time bound", self._emergency_loop))
             tasks.spawn(tasks.supervised("CRL refresh", self._reloader.crl_refresh_loop))
             every = config.audit.every_seconds if config.audit is not None else None
             tasks.spawn(tasks.supervised("audit checkpoints", lambda: self._seal_loop(every)))
@@ -405,6 +421,7 @@ class Daemon:
             self._clock,
             self.reload,
             approvals.approved,
+            self._emergency,
         )
         await self._maintenance.start()
 
@@ -563,6 +580,14 @@ class Daemon:
             self._audit.close()
         if self._instance is not None:
             self._instance.release()
+
+    async def _emergency_loop(self) -> None:
+        """Emergency mode ends by itself when its time is up (also one that ended while
+        the gateway was down): left and audited here."""
+        assert self._emergency is not None
+        while not self.tasks.stopping:
+            self._emergency.mode.expire()
+            await self.tasks.sleep_unless_stopping(EMERGENCY_TICK_SECONDS)
 
     async def _seal_loop(self, every: float | None) -> None:
         """The trail's tail checked at start; then (with [audit] signing) a signed

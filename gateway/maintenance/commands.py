@@ -16,6 +16,7 @@ from typing import Any
 
 from gateway.audit.files import trail_files
 from gateway.audit.query import Filters, patients_of, records
+from gateway.emergency.actions import Emergency
 from gateway.errors import MedgwError
 from gateway.operations import Operations, record_view
 from gateway.spool import OutboundState
@@ -165,6 +166,28 @@ async def _audit_query(ctx: Context, args: list[str]) -> Result:
     return Result(0, text, shown)
 
 
+def _emergency(ctx: Context) -> Emergency:
+    if ctx.operations.emergency is None:
+        raise MedgwError("emergencies are not handled here")
+    return ctx.operations.emergency
+
+
+async def _emergency_status(ctx: Context, args: list[str]) -> Result:
+    return Result(0, _json(_emergency(ctx).status()))
+
+
+async def _emergency_enter(ctx: Context, args: list[str]) -> Result:
+    try:
+        hours = float(args[0])
+    except ValueError:
+        return Result(2, f"{args[0]!r} is not a number of hours\n")
+    return Result(0, _json(_emergency(ctx).enter(" ".join(args[1:]), None, hours, ctx.actor)))
+
+
+async def _emergency_leave(ctx: Context, args: list[str]) -> Result:
+    return Result(0, _json(_emergency(ctx).leave(" ".join(args), ctx.actor)))
+
+
 async def _reload(ctx: Context, args: list[str]) -> Result:
     if await ctx.reload():
         return Result(0, _json({"reloaded": True}))
@@ -188,6 +211,11 @@ COMMANDS = (
         _audit_query,
     ),
     Command(("reload",), "admin", "reload", None, _reload),
+    Command(("emergency", "status"), "admin", "emergency status", None, _emergency_status),
+    Command(
+        ("emergency", "enter"), "admin", "emergency enter HOURS REASON", None, _emergency_enter
+    ),
+    Command(("emergency", "leave"), "admin", "emergency leave REASON", None, _emergency_leave),
 )
 # How many words after the command each takes: (least, most).
 ARITY = {
@@ -200,6 +228,9 @@ ARITY = {
     "peers suspend": (1, 64),
     "peers resume": (1, 1),
     "reload": (0, 0),
+    "emergency status": (0, 0),
+    "emergency enter": (2, 64),
+    "emergency leave": (1, 64),
     "audit query": (0, 2 * len(AUDIT_OPTIONS)),
 }
 

@@ -9,6 +9,11 @@ and asyncssh's client go on with it.  Whether the account has expired or lies
 outside an approved window is said only after both factors: a stranger learns
 nothing about accounts.
 
+The sealed break-glass credential (gateway.emergency) logs in the same two steps as
+user ``emergency``: its key, then its code.  It needs no approved window; its use is
+recorded durably before the session starts, raises an alert and declares an emergency,
+and the session has the admin role.
+
 Refused, each with an audit event: a shell, subsystems (SFTP), local and remote port
 forwarding (TCP and unix sockets), tunnels, agent and X11 forwarding (also switched
 off in asyncssh's options).  A pseudo-terminal is refused by asyncssh.
@@ -29,11 +34,14 @@ from asyncssh.public_key import decode_ssh_public_key
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config.maintenance import Maintainer, MaintenanceSettings
+from gateway.emergency.actions import Emergency
+from gateway.emergency.credential import USER as BREAK_GLASS_USER
 from gateway.maintenance import algorithms, commands, totp
 from gateway.operations import Operations
 
 LOGIN_TIMEOUT_SECONDS = 30
 MAX_CODE_ATTEMPTS = 3
+MAX_CODE_CHARS = 64  # a one-time code, or the break-glass envelope's longer code
 # Approved(person, now) -> whether an approved window covers now.
 Approved = Callable[[str, float], bool]
 
@@ -67,8 +75,10 @@ class MaintenanceServer:
         clock: Clock,
         reload: Callable[[], Awaitable[bool]],
         approved: Approved,
+        emergency: Emergency | None = None,
     ) -> None:
         self.settings = settings
+        self._emergency = emergency
         self._operations = operations
         self._audit = audit
         self._clock = clock
@@ -119,7 +129,7 @@ class MaintenanceServer:
         self.settings = settings
         today = self._clock.now().date()
         for session in list(self._sessions.values()):
-            if not session.logged_in or session.person is None:
+            if not session.logged_in or session.person in (None, BREAK_GLASS_USER):
                 continue
             account = settings.maintainer(session.person)
             if account is None:
@@ -178,6 +188,17 @@ class MaintenanceServer:
         session.ended = True
         if session.logged_in:
             self.emit(session, EventType.MAINTENANCE_LOGOUT, reason="the client closed it")
+        elif session.person == BREAK_GLASS_USER and session.code_failures == 0:
+            # Any attempt at the break-glass login is worth a look: a used or replaced
+            # envelope, or someone trying the name.
+            self.emit(
+                session,
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason="no sealed break-glass credential matches (used, replaced, unsealed)",
+                detail={"break_glass": "refused"},
+            )
         elif session.fingerprint:
             self.emit(
                 session,
@@ -196,12 +217,17 @@ class MaintenanceServer:
             session.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
 
     def key_allowed(self, person: str, key: asyncssh.SSHKey) -> bool:
+        if person == BREAK_GLASS_USER:
+            found = self._emergency
+            return found is not None and found.sealed_key(key.get_fingerprint("sha256"))
         account = self.settings.maintainer(person)
         return account is not None and key.get_fingerprint("sha256") in account.fingerprints
 
     def check_code(self, session: _Session, code: str) -> bool:
         """The second factor, then the account's expiry and approval: the login."""
         assert session.person is not None
+        if session.person == BREAK_GLASS_USER:
+            return self._break_glass(session, code)
         account = self.settings.maintainer(session.person)
         now = self._clock.now()
         step = (
@@ -214,18 +240,7 @@ class MaintenanceServer:
         if account is not None and session.fingerprint not in account.fingerprints:
             account = None
         if account is None or step is None or replayed:
-            session.code_failures += 1
-            self.emit(
-                session,
-                EventType.MAINTENANCE_LOGIN_FAILED,
-                outcome=Outcome.FAILURE,
-                severity=Severity.WARNING,
-                reason="one-time code already used" if replayed else "wrong one-time code",
-                detail={"second_factor": "failed", "attempt": session.code_failures},
-            )
-            if session.code_failures >= MAX_CODE_ATTEMPTS and session.conn is not None:
-                session.ended = True
-                session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "")
+            self._wrong_code(session, "one-time code already used" if replayed else None)
             return False
         self._last_step[session.person] = step
         refusal = self._refusal(account, now.timestamp())
@@ -249,6 +264,53 @@ class MaintenanceServer:
             session,
             EventType.MAINTENANCE_LOGIN,
             detail={"second_factor": "passed", "role": account.role, "name": account.name},
+        )
+        return True
+
+    def _wrong_code(self, session: _Session, reason: str | None = None) -> None:
+        session.code_failures += 1
+        self.emit(
+            session,
+            EventType.MAINTENANCE_LOGIN_FAILED,
+            outcome=Outcome.FAILURE,
+            severity=Severity.WARNING,
+            reason=reason or "wrong one-time code",
+            detail={"second_factor": "failed", "attempt": session.code_failures},
+        )
+        if session.code_failures >= MAX_CODE_ATTEMPTS and session.conn is not None:
+            session.ended = True
+            session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "")
+
+    def _break_glass(self, session: _Session, code: str) -> bool:
+        """The sealed credential's one use: recorded before anything else, then the
+        alert, then emergency mode (EMG-3)."""
+        found = self._emergency
+        assert found is not None and session.fingerprint is not None
+        sealed = found.break_glass(session.fingerprint, code, session.remote)
+        if sealed is None:
+            self._wrong_code(session)
+            return False
+        session.logged_in = True
+        session.role = "admin"
+        self.emit(
+            session,
+            EventType.EMERGENCY_BREAK_GLASS,
+            severity=Severity.ALERT,
+            reason="the sealed break-glass credential was used: it no longer works; "
+            "seal a new one (medgw emergency seal)",
+            detail={"serial": sealed.serial, "sealed_by": sealed.sealed_by},
+        )
+        window = found.enter_for_break_glass(actor_of(BREAK_GLASS_USER))
+        self._arm_idle(session)
+        self.emit(
+            session,
+            EventType.MAINTENANCE_LOGIN,
+            detail={
+                "second_factor": "passed",
+                "role": "admin",
+                "break_glass": sealed.serial,
+                "emergency": window.id,
+            },
         )
         return True
 
@@ -367,7 +429,7 @@ class _Connection(asyncssh.SSHServer):
     def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
         if self._session.fingerprint is None or len(responses) != 1:
             return False
-        return self._server.check_code(self._session, responses[0][:16])
+        return self._server.check_code(self._session, responses[0][:MAX_CODE_CHARS])
 
     def session_requested(self) -> asyncssh.SSHServerSession[str] | bool:
         if not self._session.logged_in:

@@ -1,0 +1,137 @@
+"""What an administrator and the break-glass login do about emergencies, audited: seal
+a credential, enter and leave emergency mode, see where things stand.  Used by the
+control socket (the host's CLI) and the maintenance console alike."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.clock import Clock, iso_time
+from gateway.config.emergency import EmergencySettings
+from gateway.config.maintenance import parse_public_key
+from gateway.emergency.credential import (
+    CredentialError,
+    CredentialStore,
+    Sealed,
+    code_matches,
+)
+from gateway.emergency.mode import EmergencyMode, Window, end_of
+
+HEX = re.compile(r"^[0-9a-f]+$")
+
+
+class Emergency:
+    def __init__(
+        self,
+        state_dir: Path,
+        clock: Clock,
+        audit: Callable[[], AuditSink],
+        settings: Callable[[], EmergencySettings],
+    ) -> None:
+        self._clock = clock
+        self._audit = audit
+        self._settings = settings
+        self.mode = EmergencyMode(state_dir, clock, audit, settings)
+        self.credentials = CredentialStore(state_dir)
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    # -- the sealed credential ---------------------------------------------------
+
+    def seal(self, public_key: str, salt: str, verifier: str, actor: str) -> dict[str, Any]:
+        """Store a new credential's verifier in place of the old one, audited."""
+        key, why = parse_public_key(public_key)
+        if key is None:
+            raise CredentialError(f"the public key: {why}", fix="run medgw emergency seal again")
+        if len(salt) != 32 or len(verifier) != 64 or not HEX.match(salt + verifier):
+            raise CredentialError(
+                "the code's verifier is not a 16-byte salt and an HMAC-SHA-256 in hex",
+                fix="run medgw emergency seal again",
+            )
+        sealed, old = self.credentials.seal(
+            public_key.strip(),
+            key.get_fingerprint("sha256"),
+            bytes.fromhex(salt),
+            verifier,
+            actor=actor,
+            now=self._now(),
+        )
+        detail: dict[str, Any] = {"serial": sealed.serial, "key": sealed.fingerprint}
+        if old is not None:
+            detail["replaces"] = old.serial
+            detail["replaced_was_used"] = old.used_at is not None
+        self._audit().emit(
+            AuditEvent(
+                EventType.EMERGENCY_SEALED,
+                severity=Severity.WARNING,
+                actor=actor,
+                reason="a new break-glass credential was sealed; any earlier one no longer works",
+                detail=detail,
+            )
+        )
+        return sealed.view() | {"sealed_at": iso_time(sealed.sealed_at)}
+
+    def sealed_key(self, fingerprint: str) -> bool:
+        """Whether ``fingerprint`` is the key of a sealed credential not yet used."""
+        try:
+            sealed = self.credentials.current()
+        except CredentialError:
+            return False
+        return sealed is not None and sealed.used_at is None and sealed.fingerprint == fingerprint
+
+    def break_glass(self, fingerprint: str, code: str, remote: str) -> Sealed | None:
+        """The credential, its one use recorded durably, when key and code are right."""
+        try:
+            sealed = self.credentials.current()
+        except CredentialError:
+            return None
+        if (
+            sealed is None
+            or sealed.used_at is not None
+            or sealed.fingerprint != fingerprint
+            or not code_matches(sealed, code)
+        ):
+            return None
+        if not self.credentials.use(sealed, remote, self._now()):
+            return None
+        return sealed
+
+    def enter_for_break_glass(self, actor: str) -> Window:
+        """The break-glass login declares an emergency, unless one is on already."""
+        on = self.mode.current()
+        if on is not None:
+            return on
+        until = self._now() + self._settings().break_glass_hours * 3600
+        return self.mode.enter("the break-glass credential was used", until, actor)
+
+    # -- the mode ------------------------------------------------------------------
+
+    def enter(
+        self, reason: str, until: str | None, hours: float | None, actor: str
+    ) -> dict[str, object]:
+        end = end_of(until, hours, self._now(), self._settings().max_hours)
+        return self.mode.enter(reason, end, actor).view()
+
+    def leave(self, reason: str, actor: str) -> dict[str, object]:
+        return self.mode.leave(actor, reason).view()
+
+    def status(self) -> dict[str, Any]:
+        window = self.mode.current()
+        try:
+            sealed = self.credentials.current()
+            credential: dict[str, Any] | str | None = sealed.view() if sealed else None
+        except CredentialError as exc:
+            credential = f"not usable: {exc.message}"
+        if isinstance(credential, dict):
+            for key in ("sealed_at", "used_at"):
+                credential[key] = iso_time(credential[key] or 0)
+        return {
+            "emergency_mode": window.view() if window else None,
+            "relaxed_while_on": self._settings().relaxations(),
+            "break_glass": credential,
+        }
