@@ -10,16 +10,23 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 import pytest
 
-from gateway.demo_run import wait_until
+from gateway.audit import AuditEvent, EventType, Severity
+from gateway.config import load_config
+from gateway.config.emergency import EmergencySettings
+from gateway.demo_run import drop_file, wait_until
 from gateway.emergency.credential import FILE_NAME as CREDENTIAL_FILE
+from gateway.emergency.mode import EmergencyError, EmergencyMode, MarkingSink, end_of
+from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
+from tests.audit_trail import events, wait_for_events
+from tests.clocks import TickingClock
 from tests.rsyslog import Collector
 from tests.test_maintenance_ssh import Site
 
@@ -136,3 +143,159 @@ def test_break_glass_works_once_raises_the_alert_and_needs_a_new_seal(
         r for r in site.events("maintenance.login_failed") if r["actor"] == "maintainer:emergency"
     ]
     assert failed, "the refused uses are audited"
+
+
+def _send_and_wait(layout: DemoLayout, name: str, count: int) -> str:
+    """Drop ``name`` in the lab's outbox for the hospital; its message id once the
+    hospital has sent its receipt (the last event of the exchange there)."""
+    drop_file(layout.lab.outbox_dir / "hospital", name, f"MSH|{name}".encode())
+    wait_for_events(layout.hospital.audit_log, "receipt.sent", count=count)
+    [accepted] = wait_for_events(
+        layout.lab.audit_log,
+        "message.accepted",
+        where=lambda r: r["detail"].get("filename") == name,
+    )
+    return str(accepted["message_id"])
+
+
+def test_the_emergency_report_lists_exactly_the_messages_of_the_window(
+    layout: DemoLayout, processes: Any
+) -> None:
+    config = str(layout.hospital.config_path)
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "emergency", *args, "--config", config],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    before = _send_and_wait(layout, "before.hl7", 1)
+    entered = json.loads(run("enter", "--reason", "CRL server down", "--hours", "2").stdout)
+    during = [_send_and_wait(layout, f"during-{n}.hl7", 2 + n) for n in range(2)]
+    left = json.loads(run("leave", "--reason", "CRL server back").stdout)
+    assert left["id"] == entered["id"]
+    after = _send_and_wait(layout, "after.hl7", 4)
+    report = run("report", "--last", "--format", "json").stdout
+    listed = [json.loads(line) for line in report.splitlines()]
+    assert sorted(m["message_id"] for m in listed) == sorted(during), (before, after)
+    assert {m["window"] for m in listed} == {entered["id"]}
+    assert all(m["direction"] == "inbound" and m["peer"] == "lab" for m in listed)
+    assert all("message.delivered:success" in m["events"] for m in listed)
+    # by time: the day's report holds the same messages, and the table names the window
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    by_day = run("report", "--since", today, "--until", today, "--format", "json").stdout
+    assert sorted(json.loads(line)["message_id"] for line in by_day.splitlines()) == sorted(during)
+    table = run("report", "--last").stdout
+    assert f"WINDOW {entered['id']}" in table and "CRL server down" in table
+    assert "left by operator:" in table and "CRL server back" in table
+    # entering and leaving are audited; entering is an alert
+    [on] = events(layout.hospital.audit_log, "emergency.entered")
+    assert on["severity"] == "alert" and on["reason"] == "CRL server down"
+    [off] = events(layout.hospital.audit_log, "emergency.left")
+    assert off["detail"]["emergency"] == entered["id"]
+
+
+def test_emergency_mode_ends_by_itself_and_a_restart_neither_ends_nor_forgets_it(
+    tmp_path: Path,
+) -> None:
+    clock = TickingClock()
+    recorded: list[AuditEvent] = []
+
+    class Sink:
+        def emit(self, event: AuditEvent) -> None:
+            recorded.append(event)
+
+    settings = EmergencySettings(crl_stale_days=3)
+    mode = EmergencyMode(tmp_path, clock, Sink, lambda: settings)
+    marked = MarkingSink(Sink(), lambda: mode)
+    start = clock.now().timestamp()
+    window = mode.enter("power failure", start + 3600, "operator:root (uid 0)")
+    marked.emit(AuditEvent(EventType.MESSAGE_RECEIVED, message_id="m1"))
+    marked.emit(AuditEvent(EventType.DAEMON_STARTED))
+    # a restart in between: the window is read back from the state folder
+    again = EmergencyMode(tmp_path, clock, Sink, lambda: settings)
+    assert again.current() == window
+    again.expire()
+    assert again.current() == window and recorded[-1].event is EventType.DAEMON_STARTED
+    clock.at += timedelta(hours=1)
+    marked = MarkingSink(Sink(), lambda: again)
+    marked.emit(AuditEvent(EventType.MESSAGE_RECEIVED, message_id="m2"))
+    again.expire()
+    entered, first, daemon, second, left = recorded
+    assert entered.event is EventType.EMERGENCY_ENTERED and entered.severity is Severity.ALERT
+    assert entered.detail["relaxed"] == {"crl_stale_days": 3}
+    assert first.detail["emergency"] == window.id and "emergency" not in daemon.detail
+    assert "emergency" not in second.detail  # its end has passed: no longer marked
+    assert left.event is EventType.EMERGENCY_LEFT and left.actor == "medgw"
+    assert left.reason == "its time bound was reached"
+    assert not (tmp_path / "emergency-mode.json").exists()
+    with pytest.raises(EmergencyError, match="emergency mode is off"):
+        again.leave("operator:root (uid 0)", "done")
+
+
+def test_an_emergency_needs_a_reason_and_an_end_within_max_hours(tmp_path: Path) -> None:
+    clock = TickingClock()
+    now = clock.now().timestamp()
+    with pytest.raises(EmergencyError, match="exactly one of --until and --hours"):
+        end_of(None, None, now, 24)
+    with pytest.raises(EmergencyError, match="not within the next 24 hours"):
+        end_of(None, 25, now, 24)
+    with pytest.raises(EmergencyError, match="has no UTC offset"):
+        end_of("2026-11-27T05:00", None, now, 24)
+    five = datetime(2026, 11, 27, 5, tzinfo=UTC).timestamp()
+    assert end_of("2026-11-27T14:00+09:00", None, now, 24) == five
+    mode = EmergencyMode(tmp_path, clock, lambda: _Null(), EmergencySettings)
+    with pytest.raises(EmergencyError, match="the reason is empty"):
+        mode.enter(" \n", now + 60, "operator:root (uid 0)")
+    mode.enter("flood", now + 60, "operator:root (uid 0)")
+    with pytest.raises(EmergencyError, match="already on"):
+        mode.enter("again", now + 60, "operator:root (uid 0)")
+
+
+class _Null:
+    def emit(self, event: AuditEvent) -> None:
+        pass
+
+
+def _emergency_problems(config: Path, table: str) -> list[str]:
+    with config.open("a") as handle:
+        handle.write(f"\n[emergency]\n{table}\n")
+    try:
+        load_config(config)
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("table", "rule"),
+    [
+        ("zones = false", "the zones (NET-4)"),
+        ("allow_transit = true", "transit between zones (NET-4)"),
+        ("verify_signatures = false", "signature verification (NET-5)"),
+        ('unsigned_peers = ["lab"]', "signature verification (NET-5)"),
+    ],
+)
+def test_check_config_refuses_relaxing_the_zones_or_signature_verification(
+    layout: DemoLayout, table: str, rule: str
+) -> None:
+    [problem] = _emergency_problems(layout.hospital.config_path, table)
+    assert f"{rule} can never be relaxed" in problem and "emergency." in problem
+
+
+def test_check_config_reads_what_emergency_mode_may_relax(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    assert _emergency_problems(config, 'ocsp_unreachable_peers = ["lab"]\nmax_hours = 12') == []
+    loaded = load_config(config).emergency
+    assert loaded.ocsp_unreachable_peers == ("lab",) and loaded.max_hours == 12
+    config.write_text(text)
+    problems = _emergency_problems(config, 'ocsp_unreachable_peers = ["nobody"]\nlax = true')
+    assert any("'nobody' is not a configured peer" in p for p in problems), problems
+    assert any("emergency.lax" in p and "unknown key" in p for p in problems), problems
