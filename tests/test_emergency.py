@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,22 @@ from gateway.config.emergency import EmergencySettings
 from gateway.demo_run import drop_file, wait_until
 from gateway.emergency.credential import FILE_NAME as CREDENTIAL_FILE
 from gateway.emergency.mode import EmergencyError, EmergencyMode, MarkingSink, end_of
+from gateway.emergency.relax import relaxed
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_ca, make_crl
+from gateway.pki.peers import TrustSettings
+from gateway.pki.validate import Purpose, RevocationPolicy, validate
+from gateway.policy import AlgorithmPolicy
+from tests import as2client
 from tests.audit_trail import events, wait_for_events
 from tests.clocks import TickingClock
 from tests.rsyslog import Collector
 from tests.test_maintenance_ssh import Site
+from tests.test_ocsp_daemon import OcspWorld
+from tests.test_pki_e2e import wait_handshake_refused
+from tests.test_zones import World, _handshake_refused, _send, _tls_connect, as2_message
+from tests.test_zones import world as world  # the two-zone fixture
 
 
 @pytest.fixture
@@ -299,3 +310,143 @@ def test_check_config_reads_what_emergency_mode_may_relax(layout: DemoLayout) ->
     problems = _emergency_problems(config, 'ocsp_unreachable_peers = ["nobody"]\nlax = true')
     assert any("'nobody' is not a configured peer" in p for p in problems), problems
     assert any("emergency.lax" in p and "unknown key" in p for p in problems), problems
+
+
+def _hospital(layout: DemoLayout, *args: str) -> dict[str, Any]:
+    config = layout.hospital.config_path
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "emergency", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_emergency_mode_lets_a_named_peer_send_while_ocsp_is_down_and_nothing_else(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The hospital's zone requires OCSP and the responder is down: the lab is refused,
+    until an emergency is declared with the lab in ``ocsp_unreachable_peers``.  Even then
+    a message with a broken signature is refused; after the emergency, the lab again."""
+    OcspWorld(layout)  # the lab's certificates name a responder nobody runs
+    with layout.hospital.config_path.open("a") as handle:
+        handle.write('\n[emergency]\nocsp_unreachable_peers = ["lab"]\n')
+    processes.start(layout.hospital.config_path)
+    wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["peer"] == "lab",
+        count=3,
+    )
+    processes.start(layout.lab.config_path)
+    window = _hospital(layout, "enter", "--reason", "OCSP responder down", "--hours", "1")
+    drop_file(layout.lab.outbox_dir / "hospital", "during.hl7", b"MSH|during\r")
+    [delivered] = wait_for_events(layout.hospital.audit_log, "message.delivered")
+    assert delivered["detail"]["emergency"] == window["id"]
+    assert (layout.hospital.inbox_dir / "lab" / "during.hl7").read_bytes() == b"MSH|during\r"
+    [entered] = events(layout.hospital.audit_log, "emergency.entered")
+    assert entered["detail"]["relaxed"] == {"ocsp_unreachable_peers": ["lab"]}
+    # signature verification is never relaxed
+    lab = load_config(layout.lab.config_path)
+    headers, body = as2client.build_tampered(
+        b"MSH|^~\\&|tampered lab result\r",
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+    )
+    certs = layout.lab.root / "certs"
+    answer = as2client.post(
+        layout.hospital.port,
+        headers,
+        body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+    assert b"integrity-check-failed" in answer.body
+    [failed] = wait_for_events(layout.hospital.audit_log, "signature.failed")
+    assert failed["detail"]["emergency"] == window["id"]
+    assert sorted(p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()) == ["during.hl7"]
+    # after the emergency the lab is refused again
+    _hospital(layout, "leave", "--reason", "OCSP responder back")
+    drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
+    wait_handshake_refused(layout)
+    assert not (layout.hospital.inbox_dir / "lab" / "after.hl7").exists()
+
+
+def test_emergency_mode_never_lets_a_message_pass_between_zones(
+    world: World, processes: Any
+) -> None:
+    config = world.hospital.config_path
+    processes.start(config)
+    enter = ["emergency", "enter", "--reason", "flood", "--hours", "1", "--config", str(config)]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *enter], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    window = json.loads(done.stdout)
+    port = world.hospital.listeners[0]["port"]
+    # the lab (zone A) addresses the pharmacy (zone B) through the hospital: transit
+    built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
+    conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
+    try:
+        _send(conn, built)
+        answer = b""
+        while b"authentication-failed" not in answer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        conn.close()
+    assert b"authentication-failed" in answer
+    [refused] = wait_for_events(world.hospital.audit_log, "routing.transit_refused")
+    assert refused["detail"]["emergency"] == window["id"]
+    # and a peer on another zone's listener is refused at the handshake
+    ports = {lst["name"]: lst["port"] for lst in world.hospital.listeners}
+    assert _handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
+    assert not list((world.hospital.root / "inbox").rglob("*"))
+
+
+def test_stale_crls_are_accepted_up_to_the_configured_days_and_a_revocation_still_counts() -> None:
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    ca = make_ca("Emergency Test CA", now=start)
+    good = issue(ca, "GOOD-LAB", purpose="smime-sign", now=start)
+    bad = issue(ca, "BAD-LAB", purpose="smime-sign", now=start)
+    revoked = [(bad.certificate.serial_number, start + timedelta(hours=1))]
+    crl = make_crl(ca, now=start + timedelta(days=1), days=7, revoked=revoked)
+    trust = TrustSettings(
+        anchors=(ca.certificate,), crls=(crl,), revocation=RevocationPolicy.REQUIRE
+    )
+    settings = EmergencySettings(crl_stale_days=3)
+    two_days_stale = start + timedelta(days=10)  # nextUpdate was day 8
+    four_days_stale = start + timedelta(days=12)
+
+    def judge(leaf: Issued, at: datetime, settings: EmergencySettings) -> bool:
+        used = relaxed(settings, "lab", trust, at)
+        result = asyncio.run(
+            validate(
+                leaf.certificate,
+                anchors=used.anchors,
+                purpose=Purpose.SMIME_SIGN,
+                at=at,
+                revocation=used.revocation,
+                crls=used.crls,
+                policy=AlgorithmPolicy(),
+            )
+        )
+        return result.valid
+
+    assert not judge(good, two_days_stale, EmergencySettings())  # nothing relaxed
+    assert judge(good, two_days_stale, settings)
+    assert not judge(bad, two_days_stale, settings)  # revoked in the stale CRL: still refused
+    assert not judge(good, four_days_stale, settings)  # staler than allowed
+    # a zone that asks OCSP is relaxed only for the peers named
+    with_ocsp = replace(trust, ocsp=True)
+    named = EmergencySettings(ocsp_unreachable_peers=("lab",))
+    assert relaxed(named, "lab", with_ocsp, two_days_stale).revocation is RevocationPolicy.PREFER
+    assert relaxed(named, "pharmacy", with_ocsp, two_days_stale) == with_ocsp
+    assert relaxed(settings, "lab", with_ocsp, two_days_stale) == with_ocsp

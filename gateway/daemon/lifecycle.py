@@ -50,6 +50,7 @@ from gateway.delivery.http import HandOver
 from gateway.egress import Network, NetworkMap, Refused
 from gateway.emergency.actions import Emergency
 from gateway.emergency.mode import MarkingSink
+from gateway.emergency.relax import relaxed
 from gateway.errors import MedgwError
 from gateway.fsutil import private_folder, shared_folder
 from gateway.httpfront import FrontDoor
@@ -61,7 +62,7 @@ from gateway.maintenance.approvals import Approvals
 from gateway.maintenance.server import MaintenanceServer
 from gateway.operations import Operations
 from gateway.outbound import Outbound
-from gateway.pki.peers import PeerTrust
+from gateway.pki.peers import PeerTrust, TrustSettings
 from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import Retention
 from gateway.sdnotify import Notifier
@@ -262,6 +263,7 @@ class Daemon:
             self._clock,
             self._egress_refused,
             crl_findings=crls.findings,
+            adjust=self._relaxed,
         )
         # The zones' CRLs from their distribution points (cached ones first), before the
         # peers' certificates are judged by them.
@@ -295,6 +297,9 @@ class Daemon:
             tasks=tasks,
             notifier=self._notifier,
         )
+        # Entering or leaving emergency mode changes what is relaxed: judge trust again.
+        reloader = self._reloader
+        self._emergency.mode.on_change = lambda: tasks.spawn(reloader.refresh_trust())
         try:
             # Before any request: deliveries a killed run left half-done are settled first.
             await asyncio.to_thread(self.state.inbound.recover)
@@ -580,6 +585,12 @@ class Daemon:
             self._audit.close()
         if self._instance is not None:
             self._instance.release()
+
+    def _relaxed(self, config: GatewayConfig, peer: str, trust: TrustSettings) -> TrustSettings:
+        """A peer's trust settings as emergency mode, when on, relaxes them."""
+        if self._emergency is None or self._emergency.mode.current() is None:
+            return trust
+        return relaxed(config.emergency, peer, trust, self._clock.now())
 
     async def _emergency_loop(self) -> None:
         """Emergency mode ends by itself when its time is up (also one that ended while

@@ -133,13 +133,17 @@ class Reloader:
         """Re-judge peer certificates as time passes (expiry, CRL nextUpdate, OCSP)."""
         while True:
             await asyncio.sleep(TRUST_REFRESH_SECONDS)
-            async with self._lock:
-                old = self._state()
-                trust = await self._trust.assess(old.config)
-                self._trust.audit(old.config, trust, old.trust)
-                if trust_changed(old.trust, trust):
-                    self._replace(old, self._build(old.config, trust))
-                    self._log.info("trust.refreshed")
+            await self.refresh_trust()
+
+    async def refresh_trust(self) -> None:
+        """Re-judge peer certificates now (also when emergency mode begins or ends)."""
+        async with self._lock:
+            old = self._state()
+            trust = await self._trust.assess(old.config)
+            self._trust.audit(old.config, trust, old.trust)
+            if trust_changed(old.trust, trust):
+                self._replace(old, self._build(old.config, trust))
+                self._log.info("trust.refreshed")
 
     async def crl_refresh_loop(self) -> None:
         """Fetch the zones' CRLs when due; a new one is applied at once: the peers'

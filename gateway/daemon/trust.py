@@ -7,6 +7,7 @@ without a usable certificate are logged and audited as alerts, each once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
@@ -17,7 +18,7 @@ from gateway.logs import Logger
 from gateway.pki.crl import CrlFinding, stale_crl_warnings
 from gateway.pki.expiry import Held, expiring
 from gateway.pki.ocsp import OcspClient
-from gateway.pki.peers import PeerTrust, assess_peers
+from gateway.pki.peers import PeerTrust, TrustSettings, assess_peers
 
 
 class TrustKeeper:
@@ -31,6 +32,7 @@ class TrustKeeper:
         clock: Clock,
         on_refused: Callable[[Refused], None],
         crl_findings: Callable[[Zone], list[CrlFinding]] | None = None,
+        adjust: Callable[[GatewayConfig, str, TrustSettings], TrustSettings] | None = None,
     ) -> None:
         """``network``: the daemon's connect path (judged by the configuration in force);
         ``on_refused``: what a refused OCSP connection is told to."""
@@ -41,6 +43,7 @@ class TrustKeeper:
         self._on_refused = on_refused
         # What to say about a zone's CRLs (default: its files' freshness).
         self._crl_findings = crl_findings or self._file_crl_findings
+        self._adjust = adjust  # emergency mode's relaxations (gateway.emergency.relax)
         # Per zone, with the way out it was made for: each keeps its OCSP cache.
         self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
         # (fingerprint, owner, use, days): certificate expiry alerts already raised
@@ -62,11 +65,13 @@ class TrustKeeper:
         OCSP requests go out by ``config``'s zones: it is the configuration being judged
         (at a reload, the new one, before it is in force)."""
         network = Network(lambda: config.network_map, on_refused=self._on_refused)
+        adjust = self._adjust
         return await assess_peers(
             config.peers,
             config.zones,
             at=self._clock.now(),
             ocsp_client=lambda zone: self.ocsp_client(zone, network),
+            adjust=functools.partial(adjust, config) if adjust is not None else None,
         )
 
     def audit(

@@ -93,6 +93,7 @@ class EmergencyMode:
         self._audit = audit
         self._settings = settings
         self._window = self._load()
+        self.on_change: Callable[[], None] = lambda: None  # what it relaxes changed
 
     def _load(self) -> Window | None:
         try:
@@ -130,6 +131,7 @@ class EmergencyMode:
         )
         write_atomic(self.path, [json.dumps(asdict(window)).encode()], mode=0o600)
         self._window = window
+        self.on_change()
         self._audit().emit(
             AuditEvent(
                 EventType.EMERGENCY_ENTERED,
@@ -164,6 +166,7 @@ class EmergencyMode:
         self.path.unlink(missing_ok=True)
         fsync_dir(self.path.parent)
         self._window = None
+        self.on_change()
         self._audit().emit(
             AuditEvent(
                 EventType.EMERGENCY_LEFT,

@@ -235,17 +235,21 @@ async def assess_peers(
     *,
     at: datetime,
     ocsp_client: Callable[[Z], OcspClient] | None = None,
+    adjust: Callable[[str, TrustSettings], TrustSettings] | None = None,
 ) -> dict[str, PeerTrust]:
     """Judge every configured certificate of every peer, with its zone's trust.
 
     ``ocsp_client`` gives each zone's OCSP client (the daemon); without it the
-    judgement uses local files only (see :func:`offline`).
+    judgement uses local files only (see :func:`offline`).  ``adjust`` may change a
+    peer's trust settings (the daemon's emergency mode: gateway.emergency.relax).
     """
     by_name = {z.name: z for z in zones}
     trust = {}
     for peer in peers:
         zone = by_name[peer.zone]
         settings = TrustSettings.of_zone(zone)
+        if adjust is not None:
+            settings = adjust(peer.name, settings)
         trust[peer.name] = await assess_peer(
             peer.name,
             tls=peer.tls_certificates,
