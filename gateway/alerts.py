@@ -32,6 +32,7 @@ _AREAS: dict[str, str] = {
     EventType.COMPAT_ALGORITHM_USED: "encryption",
     EventType.RECEIPT_INVALID: "encryption",
     EventType.EMERGENCY_BREAK_GLASS: "authentication",
+    EventType.MAINTENANCE_LOCKED: "authentication",
 }
 NOBODY = "no one is named in [[responsible]] in gateway.toml (NET-6b)"
 

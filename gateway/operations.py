@@ -85,6 +85,19 @@ class Operations:
     unusable: Callable[[], Mapping[str, str]] = dict
     audit_files: AuditFiles | None = None  # the closed audit files purge may dispose of
     emergency: Emergency | None = None  # break-glass credential and emergency mode
+    # Lift a maintainer's lockout after wrong one-time codes: (person, actor) -> answer.
+    unlock_maintainer: Callable[[str, str], dict[str, Any]] | None = None
+
+    def unlock(self, person: str, actor: str) -> dict[str, Any]:
+        settings = self.config.maintenance
+        if settings is None or self.unlock_maintainer is None:
+            raise MedgwError(
+                "remote maintenance is not configured", fix="add [maintenance] (README)"
+            )
+        if settings.maintainer(person) is None:
+            known = ", ".join(m.person for m in settings.maintainers) or "(none)"
+            raise MedgwError(f"no maintainer named {person!r}", fix=f"use one of: {known}")
+        return self.unlock_maintainer(person, actor)
 
     def _peer(self, name: str) -> str:
         if self.config.peer(name) is None:

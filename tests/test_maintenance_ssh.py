@@ -554,3 +554,82 @@ def test_a_key_verified_for_one_person_is_not_the_first_factor_of_another(site: 
     assert not server.check_code(session, site.code("bob"))
     assert not session.logged_in
     assert [e.event for e in events] == [EventType.MAINTENANCE_LOGIN_FAILED]
+
+
+def test_a_session_ends_when_its_approved_window_ends(site: Site, processes: Any) -> None:
+    site.add("alice", "operator")
+    processes.start(site.config)
+    end = time.gmtime(time.time() + 6)
+    until = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", end)
+    command = ["maintenance", "approve", "alice", "--until", until, "--reason", "short job"]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *command, "--config", str(site.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+    async def scenario() -> None:
+        conn = await site.connect("alice", site.code("alice"))
+        assert (await conn.run("status")).exit_status == 0
+        await asyncio.wait_for(conn.wait_closed(), 60)  # not at the idle timeout (900 s)
+
+    asyncio.run(scenario())
+    [logout] = wait_until(lambda: site.events("maintenance.logout"), 30, "the logout")
+    assert logout["reason"] == "the approved maintenance window has ended"
+    assert logout["actor"] == "maintainer:alice"
+    assert logout["time"] >= time.strftime("%Y-%m-%dT%H:%M:%S", end)
+
+
+def test_wrong_codes_lock_the_person_out_until_an_admin_unlocks(site: Site, processes: Any) -> None:
+    site.add("alice", "operator")
+    processes.start(site.config)
+    site.approve("alice")
+    wrong = "000000" if site.code("alice") != "000000" else "111111"
+
+    async def refused(code: str) -> None:
+        with pytest.raises(asyncssh.PermissionDenied):
+            await site.connect("alice", code)
+
+    for _ in range(5):  # each connection takes up to three codes
+        asyncio.run(refused(wrong))
+        if site.events("maintenance.locked"):
+            break
+    [locked] = site.events("maintenance.locked")
+    assert locked["severity"] == "alert" and locked["actor"] == "maintainer:alice"
+    assert "medgw maintenance unlock alice" in locked["reason"]
+    # the right code is refused now, in the same way, and audited as locked
+    asyncio.run(refused(site.code("alice")))
+    reasons = [r["reason"] for r in site.events("maintenance.login_failed")]
+    assert any(r.startswith("logins locked until") for r in reasons), reasons
+    unlock = ["maintenance", "unlock", "alice", "--config", str(site.config)]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", *unlock],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"person": "alice", "was_locked": True}
+    [unlocked] = wait_until(lambda: site.events("maintenance.unlocked"), 30, "the unlock")
+    assert unlocked["actor"].startswith("operator:")
+
+    async def works() -> None:
+        async with await site.connect("alice", site.code("alice", 1)) as conn:
+            assert (await conn.run("status")).exit_status == 0
+
+    asyncio.run(works())
+
+
+def test_a_peer_url_or_hand_over_at_the_maintenance_port_is_refused(site: Site) -> None:
+    peer = next(site.root.glob("peers.d/*.toml"))
+    text = peer.read_text()
+    url = re.search(r'^url = "(https://[^"]+)"', text, re.M)
+    assert url is not None
+    peer.write_text(text.replace(url.group(1), f"https://{ADDRESS}:{site.port}/as2"))
+    problems = _problems(site.config)
+    assert any(
+        "the SSH maintenance listener" in p and "send this peer's messages to itself" in p
+        for p in problems
+    ), problems

@@ -112,6 +112,10 @@ class EventType(StrEnum):
     MAINTENANCE_REFUSED = "maintenance.request_refused"
     MAINTENANCE_LOGOUT = "maintenance.logout"
     MAINTENANCE_APPROVED = "maintenance.approved"  # work approved in advance for a person
+    # Too many wrong one-time codes in a row: the person's logins locked for a while (an
+    # alert), and an admin lifting it.
+    MAINTENANCE_LOCKED = "maintenance.locked"
+    MAINTENANCE_UNLOCKED = "maintenance.unlocked"
     # Disposal (DSP-1, gateway.retention): one purge or sweep with its counts per kind,
     # and each batch of messages whose records, receipts or copies were disposed of.
     RETENTION_PURGED = "retention.purged"

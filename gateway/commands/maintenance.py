@@ -23,6 +23,20 @@ def register(commands: Any) -> None:
     approve.add_argument("--reason", required=True, help="the work approved (audited)")
     add_config_option(approve)
     approve.set_defaults(handler=_approve)
+    unlock = actions.add_parser(
+        "unlock", help="lift a maintainer's lockout after too many wrong one-time codes"
+    )
+    unlock.add_argument("person", help="the maintainer (file name in maintainers.d/)")
+    add_config_option(unlock)
+    unlock.set_defaults(handler=_unlock)
+
+
+def _unlock(args: argparse.Namespace) -> int:
+    answer = control_client(args.config).call(
+        "POST", "/v1/maintenance/unlock", {"person": args.person}
+    )
+    print(json.dumps(answer, indent=2))
+    return 0
 
 
 def _approve(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from gateway.config.delivery import load_delivery
 from gateway.config.emergency import EmergencySettings, load_emergency
 from gateway.config.identity import load_identity, load_tls
 from gateway.config.listeners import load_listeners
-from gateway.config.maintenance import load_maintenance
+from gateway.config.maintenance import MAINTENANCE_LISTENER, load_maintenance
 from gateway.config.metrics import load_metrics
 from gateway.config.model import GatewayConfig
 from gateway.config.network_rules import network_problems
@@ -104,7 +104,8 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         if emergency_section is not None
         else EmergencySettings()
     )
-    resolved = network_problems(reader, source, zones, listeners, peers, api, delivery)
+    ours = [(MAINTENANCE_LISTENER, maintenance.endpoint)] if maintenance is not None else []
+    resolved = network_problems(reader, source, zones, listeners, peers, api, delivery, ours)
 
     if reader.errors or tls is None or smime is None:
         raise ConfigError(reader.problems)

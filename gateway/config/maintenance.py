@@ -45,6 +45,9 @@ class Maintainer:
         return today > self.expires
 
 
+MAINTENANCE_LISTENER = "the SSH maintenance listener ([maintenance] listen)"
+
+
 @dataclass(frozen=True)
 class MaintenanceSettings:
     address: str
@@ -56,6 +59,10 @@ class MaintenanceSettings:
     viewer_without_approval: bool  # a viewer may log in outside an approved window
     idle_timeout_seconds: float
     max_connections: int
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self.address, self.port
 
     def maintainer(self, person: str) -> Maintainer | None:
         return next((m for m in self.maintainers if m.person == person), None)

@@ -16,7 +16,7 @@ from gateway.config.delivery import DeliverySettings
 from gateway.config.emergency import EmergencySettings
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
-from gateway.config.maintenance import MaintenanceSettings
+from gateway.config.maintenance import MAINTENANCE_LISTENER, MaintenanceSettings
 from gateway.config.metrics import MetricsSettings
 from gateway.config.peers import Peer
 from gateway.config.responsible import Responsible
@@ -86,6 +86,8 @@ class GatewayConfig:
         found = []
         if self.metrics is not None:
             found.append(("the metrics endpoint ([metrics] listen)", self.metrics.endpoint))
+        if self.maintenance is not None:
+            found.append((MAINTENANCE_LISTENER, self.maintenance.endpoint))
         return found
 
     def zone(self, name: str) -> Zone | None:

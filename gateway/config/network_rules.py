@@ -59,6 +59,7 @@ def network_problems(
     peers: Sequence[Peer],
     api: ApiSettings | None,
     delivery: DeliverySettings | None,
+    others: Sequence[tuple[str, tuple[str, int]]] = (),
 ) -> dict[str, tuple[str, ...]]:
     """The zone rules (NET-4) and where each configured URL leads, judged with the
     addresses its host name resolves to now; returns those addresses."""
@@ -84,6 +85,7 @@ def network_problems(
             judged,
             handover,
             resolved,
+            others,
         )
     )
     return resolved
@@ -262,6 +264,7 @@ def reach_problems(
     peers: Sequence[Peer],
     handover: Sequence[tuple[str, str]],
     resolved: Mapping[str, Sequence[str]],
+    others: Sequence[tuple[str, tuple[str, int]]] = (),
 ) -> list[ConfigProblem]:
     """Where each configured URL leads (host names as ``resolved``, host -> addresses).
 
@@ -273,7 +276,7 @@ def reach_problems(
     on this host.
     """
     problems: list[ConfigProblem] = []
-    own = own_listeners(listeners, api)
+    own = own_listeners(listeners, api, others)
     host = [ip for ip in (ip_of(z.source_address or "") for z in zones) if ip is not None]
     peer_endpoints: dict[tuple[Address, int], Peer] = {}
 

@@ -119,6 +119,7 @@ class ControlServer:
         app.router.add_get("/v1/handover", self._handover_list)
         app.router.add_post("/v1/handover/{message_id}/retry", self._handover_retry)
         app.router.add_post("/v1/maintenance/approve", self._maintenance_approve)
+        app.router.add_post("/v1/maintenance/unlock", self._maintenance_unlock)
         app.router.add_post("/v1/purge", self._purge)
         app.router.add_post("/v1/audit/verification-failed", self._verification_failed)
         app.router.add_post("/v1/backup", self._backup)
@@ -315,6 +316,16 @@ class ControlServer:
         except MedgwError as exc:
             return _error(exc, 400)
         return web.json_response(entry)
+
+    async def _maintenance_unlock(self, request: web.Request) -> web.Response:
+        who = caller(request)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            return web.json_response(self._ops().unlock(str(body.get("person", "")), who))
+        except MedgwError as exc:
+            return _error(exc, 400)
 
     async def _emergency(self, request: web.Request) -> web.Response:
         """Where emergencies stand; seal a break-glass credential; enter or leave

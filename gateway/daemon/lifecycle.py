@@ -160,6 +160,7 @@ class Daemon:
             lambda: unusable(self.state.trust),
             self._audit_files(),
             self._emergency,
+            self._maintenance.unlock if self._maintenance is not None else None,
         )
 
     def _audit_files(self) -> AuditFiles:

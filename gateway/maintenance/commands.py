@@ -188,6 +188,10 @@ async def _emergency_leave(ctx: Context, args: list[str]) -> Result:
     return Result(0, _json(_emergency(ctx).leave(" ".join(args), ctx.actor)))
 
 
+async def _unlock(ctx: Context, args: list[str]) -> Result:
+    return Result(0, _json(ctx.operations.unlock(args[0], ctx.actor)))
+
+
 async def _reload(ctx: Context, args: list[str]) -> Result:
     if await ctx.reload():
         return Result(0, _json({"reloaded": True}))
@@ -211,6 +215,7 @@ COMMANDS = (
         _audit_query,
     ),
     Command(("reload",), "admin", "reload", None, _reload),
+    Command(("maintenance", "unlock"), "admin", "maintenance unlock PERSON", None, _unlock),
     Command(("emergency", "status"), "admin", "emergency status", None, _emergency_status),
     Command(
         ("emergency", "enter"), "admin", "emergency enter HOURS REASON", None, _emergency_enter
@@ -228,6 +233,7 @@ ARITY = {
     "peers suspend": (1, 64),
     "peers resume": (1, 1),
     "reload": (0, 0),
+    "maintenance unlock": (1, 1),
     "emergency status": (0, 0),
     "emergency enter": (2, 64),
     "emergency leave": (1, 64),

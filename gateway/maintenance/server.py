@@ -32,7 +32,7 @@ import asyncssh
 from asyncssh.public_key import decode_ssh_public_key
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.clock import Clock
+from gateway.clock import Clock, iso_time
 from gateway.config.maintenance import Maintainer, MaintenanceSettings
 from gateway.emergency.actions import Emergency
 from gateway.emergency.credential import USER as BREAK_GLASS_USER
@@ -42,6 +42,11 @@ from gateway.operations import Operations
 LOGIN_TIMEOUT_SECONDS = 30
 MAX_CODE_ATTEMPTS = 3
 MAX_CODE_CHARS = 64  # a one-time code, or the break-glass envelope's longer code
+# Wrong one-time codes in a row for one person, over any connections, lock that
+# person's logins for LOCKOUT_SECONDS (or until an admin unlocks them).
+LOCKOUT_FAILURES = 5
+LOCKOUT_SECONDS = 900
+SWEEP_SECONDS = 1.0  # how soon a session ends after its approved window
 # Approved(person, now) -> whether an approved window covers now.
 Approved = Callable[[str, float], bool]
 
@@ -86,6 +91,10 @@ class MaintenanceServer:
         self._approved = approved
         self._sessions: dict[str, _Session] = {}
         self._last_step: dict[str, int] = {}  # person -> last code step used: no replay
+        # Wrong codes in a row and lockouts, per configured person only: bounded.
+        self._wrong: dict[str, int] = {}
+        self._locked: dict[str, float] = {}  # person -> until
+        self._sweeper: asyncio.Task[None] | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
 
     @property
@@ -116,8 +125,11 @@ class MaintenanceServer:
             keepalive_interval=60,
             keepalive_count_max=3,
         )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._acceptor is not None:
             self._acceptor.close()
             await self._acceptor.wait_closed()
@@ -141,6 +153,47 @@ class MaintenanceServer:
             else:
                 continue
             self._end(session, why)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Sessions whose approved window has ended (or whose account expired) end now,
+        not only at the next reload."""
+        now = self._clock.now().timestamp()
+        for session in list(self._sessions.values()):
+            if not session.logged_in or session.ended or session.person in (None, BREAK_GLASS_USER):
+                continue
+            account = self.settings.maintainer(session.person)
+            if account is None or self._refusal(account, now) is None:
+                continue  # a removed account's session ends at the reload (update)
+            if account.expired(self._clock.now().date()):
+                self._end(session, "the account has expired")
+            else:
+                self._end(session, "the approved maintenance window has ended")
+
+    def locked_until(self, person: str) -> float | None:
+        until = self._locked.get(person)
+        if until is not None and until <= self._clock.now().timestamp():
+            del self._locked[person]
+            return None
+        return until
+
+    def unlock(self, person: str, actor: str) -> dict[str, Any]:
+        """An admin lifts a person's lockout (and forgets their wrong codes), audited."""
+        was = self.locked_until(person)
+        self._locked.pop(person, None)
+        self._wrong.pop(person, None)
+        self._audit().emit(
+            AuditEvent(
+                EventType.MAINTENANCE_UNLOCKED,
+                actor=actor,
+                detail={"person": person, "was_locked": was is not None},
+            )
+        )
+        return {"person": person, "was_locked": was is not None}
 
     # -- events of one connection ------------------------------------------------
 
@@ -239,9 +292,21 @@ class MaintenanceServer:
         # the key verified must be this person's (the user name cannot change in between)
         if account is not None and session.fingerprint not in account.fingerprints:
             account = None
+        until = self.locked_until(session.person) if account is not None else None
+        if until is not None:
+            # The same answer as a wrong code: the client learns nothing of the lock.
+            self._wrong_code(
+                session,
+                f"logins locked until {iso_time(until)} after {LOCKOUT_FAILURES} wrong codes "
+                "(medgw maintenance unlock)",
+            )
+            return False
         if account is None or step is None or replayed:
             self._wrong_code(session, "one-time code already used" if replayed else None)
+            if account is not None:
+                self._count_wrong(session)
             return False
+        self._wrong.pop(session.person, None)
         self._last_step[session.person] = step
         refusal = self._refusal(account, now.timestamp())
         if refusal is not None:
@@ -280,6 +345,25 @@ class MaintenanceServer:
         if session.code_failures >= MAX_CODE_ATTEMPTS and session.conn is not None:
             session.ended = True
             session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "")
+
+    def _count_wrong(self, session: _Session) -> None:
+        assert session.person is not None
+        count = self._wrong.get(session.person, 0) + 1
+        self._wrong[session.person] = count
+        if count < LOCKOUT_FAILURES:
+            return
+        until = self._clock.now().timestamp() + LOCKOUT_SECONDS
+        self._locked[session.person] = until
+        self._wrong.pop(session.person, None)
+        self.emit(
+            session,
+            EventType.MAINTENANCE_LOCKED,
+            outcome=Outcome.FAILURE,
+            severity=Severity.ALERT,
+            reason=f"{count} wrong one-time codes in a row: logins locked until "
+            f"{iso_time(until)} (medgw maintenance unlock {session.person} lifts it)",
+            detail={"until": iso_time(until)},
+        )
 
     def _break_glass(self, session: _Session, code: str) -> bool:
         """The sealed credential's one use: recorded before anything else, then the
