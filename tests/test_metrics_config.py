@@ -97,3 +97,16 @@ def test_require_is_satisfied_by_fetch_crls(layout: DemoLayout) -> None:
     # establish is no error there (as with OCSP).
     result = check_config(config)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_crl_cache_is_one_of_medgws_work_folders(layout: DemoLayout) -> None:
+    """An inbox inside state_dir/crls/ would mix received documents with the cache."""
+    config = layout.hospital.config_path
+    text = config.read_text()
+    state = layout.hospital.root / "state"
+    start = text.index("inbox_dir = ")
+    end = text.index("\n", start)
+    config.write_text(text[:start] + f'inbox_dir = "{state}/crls/inbox"' + text[end:])
+    result = check_config(config)
+    assert result.returncode == 1
+    assert "the work folder crls/ in state_dir" in result.stdout + result.stderr, result.stdout

@@ -48,7 +48,7 @@ STATE_FILES = (
     "medgw.lock",  # gateway.instance.LOCK_NAME
     "control.sock",  # gateway.control.SOCKET_NAME
 )
-STATE_FOLDERS = ("incoming", "payloads", "outgoing", "receipts")
+STATE_FOLDERS = ("incoming", "payloads", "outgoing", "receipts", "crls")
 
 
 def named_places(
