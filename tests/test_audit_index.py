@@ -325,3 +325,36 @@ def test_a_rotated_trail_links_across_files_and_a_disposed_file_takes_its_index(
     audit.close()
     gone = [p for p in paths if not p.exists()]
     assert gone and not any(audit_index.index_path(p).exists() for p in gone)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "DELETE FROM records WHERE offset = (SELECT max(offset) FROM records WHERE pset IN "
+        "(SELECT pset FROM members WHERE patient = 'P1') AND offset > 0)",  # a record hidden
+        "DELETE FROM members WHERE patient = 'P1'",  # a patient hidden
+        "UPDATE records SET actor = NULL WHERE actor IS NOT NULL",  # actors hidden
+        "UPDATE names SET value = 'api:other' WHERE value = 'api:ris'",
+        "INSERT INTO members SELECT 'P9', pset FROM members LIMIT 1",  # a patient invented
+    ],
+)
+def test_audit_verify_finds_an_index_edited_to_hide_records(trail: Path, edit: str) -> None:
+    """What a review cannot see for itself (a record or a patient left out of the index),
+    `medgw audit verify` finds by comparing the index with the log; it removes the index,
+    and the next review is answered from one built again."""
+    expected = review(trail, "--patient", "P1", "--no-index")
+    counted = medgw("audit", "patients", "--file", trail, "--format", "csv", "--no-index")
+    index = audit_index.index_path(trail)
+    clean = medgw("audit", "verify", "--file", trail)
+    assert clean.returncode == 0 and "WARNING" not in clean.stderr
+    review(trail, "--patient", "P1")
+    assert (
+        f"{index}: review index matches the log" in medgw("audit", "verify", "--file", trail).stdout
+    )
+    _tamper(index, edit)
+    checked = medgw("audit", "verify", "--file", trail)
+    assert checked.returncode == 0, checked.stderr  # the log itself is intact
+    assert f"WARNING: the review index {index} did not match the log" in checked.stderr
+    assert not index.exists()
+    assert review(trail, "--patient", "P1") == expected
+    assert patients_report(trail) == counted.stdout.splitlines()

@@ -351,28 +351,17 @@ def _extend(db: sqlite3.Connection, handle: BinaryIO, meta: dict[str, Any]) -> N
 
 
 def _row(offset: int, line: bytes, names: _Ids, psets: _Ids) -> tuple[Any, ...] | None:
-    at = time_of(line)
-    if at is None:
-        return None
-    record = parse(line)
-    digest = _hash_of(line)
-    if record is None or digest is None:
+    values = _values(offset, line)
+    if values is None:
         return None  # not a record a review shows: `audit verify` names it
-
-    def name(value: Any) -> int | None:
-        return names(value) if isinstance(value, str) else None
-
-    patients = patients_of(record)
+    event, actor, peer, patients = values[4], values[5], values[6], values[8]
     return (
-        offset,
-        len(line),
-        digest,
-        micros(at),
-        name(record.get("event")),
-        name(actor_of(record)),
-        name(record.get("peer")),
-        document_key(document_of(line)),
-        psets(json.dumps(patients, ensure_ascii=False)) if patients else None,
+        *values[:4],
+        None if event is None else names(event),
+        None if actor is None else names(actor),
+        None if peer is None else names(peer),
+        values[7],
+        None if patients is None else psets(patients),
     )
 
 
@@ -562,3 +551,89 @@ def prepare(paths: Sequence[Path]) -> None:
     AuditIndexError if one cannot be written, OSError if a log cannot be read."""
     for path in paths:
         open_index(path).close()
+
+
+def check(log: Path) -> str | None:
+    """Compare the index of ``log`` with the log, row by row (for ``medgw audit verify``):
+    None if it matches, or if there is none; else what differs, and the index is removed
+    (the next review builds it again).  Reads the whole log, as building it would."""
+    path = index_path(log)
+    if not path.exists():
+        return None
+    db = _connect(path)
+    problem = None
+    try:
+        with log.open("rb") as handle:
+            problem = _differs(db, handle) if db is not None else "not an index"
+    except sqlite3.DatabaseError as exc:
+        problem = f"unreadable ({exc})"
+    finally:
+        if db is not None:
+            db.close()
+    if problem is not None:
+        _remove(path)
+    return problem
+
+
+def _differs(db: sqlite3.Connection, handle: BinaryIO) -> str | None:
+    meta = _state(db, handle)
+    if meta is None:
+        return "it does not match the log's first or last record, or is of another version"
+    members = db.execute(
+        "SELECT p.id, p.patients, (SELECT group_concat(patient, char(10)) FROM "
+        "(SELECT patient FROM members m WHERE m.pset = p.id ORDER BY patient)) FROM psets p"
+    )
+    for pset, patients, named in members:
+        if sorted(p for p, _ in json.loads(patients)) != (named or "").split("\n"):
+            return f"the patients of patient set {pset} are not those it lists"
+    if db.execute(
+        "SELECT count(*) FROM members WHERE pset NOT IN (SELECT id FROM psets)"
+    ).fetchone()[0]:
+        return "it lists patients of no patient set"
+    rows = db.execute(
+        "SELECT r.offset, r.length, r.hash, r.time, e.value, a.value, p.value, r.document, "
+        "s.patients FROM records r LEFT JOIN names e ON e.id = r.event "
+        "LEFT JOIN names a ON a.id = r.actor LEFT JOIN names p ON p.id = r.peer "
+        "LEFT JOIN psets s ON s.id = r.pset ORDER BY r.offset"
+    )
+    handle.seek(0)
+    offset = 0
+    size = int(meta["size"])
+    for line in handle:
+        if offset >= size:
+            break
+        expected = _values(offset, line)
+        offset += len(line)
+        if expected is None:
+            continue
+        found = rows.fetchone()
+        if found != expected:
+            return f"its entry for the line at byte {expected[0]} differs from the log"
+    if rows.fetchone() is not None:
+        return "it has entries for lines the log does not have"
+    return None
+
+
+def _values(offset: int, line: bytes) -> tuple[Any, ...] | None:
+    """What the index holds for ``line``, names and patients as text: see :func:`_row`."""
+    at = time_of(line)
+    record = parse(line) if at is not None else None
+    digest = _hash_of(line)
+    if at is None or record is None or digest is None or not line.endswith(b"\n"):
+        return None
+
+    def text(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    patients = patients_of(record)
+    return (
+        offset,
+        len(line),
+        digest,
+        micros(at),
+        text(record.get("event")),
+        text(actor_of(record)),
+        text(record.get("peer")),
+        document_key(document_of(line)),
+        json.dumps(patients, ensure_ascii=False) if patients else None,
+    )

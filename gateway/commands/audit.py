@@ -364,6 +364,7 @@ def _verify(args: argparse.Namespace) -> int:
         return 1
     for line in _describe(shown, report):
         print(line)
+    _check_indexes(paths)
     return 0
 
 
@@ -390,6 +391,26 @@ def _record_broken(config_path: Path, config: GatewayConfig, why: str) -> None:
     except MedgwError as exc:
         said = f"NOT recorded in the audit trail: {exc.message} (fix: {exc.fix})"
     print(f"medgw: {said}", file=sys.stderr)
+
+
+def _check_indexes(paths: list[Path]) -> None:
+    """Compare each file's review index (if any) with the log just verified: one that
+    differs was edited or damaged; it is removed and built again by the next review."""
+    for path in paths:
+        try:
+            problem = index.check(path)
+        except (OSError, AuditIndexError) as exc:
+            print(f"medgw: note: the index of {path} was not checked: {exc}", file=sys.stderr)
+            continue
+        if problem is not None:
+            print(
+                f"WARNING: the review index {index.index_path(path)} did not match the log: "
+                f"{problem}; it was removed (the log is what counts: the next review builds "
+                "the index again from it; if no crash explains it, find out who edited it)",
+                file=sys.stderr,
+            )
+        elif index.index_path(path).exists():
+            print(f"{index.index_path(path)}: review index matches the log")
 
 
 def _certificate(path: Path) -> x509.Certificate:
