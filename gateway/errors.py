@@ -41,6 +41,23 @@ class ConfigProblem:
         return f"{self.severity}: {where}: {self.message} (fix: {self.fix})"
 
 
+class InvalidValueError(MedgwError, ValueError):
+    """A value handed to the gateway breaks a rule: an argument of the command line or
+    of a function (a time without a time zone, an unknown option, a number out of
+    range), a header a local submitter sent.  A ``ValueError`` too, so that a caller
+    that asks for a value and catches ``ValueError`` keeps working."""
+
+
+class InvalidTypeError(MedgwError, TypeError):
+    """A value of the wrong type handed to the gateway (bytes expected, say).  A
+    ``TypeError`` too."""
+
+
+class UnknownNameError(MedgwError, KeyError):
+    """A name looked up in the loaded configuration that it does not have (a peer, a
+    zone).  A ``KeyError`` too."""
+
+
 class ConfigError(MedgwError):
     """The configuration cannot be used; ``problems`` lists every reason."""
 
@@ -61,6 +78,11 @@ class PolicyError(MedgwError):
 
 class ObjectSecurityError(MedgwError):
     """Signing, verification, encryption or decryption of a payload failed."""
+
+
+class ContentChangedError(ObjectSecurityError):
+    """A document changed while it was being signed: what was signed is not what
+    would be sent."""
 
 
 class MalformedMessageError(ObjectSecurityError):

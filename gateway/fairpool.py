@@ -21,13 +21,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from gateway.errors import InvalidValueError
+
 T = TypeVar("T")
 
 
 class FairPool:
     def __init__(self, workers: int, per_key: int, *, name: str = "worker") -> None:
         if not 1 <= per_key <= workers:
-            raise ValueError(f"per_key must be 1..{workers}, not {per_key}")
+            raise InvalidValueError(
+                f"per_key={per_key}: one key's share of {workers} workers is 1..{workers}",
+                fix=f"pass a per_key from 1 to {workers}",
+            )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._workers = workers
         self._per_key = per_key

@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 
-from .errors import PolicyError
+from .errors import InvalidValueError, PolicyError
 
 PublicKey = (
     rsa.RSAPublicKey
@@ -190,9 +190,15 @@ class AlgorithmPolicy:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.accept_legacy) - set(LEGACY_ALGORITHMS))
         if unknown:
-            raise ValueError(f"not a legacy algorithm: {', '.join(unknown)}")
+            raise InvalidValueError(
+                f"accept_legacy names {', '.join(unknown)}: not a legacy algorithm",
+                fix=f"name only these: {', '.join(sorted(LEGACY_ALGORITHMS))}",
+            )
         if self.key_transport not in (*SEND_KEY_TRANSPORTS, LEGACY_SEND_KEY_TRANSPORT):
-            raise ValueError(f"not a key transport to send with: {self.key_transport}")
+            raise InvalidValueError(
+                f"key_transport {self.key_transport!r}: not a key transport to send with",
+                fix="use one of: " + ", ".join((*SEND_KEY_TRANSPORTS, LEGACY_SEND_KEY_TRANSPORT)),
+            )
 
     def _admits(self, name: str, inbound: bool) -> bool:
         return inbound and name in self.accept_legacy

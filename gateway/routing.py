@@ -46,7 +46,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from gateway.audit.events import AuditEvent, EventType, Outcome, Severity
-from gateway.errors import RoutingError
+from gateway.errors import InvalidValueError, RoutingError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -103,7 +103,11 @@ class Origin:
 
     def __post_init__(self) -> None:
         if (self.peer is None) != (self.zone is None):
-            raise ValueError("an inbound origin names both the peer and its zone")
+            raise InvalidValueError(
+                f"origin peer={self.peer!r}, zone={self.zone!r}: an inbound origin names both "
+                "the peer and its zone, a local one neither",
+                fix="give both the peer and its zone, or neither (LOCAL_INTAKE)",
+            )
 
     @property
     def is_local(self) -> bool:

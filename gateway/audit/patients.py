@@ -37,6 +37,7 @@ from typing import Any
 from xml.parsers import expat
 
 from gateway.audit.events import PatientId
+from gateway.errors import InvalidValueError
 
 SCAN_BYTES = 256 * 1024  # of a document's beginning
 MAX_IDS = 32  # identifiers kept per document
@@ -94,25 +95,33 @@ def patients_in_file(path: Path) -> tuple[PatientId, ...]:
 PATIENT_HEADER = "X-Medgw-Patient"
 
 
+DECLARED_FIX = (
+    "send each patient as AUTHORITY|ID (e.g. urn:oid:1.2.392.100495.20.3.51.1|12345) "
+    f"or ID, separated by commas, at most {MAX_IDS}; or leave the header out"
+)
+
+
 def declared_patients(values: list[str]) -> tuple[PatientId, ...]:
     """The patients a local submitter names in PATIENT_HEADER: ``AUTHORITY|ID`` or ``ID``,
-    several separated by commas or in several headers.  Raises ValueError saying what
-    is wrong (the caller answers 400)."""
+    several separated by commas or in several headers.  Raises InvalidValueError saying
+    what is wrong and how to send them (the caller answers 400)."""
     found: list[PatientId] = []
     for value in values:
         for item in value.split(","):
             authority, _, patient = item.strip().rpartition("|")
             if not patient.strip() or len(found) >= MAX_IDS:
-                raise ValueError(
+                raise InvalidValueError(
                     "an empty patient identifier"
                     if len(found) < MAX_IDS
-                    else f"more than {MAX_IDS} patient identifiers"
+                    else f"more than {MAX_IDS} patient identifiers",
+                    fix=DECLARED_FIX,
                 )
             for text in (authority, patient):
                 if len(text) > MAX_ID_CHARS or not all(c.isprintable() for c in text):
-                    raise ValueError(
+                    raise InvalidValueError(
                         f"a patient identifier or authority longer than {MAX_ID_CHARS} "
-                        "characters, or with control characters"
+                        "characters, or with control characters",
+                        fix=DECLARED_FIX,
                     )
             found.append(PatientId(patient.strip(), "client", authority.strip() or None))
     return unique_patients(found)

@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.errors import InvalidValueError
+
 CHECKPOINT_EVENT = "audit.checkpoint"
 CURVES = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384}  # CRYPTREC-listed curves
 
@@ -97,9 +99,11 @@ class CheckpointKeys:
         for cert in certificates:
             public = cert.public_key()
             if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name not in CURVES:
-                raise ValueError(
+                raise InvalidValueError(
                     f"certificate {cert.subject.rfc4514_string()} does not hold an ECDSA "
-                    "P-256 or P-384 key"
+                    "P-256 or P-384 key: checkpoints are signed only with those",
+                    fix="give the certificate of the audit checkpoint key ([audit] "
+                    "certificate in gateway.toml)",
                 )
             self._keys[key_id(public)] = public
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from gateway.audit.chain import GENESIS, canonical
 from gateway.audit.seal import CHECKPOINT_EVENT, CheckpointKeys
-from gateway.errors import MedgwError
+from gateway.errors import InvalidValueError, MedgwError
 
 # Closed files disposed of by retention (gateway.retention.audit_files): where the trail starts.
 AUDIT_DISPOSED_EVENT = "retention.audit_disposed"
@@ -64,7 +64,10 @@ def parse_checkpoint(text: str) -> tuple[int, str]:
     """``SEQ:HASH`` as given on the command line."""
     seq, _, digest = text.partition(":")
     if not seq.isdigit() or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError(f"{text!r} is not SEQ:HASH (a record number and its 64-hex hash)")
+        raise InvalidValueError(
+            f"{text!r} is not SEQ:HASH (a record number and its 64-hex hash)",
+            fix="copy it from the checkpoint record's seq and hash",
+        )
     return int(seq), digest
 
 

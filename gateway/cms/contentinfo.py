@@ -9,7 +9,7 @@ from typing import Any
 
 from asn1crypto import cms
 
-from ..errors import MalformedMessageError
+from ..errors import InvalidTypeError, MalformedMessageError
 from .common import ASN1_ERRORS, OID_SIGNED_DATA_DER
 from .der import DerError, children, count_children, joined_octet_strings
 from .limits import (
@@ -30,7 +30,10 @@ def load_content_info(data: bytes, what: str) -> Any:
     STRING segments joined (:func:`~gateway.cms.der.joined_octet_strings`): asn1crypto
     would build an object for every segment and every element."""
     if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
+        raise InvalidTypeError(
+            f"{what} is a {type(data).__name__}: a CMS ContentInfo is read from bytes",
+            fix="pass the DER or BER bytes (decode base64 first)",
+        )
     data = bytes(data)
     if not data:
         raise MalformedMessageError(

@@ -25,7 +25,7 @@ from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import DecryptionError, MalformedMessageError
+from ..errors import DecryptionError, InvalidTypeError, MalformedMessageError
 from ..fsutil import private_work_file
 from ..policy import COMPAT_CONTENT_CIPHERS, COMPAT_KEY_TRANSPORTS, AlgorithmPolicy, PrivateKey
 from . import enveloped_read
@@ -360,7 +360,11 @@ def decrypt(
     path uses, so that a message gets the same result or error either way.
     """
     if not isinstance(enveloped, bytes | bytearray | memoryview):
-        raise TypeError(f"encrypted message must be bytes, not {type(enveloped).__name__}")
+        raise InvalidTypeError(
+            f"encrypted message is a {type(enveloped).__name__}: a CMS ContentInfo is read "
+            "from bytes",
+            fix="pass the DER or BER bytes (decode base64 first)",
+        )
     direct = decrypt_der(bytes(enveloped), cert, key, policy=policy)
     if direct is not None:
         return direct

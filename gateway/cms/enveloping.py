@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from ..errors import PolicyError
+from ..errors import InvalidValueError, PolicyError
 from ..policy import AlgorithmPolicy, certificate_key
 from .common import cert_label, hash_for, issuer_and_serial_der
 from .der import oid_der, tl, tlv
@@ -153,7 +153,10 @@ def _recipient_infos(
     recipients: Sequence[x509.Certificate], cek: bytes, policy: AlgorithmPolicy
 ) -> tuple[bytes, bool]:
     if not recipients:
-        raise ValueError("encryption needs at least one recipient certificate")
+        raise InvalidValueError(
+            "no recipient certificate: content is encrypted for at least one recipient",
+            fix="pass the recipient's encryption certificate",
+        )
     infos = []
     has_kari = False
     for cert in recipients:
@@ -205,7 +208,10 @@ def encrypt_chunks(
     policy.check_content_cipher(cipher, inbound=False)
     _oid_name, key_len, mode = CIPHERS[cipher]
     if length < 0:
-        raise ValueError("length must be >= 0")
+        raise InvalidValueError(
+            f"length={length}: the announced content length is 0 or more",
+            fix="announce the content's size in bytes",
+        )
     cek = os.urandom(key_len)
     ri_der, has_kari = _recipient_infos(recipients, cek, policy)
     if mode == "gcm":
@@ -247,14 +253,22 @@ def encrypt_chunks(
     for chunk in chunks:
         seen += len(chunk)
         if seen > length:
-            raise ValueError(f"encrypt_chunks: more than the announced {length} bytes")
+            raise InvalidValueError(
+                f"encrypt_chunks: more than the announced {length} bytes given: the length "
+                "is written before the content",
+                fix="announce the content's exact size",
+            )
         if padder is not None:
             chunk = padder.update(chunk)
         out = ctx.update(chunk)
         if out:
             yield out
     if seen != length:
-        raise ValueError(f"encrypt_chunks: {seen} bytes given, {length} announced")
+        raise InvalidValueError(
+            f"encrypt_chunks: {seen} bytes given, {length} announced: the length is written "
+            "before the content",
+            fix="announce the content's exact size",
+        )
     last = ctx.update(padder.finalize()) if padder is not None else b""
     last += ctx.finalize()
     if mode == "gcm":

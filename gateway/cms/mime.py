@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..errors import MalformedMessageError
+from ..errors import InvalidValueError, MalformedMessageError
 from .limits import MAX_MIME_HEADERS, TooMany
 
 __all__ = ["header_param", "make_entity", "parse_entity"]
@@ -20,11 +20,20 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 def _check_header(name: str, value: str) -> None:
     if not _TOKEN.match(name):
-        raise ValueError(f"MIME header name {name!r} is not a valid token")
+        raise InvalidValueError(
+            f"MIME header name {name!r} is not a valid token (RFC 2045)",
+            fix="use letters, digits and -_. in header names",
+        )
     if "\r" in value or "\n" in value or "\x00" in value:
-        raise ValueError(f"MIME header {name} value contains CR, LF or NUL: {value!r}")
+        raise InvalidValueError(
+            f"MIME header {name} value {value!r} contains CR, LF or NUL: it would end the header",
+            fix="remove line breaks and NUL from the value",
+        )
     if not value.isascii():
-        raise ValueError(f"MIME header {name} value must be ASCII: {value!r}")
+        raise InvalidValueError(
+            f"MIME header {name} value {value!r} is not ASCII: MIME headers are ASCII",
+            fix="encode the value (RFC 2231 for parameters) or use ASCII",
+        )
 
 
 def make_entity(content_type: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> bytes:
@@ -39,7 +48,10 @@ def make_entity(content_type: str, body: bytes, headers: Sequence[tuple[str, str
     for name, value in headers:
         _check_header(name, value)
         if name.lower() == "content-type":
-            raise ValueError("pass the Content-Type as content_type, not in headers")
+            raise InvalidValueError(
+                f"Content-Type {value!r} given in headers: the entity's type is its own argument",
+                fix="pass the Content-Type as content_type, not in headers",
+            )
         if name.lower() == "content-transfer-encoding":
             has_cte = True
         lines.append(f"{name}: {value}")

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from ..errors import ObjectSecurityError, PolicyError
+from ..errors import InvalidValueError, ObjectSecurityError, PolicyError
 from ..policy import AlgorithmPolicy, PrivateKey, normalize_digest
 from .common import (
     OID_ALGORITHM_PROTECTION,
@@ -168,14 +168,20 @@ def sign_digest(
         )
     _check_signature_key(policy, signer_key)
     if rsa_padding not in ("pss", "pkcs1v15"):
-        raise ValueError(f"rsa_padding must be 'pss' or 'pkcs1v15', not {rsa_padding!r}")
+        raise InvalidValueError(
+            f"rsa_padding={rsa_padding!r}: RSA signatures use PSS or PKCS#1 v1.5",
+            fix="pass rsa_padding='pss' or 'pkcs1v15'",
+        )
     if not _key_belongs_to(signer_key, signer_cert):
         raise ObjectSecurityError(
             f"signing key does not belong to the signing certificate ({cert_label(signer_cert)})",
             fix="configure the private key that matches this certificate",
         )
     if signing_time.tzinfo is None:
-        raise ValueError("signing_time must be timezone-aware")
+        raise InvalidValueError(
+            f"signing_time={signing_time.isoformat()}: a signing time has a time zone",
+            fix="pass an aware time, e.g. the injected clock's now()",
+        )
 
     # Written as DER directly: asn1crypto's object builder costs more per
     # message than the private-key operation.

@@ -33,7 +33,7 @@ from typing import BinaryIO, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from ..errors import MalformedMessageError, SignatureError
+from ..errors import ContentChangedError, MalformedMessageError, SignatureError
 from ..fsutil import create_private, fsync_dir, open_source, partial_name
 from ..policy import DIGEST_TO_MICALG, DIGESTS, AlgorithmPolicy, PrivateKey
 from .common import hash_for
@@ -244,7 +244,11 @@ def _framed_chunks(src: Path, frame: _SignedFrame) -> Iterator[bytes]:
         size += len(chunk)
         yield chunk
     if size != frame.entity_size:
-        raise ValueError(f"{src} changed while it was being signed")
+        raise ContentChangedError(
+            f"{src} changed while it was being signed ({frame.entity_size} bytes signed, "
+            f"{size} read): a document must not change once it is taken in",
+            fix="check that no other program writes to that file; then send it again",
+        )
     yield frame.tail
 
 

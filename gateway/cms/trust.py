@@ -17,7 +17,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 
-from ..errors import SignerNotTrustedError
+from ..errors import InvalidValueError, SignerNotTrustedError
 from .common import cert_label
 
 __all__ = ["SignerValidator", "TrustAnchors"]
@@ -55,7 +55,10 @@ class TrustAnchors:
 
     def __call__(self, signer: x509.Certificate, carried: Sequence[x509.Certificate]) -> None:
         if self.at.tzinfo is None:
-            raise ValueError("verification time must be timezone-aware")
+            raise InvalidValueError(
+                f"at={self.at.isoformat()}: a signer is judged at a time with a time zone",
+                fix="pass an aware time, e.g. the injected clock's now()",
+            )
         self._check_time(signer, "signer")
         if signer in self.anchors:
             return

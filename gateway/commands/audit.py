@@ -31,7 +31,7 @@ from gateway.commands import DEFAULT_CONFIG
 from gateway.commands.queue import control_client, offline_read
 from gateway.config import GatewayConfig, load_config
 from gateway.control.client import NotRunningError
-from gateway.errors import MedgwError
+from gateway.errors import InvalidValueError, MedgwError
 from gateway.maintenance import report
 from gateway.operations import audit_verification_failed
 
@@ -323,16 +323,15 @@ def _verify(args: argparse.Namespace) -> int:
             keys = CheckpointKeys([config.audit.certificate])
     try:
         outside = parse_checkpoint(args.last_checkpoint) if args.last_checkpoint else None
-    except ValueError as exc:
-        print(
-            f"medgw: --last-checkpoint: {exc} (fix: copy it from the checkpoint record's seq "
-            "and hash)",
-            file=sys.stderr,
-        )
+    except ValueError as exc:  # the message names the fix
+        print(f"medgw: --last-checkpoint: {exc}", file=sys.stderr)
         return 1
     if certificates:
         try:
             keys = CheckpointKeys([_certificate(p) for p in certificates])
+        except InvalidValueError as exc:  # the message names the fix
+            print(f"medgw: --certificate: {exc}", file=sys.stderr)
+            return 1
         except (OSError, ValueError) as exc:
             print(
                 f"medgw: --certificate: {exc} (fix: give the audit certificate, PEM)",

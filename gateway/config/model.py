@@ -26,7 +26,7 @@ from gateway.config.smime import SmimeSettings
 from gateway.config.storage import Storage
 from gateway.config.zones import Zone
 from gateway.egress import NetworkMap
-from gateway.errors import ConfigProblem
+from gateway.errors import ConfigProblem, UnknownNameError
 from gateway.routing import Address, endpoint, own_listeners
 
 
@@ -97,11 +97,18 @@ class GatewayConfig:
         """The zone of a loaded peer or listener (load_config guarantees it exists)."""
         zone = self.zone(name)
         if zone is None:
-            raise KeyError(f"no zone {name!r} in {self.source}")
+            raise UnknownNameError(
+                f"no zone {name!r} in {self.source}",
+                fix=f"add a [[zones]] entry named {name!r} to {self.source}, or name one of "
+                "its zones",
+            )
         return zone
 
     def require_peer(self, name: str) -> Peer:
         peer = self.peer(name)
         if peer is None:
-            raise KeyError(f"no peer {name!r} in {self.source.parent / 'peers.d'}")
+            raise UnknownNameError(
+                f"no peer {name!r} in {self.source.parent / 'peers.d'}",
+                fix=f"create peers.d/{name}.toml, or name one of the configured peers",
+            )
         return peer

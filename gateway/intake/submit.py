@@ -31,9 +31,9 @@ from typing import Any
 from aiohttp import web
 
 from gateway.audit import PatientId
-from gateway.audit.patients import MAX_IDS, PATIENT_HEADER, declared_patients
+from gateway.audit.patients import PATIENT_HEADER, declared_patients
 from gateway.config import SERVICE_NAME
-from gateway.errors import MedgwError
+from gateway.errors import InvalidValueError, MedgwError
 
 CHUNK = 1 << 20
 # A body that stops arriving for this long is given up (408): a hung client must not
@@ -141,13 +141,8 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
         )
     try:
         patients = declared_patients(request.headers.getall(PATIENT_HEADER, []))
-    except ValueError as exc:
-        return json_error(
-            400,
-            f"{PATIENT_HEADER}: {exc}",
-            f"send each patient as AUTHORITY|ID (e.g. urn:oid:1.2.392.100495.20.3.51.1|12345) "
-            f"or ID, separated by commas, at most {MAX_IDS}; or leave the header out",
-        )
+    except InvalidValueError as exc:
+        return json_error(400, f"{PATIENT_HEADER}: {exc.message}", exc.fix or "")
     return Submission(peer, filename, content_type, submitter, service, patients)
 
 

@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 
 from cryptography import x509
 
+from gateway.errors import InvalidValueError
+
 DEFAULT_WARN_DAYS = 7
 
 
@@ -49,7 +51,10 @@ def crl_findings(
     """Freshness of every CRL at ``at``: expired and not-yet-valid are errors,
     a ``nextUpdate`` within ``warn_days`` (or none at all) is a warning."""
     if at.tzinfo is None:
-        raise ValueError("`at` must be timezone-aware")
+        raise InvalidValueError(
+            f"at={at.isoformat()}: CRL freshness is judged at a time with a time zone",
+            fix="pass an aware time, e.g. the injected clock's now()",
+        )
     out: list[CrlFinding] = []
     for crl in crls:
         issuer = crl.issuer.rfc4514_string()

@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.errors import MedgwError
+from gateway.errors import InvalidValueError, MedgwError
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 
 MARKER = ".medgw-demo"
@@ -106,9 +106,14 @@ def init_demo(
     """Create (or recreate) the demo installation in ``target``; see the module doc."""
     for port in (hospital_port, lab_port):
         if not 1 <= port <= 65535:
-            raise ValueError(f"port {port} is out of range 1..65535")
+            raise InvalidValueError(
+                f"port {port} is out of range 1..65535", fix="choose a port from 1 to 65535"
+            )
     if hospital_port == lab_port:
-        raise ValueError("the hospital and the lab need different ports")
+        raise InvalidValueError(
+            f"port {lab_port} given for both the hospital and the lab: they need different ports",
+            fix="choose two different ports",
+        )
     target = Path(target).absolute()
     _prepare(target)
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.errors import InvalidValueError
 from gateway.pki.keypair import PrivateKey
 
 KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
@@ -52,7 +53,10 @@ def new_key(kind: str = "ec-p256") -> PrivateKey:
         return rsa.generate_private_key(public_exponent=65537, key_size=2048)
     if kind == "rsa-3072":
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    raise ValueError(f"unknown key kind {kind!r}; use one of {', '.join(KEY_KINDS)}")
+    raise InvalidValueError(
+        f"unknown key kind {kind!r}: only these are issued",
+        fix=f"use one of {', '.join(KEY_KINDS)}",
+    )
 
 
 def signature_hash(issuer_key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:
@@ -164,7 +168,10 @@ def issue(
     """
     _check_time(now, days)
     if purpose not in PURPOSES:
-        raise ValueError(f"unknown purpose {purpose!r}; use one of {', '.join(PURPOSES)}")
+        raise InvalidValueError(
+            f"unknown certificate purpose {purpose!r}: only these are issued",
+            fix=f"use one of {', '.join(PURPOSES)}",
+        )
     key = new_key(key_kind)
     is_rsa = isinstance(key, rsa.RSAPrivateKey)
     usage = {
@@ -312,9 +319,15 @@ def write_pem(path: Path, obj: x509.Certificate | Sequence[x509.Certificate] | P
 
 def _check_time(now: datetime, days: int) -> None:
     if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError("`now` must be timezone-aware, e.g. datetime.now(timezone.utc)")
+        raise InvalidValueError(
+            f"now={now.isoformat()}: a certificate's validity starts at a time with a time zone",
+            fix="pass an aware time, e.g. datetime.now(timezone.utc)",
+        )
     if days <= 0:
-        raise ValueError(f"days must be positive, got {days}")
+        raise InvalidValueError(
+            f"days={days}: a certificate is valid for a positive number of days",
+            fix="pass days of 1 or more",
+        )
 
 
 def _name(common_name: str, organization: str | None) -> x509.Name:

@@ -52,6 +52,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from gateway.errors import InvalidValueError
 from gateway.pki import tlsnative
 from gateway.pki.keypair import KeyPair
 from gateway.policy import TLS13_SUITES as POLICY_TLS13_SUITES
@@ -324,7 +325,11 @@ def delivery_tls_context(certificates: Sequence[x509.Certificate]) -> ssl.SSLCon
     (``[delivery] ca``), TLS 1.2 or newer.  Built from the loaded certificates rather
     than the file, so a DER file works as well as a PEM one.  Raises ssl.SSLError."""
     if not certificates:
-        raise ValueError("no CA certificate to verify the internal system against")
+        raise InvalidValueError(
+            "no CA certificate to verify the internal system against: an https:// hand-over "
+            "trusts exactly the certificates of [delivery] ca",
+            fix="set [delivery] ca in gateway.toml to the CA of the internal system's certificate",
+        )
     pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
     context = ssl.create_default_context(cadata=pem)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

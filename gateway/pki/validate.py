@@ -82,7 +82,7 @@ from pyhanko_certvalidator.sig_validate import (
     SignatureValidationContext,
 )
 
-from gateway.errors import PolicyError
+from gateway.errors import InvalidValueError, PolicyError
 from gateway.pki.crl import is_delta
 from gateway.pki.ocsp import OcspAnswer, OcspClient, OcspError, ocsp_urls
 from gateway.policy import AlgorithmPolicy, certificate_key
@@ -614,7 +614,10 @@ async def validate(
     """
     when = at
     if when.tzinfo is None:
-        raise ValueError("`at` must be timezone-aware")
+        raise InvalidValueError(
+            f"at={when.isoformat()}: a path is validated at a time with a time zone",
+            fix="pass an aware time, e.g. the injected clock's now()",
+        )
     try:
         return await _validate(
             leaf,
@@ -651,7 +654,11 @@ async def _validate(
 ) -> ValidationResult:
     if ocsp and ocsp_client is None:
         # Its route says how the requests leave (NET-4); there is no default way out.
-        raise ValueError("ocsp=True needs an ocsp_client")
+        raise InvalidValueError(
+            "ocsp=True needs an ocsp_client: OCSP requests leave only through a zone's "
+            "route (NET-4)",
+            fix="pass the OcspClient of the peer's zone, or ocsp=False",
+        )
     if not anchors:
         return ValidationResult(
             False,

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from gateway.errors import SpoolError
+from gateway.errors import InvalidValueError, SpoolError
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
     CANCELLABLE,
@@ -141,7 +141,11 @@ class OutboundQueue(Database):
         """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
         message, ``body``, stored in this same transaction."""
         if (body_path is None) == (body is None):
-            raise ValueError("a queued message has its body in a file or in the spool")
+            raise InvalidValueError(
+                f"message {message_id}: a queued message has its body in a file or in the "
+                "spool row, exactly one of them",
+                fix="pass either body_path or body",
+            )
         self._write(
             "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
             " updated_at=?, encrypted_for=? WHERE message_id=? AND state=?",
