@@ -110,3 +110,15 @@ def test_the_crl_cache_is_one_of_medgws_work_folders(layout: DemoLayout) -> None
     result = check_config(config)
     assert result.returncode == 1
     assert "the work folder crls/ in state_dir" in result.stdout + result.stderr, result.stdout
+
+
+def test_a_peer_url_at_the_metrics_port_is_refused(layout: DemoLayout) -> None:
+    from tests.test_config_checks import set_peer_url
+
+    config = layout.hospital.config_path
+    port = free_port()
+    add(config, f'[metrics]\nlisten = "127.0.0.1:{port}"')
+    peer = set_peer_url(layout, f"https://127.0.0.1:{port}/as2")
+    result = check_config(config)
+    assert result.returncode == 1
+    assert reported(result, peer, "url", "the metrics endpoint", "AS2 endpoint"), result.stderr

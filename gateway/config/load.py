@@ -21,7 +21,7 @@ from gateway.config.emergency import EmergencySettings, load_emergency
 from gateway.config.identity import load_identity, load_tls
 from gateway.config.listeners import load_listeners
 from gateway.config.maintenance import MAINTENANCE_LISTENER, load_maintenance
-from gateway.config.metrics import load_metrics
+from gateway.config.metrics import METRICS_LISTENER, load_metrics
 from gateway.config.model import GatewayConfig
 from gateway.config.network_rules import network_problems
 from gateway.config.peers import check_peer_uniqueness, load_peers
@@ -105,6 +105,8 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         else EmergencySettings()
     )
     ours = [(MAINTENANCE_LISTENER, maintenance.endpoint)] if maintenance is not None else []
+    if metrics is not None:
+        ours.append((METRICS_LISTENER, metrics.endpoint))
     resolved = network_problems(reader, source, zones, listeners, peers, api, delivery, ours)
 
     if reader.errors or tls is None or smime is None:

@@ -16,6 +16,7 @@ from gateway.config.listeners import Listener
 from gateway.tomlreader import Section
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
+METRICS_LISTENER = "the metrics endpoint ([metrics] listen)"  # what it is called in problems
 
 
 @dataclass(frozen=True)

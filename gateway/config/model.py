@@ -17,7 +17,7 @@ from gateway.config.emergency import EmergencySettings
 from gateway.config.identity import TlsSettings
 from gateway.config.listeners import Listener
 from gateway.config.maintenance import MAINTENANCE_LISTENER, MaintenanceSettings
-from gateway.config.metrics import MetricsSettings
+from gateway.config.metrics import METRICS_LISTENER, MetricsSettings
 from gateway.config.peers import Peer
 from gateway.config.responsible import Responsible
 from gateway.config.retention import KEEP, RetentionSettings
@@ -85,7 +85,7 @@ class GatewayConfig:
         """Our listeners besides the zones' and the local API's."""
         found = []
         if self.metrics is not None:
-            found.append(("the metrics endpoint ([metrics] listen)", self.metrics.endpoint))
+            found.append((METRICS_LISTENER, self.metrics.endpoint))
         if self.maintenance is not None:
             found.append((MAINTENANCE_LISTENER, self.maintenance.endpoint))
         return found
