@@ -16,8 +16,11 @@ from typing import Any
 import pytest
 
 from gateway.backup.bundle import ENTITY_HEAD, MANIFEST
+from gateway.clock import SystemClock
+from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from gateway.spool import SqliteSpool
 from tests.audit_trail import wait_for_events
 from tests.cli import medgw
 
@@ -230,3 +233,54 @@ def test_backup_configuration_is_checked(layout: DemoLayout, tmp_path: Path, bad
     check = medgw("check-config", "--config", config)
     assert check.returncode == 1
     assert "backup." in check.stdout + check.stderr
+
+
+def test_restore_checks_every_file_and_never_replaces_an_inbox_document_by_accident(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A hand-over still owed travels with its inbox document; on the new host a document
+    of the same name is not replaced without --force, and a damaged bundle is refused."""
+    key, cert = recipient(tmp_path / "offline")
+    hospital = layout.hospital
+    add_backup(hospital.config_path, cert)
+    document = hospital.inbox_dir / "lab" / "result.hl7"
+    document.parent.mkdir(parents=True, exist_ok=True)
+    document.write_bytes(b"MSH|owed to the internal system\r")
+    config = load_config(hospital.config_path)
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    spool.inbound_begin("lab", "<owed@lab>", "00" * 32, document)
+    spool.inbound_delivered("lab", "<owed@lab>", [], b"receipt", ("application/hl7-v2", 31))
+    spool.close()
+    bundle = tmp_path / "medgw.p7m"
+    made = medgw("backup", "--to", bundle, "--config", hospital.config_path)
+    assert made.returncode == 0, made.stderr
+
+    root = hospital.root.with_name("hospital-restored")
+    shutil.copytree(
+        hospital.root, root, ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox")
+    )
+    new = root / "gateway.toml"
+    damaged = tmp_path / "damaged.p7m"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    refused = medgw("restore", "--from", damaged, "--cert", cert, "--key", key, "--config", new)
+    assert refused.returncode == 1 and "cannot be opened" in refused.stderr
+    assert not (root / "state" / "spool.sqlite3").exists()
+
+    other = root / "inbox" / "lab" / "result.hl7"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"MSH|another document\r")
+    kept = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", new)
+    assert kept.returncode == 1 and str(other) in kept.stderr and "--force" in kept.stderr
+    assert other.read_bytes() == b"MSH|another document\r"
+    assert not (root / "state" / "spool.sqlite3").exists()
+    forced = medgw(
+        "restore", "--from", bundle, "--cert", cert, "--key", key, "--force", "--config", new
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert other.read_bytes() == b"MSH|owed to the internal system\r"
+    restored = SqliteSpool(root / "state" / "spool.sqlite3", SystemClock())
+    [owed] = restored.handover_list()
+    assert owed.path == other and owed.state.value == "pending"  # the new host's inbox
+    assert (root / "state" / "restored-config" / "gateway.toml").exists()

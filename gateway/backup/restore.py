@@ -87,6 +87,30 @@ def _audit_name(name: str, old: str, new: str) -> str:
     return name
 
 
+def _destinations(
+    config: GatewayConfig, manifest: dict[str, Any], work: Path
+) -> list[tuple[Path, Path]]:
+    """Where each file of the unpacked bundle in ``work`` goes on this host."""
+    state = config.storage.state_dir
+    moves = []
+    for name in manifest["files"]:
+        part, _, rest = name.partition("/")
+        if part == "state":
+            spool = rest == config.storage.spool_path.name
+            dst = config.storage.spool_path if spool else state / rest
+        elif part == "inbox":
+            dst = config.storage.inbox_dir / rest
+        elif part == "audit":
+            audit = config.storage.audit_log
+            dst = audit.parent / _audit_name(rest, manifest["audit_log"], audit.name)
+        elif part == "config":
+            dst = state / RESTORED_CONFIG / rest
+        else:
+            continue
+        moves.append((work / name, dst))
+    return moves
+
+
 def restore(
     config: GatewayConfig,
     bundle: Path,
@@ -122,27 +146,21 @@ def restore(
             (manifest["state_dir"], str(state)),
             (manifest["inbox_dir"], str(config.storage.inbox_dir)),
         ]
-        spool_name = config.storage.spool_path.name
-        for name in manifest["files"]:
-            part, _, rest = name.partition("/")
-            src = work / name
-            if part == "state" and rest == spool_name:
+        moves = _destinations(config, manifest, work)
+        taken = [str(dst) for _src, dst in moves if dst.exists()]
+        if taken and not force:
+            raise BackupError(
+                f"{len(taken)} files of the bundle are there already ({', '.join(taken[:3])}"
+                + (" ..." if len(taken) > 3 else "")
+                + "): a restore never replaces them by accident (a received document in the "
+                "inbox is never written twice)",
+                fix="move them away, or add --force to replace them",
+            )
+        for src, dst in moves:
+            if src.name == config.storage.spool_path.name and dst == config.storage.spool_path:
                 _move_paths(src, places)
-                dst = config.storage.spool_path
                 for suffix in ("-wal", "-shm"):
                     dst.with_name(dst.name + suffix).unlink(missing_ok=True)
-            elif part == "state":
-                dst = state / rest
-            elif part == "inbox":
-                dst = config.storage.inbox_dir / rest
-            elif part == "audit":
-                dst = config.storage.audit_log.parent / _audit_name(
-                    rest, manifest["audit_log"], config.storage.audit_log.name
-                )
-            elif part == "config":
-                dst = state / RESTORED_CONFIG / rest
-            else:
-                continue
             dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             shutil.move(src, dst)  # the inbox or audit folder may be on another file system
         restored(manifest)
