@@ -159,6 +159,10 @@ class Section:
         value = self._get(key, dict, "a table", None, required, f"[{self._key(key)}]")
         return Section(self._reader, self._file, self._key(key), value or {})
 
+    def optional_table(self, key: str) -> Section | None:
+        """The table ``key`` when the file has one; None (that feature off) when not."""
+        return self.table(key, required=False) if key in self._table else None
+
     def tables(self, key: str, *, missing: tuple[str, str] | None = None) -> list[Section]:
         if missing is not None and key not in self._table:
             self._seen.add(key)

@@ -56,17 +56,16 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     listeners = load_listeners(reader, root, source)
     storage = load_storage(reader, root)
     runtime = load_runtime(root)
-    api_section = root.table("api", required=False) if "api" in data else None
-    delivery_section = root.table("delivery", required=False) if "delivery" in data else None
+    api_section = root.optional_table("api")
+    delivery_section = root.optional_table("delivery")
     audit, audit_export, audit_rotation = load_audit(reader, root, data, storage)
     responsible = load_responsible(reader, root, source)
-    maintenance_section = (
-        root.table("maintenance", required=False) if "maintenance" in data else None
-    )
-    retention_section = root.table("retention", required=False) if "retention" in data else None
-    metrics_section = root.table("metrics", required=False) if "metrics" in data else None
-    backup = load_backup(reader, root.table("backup")) if "backup" in data else None
-    emergency_section = root.table("emergency", required=False) if "emergency" in data else None
+    maintenance_section = root.optional_table("maintenance")
+    retention_section = root.optional_table("retention")
+    metrics_section = root.optional_table("metrics")
+    backup_section = root.optional_table("backup")
+    backup = load_backup(reader, backup_section) if backup_section is not None else None
+    emergency_section = root.optional_table("emergency")
     root.finish()
 
     peers = load_peers(reader, source, identity.peers_dir, smime)
