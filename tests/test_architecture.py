@@ -8,7 +8,9 @@ other module), so the rules stay true as the code changes:
 - the lower layers (message formats, crypto, trust, algorithm policy) know
   nothing of the configuration, the daemon, delivery, diagnosis or the command
   line, not even through a module they import;
-- only the command line knows the command line.
+- only the command line knows the command line;
+- nothing below the daemon imports it, and its parts do not reach back into
+  its life cycle.
 """
 
 from __future__ import annotations
@@ -260,3 +262,42 @@ def test_the_configuration_uses_none_of_the_parts_that_run(edges: dict[str, set[
         if _within(target, RUNNING)
     ]
     assert wrong == []
+
+
+DAEMON = ("gateway.daemon",)
+
+
+def test_nothing_below_the_daemon_imports_it(edges: dict[str, set[str]]) -> None:
+    # The daemon assembles the gateway; only the command line starts it.
+    wrong = [
+        f"{name} -> {target}"
+        for name, targets in sorted(edges.items())
+        if not _within(name, DAEMON + CLI)
+        for target in sorted(targets)
+        if _within(target, DAEMON)
+    ]
+    assert wrong == []
+
+
+def test_the_daemons_parts_do_not_reach_back_into_its_life_cycle(
+    edges: dict[str, set[str]],
+) -> None:
+    # lifecycle assembles the other modules of gateway/daemon; none of them knows it.
+    top = ("gateway.daemon", "gateway.daemon.lifecycle")
+    wrong = [
+        f"{name} -> {target}"
+        for name, targets in sorted(edges.items())
+        if _within(name, DAEMON) and name not in top
+        for target in sorted(targets)
+        if target in top
+    ]
+    assert wrong == []
+    assert "gateway.daemon.as2_handler" in edges["gateway.daemon.lifecycle"]
+
+
+def test_the_answers_to_a_peer_know_nothing_of_who_decides_them(
+    edges: dict[str, set[str]],
+) -> None:
+    # gateway.channel.answers is below both the handler and the inbound pipeline.
+    reached = reachable(edges, "gateway.channel.answers")
+    assert not [t for t in reached if _within(t, ("gateway.daemon", "gateway.inbound"))]
