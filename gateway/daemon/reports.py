@@ -50,20 +50,13 @@ def _report_removed_recipients(
                 certificate_sha256=encrypted_for,
                 fix=fix,
             )
-            audit.emit(
-                AuditEvent(
-                    EventType.QUEUE_RECIPIENT_REMOVED,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    peer=peer.name,
-                    direction="outbound",
-                    reason=f"{count} message(s) waiting for {peer.name!r} are encrypted to "
-                    f"a certificate no longer in {peer.source.name} "
-                    f"(SHA-256 {encrypted_for[:16]}...): the peer can read them only "
-                    "while it keeps that key",
-                    detail={"certificate_sha256": encrypted_for, "messages": count, "fix": fix},
-                )
+            reason = (
+                f"{count} message(s) waiting for {peer.name!r} are encrypted to a certificate "
+                f"no longer in {peer.source.name} (SHA-256 {encrypted_for[:16]}...): the peer "
+                "can read them only while it keeps that key"
             )
+            detail = {"certificate_sha256": encrypted_for, "messages": count, "fix": fix}
+            _alert(audit, EventType.QUEUE_RECIPIENT_REMOVED, peer.name, reason, detail)
 
 
 def _report_unconfigured_peers(
@@ -84,15 +77,26 @@ def _report_unconfigured_peers(
             "medgw queue cancel ID for each"
         )
         log.error("queue.peer_not_configured", peer=peer, messages=states, fix=fix)
-        audit.emit(
-            AuditEvent(
-                EventType.QUEUE_PEER_NOT_CONFIGURED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                peer=peer,
-                direction="outbound",
-                reason=f"{total} message(s) for peer {peer!r} wait in the queue, but no "
-                "peer of that name is configured: they are neither sent nor expired",
-                detail={"states": states, "fix": fix},
-            )
+        reason = (
+            f"{total} message(s) for peer {peer!r} wait in the queue, but no peer of that "
+            "name is configured: they are neither sent nor expired"
         )
+        detail: dict[str, object] = {"states": states, "fix": fix}
+        _alert(audit, EventType.QUEUE_PEER_NOT_CONFIGURED, peer, reason, detail)
+
+
+def _alert(
+    audit: AuditSink, event: EventType, peer: str, reason: str, detail: dict[str, object]
+) -> None:
+    """An alert about messages queued for ``peer``."""
+    audit.emit(
+        AuditEvent(
+            event,
+            Outcome.FAILURE,
+            Severity.ALERT,
+            peer=peer,
+            direction="outbound",
+            reason=reason,
+            detail=detail,
+        )
+    )

@@ -94,20 +94,16 @@ class TrustKeeper:
                     purpose=verdict.purpose.value,
                     reason=verdict.result.reason,
                 )
-                self._audit().emit(
-                    AuditEvent(
-                        EventType.PEER_CERTIFICATE_REJECTED,
-                        Outcome.FAILURE,
-                        Severity.ALERT,
-                        peer=name,
-                        reason=verdict.result.reason,
-                        detail={
-                            "purpose": verdict.purpose.value,
-                            "subject": verdict.subject,
-                            "sha256": verdict.fingerprint,
-                            "revocation": verdict.result.revocation,
-                        },
-                    )
+                self._alert(
+                    EventType.PEER_CERTIFICATE_REJECTED,
+                    name,
+                    verdict.result.reason,
+                    {
+                        "purpose": verdict.purpose.value,
+                        "subject": verdict.subject,
+                        "sha256": verdict.fingerprint,
+                        "revocation": verdict.result.revocation,
+                    },
                 )
         self._audit_unusable(trust, previous)
         for zone in config.zones:
@@ -143,16 +139,7 @@ class TrustKeeper:
                     f"{name} wait in the queue meanwhile"
                 )
                 self._log.error("peer.unusable", peer=name, reason=now, fix=fix)
-                self._audit().emit(
-                    AuditEvent(
-                        EventType.PEER_UNUSABLE,
-                        Outcome.FAILURE,
-                        Severity.ALERT,
-                        peer=name,
-                        reason=now,
-                        detail={"fix": fix},
-                    )
-                )
+                self._alert(EventType.PEER_UNUSABLE, name, now, {"fix": fix})
             elif now is None and was is not None:
                 self._log.info("peer.usable", peer=name)
                 self._audit().emit(
@@ -162,6 +149,16 @@ class TrustKeeper:
                         reason="every use has an acceptable certificate again",
                     )
                 )
+
+    def _alert(
+        self, event: EventType, peer: str | None, reason: str | None, detail: dict[str, object]
+    ) -> None:
+        """An alert about a certificate of ours (``peer`` None) or of a peer."""
+        self._audit().emit(
+            AuditEvent(
+                event, Outcome.FAILURE, Severity.ALERT, peer=peer, reason=reason, detail=detail
+            )
+        )
 
     def _alert_expiring(self, config: GatewayConfig) -> None:
         """An alert for each of our and the peers' certificates that expires within 30, 7
