@@ -561,6 +561,21 @@ def _record(address: str, port: int, out: Path, release: Path | None = None) -> 
             held.append(conn)
 
 
+def _read_all(host: str, port: int) -> dict[str, Any]:
+    """Connect, and read whatever the server sends until it closes (or 5 s pass)."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as conn:
+            received = b""
+            try:
+                while chunk := conn.recv(4096):
+                    received += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            return {"connected": True, "received": received.decode("latin-1")}
+    except OSError as exc:
+        return {"connected": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] != ["probe"]:
         print("usage: python -m tests.test_netns probe ACTION ...", file=sys.stderr)
@@ -572,6 +587,8 @@ def main(argv: list[str]) -> int:
         result = _post(Path(args[0]), args[1], int(args[2]), Path(args[3]))
     elif action == "connect":
         result = _connect(args[0], int(args[1]))
+    elif action == "read":
+        result = _read_all(args[0], int(args[1]))
     elif action == "serve-https":
         _serve_https(Path(args[0]), Path(args[1]), int(args[2]), Path(args[3]))
         return 0
@@ -631,6 +648,55 @@ def test_the_maintenance_listener_cannot_be_reached_from_any_zone(
         ):
             outside = _probe(namespaces, ns, "connect", address, str(maintenance_port))
             assert not outside["connected"], (ns, address, outside)
+        assert proc.stop() == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+
+
+def test_a_maintenance_address_of_its_own_answers_no_zone_that_routes_to_it(
+    namespaces: Namespaces, tmp_path: Path
+) -> None:
+    """The maintenance listener on a management address outside every zone's egress.
+    A zone's host that routes to that address reaches the hospital anyway (Linux accepts
+    a packet for any local address on any interface): medgw closes such a connection
+    before it says a word of SSH, and audits it."""
+    world = two_zone_world(
+        tmp_path,
+        hospital_a=HOSPITAL_A,
+        hospital_b=HOSPITAL_B,
+        lab_ip=LAB,
+        pharmacy_ip=PHARMACY,
+        net_a="10.77.1.0/24",
+        net_b="10.77.2.0/24",
+        ports=(PORT, PORT, PORT, PORT),
+    )
+    management = "10.77.9.1"
+    # the management address on the hospital's loopback device, as a host route would
+    _ip("-n", namespaces.hospital, "addr", "add", f"{management}/32", "dev", "lo")
+    _ip("-n", namespaces.lab, "route", "add", f"{management}/32", "via", HOSPITAL_A)
+    hospital = world.hospital
+    host_key = hospital.root / "certs" / "ssh_host_ecdsa_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(host_key)],
+        check=True,
+    )
+    (hospital.root / "maintainers.d").mkdir(mode=0o700)
+    with hospital.config_path.open("a") as config:
+        config.write(f'\n[maintenance]\nlisten = "{management}:2222"\nhost_key = "{host_key}"\n')
+    proc = GatewayProcess(hospital.config_path, prefix=namespaces.exec(namespaces.hospital))
+    try:
+        proc.wait_ready()
+        inside = _probe(namespaces, namespaces.hospital, "read", management, "2222")
+        assert inside["received"].startswith("SSH-2.0-"), inside  # the management side
+        outside = _probe(namespaces, namespaces.lab, "read", management, "2222")
+        assert outside["received"] == "", outside  # not even the SSH banner
+        refused = wait_for_event(
+            hospital.audit_log,
+            "maintenance.login_failed",
+            where=lambda e: e.get("remote_address") == LAB,
+        )
+        assert "inside the egress of zone" in refused["reason"], refused
         assert proc.stop() == 0
     finally:
         if proc.proc.poll() is None:

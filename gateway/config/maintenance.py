@@ -59,10 +59,22 @@ class MaintenanceSettings:
     viewer_without_approval: bool  # a viewer may log in outside an approved window
     idle_timeout_seconds: float
     max_connections: int
+    # (zone, network) of every zone's egress: a connection from there is closed unheard.
+    zone_networks: tuple[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network], ...] = ()
 
     @property
     def endpoint(self) -> tuple[str, int]:
         return self.address, self.port
+
+    def zone_of(self, remote: str) -> str | None:
+        """The zone whose network ``remote`` is in (None for loopback: this host)."""
+        try:
+            address = ipaddress.ip_address(remote)
+        except ValueError:
+            return None
+        if address.is_loopback:
+            return None
+        return next((zone for zone, net in self.zone_networks if address in net), None)
 
     def maintainer(self, person: str) -> Maintainer | None:
         return next((m for m in self.maintainers if m.person == person), None)
@@ -109,6 +121,7 @@ def load_maintenance(
         viewer,
         idle,
         most,
+        tuple((z.name, net) for z in zones for net in z.egress),
     )
 
 

@@ -453,6 +453,22 @@ class _Connection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self._session.remote = str(peer[0]) if peer else "?"
         self._session.conn = conn
+        zone = self._server.settings.zone_of(self._session.remote)
+        if zone is not None:
+            # Linux accepts a packet for any of its addresses on any interface: a zone's
+            # host that routes to the maintenance address reaches it.  Closed before a
+            # word of SSH is said (asyncssh sends its version line after this call).
+            self._session.ended = True
+            self._server.emit(
+                self._session,
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.ALERT,
+                reason=f"a connection from {self._session.remote}, inside the egress of zone "
+                f"{zone!r}: the maintenance port is not for the zones' networks",
+            )
+            conn.abort()
+            return
         if not self._server.opened(self._session):
             self._session.ended = True
             conn.disconnect(asyncssh.DISC_TOO_MANY_CONNECTIONS, "too many connections")
