@@ -18,6 +18,7 @@ from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests.audit_trail import events, wait_for_events
+from tests.cli import medgw
 from tests.crl_server import DistributionPoint, openssl_crl
 from tests.test_pki_e2e import demo_ca, wait_handshake_refused
 
@@ -91,6 +92,11 @@ def test_fetched_crl_admits_the_peer_and_a_new_one_revokes_it(
         assert len(list(world.cache.glob("*.crl"))) == 1
         assert not events(layout.hospital.audit_log, "peer.certificate_rejected")
 
+        # `medgw pki check` shows the CRL the daemon keeps, verified from its cache.
+        check = medgw("pki", "check", "--config", str(layout.hospital.config_path))
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "zone loopback fetched CRL" in check.stdout, check.stdout
+
         drop_file(layout.lab.outbox_dir / "hospital", "before.hl7", b"MSH|before\r")
         wait_for_events(layout.lab.audit_log, "receipt.received")
         assert _delivered(layout, "before.hl7").read_bytes() == b"MSH|before\r"
@@ -135,6 +141,8 @@ def test_a_crl_that_cannot_be_had_is_an_alert(layout: DemoLayout, processes: Any
         layout.hospital.audit_log, "pki.crl_stale", where=lambda r: r["severity"] == "alert"
     )
     assert "192.0.2.10" in stale[0]["reason"]
+    check = medgw("pki", "check", "--config", str(layout.hospital.config_path))
+    assert "not fetched yet" in check.stdout and "192.0.2.10" in check.stdout, check.stdout
     assert not list(world.cache.glob("*.crl")) if world.cache.exists() else True
 
 

@@ -274,6 +274,9 @@ def check_rows(
         zone_crls = list(getattr(zone, "crls", ()))
         label = f"zone {zone.name} CRL"
         rows.extend(_crl_rows(label, zone_crls, now, getattr(zone, "crl_warn_days", 7)))
+        if getattr(zone, "fetch_crls", False):
+            rows.extend(_fetched_crl_rows(config, zone, now))
+            continue
         if zone_crls or getattr(zone, "revocation", "off") == "off" or getattr(zone, "ocsp", False):
             continue
         paths = ", ".join(str(p) for p in getattr(zone, "crl_paths", ()))
@@ -298,6 +301,50 @@ def check_rows(
                 "CRL files in each zone's `crls`, or pass --crl FOLDER)",
             )
         )
+    return rows
+
+
+def _fetched_crl_rows(config: Any, zone: Any, now: datetime) -> list[tuple[str, str, str]]:
+    """The CRLs the daemon keeps for a zone with ``fetch_crls`` (its cache, verified as the
+    daemon verifies it): stale is an error; near nextUpdate is fine, since the daemon
+    fetches the next one well before."""
+    from gateway.clock import SystemClock
+    from gateway.egress import Network
+    from gateway.pki.crlfetch import CrlKeeper, wanted_points
+
+    certificates = [
+        cert
+        for peer in config.peers
+        if peer.zone == zone.name
+        for cert in (
+            *peer.tls_certificates,
+            *peer.signing_certificates,
+            *peer.encryption_certificates,
+        )
+    ]
+    wanted = wanted_points(zone.name, zone.trust_anchors, certificates)
+    keeper = CrlKeeper(
+        config.storage.state_dir / "crls", SystemClock(), Network.fixed(config.network_map).zone
+    )
+    keeper.plan(wanted, {zone.name: zone.crl_refresh_hours})
+    held = keeper.crls(zone.name)
+    rows = [
+        ("ok" if severity == "warning" else severity, item, text)
+        for severity, item, text in _crl_rows(
+            f"zone {zone.name} fetched CRL", list(held), now, zone.crl_warn_days
+        )
+    ]
+    have = {crl.issuer for crl in held}
+    for point in wanted:
+        if not any(ca.subject in have for ca in point.issuers):
+            rows.append(
+                (
+                    "warning",
+                    f"zone {zone.name} CRL {point.url}",
+                    "not fetched yet: the running daemon downloads it (fix: if this stays, "
+                    "look for pki.crl_fetch_failed in the audit trail)",
+                )
+            )
     return rows
 
 
