@@ -633,3 +633,10 @@ def test_a_peer_url_or_hand_over_at_the_maintenance_port_is_refused(site: Site) 
         "the SSH maintenance listener" in p and "send this peer's messages to itself" in p
         for p in problems
     ), problems
+    peer.write_text(text)
+    with site.config.open("a") as handle:
+        handle.write(f'\n[delivery]\nhttp_url = "http://{ADDRESS}:{site.port}/inbox"\n')
+    problems = _problems(site.config)
+    assert any(
+        "delivery.http_url" in p and "the SSH maintenance listener" in p for p in problems
+    ), problems
