@@ -40,7 +40,14 @@ def register(commands: Any) -> None:
         "restore",
         help="check a bundle and restore it onto this host (daemon stopped, empty state)",
     )
-    restore_cmd.add_argument("--from", dest="source", required=True, type=Path, metavar="FILE")
+    restore_cmd.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the bundle medgw backup wrote",
+    )
     restore_cmd.add_argument(
         "--cert", required=True, type=Path, help="the backup recipient's certificate"
     )
