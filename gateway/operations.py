@@ -128,17 +128,7 @@ class Operations:
             self.prepare(message_id)  # it was never signed and encrypted: do that first
         else:
             self.wake(record.peer)
-        self.audit.emit(
-            AuditEvent(
-                EventType.MESSAGE_RETRIED,
-                severity=Severity.WARNING,
-                peer=record.peer,
-                message_id=message_id,
-                direction="outbound",
-                actor=actor,
-                detail={"previous_state": previous},
-            )
-        )
+        self._audit_outbound_change(EventType.MESSAGE_RETRIED, record, actor, previous)
         return record
 
     def cancel(self, message_id: str, actor: str) -> OutboundRecord:
@@ -147,18 +137,25 @@ class Operations:
         if record.body_path is not None:
             record.body_path.unlink(missing_ok=True)
         record.payload_path.unlink(missing_ok=True)  # a document kept after a failed preparation
+        self._audit_outbound_change(EventType.MESSAGE_CANCELLED, record, actor, previous)
+        return record
+
+    def _audit_outbound_change(
+        self, kind: EventType, record: OutboundRecord, actor: str, previous: str | None
+    ) -> None:
+        """An operator changed an outbound message's state (a warning: it changes what
+        the gateway will do with a patient's document)."""
         self.audit.emit(
             AuditEvent(
-                EventType.MESSAGE_CANCELLED,
+                kind,
                 severity=Severity.WARNING,
                 peer=record.peer,
-                message_id=message_id,
+                message_id=record.message_id,
                 direction="outbound",
                 actor=actor,
                 detail={"previous_state": previous},
             )
         )
-        return record
 
     def handover_retry(
         self, message_id: str, actor: str, peer: str | None = None

@@ -31,6 +31,17 @@ from gateway.pki.keypair import PrivateKey
 
 KEY_KINDS = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
 PURPOSES = ("tls", "smime-sign", "smime-encrypt")
+_KEY_USAGES = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -93,23 +104,21 @@ def make_ca(
         _base(subject, issuer_name, key, now, days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(aki, critical=False)
     )
     certificate = builder.sign(issuer_key, signature_hash(issuer_key))
     return Issued(certificate, key)
+
+
+def key_usage(**on: bool) -> x509.KeyUsage:
+    """A keyUsage with the usages named in ``on`` (e.g. ``key_cert_sign=True``), the
+    others off; a name keyUsage does not have is a TypeError from ``cryptography``."""
+    flags = dict.fromkeys(_KEY_USAGES, False)
+    flags.update(on)
+    return x509.KeyUsage(**flags)
 
 
 def leaf_extensions(
@@ -120,14 +129,7 @@ def leaf_extensions(
     return [
         (x509.BasicConstraints(ca=False, path_length=None), True),
         (
-            x509.KeyUsage(
-                data_encipherment=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-                **usage,
-            ),
+            key_usage(**usage),
             True,
         ),
         (x509.ExtendedKeyUsage(eku), False),
@@ -211,17 +213,7 @@ def issue_ocsp_responder(
         _base(_name(common_name, None), ca.certificate.subject, key, now, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(digital_signature=True),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)

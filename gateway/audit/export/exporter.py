@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.audit.events import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.export.atna import atna_message
@@ -271,14 +272,16 @@ class AuditExporter:
             return
         self._broken_reported.add((broken.path, broken.offset))
         self._log.error("audit.verification_failed", offset=broken.offset, seq=broken.seq)
+        self._alert(
+            EventType.AUDIT_VERIFICATION_FAILED,
+            f"{broken.path}: {broken.why} (byte {broken.offset})",
+            {"seq": broken.seq, "offset": broken.offset},
+        )
+
+    def _alert(self, kind: EventType, reason: str, detail: dict[str, Any]) -> None:
+        """An alert about the trail or its export: severity alert, so it goes out at once."""
         self._audit.emit(
-            AuditEvent(
-                EventType.AUDIT_VERIFICATION_FAILED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                reason=f"{broken.path}: {broken.why} (byte {broken.offset})",
-                detail={"seq": broken.seq, "offset": broken.offset},
-            )
+            AuditEvent(kind, Outcome.FAILURE, Severity.ALERT, reason=reason, detail=detail)
         )
 
     @property
@@ -297,18 +300,14 @@ class AuditExporter:
         elif waiting >= bound * WARN_FRACTION and not self._warned:
             self._warned = True
             self._log.warning("audit.export_backlog", bytes=waiting, bound=bound)
-            self._audit.emit(
-                AuditEvent(
-                    EventType.EXPORT_BACKLOG,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    reason=(
-                        f"{waiting} bytes of audit records wait for the collector "
-                        f"{settings.collector} (bound {bound}); at the bound the oldest are "
-                        "not exported (they stay in the audit log)"
-                    ),
-                    detail={"bytes": waiting, "bound": bound, "collector": settings.collector},
-                )
+            self._alert(
+                EventType.EXPORT_BACKLOG,
+                (
+                    f"{waiting} bytes of audit records wait for the collector "
+                    f"{settings.collector} (bound {bound}); at the bound the oldest are "
+                    "not exported (they stay in the audit log)"
+                ),
+                {"bytes": waiting, "bound": bound, "collector": settings.collector},
             )
         elif waiting < bound * WARN_FRACTION / 2:
             self._warned = False
@@ -324,18 +323,14 @@ class AuditExporter:
         self._save_now()
         self._warned = False
         self._log.error("audit.export_skipped", first_seq=first, last_seq=last)
-        self._audit.emit(
-            AuditEvent(
-                EventType.EXPORT_SKIPPED,
-                Outcome.FAILURE,
-                Severity.ALERT,
-                reason=(
-                    f"audit records {first} to {last} were not exported: the collector "
-                    f"{settings.collector} was unreachable until max_backlog_mib was reached; "
-                    "they remain in the audit log"
-                ),
-                detail={"first_seq": first, "last_seq": last, "collector": settings.collector},
-            )
+        self._alert(
+            EventType.EXPORT_SKIPPED,
+            (
+                f"audit records {first} to {last} were not exported: the collector "
+                f"{settings.collector} was unreachable until max_backlog_mib was reached; "
+                "they remain in the audit log"
+            ),
+            {"first_seq": first, "last_seq": last, "collector": settings.collector},
         )
 
     def _interrupted(self, target: Target, exc: BaseException) -> None:
