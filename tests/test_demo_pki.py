@@ -465,6 +465,8 @@ def test_examples_are_complete_and_loadable(
         copies[export["ca"]] = demo.ca_certificate
         copies[export["certificate"]] = own / "tls.crt"
         copies[export["key"]] = own / "tls.key"
+    if "backup" in gw:  # the certificate backups are encrypted to
+        copies[gw["backup"]["recipient"]] = own / "encrypt.crt"
     for destination, source in copies.items():
         Path(destination).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, destination)
