@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from gateway.demo_run import GatewayProcess, free_ports
+from gateway.demo_run import GatewayProcess, free_port, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
+from tests.helpers.zones import World, two_zone_world
 
 # No property test has a wall-clock deadline per example: on a loaded machine a
 # correct example can take longer than hypothesis' default 200 ms, and how fast
@@ -24,6 +25,28 @@ def layout(tmp_path: Path) -> DemoLayout:
     hospital_port, lab_port = free_ports(2)
     return init_demo(
         tmp_path / "demo", now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port
+    )
+
+
+@pytest.fixture
+def internal_port() -> Iterator[int]:
+    """A free port for the internal system of the HTTP hand-over."""
+    yield free_port()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    """Two zones on loopback addresses: 127.0.1.0/24 (zone A), 127.0.2.0/24 (zone B)."""
+    ports = free_ports(4)
+    return two_zone_world(
+        tmp_path,
+        hospital_a="127.0.1.1",
+        hospital_b="127.0.2.1",
+        lab_ip="127.0.1.2",
+        pharmacy_ip="127.0.2.2",
+        net_a="127.0.1.0/24",
+        net_b="127.0.2.0/24",
+        ports=(ports[0], ports[1], ports[2], ports[3]),
     )
 
 

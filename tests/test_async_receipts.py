@@ -14,7 +14,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 from gateway.spool import OutboundState, SqliteSpool
 from tests import as2client
-from tests.audit_trail import wait_for_events
+from tests.helpers.audit import wait_for_events
 
 
 def ask_async(layout: DemoLayout, url: str) -> None:

@@ -19,12 +19,11 @@ from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.export.cursor import Position
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_event, wait_for_events
 from tests.audit_writer import StepClock
 from tests.cli import medgw
+from tests.helpers.audit import openssl_audit_key, wait_for_event, wait_for_events
+from tests.helpers.audit_export import export_to
 from tests.rsyslog import Collector, Received
-from tests.test_audit_export import export_to
-from tests.test_audit_seal import openssl_audit_key
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_events
+from tests.helpers.audit import wait_for_events
 
 
 def verify(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,6 +17,7 @@ import pytest
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
+from tests.helpers.audit_export import export_to, first_seen
 from tests.rsyslog import Collector, Received
 
 
@@ -27,29 +28,6 @@ def collector(tmp_path: Path) -> Iterator[Collector]:
         yield found
     finally:
         found.stop()
-
-
-def export_to(layout: DemoLayout, collector: Collector, *, message_format: str = "atna") -> None:
-    with layout.hospital.config_path.open("a") as handle:
-        handle.write(
-            f"""
-[audit.export]
-collector = "127.0.0.1:{collector.port}"
-ca = "{collector.ca_path}"
-certificate = "{collector.client_cert}"
-key = "{collector.client_key}"
-format = "{message_format}"
-hostname = "medgw-hospital"
-"""
-        )
-
-
-def first_seen(received: list[Received]) -> list[int]:
-    seen: list[int] = []
-    for item in received:
-        if item.seq not in seen:
-            seen.append(item.seq)
-    return seen
 
 
 def delivered(layout: DemoLayout) -> int:

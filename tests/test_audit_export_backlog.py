@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +23,7 @@ from gateway.demo_run import read_audit
 from gateway.egress import Network, NetworkMap
 from gateway.logs import make_logger
 from gateway.pki.keypair import KeyPair
+from tests.helpers.audit import events
 from tests.rsyslog import Collector, Received
 
 T = TypeVar("T")
@@ -86,10 +87,6 @@ async def until(predicate: Callable[[], T], what: str, timeout: float = 60) -> T
             return found
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def events(path: Path, name: str) -> list[dict[str, Any]]:
-    return [r for r in read_audit(path) if r["event"] == name]
 
 
 def test_at_the_bound_the_oldest_are_skipped_audited_and_the_rest_sent_in_order(

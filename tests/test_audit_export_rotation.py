@@ -27,8 +27,8 @@ from gateway.audit.rotation import RotationSettings
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock
+from tests.helpers.audit_export import export_to, first_seen
 from tests.rsyslog import Collector
-from tests.test_audit_export import export_to, first_seen
 
 START = datetime(2026, 12, 5, 1, 0, tzinfo=UTC)
 

@@ -17,7 +17,7 @@ from gateway.audit import AuditEvent, EventType
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
 from gateway.textbounds import MAX_ITEMS
-from tests.test_storage_full import _fill, _small_file_system
+from tests.helpers.storage import fill_file_system, small_file_system
 
 PAGE = 4096
 
@@ -31,7 +31,7 @@ def _event(note: str, size: int = 0) -> AuditEvent:
 
 
 def test_a_record_that_does_not_fit_leaves_nothing_and_the_chain_goes_on(tmp_path: Path) -> None:
-    with _small_file_system(tmp_path / "audit", "256k") as folder:
+    with small_file_system(tmp_path / "audit", "256k") as folder:
         path = folder / "audit.jsonl"
         audit = AuditLog(path, SystemClock(), node="hospital")
         try:
@@ -40,7 +40,7 @@ def test_a_record_that_does_not_fit_leaves_nothing_and_the_chain_goes_on(tmp_pat
             # The file's last page is part-used: the next record fills its free part,
             # then the file system has nothing more (a short write, then ENOSPC).
             assert path.stat().st_size % PAGE != 0
-            filler = _fill(folder)
+            filler = fill_file_system(folder)
             before = path.read_bytes()
 
             with pytest.raises(OSError) as raised:

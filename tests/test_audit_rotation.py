@@ -29,7 +29,7 @@ from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock, sealer
 from tests.cli import medgw
-from tests.test_audit_seal import openssl_audit_key
+from tests.helpers.audit import openssl_audit_key
 
 START = datetime(2026, 12, 4, 23, 50, tzinfo=UTC)
 FAULTPOINT = Path(__file__).with_name("faultpoint.py")

@@ -20,35 +20,7 @@ from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.clocks import TickingClock
-
-
-def openssl_audit_key(folder: Path, name: str = "audit") -> tuple[Path, Path]:
-    """An ECDSA P-256 key and a self-signed certificate, made as the README says."""
-    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
-    subprocess.run(
-        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
-        check=True,
-    )
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-new",
-            "-x509",
-            "-key",
-            str(key),
-            "-sha256",
-            "-days",
-            "3650",
-            "-subj",
-            f"/CN=medgw audit {name}",
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, cert
+from tests.helpers.audit import openssl_audit_key
 
 
 def sealer(key: Path, cert: Path, every: int = 5) -> Sealer:

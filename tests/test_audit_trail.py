@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.demo_run import read_audit
-from tests.audit_trail import wait_for_event, wait_for_events
+from tests.helpers.audit import wait_for_event, wait_for_events
 
 
 def _line(seq: int, event: str, peer: str = "lab") -> bytes:

@@ -21,8 +21,8 @@ from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
-from tests.audit_trail import wait_for_events
 from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
 
 
 def recipient(folder: Path) -> tuple[Path, Path]:

@@ -23,51 +23,14 @@ import pytest
 from gateway.cms import decrypt, verify
 from gateway.cms.decrypting import decrypt_file
 from gateway.errors import MalformedMessageError
-from tests.test_cms import STRICT, Pki, build_pki
-from tests.test_cms_negative import PAYLOAD, _encrypt, _sign
-from tests.test_cms_openssl import openssl
+from tests.helpers.cms_pki import STRICT, Pki, build_pki
+from tests.helpers.der_shapes import content_info_der, der_elements, der_tlv, enveloped_parts
+from tests.helpers.openssl_cms import PAYLOAD, openssl, openssl_encrypted, openssl_signed
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return build_pki(tmp_path_factory.mktemp("pki"))
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
-
-
-def _elements(data: bytes) -> list[tuple[int, bytes, bytes]]:
-    """(tag, contents, whole encoding) of each DER element in ``data``."""
-    out = []
-    pos = 0
-    while pos < len(data):
-        tag, first = data[pos], data[pos + 1]
-        start = pos + 2
-        if first < 0x80:
-            n = first
-        else:
-            n = int.from_bytes(data[start : start + (first & 0x7F)], "big")
-            start += first & 0x7F
-        out.append((tag, data[start : start + n], data[pos : start + n]))
-        pos = start + n
-    return out
-
-
-def _enveloped_parts(message: bytes) -> tuple[bytes, int, list[tuple[int, bytes, bytes]]]:
-    """(content type OID element, EnvelopedData's tag, its elements) of a DER ContentInfo."""
-    [(_, content_info, _)] = _elements(message)
-    (_, _, oid), (_, explicit, _) = _elements(content_info)
-    [(tag, enveloped, _)] = _elements(explicit)
-    return oid, tag, _elements(enveloped)
-
-
-def _content_info(oid: bytes, tag: int, elements: list[bytes], after: bytes = b"") -> bytes:
-    return _tlv(0x30, oid + _tlv(0xA0, _tlv(tag, b"".join(elements))) + after)
 
 
 def _both(message: bytes, pki: Pki, tmp_path: Path) -> tuple[object, object]:
@@ -92,24 +55,24 @@ def _both(message: bytes, pki: Pki, tmp_path: Path) -> tuple[object, object]:
 def test_encrypted_content_split_into_a_constructed_octet_string_decrypts(
     pki: Pki, tmp_path: Path, cipher: str, split: str
 ) -> None:
-    oid, tag, elements = _enveloped_parts(_encrypt(pki, tmp_path, "rsa2048", cipher))
+    oid, tag, elements = enveloped_parts(openssl_encrypted(pki, tmp_path, "rsa2048", cipher))
     [index] = [
         i
         for i, (t, contents, _) in enumerate(elements)
-        if t == 0x30 and len(_elements(contents)) == 3 and _elements(contents)[2][0] == 0x80
+        if t == 0x30 and len(der_elements(contents)) == 3 and der_elements(contents)[2][0] == 0x80
     ]
-    content_type, algorithm, (_, encrypted, _) = _elements(elements[index][1])
+    content_type, algorithm, (_, encrypted, _) = der_elements(elements[index][1])
     half = len(encrypted) // 2
-    pieces = _tlv(0x04, encrypted[:half]) + _tlv(0x04, encrypted[half:])
+    pieces = der_tlv(0x04, encrypted[:half]) + der_tlv(0x04, encrypted[half:])
     constructed = {
-        "definite": _tlv(0xA0, pieces),
-        "nested": _tlv(0xA0, _tlv(0x24, pieces)),
+        "definite": der_tlv(0xA0, pieces),
+        "nested": der_tlv(0xA0, der_tlv(0x24, pieces)),
         "indefinite": b"\xa0\x80" + pieces + b"\x00\x00",
     }[split]
-    info = _tlv(0x30, content_type[2] + algorithm[2] + constructed)
+    info = der_tlv(0x30, content_type[2] + algorithm[2] + constructed)
     parts = [info if i == index else whole for i, (_, _, whole) in enumerate(elements)]
 
-    message = _content_info(oid, tag, parts)
+    message = content_info_der(oid, tag, parts)
     assert _both(message, pki, tmp_path) == (PAYLOAD, PAYLOAD)
     # openssl, the reference, reads it too: it is a legal BER form, not our invention.
     (tmp_path / "split.der").write_bytes(message)
@@ -124,13 +87,15 @@ def test_encrypted_content_split_into_a_constructed_octet_string_decrypts(
 def test_an_element_after_the_last_field_is_refused_either_way(
     pki: Pki, tmp_path: Path, where: str
 ) -> None:
-    oid, tag, elements = _enveloped_parts(_encrypt(pki, tmp_path, "rsa2048", "-aes-256-gcm"))
-    extra = _tlv(0x04, b"hidden")
+    oid, tag, elements = enveloped_parts(
+        openssl_encrypted(pki, tmp_path, "rsa2048", "-aes-256-gcm")
+    )
+    extra = der_tlv(0x04, b"hidden")
     parts = [whole for _, _, whole in elements]
     if where == "EnvelopedData":
-        message = _content_info(oid, tag, [*parts, extra])
+        message = content_info_der(oid, tag, [*parts, extra])
     else:
-        message = _content_info(oid, tag, parts, after=extra)
+        message = content_info_der(oid, tag, parts, after=extra)
     in_memory, from_file = _both(message, pki, tmp_path)
     assert in_memory == from_file
     (tmp_path / "extra.der").write_bytes(message)
@@ -143,7 +108,7 @@ def test_an_element_after_the_last_field_is_refused_either_way(
 
 def _signed_parts(message: bytes) -> tuple[bytes, list[tuple[int, bytes, bytes]]]:
     """(content type OID element, SignedData's elements) of a DER ContentInfo."""
-    oid, tag, elements = _enveloped_parts(message)
+    oid, tag, elements = enveloped_parts(message)
     assert tag == 0x30
     return oid, elements
 
@@ -161,20 +126,20 @@ def _openssl_verifies(tmp_path: Path, message: bytes) -> bool:
 def test_encapsulated_content_split_into_a_constructed_octet_string_verifies(
     pki: Pki, tmp_path: Path, split: str
 ) -> None:
-    oid, elements = _signed_parts(_sign(pki, tmp_path, "rsa2048"))
+    oid, elements = _signed_parts(openssl_signed(pki, tmp_path, "rsa2048"))
     # version, digestAlgorithms, encapContentInfo { eContentType, [0] { OCTET STRING } }, ...
-    content_type, (_, explicit, _) = _elements(elements[2][1])
-    [(_, content, _)] = _elements(explicit)
+    content_type, (_, explicit, _) = der_elements(elements[2][1])
+    [(_, content, _)] = der_elements(explicit)
     half = len(content) // 2
-    pieces = _tlv(0x04, content[:half]) + _tlv(0x04, content[half:])
+    pieces = der_tlv(0x04, content[:half]) + der_tlv(0x04, content[half:])
     constructed = {
-        "definite": _tlv(0x24, pieces),
-        "nested": _tlv(0x24, _tlv(0x24, pieces)),
+        "definite": der_tlv(0x24, pieces),
+        "nested": der_tlv(0x24, der_tlv(0x24, pieces)),
         "indefinite": b"\x24\x80" + pieces + b"\x00\x00",
     }[split]
-    encap = _tlv(0x30, content_type[2] + _tlv(0xA0, constructed))
+    encap = der_tlv(0x30, content_type[2] + der_tlv(0xA0, constructed))
     parts = [encap if i == 2 else whole for i, (_, _, whole) in enumerate(elements)]
-    message = _content_info(oid, 0x30, parts)
+    message = content_info_der(oid, 0x30, parts)
 
     verified = verify(message, trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
     assert verified.content == PAYLOAD
@@ -186,22 +151,22 @@ def test_encapsulated_content_split_into_a_constructed_octet_string_verifies(
 def test_an_element_after_the_last_field_of_a_signature_is_refused(
     pki: Pki, tmp_path: Path, where: str, attached: bool
 ) -> None:
-    message = _sign(pki, tmp_path, "rsa2048")  # attached; made detached below
+    message = openssl_signed(pki, tmp_path, "rsa2048")  # attached; made detached below
     oid, elements = _signed_parts(message)
     if not attached:  # drop the encapsulated content: a detached signature
-        content_type, _ = _elements(elements[2][1])
-        elements[2] = (0x30, content_type[2], _tlv(0x30, content_type[2]))
-    hidden = _tlv(0x04, b"hidden")
+        content_type, _ = der_elements(elements[2][1])
+        elements[2] = (0x30, content_type[2], der_tlv(0x30, content_type[2]))
+    hidden = der_tlv(0x04, b"hidden")
     parts = [whole for _, _, whole in elements]
     after = b""
     if where == "SignerInfo":
-        [(_, signer, _)] = _elements(elements[-1][1])
-        parts[-1] = _tlv(0x31, _tlv(0x30, signer + hidden))
+        [(_, signer, _)] = der_elements(elements[-1][1])
+        parts[-1] = der_tlv(0x31, der_tlv(0x30, signer + hidden))
     elif where == "SignedData":
         parts.append(hidden)
     else:
         after = hidden
-    altered = _content_info(oid, 0x30, parts, after)
+    altered = content_info_der(oid, 0x30, parts, after)
 
     with pytest.raises(MalformedMessageError) as refused:
         verify(

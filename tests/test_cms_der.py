@@ -36,8 +36,8 @@ from gateway.cms import (
 from gateway.cms.decrypting import decrypt_stream
 from gateway.cms.envelope_algorithms import cbc_iv, gcm_parameters
 from gateway.errors import MalformedMessageError, MedgwError
-from tests.test_cms import SIGNING_TIME, STRICT, Pki, build_pki
-from tests.test_cms_openssl import ECDH_SHA256, RSA_OAEP_SHA256
+from tests.helpers.cms_pki import SIGNING_TIME, STRICT, Pki, build_pki
+from tests.helpers.openssl_cms import ECDH_SHA256, RSA_OAEP_SHA256
 
 SETTINGS = settings(
     max_examples=60,

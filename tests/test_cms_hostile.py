@@ -15,7 +15,7 @@ from gateway.cms.decrypting import decrypt_stream
 from gateway.cms.der import MAX_NESTING, StreamReader
 from gateway.cms.stream import verify_entity_file
 from gateway.errors import MalformedMessageError
-from tests.test_cms import SIGNING_TIME, STRICT, Pki, build_pki
+from tests.helpers.cms_pki import SIGNING_TIME, STRICT, Pki, build_pki
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,9 @@ from gateway.cms.smime import verify_entity
 from gateway.errors import MalformedMessageError
 from gateway.logs import make_logger
 from gateway.textbounds import MAX_ITEMS, MAX_TEXT
-from tests.test_cms import STRICT, Pki, build_pki
-from tests.test_cms_ber_shapes import _content_info, _elements, _enveloped_parts, _tlv
-from tests.test_cms_negative import PAYLOAD, _encrypt, _sign
+from tests.helpers.cms_pki import STRICT, Pki, build_pki
+from tests.helpers.der_shapes import content_info_der, der_elements, der_tlv, enveloped_parts
+from tests.helpers.openssl_cms import PAYLOAD, openssl_encrypted, openssl_signed
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def signed(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return _sign(pki, tmp_path_factory.mktemp("sign"), "rsa2048")
+    return openssl_signed(pki, tmp_path_factory.mktemp("sign"), "rsa2048")
 
 
 @pytest.fixture(scope="module")
 def enveloped(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return _encrypt(pki, tmp_path_factory.mktemp("env"), "rsa2048", "-aes-256-gcm")
+    return openssl_encrypted(pki, tmp_path_factory.mktemp("env"), "rsa2048", "-aes-256-gcm")
 
 
 def _verify(message: bytes, pki: Pki) -> bytes:
@@ -63,35 +63,37 @@ def _verify(message: bytes, pki: Pki) -> bytes:
 
 
 def _with_signer_infos(signed: bytes, count: int) -> bytes:
-    oid, _, elements = _enveloped_parts(signed)
-    [(_, _, whole)] = _elements(elements[-1][1])
-    parts = [e for _, _, e in elements[:-1]] + [_tlv(0x31, whole * count)]
-    return _content_info(oid, 0x30, parts)
+    oid, _, elements = enveloped_parts(signed)
+    [(_, _, whole)] = der_elements(elements[-1][1])
+    parts = [e for _, _, e in elements[:-1]] + [der_tlv(0x31, whole * count)]
+    return content_info_der(oid, 0x30, parts)
 
 
 def _with_certificates(signed: bytes, count: int) -> bytes:
-    oid, _, elements = _enveloped_parts(signed)
+    oid, _, elements = enveloped_parts(signed)
     [index] = [i for i, (tag, _, _) in enumerate(elements) if tag == 0xA0]
-    certificate = _elements(elements[index][1])[0][2]
+    certificate = der_elements(elements[index][1])[0][2]
     parts = [e for _, _, e in elements]
-    parts[index] = _tlv(0xA0, certificate * count)
-    return _content_info(oid, 0x30, parts)
+    parts[index] = der_tlv(0xA0, certificate * count)
+    return content_info_der(oid, 0x30, parts)
 
 
 def _with_signer(signed: bytes, change: object) -> bytes:
-    oid, _, elements = _enveloped_parts(signed)
-    [(_, signer, _)] = _elements(elements[-1][1])
-    fields = _elements(signer)
+    oid, _, elements = enveloped_parts(signed)
+    [(_, signer, _)] = der_elements(elements[-1][1])
+    fields = der_elements(signer)
     new = change(fields)  # type: ignore[operator]
-    parts = [e for _, _, e in elements[:-1]] + [_tlv(0x31, _tlv(0x30, new))]
-    return _content_info(oid, 0x30, parts)
+    parts = [e for _, _, e in elements[:-1]] + [der_tlv(0x31, der_tlv(0x30, new))]
+    return content_info_der(oid, 0x30, parts)
 
 
-UNKNOWN_ATTRIBUTE_OID = _tlv(0x06, bytes.fromhex("2b0601040182c9510101"))  # 1.3.6.1.4.1.42193.1.1
+UNKNOWN_ATTRIBUTE_OID = der_tlv(
+    0x06, bytes.fromhex("2b0601040182c9510101")
+)  # 1.3.6.1.4.1.42193.1.1
 
 
 def _attributes(count: int, values: int = 1) -> bytes:
-    one = _tlv(0x30, UNKNOWN_ATTRIBUTE_OID + _tlv(0x31, _tlv(0x05, b"") * values))
+    one = der_tlv(0x30, UNKNOWN_ATTRIBUTE_OID + der_tlv(0x31, der_tlv(0x05, b"") * values))
     return one * count
 
 
@@ -126,12 +128,12 @@ def test_certificates_beyond_the_bound_are_refused(signed: bytes, pki: Pki) -> N
 def test_attributes_and_their_values_beyond_the_bound_are_refused(signed: bytes, pki: Pki) -> None:
     def unsigned(count: int, values: int = 1) -> object:
         return lambda fields: (
-            b"".join(f[2] for f in fields) + _tlv(0xA1, _attributes(count, values))
+            b"".join(f[2] for f in fields) + der_tlv(0xA1, _attributes(count, values))
         )
 
     def signed_attributes(count: int) -> object:
         def change(fields: list[tuple[int, bytes, bytes]]) -> bytes:
-            attrs = _tlv(0xA0, fields[3][1] + _attributes(count))
+            attrs = der_tlv(0xA0, fields[3][1] + _attributes(count))
             return b"".join(f[2] for f in fields[:3]) + attrs + b"".join(f[2] for f in fields[4:])
 
         return change
@@ -146,12 +148,12 @@ def test_attributes_and_their_values_beyond_the_bound_are_refused(signed: bytes,
 
 
 def _with_recipients(enveloped: bytes, count: int) -> bytes:
-    oid, tag, elements = _enveloped_parts(enveloped)
+    oid, tag, elements = enveloped_parts(enveloped)
     [index] = [i for i, (t, _, _) in enumerate(elements) if t == 0x31]
-    first = _elements(elements[index][1])[0][2]
+    first = der_elements(elements[index][1])[0][2]
     parts = [e for _, _, e in elements]
-    parts[index] = _tlv(0x31, first * count)
-    return _content_info(oid, tag, parts)
+    parts[index] = der_tlv(0x31, first * count)
+    return content_info_der(oid, tag, parts)
 
 
 def test_recipient_infos_beyond_the_bound_are_refused_in_memory_and_from_a_file(
@@ -182,22 +184,22 @@ def test_mime_headers_and_signed_parts_beyond_the_bound_are_refused() -> None:
 
 def _segmented(enveloped: bytes, lengths: object) -> bytes:
     """``enveloped`` with its encrypted content split into segments of ``lengths()`` bytes."""
-    oid, tag, elements = _enveloped_parts(enveloped)
+    oid, tag, elements = enveloped_parts(enveloped)
     [index] = [
         i
         for i, (t, contents, _) in enumerate(elements)
-        if t == 0x30 and len(_elements(contents)) == 3 and _elements(contents)[2][0] == 0x80
+        if t == 0x30 and len(der_elements(contents)) == 3 and der_elements(contents)[2][0] == 0x80
     ]
-    content_type, algorithm, (_, encrypted, _) = _elements(elements[index][1])
+    content_type, algorithm, (_, encrypted, _) = der_elements(elements[index][1])
     pieces = bytearray()
     pos = 0
     while pos < len(encrypted):
         n = lengths()  # type: ignore[operator]
-        pieces += _tlv(0x04, encrypted[pos : pos + n])
+        pieces += der_tlv(0x04, encrypted[pos : pos + n])
         pos += n
-    info = _tlv(0x30, content_type[2] + algorithm[2] + b"\xa0\x80" + pieces + b"\x00\x00")
+    info = der_tlv(0x30, content_type[2] + algorithm[2] + b"\xa0\x80" + pieces + b"\x00\x00")
     parts = [info if i == index else whole for i, (_, _, whole) in enumerate(elements)]
-    return _content_info(oid, tag, parts)
+    return content_info_der(oid, tag, parts)
 
 
 @pytest.mark.parametrize("shape", ["1-byte", "1-to-3-bytes", "mixed"])
@@ -222,13 +224,13 @@ def test_the_smallest_segments_decrypt_to_the_same_plaintext(
 
 
 def test_an_attached_content_in_the_smallest_segments_verifies(signed: bytes, pki: Pki) -> None:
-    oid, _, elements = _enveloped_parts(signed)
-    content_type, (_, explicit, _) = _elements(elements[2][1])
-    [(_, content, _)] = _elements(explicit)
-    pieces = b"".join(_tlv(0x04, content[i : i + 1]) for i in range(len(content)))
-    encap = _tlv(0x30, content_type[2] + _tlv(0xA0, b"\x24\x80" + pieces + b"\x00\x00"))
+    oid, _, elements = enveloped_parts(signed)
+    content_type, (_, explicit, _) = der_elements(elements[2][1])
+    [(_, content, _)] = der_elements(explicit)
+    pieces = b"".join(der_tlv(0x04, content[i : i + 1]) for i in range(len(content)))
+    encap = der_tlv(0x30, content_type[2] + der_tlv(0xA0, b"\x24\x80" + pieces + b"\x00\x00"))
     parts = [encap if i == 2 else whole for i, (_, _, whole) in enumerate(elements)]
-    message = _content_info(oid, 0x30, parts)
+    message = content_info_der(oid, 0x30, parts)
     assert _verify(message, pki) == PAYLOAD
     # and 300 000 segments, more than the reader's element budget, are joined in bulk
     many = b"\x24\x80" + b"\x04\x01x" * 300_000 + b"\x00\x00"
@@ -308,15 +310,15 @@ def test_the_inspection_and_decompression_tools_are_bounded_too(
         describe(_with_recipients(enveloped, 50_000))
     assert describe(_with_signer_infos(signed, 2))[0].startswith("CMS signed_data")
     # a CompressedData whose compressed octets come in 1-byte segments
-    oid, _, elements = _enveloped_parts(compress(PAYLOAD * 100))
-    content_type, (_, explicit, _) = _elements(elements[2][1])
-    [(_, octets, _)] = _elements(explicit)
-    pieces = b"".join(_tlv(0x04, octets[i : i + 1]) for i in range(len(octets)))
-    encap = _tlv(0x30, content_type[2] + _tlv(0xA0, b"\x24\x80" + pieces + b"\x00\x00"))
+    oid, _, elements = enveloped_parts(compress(PAYLOAD * 100))
+    content_type, (_, explicit, _) = der_elements(elements[2][1])
+    [(_, octets, _)] = der_elements(explicit)
+    pieces = b"".join(der_tlv(0x04, octets[i : i + 1]) for i in range(len(octets)))
+    encap = der_tlv(0x30, content_type[2] + der_tlv(0xA0, b"\x24\x80" + pieces + b"\x00\x00"))
     parts = [encap if i == 2 else whole for i, (_, _, whole) in enumerate(elements)]
     tracemalloc.start()
     try:
-        assert decompress(_content_info(oid, 0x30, parts)) == PAYLOAD * 100
+        assert decompress(content_info_der(oid, 0x30, parts)) == PAYLOAD * 100
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

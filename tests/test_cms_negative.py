@@ -23,12 +23,14 @@ from gateway.errors import (
     PolicyError,
     SignatureError,
 )
-from tests.test_cms import ALL_LEGACY, NOT_AFTER, NOT_BEFORE, STRICT, Pki, build_pki
-from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
+from tests.helpers.cms_pki import ALL_LEGACY, NOT_AFTER, NOT_BEFORE, STRICT, Pki, build_pki
+from tests.helpers.openssl_cms import (
+    PAYLOAD,
+    openssl_encrypted,
+    openssl_signed,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
-
-PAYLOAD = b"MSH|^~\\&|LAB|HOSP|||20250601||ORU^R01|1|P|2.5\rOBX|1|NM|K^Potassium||4.1|mmol/L\r"
 
 
 @pytest.fixture(scope="module")
@@ -36,56 +38,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return build_pki(tmp_path_factory.mktemp("pki-negative"))
 
 
-def _sign(pki: Pki, tmp_path: Path, signer: str, *extra: str, key: str | None = None) -> bytes:
-    src = tmp_path / "payload.bin"
-    src.write_bytes(PAYLOAD)
-    out = tmp_path / "signed.der"
-    openssl(
-        "-sign",
-        "-binary",
-        "-nodetach",
-        "-in",
-        src,
-        "-signer",
-        pki[signer].cert_path,
-        "-inkey",
-        pki[key or signer].key_path,
-        "-outform",
-        "DER",
-        "-out",
-        out,
-        *extra,
-    )
-    return out.read_bytes()
-
-
-def _encrypt(pki: Pki, tmp_path: Path, recipient: str, *extra: str) -> bytes:
-    src = tmp_path / "payload.bin"
-    src.write_bytes(PAYLOAD)
-    out = tmp_path / "env.der"
-    openssl(
-        "-encrypt",
-        "-binary",
-        "-in",
-        src,
-        "-outform",
-        "DER",
-        "-out",
-        out,
-        *extra,
-        "-recip",
-        pki[recipient].cert_path,
-        *(RSA_OAEP_SHA256 if recipient.startswith("rsa") else ["-keyopt", "ecdh_kdf_md:sha256"]),
-    )
-    return out.read_bytes()
-
-
 def _has_fix(exc: MedgwError) -> None:
     assert exc.fix, f"error without a fix: {exc}"
 
 
 def test_tampered_content(pki: Pki, tmp_path: Path) -> None:
-    der = _sign(pki, tmp_path, "p256")
+    der = openssl_signed(pki, tmp_path, "p256")
     bad = der.replace(b"4.1|mmol", b"9.1|mmol")
     assert bad != der
     with pytest.raises(SignatureError) as exc:
@@ -97,7 +55,7 @@ def test_tampered_content(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_tampered_signed_attribute(pki: Pki, tmp_path: Path) -> None:
-    der = _sign(pki, tmp_path, "rsa3072", "-keyopt", "rsa_padding_mode:pss")
+    der = openssl_signed(pki, tmp_path, "rsa3072", "-keyopt", "rsa_padding_mode:pss")
     si = asn1_cms.ContentInfo.load(der)["content"]["signer_infos"][0]
     times = [a for a in si["signed_attrs"] if a["type"].native == "signing_time"]
     encoded = times[0]["values"][0].dump()  # UTCTime: 17 0d YYMMDDhhmmssZ
@@ -131,7 +89,7 @@ def _impostor(pki: Pki, name: str) -> tuple[x509.Certificate, ec.EllipticCurvePr
 
 @pytest.mark.parametrize("recipient", ["rsa2048", "p256"])
 def test_wrong_recipient_key(pki: Pki, tmp_path: Path, recipient: str) -> None:
-    der = _encrypt(pki, tmp_path, recipient, "-aes-256-gcm")
+    der = openssl_encrypted(pki, tmp_path, recipient, "-aes-256-gcm")
     if recipient.startswith("rsa"):
         # the rogue party has rsa2048's issuer and serial but its own RSA key
         cert, key = pki["rogue"].cert, pki["rogue"].key
@@ -151,9 +109,9 @@ def test_wrong_recipient_key(pki: Pki, tmp_path: Path, recipient: str) -> None:
 def test_truncated_input(pki: Pki, tmp_path: Path, kind: str, stream: bool) -> None:
     extra = ["-stream"] if stream else []
     if kind == "signed":
-        der = _sign(pki, tmp_path, "p384", *extra)
+        der = openssl_signed(pki, tmp_path, "p384", *extra)
     else:
-        der = _encrypt(pki, tmp_path, "p384", "-aes-128-cbc", *extra)
+        der = openssl_encrypted(pki, tmp_path, "p384", "-aes-128-cbc", *extra)
     assert (der[1] == 0x80) is stream
     for cut in (1, 2, 17, len(der) // 2, len(der) - 1):
         short = der[:cut]
@@ -171,7 +129,7 @@ def test_truncated_input(pki: Pki, tmp_path: Path, kind: str, stream: bool) -> N
 
 
 def test_sha1_signature_without_compat(pki: Pki, tmp_path: Path) -> None:
-    der = _sign(pki, tmp_path, "rsa2048", "-md", "sha1")
+    der = openssl_signed(pki, tmp_path, "rsa2048", "-md", "sha1")
     with pytest.raises(PolicyError) as exc:
         verify(der, trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
     assert exc.value.algorithm == "sha1"
@@ -186,7 +144,7 @@ def test_sha1_signature_without_compat(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_rsa1024_signer(pki: Pki, tmp_path: Path) -> None:
-    der = _sign(pki, tmp_path, "rsa1024")
+    der = openssl_signed(pki, tmp_path, "rsa1024")
     for policy in (STRICT, ALL_LEGACY):
         with pytest.raises(PolicyError) as exc:
             verify(der, trusted_signers=[pki["rsa1024"].cert], policy=policy)
@@ -196,7 +154,7 @@ def test_rsa1024_signer(pki: Pki, tmp_path: Path) -> None:
 
 
 def test_3des_without_compat(pki: Pki, tmp_path: Path) -> None:
-    der = _encrypt(pki, tmp_path, "rsa3072", "-des3")
+    der = openssl_encrypted(pki, tmp_path, "rsa3072", "-des3")
     with pytest.raises(PolicyError) as exc:
         decrypt(der, pki["rsa3072"].cert, pki["rsa3072"].key, policy=STRICT)
     assert exc.value.algorithm == "des-ede3-cbc"
@@ -211,7 +169,7 @@ def test_3des_without_compat(pki: Pki, tmp_path: Path) -> None:
 def test_signature_by_a_key_other_than_the_certificates(pki: Pki, tmp_path: Path) -> None:
     # "rogue" names rsa2048's issuer and serial but holds another key: the
     # signer identifier points at the certificate we pin, the signature does not.
-    der = _sign(pki, tmp_path, "rogue")
+    der = openssl_signed(pki, tmp_path, "rogue")
     with pytest.raises(SignatureError) as exc:
         verify(der, trusted_signers=[pki["rsa2048"].cert], policy=STRICT)
     assert "rsassa-pkcs1-v1_5 signature over the signed attributes does not verify" in str(
@@ -223,7 +181,7 @@ def test_signature_by_a_key_other_than_the_certificates(pki: Pki, tmp_path: Path
 def test_certificate_swapped_in_the_message(pki: Pki, tmp_path: Path) -> None:
     # a message signed by other-rsa whose certificate set is replaced by the
     # pinned certificate's, and the signer identifier rewritten to it
-    der = _sign(pki, tmp_path, "other-rsa")
+    der = openssl_signed(pki, tmp_path, "other-rsa")
     ci = asn1_cms.ContentInfo.load(der)
     sd = ci["content"]
     pinned = pki["rsa2048"].cert

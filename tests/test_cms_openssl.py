@@ -17,7 +17,8 @@ from gateway.cms.mime import make_entity
 from gateway.cms.smime import open_envelope, sign_entity, verify_entity
 from gateway.errors import DecryptionError, PolicyError, SignatureError, SignerNotTrustedError
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
-from tests.test_cms import ALL_LEGACY, PAYLOADS, SIGNING_TIME, STRICT, Party, Pki, build_pki
+from tests.helpers.cms_pki import ALL_LEGACY, PAYLOADS, SIGNING_TIME, STRICT, Party, Pki, build_pki
+from tests.helpers.openssl_cms import ECDH_SHA256, RSA_OAEP_SHA256, openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
 
@@ -27,15 +28,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     pki = build_pki(tmp_path_factory.mktemp("pki-openssl"))
     _add_pss_key_party(pki)
     return pki
-
-
-def openssl(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        ["openssl", "cms", *(str(a) for a in args)], capture_output=True, text=True, timeout=60
-    )
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"openssl cms {' '.join(map(str, args))} failed:\n{proc.stderr}")
-    return proc
 
 
 def _payload_file(tmp_path: Path, payload: bytes) -> Path:
@@ -313,8 +305,6 @@ def test_our_multipart_signed_verified_by_openssl(pki: Pki, tmp_path: Path, payl
 # ---------------------------------------------------------------------------
 # openssl encrypts, we decrypt
 
-RSA_OAEP_SHA256 = ["-keyopt", "rsa_padding_mode:oaep", "-keyopt", "rsa_oaep_md:sha256"]
-ECDH_SHA256 = ["-keyopt", "ecdh_kdf_md:sha256"]
 OSSL_ENC_MATRIX = [
     pytest.param(cipher, rec, stream, payload, id=f"{cipher}-{rec}-{s}-{payload}")
     for (cipher, rec, (stream, s)), payload in zip(

@@ -15,7 +15,7 @@ from gateway.cms.compressed import compress, decompress
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity, open_envelope, sign_entity, verify_entity
 from gateway.errors import MedgwError
-from tests.test_cms import SIGNING_TIME, STRICT, Pki, build_pki
+from tests.helpers.cms_pki import SIGNING_TIME, STRICT, Pki, build_pki
 
 SETTINGS = settings(
     max_examples=40,

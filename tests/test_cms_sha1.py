@@ -26,8 +26,8 @@ from gateway.cms.stream import sign_and_envelope_file, sign_entity_file, verify_
 from gateway.errors import PolicyError, SignatureError
 from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
-from tests.test_cms import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
-from tests.test_cms_openssl import openssl
+from tests.helpers.cms_pki import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
+from tests.helpers.openssl_cms import openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
 

@@ -34,8 +34,8 @@ from gateway.errors import (
     SignatureError,
 )
 from tests import testdata
-from tests.test_cms import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
-from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
+from tests.helpers.cms_pki import ALL_LEGACY, SIGNING_TIME, STRICT, Pki, build_pki
+from tests.helpers.openssl_cms import RSA_OAEP_SHA256, openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
 

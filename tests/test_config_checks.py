@@ -4,7 +4,6 @@ an administrator meets them: ``medgw check-config`` and a reload of a running da
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +11,9 @@ import pytest
 
 from gateway.demo_run import wait_until
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_events
 from tests.cli import medgw
-
-
-def check_config(config: Path) -> subprocess.CompletedProcess[str]:
-    return medgw("check-config", "--config", str(config))
-
-
-def reported(
-    result: subprocess.CompletedProcess[str], file: Path, key: str, words: str, fix: str
-) -> bool:
-    """One line names the file, the key, what is wrong and the fix."""
-    return any(
-        line.startswith(("error:", "warning:"))
-        and f"{file}: {key}:" in line
-        and words in line
-        and "(fix: " in line
-        and fix in line.split("(fix: ", 1)[1]
-        for line in (result.stdout + result.stderr).splitlines()
-    )
-
-
-def set_peer_url(layout: DemoLayout, url: str) -> Path:
-    peer = layout.hospital.root / "peers.d" / "lab.toml"
-    text = peer.read_text()
-    start = text.index('url = "')
-    end = text.index('"', start + len('url = "'))
-    peer.write_text(text[:start] + f'url = "{url}' + text[end:])
-    return peer
-
+from tests.helpers.audit import wait_for_events
+from tests.helpers.check_config import check_config, reported, set_peer_url
 
 # --- 1. peer URLs -------------------------------------------------------------------------
 
@@ -126,7 +98,7 @@ gateway.daemon.reload.load_config = _broken
 def test_a_defect_during_a_reload_is_a_failed_reload(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:
-    from tests.test_lifecycle import NotifySocket
+    from tests.helpers.notify import NotifySocket
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()

@@ -41,8 +41,15 @@ from gateway.logs import make_logger
 from gateway.pki.tls import client_context
 from gateway.routing import Network, zones_holding
 from gateway.spool import SqliteSpool
+from tests.helpers.zones import (
+    World,
+    as2_message,
+    send_as2,
+    set_site_runtime,
+    tls_connect,
+    two_zone_world,
+)
 from tests.routes import listening, zone_map
-from tests.test_zones import World, _send, _tls_connect, as2_message, two_zone_world
 
 GATEWAY = Path(__file__).resolve().parent.parent / "gateway"
 
@@ -403,22 +410,14 @@ def test_diagnose_refuses_an_ip_literal_outside_the_zone(world: World) -> None:
 # --- the daemon: an asynchronous receipt owed across a reload -----------------------------
 
 
-def set_runtime(site_config: Path, **values: int) -> None:
-    """Set `[runtime]` keys the config file already has (Site.write writes them)."""
-    lines = site_config.read_text().splitlines()
-    for key, value in values.items():
-        lines = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
-    site_config.write_text("\n".join(lines) + "\n")
-
-
 def _audited(world: World, event: str) -> list[dict[str, Any]]:
     return [e for e in read_audit(world.hospital.audit_log) if e["event"] == event]
 
 
 def _post_to_listener(world: World, address: str, port: int, built: Any) -> bytes:
-    conn = _tls_connect(world.lab, world.lab, address, port)
+    conn = tls_connect(world.lab, world.lab, address, port)
     try:
-        _send(conn, built)
+        send_as2(conn, built)
         answer = b""
         while b"\r\n\r\n" not in answer:
             chunk = conn.recv(65536)
@@ -441,7 +440,7 @@ def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
         world.hospital.peers[0] = (world.lab, "zone-a", receipt_url)
         world.hospital.write()
         # The first attempt waits on the held connection while the test reloads.
-        set_runtime(
+        set_site_runtime(
             world.hospital.config_path, connect_timeout_seconds=120, request_timeout_seconds=300
         )
         hospital = processes.start(world.hospital.config_path)
@@ -457,7 +456,7 @@ def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
         world.hospital.zones[1]["trust_anchors"].append(world.hospital.trust(world.lab))
         world.hospital.peers[0] = (world.lab, "zone-b", "https://127.0.2.9:4443/as2")
         world.hospital.write()
-        set_runtime(
+        set_site_runtime(
             world.hospital.config_path, connect_timeout_seconds=120, request_timeout_seconds=300
         )
         hospital.signal(signal.SIGHUP)

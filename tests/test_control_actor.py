@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import events, wait_for_event
+from tests.helpers.audit import events, wait_for_event
 
 
 def test_the_kernels_account_comes_first_and_a_passed_name_is_only_claimed(

@@ -17,10 +17,10 @@ from cryptography.x509.oid import NameOID
 from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
 from tests.crl_server import DistributionPoint, openssl_crl
-from tests.test_pki_e2e import demo_ca, wait_handshake_refused
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import demo_ca, wait_handshake_refused
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import json
 import re
 import socket
 import ssl
@@ -24,53 +23,22 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import load_config
 from gateway.demo_run import wait_until
-from gateway.diagnose import STEPS, Diagnoser, Status
+from gateway.diagnose import Diagnoser, Status
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
-
-
-def diagnose(layout: DemoLayout) -> tuple[int, dict[str, Any]]:
-    result = medgw("diagnose", "hospital", "--config", str(layout.lab.config_path), "--json")
-    assert result.stdout, result.stderr
-    return result.returncode, json.loads(result.stdout)
-
-
-def steps(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {s["name"]: s for s in report["steps"]}
-
-
-def assert_fails_at(report: dict[str, Any], name: str) -> dict[str, Any]:
-    """``name`` failed, every step before it passed, every step after it was skipped."""
-    by_name = steps(report)
-    order = list(STEPS)
-    assert [s["name"] for s in report["steps"]] == order
-    assert report["ok"] is False and report["failed_step"] == name, report
-    for before in order[: order.index(name)]:
-        assert by_name[before]["status"] in ("ok", "warn"), by_name[before]
-    for after in order[order.index(name) + 1 :]:
-        assert by_name[after]["status"] == "skip", by_name[after]
-    failed = by_name[name]
-    assert failed["status"] == "fail" and failed["meaning"] and failed["action"]
-    return failed
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import demo_ca
+from tests.helpers.diagnose import assert_fails_at, diagnose, steps
 
 
 def inbox(layout: DemoLayout) -> list[Path]:
     folder = layout.hospital.inbox_dir / "lab"
     return sorted(folder.glob("*")) if folder.exists() else []
-
-
-def demo_ca(layout: DemoLayout) -> Issued:
-    ca_dir = layout.root / "ca"
-    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Issued(x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes()), key)
 
 
 def set_key(toml: Path, key: str, value: str) -> None:

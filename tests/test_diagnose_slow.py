@@ -5,20 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.pki.demo import DemoLayout
-from tests.test_diagnose import assert_fails_at, diagnose
-from tests.test_net6 import SlowProxy, edit
+from tests.helpers.diagnose import assert_fails_at, diagnose
+from tests.helpers.slow_proxy import SlowProxy, edit_every
 
 
 def test_very_slow_path_is_named_at_the_tls_step(layout: DemoLayout, processes: Any) -> None:
     proxy = SlowProxy(layout.hospital.port)
     try:
         proxy.delay = 5.0  # every byte from the hospital arrives late
-        edit(
+        edit_every(
             layout.lab.root / "peers.d" / "hospital.toml",
             f":{layout.hospital.port}/",
             f":{proxy.port}/",
         )
-        edit(layout.lab.config_path, "connect_timeout_seconds = 5", "connect_timeout_seconds = 1")
+        edit_every(
+            layout.lab.config_path, "connect_timeout_seconds = 5", "connect_timeout_seconds = 1"
+        )
         processes.start(layout.hospital.config_path)
         code, report = diagnose(layout)
     finally:

@@ -24,7 +24,7 @@ from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
 
 
 def duplicate_mdn(layout: DemoLayout, message_id: str) -> tuple[str, bytes]:

@@ -18,7 +18,8 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import lab_post, receipt_of
 
 
 def inbox_files(layout: DemoLayout) -> list[Path]:
@@ -129,28 +130,6 @@ def test_trusted_ca_but_unconfigured_certificate_is_refused(layout, processes, t
     assert inbox_files(layout) == []
 
 
-def _lab_post(layout: DemoLayout, headers, body):
-    certs = layout.lab.root / "certs"
-    return as2client.post(
-        layout.hospital.port,
-        headers,
-        body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
-
-
-def _receipt_of(layout: DemoLayout, answer):
-    lab = load_config(layout.lab.config_path)
-    return parse_receipt(
-        answer.content_type,
-        answer.body,
-        trusted_signers=lab.require_peer("hospital").signing_certificates,
-        policy=AlgorithmPolicy(),
-    )
-
-
 def test_tampered_signature_from_configured_peer_is_refused(layout, processes):
     processes.start(layout.hospital.config_path)
     lab = load_config(layout.lab.config_path)
@@ -162,9 +141,9 @@ def test_tampered_signature_from_configured_peer_is_refused(layout, processes):
         signing=lab.smime.signing,
         recipient=hospital_peer.encryption_certificates[0],
     )
-    answer = _lab_post(layout, headers, body)
+    answer = lab_post(layout, headers, body)
     assert answer.status == 200
-    receipt = _receipt_of(layout, answer)
+    receipt = receipt_of(layout, answer)
     assert receipt.disposition == "processed/error: integrity-check-failed"
     assert receipt.mic is None
     failed = wait_for_events(layout.hospital.audit_log, "signature.failed")
@@ -187,8 +166,8 @@ def test_payload_encrypted_for_another_recipient_is_refused(layout, processes, t
         signing=lab.smime.signing,
         recipient=stranger.certificate,
     )
-    answer = _lab_post(layout, built.headers, built.body)
-    receipt = _receipt_of(layout, answer)
+    answer = lab_post(layout, built.headers, built.body)
+    receipt = receipt_of(layout, answer)
     assert receipt.disposition == "processed/error: decryption-failed"
     failed = wait_for_events(layout.hospital.audit_log, "decryption.failed")
     assert failed and failed[0]["peer"] == "lab"
@@ -205,8 +184,8 @@ def test_as2_from_must_match_the_tls_identity(layout, processes):
         signing=lab.smime.signing,
         recipient=lab.require_peer("hospital").encryption_certificates[0],
     )
-    answer = _lab_post(layout, built.headers, built.body)
-    assert _receipt_of(layout, answer).disposition == "processed/error: authentication-failed"
+    answer = lab_post(layout, built.headers, built.body)
+    assert receipt_of(layout, answer).disposition == "processed/error: authentication-failed"
     wait_for_events(layout.hospital.audit_log, "peer.authentication_failed")
     assert inbox_files(layout) == []
 
@@ -224,10 +203,10 @@ def test_resend_of_same_message_is_answered_with_original_receipt_and_delivered_
         recipient=lab.require_peer("hospital").encryption_certificates[0],
         filename="resent.hl7",
     )
-    first = _lab_post(layout, built.headers, built.body)
-    second = _lab_post(layout, built.headers, built.body)
+    first = lab_post(layout, built.headers, built.body)
+    second = lab_post(layout, built.headers, built.body)
     assert first.body == second.body
-    assert _receipt_of(layout, second).processed
+    assert receipt_of(layout, second).processed
     assert [p.name for p in inbox_files(layout)] == ["resent.hl7"]
     assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
     # The document is recorded received once; the resend is recorded as a duplicate.

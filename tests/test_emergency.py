@@ -32,14 +32,13 @@ from gateway.pki.peers import TrustSettings
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
 from tests.clocks import TickingClock
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import wait_handshake_refused
+from tests.helpers.maintenance import Site
+from tests.helpers.ocsp_world import OcspWorld
+from tests.helpers.zones import World, as2_message, handshake_refused, send_as2, tls_connect
 from tests.rsyslog import Collector
-from tests.test_maintenance_ssh import Site
-from tests.test_ocsp_daemon import OcspWorld
-from tests.test_pki_e2e import wait_handshake_refused
-from tests.test_zones import World, _handshake_refused, _send, _tls_connect, as2_message
-from tests.test_zones import world as world  # the two-zone fixture
 
 
 @pytest.fixture
@@ -391,9 +390,9 @@ def test_emergency_mode_never_lets_a_message_pass_between_zones(
     port = world.hospital.listeners[0]["port"]
     # the lab (zone A) addresses the pharmacy (zone B) through the hospital: transit
     built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
-    conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
+    conn = tls_connect(world.lab, world.lab, "127.0.1.1", port)
     try:
-        _send(conn, built)
+        send_as2(conn, built)
         answer = b""
         while b"authentication-failed" not in answer:
             chunk = conn.recv(65536)
@@ -407,7 +406,7 @@ def test_emergency_mode_never_lets_a_message_pass_between_zones(
     assert refused["detail"]["emergency"] == window["id"]
     # and a peer on another zone's listener is refused at the handshake
     ports = {lst["name"]: lst["port"] for lst in world.hospital.listeners}
-    assert _handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
+    assert handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
     assert not list((world.hospital.root / "inbox").rglob("*"))
 
 

@@ -26,10 +26,10 @@ from gateway.delivery.http import idempotency_key
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
-from tests.audit_trail import events, wait_for_events
 from tests.clocks import TickingClock
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.internal_system import InternalSystem, enable_delivery
 from tests.inboxwatch import InboxWatch
-from tests.test_services import InternalSystem, enable_delivery, internal_port  # noqa: F401
 
 FAULTPOINT = Path(__file__).with_name("faultpoint.py")
 
@@ -152,7 +152,7 @@ def test_a_kill_before_the_rename_delivers_the_resend_once(
 def test_a_kill_between_the_internal_systems_answer_and_the_record_hands_over_with_one_key(
     layout: DemoLayout,
     processes: Any,
-    internal_port: int,  # noqa: F811
+    internal_port: int,
 ) -> None:
     """The hand-over is at least once: the repeat carries the same Idempotency-Key."""
     enable_delivery(layout, internal_port)
@@ -294,7 +294,7 @@ def test_the_idempotency_key_names_the_document_not_only_its_message_id() -> Non
 def test_a_failed_hand_over_attempt_is_audited_before_it_is_counted(
     layout: DemoLayout,
     processes: Any,
-    internal_port: int,  # noqa: F811
+    internal_port: int,
 ) -> None:
     """A crash between the two leaves an audited attempt, never a counted one the
     audit trail does not show."""

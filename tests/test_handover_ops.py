@@ -10,7 +10,6 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,22 +21,17 @@ from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery.http import HandOver, idempotency_key
-from gateway.demo_run import drop_file, free_port, read_audit, wait_until
+from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.egress import Network
 from gateway.errors import SpoolError
 from gateway.logs import make_logger
 from gateway.operations import Operations
 from gateway.pki.demo import DemoLayout
 from gateway.spool import HandoverState, SqliteSpool
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
-from tests.test_operations import set_runtime
-from tests.test_services import InternalSystem, enable_delivery
-
-
-@pytest.fixture
-def internal_port() -> Iterator[int]:
-    yield free_port()
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import set_runtime
+from tests.helpers.internal_system import InternalSystem, enable_delivery
 
 
 @pytest.mark.long

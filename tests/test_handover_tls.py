@@ -30,8 +30,8 @@ from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from gateway.spool import SqliteSpool
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
+from tests.helpers.audit import events, wait_for_events
 
 
 class HttpsInternalSystem:

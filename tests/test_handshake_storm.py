@@ -16,9 +16,9 @@ import pytest
 from gateway.channel.storms import EVERYWHERE, HandshakeStorms
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_event
+from tests.helpers.audit import wait_for_event
+from tests.helpers.audit_export import export_to
 from tests.rsyslog import Collector, Received
-from tests.test_audit_export import export_to
 
 
 class SteppedClock:

@@ -30,7 +30,6 @@ from gateway.audit import AuditEvent, EventType
 from gateway.clock import SystemClock
 from gateway.cms import decrypt
 from gateway.cms.decrypting import decrypt_bytes
-from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity
 from gateway.config import load_config
 from gateway.demo_run import free_port, read_audit, wait_until
@@ -42,7 +41,8 @@ from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy, certificate_key
 from tests import as2client
-from tests.audit_trail import wait_for_events
+from tests.helpers.audit import wait_for_events
+from tests.helpers.openssl_cms import signed_by_openssl, unsupported_curve_signer
 from tests.routes import zone_route
 
 
@@ -71,32 +71,6 @@ def _message(layout: DemoLayout, payload: bytes = b"MSH|hostile\r") -> Any:
 
 def _output(layout: DemoLayout, processes: Any) -> str:
     return "\n".join(processes.started[0].raw)
-
-
-def unsupported_curve_signer(tmp_path: Path) -> tuple[Path, Path]:
-    """A certificate and key on sect283k1: OpenSSL signs with it, `cryptography` cannot
-    load its public key (UnsupportedAlgorithm)."""
-    key, cert = tmp_path / "sect.key", tmp_path / "sect.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:sect283k1",
-         "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=odd curve", "-days", "30"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
-def signed_by_openssl(tmp_path: Path, cert: Path, key: Path, payload: bytes) -> bytes:
-    """A multipart/signed entity made by `openssl cms -sign` (carrying ``cert``)."""
-    entity = tmp_path / "entity.mime"
-    entity.write_bytes(make_entity("application/octet-stream", payload))
-    done = subprocess.run(
-        ["openssl", "cms", "-sign", "-binary", "-in", entity, "-signer", cert, "-inkey", key,
-         "-md", "sha256", "-crlfeol"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return done.stdout
 
 
 def test_message_signed_on_an_unsupported_curve_is_refused_not_a_500(

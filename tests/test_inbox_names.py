@@ -21,9 +21,9 @@ from gateway.demo_run import drop_file
 from gateway.errors import DeliveryError
 from gateway.pki.demo import DemoLayout
 from tests import as2client
-from tests.audit_trail import wait_for_events
-from tests.test_e2e import _lab_post, _receipt_of
-from tests.test_services import set_services
+from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import lab_post, receipt_of
+from tests.helpers.internal_system import set_services
 
 
 def _send(layout: DemoLayout, filename: str, message_id: str, payload: bytes) -> None:
@@ -37,9 +37,9 @@ def _send(layout: DemoLayout, filename: str, message_id: str, payload: bytes) ->
         filename=filename,
         message_id=message_id,
     )
-    answer = _lab_post(layout, built.headers, built.body)
+    answer = lab_post(layout, built.headers, built.body)
     assert answer.status == 200
-    assert _receipt_of(layout, answer).processed, filename
+    assert receipt_of(layout, answer).processed, filename
 
 
 def test_hostile_names_and_message_ids_never_replace_a_file(

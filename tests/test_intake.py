@@ -31,7 +31,7 @@ from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
 from gateway.spool import SqliteSpool
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
 
 
 class SlowTakes(OutboxIntake):

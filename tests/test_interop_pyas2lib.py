@@ -38,7 +38,7 @@ from gateway.demo_run import drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import OutboundState, SqliteSpool
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
 from tests.oscrypto_fix import load_pyas2lib
 
 as2 = load_pyas2lib()

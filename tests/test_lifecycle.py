@@ -20,7 +20,8 @@ from gateway.daemon import Daemon
 from gateway.demo_run import drop_file, wait_until
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.notify import NotifySocket
 
 
 def test_sigterm_stops_cleanly_with_exit_0(layout: DemoLayout, processes: Any) -> None:
@@ -82,35 +83,6 @@ def test_sighup_with_broken_config_keeps_serving_on_the_old_one(
     config.write_text(good)
     hospital.signal(signal.SIGHUP)
     wait_for_events(layout.hospital.audit_log, "config.reloaded")
-
-
-class NotifySocket:
-    """Plays systemd's side of sd_notify: a datagram socket collecting messages."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.messages: list[str] = []
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._running = True
-        self._thread = threading.Thread(target=self._collect, daemon=True)
-        self._thread.start()
-
-    def _collect(self) -> None:
-        while self._running:
-            try:
-                self.messages.append(self._sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-
-    def states(self) -> list[str]:
-        return [line for message in self.messages for line in message.splitlines()]
-
-    def close(self) -> None:
-        self._running = False
-        self._thread.join()
-        self._sock.close()
 
 
 def test_sd_notify_ready_reloading_stopping_and_watchdog(

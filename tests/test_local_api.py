@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.client
 import json
 import os
 import pty
@@ -26,94 +25,14 @@ from gateway.audit import AuditEvent, EventType
 from gateway.config import ApiClient, load_config
 from gateway.demo_run import free_port, wait_until
 from gateway.errors import ConfigError
-from gateway.intake.api import LocalApi, new_token
+from gateway.intake.api import LocalApi
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
-from tests.test_storage_full import _fill, _small_file_system
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.local_api import LIS_SHA, LIS_TOKEN, RIS_TOKEN, UnixConnection, enable_api
+from tests.helpers.storage import fill_file_system, small_file_system
 
-LIS_TOKEN, LIS_SHA = new_token()
-RIS_TOKEN, RIS_SHA = new_token()
 MIB = 1 << 20
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=120)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self._path))
-        self.sock = sock
-
-
-class Api:
-    """A client of the local API over TCP (127.0.0.1) or the unix socket."""
-
-    def __init__(self, port: int, socket_path: Path) -> None:
-        self.port = port
-        self.socket_path = socket_path
-
-    def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        token: str | None,
-        body: bytes | Iterator[bytes] | None = None,
-        headers: dict[str, str] | None = None,
-        unix: bool = False,
-    ) -> tuple[int, Any]:
-        connection = (
-            UnixConnection(self.socket_path)
-            if unix
-            else http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        )
-        all_headers = dict(headers or {})
-        if token is not None:
-            all_headers["Authorization"] = f"Bearer {token}"
-        try:
-            connection.request(method, url, body, all_headers)
-            response = connection.getresponse()
-            return response.status, json.loads(response.read())
-        finally:
-            connection.close()
-
-    def wait_final(self, message_id: str, token: str) -> dict[str, Any]:
-        def final() -> dict[str, Any] | None:
-            status, view = self.request("GET", f"/v1/messages/{message_id}", token=token)
-            assert status == 200, view
-            return view if view["final"] else None
-
-        result: dict[str, Any] = wait_until(final, 90, f"a final state of {message_id}")
-        return result
-
-
-def enable_api(layout: DemoLayout) -> Api:
-    """The lab gets an [api] with two clients: "lis" and "ris", both may send to the hospital."""
-    port = free_port()
-    config = layout.lab.config_path
-    config.write_text(
-        config.read_text()
-        + f"""
-[api]
-socket = "state/api.sock"
-listen = "127.0.0.1:{port}"
-
-[[api.clients]]
-name = "lis"
-token_sha256 = "{LIS_SHA}"
-peers = ["hospital"]
-
-[[api.clients]]
-name = "ris"
-token_sha256 = "{RIS_SHA}"
-peers = ["hospital"]
-"""
-    )
-    return Api(port, layout.lab.root / "state" / "api.sock")
 
 
 def test_api_submission_is_delivered_and_its_receipt_shown(
@@ -760,9 +679,9 @@ def test_a_full_spool_answers_503_with_a_fix_and_keeps_nothing(
 ) -> None:
     api = enable_api(layout)
     state = layout.lab.root / "state"
-    with _small_file_system(state, "2m"):
+    with small_file_system(state, "2m"):
         lab = processes.start(layout.lab.config_path)
-        filler = _fill(state)
+        filler = fill_file_system(state)
         status, answer = api.request(
             "POST",
             "/v1/messages?to=hospital&filename=a.hl7",

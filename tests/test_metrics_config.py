@@ -9,7 +9,7 @@ import pytest
 from gateway.config import load_config
 from gateway.demo_run import free_port
 from gateway.pki.demo import DemoLayout
-from tests.test_config_checks import check_config, reported
+from tests.helpers.check_config import check_config, reported, set_peer_url
 
 
 def add(config: Path, text: str) -> None:
@@ -113,8 +113,6 @@ def test_the_crl_cache_is_one_of_medgws_work_folders(layout: DemoLayout) -> None
 
 
 def test_a_peer_url_at_the_metrics_port_is_refused(layout: DemoLayout) -> None:
-    from tests.test_config_checks import set_peer_url
-
     config = layout.hospital.config_path
     port = free_port()
     add(config, f'[metrics]\nlisten = "127.0.0.1:{port}"')

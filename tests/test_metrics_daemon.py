@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.pki.demo import DemoInstitution, DemoLayout
-from tests.audit_trail import wait_for_events
+from tests.helpers.audit import wait_for_events
 
 DEADLINE = 90.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -45,9 +45,8 @@ from gateway.clock import SystemClock
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.spool import SqliteSpool
-from tests.audit_trail import wait_for_event, wait_for_events
-from tests.test_connect_path import set_runtime
-from tests.test_zones import NOW, Site, as2_message, two_zone_world
+from tests.helpers.audit import wait_for_event, wait_for_events
+from tests.helpers.zones import NOW, Site, as2_message, set_site_runtime, two_zone_world
 
 REPO = Path(__file__).resolve().parent.parent
 # Every test here runs real gateways, one per network namespace.
@@ -407,7 +406,7 @@ def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
     hospital.write()
     # The first attempt waits on the held connection for as long as the test needs.
     slow = {"connect_timeout_seconds": 120, "request_timeout_seconds": 300}
-    set_runtime(hospital.config_path, **slow)
+    set_site_runtime(hospital.config_path, **slow)
     knocked, release = tmp_path / "lab-4443.jsonl", tmp_path / "release"
     servers: list[Background] = []
     daemon: GatewayProcess | None = None
@@ -429,7 +428,7 @@ def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
         hospital.zones[1]["trust_anchors"].append(hospital.trust(lab))
         hospital.peers[0] = (lab, "zone-b", "https://10.77.2.9:4443/as2")
         hospital.write()
-        set_runtime(hospital.config_path, **slow)
+        set_site_runtime(hospital.config_path, **slow)
         daemon.signal(signal.SIGHUP)
         daemon.wait_for(lambda line: line.get("event") == "config.reloaded", 60)
         release.touch()  # the first attempt fails; the next is made by the new zones

@@ -11,21 +11,15 @@ import pytest
 
 from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_events
 from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import set_runtime
 
 
 def queue(config: Path, *args: str) -> Any:
     result = medgw("queue", *args, "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
-
-
-def set_runtime(config: Path, key: str, value: str) -> None:
-    lines = config.read_text().splitlines()
-    out = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
-    assert out != lines, f"{key} not in {config}"
-    config.write_text("\n".join(out) + "\n")
 
 
 def test_dead_letter_after_max_attempts_then_operator_retry_delivers(

@@ -22,9 +22,9 @@ from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
-from tests.test_operations import set_runtime
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import set_runtime
 
 
 def queue(config: Path, *args: str) -> Any:

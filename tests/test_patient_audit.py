@@ -11,10 +11,10 @@ from typing import Any
 
 from gateway.demo_run import drop_file, free_port
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import events, wait_for_event, wait_for_events
 from tests.cli import medgw
-from tests.test_local_api import LIS_TOKEN, RIS_TOKEN, enable_api
-from tests.test_services import InternalSystem, enable_delivery
+from tests.helpers.audit import events, wait_for_event, wait_for_events
+from tests.helpers.internal_system import InternalSystem, enable_delivery
+from tests.helpers.local_api import LIS_TOKEN, RIS_TOKEN, enable_api
 
 SAMPLES = Path(__file__).parent / "samples" / "patients"
 # Every patient identifier of the documents sent below; none may reach a log line.

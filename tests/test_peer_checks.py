@@ -20,24 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import demo_ca
 
 NOW = datetime.now(UTC)
-
-
-def demo_ca(layout: DemoLayout) -> Issued:
-    folder = layout.root / "ca"
-    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
 
 
 def lab_file(layout: DemoLayout) -> Path:

@@ -23,9 +23,9 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import demo_ca, revoke
 from tests.hpki_certs import Role, issue_person, subject_directory_attributes
-from tests.test_pki_e2e import demo_ca, revoke
 
 DOCTOR = "神楽坂 花子"  # a person's name, as HPKI certificates carry it
 

@@ -11,46 +11,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.as2.mdn import parse_receipt
 from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
-from gateway.pki.issue import Issued, issue, make_crl, write_pem
+from gateway.pki.issue import issue, make_crl, write_pem
 from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-from tests.audit_trail import wait_for_events
-
-
-def demo_ca(layout: DemoLayout) -> Issued:
-    folder = layout.root / "ca"
-    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
-
-
-def revoke(layout: DemoLayout, crl_file: Path, *certs: x509.Certificate) -> None:
-    now = datetime.now(UTC)
-    crl = make_crl(
-        demo_ca(layout),
-        now=now - timedelta(minutes=1),
-        revoked=[(c.serial_number, now - timedelta(minutes=2)) for c in certs],
-        number=2,
-    )
-    crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-
-
-def wait_handshake_refused(layout: DemoLayout) -> None:
-    """Until the hospital refuses a TLS client certificate it no longer accepts."""
-    wait_for_events(
-        layout.hospital.audit_log,
-        "tls.handshake_failed",
-        where=lambda r: "not configured for any peer" in r["reason"],
-    )
+from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import demo_ca, revoke, wait_handshake_refused
 
 
 def open_tls(layout: DemoLayout) -> ssl.SSLSocket:

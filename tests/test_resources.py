@@ -25,8 +25,8 @@ from gateway.config import load_config
 from gateway.demo_run import wait_until
 from gateway.pki.demo import DemoLayout
 from tests import as2client
-from tests.audit_trail import wait_for_events
-from tests.test_rotation import edit
+from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import edit
 
 ANSWERED_WITHIN = 60.0  # seconds: every hostile request is answered or closed by then
 

@@ -13,9 +13,9 @@ import pytest
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_event
 from tests.cli import medgw
-from tests.test_local_api import Api, enable_api
+from tests.helpers.audit import wait_for_event
+from tests.helpers.local_api import Api, enable_api
 
 DEMO_AREAS = 'responsible_for = ["communication", "encryption", "authentication", "incidents"]'
 NETWORK = "Kenji Ito (network administrator; ext. 1111)"

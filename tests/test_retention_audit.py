@@ -22,7 +22,7 @@ from gateway.retention.purge import PurgeRefused, PurgeRequest, Retention
 from gateway.spool import SqliteSpool
 from tests.audit_writer import StepClock, sealer
 from tests.cli import medgw
-from tests.test_audit_seal import openssl_audit_key
+from tests.helpers.audit import openssl_audit_key
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from gateway.config import load_config
 from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_events
 from tests.cli import medgw
-from tests.test_services import InternalSystem, enable_delivery
+from tests.helpers.audit import wait_for_events
+from tests.helpers.internal_system import InternalSystem, enable_delivery
 
 
 def _settled(lab: Path, hospital: Path, message_id: str) -> str:

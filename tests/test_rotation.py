@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from gateway.clock import SystemClock
-from gateway.demo_run import GatewayProcess, drop_file, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
-from gateway.pki.issue import Issued, issue, write_pem
+from gateway.pki.issue import issue, write_pem
 from gateway.spool import OutboundState, SqliteSpool
-from tests.audit_trail import events, wait_for_events
-
-
-def demo_ca(layout: DemoLayout) -> Issued:
-    folder = layout.root / "ca"
-    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def reload(proc: GatewayProcess, audit: Path) -> None:
-    before = len(events(audit, "config.reloaded"))
-    proc.signal(signal.SIGHUP)
-    wait_for_events(audit, "config.reloaded", count=before + 1)
-    failed = events(audit, "config.reload_failed")
-    assert not failed, failed
+from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import demo_ca, edit, reload
 
 
 class Traffic:

@@ -39,7 +39,7 @@ from gateway.routing import (
     route_inbound,
 )
 from gateway.spool import SqliteSpool
-from tests.test_zones import Site, as2_message, new_ca
+from tests.helpers.zones import Site, as2_message, new_ca
 
 PEERS = 5
 SELF = -1  # "addressed to this gateway"

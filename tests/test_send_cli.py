@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import wait_for_events
 from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
 
 
 def test_lost_contact_while_waiting_exits_3_and_the_message_is_delivered_once(

@@ -4,12 +4,9 @@ on real daemons, real sockets and a real little HTTP server."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import signal
 import sqlite3
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,24 +16,18 @@ import pytest
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.delivery.http import idempotency_key
-from gateway.demo_run import drop_file, free_port, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
-from tests.audit_trail import events, wait_for_event, wait_for_events
 from tests.cli import medgw
-from tests.test_local_api import LIS_TOKEN, enable_api
-
-
-def set_services(layout: DemoLayout, *, hospital_accepts: str, lab_sends: str) -> None:
-    """``services = [...]`` in the hospital's file for the lab and the lab's for the hospital."""
-    for path, value in (
-        (layout.hospital.root / "peers.d" / "lab.toml", hospital_accepts),
-        (layout.lab.root / "peers.d" / "hospital.toml", lab_sends),
-    ):
-        text = path.read_text()
-        assert "\nservices = []\n" in text
-        path.write_text(text.replace("\nservices = []\n", f"\nservices = {value}\n"))
+from tests.helpers.audit import events, wait_for_event, wait_for_events
+from tests.helpers.internal_system import (
+    InternalSystem,
+    enable_delivery,
+    set_services,
+)
+from tests.helpers.local_api import LIS_TOKEN, enable_api
 
 
 def test_services_from_outbox_api_and_send_arrive_in_service_folders(
@@ -237,68 +228,6 @@ http_url = ""
 
 
 # --- hand-over to an internal system over HTTP -------------------------------------------
-
-
-class InternalSystem:
-    """A little HTTP server: answers 503 to the first ``fail`` POSTs, then 200."""
-
-    def __init__(self, port: int, fail: int = 0) -> None:
-        self.port = port
-        self.fail = fail
-        self.requests: list[tuple[str, dict[str, str], bytes, int]] = []
-        self._lock = threading.Lock()
-        system = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers["Content-Length"])
-                body = self.rfile.read(length)
-                with system._lock:
-                    status = 503 if system.fail > 0 else 200
-                    system.fail -= 1
-                    system.requests.append((self.path, dict(self.headers), body, status))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def ok(self) -> list[tuple[str, dict[str, str], bytes, int]]:
-        with self._lock:
-            return [r for r in self.requests if r[3] == 200]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def internal_port() -> Iterator[int]:
-    yield free_port()
-
-
-def enable_delivery(layout: DemoLayout, port: int, *, referrals: bool = False) -> None:
-    """The hospital POSTs to /inbound; with ``referrals``, that service to /referrals."""
-    override = f"""
-[[delivery.services]]
-name = "referrals"
-http_url = "http://127.0.0.1:{port}/referrals"
-"""
-    config = layout.hospital.config_path
-    config.write_text(
-        config.read_text()
-        + f"""
-[delivery]
-http_url = "http://127.0.0.1:{port}/inbound"
-timeout_seconds = 5
-"""
-        + (override if referrals else "")
-    )
 
 
 def test_received_documents_are_handed_over_with_retries_after_the_receipt(

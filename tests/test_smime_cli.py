@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests import testdata
-from tests.test_cms import Pki, build_pki
-from tests.test_cms_openssl import RSA_OAEP_SHA256, openssl
+from tests.helpers.cms_pki import Pki, build_pki
+from tests.helpers.openssl_cms import RSA_OAEP_SHA256, openssl
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl on PATH")
 
@@ -383,7 +383,7 @@ def test_verify_refuses_a_signer_not_meant_for_signing_documents(
 
 
 def test_verify_signer_on_an_unsupported_curve_fails_cleanly(tmp_path: Path, payload: Path) -> None:
-    from tests.test_hostile_errors import signed_by_openssl, unsupported_curve_signer
+    from tests.helpers.openssl_cms import signed_by_openssl, unsupported_curve_signer
 
     cert, key = unsupported_curve_signer(tmp_path)
     signed = tmp_path / "signed.eml"

@@ -23,20 +23,8 @@ from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, make_crl, write_pem
 from gateway.pki.tls import certificate_fingerprint, spki_fingerprint
-from tests.audit_trail import events, wait_for_events
-
-
-def demo_ca(layout: DemoLayout) -> Issued:
-    folder = layout.root / "ca"
-    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import demo_ca, edit
 
 
 def lab_tls(layout: DemoLayout) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -18,8 +18,8 @@ from gateway.errors import SpoolError
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, SqliteSpool
-from tests.audit_trail import wait_for_events
 from tests.clocks import TickingClock
+from tests.helpers.audit import wait_for_events
 
 
 def queued(spool: SqliteSpool, tmp_path: Path, message_id: str, body: bytes) -> None:

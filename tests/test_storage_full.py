@@ -16,8 +16,6 @@ Needs root to mount; skipped, saying why, where that is impossible.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import signal
 import socket
@@ -35,62 +33,27 @@ import pytest
 
 from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
-from tests.audit_trail import events, wait_for_event, wait_for_events
-from tests.test_operations import set_runtime
-
-
-@contextlib.contextmanager
-def _small_file_system(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted on ``folder`` for the duration."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small file system needs root (CI runs as root)")
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+from tests.helpers.audit import events, wait_for_event, wait_for_events
+from tests.helpers.demo import set_runtime
+from tests.helpers.storage import fill_file_system, small_file_system
 
 
 @pytest.fixture
 def small_inbox(layout: DemoLayout) -> Iterator[Path]:
-    with _small_file_system(layout.hospital.inbox_dir, "256k") as inbox:
+    with small_file_system(layout.hospital.inbox_dir, "256k") as inbox:
         yield inbox
 
 
 @pytest.fixture
 def small_lab_state(layout: DemoLayout) -> Iterator[Path]:
-    with _small_file_system(layout.lab.root / "state", "2m") as state:
+    with small_file_system(layout.lab.root / "state", "2m") as state:
         yield state
-
-
-def _fill(folder: Path, leave: int = 0) -> Path:
-    """Write a file into ``folder`` until its file system has no byte left, then
-    give ``leave`` bytes back."""
-    filler = folder / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC, exc
-        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_full_inbox_answers_503_keeps_nothing_then_delivers_once(
     layout: DemoLayout, small_inbox: Path, processes: Any
 ) -> None:
-    filler = _fill(small_inbox)
+    filler = fill_file_system(small_inbox)
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     document = os.urandom(20_000)
@@ -132,7 +95,7 @@ def test_full_spool_at_the_sender_keeps_the_document_in_the_outbox_then_sends_it
 ) -> None:
     processes.start(layout.hospital.config_path)
     lab = processes.start(layout.lab.config_path)
-    filler = _fill(small_lab_state, leave)
+    filler = fill_file_system(small_lab_state, leave)
     document = os.urandom(300_000)
     source = drop_file(layout.lab.outbox_dir / "hospital", "study.bin", document)
 
@@ -169,7 +132,7 @@ def test_sender_stopped_by_a_full_spool_starts_again_and_delivers_once_space_is_
     drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late\r")
     wait_for_event(layout.lab.audit_log, "message.send_failed")
 
-    filler = _fill(small_lab_state)  # now the sender cannot record its next retry
+    filler = fill_file_system(small_lab_state)  # now the sender cannot record its next retry
     failed = lab.wait_for(lambda line: line.get("event") == "daemon.task_failed", 30)
     assert failed["task"] == "sender for peer hospital"
     assert "database or disk is full" in failed["error"]
@@ -246,7 +209,7 @@ def test_no_room_to_encrypt_keeps_the_document_until_an_operator_retry(
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     # Room for the spool entry and the document, not for its signed, encrypted form.
-    filler = _fill(small_lab_state, leave=450_000)
+    filler = fill_file_system(small_lab_state, leave=450_000)
     document = os.urandom(300_000)
     drop_file(layout.lab.outbox_dir / "hospital", "large.bin", document)
     [failed] = wait_for_events(layout.lab.audit_log, "message.failed")

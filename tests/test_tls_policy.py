@@ -22,7 +22,7 @@ from gateway.pki.issue import issue, make_ca, make_crl, new_key
 from gateway.pki.keypair import KeyPair
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
 from gateway.policy import AlgorithmPolicy
-from tests.audit_trail import wait_for_events
+from tests.helpers.audit import wait_for_events
 
 
 def _s_client(

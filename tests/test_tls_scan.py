@@ -33,7 +33,7 @@ from gateway.demo_run import free_ports
 from gateway.intake.api import new_token
 from gateway.policy import TLS13_SUITES, TLS_GROUPS
 from tests.conftest import Processes
-from tests.test_zones import Site, World, two_zone_world
+from tests.helpers.zones import Site, World, two_zone_world
 
 SSLYZE = Path(os.environ.get("MEDGW_SSLYZE", Path(sys.prefix) / "scan" / "bin" / "python"))
 # The policy's group names as OpenSSL (and so sslyze) names the curves.

@@ -21,9 +21,9 @@ from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, write_pem
 from gateway.pki.tls import certificate_fingerprint
-from tests.audit_trail import events, wait_for_events
 from tests.cli import medgw
-from tests.test_rotation import demo_ca, edit, reload
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import demo_ca, edit, reload
 
 
 def test_messages_waiting_for_a_removed_peer_raise_an_alert_until_withdrawn(

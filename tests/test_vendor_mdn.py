@@ -25,7 +25,7 @@ from gateway.errors import PolicyError, ProtocolError, SignatureError, SignerNot
 from gateway.pki.demo import DemoLayout
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests import as2client, testdata
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
 
 
 @pytest.fixture(scope="module")

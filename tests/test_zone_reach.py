@@ -48,7 +48,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.egress import Network, Route
 from gateway.errors import ConfigError
 from gateway.routing import url_address
-from tests.test_zones import Site, new_ca
+from tests.helpers.zones import Site, new_ca
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressRange = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import re
 import signal
 import socket
@@ -20,282 +19,35 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.as2.headers import new_message_id
-from gateway.as2.message import MessageSpec, build_message
 from gateway.channel.client import PeerClient
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import drop_file, free_ports, wait_until
 from gateway.egress import Route
 from gateway.errors import ConfigError, ConfigProblem, TransportError
-from gateway.pki.issue import Issued, issue, make_ca, write_pem
-from gateway.pki.keypair import KeyPair
 from gateway.pki.tls import client_context
-from gateway.policy import AlgorithmPolicy
 from gateway.routing import LOCAL_INTAKE, Origin, TransitRefused
 from gateway.spool import SqliteSpool
-from tests.audit_trail import events, wait_for_events
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.zones import (
+    World,
+    as2_message,
+    handshake_refused,
+    send_as2,
+    tls_connect,
+    toml_string,
+)
 from tests.routes import zone_route
-
-NOW = datetime.now(UTC).replace(microsecond=0)
-
 
 # --- building installations ------------------------------------------------------------
 
 
-def _s(value: Any) -> str:
-    return json.dumps(value)
-
-
-@dataclass
-class Site:
-    """One institution's installation: its certificates and (once written) its config."""
-
-    name: str
-    as2_id: str
-    root: Path
-    ca: Issued
-    tls: Issued
-    sign: Issued
-    encrypt: Issued
-    zones: list[dict[str, Any]] = field(default_factory=list)
-    listeners: list[dict[str, Any]] = field(default_factory=list)
-    peers: list[tuple[Site, str, str]] = field(default_factory=list)  # (peer, zone, url)
-
-    @classmethod
-    def make(cls, root: Path, name: str, as2_id: str, ca: Issued, ips: list[str]) -> Site:
-        def one(purpose: str) -> Issued:
-            return issue(
-                ca,
-                as2_id,
-                purpose=purpose,
-                now=NOW,
-                ip_addresses=ips if purpose == "tls" else (),
-                dns_names=("localhost",) if purpose == "tls" else (),
-            )
-
-        site = cls(
-            name, as2_id, root / name, ca, one("tls"), one("smime-sign"), one("smime-encrypt")
-        )
-        certs = site.root / "certs"
-        certs.mkdir(parents=True, mode=0o700)
-        write_pem(certs / "ca.crt", ca.certificate)
-        for role in ("tls", "sign", "encrypt"):
-            pair: Issued = getattr(site, role)
-            write_pem(certs / f"{role}.crt", pair.certificate)
-            write_pem(certs / f"{role}.key", pair.key)
-        return site
-
-    @property
-    def config_path(self) -> Path:
-        return self.root / "gateway.toml"
-
-    @property
-    def audit_log(self) -> Path:
-        return self.root / "audit" / "audit.jsonl"
-
-    def pair(self, role: str) -> KeyPair:
-        base = self.root / "certs"
-        issued: Issued = getattr(self, role)
-        return KeyPair(base / f"{role}.crt", base / f"{role}.key", issued.certificate, issued.key)
-
-    def trust(self, other: Site) -> str:
-        """Store ``other``'s CA certificate here; the path for a zone's trust_anchors."""
-        path = self.root / "certs" / "anchors" / f"{other.name}-ca.crt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_pem(path, other.ca.certificate)
-        return str(path)
-
-    def zone(self, name: str, egress: list[str], anchors: list[Site], **extra: Any) -> None:
-        self.zones.append(
-            {
-                "name": name,
-                "kind": extra.pop("kind", "closed-network"),
-                "egress": egress,
-                "trust_anchors": [self.trust(a) for a in anchors],
-                "revocation": "off",
-                **extra,
-            }
-        )
-
-    def listen(self, name: str, address: str, port: int, zone: str) -> None:
-        self.listeners.append(
-            {"name": name, "address": address, "port": port, "path": "/as2", "zone": zone}
-        )
-
-    def peer(self, other: Site, zone: str, url: str) -> None:
-        self.peers.append((other, zone, url))
-
-    def write(self, *, gateway_extra: str = "") -> Path:
-        lines = [
-            "[gateway]",
-            f"name = {_s(self.name)}",
-            f"as2_id = {_s(self.as2_id)}",
-            "",
-            "[tls]",
-            'certificate = "certs/tls.crt"',
-            'key = "certs/tls.key"',
-            "",
-            "[smime]",
-            'signing_certificate = "certs/sign.crt"',
-            'signing_key = "certs/sign.key"',
-            'encryption_certificate = "certs/encrypt.crt"',
-            'encryption_key = "certs/encrypt.key"',
-            "",
-        ]
-        for table, entries in (("zones", self.zones), ("listeners", self.listeners)):
-            for entry in entries:
-                lines.append(f"[[{table}]]")
-                lines += [f"{key} = {_s(value)}" for key, value in entry.items()]
-                lines.append("")
-        lines += [
-            "[[responsible]]",  # who to call (NET-6b): without, check-config warns
-            'name = "Zone Admin"',
-            'role = "network administrator"',
-            'contact = "ext. 1"',
-            'responsible_for = ["communication", "encryption", "authentication"]',
-            "",
-            "[storage]",
-            'state_dir = "state"',
-            'outbox_dir = "outbox"',
-            'inbox_dir = "inbox"',
-            'audit_log = "audit/audit.jsonl"',
-            "",
-            "[runtime]",
-            "shutdown_deadline_seconds = 5",
-            "outbox_poll_seconds = 0.2",
-            "retry_initial_seconds = 1",
-            "retry_max_seconds = 3",
-            "connect_timeout_seconds = 5",
-            "request_timeout_seconds = 30",
-            'log_level = "info"',
-        ]
-        text = "\n".join(lines) + "\n" + gateway_extra
-        self.config_path.write_text(text)
-        peers_d = self.root / "peers.d"
-        peers_d.mkdir(exist_ok=True)
-        for old in peers_d.glob("*.toml"):
-            old.unlink()
-        for other, zone, url in self.peers:
-            certs = self.root / "certs" / "peers" / other.name
-            certs.mkdir(parents=True, exist_ok=True)
-            for role in ("tls", "sign", "encrypt"):
-                write_pem(certs / f"{role}.crt", getattr(other, role).certificate)
-            (peers_d / f"{other.name}.toml").write_text(
-                f"as2_id = {_s(other.as2_id)}\n"
-                f"url = {_s(url)}\n"
-                f"zone = {_s(zone)}\n"
-                f'tls_certificates = ["certs/peers/{other.name}/tls.crt"]\n'
-                f'signing_certificates = ["certs/peers/{other.name}/sign.crt"]\n'
-                f'encryption_certificates = ["certs/peers/{other.name}/encrypt.crt"]\n'
-            )
-        return self.config_path
-
-
-def new_ca(name: str) -> Issued:
-    return make_ca(f"{name} CA", now=NOW, organization=f"{name} (test PKI)")
-
-
-@dataclass
-class World:
-    """Hospital in two zones; the lab (own CA) in zone A, the pharmacy (own CA) in zone B."""
-
-    hospital: Site
-    lab: Site
-    pharmacy: Site
-
-
-def two_zone_world(
-    root: Path,
-    *,
-    hospital_a: str,
-    hospital_b: str,
-    lab_ip: str,
-    pharmacy_ip: str,
-    net_a: str,
-    net_b: str,
-    ports: tuple[int, int, int, int],
-) -> World:
-    """Zone A is the lab's closed network, zone B the pharmacy chain's IP-VPN.
-
-    The hospital's certificate comes from the lab's CA (both sides of zone A
-    trust it); the pharmacy trusts that CA for the hospital only, and the
-    hospital's zone B trusts only the pharmacy's CA.
-    """
-    ca_a, ca_b = new_ca("Zone A lab"), new_ca("Zone B pharmacy")
-    hospital = Site.make(root, "hospital", "SAKURA-HOSPITAL", ca_a, [hospital_a, hospital_b])
-    lab = Site.make(root, "lab", "KITA-LAB", ca_a, [lab_ip])
-    pharmacy = Site.make(root, "pharmacy", "MIDORI-PHARMACY", ca_b, [pharmacy_ip])
-    port_a, port_b, lab_port, pharmacy_port = ports
-
-    hospital.zone("zone-a", [net_a], [lab], source_address=hospital_a)
-    hospital.zone("zone-b", [net_b], [pharmacy], kind="ip-vpn", source_address=hospital_b)
-    hospital.listen("zone-a", hospital_a, port_a, "zone-a")
-    hospital.listen("zone-b", hospital_b, port_b, "zone-b")
-    hospital.peer(lab, "zone-a", f"https://{lab_ip}:{lab_port}/as2")
-    hospital.peer(pharmacy, "zone-b", f"https://{pharmacy_ip}:{pharmacy_port}/as2")
-
-    lab.zone("hospital-line", [net_a], [hospital], source_address=lab_ip)
-    lab.listen("hospital-line", lab_ip, lab_port, "hospital-line")
-    lab.peer(hospital, "hospital-line", f"https://{hospital_a}:{port_a}/as2")
-
-    pharmacy.zone("chain-vpn", [net_b], [hospital], kind="ip-vpn", source_address=pharmacy_ip)
-    pharmacy.listen("chain-vpn", pharmacy_ip, pharmacy_port, "chain-vpn")
-    pharmacy.peer(hospital, "chain-vpn", f"https://{hospital_b}:{port_b}/as2")
-    for site in (hospital, lab, pharmacy):
-        site.write()
-    return World(hospital, lab, pharmacy)
-
-
-def as2_message(
-    sender: Site, receiver: Site, to_as2_id: str, payload: bytes, receipt_url: str | None = None
-) -> Any:
-    """What ``sender``'s gateway would POST, encrypted for ``receiver``, to ``to_as2_id``
-    (``receipt_url``: asking for an asynchronous receipt there)."""
-    return build_message(
-        payload,
-        MessageSpec(
-            filename="result.hl7",
-            content_type="application/hl7-v2",
-            message_id=new_message_id(sender.as2_id),
-            sender_as2_id=sender.as2_id,
-            receiver_as2_id=to_as2_id,
-            signing=sender.pair("sign"),
-            recipients=(receiver.encrypt.certificate,),
-            digest="sha256",
-            cipher="aes-256-gcm",
-            policy=AlgorithmPolicy(),
-            at=datetime.now(UTC),
-            receipt_url=receipt_url,
-        ),
-    )
-
-
 # --- configuration rules --------------------------------------------------------------
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> World:
-    """Two zones on loopback addresses: 127.0.1.0/24 (zone A), 127.0.2.0/24 (zone B)."""
-    ports = free_ports(4)
-    return two_zone_world(
-        tmp_path,
-        hospital_a="127.0.1.1",
-        hospital_b="127.0.2.1",
-        lab_ip="127.0.1.2",
-        pharmacy_ip="127.0.2.2",
-        net_a="127.0.1.0/24",
-        net_b="127.0.2.0/24",
-        ports=(ports[0], ports[1], ports[2], ports[3]),
-    )
 
 
 def _problems(config: Path) -> list[ConfigProblem]:
@@ -505,7 +257,7 @@ def test_config_from_before_zones_is_refused_with_the_way_forward(world: World) 
 
 
 def _hand_over(url: str, *, services: str = "", ca: bool = False) -> str:
-    lines = ["", "[delivery]", f"http_url = {_s(url)}"]
+    lines = ["", "[delivery]", f"http_url = {toml_string(url)}"]
     if ca:
         lines.append('ca = "certs/ca.crt"')
     return "\n".join(lines) + "\n" + services
@@ -610,7 +362,7 @@ def test_reload_into_a_hand_over_to_a_peer_keeps_the_old_configuration(
     assert "delivery.http_url" in failed["reason"] and "peer 'lab'" in failed["reason"]
     assert daemon.proc.poll() is None
     # Still serving: the listener of zone A completes a handshake with the lab.
-    assert not _handshake_refused(world.lab, world.lab, "127.0.1.1", hospital.listeners[0]["port"])
+    assert not handshake_refused(world.lab, world.lab, "127.0.1.1", hospital.listeners[0]["port"])
     assert events(hospital.audit_log, "config.reloaded") == []
 
 
@@ -847,23 +599,6 @@ def test_host_names_are_connected_only_to_addresses_inside_the_egress(
 # --- listeners bound to their zone (loopback) ---------------------------------------------
 
 
-def _tls_connect(site: Site, anchor: Site, address: str, port: int) -> ssl.SSLSocket:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cadata=anchor.ca.certificate.public_bytes(Encoding.PEM).decode())
-    context.load_cert_chain(site.root / "certs" / "tls.crt", site.root / "certs" / "tls.key")
-    raw = socket.create_connection((address, port), timeout=10)
-    return context.wrap_socket(raw, server_hostname=address)
-
-
-def _send(conn: ssl.SSLSocket, built: Any) -> None:
-    head = "".join(f"{k}: {v}\r\n" for k, v in built.headers)
-    length = len(built.body)
-    conn.sendall(
-        f"POST /as2 HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {length}\r\n\r\n".encode()
-        + built.body
-    )
-
-
 def _round_trip(conn: ssl.SSLSocket) -> bytes:
     """One request on ``conn`` and its whole answer: proof that the server finished the
     handshake (TLS 1.3 lets the client finish first), with the connection kept open."""
@@ -882,33 +617,18 @@ def _round_trip(conn: ssl.SSLSocket) -> bytes:
     return head
 
 
-def _handshake_refused(site: Site, anchor: Site, address: str, port: int) -> bool:
-    """True when the server refuses ``site``'s certificate (TLS 1.3: seen on the first read)."""
-    try:
-        conn = _tls_connect(site, anchor, address, port)
-    except (ssl.SSLError, ConnectionError):
-        return True
-    try:
-        conn.sendall(b"POST /as2 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        return conn.recv(100) == b""
-    except (ssl.SSLError, ConnectionError):
-        return True
-    finally:
-        conn.close()
-
-
 def test_each_listener_trusts_only_its_zone(world: World, processes: Any) -> None:
     hospital = processes.start(world.hospital.config_path)
     ports = {lst["name"]: lst["port"] for lst in world.hospital.listeners}
     # The lab's certificate on zone B's listener, the pharmacy's on zone A's: refused.
-    assert _handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
-    assert _handshake_refused(world.pharmacy, world.lab, "127.0.1.1", ports["zone-a"])
+    assert handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
+    assert handshake_refused(world.pharmacy, world.lab, "127.0.1.1", ports["zone-a"])
     failed = wait_for_events(world.hospital.audit_log, "tls.handshake_failed", count=2)
     assert sorted(e["detail"]["listener"] for e in failed) == ["zone-a", "zone-b"]
     assert all(e["severity"] == "alert" for e in failed)
     # Each on its own zone's listener: the handshake completes.
-    assert not _handshake_refused(world.lab, world.lab, "127.0.1.1", ports["zone-a"])
-    assert not _handshake_refused(world.pharmacy, world.lab, "127.0.2.1", ports["zone-b"])
+    assert not handshake_refused(world.lab, world.lab, "127.0.1.1", ports["zone-a"])
+    assert not handshake_refused(world.pharmacy, world.lab, "127.0.2.1", ports["zone-b"])
     assert hospital.proc.poll() is None
 
 
@@ -916,7 +636,7 @@ def test_zone_checked_again_per_request_after_a_reload(world: World, processes: 
     """A connection made before a reload moved the peer to another zone is refused, audited."""
     hospital = processes.start(world.hospital.config_path)
     port = world.hospital.listeners[0]["port"]
-    conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
+    conn = tls_connect(world.lab, world.lab, "127.0.1.1", port)
     try:
         assert _round_trip(conn).startswith(b"HTTP/1.1 ")  # established before the reload
         # The lab moves to zone B (its url to zone B's range); zone B now trusts the lab's CA.
@@ -926,7 +646,7 @@ def test_zone_checked_again_per_request_after_a_reload(world: World, processes: 
         hospital.signal(signal.SIGHUP)
         hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 20)
         built = as2_message(world.lab, world.hospital, world.hospital.as2_id, b"MSH|after reload")
-        _send(conn, built)
+        send_as2(conn, built)
         answer = conn.recv(200)
     finally:
         conn.close()
@@ -949,9 +669,9 @@ def test_lab_to_hospital_delivered_and_transit_to_pharmacy_refused(
     # the lab (zone A) addresses a message to the pharmacy (zone B) through the hospital
     port = world.hospital.listeners[0]["port"]
     built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
-    conn = _tls_connect(world.lab, world.lab, "127.0.1.1", port)
+    conn = tls_connect(world.lab, world.lab, "127.0.1.1", port)
     try:
-        _send(conn, built)
+        send_as2(conn, built)
         answer = b""
         while b"authentication-failed" not in answer:
             chunk = conn.recv(65536)

@@ -8,6 +8,7 @@ asserts on the audit trail waits for the records it asserts on
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +77,32 @@ def _summary(records: list[Record], last: int = 30) -> str:
     ]
     skipped = f" (the last {last})" if len(records) > last else ""
     return f"the log has {len(records)} records{skipped}:\n" + "\n".join(lines)
+
+
+def openssl_audit_key(folder: Path, name: str = "audit") -> tuple[Path, Path]:
+    """An ECDSA P-256 key and a self-signed certificate, made as the README says."""
+    key, cert = folder / f"{name}.key", folder / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key)],
+        check=True,
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            str(key),
+            "-sha256",
+            "-days",
+            "3650",
+            "-subj",
+            f"/CN=medgw audit {name}",
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert

@@ -1,0 +1,91 @@
+"""The demo installation (two gateways, one CA) changed under a test: its CA, a CRL revoking
+certificates, a configuration file edited or reloaded, an AS2 POST to the lab and its receipt."""
+
+from __future__ import annotations
+
+import signal
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from gateway.as2.mdn import parse_receipt
+from gateway.config import load_config
+from gateway.demo_run import GatewayProcess
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, make_crl
+from gateway.policy import AlgorithmPolicy
+from tests import as2client
+from tests.helpers.audit import events, wait_for_events
+
+
+def demo_ca(layout: DemoLayout) -> Issued:
+    folder = layout.root / "ca"
+    key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
+
+
+def revoke(layout: DemoLayout, crl_file: Path, *certs: x509.Certificate) -> None:
+    now = datetime.now(UTC)
+    crl = make_crl(
+        demo_ca(layout),
+        now=now - timedelta(minutes=1),
+        revoked=[(c.serial_number, now - timedelta(minutes=2)) for c in certs],
+        number=2,
+    )
+    crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+def wait_handshake_refused(layout: DemoLayout) -> None:
+    """Until the hospital refuses a TLS client certificate it no longer accepts."""
+    wait_for_events(
+        layout.hospital.audit_log,
+        "tls.handshake_failed",
+        where=lambda r: "not configured for any peer" in r["reason"],
+    )
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def reload(proc: GatewayProcess, audit: Path) -> None:
+    before = len(events(audit, "config.reloaded"))
+    proc.signal(signal.SIGHUP)
+    wait_for_events(audit, "config.reloaded", count=before + 1)
+    failed = events(audit, "config.reload_failed")
+    assert not failed, failed
+
+
+def set_runtime(config: Path, key: str, value: str) -> None:
+    lines = config.read_text().splitlines()
+    out = [f"{key} = {value}" if line.startswith(f"{key} =") else line for line in lines]
+    assert out != lines, f"{key} not in {config}"
+    config.write_text("\n".join(out) + "\n")
+
+
+def lab_post(layout: DemoLayout, headers, body):
+    certs = layout.lab.root / "certs"
+    return as2client.post(
+        layout.hospital.port,
+        headers,
+        body,
+        client_cert=certs / "tls.crt",
+        client_key=certs / "tls.key",
+        ca=layout.ca_certificate,
+    )
+
+
+def receipt_of(layout: DemoLayout, answer):
+    lab = load_config(layout.lab.config_path)
+    return parse_receipt(
+        answer.content_type,
+        answer.body,
+        trusted_signers=lab.require_peer("hospital").signing_certificates,
+        policy=AlgorithmPolicy(),
+    )
