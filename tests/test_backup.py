@@ -5,11 +5,14 @@ each document arriving exactly once."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import shutil
 import subprocess
 import tarfile
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,11 @@ import pytest
 
 from gateway.backup.bundle import ENTITY_HEAD, MANIFEST
 from gateway.clock import SystemClock
+from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
@@ -284,3 +289,75 @@ def test_restore_checks_every_file_and_never_replaces_an_inbox_document_by_accid
     [owed] = restored.handover_list()
     assert owed.path == other and owed.state.value == "pending"  # the new host's inbox
     assert (root / "state" / "restored-config" / "gateway.toml").exists()
+
+
+def _seal_archive(
+    config_path: Path, files: dict[str, bytes], manifest: dict[str, Any], dst: Path
+) -> None:
+    """A bundle made as ``medgw backup`` makes one (signed with the gateway's own key,
+    encrypted to the recipient), holding ``files`` and ``manifest``."""
+    config = load_config(config_path)
+    assert config.backup is not None
+    work = dst.with_name("crafted")
+    work.mkdir()
+    archive = work / "bundle.tar"
+    with tarfile.open(archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in {MANIFEST: json.dumps(manifest).encode(), **files}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
+    encoded = base64.encodebytes(archive.read_bytes()).replace(b"\n", b"\r\n")
+    entity = work / "entity"
+    entity.write_bytes(ENTITY_HEAD + encoded)
+    sign_and_envelope_file(
+        entity,
+        dst,
+        signer_cert=config.smime.signing.certificate,
+        signer_key=config.smime.signing.key,
+        recipients=[config.backup.recipient],
+        signing_time=datetime.now(UTC),
+        policy=AlgorithmPolicy(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("listed", "member"),
+    [
+        # an absolute name after the folder: restore would write it where it says
+        ("state//{outside}/planted", "state/{outside}/planted"),
+        # a ``..`` part: one folder deeper in the bundle than on the host, so it leaves
+        ("state/x/../../planted", "planted"),
+    ],
+)
+def test_restore_refuses_a_manifest_name_that_leaves_its_folder(
+    layout: DemoLayout, tmp_path: Path, listed: str, member: str
+) -> None:
+    """Every name the manifest lists stays in its folder: one with an absolute or a ``..``
+    part is refused before anything is written, even in a bundle whose signature is good
+    (restore may run as root: such a name would write anywhere)."""
+    key, cert = recipient(tmp_path / "offline")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    config = fresh_host(layout, "restored")
+    add_backup(config, cert)
+    where = str(outside).lstrip("/")
+    listed, member = listed.format(outside=where), member.format(outside=where)
+    data = b"planted by the bundle\n"
+    manifest = {
+        "format": 1,
+        "as2_id": "lab",
+        "state_dir": "/nowhere/state",
+        "inbox_dir": "/nowhere/inbox",
+        "audit_log": "audit.jsonl",
+        "outbound_messages": 0,
+        "files": {listed: hashlib.sha256(data).hexdigest()},
+    }
+    bundle = tmp_path / "crafted.p7m"
+    _seal_archive(config, {"state/x/kept": b"", member: data}, manifest, bundle)
+    refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert refused.returncode == 1, refused.stdout
+    assert "manifest names" in refused.stderr and listed in refused.stderr
+    assert not (outside / "planted").exists()
+    assert not (config.parent / "planted").exists()
+    assert not list(config.parent.glob("state/**/planted"))

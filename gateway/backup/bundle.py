@@ -273,6 +273,22 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
     return Written(dst, sealed.size, len(manifest["files"]), manifest["outbound_messages"])
 
 
+_PARTS = ("state", "inbox", "audit", "config")  # the folders a bundle's files are in
+
+
+def _check_name(src: Path, name: object) -> None:
+    """A file name of the manifest stays inside its folder of the bundle: relative, in
+    one of :data:`_PARTS`, without an empty, ``.`` or ``..`` part (restore joins it to
+    this host's folders, where ``//`` or ``..`` would lead anywhere)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if len(parts) < 2 or parts[0] not in _PARTS or any(p in ("", ".", "..") for p in parts):
+        raise BackupError(
+            f"{src}: the manifest names {name!r}, which is not a file inside one of the "
+            f"bundle's folders ({', '.join(_PARTS)}); nothing was restored",
+            fix="restore a bundle written by medgw backup",
+        )
+
+
 def open_bundle(
     src: Path,
     work: Path,
@@ -323,8 +339,9 @@ def open_bundle(
             fix="restore it with the medgw version that wrote it",
         )
     for name, digest in manifest["files"].items():
+        _check_name(src, name)
         path = work / name
-        if not path.is_file() or _sha256(path) != digest:
+        if path.is_symlink() or not path.is_file() or _sha256(path) != digest:
             raise BackupError(
                 f"{src}: {name} does not match its SHA-256 in the manifest",
                 fix="the bundle was damaged: restore another one",
