@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -57,7 +56,6 @@ from gateway.audit.query import (
     reach,
     select,
     start_offset,
-    tally,
     time_of,
     window,
 )
@@ -472,22 +470,63 @@ def _read(handle: BinaryIO, row: _Row) -> bytes | None:
     return line if _hash_of(line) == row.hash else None
 
 
-def accesses(paths: Sequence[Path], filters: Filters) -> tuple[list[PatientAccesses], bool]:
-    """What :func:`gateway.audit.query.accesses` counts, from the indexes alone."""
+def accesses(paths: Sequence[Path], filters: Filters) -> tuple[Iterator[PatientAccesses], bool]:
+    """What :func:`gateway.audit.query.accesses` counts, from the indexes alone.  The counts
+    are summed and sorted by SQLite in a scratch database on disk, and the rows read
+    from it one at a time: memory does not grow with the records or with the patients."""
     bounds = window(filters, LINK_BEFORE)
     early = _bound(bounds.early, _LOW)
     done: list[tuple[Path, int, int]] = []  # earlier files: path, start offset, last time
-    counts: Counter[tuple[str, str, str]] = Counter()
-    for path in paths:
-        index = open_index(path)
-        try:
-            with path.open("rb") as handle:
-                start = start_offset(handle, bounds.early)
-            _count(index, bounds, early, start, done, counts)
-            done.append((path, start, index.last_time))
-        finally:
-            index.close()
-    return tally(counts), False
+    scratch = sqlite3.connect("", isolation_level=None)  # a private file, gone when closed
+    try:
+        scratch.execute("CREATE TABLE counted(patients TEXT, actor TEXT, n INTEGER)")
+        for path in paths:
+            index = open_index(path)
+            try:
+                with path.open("rb") as handle:
+                    start = start_offset(handle, bounds.early)
+                found = _count(index, bounds, early, start, done)
+                scratch.executemany("INSERT INTO counted VALUES (?, ?, ?)", found)
+                done.append((path, start, index.last_time))
+            finally:
+                index.close()
+        scratch.executescript(_TOTALS)
+    except BaseException:
+        scratch.close()
+        raise
+    return _accesses(scratch), False
+
+
+_TOTALS = """
+CREATE TABLE expanded AS SELECT json_extract(j.value, '$[0]') AS patient,
+    json_extract(j.value, '$[1]') AS authority, actor, sum(n) AS n
+    FROM counted, json_each(counted.patients) j GROUP BY 1, 2, 3;
+CREATE INDEX expanded_patient ON expanded(patient, authority);
+CREATE TABLE totals AS SELECT patient, authority, sum(n) AS total FROM expanded GROUP BY 1, 2;
+"""
+
+
+def _accesses(scratch: sqlite3.Connection) -> Iterator[PatientAccesses]:
+    """The rows of the report, most accessed first, as :func:`gateway.audit.query.tally`
+    orders them (SQLite compares text as UTF-8 bytes: in code point order, as Python)."""
+    try:
+        found = scratch.execute(
+            "SELECT t.patient, t.authority, t.total, e.actor, e.n FROM totals t "
+            "JOIN expanded e ON e.patient = t.patient AND e.authority = t.authority "
+            "ORDER BY t.total DESC, t.patient, t.authority, e.n DESC, e.actor"
+        )
+        current: tuple[str, str, int] | None = None
+        actors: list[tuple[str, int]] = []
+        for patient, authority, total, actor, count in found:
+            if current != (patient, authority, total):
+                if current is not None:
+                    yield PatientAccesses(*current, tuple(actors))
+                current, actors = (patient, authority, total), []
+            actors.append((actor, count))
+        if current is not None:
+            yield PatientAccesses(*current, tuple(actors))
+    finally:
+        scratch.close()
 
 
 def _count(
@@ -496,8 +535,8 @@ def _count(
     early: int,
     start: int,
     done: list[tuple[Path, int, int]],
-    counts: Counter[tuple[str, str, str]],
-) -> None:
+) -> Iterator[tuple[str, str, int]]:
+    """Per patient set and actor, how many records in the window concern them."""
     db = index.db
     window_values = {
         "start": start,
@@ -529,7 +568,7 @@ def _count(
         finally:
             db.execute("DETACH DATABASE earlier")
     found = db.execute(
-        "SELECT COALESCE(p.patients, c.patients), n.value, count(*) FROM ("  # noqa: S608 - fixed text only
+        "SELECT COALESCE(p.patients, c.patients), COALESCE(n.value, ''), count(*) FROM ("  # noqa: S608 - fixed text only
         "  SELECT actor, document, pset IS NULL AS unnamed, COALESCE(pset, CASE WHEN "
         "  document IS NULL THEN NULL ELSE (SELECT r.pset FROM records r "
         "  WHERE r.document = x.document AND r.pset IS NOT NULL AND r.offset < x.offset "
@@ -541,9 +580,7 @@ def _count(
         "WHERE COALESCE(p.patients, c.patients) IS NOT NULL GROUP BY 1, 2",
         window_values,
     )
-    for patients, actor, count in found:
-        for patient, authority in json.loads(patients):
-            counts[(patient, authority, actor or "")] += count
+    yield from found
 
 
 def prepare(paths: Sequence[Path]) -> None:
