@@ -16,7 +16,6 @@ Life cycle (mirrors what systemd expects from ``Type=notify``):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import shutil
 import signal
@@ -27,9 +26,7 @@ from pathlib import Path
 from gateway.alerts import AlertCalls
 from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
 from gateway.audit.export.cursor import load_position
-from gateway.audit.export.exporter import CURSOR_NAME, AuditExporter
-from gateway.audit.export.exporter import Target as ExportTarget
-from gateway.audit.export.record import Source as ExportSource
+from gateway.audit.export.exporter import CURSOR_NAME
 from gateway.audit.seal import CheckpointKeys, Sealer
 from gateway.audit.watch import BrokenRecords, TrailWatch
 from gateway.channel.server import As2Server
@@ -39,6 +36,7 @@ from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.daemon.as2_handler import As2Handler
 from gateway.daemon.crls import DaemonCrls
+from gateway.daemon.export import AuditExport
 from gateway.daemon.observe import Observer
 from gateway.daemon.reload import Reloader
 from gateway.daemon.reports import report_stranded_messages
@@ -103,10 +101,9 @@ class Daemon:
         self._emergency: Emergency | None = None
         self._api: LocalApi | None = None
         self._handover: HandOver | None = None
-        self._exporter: AuditExporter | None = None  # [audit.export]
+        self._export: AuditExport | None = None  # [audit.export]
         self._watch: TrailWatch | None = None  # the daemon's own check of its trail
         self._broken: BrokenRecords | None = None  # alerts on bad records, once each
-        self._export_task: asyncio.Task[None] | None = None
         # Every outbound connection, judged by the configuration in force when it is made.
         self._network = Network(self._network_map, on_refused=self._egress_refused)
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
@@ -339,7 +336,16 @@ class Daemon:
             tasks.spawn(tasks.supervised("CRL refresh", self._reloader.crl_refresh_loop))
             every = config.audit.every_seconds if config.audit is not None else None
             tasks.spawn(tasks.supervised("audit checkpoints", lambda: self._seal_loop(every)))
-            self._sync_exporter()
+            self._export = AuditExport(
+                lambda: self.state.config,
+                tasks,
+                self._audit_sink(),
+                self._network,
+                self._log,
+                self._clock,
+                self._broken,
+            )
+            self._export.sync()
             if self._notifier.watchdog_interval:
                 tasks.spawn(self._watchdog_loop(self._notifier.watchdog_interval))
             self._observer.readiness.started = True  # listeners, spool and trust are up
@@ -441,7 +447,7 @@ class Daemon:
         """Bytes of audit records waiting for export (None: no [audit.export])."""
         if self._state is None or self._state.config.audit_export is None:
             return None
-        return self._exporter.backlog_bytes if self._exporter is not None else 0
+        return self._export.backlog() if self._export is not None else 0
 
     def _api_clients(self) -> tuple[ApiClient, ...]:
         api = self.state.config.api
@@ -481,7 +487,8 @@ class Daemon:
         self._outbound.use(new_state)
         assert self._senders is not None
         self._senders.sync()
-        self._sync_exporter()
+        if self._export is not None:
+            self._export.sync()
         for server in self._servers:
             closed = server.close_unaccepted(set(new_state.peers_by_tls))
             for remote, subject in closed:
@@ -525,50 +532,14 @@ class Daemon:
         for client in self.state.clients.values():
             await client.close()
         self._audit_sink().emit(AuditEvent(EventType.DAEMON_STOPPED))
-        if self._exporter is not None and self._export_task is not None:
-            await self._exporter.finish(self._export_task, min(5.0, remaining()))
+        if self._export is not None:
+            await self._export.finish(min(5.0, remaining()))
         self._log.info("daemon.stopped")
-
-    def _export_target(self) -> ExportTarget | None:
-        """Where the audit trail goes, by the configuration in force (None: not exported)."""
-        config = self.state.config
-        settings = config.audit_export
-        if settings is None:
-            return None
-        return ExportTarget(
-            settings,
-            settings.identity or config.tls.identity,
-            ExportSource(config.as2_id, config.institution_id or config.name),
-        )
-
-    def _sync_exporter(self) -> None:
-        """Start the audit export when [audit.export] is set (at start or by a reload); it
-        stops by itself when a reload removes it, and reconnects when one changes it."""
-        if self.tasks.stopping or self.state.config.audit_export is None:
-            return
-        if self._export_task is not None and not self._export_task.done():
-            return
-        config = self.state.config
-        self._exporter = AuditExporter(
-            self._export_target,
-            log_path=config.storage.audit_log,
-            state_dir=config.storage.state_dir,
-            audit=self._audit_sink(),
-            route=self._network.internal(),
-            log=self._log,
-            clock=self._clock,
-            on_broken=self._broken.reporter("export") if self._broken else None,
-        )
-        self._export_task = asyncio.get_running_loop().create_task(
-            self.tasks.supervised("audit export", self._exporter.run)
-        )
 
     async def _close(self) -> None:
         await self._observer.stop()  # also after a start that failed half-way
-        if self._export_task is not None:
-            self._export_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._export_task
+        if self._export is not None:
+            await self._export.cancel()
         # Also after a start that failed half-way (a port in use): the peers' HTTP
         # clients are closed here, not only by an orderly shutdown (closing twice is fine).
         if self._state is not None:
