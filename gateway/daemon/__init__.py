@@ -7,7 +7,10 @@
 * ``as2_handler``: a peer's AS2 request, from the TLS certificate to the answer;
 * ``sending``: outbox intake and one sender loop per peer;
 * ``tasks``: background loops, supervised and stopped together;
-* ``reports``: queued messages a configuration leaves stranded.
+* ``reports``: queued messages a configuration leaves stranded;
+* ``export``: the audit export, by the configuration in force;
+* ``crls``: the zones' CRLs from their distribution points, kept fresh;
+* ``observe``: the metrics snapshot and readiness.
 """
 
 from gateway.daemon.lifecycle import Daemon
