@@ -425,7 +425,7 @@ def test_stale_crls_are_accepted_up_to_the_configured_days_and_a_revocation_stil
     four_days_stale = start + timedelta(days=12)
 
     def judge(leaf: Issued, at: datetime, settings: EmergencySettings) -> bool:
-        used = relaxed(settings, "lab", trust, at)
+        used = relaxed(settings, "lab", trust, at, [leaf.certificate])
         result = asyncio.run(
             validate(
                 leaf.certificate,
@@ -446,6 +446,39 @@ def test_stale_crls_are_accepted_up_to_the_configured_days_and_a_revocation_stil
     # a zone that asks OCSP is relaxed only for the peers named
     with_ocsp = replace(trust, ocsp=True)
     named = EmergencySettings(ocsp_unreachable_peers=("lab",))
-    assert relaxed(named, "lab", with_ocsp, two_days_stale).revocation is RevocationPolicy.PREFER
-    assert relaxed(named, "pharmacy", with_ocsp, two_days_stale) == with_ocsp
-    assert relaxed(settings, "lab", with_ocsp, two_days_stale) == with_ocsp
+    assert (
+        relaxed(named, "lab", with_ocsp, two_days_stale, [good.certificate]).revocation
+        is RevocationPolicy.PREFER
+    )
+    assert relaxed(named, "pharmacy", with_ocsp, two_days_stale, [good.certificate]) == with_ocsp
+    assert relaxed(settings, "lab", with_ocsp, two_days_stale, [good.certificate]) == with_ocsp
+
+
+def test_crl_stale_days_accepts_no_certificate_whose_issuer_has_no_crl_at_all() -> None:
+    """The relaxation is for a CRL past its nextUpdate: a peer whose issuer has no CRL in
+    the zone (another CA's fresh CRL there) stays refused, emergency or not."""
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    listed = make_ca("Emergency CA With A CRL", now=start)
+    unlisted = make_ca("Emergency CA Without A CRL", now=start)
+    peer = issue(unlisted, "NO-CRL-LAB", purpose="smime-sign", now=start)
+    crl = make_crl(listed, now=start + timedelta(days=1), days=7)
+    trust = TrustSettings(
+        anchors=(listed.certificate, unlisted.certificate),
+        crls=(crl,),
+        revocation=RevocationPolicy.REQUIRE,
+    )
+    at = start + timedelta(days=2)  # the one CRL is current
+    used = relaxed(EmergencySettings(crl_stale_days=3), "lab", trust, at, [peer.certificate])
+    assert used == trust
+    result = asyncio.run(
+        validate(
+            peer.certificate,
+            anchors=used.anchors,
+            purpose=Purpose.SMIME_SIGN,
+            at=at,
+            revocation=used.revocation,
+            crls=used.crls,
+            policy=AlgorithmPolicy(),
+        )
+    )
+    assert not result.valid and "could not be established" in (result.reason or "")

@@ -562,7 +562,13 @@ class Daemon:
         """A peer's trust settings as emergency mode, when on, relaxes them."""
         if self._emergency is None or self._emergency.mode.current() is None:
             return trust
-        return relaxed(config.emergency, peer, trust, self._clock.now())
+        found = next((p for p in config.peers if p.name == peer), None)
+        certificates = (
+            (*found.tls_certificates, *found.signing_certificates, *found.encryption_certificates)
+            if found is not None
+            else ()
+        )
+        return relaxed(config.emergency, peer, trust, self._clock.now(), certificates)
 
     async def _emergency_loop(self) -> None:
         """Emergency mode ends by itself when its time is up (also one that ended while
