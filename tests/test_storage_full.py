@@ -168,16 +168,22 @@ def _start_upload(layout: DemoLayout, message_id: str) -> ssl.SSLSocket:
     return conn
 
 
+def _wait_for_bodies(incoming: Path, count: int) -> None:
+    """Until the daemon spools ``count`` bodies in ``incoming``: their requests are being
+    received, under the trust they began with."""
+    wait_until(lambda: len(list(incoming.iterdir())) >= count, 60, f"{count} bodies in {incoming}")
+
+
 def test_a_peer_hanging_up_mid_upload_is_not_a_storage_alarm(
     layout: DemoLayout, processes: Any
 ) -> None:
     hospital = processes.start(layout.hospital.config_path)
+    incoming = layout.hospital.root / "state" / "incoming"
     with _start_upload(layout, "<hangup@KITA-LAB>"):
-        time.sleep(0.3)
-    aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 30)
+        _wait_for_bodies(incoming, 1)  # the daemon is receiving it: now the peer hangs up
+    aborted = hospital.wait_for(lambda line: line.get("event") == "inbound.aborted", 60)
     assert aborted["peer"] == "lab"
     assert not events(layout.hospital.audit_log, "storage.unavailable")
-    incoming = layout.hospital.root / "state" / "incoming"
     # The partial body is removed right after the log line is written.
     wait_until(lambda: not list(incoming.iterdir()), 30, "the partial body removed")
 
@@ -191,12 +197,16 @@ def test_one_peer_receives_at_most_eight_messages_at_once(
     incoming = layout.hospital.root / "state" / "incoming"
     uploads = [_start_upload(layout, f"<upload-{i}@KITA-LAB>") for i in range(12)]
     try:
-        wait_until(lambda: len(list(incoming.iterdir())) >= 8, 30, "eight bodies")
+        _wait_for_bodies(incoming, 8)
         time.sleep(1)  # the other four stay waiting
         assert len(list(incoming.iterdir())) == 8
+        first = set(incoming.iterdir())
         uploads.pop(0).close()  # one ends: one waiting upload takes its place
-        time.sleep(1)
-        wait_until(lambda: len(list(incoming.iterdir())) == 8, 30, "the next in line")
+        wait_until(
+            lambda: (now := set(incoming.iterdir())) != first and len(now) == 8,
+            60,
+            "the next in line, in place of the upload that ended",
+        )
     finally:
         for conn in uploads:
             conn.close()
@@ -242,15 +252,16 @@ def test_a_message_still_arriving_when_trust_changes_is_not_judged_by_the_old_tr
     asked to resend, to be judged anew."""
     hospital = processes.start(layout.hospital.config_path)
     with _start_upload(layout, "<straddling@KITA-LAB>") as conn:
-        time.sleep(0.3)
+        # The body has begun to arrive under the trust of before: now it changes.
+        _wait_for_bodies(layout.hospital.root / "state" / "incoming", 1)
         hospital.signal(signal.SIGHUP)
-        hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 20)
+        hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 60)
         conn.sendall(b"A" * (UPLOAD_SIZE - 10))
         answer = conn.recv(200)
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert (
         hospital.wait_for(
-            lambda line: line.get("event") == "inbound.trust_changed_during_upload", 10
+            lambda line: line.get("event") == "inbound.trust_changed_during_upload", 60
         )["peer"]
         == "lab"
     )
