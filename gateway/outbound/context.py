@@ -157,6 +157,30 @@ class Context:
             )
         )
 
+    def failed(
+        self,
+        log_event: str,
+        event: EventType,
+        *,
+        peer: str,
+        message_id: str | None,
+        audit_reason: str,
+        service: str | None = None,
+        detail: dict[str, Any] | None = None,
+        **log_fields: Any,
+    ) -> None:
+        """An outbound message failed: an error line for the administrator (``log_event``
+        with ``log_fields``) and an alert in the audit trail (``event``, ``audit_reason``)."""
+        self.log.error(log_event, peer=peer, message_id=message_id, **log_fields)
+        self.alert(
+            event,
+            peer=peer,
+            message_id=message_id,
+            reason=audit_reason,
+            service=service,
+            detail=detail,
+        )
+
     def alert(
         self,
         event: EventType,

@@ -126,20 +126,16 @@ class Sealer:
                 record.message_id, OutboundState.FAILED, "not-sent", None, error=error
             )
             retry = f"medgw queue retry {record.message_id}"
-            self._ctx.log.error(
+            self._ctx.failed(
                 "message.prepare_failed",
-                peer=peer.name,
-                message_id=record.message_id,
-                error=error,
-                fix=f"{fix + '; then ' if fix else 'correct the cause, then '}{retry}",
-            )
-            self._ctx.alert(
                 EventType.MESSAGE_FAILED,
                 peer=peer.name,
                 message_id=record.message_id,
-                reason=f"{error}; the document is kept, not sent: correct the cause, then "
+                audit_reason=f"{error}; the document is kept, not sent: correct the cause, then "
                 f"{retry} (or cancel it)",
                 detail={"fix": fix} if fix else None,
+                error=error,
+                fix=f"{fix + '; then ' if fix else 'correct the cause, then '}{retry}",
             )
             return False
         self._ctx.spool.mark_queued(

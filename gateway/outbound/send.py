@@ -164,28 +164,24 @@ class Sender:
 
     def expire(self, peer: Peer) -> None:
         for message_id in self._ctx.spool.expire_due(peer.name, self._ctx.clock.now().timestamp()):
-            self._ctx.log.error("message.expired", peer=peer.name, message_id=message_id)
-            self._ctx.alert(
+            self._ctx.failed(
+                "message.expired",
                 EventType.MESSAGE_EXPIRED,
                 peer=peer.name,
                 message_id=message_id,
-                reason="not delivered before its expiry; retry or cancel it "
+                audit_reason="not delivered before its expiry; retry or cancel it "
                 "(medgw queue retry|cancel)",
             )
 
     def _dead_letter(self, record: OutboundRecord, peer: Peer, error: str) -> None:
         attempts = record.attempts + 1
         self._ctx.spool.mark_dead(record.message_id, f"{attempts} attempts failed; last: {error}")
-        self._ctx.log.error(
+        self._ctx.failed(
             "message.dead",
-            peer=peer.name,
-            message_id=record.message_id,
-            attempts=attempts,
-            reason=error,
-        )
-        self._ctx.alert(
             EventType.MESSAGE_DEAD,
             peer=peer.name,
             message_id=record.message_id,
-            reason=f"gave up after {attempts} attempts (max_attempts); last error: {error}",
+            audit_reason=f"gave up after {attempts} attempts (max_attempts); last error: {error}",
+            attempts=attempts,
+            reason=error,
         )

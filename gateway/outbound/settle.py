@@ -214,16 +214,15 @@ class Settler:
         self._ctx.spool.mark_done(
             record.message_id, OutboundState.FAILED, disposition, receipt_path, error=reason
         )
-        self._ctx.log.error(
-            "message.failed", peer=peer.name, message_id=record.message_id, reason=reason
-        )
-        self._ctx.alert(
+        self._ctx.failed(
+            "message.failed",
             event,
             peer=peer.name,
             message_id=record.message_id,
             service=record.service,
-            reason=reason,
+            audit_reason=reason,
             detail={"disposition": disposition, "receipt_file": str(receipt_path)},
+            reason=reason,
         )
 
 
