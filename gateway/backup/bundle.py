@@ -218,6 +218,27 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
     }
 
 
+def _refuse_own_folder(config: GatewayConfig, dst: Path) -> None:
+    """The bundle is written by a rename that replaces what is there: never into the
+    folders of the state, the inbox, the audit trail or the configuration (a typo
+    would lose the spool or the trail; a bundle there would be in the next one)."""
+    target = dst.expanduser().resolve()
+    storage = config.storage
+    for folder in (
+        storage.state_dir,
+        storage.inbox_dir,
+        storage.audit_log.parent,
+        config.source.parent,
+        _peers_dir(config),
+    ):
+        if target.is_relative_to(folder.expanduser().resolve()):
+            raise BackupError(
+                f"--to {dst} is inside {folder}, a folder of this gateway's state, inbox, "
+                "audit trail or configuration: the bundle could replace a file medgw keeps",
+                fix="write the backup to a folder of its own, e.g. /var/backups/medgw/",
+            )
+
+
 def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
     """Write the sealed bundle of ``config``'s gateway to ``dst`` (atomically, durably)."""
     if config.backup is None:
@@ -226,6 +247,7 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
             fix='add [backup] recipient = "/etc/medgw/backup/recipient.crt" to gateway.toml '
             "(see README, Backups)",
         )
+    _refuse_own_folder(config, dst)
     state = config.storage.state_dir
     work = state / f".backup-{os.getpid()}-{now.strftime('%Y%m%dT%H%M%S%f')}"
     private_folder(work)
