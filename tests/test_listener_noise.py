@@ -31,6 +31,7 @@ from gateway.config import load_config
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.ratelimit import address_source
+from tests.helpers.waiting import until
 
 
 class SteppedClock:
@@ -56,11 +57,7 @@ def _records(path: Path, event: str) -> list[dict[str, object]]:
 
 async def _settled(server: As2Server) -> None:
     """Every accepted connection's handshake has ended one way or the other."""
-    for _ in range(500):
-        if not server._tasks:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("handshakes still running")
+    await until(lambda: not server._tasks, "every handshake ended")
 
 
 def _listener(
@@ -153,10 +150,7 @@ async def test_connections_beyond_the_handshakes_in_progress_are_closed_at_once(
     try:
         for _ in range(2):  # connect, say nothing: each holds a handshake slot
             held.append(await asyncio.open_connection("127.0.0.1", server.port))
-        for _ in range(100):
-            if len(server._tasks) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(server._tasks) == 2, "both held connections accepted")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
         writer.close()

@@ -31,6 +31,7 @@ from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.local_api import LIS_SHA, LIS_TOKEN, RIS_TOKEN, UnixConnection, enable_api
 from tests.helpers.storage import fill_file_system, small_file_system
+from tests.helpers.waiting import until
 
 MIB = 1 << 20
 
@@ -480,10 +481,7 @@ async def test_beyond_ten_a_minute_one_record_a_minute_counts_the_failures() -> 
             await asyncio.sleep(0.3)
             assert len(failures()) == 10
             clock.seconds += 31  # the minute is over: one record says how many more
-            for _ in range(100):
-                if len(failures()) == 11:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: len(failures()) >= 11, "the minute's summary record")
             summary = failures()[10]
             assert summary.detail["not_recorded_one_by_one"] == 7
             assert "7 more failed" in (summary.reason or "")
@@ -785,12 +783,7 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_logged_once(
             writer.close()
             return answer.startswith(b"HTTP/1.1 401")
 
-        for _ in range(50):
-            if await served_again():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("not served again once the held connections ended")
+        await until(served_again, "a connection served again once the held ones ended")
     finally:
         await local.stop()
 
