@@ -106,13 +106,13 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        self._reader.join(5)
+        self._reader.join(60)  # returns at its end of output: generous for a loaded machine
         return code
 
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        self._reader.join(5)
+        self._reader.join(60)  # returns at its end of output: generous for a loaded machine
 
 
 def free_port() -> int:

@@ -112,7 +112,7 @@ def test_refuses_to_start_on_invalid_config_and_says_why(
     config.write_text(config.read_text().replace("[runtime]", "[runtime]\nshutdown_deadline = 5"))
     proc = processes.start(config, wait=False)
     assert proc.proc.wait(timeout=30) == 1
-    proc._reader.join(5)
+    proc._reader.join(60)
     output = "\n".join(proc.raw)
     assert "runtime.shutdown_deadline" in output and "unknown key" in output
     assert "check-config" in output

@@ -242,7 +242,7 @@ def test_medgw_send_prints_the_receipt_and_exits_0(
         )
     finally:
         os.close(slave)
-        reader.join(5)
+        reader.join(60)
         os.close(master)
     terminal = b"".join(drawn).decode()
     assert result.returncode == 0, terminal
@@ -401,7 +401,7 @@ def test_the_api_replaces_a_stale_socket_but_never_another_file(
     api.socket_path.write_bytes(b"someone's notes")
     proc = processes.start(layout.lab.config_path, wait=False)
     assert proc.proc.wait(timeout=30) == 1
-    proc._reader.join(5)
+    proc._reader.join(60)
     output = "\n".join(proc.raw)
     assert str(api.socket_path) in output and "is not a socket" in output, output
     assert "[api] socket" in output
