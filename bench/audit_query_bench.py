@@ -10,8 +10,11 @@ message.handed_over with patient_ids), and operators' reads (message.viewed, nam
 only the message), for 200 000 patients.  Then runs the real command line, one
 process per measurement, and prints its wall time and peak RSS (``ru_maxrss`` of
 that child), as ratios against ``wc -l`` and ``grep -c`` on the same file measured
-in the same run: the cost of merely reading every line.  Machines are shared and
-noisy: read the ratios.
+in the same run: the cost of merely reading every line.  Each review is run through
+the index beside the log (``<log>.index``, gateway.audit.index: built by the first
+review, whose time is shown apart) and with ``--no-index`` (the log alone; those
+cases are stopped after ``--limit`` seconds).  Machines are shared and noisy: read
+the ratios.
 """
 
 from __future__ import annotations
@@ -79,12 +82,21 @@ def write_trail(path: Path, count: int, rng: random.Random) -> None:
                 prev = digest
 
 
-def run(command: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS in MiB, and lines of output of one child process."""
+def run(command: list[str], limit: float | None = None) -> tuple[float, float, int] | None:
+    """Wall seconds, peak RSS in MiB, and lines of output of one child process (None if
+    it had not finished after ``limit`` seconds)."""
     with tempfile.TemporaryFile() as output:
         began = time.perf_counter()
         child = subprocess.Popen(command, stdout=output, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(child.pid, 0)
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            if limit is not None and time.perf_counter() - began > limit:
+                child.kill()
+                os.wait4(child.pid, 0)
+                return None
+            time.sleep(0.05)
         elapsed = time.perf_counter() - began
         child.returncode = os.waitstatus_to_exitcode(status)
         if child.returncode and not (command[0] == "grep" and child.returncode == 1):
@@ -101,6 +113,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=10_000_000)
     parser.add_argument("--dir", type=Path, default=None, help="where to write the log")
     parser.add_argument("--log", type=Path, help="use this log written by an earlier run")
+    parser.add_argument(
+        "--limit", type=float, default=600, help="seconds a case without the index may take"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = args.log or Path(folder) / "audit.jsonl"
@@ -116,9 +131,13 @@ def main() -> None:
         patient = "P0012345"
         wc = run(["wc", "-l", str(path)])
         grep = run(["grep", "-c", patient, str(path)])
+        assert wc is not None and grep is not None
         print(f"{'reference':<58} {'time':>8} {'peak RSS':>10}  rows")
         print(f"{'wc -l':<58} {wc[0]:7.1f}s {wc[1]:8.1f}Mi")
         print(f"{'grep -c ' + patient:<58} {grep[0]:7.1f}s {grep[1]:8.1f}Mi")
+        index = path.with_name(path.name + ".index")
+        if index.exists():
+            index.unlink()
         cases = [
             ("query, one day (bisected)", ["query", "--since", "2026-06-15", "--until",
                                            "2026-06-15", "--format", "json"]),
@@ -126,16 +145,35 @@ def main() -> None:
              "--until", "2026-06-30", "--event", "message.viewed", "--format", "json"]),
             (f"query, the year, --patient {patient}", ["query", "--patient", patient,
                                                        "--format", "json"]),
+            ("query, the year, --actor 'operator:sato (uid 1001)'", ["query", "--actor",
+             "operator:sato (uid 1001)", "--format", "json"]),
             ("patients, one month", ["patients", "--since", "2026-06-01", "--until",
                                      "2026-06-30", "--format", "csv"]),
             ("patients, the year", ["patients", "--format", "csv"]),
         ]  # fmt: skip
         print(f"{'medgw audit ...':<58} {'time':>8} {'peak RSS':>10}  rows   time/wc  time/grep")
-        for name, command in cases:
-            elapsed, rss, rows = run([*medgw, *command, "--file", str(path)])
+
+        def show(name: str, found: tuple[float, float, int] | None) -> None:
+            if found is None:
+                print(f"{name:<58} not finished after {args.limit:.0f} s")
+                return
+            elapsed, rss, rows = found
             print(
                 f"{name:<58} {elapsed:7.1f}s {rss:8.1f}Mi {rows:>6} "
                 f"{elapsed / wc[0]:8.1f}x {elapsed / grep[0]:8.1f}x"
+            )
+
+        show(
+            "index built by the first review (--event audit.none)",
+            run([*medgw, "query", "--event", "audit.none", "--file", str(path)]),
+        )
+        print(f"{'index size':<58} {index.stat().st_size / 2**30:7.2f} GiB")
+        for name, command in cases:
+            show(f"{name}, index", run([*medgw, *command, "--file", str(path)]))
+        for name, command in cases:
+            show(
+                f"{name}, --no-index",
+                run([*medgw, *command, "--no-index", "--file", str(path)], args.limit),
             )
 
 
