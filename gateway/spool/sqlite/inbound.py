@@ -107,12 +107,7 @@ class InboundDedup(Database):
         receipt_body: bytes,
         handover: tuple[str, int] | None = None,
     ) -> None:
-        """The document is durably in the inbox and its receipt stored.
-
-        ``handover`` (content type, size): also queue its hand-over to the internal
-        system, in the same transaction, so that every document answered
-        ``processed`` is handed over even if the process dies right after.
-        """
+        """See :meth:`gateway.spool.protocol.Spool.inbound_delivered`."""
         now = self._now()
         statements: list[tuple[str, tuple[Any, ...]]] = []
         if handover is not None:

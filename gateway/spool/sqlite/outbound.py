@@ -67,14 +67,7 @@ class OutboundQueue(Database):
         submitted_by: str | None = None,
         service: str | None = None,
     ) -> None:
-        """Queue a message for ``peer`` (of network ``zone``).
-
-        NET-4 invariant, enforced here whatever the caller checked before: a
-        message that came in from a peer is never queued for a peer of another
-        zone (:class:`~gateway.routing.TransitRefused`; the caller audits it).
-        ``submitted_by`` (a local API client, an operator, an outbox file's owner) is
-        recorded in the same transaction.
-        """
+        """See :meth:`gateway.spool.protocol.Spool.add_intake`."""
         check_enqueue(origin, peer, zone)
         now = self._now()
         extra = (
