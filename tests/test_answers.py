@@ -18,7 +18,7 @@ from gateway.channel.answers import ANSWERS, Answer, refusal_event, response
 
 ROOT = Path(__file__).resolve().parent.parent / "gateway"
 # Where AS2 requests are answered: they name kinds of answer, never a status.
-DECIDERS = [*sorted((ROOT / "daemon").rglob("*.py")), ROOT / "inbound.py"]
+DECIDERS = [*sorted((ROOT / "daemon").rglob("*.py")), *sorted((ROOT / "inbound").rglob("*.py"))]
 # Refusals that are only logged: nothing is wrong with the request itself.
 LOGGED_ONLY = {Answer.INCOMPLETE, Answer.TRUST_CHANGED, Answer.RECEIPT_NOT_BUILT}
 
