@@ -301,3 +301,18 @@ def test_the_answers_to_a_peer_know_nothing_of_who_decides_them(
     # gateway.channel.answers is below both the handler and the inbound pipeline.
     reached = reachable(edges, "gateway.channel.answers")
     assert not [t for t in reached if _within(t, ("gateway.daemon", "gateway.inbound"))]
+
+
+def test_delivery_to_the_inbox_knows_nothing_of_the_request(
+    edges: dict[str, set[str]],
+) -> None:
+    # The request pipeline uses exactly-once delivery and recovery; they never reach back.
+    lower = ("gateway.inbound.exactly_once", "gateway.inbound.recovery")
+    wrong = [
+        " -> ".join(path)
+        for name in lower
+        for target, path in reachable(edges, name).items()
+        if target in ("gateway.inbound", "gateway.inbound.pipeline")
+    ]
+    assert wrong == []
+    assert "gateway.inbound.exactly_once" in edges["gateway.inbound.pipeline"]

@@ -4,7 +4,7 @@ client certificate to the answer.
 Peer by certificate (or by a pinned key, validated in full here), the zone of the
 listener (NET-4), a suspended exchange, undecodable headers, the size and pace of
 the body, one peer's share of the workers; then the message goes to the inbound
-pipeline (:mod:`gateway.inbound`) or the asynchronous receipt to the outbound
+pipeline (:mod:`gateway.inbound.pipeline`) or the asynchronous receipt to the outbound
 side.
 """
 

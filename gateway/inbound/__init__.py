@@ -1,8 +1,15 @@
-"""Receiving: a peer's AS2 request from its body to the receipt (see ``pipeline``)."""
+"""Receiving a peer's AS2 message.
 
+- ``pipeline``: the request, from its body to the receipt (check, decrypt, verify, answer);
+- ``exactly_once``: the document put in the inbox exactly once;
+- ``recovery``: at start, the deliveries a stopped process left in the middle;
+- ``outcomes``: a refusal, a resend answered with its receipt, the audit record;
+- ``locks``: what keeps concurrent requests apart.
+"""
+
+from gateway.inbound.locks import InboundLocks
+from gateway.inbound.outcomes import DuplicateReceipt
 from gateway.inbound.pipeline import (
-    DuplicateReceipt,
-    InboundLocks,
     InboundProcessor,
     InboundRequest,
     InboundResponse,

@@ -10,11 +10,8 @@ the detail.  The peer learns only the standard disposition, nothing internal.
 from __future__ import annotations
 
 import secrets
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +30,16 @@ from gateway.as2.headers import (
     unquote_as2_id,
 )
 from gateway.as2.mdn import Disposition, build_receipt
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.audit.log import recorded_since
+from gateway.audit import AuditSink, EventType, Outcome, Severity
 from gateway.audit.patients import patients_in_chunks
 from gateway.channel.answers import ANSWERS, Answer, refusal_event
 from gateway.clock import Clock
 from gateway.cms.decrypting import DecryptedFile, decrypt_bytes, decrypt_file
 from gateway.cms.stream import verify_entity_span
 from gateway.config import GatewayConfig, Peer
-from gateway.delivery import inbox
 from gateway.egress import Network
 from gateway.errors import (
     DecryptionError,
-    DeliveryError,
     MalformedMessageError,
     MedgwError,
     PolicyError,
@@ -56,13 +50,17 @@ from gateway.errors import (
     StorageFullError,
 )
 from gateway.fsutil import private_folder, storage_fix
+from gateway.inbound.exactly_once import InboxDelivery
+from gateway.inbound.locks import InboundLocks
+from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
+from gateway.inbound.recovery import recover
 from gateway.logs import Logger
 from gateway.pki.hpki import hcroles
 from gateway.pki.peers import TrustSettings
 from gateway.pki.signers import PersonalSigners
 from gateway.pki.tls import certificate_fingerprint
 from gateway.routing import Refusal, route_inbound
-from gateway.spool import InboundRecord, Spool
+from gateway.spool import Spool
 
 
 @dataclass(frozen=True)
@@ -103,15 +101,7 @@ class _Delivered:
     size: int
 
 
-class _Refused(Exception):
-    def __init__(self, disposition: Disposition, event: EventType, reason: str) -> None:
-        super().__init__(reason)
-        self.disposition = disposition
-        self.event = event
-        self.reason = reason
-
-
-def _unverified(exc: Exception | None, opened: DecryptedFile) -> _Refused:
+def _unverified(exc: Exception | None, opened: DecryptedFile) -> Refused:
     """The refusal of content whose signature did not verify, or whose CBC padding was
     invalid.  The two get one answer (integrity-check-failed), one audit event type and
     the same work (the signature is checked either way): a sender that could tell them
@@ -123,10 +113,10 @@ def _unverified(exc: Exception | None, opened: DecryptedFile) -> _Refused:
             "invalid (the encrypted content was altered in transit, or encrypted with "
             "another key); answered as a failed signature check"
         )
-        return _Refused(Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, reason)
+        return Refused(Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, reason)
     if isinstance(exc, SignerNotTrustedError):
-        return _Refused(Disposition.AUTHENTICATION_FAILED, EventType.SIGNATURE_FAILED, str(exc))
-    return _Refused(Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc))
+        return Refused(Disposition.AUTHENTICATION_FAILED, EventType.SIGNATURE_FAILED, str(exc))
+    return Refused(Disposition.INTEGRITY_CHECK_FAILED, EventType.SIGNATURE_FAILED, str(exc))
 
 
 def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bool:
@@ -142,33 +132,6 @@ def _is_probe(headers: Mapping[str, str], filename: str | None, size: int) -> bo
         and filename.endswith(PROBE_SUFFIX)
         and size <= PROBE_MAX_BYTES
     )
-
-
-class InboundLocks:
-    """What keeps concurrent requests apart, shared by every InboundProcessor of a
-    daemon: a reload makes a new processor while requests on the old one go on."""
-
-    def __init__(self) -> None:
-        # Held while a new document's inbox file is chosen and claimed: two documents
-        # with one name never share a target.
-        self.target = threading.Lock()
-        self._guard = threading.Lock()
-        self._busy: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
-
-    @contextmanager
-    def exclusive(self, key: tuple[str, str]) -> Iterator[None]:
-        """One request per ``key`` (peer, Message-ID) at a time."""
-        with self._guard:
-            lock, users = self._busy.setdefault(key, (threading.Lock(), [0]))
-            users[0] += 1
-        try:
-            with lock:
-                yield
-        finally:
-            with self._guard:
-                users[0] -= 1
-                if users[0] == 0:
-                    del self._busy[key]
 
 
 class InboundProcessor:
@@ -197,6 +160,7 @@ class InboundProcessor:
         self._log = log
         self._clock = clock
         self._locks = locks if locks is not None else InboundLocks()
+        self._delivery = InboxDelivery(config, spool, audit, log, self._locks)
 
     def _decrypt(
         self, body: Path | bytes, signed_path: Path, peer: Peer
@@ -218,7 +182,7 @@ class InboundProcessor:
             except (MalformedMessageError, PolicyError) as exc:
                 first = exc
                 break
-        raise _Refused(Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(first))
+        raise Refused(Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(first))
 
     def _trusted_signers(self, peer: Peer) -> tuple[x509.Certificate, ...]:
         if self._signers is None:
@@ -248,6 +212,10 @@ class InboundProcessor:
             policy=peer.policy,
             others=others,
         )
+
+    def recover(self) -> None:
+        """At start, before any request: settle the deliveries a stopped process left."""
+        recover(self._delivery, self._spool, self._log, self._config.storage.inbox_dir)
 
     def process(self, request: InboundRequest) -> InboundResponse:
         """Handle one AS2 request; the receipt comes back in the answer or, if the
@@ -290,7 +258,7 @@ class InboundProcessor:
 
         Nothing is acknowledged: the answer is HTTP 503 without a receipt, so the
         peer keeps the message and resends it (a document that reached the inbox
-        before the failure is not written again: see _deliver_once).  An alert
+        before the failure is not written again: see exactly_once).  An alert
         names the cause and the fix; the peer learns nothing of it.  (An inbox the
         administrator must repair, such as a file where a folder should be, is
         answered with a negative receipt instead: the sender learns at once that
@@ -334,7 +302,7 @@ class InboundProcessor:
         peer = request.peer
         try:
             mic, delivered, details = self._accept(request, message_id, digest)
-        except _Refused as refused:
+        except Refused as refused:
             self._reject(request, message_id, refused.event, refused.reason)
             return self._receipt(request, message_id, refused.disposition, None, digest)
         except DuplicateReceipt as duplicate:
@@ -385,7 +353,7 @@ class InboundProcessor:
         as2_from = unquote_as2_id(headers.get("as2-from", ""))
         as2_to = unquote_as2_id(headers.get("as2-to", ""))
         if as2_from != peer.as2_id:
-            raise _Refused(
+            raise Refused(
                 Disposition.AUTHENTICATION_FAILED,
                 EventType.PEER_AUTHENTICATION_FAILED,
                 f"AS2-From {as2_from!r} does not match the TLS client certificate's peer "
@@ -394,7 +362,7 @@ class InboundProcessor:
         # NET-4: a message from a peer is delivered here or nowhere (no transit, no forwarding).
         route = route_inbound(self._config.as2_id, peer, as2_to, self._config.peers)
         if isinstance(route, Refusal):
-            raise _Refused(Disposition.AUTHENTICATION_FAILED, route.event, route.reason)
+            raise Refused(Disposition.AUTHENTICATION_FAILED, route.event, route.reason)
         work = self._config.storage.state_dir / "incoming"
         private_folder(work)
         token = secrets.token_hex(8)
@@ -452,14 +420,14 @@ class InboundProcessor:
             info = read_entity_info(entity.path, entity.start, entity.end)
             size, sha256 = payload_digest(entity.path, info)
         except ProtocolError as exc:
-            raise _Refused(
+            raise Refused(
                 Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
             ) from exc
         content_type, filename, service = info.content_type, info.filename, info.service
         if service is not None and service not in peer.services:
             # Signed by the peer, so not forged in transit: a service we did not agree with it.
             configured = ", ".join(peer.services) or "none"
-            raise _Refused(
+            raise Refused(
                 Disposition.UNEXPECTED_ERROR,
                 EventType.MESSAGE_REJECTED,
                 f"the document names service {service[:80]!r}, which is not configured for "
@@ -484,7 +452,7 @@ class InboundProcessor:
             return mic, None, details
         if self._spool.inbound_get(peer.name, message_id) is None:
             # Recorded once: a resend of a document recorded before is recorded by
-            # _deliver_once, as message.duplicate (or refused when it differs).
+            # InboxDelivery.deliver_once, as message.duplicate (or refused when it differs).
             self._record(
                 EventType.MESSAGE_RECEIVED,
                 peer.name,
@@ -506,7 +474,7 @@ class InboundProcessor:
                     "key_transport": opened.key_transport,
                 },
             )
-        target = self._deliver_once(
+        target = self._delivery.deliver_once(
             peer,
             message_id,
             filename,
@@ -517,196 +485,10 @@ class InboundProcessor:
         )
         return mic, _Delivered(target, service, content_type, size), details
 
-    def _deliver_once(
-        self,
-        peer: Peer,
-        message_id: str,
-        filename: str | None,
-        payload: Callable[[], Iterable[bytes]],
-        size: int,
-        sha256: str,
-        service: str | None,
-    ) -> Path:
-        """Put the document in the inbox, unless it is there already: exactly once.
-
-        A resend whose document reached the inbox before an interruption (the process
-        died, or the audit log or spool could not be written, before the receipt was
-        stored) is not written again: it is audited as ``message.duplicate`` and
-        answered with a new receipt.
-        """
-        existing = self._spool.inbound_get(peer.name, message_id)
-        if existing is not None and (existing.sha256 != sha256 or existing.service != service):
-            raise _Refused(
-                Disposition.UNEXPECTED_ERROR,
-                EventType.MESSAGE_REJECTED,
-                f"Message-ID {message_id} was already received with different content "
-                "or service (a resend must carry the same document)",
-            )
-        if existing is not None and existing.state == "delivered" and existing.receipt_body:
-            raise DuplicateReceipt(existing.receipt_headers, existing.receipt_body)
-        if existing is not None and existing.state == "delivering":
-            existing = self._settle(existing)
-        if existing is not None:
-            self._record(
-                EventType.MESSAGE_DUPLICATE,
-                peer.name,
-                message_id,
-                service=service,
-                reason="resend of a message whose document was put in the inbox before "
-                "an interruption: not written again, answered with a receipt",
-                detail={"inbox_file": str(existing.target_path)},
-            )
-            return existing.target_path
-        try:
-            with self._locks.target:  # two documents with one name never share a target
-                target = self._choose_target(peer, message_id, filename, service)
-                work = inbox.prepare(target)
-                try:
-                    self._spool.inbound_begin(
-                        peer.name, message_id, sha256, target, service, work_path=work, size=size
-                    )
-                except BaseException:
-                    inbox.discard(work)
-                    raise
-            try:
-                target = self._write(peer, message_id, filename, service, payload, work, target)
-            except BaseException:  # whatever it was, nothing reached the inbox
-                self._spool.inbound_release(peer.name, message_id)
-                inbox.discard(work)  # kept if the release failed: the record needs it
-                raise
-        except StorageFullError:
-            raise  # passes once space is freed: the peer resends (see unavailable())
-        except DeliveryError as exc:  # needs the administrator: the sender is told now
-            self._log.error("delivery.failed", peer=peer.name, error=exc.message, fix=exc.fix)
-            raise _Refused(
-                Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
-            ) from exc
-        # From here on the document is in the inbox: whatever fails, it is never released
-        # nor written again (the resend, or the next start, settles it).  An OSError
-        # is answered 503 (see unavailable()): the peer resends.
-        inbox.finish(work, target)
-        self._record(
-            EventType.MESSAGE_DELIVERED,
-            peer.name,
-            message_id,
-            service=service,
-            detail={"inbox_file": str(target), "size": size, "sha256": sha256},
-        )
-        return target
-
-    def _choose_target(
-        self, peer: Peer, message_id: str, filename: str | None, service: str | None
-    ) -> Path:
-        """A free name for a new document (with ``self._locks.target`` held)."""
-        return inbox.choose_target(
-            self._config.storage.inbox_dir,
-            peer.name,
-            filename,
-            message_id,
-            claimed=self._spool.inbound_target_claimed,
-            service=service,
-            services=peer.services,
-        )
-
-    def _write(
-        self,
-        peer: Peer,
-        message_id: str,
-        filename: str | None,
-        service: str | None,
-        payload: Callable[[], Iterable[bytes]],
-        work: Path,
-        target: Path,
-    ) -> Path:
-        """Fill the work file and link it into the inbox; the name it took.  Raises only
-        before the link: DeliveryError (StorageFullError) for a file-system error."""
-        try:
-            inbox.fill(work, payload())
-        except OSError as exc:
-            raise inbox.delivery_error(exc, target) from exc
-        for _ in range(3):
-            try:
-                inbox.link(work, target)
-                return target
-            except FileExistsError:
-                # Something outside medgw took the name meanwhile: never replaced, another one.
-                with self._locks.target:
-                    target = self._choose_target(peer, message_id, filename, service)
-                    self._spool.inbound_retarget(peer.name, message_id, target)
-            except OSError as exc:
-                raise inbox.delivery_error(exc, target) from exc
-        raise DeliveryError(
-            f"cannot write the received document to {target.parent}: every free name "
-            "chosen for it was taken before it could be written",
-            fix=f"check {target.parent}: something else creates files there",
-        )
-
-    def recover(self) -> None:
-        """At start, before any request: settle every delivery a stopped process left in
-        the middle, so that none is written twice and each is audited once."""
-        for record in self._spool.inbound_unfinished():
-            try:
-                settled = self._settle(record)
-            except (OSError, MedgwError) as exc:  # left as it is: a resend settles it
-                self._log.error(
-                    "recovery.inbound_failed",
-                    peer=record.peer,
-                    message_id=record.message_id,
-                    error=str(exc),
-                    fix=f"check {record.target_path.parent} and the disk under it",
-                )
-                continue
-            self._log.info(
-                "recovery.inbound_settled",
-                peer=record.peer,
-                message_id=record.message_id,
-                in_inbox=settled is not None,
-            )
-        keep = {r.work_path for r in self._spool.inbound_unfinished() if r.work_path}
-        for path in inbox.remove_stale_work_files(self._config.storage.inbox_dir, keep):
-            self._log.info("recovery.removed_work_file", folder=path.parent.name)
-
-    def _settle(self, record: InboundRecord) -> InboundRecord | None:
-        """An interrupted delivery: if its document reached the inbox, make sure that is
-        audited (once) and recorded; else forget it, for a resend to start afresh.
-        Returns the record as it now is (None: forgotten)."""
-        if not inbox.landed(record.work_path, record.target_path):
-            self._spool.inbound_release(record.peer, record.message_id)
-            if record.work_path is not None:
-                inbox.discard(record.work_path)
-            return None
-        received = datetime.fromisoformat(record.received_at)
-
-        def delivered(event: dict[str, object]) -> bool:
-            return (
-                event.get("event") == EventType.MESSAGE_DELIVERED.value
-                and event.get("peer") == record.peer
-                and event.get("message_id") == record.message_id
-            )
-
-        if not recorded_since(self._config.storage.audit_log, received, delivered):
-            self._record(
-                EventType.MESSAGE_DELIVERED,
-                record.peer,
-                record.message_id,
-                service=record.service,
-                reason="put in the inbox before an interruption; recorded now",
-                detail={
-                    "inbox_file": str(record.target_path),
-                    "size": record.size,
-                    "sha256": record.sha256,
-                },
-            )
-        self._spool.inbound_written(record.peer, record.message_id)
-        return replace(record, state="written")
-
     # -- audit ----------------------------------------------------------------
 
     def _record(self, event: EventType, peer: str, message_id: str | None, **fields: Any) -> None:
-        """One audit record about a received message (``fields``: AuditEvent's others)."""
-        self._audit.emit(
-            AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields)
-        )
+        audit_inbound(self._audit, event, peer, message_id, **fields)
 
     def _legacy_accepted(
         self, peer: Peer, message_id: str, algorithms: Iterable[str], where: str
@@ -783,10 +565,3 @@ class InboundProcessor:
                 detail={"disposition": disposition.value},
             )
         return InboundResponse(Answer.RECEIPT, built.headers, built.body)
-
-
-class DuplicateReceipt(Exception):
-    def __init__(self, headers: tuple[tuple[str, str], ...], body: bytes) -> None:
-        super().__init__("duplicate")
-        self.headers = headers
-        self.body = body

@@ -1,0 +1,205 @@
+"""Exactly-once delivery of a received document to the inbox.
+
+A document is claimed in the spool, written to a work file, linked into the
+inbox under a name nobody else holds, and audited once; a resend, or the next
+start (see ``recovery``), settles a delivery that an interruption left in the
+middle, so that no document is written twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.as2.mdn import Disposition
+from gateway.audit import AuditSink, EventType
+from gateway.audit.log import recorded_since
+from gateway.config import GatewayConfig, Peer
+from gateway.delivery import inbox
+from gateway.errors import DeliveryError, StorageFullError
+from gateway.inbound.locks import InboundLocks
+from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
+from gateway.logs import Logger
+from gateway.spool import InboundRecord, Spool
+
+
+class InboxDelivery:
+    """Puts received documents in the inbox, each exactly once."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        spool: Spool,
+        audit: AuditSink,
+        log: Logger,
+        locks: InboundLocks,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._audit = audit
+        self._log = log
+        self._locks = locks
+
+    def deliver_once(
+        self,
+        peer: Peer,
+        message_id: str,
+        filename: str | None,
+        payload: Callable[[], Iterable[bytes]],
+        size: int,
+        sha256: str,
+        service: str | None,
+    ) -> Path:
+        """Put the document in the inbox, unless it is there already: exactly once.
+
+        A resend whose document reached the inbox before an interruption (the process
+        died, or the audit log or spool could not be written, before the receipt was
+        stored) is not written again: it is audited as ``message.duplicate`` and
+        answered with a new receipt.
+        """
+        existing = self._spool.inbound_get(peer.name, message_id)
+        if existing is not None and (existing.sha256 != sha256 or existing.service != service):
+            raise Refused(
+                Disposition.UNEXPECTED_ERROR,
+                EventType.MESSAGE_REJECTED,
+                f"Message-ID {message_id} was already received with different content "
+                "or service (a resend must carry the same document)",
+            )
+        if existing is not None and existing.state == "delivered" and existing.receipt_body:
+            raise DuplicateReceipt(existing.receipt_headers, existing.receipt_body)
+        if existing is not None and existing.state == "delivering":
+            existing = self.settle(existing)
+        if existing is not None:
+            self._record(
+                EventType.MESSAGE_DUPLICATE,
+                peer.name,
+                message_id,
+                service=service,
+                reason="resend of a message whose document was put in the inbox before "
+                "an interruption: not written again, answered with a receipt",
+                detail={"inbox_file": str(existing.target_path)},
+            )
+            return existing.target_path
+        try:
+            with self._locks.target:  # two documents with one name never share a target
+                target = self._choose_target(peer, message_id, filename, service)
+                work = inbox.prepare(target)
+                try:
+                    self._spool.inbound_begin(
+                        peer.name, message_id, sha256, target, service, work_path=work, size=size
+                    )
+                except BaseException:
+                    inbox.discard(work)
+                    raise
+            try:
+                target = self._write(peer, message_id, filename, service, payload, work, target)
+            except BaseException:  # whatever it was, nothing reached the inbox
+                self._spool.inbound_release(peer.name, message_id)
+                inbox.discard(work)  # kept if the release failed: the record needs it
+                raise
+        except StorageFullError:
+            raise  # passes once space is freed: the peer resends (see unavailable())
+        except DeliveryError as exc:  # needs the administrator: the sender is told now
+            self._log.error("delivery.failed", peer=peer.name, error=exc.message, fix=exc.fix)
+            raise Refused(
+                Disposition.UNEXPECTED_ERROR, EventType.MESSAGE_REJECTED, str(exc)
+            ) from exc
+        # From here on the document is in the inbox: whatever fails, it is never released
+        # nor written again (the resend, or the next start, settles it).  An OSError
+        # is answered 503 (see unavailable()): the peer resends.
+        inbox.finish(work, target)
+        self._record(
+            EventType.MESSAGE_DELIVERED,
+            peer.name,
+            message_id,
+            service=service,
+            detail={"inbox_file": str(target), "size": size, "sha256": sha256},
+        )
+        return target
+
+    def _choose_target(
+        self, peer: Peer, message_id: str, filename: str | None, service: str | None
+    ) -> Path:
+        """A free name for a new document (with ``self._locks.target`` held)."""
+        return inbox.choose_target(
+            self._config.storage.inbox_dir,
+            peer.name,
+            filename,
+            message_id,
+            claimed=self._spool.inbound_target_claimed,
+            service=service,
+            services=peer.services,
+        )
+
+    def _write(
+        self,
+        peer: Peer,
+        message_id: str,
+        filename: str | None,
+        service: str | None,
+        payload: Callable[[], Iterable[bytes]],
+        work: Path,
+        target: Path,
+    ) -> Path:
+        """Fill the work file and link it into the inbox; the name it took.  Raises only
+        before the link: DeliveryError (StorageFullError) for a file-system error."""
+        try:
+            inbox.fill(work, payload())
+        except OSError as exc:
+            raise inbox.delivery_error(exc, target) from exc
+        for _ in range(3):
+            try:
+                inbox.link(work, target)
+                return target
+            except FileExistsError:
+                # Something outside medgw took the name meanwhile: never replaced, another one.
+                with self._locks.target:
+                    target = self._choose_target(peer, message_id, filename, service)
+                    self._spool.inbound_retarget(peer.name, message_id, target)
+            except OSError as exc:
+                raise inbox.delivery_error(exc, target) from exc
+        raise DeliveryError(
+            f"cannot write the received document to {target.parent}: every free name "
+            "chosen for it was taken before it could be written",
+            fix=f"check {target.parent}: something else creates files there",
+        )
+
+    def settle(self, record: InboundRecord) -> InboundRecord | None:
+        """An interrupted delivery: if its document reached the inbox, make sure that is
+        audited (once) and recorded; else forget it, for a resend to start afresh.
+        Returns the record as it now is (None: forgotten)."""
+        if not inbox.landed(record.work_path, record.target_path):
+            self._spool.inbound_release(record.peer, record.message_id)
+            if record.work_path is not None:
+                inbox.discard(record.work_path)
+            return None
+        received = datetime.fromisoformat(record.received_at)
+
+        def delivered(event: dict[str, object]) -> bool:
+            return (
+                event.get("event") == EventType.MESSAGE_DELIVERED.value
+                and event.get("peer") == record.peer
+                and event.get("message_id") == record.message_id
+            )
+
+        if not recorded_since(self._config.storage.audit_log, received, delivered):
+            self._record(
+                EventType.MESSAGE_DELIVERED,
+                record.peer,
+                record.message_id,
+                service=record.service,
+                reason="put in the inbox before an interruption; recorded now",
+                detail={
+                    "inbox_file": str(record.target_path),
+                    "size": record.size,
+                    "sha256": record.sha256,
+                },
+            )
+        self._spool.inbound_written(record.peer, record.message_id)
+        return replace(record, state="written")
+
+    def _record(self, event: EventType, peer: str, message_id: str | None, **fields: Any) -> None:
+        audit_inbound(self._audit, event, peer, message_id, **fields)
