@@ -135,6 +135,10 @@ class DeliveryError(MedgwError):
     """A received document cannot be delivered to the internal side."""
 
 
+class UnsafeFileError(MedgwError):
+    """A private state file that another user could have written or read."""
+
+
 class StorageFullError(DeliveryError):
     """No space is left where a received document goes (disk full, quota).
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from gateway.errors import UnsafeFileError
+
 # Modes set explicitly, whatever the umask (0022 outside systemd gives 0755/0644):
 PRIVATE_FOLDER = 0o700  # the state folder and its working folders: medgw only
 PRIVATE_FILE = 0o600  # the spool database, working files (plaintext among them)
@@ -201,6 +203,30 @@ def read_admin_file(path: Path, limit: int = MAX_ADMIN_FILE_BYTES) -> bytes:
             errno.EFBIG, f"larger than {limit >> 20} MiB, more than any such file", str(path)
         )
     return data
+
+
+def read_private(path: Path, limit: int) -> bytes | None:
+    """A private state file of this user (None when missing), at most ``limit`` + 1
+    bytes.  One that is not a regular file, that others may read or write, or that
+    another user owns is an UnsafeFileError: never trusted."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UnsafeFileError(f"cannot read {path}: {exc.strerror}") from None
+    with open(fd, "rb") as handle:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_mode & 0o077:
+            raise UnsafeFileError(
+                f"{path} is accessible by other users (mode {stat.S_IMODE(found.st_mode):o})"
+            )
+        if found.st_uid != os.geteuid():
+            raise UnsafeFileError(
+                f"{path} is owned by uid {found.st_uid}, not by the gateway's user "
+                f"(uid {os.geteuid()})"
+            )
+        return handle.read(limit + 1)
 
 
 def read_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterable[bytes]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,10 +21,12 @@ import asyncssh
 import pytest
 
 from gateway.audit import AuditEvent, EventType, Severity
+from gateway.clock import iso_time
 from gateway.config import load_config
 from gateway.config.emergency import EmergencySettings
 from gateway.demo_run import drop_file, wait_until
 from gateway.emergency.credential import FILE_NAME as CREDENTIAL_FILE
+from gateway.emergency.credential import CredentialError, CredentialStore
 from gateway.emergency.mode import EmergencyError, EmergencyMode, MarkingSink, end_of
 from gateway.emergency.relax import relaxed
 from gateway.errors import ConfigError
@@ -482,3 +486,143 @@ def test_crl_stale_days_accepts_no_certificate_whose_issuer_has_no_crl_at_all() 
         )
     )
     assert not result.valid and "could not be established" in (result.reason or "")
+
+
+def test_a_reload_that_changes_the_relaxations_during_an_emergency_is_an_alert_in_the_report(
+    layout: DemoLayout, processes: Any
+) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    config.write_text(text + "\n[emergency]\ncrl_stale_days = 1\n")
+    hospital = processes.start(config)
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "emergency", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def reload(count: int) -> None:
+        hospital.signal(signal.SIGHUP)
+        wait_for_events(layout.hospital.audit_log, "config.reloaded", count=count)
+
+    # Not in an emergency: a change of [emergency] is an ordinary reload.
+    config.write_text(text + "\n[emergency]\ncrl_stale_days = 2\n")
+    reload(1)
+    entered = json.loads(run("enter", "--reason", "CRL server down", "--hours", "2"))
+    # On: widening what it relaxes is an alert of its own, with the old and new values.
+    config.write_text(
+        text + '\n[emergency]\ncrl_stale_days = 7\nocsp_unreachable_peers = ["lab"]\n'
+    )
+    reload(2)
+    [changed] = events(layout.hospital.audit_log, "emergency.relaxations_changed")
+    assert changed["severity"] == "alert"
+    assert changed["detail"]["emergency"] == entered["id"]
+    assert changed["detail"]["old"] == {"crl_stale_days": 2}
+    assert changed["detail"]["new"] == {"crl_stale_days": 7, "ocsp_unreachable_peers": ["lab"]}
+    assert changed["actor"] == "unknown (a reload)"  # SIGHUP does not say who sent it
+    # The same relaxations again: nothing to alert.
+    reload(3)
+    assert len(events(layout.hospital.audit_log, "emergency.relaxations_changed")) == 1
+    table = run("report", "--last")
+    assert "relaxed at entry: crl_stale_days=2" in table
+    assert (
+        "relaxations changed by unknown (a reload): crl_stale_days=2 -> "
+        "crl_stale_days=7, ocsp_unreachable_peers=['lab']" in table
+    )
+
+
+def test_a_maintainer_s_reload_names_who_changed_the_relaxations(tmp_path: Path) -> None:
+    clock = TickingClock()
+    recorded: list[AuditEvent] = []
+
+    class Sink:
+        def emit(self, event: AuditEvent) -> None:
+            recorded.append(event)
+
+    mode = EmergencyMode(tmp_path, clock, Sink, EmergencySettings)
+    narrow, wide = EmergencySettings(crl_stale_days=1), EmergencySettings(crl_stale_days=9)
+    mode.relaxations_changed(narrow, wide, "maintainer:alice")
+    assert recorded == []  # off: nothing is relaxed, nothing to alert
+    mode.enter("flood", clock.now().timestamp() + 60, "operator:root (uid 0)")
+    mode.relaxations_changed(narrow, wide, "maintainer:alice")
+    changed = recorded[-1]
+    assert changed.event is EventType.EMERGENCY_RELAXATIONS_CHANGED
+    assert changed.severity is Severity.ALERT and changed.actor == "maintainer:alice"
+    assert changed.detail["old"] == {"crl_stale_days": 1}
+    assert changed.detail["new"] == {"crl_stale_days": 9}
+
+
+def _window_file(tmp_path: Path, since: float, until: float) -> Path:
+    path = tmp_path / "emergency-mode.json"
+    window = {"id": "emg-1", "since": since, "until": until, "reason": "flood", "by": "admin"}
+    path.write_text(json.dumps(window))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "rule"),
+    [
+        (0o620, None, "accessible by other users (mode 620)"),
+        (0o602, None, "accessible by other users (mode 602)"),
+        (0o600, 65534, "owned by uid 65534"),
+    ],
+)
+def test_an_emergency_mode_file_others_could_write_is_refused_with_an_alert(
+    tmp_path: Path, mode: int, owner: int | None, rule: str
+) -> None:
+    clock = TickingClock()
+    recorded: list[AuditEvent] = []
+
+    class Sink:
+        def emit(self, event: AuditEvent) -> None:
+            recorded.append(event)
+
+    now = clock.now().timestamp()
+    path = _window_file(tmp_path, now, now + 3600)
+    path.chmod(mode)
+    if owner is not None:
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(path, owner, owner)
+    emergency = EmergencyMode(tmp_path, clock, Sink, EmergencySettings)
+    assert emergency.current() is None
+    [refused] = recorded
+    assert refused.event is EventType.EMERGENCY_STATE_REFUSED
+    assert refused.severity is Severity.ALERT and rule in (refused.reason or "")
+    assert path.exists()  # kept for whoever looks into it
+    # The same rule guards the break-glass credential.
+    (tmp_path / CREDENTIAL_FILE).write_text("{}")
+    (tmp_path / CREDENTIAL_FILE).chmod(mode)
+    if owner is not None:
+        os.chown(tmp_path / CREDENTIAL_FILE, owner, owner)
+    with pytest.raises(CredentialError, match=re.escape(rule)):
+        CredentialStore(tmp_path).current()
+
+
+def test_an_emergency_mode_file_s_end_is_capped_at_max_hours_after_its_start(
+    tmp_path: Path,
+) -> None:
+    clock = TickingClock()
+    recorded: list[AuditEvent] = []
+
+    class Sink:
+        def emit(self, event: AuditEvent) -> None:
+            recorded.append(event)
+
+    now = clock.now().timestamp()
+    _window_file(tmp_path, now, now + 10 * 365 * 86400)  # edited to end in ten years
+    emergency = EmergencyMode(tmp_path, clock, Sink, lambda: EmergencySettings(max_hours=6))
+    window = emergency.current()
+    assert window is not None and window.until == now + 6 * 3600
+    clock.at += timedelta(hours=6)
+    assert emergency.current() is None
+    emergency.expire()
+    [left] = recorded
+    assert left.event is EventType.EMERGENCY_LEFT
+    assert left.detail["ended"] == iso_time(now + 6 * 3600)

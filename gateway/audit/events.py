@@ -132,6 +132,8 @@ class EventType(StrEnum):
     EMERGENCY_BREAK_GLASS = "emergency.break_glass_used"
     EMERGENCY_ENTERED = "emergency.entered"
     EMERGENCY_LEFT = "emergency.left"
+    EMERGENCY_RELAXATIONS_CHANGED = "emergency.relaxations_changed"
+    EMERGENCY_STATE_REFUSED = "emergency.state_refused"
 
 
 class Outcome(StrEnum):

@@ -219,7 +219,9 @@ class Daemon:
             config.storage.state_dir,
             self._clock,
             self._audit_sink,
-            lambda: self.state.config.emergency,
+            # The configuration read at start until the first state is built (the peers'
+            # first judgement already asks whether emergency mode is on).
+            lambda: (self._state.config if self._state is not None else config).emergency,
         )
         # While emergency mode is on, every event about a message carries its mark.
         emergency = self._emergency
@@ -298,6 +300,10 @@ class Daemon:
         # Entering or leaving emergency mode changes what is relaxed: judge trust again.
         reloader = self._reloader
         self._emergency.mode.on_change = lambda: tasks.spawn(reloader.refresh_trust())
+        # A reload that changes what it relaxes while it is on is an alert of its own.
+        reloader.on_reloaded = lambda old, new, actor: emergency.mode.relaxations_changed(
+            old.emergency, new.emergency, actor
+        )
         try:
             # Before any request: deliveries a killed run left half-done are settled first.
             await asyncio.to_thread(self.state.inbound.recover)
@@ -472,10 +478,10 @@ class Daemon:
             self._log.info("daemon.stopping", signal=signame)
             self.tasks.stop_requested.set()
 
-    async def reload(self) -> bool:
+    async def reload(self, actor: str | None = None) -> bool:
         """Build a new runtime state from the files; swap it in if that succeeds."""
         assert self._reloader is not None
-        return await self._reloader.reload()
+        return await self._reloader.reload(actor)
 
     def _swap(self, new_state: RuntimeState) -> None:
         """Make ``new_state`` current; drop connections whose certificate it no longer accepts."""

@@ -55,6 +55,11 @@ class Reloader:
         self._tasks = tasks
         self._notifier = notifier
         self._lock = asyncio.Lock()
+        # Called after a reload from the files is swapped in: old and new config, and who
+        # asked for it (None: SIGHUP, whose sender is not known).
+        self.on_reloaded: Callable[[GatewayConfig, GatewayConfig, str | None], None] = (
+            lambda old, new, actor: None
+        )
 
     def request(self) -> None:
         """SIGHUP."""
@@ -65,7 +70,7 @@ class Reloader:
             return
         self._tasks.spawn(self.reload())
 
-    async def reload(self) -> bool:
+    async def reload(self, actor: str | None = None) -> bool:
         async with self._lock:
             self._notifier.reloading()
             old = self._state()
@@ -119,6 +124,7 @@ class Reloader:
             self._readiness.reload_failed = None
             self._trust.audit(new_config, new_state.trust, old.trust)
             self._replace(old, new_state)
+            self.on_reloaded(old.config, new_config, actor)
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
             self._audit.emit(
                 AuditEvent(

@@ -4,7 +4,8 @@
 the private key and the code once (for the envelope in the safe), and hands the daemon
 only what verifies them: the public key and a salted HMAC-SHA-256 of the code.  Neither
 secret is stored anywhere.  The verifier lives in ``emergency-credential.json`` in the
-state folder, mode 600; a copy anyone else can read is refused, not trusted.
+state folder, mode 600; a copy anyone else can read or write, or another user owns,
+is refused, not trusted.
 
 A login as ``emergency`` with that key and code works once.  Its use is written to
 the file (fsynced, atomically) before the session starts, so a crash or a restart
@@ -17,15 +18,13 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import stat
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gateway.errors import MedgwError
-from gateway.fsutil import write_atomic
+from gateway.errors import MedgwError, UnsafeFileError
+from gateway.fsutil import read_private, write_atomic
 
 USER = "emergency"  # the SSH user name of the break-glass login
 FILE_NAME = "emergency-credential.json"
@@ -85,23 +84,15 @@ class CredentialStore:
         """The sealed credential, or None when there is none.  A file others can read or
         write, or one that cannot be read whole, is a CredentialError: never trusted."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
+            data = read_private(self.path, MAX_FILE_BYTES)
+        except UnsafeFileError as exc:
             raise CredentialError(
-                f"cannot read {self.path}: {exc.strerror}", fix="seal a new credential"
+                f"{exc.message}: the break-glass credential is not trusted",
+                fix="seal a new credential with `medgw emergency seal` (the envelope "
+                "may have been read)",
             ) from None
-        with open(fd, "rb") as handle:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode) or mode & 0o077:
-                raise CredentialError(
-                    f"{self.path} is accessible by other users (mode {stat.S_IMODE(mode):o}): "
-                    "the break-glass credential is not trusted",
-                    fix="seal a new credential with `medgw emergency seal` (the envelope "
-                    "may have been read)",
-                )
-            data = handle.read(MAX_FILE_BYTES + 1)
+        if data is None:
+            return None
         try:
             fields = json.loads(data)
             return Sealed(**fields)

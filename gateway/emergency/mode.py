@@ -6,7 +6,14 @@ gateway was down) and audits that.
 While it is on, every audit event about a message carries ``detail.emergency`` with
 the window's id (:class:`MarkingSink`): ``medgw emergency report`` finds exactly those
 messages for reconciliation (EMG-2).  The window is kept in ``emergency-mode.json``
-in the state folder, so that a restart neither ends nor forgets it.
+in the state folder, so that a restart neither ends nor forgets it.  That file is
+trusted only when it is the gateway user's own and nobody else's (as the break-glass
+credential, :func:`gateway.fsutil.read_private`); a window read back never lasts longer
+than ``[emergency] max_hours`` after its start, whatever its ``until`` says.
+
+A reload that changes what ``[emergency]`` relaxes while the mode is on is an alert of
+its own (``emergency.relaxations_changed``, old and new), and the report lists it in
+its window.
 """
 
 from __future__ import annotations
@@ -18,15 +25,16 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock, iso_time
 from gateway.config.emergency import EmergencySettings
-from gateway.errors import MedgwError
-from gateway.fsutil import fsync_dir, write_atomic
+from gateway.errors import MedgwError, UnsafeFileError
+from gateway.fsutil import fsync_dir, read_private, write_atomic
 
 FILE_NAME = "emergency-mode.json"
 MAX_REASON = 500
 MARK = "emergency"  # the key of the audit mark in ``detail``
+MAX_FILE_BYTES = 16 * 1024
 
 
 class EmergencyError(MedgwError):
@@ -92,21 +100,49 @@ class EmergencyMode:
         self._clock = clock
         self._audit = audit
         self._settings = settings
-        self._window = self._load()
+        self._window: Window | None = None
+        self._loaded = False  # read at first use: the audit trail is open by then
         self.on_change: Callable[[], None] = lambda: None  # what it relaxes changed
+
+    def _now_window(self) -> Window | None:
+        if not self._loaded:
+            self._loaded = True
+            self._window = self._load()
+        return self._window
 
     def _load(self) -> Window | None:
         try:
-            return Window(**json.loads(self.path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
+            data = read_private(self.path, MAX_FILE_BYTES)
+        except UnsafeFileError as exc:
+            self._audit().emit(
+                AuditEvent(
+                    EventType.EMERGENCY_STATE_REFUSED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    actor="medgw",
+                    reason=f"{exc.message}: emergency mode is off, the file is not trusted",
+                    detail={
+                        "path": str(self.path),
+                        "fix": "find out who changed it; remove it, and declare the "
+                        "emergency again (medgw emergency enter) if it is still on",
+                    },
+                )
+            )
             return None
-        except (ValueError, TypeError, OSError):
+        if data is None:
+            return None
+        try:
+            window = Window(**json.loads(data))
+        except (ValueError, TypeError):
             # Unreadable (edited, torn): the mode is off; the reason is audited at start.
             return Window("unreadable", 0.0, 0.0, f"{self.path} could not be read", "medgw")
+        # An ``until`` edited far ahead never keeps the mode on past what may be declared.
+        most = window.since + self._settings().max_hours * 3600
+        return replace(window, until=min(float(window.until), most))
 
     def current(self) -> Window | None:
         """The window in force now, or None: off, or past its end."""
-        window = self._window
+        window = self._now_window()
         now = self._clock.now().timestamp()
         if window is None or not window.since <= now < window.until:
             return None
@@ -157,10 +193,29 @@ class EmergencyMode:
     def expire(self) -> None:
         """Leave a window whose time is up (also one that ended while the gateway was
         down), and audit it as ended by its time bound."""
-        window = self._window
+        window = self._now_window()
         if window is None or self.current() is not None:
             return
         self._end(window, "medgw", "its time bound was reached", window.until)
+
+    def relaxations_changed(
+        self, old: EmergencySettings, new: EmergencySettings, actor: str | None = None
+    ) -> None:
+        """A reload changed ``[emergency]``: while the mode is on, a change of what it
+        relaxes is an alert of its own, with the old and the new relaxations."""
+        window = self.current()
+        before, after = old.relaxations(), new.relaxations()
+        if window is None or before == after:
+            return
+        self._audit().emit(
+            AuditEvent(
+                EventType.EMERGENCY_RELAXATIONS_CHANGED,
+                severity=Severity.ALERT,
+                actor=actor or "unknown (a reload)",
+                reason="a reload changed what emergency mode relaxes while it is on",
+                detail={MARK: window.id, "old": before, "new": after},
+            )
+        )
 
     def _end(self, window: Window, actor: str, reason: str, at: float) -> None:
         self.path.unlink(missing_ok=True)

@@ -31,8 +31,21 @@ def collect(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
                 "reason": record.get("reason"),
                 "by": record.get("actor"),
                 "relaxed": detail.get("relaxed", {}),
+                "relaxation_changes": windows.get(mark, {}).get("relaxation_changes", []),
                 "messages": 0,
             }
+        elif event == "emergency.relaxations_changed":
+            found = windows.setdefault(mark, {"window": mark, "messages": 0})
+            changes = found.setdefault("relaxation_changes", [])
+            if len(changes) < MAX_EVENTS:
+                changes.append(
+                    {
+                        "time": record.get("time"),
+                        "by": record.get("actor"),
+                        "old": detail.get("old", {}),
+                        "new": detail.get("new", {}),
+                    }
+                )
         elif event == "emergency.left":
             found = windows.setdefault(mark, {"window": mark, "messages": 0})
             found["ended"] = detail.get("ended") or record.get("time")
@@ -83,6 +96,12 @@ def text(windows: list[dict[str, Any]], messages: list[dict[str, Any]]) -> str:
             f"{w.get('ended') or 'still on, until ' + str(w.get('until'))}  by {w.get('by')}: "
             f"{w.get('reason')}  ({w['messages']} message(s))"
         )
+        lines.append(f"    relaxed at entry: {_relaxed(w.get('relaxed'))}")
+        for change in w.get("relaxation_changes", []):
+            lines.append(
+                f"    {change['time']}  relaxations changed by {change['by']}: "
+                f"{_relaxed(change['old'])} -> {_relaxed(change['new'])}"
+            )
         if w.get("left_because"):
             lines.append(f"    left by {w.get('left_by')}: {w['left_because']}")
         for m in messages:
@@ -93,3 +112,9 @@ def text(windows: list[dict[str, Any]], messages: list[dict[str, Any]]) -> str:
                 f"{m['message_id']}  last: {m['events'][-1] if m['events'] else '-'}"
             )
     return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _relaxed(found: object) -> str:
+    if not isinstance(found, dict) or not found:
+        return "nothing"
+    return ", ".join(f"{key}={value}" for key, value in found.items())

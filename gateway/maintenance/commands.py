@@ -37,7 +37,7 @@ class Result:
 class Context:
     operations: Operations
     actor: str
-    reload: Callable[[], Awaitable[bool]]
+    reload: Callable[[str], Awaitable[bool]]  # with who asks for it
 
 
 Handler = Callable[[Context, list[str]], Awaitable[Result]]
@@ -193,7 +193,7 @@ async def _unlock(ctx: Context, args: list[str]) -> Result:
 
 
 async def _reload(ctx: Context, args: list[str]) -> Result:
-    if await ctx.reload():
+    if await ctx.reload(ctx.actor):
         return Result(0, _json({"reloaded": True}))
     return Result(1, "reload failed; still serving the previous configuration (see the log)\n")
 

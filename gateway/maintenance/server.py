@@ -78,7 +78,7 @@ class MaintenanceServer:
         operations: Callable[[], Operations],
         audit: Callable[[], AuditSink],
         clock: Clock,
-        reload: Callable[[], Awaitable[bool]],
+        reload: Callable[[str], Awaitable[bool]],
         approved: Approved,
         emergency: Emergency | None = None,
     ) -> None:
