@@ -4,8 +4,10 @@ on an injected clock; ``openssl ca -gencrl`` makes the reference CRLs."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -261,3 +263,28 @@ async def test_a_crl_larger_than_the_bound_is_not_read_whole(
     keeper = world.keeper()
     [outcome] = await keeper.refresh_due()
     assert outcome.error is not None and "larger than 1024 bytes" in outcome.error.message
+
+
+def test_a_cache_file_is_read_up_to_the_limit_never_whole(world: World) -> None:
+    """The cache is in the state folder: a file grown far past MAX_CRL_BYTES (a full disk's
+    worth, or a device put in its place) is refused after reading at most the limit, never
+    read whole into memory."""
+    world.point.serve(world.crl())
+    keeper = world.keeper()
+    [wanted] = world.wanted()
+    cached = keeper._cache_path(wanted)
+    cached.parent.mkdir(parents=True, mode=0o700)
+    with cached.open("wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.truncate(16 * crlfetch.MAX_CRL_BYTES)  # sparse: costs no disk
+    tracemalloc.start()
+    try:
+        assert world.keeper().crls("z") == ()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * crlfetch.MAX_CRL_BYTES
+    # In place of the file, a device that never ends: refused, not read.
+    cached.unlink()
+    cached.symlink_to("/dev/zero")
+    assert world.keeper().crls("z") == ()

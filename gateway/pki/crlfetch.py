@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.clock import Clock
 from gateway.egress import Route
-from gateway.errors import EgressRefused, MedgwError
-from gateway.fsutil import private_folder, write_atomic
+from gateway.errors import EgressRefused, MedgwError, UnsafeFileError
+from gateway.fsutil import private_folder, read_private, write_atomic
 from gateway.httpbody import read_capped
 from gateway.pki.crl import CrlFinding, crl_findings
 from gateway.pki.store import parse_crls
@@ -388,11 +388,15 @@ class CrlKeeper:
         write_atomic(path, [crl.public_bytes(Encoding.DER)], mode=0o600)
 
     def _read_cache(self, wanted: Wanted) -> x509.CertificateRevocationList | None:
-        """The cached CRL of ``wanted``, verified again; None when there is none usable."""
+        """The cached CRL of ``wanted``, verified again; None when there is none usable
+        (missing, not a private regular file of ours, or over :data:`MAX_CRL_BYTES`:
+        never read further than that)."""
         path = self._cache_path(wanted)
         try:
-            body = path.read_bytes()[: MAX_CRL_BYTES + 1]
-        except OSError:
+            body = read_private(path, MAX_CRL_BYTES)
+        except (OSError, UnsafeFileError):
+            return None
+        if body is None or len(body) > MAX_CRL_BYTES:
             return None
         try:
             return self.accept(wanted, body, source=str(path))
