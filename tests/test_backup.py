@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import tarfile
 import threading
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.backup.bundle import ENTITY_HEAD, MANIFEST
+from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, _complete_records
 from gateway.clock import SystemClock
 from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
@@ -383,3 +384,27 @@ def test_backup_never_replaces_a_file_of_the_gateway(
     assert made.returncode == 1, made.stdout
     assert str(target) in made.stderr and "--to" in made.stderr
     assert target.read_bytes() == before
+
+
+def test_the_current_audit_file_is_cut_at_its_last_whole_record_without_reading_it_whole(
+    tmp_path: Path,
+) -> None:
+    """The record the running daemon is writing is left out of the copy; finding where it
+    starts reads the file's end, not the whole file (a trail file may be larger than memory)."""
+    trail = tmp_path / "audit.jsonl"
+    with trail.open("wb") as handle:
+        handle.truncate(256 << 20)  # sparse: costs no disk
+        handle.seek(0, 2)
+        handle.write(b'{"seq": 1}\n{"seq": 2, "half written')
+    tracemalloc.start()
+    try:
+        upto = _complete_records(trail)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert upto == (256 << 20) + len(b'{"seq": 1}\n')
+    assert peak < 1 << 20
+    trail.write_bytes(b'{"seq": 1, "half written')
+    assert _complete_records(trail) == 0
+    trail.write_bytes(b"")
+    assert _complete_records(trail) == 0

@@ -54,6 +54,7 @@ FORMAT = 1
 # multipart parser included) verifies byte for byte.
 ENTITY_HEAD = b"Content-Type: application/x-tar\r\nContent-Transfer-Encoding: base64\r\n\r\n"
 _LINE = 57  # bytes per base64 line of 76 characters
+_TAIL_BLOCK = 1 << 16  # read backwards from a trail file's end, this much at a time
 # Outbound rows whose files are still needed to send them (or for an operator to).
 _OWED = ("intake", "queued", "sending", "awaiting-receipt", "failed", "expired", "dead")
 
@@ -111,10 +112,18 @@ class _Collector:
 
 def _complete_records(path: Path) -> int:
     """The length of ``path`` up to the end of its last whole line (a record being written
-    by the running daemon is left out: the chain of the copy stays whole)."""
+    by the running daemon is left out: the chain of the copy stays whole).  Read from the
+    end, a block at a time: a trail file may be far larger than memory."""
     with path.open("rb") as handle:
-        data = handle.read()
-    return data.rfind(b"\n") + 1
+        end = handle.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - _TAIL_BLOCK)
+            handle.seek(start)
+            found = handle.read(end - start).rfind(b"\n")
+            if found >= 0:
+                return start + found + 1
+            end = start
+    return 0
 
 
 def _place(path_text: str | None, config: GatewayConfig) -> str | None:
