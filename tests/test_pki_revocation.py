@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from gateway.demo_run import free_port
 from gateway.egress import Network
+from gateway.errors import InvalidValueError
 from gateway.pki import issue
 from gateway.pki.crl import crl_findings, stale_crl_warnings
 from gateway.pki.ocsp import OcspClient, OcspError, build_request, parse_response
@@ -99,21 +100,26 @@ async def test_ocsp_good(pki: Pki, responder: Responder) -> None:
     assert "CN=good.example" in result.revocation and "ocsp" in result.revocation
 
 
-async def test_ocsp_without_a_client_asks_nobody_and_fails_closed(
+async def test_ocsp_without_a_client_asks_nobody_and_says_it_is_the_callers_mistake(
     pki: Pki, responder: Responder
 ) -> None:
-    """There is no default way out: OCSP needs a client, whose route says how it leaves."""
-    result = await validate(
-        pki.good.certificate,
-        anchors=[pki.root.certificate],
-        purpose=Purpose.TLS_CLIENT,
-        revocation=RevocationPolicy.PREFER,
-        ocsp=True,
-        at=datetime.now(UTC),
-        policy=AlgorithmPolicy(),
-    )
-    assert not result.valid
-    assert result.reason is not None and "needs an ocsp_client" in result.reason
+    """There is no default way out: OCSP needs a client, whose route says how it leaves.
+    Without one, validation does not start: an error that names the argument, the rule
+    and the fix (not a certificate that "could not be validated: internal error")."""
+    with pytest.raises(InvalidValueError) as raised:
+        await validate(
+            pki.good.certificate,
+            anchors=[pki.root.certificate],
+            purpose=Purpose.TLS_CLIENT,
+            revocation=RevocationPolicy.PREFER,
+            ocsp=True,
+            at=datetime.now(UTC),
+            policy=AlgorithmPolicy(),
+        )
+    error = raised.value
+    assert "ocsp=True without an ocsp_client" in error.message and "NET-4" in error.message
+    assert error.fix is not None and "OcspClient" in error.fix
+    assert "internal error" not in str(error)
     assert responder.requests == 0
 
 

@@ -610,13 +610,22 @@ async def validate(
     ``revocation`` decides what a missing status means; ``crls`` are the CRLs
     (base and delta) to judge status by; ``ocsp`` asks the responders named
     in the certificates (through ``ocsp_client``, whose cache is reused and whose
-    route says how the requests leave: required with ``ocsp``).
+    route says how the requests leave: required with ``ocsp``, else
+    :class:`InvalidValueError`, as for a time without a time zone).
     """
     when = at
     if when.tzinfo is None:
         raise InvalidValueError(
             f"at={when.isoformat()}: a path is validated at a time with a time zone",
             fix="pass an aware time, e.g. the injected clock's now()",
+        )
+    if ocsp and ocsp_client is None:
+        # Its route says how the requests leave (NET-4); there is no default way out.  The
+        # caller's mistake, said as such: not a certificate's "internal error".
+        raise InvalidValueError(
+            "ocsp=True without an ocsp_client: OCSP requests leave only through a zone's "
+            "route (NET-4), and no route was given",
+            fix="pass the OcspClient of the peer's zone, or ocsp=False",
         )
     try:
         return await _validate(
@@ -652,13 +661,6 @@ async def _validate(
     policy: AlgorithmPolicy,
     pkix_params: PKIXValidationParams | None,
 ) -> ValidationResult:
-    if ocsp and ocsp_client is None:
-        # Its route says how the requests leave (NET-4); there is no default way out.
-        raise InvalidValueError(
-            "ocsp=True needs an ocsp_client: OCSP requests leave only through a zone's "
-            "route (NET-4)",
-            fix="pass the OcspClient of the peer's zone, or ocsp=False",
-        )
     if not anchors:
         return ValidationResult(
             False,
