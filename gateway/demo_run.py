@@ -98,21 +98,31 @@ class GatewayProcess:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
+    def wait_exit(self, timeout: float = 60) -> int:
+        """The exit code, once the process has ended and all its output has been read
+        (``raw`` and ``lines`` are then complete); MedgwError with its last output if it
+        is still running after ``timeout`` seconds."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise MedgwError(
+                f"medgw ({self.config}) still running after {timeout:.0f}s; last output:\n"
+                + "\n".join(self.raw[-20:])
+            ) from None
+        self._reader.join(60)  # returns at its end of output: generous for a loaded machine
+        return code
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._reader.join(60)  # returns at its end of output: generous for a loaded machine
-        return code
+            return self.wait_exit(timeout)
+        except MedgwError:
+            return self.kill()
 
-    def kill(self) -> None:
+    def kill(self) -> int:
         self.proc.kill()
-        self.proc.wait()
-        self._reader.join(60)  # returns at its end of output: generous for a loaded machine
+        return self.wait_exit()
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CheckpointKeys
 from gateway.audit.verify import verify_trail
 from gateway.config import load_config
-from gateway.demo_run import read_audit, wait_until
+from gateway.demo_run import read_audit
 from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock, sealer
 from tests.cli import medgw
@@ -235,8 +235,7 @@ def test_a_daemon_killed_in_the_middle_of_a_rotation_goes_on_with_the_chain(
             "--",
         ),
     )
-    wait_until(lambda: killed.proc.poll() is not None, 60, "the daemon to be killed")
-    assert killed.proc.returncode == -signal.SIGKILL, "\n".join(killed.raw[-20:])
+    assert killed.wait_exit() == -signal.SIGKILL, "\n".join(killed.raw[-20:])
     assert not trail.exists()  # renamed: killed before the new file was made
     lab = processes.start(config)
     assert lab.stop() == 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -70,8 +69,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
                 dropped += 1
             time.sleep(rng.uniform(0.05, 0.6))
             victim = rng.choice(list(configs))
-            running[victim].proc.send_signal(signal.SIGKILL)
-            running[victim].proc.wait()
+            running[victim].kill()
             kills += 1
             time.sleep(rng.uniform(0.0, 0.3))
             running[victim] = processes.start(configs[victim])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import ssl
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,8 +220,7 @@ def test_sigkill_after_intake_before_send_delivers_exactly_once(layout, processe
     drop_file(layout.lab.outbox_dir / "hospital", "urgent.hl7", b"MSH|urgent\r")
     wait_for_events(layout.lab.audit_log, "message.send_failed")
     assert not (layout.lab.outbox_dir / "hospital" / "urgent.hl7").exists()
-    lab.proc.send_signal(signal.SIGKILL)
-    lab.proc.wait()
+    lab.kill()
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     wait_for_events(layout.lab.audit_log, "receipt.received")

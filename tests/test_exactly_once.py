@@ -23,7 +23,7 @@ from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.log import CLOCK_MARGIN, recorded_since
 from gateway.clock import SystemClock
 from gateway.delivery.http import idempotency_key
-from gateway.demo_run import GatewayProcess, drop_file, wait_until
+from gateway.demo_run import GatewayProcess, drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
 from tests.clocks import TickingClock
@@ -39,8 +39,7 @@ def killed_at(*point: str) -> tuple[str, ...]:
 
 
 def wait_killed(proc: GatewayProcess) -> None:
-    wait_until(lambda: proc.proc.poll() is not None, 60, "the daemon to be killed at the point")
-    assert proc.proc.returncode == -signal.SIGKILL, "\n".join(proc.raw[-20:])
+    assert proc.wait_exit() == -signal.SIGKILL, "\n".join(proc.raw[-20:])
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,7 @@ def test_refuses_to_start_on_invalid_config_and_says_why(
     config = layout.hospital.config_path
     config.write_text(config.read_text().replace("[runtime]", "[runtime]\nshutdown_deadline = 5"))
     proc = processes.start(config, wait=False)
-    assert proc.proc.wait(timeout=30) == 1
-    proc._reader.join(60)
+    assert proc.wait_exit() == 1
     output = "\n".join(proc.raw)
     assert "runtime.shutdown_deadline" in output and "unknown key" in output
     assert "check-config" in output

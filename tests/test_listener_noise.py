@@ -57,7 +57,7 @@ def _records(path: Path, event: str) -> list[dict[str, object]]:
 
 async def _settled(server: As2Server) -> None:
     """Every accepted connection's handshake has ended one way or the other."""
-    await until(lambda: not server._tasks, "every handshake ended")
+    await until(lambda: server.handshakes_in_progress == 0, "every handshake ended")
 
 
 def _listener(
@@ -150,7 +150,7 @@ async def test_connections_beyond_the_handshakes_in_progress_are_closed_at_once(
     try:
         for _ in range(2):  # connect, say nothing: each holds a handshake slot
             held.append(await asyncio.open_connection("127.0.0.1", server.port))
-        await until(lambda: len(server._tasks) == 2, "both held connections accepted")
+        await until(lambda: server.handshakes_in_progress == 2, "both held connections accepted")
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
         writer.close()

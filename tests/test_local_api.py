@@ -400,8 +400,7 @@ def test_the_api_replaces_a_stale_socket_but_never_another_file(
     # A file that is not a socket stays as it is, and medgw says why it does not start.
     api.socket_path.write_bytes(b"someone's notes")
     proc = processes.start(layout.lab.config_path, wait=False)
-    assert proc.proc.wait(timeout=30) == 1
-    proc._reader.join(60)
+    assert proc.wait_exit() == 1
     output = "\n".join(proc.raw)
     assert str(api.socket_path) in output and "is not a socket" in output, output
     assert "[api] socket" in output

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +114,7 @@ def test_queue_list_works_when_the_daemon_is_stopped(layout: DemoLayout, process
     lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "offline.hl7", b"MSH|x\r")
     wait_for_events(layout.lab.audit_log, "message.accepted")
-    lab.signal(signal.SIGTERM)
-    lab.proc.wait(30)
+    assert lab.stop() == 0
     result = medgw("queue", "list", "--config", str(layout.lab.config_path))
     assert result.returncode == 0
     assert "offline.hl7" in result.stdout and "not running" in result.stderr

@@ -164,9 +164,14 @@ class As2Server:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.port: int = listener.port
 
+    @property
+    def handshakes_in_progress(self) -> int:
+        """Accepted connections whose TLS handshake has not ended yet."""
+        return len(self._tasks)
+
     def handshake_slot_free(self, transport: asyncio.Transport) -> bool:
         """False (and the connection closed) when MAX_HANDSHAKES are already in progress."""
-        if len(self._tasks) < self._max_handshakes:
+        if self.handshakes_in_progress < self._max_handshakes:
             return True
         transport.abort()
         peername = transport.get_extra_info("peername")
@@ -175,7 +180,7 @@ class As2Server:
             self._log.warning(
                 "listener.busy",
                 remote=host,
-                handshakes=len(self._tasks),
+                handshakes=self.handshakes_in_progress,
                 reason=f"{self._max_handshakes} TLS handshakes already in progress: new "
                 "connections are closed at once until some end",
                 fix="if this is not a flood from one address (see tls.handshake_abandoned "
