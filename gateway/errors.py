@@ -139,6 +139,16 @@ class UnsafeFileError(MedgwError):
     """A private state file that another user could have written or read."""
 
 
+class AtRestError(MedgwError):
+    """What the gateway keeps encrypted at rest cannot be read or written: its key is
+    missing or destroyed, or the stored bytes are not what was written."""
+
+
+class AtRestTamperedError(AtRestError):
+    """Stored ciphertext that fails authentication: changed, truncated, reordered, or
+    another item's."""
+
+
 class StorageFullError(DeliveryError):
     """No space is left where a received document goes (disk full, quota).
 

@@ -42,6 +42,7 @@ BELOW_CONFIG = (
     "gateway.tomlreader",
     "gateway.places",
     "gateway.spool",
+    "gateway.atrest",
     "gateway.audit",
     "gateway.errors",
     "gateway.clock",

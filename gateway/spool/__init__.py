@@ -13,6 +13,7 @@ from gateway.clock import Clock
 from gateway.spool.protocol import Spool
 from gateway.spool.records import (
     PENDING_STATES,
+    DataKey,
     Disposable,
     HandoverRecord,
     HandoverState,
@@ -32,6 +33,7 @@ def open_spool(path: Path, clock: Clock) -> Spool:
 
 __all__ = [
     "PENDING_STATES",
+    "DataKey",
     "Disposable",
     "HandoverRecord",
     "HandoverState",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -58,6 +58,13 @@ class GroupCommit:
         if transaction.error is not None:
             raise transaction.error
         return transaction.value  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[sqlite3.Connection]:
+        """The connection between transactions, none running meanwhile (for what SQLite
+        does only outside a transaction: a checkpoint)."""
+        with self._leader:
+            yield self._db
 
     def _commit(self, batch: list[_Transaction[object]]) -> None:
         db = self._db

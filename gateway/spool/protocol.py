@@ -8,12 +8,13 @@ committed state), safe to call from worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from gateway.routing import LOCAL_INTAKE, Origin
 from gateway.spool.records import (
+    DataKey,
     Disposable,
     HandoverRecord,
     HandoverState,
@@ -74,9 +75,11 @@ class Spool(Protocol):
         encrypted_for: str | None = None,
         *,
         body: bytes | None = None,
+        data_key: DataKey | None = None,
     ) -> None:
         """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
-        message, ``body``, stored in this same transaction."""
+        message, ``body``, stored in this same transaction, with ``data_key`` (the key
+        the body is encrypted under at rest, gateway.atrest)."""
         ...
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
@@ -107,7 +110,12 @@ class Spool(Protocol):
         disposition: str,
         receipt_path: Path | None,
         error: str | None = None,
-    ) -> None: ...
+        *,
+        data_key: DataKey | None = None,
+    ) -> None:
+        """Finished; ``data_key``: the key the receipt file is encrypted under at rest,
+        stored in the same transaction."""
+        ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...
 
@@ -197,8 +205,11 @@ class Spool(Protocol):
         receipt_headers: list[tuple[str, str]],
         receipt_body: bytes,
         handover: tuple[str, int] | None = None,
+        *,
+        data_key: DataKey | None = None,
     ) -> None:
-        """The document is durably in the inbox and its receipt stored.
+        """The document is durably in the inbox and its receipt stored (with ``data_key``,
+        the key it is encrypted under at rest, in the same transaction).
 
         ``handover`` (content type, size): also queue its hand-over to the internal
         system, in the same transaction, so that every document answered
@@ -265,4 +276,24 @@ class Spool(Protocol):
     def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
         """Dispose of ``items`` in one transaction, each only if it still may be; returns
         those disposed of.  Their files are the caller's to remove, before."""
+        ...
+
+    def data_key(self, item: str) -> DataKey | None:
+        """The wrapped data key of an item kept encrypted at rest (gateway.atrest)."""
+        ...
+
+    def put_data_key(self, key: DataKey) -> None: ...
+
+    def data_key_versions(self) -> list[int]:
+        """The key-encryption key versions the stored data keys are wrapped under."""
+        ...
+
+    def rewrap_data_keys(self, old: int, new: int, rewrap: Callable[[DataKey], bytes]) -> int:
+        """Every data key wrapped under ``old`` wrapped under ``new`` (``rewrap`` gives the
+        new wrapped bytes), in one transaction; returns how many."""
+        ...
+
+    def shred(self) -> None:
+        """Leave no copy of deleted rows in the spool's files (after a purge): deleted
+        bytes overwritten, the write-ahead log emptied."""
         ...

@@ -159,3 +159,40 @@ class Disposable:
     message_id: str
     service: str | None
     file: Path | None  # the file it is (a received copy, a receipt), if any
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """The data key of one item kept encrypted at rest (gateway.atrest), as the spool
+    stores it: wrapped under the key-encryption key of version ``kek``."""
+
+    item: str
+    kek: int
+    wrapped: bytes
+
+
+# The names of the items kept encrypted at rest, each with its own data key.
+def body_item(message_id: str) -> str:
+    """The signed, encrypted AS2 body of an outbound message (file or spool row)."""
+    return f"outbound-body:{message_id}"
+
+
+def receipt_item(message_id: str) -> str:
+    """The receipt received for an outbound message (a file in state/receipts)."""
+    return f"outbound-receipt:{message_id}"
+
+
+def sent_receipt_item(peer: str, message_id: str) -> str:
+    """The receipt sent for an inbound message, kept to answer a resend."""
+    return f"inbound-receipt:{peer}:{message_id}"
+
+
+def items_of(table: str, peer: str, message_id: str, kind: RetainedKind) -> tuple[str, ...]:
+    """The items whose data keys go when ``kind`` of a message in ``table`` is disposed of."""
+    if table == "outbound" and kind is RetainedKind.RECEIPTS:
+        return (receipt_item(message_id),)
+    if table == "outbound" and kind is RetainedKind.SPOOL:
+        return (body_item(message_id), receipt_item(message_id))
+    if table == "inbound" and kind in (RetainedKind.RECEIPTS, RetainedKind.SPOOL):
+        return (sent_receipt_item(peer, message_id),)
+    return ()

@@ -73,6 +73,14 @@ CREATE TABLE IF NOT EXISTS handover (
 );
 DROP INDEX IF EXISTS handover_due;
 CREATE INDEX IF NOT EXISTS handover_next ON handover (state, next_attempt_at, created_at);
+-- The data key of each item kept encrypted at rest (gateway.atrest), wrapped under the
+-- key-encryption key of version kek (a file outside the state folder).
+CREATE TABLE IF NOT EXISTS data_keys (
+    item            TEXT PRIMARY KEY,
+    kek             INTEGER NOT NULL,
+    wrapped         BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS data_keys_kek ON data_keys (kek);
 CREATE TABLE IF NOT EXISTS peer_control (
     peer            TEXT PRIMARY KEY,
     suspended       INTEGER NOT NULL,

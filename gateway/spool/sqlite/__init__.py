@@ -16,6 +16,7 @@ committed transition survives power loss.
 
 from __future__ import annotations
 
+from gateway.spool.sqlite.datakeys import DataKeys
 from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
 from gateway.spool.sqlite.outbound import OutboundQueue
@@ -25,7 +26,9 @@ from gateway.spool.sqlite.retention import RetainedItems
 __all__ = ["SqliteSpool"]
 
 
-class SqliteSpool(OutboundQueue, InboundDedup, HandoverQueue, PeerControls, RetainedItems):
+class SqliteSpool(
+    OutboundQueue, InboundDedup, HandoverQueue, PeerControls, RetainedItems, DataKeys
+):
     """The spool in one SQLite database (see :class:`gateway.spool.Spool`): one part per
-    concern (``outbound``, ``inbound``, ``handover``, ``peers``, ``retention``) over one
-    ``database``."""
+    concern (``outbound``, ``inbound``, ``handover``, ``peers``, ``retention``,
+    ``datakeys``) over one ``database``."""

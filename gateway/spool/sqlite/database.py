@@ -48,6 +48,9 @@ class Database:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # What is deleted (a purged item's data key, a receipt) is overwritten in the
+            # file, not only unlinked from the b-tree (see gateway.spool.sqlite.datakeys).
+            self._db.execute("PRAGMA secure_delete=ON")
             create_or_upgrade(self._db)
             self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._reader.row_factory = sqlite3.Row

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from gateway.spool.records import (
+    DataKey,
     HandoverState,
     InboundRecord,
 )
 from gateway.spool.sqlite.database import Database
+from gateway.spool.sqlite.datakeys import key_statement
 
 
 def _inbound(row: sqlite3.Row) -> InboundRecord:
@@ -106,6 +108,8 @@ class InboundDedup(Database):
         receipt_headers: list[tuple[str, str]],
         receipt_body: bytes,
         handover: tuple[str, int] | None = None,
+        *,
+        data_key: DataKey | None = None,
     ) -> None:
         """See :meth:`gateway.spool.protocol.Spool.inbound_delivered`."""
         now = self._now()
@@ -138,5 +142,7 @@ class InboundDedup(Database):
                 (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
             )
         )
+        if data_key is not None:
+            statements.append(key_statement(data_key))
         first, *more = statements
         self._write(*first, more)

@@ -11,10 +11,12 @@ from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
     CANCELLABLE,
     RETRYABLE,
+    DataKey,
     OutboundRecord,
     OutboundState,
 )
 from gateway.spool.sqlite.database import Database
+from gateway.spool.sqlite.datakeys import key_statement
 
 
 def _outbound(row: sqlite3.Row) -> OutboundRecord:
@@ -130,9 +132,11 @@ class OutboundQueue(Database):
         encrypted_for: str | None = None,
         *,
         body: bytes | None = None,
+        data_key: DataKey | None = None,
     ) -> None:
         """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
-        message, ``body``, stored in this same transaction."""
+        message, ``body``, stored in this same transaction (and ``data_key``, the key
+        it is encrypted under at rest)."""
         if (body_path is None) == (body is None):
             raise InvalidValueError(
                 f"message {message_id}: a queued message has its body in a file or in the "
@@ -154,6 +158,7 @@ class OutboundQueue(Database):
                 message_id,
                 OutboundState.INTAKE.value,
             ),
+            [key_statement(data_key)] if data_key is not None else None,
         )
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
@@ -256,7 +261,10 @@ class OutboundQueue(Database):
         disposition: str,
         receipt_path: Path | None,
         error: str | None = None,
+        *,
+        data_key: DataKey | None = None,
     ) -> None:
+        # ``data_key``: the key the receipt file is encrypted under at rest.
         # Once delivered, the body stored in the spool is of no more use (as its file is).
         self._write(
             "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?,"
@@ -270,6 +278,7 @@ class OutboundQueue(Database):
                 state is OutboundState.DELIVERED,
                 message_id,
             ),
+            [key_statement(data_key)] if data_key is not None else None,
         )
 
     def get(self, message_id: str) -> OutboundRecord | None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.spool.records import Disposable, RetainedKind
+from gateway.spool.records import Disposable, RetainedKind, items_of
 from gateway.spool.sqlite.database import Database
 
 # Nothing owed: delivered (a verified receipt), or withdrawn by an operator.
@@ -189,7 +189,8 @@ class RetainedItems(Database):
     def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
         """Dispose of ``items`` (as :meth:`disposable` found them) in one transaction, each
         only if it is still disposable; returns those disposed of.  Files are the
-        caller's: remove them before (a record naming a removed file is found again)."""
+        caller's: remove them before (a record naming a removed file is found again).
+        The data keys of what goes are deleted in the same transaction."""
         now = self._now()
 
         def work(db: sqlite3.Connection) -> list[Disposable]:
@@ -206,6 +207,14 @@ class RetainedItems(Database):
                     if count and item.table == "outbound" and item.kind is RetainedKind.SPOOL:
                         db.execute("DELETE FROM submissions WHERE message_id=?", (item.message_id,))
                     if count:
+                        # Its data keys go with it (crypto-shredding: see datakeys).
+                        db.executemany(
+                            "DELETE FROM data_keys WHERE item=?",
+                            [
+                                (i,)
+                                for i in items_of(item.table, item.peer, item.message_id, item.kind)
+                            ],
+                        )
                         done.append(item)
             return done
 

@@ -1,0 +1,246 @@
+"""What the gateway keeps, encrypted at rest under per-item data keys (DSP-1, OUT-1).
+
+Each item (an outbound AS2 body, a receipt received, a receipt sent: see
+``gateway.spool.records``) has its own 256-bit data key.  The key is stored in
+the spool, wrapped under the newest key-encryption key of ``[at_rest] key_dir``
+(:mod:`gateway.atrest.keys`), in the same transaction as the item; the bytes
+are in the :mod:`gateway.atrest.chunked` format.  Disposing of an item deletes
+its data key; :meth:`Vault.rotate`, after every purge, re-wraps every surviving
+data key under a new key-encryption key and destroys the old one, so that a
+disk image or backup taken before the purge holds the purged items' data keys
+only wrapped under a key that no longer exists.
+
+A half-done rotation (the process killed in the middle) is finished when the
+vault is opened: a data key is wrapped under exactly one key, and the old key
+is destroyed only once nothing is wrapped under it any more.  Reading detects
+the format: an item written before at-rest encryption (or while it was off) is
+read as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from gateway.atrest import chunked
+from gateway.atrest.keys import KeyStore, unwrap, wrap
+from gateway.errors import AtRestError
+from gateway.fsutil import fsync_dir, partial_name
+from gateway.spool import DataKey, Spool
+
+
+class Vault:
+    """Seals and opens the items the gateway keeps; rotates the key-encryption key."""
+
+    def __init__(self, store: KeyStore, spool: Spool, *, encrypt: bool = True) -> None:
+        self._store = store
+        self._spool = spool
+        self.encrypt = encrypt  # False: new items are written as they are (reading still works)
+        self._cond = threading.Condition()
+        self._storing = 0  # items being sealed and stored now
+        self._rotating = False
+        self._current: tuple[int, bytes] | None = None
+
+    @property
+    def key_dir(self) -> Path:
+        return self._store.key_dir
+
+    def open(self) -> None:
+        """At start: the key folder ready, a rotation a killed process left finished, and
+        a key-encryption key to wrap new data keys under."""
+        self._store.prepare()
+        with self._exclusive():
+            versions = self._store.versions()
+            for version in self._spool.data_key_versions():
+                if version not in versions:
+                    self._store.load(version)  # the error naming the missing key
+            if not versions:
+                self._store.create(1)
+            self._finish_rotation()
+
+    # -- keys ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """No item is being stored meanwhile (a rotation must not destroy the key a data
+        key being stored is wrapped under)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._rotating)
+            self._rotating = True
+            self._cond.wait_for(lambda: self._storing == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._rotating = False
+                self._current = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def storing(self, item: str) -> Iterator[Sealing]:
+        """Seal ``item`` and store it (with ``.key``, in the spool) inside this block: a
+        rotation waits for it to end."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._rotating)
+            self._storing += 1
+        try:
+            yield Sealing(self, item)
+        finally:
+            with self._cond:
+                self._storing -= 1
+                self._cond.notify_all()
+
+    def _kek(self) -> tuple[int, bytes]:
+        with self._cond:
+            if self._current is None:
+                versions = self._store.versions()
+                if not versions:
+                    raise AtRestError(
+                        f"no key-encryption key in {self._store.key_dir}",
+                        fix="start medgw (it creates one), or put back this state's key folder",
+                    )
+                self._current = (versions[-1], self._store.load(versions[-1]))
+            return self._current
+
+    def new_key(self, item: str) -> tuple[bytes, DataKey]:
+        """A fresh data key for ``item`` and its wrapped form (call inside :meth:`storing`)."""
+        version, kek = self._kek()
+        dek = secrets.token_bytes(chunked.KEY_BYTES)
+        return dek, DataKey(item, version, wrap(kek, dek))
+
+    def _key(self, item: str) -> bytes:
+        stored = self._spool.data_key(item)
+        if stored is None:
+            raise AtRestError(
+                f"the data key of {item} is not in the spool: the item was disposed of, or "
+                "the spool was replaced by one from elsewhere",
+                fix="restore the spool and its stored files from the same backup",
+            )
+        version, kek = self._kek()
+        if stored.kek != version:
+            kek = self._store.load(stored.kek)
+        return unwrap(kek, stored.wrapped, item)
+
+    # -- reading ------------------------------------------------------------
+
+    def open_bytes(self, item: str, stored: bytes) -> bytes:
+        """The plaintext of an item kept in the spool (as it is, if stored in plaintext)."""
+        if not chunked.is_sealed(stored):
+            return stored
+        return chunked.open_bytes(self._key(item), item, stored)
+
+    def reader(self, item: str, path: Path) -> BinaryIO:
+        """The stored file ``path`` of ``item``, opened for reading its plaintext."""
+        handle = path.open("rb")
+        try:
+            if not chunked.is_sealed(handle.read(len(chunked.MAGIC))):
+                handle.seek(0)
+                return handle
+            handle.seek(0)
+            raw = chunked.OpeningReader(self._key(item), item, handle)
+        except BaseException:
+            handle.close()
+            raise
+        return io.BufferedReader(raw, buffer_size=chunked.CHUNK)
+
+    def size(self, item: str, path: Path) -> int:
+        """The plaintext size of the stored file ``path`` of ``item``."""
+        with path.open("rb") as handle:
+            sealed = chunked.is_sealed(handle.read(len(chunked.MAGIC)))
+            size = os.fstat(handle.fileno()).st_size
+        return chunked.plaintext_size(size, item) if sealed else size
+
+    def read_file(self, item: str, path: Path) -> bytes:
+        """All of a small stored file (a receipt)."""
+        with self.reader(item, path) as handle:
+            return handle.read()
+
+    # -- rotation ------------------------------------------------------------
+
+    def rotate(self) -> int:
+        """After a purge: a new key-encryption key, every surviving data key re-wrapped
+        under it, the old key destroyed, the spool's deleted rows overwritten.  Returns
+        the new version."""
+        with self._exclusive():
+            versions = self._store.versions()
+            new = (versions[-1] if versions else 0) + 1
+            self._store.create(new)
+            self._finish_rotation()
+        return new
+
+    def _finish_rotation(self) -> None:
+        """Re-wrap what older keys wrap under the newest, empty the spool's log of the old
+        wrapped keys, then destroy the older keys (in this order: a kill at any step
+        leaves what the next :meth:`open` finishes)."""
+        versions = self._store.versions()
+        if len(versions) < 2:
+            return
+        newest = versions[-1]
+        new_kek = self._store.load(newest)
+        used = set(self._spool.data_key_versions())
+        for old in versions[:-1]:
+            if old in used:
+                old_kek = self._store.load(old)
+
+                def rewrap(key: DataKey, old_kek: bytes = old_kek) -> bytes:
+                    return wrap(new_kek, unwrap(old_kek, key.wrapped, key.item))
+
+                self._spool.rewrap_data_keys(old, newest, rewrap)
+        self._spool.shred()
+        for old in versions[:-1]:
+            self._store.destroy(old)
+
+
+class Sealing:
+    """One item being sealed (see :meth:`Vault.storing`); ``key`` is what the spool stores
+    with it (None: at-rest encryption is off, the item is stored as it is)."""
+
+    def __init__(self, vault: Vault, item: str) -> None:
+        self._vault = vault
+        self.item = item
+        self.key: DataKey | None = None
+
+    def _new_key(self) -> bytes | None:
+        if not self._vault.encrypt:
+            return None
+        dek, self.key = self._vault.new_key(self.item)
+        return dek
+
+    def seal(self, plain: bytes) -> bytes:
+        """``plain`` as it is to be stored in the spool."""
+        dek = self._new_key()
+        return plain if dek is None else chunked.seal_bytes(dek, self.item, plain)
+
+    def file(self, source: Path, target: Path) -> None:
+        """``source`` (a working file) stored as ``target``, complete and on disk when this
+        returns; ``source`` is removed."""
+        with source.open("rb") as reader:
+            self.write(target, iter(lambda: reader.read(chunked.CHUNK), b""))
+        source.unlink(missing_ok=True)
+
+    def write(self, target: Path, chunks: Iterable[bytes]) -> None:
+        """``chunks`` stored as the file ``target`` (mode 0600): written beside it, synced,
+        renamed into place."""
+        dek = self._new_key()
+        tmp = partial_name(target)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=chunked.CHUNK * 4) as out:
+                if dek is None:
+                    for chunk in chunks:
+                        out.write(chunk)
+                else:
+                    chunked.seal_stream(dek, self.item, chunks, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(target.parent)

@@ -1,0 +1,59 @@
+"""The wrapped data keys of what is kept encrypted at rest (gateway.atrest).
+
+A key is stored in the same transaction as the item it encrypts (see the
+``data_key`` arguments of the outbound, inbound and settling writes) and deleted
+in the transaction that disposes of the item (gateway.spool.sqlite.retention).
+The writer connection runs with ``secure_delete``: a deleted key's bytes are
+overwritten in the database file, and :meth:`DataKeys.shred` checkpoints the
+write-ahead log and truncates it, so that no copy is left in the ``-wal`` file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from gateway.spool.records import DataKey
+from gateway.spool.sqlite.database import Database
+
+INSERT = "INSERT OR REPLACE INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
+
+
+def key_statement(key: DataKey) -> tuple[str, tuple[object, ...]]:
+    """The statement that stores ``key`` (run in the transaction that stores its item)."""
+    return INSERT, (key.item, key.kek, key.wrapped)
+
+
+class DataKeys(Database):
+    """Wrapped data keys, by item."""
+
+    def data_key(self, item: str) -> DataKey | None:
+        row = self._one("SELECT item, kek, wrapped FROM data_keys WHERE item=?", (item,))
+        return DataKey(row["item"], int(row["kek"]), bytes(row["wrapped"])) if row else None
+
+    def put_data_key(self, key: DataKey) -> None:
+        self._write(*key_statement(key))
+
+    def data_key_versions(self) -> list[int]:
+        """The key-encryption key versions the stored data keys are wrapped under."""
+        return [int(r["kek"]) for r in self._read("SELECT DISTINCT kek FROM data_keys", ())]
+
+    def rewrap_data_keys(self, old: int, new: int, rewrap: Callable[[DataKey], bytes]) -> int:
+        """Every data key wrapped under ``old`` wrapped under ``new`` instead, in one
+        transaction; returns how many."""
+
+        def work(db: sqlite3.Connection) -> int:
+            rows = db.execute("SELECT item, kek, wrapped FROM data_keys WHERE kek=?", (old,))
+            changed = [
+                (rewrap(DataKey(r[0], int(r[1]), bytes(r[2]))), new, r[0]) for r in rows.fetchall()
+            ]
+            db.executemany("UPDATE data_keys SET wrapped=?, kek=? WHERE item=?", changed)
+            return len(changed)
+
+        return self._transact(work)
+
+    def shred(self) -> None:
+        """Write every committed change into the database file and empty the write-ahead
+        log: what was deleted is then overwritten (secure_delete), not kept in the log."""
+        with self._writer.exclusive() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

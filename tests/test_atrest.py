@@ -1,0 +1,268 @@
+"""Encryption at rest (DSP-1, OUT-1): the chunked file format, the key-encryption keys in
+their folder, and the vault's rotation, on real files and a real SQLite spool; the
+rotation killed at each of its steps in a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
+
+from gateway.atrest import KeyStore, Vault
+from gateway.atrest.chunked import (
+    CHUNK,
+    TAG,
+    OpeningReader,
+    is_sealed,
+    open_bytes,
+    plaintext_size,
+    seal_bytes,
+    seal_stream,
+)
+from gateway.clock import SystemClock
+from gateway.errors import AtRestError, AtRestTamperedError
+from gateway.spool import SqliteSpool
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+ITEM = "outbound-body:<m1@hospital>"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7])
+def test_round_trip_at_every_chunk_boundary(size: int) -> None:
+    plain = os.urandom(size)
+    sealed = seal_bytes(KEY, ITEM, plain)
+    assert is_sealed(sealed)
+    assert size < 16 or plain[:16] not in sealed
+    assert open_bytes(KEY, ITEM, sealed) == plain
+    assert plaintext_size(len(sealed), ITEM) == size
+
+
+def _chunks(sealed: bytes) -> tuple[bytes, list[bytes]]:
+    header_len = len(sealed) - (plaintext_size(len(sealed), ITEM))
+    count = (len(sealed) - header_len) // (CHUNK + TAG) + 1
+    header_len -= count * TAG
+    body = sealed[header_len:]
+    return sealed[:header_len], [
+        body[i : i + CHUNK + TAG] for i in range(0, len(body), CHUNK + TAG)
+    ]
+
+
+def test_changed_truncated_reordered_or_swapped_ciphertext_is_refused() -> None:
+    plain = os.urandom(3 * CHUNK + 100)
+    sealed = seal_bytes(KEY, ITEM, plain)
+    header, chunks = _chunks(sealed)
+    assert len(chunks) == 4
+    flipped = bytearray(sealed)
+    flipped[len(header) + CHUNK + 5] ^= 1
+    cases = {
+        "changed byte": bytes(flipped),
+        "last chunk cut off": header + b"".join(chunks[:3]),
+        "cut inside a chunk": sealed[:-50],
+        "chunks reordered": header + chunks[1] + chunks[0] + chunks[2] + chunks[3],
+        "a chunk dropped": header + chunks[0] + chunks[2] + chunks[3],
+        "header only": header,
+    }
+    for what, bad in cases.items():
+        with pytest.raises(AtRestTamperedError, match="integrity check"):
+            open_bytes(KEY, ITEM, bad)
+        assert what
+    # Another item's file, under the same key or its own: refused, named.
+    other = seal_bytes(KEY, "outbound-body:<m2@hospital>", plain)
+    with pytest.raises(AtRestTamperedError, match="another item"):
+        open_bytes(KEY, ITEM, other)
+    with pytest.raises(AtRestTamperedError, match="does not authenticate"):
+        open_bytes(OTHER_KEY, ITEM, sealed)
+
+
+def test_plaintext_from_before_is_told_apart() -> None:
+    assert not is_sealed(b"0\x82\x01\x00")  # DER of a CMS body
+    assert not is_sealed(b"Content-Type: multipart/report\r\n")  # a receipt
+
+
+def test_streaming_keeps_memory_flat(tmp_path: Path) -> None:
+    """32 MiB through the writer and the reader: the peak is a few chunks, not the size
+    (the bench measures 1 GiB: bench/atrest_bench.py)."""
+    size = 32 << 20
+    block = os.urandom(1 << 20)
+    target = tmp_path / "body"
+    tracemalloc.start()
+    try:
+        with target.open("wb") as out:
+            assert seal_stream(KEY, ITEM, (block for _ in range(size >> 20)), out) == size
+        _, peak_write = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        total = 0
+        with io.BufferedReader(OpeningReader(KEY, ITEM, target.open("rb"))) as reader:
+            while chunk := reader.read(1 << 20):
+                total += len(chunk)
+        _, peak_read = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == size
+    assert peak_write < 4 << 20 and peak_read < 4 << 20, (peak_write, peak_read)
+
+
+def test_key_folder_is_private_and_refuses_links(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys")
+    store.prepare()
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    store.create(1)
+    assert (tmp_path / "keys" / "kek-1").stat().st_mode & 0o777 == 0o600
+    assert len(store.load(1)) == 32
+    os.chmod(tmp_path / "keys" / "kek-1", 0o644)
+    with pytest.raises(AtRestError, match="not private") as caught:
+        store.load(1)
+    assert caught.value.fix and "chmod 600" in caught.value.fix
+    os.chmod(tmp_path / "keys" / "kek-1", 0o600)
+    with pytest.raises(AtRestError, match=r"version 7 .*is missing") as missing:
+        store.load(7)
+    assert "kek-7" in str(missing.value.fix)
+
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    (tmp_path / "linked").symlink_to(real)
+    with pytest.raises(AtRestError, match="not a folder"):
+        KeyStore(tmp_path / "linked").prepare()
+    # A key file that is a link to a key elsewhere is not read.
+    (real / "kek-1").write_bytes(os.urandom(32))
+    os.chmod(real / "kek-1", 0o600)
+    (tmp_path / "keys" / "kek-2").symlink_to(real / "kek-1")
+    with pytest.raises(AtRestError, match="not private"):
+        store.load(2)
+
+
+def test_destroy_overwrites_then_removes(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys")
+    store.prepare()
+    key = store.create(1)
+    inode_path = tmp_path / "keys" / "kek-1"
+    with inode_path.open("rb") as kept:  # a handle open across the destruction
+        store.destroy(1)
+        assert kept.read() != key  # the bytes of the file itself were overwritten
+    assert not inode_path.exists()
+    assert store.versions() == []
+
+
+def _spool_with_keys(tmp_path: Path, count: int = 5) -> tuple[SqliteSpool, Vault, dict[str, bytes]]:
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    sealed = {}
+    for n in range(count):
+        item = f"inbound-receipt:lab:<{n}@lab>"
+        with vault.storing(item) as sealing:
+            sealed[item] = sealing.seal(f"receipt {n} ".encode() * 100)
+            assert sealing.key is not None
+            spool.put_data_key(sealing.key)
+    return spool, vault, sealed
+
+
+def test_rotation_rewraps_survivors_and_destroys_the_old_key(tmp_path: Path) -> None:
+    spool, vault, sealed = _spool_with_keys(tmp_path)
+    old_kek = (tmp_path / "keys" / "kek-1").read_bytes()
+    gone = next(iter(sealed))
+    old_wrapped = spool.data_key(gone)
+    assert old_wrapped is not None and old_wrapped.kek == 1
+    spool._write("DELETE FROM data_keys WHERE item=?", (gone,))  # as a purge does
+    assert vault.rotate() == 2
+    assert KeyStore(tmp_path / "keys").versions() == [2]
+    assert spool.data_key_versions() == [2]
+    for item, stored in sealed.items():
+        if item == gone:
+            with pytest.raises(AtRestError, match="not in the spool"):
+                vault.open_bytes(item, stored)
+        else:
+            assert vault.open_bytes(item, stored).startswith(b"receipt")
+    # The purged item's old wrapped key opens with nothing left in the key folder.
+    new_kek = (tmp_path / "keys" / "kek-2").read_bytes()
+    with pytest.raises(InvalidUnwrap):
+        aes_key_unwrap(new_kek, old_wrapped.wrapped)
+    assert aes_key_unwrap(old_kek, old_wrapped.wrapped)  # (only the destroyed key did)
+    spool.close()
+
+
+def test_missing_key_version_is_named_at_start(tmp_path: Path) -> None:
+    spool, _, _ = _spool_with_keys(tmp_path)
+    (tmp_path / "keys" / "kek-1").unlink()
+    (tmp_path / "keys" / "kek-2").write_bytes(os.urandom(32))
+    os.chmod(tmp_path / "keys" / "kek-2", 0o600)
+    with pytest.raises(AtRestError, match=r"version 1 .*is missing"):
+        Vault(KeyStore(tmp_path / "keys"), spool).open()
+    spool.close()
+
+
+def test_a_rotation_waits_for_an_item_being_stored(tmp_path: Path) -> None:
+    """A data key wrapped under kek-1 but not yet stored when the rotation starts is
+    re-wrapped too: the rotation waits for the store to finish."""
+    spool, vault, _ = _spool_with_keys(tmp_path, 1)
+    item = "outbound-body:<late@hospital>"
+    rotated = threading.Event()
+    with vault.storing(item) as sealing:
+        stored = sealing.seal(b"late body")
+
+        def rotate() -> None:
+            vault.rotate()
+            rotated.set()
+
+        rotation = threading.Thread(target=rotate)
+        rotation.start()
+        assert not rotated.wait(0.3)  # blocked while the item is being stored
+        assert sealing.key is not None and sealing.key.kek == 1
+        spool.put_data_key(sealing.key)
+    rotation.join(30)
+    assert rotated.is_set()
+    assert vault.open_bytes(item, stored) == b"late body"
+    assert spool.data_key_versions() == [2]
+    spool.close()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "--kill-after=gateway.atrest.keys:KeyStore.create",
+        "--kill-after=gateway.spool.sqlite.datakeys:DataKeys.rewrap_data_keys",
+        "--kill-after=gateway.spool.sqlite.datakeys:DataKeys.shred",
+        "--kill-before=gateway.atrest.keys:KeyStore.destroy",
+        "--kill-after=gateway.atrest.keys:KeyStore.destroy",
+    ],
+)
+def test_a_rotation_killed_at_any_step_is_finished_at_the_next_start(
+    tmp_path: Path, fault: str
+) -> None:
+    spool, _, sealed = _spool_with_keys(tmp_path)
+    spool.close()
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "faultpoint.py"),
+            fault,
+            "--",
+            sys.executable,
+            "-m",
+            "tests.atrest_rotate",
+            str(tmp_path / "spool.sqlite3"),
+            str(tmp_path / "keys"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == -9, run.stderr.decode()
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    assert KeyStore(tmp_path / "keys").versions() == [2]
+    assert spool.data_key_versions() == [2]
+    for item, stored in sealed.items():
+        assert vault.open_bytes(item, stored).startswith(b"receipt")
+    spool.close()
