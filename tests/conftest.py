@@ -12,6 +12,7 @@ from hypothesis import settings
 from gateway.demo_run import GatewayProcess, free_port, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from tests.helpers.zones import World, two_zone_world
+from tests.rsyslog import Collector
 
 # No property test has a wall-clock deadline per example: on a loaded machine a
 # correct example can take longer than hypothesis' default 200 ms, and how fast
@@ -48,6 +49,16 @@ def world(tmp_path: Path) -> World:
         net_b="127.0.2.0/24",
         ports=(ports[0], ports[1], ports[2], ports[3]),
     )
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    """A real syslog-over-TLS collector (tests/rsyslog.py), not yet started."""
+    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
+    try:
+        yield found
+    finally:
+        found.stop()
 
 
 class Processes:

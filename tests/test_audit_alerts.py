@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.export.cursor import Position
@@ -24,15 +21,6 @@ from tests.cli import medgw
 from tests.helpers.audit import openssl_audit_key, wait_for_event, wait_for_events
 from tests.helpers.audit_export import export_to
 from tests.rsyslog import Collector, Received
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def tamper(path: Path, seq: int) -> None:

@@ -8,9 +8,6 @@ import json
 import socket
 import ssl
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -19,15 +16,6 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit_export import export_to, first_seen
 from tests.rsyslog import Collector, Received
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def delivered(layout: DemoLayout) -> int:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gateway.audit import AuditEvent, AuditLog, EventType, Severity
@@ -27,15 +25,6 @@ from tests.helpers.audit import events
 from tests.rsyslog import Collector, Received
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def target(collector: Collector, bound: int) -> Target:

@@ -5,11 +5,8 @@ skipped or sent twice, also across a daemon restart, checked at a real rsyslog c
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-
-import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.export.cursor import (
@@ -115,15 +112,6 @@ def test_a_file_missing_from_the_middle_is_reported_while_exporting(tmp_path: Pa
         position = reads[-1].after
     assert [b.path for b in broken] == [files[2]]
     assert "chain broken before record" in broken[0].why
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def test_every_record_reaches_the_collector_once_across_rotations_and_a_restart(

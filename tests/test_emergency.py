@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,15 +47,6 @@ from tests.rsyslog import Collector
 @pytest.fixture
 def site(layout: DemoLayout) -> Site:
     return Site(layout)
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def medgw(site: Site, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,15 +57,6 @@ def test_one_address_makes_its_own_storm_once() -> None:
     assert storms.in_storm("203.0.113.9") and not storms.in_storm("203.0.113.10")
     [ended] = storms.tick(everything=True)  # at shutdown
     assert ended.failures == 50
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    found = Collector(tmp_path / "collector", now=datetime.now(UTC))
-    try:
-        yield found
-    finally:
-        found.stop()
 
 
 def fail_handshake(layout: DemoLayout) -> None:
