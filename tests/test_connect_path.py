@@ -44,9 +44,8 @@ from gateway.spool import SqliteSpool
 from tests.helpers.zones import (
     World,
     as2_message,
-    send_as2,
+    post_as2,
     set_site_runtime,
-    tls_connect,
     two_zone_world,
 )
 from tests.routes import listening, zone_map
@@ -414,21 +413,6 @@ def _audited(world: World, event: str) -> list[dict[str, Any]]:
     return [e for e in read_audit(world.hospital.audit_log) if e["event"] == event]
 
 
-def _post_to_listener(world: World, address: str, port: int, built: Any) -> bytes:
-    conn = tls_connect(world.lab, world.lab, address, port)
-    try:
-        send_as2(conn, built)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
-    finally:
-        conn.close()
-
-
 def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
     world: World, processes: Any
 ) -> None:
@@ -448,7 +432,7 @@ def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
             world.lab, world.hospital, world.hospital.as2_id, b"MSH|x\r", receipt_url=receipt_url
         )
         port = world.hospital.listeners[0]["port"]
-        answer = _post_to_listener(world, "127.0.1.1", port, built)
+        answer = post_as2(world.lab, "127.0.1.1", port, built, until=b"\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200"), answer
         wait_until(lambda: lab_endpoint.seen == ["127.0.1.1"], 30, "the first receipt attempt")
 

@@ -40,7 +40,7 @@ from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import wait_handshake_refused
 from tests.helpers.maintenance import Site
 from tests.helpers.ocsp_world import OcspWorld
-from tests.helpers.zones import World, as2_message, handshake_refused, send_as2, tls_connect
+from tests.helpers.zones import World, as2_message, handshake_refused, post_as2
 from tests.rsyslog import Collector
 
 
@@ -384,17 +384,7 @@ def test_emergency_mode_never_lets_a_message_pass_between_zones(
     port = world.hospital.listeners[0]["port"]
     # the lab (zone A) addresses the pharmacy (zone B) through the hospital: transit
     built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
-    conn = tls_connect(world.lab, world.lab, "127.0.1.1", port)
-    try:
-        send_as2(conn, built)
-        answer = b""
-        while b"authentication-failed" not in answer:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        conn.close()
+    answer = post_as2(world.lab, "127.0.1.1", port, built, until=b"authentication-failed")
     assert b"authentication-failed" in answer
     [refused] = wait_for_events(world.hospital.audit_log, "routing.transit_refused")
     assert refused["detail"]["emergency"] == window["id"]

@@ -38,6 +38,7 @@ from tests.helpers.zones import (
     World,
     as2_message,
     handshake_refused,
+    post_as2,
     send_as2,
     tls_connect,
     toml_string,
@@ -669,17 +670,7 @@ def test_lab_to_hospital_delivered_and_transit_to_pharmacy_refused(
     # the lab (zone A) addresses a message to the pharmacy (zone B) through the hospital
     port = world.hospital.listeners[0]["port"]
     built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
-    conn = tls_connect(world.lab, world.lab, "127.0.1.1", port)
-    try:
-        send_as2(conn, built)
-        answer = b""
-        while b"authentication-failed" not in answer:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    finally:
-        conn.close()
+    answer = post_as2(world.lab, "127.0.1.1", port, built, until=b"authentication-failed")
     assert b"authentication-failed" in answer  # the signed MDN says so
     (refused,) = wait_for_events(world.hospital.audit_log, "routing.transit_refused")
 

@@ -272,6 +272,23 @@ def send_as2(conn: ssl.SSLSocket, built: Any) -> None:
     )
 
 
+def post_as2(site: Site, address: str, port: int, built: Any, *, until: bytes) -> bytes:
+    """POST ``built`` from ``site`` (trusting its own CA) to ``address:port``; what the
+    server answers, read until ``until`` is in it or the server closes."""
+    conn = tls_connect(site, site, address, port)
+    try:
+        send_as2(conn, built)
+        answer = b""
+        while until not in answer:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+    finally:
+        conn.close()
+
+
 def toml_string(value: Any) -> str:
     return json.dumps(value)
 
