@@ -9,8 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import asyncssh
 import pytest
+from cryptography import x509
 
 from gateway.audit import AuditEvent, EventType, Severity
 from gateway.clock import iso_time
@@ -32,12 +31,13 @@ from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl
 from gateway.pki.peers import TrustSettings
-from gateway.pki.validate import Purpose, RevocationPolicy, validate
+from gateway.pki.validate import Purpose, RevocationPolicy, ValidationResult, validate
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
+from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.demo import wait_handshake_refused
+from tests.helpers.demo import lab_post, wait_handshake_refused
 from tests.helpers.maintenance import Site
 from tests.helpers.ocsp_world import OcspWorld
 from tests.helpers.zones import World, as2_message, handshake_refused, post_as2
@@ -49,16 +49,18 @@ def site(layout: DemoLayout) -> Site:
     return Site(layout)
 
 
-def medgw(site: Site, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", *args, "--config", str(site.config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
+def run_emergency(config: Path, *args: str) -> str:
+    """``medgw emergency ARGS --config CONFIG``, which must succeed; its output."""
+    done = medgw("emergency", *args, "--config", config)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+class Recorder(list[AuditEvent]):
+    """An audit sink that keeps what it is given."""
+
+    def emit(self, event: AuditEvent) -> None:
+        self.append(event)
 
 
 def seal(site: Site) -> str:
@@ -66,9 +68,9 @@ def seal(site: Site) -> str:
     user ``emergency``; the code returned."""
     key_file = site.root / "emergency_id"
     key_file.unlink(missing_ok=True)
-    done = medgw(site, "emergency", "seal", "--key-file", str(key_file))
-    [code] = re.findall(r"code: +(\S+)", done.stdout)
-    assert "BEGIN OPENSSH PRIVATE KEY" in done.stdout
+    sealed = run_emergency(site.config, "seal", "--key-file", str(key_file))
+    [code] = re.findall(r"code: +(\S+)", sealed)
+    assert "BEGIN OPENSSH PRIVATE KEY" in sealed
     assert key_file.stat().st_mode & 0o777 == 0o600
     return str(code)
 
@@ -165,27 +167,20 @@ def _send_and_wait(layout: DemoLayout, name: str, count: int) -> str:
 def test_the_emergency_report_lists_exactly_the_messages_of_the_window(
     layout: DemoLayout, processes: Any
 ) -> None:
-    config = str(layout.hospital.config_path)
-    processes.start(layout.hospital.config_path)
+    config = layout.hospital.config_path
+    processes.start(config)
     processes.start(layout.lab.config_path)
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "emergency", *args, "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return done
+    def run(*args: str) -> str:
+        return run_emergency(config, *args)
 
     before = _send_and_wait(layout, "before.hl7", 1)
-    entered = json.loads(run("enter", "--reason", "CRL server down", "--hours", "2").stdout)
+    entered = json.loads(run("enter", "--reason", "CRL server down", "--hours", "2"))
     during = [_send_and_wait(layout, f"during-{n}.hl7", 2 + n) for n in range(2)]
-    left = json.loads(run("leave", "--reason", "CRL server back").stdout)
+    left = json.loads(run("leave", "--reason", "CRL server back"))
     assert left["id"] == entered["id"]
     after = _send_and_wait(layout, "after.hl7", 4)
-    report = run("report", "--last", "--format", "json").stdout
+    report = run("report", "--last", "--format", "json")
     listed = [json.loads(line) for line in report.splitlines()]
     assert sorted(m["message_id"] for m in listed) == sorted(during), (before, after)
     assert {m["window"] for m in listed} == {entered["id"]}
@@ -193,9 +188,9 @@ def test_the_emergency_report_lists_exactly_the_messages_of_the_window(
     assert all("message.delivered:success" in m["events"] for m in listed)
     # by time: the day's report holds the same messages, and the table names the window
     today = datetime.now(UTC).strftime("%Y-%m-%d")
-    by_day = run("report", "--since", today, "--until", today, "--format", "json").stdout
+    by_day = run("report", "--since", today, "--until", today, "--format", "json")
     assert sorted(json.loads(line)["message_id"] for line in by_day.splitlines()) == sorted(during)
-    table = run("report", "--last").stdout
+    table = run("report", "--last")
     assert f"WINDOW {entered['id']}" in table and "CRL server down" in table
     assert "left by operator:" in table and "CRL server back" in table
     # entering and leaving are audited; entering is an alert
@@ -209,26 +204,22 @@ def test_emergency_mode_ends_by_itself_and_a_restart_neither_ends_nor_forgets_it
     tmp_path: Path,
 ) -> None:
     clock = TickingClock()
-    recorded: list[AuditEvent] = []
-
-    class Sink:
-        def emit(self, event: AuditEvent) -> None:
-            recorded.append(event)
+    recorded = Recorder()
 
     settings = EmergencySettings(crl_stale_days=3)
-    mode = EmergencyMode(tmp_path, clock, Sink, lambda: settings)
-    marked = MarkingSink(Sink(), lambda: mode)
+    mode = EmergencyMode(tmp_path, clock, lambda: recorded, lambda: settings)
+    marked = MarkingSink(recorded, lambda: mode)
     start = clock.now().timestamp()
     window = mode.enter("power failure", start + 3600, "operator:root (uid 0)")
     marked.emit(AuditEvent(EventType.MESSAGE_RECEIVED, message_id="m1"))
     marked.emit(AuditEvent(EventType.DAEMON_STARTED))
     # a restart in between: the window is read back from the state folder
-    again = EmergencyMode(tmp_path, clock, Sink, lambda: settings)
+    again = EmergencyMode(tmp_path, clock, lambda: recorded, lambda: settings)
     assert again.current() == window
     again.expire()
     assert again.current() == window and recorded[-1].event is EventType.DAEMON_STARTED
     clock.at += timedelta(hours=1)
-    marked = MarkingSink(Sink(), lambda: again)
+    marked = MarkingSink(recorded, lambda: again)
     marked.emit(AuditEvent(EventType.MESSAGE_RECEIVED, message_id="m2"))
     again.expire()
     entered, first, daemon, second, left = recorded
@@ -254,17 +245,12 @@ def test_an_emergency_needs_a_reason_and_an_end_within_max_hours(tmp_path: Path)
         end_of("2026-11-27T05:00", None, now, 24)
     five = datetime(2026, 11, 27, 5, tzinfo=UTC).timestamp()
     assert end_of("2026-11-27T14:00+09:00", None, now, 24) == five
-    mode = EmergencyMode(tmp_path, clock, lambda: _Null(), EmergencySettings)
+    mode = EmergencyMode(tmp_path, clock, Recorder, EmergencySettings)
     with pytest.raises(EmergencyError, match="the reason is empty"):
         mode.enter(" \n", now + 60, "operator:root (uid 0)")
     mode.enter("flood", now + 60, "operator:root (uid 0)")
     with pytest.raises(EmergencyError, match="already on"):
         mode.enter("again", now + 60, "operator:root (uid 0)")
-
-
-class _Null:
-    def emit(self, event: AuditEvent) -> None:
-        pass
 
 
 def _emergency_problems(config: Path, table: str) -> list[str]:
@@ -305,18 +291,6 @@ def test_check_config_reads_what_emergency_mode_may_relax(layout: DemoLayout) ->
     assert any("emergency.lax" in p and "unknown key" in p for p in problems), problems
 
 
-def _hospital(layout: DemoLayout, *args: str) -> dict[str, Any]:
-    config = layout.hospital.config_path
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", "emergency", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout))
-
-
 def test_emergency_mode_lets_a_named_peer_send_while_ocsp_is_down_and_nothing_else(
     layout: DemoLayout, processes: Any
 ) -> None:
@@ -334,7 +308,8 @@ def test_emergency_mode_lets_a_named_peer_send_while_ocsp_is_down_and_nothing_el
         count=3,
     )
     processes.start(layout.lab.config_path)
-    window = _hospital(layout, "enter", "--reason", "OCSP responder down", "--hours", "1")
+    enter = ("enter", "--reason", "OCSP responder down", "--hours", "1")
+    window = json.loads(run_emergency(layout.hospital.config_path, *enter))
     drop_file(layout.lab.outbox_dir / "hospital", "during.hl7", b"MSH|during\r")
     [delivered] = wait_for_events(layout.hospital.audit_log, "message.delivered")
     assert delivered["detail"]["emergency"] == window["id"]
@@ -350,21 +325,13 @@ def test_emergency_mode_lets_a_named_peer_send_while_ocsp_is_down_and_nothing_el
         signing=lab.smime.signing,
         recipient=lab.require_peer("hospital").encryption_certificates[0],
     )
-    certs = layout.lab.root / "certs"
-    answer = as2client.post(
-        layout.hospital.port,
-        headers,
-        body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
+    answer = lab_post(layout, headers, body)
     assert b"integrity-check-failed" in answer.body
     [failed] = wait_for_events(layout.hospital.audit_log, "signature.failed")
     assert failed["detail"]["emergency"] == window["id"]
     assert sorted(p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()) == ["during.hl7"]
     # after the emergency the lab is refused again
-    _hospital(layout, "leave", "--reason", "OCSP responder back")
+    run_emergency(layout.hospital.config_path, "leave", "--reason", "OCSP responder back")
     drop_file(layout.lab.outbox_dir / "hospital", "after.hl7", b"MSH|after\r")
     wait_handshake_refused(layout)
     assert not (layout.hospital.inbox_dir / "lab" / "after.hl7").exists()
@@ -375,12 +342,7 @@ def test_emergency_mode_never_lets_a_message_pass_between_zones(
 ) -> None:
     config = world.hospital.config_path
     processes.start(config)
-    enter = ["emergency", "enter", "--reason", "flood", "--hours", "1", "--config", str(config)]
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway", *enter], capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    window = json.loads(done.stdout)
+    window = json.loads(run_emergency(config, "enter", "--reason", "flood", "--hours", "1"))
     port = world.hospital.listeners[0]["port"]
     # the lab (zone A) addresses the pharmacy (zone B) through the hospital: transit
     built = as2_message(world.lab, world.hospital, world.pharmacy.as2_id, b"MSH|for the pharmacy")
@@ -392,6 +354,23 @@ def test_emergency_mode_never_lets_a_message_pass_between_zones(
     ports = {lst["name"]: lst["port"] for lst in world.hospital.listeners}
     assert handshake_refused(world.lab, world.lab, "127.0.2.1", ports["zone-b"])
     assert not list((world.hospital.root / "inbox").rglob("*"))
+
+
+def _signer_verdict(
+    certificate: x509.Certificate, trust: TrustSettings, at: datetime
+) -> ValidationResult:
+    """The path validation of a signer's ``certificate`` under ``trust`` (as relaxed)."""
+    return asyncio.run(
+        validate(
+            certificate,
+            anchors=trust.anchors,
+            purpose=Purpose.SMIME_SIGN,
+            at=at,
+            revocation=trust.revocation,
+            crls=trust.crls,
+            policy=AlgorithmPolicy(),
+        )
+    )
 
 
 def test_stale_crls_are_accepted_up_to_the_configured_days_and_a_revocation_still_counts() -> None:
@@ -410,18 +389,7 @@ def test_stale_crls_are_accepted_up_to_the_configured_days_and_a_revocation_stil
 
     def judge(leaf: Issued, at: datetime, settings: EmergencySettings) -> bool:
         used = relaxed(settings, "lab", trust, at, [leaf.certificate])
-        result = asyncio.run(
-            validate(
-                leaf.certificate,
-                anchors=used.anchors,
-                purpose=Purpose.SMIME_SIGN,
-                at=at,
-                revocation=used.revocation,
-                crls=used.crls,
-                policy=AlgorithmPolicy(),
-            )
-        )
-        return result.valid
+        return _signer_verdict(leaf.certificate, used, at).valid
 
     assert not judge(good, two_days_stale, EmergencySettings())  # nothing relaxed
     assert judge(good, two_days_stale, settings)
@@ -454,17 +422,7 @@ def test_crl_stale_days_accepts_no_certificate_whose_issuer_has_no_crl_at_all() 
     at = start + timedelta(days=2)  # the one CRL is current
     used = relaxed(EmergencySettings(crl_stale_days=3), "lab", trust, at, [peer.certificate])
     assert used == trust
-    result = asyncio.run(
-        validate(
-            peer.certificate,
-            anchors=used.anchors,
-            purpose=Purpose.SMIME_SIGN,
-            at=at,
-            revocation=used.revocation,
-            crls=used.crls,
-            policy=AlgorithmPolicy(),
-        )
-    )
+    result = _signer_verdict(peer.certificate, used, at)
     assert not result.valid and "could not be established" in (result.reason or "")
 
 
@@ -477,14 +435,7 @@ def test_a_reload_that_changes_the_relaxations_during_an_emergency_is_an_alert_i
     hospital = processes.start(config)
 
     def run(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "gateway", "emergency", *args, "--config", str(config)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return run_emergency(config, *args)
 
     def reload(count: int) -> None:
         hospital.signal(signal.SIGHUP)
@@ -518,13 +469,9 @@ def test_a_reload_that_changes_the_relaxations_during_an_emergency_is_an_alert_i
 
 def test_a_maintainer_s_reload_names_who_changed_the_relaxations(tmp_path: Path) -> None:
     clock = TickingClock()
-    recorded: list[AuditEvent] = []
+    recorded = Recorder()
 
-    class Sink:
-        def emit(self, event: AuditEvent) -> None:
-            recorded.append(event)
-
-    mode = EmergencyMode(tmp_path, clock, Sink, EmergencySettings)
+    mode = EmergencyMode(tmp_path, clock, lambda: recorded, EmergencySettings)
     narrow, wide = EmergencySettings(crl_stale_days=1), EmergencySettings(crl_stale_days=9)
     mode.relaxations_changed(narrow, wide, "maintainer:alice")
     assert recorded == []  # off: nothing is relaxed, nothing to alert
@@ -557,11 +504,7 @@ def test_an_emergency_mode_file_others_could_write_is_refused_with_an_alert(
     tmp_path: Path, mode: int, owner: int | None, rule: str
 ) -> None:
     clock = TickingClock()
-    recorded: list[AuditEvent] = []
-
-    class Sink:
-        def emit(self, event: AuditEvent) -> None:
-            recorded.append(event)
+    recorded = Recorder()
 
     now = clock.now().timestamp()
     path = _window_file(tmp_path, now, now + 3600)
@@ -570,7 +513,7 @@ def test_an_emergency_mode_file_others_could_write_is_refused_with_an_alert(
         if os.geteuid() != 0:
             pytest.skip("giving a file to another user needs root")
         os.chown(path, owner, owner)
-    emergency = EmergencyMode(tmp_path, clock, Sink, EmergencySettings)
+    emergency = EmergencyMode(tmp_path, clock, lambda: recorded, EmergencySettings)
     assert emergency.current() is None
     [refused] = recorded
     assert refused.event is EventType.EMERGENCY_STATE_REFUSED
@@ -589,15 +532,13 @@ def test_an_emergency_mode_file_s_end_is_capped_at_max_hours_after_its_start(
     tmp_path: Path,
 ) -> None:
     clock = TickingClock()
-    recorded: list[AuditEvent] = []
-
-    class Sink:
-        def emit(self, event: AuditEvent) -> None:
-            recorded.append(event)
+    recorded = Recorder()
 
     now = clock.now().timestamp()
     _window_file(tmp_path, now, now + 10 * 365 * 86400)  # edited to end in ten years
-    emergency = EmergencyMode(tmp_path, clock, Sink, lambda: EmergencySettings(max_hours=6))
+    emergency = EmergencyMode(
+        tmp_path, clock, lambda: recorded, lambda: EmergencySettings(max_hours=6)
+    )
     window = emergency.current()
     assert window is not None and window.until == now + 6 * 3600
     clock.at += timedelta(hours=6)
