@@ -25,6 +25,7 @@ client the test runs inside a namespace.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -46,7 +47,8 @@ from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.spool import SqliteSpool
 from tests.helpers.audit import wait_for_event, wait_for_events
-from tests.helpers.zones import NOW, Site, as2_message, set_site_runtime, two_zone_world
+from tests.helpers.maintenance import enable_maintenance
+from tests.helpers.zones import NOW, Site, World, as2_message, set_site_runtime, two_zone_world
 
 REPO = Path(__file__).resolve().parent.parent
 # Every test here runs real gateways, one per network namespace.
@@ -132,6 +134,53 @@ def namespaces() -> Iterator[Namespaces]:
         spaces.teardown()
 
 
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    """The two zones on the namespaces' addresses (conftest's are on loopback)."""
+    return two_zone_world(
+        tmp_path,
+        hospital_a=HOSPITAL_A,
+        hospital_b=HOSPITAL_B,
+        lab_ip=LAB,
+        pharmacy_ip=PHARMACY,
+        net_a="10.77.1.0/24",
+        net_b="10.77.2.0/24",
+        ports=(PORT, PORT, PORT, PORT),
+    )
+
+
+@contextlib.contextmanager
+def _gateways(spaces: Namespaces, *sites: tuple[Site, str]) -> Iterator[list[GatewayProcess]]:
+    """``medgw run`` for each (site, namespace), ready; at the end, any still running is
+    killed and the last of each one's output printed (pytest shows it when a test fails)."""
+    started: list[GatewayProcess] = []
+    try:
+        for site, ns in sites:
+            proc = GatewayProcess(site.config_path, prefix=spaces.exec(ns))
+            started.append(proc)
+            proc.wait_ready()
+        yield started
+    finally:
+        for proc in started:
+            if proc.proc.poll() is None:
+                proc.kill()
+            print(f"--- output of medgw run --config {proc.config}")
+            print("\n".join(proc.raw[-60:]))
+
+
+def _stop(processes: list[GatewayProcess]) -> list[int]:
+    """SIGTERM to all at once, then each one's exit code."""
+    for proc in processes:
+        proc.signal(signal.SIGTERM)
+    return [proc.stop() for proc in processes]
+
+
+def _request_file(path: Path, built: Any) -> Path:
+    """An AS2 message as the ``post`` probe reads it."""
+    path.write_text(json.dumps({"headers": built.headers, "body": built.body.hex()}))
+    return path
+
+
 def _probe(spaces: Namespaces, ns: str, *args: str) -> dict[str, Any]:
     result = subprocess.run(
         [*spaces.exec(ns), sys.executable, "-m", "tests.test_netns", "probe", *args],
@@ -157,30 +206,15 @@ def _received_from(site: Site, peer: str) -> dict[str, Any]:
 
 
 def test_hospital_in_two_zones_passes_nothing_between_them(
-    namespaces: Namespaces, tmp_path: Path
+    namespaces: Namespaces, world: World, tmp_path: Path
 ) -> None:
-    world = two_zone_world(
-        tmp_path,
-        hospital_a=HOSPITAL_A,
-        hospital_b=HOSPITAL_B,
-        lab_ip=LAB,
-        pharmacy_ip=PHARMACY,
-        net_a="10.77.1.0/24",
-        net_b="10.77.2.0/24",
-        ports=(PORT, PORT, PORT, PORT),
-    )
     hospital, lab, pharmacy = world.hospital, world.lab, world.pharmacy
-    processes: list[GatewayProcess] = []
-    try:
-        for site, ns in (
-            (hospital, namespaces.hospital),
-            (lab, namespaces.lab),
-            (pharmacy, namespaces.pharmacy),
-        ):
-            proc = GatewayProcess(site.config_path, prefix=namespaces.exec(ns))
-            processes.append(proc)
-            proc.wait_ready()
-
+    with _gateways(
+        namespaces,
+        (hospital, namespaces.hospital),
+        (lab, namespaces.lab),
+        (pharmacy, namespaces.pharmacy),
+    ) as processes:
         # Zone A: lab -> hospital is delivered.
         drop_file(lab.root / "outbox" / "hospital", "result.hl7", b"MSH|lab result for the ward")
         delivered = hospital.root / "inbox" / "lab" / "result.hl7"
@@ -199,8 +233,7 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
 
         # Lab -> pharmacy through the hospital: refused, with a signed negative receipt.
         built = as2_message(lab, hospital, pharmacy.as2_id, b"MSH|for the pharmacy")
-        request = tmp_path / "transit.json"
-        request.write_text(json.dumps({"headers": built.headers, "body": built.body.hex()}))
+        request = _request_file(tmp_path / "transit.json", built)
         answer = _probe(
             namespaces,
             namespaces.lab,
@@ -248,15 +281,7 @@ def test_hospital_in_two_zones_passes_nothing_between_them(
         unreachable = _probe(namespaces, namespaces.pharmacy, "connect", HOSPITAL_A, str(PORT))
         assert unreachable["connected"] is False
 
-        for proc in processes:
-            proc.signal(signal.SIGTERM)
-        assert [proc.stop() for proc in processes] == [0, 0, 0]
-    finally:
-        for proc in processes:
-            if proc.proc.poll() is None:
-                proc.kill()
-            print(f"--- output of medgw run --config {proc.config}")
-            print("\n".join(proc.raw[-40:]))
+        assert _stop(processes) == [0, 0, 0]
 
 
 class Background:
@@ -277,6 +302,12 @@ class Background:
         self.proc.terminate()
         self.proc.wait(10)
 
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def _lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
@@ -288,18 +319,8 @@ EHR_PORT = 9443
 
 
 def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
-    namespaces: Namespaces, tmp_path: Path
+    namespaces: Namespaces, world: World, tmp_path: Path
 ) -> None:
-    world = two_zone_world(
-        tmp_path,
-        hospital_a=HOSPITAL_A,
-        hospital_b=HOSPITAL_B,
-        lab_ip=LAB,
-        pharmacy_ip=PHARMACY,
-        net_a="10.77.1.0/24",
-        net_b="10.77.2.0/24",
-        ports=(PORT, PORT, PORT, PORT),
-    )
     hospital, lab = world.hospital, world.lab
     # The internal system: its own CA, a certificate for ehr.internal.
     internal_ca = make_ca("Sakura internal CA", now=NOW, organization="Sakura IT")
@@ -319,28 +340,15 @@ def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
     lab_peer.write_text(lab_peer.read_text() + f'async_receipt_url = "https://{LAB}:{PORT}/as2"\n')
     namespaces.hosts(namespaces.hospital, "127.0.0.1 ehr.internal\n")
     handed_over, knocked = tmp_path / "ehr.jsonl", tmp_path / "pharmacy-9443.jsonl"
-    servers: list[Background] = []
-    processes: list[GatewayProcess] = []
-    try:
-        ehr_files = (str(tmp_path / "ehr.crt"), str(tmp_path / "ehr.key"))
-        servers.append(
-            Background(
-                namespaces,
-                namespaces.hospital,
-                "serve-https",
-                *ehr_files,
-                str(EHR_PORT),
-                str(handed_over),
-            )
-        )
-        # What ehr.internal will be made to point at: a port on the pharmacy's host.
-        record = ("record", PHARMACY, str(EHR_PORT), str(knocked))
-        servers.append(Background(namespaces, namespaces.pharmacy, *record))
-        for site, ns in ((hospital, namespaces.hospital), (lab, namespaces.lab)):
-            proc = GatewayProcess(site.config_path, prefix=namespaces.exec(ns))
-            processes.append(proc)
-            proc.wait_ready()
-
+    ehr_files = (str(tmp_path / "ehr.crt"), str(tmp_path / "ehr.key"))
+    serve = ("serve-https", *ehr_files, str(EHR_PORT), str(handed_over))
+    # What ehr.internal will be made to point at: a port on the pharmacy's host.
+    record = ("record", PHARMACY, str(EHR_PORT), str(knocked))
+    with (
+        Background(namespaces, namespaces.hospital, *serve),
+        Background(namespaces, namespaces.pharmacy, *record),
+        _gateways(namespaces, (hospital, namespaces.hospital), (lab, namespaces.lab)) as processes,
+    ):
         # Lab -> hospital: delivered, handed over on the hospital's own host, and the
         # receipt POSTed back to the lab afterwards.
         drop_file(lab.root / "outbox" / "hospital", "one.hl7", b"MSH|first result")
@@ -367,39 +375,19 @@ def test_hand_over_and_asynchronous_receipt_stay_on_their_side(
         assert _lines(knocked) == []  # nothing reached the pharmacy's host
         assert len(_lines(handed_over)) == 1
 
-        for proc in processes:
-            proc.signal(signal.SIGTERM)
-        assert [proc.stop() for proc in processes] == [0, 0]
-    finally:
-        for server in servers:
-            server.stop()
-        for proc in processes:
-            if proc.proc.poll() is None:
-                proc.kill()
-            print(f"--- output of medgw run --config {proc.config}")
-            print("\n".join(proc.raw[-40:]))
+        assert _stop(processes) == [0, 0]
 
 
 RECEIPT_PORT = 4443
 
 
 def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
-    namespaces: Namespaces, tmp_path: Path
+    namespaces: Namespaces, world: World, tmp_path: Path
 ) -> None:
     """The lab asked for its receipt at its zone A address; while the first delivery
     attempt hangs, a reload moves the lab into zone B.  The hospital could route from
     zone B's interface to the lab's address (it has both): the next attempt is refused
     by the zone in force, and the lab's address hears nothing from zone B."""
-    world = two_zone_world(
-        tmp_path,
-        hospital_a=HOSPITAL_A,
-        hospital_b=HOSPITAL_B,
-        lab_ip=LAB,
-        pharmacy_ip=PHARMACY,
-        net_a="10.77.1.0/24",
-        net_b="10.77.2.0/24",
-        ports=(PORT, PORT, PORT, PORT),
-    )
     hospital, lab = world.hospital, world.lab
     receipt_url = f"https://{LAB}:{RECEIPT_PORT}/as2"
     hospital.peers[0] = (lab, "zone-a", receipt_url)
@@ -408,16 +396,13 @@ def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
     slow = {"connect_timeout_seconds": 120, "request_timeout_seconds": 300}
     set_site_runtime(hospital.config_path, **slow)
     knocked, release = tmp_path / "lab-4443.jsonl", tmp_path / "release"
-    servers: list[Background] = []
-    daemon: GatewayProcess | None = None
-    try:
-        record = ("record", LAB, str(RECEIPT_PORT), str(knocked), str(release))
-        servers.append(Background(namespaces, namespaces.lab, *record))
-        daemon = GatewayProcess(hospital.config_path, prefix=namespaces.exec(namespaces.hospital))
-        daemon.wait_ready()
+    record = ("record", LAB, str(RECEIPT_PORT), str(knocked), str(release))
+    with (
+        Background(namespaces, namespaces.lab, *record),
+        _gateways(namespaces, (hospital, namespaces.hospital)) as (daemon,),
+    ):
         built = as2_message(lab, hospital, hospital.as2_id, b"MSH|x\r", receipt_url=receipt_url)
-        request = tmp_path / "message.json"
-        request.write_text(json.dumps({"headers": built.headers, "body": built.body.hex()}))
+        request = _request_file(tmp_path / "message.json", built)
         certs = str(lab.root / "certs")
         answer = _probe(
             namespaces, namespaces.lab, "post", certs, HOSPITAL_A, str(PORT), str(request)
@@ -442,16 +427,56 @@ def test_a_receipt_owed_across_a_reload_is_not_sent_from_another_zone(
 
         assert "not tried again" in given_up[0]["reason"]
         assert _lines(knocked) == [{"from": HOSPITAL_A}]  # nothing from HOSPITAL_B
-        daemon.signal(signal.SIGTERM)
         assert daemon.stop() == 0
-    finally:
-        for server in servers:
-            server.stop()
-        if daemon is not None:
-            if daemon.proc.poll() is None:
-                daemon.kill()
-            print(f"--- output of medgw run --config {daemon.config}")
-            print("\n".join(daemon.raw[-60:]))
+
+
+def test_the_maintenance_listener_cannot_be_reached_from_any_zone(
+    namespaces: Namespaces, world: World
+) -> None:
+    """The hospital's SSH maintenance port is on its loopback (reached through a jump host):
+    from the lab's zone and the pharmacy's zone no address of the hospital answers on it."""
+    hospital = world.hospital
+    maintenance_port = 2222
+    enable_maintenance(hospital.root, hospital.config_path, f"127.0.0.1:{maintenance_port}")
+    with _gateways(namespaces, (hospital, namespaces.hospital)) as (proc,):
+        # it listens: on the hospital's own loopback an SSH server answers
+        inside = _probe(namespaces, namespaces.hospital, "connect", "127.0.0.1", "2222")
+        assert inside["connected"], inside
+        for ns, address in (
+            (namespaces.lab, HOSPITAL_A),
+            (namespaces.pharmacy, HOSPITAL_B),
+            (namespaces.lab, HOSPITAL_B),  # routed via the hospital, which does not forward
+        ):
+            outside = _probe(namespaces, ns, "connect", address, str(maintenance_port))
+            assert not outside["connected"], (ns, address, outside)
+        assert proc.stop() == 0
+
+
+def test_a_maintenance_address_of_its_own_answers_no_zone_that_routes_to_it(
+    namespaces: Namespaces, world: World
+) -> None:
+    """The maintenance listener on a management address outside every zone's egress.
+    A zone's host that routes to that address reaches the hospital anyway (Linux accepts
+    a packet for any local address on any interface): medgw closes such a connection
+    before it says a word of SSH, and audits it."""
+    management = "10.77.9.1"
+    # the management address on the hospital's loopback device, as a host route would
+    _ip("-n", namespaces.hospital, "addr", "add", f"{management}/32", "dev", "lo")
+    _ip("-n", namespaces.lab, "route", "add", f"{management}/32", "via", HOSPITAL_A)
+    hospital = world.hospital
+    enable_maintenance(hospital.root, hospital.config_path, f"{management}:2222")
+    with _gateways(namespaces, (hospital, namespaces.hospital)) as (proc,):
+        inside = _probe(namespaces, namespaces.hospital, "read", management, "2222")
+        assert inside["received"].startswith("SSH-2.0-"), inside  # the management side
+        outside = _probe(namespaces, namespaces.lab, "read", management, "2222")
+        assert outside["received"] == "", outside  # not even the SSH banner
+        refused = wait_for_event(
+            hospital.audit_log,
+            "maintenance.login_failed",
+            where=lambda e: e.get("remote_address") == LAB,
+        )
+        assert "inside the egress of zone" in refused["reason"], refused
+        assert proc.stop() == 0
 
 
 # --- the client run inside a namespace ------------------------------------------------------
@@ -605,98 +630,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def test_the_maintenance_listener_cannot_be_reached_from_any_zone(
-    namespaces: Namespaces, tmp_path: Path
-) -> None:
-    """The hospital's SSH maintenance port is on its loopback (reached through a jump host):
-    from the lab's zone and the pharmacy's zone no address of the hospital answers on it."""
-    world = two_zone_world(
-        tmp_path,
-        hospital_a=HOSPITAL_A,
-        hospital_b=HOSPITAL_B,
-        lab_ip=LAB,
-        pharmacy_ip=PHARMACY,
-        net_a="10.77.1.0/24",
-        net_b="10.77.2.0/24",
-        ports=(PORT, PORT, PORT, PORT),
-    )
-    hospital = world.hospital
-    maintenance_port = 2222
-    host_key = hospital.root / "certs" / "ssh_host_ecdsa_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(host_key)],
-        check=True,
-    )
-    (hospital.root / "maintainers.d").mkdir(mode=0o700)
-    with hospital.config_path.open("a") as config:
-        config.write(
-            f'\n[maintenance]\nlisten = "127.0.0.1:{maintenance_port}"\nhost_key = "{host_key}"\n'
-        )
-    proc = GatewayProcess(hospital.config_path, prefix=namespaces.exec(namespaces.hospital))
-    try:
-        proc.wait_ready()
-        # it listens: on the hospital's own loopback an SSH server answers
-        inside = _probe(namespaces, namespaces.hospital, "connect", "127.0.0.1", "2222")
-        assert inside["connected"], inside
-        for ns, address in (
-            (namespaces.lab, HOSPITAL_A),
-            (namespaces.pharmacy, HOSPITAL_B),
-            (namespaces.lab, HOSPITAL_B),  # routed via the hospital, which does not forward
-        ):
-            outside = _probe(namespaces, ns, "connect", address, str(maintenance_port))
-            assert not outside["connected"], (ns, address, outside)
-        assert proc.stop() == 0
-    finally:
-        if proc.proc.poll() is None:
-            proc.kill()
-
-
-def test_a_maintenance_address_of_its_own_answers_no_zone_that_routes_to_it(
-    namespaces: Namespaces, tmp_path: Path
-) -> None:
-    """The maintenance listener on a management address outside every zone's egress.
-    A zone's host that routes to that address reaches the hospital anyway (Linux accepts
-    a packet for any local address on any interface): medgw closes such a connection
-    before it says a word of SSH, and audits it."""
-    world = two_zone_world(
-        tmp_path,
-        hospital_a=HOSPITAL_A,
-        hospital_b=HOSPITAL_B,
-        lab_ip=LAB,
-        pharmacy_ip=PHARMACY,
-        net_a="10.77.1.0/24",
-        net_b="10.77.2.0/24",
-        ports=(PORT, PORT, PORT, PORT),
-    )
-    management = "10.77.9.1"
-    # the management address on the hospital's loopback device, as a host route would
-    _ip("-n", namespaces.hospital, "addr", "add", f"{management}/32", "dev", "lo")
-    _ip("-n", namespaces.lab, "route", "add", f"{management}/32", "via", HOSPITAL_A)
-    hospital = world.hospital
-    host_key = hospital.root / "certs" / "ssh_host_ecdsa_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(host_key)],
-        check=True,
-    )
-    (hospital.root / "maintainers.d").mkdir(mode=0o700)
-    with hospital.config_path.open("a") as config:
-        config.write(f'\n[maintenance]\nlisten = "{management}:2222"\nhost_key = "{host_key}"\n')
-    proc = GatewayProcess(hospital.config_path, prefix=namespaces.exec(namespaces.hospital))
-    try:
-        proc.wait_ready()
-        inside = _probe(namespaces, namespaces.hospital, "read", management, "2222")
-        assert inside["received"].startswith("SSH-2.0-"), inside  # the management side
-        outside = _probe(namespaces, namespaces.lab, "read", management, "2222")
-        assert outside["received"] == "", outside  # not even the SSH banner
-        refused = wait_for_event(
-            hospital.audit_log,
-            "maintenance.login_failed",
-            where=lambda e: e.get("remote_address") == LAB,
-        )
-        assert "inside the egress of zone" in refused["reason"], refused
-        assert proc.stop() == 0
-    finally:
-        if proc.proc.poll() is None:
-            proc.kill()

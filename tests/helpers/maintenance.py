@@ -18,25 +18,30 @@ from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import events
 
 
+def enable_maintenance(root: Path, config: Path, listen: str) -> Path:
+    """The SSH maintenance listener on ``listen`` for the installation in ``root``: a new
+    host key in certs/, an empty maintainers.d/, and ``[maintenance]`` added to
+    ``config``; the host key's path."""
+    host_key = root / "certs" / "ssh_host_ecdsa_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(host_key)],
+        check=True,
+    )
+    (root / "maintainers.d").mkdir(mode=0o700)
+    with config.open("a") as handle:
+        handle.write(f'\n[maintenance]\nlisten = "{listen}"\nhost_key = "{host_key}"\n')
+    return host_key
+
+
 class Site:
     def __init__(self, layout: DemoLayout) -> None:
         self.root = layout.lab.root
         self.config = layout.lab.config_path
         self.audit = layout.lab.audit_log
         self.port = free_ports(1)[0]
-        self.host_key = self.root / "certs" / "ssh_host_ecdsa_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(self.host_key)],
-            check=True,
-        )
+        self.host_key = enable_maintenance(self.root, self.config, f"{ADDRESS}:{self.port}")
         self.folder = self.root / "maintainers.d"
-        self.folder.mkdir(mode=0o700)
         self.secrets: dict[str, str] = {}
-        with self.config.open("a") as handle:
-            handle.write(
-                f'\n[maintenance]\nlisten = "{ADDRESS}:{self.port}"\n'
-                f'host_key = "certs/ssh_host_ecdsa_key"\n'
-            )
         self.known_hosts = self.root / "known_hosts"
         public = self.host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[{ADDRESS}]:{self.port} {public[0]} {public[1]}\n")
