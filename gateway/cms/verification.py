@@ -23,6 +23,7 @@ from ..policy import COMPAT_DIGESTS, AlgorithmPolicy, certificate_key, normalize
 from .common import cert_der, cert_label, hash_bytes, hash_for
 from .signed_parsed import ParsedSignature, Signer
 from .signed_read import parse_signed_data
+from .trust import SignerValidator
 
 _EC_PUBLIC_KEY_OID = "1.2.840.10045.2.1"  # some producers put id-ecPublicKey here
 
@@ -42,6 +43,17 @@ class VerifiedSignature:
     content: bytes
     certificates: tuple[x509.Certificate, ...]
     compat_algorithms: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Acceptance:
+    """What a signature's signer is accepted by: a certificate byte-equal to one of
+    ``trusted_signers`` (pinned), else ``validate_signer`` (path validation) when given;
+    every algorithm under ``policy``."""
+
+    trusted_signers: Sequence[x509.Certificate]
+    policy: AlgorithmPolicy
+    validate_signer: SignerValidator | None
 
 
 def _find_cert(signer: Signer, candidates: Sequence[x509.Certificate]) -> x509.Certificate | None:
@@ -176,7 +188,7 @@ def _verify_raw(pub: Any, signature: bytes, data: bytes, h: Any, pad: Any) -> bo
 
 
 class _Content:
-    """The signed content, as bytes or as its digests (streaming)."""
+    """The signed content, as bytes or as its digests (streaming: ``data`` is None)."""
 
     def __init__(
         self, data: bytes | None, digest_of: Callable[[str], bytes] | None, length: int
@@ -257,7 +269,7 @@ def verify(
     content: bytes | None = None,
     trusted_signers: Sequence[x509.Certificate],
     policy: AlgorithmPolicy,
-    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None = None,
+    validate_signer: SignerValidator | None = None,
 ) -> VerifiedSignature:
     """Verify a DER/BER ``ContentInfo(SignedData)``.
 
@@ -269,7 +281,12 @@ def verify(
     :class:`gateway.cms.trust.TrustAnchors`).
     """
     parsed = parse_signed_data(signed)
-    return _verify_parsed(parsed, content, None, 0, trusted_signers, policy, validate_signer)
+    data = _content_for(parsed, content)
+    return _verify_parsed(
+        parsed,
+        _Content(data, None, len(data)),
+        _Acceptance(trusted_signers, policy, validate_signer),
+    )
 
 
 def parse_signature(signature: bytes) -> ParsedSignature:
@@ -297,7 +314,7 @@ def verify_digest(
     content_length: int,
     trusted_signers: Sequence[x509.Certificate],
     policy: AlgorithmPolicy,
-    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None = None,
+    validate_signer: SignerValidator | None = None,
 ) -> VerifiedSignature:
     """Verify a detached signature over content known by its digests (streaming).
 
@@ -312,7 +329,9 @@ def verify_digest(
             fix="verify attached signatures with verify()",
         )
     return _verify_parsed(
-        parsed, None, digest_of, content_length, trusted_signers, policy, validate_signer
+        parsed,
+        _Content(None, digest_of, content_length),
+        _Acceptance(trusted_signers, policy, validate_signer),
     )
 
 
@@ -332,13 +351,7 @@ def _content_for(parsed: ParsedSignature, content: bytes | None) -> bytes:
 
 
 def _verify_parsed(
-    parsed: ParsedSignature,
-    content: bytes | None,
-    digest_of: Callable[[str], bytes] | None,
-    content_length: int,
-    trusted_signers: Sequence[x509.Certificate],
-    policy: AlgorithmPolicy,
-    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None,
+    parsed: ParsedSignature, content: _Content, acceptance: _Acceptance
 ) -> VerifiedSignature:
     """:func:`_verify_checked`, with any parse error deep in the structure made a clean refusal.
 
@@ -346,9 +359,7 @@ def _verify_parsed(
     a signed attribute) can raise a bare ValueError long after the outer parse.
     """
     try:
-        return _verify_checked(
-            parsed, content, digest_of, content_length, trusted_signers, policy, validate_signer
-        )
+        return _verify_checked(parsed, content, acceptance)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
         raise MalformedMessageError(
             f"signed message is malformed: {exc}",
@@ -357,23 +368,11 @@ def _verify_parsed(
 
 
 def _verify_checked(
-    parsed: ParsedSignature,
-    content: bytes | None,
-    digest_of: Callable[[str], bytes] | None,
-    content_length: int,
-    trusted_signers: Sequence[x509.Certificate],
-    policy: AlgorithmPolicy,
-    validate_signer: Callable[[x509.Certificate, Sequence[x509.Certificate]], None] | None,
+    parsed: ParsedSignature, content: _Content, acceptance: _Acceptance
 ) -> VerifiedSignature:
-    if digest_of is not None:
-        data = b""
-        source = _Content(None, digest_of, content_length)
-    else:
-        data = _content_for(parsed, content)
-        source = _Content(data, None, len(data))
-    trusted_der = {cert_der(c) for c in trusted_signers}
+    trusted_der = {cert_der(c) for c in acceptance.trusted_signers}
     # pinned certificates first: a signer is checked against the key we trust
-    candidates = [*trusted_signers, *parsed.certificates]
+    candidates = [*acceptance.trusted_signers, *parsed.certificates]
     untrusted: list[str] = []
     missing: list[str] = []
     result: VerifiedSignature | None = None
@@ -382,12 +381,12 @@ def _verify_checked(
         if cert is None:
             missing.append(signer.describe())
             continue
-        scheme = _verify_signer(signer, cert, parsed, source, policy)
+        scheme = _verify_signer(signer, cert, parsed, content, acceptance.policy)
         if cert_der(cert) not in trusted_der:
-            if validate_signer is None:
+            if acceptance.validate_signer is None:
                 untrusted.append(cert_label(cert))
                 continue
-            validate_signer(cert, parsed.certificates)
+            acceptance.validate_signer(cert, parsed.certificates)
         if result is None:
             st = signer.signing_time
             if isinstance(st, datetime) and st.tzinfo is None:
@@ -397,7 +396,7 @@ def _verify_checked(
                 digest=normalize_digest(signer.digest),
                 signature_algorithm=scheme,
                 signing_time=st,
-                content=data,
+                content=content.data if content.data is not None else b"",
                 certificates=parsed.certificates,
                 compat_algorithms=_compat_digests(signer),
             )
