@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.backup.bundle import Written, created_event, write_bundle
+from gateway.backup.restore import refused_event
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
 from gateway.emergency.actions import Emergency
@@ -235,6 +236,13 @@ class Operations:
         written = write_bundle(self.config, to, self.clock.now())
         self.audit.emit(created_event(written, actor))
         return written
+
+    def restore_refused(
+        self, bundle: Path, reason: str, message: str, actor: str, forced: bool
+    ) -> None:
+        """``medgw restore`` was refused on this running gateway's host: audited here, the
+        one writer of the trail."""
+        self.audit.emit(refused_event(bundle, reason, message, actor, forced=forced))
 
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """Dispose of what finished before ``request.before`` (DSP-1), audited with

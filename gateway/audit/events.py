@@ -123,9 +123,11 @@ class EventType(StrEnum):
     # Closed audit files removed: which (first and last record, hashes), and where the
     # trail now starts; sealed by a checkpoint before the files go.
     RETENTION_AUDIT_DISPOSED = "retention.audit_disposed"
-    # An encrypted, signed backup bundle written (OUT-1), and one restored onto this host.
+    # An encrypted, signed backup bundle written (OUT-1), one restored onto this host, and
+    # a restore refused (``reason``: the rule; gateway.backup.restore).
     BACKUP_CREATED = "backup.created"
     BACKUP_RESTORED = "backup.restored"
+    BACKUP_RESTORE_REFUSED = "backup.restore_refused"
     # Emergencies (gateway.emergency): a break-glass credential sealed (any earlier one
     # stops working), used (an alert), emergency mode entered (an alert) and left.
     EMERGENCY_SEALED = "emergency.credential_sealed"

@@ -43,7 +43,12 @@ from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.files import trail_files
 from gateway.cms.stream import open_and_verify_file, sign_and_envelope_file
 from gateway.config import GatewayConfig
-from gateway.errors import MedgwError
+from gateway.errors import (
+    DecryptionError,
+    MedgwError,
+    SignatureError,
+    SignerNotTrustedError,
+)
 from gateway.fsutil import private_folder
 from gateway.pki.keypair import PrivateKey
 from gateway.policy import AlgorithmPolicy
@@ -61,6 +66,23 @@ _OWED = ("intake", "queued", "sending", "awaiting-receipt", "failed", "expired",
 
 class BackupError(MedgwError):
     """A backup could not be written, or a bundle cannot be restored."""
+
+
+class RestoreRefused(BackupError):
+    """``medgw restore`` refused a bundle, or refused to restore here; ``reason`` is the
+    rule, one short name (the ``reason`` of the ``backup.restore_refused`` audit event)."""
+
+    def __init__(self, message: str, *, reason: str, fix: str) -> None:
+        super().__init__(message, fix=fix)
+        self.reason = reason
+
+
+# Why a bundle cannot be opened, by the error the CMS layer raised.
+_NOT_OPENED = (
+    (SignerNotTrustedError, "bundle-signer"),
+    (SignatureError, "bundle-signature"),
+    (DecryptionError, "bundle-decryption"),
+)
 
 
 @dataclass(frozen=True)
@@ -221,6 +243,7 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
         "as2_id": config.as2_id,
         "state_dir": str(config.storage.state_dir),
         "inbox_dir": str(config.storage.inbox_dir),
+        "outbox_dir": str(config.storage.outbox_dir),
         "audit_log": config.storage.audit_log.name,
         "outbound_messages": messages,
         "files": files.files,
@@ -305,19 +328,117 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
 
 
 _PARTS = ("state", "inbox", "audit", "config")  # the folders a bundle's files are in
+MAX_MANIFEST_BYTES = 256 << 20  # a name and a digest per file: millions of files
 
 
-def _check_name(src: Path, name: object) -> None:
-    """A file name of the manifest stays inside its folder of the bundle: relative, in
-    one of :data:`_PARTS`, without an empty, ``.`` or ``..`` part (restore joins it to
-    this host's folders, where ``//`` or ``..`` would lead anywhere)."""
+def _check_name(src: Path, name: object, where: str = "the manifest names") -> None:
+    """A file name of the manifest (or the archive) stays inside its folder of the bundle:
+    relative, in one of :data:`_PARTS`, without an empty, ``.`` or ``..`` part (restore
+    joins it to this host's folders, where ``//`` or ``..`` would lead anywhere)."""
     parts = name.split("/") if isinstance(name, str) else []
     if len(parts) < 2 or parts[0] not in _PARTS or any(p in ("", ".", "..") for p in parts):
-        raise BackupError(
-            f"{src}: the manifest names {name!r}, which is not a file inside one of the "
-            f"bundle's folders ({', '.join(_PARTS)}); nothing was restored",
+        raise RestoreRefused(
+            f"{src}: {where} {name!r}, which is not a file inside one of the bundle's "
+            f"folders ({', '.join(_PARTS)}); nothing was restored",
+            reason="unsafe-name",
             fix="restore a bundle written by medgw backup",
         )
+
+
+def _not_a_backup(src: Path, why: str) -> RestoreRefused:
+    return RestoreRefused(
+        f"{src} is not a medgw backup: {why}; nothing was restored",
+        reason="not-a-backup",
+        fix="give a bundle written by medgw backup",
+    )
+
+
+def _decrypt_and_verify(
+    src: Path,
+    entity: Path,
+    *,
+    cert: x509.Certificate,
+    key: PrivateKey,
+    signers: list[x509.Certificate],
+) -> None:
+    try:
+        open_and_verify_file(
+            src, entity, cert=cert, key=key, trusted_signers=signers, policy=AlgorithmPolicy()
+        )
+    except OSError as exc:
+        raise RestoreRefused(
+            f"cannot read the bundle {src}: {exc.strerror or exc}; nothing was restored",
+            reason="bundle-unreadable",
+            fix="give the path of the bundle medgw backup wrote, readable by this user",
+        ) from exc
+    except MedgwError as exc:
+        reason = next((r for kind, r in _NOT_OPENED if isinstance(exc, kind)), "bundle-malformed")
+        raise RestoreRefused(
+            f"{src} cannot be opened: {exc.message}; nothing was restored",
+            reason=reason,
+            fix="give the backup recipient's certificate and key (--cert, --key), and a "
+            "bundle signed with this gateway's [smime] signing certificate; a bundle that "
+            "was changed after it was written is never restored",
+        ) from exc
+
+
+def _unpack(src: Path, entity: Path, archive: Path, work: Path) -> None:
+    """The verified entity's tar archive, decoded, unpacked into ``work``."""
+    with entity.open("rb") as handle, archive.open("wb") as tar_file:
+        os.fchmod(tar_file.fileno(), 0o600)
+        if handle.read(len(ENTITY_HEAD)) != ENTITY_HEAD:
+            raise _not_a_backup(src, "the signed content is not a base64 tar archive")
+        while lines := handle.readlines(1 << 20):
+            try:
+                tar_file.write(base64.b64decode(b"".join(lines), validate=False))
+            except ValueError as exc:
+                raise _not_a_backup(src, "the archive is not base64") from exc
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            for member in tar:  # medgw backup writes regular files only, under their names
+                if member.name != MANIFEST:
+                    _check_name(src, member.name, "the archive holds")
+                if not member.isfile():
+                    raise _not_a_backup(src, f"{member.name!r} in the archive is not a file")
+            tar.extractall(work, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise _not_a_backup(src, f"the archive cannot be unpacked ({exc})") from exc
+
+
+def _manifest(src: Path, work: Path) -> dict[str, Any]:
+    """The unpacked bundle's manifest, its shape checked (bounded: it came with the bundle)."""
+    try:
+        with (work / MANIFEST).open("rb") as handle:
+            manifest = json.loads(handle.read(MAX_MANIFEST_BYTES + 1))
+    except (OSError, ValueError) as exc:
+        raise RestoreRefused(
+            f"{src} has no readable manifest ({MANIFEST}); nothing was restored",
+            reason="manifest-unreadable",
+            fix="give a bundle written by medgw backup",
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise RestoreRefused(
+            f"{src} is a backup of format {found!r}, this medgw reads format {FORMAT}; "
+            "nothing was restored",
+            reason="format-version",
+            fix="restore it with the medgw version that wrote it",
+        )
+    files = manifest.get("files")
+    texts = ("state_dir", "inbox_dir", "audit_log")
+    if (
+        not isinstance(files, dict)
+        or not all(isinstance(d, str) for d in files.values())
+        or not all(isinstance(manifest.get(k), str) for k in texts)
+        or not isinstance(manifest.get("outbox_dir", ""), str)
+    ):
+        raise RestoreRefused(
+            f"{src}: the manifest lacks the files' digests or the places they came from "
+            f"({', '.join(texts)}); nothing was restored",
+            reason="manifest-unreadable",
+            fix="give a bundle written by medgw backup",
+        )
+    return manifest
 
 
 def open_bundle(
@@ -329,52 +450,24 @@ def open_bundle(
     signers: list[x509.Certificate],
 ) -> dict[str, Any]:
     """Decrypt ``src``, verify its signature (by one of ``signers``) and every file's
-    SHA-256, and unpack it into ``work``; returns the manifest."""
+    SHA-256, and unpack it into ``work``; returns the manifest.  Every refusal is a
+    :class:`RestoreRefused` naming its rule."""
     entity = work.with_name(work.name + ".entity")
     archive = work.with_name(work.name + ".tar")
     try:
-        try:
-            open_and_verify_file(
-                src, entity, cert=cert, key=key, trusted_signers=signers, policy=AlgorithmPolicy()
-            )
-        except MedgwError as exc:
-            raise BackupError(
-                f"{src} cannot be opened: {exc.message}",
-                fix="give the backup recipient's certificate and key (--cert, --key), and a "
-                "bundle signed with this gateway's [smime] signing certificate",
-            ) from exc
-        with entity.open("rb") as handle, archive.open("wb") as tar_file:
-            os.fchmod(tar_file.fileno(), 0o600)
-            head = handle.read(len(ENTITY_HEAD))
-            if head != ENTITY_HEAD:
-                raise BackupError(f"{src} is not a medgw backup", fix="give a medgw backup bundle")
-            while lines := handle.readlines(1 << 20):
-                try:
-                    tar_file.write(base64.b64decode(b"".join(lines), validate=False))
-                except ValueError as exc:
-                    raise BackupError(
-                        f"{src}: the archive is not base64", fix="give a medgw backup bundle"
-                    ) from exc
-        with tarfile.open(archive, mode="r:") as tar:
-            tar.extractall(work, filter="data")
+        _decrypt_and_verify(src, entity, cert=cert, key=key, signers=signers)
+        _unpack(src, entity, archive, work)
     finally:
         entity.unlink(missing_ok=True)
         archive.unlink(missing_ok=True)
-    try:
-        manifest: dict[str, Any] = json.loads((work / MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
-        raise BackupError(f"{src} has no readable manifest", fix="give a medgw backup") from exc
-    if manifest.get("format") != FORMAT:
-        raise BackupError(
-            f"{src} is a backup of format {manifest.get('format')!r}, this medgw reads {FORMAT}",
-            fix="restore it with the medgw version that wrote it",
-        )
+    manifest = _manifest(src, work)
     for name, digest in manifest["files"].items():
         _check_name(src, name)
         path = work / name
         if path.is_symlink() or not path.is_file() or _sha256(path) != digest:
-            raise BackupError(
-                f"{src}: {name} does not match its SHA-256 in the manifest",
+            raise RestoreRefused(
+                f"{src}: {name} does not match its SHA-256 in the manifest; nothing was restored",
+                reason="checksum",
                 fix="the bundle was damaged: restore another one",
             )
     return dict(manifest)

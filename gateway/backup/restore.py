@@ -1,33 +1,49 @@
 """Restoring a bundle onto a host: checked, then put where this host's configuration says.
 
 The bundle is opened (decrypted with the backup recipient's key, signature and every
-file's SHA-256 checked) before anything is written.  A state folder or audit trail
-that is not empty is refused unless ``force``: a restore never mixes two histories
-by accident.  The spool's file names are moved from the places of the host that
-wrote the bundle to this host's; the configuration in the bundle is put beside the
-state (``<state_dir>/restored-config/``) for the administrator to compare, never
-over this host's.  No daemon may run meanwhile (the state folder's lock).
+file's SHA-256 checked) before anything is written, and every file name its spool
+holds must lead into this host's state folder or inbox (the outbox, for a document
+still being taken in).  A state folder or audit trail that is not empty is refused
+unless ``force``: a restore never mixes two histories by accident.  The spool's file
+names are moved from the places of the host that wrote the bundle to this host's;
+the configuration in the bundle is put beside the state
+(``<state_dir>/restored-config/``) for the administrator to compare, never over this
+host's.  No daemon may run meanwhile (the state folder's lock, held from the first
+check to the last file).
+
+Every refusal is a :class:`RestoreRefused` naming its rule, handed to the caller's
+``refused`` (to audit it as ``backup.restore_refused``) before it is raised.  A trail
+that holds nothing but such refusals (earlier attempts on this fresh host) does not
+make the host "not empty": the restore keeps it, under a name of its own beside the
+restored trail (:data:`REFUSALS_KEPT`), and says so to ``restored``.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from gateway.audit.files import trail_files
-from gateway.backup.bundle import BackupError, open_bundle
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
+from gateway.audit.export.cursor import MAX_LINE
+from gateway.audit.files import STAMP, trail_files
+from gateway.backup.bundle import BackupError, RestoreRefused, open_bundle
 from gateway.config import GatewayConfig
 from gateway.fsutil import private_folder, shared_folder
-from gateway.instance import LOCK_NAME, InstanceLock
+from gateway.instance import LOCK_NAME, AlreadyRunningError, InstanceLock
 from gateway.pki.keypair import PrivateKey
 
 RESTORED_CONFIG = "restored-config"
+WORK = ".restore"  # the unpacked bundle, inside the state folder, removed when done
+REFUSALS_KEPT = "{stem}-refused-restores-{stamp}{suffix}"  # never a closed file's name
 _PATH_COLUMNS = {
     "outbound": ("source_path", "payload_path", "body_path", "receipt_path"),
     "inbound": ("target_path", "work_path"),
@@ -39,14 +55,39 @@ _PATH_COLUMNS = {
 class Restored:
     manifest: dict[str, Any]
     files: int
+    kept_refusals: tuple[Path, ...] = ()  # this host's earlier refusals, kept aside
 
 
-def _occupied(config: GatewayConfig) -> list[str]:
+def _refusals_only(audit_log: Path) -> list[Path]:
+    """The files of a trail holding records, every one a refused restore (earlier
+    attempts on this host); [] when the trail is empty or holds anything else."""
+    files = [p for p in trail_files(audit_log) if p.stat().st_size]
+    for path in files:
+        with path.open("rb") as handle:
+            while line := handle.readline(MAX_LINE):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return []
+                if (
+                    not isinstance(record, dict)
+                    or record.get("event") != EventType.BACKUP_RESTORE_REFUSED
+                ):
+                    return []
+    return files
+
+
+def _occupied(config: GatewayConfig, refusals: list[Path]) -> list[str]:
     state = config.storage.state_dir
+    audit = config.storage.audit_log
     found = []
     if state.exists():
-        found += [str(p) for p in state.iterdir() if p.name != LOCK_NAME]
-    found += [str(p) for p in trail_files(config.storage.audit_log) if p.stat().st_size]
+        found += [
+            str(p)
+            for p in state.iterdir()
+            if p.name not in (LOCK_NAME, WORK) and not audit.is_relative_to(p)
+        ]
+    found += [str(p) for p in trail_files(audit) if p.stat().st_size and p not in refusals]
     return found
 
 
@@ -57,6 +98,74 @@ def _moved(text: str | None, places: list[tuple[str, str]]) -> str | None:
         if text == old or text.startswith(old.rstrip("/") + "/"):
             return new + text[len(old) :]
     return text
+
+
+def _places(config: GatewayConfig, manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """(the bundle's folder, this host's), the deepest first (one may be inside another)."""
+    storage = config.storage
+    places = [
+        (manifest["state_dir"], str(storage.state_dir)),
+        (manifest["inbox_dir"], str(storage.inbox_dir)),
+    ]
+    if manifest.get("outbox_dir"):  # bundles written before it was recorded lack it
+        places.append((manifest["outbox_dir"], str(storage.outbox_dir)))
+    return sorted(places, key=lambda p: len(p[0]), reverse=True)
+
+
+def _inside(text: str, folders: list[Path]) -> bool:
+    path = Path(os.path.normpath(text))  # a ``..`` counts where it leads
+    return path.is_absolute() and any(path.is_relative_to(f) for f in folders)
+
+
+def _used_paths(db: sqlite3.Connection) -> Iterator[tuple[str, str, str, str]]:
+    """(table, column, message id, file name) of every file the restored gateway would
+    read, write or remove.  The outbox name of a message past intake is only a record of
+    where it came from (never opened): not one of them."""
+    for table, columns in _PATH_COLUMNS.items():
+        present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        wanted = [c for c in columns if c in present]
+        state = "state" if "state" in present else "NULL"
+        query = f"SELECT message_id, {state}, {', '.join(wanted)} FROM {table}"  # noqa: S608
+        for key, row_state, *values in db.execute(query):
+            for column, value in zip(wanted, values, strict=True):
+                if value and (column != "source_path" or row_state == "intake"):
+                    yield table, column, str(key), str(value)
+
+
+def _check_spool_paths(
+    config: GatewayConfig, bundle: Path, spool: Path, places: list[tuple[str, str]]
+) -> None:
+    """Every file name of the bundle's spool, moved to this host's places, leads into the
+    state folder or the inbox; a document still in intake may also name the outbox it
+    is taken from."""
+    storage = config.storage
+    folders = [Path(os.path.normpath(f.absolute())) for f in (storage.state_dir, storage.inbox_dir)]
+    with_outbox = [*folders, Path(os.path.normpath(storage.outbox_dir.absolute()))]
+    try:
+        db = sqlite3.connect(spool)
+        try:
+            for table, column, key, value in _used_paths(db):
+                moved = _moved(value, places) or value
+                intake = column == "source_path"
+                if _inside(moved, with_outbox if intake else folders):
+                    continue
+                where = "state folder, inbox or outbox" if intake else "state folder or inbox"
+                raise RestoreRefused(
+                    f"{bundle}: its spool names {value!r} ({table}.{column} of message {key}), "
+                    f"which leads to {moved!r}, outside this host's {where}; nothing was "
+                    "restored",
+                    reason="spool-path-outside",
+                    fix="restore a bundle written by medgw backup: it records no file outside "
+                    "these folders, so find out where this one came from",
+                )
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise RestoreRefused(
+            f"{bundle}: its spool cannot be read ({exc}); nothing was restored",
+            reason="spool-unreadable",
+            fix="the bundle was damaged: restore another one",
+        ) from exc
 
 
 def _move_paths(spool: Path, places: list[tuple[str, str]]) -> None:
@@ -111,60 +220,154 @@ def _destinations(
     return moves
 
 
+def _refused_here(config: GatewayConfig, occupied: list[str]) -> RestoreRefused:
+    shown = ", ".join(occupied[:3]) + (" ..." if len(occupied) > 3 else "")
+    return RestoreRefused(
+        f"the state folder or audit trail of {config.source} is not empty ({shown}): a "
+        "restore would mix two histories; nothing was restored",
+        reason="not-empty",
+        fix="restore onto a fresh host (empty [storage] state_dir and audit log), or add "
+        "--force to replace what is there",
+    )
+
+
+def _keep_refusals(refusals: list[Path], at: datetime) -> tuple[Path, ...]:
+    """Move the trail of earlier refusals aside, under a name that is no file of the trail."""
+    kept = []
+    stamp = at.astimezone(UTC).strftime(STAMP)
+    for path in refusals:
+        name = REFUSALS_KEPT.format(stem=path.stem, stamp=stamp, suffix=path.suffix)
+        target = path.with_name(name)
+        path.rename(target)
+        kept.append(target)
+    return tuple(kept)
+
+
+def _restore_locked(
+    config: GatewayConfig,
+    bundle: Path,
+    recipient: Callable[[], tuple[x509.Certificate, PrivateKey]],
+    *,
+    force: bool,
+    now: datetime,
+) -> tuple[dict[str, Any], tuple[Path, ...]]:
+    """Check everything, then put the bundle in place; (manifest, earlier refusals kept)."""
+    refusals = _refusals_only(config.storage.audit_log)
+    occupied = _occupied(config, refusals)
+    if occupied and not force:
+        raise _refused_here(config, occupied)
+    state = config.storage.state_dir
+    work = state / WORK
+    shutil.rmtree(work, ignore_errors=True)
+    private_folder(work)
+    try:
+        cert, key = recipient()
+    except RestoreRefused:
+        raise
+    except BackupError as exc:
+        raise RestoreRefused(exc.message, reason="recipient-unreadable", fix=exc.fix or "") from exc
+    manifest = open_bundle(
+        bundle, work, cert=cert, key=key, signers=[config.smime.signing.certificate]
+    )
+    places = _places(config, manifest)
+    spool = work / "state" / config.storage.spool_path.name
+    if f"state/{spool.name}" in manifest["files"]:
+        _check_spool_paths(config, bundle, spool, places)
+    moves = _destinations(config, manifest, work)
+    taken = [str(dst) for _src, dst in moves if dst.exists() and dst not in refusals]
+    if taken and not force:
+        raise RestoreRefused(
+            f"{len(taken)} files of the bundle are there already ({', '.join(taken[:3])}"
+            + (" ..." if len(taken) > 3 else "")
+            + "): a restore never replaces them by accident (a received document in the "
+            "inbox is never written twice); nothing was restored",
+            reason="files-exist",
+            fix="move them away, or add --force to replace them",
+        )
+    kept = _keep_refusals(refusals, now)
+    for src, dst in moves:
+        if src.name == config.storage.spool_path.name and dst == config.storage.spool_path:
+            _move_paths(src, places)
+            for suffix in ("-wal", "-shm"):
+                dst.with_name(dst.name + suffix).unlink(missing_ok=True)
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.move(src, dst)  # the inbox or audit folder may be on another file system
+    return manifest, kept
+
+
 def restore(
     config: GatewayConfig,
     bundle: Path,
     *,
-    cert: x509.Certificate,
-    key: PrivateKey,
+    recipient: Callable[[], tuple[x509.Certificate, PrivateKey]],
+    now: datetime,
     force: bool = False,
-    restored: Callable[[dict[str, Any]], None] = lambda _manifest: None,
+    restored: Callable[[Restored], None] = lambda _done: None,
+    refused: Callable[[RestoreRefused], None] = lambda _exc: None,
 ) -> Restored:
-    """Restore ``bundle`` into the places of ``config``; ``restored`` is called once it is
-    in place, before the state folder's lock is released (to audit it)."""
-    occupied = _occupied(config)
-    if occupied and not force:
-        shown = ", ".join(occupied[:3]) + (" ..." if len(occupied) > 3 else "")
-        raise BackupError(
-            f"the state folder or audit trail of {config.source} is not empty ({shown}): a "
-            "restore would mix two histories",
-            fix="restore onto a fresh host (empty [storage] state_dir and audit log), or add "
-            "--force to replace what is there",
-        )
+    """Restore ``bundle`` into the places of ``config``.  ``recipient`` gives the backup
+    recipient's certificate and key (read once the state folder is locked: a failure to
+    read them is a refusal like any other).  ``restored`` is called once the bundle is
+    in place, ``refused`` with every refusal before it is raised; both while the state
+    folder's lock is held (to audit), except for the refusal ``daemon-running`` (the
+    running daemon holds the lock and the trail: record it through the daemon)."""
     state = config.storage.state_dir
     shared_folder(state)
     lock = InstanceLock(state)
-    lock.acquire()  # no daemon runs on this state folder meanwhile
-    work = state / ".restore"
-    shutil.rmtree(work, ignore_errors=True)
-    private_folder(work)
     try:
-        manifest = open_bundle(
-            bundle, work, cert=cert, key=key, signers=[config.smime.signing.certificate]
+        lock.acquire()  # no daemon runs on this state folder meanwhile
+    except AlreadyRunningError as exc:
+        refusal = RestoreRefused(
+            f"{exc.message.split(';')[0]}: a restore would pull the state from under it; "
+            "nothing was restored",
+            reason="daemon-running",
+            fix="stop it first (systemctl stop medgw), then restore onto its empty state "
+            "folder, or restore onto a fresh host",
         )
-        places = [
-            (manifest["state_dir"], str(state)),
-            (manifest["inbox_dir"], str(config.storage.inbox_dir)),
-        ]
-        moves = _destinations(config, manifest, work)
-        taken = [str(dst) for _src, dst in moves if dst.exists()]
-        if taken and not force:
-            raise BackupError(
-                f"{len(taken)} files of the bundle are there already ({', '.join(taken[:3])}"
-                + (" ..." if len(taken) > 3 else "")
-                + "): a restore never replaces them by accident (a received document in the "
-                "inbox is never written twice)",
-                fix="move them away, or add --force to replace them",
-            )
-        for src, dst in moves:
-            if src.name == config.storage.spool_path.name and dst == config.storage.spool_path:
-                _move_paths(src, places)
-                for suffix in ("-wal", "-shm"):
-                    dst.with_name(dst.name + suffix).unlink(missing_ok=True)
-            dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            shutil.move(src, dst)  # the inbox or audit folder may be on another file system
-        restored(manifest)
+        refused(refusal)
+        raise refusal from exc
+    work = state / WORK
+    try:
+        try:
+            manifest, kept = _restore_locked(config, bundle, recipient, force=force, now=now)
+        except RestoreRefused as exc:
+            refused(exc)
+            raise
+        done = Restored(manifest, len(manifest["files"]), kept)
+        restored(done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         lock.release()
-    return Restored(manifest, len(manifest["files"]))
+    return done
+
+
+def refused_event(
+    bundle: Path, reason: str, message: str, actor: str, *, forced: bool
+) -> AuditEvent:
+    """``backup.restore_refused``: which bundle, the rule (``reason``), what was said, who."""
+    return AuditEvent(
+        EventType.BACKUP_RESTORE_REFUSED,
+        Outcome.FAILURE,
+        Severity.WARNING,
+        reason=reason,
+        actor=actor,
+        detail={"file": str(bundle), "error": message, "forced": forced},
+    )
+
+
+def restored_event(bundle: Path, done: Restored, actor: str, *, forced: bool) -> AuditEvent:
+    """``backup.restored``: which bundle, of when, from whom, how many files, who; and
+    where this host's earlier refused attempts were kept."""
+    manifest = done.manifest
+    detail: dict[str, Any] = {
+        "file": str(bundle),
+        "created_at": manifest.get("created_at"),
+        "from_as2_id": manifest.get("as2_id"),
+        "files": done.files,
+        "forced": forced,
+    }
+    if done.kept_refusals:
+        detail["refusals_kept_in"] = [str(p) for p in done.kept_refusals]
+    return AuditEvent(
+        EventType.BACKUP_RESTORED, severity=Severity.WARNING, actor=actor, detail=detail
+    )

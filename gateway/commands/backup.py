@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.audit import AuditEvent, AuditLog, EventType, Severity
-from gateway.backup.bundle import BackupError, created_event, write_bundle
-from gateway.backup.restore import restore
+from gateway.audit import AuditEvent, AuditLog
+from gateway.backup.bundle import BackupError, RestoreRefused, created_event, write_bundle
+from gateway.backup.restore import Restored, refused_event, restore, restored_event
 from gateway.clock import SystemClock
 from gateway.commands import add_config_option, emit
 from gateway.commands.queue import control_client
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.control.client import NotRunningError
 from gateway.control.server import operator
+from gateway.errors import MedgwError
 from gateway.instance import InstanceLock
 from gateway.pki.keypair import PrivateKey
 
@@ -76,11 +78,7 @@ def _backup(args: argparse.Namespace) -> int:
         lock.acquire()  # the daemon does not start meanwhile
         try:
             written = write_bundle(config, to, SystemClock().now())
-            audit = AuditLog(config.storage.audit_log, SystemClock(), node=config.as2_id)
-            try:
-                audit.emit(created_event(written, _actor()))
-            finally:
-                audit.close()
+            _record(config, created_event(written, _actor()))
         finally:
             lock.release()
         result = {
@@ -107,41 +105,68 @@ def _recipient(args: argparse.Namespace) -> tuple[x509.Certificate, PrivateKey]:
         key = serialization.load_pem_private_key(args.key.read_bytes(), None)
     except (OSError, ValueError, TypeError) as exc:
         raise BackupError(
-            f"cannot read the backup recipient's certificate {args.cert} or key {args.key}: {exc}",
+            f"cannot read the backup recipient's certificate {args.cert} or key {args.key}: "
+            f"{exc}; nothing was restored",
             fix="give the certificate of [backup] recipient and its unencrypted PEM key",
         ) from exc
     return cert, key  # type: ignore[return-value]
 
 
+def _record(config: GatewayConfig, event: AuditEvent) -> None:
+    """Write ``event`` to the trail (the state folder's lock is held: no daemon writes it)."""
+    audit = AuditLog(config.storage.audit_log, SystemClock(), node=config.as2_id)
+    try:
+        audit.emit(event)
+    finally:
+        audit.close()
+
+
+def _record_refusal(args: argparse.Namespace, config: GatewayConfig, exc: RestoreRefused) -> None:
+    """Audit a refused restore: in the trail, or through the daemon that runs and holds it.
+    A refusal that cannot be recorded is said on stderr (the refusal stands)."""
+    bundle = args.source.absolute()
+    try:
+        if exc.reason == "daemon-running":
+            body = {"file": str(bundle), "reason": exc.reason, "error": exc.message}
+            control_client(args.config).call(
+                "POST", "/v1/backup/restore-refused", {**body, "forced": args.force}
+            )
+        else:
+            _record(
+                config, refused_event(bundle, exc.reason, exc.message, _actor(), forced=args.force)
+            )
+    except (MedgwError, OSError) as error:
+        print(
+            f"medgw: this refusal is NOT recorded in the audit trail: {error}",
+            file=sys.stderr,
+        )
+
+
 def _restore(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    cert, key = _recipient(args)
+    bundle = args.source.absolute()
 
-    def audited(manifest: dict[str, Any]) -> None:
-        audit = AuditLog(config.storage.audit_log, SystemClock(), node=config.as2_id)
-        try:
-            audit.emit(
-                AuditEvent(
-                    EventType.BACKUP_RESTORED,
-                    severity=Severity.WARNING,
-                    actor=_actor(),
-                    detail={
-                        "file": str(args.source.absolute()),
-                        "created_at": manifest.get("created_at"),
-                        "from_as2_id": manifest.get("as2_id"),
-                        "files": len(manifest["files"]),
-                        "forced": args.force,
-                    },
-                )
-            )
-        finally:
-            audit.close()
+    def restored(done: Restored) -> None:
+        _record(config, restored_event(bundle, done, _actor(), forced=args.force))
 
-    done = restore(config, args.source, cert=cert, key=key, force=args.force, restored=audited)
+    done = restore(
+        config,
+        args.source,
+        recipient=lambda: _recipient(args),
+        now=SystemClock().now(),
+        force=args.force,
+        restored=restored,
+        refused=lambda exc: _record_refusal(args, config, exc),
+    )
     manifest = done.manifest
     result = {"files": done.files, "created_at": manifest.get("created_at")}
     text = (
         f"restored {done.files} files from the backup of {manifest.get('created_at')} "
         f"(configuration of then in {config.storage.state_dir / 'restored-config'})"
     )
+    if done.kept_refusals:
+        result["refusals_kept_in"] = [str(p) for p in done.kept_refusals]
+        text += "; the earlier refused attempts' audit records are kept in " + ", ".join(
+            str(p) for p in done.kept_refusals
+        )
     return emit(args, result, text)

@@ -123,6 +123,7 @@ class ControlServer:
         app.router.add_post("/v1/purge", self._purge)
         app.router.add_post("/v1/audit/verification-failed", self._verification_failed)
         app.router.add_post("/v1/backup", self._backup)
+        app.router.add_post("/v1/backup/restore-refused", self._restore_refused)
         app.router.add_get("/v1/emergency", self._emergency)
         app.router.add_post("/v1/emergency/{action:seal|enter|leave}", self._emergency)
         app.router.add_post("/v1/messages", self._submit_message)
@@ -226,6 +227,20 @@ class ControlServer:
             return body
         reason = str(body.get("reason") or "medgw audit verify found the trail broken")[:2000]
         return await self._act(request, lambda: self._ops().audit_verification_failed(reason, who))
+
+    async def _restore_refused(self, request: web.Request) -> web.Response:
+        """``medgw restore`` refused because this daemon runs: recorded in its trail."""
+        who = caller(request)
+        body = await _json_object(request)
+        if isinstance(body, web.Response):
+            return body
+        bundle = Path(str(body.get("file") or "")[:1000])
+        reason = str(body.get("reason") or "daemon-running")[:100]
+        message = str(body.get("error") or "")[:2000]
+        forced = body.get("forced") is True
+        return await self._act(
+            request, lambda: self._ops().restore_refused(bundle, reason, message, who, forced)
+        )
 
     async def _resume(self, request: web.Request) -> web.Response:
         who = caller(request)

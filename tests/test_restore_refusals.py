@@ -1,0 +1,313 @@
+"""Every refused ``medgw restore`` is audited (``backup.restore_refused``, the rule as
+its reason) and tells the administrator the input, the rule and the fix; nothing is
+written, and a fresh host stays restorable.  A bundle whose spool names a file outside
+this host's state folder and inbox is refused even when its signature is good."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import shutil
+import sqlite3
+import tarfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, open_bundle
+from gateway.clock import SystemClock
+from gateway.cms.stream import sign_and_envelope_file
+from gateway.config import load_config
+from gateway.demo_run import read_audit
+from gateway.pki.demo import DemoLayout
+from gateway.pki.keypair import PrivateKey
+from gateway.policy import AlgorithmPolicy
+from gateway.spool import SqliteSpool
+from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
+from tests.test_backup import add_backup, recipient
+
+
+def _key(path: Path) -> PrivateKey:
+    return cast(PrivateKey, serialization.load_pem_private_key(path.read_bytes(), None))
+
+
+def _owed_handover_backup(layout: DemoLayout, tmp: Path) -> tuple[Path, Path, Path]:
+    """A real bundle of the hospital holding a received document whose hand-over is owed
+    (so that its spool names an inbox file); (bundle, recipient key, certificate)."""
+    key, cert = recipient(tmp / "offline")
+    hospital = layout.hospital
+    add_backup(hospital.config_path, cert)
+    document = hospital.inbox_dir / "lab" / "result.hl7"
+    document.parent.mkdir(parents=True, exist_ok=True)
+    document.write_bytes(b"MSH|owed to the internal system\r")
+    config = load_config(hospital.config_path)
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    spool.inbound_begin("lab", "<owed@lab>", "00" * 32, document)
+    spool.inbound_delivered("lab", "<owed@lab>", [], b"receipt", ("application/hl7-v2", 31))
+    spool.close()
+    bundle = tmp / "medgw.p7m"
+    made = medgw("backup", "--to", bundle, "--config", hospital.config_path)
+    assert made.returncode == 0, made.stderr
+    return bundle, key, cert
+
+
+def _fresh(layout: DemoLayout, name: str) -> Path:
+    root = layout.hospital.root.with_name(name)
+    shutil.copytree(
+        layout.hospital.root,
+        root,
+        ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox"),
+    )
+    return root / "gateway.toml"
+
+
+def _seal(
+    entity_content: bytes, dst: Path, config_path: Path, *, signer: tuple[Path, Path] | None = None
+) -> Path:
+    """``entity_content`` signed (by the gateway's signing key, or ``signer``: certificate,
+    key) and encrypted to the configured backup recipient, as medgw backup seals."""
+    config = load_config(config_path)
+    assert config.backup is not None
+    entity = dst.with_name(dst.name + ".entity")
+    entity.write_bytes(entity_content)
+    if signer is None:
+        cert, key = config.smime.signing.certificate, config.smime.signing.key
+    else:
+        cert = x509.load_pem_x509_certificate(signer[0].read_bytes())
+        key = _key(signer[1])
+    sign_and_envelope_file(
+        entity,
+        dst,
+        signer_cert=cert,
+        signer_key=key,
+        recipients=[config.backup.recipient],
+        signing_time=datetime.now(UTC),
+        policy=AlgorithmPolicy(),
+    )
+    return dst
+
+
+def _archive(files: dict[str, bytes], manifest: dict[str, Any]) -> bytes:
+    """The bundle's signed content: a tar archive of ``files`` and ``manifest``, base64."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in {MANIFEST: json.dumps(manifest).encode(), **files}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
+    return ENTITY_HEAD + base64.encodebytes(out.getvalue()).replace(b"\n", b"\r\n")
+
+
+def _unpacked(bundle: Path, key: Path, cert: Path, config_path: Path, work: Path) -> dict[str, Any]:
+    """The real bundle opened as restore opens it: manifest, files in ``work``."""
+    config = load_config(config_path)
+    work.mkdir()
+    return open_bundle(
+        bundle,
+        work,
+        cert=x509.load_pem_x509_certificate(cert.read_bytes()),
+        key=_key(key),
+        signers=[config.smime.signing.certificate],
+    )
+
+
+def _repacked(
+    work: Path, manifest: dict[str, Any], change: Callable[[dict[str, bytes], dict[str, Any]], None]
+) -> bytes:
+    files = {name: (work / name).read_bytes() for name in manifest["files"]}
+    manifest = json.loads(json.dumps(manifest))
+    change(files, manifest)
+    return _archive(files, manifest)
+
+
+def _digests(files: dict[str, bytes], manifest: dict[str, Any]) -> None:
+    manifest["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    config = _fresh(layout, "hospital-restored")
+    trail = config.parent / "audit" / "audit.jsonl"
+    state = config.parent / "state"
+    other_key, _ = recipient(tmp_path / "another-recipient")
+    work = tmp_path / "opened"
+    manifest = _unpacked(bundle, key, cert, layout.hospital.config_path, work)
+
+    def crafted(name: str, change: Callable[[dict[str, bytes], dict[str, Any]], None]) -> Path:
+        return _seal(
+            _repacked(work, manifest, change), tmp_path / f"{name}.p7m", layout.hospital.config_path
+        )
+
+    def planted(files: dict[str, bytes], m: dict[str, Any]) -> None:
+        files["state/x/../../planted"] = b"planted"
+        m["files"]["state/x/../../planted"] = hashlib.sha256(b"planted").hexdigest()
+
+    def newer(files: dict[str, bytes], m: dict[str, Any]) -> None:
+        m["format"] = 2
+
+    def damaged(files: dict[str, bytes], m: dict[str, Any]) -> None:
+        files["config/gateway.toml"] += b"\n# changed after the digest was taken\n"
+
+    flipped = tmp_path / "flipped.p7m"
+    data = bytearray(bundle.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    lab_sign = (layout.lab.root / "certs" / "sign.crt", layout.lab.root / "certs" / "sign.key")
+    cases: list[tuple[Path, Path, str, str]] = [
+        # (bundle, recipient key, reason, what the error says)
+        (bundle, other_key, "bundle-decryption", "cannot be opened"),
+        (flipped, key, "bundle-decryption", "cannot be opened"),
+        (
+            _seal(bundle.read_bytes(), tmp_path / "foreign.p7m", config, signer=lab_sign),
+            key,
+            "bundle-signer",
+            "cannot be opened",
+        ),
+        (
+            _seal(b"Content-Type: text/plain\r\n\r\nhello\r\n", tmp_path / "text.p7m", config),
+            key,
+            "not-a-backup",
+            "is not a medgw backup",
+        ),
+        (crafted("planted", planted), key, "unsafe-name", "archive holds"),
+        (crafted("newer", newer), key, "format-version", "format 2"),
+        (crafted("damaged", damaged), key, "checksum", "does not match its SHA-256"),
+        (bundle, tmp_path / "no-such.key", "recipient-unreadable", "no-such.key"),
+        (tmp_path / "no-such.p7m", key, "bundle-unreadable", "no-such.p7m"),
+    ]
+    for number, (source, with_key, reason, says) in enumerate(cases, start=1):
+        refused = medgw(
+            "restore", "--from", source, "--cert", cert, "--key", with_key, "--config", config
+        )
+        assert refused.returncode == 1, (reason, refused.stdout)
+        assert says in refused.stderr and "(fix: " in refused.stderr, (reason, refused.stderr)
+        assert "nothing was restored" in refused.stderr, refused.stderr
+        assert "NOT recorded" not in refused.stderr
+        records = read_audit(trail)
+        assert len(records) == number, (reason, records)
+        event = records[-1]
+        assert event["event"] == "backup.restore_refused", event
+        assert event["reason"] == reason and event["outcome"] == "failure", event
+        assert event["detail"]["file"] == str(source.absolute())
+        assert says in event["detail"]["error"] and "(uid " in event["actor"]
+        assert not (state / "spool.sqlite3").exists()
+        assert not list(config.parent.glob("**/planted"))
+        assert not (config.parent / "inbox").exists()
+
+    # The trail holds only refusals: the host is still fresh, and they are kept.
+    done = medgw(
+        "restore", "--from", bundle, "--cert", cert, "--key", key, "--json", "--config", config
+    )
+    assert done.returncode == 0, done.stderr
+    [kept] = json.loads(done.stdout)["refusals_kept_in"]
+    kept_records = read_audit(Path(kept))
+    assert [r["reason"] for r in kept_records] == [c[2] for c in cases]
+    assert medgw("audit", "verify", "--file", kept).returncode == 0
+    assert medgw("audit", "verify", "--config", config).returncode == 0
+    [restored] = [r for r in read_audit(trail) if r["event"] == "backup.restored"]
+    assert restored["detail"]["refusals_kept_in"] == [kept]
+    assert (config.parent / "inbox" / "lab" / "result.hl7").exists()
+
+    # Now it is not fresh: refused, and audited in the restored trail.
+    again = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert again.returncode == 1 and "is not empty" in again.stderr and "--force" in again.stderr
+    last = read_audit(trail)[-1]
+    assert last["event"] == "backup.restore_refused" and last["reason"] == "not-empty"
+    assert medgw("audit", "verify", "--config", config).returncode == 0
+
+
+def test_a_restore_while_the_daemon_runs_is_refused_and_recorded_by_the_daemon(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    hospital = processes.start(layout.hospital.config_path)
+    for force in ((), ("--force",)):
+        refused = medgw(
+            "restore", "--from", bundle, "--cert", cert, "--key", key, *force,
+            "--config", hospital.config,
+        )  # fmt: skip
+        assert refused.returncode == 1, refused.stdout
+        assert "already running" in refused.stderr and "systemctl stop medgw" in refused.stderr
+    events = wait_for_events(layout.hospital.audit_log, "backup.restore_refused", count=2)
+    assert [e["reason"] for e in events] == ["daemon-running"] * 2
+    assert [e["detail"]["forced"] for e in events] == [False, True]
+    assert medgw("audit", "verify", "--config", hospital.config).returncode == 0
+
+
+def _spool_change(sql: str, *params: str) -> Callable[[dict[str, bytes], dict[str, Any]], None]:
+    """A change of the bundle's spool copy (then its digest taken again)."""
+
+    def change(files: dict[str, bytes], manifest: dict[str, Any]) -> None:
+        path = Path(manifest["__work"]) / "state" / "spool.sqlite3"
+        db = sqlite3.connect(path)
+        db.execute(sql, params)
+        db.commit()
+        db.close()
+        files["state/spool.sqlite3"] = path.read_bytes()
+        del manifest["__work"]
+        _digests(files, manifest)
+
+    return change
+
+
+def test_a_signed_bundle_whose_spool_names_a_file_outside_is_refused(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Restore may run as root, and the restored daemon reads, writes and removes the files
+    its spool names: every one must lead into this host's state folder or inbox (a
+    document still in intake: or its outbox), ``..`` counted where it leads."""
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    config = _fresh(layout, "hospital-restored")
+    old = load_config(layout.hospital.config_path).storage
+    outside = tmp_path / "outside" / "victim"
+    outside.parent.mkdir()
+    outside.write_bytes(b"not the gateway's")
+    intake_row = (
+        "INSERT INTO outbound (message_id, peer, filename, content_type, source_path, "
+        "payload_path, state, created_at, updated_at) "
+        "VALUES ('<in@take>', 'lab', 'x.hl7', 'application/hl7-v2', ?, ?, 'intake', 0, 0)"
+    )
+    variants = {
+        "handover.path": _spool_change("UPDATE handover SET path=?", str(outside)),
+        "inbound.target_path": _spool_change(
+            "UPDATE inbound SET target_path=?", f"{old.inbox_dir}/lab/../../../outside/victim"
+        ),
+        "outbound.source_path": _spool_change(
+            intake_row, str(outside), f"{old.state_dir}/payloads/x"
+        ),
+    }
+    for number, (column, change) in enumerate(variants.items(), start=1):
+        work = tmp_path / f"opened-{number}"
+        manifest = _unpacked(bundle, key, cert, layout.hospital.config_path, work)
+        manifest["__work"] = str(work)
+        crafted = _seal(
+            _repacked(work, manifest, change),
+            tmp_path / f"outside-{number}.p7m",
+            layout.hospital.config_path,
+        )
+        refused = medgw(
+            "restore", "--from", crafted, "--cert", cert, "--key", key, "--force",
+            "--config", config,
+        )  # fmt: skip
+        assert refused.returncode == 1, (column, refused.stdout)
+        assert column in refused.stderr and "outside this host's" in refused.stderr
+        assert "(fix: " in refused.stderr
+        event = read_audit(config.parent / "audit" / "audit.jsonl")[-1]
+        assert event["event"] == "backup.restore_refused"
+        assert event["reason"] == "spool-path-outside", event
+        assert outside.read_bytes() == b"not the gateway's"
+        assert not (config.parent / "state" / "spool.sqlite3").exists()
+        assert not (config.parent / "inbox").exists()
+    # The same bundle unchanged restores: its paths are moved to this host's folders.
+    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert done.returncode == 0, done.stderr
