@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS peer_control (
 
 
 # Columns added after the first release, for spools created before them.
-_ADDED_COLUMNS = (
+ADDED_COLUMNS = (
     ("outbound", "zone", "TEXT"),
     ("outbound", "origin_peer", "TEXT"),
     ("outbound", "origin_zone", "TEXT"),
@@ -116,7 +116,7 @@ _ADDED_COLUMNS = (
 def create_or_upgrade(db: sqlite3.Connection) -> None:
     """Create the tables (a new spool) or add the columns an older one lacks."""
     db.executescript(SCHEMA)
-    for table, column, kind in _ADDED_COLUMNS:
+    for table, column, kind in ADDED_COLUMNS:
         present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")

@@ -16,6 +16,7 @@ committed transition survives power loss.
 
 from __future__ import annotations
 
+from gateway.spool.sqlite.database import Database
 from gateway.spool.sqlite.datakeys import DataKeys
 from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
@@ -27,7 +28,13 @@ __all__ = ["SqliteSpool"]
 
 
 class SqliteSpool(
-    OutboundQueue, InboundDedup, HandoverQueue, PeerControls, RetainedItems, DataKeys
+    Database,
+    OutboundQueue,
+    InboundDedup,
+    HandoverQueue,
+    PeerControls,
+    RetainedItems,
+    DataKeys,
 ):
     """The spool in one SQLite database (see :class:`gateway.spool.Spool`): one part per
     concern (``outbound``, ``inbound``, ``handover``, ``peers``, ``retention``,

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import SpoolError
 from gateway.fsutil import private_file, shared_folder, storage_fix
 from gateway.spool.groupcommit import GroupCommit
 from gateway.spool.schema import create_or_upgrade
+from gateway.spool.sql import Connection, Params, Row, SqlStore
 
 T = TypeVar("T")
 
 
-class Database:
-    """The connections and the transaction helpers the parts of the SQLite spool share."""
+class Database(SqlStore):
+    """The SQLite spool's connections: a writer (with group commit) and a reader."""
 
     def __init__(self, path: Path, clock: Clock) -> None:
         self._clock = clock
@@ -68,11 +69,12 @@ class Database:
         self._reader.close()
         self._db.close()
 
-    def _read(self, sql: str, params: tuple[Any, ...] | Mapping[str, Any]) -> list[sqlite3.Row]:
+    def _read(self, sql: str, params: Params) -> list[Row]:
         with self._read_lock:
-            return self._reader.execute(sql, params).fetchall()
+            rows: list[Row] = self._reader.execute(sql, params).fetchall()
+            return rows
 
-    def _transact(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _transact(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` as one transaction; returns once it is committed (and fsync'ed)."""
         try:
             return self._writer.run(work)
@@ -82,25 +84,8 @@ class Database:
                 fix="check free disk space and permissions of the state directory",
             ) from exc
 
-    def _one(self, sql: str, params: tuple[Any, ...] | Mapping[str, Any]) -> sqlite3.Row | None:
-        rows = self._read(sql, params)
-        return rows[0] if rows else None
-
-    def _now(self) -> str:
-        return self._clock.now().isoformat()
-
-    def _write(
-        self,
-        sql: str,
-        params: tuple[Any, ...],
-        more: list[tuple[str, tuple[Any, ...]]] | None = None,
-    ) -> int:
-        """Run ``sql`` (and the statements in ``more``) as one transaction."""
-
-        def work(db: sqlite3.Connection) -> int:
-            count = db.execute(sql, params).rowcount
-            for statement, values in more or ():
-                db.execute(statement, values)
-            return int(count)
-
-        return self._transact(work)
+    def shred(self) -> None:
+        """Write every committed change into the database file and empty the write-ahead
+        log: what was deleted is then overwritten (secure_delete), not kept in the log."""
+        with self._writer.exclusive() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -4,19 +4,21 @@ A key is stored in the same transaction as the item it encrypts (see the
 ``data_key`` arguments of the outbound, inbound and settling writes) and deleted
 in the transaction that disposes of the item (gateway.spool.sqlite.retention).
 The writer connection runs with ``secure_delete``: a deleted key's bytes are
-overwritten in the database file, and :meth:`DataKeys.shred` checkpoints the
+overwritten in the database file, and the SQLite database's ``shred`` checkpoints the
 write-ahead log and truncates it, so that no copy is left in the ``-wal`` file.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
 from gateway.spool.records import DataKey
-from gateway.spool.sqlite.database import Database
+from gateway.spool.sql import Connection, SqlStore
 
-INSERT = "INSERT OR REPLACE INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
+INSERT = (
+    "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
+    " ON CONFLICT (item) DO UPDATE SET kek=excluded.kek, wrapped=excluded.wrapped"
+)
 
 
 def key_statement(key: DataKey) -> tuple[str, tuple[object, ...]]:
@@ -24,7 +26,7 @@ def key_statement(key: DataKey) -> tuple[str, tuple[object, ...]]:
     return INSERT, (key.item, key.kek, key.wrapped)
 
 
-class DataKeys(Database):
+class DataKeys(SqlStore):
     """Wrapped data keys, by item."""
 
     def data_key(self, item: str) -> DataKey | None:
@@ -42,18 +44,13 @@ class DataKeys(Database):
         """Every data key wrapped under ``old`` wrapped under ``new`` instead, in one
         transaction; returns how many."""
 
-        def work(db: sqlite3.Connection) -> int:
+        def work(db: Connection) -> int:
             rows = db.execute("SELECT item, kek, wrapped FROM data_keys WHERE kek=?", (old,))
             changed = [
-                (rewrap(DataKey(r[0], int(r[1]), bytes(r[2]))), new, r[0]) for r in rows.fetchall()
+                (rewrap(DataKey(r["item"], int(r["kek"]), bytes(r["wrapped"]))), new, r["item"])
+                for r in rows.fetchall()
             ]
             db.executemany("UPDATE data_keys SET wrapped=?, kek=? WHERE item=?", changed)
             return len(changed)
 
         return self._transact(work)
-
-    def shred(self) -> None:
-        """Write every committed change into the database file and empty the write-ahead
-        log: what was deleted is then overwritten (secure_delete), not kept in the log."""
-        with self._writer.exclusive() as db:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

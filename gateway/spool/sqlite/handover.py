@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from gateway.errors import SpoolError
@@ -10,10 +9,10 @@ from gateway.spool.records import (
     HandoverRecord,
     HandoverState,
 )
-from gateway.spool.sqlite.database import Database
+from gateway.spool.sql import Row, SqlStore
 
 
-def _handover(row: sqlite3.Row) -> HandoverRecord:
+def _handover(row: Row) -> HandoverRecord:
     return HandoverRecord(
         peer=row["peer"],
         message_id=row["message_id"],
@@ -32,7 +31,7 @@ def _handover(row: sqlite3.Row) -> HandoverRecord:
     )
 
 
-class HandoverQueue(Database):
+class HandoverQueue(SqlStore):
     """Hand-overs of received documents to the internal system (at least once)."""
 
     def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +11,11 @@ from gateway.spool.records import (
     HandoverState,
     InboundRecord,
 )
-from gateway.spool.sqlite.database import Database
+from gateway.spool.sql import Row, SqlStore
 from gateway.spool.sqlite.datakeys import key_statement
 
 
-def _inbound(row: sqlite3.Row) -> InboundRecord:
+def _inbound(row: Row) -> InboundRecord:
     return InboundRecord(
         peer=row["peer"],
         message_id=row["message_id"],
@@ -32,7 +31,7 @@ def _inbound(row: sqlite3.Row) -> InboundRecord:
     )
 
 
-class InboundDedup(Database):
+class InboundDedup(SqlStore):
     """Received messages by (peer, Message-ID): delivered once, answered with the same receipt."""
 
     def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None:
@@ -62,8 +61,14 @@ class InboundDedup(Database):
     ) -> None:
         now = self._now()
         self._write(
-            "INSERT OR REPLACE INTO inbound (peer, message_id, sha256, target_path, state,"
-            " received_at, updated_at, service, work_path, size) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            # A record left by a delivery that was released is replaced whole.
+            "INSERT INTO inbound (peer, message_id, sha256, target_path, state, received_at,"
+            " updated_at, service, work_path, size) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (peer, message_id) DO UPDATE SET sha256=excluded.sha256,"
+            " target_path=excluded.target_path, state=excluded.state,"
+            " receipt_headers=NULL, receipt_body=NULL, received_at=excluded.received_at,"
+            " updated_at=excluded.updated_at, service=excluded.service,"
+            " work_path=excluded.work_path, size=excluded.size",
             (
                 peer,
                 message_id,
@@ -120,10 +125,11 @@ class InboundDedup(Database):
             # was disposed of (gateway.retention) was handed over already.
             statements.append(
                 (
-                    "INSERT OR IGNORE INTO handover (peer, message_id, service, path,"
+                    "INSERT INTO handover (peer, message_id, service, path,"
                     " content_type, sha256, size, state, created_at, updated_at)"
                     " SELECT peer, message_id, service, target_path, ?, sha256, ?, ?, ?, ?"
-                    " FROM inbound WHERE peer=? AND message_id=? AND state!='delivered'",
+                    " FROM inbound WHERE peer=? AND message_id=? AND state!='delivered'"
+                    " ON CONFLICT DO NOTHING",
                     (
                         content_type,
                         size,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 from gateway.errors import InvalidValueError, SpoolError
@@ -15,11 +14,11 @@ from gateway.spool.records import (
     OutboundRecord,
     OutboundState,
 )
-from gateway.spool.sqlite.database import Database
+from gateway.spool.sql import Connection, Row, SqlStore
 from gateway.spool.sqlite.datakeys import key_statement
 
 
-def _outbound(row: sqlite3.Row) -> OutboundRecord:
+def _outbound(row: Row) -> OutboundRecord:
     return OutboundRecord(
         message_id=row["message_id"],
         peer=row["peer"],
@@ -51,7 +50,7 @@ def _outbound(row: sqlite3.Row) -> OutboundRecord:
     )
 
 
-class OutboundQueue(Database):
+class OutboundQueue(SqlStore):
     """The outbound queue: intake, sealing, sending, settling, expiry, operator actions."""
 
     def add_intake(
@@ -221,7 +220,7 @@ class OutboundQueue(Database):
             return []
         updated_at = self._now()
 
-        def move(db: sqlite3.Connection) -> list[str]:
+        def move(db: Connection) -> list[str]:
             return [
                 message_id
                 for message_id in ids
@@ -303,10 +302,10 @@ class OutboundQueue(Database):
         picks them up).  Returns them as they were before (``attempts`` not yet
         counted), and when the next queued message is due (None: none is queued)."""
 
-        def claim(db: sqlite3.Connection) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+        def claim(db: Connection) -> tuple[list[Row], list[Row]]:
             rows = db.execute(
-                "SELECT * FROM outbound WHERE peer=? AND state=?"
-                " ORDER BY next_attempt_at, created_at LIMIT ?",
+                "SELECT * FROM outbound WHERE peer=? AND state=?"  # noqa: S608 - fixed text
+                f" ORDER BY next_attempt_at, created_at LIMIT ?{self.claim_lock}",
                 (peer, OutboundState.QUEUED.value, max(0, limit) + 1),
             ).fetchall()
             due = [r for r in rows if r["next_attempt_at"] <= now][: max(0, limit)]

@@ -5,16 +5,17 @@ from __future__ import annotations
 from gateway.spool.records import (
     PeerControl,
 )
-from gateway.spool.sqlite.database import Database
+from gateway.spool.sql import SqlStore
 
 
-class PeerControls(Database):
+class PeerControls(SqlStore):
     """Operator controls per peer (suspended or not)."""
 
     def set_suspended(self, peer: str, suspended: bool, reason: str, actor: str) -> None:
         self._write(
-            "INSERT OR REPLACE INTO peer_control (peer, suspended, reason, actor, changed_at)"
-            " VALUES (?,?,?,?,?)",
+            "INSERT INTO peer_control (peer, suspended, reason, actor, changed_at)"
+            " VALUES (?,?,?,?,?) ON CONFLICT (peer) DO UPDATE SET suspended=excluded.suspended,"
+            " reason=excluded.reason, actor=excluded.actor, changed_at=excluded.changed_at",
             (peer, int(suspended), reason, actor, self._now()),
         )
 

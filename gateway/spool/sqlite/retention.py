@@ -14,13 +14,12 @@ again in the transaction that disposes of it.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.spool.records import Disposable, RetainedKind, items_of
-from gateway.spool.sqlite.database import Database
+from gateway.spool.sql import Connection, SqlStore
 
 # Nothing owed: delivered (a verified receipt), or withdrawn by an operator.
 _OUT_FINISHED = "state IN ('delivered', 'cancelled')"
@@ -52,8 +51,8 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
         _Rule(
             "handover",
             "state='done' AND copy_purged_at IS NULL",
-            "1",
-            "1",
+            "TRUE",
+            "TRUE",
             "path",
             "UPDATE handover SET copy_purged_at=:now",
         ),
@@ -62,16 +61,16 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
         _Rule(
             "outbound",
             f"{_OUT_FINISHED} AND receipt_path IS NOT NULL",
-            "1",
-            "1",
+            "TRUE",
+            "TRUE",
             "receipt_path",
             "UPDATE outbound SET receipt_path=NULL",
         ),
         _Rule(
             "inbound",
             f"{_IN_FINISHED} AND receipt_body IS NOT NULL",
-            "1",
-            "1",
+            "TRUE",
+            "TRUE",
             None,
             "UPDATE inbound SET receipt_body=NULL, receipt_headers=NULL",
         ),
@@ -81,13 +80,15 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
             "handover",
             "state='done'",
             "copy_purged_at IS NOT NULL",
-            "1",
+            "TRUE",
             None,
             "DELETE FROM handover",
         ),
     ),
     RetainedKind.SPOOL: (
-        _Rule("outbound", _OUT_FINISHED, "receipt_path IS NULL", "1", None, "DELETE FROM outbound"),
+        _Rule(
+            "outbound", _OUT_FINISHED, "receipt_path IS NULL", "TRUE", None, "DELETE FROM outbound"
+        ),
         _Rule(
             "inbound",
             _IN_FINISHED,
@@ -109,12 +110,12 @@ def _where(
         where.append("peer = :peer")
         params["peer"] = peer
     if not any_service:
-        where.append("service IS :service")
+        where.append("service IS NOT DISTINCT FROM :service")
         params["service"] = service
     return " AND ".join(f"({w})" for w in where), params
 
 
-class RetainedItems(Database):
+class RetainedItems(SqlStore):
     """Finished messages' records, receipts and copies: found and disposed of by kind."""
 
     def retained_groups(self, kind: RetainedKind) -> list[tuple[str, str | None]]:
@@ -193,7 +194,7 @@ class RetainedItems(Database):
         The data keys of what goes are deleted in the same transaction."""
         now = self._now()
 
-        def work(db: sqlite3.Connection) -> list[Disposable]:
+        def work(db: Connection) -> list[Disposable]:
             done = []
             for item in items:
                 for rule in _RULES[item.kind]:
