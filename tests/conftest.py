@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+from gateway.clock import Clock
 from gateway.demo_run import GatewayProcess, free_port, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
+from gateway.spool import Spool, SqliteSpool
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.helpers.postgres import PostgresServer, running_server
 from tests.helpers.zones import World, two_zone_world
 from tests.rsyslog import Collector
 
@@ -19,6 +23,45 @@ from tests.rsyslog import Collector
 # the code is is measured in bench/, not asserted by a test.
 settings.register_profile("medgw", deadline=None)
 settings.load_profile("medgw")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (skipped where none is installed)."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres(postgres_server: PostgresServer) -> PostgresSettings:
+    """A new empty database on the session's server, for this test alone."""
+    return postgres_server.new_database()
+
+
+MakeSpool = Callable[[Clock], Spool]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeSpool]:
+    """Opens a spool of each backend in turn (a test that uses it runs on both): a file
+    in tmp_path, or a database of its own on the session's PostgreSQL server."""
+    opened: list[Spool] = []
+    settings: PostgresSettings | None = None
+    if request.param == "postgresql":
+        settings = request.getfixturevalue("postgres")
+
+    def make(clock: Clock) -> Spool:
+        spool: Spool = (
+            SqliteSpool(tmp_path / "spool.db", clock)
+            if settings is None
+            else PostgresSpool(settings, clock)
+        )
+        opened.append(spool)
+        return spool
+
+    yield make
+    for spool in opened:
+        spool.close()
 
 
 @pytest.fixture

@@ -230,7 +230,7 @@ def test_a_rotation_waits_for_an_item_being_stored(tmp_path: Path) -> None:
     [
         "--kill-after=gateway.atrest.keys:KeyStore.create",
         "--kill-after=gateway.spool.sqlite.datakeys:DataKeys.rewrap_data_keys",
-        "--kill-after=gateway.spool.sqlite.datakeys:DataKeys.shred",
+        "--kill-after=gateway.spool.sqlite.database:Database.shred",
         "--kill-before=gateway.atrest.keys:KeyStore.destroy",
         "--kill-after=gateway.atrest.keys:KeyStore.destroy",
     ],

@@ -1,4 +1,4 @@
-"""Retention and disposal (DSP-1) on a real SQLite spool and real files: what finished
+"""Retention and disposal (DSP-1) on a real spool of each backend and real files: what finished
 goes by kind, peer and service; nothing still owed ever does."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from gateway.audit import AuditEvent
 from gateway.config.retention import RetentionRule, RetentionSettings
 from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
-from gateway.spool import OutboundState, RetainedKind, SqliteSpool
+from gateway.spool import OutboundState, RetainedKind
+from tests.conftest import MakeSpool
 
 START = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)
 
@@ -43,11 +44,12 @@ class Audit:
 @dataclass
 class Place:
     tmp: Path
+    make: MakeSpool
     clock: Clock = field(default_factory=Clock)
     audit: Audit = field(default_factory=Audit)
 
     def __post_init__(self) -> None:
-        self.spool = SqliteSpool(self.tmp / "spool.sqlite3", self.clock)
+        self.spool = self.make(self.clock)
         self.retention = Retention(self.spool, self.audit, self.clock)
         (self.tmp / "receipts").mkdir()
         (self.tmp / "inbox").mkdir()
@@ -121,8 +123,8 @@ class Place:
 
 
 @pytest.fixture
-def place(tmp_path: Path) -> Place:
-    return Place(tmp_path)
+def place(tmp_path: Path, make_spool: MakeSpool) -> Place:
+    return Place(tmp_path, make_spool)
 
 
 def test_nothing_still_owed_is_purged_whatever_the_date(place: Place) -> None:

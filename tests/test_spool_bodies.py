@@ -17,20 +17,21 @@ from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.errors import SpoolError
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, SqliteSpool
+from gateway.spool import OutboundState, Spool, SqliteSpool
 from tests.clocks import TickingClock
+from tests.conftest import MakeSpool
 from tests.helpers.audit import wait_for_events
 
 
-def queued(spool: SqliteSpool, tmp_path: Path, message_id: str, body: bytes) -> None:
+def queued(spool: Spool, tmp_path: Path, message_id: str, body: bytes) -> None:
     spool.add_intake(
         message_id, "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
     spool.mark_queued(message_id, None, [], "mic", 10, body=body)
 
 
-def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path, make_spool: MakeSpool) -> None:
+    spool = make_spool(TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"\x30\x80sealed")
     record = spool.get("<m@lab>")
     assert record is not None and record.sealed and record.body == b"\x30\x80sealed"
@@ -46,15 +47,17 @@ def test_a_body_in_the_row_is_kept_until_delivered(tmp_path: Path) -> None:
     assert after is not None and after.body is None and after.state is OutboundState.DELIVERED
 
 
-def test_a_cancelled_message_keeps_no_body(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+def test_a_cancelled_message_keeps_no_body(tmp_path: Path, make_spool: MakeSpool) -> None:
+    spool = make_spool(TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"sealed")
     spool.operator_cancel("<m@lab>", "alice")
     assert spool.get("<m@lab>").body is None  # type: ignore[union-attr]
 
 
-def test_a_queued_message_has_its_body_in_exactly_one_place(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+def test_a_queued_message_has_its_body_in_exactly_one_place(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -99,9 +102,11 @@ def test_small_bodies_stay_in_the_spool_and_large_ones_in_a_file_until_delivered
     wait_until(lambda: not list(outgoing.iterdir()), 60, "the large body's file removed")
 
 
-def test_retrying_a_delivered_message_says_it_was_delivered(tmp_path: Path) -> None:
+def test_retrying_a_delivered_message_says_it_was_delivered(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
     """Its body is dropped once delivered; that does not make it 'never signed'."""
-    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+    spool = make_spool(TickingClock())
     queued(spool, tmp_path, "<m@lab>", b"sealed")
     spool.mark_sending("<m@lab>")
     spool.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r.mdn")

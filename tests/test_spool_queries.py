@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import OutboundState, SqliteSpool
+from gateway.spool import OutboundState, Spool, SqliteSpool
 from tests.clocks import TickingClock
+from tests.conftest import MakeSpool
 
 BACKLOG = 500
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> SqliteSpool:
-    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+def with_backlog(spool: Spool, tmp_path: Path) -> None:
     for peer in ("lab", "pharmacy"):
         for i in range(BACKLOG):
             message_id = f"<{peer}-{i}@hospital>"
@@ -38,6 +37,20 @@ def spool(tmp_path: Path) -> SqliteSpool:
                 expires_at=2e9 + i,
             )
             spool.mark_queued(message_id, tmp_path / f"body-{peer}-{i}", [], "mic", 10)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> SqliteSpool:
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+    with_backlog(spool, tmp_path)
+    return spool
+
+
+@pytest.fixture
+def any_spool(tmp_path: Path, make_spool: MakeSpool) -> Spool:
+    """A spool of each backend in turn, with the backlog."""
+    spool = make_spool(TickingClock())
+    with_backlog(spool, tmp_path)
     return spool
 
 
@@ -94,7 +107,8 @@ def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
     assert any(searched_by in s for steps in plans.values() for s in steps), f"{what}: {plans}"
 
 
-def test_due_messages_are_claimed_earliest_due_then_oldest(spool: SqliteSpool) -> None:
+def test_due_messages_are_claimed_earliest_due_then_oldest(any_spool: Spool) -> None:
+    spool = any_spool
     claimed, next_at = spool.claim_due("lab", 1.0, 1)
     assert [r.message_id for r in claimed] == ["<lab-0@hospital>"]
     assert claimed[0].attempts == 0  # as it was before this attempt
@@ -107,8 +121,10 @@ def test_due_messages_are_claimed_earliest_due_then_oldest(spool: SqliteSpool) -
     assert spool.get("<pharmacy-1@hospital>").state is OutboundState.QUEUED  # type: ignore[union-attr]
 
 
-def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
     spool.add_intake(
         "<m@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
     )
@@ -122,7 +138,8 @@ def test_a_message_not_yet_due_is_not_claimed_and_says_when_it_is(tmp_path: Path
     assert [r.message_id for r in claimed] == ["<m@lab>"] and next_at is None
 
 
-def test_expiry_takes_exactly_the_messages_past_their_time(spool: SqliteSpool) -> None:
+def test_expiry_takes_exactly_the_messages_past_their_time(any_spool: Spool) -> None:
+    spool = any_spool
     expired = spool.expire_due("lab", 2e9 + 3)
     assert expired == [f"<lab-{i}@hospital>" for i in range(3)]
     assert {spool.get(m).state for m in expired} == {OutboundState.EXPIRED}  # type: ignore[union-attr]

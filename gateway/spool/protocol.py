@@ -1,9 +1,11 @@
 """The spool as its callers see it: a protocol any backend implements.
 
 The daemon, the sender, the receiver, the hand-over and the operator commands
-depend on :class:`Spool` only; :class:`gateway.spool.sqlite.SqliteSpool` is the
-one backend today.  Every method is one committed transaction (or a read of
-committed state), safe to call from worker threads.
+depend on :class:`Spool` only; :class:`gateway.spool.sqlite.SqliteSpool` (the
+default) and :class:`gateway.spool.postgres.PostgresSpool` (shared by several
+nodes) implement it, with the same statements (see gateway.spool.sql).  Every
+method is one committed transaction (or a read of committed state), safe to call
+from worker threads.
 """
 
 from __future__ import annotations

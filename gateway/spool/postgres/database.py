@@ -1,0 +1,238 @@
+"""Connections to the PostgreSQL spool: a few, reused; every change one transaction.
+
+Each transaction runs on a connection of its own (READ COMMITTED, as every
+statement of the spool's parts names the state it moves a row from: a row
+another node moved meanwhile is left alone).  A transaction the server ended
+for a deadlock or a serialization failure is run again: it changed nothing.
+
+When the database cannot be reached (the server stopped, the network down),
+every call fails at once with a :class:`~gateway.errors.SpoolError` that says
+so, and the connection is tried again after a back-off that doubles up to
+:data:`MAX_BACKOFF` seconds: the callers answer as they do when a SQLite spool
+cannot be written (a peer gets a retryable answer, a document stays in the
+outbox), and nothing is committed half.  ``on_change`` hears when the database
+becomes unreachable (with the cause) and when it answers again (None).
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import DictRow, dict_row
+
+from gateway.clock import Clock
+from gateway.errors import SpoolError
+from gateway.spool.postgres.schema import create_or_upgrade
+from gateway.spool.postgres.settings import PostgresSettings
+from gateway.spool.sql import Connection, Cursor, Params, Row, SqlStore
+
+T = TypeVar("T")
+
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+_RERUNS = 3  # a transaction ended by a deadlock or serialization failure is run again
+
+_PLACEHOLDERS = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
+
+
+@functools.lru_cache(maxsize=512)
+def translate(sql: str) -> str:
+    """The spool's statement (``?`` and ``:name`` parameters) in psycopg's form."""
+
+    def one(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text == "?":
+            return "%s"
+        if text == "%":
+            return "%%"
+        if match.group(1):
+            return f"%({match.group(1)})s"
+        return text  # a string literal, as it is
+
+    return _PLACEHOLDERS.sub(one, sql)
+
+
+class _InTransaction:
+    """A connection inside a transaction, as the spool's parts use one."""
+
+    def __init__(self, conn: psycopg.Connection[DictRow]) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, parameters: Params = (), /) -> Cursor:
+        return self._conn.execute(translate(sql), parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[Params], /) -> Cursor:
+        cursor = self._conn.cursor()
+        cursor.executemany(translate(sql), list(parameters))
+        return cursor
+
+
+class PostgresDatabase(SqlStore):
+    """The PostgreSQL spool's connections and transactions (see module doc)."""
+
+    claim_lock = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(
+        self,
+        settings: PostgresSettings,
+        clock: Clock,
+        *,
+        on_change: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._on_change = on_change
+        # Connections not in use; None: one not opened yet (or closed after a failure).
+        self._idle: queue.LifoQueue[psycopg.Connection[DictRow] | None] = queue.LifoQueue()
+        for _ in range(max(1, settings.connections)):
+            self._idle.put(None)
+        self._state = threading.Lock()
+        self._retry_at = 0.0  # clock.monotonic() before which no connection is tried
+        self._backoff = 0.0
+        self._down: str | None = None  # why the database is unreachable; None: it answers
+        self._closed = False
+        self._transact(create_or_upgrade)
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            if conn is not None:
+                conn.close()
+
+    def shred(self) -> None:
+        """Reclaim the space of deleted rows (``VACUUM``): PostgreSQL has no secure
+        delete, so a purged item is unreadable by its data key being gone, whatever
+        copy of the row's bytes the server's files and WAL still hold (gateway.atrest
+        rotates the key-encryption keys for that)."""
+        self._run(lambda conn: conn.execute("VACUUM data_keys"), lambda: True)
+
+    def _read(self, sql: str, params: Params) -> list[Row]:
+        def query(conn: psycopg.Connection[DictRow]) -> list[Row]:
+            return list(conn.execute(translate(sql), params).fetchall())
+
+        return self._run(query, lambda: True)
+
+    def _transact(self, work: Callable[[Connection], T]) -> T:
+        began: list[bool] = []
+
+        def in_transaction(conn: psycopg.Connection[DictRow]) -> T:
+            with conn.transaction():
+                began.append(True)
+                return work(_InTransaction(conn))
+
+        # Run again on a new connection only if the old one failed before the
+        # transaction began: one that failed later may have been committed.
+        return self._run(in_transaction, lambda: not began)
+
+    def _run(self, use: Callable[[psycopg.Connection[DictRow]], T], again: Callable[[], bool]) -> T:
+        """``use`` a connection; a deadlock or serialization failure runs it again, and so
+        does a connection found dead when ``again()`` says that is safe."""
+        for rerun in range(_RERUNS + 1):
+            last = rerun == _RERUNS
+            conn = self._take()
+            try:
+                result = use(conn)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                self._idle.put(conn)
+                if last:
+                    raise SpoolError(
+                        "spool write failed: the database kept ending it for conflicts with "
+                        "other transactions",
+                        fix="none needed if it passes; if it persists, see the PostgreSQL log",
+                    ) from None
+                continue
+            except psycopg.Error as exc:
+                if conn.broken or conn.closed:  # the server went away (and the others with it)
+                    conn.close()
+                    self._idle.put(None)
+                    self._drop_idle()
+                    if again() and not last:
+                        continue
+                    raise self._unreachable(exc) from exc
+                self._idle.put(conn)
+                raise SpoolError(
+                    f"spool write failed: {exc}",
+                    fix="see the PostgreSQL server's log for this statement",
+                ) from exc
+            except BaseException:
+                self._idle.put(None if conn.broken else conn)
+                raise
+            self._idle.put(conn)
+            return result
+        raise AssertionError("not reached")  # pragma: no cover
+
+    def _drop_idle(self) -> None:
+        """Close the idle connections: after one was found dead, they are too."""
+        found: list[psycopg.Connection[DictRow] | None] = []
+        while True:
+            try:
+                found.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        for conn in found:
+            if conn is not None:
+                conn.close()
+            self._idle.put(None)
+
+    def _take(self) -> psycopg.Connection[DictRow]:
+        """A connection to use: an idle one, or a new one (SpoolError if none can be made)."""
+        conn = self._idle.get()
+        if conn is not None and not conn.closed:
+            return conn
+        try:
+            return self._connect()
+        except BaseException:
+            self._idle.put(None)
+            raise
+
+    def _connect(self) -> psycopg.Connection[DictRow]:
+        if self._closed:
+            raise SpoolError("the spool is closed", fix="this is a bug in medgw; report it")
+        with self._state:
+            waiting = self._down is not None and self._clock.monotonic() < self._retry_at
+        if waiting:  # within the back-off: no connection is tried
+            raise self._unreachable(None)
+        try:
+            conninfo = make_conninfo("", **self._settings.connect_args())
+            conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
+        except psycopg.Error as exc:
+            raise self._unreachable(exc) from exc
+        with self._state:
+            was, self._down, self._backoff = self._down, None, 0.0
+        if was is not None and self._on_change is not None:
+            self._on_change(None)
+        return conn
+
+    def _unreachable(self, exc: psycopg.Error | None) -> SpoolError:
+        """Record that the database does not answer (``exc``: just now); the error to raise."""
+        with self._state:
+            now = self._clock.monotonic()
+            first = self._down is None
+            if exc is not None:
+                cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._down = cause
+                if first:
+                    self._backoff = 0.0  # a connection lost: try again at once, once
+                else:
+                    self._backoff = min(max(self._backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+                self._retry_at = now + self._backoff
+            cause = self._down or "no answer"
+            wait = max(0.0, self._retry_at - now)
+        if first and exc is not None and self._on_change is not None:
+            self._on_change(cause)
+        return SpoolError(
+            f"the spool {self._settings.where} is unreachable: {cause}",
+            fix="check that PostgreSQL is running and that this host can reach it; medgw "
+            f"tries again by itself (next in {wait:.0f} s)",
+        )

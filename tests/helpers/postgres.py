@@ -1,0 +1,151 @@
+"""A real PostgreSQL server for the tests, from Debian's ``postgresql`` package.
+
+One server per test session (initdb takes seconds), run as the ``postgres``
+system user (initdb refuses root) from a temporary folder it owns, listening
+on a Unix socket there and on 127.0.0.1 at a free port.  Each test gets a
+database of its own.  Without the binaries the tests that need them are skipped,
+naming the package to install (CI installs it: .ci/run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.demo_run import free_port
+from gateway.spool.postgres import PostgresSettings
+
+SKIP_REASON = (
+    "no PostgreSQL server binaries (/usr/lib/postgresql/*/bin/postgres): "
+    "install Debian's package postgresql (apt-get install postgresql)"
+)
+SUPERUSER = "postgres"
+USER = "medgw"  # the role the gateway connects as
+
+
+def _bin_dir() -> Path | None:
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else None
+
+
+class PostgresServer:
+    """A PostgreSQL server of the test session (see module doc)."""
+
+    def __init__(self, bin_dir: Path, root: Path, *, durable: bool = False) -> None:
+        self.durable = durable  # fsync on (bench): else off, as nothing here must survive a crash
+        self.bin = bin_dir
+        self.root = root
+        self.data = root / "data"
+        self.socket_dir = root / "run"
+        self.port = free_port()
+        self.log = root / "server.log"
+        self._account = pwd.getpwnam(SUPERUSER)
+        self._names = itertools.count(1)
+
+    def _as_postgres(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run a server program as the ``postgres`` account (as root: it refuses root)."""
+        account = self._account
+        prefix = (
+            ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}", "--init-groups"]
+            if os.geteuid() == 0
+            else []
+        )
+        return subprocess.run(
+            [*prefix, *argv],
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=self.root,
+        )
+
+    def init(self) -> None:
+        self.socket_dir.mkdir()
+        if os.geteuid() == 0:
+            for path in (self.root, self.socket_dir):
+                os.chown(path, self._account.pw_uid, self._account.pw_gid)
+        self._as_postgres(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                f"fsync = {'on' if self.durable else 'off'}\nmax_connections = 200\n"
+            )
+
+    def start(self) -> None:
+        self._as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "start"
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``immediate``: as if it crashed)."""
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def running(self) -> bool:
+        status = self._as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "status", check=False
+        )
+        return status.returncode == 0
+
+    def admin(self, dbname: str = "postgres") -> psycopg.Connection[tuple[object, ...]]:
+        return psycopg.connect(
+            host=str(self.socket_dir),
+            port=self.port,
+            user=SUPERUSER,
+            dbname=dbname,
+            autocommit=True,
+        )
+
+    def new_database(self) -> PostgresSettings:
+        """A new, empty database owned by the gateway's role; settings over the socket."""
+        name = f"spool_{next(self._names)}"
+        with self.admin() as admin:
+            admin.execute(f'CREATE DATABASE "{name}" OWNER "{USER}"')
+        return PostgresSettings(dbname=name, user=USER, socket_dir=self.socket_dir, port=self.port)
+
+    def setup_role(self) -> None:
+        with self.admin() as admin:
+            admin.execute(f"CREATE ROLE \"{USER}\" LOGIN PASSWORD 'medgw-test-password'")
+
+
+@contextlib.contextmanager
+def running_server(*, durable: bool = False) -> Iterator[PostgresServer]:
+    """A server started for the caller and stopped after (skips the test without one)."""
+    bin_dir = _bin_dir()
+    if bin_dir is None or shutil.which("setpriv") is None:
+        pytest.skip(SKIP_REASON)
+    root = Path(tempfile.mkdtemp(prefix="medgw-pg-"))
+    server = PostgresServer(bin_dir, root, durable=durable)
+    try:
+        server.init()
+        server.start()
+        server.setup_role()
+        yield server
+    finally:
+        if server.running():
+            server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""What every spool backend keeps the same (run on SQLite and on PostgreSQL): the
+inbound record of a delivery, the hand-over queue and the operator's peer controls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import SpoolError
+from gateway.spool import HandoverState
+from gateway.spool.records import DataKey
+from tests.clocks import TickingClock
+from tests.conftest import MakeSpool
+
+
+def test_a_released_delivery_starts_afresh_and_a_delivered_one_is_answered_again(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
+    spool.inbound_begin("lab", "<m@lab>", "aa", tmp_path / "a.hl7", "orders", size=3)
+    assert spool.inbound_target_claimed(tmp_path / "a.hl7")
+    assert [r.message_id for r in spool.inbound_unfinished()] == ["<m@lab>"]
+    spool.inbound_retarget("lab", "<m@lab>", tmp_path / "a-1.hl7")
+    spool.inbound_release("lab", "<m@lab>")
+    assert spool.inbound_get("lab", "<m@lab>") is None
+    spool.inbound_begin("lab", "<m@lab>", "bb", tmp_path / "b.hl7", work_path=tmp_path / ".b")
+    spool.inbound_delivered("lab", "<m@lab>", [("A", "1")], b"receipt", ("text/plain", 3))
+    record = spool.inbound_get("lab", "<m@lab>")
+    assert record is not None and record.state == "delivered" and record.sha256 == "bb"
+    assert record.receipt_headers == (("A", "1"),) and record.receipt_body == b"receipt"
+    assert spool.inbound_unfinished() == []
+    # A resend answered again does not queue a second hand-over.
+    spool.inbound_delivered("lab", "<m@lab>", [("A", "1")], b"receipt", ("text/plain", 3))
+    assert [h.message_id for h in spool.handover_list()] == ["<m@lab>"]
+    # Begun again over a finished record (its receipt disposed of), it is replaced whole.
+    spool.inbound_begin("lab", "<m@lab>", "cc", tmp_path / "c.hl7")
+    again = spool.inbound_get("lab", "<m@lab>")
+    assert again is not None and again.state == "delivering" and again.receipt_body is None
+
+
+def test_hand_overs_are_due_retried_failed_and_retried_by_an_operator(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
+    spool.inbound_begin("lab", "<m@lab>", "aa", tmp_path / "a.hl7")
+    spool.inbound_delivered("lab", "<m@lab>", [], b"r", ("text/plain", 3))
+    assert spool.handover_next_at() == 0.0
+    spool.handover_retry("lab", "<m@lab>", "503", 50.0)
+    assert spool.handover_due(10.0) == [] and spool.handover_next_at() == 50.0
+    (due,) = spool.handover_due(60.0)
+    assert due.attempts == 1 and due.last_error == "503"
+    with pytest.raises(SpoolError, match="only a failed hand-over can be retried"):
+        spool.handover_operator_retry("lab", "<m@lab>", "alice", 2e9)
+    spool.handover_failed("lab", "<m@lab>", "gone")
+    assert spool.handover_next_at() is None
+    retried = spool.handover_operator_retry("lab", "<m@lab>", "alice", 2e9)
+    assert retried.state is HandoverState.PENDING and retried.attempts == 0
+    spool.handover_done("lab", "<m@lab>")
+    assert [h.state for h in spool.handover_list(HandoverState.DONE)] == [HandoverState.DONE]
+
+
+def test_a_peer_suspended_and_resumed_keeps_the_last_word(make_spool: MakeSpool) -> None:
+    spool = make_spool(TickingClock())
+    assert not spool.is_suspended("lab")
+    spool.set_suspended("lab", True, "maintenance window", "alice")
+    spool.set_suspended("lab", False, "back", "bob")
+    spool.set_suspended("pharmacy", True, "certificate expired", "alice")
+    controls = spool.peer_controls()
+    assert not spool.is_suspended("lab") and spool.is_suspended("pharmacy")
+    assert (controls["lab"].reason, controls["lab"].actor) == ("back", "bob")
+
+
+def test_a_duplicate_message_id_is_refused_and_changes_nothing(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
+    spool.add_intake("<m@h>", "lab", "a", "text/plain", tmp_path, tmp_path, submitted_by="api:x")
+    with pytest.raises(SpoolError, match="spool write failed"):
+        spool.add_intake("<m@h>", "lab", "b", "text/plain", tmp_path, tmp_path, submitted_by="y")
+    assert spool.submitter("<m@h>") == "api:x" and len(spool.all_outbound()) == 1
+
+
+def test_data_keys_are_stored_replaced_and_rewrapped_in_one_transaction(
+    make_spool: MakeSpool,
+) -> None:
+    spool = make_spool(TickingClock())
+    spool.put_data_key(DataKey("body:<a@h>", 1, b"wrapped-a"))
+    spool.put_data_key(DataKey("body:<b@h>", 1, b"wrapped-b"))
+    spool.put_data_key(DataKey("body:<b@h>", 2, b"wrapped-b2"))  # the item's key replaced
+    assert sorted(spool.data_key_versions()) == [1, 2]
+    assert spool.rewrap_data_keys(1, 3, lambda key: key.wrapped + b"@3") == 1
+    assert spool.data_key("body:<a@h>") == DataKey("body:<a@h>", 3, b"wrapped-a@3")
+    assert spool.data_key("body:<b@h>") == DataKey("body:<b@h>", 2, b"wrapped-b2")
+    spool.shred()
+    assert spool.data_key("body:<none@h>") is None

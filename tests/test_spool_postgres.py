@@ -1,0 +1,140 @@
+"""The PostgreSQL spool on a real server: what only it has to prove.
+
+The behaviour both backends share is proven on both by the spool tests that use
+the ``make_spool`` fixture (test_spool_bodies, test_spool_queries, test_retention,
+test_spool_backends).  Here: several nodes' handles claiming from one database
+at once, the schema created once and refused when newer, and a server that
+stops and comes back under a running spool.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import SpoolError
+from gateway.spool import OutboundState
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from gateway.spool.postgres.database import translate
+from gateway.spool.postgres.schema import VERSION
+from tests.clocks import TickingClock
+from tests.helpers.postgres import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("postgres_server")
+
+
+def queue_messages(spool: PostgresSpool, tmp_path: Path, count: int) -> list[str]:
+    ids = [f"<m{i}@hospital>" for i in range(count)]
+    for message_id in ids:
+        spool.add_intake(message_id, "lab", "a.hl7", "text/plain", tmp_path, tmp_path)
+        spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+    return ids
+
+
+def test_statements_are_translated_outside_string_literals() -> None:
+    assert translate("SELECT * FROM t WHERE a=? AND b='x?:y' AND c=:name") == (
+        "SELECT * FROM t WHERE a=%s AND b='x?:y' AND c=%(name)s"
+    )
+    assert translate("SELECT 5 % 2, x::text") == "SELECT 5 %% 2, x::text"
+
+
+def test_nodes_claiming_at_once_never_take_the_same_message(
+    postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """Two nodes' spools, four senders each, claim from one queue at the same moment:
+    every message is claimed by exactly one of them (FOR UPDATE SKIP LOCKED)."""
+    nodes = [PostgresSpool(postgres, TickingClock()) for _ in range(2)]
+    ids = queue_messages(nodes[0], tmp_path, 300)
+    claimed: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def sender(spool: PostgresSpool) -> None:
+        start.wait()
+        while True:
+            batch, _ = spool.claim_due("lab", 2e9, 3)
+            if not batch:
+                return
+            with lock:
+                claimed.extend(r.message_id for r in batch)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in nodes for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    twice = [m for m, n in Counter(claimed).items() if n > 1]
+    assert not twice, f"claimed by more than one sender: {twice[:5]}"
+    assert sorted(claimed) == sorted(ids)
+    assert {r.attempts for r in nodes[1].all_outbound()} == {1}
+    assert nodes[1].counts() == {("lab", OutboundState.SENDING.value): 300}
+    for node in nodes:
+        node.close()
+
+
+def test_the_schema_is_created_once_and_a_newer_one_is_refused(
+    postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    first = PostgresSpool(postgres, TickingClock())
+    queue_messages(first, tmp_path, 1)
+    again = PostgresSpool(postgres, TickingClock())  # opening it again changes nothing
+    assert [r.message_id for r in again.all_outbound()] == ["<m0@hospital>"]
+    first._transact(lambda db: db.execute("UPDATE spool_schema SET version=?", (VERSION + 1,)))
+    with pytest.raises(SpoolError, match="newer than this medgw knows") as refused:
+        PostgresSpool(postgres, TickingClock())
+    assert "same medgw version on every node" in (refused.value.fix or "")
+    for spool in (first, again):
+        spool.close()
+
+
+@dataclass
+class StoppedClock:
+    """Monotonic time that moves only when the test says (for the back-off)."""
+
+    at: float = 1000.0
+    wall: TickingClock = field(default_factory=TickingClock)
+
+    def now(self) -> datetime:
+        return self.wall.now()
+
+    def monotonic(self) -> float:
+        return self.at
+
+
+def test_a_stopped_server_fails_calls_at_once_and_is_reconnected_after_a_back_off(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    changes: list[str | None] = []
+    clock = StoppedClock()
+    spool = PostgresSpool(postgres, clock, on_change=changes.append)
+    queue_messages(spool, tmp_path, 2)
+    postgres_server.stop("immediate")  # as if it crashed
+    try:
+        with pytest.raises(SpoolError, match="is unreachable") as lost:
+            spool.claim_due("lab", 2e9, 1)
+        assert "medgw tries again by itself" in (lost.value.fix or "")
+        assert len(changes) == 1 and changes[0]  # told once, with the cause
+        # Every call fails: the back-off grows, and within it no connection is tried.
+        for _ in range(3):
+            with pytest.raises(SpoolError, match="is unreachable"):
+                spool.get("<m0@hospital>")
+            clock.at += 0.01
+        with pytest.raises(SpoolError, match=r"next in \d+ s"):
+            spool.get("<m0@hospital>")
+    finally:
+        postgres_server.start()
+    with pytest.raises(SpoolError, match="is unreachable"):  # still within the back-off
+        spool.get("<m0@hospital>")
+    clock.at += 60
+    record = spool.get("<m0@hospital>")  # back: nothing lost, nothing half-done
+    assert record is not None and record.state is OutboundState.QUEUED
+    assert changes[1:] == [None]
+    (claimed,), _ = spool.claim_due("lab", 2e9, 1)
+    assert claimed.message_id == "<m0@hospital>"
+    assert spool.counts() == {("lab", "sending"): 1, ("lab", "queued"): 1}
+    spool.close()
