@@ -19,13 +19,16 @@ import asyncssh
 import pytest
 
 from gateway.audit import AuditEvent, EventType
+from gateway.audit.index import index_path
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.demo_run import wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.errors import ConfigError
 from gateway.maintenance import algorithms
 from gateway.maintenance.server import MaintenanceServer, _Connection, _Session
 from gateway.pki.demo import DemoLayout
+from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
 from tests.helpers.maintenance import ADDRESS, Site
 
 
@@ -62,7 +65,7 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
             shown = [json.loads(line) for line in str(done.stdout).splitlines()]
             assert [r["actor"] for r in shown] == [f"maintainer:{p}" for p in people]
             done = await admin.run("audit query --since yesterday")
-            assert done.exit_status == 2 and "not ISO 8601" in str(done.stderr)
+            assert done.exit_status == 2 and "not an ISO 8601" in str(done.stderr)
         # a wrong code: refused, audited
         with pytest.raises(asyncssh.PermissionDenied):
             await site.connect("alice", "000000" if site.code("alice") != "000000" else "111111")
@@ -137,6 +140,37 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
         check=True,
     ).stdout
     assert "$ queue retry 1234  -> 126" in table and "APPROVED alice" in table
+
+
+def test_the_console_s_audit_query_answers_what_the_host_s_does(
+    layout: DemoLayout, site: Site, processes: Any
+) -> None:
+    """``audit query`` in the console and ``medgw audit query`` on the host are one review:
+    the same records for the same filters (a date alone as --until includes that day),
+    read through the same review index beside the log."""
+    site.add("ada", "admin")
+    processes.start(layout.hospital.config_path)
+    processes.start(site.config)
+    site.approve("ada")
+    document = b"MSH|^~\\&|LIS|LAB\rPID|1||PAT-4711^^^MR||YAMADA^HANAKO||19800101|F\r"
+    drop_file(layout.lab.outbox_for("hospital"), "result.hl7", document)
+    wait_for_events(site.audit, "receipt.received")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    filters = ["--patient", "PAT-4711", "--until", today]
+
+    async def console() -> list[dict[str, Any]]:
+        async with await site.connect("ada", site.code("ada")) as admin:
+            done = await admin.run(f"audit query {' '.join(filters)}")
+        assert done.exit_status == 0, done.stderr
+        return [json.loads(line) for line in str(done.stdout).splitlines()]
+
+    in_console = asyncio.run(console())
+    assert index_path(site.audit).exists()  # the console built the review index
+    on_host = medgw("audit", "query", "--config", site.config, "--format", "json", *filters)
+    assert on_host.returncode == 0, on_host.stderr
+    assert in_console == [json.loads(line) for line in on_host.stdout.splitlines()]
+    events = {r["event"] for r in in_console}
+    assert {"message.accepted", "receipt.received"} <= events, events
 
 
 def test_a_key_without_a_code_an_expired_account_and_no_window_are_refused(

@@ -7,23 +7,15 @@ import csv
 import json
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from gateway.audit import index
-from gateway.audit.files import trail_files
+from gateway.audit import index, review
 from gateway.audit.index import AuditIndexError
-from gateway.audit.query import (
-    DOCUMENTS_REMEMBERED,
-    Filters,
-    accesses,
-    actor_of,
-    patients_of,
-    records,
-)
+from gateway.audit.query import DOCUMENTS_REMEMBERED, Filters, actor_of, patients_of, records
 from gateway.audit.seal import CheckpointKeys
 from gateway.audit.verify import AuditChainError, TrailReport, parse_checkpoint, verify_trail
 from gateway.clock import iso_seconds
@@ -143,17 +135,8 @@ def _index_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _indexed(args: argparse.Namespace, paths: list[Path]) -> bool:
-    """Whether to read through the indexes: built or brought up to date here.  One that
-    cannot be written (an archived copy on read-only media) is done without, with a note."""
-    if args.no_index:
-        return False
-    try:
-        index.prepare(paths)
-    except AuditIndexError as exc:
-        print(f"medgw: note: {exc} (reading the log without it: slower)", file=sys.stderr)
-        return False
-    return True
+def _note(text: str) -> None:
+    print(f"medgw: note: {text}", file=sys.stderr)
 
 
 def _index_failed(exc: AuditIndexError) -> int:
@@ -163,29 +146,22 @@ def _index_failed(exc: AuditIndexError) -> int:
 
 def _time(text: str) -> datetime:
     try:
-        at = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01 or 2026-11-01T09:00+09:00)"
-        ) from exc
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+        return review.since(text)
+    except InvalidValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _until(text: str) -> datetime:
-    at = _time(text)
-    return at + timedelta(days=1) if len(text) == len("2026-11-01") else at
+    try:
+        return review.until(text)
+    except InvalidValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _trail(args: argparse.Namespace) -> list[Path]:
     if args.file:
         return list(args.file)
-    return _files(load_config(args.config).storage.audit_log)
-
-
-def _files(current: Path) -> list[Path]:
-    """The trail's files, oldest first (the configured file alone if there is none: it is
-    reported missing)."""
-    return trail_files(current) or [current]
+    return review.trail(load_config(args.config).storage.audit_log)
 
 
 def _unreadable(exc: OSError, paths: list[Path]) -> int:
@@ -215,10 +191,8 @@ def _cells(record: dict[str, Any]) -> dict[str, str]:
 def _query(args: argparse.Namespace) -> int:
     filters = Filters(args.since, args.until, args.patient, args.peer, args.actor, args.event)
     paths = _trail(args)
-    narrowed = any(v is not None for v in (args.patient, args.peer, args.actor, args.event))
-    try:  # a time window alone is found by bisecting the log: no index needed
-        found = index.records if narrowed and _indexed(args, paths) else records
-        _show(args.format, found(paths, filters))
+    try:
+        _show(args.format, review.records(paths, filters, use_index=not args.no_index, note=_note))
     except OSError as exc:
         return _unreadable(exc, paths)
     except AuditIndexError as exc:
@@ -277,8 +251,8 @@ def _sessions(args: argparse.Namespace) -> int:
 def _patients(args: argparse.Namespace) -> int:
     paths = _trail(args)
     try:
-        counter = index.accesses if _indexed(args, paths) else accesses
-        rows, forgot = counter(paths, Filters(args.since, args.until))
+        window = Filters(args.since, args.until)
+        rows, forgot = review.accesses(paths, window, use_index=not args.no_index, note=_note)
     except OSError as exc:
         return _unreadable(exc, paths)
     except AuditIndexError as exc:
@@ -318,7 +292,7 @@ def _verify(args: argparse.Namespace) -> int:
         paths: list[Path] = args.file
     else:
         config = load_config(args.config or DEFAULT_CONFIG)
-        paths = _files(config.storage.audit_log)
+        paths = review.trail(config.storage.audit_log)
         if config.audit is not None and not certificates:
             keys = CheckpointKeys([config.audit.certificate])
     try:

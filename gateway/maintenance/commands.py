@@ -11,13 +11,13 @@ import json
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from gateway.audit.files import trail_files
-from gateway.audit.query import Filters, patients_of, records
+from gateway.audit import review
+from gateway.audit.query import Filters, patients_of
 from gateway.emergency.actions import Emergency
-from gateway.errors import MedgwError
+from gateway.errors import InvalidValueError, MedgwError
 from gateway.operations import Operations, record_view
 from gateway.spool import OutboundState
 
@@ -126,13 +126,12 @@ def _audit_filters(args: list[str]) -> Filters | str:
     if unknown:
         return f"unknown option {sorted(unknown)[0]}; use {', '.join(AUDIT_OPTIONS)}"
     times: dict[str, datetime | None] = {}
-    for key in ("--since", "--until"):
+    for key, read in (("--since", review.since), ("--until", review.until)):
         text = given.get(key)
         try:
-            at = datetime.fromisoformat(text) if text else None
-        except ValueError:
-            return f"{key} {text!r} is not ISO 8601 (e.g. 2026-11-01T09:00+09:00)"
-        times[key] = at.replace(tzinfo=UTC) if at and at.tzinfo is None else at
+            times[key] = read(text) if text else None
+        except InvalidValueError as exc:
+            return f"{key}: {exc}"
     return Filters(
         times["--since"],
         times["--until"],
@@ -148,10 +147,11 @@ async def _audit_query(ctx: Context, args: list[str]) -> Result:
     if isinstance(filters, str):
         return Result(2, filters + "\n")
     path = ctx.operations.config.storage.audit_log
+    notes: list[str] = []
 
     def read() -> list[dict[str, Any]]:
-        files = trail_files(path) or [path]
-        return list(itertools.islice(records(files, filters), MAX_AUDIT_RECORDS + 1))
+        found = review.records(review.trail(path), filters, note=notes.append)
+        return list(itertools.islice(found, MAX_AUDIT_RECORDS + 1))
 
     found = await asyncio.to_thread(read)
     more = len(found) > MAX_AUDIT_RECORDS
@@ -163,6 +163,7 @@ async def _audit_query(ctx: Context, args: list[str]) -> Result:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)
     if more:
         text += f"(more than {MAX_AUDIT_RECORDS} records: narrow --since/--until)\n"
+    text += "".join(f"(note: {note})\n" for note in notes)
     return Result(0, text, shown)
 
 
