@@ -17,6 +17,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
+from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, receipt_of
 
@@ -53,7 +54,9 @@ def test_documents_of_every_size_arrive_identical_with_verified_receipts(layout,
     lab_config = load_config(layout.lab.config_path)
     peer = lab_config.require_peer("hospital")
     for record in receipts:
-        stored = Path(record["detail"]["receipt_file"]).read_bytes()
+        path = Path(record["detail"]["receipt_file"])
+        assert b"Content-Type" not in path.read_bytes()  # kept encrypted at rest
+        stored = kept_receipt(layout.lab.config_path, record["message_id"], path)
         head, _, body = stored.partition(b"\r\n\r\n")
         content_type = head.decode().split(":", 1)[1].strip()
         again = parse_receipt(

@@ -21,6 +21,7 @@ from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
+from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.internal_system import (
     InternalSystem,
@@ -140,7 +141,9 @@ def test_a_service_not_configured_for_the_peer_is_refused_with_a_signed_receipt(
     assert "service 'referrals', which is not configured for peer 'lab'" in rejected["reason"]
     assert "its services: lab-results" in rejected["reason"]
     # The peer learns only the standard disposition, not our configuration.
-    receipt = Path(failure["detail"]["receipt_file"]).read_bytes()
+    receipt = kept_receipt(
+        layout.lab.config_path, failure["message_id"], Path(failure["detail"]["receipt_file"])
+    )
     assert b"unexpected-processing-error" in receipt and b"lab-results" not in receipt
     assert not list(layout.hospital.inbox_dir.rglob("ref.hl7"))
 

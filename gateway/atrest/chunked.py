@@ -157,13 +157,18 @@ class OpeningReader(io.RawIOBase):
         self._plain = b""
         self._done = False
         self._ahead = source.read(CHUNK + TAG)
+        self.failure: AtRestTamperedError | None = None  # what stopped a read, if anything
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._plain and not self._done:
-            self._next_chunk()
+        try:
+            while not self._plain and not self._done:
+                self._next_chunk()
+        except AtRestTamperedError as exc:
+            self.failure = exc  # for a caller that only sees its consumer fail (an upload)
+            raise
         count = min(len(buffer), len(self._plain))
         buffer[:count] = self._plain[:count]
         self._plain = self._plain[count:]
@@ -205,3 +210,10 @@ def plaintext_size(sealed_size: int, item: str) -> int:
     body = sealed_size - _FIXED - len(item.encode())
     chunks = body // (CHUNK + TAG) + 1
     return body - chunks * TAG
+
+
+def failure_of(handle: BinaryIO) -> AtRestTamperedError | None:
+    """The integrity failure that stopped reading ``handle`` (from
+    :meth:`gateway.atrest.vault.Vault.reader`), if any."""
+    raw = getattr(handle, "raw", handle)
+    return raw.failure if isinstance(raw, OpeningReader) else None

@@ -198,16 +198,20 @@ class Vault:
 
 
 class Sealing:
-    """One item being sealed (see :meth:`Vault.storing`); ``key`` is what the spool stores
-    with it (None: at-rest encryption is off, the item is stored as it is)."""
+    """One item being sealed (see :func:`storing`); ``key`` is what the spool stores with
+    it (None: at-rest encryption is off, the item is stored as it is)."""
 
-    def __init__(self, vault: Vault, item: str) -> None:
+    def __init__(self, vault: Vault | None, item: str) -> None:
         self._vault = vault
         self.item = item
         self.key: DataKey | None = None
 
+    @property
+    def encrypting(self) -> bool:
+        return self._vault is not None and self._vault.encrypt
+
     def _new_key(self) -> bytes | None:
-        if not self._vault.encrypt:
+        if self._vault is None or not self._vault.encrypt:
             return None
         dek, self.key = self._vault.new_key(self.item)
         return dek
@@ -220,6 +224,10 @@ class Sealing:
     def file(self, source: Path, target: Path) -> None:
         """``source`` (a working file) stored as ``target``, complete and on disk when this
         returns; ``source`` is removed."""
+        if not self.encrypting:
+            os.replace(source, target)
+            fsync_dir(target.parent)
+            return
         with source.open("rb") as reader:
             self.write(target, iter(lambda: reader.read(chunked.CHUNK), b""))
         source.unlink(missing_ok=True)
@@ -244,3 +252,42 @@ class Sealing:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def storing(vault: Vault | None, item: str) -> Iterator[Sealing]:
+    """Seal ``item`` and store it (with its key) inside this block (see
+    :meth:`Vault.storing`); without a vault, it is stored as it is."""
+    if vault is None:
+        yield Sealing(None, item)
+        return
+    with vault.storing(item) as sealing:
+        yield sealing
+
+
+def open_bytes(vault: Vault | None, item: str, stored: bytes) -> bytes:
+    """The plaintext of an item kept in the spool (see :meth:`Vault.open_bytes`)."""
+    if vault is None:
+        if chunked.is_sealed(stored):
+            raise _no_vault(item)
+        return stored
+    return vault.open_bytes(item, stored)
+
+
+def open_file(vault: Vault | None, item: str, path: Path) -> BinaryIO:
+    """The stored file ``path`` of ``item``, for reading its plaintext."""
+    if vault is None:
+        handle = path.open("rb")
+        if chunked.is_sealed(handle.read(len(chunked.MAGIC))):
+            handle.close()
+            raise _no_vault(item)
+        handle.seek(0)
+        return handle
+    return vault.reader(item, path)
+
+
+def _no_vault(item: str) -> AtRestError:
+    return AtRestError(
+        f"{item} is stored encrypted at rest, and this process has no key folder to open it",
+        fix="read it through the running daemon (medgw queue show), or with [at_rest] key_dir set",
+    )

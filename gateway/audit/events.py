@@ -123,6 +123,12 @@ class EventType(StrEnum):
     # Closed audit files removed: which (first and last record, hashes), and where the
     # trail now starts; sealed by a checkpoint before the files go.
     RETENTION_AUDIT_DISPOSED = "retention.audit_disposed"
+    # Encryption at rest (gateway.atrest): an item kept by the gateway that fails its
+    # integrity check when read (changed, truncated, swapped: an alert; it is kept, not
+    # used), and the key-encryption key replaced after a purge (what was purged is
+    # unreadable in any earlier copy of the state folder or backup).
+    AT_REST_INTEGRITY_FAILED = "atrest.integrity_failed"
+    AT_REST_KEY_ROTATED = "atrest.key_rotated"
     # An encrypted, signed backup bundle written (OUT-1), one restored onto this host, and
     # a restore refused (``reason``: the rule; gateway.backup.restore).
     BACKUP_CREATED = "backup.created"

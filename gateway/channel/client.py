@@ -12,6 +12,7 @@ import contextlib
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
@@ -50,12 +51,13 @@ class PeerClient:
         )
 
     async def post(
-        self, url: str, headers: tuple[tuple[str, str], ...], body: Path | bytes
+        self, url: str, headers: tuple[tuple[str, str], ...], body: Path | bytes | BinaryIO
     ) -> Response:
-        """POST ``body`` (a file, streamed; or bytes, for a receipt) and read the answer."""
+        """POST ``body`` (a file, streamed; a reader of one, streamed, its caller closes it
+        and names its size in ``headers``; or bytes, for a receipt) and read the answer."""
         try:
             with contextlib.ExitStack() as stack:
-                data_in = body if isinstance(body, bytes) else stack.enter_context(body.open("rb"))
+                data_in = stack.enter_context(body.open("rb")) if isinstance(body, Path) else body
                 async with self._session.post(
                     url, data=data_in, headers=list(headers), allow_redirects=False
                 ) as response:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from gateway.config.api import load_api
+from gateway.config.atrest import key_dir_place, load_at_rest
 from gateway.config.audit import load_audit
 from gateway.config.backup import load_backup
 from gateway.config.delivery import load_delivery
@@ -66,6 +67,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     backup_section = root.optional_table("backup")
     backup = load_backup(reader, backup_section) if backup_section is not None else None
     emergency_section = root.optional_table("emergency")
+    at_rest = load_at_rest(reader, root.optional_table("at_rest"), storage)
     root.finish()
 
     peers = load_peers(reader, source, identity.peers_dir, smime)
@@ -83,6 +85,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         else KEEP
     )
     places = named_places(source, identity.peers_dir, storage, zones, reader.read)
+    places.append(key_dir_place(at_rest, source))
     reader.problems.extend(overlap_problems(places))
     api = load_api(reader, api_section, peers, places) if api_section is not None else None
     maintenance = (
@@ -135,4 +138,5 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         metrics=metrics,
         backup=backup,
         emergency=emergency,
+        at_rest=at_rest,
     )

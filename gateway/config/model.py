@@ -11,6 +11,7 @@ from gateway.audit.export.settings import ExportSettings
 from gateway.audit.rotation import RotationSettings
 from gateway.audit.seal import SealSettings
 from gateway.config.api import ApiSettings
+from gateway.config.atrest import AtRestSettings
 from gateway.config.backup import BackupSettings
 from gateway.config.delivery import DeliverySettings
 from gateway.config.emergency import EmergencySettings
@@ -59,6 +60,8 @@ class GatewayConfig:
     metrics: MetricsSettings | None = None  # [metrics]: Prometheus and health endpoints
     backup: BackupSettings | None = None  # [backup]: whom medgw backup encrypts to
     emergency: EmergencySettings = field(default_factory=EmergencySettings)  # [emergency]
+    # [at_rest]: what medgw keeps, encrypted; None only for a config built by hand
+    at_rest: AtRestSettings | None = None
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gateway.alerts import AlertCalls
+from gateway.atrest import KeyStore, Vault
 from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
 from gateway.audit.export.cursor import load_position
 from gateway.audit.export.exporter import CURSOR_NAME
@@ -89,6 +90,7 @@ class Daemon:
         self._audit: AuditLog | None = None
         self._alerts: AlertCalls | None = None
         self._spool: Spool | None = None
+        self._vault: Vault | None = None  # encryption at rest (gateway.atrest)
         self._outbound: Outbound | None = None
         self._tasks: Tasks | None = None
         self._parts: Parts | None = None  # what every runtime state is built with
@@ -232,6 +234,17 @@ class Daemon:
         self._broken = BrokenRecords(self._sink, self._log)  # the same record alerts once
         self._watch = TrailWatch(config.storage.audit_log, keys, self._broken)
         self._spool = open_spool(config.storage.spool_path, self._clock)
+        # What is kept, encrypted at rest; a key rotation a killed run left half-done is
+        # finished before anything is read (gateway.atrest).
+        at_rest = config.at_rest
+        vault = (
+            Vault(KeyStore(at_rest.key_dir), self._spool, encrypt=at_rest.enabled)
+            if at_rest is not None
+            else None
+        )
+        if vault is not None:
+            await asyncio.to_thread(vault.open)
+        self._vault = vault
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
         for peer in config.peers:
@@ -246,6 +259,7 @@ class Daemon:
             self._clock,
             self._network,
             self._inbound_locks,
+            vault,
         )
         self._crls = crls = DaemonCrls(
             config.storage.state_dir,
@@ -274,7 +288,7 @@ class Daemon:
         self._trust.audit(config, trust, {})
         self._state = self._build_state(config, trust)
         self._outbound = Outbound(
-            self._state, self._spool, self._audit_sink(), self._log, self._clock
+            self._state, self._spool, self._audit_sink(), self._log, self._clock, vault
         )
         self._senders = Senders(lambda: self.state, parts, self._outbound, tasks, self._rng)
         self._handler = As2Handler(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.atrest import Vault
 from gateway.audit import AuditSink
 from gateway.channel.client import PeerClient
 from gateway.clock import Clock
@@ -57,6 +58,7 @@ class Parts:
     clock: Clock
     network: Network
     inbound_locks: InboundLocks  # shared by the processors of every reload
+    vault: Vault | None = None  # encryption at rest of what is kept (gateway.atrest)
 
 
 def build_state(
@@ -121,6 +123,7 @@ def build_state(
         signers=signers,
         locks=parts.inbound_locks,
         network=parts.network,
+        vault=parts.vault,
     )
     peers_by_spki = {pin: p for p in config.peers for pin in p.tls_spki_pins}
     return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust, peers_by_spki)

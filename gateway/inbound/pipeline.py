@@ -30,6 +30,7 @@ from gateway.as2.headers import (
     unquote_as2_id,
 )
 from gateway.as2.mdn import Disposition, build_receipt
+from gateway.atrest import Vault, open_bytes, storing
 from gateway.audit import AuditSink, EventType, Outcome, Severity
 from gateway.audit.patients import patients_in_chunks
 from gateway.channel.answers import ANSWERS, Answer, refusal_event
@@ -39,6 +40,7 @@ from gateway.cms.stream import verify_entity_span
 from gateway.config import GatewayConfig, Peer
 from gateway.egress import Network
 from gateway.errors import (
+    AtRestError,
     DecryptionError,
     MalformedMessageError,
     MedgwError,
@@ -61,6 +63,7 @@ from gateway.pki.signers import PersonalSigners
 from gateway.pki.tls import certificate_fingerprint
 from gateway.routing import Refusal, route_inbound
 from gateway.spool import Spool
+from gateway.spool.records import sent_receipt_item
 
 
 @dataclass(frozen=True)
@@ -146,12 +149,15 @@ class InboundProcessor:
         signers: Mapping[str, tuple[x509.Certificate, ...]] | None = None,
         locks: InboundLocks | None = None,
         network: Network | None = None,
+        vault: Vault | None = None,
     ) -> None:
         # ``signers``: each peer's signing certificates that validate now (PKI layer);
         # without it (tests of this layer alone), every configured one.
         # ``locks``: the daemon's, kept across reloads (alone: its own).
         # ``network``: the daemon's connect path, for OCSP about personal signers
         # (alone: one judged by this configuration).
+        # ``vault``: the daemon's encryption at rest (alone: receipts kept as they are).
+        self._vault = vault
         self._network = network if network is not None else Network.fixed(config.network_map)
         self._signers = signers
         self._config = config
@@ -306,6 +312,23 @@ class InboundProcessor:
             self._reject(request, message_id, refused.event, refused.reason)
             return self._receipt(request, message_id, refused.disposition, None, digest)
         except DuplicateReceipt as duplicate:
+            try:
+                kept = open_bytes(
+                    self._vault, sent_receipt_item(peer.name, message_id), duplicate.body
+                )
+            except AtRestError as exc:
+                self._record(
+                    EventType.AT_REST_INTEGRITY_FAILED,
+                    peer.name,
+                    message_id,
+                    outcome=Outcome.FAILURE,
+                    severity=Severity.ALERT,
+                    reason=f"{exc.message}; the resend is answered with an error receipt",
+                    detail={"fix": exc.fix} if exc.fix else None,
+                )
+                return self._receipt(
+                    request, message_id, Disposition.UNEXPECTED_ERROR, None, digest
+                )
             self._record(
                 EventType.MESSAGE_DUPLICATE,
                 peer.name,
@@ -313,21 +336,24 @@ class InboundProcessor:
                 remote_address=request.remote,
                 reason="resend of a delivered message: answered with the original receipt",
             )
-            return InboundResponse(Answer.RECEIPT, duplicate.headers, duplicate.body)
+            return InboundResponse(Answer.RECEIPT, duplicate.headers, kept)
         response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest, details)
         if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
             return response
         delivery = self._config.delivery
         hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
         # The receipt and the hand-over to the internal system are recorded in one
-        # transaction: every document answered "processed" is handed over.
-        self._spool.inbound_delivered(
-            peer.name,
-            message_id,
-            list(response.headers),
-            response.body,
-            handover=(delivered.content_type, delivered.size) if hand_over else None,
-        )
+        # transaction: every document answered "processed" is handed over.  The receipt
+        # is kept encrypted at rest, with its data key (gateway.atrest).
+        with storing(self._vault, sent_receipt_item(peer.name, message_id)) as sealing:
+            self._spool.inbound_delivered(
+                peer.name,
+                message_id,
+                list(response.headers),
+                sealing.seal(response.body),
+                handover=(delivered.content_type, delivered.size) if hand_over else None,
+                data_key=sealing.key,
+            )
         self._log.info("message.delivered", peer=peer.name, message_id=message_id)
         self._record(
             EventType.RECEIPT_SENT,

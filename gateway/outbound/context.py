@@ -11,6 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 
+from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
@@ -44,10 +45,17 @@ class Context:
     """The parts and the state the steps share; one per :class:`~gateway.outbound.Outbound`."""
 
     def __init__(
-        self, state: Current, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+        self,
+        state: Current,
+        spool: Spool,
+        audit: AuditSink,
+        log: Logger,
+        clock: Clock,
+        vault: Vault | None = None,
     ) -> None:
         self._state = state
         self.spool = spool
+        self.vault = vault  # None: bodies and receipts are stored as they are (tests, tools)
         self.audit = audit
         self.log = log
         self.clock = clock

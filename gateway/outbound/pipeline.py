@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from gateway.atrest import Vault
 from gateway.audit import AuditSink
 from gateway.channel.client import PeerClient
 from gateway.clock import Clock
@@ -30,9 +31,15 @@ class Outbound:
     """outbox or local API -> sign and encrypt -> spool -> POST -> receipt."""
 
     def __init__(
-        self, state: Current, spool: Spool, audit: AuditSink, log: Logger, clock: Clock
+        self,
+        state: Current,
+        spool: Spool,
+        audit: AuditSink,
+        log: Logger,
+        clock: Clock,
+        vault: Vault | None = None,
     ) -> None:
-        self._ctx = Context(state, spool, audit, log, clock)
+        self._ctx = Context(state, spool, audit, log, clock, vault)
         sealer = Sealer(self._ctx)
         status = MessageStatus(self._ctx)
         settler = Settler(self._ctx)

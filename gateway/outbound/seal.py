@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.as2.message import MessageSpec, build_message, build_message_file
+from gateway.atrest import Sealing, storing
 from gateway.audit import AuditEvent, EventType, PatientId, Severity
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
 from gateway.config import Peer
 from gateway.errors import MedgwError
-from gateway.fsutil import storage_fix
+from gateway.fsutil import partial_name, storage_fix
 from gateway.outbound.context import Context
 from gateway.pki.tls import certificate_fingerprint
 from gateway.policy import DEFAULT_KEY_TRANSPORT
 from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool.records import body_item
 
 # A document up to this size is signed and encrypted in memory, and its AS2 body kept
 # in the spool's row (committed with the row, no file); a larger one streams file
@@ -53,7 +55,19 @@ class Sealer:
         and alert (False).  ``declared``: the patients its submitter named (the local
         API), recorded with those the document itself names.  Runs in a worker thread:
         crypto, files and the spool's transactions, each with its fsync, stay off the
-        event loop."""
+        event loop.  The AS2 body is kept encrypted at rest (gateway.atrest), its data
+        key stored with it."""
+        with storing(self._ctx.vault, body_item(record.message_id)) as sealing:
+            return self._seal_and_queue(record, peer, submitted_by, declared, sealing)
+
+    def _seal_and_queue(
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        submitted_by: str | None,
+        declared: tuple[PatientId, ...],
+        sealing: Sealing,
+    ) -> bool:
         smime = self._ctx.config.smime
         at = self._ctx.clock.now()
         body_path = self._ctx.outgoing / (record.payload_path.name + ".as2")
@@ -93,13 +107,21 @@ class Sealer:
                     hashlib.sha256(small).hexdigest(),
                     encrypted_for,
                     None,
-                    message.body,
+                    sealing.seal(message.body),
                     key_transport,
                     patients,
                 )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
-            built = build_message_file(record.payload_path, body_path, spec)
+            # Written in the clear beside it (CMS: encrypted for the peer), then stored
+            # encrypted at rest under its own key.
+            work = partial_name(body_path) if sealing.encrypting else body_path
+            try:
+                built = build_message_file(record.payload_path, work, spec)
+                sealing.file(work, body_path)
+            finally:
+                if work != body_path:
+                    work.unlink(missing_ok=True)
             return _Sealed(
                 built.headers,
                 built.mic,
@@ -146,6 +168,7 @@ class Sealer:
             sealed.size,
             sealed.encrypted_for,
             body=sealed.body,
+            data_key=sealing.key,
         )
         record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
         self._ctx.log.info(

@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import timedelta
+from typing import BinaryIO
 
+from gateway.atrest import open_bytes, open_file
+from gateway.atrest.chunked import failure_of
 from gateway.audit import EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response
 from gateway.config import Peer
-from gateway.errors import TransportError
+from gateway.errors import AtRestError, TransportError
 from gateway.outbound.context import Context
 from gateway.outbound.settle import Settler, asks_async_receipt
 from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool.records import body_item
 
 
 class Sender:
@@ -38,9 +42,11 @@ class Sender:
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task picks it up).
         try:
-            body = record.body if record.body is not None else record.body_path
-            assert body is not None
-            response = await client.post(peer.url, record.headers, body)
+            body, headers = await self._ctx.in_thread(self._stored_body, record)
+        except AtRestError as exc:
+            return await self._ctx.in_thread(self._unreadable, record, peer, exc)
+        try:
+            response = await client.post(peer.url, headers, body)
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
             awaiting = asks_async_receipt(record) and 200 <= response.status < 300
@@ -51,6 +57,8 @@ class Sender:
             else:
                 awaiting = False
         except TransportError as exc:
+            if not isinstance(body, bytes) and (failure := failure_of(body)) is not None:
+                return await self._ctx.in_thread(self._unreadable, record, peer, failure)
             delay = self.backoff(record.attempts + 1, rng)
             return await self._ctx.in_thread(self._send_failed, record, peer, str(exc), delay)
         except asyncio.CancelledError:
@@ -59,7 +67,47 @@ class Sender:
                 self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
             )
             raise
+        finally:
+            if not isinstance(body, bytes):
+                body.close()
         await self._ctx.in_thread(self._sent, record, peer, response, awaiting)
+        return 0.0
+
+    def _stored_body(
+        self, record: OutboundRecord
+    ) -> tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]]:
+        """The AS2 body as kept at rest, opened for sending, and the headers to send it
+        with (worker thread)."""
+        item = body_item(record.message_id)
+        if record.body is not None:
+            return open_bytes(self._ctx.vault, item, record.body), record.headers
+        assert record.body_path is not None
+        reader = open_file(self._ctx.vault, item, record.body_path)
+        size = (
+            self._ctx.vault.size(item, record.body_path)
+            if self._ctx.vault is not None
+            else record.body_path.stat().st_size
+        )
+        return reader, (*record.headers, ("Content-Length", str(size)))
+
+    def _unreadable(self, record: OutboundRecord, peer: Peer, error: AtRestError) -> float:
+        """The stored body cannot be read back as it was written: never sent; the message
+        fails, its stored copy kept for the operator (worker thread)."""
+        if self._settled_meanwhile(record):
+            return 0.0
+        self._ctx.spool.mark_done(
+            record.message_id, OutboundState.FAILED, "not-sent", None, error=error.message
+        )
+        self._ctx.failed(
+            "message.stored_body_unreadable",
+            EventType.AT_REST_INTEGRITY_FAILED,
+            peer=peer.name,
+            message_id=record.message_id,
+            audit_reason=error.message,
+            detail={"fix": error.fix} if error.fix else None,
+            error=error.message,
+            fix=error.fix,
+        )
         return 0.0
 
     def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:

@@ -7,13 +7,14 @@ import asyncio
 from pathlib import Path
 
 from gateway.as2.mdn import mic_matches, parse_receipt
+from gateway.atrest import Sealing, storing
 from gateway.audit import EventType, Severity
 from gateway.channel.client import Response
 from gateway.config import Peer
 from gateway.errors import MedgwError
-from gateway.fsutil import write_atomic
 from gateway.outbound.context import Context
-from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool import DataKey, OutboundRecord, OutboundState
+from gateway.spool.records import receipt_item
 
 # A message that asked for its receipt later is settled by that receipt (verified, for
 # this message, from this peer) in these states too: the peer may POST it before it
@@ -92,11 +93,24 @@ class Settler:
         self, record: OutboundRecord, peer: Peer, response: Response, given_up: bool = False
     ) -> None:
         """Settle ``record`` by its receipt (worker thread); ``given_up``: it had been
-        marked expired, dead or cancelled before this receipt came."""
+        marked expired, dead or cancelled before this receipt came.  The receipt is kept
+        encrypted at rest (gateway.atrest), its data key stored with the settlement."""
+        with storing(self._ctx.vault, receipt_item(record.message_id)) as sealing:
+            self._settle(record, peer, response, given_up, sealing)
+
+    def _settle(
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        response: Response,
+        given_up: bool,
+        sealing: Sealing,
+    ) -> None:
         assert record.mic is not None
         receipt_path = self._ctx.receipts / (record.payload_path.name + ".mdn")
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
-        write_atomic(receipt_path, [stored], mode=0o600)
+        sealing.write(receipt_path, [stored])
+        key = sealing.key
         try:
             receipt = parse_receipt(
                 response.content_type,
@@ -112,6 +126,7 @@ class Settler:
                 receipt_path,
                 f"receipt could not be verified: {exc}",
                 EventType.RECEIPT_INVALID,
+                key,
             )
             return
         for algorithm in receipt.compat_algorithms:  # e.g. a receipt signed with SHA-1
@@ -132,13 +147,18 @@ class Settler:
                 receipt_path,
                 f"receipt is for {receipt.original_message_id!r}, not this message",
                 EventType.RECEIPT_INVALID,
+                key,
             )
             return
         if receipt.duplicate_warning and record.attempts >= 1 and receipt.mic is None:
             # An earlier attempt reached the peer (some products answer a resend this way,
             # without a MIC). Delivered, but the content check rests on that first attempt.
             self._ctx.spool.mark_done(
-                record.message_id, OutboundState.DELIVERED, receipt.disposition, receipt_path
+                record.message_id,
+                OutboundState.DELIVERED,
+                receipt.disposition,
+                receipt_path,
+                data_key=key,
             )
             self._ctx.record(
                 EventType.RECEIPT_RECEIVED,
@@ -162,6 +182,7 @@ class Settler:
                 receipt_path,
                 f"peer reported {receipt.disposition}",
                 EventType.MESSAGE_FAILED,
+                key,
             )
             return
         if not mic_matches(record.mic, receipt.mic):
@@ -173,10 +194,15 @@ class Settler:
                 f"receipt MIC {receipt.mic!r} does not match what was sent "
                 f"({record.mic!r}): the peer did not receive this document intact",
                 EventType.RECEIPT_INVALID,
+                key,
             )
             return
         self._ctx.spool.mark_done(
-            record.message_id, OutboundState.DELIVERED, receipt.disposition, receipt_path
+            record.message_id,
+            OutboundState.DELIVERED,
+            receipt.disposition,
+            receipt_path,
+            data_key=key,
         )
         self._ctx.log.info("message.receipt_verified", peer=peer.name, message_id=record.message_id)
         self._ctx.record(
@@ -210,9 +236,15 @@ class Settler:
         receipt_path: Path,
         reason: str,
         event: EventType,
+        key: DataKey | None,
     ) -> None:
         self._ctx.spool.mark_done(
-            record.message_id, OutboundState.FAILED, disposition, receipt_path, error=reason
+            record.message_id,
+            OutboundState.FAILED,
+            disposition,
+            receipt_path,
+            error=reason,
+            data_key=key,
         )
         self._ctx.failed(
             "message.failed",

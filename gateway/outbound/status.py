@@ -7,10 +7,12 @@ import asyncio
 from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
-from gateway.errors import MedgwError
+from gateway.atrest import open_file
+from gateway.errors import AtRestError, MedgwError
 from gateway.operations import record_view
 from gateway.outbound.context import Context
 from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool.records import receipt_item
 
 FINAL_STATES = frozenset(
     {
@@ -53,7 +55,14 @@ class MessageStatus:
         peer = self._ctx.config.peer(record.peer)
         if peer is None:
             return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
-        head, _, body = record.receipt_path.read_bytes().partition(b"\r\n\r\n")
+        try:
+            with open_file(
+                self._ctx.vault, receipt_item(record.message_id), record.receipt_path
+            ) as handle:
+                kept = handle.read()
+        except AtRestError as exc:
+            return {"verified": False, "error": str(exc)}
+        head, _, body = kept.partition(b"\r\n\r\n")
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:
             receipt = parse_receipt(

@@ -1,0 +1,28 @@
+"""What a gateway keeps encrypted at rest (gateway.atrest), read back the way the daemon
+does: its spool's data keys, its key folder's key-encryption keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.atrest import KeyStore, Vault
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.spool import SqliteSpool
+from gateway.spool.records import receipt_item
+
+
+def kept_file(config_path: Path, item: str, path: Path) -> bytes:
+    """The plaintext of the kept file ``path`` of ``item``."""
+    config = load_config(config_path)
+    assert config.at_rest is not None
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    try:
+        return Vault(KeyStore(config.at_rest.key_dir), spool).read_file(item, path)
+    finally:
+        spool.close()
+
+
+def kept_receipt(config_path: Path, message_id: str, path: Path) -> bytes:
+    """The receipt received for outbound ``message_id``, as stored (headers, body)."""
+    return kept_file(config_path, receipt_item(message_id), path)
