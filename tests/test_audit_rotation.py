@@ -327,3 +327,35 @@ def test_verify_reads_the_whole_set_and_names_a_missing_or_cut_file_by_the_recor
     recent = verify()
     assert recent.returncode == 0, recent.stderr
     assert f"starts at record {after}: the files before it were not given" in recent.stdout
+
+
+@pytest.mark.parametrize("rule", ["daily", "size"])
+def test_a_command_run_while_the_daemon_is_stopped_rotates_by_the_same_rules(
+    layout: DemoLayout, rule: str
+) -> None:
+    """``medgw queue list`` with the daemon stopped records the read (MNT-1) through a
+    writer that closes the current file under the ``[audit]`` rules the daemon's follows:
+    at the first record of a new UTC day, and at ``rotate_mib``."""
+    config_path = layout.lab.config_path
+    now = datetime.now(UTC)
+    if rule == "daily":
+        start, before = now - timedelta(days=1), 3
+    else:
+        with config_path.open("a") as handle:
+            handle.write("\n[audit]\nrotate_mib = 0.01\nrotate_daily = false\n")
+        start, before = now - timedelta(hours=1), 60  # more than 10 KiB of records
+    config = load_config(config_path)
+    trail = config.storage.audit_log
+    log = AuditLog(trail, StepClock(start), node=config.as2_id)  # rotating by neither rule
+    emit(log, range(before))
+    log.close()
+    assert trail_files(trail) == [trail]
+
+    listed = medgw("queue", "list", "--config", config_path)
+    assert listed.returncode == 0, listed.stderr
+    files = trail_files(trail)
+    assert len(files) == 2 and files[-1] == trail, files
+    assert [r["message_id"] for r in lines(files[0])] == [f"<{n}@writer>" for n in range(before)]
+    [read] = lines(trail)  # the read's record begins the new file, chained on
+    assert read["actor"].startswith("operator:") and read["seq"] == before + 1
+    assert verify_trail(files, None, None).records == before + 1

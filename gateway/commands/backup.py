@@ -14,12 +14,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.audit import AuditEvent, AuditLog
+from gateway.audit import AuditEvent
 from gateway.backup.bundle import BackupError, RestoreRefused, created_event, write_bundle
 from gateway.backup.restore import Restored, refused_event, restore, restored_event
 from gateway.clock import SystemClock
 from gateway.commands import add_config_option, emit
-from gateway.commands.queue import control_client
+from gateway.commands.queue import control_client, offline_trail
 from gateway.config import GatewayConfig, load_config
 from gateway.control.client import NotRunningError
 from gateway.control.server import operator
@@ -114,7 +114,7 @@ def _recipient(args: argparse.Namespace) -> tuple[x509.Certificate, PrivateKey]:
 
 def _record(config: GatewayConfig, event: AuditEvent) -> None:
     """Write ``event`` to the trail (the state folder's lock is held: no daemon writes it)."""
-    audit = AuditLog(config.storage.audit_log, SystemClock(), node=config.as2_id)
+    audit = offline_trail(config)
     try:
         audit.emit(event)
     finally:

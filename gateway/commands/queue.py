@@ -107,13 +107,25 @@ def _offline_spool(args: argparse.Namespace) -> Spool:
     return _offline(args)[1]
 
 
+def offline_trail(config: GatewayConfig) -> AuditLog:
+    """The audit trail's writer for a command run while the daemon is stopped: it closes
+    the current file by size and by day under the same ``[audit]`` rules as the
+    daemon's writer (its checkpoints are the daemon's to write)."""
+    return AuditLog(
+        config.storage.audit_log,
+        SystemClock(),
+        node=config.as2_id,
+        rotation=config.audit_rotation,
+    )
+
+
 def offline_read(config: GatewayConfig, record: Callable[[AuditSink, str], None]) -> None:
     """Audit a read of the spool made with the daemon stopped (MNT-1): ``record`` writes
     the event, given the audit log and the actor (this process's account, and the name
     sudo passes).  Raises MedgwError if it cannot be written: then nothing is shown."""
     actor = operator(os.getuid(), os.environ.get("SUDO_USER") or os.environ.get("USER") or "")
     try:
-        audit = AuditLog(config.storage.audit_log, SystemClock(), node=config.as2_id)
+        audit = offline_trail(config)
         try:
             record(audit, actor)
         finally:
