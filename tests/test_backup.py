@@ -56,11 +56,39 @@ def recipient(folder: Path) -> tuple[Path, Path]:
         check=True,
         capture_output=True,
     )
+    key.chmod(0o600)
+    return key, cert
+
+
+def backup_signer(config: Path) -> tuple[Path, Path]:
+    """The gateway's backup signing key pair (made as README, Backups says), beside its
+    other keys: a fresh host given the same /etc/medgw has it too.  Made once, with the
+    README's command (ECDSA P-256, self-signed)."""
+    key, cert = (
+        config.parent / "certs" / "backup-signing.key",
+        config.parent / "certs" / "backup-signing.crt",
+    )
+    if not (key.exists() and cert.exists()):
+        subprocess.run(
+            [
+                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
+                "-subj", "/CN=medgw backup signer, Sakura General Hospital",
+            ],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        key.chmod(0o600)
     return key, cert
 
 
 def add_backup(config: Path, cert: Path) -> None:
-    config.write_text(config.read_text() + f'\n[backup]\nrecipient = "{cert}"\n')
+    key, signing = backup_signer(config)
+    config.write_text(
+        config.read_text()
+        + f'\n[backup]\nrecipient = "{cert}"\n'
+        + f'signing_certificate = "{signing}"\nsigning_key = "{key}"\n'
+    )
 
 
 def fresh_host(layout: DemoLayout, name: str) -> Path:
@@ -164,7 +192,9 @@ def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_on
 
     # The bundle is unreadable without the recipient's key, and openssl opens it.
     assert b"MSH|document" not in bundle.read_bytes()
-    manifest = openssl_opens(bundle, key, cert, layout.ca_certificate, tmp_path)
+    # Signed by the backup signing certificate (self-signed: its own trust anchor).
+    _, signer = backup_signer(layout.lab.config_path)
+    manifest = openssl_opens(bundle, key, cert, signer, tmp_path)
     assert manifest["as2_id"] == "KITA-LAB"
     assert written["outbound_messages"] == manifest["outbound_messages"] > 0
     assert {"config/gateway.toml", "state/spool.sqlite3"} <= set(manifest["files"])
@@ -230,15 +260,43 @@ def test_backup_without_a_recipient_is_refused(layout: DemoLayout, tmp_path: Pat
     assert "no [backup] section" in made.stderr and "recipient" in made.stderr
 
 
-@pytest.mark.parametrize("bad", ['recipient = "nope.crt"', 'cipher = "des-ede3-cbc"'])
-def test_backup_configuration_is_checked(layout: DemoLayout, tmp_path: Path, bad: str) -> None:
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ('recipient = "nope.crt"', "backup.recipient: file"),
+        ('cipher = "des-ede3-cbc"', "backup.cipher"),
+        # Backups have a signing key of their own: none is an error, the AS2 or TLS key too.
+        ("", "backup.signing_key: no key to sign backups with"),
+        (
+            'signing_certificate = "certs/sign.crt"\nsigning_key = "certs/sign.key"',
+            "is also smime.signing_key",
+        ),
+        ('signing_certificate = "certs/tls.crt"\nsigning_key = "certs/tls.key"', "is also tls.key"),
+        ('signing_certificate = "certs/tls.crt"\nsigning_key = "{key}"', "not the private key"),
+    ],
+)
+def test_backup_configuration_is_checked(
+    layout: DemoLayout, tmp_path: Path, bad: str, says: str
+) -> None:
     _, cert = recipient(tmp_path)
     config = layout.lab.config_path
+    key, signing = backup_signer(config)
     base = f'recipient = "{cert}"\n' if "recipient" not in bad else ""
-    config.write_text(config.read_text() + f"\n[backup]\n{base}{bad}\n")
+    if bad.startswith("recipient") or bad.startswith("cipher"):
+        base += f'signing_certificate = "{signing}"\nsigning_key = "{key}"\n'
+    config.write_text(config.read_text() + f"\n[backup]\n{base}{bad.format(key=key)}\n")
     check = medgw("check-config", "--config", config)
     assert check.returncode == 1
-    assert "backup." in check.stdout + check.stderr
+    assert says in check.stdout + check.stderr, check.stdout + check.stderr
+
+
+def test_a_backup_signing_key_of_its_own_passes_check_config(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    _, cert = recipient(tmp_path)
+    add_backup(layout.lab.config_path, cert)
+    check = medgw("check-config", "--config", layout.lab.config_path)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_restore_checks_every_file_and_never_replaces_an_inbox_document_by_accident(
@@ -295,8 +353,8 @@ def test_restore_checks_every_file_and_never_replaces_an_inbox_document_by_accid
 def _seal_archive(
     config_path: Path, files: dict[str, bytes], manifest: dict[str, Any], dst: Path
 ) -> None:
-    """A bundle made as ``medgw backup`` makes one (signed with the gateway's own key,
-    encrypted to the recipient), holding ``files`` and ``manifest``."""
+    """A bundle made as ``medgw backup`` makes one (signed with the gateway's backup
+    signing key, encrypted to the recipient), holding ``files`` and ``manifest``."""
     config = load_config(config_path)
     assert config.backup is not None
     work = dst.with_name("crafted")
@@ -314,8 +372,8 @@ def _seal_archive(
     sign_and_envelope_file(
         entity,
         dst,
-        signer_cert=config.smime.signing.certificate,
-        signer_key=config.smime.signing.key,
+        signer_cert=config.backup.signing.certificate,
+        signer_key=config.backup.signing.key,
         recipients=[config.backup.recipient],
         signing_time=datetime.now(UTC),
         policy=AlgorithmPolicy(),

@@ -31,7 +31,7 @@ from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
-from tests.test_backup import add_backup, recipient
+from tests.test_backup import add_backup, backup_signer, recipient
 
 
 def _key(path: Path) -> PrivateKey:
@@ -71,14 +71,14 @@ def _fresh(layout: DemoLayout, name: str) -> Path:
 def _seal(
     entity_content: bytes, dst: Path, config_path: Path, *, signer: tuple[Path, Path] | None = None
 ) -> Path:
-    """``entity_content`` signed (by the gateway's signing key, or ``signer``: certificate,
-    key) and encrypted to the configured backup recipient, as medgw backup seals."""
+    """``entity_content`` signed (by the gateway's backup signing key, or ``signer``:
+    certificate, key) and encrypted to the configured backup recipient, as medgw backup seals."""
     config = load_config(config_path)
     assert config.backup is not None
     entity = dst.with_name(dst.name + ".entity")
     entity.write_bytes(entity_content)
     if signer is None:
-        cert, key = config.smime.signing.certificate, config.smime.signing.key
+        cert, key = config.backup.signing.certificate, config.backup.signing.key
     else:
         cert = x509.load_pem_x509_certificate(signer[0].read_bytes())
         key = _key(signer[1])
@@ -115,7 +115,7 @@ def _unpacked(bundle: Path, key: Path, cert: Path, config_path: Path, work: Path
         work,
         cert=x509.load_pem_x509_certificate(cert.read_bytes()),
         key=_key(key),
-        signers=[config.smime.signing.certificate],
+        signers=config.backup.restore_signers if config.backup else [],
     )
 
 
@@ -162,13 +162,19 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
     data = bytearray(bundle.read_bytes())
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
-    lab_sign = (layout.lab.root / "certs" / "sign.crt", layout.lab.root / "certs" / "sign.key")
+    # Signed with the gateway's own AS2 key: a good signature, but not by the backup signer.
+    as2_sign = (config.parent / "certs" / "sign.crt", config.parent / "certs" / "sign.key")
     cases: list[tuple[Path, Path, str, str]] = [
         # (bundle, recipient key, reason, what the error says)
         (bundle, other_key, "bundle-decryption", "cannot be opened"),
         (flipped, key, "bundle-decryption", "cannot be opened"),
         (
-            _seal(bundle.read_bytes(), tmp_path / "foreign.p7m", config, signer=lab_sign),
+            _seal(
+                _repacked(work, manifest, lambda _files, _manifest: None),
+                tmp_path / "as2-signed.p7m",
+                config,
+                signer=as2_sign,
+            ),
             key,
             "bundle-signer",
             "cannot be opened",
@@ -203,6 +209,15 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
         assert not (state / "spool.sqlite3").exists()
         assert not list(config.parent.glob("**/planted"))
         assert not (config.parent / "inbox").exists()
+
+    # A host without [backup] knows no backup signer: it trusts no bundle.
+    bare = _fresh(layout, "hospital-without-backup")
+    text = bare.read_text()
+    bare.write_text(text[: text.index("\n[backup]\n")] + "\n")
+    refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", bare)
+    assert refused.returncode == 1 and "no [backup] section" in refused.stderr
+    [event] = read_audit(bare.parent / "audit" / "audit.jsonl")
+    assert event["reason"] == "not-configured"
 
     # The trail holds only refusals: the host is still fresh, and they are kept.
     done = medgw(
@@ -309,5 +324,29 @@ def test_a_signed_bundle_whose_spool_names_a_file_outside_is_refused(
         assert not (config.parent / "state" / "spool.sqlite3").exists()
         assert not (config.parent / "inbox").exists()
     # The same bundle unchanged restores: its paths are moved to this host's folders.
+    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert done.returncode == 0, done.stderr
+
+
+def test_after_a_change_of_backup_signing_key_an_older_bundle_restores_only_if_trusted(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Restore accepts exactly the configured backup signer: after the key is replaced, a
+    bundle signed with the old one is refused until the old certificate is listed in
+    ``trusted_signers``."""
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    config = _fresh(layout, "hospital-restored")
+    certs = config.parent / "certs"
+    old = certs / "backup-signing-old.crt"
+    (certs / "backup-signing.crt").rename(old)
+    (certs / "backup-signing.key").unlink()
+    backup_signer(config)  # a new key pair in the old one's place
+    here = str(layout.hospital.root / "certs" / "backup-signing")
+    config.write_text(config.read_text().replace(here, str(certs / "backup-signing")))
+    refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert refused.returncode == 1 and "cannot be opened" in refused.stderr
+    assert "trusted_signers" in refused.stderr
+    assert read_audit(config.parent / "audit" / "audit.jsonl")[-1]["reason"] == "bundle-signer"
+    config.write_text(config.read_text() + f'trusted_signers = ["{old}"]\n')
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,8 @@
 """The backup bundle: what goes in, how it is sealed, and how it is opened again.
 
 A bundle is one S/MIME object, as an AS2 body is: a tar archive as a MIME entity,
-signed (multipart/signed) with the ``[smime]`` signing key and encrypted
+signed (multipart/signed) with the ``[backup]`` signing key (backups' own, never the
+AS2 key) and encrypted
 (AuthEnvelopedData, AES-GCM by default: ``[backup] cipher``) to the ``[backup]
 recipient`` certificate, whose private key stays off the gateway.  ``openssl
 cms -decrypt`` and ``openssl smime -verify`` open it as well as medgw does.
@@ -276,8 +277,8 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
     if config.backup is None:
         raise BackupError(
             "no [backup] section: there is no one to encrypt the bundle to",
-            fix='add [backup] recipient = "/etc/medgw/backup/recipient.crt" to gateway.toml '
-            "(see README, Backups)",
+            fix='add [backup] with recipient = "/etc/medgw/backup/recipient.crt" and its '
+            "signing_certificate and signing_key to gateway.toml (see README, Backups)",
         )
     _refuse_own_folder(config, dst)
     state = config.storage.state_dir
@@ -302,7 +303,7 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
             while chunk := tar_file.read(_LINE * 1024):
                 for start in range(0, len(chunk), _LINE):
                     handle.write(base64.b64encode(chunk[start : start + _LINE]) + b"\r\n")
-        signing = config.smime.signing
+        signing = config.backup.signing  # backups' own key, never the AS2 one
         sealed = sign_and_envelope_file(
             entity,
             dst,
@@ -377,8 +378,8 @@ def _decrypt_and_verify(
             f"{src} cannot be opened: {exc.message}; nothing was restored",
             reason=reason,
             fix="give the backup recipient's certificate and key (--cert, --key), and a "
-            "bundle signed with this gateway's [smime] signing certificate; a bundle that "
-            "was changed after it was written is never restored",
+            "bundle signed by [backup] signing_certificate (or one of trusted_signers); a "
+            "bundle that was changed after it was written is never restored",
         ) from exc
 
 

@@ -220,6 +220,20 @@ def _destinations(
     return moves
 
 
+def _signers(config: GatewayConfig) -> list[x509.Certificate]:
+    """Whose signature on a bundle is accepted: ``[backup]``'s signing certificate and its
+    earlier ones, exactly (pinned); never any other key of this gateway."""
+    if config.backup is None:
+        raise RestoreRefused(
+            f"{config.source} has no [backup] section, which names the certificate whose "
+            "signature a bundle must carry; nothing was restored",
+            reason="not-configured",
+            fix="put this gateway's [backup] section (recipient, signing_certificate, "
+            "signing_key) and its files in place first (see README, Backups)",
+        )
+    return config.backup.restore_signers
+
+
 def _refused_here(config: GatewayConfig, occupied: list[str]) -> RestoreRefused:
     shown = ", ".join(occupied[:3]) + (" ..." if len(occupied) > 3 else "")
     return RestoreRefused(
@@ -266,9 +280,7 @@ def _restore_locked(
         raise
     except BackupError as exc:
         raise RestoreRefused(exc.message, reason="recipient-unreadable", fix=exc.fix or "") from exc
-    manifest = open_bundle(
-        bundle, work, cert=cert, key=key, signers=[config.smime.signing.certificate]
-    )
+    manifest = open_bundle(bundle, work, cert=cert, key=key, signers=_signers(config))
     places = _places(config, manifest)
     spool = work / "state" / config.storage.spool_path.name
     if f"state/{spool.name}" in manifest["files"]:

@@ -19,7 +19,7 @@ from gateway.config.audit import load_audit
 from gateway.config.backup import load_backup
 from gateway.config.delivery import load_delivery
 from gateway.config.emergency import EmergencySettings, load_emergency
-from gateway.config.identity import load_identity, load_tls
+from gateway.config.identity import TlsSettings, load_identity, load_tls
 from gateway.config.listeners import load_listeners
 from gateway.config.maintenance import MAINTENANCE_LISTENER, load_maintenance
 from gateway.config.metrics import METRICS_LISTENER, load_metrics
@@ -29,10 +29,11 @@ from gateway.config.peers import check_peer_uniqueness, load_peers
 from gateway.config.responsible import load_responsible
 from gateway.config.retention import KEEP, load_retention
 from gateway.config.runtime import load_runtime
-from gateway.config.smime import load_smime
+from gateway.config.smime import SmimeSettings, load_smime
 from gateway.config.storage import load_storage, named_places
 from gateway.config.zones import load_zones
 from gateway.errors import ConfigError
+from gateway.pki.keypair import KeyPair
 from gateway.places import overlap_problems
 from gateway.tomlreader import Reader, Section
 
@@ -65,7 +66,11 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     retention_section = root.optional_table("retention")
     metrics_section = root.optional_table("metrics")
     backup_section = root.optional_table("backup")
-    backup = load_backup(reader, backup_section) if backup_section is not None else None
+    backup = (
+        load_backup(reader, backup_section, _key_pairs(smime, tls))
+        if backup_section is not None
+        else None
+    )
     emergency_section = root.optional_table("emergency")
     at_rest = load_at_rest(reader, root.optional_table("at_rest"), storage)
     root.finish()
@@ -140,3 +145,13 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         emergency=emergency,
         at_rest=at_rest,
     )
+
+
+def _key_pairs(smime: SmimeSettings | None, tls: TlsSettings | None) -> list[tuple[str, KeyPair]]:
+    """This gateway's key pairs for AS2 and TLS, by their key names: none signs backups."""
+    pairs = []
+    if smime is not None:
+        pairs += [("smime.signing_key", smime.signing), ("smime.encryption_key", smime.encryption)]
+    if tls is not None:
+        pairs.append(("tls.key", tls.identity))
+    return pairs
