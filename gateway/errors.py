@@ -131,6 +131,10 @@ class SpoolError(MedgwError):
     """The durable spool cannot store or change a message."""
 
 
+class SpoolUnreachableError(SpoolError):
+    """The spool's database server does not answer (for now: it is tried again)."""
+
+
 class DeliveryError(MedgwError):
     """A received document cannot be delivered to the internal side."""
 

@@ -63,6 +63,9 @@ class EventType(StrEnum):
     # What a peer sent could not be stored here (disk full, permissions, I/O error):
     # nothing was acknowledged, the peer was asked to resend (HTTP 503).
     STORAGE_UNAVAILABLE = "storage.unavailable"
+    # A PostgreSQL spool's server stopped answering (an alert), and answers again.
+    SPOOL_UNREACHABLE = "spool.unreachable"
+    SPOOL_REACHABLE = "spool.reachable"
     MESSAGE_DUPLICATE = "message.duplicate"  # resend of a delivered document: not written again
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"

@@ -56,10 +56,10 @@ def suspended_here(config: GatewayConfig, peer: str) -> PeerControl | None:
     """Our own suspension of ``peer`` (``medgw peers suspend``), read from the spool: the
     path may work while nothing is exchanged on purpose."""
     path = config.storage.spool_path
-    if not path.is_file():
+    if config.spool.postgres is None and not path.is_file():
         return None
     try:
-        spool = open_spool(path, SystemClock())
+        spool = open_spool(path, SystemClock(), config.spool.postgres)
     except (MedgwError, OSError):
         return None  # not readable by this account: the steps say what they can
     try:

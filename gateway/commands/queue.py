@@ -100,7 +100,7 @@ def _offline(args: argparse.Namespace) -> tuple[GatewayConfig, Spool]:
     # No daemon vouches for this configuration: validate all of it before opening its spool.
     config = load_config(args.config)
     print("(medgw is not running: reading its spool directly)", file=sys.stderr)
-    return config, open_spool(config.storage.spool_path, SystemClock())
+    return config, open_spool(config.storage.spool_path, SystemClock(), config.spool.postgres)
 
 
 def _offline_spool(args: argparse.Namespace) -> Spool:

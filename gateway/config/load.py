@@ -30,6 +30,7 @@ from gateway.config.responsible import load_responsible
 from gateway.config.retention import KEEP, load_retention
 from gateway.config.runtime import load_runtime
 from gateway.config.smime import SmimeSettings, load_smime
+from gateway.config.spool import load_spool
 from gateway.config.storage import load_storage, named_places
 from gateway.config.zones import load_zones
 from gateway.errors import ConfigError
@@ -57,6 +58,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     smime = load_smime(reader, root)
     listeners = load_listeners(reader, root, source)
     storage = load_storage(reader, root)
+    spool = load_spool(reader, root)
     runtime = load_runtime(root)
     api_section = root.optional_table("api")
     delivery_section = root.optional_table("delivery")
@@ -127,6 +129,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         smime=smime,
         listeners=tuple(listeners),
         storage=storage,
+        spool=spool,
         runtime=runtime,
         peers=tuple(peers),
         zones=tuple(zones),

@@ -24,6 +24,7 @@ from gateway.config.responsible import Responsible
 from gateway.config.retention import KEEP, RetentionSettings
 from gateway.config.runtime import Runtime
 from gateway.config.smime import SmimeSettings
+from gateway.config.spool import SQLITE, SpoolSettings
 from gateway.config.storage import Storage
 from gateway.config.zones import Zone
 from gateway.egress import NetworkMap
@@ -62,6 +63,7 @@ class GatewayConfig:
     emergency: EmergencySettings = field(default_factory=EmergencySettings)  # [emergency]
     # [at_rest]: what medgw keeps, encrypted; None only for a config built by hand
     at_rest: AtRestSettings | None = None
+    spool: SpoolSettings = SQLITE  # [spool]: SQLite in state_dir, or a PostgreSQL database
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)

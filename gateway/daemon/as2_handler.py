@@ -27,7 +27,7 @@ from gateway.channel.client import MAX_RECEIPT_BYTES
 from gateway.config import Listener, Peer, Runtime, Zone
 from gateway.daemon.state import Parts, RuntimeState
 from gateway.daemon.tasks import Tasks
-from gateway.errors import TransportError
+from gateway.errors import SpoolError, TransportError
 from gateway.fairpool import FairPool
 from gateway.fsutil import create_private
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
@@ -119,7 +119,19 @@ class As2Handler:
             self._log.warning("zone.violation", peer=peer.name, listener=listener.name)
             detail = {"rule": refusal.rule, **refusal.detail}
             return self._refuse(Answer.WRONG_ZONE, peer, remote, refusal.reason, detail)
-        if self._spool.is_suspended(peer.name):
+        try:
+            suspended = self._spool.is_suspended(peer.name)
+        except SpoolError as exc:  # its database unreachable: as when it cannot be written
+            self._log.error("storage.unavailable", peer=peer.name, error=exc.message, fix=exc.fix)
+            return self._refuse(
+                Answer.UNAVAILABLE,
+                peer,
+                remote,
+                f"could not read the spool: {exc.message}; answered "
+                f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
+                {"fix": exc.fix},
+            )
+        if suspended:
             reason = "exchange with this peer is suspended by an operator"
             return self._refuse(Answer.SUSPENDED, peer, remote, reason)
         headers = {k.lower(): v for k, v in request.headers.items()}

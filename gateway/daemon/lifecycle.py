@@ -42,6 +42,7 @@ from gateway.daemon.observe import Observer
 from gateway.daemon.reload import Reloader
 from gateway.daemon.reports import report_stranded_messages
 from gateway.daemon.sending import Senders
+from gateway.daemon.spoolwatch import SpoolReachability
 from gateway.daemon.state import Parts, RuntimeState, StartupError, build_state
 from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, unusable
@@ -233,7 +234,15 @@ class Daemon:
         self._sink = self._observer.sink(self._alerts)
         self._broken = BrokenRecords(self._sink, self._log)  # the same record alerts once
         self._watch = TrailWatch(config.storage.audit_log, keys, self._broken)
-        self._spool = open_spool(config.storage.spool_path, self._clock)
+        postgres = config.spool.postgres
+        self._spool = open_spool(
+            config.storage.spool_path,
+            self._clock,
+            postgres,
+            on_change=SpoolReachability(
+                self._audit_sink, self._log, postgres.where if postgres else ""
+            ).changed,
+        )
         # What is kept, encrypted at rest; a key rotation a killed run left half-done is
         # finished before anything is read (gateway.atrest).
         at_rest = config.at_rest

@@ -10,6 +10,7 @@ from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
+from gateway.errors import SpoolUnreachableError
 from gateway.logs import Logger
 
 SUPERVISED_MAX_PAUSE = 30.0  # a failing loop is started again at most this long after
@@ -43,7 +44,9 @@ class Tasks:
         A failure (a defect, or the spool's disk full for a moment) must not stop
         sending, intake or hand-overs silently until the next restart: it is logged
         and audited as an alert, and the loop starts again after a pause that grows
-        from 1 s to 30 s while the failures go on.
+        from 1 s to 30 s while the failures go on.  A spool database that does not
+        answer is alerted once by the spool's own watch (gateway.daemon.spoolwatch):
+        the loops wait for it with a log line each, not an alert each.
         """
         pause = 1.0
         while not self.stopping:
@@ -55,25 +58,28 @@ class Tasks:
                 if self._clock.monotonic() - started > SUPERVISED_MAX_PAUSE:
                     pause = 1.0  # it ran well for a while: this is a new failure
                 cause = f"{type(exc).__name__}: {exc}"
-                self._log.error(
-                    "daemon.task_failed",
-                    task=what,
-                    error=cause,
-                    restart_in_seconds=pause,
-                    exc_info=exc,
-                )
-                with contextlib.suppress(Exception):  # the audit log's disk may be the problem
-                    self._audit().emit(
-                        AuditEvent(
-                            EventType.TASK_FAILED,
-                            Outcome.FAILURE,
-                            Severity.ALERT,
-                            reason=f"{what} failed ({cause[:300]}); started again in {pause:.0f} s",
-                            detail={"task": what},
-                        )
-                    )
+                if isinstance(exc, SpoolUnreachableError):
+                    # Told once, when it went (spool.unreachable): not as an alert per loop.
+                    self._log.warning("daemon.task_waiting", task=what, error=cause)
+                else:
+                    self._failed(what, cause, pause, exc)
             await self.sleep_unless_stopping(pause)
             pause = min(pause * 2, SUPERVISED_MAX_PAUSE)
+
+    def _failed(self, what: str, cause: str, pause: float, exc: Exception) -> None:
+        self._log.error(
+            "daemon.task_failed", task=what, error=cause, restart_in_seconds=pause, exc_info=exc
+        )
+        with contextlib.suppress(Exception):  # the audit log's disk may be the problem
+            self._audit().emit(
+                AuditEvent(
+                    EventType.TASK_FAILED,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    reason=f"{what} failed ({cause[:300]}); started again in {pause:.0f} s",
+                    detail={"task": what},
+                )
+            )
 
     async def sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

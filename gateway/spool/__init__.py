@@ -2,14 +2,16 @@
 
 Callers depend on the :class:`Spool` protocol (``protocol``) and the records it
 returns (``records``); :func:`open_spool` chooses the backend: SQLite in WAL
-mode (``sqlite``, its tables in ``schema``).
+mode (``sqlite``, its tables in ``schema``), or PostgreSQL (``postgres``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.clock import Clock
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.protocol import Spool
 from gateway.spool.records import (
     PENDING_STATES,
@@ -26,8 +28,18 @@ from gateway.spool.records import (
 from gateway.spool.sqlite import SqliteSpool
 
 
-def open_spool(path: Path, clock: Clock) -> Spool:
-    """The spool database at ``path`` (created if missing, upgraded if older)."""
+def open_spool(
+    path: Path,
+    clock: Clock,
+    postgres: PostgresSettings | None = None,
+    *,
+    on_change: Callable[[str | None], None] | None = None,
+) -> Spool:
+    """The SQLite spool at ``path``, or with ``postgres`` the spool in that database
+    (``on_change``: see gateway.spool.postgres.database); created if missing,
+    upgraded if older."""
+    if postgres is not None:
+        return PostgresSpool(postgres, clock, on_change=on_change)
     return SqliteSpool(path, clock)
 
 

@@ -28,7 +28,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
 
 from gateway.clock import Clock
-from gateway.errors import SpoolError
+from gateway.errors import SpoolError, SpoolUnreachableError
 from gateway.spool.postgres.schema import create_or_upgrade
 from gateway.spool.postgres.settings import PostgresSettings
 from gateway.spool.sql import Connection, Cursor, Params, Row, SqlStore
@@ -214,7 +214,7 @@ class PostgresDatabase(SqlStore):
             self._on_change(None)
         return conn
 
-    def _unreachable(self, exc: psycopg.Error | None) -> SpoolError:
+    def _unreachable(self, exc: psycopg.Error | None) -> SpoolUnreachableError:
         """Record that the database does not answer (``exc``: just now); the error to raise."""
         with self._state:
             now = self._clock.monotonic()
@@ -231,7 +231,7 @@ class PostgresDatabase(SqlStore):
             wait = max(0.0, self._retry_at - now)
         if first and exc is not None and self._on_change is not None:
             self._on_change(cause)
-        return SpoolError(
+        return SpoolUnreachableError(
             f"the spool {self._settings.where} is unreachable: {cause}",
             fix="check that PostgreSQL is running and that this host can reach it; medgw "
             f"tries again by itself (next in {wait:.0f} s)",
