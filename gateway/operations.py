@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.backup.bundle import Written, created_event, write_bundle
 from gateway.backup.restore import refused_event
@@ -88,6 +89,7 @@ class Operations:
     emergency: Emergency | None = None  # break-glass credential and emergency mode
     # Lift a maintainer's lockout after wrong one-time codes: (person, actor) -> answer.
     unlock_maintainer: Callable[[str, str], dict[str, Any]] | None = None
+    vault: Vault | None = None  # encryption at rest: a purge rotates its key
 
     def unlock(self, person: str, actor: str) -> dict[str, Any]:
         settings = self.config.maintenance
@@ -247,7 +249,8 @@ class Operations:
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """Dispose of what finished before ``request.before`` (DSP-1), audited with
         ``actor`` and the counts per kind."""
-        return Retention(self.spool, self.audit, self.clock, self.audit_files).purge(request, actor)
+        retention = Retention(self.spool, self.audit, self.clock, self.audit_files, self.vault)
+        return retention.purge(request, actor)
 
 
 def viewed(audit: AuditSink, view: Mapping[str, Any], actor: str, via: str) -> None:

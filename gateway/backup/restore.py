@@ -32,6 +32,7 @@ from typing import Any
 
 from cryptography import x509
 
+from gateway.atrest.keys import KeyStore, kek_name
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.export.cursor import MAX_LINE
 from gateway.audit.files import STAMP, trail_files
@@ -168,6 +169,45 @@ def _check_spool_paths(
         ) from exc
 
 
+def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
+    """Every key-encryption key the bundle's data keys are wrapped under is in this
+    host's ``[at_rest] key_dir`` (the bundle never carries them): else what the bundle
+    keeps encrypted could not be read (a bundle taken before a purge's key rotation)."""
+    if config.at_rest is None:
+        return
+    key_dir = config.at_rest.key_dir
+    try:
+        db = sqlite3.connect(spool)
+        try:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            used = (
+                sorted(int(r[0]) for r in db.execute("SELECT DISTINCT kek FROM data_keys"))
+                if "data_keys" in tables
+                else []
+            )
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise RestoreRefused(
+            f"{bundle}: its spool cannot be read ({exc}); nothing was restored",
+            reason="spool-unreadable",
+            fix="the bundle was damaged: restore another one",
+        ) from exc
+    present = KeyStore(key_dir).versions()
+    missing = [v for v in used if v not in present]
+    if missing:
+        names = ", ".join(kek_name(v) for v in missing)
+        raise RestoreRefused(
+            f"{bundle}: what it keeps encrypted at rest is wrapped under the key-encryption "
+            f"key version {', '.join(map(str, missing))} ({names}), which is not in {key_dir} "
+            "([at_rest] key_dir): it was destroyed by a purge after this backup was taken, "
+            "or the key folder was not copied to this host; nothing was restored",
+            reason="key-missing",
+            fix=f"copy the key folder kept with this gateway's keys to {key_dir} (it must hold "
+            f"{names}), or restore a backup taken after the last purge",
+        )
+
+
 def _move_paths(spool: Path, places: list[tuple[str, str]]) -> None:
     db = sqlite3.connect(spool)
     try:
@@ -285,6 +325,7 @@ def _restore_locked(
     spool = work / "state" / config.storage.spool_path.name
     if f"state/{spool.name}" in manifest["files"]:
         _check_spool_paths(config, bundle, spool, places)
+        _check_keys(config, bundle, spool)
     moves = _destinations(config, manifest, work)
     taken = [str(dst) for _src, dst in moves if dst.exists() and dst not in refusals]
     if taken and not force:

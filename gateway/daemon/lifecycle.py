@@ -161,6 +161,7 @@ class Daemon:
             self._audit_files(),
             self._emergency,
             self._maintenance.unlock if self._maintenance is not None else None,
+            self._vault,
         )
 
     def _audit_files(self) -> AuditFiles:
@@ -622,7 +623,9 @@ class Daemon:
     async def _retention_loop(self) -> None:
         """Apply the [retention] rules in force, at start and every sweep interval."""
         assert self._spool is not None
-        retention = Retention(self._spool, self._audit_sink(), self._clock, self._audit_files())
+        retention = Retention(
+            self._spool, self._audit_sink(), self._clock, self._audit_files(), self._vault
+        )
         while not self.tasks.stopping:
             settings = self.state.config.retention
             await asyncio.to_thread(retention.sweep, settings)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock
 from gateway.config.retention import HOLDS, RetentionSettings
@@ -117,11 +118,13 @@ class Retention:
         audit: AuditSink,
         clock: Clock,
         audit_files: AuditFiles | None = None,
+        vault: Vault | None = None,
     ) -> None:
         self._spool = spool
         self._audit = audit
         self._clock = clock
         self._audit_files = audit_files  # None: closed audit files are not disposed of here
+        self._vault = vault  # encryption at rest: its key rotated after each disposal
 
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """An operator's purge: counts per kind (of what would go, for a dry run)."""
@@ -156,6 +159,8 @@ class Retention:
             counts[AUDIT] = self._audit_files.dispose(
                 request.before, actor, self._audit, dry_run=request.dry_run
             )
+        if not request.dry_run:
+            self._shred(counts, actor)
         self._audit.emit(
             AuditEvent(
                 EventType.RETENTION_PURGED,
@@ -192,6 +197,7 @@ class Retention:
                 )
                 if gone:
                     counts[kind.value] = counts.get(kind.value, 0) + gone
+        self._shred(counts, actor)
         if settings.audit_days is not None and self._audit_files is not None:
             before = now - timedelta(days=settings.audit_days)
             if gone := self._audit_files.dispose(before, actor, self._audit):
@@ -205,6 +211,27 @@ class Retention:
                 )
             )
         return counts
+
+    def _shred(self, counts: Mapping[str, int], actor: str) -> None:
+        """After something went from the spool: its deleted rows overwritten, and the
+        key-encryption key rotated, so that no earlier copy of the state folder or backup
+        can open what went (gateway.atrest)."""
+        if not any(counts.get(kind.value) for kind in ORDER):
+            return
+        if self._vault is None:
+            self._spool.shred()
+            return
+        version = self._vault.rotate()
+        self._audit.emit(
+            AuditEvent(
+                EventType.AT_REST_KEY_ROTATED,
+                actor=actor,
+                reason="what was purged can no longer be read from any earlier copy of the "
+                "state folder or backup: take a new backup, and replace the offline copy of "
+                "the key folder",
+                detail={"kek_version": version, "key_dir": str(self._vault.key_dir)},
+            )
+        )
 
     def _dispose(
         self,
