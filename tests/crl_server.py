@@ -5,7 +5,7 @@ from __future__ import annotations
 import http.server
 import subprocess
 import threading
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -24,6 +24,7 @@ class DistributionPoint:
         self.body: bytes | None = None
         self.requests = 0
         self.clients: list[str] = []
+        self.times: list[datetime] = []  # when each request came, by the wall clock
         self.server: http.server.ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
         self.start()
@@ -41,6 +42,7 @@ class DistributionPoint:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 body = outer.body
+                outer.times.append(datetime.now(UTC))
                 outer.requests += 1
                 outer.clients.append(self.client_address[0])
                 self.send_response(200 if body is not None else 404)
@@ -74,9 +76,11 @@ def openssl_crl(
     revoked: dict[x509.Certificate, datetime],
     valid: tuple[x509.Certificate, ...] = (),
     hours: int = 24,
+    seconds: int = 0,
     number: int = 1,
 ) -> x509.CertificateRevocationList:
-    """A CRL made by ``openssl ca -gencrl`` (the reference) for ``ca``, listing ``revoked``."""
+    """A CRL made by ``openssl ca -gencrl`` (the reference) for ``ca``, listing ``revoked``;
+    its nextUpdate ``hours`` and ``seconds`` after now."""
     work.mkdir(parents=True, exist_ok=True)
     issue.write_pem(work / "ca.pem", ca.certificate)
     issue.write_pem(work / "ca.key", ca.key)
@@ -99,6 +103,7 @@ def openssl_crl(
             "-cert", str(work / "ca.pem"),
             "-keyfile", str(work / "ca.key"),
             "-out", str(out),
+            *(("-crlsec", str(seconds)) if seconds else ()),
         ],
         check=True,
         capture_output=True,

@@ -172,3 +172,34 @@ def test_a_crl_signed_by_another_ca_is_refused_by_the_daemon(
         assert not world.cache.exists() or not list(world.cache.glob("*.crl"))
     finally:
         point.stop()
+
+
+def test_the_daemon_fetches_the_next_crl_before_the_one_it_holds_lapses(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """A real daemon on the real clock: the distribution point serves a CRL (made by
+    ``openssl ca -gencrl``) that lapses a minute from now; the daemon asks again before it
+    does, and takes the next one.  Asserted on what the distribution point saw."""
+    point = DistributionPoint(free_port())
+    try:
+        world = CrlWorld(layout, point.url)
+        short = openssl_crl(tmp_path / "ca1", world.ca, revoked={}, hours=0, seconds=60)
+        lapses = short.next_update_utc
+        assert lapses is not None
+        point.serve(short)
+        processes.start(layout.hospital.config_path)
+        wait_until(lambda: point.requests >= 1, 60, "the daemon's first fetch")
+        first = point.times[0]
+        assert first < lapses - timedelta(seconds=10), "the daemon started too late to tell"
+        following = openssl_crl(tmp_path / "ca2", world.ca, revoked={}, hours=24, number=2)
+        point.serve(following)
+        wait_until(lambda: point.requests >= 2, 120, "the daemon's second fetch")
+        second = point.times[1]
+        assert second < lapses, (first, second, lapses)
+        assert second >= first + (lapses - first) * 0.45  # not at once: half the time left
+        fetched = wait_for_events(layout.hospital.audit_log, "pki.crl_fetched", count=2)
+        taken = following.next_update_utc
+        assert taken is not None
+        assert fetched[-1]["detail"]["next_update"] == taken.isoformat(timespec="seconds")
+    finally:
+        point.stop()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.demo_run import free_port
@@ -288,3 +289,39 @@ def test_a_cache_file_is_read_up_to_the_limit_never_whole(world: World) -> None:
     cached.unlink()
     cached.symlink_to("/dev/zero")
     assert world.keeper().crls("z") == ()
+
+
+def _short_crl(world: World, seconds: float, number: int = 1) -> x509.CertificateRevocationList:
+    """A CRL of ``world``'s CA whose nextUpdate is ``seconds`` from the clock's now."""
+    now = world.clock.now()
+    return (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(world.ca.certificate.subject)
+        .last_update(now - timedelta(seconds=1))
+        .next_update(now + timedelta(seconds=seconds))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .sign(world.ca.key, hashes.SHA256())
+    )
+
+
+async def test_a_crl_lapsing_within_a_minute_is_still_refreshed_before_its_next_update(
+    world: World,
+) -> None:
+    """The minute between two fetches gives way to nextUpdate: a CRL with 40 seconds left is
+    fetched again at half of them, never after it lapses; one already lapsed waits the
+    minute (no tight loop against the distribution point)."""
+    world.point.serve(_short_crl(world, 40))
+    keeper = world.keeper()
+    await keeper.refresh_due()
+    due = keeper.next_due()
+    now = world.clock.now()
+    assert due is not None and now + timedelta(seconds=20) <= due < now + timedelta(seconds=25)
+    # Nearly lapsed: at most once a second.
+    world.clock.at = due
+    world.point.serve(_short_crl(world, 1.2, number=2))
+    await keeper.refresh_due()
+    assert keeper.next_due() == world.clock.now() + timedelta(seconds=1)
+    # Lapsed, and the distribution point still serves it: the minute again.
+    world.clock.at += timedelta(seconds=5)
+    await keeper.refresh_due()
+    assert keeper.next_due() == world.clock.now() + timedelta(seconds=crlfetch.MIN_REFRESH_SECONDS)

@@ -16,8 +16,9 @@ newest CRL it could get:
 * cached on disk (written atomically), and the cache is verified again when
   it is read at start-up: an unverified CRL is never used;
 * refreshed well before its ``nextUpdate`` (at half to three fifths of the
-  time left, at most ``refresh_hours`` later), with jitter, and after a
-  failure again with a back-off that grows from one minute to an hour.
+  time left, at most ``refresh_hours`` later, at least a minute later unless
+  the CRL lapses sooner), with jitter, and after a failure again with a
+  back-off that grows from one minute to an hour.
 
 What this module does not decide: whether a certificate is revoked (that is
 path validation, :mod:`gateway.pki.validate`, with the CRLs held here), and
@@ -53,7 +54,8 @@ FETCH_SECONDS = 30.0  # one request, connect to last byte
 SKEW = timedelta(minutes=5)  # a CRL may be dated this far ahead of our clock
 FIRST_RETRY_SECONDS = 60.0
 MAX_RETRY_SECONDS = 3600.0
-MIN_REFRESH_SECONDS = 60.0
+MIN_REFRESH_SECONDS = 60.0  # between two fetches of a point, unless its CRL lapses sooner
+SOONEST_REFRESH_SECONDS = 1.0  # between two fetches of a point, ever
 DEFAULT_REFRESH_HOURS = 6
 PARALLEL_FETCHES = 4
 
@@ -264,10 +266,17 @@ class CrlKeeper:
         now = self.clock.now()
         cap = timedelta(hours=self.refresh_hours.get(point.wanted.zone, DEFAULT_REFRESH_HOURS))
         wait = cap * self.rng.uniform(0.9, 1.0)
+        floor = timedelta(seconds=MIN_REFRESH_SECONDS)
         if crl.next_update_utc is not None:
             left = crl.next_update_utc - now
             wait = min(wait, left * self.rng.uniform(0.5, 0.6))
-        return now + max(wait, timedelta(seconds=MIN_REFRESH_SECONDS))
+            if left > timedelta(0):
+                # A CRL that lapses sooner than the floor is still refreshed before its
+                # nextUpdate (at half the time left), at most once a second; one already
+                # lapsed waits the floor: no distribution point is asked in a tight loop.
+                soonest = timedelta(seconds=SOONEST_REFRESH_SECONDS)
+                floor = min(floor, max(left * 0.5, soonest))
+        return now + max(wait, floor)
 
     def _after_failure(self, point: _Point) -> datetime:
         base = min(FIRST_RETRY_SECONDS * 2 ** min(point.failures - 1, 16), MAX_RETRY_SECONDS)
