@@ -455,14 +455,14 @@ def test_a_reload_that_changes_the_relaxations_during_an_emergency_is_an_alert_i
     assert changed["detail"]["emergency"] == entered["id"]
     assert changed["detail"]["old"] == {"crl_stale_days": 2}
     assert changed["detail"]["new"] == {"crl_stale_days": 7, "ocsp_unreachable_peers": ["lab"]}
-    assert changed["actor"] == "unknown (a reload)"  # SIGHUP does not say who sent it
+    assert changed["actor"] == "signal"  # SIGHUP does not say who sent it
     # The same relaxations again: nothing to alert.
     reload(3)
     assert len(events(layout.hospital.audit_log, "emergency.relaxations_changed")) == 1
     table = run("report", "--last")
     assert "relaxed at entry: crl_stale_days=2" in table
     assert (
-        "relaxations changed by unknown (a reload): crl_stale_days=2 -> "
+        "relaxations changed by signal: crl_stale_days=2 -> "
         "crl_stale_days=7, ocsp_unreachable_peers=['lab']" in table
     )
 

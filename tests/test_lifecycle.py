@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from gateway.daemon import Daemon
 from gateway.demo_run import drop_file, wait_until
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
+from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.notify import NotifySocket
 
@@ -83,6 +85,37 @@ def test_sighup_with_broken_config_keeps_serving_on_the_old_one(
     config.write_text(good)
     hospital.signal(signal.SIGHUP)
     wait_for_events(layout.hospital.audit_log, "config.reloaded")
+
+
+def test_medgw_reload_records_who_asked_and_sighup_records_signal(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """``medgw reload`` asks over the control socket, which knows the caller's uid
+    (SO_PEERCRED): the reload's audit record names that person, a refused one too (and
+    the command says why); SIGHUP's record can only say ``signal``."""
+    config = layout.hospital.config_path
+    audit = layout.hospital.audit_log
+    hospital = processes.start(config)
+    person = f"operator:{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()}"
+    done = medgw("reload", "--config", config)
+    assert done.returncode == 0 and "configuration reloaded" in done.stdout, done.stderr
+    [asked] = wait_for_events(audit, "config.reloaded")
+    assert asked["actor"].startswith(person), asked
+    hospital.signal(signal.SIGHUP)
+    [_, signalled] = wait_for_events(audit, "config.reloaded", count=2)
+    assert signalled["actor"] == "signal"
+
+    good = config.read_text()
+    config.write_text(good.replace("[storage]", "[storage]\nstate_dri = 'typo'"))
+    refused = medgw("reload", "--config", config)
+    assert refused.returncode == 1
+    assert "state_dri" in refused.stderr and "previous one" in refused.stderr, refused.stderr
+    [failed] = wait_for_events(audit, "config.reload_failed")
+    assert failed["actor"] == asked["actor"] and "state_dri" in failed["reason"]
+    assert hospital.proc.poll() is None  # serving on with the previous configuration
+    assert hospital.stop() == 0
+    stopped = medgw("reload", "--config", config)
+    assert stopped.returncode == 1 and "medgw is not running" in stopped.stderr
 
 
 def test_sd_notify_ready_reloading_stopping_and_watchdog(

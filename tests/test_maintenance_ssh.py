@@ -436,8 +436,8 @@ def test_a_key_verified_for_one_person_is_not_the_first_factor_of_another(site: 
         def emit(self, event: AuditEvent) -> None:
             events.append(event)
 
-    async def no_reload(actor: str) -> bool:
-        return False
+    async def no_reload(actor: str) -> str | None:
+        return "not here"
 
     def no_operations() -> Any:
         raise AssertionError("nobody logs in here")

@@ -87,9 +87,9 @@ def state_dir(config: Path) -> Path:
     return candidate if candidate.is_absolute() else source.parent / candidate
 
 
-def control_client(config: Path) -> ControlClient:
+def control_client(config: Path, timeout: float = 30) -> ControlClient:
     """A client of the running daemon's control socket (see :func:`state_dir`)."""
-    return ControlClient(state_dir(config) / SOCKET_NAME)
+    return ControlClient(state_dir(config) / SOCKET_NAME, timeout)
 
 
 def _client(args: argparse.Namespace) -> ControlClient:

@@ -95,9 +95,11 @@ class ControlServer:
         operations: Callable[[], Operations],
         submit_fn: SubmitFn,
         status_fn: StatusFn,
+        reload: Callable[[str], Awaitable[str | None]],
         front: FrontDoor | None = None,
     ) -> None:
-        """``front``: how malformed requests and internal errors are answered, logged and
+        """``reload``: the daemon's, for the caller (None once done, else why not).
+        ``front``: how malformed requests and internal errors are answered, logged and
         audited (without: a front door that only logs)."""
         if len(str(path)) > MAX_SOCKET_PATH:
             raise MedgwError(
@@ -108,6 +110,7 @@ class ControlServer:
         self._ops = operations
         self._submit = submit_fn
         self._status = status_fn
+        self._reload = reload
         app = web.Application()
         app.router.add_get("/v1/queue", self._list)
         app.router.add_get("/v1/queue/{message_id}", self._show)
@@ -122,6 +125,7 @@ class ControlServer:
         app.router.add_post("/v1/maintenance/unlock", self._maintenance_unlock)
         app.router.add_post("/v1/purge", self._purge)
         app.router.add_post("/v1/audit/verification-failed", self._verification_failed)
+        app.router.add_post("/v1/reload", self._reload_config)
         app.router.add_post("/v1/backup", self._backup)
         app.router.add_post("/v1/backup/restore-refused", self._restore_refused)
         app.router.add_get("/v1/emergency", self._emergency)
@@ -227,6 +231,22 @@ class ControlServer:
             return body
         reason = str(body.get("reason") or "medgw audit verify found the trail broken")[:2000]
         return await self._act(request, lambda: self._ops().audit_verification_failed(reason, who))
+
+    async def _reload_config(self, request: web.Request) -> web.Response:
+        """``medgw reload``: as SIGHUP, recorded with who asked.  Shielded: a client that
+        gives up waiting does not cut a reload short."""
+        why = await asyncio.shield(self._reload(caller(request)))
+        if why is None:
+            return web.json_response({"reloaded": True})
+        return web.json_response(
+            {
+                "error": f"the new configuration was refused: {why}; medgw goes on serving "
+                "with the previous one",
+                "fix": "correct what it names (medgw check-config lists every problem of "
+                "the files), then medgw reload again",
+            },
+            status=409,
+        )
 
     async def _restore_refused(self, request: web.Request) -> web.Response:
         """``medgw restore`` refused because this daemon runs: recorded in its trail."""

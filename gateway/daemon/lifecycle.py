@@ -338,6 +338,7 @@ class Daemon:
                 self._operations,
                 self._outbound.submit,
                 self._outbound.status,
+                self.reload,
                 front=FrontDoor("control", self._log, self._audit_sink, self._clock),
             )
             await self._control.start()
@@ -502,8 +503,9 @@ class Daemon:
             self._log.info("daemon.stopping", signal=signame)
             self.tasks.stop_requested.set()
 
-    async def reload(self, actor: str | None = None) -> bool:
-        """Build a new runtime state from the files; swap it in if that succeeds."""
+    async def reload(self, actor: str) -> str | None:
+        """Build a new runtime state from the files; swap it in if that succeeds (None),
+        else why not.  ``actor``: who asked, for the audit trail."""
         assert self._reloader is not None
         return await self._reloader.reload(actor)
 

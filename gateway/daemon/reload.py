@@ -24,6 +24,7 @@ from gateway.pki.peers import PeerTrust
 from gateway.sdnotify import Notifier
 
 TRUST_REFRESH_SECONDS = 300.0
+SIGNAL = "signal"  # the actor of a SIGHUP's reload: the kernel does not say who sent it
 CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
 
 
@@ -56,8 +57,8 @@ class Reloader:
         self._notifier = notifier
         self._lock = asyncio.Lock()
         # Called after a reload from the files is swapped in: old and new config, and who
-        # asked for it (None: SIGHUP, whose sender is not known).
-        self.on_reloaded: Callable[[GatewayConfig, GatewayConfig, str | None], None] = (
+        # asked for it (SIGNAL: SIGHUP, whose sender is not known).
+        self.on_reloaded: Callable[[GatewayConfig, GatewayConfig, str], None] = (
             lambda old, new, actor: None
         )
 
@@ -68,9 +69,12 @@ class Reloader:
             # use: a reload now could only fail (or apply a configuration nobody serves).
             self._log.info("config.reload_skipped", reason="the daemon is stopping")
             return
-        self._tasks.spawn(self.reload())
+        self._tasks.spawn(self.reload(SIGNAL))
 
-    async def reload(self, actor: str | None = None) -> bool:
+    async def reload(self, actor: str) -> str | None:
+        """Reload for ``actor`` (who asked; SIGNAL for SIGHUP), recorded with it in the
+        audit trail: None once the new state serves, else why it was refused (the
+        previous one goes on serving)."""
         async with self._lock:
             self._notifier.reloading()
             old = self._state()
@@ -115,12 +119,13 @@ class Reloader:
                             EventType.CONFIG_RELOAD_FAILED,
                             Outcome.FAILURE,
                             Severity.WARNING,
+                            actor=actor,
                             reason="; ".join(problems)[:2000],
                         )
                     )
                 self._notifier.ready("reload failed; serving previous configuration")
                 self._readiness.reload_failed = "; ".join(problems)
-                return False
+                return "; ".join(problems)[:2000]
             self._readiness.reload_failed = None
             self._trust.audit(new_config, new_state.trust, old.trust)
             self._replace(old, new_state)
@@ -128,12 +133,14 @@ class Reloader:
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
             self._audit.emit(
                 AuditEvent(
-                    EventType.CONFIG_RELOADED, detail={"peers": [p.name for p in new_config.peers]}
+                    EventType.CONFIG_RELOADED,
+                    actor=actor,
+                    detail={"peers": [p.name for p in new_config.peers]},
                 )
             )
             report_stranded_messages(new_config, self._spool, self._audit, self._log)
             self._notifier.ready("configuration reloaded")
-            return True
+            return None
 
     async def trust_refresh_loop(self) -> None:
         """Re-judge peer certificates as time passes (expiry, CRL nextUpdate, OCSP)."""

@@ -199,7 +199,7 @@ class EmergencyMode:
         self._end(window, "medgw", "its time bound was reached", window.until)
 
     def relaxations_changed(
-        self, old: EmergencySettings, new: EmergencySettings, actor: str | None = None
+        self, old: EmergencySettings, new: EmergencySettings, actor: str
     ) -> None:
         """A reload changed ``[emergency]``: while the mode is on, a change of what it
         relaxes is an alert of its own, with the old and the new relaxations."""
@@ -211,7 +211,7 @@ class EmergencyMode:
             AuditEvent(
                 EventType.EMERGENCY_RELAXATIONS_CHANGED,
                 severity=Severity.ALERT,
-                actor=actor or "unknown (a reload)",
+                actor=actor,
                 reason="a reload changed what emergency mode relaxes while it is on",
                 detail={MARK: window.id, "old": before, "new": after},
             )

@@ -37,7 +37,7 @@ class Result:
 class Context:
     operations: Operations
     actor: str
-    reload: Callable[[str], Awaitable[bool]]  # with who asks for it
+    reload: Callable[[str], Awaitable[str | None]]  # with who asks for it: why it failed
 
 
 Handler = Callable[[Context, list[str]], Awaitable[Result]]
@@ -194,9 +194,10 @@ async def _unlock(ctx: Context, args: list[str]) -> Result:
 
 
 async def _reload(ctx: Context, args: list[str]) -> Result:
-    if await ctx.reload(ctx.actor):
+    why = await ctx.reload(ctx.actor)
+    if why is None:
         return Result(0, _json({"reloaded": True}))
-    return Result(1, "reload failed; still serving the previous configuration (see the log)\n")
+    return Result(1, f"reload failed: {why}\nstill serving the previous configuration\n")
 
 
 COMMANDS = (

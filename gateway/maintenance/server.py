@@ -78,7 +78,7 @@ class MaintenanceServer:
         operations: Callable[[], Operations],
         audit: Callable[[], AuditSink],
         clock: Clock,
-        reload: Callable[[str], Awaitable[bool]],
+        reload: Callable[[str], Awaitable[str | None]],
         approved: Approved,
         emergency: Emergency | None = None,
     ) -> None:
