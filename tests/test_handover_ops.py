@@ -4,11 +4,14 @@ on real daemons and a real little HTTP server as the internal system."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import http.server
 import io
 import json
 import random
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -191,3 +194,78 @@ def test_an_old_hand_over_table_gains_its_expiry_column(tmp_path: Path) -> None:
         assert (retried.state.value, retried.expires_at, retried.attempts) == ("pending", 123.0, 0)
     finally:
         spool.close()
+
+
+class _EndlessAnswer:
+    """An internal system that takes the document and answers 200 with a body that never
+    ends (a misbehaving proxy, a debug endpoint echoing forever)."""
+
+    def __init__(self, port: int) -> None:
+        self.posts = 0
+        system = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                system.posts += 1
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                chunk = b"x" * 65536
+                with contextlib.suppress(OSError):  # until the gateway hangs up
+                    while True:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_answer_that_never_ends_is_read_only_up_to_a_bound(
+    layout: DemoLayout, tmp_path: Path, internal_port: int
+) -> None:
+    """The internal system's 2xx is what counts; its body is read up to MAX_ANSWER_BYTES and
+    no further: an endless one neither holds the hand-over until its timeout nor fills the
+    gateway's memory."""
+    enable_delivery(layout, internal_port)
+    system = _EndlessAnswer(internal_port)
+    config = load_config(layout.hospital.config_path)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    inbox_file = tmp_path / "a.hl7"
+    inbox_file.write_bytes(b"MSH|a\r")
+    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="hospital")
+    worker = HandOver(
+        spool, lambda: audit, make_logger(stream=io.StringIO()), SystemClock(),
+        lambda: config, random.Random(1), Network.fixed(config.network_map).internal(),
+    )  # fmt: skip
+
+    async def attempt() -> float:
+        [record] = spool.handover_due(time.time() + 1)
+        async with worker.session() as session:
+            return await worker.hand_over(session, record)
+
+    try:
+        sha = hashlib.sha256(b"MSH|a\r").hexdigest()
+        spool.inbound_begin("lab", "<endless@x>", sha, inbox_file)
+        spool.inbound_delivered("lab", "<endless@x>", [], b"mdn", handover=("x/y", 6))
+        assert asyncio.run(attempt()) == 0.0
+        record = spool.handover_get("lab", "<endless@x>")
+        assert record is not None and record.state.value == "done", record
+        assert system.posts == 1
+        [handed] = [
+            e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "message.handed_over"
+        ]
+        assert handed["message_id"] == "<endless@x>"
+    finally:
+        system.close()
+        spool.close()
+        audit.close()

@@ -59,11 +59,13 @@ from gateway.clock import Clock
 from gateway.config import DeliverySettings, GatewayConfig, Runtime
 from gateway.egress import Route
 from gateway.errors import EgressRefused
+from gateway.httpbody import read_capped
 from gateway.logs import Logger
 from gateway.pki.tls import delivery_tls_context
 from gateway.spool import HandoverRecord, Spool
 
 CHUNK = 1 << 20
+MAX_ANSWER_BYTES = 64 << 10  # of the internal system's answer: read, never kept whole
 IDLE_CHECK_SECONDS = 5.0
 
 
@@ -229,8 +231,8 @@ class HandOver:
                 timeout=aiohttp.ClientTimeout(total=delivery.timeout_seconds),
                 allow_redirects=False,
             ) as response:
-                await response.read()
-                status = response.status
+                status = response.status  # the answer's body says nothing more: read a
+                await read_capped(response.content, MAX_ANSWER_BYTES)  # bounded part of it
         except _Changed as exc:
             self._give_up(record, f"{exc}: nothing was handed over")
             return 0.0
