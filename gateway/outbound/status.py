@@ -8,6 +8,7 @@ from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
 from gateway.atrest import open_file
+from gateway.channel.client import MAX_RECEIPT_BYTES
 from gateway.errors import AtRestError, MedgwError
 from gateway.operations import record_view
 from gateway.outbound.context import Context
@@ -23,6 +24,10 @@ FINAL_STATES = frozenset(
         OutboundState.CANCELLED,
     }
 )
+
+
+# A receipt as stored: its Content-Type line, then a body of at most MAX_RECEIPT_BYTES.
+MAX_STORED_RECEIPT = MAX_RECEIPT_BYTES + (16 << 10)
 
 
 class MessageStatus:
@@ -59,9 +64,15 @@ class MessageStatus:
             with open_file(
                 self._ctx.vault, receipt_item(record.message_id), record.receipt_path
             ) as handle:
-                kept = handle.read()
+                kept = handle.read(MAX_STORED_RECEIPT + 1)
         except AtRestError as exc:
             return {"verified": False, "error": str(exc)}
+        if len(kept) > MAX_STORED_RECEIPT:  # not one the gateway stored: never read whole
+            return {
+                "verified": False,
+                "error": f"the stored receipt {record.receipt_path} is larger than "
+                f"{MAX_STORED_RECEIPT} bytes, more than any receipt medgw accepts",
+            }
         head, _, body = kept.partition(b"\r\n\r\n")
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:
