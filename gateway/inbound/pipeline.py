@@ -29,7 +29,7 @@ from gateway.as2.headers import (
     parse_receipt_request,
     unquote_as2_id,
 )
-from gateway.as2.mdn import Disposition, build_receipt
+from gateway.as2.mdn import Disposition
 from gateway.atrest import Vault, open_bytes, storing
 from gateway.audit import AuditSink, EventType, Outcome, Severity
 from gateway.audit.patients import patients_in_chunks
@@ -55,12 +55,10 @@ from gateway.fsutil import private_folder, storage_fix
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
+from gateway.inbound.receipts import Receipts
 from gateway.inbound.recovery import recover
+from gateway.inbound.signers import AcceptedSigners, describe_signer
 from gateway.logs import Logger
-from gateway.pki.hpki import hcroles
-from gateway.pki.peers import TrustSettings
-from gateway.pki.signers import PersonalSigners
-from gateway.pki.tls import certificate_fingerprint
 from gateway.routing import Refusal, route_inbound
 from gateway.spool import Spool
 from gateway.spool.records import sent_receipt_item
@@ -158,13 +156,13 @@ class InboundProcessor:
         # (alone: one judged by this configuration).
         # ``vault``: the daemon's encryption at rest (alone: receipts kept as they are).
         self._vault = vault
-        self._network = network if network is not None else Network.fixed(config.network_map)
-        self._signers = signers
+        network = network if network is not None else Network.fixed(config.network_map)
+        self._signers = AcceptedSigners(config, network, clock, signers)
+        self._receipts = Receipts(config, audit, log, clock)
         self._config = config
         self._spool = spool
         self._audit = audit
         self._log = log
-        self._clock = clock
         self._locks = locks if locks is not None else InboundLocks()
         self._delivery = InboxDelivery(config, spool, audit, log, self._locks)
 
@@ -189,35 +187,6 @@ class InboundProcessor:
                 first = exc
                 break
         raise Refused(Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(first))
-
-    def _trusted_signers(self, peer: Peer) -> tuple[x509.Certificate, ...]:
-        if self._signers is None:
-            return peer.signing_certificates
-        return self._signers.get(peer.name, ())
-
-    def _personal_signers(self, peer: Peer) -> PersonalSigners | None:
-        """With ``personal_signers = true``: accept a person's certificate under the zone's PKI."""
-        if not peer.personal_signers:
-            return None
-        zone = self._config.require_zone(peer.zone)
-        others = {
-            certificate_fingerprint(cert): other.name
-            for other in self._config.peers
-            if other.name != peer.name
-            for cert in (
-                *other.tls_certificates,
-                *other.signing_certificates,
-                *other.encryption_certificates,
-            )
-        }
-        return PersonalSigners(
-            peer=peer.name,
-            zone=zone.name,
-            trust=TrustSettings.of_zone(zone, self._network.zone(zone.name)),
-            at=self._clock.now(),
-            policy=peer.policy,
-            others=others,
-        )
 
     def recover(self) -> None:
         """At start, before any request: settle the deliveries a stopped process left."""
@@ -413,12 +382,12 @@ class InboundProcessor:
         headers = request.headers
         signed, opened = self._decrypt(request.body, signed_path, peer)
         self._legacy_accepted(peer, message_id, opened.compat_algorithms, "")
-        personal = self._personal_signers(peer)
+        personal = self._signers.personal(peer)
         try:
             verified, entity, mic_value = verify_entity_span(
                 signed,
                 entity_path,
-                trusted_signers=self._trusted_signers(peer),
+                trusted_signers=self._signers.pinned(peer),
                 policy=peer.policy,
                 validate_signer=personal,
                 mic_digest=digest,
@@ -430,18 +399,7 @@ class InboundProcessor:
         # e.g. signed with SHA-1
         self._legacy_accepted(peer, message_id, verified.compat_algorithms, " in the signature")
         mic = f"{mic_value}, {DIGEST_TO_MICALG[digest]}"
-        signer = verified.signer.subject.rfc4514_string()
-        roles = hcroles(verified.signer)  # HPKI qualification: recorded, never a refusal
-        signer_detail: dict[str, object] = {"signer": signer}
-        if personal is not None and personal.accepted is not None:
-            signer_detail["signer_kind"] = "personal"
-            signer_detail["signer_revocation"] = personal.accepted.revocation
-        if roles.present:
-            signer_detail["signer_role"] = roles.summary
-            signer_detail["signer_roles"] = [r.to_json() for r in roles.roles]
-            if roles.problem is not None:
-                signer_detail["signer_role_problem"] = roles.problem
-        details = f"Signed by {signer}, {roles.describe()}" if roles.present else None
+        signer = describe_signer(verified, personal)
         try:
             info = read_entity_info(entity.path, entity.start, entity.end)
             size, sha256 = payload_digest(entity.path, info)
@@ -471,11 +429,11 @@ class InboundProcessor:
                     "filename": filename,
                     "size": size,
                     "sha256": sha256,
-                    **signer_detail,
+                    **signer.detail,
                     "mic": mic,
                 },
             )
-            return mic, None, details
+            return mic, None, signer.receipt_line
         if self._spool.inbound_get(peer.name, message_id) is None:
             # Recorded once: a resend of a document recorded before is recorded by
             # InboxDelivery.deliver_once, as message.duplicate (or refused when it differs).
@@ -493,7 +451,7 @@ class InboundProcessor:
                     "filename": filename,
                     "size": size,
                     "sha256": sha256,
-                    **signer_detail,
+                    **signer.detail,
                     "signature_algorithm": verified.signature_algorithm,
                     "digest": verified.digest,
                     "content_cipher": opened.content_cipher,
@@ -509,7 +467,7 @@ class InboundProcessor:
             sha256,
             service,
         )
-        return mic, _Delivered(target, service, content_type, size), details
+        return mic, _Delivered(target, service, content_type, size), signer.receipt_line
 
     # -- audit ----------------------------------------------------------------
 
@@ -564,30 +522,7 @@ class InboundProcessor:
         digest: str,
         details: str | None = None,
     ) -> InboundResponse:
-        signing = self._config.smime.signing
-        try:
-            built = build_receipt(
-                original_message_id=message_id,
-                our_as2_id=self._config.as2_id,
-                peer_as2_id=request.peer.as2_id,
-                disposition=disposition,
-                mic=mic,
-                signing=signing,
-                digest=digest,
-                policy=request.peer.policy,
-                at=self._clock.now(),
-                details=details,
-            )
-        except MedgwError as exc:
-            self._log.error("receipt.build_failed", error=str(exc))
+        built = self._receipts.build(request.peer, message_id, disposition, mic, digest, details)
+        if built is None:
             return InboundResponse.refused(Answer.RECEIPT_NOT_BUILT)
-        if disposition is not Disposition.PROCESSED:
-            self._record(
-                EventType.RECEIPT_SENT,
-                request.peer.name,
-                message_id,
-                outcome=Outcome.FAILURE,
-                severity=Severity.WARNING,
-                detail={"disposition": disposition.value},
-            )
         return InboundResponse(Answer.RECEIPT, built.headers, built.body)
