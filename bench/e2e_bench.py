@@ -1,7 +1,7 @@
 """End-to-end benchmark: two real gateways on this machine, intake -> verified receipt.
 
 Run:  .venv/bin/python bench/e2e_bench.py [--messages 300] [--size 4096] [--big-mib 0]
-                                          [--keys rsa-2048,ec-p256]
+                                          [--keys rsa-2048,ec-p256] [--spool sqlite]
 
 Measures, in one run, for each key type asked for (both by default, in that order):
 * 4 KiB documents dropped into the lab's outbox, delivered to the hospital with a
@@ -22,20 +22,27 @@ Measures, in one run, for each key type asked for (both by default, in that orde
     bench's own environment (``bench/pyas2lib_ref.py``); every run's rate is
     also given as a multiple of it;
 * optionally one large document (--big-mib, with the first key type) end to
-  end: time, and the peak RSS (VmHWM) of each daemon.
+  end: time, and the peak RSS (VmHWM) of each daemon;
+* with ``--spool sqlite,postgresql``, every run once per spool backend (each key
+  type's runs one after the other), the PostgreSQL spool on a server of
+  Debian's ``postgresql`` package started for the bench (fsync on, as the
+  SQLite spool's synchronous=FULL), each daemon with a database of its own.
 Machines are shared and noisy: read the ratios, not the absolute figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +51,15 @@ import pyas2lib_ref
 
 from gateway.demo_run import GatewayProcess, drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server helper
+from tests.helpers.postgres import (
+    SKIP_REASON,
+    PostgresServer,
+    running_server,
+    server_binaries,
+    spool_section,
+)
 
 
 def openssl_rates(keys: str) -> dict[str, float]:
@@ -144,6 +160,7 @@ class Run:
     """What one end-to-end run of one key type measured."""
 
     keys: str
+    spool: str  # "sqlite" or "postgresql"
     rate: float
     latency: tuple[float, float]  # p50, p99, seconds
     intake_p50: float
@@ -168,8 +185,14 @@ def demo(root: Path, keys: str) -> DemoLayout:
     return layout
 
 
-def end_to_end(tmp: Path, keys: str, messages: int, size: int, big_mib: int) -> Run:
-    layout = demo(tmp / f"demo-{keys}", keys)
+def end_to_end(
+    tmp: Path, keys: str, messages: int, size: int, big_mib: int, db: PostgresServer | None
+) -> Run:
+    layout = demo(tmp / f"demo-{keys}-{'postgresql' if db else 'sqlite'}", keys)
+    if db is not None:
+        for inst in (layout.hospital, layout.lab):
+            with inst.config_path.open("a") as config:
+                config.write(spool_section(db.new_database()))
     hospital = GatewayProcess(layout.hospital.config_path)
     hospital.wait_ready()
     lab = GatewayProcess(layout.lab.config_path)
@@ -218,6 +241,7 @@ def end_to_end(tmp: Path, keys: str, messages: int, size: int, big_mib: int) -> 
             big_seconds = time.time() - t0
         return Run(
             keys=keys,
+            spool="postgresql" if db else "sqlite",
             rate=messages / (max(done) - start),
             latency=(statistics.median(latencies), percentile(latencies, 0.99)),
             intake_p50=statistics.median(intake),
@@ -250,6 +274,19 @@ def references(keys: list[str], pyas2lib_keys: DemoLayout, size: int) -> dict[st
     return rates
 
 
+@contextlib.contextmanager
+def database(spools: list[str]) -> Iterator[PostgresServer | None]:
+    """A PostgreSQL server for the runs on that spool (None: none asked for)."""
+    if "postgresql" not in spools:
+        yield None
+        return
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        raise SystemExit(SKIP_REASON)
+    with running_server(bin_dir, durable=True) as server:
+        yield server
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=300)
@@ -262,20 +299,36 @@ def main() -> int:
         default="rsa-2048,ec-p256",
         help="key types to run, in this order, comma-separated: rsa-2048, ec-p256",
     )
+    parser.add_argument(
+        "--spool",
+        default="sqlite",
+        help="spool backends to run each key type on, comma-separated: sqlite, postgresql",
+    )
     args = parser.parse_args()
     keys = args.keys.split(",")
     if not keys or any(k not in KEY_NAMES for k in keys):
         parser.error(f"--keys: each of {', '.join(KEY_NAMES)}, comma-separated")
+    spools = args.spool.split(",")
+    if not spools or any(s not in ("sqlite", "postgresql") for s in spools):
+        parser.error("--spool: each of sqlite, postgresql, comma-separated")
 
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with tempfile.TemporaryDirectory() as tmp_name, database(spools) as db:
         tmp = Path(tmp_name)
         reference_keys = demo(tmp / "pyas2lib", "rsa-2048")
         # The host's load changes within minutes: the references are measured right
         # before and right after the runs, and their mean is used.
         before = references(keys, reference_keys, args.size)
         runs = [
-            end_to_end(tmp, k, args.messages, args.size, args.big_mib if i == 0 else 0)
+            end_to_end(
+                tmp,
+                k,
+                args.messages,
+                args.size,
+                args.big_mib if i == 0 and spool == spools[0] else 0,
+                db if spool == "postgresql" else None,
+            )
             for i, k in enumerate(keys)
+            for spool in spools
         ]
         after = references(keys, reference_keys, args.size)
     rates = {name: (before[name] + after[name]) / 2 for name in before}
@@ -296,7 +349,8 @@ def main() -> int:
         bound, bound_all, counted = crypto_bounds(run.keys, own)
         p50, p99 = run.latency
         print(
-            f"end to end, {KEY_NAMES[run.keys]} keys, {args.messages} x {args.size} B: "
+            f"end to end, {KEY_NAMES[run.keys]} keys, {run.spool} spool, "
+            f"{args.messages} x {args.size} B: "
             f"{run.rate:.1f} msg/s = {run.rate / rsa_bound:.2f} of the RSA-2048 bound "
             f"(target >= 0.30), {run.rate / rates['pyas2lib']:.1f} x pyas2lib (target >= 8); "
             f"latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"

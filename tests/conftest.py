@@ -14,7 +14,7 @@ from gateway.demo_run import GatewayProcess, free_port, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
-from tests.helpers.postgres import PostgresServer, running_server
+from tests.helpers.postgres import SKIP_REASON, PostgresServer, running_server, server_binaries
 from tests.helpers.zones import World, two_zone_world
 from tests.rsyslog import Collector
 
@@ -28,7 +28,10 @@ settings.load_profile("medgw")
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One real PostgreSQL server for the session (skipped where none is installed)."""
-    with running_server() as server:
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        pytest.skip(SKIP_REASON)
+    with running_server(bin_dir) as server:
         yield server
 
 

@@ -22,18 +22,15 @@ from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.clocks import TickingClock
 from tests.conftest import Processes
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.postgres import PostgresServer
+from tests.helpers.postgres import PostgresServer, spool_section
 
 pytestmark = pytest.mark.daemon
 
 
 def use_postgres(config_path: Path, settings: PostgresSettings) -> None:
-    """Point a demo gateway's spool at ``settings``' database (over the Unix socket)."""
+    """Point a demo gateway's spool at ``settings``' database."""
     with config_path.open("a") as config:
-        config.write(
-            f'\n[spool]\nbackend = "postgresql"\nsocket_dir = "{settings.socket_dir}"\n'
-            f'port = {settings.port}\ndbname = "{settings.dbname}"\nuser = "{settings.user}"\n'
-        )
+        config.write(spool_section(settings))
 
 
 def inbox(layout: DemoLayout) -> dict[str, bytes]:

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from gateway.errors import SpoolError
+from gateway.errors import SpoolError, SpoolUnreachableError
+from gateway.pki.issue import make_ca, write_pem
 from gateway.spool import OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.postgres.database import translate
 from gateway.spool.postgres.schema import VERSION
 from tests.clocks import TickingClock
-from tests.helpers.postgres import PostgresServer
+from tests.helpers.postgres import PASSWORD, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
 
@@ -138,3 +139,53 @@ def test_a_stopped_server_fails_calls_at_once_and_is_reconnected_after_a_back_of
     assert claimed.message_id == "<m0@hospital>"
     assert spool.counts() == {("lab", "sending"): 1, ("lab", "queued"): 1}
     spool.close()
+
+
+def over_tls(
+    server: PostgresServer, database: PostgresSettings, tmp_path: Path, **changes: object
+) -> PostgresSettings:
+    """``database`` reached over TCP on 127.0.0.1 as "localhost", with TLS and a password
+    file (mode 600); ``changes`` replace any of these."""
+    password = tmp_path / "db.password"
+    password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)
+    settings = replace(
+        database, socket_dir=None, host="localhost", ca_file=server.ca_file, password_file=password
+    )
+    return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def test_over_the_network_the_server_is_verified_and_the_password_read_from_a_file(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    spool = PostgresSpool(over_tls(postgres_server, postgres, tmp_path), TickingClock())
+    (row,) = spool._read("SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()", ())
+    assert row["ssl"] is True and row["version"] in ("TLSv1.2", "TLSv1.3")
+    spool.close()
+
+
+def test_a_server_whose_certificate_or_name_does_not_verify_is_never_used(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    other = make_ca("Some other CA", now=datetime.now(UTC))
+    other_ca = tmp_path / "other-ca.pem"
+    write_pem(other_ca, other.certificate)
+    for changes, words in (
+        ({"ca_file": other_ca}, "certificate verify failed"),
+        # The certificate names "localhost": 127.0.0.1 is not its name (verify-full).
+        ({"host": "127.0.0.1"}, "does not match host name"),
+    ):
+        settings = over_tls(postgres_server, postgres, tmp_path, **changes)
+        with pytest.raises(SpoolUnreachableError, match=words):
+            PostgresSpool(settings, TickingClock())
+
+
+def test_a_password_file_others_can_read_is_not_used(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    settings = over_tls(postgres_server, postgres, tmp_path)
+    assert settings.password_file is not None
+    settings.password_file.chmod(0o640)
+    with pytest.raises(SpoolError, match="password file is not private") as refused:
+        PostgresSpool(settings, TickingClock())
+    assert "chmod 600" in (refused.value.fix or "")

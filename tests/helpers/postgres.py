@@ -4,7 +4,8 @@ One server per test session (initdb takes seconds), run as the ``postgres``
 system user (initdb refuses root) from a temporary folder it owns, listening
 on a Unix socket there and on 127.0.0.1 at a free port.  Each test gets a
 database of its own.  Without the binaries the tests that need them are skipped,
-naming the package to install (CI installs it: .ci/run).
+naming the package to install (CI installs it: .ci/run).  bench/e2e_bench.py
+runs its PostgreSQL spool on a server started the same way.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from gateway.demo_run import free_port
+from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.spool.postgres import PostgresSettings
 
 SKIP_REASON = (
@@ -31,6 +33,7 @@ SKIP_REASON = (
 )
 SUPERUSER = "postgres"
 USER = "medgw"  # the role the gateway connects as
+PASSWORD = "medgw-test-password"  # its password (over TCP the server asks for it)
 
 
 def _bin_dir() -> Path | None:
@@ -52,6 +55,9 @@ class PostgresServer:
         self.socket_dir = root / "run"
         self.port = free_port()
         self.log = root / "server.log"
+        # TLS for connections over the network: a CA of the session, and the server's
+        # certificate for the name "localhost" only (not 127.0.0.1: a test of the name).
+        self.ca_file = root / "tls" / "ca.pem"
         self._account = pwd.getpwnam(SUPERUSER)
         self._names = itertools.count(1)
 
@@ -89,12 +95,31 @@ class PostgresServer:
             "UTF8",
             "--no-sync",
         )
+        tls = self._tls()
         with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"ssl = on\nssl_cert_file = '{tls / 'server.pem'}'\n"
+                f"ssl_key_file = '{tls / 'server.key'}'\nssl_min_protocol_version = 'TLSv1.2'\n"
+            )
             conf.write(
                 f"listen_addresses = '127.0.0.1'\nport = {self.port}\n"
                 f"unix_socket_directories = '{self.socket_dir}'\n"
                 f"fsync = {'on' if self.durable else 'off'}\nmax_connections = 200\n"
             )
+
+    def _tls(self) -> Path:
+        now = datetime.now(UTC)
+        ca = make_ca("medgw test database CA", now=now)
+        server = issue(ca, "localhost", purpose="tls", now=now, dns_names=["localhost"])
+        folder = self.ca_file.parent
+        folder.mkdir()
+        write_pem(self.ca_file, ca.certificate)
+        write_pem(folder / "server.pem", server.certificate)
+        write_pem(folder / "server.key", server.key)  # mode 600
+        if os.geteuid() == 0:
+            for path in (folder, folder / "server.pem", folder / "server.key"):
+                os.chown(path, self._account.pw_uid, self._account.pw_gid)
+        return folder
 
     def start(self) -> None:
         self._as_postgres(
@@ -129,15 +154,27 @@ class PostgresServer:
 
     def setup_role(self) -> None:
         with self.admin() as admin:
-            admin.execute(f"CREATE ROLE \"{USER}\" LOGIN PASSWORD 'medgw-test-password'")
+            admin.execute(f"CREATE ROLE \"{USER}\" LOGIN PASSWORD '{PASSWORD}'")
+
+
+def spool_section(settings: PostgresSettings) -> str:
+    """The ``[spool]`` table of a gateway.toml that keeps the spool in ``settings``'
+    database, over the server's Unix socket."""
+    return (
+        f'\n[spool]\nbackend = "postgresql"\nsocket_dir = "{settings.socket_dir}"\n'
+        f'port = {settings.port}\ndbname = "{settings.dbname}"\nuser = "{settings.user}"\n'
+    )
+
+
+def server_binaries() -> Path | None:
+    """The newest installed PostgreSQL server's bin folder (None: none, see SKIP_REASON)."""
+    bin_dir = _bin_dir()
+    return bin_dir if bin_dir is not None and shutil.which("setpriv") is not None else None
 
 
 @contextlib.contextmanager
-def running_server(*, durable: bool = False) -> Iterator[PostgresServer]:
-    """A server started for the caller and stopped after (skips the test without one)."""
-    bin_dir = _bin_dir()
-    if bin_dir is None or shutil.which("setpriv") is None:
-        pytest.skip(SKIP_REASON)
+def running_server(bin_dir: Path, *, durable: bool = False) -> Iterator[PostgresServer]:
+    """A server started for the caller and stopped after (tests/conftest.py, bench/)."""
     root = Path(tempfile.mkdtemp(prefix="medgw-pg-"))
     server = PostgresServer(bin_dir, root, durable=durable)
     try:

@@ -45,6 +45,14 @@ class PostgresSettings:
             "port": self.port,
             "connect_timeout": self.connect_timeout,
             "application_name": "medgw",
+            # Bounds: no statement of the spool runs for a minute (a lock another node
+            # forgot, a server that hangs), and a peer host that vanished without a
+            # reset is noticed within about half a minute, not at TCP's hours.
+            "options": "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=60000",
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
         }
         if self.socket_dir is not None:
             args["host"] = str(self.socket_dir)
@@ -55,6 +63,7 @@ class PostgresSettings:
             args["sslmode"] = "verify-full"
             args["sslrootcert"] = str(self.ca_file)
             args["ssl_min_protocol_version"] = "TLSv1.2"
+            args["tcp_user_timeout"] = 30_000  # ms: data sent and not acknowledged
             if self.cert_file is not None and self.key_file is not None:
                 args["sslcert"] = str(self.cert_file)
                 args["sslkey"] = str(self.key_file)
