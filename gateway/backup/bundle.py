@@ -280,6 +280,13 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
             fix='add [backup] with recipient = "/etc/medgw/backup/recipient.crt" and its '
             "signing_certificate and signing_key to gateway.toml (see README, Backups)",
         )
+    if config.spool.postgres is not None:
+        raise BackupError(
+            f"the spool is in the PostgreSQL {config.spool.postgres.where}, which a bundle "
+            "does not hold: it would name bodies and receipts without the records of them",
+            fix="back the database up with PostgreSQL's tools (pg_dump, or continuous "
+            "archiving) together with the state folder (see README, The spool in PostgreSQL)",
+        )
     _refuse_own_folder(config, dst)
     state = config.storage.state_dir
     work = state / f".backup-{os.getpid()}-{now.strftime('%Y%m%dT%H%M%S%f')}"
