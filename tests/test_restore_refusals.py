@@ -350,3 +350,17 @@ def test_after_a_change_of_backup_signing_key_an_older_bundle_restores_only_if_t
     config.write_text(config.read_text() + f'trusted_signers = ["{old}"]\n')
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_state_folder_that_cannot_be_locked_is_a_refusal_not_a_traceback(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    config = _fresh(layout, "hospital-restored")
+    (config.parent / "state").write_bytes(b"a file where the state folder belongs\n")
+    refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "cannot take the lock of the state folder" in refused.stderr
+    assert "(fix: " in refused.stderr
+    [event] = read_audit(config.parent / "audit" / "audit.jsonl")
+    assert event["event"] == "backup.restore_refused" and event["reason"] == "state-unwritable"

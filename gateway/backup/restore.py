@@ -38,7 +38,7 @@ from gateway.audit.export.cursor import MAX_LINE
 from gateway.audit.files import STAMP, trail_files
 from gateway.backup.bundle import BackupError, RestoreRefused, open_bundle
 from gateway.config import GatewayConfig
-from gateway.fsutil import private_folder, shared_folder
+from gateway.fsutil import private_folder, shared_folder, storage_fix
 from gateway.instance import LOCK_NAME, AlreadyRunningError, InstanceLock
 from gateway.pki.keypair import PrivateKey
 
@@ -306,7 +306,15 @@ def _restore_locked(
     now: datetime,
 ) -> tuple[dict[str, Any], tuple[Path, ...]]:
     """Check everything, then put the bundle in place; (manifest, earlier refusals kept)."""
-    refusals = _refusals_only(config.storage.audit_log)
+    try:
+        refusals = _refusals_only(config.storage.audit_log)
+    except OSError as exc:
+        raise RestoreRefused(
+            f"cannot read this host's audit trail {config.storage.audit_log}: "
+            f"{exc.strerror or exc}; nothing was restored",
+            reason="trail-unreadable",
+            fix="run it as the medgw user (sudo -u medgw medgw restore ...)",
+        ) from exc
     occupied = _occupied(config, refusals)
     if occupied and not force:
         raise _refused_here(config, occupied)
@@ -365,10 +373,20 @@ def restore(
     folder's lock is held (to audit), except for the refusal ``daemon-running`` (the
     running daemon holds the lock and the trail: record it through the daemon)."""
     state = config.storage.state_dir
-    shared_folder(state)
     lock = InstanceLock(state)
     try:
+        shared_folder(state)
         lock.acquire()  # no daemon runs on this state folder meanwhile
+    except OSError as exc:
+        refusal = RestoreRefused(
+            f"cannot take the lock of the state folder {state}: {exc.strerror or exc}; "
+            "nothing was restored",
+            reason="state-unwritable",
+            fix="run it as the medgw user (sudo -u medgw medgw restore ...); "
+            + storage_fix(exc, state),
+        )
+        refused(refusal)
+        raise refusal from exc
     except AlreadyRunningError as exc:
         refusal = RestoreRefused(
             f"{exc.message.split(';')[0]}: a restore would pull the state from under it; "
