@@ -10,7 +10,8 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,65 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FolderSync:
+    """fsync of a folder, shared by the threads that ask for one at the same moment.
+
+    A file renamed, linked or removed in a folder is durable once the folder is
+    synced.  When several threads each change an entry of one folder (a burst
+    of documents taken, delivered, settled), syncing the folder once for each
+    makes every one of them wait behind the others' syncs.  Here a sync that
+    begins after a caller asked covers it: the first waiting caller syncs for
+    all who asked before that sync began (like group commit; see
+    gateway.spool.groupcommit and gateway.audit.log).  A caller returns only
+    once a sync that began after its change has completed; if that sync fails,
+    its caller gets the error and the others that waited on it sync again.
+    """
+
+    def __init__(self, sync: Callable[[Path], None] = fsync_dir) -> None:
+        self._sync = sync
+        self._lock = threading.Lock()
+        self._folders: dict[Path, _Folder] = {}  # only folders someone is syncing now
+
+    def sync(self, folder: Path) -> None:
+        """Return once every change made in ``folder`` before this call is durable."""
+        with self._lock:
+            entry = self._folders.get(folder)
+            if entry is None:
+                entry = self._folders[folder] = _Folder()
+            entry.asked += 1
+            entry.users += 1
+            ticket = entry.asked
+        try:
+            with entry.syncing:
+                if entry.synced >= ticket:
+                    return  # a sync that began after this call has covered it
+                with self._lock:
+                    covers = entry.asked  # everyone who asked so far changed the folder before
+                self._sync(folder)
+                entry.synced = covers
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._folders[folder]
+
+    def waiting(self, folder: Path) -> int:
+        """How many callers are in :meth:`sync` of ``folder`` now (for tests)."""
+        with self._lock:
+            entry = self._folders.get(folder)
+            return 0 if entry is None else entry.users
+
+
+class _Folder:
+    __slots__ = ("asked", "synced", "syncing", "users")
+
+    def __init__(self) -> None:
+        self.asked = 0  # tickets handed out
+        self.synced = 0  # every ticket up to this one is durable
+        self.users = 0
+        self.syncing = threading.Lock()  # one sync of the folder at a time
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -146,9 +206,15 @@ def remove_stale_partials(folder: Path) -> list[Path]:
 
 
 def write_atomic(
-    path: Path, chunks: Iterable[bytes], *, mode: int = 0o640, overwrite: bool = True
+    path: Path,
+    chunks: Iterable[bytes],
+    *,
+    mode: int = 0o640,
+    overwrite: bool = True,
+    folder_sync: FolderSync | None = None,
 ) -> int:
-    """Write to a hidden temporary file beside ``path``, fsync, rename, fsync the folder.
+    """Write to a hidden temporary file beside ``path``, fsync, rename, fsync the folder
+    (through ``folder_sync`` when given: shared with other writers in that folder).
 
     Readers of the folder see either no file or the complete file.  With
     ``overwrite=False`` an existing ``path`` is never replaced (FileExistsError).
@@ -173,7 +239,10 @@ def write_atomic(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if folder_sync is not None:
+        folder_sync.sync(path.parent)
+    else:
+        fsync_dir(path.parent)
     return size
 
 

@@ -22,6 +22,7 @@ from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import drop_file, free_ports, wait_until
 from gateway.errors import SpoolError
+from gateway.fsutil import FolderSync
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
 from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
@@ -208,7 +209,7 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
     move = gateway.outbound.intake.move_into_spool
 
-    def no_room(source: Path, target: Path) -> None:
+    def no_room(source: Path, target: Path, folders: FolderSync) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gateway.outbound.intake, "move_into_spool", no_room)

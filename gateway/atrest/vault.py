@@ -31,7 +31,7 @@ from typing import BinaryIO
 from gateway.atrest import chunked
 from gateway.atrest.keys import KeyStore, unwrap, wrap
 from gateway.errors import AtRestError
-from gateway.fsutil import fsync_dir, partial_name
+from gateway.fsutil import FolderSync, fsync_dir, partial_name
 from gateway.spool import DataKey, Spool
 
 
@@ -232,9 +232,12 @@ class Sealing:
             self.write(target, iter(lambda: reader.read(chunked.CHUNK), b""))
         source.unlink(missing_ok=True)
 
-    def write(self, target: Path, chunks: Iterable[bytes]) -> None:
+    def write(
+        self, target: Path, chunks: Iterable[bytes], folders: FolderSync | None = None
+    ) -> None:
         """``chunks`` stored as the file ``target`` (mode 0600): written beside it, synced,
-        renamed into place."""
+        renamed into place (the folder's fsync shared through ``folders``, if given, with
+        other files stored there at that moment)."""
         dek = self._new_key()
         tmp = partial_name(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -251,7 +254,10 @@ class Sealing:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(target.parent)
+        if folders is not None:
+            folders.sync(target.parent)
+        else:
+            fsync_dir(target.parent)
 
 
 @contextlib.contextmanager

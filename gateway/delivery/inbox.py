@@ -25,7 +25,7 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from gateway.errors import DeliveryError, StorageFullError
-from gateway.fsutil import NO_SPACE, fsync_dir, safe_name, shared_folder, storage_fix
+from gateway.fsutil import NO_SPACE, FolderSync, fsync_dir, safe_name, shared_folder, storage_fix
 
 FILE_MODE = 0o640
 # A clash gets a random suffix, tried again until free: nobody can predict the
@@ -112,12 +112,16 @@ def link(work: Path, target: Path) -> None:
     os.link(work, target, follow_symlinks=False)
 
 
-def finish(work: Path, target: Path) -> None:
-    """After :func:`link`: remove the work name and make both changes durable.
+def finish(work: Path, target: Path, folders: FolderSync | None = None) -> None:
+    """After :func:`link`: remove the work name and make both changes durable (the
+    folder's fsync shared through ``folders`` with other deliveries at that moment).
 
     Raises OSError; the document is in the inbox all the same (see :func:`landed`)."""
     os.unlink(work)
-    fsync_dir(target.parent)
+    if folders is not None:
+        folders.sync(target.parent)
+    else:
+        fsync_dir(target.parent)
 
 
 def landed(work: Path | None, target: Path) -> bool:

@@ -110,7 +110,7 @@ class InboxDelivery:
         # From here on the document is in the inbox: whatever fails, it is never released
         # nor written again (the resend, or the next start, settles it).  An OSError
         # is answered 503 (see unavailable()): the peer resends.
-        inbox.finish(work, target)
+        inbox.finish(work, target, self._locks.folders)
         self._record(
             EventType.MESSAGE_DELIVERED,
             peer.name,

@@ -1,10 +1,12 @@
-"""What keeps concurrent receiving requests apart."""
+"""What keeps concurrent receiving requests apart, and what they share."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from gateway.fsutil import FolderSync
 
 
 class InboundLocks:
@@ -15,6 +17,8 @@ class InboundLocks:
         # Held while a new document's inbox file is chosen and claimed: two documents
         # with one name never share a target.
         self.target = threading.Lock()
+        # Documents delivered into one inbox folder at the same moment share its fsync.
+        self.folders = FolderSync()
         self._guard = threading.Lock()
         self._busy: dict[tuple[str, str], tuple[threading.Lock, list[int]]] = {}
 

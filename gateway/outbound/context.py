@@ -16,7 +16,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Peer
 from gateway.errors import ObjectSecurityError
-from gateway.fsutil import private_folder
+from gateway.fsutil import FolderSync, private_folder
 from gateway.logs import Logger
 from gateway.pki.peers import PeerTrust
 from gateway.spool import Spool
@@ -65,6 +65,8 @@ class Context:
         self.receipts = state_dir / "receipts"
         for folder in (self.payloads, self.outgoing, self.receipts):
             private_folder(folder)
+        # Documents taken and receipts stored at the same moment share their folders' fsyncs.
+        self.folder_sync = FolderSync()
         self.wakeups: dict[str, asyncio.Event] = {}
 
     def use(self, state: Current) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from gateway.as2.headers import new_message_id
 from gateway.config import Peer
 from gateway.errors import SpoolError
-from gateway.fsutil import fsync_dir, read_chunks, storage_fix, write_atomic
+from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
 from gateway.intake.outbox import Candidate, scan
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
@@ -154,7 +154,7 @@ class OutboxIntake:
             service=candidate.service,
         )
         try:
-            move_into_spool(candidate.path, payload_path)
+            move_into_spool(candidate.path, payload_path, self._ctx.folder_sync)
         except OSError as exc:
             if candidate.path.exists():
                 # Still in the outbox (say the spool's disk is full): a later scan takes it
@@ -176,16 +176,16 @@ class OutboxIntake:
         return record, peer, submitter
 
 
-def move_into_spool(source: Path, target: Path) -> None:
+def move_into_spool(source: Path, target: Path, folders: FolderSync) -> None:
     """Rename (same file system) or copy-fsync-unlink (another file system)."""
     try:
         os.rename(source, target)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        write_atomic(target, read_chunks(source), mode=0o600)
+        write_atomic(target, read_chunks(source), mode=0o600, folder_sync=folders)
         source.unlink()
-        fsync_dir(source.parent)
+        folders.sync(source.parent)
         return
-    fsync_dir(target.parent)
-    fsync_dir(source.parent)
+    folders.sync(target.parent)
+    folders.sync(source.parent)

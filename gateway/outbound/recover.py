@@ -66,7 +66,9 @@ class Recovery:
                 submitter = self._ctx.spool.submitter(record.message_id)
                 await self._sealer.prepare(record, peer, submitted_by=submitter)
             elif record.source_path.exists() and peer is not None:
-                await asyncio.to_thread(move_into_spool, record.source_path, record.payload_path)
+                await asyncio.to_thread(
+                    move_into_spool, record.source_path, record.payload_path, self._ctx.folder_sync
+                )
                 submitter = self._ctx.spool.submitter(record.message_id)
                 await self._sealer.prepare(record, peer, submitted_by=submitter)
             else:

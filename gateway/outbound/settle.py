@@ -109,7 +109,7 @@ class Settler:
         assert record.mic is not None
         receipt_path = self._ctx.receipts / (record.payload_path.name + ".mdn")
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
-        sealing.write(receipt_path, [stored])
+        sealing.write(receipt_path, [stored], self._ctx.folder_sync)
         key = sealing.key
         try:
             receipt = parse_receipt(
