@@ -15,6 +15,10 @@ from gateway.errors import MedgwError
 from gateway.outbound import Outbound
 
 PEER_IDLE_CHECK_SECONDS = 5.0
+# Messages of one peer being settled (receipt stored and verified, state and audit
+# recorded) after the peer took them, beside the PARALLEL_SENDS_PER_PEER being sent:
+# settling no longer holds a connection, so the next send starts meanwhile.
+SETTLING_PER_PEER = PARALLEL_SENDS_PER_PEER
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 
 
@@ -93,9 +97,16 @@ class Senders:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _peer_loop(self, name: str) -> None:
-        """Send this peer's due messages, up to PARALLEL_SENDS_PER_PEER at a time."""
+        """Send this peer's due messages, up to PARALLEL_SENDS_PER_PEER at a time, while
+        up to SETTLING_PER_PEER that the peer has taken are settled."""
         wakeup = self._outbound.wakeups[name]
         inflight: dict[asyncio.Task[float], str] = {}  # task -> Message-ID
+        settling: set[str] = set()  # of those, the ones the peer has taken
+
+        def posted(message_id: str) -> None:
+            settling.add(message_id)
+            wakeup.set()  # a connection is free
+
         # Started again after a failure: what the failed run was sending is queued again.
         for message_id in self._parts.spool.requeue_interrupted(peer=name):
             self._parts.log.info("message.requeued_after_failure", peer=name, message_id=message_id)
@@ -108,13 +119,25 @@ class Senders:
                 if peer is None:
                     break
                 now = self._parts.clock.now().timestamp()
-                free = PARALLEL_SENDS_PER_PEER - len(inflight) if now >= resume_at else 0
+                free = 0
+                if now >= resume_at:
+                    sending = len(inflight) - len(settling)
+                    free = min(
+                        PARALLEL_SENDS_PER_PEER - sending,
+                        PARALLEL_SENDS_PER_PEER + SETTLING_PER_PEER - len(inflight),
+                    )
                 if state.trust[name].unusable is not None:
                     free = 0  # said once (peer.unusable); its messages wait, unsent
                 claimed, next_at = await self._outbound.due_for_sending(peer, now, free)
                 for record in claimed:
                     task = asyncio.get_running_loop().create_task(
-                        self._outbound.send_one(record, peer, state.clients[name], self._rng)
+                        self._outbound.send_one(
+                            record,
+                            peer,
+                            state.clients[name],
+                            self._rng,
+                            functools.partial(posted, record.message_id),
+                        )
                     )
                     inflight[task] = record.message_id
                 wait = PEER_IDLE_CHECK_SECONDS
@@ -131,6 +154,7 @@ class Senders:
                     future.cancel()
                 for finished in [task for task in inflight if task in done]:
                     message_id = inflight.pop(finished)
+                    settling.discard(message_id)
                     try:
                         pause = finished.result()
                     except Exception as exc:  # a defect must not stop this peer's queue

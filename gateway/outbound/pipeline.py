@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from gateway.atrest import Vault
@@ -100,10 +100,16 @@ class Outbound:
         return await self._sender.due_for_sending(peer, now, free)
 
     async def send_one(
-        self, record: OutboundRecord, peer: Peer, client: PeerClient, rng: random.Random
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        client: PeerClient,
+        rng: random.Random,
+        posted: Callable[[], None] | None = None,
     ) -> float:
-        """Send one message; returns 0, or how long the peer should rest after a failure."""
-        return await self._sender.send_one(record, peer, client, rng)
+        """Send one message; returns 0, or how long the peer should rest after a failure.
+        ``posted``: called when the peer has taken it, before it is settled."""
+        return await self._sender.send_one(record, peer, client, rng, posted)
 
     async def receive_async_receipt(self, peer: Peer, content_type: str, body: bytes) -> str:
         """A receipt POSTed to us later: settle the message it answers."""

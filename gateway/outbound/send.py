@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from datetime import timedelta
 from typing import BinaryIO
 
@@ -36,9 +37,16 @@ class Sender:
         return float(base * (0.5 + rng.random() / 2))  # "equal jitter"
 
     async def send_one(
-        self, record: OutboundRecord, peer: Peer, client: PeerClient, rng: random.Random
+        self,
+        record: OutboundRecord,
+        peer: Peer,
+        client: PeerClient,
+        rng: random.Random,
+        posted: Callable[[], None] | None = None,
     ) -> float:
-        """Send one message; returns 0, or how long the peer should rest after a failure."""
+        """Send one message; returns 0, or how long the peer should rest after a failure.
+        ``posted`` is called once the peer has taken it, before it is settled (its
+        connection is free for the next message from then on)."""
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task picks it up).
         try:
@@ -70,6 +78,8 @@ class Sender:
         finally:
             if not isinstance(body, bytes):
                 body.close()
+        if posted is not None:
+            posted()
         await self._ctx.in_thread(self._sent, record, peer, response, awaiting)
         return 0.0
 
