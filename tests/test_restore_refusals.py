@@ -364,3 +364,31 @@ def test_a_state_folder_that_cannot_be_locked_is_a_refusal_not_a_traceback(
     assert "(fix: " in refused.stderr
     [event] = read_audit(config.parent / "audit" / "audit.jsonl")
     assert event["event"] == "backup.restore_refused" and event["reason"] == "state-unwritable"
+
+
+def test_a_restore_that_cannot_finish_writing_takes_back_what_it_wrote(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A write that fails half-way (here: a file where the inbox folder belongs; in life, a
+    full disk) leaves the fresh host as it was, so that the restore can simply be run
+    again once the cause is fixed; the failure is audited."""
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    config = _fresh(layout, "hospital-restored")
+    inbox = config.parent / "inbox"
+    inbox.write_bytes(b"a file where the inbox folder belongs\n")
+    wrong = medgw(
+        "restore", "--from", bundle, "--cert", cert, "--key", "/nonexistent", "--config", config
+    )
+    assert wrong.returncode == 1  # a refusal first: its record must survive the failure
+    failed = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert "removed again; nothing was restored" in failed.stderr and "(fix: " in failed.stderr
+    state = config.parent / "state"
+    assert sorted(p.name for p in state.iterdir() if p.name != "medgw.lock") == []
+    trail = config.parent / "audit" / "audit.jsonl"
+    assert [r["reason"] for r in read_audit(trail)] == ["recipient-unreadable", "write-failed"]
+    assert sorted(p.name for p in trail.parent.iterdir()) == ["audit.jsonl"]
+    inbox.unlink()
+    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert done.returncode == 0, done.stderr
+    assert (inbox / "lab" / "result.hl7").read_bytes() == b"MSH|owed to the internal system\r"

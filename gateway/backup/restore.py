@@ -20,12 +20,13 @@ restored trail (:data:`REFUSALS_KEPT`), and says so to ``restored``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -346,14 +347,53 @@ def _restore_locked(
             fix="move them away, or add --force to replace them",
         )
     kept = _keep_refusals(refusals, now)
-    for src, dst in moves:
-        if src.name == config.storage.spool_path.name and dst == config.storage.spool_path:
-            _move_paths(src, places)
-            for suffix in ("-wal", "-shm"):
-                dst.with_name(dst.name + suffix).unlink(missing_ok=True)
-        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        shutil.move(src, dst)  # the inbox or audit folder may be on another file system
+    placed = _Placed()
+    dst = config.storage.state_dir
+    try:
+        for src, dst in moves:
+            if src.name == config.storage.spool_path.name and dst == config.storage.spool_path:
+                _move_paths(src, places)
+                for suffix in ("-wal", "-shm"):
+                    dst.with_name(dst.name + suffix).unlink(missing_ok=True)
+            placed.parents(dst)
+            shutil.move(src, dst)  # the inbox or audit folder may be on another file system
+            placed.files.append(dst)
+    except OSError as exc:
+        if force:  # what was there is replaced already: nothing to go back to
+            outcome = "the restore is incomplete (--force replaced files already)"
+        else:
+            placed.undo()
+            for original, moved in zip(refusals, kept, strict=True):
+                moved.rename(original)
+            outcome = "what it had written is removed again; nothing was restored"
+        raise RestoreRefused(
+            f"cannot write {dst}: {exc.strerror or exc}; {outcome}",
+            reason="write-failed",
+            fix=f"{storage_fix(exc, dst.parent)}, then restore again",
+        ) from exc
     return manifest, kept
+
+
+@dataclass
+class _Placed:
+    """What a restore wrote so far (files, and the folders it made for them), to remove
+    again if it cannot finish on a fresh host."""
+
+    files: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+    def parents(self, dst: Path) -> None:
+        missing = [p for p in reversed(dst.parents) if not p.exists()]
+        for folder in missing:
+            folder.mkdir(mode=0o700)
+            self.folders.append(folder)
+
+    def undo(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        for folder in reversed(self.folders):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def restore(
