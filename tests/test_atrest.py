@@ -4,7 +4,6 @@ rotation killed at each of its steps in a real subprocess."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from gateway.atrest.chunked import (
 )
 from gateway.clock import SystemClock
 from gateway.errors import AtRestError, AtRestTamperedError
-from gateway.spool import SqliteSpool
+from gateway.spool import OutboundState, RetainedKind, SqliteSpool
+from gateway.spool.records import body_item, receipt_item, sent_receipt_item
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -101,8 +101,8 @@ def test_streaming_keeps_memory_flat(tmp_path: Path) -> None:
         _, peak_write = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         total = 0
-        with io.BufferedReader(OpeningReader(KEY, ITEM, target.open("rb"))) as reader:
-            while chunk := reader.read(1 << 20):
+        with OpeningReader(KEY, ITEM, target.open("rb")) as reader:
+            while chunk := reader.read(256 << 10):  # what an upload asks for at a time
                 total += len(chunk)
         _, peak_read = tracemalloc.get_traced_memory()
     finally:
@@ -265,4 +265,50 @@ def test_a_rotation_killed_at_any_step_is_finished_at_the_next_start(
     assert spool.data_key_versions() == [2]
     for item, stored in sealed.items():
         assert vault.open_bytes(item, stored).startswith(b"receipt")
+    spool.close()
+
+
+def test_disposing_of_an_item_deletes_its_data_key_in_the_same_transaction(
+    tmp_path: Path,
+) -> None:
+    """Receipts (received and sent) and finished records go with their data keys; the
+    keys of what is still kept stay."""
+    spool, vault, _ = _spool_with_keys(tmp_path, 0)
+    for message_id in ("<gone@hospital>", "<kept@hospital>"):
+        spool.add_intake(message_id, "lab", "a.hl7", "text/plain", tmp_path / "s", tmp_path / "p")
+        with vault.storing(body_item(message_id)) as sealing:
+            body = sealing.seal(b"sealed body")
+            spool.mark_queued(message_id, None, [], "mic", 3, body=body, data_key=sealing.key)
+        spool.mark_sending(message_id)
+        with vault.storing(receipt_item(message_id)) as sealing:
+            sealing.write(tmp_path / f"{message_id}.mdn", [b"receipt"])
+            spool.mark_done(
+                message_id,
+                OutboundState.DELIVERED,
+                "processed",
+                tmp_path / f"{message_id}.mdn",
+                data_key=sealing.key,
+            )
+    spool.inbound_begin("lab", "<in@lab>", "00", tmp_path / "doc")
+    with vault.storing(sent_receipt_item("lab", "<in@lab>")) as sealing:
+        spool.inbound_delivered(
+            "lab", "<in@lab>", [], sealing.seal(b"our receipt"), data_key=sealing.key
+        )
+    assert len(spool.data_key_versions()) == 1
+    later = "2999-01-01T00:00:00+00:00"
+    for kind in (RetainedKind.RECEIPTS, RetainedKind.SPOOL):  # a record after its receipt
+        found = spool.disposable(kind, later)
+        assert spool.dispose([d for d in found if "kept" not in d.message_id])
+    for item in (
+        body_item("<gone@hospital>"),
+        receipt_item("<gone@hospital>"),
+        sent_receipt_item("lab", "<in@lab>"),
+    ):
+        assert spool.data_key(item) is None, item
+    for item in (body_item("<kept@hospital>"), receipt_item("<kept@hospital>")):
+        assert spool.data_key(item) is not None, item
+    assert (
+        vault.read_file(receipt_item("<kept@hospital>"), tmp_path / "<kept@hospital>.mdn")
+        == b"receipt"
+    )
     spool.close()

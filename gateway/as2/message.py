@@ -17,6 +17,7 @@ service to mean anything at the receiving end.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -152,8 +153,15 @@ class BuiltFile:
     sha256: str  # of the payload (hex): what the audit trail links the document by
 
 
-def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFile:
-    """:func:`build_message` for documents of any size: file in, AS2 body file out.
+def build_message_file(
+    payload: Path,
+    body: Path,
+    spec: MessageSpec,
+    *,
+    writer: Callable[[Path, Iterable[bytes]], object] | None = None,
+) -> BuiltFile:
+    """:func:`build_message` for documents of any size: file in, AS2 body file out
+    (or ``writer(body, chunks)`` stores it: see :func:`sign_and_envelope_file`).
 
     Memory use does not grow with the payload: the MIME entity is written
     beside ``body`` (headers, then the payload copied in chunks), then signed
@@ -183,6 +191,7 @@ def build_message_file(payload: Path, body: Path, spec: MessageSpec) -> BuiltFil
             signing_time=spec.at,
             policy=spec.policy,
             durable=True,  # the spool records it as queued next, and drops the plaintext
+            writer=writer,
         )
     finally:
         entity.unlink(missing_ok=True)

@@ -87,11 +87,22 @@ class SealingWriter:
         out.write(self._header)
 
     def write(self, data: bytes) -> int:
-        self._buffer += data
+        """Encrypt what makes full chunks now (a chunk is only known not to be the last
+        once more follows), keep the rest; large writes are not copied first."""
         self.size += len(data)
-        while len(self._buffer) >= CHUNK + 1:  # keep one byte back: the last chunk is < CHUNK
-            self._chunk(bytes(self._buffer[:CHUNK]), last=False)
-            del self._buffer[:CHUNK]
+        view = memoryview(data)
+        if self._buffer:
+            take = min(len(view), CHUNK - len(self._buffer))
+            self._buffer += view[:take]
+            view = view[take:]
+            if not view:
+                return len(data)
+            self._chunk(self._buffer, last=False)  # full, and more follows
+            self._buffer = bytearray()
+        while len(view) > CHUNK:
+            self._chunk(view[:CHUNK], last=False)
+            view = view[CHUNK:]
+        self._buffer += view
         return len(data)
 
     def finish(self) -> None:
@@ -101,7 +112,7 @@ class SealingWriter:
         self._chunk(bytes(self._buffer), last=True)
         self._buffer.clear()
 
-    def _chunk(self, plain: bytes, last: bool) -> None:
+    def _chunk(self, plain: bytes | bytearray | memoryview, last: bool) -> None:
         if self._index >= MAX_CHUNKS:
             raise InvalidValueError(f"more than {MAX_CHUNKS} chunks of {CHUNK} bytes")
         nonce = _nonce(self._prefix, self._index)
@@ -163,16 +174,33 @@ class OpeningReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of plaintext (all that is left: -1), whole chunks decrypted
+        as needed; b"" at the end."""
+        pieces = []
+        wanted = size if size >= 0 else 1 << 62
         try:
-            while not self._plain and not self._done:
-                self._next_chunk()
+            while wanted > 0:
+                if not self._plain:
+                    if self._done:
+                        break
+                    self._next_chunk()
+                    continue
+                piece = self._plain[:wanted]
+                self._plain = self._plain[len(piece) :] if len(piece) < len(self._plain) else b""
+                pieces.append(piece)
+                wanted -= len(piece)
         except AtRestTamperedError as exc:
             self.failure = exc  # for a caller that only sees its consumer fail (an upload)
             raise
-        count = min(len(buffer), len(self._plain))
-        buffer[:count] = self._plain[:count]
-        self._plain = self._plain[count:]
-        return count
+        return b"".join(pieces)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
     def _next_chunk(self) -> None:
         sealed = self._ahead

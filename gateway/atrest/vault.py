@@ -20,13 +20,12 @@ read as it is.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import secrets
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from gateway.atrest import chunked
 from gateway.atrest.keys import KeyStore, unwrap, wrap
@@ -147,7 +146,7 @@ class Vault:
         except BaseException:
             handle.close()
             raise
-        return io.BufferedReader(raw, buffer_size=chunked.CHUNK)
+        return cast(BinaryIO, raw)  # reads whole chunks: no buffer in front
 
     def size(self, item: str, path: Path) -> int:
         """The plaintext size of the stored file ``path`` of ``item``."""
@@ -221,33 +220,25 @@ class Sealing:
         dek = self._new_key()
         return plain if dek is None else chunked.seal_bytes(dek, self.item, plain)
 
-    def file(self, source: Path, target: Path) -> None:
-        """``source`` (a working file) stored as ``target``, complete and on disk when this
-        returns; ``source`` is removed."""
-        if not self.encrypting:
-            os.replace(source, target)
-            fsync_dir(target.parent)
-            return
-        with source.open("rb") as reader:
-            self.write(target, iter(lambda: reader.read(chunked.CHUNK), b""))
-        source.unlink(missing_ok=True)
-
     def write(
         self, target: Path, chunks: Iterable[bytes], folders: FolderSync | None = None
-    ) -> None:
+    ) -> int:
         """``chunks`` stored as the file ``target`` (mode 0600): written beside it, synced,
         renamed into place (the folder's fsync shared through ``folders``, if given, with
-        other files stored there at that moment)."""
+        other files stored there at that moment).  Returns the size of what was stored
+        (before encryption)."""
         dek = self._new_key()
         tmp = partial_name(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        size = 0
         try:
             with os.fdopen(fd, "wb", buffering=chunked.CHUNK * 4) as out:
                 if dek is None:
                     for chunk in chunks:
                         out.write(chunk)
+                        size += len(chunk)
                 else:
-                    chunked.seal_stream(dek, self.item, chunks, out)
+                    size = chunked.seal_stream(dek, self.item, chunks, out)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
@@ -258,6 +249,7 @@ class Sealing:
             folders.sync(target.parent)
         else:
             fsync_dir(target.parent)
+        return size
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -293,12 +293,14 @@ def sign_and_envelope_file(
     signing_time: datetime,
     policy: AlgorithmPolicy,
     durable: bool = False,
+    writer: Callable[[Path, Iterable[bytes]], object] | None = None,
 ) -> SealedFile:
     """Sign the MIME entity in ``src_entity`` (multipart/signed) and encrypt it into ``dst``.
 
     ``dst`` is the AS2 body (DER), written atomically (and with ``durable``, on disk
-    when this returns).  Equivalent to ``envelope_entity(sign_entity(entity))``
-    without holding the entity.
+    when this returns); or ``writer(dst, chunks)`` stores it (complete and on disk when
+    it returns), for a caller that keeps it in a form of its own (encrypted at rest).
+    Equivalent to ``envelope_entity(sign_entity(entity))`` without holding the entity.
     """
     cipher = cipher.strip().lower()
     policy.check_content_cipher(cipher, inbound=False)
@@ -313,13 +315,21 @@ def sign_and_envelope_file(
         policy=policy,
     )
     length = len(frame.head) + frame.entity_size + len(frame.tail)
-    size = _write_atomically(
-        dst,
-        encrypt_chunks(
-            _framed_chunks(src_entity, frame), length, recipients, cipher=cipher, policy=policy
-        ),
-        durable=durable,
+    chunks = encrypt_chunks(
+        _framed_chunks(src_entity, frame), length, recipients, cipher=cipher, policy=policy
     )
+    if writer is None:
+        size = _write_atomically(dst, chunks, durable=durable)
+    else:
+        size = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal size
+            for chunk in chunks:
+                size += len(chunk)
+                yield chunk
+
+        writer(dst, counted())
     smime_type = "authEnveloped-data" if cipher.endswith("gcm") else "enveloped-data"
     return SealedFile(
         mic=base64.b64encode(frame.entity_digest).decode("ascii"),

@@ -14,7 +14,7 @@ from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
 from gateway.config import Peer
 from gateway.errors import MedgwError
-from gateway.fsutil import partial_name, storage_fix
+from gateway.fsutil import storage_fix
 from gateway.outbound.context import Context
 from gateway.pki.tls import certificate_fingerprint
 from gateway.policy import DEFAULT_KEY_TRANSPORT
@@ -113,15 +113,13 @@ class Sealer:
                 )
             # File to file through the streaming CMS engine: a DICOM study of
             # gigabytes is never held in memory.
-            # Written in the clear beside it (CMS: encrypted for the peer), then stored
-            # encrypted at rest under its own key.
-            work = partial_name(body_path) if sealing.encrypting else body_path
-            try:
-                built = build_message_file(record.payload_path, work, spec)
-                sealing.file(work, body_path)
-            finally:
-                if work != body_path:
-                    work.unlink(missing_ok=True)
+            # Stored encrypted at rest under its own key as the CMS engine writes it.
+            built = build_message_file(
+                record.payload_path,
+                body_path,
+                spec,
+                writer=sealing.write if sealing.encrypting else None,
+            )
             return _Sealed(
                 built.headers,
                 built.mic,
