@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
-from gateway.as2.mdn import Disposition, build_receipt
 from gateway.clock import SystemClock
-from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
-from gateway.policy import AlgorithmPolicy
 from gateway.spool import OutboundState, SqliteSpool
-from tests import as2client
 from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import hospital_post, hospital_receipt
 
 
 def ask_async(layout: DemoLayout, url: str) -> None:
@@ -67,28 +63,9 @@ def test_unsolicited_receipt_changes_nothing_and_is_audited(
     layout: DemoLayout, processes: Any
 ) -> None:
     processes.start(layout.lab.config_path)
-    hospital = load_config(layout.hospital.config_path)
     message_id = f"<{secrets.token_hex(8)}@KITA-LAB>"
-    built = build_receipt(
-        original_message_id=message_id,
-        our_as2_id="SAKURA-HOSPITAL",
-        peer_as2_id="KITA-LAB",
-        disposition=Disposition.PROCESSED,
-        mic="AAAA, sha-256",
-        signing=hospital.smime.signing,
-        digest="sha256",
-        policy=AlgorithmPolicy(),
-        at=datetime.now(UTC),
-    )
-    certs = layout.hospital.root / "certs"
-    answer = as2client.post(
-        layout.lab.port,
-        built.headers,
-        built.body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
+    built = hospital_receipt(layout, message_id, "AAAA, sha-256")
+    answer = hospital_post(layout, built.headers, built.body)
     assert answer.status == 200 and b"ignored" in answer.body
     [refused] = wait_for_events(layout.lab.audit_log, "receipt.invalid")
     assert refused["message_id"] == message_id

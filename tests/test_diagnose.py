@@ -32,7 +32,7 @@ from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests import as2client
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.demo import demo_ca
+from tests.helpers.demo import demo_ca, lab_post
 from tests.helpers.diagnose import assert_fails_at, diagnose, steps
 
 
@@ -89,7 +89,6 @@ def test_the_probe_header_alone_never_diverts_a_real_document(layout, processes)
     processes.start(layout.hospital.config_path)
     lab = load_config(layout.lab.config_path)
     recipient = lab.require_peer("hospital").encryption_certificates[0]
-    certs = layout.lab.root / "certs"
     documents = {
         "result.hl7": b"MSH|^~\\&|real document\r",
         "medgw-diagnose-20260101T000000Z.txt": b"x" * 5000,  # probe name, but too large
@@ -103,14 +102,7 @@ def test_the_probe_header_alone_never_diverts_a_real_document(layout, processes)
             recipient=recipient,
             filename=name,
         )
-        answer = as2client.post(
-            layout.hospital.port,
-            (*built.headers, ("X-Medgw-Probe", "1")),
-            built.body,
-            client_cert=certs / "tls.crt",
-            client_key=certs / "tls.key",
-            ca=layout.ca_certificate,
-        )
+        answer = lab_post(layout, (*built.headers, ("X-Medgw-Probe", "1")), built.body)
         assert answer.status == 200
     assert {p.name: p.read_bytes() for p in inbox(layout)} == documents
     assert events(layout.hospital.audit_log, "probe.received") == []

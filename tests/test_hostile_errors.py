@@ -42,20 +42,9 @@ from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy, certificate_key
 from tests import as2client
 from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import lab_post
 from tests.helpers.openssl_cms import signed_by_openssl, unsupported_curve_signer
 from tests.routes import zone_route
-
-
-def _lab_post(layout: DemoLayout, headers: tuple[tuple[str, str], ...], body: bytes) -> Any:
-    certs = layout.lab.root / "certs"
-    return as2client.post(
-        layout.hospital.port,
-        headers,
-        body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
 
 
 def _message(layout: DemoLayout, payload: bytes = b"MSH|hostile\r") -> Any:
@@ -88,7 +77,7 @@ def test_message_signed_on_an_unsupported_curve_is_refused_not_a_500(
     )
     reference = _message(layout)
     headers = tuple((k, content_type if k == "Content-Type" else v) for k, v in reference.headers)
-    answer = _lab_post(layout, headers, body)
+    answer = lab_post(layout, headers, body)
     assert answer.status == 200, answer.body
     assert b"integrity-check-failed" in answer.body or b"authentication-failed" in answer.body
     [failed] = wait_for_events(layout.hospital.audit_log, "signature.failed")
@@ -105,7 +94,7 @@ def test_message_id_with_a_byte_that_is_not_utf8_is_a_400_every_time(
         (k, "<bad\xff@lab>" if k.lower() == "message-id" else v) for k, v in built.headers
     )
     for _ in range(2):  # the resend is refused the same way, not with a 500
-        answer = _lab_post(layout, headers, built.body)
+        answer = lab_post(layout, headers, built.body)
         assert answer.status == 400, answer.body
         assert answer.body == b"bad request\n"
     wait_for_events(
@@ -128,7 +117,7 @@ def test_async_receipt_with_a_content_type_that_is_not_utf8_is_refused_and_audit
         ("Message-ID", "<receipt-1@lab>"),
         ("Content-Type", 'multipart/signed; boundary="\xff"; protocol="pkcs7-signature"'),
     )
-    answer = _lab_post(layout, headers, b"--\xff--\r\n")
+    answer = lab_post(layout, headers, b"--\xff--\r\n")
     assert answer.status < 500, answer.body
     [refused] = wait_for_events(layout.hospital.audit_log, "receipt.invalid")
     assert refused["peer"] == "lab"
@@ -201,7 +190,7 @@ def test_cbc_padding_is_no_oracle(layout: DemoLayout, processes: Any) -> None:
         headers = tuple(
             (k, f"<cbc-{delta}@lab>" if k.lower() == "message-id" else v) for k, v in built.headers
         )
-        answer = _lab_post(layout, headers, _altered_cbc(built.body, delta))
+        answer = lab_post(layout, headers, _altered_cbc(built.body, delta))
         assert answer.status == 200, answer.body
         answers[delta] = _disposition(answer.body)
     assert set(answers.values()) == {"processed/error: integrity-check-failed"}, answers
@@ -249,7 +238,7 @@ def test_cbc_is_accepted_only_from_a_peer_configured_for_it(
         recipient=lab.require_peer("hospital").encryption_certificates[0],
         cipher="aes-256-cbc",
     )
-    answer = _lab_post(layout, built.headers, built.body)
+    answer = lab_post(layout, built.headers, built.body)
     assert _disposition(answer.body) == "processed/error: decryption-failed"
     [failed] = wait_for_events(layout.hospital.audit_log, "decryption.failed")
     assert "accept_cbc" in failed["reason"] and "aes-256-gcm" in failed["reason"]
@@ -432,7 +421,7 @@ def test_folders_and_the_spool_take_explicit_modes_whatever_the_umask(
     finally:
         os.umask(old)
     built = _message(layout, b"MSH|modes\r")
-    assert _lab_post(layout, built.headers, built.body).status == 200
+    assert lab_post(layout, built.headers, built.body).status == 200
     state = layout.hospital.root / "state"
     delivered = wait_until(
         lambda: [p for p in (layout.hospital.inbox_dir / "lab").glob("*") if p.is_file()],
@@ -573,7 +562,7 @@ def test_a_receipt_signed_on_an_unsupported_curve_is_refused_and_audited(
         ("Message-ID", "<receipt-curve@lab>"),
         ("Content-Type", content_type),
     )
-    answer = _lab_post(layout, headers, body)
+    answer = lab_post(layout, headers, body)
     assert answer.status == 200 and answer.body == b"receipt refused\n", answer
     [refused] = wait_for_events(layout.hospital.audit_log, "receipt.invalid")
     assert "1.3.132.0.16 is not supported" in refused["reason"]

@@ -37,8 +37,8 @@ from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import OutboundState, SqliteSpool
-from tests import as2client
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import lab_post
 from tests.oscrypto_fix import load_pyas2lib
 
 as2 = load_pyas2lib()
@@ -130,15 +130,7 @@ def _send_with_pyas2lib(
     org, partner = _pyas2lib_lab(layout, digest)
     message = as2.Message(org, partner)
     message.build(payload, filename="result.hl7", content_type=content_type)
-    certs = layout.lab.root / "certs"
-    answer = as2client.post(
-        layout.hospital.port,
-        tuple(message.headers.items()),
-        message.content,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
+    answer = lab_post(layout, tuple(message.headers.items()), message.content)
     assert answer.status == 200, answer.body[:200]
     lookups: list[tuple[str, str | None]] = []
 

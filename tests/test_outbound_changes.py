@@ -7,24 +7,19 @@ import signal
 import ssl
 import threading
 import time
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.as2.mdn import Disposition, build_receipt
 from gateway.clock import SystemClock
-from gateway.config import load_config
 from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
-from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
-from tests import as2client
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.demo import set_runtime
+from tests.helpers.demo import hospital_post, hospital_receipt, set_runtime
 
 
 def queue(config: Path, *args: str) -> Any:
@@ -124,8 +119,6 @@ def receipt_first_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[by
     """A stand-in for the hospital that POSTs the asynchronous receipt before it answers
     the message's own request (AS2 products that process at once may do so)."""
     answers: list[bytes] = []
-    hospital = load_config(layout.hospital.config_path)
-    certs = layout.hospital.root / "certs"
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
@@ -140,25 +133,8 @@ def receipt_first_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[by
             finally:
                 spool.close()
             assert record is not None
-            built = build_receipt(
-                original_message_id=message_id,
-                our_as2_id="SAKURA-HOSPITAL",
-                peer_as2_id="KITA-LAB",
-                disposition=Disposition.PROCESSED,
-                mic=record.mic,
-                signing=hospital.smime.signing,
-                digest="sha256",
-                policy=AlgorithmPolicy(),
-                at=datetime.now(UTC),
-            )
-            answer = as2client.post(
-                layout.lab.port,
-                built.headers,
-                built.body,
-                client_cert=certs / "tls.crt",
-                client_key=certs / "tls.key",
-                ca=layout.ca_certificate,
-            )
+            built = hospital_receipt(layout, message_id, record.mic)
+            answer = hospital_post(layout, built.headers, built.body)
             answers.append(answer.body)
             self.send_response(200)
             self.send_header("Content-Length", "0")
@@ -222,27 +198,8 @@ def quiet_async_peer(layout: DemoLayout) -> tuple[ThreadingHTTPServer, list[str]
 
 
 def post_receipt(layout: DemoLayout, message_id: str, mic: str) -> bytes:
-    hospital = load_config(layout.hospital.config_path)
-    built = build_receipt(
-        original_message_id=message_id,
-        our_as2_id="SAKURA-HOSPITAL",
-        peer_as2_id="KITA-LAB",
-        disposition=Disposition.PROCESSED,
-        mic=mic,
-        signing=hospital.smime.signing,
-        digest="sha256",
-        policy=AlgorithmPolicy(),
-        at=datetime.now(UTC),
-    )
-    certs = layout.hospital.root / "certs"
-    answer = as2client.post(
-        layout.lab.port,
-        built.headers,
-        built.body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
+    built = hospital_receipt(layout, message_id, mic)
+    answer = hospital_post(layout, built.headers, built.body)
     assert answer.status == 200
     return answer.body
 

@@ -24,7 +24,7 @@ from gateway.pki.issue import Issued, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.demo import demo_ca, revoke
+from tests.helpers.demo import demo_ca, lab_post, revoke
 from tests.hpki_certs import Role, issue_person, subject_directory_attributes
 
 DOCTOR = "神楽坂 花子"  # a person's name, as HPKI certificates carry it
@@ -66,15 +66,7 @@ def send_signed_by(
         recipient=lab.require_peer("hospital").encryption_certificates[0],
         filename="referral.hl7",
     )
-    certs = layout.lab.root / "certs"
-    answer = as2client.post(
-        layout.hospital.port,
-        built.headers,
-        built.body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
+    answer = lab_post(layout, built.headers, built.body)
     assert answer.status == 200
     receipt = parse_receipt(
         answer.content_type,

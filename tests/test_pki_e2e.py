@@ -22,7 +22,7 @@ from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
 from tests.helpers.audit import wait_for_events
-from tests.helpers.demo import demo_ca, revoke, wait_handshake_refused
+from tests.helpers.demo import demo_ca, lab_post, revoke, wait_handshake_refused
 
 
 def open_tls(layout: DemoLayout) -> ssl.SSLSocket:
@@ -109,15 +109,7 @@ def test_message_signed_by_another_institutions_valid_certificate_is_refused(
         signing=signing,
         recipient=lab.require_peer("hospital").encryption_certificates[0],
     )
-    certs = layout.lab.root / "certs"
-    answer = as2client.post(
-        layout.hospital.port,
-        built.headers,
-        built.body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-    )
+    answer = lab_post(layout, built.headers, built.body)
     receipt = parse_receipt(
         answer.content_type,
         answer.body,

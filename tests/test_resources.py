@@ -26,7 +26,7 @@ from gateway.demo_run import wait_until
 from gateway.pki.demo import DemoLayout
 from tests import as2client
 from tests.helpers.audit import wait_for_events
-from tests.helpers.demo import edit
+from tests.helpers.demo import edit, lab_post
 
 ANSWERED_WITHIN = 60.0  # seconds: every hostile request is answered or closed by then
 
@@ -145,15 +145,7 @@ def test_stalled_uploads_beyond_a_peers_slots_do_not_keep_its_next_message_out(
             sock = stack.enter_context(connection(layout))
             sock.sendall(_request_head(layout, 2_000_000))
         started = time.monotonic()
-        certs = layout.lab.root / "certs"
-        answer = as2client.post(
-            layout.hospital.port,
-            built.headers,
-            built.body,
-            client_cert=certs / "tls.crt",
-            client_key=certs / "tls.key",
-            ca=layout.ca_certificate,
-        )
+        answer = lab_post(layout, built.headers, built.body)
         assert answer.status == 200
         assert time.monotonic() - started < ANSWERED_WITHIN
     wait_for_events(layout.hospital.audit_log, "message.delivered")
@@ -180,16 +172,7 @@ def _sender(layout: DemoLayout) -> tuple[Any, Any]:
 
 
 def _post_as_lab(layout: DemoLayout, headers: Any, body: bytes) -> as2client.Answer:
-    certs = layout.lab.root / "certs"
-    return as2client.post(
-        layout.hospital.port,
-        headers,
-        body,
-        client_cert=certs / "tls.crt",
-        client_key=certs / "tls.key",
-        ca=layout.ca_certificate,
-        timeout=ANSWERED_WITHIN,
-    )
+    return lab_post(layout, headers, body, timeout=ANSWERED_WITHIN)
 
 
 def test_hostile_messages_are_answered_in_bounded_time_and_memory(

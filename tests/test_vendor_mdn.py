@@ -26,6 +26,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests import as2client, testdata
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import lab_post
 
 
 @pytest.fixture(scope="module")
@@ -241,18 +242,10 @@ def test_message_id_without_angle_brackets_is_accepted_and_echoed_with_them(
         recipient=peer.encryption_certificates[0],
         filename="edi.x12",
     )
-    certs = layout.lab.root / "certs"
 
     def post(message_id: str) -> as2client.Answer:
         headers = tuple((k, message_id if k == "Message-ID" else v) for k, v in built.headers)
-        return as2client.post(
-            layout.hospital.port,
-            headers,
-            built.body,
-            client_cert=certs / "tls.crt",
-            client_key=certs / "tls.key",
-            ca=layout.ca_certificate,
-        )
+        return lab_post(layout, headers, built.body)
 
     first = post(STERLING_MESSAGE_ID)
     assert first.status == 200, first.body[:200]

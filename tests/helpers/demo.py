@@ -6,15 +6,16 @@ from __future__ import annotations
 import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.as2.mdn import parse_receipt
+from gateway.as2.mdn import BuiltReceipt, Disposition, build_receipt, parse_receipt
 from gateway.config import load_config
 from gateway.demo_run import GatewayProcess
-from gateway.pki.demo import DemoLayout
+from gateway.pki.demo import DemoInstitution, DemoLayout
 from gateway.pki.issue import Issued, make_crl
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
@@ -69,15 +70,54 @@ def set_runtime(config: Path, key: str, value: str) -> None:
     config.write_text("\n".join(out) + "\n")
 
 
-def lab_post(layout: DemoLayout, headers, body):
-    certs = layout.lab.root / "certs"
+def _post(
+    layout: DemoLayout,
+    sender: DemoInstitution,
+    receiver: DemoInstitution,
+    headers: tuple[tuple[str, str], ...],
+    body: bytes,
+    **options: Any,
+) -> as2client.Answer:
+    certs = sender.root / "certs"
     return as2client.post(
-        layout.hospital.port,
+        receiver.port,
         headers,
         body,
         client_cert=certs / "tls.crt",
         client_key=certs / "tls.key",
         ca=layout.ca_certificate,
+        **options,
+    )
+
+
+def lab_post(
+    layout: DemoLayout, headers: tuple[tuple[str, str], ...], body: bytes, **options: Any
+) -> as2client.Answer:
+    """An AS2 POST to the hospital's gateway over the lab's TLS connection (its client
+    certificate); ``options`` go to :func:`tests.as2client.post` (``timeout``)."""
+    return _post(layout, layout.lab, layout.hospital, headers, body, **options)
+
+
+def hospital_post(
+    layout: DemoLayout, headers: tuple[tuple[str, str], ...], body: bytes, **options: Any
+) -> as2client.Answer:
+    """The same, from the hospital to the lab's gateway."""
+    return _post(layout, layout.hospital, layout.lab, headers, body, **options)
+
+
+def hospital_receipt(layout: DemoLayout, message_id: str, mic: str | None) -> BuiltReceipt:
+    """A receipt the hospital signs for the lab's ``message_id``: processed, with ``mic``."""
+    hospital = load_config(layout.hospital.config_path)
+    return build_receipt(
+        original_message_id=message_id,
+        our_as2_id="SAKURA-HOSPITAL",
+        peer_as2_id="KITA-LAB",
+        disposition=Disposition.PROCESSED,
+        mic=mic,
+        signing=hospital.smime.signing,
+        digest="sha256",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
     )
 
 
