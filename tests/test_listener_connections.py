@@ -8,9 +8,7 @@ A real listener on a real socket, real TLS handshakes with the lab's certificate
 from __future__ import annotations
 
 import asyncio
-import io
 import ssl
-from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -18,9 +16,8 @@ from aiohttp import web
 from gateway.audit.log import AuditLog
 from gateway.channel.server import As2Server
 from gateway.clock import SystemClock
-from gateway.config import load_config
-from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
+from tests.helpers.listener import hospital_listener
 
 CONNECTIONS = 300
 
@@ -31,22 +28,7 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 def _server(layout: DemoLayout, audit: AuditLog) -> As2Server:
-    config = load_config(layout.hospital.config_path)
-    certs = layout.hospital.root / "certs"
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(layout.ca_certificate)
-    listener = replace(config.listeners[0], address="127.0.0.1", port=0)
-    return As2Server(
-        listener,
-        lambda: context,
-        _ok,
-        audit,
-        make_logger("info", io.StringIO()),
-        1 << 20,
-        SystemClock(),
-    )
+    return hospital_listener(layout, _ok, audit, SystemClock())
 
 
 def _client(layout: DemoLayout) -> ssl.SSLContext:

@@ -17,7 +17,6 @@ import asyncio
 import io
 import json
 import ssl
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,10 +26,9 @@ from aiohttp import web
 from gateway.audit.log import AuditLog
 from gateway.channel.server import FAILURES_RECORDED, As2Server
 from gateway.clock import SystemClock
-from gateway.config import load_config
-from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.ratelimit import address_source
+from tests.helpers.listener import hospital_listener
 from tests.helpers.waiting import until
 
 
@@ -63,23 +61,7 @@ async def _settled(server: As2Server) -> None:
 def _listener(
     layout: DemoLayout, audit: AuditLog, log: io.StringIO, clock: SteppedClock, **kwargs: int
 ) -> As2Server:
-    config = load_config(layout.hospital.config_path)
-    certs = layout.hospital.root / "certs"
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certs / "tls.crt", certs / "tls.key")
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(layout.ca_certificate)
-    listener = replace(config.listeners[0], address="127.0.0.1", port=0)
-    return As2Server(
-        listener,
-        lambda: context,
-        _not_reached,
-        audit,
-        make_logger("info", log),
-        1 << 20,
-        clock,
-        **kwargs,
-    )
+    return hospital_listener(layout, _not_reached, audit, clock, log, **kwargs)
 
 
 async def test_health_checks_are_logged_and_failed_handshakes_audited_within_a_bound(
