@@ -27,13 +27,13 @@ from cryptography.hazmat.primitives import serialization
 from gateway.config import load_config
 from gateway.demo_run import wait_until
 from gateway.diagnose import Diagnoser, Status
-from gateway.pki.demo import DemoLayout
+from gateway.pki.demo import DemoInstitution, DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests import as2client
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import demo_ca, lab_post
-from tests.helpers.diagnose import assert_fails_at, diagnose, steps
+from tests.helpers.diagnose import diagnose, failure_at, steps
 
 
 def inbox(layout: DemoLayout) -> list[Path]:
@@ -54,6 +54,13 @@ def write_cert(folder: Path, name: str, issued: Issued) -> Path:
     write_pem(folder / f"{name}.key", issued.key)
     (folder / f"{name}.key").chmod(0o600)
     return folder / f"{name}.crt"
+
+
+def pin(site: DemoInstitution, peer: str, key: str, name: str, issued: Issued) -> None:
+    """``site`` expects ``peer``'s ``key`` (tls_certificates, ...) to be ``issued`` alone,
+    kept as certs/peers/<peer>/<name>."""
+    write_pem(site.root / "certs" / "peers" / peer / name, issued.certificate)
+    set_key(site.root / "peers.d" / f"{peer}.toml", key, f'["certs/peers/{peer}/{name}"]')
 
 
 # -- the path works ------------------------------------------------------------------
@@ -114,9 +121,7 @@ def test_the_probe_header_alone_never_diverts_a_real_document(layout, processes)
 def test_unresolvable_name_fails_at_name_resolution(layout):
     peer_file = layout.lab.root / "peers.d" / "hospital.toml"
     set_key(peer_file, "url", '"https://no-such-gateway.invalid:18443/as2"')
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "resolve")
+    failed = failure_at(layout, "resolve")
     assert "no-such-gateway.invalid" in failed["detail"]
     assert "peers.d/hospital.toml" in failed["action"]
 
@@ -138,17 +143,13 @@ def test_name_resolving_outside_the_zones_egress_fails_at_name_resolution(layout
     )
     set_key(layout.lab.config_path, "egress", '["10.0.0.0/8"]')
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "resolve")
+    failed = failure_at(layout, "resolve")
     assert "none inside the egress of zone 'loopback' (10.0.0.0/8)" in failed["detail"]
     assert "getent hosts localhost" in failed["action"]
 
 
 def test_peer_down_fails_at_tcp_connect_with_refused(layout):
-    code, report = diagnose(layout)  # the hospital's gateway is not started
-    assert code == 1
-    failed = assert_fails_at(report, "tcp")
+    failed = failure_at(layout, "tcp")  # the hospital's gateway is not started
     assert "connection refused" in failed["detail"]
     assert "not running" in failed["meaning"]
     assert "retried" in failed["action"]
@@ -177,9 +178,7 @@ def test_diagnose_leaves_from_the_zones_source_address(layout, processes):
 def test_unusable_source_address_fails_at_tcp_connect(layout, processes):
     set_key(layout.lab.config_path, "source_address", '"192.0.2.1"')  # on no interface here
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tcp")
+    failed = failure_at(layout, "tcp")
     assert "cannot send from 192.0.2.1" in failed["detail"]
     assert "source_address" in failed["action"] and "'loopback'" in failed["action"]
 
@@ -193,17 +192,9 @@ def test_peer_certificate_not_pinned_is_we_rejected(layout, processes):
         demo_ca(layout), "SAKURA-HOSPITAL", purpose="tls", now=datetime.now(UTC),
         ip_addresses=["127.0.0.1"],
     )  # fmt: skip
-    certs = layout.lab.root / "certs" / "peers" / "hospital"
-    write_pem(certs / "other-tls.crt", other.certificate)
-    set_key(
-        layout.lab.root / "peers.d" / "hospital.toml",
-        "tls_certificates",
-        '["certs/peers/hospital/other-tls.crt"]',
-    )
+    pin(layout.lab, "hospital", "tls_certificates", "other-tls.crt", other)
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
+    failed = failure_at(layout, "tls")
     assert failed["detail"].startswith("we rejected the peer's certificate: not pinned")
     assert "tls_certificates" in failed["detail"]
     assert "CN=SAKURA-HOSPITAL" in failed["meaning"]  # what it presented, for the phone call
@@ -218,9 +209,7 @@ def test_peer_certificate_from_unknown_ca_is_we_rejected(layout, processes):
     )  # fmt: skip
     write_cert(layout.hospital.root / "certs", "tls", rogue)  # the hospital now presents it
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
+    failed = failure_at(layout, "tls")
     assert failed["detail"].startswith("we rejected the peer's certificate")
     assert "trust_anchors" in failed["meaning"] and "Rogue CA" in failed["meaning"]
 
@@ -232,16 +221,9 @@ def test_peer_does_not_accept_our_certificate_is_peer_rejected(layout, processes
         demo_ca(layout), "KITA-LAB", purpose="tls", now=datetime.now(UTC),
         ip_addresses=["127.0.0.1"],
     )  # fmt: skip
-    write_pem(layout.hospital.root / "certs" / "peers" / "lab" / "other-tls.crt", other.certificate)
-    set_key(
-        layout.hospital.root / "peers.d" / "lab.toml",
-        "tls_certificates",
-        '["certs/peers/lab/other-tls.crt"]',
-    )
+    pin(layout.hospital, "lab", "tls_certificates", "other-tls.crt", other)
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
+    failed = failure_at(layout, "tls")
     assert failed["detail"].startswith("the peer rejected our certificate: TLS alert")
     assert "bad certificate" in failed["detail"]
     assert "rejected our TLS certificate" in failed["meaning"]
@@ -268,9 +250,7 @@ def rogue_lab_identity(layout: DemoLayout, tmp_path: Path) -> None:
 def test_peer_that_does_not_trust_our_ca_rejects_ours(layout, processes, tmp_path):
     rogue_lab_identity(layout, tmp_path)
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
+    failed = failure_at(layout, "tls")
     assert failed["detail"].startswith("the peer rejected our certificate: TLS alert")
     assert "unknown ca" in failed["detail"]  # medgw's listener says why, as openssl does
     assert "does not trust the CA that issued our TLS certificate" in failed["meaning"]
@@ -305,9 +285,7 @@ def test_tls_alert_from_the_peer_is_named_peer_rejected_ours(layout, tmp_path):
         *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key")),
         *("-CAfile", str(layout.ca_certificate), "-Verify", "1", "-verify_return_error"),
     ):
-        code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
+        failed = failure_at(layout, "tls")
     assert failed["detail"].startswith("the peer rejected our certificate: TLS alert")
     assert "unknown ca" in failed["detail"]
     assert failed["meaning"].startswith("the peer does not trust the CA")
@@ -319,9 +297,7 @@ def test_no_common_tls_version_is_a_protocol_mismatch(layout):
         layout.hospital.port,
         *("-cert", str(certs / "tls.crt"), "-key", str(certs / "tls.key"), "-tls1_2"),
     ):
-        code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
+        failed = failure_at(layout, "tls")
     assert failed["detail"].startswith("no common TLS protocol or cipher")
     assert "protocol version" in failed["detail"]
     assert 'min_version = "1.2"' in failed["action"]
@@ -339,12 +315,10 @@ def test_plain_http_server_is_named_not_tls(layout):
     server = http.server.HTTPServer(("127.0.0.1", layout.hospital.port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        code, report = diagnose(layout)
+        failed = failure_at(layout, "tls")
     finally:
         server.shutdown()
         server.server_close()
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
     assert "does not speak TLS" in failed["detail"]
     assert "plain HTTP" in failed["meaning"]
     # Lowering our TLS version would not help, and is not what to do.
@@ -358,17 +332,9 @@ def test_plain_http_server_is_named_not_tls(layout):
 def test_expired_peer_certificate_fails_at_certificate_validity(layout, processes):
     past = datetime.now(UTC) - timedelta(days=400)
     expired = issue(demo_ca(layout), "SAKURA-HOSPITAL", purpose="smime-encrypt", now=past, days=30)
-    folder = layout.lab.root / "certs" / "peers" / "hospital"
-    write_pem(folder / "expired-encrypt.crt", expired.certificate)
-    set_key(
-        layout.lab.root / "peers.d" / "hospital.toml",
-        "encryption_certificates",
-        '["certs/peers/hospital/expired-encrypt.crt"]',
-    )
+    pin(layout.lab, "hospital", "encryption_certificates", "expired-encrypt.crt", expired)
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "certificates")
+    failed = failure_at(layout, "certificates")
     assert "peer's encryption certificate" in failed["detail"] and "expired on" in failed["detail"]
     assert "encryption_certificates in peers.d/hospital.toml" in failed["action"]
 
@@ -389,9 +355,7 @@ def test_revoked_peer_certificate_fails_at_certificate_validity(layout, processe
         crl.public_bytes(serialization.Encoding.PEM)
     )
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "certificates")
+    failed = failure_at(layout, "certificates")
     assert "peer's TLS certificate CN=SAKURA-HOSPITAL" in failed["detail"]
     assert "revoked" in failed["detail"] and "revoked" in failed["meaning"]
     assert "tls_certificates in peers.d/hospital.toml" in failed["action"]
@@ -444,9 +408,7 @@ def test_wrong_encryption_certificate_is_decryption_failed(layout, processes):
         '["certs/peers/hospital/wrong-encrypt.crt"]',
     )
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "as2")
+    failed = failure_at(layout, "as2")
     assert "decryption-failed" in failed["detail"]
     assert failed["meaning"].startswith("the peer cannot decrypt")
     assert "peers.d/hospital.toml encryption_certificates" in failed["meaning"]
@@ -465,9 +427,7 @@ def test_peer_distrusting_our_signing_certificate_is_authentication_failed(layou
         '["certs/peers/lab/other-sign.crt"]',
     )
     processes.start(layout.hospital.config_path)
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "as2")
+    failed = failure_at(layout, "as2")
     assert "authentication-failed" in failed["detail"]
     assert "does not accept us as the sender" in failed["meaning"]
     assert "signing certificate" in failed["action"]
@@ -479,9 +439,7 @@ def test_peer_suspended_us_is_503_suspended_by_the_peer(layout, processes):
     hospital = str(layout.hospital.config_path)
     suspended = medgw("peers", "suspend", "lab", "--reason", "x", "--config", hospital)
     assert suspended.returncode == 0, suspended.stderr
-    code, report = diagnose(layout)
-    assert code == 1
-    failed = assert_fails_at(report, "as2")
+    failed = failure_at(layout, "as2")
     assert "HTTP 503" in failed["detail"]
     assert "suspended by the peer" in failed["meaning"]
     assert "resume" in failed["action"]
@@ -547,14 +505,12 @@ def test_a_peer_silent_after_the_handshake_is_named_hung_without_a_long_wait(lay
     set_key(layout.lab.config_path, "connect_timeout_seconds", "1")
     try:
         started = time.monotonic()
-        code, report = diagnose(layout)
+        failed = failure_at(layout, "tls")
         took = time.monotonic() - started
     finally:
         listener.close()
         for tls in held:
             tls.close()
-    assert code == 1
-    failed = assert_fails_at(report, "tls")
     assert "handshake done, but no HTTP answer within 1 s" in failed["detail"]
     assert "hung" in failed["meaning"]
     assert took < 20, f"diagnose took {took:.0f} s"  # was over 30 s

@@ -31,5 +31,13 @@ def assert_fails_at(report: dict[str, Any], name: str) -> dict[str, Any]:
     return failed
 
 
+def failure_at(layout: DemoLayout, name: str) -> dict[str, Any]:
+    """The lab's ``medgw diagnose hospital``, which must exit 1 failing at step ``name``
+    (see :func:`assert_fails_at`): that step's report."""
+    code, report = diagnose(layout)
+    assert code == 1, report
+    return assert_fails_at(report, name)
+
+
 def steps(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in report["steps"]}
