@@ -135,6 +135,11 @@ class SpoolUnreachableError(SpoolError):
     """The spool's database server does not answer (for now: it is tried again)."""
 
 
+class ClaimHeldError(SpoolError):
+    """Another node holds the claim on this message (it is sending, or delivering, it),
+    and its lease has not run out: this node leaves it alone."""
+
+
 class DeliveryError(MedgwError):
     """A received document cannot be delivered to the internal side."""
 

@@ -194,12 +194,17 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
 
 
-def remove_stale_partials(folder: Path) -> list[Path]:
-    """Delete temporary files a killed process left behind (only our own naming pattern)."""
+def remove_stale_partials(folder: Path, *, older_than: float | None = None) -> list[Path]:
+    """Delete temporary files a killed process left behind (only our own naming pattern);
+    given ``older_than`` (seconds since the epoch), only those last changed before it."""
     removed = []
     if folder.is_dir():
         for path in folder.rglob(".*.partial"):
-            if PARTIAL.match(path.name) and path.is_file():
+            if (
+                PARTIAL.match(path.name)
+                and path.is_file()
+                and (older_than is None or path.stat().st_mtime < older_than)
+            ):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

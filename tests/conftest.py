@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from hypothesis import settings
@@ -12,7 +13,7 @@ from hypothesis import settings
 from gateway.clock import Clock
 from gateway.demo_run import GatewayProcess, free_port, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
-from gateway.spool import Spool, SqliteSpool
+from gateway.spool import Claimant, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.helpers.postgres import SKIP_REASON, PostgresServer, running_server, server_binaries
 from tests.helpers.zones import World, two_zone_world
@@ -41,7 +42,8 @@ def postgres(postgres_server: PostgresServer) -> PostgresSettings:
     return postgres_server.new_database()
 
 
-MakeSpool = Callable[[Clock], Spool]
+class MakeSpool(Protocol):
+    def __call__(self, clock: Clock, claimant: Claimant | None = None) -> Spool: ...
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -53,11 +55,12 @@ def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
     if request.param == "postgresql":
         settings = request.getfixturevalue("postgres")
 
-    def make(clock: Clock) -> Spool:
+    def make(clock: Clock, claimant: Claimant | None = None) -> Spool:
+        """Another handle on the same spool each time (``claimant``: as that node)."""
         spool: Spool = (
-            SqliteSpool(tmp_path / "spool.db", clock)
+            SqliteSpool(tmp_path / "spool.db", clock, claimant)
             if settings is None
-            else PostgresSpool(settings, clock)
+            else PostgresSpool(settings, clock, claimant)
         )
         opened.append(spool)
         return spool

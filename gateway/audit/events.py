@@ -43,6 +43,9 @@ class EventType(StrEnum):
     MESSAGE_EXPIRED = "message.expired"  # not delivered in time: needs an operator
     MESSAGE_DEAD = "message.dead"  # retries exhausted: dead letter, needs an operator
     MESSAGE_RETRIED = "message.retried"  # operator put it back in the queue
+    # Another node's claim on it ran out (that node died or lost the spool): queued
+    # again by this node, which sends it (several nodes sharing one spool).
+    MESSAGE_TAKEN_OVER = "message.taken_over"
     MESSAGE_CANCELLED = "message.cancelled"  # operator withdrew it
     QUEUE_PEER_NOT_CONFIGURED = "queue.peer_not_configured"  # queued for a peer removed
     # queued messages encrypted to a peer certificate no longer configured (a rotation)

@@ -114,7 +114,7 @@ def offline_trail(config: GatewayConfig) -> AuditLog:
     return AuditLog(
         config.storage.audit_log,
         SystemClock(),
-        node=config.as2_id,
+        node=config.cluster.node_name,
         rotation=config.audit_rotation,
     )
 

@@ -24,7 +24,7 @@ The parts:
   :mod:`~gateway.config.runtime`, :mod:`~gateway.config.api`,
   :mod:`~gateway.config.delivery`, :mod:`~gateway.config.audit`,
   :mod:`~gateway.config.responsible`, :mod:`~gateway.config.metrics`,
-  :mod:`~gateway.config.emergency`,
+  :mod:`~gateway.config.emergency`, :mod:`~gateway.config.cluster`,
   :mod:`~gateway.config.retention`
   (``[retention]``, applied by :mod:`gateway.retention`),
   :mod:`~gateway.config.maintenance` (``[maintenance]`` and ``maintainers.d/``),

@@ -17,6 +17,7 @@ from gateway.config.api import load_api
 from gateway.config.atrest import key_dir_place, load_at_rest
 from gateway.config.audit import load_audit
 from gateway.config.backup import load_backup
+from gateway.config.cluster import load_cluster
 from gateway.config.delivery import load_delivery
 from gateway.config.emergency import EmergencySettings, load_emergency
 from gateway.config.identity import TlsSettings, load_identity, load_tls
@@ -35,7 +36,7 @@ from gateway.config.storage import load_storage, named_places
 from gateway.config.zones import load_zones
 from gateway.errors import ConfigError
 from gateway.pki.keypair import KeyPair
-from gateway.places import overlap_problems
+from gateway.places import Place, overlap_problems
 from gateway.tomlreader import Reader, Section
 
 
@@ -60,6 +61,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     storage = load_storage(reader, root)
     spool = load_spool(reader, root)
     runtime = load_runtime(root)
+    cluster = load_cluster(reader, root)
     api_section = root.optional_table("api")
     delivery_section = root.optional_table("delivery")
     audit, audit_export, audit_rotation = load_audit(reader, root, data, storage)
@@ -93,6 +95,17 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     )
     places = named_places(source, identity.peers_dir, storage, zones, reader.read)
     places.append(key_dir_place(at_rest, source))
+    if cluster.bodies_dir is not None:
+        places.append(
+            Place(
+                cluster.bodies_dir,
+                source,
+                "cluster.bodies_dir",
+                "the nodes' shared folder of bodies ([cluster] bodies_dir)",
+                tree=True,
+                use="medgw keeps the signed and encrypted bodies of queued messages there",
+            )
+        )
     reader.problems.extend(overlap_problems(places))
     api = load_api(reader, api_section, peers, places) if api_section is not None else None
     maintenance = (
@@ -131,6 +144,7 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
         storage=storage,
         spool=spool,
         runtime=runtime,
+        cluster=cluster,
         peers=tuple(peers),
         zones=tuple(zones),
         warnings=tuple(reader.problems),

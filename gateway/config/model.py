@@ -13,6 +13,7 @@ from gateway.audit.seal import SealSettings
 from gateway.config.api import ApiSettings
 from gateway.config.atrest import AtRestSettings
 from gateway.config.backup import BackupSettings
+from gateway.config.cluster import ClusterSettings
 from gateway.config.delivery import DeliverySettings
 from gateway.config.emergency import EmergencySettings
 from gateway.config.identity import TlsSettings
@@ -30,6 +31,7 @@ from gateway.config.zones import Zone
 from gateway.egress import NetworkMap
 from gateway.errors import ConfigProblem, UnknownNameError
 from gateway.routing import Address, endpoint, own_listeners
+from gateway.spool.records import host_node_name
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class GatewayConfig:
     # [at_rest]: what medgw keeps, encrypted; None only for a config built by hand
     at_rest: AtRestSettings | None = None
     spool: SpoolSettings = SQLITE  # [spool]: SQLite in state_dir, or a PostgreSQL database
+    # [cluster]: this node's name, how long its claims last, the shared bodies folder
+    cluster: ClusterSettings = field(default_factory=lambda: ClusterSettings(host_node_name()))
 
     def peer(self, name: str) -> Peer | None:
         return next((p for p in self.peers if p.name == name), None)

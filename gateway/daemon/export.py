@@ -53,7 +53,7 @@ class AuditExport:
         return ExportTarget(
             settings,
             settings.identity or config.tls.identity,
-            ExportSource(config.as2_id, config.institution_id or config.name),
+            ExportSource(config.cluster.node_name, config.institution_id or config.name),
         )
 
     def sync(self) -> None:

@@ -38,6 +38,7 @@ from gateway.control.server import ControlServer
 from gateway.daemon.as2_handler import As2Handler
 from gateway.daemon.crls import DaemonCrls
 from gateway.daemon.export import AuditExport
+from gateway.daemon.leases import LeaseKeeper
 from gateway.daemon.observe import Observer
 from gateway.daemon.reload import Reloader
 from gateway.daemon.reports import report_stranded_messages
@@ -66,7 +67,7 @@ from gateway.pki.peers import PeerTrust, TrustSettings
 from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import Retention
 from gateway.sdnotify import Notifier
-from gateway.spool import Spool, open_spool
+from gateway.spool import Claimant, Spool, open_spool
 
 EMERGENCY_TICK_SECONDS = 1.0  # how soon emergency mode is left when its time is up
 
@@ -201,7 +202,7 @@ class Daemon:
 
     async def run(self) -> int:
         config = load_config(self._config_path)  # ConfigError propagates: refuse to start
-        self._log = self._log.bind(node=config.as2_id)
+        self._log = self._log.bind(node=config.cluster.node_name)
         self._instance = InstanceLock(config.storage.state_dir)
         self._instance.acquire()  # before anything in the state folder is touched
         # What a killed run was receiving (bodies, decrypted working files): the peers
@@ -215,7 +216,7 @@ class Daemon:
         self._audit = AuditLog(
             config.storage.audit_log,
             self._clock,
-            node=config.as2_id,
+            node=config.cluster.node_name,
             sealer=sealer,
             rotation=config.audit_rotation,
         )
@@ -240,6 +241,7 @@ class Daemon:
             config.storage.spool_path,
             self._clock,
             postgres,
+            Claimant(config.cluster.node_name, config.cluster.lease_seconds),
             on_change=SpoolReachability(
                 self._audit_sink, self._log, postgres.where if postgres else ""
             ).changed,
@@ -361,6 +363,16 @@ class Daemon:
                 self._network.internal(),
             )
             tasks.spawn(tasks.supervised("hand-over to internal systems", self._handover.run))
+            keeper = LeaseKeeper(
+                self._spool,
+                self._clock,
+                lambda: self.state.config,
+                lambda: self.state.inbound,
+                self._outbound,
+                self._audit_sink,
+                self._log,
+            )
+            tasks.spawn(tasks.supervised("claims renewal and take-over", keeper.run))
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))
             tasks.spawn(tasks.supervised("retention sweep", self._retention_loop))
             tasks.spawn(tasks.supervised("emergency time bound", self._emergency_loop))

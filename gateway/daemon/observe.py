@@ -183,4 +183,5 @@ def snapshot(
         export_backlog_bytes=export_backlog,
         spool_bytes=spool_bytes,
         not_ready=not_ready,
+        node=config.cluster.node_name,
     )

@@ -151,16 +151,32 @@ def discard(work: Path) -> None:
     work.unlink(missing_ok=True)
 
 
-def remove_stale_work_files(inbox_dir: Path, keep: Collection[Path]) -> list[Path]:
+def remove_stale_work_files(
+    inbox_dir: Path, keep: Collection[Path], *, older_than: float | None = None
+) -> list[Path]:
     """Delete work files a killed process left behind before recording them (our own
-    naming pattern only), except those in ``keep``."""
+    naming pattern only), except those in ``keep`` and, given ``older_than`` (seconds
+    since the epoch), those last changed after it (another node sharing the inbox may
+    be about to record one)."""
     removed = []
     if inbox_dir.is_dir():
         for path in inbox_dir.rglob(".*.delivering"):
-            if WORK.match(path.name) and path not in keep and path.is_file():
+            if (
+                WORK.match(path.name)
+                and path not in keep
+                and path.is_file()
+                and (older_than is None or _changed_before(path, older_than))
+            ):
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
+
+
+def _changed_before(path: Path, when: float) -> bool:
+    try:
+        return path.stat(follow_symlinks=False).st_mtime < when
+    except FileNotFoundError:
+        return False
 
 
 def delivery_error(exc: OSError, target: Path) -> DeliveryError:

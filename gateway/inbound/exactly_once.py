@@ -19,7 +19,7 @@ from gateway.audit import AuditSink, EventType
 from gateway.audit.log import recorded_since
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
-from gateway.errors import DeliveryError, StorageFullError
+from gateway.errors import ClaimHeldError, DeliveryError, StorageFullError
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
 from gateway.logs import Logger
@@ -68,10 +68,17 @@ class InboxDelivery:
                 f"Message-ID {message_id} was already received with different content "
                 "or service (a resend must carry the same document)",
             )
+        if existing is not None and existing.state == "delivering":
+            # Left in the middle by this node's earlier attempt, or by a node whose claim
+            # ran out: settled here.  Another node's live claim: ClaimHeldError (503).
+            taken = self._spool.inbound_take(peer.name, message_id)
+            existing = (
+                self.settle(taken)
+                if taken is not None
+                else self._spool.inbound_get(peer.name, message_id)
+            )
         if existing is not None and existing.state == "delivered" and existing.receipt_body:
             raise DuplicateReceipt(existing.receipt_headers, existing.receipt_body)
-        if existing is not None and existing.state == "delivering":
-            existing = self.settle(existing)
         if existing is not None:
             self._record(
                 EventType.MESSAGE_DUPLICATE,
@@ -96,9 +103,13 @@ class InboxDelivery:
                     raise
             try:
                 target = self._write(peer, message_id, filename, service, payload, work, target)
+            except ClaimHeldError:
+                raise  # another node took the delivery over: it settles the work file
             except BaseException:  # whatever it was, nothing reached the inbox
-                self._spool.inbound_release(peer.name, message_id)
-                inbox.discard(work)  # kept if the release failed: the record needs it
+                # Kept if the release failed, or another node took the delivery over:
+                # the record needs it (a work file gone means "in the inbox").
+                if self._spool.inbound_release(peer.name, message_id):
+                    inbox.discard(work)
                 raise
         except StorageFullError:
             raise  # passes once space is freed: the peer resends (see unavailable())
@@ -151,6 +162,15 @@ class InboxDelivery:
         except OSError as exc:
             raise inbox.delivery_error(exc, target) from exc
         for _ in range(3):
+            if not self._spool.inbound_holds(peer.name, message_id):
+                # Stalled for so long that this node's claim ran out (or nearly): another
+                # node may settle the delivery now, so this one must not link it.
+                raise ClaimHeldError(
+                    f"message {message_id} from peer {peer.name}: this node's claim on its "
+                    "delivery ran out before the document was linked into the inbox",
+                    fix="check that the spool is reachable and the node not overloaded; "
+                    "the peer resends it and the node holding it answers",
+                )
             try:
                 inbox.link(work, target)
                 return target
@@ -168,12 +188,14 @@ class InboxDelivery:
         )
 
     def settle(self, record: InboundRecord) -> InboundRecord | None:
-        """An interrupted delivery: if its document reached the inbox, make sure that is
-        audited (once) and recorded; else forget it, for a resend to start afresh.
-        Returns the record as it now is (None: forgotten)."""
+        """An interrupted delivery, claimed by this node (Spool.inbound_take,
+        inbound_unfinished, inbound_take_over): if its document reached the inbox, make
+        sure that is audited (once in this node's trail) and recorded; else forget it,
+        for a resend to start afresh.  Returns the record as it now is (None:
+        forgotten)."""
         if not inbox.landed(record.work_path, record.target_path):
-            self._spool.inbound_release(record.peer, record.message_id)
-            if record.work_path is not None:
+            released = self._spool.inbound_release(record.peer, record.message_id)
+            if released and record.work_path is not None:
                 inbox.discard(record.work_path)
             return None
         received = datetime.fromisoformat(record.received_at)

@@ -56,7 +56,7 @@ from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
 from gateway.inbound.receipts import Receipts
-from gateway.inbound.recovery import recover
+from gateway.inbound.recovery import recover, take_over
 from gateway.inbound.signers import AcceptedSigners, describe_signer
 from gateway.logs import Logger
 from gateway.routing import Refusal, route_inbound
@@ -160,6 +160,7 @@ class InboundProcessor:
         self._signers = AcceptedSigners(config, network, clock, signers)
         self._receipts = Receipts(config, audit, log, clock)
         self._config = config
+        self._clock = clock
         self._spool = spool
         self._audit = audit
         self._log = log
@@ -190,7 +191,18 @@ class InboundProcessor:
 
     def recover(self) -> None:
         """At start, before any request: settle the deliveries a stopped process left."""
-        recover(self._delivery, self._spool, self._log, self._config.storage.inbox_dir)
+        recover(
+            self._delivery,
+            self._spool,
+            self._log,
+            self._config.storage.inbox_dir,
+            self._clock.now().timestamp() - self._config.cluster.lease_seconds,
+        )
+
+    def take_over(self) -> int:
+        """While running: settle the deliveries other nodes left when their claims ran
+        out; how many (worker thread)."""
+        return take_over(self._delivery, self._spool, self._log, self._locks)
 
     def process(self, request: InboundRequest) -> InboundResponse:
         """Handle one AS2 request; the receipt comes back in the answer or, if the

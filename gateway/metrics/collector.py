@@ -94,6 +94,7 @@ class Snapshot:
     export_backlog_bytes: int | None = None  # None: no [audit.export]
     spool_bytes: int = 0
     not_ready: Sequence[str] = ()  # why the gateway is not ready (empty: ready)
+    node: str = ""  # this node's name ([cluster] node_name; empty: not yet known)
 
 
 class GatewayMetrics:
@@ -268,6 +269,14 @@ class _SnapshotCollector(Collector):
             "Size of the spool database on disk (with its write-ahead log)",
             value=snap.spool_bytes,
         )
+        if snap.node:
+            info = GaugeMetricFamily(
+                "medgw_node_info",
+                "Always 1, labelled with this node's name ([cluster] node_name)",
+                labels=["node"],
+            )
+            info.add_metric([snap.node], 1)
+            yield info
         yield GaugeMetricFamily(
             "medgw_ready",
             "1 when listeners, spool and trust are up and the last reload succeeded",

@@ -61,13 +61,19 @@ class Context:
         self.clock = clock
         state_dir = state.config.storage.state_dir
         self.payloads = state_dir / "payloads"
-        self.outgoing = state_dir / "outgoing"
+        # The signed, encrypted bodies: a folder all nodes mount, when several share the
+        # spool (a node taking over another's messages reads them there).
+        bodies = state.config.cluster.bodies_dir
+        self.outgoing = bodies if bodies is not None else state_dir / "outgoing"
         self.receipts = state_dir / "receipts"
         for folder in (self.payloads, self.outgoing, self.receipts):
             private_folder(folder)
         # Documents taken and receipts stored at the same moment share their folders' fsyncs.
         self.folder_sync = FolderSync()
         self.wakeups: dict[str, asyncio.Event] = {}
+        # Set while this node could not renew its claims for half a lease: another node
+        # may take its messages over, so its sends in progress stop (see send).
+        self.claims_lost = asyncio.Event()
 
     def use(self, state: Current) -> None:
         """Read ``state`` from now on: a reload swaps the configuration and the trust

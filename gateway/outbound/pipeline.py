@@ -70,6 +70,11 @@ class Outbound:
         """Each peer's sender task waits on its event for messages queued for it."""
         return self._ctx.wakeups
 
+    @property
+    def claims_lost(self) -> asyncio.Event:
+        """Set while this node cannot renew its claims (its sends in progress stop)."""
+        return self._ctx.claims_lost
+
     def wake(self, peer: str) -> None:
         self._ctx.wake(peer)
 

@@ -13,6 +13,8 @@ from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer
 from gateway.spool import OutboundState
 
+SHARED_PARTIAL_SECONDS = 24 * 3600.0
+
 
 class Recovery:
     """The spool and its folders made whole again after a crash or SIGKILL."""
@@ -23,14 +25,23 @@ class Recovery:
 
     async def recover(self) -> None:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
-        storage = self._ctx.config.storage
+        config = self._ctx.config
+        shared = config.cluster.bodies_dir is not None
         for folder in (
-            storage.inbox_dir,
+            config.storage.inbox_dir,
             self._ctx.outgoing,
             self._ctx.receipts,
             self._ctx.payloads,
         ):
-            for path in remove_stale_partials(folder):
+            # In folders the nodes share (the inbox may be, the bodies folder is), a
+            # partial file may be another node's write in progress: only those older than
+            # a day are left-overs.
+            older = (
+                self._ctx.clock.now().timestamp() - SHARED_PARTIAL_SECONDS
+                if shared and folder in (config.storage.inbox_dir, self._ctx.outgoing)
+                else None
+            )
+            for path in remove_stale_partials(folder, older_than=older):
                 self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
         known = self._ctx.spool.payload_names()  # name -> whether the plaintext is needed
         for path in self._ctx.payloads.iterdir():
@@ -48,7 +59,7 @@ class Recovery:
                 self._ctx.log.info("recovery.removed_plaintext_copy", file=path.name)
         for message_id in self._ctx.spool.requeue_interrupted():
             self._ctx.log.info("message.requeued_after_restart", message_id=message_id)
-        for record in self._ctx.spool.in_state(OutboundState.INTAKE):
+        for record in self._ctx.spool.intake_interrupted():
             peer = self._ctx.config.peer(record.peer)
             if record.payload_path.exists() and peer is not None:
                 source = record.source_path

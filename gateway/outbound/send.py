@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import BinaryIO
 
@@ -48,13 +48,21 @@ class Sender:
         ``posted`` is called once the peer has taken it, before it is settled (its
         connection is free for the next message from then on)."""
         assert record.sealed and record.mic is not None
-        # The caller has marked it "sending" (so no other task picks it up).
+        # The caller has marked it "sending" (so no other task or node picks it up).
+        if self._ctx.claims_lost.is_set() or not await self._ctx.in_thread(
+            self._ctx.spool.holds_lease, record.message_id
+        ):
+            self._claim_lost(record)
+            return 0.0
         try:
             body, headers = await self._ctx.in_thread(self._stored_body, record)
         except AtRestError as exc:
             return await self._ctx.in_thread(self._unreadable, record, peer, exc)
         try:
-            response = await client.post(peer.url, headers, body)
+            response = await self._while_claimed(client.post(peer.url, headers, body))
+            if response is None:
+                self._claim_lost(record)
+                return 0.0
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
             awaiting = asks_async_receipt(record) and 200 <= response.status < 300
@@ -119,6 +127,30 @@ class Sender:
             fix=error.fix,
         )
         return 0.0
+
+    async def _while_claimed(self, post: Awaitable[Response]) -> Response | None:
+        """The POST, stopped (None) if this node cannot renew its claims meanwhile: once
+        its lease runs out another node sends the message, never both at once."""
+        sending = asyncio.ensure_future(post)
+        lost = asyncio.ensure_future(self._ctx.claims_lost.wait())
+        try:
+            await asyncio.wait({sending, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not sending.done():
+                sending.cancel()
+                await asyncio.gather(sending, return_exceptions=True)
+        return None if sending.cancelled() else sending.result()
+
+    def _claim_lost(self, record: OutboundRecord) -> None:
+        """This node no longer holds the message (its lease ran out, or is about to): left
+        as it is, for the node that takes it over."""
+        self._ctx.log.warning(
+            "message.claim_lost",
+            peer=record.peer,
+            message_id=record.message_id,
+            fix="check that this node reaches the spool; another node sends the message",
+        )
 
     def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:
         """The send failed (connection, TLS, HTTP): queue it again after ``delay``, or make

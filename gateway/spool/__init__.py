@@ -15,6 +15,7 @@ from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.protocol import Spool
 from gateway.spool.records import (
     PENDING_STATES,
+    Claimant,
     DataKey,
     Disposable,
     HandoverRecord,
@@ -32,19 +33,22 @@ def open_spool(
     path: Path,
     clock: Clock,
     postgres: PostgresSettings | None = None,
+    claimant: Claimant | None = None,
     *,
     on_change: Callable[[str | None], None] | None = None,
 ) -> Spool:
     """The SQLite spool at ``path``, or with ``postgres`` the spool in that database
     (``on_change``: see gateway.spool.postgres.database); created if missing,
-    upgraded if older."""
+    upgraded if older; its work is claimed as ``claimant`` (a node of several sharing
+    it; default: this host's name)."""
     if postgres is not None:
-        return PostgresSpool(postgres, clock, on_change=on_change)
-    return SqliteSpool(path, clock)
+        return PostgresSpool(postgres, clock, claimant, on_change=on_change)
+    return SqliteSpool(path, clock, claimant)
 
 
 __all__ = [
     "PENDING_STATES",
+    "Claimant",
     "DataKey",
     "Disposable",
     "HandoverRecord",

@@ -6,6 +6,20 @@ default) and :class:`gateway.spool.postgres.PostgresSpool` (shared by several
 nodes) implement it, with the same statements (see gateway.spool.sql).  Every
 method is one committed transaction (or a read of committed state), safe to call
 from worker threads.
+
+Several nodes may share one spool.  A spool handle belongs to one node
+(:class:`~gateway.spool.records.Claimant`): work it takes (a message to send, a
+received document to write to the inbox) is claimed in its name under a lease
+that lasts ``lease_seconds`` unless renewed (:meth:`Spool.renew_leases`, which a
+live node calls every third of that).  A node takes back at start-up only its
+own interrupted work and the claims whose lease ran out; while running, it
+takes over the expired claims of other nodes (:meth:`Spool.take_over_expired`,
+:meth:`Spool.inbound_take_over`).  Before each step that cannot be undone (the
+POST to the peer, linking a document into the inbox) the holder checks that it
+still holds its claim with at least half a lease to spare (:meth:`Spool.holds_lease`,
+:meth:`Spool.inbound_holds`), and stops if not: a message is never sent by two
+nodes at once, a document never written twice.  Lease times are the nodes' wall
+clocks: they must agree to well within a lease (NTP).
 """
 
 from __future__ import annotations
@@ -30,6 +44,11 @@ from gateway.spool.records import (
 
 class Spool(Protocol):
     """The durable store of messages in transit (see gateway.spool.records for states)."""
+
+    @property
+    def node(self) -> str:
+        """The node this handle claims work for."""
+        ...
 
     def close(self) -> None: ...
 
@@ -89,10 +108,13 @@ class Spool(Protocol):
         are encrypted to (those prepared before it was recorded are left out)."""
         ...
 
-    def mark_sending(self, message_id: str) -> None: ...
+    def mark_sending(self, message_id: str) -> None:
+        """Claim one message for sending by this node (as :meth:`claim_due` does)."""
+        ...
 
     def mark_awaiting_receipt(self, message_id: str) -> bool:
-        """Sent, its receipt to come later; False if that receipt has already settled it."""
+        """Sent, its receipt to come later; False if that receipt has already settled it
+        (or this node's claim was taken over)."""
         ...
 
     def requeue_unanswered(self, peer: str, sent_before: str) -> list[str]:
@@ -102,7 +124,8 @@ class Spool(Protocol):
 
     def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
         """A send that did not get through goes back to the queue; False (nothing changed)
-        if the message is no longer being sent (its asynchronous receipt settled it)."""
+        if this node is no longer sending it (its asynchronous receipt settled it, or
+        another node took over the claim)."""
         ...
 
     def mark_done(
@@ -123,20 +146,43 @@ class Spool(Protocol):
 
     def in_state(self, state: OutboundState) -> list[OutboundRecord]: ...
 
+    def intake_interrupted(self) -> list[OutboundRecord]:
+        """Messages this node took in and had not finished preparing (state ``intake``;
+        their documents are in its own state folder), oldest first."""
+        ...
+
     def all_outbound(self) -> list[OutboundRecord]: ...
 
     def claim_due(
         self, peer: str, now: float, limit: int
     ) -> tuple[list[OutboundRecord], float | None]:
         """Take up to ``limit`` of ``peer``'s queued messages that are due at ``now``,
-        oldest first, and mark them ``sending`` in one transaction (so no other task
-        picks them up).  Returns them as they were before (``attempts`` not yet
-        counted), and when the next queued message is due (None: none is queued)."""
+        oldest first, and mark them ``sending`` by this node under a new lease in one
+        transaction (so no other task or node picks them up).  Returns them as they
+        were before (``attempts`` not yet counted), and when the next queued message
+        is due (None: none is queued)."""
         ...
 
     def requeue_interrupted(self, peer: str | None = None) -> list[str]:
-        """Messages whose sending was interrupted go back to the queue: at start-up all
-        of them, or ``peer``'s when its sender starts again after a failure."""
+        """Messages whose sending was interrupted go back to the queue: at start-up this
+        node's (and those whose lease ran out), or ``peer``'s when its sender starts
+        again after a failure.  Another node's live claims are left alone."""
+        ...
+
+    def take_over_expired(self) -> list[OutboundRecord]:
+        """Messages other nodes were sending whose lease ran out (the node died, or lost
+        the spool) go back to the queue, due now; returns them as they were (``node``:
+        who held them)."""
+        ...
+
+    def holds_lease(self, message_id: str) -> bool:
+        """Whether this node still holds its claim to send the message, with at least
+        half a lease to spare: asked right before the POST."""
+        ...
+
+    def renew_leases(self) -> int:
+        """Extend every claim this node holds (sending, writing to the inbox) by a lease
+        from now; returns how many."""
         ...
 
     def list_outbound(
@@ -171,7 +217,29 @@ class Spool(Protocol):
     def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None: ...
 
     def inbound_unfinished(self) -> list[InboundRecord]:
-        """Deliveries a stopped process left in the middle (state ``delivering``)."""
+        """At start-up: deliveries this node's stopped process left in the middle (state
+        ``delivering``), and those of other nodes whose lease ran out, each claimed by
+        this node in the same transaction (returned as they were)."""
+        ...
+
+    def inbound_in_progress(self) -> list[InboundRecord]:
+        """Every delivery in the middle, whichever node holds it (a read)."""
+        ...
+
+    def inbound_take_over(self) -> list[InboundRecord]:
+        """While running: deliveries other nodes left in the middle whose lease ran out,
+        claimed by this node (returned as they were: ``node`` is who held them)."""
+        ...
+
+    def inbound_take(self, peer: str, message_id: str) -> InboundRecord | None:
+        """Claim one delivery left in the middle for this node to settle (its own, or one
+        whose lease ran out); None if it is no longer in the middle.  Raises
+        :class:`~gateway.errors.ClaimHeldError` if another node holds it."""
+        ...
+
+    def inbound_holds(self, peer: str, message_id: str) -> bool:
+        """Whether this node still holds the delivery, with at least half a lease to
+        spare: asked right before the document is linked into the inbox."""
         ...
 
     def inbound_target_claimed(self, target_path: Path) -> bool: ...
@@ -186,14 +254,20 @@ class Spool(Protocol):
         *,
         work_path: Path | None = None,
         size: int | None = None,
-    ) -> None: ...
+    ) -> None:
+        """Claim the delivery of a new document for this node.  Raises
+        :class:`~gateway.errors.ClaimHeldError` if (peer, Message-ID) is already
+        recorded: another request or node is delivering it (the caller settles one left
+        in the middle first, with :meth:`inbound_take`)."""
+        ...
 
     def inbound_retarget(self, peer: str, message_id: str, target_path: Path) -> None:
         """A delivery in progress takes another name (its first one was taken meanwhile)."""
         ...
 
-    def inbound_release(self, peer: str, message_id: str) -> None:
-        """Forget a delivery that did not reach the inbox: a resend starts afresh."""
+    def inbound_release(self, peer: str, message_id: str) -> bool:
+        """Forget a delivery that did not reach the inbox: a resend starts afresh.  False
+        (nothing changed) if this node no longer holds it (another node took it over)."""
         ...
 
     def inbound_written(self, peer: str, message_id: str) -> None:

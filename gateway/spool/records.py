@@ -20,7 +20,9 @@ Outbound life cycle (:class:`OutboundState`)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+import socket
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -52,6 +54,27 @@ PENDING_STATES = frozenset(
 
 RETRYABLE = (OutboundState.FAILED, OutboundState.EXPIRED, OutboundState.DEAD)
 CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
+
+
+# A node's name: a host name's characters; it goes in logs, audit records and metric
+# labels as it is.
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+DEFAULT_LEASE_SECONDS = 60.0
+
+
+def host_node_name() -> str:
+    """The default node name: this host's name, up to its first dot."""
+    name = socket.gethostname().split(".", 1)[0]
+    return name if NODE_NAME.match(name) else "medgw"
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """Who takes work from the spool: a node's name (unique among the nodes sharing it)
+    and how long a claim lasts unless that node renews it."""
+
+    node: str = field(default_factory=host_node_name)
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,10 @@ class OutboundRecord:
     # The signed, encrypted AS2 body of a small message, kept in the spool itself (a
     # larger one is the file at body_path); until it is delivered or cancelled.
     body: bytes | None = None
+    # The node that holds it (intake: preparing it; sending: sending it) and until when
+    # its claim lasts without renewal (seconds since the epoch; see Spool.claim_due).
+    node: str | None = None
+    lease_until: float = 0.0
 
     @property
     def sealed(self) -> bool:
@@ -112,6 +139,8 @@ class InboundRecord:
     work_path: Path | None = None  # see gateway.delivery.inbox
     size: int | None = None
     received_at: str = ""
+    node: str | None = None  # the node writing it to the inbox ("delivering")
+    lease_until: float = 0.0  # until when that node's claim lasts without renewal
 
 
 class HandoverState(StrEnum):

@@ -110,6 +110,20 @@ ADDED_COLUMNS = (
     ("outbound", "body", "BLOB"),
     # When the inbox copy of a handed-over document was disposed of (gateway.retention).
     ("handover", "copy_purged_at", "TEXT"),
+    # Claims of several nodes sharing a spool: the node holding a message (preparing or
+    # sending it, writing a received one) and until when (seconds since the epoch; 0:
+    # no lease).  NULL node: claimed before nodes were recorded.
+    ("outbound", "node", "TEXT"),
+    ("outbound", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    ("inbound", "node", "TEXT"),
+    ("inbound", "lease_until", "REAL NOT NULL DEFAULT 0"),
+)
+
+# Indexes on columns added after the first release (created after them).
+ADDED_INDEXES = (
+    # Leases are renewed and taken over by state and expiry: index lookups.
+    "CREATE INDEX IF NOT EXISTS outbound_lease ON outbound (state, lease_until)",
+    "CREATE INDEX IF NOT EXISTS inbound_lease ON inbound (state, lease_until)",
 )
 
 
@@ -120,3 +134,5 @@ def create_or_upgrade(db: sqlite3.Connection) -> None:
         present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
         if column not in present:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    for statement in ADDED_INDEXES:
+        db.execute(statement)

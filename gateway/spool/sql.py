@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from gateway.clock import Clock
+from gateway.spool.records import Claimant
 
 T = TypeVar("T")
 
@@ -45,6 +46,7 @@ class SqlStore(ABC):
     :meth:`_read` and :meth:`_transact`."""
 
     _clock: Clock
+    _claimant: Claimant  # the node whose work this handle claims (see Spool)
     # Appended to the SELECT that claims messages to send: PostgreSQL's
     # "FOR UPDATE SKIP LOCKED" (another node's transaction claiming at the same
     # moment neither waits for nor takes these rows); SQLite has one writer at a time.
@@ -71,6 +73,16 @@ class SqlStore(ABC):
 
     def _now(self) -> str:
         return self._clock.now().isoformat()
+
+    @property
+    def node(self) -> str:
+        """The name this spool handle claims work under."""
+        return self._claimant.node
+
+    def _lease(self) -> tuple[float, float]:
+        """Now, and until when a claim made or renewed now lasts (epoch seconds)."""
+        now = self._clock.now().timestamp()
+        return now, now + self._claimant.lease_seconds
 
     def _write(
         self,

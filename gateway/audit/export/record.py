@@ -19,7 +19,8 @@ def clean(value: object) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """Who reports: this gateway (``node``, its AS2 id) at ``site`` (the institution)."""
+    """Who reports: this gateway node (``node``, its [cluster] node_name) at ``site`` (the
+    institution)."""
 
     node: str
     site: str

@@ -1,8 +1,8 @@
 """The spool in a PostgreSQL database, which several gateway nodes can share.
 
 The same parts as the SQLite spool (``outbound``, ``inbound``, ``handover``,
-``peers``, ``retention``, ``datakeys``: the same statements, the same states, every change
-one transaction with the same preconditions) over :mod:`.database`'s
+``peers``, ``retention``, ``datakeys``, ``leases``: the same statements, the same
+states, every change one transaction with the same preconditions) over :mod:`.database`'s
 connections; the claim of messages to send is ``FOR UPDATE SKIP LOCKED``.
 """
 
@@ -13,6 +13,7 @@ from gateway.spool.postgres.settings import PostgresSettings
 from gateway.spool.sqlite.datakeys import DataKeys
 from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
+from gateway.spool.sqlite.leases import Leases
 from gateway.spool.sqlite.outbound import OutboundQueue
 from gateway.spool.sqlite.peers import PeerControls
 from gateway.spool.sqlite.retention import RetainedItems
@@ -28,5 +29,6 @@ class PostgresSpool(
     PeerControls,
     RetainedItems,
     DataKeys,
+    Leases,
 ):
     """The spool in one PostgreSQL database (see :class:`gateway.spool.Spool`)."""

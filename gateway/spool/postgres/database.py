@@ -31,6 +31,7 @@ from gateway.clock import Clock
 from gateway.errors import SpoolError, SpoolUnreachableError
 from gateway.spool.postgres.schema import create_or_upgrade
 from gateway.spool.postgres.settings import PostgresSettings
+from gateway.spool.records import Claimant
 from gateway.spool.sql import Connection, Cursor, Params, Row, SqlStore
 
 T = TypeVar("T")
@@ -83,11 +84,13 @@ class PostgresDatabase(SqlStore):
         self,
         settings: PostgresSettings,
         clock: Clock,
+        claimant: Claimant | None = None,
         *,
         on_change: Callable[[str | None], None] | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
+        self._claimant = claimant if claimant is not None else Claimant()
         self._on_change = on_change
         # Connections not in use; None: one not opened yet (or closed after a failure).
         self._idle: queue.LifoQueue[psycopg.Connection[DictRow] | None] = queue.LifoQueue()

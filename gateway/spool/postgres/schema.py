@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 
 from gateway.errors import SpoolError
-from gateway.spool.schema import ADDED_COLUMNS, SCHEMA
+from gateway.spool.schema import ADDED_COLUMNS, ADDED_INDEXES, SCHEMA
 from gateway.spool.sql import Connection
 
 # The schema's version: it grows with every table, index or column added.
-VERSION = len(re.findall(r"\bCREATE\b", SCHEMA)) + len(ADDED_COLUMNS)
+VERSION = len(re.findall(r"\bCREATE\b", SCHEMA)) + len(ADDED_COLUMNS) + len(ADDED_INDEXES)
 # pg_advisory_xact_lock key of the schema upgrade ("medgw" in ASCII, as a number).
 _LOCK = 0x6D65646777
 
@@ -48,6 +48,8 @@ def create_or_upgrade(db: Connection) -> None:
             db.execute(statement, ())
     for table, column, kind in ADDED_COLUMNS:
         db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_types(kind)}")
+    for statement in ADDED_INDEXES:
+        db.execute(statement, ())
     if found < VERSION:
         db.execute("DELETE FROM spool_schema", ())
         db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))

@@ -1,9 +1,10 @@
 """The SQLite spool: every state change of a message is one committed transaction.
 
 Outbound rows follow the life cycle of :class:`~gateway.spool.records.OutboundState`;
-``sending`` rows found at start-up belong to a run that died mid-send and are
-queued again (the receiver deduplicates by Message-ID, so a resend after a
-crash is delivered once).  Inbound rows remember each (peer, Message-ID), the
+``sending`` rows are claimed by a node under a lease (see the protocol); those of
+this node found at start-up belong to a run that died mid-send and are queued
+again (the receiver deduplicates by Message-ID, so a resend after a crash is
+delivered once).  Inbound rows remember each (peer, Message-ID), the
 SHA-256 of what was delivered and the receipt we sent, so that a resend is
 answered with the original receipt instead of being delivered twice.
 ``submissions`` names who submitted a message (NET-3): a local API client, an
@@ -20,6 +21,7 @@ from gateway.spool.sqlite.database import Database
 from gateway.spool.sqlite.datakeys import DataKeys
 from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
+from gateway.spool.sqlite.leases import Leases
 from gateway.spool.sqlite.outbound import OutboundQueue
 from gateway.spool.sqlite.peers import PeerControls
 from gateway.spool.sqlite.retention import RetainedItems
@@ -35,7 +37,8 @@ class SqliteSpool(
     PeerControls,
     RetainedItems,
     DataKeys,
+    Leases,
 ):
     """The spool in one SQLite database (see :class:`gateway.spool.Spool`): one part per
     concern (``outbound``, ``inbound``, ``handover``, ``peers``, ``retention``,
-    ``datakeys``) over one ``database``."""
+    ``datakeys``, ``leases``) over one ``database``."""

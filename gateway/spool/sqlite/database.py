@@ -12,6 +12,7 @@ from gateway.clock import Clock
 from gateway.errors import SpoolError
 from gateway.fsutil import private_file, shared_folder, storage_fix
 from gateway.spool.groupcommit import GroupCommit
+from gateway.spool.records import Claimant
 from gateway.spool.schema import create_or_upgrade
 from gateway.spool.sql import Connection, Params, Row, SqlStore
 
@@ -21,8 +22,10 @@ T = TypeVar("T")
 class Database(SqlStore):
     """The SQLite spool's connections: a writer (with group commit) and a reader."""
 
-    def __init__(self, path: Path, clock: Clock) -> None:
+    def __init__(self, path: Path, clock: Clock, claimant: Claimant | None = None) -> None:
         self._clock = clock
+        # By default this host's name, as the daemon's node has unless configured.
+        self._claimant = claimant if claimant is not None else Claimant()
         try:
             shared_folder(path.parent)  # the state folder: the inbox and outbox may be in it
             # Mode 0600 whatever the umask; SQLite gives its -wal and -shm files the mode

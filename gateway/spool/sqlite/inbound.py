@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import ClaimHeldError
 from gateway.spool.records import (
     DataKey,
     HandoverState,
     InboundRecord,
 )
-from gateway.spool.sql import Row, SqlStore
+from gateway.spool.sql import Connection, Row, SqlStore
 from gateway.spool.sqlite.datakeys import key_statement
 
 
@@ -28,6 +29,8 @@ def _inbound(row: Row) -> InboundRecord:
         work_path=Path(row["work_path"]) if row["work_path"] else None,
         size=row["size"],
         received_at=row["received_at"],
+        node=row["node"],
+        lease_until=row["lease_until"] or 0.0,
     )
 
 
@@ -39,9 +42,71 @@ class InboundDedup(SqlStore):
         return None if row is None else _inbound(row)
 
     def inbound_unfinished(self) -> list[InboundRecord]:
-        """Deliveries a stopped process left in the middle (state ``delivering``)."""
-        rows = self._read("SELECT * FROM inbound WHERE state='delivering'", ())
-        return [_inbound(r) for r in rows]
+        """See :meth:`gateway.spool.protocol.Spool.inbound_unfinished`."""
+        now, _ = self._lease()
+        return self._claim_delivering("(node=? OR node IS NULL OR lease_until<?)", (self.node, now))
+
+    def inbound_in_progress(self) -> list[InboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_in_progress`."""
+        return [
+            _inbound(r) for r in self._read("SELECT * FROM inbound WHERE state='delivering'", ())
+        ]
+
+    def inbound_take_over(self) -> list[InboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_take_over`."""
+        now, _ = self._lease()
+        return self._claim_delivering(
+            "node IS NOT NULL AND node!=? AND lease_until<?", (self.node, now)
+        )
+
+    def _claim_delivering(self, where: str, params: tuple[object, ...]) -> list[InboundRecord]:
+        """Deliveries in the middle that match ``where``, claimed for this node in one
+        transaction; returns them as they were (who held them before)."""
+        _, lease_until = self._lease()
+
+        def claim(db: Connection) -> list[Row]:
+            rows = db.execute(
+                f"SELECT * FROM inbound WHERE state='delivering' AND {where}",  # noqa: S608
+                params,
+            ).fetchall()
+            db.executemany(
+                "UPDATE inbound SET node=?, lease_until=? WHERE peer=? AND message_id=?"
+                " AND state='delivering'",
+                [(self.node, lease_until, r["peer"], r["message_id"]) for r in rows],
+            )
+            found: list[Row] = rows
+            return found
+
+        return [_inbound(r) for r in self._transact(claim)]
+
+    def inbound_take(self, peer: str, message_id: str) -> InboundRecord | None:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_take`."""
+        now, _ = self._lease()
+        taken = self._claim_delivering(
+            "peer=? AND message_id=? AND (node=? OR node IS NULL OR lease_until<?)",
+            (peer, message_id, self.node, now),
+        )
+        if taken:
+            return taken[0]
+        held = self.inbound_get(peer, message_id)
+        if held is None or held.state != "delivering":
+            return None
+        raise ClaimHeldError(
+            f"message {message_id} from peer {peer} is being received by "
+            f"{held.node or 'another node'} at the same time",
+            fix="nothing to do: the peer resends it and is answered with its receipt",
+        )
+
+    def inbound_holds(self, peer: str, message_id: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_holds`."""
+        now, _ = self._lease()
+        margin = self._claimant.lease_seconds / 2
+        row = self._one(
+            "SELECT 1 FROM inbound WHERE peer=? AND message_id=? AND state='delivering'"
+            " AND node=? AND lease_until>?",
+            (peer, message_id, self.node, now + margin),
+        )
+        return row is not None
 
     def inbound_target_claimed(self, target_path: Path) -> bool:
         return (
@@ -59,16 +124,21 @@ class InboundDedup(SqlStore):
         work_path: Path | None = None,
         size: int | None = None,
     ) -> None:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_begin`."""
         now = self._now()
-        self._write(
-            # A record left by a delivery that was released is replaced whole.
+        _, lease_until = self._lease()
+        claimed = self._write(
+            # A finished record (its receipt disposed of) is replaced whole; one being
+            # delivered (by another request or node) is not: ClaimHeldError.
             "INSERT INTO inbound (peer, message_id, sha256, target_path, state, received_at,"
-            " updated_at, service, work_path, size) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " updated_at, service, work_path, size, node, lease_until)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (peer, message_id) DO UPDATE SET sha256=excluded.sha256,"
             " target_path=excluded.target_path, state=excluded.state,"
             " receipt_headers=NULL, receipt_body=NULL, received_at=excluded.received_at,"
             " updated_at=excluded.updated_at, service=excluded.service,"
-            " work_path=excluded.work_path, size=excluded.size",
+            " work_path=excluded.work_path, size=excluded.size, node=excluded.node,"
+            " lease_until=excluded.lease_until WHERE inbound.state!='delivering'",
             (
                 peer,
                 message_id,
@@ -80,30 +150,44 @@ class InboundDedup(SqlStore):
                 service,
                 str(work_path) if work_path is not None else None,
                 size,
+                self.node,
+                lease_until,
             ),
         )
+        if not claimed:
+            held = self.inbound_get(peer, message_id)
+            raise ClaimHeldError(
+                f"message {message_id} from peer {peer} is being received by "
+                f"{held.node if held is not None and held.node else 'another node'} "
+                "at the same time",
+                fix="nothing to do: the peer resends it and is answered with its receipt",
+            )
 
     def inbound_retarget(self, peer: str, message_id: str, target_path: Path) -> None:
         """A delivery in progress takes another name (its first one was taken meanwhile)."""
         self._write(
             "UPDATE inbound SET target_path=?, updated_at=? WHERE peer=? AND message_id=?"
-            " AND state='delivering'",
-            (str(target_path), self._now(), peer, message_id),
+            " AND state='delivering' AND node=?",
+            (str(target_path), self._now(), peer, message_id, self.node),
         )
 
-    def inbound_release(self, peer: str, message_id: str) -> None:
-        """Forget a delivery that did not reach the inbox: a resend starts afresh."""
-        self._write(
-            "DELETE FROM inbound WHERE peer=? AND message_id=? AND state='delivering'",
-            (peer, message_id),
+    def inbound_release(self, peer: str, message_id: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_release`."""
+        return (
+            self._write(
+                "DELETE FROM inbound WHERE peer=? AND message_id=? AND state='delivering'"
+                " AND (node=? OR node IS NULL)",
+                (peer, message_id, self.node),
+            )
+            == 1
         )
 
     def inbound_written(self, peer: str, message_id: str) -> None:
         """An interrupted delivery is known to be in the inbox (and audited as such)."""
         self._write(
-            "UPDATE inbound SET state='written', updated_at=? WHERE peer=? AND message_id=?"
-            " AND state='delivering'",
-            (self._now(), peer, message_id),
+            "UPDATE inbound SET state='written', updated_at=?, lease_until=0 WHERE peer=?"
+            " AND message_id=? AND state='delivering' AND (node=? OR node IS NULL)",
+            (self._now(), peer, message_id, self.node),
         )
 
     def inbound_delivered(
@@ -144,7 +228,7 @@ class InboundDedup(SqlStore):
         statements.append(
             (
                 "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?,"
-                " updated_at=? WHERE peer=? AND message_id=?",
+                " updated_at=?, lease_until=0 WHERE peer=? AND message_id=?",
                 (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
             )
         )

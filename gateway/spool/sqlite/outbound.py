@@ -47,6 +47,8 @@ def _outbound(row: Row) -> OutboundRecord:
         ),
         service=row["service"],
         body=row["body"],
+        node=row["node"],
+        lease_until=row["lease_until"] or 0.0,
     )
 
 
@@ -84,7 +86,7 @@ class OutboundQueue(SqlStore):
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
             " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
-            " updated_at, service) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, service, node) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 peer,
@@ -100,6 +102,7 @@ class OutboundQueue(SqlStore):
                 now,
                 now,
                 service,
+                self.node,
             ),
             extra,
         )
@@ -176,21 +179,26 @@ class OutboundQueue(SqlStore):
         return {r["encrypted_for"]: r["n"] for r in rows}
 
     def mark_sending(self, message_id: str) -> None:
+        _, lease_until = self._lease()
         self._write(
-            "UPDATE outbound SET state=?, attempts=attempts+1, updated_at=? WHERE message_id=?",
-            (OutboundState.SENDING.value, self._now(), message_id),
+            "UPDATE outbound SET state=?, attempts=attempts+1, updated_at=?, node=?,"
+            " lease_until=? WHERE message_id=?",
+            (OutboundState.SENDING.value, self._now(), self.node, lease_until, message_id),
         )
 
     def mark_awaiting_receipt(self, message_id: str) -> bool:
-        """Sent, its receipt to come later; False if that receipt has already settled it."""
+        """Sent, its receipt to come later; False if that receipt has already settled it
+        (or another node took it over)."""
         return (
             self._write(
-                "UPDATE outbound SET state=?, updated_at=? WHERE message_id=? AND state=?",
+                "UPDATE outbound SET state=?, updated_at=?, lease_until=0 WHERE message_id=?"
+                " AND state=? AND node=?",
                 (
                     OutboundState.AWAITING_RECEIPT.value,
                     self._now(),
                     message_id,
                     OutboundState.SENDING.value,
+                    self.node,
                 ),
             )
             == 1
@@ -236,11 +244,12 @@ class OutboundQueue(SqlStore):
 
     def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
         """A send that did not get through goes back to the queue; False (nothing changed)
-        if the message is no longer being sent (its asynchronous receipt settled it)."""
+        if this node is no longer sending it (its asynchronous receipt settled it, or
+        another node took it over)."""
         return (
             self._write(
-                "UPDATE outbound SET state=?, last_error=?, next_attempt_at=?, updated_at=?"
-                " WHERE message_id=? AND state=?",
+                "UPDATE outbound SET state=?, last_error=?, next_attempt_at=?, updated_at=?,"
+                " lease_until=0 WHERE message_id=? AND state=? AND node=?",
                 (
                     OutboundState.QUEUED.value,
                     error,
@@ -248,6 +257,7 @@ class OutboundQueue(SqlStore):
                     self._now(),
                     message_id,
                     OutboundState.SENDING.value,
+                    self.node,
                 ),
             )
             == 1
@@ -290,6 +300,14 @@ class OutboundQueue(SqlStore):
         )
         return [_outbound(r) for r in rows]
 
+    def intake_interrupted(self) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.intake_interrupted`."""
+        rows = self._read(
+            "SELECT * FROM outbound WHERE state=? AND (node=? OR node IS NULL) ORDER BY created_at",
+            (OutboundState.INTAKE.value, self.node),
+        )
+        return [_outbound(r) for r in rows]
+
     def all_outbound(self) -> list[OutboundRecord]:
         rows = self._read("SELECT * FROM outbound ORDER BY created_at", ())
         return [_outbound(r) for r in rows]
@@ -311,10 +329,20 @@ class OutboundQueue(SqlStore):
             due = [r for r in rows if r["next_attempt_at"] <= now][: max(0, limit)]
             if due:
                 updated_at = self._now()
+                _, lease_until = self._lease()
                 db.executemany(
-                    "UPDATE outbound SET state=?, attempts=attempts+1, updated_at=?"
-                    " WHERE message_id=?",
-                    [(OutboundState.SENDING.value, updated_at, r["message_id"]) for r in due],
+                    "UPDATE outbound SET state=?, attempts=attempts+1, updated_at=?, node=?,"
+                    " lease_until=? WHERE message_id=?",
+                    [
+                        (
+                            OutboundState.SENDING.value,
+                            updated_at,
+                            self.node,
+                            lease_until,
+                            r["message_id"],
+                        )
+                        for r in due
+                    ],
                 )
             return rows, due
 
@@ -323,19 +351,62 @@ class OutboundQueue(SqlStore):
         return [_outbound(r) for r in due], (rest[0]["next_attempt_at"] if rest else None)
 
     def requeue_interrupted(self, peer: str | None = None) -> list[str]:
-        """Messages whose sending was interrupted go back to the queue: at start-up all
-        of them, or ``peer``'s when its sender starts again after a failure."""
-        where, params = "state=?", [OutboundState.SENDING.value]
+        """See :meth:`gateway.spool.protocol.Spool.requeue_interrupted`."""
+        now, _ = self._lease()
+        where = "state=? AND (node=? OR node IS NULL OR lease_until<?)"
+        params: list[object] = [OutboundState.SENDING.value, self.node, now]
         if peer is not None:
-            where, params = "state=? AND peer=?", [OutboundState.SENDING.value, peer]
-        rows = self._read(f"SELECT message_id FROM outbound WHERE {where}", tuple(params))  # noqa: S608
-        ids = [r["message_id"] for r in rows]
-        if ids:
-            self._write(
-                f"UPDATE outbound SET state=?, next_attempt_at=0, updated_at=? WHERE {where}",  # noqa: S608
-                (OutboundState.QUEUED.value, self._now(), *params),
+            where += " AND peer=?"
+            params.append(peer)
+        return [
+            r["message_id"]
+            for r in self._requeue(where, tuple(params), "interrupted; sending it again")
+        ]
+
+    def take_over_expired(self) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.take_over_expired`."""
+        now, _ = self._lease()
+        rows = self._requeue(
+            "state=? AND node IS NOT NULL AND node!=? AND lease_until<?",
+            (OutboundState.SENDING.value, self.node, now),
+            "taken over: the claim of the node sending it ran out",
+        )
+        return [_outbound(r) for r in rows]
+
+    def _requeue(self, where: str, params: tuple[object, ...], note: str) -> list[Row]:
+        """Messages being sent that match ``where`` back to the queue, due now, in one
+        transaction; returns their rows as they were."""
+        updated_at = self._now()
+
+        def requeue(db: Connection) -> list[Row]:
+            rows = db.execute(f"SELECT * FROM outbound WHERE {where}", params).fetchall()  # noqa: S608
+            db.executemany(
+                "UPDATE outbound SET state=?, next_attempt_at=0, last_error=?, updated_at=?,"
+                " node=NULL, lease_until=0 WHERE message_id=? AND state=?",
+                [
+                    (
+                        OutboundState.QUEUED.value,
+                        note,
+                        updated_at,
+                        r["message_id"],
+                        OutboundState.SENDING.value,
+                    )
+                    for r in rows
+                ],
             )
-        return ids
+            return rows
+
+        return self._transact(requeue)
+
+    def holds_lease(self, message_id: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.holds_lease`."""
+        now, _ = self._lease()
+        margin = self._claimant.lease_seconds / 2
+        row = self._one(
+            "SELECT 1 FROM outbound WHERE message_id=? AND state=? AND node=? AND lease_until>?",
+            (message_id, OutboundState.SENDING.value, self.node, now + margin),
+        )
+        return row is not None
 
     def list_outbound(
         self, *, state: OutboundState | None = None, peer: str | None = None, limit: int = 1000

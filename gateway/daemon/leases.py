@@ -1,0 +1,125 @@
+"""This node's claims in the spool: renewed while it lives; the claims of nodes that
+stopped, taken over once their lease runs out.
+
+Every third of a lease the node renews all its claims in one transaction.  If it
+cannot (the spool is unreachable) for half a lease, its sends in progress stop
+(``Outbound.claims_lost``): by the time another node may take them over, this one
+has let go.  Then it takes over the other nodes' claims whose lease ran out:
+messages they were sending go back to the queue (audited ``message.taken_over``,
+sent by whichever node claims them next), and deliveries they left in the middle
+are settled here (gateway.inbound.recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.clock import Clock, iso_time
+from gateway.config import GatewayConfig
+from gateway.errors import MedgwError
+from gateway.inbound import InboundProcessor
+from gateway.logs import Logger
+from gateway.outbound import Outbound
+from gateway.spool import Spool
+
+
+class LeaseKeeper:
+    """Renews this node's claims and takes over those of stopped nodes."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        clock: Clock,
+        config: Callable[[], GatewayConfig],
+        inbound: Callable[[], InboundProcessor],
+        outbound: Outbound,
+        audit: Callable[[], AuditSink],
+        log: Logger,
+    ) -> None:
+        self._spool = spool
+        self._clock = clock
+        self._config = config
+        self._inbound = inbound
+        self._outbound = outbound
+        self._audit = audit
+        self._log = log
+        self._renewed_at = clock.monotonic()  # the claims made at start are fresh
+        self._failing: str | None = None
+
+    async def run(self) -> None:
+        """Until cancelled: renew, then take over, every third of a lease."""
+        while True:
+            lease = self._config().cluster.lease_seconds
+            await self.renew(lease)
+            try:
+                peers = await asyncio.to_thread(self.take_over)
+            except MedgwError as exc:
+                if self._failing is None:  # else said once already (lease.renew_failed)
+                    self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
+            else:
+                for peer in peers:
+                    self._outbound.wake(peer)
+            await asyncio.sleep(lease / 3)
+
+    async def renew(self, lease: float) -> None:
+        """Renew every claim of this node; after half a lease without a renewal, stop
+        its sends in progress until one succeeds."""
+        started = self._clock.monotonic()
+        try:
+            await asyncio.to_thread(self._spool.renew_leases)
+        except (MedgwError, OSError) as exc:
+            error = exc.message if isinstance(exc, MedgwError) else str(exc)
+            if error != self._failing:
+                self._log.error(
+                    "lease.renew_failed",
+                    node=self._spool.node,
+                    error=error,
+                    fix="check the spool database and the network to it; after "
+                    f"{lease / 2:g} s this node stops its sends, after {lease:g} s other "
+                    "nodes take its messages over",
+                )
+                self._failing = error
+        else:
+            self._renewed_at = started
+            if self._failing is not None:
+                self._log.info("lease.renew_recovered", node=self._spool.node)
+                self._failing = None
+        if self._clock.monotonic() - self._renewed_at >= lease / 2:
+            if not self._outbound.claims_lost.is_set():
+                self._log.error("lease.claims_lost", node=self._spool.node)
+            self._outbound.claims_lost.set()
+        else:
+            self._outbound.claims_lost.clear()
+
+    def take_over(self) -> set[str]:
+        """The other nodes' claims whose lease ran out: their messages queued again here,
+        their deliveries settled; returns the peers with messages to send (worker thread)."""
+        peers = set()
+        for record in self._spool.take_over_expired():
+            peers.add(record.peer)
+            self._log.warning(
+                "message.taken_over",
+                peer=record.peer,
+                message_id=record.message_id,
+                from_node=record.node,
+            )
+            self._audit().emit(
+                AuditEvent(
+                    EventType.MESSAGE_TAKEN_OVER,
+                    Outcome.SUCCESS,
+                    Severity.WARNING,
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    direction="outbound",
+                    service=record.service,
+                    reason=f"node {record.node} was sending it and its claim ran out at "
+                    f"{iso_time(record.lease_until)}; queued again by node {self._spool.node}",
+                    detail={"from_node": record.node, "attempts": record.attempts},
+                )
+            )
+        settled = self._inbound().take_over()
+        if settled:
+            self._log.warning("delivery.taken_over", count=settled)
+        return peers

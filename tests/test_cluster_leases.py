@@ -1,0 +1,271 @@
+"""Claims under leases: two spool handles on one database act as two nodes.
+
+A node claims a message (to send it, or to write a received document to the
+inbox) in its name for a lease; the other node leaves a live claim alone, takes
+it over once the lease ran out, and the first node, when it wakes up, finds it
+no longer holds the claim and stops.  The clock is injected: leases run out
+when the test moves it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditLog
+from gateway.config import load_config
+from gateway.errors import ClaimHeldError
+from gateway.inbound.exactly_once import InboxDelivery
+from gateway.inbound.locks import InboundLocks
+from gateway.inbound.recovery import take_over
+from gateway.logs import make_logger
+from gateway.pki.demo import DemoLayout
+from gateway.spool import Claimant, OutboundState, Spool
+from gateway.spool.sql import SqlStore
+from tests.conftest import MakeSpool
+from tests.helpers.audit import events
+
+LEASE = 60.0
+
+
+class Clock:
+    """One clock for both nodes; time moves when the test says."""
+
+    def __init__(self) -> None:
+        self.at = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def nodes(make_spool: MakeSpool, clock: Clock) -> tuple[Spool, Spool]:
+    """Two nodes, a and b, on one spool (each test runs on SQLite and on PostgreSQL)."""
+    return make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
+
+
+def queue(spool: Spool, tmp_path: Path, message_id: str, peer: str = "lab") -> None:
+    spool.add_intake(
+        message_id, peer, "f.txt", "text/plain", tmp_path / "src", tmp_path / message_id
+    )
+    spool.mark_queued(message_id, None, [("AS2-To", peer)], "mic", 3, body=b"abc")
+
+
+def test_a_live_claim_to_send_is_left_alone_and_an_expired_one_is_taken_over(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    a, b = nodes
+    queue(a, tmp_path, "<m1@x>")
+    a.claim_due("lab", clock.now().timestamp(), 8)
+    record = b.get("<m1@x>")
+    assert record is not None and record.node == "a" and record.state is OutboundState.SENDING
+    assert record.lease_until == clock.now().timestamp() + LEASE
+
+    # Node b starts (or its sender restarts): a's live claim stays a's.
+    assert b.requeue_interrupted() == []
+    assert b.requeue_interrupted(peer="lab") == []
+    assert b.claim_due("lab", clock.now().timestamp(), 8)[0] == []
+    clock.advance(LEASE - 1)
+    assert b.take_over_expired() == []
+    assert a.holds_lease("<m1@x>") is False  # less than half a lease left: a must not POST
+
+    clock.advance(2)  # a's lease has run out
+    [taken] = b.take_over_expired()
+    assert (taken.message_id, taken.node) == ("<m1@x>", "a")
+    [again], _ = b.claim_due("lab", clock.now().timestamp(), 8)
+    assert again.message_id == "<m1@x>"
+    assert b.holds_lease("<m1@x>") and not a.holds_lease("<m1@x>")
+    # Node a wakes up: whatever it would do with its send changes nothing of b's.
+    assert a.mark_retry("<m1@x>", "late", 0) is False
+    assert a.mark_awaiting_receipt("<m1@x>") is False
+    assert a.requeue_interrupted() == []
+    current = a.get("<m1@x>")
+    assert current is not None and current.node == "b" and current.state is OutboundState.SENDING
+    assert current.attempts == 2
+
+
+def test_a_node_renewing_its_claims_keeps_them(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    a, b = nodes
+    for number in range(3):
+        queue(a, tmp_path, f"<m{number}@x>")
+    claimed, _ = a.claim_due("lab", clock.now().timestamp(), 8)
+    assert len(claimed) == 3
+    for _ in range(10):  # ten leases long, renewed every third of one
+        clock.advance(LEASE / 3)
+        assert a.renew_leases() == 3
+        assert b.take_over_expired() == []
+        assert all(a.holds_lease(r.message_id) for r in claimed)
+    assert b.renew_leases() == 0  # b renews only its own
+
+
+def test_at_start_a_node_takes_back_its_own_interrupted_sends_only(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    a, b = nodes
+    queue(a, tmp_path, "<a@x>")
+    queue(a, tmp_path, "<b@x>")
+    a.claim_due("lab", clock.now().timestamp(), 1)
+    b.claim_due("lab", clock.now().timestamp(), 1)
+    # Node a was killed and starts again (same name): its own send is queued again at
+    # once, b's live one is not.
+    restarted = make_spool(clock, Claimant("a", LEASE))
+    assert restarted.requeue_interrupted() == ["<a@x>"]
+    held = restarted.get("<b@x>")
+    assert held is not None and held.state is OutboundState.SENDING and held.node == "b"
+
+
+def test_a_claim_made_before_nodes_were_recorded_is_taken_back_at_start(
+    nodes: tuple[Spool, Spool], tmp_path: Path
+) -> None:
+    """An upgraded single-node spool: a message being sent by the old version has no
+    node; the next start queues it again."""
+    a, _ = nodes
+    queue(a, tmp_path, "<old@x>")
+    assert isinstance(a, SqlStore)
+    # As the older version left it:
+    a._write("UPDATE outbound SET state='sending', node=NULL, lease_until=0", ())
+    assert a.requeue_interrupted() == ["<old@x>"]
+
+
+def test_the_intake_a_node_left_is_its_own_to_finish(
+    nodes: tuple[Spool, Spool], tmp_path: Path
+) -> None:
+    """A document taken in but not yet signed is in its node's own state folder: only
+    that node prepares it (a node starting must not fail another's live intake)."""
+    a, b = nodes
+    a.add_intake("<i@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p")
+    assert [r.message_id for r in a.intake_interrupted()] == ["<i@x>"]
+    assert b.intake_interrupted() == []
+
+
+def test_a_received_document_is_claimed_by_one_node_at_a_time(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    a, b = nodes
+    a.inbound_begin("lab", "<r@x>", "00", tmp_path / "t", work_path=tmp_path / ".w", size=1)
+    # The same document arriving at node b meanwhile (the peer resent it there).
+    with pytest.raises(ClaimHeldError, match="being received by a"):
+        b.inbound_begin("lab", "<r@x>", "00", tmp_path / "t2", work_path=tmp_path / ".w2")
+    with pytest.raises(ClaimHeldError):
+        b.inbound_take("lab", "<r@x>")
+    assert b.inbound_unfinished() == []  # node b starting: a's live delivery is not its
+    assert b.inbound_take_over() == []
+    assert a.inbound_holds("lab", "<r@x>")
+
+    clock.advance(LEASE + 1)
+    assert not a.inbound_holds("lab", "<r@x>")
+    [taken] = b.inbound_take_over()
+    assert (taken.message_id, taken.node) == ("<r@x>", "a")
+    assert b.inbound_holds("lab", "<r@x>")
+    # Node a wakes up: it can neither forget the delivery nor record it written.
+    assert a.inbound_release("lab", "<r@x>") is False
+    a.inbound_written("lab", "<r@x>")
+    held = b.inbound_get("lab", "<r@x>")
+    assert held is not None and held.state == "delivering" and held.node == "b"
+    assert b.inbound_release("lab", "<r@x>") is True
+
+
+def test_renewal_keeps_a_long_delivery_and_start_up_takes_back_own_and_expired(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    a, b = nodes
+    a.inbound_begin("lab", "<long@x>", "00", tmp_path / "t1", work_path=tmp_path / ".w1")
+    b.inbound_begin("lab", "<dead@x>", "00", tmp_path / "t2", work_path=tmp_path / ".w2")
+    for _ in range(6):
+        clock.advance(LEASE / 3)
+        a.renew_leases()  # node b has died: it renews nothing
+    # Node a restarts now: its own interrupted delivery, and b's expired one.
+    restarted = make_spool(clock, Claimant("a", LEASE))
+    taken = {(r.message_id, r.node) for r in restarted.inbound_unfinished()}
+    assert taken == {("<long@x>", "a"), ("<dead@x>", "b")}
+    assert {r.node for r in restarted.inbound_in_progress()} == {"a"}
+
+
+# -- across two nodes through the exactly-once delivery, one inbox ---------------------
+
+
+def _delivery(layout: DemoLayout, spool: Spool, clock: Clock) -> InboxDelivery:
+    config = load_config(layout.hospital.config_path)
+    audit = AuditLog(layout.hospital.root / f"audit-{spool.node}.jsonl", clock, node=spool.node)
+    return InboxDelivery(config, spool, audit, make_logger(stream=io.StringIO()), InboundLocks())
+
+
+def test_a_stalled_node_whose_delivery_was_taken_over_does_not_write_it(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+) -> None:
+    """Node a stalls while writing a received document (longer than its lease); node
+    b takes the delivery over and forgets it (not in the inbox); node a, resuming,
+    must not link it into the inbox: the peer's resend to b is then the one copy."""
+    a, b = nodes
+    deliver_a, deliver_b = _delivery(layout, a, clock), _delivery(layout, b, clock)
+    peer = load_config(layout.hospital.config_path).require_peer("lab")
+    locks_b = InboundLocks()
+
+    def stalling() -> Iterator[bytes]:
+        yield b"MSH|"
+        clock.advance(LEASE + 1)  # node a hangs here; node b's take-over runs
+        assert take_over(deliver_b, b, make_logger(stream=io.StringIO()), locks_b) == 1
+        yield b"doc\r"
+
+    digest = "d" * 64
+    with pytest.raises(ClaimHeldError, match="ran out"):
+        deliver_a.deliver_once(peer, "<s@x>", "doc.hl7", stalling, 8, digest, None)
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert [p.name for p in inbox.iterdir() if not p.name.startswith(".")] == []
+    assert b.inbound_get("lab", "<s@x>") is None  # forgotten: a resend starts afresh
+
+    target = deliver_b.deliver_once(
+        peer, "<s@x>", "doc.hl7", lambda: [b"MSH|doc\r"], 8, digest, None
+    )
+    assert target.read_bytes() == b"MSH|doc\r"
+    assert sorted(p.name for p in inbox.iterdir()) == ["doc.hl7"]
+
+
+def test_a_delivery_a_dead_node_linked_is_recorded_by_the_node_taking_over(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+) -> None:
+    """Node a linked the document into the inbox and died before recording it; node b
+    takes the delivery over: the document is in the inbox once, audited by b, and a
+    resend to b is answered as a duplicate, never written again."""
+    a, b = nodes
+    deliver_b = _delivery(layout, b, clock)
+    peer = load_config(layout.hospital.config_path).require_peer("lab")
+    inbox = layout.hospital.inbox_dir / "lab"
+    inbox.mkdir(parents=True)
+    target, work = inbox / "doc.hl7", inbox / ".doc.hl7.0123456789ab.delivering"
+    work.write_bytes(b"MSH|doc\r")
+    digest = "e" * 64
+    a.inbound_begin("lab", "<k@x>", digest, target, work_path=work, size=8)
+    target.hardlink_to(work)
+    # ... and node a is killed here.
+    clock.advance(LEASE + 1)
+    assert take_over(deliver_b, b, make_logger(stream=io.StringIO()), InboundLocks()) == 1
+    record = b.inbound_get("lab", "<k@x>")
+    assert record is not None and record.state == "written"
+    trail = layout.hospital.root / "audit-b.jsonl"
+    [delivered] = events(trail, "message.delivered")
+    assert delivered["message_id"] == "<k@x>" and delivered["node"] == "b"
+
+    again = deliver_b.deliver_once(
+        peer, "<k@x>", "doc.hl7", lambda: [b"MSH|doc\r"], 8, digest, None
+    )
+    assert again == target
+    assert sorted(p.name for p in inbox.iterdir()) == ["doc.hl7"]
+    assert len(events(trail, "message.duplicate")) == 1
