@@ -86,12 +86,20 @@ class LeaseKeeper:
             if self._failing is not None:
                 self._log.info("lease.renew_recovered", node=self._spool.node)
                 self._failing = None
+        lost = self._outbound.claims_lost
         if self._clock.monotonic() - self._renewed_at >= lease / 2:
-            if not self._outbound.claims_lost.is_set():
+            if not lost.is_set():
                 self._log.error("lease.claims_lost", node=self._spool.node)
-            self._outbound.claims_lost.set()
-        else:
-            self._outbound.claims_lost.clear()
+            lost.set()
+        elif lost.is_set():
+            # No send of this node is in flight while its claims are lost: what they left
+            # claimed (those the spool could not be told of) goes back to the queue first.
+            try:
+                requeued = await asyncio.to_thread(self._spool.requeue_interrupted)
+            except MedgwError:
+                return  # again at the next renewal
+            self._log.info("lease.claims_back", node=self._spool.node, requeued=len(requeued))
+            lost.clear()
 
     def take_over(self) -> set[str]:
         """The other nodes' claims whose lease ran out: their messages queued again here,

@@ -15,7 +15,7 @@ from gateway.atrest.chunked import failure_of
 from gateway.audit import EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response
 from gateway.config import Peer
-from gateway.errors import AtRestError, TransportError
+from gateway.errors import AtRestError, MedgwError, TransportError
 from gateway.outbound.context import Context
 from gateway.outbound.settle import Settler, asks_async_receipt
 from gateway.spool import OutboundRecord, OutboundState
@@ -52,7 +52,7 @@ class Sender:
         if self._ctx.claims_lost.is_set() or not await self._ctx.in_thread(
             self._ctx.spool.holds_lease, record.message_id
         ):
-            self._claim_lost(record)
+            await self._ctx.in_thread(self._claim_lost, record)
             return 0.0
         try:
             body, headers = await self._ctx.in_thread(self._stored_body, record)
@@ -61,7 +61,7 @@ class Sender:
         try:
             response = await self._while_claimed(client.post(peer.url, headers, body))
             if response is None:
-                self._claim_lost(record)
+                await self._ctx.in_thread(self._claim_lost, record)
                 return 0.0
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
@@ -143,14 +143,22 @@ class Sender:
         return None if sending.cancelled() else sending.result()
 
     def _claim_lost(self, record: OutboundRecord) -> None:
-        """This node no longer holds the message (its lease ran out, or is about to): left
-        as it is, for the node that takes it over."""
+        """This node may no longer hold the message (its lease ran out, or nearly): not
+        sent now.  Queued again if it still holds it; else left to the node that took it
+        over (worker thread)."""
         self._ctx.log.warning(
             "message.claim_lost",
             peer=record.peer,
             message_id=record.message_id,
-            fix="check that this node reaches the spool; another node sends the message",
+            fix="check that this node reaches the spool; the message is sent once it does, "
+            "by this node or another",
         )
+        try:
+            self._ctx.spool.mark_retry(
+                record.message_id, "this node's claim ran out before the send", 0
+            )
+        except MedgwError as exc:  # the spool is unreachable: the lease keeper requeues it
+            self._ctx.log.warning("message.requeue_failed", error=exc.message)
 
     def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:
         """The send failed (connection, TLS, HTTP): queue it again after ``delay``, or make
