@@ -27,7 +27,7 @@ from gateway.atrest.chunked import (
 )
 from gateway.clock import SystemClock
 from gateway.errors import AtRestError, AtRestTamperedError
-from gateway.spool import OutboundState, RetainedKind, SqliteSpool
+from gateway.spool import DataKey, OutboundState, RetainedKind, SqliteSpool
 from gateway.spool.records import body_item, receipt_item, sent_receipt_item
 
 KEY = bytes(range(32))
@@ -311,4 +311,36 @@ def test_disposing_of_an_item_deletes_its_data_key_in_the_same_transaction(
         vault.read_file(receipt_item("<kept@hospital>"), tmp_path / "<kept@hospital>.mdn")
         == b"receipt"
     )
+    spool.close()
+
+
+class _RotatingBetween(SqliteSpool):
+    """A spool where a rotation happens right after an item's data key was read (the
+    interleaving a purge and a send can have)."""
+
+    vault: Vault | None = None
+
+    def data_key(self, item: str) -> DataKey | None:
+        found = super().data_key(item)
+        if self.vault is not None:
+            vault, self.vault = self.vault, None
+            vault.rotate()
+        return found
+
+
+def test_a_read_racing_a_rotation_reads_the_key_again(tmp_path: Path) -> None:
+    spool = _RotatingBetween(tmp_path / "spool.sqlite3", SystemClock())
+    writer = Vault(KeyStore(tmp_path / "keys"), spool)
+    writer.open()
+    item = "outbound-body:<raced@hospital>"
+    with writer.storing(item) as sealing:
+        stored = sealing.seal(b"raced body")
+        assert sealing.key is not None
+        spool.put_data_key(sealing.key)
+    reader = Vault(KeyStore(tmp_path / "keys"), spool)  # another process: its own cache
+    reader.open()
+    writer.rotate()  # the data key is under kek-2 now ...
+    spool.vault = writer  # ... and kek-2 goes right after the reader reads the data key
+    assert reader.open_bytes(item, stored) == b"raced body"
+    assert KeyStore(tmp_path / "keys").versions() == [3]
     spool.close()

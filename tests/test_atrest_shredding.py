@@ -113,6 +113,7 @@ def test_a_purge_leaves_nothing_readable_in_earlier_images_and_backups(
     taken = medgw("backup", "--to", str(bundle), "--config", str(lab.config))
     assert taken.returncode == 0, taken.stderr
     assert sorted(p.name for p in key_dir.iterdir()) == ["kek-1"]
+    first_kek = (key_dir / "kek-1").read_bytes()
 
     done = medgw("purge", "--before", before, "--json", "--config", str(lab.config))
     assert done.returncode == 0, done.stderr
@@ -141,6 +142,10 @@ def test_a_purge_leaves_nothing_readable_in_earlier_images_and_backups(
             for path, data in files.items():
                 for sample in _samples(receipt):
                     assert sample not in data, f"{message_id}'s receipt in {name}: {path}"
+
+    # Neither the state folder nor the backup ever carries a key-encryption key.
+    for name, files in contents.items():
+        assert not any(first_kek in data for data in files.values()), name
 
     # 2. Their data keys, as the earlier copies hold them, unwrap under no key left.
     keks = {p.name: p.read_bytes() for p in key_dir.iterdir()}

@@ -114,17 +114,27 @@ class Vault:
         return dek, DataKey(item, version, wrap(kek, dek))
 
     def _key(self, item: str) -> bytes:
-        stored = self._spool.data_key(item)
-        if stored is None:
-            raise AtRestError(
-                f"the data key of {item} is not in the spool: the item was disposed of, or "
-                "the spool was replaced by one from elsewhere",
-                fix="restore the spool and its stored files from the same backup",
-            )
-        version, kek = self._kek()
-        if stored.kek != version:
-            kek = self._store.load(stored.kek)
-        return unwrap(kek, stored.wrapped, item)
+        retried = False
+        while True:
+            stored = self._spool.data_key(item)
+            if stored is None:
+                raise AtRestError(
+                    f"the data key of {item} is not in the spool: the item was disposed of, "
+                    "or the spool was replaced by one from elsewhere",
+                    fix="restore the spool and its stored files from the same backup",
+                )
+            version, kek = self._kek()
+            if stored.kek != version:
+                try:
+                    kek = self._store.load(stored.kek)
+                except AtRestError:
+                    if retried:
+                        raise
+                    retried = True  # a rotation re-wrapped it and destroyed that key since
+                    with self._cond:
+                        self._cond.wait_for(lambda: not self._rotating)
+                    continue
+            return unwrap(kek, stored.wrapped, item)
 
     # -- reading ------------------------------------------------------------
 
