@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 
@@ -18,3 +19,29 @@ class TickingClock:
 
     def monotonic(self) -> float:
         return self.at.timestamp()
+
+
+@dataclass
+class SetClock:
+    """Time that stands where the test set it (``at``) until the test moves it."""
+
+    at: datetime = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.at
+
+    def monotonic(self) -> float:
+        return self.at.timestamp()
+
+
+@dataclass
+class SecondsClock:
+    """Time kept as seconds since the epoch (``seconds``), moved on by the test."""
+
+    seconds: float = 1000.0
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.seconds, UTC)
+
+    def monotonic(self) -> float:
+        return self.seconds

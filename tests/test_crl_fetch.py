@@ -24,25 +24,13 @@ from gateway.pki import crlfetch, issue
 from gateway.pki.crlfetch import CrlKeeper, Wanted, distribution_points, wanted_points
 from gateway.pki.validate import Purpose, RevocationPolicy, validate
 from gateway.policy import AlgorithmPolicy
+from tests.clocks import SetClock
 from tests.crl_server import DistributionPoint, openssl_crl
 from tests.routes import zone_map
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not on PATH")
 
 START = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
-
-
-class SetClock:
-    """Time that moves only when the test moves it."""
-
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
 
 
 @dataclass

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from gateway.pki.demo import DemoInstitution, DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests import as2client
 from tests.cli import medgw
+from tests.clocks import SetClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import demo_ca, lab_post
 from tests.helpers.diagnose import diagnose, failure_at, steps
@@ -361,17 +361,6 @@ def test_revoked_peer_certificate_fails_at_certificate_validity(layout, processe
     assert "tls_certificates in peers.d/hospital.toml" in failed["action"]
 
 
-@dataclass
-class FixedClock:
-    at: datetime
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return 0.0
-
-
 def test_certificate_step_follows_the_injected_clock(layout):
     config = load_config(layout.lab.config_path)
     peer = config.require_peer("hospital")
@@ -379,7 +368,7 @@ def test_certificate_step_follows_the_injected_clock(layout):
     expires = config.tls.identity.certificate.not_valid_after_utc
 
     def at(when: datetime):
-        return Diagnoser(config, peer, FixedClock(when)).certificates()
+        return Diagnoser(config, peer, SetClock(when)).certificates()
 
     assert at(issued + timedelta(days=1)).status is Status.OK
     soon = at(expires - timedelta(days=10))

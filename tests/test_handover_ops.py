@@ -13,7 +13,6 @@ import random
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from gateway.operations import Operations
 from gateway.pki.demo import DemoLayout
 from gateway.spool import HandoverState, SqliteSpool
 from tests.cli import medgw
+from tests.clocks import SetClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import set_runtime
 from tests.helpers.internal_system import InternalSystem, enable_delivery
@@ -116,17 +116,6 @@ def test_an_exhausted_hand_over_fails_and_an_operator_retry_hands_it_over_once(
         system.close()
 
 
-@dataclass
-class _Clock:
-    at: datetime
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return 0.0
-
-
 def test_a_hand_over_older_than_message_expiry_fails_at_its_next_failed_attempt(
     layout: DemoLayout, tmp_path: Path, internal_port: int
 ) -> None:
@@ -134,7 +123,7 @@ def test_a_hand_over_older_than_message_expiry_fails_at_its_next_failed_attempt(
     enable_delivery(layout, internal_port)  # nothing listens there
     config = load_config(layout.hospital.config_path)
     now = datetime.now(UTC)
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", _Clock(now - timedelta(hours=2)))
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SetClock(now - timedelta(hours=2)))
     inbox_file = tmp_path / "a.hl7"
     inbox_file.write_bytes(b"MSH|a\r")
     sha = hashlib.sha256(b"MSH|a\r").hexdigest()

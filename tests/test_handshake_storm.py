@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,24 +13,14 @@ import pytest
 from gateway.channel.storms import EVERYWHERE, HandshakeStorms
 from gateway.demo_run import read_audit, wait_until
 from gateway.pki.demo import DemoLayout
+from tests.clocks import SecondsClock
 from tests.helpers.audit import wait_for_event
 from tests.helpers.audit_export import export_to
 from tests.rsyslog import Collector, Received
 
 
-class SteppedClock:
-    def __init__(self) -> None:
-        self.seconds = 1000.0
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.seconds, UTC)
-
-    def monotonic(self) -> float:
-        return self.seconds
-
-
 def test_many_sources_make_one_storm_and_it_ends_after_a_quiet_window() -> None:
-    clock = SteppedClock()
+    clock = SecondsClock()
     storms = HandshakeStorms(clock, per_source=5, total=20, window_seconds=60, max_sources=8)
     began = []
     for n in range(200):  # one failure from each of 200 addresses, within the minute
@@ -50,7 +39,7 @@ def test_many_sources_make_one_storm_and_it_ends_after_a_quiet_window() -> None:
 
 
 def test_one_address_makes_its_own_storm_once() -> None:
-    clock = SteppedClock()
+    clock = SecondsClock()
     storms = HandshakeStorms(clock, per_source=5, total=1000, window_seconds=60)
     notices = [n for _ in range(50) for n in storms.failed("203.0.113.9")]
     assert [(n.storm.source, n.ended) for n in notices] == [("203.0.113.9", False)]

@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from gateway.errors import ConfigError
 from gateway.intake.api import LocalApi
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
+from tests.clocks import SecondsClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.local_api import LIS_SHA, LIS_TOKEN, RIS_TOKEN, UnixConnection, enable_api
 from tests.helpers.storage import fill_file_system, small_file_system
@@ -431,17 +431,6 @@ def test_failed_tokens_cannot_flood_the_audit_trail(layout: DemoLayout, processe
     assert status == 404
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.seconds = 1000.0
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.seconds, UTC)
-
-    def monotonic(self) -> float:
-        return self.seconds
-
-
 class ListSink:
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
@@ -455,7 +444,7 @@ async def never(*_args: Any) -> Any:
 
 
 async def test_beyond_ten_a_minute_one_record_a_minute_counts_the_failures() -> None:
-    clock = FakeClock()
+    clock = SecondsClock()
     sink = ListSink()
 
     client = ApiClient("lis", LIS_SHA, ("hospital",))
@@ -643,7 +632,7 @@ async def test_a_body_that_stops_arriving_is_given_up_and_nothing_kept() -> None
 async def test_other_loopback_source_addresses_do_not_multiply_the_audit_bound() -> None:
     # Any local user can connect from any of 127.0.0.0/8: counted per source address,
     # ten failures a minute would become ten per address, without bound.
-    clock = FakeClock()
+    clock = SecondsClock()
     sink = ListSink()
     client = ApiClient("lis", LIS_SHA, ("hospital",))
     local = LocalApi(lambda: (client,), never, never, sink, clock=clock, flush_seconds=0.05)

@@ -20,19 +20,9 @@ from gateway.metrics.collector import (
     handshake_reason,
 )
 from gateway.metrics.server import MetricsServer
+from tests.clocks import SetClock
 
 START = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
-
-
-class SetClock:
-    def __init__(self, at: datetime) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
 
 
 class Recorder:

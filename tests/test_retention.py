@@ -14,20 +14,10 @@ from gateway.audit import AuditEvent
 from gateway.config.retention import RetentionRule, RetentionSettings
 from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
 from gateway.spool import OutboundState, RetainedKind
+from tests.clocks import SetClock
 from tests.conftest import MakeSpool
 
 START = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)
-
-
-@dataclass
-class Clock:
-    at: datetime = START
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
 
 
 @dataclass
@@ -45,7 +35,7 @@ class Audit:
 class Place:
     tmp: Path
     make: MakeSpool
-    clock: Clock = field(default_factory=Clock)
+    clock: SetClock = field(default_factory=lambda: SetClock(START))
     audit: Audit = field(default_factory=Audit)
 
     def __post_init__(self) -> None:
