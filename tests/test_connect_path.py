@@ -46,7 +46,6 @@ from tests.helpers.zones import (
     as2_message,
     post_as2,
     set_site_runtime,
-    two_zone_world,
 )
 from tests.routes import listening, zone_map
 
@@ -469,21 +468,6 @@ def test_a_receipt_owed_to_a_peer_moved_to_another_zone_is_not_sent_across(
         assert lab_endpoint.seen == ["127.0.1.1"]  # nothing from zone B's address
     finally:
         lab_endpoint.close()
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> World:
-    ports = free_ports(4)
-    return two_zone_world(
-        tmp_path,
-        hospital_a="127.0.1.1",
-        hospital_b="127.0.2.1",
-        lab_ip="127.0.1.2",
-        pharmacy_ip="127.0.2.2",
-        net_a="127.0.1.0/24",
-        net_b="127.0.2.0/24",
-        ports=(ports[0], ports[1], ports[2], ports[3]),
-    )
 
 
 # --- no way out but the connect path ------------------------------------------------------
