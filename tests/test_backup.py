@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, _complete_records
+from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, WORK_PREFIX, _complete_records
 from gateway.clock import SystemClock
 from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
@@ -485,3 +485,39 @@ def test_backup_of_a_postgresql_spool_is_refused_and_names_the_database_tools(
     assert made.returncode == 1 and "Traceback" not in made.stderr, made.stderr
     assert "the spool is in the PostgreSQL database" in made.stderr and "pg_dump" in made.stderr
     assert not (tmp_path / "b.p7m").exists()
+
+
+def _leftovers_of_a_killed_backup(state: Path, secret: bytes) -> list[Path]:
+    """What ``medgw backup`` leaves in the state folder when it is killed after collecting
+    (its work folder with an inbox document, the archive and the entity), as it names them."""
+    work = state / f"{WORK_PREFIX}4242-20260101T000000000000"
+    (work / "inbox" / "lab").mkdir(parents=True)
+    (work / "inbox" / "lab" / "result.hl7").write_bytes(secret)
+    archive, entity = work.with_name(work.name + ".tar"), work.with_name(work.name + ".entity")
+    archive.write_bytes(b"result.hl7\0" + secret)
+    entity.write_bytes(ENTITY_HEAD + base64.b64encode(secret))
+    return [work, archive, entity]
+
+
+def test_a_backup_killed_half_way_leaves_no_plaintext_in_the_state_folder(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """The work files of a backup killed half-way hold documents and the audit trail
+    unencrypted: the next start of the daemon, or the next backup with it stopped,
+    removes them before anything else (no purge could ever reach them)."""
+    _, cert = recipient(tmp_path / "offline")
+    hospital = layout.hospital
+    add_backup(hospital.config_path, cert)
+    state = hospital.root / "state"
+    secret = b"PID|||PATIENT-4711^^^HOSP||YAMADA^TARO\r"
+    processes.start(hospital.config_path).stop()
+    left = _leftovers_of_a_killed_backup(state, secret)
+    kept = state / "spool.sqlite3"
+    processes.start(hospital.config_path).stop()
+    assert [p for p in left if p.exists()] == []
+    assert kept.exists()
+    left = _leftovers_of_a_killed_backup(state, secret)
+    made = medgw("backup", "--to", tmp_path / "b.p7m", "--config", hospital.config_path)
+    assert made.returncode == 0, made.stderr
+    assert [p for p in left if p.exists()] == []
+    assert not [p for p in state.rglob("*") if p.is_file() and secret in p.read_bytes()]

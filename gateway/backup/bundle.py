@@ -63,6 +63,9 @@ _LINE = 57  # bytes per base64 line of 76 characters
 _TAIL_BLOCK = 1 << 16  # read backwards from a trail file's end, this much at a time
 # Outbound rows whose files are still needed to send them (or for an operator to).
 _OWED = ("intake", "queued", "sending", "awaiting-receipt", "failed", "expired", "dead")
+# The work folder of a backup being written, in the state folder, and its archive and
+# entity beside it: they hold the inbox documents, payloads and audit trail as they are.
+WORK_PREFIX = ".backup-"
 
 
 class BackupError(MedgwError):
@@ -289,7 +292,7 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
         )
     _refuse_own_folder(config, dst)
     state = config.storage.state_dir
-    work = state / f".backup-{os.getpid()}-{now.strftime('%Y%m%dT%H%M%S%f')}"
+    work = state / f"{WORK_PREFIX}{os.getpid()}-{now.strftime('%Y%m%dT%H%M%S%f')}"
     private_folder(work)
     entity = work.with_name(work.name + ".entity")
     try:
@@ -333,6 +336,24 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
         work.with_name(work.name + ".tar").unlink(missing_ok=True)
         entity.unlink(missing_ok=True)
     return Written(dst, sealed.size, len(manifest["files"]), manifest["outbound_messages"])
+
+
+def remove_leftovers(state: Path) -> int:
+    """Remove what a backup killed half-way left in the state folder ``state`` (its work
+    folder, archive and entity: documents and the audit trail, unencrypted); returns how
+    many.  Call only where no backup can be running: with the state folder's lock held,
+    before the daemon serves."""
+    try:
+        names = [n for n in os.listdir(state) if n.startswith(WORK_PREFIX)]
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = state / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return len(names)
 
 
 _PARTS = ("state", "inbox", "audit", "config")  # the folders a bundle's files are in

@@ -15,7 +15,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.audit import AuditEvent
-from gateway.backup.bundle import BackupError, RestoreRefused, created_event, write_bundle
+from gateway.backup.bundle import (
+    BackupError,
+    RestoreRefused,
+    created_event,
+    remove_leftovers,
+    write_bundle,
+)
 from gateway.backup.restore import Restored, refused_event, restore, restored_event
 from gateway.clock import SystemClock
 from gateway.commands import add_config_option, emit
@@ -77,6 +83,7 @@ def _backup(args: argparse.Namespace) -> int:
         lock = InstanceLock(config.storage.state_dir)
         lock.acquire()  # the daemon does not start meanwhile
         try:
+            remove_leftovers(config.storage.state_dir)  # of a backup killed half-way
             written = write_bundle(config, to, SystemClock().now())
             _record(config, created_event(written, _actor()))
         finally:
