@@ -1,5 +1,6 @@
 """A peer's sender: a message the peer has taken is settled (receipt stored, verified,
-recorded) without holding one of the peer's connections, within a bound.
+recorded) without holding one of the peer's connections, within a bound; with no
+connection free, a wakeup does not make it ask the spool for work.
 
 The sender loop is the daemon's own (gateway.daemon.sending); the sending pipeline
 under it is a stand-in that records what the loop asks of it and holds every message
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from typing import Any
 
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
-from gateway.daemon.sending import SETTLING_PER_PEER, Senders
+from gateway.daemon.sending import PEER_IDLE_CHECK_SECONDS, SETTLING_PER_PEER, Senders
 from gateway.daemon.state import PARALLEL_SENDS_PER_PEER
 from gateway.daemon.tasks import Tasks
 from gateway.logs import make_logger
@@ -43,8 +45,10 @@ class HeldPipeline:
         self.most_sending = 0
         self.settled: list[str] = []
         self.release = asyncio.Event()
+        self.asked: list[tuple[float, int]] = []  # (when, free) of every due_for_sending
 
     async def due_for_sending(self, peer: Any, now: float, free: int) -> tuple[list[Any], None]:
+        self.asked.append((time.monotonic(), free))
         claimed, self.due = self.due[:free], self.due[free:]
         return [SimpleNamespace(message_id=m) for m in claimed], None
 
@@ -111,9 +115,17 @@ async def test_messages_being_settled_free_their_connections_up_to_a_bound(
         await wait_for(lambda: len(pipeline.settling) == bound, f"{bound} messages settling")
         assert len(pipeline.due) == total - bound  # the rest wait in the queue, unclaimed
         assert pipeline.most_sending <= PARALLEL_SENDS_PER_PEER
+        # Documents queued meanwhile wake the sender; with no connection free it asks
+        # the spool nothing (a worker thread and transactions each time), but once
+        # every PEER_IDLE_CHECK_SECONDS (what expires meanwhile).
+        for _ in range(20):
+            pipeline.wakeups["hospital"].set()
+            await asyncio.sleep(0.001)
         pipeline.release.set()
         await wait_for(lambda: len(pipeline.settled) == total, "every message settled")
         assert sorted(pipeline.settled) == sorted(f"<m{i}@lab>" for i in range(total))
+        for (before, _), (at, free) in itertools.pairwise(pipeline.asked):
+            assert free > 0 or at - before >= PEER_IDLE_CHECK_SECONDS, pipeline.asked
     finally:
         pipeline.release.set()
         tasks.stopping = True

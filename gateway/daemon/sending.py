@@ -13,6 +13,7 @@ from gateway.daemon.state import PARALLEL_SENDS_PER_PEER, Parts, RuntimeState
 from gateway.daemon.tasks import Tasks
 from gateway.errors import MedgwError
 from gateway.outbound import Outbound
+from gateway.spool import OutboundRecord
 
 PEER_IDLE_CHECK_SECONDS = 5.0
 # Messages of one peer being settled (receipt stored and verified, state and audit
@@ -111,6 +112,11 @@ class Senders:
         for message_id in self._parts.spool.requeue_interrupted(peer=name):
             self._parts.log.info("message.requeued_after_failure", peer=name, message_id=message_id)
         resume_at = 0.0  # the whole peer rests after a transport failure
+        # With no connection free, the spool is asked nothing (no worker thread, no
+        # transaction) on every wakeup - a document queued, a send finished - but only
+        # every PEER_IDLE_CHECK_SECONDS, for what expires meanwhile.
+        checked_at: float | None = None
+        next_at: float | None = None
         try:
             while not self._tasks.stopping:
                 wakeup.clear()
@@ -128,7 +134,10 @@ class Senders:
                     )
                 if state.trust[name].unusable is not None:
                     free = 0  # said once (peer.unusable); its messages wait, unsent
-                claimed, next_at = await self._outbound.due_for_sending(peer, now, free)
+                claimed: list[OutboundRecord] = []
+                if free > 0 or checked_at is None or now - checked_at >= PEER_IDLE_CHECK_SECONDS:
+                    claimed, next_at = await self._outbound.due_for_sending(peer, now, free)
+                    checked_at = now
                 for record in claimed:
                     task = asyncio.get_running_loop().create_task(
                         self._outbound.send_one(
