@@ -344,3 +344,32 @@ def test_a_read_racing_a_rotation_reads_the_key_again(tmp_path: Path) -> None:
     assert reader.open_bytes(item, stored) == b"raced body"
     assert KeyStore(tmp_path / "keys").versions() == [3]
     spool.close()
+
+
+def test_an_encrypted_item_replaced_by_plaintext_is_refused(tmp_path: Path) -> None:
+    """Plaintext is told apart by its first bytes, to read what was stored before at-rest
+    encryption; an item with a data key in the spool was stored encrypted, so the same
+    item in the clear is a replacement, refused like a changed byte (never sent or used)."""
+    spool, vault, sealed = _spool_with_keys(tmp_path, 1)
+    item = next(iter(sealed))
+    forged = b"Content-Type: message/disposition-notification\r\n\r\nforged receipt"
+    with pytest.raises(AtRestTamperedError, match="in the clear"):
+        vault.open_bytes(item, forged)
+    body = tmp_path / "body.as2"
+    body.write_bytes(b"0\x82\x01\x00 a DER body written by someone else")
+    spool.put_data_key(DataKey(body_item("<m1@hospital>"), 1, b"\0" * 40))
+    with pytest.raises(AtRestTamperedError, match="in the clear"):
+        vault.reader(body_item("<m1@hospital>"), body).close()
+    # One from before at-rest encryption (no data key) is read as it is.
+    assert vault.open_bytes("inbound-receipt:lab:<old@lab>", forged) == forged
+    with vault.reader(body_item("<old@hospital>"), body) as handle:
+        assert handle.read() == body.read_bytes()
+    # Stored again in the clear (at-rest encryption turned off): its key goes with it.
+    off = Vault(KeyStore(tmp_path / "keys"), spool, encrypt=False)
+    with off.storing(item) as sealing:
+        stored = sealing.seal(b"receipt kept in the clear")
+        assert sealing.key is not None
+        spool.put_data_key(sealing.key)
+    assert spool.data_key(item) is None
+    assert vault.open_bytes(item, stored) == b"receipt kept in the clear"
+    spool.close()

@@ -72,6 +72,12 @@ def _tampered(item: str, what: str) -> AtRestTamperedError:
     )
 
 
+def stored_in_clear(item: str) -> AtRestTamperedError:
+    """``item`` read in the clear although medgw stored it encrypted (its data key is in
+    the spool): replaced, as surely as a changed byte."""
+    return _tampered(item, "it is in the clear, but medgw stored it encrypted")
+
+
 class SealingWriter:
     """Writes ``item``'s plaintext to ``out`` in this format; :meth:`finish` writes the
     last chunk (without it the file is refused as truncated)."""

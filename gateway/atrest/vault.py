@@ -138,9 +138,17 @@ class Vault:
 
     # -- reading ------------------------------------------------------------
 
+    def _in_clear(self, item: str) -> None:
+        """``item`` is stored in the clear: fine for one stored before at-rest encryption
+        (or while it was off), which has no data key; one with a data key was stored
+        encrypted and has been replaced (AtRestTamperedError)."""
+        if self._spool.data_key(item) is not None:
+            raise chunked.stored_in_clear(item)
+
     def open_bytes(self, item: str, stored: bytes) -> bytes:
         """The plaintext of an item kept in the spool (as it is, if stored in plaintext)."""
         if not chunked.is_sealed(stored):
+            self._in_clear(item)
             return stored
         return chunked.open_bytes(self._key(item), item, stored)
 
@@ -149,6 +157,7 @@ class Vault:
         handle = path.open("rb")
         try:
             if not chunked.is_sealed(handle.read(len(chunked.MAGIC))):
+                self._in_clear(item)
                 handle.seek(0)
                 return handle
             handle.seek(0)
@@ -208,7 +217,8 @@ class Vault:
 
 class Sealing:
     """One item being sealed (see :func:`storing`); ``key`` is what the spool stores with
-    it (None: at-rest encryption is off, the item is stored as it is)."""
+    it (None: there is no vault; :meth:`DataKey.cleared`: at-rest encryption is off, the
+    item is stored as it is)."""
 
     def __init__(self, vault: Vault | None, item: str) -> None:
         self._vault = vault
@@ -220,7 +230,10 @@ class Sealing:
         return self._vault is not None and self._vault.encrypt
 
     def _new_key(self) -> bytes | None:
-        if self._vault is None or not self._vault.encrypt:
+        if self._vault is None:
+            return None
+        if not self._vault.encrypt:
+            self.key = DataKey.cleared(self.item)  # a key it had would call it replaced
             return None
         dek, self.key = self._vault.new_key(self.item)
         return dek

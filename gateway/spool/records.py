@@ -199,6 +199,17 @@ class DataKey:
     kek: int
     wrapped: bytes
 
+    @classmethod
+    def cleared(cls, item: str) -> DataKey:
+        """``item`` stored in the clear (at-rest encryption off): storing this removes a
+        data key it had (from when it was stored encrypted), so that none is left that
+        says it must be encrypted."""
+        return cls(item, 0, b"")
+
+    @property
+    def is_cleared(self) -> bool:
+        return self.kek == 0
+
 
 # The names of the items kept encrypted at rest, each with its own data key.
 def body_item(message_id: str) -> str:

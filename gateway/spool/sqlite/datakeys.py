@@ -22,7 +22,10 @@ INSERT = (
 
 
 def key_statement(key: DataKey) -> tuple[str, tuple[object, ...]]:
-    """The statement that stores ``key`` (run in the transaction that stores its item)."""
+    """The statement that stores ``key`` (run in the transaction that stores its item);
+    one :meth:`DataKey.cleared` deletes the item's key."""
+    if key.is_cleared:
+        return "DELETE FROM data_keys WHERE item=?", (key.item,)
     return INSERT, (key.item, key.kek, key.wrapped)
 
 
