@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
+from gateway.as2.headers import check_message_id
 from gateway.atrest import KeyStore, Vault
 from gateway.atrest.chunked import (
     CHUNK,
@@ -372,4 +373,20 @@ def test_an_encrypted_item_replaced_by_plaintext_is_refused(tmp_path: Path) -> N
         spool.put_data_key(sealing.key)
     assert spool.data_key(item) is None
     assert vault.open_bytes(item, stored) == b"receipt kept in the clear"
+    spool.close()
+
+
+def test_the_longest_item_names_a_peer_can_cause_are_stored(tmp_path: Path) -> None:
+    """A sent receipt's item names the peer (peers.d/<name>.toml: up to 250 bytes) and
+    the Message-ID the peer chose (up to 998 characters, RFC 4130): the receipt of such
+    a message is kept, and read back, like any other."""
+    spool, vault, _ = _spool_with_keys(tmp_path, 1)
+    message_id = check_message_id("<" + "x" * 984 + "@lab.example>")
+    assert len(message_id) == 998
+    item = sent_receipt_item("p" * 250, message_id)
+    with vault.storing(item) as sealing:
+        stored = sealing.seal(b"the receipt sent")
+        assert sealing.key is not None
+        spool.put_data_key(sealing.key)
+    assert vault.open_bytes(item, stored) == b"the receipt sent"
     spool.close()

@@ -36,7 +36,9 @@ CHUNK = 64 << 10
 TAG = 16
 KEY_BYTES = 32  # AES-256
 PREFIX_BYTES = 8
-MAX_ITEM = 1024  # bytes of an item's name
+# Bytes of an item's name: the longest is a sent receipt's, "inbound-receipt:" + a peer's
+# name (peers.d/<name>.toml: up to 250 bytes) + ":" + the peer's Message-ID (up to 998).
+MAX_ITEM = 2048
 MAX_CHUNKS = 1 << 32  # the nonce's counter
 _FIXED = len(MAGIC) + 1 + PREFIX_BYTES + 2
 
