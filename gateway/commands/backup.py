@@ -6,7 +6,6 @@ runs with the daemon stopped, onto an empty state folder."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,9 @@ from gateway.backup.bundle import (
 from gateway.backup.restore import Restored, refused_event, restore, restored_event
 from gateway.clock import SystemClock
 from gateway.commands import add_config_option, emit
-from gateway.commands.queue import control_client, offline_trail
+from gateway.commands.queue import control_client, offline_actor, offline_trail
 from gateway.config import GatewayConfig, load_config
 from gateway.control.client import NotRunningError
-from gateway.control.server import operator
 from gateway.errors import MedgwError
 from gateway.instance import InstanceLock
 from gateway.pki.keypair import PrivateKey
@@ -70,10 +68,6 @@ def register(commands: Any) -> None:
     restore_cmd.set_defaults(handler=_restore)
 
 
-def _actor() -> str:
-    return operator(os.getuid(), os.environ.get("SUDO_USER") or os.environ.get("USER") or "")
-
-
 def _backup(args: argparse.Namespace) -> int:
     to = args.to.absolute()
     try:
@@ -85,7 +79,7 @@ def _backup(args: argparse.Namespace) -> int:
         try:
             remove_leftovers(config.storage.state_dir)  # of a backup killed half-way
             written = write_bundle(config, to, SystemClock().now())
-            _record(config, created_event(written, _actor()))
+            _record(config, created_event(written, offline_actor()))
         finally:
             lock.release()
         result = {
@@ -140,7 +134,8 @@ def _record_refusal(args: argparse.Namespace, config: GatewayConfig, exc: Restor
             )
         else:
             _record(
-                config, refused_event(bundle, exc.reason, exc.message, _actor(), forced=args.force)
+                config,
+                refused_event(bundle, exc.reason, exc.message, offline_actor(), forced=args.force),
             )
     except (MedgwError, OSError) as error:
         print(
@@ -154,7 +149,7 @@ def _restore(args: argparse.Namespace) -> int:
     bundle = args.source.absolute()
 
     def restored(done: Restored) -> None:
-        _record(config, restored_event(bundle, done, _actor(), forced=args.force))
+        _record(config, restored_event(bundle, done, offline_actor(), forced=args.force))
 
     done = restore(
         config,

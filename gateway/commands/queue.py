@@ -25,7 +25,7 @@ from gateway.clock import SystemClock
 from gateway.commands import add_config_option, emit, record_table
 from gateway.config import GatewayConfig, load_config
 from gateway.control import SOCKET_NAME
-from gateway.control.client import ControlClient, NotRunningError
+from gateway.control.client import ControlClient, NotRunningError, claimed_operator
 from gateway.control.server import operator
 from gateway.errors import MedgwError
 from gateway.operations import listed, peers_view, record_view, viewed
@@ -119,11 +119,17 @@ def offline_trail(config: GatewayConfig) -> AuditLog:
     )
 
 
+def offline_actor() -> str:
+    """Who runs this command, as the audit trail's actor when it writes the record itself
+    (the daemon stopped): the same as the control socket would record."""
+    return operator(os.getuid(), claimed_operator())
+
+
 def offline_read(config: GatewayConfig, record: Callable[[AuditSink, str], None]) -> None:
     """Audit a read of the spool made with the daemon stopped (MNT-1): ``record`` writes
     the event, given the audit log and the actor (this process's account, and the name
     sudo passes).  Raises MedgwError if it cannot be written: then nothing is shown."""
-    actor = operator(os.getuid(), os.environ.get("SUDO_USER") or os.environ.get("USER") or "")
+    actor = offline_actor()
     try:
         audit = offline_trail(config)
         try:

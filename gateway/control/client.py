@@ -15,6 +15,13 @@ from urllib.parse import quote
 from gateway.errors import MedgwError
 
 
+def claimed_operator() -> str:
+    """The login name this command says it runs for: sudo's SUDO_USER, else USER.
+    Unverified (only sudo's own log can vouch for it): the actor shows it as claimed
+    beside the account the kernel reports (gateway.control.server.operator)."""
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
+
+
 class NotRunningError(MedgwError):
     """The daemon's control socket is not there or nobody answers."""
 
@@ -73,9 +80,8 @@ class ControlClient:
         timeout: float | None = None,
     ) -> Any:
         connection = _UnixConnection(self.path, timeout or self.timeout)
-        operator = os.environ.get("SUDO_USER") or os.environ.get("USER") or ""
         # Percent-encoded: any name (non-ASCII, or with control characters) fits a header.
-        headers = {"X-Medgw-Operator": quote(operator[:64], safe=""), **headers}
+        headers = {"X-Medgw-Operator": quote(claimed_operator()[:64], safe=""), **headers}
         try:
             # The daemon may refuse before reading everything: then its answer says why.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
