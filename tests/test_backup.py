@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, WORK_PREFIX, _complete_records
+from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.clock import SystemClock
 from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
@@ -499,12 +500,12 @@ def _leftovers_of_a_killed_backup(state: Path, secret: bytes) -> list[Path]:
     return [work, archive, entity]
 
 
-def test_a_backup_killed_half_way_leaves_no_plaintext_in_the_state_folder(
+def test_a_backup_or_restore_killed_half_way_leaves_no_plaintext_in_the_state_folder(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:
-    """The work files of a backup killed half-way hold documents and the audit trail
-    unencrypted: the next start of the daemon, or the next backup with it stopped,
-    removes them before anything else (no purge could ever reach them)."""
+    """The work files of a backup or a restore killed half-way hold documents and the
+    audit trail unencrypted: the next start of the daemon (or, for a backup's, the next
+    backup with it stopped) removes them before anything else (no purge reaches them)."""
     _, cert = recipient(tmp_path / "offline")
     hospital = layout.hospital
     add_backup(hospital.config_path, cert)
@@ -512,6 +513,13 @@ def test_a_backup_killed_half_way_leaves_no_plaintext_in_the_state_folder(
     secret = b"PID|||PATIENT-4711^^^HOSP||YAMADA^TARO\r"
     processes.start(hospital.config_path).stop()
     left = _leftovers_of_a_killed_backup(state, secret)
+    # ... and a restore killed half-way: the bundle unpacked, its entity and archive.
+    for name in (RESTORE_WORK, RESTORE_WORK + ".entity", RESTORE_WORK + ".tar"):
+        left.append(state / name)
+    (state / RESTORE_WORK / "inbox" / "lab").mkdir(parents=True)
+    (state / RESTORE_WORK / "inbox" / "lab" / "result.hl7").write_bytes(secret)
+    left[-2].write_bytes(secret)
+    left[-1].write_bytes(secret)
     kept = state / "spool.sqlite3"
     processes.start(hospital.config_path).stop()
     assert [p for p in left if p.exists()] == []

@@ -338,13 +338,13 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
     return Written(dst, sealed.size, len(manifest["files"]), manifest["outbound_messages"])
 
 
-def remove_leftovers(state: Path) -> int:
-    """Remove what a backup killed half-way left in the state folder ``state`` (its work
-    folder, archive and entity: documents and the audit trail, unencrypted); returns how
-    many.  Call only where no backup can be running: with the state folder's lock held,
-    before the daemon serves."""
+def remove_leftovers(state: Path, prefixes: tuple[str, ...] = (WORK_PREFIX,)) -> int:
+    """Remove what a backup (or, given its prefix, a restore) killed half-way left in the
+    state folder ``state``: its work folder, archive and entity, documents and the audit
+    trail unencrypted; returns how many.  Call only where none can be running: with the
+    state folder's lock held, before the daemon serves."""
     try:
-        names = [n for n in os.listdir(state) if n.startswith(WORK_PREFIX)]
+        names = [n for n in os.listdir(state) if n.startswith(prefixes)]
     except FileNotFoundError:
         return 0
     for name in names:

@@ -30,7 +30,8 @@ from gateway.audit.export.cursor import load_position
 from gateway.audit.export.exporter import CURSOR_NAME
 from gateway.audit.seal import CheckpointKeys, Sealer
 from gateway.audit.watch import BrokenRecords, TrailWatch
-from gateway.backup.bundle import remove_leftovers
+from gateway.backup.bundle import WORK_PREFIX, remove_leftovers
+from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, load_config
@@ -209,7 +210,8 @@ class Daemon:
         # What a killed run was receiving (bodies, decrypted working files): the peers
         # resend them.  Removed first, so that no plaintext outlives a start that fails.
         shutil.rmtree(config.storage.state_dir / "incoming", ignore_errors=True)
-        remove_leftovers(config.storage.state_dir)  # of a backup killed half-way: plaintext
+        # Of a backup or a restore killed half-way (unencrypted documents and trail).
+        remove_leftovers(config.storage.state_dir, (WORK_PREFIX, RESTORE_WORK))
         shared_folder(config.storage.state_dir)  # holds the spool; often the inbox and outbox
         private_folder(config.storage.state_dir / "incoming")
         for warning in config.warnings:
