@@ -63,6 +63,19 @@ def _find_cert(signer: Signer, candidates: Sequence[x509.Certificate]) -> x509.C
     return None
 
 
+def _check_named_digest(signer: Signer, name: str, digest: str, policy: AlgorithmPolicy) -> None:
+    """A signature algorithm that names its digest (``sha256_rsa``, ``sha384_ecdsa``): that
+    digest is under the policy and is the signer's digest algorithm."""
+    inner = name.split("_")[0]
+    policy.check_digest(inner, inbound=True)
+    if inner != digest:
+        raise SignatureError(
+            f"signer info #{signer.index}: signature algorithm {name} does not match "
+            f"digest algorithm {digest}",
+            fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
+        )
+
+
 def _check_scheme(
     signer: Signer, pub: Any, policy: AlgorithmPolicy
 ) -> tuple[str, hashes.HashAlgorithm, Any]:
@@ -77,14 +90,7 @@ def _check_scheme(
     name = signer.sig_alg_name
     if name in ("rsassa_pkcs1v15", "sha256_rsa", "sha384_rsa", "sha512_rsa", "sha1_rsa", "md5_rsa"):
         if name != "rsassa_pkcs1v15":
-            inner = name.split("_")[0]
-            policy.check_digest(inner, inbound=True)
-            if inner != digest:
-                raise SignatureError(
-                    f"signer info #{signer.index}: signature algorithm {name} does not match "
-                    f"digest algorithm {digest}",
-                    fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
-                )
+            _check_named_digest(signer, name, digest, policy)
         scheme = "rsassa-pkcs1-v1_5"
         pad: Any = padding.PKCS1v15()
         if not isinstance(pub, rsa.RSAPublicKey):
@@ -139,14 +145,7 @@ def _check_scheme(
         _EC_PUBLIC_KEY_OID,
     ):
         if name.endswith("_ecdsa"):
-            inner = name.split("_")[0]
-            policy.check_digest(inner, inbound=True)
-            if inner != digest:
-                raise SignatureError(
-                    f"signer info #{signer.index}: signature algorithm {name} does not match "
-                    f"digest algorithm {digest}",
-                    fix="the sender's CMS implementation is inconsistent; ask the peer to fix it",
-                )
+            _check_named_digest(signer, name, digest, policy)
         scheme = "ecdsa"
         pad = None
         if not isinstance(pub, ec.EllipticCurvePublicKey):
