@@ -198,3 +198,21 @@ def test_certificate_swapped_in_the_message(pki: Pki, tmp_path: Path) -> None:
     bad = ci.dump(force=True)
     with pytest.raises(SignatureError, match="does not verify"):
         verify(bad, trusted_signers=[pinned], policy=STRICT)
+
+
+@pytest.mark.parametrize(
+    ("signer", "claimed"), [("p256", "sha384_ecdsa"), ("rsa2048", "sha384_rsa")]
+)
+def test_a_signature_algorithm_naming_another_digest_is_refused(
+    pki: Pki, tmp_path: Path, signer: str, claimed: str
+) -> None:
+    # signed with SHA-256; the signature algorithm rewritten to name SHA-384
+    der = openssl_signed(pki, tmp_path, signer)
+    ci = asn1_cms.ContentInfo.load(der)
+    si = ci["content"]["signer_infos"][0]
+    assert si["digest_algorithm"]["algorithm"].native == "sha256"
+    si["signature_algorithm"] = asn1_cms.SignedDigestAlgorithm({"algorithm": claimed})
+    with pytest.raises(SignatureError) as exc:
+        verify(ci.dump(force=True), trusted_signers=[pki[signer].cert], policy=STRICT)
+    assert f"signature algorithm {claimed} does not match digest algorithm sha256" in str(exc.value)
+    _has_fix(exc.value)
