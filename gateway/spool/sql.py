@@ -47,9 +47,10 @@ class SqlStore(ABC):
 
     _clock: Clock
     _claimant: Claimant  # the node whose work this handle claims (see Spool)
-    # Appended to the SELECT that claims messages to send: PostgreSQL's
-    # "FOR UPDATE SKIP LOCKED" (another node's transaction claiming at the same
-    # moment neither waits for nor takes these rows); SQLite has one writer at a time.
+    # Appended to a SELECT that claims rows (messages to send, claims to take over):
+    # PostgreSQL's "FOR UPDATE SKIP LOCKED" (another node's transaction claiming or
+    # renewing them at the same moment neither waits for them nor is overruled by a
+    # change judged on what they were before); SQLite has one writer at a time.
     claim_lock: ClassVar[str] = ""
 
     @abstractmethod

@@ -65,8 +65,10 @@ class InboundDedup(SqlStore):
         _, lease_until = self._lease()
 
         def claim(db: Connection) -> list[Row]:
+            # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
             rows = db.execute(
-                f"SELECT * FROM inbound WHERE state='delivering' AND {where}",  # noqa: S608
+                f"SELECT * FROM inbound WHERE state='delivering' AND {where}"  # noqa: S608
+                f"{self.claim_lock}",
                 params,
             ).fetchall()
             db.executemany(

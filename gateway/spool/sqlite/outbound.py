@@ -379,7 +379,11 @@ class OutboundQueue(SqlStore):
         updated_at = self._now()
 
         def requeue(db: Connection) -> list[Row]:
-            rows = db.execute(f"SELECT * FROM outbound WHERE {where}", params).fetchall()  # noqa: S608
+            # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
+            rows = db.execute(
+                f"SELECT * FROM outbound WHERE {where}{self.claim_lock}",  # noqa: S608
+                params,
+            ).fetchall()
             db.executemany(
                 "UPDATE outbound SET state=?, next_attempt_at=0, last_error=?, updated_at=?,"
                 " node=NULL, lease_until=0 WHERE message_id=? AND state=?",
