@@ -10,6 +10,7 @@ the spool really runs, on a spool with a backlog.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -57,19 +58,18 @@ def any_spool(tmp_path: Path, make_spool: MakeSpool) -> Spool:
 def statements_of(spool: SqliteSpool, call: Callable[[], object]) -> list[str]:
     """The SQL statements (parameters filled in) that ``call`` runs on the spool."""
     seen: list[str] = []
-    connections: list[sqlite3.Connection] = [spool._db, spool._reader]  # writes, reads
-    for db in connections:
-        db.set_trace_callback(seen.append)
+    spool.trace(seen.append)
     try:
         call()
     finally:
-        for db in connections:
-            db.set_trace_callback(None)
+        spool.trace(None)
     return [s for s in seen if s.lstrip().upper().startswith("SELECT")]
 
 
-def plan(spool: SqliteSpool, statement: str) -> list[str]:
-    return [row[3] for row in spool._db.execute(f"EXPLAIN QUERY PLAN {statement}")]
+def plan(database: Path, statement: str) -> list[str]:
+    """How SQLite answers ``statement`` on the spool database file at ``database``."""
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        return [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {statement}")]
 
 
 @pytest.mark.parametrize(
@@ -93,13 +93,17 @@ def plan(spool: SqliteSpool, statement: str) -> list[str]:
     ],
 )
 def test_a_per_message_query_neither_scans_nor_sorts_the_queue(
-    spool: SqliteSpool, what: str, call: Callable[[SqliteSpool], object], searched_by: str
+    spool: SqliteSpool,
+    tmp_path: Path,
+    what: str,
+    call: Callable[[SqliteSpool], object],
+    searched_by: str,
 ) -> None:
     """Each condition is answered by an index (SEARCH ... (cond)), the order comes from
     the index (no temporary B-tree), and no table is read whole."""
     statements = statements_of(spool, lambda: call(spool))
     assert statements, f"{what}: no SELECT seen"
-    plans = {statement: plan(spool, statement) for statement in statements}
+    plans = {statement: plan(tmp_path / "spool.db", statement) for statement in statements}
     for statement, steps in plans.items():
         whole = [s for s in steps if s.startswith("SCAN ") and " USING " not in s]
         sorts = [s for s in steps if "TEMP B-TREE" in s]
@@ -162,8 +166,9 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
     db.commit()
     db.close()
     spool = SqliteSpool(path, TickingClock())
-    names = {r[0] for r in spool._db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"outbound_next", "outbound_expiry", "outbound_unanswered", "outbound_created"} <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
     statement = statements_of(spool, lambda: spool.claim_due("lab", 0.0, 4))[0]
-    assert not [s for s in plan(spool, statement) if "TEMP B-TREE" in s]
+    assert not [s for s in plan(path, statement) if "TEMP B-TREE" in s]

@@ -72,6 +72,12 @@ class Database(SqlStore):
         self._reader.close()
         self._db.close()
 
+    def trace(self, statement: Callable[[str], object] | None) -> None:
+        """Hand each SQL statement run on either connection (parameters filled in) to
+        ``statement``, or no longer (None): to see which queries a call makes."""
+        for db in (self._db, self._reader):
+            db.set_trace_callback(statement)
+
     def _read(self, sql: str, params: Params) -> list[Row]:
         with self._read_lock:
             rows: list[Row] = self._reader.execute(sql, params).fetchall()
