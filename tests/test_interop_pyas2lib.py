@@ -37,6 +37,7 @@ from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import OutboundState, SqliteSpool
+from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post
 from tests.oscrypto_fix import load_pyas2lib
@@ -566,7 +567,8 @@ def test_gateway_takes_a_sha1_signed_mdn_only_from_a_peer_that_may_use_sha1(
     assert got["status"] == "processed", got["error"]
     stored = _outbound_state(layout, record["message_id"])
     assert stored is not None and stored.receipt_path is not None
-    assert b'micalg="sha1"' in stored.receipt_path.read_bytes().partition(b"\r\n\r\n")[0]
+    kept = kept_receipt(layout.lab.config_path, record["message_id"], stored.receipt_path)
+    assert b'micalg="sha1"' in kept.partition(b"\r\n\r\n")[0]  # kept encrypted at rest
     warnings = events(layout.lab.audit_log, "policy.compat_algorithm_used")
     if not compat:
         assert record["event"] in ("receipt.invalid", "message.failed"), record
