@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gateway.as2.headers import new_message_id
 from gateway.config import Peer
-from gateway.errors import SpoolError
+from gateway.errors import MedgwError, SpoolError
 from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
 from gateway.intake.outbox import Candidate, scan
 from gateway.intake.submit import account_name
@@ -35,10 +35,16 @@ class OutboxIntake:
         # Rows of takes that failed and whose removal failed too (the spool's disk full):
         # removed before any document is taken again, see intake_once.
         self._unabandoned: set[str] = set()
+        # Documents taken into the spool whose signing and queueing stopped half-way (the
+        # spool did not answer): prepared again at the next scan, not only at a restart.
+        self._unsealed: set[str] = set()
 
     async def intake_once(self) -> int:
         if self._unabandoned:
             await self._ctx.in_thread(self._abandon_failed_takes)
+        for message_id in sorted(self._unsealed):
+            await self._sealer.prepare_again(message_id)  # raises while it still cannot
+            self._unsealed.discard(message_id)
         peers = {p.name: p.services for p in self._ctx.config.peers}
         result = scan(self._ctx.config.storage.outbox_dir, peers)
         for peer_name, folder in result.unknown_services:
@@ -117,7 +123,12 @@ class OutboxIntake:
             if taken is None:
                 return None
             record, peer, submitter = taken
-            return peer.name if self._sealer.seal_and_queue(record, peer, submitter) else None
+            try:
+                sealed = self._sealer.seal_and_queue(record, peer, submitter)
+            except (MedgwError, OSError):
+                self._unsealed.add(record.message_id)
+                raise
+            return peer.name if sealed else None
 
         queued_for = await self._ctx.in_thread(take_and_seal)  # one trip to a worker thread
         if queued_for is not None:
@@ -171,7 +182,11 @@ class OutboxIntake:
                 f"({self._ctx.payloads}): {exc.strerror or exc}",
                 fix=storage_fix(exc, self._ctx.payloads),
             ) from exc
-        record = self._ctx.spool.get(message_id)
+        try:
+            record = self._ctx.spool.get(message_id)
+        except SpoolError:
+            self._unsealed.add(message_id)  # taken, not yet prepared
+            raise
         assert record is not None
         return record, peer, submitter
 
