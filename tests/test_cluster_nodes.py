@@ -1,0 +1,286 @@
+"""Several real ``medgw run`` nodes of one institution sharing a real PostgreSQL spool.
+
+The lab runs as two nodes (lab-a, lab-b) on one spool database, each with its
+own state folder, outbox and audit trail, the bodies folder shared; the
+hospital's gateway receives through a TCP front (tests/helpers/cluster.py).  A
+node killed while it holds claims leaves its messages to the other node once
+its lease runs out; the database stopped and started mid-run loses nothing; and
+the crash test of a single node (random SIGKILLs, 200 documents) holds with two
+nodes on each side.  Every document reaches the inbox exactly once, with a
+verified receipt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo_run import GatewayProcess, drop_file, free_port, read_audit, wait_until
+from gateway.errors import MedgwError
+from gateway.outbound import INLINE_BODY_BYTES
+from gateway.pki.demo import DemoLayout
+from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.clocks import TickingClock
+from tests.conftest import Processes
+from tests.helpers.audit import wait_for_events
+from tests.helpers.cluster import RoundRobin, add_node, listener_port, point_peer_at
+from tests.helpers.postgres import PostgresServer
+from tests.helpers.slow_proxy import edit_every
+from tests.inboxwatch import InboxWatch
+
+pytestmark = pytest.mark.daemon
+
+
+def outbound(settings: PostgresSettings) -> list[OutboundRecord]:
+    spool = PostgresSpool(settings, TickingClock())
+    try:
+        return spool.all_outbound()
+    finally:
+        spool.close()
+
+
+def inbox(layout: DemoLayout) -> dict[str, str]:
+    """The hospital's inbox from the lab: file name -> SHA-256 of its content."""
+    folder = layout.hospital.inbox_dir / "lab"
+    if not folder.exists():
+        return {}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+    }
+
+
+def trails(*sides: Path) -> list[dict[str, Any]]:
+    """Every record of the audit trails in these folders (each node writes its own)."""
+    return [r for folder in sides for path in folder.glob("*.jsonl") for r in read_audit(path)]
+
+
+def lost_its_claims(node: GatewayProcess) -> Callable[[], bool]:
+    return lambda: any("lease.claims_lost" in line for line in node.raw)
+
+
+def settled(spool: PostgresSettings, count: int, timeout: float) -> None:
+    """Wait until ``count`` messages are in the spool, all delivered; else say where
+    each one is."""
+
+    def done() -> bool:
+        records = outbound(spool)
+        return len(records) == count and {r.state for r in records} == {OutboundState.DELIVERED}
+
+    try:
+        wait_until(done, timeout, f"all {count} messages delivered")
+    except MedgwError as exc:
+        where = Counter((r.state.value, r.node, r.last_error) for r in outbound(spool))
+        raise AssertionError(f"{exc}; (state, node, last error): {dict(where)}") from exc
+
+
+@pytest.fixture
+def front() -> Iterator[RoundRobin]:
+    proxy = RoundRobin([])
+    yield proxy
+    proxy.close()
+
+
+def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    front: RoundRobin,
+) -> None:
+    # A send waits up to a minute for the hospital's TLS handshake (the demo: 5 s).
+    edit_every(
+        layout.lab.config_path, "connect_timeout_seconds = 5", "connect_timeout_seconds = 60"
+    )
+    spool = postgres_server.new_database()
+    node_a = add_node(layout.lab, "lab-a", spool)
+    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    front.ports.append(listener_port(layout.hospital.config_path))
+    point_peer_at(layout.lab, "hospital", front.port)
+    front.held = True  # the hospital's answers do not come back: the sends stay open
+    processes.start(layout.hospital.config_path)
+    lab_a = processes.start(node_a)
+    documents = {f"doc-{i}.hl7": f"MSH|^~\\&|LAB|{i}\r".encode() * (i + 1) for i in range(6)}
+    for name, data in documents.items():
+        drop_file(layout.lab.outbox_dir / "hospital", name, data)  # lab-a's outbox
+
+    def held_by_a() -> bool:
+        records = outbound(spool)
+        return len(records) == len(documents) and all(
+            r.state is OutboundState.SENDING and r.node == "lab-a" for r in records
+        )
+
+    wait_until(held_by_a, 120, "lab-a sending every document")
+    processes.start(node_b)  # its start leaves lab-a's live claims alone
+    assert held_by_a()
+    lab_a.kill()  # while it holds the claims
+    front.held = False
+
+    audit = layout.lab.root / "audit"
+    taken = wait_for_events(audit / "audit-lab-b.jsonl", "message.taken_over", count=6)
+    assert {r["detail"]["from_node"] for r in taken} == {"lab-a"}
+    assert all(r["node"] == "lab-b" for r in taken)
+    receipts = wait_for_events(audit / "audit-lab-b.jsonl", "receipt.received", count=6)
+    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
+    assert all(r["detail"]["mic_verified"] for r in receipts)
+    wait_until(
+        lambda: {r.state for r in outbound(spool)} == {OutboundState.DELIVERED},
+        60,
+        "every message settled",
+    )
+    # Each document is in the inbox once; the hospital delivered it once and answered
+    # the resend with the receipt it had stored.
+    assert inbox(layout) == {n: hashlib.sha256(d).hexdigest() for n, d in documents.items()}
+    delivered = Counter(
+        r["message_id"]
+        for r in read_audit(layout.hospital.audit_log)
+        if r["event"] == "message.delivered"
+    )
+    assert len(delivered) == 6 and set(delivered.values()) == {1}
+    assert {r["message_id"] for r in taken} == set(delivered)
+    # lab-a's trail never saw a receipt: it sent nothing to completion.
+    assert [r for r in read_audit(audit / "audit.jsonl") if r["event"] == "receipt.received"] == []
+
+
+def test_two_nodes_lose_nothing_when_the_database_restarts_mid_run(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    front: RoundRobin,
+) -> None:
+    spool = postgres_server.new_database()
+    node_a = add_node(layout.lab, "lab-a", spool)
+    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    front.ports.append(listener_port(layout.hospital.config_path))
+    point_peer_at(layout.lab, "hospital", front.port)
+    processes.start(layout.hospital.config_path)
+    nodes = [processes.start(node_a), processes.start(node_b)]
+    outboxes = [layout.lab.outbox_dir / "hospital", layout.lab.root / "outbox-lab-b" / "hospital"]
+    sent: dict[str, str] = {}
+
+    def drop(count: int) -> None:
+        for _ in range(count):
+            name = f"r-{len(sent):03d}.hl7"
+            data = f"MSH|^~\\&|LAB|{len(sent)}\r".encode() * 3
+            if len(sent) % 5 == 0:  # larger: its body is a file in the shared folder
+                data = random.randbytes(INLINE_BODY_BYTES + 1024)
+            drop_file(outboxes[len(sent) % 2], name, data)
+            sent[name] = hashlib.sha256(data).hexdigest()
+
+    drop(10)
+    wait_until(lambda: len(inbox(layout)) >= 4, 120, "some documents delivered")
+    postgres_server.stop("immediate")
+    try:
+        drop(10)  # they wait in the outboxes
+        # Each node finds it cannot renew its claims and stops sending (half a lease).
+        for node in nodes:
+            wait_until(lost_its_claims(node), 60, "the node to say it lost its claims")
+        assert all(node.proc.poll() is None for node in nodes)  # both keep running
+    finally:
+        postgres_server.start()
+    drop(10)
+    settled(spool, 30, 180)
+    assert inbox(layout) == sent
+    delivered = Counter(
+        r["message_id"]
+        for r in read_audit(layout.hospital.audit_log)
+        if r["event"] == "message.delivered"
+    )
+    assert len(delivered) == 30 and set(delivered.values()) == {1}
+    receipts = [r for r in trails(layout.lab.root / "audit") if r["event"] == "receipt.received"]
+    assert all(r["detail"]["mic_verified"] for r in receipts)
+    assert {r["message_id"] for r in receipts} == set(delivered)
+    for node in nodes:
+        assert node.stop() == 0
+
+
+MESSAGES = 200
+
+
+@pytest.mark.long
+def test_random_sigkills_of_two_nodes_on_each_side_deliver_every_message_exactly_once(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    front: RoundRobin,
+) -> None:
+    """The crash test (tests/test_crash.py) with two nodes on each side, each side's
+    nodes on one PostgreSQL spool; the hospital's behind one address, sharing the
+    inbox."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"cluster crash test seed {seed}")
+    lab_spool, hospital_spool = postgres_server.new_database(), postgres_server.new_database()
+    configs = {
+        "lab-a": add_node(layout.lab, "lab-a", lab_spool),
+        "lab-b": add_node(layout.lab, "lab-b", lab_spool, port=free_port()),
+        "hospital-a": add_node(layout.hospital, "hospital-a", hospital_spool),
+        "hospital-b": add_node(layout.hospital, "hospital-b", hospital_spool, port=free_port()),
+    }
+    front.ports.extend(listener_port(configs[n]) for n in ("hospital-a", "hospital-b"))
+    point_peer_at(layout.lab, "hospital", front.port)
+    running: dict[str, GatewayProcess] = {n: processes.start(p) for n, p in configs.items()}
+    outboxes = [layout.lab.outbox_dir / "hospital", layout.lab.root / "outbox-lab-b" / "hospital"]
+    sent: dict[str, str] = {}
+    kills = 0
+
+    def all_delivered() -> bool:
+        records = outbound(lab_spool)
+        return len(records) >= MESSAGES and all(r.state is OutboundState.DELIVERED for r in records)
+
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        while len(sent) < MESSAGES:
+            for _ in range(rng.randint(5, 25)):
+                if len(sent) == MESSAGES:
+                    break
+                number = len(sent)
+                line = f"MSH|^~\\&|LIS|LAB|{number}|{rng.random()}\r".encode()
+                data = line * rng.randint(1, 50)
+                if number % 10 == 0:  # its body is a file in the shared folder
+                    data = rng.randbytes(INLINE_BODY_BYTES + rng.randint(1, 64 * 1024))
+                name = f"result-{number:04d}.hl7"
+                drop_file(outboxes[rng.randrange(2)], name, data)
+                sent[name] = hashlib.sha256(data).hexdigest()
+            time.sleep(rng.uniform(0.05, 0.6))
+            victim = rng.choice(list(configs))
+            running[victim].kill()
+            kills += 1
+            time.sleep(rng.uniform(0.0, 0.3))
+            running[victim] = processes.start(configs[victim])
+
+        wait_until(all_delivered, 400, f"all {MESSAGES} messages delivered (seed {seed})")
+        for proc in running.values():
+            assert proc.stop() == 0
+    assert watch.rewritten == [], f"seed {seed}: written into the inbox again"
+    assert inbox(layout) == sent, f"seed {seed}: inbox differs"
+
+    records = outbound(lab_spool)
+    assert len(records) == MESSAGES, f"seed {seed}: a file became two messages"
+    assert {r.disposition for r in records} == {"processed"}
+    for state in ("state", "state-lab-b"):
+        assert list((layout.lab.root / state / "payloads").iterdir()) == []
+    assert all(list(outbox.iterdir()) == [] for outbox in outboxes)
+    assert list(layout.root.rglob("*.partial")) == []
+    assert kills >= 5
+    # Each hospital node's trail records a delivery at most once; together, every
+    # document is recorded delivered (a node settling another's interrupted delivery
+    # records it in its own trail, with the reason).
+    hospital = trails(layout.hospital.root / "audit")
+    for node in ("hospital-a", "hospital-b"):
+        mine = Counter(
+            r["message_id"]
+            for r in hospital
+            if r["event"] == "message.delivered" and r["node"] == node
+        )
+        assert set(mine.values()) <= {1}, f"seed {seed}: {node}"
+    delivered = {r["message_id"] for r in hospital if r["event"] == "message.delivered"}
+    assert delivered == {r.message_id for r in records}, f"seed {seed}"
+    print(f"{MESSAGES} messages, {kills} SIGKILLs of four nodes, all delivered exactly once")
