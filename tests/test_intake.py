@@ -9,6 +9,7 @@ import io
 import os
 import pwd
 import shutil
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -235,3 +236,21 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     finally:
         spool.close()
         audit.close()
+
+
+def test_a_preparation_the_spool_cut_short_is_done_again_without_a_restart(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The spool fails once while a taken document is queued (as a PostgreSQL spool
+    restarting would): the running daemon prepares it again at its next scan and
+    sends it, once."""
+    faultpoint = Path(__file__).with_name("faultpoint.py")
+    point = "gateway.spool.sqlite.outbound:OutboundQueue.mark_queued"
+    prefix = (sys.executable, str(faultpoint), "--fail-once", point, "--")
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path, prefix=prefix)
+    drop_file(layout.lab.outbox_dir / "hospital", "late.hl7", b"MSH|late\r")
+    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
+    assert receipt["detail"]["disposition"] == "processed"
+    assert [p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()] == ["late.hl7"]
+    assert len(events(layout.lab.audit_log, "message.accepted")) == 1
