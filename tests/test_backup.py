@@ -427,25 +427,32 @@ def test_restore_refuses_a_manifest_name_that_leaves_its_folder(
     assert not list(config.parent.glob("state/**/planted"))
 
 
-@pytest.mark.parametrize("where", ["state/spool.sqlite3", "audit/audit.jsonl", "gateway.toml"])
+@pytest.mark.parametrize(
+    "where", ["state/spool.sqlite3", "audit/audit.jsonl", "gateway.toml", "../keys/kek-1"]
+)
 def test_backup_never_replaces_a_file_of_the_gateway(
     layout: DemoLayout, tmp_path: Path, where: str
 ) -> None:
-    """A bundle written over the spool, the audit trail or the configuration would lose
-    them (the rename replaces the file): such a --to is refused and the file kept."""
+    """A bundle written over the spool, the audit trail, the configuration or a
+    key-encryption key would lose them (the rename replaces the file; without its key,
+    nothing kept encrypted at rest can be read): such a --to is refused, the file kept."""
     _, cert = recipient(tmp_path / "offline")
     hospital = layout.hospital
     add_backup(hospital.config_path, cert)
+    # The key folder apart from the configuration's, as /var/lib/medgw-keys is.
+    key_dir = (hospital.root / "../keys").resolve()
+    with hospital.config_path.open("a") as toml:
+        toml.write(f'\n[at_rest]\nkey_dir = "{key_dir}"\n')
     config = load_config(hospital.config_path)
     SqliteSpool(config.storage.spool_path, SystemClock()).close()
-    target = hospital.root / where
+    target = (hospital.root / where).resolve()
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(b'{"kept": true}\n')
     before = target.read_bytes()
     made = medgw("backup", "--to", target, "--config", hospital.config_path)
     assert made.returncode == 1, made.stdout
-    assert str(target) in made.stderr and "--to" in made.stderr
+    assert str(target) in made.stderr and "--to" in made.stderr, made.stderr
     assert target.read_bytes() == before
 
 

@@ -256,21 +256,26 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
 
 def _refuse_own_folder(config: GatewayConfig, dst: Path) -> None:
     """The bundle is written by a rename that replaces what is there: never into the
-    folders of the state, the inbox, the audit trail or the configuration (a typo
-    would lose the spool or the trail; a bundle there would be in the next one)."""
+    folders of the state, the inbox, the audit trail, the configuration or the
+    key-encryption keys (a typo would lose the spool, the trail or the key that opens
+    what is kept encrypted at rest; a bundle there would be in the next one)."""
     target = dst.expanduser().resolve()
     storage = config.storage
-    for folder in (
+    folders = [
         storage.state_dir,
         storage.inbox_dir,
         storage.audit_log.parent,
         config.source.parent,
         _peers_dir(config),
-    ):
+    ]
+    if config.at_rest is not None:
+        folders.append(config.at_rest.key_dir)
+    for folder in folders:
         if target.is_relative_to(folder.expanduser().resolve()):
             raise BackupError(
                 f"--to {dst} is inside {folder}, a folder of this gateway's state, inbox, "
-                "audit trail or configuration: the bundle could replace a file medgw keeps",
+                "audit trail, configuration or keys: the bundle could replace a file medgw "
+                "keeps",
                 fix="write the backup to a folder of its own, e.g. /var/backups/medgw/",
             )
 
