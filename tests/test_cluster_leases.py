@@ -144,15 +144,24 @@ def test_a_claim_made_before_nodes_were_recorded_is_taken_back_at_start(
     assert a.requeue_interrupted() == ["<old@x>"]
 
 
-def test_the_intake_a_node_left_is_its_own_to_finish(
-    nodes: tuple[Spool, Spool], tmp_path: Path
+def test_the_intake_a_node_left_is_its_own_to_finish_while_it_lives(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
 ) -> None:
     """A document taken in but not yet signed is in its node's own state folder: only
-    that node prepares it (a node starting must not fail another's live intake)."""
+    that node prepares it while it renews its claims (a node starting must not fail
+    another's live intake); once they run out (a node renamed, or gone) another takes
+    it up."""
     a, b = nodes
     a.add_intake("<i@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p")
     assert [r.message_id for r in a.intake_interrupted()] == ["<i@x>"]
     assert b.intake_interrupted() == []
+    for _ in range(4):
+        clock.advance(LEASE / 3)
+        assert a.renew_leases() == 1
+        assert b.intake_interrupted() == []
+    clock.advance(LEASE + 1)  # node a renews no more
+    [left] = b.intake_interrupted()
+    assert (left.message_id, left.node) == ("<i@x>", "a")
 
 
 def test_a_received_document_is_claimed_by_one_node_at_a_time(

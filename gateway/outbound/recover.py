@@ -61,6 +61,14 @@ class Recovery:
             self._ctx.log.info("message.requeued_after_restart", message_id=message_id)
         for record in self._ctx.spool.intake_interrupted():
             peer = self._ctx.config.peer(record.peer)
+            if (
+                record.node not in (None, self._ctx.spool.node)
+                and not record.payload_path.exists()
+                and not record.source_path.exists()
+            ):
+                # Taken in by another node that stopped: its document is in that node's
+                # state folder; it prepares it when it starts again.
+                continue
             if record.payload_path.exists() and peer is not None:
                 source = record.source_path
                 if (

@@ -147,8 +147,9 @@ class Spool(Protocol):
     def in_state(self, state: OutboundState) -> list[OutboundRecord]: ...
 
     def intake_interrupted(self) -> list[OutboundRecord]:
-        """Messages this node took in and had not finished preparing (state ``intake``;
-        their documents are in its own state folder), oldest first."""
+        """Messages this node took in and had not finished preparing (state ``intake``),
+        and those whose node's claim ran out (a node renamed, or dead: their documents
+        are in that node's state folder, which this node may not reach), oldest first."""
         ...
 
     def all_outbound(self) -> list[OutboundRecord]: ...
@@ -181,8 +182,8 @@ class Spool(Protocol):
         ...
 
     def renew_leases(self) -> int:
-        """Extend every claim this node holds (sending, writing to the inbox) by a lease
-        from now; returns how many."""
+        """Extend every claim this node holds (preparing, sending, writing to the inbox)
+        by a lease from now; returns how many."""
         ...
 
     def list_outbound(

@@ -15,8 +15,8 @@ class Leases(SqlStore):
 
         def renew(db: Connection) -> int:
             sent = db.execute(
-                "UPDATE outbound SET lease_until=? WHERE state=? AND node=?",
-                (lease_until, OutboundState.SENDING.value, self.node),
+                "UPDATE outbound SET lease_until=? WHERE state IN (?, ?) AND node=?",
+                (lease_until, OutboundState.INTAKE.value, OutboundState.SENDING.value, self.node),
             ).rowcount
             received = db.execute(
                 "UPDATE inbound SET lease_until=? WHERE state='delivering' AND node=?",

@@ -86,7 +86,7 @@ class OutboundQueue(SqlStore):
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
             " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
-            " updated_at, service, node) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, service, node, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 peer,
@@ -103,6 +103,7 @@ class OutboundQueue(SqlStore):
                 now,
                 service,
                 self.node,
+                self._lease()[1],
             ),
             extra,
         )
@@ -302,9 +303,11 @@ class OutboundQueue(SqlStore):
 
     def intake_interrupted(self) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.intake_interrupted`."""
+        now, _ = self._lease()
         rows = self._read(
-            "SELECT * FROM outbound WHERE state=? AND (node=? OR node IS NULL) ORDER BY created_at",
-            (OutboundState.INTAKE.value, self.node),
+            "SELECT * FROM outbound WHERE state=? AND (node=? OR node IS NULL OR lease_until<?)"
+            " ORDER BY created_at",
+            (OutboundState.INTAKE.value, self.node, now),
         )
         return [_outbound(r) for r in rows]
 
