@@ -390,3 +390,32 @@ def test_the_longest_item_names_a_peer_can_cause_are_stored(tmp_path: Path) -> N
         spool.put_data_key(sealing.key)
     assert vault.open_bytes(item, stored) == b"the receipt sent"
     spool.close()
+
+
+def test_a_node_sharing_the_key_folder_wraps_under_the_key_another_node_rotated_to(
+    tmp_path: Path,
+) -> None:
+    """Nodes on one spool share the key folder: after one node's purge rotated the key,
+    what another node stores is wrapped under the new key, not the destroyed one (which
+    it read before): readable by every node, and by itself after a restart."""
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    a, b = (Vault(KeyStore(tmp_path / "keys"), spool) for _ in range(2))
+    a.open()
+    b.open()
+    before = "outbound-body:<before@hospital>"
+    with b.storing(before) as sealing:
+        stored = {before: sealing.seal(b"stored before the purge")}
+        assert sealing.key is not None
+        spool.put_data_key(sealing.key)
+    assert a.rotate() == 2  # node a's purge
+    after = "outbound-body:<after@hospital>"
+    with b.storing(after) as sealing:
+        stored[after] = sealing.seal(b"stored after the purge")
+        assert sealing.key is not None and sealing.key.kek == 2
+        spool.put_data_key(sealing.key)
+    restarted = Vault(KeyStore(tmp_path / "keys"), spool)
+    restarted.open()
+    for reader in (a, b, restarted):
+        assert reader.open_bytes(after, stored[after]) == b"stored after the purge"
+        assert reader.open_bytes(before, stored[before]) == b"stored before the purge"
+    spool.close()

@@ -95,8 +95,14 @@ class Vault:
                 self._storing -= 1
                 self._cond.notify_all()
 
-    def _kek(self) -> tuple[int, bytes]:
+    def _kek(self, *, newest: bool = False) -> tuple[int, bytes]:
+        """The key-encryption key to wrap under (cached); ``newest``: checked against the
+        key folder first, where another node sharing it may have rotated since."""
         with self._cond:
+            if self._current is not None and newest:
+                versions = self._store.versions()
+                if not versions or versions[-1] != self._current[0]:
+                    self._current = None
             if self._current is None:
                 versions = self._store.versions()
                 if not versions:
@@ -108,8 +114,9 @@ class Vault:
             return self._current
 
     def new_key(self, item: str) -> tuple[bytes, DataKey]:
-        """A fresh data key for ``item`` and its wrapped form (call inside :meth:`storing`)."""
-        version, kek = self._kek()
+        """A fresh data key for ``item`` and its wrapped form (call inside :meth:`storing`):
+        wrapped under the newest key-encryption key, never one a rotation destroys."""
+        version, kek = self._kek(newest=True)
         dek = secrets.token_bytes(chunked.KEY_BYTES)
         return dek, DataKey(item, version, wrap(kek, dek))
 
