@@ -189,3 +189,24 @@ def test_a_password_file_others_can_read_is_not_used(
     with pytest.raises(SpoolError, match="password file is not private") as refused:
         PostgresSpool(settings, TickingClock())
     assert "chmod 600" in (refused.value.fix or "")
+
+
+def test_a_failed_statement_is_reported_without_the_rows_values(
+    postgres: PostgresSettings,
+) -> None:
+    """The server's DETAIL line ("Failing row contains (...)") names the row's values (file
+    names, message IDs): a spool error carries the server's primary message and SQLSTATE
+    only, and does not chain the server's exception whose text has it."""
+    spool = PostgresSpool(postgres, TickingClock())
+    with pytest.raises(SpoolError) as raised:
+        spool._transact(
+            lambda db: db.execute(
+                "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, NULL)",
+                ("outbound-body:<patient-4711@hospital>", 1),
+            )
+        )
+    text = str(raised.value)
+    assert "violates not-null constraint" in text and "SQLSTATE 23502" in text
+    assert "patient-4711" not in text and "Failing row" not in text
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    spool.close()

@@ -60,6 +60,16 @@ def translate(sql: str) -> str:
     return _PLACEHOLDERS.sub(one, sql)
 
 
+def server_error(exc: psycopg.Error) -> str:
+    """What the server said of a failed statement: its primary message and SQLSTATE, never
+    its DETAIL (a failing row's values: file names, message IDs) nor the statement."""
+    primary = exc.diag.message_primary
+    code = exc.sqlstate
+    if not primary:
+        return type(exc).__name__ + (f" (SQLSTATE {code})" if code else "")
+    return f"{primary.strip().splitlines()[0]}" + (f" (SQLSTATE {code})" if code else "")
+
+
 class _InTransaction:
     """A connection inside a transaction, as the spool's parts use one."""
 
@@ -165,9 +175,9 @@ class PostgresDatabase(SqlStore):
                     raise self._unreachable(exc) from exc
                 self._idle.put(conn)
                 raise SpoolError(
-                    f"spool write failed: {exc}",
+                    f"spool write failed: {server_error(exc)}",
                     fix="see the PostgreSQL server's log for this statement",
-                ) from exc
+                ) from None  # the server's error text names the failing row's values
             except BaseException:
                 self._idle.put(None if conn.broken else conn)
                 raise
