@@ -30,6 +30,7 @@ from gateway.clock import SystemClock
 from gateway.errors import AtRestError, AtRestTamperedError
 from gateway.spool import DataKey, OutboundState, RetainedKind, SqliteSpool
 from gateway.spool.records import body_item, receipt_item, sent_receipt_item
+from tests.conftest import MakeSpool
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -419,3 +420,75 @@ def test_a_node_sharing_the_key_folder_wraps_under_the_key_another_node_rotated_
         assert reader.open_bytes(after, stored[after]) == b"stored after the purge"
         assert reader.open_bytes(before, stored[before]) == b"stored before the purge"
     spool.close()
+
+
+def test_a_rotation_on_one_node_between_anothers_sealing_and_its_commit_loses_nothing(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Node b seals an item under kek-1; node a (same spool, same key folder) rotates to
+    kek-2 and destroys kek-1 before b commits the item's key: b's transaction wraps it
+    under kek-2, so every node (and b after a restart) reads it."""
+    spool_a, spool_b = make_spool(SystemClock()), make_spool(SystemClock())
+    a, b = Vault(KeyStore(tmp_path / "keys"), spool_a), Vault(KeyStore(tmp_path / "keys"), spool_b)
+    a.open()
+    b.open()
+    item = "outbound-body:<during@hospital>"
+    with b.storing(item) as sealing:
+        stored = sealing.seal(b"sealed while another node rotated")
+        assert sealing.key is not None and sealing.key.kek == 1
+        assert a.rotate() == 2  # node a's purge, between b's sealing and b's commit
+        assert not (tmp_path / "keys" / "kek-1").exists()
+        spool_b.put_data_key(sealing.key)
+    assert spool_a.data_key(item) is not None and spool_a.data_key(item).kek == 2  # type: ignore[union-attr]
+    restarted = Vault(KeyStore(tmp_path / "keys"), make_spool(SystemClock()))
+    restarted.open()
+    for reader in (a, b, restarted):
+        assert reader.open_bytes(item, stored) == b"sealed while another node rotated"
+
+
+def test_rotations_on_one_node_while_another_stores_lose_no_item(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Node a rotates again and again while two threads of node b store items on the
+    same spool and key folder: every item's key is stored under a key that still exists."""
+    spool_a, spool_b = make_spool(SystemClock()), make_spool(SystemClock())
+    a, b = Vault(KeyStore(tmp_path / "keys"), spool_a), Vault(KeyStore(tmp_path / "keys"), spool_b)
+    a.open()
+    b.open()
+    stored: dict[str, bytes] = {}
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def store(thread: int) -> None:
+        try:
+            for n in range(40):
+                item = f"outbound-body:<{thread}-{n}@hospital>"
+                with b.storing(item) as sealing:
+                    stored[item] = sealing.seal(item.encode())
+                    assert sealing.key is not None
+                    spool_b.put_data_key(sealing.key)
+        except BaseException as exc:
+            failures.append(exc)
+
+    def rotate() -> None:
+        try:
+            while not done.is_set():
+                a.rotate()
+        except BaseException as exc:
+            failures.append(exc)
+
+    rotator = threading.Thread(target=rotate)
+    storers = [threading.Thread(target=store, args=(t,)) for t in range(2)]
+    rotator.start()
+    for thread in storers:
+        thread.start()
+    for thread in storers:
+        thread.join(timeout=120)
+    done.set()
+    rotator.join(timeout=120)
+    assert not failures, failures
+    restarted = Vault(KeyStore(tmp_path / "keys"), make_spool(SystemClock()))
+    restarted.open()
+    assert len(stored) == 80
+    for item, sealed in stored.items():
+        assert restarted.open_bytes(item, sealed) == item.encode()

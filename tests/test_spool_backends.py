@@ -89,8 +89,9 @@ def test_data_keys_are_stored_replaced_and_rewrapped_in_one_transaction(
     spool.put_data_key(DataKey("body:<b@h>", 1, b"wrapped-b"))
     spool.put_data_key(DataKey("body:<b@h>", 2, b"wrapped-b2"))  # the item's key replaced
     assert sorted(spool.data_key_versions()) == [1, 2]
-    assert spool.rewrap_data_keys(1, 3, lambda key: key.wrapped + b"@3") == 1
-    assert spool.data_key("body:<a@h>") == DataKey("body:<a@h>", 3, b"wrapped-a@3")
+    rewrapped = spool.rewrap_data_keys(lambda: 2, lambda key, new: key.wrapped + b"@%d" % new)
+    assert rewrapped == 2
+    assert spool.data_key("body:<a@h>") == DataKey("body:<a@h>", 2, b"wrapped-a@2")
     assert spool.data_key("body:<b@h>") == DataKey("body:<b@h>", 2, b"wrapped-b2")
     spool.shred()
     assert spool.data_key("body:<none@h>") is None

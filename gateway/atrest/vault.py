@@ -118,7 +118,15 @@ class Vault:
         wrapped under the newest key-encryption key, never one a rotation destroys."""
         version, kek = self._kek(newest=True)
         dek = secrets.token_bytes(chunked.KEY_BYTES)
-        return dek, DataKey(item, version, wrap(kek, dek))
+        return dek, DataKey(item, version, wrap(kek, dek), lambda: self._current_key(item, dek))
+
+    def _current_key(self, item: str, dek: bytes) -> DataKey:
+        """``item``'s data key wrapped under the newest key-encryption key, as the spool
+        stores it, under the lock of :meth:`rotate`'s re-wrapping: a rotation on another
+        node sharing the key folder either re-wraps it after this commits, or made its new
+        key before, which this then wraps under (the older one it destroys is not used)."""
+        version, kek = self._kek(newest=True)
+        return DataKey(item, version, wrap(kek, dek))
 
     def _key(self, item: str) -> bytes:
         retried = False
@@ -193,33 +201,43 @@ class Vault:
         under it, the old key destroyed, the spool's deleted rows overwritten.  Returns
         the new version."""
         with self._exclusive():
-            versions = self._store.versions()
-            new = (versions[-1] if versions else 0) + 1
-            self._store.create(new)
-            self._finish_rotation()
-        return new
+            return self._finish_rotation(create=True)
 
-    def _finish_rotation(self) -> None:
-        """Re-wrap what older keys wrap under the newest, empty the spool's log of the old
-        wrapped keys, then destroy the older keys (in this order: a kill at any step
-        leaves what the next :meth:`open` finishes)."""
+    def _finish_rotation(self, *, create: bool = False) -> int:
+        """In one transaction of the spool, under the lock every store of a data key takes
+        (of this node and of the others sharing the spool and the key folder): with
+        ``create``, a new key-encryption key; what older keys wrap re-wrapped under the
+        newest.  Then the spool's log of the old wrapped keys emptied, and the older keys
+        destroyed (in this order: a kill at any step leaves what the next :meth:`open`
+        finishes).  Returns the newest version."""
         versions = self._store.versions()
-        if len(versions) < 2:
-            return
-        newest = versions[-1]
-        new_kek = self._store.load(newest)
-        used = set(self._spool.data_key_versions())
-        for old in versions[:-1]:
-            if old in used:
-                old_kek = self._store.load(old)
+        if not create and len(versions) < 2:
+            return versions[-1]
+        loaded: dict[int, bytes] = {}
+        made: list[int] = []
 
-                def rewrap(key: DataKey, old_kek: bytes = old_kek) -> bytes:
-                    return wrap(new_kek, unwrap(old_kek, key.wrapped, key.item))
+        def load(version: int) -> bytes:
+            if version not in loaded:
+                loaded[version] = self._store.load(version)
+            return loaded[version]
 
-                self._spool.rewrap_data_keys(old, newest, rewrap)
+        def newest() -> int:
+            versions = self._store.versions()
+            if create and not made:  # once, if the spool runs the transaction again
+                made.append((versions[-1] if versions else 0) + 1)
+                self._store.create(made[0])
+                return made[0]
+            return versions[-1]
+
+        def rewrap(key: DataKey, new: int) -> bytes:
+            return wrap(load(new), unwrap(load(key.kek), key.wrapped, key.item))
+
+        new = self._spool.rewrap_data_keys(newest, rewrap)
         self._spool.shred()
-        for old in versions[:-1]:
-            self._store.destroy(old)
+        for old in self._store.versions():
+            if old < new:  # nothing is, or will be, wrapped under it
+                self._store.destroy(old)
+        return new
 
 
 class Sealing:

@@ -365,9 +365,14 @@ class Spool(Protocol):
         """The key-encryption key versions the stored data keys are wrapped under."""
         ...
 
-    def rewrap_data_keys(self, old: int, new: int, rewrap: Callable[[DataKey], bytes]) -> int:
-        """Every data key wrapped under ``old`` wrapped under ``new`` (``rewrap`` gives the
-        new wrapped bytes), in one transaction; returns how many."""
+    def rewrap_data_keys(
+        self, newest: Callable[[], int], rewrap: Callable[[DataKey, int], bytes]
+    ) -> int:
+        """In one transaction, under a lock that every store of a data key also takes (a
+        store on another node waits for it, then sees the new key-encryption key):
+        ``newest()`` (which may create a new key-encryption key) gives the version to wrap
+        under, and every data key wrapped under another is re-wrapped under it (``rewrap``
+        gives the new wrapped bytes); returns that version."""
         ...
 
     def shred(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -198,6 +199,10 @@ class DataKey:
     item: str
     kek: int
     wrapped: bytes
+    # Called in the transaction that stores the key, after the lock a rotation of the
+    # key-encryption keys takes (see SqlStore.key_lock): the key as it is to be stored
+    # now, wrapped under the newest key-encryption key if another was made meanwhile.
+    current: Callable[[], DataKey] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def cleared(cls, item: str) -> DataKey:

@@ -15,11 +15,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from gateway.clock import Clock
-from gateway.spool.records import Claimant
+from gateway.spool.records import Claimant, DataKey
 
 T = TypeVar("T")
 
 Params = tuple[Any, ...] | Mapping[str, Any]
+
+_PUT_KEY = (
+    "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
+    " ON CONFLICT (item) DO UPDATE SET kek=excluded.kek, wrapped=excluded.wrapped"
+)
 
 
 class Row(Protocol):
@@ -52,6 +57,13 @@ class SqlStore(ABC):
     # renewing them at the same moment neither waits for them nor is overruled by a
     # change judged on what they were before); SQLite has one writer at a time.
     claim_lock: ClassVar[str] = ""
+    # Taken, in their transaction, by a store of data keys (``key_lock_shared``) and by
+    # the re-wrapping of them all under a new key-encryption key (``key_lock``): a
+    # rotation on one node never falls between another node's choice of the key it wraps
+    # under and its commit (gateway.atrest.vault).  PostgreSQL's advisory locks; SQLite
+    # has one writer at a time.
+    key_lock_shared: ClassVar[str] = ""
+    key_lock: ClassVar[str] = ""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -85,18 +97,36 @@ class SqlStore(ABC):
         now = self._clock.now().timestamp()
         return now, now + self._claimant.lease_seconds
 
+    def _store_key(self, db: Connection, key: DataKey) -> None:
+        """Store ``key`` (in the transaction ``db``), wrapped as it must be now; one
+        :meth:`DataKey.cleared` deletes the item's key."""
+        if key.is_cleared:
+            db.execute("DELETE FROM data_keys WHERE item=?", (key.item,))
+            return
+        if self.key_lock_shared:
+            db.execute(self.key_lock_shared)
+        if key.current is not None:
+            key = key.current()
+        db.execute(_PUT_KEY, (key.item, key.kek, key.wrapped))
+
     def _write(
         self,
         sql: str,
         params: tuple[Any, ...],
         more: list[tuple[str, tuple[Any, ...]]] | None = None,
+        *,
+        key: DataKey | None = None,
+        key_if_one: bool = False,
     ) -> int:
-        """Run ``sql`` (and the statements in ``more``) as one transaction."""
+        """Run ``sql`` (and the statements in ``more``) as one transaction, storing ``key``
+        in it (with ``key_if_one``: only if ``sql`` changed exactly one row)."""
 
         def work(db: Connection) -> int:
-            count = db.execute(sql, params).rowcount
+            count = int(db.execute(sql, params).rowcount)
             for statement, values in more or ():
                 db.execute(statement, values)
-            return int(count)
+            if key is not None and (count == 1 or not key_if_one):
+                self._store_key(db, key)
+            return count
 
         return self._transact(work)

@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
+# The advisory lock of the data keys' wrapping (SqlStore.key_lock): "medgwkek" as a number.
+KEY_LOCK = int.from_bytes(b"medgwkek", "big") - (1 << 63)
 _RERUNS = 3  # a transaction ended by a deadlock or serialization failure is run again
 
 _PLACEHOLDERS = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
@@ -89,6 +91,8 @@ class PostgresDatabase(SqlStore):
     """The PostgreSQL spool's connections and transactions (see module doc)."""
 
     claim_lock = " FOR UPDATE SKIP LOCKED"
+    key_lock_shared = f"SELECT pg_advisory_xact_lock_shared({KEY_LOCK})"
+    key_lock = f"SELECT pg_advisory_xact_lock({KEY_LOCK})"
 
     def __init__(
         self,

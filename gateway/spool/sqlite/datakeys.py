@@ -15,19 +15,6 @@ from collections.abc import Callable
 from gateway.spool.records import DataKey
 from gateway.spool.sql import Connection, SqlStore
 
-INSERT = (
-    "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
-    " ON CONFLICT (item) DO UPDATE SET kek=excluded.kek, wrapped=excluded.wrapped"
-)
-
-
-def key_statement(key: DataKey) -> tuple[str, tuple[object, ...]]:
-    """The statement that stores ``key`` (run in the transaction that stores its item);
-    one :meth:`DataKey.cleared` deletes the item's key."""
-    if key.is_cleared:
-        return "DELETE FROM data_keys WHERE item=?", (key.item,)
-    return INSERT, (key.item, key.kek, key.wrapped)
-
 
 class DataKeys(SqlStore):
     """Wrapped data keys, by item."""
@@ -37,23 +24,28 @@ class DataKeys(SqlStore):
         return DataKey(row["item"], int(row["kek"]), bytes(row["wrapped"])) if row else None
 
     def put_data_key(self, key: DataKey) -> None:
-        self._write(*key_statement(key))
+        self._transact(lambda db: self._store_key(db, key))
 
     def data_key_versions(self) -> list[int]:
         """The key-encryption key versions the stored data keys are wrapped under."""
         return [int(r["kek"]) for r in self._read("SELECT DISTINCT kek FROM data_keys", ())]
 
-    def rewrap_data_keys(self, old: int, new: int, rewrap: Callable[[DataKey], bytes]) -> int:
-        """Every data key wrapped under ``old`` wrapped under ``new`` instead, in one
-        transaction; returns how many."""
+    def rewrap_data_keys(
+        self, newest: Callable[[], int], rewrap: Callable[[DataKey, int], bytes]
+    ) -> int:
+        """Under the lock every store of a data key takes (``key_lock``): ``newest()`` (which
+        may create a new key-encryption key) gives the version to wrap under, and every data
+        key wrapped under another is re-wrapped under it (``rewrap``), in one transaction;
+        returns that version."""
 
         def work(db: Connection) -> int:
-            rows = db.execute("SELECT item, kek, wrapped FROM data_keys WHERE kek=?", (old,))
-            changed = [
-                (rewrap(DataKey(r["item"], int(r["kek"]), bytes(r["wrapped"]))), new, r["item"])
-                for r in rows.fetchall()
-            ]
+            if self.key_lock:
+                db.execute(self.key_lock)
+            new = newest()
+            rows = db.execute("SELECT item, kek, wrapped FROM data_keys WHERE kek<>?", (new,))
+            keys = [DataKey(r["item"], int(r["kek"]), bytes(r["wrapped"])) for r in rows.fetchall()]
+            changed = [(rewrap(key, new), new, key.item) for key in keys]
             db.executemany("UPDATE data_keys SET wrapped=?, kek=? WHERE item=?", changed)
-            return len(changed)
+            return new
 
         return self._transact(work)

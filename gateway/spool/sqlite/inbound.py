@@ -13,7 +13,6 @@ from gateway.spool.records import (
     InboundRecord,
 )
 from gateway.spool.sql import Connection, Row, SqlStore
-from gateway.spool.sqlite.datakeys import key_statement
 
 
 def _inbound(row: Row) -> InboundRecord:
@@ -234,7 +233,5 @@ class InboundDedup(SqlStore):
                 (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
             )
         )
-        if data_key is not None:
-            statements.append(key_statement(data_key))
         first, *more = statements
-        self._write(*first, more)
+        self._write(*first, more, key=data_key)

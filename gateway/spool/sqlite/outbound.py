@@ -15,7 +15,6 @@ from gateway.spool.records import (
     OutboundState,
 )
 from gateway.spool.sql import Connection, Row, SqlStore
-from gateway.spool.sqlite.datakeys import key_statement
 
 
 def _outbound(row: Row) -> OutboundRecord:
@@ -161,7 +160,7 @@ class OutboundQueue(SqlStore):
                 message_id,
                 OutboundState.INTAKE.value,
             ),
-            [key_statement(data_key)] if data_key is not None else None,
+            key=data_key,
         )
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
@@ -288,7 +287,7 @@ class OutboundQueue(SqlStore):
                 state is OutboundState.DELIVERED,
                 message_id,
             ),
-            [key_statement(data_key)] if data_key is not None else None,
+            key=data_key,
         )
 
     def get(self, message_id: str) -> OutboundRecord | None:
