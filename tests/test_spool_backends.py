@@ -95,3 +95,18 @@ def test_data_keys_are_stored_replaced_and_rewrapped_in_one_transaction(
     assert spool.data_key("body:<b@h>") == DataKey("body:<b@h>", 2, b"wrapped-b2")
     spool.shred()
     assert spool.data_key("body:<none@h>") is None
+
+
+def test_a_second_preparation_of_a_document_does_not_replace_the_first_ones_key(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Two preparations of one interrupted document (two nodes): only the one whose state
+    change moved it out of intake stores its data key; the other's key, wrapping a data key
+    the stored body is not encrypted under, is not stored."""
+    first, second = make_spool(TickingClock()), make_spool(TickingClock())
+    first.add_intake("<m@h>", "lab", "a", "text/plain", tmp_path, tmp_path)
+    item = "outbound-body:<m@h>"
+    first.mark_queued("<m@h>", None, [], "mic", 1, body=b"1", data_key=DataKey(item, 1, b"one"))
+    second.mark_queued("<m@h>", None, [], "mic", 1, body=b"2", data_key=DataKey(item, 1, b"two"))
+    assert first.data_key(item) == DataKey(item, 1, b"one")
+    assert second.get("<m@h>").body == b"1"  # type: ignore[union-attr]

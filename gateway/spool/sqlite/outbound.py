@@ -160,7 +160,10 @@ class OutboundQueue(SqlStore):
                 message_id,
                 OutboundState.INTAKE.value,
             ),
+            # Only the preparation that moved it out of intake stores its key: another one
+            # of the same document (on another node) must not replace it.
             key=data_key,
+            key_if_one=True,
         )
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
