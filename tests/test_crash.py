@@ -23,29 +23,46 @@ from gateway.clock import SystemClock
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, SqliteSpool
+from gateway.spool import OutboundState, Spool, SqliteSpool
+from gateway.spool.postgres import PostgresSpool
+from tests.helpers.postgres import spool_section
 from tests.inboxwatch import InboxWatch
 
 MESSAGES = 200
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
-    layout: DemoLayout, processes: Any
+    layout: DemoLayout, processes: Any, backend: str, request: pytest.FixtureRequest
 ) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"crash test seed {seed}")
     configs = {"hospital": layout.hospital.config_path, "lab": layout.lab.config_path}
+    lab_spool_path = layout.lab.root / "state" / "spool.sqlite3"
+
+    def lab_spool() -> Spool:
+        return SqliteSpool(lab_spool_path, SystemClock())
+
+    if backend == "postgresql":  # each daemon's spool a database on a real server
+        server = request.getfixturevalue("postgres_server")
+        databases = {name: server.new_database() for name in configs}
+        for name, path in configs.items():
+            with path.open("a") as config:
+                config.write(spool_section(databases[name]))
+
+        def lab_spool() -> Spool:
+            return PostgresSpool(databases["lab"], SystemClock())
+
     running = {name: processes.start(path) for name, path in configs.items()}
     outbox = layout.lab.outbox_dir / "hospital"
     sent: dict[str, str] = {}
     kills = 0
     dropped = 0
-    lab_spool_path = layout.lab.root / "state" / "spool.sqlite3"
 
     def all_delivered() -> bool:
-        spool = SqliteSpool(lab_spool_path, SystemClock())
+        spool = lab_spool()
         try:
             records = spool.all_outbound()
             return len(records) >= MESSAGES and all(
@@ -86,7 +103,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     for path in files:
         assert hashlib.sha256(path.read_bytes()).hexdigest() == sent[path.name], path.name
 
-    spool = SqliteSpool(lab_spool_path, SystemClock())
+    spool = lab_spool()
     try:
         records = spool.all_outbound()
         assert len(records) == MESSAGES, f"seed {seed}: a file became two messages"
@@ -100,6 +117,8 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     assert list((state / "payloads").iterdir()) == []  # no plaintext left behind
     assert list(outbox.iterdir()) == []
     assert _leftovers(layout.root) == []  # no half-written file anywhere
+    # On PostgreSQL, no SQLite spool was made beside it.
+    assert (backend == "sqlite") == lab_spool_path.exists()
     assert kills >= 5
     # The audit trail: one delivery per document, whatever the resends.
     delivered = Counter(

@@ -10,6 +10,7 @@ the server is back.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,20 @@ def test_a_database_stopped_mid_run_refuses_for_now_and_loses_nothing(
         "the hospital's reply delivered once its spool answers again",
     )
     assert not list((layout.hospital.outbox_dir / "lab").iterdir())
+
+
+def test_a_gateway_whose_database_does_not_answer_at_start_says_so_and_stops(
+    layout: DemoLayout, processes: Processes, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """At start the spool must be there (its tables checked, interrupted work taken
+    back): medgw run stops with the database and the fix named, for systemd to start
+    it again, and leaves no SQLite spool behind as if it were one."""
+    nowhere = replace(postgres, socket_dir=tmp_path / "no-server-here")
+    use_postgres(layout.hospital.config_path, nowhere)
+    proc = processes.start(layout.hospital.config_path, wait=False)
+    assert proc.wait_exit(60) != 0
+    output = "\n".join(proc.raw)
+    assert f"database '{postgres.dbname}'" in output and "is unreachable" in output, output
+    assert "check that PostgreSQL is running" in output
+    assert "Traceback" not in output
+    assert not (layout.hospital.root / "state" / "spool.sqlite3").exists()

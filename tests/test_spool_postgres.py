@@ -210,3 +210,26 @@ def test_a_failed_statement_is_reported_without_the_rows_values(
     assert "patient-4711" not in text and "Failing row" not in text
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
     spool.close()
+
+
+def test_opening_a_current_spool_takes_no_table_lock_from_running_nodes(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """A node starting (or a command opening the spool) while another node is in a
+    transaction neither waits for it nor ends it: the tables are created or upgraded
+    only when the schema's version says so."""
+    running = PostgresSpool(postgres, TickingClock())
+    queue_messages(running, tmp_path, 1)
+    with postgres_server.admin(postgres.dbname) as other_node:
+        other_node.execute("BEGIN")
+        other_node.execute("SELECT * FROM outbound FOR UPDATE")  # a claim in progress
+        opened: list[PostgresSpool] = []
+        starting = threading.Thread(
+            target=lambda: opened.append(PostgresSpool(postgres, TickingClock()))
+        )
+        starting.start()
+        starting.join(timeout=20)
+        assert opened, "opening the spool waited for another node's transaction"
+        other_node.execute("COMMIT")
+    for spool in (running, *opened):
+        spool.close()

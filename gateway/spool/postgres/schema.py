@@ -43,6 +43,10 @@ def create_or_upgrade(db: Connection) -> None:
             f"({VERSION}): a newer medgw has upgraded it",
             fix="run the same medgw version on every node that shares this spool database",
         )
+    if found == VERSION:
+        # Nothing to do: no DDL, whose table locks would conflict (even deadlock) with
+        # the transactions of nodes already running.
+        return
     for statement in postgres_types(SCHEMA).split(";"):
         if statement.strip():
             db.execute(statement, ())
@@ -50,6 +54,5 @@ def create_or_upgrade(db: Connection) -> None:
         db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_types(kind)}")
     for statement in ADDED_INDEXES:
         db.execute(statement, ())
-    if found < VERSION:
-        db.execute("DELETE FROM spool_schema", ())
-        db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))
+    db.execute("DELETE FROM spool_schema", ())
+    db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))
