@@ -20,6 +20,7 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway.atrest import KeyStore, Vault
 from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, open_bundle
 from gateway.clock import SystemClock
 from gateway.cms.stream import sign_and_envelope_file
@@ -392,3 +393,42 @@ def test_a_restore_that_cannot_finish_writing_takes_back_what_it_wrote(
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert done.returncode == 0, done.stderr
     assert (inbox / "lab" / "result.hl7").read_bytes() == b"MSH|owed to the internal system\r"
+
+
+def test_a_bundle_whose_data_keys_do_not_open_with_this_hosts_keys_is_refused(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """The key folder holds a kek-1, but another gateway's: what the bundle keeps encrypted
+    could not be read.  Refused (key-mismatch, audited), naming the key file and the fix;
+    with the backed-up gateway's key folder the same bundle is restored."""
+    hospital = load_config(layout.hospital.config_path)
+    assert hospital.at_rest is not None
+    spool = SqliteSpool(hospital.storage.spool_path, SystemClock())
+    vault = Vault(KeyStore(hospital.at_rest.key_dir), spool)
+    vault.open()
+    with vault.storing("outbound-body:<kept@hospital>") as sealing:
+        sealing.seal(b"kept encrypted at rest")
+        assert sealing.key is not None
+        spool.put_data_key(sealing.key)
+    spool.close()
+    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    config = _fresh(layout, "hospital-with-another-key")
+    fresh = load_config(config)
+    assert fresh.at_rest is not None
+    keys = fresh.at_rest.key_dir
+    shutil.rmtree(keys, ignore_errors=True)
+    KeyStore(keys).prepare()
+    KeyStore(keys).create(1)  # another gateway's kek-1
+    refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert refused.returncode == 1, refused.stdout
+    assert str(keys / "kek-1") in refused.stderr and "another gateway's key" in refused.stderr
+    assert (
+        "(fix: copy the key folder" in refused.stderr and "nothing was restored" in refused.stderr
+    )
+    [event] = read_audit(config.parent / "audit" / "audit.jsonl")
+    assert event["event"] == "backup.restore_refused" and event["reason"] == "key-mismatch"
+    assert not (fresh.storage.spool_path).exists()
+    shutil.rmtree(keys)
+    shutil.copytree(hospital.at_rest.key_dir, keys)
+    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+    assert done.returncode == 0, done.stderr

@@ -33,12 +33,13 @@ from typing import Any
 
 from cryptography import x509
 
-from gateway.atrest.keys import KeyStore, kek_name
+from gateway.atrest.keys import KeyStore, kek_name, unwrap
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.export.cursor import MAX_LINE
 from gateway.audit.files import STAMP, trail_files
 from gateway.backup.bundle import BackupError, RestoreRefused, open_bundle
 from gateway.config import GatewayConfig
+from gateway.errors import AtRestError
 from gateway.fsutil import private_folder, shared_folder, storage_fix
 from gateway.instance import LOCK_NAME, AlreadyRunningError, InstanceLock
 from gateway.pki.keypair import PrivateKey
@@ -181,10 +182,17 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
         db = sqlite3.connect(spool)
         try:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-            used = (
-                sorted(int(r[0]) for r in db.execute("SELECT DISTINCT kek FROM data_keys"))
+            # One data key per version: enough to tell this gateway's key from another's.
+            samples = (
+                {
+                    int(r[0]): (str(r[1]), bytes(r[2]))
+                    # (SQLite: the bare column is the MIN() row's)
+                    for r in db.execute(
+                        "SELECT kek, MIN(item), wrapped FROM data_keys GROUP BY kek"
+                    )
+                }
                 if "data_keys" in tables
-                else []
+                else {}
             )
         finally:
             db.close()
@@ -194,7 +202,9 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
             reason="spool-unreadable",
             fix="the bundle was damaged: restore another one",
         ) from exc
-    present = KeyStore(key_dir).versions()
+    store = KeyStore(key_dir)
+    present = store.versions()
+    used = sorted(samples)
     missing = [v for v in used if v not in present]
     if missing:
         names = ", ".join(kek_name(v) for v in missing)
@@ -207,6 +217,22 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
             fix=f"copy the key folder kept with this gateway's keys to {key_dir} (it must hold "
             f"{names}), or restore a backup taken after the last purge",
         )
+    for version, (item, wrapped) in samples.items():
+        try:
+            unwrap(store.load(version), wrapped, item)
+        except AtRestError:
+            path = key_dir / kek_name(version)
+            raise RestoreRefused(
+                f"{bundle}: what it keeps encrypted at rest does not open with the "
+                f"key-encryption key version {version} in {key_dir} ([at_rest] key_dir): "
+                f"{path} is another gateway's key (or not a private file of the medgw "
+                "user), so nothing the bundle keeps encrypted could be read; nothing was "
+                "restored",
+                reason="key-mismatch",
+                fix=f"copy the key folder kept with the backed-up gateway's keys to {key_dir} "
+                f"(its {kek_name(version)}), or restore a bundle of the gateway whose key "
+                "folder this is",
+            ) from None
 
 
 def _move_paths(spool: Path, places: list[tuple[str, str]]) -> None:
