@@ -9,6 +9,7 @@ lab's gateway verifies the hospital's signed receipt.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -129,16 +130,42 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+class _PortMemory:
+    """The ports this process has handed out lately.  A port is chosen long before the
+    gateway that listens on it starts, and meanwhile the kernel may offer it again to the
+    next caller (two settings of one configuration, chosen minutes apart, then collide
+    and the second listener cannot bind), so a port is not handed out twice in a row."""
+
+    def __init__(self, size: int) -> None:
+        self._recent: collections.deque[int] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+
+    def fresh(self, candidates: Sequence[int]) -> list[int]:
+        with self._lock:
+            fresh = [port for port in candidates if port not in self._recent]
+            self._recent.extend(fresh)
+            return fresh
+
+
+# One per process, as the kernel's port space is one per host: the demo and the tests
+# that build gateways choose all their ports here.
+_HANDED_OUT = _PortMemory(size=4096)
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct unused ports on 127.0.0.1 (held open together while chosen:
-    asked one at a time, the kernel may hand out the same port twice)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
+    """``count`` distinct unused ports on 127.0.0.1, none handed out lately by this process
+    (held open together while chosen: asked one at a time, the kernel may hand out the
+    same port twice)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with contextlib.ExitStack() as stack:
+            offered = []
+            for _ in range(count - len(ports)):
+                sock = stack.enter_context(socket.socket())
+                sock.bind(("127.0.0.1", 0))
+                offered.append(int(sock.getsockname()[1]))
+            ports.extend(port for port in _HANDED_OUT.fresh(offered) if port not in ports)
+    return ports
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@
     [cluster]
     node_name = "gw-a"            # default: the host name; unique among the nodes
     lease_seconds = 60            # how long a claim lasts without renewal
-    bodies_dir = "/srv/medgw-shared/outgoing"   # the nodes' one folder of AS2 bodies
+    bodies_dir = "/var/lib/medgw-shared/outgoing"   # the nodes' one folder of AS2 bodies
 
 Every claim on a message (sending it, writing a received document to the
 inbox, handing one over) is held by this node's name for ``lease_seconds``; a
@@ -35,7 +35,9 @@ class ClusterSettings:
 
 def load_cluster(reader: Reader, root: Section) -> ClusterSettings:
     """The optional ``[cluster]`` table; every key has a default."""
-    section = root.table("cluster", required=False)
+    section = root.optional_table("cluster")
+    if section is None:
+        return ClusterSettings(host_node_name())
     name = section.string("node_name", default=host_node_name())
     lease = section.number("lease_seconds", default=DEFAULT_LEASE_SECONDS, minimum=5, maximum=3600)
     bodies = section.string("bodies_dir", default="")
