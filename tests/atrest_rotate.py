@@ -15,7 +15,7 @@ def main(spool_path: str, key_dir: str) -> None:
     spool = SqliteSpool(Path(spool_path), SystemClock())
     vault = Vault(KeyStore(Path(key_dir)), spool)
     vault.open()
-    print(vault.rotate(), flush=True)
+    print(vault.rotate().version, flush=True)
     spool.close()
 
 

@@ -175,7 +175,7 @@ def test_rotation_rewraps_survivors_and_destroys_the_old_key(tmp_path: Path) -> 
     old_wrapped = spool.data_key(gone)
     assert old_wrapped is not None and old_wrapped.kek == 1
     spool._write("DELETE FROM data_keys WHERE item=?", (gone,))  # as a purge does
-    assert vault.rotate() == 2
+    assert vault.rotate() == (2, True)
     assert KeyStore(tmp_path / "keys").versions() == [2]
     assert spool.data_key_versions() == [2]
     for item, stored in sealed.items():
@@ -408,7 +408,7 @@ def test_a_node_sharing_the_key_folder_wraps_under_the_key_another_node_rotated_
         stored = {before: sealing.seal(b"stored before the purge")}
         assert sealing.key is not None
         spool.put_data_key(sealing.key)
-    assert a.rotate() == 2  # node a's purge
+    assert a.rotate().version == 2  # node a's purge
     after = "outbound-body:<after@hospital>"
     with b.storing(after) as sealing:
         stored[after] = sealing.seal(b"stored after the purge")
@@ -436,7 +436,7 @@ def test_a_rotation_on_one_node_between_anothers_sealing_and_its_commit_loses_no
     with b.storing(item) as sealing:
         stored = sealing.seal(b"sealed while another node rotated")
         assert sealing.key is not None and sealing.key.kek == 1
-        assert a.rotate() == 2  # node a's purge, between b's sealing and b's commit
+        assert a.rotate().version == 2  # node a's purge, between b's sealing and b's commit
         assert not (tmp_path / "keys" / "kek-1").exists()
         spool_b.put_data_key(sealing.key)
     assert spool_a.data_key(item) is not None and spool_a.data_key(item).kek == 2  # type: ignore[union-attr]

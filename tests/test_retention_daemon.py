@@ -124,6 +124,7 @@ def test_the_daemon_sweeps_by_its_retention_rules(layout: DemoLayout, processes:
         "trigger": "sweep",
         "dry_run": False,
         "counts": {"receipts": 1, "spool": 1},
+        "spool_log_emptied": True,
     }
     shown = medgw("queue", "show", received["message_id"], "--config", config)
     assert shown.returncode == 1 and "no such message" in shown.stderr

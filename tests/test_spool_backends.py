@@ -3,12 +3,13 @@ inbound record of a delivery, the hand-over queue and the operator's peer contro
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import SpoolError
-from gateway.spool import HandoverState
+from gateway.spool import HandoverState, SqliteSpool
 from gateway.spool.records import DataKey
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
@@ -110,3 +111,23 @@ def test_a_second_preparation_of_a_document_does_not_replace_the_first_ones_key(
     second.mark_queued("<m@h>", None, [], "mic", 1, body=b"2", data_key=DataKey(item, 1, b"two"))
     assert first.data_key(item) == DataKey(item, 1, b"one")
     assert second.get("<m@h>").body == b"1"  # type: ignore[union-attr]
+
+
+def test_a_shred_a_reader_keeps_from_emptying_the_log_says_so(tmp_path: Path) -> None:
+    """A reader in the middle of a read (another process) keeps SQLite's write-ahead log
+    busy: shred says it could not empty it (the log still holds what was written), and
+    empties it once the reader is done."""
+    spool = SqliteSpool(tmp_path / "spool.db", TickingClock())
+    spool.put_data_key(DataKey("body:<a@h>", 1, b"wrapped-a"))
+    reader = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT * FROM data_keys").fetchall()
+    spool.put_data_key(DataKey("body:<b@h>", 1, b"wrapped-b"))
+    wal = tmp_path / "spool.db-wal"
+    assert spool.shred() is False
+    assert wal.stat().st_size > 0
+    reader.execute("COMMIT")
+    reader.close()
+    assert spool.shred() is True
+    assert wal.stat().st_size == 0
+    spool.close()

@@ -25,7 +25,7 @@ import secrets
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, NamedTuple, cast
 
 from gateway.atrest import chunked
 from gateway.atrest.keys import KeyStore, unwrap, wrap
@@ -196,23 +196,22 @@ class Vault:
 
     # -- rotation ------------------------------------------------------------
 
-    def rotate(self) -> int:
+    def rotate(self) -> Rotated:
         """After a purge: a new key-encryption key, every surviving data key re-wrapped
-        under it, the old key destroyed, the spool's deleted rows overwritten.  Returns
-        the new version."""
+        under it, the old key destroyed, the spool's deleted rows overwritten."""
         with self._exclusive():
             return self._finish_rotation(create=True)
 
-    def _finish_rotation(self, *, create: bool = False) -> int:
+    def _finish_rotation(self, *, create: bool = False) -> Rotated:
         """In one transaction of the spool, under the lock every store of a data key takes
         (of this node and of the others sharing the spool and the key folder): with
         ``create``, a new key-encryption key; what older keys wrap re-wrapped under the
         newest.  Then the spool's log of the old wrapped keys emptied, and the older keys
         destroyed (in this order: a kill at any step leaves what the next :meth:`open`
-        finishes).  Returns the newest version."""
+        finishes)."""
         versions = self._store.versions()
         if not create and len(versions) < 2:
-            return versions[-1]
+            return Rotated(versions[-1], True)
         loaded: dict[int, bytes] = {}
         made: list[int] = []
 
@@ -233,11 +232,19 @@ class Vault:
             return wrap(load(new), unwrap(load(key.kek), key.wrapped, key.item))
 
         new = self._spool.rewrap_data_keys(newest, rewrap)
-        self._spool.shred()
+        log_emptied = self._spool.shred()
         for old in self._store.versions():
             if old < new:  # nothing is, or will be, wrapped under it
                 self._store.destroy(old)
-        return new
+        return Rotated(new, log_emptied)
+
+
+class Rotated(NamedTuple):
+    """A rotation done: the newest key-encryption key's version, and whether the spool's
+    write-ahead log could be emptied (see :meth:`Spool.shred`)."""
+
+    version: int
+    log_emptied: bool
 
 
 class Sealing:

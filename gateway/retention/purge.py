@@ -159,8 +159,7 @@ class Retention:
             counts[AUDIT] = self._audit_files.dispose(
                 request.before, actor, self._audit, dry_run=request.dry_run
             )
-        if not request.dry_run:
-            self._shred(counts, actor)
+        emptied = None if request.dry_run else self._shred(counts, actor)
         self._audit.emit(
             AuditEvent(
                 EventType.RETENTION_PURGED,
@@ -175,6 +174,7 @@ class Retention:
                     "kinds": [k.value for k in request.kinds]
                     + ([AUDIT] if request.audit_files else []),
                     "counts": counts,
+                    **_log_emptied(emptied),
                 },
             )
         )
@@ -197,7 +197,7 @@ class Retention:
                 )
                 if gone:
                     counts[kind.value] = counts.get(kind.value, 0) + gone
-        self._shred(counts, actor)
+        emptied = self._shred(counts, actor)
         if settings.audit_days is not None and self._audit_files is not None:
             before = now - timedelta(days=settings.audit_days)
             if gone := self._audit_files.dispose(before, actor, self._audit):
@@ -207,21 +207,26 @@ class Retention:
                 AuditEvent(
                     EventType.RETENTION_PURGED,
                     actor=actor,
-                    detail={"trigger": "sweep", "dry_run": False, "counts": counts},
+                    detail={
+                        "trigger": "sweep",
+                        "dry_run": False,
+                        "counts": counts,
+                        **_log_emptied(emptied),
+                    },
                 )
             )
         return counts
 
-    def _shred(self, counts: Mapping[str, int], actor: str) -> None:
+    def _shred(self, counts: Mapping[str, int], actor: str) -> bool | None:
         """After something went from the spool: its deleted rows overwritten, and the
         key-encryption key rotated, so that no earlier copy of the state folder or backup
-        can open what went (gateway.atrest)."""
+        can open what went (gateway.atrest).  Whether the spool's write-ahead log could
+        be emptied (None: nothing went)."""
         if not any(counts.get(kind.value) for kind in ORDER):
-            return
+            return None
         if self._vault is None:
-            self._spool.shred()
-            return
-        version = self._vault.rotate()
+            return self._spool.shred()
+        rotated = self._vault.rotate()
         self._audit.emit(
             AuditEvent(
                 EventType.AT_REST_KEY_ROTATED,
@@ -229,9 +234,14 @@ class Retention:
                 reason="what was purged can no longer be read from any earlier copy of the "
                 "state folder or backup: take a new backup, and replace the offline copy of "
                 "the key folder",
-                detail={"kek_version": version, "key_dir": str(self._vault.key_dir)},
+                detail={
+                    "kek_version": rotated.version,
+                    "key_dir": str(self._vault.key_dir),
+                    SPOOL_LOG_EMPTIED: rotated.log_emptied,
+                },
             )
         )
+        return rotated.log_emptied
 
     def _dispose(
         self,
@@ -274,6 +284,15 @@ class Retention:
             if len(done) < len(batch):
                 # Something changed under us (a late receipt); the rest waits for next time.
                 return total
+
+
+# In the purge's audit record: False when the spool's write-ahead log could not be emptied
+# (a reader kept it busy), so deleted rows' bytes may stay in it until later writes.
+SPOOL_LOG_EMPTIED = "spool_log_emptied"
+
+
+def _log_emptied(emptied: bool | None) -> dict[str, bool]:
+    return {} if emptied is None else {SPOOL_LOG_EMPTIED: emptied}
 
 
 def _name(item: Disposable) -> dict[str, str | None]:

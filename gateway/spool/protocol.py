@@ -375,7 +375,8 @@ class Spool(Protocol):
         gives the new wrapped bytes); returns that version."""
         ...
 
-    def shred(self) -> None:
+    def shred(self) -> bool:
         """Leave no copy of deleted rows in the spool's files (after a purge): deleted
-        bytes overwritten, the write-ahead log emptied."""
+        bytes overwritten, the write-ahead log emptied.  False: the log could not be
+        emptied now (readers kept it busy), so it may still hold deleted rows' bytes."""
         ...

@@ -69,7 +69,7 @@ class SqlStore(ABC):
     def close(self) -> None: ...
 
     @abstractmethod
-    def shred(self) -> None:
+    def shred(self) -> bool:
         """Leave no readable copy of deleted rows where the backend can (see Spool.shred)."""
 
     @abstractmethod

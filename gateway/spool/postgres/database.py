@@ -127,12 +127,13 @@ class PostgresDatabase(SqlStore):
             if conn is not None:
                 conn.close()
 
-    def shred(self) -> None:
+    def shred(self) -> bool:
         """Reclaim the space of deleted rows (``VACUUM``): PostgreSQL has no secure
         delete, so a purged item is unreadable by its data key being gone, whatever
         copy of the row's bytes the server's files and WAL still hold (gateway.atrest
         rotates the key-encryption keys for that)."""
         self._run(lambda conn: conn.execute("VACUUM data_keys"), lambda: True)
+        return True
 
     def _read(self, sql: str, params: Params) -> list[Row]:
         def query(conn: psycopg.Connection[DictRow]) -> list[Row]:

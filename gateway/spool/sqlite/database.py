@@ -18,6 +18,8 @@ from gateway.spool.sql import Connection, Params, Row, SqlStore
 
 T = TypeVar("T")
 
+SHRED_TRIES = 3  # tries of emptying the write-ahead log, each waiting 1 s for readers
+
 
 class Database(SqlStore):
     """The SQLite spool's connections: a writer (with group commit) and a reader."""
@@ -93,8 +95,19 @@ class Database(SqlStore):
                 fix="check free disk space and permissions of the state directory",
             ) from exc
 
-    def shred(self) -> None:
+    def shred(self) -> bool:
         """Write every committed change into the database file and empty the write-ahead
-        log: what was deleted is then overwritten (secure_delete), not kept in the log."""
-        with self._writer.exclusive() as db:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        log: what was deleted is then overwritten (secure_delete), not kept in the log.
+        A reader in the middle of a read (another process: ``medgw queue``, a backup)
+        keeps the log busy: tried again, for up to :data:`SHRED_TRIES` seconds; False if
+        the log could not be emptied (its old pages are overwritten by later writes)."""
+        for _ in range(SHRED_TRIES):
+            with self._writer.exclusive() as db:
+                db.execute("PRAGMA busy_timeout=1000")  # each try waits for readers this long
+                try:
+                    busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                finally:
+                    db.execute("PRAGMA busy_timeout=5000")
+            if not busy:
+                return True
+        return False
