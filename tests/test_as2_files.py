@@ -203,10 +203,11 @@ def test_the_sealed_body_is_on_disk_before_it_is_handed_back(
 def test_a_killed_sealing_leaves_only_files_the_next_start_removes(
     layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While a large document is sealed, the plaintext entity and the body being
-    written sit beside the body's final name.  Killed at that moment, the process
-    leaves them behind: each must be named so that the start-up cleanup
-    (remove_stale_partials) deletes it, or a plaintext copy stays on disk."""
+    """While a large document is sealed, the body being written sits beside the body's
+    final name, and nothing else: the MIME entity is streamed from the document, never
+    written as a plaintext working file.  Killed at that moment, the process leaves
+    the body behind, named so that the start-up cleanup (remove_stale_partials)
+    deletes it."""
     lab = load_config(layout.lab.config_path)
     payload, folder = _large_document(tmp_path)
     seen: list[str] = []
@@ -218,7 +219,7 @@ def test_a_killed_sealing_leaves_only_files_the_next_start_removes(
 
     monkeypatch.setattr(os, "replace", snapshot_then_replace)
     _build(lab, payload, folder / "body.as2", "a.dcm", "application/dicom")
-    assert len(seen) >= 2, seen  # the entity and the body being written
+    assert len(seen) == 1, seen  # the body being written; no plaintext entity beside it
     assert all(PARTIAL.match(name) for name in seen), seen
     assert remove_stale_partials(folder) == []  # nothing left after a clean run
 

@@ -17,11 +17,12 @@ service to mean anything at the receiving end.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography import x509
 
@@ -29,8 +30,9 @@ from gateway.as2.headers import AS2_VERSION, DIGEST_TO_MICALG, quote_as2_id
 from gateway.cms import compute_mic
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity, sign_entity
+from gateway.cms.stream import CHUNK as STREAM_CHUNK
 from gateway.cms.stream import sign_and_envelope_file
-from gateway.fsutil import create_private, partial_name, read_chunks, safe_name
+from gateway.fsutil import safe_name
 from gateway.pki.keypair import KeyPair
 from gateway.policy import AlgorithmPolicy
 
@@ -154,7 +156,7 @@ class BuiltFile:
 
 
 def build_message_file(
-    payload: Path,
+    payload: Path | Callable[[], BinaryIO],
     body: Path,
     spec: MessageSpec,
     *,
@@ -162,38 +164,54 @@ def build_message_file(
 ) -> BuiltFile:
     """:func:`build_message` for documents of any size: file in, AS2 body file out
     (or ``writer(body, chunks)`` stores it: see :func:`sign_and_envelope_file`).
+    ``payload`` is the document's file, or opens it for reading (a document kept
+    encrypted at rest).
 
-    Memory use does not grow with the payload: the MIME entity is written
-    beside ``body`` (headers, then the payload copied in chunks), then signed
-    and encrypted by the streaming CMS engine, then removed.
+    Memory use does not grow with the payload: the MIME entity (headers, then the
+    payload in chunks) is streamed twice from the payload, once to sign, once to
+    encrypt, by the streaming CMS engine; no plaintext copy of it is written.
     """
-    # The plaintext entity, beside the body while it is sealed; named as a partial
-    # file so that the next start removes it if this process is killed meanwhile.
-    entity = partial_name(body)
-    try:
-        size = 0
-        digest = hashlib.sha256()
-        with create_private(entity) as out:
-            out.write(spec.entity_head())
-            for chunk in read_chunks(payload):
-                out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-        sealed = sign_and_envelope_file(
-            entity,
-            body,
-            signer_cert=spec.signing.certificate,
-            signer_key=spec.signing.key,
-            recipients=spec.recipients,
-            digest=spec.digest,
-            cipher=spec.cipher,
-            certificates=spec.signing.chain,
-            signing_time=spec.at,
-            policy=spec.policy,
-            durable=True,  # the spool records it as queued next, and drops the plaintext
-            writer=writer,
-        )
-    finally:
-        entity.unlink(missing_ok=True)
+    opener = payload if callable(payload) else _file_opener(payload)
+    head = spec.entity_head()
+    size = 0
+    digest = hashlib.sha256()
+    counted = False
+
+    def entity() -> Iterator[bytes]:
+        # The document's digest and size, from the first pass read to its end.
+        nonlocal size, digest, counted
+        counting = not counted
+        if counting:
+            size, digest = 0, hashlib.sha256()
+        yield head
+        with opener() as handle:
+            while chunk := handle.read(STREAM_CHUNK):
+                if counting:
+                    digest.update(chunk)
+                    size += len(chunk)
+                yield chunk
+        counted = True
+
+    sealed = sign_and_envelope_file(
+        entity,
+        body,
+        signer_cert=spec.signing.certificate,
+        signer_key=spec.signing.key,
+        recipients=spec.recipients,
+        digest=spec.digest,
+        cipher=spec.cipher,
+        certificates=spec.signing.chain,
+        signing_time=spec.at,
+        policy=spec.policy,
+        durable=True,  # the spool records it as queued next, and drops the plaintext
+        writer=writer,
+    )
     mic = f"{sealed.mic}, {DIGEST_TO_MICALG[spec.digest]}"
     return BuiltFile(spec.headers(sealed.content_type), mic, size, digest.hexdigest())
+
+
+def _file_opener(path: Path) -> Callable[[], BinaryIO]:
+    def opener() -> BinaryIO:
+        return path.open("rb")
+
+    return opener

@@ -107,6 +107,15 @@ class OpenedFile:
     mic_digest: str
 
 
+# A MIME entity to sign: a file, or a callable that streams it anew at each call (read
+# twice: once to sign, once to encrypt) from a store of the caller's own.
+EntitySource = Path | Callable[[], Iterable[bytes]]
+
+
+def _entity_chunks(src: EntitySource) -> Iterable[bytes]:
+    return _file_chunks(src) if isinstance(src, Path) else src()
+
+
 def _file_chunks(path: Path | bytes, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     with open_source(path) as f:
         f.seek(start)
@@ -173,7 +182,7 @@ class _SignedFrame:
 
 
 def _frame(
-    src: Path,
+    src: EntitySource,
     signer_cert: x509.Certificate,
     signer_key: PrivateKey,
     *,
@@ -189,7 +198,7 @@ def _frame(
     h = hashes.Hash(hash_for(digest))
     size = 0
     carry = b""
-    for chunk in _file_chunks(src):
+    for chunk in _entity_chunks(src):
         h.update(chunk)
         size += len(chunk)
         if b in carry + chunk:  # 128 random bits: never in practice, checked anyway
@@ -237,15 +246,16 @@ def _frame(
     return _SignedFrame(head, tail, size, entity_digest, digest)
 
 
-def _framed_chunks(src: Path, frame: _SignedFrame) -> Iterator[bytes]:
+def _framed_chunks(src: EntitySource, frame: _SignedFrame) -> Iterator[bytes]:
     yield frame.head
     size = 0
-    for chunk in _file_chunks(src):
+    for chunk in _entity_chunks(src):
         size += len(chunk)
         yield chunk
     if size != frame.entity_size:
         raise ContentChangedError(
-            f"{src} changed while it was being signed ({frame.entity_size} bytes signed, "
+            f"{src if isinstance(src, Path) else 'the document'} changed while it was being "
+            f"signed ({frame.entity_size} bytes signed, "
             f"{size} read): a document must not change once it is taken in",
             fix="check that no other program writes to that file; then send it again",
         )
@@ -280,7 +290,7 @@ def sign_entity_file(
 
 
 def sign_and_envelope_file(
-    src_entity: Path,
+    src_entity: EntitySource,
     dst: Path,
     *,
     signer_cert: x509.Certificate,
@@ -296,6 +306,8 @@ def sign_and_envelope_file(
     writer: Callable[[Path, Iterable[bytes]], object] | None = None,
 ) -> SealedFile:
     """Sign the MIME entity in ``src_entity`` (multipart/signed) and encrypt it into ``dst``.
+
+    ``src_entity`` is a file, or a callable streaming the entity (called twice).
 
     ``dst`` is the AS2 body (DER), written atomically (and with ``durable``, on disk
     when this returns); or ``writer(dst, chunks)`` stores it (complete and on disk when
