@@ -25,12 +25,14 @@ import pytest
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from gateway.atrest.chunked import MAGIC
+from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
-from gateway.spool.records import body_item, receipt_item
+from gateway.spool.records import body_item, payload_item, receipt_item
 from tests.cli import medgw
 from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import wait_for_event, wait_for_events
+from tests.helpers.demo import revoke
 from tests.test_backup import add_backup, backup_signer, fresh_host, openssl_opens, recipient
 
 BIG = 200 << 10  # above the size kept in the spool row: a body file
@@ -207,3 +209,60 @@ def test_a_purge_leaves_nothing_readable_in_earlier_images_and_backups(
         timeout=120,
     )
     assert (layout.hospital.inbox_dir / "lab" / "QUEUED-0.hl7").read_bytes() == waiting
+
+
+@pytest.mark.timeout(300)
+def test_a_document_whose_preparation_failed_is_kept_encrypted_and_shredded_by_cancel_and_purge(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    # The hospital's encryption certificate revoked in the lab's CRL: the lab cannot
+    # seal the document, and keeps it (until a retry, or a cancel) in state/payloads.
+    hospital_enc = load_config(layout.hospital.config_path).smime.encryption.certificate
+    revoke(layout, layout.lab.root / "certs" / "crls" / "loopback" / "ca.crl", hospital_enc)
+    state = layout.lab.root / "state"
+    key_dir = layout.lab.root / "state-keys"
+    lab = processes.start(layout.lab.config_path)
+    document = _document("UNSEALED", 0)
+    drop_file(layout.lab.outbox_for("hospital"), "UNSEALED-0.hl7", document)
+    [failed] = wait_for_events(layout.lab.audit_log, "message.failed")
+    assert "the document is kept" in failed["reason"]
+    message_id = failed["message_id"]
+
+    # Kept encrypted at rest from the moment it was taken: no plaintext in an image.
+    [kept] = [p for p in (state / "payloads").iterdir() if not p.name.startswith(".")]
+    assert kept.read_bytes().startswith(MAGIC)
+    image_before = tmp_path / "image-before"
+    _image(state, image_before)
+    samples = _samples(document)
+    for path, data in _files(image_before).items():
+        for sample in samples:
+            assert sample not in data, f"the kept document in the clear in {path}"
+    [spool_before] = list(image_before.rglob("spool.sqlite3"))
+    version, wrapped = _data_keys(spool_before)[payload_item(message_id)]
+    assert version == 1
+
+    # Cancelled, then purged: its file and its data key go, and the key is rotated.
+    cancelled = medgw("queue", "cancel", message_id, "--config", str(lab.config))
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert not [p for p in (state / "payloads").iterdir() if not p.name.startswith(".")]
+    done = medgw(
+        "purge", "--before", datetime.now(UTC).isoformat(), "--json", "--config", str(lab.config)
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["counts"]["spool"] == 1
+    wait_for_event(layout.lab.audit_log, "atrest.key_rotated")
+    image_after = tmp_path / "image-after"
+    _image(state, image_after)
+    [spool_after] = list(image_after.rglob("spool.sqlite3"))
+    assert payload_item(message_id) not in _data_keys(spool_after)
+    after = _files(image_after)
+    assert not any(wrapped in data for data in after.values())
+    # The earlier image's copy of the document opens under no key left.
+    keks = [p.read_bytes() for p in key_dir.iterdir()]
+    assert [p.name for p in key_dir.iterdir()] == ["kek-2"]
+    for kek in keks:
+        with pytest.raises(InvalidUnwrap):
+            aes_key_unwrap(kek, wrapped)
+    for path, data in after.items():
+        for sample in samples:
+            assert sample not in data, f"the cancelled document in the clear in {path}"

@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import pwd
-import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -18,6 +17,8 @@ from typing import Any
 import pytest
 
 import gateway.outbound.intake
+from gateway.atrest import KeyStore, Sealing, Vault, storing
+from gateway.atrest.chunked import MAGIC
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -33,6 +34,7 @@ from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
 from gateway.spool import SqliteSpool
+from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 
 
@@ -79,33 +81,44 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
         audit.close()
 
 
+@pytest.mark.parametrize("copy", ["encrypted", "clear"])
 def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_sends_once(
-    layout: DemoLayout, processes: Any
+    layout: DemoLayout, processes: Any, copy: str
 ) -> None:
-    """The outbox on another file system: the document is copied into the spool, then
-    removed from the outbox.  A kill between the two leaves both; the restart must
-    send it once, not once for the spool entry and again for the outbox file."""
+    """The document is copied into the spool (encrypted at rest; or, before at-rest
+    encryption, as it is, from an outbox on another file system), then removed from
+    the outbox.  A kill between the two leaves both; the restart must send it once,
+    not once for the spool entry and again for the outbox file."""
     config = load_config(layout.lab.config_path)
+    assert config.at_rest is not None
     source = layout.lab.outbox_dir / "hospital" / "copied.hl7"
     source.parent.mkdir(parents=True, exist_ok=True)
     source.write_bytes(b"MSH|copied\r")
     payload = config.storage.state_dir / "payloads" / "0123456789abcdef01234567"
     payload.parent.mkdir(parents=True, exist_ok=True)
     spool = SqliteSpool(config.storage.state_dir / "spool.sqlite3", SystemClock())
+    vault = Vault(KeyStore(config.at_rest.key_dir), spool) if copy == "encrypted" else None
+    if vault is not None:
+        vault.open()
     try:
-        spool.add_intake(
-            "<copied@KITA-LAB>",
-            "hospital",
-            source.name,
-            "application/octet-stream",
-            source,
-            payload,
-            expires_at=datetime.now(UTC).timestamp() + 3600,
-            zone="loopback",
-        )
+        with storing(vault, payload_item("<copied@KITA-LAB>")) as sealing:
+            sealing.begin()
+            spool.add_intake(
+                "<copied@KITA-LAB>",
+                "hospital",
+                source.name,
+                "application/octet-stream",
+                source,
+                payload,
+                expires_at=datetime.now(UTC).timestamp() + 3600,
+                zone="loopback",
+                data_key=sealing.key,
+            )
+            # The copy was complete; the unlink never came.
+            sealing.write(payload, [source.read_bytes()])
     finally:
         spool.close()
-    shutil.copyfile(source, payload)  # the copy was complete; the unlink never came
+    assert payload.read_bytes().startswith(MAGIC) == (copy == "encrypted")
 
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
@@ -210,7 +223,7 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
     move = gateway.outbound.intake.move_into_spool
 
-    def no_room(source: Path, target: Path, folders: FolderSync) -> None:
+    def no_room(source: Path, target: Path, folders: FolderSync, sealing: Sealing) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gateway.outbound.intake, "move_into_spool", no_room)

@@ -8,6 +8,14 @@ data keys; ``vault``: sealing and opening items, and the rotation after a purge.
 from __future__ import annotations
 
 from gateway.atrest.keys import KeyStore
-from gateway.atrest.vault import Sealing, Vault, open_bytes, open_file, storing
+from gateway.atrest.vault import Sealing, Vault, new_data_key, open_bytes, open_file, storing
 
-__all__ = ["KeyStore", "Sealing", "Vault", "open_bytes", "open_file", "storing"]
+__all__ = [
+    "KeyStore",
+    "Sealing",
+    "Vault",
+    "new_data_key",
+    "open_bytes",
+    "open_file",
+    "storing",
+]

@@ -116,9 +116,14 @@ class Vault:
     def new_key(self, item: str) -> tuple[bytes, DataKey]:
         """A fresh data key for ``item`` and its wrapped form (call inside :meth:`storing`):
         wrapped under the newest key-encryption key, never one a rotation destroys."""
-        version, kek = self._kek(newest=True)
         dek = secrets.token_bytes(chunked.KEY_BYTES)
-        return dek, DataKey(item, version, wrap(kek, dek), lambda: self._current_key(item, dek))
+        return dek, self.wrap_key(item, dek)
+
+    def wrap_key(self, item: str, dek: bytes) -> DataKey:
+        """``dek`` (of ``item``) wrapped as :meth:`new_key` wraps (call inside
+        :meth:`storing`)."""
+        version, kek = self._kek(newest=True)
+        return DataKey(item, version, wrap(kek, dek), lambda: self._current_key(item, dek))
 
     def _current_key(self, item: str, dek: bytes) -> DataKey:
         """``item``'s data key wrapped under the newest key-encryption key, as the spool
@@ -256,23 +261,37 @@ class Sealing:
         self._vault = vault
         self.item = item
         self.key: DataKey | None = None
+        self._dek: bytes | None = None
 
     @property
     def encrypting(self) -> bool:
         return self._vault is not None and self._vault.encrypt
 
-    def _new_key(self) -> bytes | None:
+    def begin(self) -> bytes | None:
+        """The item's data key (made at the first call; None: stored as it is, ``key``
+        then :meth:`DataKey.cleared`), with ``key`` set, for a caller that stores the
+        key before the item."""
+        if self._dek is None and self._vault is not None:
+            if not self._vault.encrypt:
+                self.key = DataKey.cleared(self.item)  # a key it had would call it replaced
+            else:
+                self._dek, self.key = self._vault.new_key(self.item)
+        return self._dek
+
+    def adopt(self, dek: bytes | None) -> None:
+        """Store the item under ``dek`` (from :func:`new_data_key`), made before this
+        block: a body written over a long upload, whose key is wrapped only now, so
+        that no rotation waits for the upload."""
         if self._vault is None:
-            return None
-        if not self._vault.encrypt:
-            self.key = DataKey.cleared(self.item)  # a key it had would call it replaced
-            return None
-        dek, self.key = self._vault.new_key(self.item)
-        return dek
+            return
+        if dek is not None:
+            self._dek, self.key = dek, self._vault.wrap_key(self.item, dek)
+        elif not self._vault.encrypt:
+            self.key = DataKey.cleared(self.item)
 
     def seal(self, plain: bytes) -> bytes:
         """``plain`` as it is to be stored in the spool."""
-        dek = self._new_key()
+        dek = self.begin()
         return plain if dek is None else chunked.seal_bytes(dek, self.item, plain)
 
     def write(
@@ -282,7 +301,7 @@ class Sealing:
         renamed into place (the folder's fsync shared through ``folders``, if given, with
         other files stored there at that moment).  Returns the size of what was stored
         (before encryption)."""
-        dek = self._new_key()
+        dek = self.begin()
         tmp = partial_name(target)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         size = 0
@@ -316,6 +335,14 @@ def storing(vault: Vault | None, item: str) -> Iterator[Sealing]:
         return
     with vault.storing(item) as sealing:
         yield sealing
+
+
+def new_data_key(vault: Vault | None) -> bytes | None:
+    """A data key for an item written before its key can be stored (see
+    :meth:`Sealing.adopt`); None when items are stored as they are."""
+    if vault is None or not vault.encrypt:
+        return None
+    return secrets.token_bytes(chunked.KEY_BYTES)
 
 
 def open_bytes(vault: Vault | None, item: str, stored: bytes) -> bytes:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from gateway.as2.headers import new_message_id
+from gateway.atrest import Sealing, storing
 from gateway.config import Peer
 from gateway.errors import MedgwError, SpoolError
 from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
@@ -19,6 +20,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer
 from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord
+from gateway.spool.records import payload_item
 
 INTAKE_PARALLELISM = 8
 
@@ -150,38 +152,41 @@ class OutboxIntake:
         message_id = new_message_id(self._ctx.config.as2_id)
         token = os.urandom(12).hex()
         payload_path = self._ctx.payloads / token
-        self._ctx.spool.add_intake(
-            message_id,
-            peer.name,
-            candidate.path.name,
-            candidate.content_type,
-            candidate.path,
-            payload_path,
-            expires_at=self._ctx.clock.now().timestamp()
-            + self._ctx.config.runtime.message_expiry_seconds,
-            zone=peer.zone,
-            origin=LOCAL_INTAKE,
-            submitted_by=submitter,
-            service=candidate.service,
-        )
-        try:
-            move_into_spool(candidate.path, payload_path, self._ctx.folder_sync)
-        except OSError as exc:
-            if candidate.path.exists():
-                # Still in the outbox (say the spool's disk is full): a later scan takes it
-                # again. The row must not outlive this try, or a restart would take a new
-                # document of the same name for this message as well.
-                payload_path.unlink(missing_ok=True)
-                try:
-                    self._ctx.spool.abandon_intake(message_id)
-                except SpoolError:
-                    self._unabandoned.add(message_id)  # removed before the next take
-            # The folder, not the file name: names can carry patient identifiers.
-            raise SpoolError(
-                f"cannot move a document from outbox/{candidate.peer} into the spool "
-                f"({self._ctx.payloads}): {exc.strerror or exc}",
-                fix=storage_fix(exc, self._ctx.payloads),
-            ) from exc
+        with storing(self._ctx.vault, payload_item(message_id)) as sealing:
+            sealing.begin()  # its key is stored with the row, before the copy is written
+            self._ctx.spool.add_intake(
+                message_id,
+                peer.name,
+                candidate.path.name,
+                candidate.content_type,
+                candidate.path,
+                payload_path,
+                expires_at=self._ctx.clock.now().timestamp()
+                + self._ctx.config.runtime.message_expiry_seconds,
+                zone=peer.zone,
+                origin=LOCAL_INTAKE,
+                submitted_by=submitter,
+                service=candidate.service,
+                data_key=sealing.key,
+            )
+            try:
+                move_into_spool(candidate.path, payload_path, self._ctx.folder_sync, sealing)
+            except OSError as exc:
+                if candidate.path.exists():
+                    # Still in the outbox (say the spool's disk is full): a later scan takes
+                    # it again. The row must not outlive this try, or a restart would take a
+                    # new document of the same name for this message as well.
+                    payload_path.unlink(missing_ok=True)
+                    try:
+                        self._ctx.spool.abandon_intake(message_id)
+                    except SpoolError:
+                        self._unabandoned.add(message_id)  # removed before the next take
+                # The folder, not the file name: names can carry patient identifiers.
+                raise SpoolError(
+                    f"cannot move a document from outbox/{candidate.peer} into the spool "
+                    f"({self._ctx.payloads}): {exc.strerror or exc}",
+                    fix=storage_fix(exc, self._ctx.payloads),
+                ) from exc
         try:
             record = self._ctx.spool.get(message_id)
         except SpoolError:
@@ -191,16 +196,23 @@ class OutboxIntake:
         return record, peer, submitter
 
 
-def move_into_spool(source: Path, target: Path, folders: FolderSync) -> None:
-    """Rename (same file system) or copy-fsync-unlink (another file system)."""
-    try:
-        os.rename(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        write_atomic(target, read_chunks(source), mode=0o600, folder_sync=folders)
-        source.unlink()
-        folders.sync(source.parent)
-        return
-    folders.sync(target.parent)
+def move_into_spool(source: Path, target: Path, folders: FolderSync, sealing: Sealing) -> None:
+    """Copy the document into the spool encrypted at rest under ``sealing``'s key (begun
+    and stored with its row), fsync, unlink it from the outbox: no plaintext copy of it
+    is ever written under the state folder.  Stored as it is (at-rest encryption off):
+    rename (same file system) or copy-fsync-unlink (another file system)."""
+    if sealing.encrypting:
+        sealing.write(target, read_chunks(source), folders)
+    else:
+        try:
+            os.rename(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            write_atomic(target, read_chunks(source), mode=0o600, folder_sync=folders)
+        else:
+            folders.sync(target.parent)
+            folders.sync(source.parent)
+            return
+    source.unlink()
     folders.sync(source.parent)

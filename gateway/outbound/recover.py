@@ -4,14 +4,16 @@ document taken in is never lost and never sent twice as two messages."""
 from __future__ import annotations
 
 import asyncio
-import filecmp
 
+from gateway.atrest import open_file, storing
+from gateway.atrest.chunked import CHUNK
 from gateway.audit import EventType
 from gateway.fsutil import fsync_dir, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer
-from gateway.spool import OutboundState
+from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool.records import payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 
@@ -74,7 +76,7 @@ class Recovery:
                 if (
                     source != record.payload_path
                     and source.exists()
-                    and filecmp.cmp(source, record.payload_path, shallow=False)
+                    and await asyncio.to_thread(self._same_document, record)
                 ):
                     # Killed after copying the document from another file system into the
                     # spool, before removing it from the outbox (the copy is complete: it
@@ -85,9 +87,7 @@ class Recovery:
                 submitter = self._ctx.spool.submitter(record.message_id)
                 await self._sealer.prepare(record, peer, submitted_by=submitter)
             elif record.source_path.exists() and peer is not None:
-                await asyncio.to_thread(
-                    move_into_spool, record.source_path, record.payload_path, self._ctx.folder_sync
-                )
+                await asyncio.to_thread(self._take_again, record)
                 submitter = self._ctx.spool.submitter(record.message_id)
                 await self._sealer.prepare(record, peer, submitted_by=submitter)
             else:
@@ -105,3 +105,26 @@ class Recovery:
                     message_id=record.message_id,
                     reason=reason,
                 )
+
+    def _same_document(self, record: OutboundRecord) -> bool:
+        """Whether the spool's copy of the document (encrypted at rest, or as it is) holds
+        the bytes of the outbox file it was taken from."""
+        item = payload_item(record.message_id)
+        with (
+            record.source_path.open("rb") as source,
+            open_file(self._ctx.vault, item, record.payload_path) as copy,
+        ):
+            while True:
+                mine = source.read(CHUNK)
+                if mine != copy.read(len(mine) or 1):
+                    return False
+                if not mine:
+                    return True
+
+    def _take_again(self, record: OutboundRecord) -> None:
+        """Take the document of an interrupted intake into the spool, under a new key."""
+        with storing(self._ctx.vault, payload_item(record.message_id)) as sealing:
+            sealing.begin()
+            if sealing.key is not None:
+                self._ctx.spool.put_data_key(sealing.key)
+            move_into_spool(record.source_path, record.payload_path, self._ctx.folder_sync, sealing)

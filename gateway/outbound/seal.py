@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from gateway.as2.message import MessageSpec, build_message, build_message_file
-from gateway.atrest import Sealing, storing
+from gateway.atrest import Sealing, open_file, storing
 from gateway.audit import AuditEvent, EventType, PatientId, Severity
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
@@ -19,7 +20,7 @@ from gateway.outbound.context import Context
 from gateway.pki.tls import certificate_fingerprint
 from gateway.policy import DEFAULT_KEY_TRANSPORT
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import body_item
+from gateway.spool.records import body_item, payload_item
 
 # A document up to this size is signed and encrypted in memory, and its AS2 body kept
 # in the spool's row (committed with the row, no file); a larger one streams file
@@ -72,6 +73,10 @@ class Sealer:
         at = self._ctx.clock.now()
         body_path = self._ctx.outgoing / (record.payload_path.name + ".as2")
 
+        def open_payload() -> BinaryIO:
+            # The document as taken in: encrypted at rest, or as it is (from before).
+            return open_file(self._ctx.vault, payload_item(record.message_id), record.payload_path)
+
         def build() -> _Sealed:
             recipient = self._ctx.recipient(peer)
             spec = MessageSpec(
@@ -93,7 +98,7 @@ class Sealer:
             key_transport = key_transport_for(recipient, peer.policy)
             # The patients are read from the document's first bytes: all of a small one,
             # a bounded prefix of a large one (read again as it streams; from the cache).
-            with record.payload_path.open("rb") as handle:
+            with open_payload() as handle:
                 head = handle.read(SCAN_BYTES)
             patients = patients_in(head)
             if len(head) <= INLINE_BODY_BYTES:
@@ -115,7 +120,7 @@ class Sealer:
             # gigabytes is never held in memory.
             # Stored encrypted at rest under its own key as the CMS engine writes it.
             built = build_message_file(
-                record.payload_path,
+                open_payload,
                 body_path,
                 spec,
                 writer=sealing.write if sealing.encrypting else None,

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from gateway.as2.headers import new_message_id
+from gateway.atrest import new_data_key, storing
+from gateway.atrest.chunked import SealingWriter
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir, storage_fix
 from gateway.intake.submit import Submission, SubmissionRefused
@@ -25,6 +27,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer
 from gateway.outbound.status import MessageStatus
 from gateway.routing import LOCAL_INTAKE
+from gateway.spool.records import payload_item
 
 WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
 
@@ -62,12 +65,18 @@ class Submissions:
                 status=400,
             )
         limit = self._ctx.config.runtime.max_message_bytes
+        message_id = new_message_id(self._ctx.config.as2_id)
+        item = payload_item(message_id)
+        # Encrypted at rest as it arrives, under a key wrapped only once it is stored
+        # with the row (a key rotation does not wait for a slow upload).
+        dek = new_data_key(self._ctx.vault)
         token = os.urandom(12).hex()
         payload_path = self._ctx.payloads / token
         partial = self._ctx.payloads / f".{token}.{secrets.token_hex(6)}.partial"
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb", closefd=True) as out:
+                sink = out if dek is None else SealingWriter(dek, item, out)
                 size = 0
                 batch: list[bytes] = []
                 batched = 0
@@ -83,13 +92,13 @@ class Submissions:
                     batch.append(chunk)
                     batched += len(chunk)
                     if batched >= WRITE_BATCH:
-                        await asyncio.to_thread(out.writelines, batch)
+                        await asyncio.to_thread(_write_batch, sink, batch)
                         batch, batched = [], 0
                 if size == 0:
                     raise SubmissionRefused(
                         "the request body is empty", fix="send the document as the body", status=400
                     )
-                await asyncio.to_thread(_finish_file, out, batch)
+                await asyncio.to_thread(_finish_file, out, sink, batch)
             await asyncio.to_thread(_rename_durably, partial, payload_path)
         except BaseException as exc:
             partial.unlink(missing_ok=True)
@@ -98,22 +107,24 @@ class Submissions:
                 error = f"cannot write a submitted document: {exc.strerror or exc}"
                 raise self._not_stored(error, storage_fix(exc, self._ctx.payloads)) from exc
             raise
-        message_id = new_message_id(self._ctx.config.as2_id)
         try:
-            self._ctx.spool.add_intake(
-                message_id,
-                peer.name,
-                submission.filename,
-                submission.content_type,
-                payload_path,
-                payload_path,
-                expires_at=self._ctx.clock.now().timestamp()
-                + self._ctx.config.runtime.message_expiry_seconds,
-                zone=peer.zone,
-                origin=LOCAL_INTAKE,
-                submitted_by=submission.submitter,
-                service=submission.service,
-            )
+            with storing(self._ctx.vault, item) as sealing:
+                sealing.adopt(dek)
+                self._ctx.spool.add_intake(
+                    message_id,
+                    peer.name,
+                    submission.filename,
+                    submission.content_type,
+                    payload_path,
+                    payload_path,
+                    expires_at=self._ctx.clock.now().timestamp()
+                    + self._ctx.config.runtime.message_expiry_seconds,
+                    zone=peer.zone,
+                    origin=LOCAL_INTAKE,
+                    submitted_by=submission.submitter,
+                    service=submission.service,
+                    data_key=sealing.key,
+                )
         except BaseException as exc:
             payload_path.unlink(missing_ok=True)
             if isinstance(exc, SpoolError):
@@ -152,8 +163,15 @@ class Submissions:
         )
 
 
-def _finish_file(out: IO[bytes], batch: list[bytes]) -> None:
-    out.writelines(batch)
+def _write_batch(sink: IO[bytes] | SealingWriter, batch: list[bytes]) -> None:
+    for chunk in batch:
+        sink.write(chunk)
+
+
+def _finish_file(out: IO[bytes], sink: IO[bytes] | SealingWriter, batch: list[bytes]) -> None:
+    _write_batch(sink, batch)
+    if isinstance(sink, SealingWriter):
+        sink.finish()
     out.flush()
     os.fsync(out.fileno())
 

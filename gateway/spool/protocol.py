@@ -66,8 +66,10 @@ class Spool(Protocol):
         origin: Origin = LOCAL_INTAKE,
         submitted_by: str | None = None,
         service: str | None = None,
+        data_key: DataKey | None = None,
     ) -> None:
-        """Queue a message for ``peer`` (of network ``zone``).
+        """Queue a message for ``peer`` (of network ``zone``); ``data_key``: the key its
+        document (``payload_path``) is encrypted under at rest, until it is sealed.
 
         NET-4 invariant, enforced here whatever the caller checked before: a
         message that came in from a peer is never queued for a peer of another
@@ -100,7 +102,8 @@ class Spool(Protocol):
     ) -> None:
         """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
         message, ``body``, stored in this same transaction, with ``data_key`` (the key
-        the body is encrypted under at rest, gateway.atrest)."""
+        the body is encrypted under at rest, gateway.atrest); the document's own data
+        key is deleted in it (its copy is removed next)."""
         ...
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
@@ -212,7 +215,8 @@ class Spool(Protocol):
 
     def abandon_intake(self, message_id: str) -> bool:
         """Forget a message whose document could not be taken from the outbox (it is
-        still there, and a later scan takes it again under a new Message-ID)."""
+        still there, and a later scan takes it again under a new Message-ID), with the
+        data key of its document."""
         ...
 
     def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None: ...

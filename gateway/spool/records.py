@@ -217,6 +217,12 @@ class DataKey:
 
 
 # The names of the items kept encrypted at rest, each with its own data key.
+def payload_item(message_id: str) -> str:
+    """The document of an outbound message, from its intake until it is signed and
+    encrypted (a file in state/payloads; kept while its preparation failed)."""
+    return f"outbound-payload:{message_id}"
+
+
 def body_item(message_id: str) -> str:
     """The signed, encrypted AS2 body of an outbound message (file or spool row)."""
     return f"outbound-body:{message_id}"
@@ -237,7 +243,7 @@ def items_of(table: str, peer: str, message_id: str, kind: RetainedKind) -> tupl
     if table == "outbound" and kind is RetainedKind.RECEIPTS:
         return (receipt_item(message_id),)
     if table == "outbound" and kind is RetainedKind.SPOOL:
-        return (body_item(message_id), receipt_item(message_id))
+        return (body_item(message_id), receipt_item(message_id), payload_item(message_id))
     if table == "inbound" and kind in (RetainedKind.RECEIPTS, RetainedKind.SPOOL):
         return (sent_receipt_item(peer, message_id),)
     return ()

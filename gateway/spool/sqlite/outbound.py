@@ -13,8 +13,12 @@ from gateway.spool.records import (
     DataKey,
     OutboundRecord,
     OutboundState,
+    payload_item,
 )
 from gateway.spool.sql import Connection, Row, SqlStore
+
+# A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
+_DROP_KEY = "DELETE FROM data_keys WHERE item=?"
 
 
 def _outbound(row: Row) -> OutboundRecord:
@@ -68,6 +72,7 @@ class OutboundQueue(SqlStore):
         origin: Origin = LOCAL_INTAKE,
         submitted_by: str | None = None,
         service: str | None = None,
+        data_key: DataKey | None = None,
     ) -> None:
         """See :meth:`gateway.spool.protocol.Spool.add_intake`."""
         check_enqueue(origin, peer, zone)
@@ -105,6 +110,7 @@ class OutboundQueue(SqlStore):
                 self._lease()[1],
             ),
             extra,
+            key=data_key,
         )
 
     def submitter(self, message_id: str) -> str | None:
@@ -160,6 +166,8 @@ class OutboundQueue(SqlStore):
                 message_id,
                 OutboundState.INTAKE.value,
             ),
+            # The document's own key goes: its copy is removed next.
+            [(_DROP_KEY, (payload_item(message_id),))],
             # Only the preparation that moved it out of intake stores its key: another one
             # of the same document (on another node) must not replace it.
             key=data_key,
@@ -531,13 +539,16 @@ class OutboundQueue(SqlStore):
         )
 
     def operator_cancel(self, message_id: str, actor: str) -> OutboundRecord:
-        return self._transition(
+        record = self._transition(
             message_id,
             CANCELLABLE,
             OutboundState.CANCELLED,
             f"cancelled by {actor}",
             drop_body=True,
         )
+        # A document kept after a failed preparation is withdrawn: its key goes now.
+        self._write(_DROP_KEY, (payload_item(message_id),))
+        return record
 
     def abandon_intake(self, message_id: str) -> bool:
         """Forget a message whose document could not be taken from the outbox (it is
@@ -546,6 +557,7 @@ class OutboundQueue(SqlStore):
             self._write(
                 "DELETE FROM outbound WHERE message_id=? AND state=?",
                 (message_id, OutboundState.INTAKE.value),
+                [(_DROP_KEY, (payload_item(message_id),))],
             )
             == 1
         )
