@@ -17,6 +17,7 @@ from gateway.spool.records import body_item, receipt_item, sent_receipt_item
 from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.demo import set_runtime
+from tests.helpers.memory import peak_rss_kib
 
 LARGE = b"MSH|^~\\&|LAB|KITA|HIS|HOSP|LARGE-DOCUMENT-7Q2X\r" + os.urandom(200 << 10)
 SMALL = b"MSH|^~\\&|LAB|KITA|HIS|HOSP|SMALL-DOCUMENT-9K4W\r"
@@ -138,3 +139,25 @@ def test_bodies_kept_in_the_clear_before_the_upgrade_are_still_sent(
     wait_for_events(layout.lab.audit_log, "receipt.received", count=2, timeout=120)
     assert (layout.hospital.inbox_dir / "lab" / "large.hl7").read_bytes() == LARGE
     assert (layout.hospital.inbox_dir / "lab" / "small.hl7").read_bytes() == SMALL
+
+
+def test_a_large_outbox_document_is_taken_in_encrypted_without_growing_the_daemon(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Taken from the outbox, a document is encrypted into state/payloads as it is read,
+    then signed and encrypted for the peer from that copy, read as a stream: memory does
+    not grow with its size (20 MiB here; the bench takes 1 GiB)."""
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    # Warm up the paths (imports, TLS, thread pool) with a small document first.
+    drop_file(layout.lab.outbox_for("hospital"), "warm.hl7", b"MSH|warm\r")
+    wait_for_event(layout.lab.audit_log, "receipt.received")
+    before = peak_rss_kib(lab.proc.pid)
+    block = os.urandom(1 << 20)
+    document = b"".join(block[i:] + block[:i] for i in range(20))
+    drop_file(layout.lab.outbox_for("hospital"), "study.dcm", document)
+    wait_for_events(layout.lab.audit_log, "receipt.received", count=2, timeout=120)
+    after = peak_rss_kib(lab.proc.pid)
+    assert (layout.hospital.inbox_dir / "lab" / "study.dcm").read_bytes() == document
+    # Held in memory, the document alone would raise the peak by 20 MiB.
+    assert after - before < 12 * 1024, f"peak RSS grew by {(after - before) / 1024:.1f} MiB"

@@ -33,6 +33,7 @@ from tests.cli import medgw
 from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import wait_for_event, wait_for_events
 from tests.helpers.demo import revoke
+from tests.helpers.local_api import LIS_TOKEN, enable_api
 from tests.test_backup import add_backup, backup_signer, fresh_host, openssl_opens, recipient
 
 BIG = 200 << 10  # above the size kept in the spool row: a body file
@@ -212,7 +213,7 @@ def test_a_purge_leaves_nothing_readable_in_earlier_images_and_backups(
 
 
 @pytest.mark.timeout(300)
-def test_a_document_whose_preparation_failed_is_kept_encrypted_and_shredded_by_cancel_and_purge(
+def test_documents_whose_preparation_failed_are_kept_encrypted_and_shredded_by_cancel_and_purge(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:
     # The hospital's encryption certificate revoked in the lab's CRL: the lab cannot
@@ -221,48 +222,59 @@ def test_a_document_whose_preparation_failed_is_kept_encrypted_and_shredded_by_c
     revoke(layout, layout.lab.root / "certs" / "crls" / "loopback" / "ca.crl", hospital_enc)
     state = layout.lab.root / "state"
     key_dir = layout.lab.root / "state-keys"
+    api = enable_api(layout)
     lab = processes.start(layout.lab.config_path)
-    document = _document("UNSEALED", 0)
-    drop_file(layout.lab.outbox_for("hospital"), "UNSEALED-0.hl7", document)
-    [failed] = wait_for_events(layout.lab.audit_log, "message.failed")
-    assert "the document is kept" in failed["reason"]
-    message_id = failed["message_id"]
+    # One from the outbox, one from the local API.
+    documents = [_document("UNSEALED", 0), _document("SUBMITTED", 0)]
+    drop_file(layout.lab.outbox_for("hospital"), "UNSEALED-0.hl7", documents[0])
+    status, _ = api.request(
+        "POST",
+        "/v1/messages?to=hospital&filename=SUBMITTED-0.hl7",
+        token=LIS_TOKEN,
+        body=documents[1],
+    )
+    assert status == 202
+    failed = wait_for_events(layout.lab.audit_log, "message.failed", count=2)
+    assert all("the document is kept" in f["reason"] for f in failed)
+    message_ids = [f["message_id"] for f in failed]
 
-    # Kept encrypted at rest from the moment it was taken: no plaintext in an image.
-    [kept] = [p for p in (state / "payloads").iterdir() if not p.name.startswith(".")]
-    assert kept.read_bytes().startswith(MAGIC)
+    # Kept encrypted at rest from the moment they were taken: no plaintext in an image.
+    kept = [p for p in (state / "payloads").iterdir() if not p.name.startswith(".")]
+    assert len(kept) == 2 and all(p.read_bytes().startswith(MAGIC) for p in kept)
     image_before = tmp_path / "image-before"
     _image(state, image_before)
-    samples = _samples(document)
+    samples = [sample for document in documents for sample in _samples(document)]
     for path, data in _files(image_before).items():
         for sample in samples:
-            assert sample not in data, f"the kept document in the clear in {path}"
+            assert sample not in data, f"a kept document in the clear in {path}"
     [spool_before] = list(image_before.rglob("spool.sqlite3"))
-    version, wrapped = _data_keys(spool_before)[payload_item(message_id)]
-    assert version == 1
+    old_keys = _data_keys(spool_before)
+    wrapped = [old_keys[payload_item(m)][1] for m in message_ids]
+    assert {old_keys[payload_item(m)][0] for m in message_ids} == {1}
 
-    # Cancelled, then purged: its file and its data key go, and the key is rotated.
-    cancelled = medgw("queue", "cancel", message_id, "--config", str(lab.config))
-    assert cancelled.returncode == 0, cancelled.stderr
+    # Cancelled, then purged: their files and data keys go, and the key is rotated.
+    for message_id in message_ids:
+        cancelled = medgw("queue", "cancel", message_id, "--config", str(lab.config))
+        assert cancelled.returncode == 0, cancelled.stderr
     assert not [p for p in (state / "payloads").iterdir() if not p.name.startswith(".")]
     done = medgw(
         "purge", "--before", datetime.now(UTC).isoformat(), "--json", "--config", str(lab.config)
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["counts"]["spool"] == 1
+    assert json.loads(done.stdout)["counts"]["spool"] == 2
     wait_for_event(layout.lab.audit_log, "atrest.key_rotated")
     image_after = tmp_path / "image-after"
     _image(state, image_after)
     [spool_after] = list(image_after.rglob("spool.sqlite3"))
-    assert payload_item(message_id) not in _data_keys(spool_after)
+    assert not {payload_item(m) for m in message_ids} & _data_keys(spool_after).keys()
     after = _files(image_after)
-    assert not any(wrapped in data for data in after.values())
-    # The earlier image's copy of the document opens under no key left.
-    keks = [p.read_bytes() for p in key_dir.iterdir()]
+    # The earlier image's copies of the documents open under no key left.
     assert [p.name for p in key_dir.iterdir()] == ["kek-2"]
-    for kek in keks:
+    kek = (key_dir / "kek-2").read_bytes()
+    for key in wrapped:
+        assert not any(key in data for data in after.values())
         with pytest.raises(InvalidUnwrap):
-            aes_key_unwrap(kek, wrapped)
+            aes_key_unwrap(kek, key)
     for path, data in after.items():
         for sample in samples:
-            assert sample not in data, f"the cancelled document in the clear in {path}"
+            assert sample not in data, f"a cancelled document in the clear in {path}"

@@ -191,6 +191,21 @@ def test_a_second_daemon_on_the_same_state_folder_stops_before_touching_it(
     assert restarted.proc.poll() is None
 
 
+def test_a_start_removes_the_decrypted_working_files_a_killed_run_left(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A large received message is decrypted into state/incoming (in the clear) while it
+    is verified; a run killed meanwhile leaves those files: the next start removes them
+    before it takes any work (the peer, never answered, resends)."""
+    incoming = layout.hospital.root / "state" / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    left = [incoming / n for n in ("0f1e.as2", "0f1e.signed", "0f1e.entity")]
+    for path in left:
+        path.write_bytes(b"MSH|^~\\&|LAB|KITA|HIS|HOSP|a patient's document\r")
+    processes.start(layout.hospital.config_path)
+    assert not [p for p in left if p.exists()]
+
+
 def test_a_sighup_while_stopping_is_not_a_failed_reload(layout: DemoLayout) -> None:
     """Once stopping, the daemon waits for its worker threads (a received message still
     being delivered) before it closes the spool and the audit log.  A SIGHUP meanwhile

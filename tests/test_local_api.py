@@ -30,6 +30,7 @@ from tests.cli import medgw
 from tests.clocks import SecondsClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.local_api import LIS_SHA, LIS_TOKEN, RIS_TOKEN, UnixConnection, enable_api
+from tests.helpers.memory import peak_rss_kib
 from tests.helpers.storage import fill_file_system, small_file_system
 from tests.helpers.waiting import until
 
@@ -150,13 +151,6 @@ def test_api_refuses_bad_tokens_foreign_peers_and_services(
     assert listed.returncode == 0 and json.loads(listed.stdout) == []
 
 
-def _vm_hwm_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def test_a_20_mib_body_streams_without_growing_the_daemon(
     layout: DemoLayout, processes: Any
 ) -> None:
@@ -169,7 +163,7 @@ def test_a_20_mib_body_streams_without_growing_the_daemon(
     )
     assert status == 202, small
     assert api.wait_final(small["message_id"], LIS_TOKEN)["state"] == "delivered"
-    before = _vm_hwm_kib(lab.proc.pid)
+    before = peak_rss_kib(lab.proc.pid)
 
     block = os.urandom(MIB)
     digest = hashlib.sha256()
@@ -191,7 +185,7 @@ def test_a_20_mib_body_streams_without_growing_the_daemon(
     assert status == 202, view
     final = api.wait_final(view["message_id"], LIS_TOKEN)
     assert final["state"] == "delivered" and final["size"] == 20 * MIB
-    after = _vm_hwm_kib(lab.proc.pid)
+    after = peak_rss_kib(lab.proc.pid)
     delivered = layout.hospital.inbox_dir / "lab" / "study.dcm"
     assert hashlib.sha256(delivered.read_bytes()).hexdigest() == digest.hexdigest()
     # Held in memory, the body alone would raise the peak by 20 MiB.
