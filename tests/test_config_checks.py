@@ -37,6 +37,22 @@ def test_check_config_reports_a_malformed_peer_url(
     assert reported(result, peer, "url", words, "https://host:port/path"), result.stderr
 
 
+def test_a_peer_name_with_a_colon_is_refused_naming_the_file_and_the_fix(
+    layout: DemoLayout,
+) -> None:
+    """What is kept of a peer's messages is named "<kind>:<peer>:<Message-ID>": with a ':'
+    in a peer's name, two peers' names of it could be the same."""
+    peers = layout.hospital.root / "peers.d"
+    renamed = peers / "lab:west.toml"
+    (peers / "lab.toml").rename(renamed)
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert reported(
+        result, renamed, "(file name)", "contains ':'", f"rename {renamed} without ':'"
+    ), result.stdout + result.stderr
+
+
 def test_a_malformed_async_receipt_url_is_reported_too(layout: DemoLayout) -> None:
     peer = layout.hospital.root / "peers.d" / "lab.toml"
     text = peer.read_text()

@@ -28,6 +28,7 @@ from gateway.tomlreader import Reader, Section
 # A service name is also a folder name (outbox/<peer>/<service>/, inbox/<peer>/<service>/).
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SPKI_PIN = re.compile(r"[0-9a-f]{64}")
+PEER_NAME_KEY = "(file name)"  # where check-config reports a problem of the peer's name
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,16 @@ def _load_peer(reader: Reader, path: Path, defaults: SmimeSettings | None) -> Pe
         return None
     section = Section(reader, path, "", data)
     name = path.stem
+    if ":" in name:
+        # The names of what is kept of a peer's messages (gateway.spool.records) are
+        # "<kind>:<peer>:<Message-ID>": with a ':' in it, two peers' could be the same.
+        section.problem(
+            PEER_NAME_KEY,
+            f"the peer's name {name!r} (the file name {path.name}) contains ':', which "
+            "a peer's name may not",
+            f"rename {path} without ':' (e.g. {name.replace(':', '-')}.toml), and its "
+            "outbox and inbox folders with it",
+        )
     as2_id = section.string("as2_id", example='"LAB-KITA"')
     check_as2_id(section, "as2_id", as2_id)
     institution_id = section.string("institution_id", default="")
