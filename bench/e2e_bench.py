@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python bench/e2e_bench.py [--messages 300] [--size 4096] [--big-mib 0]
                                           [--keys rsa-2048,ec-p256] [--spool sqlite]
+                                          [--nodes 1]
 
 Measures, in one run, for each key type asked for (both by default, in that order):
 * 4 KiB documents dropped into the lab's outbox, delivered to the hospital with a
@@ -26,7 +27,15 @@ Measures, in one run, for each key type asked for (both by default, in that orde
 * with ``--spool sqlite,postgresql``, every run once per spool backend (each key
   type's runs one after the other), the PostgreSQL spool on a server of
   Debian's ``postgresql`` package started for the bench (fsync on, as the
-  SQLite spool's synchronous=FULL), each daemon with a database of its own.
+  SQLite spool's synchronous=FULL), each daemon with a database of its own;
+* with ``--nodes 1,2``, the PostgreSQL runs once per node count: with two, each
+  side runs two ``medgw run`` nodes sharing its spool database (the cluster of
+  README "Running several nodes", built as tests/helpers/cluster.py builds it),
+  the documents dropped into the lab nodes' outboxes in turn, the hospital's
+  nodes behind one TCP front that hands each connection to the next node (it
+  runs in the bench's process; its CPU is printed apart).  Every run's rate and
+  CPU per message is also given as a ratio of the SQLite single node's, when one
+  ran with the same key type.
 Machines are shared and noisy: read the ratios, not the absolute figures.
 """
 
@@ -53,6 +62,7 @@ from gateway.demo_run import GatewayProcess, drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' server helper
+from tests.helpers.cluster import RoundRobin, add_node, listener_port, point_peer_at
 from tests.helpers.postgres import (
     SKIP_REASON,
     PostgresServer,
@@ -140,12 +150,14 @@ class AuditTail:
         self.records.extend(json.loads(line) for line in lines if line.strip())
 
 
-def wait_receipts(tail: AuditTail, count: int, timeout: float) -> list[dict]:
+def wait_receipts(tails: list[AuditTail], count: int, timeout: float) -> list[dict]:
+    """The receipts recorded in the sender's trails (one per node), once ``count`` are."""
     deadline = time.monotonic() + timeout
     got: list[dict] = []
     while time.monotonic() < deadline:
-        tail.poll()
-        got = [r for r in tail.records if r["event"] == "receipt.received"]
+        for tail in tails:
+            tail.poll()
+        got = [r for t in tails for r in t.records if r["event"] == "receipt.received"]
         if len(got) >= count:
             return got
         time.sleep(0.25)  # the finishing time comes from the audit records, not from this poll
@@ -161,11 +173,13 @@ class Run:
 
     keys: str
     spool: str  # "sqlite" or "postgresql"
+    nodes: int  # per side
     rate: float
     latency: tuple[float, float]  # p50, p99, seconds
     intake_p50: float
     send_p50: float
-    cpu_ms: dict[str, float]
+    cpu_ms: dict[str, float]  # per side, its nodes' CPU together
+    front_cpu_ms: float  # the bench's own process (the TCP front, the audit polls)
     rss_mib: dict[str, float]
     big_seconds: float | None
 
@@ -185,74 +199,148 @@ def demo(root: Path, keys: str) -> DemoLayout:
     return layout
 
 
-def end_to_end(
-    tmp: Path, keys: str, messages: int, size: int, big_mib: int, db: PostgresServer | None
-) -> Run:
-    layout = demo(tmp / f"demo-{keys}-{'postgresql' if db else 'sqlite'}", keys)
-    if db is not None:
+@dataclass
+class Sides:
+    """The running daemons of one run: each side's nodes, the lab's outboxes to the
+    hospital and its audit trails."""
+
+    lab: list[GatewayProcess]
+    hospital: list[GatewayProcess]
+    outboxes: list[Path]
+    trails: list[Path]
+
+    def daemons(self) -> list[tuple[str, GatewayProcess]]:
+        return [("lab", p) for p in self.lab] + [("hospital", p) for p in self.hospital]
+
+
+def start_sides(
+    layout: DemoLayout, db: PostgresServer | None, nodes: int, stack: contextlib.ExitStack
+) -> Sides:
+    """Start the hospital's nodes, then the lab's: one each (on SQLite, or each on a
+    PostgreSQL database of its own), or ``nodes`` per side, each side's sharing one
+    database, the hospital's behind one TCP front."""
+    configs: dict[str, list[Path]] = {}
+    if nodes == 1:
         for inst in (layout.hospital, layout.lab):
-            with inst.config_path.open("a") as config:
-                config.write(spool_section(db.new_database()))
-    hospital = GatewayProcess(layout.hospital.config_path)
-    hospital.wait_ready()
-    lab = GatewayProcess(layout.lab.config_path)
-    lab.wait_ready()
-    daemons = (("lab", lab), ("hospital", hospital))
-    try:
-        outbox = layout.lab.outbox_dir / "hospital"
-        dropped: dict[str, float] = {}
-        payload = os.urandom(size)
-        cpu_before = {n: cpu_seconds(p.proc.pid) for n, p in daemons}
-        start = time.time()
-        for i in range(messages):
-            name = f"doc-{i:05d}.bin"
-            drop_file(outbox, name, payload)
-            dropped[name] = time.time()
-        tail = AuditTail(layout.lab.audit_log)
-        receipts = wait_receipts(tail, messages, 600)
-        cpu_ms = {
-            n: (cpu_seconds(p.proc.pid) - cpu_before[n]) * 1000 / messages for n, p in daemons
-        }
-        accepted_records = [r for r in tail.records if r["event"] == "message.accepted"]
-        accepted = {r["message_id"]: r["detail"]["filename"] for r in accepted_records}
-        accepted_at = {
-            r["message_id"]: datetime.fromisoformat(r["time"]).timestamp() for r in accepted_records
-        }
-        done = [datetime.fromisoformat(r["time"]).timestamp() for r in receipts]
-        latencies = sorted(
-            datetime.fromisoformat(r["time"]).timestamp() - dropped[accepted[r["message_id"]]]
-            for r in receipts
-        )
-        intake = [accepted_at[m] - dropped[f] for m, f in accepted.items()]
-        sending = [
-            datetime.fromisoformat(r["time"]).timestamp() - accepted_at[r["message_id"]]
-            for r in receipts
-        ]
-        big_seconds = None
-        if big_mib:
-            big = tmp / "big.dcm.tmp"
-            with big.open("wb") as handle:
-                block = os.urandom(1 << 20)
-                for _ in range(big_mib):
-                    handle.write(block)
-            t0 = time.time()
-            os.rename(big, outbox / "big.dcm")
-            wait_receipts(tail, messages + 1, 3600)
-            big_seconds = time.time() - t0
-        return Run(
-            keys=keys,
-            spool="postgresql" if db else "sqlite",
-            rate=messages / (max(done) - start),
-            latency=(statistics.median(latencies), percentile(latencies, 0.99)),
-            intake_p50=statistics.median(intake),
-            send_p50=statistics.median(sending),
-            cpu_ms=cpu_ms,
-            rss_mib={n: peak_rss_mib(p.proc.pid) for n, p in daemons},
-            big_seconds=big_seconds,
-        )
-    finally:
-        lab.stop()
-        hospital.stop()
+            if db is not None:
+                with inst.config_path.open("a") as config:
+                    config.write(spool_section(db.new_database()))
+        configs = {"hospital": [layout.hospital.config_path], "lab": [layout.lab.config_path]}
+    else:
+        assert db is not None
+        for side, inst in (("hospital", layout.hospital), ("lab", layout.lab)):
+            spool = db.new_database()
+            names = [f"{side}-{chr(ord('a') + n)}" for n in range(nodes)]
+            configs[side] = [add_node(inst, names[0], spool)] + [
+                add_node(inst, name, spool, port=free_ports(1)[0]) for name in names[1:]
+            ]
+        front = RoundRobin([listener_port(c) for c in configs["hospital"]])
+        stack.callback(front.close)
+        point_peer_at(layout.lab, "hospital", front.port)
+    running: dict[str, list[GatewayProcess]] = {}
+    for side in ("hospital", "lab"):
+        running[side] = []
+        for config in configs[side]:
+            # One after the other: nodes started at the same instant race to create
+            # the shared key folder of the encryption at rest (one fails: File exists).
+            node = GatewayProcess(config)
+            stack.callback(node.stop)
+            running[side].append(node)
+            node.wait_ready()
+    others = [f"lab-{chr(ord('a') + n)}" for n in range(1, nodes)]  # add_node's folders
+    return Sides(
+        lab=running["lab"],
+        hospital=running["hospital"],
+        outboxes=[layout.lab.outbox_dir / "hospital"]
+        + [layout.lab.root / f"outbox-{name}" / "hospital" for name in others],
+        trails=[layout.lab.audit_log]
+        + [layout.lab.root / "audit" / f"audit-{name}.jsonl" for name in others],
+    )
+
+
+def end_to_end(
+    tmp: Path,
+    keys: str,
+    messages: int,
+    size: int,
+    big_mib: int,
+    db: PostgresServer | None,
+    nodes: int = 1,
+) -> Run:
+    layout = demo(tmp / f"demo-{keys}-{'postgresql' if db else 'sqlite'}-{nodes}", keys)
+    with contextlib.ExitStack() as stack:
+        sides = start_sides(layout, db, nodes, stack)
+        return measure(sides, keys, messages, size, big_mib, tmp, db is not None, nodes)
+
+
+def measure(
+    sides: Sides,
+    keys: str,
+    messages: int,
+    size: int,
+    big_mib: int,
+    tmp: Path,
+    postgresql: bool,
+    nodes: int,
+) -> Run:
+    """Drop ``messages`` documents into the lab's outboxes in turn; what it took until
+    every receipt was verified."""
+    daemons = sides.daemons()
+    dropped: dict[str, float] = {}
+    payload = os.urandom(size)
+    cpu_before = [cpu_seconds(p.proc.pid) for _, p in daemons]
+    own_before = time.process_time()
+    start = time.time()
+    for i in range(messages):
+        name = f"doc-{i:05d}.bin"
+        drop_file(sides.outboxes[i % len(sides.outboxes)], name, payload)
+        dropped[name] = time.time()
+    tails = [AuditTail(path) for path in sides.trails]
+    receipts = wait_receipts(tails, messages, 600)
+    front_cpu_ms = (time.process_time() - own_before) * 1000 / messages
+    cpu_ms = dict.fromkeys(("lab", "hospital"), 0.0)
+    for (side, node), before in zip(daemons, cpu_before, strict=True):
+        cpu_ms[side] += (cpu_seconds(node.proc.pid) - before) * 1000 / messages
+    records = [r for t in tails for r in t.records]
+    accepted_records = [r for r in records if r["event"] == "message.accepted"]
+    accepted = {r["message_id"]: r["detail"]["filename"] for r in accepted_records}
+    accepted_at = {
+        r["message_id"]: datetime.fromisoformat(r["time"]).timestamp() for r in accepted_records
+    }
+    done = [datetime.fromisoformat(r["time"]).timestamp() for r in receipts]
+    latencies = sorted(
+        datetime.fromisoformat(r["time"]).timestamp() - dropped[accepted[r["message_id"]]]
+        for r in receipts
+    )
+    intake = [accepted_at[m] - dropped[f] for m, f in accepted.items()]
+    sending = [
+        datetime.fromisoformat(r["time"]).timestamp() - accepted_at[r["message_id"]]
+        for r in receipts
+    ]
+    big_seconds = None
+    if big_mib:
+        big = tmp / "big.dcm.tmp"
+        with big.open("wb") as handle:
+            block = os.urandom(1 << 20)
+            for _ in range(big_mib):
+                handle.write(block)
+        t0 = time.time()
+        os.rename(big, sides.outboxes[0] / "big.dcm")
+        wait_receipts(tails, messages + 1, 3600)
+        big_seconds = time.time() - t0
+    return Run(
+        keys=keys,
+        spool="postgresql" if postgresql else "sqlite",
+        nodes=nodes,
+        rate=messages / (max(done) - start),
+        latency=(statistics.median(latencies), percentile(latencies, 0.99)),
+        intake_p50=statistics.median(intake),
+        send_p50=statistics.median(sending),
+        cpu_ms=cpu_ms,
+        front_cpu_ms=front_cpu_ms,
+        rss_mib={n: max(peak_rss_mib(p.proc.pid) for s, p in daemons if s == n) for n in cpu_ms},
+        big_seconds=big_seconds,
+    )
 
 
 def percentile(ordered: list[float], fraction: float) -> float:
@@ -304,6 +392,11 @@ def main() -> int:
         default="sqlite",
         help="spool backends to run each key type on, comma-separated: sqlite, postgresql",
     )
+    parser.add_argument(
+        "--nodes",
+        default="1",
+        help="nodes per side for the PostgreSQL runs, comma-separated: 1, 2, 3",
+    )
     args = parser.parse_args()
     keys = args.keys.split(",")
     if not keys or any(k not in KEY_NAMES for k in keys):
@@ -311,6 +404,11 @@ def main() -> int:
     spools = args.spool.split(",")
     if not spools or any(s not in ("sqlite", "postgresql") for s in spools):
         parser.error("--spool: each of sqlite, postgresql, comma-separated")
+    node_counts = [int(n) for n in args.nodes.split(",") if n.isdigit()]
+    if len(node_counts) != len(args.nodes.split(",")) or not all(1 <= n <= 3 for n in node_counts):
+        parser.error("--nodes: each of 1, 2, 3, comma-separated")
+    if node_counts != [1] and "postgresql" not in spools:
+        parser.error("--nodes: several nodes share a PostgreSQL spool: add --spool postgresql")
 
     with tempfile.TemporaryDirectory() as tmp_name, database(spools) as db:
         tmp = Path(tmp_name)
@@ -326,9 +424,11 @@ def main() -> int:
                 args.size,
                 args.big_mib if i == 0 and spool == spools[0] else 0,
                 db if spool == "postgresql" else None,
+                nodes,
             )
             for i, k in enumerate(keys)
             for spool in spools
+            for nodes in (node_counts if spool == "postgresql" else [1])
         ]
         after = references(keys, reference_keys, args.size)
     rates = {name: (before[name] + after[name]) / 2 for name in before}
@@ -348,8 +448,9 @@ def main() -> int:
         own = {k.split()[1]: v for k, v in rates.items() if k.startswith(f"{run.keys} ")}
         bound, bound_all, counted = crypto_bounds(run.keys, own)
         p50, p99 = run.latency
+        where = f"{run.spool} spool" + (f", {run.nodes} nodes per side" if run.nodes > 1 else "")
         print(
-            f"end to end, {KEY_NAMES[run.keys]} keys, {run.spool} spool, "
+            f"end to end, {KEY_NAMES[run.keys]} keys, {where}, "
             f"{args.messages} x {args.size} B: "
             f"{run.rate:.1f} msg/s = {run.rate / rsa_bound:.2f} of the RSA-2048 bound "
             f"(target >= 0.30), {run.rate / rates['pyas2lib']:.1f} x pyas2lib (target >= 8); "
@@ -371,6 +472,20 @@ def main() -> int:
             f"{run.cpu_ms['lab'] * run.rate / 1000:.0%}, "
             f"hospital {run.cpu_ms['hospital'] * run.rate / 1000:.0%} of a core"
         )
+        if run.nodes > 1:
+            print(
+                f"  CPU per message of the TCP front and the audit polls: {run.front_cpu_ms:.1f} ms"
+            )
+        single = next(
+            (r for r in runs if r.keys == run.keys and r.spool == "sqlite" and r.nodes == 1), None
+        )
+        if single is not None and run is not single:
+            cpu, single_cpu = sum(run.cpu_ms.values()), sum(single.cpu_ms.values())
+            print(
+                f"  against the SQLite single node: rate {run.rate / single.rate:.2f}, "
+                f"CPU per message {cpu / single_cpu:.2f} (both sides), "
+                f"p50 {p50 / single.latency[0]:.2f}, p99 {p99 / single.latency[1]:.2f}"
+            )
         if run.big_seconds is not None:
             print(
                 f"  one {args.big_mib} MiB document end to end: {run.big_seconds:.1f} s "
