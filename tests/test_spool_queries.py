@@ -172,3 +172,29 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
     statement = statements_of(spool, lambda: spool.claim_due("lab", 0.0, 4))[0]
     assert not [s for s in plan(path, statement) if "TEMP B-TREE" in s]
+
+
+def test_renewing_leases_looks_up_the_claims_even_with_the_planner_s_statistics(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    """A node renews its claims every few seconds while the queue may hold a million
+    messages.  Once SQLite has statistics (``ANALYZE``, or ``PRAGMA optimize``), it
+    judges each state's share of the queue by them: the renewal must still be an index
+    lookup by state, never a read of every waiting message (bench/spool_scale_bench.py:
+    250 ms per renewal at a million waiting when it was)."""
+    claimed, _ = spool.claim_due("lab", 2e9, 4)
+    assert len(claimed) == 4
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as db:
+        db.execute("ANALYZE")
+    seen: list[str] = []
+    spool.trace(seen.append)
+    try:
+        assert spool.renew_leases() == 4
+    finally:
+        spool.trace(None)
+    updates = [s for s in seen if s.lstrip().upper().startswith("UPDATE OUTBOUND")]
+    assert updates
+    for statement in updates:
+        steps = plan(tmp_path / "spool.db", statement)
+        assert not [s for s in steps if s.startswith("SCAN ")], f"{statement}\n  plan: {steps}"
+        assert any("USING INDEX outbound_lease" in s for s in steps), steps
