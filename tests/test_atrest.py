@@ -142,6 +142,25 @@ def test_key_folder_is_private_and_refuses_links(tmp_path: Path) -> None:
         store.load(2)
 
 
+def test_two_nodes_preparing_a_new_key_folder_at_once_both_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes sharing a key folder start together: the one that finds the folder missing
+    may see the other create it before its own mkdir, and must still start."""
+    keys = tmp_path / "keys"
+    looked = os.path.lexists
+
+    def other_node_creates_it_after_the_look(path: str | os.PathLike[str]) -> bool:
+        seen = looked(path)
+        if Path(path) == keys and not seen:
+            keys.mkdir(mode=0o700)  # the other node, between our look and our mkdir
+        return seen
+
+    monkeypatch.setattr("gateway.atrest.keys.os.path.lexists", other_node_creates_it_after_the_look)
+    KeyStore(keys).prepare()
+    assert keys.is_dir() and keys.stat().st_mode & 0o777 == 0o700
+
+
 def test_destroy_overwrites_then_removes(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys")
     store.prepare()

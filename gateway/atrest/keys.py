@@ -47,7 +47,9 @@ class KeyStore:
         try:
             if not os.path.lexists(self.key_dir):
                 self.key_dir.parent.mkdir(parents=True, exist_ok=True)
-                self.key_dir.mkdir(mode=PRIVATE_FOLDER)
+                # exist_ok: another node sharing the folder may create it at this moment;
+                # whoever made it, the checks below hold.
+                self.key_dir.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
             info = os.lstat(self.key_dir)
             if not stat.S_ISDIR(info.st_mode):
                 raise self._unsafe("is not a folder (a symbolic link or a file)")
