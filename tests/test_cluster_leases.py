@@ -9,7 +9,11 @@ when the test moves it.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import io
+import random
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,17 +21,21 @@ from pathlib import Path
 import pytest
 
 from gateway.audit import AuditLog
+from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.delivery.http import HandOver, idempotency_key
+from gateway.egress import Network
 from gateway.errors import ClaimHeldError
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.recovery import take_over
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, OutboundState, Spool
+from gateway.spool import Claimant, HandoverRecord, HandoverState, OutboundState, Spool
 from gateway.spool.sql import SqlStore
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events
+from tests.helpers.internal_system import InternalSystem, enable_delivery
 
 LEASE = 60.0
 
@@ -278,3 +286,163 @@ def test_a_delivery_a_dead_node_linked_is_recorded_by_the_node_taking_over(
     assert again == target
     assert sorted(p.name for p in inbox.iterdir()) == ["doc.hl7"]
     assert len(events(trail, "message.duplicate")) == 1
+
+
+# -- hand-overs to the internal system -------------------------------------------------
+
+
+def received(spool: Spool, tmp_path: Path, message_id: str) -> None:
+    """A document delivered to the inbox, its hand-over pending."""
+    spool.inbound_begin("lab", message_id, "00", tmp_path / message_id, work_path=tmp_path / ".w")
+    spool.inbound_delivered("lab", message_id, [], b"mdn", ("text/plain", 3))
+
+
+def test_a_hand_over_is_taken_by_one_node_and_taken_over_once_its_lease_runs_out(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    a, b = nodes
+    received(a, tmp_path, "<h@x>")
+    now = clock.now().timestamp()
+    [taken] = a.handover_due(now)
+    assert taken.message_id == "<h@x>"
+    held = b.handover_get("lab", "<h@x>")
+    assert held is not None and held.node == "a" and held.lease_until == now + LEASE
+    # Node b leaves a's live claim alone: not due for it, nothing to wait for.
+    assert b.handover_due(now) == [] and b.handover_next_at() is None
+    assert a.handover_holds("lab", "<h@x>") and not b.handover_holds("lab", "<h@x>")
+    for _ in range(6):  # two leases long, renewed every third of one
+        clock.advance(LEASE / 3)
+        assert a.renew_leases() == 1
+        assert b.handover_take_over() == []
+        assert a.handover_holds("lab", "<h@x>")
+
+    clock.advance(LEASE - 1)  # node a renews no more
+    assert b.handover_take_over() == []
+    assert not a.handover_holds("lab", "<h@x>")  # less than half a lease left: no POST
+    clock.advance(2)
+    [left] = b.handover_take_over()
+    assert (left.message_id, left.node) == ("<h@x>", "a")
+    [again] = b.handover_due(clock.now().timestamp())
+    assert again.message_id == "<h@x>" and b.handover_holds("lab", "<h@x>")
+    # Node a wakes up: neither its failure nor its letting go changes b's claim.
+    assert a.handover_retry("lab", "<h@x>", "late", 0) is False
+    assert a.handover_failed("lab", "<h@x>", "late") is False
+    assert a.handover_release("lab", "<h@x>") is False
+    assert a.handover_due(clock.now().timestamp()) == []
+    current = b.handover_get("lab", "<h@x>")
+    assert current is not None and current.node == "b" and current.attempts == 0
+    b.handover_done("lab", "<h@x>")
+    done = a.handover_get("lab", "<h@x>")
+    assert done is not None and done.state.value == "done" and done.node is None
+
+
+def test_a_hand_over_let_go_or_retried_is_free_for_any_node_and_a_restart_takes_its_own(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    a, b = nodes
+    for message_id in ("<r1@x>", "<r2@x>", "<r3@x>"):
+        received(a, tmp_path, message_id)
+    now = clock.now().timestamp()
+    assert [h.message_id for h in a.handover_due(now, limit=2)] == ["<r1@x>", "<r2@x>"]
+    assert a.handover_retry("lab", "<r1@x>", "HTTP 503", now + 30) is True
+    assert a.handover_release("lab", "<r2@x>") is True
+    # Node b takes what a let go (and the one nobody took), not what is not yet due.
+    assert {h.message_id for h in b.handover_due(now)} == {"<r2@x>", "<r3@x>"}
+    assert a.handover_next_at() == now + 30  # what b holds is not a's to wait for
+    clock.advance(30)
+    taken = b.handover_due(clock.now().timestamp())  # its own again, and the retried one
+    assert {h.message_id: h.attempts for h in taken} == {"<r1@x>": 1, "<r2@x>": 0, "<r3@x>": 0}
+    # Node b is killed and starts again under its name: its claims are its own at once.
+    restarted = make_spool(clock, Claimant("b", LEASE))
+    assert restarted.handover_next_at() == 0.0  # due since it arrived
+    assert len(restarted.handover_due(clock.now().timestamp())) == 3
+    assert a.handover_due(clock.now().timestamp()) == []
+
+
+def _handing(layout: DemoLayout, spool: Spool, clock: Clock | SystemClock) -> HandOver:
+    config = load_config(layout.hospital.config_path)
+    audit = AuditLog(layout.hospital.root / f"audit-{spool.node}.jsonl", clock, node=spool.node)
+    return HandOver(
+        spool, lambda: audit, make_logger(stream=io.StringIO()), clock, lambda: config,
+        random.Random(1), Network.fixed(config.network_map).internal(),
+    )  # fmt: skip
+
+
+def _inbox_files(layout: DemoLayout, spool: Spool, count: int) -> list[str]:
+    """``count`` documents in the inbox, their hand-overs pending; their Message-IDs."""
+    inbox = layout.hospital.inbox_dir / "lab"
+    inbox.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for number in range(count):
+        body = b"MSH|%d\r" % number
+        path = inbox / f"doc-{number}.hl7"
+        path.write_bytes(body)
+        message_id = f"<doc-{number}@lab>"
+        spool.inbound_begin("lab", message_id, hashlib.sha256(body).hexdigest(), path)
+        spool.inbound_delivered("lab", message_id, [], b"mdn", ("x-application/hl7", len(body)))
+        ids.append(message_id)
+    return ids
+
+
+def test_two_nodes_handing_over_at_once_post_each_document_once(
+    layout: DemoLayout, make_spool: MakeSpool, internal_port: int
+) -> None:
+    """Both nodes' hand-over workers run on the same queue at the same time: each
+    document reaches the internal system once, by one node or the other."""
+    enable_delivery(layout, internal_port)
+    clock = SystemClock()
+    a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
+    ids = _inbox_files(layout, a, 40)
+    system = InternalSystem(internal_port)
+
+    async def both() -> None:
+        workers = [asyncio.create_task(_handing(layout, s, clock).run()) for s in (a, b)]
+        try:
+            deadline = time.monotonic() + 60
+            while len(a.handover_list(HandoverState.DONE)) < len(ids):
+                assert time.monotonic() < deadline, a.handover_list(HandoverState.PENDING)
+                await asyncio.sleep(0.05)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    try:
+        asyncio.run(both())
+        keys = [r[1]["Idempotency-Key"] for r in system.requests]
+        assert sorted(keys) == sorted(idempotency_key("lab", m) for m in ids)
+        assert {r[1]["X-Medgw-Message-Id"] for r in system.requests} == set(ids)
+    finally:
+        system.close()
+
+
+def test_a_node_whose_hand_over_was_taken_over_does_not_post_it(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, internal_port: int
+) -> None:
+    """Node a took a hand-over and stalled past its lease; node b took it over.  Node a,
+    resuming, checks its claim before the POST and lets it be: b's POST is the one."""
+    enable_delivery(layout, internal_port)
+    a, b = nodes
+    [message_id] = _inbox_files(layout, a, 1)
+    [record] = a.handover_due(clock.now().timestamp())
+    clock.advance(LEASE + 1)
+    assert [r.node for r in b.handover_take_over()] == ["a"]
+    [again] = b.handover_due(clock.now().timestamp())
+    system = InternalSystem(internal_port)
+
+    async def attempt(spool: Spool, taken: HandoverRecord) -> float:
+        worker = _handing(layout, spool, clock)
+        async with worker.session() as session:
+            return await worker.hand_over(session, taken)
+
+    try:
+        assert asyncio.run(attempt(a, record)) == 0.0
+        assert system.requests == []
+        held = b.handover_get("lab", message_id)
+        assert held is not None and held.node == "b" and held.state is HandoverState.PENDING
+        assert asyncio.run(attempt(b, again)) == 0.0
+        assert [r[1]["X-Medgw-Message-Id"] for r in system.requests] == [message_id]
+        done = a.handover_get("lab", message_id)
+        assert done is not None and done.state is HandoverState.DONE and done.attempts == 1
+    finally:
+        system.close()

@@ -7,7 +7,9 @@ cannot (the spool is unreachable) for half a lease, its sends in progress stop
 has let go.  Then it takes over the other nodes' claims whose lease ran out:
 messages they were sending go back to the queue (audited ``message.taken_over``,
 sent by whichever node claims them next), and deliveries they left in the middle
-are settled here (gateway.inbound.recovery).
+are settled here (gateway.inbound.recovery), and hand-overs to the internal
+system they had taken are let go (audited ``message.taken_over``, handed over by
+whichever node takes them next: gateway.delivery.http).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class LeaseKeeper:
         outbound: Outbound,
         audit: Callable[[], AuditSink],
         log: Logger,
+        wake_handover: Callable[[], None],
     ) -> None:
+        """``wake_handover``: tells this node's hand-over worker that there is work."""
         self._spool = spool
         self._clock = clock
         self._config = config
@@ -45,6 +49,7 @@ class LeaseKeeper:
         self._outbound = outbound
         self._audit = audit
         self._log = log
+        self._wake_handover = wake_handover
         self._renewed_at = clock.monotonic()  # the claims made at start are fresh
         self._failing: str | None = None
 
@@ -60,7 +65,10 @@ class LeaseKeeper:
                     self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
             else:
                 for peer in peers:
-                    self._outbound.wake(peer)
+                    if peer is None:
+                        self._wake_handover()
+                    else:
+                        self._outbound.wake(peer)
             await asyncio.sleep(lease / 3)
 
     async def renew(self, lease: float) -> None:
@@ -101,10 +109,11 @@ class LeaseKeeper:
             self._log.info("lease.claims_back", node=self._spool.node, requeued=len(requeued))
             lost.clear()
 
-    def take_over(self) -> set[str]:
+    def take_over(self) -> set[str | None]:
         """The other nodes' claims whose lease ran out: their messages queued again here,
-        their deliveries settled; returns the peers with messages to send (worker thread)."""
-        peers = set()
+        their deliveries settled, their hand-overs let go; returns the peers with
+        messages to send, and None if there are hand-overs to make (worker thread)."""
+        peers: set[str | None] = set()
         for record in self._spool.take_over_expired():
             peers.add(record.peer)
             self._log.warning(
@@ -130,4 +139,27 @@ class LeaseKeeper:
         settled = self._inbound().take_over()
         if settled:
             self._log.warning("delivery.taken_over", count=settled)
+        for handover in self._spool.handover_take_over():
+            peers.add(None)
+            self._log.warning(
+                "handover.taken_over",
+                peer=handover.peer,
+                message_id=handover.message_id,
+                from_node=handover.node,
+            )
+            self._audit().emit(
+                AuditEvent(
+                    EventType.MESSAGE_TAKEN_OVER,
+                    Outcome.SUCCESS,
+                    Severity.WARNING,
+                    peer=handover.peer,
+                    message_id=handover.message_id,
+                    direction="inbound",
+                    service=handover.service,
+                    reason=f"node {handover.node} was handing it over to the internal system "
+                    f"and its claim ran out at {iso_time(handover.lease_until)}; let go by "
+                    f"node {self._spool.node}, handed over by the next node to take it",
+                    detail={"from_node": handover.node, "attempts": handover.attempts},
+                )
+            )
         return peers

@@ -386,6 +386,7 @@ class Daemon:
                 self._outbound,
                 self._audit_sink,
                 self._log,
+                self._wake_handover,
             )
             tasks.spawn(tasks.supervised("claims renewal and take-over", keeper.run))
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))

@@ -22,6 +22,13 @@ Headers of each POST::
     X-Medgw-Filename    the file's name in the inbox
     X-Medgw-Sha256      SHA-256 (hex) of the body
 
+Several nodes may share the spool: a node takes due hand-overs in its name
+under a lease (``Spool.handover_due``), renewed with its other claims
+(gateway.daemon.leases), checks right before each POST that it still holds the
+claim, and lets go of those it took and did not attempt; so one document is
+POSTed by one node at a time, and a dead node's are taken over by the others
+once its lease runs out.
+
 The body is read from the inbox file; if that file is gone or no longer has
 the SHA-256 it was received with, the hand-over stops (state ``failed``,
 an alert) rather than POST something else.
@@ -156,7 +163,8 @@ class HandOver:
                 self._wakeup.clear()
                 now = self._clock.now().timestamp()
                 if now >= resume_at:
-                    for record in self._spool.handover_due(now):
+                    due = self._spool.handover_due(now)  # taken by this node
+                    for index, record in enumerate(due):
                         if session is None or self._config() is not made_for:
                             if session is not None:
                                 await session.close()
@@ -164,6 +172,9 @@ class HandOver:
                         pause = await self.hand_over(session, record)
                         if pause > 0:
                             resume_at = self._clock.now().timestamp() + pause
+                            # The rest waits: let go of it, for any node to take.
+                            for rest in due[index + 1 :]:
+                                self._spool.handover_release(rest.peer, rest.message_id)
                             break
                 now = self._clock.now().timestamp()
                 next_at = self._spool.handover_next_at()
@@ -223,6 +234,9 @@ class HandOver:
                 ssl_context = self._context(delivery)
             if not record.path.is_file():
                 raise _Changed(f"the inbox file {record.path} is gone")
+            if not self._spool.handover_holds(record.peer, record.message_id):
+                self._claim_lost(record)
+                return 0.0
             async with session.post(
                 url,
                 data=_body(record.path, record.size, record.sha256),
@@ -271,6 +285,20 @@ class HandOver:
             )
         )
         return 0.0
+
+    def _claim_lost(self, record: HandoverRecord) -> None:
+        """This node may no longer hold the hand-over (its lease ran out, or nearly: it
+        could not renew it): not POSTed now.  Let go if it still holds it; else left to
+        the node that took it over."""
+        self._log.warning(
+            "message.handover_claim_lost",
+            peer=record.peer,
+            message_id=record.message_id,
+            node=self._spool.node,
+            fix="check that this node reaches the spool; the document is handed over once "
+            "it does, by this node or another",
+        )
+        self._spool.handover_release(record.peer, record.message_id)
 
     def _retry(self, record: HandoverRecord, url: str, reason: str) -> float:
         runtime = self._config().runtime

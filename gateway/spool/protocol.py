@@ -9,17 +9,20 @@ from worker threads.
 
 Several nodes may share one spool.  A spool handle belongs to one node
 (:class:`~gateway.spool.records.Claimant`): work it takes (a message to send, a
-received document to write to the inbox) is claimed in its name under a lease
-that lasts ``lease_seconds`` unless renewed (:meth:`Spool.renew_leases`, which a
-live node calls every third of that).  A node takes back at start-up only its
-own interrupted work and the claims whose lease ran out; while running, it
-takes over the expired claims of other nodes (:meth:`Spool.take_over_expired`,
-:meth:`Spool.inbound_take_over`).  Before each step that cannot be undone (the
-POST to the peer, linking a document into the inbox) the holder checks that it
-still holds its claim with at least half a lease to spare (:meth:`Spool.holds_lease`,
-:meth:`Spool.inbound_holds`), and stops if not: a message is never sent by two
-nodes at once, a document never written twice.  Lease times are the nodes' wall
-clocks: they must agree to well within a lease (NTP).
+received document to write to the inbox, a document to hand over to the
+internal system) is claimed in its name under a lease that lasts
+``lease_seconds`` unless renewed (:meth:`Spool.renew_leases`, which a live node
+calls every third of that).  A node takes back at start-up only its own
+interrupted work and the claims whose lease ran out; while running, it takes
+over the expired claims of other nodes (:meth:`Spool.take_over_expired`,
+:meth:`Spool.inbound_take_over`, :meth:`Spool.handover_take_over`).  Before each
+step that cannot be undone (the POST to the peer, linking a document into the
+inbox, the POST to the internal system) the holder checks that it still holds
+its claim with at least half a lease to spare (:meth:`Spool.holds_lease`,
+:meth:`Spool.inbound_holds`, :meth:`Spool.handover_holds`), and stops if not: a
+message is never sent by two nodes at once, a document never written, nor
+handed over, by two at once.  Lease times are the nodes' wall clocks: they must
+agree to well within a lease (NTP).
 """
 
 from __future__ import annotations
@@ -185,8 +188,8 @@ class Spool(Protocol):
         ...
 
     def renew_leases(self) -> int:
-        """Extend every claim this node holds (preparing, sending, writing to the inbox)
-        by a lease from now; returns how many."""
+        """Extend every claim this node holds (preparing, sending, writing to the inbox,
+        handing over) by a lease from now; returns how many."""
         ...
 
     def list_outbound(
@@ -297,19 +300,50 @@ class Spool(Protocol):
         ``processed`` is handed over even if the process dies right after."""
         ...
 
-    def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]: ...
+    def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:
+        """Take up to ``limit`` pending hand-overs due at ``now`` (earliest due, then
+        oldest), held by no node or by this one, for this node under a new lease, in one
+        transaction (so no other node POSTs them meanwhile).  Returns them as they were.
+        Each is then settled (:meth:`handover_done`, :meth:`handover_retry`,
+        :meth:`handover_failed`) or let go (:meth:`handover_release`)."""
+        ...
 
     def handover_next_at(self) -> float | None:
-        """When the earliest pending hand-over is due (None: nothing pending)."""
+        """When the earliest pending hand-over this node may take is due (None: none;
+        those another node holds are left out)."""
+        ...
+
+    def handover_holds(self, peer: str, message_id: str) -> bool:
+        """Whether this node still holds the hand-over, with at least half a lease to
+        spare: asked right before the POST to the internal system."""
+        ...
+
+    def handover_release(self, peer: str, message_id: str) -> bool:
+        """Let go of a hand-over this node took and did not attempt (any node may take it
+        again, as due as it was); False if this node no longer holds it."""
+        ...
+
+    def handover_take_over(self) -> list[HandoverRecord]:
+        """Hand-overs other nodes took whose lease ran out (the node died, or lost the
+        spool) are let go, for whichever node takes them next; returns them as they
+        were (``node``: who held them)."""
         ...
 
     def handover_get(self, peer: str, message_id: str) -> HandoverRecord | None: ...
 
-    def handover_done(self, peer: str, message_id: str) -> None: ...
+    def handover_done(self, peer: str, message_id: str) -> None:
+        """The internal system answered 2xx: ``done``, whichever node holds it."""
+        ...
 
-    def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> None: ...
+    def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> bool:
+        """A failed attempt, counted; due again at ``next_at``, for any node.  False
+        (nothing changed) if another node holds it now, or it is no longer pending."""
+        ...
 
-    def handover_failed(self, peer: str, message_id: str, error: str) -> None: ...
+    def handover_failed(self, peer: str, message_id: str, error: str) -> bool:
+        """Final: ``failed``, until an operator retries it.  False (nothing changed) if
+        another node holds it now, or it is no longer pending."""
+        ...
 
     def handover_list(
         self, state: HandoverState | None = None, message_id: str | None = None

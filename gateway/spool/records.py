@@ -168,6 +168,10 @@ class HandoverRecord:
     created_at: str = ""
     updated_at: str = ""
     expires_at: float = 0.0  # 0: created_at + [runtime] message_expiry_seconds
+    # The node that took it to POST (while ``pending``) and until when its claim lasts
+    # without renewal (seconds since the epoch; see Spool.handover_due).
+    node: str | None = None
+    lease_until: float = 0.0
 
 
 class RetainedKind(StrEnum):

@@ -117,6 +117,10 @@ ADDED_COLUMNS = (
     ("outbound", "lease_until", "REAL NOT NULL DEFAULT 0"),
     ("inbound", "node", "TEXT"),
     ("inbound", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    # The node handing a document over to the internal system (a pending hand-over it
+    # took to POST) and until when; NULL node: nobody holds it.
+    ("handover", "node", "TEXT"),
+    ("handover", "lease_until", "REAL NOT NULL DEFAULT 0"),
 )
 
 # Indexes on columns added after the first release (created after them).
@@ -124,6 +128,7 @@ ADDED_INDEXES = (
     # Leases are renewed and taken over by state and expiry: index lookups.
     "CREATE INDEX IF NOT EXISTS outbound_lease ON outbound (state, lease_until)",
     "CREATE INDEX IF NOT EXISTS inbound_lease ON inbound (state, lease_until)",
+    "CREATE INDEX IF NOT EXISTS handover_lease ON handover (state, lease_until)",
 )
 
 

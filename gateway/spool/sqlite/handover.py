@@ -9,7 +9,7 @@ from gateway.spool.records import (
     HandoverRecord,
     HandoverState,
 )
-from gateway.spool.sql import Row, SqlStore
+from gateway.spool.sql import Connection, Row, SqlStore
 
 
 def _handover(row: Row) -> HandoverRecord:
@@ -28,51 +28,141 @@ def _handover(row: Row) -> HandoverRecord:
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         expires_at=row["expires_at"] or 0.0,
+        node=row["node"],
+        lease_until=row["lease_until"] or 0.0,
     )
 
 
 class HandoverQueue(SqlStore):
-    """Hand-overs of received documents to the internal system (at least once)."""
+    """Hand-overs of received documents to the internal system (at least once).
+
+    A pending hand-over is taken by one node at a time to POST it (``node``, with a
+    lease that node renews while it lives, see gateway.spool.sqlite.leases); the
+    others leave it alone until it is settled, let go, or its lease runs out
+    (:meth:`handover_take_over`)."""
+
+    # Pending, and free for this node: held by nobody, or by this node (what its one
+    # hand-over worker took before it was stopped or killed; see handover_due).
+    _FREE = "state=? AND (node IS NULL OR node=?)"
 
     def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:
-        rows = self._read(
-            "SELECT * FROM handover WHERE state=? AND next_attempt_at<=?"
-            " ORDER BY next_attempt_at, created_at LIMIT ?",
-            (HandoverState.PENDING.value, now, limit),
-        )
-        return [_handover(r) for r in rows]
+        """See :meth:`gateway.spool.protocol.Spool.handover_due`."""
+        _, lease_until = self._lease()
+
+        def claim(db: Connection) -> list[Row]:
+            rows: list[Row] = db.execute(
+                f"SELECT * FROM handover WHERE {self._FREE} AND next_attempt_at<=?"  # noqa: S608
+                f" ORDER BY next_attempt_at, created_at LIMIT ?{self.claim_lock}",
+                (HandoverState.PENDING.value, self.node, now, max(0, limit)),
+            ).fetchall()
+            db.executemany(
+                "UPDATE handover SET node=?, lease_until=? WHERE peer=? AND message_id=?",
+                [(self.node, lease_until, r["peer"], r["message_id"]) for r in rows],
+            )
+            return rows
+
+        return [_handover(r) for r in self._transact(claim)]
 
     def handover_next_at(self) -> float | None:
-        """When the earliest pending hand-over is due (None: nothing pending)."""
+        """When the earliest pending hand-over this node may take is due (None: none)."""
         row = self._one(
-            "SELECT MIN(next_attempt_at) AS t FROM handover WHERE state=?",
-            (HandoverState.PENDING.value,),
+            f"SELECT next_attempt_at FROM handover WHERE {self._FREE}"  # noqa: S608
+            " ORDER BY next_attempt_at LIMIT 1",
+            (HandoverState.PENDING.value, self.node),
         )
-        return float(row["t"]) if row is not None and row["t"] is not None else None
+        return float(row["next_attempt_at"]) if row is not None else None
+
+    def handover_holds(self, peer: str, message_id: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.handover_holds`."""
+        now, _ = self._lease()
+        margin = self._claimant.lease_seconds / 2
+        row = self._one(
+            "SELECT 1 FROM handover WHERE peer=? AND message_id=? AND state=? AND node=?"
+            " AND lease_until>?",
+            (peer, message_id, HandoverState.PENDING.value, self.node, now + margin),
+        )
+        return row is not None
+
+    def handover_release(self, peer: str, message_id: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.handover_release`."""
+        return (
+            self._write(
+                "UPDATE handover SET node=NULL, lease_until=0 WHERE peer=? AND message_id=?"
+                " AND state=? AND node=?",
+                (peer, message_id, HandoverState.PENDING.value, self.node),
+            )
+            == 1
+        )
+
+    def handover_take_over(self) -> list[HandoverRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.handover_take_over`."""
+        now, _ = self._lease()
+
+        def release(db: Connection) -> list[Row]:
+            # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
+            rows: list[Row] = db.execute(
+                "SELECT * FROM handover WHERE state=? AND node IS NOT NULL AND node!=?"  # noqa: S608
+                f" AND lease_until<?{self.claim_lock}",
+                (HandoverState.PENDING.value, self.node, now),
+            ).fetchall()
+            db.executemany(
+                "UPDATE handover SET node=NULL, lease_until=0 WHERE peer=? AND message_id=?"
+                " AND state=?",
+                [(r["peer"], r["message_id"], HandoverState.PENDING.value) for r in rows],
+            )
+            return rows
+
+        return [_handover(r) for r in self._transact(release)]
 
     def handover_get(self, peer: str, message_id: str) -> HandoverRecord | None:
         row = self._one("SELECT * FROM handover WHERE peer=? AND message_id=?", (peer, message_id))
         return _handover(row) if row else None
 
     def handover_done(self, peer: str, message_id: str) -> None:
+        """See :meth:`gateway.spool.protocol.Spool.handover_done`."""
         self._write(
-            "UPDATE handover SET state=?, attempts=attempts+1, last_error=NULL, updated_at=?"
-            " WHERE peer=? AND message_id=?",
+            "UPDATE handover SET state=?, attempts=attempts+1, last_error=NULL, updated_at=?,"
+            " node=NULL, lease_until=0 WHERE peer=? AND message_id=?",
             (HandoverState.DONE.value, self._now(), peer, message_id),
         )
 
-    def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> None:
-        self._write(
-            "UPDATE handover SET attempts=attempts+1, last_error=?, next_attempt_at=?,"
-            " updated_at=? WHERE peer=? AND message_id=?",
-            (error, next_at, self._now(), peer, message_id),
+    def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.handover_retry`."""
+        return (
+            self._write(
+                "UPDATE handover SET attempts=attempts+1, last_error=?, next_attempt_at=?,"  # noqa: S608
+                " updated_at=?, node=NULL, lease_until=0 WHERE peer=? AND message_id=?"
+                f" AND {self._FREE}",
+                (
+                    error,
+                    next_at,
+                    self._now(),
+                    peer,
+                    message_id,
+                    HandoverState.PENDING.value,
+                    self.node,
+                ),
+            )
+            == 1
         )
 
-    def handover_failed(self, peer: str, message_id: str, error: str) -> None:
-        self._write(
-            "UPDATE handover SET state=?, attempts=attempts+1, last_error=?, updated_at=?"
-            " WHERE peer=? AND message_id=?",
-            (HandoverState.FAILED.value, error, self._now(), peer, message_id),
+    def handover_failed(self, peer: str, message_id: str, error: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.handover_failed`."""
+        return (
+            self._write(
+                "UPDATE handover SET state=?, attempts=attempts+1, last_error=?, updated_at=?,"  # noqa: S608
+                f" node=NULL, lease_until=0 WHERE peer=? AND message_id=? AND {self._FREE}",
+                (
+                    HandoverState.FAILED.value,
+                    error,
+                    self._now(),
+                    peer,
+                    message_id,
+                    HandoverState.PENDING.value,
+                    self.node,
+                ),
+            )
+            == 1
         )
 
     def handover_list(
@@ -95,7 +185,8 @@ class HandoverQueue(SqlStore):
         """A ``failed`` hand-over back to ``pending``: attempts reset, a new expiry."""
         changed = self._write(
             "UPDATE handover SET state=?, attempts=0, next_attempt_at=0, last_error=?,"
-            " expires_at=?, updated_at=? WHERE peer=? AND message_id=? AND state=?",
+            " expires_at=?, updated_at=?, node=NULL, lease_until=0"
+            " WHERE peer=? AND message_id=? AND state=?",
             (
                 HandoverState.PENDING.value,
                 f"retry requested by {actor}",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.spool.records import OutboundState
+from gateway.spool.records import HandoverState, OutboundState
 from gateway.spool.sql import Connection, SqlStore
 
 
@@ -28,6 +28,10 @@ class Leases(SqlStore):
                 "UPDATE inbound SET lease_until=? WHERE state='delivering' AND node=?",
                 (lease_until, self.node),
             ).rowcount
-            return int(sent) + int(received)
+            handing = db.execute(
+                "UPDATE handover SET lease_until=? WHERE state=? AND node=?",
+                (lease_until, HandoverState.PENDING.value, self.node),
+            ).rowcount
+            return int(sent) + int(received) + int(handing)
 
         return self._transact(renew)
