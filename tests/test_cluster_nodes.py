@@ -13,7 +13,9 @@ verified receipt.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ from tests.clocks import TickingClock
 from tests.conftest import Processes
 from tests.helpers.audit import wait_for_events
 from tests.helpers.cluster import RoundRobin, add_node, listener_port, point_peer_at
+from tests.helpers.internal_system import enable_delivery
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.slow_proxy import edit_every
 from tests.inboxwatch import InboxWatch
@@ -200,6 +203,78 @@ def test_two_nodes_lose_nothing_when_the_database_restarts_mid_run(
     assert {r["message_id"] for r in receipts} == set(delivered)
     for node in nodes:
         assert node.stop() == 0
+
+
+class HeldInternalSystem:
+    """The internal system of the HTTP hand-over: the first POST is never answered (the
+    node making it is killed meanwhile), the others are answered 200; each POST with the
+    time it came."""
+
+    def __init__(self, port: int) -> None:
+        self.posts: list[tuple[float, dict[str, str]]] = []
+        self.release = threading.Event()
+        system = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                system.posts.append((time.monotonic(), dict(self.headers)))
+                if len(system.posts) == 1:
+                    system.release.wait(120)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_node_killed_while_handing_over_leaves_the_document_to_the_other_node(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    internal_port: int,
+) -> None:
+    """The hospital runs as two nodes.  hospital-a is POSTing a received document to the
+    internal system when it is killed; hospital-b, running meanwhile, leaves a's live
+    claim alone, then takes the hand-over over once a's lease ran out and makes it."""
+    enable_delivery(layout, internal_port)
+    spool = postgres_server.new_database()
+    node_a = add_node(layout.hospital, "hospital-a", spool)
+    node_b = add_node(layout.hospital, "hospital-b", spool, port=free_port())
+    system = HeldInternalSystem(internal_port)
+    try:
+        hospital_a = processes.start(node_a)
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
+        wait_until(lambda: len(system.posts) == 1, 120, "hospital-a handing the document over")
+        processes.start(node_b)
+        trail_b = layout.hospital.root / "audit" / "audit-hospital-b.jsonl"
+        wait_for_events(trail_b, "daemon.started")
+        hospital_a.kill()  # while it holds the hand-over
+        killed_at = time.monotonic()
+        [taken] = wait_for_events(
+            trail_b, "message.taken_over", where=lambda r: r.get("direction") == "inbound"
+        )
+        assert taken["detail"]["from_node"] == "hospital-a" and taken["node"] == "hospital-b"
+        [handed] = wait_for_events(trail_b, "message.handed_over")
+        assert handed["message_id"] == taken["message_id"]
+        # hospital-b POSTed once, and only after hospital-a was gone.
+        [(first_at, first), (then_at, then)] = system.posts
+        assert then_at > killed_at > first_at
+        assert then["Idempotency-Key"] == first["Idempotency-Key"]
+        assert then["X-Medgw-Message-Id"] == handed["message_id"]
+    finally:
+        system.close()
 
 
 MESSAGES = 200
