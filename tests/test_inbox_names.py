@@ -149,9 +149,26 @@ def test_the_suffix_of_a_clash_is_random_and_checked(tmp_path: Path) -> None:
 def test_only_unrecorded_work_files_are_removed_at_start(tmp_path: Path) -> None:
     folder = tmp_path / "lab" / "svc"
     folder.mkdir(parents=True)
-    recorded, orphan = work_name(folder / "a.hl7"), work_name(folder / "b.hl7")
+    recorded, orphan = work_name(folder / "a.hl7", "gw-a"), work_name(folder / "b.hl7", "gw-a")
     others = [folder / ".a.hl7.0123456789ab.partial", folder / ".b.delivering", folder / "c"]
     for path in (recorded, orphan, *others):
         path.write_bytes(b"")
     assert remove_stale_work_files(tmp_path, {recorded}) == [orphan]
     assert sorted(os.listdir(folder)) == sorted(p.name for p in (recorded, *others))
+
+
+def test_at_start_a_nodes_own_young_work_files_go_and_other_nodes_wait_a_lease(
+    tmp_path: Path,
+) -> None:
+    """A kill between creating a work file and recording it leaves it unrecorded: the
+    node removes its own at once, another node's (sharing the inbox) only once old."""
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    own, other = work_name(folder / "a.hl7", "gw-a"), work_name(folder / "b.hl7", "gw-b")
+    old = work_name(folder / "c.hl7", "gw-b")
+    for path in (own, other, old):
+        path.write_bytes(b"partial")
+    os.utime(old, (1_000.0, 1_000.0))
+    removed = remove_stale_work_files(tmp_path, set(), older_than=2_000.0, own="gw-a")
+    assert sorted(removed) == sorted([own, old])
+    assert sorted(os.listdir(folder)) == [other.name]

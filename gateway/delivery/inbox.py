@@ -18,6 +18,7 @@ where in the file system a document lands, nor which existing file it meets.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -31,7 +32,7 @@ FILE_MODE = 0o640
 # A clash gets a random suffix, tried again until free: nobody can predict the
 # name a document will take, so nobody can put something there first.
 _SUFFIX_TRIES = 16
-WORK = re.compile(r"^\..+\.[0-9a-f]{12}\.delivering$")
+WORK = re.compile(r"^\..+\.([0-9a-f]{12})\.delivering$")
 
 
 def choose_target(
@@ -74,16 +75,25 @@ def choose_target(
     )
 
 
-def work_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.delivering")
+def node_tag(node: str) -> str:
+    """What a work file's name tells of the node that made it (see :func:`work_name`)."""
+    return hashlib.sha256(node.encode()).hexdigest()[:6]
 
 
-def prepare(target: Path) -> Path:
-    """Create the target's folder and an empty hidden work file beside it; its path.
+def work_name(target: Path, node: str) -> Path:
+    """A hidden work name beside ``target``, telling which node made it (the first half
+    of its hex part): at start a node removes its own unrecorded work files at once,
+    and waits a lease for those of other nodes sharing the inbox."""
+    return target.with_name(f".{target.name}.{node_tag(node)}{secrets.token_hex(3)}.delivering")
+
+
+def prepare(target: Path, node: str) -> Path:
+    """Create the target's folder and an empty hidden work file beside it, made by
+    ``node``; its path.
 
     Raises StorageFullError or DeliveryError (see :func:`delivery_error`).
     """
-    work = work_name(target)
+    work = work_name(target, node)
     try:
         shared_folder(target.parent)
         fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
@@ -152,20 +162,31 @@ def discard(work: Path) -> None:
 
 
 def remove_stale_work_files(
-    inbox_dir: Path, keep: Collection[Path], *, older_than: float | None = None
+    inbox_dir: Path,
+    keep: Collection[Path],
+    *,
+    older_than: float | None = None,
+    own: str | None = None,
 ) -> list[Path]:
     """Delete work files a killed process left behind before recording them (our own
     naming pattern only), except those in ``keep`` and, given ``older_than`` (seconds
     since the epoch), those last changed after it (another node sharing the inbox may
-    be about to record one)."""
+    be about to record one) unless made by node ``own`` (at start: it has none in
+    progress, so a young one of its own is a killed process's too)."""
     removed = []
+    mine = None if own is None else node_tag(own)
     if inbox_dir.is_dir():
         for path in inbox_dir.rglob(".*.delivering"):
+            matched = WORK.match(path.name)
             if (
-                WORK.match(path.name)
+                matched
                 and path not in keep
                 and path.is_file()
-                and (older_than is None or _changed_before(path, older_than))
+                and (
+                    older_than is None
+                    or (mine is not None and matched.group(1).startswith(mine))
+                    or _changed_before(path, older_than)
+                )
             ):
                 path.unlink(missing_ok=True)
                 removed.append(path)

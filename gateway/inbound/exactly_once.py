@@ -93,7 +93,7 @@ class InboxDelivery:
         try:
             with self._locks.target:  # two documents with one name never share a target
                 target = self._choose_target(peer, message_id, filename, service)
-                work = inbox.prepare(target)
+                work = inbox.prepare(target, self._spool.node)
                 try:
                     self._spool.inbound_begin(
                         peer.name, message_id, sha256, target, service, work_path=work, size=size

@@ -23,13 +23,19 @@ def recover(
     """At start, before any request: settle every delivery this node's stopped process
     left in the middle (and those of nodes whose claim ran out), so that none is
     written twice and each is audited once; then remove the work files no delivery
-    needs that were made before ``unrecorded_before`` (seconds since the epoch)."""
+    needs: this node's own at once (it has none in progress yet), another node's once
+    made before ``unrecorded_before`` (seconds since the epoch)."""
     for record in spool.inbound_unfinished():
         _settle(delivery, record, log)
     # The inbox may be shared with other nodes: their deliveries in the middle keep
-    # their work files, and so does one just created, not yet recorded.
+    # their work files, and so does one another node just created, not yet recorded.
+    # This node's own, made before a kill between creating and recording (or between
+    # forgetting and removing) it, goes now, however young: nothing else would remove it.
     keep = {r.work_path for r in spool.inbound_in_progress() if r.work_path}
-    for path in inbox.remove_stale_work_files(inbox_dir, keep, older_than=unrecorded_before):
+    stale = inbox.remove_stale_work_files(
+        inbox_dir, keep, older_than=unrecorded_before, own=spool.node
+    )
+    for path in stale:
         log.info("recovery.removed_work_file", folder=path.parent.name)
 
 
