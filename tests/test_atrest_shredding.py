@@ -224,9 +224,11 @@ def test_documents_whose_preparation_failed_are_kept_encrypted_and_shredded_by_c
     key_dir = layout.lab.root / "state-keys"
     api = enable_api(layout)
     lab = processes.start(layout.lab.config_path)
-    # One from the outbox, one from the local API.
-    documents = [_document("UNSEALED", 0), _document("SUBMITTED", 0)]
+    # Two from the outbox (a small one, kept in its spool row), one from the local API.
+    small = _document("SMALL", 1) + os.urandom(4096)
+    documents = [_document("UNSEALED", 0), _document("SUBMITTED", 0), small]
     drop_file(layout.lab.outbox_for("hospital"), "UNSEALED-0.hl7", documents[0])
+    drop_file(layout.lab.outbox_for("hospital"), "SMALL-1.hl7", documents[2])
     status, _ = api.request(
         "POST",
         "/v1/messages?to=hospital&filename=SUBMITTED-0.hl7",
@@ -234,7 +236,7 @@ def test_documents_whose_preparation_failed_are_kept_encrypted_and_shredded_by_c
         body=documents[1],
     )
     assert status == 202
-    failed = wait_for_events(layout.lab.audit_log, "message.failed", count=2)
+    failed = wait_for_events(layout.lab.audit_log, "message.failed", count=3)
     assert all("the document is kept" in f["reason"] for f in failed)
     message_ids = [f["message_id"] for f in failed]
 
@@ -261,7 +263,7 @@ def test_documents_whose_preparation_failed_are_kept_encrypted_and_shredded_by_c
         "purge", "--before", datetime.now(UTC).isoformat(), "--json", "--config", str(lab.config)
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["counts"]["spool"] == 2
+    assert json.loads(done.stdout)["counts"]["spool"] == 3
     wait_for_event(layout.lab.audit_log, "atrest.key_rotated")
     image_after = tmp_path / "image-after"
     _image(state, image_after)

@@ -33,7 +33,7 @@ from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
-from gateway.spool import SqliteSpool
+from gateway.spool import OutboundRecord, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 
@@ -81,14 +81,15 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
         audit.close()
 
 
-@pytest.mark.parametrize("copy", ["encrypted", "clear"])
+@pytest.mark.parametrize("copy", ["encrypted", "clear", "row"])
 def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_sends_once(
     layout: DemoLayout, processes: Any, copy: str
 ) -> None:
-    """The document is copied into the spool (encrypted at rest; or, before at-rest
-    encryption, as it is, from an outbox on another file system), then removed from
-    the outbox.  A kill between the two leaves both; the restart must send it once,
-    not once for the spool entry and again for the outbox file."""
+    """The document is copied into the spool (encrypted at rest, into a file or, a small
+    one, into its row; or, before at-rest encryption, as it is, from an outbox on another
+    file system), then removed from the outbox.  A kill between the two leaves both; the
+    restart must send it once, not once for the spool entry and again for the outbox
+    file."""
     config = load_config(layout.lab.config_path)
     assert config.at_rest is not None
     source = layout.lab.outbox_dir / "hospital" / "copied.hl7"
@@ -97,7 +98,7 @@ def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_send
     payload = config.storage.state_dir / "payloads" / "0123456789abcdef01234567"
     payload.parent.mkdir(parents=True, exist_ok=True)
     spool = SqliteSpool(config.storage.state_dir / "spool.sqlite3", SystemClock())
-    vault = Vault(KeyStore(config.at_rest.key_dir), spool) if copy == "encrypted" else None
+    vault = Vault(KeyStore(config.at_rest.key_dir), spool) if copy != "clear" else None
     if vault is not None:
         vault.open()
     try:
@@ -113,12 +114,17 @@ def test_killed_between_copying_into_the_spool_and_removing_from_the_outbox_send
                 expires_at=datetime.now(UTC).timestamp() + 3600,
                 zone="loopback",
                 data_key=sealing.key,
+                payload=sealing.seal(source.read_bytes()) if copy == "row" else None,
             )
             # The copy was complete; the unlink never came.
-            sealing.write(payload, [source.read_bytes()])
+            if copy != "row":
+                sealing.write(payload, [source.read_bytes()])
     finally:
         spool.close()
-    assert payload.read_bytes().startswith(MAGIC) == (copy == "encrypted")
+    if copy == "row":
+        assert not payload.exists()
+    else:
+        assert payload.read_bytes().startswith(MAGIC) == (copy == "encrypted")
 
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
@@ -187,6 +193,62 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
             assert detail["sha256"] == hashlib.sha256(data).hexdigest()
             assert detail["submitted_by"] == me
             assert spool.submitter(by_name[name]["message_id"]) == me
+    finally:
+        spool.close()
+        audit.close()
+
+
+async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_file(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encrypted at rest, a small document's copy is committed with its intake row (no
+    file, no fsync of its own); a large one is encrypted into state/payloads.  Both are
+    sealed from that copy, and leave neither behind once queued."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    outbound = Outbound(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock, vault
+    )
+    [peer] = config.peers
+    documents = {
+        "small.hl7": b"MSH|^~\\&|SMALL-Q7Z|" + b"x" * (INLINE_BODY_BYTES - 20),
+        "large.dcm": b"LARGE-Q7Z" + os.urandom(INLINE_BODY_BYTES + 1000),
+    }
+    folder = layout.lab.outbox_dir / peer.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in documents.items():
+        (folder / name).write_bytes(data)
+    seen: dict[str, tuple[bytes | None, bool]] = {}
+    seal_and_queue = Sealer.seal_and_queue
+
+    def spy(self: Sealer, record: OutboundRecord, *args: Any) -> bool:
+        # As the sealer finds it: the copy in the row, or its file.
+        seen[record.filename] = (record.payload, record.payload_path.exists())
+        if record.payload_path.exists():
+            assert record.payload_path.read_bytes().startswith(MAGIC)
+        return seal_and_queue(self, record, *args)
+
+    monkeypatch.setattr(Sealer, "seal_and_queue", spy)
+    try:
+        assert await outbound.intake_once() == 2
+        kept, in_file = seen["small.hl7"]
+        assert kept is not None and kept.startswith(MAGIC) and not in_file
+        assert b"SMALL-Q7Z" not in kept
+        assert seen["large.dcm"] == (None, True)
+        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
+        by_name = {r["detail"]["filename"]: r for r in accepted}
+        for name, data in documents.items():
+            assert by_name[name]["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
+            record = spool.get(by_name[name]["message_id"])
+            assert record is not None and record.state.value == "queued"
+            assert record.payload is None and not record.payload_path.exists()
+            assert spool.data_key(payload_item(record.message_id)) is None
+        assert not list(folder.iterdir())
     finally:
         spool.close()
         audit.close()

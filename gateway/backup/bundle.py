@@ -169,11 +169,13 @@ def _place(path_text: str | None, config: GatewayConfig) -> str | None:
 def _spooled_files(db: sqlite3.Connection) -> Iterator[tuple[str, str, str, bool]]:
     """(table, key, path, needed) for each file the spool copy names."""
     for row in db.execute(
-        "SELECT message_id, state, mic, payload_path, body_path, body, receipt_path FROM outbound"
+        "SELECT message_id, state, mic, payload_path, body_path, body, receipt_path,"
+        " payload FROM outbound"
     ):
-        message_id, state, mic, payload, body_path, body, receipt = row
+        message_id, state, mic, payload, body_path, body, receipt, kept = row
         owed = state in _OWED
-        yield "outbound", message_id, payload, owed and (mic is None or state == "intake")
+        document = owed and (mic is None or state == "intake") and kept is None
+        yield "outbound", message_id, payload, document
         yield "outbound", message_id, body_path, owed and state != "intake" and body is None
         yield "outbound", message_id, receipt, False
     for peer, message_id, path, state, purged in db.execute(

@@ -17,7 +17,7 @@ from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
 from gateway.intake.outbox import Candidate, scan
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
-from gateway.outbound.seal import Sealer
+from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
 from gateway.routing import LOCAL_INTAKE
 from gateway.spool import OutboundRecord
 from gateway.spool.records import payload_item
@@ -145,15 +145,23 @@ class OutboxIntake:
         if peer is None:
             return None
         try:
-            owner = candidate.path.lstat().st_uid
+            status = candidate.path.lstat()
         except FileNotFoundError:
             return None  # taken away since the scan
+        owner = status.st_uid
         submitter = f"outbox:{account_name(owner)} (uid {owner})"
         message_id = new_message_id(self._ctx.config.as2_id)
         token = os.urandom(12).hex()
         payload_path = self._ctx.payloads / token
         with storing(self._ctx.vault, payload_item(message_id)) as sealing:
             sealing.begin()  # its key is stored with the row, before the copy is written
+            # A small document's copy is kept in its row, committed with it: no file, no
+            # fsync of its own (None: too large, or it grew since; stored as a file).
+            kept = (
+                _small_copy(candidate.path, sealing)
+                if sealing.encrypting and status.st_size <= INLINE_BODY_BYTES
+                else None
+            )
             self._ctx.spool.add_intake(
                 message_id,
                 peer.name,
@@ -168,9 +176,13 @@ class OutboxIntake:
                 submitted_by=submitter,
                 service=candidate.service,
                 data_key=sealing.key,
+                payload=kept,
             )
             try:
-                move_into_spool(candidate.path, payload_path, self._ctx.folder_sync, sealing)
+                if kept is None:
+                    move_into_spool(candidate.path, payload_path, self._ctx.folder_sync, sealing)
+                else:
+                    _remove_from_outbox(candidate.path, self._ctx.folder_sync)
             except OSError as exc:
                 if candidate.path.exists():
                     # Still in the outbox (say the spool's disk is full): a later scan takes
@@ -196,6 +208,19 @@ class OutboxIntake:
         return record, peer, submitter
 
 
+def _small_copy(source: Path, sealing: Sealing) -> bytes | None:
+    """The document ``source`` sealed under ``sealing``'s key, to be kept in its row;
+    None if it is larger than a row keeps (it grew since it was listed)."""
+    with source.open("rb") as handle:
+        plain = handle.read(INLINE_BODY_BYTES + 1)
+    return sealing.seal(plain) if len(plain) <= INLINE_BODY_BYTES else None
+
+
+def _remove_from_outbox(source: Path, folders: FolderSync) -> None:
+    source.unlink()
+    folders.sync(source.parent)
+
+
 def move_into_spool(source: Path, target: Path, folders: FolderSync, sealing: Sealing) -> None:
     """Copy the document into the spool encrypted at rest under ``sealing``'s key (begun
     and stored with its row), fsync, unlink it from the outbox: no plaintext copy of it
@@ -214,5 +239,4 @@ def move_into_spool(source: Path, target: Path, folders: FolderSync, sealing: Se
             folders.sync(target.parent)
             folders.sync(source.parent)
             return
-    source.unlink()
-    folders.sync(source.parent)
+    _remove_from_outbox(source, folders)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.atrest import open_file, storing
+from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
 from gateway.audit import EventType
 from gateway.fsutil import fsync_dir, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
-from gateway.outbound.seal import Sealer
+from gateway.outbound.seal import Sealer, open_document
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import payload_item
 
@@ -65,22 +65,23 @@ class Recovery:
             peer = self._ctx.config.peer(record.peer)
             if (
                 record.node not in (None, self._ctx.spool.node)
-                and not record.payload_path.exists()
+                and not record.has_document
                 and not record.source_path.exists()
             ):
                 # Taken in by another node that stopped: its document is in that node's
                 # state folder; it prepares it when it starts again.
                 continue
-            if record.payload_path.exists() and peer is not None:
+            if record.has_document and peer is not None:
                 source = record.source_path
                 if (
                     source != record.payload_path
                     and source.exists()
                     and await asyncio.to_thread(self._same_document, record)
                 ):
-                    # Killed after copying the document from another file system into the
-                    # spool, before removing it from the outbox (the copy is complete: it
-                    # was written atomically). Remove it, or the next scan sends it again.
+                    # Killed after copying the document into the spool (its file, or its
+                    # row for a small one), before removing it from the outbox (the copy
+                    # is complete: written atomically, or committed with the row). Remove
+                    # it, or the next scan sends it again.
                     # (A different document dropped since under the same name stays.)
                     source.unlink()
                     fsync_dir(source.parent)
@@ -109,10 +110,9 @@ class Recovery:
     def _same_document(self, record: OutboundRecord) -> bool:
         """Whether the spool's copy of the document (encrypted at rest, or as it is) holds
         the bytes of the outbox file it was taken from."""
-        item = payload_item(record.message_id)
         with (
             record.source_path.open("rb") as source,
-            open_file(self._ctx.vault, item, record.payload_path) as copy,
+            open_document(self._ctx.vault, record) as copy,
         ):
             while True:
                 mine = source.read(CHUNK)
@@ -122,7 +122,8 @@ class Recovery:
                     return True
 
     def _take_again(self, record: OutboundRecord) -> None:
-        """Take the document of an interrupted intake into the spool, under a new key."""
+        """Take the document of an interrupted intake into the spool, under a new key (into
+        its file: a small one kept in its row never comes here, the row holds its copy)."""
         with storing(self._ctx.vault, payload_item(record.message_id)) as sealing:
             sealing.begin()
             if sealing.key is not None:

@@ -4,12 +4,13 @@ queued, or kept unsent with an alert saying what to correct."""
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from gateway.as2.message import MessageSpec, build_message, build_message_file
-from gateway.atrest import Sealing, open_file, storing
+from gateway.atrest import Sealing, Vault, open_bytes, open_file, storing
 from gateway.audit import AuditEvent, EventType, PatientId, Severity
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
@@ -75,7 +76,7 @@ class Sealer:
 
         def open_payload() -> BinaryIO:
             # The document as taken in: encrypted at rest, or as it is (from before).
-            return open_file(self._ctx.vault, payload_item(record.message_id), record.payload_path)
+            return open_document(self._ctx.vault, record)
 
         def build() -> _Sealed:
             recipient = self._ctx.recipient(peer)
@@ -219,9 +220,18 @@ class Sealer:
         if record is None or record.state is not OutboundState.INTAKE:
             return
         peer = self._ctx.config.peer(record.peer)
-        if peer is None or not record.payload_path.exists():
+        if peer is None or not record.has_document:
             return  # recovery at the next start marks it failed, saying why
         await self.prepare(record, peer, submitted_by=self._ctx.spool.submitter(message_id))
+
+
+def open_document(vault: Vault | None, record: OutboundRecord) -> BinaryIO:
+    """The document taken in for ``record``, for reading its plaintext: the copy kept in
+    its spool row (a small one) or its file in state/payloads."""
+    item = payload_item(record.message_id)
+    if record.payload is not None:
+        return io.BytesIO(open_bytes(vault, item, record.payload))
+    return open_file(vault, item, record.payload_path)
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,11 @@ class Spool(Protocol):
         submitted_by: str | None = None,
         service: str | None = None,
         data_key: DataKey | None = None,
+        payload: bytes | None = None,
     ) -> None:
         """Queue a message for ``peer`` (of network ``zone``); ``data_key``: the key its
-        document (``payload_path``) is encrypted under at rest, until it is sealed.
+        document (``payload_path``, or for a small one ``payload``, its stored copy kept
+        in this same row) is encrypted under at rest, until it is sealed.
 
         NET-4 invariant, enforced here whatever the caller checked before: a
         message that came in from a peer is never queued for a peer of another

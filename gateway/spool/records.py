@@ -118,6 +118,14 @@ class OutboundRecord:
     # its claim lasts without renewal (seconds since the epoch; see Spool.claim_due).
     node: str | None = None
     lease_until: float = 0.0
+    # A small document taken in, its copy (encrypted at rest) kept in the spool itself
+    # until it is sealed (a larger one is the file at payload_path).
+    payload: bytes | None = None
+
+    @property
+    def has_document(self) -> bool:
+        """The document taken in is still kept (in the spool or its file)."""
+        return self.payload is not None or self.payload_path.exists()
 
     @property
     def sealed(self) -> bool:

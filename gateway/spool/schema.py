@@ -121,6 +121,9 @@ ADDED_COLUMNS = (
     # took to POST) and until when; NULL node: nobody holds it.
     ("handover", "node", "TEXT"),
     ("handover", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    # A small document taken in, its copy (encrypted at rest) kept in the row until it
+    # is sealed (see OutboundRecord.payload); NULL: in payload_path.
+    ("outbound", "payload", "BLOB"),
 )
 
 # Indexes on columns added after the first release (created after them).

@@ -50,6 +50,7 @@ def _outbound(row: Row) -> OutboundRecord:
         ),
         service=row["service"],
         body=row["body"],
+        payload=row["payload"],
         node=row["node"],
         lease_until=row["lease_until"] or 0.0,
     )
@@ -73,6 +74,7 @@ class OutboundQueue(SqlStore):
         submitted_by: str | None = None,
         service: str | None = None,
         data_key: DataKey | None = None,
+        payload: bytes | None = None,
     ) -> None:
         """See :meth:`gateway.spool.protocol.Spool.add_intake`."""
         check_enqueue(origin, peer, zone)
@@ -90,7 +92,8 @@ class OutboundQueue(SqlStore):
         self._write(
             "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
             " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
-            " updated_at, service, node, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " updated_at, service, node, lease_until, payload)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message_id,
                 peer,
@@ -108,6 +111,7 @@ class OutboundQueue(SqlStore):
                 service,
                 self.node,
                 self._lease()[1],
+                payload,
             ),
             extra,
             key=data_key,
@@ -153,7 +157,7 @@ class OutboundQueue(SqlStore):
             )
         self._write(
             "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
-            " updated_at=?, encrypted_for=? WHERE message_id=? AND state=?",
+            " updated_at=?, encrypted_for=?, payload=NULL WHERE message_id=? AND state=?",
             (
                 OutboundState.QUEUED.value,
                 str(body_path) if body_path is not None else None,
@@ -478,7 +482,7 @@ class OutboundQueue(SqlStore):
             ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL" if reset else ""
         )
         if drop_body:
-            extra += ", body=NULL"
+            extra += ", body=NULL, payload=NULL"
         if expires_at is not None:
             extra += f", expires_at={float(expires_at)!r}"
         changed = self._write(
@@ -507,7 +511,7 @@ class OutboundQueue(SqlStore):
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
         if record is not None and record.state in RETRYABLE and not record.sealed:
-            if record.payload_path.exists():
+            if record.has_document:
                 # Never signed and encrypted, but the document is kept: prepare it again
                 # (the caller does, or the next start's recovery).
                 return self._transition(
