@@ -66,7 +66,7 @@ def one_round(tmp: Path, encrypted: bool, messages: int, size: int, big_mib: int
         start = time.time()
         for i in range(messages):
             drop_file(outbox, f"doc-{i:05d}.bin", payload)
-        receipts = wait_receipts(tail, messages, 900)
+        receipts = wait_receipts([tail], messages, 900)
         done = max(datetime.fromisoformat(r["time"]).timestamp() for r in receipts)
         rate = messages / (done - start)
         cpu_ms = (sum(cpu_seconds(p.proc.pid) for _, p in daemons) - cpu) * 1000 / messages
@@ -80,7 +80,7 @@ def one_round(tmp: Path, encrypted: bool, messages: int, size: int, big_mib: int
             cpu = sum(cpu_seconds(p.proc.pid) for _, p in daemons)
             t0 = time.time()
             os.rename(big, outbox / "big.dcm")
-            wait_receipts(tail, messages + 1, 3600)
+            wait_receipts([tail], messages + 1, 3600)
             big_seconds = time.time() - t0
             big_cpu = sum(cpu_seconds(p.proc.pid) for _, p in daemons) - cpu
         rss = {n: peak_rss_mib(p.proc.pid) for n, p in daemons}
