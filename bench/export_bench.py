@@ -52,7 +52,7 @@ def run_round(
         start = time.time()
         for i in range(messages):
             drop_file(outbox, f"{tag}-{i:05d}.bin", payload)
-        receipts = wait_receipts(tail, before + messages, 600)[before:]
+        receipts = wait_receipts([tail], before + messages, 600)[before:]
         done = max(datetime.fromisoformat(r["time"]).timestamp() for r in receipts)
         used = cpu_seconds(lab.proc.pid) + cpu_seconds(hospital.proc.pid) - cpu_before
         return messages / (done - start), used
