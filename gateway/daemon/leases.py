@@ -24,7 +24,7 @@ from gateway.errors import MedgwError
 from gateway.inbound import InboundProcessor
 from gateway.logs import Logger
 from gateway.outbound import Outbound
-from gateway.spool import Spool
+from gateway.spool import HandoverRecord, OutboundRecord, Spool
 
 
 class LeaseKeeper:
@@ -116,50 +116,45 @@ class LeaseKeeper:
         peers: set[str | None] = set()
         for record in self._spool.take_over_expired():
             peers.add(record.peer)
-            self._log.warning(
+            self._taken_over(
                 "message.taken_over",
-                peer=record.peer,
-                message_id=record.message_id,
-                from_node=record.node,
-            )
-            self._audit().emit(
-                AuditEvent(
-                    EventType.MESSAGE_TAKEN_OVER,
-                    Outcome.SUCCESS,
-                    Severity.WARNING,
-                    peer=record.peer,
-                    message_id=record.message_id,
-                    direction="outbound",
-                    service=record.service,
-                    reason=f"node {record.node} was sending it and its claim ran out at "
-                    f"{iso_time(record.lease_until)}; queued again by node {self._spool.node}",
-                    detail={"from_node": record.node, "attempts": record.attempts},
-                )
+                record,
+                direction="outbound",
+                reason=f"node {record.node} was sending it and its claim ran out at "
+                f"{iso_time(record.lease_until)}; queued again by node {self._spool.node}",
             )
         settled = self._inbound().take_over()
         if settled:
             self._log.warning("delivery.taken_over", count=settled)
         for handover in self._spool.handover_take_over():
             peers.add(None)
-            self._log.warning(
+            self._taken_over(
                 "handover.taken_over",
-                peer=handover.peer,
-                message_id=handover.message_id,
-                from_node=handover.node,
-            )
-            self._audit().emit(
-                AuditEvent(
-                    EventType.MESSAGE_TAKEN_OVER,
-                    Outcome.SUCCESS,
-                    Severity.WARNING,
-                    peer=handover.peer,
-                    message_id=handover.message_id,
-                    direction="inbound",
-                    service=handover.service,
-                    reason=f"node {handover.node} was handing it over to the internal system "
-                    f"and its claim ran out at {iso_time(handover.lease_until)}; let go by "
-                    f"node {self._spool.node}, handed over by the next node to take it",
-                    detail={"from_node": handover.node, "attempts": handover.attempts},
-                )
+                handover,
+                direction="inbound",
+                reason=f"node {handover.node} was handing it over to the internal system "
+                f"and its claim ran out at {iso_time(handover.lease_until)}; let go by "
+                f"node {self._spool.node}, handed over by the next node to take it",
             )
         return peers
+
+    def _taken_over(
+        self, log_event: str, claim: OutboundRecord | HandoverRecord, *, direction: str, reason: str
+    ) -> None:
+        """Log and audit one claim of another node taken over here."""
+        self._log.warning(
+            log_event, peer=claim.peer, message_id=claim.message_id, from_node=claim.node
+        )
+        self._audit().emit(
+            AuditEvent(
+                EventType.MESSAGE_TAKEN_OVER,
+                Outcome.SUCCESS,
+                Severity.WARNING,
+                peer=claim.peer,
+                message_id=claim.message_id,
+                direction=direction,
+                service=claim.service,
+                reason=reason,
+                detail={"from_node": claim.node, "attempts": claim.attempts},
+            )
+        )
