@@ -125,38 +125,24 @@ def test_a_document_taken_from_the_inbox_before_the_restart_is_not_written_again
     assert len(wait_for_events(layout.hospital.audit_log, "message.duplicate")) == 1
 
 
-def test_a_kill_before_the_rename_delivers_the_resend_once(
-    layout: DemoLayout, processes: Any
+@pytest.mark.parametrize(
+    "kill_point",
+    [
+        # written, not recorded yet: the node that made it removes it at its next start,
+        # however young (well within a lease)
+        "gateway.spool.sqlite:SqliteSpool.inbound_begin",
+        # recorded, written, not named: nothing reached the inbox; recovery settles it
+        "gateway.delivery.inbox:link",
+    ],
+    ids=["before-the-record", "before-the-rename"],
+)
+def test_a_kill_with_a_work_file_in_the_inbox_delivers_the_resend_once(
+    layout: DemoLayout, processes: Any, kill_point: str
 ) -> None:
-    """The work file was written, not named: nothing reached the inbox; the resend does."""
+    """Killed with the document in its work file, before it was named into the inbox:
+    after the restart the work file is gone and the resend is delivered once."""
     hospital = processes.start(
-        layout.hospital.config_path,
-        prefix=killed_at("--kill-before", "gateway.delivery.inbox:link"),
-    )
-    processes.start(layout.lab.config_path)
-    drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
-    wait_killed(hospital)
-    inbox = layout.hospital.inbox_dir / "lab"
-    [work] = list(inbox.iterdir())
-    assert work.name.startswith(".order.hl7.") and work.name.endswith(".delivering")
-
-    processes.start(layout.hospital.config_path)
-    wait_for_events(layout.lab.audit_log, "receipt.received")
-    assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]
-    assert (inbox / "order.hl7").read_bytes() == b"MSH|order\r"
-    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
-    assert not events(layout.hospital.audit_log, "message.duplicate")
-
-
-def test_a_work_file_killed_before_it_was_recorded_is_removed_at_the_next_start(
-    layout: DemoLayout, processes: Any
-) -> None:
-    """Made moments before the kill (well within a lease), between creating the work
-    file and recording the delivery: the node that made it removes it at its next
-    start, and the resend is delivered once."""
-    hospital = processes.start(
-        layout.hospital.config_path,
-        prefix=killed_at("--kill-before", "gateway.spool.sqlite:SqliteSpool.inbound_begin"),
+        layout.hospital.config_path, prefix=killed_at("--kill-before", kill_point)
     )
     processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_for("hospital"), "order.hl7", b"MSH|order\r")
@@ -171,6 +157,7 @@ def test_a_work_file_killed_before_it_was_recorded_is_removed_at_the_next_start(
     assert sorted(p.name for p in inbox.iterdir()) == ["order.hl7"]
     assert (inbox / "order.hl7").read_bytes() == b"MSH|order\r"
     assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert not events(layout.hospital.audit_log, "message.duplicate")
 
 
 def test_a_kill_between_the_internal_systems_answer_and_the_record_hands_over_with_one_key(
