@@ -317,3 +317,20 @@ def test_delivery_to_the_inbox_knows_nothing_of_the_request(
     ]
     assert wrong == []
     assert "gateway.inbound.exactly_once" in edges["gateway.inbound.pipeline"]
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/helpers (or conftest): a test module imported by
+    another runs its own set-up twice and ties the two files' changes together."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offenders += [f"{path.name} imports {n}" for n in names if n.startswith("tests.test_")]
+    assert not offenders, "\n".join(offenders)

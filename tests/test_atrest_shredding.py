@@ -32,9 +32,9 @@ from gateway.spool.records import body_item, payload_item, receipt_item
 from tests.cli import medgw
 from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import wait_for_event, wait_for_events
+from tests.helpers.backup import add_backup, backup_signer, fresh_host, openssl_opens, recipient
 from tests.helpers.demo import revoke
 from tests.helpers.local_api import LIS_TOKEN, enable_api
-from tests.test_backup import add_backup, backup_signer, fresh_host, openssl_opens, recipient
 
 BIG = 200 << 10  # above the size kept in the spool row: a body file
 

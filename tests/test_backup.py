@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
 import tarfile
 import threading
 import tracemalloc
@@ -31,129 +30,15 @@ from gateway.spool import SqliteSpool
 from gateway.spool.postgres import PostgresSettings
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
+from tests.helpers.backup import (
+    add_backup,
+    backup_signer,
+    fresh_host,
+    openssl_opens,
+    owed_handover_backup,
+    recipient,
+)
 from tests.helpers.postgres import spool_section
-
-
-def recipient(folder: Path) -> tuple[Path, Path]:
-    """The backup recipient: an RSA-3072 key and self-signed certificate, made with openssl
-    (the key is kept off the gateway; only the certificate is configured)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key, cert = folder / "recipient.key", folder / "recipient.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:3072",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "30",
-            "-subj",
-            "/CN=medgw backup recipient",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    key.chmod(0o600)
-    return key, cert
-
-
-def backup_signer(config: Path) -> tuple[Path, Path]:
-    """The gateway's backup signing key pair (made as README, Backups says), beside its
-    other keys: a fresh host given the same /etc/medgw has it too.  Made once, with the
-    README's command (ECDSA P-256, self-signed)."""
-    key, cert = (
-        config.parent / "certs" / "backup-signing.key",
-        config.parent / "certs" / "backup-signing.crt",
-    )
-    if not (key.exists() and cert.exists()):
-        subprocess.run(
-            [
-                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
-                "-subj", "/CN=medgw backup signer, Sakura General Hospital",
-            ],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        key.chmod(0o600)
-    return key, cert
-
-
-def add_backup(config: Path, cert: Path) -> None:
-    key, signing = backup_signer(config)
-    config.write_text(
-        config.read_text()
-        + f'\n[backup]\nrecipient = "{cert}"\n'
-        + f'signing_certificate = "{signing}"\nsigning_key = "{key}"\n'
-    )
-
-
-def fresh_host(layout: DemoLayout, name: str) -> Path:
-    """The lab's configuration, keys and certificates on a new host: no state, no audit."""
-    root = layout.lab.root.with_name(name)
-    shutil.copytree(
-        layout.lab.root, root, ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox")
-    )
-    return root / "gateway.toml"
-
-
-def openssl_opens(bundle: Path, key: Path, cert: Path, ca: Path, tmp: Path) -> dict[str, Any]:
-    """Decrypt and verify the bundle with openssl alone; the manifest inside."""
-    entity, content = tmp / "entity.eml", tmp / "content.bin"
-    subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-decrypt",
-            "-binary",
-            "-inform",
-            "DER",
-            "-in",
-            str(bundle),
-            "-recip",
-            str(cert),
-            "-inkey",
-            str(key),
-            "-out",
-            str(entity),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    verified = subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-verify",
-            "-in",
-            str(entity),
-            "-inform",
-            "SMIME",
-            "-CAfile",
-            str(ca),
-            "-purpose",
-            "any",
-            "-out",
-            str(content),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert verified.returncode == 0, verified.stderr
-    assert "Verification successful" in verified.stderr
-    data = content.read_bytes()
-    assert data.startswith(ENTITY_HEAD)
-    (tmp / "tar").write_bytes(base64.b64decode(data[len(ENTITY_HEAD) :]))
-    with tarfile.open(tmp / "tar") as tar:
-        member = tar.extractfile(MANIFEST)
-        assert member is not None
-        return dict(json.loads(member.read()))
 
 
 def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_once(
@@ -307,20 +192,8 @@ def test_restore_checks_every_file_and_never_replaces_an_inbox_document_by_accid
 ) -> None:
     """A hand-over still owed travels with its inbox document; on the new host a document
     of the same name is not replaced without --force, and a damaged bundle is refused."""
-    key, cert = recipient(tmp_path / "offline")
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     hospital = layout.hospital
-    add_backup(hospital.config_path, cert)
-    document = hospital.inbox_dir / "lab" / "result.hl7"
-    document.parent.mkdir(parents=True, exist_ok=True)
-    document.write_bytes(b"MSH|owed to the internal system\r")
-    config = load_config(hospital.config_path)
-    spool = SqliteSpool(config.storage.spool_path, SystemClock())
-    spool.inbound_begin("lab", "<owed@lab>", "00" * 32, document)
-    spool.inbound_delivered("lab", "<owed@lab>", [], b"receipt", ("application/hl7-v2", 31))
-    spool.close()
-    bundle = tmp_path / "medgw.p7m"
-    made = medgw("backup", "--to", bundle, "--config", hospital.config_path)
-    assert made.returncode == 0, made.stderr
 
     root = hospital.root.with_name("hospital-restored")
     shutil.copytree(

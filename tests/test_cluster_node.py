@@ -15,7 +15,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.spool.records import host_node_name
 from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, reported
-from tests.test_metrics_daemon import value, wait_scrape, with_metrics
+from tests.helpers.metrics import value, wait_scrape, with_metrics
 
 
 def test_the_node_name_defaults_to_the_host_name(layout: DemoLayout) -> None:

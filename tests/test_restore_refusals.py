@@ -32,31 +32,11 @@ from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
-from tests.test_backup import add_backup, backup_signer, recipient
+from tests.helpers.backup import backup_signer, owed_handover_backup, recipient
 
 
 def _key(path: Path) -> PrivateKey:
     return cast(PrivateKey, serialization.load_pem_private_key(path.read_bytes(), None))
-
-
-def _owed_handover_backup(layout: DemoLayout, tmp: Path) -> tuple[Path, Path, Path]:
-    """A real bundle of the hospital holding a received document whose hand-over is owed
-    (so that its spool names an inbox file); (bundle, recipient key, certificate)."""
-    key, cert = recipient(tmp / "offline")
-    hospital = layout.hospital
-    add_backup(hospital.config_path, cert)
-    document = hospital.inbox_dir / "lab" / "result.hl7"
-    document.parent.mkdir(parents=True, exist_ok=True)
-    document.write_bytes(b"MSH|owed to the internal system\r")
-    config = load_config(hospital.config_path)
-    spool = SqliteSpool(config.storage.spool_path, SystemClock())
-    spool.inbound_begin("lab", "<owed@lab>", "00" * 32, document)
-    spool.inbound_delivered("lab", "<owed@lab>", [], b"receipt", ("application/hl7-v2", 31))
-    spool.close()
-    bundle = tmp / "medgw.p7m"
-    made = medgw("backup", "--to", bundle, "--config", hospital.config_path)
-    assert made.returncode == 0, made.stderr
-    return bundle, key, cert
 
 
 def _fresh(layout: DemoLayout, name: str) -> Path:
@@ -136,7 +116,7 @@ def _digests(files: dict[str, bytes], manifest: dict[str, Any]) -> None:
 def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     config = _fresh(layout, "hospital-restored")
     trail = config.parent / "audit" / "audit.jsonl"
     state = config.parent / "state"
@@ -245,7 +225,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
 def test_a_restore_while_the_daemon_runs_is_refused_and_recorded_by_the_daemon(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     hospital = processes.start(layout.hospital.config_path)
     for force in ((), ("--force",)):
         refused = medgw(
@@ -282,7 +262,7 @@ def test_a_signed_bundle_whose_spool_names_a_file_outside_is_refused(
     """Restore may run as root, and the restored daemon reads, writes and removes the files
     its spool names: every one must lead into this host's state folder or inbox (a
     document still in intake: or its outbox), ``..`` counted where it leads."""
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     config = _fresh(layout, "hospital-restored")
     old = load_config(layout.hospital.config_path).storage
     outside = tmp_path / "outside" / "victim"
@@ -335,7 +315,7 @@ def test_after_a_change_of_backup_signing_key_an_older_bundle_restores_only_if_t
     """Restore accepts exactly the configured backup signer: after the key is replaced, a
     bundle signed with the old one is refused until the old certificate is listed in
     ``trusted_signers``."""
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     config = _fresh(layout, "hospital-restored")
     certs = config.parent / "certs"
     old = certs / "backup-signing-old.crt"
@@ -356,7 +336,7 @@ def test_after_a_change_of_backup_signing_key_an_older_bundle_restores_only_if_t
 def test_a_state_folder_that_cannot_be_locked_is_a_refusal_not_a_traceback(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     config = _fresh(layout, "hospital-restored")
     (config.parent / "state").write_bytes(b"a file where the state folder belongs\n")
     refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
@@ -373,7 +353,7 @@ def test_a_restore_that_cannot_finish_writing_takes_back_what_it_wrote(
     """A write that fails half-way (here: a file where the inbox folder belongs; in life, a
     full disk) leaves the fresh host as it was, so that the restore can simply be run
     again once the cause is fixed; the failure is audited."""
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     config = _fresh(layout, "hospital-restored")
     inbox = config.parent / "inbox"
     inbox.write_bytes(b"a file where the inbox folder belongs\n")
@@ -411,7 +391,7 @@ def test_a_bundle_whose_data_keys_do_not_open_with_this_hosts_keys_is_refused(
         assert sealing.key is not None
         spool.put_data_key(sealing.key)
     spool.close()
-    bundle, key, cert = _owed_handover_backup(layout, tmp_path)
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
     config = _fresh(layout, "hospital-with-another-key")
     fresh = load_config(config)
     assert fresh.at_rest is not None
