@@ -139,6 +139,12 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
     def damaged(files: dict[str, bytes], m: dict[str, Any]) -> None:
         files["config/gateway.toml"] += b"\n# changed after the digest was taken\n"
 
+    def not_a_database(files: dict[str, bytes], m: dict[str, Any]) -> None:
+        # Signed by the backup signer, its digests right: the spool copy is simply no
+        # SQLite database (the bundle was made wrongly, or the spool was damaged).
+        files["state/spool.sqlite3"] = b"not an SQLite database" * 200
+        _digests(files, m)
+
     flipped = tmp_path / "flipped.p7m"
     data = bytearray(bundle.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -169,6 +175,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
         (crafted("planted", planted), key, "unsafe-name", "archive holds"),
         (crafted("newer", newer), key, "format-version", "format 2"),
         (crafted("damaged", damaged), key, "checksum", "does not match its SHA-256"),
+        (crafted("no-database", not_a_database), key, "spool-unreadable", "cannot be read"),
         (bundle, tmp_path / "no-such.key", "recipient-unreadable", "no-such.key"),
         (tmp_path / "no-such.p7m", key, "bundle-unreadable", "no-such.p7m"),
     ]

@@ -144,23 +144,31 @@ def _check_spool_paths(
     storage = config.storage
     folders = [Path(os.path.normpath(f.absolute())) for f in (storage.state_dir, storage.inbox_dir)]
     with_outbox = [*folders, Path(os.path.normpath(storage.outbox_dir.absolute()))]
+    with _bundle_spool(bundle, spool) as db:
+        for table, column, key, value in _used_paths(db):
+            moved = _moved(value, places) or value
+            intake = column == "source_path"
+            if _inside(moved, with_outbox if intake else folders):
+                continue
+            where = "state folder, inbox or outbox" if intake else "state folder or inbox"
+            raise RestoreRefused(
+                f"{bundle}: its spool names {value!r} ({table}.{column} of message {key}), "
+                f"which leads to {moved!r}, outside this host's {where}; nothing was "
+                "restored",
+                reason="spool-path-outside",
+                fix="restore a bundle written by medgw backup: it records no file outside "
+                "these folders, so find out where this one came from",
+            )
+
+
+@contextlib.contextmanager
+def _bundle_spool(bundle: Path, spool: Path) -> Iterator[sqlite3.Connection]:
+    """The bundle's spool database, open for reading; any SQLite error while it is read
+    refuses the restore as a damaged bundle."""
     try:
         db = sqlite3.connect(spool)
         try:
-            for table, column, key, value in _used_paths(db):
-                moved = _moved(value, places) or value
-                intake = column == "source_path"
-                if _inside(moved, with_outbox if intake else folders):
-                    continue
-                where = "state folder, inbox or outbox" if intake else "state folder or inbox"
-                raise RestoreRefused(
-                    f"{bundle}: its spool names {value!r} ({table}.{column} of message {key}), "
-                    f"which leads to {moved!r}, outside this host's {where}; nothing was "
-                    "restored",
-                    reason="spool-path-outside",
-                    fix="restore a bundle written by medgw backup: it records no file outside "
-                    "these folders, so find out where this one came from",
-                )
+            yield db
         finally:
             db.close()
     except sqlite3.Error as exc:
@@ -178,30 +186,18 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
     if config.at_rest is None:
         return
     key_dir = config.at_rest.key_dir
-    try:
-        db = sqlite3.connect(spool)
-        try:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-            # One data key per version: enough to tell this gateway's key from another's.
-            samples = (
-                {
-                    int(r[0]): (str(r[1]), bytes(r[2]))
-                    # (SQLite: the bare column is the MIN() row's)
-                    for r in db.execute(
-                        "SELECT kek, MIN(item), wrapped FROM data_keys GROUP BY kek"
-                    )
-                }
-                if "data_keys" in tables
-                else {}
-            )
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise RestoreRefused(
-            f"{bundle}: its spool cannot be read ({exc}); nothing was restored",
-            reason="spool-unreadable",
-            fix="the bundle was damaged: restore another one",
-        ) from exc
+    with _bundle_spool(bundle, spool) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        # One data key per version: enough to tell this gateway's key from another's.
+        samples = (
+            {
+                int(r[0]): (str(r[1]), bytes(r[2]))
+                # (SQLite: the bare column is the MIN() row's)
+                for r in db.execute("SELECT kek, MIN(item), wrapped FROM data_keys GROUP BY kek")
+            }
+            if "data_keys" in tables
+            else {}
+        )
     store = KeyStore(key_dir)
     present = store.versions()
     used = sorted(samples)
