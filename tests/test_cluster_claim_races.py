@@ -90,26 +90,33 @@ def _take_over_during_renewal(
     return result[0]
 
 
-@pytest.mark.parametrize("table", ["outbound", "inbound"])
+@pytest.mark.parametrize("claim", ["send", "intake", "inbound"])
 def test_a_claim_renewed_while_another_node_takes_it_over_stays_with_its_node(
     nodes: tuple[PostgresSpool, PostgresSpool, Clock],
     postgres: PostgresSettings,
     tmp_path: Path,
-    table: str,
+    claim: str,
 ) -> None:
     a, b, clock = nodes
+    table = "inbound" if claim == "inbound" else "outbound"
+    take: Callable[[], list[Any]] = b.inbound_take_over
     if table == "outbound":
         a.add_intake("<m@x>", "lab", "f.txt", "text/plain", tmp_path / "src", tmp_path / "p")
+        take = b.intake_interrupted  # node b starting
+    if claim == "send":
         a.mark_queued("<m@x>", None, [("AS2-To", "lab")], "mic", 3, body=b"abc")
         a.claim_due("lab", clock.now().timestamp(), 8)
-        take: Callable[[], list[Any]] = b.take_over_expired
-    else:
+        take = b.take_over_expired
+    elif claim == "inbound":
         a.inbound_begin("lab", "<m@x>", "00", tmp_path / "t", work_path=tmp_path / ".w", size=1)
-        take = b.inbound_take_over
     clock.at += timedelta(seconds=LEASE + 1)  # a's lease ran out; a renews it right now
     taken = _take_over_during_renewal(postgres, table, clock.now().timestamp() + LEASE, take)
     assert taken == [], "node b took over a claim node a had just renewed"
-    if table == "outbound":
+    if claim == "intake":
+        record = a.get("<m@x>")
+        assert record is not None and record.node == "a"
+        assert a.intake_renew("<m@x>") and not b.intake_renew("<m@x>")
+    elif table == "outbound":
         record = a.get("<m@x>")
         assert record is not None and record.node == "a"
         assert record.state is OutboundState.SENDING

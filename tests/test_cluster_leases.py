@@ -30,8 +30,18 @@ from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.recovery import take_over
 from gateway.logs import make_logger
+from gateway.outbound import Outbound, Settings
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, HandoverRecord, HandoverState, OutboundState, Spool
+from gateway.pki.peers import assess_peers
+from gateway.spool import (
+    Claimant,
+    DataKey,
+    HandoverRecord,
+    HandoverState,
+    OutboundState,
+    Spool,
+)
+from gateway.spool.records import payload_item
 from gateway.spool.sql import SqlStore
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events
@@ -170,6 +180,85 @@ def test_the_intake_a_node_left_is_its_own_to_finish_while_it_lives(
     clock.advance(LEASE + 1)  # node a renews no more
     [left] = b.intake_interrupted()
     assert (left.message_id, left.node) == ("<i@x>", "a")
+
+
+def test_an_interrupted_intake_is_claimed_by_one_node_at_a_time(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Two nodes starting at the same moment (b, and c: node a renamed) both find the
+    intake node a left: one claims it, under a lease it renews, and prepares it; the
+    other leaves it alone.  A node that cannot reach the document gives it back to the
+    node that took it in; a stalled one, whose claim was taken over, stores no key."""
+    a, b = nodes
+    c = make_spool(clock, Claimant("c", LEASE))
+    a.add_intake("<i@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p")
+    clock.advance(LEASE + 1)  # node a died
+    [taken] = b.intake_interrupted()
+    assert (taken.message_id, taken.node) == ("<i@x>", "a")
+    assert c.intake_interrupted() == []
+    for _ in range(4):
+        clock.advance(LEASE / 3)
+        assert b.renew_leases() == 1
+        assert c.intake_interrupted() == []
+    clock.advance(LEASE + 1)  # node b stalls
+    [again] = c.intake_interrupted()
+    assert (again.message_id, again.node) == ("<i@x>", "b")
+    key = DataKey(payload_item("<i@x>"), 1, b"wrapped by b")
+    assert b.intake_renew("<i@x>", key) is False
+    assert b.intake_release("<i@x>", "a") is False
+    assert c.data_key(payload_item("<i@x>")) is None
+    mine = DataKey(payload_item("<i@x>"), 1, b"wrapped by c")
+    assert c.intake_renew("<i@x>", mine) is True
+    assert c.data_key(payload_item("<i@x>")) == mine
+    # Node c cannot reach the document after all (it is in node a's state folder): it
+    # gives it back to node a, which takes it up the moment it starts again.
+    assert c.intake_release("<i@x>", "a") is True
+    held = b.get("<i@x>")
+    assert held is not None and held.node == "a" and held.state is OutboundState.INTAKE
+    restarted = make_spool(clock, Claimant("a", LEASE))
+    [own] = restarted.intake_interrupted()
+    assert own.message_id == "<i@x>"
+    assert b.intake_interrupted() == [] and c.intake_interrupted() == []
+
+
+def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
+    layout: DemoLayout, make_spool: MakeSpool, clock: Clock
+) -> None:
+    """Node a took a document in and died; two nodes start at the same moment, each
+    recovering what the spool holds: the document is signed, encrypted and queued by
+    one of them, accepted once."""
+    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    config = load_config(layout.lab.config_path)
+    [peer] = config.peers
+    dead = make_spool(clock, Claimant("a", LEASE))
+    document = b"MSH|^~\\&|LAB|interrupted\r"
+    dead.add_intake(
+        "<i@KITA-LAB>", peer.name, "i.hl7", "application/hl7-v2", layout.lab.outbox_dir / "i.hl7",
+        config.storage.state_dir / "payloads" / "i", zone=peer.zone, payload=document,
+    )  # fmt: skip
+    clock.advance(LEASE + 1)
+    trails = {name: layout.lab.root / f"audit-{name}.jsonl" for name in ("b", "c")}
+
+    async def start_both() -> None:
+        trust = await assess_peers(config.peers, config.zones, at=clock.now())
+        starting = [
+            Outbound(
+                Settings(config, trust),
+                make_spool(clock, Claimant(name, LEASE)),
+                AuditLog(trail, clock, node=name),
+                make_logger(stream=io.StringIO()),
+                clock,
+            )
+            for name, trail in trails.items()
+        ]
+        await asyncio.gather(*(outbound.recover() for outbound in starting))
+
+    asyncio.run(start_both())
+    accepted = [e for trail in trails.values() for e in events(trail, "message.accepted")]
+    assert [e["message_id"] for e in accepted] == ["<i@KITA-LAB>"]
+    record = dead.get("<i@KITA-LAB>")
+    assert record is not None and record.state is OutboundState.QUEUED
+    assert record.node == accepted[0]["node"]
 
 
 def test_a_received_document_is_claimed_by_one_node_at_a_time(

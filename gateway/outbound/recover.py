@@ -61,7 +61,14 @@ class Recovery:
                 self._ctx.log.info("recovery.removed_plaintext_copy", file=path.name)
         for message_id in self._ctx.spool.requeue_interrupted():
             self._ctx.log.info("message.requeued_after_restart", message_id=message_id)
+        # Claimed here (two nodes starting at once never both prepare one), and renewed
+        # while this goes on: the lease keeper starts after it.
+        lease = config.cluster.lease_seconds
+        renewed_at = self._ctx.clock.monotonic()
         for record in self._ctx.spool.intake_interrupted():
+            if self._ctx.clock.monotonic() - renewed_at >= lease / 3:
+                self._ctx.spool.renew_leases()
+                renewed_at = self._ctx.clock.monotonic()
             peer = self._ctx.config.peer(record.peer)
             if (
                 record.node not in (None, self._ctx.spool.node)
@@ -69,7 +76,8 @@ class Recovery:
                 and not record.source_path.exists()
             ):
                 # Taken in by another node that stopped: its document is in that node's
-                # state folder; it prepares it when it starts again.
+                # state folder; given back to it, it prepares it when it starts again.
+                self._ctx.spool.intake_release(record.message_id, record.node)
                 continue
             if record.has_document and peer is not None:
                 source = record.source_path
@@ -88,7 +96,8 @@ class Recovery:
                 submitter = self._ctx.spool.submitter(record.message_id)
                 await self._sealer.prepare(record, peer, submitted_by=submitter)
             elif record.source_path.exists() and peer is not None:
-                await asyncio.to_thread(self._take_again, record)
+                if not await asyncio.to_thread(self._take_again, record):
+                    continue  # another node took it over meanwhile: it prepares it
                 submitter = self._ctx.spool.submitter(record.message_id)
                 await self._sealer.prepare(record, peer, submitted_by=submitter)
             else:
@@ -121,11 +130,20 @@ class Recovery:
                 if not mine:
                     return True
 
-    def _take_again(self, record: OutboundRecord) -> None:
+    def _take_again(self, record: OutboundRecord) -> bool:
         """Take the document of an interrupted intake into the spool, under a new key (into
-        its file: a small one kept in its row never comes here, the row holds its copy)."""
+        its file: a small one kept in its row never comes here, the row holds its copy);
+        False if this node no longer holds the intake (another node took it over, and
+        its key stays)."""
         with storing(self._ctx.vault, payload_item(record.message_id)) as sealing:
             sealing.begin()
-            if sealing.key is not None:
-                self._ctx.spool.put_data_key(sealing.key)
+            if not self._ctx.spool.intake_renew(record.message_id, sealing.key):
+                self._ctx.log.warning(
+                    "recovery.intake_taken_over",
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    node=self._ctx.spool.node,
+                )
+                return False
             move_into_spool(record.source_path, record.payload_path, self._ctx.folder_sync, sealing)
+        return True

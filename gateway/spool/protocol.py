@@ -155,9 +155,26 @@ class Spool(Protocol):
     def in_state(self, state: OutboundState) -> list[OutboundRecord]: ...
 
     def intake_interrupted(self) -> list[OutboundRecord]:
-        """Messages this node took in and had not finished preparing (state ``intake``),
-        and those whose node's claim ran out (a node renamed, or dead: their documents
-        are in that node's state folder, which this node may not reach), oldest first."""
+        """At start-up: messages this node took in and had not finished preparing (state
+        ``intake``), and those whose node's claim ran out (a node renamed, or dead:
+        their documents are in that node's state folder, which this node may not
+        reach), oldest first, each claimed by this node under a new lease in the same
+        transaction (so that two nodes starting at once never both prepare one).
+        Returns them as they were (``node``: who held them)."""
+        ...
+
+    def intake_release(self, message_id: str, node: str | None) -> bool:
+        """Let go of an interrupted intake this node claimed and cannot prepare (its
+        document is in the state folder of ``node``, which took it in): held by ``node``
+        again, its lease run out, so that node takes it up at once when it starts.
+        False (nothing changed) if this node no longer holds it."""
+        ...
+
+    def intake_renew(self, message_id: str, key: DataKey | None = None) -> bool:
+        """Renew this node's claim on an interrupted intake whose document it takes into
+        the spool again, storing ``key`` (that document's new data key) in the same
+        transaction; False (nothing changed) if this node no longer holds it: another
+        node took it over, and that node's key is the one that stays."""
         ...
 
     def all_outbound(self) -> list[OutboundRecord]: ...

@@ -317,13 +317,51 @@ class OutboundQueue(SqlStore):
 
     def intake_interrupted(self) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.intake_interrupted`."""
-        now, _ = self._lease()
-        rows = self._read(
-            "SELECT * FROM outbound WHERE state=? AND (node=? OR node IS NULL OR lease_until<?)"
-            " ORDER BY created_at",
-            (OutboundState.INTAKE.value, self.node, now),
+        now, lease_until = self._lease()
+
+        def claim(db: Connection) -> list[Row]:
+            # Locked as read (PostgreSQL): another node starting at the same moment passes
+            # these rows by, and a renewal committing meanwhile is not overruled.
+            rows: list[Row] = db.execute(
+                "SELECT * FROM outbound WHERE state=?"  # noqa: S608 - fixed text
+                " AND (node=? OR node IS NULL OR lease_until<?)"
+                f" ORDER BY created_at{self.claim_lock}",
+                (OutboundState.INTAKE.value, self.node, now),
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbound SET node=?, lease_until=? WHERE message_id=? AND state=?",
+                [
+                    (self.node, lease_until, r["message_id"], OutboundState.INTAKE.value)
+                    for r in rows
+                ],
+            )
+            return rows
+
+        return [_outbound(r) for r in self._transact(claim)]
+
+    def intake_release(self, message_id: str, node: str | None) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.intake_release`."""
+        return (
+            self._write(
+                "UPDATE outbound SET node=?, lease_until=0 WHERE message_id=? AND state=?"
+                " AND node=?",
+                (node, message_id, OutboundState.INTAKE.value, self.node),
+            )
+            == 1
         )
-        return [_outbound(r) for r in rows]
+
+    def intake_renew(self, message_id: str, key: DataKey | None = None) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.intake_renew`."""
+        _, lease_until = self._lease()
+        return (
+            self._write(
+                "UPDATE outbound SET lease_until=? WHERE message_id=? AND state=? AND node=?",
+                (lease_until, message_id, OutboundState.INTAKE.value, self.node),
+                key=key,
+                key_if_one=True,
+            )
+            == 1
+        )
 
     def all_outbound(self) -> list[OutboundRecord]:
         rows = self._read("SELECT * FROM outbound ORDER BY created_at", ())
