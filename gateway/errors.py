@@ -135,6 +135,12 @@ class SpoolUnreachableError(SpoolError):
     """The spool's database server does not answer (for now: it is tried again)."""
 
 
+class SpoolOutcomeUnknownError(SpoolUnreachableError):
+    """The connection to the spool's database was lost during a COMMIT, and the database
+    could not be asked since whether it was recorded: the change may or may not be
+    there, and the caller must leave what is safe either way."""
+
+
 class ClaimHeldError(SpoolError):
     """Another node holds the claim on this message (it is sending, or delivering, it),
     and its lease has not run out: this node leaves it alone."""

@@ -19,7 +19,12 @@ from gateway.audit import AuditSink, EventType
 from gateway.audit.log import recorded_since
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
-from gateway.errors import ClaimHeldError, DeliveryError, StorageFullError
+from gateway.errors import (
+    ClaimHeldError,
+    DeliveryError,
+    SpoolOutcomeUnknownError,
+    StorageFullError,
+)
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
 from gateway.logs import Logger
@@ -98,6 +103,11 @@ class InboxDelivery:
                     self._spool.inbound_begin(
                         peer.name, message_id, sha256, target, service, work_path=work, size=size
                     )
+                except SpoolOutcomeUnknownError:
+                    # The claim may be recorded, naming the work file: kept, for a record
+                    # whose work file is gone reads as "in the inbox".  Not recorded, it is
+                    # an unrecorded work file, removed as such (see recovery).
+                    raise
                 except BaseException:
                     inbox.discard(work)
                     raise

@@ -162,6 +162,10 @@ class OutboxIntake:
                 if sealing.encrypting and status.st_size <= INLINE_BODY_BYTES
                 else None
             )
+            # Its row is removed before the next take unless it is known to be recorded:
+            # a commit whose outcome is unknown (the spool's connection lost) may have
+            # recorded it, and this document, still in the outbox, would be taken twice.
+            self._unabandoned.add(message_id)
             self._ctx.spool.add_intake(
                 message_id,
                 peer.name,
@@ -178,6 +182,7 @@ class OutboxIntake:
                 data_key=sealing.key,
                 payload=kept,
             )
+            self._unabandoned.discard(message_id)
             try:
                 if kept is None:
                     move_into_spool(candidate.path, payload_path, self._ctx.folder_sync, sealing)

@@ -5,6 +5,16 @@ statement of the spool's parts names the state it moves a row from: a row
 another node moved meanwhile is left alone).  A transaction the server ended
 for a deadlock or a serialization failure is run again: it changed nothing.
 
+A connection lost during a COMMIT leaves its outcome unknown: the server may
+have recorded the change before the connection went.  Each transaction that
+wrote asks its transaction id before its COMMIT; after such a loss, that id's
+status (``txid_status``) is asked on a new connection, for up to
+``connect_timeout`` seconds (the old session ended first if it still runs):
+committed, the call returns as if nothing happened; not, it fails as any call
+that did not get through.  Only when the database cannot be asked in that time
+does the call fail with :class:`~gateway.errors.SpoolOutcomeUnknownError`, and
+the caller keeps what either outcome needs (see gateway.inbound.exactly_once).
+
 When the database cannot be reached (the server stopped, the network down),
 every call fails at once with a :class:`~gateway.errors.SpoolError` that says
 so, and the connection is tried again after a back-off that doubles up to
@@ -20,6 +30,7 @@ import functools
 import queue
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
@@ -28,7 +39,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
 
 from gateway.clock import Clock
-from gateway.errors import SpoolError, SpoolUnreachableError
+from gateway.errors import SpoolError, SpoolOutcomeUnknownError, SpoolUnreachableError
 from gateway.spool.postgres.schema import create_or_upgrade
 from gateway.spool.postgres.settings import PostgresSettings
 from gateway.spool.records import Claimant
@@ -41,6 +52,7 @@ MAX_BACKOFF = 30.0
 # The advisory lock of the data keys' wrapping (SqlStore.key_lock): "medgwkek" as a number.
 KEY_LOCK = int.from_bytes(b"medgwkek", "big") - (1 << 63)
 _RERUNS = 3  # a transaction ended by a deadlock or serialization failure is run again
+OUTCOME_POLL = 0.2  # seconds between tries to learn a lost COMMIT's outcome
 
 _PLACEHOLDERS = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
 
@@ -143,15 +155,61 @@ class PostgresDatabase(SqlStore):
 
     def _transact(self, work: Callable[[Connection], T]) -> T:
         began: list[bool] = []
+        # Once the work is done, before the COMMIT: its result, the transaction's id (None:
+        # it wrote nothing) and the server process running it.
+        ending: list[tuple[T, int | None, int]] = []
 
         def in_transaction(conn: psycopg.Connection[DictRow]) -> T:
+            began.clear()
+            ending.clear()
             with conn.transaction():
                 began.append(True)
-                return work(_InTransaction(conn))
+                result = work(_InTransaction(conn))
+                row = conn.execute("SELECT txid_current_if_assigned() AS xid").fetchone()
+                xid = None if row is None or row["xid"] is None else int(row["xid"])
+                ending.append((result, xid, conn.info.backend_pid))
+            return result
 
         # Run again on a new connection only if the old one failed before the
         # transaction began: one that failed later may have been committed.
-        return self._run(in_transaction, lambda: not began)
+        try:
+            return self._run(in_transaction, lambda: not began)
+        except SpoolUnreachableError as exc:
+            if not ending:
+                raise  # lost before its COMMIT: nothing of it was recorded
+            result, xid, pid = ending[0]
+            if xid is None or self._committed(xid, pid, exc):
+                return result
+            raise
+
+    def _committed(self, xid: int, pid: int, lost: SpoolUnreachableError) -> bool:
+        """Whether transaction ``xid`` (of server process ``pid``), whose connection was
+        lost during its COMMIT, was committed: asked on new connections for up to
+        ``connect_timeout`` seconds (:class:`SpoolOutcomeUnknownError` if none answers)."""
+        # Bounded by the clock and by a count of tries (each short while the server
+        # refuses; a try that hangs ends at connect_timeout).
+        deadline = self._clock.monotonic() + self._settings.connect_timeout
+        for _ in range(int(self._settings.connect_timeout / OUTCOME_POLL) + 1):
+            try:
+                with self._open() as conn:
+                    self._reached()
+                    row = conn.execute("SELECT txid_status(%s) AS status", (xid,)).fetchone()
+                    status = None if row is None else row["status"]
+                    if status != "in progress":
+                        return status == "committed"
+                    # Its session has not noticed that the connection is gone: ended
+                    # now, its transaction is then committed or not, for good.
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            except (psycopg.Error, SpoolError):
+                pass  # no answer yet
+            if self._clock.monotonic() >= deadline:
+                break
+            time.sleep(OUTCOME_POLL)
+        raise SpoolOutcomeUnknownError(
+            f"{lost.message}; the connection was lost while a change was being committed, "
+            "and whether it was recorded is not known",
+            fix=lost.fix,
+        ) from lost
 
     def _run(self, use: Callable[[psycopg.Connection[DictRow]], T], again: Callable[[], bool]) -> T:
         """``use`` a connection; a deadlock or serialization failure runs it again, and so
@@ -222,15 +280,23 @@ class PostgresDatabase(SqlStore):
         if waiting:  # within the back-off: no connection is tried
             raise self._unreachable(None)
         try:
-            conninfo = make_conninfo("", **self._settings.connect_args())
-            conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
+            conn = self._open()
         except psycopg.Error as exc:
             raise self._unreachable(exc) from exc
+        self._reached()
+        return conn
+
+    def _open(self) -> psycopg.Connection[DictRow]:
+        """A new connection (psycopg.Error if the server does not answer)."""
+        conninfo = make_conninfo("", **self._settings.connect_args())
+        return psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
+
+    def _reached(self) -> None:
+        """The server answered: no longer unreachable (``on_change`` hears it, once)."""
         with self._state:
             was, self._down, self._backoff = self._down, None, 0.0
         if was is not None and self._on_change is not None:
             self._on_change(None)
-        return conn
 
     def _unreachable(self, exc: psycopg.Error | None) -> SpoolUnreachableError:
         """Record that the database does not answer (``exc``: just now); the error to raise."""

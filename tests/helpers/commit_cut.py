@@ -1,0 +1,119 @@
+"""A proxy between the spool and PostgreSQL that loses a connection at its COMMIT.
+
+It listens on a Unix socket of its own (a ``socket_dir`` for the spool's settings)
+and passes each connection through to the server's socket, reading the
+client's protocol messages as they pass (no TLS on a Unix socket).  Armed with
+:meth:`CommitCut.cut`, it ends the next connection that sends ``COMMIT``:
+``"before"`` the server sees it (the transaction is rolled back), or ``"after"``
+the server has answered it (committed) without the answer reaching the client.
+With ``refuse`` set it closes every new connection at once, as a server that
+has gone away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+from pathlib import Path
+
+
+class CommitCut:
+    def __init__(self, folder: Path, server_socket_dir: Path, port: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.socket_dir = folder
+        self._target = str(server_socket_dir / f".s.PGSQL.{port}")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(folder / f".s.PGSQL.{port}"))
+        self._listener.listen(64)
+        self._lock = threading.Lock()
+        self._armed: str | None = None
+        self.refuse = False
+        self.cuts = 0  # connections ended at a COMMIT
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, when: str) -> None:
+        """End the next connection sending COMMIT, ``"before"`` or ``"after"`` it."""
+        assert when in ("before", "after")
+        with self._lock:
+            self._armed = when
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.refuse:
+                client.close()
+                continue
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.connect(self._target)
+            link = _Link(self, client, server)
+            threading.Thread(target=link.upstream, daemon=True).start()
+            threading.Thread(target=link.downstream, daemon=True).start()
+
+    def _take(self) -> str | None:
+        with self._lock:
+            when, self._armed = self._armed, None
+            if when is not None:
+                self.cuts += 1
+            return when
+
+
+class _Link:
+    def __init__(self, cut: CommitCut, client: socket.socket, server: socket.socket) -> None:
+        self._cut = cut
+        self._client = client
+        self._server = server
+        self._holding = False  # the server's answers are no longer passed on
+
+    def _end(self) -> None:
+        for sock in (self._client, self._server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _read(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            more = self._client.recv(count - len(data))
+            if not more:
+                raise ConnectionError("client closed")
+            data += more
+        return data
+
+    def upstream(self) -> None:
+        """Client to server, message by message (the first is the startup message)."""
+        try:
+            (length,) = struct.unpack("!I", self._read(4))
+            self._server.sendall(struct.pack("!I", length) + self._read(length - 4))
+            while True:
+                head = self._read(5)
+                (length,) = struct.unpack("!I", head[1:])
+                message = head + self._read(length - 4)
+                if head[:1] == b"Q" and message[5:].upper().startswith(b"COMMIT"):
+                    when = self._cut._take()
+                    if when == "before":
+                        self._end()
+                        return
+                    if when == "after":
+                        self._holding = True
+                self._server.sendall(message)
+        except OSError:
+            self._end()
+
+    def downstream(self) -> None:
+        """Server to client; once holding, the first answer (COMMIT's) ends both."""
+        try:
+            while data := self._server.recv(65536):
+                if self._holding:
+                    break
+                self._client.sendall(data)
+        except OSError:
+            pass
+        self._end()

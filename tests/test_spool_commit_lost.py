@@ -1,0 +1,151 @@
+"""A connection to the PostgreSQL spool lost during a COMMIT, on a real server.
+
+The server may have recorded the change before the connection went.  The spool
+asks the transaction's fate on a new connection and answers by it; when it
+cannot ask, it says the outcome is unknown, and the callers keep what either
+outcome needs: a received document is never lost that way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditLog
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.errors import SpoolOutcomeUnknownError, SpoolUnreachableError
+from gateway.inbound.exactly_once import InboxDelivery
+from gateway.inbound.locks import InboundLocks
+from gateway.logs import make_logger
+from gateway.outbound import Settings
+from gateway.outbound.context import Context
+from gateway.outbound.intake import OutboxIntake
+from gateway.outbound.seal import Sealer
+from gateway.pki.demo import DemoLayout
+from gateway.pki.peers import assess_peers
+from gateway.spool import OutboundState
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.helpers.commit_cut import CommitCut
+
+pytestmark = pytest.mark.usefixtures("postgres_server")
+
+
+@pytest.fixture
+def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
+    assert postgres.socket_dir is not None
+    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def spool(postgres: PostgresSettings, cut: CommitCut) -> Iterator[PostgresSpool]:
+    handle = PostgresSpool(
+        replace(postgres, socket_dir=cut.socket_dir, connect_timeout=1), SystemClock()
+    )
+    yield handle
+    handle.close()
+
+
+def intake(spool: PostgresSpool, tmp_path: Path, message_id: str) -> None:
+    spool.add_intake(message_id, "lab", "a.hl7", "text/plain", tmp_path, tmp_path)
+
+
+def test_a_commit_whose_answer_was_lost_is_found_committed_and_reported_done(
+    spool: PostgresSpool, cut: CommitCut, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    cut.cut("after")
+    intake(spool, tmp_path, "<after@lab>")  # no error: it was recorded
+    assert cut.cuts == 1
+    record = spool.get("<after@lab>")
+    assert record is not None and record.state is OutboundState.INTAKE
+
+
+def test_a_commit_lost_before_the_server_saw_it_fails_and_nothing_is_recorded(
+    spool: PostgresSpool, cut: CommitCut, tmp_path: Path
+) -> None:
+    cut.cut("before")
+    with pytest.raises(SpoolUnreachableError) as raised:
+        intake(spool, tmp_path, "<before@lab>")
+    assert not isinstance(raised.value, SpoolOutcomeUnknownError)
+    assert cut.cuts == 1
+    assert spool.get("<before@lab>") is None
+
+
+def test_a_commit_lost_while_the_server_cannot_be_asked_is_reported_unknown(
+    spool: PostgresSpool, cut: CommitCut, tmp_path: Path
+) -> None:
+    cut.cut("after")
+    cut.refuse = True
+    with pytest.raises(SpoolOutcomeUnknownError, match="not known"):
+        intake(spool, tmp_path, "<unknown@lab>")
+    cut.refuse = False
+    record = spool.get("<unknown@lab>")
+    assert record is not None  # it was committed after all
+
+
+def _delivery(layout: DemoLayout, spool: PostgresSpool) -> InboxDelivery:
+    config = load_config(layout.hospital.config_path)
+    audit = AuditLog(layout.hospital.root / "audit.jsonl", SystemClock(), node=spool.node)
+    return InboxDelivery(config, spool, audit, make_logger(stream=io.StringIO()), InboundLocks())
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_received_document_whose_claim_commit_was_lost_is_delivered_on_the_resend(
+    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut, when: str
+) -> None:
+    """The claim of a delivery (its record, naming the work file) is committed, or not,
+    while the database cannot be asked: the work file must stay, for a record without
+    it reads as "in the inbox" and the resend would be answered as a duplicate of a
+    document nobody has."""
+    delivery = _delivery(layout, spool)
+    peer = load_config(layout.hospital.config_path).require_peer("lab")
+    document = b"MSH|lost commit\r"
+    digest = "c" * 64
+    cut.cut(when)
+    cut.refuse = True
+    with pytest.raises(SpoolUnreachableError):
+        delivery.deliver_once(peer, "<c@lab>", "doc.hl7", lambda: [document], 16, digest, None)
+    cut.refuse = False
+    target = delivery.deliver_once(peer, "<c@lab>", "doc.hl7", lambda: [document], 16, digest, None)
+    assert target.read_bytes() == document
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert [p.name for p in inbox.iterdir() if not p.name.startswith(".")] == ["doc.hl7"]
+
+
+def test_a_document_whose_intake_commit_was_lost_is_taken_once(
+    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut, tmp_path: Path
+) -> None:
+    """The intake row of a document is committed while the database cannot be asked;
+    the document is still in the outbox.  The next scan must not take it a second time
+    beside that row (two messages for one document)."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    context = Context(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
+    )
+    intake = OutboxIntake(context, Sealer(context))
+    folder = layout.lab.outbox_dir / "hospital"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.hl7").write_bytes(b"MSH|result\r")
+    cut.cut("after")
+    cut.refuse = True
+    try:
+        with pytest.raises(SpoolOutcomeUnknownError):
+            asyncio.run(intake.intake_once())
+        cut.refuse = False
+        while (folder / "result.hl7").exists():
+            asyncio.run(intake.intake_once())
+        records = [r for r in spool.all_outbound() if r.filename == "result.hl7"]
+        assert len(records) == 1, [(r.message_id, r.state) for r in records]
+        assert records[0].state is OutboundState.QUEUED
+    finally:
+        audit.close()
