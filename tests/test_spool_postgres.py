@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from gateway.spool import OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.postgres.database import translate
 from gateway.spool.postgres.schema import VERSION
-from tests.clocks import TickingClock
+from tests.clocks import SetClock, TickingClock
 from tests.helpers.postgres import PASSWORD, PostgresServer
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
@@ -233,3 +233,40 @@ def test_opening_a_current_spool_takes_no_table_lock_from_running_nodes(
         other_node.execute("COMMIT")
     for spool in (running, *opened):
         spool.close()
+
+
+def test_times_are_ordered_as_times_in_a_database_of_another_collation(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """A database created with an ICU collation (which puts a time with microseconds
+    before the whole second it follows); one created before the times were collated is
+    upgraded in place."""
+    with postgres_server.admin() as admin:
+        admin.execute(
+            'CREATE DATABASE "spool_icu" OWNER "medgw" LOCALE_PROVIDER icu'
+            " ICU_LOCALE 'und' LOCALE 'C.UTF-8' TEMPLATE template0"
+        )
+    settings = replace(postgres_server.new_database(), dbname="spool_icu")
+    whole = datetime(2026, 12, 5, 12, 0, 0, tzinfo=UTC)
+    clock = SetClock(whole)
+    spool = PostgresSpool(settings, clock)
+
+    def times_in_order() -> None:
+        for at, name in ((whole, "whole"), (whole + timedelta(microseconds=1), "after")):
+            clock.at = at
+            spool.add_intake(f"<{name}@lab>", "lab", "a.hl7", "text/plain", tmp_path, tmp_path)
+        assert [r.message_id for r in spool.all_outbound()] == ["<whole@lab>", "<after@lab>"]
+
+    times_in_order()
+    # As a database of the version before: times in the database's own collation.
+    spool._transact(
+        lambda db: [
+            db.execute("DELETE FROM outbound", ()),
+            db.execute('ALTER TABLE outbound ALTER COLUMN created_at TYPE TEXT COLLATE "default"'),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 1,)),
+        ]
+    )
+    spool.close()
+    spool = PostgresSpool(settings, clock)
+    times_in_order()
+    spool.close()

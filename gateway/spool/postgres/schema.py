@@ -17,16 +17,38 @@ from gateway.errors import SpoolError
 from gateway.spool.schema import ADDED_COLUMNS, ADDED_INDEXES, SCHEMA
 from gateway.spool.sql import Connection
 
-# The schema's version: it grows with every table, index or column added.
-VERSION = len(re.findall(r"\bCREATE\b", SCHEMA)) + len(ADDED_COLUMNS) + len(ADDED_INDEXES)
+# Steps of PostgreSQL's tables alone, after the shared schema's (see create_or_upgrade):
+# 1. the times stored as text (columns named ``*_at``) compared in the "C" collation.
+POSTGRES_STEPS = 1
+# The schema's version: it grows with every table, index or column added, and step.
+VERSION = (
+    len(re.findall(r"\bCREATE\b", SCHEMA))
+    + len(ADDED_COLUMNS)
+    + len(ADDED_INDEXES)
+    + POSTGRES_STEPS
+)
 # pg_advisory_xact_lock key of the schema upgrade ("medgw" in ASCII, as a number).
 _LOCK = 0x6D65646777
 
 _TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
 
 
+# Times are stored as ISO 8601 text (gateway.spool.sql: SqlStore._now), compared and
+# ordered as text: in the "C" collation that is the order of time, whatever the
+# database's default (an ICU or a language's collation puts "12:00:00.000001+00:00"
+# before "12:00:00+00:00", and may ignore punctuation).
+_TIME_TEXT = re.compile(r"\b(\w+_at)(\s+)TEXT\b")
+_TIME_COLUMNS_NOT_C = (
+    "SELECT table_name, column_name FROM information_schema.columns"
+    " WHERE table_schema = current_schema() AND data_type = 'text'"
+    " AND right(column_name, 3) = '_at' AND collation_name IS DISTINCT FROM 'C'"
+)
+
+
 def postgres_types(ddl: str) -> str:
-    """SQLite column types of ``ddl`` as PostgreSQL's (the same range of values)."""
+    """SQLite column types of ``ddl`` as PostgreSQL's (the same range of values), times
+    kept as text in the "C" collation."""
+    ddl = _TIME_TEXT.sub(lambda m: f'{m.group(1)}{m.group(2)}TEXT COLLATE "C"', ddl)
     return re.sub(r"\b(INTEGER|REAL|BLOB)\b", lambda m: _TYPES[m.group(1)], ddl)
 
 
@@ -51,8 +73,14 @@ def create_or_upgrade(db: Connection) -> None:
         if statement.strip():
             db.execute(statement, ())
     for table, column, kind in ADDED_COLUMNS:
-        db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {postgres_types(kind)}")
+        db.execute(
+            f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {postgres_types(f'{column} {kind}')}"
+        )
     for statement in ADDED_INDEXES:
         db.execute(statement, ())
+    # Times in a database created before they were collated (their indexes rebuilt).
+    for row in db.execute(_TIME_COLUMNS_NOT_C, ()).fetchall():
+        table, column = row["table_name"], row["column_name"]
+        db.execute(f'ALTER TABLE {table} ALTER COLUMN {column} TYPE TEXT COLLATE "C"')
     db.execute("DELETE FROM spool_schema", ())
     db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))
