@@ -50,17 +50,25 @@ class AlertCalls:
         self.responsible = tuple(responsible)  # set again by every reload
 
     def emit(self, event: AuditEvent) -> None:
+        self.emit_all((event,))
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        called = [self._called(event) for event in events]
+        self._inner.emit_all(called)
+        for event in called:
+            if event.severity is Severity.ALERT:
+                self._log.error(
+                    "audit.alert",
+                    audit_event=event.event.value,
+                    peer=event.peer,
+                    message_id=event.message_id,
+                    area=area_of(event.event),
+                    call=list(event.call),
+                )
+
+    def _called(self, event: AuditEvent) -> AuditEvent:
+        """``event`` with whom to call, if it is an alert."""
         if event.severity is not Severity.ALERT:
-            self._inner.emit(event)
-            return
+            return event
         people = who_to_call(self.responsible, area_of(event.event))
-        call = tuple(p.describe() for p in people) or (NOBODY,)
-        self._inner.emit(replace(event, call=call))
-        self._log.error(
-            "audit.alert",
-            audit_event=event.event.value,
-            peer=event.peer,
-            message_id=event.message_id,
-            area=area_of(event.event),
-            call=list(call),
-        )
+        return replace(event, call=tuple(p.describe() for p in people) or (NOBODY,))

@@ -75,29 +75,33 @@ def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Patches AuditLog.emit_all, which every emit goes through: killed once the records
+    written together with one of ``event`` are durable."""
+
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def emit(self: Any, record: Any) -> None:
-            original(self, record)
-            if record.event.value == event:
+        def emit_all(self: Any, records: Any) -> None:
+            original(self, records)
+            if any(record.event.value == event for record in records):
                 _kill()
 
-        return emit
+        return emit_all
 
     return wrap
 
 
 def _fail_once_at_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The first audit record of ``event`` is not written: emit raises, as on a full disk."""
+    """The first audit write with a record of ``event`` writes nothing: it raises, as on a
+    full disk (so do the records written together with it)."""
     failed: list[bool] = []
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def emit(self: Any, record: Any) -> None:
-            if record.event.value == event and not failed:
+        def emit_all(self: Any, records: Any) -> None:
+            if not failed and any(record.event.value == event for record in records):
                 failed.append(True)
                 raise OSError(errno.ENOSPC, "No space left on device (faultpoint.py)")
-            original(self, record)
+            original(self, records)
 
-        return emit
+        return emit_all
 
     return wrap
 
@@ -119,9 +123,9 @@ def main(argv: list[str]) -> None:
     if args.fail_once:
         _patch(args.fail_once, _fail_once)
     if args.kill_after_event:
-        _patch("gateway.audit.log:AuditLog.emit", _after_event(args.kill_after_event))
+        _patch("gateway.audit.log:AuditLog.emit_all", _after_event(args.kill_after_event))
     if args.fail_once_at_event:
-        _patch("gateway.audit.log:AuditLog.emit", _fail_once_at_event(args.fail_once_at_event))
+        _patch("gateway.audit.log:AuditLog.emit_all", _fail_once_at_event(args.fail_once_at_event))
     # The command: python -m MODULE ARGS...
     at = command.index("-m")
     module, rest = command[at + 1], command[at + 2 :]

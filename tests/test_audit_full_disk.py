@@ -69,3 +69,25 @@ def test_a_record_that_does_not_fit_leaves_nothing_and_the_chain_goes_on(tmp_pat
         finally:
             again.close()
         assert verify_chain(path) == 5
+
+
+def test_records_emitted_together_that_do_not_fit_leave_nothing_and_raise(tmp_path: Path) -> None:
+    with small_file_system(tmp_path / "audit", "256k") as folder:
+        path = folder / "audit.jsonl"
+        audit = AuditLog(path, SystemClock(), node="hospital")
+        try:
+            audit.emit(_event("first"))
+            filler = fill_file_system(folder)
+            before = path.read_bytes()
+            # The first of them fits in the file's last page; the others do not.
+            with pytest.raises(OSError) as raised:
+                audit.emit_all([_event("small"), _event("big", 3 * PAGE), _event("small too")])
+            assert raised.value.errno == errno.ENOSPC
+            assert path.read_bytes() == before  # none of them, not even the first
+            filler.unlink()
+            audit.emit_all([_event("a"), _event("b", 3 * PAGE)])
+        finally:
+            audit.close()
+        assert verify_chain(path) == 3
+        records = [json.loads(line) for line in path.read_bytes().splitlines()]
+        assert [r["detail"]["note"] for r in records] == ["first", "a", "b"]

@@ -16,12 +16,20 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.audit import AuditEvent, EventType
+from gateway.alerts import AlertCalls
+from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
+from gateway.config import Responsible
+from gateway.config.emergency import EmergencySettings
+from gateway.daemon.observe import Observer
+from gateway.emergency.mode import EmergencyMode, MarkingSink
+from gateway.logs import make_logger
+from tests.clocks import TickingClock
 
 THREADS = 8
 EACH = 25
@@ -246,3 +254,145 @@ def test_a_disk_that_keeps_failing_does_not_make_the_log_grow_in_memory(tmp_path
     assert len(audit._lost) <= 1  # what no emit waits for any more is forgotten
     assert path.read_bytes() == b""
     audit.close()
+
+
+class WriteCount:
+    """os.write, noting how many calls each file descriptor had."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, int] = {}
+        self._write = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        self.calls[fd] = self.calls.get(fd, 0) + 1
+        return self._write(fd, data)
+
+
+def test_records_emitted_together_take_one_write_and_one_fsync_each_its_own_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    disk = SlowDisk(0)
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    audit.emit(_event("alone"))
+    writes = WriteCount()
+    monkeypatch.setattr(os, "write", writes)
+    audit.emit_all([_event(f"b{i}") for i in range(32)])
+    monkeypatch.undo()
+
+    assert list(writes.calls.values()) == [1]  # the 32 records: one write
+    assert len(disk.synced_sizes) == 1 + 2  # at opening, "alone", the 32 together
+    assert disk.synced_sizes[-1] == path.stat().st_size  # all durable when it returned
+    audit.emit(_event("after"))
+    audit.emit_all([])  # nothing to record: no write, no fsync
+    audit.close()
+    assert len(disk.synced_sizes) == 1 + 3
+    assert verify_chain(path) == 34
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    assert [r["detail"]["note"] for r in records] == [
+        "alone",
+        *(f"b{i}" for i in range(32)),
+        "after",
+    ]
+    assert [r["seq"] for r in records] == list(range(1, 35))
+
+
+def test_a_failed_fsync_cuts_off_every_record_emitted_together_and_the_chain_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=FailingDisk(path, 3))
+    audit.emit(_event("first"))
+    before = path.read_bytes()
+    with pytest.raises(OSError) as raised:
+        audit.emit_all([_event("a"), _event("b"), _event("c")])  # the fsync at 3+ fails
+    assert raised.value.errno == errno.EIO
+    assert path.read_bytes() == before  # none of them is left
+    audit.emit_all([_event("d"), _event("e")])
+    audit.close()
+    assert verify_chain(path) == 3
+    notes = [json.loads(line)["detail"]["note"] for line in path.read_bytes().splitlines()]
+    assert notes == ["first", "d", "e"]
+
+
+def test_records_emitted_together_while_another_thread_emits_stay_together_in_order(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=SlowDisk(0.002))
+    start = threading.Barrier(2)
+
+    def singles() -> None:
+        start.wait()
+        for i in range(EACH):
+            audit.emit(_event(f"s{i}"))
+
+    def batches() -> None:
+        start.wait()
+        for n in range(EACH):
+            audit.emit_all([_event(f"b{n}-{i}") for i in range(4)])
+
+    threads = [threading.Thread(target=singles), threading.Thread(target=batches)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    audit.close()
+
+    assert verify_chain(path) == EACH * 5
+    notes = [json.loads(line)["detail"]["note"] for line in path.read_bytes().splitlines()]
+    batched = [note for note in notes if note.startswith("b")]
+    assert batched == [f"b{n}-{i}" for n in range(EACH) for i in range(4)]
+    for n in range(EACH):  # no other record between the records of one batch
+        first = notes.index(f"b{n}-0")
+        assert notes[first : first + 4] == [f"b{n}-{i}" for i in range(4)]
+
+
+def test_the_daemons_sinks_pass_records_emitted_together_on_together(tmp_path: Path) -> None:
+    """The sinks the daemon wraps around the log (counted by the metrics, each alert with
+    whom to call, marked with the emergency window) hand the records on as one write."""
+    path = tmp_path / "audit.jsonl"
+    disk = SlowDisk(0)
+    clock = TickingClock()
+    log = AuditLog(path, clock, node="hospital", sync=disk)
+    mode = EmergencyMode(tmp_path, clock, lambda: log, lambda: EmergencySettings())
+    mode.enter("power failure", clock.now().timestamp() + 3600, "operator:root (uid 0)")
+    observer = Observer(
+        clock, make_logger(), config=lambda: None, spool=lambda: None, export_backlog=lambda: None
+    )
+    admin = Responsible("Sato", "network administrator", "ext. 1234", ("communication",))
+    sink = observer.sink(AlertCalls(MarkingSink(log, lambda: mode), [admin], make_logger()))
+    synced = len(disk.synced_sizes)
+
+    sink.emit_all(
+        [
+            AuditEvent(EventType.MESSAGE_ACCEPTED, peer="lab", message_id="<m1@x>"),
+            AuditEvent(EventType.STORAGE_UNAVAILABLE, severity=Severity.ALERT, reason="disk"),
+            AuditEvent(EventType.MESSAGE_ACCEPTED, peer="lab", message_id="<m2@x>"),
+        ]
+    )
+    log.close()
+
+    assert len(disk.synced_sizes) == synced + 1  # one for the three
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    entered, first, storage, second = records
+    window = entered["detail"]["emergency"]
+    assert [r["event"] for r in (first, storage, second)] == [
+        "message.accepted",
+        "storage.unavailable",
+        "message.accepted",
+    ]
+    assert first["detail"]["emergency"] == second["detail"]["emergency"] == window
+    assert "emergency" not in storage.get("detail", {})  # not about a message
+    assert storage["call"] == [admin.describe()]
+    assert "call" not in first
+    accepted = [
+        s.value
+        for metric in observer.metrics.registry.collect()
+        if metric.name == "medgw_messages"
+        for s in metric.samples
+        if s.name == "medgw_messages_total" and s.labels["event"] == "accepted"
+    ]
+    assert sum(accepted) == 2
+    assert observer.not_ready() and any("stored" in r for r in observer.not_ready())
+    assert verify_chain(path) == 4

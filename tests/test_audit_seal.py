@@ -82,6 +82,32 @@ def test_intact_trail_has_signed_checkpoints_and_verifies(
     assert "not yet sealed" not in ok.stdout
 
 
+def test_records_emitted_together_are_sealed_where_one_by_one_they_would_be(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, TickingClock(), node="HOSP", sealer=sealer(*keys), sync=lambda fd: None)
+    sent = [
+        AuditEvent(EventType.MESSAGE_SENT, peer="lab", message_id=f"<{n}@x>") for n in range(12)
+    ]
+    log.emit_all(sent[:3])
+    log.emit_all(sent[3:11])  # checkpoints fall due after its 2nd and its 7th record
+    log.emit(sent[11])
+    log.close()
+    lines = path.read_text().splitlines()
+    one_by_one = write_trail(tmp_path / "one_by_one.jsonl", keys)
+    assert [json.loads(line)["event"] for line in lines] == [
+        json.loads(line)["event"] for line in one_by_one
+    ]
+    assert [json.loads(line).get("message_id") for line in lines] == [
+        json.loads(line).get("message_id") for line in one_by_one
+    ]
+    last = json.loads(lines[-1])
+    ok = verify(path, keys[1], "--last-checkpoint", f"15:{last['hash']}")
+    assert ok.returncode == 0, ok.stderr
+    assert "3 checkpoints, signatures valid" in ok.stdout
+
+
 def test_an_edited_record_is_named(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     path = tmp_path / "audit.jsonl"
     lines = write_trail(path, keys)

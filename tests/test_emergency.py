@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,6 +62,9 @@ class Recorder(list[AuditEvent]):
 
     def emit(self, event: AuditEvent) -> None:
         self.append(event)
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self.extend(events)
 
 
 def seal(site: Site) -> str:

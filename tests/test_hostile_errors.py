@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +376,9 @@ class _Sink:
 
     def emit(self, event: AuditEvent) -> None:
         self.events.append(event)
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self.events.extend(events)
 
 
 async def test_an_exception_in_a_handler_is_a_generic_500_logged_and_audited() -> None:

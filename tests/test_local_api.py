@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +431,9 @@ class ListSink:
 
     def emit(self, event: AuditEvent) -> None:
         self.events.append(event)
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self.events.extend(events)
 
 
 async def never(*_args: Any) -> Any:

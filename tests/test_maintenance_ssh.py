@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,9 @@ def test_a_key_verified_for_one_person_is_not_the_first_factor_of_another(site: 
     class Sink:
         def emit(self, event: AuditEvent) -> None:
             events.append(event)
+
+        def emit_all(self, batch: Sequence[AuditEvent]) -> None:
+            events.extend(batch)
 
     async def no_reload(actor: str) -> str | None:
         return "not here"

@@ -3,6 +3,7 @@ with Prometheus' own text parser; the daemon's scrape is in test_metrics_daemon.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
@@ -31,6 +32,9 @@ class Recorder:
 
     def emit(self, event: AuditEvent) -> None:
         self.events.append(event)
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self.events.extend(events)
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -4,6 +4,7 @@ goes by kind, peer and service; nothing still owed ever does."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,9 @@ class Audit:
 
     def emit(self, event: AuditEvent) -> None:
         self.events.append(event)
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self.events.extend(events)
 
     def named(self, name: str) -> list[AuditEvent]:
         return [e for e in self.events if e.event.value == name]

@@ -5,9 +5,12 @@ record's line, or 64 zeros) and ``hash`` (SHA-256 over the record without the
 ``hash`` field, canonical JSON).  Removing, reordering or editing a line breaks
 the chain, which :func:`verify_chain` reports with the line number.  Every
 record is written and fsync'ed before :meth:`AuditLog.emit` returns: an event
-that was acted upon is on disk.  A record that could not be written whole (a
-full disk) is cut off again before ``emit`` raises, so it never merges with the
-next one.
+that was acted upon is on disk.  :meth:`AuditLog.emit_all` records several
+events the same way at the cost of one: chained in order, written with one
+``os.write`` and made durable by one fsync, each still its own line and chain
+link; all of them are on disk when it returns, or none is and it raises.  A
+record that could not be written whole (a full disk) is cut off again before
+``emit`` raises, so it never merges with the next one.
 
 Records are synced in groups (group commit): they are written in chain order
 under one lock, and the fsync happens outside it, one at a time; each fsync
@@ -33,7 +36,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -62,6 +65,9 @@ CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set
 
 class AuditSink(Protocol):
     def emit(self, event: AuditEvent) -> None: ...
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        """Record ``events`` in order, all or none: as ``emit`` of each, at once."""
 
 
 class AuditLog:
@@ -121,19 +127,23 @@ class AuditLog:
         return (*last, 0) if last else (0, GENESIS, 0)
 
     def emit(self, event: AuditEvent) -> None:
+        self.emit_all((event,))
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        """Record ``events`` in order, each its own line and link of the chain, written
+        with one ``os.write`` and made durable by one fsync: when this returns every one
+        is on disk; if it raises none is in the file (a failed write or fsync cuts them
+        all off, and the chain goes on from the record before them).  A checkpoint due
+        after one of them is written in its place among them.  A rotation that is due is
+        done before them: a batch is never split over two files."""
+        if not events:
+            return
         if self._rotation is not None:
             self._rotate_if_due(self._rotation)
         with self._lock:
-            self._write(event.to_record(self._clock.now()))
-            self._written += 1
+            now = self._clock.now()
+            self._write_all([event.to_record(now) for event in events])
             ticket = self._written
-            sealer = self._sealer
-            if sealer is not None and self._seq - self._sealed >= sealer.settings.every_records:
-                try:
-                    self._write_checkpoint(sealer, "records")
-                    self._written += 1  # covered by the fsync of the record it follows
-                except OSError:
-                    pass  # not written (a full disk): the next record tries again
             self._waiting.add(ticket)
         try:
             self._make_durable(ticket)
@@ -217,25 +227,67 @@ class AuditLog:
         with self._lock:
             return self._seq - self._sealed
 
-    def _write(self, record: dict[str, Any]) -> None:
-        """Chain ``record`` on and write it (``_lock`` held)."""
+    def _write_all(self, records: list[dict[str, Any]]) -> None:
+        """Chain ``records`` on and write them with one ``os.write`` (``_lock`` held), with
+        a checkpoint after each record that makes one due.  If the write fails, nothing
+        of it stays and the chain is as it was; a failure with a checkpoint among the
+        lines is tried once more without it (the next record tries again): a checkpoint
+        never costs a record."""
+        sealer = self._sealer
+        try:
+            self._write_lines(records, sealer)
+        except OSError:
+            every = sealer.settings.every_records if sealer is not None else 0
+            if not every or self._seq + len(records) - self._sealed < every:
+                raise  # no checkpoint was among them
+            self._write_lines(records, None)
+
+    def _write_lines(self, records: list[dict[str, Any]], sealer: Sealer | None) -> None:
+        before = self._chain_state()
+        lines = []
+        for record in records:
+            lines.append(self._chain(record))
+            if sealer is not None and self._seq - self._sealed >= sealer.settings.every_records:
+                lines.append(self._checkpoint_line(sealer, "records"))
+        self._append_chained(b"".join(lines), before)
+        self._written += len(lines)
+
+    def _write_checkpoint(self, sealer: Sealer, trigger: str) -> None:
+        before = self._chain_state()
+        self._append_chained(self._checkpoint_line(sealer, trigger), before)
+
+    def _chain_state(self) -> tuple[int, str, int, date | None]:
+        return self._seq, self._prev, self._sealed, self._day
+
+    def _append_chained(self, lines: bytes, before: tuple[int, str, int, date | None]) -> None:
+        """Write ``lines``, chained on from ``before``; if that fails, go back to it."""
+        try:
+            self._append(lines)
+        except OSError:
+            self._seq, self._prev, self._sealed, self._day = before
+            raise
+
+    def _chain(self, record: dict[str, Any]) -> bytes:
+        """Link ``record`` to the chain (``_lock`` held): its line, to be written."""
         record["node"] = self._node
         record["seq"] = self._seq + 1
         record["prev"] = self._prev
         digest = hashlib.sha256(canonical(record)).hexdigest()
         record["hash"] = digest
-        self._append(canonical(record) + b"\n")
         self._seq += 1
         self._prev = digest
         if self._day is None:
             self._day = datetime.fromisoformat(record["time"]).date()
+        return canonical(record) + b"\n"
 
-    def _write_checkpoint(self, sealer: Sealer, trigger: str) -> None:
+    def _checkpoint_line(self, sealer: Sealer, trigger: str) -> bytes:
+        """A checkpoint sealing the records chained so far, chained on (``_lock`` held)."""
         seq = self._seq + 1
         detail = sealer.detail(self._node, seq, self._prev, self._sealed, trigger)
         event = AuditEvent(EventType.AUDIT_CHECKPOINT, detail=detail)
-        self._write(event.to_record(self._clock.now()))
+        line = self._chain(event.to_record(self._clock.now()))
         self._sealed = seq
+        return line
 
     def _append(self, line: bytes) -> None:
         """Write all of ``line``, or leave the file as it was and raise.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -131,6 +131,14 @@ class _Counting:
 
     def emit(self, event: AuditEvent) -> None:
         self._inner.emit(event)
+        self._noted(event)
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self._inner.emit_all(events)
+        for event in events:
+            self._noted(event)
+
+    def _noted(self, event: AuditEvent) -> None:
         self._observer.metrics.observe(event)
         self._observer.readiness.note(event)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -241,8 +241,16 @@ class MarkingSink:
         self._mode = mode
 
     def emit(self, event: AuditEvent) -> None:
+        self.emit_all((event,))
+
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
         mode = self._mode()
         window = mode.current() if mode is not None else None
-        if window is not None and event.message_id is not None:
-            event = replace(event, detail={**event.detail, MARK: window.id})
-        self._inner.emit(event)
+        if window is not None:
+            events = [
+                replace(event, detail={**event.detail, MARK: window.id})
+                if event.message_id is not None
+                else event
+                for event in events
+            ]
+        self._inner.emit_all(events)

@@ -204,6 +204,11 @@ class MetricsSink:
         self._inner.emit(event)
         self._metrics.observe(event)
 
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self._inner.emit_all(events)
+        for event in events:
+            self._metrics.observe(event)
+
 
 class _SnapshotCollector(Collector):
     def __init__(
