@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import io
 import random
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,7 @@ from gateway.spool.sql import SqlStore
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events
 from tests.helpers.internal_system import InternalSystem, enable_delivery
+from tests.helpers.slow_proxy import edit_every
 
 LEASE = 60.0
 
@@ -535,3 +537,34 @@ def test_a_node_whose_hand_over_was_taken_over_does_not_post_it(
         assert done is not None and done.state is HandoverState.DONE and done.attempts == 1
     finally:
         system.close()
+
+
+def test_a_clean_stop_lets_go_of_the_hand_overs_taken_and_not_attempted(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, internal_port: int
+) -> None:
+    """Node a takes three hand-overs and is stopped while it POSTs the first one (the
+    internal system has not answered): the two it did not attempt are free for node b
+    at once, not after a's lease; the one in flight stays a's until the lease runs out
+    (the internal system may have taken it)."""
+    enable_delivery(layout, internal_port)
+    edit_every(layout.hospital.config_path, "\ntimeout_seconds = 5\n", "\ntimeout_seconds = 300\n")
+    a, b = nodes
+    first, *rest = _inbox_files(layout, a, 3)
+    # The internal system accepts the connection (the backlog) and never answers.
+    with socket.create_server(("127.0.0.1", internal_port)):
+
+        async def stop_while_posting() -> None:
+            worker = asyncio.create_task(_handing(layout, a, clock).run())
+            deadline = time.monotonic() + 60
+            while not all(r.node == "a" for r in a.handover_list(HandoverState.PENDING)):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            worker.cancel()  # SIGTERM: the daemon's tasks are cancelled
+            await asyncio.gather(worker, return_exceptions=True)
+
+        asyncio.run(stop_while_posting())
+    held = b.handover_get("lab", first)
+    assert held is not None and held.node == "a"
+    assert {h.message_id for h in b.handover_due(clock.now().timestamp())} == set(rest)
+    clock.advance(LEASE + 1)
+    assert [h.message_id for h in b.handover_take_over()] == [first]

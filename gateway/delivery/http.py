@@ -25,7 +25,8 @@ Headers of each POST::
 Several nodes may share the spool: a node takes due hand-overs in its name
 under a lease (``Spool.handover_due``), renewed with its other claims
 (gateway.daemon.leases), checks right before each POST that it still holds the
-claim, and lets go of those it took and did not attempt; so one document is
+claim, and lets go of those it took and did not attempt (after a failure, and
+at a stop: the other nodes take them at once); so one document is
 POSTed by one node at a time, and a dead node's are taken over by the others
 once its lease runs out.
 
@@ -65,7 +66,7 @@ from gateway.audit.patients import patients_in_file
 from gateway.clock import Clock
 from gateway.config import DeliverySettings, GatewayConfig, Runtime
 from gateway.egress import Route
-from gateway.errors import EgressRefused
+from gateway.errors import EgressRefused, MedgwError
 from gateway.httpbody import read_capped
 from gateway.logs import Logger
 from gateway.pki.tls import delivery_tls_context
@@ -164,18 +165,22 @@ class HandOver:
                 now = self._clock.now().timestamp()
                 if now >= resume_at:
                     due = self._spool.handover_due(now)  # taken by this node
-                    for index, record in enumerate(due):
-                        if session is None or self._config() is not made_for:
-                            if session is not None:
-                                await session.close()
-                            made_for, session = self._config(), self.session()
-                        pause = await self.hand_over(session, record)
-                        if pause > 0:
-                            resume_at = self._clock.now().timestamp() + pause
-                            # The rest waits: let go of it, for any node to take.
-                            for rest in due[index + 1 :]:
-                                self._spool.handover_release(rest.peer, rest.message_id)
-                            break
+                    started = 0
+                    try:
+                        for record in due:
+                            if session is None or self._config() is not made_for:
+                                if session is not None:
+                                    await session.close()
+                                made_for, session = self._config(), self.session()
+                            started += 1
+                            pause = await self.hand_over(session, record)
+                            if pause > 0:
+                                resume_at = self._clock.now().timestamp() + pause
+                                break
+                    finally:
+                        # The rest waits (after a failure), or this node stops: let go of
+                        # what it took and did not attempt, for any node to take at once.
+                        self._let_go(due[started:])
                 now = self._clock.now().timestamp()
                 next_at = self._spool.handover_next_at()
                 wait = IDLE_CHECK_SECONDS
@@ -187,6 +192,22 @@ class HandOver:
         finally:
             if session is not None:
                 await session.close()
+
+    def _let_go(self, records: list[HandoverRecord]) -> None:
+        """Let go of hand-overs this node took and did not attempt (each is due as it
+        was); one the spool cannot be told of is taken over once its lease runs out."""
+        for record in records:
+            try:
+                self._spool.handover_release(record.peer, record.message_id)
+            except MedgwError as exc:
+                self._log.warning(
+                    "handover.release_failed",
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    error=exc.message,
+                    fix="check that this node reaches the spool; the hand-over is made "
+                    "by another node once this node's claim runs out",
+                )
 
     def _context(self, delivery: DeliverySettings) -> ssl.SSLContext:
         """Raises _NoContext: load_config checked the certificates, but a failure here
