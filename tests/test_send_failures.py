@@ -20,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.audit import AuditEvent
 from gateway.audit.log import AuditLog
 from gateway.channel.client import PeerClient
@@ -49,6 +51,19 @@ class NotedSpool(SqliteSpool):
         return super().mark_dead(*args, **kwargs)
 
 
+class HeldSpool(NotedSpool):
+    """The real spool; its check of a claim before a POST waits until ``go`` is set."""
+
+    asked: threading.Event | None = None
+    go: threading.Event | None = None
+
+    def holds_lease(self, message_id: str) -> bool:
+        if self.asked is not None and self.go is not None:
+            self.asked.set()
+            self.go.wait(60)
+        return super().holds_lease(message_id)
+
+
 class NotedAudit(AuditLog):
     """The real audit log; notes the thread of each record."""
 
@@ -60,10 +75,13 @@ class NotedAudit(AuditLog):
 
 
 async def _sender(
-    layout: DemoLayout, tmp_path: Path, config: GatewayConfig
+    layout: DemoLayout,
+    tmp_path: Path,
+    config: GatewayConfig,
+    spool_type: type[NotedSpool] = NotedSpool,
 ) -> tuple[Outbound, NotedSpool, NotedAudit, Peer]:
     clock = SystemClock()
-    spool = NotedSpool(tmp_path / "spool.sqlite3", clock)
+    spool = spool_type(tmp_path / "spool.sqlite3", clock)
     spool.threads = []
     audit = NotedAudit(tmp_path / "audit.jsonl", clock, node="hospital")
     audit.threads = []
@@ -178,3 +196,30 @@ async def test_a_send_interrupted_by_shutdown_is_parked_off_the_event_loop(
         await client.close()
         spool.close()
         audit.close()
+
+
+async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """The daemon stops while a claimed message's claim is being checked, before its
+    POST: the message is queued again, due now, for any node (not left "sending" by
+    this node until its lease runs out)."""
+    config = load_config(layout.hospital.config_path)
+    outbound, spool, _, peer = await _sender(layout, tmp_path, config, HeldSpool)
+    assert isinstance(spool, HeldSpool)
+    client = _client(outbound, peer)
+    try:
+        record = await _claim_one(outbound, peer, layout)
+        spool.asked, spool.go = threading.Event(), threading.Event()
+        send = asyncio.create_task(outbound.send_one(record, peer, client, random.Random(1)))
+        assert await asyncio.to_thread(spool.asked.wait, 60)
+        send.cancel()  # SIGTERM, the stop's deadline past
+        spool.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await send
+        again = spool.get(record.message_id)
+        assert again is not None and again.state is OutboundState.QUEUED
+        assert (again.last_error, again.next_attempt_at) == ("interrupted by shutdown", 0)
+    finally:
+        await client.close()
+        spool.close()

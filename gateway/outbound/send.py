@@ -49,15 +49,19 @@ class Sender:
         connection is free for the next message from then on)."""
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task or node picks it up).
-        if self._ctx.claims_lost.is_set() or not await self._ctx.in_thread(
-            self._ctx.spool.holds_lease, record.message_id
-        ):
-            await self._ctx.in_thread(self._claim_lost, record)
-            return 0.0
         try:
-            body, headers = await self._ctx.in_thread(self._stored_body, record)
-        except AtRestError as exc:
-            return await self._ctx.in_thread(self._unreadable, record, peer, exc)
+            if self._ctx.claims_lost.is_set() or not await self._ctx.in_thread(
+                self._ctx.spool.holds_lease, record.message_id
+            ):
+                await self._ctx.in_thread(self._claim_lost, record)
+                return 0.0
+            try:
+                body, headers = await self._ctx.in_thread(self._stored_body, record)
+            except AtRestError as exc:
+                return await self._ctx.in_thread(self._unreadable, record, peer, exc)
+        except asyncio.CancelledError:
+            await self._interrupted(record)  # stopped before the POST: any node sends it
+            raise
         try:
             response = await self._while_claimed(client.post(peer.url, headers, body))
             if response is None:
@@ -79,9 +83,7 @@ class Sender:
             return await self._ctx.in_thread(self._send_failed, record, peer, str(exc), delay)
         except asyncio.CancelledError:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
-            await self._ctx.in_thread(
-                self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
-            )
+            await self._interrupted(record)
             raise
         finally:
             if not isinstance(body, bytes):
@@ -90,6 +92,14 @@ class Sender:
             posted()
         await self._ctx.in_thread(self._sent, record, peer, response, awaiting)
         return 0.0
+
+    async def _interrupted(self, record: OutboundRecord) -> None:
+        """A send stopped (shutdown) before the peer took the message: back to the queue,
+        due now, for whichever node claims it next (a change it made meanwhile, such as
+        a failure recorded, stands: then nothing changes)."""
+        await self._ctx.in_thread(
+            self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
+        )
 
     def _stored_body(
         self, record: OutboundRecord
