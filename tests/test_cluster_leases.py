@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import random
 import socket
 import time
@@ -24,9 +25,12 @@ import pytest
 from gateway.audit import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.daemon.leases import LeaseKeeper
 from gateway.delivery.http import HandOver, idempotency_key
+from gateway.delivery.inbox import work_name
 from gateway.egress import Network
 from gateway.errors import ClaimHeldError
+from gateway.inbound import InboundProcessor
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.recovery import take_over
@@ -377,6 +381,61 @@ def test_a_delivery_a_dead_node_linked_is_recorded_by_the_node_taking_over(
     assert again == target
     assert sorted(p.name for p in inbox.iterdir()) == ["doc.hl7"]
     assert len(events(trail, "message.duplicate")) == 1
+
+
+def test_the_lease_keeper_removes_the_work_files_a_dead_node_left_once_a_lease_old(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+) -> None:
+    """Node z died for good between creating a work file in the shared inbox and
+    recording it (or between forgetting a delivery and removing its file): no start of
+    z removes them, so live node b's lease keeper does, once a lease, those a lease
+    old.  A delivery in progress keeps its file whatever its age, and so does a young
+    unrecorded one (another node about to record it)."""
+    a, b = nodes
+    config = load_config(layout.hospital.config_path)
+    lease = config.cluster.lease_seconds
+    stream = io.StringIO()
+    log = make_logger(stream=stream)
+    audit = AuditLog(layout.hospital.root / "audit-b.jsonl", clock, node="b")
+    processor = InboundProcessor(config, b, audit, log, clock)
+    keeper = LeaseKeeper(
+        b, clock, lambda: config, lambda: processor,
+        Outbound(Settings(config, {}), b, audit, log, clock), lambda: audit, log, lambda: None,
+    )  # fmt: skip
+    folder = config.storage.inbox_dir / "lab"
+    folder.mkdir(parents=True)
+
+    def work_file(name: str, node: str, age: float) -> Path:
+        path = work_name(folder / name, node)
+        path.write_bytes(b"MSH|")
+        at = clock.now().timestamp() - age
+        os.utime(path, (at, at))
+        return path
+
+    dead = work_file("dead.hl7", "z", 2 * lease)
+    recorded = work_file("long.hl7", "a", 10 * lease)
+    a.inbound_begin("lab", "<long@x>", "00", folder / "long.hl7", work_path=recorded)
+    delivered = folder / "doc.hl7"
+    delivered.write_bytes(b"MSH|doc\r")
+    keeper.take_over()  # less than a lease since the start's own removal: not yet
+    assert dead.exists()
+
+    clock.advance(lease / 2)
+    a.renew_leases()  # node a lives
+    clock.advance(lease / 2)
+    a.renew_leases()
+    young = work_file("young.hl7", "z", 1)
+    keeper.take_over()
+    assert not dead.exists()
+    assert young.exists() and recorded.exists() and delivered.exists()
+    assert '"event": "recovery.removed_work_file"' in stream.getvalue()
+    os.utime(young, (0, 0))  # ... much later
+    keeper.take_over()  # once a lease only
+    assert young.exists()
+    clock.advance(lease)
+    a.renew_leases()
+    keeper.take_over()
+    assert not young.exists() and recorded.exists()
 
 
 # -- hand-overs to the internal system -------------------------------------------------

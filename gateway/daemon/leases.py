@@ -9,7 +9,9 @@ messages they were sending go back to the queue (audited ``message.taken_over``,
 sent by whichever node claims them next), and deliveries they left in the middle
 are settled here (gateway.inbound.recovery), and hand-overs to the internal
 system they had taken are let go (audited ``message.taken_over``, handed over by
-whichever node takes them next: gateway.delivery.http).
+whichever node takes them next: gateway.delivery.http).  Once a lease it also
+removes the inbox work files no delivery needs that are a lease old (a node that
+died and never comes back leaves them), as a start does.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class LeaseKeeper:
         self._log = log
         self._wake_handover = wake_handover
         self._renewed_at = clock.monotonic()  # the claims made at start are fresh
+        self._swept_at = clock.monotonic()  # the start removed the inbox's left-overs
         self._failing: str | None = None
 
     async def run(self) -> None:
@@ -126,6 +129,7 @@ class LeaseKeeper:
         settled = self._inbound().take_over()
         if settled:
             self._log.warning("delivery.taken_over", count=settled)
+        self._sweep()
         for handover in self._spool.handover_take_over():
             peers.add(None)
             self._taken_over(
@@ -137,6 +141,23 @@ class LeaseKeeper:
                 f"node {self._spool.node}, handed over by the next node to take it",
             )
         return peers
+
+    def _sweep(self) -> None:
+        """Once a lease: the inbox work files no delivery needs, a lease old or more,
+        removed (a node that died and never comes back leaves them; a start removes
+        them too)."""
+        now = self._clock.monotonic()
+        if now - self._swept_at < self._config().cluster.lease_seconds:
+            return
+        self._swept_at = now
+        try:
+            self._inbound().sweep_work_files()
+        except OSError as exc:
+            self._log.error(
+                "lease.sweep_failed",
+                error=str(exc),
+                fix="check that the medgw user may read and write the inbox folders",
+            )
 
     def _taken_over(
         self, log_event: str, claim: OutboundRecord | HandoverRecord, *, direction: str, reason: str

@@ -56,7 +56,7 @@ from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
 from gateway.inbound.receipts import Receipts
-from gateway.inbound.recovery import recover, take_over
+from gateway.inbound.recovery import recover, remove_unrecorded, take_over
 from gateway.inbound.signers import AcceptedSigners, describe_signer
 from gateway.logs import Logger
 from gateway.routing import Refusal, route_inbound
@@ -203,6 +203,16 @@ class InboundProcessor:
         """While running: settle the deliveries other nodes left when their claims ran
         out; how many (worker thread)."""
         return take_over(self._delivery, self._spool, self._log, self._locks)
+
+    def sweep_work_files(self) -> None:
+        """While running: remove the inbox work files no delivery needs, made a lease
+        ago or more (by a node that died and never came back; worker thread)."""
+        remove_unrecorded(
+            self._spool,
+            self._log,
+            self._config.storage.inbox_dir,
+            self._clock.now().timestamp() - self._config.cluster.lease_seconds,
+        )
 
     def process(self, request: InboundRequest) -> InboundResponse:
         """Handle one AS2 request; the receipt comes back in the answer or, if the

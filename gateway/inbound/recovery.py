@@ -27,15 +27,29 @@ def recover(
     made before ``unrecorded_before`` (seconds since the epoch)."""
     for record in spool.inbound_unfinished():
         _settle(delivery, record, log)
-    # The inbox may be shared with other nodes: their deliveries in the middle keep
-    # their work files, and so does one another node just created, not yet recorded.
     # This node's own, made before a kill between creating and recording (or between
     # forgetting and removing) it, goes now, however young: nothing else would remove it.
+    remove_unrecorded(spool, log, inbox_dir, unrecorded_before, own=spool.node)
+
+
+def remove_unrecorded(
+    spool: Spool,
+    log: Logger,
+    inbox_dir: Path,
+    unrecorded_before: float,
+    *,
+    own: str | None = None,
+) -> None:
+    """Remove the work files in the inbox that no delivery in the middle names, made
+    before ``unrecorded_before`` (seconds since the epoch) or, given ``own``, by that
+    node.  At start (``own``: this node), and while running, once a lease: a node that
+    died and never comes back leaves its own there (worker thread)."""
+    # The inbox may be shared with other nodes: their deliveries in the middle keep
+    # their work files, and so does one another node just created, not yet recorded.
     keep = {r.work_path for r in spool.inbound_in_progress() if r.work_path}
-    stale = inbox.remove_stale_work_files(
-        inbox_dir, keep, older_than=unrecorded_before, own=spool.node
-    )
-    for path in stale:
+    for path in inbox.remove_stale_work_files(
+        inbox_dir, keep, older_than=unrecorded_before, own=own
+    ):
         log.info("recovery.removed_work_file", folder=path.parent.name)
 
 
