@@ -3,14 +3,18 @@ with Prometheus' own text parser; the daemon's scrape is in test_metrics_daemon.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
+from gateway.config import GatewayConfig, load_config
+from gateway.daemon.observe import Observer
 from gateway.logs import make_logger
 from gateway.metrics.collector import (
     Certificate,
@@ -21,6 +25,7 @@ from gateway.metrics.collector import (
     handshake_reason,
 )
 from gateway.metrics.server import MetricsServer
+from gateway.pki.demo import DemoLayout
 from tests.clocks import SetClock
 
 START = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -198,3 +203,34 @@ def test_not_ready_for_a_minute_after_a_document_could_not_be_stored(
     readiness.reload_failed = None
     readiness.stopping = True
     assert readiness.reasons(None) == ["the daemon is stopping"]
+
+
+def test_the_peer_label_follows_the_configuration_in_force(layout: DemoLayout) -> None:
+    """The peers' names are kept per configuration, not read for every event: after a
+    reload that removes a peer, its events count as ``other``; one that adds it back
+    counts it under its name again."""
+    config = load_config(layout.hospital.config_path)
+    peer = config.peers[0].name
+    in_force: list[GatewayConfig] = [config]
+    observer = Observer(
+        SetClock(START),
+        make_logger(),
+        config=lambda: in_force[0],
+        spool=lambda: None,
+        export_backlog=lambda: None,
+    )
+    sink = observer.sink(Recorder())
+
+    def received() -> None:
+        sink.emit(AuditEvent(EventType.MESSAGE_RECEIVED, peer=peer, message_id="m"))
+
+    received()
+    in_force[0] = dataclasses.replace(config, peers=())  # a reload without the peer
+    received()
+    received()
+    in_force[0] = config
+    received()
+    found = samples(generate_latest(observer.metrics.registry).decode())
+    labels = (("direction", "inbound"), ("event", "received"))
+    assert found[("medgw_messages_total", (*labels, ("peer", peer)))] == 2
+    assert found[("medgw_messages_total", (*labels, ("peer", "other")))] == 2

@@ -83,6 +83,8 @@ class Observer:
         self._spool = spool
         self._export_backlog = export_backlog
         self.readiness = Readiness(clock)
+        # The configured peers' names, kept with the configuration they were read from.
+        self._peer_names: tuple[GatewayConfig | None, frozenset[str]] = (None, frozenset())
         self.metrics = GatewayMetrics(clock, self._snapshot, self._peers)
         self._server: MetricsServer | None = None
 
@@ -107,9 +109,15 @@ class Observer:
                 await self._server.stop()
             self._server = None
 
-    def _peers(self) -> list[str]:
+    def _peers(self) -> frozenset[str]:
+        """The peers' names (asked for every audit event): read again only when a reload
+        put another configuration in force."""
         config = self._config()
-        return [p.name for p in config.peers] if config is not None else []
+        kept = self._peer_names
+        if kept[0] is not config:
+            names = frozenset(p.name for p in config.peers) if config is not None else frozenset()
+            kept = self._peer_names = (config, names)
+        return kept[1]
 
     def _snapshot(self) -> Snapshot:
         config = self._config()

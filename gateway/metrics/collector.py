@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -104,8 +105,10 @@ class GatewayMetrics:
         self,
         clock: Clock,
         snapshot: Callable[[], Snapshot],
-        peers: Callable[[], Iterable[str]],
+        peers: Callable[[], Collection[str]],
     ) -> None:
+        """``peers``: the names of the configured peers (called for every event: a set kept
+        while the configuration stays the same)."""
         self._clock = clock
         self._peers = peers
         self.registry = CollectorRegistry(auto_describe=True)
@@ -146,9 +149,19 @@ class GatewayMetrics:
         self._lock = threading.Lock()
         self._taken_in: OrderedDict[str, datetime] = OrderedDict()
         self._sent: OrderedDict[str, datetime] = OrderedDict()
+        # Each metric's child per label values (prometheus_client's labels() costs more
+        # than the count itself); as bounded as the labels are.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
 
     def peer_label(self, name: str | None) -> str:
-        return name if name is not None and name in set(self._peers()) else OTHER
+        return name if name is not None and name in self._peers() else OTHER
+
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe(self, event: AuditEvent) -> None:
         """Count what ``event`` says happened."""
@@ -157,34 +170,35 @@ class GatewayMetrics:
             listener = str(event.detail.get("listener", ""))[:64] or "unknown"
             held_back = event.detail.get("not_recorded_one_by_one")
             if isinstance(held_back, int):
-                self.handshake_failures.labels(listener, "repeated").inc(held_back)
+                self._child(self.handshake_failures, listener, "repeated").inc(held_back)
             else:
-                self.handshake_failures.labels(listener, handshake_reason(event.reason)).inc()
+                reason = handshake_reason(event.reason)
+                self._child(self.handshake_failures, listener, reason).inc()
             return
         peer = self.peer_label(event.peer)
-        now = self._clock.now()
         if kind is EventType.MESSAGE_SEND_FAILED:
-            self.retries.labels(peer).inc()
+            self._child(self.retries, peer).inc()
         elif kind is EventType.MESSAGE_ACCEPTED and event.message_id:
-            self.messages_total.labels("outbound", "accepted", peer).inc()
-            self._remember(self._taken_in, event.message_id, now)
+            self._child(self.messages_total, "outbound", "accepted", peer).inc()
+            self._remember(self._taken_in, event.message_id, self._clock.now())
         elif kind is EventType.MESSAGE_SENT and event.message_id:
-            self._remember(self._sent, event.message_id, now)
+            self._remember(self._sent, event.message_id, self._clock.now())
         elif kind is EventType.RECEIPT_RECEIVED and event.message_id:
-            self.messages_total.labels("outbound", "delivered", peer).inc()
+            now = self._clock.now()
+            self._child(self.messages_total, "outbound", "delivered", peer).inc()
             with self._lock:
                 sent = self._sent.pop(event.message_id, None)
                 taken_in = self._taken_in.pop(event.message_id, None)
             if sent is not None:
-                self.receipt_seconds.labels(peer).observe((now - sent).total_seconds())
+                self._child(self.receipt_seconds, peer).observe((now - sent).total_seconds())
             if taken_in is not None:
-                self.end_to_end_seconds.labels(peer).observe((now - taken_in).total_seconds())
+                self._child(self.end_to_end_seconds, peer).observe((now - taken_in).total_seconds())
         elif kind in (EventType.MESSAGE_FAILED, EventType.MESSAGE_DEAD, EventType.MESSAGE_EXPIRED):
-            self.messages_total.labels("outbound", kind.value.split(".")[1], peer).inc()
+            self._child(self.messages_total, "outbound", kind.value.split(".")[1], peer).inc()
         elif kind is EventType.MESSAGE_RECEIVED:
-            self.messages_total.labels("inbound", "received", peer).inc()
+            self._child(self.messages_total, "inbound", "received", peer).inc()
         elif kind is EventType.MESSAGE_REJECTED:
-            self.messages_total.labels("inbound", "rejected", peer).inc()
+            self._child(self.messages_total, "inbound", "rejected", peer).inc()
 
     def _remember(self, table: OrderedDict[str, datetime], message_id: str, at: datetime) -> None:
         with self._lock:
