@@ -27,6 +27,11 @@ def clip(text: str, limit: int = MAX_TEXT) -> str:
 
 def bounded(value: Any, *, limit: int = MAX_TEXT, depth: int = 0) -> Any:
     """``value`` with every string clipped and every container cut (see the module)."""
+    kind = type(value)
+    if kind is str:  # the common case first: every log line and audit record
+        return value if len(value) <= limit else clip(value, limit)
+    if kind is int or kind is bool or value is None:
+        return value
     if isinstance(value, str):
         return clip(value, limit)
     if isinstance(value, Mapping):
