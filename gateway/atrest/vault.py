@@ -20,6 +20,7 @@ read as it is.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import threading
@@ -121,17 +122,23 @@ class Vault:
 
     def wrap_key(self, item: str, dek: bytes) -> DataKey:
         """``dek`` (of ``item``) wrapped as :meth:`new_key` wraps (call inside
-        :meth:`storing`)."""
-        version, kek = self._kek(newest=True)
-        return DataKey(item, version, wrap(kek, dek), lambda: self._current_key(item, dek))
+        :meth:`storing`): under the key this node knows as the newest; the spool's
+        transaction that stores it checks that against the key folder (see
+        :meth:`_current_key`)."""
+        version, kek = self._kek()
+        wrapped = DataKey(item, version, wrap(kek, dek))
+        return dataclasses.replace(wrapped, current=lambda: self._current_key(wrapped, dek))
 
-    def _current_key(self, item: str, dek: bytes) -> DataKey:
-        """``item``'s data key wrapped under the newest key-encryption key, as the spool
-        stores it, under the lock of :meth:`rotate`'s re-wrapping: a rotation on another
-        node sharing the key folder either re-wraps it after this commits, or made its new
-        key before, which this then wraps under (the older one it destroys is not used)."""
+    def _current_key(self, wrapped: DataKey, dek: bytes) -> DataKey:
+        """The data key ``wrapped`` (``dek``) as the spool stores it: wrapped under the
+        newest key-encryption key, found in the key folder under the lock of
+        :meth:`rotate`'s re-wrapping.  A rotation on another node sharing the key folder
+        either re-wraps it after this commits, or made its new key before, which this then
+        wraps under (the older one it destroys is not used)."""
         version, kek = self._kek(newest=True)
-        return DataKey(item, version, wrap(kek, dek))
+        if version == wrapped.kek:
+            return wrapped  # as wrapped before the lock: the usual case, no second wrap
+        return DataKey(wrapped.item, version, wrap(kek, dek))
 
     def _key(self, item: str) -> bytes:
         retried = False
@@ -144,6 +151,8 @@ class Vault:
                     fix="restore the spool and its stored files from the same backup",
                 )
             version, kek = self._kek()
+            if stored.kek > version:  # another node rotated: its key is the newest
+                version, kek = self._kek(newest=True)
             if stored.kek != version:
                 try:
                     kek = self._store.load(stored.kek)
