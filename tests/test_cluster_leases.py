@@ -267,6 +267,64 @@ def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     assert record.node == accepted[0]["node"]
 
 
+class SteppingClock(Clock):
+    """Time moves by ``step`` seconds each time a node looks at its monotonic clock."""
+
+    def __init__(self, step: float) -> None:
+        super().__init__()
+        self.step = step
+
+    def monotonic(self) -> float:
+        self.advance(self.step)
+        return super().monotonic()
+
+
+def test_a_recovery_longer_than_a_lease_keeps_the_intakes_it_claimed(
+    layout: DemoLayout, make_spool: MakeSpool
+) -> None:
+    """Node b claims the three intakes dead node a left and prepares them one by one,
+    so slowly that the whole takes longer than a lease: it renews its claims on the
+    way, and node c, starting a lease after b's claim, finds none to take."""
+    clock = SteppingClock(0.4 * LEASE)
+    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    config = load_config(layout.lab.config_path)
+    [peer] = config.peers
+    dead = make_spool(clock, Claimant("a", LEASE))
+    ids = [f"<i{number}@KITA-LAB>" for number in range(3)]
+    for number, message_id in enumerate(ids):
+        dead.add_intake(
+            message_id, peer.name, f"i{number}.hl7", "application/hl7-v2",
+            layout.lab.outbox_dir / f"i{number}.hl7", config.storage.state_dir / f"p{number}",
+            zone=peer.zone, payload=b"MSH|^~\\&|LAB|%d\r" % number,
+        )  # fmt: skip
+    clock.advance(LEASE + 1)
+    trails = {name: layout.lab.root / f"audit-{name}.jsonl" for name in ("b", "c")}
+
+    async def start_both() -> None:
+        trust = await assess_peers(config.peers, config.zones, at=clock.now())
+        b, c = (
+            Outbound(
+                Settings(config, trust),
+                make_spool(clock, Claimant(name, LEASE)),
+                AuditLog(trail, clock, node=name),
+                make_logger(stream=io.StringIO()),
+                clock,
+            )
+            for name, trail in trails.items()
+        )
+        claimed_at = clock.now().timestamp()
+        first = asyncio.create_task(b.recover())
+        while clock.now().timestamp() < claimed_at + LEASE + 1 and not first.done():
+            await asyncio.sleep(0)
+        assert not first.done()  # node c starts while node b's recovery goes on
+        await c.recover()
+        await first
+
+    asyncio.run(start_both())
+    accepted = [e for trail in trails.values() for e in events(trail, "message.accepted")]
+    assert sorted((e["message_id"], e["node"]) for e in accepted) == [(m, "b") for m in ids]
+
+
 def test_a_received_document_is_claimed_by_one_node_at_a_time(
     nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
 ) -> None:
