@@ -63,9 +63,10 @@ class As2Handler:
         tasks: Tasks,
         *,
         ocsp_client: Callable[[Zone], OcspClient],
-        on_delivered: Callable[[], None],
+        on_handover: Callable[[], None],
     ) -> None:
-        """``on_delivered``: a document was answered "processed" (a hand-over may be due)."""
+        """``on_handover``: a delivered document's hand-over to an internal system was
+        queued (the hand-over worker has work)."""
         self._state = state
         self._spool, self._audit, self._log, self._clock = (
             parts.spool,
@@ -76,7 +77,7 @@ class As2Handler:
         self._outbound = outbound
         self._tasks = tasks
         self._ocsp_client = ocsp_client
-        self._on_delivered = on_delivered
+        self._on_handover = on_handover
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
         # Decrypting and verifying received messages: each peer gets its share.
         self.pool = FairPool(INBOUND_WORKERS, INBOUND_WORKERS_PER_PEER, name="inbound")
@@ -218,8 +219,10 @@ class As2Handler:
             return self._refuse(Answer.INTERNAL_ERROR, peer, remote, reason)
         finally:
             body_path.unlink(missing_ok=True)
-        if result.status == 200:
-            self._on_delivered()  # a hand-over to the internal system may be due now
+        if result.handover:
+            # Only then: without one (no [delivery], or a service left in the inbox) the
+            # worker has nothing to do, and waking it costs a spool transaction.
+            self._on_handover()
         if result.receipt_url is not None and result.receipt is not None:
             self._tasks.spawn(
                 self._deliver_async_receipt(peer, result.receipt_url, *result.receipt)

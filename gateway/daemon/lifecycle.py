@@ -324,7 +324,7 @@ class Daemon:
             self._outbound,
             tasks,
             ocsp_client=self._trust.ocsp_client,
-            on_delivered=self._wake_handover,
+            on_handover=self._wake_handover,
         )
         self._reloader = Reloader(
             self._config_path,

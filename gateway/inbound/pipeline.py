@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,9 @@ class InboundResponse:
     # HTTP answer is then empty, and ``receipt`` is POSTed to ``receipt_url``.
     receipt_url: str | None = None
     receipt: tuple[tuple[tuple[str, str], ...], bytes] | None = None
+    # A hand-over of the delivered document to an internal system was queued with the
+    # receipt (the hand-over worker has work); not for a document left in the inbox only.
+    handover: bool = False
 
     @property
     def status(self) -> int:
@@ -227,6 +230,7 @@ class InboundProcessor:
             b"",
             receipt_url=url,
             receipt=(response.headers, response.body),
+            handover=response.handover,
         )
 
     def _process(self, request: InboundRequest) -> InboundResponse:
@@ -358,7 +362,7 @@ class InboundProcessor:
                 "handover": "queued" if hand_over else "none",
             },
         )
-        return response
+        return replace(response, handover=hand_over)
 
     def _accept(
         self, request: InboundRequest, message_id: str, digest: str
