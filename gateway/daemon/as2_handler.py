@@ -176,6 +176,7 @@ class As2Handler:
     ) -> web.StreamResponse:
         """Spool the body of an AS2 message, process it, answer with its receipt."""
         body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
+        body: bytes | Path | None = None
         try:
             try:
                 body = await self._receive_body(request, body_path, state.config.runtime)
@@ -218,7 +219,8 @@ class As2Handler:
             reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
             return self._refuse(Answer.INTERNAL_ERROR, peer, remote, reason)
         finally:
-            body_path.unlink(missing_ok=True)
+            if not isinstance(body, bytes):  # held in memory: no file was written
+                body_path.unlink(missing_ok=True)
         if result.handover:
             # Only then: without one (no [delivery], or a service left in the inbox) the
             # worker has nothing to do, and waking it costs a spool transaction.

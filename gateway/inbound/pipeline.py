@@ -169,6 +169,7 @@ class InboundProcessor:
         self._log = log
         self._locks = locks if locks is not None else InboundLocks()
         self._delivery = InboxDelivery(config, spool, audit, log, self._locks)
+        self._work_ready = False  # state_dir/incoming made (see _accept)
 
     def _decrypt(
         self, body: Path | bytes, signed_path: Path, peer: Peer
@@ -385,13 +386,19 @@ class InboundProcessor:
         if isinstance(route, Refusal):
             raise Refused(Disposition.AUTHENTICATION_FAILED, route.event, route.reason)
         work = self._config.storage.state_dir / "incoming"
-        private_folder(work)
+        if not self._work_ready:  # the daemon made it at start; alone, made here once
+            private_folder(work)
+            self._work_ready = True
         token = secrets.token_hex(8)
         signed_path, entity_path = (work / f"{token}.{suffix}" for suffix in ("signed", "entity"))
         try:
             return self._open_and_deliver(request, message_id, digest, signed_path, entity_path)
         finally:
-            for path in (signed_path, entity_path):
+            # A body held in memory is decrypted in memory: no signed file was written.
+            written = (
+                (entity_path,) if isinstance(request.body, bytes) else (signed_path, entity_path)
+            )
+            for path in written:
                 path.unlink(missing_ok=True)
 
     def _open_and_deliver(
