@@ -75,8 +75,12 @@ async def paced_chunks(
         try:
             if wait <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(wait):
-                data = await stream.read(chunk)
+            # What has arrived already is taken without a timer (a small body is all
+            # there with its headers); only a wait for more is bounded.
+            data = stream.read_nowait(chunk)
+            if not data and not stream.at_eof():
+                async with asyncio.timeout(wait):
+                    data = await stream.read(chunk)
         except TimeoutError:
             elapsed = loop.time() - start
             raise BodyTooSlow(
