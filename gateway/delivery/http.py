@@ -55,7 +55,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -71,6 +71,8 @@ from gateway.httpbody import read_capped
 from gateway.logs import Logger
 from gateway.pki.tls import delivery_tls_context
 from gateway.spool import HandoverRecord, Spool
+
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 MAX_ANSWER_BYTES = 64 << 10  # of the internal system's answer: read, never kept whole
@@ -114,6 +116,19 @@ async def _body(path: Path, size: int, sha256: str) -> AsyncIterator[bytes]:
         raise _Changed(f"the inbox file {path} changed after delivery")
     if pending:
         yield pending
+
+
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function`` in a worker thread: the spool's calls (and the audit records with
+    them) never hold the event loop, which a database that does not answer would for up
+    to its connect timeout.  A cancellation (shutdown) waits for it to finish, so that
+    nothing is left half-recorded when the spool is closed."""
+    work = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise
 
 
 class HandOver:
@@ -164,7 +179,7 @@ class HandOver:
                 self._wakeup.clear()
                 now = self._clock.now().timestamp()
                 if now >= resume_at:
-                    due = self._spool.handover_due(now)  # taken by this node
+                    due = await _off_loop(self._spool.handover_due, now)  # taken by this node
                     started = 0
                     try:
                         for record in due:
@@ -180,9 +195,10 @@ class HandOver:
                     finally:
                         # The rest waits (after a failure), or this node stops: let go of
                         # what it took and did not attempt, for any node to take at once.
-                        self._let_go(due[started:])
+                        if started < len(due):
+                            await _off_loop(self._let_go, due[started:])
                 now = self._clock.now().timestamp()
-                next_at = self._spool.handover_next_at()
+                next_at = await _off_loop(self._spool.handover_next_at)
                 wait = IDLE_CHECK_SECONDS
                 if next_at is not None:
                     wait = min(wait, max(next_at, resume_at) - now)
@@ -233,7 +249,8 @@ class HandOver:
         delivery = config.delivery
         url = delivery.url_for(record.service) if delivery is not None else ""
         if delivery is None or not url:
-            self._give_up(
+            await _off_loop(
+                self._give_up,
                 record,
                 "the hand-over is no longer configured ([delivery] in "
                 "gateway.toml); the document stays in the inbox",
@@ -255,8 +272,8 @@ class HandOver:
                 ssl_context = self._context(delivery)
             if not record.path.is_file():
                 raise _Changed(f"the inbox file {record.path} is gone")
-            if not self._spool.handover_holds(record.peer, record.message_id):
-                self._claim_lost(record)
+            if not await _off_loop(self._spool.handover_holds, record.peer, record.message_id):
+                await _off_loop(self._claim_lost, record)
                 return 0.0
             async with session.post(
                 url,
@@ -269,23 +286,25 @@ class HandOver:
                 status = response.status  # the answer's body says nothing more: read a
                 await read_capped(response.content, MAX_ANSWER_BYTES)  # bounded part of it
         except _Changed as exc:
-            self._give_up(record, f"{exc}: nothing was handed over")
+            await _off_loop(self._give_up, record, f"{exc}: nothing was handed over")
             return 0.0
         except _NoContext as exc:
-            return self._retry(record, url, str(exc))
+            return await _off_loop(self._retry, record, url, str(exc))
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
             cause = exc.__cause__
             if isinstance(cause, _Changed):
-                self._give_up(record, f"{cause}: nothing was handed over")
+                await _off_loop(self._give_up, record, f"{cause}: nothing was handed over")
                 return 0.0
             if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
                 exc.os_error, EgressRefused
             ):
-                return self._retry(record, url, f"not connected: {exc.os_error.message}")
-            return self._retry(record, url, f"{type(exc).__name__}: {exc}")
+                why = f"not connected: {exc.os_error.message}"
+                return await _off_loop(self._retry, record, url, why)
+            return await _off_loop(self._retry, record, url, f"{type(exc).__name__}: {exc}")
         if not 200 <= status < 300:
-            return self._retry(record, url, f"the internal system answered HTTP {status}")
-        self._spool.handover_done(record.peer, record.message_id)
+            why = f"the internal system answered HTTP {status}"
+            return await _off_loop(self._retry, record, url, why)
+        await _off_loop(self._spool.handover_done, record.peer, record.message_id)
         self._log.info("message.handed_over", peer=record.peer, message_id=record.message_id)
         self._audit().emit(
             AuditEvent(

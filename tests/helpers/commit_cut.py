@@ -7,7 +7,9 @@ client's protocol messages as they pass (no TLS on a Unix socket).  Armed with
 ``"before"`` the server sees it (the transaction is rolled back), or ``"after"``
 the server has answered it (committed) without the answer reaching the client.
 With ``refuse`` set it closes every new connection at once, as a server that
-has gone away.
+has gone away; with ``hang`` set it holds every new one without an answer, as a
+path to the server that has gone silent (libpq waits its connect_timeout), and
+:meth:`drop` ends the connections already made.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class CommitCut:
         self._lock = threading.Lock()
         self._armed: str | None = None
         self.refuse = False
+        self.hang = False
+        self._links: list[_Link] = []
+        self._held: list[socket.socket] = []
         self.cuts = 0  # connections ended at a COMMIT
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -39,8 +44,18 @@ class CommitCut:
         with self._lock:
             self._armed = when
 
+    def drop(self) -> None:
+        """End every connection passed through so far."""
+        with self._lock:
+            links, self._links = self._links, []
+        for link in links:
+            link.end()
+
     def close(self) -> None:
         self._listener.close()
+        self.drop()
+        for held in self._held:
+            held.close()
 
     def _accept(self) -> None:
         while True:
@@ -51,9 +66,14 @@ class CommitCut:
             if self.refuse:
                 client.close()
                 continue
+            if self.hang:
+                self._held.append(client)
+                continue
             server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             server.connect(self._target)
             link = _Link(self, client, server)
+            with self._lock:
+                self._links.append(link)
             threading.Thread(target=link.upstream, daemon=True).start()
             threading.Thread(target=link.downstream, daemon=True).start()
 
@@ -72,7 +92,7 @@ class _Link:
         self._server = server
         self._holding = False  # the server's answers are no longer passed on
 
-    def _end(self) -> None:
+    def end(self) -> None:
         for sock in (self._client, self._server):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -99,13 +119,13 @@ class _Link:
                 if head[:1] == b"Q" and message[5:].upper().startswith(b"COMMIT"):
                     when = self._cut._take()
                     if when == "before":
-                        self._end()
+                        self.end()
                         return
                     if when == "after":
                         self._holding = True
                 self._server.sendall(message)
         except OSError:
-            self._end()
+            self.end()
 
     def downstream(self) -> None:
         """Server to client; once holding, the first answer (COMMIT's) ends both."""
@@ -116,4 +136,4 @@ class _Link:
                 self._client.sendall(data)
         except OSError:
             pass
-        self._end()
+        self.end()

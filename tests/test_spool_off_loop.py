@@ -1,0 +1,109 @@
+"""The event loop keeps answering while the PostgreSQL spool does not.
+
+A path to the database that has gone silent makes every new connection wait its
+connect timeout.  The spool's calls of the loops that run on the event loop (the
+hand-over worker, the AS2 handler's suspension check, the metrics scrape's
+counts) must not wait there: the loop must answer everything else meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditLog
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.delivery.http import HandOver
+from gateway.egress import Network
+from gateway.errors import SpoolError
+from gateway.logs import make_logger
+from gateway.pki.demo import DemoLayout
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.helpers.commit_cut import CommitCut
+
+pytestmark = pytest.mark.usefixtures("postgres_server")
+
+CONNECT_TIMEOUT = 3
+
+
+@pytest.fixture
+def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
+    assert postgres.socket_dir is not None
+    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def spool(postgres: PostgresSettings, cut: CommitCut) -> Iterator[PostgresSpool]:
+    handle = PostgresSpool(
+        replace(postgres, socket_dir=cut.socket_dir, connect_timeout=CONNECT_TIMEOUT),
+        SystemClock(),
+    )
+    yield handle
+    handle.close()
+
+
+async def longest_stall(
+    start: Callable[[], object], work: Awaitable[object], until: float
+) -> float:
+    """While a ticker measures the event loop: ``start()`` (once it ticks), then await
+    ``work`` (which fails, the database not answering) for at most ``until`` seconds.
+    The longest the loop went without running the ticker (seconds)."""
+    longest = 0.0
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal longest, ticks
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.02)
+            now = time.monotonic()
+            longest, ticks = max(longest, now - last), ticks + 1
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    while ticks < 3:
+        await asyncio.sleep(0.02)
+    start()
+    with pytest.raises((SpoolError, TimeoutError)):
+        await asyncio.wait_for(work, timeout=until)
+    await asyncio.sleep(0.1)  # the ticker's turn after a stall, if there was one
+    ticking.cancel()
+    return longest
+
+
+def test_the_hand_over_worker_waits_for_the_database_off_the_event_loop(
+    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut
+) -> None:
+    config = load_config(layout.hospital.config_path)
+    clock = SystemClock()
+    audit = AuditLog(layout.hospital.root / "audit.jsonl", clock, node=spool.node)
+    handover = HandOver(
+        spool, lambda: audit, make_logger(stream=io.StringIO()), clock, lambda: config,
+        random.Random(1), Network.fixed(config.network_map).internal(),
+    )  # fmt: skip
+
+    async def run() -> float:
+        worker = asyncio.create_task(handover.run())
+        await asyncio.sleep(0.5)  # a first look at the queue, on a live database
+        assert not worker.done()
+
+        def silence() -> None:
+            cut.hang = True
+            cut.drop()
+            handover.wake()
+
+        return await longest_stall(silence, worker, until=CONNECT_TIMEOUT * 3)
+
+    stall = asyncio.run(run())
+    assert stall < 1.0, f"the event loop stood still {stall:.1f} s"
+    audit.close()
