@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import pytest
 
 from gateway.audit import AuditLog
 from gateway.clock import SystemClock
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.daemon.leases import LeaseKeeper
 from gateway.delivery.http import HandOver, idempotency_key
 from gateway.delivery.inbox import work_name
@@ -37,7 +37,7 @@ from gateway.inbound.recovery import take_over
 from gateway.logs import make_logger
 from gateway.outbound import Outbound, Settings
 from gateway.pki.demo import DemoLayout
-from gateway.pki.peers import assess_peers
+from gateway.pki.peers import PeerTrust, assess_peers
 from gateway.spool import (
     Claimant,
     DataKey,
@@ -441,6 +441,68 @@ def test_a_delivery_a_dead_node_linked_is_recorded_by_the_node_taking_over(
     assert len(events(trail, "message.duplicate")) == 1
 
 
+def _keeper(
+    config: GatewayConfig,
+    spool: Spool,
+    clock: Clock,
+    trail: Path,
+    stream: io.StringIO,
+    trust: Mapping[str, PeerTrust] | None = None,
+) -> LeaseKeeper:
+    """The lease keeper of node ``spool.node``, with its inbound and outbound sides."""
+    log = make_logger(stream=stream)
+    audit = AuditLog(trail, clock, node=spool.node)
+    processor = InboundProcessor(config, spool, audit, log, clock)
+    outbound = Outbound(Settings(config, trust or {}), spool, audit, log, clock)
+    return LeaseKeeper(
+        spool, clock, lambda: config, lambda: processor, outbound, lambda: audit, log,
+        lambda: None,
+    )  # fmt: skip
+
+
+def test_a_running_node_prepares_what_a_dead_node_took_in_and_kept_in_the_spool(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+) -> None:
+    """Node a took two documents in and died before preparing them: the small one's
+    copy is in its spool row, the large one's in a's own state folder.  Live node b's
+    lease keeper, once a's lease ran out, claims and prepares the first (audited as
+    taken over), without waiting for any node to start; the second waits for node a
+    (its document is where only a reaches it)."""
+    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    a, b = nodes
+    config = load_config(layout.lab.config_path)
+    [peer] = config.peers
+    trail = layout.lab.root / "audit-b.jsonl"
+
+    def took_in(message_id: str, payload: bytes | None) -> None:
+        a.add_intake(
+            message_id, peer.name, "d.hl7", "application/hl7-v2", layout.lab.outbox_dir / "d",
+            layout.lab.root / "state-a" / message_id, zone=peer.zone, payload=payload,
+        )  # fmt: skip
+
+    took_in("<row@KITA-LAB>", b"MSH|^~\\&|LAB|row\r")
+    took_in("<file@KITA-LAB>", None)
+
+    async def keep_leases() -> None:
+        trust = await assess_peers(config.peers, config.zones, at=clock.now())
+        keeper = _keeper(config, b, clock, trail, io.StringIO(), trust)
+        assert await keeper.take_over_all() == set()  # a's claims are live
+        assert events(trail, "message.taken_over") == []
+        clock.advance(LEASE + 1)
+        await keeper.take_over_all()
+
+    asyncio.run(keep_leases())
+    [taken] = events(trail, "message.taken_over")
+    assert (taken["message_id"], taken["detail"]["from_node"]) == ("<row@KITA-LAB>", "a")
+    [accepted] = events(trail, "message.accepted")
+    assert accepted["message_id"] == "<row@KITA-LAB>"
+    prepared = b.get("<row@KITA-LAB>")
+    assert prepared is not None and prepared.state is OutboundState.QUEUED
+    waiting = b.get("<file@KITA-LAB>")
+    assert waiting is not None and waiting.state is OutboundState.INTAKE
+    assert waiting.node == "a"
+
+
 def test_the_lease_keeper_removes_the_work_files_a_dead_node_left_once_a_lease_old(
     layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
 ) -> None:
@@ -453,13 +515,7 @@ def test_the_lease_keeper_removes_the_work_files_a_dead_node_left_once_a_lease_o
     config = load_config(layout.hospital.config_path)
     lease = config.cluster.lease_seconds
     stream = io.StringIO()
-    log = make_logger(stream=stream)
-    audit = AuditLog(layout.hospital.root / "audit-b.jsonl", clock, node="b")
-    processor = InboundProcessor(config, b, audit, log, clock)
-    keeper = LeaseKeeper(
-        b, clock, lambda: config, lambda: processor,
-        Outbound(Settings(config, {}), b, audit, log, clock), lambda: audit, log, lambda: None,
-    )  # fmt: skip
+    keeper = _keeper(config, b, clock, layout.hospital.root / "audit-b.jsonl", stream)
     folder = config.storage.inbox_dir / "lab"
     folder.mkdir(parents=True)
 

@@ -6,9 +6,11 @@ cannot (the spool is unreachable) for half a lease, its sends in progress stop
 (``Outbound.claims_lost``): by the time another node may take them over, this one
 has let go.  Then it takes over the other nodes' claims whose lease ran out:
 messages they were sending go back to the queue (audited ``message.taken_over``,
-sent by whichever node claims them next), and deliveries they left in the middle
-are settled here (gateway.inbound.recovery), and hand-overs to the internal
-system they had taken are let go (audited ``message.taken_over``, handed over by
+sent by whichever node claims them next), the documents they had taken in and
+not yet prepared, kept in the spool's rows, are prepared here (audited
+``message.taken_over``), deliveries they left in the middle are settled here
+(gateway.inbound.recovery), and hand-overs to the internal system they had taken
+are let go (audited ``message.taken_over``, handed over by
 whichever node takes them next: gateway.delivery.http).  Once a lease it also
 removes the inbox work files no delivery needs that are a lease old (a node that
 died and never comes back leaves them), as a start does.
@@ -62,7 +64,7 @@ class LeaseKeeper:
             lease = self._config().cluster.lease_seconds
             await self.renew(lease)
             try:
-                peers = await asyncio.to_thread(self.take_over)
+                peers = await self.take_over_all()
             except MedgwError as exc:
                 if self._failing is None:  # else said once already (lease.renew_failed)
                     self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
@@ -112,10 +114,20 @@ class LeaseKeeper:
             self._log.info("lease.claims_back", node=self._spool.node, requeued=len(requeued))
             lost.clear()
 
-    def take_over(self) -> set[str | None]:
+    async def take_over_all(self) -> set[str | None]:
+        """Take over the other nodes' claims whose lease ran out (see :meth:`take_over`),
+        then prepare the documents they had taken in; returns the peers with messages
+        to send, and None if there are hand-overs to make."""
+        peers, intake = await asyncio.to_thread(self.take_over)
+        await self._outbound.prepare_taken_over(intake)
+        return peers
+
+    def take_over(self) -> tuple[set[str | None], list[OutboundRecord]]:
         """The other nodes' claims whose lease ran out: their messages queued again here,
-        their deliveries settled, their hand-overs let go; returns the peers with
-        messages to send, and None if there are hand-overs to make (worker thread)."""
+        the documents they took in (and kept in the spool) claimed here, their
+        deliveries settled, their hand-overs let go; returns the peers with messages to
+        send (None if there are hand-overs to make) and the documents to prepare
+        (worker thread)."""
         peers: set[str | None] = set()
         for record in self._spool.take_over_expired():
             peers.add(record.peer)
@@ -125,6 +137,16 @@ class LeaseKeeper:
                 direction="outbound",
                 reason=f"node {record.node} was sending it and its claim ran out at "
                 f"{iso_time(record.lease_until)}; queued again by node {self._spool.node}",
+            )
+        intake = self._spool.intake_take_over()
+        for record in intake:
+            self._taken_over(
+                "message.taken_over",
+                record,
+                direction="outbound",
+                reason=f"node {record.node} had taken it in and not yet signed and encrypted "
+                f"it, and its claim ran out at {iso_time(record.lease_until)}; prepared by "
+                f"node {self._spool.node}",
             )
         settled = self._inbound().take_over()
         if settled:
@@ -140,7 +162,7 @@ class LeaseKeeper:
                 f"and its claim ran out at {iso_time(handover.lease_until)}; let go by "
                 f"node {self._spool.node}, handed over by the next node to take it",
             )
-        return peers
+        return peers, intake
 
     def _sweep(self) -> None:
         """Once a lease: the inbox work files no delivery needs, a lease old or more,

@@ -98,6 +98,11 @@ class Outbound:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
         await self._recovery.recover()
 
+    async def prepare_taken_over(self, taken: list[OutboundRecord]) -> None:
+        """Sign, encrypt and queue the documents other nodes took in and left unprepared
+        when their claims ran out, claimed by this node (Spool.intake_take_over)."""
+        await self._recovery.take_over(taken)
+
     async def due_for_sending(
         self, peer: Peer, now: float, free: int
     ) -> tuple[list[OutboundRecord], float | None]:

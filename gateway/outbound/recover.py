@@ -69,52 +69,63 @@ class Recovery:
             if self._ctx.clock.monotonic() - renewed_at >= lease / 3:
                 self._ctx.spool.renew_leases()
                 renewed_at = self._ctx.clock.monotonic()
-            peer = self._ctx.config.peer(record.peer)
+            await self._finish(record)
+
+    async def take_over(self, taken: list[OutboundRecord]) -> None:
+        """While running: prepare the documents other nodes had taken in, and left
+        unprepared when their claims ran out, claimed here (Spool.intake_take_over)."""
+        for record in taken:
+            await self._finish(record)
+
+    async def _finish(self, record: OutboundRecord) -> None:
+        """Prepare an interrupted intake this node claimed, or give it back, or fail it
+        saying why."""
+        peer = self._ctx.config.peer(record.peer)
+        if (
+            record.node not in (None, self._ctx.spool.node)
+            and not record.has_document
+            and not record.source_path.exists()
+        ):
+            # Taken in by another node that stopped: its document is in that node's
+            # state folder; given back to it, it prepares it when it starts again.
+            self._ctx.spool.intake_release(record.message_id, record.node)
+            return
+        if record.has_document and peer is not None:
+            source = record.source_path
             if (
-                record.node not in (None, self._ctx.spool.node)
-                and not record.has_document
-                and not record.source_path.exists()
+                source != record.payload_path
+                and source.exists()
+                and await asyncio.to_thread(self._same_document, record)
             ):
-                # Taken in by another node that stopped: its document is in that node's
-                # state folder; given back to it, it prepares it when it starts again.
-                self._ctx.spool.intake_release(record.message_id, record.node)
-                continue
-            if record.has_document and peer is not None:
-                source = record.source_path
-                if (
-                    source != record.payload_path
-                    and source.exists()
-                    and await asyncio.to_thread(self._same_document, record)
-                ):
-                    # Killed after copying the document into the spool (its file, or its
-                    # row for a small one), before removing it from the outbox (the copy
-                    # is complete: written atomically, or committed with the row). Remove
-                    # it, or the next scan sends it again.
-                    # (A different document dropped since under the same name stays.)
-                    source.unlink()
-                    fsync_dir(source.parent)
-                submitter = self._ctx.spool.submitter(record.message_id)
-                await self._sealer.prepare(record, peer, submitted_by=submitter)
-            elif record.source_path.exists() and peer is not None:
-                if not await asyncio.to_thread(self._take_again, record):
-                    continue  # another node took it over meanwhile: it prepares it
-                submitter = self._ctx.spool.submitter(record.message_id)
-                await self._sealer.prepare(record, peer, submitted_by=submitter)
-            else:
-                reason = (
-                    "peer no longer configured"
-                    if peer is None
-                    else "the document vanished between outbox and spool"
-                )
-                self._ctx.spool.mark_done(
-                    record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
-                )
-                self._ctx.alert(
-                    EventType.MESSAGE_FAILED,
-                    peer=record.peer,
-                    message_id=record.message_id,
-                    reason=reason,
-                )
+                # Killed after copying the document into the spool (its file, or its
+                # row for a small one), before removing it from the outbox (the copy
+                # is complete: written atomically, or committed with the row). Remove
+                # it, or the next scan sends it again.
+                # (A different document dropped since under the same name stays.)
+                source.unlink()
+                fsync_dir(source.parent)
+            submitter = self._ctx.spool.submitter(record.message_id)
+            await self._sealer.prepare(record, peer, submitted_by=submitter)
+        elif record.source_path.exists() and peer is not None:
+            if not await asyncio.to_thread(self._take_again, record):
+                return  # another node took it over meanwhile: it prepares it
+            submitter = self._ctx.spool.submitter(record.message_id)
+            await self._sealer.prepare(record, peer, submitted_by=submitter)
+        else:
+            reason = (
+                "peer no longer configured"
+                if peer is None
+                else "the document vanished between outbox and spool"
+            )
+            self._ctx.spool.mark_done(
+                record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
+            )
+            self._ctx.alert(
+                EventType.MESSAGE_FAILED,
+                peer=record.peer,
+                message_id=record.message_id,
+                reason=reason,
+            )
 
     def _same_document(self, record: OutboundRecord) -> bool:
         """Whether the spool's copy of the document (encrypted at rest, or as it is) holds

@@ -15,7 +15,8 @@ internal system) is claimed in its name under a lease that lasts
 calls every third of that).  A node takes back at start-up only its own
 interrupted work and the claims whose lease ran out; while running, it takes
 over the expired claims of other nodes (:meth:`Spool.take_over_expired`,
-:meth:`Spool.inbound_take_over`, :meth:`Spool.handover_take_over`).  Before each
+:meth:`Spool.intake_take_over`, :meth:`Spool.inbound_take_over`,
+:meth:`Spool.handover_take_over`).  Before each
 step that cannot be undone (the POST to the peer, linking a document into the
 inbox, the POST to the internal system) the holder checks that it still holds
 its claim with at least half a lease to spare (:meth:`Spool.holds_lease`,
@@ -161,6 +162,14 @@ class Spool(Protocol):
         reach), oldest first, each claimed by this node under a new lease in the same
         transaction (so that two nodes starting at once never both prepare one).
         Returns them as they were (``node``: who held them)."""
+        ...
+
+    def intake_take_over(self) -> list[OutboundRecord]:
+        """While running: messages other nodes took in and had not finished preparing
+        whose lease ran out, and whose document is kept in the spool row (any node can
+        prepare those; one kept in a file is in its node's state folder, taken up when
+        that node starts), claimed by this node (returned as they were: ``node`` is
+        who held them)."""
         ...
 
     def intake_release(self, message_id: str, node: str | None) -> bool:

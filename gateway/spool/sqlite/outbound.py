@@ -317,16 +317,29 @@ class OutboundQueue(SqlStore):
 
     def intake_interrupted(self) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.intake_interrupted`."""
-        now, lease_until = self._lease()
+        now, _ = self._lease()
+        return self._claim_intake("(node=? OR node IS NULL OR lease_until<?)", (self.node, now))
+
+    def intake_take_over(self) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.intake_take_over`."""
+        now, _ = self._lease()
+        return self._claim_intake(
+            "node IS NOT NULL AND node!=? AND lease_until<? AND payload IS NOT NULL",
+            (self.node, now),
+        )
+
+    def _claim_intake(self, where: str, params: tuple[object, ...]) -> list[OutboundRecord]:
+        """Messages in intake that match ``where``, oldest first, claimed for this node in
+        one transaction; returns them as they were (who held them before)."""
+        _, lease_until = self._lease()
 
         def claim(db: Connection) -> list[Row]:
-            # Locked as read (PostgreSQL): another node starting at the same moment passes
+            # Locked as read (PostgreSQL): another node claiming at the same moment passes
             # these rows by, and a renewal committing meanwhile is not overruled.
             rows: list[Row] = db.execute(
-                "SELECT * FROM outbound WHERE state=?"  # noqa: S608 - fixed text
-                " AND (node=? OR node IS NULL OR lease_until<?)"
+                f"SELECT * FROM outbound WHERE state=? AND {where}"  # noqa: S608 - fixed text
                 f" ORDER BY created_at{self.claim_lock}",
-                (OutboundState.INTAKE.value, self.node, now),
+                (OutboundState.INTAKE.value, *params),
             ).fetchall()
             db.executemany(
                 "UPDATE outbound SET node=?, lease_until=? WHERE message_id=? AND state=?",
