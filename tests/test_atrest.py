@@ -246,6 +246,40 @@ def test_a_rotation_waits_for_an_item_being_stored(tmp_path: Path) -> None:
     spool.close()
 
 
+def test_items_stored_together_hold_off_a_rotation_that_starts_between_them(
+    tmp_path: Path,
+) -> None:
+    """Several items sealed for one spool transaction (receipts settled in a group) are
+    in one block: a rotation that starts after the first is sealed waits for them all,
+    and every key they were wrapped under is re-wrapped once they are stored."""
+    spool, vault, _ = _spool_with_keys(tmp_path, 1)
+    items = [f"outbound-receipt:<{n}@hospital>" for n in range(3)]
+    rotated = threading.Event()
+    with vault.storing_all(items) as sealings:
+        stored = [sealings[0].seal(b"receipt 0")]
+
+        def rotate() -> None:
+            vault.rotate()
+            rotated.set()
+
+        rotation = threading.Thread(target=rotate)
+        rotation.start()
+        assert not rotated.wait(0.3)  # blocked while the items are being stored
+        stored += [sealing.seal(b"receipt %d" % n) for n, sealing in enumerate(sealings) if n]
+        for sealing in sealings:
+            assert sealing.key is not None and sealing.key.kek == 1
+            spool.put_data_key(sealing.key)
+    rotation.join(30)
+    assert rotated.is_set()
+    assert [vault.open_bytes(i, s) for i, s in zip(items, stored, strict=True)] == [
+        b"receipt 0",
+        b"receipt 1",
+        b"receipt 2",
+    ]
+    assert spool.data_key_versions() == [2]
+    spool.close()
+
+
 @pytest.mark.parametrize(
     "fault",
     [

@@ -8,7 +8,15 @@ data keys; ``vault``: sealing and opening items, and the rotation after a purge.
 from __future__ import annotations
 
 from gateway.atrest.keys import KeyStore
-from gateway.atrest.vault import Sealing, Vault, new_data_key, open_bytes, open_file, storing
+from gateway.atrest.vault import (
+    Sealing,
+    Vault,
+    new_data_key,
+    open_bytes,
+    open_file,
+    storing,
+    storing_all,
+)
 
 __all__ = [
     "KeyStore",
@@ -18,4 +26,5 @@ __all__ = [
     "open_bytes",
     "open_file",
     "storing",
+    "storing_all",
 ]

@@ -24,7 +24,7 @@ import dataclasses
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, cast
 
@@ -86,11 +86,19 @@ class Vault:
     def storing(self, item: str) -> Iterator[Sealing]:
         """Seal ``item`` and store it (with ``.key``, in the spool) inside this block: a
         rotation waits for it to end."""
+        with self.storing_all([item]) as [sealing]:
+            yield sealing
+
+    @contextlib.contextmanager
+    def storing_all(self, items: Sequence[str]) -> Iterator[list[Sealing]]:
+        """Seal several ``items`` and store them (their keys in one spool transaction)
+        inside this one block: a rotation waits for it to end.  (Blocks nested in one
+        thread instead could wait forever for a rotation that waits for the outer one.)"""
         with self._cond:
             self._cond.wait_for(lambda: not self._rotating)
             self._storing += 1
         try:
-            yield Sealing(self, item)
+            yield [Sealing(self, item) for item in items]
         finally:
             with self._cond:
                 self._storing -= 1
@@ -339,11 +347,19 @@ class Sealing:
 def storing(vault: Vault | None, item: str) -> Iterator[Sealing]:
     """Seal ``item`` and store it (with its key) inside this block (see
     :meth:`Vault.storing`); without a vault, it is stored as it is."""
-    if vault is None:
-        yield Sealing(None, item)
-        return
-    with vault.storing(item) as sealing:
+    with storing_all(vault, [item]) as [sealing]:
         yield sealing
+
+
+@contextlib.contextmanager
+def storing_all(vault: Vault | None, items: Sequence[str]) -> Iterator[list[Sealing]]:
+    """Seal several ``items`` and store them (with their keys) inside this one block (see
+    :meth:`Vault.storing_all`); without a vault, they are stored as they are."""
+    if vault is None:
+        yield [Sealing(None, item) for item in items]
+        return
+    with vault.storing_all(items) as sealings:
+        yield sealings
 
 
 def new_data_key(vault: Vault | None) -> bytes | None:
