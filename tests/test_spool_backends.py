@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import SpoolError
-from gateway.spool import HandoverState, SqliteSpool
+from gateway.spool import HandoverState, OutboundState, Settled, Spool, SqliteSpool
 from gateway.spool.records import DataKey
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
@@ -111,6 +111,72 @@ def test_a_second_preparation_of_a_document_does_not_replace_the_first_ones_key(
     second.mark_queued("<m@h>", None, [], "mic", 1, body=b"2", data_key=DataKey(item, 1, b"two"))
     assert first.data_key(item) == DataKey(item, 1, b"one")
     assert second.get("<m@h>").body == b"1"  # type: ignore[union-attr]
+
+
+def _sending(spool: Spool, tmp_path: Path, *ids: str) -> None:
+    for message_id in ids:
+        spool.add_intake(message_id, "lab", "a", "text/plain", tmp_path, tmp_path)
+        spool.mark_queued(message_id, None, [], "mic", 1, body=b"sealed")
+    claimed, _ = spool.claim_due("lab", 2e9, len(ids))
+    assert {r.message_id for r in claimed} == set(ids)
+
+
+def test_messages_answered_together_are_settled_in_one_transaction(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Delivered, failed and awaiting their receipt at once: each as mark_done and
+    mark_awaiting_receipt would leave it, with the receipts' data keys."""
+    spool = make_spool(TickingClock())
+    _sending(spool, tmp_path, "<ok@h>", "<bad@h>", "<later@h>")
+    ok_key = DataKey("outbound-receipt:<ok@h>", 1, b"k-ok")
+    awaited = spool.mark_settled(
+        [
+            Settled(
+                "<ok@h>", OutboundState.DELIVERED, "processed", tmp_path / "ok.mdn", None, ok_key
+            ),
+            Settled("<bad@h>", OutboundState.FAILED, "mic-mismatch", tmp_path / "bad.mdn", "MIC"),
+        ],
+        ["<later@h>", "<unknown@h>"],
+    )
+    assert awaited == ["<later@h>"]
+    ok, bad, later = (spool.get(m) for m in ("<ok@h>", "<bad@h>", "<later@h>"))
+    assert ok is not None and ok.state is OutboundState.DELIVERED and ok.body is None
+    assert ok.receipt_path == tmp_path / "ok.mdn" and ok.disposition == "processed"
+    assert bad is not None and bad.state is OutboundState.FAILED and bad.last_error == "MIC"
+    assert bad.body == b"sealed"  # a failed message may be retried: its body stays
+    assert later is not None and later.state is OutboundState.AWAITING_RECEIPT
+    assert spool.data_key(ok_key.item) == ok_key
+    # Its receipt settled it first: no longer awaiting one.
+    assert spool.mark_settled([], ["<ok@h>"]) == []
+
+
+def test_a_settlement_that_fails_changes_none_of_its_messages(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
+    _sending(spool, tmp_path, "<a@h>", "<b@h>", "<c@h>")
+
+    def broken() -> DataKey:
+        raise SpoolError("the key could not be stored", fix="none")
+
+    with pytest.raises(SpoolError, match="could not be stored"):
+        spool.mark_settled(
+            [
+                Settled("<a@h>", OutboundState.DELIVERED, "processed", tmp_path / "a.mdn"),
+                Settled(
+                    "<b@h>",
+                    OutboundState.DELIVERED,
+                    "processed",
+                    tmp_path / "b.mdn",
+                    data_key=DataKey("outbound-receipt:<b@h>", 1, b"k", current=broken),
+                ),
+            ],
+            ["<c@h>"],
+        )
+    for message_id in ("<a@h>", "<b@h>", "<c@h>"):
+        record = spool.get(message_id)
+        assert record is not None and record.state is OutboundState.SENDING
+    assert spool.data_key("outbound-receipt:<b@h>") is None
 
 
 def test_a_shred_a_reader_keeps_from_emptying_the_log_says_so(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from gateway.spool.records import (
     OutboundState,
     PeerControl,
     RetainedKind,
+    Settled,
 )
 from gateway.spool.sqlite import SqliteSpool
 
@@ -58,6 +59,7 @@ __all__ = [
     "OutboundState",
     "PeerControl",
     "RetainedKind",
+    "Settled",
     "Spool",
     "SqliteSpool",
     "open_spool",

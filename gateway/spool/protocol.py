@@ -43,6 +43,7 @@ from gateway.spool.records import (
     OutboundState,
     PeerControl,
     RetainedKind,
+    Settled,
 )
 
 
@@ -149,6 +150,14 @@ class Spool(Protocol):
     ) -> None:
         """Finished; ``data_key``: the key the receipt file is encrypted under at rest,
         stored in the same transaction."""
+        ...
+
+    def mark_settled(self, settled: Sequence[Settled], awaiting: Sequence[str] = ()) -> list[str]:
+        """Several sent messages settled in one transaction: each of ``settled`` finished
+        as :meth:`mark_done` finishes it (its receipt's data key stored with it), and each
+        of ``awaiting`` (Message-IDs) marked as :meth:`mark_awaiting_receipt` marks it;
+        returns those of ``awaiting`` so marked.  All or nothing: on an error none of
+        these changes is made."""
         ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...

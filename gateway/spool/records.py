@@ -228,6 +228,20 @@ class DataKey:
         return self.kek == 0
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A sent message finished by its receipt (see :meth:`Spool.mark_settled`):
+    ``state`` delivered or failed, the receipt's ``disposition``, the file the receipt
+    is kept in and the ``data_key`` it is encrypted under at rest."""
+
+    message_id: str
+    state: OutboundState
+    disposition: str
+    receipt_path: Path | None
+    error: str | None = None
+    data_key: DataKey | None = None
+
+
 # The names of the items kept encrypted at rest, each with its own data key.
 def payload_item(message_id: str) -> str:
     """The document of an outbound message, from its intake until it is signed and

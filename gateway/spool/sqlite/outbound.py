@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.errors import InvalidValueError, SpoolError
@@ -13,12 +14,18 @@ from gateway.spool.records import (
     DataKey,
     OutboundRecord,
     OutboundState,
+    Settled,
     payload_item,
 )
 from gateway.spool.sql import Connection, Row, SqlStore
 
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
+# Sent by this node, its receipt to come later (unless that receipt settled it already).
+_AWAIT_RECEIPT = (
+    "UPDATE outbound SET state=?, updated_at=?, lease_until=0 WHERE message_id=?"
+    " AND state=? AND node=?"
+)
 
 
 def _outbound(row: Row) -> OutboundRecord:
@@ -204,19 +211,16 @@ class OutboundQueue(SqlStore):
     def mark_awaiting_receipt(self, message_id: str) -> bool:
         """Sent, its receipt to come later; False if that receipt has already settled it
         (or another node took it over)."""
+        return self._write(_AWAIT_RECEIPT, self._awaiting(message_id, self._now())) == 1
+
+    def _awaiting(self, message_id: str, now: str) -> tuple[object, ...]:
+        """The parameters of :data:`_AWAIT_RECEIPT` for ``message_id``."""
         return (
-            self._write(
-                "UPDATE outbound SET state=?, updated_at=?, lease_until=0 WHERE message_id=?"
-                " AND state=? AND node=?",
-                (
-                    OutboundState.AWAITING_RECEIPT.value,
-                    self._now(),
-                    message_id,
-                    OutboundState.SENDING.value,
-                    self.node,
-                ),
-            )
-            == 1
+            OutboundState.AWAITING_RECEIPT.value,
+            now,
+            message_id,
+            OutboundState.SENDING.value,
+            self.node,
         )
 
     def requeue_unanswered(self, peer: str, sent_before: str) -> list[str]:
@@ -289,21 +293,42 @@ class OutboundQueue(SqlStore):
         data_key: DataKey | None = None,
     ) -> None:
         # ``data_key``: the key the receipt file is encrypted under at rest.
-        # Once delivered, the body stored in the spool is of no more use (as its file is).
-        self._write(
-            "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?,"
-            " updated_at=?, body=CASE WHEN ? THEN NULL ELSE body END WHERE message_id=?",
-            (
-                state.value,
-                disposition,
-                str(receipt_path) if receipt_path else None,
-                error,
-                self._now(),
-                state is OutboundState.DELIVERED,
-                message_id,
-            ),
-            key=data_key,
-        )
+        self.mark_settled([Settled(message_id, state, disposition, receipt_path, error, data_key)])
+
+    def mark_settled(self, settled: Sequence[Settled], awaiting: Sequence[str] = ()) -> list[str]:
+        """See :meth:`gateway.spool.protocol.Spool.mark_settled`."""
+        if not settled and not awaiting:
+            return []
+        now = self._now()
+
+        def settle(db: Connection) -> list[str]:
+            # Once delivered, the body stored in the spool is of no more use (as its file is).
+            db.executemany(
+                "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?,"
+                " updated_at=?, body=CASE WHEN ? THEN NULL ELSE body END WHERE message_id=?",
+                [
+                    (
+                        done.state.value,
+                        done.disposition,
+                        str(done.receipt_path) if done.receipt_path else None,
+                        done.error,
+                        now,
+                        done.state is OutboundState.DELIVERED,
+                        done.message_id,
+                    )
+                    for done in settled
+                ],
+            )
+            for done in settled:
+                if done.data_key is not None:
+                    self._store_key(db, done.data_key)
+            return [
+                message_id
+                for message_id in awaiting
+                if db.execute(_AWAIT_RECEIPT, self._awaiting(message_id, now)).rowcount == 1
+            ]
+
+        return self._transact(settle)
 
     def get(self, message_id: str) -> OutboundRecord | None:
         row = self._one("SELECT * FROM outbound WHERE message_id=?", (message_id,))
