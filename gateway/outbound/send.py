@@ -50,18 +50,16 @@ class Sender:
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task or node picks it up).
         try:
-            if self._ctx.claims_lost.is_set() or not await self._ctx.in_thread(
-                self._ctx.spool.holds_lease, record.message_id
-            ):
+            if self._ctx.claims_lost.is_set():
                 await self._ctx.in_thread(self._claim_lost, record)
                 return 0.0
-            try:
-                body, headers = await self._ctx.in_thread(self._stored_body, record)
-            except AtRestError as exc:
-                return await self._ctx.in_thread(self._unreadable, record, peer, exc)
+            ready = await self._ctx.in_thread(self._ready, record, peer, on_cancel=_close)
         except asyncio.CancelledError:
             await self._interrupted(record)  # stopped before the POST: any node sends it
             raise
+        if ready is None:
+            return 0.0
+        body, headers = ready
         try:
             response = await self._while_claimed(client.post(peer.url, headers, body))
             if response is None:
@@ -100,6 +98,22 @@ class Sender:
         await self._ctx.in_thread(
             self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
         )
+
+    def _ready(
+        self, record: OutboundRecord, peer: Peer
+    ) -> tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]] | None:
+        """Right before the POST, in one worker-thread trip: the claim checked (still held
+        by this node, with half a lease to spare), then the stored body opened.  None:
+        not to be sent now (the claim was lost, or the body cannot be read back), which
+        is recorded here."""
+        if not self._ctx.spool.holds_lease(record.message_id):
+            self._claim_lost(record)
+            return None
+        try:
+            return self._stored_body(record)
+        except AtRestError as exc:
+            self._unreadable(record, peer, exc)
+            return None
 
     def _stored_body(
         self, record: OutboundRecord
@@ -293,3 +307,9 @@ class Sender:
             attempts=attempts,
             reason=error,
         )
+
+
+def _close(ready: tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]] | None) -> None:
+    """A body opened for a send that a shutdown cancelled is closed unsent."""
+    if ready is not None and not isinstance(ready[0], bytes):
+        ready[0].close()
