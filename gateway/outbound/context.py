@@ -5,7 +5,7 @@ threads that keep fsync and crypto off the event loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -160,18 +160,48 @@ class Context:
     ) -> None:
         """One audit record about an outbound message."""
         self.audit.emit(
-            AuditEvent(
+            self.event(
                 event,
-                outcome,
-                severity,
                 peer=peer,
                 message_id=message_id,
-                direction="outbound",
+                outcome=outcome,
+                severity=severity,
                 service=service,
                 reason=reason,
-                detail=detail or {},
+                detail=detail,
             )
         )
+
+    def event(
+        self,
+        event: EventType,
+        *,
+        peer: str,
+        message_id: str | None,
+        outcome: Outcome = Outcome.SUCCESS,
+        severity: Severity = Severity.INFO,
+        service: str | None = None,
+        reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        """The audit record :meth:`record` writes, made to be written with others
+        (:meth:`record_all`)."""
+        return AuditEvent(
+            event,
+            outcome,
+            severity,
+            peer=peer,
+            message_id=message_id,
+            direction="outbound",
+            service=service,
+            reason=reason,
+            detail=detail or {},
+        )
+
+    def record_all(self, events: Sequence[AuditEvent]) -> None:
+        """Several audit records written together, in their order."""
+        for event in events:
+            self.audit.emit(event)
 
     def failed(
         self,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import BinaryIO
 
@@ -16,10 +16,16 @@ from gateway.audit import EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response
 from gateway.config import Peer
 from gateway.errors import AtRestError, MedgwError, TransportError
+from gateway.outbound.batches import Batches
 from gateway.outbound.context import Context
-from gateway.outbound.settle import Settler, asks_async_receipt
+from gateway.outbound.settle import Answer, Settler, asks_async_receipt
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import body_item
+
+# The most answered messages settled together: one worker-thread trip, one spool
+# transaction, one audit write for them all (a group forms while the one before it is
+# being settled, so an idle gateway settles each at once).
+SETTLE_BATCH = 64
 
 
 class Sender:
@@ -28,6 +34,8 @@ class Sender:
     def __init__(self, context: Context, settler: Settler) -> None:
         self._ctx = context
         self._settler = settler
+        # The messages the peers have answered, settled in groups (see outbound.batches).
+        self.settling = Batches(context, self._sent_all, SETTLE_BATCH)
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         runtime = self._ctx.config.runtime
@@ -88,7 +96,7 @@ class Sender:
                 body.close()
         if posted is not None:
             posted()
-        await self._ctx.in_thread(self._sent, record, peer, response, awaiting)
+        await self.settling.do(Answer(record, peer, response, awaiting=awaiting))
         return 0.0
 
     async def _interrupted(self, record: OutboundRecord) -> None:
@@ -214,21 +222,26 @@ class Sender:
         )
         return delay
 
-    def _sent(self, record: OutboundRecord, peer: Peer, response: Response, awaiting: bool) -> None:
-        """The peer took the message: record it, and settle it by the receipt in the
-        answer, or wait for the one it will POST (worker thread)."""
-        self._ctx.record(
-            EventType.MESSAGE_SENT,
-            peer=peer.name,
-            message_id=record.message_id,
-            service=record.service,
-            detail={"attempt": record.attempts + 1, "receipt": "async" if awaiting else "sync"},
+    def _sent_all(self, answers: Sequence[Answer]) -> list[Exception | None]:
+        """The peers took these messages: recorded as sent (one audit write), then each
+        settled by the receipt in its answer, or marked awaiting the one its peer will
+        POST, together (worker thread; see Settler.settle_all)."""
+        self._ctx.record_all(
+            [
+                self._ctx.event(
+                    EventType.MESSAGE_SENT,
+                    peer=answer.peer.name,
+                    message_id=answer.record.message_id,
+                    service=answer.record.service,
+                    detail={
+                        "attempt": answer.record.attempts + 1,
+                        "receipt": "async" if answer.awaiting else "sync",
+                    },
+                )
+                for answer in answers
+            ]
         )
-        if awaiting:
-            # Unless its receipt came before this answer and settled it already.
-            self._ctx.spool.mark_awaiting_receipt(record.message_id)
-            return
-        self._settler.settle(record, peer, response)
+        return self._settler.settle_all(answers)
 
     def _settled_meanwhile(self, record: OutboundRecord) -> bool:
         """Whether the asynchronous receipt of a message being sent has already settled it

@@ -4,16 +4,19 @@ the answer to the POST) or asynchronous (POSTed to us later, RFC 4130 7.3.2)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
-from gateway.atrest import Sealing, storing
-from gateway.audit import EventType, Severity
+from gateway.atrest import Sealing, storing_all
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.client import Response
 from gateway.config import Peer
 from gateway.errors import MedgwError
 from gateway.outbound.context import Context
-from gateway.spool import DataKey, OutboundRecord, OutboundState
+from gateway.spool import DataKey, OutboundRecord, OutboundState, Settled
 from gateway.spool.records import receipt_item
 
 # A message that asked for its receipt later is settled by that receipt (verified, for
@@ -93,24 +96,60 @@ class Settler:
         self, record: OutboundRecord, peer: Peer, response: Response, given_up: bool = False
     ) -> None:
         """Settle ``record`` by its receipt (worker thread); ``given_up``: it had been
-        marked expired, dead or cancelled before this receipt came.  The receipt is kept
-        encrypted at rest (gateway.atrest), its data key stored with the settlement."""
-        with storing(self._ctx.vault, receipt_item(record.message_id)) as sealing:
-            self._settle(record, peer, response, given_up, sealing)
+        marked expired, dead or cancelled before this receipt came."""
+        [error] = self.settle_all([Answer(record, peer, response, given_up=given_up)])
+        if error is not None:
+            raise error
 
-    def _settle(
-        self,
-        record: OutboundRecord,
-        peer: Peer,
-        response: Response,
-        given_up: bool,
-        sealing: Sealing,
-    ) -> None:
+    def settle_all(self, answers: Sequence[Answer]) -> list[Exception | None]:
+        """Settle the messages the peers answered, together (worker thread): each receipt
+        stored (encrypted at rest, gateway.atrest) and judged on its own, then every
+        state change in ONE spool transaction with the receipts' data keys, then their
+        audit records in one write.  Returns, for each answer, the error that kept it
+        from being settled (None: settled): a receipt that cannot be stored fails its
+        own message only; a failed transaction fails them all and changes none (each
+        is still ``sending``: sent again, and the peer answers with its receipt)."""
+        errors: list[Exception | None] = [None] * len(answers)
+        judged: list[tuple[int, _Outcome]] = []
+        items = [receipt_item(a.record.message_id) for a in answers]
+        with storing_all(self._ctx.vault, items) as sealings:
+            for index, (answer, sealing) in enumerate(zip(answers, sealings, strict=True)):
+                if answer.awaiting:
+                    continue
+                try:
+                    judged.append((index, self._judge(answer, sealing)))
+                except Exception as exc:  # its own message fails, not the rest
+                    errors[index] = exc
+            try:
+                self._ctx.spool.mark_settled(
+                    [outcome.settled for _, outcome in judged],
+                    [a.record.message_id for a in answers if a.awaiting],
+                )
+            except Exception as exc:  # none of them is settled
+                return [error or exc for error in errors]
+        try:
+            self._ctx.record_all([event for _, outcome in judged for event in outcome.events])
+        except Exception as exc:  # settled, not recorded: their callers say so
+            for index, _ in judged:
+                errors[index] = exc
+            return errors
+        for _, outcome in judged:
+            if outcome.log_level is not None:
+                getattr(self._ctx.log, outcome.log_level)(outcome.log_event, **outcome.log_fields)
+            record = outcome.answer.record
+            if outcome.settled.state is OutboundState.DELIVERED and record.body_path is not None:
+                record.body_path.unlink(missing_ok=True)
+        return errors
+
+    def _judge(self, answer: Answer, sealing: Sealing) -> _Outcome:
+        """The receipt of ``answer`` stored and verified: what it settles, and how that is
+        to be recorded."""
+        record, peer, response = answer.record, answer.peer, answer.response
         assert record.mic is not None
         receipt_path = self._ctx.receipts / (record.payload_path.name + ".mdn")
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
         sealing.write(receipt_path, [stored], self._ctx.folder_sync)
-        key = sealing.key
+        judge = _Judging(self._ctx, answer, receipt_path, sealing.key)
         try:
             receipt = parse_receipt(
                 response.content_type,
@@ -119,142 +158,170 @@ class Settler:
                 policy=peer.policy,
             )
         except MedgwError as exc:
-            self._fail(
-                record,
-                peer,
+            return judge.failed(
                 "receipt-invalid",
-                receipt_path,
                 f"receipt could not be verified: {exc}",
                 EventType.RECEIPT_INVALID,
-                key,
             )
-            return
         for algorithm in receipt.compat_algorithms:  # e.g. a receipt signed with SHA-1
-            self._ctx.record(
-                EventType.COMPAT_ALGORITHM_USED,
-                peer=peer.name,
-                message_id=record.message_id,
-                severity=Severity.WARNING,
-                reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
-                "(named in this peer's accept_legacy)",
-                detail={"algorithm": algorithm, "receipt_file": str(receipt_path)},
+            judge.events.append(
+                self._ctx.event(
+                    EventType.COMPAT_ALGORITHM_USED,
+                    peer=peer.name,
+                    message_id=record.message_id,
+                    severity=Severity.WARNING,
+                    reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
+                    "(named in this peer's accept_legacy)",
+                    detail={"algorithm": algorithm, "receipt_file": str(receipt_path)},
+                )
             )
         if receipt.original_message_id != record.message_id:
-            self._fail(
-                record,
-                peer,
+            return judge.failed(
                 "receipt-invalid",
-                receipt_path,
                 f"receipt is for {receipt.original_message_id!r}, not this message",
                 EventType.RECEIPT_INVALID,
-                key,
             )
-            return
         if receipt.duplicate_warning and record.attempts >= 1 and receipt.mic is None:
             # An earlier attempt reached the peer (some products answer a resend this way,
             # without a MIC). Delivered, but the content check rests on that first attempt.
-            self._ctx.spool.mark_done(
-                record.message_id,
-                OutboundState.DELIVERED,
+            return judge.delivered(
                 receipt.disposition,
-                receipt_path,
-                data_key=key,
+                self._ctx.event(
+                    EventType.RECEIPT_RECEIVED,
+                    peer=peer.name,
+                    message_id=record.message_id,
+                    severity=Severity.WARNING,
+                    reason="peer reports it already has this document (resend after a lost "
+                    "receipt) and returned no MIC",
+                    detail={
+                        "disposition": receipt.disposition,
+                        "mic_verified": False,
+                        "receipt_file": str(receipt_path),
+                    },
+                ),
+                logged=False,
             )
-            self._ctx.record(
-                EventType.RECEIPT_RECEIVED,
-                peer=peer.name,
-                message_id=record.message_id,
-                severity=Severity.WARNING,
-                reason="peer reports it already has this document (resend after a lost "
-                "receipt) and returned no MIC",
-                detail={
-                    "disposition": receipt.disposition,
-                    "mic_verified": False,
-                    "receipt_file": str(receipt_path),
-                },
-            )
-            return
         if not receipt.processed:
-            self._fail(
-                record,
-                peer,
+            return judge.failed(
                 receipt.disposition,
-                receipt_path,
                 f"peer reported {receipt.disposition}",
                 EventType.MESSAGE_FAILED,
-                key,
             )
-            return
         if not mic_matches(record.mic, receipt.mic):
-            self._fail(
-                record,
-                peer,
+            return judge.failed(
                 "mic-mismatch",
-                receipt_path,
                 f"receipt MIC {receipt.mic!r} does not match what was sent "
                 f"({record.mic!r}): the peer did not receive this document intact",
                 EventType.RECEIPT_INVALID,
-                key,
             )
-            return
-        self._ctx.spool.mark_done(
-            record.message_id,
-            OutboundState.DELIVERED,
+        return judge.delivered(
             receipt.disposition,
-            receipt_path,
-            data_key=key,
-        )
-        self._ctx.log.info("message.receipt_verified", peer=peer.name, message_id=record.message_id)
-        self._ctx.record(
-            EventType.RECEIPT_RECEIVED,
-            peer=peer.name,
-            message_id=record.message_id,
-            service=record.service,
-            severity=Severity.WARNING if given_up else Severity.INFO,
-            reason=(
-                f"the receipt came after the message was marked {record.state.value}: "
-                "the peer has the document, do not send it again"
-                if given_up
-                else None
+            self._ctx.event(
+                EventType.RECEIPT_RECEIVED,
+                peer=peer.name,
+                message_id=record.message_id,
+                service=record.service,
+                severity=Severity.WARNING if answer.given_up else Severity.INFO,
+                reason=(
+                    f"the receipt came after the message was marked {record.state.value}: "
+                    "the peer has the document, do not send it again"
+                    if answer.given_up
+                    else None
+                ),
+                detail={
+                    "disposition": receipt.disposition,
+                    "mic": receipt.mic,
+                    "mic_verified": True,
+                    "signer": receipt.signer.subject.rfc4514_string(),
+                    "receipt_file": str(receipt_path),
+                },
             ),
-            detail={
-                "disposition": receipt.disposition,
-                "mic": receipt.mic,
-                "mic_verified": True,
-                "signer": receipt.signer.subject.rfc4514_string(),
-                "receipt_file": str(receipt_path),
-            },
         )
-        if record.body_path is not None:
-            record.body_path.unlink(missing_ok=True)
 
-    def _fail(
-        self,
-        record: OutboundRecord,
-        peer: Peer,
-        disposition: str,
-        receipt_path: Path,
-        reason: str,
-        event: EventType,
-        key: DataKey | None,
+
+@dataclass(frozen=True)
+class Answer:
+    """A peer's answer to a message sent: the response that carries its receipt, or
+    (``awaiting``) word that the receipt will be POSTed later.  ``given_up``: the
+    message had been marked expired, dead or cancelled before this receipt came."""
+
+    record: OutboundRecord
+    peer: Peer
+    response: Response
+    awaiting: bool = False
+    given_up: bool = False
+
+
+@dataclass
+class _Outcome:
+    """What one receipt settles: the spool's change, then the audit records and the log
+    line written once that is committed."""
+
+    answer: Answer
+    settled: Settled
+    events: list[AuditEvent]
+    log_level: str | None  # the log's method ("info", "error"); None: no line
+    log_event: str
+    log_fields: dict[str, Any]
+
+
+class _Judging:
+    """One receipt being judged: the audit records gathered so far, and the outcome."""
+
+    def __init__(
+        self, ctx: Context, answer: Answer, receipt_path: Path, key: DataKey | None
     ) -> None:
-        self._ctx.spool.mark_done(
-            record.message_id,
-            OutboundState.FAILED,
-            disposition,
-            receipt_path,
-            error=reason,
-            data_key=key,
+        self._ctx, self._answer, self._path, self._key = ctx, answer, receipt_path, key
+        self.events: list[AuditEvent] = []
+
+    def delivered(self, disposition: str, event: AuditEvent, *, logged: bool = True) -> _Outcome:
+        record = self._answer.record
+        self.events.append(event)
+        return _Outcome(
+            self._answer,
+            Settled(
+                record.message_id,
+                OutboundState.DELIVERED,
+                disposition,
+                self._path,
+                data_key=self._key,
+            ),
+            self.events,
+            "info" if logged else None,
+            "message.receipt_verified",
+            {"peer": self._answer.peer.name, "message_id": record.message_id},
         )
-        self._ctx.failed(
+
+    def failed(self, disposition: str, reason: str, event: EventType) -> _Outcome:
+        """Failed by its receipt: an error line for the administrator and an alert in the
+        audit trail (as :meth:`Context.failed` writes them)."""
+        record, peer = self._answer.record, self._answer.peer
+        self.events.append(
+            self._ctx.event(
+                event,
+                peer=peer.name,
+                message_id=record.message_id,
+                outcome=Outcome.FAILURE,
+                severity=Severity.ALERT,
+                service=record.service,
+                reason=reason,
+                detail={"disposition": disposition, "receipt_file": str(self._path)},
+            )
+        )
+        return _Outcome(
+            self._answer,
+            Settled(
+                record.message_id,
+                OutboundState.FAILED,
+                disposition,
+                self._path,
+                error=reason,
+                data_key=self._key,
+            ),
+            self.events,
+            "error",
             "message.failed",
-            event,
-            peer=peer.name,
-            message_id=record.message_id,
-            service=record.service,
-            audit_reason=reason,
-            detail={"disposition": disposition, "receipt_file": str(receipt_path)},
-            reason=reason,
+            {"peer": peer.name, "message_id": record.message_id, "reason": reason},
         )
 
 
