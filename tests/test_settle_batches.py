@@ -61,13 +61,13 @@ class HeldSpool(SqliteSpool):
 
 
 class NotedAudit(AuditLog):
-    """The real audit log; notes each record's event."""
+    """The real audit log; notes the events of each write (emit is a write of one)."""
 
-    noted: list[str]
+    noted: list[list[str]]
 
-    def emit(self, event: AuditEvent) -> None:
-        self.noted.append(str(event.event))
-        super().emit(event)
+    def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self.noted.append([str(event.event) for event in events])
+        super().emit_all(events)
 
 
 async def _sending_side(
@@ -194,13 +194,13 @@ async def test_messages_answered_together_are_settled_together(
     verified = [r for r in read_audit(tmp_path / "audit.jsonl") if r["event"] == "receipt.received"]
     assert sorted(r["message_id"] for r in verified) == sorted((first, *others))
     assert all(r["detail"]["mic_verified"] for r in verified)
-    # Each message's records in order: sent, then settled by its receipt.
-    assert (
-        audit.noted
-        == ["message.sent", "receipt.received"]
-        + ["message.sent"] * OTHERS
-        + ["receipt.received"] * OTHERS
-    )
+    # Each group's records in two writes: sent, then settled by their receipts.
+    assert audit.noted == [
+        ["message.sent"],
+        ["receipt.received"],
+        ["message.sent"] * OTHERS,
+        ["receipt.received"] * OTHERS,
+    ]
 
 
 async def test_a_group_whose_transaction_fails_leaves_every_message_to_be_sent_again(
@@ -227,4 +227,5 @@ async def test_a_group_whose_transaction_fails_leaves_every_message_to_be_sent_a
             assert after is not None and after.state is OutboundState.SENDING
     finally:
         check.close()
-    assert "receipt.received" not in audit.noted
+    assert ["message.sent"] * OTHERS in audit.noted
+    assert "receipt.received" not in {event for write in audit.noted for event in write}

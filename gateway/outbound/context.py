@@ -199,9 +199,9 @@ class Context:
         )
 
     def record_all(self, events: Sequence[AuditEvent]) -> None:
-        """Several audit records written together, in their order."""
-        for event in events:
-            self.audit.emit(event)
+        """Several audit records written together, in their order (one write and one
+        fsync; all or none)."""
+        self.audit.emit_all(events)
 
     def failed(
         self,
