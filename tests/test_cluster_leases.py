@@ -227,6 +227,26 @@ def test_an_interrupted_intake_is_claimed_by_one_node_at_a_time(
     assert b.intake_interrupted() == [] and c.intake_interrupted() == []
 
 
+def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Node a took a document in and its preparation failed; long after, an operator
+    retries it on node b, which prepares it: a node starting meanwhile leaves it to b."""
+    a, b = nodes
+    a.add_intake(
+        "<f@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p", payload=b"doc"
+    )
+    a.mark_done("<f@x>", OutboundState.FAILED, "not-sent", None, error="no certificate")
+    clock.advance(10 * LEASE)
+    retried = b.operator_retry("<f@x>", "operator alice", clock.now().timestamp() + 3600)
+    assert retried.state is OutboundState.INTAKE
+    held = a.get("<f@x>")
+    assert held is not None and held.node == "b"
+    starting = make_spool(clock, Claimant("c", LEASE))
+    assert starting.intake_interrupted() == []
+    assert b.renew_leases() == 1
+
+
 def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     layout: DemoLayout, make_spool: MakeSpool, clock: Clock
 ) -> None:

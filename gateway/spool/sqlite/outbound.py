@@ -551,8 +551,10 @@ class OutboundQueue(SqlStore):
         reset: bool = False,
         expires_at: float | None = None,
         drop_body: bool = False,
+        claim: bool = False,
     ) -> OutboundRecord:
-        """Move one message between states, only from ``allowed`` ones (checked atomically)."""
+        """Move one message between states, only from ``allowed`` ones (checked atomically);
+        ``claim``: claimed by this node under a new lease in the same change."""
         marks = ",".join("?" for _ in allowed)
         extra = (
             ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL" if reset else ""
@@ -561,10 +563,14 @@ class OutboundQueue(SqlStore):
             extra += ", body=NULL, payload=NULL"
         if expires_at is not None:
             extra += f", expires_at={float(expires_at)!r}"
+        claimed: tuple[object, ...] = ()
+        if claim:
+            extra += ", node=?, lease_until=?"
+            claimed = (self.node, self._lease()[1])
         changed = self._write(
             f"UPDATE outbound SET state=?, last_error=?, updated_at=?{extra}"  # noqa: S608
             f" WHERE message_id=? AND state IN ({marks})",
-            (new.value, note, self._now(), message_id, *(a.value for a in allowed)),
+            (new.value, note, self._now(), *claimed, message_id, *(a.value for a in allowed)),
         )
         record = self.get(message_id)
         if record is None:
@@ -589,7 +595,8 @@ class OutboundQueue(SqlStore):
         if record is not None and record.state in RETRYABLE and not record.sealed:
             if record.has_document:
                 # Never signed and encrypted, but the document is kept: prepare it again
-                # (the caller does, or the next start's recovery).
+                # (the caller does, or the next start's recovery), claimed by this node
+                # meanwhile (a node starting at that moment does not prepare it too).
                 return self._transition(
                     message_id,
                     RETRYABLE,
@@ -597,6 +604,7 @@ class OutboundQueue(SqlStore):
                     f"preparation retried by {actor}",
                     reset=True,
                     expires_at=expires_at,
+                    claim=True,
                 )
             raise SpoolError(
                 f"message {message_id} was never signed and encrypted "
