@@ -246,3 +246,30 @@ def test_revoked_certificate_with_the_pinned_key_is_refused_and_audited(
         for r in events(layout.hospital.audit_log, "peer.certificate_rejected")
         if r["detail"]["purpose"] == "tls-client"
     ]
+
+
+def test_a_pinned_certificate_is_judged_once_per_connection_not_per_request(
+    layout: DemoLayout, processes: Any
+) -> None:
+    old, _ = lab_tls(layout)
+    pin_lab_key(layout, spki_fingerprint(old))
+    new = renew_lab_tls(layout)
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    documents = 6
+    for number in range(documents):  # one after the other: the lab keeps its connection
+        drop_file(layout.lab.outbox_dir / "hospital", f"doc{number}.hl7", b"MSH|%d\r" % number)
+        wait_for_events(layout.lab.audit_log, "receipt.received", count=number + 1)
+
+    delivered = 0
+
+    def all_delivered(line: dict[str, Any]) -> bool:  # logged after each request's check
+        nonlocal delivered
+        delivered += line.get("event") == "message.delivered"
+        return delivered == documents
+
+    hospital.wait_for(all_delivered, 30)
+    judged = [line for line in hospital.lines if line.get("event") == "peer.pinned_key_accepted"]
+    assert judged and all(line["sha256"] == certificate_fingerprint(new) for line in judged)
+    assert len(judged) < documents  # once per connection, not once per request
+    assert not events(layout.hospital.audit_log, "peer.authentication_failed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -49,6 +50,11 @@ INBOUND_WORKERS_PER_PEER = 2
 # a larger one is streamed to a file under state_dir/incoming.
 SMALL_BODY = 1 << 20
 ASYNC_RECEIPT_ATTEMPTS = 5
+# A TLS client certificate accepted by a key pin is judged in full (path, revocation) at
+# the first request of its connection; later requests on that connection reuse the
+# verdict while the trust in force is the same (a reload or trust change closes such
+# connections), for at most this long and never past the certificate's end of validity.
+PINNED_RECHECK_SECONDS = 60.0
 _DER = Encoding.DER
 
 
@@ -79,6 +85,11 @@ class As2Handler:
         self._ocsp_client = ocsp_client
         self._on_handover = on_handover
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
+        # Connections whose certificate a key pin accepted: the trust it was judged under,
+        # until when the verdict holds, and the peer (see PINNED_RECHECK_SECONDS).
+        self._pinned_judged: weakref.WeakKeyDictionary[
+            asyncio.BaseTransport, tuple[RuntimeState, float, Peer]
+        ] = weakref.WeakKeyDictionary()
         # Decrypting and verifying received messages: each peer gets its share.
         self.pool = FairPool(INBOUND_WORKERS, INBOUND_WORKERS_PER_PEER, name="inbound")
 
@@ -98,6 +109,8 @@ class As2Handler:
         peer = state.peers_by_tls.get(fingerprint(der)) if der else None
         remote = request.remote or "unknown"
         if peer is None and der:
+            peer = self._pinned_before(transport, state)
+        if peer is None and der:
             pinned = state.peers_by_spki.get(der_spki_fingerprint(der) or "")
             if pinned is not None:
                 # Accepted at the handshake by its key pin only: judge it now, in full.
@@ -105,6 +118,7 @@ class As2Handler:
                 verdict = await self._validate_spki_pinned(state, pinned, cert)
                 if not verdict.valid:
                     return self._refuse_spki_pinned(pinned, cert, verdict, remote, listener)
+                self._pinned_accepted(transport, state, pinned, cert, remote)
                 peer = pinned
         if peer is None:
             # Pinned at the handshake; reaching here means the peer was removed by a reload.
@@ -270,6 +284,40 @@ class As2Handler:
             ocsp_client=self._ocsp_client(zone),
             policy=peer.policy,
         )
+
+    def _pinned_before(
+        self, transport: asyncio.BaseTransport | None, state: RuntimeState
+    ) -> Peer | None:
+        """The peer whose key pin accepted this connection's certificate at an earlier
+        request, judged in full under the trust in force now and not too long ago."""
+        judged = self._pinned_judged.get(transport) if transport is not None else None
+        if judged is None:
+            return None
+        under, until, peer = judged
+        if under is not state or self._clock.now().timestamp() >= until:
+            return None  # judged again
+        return peer
+
+    def _pinned_accepted(
+        self,
+        transport: asyncio.BaseTransport | None,
+        state: RuntimeState,
+        peer: Peer,
+        cert: x509.Certificate,
+        remote: str,
+    ) -> None:
+        self._log.info(
+            "peer.pinned_key_accepted",
+            peer=peer.name,
+            remote_address=remote,
+            sha256=fingerprint(cert.public_bytes(_DER)),
+        )
+        if transport is not None:
+            until = min(
+                self._clock.now().timestamp() + PINNED_RECHECK_SECONDS,
+                cert.not_valid_after_utc.timestamp(),
+            )
+            self._pinned_judged[transport] = (state, until, peer)
 
     def _refuse_spki_pinned(
         self,
