@@ -34,6 +34,7 @@ from tests.clocks import TickingClock
 from tests.conftest import Processes
 from tests.helpers.audit import wait_for_events
 from tests.helpers.cluster import RoundRobin, add_node, listener_port, point_peer_at
+from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.internal_system import enable_delivery
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.slow_proxy import edit_every
@@ -151,6 +152,38 @@ def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
     assert {r["message_id"] for r in taken} == set(delivered)
     # lab-a's trail never saw a receipt: it sent nothing to completion.
     assert [r for r in read_audit(audit / "audit.jsonl") if r["event"] == "receipt.received"] == []
+
+
+def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    front: RoundRobin,
+) -> None:
+    """lab-a takes a document from its outbox (its copy kept, encrypted, in the spool
+    row) and is killed before signing it, never to start again: lab-b, running all
+    along, prepares and sends it once lab-a's lease has run out."""
+    spool = postgres_server.new_database()
+    node_a = add_node(layout.lab, "lab-a", spool)
+    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    front.ports.append(listener_port(layout.hospital.config_path))
+    point_peer_at(layout.lab, "hospital", front.port)
+    processes.start(layout.hospital.config_path)
+    processes.start(node_b)
+    lab_a = processes.start(
+        node_a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue")
+    )
+    data = b"MSH|^~\\&|LAB|left behind\r"
+    drop_file(layout.lab.outbox_dir / "hospital", "left.hl7", data)
+    wait_killed(lab_a)
+    [left] = outbound(spool)
+    assert (left.state, left.node) == (OutboundState.INTAKE, "lab-a")
+    assert left.payload is not None  # any node can read it
+
+    [taken] = wait_for_events(layout.lab.root / "audit" / "audit-lab-b.jsonl", "message.taken_over")
+    assert (taken["message_id"], taken["detail"]["from_node"]) == (left.message_id, "lab-a")
+    settled(spool, 1, 120)
+    assert inbox(layout) == {"left.hl7": hashlib.sha256(data).hexdigest()}
 
 
 def test_two_nodes_lose_nothing_when_the_database_restarts_mid_run(

@@ -11,8 +11,6 @@ and the sender must get a verified ``processed`` receipt.
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,23 +21,14 @@ from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.log import CLOCK_MARGIN, recorded_since
 from gateway.clock import SystemClock
 from gateway.delivery.http import idempotency_key
-from gateway.demo_run import GatewayProcess, drop_file
+from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
 from tests.clocks import TickingClock
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.internal_system import InternalSystem, enable_delivery
 from tests.inboxwatch import InboxWatch
-
-FAULTPOINT = Path(__file__).with_name("faultpoint.py")
-
-
-def killed_at(*point: str) -> tuple[str, ...]:
-    return (sys.executable, str(FAULTPOINT), *point, "--")
-
-
-def wait_killed(proc: GatewayProcess) -> None:
-    assert proc.wait_exit() == -signal.SIGKILL, "\n".join(proc.raw[-20:])
 
 
 @pytest.mark.parametrize(
