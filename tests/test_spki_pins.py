@@ -7,10 +7,11 @@ without a configuration change; an unlisted certificate is judged in full
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -18,11 +19,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import load_config
+from gateway.daemon.as2_handler import PINNED_RECHECK_SECONDS, PinnedVerdicts
+from gateway.daemon.state import RuntimeState
 from gateway.demo_run import drop_file
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, make_crl, write_pem
 from gateway.pki.tls import certificate_fingerprint, spki_fingerprint
+from tests.clocks import SetClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import demo_ca, edit
 
@@ -273,3 +277,43 @@ def test_a_pinned_certificate_is_judged_once_per_connection_not_per_request(
     assert judged and all(line["sha256"] == certificate_fingerprint(new) for line in judged)
     assert len(judged) < documents  # once per connection, not once per request
     assert not events(layout.hospital.audit_log, "peer.authentication_failed")
+
+
+class _Connection(asyncio.Transport):
+    """A connection as the handler sees it (only its identity matters here)."""
+
+
+def test_a_pinned_verdict_holds_on_its_connection_under_the_same_trust_for_a_minute(
+    layout: DemoLayout,
+) -> None:
+    config = load_config(layout.hospital.config_path)
+    peer = config.require_peer("lab")
+    cert, _ = lab_tls(layout)  # valid for far longer than a minute
+    clock = SetClock(datetime.now(UTC))
+    verdicts = PinnedVerdicts(clock)
+    state, reloaded = cast(RuntimeState, object()), cast(RuntimeState, object())
+    connection, other = _Connection(), _Connection()
+    assert verdicts.peer(connection, state) is None  # never judged: judge it
+    verdicts.accepted(connection, state, peer, cert)
+
+    clock.at += timedelta(seconds=PINNED_RECHECK_SECONDS - 1)
+    assert verdicts.peer(connection, state) is peer
+    assert verdicts.peer(other, state) is None  # another connection is judged on its own
+    assert verdicts.peer(None, state) is None
+    assert verdicts.peer(connection, reloaded) is None  # a reload or trust change: again
+    clock.at += timedelta(seconds=1)
+    assert verdicts.peer(connection, state) is None  # a minute on: judged again
+
+
+def test_a_pinned_verdict_never_outlives_the_certificate(layout: DemoLayout) -> None:
+    peer = load_config(layout.hospital.config_path).require_peer("lab")
+    cert, _ = lab_tls(layout)
+    clock = SetClock(cert.not_valid_after_utc - timedelta(seconds=10))
+    verdicts = PinnedVerdicts(clock)
+    state = cast(RuntimeState, object())
+    connection = _Connection()
+    verdicts.accepted(connection, state, peer, cert)
+    clock.at += timedelta(seconds=9)
+    assert verdicts.peer(connection, state) is peer
+    clock.at += timedelta(seconds=1)
+    assert verdicts.peer(connection, state) is None  # expired: judged (and refused) again

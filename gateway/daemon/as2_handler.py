@@ -25,6 +25,7 @@ from gateway.as2.headers import undecodable_header
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.answers import ANSWERS, Answer, refusal_event, response
 from gateway.channel.client import MAX_RECEIPT_BYTES
+from gateway.clock import Clock
 from gateway.config import Listener, Peer, Runtime, Zone
 from gateway.daemon.state import Parts, RuntimeState
 from gateway.daemon.tasks import Tasks
@@ -85,11 +86,7 @@ class As2Handler:
         self._ocsp_client = ocsp_client
         self._on_handover = on_handover
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
-        # Connections whose certificate a key pin accepted: the trust it was judged under,
-        # until when the verdict holds, and the peer (see PINNED_RECHECK_SECONDS).
-        self._pinned_judged: weakref.WeakKeyDictionary[
-            asyncio.BaseTransport, tuple[RuntimeState, float, Peer]
-        ] = weakref.WeakKeyDictionary()
+        self._pinned = PinnedVerdicts(self._clock)  # connections a key pin let in
         # Decrypting and verifying received messages: each peer gets its share.
         self.pool = FairPool(INBOUND_WORKERS, INBOUND_WORKERS_PER_PEER, name="inbound")
 
@@ -109,7 +106,7 @@ class As2Handler:
         peer = state.peers_by_tls.get(fingerprint(der)) if der else None
         remote = request.remote or "unknown"
         if peer is None and der:
-            peer = self._pinned_before(transport, state)
+            peer = self._pinned.peer(transport, state)
         if peer is None and der:
             pinned = state.peers_by_spki.get(der_spki_fingerprint(der) or "")
             if pinned is not None:
@@ -285,19 +282,6 @@ class As2Handler:
             policy=peer.policy,
         )
 
-    def _pinned_before(
-        self, transport: asyncio.BaseTransport | None, state: RuntimeState
-    ) -> Peer | None:
-        """The peer whose key pin accepted this connection's certificate at an earlier
-        request, judged in full under the trust in force now and not too long ago."""
-        judged = self._pinned_judged.get(transport) if transport is not None else None
-        if judged is None:
-            return None
-        under, until, peer = judged
-        if under is not state or self._clock.now().timestamp() >= until:
-            return None  # judged again
-        return peer
-
     def _pinned_accepted(
         self,
         transport: asyncio.BaseTransport | None,
@@ -312,12 +296,7 @@ class As2Handler:
             remote_address=remote,
             sha256=fingerprint(cert.public_bytes(_DER)),
         )
-        if transport is not None:
-            until = min(
-                self._clock.now().timestamp() + PINNED_RECHECK_SECONDS,
-                cert.not_valid_after_utc.timestamp(),
-            )
-            self._pinned_judged[transport] = (state, until, peer)
+        self._pinned.accepted(transport, state, peer, cert)
 
     def _refuse_spki_pinned(
         self,
@@ -433,3 +412,41 @@ class As2Handler:
             if out is not None:
                 out.close()
         return path if out is not None else b"".join(held)
+
+
+class PinnedVerdicts:
+    """What the full judgement of a certificate accepted by a key pin found, per
+    connection: its later requests reuse it while the trust in force is the same, for
+    at most PINNED_RECHECK_SECONDS and never past the certificate's end of validity."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        # connection -> (the trust it was judged under, until when, the peer)
+        self._judged: weakref.WeakKeyDictionary[
+            asyncio.BaseTransport, tuple[RuntimeState, float, Peer]
+        ] = weakref.WeakKeyDictionary()
+
+    def peer(self, connection: asyncio.BaseTransport | None, state: RuntimeState) -> Peer | None:
+        """The peer judged acceptable on ``connection`` under ``state``, if that still
+        holds (None: judge it again)."""
+        judged = self._judged.get(connection) if connection is not None else None
+        if judged is None:
+            return None
+        under, until, peer = judged
+        if under is not state or self._clock.now().timestamp() >= until:
+            return None
+        return peer
+
+    def accepted(
+        self,
+        connection: asyncio.BaseTransport | None,
+        state: RuntimeState,
+        peer: Peer,
+        cert: x509.Certificate,
+    ) -> None:
+        if connection is not None:
+            until = min(
+                self._clock.now().timestamp() + PINNED_RECHECK_SECONDS,
+                cert.not_valid_after_utc.timestamp(),
+            )
+            self._judged[connection] = (state, until, peer)
