@@ -90,6 +90,8 @@ class Operations:
     # Lift a maintainer's lockout after wrong one-time codes: (person, actor) -> answer.
     unlock_maintainer: Callable[[str, str], dict[str, Any]] | None = None
     vault: Vault | None = None  # encryption at rest: a purge rotates its key
+    # A peer suspended (True) or resumed here, once committed (the daemon's view of it).
+    suspension_changed: Callable[[str, bool], None] = lambda _peer, _suspended: None
 
     def unlock(self, person: str, actor: str) -> dict[str, Any]:
         settings = self.config.maintenance
@@ -210,6 +212,7 @@ class Operations:
 
     def suspend(self, peer: str, reason: str, actor: str) -> None:
         self.spool.set_suspended(self._peer(peer), True, reason, actor)
+        self.suspension_changed(peer, True)
         self.audit.emit(
             AuditEvent(
                 EventType.PEER_SUSPENDED,
@@ -222,6 +225,7 @@ class Operations:
 
     def resume(self, peer: str, actor: str) -> None:
         self.spool.set_suspended(self._peer(peer), False, "", actor)
+        self.suspension_changed(peer, False)
         self.wake(peer)
         self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, actor=actor))
 

@@ -25,12 +25,15 @@ def test_scrape_after_real_messages(layout: DemoLayout, processes: Any) -> None:
         drop_file(layout.lab.outbox_dir / "hospital", f"m{index}.hl7", b"MSH|%d\r" % index)
     wait_for_events(layout.lab.audit_log, "receipt.received", count=3)
 
+    # The spool's counts are read every few seconds (gateway.daemon.spoolview).
     lab = wait_scrape(
         lab_port,
-        "three receipts counted",
-        lambda s: value(s, "medgw_end_to_end_latency_seconds_count", peer="hospital") == 3,
+        "three receipts counted, and the three messages delivered in the spool's counts",
+        lambda s: (
+            value(s, "medgw_end_to_end_latency_seconds_count", peer="hospital") == 3
+            and value(s, "medgw_outbound_messages", peer="hospital", state="delivered") == 3
+        ),
     )
-    assert value(lab, "medgw_outbound_messages", peer="hospital", state="delivered") == 3
     assert (
         value(lab, "medgw_messages_total", direction="outbound", event="accepted", peer="hospital")
         == 3

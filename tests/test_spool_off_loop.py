@@ -21,13 +21,19 @@ import pytest
 from gateway.audit import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.daemon.spoolview import SpoolView
 from gateway.delivery.http import HandOver
+from gateway.demo_run import wait_until
 from gateway.egress import Network
 from gateway.errors import SpoolError
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
+from gateway.spool import PeerControl
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.conftest import Processes
 from tests.helpers.commit_cut import CommitCut
+from tests.helpers.metrics import get, with_metrics
+from tests.helpers.postgres import spool_section
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
 
@@ -107,3 +113,67 @@ def test_the_hand_over_worker_waits_for_the_database_off_the_event_loop(
     stall = asyncio.run(run())
     assert stall < 1.0, f"the event loop stood still {stall:.1f} s"
     audit.close()
+
+
+@pytest.mark.daemon
+def test_a_gateway_whose_database_went_silent_answers_its_status_page_meanwhile(
+    layout: DemoLayout, processes: Processes, postgres: PostgresSettings, cut: CommitCut
+) -> None:
+    """A real daemon on the spool behind the proxy: once the path to the database goes
+    silent, its loops wait for it in worker threads, and the status and metrics pages
+    (served on the event loop) are answered at once, with the last counts."""
+    with layout.hospital.config_path.open("a") as config:
+        config.write(
+            spool_section(replace(postgres, socket_dir=cut.socket_dir))
+            + f"connect_timeout_seconds = {CONNECT_TIMEOUT}\n"
+        )
+    port = with_metrics(layout.hospital)
+    processes.start(layout.hospital.config_path)
+    wait_until(lambda: get(port, "/health/ready")[0] == 200, 60, "the gateway ready")
+    cut.hang = True
+    cut.drop()
+    slowest = 0.0
+    waited = time.monotonic() + CONNECT_TIMEOUT * 4
+    while time.monotonic() < waited:
+        for path in ("/health/live", "/metrics"):
+            began = time.monotonic()
+            status, _ = get(port, path)
+            slowest = max(slowest, time.monotonic() - began)
+            assert status == 200, path
+        time.sleep(0.05)
+    assert slowest < 1.0, f"a page took {slowest:.1f} s to answer"
+
+
+def test_the_spool_view_answers_from_memory_and_keeps_a_suspension_made_meanwhile(
+    postgres: PostgresSettings, spool: PostgresSpool, cut: CommitCut, tmp_path: Path
+) -> None:
+    """Suspensions made on another node are seen at the next read; one made on this node
+    at once, and a read that began before it does not undo it.  With the database
+    silent, both answers stand, without waiting."""
+    other = PostgresSpool(postgres, SystemClock())  # another node, straight to the server
+    view = SpoolView(spool, SystemClock())
+    view.load()
+    assert not view.is_suspended("lab") and view.counts() == {}
+    other.set_suspended("lab", True, "maintenance at the lab", "operator:b")
+    other.add_intake("<m@hospital>", "lab", "a.hl7", "text/plain", tmp_path, tmp_path)
+    assert not view.is_suspended("lab")  # not read yet
+    view.load()
+    assert view.is_suspended("lab") and view.counts() == {("lab", "intake"): 1}
+
+    stale = spool.peer_controls()
+
+    def read_while_resumed() -> dict[str, PeerControl]:
+        view.suspension_changed("lab", False)  # this node's operator, during the read
+        return stale
+
+    spool.peer_controls = read_while_resumed  # type: ignore[method-assign]
+    view.read_suspensions()
+    del spool.peer_controls
+    assert not view.is_suspended("lab")
+
+    cut.hang = True
+    cut.drop()
+    began = time.monotonic()
+    assert not view.is_suspended("lab") and view.counts() == {("lab", "intake"): 1}
+    assert time.monotonic() - began < 0.1
+    other.close()

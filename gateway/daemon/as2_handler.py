@@ -29,7 +29,7 @@ from gateway.clock import Clock
 from gateway.config import Listener, Peer, Runtime, Zone
 from gateway.daemon.state import Parts, RuntimeState
 from gateway.daemon.tasks import Tasks
-from gateway.errors import SpoolError, TransportError
+from gateway.errors import TransportError
 from gateway.fairpool import FairPool
 from gateway.fsutil import create_private
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
@@ -71,9 +71,12 @@ class As2Handler:
         *,
         ocsp_client: Callable[[Zone], OcspClient],
         on_handover: Callable[[], None],
+        suspended: Callable[[str], bool],
     ) -> None:
         """``on_handover``: a delivered document's hand-over to an internal system was
-        queued (the hand-over worker has work)."""
+        queued (the hand-over worker has work); ``suspended``: whether an operator
+        suspended a peer, answered from memory (gateway.daemon.spoolview), never by a
+        query on the event loop."""
         self._state = state
         self._spool, self._audit, self._log, self._clock = (
             parts.spool,
@@ -85,6 +88,7 @@ class As2Handler:
         self._tasks = tasks
         self._ocsp_client = ocsp_client
         self._on_handover = on_handover
+        self._suspended = suspended
         self._inbound_slots: dict[str, asyncio.Semaphore] = {}  # per peer
         self._pinned = PinnedVerdicts(self._clock)  # connections a key pin let in
         # Decrypting and verifying received messages: each peer gets its share.
@@ -131,19 +135,7 @@ class As2Handler:
             self._log.warning("zone.violation", peer=peer.name, listener=listener.name)
             detail = {"rule": refusal.rule, **refusal.detail}
             return self._refuse(Answer.WRONG_ZONE, peer, remote, refusal.reason, detail)
-        try:
-            suspended = self._spool.is_suspended(peer.name)
-        except SpoolError as exc:  # its database unreachable: as when it cannot be written
-            self._log.error("storage.unavailable", peer=peer.name, error=exc.message, fix=exc.fix)
-            return self._refuse(
-                Answer.UNAVAILABLE,
-                peer,
-                remote,
-                f"could not read the spool: {exc.message}; answered "
-                f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
-                {"fix": exc.fix},
-            )
-        if suspended:
+        if self._suspended(peer.name):
             reason = "exchange with this peer is suspended by an operator"
             return self._refuse(Answer.SUSPENDED, peer, remote, reason)
         headers = {k.lower(): v for k, v in request.headers.items()}

@@ -46,6 +46,7 @@ from gateway.daemon.observe import Observer
 from gateway.daemon.reload import Reloader
 from gateway.daemon.reports import report_stranded_messages
 from gateway.daemon.sending import Senders
+from gateway.daemon.spoolview import SpoolView
 from gateway.daemon.spoolwatch import SpoolReachability
 from gateway.daemon.state import Parts, RuntimeState, StartupError, build_state
 from gateway.daemon.tasks import Tasks
@@ -100,6 +101,7 @@ class Daemon:
         self._audit: AuditLog | None = None
         self._alerts: AlertCalls | None = None
         self._spool: Spool | None = None
+        self._view: SpoolView | None = None  # what the event loop asks of it, in memory
         self._vault: Vault | None = None  # encryption at rest (gateway.atrest)
         self._outbound: Outbound | None = None
         self._tasks: Tasks | None = None
@@ -126,7 +128,7 @@ class Daemon:
             clock,
             log,
             config=lambda: self._state.config if self._state is not None else None,
-            spool=lambda: self._spool,
+            spool=lambda: self._view,
             export_backlog=self._export_backlog,
         )
 
@@ -157,7 +159,8 @@ class Daemon:
 
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
-        handover = self._handover
+        assert self._view is not None
+        handover, view = self._handover, self._view
         return Operations(
             self.state.config,
             self._spool,
@@ -171,6 +174,7 @@ class Daemon:
             self._emergency,
             self._maintenance.unlock if self._maintenance is not None else None,
             self._vault,
+            suspension_changed=view.suspension_changed,
         )
 
     def _audit_files(self) -> AuditFiles:
@@ -272,6 +276,8 @@ class Daemon:
         if vault is not None:
             await asyncio.to_thread(vault.open)
         self._vault = vault
+        self._view = SpoolView(self._spool, self._clock)
+        await asyncio.to_thread(self._view.load)
         for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
             shared_folder(folder)
         for peer in config.peers:
@@ -325,6 +331,7 @@ class Daemon:
             tasks,
             ocsp_client=self._trust.ocsp_client,
             on_handover=self._wake_handover,
+            suspended=self._view.is_suspended,
         )
         self._reloader = Reloader(
             self._config_path,
@@ -368,6 +375,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self._reloader.request)
             self._senders.sync()
             tasks.spawn(tasks.supervised("outbox intake", self._senders.intake_loop))
+            tasks.spawn(tasks.supervised("spool view", self._view.run))
             self._handover = HandOver(
                 self._spool,
                 self._audit_sink,

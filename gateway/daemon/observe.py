@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from cryptography import x509
 
@@ -18,10 +19,15 @@ from gateway.logs import Logger
 from gateway.metrics.collector import Certificate, Crl, GatewayMetrics, Snapshot
 from gateway.metrics.server import MetricsServer
 from gateway.pki.tls import certificate_fingerprint
-from gateway.spool import Spool
 
 MIN_FREE_BYTES = 64 << 20  # the spool's file system with less free: not ready
 STORAGE_FAILURE_SECONDS = 60.0  # a received document that could not be stored: not ready
+
+
+class QueueCounts(Protocol):
+    def counts(self) -> Mapping[tuple[str, str], int]:
+        """Messages per (peer, state): the spool's, kept by gateway.daemon.spoolview."""
+        ...
 
 
 class Readiness:
@@ -73,7 +79,7 @@ class Observer:
         log: Logger,
         *,
         config: Callable[[], GatewayConfig | None],
-        spool: Callable[[], Spool | None],
+        spool: Callable[[], QueueCounts | None],
         export_backlog: Callable[[], int | None],
     ) -> None:
         """``config``: the configuration in force (None before there is one)."""
@@ -160,7 +166,7 @@ def _certificates(owner: str, use: str, certs: Iterable[x509.Certificate]) -> li
 
 def snapshot(
     config: GatewayConfig,
-    spool: Spool,
+    spool: QueueCounts,
     *,
     not_ready: list[str],
     export_backlog: int | None,

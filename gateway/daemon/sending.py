@@ -109,7 +109,8 @@ class Senders:
             wakeup.set()  # a connection is free
 
         # Started again after a failure: what the failed run was sending is queued again.
-        for message_id in self._parts.spool.requeue_interrupted(peer=name):
+        # (In a worker thread: a spool database that does not answer never holds the loop.)
+        for message_id in await asyncio.to_thread(self._parts.spool.requeue_interrupted, name):
             self._parts.log.info("message.requeued_after_failure", peer=name, message_id=message_id)
         resume_at = 0.0  # the whole peer rests after a transport failure
         # With no connection free, the spool is asked nothing (no worker thread, no
