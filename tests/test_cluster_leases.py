@@ -25,7 +25,7 @@ import pytest
 from gateway.audit import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
-from gateway.daemon.leases import LeaseKeeper
+from gateway.daemon.leases import INTAKE_TAKE_OVER_BATCH, LeaseKeeper
 from gateway.delivery.http import HandOver, idempotency_key
 from gateway.delivery.inbox import work_name
 from gateway.egress import Network
@@ -225,6 +225,29 @@ def test_an_interrupted_intake_is_claimed_by_one_node_at_a_time(
     [own] = restarted.intake_interrupted()
     assert own.message_id == "<i@x>"
     assert b.intake_interrupted() == [] and c.intake_interrupted() == []
+
+
+def test_running_nodes_take_over_a_dead_nodes_intake_kept_in_the_spool_a_few_at_a_time(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    a, b = nodes
+    c = make_spool(clock, Claimant("c", LEASE))
+    for number in range(5):
+        a.add_intake(
+            f"<k{number}@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p",
+            payload=b"doc",
+        )  # fmt: skip
+        clock.advance(1)
+    a.add_intake("<file@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p")
+    assert b.intake_take_over(2) == []  # a lives
+    clock.advance(LEASE + 1)
+    assert [r.message_id for r in b.intake_take_over(2)] == ["<k0@x>", "<k1@x>"]
+    assert [(r.message_id, r.node) for r in c.intake_take_over(8)] == [
+        ("<k2@x>", "a"), ("<k3@x>", "a"), ("<k4@x>", "a"),
+    ]  # fmt: skip
+    assert b.intake_take_over(8) == [] and b.renew_leases() == 2
+    held = c.get("<file@x>")
+    assert held is not None and held.node == "a"  # only node a reaches its document
 
 
 def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
@@ -483,11 +506,11 @@ def _keeper(
 def test_a_running_node_prepares_what_a_dead_node_took_in_and_kept_in_the_spool(
     layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
 ) -> None:
-    """Node a took two documents in and died before preparing them: the small one's
-    copy is in its spool row, the large one's in a's own state folder.  Live node b's
-    lease keeper, once a's lease ran out, claims and prepares the first (audited as
-    taken over), without waiting for any node to start; the second waits for node a
-    (its document is where only a reaches it)."""
+    """Node a took documents in and died before preparing them: the small ones' copies
+    are in their spool rows, a large one's in a's own state folder.  Live node b's
+    lease keeper, once a's lease ran out, claims the small ones a batch at a time and
+    prepares them (each audited as taken over), without waiting for any node to
+    start; the large one waits for node a (its document is where only a reaches it)."""
     clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
     a, b = nodes
     config = load_config(layout.lab.config_path)
@@ -500,24 +523,27 @@ def test_a_running_node_prepares_what_a_dead_node_took_in_and_kept_in_the_spool(
             layout.lab.root / "state-a" / message_id, zone=peer.zone, payload=payload,
         )  # fmt: skip
 
-    took_in("<row@KITA-LAB>", b"MSH|^~\\&|LAB|row\r")
+    rows = [f"<row{number}@KITA-LAB>" for number in range(INTAKE_TAKE_OVER_BATCH + 2)]
+    for number, message_id in enumerate(rows):
+        took_in(message_id, b"MSH|^~\\&|LAB|%d\r" % number)
     took_in("<file@KITA-LAB>", None)
 
     async def keep_leases() -> None:
         trust = await assess_peers(config.peers, config.zones, at=clock.now())
         keeper = _keeper(config, b, clock, trail, io.StringIO(), trust)
-        assert await keeper.take_over_all() == set()  # a's claims are live
+        assert await keeper.prepare_taken_over() == 0  # a's claims are live
         assert events(trail, "message.taken_over") == []
         clock.advance(LEASE + 1)
-        await keeper.take_over_all()
+        assert await keeper.prepare_taken_over() == len(rows)
 
     asyncio.run(keep_leases())
-    [taken] = events(trail, "message.taken_over")
-    assert (taken["message_id"], taken["detail"]["from_node"]) == ("<row@KITA-LAB>", "a")
-    [accepted] = events(trail, "message.accepted")
-    assert accepted["message_id"] == "<row@KITA-LAB>"
-    prepared = b.get("<row@KITA-LAB>")
-    assert prepared is not None and prepared.state is OutboundState.QUEUED
+    taken = events(trail, "message.taken_over")
+    assert [(e["message_id"], e["detail"]["from_node"]) for e in taken] == [
+        (message_id, "a") for message_id in rows
+    ]
+    accepted = events(trail, "message.accepted")
+    assert sorted(e["message_id"] for e in accepted) == sorted(rows)
+    assert {r.message_id for r in b.in_state(OutboundState.QUEUED)} == set(rows)
     waiting = b.get("<file@KITA-LAB>")
     assert waiting is not None and waiting.state is OutboundState.INTAKE
     assert waiting.node == "a"

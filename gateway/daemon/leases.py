@@ -30,6 +30,10 @@ from gateway.logs import Logger
 from gateway.outbound import Outbound
 from gateway.spool import HandoverRecord, OutboundRecord, Spool
 
+# Documents another node took in, claimed at a time to be prepared here: a few, so
+# that a node that cannot prepare them all soon leaves the rest to the others.
+INTAKE_TAKE_OVER_BATCH = 16
+
 
 class LeaseKeeper:
     """Renews this node's claims and takes over those of stopped nodes."""
@@ -60,21 +64,30 @@ class LeaseKeeper:
 
     async def run(self) -> None:
         """Until cancelled: renew, then take over, every third of a lease."""
-        while True:
-            lease = self._config().cluster.lease_seconds
-            await self.renew(lease)
-            try:
-                peers = await self.take_over_all()
-            except MedgwError as exc:
-                if self._failing is None:  # else said once already (lease.renew_failed)
-                    self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
-            else:
-                for peer in peers:
-                    if peer is None:
-                        self._wake_handover()
-                    else:
-                        self._outbound.wake(peer)
-            await asyncio.sleep(lease / 3)
+        preparing: asyncio.Task[int] | None = None
+        try:
+            while True:
+                lease = self._config().cluster.lease_seconds
+                await self.renew(lease)
+                try:
+                    peers = await asyncio.to_thread(self.take_over)
+                except MedgwError as exc:
+                    if self._failing is None:  # else said once already (lease.renew_failed)
+                        self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
+                else:
+                    for peer in peers:
+                        if peer is None:
+                            self._wake_handover()
+                        else:
+                            self._outbound.wake(peer)
+                if preparing is None or preparing.done():
+                    # Beside this loop: however long preparing them takes, renewals go on.
+                    preparing = asyncio.create_task(self.prepare_taken_over())
+                await asyncio.sleep(lease / 3)
+        finally:
+            if preparing is not None:
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
 
     async def renew(self, lease: float) -> None:
         """Renew every claim of this node; after half a lease without a renewal, stop
@@ -114,20 +127,37 @@ class LeaseKeeper:
             self._log.info("lease.claims_back", node=self._spool.node, requeued=len(requeued))
             lost.clear()
 
-    async def take_over_all(self) -> set[str | None]:
-        """Take over the other nodes' claims whose lease ran out (see :meth:`take_over`),
-        then prepare the documents they had taken in; returns the peers with messages
-        to send, and None if there are hand-overs to make."""
-        peers, intake = await asyncio.to_thread(self.take_over)
-        await self._outbound.prepare_taken_over(intake)
-        return peers
+    async def prepare_taken_over(self) -> int:
+        """The documents other nodes took in and left unprepared when their claims ran
+        out (those kept in the spool): claimed a few at a time, each audited as taken
+        over, and prepared here; how many."""
+        count = 0
+        try:
+            while intake := await asyncio.to_thread(self._take_over_intake):
+                await self._outbound.prepare_taken_over(intake)
+                count += len(intake)
+        except MedgwError as exc:
+            if self._failing is None:  # else said once already (lease.renew_failed)
+                self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
+        return count
 
-    def take_over(self) -> tuple[set[str | None], list[OutboundRecord]]:
+    def _take_over_intake(self) -> list[OutboundRecord]:
+        intake = self._spool.intake_take_over(INTAKE_TAKE_OVER_BATCH)
+        for record in intake:
+            self._taken_over(
+                "message.taken_over",
+                record,
+                direction="outbound",
+                reason=f"node {record.node} had taken it in and not yet signed and encrypted "
+                f"it, and its claim ran out at {iso_time(record.lease_until)}; prepared by "
+                f"node {self._spool.node}",
+            )
+        return intake
+
+    def take_over(self) -> set[str | None]:
         """The other nodes' claims whose lease ran out: their messages queued again here,
-        the documents they took in (and kept in the spool) claimed here, their
-        deliveries settled, their hand-overs let go; returns the peers with messages to
-        send (None if there are hand-overs to make) and the documents to prepare
-        (worker thread)."""
+        their deliveries settled, their hand-overs let go; returns the peers with
+        messages to send, and None if there are hand-overs to make (worker thread)."""
         peers: set[str | None] = set()
         for record in self._spool.take_over_expired():
             peers.add(record.peer)
@@ -137,16 +167,6 @@ class LeaseKeeper:
                 direction="outbound",
                 reason=f"node {record.node} was sending it and its claim ran out at "
                 f"{iso_time(record.lease_until)}; queued again by node {self._spool.node}",
-            )
-        intake = self._spool.intake_take_over()
-        for record in intake:
-            self._taken_over(
-                "message.taken_over",
-                record,
-                direction="outbound",
-                reason=f"node {record.node} had taken it in and not yet signed and encrypted "
-                f"it, and its claim ran out at {iso_time(record.lease_until)}; prepared by "
-                f"node {self._spool.node}",
             )
         settled = self._inbound().take_over()
         if settled:
@@ -162,7 +182,7 @@ class LeaseKeeper:
                 f"and its claim ran out at {iso_time(handover.lease_until)}; let go by "
                 f"node {self._spool.node}, handed over by the next node to take it",
             )
-        return peers, intake
+        return peers
 
     def _sweep(self) -> None:
         """Once a lease: the inbox work files no delivery needs, a lease old or more,

@@ -173,12 +173,12 @@ class Spool(Protocol):
         Returns them as they were (``node``: who held them)."""
         ...
 
-    def intake_take_over(self) -> list[OutboundRecord]:
-        """While running: messages other nodes took in and had not finished preparing
-        whose lease ran out, and whose document is kept in the spool row (any node can
-        prepare those; one kept in a file is in its node's state folder, taken up when
-        that node starts), claimed by this node (returned as they were: ``node`` is
-        who held them)."""
+    def intake_take_over(self, limit: int) -> list[OutboundRecord]:
+        """While running: up to ``limit`` of the messages other nodes took in and had not
+        finished preparing whose lease ran out, and whose document is kept in the spool
+        row (any node can prepare those; one kept in a file is in its node's state
+        folder, taken up when that node starts), oldest first, claimed by this node
+        (returned as they were: ``node`` is who held them)."""
         ...
 
     def intake_release(self, message_id: str, node: str | None) -> bool:

@@ -345,17 +345,21 @@ class OutboundQueue(SqlStore):
         now, _ = self._lease()
         return self._claim_intake("(node=? OR node IS NULL OR lease_until<?)", (self.node, now))
 
-    def intake_take_over(self) -> list[OutboundRecord]:
+    def intake_take_over(self, limit: int) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.intake_take_over`."""
         now, _ = self._lease()
         return self._claim_intake(
             "node IS NOT NULL AND node!=? AND lease_until<? AND payload IS NOT NULL",
             (self.node, now),
+            limit,
         )
 
-    def _claim_intake(self, where: str, params: tuple[object, ...]) -> list[OutboundRecord]:
-        """Messages in intake that match ``where``, oldest first, claimed for this node in
-        one transaction; returns them as they were (who held them before)."""
+    def _claim_intake(
+        self, where: str, params: tuple[object, ...], limit: int = -1
+    ) -> list[OutboundRecord]:
+        """Messages in intake that match ``where``, oldest first (up to ``limit``; -1: all),
+        claimed for this node in one transaction; returns them as they were (who held
+        them before)."""
         _, lease_until = self._lease()
 
         def claim(db: Connection) -> list[Row]:
@@ -363,8 +367,8 @@ class OutboundQueue(SqlStore):
             # these rows by, and a renewal committing meanwhile is not overruled.
             rows: list[Row] = db.execute(
                 f"SELECT * FROM outbound WHERE state=? AND {where}"  # noqa: S608 - fixed text
-                f" ORDER BY created_at{self.claim_lock}",
-                (OutboundState.INTAKE.value, *params),
+                f" ORDER BY created_at{' LIMIT ?' if limit >= 0 else ''}{self.claim_lock}",
+                (OutboundState.INTAKE.value, *params, *((limit,) if limit >= 0 else ())),
             ).fetchall()
             db.executemany(
                 "UPDATE outbound SET node=?, lease_until=? WHERE message_id=? AND state=?",
