@@ -126,6 +126,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def context_switches(pid: int) -> int:
+    """How often the threads a process has now have blocked (voluntary context switches:
+    a wait for the GIL, a lock, a worker thread, the event loop or the disk; preemptions
+    by other work on the host are left out)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split(":")[1])
+    return total
+
+
 class AuditTail:
     """Reads an audit log incrementally: each poll parses only the lines added since.
 
@@ -179,6 +192,7 @@ class Run:
     intake_p50: float
     send_p50: float
     cpu_ms: dict[str, float]  # per side, its nodes' CPU together
+    switches: dict[str, float]  # per side, its nodes' voluntary context switches per message
     front_cpu_ms: float  # the bench's own process (the TCP front, the audit polls)
     rss_mib: dict[str, float]
     big_seconds: float | None
@@ -289,6 +303,7 @@ def measure(
     dropped: dict[str, float] = {}
     payload = os.urandom(size)
     cpu_before = [cpu_seconds(p.proc.pid) for _, p in daemons]
+    switches_before = [context_switches(p.proc.pid) for _, p in daemons]
     own_before = time.process_time()
     start = time.time()
     for i in range(messages):
@@ -299,8 +314,10 @@ def measure(
     receipts = wait_receipts(tails, messages, 600)
     front_cpu_ms = (time.process_time() - own_before) * 1000 / messages
     cpu_ms = dict.fromkeys(("lab", "hospital"), 0.0)
-    for (side, node), before in zip(daemons, cpu_before, strict=True):
+    switches = dict.fromkeys(("lab", "hospital"), 0.0)
+    for (side, node), before, switched in zip(daemons, cpu_before, switches_before, strict=True):
         cpu_ms[side] += (cpu_seconds(node.proc.pid) - before) * 1000 / messages
+        switches[side] += (context_switches(node.proc.pid) - switched) / messages
     records = [r for t in tails for r in t.records]
     accepted_records = [r for r in records if r["event"] == "message.accepted"]
     accepted = {r["message_id"]: r["detail"]["filename"] for r in accepted_records}
@@ -337,6 +354,7 @@ def measure(
         intake_p50=statistics.median(intake),
         send_p50=statistics.median(sending),
         cpu_ms=cpu_ms,
+        switches=switches,
         front_cpu_ms=front_cpu_ms,
         rss_mib={n: max(peak_rss_mib(p.proc.pid) for s, p in daemons if s == n) for n in cpu_ms},
         big_seconds=big_seconds,
@@ -471,6 +489,10 @@ def main() -> int:
             f"hospital {run.cpu_ms['hospital']:.1f} ms; busy: lab "
             f"{run.cpu_ms['lab'] * run.rate / 1000:.0%}, "
             f"hospital {run.cpu_ms['hospital'] * run.rate / 1000:.0%} of a core"
+        )
+        print(
+            f"  voluntary context switches per message (waits): lab {run.switches['lab']:.0f}, "
+            f"hospital {run.switches['hospital']:.0f}"
         )
         if run.nodes > 1:
             print(
