@@ -58,6 +58,7 @@ from pathlib import Path
 
 import pyas2lib_ref
 
+import gateway
 from gateway.demo_run import GatewayProcess, drop_file, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 
@@ -416,6 +417,10 @@ def main() -> int:
         help="nodes per side for the PostgreSQL runs, comma-separated: 1, 2, 3",
     )
     args = parser.parse_args()
+    # The daemons (`python -m gateway`) import from their working folder first, ahead of
+    # PYTHONPATH: started from the folder of the package this bench imported, they run
+    # the same code, also when PYTHONPATH names another tree to measure.
+    os.chdir(Path(gateway.__file__).resolve().parents[1])
     keys = args.keys.split(",")
     if not keys or any(k not in KEY_NAMES for k in keys):
         parser.error(f"--keys: each of {', '.join(KEY_NAMES)}, comma-separated")
