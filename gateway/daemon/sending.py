@@ -20,6 +20,10 @@ PEER_IDLE_CHECK_SECONDS = 5.0
 # recorded) after the peer took them, beside the PARALLEL_SENDS_PER_PEER being sent:
 # settling no longer holds a connection, so the next send starts meanwhile.
 SETTLING_PER_PEER = PARALLEL_SENDS_PER_PEER
+# While some of a peer's messages are being sent, more are claimed once this many
+# connections are free, several in one claim (one worker-thread trip, one transaction),
+# not one at every send that ends; with none being sent, whatever is free at once.
+CLAIM_AT_LEAST = PARALLEL_SENDS_PER_PEER // 2
 INTAKE_ERROR_REPEAT_SECONDS = 60.0  # a lasting intake failure is logged again this often
 
 
@@ -133,6 +137,8 @@ class Senders:
                         PARALLEL_SENDS_PER_PEER - sending,
                         PARALLEL_SENDS_PER_PEER + SETTLING_PER_PEER - len(inflight),
                     )
+                    if sending > 0 and free < CLAIM_AT_LEAST:
+                        free = 0  # claimed together once more are free
                 if state.trust[name].unusable is not None:
                     free = 0  # said once (peer.unusable); its messages wait, unsent
                 claimed: list[OutboundRecord] = []
