@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import SpoolError
-from gateway.spool import HandoverState, OutboundState, Settled, Spool, SqliteSpool
+from gateway.errors import InvalidValueError, SpoolError
+from gateway.spool import (
+    HandoverState,
+    Intake,
+    OutboundState,
+    Prepared,
+    Settled,
+    Spool,
+    SqliteSpool,
+)
 from gateway.spool.records import DataKey
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
@@ -177,6 +185,68 @@ def test_a_settlement_that_fails_changes_none_of_its_messages(
         record = spool.get(message_id)
         assert record is not None and record.state is OutboundState.SENDING
     assert spool.data_key("outbound-receipt:<b@h>") is None
+
+
+def test_documents_taken_together_are_recorded_all_or_none_and_queued_in_one_go(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
+
+    def intake(n: int, key: bytes | None = None) -> Intake:
+        item = f"outbound-payload:<{n}@h>"
+        return Intake(
+            f"<{n}@h>",
+            "lab",
+            f"{n}.hl7",
+            "text/plain",
+            tmp_path / f"{n}.hl7",
+            tmp_path / f"p{n}",
+            submitted_by=f"outbox:u{n}",
+            data_key=DataKey(item, 1, key) if key else None,
+            payload=b"copy %d" % n,
+        )
+
+    spool.add_intakes([intake(1, b"k1"), intake(2, b"k2"), intake(3)])
+    assert [r.message_id for r in spool.all_outbound()] == ["<1@h>", "<2@h>", "<3@h>"]
+    assert spool.submitter("<2@h>") == "outbox:u2" and spool.get("<3@h>").payload == b"copy 3"  # type: ignore[union-attr]
+    assert spool.data_key("outbound-payload:<1@h>") == DataKey("outbound-payload:<1@h>", 1, b"k1")
+    # One of them cannot be recorded (its Message-ID is taken): none of them is.
+    with pytest.raises(SpoolError, match="spool write failed"):
+        spool.add_intakes([intake(4, b"k4"), intake(1)])
+    assert spool.get("<4@h>") is None and spool.data_key("outbound-payload:<4@h>") is None
+
+    # Another node queued <2@h> first: it is left out, its key stays that node's.
+    other = make_spool(TickingClock())
+    body_key = "outbound-body:<2@h>"
+    assert other.mark_queued(
+        "<2@h>", None, [], "mic", 1, body=b"b2", data_key=DataKey(body_key, 1, b"theirs")
+    )
+    queued = spool.mark_queued_all(
+        [
+            Prepared(
+                f"<{n}@h>",
+                None,
+                (("AS2-To", "lab"),),
+                "mic",
+                7,
+                "cert",
+                b"body %d" % n,
+                DataKey(f"outbound-body:<{n}@h>", 1, b"mine"),
+            )
+            for n in (1, 2, 3)
+        ]
+    )
+    assert queued == ["<1@h>", "<3@h>"]
+    assert spool.data_key(body_key) == DataKey(body_key, 1, b"theirs")
+    for n in (1, 3):
+        record = spool.get(f"<{n}@h>")
+        assert record is not None and record.state is OutboundState.QUEUED
+        assert record.body == b"body %d" % n and record.payload is None
+        assert record.headers == (("AS2-To", "lab"),)
+        assert spool.data_key(f"outbound-payload:<{n}@h>") is None  # the document's key goes
+    assert spool.mark_queued_all([]) == []
+    with pytest.raises(InvalidValueError, match="exactly one of them"):
+        spool.mark_queued_all([Prepared("<9@h>", None, (), "mic", 1)])
 
 
 def test_a_shred_a_reader_keeps_from_emptying_the_log_says_so(tmp_path: Path) -> None:

@@ -39,9 +39,11 @@ from gateway.spool.records import (
     HandoverRecord,
     HandoverState,
     InboundRecord,
+    Intake,
     OutboundRecord,
     OutboundState,
     PeerControl,
+    Prepared,
     RetainedKind,
     Settled,
 )
@@ -85,6 +87,11 @@ class Spool(Protocol):
         recorded in the same transaction."""
         ...
 
+    def add_intakes(self, intakes: Sequence[Intake]) -> None:
+        """Several documents taken in, each as :meth:`add_intake` records it, all in one
+        transaction: every one is recorded, or (an error raised) none is."""
+        ...
+
     def submitter(self, message_id: str) -> str | None:
         """Who submitted the message (None: not recorded, or no such message)."""
         ...
@@ -106,11 +113,18 @@ class Spool(Protocol):
         *,
         body: bytes | None = None,
         data_key: DataKey | None = None,
-    ) -> None:
+    ) -> bool:
         """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
         message, ``body``, stored in this same transaction, with ``data_key`` (the key
         the body is encrypted under at rest, gateway.atrest); the document's own data
-        key is deleted in it (its copy is removed next)."""
+        key is deleted in it (its copy is removed next).  False (nothing queued) if the
+        message is no longer in intake: another node prepared it (and its key stays)."""
+        ...
+
+    def mark_queued_all(self, prepared: Sequence[Prepared]) -> list[str]:
+        """Several documents signed and encrypted, each as :meth:`mark_queued` queues it,
+        in one transaction; returns the Message-IDs of those it queued (the others were
+        no longer in intake)."""
         ...
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:

@@ -273,3 +273,38 @@ def items_of(table: str, peer: str, message_id: str, kind: RetainedKind) -> tupl
     if table == "inbound" and kind in (RetainedKind.RECEIPTS, RetainedKind.SPOOL):
         return (sent_receipt_item(peer, message_id),)
     return ()
+
+
+@dataclass(frozen=True)
+class Intake:
+    """A document taken in, as :meth:`~gateway.spool.Spool.add_intakes` records it (the
+    arguments of :meth:`~gateway.spool.Spool.add_intake`)."""
+
+    message_id: str
+    peer: str
+    filename: str
+    content_type: str
+    source_path: Path
+    payload_path: Path
+    expires_at: float = 0.0
+    zone: str | None = None
+    origin: Origin = LOCAL_INTAKE
+    submitted_by: str | None = None
+    service: str | None = None
+    data_key: DataKey | None = None
+    payload: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A document signed and encrypted, as :meth:`~gateway.spool.Spool.mark_queued_all`
+    queues it (the arguments of :meth:`~gateway.spool.Spool.mark_queued`)."""
+
+    message_id: str
+    body_path: Path | None
+    headers: tuple[tuple[str, str], ...]
+    mic: str
+    size: int
+    encrypted_for: str | None = None
+    body: bytes | None = None
+    data_key: DataKey | None = None

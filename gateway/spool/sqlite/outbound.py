@@ -12,8 +12,10 @@ from gateway.spool.records import (
     CANCELLABLE,
     RETRYABLE,
     DataKey,
+    Intake,
     OutboundRecord,
     OutboundState,
+    Prepared,
     Settled,
     payload_item,
 )
@@ -84,45 +86,74 @@ class OutboundQueue(SqlStore):
         payload: bytes | None = None,
     ) -> None:
         """See :meth:`gateway.spool.protocol.Spool.add_intake`."""
-        check_enqueue(origin, peer, zone)
-        now = self._now()
-        extra = (
+        self.add_intakes(
             [
-                (
-                    "INSERT INTO submissions (message_id, submitted_by) VALUES (?,?)",
-                    (message_id, submitted_by),
+                Intake(
+                    message_id,
+                    peer,
+                    filename,
+                    content_type,
+                    source_path,
+                    payload_path,
+                    expires_at,
+                    zone,
+                    origin,
+                    submitted_by,
+                    service,
+                    data_key,
+                    payload,
                 )
             ]
-            if submitted_by is not None
-            else []
         )
-        self._write(
-            "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
-            " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
-            " updated_at, service, node, lease_until, payload)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+
+    def add_intakes(self, intakes: Sequence[Intake]) -> None:
+        """See :meth:`gateway.spool.protocol.Spool.add_intakes`."""
+        for intake in intakes:
+            check_enqueue(intake.origin, intake.peer, intake.zone)
+        now = self._now()
+        lease_until = self._lease()[1]
+        rows = [
             (
-                message_id,
-                peer,
-                filename,
-                content_type,
-                str(source_path),
-                str(payload_path),
+                i.message_id,
+                i.peer,
+                i.filename,
+                i.content_type,
+                str(i.source_path),
+                str(i.payload_path),
                 OutboundState.INTAKE.value,
-                expires_at,
-                zone,
-                origin.peer,
-                origin.zone,
+                i.expires_at,
+                i.zone,
+                i.origin.peer,
+                i.origin.zone,
                 now,
                 now,
-                service,
+                i.service,
                 self.node,
-                self._lease()[1],
-                payload,
-            ),
-            extra,
-            key=data_key,
-        )
+                lease_until,
+                i.payload,
+            )
+            for i in intakes
+        ]
+        submitted = [(i.message_id, i.submitted_by) for i in intakes if i.submitted_by is not None]
+
+        def work(db: Connection) -> None:
+            db.executemany(
+                "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
+                " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
+                " updated_at, service, node, lease_until, payload)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                rows,
+            )
+            if submitted:
+                db.executemany(
+                    "INSERT INTO submissions (message_id, submitted_by) VALUES (?,?)", submitted
+                )
+            for intake in intakes:
+                if intake.data_key is not None:
+                    self._store_key(db, intake.data_key)
+
+        if intakes:
+            self._transact(work)
 
     def submitter(self, message_id: str) -> str | None:
         """Who submitted the message (None: not recorded, or no such message)."""
@@ -152,38 +183,54 @@ class OutboundQueue(SqlStore):
         *,
         body: bytes | None = None,
         data_key: DataKey | None = None,
-    ) -> None:
-        """Signed and encrypted: the AS2 body is the file ``body_path`` or, for a small
-        message, ``body``, stored in this same transaction (and ``data_key``, the key
-        it is encrypted under at rest)."""
-        if (body_path is None) == (body is None):
-            raise InvalidValueError(
-                f"message {message_id}: a queued message has its body in a file or in the "
-                "spool row, exactly one of them",
-                fix="pass either body_path or body",
-            )
-        self._write(
-            "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
-            " updated_at=?, encrypted_for=?, payload=NULL WHERE message_id=? AND state=?",
-            (
-                OutboundState.QUEUED.value,
-                str(body_path) if body_path is not None else None,
-                body,
-                json.dumps(headers),
-                mic,
-                size,
-                self._now(),
-                encrypted_for,
-                message_id,
-                OutboundState.INTAKE.value,
-            ),
-            # The document's own key goes: its copy is removed next.
-            [(_DROP_KEY, (payload_item(message_id),))],
-            # Only the preparation that moved it out of intake stores its key: another one
-            # of the same document (on another node) must not replace it.
-            key=data_key,
-            key_if_one=True,
+    ) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.mark_queued`."""
+        prepared = Prepared(
+            message_id, body_path, tuple(headers), mic, size, encrypted_for, body, data_key
         )
+        return bool(self.mark_queued_all([prepared]))
+
+    def mark_queued_all(self, prepared: Sequence[Prepared]) -> list[str]:
+        """See :meth:`gateway.spool.protocol.Spool.mark_queued_all`."""
+        for one in prepared:
+            if (one.body_path is None) == (one.body is None):
+                raise InvalidValueError(
+                    f"message {one.message_id}: a queued message has its body in a file or in "
+                    "the spool row, exactly one of them",
+                    fix="pass either body_path or body",
+                )
+        now = self._now()
+
+        def work(db: Connection) -> list[str]:
+            queued = []
+            for one in prepared:
+                count = db.execute(
+                    "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
+                    " updated_at=?, encrypted_for=?, payload=NULL WHERE message_id=? AND state=?",
+                    (
+                        OutboundState.QUEUED.value,
+                        str(one.body_path) if one.body_path is not None else None,
+                        one.body,
+                        json.dumps(one.headers),
+                        one.mic,
+                        one.size,
+                        now,
+                        one.encrypted_for,
+                        one.message_id,
+                        OutboundState.INTAKE.value,
+                    ),
+                ).rowcount
+                # The document's own key goes: its copy is removed next.
+                db.execute(_DROP_KEY, (payload_item(one.message_id),))
+                if count == 1:
+                    queued.append(one.message_id)
+                    # Only the preparation that moved it out of intake stores its key: another
+                    # one of the same document (on another node) must not replace it.
+                    if one.data_key is not None:
+                        self._store_key(db, one.data_key)
+            return queued
+
+        return self._transact(work) if prepared else []
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
         """Messages for ``peer`` not yet delivered, by the SHA-256 of the certificate they
