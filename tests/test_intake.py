@@ -8,8 +8,11 @@ import hashlib
 import io
 import os
 import pwd
+import signal
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import pytest
 import gateway.outbound.intake
 from gateway.atrest import KeyStore, Sealing, Vault, storing
 from gateway.atrest.chunked import MAGIC
-from gateway.audit.log import AuditLog
+from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import drop_file, free_ports, wait_until
@@ -30,24 +33,25 @@ from gateway.logs import make_logger
 from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
 from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
-from gateway.outbound.seal import Sealer
+from gateway.outbound.seal import Sealer, ToSeal
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.pki.peers import assess_peers
-from gateway.spool import OutboundRecord, SqliteSpool
+from gateway.spool import Claimant, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 
 
 class SlowTakes(OutboxIntake):
-    """The real outbox intake, with each take's work replaced by a pause (one take fails)."""
+    """The real outbox intake, with each batch's work replaced by a pause (the batch with
+    broken.hl7 fails at once)."""
 
     finished: list[str]
 
-    async def _take(self, candidate: Candidate) -> None:
-        if candidate.path.name == "broken.hl7":
+    async def _take_batch(self, batch: Sequence[Candidate]) -> None:
+        if any(candidate.path.name == "broken.hl7" for candidate in batch):
             raise SpoolError("cannot take broken.hl7")
         await asyncio.sleep(0.2)
-        self.finished.append(candidate.path.name)
+        self.finished.extend(candidate.path.name for candidate in batch)
 
 
 def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
@@ -75,7 +79,9 @@ def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
     try:
         with pytest.raises(SpoolError, match=r"broken\.hl7"):
             asyncio.run(intake.intake_once())
-        assert sorted(intake.finished) == names
+        # broken.hl7 is first, and its batch fails at once; the other one finishes.
+        assert intake.finished and set(intake.finished) < set(names)
+        assert intake.finished == names[-len(intake.finished) :]
     finally:
         spool.close()
         audit.close()
@@ -224,16 +230,18 @@ async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_fil
     for name, data in documents.items():
         (folder / name).write_bytes(data)
     seen: dict[str, tuple[bytes | None, bool]] = {}
-    seal_and_queue = Sealer.seal_and_queue
+    seal_and_queue_all = Sealer.seal_and_queue_all
 
-    def spy(self: Sealer, record: OutboundRecord, *args: Any) -> bool:
-        # As the sealer finds it: the copy in the row, or its file.
-        seen[record.filename] = (record.payload, record.payload_path.exists())
-        if record.payload_path.exists():
-            assert record.payload_path.read_bytes().startswith(MAGIC)
-        return seal_and_queue(self, record, *args)
+    def spy(self: Sealer, documents: Sequence[ToSeal]) -> list[ToSeal]:
+        for document in documents:
+            record = document.record
+            # As the sealer finds it: the copy in the row, or its file.
+            seen[record.filename] = (record.payload, record.payload_path.exists())
+            if record.payload_path.exists():
+                assert record.payload_path.read_bytes().startswith(MAGIC)
+        return seal_and_queue_all(self, documents)
 
-    monkeypatch.setattr(Sealer, "seal_and_queue", spy)
+    monkeypatch.setattr(Sealer, "seal_and_queue_all", spy)
     try:
         assert await outbound.intake_once() == 2
         kept, in_file = seen["small.hl7"]
@@ -320,7 +328,7 @@ def test_a_preparation_the_spool_cut_short_is_done_again_without_a_restart(
     restarting would): the running daemon prepares it again at its next scan and
     sends it, once."""
     faultpoint = Path(__file__).with_name("faultpoint.py")
-    point = "gateway.spool.sqlite.outbound:OutboundQueue.mark_queued"
+    point = "gateway.spool.sqlite.outbound:OutboundQueue.mark_queued_all"
     prefix = (sys.executable, str(faultpoint), "--fail-once", point, "--")
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path, prefix=prefix)
@@ -329,3 +337,181 @@ def test_a_preparation_the_spool_cut_short_is_done_again_without_a_restart(
     assert receipt["detail"]["disposition"] == "processed"
     assert [p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()] == ["late.hl7"]
     assert len(events(layout.lab.audit_log, "message.accepted")) == 1
+
+
+class CountedDisk:
+    """os.fsync, counted: how many the audit log asked for."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        os.fsync(fd)
+
+
+async def test_documents_are_taken_in_batches_with_a_transaction_and_an_audit_write_each(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Forty documents dropped at once: their rows recorded, their queueing and their
+    ``message.accepted`` records each written for a batch at a time, not per document."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
+    disk = CountedDisk()
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab", sync=disk)
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    outbound = Outbound(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock, vault
+    )
+    [peer] = config.peers
+    folder = layout.lab.outbox_dir / peer.name
+    folder.mkdir(parents=True, exist_ok=True)
+    documents = {f"result-{i:02}.hl7": b"MSH|^~\\&|%d\r" % i for i in range(40)}
+    for name, data in documents.items():
+        (folder / name).write_bytes(data)
+    commits, syncs = spool._writer.commits, disk.calls
+    try:
+        assert await outbound.intake_once() == 40
+        batches = len(gateway.outbound.intake.batches([Candidate("x", folder)] * 40))
+        assert batches == 2
+        # One transaction for the rows of a batch, one to queue them; one audit write.
+        assert spool._writer.commits - commits <= 2 * batches  # (per document: 80)
+        assert disk.calls - syncs <= batches  # (per document: 40)
+        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
+        assert sorted(r["detail"]["filename"] for r in accepted) == sorted(documents)
+        for record in accepted:
+            data = documents[record["detail"]["filename"]]
+            assert record["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
+            queued = spool.get(record["message_id"])
+            assert queued is not None and queued.state.value == "queued"
+        assert not list(folder.iterdir())
+        assert verify_chain(tmp_path / "audit.jsonl") == 40
+    finally:
+        spool.close()
+        audit.close()
+
+
+async def test_a_document_that_cannot_be_sealed_is_kept_and_its_batch_mates_are_queued(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A second peer whose encryption certificate is not acceptable (its trust was never
+    judged): its document, in a batch with others, is kept unsent with an alert; the
+    others of the batch are queued."""
+    config = load_config(layout.lab.config_path)
+    [hospital] = config.peers
+    pharmacy = replace(hospital, name="pharmacy", as2_id="PHARMACY")
+    config = replace(config, peers=(hospital, pharmacy))
+    clock = SystemClock()
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    trust = await assess_peers((hospital,), config.zones, at=clock.now())
+    outbound = Outbound(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
+    )
+    for peer_name, name in [("hospital", "a.hl7"), ("hospital", "b.hl7"), ("hospital", "c.hl7")]:
+        drop_file(layout.lab.outbox_dir / peer_name, name, b"MSH|" + name.encode() + b"\r")
+    drop_file(layout.lab.outbox_dir / "pharmacy", "d.hl7", b"MSH|d\r")
+    try:
+        assert await outbound.intake_once() == 4  # raises nothing: the document is kept
+        by_name = {r.filename: r for r in spool.all_outbound()}
+        assert {n: r.state.value for n, r in by_name.items()} == {
+            "a.hl7": "queued",
+            "b.hl7": "queued",
+            "c.hl7": "queued",
+            "d.hl7": "failed",
+        }
+        kept = by_name["d.hl7"]
+        assert kept.payload_path.read_bytes() == b"MSH|d\r"  # kept, to retry once corrected
+        [failed] = events(tmp_path / "audit.jsonl", "message.failed")
+        assert failed["message_id"] == kept.message_id and failed["severity"] == "alert"
+        assert "no acceptable encryption certificate" in failed["reason"]
+        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
+        assert sorted(r["detail"]["filename"] for r in accepted) == ["a.hl7", "b.hl7", "c.hl7"]
+    finally:
+        spool.close()
+        audit.close()
+
+
+async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_here(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Two nodes prepare one interrupted document (this one's claim ran out meanwhile):
+    the one whose queueing did not find it in intake any more records nothing."""
+    config = load_config(layout.lab.config_path)
+    [peer] = config.peers
+    clock = SystemClock()
+    mine = SqliteSpool(tmp_path / "spool.sqlite3", clock, Claimant("lab-1"))
+    other = SqliteSpool(tmp_path / "spool.sqlite3", clock, Claimant("lab-2"))
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab-1")
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    context = Context(
+        Settings(config, trust), mine, audit, make_logger(stream=io.StringIO()), clock
+    )
+    source = tmp_path / "order.hl7"
+    mine.add_intake(
+        "<order@KITA-LAB>",
+        peer.name,
+        source.name,
+        "application/hl7-v2",
+        source,
+        tmp_path / "payload",
+        zone=peer.zone,
+        payload=b"MSH|order\r",
+    )
+    record = mine.get("<order@KITA-LAB>")
+    assert record is not None
+    assert other.mark_queued("<order@KITA-LAB>", None, [], "mic", 10, body=b"by the other")
+    try:
+        assert not Sealer(context).seal_and_queue(record, peer, "outbox:lab")
+        assert events(tmp_path / "audit.jsonl", "message.accepted") == []
+        queued = mine.get("<order@KITA-LAB>")
+        assert queued is not None and queued.body == b"by the other"
+    finally:
+        mine.close()
+        other.close()
+        audit.close()
+
+
+OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        # The batch's rows are committed; its documents are still in the outbox.
+        ("--kill-after", f"{OUTBOUND}.add_intakes"),
+        # Taken out of the outbox and signed and encrypted; none of them is queued.
+        ("--kill-before", f"{OUTBOUND}.mark_queued_all"),
+        # Queued together; their message.accepted records not written yet.
+        ("--kill-after", f"{OUTBOUND}.mark_queued_all"),
+    ],
+    ids=["rows-recorded", "sealed-not-queued", "queued-not-audited"],
+)
+def test_a_kill_inside_a_batch_sends_each_of_its_documents_once(
+    layout: DemoLayout, processes: Any, point: tuple[str, str]
+) -> None:
+    faultpoint = Path(__file__).with_name("faultpoint.py")
+    outbox = layout.lab.outbox_dir / "hospital"
+    documents = {f"batch-{i}.hl7": b"MSH|batch %d|" % i + os.urandom(200) for i in range(6)}
+    for name, data in documents.items():
+        drop_file(outbox, name, data)  # all there before the first scan: taken in batches
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(
+        layout.lab.config_path, prefix=(sys.executable, str(faultpoint), *point, "--")
+    )
+    assert lab.wait_exit() == -signal.SIGKILL, "\n".join(lab.raw[-20:])
+
+    processes.start(layout.lab.config_path)
+    receipts = wait_for_events(layout.lab.audit_log, "receipt.received", count=len(documents))
+    assert len(receipts) == len(documents)
+    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
+    assert not list(outbox.iterdir())
+    accepted = [r["detail"]["filename"] for r in events(layout.lab.audit_log, "message.accepted")]
+    assert len(accepted) == len(set(accepted))  # none taken twice
+    delivered = events(layout.hospital.audit_log, "message.delivered")
+    assert len({r["message_id"] for r in delivered}) == len(documents)

@@ -1,28 +1,39 @@
 """Taking documents from the outbox folder into the spool, each in three committed steps
 (an ``intake`` row, the file moved into the spool, then sealed and queued): a document
-taken from the outbox is never lost and never sent twice as two messages."""
+taken from the outbox is never lost and never sent twice as two messages.
+
+Documents are taken in batches, each in one trip to a worker thread: their rows
+in one transaction, the outbox folders synced once for them, then each signed and
+encrypted, all queued in one transaction and their ``message.accepted`` records
+written together (one fsync each, not one per document)."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.as2.headers import new_message_id
-from gateway.atrest import Sealing, storing
+from gateway.atrest import Sealing, storing_all
 from gateway.config import Peer
 from gateway.errors import MedgwError, SpoolError
 from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
 from gateway.intake.outbox import Candidate, scan
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
-from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
+from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer, ToSeal
 from gateway.routing import LOCAL_INTAKE
-from gateway.spool import OutboundRecord
+from gateway.spool import Intake
 from gateway.spool.records import payload_item
 
-INTAKE_PARALLELISM = 8
+# Documents taken in one trip to a worker thread (one transaction for their rows, one for
+# their queueing, one audit write): bench/README.md measures the choice.
+INTAKE_BATCH = 32
+# Batches taken at once: while one waits for an fsync, another signs and encrypts.
+INTAKE_PARALLELISM = 2
 
 
 class OutboxIntake:
@@ -92,18 +103,18 @@ class OutboxIntake:
                 folder=skipped.parent.name,
                 fix="rename regular files into the outbox; links and folders are not sent",
             )
-        # Several documents are taken at once: each take is mostly fsync and
-        # crypto in worker threads, so they overlap well.
+        # Several batches are taken at once: each is mostly fsync and crypto in worker
+        # threads, so they overlap well.
         limit = asyncio.Semaphore(INTAKE_PARALLELISM)
 
-        async def take(candidate: Candidate) -> None:
+        async def take(batch: Sequence[Candidate]) -> None:
             async with limit:
-                await self._take(candidate)
+                await self._take_batch(batch)
 
         # Every take finishes before this returns, even when one fails: the next scan
         # must not start a second take of a file this one is still moving.
         outcomes = await asyncio.gather(
-            *(take(c) for c in result.candidates), return_exceptions=True
+            *(take(b) for b in batches(result.candidates)), return_exceptions=True
         )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -118,99 +129,162 @@ class OutboxIntake:
             self._ctx.spool.abandon_intake(message_id)
             self._unabandoned.discard(message_id)
 
-    async def _take(self, candidate: Candidate) -> None:
+    async def _take_batch(self, batch: Sequence[Candidate]) -> None:
+        """Take ``batch`` into the spool, sign, encrypt and queue it, in one trip to a
+        worker thread; an error of one document is raised once the others are queued."""
+        queued, errors = await self._ctx.in_thread(self._take_and_seal, batch)
+        for peer in sorted(queued):
+            self._ctx.wake(peer)
+        if errors:
+            raise errors[0]
 
-        def take_and_seal() -> str | None:
-            taken = self._take_into_spool(candidate)
-            if taken is None:
-                return None
-            record, peer, submitter = taken
-            try:
-                sealed = self._sealer.seal_and_queue(record, peer, submitter)
-            except (MedgwError, OSError):
-                self._unsealed.add(record.message_id)
-                raise
-            return peer.name if sealed else None
-
-        queued_for = await self._ctx.in_thread(take_and_seal)  # one trip to a worker thread
-        if queued_for is not None:
-            self._ctx.wake(queued_for)
-
-    def _take_into_spool(self, candidate: Candidate) -> tuple[OutboundRecord, Peer, str] | None:
-        """Record the document and move it from the outbox into the spool (worker thread);
-        None if its peer was removed (by a reload) since the scan: it stays in the outbox,
-        and the next scan reports the folder as one without a peer.  The submitter
-        recorded is the file's owner, the account that wrote it into the outbox."""
-        peer = self._ctx.config.peer(candidate.peer)
-        if peer is None:
-            return None
+    def _take_and_seal(self, batch: Sequence[Candidate]) -> tuple[set[str], list[MedgwError]]:
+        """(worker thread) The peers with a document queued, and the errors of those that
+        could not be taken."""
+        errors: list[MedgwError] = []
+        taken = self._take_into_spool(batch, errors)
         try:
-            status = candidate.path.lstat()
-        except FileNotFoundError:
-            return None  # taken away since the scan
-        owner = status.st_uid
-        submitter = f"outbox:{account_name(owner)} (uid {owner})"
-        message_id = new_message_id(self._ctx.config.as2_id)
-        token = os.urandom(12).hex()
-        payload_path = self._ctx.payloads / token
-        with storing(self._ctx.vault, payload_item(message_id)) as sealing:
-            sealing.begin()  # its key is stored with the row, before the copy is written
-            # A small document's copy is kept in its row, committed with it: no file, no
-            # fsync of its own (None: too large, or it grew since; stored as a file).
-            kept = (
-                _small_copy(candidate.path, sealing)
-                if sealing.encrypting and status.st_size <= INLINE_BODY_BYTES
-                else None
-            )
-            # Its row is removed before the next take unless it is known to be recorded:
-            # a commit whose outcome is unknown (the spool's connection lost) may have
-            # recorded it, and this document, still in the outbox, would be taken twice.
-            self._unabandoned.add(message_id)
-            self._ctx.spool.add_intake(
-                message_id,
-                peer.name,
-                candidate.path.name,
-                candidate.content_type,
-                candidate.path,
-                payload_path,
-                expires_at=self._ctx.clock.now().timestamp()
-                + self._ctx.config.runtime.message_expiry_seconds,
-                zone=peer.zone,
-                origin=LOCAL_INTAKE,
-                submitted_by=submitter,
-                service=candidate.service,
-                data_key=sealing.key,
-                payload=kept,
-            )
-            self._unabandoned.discard(message_id)
-            try:
-                if kept is None:
-                    move_into_spool(candidate.path, payload_path, self._ctx.folder_sync, sealing)
-                else:
-                    _remove_from_outbox(candidate.path, self._ctx.folder_sync)
-            except OSError as exc:
-                if candidate.path.exists():
-                    # Still in the outbox (say the spool's disk is full): a later scan takes
-                    # it again. The row must not outlive this try, or a restart would take a
-                    # new document of the same name for this message as well.
-                    payload_path.unlink(missing_ok=True)
-                    try:
-                        self._ctx.spool.abandon_intake(message_id)
-                    except SpoolError:
-                        self._unabandoned.add(message_id)  # removed before the next take
-                # The folder, not the file name: names can carry patient identifiers.
-                raise SpoolError(
-                    f"cannot move a document from outbox/{candidate.peer} into the spool "
-                    f"({self._ctx.payloads}): {exc.strerror or exc}",
-                    fix=storage_fix(exc, self._ctx.payloads),
-                ) from exc
-        try:
-            record = self._ctx.spool.get(message_id)
-        except SpoolError:
-            self._unsealed.add(message_id)  # taken, not yet prepared
+            queued = self._sealer.seal_and_queue_all(taken)
+        except (MedgwError, OSError):
+            self._unsealed.update(t.record.message_id for t in taken)
             raise
-        assert record is not None
-        return record, peer, submitter
+        return {t.peer.name for t in queued}, errors
+
+    def _take_into_spool(
+        self, batch: Sequence[Candidate], errors: list[MedgwError]
+    ) -> list[ToSeal]:
+        """Record the documents (one transaction) and move them from the outbox into the
+        spool (worker thread); those taken, to be sealed.  A document whose peer was
+        removed (by a reload) since the scan stays in the outbox, and the next scan
+        reports the folder as one without a peer.  The submitter recorded is the file's
+        owner, the account that wrote it into the outbox.  A document that could not be
+        moved is left out, its error added to ``errors``; if the rows cannot be recorded,
+        none is taken and this raises."""
+        found: list[tuple[Candidate, Peer, os.stat_result, str]] = []
+        for candidate in batch:
+            peer = self._ctx.config.peer(candidate.peer)
+            if peer is None:
+                continue
+            try:
+                status = candidate.path.lstat()
+            except FileNotFoundError:
+                continue  # taken away since the scan
+            found.append((candidate, peer, status, new_message_id(self._ctx.config.as2_id)))
+        if not found:
+            return []
+        expires_at = (
+            self._ctx.clock.now().timestamp() + self._ctx.config.runtime.message_expiry_seconds
+        )
+        items = [payload_item(message_id) for *_, message_id in found]
+        with storing_all(self._ctx.vault, items) as sealings:
+            intakes: list[tuple[Candidate, Peer, Intake, Sealing]] = []
+            for (candidate, peer, status, message_id), sealing in zip(found, sealings, strict=True):
+                sealing.begin()  # its key is stored with the row, before the copy is written
+                # A small document's copy is kept in its row, committed with it: no file, no
+                # fsync of its own (None: too large, or it grew since; stored as a file).
+                try:
+                    kept = (
+                        _small_copy(candidate.path, sealing)
+                        if sealing.encrypting and status.st_size <= INLINE_BODY_BYTES
+                        else None
+                    )
+                except FileNotFoundError:
+                    continue  # taken away since the scan
+                except OSError as exc:
+                    errors.append(self._not_moved(candidate.peer, exc))
+                    continue
+                owner = status.st_uid
+                intake = Intake(
+                    message_id,
+                    peer.name,
+                    candidate.path.name,
+                    candidate.content_type,
+                    candidate.path,
+                    self._ctx.payloads / os.urandom(12).hex(),
+                    expires_at=expires_at,
+                    zone=peer.zone,
+                    origin=LOCAL_INTAKE,
+                    submitted_by=f"outbox:{account_name(owner)} (uid {owner})",
+                    service=candidate.service,
+                    data_key=sealing.key,
+                    payload=kept,
+                )
+                intakes.append((candidate, peer, intake, sealing))
+            self._ctx.spool.add_intakes([intake for _, _, intake, _ in intakes])
+            moved = [
+                (candidate, peer, intake)
+                for candidate, peer, intake, sealing in intakes
+                if self._moved(candidate, intake, sealing, errors)
+            ]
+        # Removed from the outbox for good (its folder synced) before any of them is
+        # queued: after a power cut a document sent must not come back to be sent again.
+        folders = {c.path.parent: c.peer for c, _, i in moved if i.payload is not None}
+        synced = set()
+        for folder, peer_name in sorted(folders.items()):
+            try:
+                self._ctx.folder_sync.sync(folder)
+            except OSError as exc:
+                errors.append(self._not_moved(peer_name, exc))
+            else:
+                synced.add(folder)
+        taken: list[ToSeal] = []
+        for candidate, peer, intake in moved:
+            if intake.payload is not None and candidate.path.parent not in synced:
+                continue  # its row stays in intake: the next start prepares it
+            try:
+                record = self._ctx.spool.get(intake.message_id)
+            except SpoolError as exc:
+                self._unsealed.add(intake.message_id)  # taken, not yet prepared
+                errors.append(exc)
+                continue
+            assert record is not None
+            taken.append(ToSeal(record, peer, intake.submitted_by))
+        return taken
+
+    def _moved(
+        self, candidate: Candidate, intake: Intake, sealing: Sealing, errors: list[MedgwError]
+    ) -> bool:
+        """Move the document of ``intake`` (recorded) from the outbox into the spool: its
+        file removed (a small one: its copy is in the row; its folder is synced for all of
+        them next), or copied into state/payloads first.  False if it could not be, its
+        error added to ``errors``."""
+        try:
+            if intake.payload is None:
+                move_into_spool(candidate.path, intake.payload_path, self._ctx.folder_sync, sealing)
+            else:
+                candidate.path.unlink()
+        except OSError as exc:
+            if candidate.path.exists():
+                # Still in the outbox (say the spool's disk is full): a later scan takes it
+                # again. The row must not outlive this try, or a restart would take a new
+                # document of the same name for this message as well.
+                intake.payload_path.unlink(missing_ok=True)
+                try:
+                    self._ctx.spool.abandon_intake(intake.message_id)
+                except SpoolError:
+                    self._unabandoned.add(intake.message_id)  # removed before the next take
+            errors.append(self._not_moved(candidate.peer, exc))
+            return False
+        return True
+
+    def _not_moved(self, peer: str, exc: OSError) -> SpoolError:
+        # The folder, not the file name: names can carry patient identifiers.
+        return SpoolError(
+            f"cannot move a document from outbox/{peer} into the spool "
+            f"({self._ctx.payloads}): {exc.strerror or exc}",
+            fix=storage_fix(exc, self._ctx.payloads),
+        )
+
+
+def batches(candidates: Sequence[Candidate]) -> list[Sequence[Candidate]]:
+    """``candidates`` in batches of at most INTAKE_BATCH, in order, as many as there are
+    batches taken at once when there are fewer documents than that (so that they
+    overlap)."""
+    if not candidates:
+        return []
+    count = max(math.ceil(len(candidates) / INTAKE_BATCH), min(INTAKE_PARALLELISM, len(candidates)))
+    size = math.ceil(len(candidates) / count)
+    return [candidates[i : i + size] for i in range(0, len(candidates), size)]
 
 
 def _small_copy(source: Path, sealing: Sealing) -> bytes | None:

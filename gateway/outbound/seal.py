@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from gateway.as2.message import MessageSpec, build_message, build_message_file
-from gateway.atrest import Sealing, Vault, open_bytes, open_file, storing
+from gateway.atrest import Sealing, Vault, open_bytes, open_file, storing_all
 from gateway.audit import AuditEvent, EventType, PatientId, Severity
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
@@ -20,8 +21,8 @@ from gateway.fsutil import storage_fix
 from gateway.outbound.context import Context
 from gateway.pki.tls import certificate_fingerprint
 from gateway.policy import DEFAULT_KEY_TRANSPORT
-from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import body_item, payload_item
+from gateway.spool import OutboundRecord, OutboundState, Prepared
+from gateway.spool.records import DataKey, body_item, payload_item
 
 # A document up to this size is signed and encrypted in memory, and its AS2 body kept
 # in the spool's row (committed with the row, no file); a larger one streams file
@@ -59,90 +60,67 @@ class Sealer:
         crypto, files and the spool's transactions, each with its fsync, stay off the
         event loop.  The AS2 body is kept encrypted at rest (gateway.atrest), its data
         key stored with it."""
-        with storing(self._ctx.vault, body_item(record.message_id)) as sealing:
-            return self._seal_and_queue(record, peer, submitted_by, declared, sealing)
+        return bool(self.seal_and_queue_all([ToSeal(record, peer, submitted_by, declared)]))
 
-    def _seal_and_queue(
-        self,
-        record: OutboundRecord,
-        peer: Peer,
-        submitted_by: str | None,
-        declared: tuple[PatientId, ...],
-        sealing: Sealing,
-    ) -> bool:
-        smime = self._ctx.config.smime
-        at = self._ctx.clock.now()
-        body_path = self._ctx.outgoing / (record.payload_path.name + ".as2")
-
-        def open_payload() -> BinaryIO:
-            # The document as taken in: encrypted at rest, or as it is (from before).
-            return open_document(self._ctx.vault, record)
-
-        def build() -> _Sealed:
-            recipient = self._ctx.recipient(peer)
-            spec = MessageSpec(
-                filename=record.filename,
-                content_type=record.content_type,
-                message_id=record.message_id,
-                sender_as2_id=self._ctx.config.as2_id,
-                receiver_as2_id=peer.as2_id,
-                signing=smime.signing,
-                recipients=(recipient,),
-                digest=peer.digest,
-                cipher=peer.cipher,
-                policy=peer.policy,
-                at=at,
-                service=record.service,
-                receipt_url=peer.async_receipt_url or None,
-            )
-            encrypted_for = certificate_fingerprint(recipient)
-            key_transport = key_transport_for(recipient, peer.policy)
-            # The patients are read from the document's first bytes: all of a small one,
-            # a bounded prefix of a large one (read again as it streams; from the cache).
-            with open_payload() as handle:
-                head = handle.read(SCAN_BYTES)
-            patients = patients_in(head)
-            if len(head) <= INLINE_BODY_BYTES:
-                small = head
-                # Sealed in memory and kept in the spool row itself: no more files.
-                message = build_message(small, spec)
-                return _Sealed(
-                    message.headers,
-                    message.mic,
-                    len(small),
-                    hashlib.sha256(small).hexdigest(),
-                    encrypted_for,
-                    None,
-                    sealing.seal(message.body),
-                    key_transport,
-                    patients,
+    def seal_and_queue_all(self, documents: Sequence[ToSeal]) -> list[ToSeal]:
+        """:meth:`seal_and_queue` of several documents, each signed and encrypted on its
+        own (one that cannot be is kept, unsent, with its alert, as there), queued in one
+        transaction, their ``message.accepted`` records written together; returns those
+        it queued.  A document another node prepared meanwhile (no longer in intake) is
+        left to it: no record of it here."""
+        built: list[tuple[ToSeal, _Sealed]] = []
+        items = [body_item(d.record.message_id) for d in documents]
+        with storing_all(self._ctx.vault, items) as sealings:
+            for document, sealing in zip(documents, sealings, strict=True):
+                sealed = self._build_or_keep(document, sealing)
+                if sealed is not None:
+                    built.append((document, sealed))
+            queued = set(
+                self._ctx.spool.mark_queued_all(
+                    [
+                        Prepared(
+                            d.record.message_id,
+                            sealed.body_path,
+                            sealed.headers,
+                            sealed.mic,
+                            sealed.size,
+                            sealed.encrypted_for,
+                            sealed.body,
+                            sealed.key,
+                        )
+                        for d, sealed in built
+                    ]
                 )
-            # File to file through the streaming CMS engine: a DICOM study of
-            # gigabytes is never held in memory.
-            # Stored encrypted at rest under its own key as the CMS engine writes it.
-            built = build_message_file(
-                open_payload,
-                body_path,
-                spec,
-                writer=sealing.write if sealing.encrypting else None,
             )
-            return _Sealed(
-                built.headers,
-                built.mic,
-                built.size,
-                built.sha256,
-                encrypted_for,
-                body_path,
-                None,
-                key_transport,
-                patients,
+        done: list[ToSeal] = []
+        events: list[AuditEvent] = []
+        for document, sealed in built:
+            record, peer = document.record, document.peer
+            if record.message_id not in queued:
+                self._ctx.log.info(
+                    "message.prepared_elsewhere",
+                    peer=peer.name,
+                    message_id=record.message_id,
+                    node=self._ctx.spool.node,
+                )
+                continue
+            record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
+            self._ctx.log.info(
+                "message.accepted", peer=peer.name, message_id=record.message_id, size=sealed.size
             )
+            events.extend(self._accepted(document, sealed))
+            done.append(document)
+        self._ctx.record_all(events)
+        return done
 
+    def _build_or_keep(self, document: ToSeal, sealing: Sealing) -> _Sealed | None:
+        """The document signed and encrypted; None if it cannot be: it is kept (in the
+        spool, not sent) and an alert says what to correct.  Once the cause is corrected,
+        `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it."""
+        record, peer = document.record, document.peer
         try:
-            sealed = build()
+            return self._build(record, peer, sealing)
         except (MedgwError, OSError) as exc:
-            # The document is kept (in the spool, not sent): once the cause is corrected,
-            # `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it.
             if isinstance(exc, MedgwError):
                 error, fix = exc.message, exc.fix
             else:
@@ -163,22 +141,85 @@ class Sealer:
                 error=error,
                 fix=f"{fix + '; then ' if fix else 'correct the cause, then '}{retry}",
             )
-            return False
-        self._ctx.spool.mark_queued(
-            record.message_id,
-            sealed.body_path,
-            list(sealed.headers),
-            sealed.mic,
-            sealed.size,
-            sealed.encrypted_for,
-            body=sealed.body,
-            data_key=sealing.key,
+            return None
+
+    def _build(self, record: OutboundRecord, peer: Peer, sealing: Sealing) -> _Sealed:
+        """Sign and encrypt ``record``'s document for ``peer``, its body sealed at rest
+        under ``sealing``."""
+        smime = self._ctx.config.smime
+        at = self._ctx.clock.now()
+        body_path = self._ctx.outgoing / (record.payload_path.name + ".as2")
+
+        def open_payload() -> BinaryIO:
+            # The document as taken in: encrypted at rest, or as it is (from before).
+            return open_document(self._ctx.vault, record)
+
+        recipient = self._ctx.recipient(peer)
+        spec = MessageSpec(
+            filename=record.filename,
+            content_type=record.content_type,
+            message_id=record.message_id,
+            sender_as2_id=self._ctx.config.as2_id,
+            receiver_as2_id=peer.as2_id,
+            signing=smime.signing,
+            recipients=(recipient,),
+            digest=peer.digest,
+            cipher=peer.cipher,
+            policy=peer.policy,
+            at=at,
+            service=record.service,
+            receipt_url=peer.async_receipt_url or None,
         )
-        record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
-        self._ctx.log.info(
-            "message.accepted", peer=peer.name, message_id=record.message_id, size=sealed.size
+        encrypted_for = certificate_fingerprint(recipient)
+        key_transport = key_transport_for(recipient, peer.policy)
+        # The patients are read from the document's first bytes: all of a small one,
+        # a bounded prefix of a large one (read again as it streams; from the cache).
+        with open_payload() as handle:
+            head = handle.read(SCAN_BYTES)
+        patients = patients_in(head)
+        if len(head) <= INLINE_BODY_BYTES:
+            small = head
+            # Sealed in memory and kept in the spool row itself: no more files.
+            message = build_message(small, spec)
+            return _Sealed(
+                message.headers,
+                message.mic,
+                len(small),
+                hashlib.sha256(small).hexdigest(),
+                encrypted_for,
+                None,
+                sealing.seal(message.body),
+                key_transport,
+                patients,
+                sealing.key,
+            )
+        # File to file through the streaming CMS engine: a DICOM study of
+        # gigabytes is never held in memory.
+        # Stored encrypted at rest under its own key as the CMS engine writes it.
+        built = build_message_file(
+            open_payload,
+            body_path,
+            spec,
+            writer=sealing.write if sealing.encrypting else None,
         )
-        self._ctx.audit.emit(
+        return _Sealed(
+            built.headers,
+            built.mic,
+            built.size,
+            built.sha256,
+            encrypted_for,
+            body_path,
+            None,
+            key_transport,
+            patients,
+            sealing.key,
+        )
+
+    def _accepted(self, document: ToSeal, sealed: _Sealed) -> list[AuditEvent]:
+        """The audit records of a document queued: ``message.accepted``, and a warning for
+        a legacy key transport."""
+        record, peer, submitted_by = document.record, document.peer, document.submitted_by
+        events = [
             AuditEvent(
                 EventType.MESSAGE_ACCEPTED,
                 peer=peer.name,
@@ -186,7 +227,7 @@ class Sealer:
                 direction="outbound",
                 service=record.service,
                 actor=submitted_by,
-                patient_ids=unique_patients([*declared, *sealed.patients]),
+                patient_ids=unique_patients([*document.declared, *sealed.patients]),
                 detail={
                     "filename": record.filename,
                     "content_type": record.content_type,
@@ -199,20 +240,22 @@ class Sealer:
                     **({"submitted_by": submitted_by} if submitted_by else {}),
                 },
             )
-        )
+        ]
         if sealed.key_transport not in ("ecdh", DEFAULT_KEY_TRANSPORT):
             # RSAES-OAEP with SHA-1, or RSAES-PKCS1-v1_5: chosen for this peer, and
             # counted per message like every legacy algorithm.
-            self._ctx.record(
-                EventType.COMPAT_ALGORITHM_USED,
-                peer=peer.name,
-                message_id=record.message_id,
-                severity=Severity.WARNING,
-                reason=f"key transport {sealed.key_transport} used to send (this peer's "
-                "key_transport)",
-                detail={"algorithm": sealed.key_transport},
+            events.append(
+                self._ctx.event(
+                    EventType.COMPAT_ALGORITHM_USED,
+                    peer=peer.name,
+                    message_id=record.message_id,
+                    severity=Severity.WARNING,
+                    reason=f"key transport {sealed.key_transport} used to send (this peer's "
+                    "key_transport)",
+                    detail={"algorithm": sealed.key_transport},
+                )
             )
-        return True
+        return events
 
     async def prepare_again(self, message_id: str) -> None:
         """Sign, encrypt and queue a kept document whose preparation an operator retried."""
@@ -235,6 +278,17 @@ def open_document(vault: Vault | None, record: OutboundRecord) -> BinaryIO:
 
 
 @dataclass(frozen=True)
+class ToSeal:
+    """A document taken into the spool, to be signed, encrypted and queued;
+    ``submitted_by`` and ``declared`` as for :meth:`Sealer.seal_and_queue`."""
+
+    record: OutboundRecord
+    peer: Peer
+    submitted_by: str | None
+    declared: tuple[PatientId, ...] = ()
+
+
+@dataclass(frozen=True)
 class _Sealed:
     """A document signed and encrypted: its AS2 headers and body (a file, or bytes)."""
 
@@ -247,3 +301,4 @@ class _Sealed:
     body: bytes | None
     key_transport: str  # how the content-encryption key was sent to the recipient
     patients: tuple[PatientId, ...]  # found in the document's first bytes
+    key: DataKey | None  # the body's data key, stored with it
