@@ -19,7 +19,11 @@ of the spool's own methods, on a real clock:
 * ``take_over_expired`` (every node, periodically: the other node's leases);
 * ``renew_leases`` (every node, periodically: its own claims, the 240 that
   ``claim_due`` took, given back to the queue after each level);
-* ``counts`` (the status page and the metrics scrape);
+* ``counts`` (the spool's count of messages per peer and state);
+* ``counts (daemon)`` and ``is_suspended (daemon)``: what the metrics scrape
+  and the AS2 handler ask, answered by the daemon's view of the spool
+  (gateway.daemon.spoolview) from memory; it reads the counts again every
+  ``counts_every`` seconds (printed), in a worker thread;
 
 and prints how each backend answers each statement at the largest level:
 SQLite's ``EXPLAIN QUERY PLAN`` of the statements the spool ran (its trace),
@@ -42,6 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.clock import SystemClock
+from gateway.daemon.spoolview import SpoolView
 from gateway.spool import OutboundState, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.records import Claimant
@@ -219,6 +224,11 @@ CALLS: dict[str, Callable[[Spool], object]] = {
     "renew_leases": lambda s: s.renew_leases(),
     "counts": lambda s: s.counts(),
 }
+# What the daemon asks instead, of its view of the spool (read once per level).
+VIEW_CALLS: dict[str, Callable[[SpoolView], object]] = {
+    "counts (daemon)": lambda v: v.counts(),
+    "is_suspended (daemon)": lambda v: v.is_suspended(PEER),
+}
 
 
 def main() -> int:
@@ -233,6 +243,7 @@ def main() -> int:
         parser.error("--levels ascending; --spool: each of sqlite, postgresql")
     results: dict[str, dict[int, dict[str, tuple[float, float]]]] = {}
     plans: dict[str, dict[str, list[str]]] = {}
+    every: dict[str, dict[int, float]] = {}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         backends: list[Backend] = []
@@ -247,6 +258,7 @@ def main() -> int:
             )
         for backend in backends:
             results[backend.name] = {}
+            every[backend.name] = {}
             filled = 0
             for level in levels:
                 t0 = time.perf_counter()
@@ -262,6 +274,13 @@ def main() -> int:
                     results[backend.name][level] = {
                         what: timed(spool, call, args.repeat) for what, call in CALLS.items()
                     }
+                    view = SpoolView(spool, SystemClock())
+                    view.load()
+                    for what, asked in VIEW_CALLS.items():
+                        results[backend.name][level][what] = timed(
+                            spool, lambda _s, a=asked, v=view: a(v), args.repeat
+                        )
+                    every[backend.name][level] = view.counts_every
                     # The claims back to the queue: every level renews as many.
                     spool.requeue_interrupted(PEER)
                 finally:
@@ -273,12 +292,14 @@ def main() -> int:
         print(
             f"  {'':<20}" + "".join(f"{level:>22,}" for level in levels) + "   last/first", file=out
         )
-        for what in CALLS:
+        for what in [*CALLS, *VIEW_CALLS]:
             cells = "".join(
                 f"{by_level[lv][what][0]:>13.2f} ({by_level[lv][what][1]:>6.1f})" for lv in levels
             )
             ratio = by_level[levels[-1]][what][0] / by_level[levels[0]][what][0]
             print(f"  {what:<20}{cells}   {ratio:8.1f}", file=out)
+        cells = "".join(f"{every[name][lv]:>22.1f}" for lv in levels)
+        print(f"  {'counts_every (s)':<20}{cells}", file=out)
         print(f"  plans at {levels[-1]:,} waiting:", file=out)
         for what, steps in plans[name].items():
             shown = set()

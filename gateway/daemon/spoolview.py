@@ -45,6 +45,7 @@ class SpoolView:
         self._changes = 0  # suspensions changed here: a read begun before is stale
         self._counts: Mapping[tuple[str, str], int] = {}
         self._counts_due = 0.0  # clock.monotonic() when the counts are read again
+        self.counts_every = COUNTS_SECONDS  # seconds between two counts, by their cost
 
     def load(self) -> None:
         """Read both now (worker thread, or at start-up)."""
@@ -77,7 +78,8 @@ class SpoolView:
         started = self._clock.monotonic()
         self._counts = self._spool.counts()
         took = self._clock.monotonic() - started
-        self._counts_due = started + max(COUNTS_SECONDS, took / COUNTS_SHARE)
+        self.counts_every = max(COUNTS_SECONDS, took / COUNTS_SHARE)
+        self._counts_due = started + self.counts_every
 
     async def run(self) -> None:
         """Until cancelled (a daemon's supervised loop): keep both fresh."""
