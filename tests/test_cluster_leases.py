@@ -155,6 +155,26 @@ def test_at_start_a_node_takes_back_its_own_interrupted_sends_only(
     assert held is not None and held.state is OutboundState.SENDING and held.node == "b"
 
 
+def test_a_node_starting_leaves_another_nodes_expired_sends_to_its_lease_keeper(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    """Node a died sending; node b starts after a's lease ran out.  Its start (and its
+    sender's) queues again only its own sends: a's is taken over by b's lease keeper,
+    which audits it as ``message.taken_over`` (in b's trail, naming node a)."""
+    a, b = nodes
+    queue(a, tmp_path, "<e@x>")
+    a.claim_due("lab", clock.now().timestamp(), 8)
+    clock.advance(LEASE + 1)
+    assert b.requeue_interrupted() == [] and b.requeue_interrupted(peer="lab") == []
+    config = load_config(layout.hospital.config_path)
+    trail = layout.hospital.root / "audit-b.jsonl"
+    assert _keeper(config, b, clock, trail, io.StringIO()).take_over() == {"lab"}
+    [taken] = events(trail, "message.taken_over")
+    assert (taken["message_id"], taken["detail"]["from_node"]) == ("<e@x>", "a")
+    record = b.get("<e@x>")
+    assert record is not None and record.state is OutboundState.QUEUED
+
+
 def test_a_claim_made_before_nodes_were_recorded_is_taken_back_at_start(
     nodes: tuple[Spool, Spool], tmp_path: Path
 ) -> None:

@@ -13,7 +13,8 @@ received document to write to the inbox, a document to hand over to the
 internal system) is claimed in its name under a lease that lasts
 ``lease_seconds`` unless renewed (:meth:`Spool.renew_leases`, which a live node
 calls every third of that).  A node takes back at start-up only its own
-interrupted work and the claims whose lease ran out; while running, it takes
+interrupted work and the claims whose lease ran out (sends excepted: the lease
+keeper takes those over, from the start on, and audits each); while running, it takes
 over the expired claims of other nodes (:meth:`Spool.take_over_expired`,
 :meth:`Spool.intake_take_over`, :meth:`Spool.inbound_take_over`,
 :meth:`Spool.handover_take_over`).  Before each
@@ -223,8 +224,10 @@ class Spool(Protocol):
 
     def requeue_interrupted(self, peer: str | None = None) -> list[str]:
         """Messages whose sending was interrupted go back to the queue: at start-up this
-        node's (and those whose lease ran out), or ``peer``'s when its sender starts
-        again after a failure.  Another node's live claims are left alone."""
+        node's (and those claimed before nodes were recorded), or ``peer``'s when its
+        sender starts again after a failure.  Another node's claims are left alone,
+        live or not: those whose lease ran out are taken over by the lease keeper
+        (:meth:`take_over_expired`), which audits each."""
         ...
 
     def take_over_expired(self) -> list[OutboundRecord]:

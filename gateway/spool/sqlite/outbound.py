@@ -496,9 +496,8 @@ class OutboundQueue(SqlStore):
 
     def requeue_interrupted(self, peer: str | None = None) -> list[str]:
         """See :meth:`gateway.spool.protocol.Spool.requeue_interrupted`."""
-        now, _ = self._lease()
-        where = "state=? AND (node=? OR node IS NULL OR lease_until<?)"
-        params: list[object] = [OutboundState.SENDING.value, self.node, now]
+        where = "state=? AND (node=? OR node IS NULL)"
+        params: list[object] = [OutboundState.SENDING.value, self.node]
         if peer is not None:
             where += " AND peer=?"
             params.append(peer)
