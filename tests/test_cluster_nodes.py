@@ -171,7 +171,7 @@ def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
     processes.start(layout.hospital.config_path)
     processes.start(node_b)
     lab_a = processes.start(
-        node_a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue")
+        node_a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all")
     )
     data = b"MSH|^~\\&|LAB|left behind\r"
     drop_file(layout.lab.outbox_dir / "hospital", "left.hl7", data)

@@ -13,7 +13,7 @@ FAULTPOINT = Path(__file__).parent.parent / "faultpoint.py"
 
 def killed_at(*point: str) -> tuple[str, ...]:
     """The command prefix that runs a daemon under faultpoint.py, e.g.
-    ``killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue")``."""
+    ``killed_at("--kill-after", "gateway.delivery.inbox:finish")``."""
     return (sys.executable, str(FAULTPOINT), *point, "--")
 
 
