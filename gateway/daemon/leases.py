@@ -139,6 +139,10 @@ class LeaseKeeper:
         except MedgwError as exc:
             if self._failing is None:  # else said once already (lease.renew_failed)
                 self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
+        except Exception as exc:  # a defect: said here (no one awaits this task), tried again
+            self._log.error(
+                "lease.take_over_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc
+            )
         return count
 
     def _take_over_intake(self) -> list[OutboundRecord]:
