@@ -123,6 +123,14 @@ def shared_folder(path: Path) -> None:
     the owner's and the group's permissions as the umask or a default ACL make them
     (so that an ACL granting an internal system access keeps working), never any for
     other users (on the folders medgw owns)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(info.st_mode):  # the common case (each document delivered): one stat
+            _no_access_for_others(path, info)
+            return
     missing = []
     folder = path
     while not os.path.lexists(folder):
@@ -130,12 +138,15 @@ def shared_folder(path: Path) -> None:
         folder = folder.parent
     path.mkdir(parents=True, exist_ok=True, mode=0o770)  # a file in the way: an OSError
     for folder in (*missing, path):
-        info = os.stat(folder)
-        mode = stat.S_IMODE(info.st_mode)
-        # A folder another user owns (an inbox the internal system's account made, a
-        # share) keeps the mode its owner gave it: only the owner may change it.
-        if mode & 0o007 and info.st_uid == os.geteuid():
-            os.chmod(folder, mode & ~0o007)
+        _no_access_for_others(folder, os.stat(folder))
+
+
+def _no_access_for_others(folder: Path, info: os.stat_result) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    # A folder another user owns (an inbox the internal system's account made, a
+    # share) keeps the mode its owner gave it: only the owner may change it.
+    if mode & 0o007 and info.st_uid == os.geteuid():
+        os.chmod(folder, mode & ~0o007)
 
 
 def private_file(path: Path) -> None:
