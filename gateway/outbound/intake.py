@@ -210,7 +210,14 @@ class OutboxIntake:
                     payload=kept,
                 )
                 intakes.append((candidate, peer, intake, sealing))
+            # Their rows are removed before the next take unless known to be recorded: a
+            # commit whose outcome is unknown (the spool's connection lost) may have
+            # recorded them, and these documents, still in the outbox, would be taken
+            # twice, two messages each.
+            recording = {intake.message_id for _, _, intake, _ in intakes}
+            self._unabandoned |= recording
             self._ctx.spool.add_intakes([intake for _, _, intake, _ in intakes])
+            self._unabandoned -= recording
             moved = [
                 (candidate, peer, intake)
                 for candidate, peer, intake, sealing in intakes
