@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,11 +22,14 @@ from gateway.config import load_config
 from gateway.errors import SpoolOutcomeUnknownError, SpoolUnreachableError
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
+from gateway.intake.submit import Submission, SubmissionRefused
 from gateway.logs import make_logger
 from gateway.outbound import Settings
 from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer
+from gateway.outbound.status import MessageStatus
+from gateway.outbound.submit import Submissions
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import OutboundState
@@ -147,5 +150,38 @@ def test_a_document_whose_intake_commit_was_lost_is_taken_once(
         records = [r for r in spool.all_outbound() if r.filename == "result.hl7"]
         assert len(records) == 1, [(r.message_id, r.state) for r in records]
         assert records[0].state is OutboundState.QUEUED
+    finally:
+        audit.close()
+
+
+def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
+    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut, tmp_path: Path
+) -> None:
+    """The local API's submission is recorded while the database cannot be asked; the
+    submitter is answered 503, "nothing was spooled", and sends it again: that must be
+    the one message, not the resend beside a row of the first."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    context = Context(
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
+    )
+    submissions = Submissions(context, Sealer(context), MessageStatus(context))
+    submission = Submission("hospital", "result.hl7", "application/hl7-v2", "api:lis")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"MSH|submitted\r"
+
+    cut.cut("after")
+    cut.refuse = True
+    try:
+        with pytest.raises(SubmissionRefused) as refused:
+            asyncio.run(submissions.submit(submission, body()))
+        assert refused.value.status == 503
+        cut.refuse = False
+        again = asyncio.run(submissions.submit(submission, body()))
+        assert [r.message_id for r in spool.all_outbound()] == [again["message_id"]]
+        assert len(list(context.payloads.iterdir())) <= 1
     finally:
         audit.close()

@@ -27,6 +27,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer
 from gateway.outbound.status import MessageStatus
 from gateway.routing import LOCAL_INTAKE
+from gateway.spool import OutboundRecord
 from gateway.spool.records import payload_item
 
 WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
@@ -39,6 +40,10 @@ class Submissions:
         self._ctx = context
         self._sealer = sealer
         self._status = status
+        # Rows of submissions answered 503 that the spool may have recorded all the same
+        # (a commit whose outcome is unknown: its connection lost): removed before the
+        # next submission is taken, so that "nothing was spooled" holds.
+        self._unabandoned: set[str] = set()
 
     async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """Spool a document streamed from a local submitter; returns the message's view.
@@ -107,9 +112,16 @@ class Submissions:
                 error = f"cannot write a submitted document: {exc.strerror or exc}"
                 raise self._not_stored(error, storage_fix(exc, self._ctx.payloads)) from exc
             raise
-        try:
+
+        stored: list[bool] = []  # the row is recorded, as far as is known
+
+        def record() -> OutboundRecord:
+            """The intake row, with who submitted it (worker thread: a spool database
+            that does not answer never holds the event loop)."""
+            self._abandon_unknown()
             with storing(self._ctx.vault, item) as sealing:
                 sealing.adopt(dek)
+                self._unabandoned.add(message_id)  # until known to be recorded
                 self._ctx.spool.add_intake(
                     message_id,
                     peer.name,
@@ -125,25 +137,41 @@ class Submissions:
                     service=submission.service,
                     data_key=sealing.key,
                 )
-        except BaseException as exc:
-            payload_path.unlink(missing_ok=True)
-            if isinstance(exc, SpoolError):
-                raise self._not_stored(exc.message, exc.fix or "") from exc
-            raise
-        record = self._ctx.spool.get(message_id)
-        assert record is not None
-        # Durable from here: finish even if the submitter hangs up now.
-        # The patients the submitter named go into message.accepted with the document's
-        # own; they are not kept in the spool (only the audit trail holds patient ids),
-        # so a preparation finished after a restart records the document's only.
-        await asyncio.shield(
-            self._sealer.prepare(
-                record, peer, submitted_by=submission.submitter, declared=submission.patients
+                self._unabandoned.discard(message_id)
+                stored.append(True)
+            recorded = self._ctx.spool.get(message_id)
+            assert recorded is not None
+            return recorded
+
+        async def spool_and_prepare() -> None:
+            try:
+                taken = await self._ctx.in_thread(record)
+            except BaseException as exc:
+                if not stored:  # not recorded, or its row removed before the next one
+                    payload_path.unlink(missing_ok=True)
+                if isinstance(exc, SpoolError):
+                    raise self._not_stored(exc.message, exc.fix or "") from exc
+                raise
+            # The patients the submitter named go into message.accepted with the
+            # document's own; they are not kept in the spool (only the audit trail holds
+            # patient ids), so a preparation finished after a restart records the
+            # document's only.
+            await self._sealer.prepare(
+                taken, peer, submitted_by=submission.submitter, declared=submission.patients
             )
-        )
+
+        # Once recorded, durable: finished even if the submitter hangs up meanwhile.
+        await asyncio.shield(spool_and_prepare())
         view = await self._status.status(message_id)
         assert view is not None
         return view
+
+    def _abandon_unknown(self) -> None:
+        """Remove the rows of earlier submissions answered 503 (see ``_unabandoned``);
+        SpoolError while the spool does not answer."""
+        for message_id in sorted(self._unabandoned):
+            self._ctx.spool.abandon_intake(message_id)
+            self._unabandoned.discard(message_id)
 
     def _not_stored(self, error: str, fix: str) -> SubmissionRefused:
         """The answer to a submission this gateway cannot store now (its disk is full, say).
