@@ -83,6 +83,27 @@ class FolderSync:
             return 0 if entry is None else entry.users
 
 
+class DeferredFolderSync(FolderSync):
+    """The folder syncs one thread asks for while it stores a group of files, done once
+    per folder at :meth:`flush` (through ``shared``, with other threads): the group's
+    files are durable only once it has returned, and the thread records nothing that
+    relies on them before."""
+
+    def __init__(self, shared: FolderSync) -> None:
+        super().__init__()
+        self._shared = shared
+        self._asked: set[Path] = set()
+
+    def sync(self, folder: Path) -> None:
+        self._asked.add(folder)
+
+    def flush(self) -> None:
+        """Return once every change made in the folders asked for so far is durable."""
+        for folder in sorted(self._asked):
+            self._shared.sync(folder)
+        self._asked.clear()
+
+
 class _Folder:
     __slots__ = ("asked", "synced", "syncing", "users")
 

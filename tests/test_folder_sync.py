@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.fsutil import FolderSync, fsync_dir, write_atomic
+from gateway.fsutil import DeferredFolderSync, FolderSync, fsync_dir, write_atomic
 
 DEADLINE = 30.0
 
@@ -131,3 +131,26 @@ def test_a_missing_folder_is_an_error_of_its_caller(tmp_path: Path) -> None:
         folders.sync(tmp_path / "gone")
     assert folders.waiting(tmp_path / "gone") == 0
     folders.sync(tmp_path)  # and the folder that exists is synced as usual
+
+
+def test_a_group_stored_by_one_thread_syncs_each_folder_once_when_flushed(
+    tmp_path: Path,
+) -> None:
+    """Receipts settled in a group: their files written one after another by one thread,
+    their folder synced once for them all, at the flush, through the shared FolderSync."""
+    synced: list[Path] = []
+
+    def counted(folder: Path) -> None:
+        synced.append(folder)
+        fsync_dir(folder)
+
+    deferred = DeferredFolderSync(FolderSync(counted))
+    (tmp_path / "a").mkdir()
+    for n in range(5):
+        write_atomic(tmp_path / "a" / f"r{n}.mdn", [b"receipt"], folder_sync=deferred)
+    write_atomic(tmp_path / "other.mdn", [b"receipt"], folder_sync=deferred)
+    assert synced == []  # nothing relies on them yet
+    deferred.flush()
+    assert sorted(synced) == sorted([tmp_path / "a", tmp_path])
+    deferred.flush()  # nothing asked since
+    assert len(synced) == 2

@@ -15,6 +15,7 @@ from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.client import Response
 from gateway.config import Peer
 from gateway.errors import MedgwError
+from gateway.fsutil import DeferredFolderSync, FolderSync
 from gateway.outbound.context import Context
 from gateway.spool import DataKey, OutboundRecord, OutboundState, Settled
 from gateway.spool.records import receipt_item
@@ -112,15 +113,18 @@ class Settler:
         errors: list[Exception | None] = [None] * len(answers)
         judged: list[tuple[int, _Outcome]] = []
         items = [receipt_item(a.record.message_id) for a in answers]
+        # The receipts' folder synced once for the group, before anything relies on them.
+        folders = DeferredFolderSync(self._ctx.folder_sync)
         with storing_all(self._ctx.vault, items) as sealings:
             for index, (answer, sealing) in enumerate(zip(answers, sealings, strict=True)):
                 if answer.awaiting:
                     continue
                 try:
-                    judged.append((index, self._judge(answer, sealing)))
+                    judged.append((index, self._judge(answer, sealing, folders)))
                 except Exception as exc:  # its own message fails, not the rest
                     errors[index] = exc
             try:
+                folders.flush()
                 self._ctx.spool.mark_settled(
                     [outcome.settled for _, outcome in judged],
                     [a.record.message_id for a in answers if a.awaiting],
@@ -141,14 +145,14 @@ class Settler:
                 record.body_path.unlink(missing_ok=True)
         return errors
 
-    def _judge(self, answer: Answer, sealing: Sealing) -> _Outcome:
+    def _judge(self, answer: Answer, sealing: Sealing, folders: FolderSync) -> _Outcome:
         """The receipt of ``answer`` stored and verified: what it settles, and how that is
         to be recorded."""
         record, peer, response = answer.record, answer.peer, answer.response
         assert record.mic is not None
         receipt_path = self._ctx.receipts / (record.payload_path.name + ".mdn")
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
-        sealing.write(receipt_path, [stored], self._ctx.folder_sync)
+        sealing.write(receipt_path, [stored], folders)
         judge = _Judging(self._ctx, answer, receipt_path, sealing.key)
         try:
             receipt = parse_receipt(
