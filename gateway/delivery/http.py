@@ -118,16 +118,22 @@ async def _body(path: Path, size: int, sha256: str) -> AsyncIterator[bytes]:
         yield pending
 
 
-async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+async def _off_loop(
+    function: Callable[..., T], *args: Any, on_cancel: Callable[[T], object] | None = None
+) -> T:
     """``function`` in a worker thread: the spool's calls (and the audit records with
     them) never hold the event loop, which a database that does not answer would for up
     to its connect timeout.  A cancellation (shutdown) waits for it to finish, so that
-    nothing is left half-recorded when the spool is closed."""
+    nothing is left half-recorded when the spool is closed; if it finished, what it
+    returned is handed to ``on_cancel`` (in a worker thread too) before the cancellation
+    goes on: what it took is given back, not held by a node that is stopping."""
     work = asyncio.ensure_future(asyncio.to_thread(function, *args))
     try:
         return await asyncio.shield(work)
     except asyncio.CancelledError:
         await asyncio.wait([work])
+        if on_cancel is not None and not work.cancelled() and work.exception() is None:
+            await asyncio.wait([asyncio.ensure_future(asyncio.to_thread(on_cancel, work.result()))])
         raise
 
 
@@ -179,7 +185,8 @@ class HandOver:
                 self._wakeup.clear()
                 now = self._clock.now().timestamp()
                 if now >= resume_at:
-                    due = await _off_loop(self._spool.handover_due, now)  # taken by this node
+                    # Taken by this node; let go at once if it stops before it gets them.
+                    due = await _off_loop(self._spool.handover_due, now, on_cancel=self._let_go)
                     started = 0
                     try:
                         for record in due:
