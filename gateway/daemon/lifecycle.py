@@ -77,7 +77,8 @@ EMERGENCY_TICK_SECONDS = 1.0  # how soon emergency mode is left when its time is
 # Threads for the pipeline's steps (asyncio.to_thread).  They mostly wait on fsyncs:
 # with asyncio's default (CPUs + 4: 6 on two cores) and a disk whose fsync takes
 # 2-4 ms, the sender's threads spent 87-92 % of their time waiting in a sync and set
-# the pace; 16 let more of them share each commit (bench/README.md).
+# the pace; 16 let more of them share each commit.  Measured again with fast (0.2-1.6
+# ms) and slow (3 ms) flushes: 8 and 16 alike, 4 slower on both (bench/README.md).
 WORKER_THREADS = 16
 
 
