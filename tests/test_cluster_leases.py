@@ -10,6 +10,7 @@ when the test moves it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import os
@@ -790,16 +791,25 @@ def test_a_clean_stop_lets_go_of_the_hand_overs_taken_and_not_attempted(
     a, b = nodes
     first, *rest = _inbox_files(layout, a, 3)
     # The internal system accepts the connection (the backlog) and never answers.
-    with socket.create_server(("127.0.0.1", internal_port)):
+    with socket.create_server(("127.0.0.1", internal_port)) as system:
+        system.setblocking(False)
+        posting: list[socket.socket] = []  # the first POST's connection, once it is made
 
         async def stop_while_posting() -> None:
             worker = asyncio.create_task(_handing(layout, a, clock).run())
             deadline = time.monotonic() + 60
-            while not all(r.node == "a" for r in a.handover_list(HandoverState.PENDING)):
+            # Stopped once all three are a's and the first one's POST has begun.
+            while not posting or not all(
+                r.node == "a" for r in a.handover_list(HandoverState.PENDING)
+            ):
                 assert time.monotonic() < deadline
+                with contextlib.suppress(BlockingIOError):
+                    posting.append(system.accept()[0])
                 await asyncio.sleep(0.01)
             worker.cancel()  # SIGTERM: the daemon's tasks are cancelled
             await asyncio.gather(worker, return_exceptions=True)
+            for connection in posting:
+                connection.close()
 
         asyncio.run(stop_while_posting())
     held = b.handover_get("lab", first)
