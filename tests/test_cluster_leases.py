@@ -389,6 +389,24 @@ def test_a_recovery_longer_than_a_lease_keeps_the_intakes_it_claimed(
     assert sorted((e["message_id"], e["node"]) for e in accepted) == [(m, "b") for m in ids]
 
 
+def test_a_document_another_node_delivered_meanwhile_is_not_claimed_again(
+    nodes: tuple[Spool, Spool], tmp_path: Path
+) -> None:
+    """Node b found no record of the document, then node a delivered it (the peer sent
+    it to both): b's claim must not replace a's finished record, or b would write it
+    into the inbox a second time.  b is told the claim is held (503: the peer resends
+    and is answered with a's receipt)."""
+    a, b = nodes
+    assert b.inbound_get("lab", "<twice@x>") is None
+    a.inbound_begin("lab", "<twice@x>", "00", tmp_path / "t", work_path=tmp_path / ".w", size=1)
+    a.inbound_delivered("lab", "<twice@x>", [("MIC", "x")], b"receipt of a")
+    with pytest.raises(ClaimHeldError, match="received by a"):
+        b.inbound_begin("lab", "<twice@x>", "00", tmp_path / "t2", work_path=tmp_path / ".w2")
+    held = b.inbound_get("lab", "<twice@x>")
+    assert held is not None and (held.state, held.node) == ("delivered", "a")
+    assert held.target_path == tmp_path / "t" and held.receipt_body == b"receipt of a"
+
+
 def test_a_received_document_is_claimed_by_one_node_at_a_time(
     nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
 ) -> None:

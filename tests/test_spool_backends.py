@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import InvalidValueError, SpoolError
+from gateway.errors import ClaimHeldError, InvalidValueError, SpoolError
 from gateway.spool import (
     HandoverState,
     Intake,
@@ -42,10 +42,13 @@ def test_a_released_delivery_starts_afresh_and_a_delivered_one_is_answered_again
     # A resend answered again does not queue a second hand-over.
     spool.inbound_delivered("lab", "<m@lab>", [("A", "1")], b"receipt", ("text/plain", 3))
     assert [h.message_id for h in spool.handover_list()] == ["<m@lab>"]
-    # Begun again over a finished record (its receipt disposed of), it is replaced whole.
-    spool.inbound_begin("lab", "<m@lab>", "cc", tmp_path / "c.hl7")
+    # Begun again over a finished record (a request that looked before it was finished),
+    # it is left as it is: its document is in the inbox and must not be written again.
+    with pytest.raises(ClaimHeldError, match="was received by"):
+        spool.inbound_begin("lab", "<m@lab>", "cc", tmp_path / "c.hl7")
     again = spool.inbound_get("lab", "<m@lab>")
-    assert again is not None and again.state == "delivering" and again.receipt_body is None
+    assert again is not None and again.state == "delivered" and again.sha256 == "bb"
+    assert again.receipt_body == b"receipt"
 
 
 def test_hand_overs_are_due_retried_failed_and_retried_by_an_operator(

@@ -129,17 +129,13 @@ class InboundDedup(SqlStore):
         now = self._now()
         _, lease_until = self._lease()
         claimed = self._write(
-            # A finished record (its receipt disposed of) is replaced whole; one being
-            # delivered (by another request or node) is not: ClaimHeldError.
+            # Any record there already - being delivered by another request or node, or
+            # finished by one since the caller looked - is left as it is: ClaimHeldError.
+            # Replacing a finished one would write its document into the inbox again.
             "INSERT INTO inbound (peer, message_id, sha256, target_path, state, received_at,"
             " updated_at, service, work_path, size, node, lease_until)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (peer, message_id) DO UPDATE SET sha256=excluded.sha256,"
-            " target_path=excluded.target_path, state=excluded.state,"
-            " receipt_headers=NULL, receipt_body=NULL, received_at=excluded.received_at,"
-            " updated_at=excluded.updated_at, service=excluded.service,"
-            " work_path=excluded.work_path, size=excluded.size, node=excluded.node,"
-            " lease_until=excluded.lease_until WHERE inbound.state!='delivering'",
+            " ON CONFLICT (peer, message_id) DO NOTHING",
             (
                 peer,
                 message_id,
@@ -157,10 +153,11 @@ class InboundDedup(SqlStore):
         )
         if not claimed:
             held = self.inbound_get(peer, message_id)
+            by = held.node if held is not None and held.node else "another node"
             raise ClaimHeldError(
-                f"message {message_id} from peer {peer} is being received by "
-                f"{held.node if held is not None and held.node else 'another node'} "
-                "at the same time",
+                f"message {message_id} from peer {peer} is being received by {by} at the same time"
+                if held is None or held.state == "delivering"
+                else f"message {message_id} from peer {peer} was received by {by} meanwhile",
                 fix="nothing to do: the peer resends it and is answered with its receipt",
             )
 
