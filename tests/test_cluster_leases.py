@@ -10,12 +10,13 @@ when the test moves it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import io
 import os
 import random
+import re
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,7 @@ from gateway.spool import (
 )
 from gateway.spool.records import payload_item
 from gateway.spool.sql import SqlStore
+from gateway.spool.sqlite import SqliteSpool
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events
 from tests.helpers.internal_system import InternalSystem, enable_delivery
@@ -797,41 +799,87 @@ def test_a_node_whose_hand_over_was_taken_over_does_not_post_it(
         system.close()
 
 
+def _posted_message_id(server: socket.socket) -> tuple[str, socket.socket]:
+    """The Message-ID of the first POST made to ``server`` (the internal system), read
+    from its headers, and its connection, left open, unanswered (the caller closes it:
+    closed, the POST would fail)."""
+    connection, _ = server.accept()
+    connection.settimeout(60)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = connection.recv(4096)
+        assert chunk, "the POST ended before its headers"
+        head += chunk
+    found = re.search(rb"(?im)^x-medgw-message-id: *(\S+)", head)
+    assert found is not None, head
+    return found.group(1).decode(), connection
+
+
 def test_a_clean_stop_lets_go_of_the_hand_overs_taken_and_not_attempted(
     layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, internal_port: int
 ) -> None:
-    """Node a takes three hand-overs and is stopped while it POSTs the first one (the
+    """Node a takes three hand-overs and is stopped while it POSTs one of them (the
     internal system has not answered): the two it did not attempt are free for node b
     at once, not after a's lease; the one in flight stays a's until the lease runs out
     (the internal system may have taken it)."""
     enable_delivery(layout, internal_port)
     edit_every(layout.hospital.config_path, "\ntimeout_seconds = 5\n", "\ntimeout_seconds = 300\n")
     a, b = nodes
-    first, *rest = _inbox_files(layout, a, 3)
-    # The internal system accepts the connection (the backlog) and never answers.
-    with socket.create_server(("127.0.0.1", internal_port)) as system:
-        system.setblocking(False)
-        posting: list[socket.socket] = []  # the first POST's connection, once it is made
+    ids = _inbox_files(layout, a, 3)
+    # The internal system reads the first POST's headers and never answers.
+    with socket.create_server(("127.0.0.1", internal_port)) as server:
 
-        async def stop_while_posting() -> None:
+        async def stop_while_posting() -> str:
             worker = asyncio.create_task(_handing(layout, a, clock).run())
-            deadline = time.monotonic() + 60
-            # Stopped once all three are a's and the first one's POST has begun.
-            while not posting or not all(
-                r.node == "a" for r in a.handover_list(HandoverState.PENDING)
-            ):
-                assert time.monotonic() < deadline
-                with contextlib.suppress(BlockingIOError):
-                    posting.append(system.accept()[0])
-                await asyncio.sleep(0.01)
-            worker.cancel()  # SIGTERM: the daemon's tasks are cancelled
-            await asyncio.gather(worker, return_exceptions=True)
-            for connection in posting:
-                connection.close()
+            posted, connection = await asyncio.to_thread(_posted_message_id, server)
+            with connection:
+                worker.cancel()  # SIGTERM: the daemon's tasks are cancelled
+                await asyncio.gather(worker, return_exceptions=True)
+            return posted
 
-        asyncio.run(stop_while_posting())
+        first = asyncio.run(stop_while_posting())
     held = b.handover_get("lab", first)
     assert held is not None and held.node == "a"
-    assert {h.message_id for h in b.handover_due(clock.now().timestamp())} == set(rest)
+    assert {h.message_id for h in b.handover_due(clock.now().timestamp())} == set(ids) - {first}
     clock.advance(LEASE + 1)
     assert [h.message_id for h in b.handover_take_over()] == [first]
+
+
+class ClaimHeld(SqliteSpool):
+    """The real spool; its claim of due hand-overs, once committed, is held back from
+    its caller until ``go`` is set (``claimed`` says it was committed)."""
+
+    claimed: threading.Event
+    go: threading.Event
+
+    def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:
+        taken = super().handover_due(now, limit)
+        if taken:
+            self.claimed.set()
+            self.go.wait(60)
+        return taken
+
+
+def test_a_stop_while_hand_overs_are_being_taken_lets_go_of_them_all(
+    layout: DemoLayout, clock: Clock, tmp_path: Path
+) -> None:
+    """Node a is stopped while its claim of due hand-overs is being made: once it is
+    made, what it took goes back at once, none of it attempted."""
+    a = ClaimHeld(tmp_path / "spool.db", clock, Claimant("a", LEASE))
+    a.claimed, a.go = threading.Event(), threading.Event()
+    b = SqliteSpool(tmp_path / "spool.db", clock, Claimant("b", LEASE))
+    try:
+        ids = _inbox_files(layout, a, 3)
+
+        async def stop_while_claiming() -> None:
+            worker = asyncio.create_task(_handing(layout, a, clock).run())
+            assert await asyncio.to_thread(a.claimed.wait, 60)
+            worker.cancel()  # SIGTERM while the claim is on its way back
+            a.go.set()
+            await asyncio.gather(worker, return_exceptions=True)
+
+        asyncio.run(stop_while_claiming())
+        assert {h.message_id for h in b.handover_due(clock.now().timestamp())} == set(ids)
+    finally:
+        a.close()
+        b.close()
