@@ -28,12 +28,14 @@ class Batches(Generic[T]):
         context: Context,
         work: Callable[[Sequence[T]], list[Exception | None]],
         limit: int,
+        at_once: int = 1,
     ) -> None:
         self._ctx = context
         self._work = work
         self._limit = limit
+        self._at_once = at_once  # groups in their worker threads at the same time
         self._waiting: list[tuple[T, asyncio.Future[None]]] = []
-        self._worker: asyncio.Task[None] | None = None
+        self._workers: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> int:
@@ -46,8 +48,10 @@ class Batches(Generic[T]):
         is left half-recorded when the spool is closed."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, done))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+        if len(self._workers) < self._at_once:
+            worker = asyncio.get_running_loop().create_task(self._drain())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:

@@ -26,6 +26,9 @@ from gateway.spool.records import body_item
 # transaction, one audit write for them all (a group forms while the one before it is
 # being settled, so an idle gateway settles each at once).
 SETTLE_BATCH = 64
+# Groups settled at the same moment, each in its worker thread: the receipt files and
+# commits of one overlap the other's.
+SETTLE_GROUPS = 2
 
 
 class Sender:
@@ -35,7 +38,7 @@ class Sender:
         self._ctx = context
         self._settler = settler
         # The messages the peers have answered, settled in groups (see outbound.batches).
-        self.settling = Batches(context, self._sent_all, SETTLE_BATCH)
+        self.settling = Batches(context, self._sent_all, SETTLE_BATCH, SETTLE_GROUPS)
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         runtime = self._ctx.config.runtime
