@@ -6,8 +6,8 @@ another node moved meanwhile is left alone).  A transaction the server ended
 for a deadlock or a serialization failure is run again: it changed nothing.
 
 A connection lost during a COMMIT leaves its outcome unknown: the server may
-have recorded the change before the connection went.  Each transaction that
-wrote asks its transaction id before its COMMIT; after such a loss, that id's
+have recorded the change before the connection went.  Each transaction
+learns its transaction id with its BEGIN; after such a loss, that id's
 status (``txid_status``) is asked on a new connection, for up to
 ``connect_timeout`` seconds (the old session ended first if it still runs):
 committed, the call returns as if nothing happened; not, it fails as any call
@@ -26,6 +26,7 @@ becomes unreachable (with the cause) and when it answers again (None).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import queue
 import re
@@ -155,19 +156,28 @@ class PostgresDatabase(SqlStore):
 
     def _transact(self, work: Callable[[Connection], T]) -> T:
         began: list[bool] = []
-        # Once the work is done, before the COMMIT: its result, the transaction's id (None:
-        # it wrote nothing) and the server process running it.
+        # Once the work is done, before the COMMIT: its result, the transaction's id and the
+        # server process running it.
         ending: list[tuple[T, int | None, int]] = []
 
         def in_transaction(conn: psycopg.Connection[DictRow]) -> T:
             began.clear()
             ending.clear()
-            with conn.transaction():
-                began.append(True)
+            # The transaction's id with its BEGIN, in one round trip (a new id: a COMMIT
+            # that changed nothing is then recorded too, and can be asked about alike).
+            cursor = conn.execute("BEGIN; SELECT txid_current() AS xid")
+            began.append(True)
+            cursor.nextset()
+            row = cursor.fetchone()
+            try:
                 result = work(_InTransaction(conn))
-                row = conn.execute("SELECT txid_current_if_assigned() AS xid").fetchone()
-                xid = None if row is None or row["xid"] is None else int(row["xid"])
-                ending.append((result, xid, conn.info.backend_pid))
+            except BaseException:
+                if not (conn.broken or conn.closed):
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("ROLLBACK")
+                raise
+            ending.append((result, None if row is None else int(row["xid"]), conn.info.backend_pid))
+            conn.execute("COMMIT")
             return result
 
         # Run again on a new connection only if the old one failed before the
