@@ -31,7 +31,7 @@ from gateway.daemon.leases import INTAKE_TAKE_OVER_BATCH, LeaseKeeper
 from gateway.delivery.http import HandOver, idempotency_key
 from gateway.delivery.inbox import work_name
 from gateway.egress import Network
-from gateway.errors import ClaimHeldError
+from gateway.errors import ClaimHeldError, SpoolUnreachableError
 from gateway.inbound import InboundProcessor
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
@@ -588,6 +588,55 @@ def test_a_running_node_prepares_what_a_dead_node_took_in_and_kept_in_the_spool(
     waiting = b.get("<file@KITA-LAB>")
     assert waiting is not None and waiting.state is OutboundState.INTAKE
     assert waiting.node == "a"
+
+
+def test_a_take_over_cut_short_by_the_spool_prepares_the_rest_at_the_next_round(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node b's lease keeper claimed a batch of what dead node a took in, and the spool
+    failed while it prepared the second: b holds (and renews) the rest of the batch, so
+    no other node takes them; its next round prepares them, without a restart."""
+    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    a, b = nodes
+    config = load_config(layout.lab.config_path)
+    [peer] = config.peers
+    trail = layout.lab.root / "audit-b.jsonl"
+    rows = [f"<cut{number}@KITA-LAB>" for number in range(3)]
+    for number, message_id in enumerate(rows):
+        a.add_intake(
+            message_id, peer.name, "d.hl7", "application/hl7-v2", layout.lab.outbox_dir / "d",
+            layout.lab.root / "state-a" / message_id, zone=peer.zone,
+            payload=b"MSH|^~\\&|LAB|%d\r" % number,
+        )  # fmt: skip
+    submitter = b.submitter
+    failed: list[str] = []
+
+    def failing_once(message_id: str) -> str | None:
+        if message_id == rows[1] and not failed:
+            failed.append(message_id)
+            raise SpoolUnreachableError("the spool's database does not answer", fix="wait")
+        return submitter(message_id)
+
+    monkeypatch.setattr(b, "submitter", failing_once)
+    stream = io.StringIO()
+
+    async def two_rounds() -> None:
+        trust = await assess_peers(config.peers, config.zones, at=clock.now())
+        keeper = _keeper(config, b, clock, trail, stream, trust)
+        clock.advance(LEASE + 1)
+        assert await keeper.prepare_taken_over() == 1  # the first; then the spool failed
+        assert "lease.take_over_failed" in stream.getvalue()
+        assert {r.message_id for r in b.in_state(OutboundState.QUEUED)} == {rows[0]}
+        assert b.intake_take_over(8) == []  # b's claims: no one else takes them
+        assert await keeper.prepare_taken_over() == 2
+
+    asyncio.run(two_rounds())
+    assert failed == [rows[1]]
+    assert {r.message_id for r in b.in_state(OutboundState.QUEUED)} == set(rows)
+    accepted = events(trail, "message.accepted")
+    assert sorted(e["message_id"] for e in accepted) == sorted(rows)
+    taken = events(trail, "message.taken_over")
+    assert sorted(e["message_id"] for e in taken) == sorted(rows)
 
 
 def test_the_lease_keeper_removes_the_work_files_a_dead_node_left_once_a_lease_old(

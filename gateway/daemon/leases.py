@@ -28,7 +28,7 @@ from gateway.errors import MedgwError
 from gateway.inbound import InboundProcessor
 from gateway.logs import Logger
 from gateway.outbound import Outbound
-from gateway.spool import HandoverRecord, OutboundRecord, Spool
+from gateway.spool import HandoverRecord, OutboundRecord, OutboundState, Spool
 
 # Documents another node took in, claimed at a time to be prepared here: a few, so
 # that a node that cannot prepare them all soon leaves the rest to the others.
@@ -61,6 +61,10 @@ class LeaseKeeper:
         self._renewed_at = clock.monotonic()  # the claims made at start are fresh
         self._swept_at = clock.monotonic()  # the start removed the inbox's left-overs
         self._failing: str | None = None
+        # Documents taken over here whose preparation failed part-way through a batch
+        # (the spool did not answer): this node holds and renews their claims, so no
+        # other node takes them; prepared first at the next round.
+        self._unprepared: list[OutboundRecord] = []
 
     async def run(self) -> None:
         """Until cancelled: renew, then take over, every third of a lease."""
@@ -133,9 +137,17 @@ class LeaseKeeper:
         over, and prepared here; how many."""
         count = 0
         try:
-            while intake := await asyncio.to_thread(self._take_over_intake):
-                await self._outbound.prepare_taken_over(intake)
-                count += len(intake)
+            while True:
+                if self._unprepared:
+                    self._unprepared = await asyncio.to_thread(self._still_held, self._unprepared)
+                if not self._unprepared:
+                    self._unprepared = await asyncio.to_thread(self._take_over_intake)
+                    if not self._unprepared:
+                        break
+                while self._unprepared:
+                    await self._outbound.prepare_taken_over(self._unprepared[:1])
+                    self._unprepared.pop(0)
+                    count += 1
         except MedgwError as exc:
             if self._failing is None:  # else said once already (lease.renew_failed)
                 self._log.error("lease.take_over_failed", error=exc.message, fix=exc.fix)
@@ -144,6 +156,21 @@ class LeaseKeeper:
                 "lease.take_over_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc
             )
         return count
+
+    def _still_held(self, records: list[OutboundRecord]) -> list[OutboundRecord]:
+        """Those of ``records`` still in intake and claimed by this node (a failed
+        preparation may have queued or failed some before it stopped), as they were
+        taken over (the node that took them in is what their preparation looks at)."""
+        kept = []
+        for record in records:
+            now = self._spool.get(record.message_id)
+            if (
+                now is not None
+                and now.state is OutboundState.INTAKE
+                and now.node == self._spool.node
+            ):
+                kept.append(record)
+        return kept
 
     def _take_over_intake(self) -> list[OutboundRecord]:
         intake = self._spool.intake_take_over(INTAKE_TAKE_OVER_BATCH)

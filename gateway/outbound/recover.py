@@ -88,7 +88,9 @@ class Recovery:
         ):
             # Taken in by another node that stopped: its document is in that node's
             # state folder; given back to it, it prepares it when it starts again.
-            self._ctx.spool.intake_release(record.message_id, record.node)
+            await self._ctx.in_thread(
+                self._ctx.spool.intake_release, record.message_id, record.node
+            )
             return
         if record.has_document and peer is not None:
             source = record.source_path
@@ -104,12 +106,12 @@ class Recovery:
                 # (A different document dropped since under the same name stays.)
                 source.unlink()
                 fsync_dir(source.parent)
-            submitter = self._ctx.spool.submitter(record.message_id)
+            submitter = await self._ctx.in_thread(self._ctx.spool.submitter, record.message_id)
             await self._sealer.prepare(record, peer, submitted_by=submitter)
         elif record.source_path.exists() and peer is not None:
             if not await asyncio.to_thread(self._take_again, record):
                 return  # another node took it over meanwhile: it prepares it
-            submitter = self._ctx.spool.submitter(record.message_id)
+            submitter = await self._ctx.in_thread(self._ctx.spool.submitter, record.message_id)
             await self._sealer.prepare(record, peer, submitted_by=submitter)
         else:
             reason = (
@@ -117,15 +119,20 @@ class Recovery:
                 if peer is None
                 else "the document vanished between outbox and spool"
             )
-            self._ctx.spool.mark_done(
-                record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
-            )
-            self._ctx.alert(
-                EventType.MESSAGE_FAILED,
-                peer=record.peer,
-                message_id=record.message_id,
-                reason=reason,
-            )
+            await self._ctx.in_thread(self._fail, record, reason)
+
+    def _fail(self, record: OutboundRecord, reason: str) -> None:
+        """Mark an interrupted intake that cannot be prepared failed, and alert (worker
+        thread: the spool and the audit record, each with its sync)."""
+        self._ctx.spool.mark_done(
+            record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
+        )
+        self._ctx.alert(
+            EventType.MESSAGE_FAILED,
+            peer=record.peer,
+            message_id=record.message_id,
+            reason=reason,
+        )
 
     def _same_document(self, record: OutboundRecord) -> bool:
         """Whether the spool's copy of the document (encrypted at rest, or as it is) holds
