@@ -30,9 +30,9 @@ from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock, sealer
 from tests.cli import medgw
 from tests.helpers.audit import openssl_audit_key
+from tests.helpers.faults import killed_at, wait_killed
 
 START = datetime(2026, 12, 4, 23, 50, tzinfo=UTC)
-FAULTPOINT = Path(__file__).with_name("faultpoint.py")
 ROOT = Path(__file__).resolve().parents[1]
 KILL_AFTER_RENAME = "gateway.audit.rotation:close_file"
 
@@ -161,7 +161,7 @@ def test_recorded_since_finds_a_record_in_a_closed_file(tmp_path: Path) -> None:
 
 def writer(path: Path, first: int, count: int, keys: tuple[Path, Path], *fault: str) -> int:
     command = [
-        *((sys.executable, str(FAULTPOINT), *fault, "--") if fault else ()),
+        *(killed_at(*fault) if fault else ()),
         sys.executable,
         "-m",
         "tests.audit_writer",
@@ -197,11 +197,11 @@ def test_a_writer_killed_at_each_step_of_a_rotation_loses_and_repeats_nothing(
     assert writer(current, 0, 100, keys, *fault) == -signal.SIGKILL
     written = sent(current)
     assert written == [f"<{n}@writer>" for n in range(len(written))]  # in order, no repeat
-    killed_at = len(written)  # the record whose emit began the rotation was not written
-    assert 0 < killed_at < 100
-    assert writer(current, killed_at, 30, keys) == 0
+    stopped_at = len(written)  # the record whose emit began the rotation was not written
+    assert 0 < stopped_at < 100
+    assert writer(current, stopped_at, 30, keys) == 0
     files = trail_files(current)
-    assert sent(current) == [f"<{n}@writer>" for n in range(killed_at + 30)]
+    assert sent(current) == [f"<{n}@writer>" for n in range(stopped_at + 30)]
     report = verify_trail(files, checkpoint_keys(keys[1]))
     assert report.first_seq == 1 and report.unsealed == 0
     assert all(lines(f) for f in files)  # no empty file is left in the trail
@@ -227,15 +227,9 @@ def test_a_daemon_killed_in_the_middle_of_a_rotation_goes_on_with_the_chain(
     killed = processes.start(
         config,
         wait=False,
-        prefix=(
-            sys.executable,
-            str(FAULTPOINT),
-            "--kill-after",
-            "gateway.audit.rotation:close_file",
-            "--",
-        ),
+        prefix=killed_at("--kill-after", KILL_AFTER_RENAME),
     )
-    assert killed.wait_exit() == -signal.SIGKILL, "\n".join(killed.raw[-20:])
+    wait_killed(killed)
     assert not trail.exists()  # renamed: killed before the new file was made
     lab = processes.start(config)
     assert lab.stop() == 0
