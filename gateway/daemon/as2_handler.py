@@ -78,12 +78,7 @@ class As2Handler:
         suspended a peer, answered from memory (gateway.daemon.spoolview), never by a
         query on the event loop."""
         self._state = state
-        self._spool, self._audit, self._log, self._clock = (
-            parts.spool,
-            parts.audit,
-            parts.log,
-            parts.clock,
-        )
+        self._audit, self._log, self._clock = parts.audit, parts.log, parts.clock
         self._outbound = outbound
         self._tasks = tasks
         self._ocsp_client = ocsp_client
