@@ -475,6 +475,67 @@ async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_
         audit.close()
 
 
+async def test_a_document_another_node_queued_first_is_not_marked_failed_here(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """As above, with the document encrypted at rest: the queueing of the other node
+    dropped its data key, so this node can no longer read it.  That is the other
+    node's preparation, not a failure: the message stays queued, with no alert."""
+    config = load_config(layout.lab.config_path)
+    [peer] = config.peers
+    clock = SystemClock()
+    nodes = {
+        name: SqliteSpool(tmp_path / "spool.sqlite3", clock, Claimant(name))
+        for name in ("lab-1", "lab-2")
+    }
+    vaults = {name: Vault(KeyStore(tmp_path / "keys"), spool) for name, spool in nodes.items()}
+    for vault in vaults.values():
+        vault.open()
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    sealers = {
+        name: Sealer(
+            Context(
+                Settings(config, trust),
+                spool,
+                audit,
+                make_logger(stream=io.StringIO()),
+                clock,
+                vaults[name],
+            )
+        )
+        for name, spool in nodes.items()
+    }
+    source = tmp_path / "order.hl7"
+    message_id = "<order@KITA-LAB>"
+    with storing(vaults["lab-1"], payload_item(message_id)) as sealing:
+        sealing.begin()
+        nodes["lab-1"].add_intake(
+            message_id,
+            peer.name,
+            source.name,
+            "application/hl7-v2",
+            source,
+            tmp_path / "payload",
+            zone=peer.zone,
+            data_key=sealing.key,
+            payload=sealing.seal(b"MSH|order\r"),
+        )
+    record = nodes["lab-1"].get(message_id)  # as this node read it, before the other's turn
+    assert record is not None
+    try:
+        assert sealers["lab-2"].seal_and_queue(record, peer, "outbox:lab")
+        assert not sealers["lab-1"].seal_and_queue(record, peer, "outbox:lab")
+        queued = nodes["lab-1"].get(message_id)
+        assert queued is not None and queued.state.value == "queued"
+        assert events(tmp_path / "audit.jsonl", "message.failed") == []
+        assert len(events(tmp_path / "audit.jsonl", "message.accepted")) == 1
+    finally:
+        for spool in nodes.values():
+            spool.close()
+        audit.close()
+
+
 OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
 
 

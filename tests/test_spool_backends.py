@@ -124,6 +124,29 @@ def test_a_second_preparation_of_a_document_does_not_replace_the_first_ones_key(
     assert second.get("<m@h>").body == b"1"  # type: ignore[union-attr]
 
 
+def test_a_preparation_that_fails_fails_only_a_document_still_in_intake(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """A node whose preparation of a document failed marks it failed, kept for `queue
+    retry`, only while it is in intake: one another node has queued meanwhile (and sent,
+    and settled) stays as that node left it."""
+    first, second = make_spool(TickingClock()), make_spool(TickingClock())
+    for message_id in ("<kept@h>", "<other@h>"):
+        first.add_intake(message_id, "lab", "a", "text/plain", tmp_path, tmp_path)
+    assert first.fail_intake("<kept@h>", "no acceptable encryption certificate")
+    kept = second.get("<kept@h>")
+    assert kept is not None and kept.state is OutboundState.FAILED
+    assert (kept.disposition, kept.last_error) == (
+        "not-sent",
+        "no acceptable encryption certificate",
+    )
+    assert second.mark_queued("<other@h>", None, [], "mic", 1, body=b"sealed")
+    assert not first.fail_intake("<other@h>", "its data key is gone")
+    other = first.get("<other@h>")
+    assert other is not None and other.state is OutboundState.QUEUED and other.last_error is None
+    assert not first.fail_intake("<kept@h>", "again")  # failed already: left as it is
+
+
 def _sending(spool: Spool, tmp_path: Path, *ids: str) -> None:
     for message_id in ids:
         spool.add_intake(message_id, "lab", "a", "text/plain", tmp_path, tmp_path)

@@ -12,7 +12,7 @@ from gateway.fsutil import fsync_dir, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document
-from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool import OutboundRecord
 from gateway.spool.records import payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
@@ -123,10 +123,10 @@ class Recovery:
 
     def _fail(self, record: OutboundRecord, reason: str) -> None:
         """Mark an interrupted intake that cannot be prepared failed, and alert (worker
-        thread: the spool and the audit record, each with its sync)."""
-        self._ctx.spool.mark_done(
-            record.message_id, OutboundState.FAILED, "not-sent", None, error=reason
-        )
+        thread: the spool and the audit record, each with its sync); unless another node
+        prepared it meanwhile (its document is gone with that)."""
+        if not self._ctx.spool.fail_intake(record.message_id, reason):
+            return
         self._ctx.alert(
             EventType.MESSAGE_FAILED,
             peer=record.peer,

@@ -97,12 +97,7 @@ class Sealer:
         for document, sealed in built:
             record, peer = document.record, document.peer
             if record.message_id not in queued:
-                self._ctx.log.info(
-                    "message.prepared_elsewhere",
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    node=self._ctx.spool.node,
-                )
+                self._prepared_elsewhere(record, peer)
                 continue
             record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
             self._ctx.log.info(
@@ -112,6 +107,16 @@ class Sealer:
             done.append(document)
         self._ctx.record_all(events)
         return done
+
+    def _prepared_elsewhere(self, record: OutboundRecord, peer: Peer) -> None:
+        """``record`` is no longer in intake: another node prepared it (this node's claim
+        on it ran out meanwhile); nothing of it is recorded here."""
+        self._ctx.log.info(
+            "message.prepared_elsewhere",
+            peer=peer.name,
+            message_id=record.message_id,
+            node=self._ctx.spool.node,
+        )
 
     def _build_or_keep(self, document: ToSeal, sealing: Sealing) -> _Sealed | None:
         """The document signed and encrypted; None if it cannot be: it is kept (in the
@@ -126,9 +131,11 @@ class Sealer:
             else:
                 error = f"cannot write the signed, encrypted message: {exc.strerror or exc}"
                 fix = storage_fix(exc, self._ctx.outgoing)
-            self._ctx.spool.mark_done(
-                record.message_id, OutboundState.FAILED, "not-sent", None, error=error
-            )
+            if not self._ctx.spool.fail_intake(record.message_id, error):
+                # Queued by another node meanwhile, which dropped the document's key (it
+                # cannot be read here any more): not a failure, and not this node's.
+                self._prepared_elsewhere(record, peer)
+                return None
             retry = f"medgw queue retry {record.message_id}"
             self._ctx.failed(
                 "message.prepare_failed",

@@ -276,6 +276,13 @@ class Spool(Protocol):
         data key of its document."""
         ...
 
+    def fail_intake(self, message_id: str, error: str) -> bool:
+        """A document that cannot be signed and encrypted: failed, not sent (``error``
+        says why), its document kept for ``queue retry``.  Only from ``intake``: False
+        (nothing changed) if another preparation has queued it meanwhile (another node
+        whose claim on it began when this node's ran out)."""
+        ...
+
     def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None: ...
 
     def inbound_unfinished(self) -> list[InboundRecord]:

@@ -688,6 +688,24 @@ class OutboundQueue(SqlStore):
         self._write(_DROP_KEY, (payload_item(message_id),))
         return record
 
+    def fail_intake(self, message_id: str, error: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.fail_intake`."""
+        return (
+            self._write(
+                "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"
+                " updated_at=? WHERE message_id=? AND state=?",
+                (
+                    OutboundState.FAILED.value,
+                    "not-sent",
+                    error,
+                    self._now(),
+                    message_id,
+                    OutboundState.INTAKE.value,
+                ),
+            )
+            == 1
+        )
+
     def abandon_intake(self, message_id: str) -> bool:
         """Forget a message whose document could not be taken from the outbox (it is
         still there, and a later scan takes it again under a new Message-ID)."""
