@@ -174,7 +174,7 @@ class Senders:
                     try:
                         pause = finished.result()
                     except Exception as exc:  # a defect must not stop this peer's queue
-                        pause = self._send_crashed(name, message_id, exc)
+                        pause = await self._send_crashed(name, message_id, exc)
                     if pause > 0:
                         # The peer is unreachable: back off for the whole peer instead of
                         # trying every queued message in a row.
@@ -187,10 +187,12 @@ class Senders:
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
 
-    def _send_crashed(self, peer: str, message_id: str, exc: Exception) -> float:
-        """An unexpected error while sending: park the message, alert, keep the queue going."""
+    async def _send_crashed(self, peer: str, message_id: str, exc: Exception) -> float:
+        """An unexpected error while sending: park the message, alert, keep the queue going.
+        (The spool in a worker thread: a database that does not answer never holds the loop.)"""
         delay = self._state().config.runtime.retry_max_seconds
-        self._parts.spool.mark_retry(
+        await asyncio.to_thread(
+            self._parts.spool.mark_retry,
             message_id,
             f"internal error: {type(exc).__name__}",
             self._parts.clock.now().timestamp() + delay,
