@@ -82,9 +82,22 @@ class SpoolView:
         self._counts_due = started + self.counts_every
 
     async def run(self) -> None:
-        """Until cancelled (a daemon's supervised loop): keep both fresh."""
+        """Until cancelled (a daemon's supervised loop): keep both fresh, each on its
+        own, so that a long count never holds up the suspensions."""
+        try:
+            async with asyncio.TaskGroup() as both:  # one failing ends the other
+                both.create_task(self._keep_suspensions())
+                both.create_task(self._keep_counts())
+        except ExceptionGroup as failed:  # as the supervisor knows it (the spool unreachable)
+            raise failed.exceptions[0] from None
+
+    async def _keep_suspensions(self) -> None:
         while True:
             await asyncio.sleep(SUSPENSIONS_SECONDS)
             await asyncio.to_thread(self.read_suspensions)
+
+    async def _keep_counts(self) -> None:
+        while True:
+            await asyncio.sleep(SUSPENSIONS_SECONDS)
             if self._clock.monotonic() >= self._counts_due:
                 await asyncio.to_thread(self.read_counts)
