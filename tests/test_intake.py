@@ -39,6 +39,7 @@ from gateway.pki.peers import assess_peers
 from gateway.spool import Claimant, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.faults import killed_at, wait_killed
 
 
 class SlowTakes(OutboxIntake):
@@ -573,6 +574,38 @@ def test_a_kill_inside_a_batch_sends_each_of_its_documents_once(
     assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
     assert not list(outbox.iterdir())
     accepted = [r["detail"]["filename"] for r in events(layout.lab.audit_log, "message.accepted")]
-    assert len(accepted) == len(set(accepted))  # none taken twice
+    # Exactly one record of each document queued: none taken twice, and none whose record
+    # the kill cut off (written at the next start).
+    assert sorted(accepted) == sorted(documents)
     delivered = events(layout.hospital.audit_log, "message.delivered")
     assert len({r["message_id"] for r in delivered}) == len(documents)
+
+
+def test_a_kill_between_settling_and_its_records_writes_them_at_the_next_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Receipts settled in the spool, their ``receipt.received`` records not written yet:
+    the next start writes them, once each, marked as written at recovery."""
+    outbox = layout.lab.outbox_dir / "hospital"
+    documents = {f"settle-{i}.hl7": b"MSH|settle %d|" % i + os.urandom(200) for i in range(4)}
+    for name, data in documents.items():
+        drop_file(outbox, name, data)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.mark_settled")
+    )
+    wait_killed(lab)
+    settled = {r["message_id"] for r in events(layout.lab.audit_log, "message.accepted")}
+    assert not events(layout.lab.audit_log, "receipt.received")  # cut off by the kill
+
+    lab = processes.start(layout.lab.config_path)
+    wait_for_events(layout.lab.audit_log, "receipt.received", count=len(documents))
+    assert lab.stop() == 0
+    receipts = events(layout.lab.audit_log, "receipt.received")
+    assert sorted(r["message_id"] for r in receipts) == sorted(settled)  # one each
+    recovered = [r for r in receipts if r["detail"].get("recorded_at_recovery")]
+    assert recovered, "no record was written at recovery"
+    assert all("recorded at recovery" in r["reason"] for r in recovered)
+    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents

@@ -401,6 +401,17 @@ def _ends_with_newline(path: Path) -> bool:
         return handle.read(1) == b"\n"
 
 
+def last_record_time(path: Path, block: int = 1 << 16) -> datetime | None:
+    """The time of the newest record of the trail (None: none yet).  For recovery: what
+    changed in the spool after it may lack its record."""
+    for line in trail_backwards(path, block):
+        try:
+            return datetime.fromisoformat(json.loads(line)["time"])
+        except (ValueError, KeyError, TypeError):
+            continue  # an empty or torn line
+    return None
+
+
 def recorded_since(
     path: Path, since: datetime, match: Callable[[dict[str, Any]], bool], block: int = 1 << 16
 ) -> bool:

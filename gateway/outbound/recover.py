@@ -4,18 +4,31 @@ document taken in is never lost and never sent twice as two messages."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from typing import Any
 
 from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
-from gateway.audit import EventType
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
+from gateway.audit.log import CLOCK_MARGIN, last_record_time, recorded_since
 from gateway.fsutil import fsync_dir, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document
-from gateway.spool import OutboundRecord
+from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
+RECOVERED = (
+    "recorded at recovery: the change was committed before an interruption cut off its record"
+)
+# The records a settlement by receipt writes, by the state it leaves (see settle.py).
+_SETTLED = {
+    OutboundState.DELIVERED: frozenset({EventType.RECEIPT_RECEIVED.value}),
+    OutboundState.FAILED: frozenset(
+        {EventType.MESSAGE_FAILED.value, EventType.RECEIPT_INVALID.value}
+    ),
+}
 
 
 class Recovery:
@@ -27,6 +40,8 @@ class Recovery:
 
     async def recover(self) -> None:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
+        # First, before anything changes the spool or writes to the trail.
+        await self._ctx.in_thread(self._record_cut_off)
         config = self._ctx.config
         shared = config.cluster.bodies_dir is not None
         for folder in (
@@ -70,6 +85,108 @@ class Recovery:
                 self._ctx.spool.renew_leases()
                 renewed_at = self._ctx.clock.monotonic()
             await self._finish(record)
+
+    def _record_cut_off(self) -> None:
+        """Write the audit records a kill cut off (worker thread): a message queued
+        (``message.accepted``) or settled by its receipt (``receipt.received``,
+        ``message.failed``) is committed before its record is written.  Only this node's
+        rows changed since the trail's last record are looked at, and the trail only as
+        far back as they need; each step keeps exactly one record."""
+        trail = self._ctx.config.storage.audit_log
+        last = last_record_time(trail)
+        since = datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
+        changed = self._ctx.spool.outbound_changed_since(since.astimezone(UTC).isoformat())
+        wanted: list[tuple[OutboundRecord, frozenset[str], datetime]] = []
+        for record in changed:
+            if record.state in (OutboundState.QUEUED, OutboundState.SENDING) and (
+                record.attempts <= (record.state is OutboundState.SENDING)
+            ):
+                # Queued, not yet sent (or in its first sending): its record was written
+                # after it was taken in.
+                wanted.append(
+                    (
+                        record,
+                        frozenset({EventType.MESSAGE_ACCEPTED.value}),
+                        datetime.fromisoformat(record.created_at),
+                    )
+                )
+            elif record.state in _SETTLED and record.receipt_path is not None:
+                wanted.append(
+                    (record, _SETTLED[record.state], datetime.fromisoformat(record.updated_at))
+                )
+        if not wanted:
+            return
+        found: set[tuple[object, object]] = set()
+
+        def seen(event: dict[str, Any]) -> bool:
+            found.add((event.get("event"), event.get("message_id")))
+            return False  # read on, as far back as the oldest row needs
+
+        recorded_since(trail, min(at for _, _, at in wanted), seen)
+        events = [
+            self._cut_off_event(record)
+            for record, kinds, _ in wanted
+            if not any((kind, record.message_id) in found for kind in kinds)
+        ]
+        if not events:
+            return
+        self._ctx.record_all(events)
+        for event in events:
+            self._ctx.log.warning(
+                "recovery.audit_record_written",
+                audit_event=event.event.value,
+                peer=event.peer,
+                message_id=event.message_id,
+            )
+
+    def _cut_off_event(self, record: OutboundRecord) -> AuditEvent:
+        """The record of ``record``'s last step, as far as its row tells it."""
+        if record.state is OutboundState.DELIVERED:
+            return self._ctx.event(
+                EventType.RECEIPT_RECEIVED,
+                peer=record.peer,
+                message_id=record.message_id,
+                service=record.service,
+                reason=f"settled by its receipt; {RECOVERED}",
+                detail={
+                    "disposition": record.disposition,
+                    "receipt_file": str(record.receipt_path),
+                    "recorded_at_recovery": True,
+                },
+            )
+        if record.state is OutboundState.FAILED:
+            return self._ctx.event(
+                EventType.MESSAGE_FAILED,
+                peer=record.peer,
+                message_id=record.message_id,
+                outcome=Outcome.FAILURE,
+                severity=Severity.ALERT,
+                service=record.service,
+                reason=f"{record.last_error or 'failed by its receipt'}; {RECOVERED}",
+                detail={
+                    "disposition": record.disposition,
+                    "receipt_file": str(record.receipt_path),
+                    "recorded_at_recovery": True,
+                },
+            )
+        submitter = self._ctx.spool.submitter(record.message_id)
+        return AuditEvent(
+            EventType.MESSAGE_ACCEPTED,
+            peer=record.peer,
+            message_id=record.message_id,
+            direction="outbound",
+            service=record.service,
+            actor=submitter,
+            reason=f"queued; {RECOVERED} (its SHA-256, algorithms and patients are not known here)",
+            detail={
+                "filename": record.filename,
+                "content_type": record.content_type,
+                "size": record.size,
+                "mic": record.mic,
+                "recorded_at_recovery": True,
+                **({"submitted_by": submitter} if submitter else {}),
+            },
+        )
 
     async def take_over(self, taken: list[OutboundRecord]) -> None:
         """While running: prepare the documents other nodes had taken in, and left

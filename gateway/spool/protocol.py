@@ -230,6 +230,12 @@ class Spool(Protocol):
         (:meth:`take_over_expired`), which audits each."""
         ...
 
+    def outbound_changed_since(self, since: str) -> list[OutboundRecord]:
+        """This node's outbound messages (and those claimed before nodes were recorded)
+        whose row changed at ``since`` (ISO 8601, UTC) or later.  For recovery: the
+        changes a kill may have cut off from their audit records."""
+        ...
+
     def take_over_expired(self) -> list[OutboundRecord]:
         """Messages other nodes were sending whose lease ran out (the node died, or lost
         the spool) go back to the queue, due now; returns them as they were (``node``:

@@ -132,6 +132,8 @@ ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS outbound_lease ON outbound (state, lease_until)",
     "CREATE INDEX IF NOT EXISTS inbound_lease ON inbound (state, lease_until)",
     "CREATE INDEX IF NOT EXISTS handover_lease ON handover (state, lease_until)",
+    # Recovery reads the rows changed since the audit trail's last record.
+    "CREATE INDEX IF NOT EXISTS outbound_updated ON outbound (updated_at)",
 )
 
 

@@ -506,6 +506,14 @@ class OutboundQueue(SqlStore):
             for r in self._requeue(where, tuple(params), "interrupted; sending it again")
         ]
 
+    def outbound_changed_since(self, since: str) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.outbound_changed_since`."""
+        rows = self._read(
+            "SELECT * FROM outbound WHERE updated_at>=? AND (node=? OR node IS NULL)",
+            (since, self.node),
+        )
+        return [_outbound(r) for r in rows]
+
     def take_over_expired(self) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.take_over_expired`."""
         now, _ = self._lease()
