@@ -10,6 +10,7 @@ import pytest
 
 from gateway.errors import ClaimHeldError, InvalidValueError, SpoolError
 from gateway.spool import (
+    Claimant,
     HandoverState,
     Intake,
     OutboundState,
@@ -153,6 +154,30 @@ def _sending(spool: Spool, tmp_path: Path, *ids: str) -> None:
         spool.mark_queued(message_id, None, [], "mic", 1, body=b"sealed")
     claimed, _ = spool.claim_due("lab", 2e9, len(ids))
     assert {r.message_id for r in claimed} == set(ids)
+
+
+def test_rows_changed_since_a_time_are_this_nodes_changed_at_or_after_it(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """What recovery compares with the audit trail: only this node's rows, only those
+    changed since the given time."""
+    clock = TickingClock()
+    mine, theirs = make_spool(clock, Claimant("a")), make_spool(clock, Claimant("b"))
+    _sending(mine, tmp_path, "<old@h>", "<settled@h>")
+    since = clock.now().isoformat()
+    mine.mark_settled(
+        [Settled("<settled@h>", OutboundState.DELIVERED, "processed", tmp_path / "r.mdn")]
+    )
+    mine.add_intake("<new@h>", "lab", "a", "text/plain", tmp_path, tmp_path)
+    mine.mark_queued("<new@h>", None, [], "mic", 1, body=b"sealed")
+    theirs.add_intake("<other@h>", "lab", "a", "text/plain", tmp_path, tmp_path)
+    theirs.mark_queued("<other@h>", None, [], "mic", 1, body=b"sealed")
+    changed = {r.message_id: r for r in mine.outbound_changed_since(since)}
+    assert sorted(changed) == ["<new@h>", "<settled@h>"]
+    assert changed["<new@h>"].state is OutboundState.QUEUED
+    assert changed["<settled@h>"].receipt_path == tmp_path / "r.mdn"
+    assert [r.message_id for r in theirs.outbound_changed_since(since)] == ["<other@h>"]
+    assert mine.outbound_changed_since(clock.now().isoformat()) == []
 
 
 def test_messages_answered_together_are_settled_in_one_transaction(

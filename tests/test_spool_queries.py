@@ -87,6 +87,11 @@ def plan(database: Path, statement: str) -> list[str]:
             "updated_at<?",
         ),
         ("interrupted messages", lambda s: s.requeue_interrupted("lab"), "peer=? AND state=?"),
+        (
+            "rows changed since the audit trail's last record",
+            lambda s: s.outbound_changed_since("2026-11-26T03:00:00"),
+            "updated_at>?",
+        ),
         ("due hand-overs", lambda s: s.handover_due(2e9), "next_attempt_at<?"),
         ("next hand-over time", lambda s: s.handover_next_at(), "state=?"),
         ("operator's latest messages", lambda s: s.list_outbound(limit=20), "outbound_created"),
