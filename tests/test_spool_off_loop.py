@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -117,13 +119,11 @@ def test_the_hand_over_worker_waits_for_the_database_off_the_event_loop(
     audit.close()
 
 
-@pytest.mark.daemon
-def test_a_gateway_whose_database_went_silent_answers_its_status_page_meanwhile(
+def silenced_gateway(
     layout: DemoLayout, processes: Processes, postgres: PostgresSettings, cut: CommitCut
-) -> None:
-    """A real daemon on the spool behind the proxy: once the path to the database goes
-    silent, its loops wait for it in worker threads, and the status and metrics pages
-    (served on the event loop) are answered at once, with the last counts."""
+) -> int:
+    """The hospital's daemon on the spool behind the proxy, ready, then the path to the
+    database made silent; its metrics port."""
     with layout.hospital.config_path.open("a") as config:
         config.write(
             spool_section(replace(postgres, socket_dir=cut.socket_dir))
@@ -134,15 +134,69 @@ def test_a_gateway_whose_database_went_silent_answers_its_status_page_meanwhile(
     wait_until(lambda: get(port, "/health/ready")[0] == 200, 60, "the gateway ready")
     cut.hang = True
     cut.drop()
+    return port
+
+
+def slowest_page(port: int, going_on: Callable[[], bool]) -> float:
+    """The status and metrics pages asked for again and again while ``going_on()``: the
+    longest one took to be answered (seconds); each must be answered 200."""
     slowest = 0.0
-    waited = time.monotonic() + CONNECT_TIMEOUT * 4
-    while time.monotonic() < waited:
+    while going_on():
         for path in ("/health/live", "/metrics"):
             began = time.monotonic()
             status, _ = get(port, path)
             slowest = max(slowest, time.monotonic() - began)
             assert status == 200, path
         time.sleep(0.05)
+    return slowest
+
+
+@pytest.mark.daemon
+def test_a_gateway_whose_database_went_silent_answers_its_status_page_meanwhile(
+    layout: DemoLayout, processes: Processes, postgres: PostgresSettings, cut: CommitCut
+) -> None:
+    """A real daemon on the spool behind the proxy: once the path to the database goes
+    silent, its loops wait for it in worker threads, and the status and metrics pages
+    (served on the event loop) are answered at once, with the last counts."""
+    port = silenced_gateway(layout, processes, postgres, cut)
+    until = time.monotonic() + CONNECT_TIMEOUT * 4
+    slowest = slowest_page(port, lambda: time.monotonic() < until)
+    assert slowest < 1.0, f"a page took {slowest:.1f} s to answer"
+
+
+@pytest.mark.daemon
+def test_operator_commands_wait_for_a_silent_database_off_the_event_loop(
+    layout: DemoLayout, processes: Processes, postgres: PostgresSettings, cut: CommitCut
+) -> None:
+    """``medgw peers`` and ``medgw queue`` commands, answered over the control socket,
+    wait for the silent database in worker threads: the pages are answered meanwhile,
+    and each command ends with the spool's error (what failed and what to do) once the
+    database's connect timeout passes."""
+    port = silenced_gateway(layout, processes, postgres, cut)
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args, "--config", str(layout.hospital.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in (
+            ("peers", "list"),
+            ("peers", "suspend", "lab", "--reason", "planned work"),
+            ("peers", "resume", "lab"),
+            ("queue", "list"),
+            ("handover", "list"),
+        )
+    ]
+    deadline = time.monotonic() + 120
+    slowest = slowest_page(
+        port,
+        lambda: time.monotonic() < deadline and any(c.poll() is None for c in commands),
+    )
+    for command in commands:
+        _, error = command.communicate(timeout=1)
+        assert command.returncode != 0 and "spool database" in error, (command.args, error)
+        assert "is unreachable" in error and "Traceback" not in error, (command.args, error)
     assert slowest < 1.0, f"a page took {slowest:.1f} s to answer"
 
 

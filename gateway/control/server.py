@@ -170,27 +170,51 @@ class ControlServer:
             return web.json_response(
                 {"error": f"unknown state {state!r}", "fix": f"use one of: {names}"}, status=400
             )
-        ops = self._ops()
-        records = ops.spool.list_outbound(state=wanted, peer=request.query.get("peer"))
-        views = [record_view(r) for r in records]
-        ops.listed(views, caller(request), "queue", request.query)
-        return web.json_response(views)
+        ops, who, peer = self._ops(), caller(request), request.query.get("peer")
+
+        def listed() -> list[dict[str, Any]]:
+            views = [record_view(r) for r in ops.spool.list_outbound(state=wanted, peer=peer)]
+            ops.listed(views, who, "queue", request.query)
+            return views
+
+        return await self._read(listed)
 
     async def _show(self, request: web.Request) -> web.Response:
-        ops = self._ops()
-        record = ops.spool.get(request.match_info["message_id"])
-        if record is None:
+        ops, who = self._ops(), caller(request)
+
+        def shown() -> dict[str, Any] | None:
+            record = ops.spool.get(request.match_info["message_id"])
+            if record is None:
+                return None
+            view = record_view(record)
+            ops.viewed(view, who, "control socket")
+            return view
+
+        try:
+            view = await asyncio.to_thread(shown)
+        except SpoolError as exc:
+            return _error(exc, 409)
+        if view is None:
             return web.json_response(
                 {"error": "no such message", "fix": "check the id with medgw queue list"},
                 status=404,
             )
-        view = record_view(record)
-        ops.viewed(view, caller(request), "control socket")
         return web.json_response(view)
 
-    async def _act(self, request: web.Request, action: Callable[[], Any]) -> web.Response:
+    async def _read(self, work: Callable[[], Any]) -> web.Response:
+        """``work()`` in a worker thread (as :meth:`_act`), answered as JSON; a spool
+        that fails it, with what failed and what to do."""
         try:
-            result = action()
+            return web.json_response(await asyncio.to_thread(work))
+        except SpoolError as exc:
+            return _error(exc, 409)
+
+    async def _act(self, request: web.Request, action: Callable[[Operations], Any]) -> web.Response:
+        """``action`` in a worker thread: a spool database that does not answer never
+        holds the event loop (the daemon's other work and pages go on meanwhile)."""
+        ops = self._ops()
+        try:
+            result = await asyncio.to_thread(action, ops)
         except UnknownPeerError as exc:
             return _error(exc, 404)
         except SpoolError as exc:
@@ -202,17 +226,17 @@ class ControlServer:
     async def _retry(self, request: web.Request) -> web.Response:
         who = caller(request)
         return await self._act(
-            request, lambda: self._ops().retry(request.match_info["message_id"], who)
+            request, lambda ops: ops.retry(request.match_info["message_id"], who)
         )
 
     async def _cancel(self, request: web.Request) -> web.Response:
         who = caller(request)
         return await self._act(
-            request, lambda: self._ops().cancel(request.match_info["message_id"], who)
+            request, lambda ops: ops.cancel(request.match_info["message_id"], who)
         )
 
     async def _peers(self, request: web.Request) -> web.Response:
-        return web.json_response(self._ops().peers())
+        return await self._read(self._ops().peers)
 
     async def _suspend(self, request: web.Request) -> web.Response:
         who = caller(request)
@@ -221,7 +245,7 @@ class ControlServer:
             return body
         reason = str(body.get("reason") or "suspended by operator")[:500]
         return await self._act(
-            request, lambda: self._ops().suspend(request.match_info["peer"], reason, who)
+            request, lambda ops: ops.suspend(request.match_info["peer"], reason, who)
         )
 
     async def _verification_failed(self, request: web.Request) -> web.Response:
@@ -230,7 +254,7 @@ class ControlServer:
         if isinstance(body, web.Response):
             return body
         reason = str(body.get("reason") or "medgw audit verify found the trail broken")[:2000]
-        return await self._act(request, lambda: self._ops().audit_verification_failed(reason, who))
+        return await self._act(request, lambda ops: ops.audit_verification_failed(reason, who))
 
     async def _reload_config(self, request: web.Request) -> web.Response:
         """``medgw reload``: as SIGHUP, recorded with who asked.  Shielded: a client that
@@ -259,12 +283,12 @@ class ControlServer:
         message = str(body.get("error") or "")[:2000]
         forced = body.get("forced") is True
         return await self._act(
-            request, lambda: self._ops().restore_refused(bundle, reason, message, who, forced)
+            request, lambda ops: ops.restore_refused(bundle, reason, message, who, forced)
         )
 
     async def _resume(self, request: web.Request) -> web.Response:
         who = caller(request)
-        return await self._act(request, lambda: self._ops().resume(request.match_info["peer"], who))
+        return await self._act(request, lambda ops: ops.resume(request.match_info["peer"], who))
 
     async def _handover_list(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
@@ -276,10 +300,14 @@ class ControlServer:
                 {"error": f"unknown hand-over state {state!r}", "fix": f"use one of: {names}"},
                 status=400,
             )
-        ops = self._ops()
-        views = ops.handovers(wanted)
-        ops.listed(views, caller(request), "handover", request.query)
-        return web.json_response(views)
+        ops, who = self._ops(), caller(request)
+
+        def listed() -> list[dict[str, Any]]:
+            views = ops.handovers(wanted)
+            ops.listed(views, who, "handover", request.query)
+            return views
+
+        return await self._read(listed)
 
     async def _handover_retry(self, request: web.Request) -> web.Response:
         who = caller(request)
@@ -288,8 +316,11 @@ class ControlServer:
             return body
         peer = body.get("peer")
         try:
-            record = self._ops().handover_retry(
-                request.match_info["message_id"], who, str(peer) if peer else None
+            record = await asyncio.to_thread(
+                self._ops().handover_retry,
+                request.match_info["message_id"],
+                who,
+                str(peer) if peer else None,
             )
         except SpoolError as exc:
             return _error(exc, 409)

@@ -161,15 +161,28 @@ class Daemon:
     def _operations(self) -> Operations:
         assert self._spool is not None and self._outbound is not None
         assert self._view is not None
-        handover, view = self._handover, self._view
+        view = self._view
+        # Operator actions run in worker threads (their spool calls never hold the event
+        # loop): what they wake or start is done on the loop.
+        loop, outbound = asyncio.get_running_loop(), self._outbound
+
+        def wake(peer: str) -> None:
+            loop.call_soon_threadsafe(outbound.wake, peer)
+
+        def wake_handover() -> None:
+            loop.call_soon_threadsafe(self._wake_handover)
+
+        def prepare(message_id: str) -> None:
+            loop.call_soon_threadsafe(self._prepare_again, message_id)
+
         return Operations(
             self.state.config,
             self._spool,
             self._audit_sink(),
             self._clock,
-            self._outbound.wake,
-            handover.wake if handover is not None else lambda: None,
-            lambda message_id: self.tasks.spawn(self._outbound_prepare_again(message_id)),
+            wake,
+            wake_handover,
+            prepare,
             lambda: unusable(self.state.trust),
             self._audit_files(),
             self._emergency,
@@ -192,6 +205,9 @@ class Daemon:
             return position.seq if position is not None else 0
 
         return AuditFiles(storage.audit_log, self._audit.checkpoint, exported)
+
+    def _prepare_again(self, message_id: str) -> None:
+        self.tasks.spawn(self._outbound_prepare_again(message_id))
 
     async def _outbound_prepare_again(self, message_id: str) -> None:
         assert self._outbound is not None
