@@ -19,17 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.x509 import load_pem_x509_certificate
 
 from gateway.alerts import AlertCalls
 from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.log import AuditLog, verify_chain
+from gateway.audit.seal import CHECKPOINT_EVENT, CheckpointKeys
+from gateway.audit.verify import verify_trail
 from gateway.clock import SystemClock
 from gateway.config import Responsible
 from gateway.config.emergency import EmergencySettings
 from gateway.daemon.observe import Observer
 from gateway.emergency.mode import EmergencyMode, MarkingSink
 from gateway.logs import make_logger
+from tests.audit_writer import sealer
 from tests.clocks import TickingClock
+from tests.helpers.audit import openssl_audit_key
 
 THREADS = 8
 EACH = 25
@@ -396,3 +401,67 @@ def test_the_daemons_sinks_pass_records_emitted_together_on_together(tmp_path: P
     assert sum(accepted) == 2
     assert observer.not_ready() and any("stored" in r for r in observer.not_ready())
     assert verify_chain(path) == 4
+
+
+class FailingWithCheckpoint:
+    """os.write, failing (as a full disk) the next ``failures`` writes that carry a
+    checkpoint line (with ``any_write``: the next writes); every write's data noted."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.any_write = False
+        self.written: list[bytes] = []
+        self._write = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        self.written.append(bytes(data))
+        checkpoint = CHECKPOINT_EVENT.encode() in self.written[-1]
+        if self.failures and (checkpoint or self.any_write):
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._write(fd, data)
+
+
+def test_records_whose_checkpoint_fails_are_written_without_it_and_it_comes_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch with a due checkpoint among its lines whose write fails is written once
+    more without it: the records are kept, and the next record writes the checkpoint.
+    If that write fails too, nothing of the batch is in the file and emit_all raises."""
+    key, cert = openssl_audit_key(tmp_path)
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital", sealer=sealer(key, cert, every=4))
+    audit.emit_all([_event(f"a{i}") for i in range(2)])
+    disk = FailingWithCheckpoint(failures=1)
+    monkeypatch.setattr(os, "write", disk)
+    audit.emit_all([_event(f"b{i}") for i in range(3)])  # the 4th record makes one due
+    assert len(disk.written) == 2  # with the checkpoint (failed), then without it
+    assert CHECKPOINT_EVENT.encode() not in disk.written[1]
+    audit.emit(_event("c"))  # the checkpoint is due still: written after this one
+
+    disk.failures, disk.any_write = 2, True  # the write with a checkpoint, and the retry
+    disk.written.clear()
+    before = path.read_bytes()
+    with pytest.raises(OSError) as raised:
+        audit.emit_all([_event(f"d{i}") for i in range(4)])
+    assert raised.value.errno == errno.ENOSPC
+    assert [CHECKPOINT_EVENT.encode() in data for data in disk.written] == [True, False]
+    assert path.read_bytes() == before  # neither write left anything
+    disk.failures = 0
+    audit.emit_all([_event(f"e{i}") for i in range(4)])
+    monkeypatch.undo()
+    audit.close()
+
+    records = [json.loads(line) for line in path.read_bytes().splitlines()]
+    notes = [r["detail"].get("note", r["event"]) for r in records]
+    assert notes == [
+        *(f"a{i}" for i in range(2)),
+        *(f"b{i}" for i in range(3)),
+        "c",
+        CHECKPOINT_EVENT,
+        *(f"e{i}" for i in range(4)),
+        CHECKPOINT_EVENT,
+    ]
+    assert [r["seq"] for r in records] == list(range(1, 13))
+    report = verify_trail([path], CheckpointKeys([load_pem_x509_certificate(cert.read_bytes())]))
+    assert report.unsealed == 0

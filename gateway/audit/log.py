@@ -269,6 +269,7 @@ class AuditLog:
 
     def _chain(self, record: dict[str, Any]) -> bytes:
         """Link ``record`` to the chain (``_lock`` held): its line, to be written."""
+        record.pop("hash", None)  # of a write tried before (_write_all): not what is hashed
         record["node"] = self._node
         record["seq"] = self._seq + 1
         record["prev"] = self._prev
