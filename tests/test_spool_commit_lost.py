@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,26 +33,12 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
-from tests.helpers.commit_cut import CommitCut
+from tests.helpers.commit_cut import CommitCut, spool_behind_a_cut
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
 
 
-@pytest.fixture
-def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
-    assert postgres.socket_dir is not None
-    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def spool(postgres: PostgresSettings, cut: CommitCut) -> Iterator[PostgresSpool]:
-    handle = PostgresSpool(
-        replace(postgres, socket_dir=cut.socket_dir, connect_timeout=1), SystemClock()
-    )
-    yield handle
-    handle.close()
+cut, spool = spool_behind_a_cut(connect_timeout=1)
 
 
 def intake(spool: PostgresSpool, tmp_path: Path, message_id: str) -> None:

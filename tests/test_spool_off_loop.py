@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from gateway.spool import PeerControl, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.clocks import SecondsClock
 from tests.conftest import Processes
-from tests.helpers.commit_cut import CommitCut
+from tests.helpers.commit_cut import CommitCut, spool_behind_a_cut
 from tests.helpers.metrics import get, with_metrics
 from tests.helpers.postgres import spool_section
 
@@ -44,22 +44,7 @@ pytestmark = pytest.mark.usefixtures("postgres_server")
 CONNECT_TIMEOUT = 3
 
 
-@pytest.fixture
-def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
-    assert postgres.socket_dir is not None
-    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def spool(postgres: PostgresSettings, cut: CommitCut) -> Iterator[PostgresSpool]:
-    handle = PostgresSpool(
-        replace(postgres, socket_dir=cut.socket_dir, connect_timeout=CONNECT_TIMEOUT),
-        SystemClock(),
-    )
-    yield handle
-    handle.close()
+cut, spool = spool_behind_a_cut(connect_timeout=CONNECT_TIMEOUT)
 
 
 async def longest_stall(

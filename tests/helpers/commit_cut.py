@@ -18,7 +18,37 @@ import contextlib
 import socket
 import struct
 import threading
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+
+import pytest
+
+from gateway.clock import SystemClock
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+
+
+def spool_behind_a_cut(connect_timeout: int) -> tuple[object, object]:
+    """The fixtures ``cut`` (a :class:`CommitCut` in front of the test's database) and
+    ``spool`` (a :class:`PostgresSpool` on that database through it, waiting at most
+    ``connect_timeout`` seconds for a connection), for a test module to take as its
+    own: ``cut, spool = spool_behind_a_cut(3)``."""
+
+    @pytest.fixture
+    def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
+        assert postgres.socket_dir is not None
+        proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
+        yield proxy
+        proxy.close()
+
+    @pytest.fixture
+    def spool(postgres: PostgresSettings, cut: CommitCut) -> Iterator[PostgresSpool]:
+        settings = replace(postgres, socket_dir=cut.socket_dir, connect_timeout=connect_timeout)
+        handle = PostgresSpool(settings, SystemClock())
+        yield handle
+        handle.close()
+
+    return cut, spool
 
 
 class CommitCut:
