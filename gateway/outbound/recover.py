@@ -16,7 +16,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import payload_item
+from gateway.spool.records import CANCELLED_BY, payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 RECOVERED = (
@@ -28,6 +28,15 @@ _SETTLED = {
     OutboundState.FAILED: frozenset(
         {EventType.MESSAGE_FAILED.value, EventType.RECEIPT_INVALID.value}
     ),
+}
+# The record of a message given up without a receipt, by the state it leaves: failed at
+# its preparation (seal.py, and _fail below), expired or dead (send.py), cancelled by an
+# operator (operations.py).
+_GIVEN_UP = {
+    OutboundState.FAILED: EventType.MESSAGE_FAILED,
+    OutboundState.EXPIRED: EventType.MESSAGE_EXPIRED,
+    OutboundState.DEAD: EventType.MESSAGE_DEAD,
+    OutboundState.CANCELLED: EventType.MESSAGE_CANCELLED,
 }
 
 
@@ -88,10 +97,12 @@ class Recovery:
 
     def _record_cut_off(self) -> None:
         """Write the audit records a kill cut off (worker thread): a message queued
-        (``message.accepted``) or settled by its receipt (``receipt.received``,
-        ``message.failed``) is committed before its record is written.  Only this node's
-        rows changed since the trail's last record are looked at, and the trail only as
-        far back as they need; each step keeps exactly one record."""
+        (``message.accepted``), settled by its receipt (``receipt.received``,
+        ``message.failed``), or given up without one (``message.failed`` at its
+        preparation, ``message.expired``, ``message.dead``, ``message.cancelled``) is
+        committed before its record is written.  Only this node's rows changed since the
+        trail's last record are looked at, and the trail only as far back as they need;
+        each step keeps exactly one record."""
         trail = self._ctx.config.storage.audit_log
         last = last_record_time(trail)
         since = datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
@@ -113,6 +124,14 @@ class Recovery:
             elif record.state in _SETTLED and record.receipt_path is not None:
                 wanted.append(
                     (record, _SETTLED[record.state], datetime.fromisoformat(record.updated_at))
+                )
+            elif record.state in _GIVEN_UP:
+                wanted.append(
+                    (
+                        record,
+                        frozenset({_GIVEN_UP[record.state].value}),
+                        datetime.fromisoformat(record.updated_at),
+                    )
                 )
         if not wanted:
             return
@@ -154,18 +173,32 @@ class Recovery:
                     "recorded_at_recovery": True,
                 },
             )
-        if record.state is OutboundState.FAILED:
+        if record.state is OutboundState.CANCELLED:
+            note = record.last_error or ""
+            return AuditEvent(
+                EventType.MESSAGE_CANCELLED,
+                severity=Severity.WARNING,
+                peer=record.peer,
+                message_id=record.message_id,
+                direction="outbound",
+                actor=note.removeprefix(CANCELLED_BY) if note.startswith(CANCELLED_BY) else None,
+                reason=f"{note or 'cancelled'}; {RECOVERED}",
+                detail={"recorded_at_recovery": True},
+            )
+        if record.state in _GIVEN_UP:
+            settled = record.state is OutboundState.FAILED and record.receipt_path is not None
             return self._ctx.event(
-                EventType.MESSAGE_FAILED,
+                _GIVEN_UP[record.state],
                 peer=record.peer,
                 message_id=record.message_id,
                 outcome=Outcome.FAILURE,
                 severity=Severity.ALERT,
                 service=record.service,
-                reason=f"{record.last_error or 'failed by its receipt'}; {RECOVERED}",
+                reason=f"{record.last_error or record.state.value}; {RECOVERED}",
                 detail={
                     "disposition": record.disposition,
-                    "receipt_file": str(record.receipt_path),
+                    **({"receipt_file": str(record.receipt_path)} if settled else {}),
+                    "attempts": record.attempts,
                     "recorded_at_recovery": True,
                 },
             )

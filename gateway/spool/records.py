@@ -55,6 +55,9 @@ PENDING_STATES = frozenset(
 
 RETRYABLE = (OutboundState.FAILED, OutboundState.EXPIRED, OutboundState.DEAD)
 CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
+# The note an operator's cancel leaves as the message's last_error, before the actor
+# (read back by recovery when the kill cut off the record of the cancel).
+CANCELLED_BY = "cancelled by "
 
 
 # A node's name: a host name's characters; it goes in logs, audit records and metric

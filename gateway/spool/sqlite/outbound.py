@@ -10,6 +10,7 @@ from gateway.errors import InvalidValueError, SpoolError
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
     CANCELLABLE,
+    CANCELLED_BY,
     RETRYABLE,
     DataKey,
     Intake,
@@ -689,7 +690,7 @@ class OutboundQueue(SqlStore):
             message_id,
             CANCELLABLE,
             OutboundState.CANCELLED,
-            f"cancelled by {actor}",
+            f"{CANCELLED_BY}{actor}",
             drop_body=True,
         )
         # A document kept after a failed preparation is withdrawn: its key goes now.

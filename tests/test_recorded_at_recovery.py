@@ -1,0 +1,129 @@
+"""Audit records a kill cut off, written at the next start: a message given up without a
+receipt (failed at its preparation, expired, dead, cancelled by an operator) is committed
+in the spool before its record is written.  A real daemon is killed right after the
+spool's change (tests/faultpoint.py), then started again: the trail has the record
+exactly once, and ``medgw audit verify`` passes."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from gateway.demo_run import drop_file
+from gateway.pki.demo import DemoLayout
+from tests.cli import medgw
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import set_runtime
+from tests.helpers.faults import killed_at, wait_killed
+
+OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
+
+
+def _queued_and_tried(layout: DemoLayout, processes: Any, prefix: tuple[str, ...] = ()) -> Any:
+    """The lab, its peer down, with one document queued after a first failed attempt
+    (the next one an hour away); returns the lab's process and the message's id."""
+    set_runtime(layout.lab.config_path, "retry_initial_seconds", "3600")
+    set_runtime(layout.lab.config_path, "retry_max_seconds", "3600")
+    lab = processes.start(layout.lab.config_path, prefix=prefix)
+    drop_file(layout.lab.outbox_dir / "hospital", "given-up.hl7", b"MSH|given up\r")
+    [failed] = wait_for_events(layout.lab.audit_log, "message.send_failed")
+    return lab, failed["message_id"]
+
+
+def _cut_off_then_restarted(layout: DemoLayout, processes: Any, lab: Any, event: str) -> Any:
+    """``lab`` killed at its fault point, with ``event`` not yet recorded; then started
+    again and stopped (recovery is done before it is ready): the records of ``event``."""
+    wait_killed(lab)
+    assert not events(layout.lab.audit_log, event)  # cut off by the kill
+    assert processes.start(layout.lab.config_path).stop() == 0
+    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    return events(layout.lab.audit_log, event)
+
+
+def _recovered(record: dict[str, Any]) -> None:
+    assert record["detail"]["recorded_at_recovery"] is True
+    assert "recorded at recovery" in record["reason"]
+
+
+def test_a_kill_after_the_last_attempt_writes_message_dead_at_the_next_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    set_runtime(layout.lab.config_path, "max_attempts", "1")
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.mark_dead")
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "dead.hl7", b"MSH|dead\r")
+    [accepted] = wait_for_events(layout.lab.audit_log, "message.accepted")
+    [dead] = _cut_off_then_restarted(layout, processes, lab, "message.dead")
+    assert dead["message_id"] == accepted["message_id"]
+    assert dead["severity"] == "alert" and "1 attempts failed" in dead["reason"]
+    _recovered(dead)
+
+
+def test_a_kill_after_expiry_writes_message_expired_at_the_next_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    lab, message_id = _queued_and_tried(layout, processes)
+    assert lab.stop() == 0
+    # Time passes for the spool: its expiry moved into the past, as an hour later would.
+    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
+    with db:
+        db.execute("UPDATE outbound SET expires_at=1 WHERE message_id=?", (message_id,))
+    db.close()
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.expire_due")
+    )
+    [expired] = _cut_off_then_restarted(layout, processes, lab, "message.expired")
+    assert expired["message_id"] == message_id and expired["severity"] == "alert"
+    assert "not delivered before its expiry" in expired["reason"]
+    _recovered(expired)
+
+
+def test_a_kill_after_an_operator_cancel_writes_message_cancelled_at_the_next_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    lab, message_id = _queued_and_tried(
+        layout, processes, killed_at("--kill-after", f"{OUTBOUND}.operator_cancel")
+    )
+    cancel = medgw("queue", "cancel", message_id, "--config", str(layout.lab.config_path))
+    assert cancel.returncode != 0  # the daemon died before it answered
+    [cancelled] = _cut_off_then_restarted(layout, processes, lab, "message.cancelled")
+    assert cancelled["message_id"] == message_id and cancelled["severity"] == "warning"
+    assert "uid" in cancelled["actor"]  # the operator, as the spool kept it
+    _recovered(cancelled)
+
+
+def test_a_kill_after_a_failed_preparation_writes_message_failed_at_the_next_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    lab = processes.start(
+        layout.lab.config_path,
+        prefix=killed_at(
+            "--fail-once",
+            "gateway.outbound.seal:Sealer._build",
+            "--kill-after",
+            f"{OUTBOUND}.fail_intake",
+        ),
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "unsealed.hl7", b"MSH|unsealed\r")
+    [failed] = _cut_off_then_restarted(layout, processes, lab, "message.failed")
+    assert failed["severity"] == "alert" and "Input/output error" in failed["reason"]
+    assert failed["detail"]["disposition"] == "not-sent"
+    _recovered(failed)
+    shown = medgw("queue", "show", failed["message_id"], "--config", str(layout.lab.config_path))
+    assert shown.returncode == 0 and "failed" in shown.stdout
+
+
+def test_a_record_written_at_recovery_is_not_written_again_at_later_starts(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Once written, the record counts as the trail's: later starts add none."""
+    lab, message_id = _queued_and_tried(
+        layout, processes, killed_at("--kill-after", f"{OUTBOUND}.operator_cancel")
+    )
+    medgw("queue", "cancel", message_id, "--config", str(layout.lab.config_path))
+    assert len(_cut_off_then_restarted(layout, processes, lab, "message.cancelled")) == 1
+    for _ in range(2):
+        assert processes.start(layout.lab.config_path).stop() == 0
+    assert len(events(layout.lab.audit_log, "message.cancelled")) == 1
