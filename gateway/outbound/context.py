@@ -198,6 +198,21 @@ class Context:
             detail=detail or {},
         )
 
+    def compat_event(
+        self, peer: str, message_id: str, algorithm: str, reason: str, **detail: Any
+    ) -> AuditEvent:
+        """The warning, counted per message, that a legacy ``algorithm`` this peer is
+        allowed was used (``reason``: where, and which option allows it); ``detail``
+        adds to the algorithm's name."""
+        return self.event(
+            EventType.COMPAT_ALGORITHM_USED,
+            peer=peer,
+            message_id=message_id,
+            severity=Severity.WARNING,
+            reason=reason,
+            detail={"algorithm": algorithm, **detail},
+        )
+
     def record_all(self, events: Sequence[AuditEvent]) -> None:
         """Several audit records written together, in their order (one write and one
         fsync; all or none)."""

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from gateway.as2.message import MessageSpec, build_message, build_message_file
 from gateway.atrest import Sealing, Vault, open_bytes, open_file, storing_all
-from gateway.audit import AuditEvent, EventType, PatientId, Severity
+from gateway.audit import AuditEvent, EventType, PatientId
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
 from gateway.config import Peer
@@ -252,14 +252,12 @@ class Sealer:
             # RSAES-OAEP with SHA-1, or RSAES-PKCS1-v1_5: chosen for this peer, and
             # counted per message like every legacy algorithm.
             events.append(
-                self._ctx.event(
-                    EventType.COMPAT_ALGORITHM_USED,
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    severity=Severity.WARNING,
-                    reason=f"key transport {sealed.key_transport} used to send (this peer's "
+                self._ctx.compat_event(
+                    peer.name,
+                    record.message_id,
+                    sealed.key_transport,
+                    f"key transport {sealed.key_transport} used to send (this peer's "
                     "key_transport)",
-                    detail={"algorithm": sealed.key_transport},
                 )
             )
         return events

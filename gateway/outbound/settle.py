@@ -169,14 +169,13 @@ class Settler:
             )
         for algorithm in receipt.compat_algorithms:  # e.g. a receipt signed with SHA-1
             judge.events.append(
-                self._ctx.event(
-                    EventType.COMPAT_ALGORITHM_USED,
-                    peer=peer.name,
-                    message_id=record.message_id,
-                    severity=Severity.WARNING,
-                    reason=f"monitored-list algorithm {algorithm} accepted in the receipt "
+                self._ctx.compat_event(
+                    peer.name,
+                    record.message_id,
+                    algorithm,
+                    f"monitored-list algorithm {algorithm} accepted in the receipt "
                     "(named in this peer's accept_legacy)",
-                    detail={"algorithm": algorithm, "receipt_file": str(receipt_path)},
+                    receipt_file=str(receipt_path),
                 )
             )
         if receipt.original_message_id != record.message_id:
