@@ -160,19 +160,6 @@ class Recovery:
 
     def _cut_off_event(self, record: OutboundRecord) -> AuditEvent:
         """The record of ``record``'s last step, as far as its row tells it."""
-        if record.state is OutboundState.DELIVERED:
-            return self._ctx.event(
-                EventType.RECEIPT_RECEIVED,
-                peer=record.peer,
-                message_id=record.message_id,
-                service=record.service,
-                reason=f"settled by its receipt; {RECOVERED}",
-                detail={
-                    "disposition": record.disposition,
-                    "receipt_file": str(record.receipt_path),
-                    "recorded_at_recovery": True,
-                },
-            )
         if record.state is OutboundState.CANCELLED:
             note = record.last_error or ""
             return AuditEvent(
@@ -185,20 +172,23 @@ class Recovery:
                 reason=f"{note or 'cancelled'}; {RECOVERED}",
                 detail={"recorded_at_recovery": True},
             )
-        if record.state in _GIVEN_UP:
-            settled = record.state is OutboundState.FAILED and record.receipt_path is not None
+        if record.state is OutboundState.DELIVERED or record.state in _GIVEN_UP:
+            # As settle.py, seal.py and send.py write them: receipt.received, or an alert.
+            delivered = record.state is OutboundState.DELIVERED
+            settled = record.state in _SETTLED and record.receipt_path is not None
+            why = "settled by its receipt" if delivered else record.last_error or record.state.value
             return self._ctx.event(
-                _GIVEN_UP[record.state],
+                EventType.RECEIPT_RECEIVED if delivered else _GIVEN_UP[record.state],
                 peer=record.peer,
                 message_id=record.message_id,
-                outcome=Outcome.FAILURE,
-                severity=Severity.ALERT,
+                outcome=Outcome.SUCCESS if delivered else Outcome.FAILURE,
+                severity=Severity.INFO if delivered else Severity.ALERT,
                 service=record.service,
-                reason=f"{record.last_error or record.state.value}; {RECOVERED}",
+                reason=f"{why}; {RECOVERED}",
                 detail={
                     "disposition": record.disposition,
                     **({"receipt_file": str(record.receipt_path)} if settled else {}),
-                    "attempts": record.attempts,
+                    **({} if delivered else {"attempts": record.attempts}),
                     "recorded_at_recovery": True,
                 },
             )
