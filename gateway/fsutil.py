@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import io
 import os
@@ -226,12 +227,15 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
 
 
-def remove_stale_partials(folder: Path, *, older_than: float | None = None) -> list[Path]:
-    """Delete temporary files a killed process left behind (only our own naming pattern);
-    given ``older_than`` (seconds since the epoch), only those last changed before it."""
+def remove_stale_partials(
+    folder: Path, *, older_than: float | None = None, recursive: bool = True
+) -> list[Path]:
+    """Delete temporary files a killed process left behind (only our own naming pattern)
+    in ``folder`` (and, ``recursive``, the folders in it); given ``older_than`` (seconds
+    since the epoch), only those last changed before it."""
     removed = []
     if folder.is_dir():
-        for path in folder.rglob(".*.partial"):
+        for path in (folder.rglob if recursive else folder.glob)(".*.partial"):
             if (
                 PARTIAL.match(path.name)
                 and path.is_file()
@@ -239,6 +243,19 @@ def remove_stale_partials(folder: Path, *, older_than: float | None = None) -> l
             ):
                 path.unlink(missing_ok=True)
                 removed.append(path)
+    return removed
+
+
+def remove_partials_of(path: Path) -> list[Path]:
+    """Delete the temporary files earlier writes of ``path`` left behind (see
+    :func:`partial_name`), whatever their age: for the caller that alone writes ``path``
+    and is about to write it again, so that any such file is a killed write's."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.partial")
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        if pattern.fullmatch(tmp.name) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
     return removed
 
 

@@ -11,6 +11,7 @@ delivery once.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import time
 from collections import Counter
@@ -132,3 +133,27 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
 
 def _leftovers(folder: Path) -> list[Path]:
     return list(folder.rglob("*.partial"))
+
+
+@pytest.mark.daemon
+def test_a_start_removes_what_killed_writes_left_in_the_state_and_crl_folders(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A kill while the CRL cache, the emergency window or the break-glass credential
+    was being written leaves a hidden partial file beside it.  A start removes those an
+    hour old; a younger one may be a `medgw` command's write in progress."""
+    state = layout.lab.root / "state"
+    (state / "crls").mkdir(parents=True, exist_ok=True)
+    two_hours_ago = time.time() - 7200
+    old = [
+        state / ".emergency.json.0123456789ab.partial",
+        state / "crls" / ".ca.crl.0123456789ab.partial",
+    ]
+    for path in old:
+        path.write_bytes(b"cut short")
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    young = state / ".credential.json.ba9876543210.partial"
+    young.write_bytes(b"being written")
+    processes.start(layout.lab.config_path)  # ready once its recovery is done
+    assert [p for p in old if p.exists()] == []
+    assert young.exists()

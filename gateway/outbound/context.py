@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
@@ -19,7 +20,7 @@ from gateway.errors import ObjectSecurityError
 from gateway.fsutil import FolderSync, private_folder
 from gateway.logs import Logger
 from gateway.pki.peers import PeerTrust
-from gateway.spool import Spool
+from gateway.spool import OutboundRecord, Spool
 
 T = TypeVar("T")
 
@@ -88,6 +89,11 @@ class Context:
     def trust(self) -> Mapping[str, PeerTrust]:
         """Which peer certificates are acceptable now."""
         return self._state.trust
+
+    def body_path(self, record: OutboundRecord) -> Path:
+        """Where ``record``'s signed, encrypted body is kept when it is too large for its
+        spool row."""
+        return self.outgoing / (record.payload_path.name + ".as2")
 
     def recipient(self, peer: Peer) -> x509.Certificate:
         """The newest acceptable encryption certificate of ``peer`` (rotation: see pki.peers)."""

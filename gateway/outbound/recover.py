@@ -11,7 +11,7 @@ from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.log import CLOCK_MARGIN, last_record_time, recorded_since
-from gateway.fsutil import fsync_dir, remove_stale_partials
+from gateway.fsutil import fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document
@@ -19,6 +19,7 @@ from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import CANCELLED_BY, payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
+COMMAND_PARTIAL_SECONDS = 3600.0
 RECOVERED = (
     "recorded at recovery: the change was committed before an interruption cut off its record"
 )
@@ -68,6 +69,14 @@ class Recovery:
                 else None
             )
             for path in remove_stale_partials(folder, older_than=older):
+                self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
+        # The state folder itself (the emergency window, the break-glass credential) and
+        # the CRL cache: a `medgw` command of this node may be writing there as it
+        # starts, so only those an hour old.
+        state = config.storage.state_dir
+        an_hour_ago = self._ctx.clock.now().timestamp() - COMMAND_PARTIAL_SECONDS
+        for folder, recursive in ((state, False), (state / "crls", True)):
+            for path in remove_stale_partials(folder, older_than=an_hour_ago, recursive=recursive):
                 self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
         known = self._ctx.spool.payload_names()  # name -> whether the plaintext is needed
         for path in self._ctx.payloads.iterdir():
@@ -221,6 +230,17 @@ class Recovery:
         """Prepare an interrupted intake this node claimed, or give it back, or fail it
         saying why."""
         peer = self._ctx.config.peer(record.peer)
+        # A kill while its body was being written left that write's partial file.  In a
+        # bodies folder the nodes share, partial files are otherwise left for a day (they
+        # may be another node's write in progress); this one is known: only the node
+        # that claims the message writes its body.
+        body = self._ctx.body_path(record)
+        for path in await asyncio.to_thread(remove_partials_of, body):
+            self._ctx.log.info(
+                "recovery.removed_partial_file",
+                folder=path.parent.name,
+                message_id=record.message_id,
+            )
         if (
             record.node not in (None, self._ctx.spool.node)
             and not record.has_document

@@ -155,7 +155,7 @@ class Sealer:
         under ``sealing``."""
         smime = self._ctx.config.smime
         at = self._ctx.clock.now()
-        body_path = self._ctx.outgoing / (record.payload_path.name + ".as2")
+        body_path = self._ctx.body_path(record)
 
         def open_payload() -> BinaryIO:
             # The document as taken in: encrypted at rest, or as it is (from before).
