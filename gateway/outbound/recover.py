@@ -230,17 +230,6 @@ class Recovery:
         """Prepare an interrupted intake this node claimed, or give it back, or fail it
         saying why."""
         peer = self._ctx.config.peer(record.peer)
-        # A kill while its body was being written left that write's partial file.  In a
-        # bodies folder the nodes share, partial files are otherwise left for a day (they
-        # may be another node's write in progress); this one is known: only the node
-        # that claims the message writes its body.
-        body = self._ctx.body_path(record)
-        for path in await asyncio.to_thread(remove_partials_of, body):
-            self._ctx.log.info(
-                "recovery.removed_partial_file",
-                folder=path.parent.name,
-                message_id=record.message_id,
-            )
         if (
             record.node not in (None, self._ctx.spool.node)
             and not record.has_document
@@ -252,6 +241,16 @@ class Recovery:
                 self._ctx.spool.intake_release, record.message_id, record.node
             )
             return
+        # Prepared here from now on.  A kill while its body was being written left that
+        # write's partial file.  In a bodies folder the nodes share, partial files are
+        # otherwise left for a day (they may be another node's write in progress); this
+        # one is known: only the node that claims the message writes its body.
+        for path in await asyncio.to_thread(remove_partials_of, self._ctx.body_path(record)):
+            self._ctx.log.info(
+                "recovery.removed_partial_file",
+                folder=path.parent.name,
+                message_id=record.message_id,
+            )
         if record.has_document and peer is not None:
             source = record.source_path
             if (
