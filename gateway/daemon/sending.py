@@ -43,9 +43,9 @@ class Senders:
         self.peer_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def intake_loop(self) -> None:
-        """Take documents from the outbox.  A failure (say, the spool's disk is full)
-        leaves them there and is logged when it starts, every INTAKE_ERROR_REPEAT_SECONDS
-        while it lasts (not at every poll), and when it ends."""
+        """Take documents from the outbox, a round at a time.  A failure (say, the
+        spool's disk is full) leaves them there and is logged when it starts, every
+        INTAKE_ERROR_REPEAT_SECONDS while it lasts (not at every poll), and when it ends."""
         failing: str | None = None  # the error being reported
         said_at = 0.0
         polls = 0  # failed polls since it was last said
@@ -73,7 +73,9 @@ class Senders:
                 failing, said_at, polls = error, now, 0
             else:
                 polls += 1
-            await asyncio.sleep(self._state().config.runtime.outbox_poll_seconds)
+            # A backlog left for the next rounds is taken at once, not a poll later.
+            backlog = error is None and self._outbound.outbox_waiting > 0
+            await asyncio.sleep(0 if backlog else self._state().config.runtime.outbox_poll_seconds)
 
     def sync(self) -> None:
         """One sender task per configured peer: start new ones, stop removed ones."""

@@ -5,7 +5,11 @@ taken from the outbox is never lost and never sent twice as two messages.
 Documents are taken in batches, each in one trip to a worker thread: their rows
 in one transaction, the outbox folders synced once for them, then each signed and
 encrypted, all queued in one transaction and their ``message.accepted`` records
-written together (one fsync each, not one per document)."""
+written together (one fsync each, not one per document).
+
+Each call takes one round of the outbox (gateway.intake.outbox): at most ROUND_PER_PEER
+documents of each peer, the peers in turn, so one peer's backlog holds another peer's
+documents back by a round at most."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from gateway.atrest import Sealing, storing_all
 from gateway.config import Peer
 from gateway.errors import MedgwError, SpoolError
 from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
-from gateway.intake.outbox import Candidate, scan
+from gateway.intake.outbox import Candidate, Outbox
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
 from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer, ToSeal
@@ -34,6 +38,10 @@ from gateway.spool.records import payload_item
 INTAKE_BATCH = 32
 # Batches taken at once: while one waits for an fsync, another signs and encrypts.
 INTAKE_PARALLELISM = 2
+# Documents of one peer taken in one round: a peer alone in the outbox fills the batches
+# taken at once, and another peer's first document waits behind at most this many of
+# each other peer's (README "Sending and receiving documents").
+ROUND_PER_PEER = INTAKE_BATCH * INTAKE_PARALLELISM
 
 
 class OutboxIntake:
@@ -42,6 +50,7 @@ class OutboxIntake:
     def __init__(self, context: Context, sealer: Sealer) -> None:
         self._ctx = context
         self._sealer = sealer
+        self._outbox = Outbox()
         self._reported_unknown: set[str] = set()
         self._reported_unknown_services: set[tuple[str, str]] = set()
         self._reported_skipped: set[Path] = set()
@@ -52,14 +61,20 @@ class OutboxIntake:
         # spool did not answer): prepared again at the next scan, not only at a restart.
         self._unsealed: set[str] = set()
 
+    @property
+    def waiting(self) -> int:
+        """Documents listed in the outbox and left for the next rounds."""
+        return self._outbox.waiting
+
     async def intake_once(self) -> int:
+        """Take one round of the outbox's documents; returns how many it offered."""
         if self._unabandoned:
             await self._ctx.in_thread(self._abandon_failed_takes)
         for message_id in sorted(self._unsealed):
             await self._sealer.prepare_again(message_id)  # raises while it still cannot
             self._unsealed.discard(message_id)
         peers = {p.name: p.services for p in self._ctx.config.peers}
-        result = scan(self._ctx.config.storage.outbox_dir, peers)
+        result = self._outbox.next_round(self._ctx.config.storage.outbox_dir, peers, ROUND_PER_PEER)
         for peer_name, folder in result.unknown_services:
             if (peer_name, folder) not in self._reported_unknown_services:
                 self._reported_unknown_services.add((peer_name, folder))
@@ -113,12 +128,17 @@ class OutboxIntake:
 
         # Every take finishes before this returns, even when one fails: the next scan
         # must not start a second take of a file this one is still moving.
-        outcomes = await asyncio.gather(
-            *(take(b) for b in batches(result.candidates)), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        try:
+            outcomes = await asyncio.gather(
+                *(take(b) for b in batches(result.candidates)), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except BaseException:
+            # What a failed take left in the outbox comes first again, in name order.
+            self._outbox.forget()
+            raise
         return len(result.candidates)
 
     def _abandon_failed_takes(self) -> None:

@@ -79,8 +79,14 @@ class Outbound:
         self._ctx.wake(peer)
 
     async def intake_once(self) -> int:
-        """Take every document now in the outbox; returns how many were found."""
+        """Take a round of the outbox's documents (each peer's first ones, the peers in
+        turn); returns how many were found."""
         return await self._intake.intake_once()
+
+    @property
+    def outbox_waiting(self) -> int:
+        """Documents listed in the outbox and left for the next rounds of intake."""
+        return self._intake.waiting
 
     async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """Spool a document streamed from a local submitter; returns the message's view."""
