@@ -143,6 +143,31 @@ async def test_a_service_folder_takes_turns_with_its_peers_own_folder(
     assert outbound.outbox_waiting == len(names) - len(taken)
 
 
+async def test_a_listed_document_replaced_by_a_link_before_its_round_is_not_taken(
+    layout: DemoLayout, tmp_path: Path, spool: SqliteSpool, audit: AuditLog
+) -> None:
+    """A listing outlives its round: a document listed, then replaced by a symbolic link
+    before its round comes, is not taken (the link could name a file its writer may not
+    read); the others are, and the link stays in the outbox."""
+    config = load_config(layout.lab.config_path)
+    outbound = await _outbound(config, spool, audit)
+    busy = layout.lab.outbox_dir / "hospital"
+    names = _busy_names(ROUND_PER_PEER + 2)
+    _fill(busy, names)
+    assert await outbound.intake_once() == ROUND_PER_PEER  # all listed, a round taken
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not the writer's to send")
+    swapped = busy / names[ROUND_PER_PEER]
+    swapped.unlink()
+    swapped.symlink_to(secret)
+    await outbound.intake_once()
+
+    taken = [r["detail"]["filename"] for r in events(tmp_path / "audit.jsonl", "message.accepted")]
+    assert sorted(taken) == sorted(n for n in names if n != swapped.name)
+    assert swapped.name not in {r.filename for r in spool.all_outbound()}
+    assert swapped.is_symlink()
+
+
 def test_a_backlogged_folder_is_listed_once_for_its_documents_not_once_a_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

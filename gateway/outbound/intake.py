@@ -17,6 +17,7 @@ import asyncio
 import errno
 import math
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -189,6 +190,11 @@ class OutboxIntake:
                 status = candidate.path.lstat()
             except FileNotFoundError:
                 continue  # taken away since the scan
+            if not stat.S_ISREG(status.st_mode):
+                # Replaced since it was listed (a listing may be rounds old): a link could
+                # make the gateway send a file its writer may not read.  The next listing
+                # reports it as skipped.
+                continue
             found.append((candidate, peer, status, new_message_id(self._ctx.config.as2_id)))
         if not found:
             return []
