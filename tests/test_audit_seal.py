@@ -21,6 +21,7 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.audit import openssl_audit_key
+from tests.helpers.openssl_keys import self_signed
 
 
 def sealer(key: Path, cert: Path, every: int = 5) -> Sealer:
@@ -294,26 +295,7 @@ def test_check_config_refuses_an_audit_key_it_cannot_trust(
     key, cert = openssl_audit_key(folder)
     extra = ""
     if where == "rsa":
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:3072",
-                "-nodes",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-                "-subj",
-                "/CN=rsa audit",
-                "-days",
-                "30",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        self_signed(key, cert, "/CN=rsa audit")
     if where == "unknown":
         extra = "checkpoint_every = 5\n"
     key.chmod(0o600)

@@ -27,6 +27,7 @@ from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.pki.demo import MARKER, DemoFolderError, DemoLayout, init_demo
 from gateway.pki.issue import issue, make_ca, new_key, write_pem
+from tests.helpers.openssl_keys import P256, self_signed
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_GATEWAY = REPO / "config" / "gateway.toml"
@@ -480,16 +481,7 @@ def test_examples_are_complete_and_loadable(
     if "backup" in gw:  # backups' own signing key pair, made as README (Backups) says
         backup = gw["backup"]
         key, cert = Path(backup["signing_key"]), Path(backup["signing_certificate"])
-        subprocess.run(
-            [
-                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
-                "-subj", "/CN=medgw backup signer",
-            ],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        key.chmod(0o600)
+        self_signed(key, cert, "/CN=medgw backup signer", P256, days=3650)
         for earlier in backup.get("trusted_signers", []):
             shutil.copy2(cert, earlier)
     if "audit" in gw:  # the audit checkpoint key, made as the example's comment says

@@ -23,6 +23,7 @@ from gateway.errors import MalformedMessageError, PolicyError
 from gateway.pki.demo import DemoLayout
 from gateway.policy import LEGACY_ALGORITHMS, AlgorithmPolicy
 from tests.cli import medgw
+from tests.helpers.openssl_keys import self_signed
 from tests.oscrypto_fix import load_pyas2lib
 
 as2 = load_pyas2lib()
@@ -183,14 +184,8 @@ SENT_IDENTIFIERS = {
 @pytest.fixture(scope="module")
 def rsa_recipient(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("rsa")
-    key, cert = directory / "enc.key", directory / "enc.crt"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-days", "2"),
-            *("-subj", "/CN=recipient.medgw.test", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
+    key, cert = self_signed(
+        directory / "enc.key", directory / "enc.crt", "/CN=recipient.medgw.test"
     )
     return cert, key
 

@@ -17,35 +17,16 @@ from gateway.config import load_config
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
+from tests.helpers.openssl_keys import P256, self_signed
 
 
 def recipient(folder: Path) -> tuple[Path, Path]:
     """The backup recipient: an RSA-3072 key and self-signed certificate, made with openssl
     (the key is kept off the gateway; only the certificate is configured)."""
     folder.mkdir(parents=True, exist_ok=True)
-    key, cert = folder / "recipient.key", folder / "recipient.crt"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:3072",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "30",
-            "-subj",
-            "/CN=medgw backup recipient",
-        ],
-        check=True,
-        capture_output=True,
+    return self_signed(
+        folder / "recipient.key", folder / "recipient.crt", "/CN=medgw backup recipient"
     )
-    key.chmod(0o600)
-    return key, cert
 
 
 def backup_signer(config: Path) -> tuple[Path, Path]:
@@ -57,16 +38,8 @@ def backup_signer(config: Path) -> tuple[Path, Path]:
         config.parent / "certs" / "backup-signing.crt",
     )
     if not (key.exists() and cert.exists()):
-        subprocess.run(
-            [
-                "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
-                "-subj", "/CN=medgw backup signer, Sakura General Hospital",
-            ],
-            check=True,
-            capture_output=True,
-        )  # fmt: skip
-        key.chmod(0o600)
+        subject = "/CN=medgw backup signer, Sakura General Hospital"
+        self_signed(key, cert, subject, P256, days=3650)
     return key, cert
 
 

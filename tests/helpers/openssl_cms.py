@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gateway.cms.mime import make_entity
 from tests.helpers.cms_pki import Pki
+from tests.helpers.openssl_keys import self_signed
 
 
 def openssl(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -74,13 +75,8 @@ def openssl_encrypted(pki: Pki, tmp_path: Path, recipient: str, *extra: str) -> 
 def unsupported_curve_signer(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate and key on sect283k1: OpenSSL signs with it, `cryptography` cannot
     load its public key (UnsupportedAlgorithm)."""
-    key, cert = tmp_path / "sect.key", tmp_path / "sect.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:sect283k1",
-         "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=odd curve", "-days", "30"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
+    curve = ("ec", "-pkeyopt", "ec_paramgen_curve:sect283k1")
+    key, cert = self_signed(tmp_path / "sect.key", tmp_path / "sect.crt", "/CN=odd curve", curve)
     return cert, key
 
 
