@@ -91,17 +91,18 @@ def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 def _fail_once_at_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The first audit write with a record of ``event`` writes nothing: it raises, as on a
-    full disk (so do the records written together with it)."""
+    full disk (so do the records written together with it).  Patches AuditLog._write_all,
+    where a write to the file fails: the log handles it as its own."""
     failed: list[bool] = []
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def emit_all(self: Any, records: Any) -> None:
-            if not failed and any(record.event.value == event for record in records):
+        def write_all(self: Any, records: Any) -> None:
+            if not failed and any(record["event"] == event for record in records):
                 failed.append(True)
                 raise OSError(errno.ENOSPC, "No space left on device (faultpoint.py)")
             original(self, records)
 
-        return emit_all
+        return write_all
 
     return wrap
 
@@ -125,7 +126,8 @@ def main(argv: list[str]) -> None:
     if args.kill_after_event:
         _patch("gateway.audit.log:AuditLog.emit_all", _after_event(args.kill_after_event))
     if args.fail_once_at_event:
-        _patch("gateway.audit.log:AuditLog.emit_all", _fail_once_at_event(args.fail_once_at_event))
+        failing = _fail_once_at_event(args.fail_once_at_event)
+        _patch("gateway.audit.log:AuditLog._write_all", failing)
     # The command: python -m MODULE ARGS...
     at = command.index("-m")
     module, rest = command[at + 1], command[at + 2 :]

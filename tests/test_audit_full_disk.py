@@ -91,3 +91,56 @@ def test_records_emitted_together_that_do_not_fit_leave_nothing_and_raise(tmp_pa
         assert verify_chain(path) == 3
         records = [json.loads(line) for line in path.read_bytes().splitlines()]
         assert [r["detail"]["note"] for r in records] == ["first", "a", "b"]
+
+
+def test_an_owed_record_that_did_not_fit_is_written_before_the_next_one(tmp_path: Path) -> None:
+    """A record about a change already committed (owed) is kept when the disk is full, and
+    written first, marked, with the next record once there is space: exactly once, in
+    one valid chain.  A record not owed is dropped, as before."""
+    with small_file_system(tmp_path / "audit", "256k") as folder:
+        path = folder / "audit.jsonl"
+        audit = AuditLog(
+            path,
+            SystemClock(),
+            node="hospital",
+            owed=lambda event: event.detail.get("note", "").startswith("owed"),
+        )
+        try:
+            audit.emit(_event("first"))
+            filler = fill_file_system(folder)
+            before = path.read_bytes()
+            for note in ("owed 1", "not owed", "owed 2"):
+                with pytest.raises(OSError):
+                    audit.emit(_event(note, 3 * PAGE))
+            with pytest.raises(OSError):  # still full: the owed ones fail with it, kept
+                audit.emit(_event("next"))
+            assert path.read_bytes() == before
+            filler.unlink()
+            audit.emit(_event("after"))
+            audit.emit(_event("last"))
+        finally:
+            audit.close()
+        assert verify_chain(path) == 5
+        records = [json.loads(line) for line in path.read_bytes().splitlines()]
+        notes = [r["detail"]["note"] for r in records]
+        assert notes == ["first", "owed 1", "owed 2", "after", "last"]
+        late = [r for r in records if "first_tried_at" in r["detail"]]
+        assert [r["detail"]["note"] for r in late] == ["owed 1", "owed 2"]
+        assert all(r["detail"]["first_tried_at"] < r["time"] for r in late)
+
+
+def test_owed_records_are_written_at_close(tmp_path: Path) -> None:
+    with small_file_system(tmp_path / "audit", "256k") as folder:
+        path = folder / "audit.jsonl"
+        audit = AuditLog(path, SystemClock(), node="hospital", owed=lambda event: True)
+        try:
+            audit.emit(_event("first"))
+            filler = fill_file_system(folder)
+            with pytest.raises(OSError):
+                audit.emit(_event("owed", 3 * PAGE))
+            filler.unlink()
+        finally:
+            audit.close()
+        assert verify_chain(path) == 2
+        records = [json.loads(line) for line in path.read_bytes().splitlines()]
+        assert [r["detail"]["note"] for r in records] == ["first", "owed"]

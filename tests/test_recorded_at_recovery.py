@@ -1,8 +1,10 @@
-"""Audit records a kill cut off, written at the next start: a message given up without a
-receipt (failed at its preparation, expired, dead, cancelled by an operator) is committed
-in the spool before its record is written.  A real daemon is killed right after the
-spool's change (tests/faultpoint.py), then started again: the trail has the record
-exactly once, and ``medgw audit verify`` passes."""
+"""Audit records cut off from a change the spool committed, written later.
+
+A message given up without a receipt (failed at its preparation, expired, dead,
+cancelled by an operator) is committed in the spool before its record is written.  A
+real daemon is killed right after the spool's change (tests/faultpoint.py), then
+started again; or its record's write fails (as on a full disk) while it keeps running.
+Either way the trail has the record exactly once, and ``medgw audit verify`` passes."""
 
 from __future__ import annotations
 
@@ -127,3 +129,30 @@ def test_a_record_written_at_recovery_is_not_written_again_at_later_starts(
     for _ in range(2):
         assert processes.start(layout.lab.config_path).stop() == 0
     assert len(events(layout.lab.audit_log, "message.cancelled")) == 1
+
+
+def test_a_record_whose_write_failed_is_written_with_the_next_one(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The settlement committed, its ``receipt.received`` not written (the disk full for
+    that write): the daemon keeps running and writes it, marked, first in its next
+    write; once, whatever follows."""
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at("--fail-once-at-event", "receipt.received")
+    )
+    outbox = layout.lab.outbox_dir / "hospital"
+    drop_file(outbox, "first.hl7", b"MSH|first\r")
+    [late] = wait_for_events(layout.lab.audit_log, "receipt.received")
+    assert late["detail"]["first_tried_at"] < late["time"]
+    assert late["detail"]["disposition"] == "processed" and late["detail"]["mic_verified"]
+
+    drop_file(outbox, "second.hl7", b"MSH|second\r")
+    wait_for_events(layout.lab.audit_log, "receipt.received", count=2)
+    assert lab.stop() == 0
+    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    accepted = [r["message_id"] for r in events(layout.lab.audit_log, "message.accepted")]
+    receipts = events(layout.lab.audit_log, "receipt.received")
+    assert sorted(r["message_id"] for r in receipts) == sorted(accepted)  # once each
+    assert [r for r in receipts if "first_tried_at" in r["detail"]] == [late]

@@ -21,6 +21,12 @@ gateway.  If an fsync fails, every record it was to make durable (and any
 written while it ran) is cut off, the chain goes back to the last durable
 record, and each of those ``emit`` calls raises.
 
+Records the gateway still owes the trail (``owed``: about a change already committed,
+which nothing will record again) are kept when their write fails, a full disk say,
+and written before the next record, in the same write: so the trail never goes on past
+a record it lacks, and a kill meanwhile leaves them to the start's check (the changes
+made since the trail's last record).  Each carries ``detail.first_tried_at``.
+
 With rotation settings, the file is closed when it reaches a size or when the
 first record of a new UTC day is written (gateway.audit.rotation): sealed by a
 checkpoint, synced, renamed to its closed name (gateway.audit.files), and the
@@ -37,6 +43,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -61,6 +68,8 @@ __all__ = [
 ]
 
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see recorded_since
+# At most this many owed records are kept while the trail cannot be written (memory).
+MAX_OWED = 10_000
 
 
 class AuditSink(Protocol):
@@ -80,8 +89,11 @@ class AuditLog:
         sync: Callable[[int], None] = os.fsync,
         sealer: Sealer | None = None,
         rotation: RotationSettings | None = None,
+        owed: Callable[[AuditEvent], bool] = lambda event: False,
     ) -> None:
         self._path = path
+        self._owes = owed  # whether a record whose write failed is kept, to be written later
+        self._owed: list[tuple[AuditEvent, datetime]] = []  # each with when it was first tried
         self._clock = clock
         self._node = node
         self._sync = sync
@@ -136,20 +148,38 @@ class AuditLog:
         all off, and the chain goes on from the record before them).  A checkpoint due
         after one of them is written in its place among them.  A rotation that is due is
         done before them: a batch is never split over two files."""
-        if not events:
+        if not events and not self._owed:
             return
         if self._rotation is not None:
             self._rotate_if_due(self._rotation)
         with self._lock:
             now = self._clock.now()
-            self._write_all([event.to_record(now) for event in events])
+            owed, self._owed = self._owed, []
+            records = [_late(event, at).to_record(now) for event, at in owed]
+            try:
+                self._write_all([*records, *(event.to_record(now) for event in events)])
+            except OSError:
+                self._owe(owed, events, now)
+                raise
             ticket = self._written
             self._waiting.add(ticket)
         try:
             self._make_durable(ticket)
+        except OSError:
+            with self._lock:
+                self._owe(owed, events, now)
+            raise
         finally:
             with self._lock:
                 self._waiting.discard(ticket)
+
+    def _owe(
+        self, owed: list[tuple[AuditEvent, datetime]], events: Sequence[AuditEvent], now: datetime
+    ) -> None:
+        """Keep the owed records of a write that failed (``_lock`` held), before those
+        owed meanwhile: the next write begins with them."""
+        kept = [*owed, *((event, now) for event in events if self._owes(event)), *self._owed]
+        self._owed = kept[:MAX_OWED]
 
     def checkpoint(self, trigger: str) -> bool:
         """Seal the records written since the last checkpoint (none: nothing is written).
@@ -157,6 +187,8 @@ class AuditLog:
         Returns whether a checkpoint was written; raises OSError if it could not be
         made durable.  For the timer (``trigger`` "time") and at shutdown.
         """
+        if self._owed:
+            self.emit_all(())  # a checkpoint never goes on past a record the trail lacks
         with self._lock:
             if self._sealer is None or self._seq == self._sealed or self._fd < 0:
                 return False
@@ -385,6 +417,13 @@ class _Mark(NamedTuple):
     prev: str
     size: int
     sealed: int  # the last checkpoint
+
+
+def _late(event: AuditEvent, at: datetime) -> AuditEvent:
+    """An owed record, written after its first try at ``at`` failed."""
+    return replace(
+        event, detail={**event.detail, "first_tried_at": at.isoformat(timespec="microseconds")}
+    )
 
 
 def _first_day(path: Path) -> date | None:

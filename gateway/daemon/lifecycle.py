@@ -255,6 +255,11 @@ class Daemon:
             node=config.cluster.node_name,
             sealer=sealer,
             rotation=config.audit_rotation,
+            # The record of an outbound message's step follows a change already committed
+            # (or a send that happened): nothing records it again, so one that could not
+            # be written is kept for the next write.  An inbound delivery's is written
+            # again by the peer's resend, which the failure answered 503.
+            owed=lambda event: event.direction == "outbound",
         )
         self._emergency = Emergency(
             config.storage.state_dir,
