@@ -19,12 +19,14 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from gateway.audit import AuditLog
+from gateway.channel.client import Response
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
 from gateway.daemon.leases import INTAKE_TAKE_OVER_BATCH, LeaseKeeper
@@ -38,6 +40,8 @@ from gateway.inbound.locks import InboundLocks
 from gateway.inbound.recovery import take_over
 from gateway.logs import make_logger
 from gateway.outbound import Outbound, Settings
+from gateway.outbound.context import Context
+from gateway.outbound.settle import Answer, Settler
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import PeerTrust, assess_peers
 from gateway.spool import (
@@ -45,7 +49,9 @@ from gateway.spool import (
     DataKey,
     HandoverRecord,
     HandoverState,
+    OutboundRecord,
     OutboundState,
+    Settled,
     Spool,
 )
 from gateway.spool.records import payload_item
@@ -124,6 +130,96 @@ def test_a_live_claim_to_send_is_left_alone_and_an_expired_one_is_taken_over(
     current = a.get("<m1@x>")
     assert current is not None and current.node == "b" and current.state is OutboundState.SENDING
     assert current.attempts == 2
+
+
+def _taken_over(a: Spool, b: Spool, clock: Clock, tmp_path: Path) -> OutboundRecord:
+    """A message node a claimed to send, taken over by node b once a's lease ran out, and
+    now being sent by b; returns it as a claimed it."""
+    queue(a, tmp_path, "<m@x>")
+    [claimed], _ = a.claim_due("lab", clock.now().timestamp(), 8)
+    clock.advance(LEASE + 1)
+    assert [r.message_id for r in b.take_over_expired()] == ["<m@x>"]
+    assert b.claim_due("lab", clock.now().timestamp(), 8)[0]
+    return claimed
+
+
+def test_a_node_whose_send_was_taken_over_does_not_settle_it(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    """Node a gets the answer to its POST after b took the message over: a's receipt
+    changes nothing of b's work (state, receipt, the receipt's data key), while b sends
+    it and after b settled it."""
+    a, b = nodes
+    _taken_over(a, b, clock, tmp_path)
+    sending = b.get("<m@x>")
+    assert sending is not None and sending.node == "b"
+    key_a = DataKey("outbound-receipt:<m@x>", 1, b"a's key")
+    late = Settled("<m@x>", OutboundState.FAILED, "mic-mismatch", tmp_path / "a.mdn", "MIC", key_a)
+    assert a.mark_settled([late]) == []
+    assert a.mark_done("<m@x>", OutboundState.FAILED, "not-sent", None, error="x") is False
+    assert b.get("<m@x>") == sending
+    assert b.data_key(key_a.item) is None
+    key_b = DataKey(key_a.item, 1, b"b's key")
+    mine = Settled("<m@x>", OutboundState.DELIVERED, "processed", tmp_path / "b.mdn", None, key_b)
+    assert b.mark_settled([mine]) == ["<m@x>"]
+    assert a.mark_settled([late]) == []
+    delivered = a.get("<m@x>")
+    assert delivered is not None and delivered.state is OutboundState.DELIVERED
+    assert delivered.receipt_path == tmp_path / "b.mdn" and delivered.last_error is None
+    assert a.data_key(key_a.item) == key_b
+
+
+def test_an_asynchronous_receipt_settles_the_message_only_as_it_found_it(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    """Any node may be POSTed a receipt: it settles a message awaiting one whichever node
+    sent it; a second receipt that found it awaiting too, settled after the first,
+    changes nothing."""
+    a, b = nodes
+    queue(a, tmp_path, "<m@x>")
+    a.claim_due("lab", clock.now().timestamp(), 8)
+    assert a.mark_awaiting_receipt("<m@x>")
+    first = Settled(
+        "<m@x>", OutboundState.DELIVERED, "processed", tmp_path / "1.mdn",
+        found=OutboundState.AWAITING_RECEIPT, held=False,
+    )  # fmt: skip
+    second = replace(first, state=OutboundState.FAILED, receipt_path=tmp_path / "2.mdn")
+    assert b.mark_settled([first]) == ["<m@x>"]
+    assert a.mark_settled([second]) == []
+    record = a.get("<m@x>")
+    assert record is not None and record.state is OutboundState.DELIVERED
+    assert record.receipt_path == tmp_path / "1.mdn"
+
+
+def test_a_node_whose_send_was_taken_over_records_nothing_of_its_answer(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    """The answer to node a's POST, judged after node b took the message over: not
+    recorded in the audit trail (b records its own), logged, and a's receipt file goes;
+    the same answer while a holds the message fails it with an alert."""
+    a, b = nodes
+    config = load_config(layout.hospital.config_path)
+    stream = io.StringIO()
+    audit = AuditLog(tmp_path / "audit-a.jsonl", clock, node="a")
+    context = Context(Settings(config, {}), a, audit, make_logger(stream=stream), clock)
+    settler = Settler(context)
+    answer = Response(200, "text/plain", (), b"not a receipt")
+    claimed = _taken_over(a, b, clock, tmp_path)
+    sending = b.get("<m@x>")
+    assert settler.settle_all([Answer(claimed, config.require_peer("lab"), answer)]) == [None]
+    assert b.get("<m@x>") == sending
+    assert events(tmp_path / "audit-a.jsonl", ("receipt.invalid", "message.failed")) == []
+    assert '"event": "message.settled_elsewhere"' in stream.getvalue()
+    assert list(context.receipts.iterdir()) == []
+    # The control: the same answer to a message node a still holds.
+    queue(a, tmp_path, "<held@x>")
+    [held], _ = a.claim_due("lab", clock.now().timestamp(), 8)
+    assert settler.settle_all([Answer(held, config.require_peer("lab"), answer)]) == [None]
+    failed = a.get("<held@x>")
+    assert failed is not None and failed.state is OutboundState.FAILED
+    [alert] = events(tmp_path / "audit-a.jsonl", "receipt.invalid")
+    assert alert["message_id"] == "<held@x>"
+    audit.close()
 
 
 def test_a_node_renewing_its_claims_keeps_them(
@@ -282,7 +378,7 @@ def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
     a.add_intake(
         "<f@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p", payload=b"doc"
     )
-    a.mark_done("<f@x>", OutboundState.FAILED, "not-sent", None, error="no certificate")
+    assert a.fail_intake("<f@x>", "no certificate")
     clock.advance(10 * LEASE)
     retried = b.operator_retry("<f@x>", "operator alice", clock.now().timestamp() + 3600)
     assert retried.state is OutboundState.INTAKE

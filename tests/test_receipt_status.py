@@ -34,6 +34,8 @@ def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
         handle.truncate(64 * MAX_STORED_RECEIPT)  # sparse: costs no disk
     payload = tmp_path / "m.hl7"
     spool.add_intake("<m@lab>", "hospital", "m.hl7", "application/hl7-v2", payload, payload)
+    spool.mark_queued("<m@lab>", None, [], "mic", 3, body=b"sealed")
+    spool.mark_sending("<m@lab>")
     spool.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", receipt)
     tracemalloc.start()
     try:

@@ -197,7 +197,7 @@ def test_messages_answered_together_are_settled_in_one_transaction(
         ],
         ["<later@h>", "<unknown@h>"],
     )
-    assert awaited == ["<later@h>"]
+    assert awaited == ["<ok@h>", "<bad@h>", "<later@h>"]
     ok, bad, later = (spool.get(m) for m in ("<ok@h>", "<bad@h>", "<later@h>"))
     assert ok is not None and ok.state is OutboundState.DELIVERED and ok.body is None
     assert ok.receipt_path == tmp_path / "ok.mdn" and ok.disposition == "processed"

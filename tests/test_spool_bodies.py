@@ -130,7 +130,7 @@ def test_a_plaintext_copy_left_by_a_kill_is_removed_at_start_whatever_came_after
     spool.mark_sending("<sent@lab>")
     spool.mark_done("<sent@lab>", OutboundState.DELIVERED, "processed", None)
     spool.add_intake("<kept@lab>", "hospital", "b.hl7", "application/hl7-v2", kept, kept)
-    spool.mark_done("<kept@lab>", OutboundState.FAILED, "not-sent", None, error="no certificate")
+    assert spool.fail_intake("<kept@lab>", "no certificate")
     spool.close()
     left.write_bytes(b"MSH|plaintext")
     kept.write_bytes(b"MSH|kept until retried or cancelled")

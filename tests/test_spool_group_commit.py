@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import SpoolError
-from gateway.spool import OutboundState, SqliteSpool
+from gateway.spool import OutboundState, Settled, SqliteSpool
 from gateway.spool.groupcommit import GroupCommit
 from tests.clocks import TickingClock
 
@@ -230,6 +230,17 @@ class MeanwhileClock(TickingClock):
         return super().now()
 
 
+# Its asynchronous receipt, which found it awaiting one.
+ASYNC_RECEIPT = Settled(
+    "<m@lab>",
+    OutboundState.DELIVERED,
+    "processed",
+    None,
+    found=OutboundState.AWAITING_RECEIPT,
+    held=False,
+)
+
+
 @pytest.mark.parametrize(
     ("state", "meanwhile", "sweep"),
     [
@@ -237,7 +248,7 @@ class MeanwhileClock(TickingClock):
             # The asynchronous receipt comes (and is settled in its worker thread) while
             # the sender looks for overdue receipts.
             OutboundState.DELIVERED,
-            lambda s: s.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", None),
+            lambda s: s.mark_settled([ASYNC_RECEIPT]),
             lambda s: s.requeue_unanswered("lab", "2100-01-01T00:00:00"),
         ),
         (

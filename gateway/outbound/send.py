@@ -145,12 +145,14 @@ class Sender:
 
     def _unreadable(self, record: OutboundRecord, peer: Peer, error: AtRestError) -> float:
         """The stored body cannot be read back as it was written: never sent; the message
-        fails, its stored copy kept for the operator (worker thread)."""
-        if self._settled_meanwhile(record):
-            return 0.0
-        self._ctx.spool.mark_done(
+        fails, its stored copy kept for the operator (worker thread).  Unless this node
+        no longer holds it: its asynchronous receipt settled it, or another node took it
+        over (whose own read of the body decides)."""
+        if not self._ctx.spool.mark_done(
             record.message_id, OutboundState.FAILED, "not-sent", None, error=error.message
-        )
+        ):
+            self._settled_meanwhile(record)
+            return 0.0
         self._ctx.failed(
             "message.stored_body_unreadable",
             EventType.AT_REST_INTEGRITY_FAILED,
@@ -247,11 +249,17 @@ class Sender:
         return self._settler.settle_all(answers)
 
     def _settled_meanwhile(self, record: OutboundRecord) -> bool:
-        """Whether the asynchronous receipt of a message being sent has already settled it
-        (some peers POST it before they answer the send itself)."""
+        """Whether this node no longer holds the message it is sending: its asynchronous
+        receipt has already settled it (some peers POST it before they answer the send
+        itself), or another node took it over when this node's claim ran out."""
         current = self._ctx.spool.get(record.message_id)
-        if current is None or current.state is OutboundState.SENDING:
+        if current is None or (
+            current.state is OutboundState.SENDING and current.node == self._ctx.spool.node
+        ):
             return False
+        if current.state is OutboundState.SENDING:  # by the node that took it over
+            self._claim_lost(record)
+            return True
         self._ctx.log.info(
             "message.settled_during_send",
             peer=record.peer,

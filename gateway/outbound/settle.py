@@ -98,7 +98,8 @@ class Settler:
     ) -> None:
         """Settle ``record`` by its receipt (worker thread); ``given_up``: it had been
         marked expired, dead or cancelled before this receipt came."""
-        [error] = self.settle_all([Answer(record, peer, response, given_up=given_up)])
+        answer = Answer(record, peer, response, given_up=given_up, found=record.state)
+        [error] = self.settle_all([answer])
         if error is not None:
             raise error
 
@@ -125,12 +126,18 @@ class Settler:
                     errors[index] = exc
             try:
                 folders.flush()
-                self._ctx.spool.mark_settled(
-                    [outcome.settled for _, outcome in judged],
-                    [a.record.message_id for a in answers if a.awaiting],
+                changed = set(
+                    self._ctx.spool.mark_settled(
+                        [outcome.settled for _, outcome in judged],
+                        [a.record.message_id for a in answers if a.awaiting],
+                    )
                 )
             except Exception as exc:  # none of them is settled
                 return [error or exc for error in errors]
+        for _, outcome in judged:
+            if outcome.settled.message_id not in changed:
+                self._moved_on(outcome)
+        judged = [(i, outcome) for i, outcome in judged if outcome.settled.message_id in changed]
         try:
             self._ctx.record_all([event for _, outcome in judged for event in outcome.events])
         except Exception as exc:  # settled, not recorded: their callers say so
@@ -144,6 +151,32 @@ class Settler:
             if outcome.settled.state is OutboundState.DELIVERED and record.body_path is not None:
                 record.body_path.unlink(missing_ok=True)
         return errors
+
+    def _moved_on(self, outcome: _Outcome) -> None:
+        """The message was no longer as its settler found it: another node took it over
+        (this node's claim ran out) or another receipt settled it.  What that node or
+        receipt recorded stands, and this receipt is not recorded (logged only: the
+        audit trail keeps one record of a message's settlement); its file goes unless
+        the message's row names it."""
+        answer, receipt = outcome.answer, outcome.settled.receipt_path
+        fields: dict[str, Any] = {
+            "peer": answer.peer.name,
+            "message_id": answer.record.message_id,
+            "disposition": outcome.settled.disposition,
+        }
+        try:
+            current = self._ctx.spool.get(answer.record.message_id)
+        except MedgwError as exc:  # not known now whose file it is: it stays
+            self._ctx.log.warning("message.settled_elsewhere", **fields, error=exc.message)
+            return
+        self._ctx.log.warning(
+            "message.settled_elsewhere",
+            **fields,
+            state=current.state.value if current else None,
+            node=current.node if current else None,
+        )
+        if receipt is not None and (current is None or current.receipt_path != receipt):
+            receipt.unlink(missing_ok=True)
 
     def _judge(self, answer: Answer, sealing: Sealing, folders: FolderSync) -> _Outcome:
         """The receipt of ``answer`` stored and verified: what it settles, and how that is
@@ -246,13 +279,38 @@ class Settler:
 class Answer:
     """A peer's answer to a message sent: the response that carries its receipt, or
     (``awaiting``) word that the receipt will be POSTed later.  ``given_up``: the
-    message had been marked expired, dead or cancelled before this receipt came."""
+    message had been marked expired, dead or cancelled before this receipt came.
+    ``found``: the state an asynchronous receipt found the message in, which it settles
+    only if still in it; None: the answer to this node's POST, which settles it only
+    while this node holds it (see Settled)."""
 
     record: OutboundRecord
     peer: Peer
     response: Response
     awaiting: bool = False
     given_up: bool = False
+    found: OutboundState | None = None
+
+    def settled(
+        self,
+        state: OutboundState,
+        disposition: str,
+        receipt: Path,
+        key: DataKey | None,
+        error: str | None = None,
+    ) -> Settled:
+        """The spool's change that settles the message (see :meth:`Spool.mark_settled`)."""
+        found = OutboundState.SENDING if self.found is None else self.found
+        return Settled(
+            self.record.message_id,
+            state,
+            disposition,
+            receipt,
+            error,
+            key,
+            found=found,
+            held=self.found is None,
+        )
 
 
 @dataclass
@@ -282,13 +340,7 @@ class _Judging:
         self.events.append(event)
         return _Outcome(
             self._answer,
-            Settled(
-                record.message_id,
-                OutboundState.DELIVERED,
-                disposition,
-                self._path,
-                data_key=self._key,
-            ),
+            self._answer.settled(OutboundState.DELIVERED, disposition, self._path, self._key),
             self.events,
             "info" if logged else None,
             "message.receipt_verified",
@@ -313,14 +365,7 @@ class _Judging:
         )
         return _Outcome(
             self._answer,
-            Settled(
-                record.message_id,
-                OutboundState.FAILED,
-                disposition,
-                self._path,
-                error=reason,
-                data_key=self._key,
-            ),
+            self._answer.settled(OutboundState.FAILED, disposition, self._path, self._key, reason),
             self.events,
             "error",
             "message.failed",

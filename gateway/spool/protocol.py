@@ -162,17 +162,20 @@ class Spool(Protocol):
         error: str | None = None,
         *,
         data_key: DataKey | None = None,
-    ) -> None:
-        """Finished; ``data_key``: the key the receipt file is encrypted under at rest,
-        stored in the same transaction."""
+    ) -> bool:
+        """A message this node is sending finished; ``data_key``: the key the receipt
+        file is encrypted under at rest, stored in the same transaction.  False (nothing
+        changed, no key stored) if this node no longer holds it: another node took it
+        over when this node's claim ran out, or its asynchronous receipt settled it."""
         ...
 
     def mark_settled(self, settled: Sequence[Settled], awaiting: Sequence[str] = ()) -> list[str]:
-        """Several sent messages settled in one transaction: each of ``settled`` finished
-        as :meth:`mark_done` finishes it (its receipt's data key stored with it), and each
-        of ``awaiting`` (Message-IDs) marked as :meth:`mark_awaiting_receipt` marks it;
-        returns those of ``awaiting`` so marked.  All or nothing: on an error none of
-        these changes is made."""
+        """Several sent messages settled in one transaction: each of ``settled`` finished,
+        with its receipt's data key, if it is still as its settler found it (see
+        :class:`~gateway.spool.records.Settled`), and each of ``awaiting`` (Message-IDs)
+        marked as :meth:`mark_awaiting_receipt` marks it.  Returns the Message-IDs of
+        those changed, of both.  All or nothing: on an error none of these changes is
+        made."""
         ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...

@@ -235,7 +235,13 @@ class DataKey:
 class Settled:
     """A sent message finished by its receipt (see :meth:`Spool.mark_settled`):
     ``state`` delivered or failed, the receipt's ``disposition``, the file the receipt
-    is kept in and the ``data_key`` it is encrypted under at rest."""
+    is kept in and the ``data_key`` it is encrypted under at rest.
+
+    Finished only if it is still as its settler found it: in state ``found`` and, with
+    ``held`` (the answer to this node's own POST), still claimed by this node; else
+    another node took it over once this node's claim ran out, or another receipt
+    settled it, and that is left as it is.  An asynchronous receipt (any node may be
+    POSTed one) names the state it found the message in, ``held`` False."""
 
     message_id: str
     state: OutboundState
@@ -243,6 +249,8 @@ class Settled:
     receipt_path: Path | None
     error: str | None = None
     data_key: DataKey | None = None
+    found: OutboundState = OutboundState.SENDING
+    held: bool = True
 
 
 # The names of the items kept encrypted at rest, each with its own data key.

@@ -24,6 +24,12 @@ from gateway.spool.sql import Connection, Row, SqlStore
 
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
+# Settled by its receipt, if still in the state its settler found it in (see Settled);
+# once delivered, the body stored in the spool is of no more use (as its file is).
+_SETTLE = (
+    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"
+    " body=CASE WHEN ? THEN NULL ELSE body END WHERE message_id=? AND state=?"
+)
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
     "UPDATE outbound SET state=?, updated_at=?, lease_until=0 WHERE message_id=?"
@@ -339,9 +345,10 @@ class OutboundQueue(SqlStore):
         error: str | None = None,
         *,
         data_key: DataKey | None = None,
-    ) -> None:
-        # ``data_key``: the key the receipt file is encrypted under at rest.
-        self.mark_settled([Settled(message_id, state, disposition, receipt_path, error, data_key)])
+    ) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.mark_done`."""
+        done = Settled(message_id, state, disposition, receipt_path, error, data_key)
+        return bool(self.mark_settled([done]))
 
     def mark_settled(self, settled: Sequence[Settled], awaiting: Sequence[str] = ()) -> list[str]:
         """See :meth:`gateway.spool.protocol.Spool.mark_settled`."""
@@ -350,11 +357,12 @@ class OutboundQueue(SqlStore):
         now = self._now()
 
         def settle(db: Connection) -> list[str]:
-            # Once delivered, the body stored in the spool is of no more use (as its file is).
-            db.executemany(
-                "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?,"
-                " updated_at=?, body=CASE WHEN ? THEN NULL ELSE body END WHERE message_id=?",
-                [
+            changed = []
+            for done in settled:
+                # The answer to its own send: only while this node holds it (as mark_retry).
+                holder, node = (" AND node=?", (self.node,)) if done.held else ("", ())
+                count = db.execute(
+                    _SETTLE + holder,
                     (
                         done.state.value,
                         done.disposition,
@@ -363,14 +371,16 @@ class OutboundQueue(SqlStore):
                         now,
                         done.state is OutboundState.DELIVERED,
                         done.message_id,
-                    )
-                    for done in settled
-                ],
-            )
-            for done in settled:
+                        done.found.value,
+                        *node,
+                    ),
+                ).rowcount
+                if count != 1:
+                    continue  # moved on meanwhile: the receipt key of whoever moved it stays
+                changed.append(done.message_id)
                 if done.data_key is not None:
                     self._store_key(db, done.data_key)
-            return [
+            return changed + [
                 message_id
                 for message_id in awaiting
                 if db.execute(_AWAIT_RECEIPT, self._awaiting(message_id, now)).rowcount == 1
