@@ -126,6 +126,7 @@ def test_a_live_claim_to_send_is_left_alone_and_an_expired_one_is_taken_over(
     # Node a wakes up: whatever it would do with its send changes nothing of b's.
     assert a.mark_retry("<m1@x>", "late", 0) is False
     assert a.mark_awaiting_receipt("<m1@x>") is False
+    assert a.mark_dead("<m1@x>", "its last attempt failed") is False
     assert a.requeue_interrupted() == []
     current = a.get("<m1@x>")
     assert current is not None and current.node == "b" and current.state is OutboundState.SENDING

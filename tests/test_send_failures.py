@@ -46,7 +46,7 @@ class NotedSpool(SqliteSpool):
         self.threads.append(("mark_retry", threading.get_ident()))
         return super().mark_retry(*args, **kwargs)
 
-    def mark_dead(self, *args: Any, **kwargs: Any) -> OutboundRecord:
+    def mark_dead(self, *args: Any, **kwargs: Any) -> bool:
         self.threads.append(("mark_dead", threading.get_ident()))
         return super().mark_dead(*args, **kwargs)
 

@@ -321,7 +321,10 @@ class Sender:
 
     def _dead_letter(self, record: OutboundRecord, peer: Peer, error: str) -> None:
         attempts = record.attempts + 1
-        self._ctx.spool.mark_dead(record.message_id, f"{attempts} attempts failed; last: {error}")
+        reason = f"{attempts} attempts failed; last: {error}"
+        if not self._ctx.spool.mark_dead(record.message_id, reason):
+            self._settled_meanwhile(record)  # no longer this node's: logged, not audited
+            return
         self._ctx.failed(
             "message.dead",
             EventType.MESSAGE_DEAD,

@@ -319,13 +319,22 @@ class OutboundQueue(SqlStore):
         """A send that did not get through goes back to the queue; False (nothing changed)
         if this node is no longer sending it (its asynchronous receipt settled it, or
         another node took it over)."""
+        return self._end_send(message_id, OutboundState.QUEUED, error, next_attempt_at)
+
+    def _end_send(
+        self, message_id: str, new: OutboundState, note: str, next_attempt_at: float | None = None
+    ) -> bool:
+        """This node's send of ``message_id`` ends in state ``new`` (``note`` why; due again
+        at ``next_attempt_at`` if given), its claim let go.  False (nothing changed) if
+        this node no longer sends it."""
         return (
             self._write(
-                "UPDATE outbound SET state=?, last_error=?, next_attempt_at=?, updated_at=?,"
-                " lease_until=0 WHERE message_id=? AND state=? AND node=?",
+                "UPDATE outbound SET state=?, last_error=?,"
+                " next_attempt_at=COALESCE(?, next_attempt_at), updated_at=?, lease_until=0"
+                " WHERE message_id=? AND state=? AND node=?",
                 (
-                    OutboundState.QUEUED.value,
-                    error,
+                    new.value,
+                    note,
                     next_attempt_at,
                     self._now(),
                     message_id,
@@ -654,10 +663,9 @@ class OutboundQueue(SqlStore):
             )
         return record
 
-    def mark_dead(self, message_id: str, reason: str) -> OutboundRecord:
-        return self._transition(
-            message_id, (OutboundState.SENDING, OutboundState.QUEUED), OutboundState.DEAD, reason
-        )
+    def mark_dead(self, message_id: str, reason: str) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.mark_dead`."""
+        return self._end_send(message_id, OutboundState.DEAD, reason)
 
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
