@@ -31,6 +31,7 @@ from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.conftest import Processes
 from tests.helpers.audit import wait_for_events
@@ -185,6 +186,50 @@ def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
     assert (taken["message_id"], taken["detail"]["from_node"]) == (left.message_id, "lab-a")
     settled(spool, 1, 120)
     assert inbox(layout) == {"left.hl7": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_change(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    front: RoundRobin,
+) -> None:
+    """lab-a queues a document and is killed before writing its ``message.accepted``;
+    lab-b sends it meanwhile and records the receipt in its own trail.  Started again,
+    lab-a writes the ``message.accepted`` into its trail, once: not lab-b, which did not
+    queue it, and whose records of it stay its own."""
+    spool = postgres_server.new_database()
+    node_a = add_node(layout.lab, "lab-a", spool)
+    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    trail_a, trail_b = layout.lab.audit_log, layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    front.ports.append(listener_port(layout.hospital.config_path))
+    point_peer_at(layout.lab, "hospital", front.port)
+    processes.start(layout.hospital.config_path)
+    lab_a = processes.start(
+        node_a,
+        prefix=killed_at(
+            "--kill-after", "gateway.spool.sqlite.outbound:OutboundQueue.mark_queued_all"
+        ),
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "cut.hl7", b"MSH|^~\\&|LAB|cut off\r")
+    wait_killed(lab_a)
+    [queued] = outbound(spool)
+    assert queued.state is OutboundState.QUEUED
+
+    processes.start(node_b)
+    [received] = wait_for_events(trail_b, "receipt.received")
+    assert received["message_id"] == queued.message_id
+    assert processes.start(node_a).stop() == 0
+
+    [accepted] = [r for r in read_audit(trail_a) if r["event"] == "message.accepted"]
+    assert accepted["message_id"] == queued.message_id and accepted["node"] == "lab-a"
+    assert accepted["detail"]["recorded_at_recovery"] is True
+    assert not [r for r in read_audit(trail_b) if r["event"] == "message.accepted"]
+    receipts = [r for r in trails(trail_a.parent) if r["event"] == "receipt.received"]
+    assert [r["node"] for r in receipts] == ["lab-b"]  # not written again by lab-a
+    for config in (node_a, node_b):
+        verified = medgw("audit", "verify", "--config", str(config))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_folder(

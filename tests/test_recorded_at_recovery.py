@@ -96,6 +96,25 @@ def test_a_kill_after_an_operator_cancel_writes_message_cancelled_at_the_next_st
     _recovered(cancelled)
 
 
+def test_a_kill_after_an_operator_retry_writes_message_retried_not_another_accepted(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Back in the queue with no attempt yet, as after its intake: its last record is the
+    operator's ``message.retried``, and its ``message.accepted`` is not written again."""
+    set_runtime(layout.lab.config_path, "max_attempts", "1")
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.operator_retry")
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "again.hl7", b"MSH|again\r")
+    [dead] = wait_for_events(layout.lab.audit_log, "message.dead")
+    retry = medgw("queue", "retry", dead["message_id"], "--config", str(layout.lab.config_path))
+    assert retry.returncode != 0  # the daemon died before it answered
+    [retried] = _cut_off_then_restarted(layout, processes, lab, "message.retried")
+    assert retried["message_id"] == dead["message_id"] and "uid" in retried["actor"]
+    _recovered(retried)
+    assert len(events(layout.lab.audit_log, "message.accepted")) == 1
+
+
 def test_a_kill_after_a_failed_preparation_writes_message_failed_at_the_next_start(
     layout: DemoLayout, processes: Any
 ) -> None:

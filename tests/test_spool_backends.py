@@ -180,6 +180,38 @@ def test_rows_changed_since_a_time_are_this_nodes_changed_at_or_after_it(
     assert mine.outbound_changed_since(clock.now().isoformat()) == []
 
 
+def test_rows_changed_since_are_those_whose_last_audited_change_this_node_made(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """A message this node queued stays this node's to look at (its message.accepted)
+    whichever node sends it; its last step is the node's that made it (another node
+    giving it up, an operator on this one cancelling it), whichever node held it last:
+    each record belongs in one trail."""
+    clock = TickingClock()
+    mine, theirs = make_spool(clock, Claimant("a")), make_spool(clock, Claimant("b"))
+    since = clock.now().isoformat()
+    mine.add_intake("<m@h>", "lab", "a", "text/plain", tmp_path, tmp_path)
+    mine.mark_queued("<m@h>", None, [], "mic", 1, body=b"sealed")
+    claimed, _ = theirs.claim_due("lab", 2e9, 1)
+    assert [r.message_id for r in claimed] == ["<m@h>"]  # held by b now
+    assert [r.message_id for r in mine.outbound_changed_since(since)] == ["<m@h>"]
+    assert theirs.outbound_changed_since(since) == []
+
+    [held] = mine.outbound_changed_since(since)
+    assert (held.queued_by, held.audited_by, held.node) == ("a", "a", "b")
+
+    theirs.mark_dead("<m@h>", "1 attempts failed")
+    [dead] = theirs.outbound_changed_since(since)
+    assert (dead.queued_by, dead.audited_by, dead.state) == ("a", "b", OutboundState.DEAD)
+    assert [r.audited_by for r in mine.outbound_changed_since(since)] == ["b"]
+
+    mine.operator_cancel("<m@h>", "operator:root (uid 0)")
+    [cancelled] = mine.outbound_changed_since(since)
+    assert (cancelled.audited_by, cancelled.node) == ("a", "b")
+    assert theirs.outbound_changed_since(since) == []
+    assert mine.outbound_changed_since(clock.now().isoformat()) == []
+
+
 def test_messages_answered_together_are_settled_in_one_transaction(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:

@@ -16,7 +16,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import CANCELLED_BY, payload_item
+from gateway.spool.records import CANCELLED_BY, RETRIED_BY, payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 COMMAND_PARTIAL_SECONDS = 3600.0
@@ -39,6 +39,18 @@ _GIVEN_UP = {
     OutboundState.DEAD: EventType.MESSAGE_DEAD,
     OutboundState.CANCELLED: EventType.MESSAGE_CANCELLED,
 }
+
+
+def _retried(record: OutboundRecord) -> bool:
+    """Whether an operator's retry is the last change of ``record`` that has a record: it
+    went back to the queue, or back to intake to be prepared again (once prepared, its
+    last record is the ``message.accepted`` of that)."""
+    note = record.last_error or ""
+    if record.state is OutboundState.INTAKE:
+        return note.startswith(RETRIED_BY[1])
+    return record.state in (OutboundState.QUEUED, OutboundState.SENDING) and note.startswith(
+        RETRIED_BY[0]
+    )
 
 
 class Recovery:
@@ -107,41 +119,47 @@ class Recovery:
     def _record_cut_off(self) -> None:
         """Write the audit records a kill cut off (worker thread): a message queued
         (``message.accepted``), settled by its receipt (``receipt.received``,
-        ``message.failed``), or given up without one (``message.failed`` at its
-        preparation, ``message.expired``, ``message.dead``, ``message.cancelled``) is
-        committed before its record is written.  Only this node's rows changed since the
-        trail's last record are looked at, and the trail only as far back as they need;
-        each step keeps exactly one record."""
+        ``message.failed``), given up without one (``message.failed`` at its
+        preparation, ``message.expired``, ``message.dead``, ``message.cancelled``) or
+        retried by an operator (``message.retried``) is committed before its record is
+        written.  Only the rows changed since the trail's last record whose step this
+        node made are looked at (the spool keeps which node queued a message and which
+        made its last such change: their records belong in its trail, whichever node
+        holds the message now), and the trail only as far back as they need; each step
+        keeps exactly one record."""
         trail = self._ctx.config.storage.audit_log
         last = last_record_time(trail)
         since = datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
         changed = self._ctx.spool.outbound_changed_since(since.astimezone(UTC).isoformat())
-        wanted: list[tuple[OutboundRecord, frozenset[str], datetime]] = []
+        me = self._ctx.spool.node
+        wanted: list[tuple[OutboundRecord, EventType, frozenset[str], datetime]] = []
         for record in changed:
-            if record.state in (OutboundState.QUEUED, OutboundState.SENDING) and (
-                record.attempts <= (record.state is OutboundState.SENDING)
+            created = datetime.fromisoformat(record.created_at)
+            updated = datetime.fromisoformat(record.updated_at)
+            first = record.attempts <= (record.state is OutboundState.SENDING)
+            kept = record.queued_by is not None or record.audited_by is not None
+            if (record.queued_by == me and created >= since) or (
+                not kept
+                and record.state in (OutboundState.QUEUED, OutboundState.SENDING)
+                and first
+                and not _retried(record)
             ):
-                # Queued, not yet sent (or in its first sending): its record was written
-                # after it was taken in.
-                wanted.append(
-                    (
-                        record,
-                        frozenset({EventType.MESSAGE_ACCEPTED.value}),
-                        datetime.fromisoformat(record.created_at),
-                    )
-                )
+                # Queued here since the trail's last record, whichever node sends it now
+                # (a row from before that was kept: queued, not yet sent, or in its first
+                # sending): its record was written after it was taken in.
+                accepted = EventType.MESSAGE_ACCEPTED
+                wanted.append((record, accepted, frozenset({accepted.value}), created))
+            if record.audited_by not in (None, me):
+                continue  # its last step is in another node's trail
+            if _retried(record) and first:
+                # An operator's retry: its record was written after it.
+                retried = EventType.MESSAGE_RETRIED
+                wanted.append((record, retried, frozenset({retried.value}), updated))
             elif record.state in _SETTLED and record.receipt_path is not None:
-                wanted.append(
-                    (record, _SETTLED[record.state], datetime.fromisoformat(record.updated_at))
-                )
+                wanted.append((record, EventType.RECEIPT_RECEIVED, _SETTLED[record.state], updated))
             elif record.state in _GIVEN_UP:
-                wanted.append(
-                    (
-                        record,
-                        frozenset({_GIVEN_UP[record.state].value}),
-                        datetime.fromisoformat(record.updated_at),
-                    )
-                )
+                kind = _GIVEN_UP[record.state]
+                wanted.append((record, kind, frozenset({kind.value}), updated))
         if not wanted:
             return
         found: set[tuple[object, object]] = set()
@@ -150,11 +168,11 @@ class Recovery:
             found.add((event.get("event"), event.get("message_id")))
             return False  # read on, as far back as the oldest row needs
 
-        recorded_since(trail, min(at for _, _, at in wanted), seen)
+        recorded_since(trail, min(at for *_, at in wanted), seen)
         events = [
-            self._cut_off_event(record)
-            for record, kinds, _ in wanted
-            if not any((kind, record.message_id) in found for kind in kinds)
+            self._cut_off_event(record, kind)
+            for record, kind, kinds, _ in wanted
+            if not any((seen_kind, record.message_id) in found for seen_kind in kinds)
         ]
         if not events:
             return
@@ -167,18 +185,25 @@ class Recovery:
                 message_id=event.message_id,
             )
 
-    def _cut_off_event(self, record: OutboundRecord) -> AuditEvent:
-        """The record of ``record``'s last step, as far as its row tells it."""
-        if record.state is OutboundState.CANCELLED:
-            note = record.last_error or ""
+    def _cut_off_event(self, record: OutboundRecord, kind: EventType) -> AuditEvent:
+        """The record of ``record``'s step ``kind`` (its queueing, or its last step), as
+        far as its row tells it."""
+        note = record.last_error or ""
+        if kind is EventType.MESSAGE_ACCEPTED:
+            return self._accepted_event(record)
+        if record.state is OutboundState.CANCELLED or _retried(record):
+            # As operations.py writes them, but for the state before (not known here).
+            operator = [p for p in (CANCELLED_BY, *RETRIED_BY) if note.startswith(p)]
             return AuditEvent(
-                EventType.MESSAGE_CANCELLED,
+                EventType.MESSAGE_CANCELLED
+                if record.state is OutboundState.CANCELLED
+                else EventType.MESSAGE_RETRIED,
                 severity=Severity.WARNING,
                 peer=record.peer,
                 message_id=record.message_id,
                 direction="outbound",
-                actor=note.removeprefix(CANCELLED_BY) if note.startswith(CANCELLED_BY) else None,
-                reason=f"{note or 'cancelled'}; {RECOVERED}",
+                actor=note.removeprefix(operator[0]) if operator else None,
+                reason=f"{note or record.state.value}; {RECOVERED}",
                 detail={"recorded_at_recovery": True},
             )
         if record.state is OutboundState.DELIVERED or record.state in _GIVEN_UP:
@@ -201,6 +226,9 @@ class Recovery:
                     "recorded_at_recovery": True,
                 },
             )
+        raise AssertionError(f"no record of {kind.value} is written at recovery")
+
+    def _accepted_event(self, record: OutboundRecord) -> AuditEvent:
         submitter = self._ctx.spool.submitter(record.message_id)
         return AuditEvent(
             EventType.MESSAGE_ACCEPTED,

@@ -234,9 +234,11 @@ class Spool(Protocol):
         ...
 
     def outbound_changed_since(self, since: str) -> list[OutboundRecord]:
-        """This node's outbound messages (and those claimed before nodes were recorded)
-        whose row changed at ``since`` (ISO 8601, UTC) or later.  For recovery: the
-        changes a kill may have cut off from their audit records."""
+        """The outbound messages this node queued, or whose last audited change
+        (settled, given up, retried) it made, whose row changed at ``since`` (ISO 8601,
+        UTC) or later (of rows from before that was kept: those this node holds, or
+        nobody).  For recovery: the changes a kill may have cut off from their audit
+        records, which belong in this node's trail whoever holds the message now."""
         ...
 
     def take_over_expired(self) -> list[OutboundRecord]:

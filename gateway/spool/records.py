@@ -58,6 +58,8 @@ CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
 # The note an operator's cancel leaves as the message's last_error, before the actor
 # (read back by recovery when the kill cut off the record of the cancel).
 CANCELLED_BY = "cancelled by "
+# Likewise an operator's retry: of a message sent before, and of one never prepared.
+RETRIED_BY = ("retry requested by ", "preparation retried by ")
 
 
 # A node's name: a host name's characters; it goes in logs, audit records and metric
@@ -124,6 +126,11 @@ class OutboundRecord:
     # A small document taken in, its copy (encrypted at rest) kept in the spool itself
     # until it is sealed (a larger one is the file at payload_path).
     payload: bytes | None = None
+    # Whose audit trail holds its records (None: rows from before these were kept): the
+    # node that queued it (message.accepted), and the node that made its last change an
+    # audit record follows (settled, given up, retried).
+    queued_by: str | None = None
+    audited_by: str | None = None
 
     @property
     def has_document(self) -> bool:

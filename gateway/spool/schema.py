@@ -124,6 +124,13 @@ ADDED_COLUMNS = (
     # A small document taken in, its copy (encrypted at rest) kept in the row until it
     # is sealed (see OutboundRecord.payload); NULL: in payload_path.
     ("outbound", "payload", "BLOB"),
+    # The node that made the message's last change an audit record follows (queued,
+    # settled, given up, retried): that record is in its trail (NULL: before this was
+    # recorded).  Its recovery writes the record if a kill cut it off.
+    ("outbound", "audited_by", "TEXT"),
+    # The node that queued it (signed and encrypted it): its message.accepted is in that
+    # node's trail, whichever node sends it (NULL: before this was recorded).
+    ("outbound", "queued_by", "TEXT"),
 )
 
 # Indexes on columns added after the first release (created after them).

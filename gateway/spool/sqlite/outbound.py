@@ -11,6 +11,7 @@ from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
     CANCELLABLE,
     CANCELLED_BY,
+    RETRIED_BY,
     RETRYABLE,
     DataKey,
     Intake,
@@ -28,7 +29,7 @@ _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
 # once delivered, the body stored in the spool is of no more use (as its file is).
 _SETTLE = (
     "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"
-    " body=CASE WHEN ? THEN NULL ELSE body END WHERE message_id=? AND state=?"
+    " body=CASE WHEN ? THEN NULL ELSE body END, audited_by=? WHERE message_id=? AND state=?"
 )
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
@@ -69,6 +70,8 @@ def _outbound(row: Row) -> OutboundRecord:
         payload=row["payload"],
         node=row["node"],
         lease_until=row["lease_until"] or 0.0,
+        queued_by=row["queued_by"],
+        audited_by=row["audited_by"],
     )
 
 
@@ -213,7 +216,8 @@ class OutboundQueue(SqlStore):
             for one in prepared:
                 count = db.execute(
                     "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
-                    " updated_at=?, encrypted_for=?, payload=NULL WHERE message_id=? AND state=?",
+                    " updated_at=?, encrypted_for=?, payload=NULL, audited_by=?, queued_by=?"
+                    " WHERE message_id=? AND state=?",
                     (
                         OutboundState.QUEUED.value,
                         str(one.body_path) if one.body_path is not None else None,
@@ -223,6 +227,8 @@ class OutboundQueue(SqlStore):
                         one.size,
                         now,
                         one.encrypted_for,
+                        self.node,
+                        self.node,
                         one.message_id,
                         OutboundState.INTAKE.value,
                     ),
@@ -306,9 +312,9 @@ class OutboundQueue(SqlStore):
                 message_id
                 for message_id in ids
                 if db.execute(
-                    "UPDATE outbound SET state=?, last_error=?, updated_at=?"
+                    "UPDATE outbound SET state=?, last_error=?, updated_at=?, audited_by=?"
                     " WHERE message_id=? AND state=?",
-                    (new.value, note, updated_at, message_id, state.value),
+                    (new.value, note, updated_at, self.node, message_id, state.value),
                 ).rowcount
                 == 1
             ]
@@ -379,6 +385,7 @@ class OutboundQueue(SqlStore):
                         done.error,
                         now,
                         done.state is OutboundState.DELIVERED,
+                        self.node,
                         done.message_id,
                         done.found.value,
                         *node,
@@ -529,8 +536,9 @@ class OutboundQueue(SqlStore):
     def outbound_changed_since(self, since: str) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.outbound_changed_since`."""
         rows = self._read(
-            "SELECT * FROM outbound WHERE updated_at>=? AND (node=? OR node IS NULL)",
-            (since, self.node),
+            "SELECT * FROM outbound WHERE updated_at>=? AND (audited_by=? OR queued_by=?"
+            " OR audited_by IS NULL AND (node=? OR node IS NULL))",
+            (since, self.node, self.node, self.node),
         )
         return [_outbound(r) for r in rows]
 
@@ -646,9 +654,17 @@ class OutboundQueue(SqlStore):
             extra += ", node=?, lease_until=?"
             claimed = (self.node, self._lease()[1])
         changed = self._write(
-            f"UPDATE outbound SET state=?, last_error=?, updated_at=?{extra}"  # noqa: S608
+            f"UPDATE outbound SET state=?, last_error=?, updated_at=?, audited_by=?{extra}"  # noqa: S608
             f" WHERE message_id=? AND state IN ({marks})",
-            (new.value, note, self._now(), *claimed, message_id, *(a.value for a in allowed)),
+            (
+                new.value,
+                note,
+                self._now(),
+                self.node,
+                *claimed,
+                message_id,
+                *(a.value for a in allowed),
+            ),
         )
         record = self.get(message_id)
         if record is None:
@@ -678,7 +694,7 @@ class OutboundQueue(SqlStore):
                     message_id,
                     RETRYABLE,
                     OutboundState.INTAKE,
-                    f"preparation retried by {actor}",
+                    f"{RETRIED_BY[1]}{actor}",
                     reset=True,
                     expires_at=expires_at,
                     claim=True,
@@ -698,7 +714,7 @@ class OutboundQueue(SqlStore):
             message_id,
             RETRYABLE,
             OutboundState.QUEUED,
-            f"retry requested by {actor}",
+            f"{RETRIED_BY[0]}{actor}",
             reset=True,
             expires_at=expires_at,
         )
@@ -720,12 +736,13 @@ class OutboundQueue(SqlStore):
         return (
             self._write(
                 "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"
-                " updated_at=? WHERE message_id=? AND state=?",
+                " updated_at=?, audited_by=? WHERE message_id=? AND state=?",
                 (
                     OutboundState.FAILED.value,
                     "not-sent",
                     error,
                     self._now(),
+                    self.node,
                     message_id,
                     OutboundState.INTAKE.value,
                 ),
