@@ -223,6 +223,33 @@ def test_a_node_whose_send_was_taken_over_records_nothing_of_its_answer(
     audit.close()
 
 
+def test_two_receipts_for_one_message_at_once_keep_the_recorded_ones_file(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    """A peer POSTs a message's asynchronous receipt twice at once: both found it awaiting
+    one.  The first settles it; the second changes nothing, is not audited, and its file
+    goes without touching the recorded receipt's file."""
+    a, _ = nodes
+    config = load_config(layout.hospital.config_path)
+    trail = tmp_path / "audit-a.jsonl"
+    audit = AuditLog(trail, clock, node="a")
+    context = Context(Settings(config, {}), a, audit, make_logger(stream=io.StringIO()), clock)
+    settler = Settler(context)
+    queue(a, tmp_path, "<m@x>")
+    a.claim_due("lab", clock.now().timestamp(), 8)
+    assert a.mark_awaiting_receipt("<m@x>")
+    found = a.get("<m@x>")  # as each receipt's request read it
+    assert found is not None
+    for body in (b"first receipt", b"second receipt"):
+        settler.settle(found, config.require_peer("lab"), Response(200, "text/plain", (), body))
+    settled = a.get("<m@x>")
+    assert settled is not None and settled.receipt_path is not None
+    assert settled.receipt_path.read_bytes().endswith(b"\r\n\r\nfirst receipt")
+    assert list(context.receipts.iterdir()) == [settled.receipt_path]
+    assert [r["message_id"] for r in events(trail, "receipt.invalid")] == ["<m@x>"]
+    audit.close()
+
+
 def test_a_node_renewing_its_claims_keeps_them(
     nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
 ) -> None:

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_hex
 from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
@@ -156,34 +157,31 @@ class Settler:
         """The message was no longer as its settler found it: another node took it over
         (this node's claim ran out) or another receipt settled it.  What that node or
         receipt recorded stands, and this receipt is not recorded (logged only: the
-        audit trail keeps one record of a message's settlement); its file goes unless
-        the message's row names it."""
+        audit trail keeps one record of a message's settlement); its file goes."""
         answer, receipt = outcome.answer, outcome.settled.receipt_path
-        fields: dict[str, Any] = {
-            "peer": answer.peer.name,
-            "message_id": answer.record.message_id,
-            "disposition": outcome.settled.disposition,
-        }
+        if receipt is not None:
+            receipt.unlink(missing_ok=True)
         try:
             current = self._ctx.spool.get(answer.record.message_id)
-        except MedgwError as exc:  # not known now whose file it is: it stays
-            self._ctx.log.warning("message.settled_elsewhere", **fields, error=exc.message)
-            return
+        except MedgwError:
+            current = None
         self._ctx.log.warning(
             "message.settled_elsewhere",
-            **fields,
+            peer=answer.peer.name,
+            message_id=answer.record.message_id,
+            disposition=outcome.settled.disposition,
             state=current.state.value if current else None,
             node=current.node if current else None,
         )
-        if receipt is not None and (current is None or current.receipt_path != receipt):
-            receipt.unlink(missing_ok=True)
 
     def _judge(self, answer: Answer, sealing: Sealing, folders: FolderSync) -> _Outcome:
         """The receipt of ``answer`` stored and verified: what it settles, and how that is
         to be recorded."""
         record, peer, response = answer.record, answer.peer, answer.response
         assert record.mic is not None
-        receipt_path = self._ctx.receipts / (record.payload_path.name + ".mdn")
+        # A name of its own: two receipts for one message (a peer POSTing it twice at once)
+        # never write one file, and the one not recorded is removed (_moved_on).
+        receipt_path = self._ctx.receipts / f"{record.payload_path.name}.{token_hex(6)}.mdn"
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
         sealing.write(receipt_path, [stored], folders)
         judge = _Judging(self._ctx, answer, receipt_path, sealing.key)
