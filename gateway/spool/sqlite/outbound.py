@@ -336,13 +336,14 @@ class OutboundQueue(SqlStore):
         return (
             self._write(
                 "UPDATE outbound SET state=?, last_error=?,"
-                " next_attempt_at=COALESCE(?, next_attempt_at), updated_at=?, lease_until=0"
-                " WHERE message_id=? AND state=? AND node=?",
+                " next_attempt_at=COALESCE(?, next_attempt_at), updated_at=?, lease_until=0,"
+                " audited_by=? WHERE message_id=? AND state=? AND node=?",
                 (
                     new.value,
                     note,
                     next_attempt_at,
                     self._now(),
+                    self.node,  # its record (message.send_failed, message.dead) is this node's
                     message_id,
                     OutboundState.SENDING.value,
                     self.node,
