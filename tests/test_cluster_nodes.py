@@ -232,6 +232,59 @@ def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_c
         assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_start(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    front: RoundRobin,
+) -> None:
+    """lab-a dies while sending; lab-b queues the message again once lab-a's claim has
+    run out, and is killed before writing ``message.taken_over``.  Started again, lab-b
+    writes it (once, into its own trail), then sends the message."""
+    edit_every(
+        layout.lab.config_path, "connect_timeout_seconds = 5", "connect_timeout_seconds = 60"
+    )
+    spool = postgres_server.new_database()
+    node_a = add_node(layout.lab, "lab-a", spool)
+    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    trail_b = layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    front.ports.append(listener_port(layout.hospital.config_path))
+    point_peer_at(layout.lab, "hospital", front.port)
+    front.held = True  # the hospital's answers do not come back: the send stays open
+    processes.start(layout.hospital.config_path)
+    lab_a = processes.start(node_a)
+    drop_file(layout.lab.outbox_dir / "hospital", "held.hl7", b"MSH|^~\\&|LAB|held\r")
+
+    def sending() -> list[OutboundRecord]:
+        return [r for r in outbound(spool) if r.state is OutboundState.SENDING]
+
+    [held] = wait_until(sending, 120, "lab-a sending the document")
+    lab_a.kill()  # while it holds the claim
+    front.held = False
+    wait_until(lambda: outbound(spool)[0].lease_until < time.time(), 60, "its claim ran out")
+
+    lab_b = processes.start(
+        node_b,
+        wait=False,
+        prefix=killed_at(
+            "--kill-after", "gateway.spool.sqlite.outbound:OutboundQueue.take_over_expired"
+        ),
+    )
+    wait_killed(lab_b)
+    [queued] = outbound(spool)
+    assert (queued.state, queued.node) == (OutboundState.QUEUED, None)
+    assert not [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
+
+    lab_b = processes.start(node_b)
+    wait_for_events(trail_b, "receipt.received")
+    assert lab_b.stop() == 0
+    [taken] = [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
+    assert taken["message_id"] == held.message_id and taken["node"] == "lab-b"
+    assert taken["detail"]["recorded_at_recovery"] is True
+    verified = medgw("audit", "verify", "--config", str(node_b))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
 def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_folder(
     layout: DemoLayout,
     processes: Processes,

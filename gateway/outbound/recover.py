@@ -16,7 +16,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import CANCELLED_BY, RETRIED_BY, payload_item
+from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_item
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 COMMAND_PARTIAL_SECONDS = 3600.0
@@ -50,6 +50,15 @@ def _retried(record: OutboundRecord) -> bool:
         return note.startswith(RETRIED_BY[1])
     return record.state in (OutboundState.QUEUED, OutboundState.SENDING) and note.startswith(
         RETRIED_BY[0]
+    )
+
+
+def _taken_over(record: OutboundRecord) -> bool:
+    """Whether its last change that has a record is its take-over from another node whose
+    claim ran out (queued again; perhaps claimed since, not yet sent)."""
+    return (
+        record.state in (OutboundState.QUEUED, OutboundState.SENDING)
+        and record.last_error == TAKEN_OVER
     )
 
 
@@ -155,6 +164,10 @@ class Recovery:
                 # An operator's retry: its record was written after it.
                 retried = EventType.MESSAGE_RETRIED
                 wanted.append((record, retried, frozenset({retried.value}), updated))
+            elif _taken_over(record):
+                # Another node's send queued again here: recorded after it.
+                taken = EventType.MESSAGE_TAKEN_OVER
+                wanted.append((record, taken, frozenset({taken.value}), updated))
             elif record.state in _SETTLED and record.receipt_path is not None:
                 wanted.append((record, EventType.RECEIPT_RECEIVED, _SETTLED[record.state], updated))
             elif record.state in _GIVEN_UP:
@@ -191,6 +204,18 @@ class Recovery:
         note = record.last_error or ""
         if kind is EventType.MESSAGE_ACCEPTED:
             return self._accepted_event(record)
+        if kind is EventType.MESSAGE_TAKEN_OVER:
+            # As the lease keeper writes it, but for the node it came from (not known here).
+            return AuditEvent(
+                EventType.MESSAGE_TAKEN_OVER,
+                severity=Severity.WARNING,
+                peer=record.peer,
+                message_id=record.message_id,
+                direction="outbound",
+                service=record.service,
+                reason=f"{note}; {RECOVERED}",
+                detail={"attempts": record.attempts, "recorded_at_recovery": True},
+            )
         if record.state is OutboundState.CANCELLED or _retried(record):
             # As operations.py writes them, but for the state before (not known here).
             operator = [p for p in (CANCELLED_BY, *RETRIED_BY) if note.startswith(p)]

@@ -60,6 +60,9 @@ CANCELLABLE = (OutboundState.QUEUED, *RETRYABLE)
 CANCELLED_BY = "cancelled by "
 # Likewise an operator's retry: of a message sent before, and of one never prepared.
 RETRIED_BY = ("retry requested by ", "preparation retried by ")
+# The note of a message another node was sending, queued again here once its claim ran
+# out (audited message.taken_over by the node that took it over).
+TAKEN_OVER = "taken over: the claim of the node sending it ran out"
 
 
 # A node's name: a host name's characters; it goes in logs, audit records and metric

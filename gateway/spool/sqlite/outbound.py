@@ -13,6 +13,7 @@ from gateway.spool.records import (
     CANCELLED_BY,
     RETRIED_BY,
     RETRYABLE,
+    TAKEN_OVER,
     DataKey,
     Intake,
     OutboundRecord,
@@ -549,14 +550,20 @@ class OutboundQueue(SqlStore):
         rows = self._requeue(
             "state=? AND node IS NOT NULL AND node!=? AND lease_until<?",
             (OutboundState.SENDING.value, self.node, now),
-            "taken over: the claim of the node sending it ran out",
+            TAKEN_OVER,
+            audited=True,
         )
         return [_outbound(r) for r in rows]
 
-    def _requeue(self, where: str, params: tuple[object, ...], note: str) -> list[Row]:
+    def _requeue(
+        self, where: str, params: tuple[object, ...], note: str, *, audited: bool = False
+    ) -> list[Row]:
         """Messages being sent that match ``where`` back to the queue, due now, in one
-        transaction; returns their rows as they were."""
+        transaction; returns their rows as they were.  ``audited``: the caller records
+        each (their last audited change is this node's)."""
         updated_at = self._now()
+        audited_by = ", audited_by=?" if audited else ""
+        by = (self.node,) if audited else ()
 
         def requeue(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
@@ -565,13 +572,14 @@ class OutboundQueue(SqlStore):
                 params,
             ).fetchall()
             db.executemany(
-                "UPDATE outbound SET state=?, next_attempt_at=0, last_error=?, updated_at=?,"
-                " node=NULL, lease_until=0 WHERE message_id=? AND state=?",
+                "UPDATE outbound SET state=?, next_attempt_at=0, last_error=?, updated_at=?,"  # noqa: S608
+                f" node=NULL, lease_until=0{audited_by} WHERE message_id=? AND state=?",
                 [
                     (
                         OutboundState.QUEUED.value,
                         note,
                         updated_at,
+                        *by,
                         r["message_id"],
                         OutboundState.SENDING.value,
                     )
