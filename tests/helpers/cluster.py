@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 from pathlib import Path
 
-from gateway.demo_run import free_port
 from gateway.pki.demo import DemoInstitution
 from gateway.spool.postgres import PostgresSettings
+from tests.helpers.tcp_proxy import Stream, TcpProxy
 
 LEASE_SECONDS = 5  # the shortest allowed: a dead node's work is taken over quickly
 NODE_PART = "\n# -- this node --\n"
@@ -68,46 +67,19 @@ def point_peer_at(side: DemoInstitution, peer: str, port: int) -> None:
     path.write_text(text)
 
 
-class RoundRobin:
+class RoundRobin(TcpProxy):
     """A TCP front on 127.0.0.1 for several nodes: each new connection goes to the next
     node that accepts it (a node that is down is skipped, as a load balancer's health
     check would); while ``held`` is set, the nodes' answers are held back (a path so
     slow that a send stays in the middle)."""
 
     def __init__(self, ports: list[int]) -> None:
-        self.port = free_port()
         self.ports = ports
         self.held = False
         self._next = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
+        super().__init__()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        )
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answers: bool
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                while answers and self.held:
-                    await asyncio.sleep(0.05)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    async def _connect(self) -> Stream | None:
         for _ in range(len(self.ports)):
             port = self.ports[self._next % len(self.ports)]
             self._next += 1
@@ -117,25 +89,6 @@ class RoundRobin:
                 continue
         return None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream = await self._connect()
-        if upstream is None:
-            writer.close()
-            return
-        up_reader, up_writer = upstream
-        await asyncio.gather(
-            self._pipe(reader, up_writer, answers=False),
-            self._pipe(up_reader, writer, answers=True),
-        )
-
-    def close(self) -> None:
-        async def stop() -> None:
-            self._server.close()
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in others:
-                task.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+    async def _before_answer(self) -> None:
+        while self.held:
+            await asyncio.sleep(0.05)
