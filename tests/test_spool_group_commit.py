@@ -280,3 +280,34 @@ def test_a_message_changed_meanwhile_is_left_alone_by_the_senders_sweeps(
     assert sweep(spool) == []
     record = spool.get("<m@lab>")
     assert record is not None and record.state is state
+
+
+def test_closing_the_spool_waits_for_a_read_another_thread_has_in_progress(
+    tmp_path: Path,
+) -> None:
+    """A daemon stopping closes the spool while a worker thread may still be reading
+    (the queue counts of a very large spool): the read finishes first, instead of running
+    on a closed connection (which failed it, or could crash the process)."""
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", TickingClock())
+    slow = (
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 3000000) "
+        "SELECT count(*) AS counted FROM n"
+    )
+    reading = threading.Event()
+    spool.trace(lambda statement: reading.set() if statement.startswith("WITH") else None)
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(spool._read(slow, ())[0]["counted"])
+        except Exception as exc:  # the test reports what it was
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert reading.wait(30)
+    spool.close()
+    reader.join(60)
+    assert outcome == [3000000]
+    with pytest.raises(sqlite3.ProgrammingError):
+        spool._read("SELECT 1", ())

@@ -71,8 +71,13 @@ class Database(SqlStore):
         self._read_lock = threading.Lock()
 
     def close(self) -> None:
-        self._reader.close()
-        self._db.close()
+        """Close both connections once a read or a write another thread has in progress
+        is done (closing a connection under a running statement can crash the process);
+        a later call raises."""
+        with self._read_lock:
+            self._reader.close()
+        with self._writer.exclusive():
+            self._db.close()
 
     def trace(self, statement: Callable[[str], object] | None) -> None:
         """Hand each SQL statement run on either connection (parameters filled in) to
