@@ -241,6 +241,26 @@ def test_messages_answered_together_are_settled_in_one_transaction(
     assert spool.mark_settled([], ["<ok@h>"]) == []
 
 
+def test_receipt_names_are_the_file_names_of_the_receipts_rows_name(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Names only, wherever each was stored (another node's state folder, one moved since);
+    a receipt an operator's retry cleared is no longer among them."""
+    spool = make_spool(TickingClock())
+    assert spool.receipt_names() == set()
+    _sending(spool, tmp_path, "<ok@h>", "<bad@h>", "<later@h>")
+    spool.mark_settled(
+        [
+            Settled("<ok@h>", OutboundState.DELIVERED, "processed", tmp_path / "a/ok.1f.mdn"),
+            Settled("<bad@h>", OutboundState.FAILED, "mic-mismatch", Path("/elsewhere/bad.mdn")),
+        ],
+        ["<later@h>"],
+    )
+    assert spool.receipt_names() == {"ok.1f.mdn", "bad.mdn"}
+    spool.operator_retry("<bad@h>", "operator:root (uid 0)", 2e9)
+    assert spool.receipt_names() == {"ok.1f.mdn"}
+
+
 def test_a_settlement_that_fails_changes_none_of_its_messages(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:

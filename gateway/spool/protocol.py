@@ -103,6 +103,12 @@ class Spool(Protocol):
         encrypted (it has a MIC) and is past intake."""
         ...
 
+    def receipt_names(self) -> set[str]:
+        """File names (never whole paths) of the receipts the outbound messages' rows
+        name: a name is unique to one receipt received, whichever node stored it and
+        wherever its state folder has been moved or restored since."""
+        ...
+
     def mark_queued(
         self,
         message_id: str,

@@ -183,6 +183,11 @@ class OutboundQueue(SqlStore):
             for r in rows
         }
 
+    def receipt_names(self) -> set[str]:
+        """See :meth:`gateway.spool.protocol.Spool.receipt_names`."""
+        rows = self._read("SELECT receipt_path FROM outbound WHERE receipt_path IS NOT NULL", ())
+        return {Path(r["receipt_path"]).name for r in rows}
+
     def mark_queued(
         self,
         message_id: str,
