@@ -129,6 +129,13 @@ class Operations:
                 f"or withdraw it with `medgw queue cancel {message_id}`",
             )
         record = self.spool.operator_retry(message_id, actor, expires)
+        if before is not None and before.receipt_path is not None:
+            # Committed: the retry cleared the row's receipt, and no other row names its
+            # file (each receipt has a name of its own), so it goes.  From this node's
+            # folder, by name (the row's path may be of a moved state folder); a receipt
+            # another node stored, or one a kill leaves here, goes at that node's next
+            # start (gateway.outbound.recover).
+            (self.config.storage.receipts_dir / before.receipt_path.name).unlink(missing_ok=True)
         if record.state is OutboundState.INTAKE:
             self.prepare(message_id)  # it was never signed and encrypted: do that first
         else:

@@ -26,6 +26,11 @@ class Storage:
         """The spool database."""
         return self.state_dir / SPOOL_FILE
 
+    @property
+    def receipts_dir(self) -> Path:
+        """The receipts this node received, a file each (named in its message's row)."""
+        return self.state_dir / "receipts"
+
 
 def load_storage(reader: Reader, root: Section) -> Storage:
     st = root.table("storage")

@@ -66,7 +66,7 @@ class Context:
         # spool (a node taking over another's messages reads them there).
         bodies = state.config.cluster.bodies_dir
         self.outgoing = bodies if bodies is not None else state_dir / "outgoing"
-        self.receipts = state_dir / "receipts"
+        self.receipts = state.config.storage.receipts_dir
         for folder in (self.payloads, self.outgoing, self.receipts):
             private_folder(folder)
         # Documents taken and receipts stored at the same moment share their folders' fsyncs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from gateway.atrest import storing
@@ -62,6 +63,17 @@ def _taken_over(record: OutboundRecord) -> bool:
     )
 
 
+def _is_receipt(path: Path) -> bool:
+    """A receipt file settling stored (see settle.py): ``<payload>.<hex>.mdn``, or
+    ``<payload>.mdn`` from before; not a partial write, not a link."""
+    return (
+        not path.name.startswith(".")
+        and path.suffix == ".mdn"
+        and not path.is_symlink()
+        and path.is_file()
+    )
+
+
 class Recovery:
     """The spool and its folders made whole again after a crash or SIGKILL."""
 
@@ -113,6 +125,17 @@ class Recovery:
                 # may have moved on since): only the encrypted form stays at rest.
                 path.unlink(missing_ok=True)
                 self._ctx.log.info("recovery.removed_plaintext_copy", file=path.name)
+        # By name, never by whole path: a row keeps the path its receipt was stored at,
+        # and the state folder may have been moved or restored elsewhere since.
+        recorded = self._ctx.spool.receipt_names()
+        for path in self._ctx.receipts.iterdir():
+            if not _is_receipt(path) or path.name in recorded:
+                continue
+            # Killed between storing a receipt and the commit that records it (its message
+            # is sent again and answered with another), or between an operator's retry and
+            # removing the receipt it cleared: nothing names it, nothing can open it.
+            path.unlink(missing_ok=True)
+            self._ctx.log.info("recovery.removed_unrecorded_receipt", file=path.name)
         for message_id in self._ctx.spool.requeue_interrupted():
             self._ctx.log.info("message.requeued_after_restart", message_id=message_id)
         # Claimed here (two nodes starting at once never both prepare one), and renewed
