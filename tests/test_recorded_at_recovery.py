@@ -162,12 +162,19 @@ def test_a_record_whose_write_failed_is_written_with_the_next_one(
     )
     outbox = layout.lab.outbox_dir / "hospital"
     drop_file(outbox, "first.hl7", b"MSH|first\r")
-    [late] = wait_for_events(layout.lab.audit_log, "receipt.received")
-    assert late["detail"]["first_tried_at"] < late["time"]
-    assert late["detail"]["disposition"] == "processed" and late["detail"]["mic_verified"]
+    failed = lab.wait_for(lambda line: line.get("event") == "audit.write_failed", 60)
+    assert failed["events"] == ["receipt.received"] and failed["level"] == "critical"
+    assert events(layout.lab.audit_log, "receipt.received") == []  # not written yet
 
     drop_file(outbox, "second.hl7", b"MSH|second\r")
     wait_for_events(layout.lab.audit_log, "receipt.received", count=2)
+    [late] = [
+        r
+        for r in events(layout.lab.audit_log, "receipt.received")
+        if r["detail"].get("first_tried_at")
+    ]
+    assert late["detail"]["first_tried_at"] < late["time"]
+    assert late["detail"]["disposition"] == "processed" and late["detail"]["mic_verified"]
     assert lab.stop() == 0
     verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
     assert verified.returncode == 0, verified.stdout + verified.stderr
@@ -175,3 +182,5 @@ def test_a_record_whose_write_failed_is_written_with_the_next_one(
     receipts = events(layout.lab.audit_log, "receipt.received")
     assert sorted(r["message_id"] for r in receipts) == sorted(accepted)  # once each
     assert [r for r in receipts if "first_tried_at" in r["detail"]] == [late]
+    # Delivered all along: the failed write is said as what it is, not as a failed send.
+    assert events(layout.lab.audit_log, "message.send_failed") == []

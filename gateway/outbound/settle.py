@@ -16,7 +16,7 @@ from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.client import Response
 from gateway.config import Peer
 from gateway.errors import MedgwError
-from gateway.fsutil import DeferredFolderSync, FolderSync
+from gateway.fsutil import DeferredFolderSync, FolderSync, storage_fix
 from gateway.outbound.context import Context
 from gateway.spool import DataKey, OutboundRecord, OutboundState, Settled
 from gateway.spool.records import receipt_item
@@ -139,8 +139,22 @@ class Settler:
             if outcome.settled.message_id not in changed:
                 self._moved_on(outcome)
         judged = [(i, outcome) for i, outcome in judged if outcome.settled.message_id in changed]
+        events = [event for _, outcome in judged for event in outcome.events]
         try:
-            self._ctx.record_all([event for _, outcome in judged for event in outcome.events])
+            self._ctx.record_all(events)
+        except OSError as exc:
+            # Settled all the same: the trail keeps their records and writes them first
+            # in its next write, or the next start does (gateway.audit.log).  Nothing
+            # of the send failed, so it is not reported as a failed send.
+            trail = self._ctx.config.storage.audit_log
+            self._ctx.log.critical(
+                "audit.write_failed",
+                error=exc.strerror or str(exc),
+                events=sorted({e.event.value for e in events}),
+                count=len(events),
+                kept="written first in the trail's next write, or at the next start",
+                fix=storage_fix(exc, trail.parent),
+            )
         except Exception as exc:  # settled, not recorded: their callers say so
             for index, _ in judged:
                 errors[index] = exc
