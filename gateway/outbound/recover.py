@@ -15,7 +15,7 @@ from gateway.audit.log import CLOCK_MARGIN, last_record_time, recorded_since
 from gateway.fsutil import fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
-from gateway.outbound.seal import Sealer, open_document
+from gateway.outbound.seal import Sealer, accepted_event, open_document
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_item
 
@@ -277,23 +277,13 @@ class Recovery:
         raise AssertionError(f"no record of {kind.value} is written at recovery")
 
     def _accepted_event(self, record: OutboundRecord) -> AuditEvent:
-        submitter = self._ctx.spool.submitter(record.message_id)
-        return AuditEvent(
-            EventType.MESSAGE_ACCEPTED,
-            peer=record.peer,
-            message_id=record.message_id,
-            direction="outbound",
-            service=record.service,
-            actor=submitter,
-            reason=f"queued; {RECOVERED} (its SHA-256, algorithms and patients are not known here)",
-            detail={
-                "filename": record.filename,
-                "content_type": record.content_type,
-                "size": record.size,
-                "mic": record.mic,
-                "recorded_at_recovery": True,
-                **({"submitted_by": submitter} if submitter else {}),
-            },
+        return accepted_event(
+            record,
+            self._ctx.spool.submitter(record.message_id),
+            size=record.size,
+            mic=record.mic,
+            recovered=f"queued; {RECOVERED} (its SHA-256, algorithms and patients are not "
+            "known here)",
         )
 
     async def take_over(self, taken: list[OutboundRecord]) -> None:

@@ -225,27 +225,20 @@ class Sealer:
     def _accepted(self, document: ToSeal, sealed: _Sealed) -> list[AuditEvent]:
         """The audit records of a document queued: ``message.accepted``, and a warning for
         a legacy key transport."""
-        record, peer, submitted_by = document.record, document.peer, document.submitted_by
+        record, peer = document.record, document.peer
         events = [
-            AuditEvent(
-                EventType.MESSAGE_ACCEPTED,
-                peer=peer.name,
-                message_id=record.message_id,
-                direction="outbound",
-                service=record.service,
-                actor=submitted_by,
-                patient_ids=unique_patients([*document.declared, *sealed.patients]),
-                detail={
-                    "filename": record.filename,
-                    "content_type": record.content_type,
-                    "size": sealed.size,
-                    "sha256": sealed.sha256,
-                    "mic": sealed.mic,
-                    "cipher": peer.cipher,
-                    "digest": peer.digest,
-                    "key_transport": sealed.key_transport,
-                    **({"submitted_by": submitted_by} if submitted_by else {}),
-                },
+            accepted_event(
+                record,
+                document.submitted_by,
+                size=sealed.size,
+                mic=sealed.mic,
+                sealed=SealedWith(
+                    sha256=sealed.sha256,
+                    cipher=peer.cipher,
+                    digest=peer.digest,
+                    key_transport=sealed.key_transport,
+                    patients=unique_patients([*document.declared, *sealed.patients]),
+                ),
             )
         ]
         if sealed.key_transport not in ("ecdh", DEFAULT_KEY_TRANSPORT):
@@ -271,6 +264,59 @@ class Sealer:
         if peer is None or not record.has_document:
             return  # recovery at the next start marks it failed, saying why
         await self.prepare(record, peer, submitted_by=self._ctx.spool.submitter(message_id))
+
+
+@dataclass(frozen=True)
+class SealedWith:
+    """What only the sealing of a document knows, for its ``message.accepted`` record."""
+
+    sha256: str  # of the document (hex)
+    cipher: str
+    digest: str
+    key_transport: str
+    patients: tuple[PatientId, ...]  # declared by its submitter and found in it
+
+
+def accepted_event(
+    record: OutboundRecord,
+    submitted_by: str | None,
+    *,
+    size: int | None,
+    mic: str | None,
+    sealed: SealedWith | None = None,
+    recovered: str | None = None,
+) -> AuditEvent:
+    """The ``message.accepted`` record of ``record`` queued: written as it is sealed,
+    with ``sealed``; or at recovery from its spool row alone (its SHA-256, algorithms
+    and patients are not known there), ``recovered`` saying so as its reason."""
+    return AuditEvent(
+        EventType.MESSAGE_ACCEPTED,
+        peer=record.peer,
+        message_id=record.message_id,
+        direction="outbound",
+        service=record.service,
+        actor=submitted_by,
+        reason=recovered,
+        patient_ids=sealed.patients if sealed is not None else (),
+        detail={
+            "filename": record.filename,
+            "content_type": record.content_type,
+            "size": size,
+            "mic": mic,
+            **(
+                {
+                    "sha256": sealed.sha256,
+                    "cipher": sealed.cipher,
+                    "digest": sealed.digest,
+                    "key_transport": sealed.key_transport,
+                }
+                if sealed is not None
+                else {}
+            ),
+            **({"recorded_at_recovery": True} if recovered is not None else {}),
+            **({"submitted_by": submitted_by} if submitted_by else {}),
+        },
+    )
 
 
 def open_document(vault: Vault | None, record: OutboundRecord) -> BinaryIO:
