@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from gateway.clock import SystemClock
 from gateway.daemon.spoolview import SpoolView
@@ -87,22 +88,19 @@ def rows(start: int, stop: int, now: float) -> Iterator[tuple[object, ...]]:
                 )  # fmt: skip
 
 
-class Backend:
+class Backend(Protocol):
     """One spool backend under test: how to fill it in bulk, open it, read its plans."""
 
-    name = ""
+    name: str
 
-    def fill(self, start: int, stop: int, now: float) -> None:
-        raise NotImplementedError
+    def fill(self, start: int, stop: int, now: float) -> None: ...
 
-    def open(self) -> Spool:
-        raise NotImplementedError
+    def open(self) -> Spool: ...
 
-    def plans(self, calls: dict[str, Callable[[Spool], object]]) -> dict[str, list[str]]:
-        raise NotImplementedError
+    def plans(self, calls: dict[str, Callable[[Spool], object]]) -> dict[str, list[str]]: ...
 
 
-class SqliteBackend(Backend):
+class SqliteBackend:
     name = "sqlite"
 
     def __init__(self, folder: Path) -> None:
@@ -149,7 +147,7 @@ class SqliteBackend(Backend):
         return found
 
 
-class PostgresBackend(Backend):
+class PostgresBackend:
     name = "postgresql"
 
     def __init__(self, server: PostgresServer) -> None:
