@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,39 +97,72 @@ def front() -> Iterator[RoundRobin]:
     proxy.close()
 
 
+@dataclass(frozen=True)
+class Lab:
+    """The lab as two nodes (their configurations) on one spool database, sending to the
+    hospital through the front."""
+
+    spool: PostgresSettings
+    a: Path
+    b: Path
+    front: RoundRobin
+
+    def slow_handshakes(self) -> None:
+        """A send waits up to a minute for the hospital's TLS handshake (the demo: 5 s),
+        for a test that holds its answers back."""
+        for config in (self.a, self.b):
+            edit_every(config, "connect_timeout_seconds = 5", "connect_timeout_seconds = 60")
+
+
+@pytest.fixture
+def lab(
+    layout: DemoLayout, processes: Processes, postgres_server: PostgresServer, front: RoundRobin
+) -> Lab:
+    """lab-a and lab-b on a new spool database; the hospital started behind the front,
+    neither lab node."""
+    spool = postgres_server.new_database()
+    lab = Lab(
+        spool,
+        add_node(layout.lab, "lab-a", spool),
+        add_node(layout.lab, "lab-b", spool, port=free_port()),
+        front,
+    )
+    front.ports.append(listener_port(layout.hospital.config_path))
+    point_peer_at(layout.lab, "hospital", front.port)
+    processes.start(layout.hospital.config_path)
+    return lab
+
+
+def assert_trails_verify(*configs: Path) -> None:
+    """The audit trail of each node, as `medgw audit verify` checks it, is whole."""
+    for config in configs:
+        verified = medgw("audit", "verify", "--config", str(config))
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
 def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
     layout: DemoLayout,
     processes: Processes,
-    postgres_server: PostgresServer,
-    front: RoundRobin,
+    lab: Lab,
 ) -> None:
-    # A send waits up to a minute for the hospital's TLS handshake (the demo: 5 s).
-    edit_every(
-        layout.lab.config_path, "connect_timeout_seconds = 5", "connect_timeout_seconds = 60"
-    )
-    spool = postgres_server.new_database()
-    node_a = add_node(layout.lab, "lab-a", spool)
-    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
-    front.ports.append(listener_port(layout.hospital.config_path))
-    point_peer_at(layout.lab, "hospital", front.port)
-    front.held = True  # the hospital's answers do not come back: the sends stay open
-    processes.start(layout.hospital.config_path)
-    lab_a = processes.start(node_a)
+    lab.slow_handshakes()
+    lab.front.held = True  # the hospital's answers do not come back: the sends stay open
+    lab_a = processes.start(lab.a)
     documents = {f"doc-{i}.hl7": f"MSH|^~\\&|LAB|{i}\r".encode() * (i + 1) for i in range(6)}
     for name, data in documents.items():
         drop_file(layout.lab.outbox_dir / "hospital", name, data)  # lab-a's outbox
 
     def held_by_a() -> bool:
-        records = outbound(spool)
+        records = outbound(lab.spool)
         return len(records) == len(documents) and all(
             r.state is OutboundState.SENDING and r.node == "lab-a" for r in records
         )
 
     wait_until(held_by_a, 120, "lab-a sending every document")
-    processes.start(node_b)  # its start leaves lab-a's live claims alone
+    processes.start(lab.b)  # its start leaves lab-a's live claims alone
     assert held_by_a()
     lab_a.kill()  # while it holds the claims
-    front.held = False
+    lab.front.held = False
 
     audit = layout.lab.root / "audit"
     taken = wait_for_events(audit / "audit-lab-b.jsonl", "message.taken_over", count=6)
@@ -138,7 +172,7 @@ def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
     assert all(r["detail"]["disposition"] == "processed" for r in receipts)
     assert all(r["detail"]["mic_verified"] for r in receipts)
     wait_until(
-        lambda: {r.state for r in outbound(spool)} == {OutboundState.DELIVERED},
+        lambda: {r.state for r in outbound(lab.spool)} == {OutboundState.DELIVERED},
         60,
         "every message settled",
     )
@@ -159,21 +193,16 @@ def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
 def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
     layout: DemoLayout,
     processes: Processes,
-    postgres_server: PostgresServer,
-    front: RoundRobin,
+    lab: Lab,
 ) -> None:
     """lab-a takes a document from its outbox (its copy kept, encrypted, in the spool
     row) and is killed before signing it, never to start again: lab-b, running all
     along, prepares and sends it once lab-a's lease has run out."""
-    spool = postgres_server.new_database()
-    node_a = add_node(layout.lab, "lab-a", spool)
-    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
-    front.ports.append(listener_port(layout.hospital.config_path))
-    point_peer_at(layout.lab, "hospital", front.port)
-    processes.start(layout.hospital.config_path)
-    processes.start(node_b)
+    spool = lab.spool
+    processes.start(lab.b)
     lab_a = processes.start(
-        node_a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all")
+        lab.a,
+        prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all"),
     )
     data = b"MSH|^~\\&|LAB|left behind\r"
     drop_file(layout.lab.outbox_dir / "hospital", "left.hl7", data)
@@ -191,22 +220,16 @@ def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
 def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_change(
     layout: DemoLayout,
     processes: Processes,
-    postgres_server: PostgresServer,
-    front: RoundRobin,
+    lab: Lab,
 ) -> None:
     """lab-a queues a document and is killed before writing its ``message.accepted``;
     lab-b sends it meanwhile and records the receipt in its own trail.  Started again,
     lab-a writes the ``message.accepted`` into its trail, once: not lab-b, which did not
     queue it, and whose records of it stay its own."""
-    spool = postgres_server.new_database()
-    node_a = add_node(layout.lab, "lab-a", spool)
-    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    spool = lab.spool
     trail_a, trail_b = layout.lab.audit_log, layout.lab.root / "audit" / "audit-lab-b.jsonl"
-    front.ports.append(listener_port(layout.hospital.config_path))
-    point_peer_at(layout.lab, "hospital", front.port)
-    processes.start(layout.hospital.config_path)
     lab_a = processes.start(
-        node_a,
+        lab.a,
         prefix=killed_at(
             "--kill-after", "gateway.spool.sqlite.outbound:OutboundQueue.mark_queued_all"
         ),
@@ -216,10 +239,10 @@ def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_c
     [queued] = outbound(spool)
     assert queued.state is OutboundState.QUEUED
 
-    processes.start(node_b)
+    processes.start(lab.b)
     [received] = wait_for_events(trail_b, "receipt.received")
     assert received["message_id"] == queued.message_id
-    assert processes.start(node_a).stop() == 0
+    assert processes.start(lab.a).stop() == 0
 
     [accepted] = [r for r in read_audit(trail_a) if r["event"] == "message.accepted"]
     assert accepted["message_id"] == queued.message_id and accepted["node"] == "lab-a"
@@ -227,32 +250,22 @@ def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_c
     assert not [r for r in read_audit(trail_b) if r["event"] == "message.accepted"]
     receipts = [r for r in trails(trail_a.parent) if r["event"] == "receipt.received"]
     assert [r["node"] for r in receipts] == ["lab-b"]  # not written again by lab-a
-    for config in (node_a, node_b):
-        verified = medgw("audit", "verify", "--config", str(config))
-        assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert_trails_verify(lab.a, lab.b)
 
 
 def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_start(
     layout: DemoLayout,
     processes: Processes,
-    postgres_server: PostgresServer,
-    front: RoundRobin,
+    lab: Lab,
 ) -> None:
     """lab-a dies while sending; lab-b queues the message again once lab-a's claim has
     run out, and is killed before writing ``message.taken_over``.  Started again, lab-b
     writes it (once, into its own trail), then sends the message."""
-    edit_every(
-        layout.lab.config_path, "connect_timeout_seconds = 5", "connect_timeout_seconds = 60"
-    )
-    spool = postgres_server.new_database()
-    node_a = add_node(layout.lab, "lab-a", spool)
-    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
+    lab.slow_handshakes()
+    spool = lab.spool
     trail_b = layout.lab.root / "audit" / "audit-lab-b.jsonl"
-    front.ports.append(listener_port(layout.hospital.config_path))
-    point_peer_at(layout.lab, "hospital", front.port)
-    front.held = True  # the hospital's answers do not come back: the send stays open
-    processes.start(layout.hospital.config_path)
-    lab_a = processes.start(node_a)
+    lab.front.held = True  # the hospital's answers do not come back: the send stays open
+    lab_a = processes.start(lab.a)
     drop_file(layout.lab.outbox_dir / "hospital", "held.hl7", b"MSH|^~\\&|LAB|held\r")
 
     def sending() -> list[OutboundRecord]:
@@ -260,11 +273,11 @@ def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_star
 
     [held] = wait_until(sending, 120, "lab-a sending the document")
     lab_a.kill()  # while it holds the claim
-    front.held = False
+    lab.front.held = False
     wait_until(lambda: outbound(spool)[0].lease_until < time.time(), 60, "its claim ran out")
 
     lab_b = processes.start(
-        node_b,
+        lab.b,
         wait=False,
         prefix=killed_at(
             "--kill-after", "gateway.spool.sqlite.outbound:OutboundQueue.take_over_expired"
@@ -275,33 +288,27 @@ def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_star
     assert (queued.state, queued.node) == (OutboundState.QUEUED, None)
     assert not [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
 
-    lab_b = processes.start(node_b)
+    lab_b = processes.start(lab.b)
     wait_for_events(trail_b, "receipt.received")
     assert lab_b.stop() == 0
     [taken] = [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
     assert taken["message_id"] == held.message_id and taken["node"] == "lab-b"
     assert taken["detail"]["recorded_at_recovery"] is True
-    verified = medgw("audit", "verify", "--config", str(node_b))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert_trails_verify(lab.b)
 
 
 def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_folder(
     layout: DemoLayout,
     processes: Processes,
-    postgres_server: PostgresServer,
-    front: RoundRobin,
+    lab: Lab,
 ) -> None:
     """In the bodies folder the nodes share, a partial file may be another node's write
     in progress, so a start leaves the young ones; the partial file of a body whose
     writing a kill cut short is this node's own and is removed when the node prepares
     that message again (the cluster crash test found one left behind)."""
-    spool = postgres_server.new_database()
-    node_a = add_node(layout.lab, "lab-a", spool)
-    front.ports.append(listener_port(layout.hospital.config_path))
-    point_peer_at(layout.lab, "hospital", front.port)
-    processes.start(layout.hospital.config_path)
+    spool = lab.spool
     lab_a = processes.start(
-        node_a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all")
+        lab.a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all")
     )
     data = random.Random(7).randbytes(INLINE_BODY_BYTES + 4096)  # its body is a file
     drop_file(layout.lab.outbox_dir / "hospital", "image.dcm", data)
@@ -316,7 +323,7 @@ def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_fold
     elsewhere = bodies / f".{secrets.token_hex(12)}.as2.{secrets.token_hex(6)}.partial"
     elsewhere.write_bytes(data[:1000])
 
-    processes.start(node_a)
+    processes.start(lab.a)
     settled(spool, 1, 120)
     assert inbox(layout) == {"image.dcm": hashlib.sha256(data).hexdigest()}
     assert not cut.exists()
@@ -327,15 +334,10 @@ def test_two_nodes_lose_nothing_when_the_database_restarts_mid_run(
     layout: DemoLayout,
     processes: Processes,
     postgres_server: PostgresServer,
-    front: RoundRobin,
+    lab: Lab,
 ) -> None:
-    spool = postgres_server.new_database()
-    node_a = add_node(layout.lab, "lab-a", spool)
-    node_b = add_node(layout.lab, "lab-b", spool, port=free_port())
-    front.ports.append(listener_port(layout.hospital.config_path))
-    point_peer_at(layout.lab, "hospital", front.port)
-    processes.start(layout.hospital.config_path)
-    nodes = [processes.start(node_a), processes.start(node_b)]
+    spool = lab.spool
+    nodes = [processes.start(lab.a), processes.start(lab.b)]
     outboxes = [layout.lab.outbox_dir / "hospital", layout.lab.root / "outbox-lab-b" / "hospital"]
     sent: dict[str, str] = {}
 
