@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,13 +35,13 @@ import gateway.outbound.intake
 from gateway.atrest import KeyStore, Vault
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig
 from gateway.demo_run import drop_file, free_ports, read_audit
-from gateway.logs import make_logger
-from gateway.outbound import Outbound, Settings
 from gateway.pki.demo import init_demo
-from gateway.pki.peers import assess_peers
 from gateway.spool import SqliteSpool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' intake helper
+from tests.helpers.intake import lab_outbound, two_peers
 
 SHIPPED_ROUND = gateway.outbound.intake.ROUND_PER_PEER
 
@@ -56,10 +54,7 @@ async def one_run(config: GatewayConfig, state: Path, backlog: int) -> tuple[int
     audit = AuditLog(state / "audit.jsonl", clock, node="lab")
     vault = Vault(KeyStore(state / "keys"), spool)
     vault.open()
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    outbound = Outbound(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock, vault
-    )
+    outbound = await lab_outbound(config, spool, audit, clock, vault)
     busy = config.storage.outbox_dir / "hospital"
     busy.mkdir(parents=True, exist_ok=True)
     for i in range(backlog):
@@ -94,11 +89,7 @@ def main() -> int:
             hospital_port=hospital_port,
             lab_port=lab_port,
         )
-        config = load_config(layout.lab.config_path)
-        [hospital] = config.peers
-        config = replace(
-            config, peers=(hospital, replace(hospital, name="pharmacy", as2_id="PHARMACY"))
-        )
+        config = two_peers(layout)
         results: dict[str, list[tuple[int, float]]] = {"rounds": [], "one pass": []}
         for n in range(args.repeat):
             for mode, size in (("rounds", SHIPPED_ROUND), ("one pass", args.backlog + 1)):

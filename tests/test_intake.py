@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,16 +29,16 @@ from gateway.errors import SpoolError
 from gateway.fsutil import FolderSync
 from gateway.intake.outbox import Candidate
 from gateway.logs import make_logger
-from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
+from gateway.outbound import INLINE_BODY_BYTES, Settings
 from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer, ToSeal
 from gateway.pki.demo import DemoLayout, init_demo
-from gateway.pki.peers import assess_peers
 from gateway.spool import Claimant, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
+from tests.helpers.intake import judged, lab_outbound, two_peers
 
 
 class SlowTakes(OutboxIntake):
@@ -176,10 +175,7 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    outbound = Outbound(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
-    )
+    outbound = await lab_outbound(config, spool, audit, clock)
     [peer] = config.peers
     documents = {
         "small.hl7": b"MSH|^~\\&|small\r",
@@ -217,10 +213,7 @@ async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_fil
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
     vault = Vault(KeyStore(tmp_path / "keys"), spool)
     vault.open()
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    outbound = Outbound(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock, vault
-    )
+    outbound = await lab_outbound(config, spool, audit, clock, vault)
     [peer] = config.peers
     documents = {
         "small.hl7": b"MSH|^~\\&|SMALL-Q7Z|" + b"x" * (INLINE_BODY_BYTES - 20),
@@ -286,10 +279,7 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     clock = SystemClock()
     spool = FullSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    outbound = Outbound(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
-    )
+    outbound = await lab_outbound(config, spool, audit, clock)
     [peer] = config.peers
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
     move = gateway.outbound.intake.move_into_spool
@@ -363,10 +353,7 @@ async def test_documents_are_taken_in_batches_with_a_transaction_and_an_audit_wr
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab", sync=disk)
     vault = Vault(KeyStore(tmp_path / "keys"), spool)
     vault.open()
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    outbound = Outbound(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock, vault
-    )
+    outbound = await lab_outbound(config, spool, audit, clock, vault)
     [peer] = config.peers
     folder = layout.lab.outbox_dir / peer.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -401,17 +388,12 @@ async def test_a_document_that_cannot_be_sealed_is_kept_and_its_batch_mates_are_
     """A second peer whose encryption certificate is not acceptable (its trust was never
     judged): its document, in a batch with others, is kept unsent with an alert; the
     others of the batch are queued."""
-    config = load_config(layout.lab.config_path)
-    [hospital] = config.peers
-    pharmacy = replace(hospital, name="pharmacy", as2_id="PHARMACY")
-    config = replace(config, peers=(hospital, pharmacy))
+    config = two_peers(layout)
+    hospital = config.peers[0]
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    trust = await assess_peers((hospital,), config.zones, at=clock.now())
-    outbound = Outbound(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
-    )
+    outbound = await lab_outbound(config, spool, audit, clock, peers=(hospital,))
     for peer_name, name in [("hospital", "a.hl7"), ("hospital", "b.hl7"), ("hospital", "c.hl7")]:
         drop_file(layout.lab.outbox_dir / peer_name, name, b"MSH|" + name.encode() + b"\r")
     drop_file(layout.lab.outbox_dir / "pharmacy", "d.hl7", b"MSH|d\r")
@@ -447,9 +429,8 @@ async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_
     mine = SqliteSpool(tmp_path / "spool.sqlite3", clock, Claimant("lab-1"))
     other = SqliteSpool(tmp_path / "spool.sqlite3", clock, Claimant("lab-2"))
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab-1")
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
     context = Context(
-        Settings(config, trust), mine, audit, make_logger(stream=io.StringIO()), clock
+        await judged(config, clock), mine, audit, make_logger(stream=io.StringIO()), clock
     )
     source = tmp_path / "order.hl7"
     mine.add_intake(
@@ -493,11 +474,11 @@ async def test_a_document_another_node_queued_first_is_not_marked_failed_here(
     for vault in vaults.values():
         vault.open()
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    settings = await judged(config, clock)
     sealers = {
         name: Sealer(
             Context(
-                Settings(config, trust),
+                settings,
                 spool,
                 audit,
                 make_logger(stream=io.StringIO()),

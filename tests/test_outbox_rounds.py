@@ -3,7 +3,6 @@ round at most (gateway/intake/outbox.py), and a backlog is taken without waiting
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -15,16 +14,14 @@ import pytest
 
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
-from gateway.config import GatewayConfig, load_config
+from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.intake.outbox import Outbox
-from gateway.logs import make_logger
-from gateway.outbound import Outbound, Settings
 from gateway.outbound.intake import ROUND_PER_PEER
 from gateway.pki.demo import DemoLayout
-from gateway.pki.peers import assess_peers
 from gateway.spool import SqliteSpool
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.intake import lab_outbound, two_peers
 
 BACKLOG = 2000  # the busy peer's waiting documents: many rounds' worth
 
@@ -37,15 +34,6 @@ def _fill(folder: Path, names: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         (folder / name).write_bytes(b"MSH|^~\\&|" + name.encode() + b"\r")
-
-
-def _two_peers(layout: DemoLayout) -> GatewayConfig:
-    """The lab's configuration with a second peer, ``pharmacy`` (the hospital's
-    certificates under another name: its documents are sealed as the hospital's)."""
-    config = load_config(layout.lab.config_path)
-    [hospital] = config.peers
-    pharmacy = replace(hospital, name="pharmacy", as2_id="PHARMACY")
-    return replace(config, peers=(hospital, pharmacy))
 
 
 @pytest.fixture
@@ -66,12 +54,6 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
         opened.close()
 
 
-async def _outbound(config: GatewayConfig, spool: SqliteSpool, audit: AuditLog) -> Outbound:
-    clock = SystemClock()
-    trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    return Outbound(Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock)
-
-
 @pytest.mark.parametrize("dropped", ["before", "while taking"])
 async def test_a_quiet_peers_document_waits_a_round_of_a_busy_peers_backlog_not_all_of_it(
     layout: DemoLayout, tmp_path: Path, spool: SqliteSpool, audit: AuditLog, dropped: str
@@ -80,8 +62,8 @@ async def test_a_quiet_peers_document_waits_a_round_of_a_busy_peers_backlog_not_
     before the intake starts, or once it is taking the orders.  The prescription is taken
     after at most two rounds of orders (one under way, its own), not after all 2000; the
     orders are taken in name order, and the rest wait in the outbox, untouched."""
-    config = _two_peers(layout)
-    outbound = await _outbound(config, spool, audit)
+    config = two_peers(layout)
+    outbound = await lab_outbound(config, spool, audit, SystemClock())
     busy = layout.lab.outbox_dir / "hospital"
     names = _busy_names(BACKLOG)
     _fill(busy, names)
@@ -127,7 +109,7 @@ async def test_a_service_folder_takes_turns_with_its_peers_own_folder(
     config = load_config(layout.lab.config_path)
     [hospital] = config.peers
     config = replace(config, peers=(replace(hospital, services=("pharmacy-orders",)),))
-    outbound = await _outbound(config, spool, audit)
+    outbound = await lab_outbound(config, spool, audit, SystemClock())
     names = _busy_names(ROUND_PER_PEER * 3)
     _fill(layout.lab.outbox_dir / "hospital", names)
     drop_file(layout.lab.outbox_dir / "hospital" / "pharmacy-orders", "rx.hl7", b"MSH|rx\r")
@@ -150,7 +132,7 @@ async def test_a_listed_document_replaced_by_a_link_before_its_round_is_not_take
     before its round comes, is not taken (the link could name a file its writer may not
     read); the others are, and the link stays in the outbox."""
     config = load_config(layout.lab.config_path)
-    outbound = await _outbound(config, spool, audit)
+    outbound = await lab_outbound(config, spool, audit, SystemClock())
     busy = layout.lab.outbox_dir / "hospital"
     names = _busy_names(ROUND_PER_PEER + 2)
     _fill(busy, names)
