@@ -136,6 +136,57 @@ def test_a_kill_after_a_failed_preparation_writes_message_failed_at_the_next_sta
     assert shown.returncode == 0 and "failed" in shown.stdout
 
 
+def test_a_kill_after_a_failed_send_is_queued_again_writes_message_send_failed_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The peer down: the send's failure committed (queued again, the next attempt an
+    hour away), the daemon killed before its ``message.send_failed`` is written."""
+    set_runtime(layout.lab.config_path, "retry_initial_seconds", "3600")
+    set_runtime(layout.lab.config_path, "retry_max_seconds", "3600")
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.mark_retry")
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "refused.hl7", b"MSH|refused\r")
+    [accepted] = wait_for_events(layout.lab.audit_log, "message.accepted")
+    [failed] = _cut_off_then_restarted(layout, processes, lab, "message.send_failed")
+    assert failed["message_id"] == accepted["message_id"]
+    assert failed["severity"] == "warning" and failed["detail"]["attempts"] == 1
+    _recovered(failed)
+    assert processes.start(layout.lab.config_path).stop() == 0  # once, whatever follows
+    assert len(events(layout.lab.audit_log, "message.send_failed")) == 1
+
+
+def test_a_kill_after_an_unanswered_send_is_queued_again_writes_message_send_failed_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Its asynchronous receipt overdue: queued again to be resent, the daemon killed
+    before that ``message.send_failed`` is written; the earlier attempt's one stays
+    the only other."""
+    lab, message_id = _queued_and_tried(layout, processes)
+    assert lab.stop() == 0
+    # Sent long ago, its receipt never come (as request_timeout_seconds later would be).
+    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
+    with db:
+        db.execute(
+            "UPDATE outbound SET state='awaiting-receipt', updated_at=? WHERE message_id=?",
+            ("2000-01-01T00:00:00+00:00", message_id),
+        )
+    db.close()
+    lab = processes.start(
+        layout.lab.config_path,
+        prefix=killed_at("--kill-after", f"{OUTBOUND}.requeue_unanswered"),
+    )
+    wait_killed(lab)
+    assert len(events(layout.lab.audit_log, "message.send_failed")) == 1  # the first attempt's
+    assert processes.start(layout.lab.config_path).stop() == 0
+    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    first, overdue = events(layout.lab.audit_log, "message.send_failed")
+    assert first["message_id"] == overdue["message_id"] == message_id
+    assert "no asynchronous receipt in time" in overdue["reason"]
+    _recovered(overdue)
+
+
 def test_a_record_written_at_recovery_is_not_written_again_at_later_starts(
     layout: DemoLayout, processes: Any
 ) -> None:

@@ -9,6 +9,8 @@ import asyncio
 import io
 from pathlib import Path
 
+import pytest
+
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -23,9 +25,12 @@ from gateway.spool import OutboundState, SqliteSpool
 REFUSED = "processed/error: decryption-failed"
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["owed-record-kept", "settled-before-kept"])
 def test_settlements_without_their_records_get_them_at_the_next_start(
-    layout: DemoLayout, tmp_path: Path
+    layout: DemoLayout, tmp_path: Path, kept: bool
 ) -> None:
+    """Whether the spool names the record each change owes, or the changes were made by
+    a medgw from before it did (the start judges by their state): the same records."""
     config = load_config(layout.lab.config_path)
     spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     for message_id, state, disposition, error in [
@@ -37,6 +42,8 @@ def test_settlements_without_their_records_get_them_at_the_next_start(
         spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
         spool.mark_sending(message_id)
         spool.mark_done(message_id, state, disposition, tmp_path / "r.mdn", error=error)
+    if not kept:
+        spool._write("UPDATE outbound SET audit_owed=NULL, audit_owed_at=NULL", ())
     audit = AuditLog(config.storage.audit_log, SystemClock(), node="lab")
     context = Context(
         Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), SystemClock()

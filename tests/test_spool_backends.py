@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit import EventType
 from gateway.errors import ClaimHeldError, InvalidValueError, SpoolError
 from gateway.spool import (
     Claimant,
@@ -210,6 +211,45 @@ def test_rows_changed_since_are_those_whose_last_audited_change_this_node_made(
     assert (cancelled.audited_by, cancelled.node) == ("a", "b")
     assert theirs.outbound_changed_since(since) == []
     assert mine.outbound_changed_since(clock.now().isoformat()) == []
+
+
+def test_a_change_an_audit_record_follows_names_that_record_and_when_it_was_made(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Each change a record follows keeps, with its node, which record and the change's
+    time (the record's is that or later); a change no record follows (a send parked by
+    a shutdown, a claim) leaves them as they were: the start-up check is exact."""
+    clock = TickingClock()
+    mine, theirs = make_spool(clock, Claimant("a")), make_spool(clock, Claimant("b"))
+
+    def owed() -> tuple[str | None, str | None, bool]:
+        row = mine.get("<m@h>")
+        assert row is not None
+        return row.audited_by, row.audit_owed, row.audit_owed_at == row.updated_at
+
+    mine.add_intake("<m@h>", "lab", "a", "text/plain", tmp_path, tmp_path)
+    assert owed() == (None, None, False)
+    mine.mark_queued("<m@h>", None, [], "mic", 1, body=b"sealed")
+    assert owed() == ("a", "message.accepted", True)
+    theirs.claim_due("lab", 2e9, 1)
+    assert owed()[:2] == ("a", "message.accepted")  # claimed: no record follows
+    assert theirs.mark_retry("<m@h>", "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
+    assert owed() == ("b", "message.send_failed", True)
+    mine.claim_due("lab", 2e9, 1)
+    assert mine.mark_retry("<m@h>", "interrupted by shutdown", 0)
+    assert owed()[:2] == ("b", "message.send_failed")  # still b's record, of b's change
+    mine.claim_due("lab", 2e9, 1)
+    assert mine.mark_done(
+        "<m@h>",
+        OutboundState.FAILED,
+        "not-sent",
+        None,
+        error="unreadable",
+        owed=EventType.AT_REST_INTEGRITY_FAILED,
+    )
+    assert owed() == ("a", "atrest.integrity_failed", True)
+    theirs.operator_retry("<m@h>", "operator:root (uid 0)", 0)
+    assert owed() == ("b", "message.retried", True)
 
 
 def test_messages_answered_together_are_settled_in_one_transaction(

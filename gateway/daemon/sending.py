@@ -194,10 +194,13 @@ class Senders:
         (The spool in a worker thread: a database that does not answer never holds the loop.)"""
         delay = self._state().config.runtime.retry_max_seconds
         await asyncio.to_thread(
-            self._parts.spool.mark_retry,
-            message_id,
-            f"internal error: {type(exc).__name__}",
-            self._parts.clock.now().timestamp() + delay,
+            functools.partial(
+                self._parts.spool.mark_retry,
+                message_id,
+                f"internal error: {type(exc).__name__}",
+                self._parts.clock.now().timestamp() + delay,
+                owed=EventType.MESSAGE_SEND_FAILED,
+            )
         )
         log = self._parts.log
         log.error("message.send_crashed", peer=peer, message_id=message_id, exc_info=exc)

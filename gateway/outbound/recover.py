@@ -149,24 +149,55 @@ class Recovery:
             await self._finish(record)
 
     def _record_cut_off(self) -> None:
-        """Write the audit records a kill cut off (worker thread): a message queued
-        (``message.accepted``), settled by its receipt (``receipt.received``,
-        ``message.failed``), given up without one (``message.failed`` at its
-        preparation, ``message.expired``, ``message.dead``, ``message.cancelled``) or
-        retried by an operator (``message.retried``) is committed before its record is
+        """Write the audit records a kill cut off (worker thread): every change of an
+        outbound message an audit record follows is committed before its record is
         written.  Only the rows changed since the trail's last record whose step this
         node made are looked at (the spool keeps which node queued a message and which
         made its last such change: their records belong in its trail, whichever node
         holds the message now), and the trail only as far back as they need; each step
-        keeps exactly one record."""
+        keeps exactly one record.
+
+        The row names the record its last such change owes and when that change was
+        made (``audit_owed``): it is owed unless the trail has it from then on.  A row
+        last changed by a medgw from before that was kept tells it by its state and
+        notes instead: a message queued (``message.accepted``), settled by its receipt
+        (``receipt.received``, ``message.failed``), given up without one
+        (``message.failed`` at its preparation, ``message.expired``, ``message.dead``,
+        ``message.cancelled``), retried by an operator (``message.retried``) or taken
+        over from another node (``message.taken_over``)."""
         trail = self._ctx.config.storage.audit_log
         last = last_record_time(trail)
         since = datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
         changed = self._ctx.spool.outbound_changed_since(since.astimezone(UTC).isoformat())
         me = self._ctx.spool.node
-        wanted: list[tuple[OutboundRecord, EventType, frozenset[str], datetime]] = []
+        # (message, record to write) -> the row, the records that count as it, from when
+        # on, and whether exactly (one from then on) or as before (any one found).
+        wanted: dict[tuple[str, EventType], tuple[OutboundRecord, frozenset[str], datetime, bool]]
+        wanted = {}
+
+        def want(
+            record: OutboundRecord,
+            kind: EventType,
+            at: datetime,
+            kinds: frozenset[str] | None = None,
+            *,
+            exact: bool = False,
+        ) -> None:
+            wanted.setdefault(
+                (record.message_id, kind),
+                (record, kinds or frozenset({kind.value}), at, exact),
+            )
+
         for record in changed:
             created = datetime.fromisoformat(record.created_at)
+            if record.audit_owed is not None and record.audit_owed_at is not None:
+                if record.audited_by == me:
+                    owed_at = datetime.fromisoformat(record.audit_owed_at)
+                    want(record, EventType(record.audit_owed), owed_at, exact=True)
+                if record.queued_by == me and created >= since:
+                    # Queued here, its last change made by another node since.
+                    want(record, EventType.MESSAGE_ACCEPTED, created)
+                continue
             updated = datetime.fromisoformat(record.updated_at)
             first = record.attempts <= (record.state is OutboundState.SENDING)
             kept = record.queued_by is not None or record.audited_by is not None
@@ -179,36 +210,43 @@ class Recovery:
                 # Queued here since the trail's last record, whichever node sends it now
                 # (a row from before that was kept: queued, not yet sent, or in its first
                 # sending): its record was written after it was taken in.
-                accepted = EventType.MESSAGE_ACCEPTED
-                wanted.append((record, accepted, frozenset({accepted.value}), created))
+                want(record, EventType.MESSAGE_ACCEPTED, created)
             if record.audited_by not in (None, me):
                 continue  # its last step is in another node's trail
             if _retried(record) and first:
                 # An operator's retry: its record was written after it.
-                retried = EventType.MESSAGE_RETRIED
-                wanted.append((record, retried, frozenset({retried.value}), updated))
+                want(record, EventType.MESSAGE_RETRIED, updated)
             elif _taken_over(record):
                 # Another node's send queued again here: recorded after it.
-                taken = EventType.MESSAGE_TAKEN_OVER
-                wanted.append((record, taken, frozenset({taken.value}), updated))
+                want(record, EventType.MESSAGE_TAKEN_OVER, updated)
             elif record.state in _SETTLED and record.receipt_path is not None:
-                wanted.append((record, EventType.RECEIPT_RECEIVED, _SETTLED[record.state], updated))
+                delivered = record.state is OutboundState.DELIVERED
+                kind = EventType.RECEIPT_RECEIVED if delivered else EventType.MESSAGE_FAILED
+                want(record, kind, updated, _SETTLED[record.state])
             elif record.state in _GIVEN_UP:
-                kind = _GIVEN_UP[record.state]
-                wanted.append((record, kind, frozenset({kind.value}), updated))
+                want(record, _GIVEN_UP[record.state], updated)
         if not wanted:
             return
-        found: set[tuple[object, object]] = set()
+        latest: dict[tuple[object, object], datetime] = {}
 
         def seen(event: dict[str, Any]) -> bool:
-            found.add((event.get("event"), event.get("message_id")))
+            key = (event.get("event"), event.get("message_id"))
+            at = datetime.fromisoformat(event["time"])
+            latest[key] = max(at, latest.get(key, at))
             return False  # read on, as far back as the oldest row needs
 
-        recorded_since(trail, min(at for *_, at in wanted), seen)
+        recorded_since(trail, min(at for _, _, at, _ in wanted.values()), seen)
+
+        def recorded(
+            record: OutboundRecord, kinds: frozenset[str], at: datetime, exact: bool
+        ) -> bool:
+            times = [latest.get((kind, record.message_id)) for kind in kinds]
+            return any(t is not None and (not exact or t >= at) for t in times)
+
         events = [
             self._cut_off_event(record, kind)
-            for record, kind, kinds, _ in wanted
-            if not any((seen_kind, record.message_id) in found for seen_kind in kinds)
+            for (_, kind), (record, kinds, at, exact) in wanted.items()
+            if not recorded(record, kinds, at, exact)
         ]
         if not events:
             return
@@ -222,7 +260,7 @@ class Recovery:
             )
 
     def _cut_off_event(self, record: OutboundRecord, kind: EventType) -> AuditEvent:
-        """The record of ``record``'s step ``kind`` (its queueing, or its last step), as
+        """The record ``kind`` of ``record``'s step (its queueing, or its last step), as
         far as its row tells it."""
         note = record.last_error or ""
         if kind is EventType.MESSAGE_ACCEPTED:
@@ -239,13 +277,11 @@ class Recovery:
                 reason=f"{note}; {RECOVERED}",
                 detail={"attempts": record.attempts, "recorded_at_recovery": True},
             )
-        if record.state is OutboundState.CANCELLED or _retried(record):
+        if kind in (EventType.MESSAGE_CANCELLED, EventType.MESSAGE_RETRIED):
             # As operations.py writes them, but for the state before (not known here).
             operator = [p for p in (CANCELLED_BY, *RETRIED_BY) if note.startswith(p)]
             return AuditEvent(
-                EventType.MESSAGE_CANCELLED
-                if record.state is OutboundState.CANCELLED
-                else EventType.MESSAGE_RETRIED,
+                kind,
                 severity=Severity.WARNING,
                 peer=record.peer,
                 message_id=record.message_id,
@@ -254,27 +290,36 @@ class Recovery:
                 reason=f"{note or record.state.value}; {RECOVERED}",
                 detail={"recorded_at_recovery": True},
             )
-        if record.state is OutboundState.DELIVERED or record.state in _GIVEN_UP:
-            # As settle.py, seal.py and send.py write them: receipt.received, or an alert.
-            delivered = record.state is OutboundState.DELIVERED
-            settled = record.state in _SETTLED and record.receipt_path is not None
-            why = "settled by its receipt" if delivered else record.last_error or record.state.value
+        if kind is EventType.MESSAGE_SEND_FAILED:
+            # As send.py writes it, but without the back-off chosen (not kept).
             return self._ctx.event(
-                EventType.RECEIPT_RECEIVED if delivered else _GIVEN_UP[record.state],
+                kind,
                 peer=record.peer,
                 message_id=record.message_id,
-                outcome=Outcome.SUCCESS if delivered else Outcome.FAILURE,
-                severity=Severity.INFO if delivered else Severity.ALERT,
-                service=record.service,
-                reason=f"{why}; {RECOVERED}",
-                detail={
-                    "disposition": record.disposition,
-                    **({"receipt_file": str(record.receipt_path)} if settled else {}),
-                    **({} if delivered else {"attempts": record.attempts}),
-                    "recorded_at_recovery": True,
-                },
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                reason=f"{note}; {RECOVERED}",
+                detail={"attempts": record.attempts, "recorded_at_recovery": True},
             )
-        raise AssertionError(f"no record of {kind.value} is written at recovery")
+        # As settle.py, seal.py and send.py write them: receipt.received, or an alert.
+        delivered = kind is EventType.RECEIPT_RECEIVED
+        settled = record.state in _SETTLED and record.receipt_path is not None
+        why = "settled by its receipt" if delivered else record.last_error or record.state.value
+        return self._ctx.event(
+            kind,
+            peer=record.peer,
+            message_id=record.message_id,
+            outcome=Outcome.SUCCESS if delivered else Outcome.FAILURE,
+            severity=Severity.INFO if delivered else Severity.ALERT,
+            service=record.service,
+            reason=f"{why}; {RECOVERED}",
+            detail={
+                "disposition": record.disposition,
+                **({"receipt_file": str(record.receipt_path)} if settled else {}),
+                **({} if delivered else {"attempts": record.attempts}),
+                "recorded_at_recovery": True,
+            },
+        )
 
     def _accepted_event(self, record: OutboundRecord) -> AuditEvent:
         return accepted_event(

@@ -149,7 +149,12 @@ class Sender:
         no longer holds it: its asynchronous receipt settled it, or another node took it
         over (whose own read of the body decides)."""
         if not self._ctx.spool.mark_done(
-            record.message_id, OutboundState.FAILED, "not-sent", None, error=error.message
+            record.message_id,
+            OutboundState.FAILED,
+            "not-sent",
+            None,
+            error=error.message,
+            owed=EventType.AT_REST_INTEGRITY_FAILED,
         ):
             self._settled_meanwhile(record)
             return 0.0
@@ -207,7 +212,10 @@ class Sender:
             self._dead_letter(record, peer, error)
             return delay
         self._ctx.spool.mark_retry(
-            record.message_id, error, self._ctx.clock.now().timestamp() + delay
+            record.message_id,
+            error,
+            self._ctx.clock.now().timestamp() + delay,
+            owed=EventType.MESSAGE_SEND_FAILED,
         )
         self._ctx.log.warning(
             "message.send_failed",

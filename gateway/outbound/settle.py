@@ -310,8 +310,11 @@ class Answer:
         receipt: Path,
         key: DataKey | None,
         error: str | None = None,
+        *,
+        owed: EventType,
     ) -> Settled:
-        """The spool's change that settles the message (see :meth:`Spool.mark_settled`)."""
+        """The spool's change that settles the message (see :meth:`Spool.mark_settled`),
+        ``owed`` the record written of it."""
         found = OutboundState.SENDING if self.found is None else self.found
         return Settled(
             self.record.message_id,
@@ -322,6 +325,7 @@ class Answer:
             key,
             found=found,
             held=self.found is None,
+            owed=owed,
         )
 
 
@@ -352,7 +356,9 @@ class _Judging:
         self.events.append(event)
         return _Outcome(
             self._answer,
-            self._answer.settled(OutboundState.DELIVERED, disposition, self._path, self._key),
+            self._answer.settled(
+                OutboundState.DELIVERED, disposition, self._path, self._key, owed=event.event
+            ),
             self.events,
             "info" if logged else None,
             "message.receipt_verified",
@@ -377,7 +383,9 @@ class _Judging:
         )
         return _Outcome(
             self._answer,
-            self._answer.settled(OutboundState.FAILED, disposition, self._path, self._key, reason),
+            self._answer.settled(
+                OutboundState.FAILED, disposition, self._path, self._key, reason, owed=event
+            ),
             self.events,
             "error",
             "message.failed",

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from gateway.audit.events import EventType
 from gateway.routing import LOCAL_INTAKE, Origin
 from gateway.spool.records import (
     DataKey,
@@ -153,10 +154,18 @@ class Spool(Protocol):
         the receiver deduplicates and answers with the receipt again)."""
         ...
 
-    def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
+    def mark_retry(
+        self,
+        message_id: str,
+        error: str,
+        next_attempt_at: float,
+        *,
+        owed: EventType | None = None,
+    ) -> bool:
         """A send that did not get through goes back to the queue; False (nothing changed)
         if this node is no longer sending it (its asynchronous receipt settled it, or
-        another node took over the claim)."""
+        another node took over the claim).  ``owed``: the audit record this node writes
+        of it once committed (kept with the change, see ``OutboundRecord.audit_owed``)."""
         ...
 
     def mark_done(
@@ -168,9 +177,11 @@ class Spool(Protocol):
         error: str | None = None,
         *,
         data_key: DataKey | None = None,
+        owed: EventType | None = None,
     ) -> bool:
         """A message this node is sending finished; ``data_key``: the key the receipt
-        file is encrypted under at rest, stored in the same transaction.  False (nothing
+        file is encrypted under at rest, stored in the same transaction; ``owed``: the
+        audit record written of it (None: as :attr:`Settled.owes`).  False (nothing
         changed, no key stored) if this node no longer holds it: another node took it
         over when this node's claim ran out, or its asynchronous receipt settled it."""
         ...

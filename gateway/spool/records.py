@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from gateway.audit.events import EventType
 from gateway.routing import LOCAL_INTAKE, Origin
 
 
@@ -134,6 +135,11 @@ class OutboundRecord:
     # audit record follows (settled, given up, retried).
     queued_by: str | None = None
     audited_by: str | None = None
+    # The audit event audited_by's last change owes (an EventType's value), and when that
+    # change was made (ISO 8601): its record, at that time or later, is in that node's
+    # trail (None: changed before this was kept).
+    audit_owed: str | None = None
+    audit_owed_at: str | None = None
 
     @property
     def has_document(self) -> bool:
@@ -261,6 +267,18 @@ class Settled:
     data_key: DataKey | None = None
     found: OutboundState = OutboundState.SENDING
     held: bool = True
+    # The audit record written once it is committed (None: the receipt.received or
+    # message.failed of its state).
+    owed: EventType | None = None
+
+    @property
+    def owes(self) -> EventType:
+        """The audit record written once this is committed."""
+        if self.owed is not None:
+            return self.owed
+        if self.state is OutboundState.DELIVERED:
+            return EventType.RECEIPT_RECEIVED
+        return EventType.MESSAGE_FAILED
 
 
 # The names of the items kept encrypted at rest, each with its own data key.

@@ -131,6 +131,11 @@ ADDED_COLUMNS = (
     # The node that queued it (signed and encrypted it): its message.accepted is in that
     # node's trail, whichever node sends it (NULL: before this was recorded).
     ("outbound", "queued_by", "TEXT"),
+    # The audit event that change of audited_by's owes (written after the commit), and
+    # when the change was made: a record of it at that time or later is in that node's
+    # trail unless a kill cut it off (NULL: changed before this was recorded).
+    ("outbound", "audit_owed", "TEXT"),
+    ("outbound", "audit_owed_at", "TEXT"),
 )
 
 # Indexes on columns added after the first release (created after them).

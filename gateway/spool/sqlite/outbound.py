@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.audit.events import EventType
 from gateway.errors import InvalidValueError, SpoolError
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
@@ -26,11 +27,14 @@ from gateway.spool.sql import Connection, Row, SqlStore
 
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
+# A change an audit record follows (written once it is committed): whose trail it is in,
+# which record, and when the change was made (see OutboundRecord.audit_owed).
+_AUDITED = "audited_by=?, audit_owed=?, audit_owed_at=?"
 # Settled by its receipt, if still in the state its settler found it in (see Settled);
 # once delivered, the body stored in the spool is of no more use (as its file is).
 _SETTLE = (
-    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"
-    " body=CASE WHEN ? THEN NULL ELSE body END, audited_by=? WHERE message_id=? AND state=?"
+    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"  # noqa: S608 - fixed text
+    f" body=CASE WHEN ? THEN NULL ELSE body END, {_AUDITED} WHERE message_id=? AND state=?"
 )
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
@@ -73,6 +77,8 @@ def _outbound(row: Row) -> OutboundRecord:
         lease_until=row["lease_until"] or 0.0,
         queued_by=row["queued_by"],
         audited_by=row["audited_by"],
+        audit_owed=row["audit_owed"],
+        audit_owed_at=row["audit_owed_at"],
     )
 
 
@@ -166,6 +172,11 @@ class OutboundQueue(SqlStore):
         if intakes:
             self._transact(work)
 
+    def _audited(self, owed: EventType, now: str) -> tuple[str, str, str]:
+        """The parameters of :data:`_AUDITED`: this node's change, made ``now``, owes
+        the record ``owed``."""
+        return self.node, owed.value, now
+
     def submitter(self, message_id: str) -> str | None:
         """Who submitted the message (None: not recorded, or no such message)."""
         row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
@@ -221,8 +232,8 @@ class OutboundQueue(SqlStore):
             queued = []
             for one in prepared:
                 count = db.execute(
-                    "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"
-                    " updated_at=?, encrypted_for=?, payload=NULL, audited_by=?, queued_by=?"
+                    "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"  # noqa: S608 - fixed text
+                    f" updated_at=?, encrypted_for=?, payload=NULL, queued_by=?, {_AUDITED}"
                     " WHERE message_id=? AND state=?",
                     (
                         OutboundState.QUEUED.value,
@@ -234,7 +245,7 @@ class OutboundQueue(SqlStore):
                         now,
                         one.encrypted_for,
                         self.node,
-                        self.node,
+                        *self._audited(EventType.MESSAGE_ACCEPTED, now),
                         one.message_id,
                         OutboundState.INTAKE.value,
                     ),
@@ -301,14 +312,21 @@ class OutboundQueue(SqlStore):
             OutboundState.AWAITING_RECEIPT,
             OutboundState.QUEUED,
             "no asynchronous receipt in time; resending",
+            EventType.MESSAGE_SEND_FAILED,
         )
 
     def _move_still(
-        self, ids: list[str], state: OutboundState, new: OutboundState, note: str
+        self,
+        ids: list[str],
+        state: OutboundState,
+        new: OutboundState,
+        note: str,
+        owed: EventType,
     ) -> list[str]:
-        """Move the messages ``ids`` (just read in ``state``) to ``new``, in one transaction;
-        returns those moved.  One that another thread has moved since it was read (its
-        receipt settled it, an operator cancelled it) is no longer in ``state``: left alone."""
+        """Move the messages ``ids`` (just read in ``state``) to ``new``, in one transaction,
+        each owing the record ``owed``; returns those moved.  One that another thread has
+        moved since it was read (its receipt settled it, an operator cancelled it) is no
+        longer in ``state``: left alone."""
         if not ids:
             return []
         updated_at = self._now()
@@ -318,38 +336,57 @@ class OutboundQueue(SqlStore):
                 message_id
                 for message_id in ids
                 if db.execute(
-                    "UPDATE outbound SET state=?, last_error=?, updated_at=?, audited_by=?"
+                    f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {_AUDITED}"  # noqa: S608 - fixed text
                     " WHERE message_id=? AND state=?",
-                    (new.value, note, updated_at, self.node, message_id, state.value),
+                    (
+                        new.value,
+                        note,
+                        updated_at,
+                        *self._audited(owed, updated_at),
+                        message_id,
+                        state.value,
+                    ),
                 ).rowcount
                 == 1
             ]
 
         return self._transact(move)
 
-    def mark_retry(self, message_id: str, error: str, next_attempt_at: float) -> bool:
-        """A send that did not get through goes back to the queue; False (nothing changed)
-        if this node is no longer sending it (its asynchronous receipt settled it, or
-        another node took it over)."""
-        return self._end_send(message_id, OutboundState.QUEUED, error, next_attempt_at)
+    def mark_retry(
+        self,
+        message_id: str,
+        error: str,
+        next_attempt_at: float,
+        *,
+        owed: EventType | None = None,
+    ) -> bool:
+        """See :meth:`gateway.spool.protocol.Spool.mark_retry`."""
+        return self._end_send(message_id, OutboundState.QUEUED, error, next_attempt_at, owed)
 
     def _end_send(
-        self, message_id: str, new: OutboundState, note: str, next_attempt_at: float | None = None
+        self,
+        message_id: str,
+        new: OutboundState,
+        note: str,
+        next_attempt_at: float | None,
+        owed: EventType | None,
     ) -> bool:
         """This node's send of ``message_id`` ends in state ``new`` (``note`` why; due again
-        at ``next_attempt_at`` if given), its claim let go.  False (nothing changed) if
-        this node no longer sends it."""
+        at ``next_attempt_at`` if given), its claim let go; ``owed``: the record this node
+        writes of it.  False (nothing changed) if this node no longer sends it."""
+        now = self._now()
+        audited, by = (f", {_AUDITED}", self._audited(owed, now)) if owed else ("", ())
         return (
             self._write(
-                "UPDATE outbound SET state=?, last_error=?,"
-                " next_attempt_at=COALESCE(?, next_attempt_at), updated_at=?, lease_until=0,"
-                " audited_by=? WHERE message_id=? AND state=? AND node=?",
+                "UPDATE outbound SET state=?, last_error=?,"  # noqa: S608 - fixed text
+                " next_attempt_at=COALESCE(?, next_attempt_at), updated_at=?,"
+                f" lease_until=0{audited} WHERE message_id=? AND state=? AND node=?",
                 (
                     new.value,
                     note,
                     next_attempt_at,
-                    self._now(),
-                    self.node,  # its record (message.send_failed, message.dead) is this node's
+                    now,
+                    *by,
                     message_id,
                     OutboundState.SENDING.value,
                     self.node,
@@ -367,9 +404,10 @@ class OutboundQueue(SqlStore):
         error: str | None = None,
         *,
         data_key: DataKey | None = None,
+        owed: EventType | None = None,
     ) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.mark_done`."""
-        done = Settled(message_id, state, disposition, receipt_path, error, data_key)
+        done = Settled(message_id, state, disposition, receipt_path, error, data_key, owed=owed)
         return bool(self.mark_settled([done]))
 
     def mark_settled(self, settled: Sequence[Settled], awaiting: Sequence[str] = ()) -> list[str]:
@@ -392,7 +430,7 @@ class OutboundQueue(SqlStore):
                         done.error,
                         now,
                         done.state is OutboundState.DELIVERED,
-                        self.node,
+                        *self._audited(done.owes, now),
                         done.message_id,
                         done.found.value,
                         *node,
@@ -556,19 +594,23 @@ class OutboundQueue(SqlStore):
             "state=? AND node IS NOT NULL AND node!=? AND lease_until<?",
             (OutboundState.SENDING.value, self.node, now),
             TAKEN_OVER,
-            audited=True,
+            EventType.MESSAGE_TAKEN_OVER,
         )
         return [_outbound(r) for r in rows]
 
     def _requeue(
-        self, where: str, params: tuple[object, ...], note: str, *, audited: bool = False
+        self,
+        where: str,
+        params: tuple[object, ...],
+        note: str,
+        owed: EventType | None = None,
     ) -> list[Row]:
         """Messages being sent that match ``where`` back to the queue, due now, in one
-        transaction; returns their rows as they were.  ``audited``: the caller records
-        each (their last audited change is this node's)."""
+        transaction; returns their rows as they were.  ``owed``: the record the caller
+        writes of each (their last audited change is this node's)."""
         updated_at = self._now()
-        audited_by = ", audited_by=?" if audited else ""
-        by = (self.node,) if audited else ()
+        audited_by = f", {_AUDITED}" if owed else ""
+        by = self._audited(owed, updated_at) if owed else ()
 
         def requeue(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
@@ -639,6 +681,7 @@ class OutboundQueue(SqlStore):
             OutboundState.QUEUED,
             OutboundState.EXPIRED,
             "not delivered before its expiry",
+            EventType.MESSAGE_EXPIRED,
         )
 
     def _transition(
@@ -647,14 +690,16 @@ class OutboundQueue(SqlStore):
         allowed: tuple[OutboundState, ...],
         new: OutboundState,
         note: str,
+        owed: EventType,
         *,
         reset: bool = False,
         expires_at: float | None = None,
         drop_body: bool = False,
         claim: bool = False,
     ) -> OutboundRecord:
-        """Move one message between states, only from ``allowed`` ones (checked atomically);
-        ``claim``: claimed by this node under a new lease in the same change."""
+        """Move one message between states, only from ``allowed`` ones (checked atomically),
+        owing the record ``owed``; ``claim``: claimed by this node under a new lease in the
+        same change."""
         marks = ",".join("?" for _ in allowed)
         extra = (
             ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL" if reset else ""
@@ -667,14 +712,15 @@ class OutboundQueue(SqlStore):
         if claim:
             extra += ", node=?, lease_until=?"
             claimed = (self.node, self._lease()[1])
+        now = self._now()
         changed = self._write(
-            f"UPDATE outbound SET state=?, last_error=?, updated_at=?, audited_by=?{extra}"  # noqa: S608
+            f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {_AUDITED}{extra}"  # noqa: S608
             f" WHERE message_id=? AND state IN ({marks})",
             (
                 new.value,
                 note,
-                self._now(),
-                self.node,
+                now,
+                *self._audited(owed, now),
                 *claimed,
                 message_id,
                 *(a.value for a in allowed),
@@ -695,7 +741,7 @@ class OutboundQueue(SqlStore):
 
     def mark_dead(self, message_id: str, reason: str) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.mark_dead`."""
-        return self._end_send(message_id, OutboundState.DEAD, reason)
+        return self._end_send(message_id, OutboundState.DEAD, reason, None, EventType.MESSAGE_DEAD)
 
     def operator_retry(self, message_id: str, actor: str, expires_at: float) -> OutboundRecord:
         record = self.get(message_id)
@@ -709,6 +755,7 @@ class OutboundQueue(SqlStore):
                     RETRYABLE,
                     OutboundState.INTAKE,
                     f"{RETRIED_BY[1]}{actor}",
+                    EventType.MESSAGE_RETRIED,
                     reset=True,
                     expires_at=expires_at,
                     claim=True,
@@ -729,6 +776,7 @@ class OutboundQueue(SqlStore):
             RETRYABLE,
             OutboundState.QUEUED,
             f"{RETRIED_BY[0]}{actor}",
+            EventType.MESSAGE_RETRIED,
             reset=True,
             expires_at=expires_at,
         )
@@ -739,6 +787,7 @@ class OutboundQueue(SqlStore):
             CANCELLABLE,
             OutboundState.CANCELLED,
             f"{CANCELLED_BY}{actor}",
+            EventType.MESSAGE_CANCELLED,
             drop_body=True,
         )
         # A document kept after a failed preparation is withdrawn: its key goes now.
@@ -747,16 +796,17 @@ class OutboundQueue(SqlStore):
 
     def fail_intake(self, message_id: str, error: str) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.fail_intake`."""
+        now = self._now()
         return (
             self._write(
-                "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"
-                " updated_at=?, audited_by=? WHERE message_id=? AND state=?",
+                "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"  # noqa: S608 - fixed text
+                f" updated_at=?, {_AUDITED} WHERE message_id=? AND state=?",
                 (
                     OutboundState.FAILED.value,
                     "not-sent",
                     error,
-                    self._now(),
-                    self.node,
+                    now,
+                    *self._audited(EventType.MESSAGE_FAILED, now),
                     message_id,
                     OutboundState.INTAKE.value,
                 ),
