@@ -395,6 +395,11 @@ def test_running_nodes_take_over_a_dead_nodes_intake_kept_in_the_spool_a_few_at_
     assert b.intake_take_over(8) == [] and b.renew_leases() == 2
     held = c.get("<file@x>")
     assert held is not None and held.node == "a"  # only node a reaches its document
+    # Each take-over is a change of its own, its message.taken_over the taker's to write.
+    taken = c.get("<k2@x>")
+    assert taken is not None and taken.updated_at == taken.audit_owed_at
+    assert (taken.audited_by, taken.audit_owed) == ("c", "message.taken_over")
+    assert held.audit_owed is None
 
 
 def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(

@@ -297,6 +297,38 @@ def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_star
     assert_trails_verify(lab.b)
 
 
+def test_an_intake_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_start(
+    layout: DemoLayout,
+    processes: Processes,
+    lab: Lab,
+) -> None:
+    """lab-a takes a document in and dies before signing it; lab-b, running, claims it
+    once lab-a's lease has run out and is killed before writing ``message.taken_over``.
+    Started again, lab-b writes it (once, into its own trail), then sends the message."""
+    trail_b = layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    lab_b = processes.start(
+        lab.b, prefix=killed_at("--kill-before", "gateway.daemon.leases:LeaseKeeper._taken_over")
+    )
+    lab_a = processes.start(
+        lab.a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all")
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "left.hl7", b"MSH|^~\\&|LAB|left behind\r")
+    wait_killed(lab_a)
+    wait_killed(lab_b)  # its claim on lab-a's intake committed, its record not written
+    [left] = outbound(lab.spool)
+    assert (left.state, left.node) == (OutboundState.INTAKE, "lab-b")
+    assert not [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
+
+    lab_b = processes.start(lab.b)
+    wait_for_events(trail_b, "receipt.received")
+    assert lab_b.stop() == 0
+    [taken] = [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
+    assert taken["message_id"] == left.message_id and taken["node"] == "lab-b"
+    assert taken["detail"]["recorded_at_recovery"] is True
+    assert "had taken it in" in taken["reason"]
+    assert_trails_verify(lab.b)
+
+
 def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_folder(
     layout: DemoLayout,
     processes: Processes,

@@ -24,6 +24,11 @@ COMMAND_PARTIAL_SECONDS = 3600.0
 RECOVERED = (
     "recorded at recovery: the change was committed before an interruption cut off its record"
 )
+# Why a message still in intake was taken over (its row keeps no note of it).
+INTAKE_TAKEN_OVER = (
+    "taken over: the claim of the node that had taken it in, and not yet signed and "
+    "encrypted it, ran out"
+)
 # The records a settlement by receipt writes, by the state it leaves (see settle.py).
 _SETTLED = {
     OutboundState.DELIVERED: frozenset({EventType.RECEIPT_RECEIVED.value}),
@@ -267,6 +272,8 @@ class Recovery:
             return self._accepted_event(record)
         if kind is EventType.MESSAGE_TAKEN_OVER:
             # As the lease keeper writes it, but for the node it came from (not known here).
+            if record.state is OutboundState.INTAKE:
+                note = INTAKE_TAKEN_OVER
             return AuditEvent(
                 EventType.MESSAGE_TAKEN_OVER,
                 severity=Severity.WARNING,

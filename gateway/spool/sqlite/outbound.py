@@ -471,15 +471,24 @@ class OutboundQueue(SqlStore):
             "node IS NOT NULL AND node!=? AND lease_until<? AND payload IS NOT NULL",
             (self.node, now),
             limit,
+            EventType.MESSAGE_TAKEN_OVER,
         )
 
     def _claim_intake(
-        self, where: str, params: tuple[object, ...], limit: int = -1
+        self,
+        where: str,
+        params: tuple[object, ...],
+        limit: int = -1,
+        owed: EventType | None = None,
     ) -> list[OutboundRecord]:
         """Messages in intake that match ``where``, oldest first (up to ``limit``; -1: all),
         claimed for this node in one transaction; returns them as they were (who held
-        them before)."""
+        them before).  ``owed``: the record the caller writes of each claim (a change
+        then, made by this node)."""
         _, lease_until = self._lease()
+        now = self._now()
+        audited = f", updated_at=?, {_AUDITED}" if owed else ""
+        by = (now, *self._audited(owed, now)) if owed else ()
 
         def claim(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): another node claiming at the same moment passes
@@ -490,9 +499,10 @@ class OutboundQueue(SqlStore):
                 (OutboundState.INTAKE.value, *params, *((limit,) if limit >= 0 else ())),
             ).fetchall()
             db.executemany(
-                "UPDATE outbound SET node=?, lease_until=? WHERE message_id=? AND state=?",
+                f"UPDATE outbound SET node=?, lease_until=?{audited}"  # noqa: S608 - fixed text
+                " WHERE message_id=? AND state=?",
                 [
-                    (self.node, lease_until, r["message_id"], OutboundState.INTAKE.value)
+                    (self.node, lease_until, *by, r["message_id"], OutboundState.INTAKE.value)
                     for r in rows
                 ],
             )
