@@ -1,8 +1,8 @@
 """A defect while sending one message parks that message and keeps the peer's queue going.
 
 The daemon's sender task meets an unexpected error from a send (here the first
-read of a stored body fails, by tests/faultpoint.py): the message is set to be
-tried again after ``retry_max_seconds``, an alert names the error, and the next
+look at its claim before the POST fails, by tests/faultpoint.py): the message is set
+to be tried again after ``retry_max_seconds``, an alert names the error, and the next
 document to the same peer is sent as usual.
 """
 
@@ -37,7 +37,7 @@ def test_a_send_that_fails_unexpectedly_is_parked_and_the_next_one_is_sent(
     processes.start(layout.hospital.config_path)
     lab = processes.start(
         config,
-        prefix=killed_at("--fail-once", "gateway.outbound.send:Sender._ready"),
+        prefix=killed_at("--fail-once", "gateway.outbound.send:Sender._fresh"),
     )
     outbox = layout.lab.outbox_for("hospital")
     began = time.time()

@@ -17,6 +17,7 @@ import io
 import random
 import threading
 from dataclasses import replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,28 @@ class NotedAudit(AuditLog):
         super().emit(event)
 
 
+class LaterClock(SystemClock):
+    """The system's clock, moved forward by ``ahead`` seconds (its monotonic reading by
+    ``monotonic_ahead`` more)."""
+
+    ahead = 0.0
+    monotonic_ahead = 0.0
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self.ahead)
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.ahead + self.monotonic_ahead
+
+
 async def _sender(
     layout: DemoLayout,
     tmp_path: Path,
     config: GatewayConfig,
     spool_type: type[NotedSpool] = NotedSpool,
+    clock: SystemClock | None = None,
 ) -> tuple[Outbound, NotedSpool, NotedAudit, Peer]:
-    clock = SystemClock()
+    clock = clock or SystemClock()
     spool = spool_type(tmp_path / "spool.sqlite3", clock)
     spool.threads = []
     audit = NotedAudit(tmp_path / "audit.jsonl", clock, node="hospital")
@@ -203,13 +219,16 @@ async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
 ) -> None:
     """The daemon stops while a claimed message's claim is being checked, before its
     POST: the message is queued again, due now, for any node (not left "sending" by
-    this node until its lease runs out)."""
+    this node until its lease runs out).  (Checked before the POST: claimed, by the
+    monotonic clock, more than half a lease ago.)"""
     config = load_config(layout.hospital.config_path)
-    outbound, spool, _, peer = await _sender(layout, tmp_path, config, HeldSpool)
+    clock = LaterClock()
+    outbound, spool, _, peer = await _sender(layout, tmp_path, config, HeldSpool, clock)
     assert isinstance(spool, HeldSpool)
     client = _client(outbound, peer)
     try:
         record = await _claim_one(outbound, peer, layout)
+        clock.monotonic_ahead = config.cluster.lease_seconds
         spool.asked, spool.go = threading.Event(), threading.Event()
         send = asyncio.create_task(outbound.send_one(record, peer, client, random.Random(1)))
         assert await asyncio.to_thread(spool.asked.wait, 60)
@@ -223,3 +242,36 @@ async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
     finally:
         await client.close()
         spool.close()
+
+
+@pytest.mark.parametrize("claimed_ago", [0.0, 0.49, 0.51])
+async def test_a_claim_older_than_half_a_lease_is_checked_again_before_its_post(
+    layout: DemoLayout, tmp_path: Path, claimed_ago: float
+) -> None:
+    """A small message is sent with the body its claim's trip opened only while that
+    claim has half a lease to spare; later, it is checked again before the POST, and
+    one whose claim has run that low is not sent (queued again: the node that takes it
+    over, or this one, sends it).  The lab is not running: a POST is refused."""
+    config = load_config(layout.hospital.config_path)
+    clock = LaterClock()
+    outbound, spool, audit, peer = await _sender(layout, tmp_path, config, HeldSpool, clock)
+    assert isinstance(spool, HeldSpool)
+    client = _client(outbound, peer)
+    checked = threading.Event()
+    try:
+        record = await _claim_one(outbound, peer, layout)
+        clock.ahead = config.cluster.lease_seconds * claimed_ago
+        spool.asked, spool.go = checked, threading.Event()
+        spool.go.set()
+        await outbound.send_one(record, peer, client, random.Random(1))
+        after = spool.get(record.message_id)
+    finally:
+        await client.close()
+        spool.close()
+        audit.close()
+    assert after is not None and after.state is OutboundState.QUEUED
+    assert checked.is_set() is (claimed_ago > 0.5)
+    if claimed_ago > 0.5:
+        assert after.last_error == "this node's claim ran out before the send"
+    else:
+        assert after.last_error != "this node's claim ran out before the send"  # POSTed

@@ -1,6 +1,7 @@
-"""The sender's path per message: one worker-thread trip before the POST (the claim
-checked and the stored body opened together), and the messages the peer has answered
-settled in groups: one trip, one spool transaction and one audit write for a group.
+"""The sender's path per message: no worker-thread trip of its own before the POST (a
+small message's body is opened in the trip that claims it), and the messages the peer
+has answered settled in groups: one trip, one spool transaction and one audit write
+for a group.
 
 A real ``medgw run`` lab answers with signed receipts over mutual TLS; the sending
 side is the real pipeline with the real spool and audit log.  The spool holds the
@@ -184,10 +185,11 @@ async def test_messages_answered_together_are_settled_together(
     # the first, then the rest together), each message in one.
     assert spool.groups[0] == [first] and len(spool.groups) <= 1 + SETTLE_GROUPS
     assert sorted(m for group in spool.groups[1:] for m in group) == sorted(others)
-    # One trip before each POST (claim checked, body opened), one per group after.
-    assert trips.count("_ready") == 1 + OTHERS
+    # No trip before a POST (the claim's trip, moments before, opened each body kept
+    # in the spool row), one per group after.
+    assert trips.count("_ready") == 0
     assert trips.count("_sent_all") == len(spool.groups)
-    assert len(trips) == 1 + OTHERS + len(spool.groups), trips
+    assert len(trips) == len(spool.groups), trips
     check = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     try:
         for message_id in (first, *others):

@@ -5,10 +5,11 @@ slow or dead peer never delays documents to the others."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from gateway.atrest import open_bytes, open_file
 from gateway.atrest.chunked import failure_of
@@ -30,6 +31,16 @@ SETTLE_BATCH = 64
 # commits of one overlap the other's.
 SETTLE_GROUPS = 2
 
+Ready = tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]]  # the body to POST, its headers
+
+
+class _Opened(NamedTuple):
+    """A small message's body opened in the trip that claimed it, and when that trip
+    began (the clock's monotonic seconds): its claim runs a lease from then at least."""
+
+    ready: Ready
+    claimed_at: float
+
 
 class Sender:
     """What a peer's sender task does with the messages queued for it."""
@@ -39,6 +50,9 @@ class Sender:
         self._settler = settler
         # The messages the peers have answered, settled in groups (see outbound.batches).
         self.settling = Batches(context, self._sent_all, SETTLE_BATCH, SETTLE_GROUPS)
+        # The small messages claimed with their bodies opened, until each one's send
+        # takes its body (see due_for_sending); by Message-ID.
+        self._opened: dict[str, _Opened] = {}
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         runtime = self._ctx.config.runtime
@@ -60,11 +74,15 @@ class Sender:
         connection is free for the next message from then on)."""
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task or node picks it up).
+        opened = self._opened.pop(record.message_id, None)
         try:
             if self._ctx.claims_lost.is_set():
                 await self._ctx.in_thread(self._claim_lost, record)
                 return 0.0
-            ready = await self._ctx.in_thread(self._ready, record, peer, on_cancel=_close)
+            if opened is not None and self._fresh(opened):
+                ready: Ready | None = opened.ready
+            else:
+                ready = await self._ctx.in_thread(self._ready, record, peer, on_cancel=_close)
         except asyncio.CancelledError:
             await self._interrupted(record)  # stopped before the POST: any node sends it
             raise
@@ -110,13 +128,20 @@ class Sender:
             self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
         )
 
-    def _ready(
-        self, record: OutboundRecord, peer: Peer
-    ) -> tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]] | None:
+    def _fresh(self, opened: _Opened) -> bool:
+        """Whether the claim of a message opened when it was claimed still has half a
+        lease to spare, as :meth:`_ready` checks it: its trip began less than half a
+        lease ago (a lease renewal failed meanwhile sets ``claims_lost``), so no other
+        node can have taken it over.  Else it is checked again before its POST."""
+        lease = self._ctx.config.cluster.lease_seconds
+        return self._ctx.clock.monotonic() - opened.claimed_at < lease / 2
+
+    def _ready(self, record: OutboundRecord, peer: Peer) -> Ready | None:
         """Right before the POST, in one worker-thread trip: the claim checked (still held
         by this node, with half a lease to spare), then the stored body opened.  None:
         not to be sent now (the claim was lost, or the body cannot be read back), which
-        is recorded here."""
+        is recorded here.  (A small message claimed moments ago skips this trip: its
+        claim's trip opened its body, see :meth:`due_for_sending`.)"""
         if not self._ctx.spool.holds_lease(record.message_id):
             self._claim_lost(record)
             return None
@@ -126,9 +151,7 @@ class Sender:
             self._unreadable(record, peer, exc)
             return None
 
-    def _stored_body(
-        self, record: OutboundRecord
-    ) -> tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]]:
+    def _stored_body(self, record: OutboundRecord) -> Ready:
         """The AS2 body as kept at rest, opened for sending, and the headers to send it
         with (worker thread)."""
         item = body_item(record.message_id)
@@ -284,20 +307,36 @@ class Sender:
         claimed (marked sending), unless the exchange is suspended.  Returns them and
         when the next queued one is due.  One trip to a worker thread: the spool's
         transactions stay off the event loop.  Interrupted (shutdown), what was
-        claimed goes back to the queue."""
+        claimed goes back to the queue.
 
-        def claim() -> tuple[list[OutboundRecord], float | None]:
+        The bodies of the small messages claimed (kept in the spool row) are opened in
+        the same trip, so that their sends need no trip of their own before the POST:
+        the claim made now is the check that :meth:`_ready` would make moments later.
+        (A larger body is a file, opened by its send: nothing is held open for it.)"""
+        Claimed = tuple[list[OutboundRecord], float | None, dict[str, _Opened]]
+
+        def claim() -> Claimed:
             self.expire(peer)
             self.requeue_unanswered(peer)
             if free <= 0 or self._ctx.spool.is_suspended(peer.name):
-                return [], None
-            return self._ctx.spool.claim_due(peer.name, now, free)
+                return [], None, {}
+            began = self._ctx.clock.monotonic()
+            records, next_at = self._ctx.spool.claim_due(peer.name, now, free)
+            opened: dict[str, _Opened] = {}
+            for record in records:
+                # One that cannot be read back is read again by its send, which records why.
+                with contextlib.suppress(AtRestError):
+                    if record.body is not None:
+                        opened[record.message_id] = _Opened(self._stored_body(record), began)
+            return records, next_at, opened
 
-        def give_back(result: tuple[list[OutboundRecord], float | None]) -> None:
+        def give_back(result: Claimed) -> None:
             for record in result[0]:
                 self._ctx.spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
 
-        return await self._ctx.in_thread(claim, on_cancel=give_back)
+        records, next_at, opened = await self._ctx.in_thread(claim, on_cancel=give_back)
+        self._opened.update(opened)
+        return records, next_at
 
     def requeue_unanswered(self, peer: Peer) -> None:
         """Asynchronous receipts that did not come within request_timeout_seconds: resend."""
@@ -344,7 +383,7 @@ class Sender:
         )
 
 
-def _close(ready: tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]] | None) -> None:
+def _close(ready: Ready | None) -> None:
     """A body opened for a send that a shutdown cancelled is closed unsent."""
     if ready is not None and not isinstance(ready[0], bytes):
         ready[0].close()
