@@ -281,13 +281,13 @@ def test_messages_answered_together_are_settled_in_one_transaction(
     assert spool.mark_settled([], ["<ok@h>"]) == []
 
 
-def test_receipt_names_are_the_file_names_of_the_receipts_rows_name(
+def test_the_receipts_recorded_are_asked_by_file_name(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     """Names only, wherever each was stored (another node's state folder, one moved since);
     a receipt an operator's retry cleared is no longer among them."""
     spool = make_spool(TickingClock())
-    assert spool.receipt_names() == set()
+    assert spool.receipts_recorded(["ok.1f.mdn"]) == set()
     _sending(spool, tmp_path, "<ok@h>", "<bad@h>", "<later@h>")
     spool.mark_settled(
         [
@@ -296,9 +296,32 @@ def test_receipt_names_are_the_file_names_of_the_receipts_rows_name(
         ],
         ["<later@h>"],
     )
-    assert spool.receipt_names() == {"ok.1f.mdn", "bad.mdn"}
+    found = ["ok.1f.mdn", "bad.mdn", "a", "elsewhere", "ok.1f", "unknown.mdn", "OK.1F.MDN"]
+    assert spool.receipts_recorded(found) == {"ok.1f.mdn", "bad.mdn"}
     spool.operator_retry("<bad@h>", "operator:root (uid 0)", 2e9)
-    assert spool.receipt_names() == {"ok.1f.mdn"}
+    assert spool.receipts_recorded(found) == {"ok.1f.mdn"}
+    assert spool.receipts_recorded([]) == set()
+
+
+def test_the_payloads_recorded_are_asked_by_file_name_many_at_a_time(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """More names than one statement asks about; each name found once, with whether its
+    plaintext is still needed (in intake, or not yet signed and encrypted)."""
+    spool = make_spool(TickingClock())
+    many = 1200
+    spool.add_intakes(
+        [
+            Intake(f"<{i}@h>", "lab", "a", "text/plain", tmp_path, tmp_path / "moved" / f"p{i}")
+            for i in range(many)
+        ]
+    )
+    spool.mark_queued("<7@h>", None, [], "mic", 1, body=b"sealed")
+    names = [f"p{i}" for i in range(0, many, 2)] + ["unknown", "moved", "p7.mdn"]
+    recorded = spool.payloads_recorded(names)
+    assert set(recorded) == {f"p{i}" for i in range(0, many, 2)}
+    assert all(recorded.values())
+    assert spool.payloads_recorded(["p7", "p8"]) == {"p7": False, "p8": True}
 
 
 def test_a_settlement_that_fails_changes_none_of_its_messages(

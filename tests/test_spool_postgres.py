@@ -19,10 +19,11 @@ import pytest
 
 from gateway.errors import SpoolError, SpoolUnreachableError
 from gateway.pki.issue import make_ca, write_pem
-from gateway.spool import OutboundState
+from gateway.spool import Intake, OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.postgres.database import translate
 from gateway.spool.postgres.schema import VERSION
+from gateway.spool.schema import file_name
 from tests.clocks import SetClock, TickingClock
 from tests.helpers.postgres import PASSWORD, PostgresServer
 
@@ -270,3 +271,40 @@ def test_times_are_ordered_as_times_in_a_database_of_another_collation(
     spool = PostgresSpool(settings, clock)
     times_in_order()
     spool.close()
+
+
+def test_a_spool_upgraded_with_many_rows_answers_the_sweeps_by_its_file_name_indexes(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """The indexes a start's sweeps search are built at the first start after the
+    upgrade, with the statistics the planner needs to use them for a batch of names
+    (else, until autovacuum's next ANALYZE, it reads the whole table per batch)."""
+    spool = PostgresSpool(postgres, TickingClock())
+    spool.add_intakes(
+        [
+            Intake(f"<m{i}@h>", "lab", "a.hl7", "text/plain", tmp_path, tmp_path / f"p{i:06d}")
+            for i in range(5000)
+        ]
+    )
+    # As a database of the version before: no file-name indexes.
+    spool._transact(
+        lambda db: [
+            db.execute("DROP INDEX outbound_payload_name", ()),
+            db.execute("DROP INDEX outbound_receipt_name", ()),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 2,)),
+        ]
+    )
+    spool.close()
+    spool = PostgresSpool(postgres, TickingClock())
+    names = [f"p{i:06d}" for i in range(0, 5000, 10)]
+    assert set(spool.payloads_recorded(names)) == set(names)
+    spool.close()
+    name = file_name("payload_path")
+    marks = ",".join(f"'{n}'" for n in names)
+    with postgres_server.admin(postgres.dbname) as db:
+        plan = [
+            str(row[0])
+            for row in db.execute(f"EXPLAIN SELECT {name} FROM outbound WHERE {name} IN ({marks})")
+        ]
+    assert "outbound_payload_name" in plan[0] + plan[-1], plan
+    assert not any("Seq Scan" in step for step in plan), plan

@@ -95,6 +95,16 @@ def plan(database: Path, statement: str) -> list[str]:
         ("due hand-overs", lambda s: s.handover_due(2e9), "next_attempt_at<?"),
         ("next hand-over time", lambda s: s.handover_next_at(), "state=?"),
         ("operator's latest messages", lambda s: s.list_outbound(limit=20), "outbound_created"),
+        (
+            "payload files found at start",
+            lambda s: s.payloads_recorded(["payload-lab-1", "payload-lab-2", "gone"]),
+            "USING INDEX outbound_payload_name",
+        ),
+        (
+            "receipt files found at start",
+            lambda s: s.receipts_recorded(["a.0123456789ab.mdn", "b.mdn"]),
+            "USING INDEX outbound_receipt_name",
+        ),
     ],
 )
 def test_a_per_message_query_neither_scans_nor_sorts_the_queue(

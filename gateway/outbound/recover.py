@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from gateway.atrest import storing
@@ -16,6 +15,7 @@ from gateway.fsutil import fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, accepted_event, open_document
+from gateway.outbound.sweep import remove_unrecorded_payloads, remove_unrecorded_receipts
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_item
 
@@ -68,17 +68,6 @@ def _taken_over(record: OutboundRecord) -> bool:
     )
 
 
-def _is_receipt(path: Path) -> bool:
-    """A receipt file settling stored (see settle.py): ``<payload>.<hex>.mdn``, or
-    ``<payload>.mdn`` from before; not a partial write, not a link."""
-    return (
-        not path.name.startswith(".")
-        and path.suffix == ".mdn"
-        and not path.is_symlink()
-        and path.is_file()
-    )
-
-
 class Recovery:
     """The spool and its folders made whole again after a crash or SIGKILL."""
 
@@ -116,31 +105,11 @@ class Recovery:
         for folder, recursive in ((state, False), (state / "crls", True)):
             for path in remove_stale_partials(folder, older_than=an_hour_ago, recursive=recursive):
                 self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
-        known = self._ctx.spool.payload_names()  # name -> whether the plaintext is needed
-        for path in self._ctx.payloads.iterdir():
-            if path.name.startswith(".") or not path.is_file():
-                continue
-            if path.name not in known:
-                # Killed between spooling a submitted body and recording it: the submitter
-                # got no Message-ID and submits again.
-                path.unlink(missing_ok=True)
-                self._ctx.log.info("recovery.removed_unrecorded_submission", file=path.name)
-            elif not known[path.name]:
-                # Killed between "queued" and removing the plaintext copy (the message
-                # may have moved on since): only the encrypted form stays at rest.
-                path.unlink(missing_ok=True)
-                self._ctx.log.info("recovery.removed_plaintext_copy", file=path.name)
-        # By name, never by whole path: a row keeps the path its receipt was stored at,
-        # and the state folder may have been moved or restored elsewhere since.
-        recorded = self._ctx.spool.receipt_names()
-        for path in self._ctx.receipts.iterdir():
-            if not _is_receipt(path) or path.name in recorded:
-                continue
-            # Killed between storing a receipt and the commit that records it (its message
-            # is sent again and answered with another), or between an operator's retry and
-            # removing the receipt it cleared: nothing names it, nothing can open it.
-            path.unlink(missing_ok=True)
-            self._ctx.log.info("recovery.removed_unrecorded_receipt", file=path.name)
+        # Files no row names (see sweep.py): no writer runs yet, so every one is a
+        # left-over, whatever its age.
+        ctx = self._ctx
+        await ctx.in_thread(remove_unrecorded_payloads, ctx.spool, ctx.log, ctx.payloads)
+        await ctx.in_thread(remove_unrecorded_receipts, ctx.spool, ctx.log, ctx.receipts)
         for message_id in self._ctx.spool.requeue_interrupted():
             self._ctx.log.info("message.requeued_after_restart", message_id=message_id)
         # Claimed here (two nodes starting at once never both prepare one), and renewed

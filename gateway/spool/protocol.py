@@ -98,16 +98,19 @@ class Spool(Protocol):
         """Who submitted the message (None: not recorded, or no such message)."""
         ...
 
-    def payload_names(self) -> dict[str, bool]:
-        """File names of every message's payload (in ``state/payloads``), each with
-        whether its plaintext is still needed: not once the message was signed and
-        encrypted (it has a MIC) and is past intake."""
+    def payloads_recorded(self, names: Sequence[str]) -> dict[str, bool]:
+        """Of the file names ``names`` (files found in a payloads folder), those a
+        message's row names as its payload, each with whether its plaintext is still
+        needed: not once the message was signed and encrypted (it has a MIC) and is past
+        intake.  Asked by name, never by whole path (the state folder may have been moved
+        or restored elsewhere since); an index lookup per name, however many rows the
+        spool keeps."""
         ...
 
-    def receipt_names(self) -> set[str]:
-        """File names (never whole paths) of the receipts the outbound messages' rows
-        name: a name is unique to one receipt received, whichever node stored it and
-        wherever its state folder has been moved or restored since."""
+    def receipts_recorded(self, names: Sequence[str]) -> set[str]:
+        """Of the file names ``names`` (files found in a receipts folder), those of the
+        receipts the outbound messages' rows name, by name as :meth:`payloads_recorded`:
+        a name is unique to one receipt received, whichever node stored it."""
         ...
 
     def mark_queued(

@@ -138,6 +138,16 @@ ADDED_COLUMNS = (
     ("outbound", "audit_owed_at", "TEXT"),
 )
 
+
+def file_name(column: str) -> str:
+    """SQL for the file name in the path ``column`` holds (what follows its last "/"),
+    in functions SQLite and PostgreSQL both have, neither having one of its own:
+    ``rtrim`` strips the characters other than "/" from the end, what is left is the
+    folder.  Deterministic, so an index can be built on it (the same text in a query
+    finds that index)."""
+    return f"substr({column}, length(rtrim({column}, replace({column}, '/', ''))) + 1)"
+
+
 # Indexes on columns added after the first release (created after them).
 ADDED_INDEXES = (
     # Leases are renewed and taken over by state and expiry: index lookups.
@@ -146,6 +156,11 @@ ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS handover_lease ON handover (state, lease_until)",
     # Recovery reads the rows changed since the audit trail's last record.
     "CREATE INDEX IF NOT EXISTS outbound_updated ON outbound (updated_at)",
+    # The start's sweeps of the payloads and receipts folders ask about the files they
+    # find, by file name (a row keeps the whole path, and the state folder may have been
+    # moved or restored elsewhere since): an index lookup per file, however many rows.
+    f"CREATE INDEX IF NOT EXISTS outbound_payload_name ON outbound ({file_name('payload_path')})",
+    f"CREATE INDEX IF NOT EXISTS outbound_receipt_name ON outbound ({file_name('receipt_path')})",
 )
 
 

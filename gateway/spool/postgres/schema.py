@@ -78,6 +78,10 @@ def create_or_upgrade(db: Connection) -> None:
         )
     for statement in ADDED_INDEXES:
         db.execute(statement, ())
+    # The statistics of the indexes on expressions (the file names of the start's sweeps)
+    # are gathered only by an ANALYZE: until autovacuum's next one, the planner would
+    # guess, and read the whole table for a batch of names.
+    db.execute("ANALYZE outbound", ())
     # Times in a database created before they were collated (their indexes rebuilt).
     for row in db.execute(_TIME_COLUMNS_NOT_C, ()).fetchall():
         table, column = row["table_name"], row["column_name"]

@@ -23,8 +23,11 @@ from gateway.spool.records import (
     Settled,
     payload_item,
 )
+from gateway.spool.schema import file_name
 from gateway.spool.sql import Connection, Row, SqlStore
 
+# File names asked about in one statement (a sweep asks of a folder's files in batches).
+NAMES_PER_STATEMENT = 500
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
 # A change an audit record follows (written once it is committed): whose trail it is in,
@@ -182,22 +185,32 @@ class OutboundQueue(SqlStore):
         row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
         return str(row["submitted_by"]) if row else None
 
-    def payload_names(self) -> dict[str, bool]:
-        """File names of every message's payload (in ``state/payloads``), each with
-        whether its plaintext is still needed: not once the message was signed and
-        encrypted (it has a MIC) and is past intake."""
-        rows = self._read("SELECT payload_path, state, mic FROM outbound", ())
-        return {
-            Path(r["payload_path"]).name: (
-                r["mic"] is None or r["state"] == OutboundState.INTAKE.value
-            )
-            for r in rows
-        }
+    def payloads_recorded(self, names: Sequence[str]) -> dict[str, bool]:
+        """See :meth:`gateway.spool.protocol.Spool.payloads_recorded`."""
+        found: dict[str, bool] = {}
+        for row in self._by_file_name("payload_path", "state, mic", names):
+            needed = row["mic"] is None or row["state"] == OutboundState.INTAKE.value
+            found[row["name"]] = found.get(row["name"], False) or needed
+        return found
 
-    def receipt_names(self) -> set[str]:
-        """See :meth:`gateway.spool.protocol.Spool.receipt_names`."""
-        rows = self._read("SELECT receipt_path FROM outbound WHERE receipt_path IS NOT NULL", ())
-        return {Path(r["receipt_path"]).name for r in rows}
+    def receipts_recorded(self, names: Sequence[str]) -> set[str]:
+        """See :meth:`gateway.spool.protocol.Spool.receipts_recorded`."""
+        return {row["name"] for row in self._by_file_name("receipt_path", "", names)}
+
+    def _by_file_name(self, column: str, columns: str, names: Sequence[str]) -> list[Row]:
+        """The rows whose path ``column`` ends in one of ``names``, their name as ``name``
+        with ``columns``: a search of that column's file-name index per name, a bounded
+        number of names per statement."""
+        name = file_name(column)
+        found: list[Row] = []
+        for start in range(0, len(names), NAMES_PER_STATEMENT):
+            batch = tuple(names[start : start + NAMES_PER_STATEMENT])
+            found += self._read(
+                f"SELECT {name} AS name{', ' if columns else ''}{columns} FROM outbound"  # noqa: S608
+                f" WHERE {name} IN ({','.join('?' for _ in batch)})",
+                batch,
+            )
+        return found
 
     def mark_queued(
         self,

@@ -1,0 +1,102 @@
+"""Files in this node's payloads and receipts folders that no message's row names.
+
+A process killed between spooling a submitted document and recording it leaves its
+file in ``payloads``, one killed between queueing a message and removing its
+plaintext copy leaves that copy, and one killed between storing a receipt and the
+commit that records it (or between an operator's retry and removing the receipt it
+cleared) leaves that receipt.  The folders are read a batch of files at a time and
+the spool asked about those names (an index lookup each): the cost follows the files
+found, never the number of rows the spool keeps.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from gateway.logs import Logger
+from gateway.spool import Spool
+
+# Files read from a folder, then asked about in the spool, at a time: memory stays flat
+# however many files a folder holds.
+SWEEP_BATCH = 500
+
+
+def _is_payload(entry: os.DirEntry[str]) -> bool:
+    """A document spooled (not a partial write, not a link)."""
+    return not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+
+
+def _is_receipt(entry: os.DirEntry[str]) -> bool:
+    """A receipt file settling stored (see settle.py): ``<payload>.<hex>.mdn``, or
+    ``<payload>.mdn`` from before; not a partial write, not a link."""
+    return (
+        not entry.name.startswith(".")
+        and entry.name.endswith(".mdn")
+        and entry.is_file(follow_symlinks=False)
+    )
+
+
+def _batches(folder: Path, wanted: Callable[[os.DirEntry[str]], bool]) -> Iterator[list[str]]:
+    """The names of the files of ``folder`` that are ``wanted``, SWEEP_BATCH at a time."""
+    batch: list[str] = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if wanted(entry):
+                batch.append(entry.name)
+                if len(batch) >= SWEEP_BATCH:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
+
+
+def remove_unrecorded_payloads(spool: Spool, log: Logger, folder: Path) -> None:
+    """At start, before any writer (worker thread): the documents in this node's payloads
+    ``folder`` no row names, and the plaintext copies no longer needed."""
+    for names in _batches(folder, _is_payload):
+        recorded = spool.payloads_recorded(names)  # name -> whether the plaintext is needed
+        for name in names:
+            if name not in recorded:
+                # Killed between spooling a submitted body and recording it: the submitter
+                # got no Message-ID and submits again.
+                (folder / name).unlink(missing_ok=True)
+                log.info("recovery.removed_unrecorded_submission", file=name)
+            elif not recorded[name]:
+                # Killed between "queued" and removing the plaintext copy (the message
+                # may have moved on since): only the encrypted form stays at rest.
+                (folder / name).unlink(missing_ok=True)
+                log.info("recovery.removed_plaintext_copy", file=name)
+
+
+def remove_unrecorded_receipts(
+    spool: Spool, log: Logger, folder: Path, *, older_than: float | None = None
+) -> int:
+    """The receipts in this node's receipts ``folder`` (private to it) no row names, compared
+    by name (a row keeps the path its receipt was stored at, and the state folder may
+    have been moved or restored elsewhere since); how many were removed (worker thread).
+
+    At start (``older_than`` None) no writer runs yet: every such file is a left-over.
+    While running, a receipt just stored is not recorded until its settlement commits:
+    only those last changed before ``older_than`` (seconds since the epoch) go."""
+    removed = 0
+    for names in _batches(folder, _is_receipt):
+        recorded = spool.receipts_recorded(names)
+        for name in names:
+            if name in recorded:
+                continue
+            path = folder / name
+            if older_than is not None:
+                try:
+                    if path.stat(follow_symlinks=False).st_mtime >= older_than:
+                        continue
+                except FileNotFoundError:
+                    continue
+            # Nothing names it, nothing can open it (its data key was never stored, or
+            # was deleted with the retry): its message is sent again, or was answered
+            # with another receipt, the one its row names.
+            path.unlink(missing_ok=True)
+            log.info("recovery.removed_unrecorded_receipt", file=name)
+            removed += 1
+    return removed

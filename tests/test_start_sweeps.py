@@ -1,0 +1,110 @@
+"""A start removes the files of this node's payloads and receipts folders no row names,
+asking the spool about the files it finds, a batch at a time: more files than one batch,
+and rows the folders hold no file of, change nothing of what is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+from gateway.audit.log import AuditLog
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.logs import make_logger
+from gateway.outbound.context import Context, Settings
+from gateway.outbound.recover import Recovery
+from gateway.outbound.seal import Sealer
+from gateway.outbound.sweep import SWEEP_BATCH
+from gateway.pki.demo import DemoLayout
+from gateway.spool import Intake, OutboundState, Settled, SqliteSpool
+
+
+def _logged(log: io.StringIO, event: str) -> list[str]:
+    return sorted(
+        line["file"]
+        for line in map(json.loads, log.getvalue().splitlines())
+        if line["event"] == event
+    )
+
+
+def _started(
+    layout: DemoLayout, tmp_path: Path
+) -> tuple[SqliteSpool, AuditLog, Context, io.StringIO]:
+    config = load_config(layout.lab.config_path)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    audit = AuditLog(config.storage.audit_log, SystemClock(), node="lab")
+    log = io.StringIO()
+    context = Context(Settings(config, {}), spool, audit, make_logger(stream=log), SystemClock())
+    return spool, audit, context, log
+
+
+def _start(context: Context, audit: AuditLog) -> None:
+    asyncio.run(Recovery(context, Sealer(context)).recover())
+    audit.close()
+
+
+def test_a_start_removes_unrecorded_submissions_and_plaintext_copies_no_longer_needed(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    spool, audit, context, log = _started(layout, tmp_path)
+    payloads = context.payloads
+    # Rows of a state folder moved since: their paths are elsewhere, their names here.
+    elsewhere = Path("/var/lib/medgw-old/state/payloads")
+    spool.add_intakes(
+        [
+            Intake("<failed@lab>", "hospital", "a.hl7", "text/plain", tmp_path, elsewhere / "a"),
+            Intake("<queued@lab>", "hospital", "b.hl7", "text/plain", tmp_path, payloads / "b"),
+        ]
+    )
+    # Its preparation failed: its document stays for an operator's retry.
+    assert spool.fail_intake("<failed@lab>", "the peer's certificate expired")
+    spool.mark_queued("<queued@lab>", None, [], "mic", 3, body=b"sealed")
+    for name in ("a", "b", "unrecorded", ".hidden"):
+        (payloads / name).write_bytes(b"document")
+    (payloads / "folder").mkdir()
+
+    _start(context, audit)
+
+    assert {p.name for p in payloads.iterdir()} == {"a", ".hidden", "folder"}
+    assert _logged(log, "recovery.removed_unrecorded_submission") == ["unrecorded"]
+    assert _logged(log, "recovery.removed_plaintext_copy") == ["b"]
+    spool.close()
+
+
+def test_a_start_asks_about_more_receipt_files_than_one_batch_and_keeps_every_named_one(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Files of several batches, rows with no file here (another node's receipts): each
+    named file is kept, each unnamed one removed, once."""
+    spool, audit, context, log = _started(layout, tmp_path)
+    receipts = context.receipts
+    count = 2 * SWEEP_BATCH + 7
+    ids = [f"<{i}@lab>" for i in range(count + 50)]
+    spool.add_intakes(
+        [Intake(m, "hospital", "m.hl7", "text/plain", tmp_path, tmp_path / m) for m in ids]
+    )
+    for message_id in ids:
+        spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+        spool.mark_sending(message_id)
+    named = [f"r{i}.{i:012x}.mdn" for i in range(count + 50)]
+    # The last 50 rows' receipts are on another node's disk.
+    here = [receipts / n for n in named[:count]] + [
+        Path("/other-node/receipts") / n for n in named[count:]
+    ]
+    assert spool.mark_settled(
+        [
+            Settled(m, OutboundState.DELIVERED, "processed", p)
+            for m, p in zip(ids, here, strict=True)
+        ]
+    )
+    unnamed = [f"cut-off-{i}.{i:012x}.mdn" for i in range(0, count, 3)]
+    for name in [*named[:count], *unnamed]:
+        (receipts / name).write_bytes(b"receipt")
+
+    _start(context, audit)
+
+    assert {p.name for p in receipts.iterdir()} == set(named[:count])
+    assert _logged(log, "recovery.removed_unrecorded_receipt") == sorted(unnamed)
+    spool.close()
