@@ -188,25 +188,27 @@ class OutboundQueue(SqlStore):
     def payloads_recorded(self, names: Sequence[str]) -> dict[str, bool]:
         """See :meth:`gateway.spool.protocol.Spool.payloads_recorded`."""
         found: dict[str, bool] = {}
-        for row in self._by_file_name("payload_path", "state, mic", names):
+        for row in self._by_file_name("payload_path", ", state, mic", names):
+            name = Path(row["payload_path"]).name
             needed = row["mic"] is None or row["state"] == OutboundState.INTAKE.value
-            found[row["name"]] = found.get(row["name"], False) or needed
+            found[name] = found.get(name, False) or needed
         return found
 
     def receipts_recorded(self, names: Sequence[str]) -> set[str]:
         """See :meth:`gateway.spool.protocol.Spool.receipts_recorded`."""
-        return {row["name"] for row in self._by_file_name("receipt_path", "", names)}
+        return {Path(r["receipt_path"]).name for r in self._by_file_name("receipt_path", "", names)}
 
-    def _by_file_name(self, column: str, columns: str, names: Sequence[str]) -> list[Row]:
-        """The rows whose path ``column`` ends in one of ``names``, their name as ``name``
-        with ``columns``: a search of that column's file-name index per name, a bounded
-        number of names per statement."""
+    def _by_file_name(self, column: str, more: str, names: Sequence[str]) -> list[Row]:
+        """The rows whose path ``column`` ends in one of ``names``, that column and the
+        columns ``more``: a search of that column's file-name index per name, a bounded
+        number of names per statement (the name is cut from the path here: the index
+        finds the rows, the database need not work it out again for each)."""
         name = file_name(column)
         found: list[Row] = []
         for start in range(0, len(names), NAMES_PER_STATEMENT):
             batch = tuple(names[start : start + NAMES_PER_STATEMENT])
             found += self._read(
-                f"SELECT {name} AS name{', ' if columns else ''}{columns} FROM outbound"  # noqa: S608
+                f"SELECT {column}{more} FROM outbound"  # noqa: S608
                 f" WHERE {name} IN ({','.join('?' for _ in batch)})",
                 batch,
             )
