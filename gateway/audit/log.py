@@ -331,8 +331,10 @@ class AuditLog:
         """
         if self._torn is not None:
             os.ftruncate(self._fd, self._torn)  # an earlier cut-off did not succeed
-            self._torn = None
-        size = os.fstat(self._fd).st_size
+            self._size, self._torn = self._torn, None
+        # Where the file ends: kept here (only this object writes it) rather than asked of
+        # the file at every record, a system call that also lets go of the GIL.
+        size = self._size
         try:
             view = memoryview(line)
             while view:
@@ -352,8 +354,7 @@ class AuditLog:
             if self._durable.ticket >= ticket:
                 return  # an fsync that began after it was written has covered it
             with self._lock:
-                size = os.fstat(self._fd).st_size
-                mark = _Mark(self._written, self._seq, self._prev, size, self._sealed)
+                mark = _Mark(self._written, self._seq, self._prev, self._size, self._sealed)
             try:
                 self._sync(self._fd)
             except OSError as exc:
