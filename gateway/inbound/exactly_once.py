@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from gateway.as2.mdn import Disposition
 from gateway.audit import AuditSink, EventType
@@ -29,6 +30,10 @@ from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
 from gateway.logs import Logger
 from gateway.spool import InboundRecord, Spool
+
+
+class _Unread(Enum):
+    UNREAD = 0  # the caller has not read the message's record: deliver_once reads it
 
 
 class InboxDelivery:
@@ -57,15 +62,26 @@ class InboxDelivery:
         size: int,
         sha256: str,
         service: str | None,
+        *,
+        recorded: InboundRecord | Literal[_Unread.UNREAD] | None = _Unread.UNREAD,
     ) -> Path:
         """Put the document in the inbox, unless it is there already: exactly once.
+
+        ``recorded``: the spool's record of the message as the caller has just read it
+        with this (peer, Message-ID) held (InboundLocks.exclusive), not read again; a
+        record another node makes meanwhile makes the claim fail (ClaimHeldError) as it
+        would after a read here.
 
         A resend whose document reached the inbox before an interruption (the process
         died, or the audit log or spool could not be written, before the receipt was
         stored) is not written again: it is audited as ``message.duplicate`` and
         answered with a new receipt.
         """
-        existing = self._spool.inbound_get(peer.name, message_id)
+        existing = (
+            self._spool.inbound_get(peer.name, message_id)
+            if recorded is _Unread.UNREAD
+            else recorded
+        )
         if existing is not None and (existing.sha256 != sha256 or existing.service != service):
             raise Refused(
                 Disposition.UNEXPECTED_ERROR,

@@ -391,13 +391,18 @@ class InboundProcessor:
             self._work_ready = True
         token = secrets.token_hex(8)
         signed_path, entity_path = (work / f"{token}.{suffix}" for suffix in ("signed", "entity"))
+        # A body held in memory is decrypted in memory: no signed file is written.  The
+        # entity is written only in the rare forms verified in memory (see
+        # verify_entity_span): a name never written is not removed (a system call each).
+        written = [] if isinstance(request.body, bytes) else [signed_path]
         try:
-            return self._open_and_deliver(request, message_id, digest, signed_path, entity_path)
-        finally:
-            # A body held in memory is decrypted in memory: no signed file was written.
-            written = (
-                (entity_path,) if isinstance(request.body, bytes) else (signed_path, entity_path)
+            return self._open_and_deliver(
+                request, message_id, digest, signed_path, entity_path, written
             )
+        except BaseException:
+            written.append(entity_path)  # perhaps written before the failure
+            raise
+        finally:
             for path in written:
                 path.unlink(missing_ok=True)
 
@@ -408,9 +413,11 @@ class InboundProcessor:
         digest: str,
         signed_path: Path,
         entity_path: Path,
+        written: list[Path],
     ) -> tuple[str, _Delivered | None, str | None]:
         """Decrypt, verify and deliver, file to file: memory does not grow with the size
-        (a small body is held in memory; the decrypted entity is always a file)."""
+        (a small body is held in memory, and so is its signed entity unless it must be
+        verified in memory: then it is written to ``entity_path``, added to ``written``)."""
         peer = request.peer
         headers = request.headers
         signed, opened = self._decrypt(request.body, signed_path, peer)
@@ -427,6 +434,8 @@ class InboundProcessor:
             )
         except (SignerNotTrustedError, SignatureError, MalformedMessageError, PolicyError) as exc:
             raise _unverified(exc, opened) from exc
+        if entity.path == entity_path:
+            written.append(entity_path)
         if not opened.intact:  # verified all the same: the answer must not depend on it
             raise _unverified(None, opened)
         # e.g. signed with SHA-1
@@ -467,7 +476,8 @@ class InboundProcessor:
                 },
             )
             return mic, None, signer.receipt_line
-        if self._spool.inbound_get(peer.name, message_id) is None:
+        recorded = self._spool.inbound_get(peer.name, message_id)
+        if recorded is None:
             # Recorded once: a resend of a document recorded before is recorded by
             # InboxDelivery.deliver_once, as message.duplicate (or refused when it differs).
             self._record(
@@ -499,6 +509,7 @@ class InboundProcessor:
             size,
             sha256,
             service,
+            recorded=recorded,
         )
         return mic, _Delivered(target, service, content_type, size), signer.receipt_line
 
