@@ -37,11 +37,11 @@ from tests.clocks import TickingClock
 from tests.conftest import Processes
 from tests.helpers.audit import wait_for_events
 from tests.helpers.cluster import RoundRobin, add_node, listener_port, point_peer_at
+from tests.helpers.crash import drop_while_killing
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.internal_system import enable_delivery
 from tests.helpers.postgres import PostgresServer
 from tests.helpers.slow_proxy import edit_every
-from tests.inboxwatch import InboxWatch
 
 pytestmark = pytest.mark.daemon
 
@@ -494,9 +494,6 @@ def test_random_sigkills_of_two_nodes_on_each_side_deliver_every_message_exactly
     """The crash test (tests/test_crash.py) with two nodes on each side, each side's
     nodes on one PostgreSQL spool; the hospital's behind one address, sharing the
     inbox."""
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    print(f"cluster crash test seed {seed}")
     lab_spool, hospital_spool = postgres_server.new_database(), postgres_server.new_database()
     configs = {
         "lab-a": add_node(layout.lab, "lab-a", lab_spool),
@@ -506,39 +503,22 @@ def test_random_sigkills_of_two_nodes_on_each_side_deliver_every_message_exactly
     }
     front.ports.extend(listener_port(configs[n]) for n in ("hospital-a", "hospital-b"))
     point_peer_at(layout.lab, "hospital", front.port)
-    running: dict[str, GatewayProcess] = {n: processes.start(p) for n, p in configs.items()}
     outboxes = [layout.lab.outbox_dir / "hospital", layout.lab.root / "outbox-lab-b" / "hospital"]
-    sent: dict[str, str] = {}
-    kills = 0
 
     def all_delivered() -> bool:
         records = outbound(lab_spool)
         return len(records) >= MESSAGES and all(r.state is OutboundState.DELIVERED for r in records)
 
-    with InboxWatch(layout.hospital.inbox_dir) as watch:
-        while len(sent) < MESSAGES:
-            for _ in range(rng.randint(5, 25)):
-                if len(sent) == MESSAGES:
-                    break
-                number = len(sent)
-                line = f"MSH|^~\\&|LIS|LAB|{number}|{rng.random()}\r".encode()
-                data = line * rng.randint(1, 50)
-                if number % 10 == 0:  # its body is a file in the shared folder
-                    data = rng.randbytes(INLINE_BODY_BYTES + rng.randint(1, 64 * 1024))
-                name = f"result-{number:04d}.hl7"
-                drop_file(outboxes[rng.randrange(2)], name, data)
-                sent[name] = hashlib.sha256(data).hexdigest()
-            time.sleep(rng.uniform(0.05, 0.6))
-            victim = rng.choice(list(configs))
-            running[victim].kill()
-            kills += 1
-            time.sleep(rng.uniform(0.0, 0.3))
-            running[victim] = processes.start(configs[victim])
-
-        wait_until(all_delivered, 400, f"all {MESSAGES} messages delivered (seed {seed})")
-        for proc in running.values():
-            assert proc.stop() == 0
-    assert watch.rewritten == [], f"seed {seed}: written into the inbox again"
+    run = drop_while_killing(
+        processes,
+        configs,
+        outboxes,
+        layout.hospital.inbox_dir,
+        all_delivered,
+        messages=MESSAGES,
+        timeout=400,
+    )
+    seed, sent = run.seed, run.sent
     assert inbox(layout) == sent, f"seed {seed}: inbox differs"
 
     records = outbound(lab_spool)
@@ -548,7 +528,7 @@ def test_random_sigkills_of_two_nodes_on_each_side_deliver_every_message_exactly
         assert list((layout.lab.root / state / "payloads").iterdir()) == []
     assert all(list(outbox.iterdir()) == [] for outbox in outboxes)
     assert list(layout.root.rglob("*.partial")) == []
-    assert kills >= 5
+    assert run.kills >= 5
     # Each hospital node's trail records a delivery at most once; together, every
     # document is recorded delivered (a node settling another's interrupted delivery
     # records it in its own trail, with the reason).
@@ -562,4 +542,4 @@ def test_random_sigkills_of_two_nodes_on_each_side_deliver_every_message_exactly
         assert set(mine.values()) <= {1}, f"seed {seed}: {node}"
     delivered = {r["message_id"] for r in hospital if r["event"] == "message.delivered"}
     assert delivered == {r.message_id for r in records}, f"seed {seed}"
-    print(f"{MESSAGES} messages, {kills} SIGKILLs of four nodes, all delivered exactly once")
+    print(f"{MESSAGES} messages, {run.kills} SIGKILLs of four nodes, all delivered exactly once")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,13 +20,12 @@ from typing import Any
 import pytest
 
 from gateway.clock import SystemClock
-from gateway.demo_run import drop_file, read_audit, wait_until
-from gateway.outbound import INLINE_BODY_BYTES
+from gateway.demo_run import read_audit
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSpool
+from tests.helpers.crash import drop_while_killing
 from tests.helpers.postgres import spool_section
-from tests.inboxwatch import InboxWatch
 
 MESSAGES = 200
 
@@ -37,9 +35,6 @@ MESSAGES = 200
 def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     layout: DemoLayout, processes: Any, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    print(f"crash test seed {seed}")
     configs = {"hospital": layout.hospital.config_path, "lab": layout.lab.config_path}
     lab_spool_path = layout.lab.root / "state" / "spool.sqlite3"
 
@@ -56,11 +51,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
         def lab_spool() -> Spool:
             return PostgresSpool(databases["lab"], SystemClock())
 
-    running = {name: processes.start(path) for name, path in configs.items()}
     outbox = layout.lab.outbox_dir / "hospital"
-    sent: dict[str, str] = {}
-    kills = 0
-    dropped = 0
 
     def all_delivered() -> bool:
         spool = lab_spool()
@@ -72,31 +63,16 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
         finally:
             spool.close()
 
-    with InboxWatch(layout.hospital.inbox_dir) as watch:
-        while dropped < MESSAGES:
-            for _ in range(rng.randint(5, 25)):
-                if dropped == MESSAGES:
-                    break
-                name = f"result-{dropped:04d}.hl7"
-                line = f"MSH|^~\\&|LIS|LAB|{dropped}|{rng.random()}\r".encode()
-                data = line * rng.randint(1, 50)
-                if dropped % 10 == 0:  # larger than INLINE_BODY_BYTES: its body is a file
-                    data = rng.randbytes(INLINE_BODY_BYTES + rng.randint(1, 64 * 1024))
-                drop_file(outbox, name, data)
-                sent[name] = hashlib.sha256(data).hexdigest()
-                dropped += 1
-            time.sleep(rng.uniform(0.05, 0.6))
-            victim = rng.choice(list(configs))
-            running[victim].kill()
-            kills += 1
-            time.sleep(rng.uniform(0.0, 0.3))
-            running[victim] = processes.start(configs[victim])
-
-        wait_until(all_delivered, 300, f"all {MESSAGES} messages delivered (seed {seed})")
-        for proc in running.values():
-            assert proc.stop() == 0
-    assert watch.rewritten == [], f"seed {seed}: written into the inbox again"
-    assert watch.looks > 100
+    run = drop_while_killing(
+        processes,
+        configs,
+        [outbox],
+        layout.hospital.inbox_dir,
+        all_delivered,
+        messages=MESSAGES,
+        timeout=300,
+    )
+    seed, sent = run.seed, run.sent
 
     inbox = layout.hospital.inbox_dir / "lab"
     files = sorted(p for p in inbox.iterdir())
@@ -120,7 +96,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
     assert _leftovers(layout.root) == []  # no half-written file anywhere
     # On PostgreSQL, no SQLite spool was made beside it.
     assert (backend == "sqlite") == lab_spool_path.exists()
-    assert kills >= 5
+    assert run.kills >= 5
     # The audit trail: one delivery per document, whatever the resends.
     delivered = Counter(
         r["message_id"]
@@ -128,7 +104,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
         if r["event"] == "message.delivered"
     )
     assert len(delivered) == MESSAGES and set(delivered.values()) == {1}, f"seed {seed}"
-    print(f"{MESSAGES} messages, {kills} SIGKILLs, all delivered exactly once")
+    print(f"{MESSAGES} messages, {run.kills} SIGKILLs, all delivered exactly once")
 
 
 def _leftovers(folder: Path) -> list[Path]:
