@@ -402,6 +402,56 @@ def test_running_nodes_take_over_a_dead_nodes_intake_kept_in_the_spool_a_few_at_
     assert held.audit_owed is None
 
 
+def test_a_dead_nodes_intake_copied_into_the_shared_folder_is_taken_over_once_complete(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+) -> None:
+    """A document's copy in the folder all nodes share is taken over once its file is
+    complete; one still being copied (no file yet: its document is in the dead node's
+    outbox), or kept in a node's state folder, is not, and however many of those come
+    first, they hold back none of the others."""
+    a, b = nodes
+    shared = tmp_path / "bodies" / "payloads"
+    (shared / "a").mkdir(parents=True)
+    (tmp_path / "state-a").mkdir()
+    for number in range(INTAKE_TAKE_OVER_BATCH + 2):  # copies not written yet, oldest
+        a.add_intake(
+            f"<copying{number}@x>", "lab", "f.txt", "text/plain", tmp_path / "outbox" / "f",
+            shared / "a" / f"copying{number}",
+        )  # fmt: skip
+    a.add_intake(
+        "<state@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "state-a" / "p"
+    )
+    # A sibling folder whose name begins as the shared folder's does is not in it.
+    (tmp_path / "bodies" / "payloads-old").mkdir()
+    a.add_intake(
+        "<beside@x>", "lab", "f.txt", "text/plain", tmp_path / "s",
+        tmp_path / "bodies" / "payloads-old" / "beside",
+    )  # fmt: skip
+    for name in ("state-a/p", "bodies/payloads-old/beside"):
+        (tmp_path / name).write_bytes(b"copy")
+    a.add_intake("<done@x>", "lab", "f.txt", "text/plain", tmp_path / "s", shared / "a" / "done")
+    (shared / "a" / "done").write_bytes(b"copy")
+    a.add_intake("<row@x>", "lab", "f.txt", "text/plain", tmp_path / "s", shared / "a" / "row",
+                 payload=b"doc")  # fmt: skip
+    clock.advance(LEASE + 1)
+    # Without the shared folder (each node's copies in its state folder): only the copy
+    # kept in its row.
+    assert [r.message_id for r in b.intake_take_over(8)] == ["<row@x>"]
+    assert [r.message_id for r in b.intake_take_over(8, shared)] == ["<done@x>"]
+    for number in range(INTAKE_TAKE_OVER_BATCH + 2):
+        held = b.get(f"<copying{number}@x>")
+        assert held is not None and held.node == "a"
+    for message_id in ("<state@x>", "<beside@x>"):
+        held = b.get(message_id)
+        assert held is not None and held.node == "a"
+    # The copy finished after all (the node was only slow): taken over next time.
+    (shared / "a" / "copying3").write_bytes(b"copy")
+    [late] = b.intake_take_over(8, shared)
+    assert (late.message_id, late.node) == ("<copying3@x>", "a")
+    claimed = b.get("<copying3@x>")
+    assert claimed is not None and claimed.node == "b"
+
+
 def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
     nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:

@@ -217,6 +217,66 @@ def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
     assert inbox(layout) == {"left.hl7": hashlib.sha256(data).hexdigest()}
 
 
+def test_a_large_document_a_dead_node_took_in_is_sent_once_by_a_running_node(
+    layout: DemoLayout,
+    processes: Processes,
+    lab: Lab,
+) -> None:
+    """lab-a takes a document too large for a spool row from its outbox (its copy,
+    encrypted at rest, in lab-a's folder of the shared bodies folder) and is killed
+    before signing it: lab-b, running all along, prepares and sends it once lab-a's
+    lease has run out, and verifies its receipt.  lab-a, started again later, does not
+    send it a second time."""
+    trail_a, trail_b = layout.lab.audit_log, layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    processes.start(lab.b)
+    lab_a = processes.start(
+        lab.a, prefix=killed_at("--kill-before", "gateway.outbound.seal:Sealer.seal_and_queue_all")
+    )
+    data = random.Random(11).randbytes(INLINE_BODY_BYTES + 64 * 1024)
+    drop_file(layout.lab.outbox_dir / "hospital", "study.dcm", data)
+    wait_killed(lab_a)
+    [left] = outbound(lab.spool)
+    assert (left.state, left.node, left.payload) == (OutboundState.INTAKE, "lab-a", None)
+    shared = layout.lab.root / "shared-bodies" / "payloads"
+    assert left.payload_path.parent == shared / "lab-a"
+    assert data[:4096] not in left.payload_path.read_bytes()  # encrypted at rest
+
+    [taken] = wait_for_events(trail_b, "message.taken_over")
+    assert (taken["message_id"], taken["detail"]["from_node"]) == (left.message_id, "lab-a")
+    [received] = wait_for_events(trail_b, "receipt.received")
+    assert received["message_id"] == left.message_id
+    assert received["detail"]["disposition"] == "processed"
+    assert received["detail"]["mic_verified"] is True
+    settled(lab.spool, 1, 120)
+    assert not left.payload_path.exists()  # only its signed, encrypted body stays
+    study = hashlib.sha256(data).hexdigest()
+    assert inbox(layout) == {"study.dcm": study}
+
+    # Started again, lab-a has nothing of it left to do: a document dropped since is
+    # sent (by then its start is long over), the first one is not sent again.
+    lab_a = processes.start(lab.a)
+    later = b"MSH|^~\\&|LAB|later\r"
+    drop_file(layout.lab.outbox_dir / "hospital", "later.hl7", later)
+    settled(lab.spool, 2, 120)
+    assert lab_a.stop() == 0
+    assert inbox(layout) == {"study.dcm": study, "later.hl7": hashlib.sha256(later).hexdigest()}
+    delivered = Counter(
+        r["message_id"]
+        for r in read_audit(layout.hospital.audit_log)
+        if r["event"] == "message.delivered"
+    )
+    assert len(delivered) == 2 and set(delivered.values()) == {1}
+    assert not [r for r in read_audit(trail_a) if r.get("message_id") == left.message_id]
+    assert [r["event"] for r in read_audit(trail_b) if r.get("message_id") == left.message_id] == [
+        "message.taken_over",
+        "message.accepted",
+        "message.sent",
+        "receipt.received",
+    ]
+    assert [p for p in shared.rglob("*") if p.is_file()] == []
+    assert_trails_verify(lab.a, lab.b)
+
+
 def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_change(
     layout: DemoLayout,
     processes: Processes,
@@ -524,8 +584,10 @@ def test_random_sigkills_of_two_nodes_on_each_side_deliver_every_message_exactly
     records = outbound(lab_spool)
     assert len(records) == MESSAGES, f"seed {seed}: a file became two messages"
     assert {r.disposition for r in records} == {"processed"}
-    for state in ("state", "state-lab-b"):
-        assert list((layout.lab.root / state / "payloads").iterdir()) == []
+    # No copy of a document left (each node's are in its folder of the shared one).
+    copies = layout.lab.root / "shared-bodies" / "payloads"
+    assert sorted(p.name for p in copies.iterdir()) == ["lab-a", "lab-b"]
+    assert [p for p in copies.rglob("*") if p.is_file()] == []
     assert all(list(outbox.iterdir()) == [] for outbox in outboxes)
     assert list(layout.root.rglob("*.partial")) == []
     assert run.kills >= 5

@@ -13,8 +13,10 @@ live node renews its claims every third of that, and another node takes over
 those whose lease ran out (gateway.spool.protocol).  ``bodies_dir``: where the
 signed and encrypted bodies of queued messages too large to be kept in the
 spool itself are written, a folder every node mounts at the same path, so that
-a node taking over a dead node's messages can read them (default: ``outgoing/``
-in the state folder, for a single node).
+a node taking over a dead node's messages can read them, and, in its
+``payloads/<node_name>/``, the copies of the documents each node took in and has
+not yet prepared (default: ``outgoing/`` and ``payloads/`` in the state folder,
+for a single node).
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ cannot (the spool is unreachable) for half a lease, its sends in progress stop
 has let go.  Then it takes over the other nodes' claims whose lease ran out:
 messages they were sending go back to the queue (audited ``message.taken_over``,
 sent by whichever node claims them next), the documents they had taken in and
-not yet prepared, kept in the spool's rows, are prepared here (audited
-``message.taken_over``), deliveries they left in the middle are settled here
-(gateway.inbound.recovery), and hand-overs to the internal system they had taken
-are let go (audited ``message.taken_over``, handed over by
-whichever node takes them next: gateway.delivery.http).  Once a lease it also
+not yet prepared, kept in the spool's rows or in the bodies folder all nodes
+share, are prepared here (audited ``message.taken_over``), deliveries they left
+in the middle are settled here (gateway.inbound.recovery), and hand-overs to the
+internal system they had taken are let go (audited ``message.taken_over``, handed
+over by whichever node takes them next: gateway.delivery.http).  Once a lease it also
 removes the inbox work files no delivery needs that are a lease old (a node that
 died and never comes back leaves them), as a start does.
 """
@@ -133,8 +133,8 @@ class LeaseKeeper:
 
     async def prepare_taken_over(self) -> int:
         """The documents other nodes took in and left unprepared when their claims ran
-        out (those kept in the spool): claimed a few at a time, each audited as taken
-        over, and prepared here; how many."""
+        out (those kept in the spool, or in the shared bodies folder): claimed a few at a
+        time, each audited as taken over, and prepared here; how many."""
         count = 0
         try:
             while True:
@@ -173,7 +173,9 @@ class LeaseKeeper:
         return kept
 
     def _take_over_intake(self) -> list[OutboundRecord]:
-        intake = self._spool.intake_take_over(INTAKE_TAKE_OVER_BATCH)
+        intake = self._spool.intake_take_over(
+            INTAKE_TAKE_OVER_BATCH, self._outbound.shared_payloads
+        )
         for record in intake:
             self._taken_over(
                 "message.taken_over",

@@ -61,14 +61,24 @@ class Context:
         self.log = log
         self.clock = clock
         state_dir = state.config.storage.state_dir
-        self.payloads = state_dir / "payloads"
         # The signed, encrypted bodies: a folder all nodes mount, when several share the
         # spool (a node taking over another's messages reads them there).
         bodies = state.config.cluster.bodies_dir
         self.outgoing = bodies if bodies is not None else state_dir / "outgoing"
+        # The documents taken in, until they are signed and encrypted: in that folder too
+        # (``shared_payloads``), so that a node taking over a dead node's intake reads its
+        # copy there; each node's in a folder of its own in it, which only it writes new
+        # files into and sweeps at its start.
+        self.shared_payloads = bodies / "payloads" if bodies is not None else None
+        self.payloads = (
+            self.shared_payloads / state.config.cluster.node_name
+            if self.shared_payloads is not None
+            else state_dir / "payloads"
+        )
         self.receipts = state.config.storage.receipts_dir
-        for folder in (self.payloads, self.outgoing, self.receipts):
-            private_folder(folder)
+        for folder in (self.outgoing, self.shared_payloads, self.payloads, self.receipts):
+            if folder is not None:
+                private_folder(folder)
         # Documents taken and receipts stored at the same moment share their folders' fsyncs.
         self.folder_sync = FolderSync()
         self.wakeups: dict[str, asyncio.Event] = {}

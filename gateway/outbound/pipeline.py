@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from gateway.atrest import Vault
@@ -74,6 +75,12 @@ class Outbound:
     def claims_lost(self) -> asyncio.Event:
         """Set while this node cannot renew its claims (its sends in progress stop)."""
         return self._ctx.claims_lost
+
+    @property
+    def shared_payloads(self) -> Path | None:
+        """The folder of the documents taken in that all nodes reach (None: each node's
+        are in its state folder): a dead node's there are taken over (Spool.intake_take_over)."""
+        return self._ctx.shared_payloads
 
     def wake(self, peer: str) -> None:
         self._ctx.wake(peer)

@@ -87,12 +87,13 @@ class Recovery:
             self._ctx.receipts,
             self._ctx.payloads,
         ):
-            # In folders the nodes share (the inbox may be, the bodies folder is), a
-            # partial file may be another node's write in progress: only those older than
-            # a day are left-overs.
+            # In folders the nodes share (the inbox may be, the bodies folder and the
+            # copies of documents in it are), a partial file may be another node's write
+            # in progress: only those older than a day are left-overs.
             older = (
                 self._ctx.clock.now().timestamp() - SHARED_PARTIAL_SECONDS
-                if shared and folder in (config.storage.inbox_dir, self._ctx.outgoing)
+                if shared
+                and folder in (config.storage.inbox_dir, self._ctx.outgoing, self._ctx.payloads)
                 else None
             )
             for path in remove_stale_partials(folder, older_than=older):
@@ -323,21 +324,24 @@ class Recovery:
             and not record.source_path.exists()
         ):
             # Taken in by another node that stopped: its document is in that node's
-            # state folder; given back to it, it prepares it when it starts again.
+            # state folder (or, its copy not finished, still in that node's outbox);
+            # given back to it, it prepares it when it starts again.
             await self._ctx.in_thread(
                 self._ctx.spool.intake_release, record.message_id, record.node
             )
             return
-        # Prepared here from now on.  A kill while its body was being written left that
-        # write's partial file.  In a bodies folder the nodes share, partial files are
-        # otherwise left for a day (they may be another node's write in progress); this
-        # one is known: only the node that claims the message writes its body.
-        for path in await asyncio.to_thread(remove_partials_of, self._ctx.body_path(record)):
-            self._ctx.log.info(
-                "recovery.removed_partial_file",
-                folder=path.parent.name,
-                message_id=record.message_id,
-            )
+        # Prepared here from now on.  A kill while its body (or its document's copy) was
+        # being written left that write's partial file.  In a bodies folder the nodes
+        # share, partial files are otherwise left for a day (they may be another node's
+        # write in progress); these are known: only the node that claims the message
+        # writes its body and its copy.
+        for written in (self._ctx.body_path(record), record.payload_path):
+            for path in await asyncio.to_thread(remove_partials_of, written):
+                self._ctx.log.info(
+                    "recovery.removed_partial_file",
+                    folder=path.parent.name,
+                    message_id=record.message_id,
+                )
         if record.has_document and peer is not None:
             source = record.source_path
             if (

@@ -211,12 +211,14 @@ class Spool(Protocol):
         Returns them as they were (``node``: who held them)."""
         ...
 
-    def intake_take_over(self, limit: int) -> list[OutboundRecord]:
+    def intake_take_over(self, limit: int, shared: Path | None = None) -> list[OutboundRecord]:
         """While running: up to ``limit`` of the messages other nodes took in and had not
         finished preparing whose lease ran out, and whose document is kept in the spool
-        row (any node can prepare those; one kept in a file is in its node's state
-        folder, taken up when that node starts), oldest first, claimed by this node
-        (returned as they were: ``node`` is who held them)."""
+        row, or (given ``shared``, the folder of the copies all nodes mount) in a
+        complete file under ``shared`` (any node can prepare those; one kept in a file
+        elsewhere is in its node's state folder, and one whose copy was not finished is
+        still in its node's outbox: taken up when that node starts), oldest first,
+        claimed by this node (returned as they were: ``node`` is who held them)."""
         ...
 
     def intake_release(self, message_id: str, node: str | None) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.audit.events import EventType
@@ -479,14 +480,28 @@ class OutboundQueue(SqlStore):
         now, _ = self._lease()
         return self._claim_intake("(node=? OR node IS NULL OR lease_until<?)", (self.node, now))
 
-    def intake_take_over(self, limit: int) -> list[OutboundRecord]:
+    def intake_take_over(self, limit: int, shared: Path | None = None) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.intake_take_over`."""
         now, _ = self._lease()
+        expired = "node IS NOT NULL AND node!=? AND lease_until<?"
+        if shared is None:
+            return self._claim_intake(
+                f"{expired} AND payload IS NOT NULL",
+                (self.node, now),
+                limit,
+                EventType.MESSAGE_TAKEN_OVER,
+            )
+        # The copies in the shared folder whose file is complete (written atomically): one
+        # still being copied, or left in the outbox of the node that died, stays (its
+        # node takes it up when it starts).  Filtered here, so no such row holds back
+        # those after it however many there are (a dead node's batches in progress).
+        prefix = f"{shared}{os.sep}"
         return self._claim_intake(
-            "node IS NOT NULL AND node!=? AND lease_until<? AND payload IS NOT NULL",
-            (self.node, now),
+            f"{expired} AND (payload IS NOT NULL OR substr(payload_path, 1, ?)=?)",
+            (self.node, now, len(prefix), prefix),
             limit,
             EventType.MESSAGE_TAKEN_OVER,
+            lambda row: row["payload"] is not None or Path(row["payload_path"]).is_file(),
         )
 
     def _claim_intake(
@@ -495,24 +510,28 @@ class OutboundQueue(SqlStore):
         params: tuple[object, ...],
         limit: int = -1,
         owed: EventType | None = None,
+        kept: Callable[[Row], bool] | None = None,
     ) -> list[OutboundRecord]:
-        """Messages in intake that match ``where``, oldest first (up to ``limit``; -1: all),
-        claimed for this node in one transaction; returns them as they were (who held
-        them before).  ``owed``: the record the caller writes of each claim (a change
-        then, made by this node)."""
+        """Messages in intake that match ``where`` (and ``kept``, when given), oldest first
+        (up to ``limit``; -1: all), claimed for this node in one transaction; returns them
+        as they were (who held them before).  ``owed``: the record the caller writes of
+        each claim (a change then, made by this node)."""
         _, lease_until = self._lease()
         now = self._now()
         audited = f", updated_at=?, {_AUDITED}" if owed else ""
         by = (now, *self._audited(owed, now)) if owed else ()
+        limited = limit >= 0 and kept is None
 
         def claim(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): another node claiming at the same moment passes
             # these rows by, and a renewal committing meanwhile is not overruled.
             rows: list[Row] = db.execute(
                 f"SELECT * FROM outbound WHERE state=? AND {where}"  # noqa: S608 - fixed text
-                f" ORDER BY created_at{' LIMIT ?' if limit >= 0 else ''}{self.claim_lock}",
-                (OutboundState.INTAKE.value, *params, *((limit,) if limit >= 0 else ())),
+                f" ORDER BY created_at{' LIMIT ?' if limited else ''}{self.claim_lock}",
+                (OutboundState.INTAKE.value, *params, *((limit,) if limited else ())),
             ).fetchall()
+            if kept is not None:
+                rows = [r for r in rows if kept(r)][: limit if limit >= 0 else None]
             db.executemany(
                 f"UPDATE outbound SET node=?, lease_until=?{audited}"  # noqa: S608 - fixed text
                 " WHERE message_id=? AND state=?",
