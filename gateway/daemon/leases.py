@@ -13,7 +13,10 @@ in the middle are settled here (gateway.inbound.recovery), and hand-overs to the
 internal system they had taken are let go (audited ``message.taken_over``, handed
 over by whichever node takes them next: gateway.delivery.http).  Once a lease it also
 removes the inbox work files no delivery needs that are a lease old (a node that
-died and never comes back leaves them), as a start does.
+died and never comes back leaves them), as a start does; and every
+RECEIPT_SWEEP_LEASES leases, the receipts in this node's folder no row names (an
+operator's retry on another node cleared one this node stored), an hour old or more
+(gateway.outbound.sweep), as a start does with all of them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from gateway.spool import HandoverRecord, OutboundRecord, OutboundState, Spool
 # Documents another node took in, claimed at a time to be prepared here: a few, so
 # that a node that cannot prepare them all soon leaves the rest to the others.
 INTAKE_TAKE_OVER_BATCH = 16
+# The receipts folder (as large as the receipts this node keeps) is read once in this
+# many leases: every five minutes with the default lease.
+RECEIPT_SWEEP_LEASES = 5
 
 
 class LeaseKeeper:
@@ -60,6 +66,7 @@ class LeaseKeeper:
         self._wake_handover = wake_handover
         self._renewed_at = clock.monotonic()  # the claims made at start are fresh
         self._swept_at = clock.monotonic()  # the start removed the inbox's left-overs
+        self._receipts_swept_at = clock.monotonic()  # and the receipts no row names
         self._failing: str | None = None
         # Documents taken over here whose preparation failed part-way through a batch
         # (the spool did not answer): this node holds and renews their claims, so no
@@ -69,6 +76,7 @@ class LeaseKeeper:
     async def run(self) -> None:
         """Until cancelled: renew, then take over, every third of a lease."""
         preparing: asyncio.Task[int] | None = None
+        sweeping: asyncio.Task[int | None] | None = None
         try:
             while True:
                 lease = self._config().cluster.lease_seconds
@@ -87,11 +95,15 @@ class LeaseKeeper:
                 if preparing is None or preparing.done():
                     # Beside this loop: however long preparing them takes, renewals go on.
                     preparing = asyncio.create_task(self.prepare_taken_over())
+                if sweeping is None or sweeping.done():
+                    # Beside it too: a folder of many receipts takes seconds to read.
+                    sweeping = asyncio.create_task(self.sweep_receipts())
                 await asyncio.sleep(lease / 3)
         finally:
-            if preparing is not None:
-                preparing.cancel()
-                await asyncio.gather(preparing, return_exceptions=True)
+            for task in (preparing, sweeping):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
 
     async def renew(self, lease: float) -> None:
         """Renew every claim of this node; after half a lease without a renewal, stop
@@ -156,6 +168,32 @@ class LeaseKeeper:
                 "lease.take_over_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc
             )
         return count
+
+    async def sweep_receipts(self) -> int | None:
+        """Once in RECEIPT_SWEEP_LEASES leases: the receipts in this node's folder no row
+        names, an hour old or more, removed (gateway.outbound.sweep); how many (None: not
+        yet due)."""
+        now = self._clock.monotonic()
+        every = self._config().cluster.lease_seconds * RECEIPT_SWEEP_LEASES
+        if now - self._receipts_swept_at < every:
+            return None
+        self._receipts_swept_at = now
+        try:
+            return await self._outbound.remove_unrecorded_receipts()
+        except OSError as exc:
+            self._log.error(
+                "lease.sweep_failed",
+                error=str(exc),
+                fix="check that the medgw user may read and write the receipts folder",
+            )
+        except MedgwError as exc:  # the spool: again at the next sweep
+            if self._failing is None:  # else said once already (lease.renew_failed)
+                self._log.error("lease.sweep_failed", error=exc.message, fix=exc.fix)
+        except Exception as exc:  # a defect: said here (no one awaits this task)
+            self._log.error(
+                "lease.sweep_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc
+            )
+        return 0
 
     def _still_held(self, records: list[OutboundRecord]) -> list[OutboundRecord]:
         """Those of ``records`` still in intake and claimed by this node (a failed

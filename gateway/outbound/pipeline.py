@@ -4,6 +4,7 @@ own module, all reading one :class:`~gateway.outbound.context.Context`."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ from gateway.outbound.send import Sender
 from gateway.outbound.settle import Settler
 from gateway.outbound.status import MessageStatus
 from gateway.outbound.submit import Submissions
+from gateway.outbound.sweep import SETTLING_SECONDS, remove_unrecorded_receipts
 from gateway.pki.peers import PeerTrust
 from gateway.spool import OutboundRecord, Spool
 
@@ -110,6 +112,18 @@ class Outbound:
     async def recover(self) -> None:
         """Finish what a previous run left half-done (after a crash or SIGKILL)."""
         await self._recovery.recover()
+
+    async def remove_unrecorded_receipts(self) -> int:
+        """While running, in a worker thread: the receipts in this node's folder no row
+        names, written SETTLING_SECONDS ago or more; how many were removed (sweep.py)."""
+        ctx = self._ctx
+        older = ctx.clock.now().timestamp() - SETTLING_SECONDS
+        return await ctx.in_thread(
+            functools.partial(remove_unrecorded_receipts, older_than=older),
+            ctx.spool,
+            ctx.log,
+            ctx.receipts,
+        )
 
     async def prepare_taken_over(self, taken: list[OutboundRecord]) -> None:
         """Sign, encrypt and queue the documents other nodes took in and left unprepared

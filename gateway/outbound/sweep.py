@@ -7,6 +7,11 @@ commit that records it (or between an operator's retry and removing the receipt 
 cleared) leaves that receipt.  The folders are read a batch of files at a time and
 the spool asked about those names (an index lookup each): the cost follows the files
 found, never the number of rows the spool keeps.
+
+While running, the lease keeper sweeps the receipts folder too (an operator's retry
+on another node of a cluster cannot remove the receipt this node stored), leaving
+alone the receipts written less than SETTLING_SECONDS ago: their commits may be in
+flight.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from gateway.spool import Spool
 # Files read from a folder, then asked about in the spool, at a time: memory stays flat
 # however many files a folder holds.
 SWEEP_BATCH = 500
+# While running, a receipt stored is recorded by its settlement's commit moments later
+# (the answers of a moment settled in one transaction); one no row names an hour after
+# it was written never will be.  Younger ones are left for the next sweep.
+SETTLING_SECONDS = 3600.0
 
 
 def _is_payload(entry: os.DirEntry[str]) -> bool:
