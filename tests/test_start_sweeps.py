@@ -73,6 +73,41 @@ def test_a_start_removes_unrecorded_submissions_and_plaintext_copies_no_longer_n
     spool.close()
 
 
+def test_a_start_removes_the_spent_copies_another_node_left_in_the_shared_folder(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """With the copies of documents in the shared bodies folder, a start removes, in the
+    other nodes' folders there, only the copies no longer needed (a node that took one
+    over was killed before removing it): a copy no row names yet may be another node's
+    submission in progress, and one still needed is another node's to prepare."""
+    with layout.lab.config_path.open("a") as config:
+        config.write('\n[cluster]\nnode_name = "lab-b"\nbodies_dir = "shared-bodies"\n')
+    spool, audit, context, log = _started(layout, tmp_path)
+    assert context.shared_payloads is not None
+    assert context.payloads == context.shared_payloads / "lab-b"
+    other = context.shared_payloads / "lab-a"
+    other.mkdir()
+    spool.add_intakes(
+        [
+            Intake("<spent@lab>", "hospital", "a.hl7", "text/plain", tmp_path, other / "spent"),
+            Intake("<needed@lab>", "hospital", "b.hl7", "text/plain", tmp_path, other / "needed"),
+        ]
+    )
+    spool.mark_queued("<spent@lab>", None, [], "mic", 3, body=b"sealed")  # taken over, sent
+    assert spool.fail_intake("<needed@lab>", "the peer's certificate expired")  # kept
+    for name in ("spent", "needed", "uploading"):
+        (other / name).write_bytes(b"document")
+    (context.payloads / "mine").write_bytes(b"document")  # this node's, unrecorded
+
+    _start(context, audit)
+
+    assert {p.name for p in other.iterdir()} == {"needed", "uploading"}
+    assert list(context.payloads.iterdir()) == []
+    assert _logged(log, "recovery.removed_plaintext_copy") == ["spent"]
+    assert _logged(log, "recovery.removed_unrecorded_submission") == ["mine"]
+    spool.close()
+
+
 def test_a_start_asks_about_more_receipt_files_than_one_batch_and_keeps_every_named_one(
     layout: DemoLayout, tmp_path: Path
 ) -> None:

@@ -15,7 +15,11 @@ from gateway.fsutil import fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, accepted_event, open_document
-from gateway.outbound.sweep import remove_unrecorded_payloads, remove_unrecorded_receipts
+from gateway.outbound.sweep import (
+    remove_spent_copies_of_others,
+    remove_unrecorded_payloads,
+    remove_unrecorded_receipts,
+)
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_item
 
@@ -110,6 +114,10 @@ class Recovery:
         # left-over, whatever its age.
         ctx = self._ctx
         await ctx.in_thread(remove_unrecorded_payloads, ctx.spool, ctx.log, ctx.payloads)
+        if ctx.shared_payloads is not None:
+            await ctx.in_thread(
+                remove_spent_copies_of_others, ctx.spool, ctx.log, ctx.shared_payloads, ctx.payloads
+            )
         await ctx.in_thread(remove_unrecorded_receipts, ctx.spool, ctx.log, ctx.receipts)
         for message_id in self._ctx.spool.requeue_interrupted():
             self._ctx.log.info("message.requeued_after_restart", message_id=message_id)

@@ -1,4 +1,5 @@
-"""Files in this node's payloads and receipts folders that no message's row names.
+"""Files in this node's payloads and receipts folders that no message's row names (and
+the copies no longer needed in the other nodes' folders of a shared payloads folder).
 
 A process killed between spooling a submitted document and recording it leaves its
 file in ``payloads``, one killed between queueing a message and removing its
@@ -61,13 +62,19 @@ def _batches(folder: Path, wanted: Callable[[os.DirEntry[str]], bool]) -> Iterat
         yield batch
 
 
-def remove_unrecorded_payloads(spool: Spool, log: Logger, folder: Path) -> None:
+def remove_unrecorded_payloads(
+    spool: Spool, log: Logger, folder: Path, *, unrecorded: bool = True
+) -> None:
     """At start, before any writer (worker thread): the documents in this node's payloads
-    ``folder`` no row names, and the plaintext copies no longer needed."""
+    ``folder`` no row names, and the plaintext copies no longer needed.  ``unrecorded``
+    False: another node's folder, where a document no row names yet may be that node's
+    submission in progress: only the copies no longer needed go."""
     for names in _batches(folder, _is_payload):
         recorded = spool.payloads_recorded(names)  # name -> whether the plaintext is needed
         for name in names:
             if name not in recorded:
+                if not unrecorded:
+                    continue
                 # Killed between spooling a submitted body and recording it: the submitter
                 # got no Message-ID and submits again.
                 (folder / name).unlink(missing_ok=True)
@@ -109,3 +116,16 @@ def remove_unrecorded_receipts(
             log.info("recovery.removed_unrecorded_receipt", file=name)
             removed += 1
     return removed
+
+
+def remove_spent_copies_of_others(spool: Spool, log: Logger, shared: Path, own: Path) -> None:
+    """At start (worker thread): in the other nodes' folders of the ``shared`` payloads
+    folder, the copies no longer needed.  A node that took over another's document and
+    was killed between queueing it and removing its copy left it there; the node it
+    belongs to may never start again to remove it."""
+    with os.scandir(shared) as entries:
+        folders = sorted(
+            Path(e.path) for e in entries if e.is_dir(follow_symlinks=False) and e.path != str(own)
+        )
+    for folder in folders:
+        remove_unrecorded_payloads(spool, log, folder, unrecorded=False)
