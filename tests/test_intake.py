@@ -34,7 +34,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer, ToSeal
 from gateway.pki.demo import DemoLayout, init_demo
-from gateway.spool import Claimant, SqliteSpool
+from gateway.spool import Claimant, DataKey, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
@@ -205,8 +205,8 @@ async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_fil
     layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Encrypted at rest, a small document's copy is committed with its intake row (no
-    file, no fsync of its own); a large one is encrypted into state/payloads.  Both are
-    sealed from that copy, and leave neither behind once queued."""
+    file, no fsync of its own); a large one is encrypted into state/payloads.  Neither
+    is left behind once queued."""
     config = load_config(layout.lab.config_path)
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
@@ -328,6 +328,50 @@ def test_a_preparation_the_spool_cut_short_is_done_again_without_a_restart(
     assert receipt["detail"]["disposition"] == "processed"
     assert [p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()] == ["late.hl7"]
     assert len(events(layout.lab.audit_log, "message.accepted")) == 1
+
+
+class CountedKeys(SqliteSpool):
+    """The real spool; counts the reads of the data keys of documents taken in."""
+
+    payload_keys_read = 0
+
+    def data_key(self, item: str) -> DataKey | None:
+        if item.startswith(payload_item("")):
+            self.payload_keys_read += 1
+        return super().data_key(item)
+
+
+async def test_small_documents_are_sealed_as_taken_not_read_back_from_their_rows(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A small document's copy is sealed into its row and, in the same trip, the
+    document is signed and encrypted from the bytes that copy was sealed from: its
+    data key is not looked up and the copy is not decrypted again.  What it seals is
+    that document (its SHA-256 in ``message.accepted``)."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    spool = CountedKeys(tmp_path / "spool.sqlite3", clock)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    outbound = await lab_outbound(config, spool, audit, clock, vault)
+    [peer] = config.peers
+    folder = layout.lab.outbox_dir / peer.name
+    folder.mkdir(parents=True, exist_ok=True)
+    documents = {f"result-{i}.hl7": b"MSH|^~\\&|%d\r" % i for i in range(4)}
+    for name, data in documents.items():
+        (folder / name).write_bytes(data)
+    try:
+        assert await outbound.intake_once() == len(documents)
+        assert spool.payload_keys_read == 0  # (read back: one per document)
+        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
+        assert sorted(r["detail"]["filename"] for r in accepted) == sorted(documents)
+        for record in accepted:
+            data = documents[record["detail"]["filename"]]
+            assert record["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
+    finally:
+        spool.close()
+        audit.close()
 
 
 class CountedDisk:

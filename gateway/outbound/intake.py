@@ -204,16 +204,18 @@ class OutboxIntake:
         items = [payload_item(message_id) for *_, message_id in found]
         with storing_all(self._ctx.vault, items) as sealings:
             intakes: list[tuple[Candidate, Peer, Intake, Sealing]] = []
+            plain: dict[str, bytes] = {}  # the small documents as taken, by Message-ID
             for (candidate, peer, status, message_id), sealing in zip(found, sealings, strict=True):
                 sealing.begin()  # its key is stored with the row, before the copy is written
                 # A small document's copy is kept in its row, committed with it: no file, no
                 # fsync of its own (None: too large, or it grew since; stored as a file).
                 try:
-                    kept = (
-                        _small_copy(candidate.path, sealing)
+                    small = (
+                        _small_copy(candidate.path)
                         if sealing.encrypting and status.st_size <= INLINE_BODY_BYTES
                         else None
                     )
+                    kept = None if small is None else sealing.seal(small)
                 except FileNotFoundError:
                     continue  # taken away since the scan
                 except OSError as exc:
@@ -236,6 +238,8 @@ class OutboxIntake:
                     payload=kept,
                 )
                 intakes.append((candidate, peer, intake, sealing))
+                if small is not None:
+                    plain[message_id] = small
             # Their rows are removed before the next take unless known to be recorded: a
             # commit whose outcome is unknown (the spool's connection lost) may have
             # recorded them, and these documents, still in the outbox, would be taken
@@ -271,7 +275,9 @@ class OutboxIntake:
                 errors.append(exc)
                 continue
             assert record is not None
-            taken.append(ToSeal(record, peer, intake.submitted_by))
+            taken.append(
+                ToSeal(record, peer, intake.submitted_by, taken=plain.get(intake.message_id))
+            )
         return taken
 
     def _moved(
@@ -320,12 +326,12 @@ def batches(candidates: Sequence[Candidate]) -> list[Sequence[Candidate]]:
     return [candidates[i : i + size] for i in range(0, len(candidates), size)]
 
 
-def _small_copy(source: Path, sealing: Sealing) -> bytes | None:
-    """The document ``source`` sealed under ``sealing``'s key, to be kept in its row;
-    None if it is larger than a row keeps (it grew since it was listed)."""
+def _small_copy(source: Path) -> bytes | None:
+    """The document ``source``, to be kept in its row (sealed at rest) and sealed from
+    as it is; None if it is larger than a row keeps (it grew since it was listed)."""
     with source.open("rb") as handle:
         plain = handle.read(INLINE_BODY_BYTES + 1)
-    return sealing.seal(plain) if len(plain) <= INLINE_BODY_BYTES else None
+    return plain if len(plain) <= INLINE_BODY_BYTES else None
 
 
 def _remove_from_outbox(source: Path, folders: FolderSync) -> None:

@@ -124,7 +124,7 @@ class Sealer:
         `medgw queue retry` signs, encrypts and sends it; `queue cancel` deletes it."""
         record, peer = document.record, document.peer
         try:
-            return self._build(record, peer, sealing)
+            return self._build(record, peer, sealing, document.taken)
         except (MedgwError, OSError) as exc:
             if isinstance(exc, MedgwError):
                 error, fix = exc.message, exc.fix
@@ -150,9 +150,11 @@ class Sealer:
             )
             return None
 
-    def _build(self, record: OutboundRecord, peer: Peer, sealing: Sealing) -> _Sealed:
-        """Sign and encrypt ``record``'s document for ``peer``, its body sealed at rest
-        under ``sealing``."""
+    def _build(
+        self, record: OutboundRecord, peer: Peer, sealing: Sealing, taken: bytes | None = None
+    ) -> _Sealed:
+        """Sign and encrypt ``record``'s document (``taken``: a small one's bytes, as just
+        taken in) for ``peer``, its body sealed at rest under ``sealing``."""
         smime = self._ctx.config.smime
         at = self._ctx.clock.now()
         body_path = self._ctx.body_path(record)
@@ -181,8 +183,11 @@ class Sealer:
         key_transport = key_transport_for(recipient, peer.policy)
         # The patients are read from the document's first bytes: all of a small one,
         # a bounded prefix of a large one (read again as it streams; from the cache).
-        with open_payload() as handle:
-            head = handle.read(SCAN_BYTES)
+        if taken is not None:
+            head = taken[:SCAN_BYTES]
+        else:
+            with open_payload() as handle:
+                head = handle.read(SCAN_BYTES)
         patients = patients_in(head)
         if len(head) <= INLINE_BODY_BYTES:
             small = head
@@ -337,6 +342,9 @@ class ToSeal:
     peer: Peer
     submitted_by: str | None
     declared: tuple[PatientId, ...] = ()
+    # A small document as it was just taken (the bytes its row's copy was sealed from, in
+    # the same trip): sealed from these, not read back from the row.  None: read back.
+    taken: bytes | None = None
 
 
 @dataclass(frozen=True)
