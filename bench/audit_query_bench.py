@@ -48,6 +48,7 @@ def write_trail(path: Path, count: int, rng: random.Random) -> None:
             patient = f"P{rng.randrange(PATIENTS):07d}"
             ids = f'[{{"authority":"{AUTHORITY}","id":"{patient}","source":"hl7v2","type":"MR"}}]'
             message = f"<{document}.{rng.getrandbits(40):x}@medgw>"
+            steps: list[tuple[str, str, str | None, str | None]]
             if document % 2:
                 steps = [
                     ('"actor":"api:ris",', "message.accepted", "outbound", ids),

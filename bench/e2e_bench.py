@@ -55,6 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyas2lib_ref
 
@@ -151,7 +152,7 @@ class AuditTail:
         self._path = path
         self._offset = 0
         self._partial = b""
-        self.records: list[dict] = []
+        self.records: list[dict[str, Any]] = []
 
     def poll(self) -> None:
         if not self._path.exists():
@@ -164,10 +165,10 @@ class AuditTail:
         self.records.extend(json.loads(line) for line in lines if line.strip())
 
 
-def wait_receipts(tails: list[AuditTail], count: int, timeout: float) -> list[dict]:
+def wait_receipts(tails: list[AuditTail], count: int, timeout: float) -> list[dict[str, Any]]:
     """The receipts recorded in the sender's trails (one per node), once ``count`` are."""
     deadline = time.monotonic() + timeout
-    got: list[dict] = []
+    got: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         for tail in tails:
             tail.poll()
@@ -238,8 +239,8 @@ def start_sides(
     if nodes == 1:
         for inst in (layout.hospital, layout.lab):
             if db is not None:
-                with inst.config_path.open("a") as config:
-                    config.write(spool_section(db.new_database()))
+                with inst.config_path.open("a") as appended:
+                    appended.write(spool_section(db.new_database()))
         configs = {"hospital": [layout.hospital.config_path], "lab": [layout.lab.config_path]}
     else:
         assert db is not None
