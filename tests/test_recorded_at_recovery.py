@@ -17,6 +17,7 @@ from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import set_runtime
 from tests.helpers.faults import killed_at, wait_killed
+from tests.helpers.internal_system import InternalSystem, enable_delivery
 
 OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
 
@@ -32,15 +33,19 @@ def _queued_and_tried(layout: DemoLayout, processes: Any, prefix: tuple[str, ...
     return lab, failed["message_id"]
 
 
-def _cut_off_then_restarted(layout: DemoLayout, processes: Any, lab: Any, event: str) -> Any:
-    """``lab`` killed at its fault point, with ``event`` not yet recorded; then started
-    again and stopped (recovery is done before it is ready): the records of ``event``."""
+def _cut_off_then_restarted(
+    layout: DemoLayout, processes: Any, lab: Any, event: str, side: Any = None
+) -> Any:
+    """``lab`` (or the process of ``side``) killed at its fault point, with ``event``
+    not yet recorded; then started again and stopped (recovery is done before it is
+    ready): the records of ``event``."""
+    side = side or layout.lab
     wait_killed(lab)
-    assert not events(layout.lab.audit_log, event)  # cut off by the kill
-    assert processes.start(layout.lab.config_path).stop() == 0
-    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
+    assert not events(side.audit_log, event)  # cut off by the kill
+    assert processes.start(side.config_path).stop() == 0
+    verified = medgw("audit", "verify", "--config", str(side.config_path))
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    return events(layout.lab.audit_log, event)
+    return events(side.audit_log, event)
 
 
 def _recovered(record: dict[str, Any]) -> None:
@@ -185,6 +190,58 @@ def test_a_kill_after_an_unanswered_send_is_queued_again_writes_message_send_fai
     assert first["message_id"] == overdue["message_id"] == message_id
     assert "no asynchronous receipt in time" in overdue["reason"]
     _recovered(overdue)
+
+
+def test_a_kill_after_a_received_documents_receipt_is_stored_writes_receipt_sent_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The hospital's receipt stored (the message delivered, answered "processed"),
+    killed before its ``receipt.sent`` is written; the resend is answered with the
+    stored receipt as a duplicate, and writes none."""
+    hospital = processes.start(
+        layout.hospital.config_path,
+        prefix=killed_at("--kill-after", "gateway.spool.sqlite:SqliteSpool.inbound_delivered"),
+    )
+    lab = processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "answered.hl7", b"MSH|answered\r")
+    [sent] = _cut_off_then_restarted(layout, processes, hospital, "receipt.sent", layout.hospital)
+    [delivered] = events(layout.hospital.audit_log, "message.delivered")
+    assert sent["message_id"] == delivered["message_id"] and sent["outcome"] == "success"
+    assert sent["detail"]["disposition"] == "processed"
+    assert sent["detail"]["inbox_file"] == delivered["detail"]["inbox_file"]
+    _recovered(sent)
+    lab.stop()
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)  # resends: answered with the stored receipt
+    wait_for_events(layout.lab.audit_log, "receipt.received")
+    assert len(events(layout.hospital.audit_log, "receipt.sent")) == 1
+
+
+def test_a_kill_after_a_hand_over_writes_message_handed_over_once_at_the_next_start(
+    layout: DemoLayout, processes: Any, internal_port: int
+) -> None:
+    """The internal system took the document and the spool marked it handed over;
+    killed before ``message.handed_over`` is written.  Not handed over again."""
+    enable_delivery(layout, internal_port)
+    system = InternalSystem(internal_port)
+    try:
+        hospital = processes.start(
+            layout.hospital.config_path,
+            prefix=killed_at("--kill-after", "gateway.spool.sqlite:SqliteSpool.handover_done"),
+        )
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_dir / "hospital", "handed.hl7", b"MSH|handed\r")
+        [handed] = _cut_off_then_restarted(
+            layout, processes, hospital, "message.handed_over", layout.hospital
+        )
+        [delivered] = events(layout.hospital.audit_log, "message.delivered")
+        assert handed["message_id"] == delivered["message_id"]
+        assert handed["detail"]["sha256"] == delivered["detail"]["sha256"]
+        assert handed["detail"]["attempt"] == 1
+        _recovered(handed)
+        assert len(system.ok()) == 1  # not handed over again
+    finally:
+        system.close()
 
 
 def test_a_record_written_at_recovery_is_not_written_again_at_later_starts(

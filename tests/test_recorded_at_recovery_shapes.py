@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from gateway.audit.log import AuditLog
+from gateway.audit.owed import RECOVERED
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import read_audit
 from gateway.logs import make_logger
 from gateway.outbound.context import Context, Settings
-from gateway.outbound.recover import RECOVERED, Recovery
+from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, SqliteSpool

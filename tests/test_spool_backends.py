@@ -252,6 +252,36 @@ def test_a_change_an_audit_record_follows_names_that_record_and_when_it_was_made
     assert owed() == ("b", "message.retried", True)
 
 
+def test_a_received_messages_and_a_hand_overs_audited_changes_name_their_records(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """The receipt stored (receipt.sent), the hand-over failed for good and retried by
+    an operator on another node: each change keeps its node, its record and its time,
+    and is found by that node's start-up check, not the other's."""
+    clock = TickingClock()
+    mine, theirs = make_spool(clock, Claimant("a")), make_spool(clock, Claimant("b"))
+    since = clock.now().isoformat()
+    mine.inbound_begin("lab", "<r@l>", "ab" * 32, tmp_path / "r.hl7")
+    assert mine.inbound_changed_since(since) == []  # nothing recorded is owed yet
+    mine.inbound_delivered("lab", "<r@l>", [], b"receipt", handover=("text/plain", 3))
+    [received] = mine.inbound_changed_since(since)
+    assert (received.audited_by, received.audit_owed) == ("a", "receipt.sent")
+    assert received.audit_owed_at is not None and received.audit_owed_at >= since
+    assert theirs.inbound_changed_since(since) == []
+    assert mine.inbound_changed_since(clock.now().isoformat()) == []
+
+    assert mine.handover_failed("lab", "<r@l>", "gone")
+    [failed] = mine.handover_changed_since(since)
+    assert (failed.audited_by, failed.audit_owed) == ("a", "message.handover_failed")
+    theirs.handover_operator_retry("lab", "<r@l>", "operator:root (uid 0)", 0)
+    assert mine.handover_changed_since(since) == []
+    [retried] = theirs.handover_changed_since(since)
+    assert (retried.audit_owed, retried.updated_at) == (
+        "message.handover_retried",
+        retried.audit_owed_at,
+    )
+
+
 def test_messages_answered_together_are_settled_in_one_transaction(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:

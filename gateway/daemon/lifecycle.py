@@ -29,6 +29,7 @@ from gateway.atrest import KeyStore, Vault
 from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
 from gateway.audit.export.cursor import load_position
 from gateway.audit.export.exporter import CURSOR_NAME
+from gateway.audit.owed import changes_since
 from gateway.audit.seal import CheckpointKeys, Sealer
 from gateway.audit.watch import BrokenRecords, TrailWatch
 from gateway.backup.bundle import WORK_PREFIX, remove_leftovers
@@ -375,9 +376,12 @@ class Daemon:
             old.emergency, new.emergency, actor
         )
         try:
-            # Before any request: deliveries a killed run left half-done are settled first.
-            await asyncio.to_thread(self.state.inbound.recover)
-            await self._outbound.recover()
+            # Before any request: deliveries a killed run left half-done are settled first;
+            # the records a kill cut off are looked for since the trail's end before this
+            # start writes to it.
+            since = await asyncio.to_thread(changes_since, config.storage.audit_log)
+            await asyncio.to_thread(self.state.inbound.recover, since)
+            await self._outbound.recover(since)
             await self._start_listeners(config)
             self._control = ControlServer(
                 config.storage.state_dir / SOCKET_NAME,

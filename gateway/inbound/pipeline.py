@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
 from gateway.inbound.receipts import Receipts
-from gateway.inbound.recovery import recover, remove_unrecorded, take_over
+from gateway.inbound.recovery import record_cut_off, recover, remove_unrecorded, take_over
 from gateway.inbound.signers import AcceptedSigners, describe_signer
 from gateway.logs import Logger
 from gateway.routing import Refusal, route_inbound
@@ -193,8 +194,12 @@ class InboundProcessor:
                 break
         raise Refused(Disposition.DECRYPTION_FAILED, EventType.DECRYPTION_FAILED, str(first))
 
-    def recover(self) -> None:
-        """At start, before any request: settle the deliveries a stopped process left."""
+    def recover(self, since: datetime | None = None) -> None:
+        """At start, before any request: write the records a kill cut off from changes
+        made ``since`` (None: since the trail's end), and settle the deliveries a
+        stopped process left."""
+        trail = self._config.storage.audit_log
+        record_cut_off(self._spool, self._audit, trail, self._log, since)
         recover(
             self._delivery,
             self._spool,

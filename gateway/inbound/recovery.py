@@ -1,16 +1,21 @@
-"""Recovery at start, after a crash: the deliveries a stopped process left unfinished."""
+"""Recovery at start, after a crash: the records a kill cut off, and the deliveries a
+stopped process left unfinished."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit.owed import RECOVERED, Owed, changes_since, unrecorded
 from gateway.delivery import inbox
 from gateway.errors import ClaimHeldError, MedgwError
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.logs import Logger
-from gateway.spool import InboundRecord, Spool
+from gateway.spool import HandoverRecord, InboundRecord, Spool
+from gateway.spool.records import RETRIED_BY
 
 
 def recover(
@@ -30,6 +35,102 @@ def recover(
     # This node's own, made before a kill between creating and recording (or between
     # forgetting and removing) it, goes now, however young: nothing else would remove it.
     remove_unrecorded(spool, log, inbox_dir, unrecorded_before, own=spool.node)
+
+
+def record_cut_off(
+    spool: Spool, audit: AuditSink, trail: Path, log: Logger, since: datetime | None = None
+) -> None:
+    """At start, before anything writes to ``trail``: write the records a kill cut off
+    from changes of received messages this node committed (a receipt stored:
+    ``receipt.sent``; a hand-over done, failed for good, or retried by an operator:
+    ``message.handed_over``, ``message.handover_failed``,
+    ``message.handover_retried``), each once, marked as written at recovery; those
+    of changes made ``since`` (None: since the trail's end, see changes_since)."""
+    after = (changes_since(trail) if since is None else since).astimezone(UTC).isoformat()
+    changed: list[InboundRecord | HandoverRecord] = [
+        *spool.inbound_changed_since(after),
+        *spool.handover_changed_since(after),
+    ]
+    wanted: dict[Owed, tuple[InboundRecord | HandoverRecord, EventType]] = {}
+    for row in changed:
+        if row.audit_owed is None or row.audit_owed_at is None:
+            continue
+        owed = Owed(
+            frozenset({row.audit_owed}),
+            row.message_id,
+            datetime.fromisoformat(row.audit_owed_at),
+            peer=row.peer,
+        )
+        wanted[owed] = (row, EventType(row.audit_owed))
+    events = [_cut_off_event(*wanted[owed]) for owed in unrecorded(trail, list(wanted))]
+    if not events:
+        return
+    audit.emit_all(events)
+    for event in events:
+        log.warning(
+            "recovery.audit_record_written",
+            audit_event=event.event.value,
+            peer=event.peer,
+            message_id=event.message_id,
+        )
+
+
+def _cut_off_event(row: InboundRecord | HandoverRecord, kind: EventType) -> AuditEvent:
+    """The record ``kind`` that ``row``'s last audited change owes, as far as the row
+    tells it."""
+    if isinstance(row, InboundRecord):
+        # As the pipeline writes it once the receipt is stored (always "processed").
+        return AuditEvent(
+            kind,
+            peer=row.peer,
+            message_id=row.message_id,
+            direction="inbound",
+            service=row.service,
+            reason=f"receipt stored; {RECOVERED} (its MIC is not known here)",
+            detail={
+                "disposition": "processed",
+                "inbox_file": str(row.target_path),
+                "recorded_at_recovery": True,
+            },
+        )
+    note = row.last_error or ""
+    if kind is EventType.HANDOVER_RETRIED:
+        # As operations.py writes it, but for the state before (not known here).
+        return AuditEvent(
+            kind,
+            severity=Severity.WARNING,
+            peer=row.peer,
+            message_id=row.message_id,
+            direction="inbound",
+            service=row.service,
+            actor=note.removeprefix(RETRIED_BY[0]) if note.startswith(RETRIED_BY[0]) else None,
+            reason=RECOVERED,
+            detail={"recorded_at_recovery": True},
+        )
+    # As delivery/http.py writes them: handed over, or an alert that it never will be.
+    done = kind is EventType.MESSAGE_HANDED_OVER
+    return AuditEvent(
+        kind,
+        Outcome.SUCCESS if done else Outcome.FAILURE,
+        Severity.INFO if done else Severity.ALERT,
+        peer=row.peer,
+        message_id=row.message_id,
+        direction="inbound",
+        service=row.service,
+        actor="medgw" if done else None,
+        reason=(
+            f"{RECOVERED} (the URL, the answer and the patients are not known here)"
+            if done
+            else f"{note}; not retried; {RECOVERED}"
+        ),
+        detail={
+            "attempt": row.attempts,
+            "size": row.size,
+            "sha256": row.sha256,
+            **({} if done else {"final": True, "inbox_file": str(row.path)}),
+            "recorded_at_recovery": True,
+        },
+    )
 
 
 def remove_unrecorded(

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import random
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,11 @@ class Outbound:
         """Sign, encrypt and queue a kept document whose preparation an operator retried."""
         await self._sealer.prepare_again(message_id)
 
-    async def recover(self) -> None:
-        """Finish what a previous run left half-done (after a crash or SIGKILL)."""
-        await self._recovery.recover()
+    async def recover(self, since: datetime | None = None) -> None:
+        """Finish what a previous run left half-done (after a crash or SIGKILL); the
+        records a kill cut off from changes made ``since`` (None: since the trail's
+        end) are written."""
+        await self._recovery.recover(since)
 
     async def remove_unrecorded_receipts(self) -> int:
         """While running, in a worker thread: the receipts in this node's folder no row

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
 
 from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
-from gateway.audit.log import CLOCK_MARGIN, last_record_time, recorded_since
+from gateway.audit.owed import RECOVERED, Owed, changes_since, unrecorded
 from gateway.fsutil import fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
@@ -25,9 +24,6 @@ from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 COMMAND_PARTIAL_SECONDS = 3600.0
-RECOVERED = (
-    "recorded at recovery: the change was committed before an interruption cut off its record"
-)
 # Why a message still in intake was taken over (its row keeps no note of it).
 INTAKE_TAKEN_OVER = (
     "taken over: the claim of the node that had taken it in, and not yet signed and "
@@ -79,10 +75,12 @@ class Recovery:
         self._ctx = context
         self._sealer = sealer
 
-    async def recover(self) -> None:
-        """Finish what a previous run left half-done (after a crash or SIGKILL)."""
+    async def recover(self, since: datetime | None = None) -> None:
+        """Finish what a previous run left half-done (after a crash or SIGKILL); the
+        records a kill cut off from changes made ``since`` (None: since the trail's
+        end, see changes_since) are written."""
         # First, before anything changes the spool or writes to the trail.
-        await self._ctx.in_thread(self._record_cut_off)
+        await self._ctx.in_thread(self._record_cut_off, since)
         config = self._ctx.config
         shared = config.cluster.bodies_dir is not None
         for folder in (
@@ -131,7 +129,7 @@ class Recovery:
                 renewed_at = self._ctx.clock.monotonic()
             await self._finish(record)
 
-    def _record_cut_off(self) -> None:
+    def _record_cut_off(self, since: datetime | None) -> None:
         """Write the audit records a kill cut off (worker thread): every change of an
         outbound message an audit record follows is committed before its record is
         written.  Only the rows changed since the trail's last record whose step this
@@ -149,14 +147,12 @@ class Recovery:
         ``message.cancelled``), retried by an operator (``message.retried``) or taken
         over from another node (``message.taken_over``)."""
         trail = self._ctx.config.storage.audit_log
-        last = last_record_time(trail)
-        since = datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
+        if since is None:
+            since = changes_since(trail)
         changed = self._ctx.spool.outbound_changed_since(since.astimezone(UTC).isoformat())
         me = self._ctx.spool.node
-        # (message, record to write) -> the row, the records that count as it, from when
-        # on, and whether exactly (one from then on) or as before (any one found).
-        wanted: dict[tuple[str, EventType], tuple[OutboundRecord, frozenset[str], datetime, bool]]
-        wanted = {}
+        # (message, record to write) -> the row, and the record it owes.
+        wanted: dict[tuple[str, EventType], tuple[OutboundRecord, Owed]] = {}
 
         def want(
             record: OutboundRecord,
@@ -166,10 +162,8 @@ class Recovery:
             *,
             exact: bool = False,
         ) -> None:
-            wanted.setdefault(
-                (record.message_id, kind),
-                (record, kinds or frozenset({kind.value}), at, exact),
-            )
+            owed = Owed(kinds or frozenset({kind.value}), record.message_id, at, exact=exact)
+            wanted.setdefault((record.message_id, kind), (record, owed))
 
         for record in changed:
             created = datetime.fromisoformat(record.created_at)
@@ -208,28 +202,11 @@ class Recovery:
                 want(record, kind, updated, _SETTLED[record.state])
             elif record.state in _GIVEN_UP:
                 want(record, _GIVEN_UP[record.state], updated)
-        if not wanted:
-            return
-        latest: dict[tuple[object, object], datetime] = {}
-
-        def seen(event: dict[str, Any]) -> bool:
-            key = (event.get("event"), event.get("message_id"))
-            at = datetime.fromisoformat(event["time"])
-            latest[key] = max(at, latest.get(key, at))
-            return False  # read on, as far back as the oldest row needs
-
-        recorded_since(trail, min(at for _, _, at, _ in wanted.values()), seen)
-
-        def recorded(
-            record: OutboundRecord, kinds: frozenset[str], at: datetime, exact: bool
-        ) -> bool:
-            times = [latest.get((kind, record.message_id)) for kind in kinds]
-            return any(t is not None and (not exact or t >= at) for t in times)
-
+        missing = set(unrecorded(trail, [owed for _, owed in wanted.values()]))
         events = [
             self._cut_off_event(record, kind)
-            for (_, kind), (record, kinds, at, exact) in wanted.items()
-            if not recorded(record, kinds, at, exact)
+            for (_, kind), (record, owed) in wanted.items()
+            if owed in missing
         ]
         if not events:
             return

@@ -263,6 +263,18 @@ class Spool(Protocol):
         records, which belong in this node's trail whoever holds the message now."""
         ...
 
+    def inbound_changed_since(self, since: str) -> list[InboundRecord]:
+        """The received messages whose last audited change (the receipt stored) this node
+        made at ``since`` (ISO 8601, UTC) or later: for recovery, as
+        :meth:`outbound_changed_since`."""
+        ...
+
+    def handover_changed_since(self, since: str) -> list[HandoverRecord]:
+        """The hand-overs whose last audited change (done, failed, retried by an
+        operator) this node made at ``since`` (ISO 8601, UTC) or later: for recovery, as
+        :meth:`outbound_changed_since`."""
+        ...
+
     def take_over_expired(self) -> list[OutboundRecord]:
         """Messages other nodes were sending whose lease ran out (the node died, or lost
         the spool) go back to the queue, due now; returns them as they were (``node``:

@@ -169,6 +169,11 @@ class InboundRecord:
     received_at: str = ""
     node: str | None = None  # the node writing it to the inbox ("delivering")
     lease_until: float = 0.0  # until when that node's claim lasts without renewal
+    # As OutboundRecord's: the node whose change (the receipt stored) owes a record, which
+    # one, and when.
+    audited_by: str | None = None
+    audit_owed: str | None = None
+    audit_owed_at: str | None = None
 
 
 class HandoverState(StrEnum):
@@ -199,6 +204,11 @@ class HandoverRecord:
     # without renewal (seconds since the epoch; see Spool.handover_due).
     node: str | None = None
     lease_until: float = 0.0
+    # As OutboundRecord's: the node whose change (done, failed, retried) owes a record,
+    # which one, and when.
+    audited_by: str | None = None
+    audit_owed: str | None = None
+    audit_owed_at: str | None = None
 
 
 class RetainedKind(StrEnum):

@@ -136,6 +136,14 @@ ADDED_COLUMNS = (
     # trail unless a kill cut it off (NULL: changed before this was recorded).
     ("outbound", "audit_owed", "TEXT"),
     ("outbound", "audit_owed_at", "TEXT"),
+    # The same of a received message (its receipt stored: receipt.sent) and of a
+    # hand-over (done, failed, retried by an operator).
+    ("inbound", "audited_by", "TEXT"),
+    ("inbound", "audit_owed", "TEXT"),
+    ("inbound", "audit_owed_at", "TEXT"),
+    ("handover", "audited_by", "TEXT"),
+    ("handover", "audit_owed", "TEXT"),
+    ("handover", "audit_owed_at", "TEXT"),
 )
 
 
@@ -161,6 +169,9 @@ ADDED_INDEXES = (
     # moved or restored elsewhere since): an index lookup per file, however many rows.
     f"CREATE INDEX IF NOT EXISTS outbound_payload_name ON outbound ({file_name('payload_path')})",
     f"CREATE INDEX IF NOT EXISTS outbound_receipt_name ON outbound ({file_name('receipt_path')})",
+    # And the received messages and hand-overs whose audited change came since.
+    "CREATE INDEX IF NOT EXISTS inbound_owed ON inbound (audit_owed_at)",
+    "CREATE INDEX IF NOT EXISTS handover_owed ON handover (audit_owed_at)",
 )
 
 

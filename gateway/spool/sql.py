@@ -14,12 +14,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from gateway.audit.events import EventType
 from gateway.clock import Clock
 from gateway.spool.records import Claimant, DataKey
 
 T = TypeVar("T")
 
 Params = tuple[Any, ...] | Mapping[str, Any]
+# A change an audit record follows (written once it is committed), in a row of the
+# outbound, inbound or hand-over table: whose trail it is in, which record, and when the
+# change was made (see OutboundRecord.audit_owed); its parameters: SqlStore._audited.
+AUDITED = "audited_by=?, audit_owed=?, audit_owed_at=?"
 
 _PUT_KEY = (
     "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
@@ -86,6 +91,11 @@ class SqlStore(ABC):
 
     def _now(self) -> str:
         return self._clock.now().isoformat()
+
+    def _audited(self, owed: EventType, now: str) -> tuple[str, str, str]:
+        """The parameters of :data:`AUDITED`: this node's change, made ``now``, owes the
+        record ``owed``."""
+        return self.node, owed.value, now
 
     @property
     def node(self) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.audit.events import EventType
 from gateway.errors import SpoolError
 from gateway.spool.records import (
+    RETRIED_BY,
     HandoverRecord,
     HandoverState,
 )
-from gateway.spool.sql import Connection, Row, SqlStore
+from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
 
 
 def _handover(row: Row) -> HandoverRecord:
@@ -30,6 +32,9 @@ def _handover(row: Row) -> HandoverRecord:
         expires_at=row["expires_at"] or 0.0,
         node=row["node"],
         lease_until=row["lease_until"] or 0.0,
+        audited_by=row["audited_by"],
+        audit_owed=row["audit_owed"],
+        audit_owed_at=row["audit_owed_at"],
     )
 
 
@@ -120,10 +125,17 @@ class HandoverQueue(SqlStore):
 
     def handover_done(self, peer: str, message_id: str) -> None:
         """See :meth:`gateway.spool.protocol.Spool.handover_done`."""
+        now = self._now()
         self._write(
-            "UPDATE handover SET state=?, attempts=attempts+1, last_error=NULL, updated_at=?,"
-            " node=NULL, lease_until=0 WHERE peer=? AND message_id=?",
-            (HandoverState.DONE.value, self._now(), peer, message_id),
+            "UPDATE handover SET state=?, attempts=attempts+1, last_error=NULL, updated_at=?,"  # noqa: S608 - fixed text
+            f" node=NULL, lease_until=0, {AUDITED} WHERE peer=? AND message_id=?",
+            (
+                HandoverState.DONE.value,
+                now,
+                *self._audited(EventType.MESSAGE_HANDED_OVER, now),
+                peer,
+                message_id,
+            ),
         )
 
     def handover_retry(self, peer: str, message_id: str, error: str, next_at: float) -> bool:
@@ -148,14 +160,17 @@ class HandoverQueue(SqlStore):
 
     def handover_failed(self, peer: str, message_id: str, error: str) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.handover_failed`."""
+        now = self._now()
         return (
             self._write(
                 "UPDATE handover SET state=?, attempts=attempts+1, last_error=?, updated_at=?,"  # noqa: S608
-                f" node=NULL, lease_until=0 WHERE peer=? AND message_id=? AND {self._FREE}",
+                f" node=NULL, lease_until=0, {AUDITED} WHERE peer=? AND message_id=?"
+                f" AND {self._FREE}",
                 (
                     HandoverState.FAILED.value,
                     error,
-                    self._now(),
+                    now,
+                    *self._audited(EventType.HANDOVER_FAILED, now),
                     peer,
                     message_id,
                     HandoverState.PENDING.value,
@@ -164,6 +179,13 @@ class HandoverQueue(SqlStore):
             )
             == 1
         )
+
+    def handover_changed_since(self, since: str) -> list[HandoverRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.handover_changed_since`."""
+        rows = self._read(
+            "SELECT * FROM handover WHERE audit_owed_at>=? AND audited_by=?", (since, self.node)
+        )
+        return [_handover(r) for r in rows]
 
     def handover_list(
         self, state: HandoverState | None = None, message_id: str | None = None
@@ -183,15 +205,17 @@ class HandoverQueue(SqlStore):
         self, peer: str, message_id: str, actor: str, expires_at: float
     ) -> HandoverRecord:
         """A ``failed`` hand-over back to ``pending``: attempts reset, a new expiry."""
+        now = self._now()
         changed = self._write(
-            "UPDATE handover SET state=?, attempts=0, next_attempt_at=0, last_error=?,"
-            " expires_at=?, updated_at=?, node=NULL, lease_until=0"
+            "UPDATE handover SET state=?, attempts=0, next_attempt_at=0, last_error=?,"  # noqa: S608 - fixed text
+            f" expires_at=?, updated_at=?, node=NULL, lease_until=0, {AUDITED}"
             " WHERE peer=? AND message_id=? AND state=?",
             (
                 HandoverState.PENDING.value,
-                f"retry requested by {actor}",
+                f"{RETRIED_BY[0]}{actor}",
                 expires_at,
-                self._now(),
+                now,
+                *self._audited(EventType.HANDOVER_RETRIED, now),
                 peer,
                 message_id,
                 HandoverState.FAILED.value,

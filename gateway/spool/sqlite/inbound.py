@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gateway.audit.events import EventType
 from gateway.errors import ClaimHeldError
 from gateway.spool.records import (
     DataKey,
     HandoverState,
     InboundRecord,
 )
-from gateway.spool.sql import Connection, Row, SqlStore
+from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
 
 
 def _inbound(row: Row) -> InboundRecord:
@@ -30,6 +31,9 @@ def _inbound(row: Row) -> InboundRecord:
         received_at=row["received_at"],
         node=row["node"],
         lease_until=row["lease_until"] or 0.0,
+        audited_by=row["audited_by"],
+        audit_owed=row["audit_owed"],
+        audit_owed_at=row["audit_owed_at"],
     )
 
 
@@ -44,6 +48,13 @@ class InboundDedup(SqlStore):
         """See :meth:`gateway.spool.protocol.Spool.inbound_unfinished`."""
         now, _ = self._lease()
         return self._claim_delivering("(node=? OR node IS NULL OR lease_until<?)", (self.node, now))
+
+    def inbound_changed_since(self, since: str) -> list[InboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_changed_since`."""
+        rows = self._read(
+            "SELECT * FROM inbound WHERE audit_owed_at>=? AND audited_by=?", (since, self.node)
+        )
+        return [_inbound(r) for r in rows]
 
     def inbound_in_progress(self) -> list[InboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.inbound_in_progress`."""
@@ -225,9 +236,16 @@ class InboundDedup(SqlStore):
             )
         statements.append(
             (
-                "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?,"
-                " updated_at=?, lease_until=0 WHERE peer=? AND message_id=?",
-                (json.dumps(receipt_headers), receipt_body, now, peer, message_id),
+                "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?,"  # noqa: S608 - fixed text
+                f" updated_at=?, lease_until=0, {AUDITED} WHERE peer=? AND message_id=?",
+                (
+                    json.dumps(receipt_headers),
+                    receipt_body,
+                    now,
+                    *self._audited(EventType.RECEIPT_SENT, now),
+                    peer,
+                    message_id,
+                ),
             )
         )
         first, *more = statements

@@ -25,20 +25,17 @@ from gateway.spool.records import (
     payload_item,
 )
 from gateway.spool.schema import file_name
-from gateway.spool.sql import Connection, Row, SqlStore
+from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
 
 # File names asked about in one statement (a sweep asks of a folder's files in batches).
 NAMES_PER_STATEMENT = 500
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
-# A change an audit record follows (written once it is committed): whose trail it is in,
-# which record, and when the change was made (see OutboundRecord.audit_owed).
-_AUDITED = "audited_by=?, audit_owed=?, audit_owed_at=?"
 # Settled by its receipt, if still in the state its settler found it in (see Settled);
 # once delivered, the body stored in the spool is of no more use (as its file is).
 _SETTLE = (
     "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"  # noqa: S608 - fixed text
-    f" body=CASE WHEN ? THEN NULL ELSE body END, {_AUDITED} WHERE message_id=? AND state=?"
+    f" body=CASE WHEN ? THEN NULL ELSE body END, {AUDITED} WHERE message_id=? AND state=?"
 )
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
@@ -176,11 +173,6 @@ class OutboundQueue(SqlStore):
         if intakes:
             self._transact(work)
 
-    def _audited(self, owed: EventType, now: str) -> tuple[str, str, str]:
-        """The parameters of :data:`_AUDITED`: this node's change, made ``now``, owes
-        the record ``owed``."""
-        return self.node, owed.value, now
-
     def submitter(self, message_id: str) -> str | None:
         """Who submitted the message (None: not recorded, or no such message)."""
         row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
@@ -249,7 +241,7 @@ class OutboundQueue(SqlStore):
             for one in prepared:
                 count = db.execute(
                     "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"  # noqa: S608 - fixed text
-                    f" updated_at=?, encrypted_for=?, payload=NULL, queued_by=?, {_AUDITED}"
+                    f" updated_at=?, encrypted_for=?, payload=NULL, queued_by=?, {AUDITED}"
                     " WHERE message_id=? AND state=?",
                     (
                         OutboundState.QUEUED.value,
@@ -352,7 +344,7 @@ class OutboundQueue(SqlStore):
                 message_id
                 for message_id in ids
                 if db.execute(
-                    f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {_AUDITED}"  # noqa: S608 - fixed text
+                    f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {AUDITED}"  # noqa: S608 - fixed text
                     " WHERE message_id=? AND state=?",
                     (
                         new.value,
@@ -391,7 +383,7 @@ class OutboundQueue(SqlStore):
         at ``next_attempt_at`` if given), its claim let go; ``owed``: the record this node
         writes of it.  False (nothing changed) if this node no longer sends it."""
         now = self._now()
-        audited, by = (f", {_AUDITED}", self._audited(owed, now)) if owed else ("", ())
+        audited, by = (f", {AUDITED}", self._audited(owed, now)) if owed else ("", ())
         return (
             self._write(
                 "UPDATE outbound SET state=?, last_error=?,"  # noqa: S608 - fixed text
@@ -518,7 +510,7 @@ class OutboundQueue(SqlStore):
         each claim (a change then, made by this node)."""
         _, lease_until = self._lease()
         now = self._now()
-        audited = f", updated_at=?, {_AUDITED}" if owed else ""
+        audited = f", updated_at=?, {AUDITED}" if owed else ""
         by = (now, *self._audited(owed, now)) if owed else ()
         limited = limit >= 0 and kept is None
 
@@ -653,7 +645,7 @@ class OutboundQueue(SqlStore):
         transaction; returns their rows as they were.  ``owed``: the record the caller
         writes of each (their last audited change is this node's)."""
         updated_at = self._now()
-        audited_by = f", {_AUDITED}" if owed else ""
+        audited_by = f", {AUDITED}" if owed else ""
         by = self._audited(owed, updated_at) if owed else ()
 
         def requeue(db: Connection) -> list[Row]:
@@ -758,7 +750,7 @@ class OutboundQueue(SqlStore):
             claimed = (self.node, self._lease()[1])
         now = self._now()
         changed = self._write(
-            f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {_AUDITED}{extra}"  # noqa: S608
+            f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {AUDITED}{extra}"  # noqa: S608
             f" WHERE message_id=? AND state IN ({marks})",
             (
                 new.value,
@@ -844,7 +836,7 @@ class OutboundQueue(SqlStore):
         return (
             self._write(
                 "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"  # noqa: S608 - fixed text
-                f" updated_at=?, {_AUDITED} WHERE message_id=? AND state=?",
+                f" updated_at=?, {AUDITED} WHERE message_id=? AND state=?",
                 (
                     OutboundState.FAILED.value,
                     "not-sent",

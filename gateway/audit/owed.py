@@ -1,0 +1,65 @@
+"""The records that changes committed in the spool owe, found missing from a trail.
+
+A change an audit record follows is committed first and its record written after it; a
+kill in between cuts the record off.  At start, recovery asks which of the records the
+changes since the trail's last record owe are not in it, and writes those, marked
+(:data:`RECOVERED`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.audit.log import CLOCK_MARGIN, last_record_time, recorded_since
+
+RECOVERED = (
+    "recorded at recovery: the change was committed before an interruption cut off its record"
+)
+
+
+def changes_since(trail: Path) -> datetime:
+    """From when on a change committed in the spool may lack its record in ``trail``:
+    its last record's time (less the margin of a clock set back), or ever."""
+    last = last_record_time(trail)
+    return datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A record a change owes: one of ``events`` about ``message_id`` (from or to
+    ``peer``, if given), written at ``at`` or later (``exact``: the spool said when the
+    change was made); or, not ``exact`` (judged from a row's state), any one written
+    since ``at``, less the clock's margin."""
+
+    events: frozenset[str]
+    message_id: str
+    at: datetime
+    peer: str | None = None
+    exact: bool = True
+
+
+def unrecorded(trail: Path, owed: Sequence[Owed]) -> list[Owed]:
+    """Those of ``owed`` that ``trail`` lacks, reading it back only as far as the oldest
+    needs."""
+    if not owed:
+        return []
+    latest: dict[tuple[object, object, object], datetime] = {}
+
+    def seen(event: dict[str, Any]) -> bool:
+        at = datetime.fromisoformat(event["time"])
+        for peer in (event.get("peer"), None):
+            key = (event.get("event"), event.get("message_id"), peer)
+            latest[key] = max(at, latest.get(key, at))
+        return False  # read on, as far back as the oldest needs
+
+    recorded_since(trail, min(one.at for one in owed), seen)
+
+    def recorded(one: Owed) -> bool:
+        times = [latest.get((event, one.message_id, one.peer)) for event in one.events]
+        return any(t is not None and (not one.exact or t >= one.at) for t in times)
+
+    return [one for one in owed if not recorded(one)]
