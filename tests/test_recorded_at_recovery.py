@@ -244,6 +244,29 @@ def test_a_kill_after_a_hand_over_writes_message_handed_over_once_at_the_next_st
         system.close()
 
 
+def test_a_kill_after_a_hand_over_is_given_up_writes_its_final_alert_once_at_the_next_start(
+    layout: DemoLayout, processes: Any, internal_port: int
+) -> None:
+    """The internal system unreachable and one attempt allowed: the hand-over failed for
+    good in the spool, killed before its final ``message.handover_failed`` alert."""
+    enable_delivery(layout, internal_port)  # nothing listens there
+    set_runtime(layout.hospital.config_path, "max_attempts", "1")
+    hospital = processes.start(
+        layout.hospital.config_path,
+        prefix=killed_at("--kill-after", "gateway.spool.sqlite:SqliteSpool.handover_failed"),
+    )
+    processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "unhanded.hl7", b"MSH|unhanded\r")
+    [failed] = _cut_off_then_restarted(
+        layout, processes, hospital, "message.handover_failed", layout.hospital
+    )
+    [delivered] = events(layout.hospital.audit_log, "message.delivered")
+    assert failed["message_id"] == delivered["message_id"] and failed["severity"] == "alert"
+    assert failed["detail"]["final"] is True and "gave up after 1 attempt" in failed["reason"]
+    assert failed["detail"]["inbox_file"] == delivered["detail"]["inbox_file"]
+    _recovered(failed)
+
+
 def test_a_record_written_at_recovery_is_not_written_again_at_later_starts(
     layout: DemoLayout, processes: Any
 ) -> None:
