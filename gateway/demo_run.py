@@ -13,6 +13,7 @@ import collections
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -130,21 +131,55 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+# The kernel's range for the local ports of outgoing connections (Linux default).
+_EPHEMERAL_DEFAULT = (32768, 60999)
+# How many ports below that range listeners are chosen from.
+_LISTENER_SPAN = 12000
+
+
+def outgoing_port_range(
+    path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range"),
+) -> tuple[int, int]:
+    try:
+        low, high = (int(field) for field in path.read_text().split())
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+    return low, high
+
+
+def listener_ports(ephemeral: tuple[int, int]) -> range:
+    """Where a port for a listener that starts later is chosen: outside the kernel's
+    range for outgoing connections.  A port offered by ``bind(0)`` comes from that range,
+    and between choosing it and the listener's start any outgoing connection (to the
+    spool's database, to a peer, through a test's proxy) may take it as its local port:
+    the listener then fails with "address already in use".  Below the range if there is
+    room, else above it."""
+    low, high = ephemeral
+    if low - 1024 >= _LISTENER_SPAN // 4:
+        return range(max(1024, low - _LISTENER_SPAN), low)
+    return range(high + 1, min(65536, high + 1 + _LISTENER_SPAN))
+
+
 class _PortMemory:
     """The ports this process has handed out lately.  A port is chosen long before the
-    gateway that listens on it starts, and meanwhile the kernel may offer it again to the
+    gateway that listens on it starts, and meanwhile it may be offered again to the
     next caller (two settings of one configuration, chosen minutes apart, then collide
     and the second listener cannot bind), so a port is not handed out twice in a row."""
 
     def __init__(self, size: int) -> None:
         self._recent: collections.deque[int] = collections.deque(maxlen=size)
         self._lock = threading.Lock()
+        self._random = random.Random()
 
     def fresh(self, candidates: Sequence[int]) -> list[int]:
         with self._lock:
             fresh = [port for port in candidates if port not in self._recent]
             self._recent.extend(fresh)
             return fresh
+
+    def pick(self, ports: range) -> int:
+        with self._lock:
+            return self._random.choice(ports)
 
 
 # One per process, as the kernel's port space is one per host: the demo and the tests
@@ -153,19 +188,32 @@ _HANDED_OUT = _PortMemory(size=4096)
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct unused ports on 127.0.0.1, none handed out lately by this process
-    (held open together while chosen: asked one at a time, the kernel may hand out the
-    same port twice)."""
+    """``count`` distinct unused ports on 127.0.0.1 outside the kernel's range for
+    outgoing connections (:func:`listener_ports`), none handed out lately by this
+    process; each is checked free by binding it, the chosen ones held together until
+    all are chosen."""
     ports: list[int] = []
-    while len(ports) < count:
-        with contextlib.ExitStack() as stack:
-            offered = []
-            for _ in range(count - len(ports)):
-                sock = stack.enter_context(socket.socket())
-                sock.bind(("127.0.0.1", 0))
-                offered.append(int(sock.getsockname()[1]))
-            ports.extend(port for port in _HANDED_OUT.fresh(offered) if port not in ports)
-    return ports
+    span = listener_ports(outgoing_port_range())
+    with contextlib.ExitStack() as stack:
+        for _ in range(100 * count):
+            if len(ports) == count:
+                break
+            port = _HANDED_OUT.pick(span)
+            if port in ports or not _HANDED_OUT.fresh([port]):
+                continue
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use (or lingering): another
+                continue
+            ports.append(port)
+    if len(ports) == count:
+        return ports
+    raise MedgwError(
+        f"found only {len(ports)} of {count} free ports on 127.0.0.1 in {span.start}-"
+        f"{span.stop - 1}",
+        fix="stop what listens there, or widen the kernel's free port space",
+    )
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

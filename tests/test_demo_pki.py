@@ -701,3 +701,32 @@ def test_a_port_handed_out_is_not_handed_out_again_while_its_gateway_may_not_lis
 
     chosen = [free_port() for _ in range(3000)] + free_ports(40)
     assert len(chosen) == len(set(chosen))
+
+
+def test_ports_for_listeners_are_chosen_outside_the_kernels_range_for_outgoing_ones() -> None:
+    """A port chosen now for a listener that starts later must not be one the kernel may
+    give meanwhile to an outgoing connection as its local port (a node's connection to
+    the spool's database took a node's listening port: "address already in use")."""
+    from gateway.demo_run import free_ports, listener_ports, outgoing_port_range
+
+    low, high = outgoing_port_range()
+    chosen = free_ports(200)
+    assert len(set(chosen)) == 200
+    assert not [port for port in chosen if low <= port <= high]
+    assert list(listener_ports((32768, 60999))) == list(range(20768, 32768))
+    # No room below the range: above it instead, never inside it.
+    above = listener_ports((1100, 60999))
+    assert above.start == 61000 and above.stop <= 65536
+
+
+def test_the_kernels_range_is_read_from_its_setting_or_taken_as_linuxs_default(
+    tmp_path: Path,
+) -> None:
+    from gateway.demo_run import outgoing_port_range
+
+    setting = tmp_path / "ip_local_port_range"
+    setting.write_text("40000\t50000\n")
+    assert outgoing_port_range(setting) == (40000, 50000)
+    setting.write_text("garbage")
+    assert outgoing_port_range(setting) == (32768, 60999)
+    assert outgoing_port_range(tmp_path / "absent") == (32768, 60999)
