@@ -410,7 +410,7 @@ def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_fold
     bodies = layout.lab.root / "shared-bodies"
     # What a kill in the middle of writing its body leaves, and a write of another
     # message's body in progress on another node.
-    cut = bodies / f".{left.payload_path.name}.as2.{secrets.token_hex(6)}.partial"
+    cut = bodies / f".{left.payload_path.name}.lab-a.as2.{secrets.token_hex(6)}.partial"
     cut.write_bytes(data[:1000])
     elsewhere = bodies / f".{secrets.token_hex(12)}.as2.{secrets.token_hex(6)}.partial"
     elsewhere.write_bytes(data[:1000])

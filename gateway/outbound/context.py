@@ -101,9 +101,11 @@ class Context:
         return self._state.trust
 
     def body_path(self, record: OutboundRecord) -> Path:
-        """Where ``record``'s signed, encrypted body is kept when it is too large for its
-        spool row."""
-        return self.outgoing / (record.payload_path.name + ".as2")
+        """Where this node keeps ``record``'s signed, encrypted body when it is too large
+        for its spool row: a name of this node's own, so that in a bodies folder the nodes
+        share, a node still preparing a document another node took over (its claim ran
+        out meanwhile) never writes over the body the spool names."""
+        return self.outgoing / f"{record.payload_path.name}.{self.spool.node}.as2"
 
     def recipient(self, peer: Peer) -> x509.Certificate:
         """The newest acceptable encryption certificate of ``peer`` (rotation: see pki.peers)."""

@@ -97,7 +97,7 @@ class Sealer:
         for document, sealed in built:
             record, peer = document.record, document.peer
             if record.message_id not in queued:
-                self._prepared_elsewhere(record, peer)
+                self._prepared_elsewhere(record, peer, sealed.body_path)
                 continue
             record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
             self._ctx.log.info(
@@ -108,9 +108,17 @@ class Sealer:
         self._ctx.record_all(events)
         return done
 
-    def _prepared_elsewhere(self, record: OutboundRecord, peer: Peer) -> None:
+    def _prepared_elsewhere(
+        self, record: OutboundRecord, peer: Peer, written: Path | None = None
+    ) -> None:
         """``record`` is no longer in intake: another node prepared it (this node's claim
-        on it ran out meanwhile); nothing of it is recorded here."""
+        on it ran out meanwhile); nothing of it is recorded here, and the body this node
+        ``written`` for it (a file of its own name, see Context.body_path) is removed,
+        unless its row names it after all."""
+        if written is not None:
+            current = self._ctx.spool.get(record.message_id)
+            if current is None or current.body_path != written:
+                written.unlink(missing_ok=True)
         self._ctx.log.info(
             "message.prepared_elsewhere",
             peer=peer.name,
