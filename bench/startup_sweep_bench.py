@@ -62,7 +62,7 @@ COLUMNS = (
     " disposition, receipt_path"
 )
 IN_FLIGHT = 20  # documents in the payloads folder, being prepared
-INDEXES = ("outbound_payload_name", "outbound_receipt_name")
+INDEXES = ("outbound_payload_name", "outbound_receipt_file")
 
 
 def rows(start: int, stop: int, folder: Path) -> Iterator[tuple[object, ...]]:

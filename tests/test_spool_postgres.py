@@ -290,7 +290,7 @@ def test_a_spool_upgraded_with_many_rows_answers_the_sweeps_by_its_file_name_ind
     spool._transact(
         lambda db: [
             db.execute("DROP INDEX outbound_payload_name", ()),
-            db.execute("DROP INDEX outbound_receipt_name", ()),
+            db.execute("DROP INDEX outbound_receipt_file", ()),
             db.execute("UPDATE spool_schema SET version=?", (VERSION - 2,)),
         ]
     )

@@ -103,7 +103,7 @@ def plan(database: Path, statement: str) -> list[str]:
         (
             "receipt files found at start",
             lambda s: s.receipts_recorded(["a.0123456789ab.mdn", "b.mdn"]),
-            "USING INDEX outbound_receipt_name",
+            "USING COVERING INDEX outbound_receipt_file",
         ),
     ],
 )

@@ -164,14 +164,19 @@ ADDED_INDEXES = (
     "CREATE INDEX IF NOT EXISTS handover_lease ON handover (state, lease_until)",
     # Recovery reads the rows changed since the audit trail's last record.
     "CREATE INDEX IF NOT EXISTS outbound_updated ON outbound (updated_at)",
+    # And the received messages and hand-overs whose audited change came since.
+    "CREATE INDEX IF NOT EXISTS inbound_owed ON inbound (audit_owed_at)",
+    "CREATE INDEX IF NOT EXISTS handover_owed ON handover (audit_owed_at)",
     # The start's sweeps of the payloads and receipts folders ask about the files they
     # find, by file name (a row keeps the whole path, and the state folder may have been
     # moved or restored elsewhere since): an index lookup per file, however many rows.
     f"CREATE INDEX IF NOT EXISTS outbound_payload_name ON outbound ({file_name('payload_path')})",
-    f"CREATE INDEX IF NOT EXISTS outbound_receipt_name ON outbound ({file_name('receipt_path')})",
-    # And the received messages and hand-overs whose audited change came since.
-    "CREATE INDEX IF NOT EXISTS inbound_owed ON inbound (audit_owed_at)",
-    "CREATE INDEX IF NOT EXISTS handover_owed ON handover (audit_owed_at)",
+    # A receipts folder holds as many files as the receipts its node keeps: the path
+    # beside the name, so that SQLite answers from the index alone (and PostgreSQL need
+    # not work the name out again for each row found).  Its first form had the name only.
+    "DROP INDEX IF EXISTS outbound_receipt_name",
+    "CREATE INDEX IF NOT EXISTS outbound_receipt_file ON outbound"
+    f" ({file_name('receipt_path')}, receipt_path)",
 )
 
 
