@@ -175,3 +175,41 @@ def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone
     # Nothing of a's write is left in the shared folder: only b's body.
     assert sorted(p.name for p in bodies.iterdir() if p.is_file()) == [record.body_path.name]
     assert not copy.exists()
+
+
+def test_the_body_a_dead_node_wrote_before_recording_it_goes_when_another_prepares_it(
+    layout: DemoLayout, make_spool: MakeSpool
+) -> None:
+    """Node a wrote a large document's body into the shared folder and died before the
+    commit that records it; node b, taking the document over, prepares and queues it,
+    and removes a's body, which no row names (no node would ever remove it)."""
+    clock = Clock()
+    a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
+    config = load_config(layout.lab.config_path)
+    bodies = layout.lab.root / "shared-outgoing"
+    config = replace(config, cluster=replace(config.cluster, bodies_dir=bodies))
+    [peer] = config.peers
+    copy = bodies / "payloads" / "a" / "image.dcm.0123456789ab"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(random.Random(23).randbytes(INLINE_BODY_BYTES + 1024))
+    a.add_intake(
+        "<large@KITA-LAB>", peer.name, "image.dcm", "application/dicom",
+        layout.lab.outbox_dir / "hospital" / "image.dcm", copy, zone=peer.zone,
+    )  # fmt: skip
+    left = bodies / f"{copy.name}.a.as2"  # as node a names the body it writes
+    left.write_bytes(b"the body node a wrote before it was killed")
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    audit = AuditLog(layout.lab.root / "audit-b.jsonl", clock, node="b")
+    outbound_b = Outbound(
+        Settings(config, trust), b, audit, make_logger(stream=io.StringIO()), clock
+    )
+    try:
+        clock.advance(LEASE + 1)
+        [taken] = b.intake_take_over(8, outbound_b.shared_payloads)
+        asyncio.run(outbound_b.prepare_taken_over([taken]))
+    finally:
+        audit.close()
+    record = b.get("<large@KITA-LAB>")
+    assert record is not None and record.state is OutboundState.QUEUED
+    assert record.body_path is not None and record.body_path.exists()
+    assert sorted(p.name for p in bodies.iterdir() if p.is_file()) == [record.body_path.name]

@@ -100,12 +100,12 @@ class Context:
         """Which peer certificates are acceptable now."""
         return self._state.trust
 
-    def body_path(self, record: OutboundRecord) -> Path:
-        """Where this node keeps ``record``'s signed, encrypted body when it is too large
-        for its spool row: a name of this node's own, so that in a bodies folder the nodes
-        share, a node still preparing a document another node took over (its claim ran
-        out meanwhile) never writes over the body the spool names."""
-        return self.outgoing / f"{record.payload_path.name}.{self.spool.node}.as2"
+    def body_path(self, record: OutboundRecord, node: str | None = None) -> Path:
+        """Where this node (or ``node``) keeps ``record``'s signed, encrypted body when it
+        is too large for its spool row: a name of the node's own, so that in a bodies
+        folder the nodes share, a node still preparing a document another node took over
+        (its claim ran out meanwhile) never writes over the body the spool names."""
+        return self.outgoing / f"{record.payload_path.name}.{node or self.spool.node}.as2"
 
     def recipient(self, peer: Peer) -> x509.Certificate:
         """The newest acceptable encryption certificate of ``peer`` (rotation: see pki.peers)."""

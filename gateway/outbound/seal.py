@@ -100,6 +100,10 @@ class Sealer:
                 self._prepared_elsewhere(record, peer, sealed.body_path)
                 continue
             record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
+            if record.node not in (None, self._ctx.spool.node):
+                # Taken over: the body the node that held it wrote before it stopped, if
+                # any (no row names it now; that node, if still at work, removes its own).
+                self._ctx.body_path(record, record.node).unlink(missing_ok=True)
             self._ctx.log.info(
                 "message.accepted", peer=peer.name, message_id=record.message_id, size=sealed.size
             )
