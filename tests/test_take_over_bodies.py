@@ -37,26 +37,11 @@ from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import Claimant, OutboundRecord, OutboundState
+from tests.clocks import SetClock
 from tests.conftest import MakeSpool
 
 LEASE = 60.0
 WAIT = 120.0  # generous: the machine may be busy
-
-
-class Clock:
-    """One clock for both nodes; time moves when the test says."""
-
-    def __init__(self) -> None:
-        self.at = datetime.now(UTC)  # the demo's certificates are valid from now on
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)
 
 
 # Which node's preparation opens the document (set in each node's thread; the worker
@@ -100,7 +85,7 @@ def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone
     slightly behind: it begins writing its body after b began, and finishes after b
     queued the message.  b's body stays as b wrote it (a's preparation is not
     recorded, and its write is removed), and the document arrives as taken in."""
-    clock = Clock()
+    clock = SetClock(datetime.now(UTC))  # the demo's certificates are valid from now on
     a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
     config = load_config(layout.lab.config_path)
     bodies = layout.lab.root / "shared-outgoing"
@@ -144,7 +129,7 @@ def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone
         return thread
 
     try:
-        clock.advance(LEASE + 1)  # a could not renew: its claim ran out
+        clock.at += timedelta(seconds=LEASE + 1)  # a could not renew: its claim ran out
         [taken] = b.intake_take_over(8, outbound_b.shared_payloads)
         assert taken.message_id == "<large@KITA-LAB>"
         node_b = as_node("b", lambda: asyncio.run(outbound_b.prepare_taken_over([taken])))
@@ -183,7 +168,7 @@ def test_the_body_a_dead_node_wrote_before_recording_it_goes_when_another_prepar
     """Node a wrote a large document's body into the shared folder and died before the
     commit that records it; node b, taking the document over, prepares and queues it,
     and removes a's body, which no row names (no node would ever remove it)."""
-    clock = Clock()
+    clock = SetClock(datetime.now(UTC))  # the demo's certificates are valid from now on
     a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
     config = load_config(layout.lab.config_path)
     bodies = layout.lab.root / "shared-outgoing"
@@ -204,7 +189,7 @@ def test_the_body_a_dead_node_wrote_before_recording_it_goes_when_another_prepar
         Settings(config, trust), b, audit, make_logger(stream=io.StringIO()), clock
     )
     try:
-        clock.advance(LEASE + 1)
+        clock.at += timedelta(seconds=LEASE + 1)
         [taken] = b.intake_take_over(8, outbound_b.shared_payloads)
         asyncio.run(outbound_b.prepare_taken_over([taken]))
     finally:
