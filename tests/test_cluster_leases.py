@@ -452,6 +452,45 @@ def test_a_dead_nodes_intake_copied_into_the_shared_folder_is_taken_over_once_co
     assert claimed is not None and claimed.node == "b"
 
 
+def test_a_take_over_from_the_shared_folder_looks_only_at_the_copies_it_claims(
+    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many of a dead node's copies wait in the shared folder, one take-over
+    looks at the files of those it claims (and of the unfinished copies before them,
+    more than it reads at a time here), not at all the others: it runs every third of a
+    lease on every node, inside a transaction, and the folder may be on NFS."""
+    a, b = nodes
+    shared = tmp_path / "bodies" / "payloads"
+    (shared / "a").mkdir(parents=True)
+    names = [f"c{number:03}" for number in range(90)]
+    for number, name in enumerate(names):
+        if number >= 40:  # the oldest 40 are still being copied
+            (shared / "a" / name).write_bytes(b"copy")
+        a.add_intake(
+            f"<{name}@x>", "lab", "f.txt", "text/plain", tmp_path / "s", shared / "a" / name
+        )
+    clock.advance(LEASE + 1)
+    looked: list[str] = []
+    is_file = Path.is_file
+
+    def counted(path: Path) -> bool:
+        if path.parent == shared / "a":
+            looked.append(path.name)
+        return is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", counted)
+    taken = [r.message_id for r in b.intake_take_over(8, shared)]
+    assert taken == [f"<{name}@x>" for name in names[40:48]]
+    assert looked == names[:48]
+    claimed = []
+    while batch := b.intake_take_over(8, shared):
+        claimed += [r.message_id for r in batch]
+    assert claimed == [f"<{name}@x>" for name in names[48:]]
+    for name in names[:40]:
+        held = b.get(f"<{name}@x>")
+        assert held is not None and held.node == "a"
+
+
 def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
     nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:

@@ -34,6 +34,9 @@ from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
 # names it searches the index up to tables of a few thousand rows, and reads a smaller
 # table whole in less than a millisecond.  As quick as 500 a statement for a large one.
 NAMES_PER_STATEMENT = 50
+# Rows read (and locked) at a time, as a multiple of those to claim, when not every row
+# read is claimed (a dead node's intake whose copy is not complete yet).
+KEPT_PAGE = 4
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
 # Settled by its receipt, if still in the state its settler found it in (see Settled);
@@ -517,18 +520,21 @@ class OutboundQueue(SqlStore):
         now = self._now()
         audited = f", updated_at=?, {AUDITED}" if owed else ""
         by = (now, *self._audited(owed, now)) if owed else ()
-        limited = limit >= 0 and kept is None
+        limited = limit >= 0
+        select = f"SELECT * FROM outbound WHERE state=? AND {where}"  # noqa: S608 - fixed text
+        params = (OutboundState.INTAKE.value, *params)
 
         def claim(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): another node claiming at the same moment passes
             # these rows by, and a renewal committing meanwhile is not overruled.
-            rows: list[Row] = db.execute(
-                f"SELECT * FROM outbound WHERE state=? AND {where}"  # noqa: S608 - fixed text
-                f" ORDER BY created_at{' LIMIT ?' if limited else ''}{self.claim_lock}",
-                (OutboundState.INTAKE.value, *params, *((limit,) if limited else ())),
-            ).fetchall()
-            if kept is not None:
-                rows = [r for r in rows if kept(r)][: limit if limit >= 0 else None]
+            rows: list[Row] = (
+                db.execute(
+                    f"{select} ORDER BY created_at{' LIMIT ?' if limited else ''}{self.claim_lock}",
+                    (*params, *((limit,) if limited else ())),
+                ).fetchall()
+                if kept is None
+                else self._first_kept(db, select, params, limit, kept)
+            )
             db.executemany(
                 f"UPDATE outbound SET node=?, lease_until=?{audited}"  # noqa: S608 - fixed text
                 " WHERE message_id=? AND state=?",
@@ -540,6 +546,38 @@ class OutboundQueue(SqlStore):
             return rows
 
         return [_outbound(r) for r in self._transact(claim)]
+
+    def _first_kept(
+        self,
+        db: Connection,
+        select: str,
+        params: tuple[object, ...],
+        limit: int,
+        kept: Callable[[Row], bool],
+    ) -> list[Row]:
+        """The first ``limit`` rows (-1: all) of ``select`` that are ``kept``, oldest first,
+        read (and locked) a few times ``limit`` at a time, and ``kept`` asked of each only
+        until ``limit`` are found: a call locks and checks about what it claims, however
+        many rows match, and those not kept ahead (at most the batches their nodes were
+        taking in) hold back none after them."""
+        size = KEPT_PAGE * max(limit, 1)
+        found: list[Row] = []
+        after: tuple[object, ...] = ()
+        while len(found) != limit:
+            page = db.execute(
+                f"{select}{' AND (created_at, message_id) > (?, ?)' if after else ''}"
+                f" ORDER BY created_at, message_id LIMIT ?{self.claim_lock}",
+                (*params, *after, size),
+            ).fetchall()
+            for row in page:
+                if kept(row):
+                    found.append(row)
+                    if len(found) == limit:
+                        break
+            if len(page) < size:
+                break
+            after = (page[-1]["created_at"], page[-1]["message_id"])
+        return found
 
     def intake_release(self, message_id: str, node: str | None) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.intake_release`."""
