@@ -244,6 +244,33 @@ async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
         spool.close()
 
 
+async def test_a_send_cancelled_before_it_began_holds_no_body_opened_for_it(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A small message's body is opened in the trip that claims it, for its send to
+    take; a send cancelled before its first step (its peer's sender stopping) runs none
+    of its code, and the body must not stay in memory until the message is claimed
+    again (which may never be on this node)."""
+    config = load_config(layout.hospital.config_path)
+    outbound, spool, _, peer = await _sender(layout, tmp_path, config)
+    client = _client(outbound, peer)
+    try:
+        record = await _claim_one(outbound, peer, layout)
+        assert record.body is not None  # kept in its row: opened with the claim
+        opened = outbound._sender._opened
+        assert list(opened) == [record.message_id]
+        send = asyncio.get_running_loop().create_task(
+            outbound.send_one(record, peer, client, random.Random(1))
+        )
+        send.cancel()
+        await asyncio.gather(send, return_exceptions=True)
+        assert send.cancelled()
+        assert opened == {}
+    finally:
+        await client.close()
+        spool.close()
+
+
 @pytest.mark.parametrize("claimed_ago", [0.0, 0.49, 0.51])
 async def test_a_claim_older_than_half_a_lease_is_checked_again_before_its_post(
     layout: DemoLayout, tmp_path: Path, claimed_ago: float

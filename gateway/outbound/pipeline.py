@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -139,17 +139,19 @@ class Outbound:
         """Up to ``free`` due messages of ``peer``, claimed, and when the next is due."""
         return await self._sender.due_for_sending(peer, now, free)
 
-    async def send_one(
+    def send_one(
         self,
         record: OutboundRecord,
         peer: Peer,
         client: PeerClient,
         rng: random.Random,
         posted: Callable[[], None] | None = None,
-    ) -> float:
+    ) -> Coroutine[object, object, float]:
         """Send one message; returns 0, or how long the peer should rest after a failure.
-        ``posted``: called when the peer has taken it, before it is settled."""
-        return await self._sender.send_one(record, peer, client, rng, posted)
+        ``posted``: called when the peer has taken it, before it is settled.  (Not a
+        coroutine itself: what the claim opened for the send is handed over by this call,
+        so a task cancelled before its first step holds nothing.)"""
+        return self._sender.send_one(record, peer, client, rng, posted)
 
     async def receive_async_receipt(self, peer: Peer, content_type: str, body: bytes) -> str:
         """A receipt POSTed to us later: settle the message it answers."""

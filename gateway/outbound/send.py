@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import BinaryIO, NamedTuple
 
@@ -61,20 +61,34 @@ class Sender:
         )
         return float(base * (0.5 + rng.random() / 2))  # "equal jitter"
 
-    async def send_one(
+    def send_one(
         self,
         record: OutboundRecord,
         peer: Peer,
         client: PeerClient,
         rng: random.Random,
         posted: Callable[[], None] | None = None,
-    ) -> float:
+    ) -> Coroutine[object, object, float]:
         """Send one message; returns 0, or how long the peer should rest after a failure.
         ``posted`` is called once the peer has taken it, before it is settled (its
-        connection is free for the next message from then on)."""
+        connection is free for the next message from then on).  The body opened when
+        it was claimed is the send's from this call on, not from the send's first step:
+        a task cancelled before that step runs none of the send's code."""
+        return self._send(
+            record, self._opened.pop(record.message_id, None), peer, client, rng, posted
+        )
+
+    async def _send(
+        self,
+        record: OutboundRecord,
+        opened: _Opened | None,
+        peer: Peer,
+        client: PeerClient,
+        rng: random.Random,
+        posted: Callable[[], None] | None,
+    ) -> float:
         assert record.sealed and record.mic is not None
         # The caller has marked it "sending" (so no other task or node picks it up).
-        opened = self._opened.pop(record.message_id, None)
         try:
             if self._ctx.claims_lost.is_set():
                 await self._ctx.in_thread(self._claim_lost, record)
