@@ -108,6 +108,39 @@ def test_a_start_removes_the_spent_copies_another_node_left_in_the_shared_folder
     spool.close()
 
 
+def test_a_start_sweeps_the_copies_kept_in_the_state_folder_before_the_folder_was_shared(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A node whose copies of documents moved to the shared bodies folder (``[cluster]
+    bodies_dir`` set on an upgrade) sweeps the state folder's payloads folder, where a
+    kill before that left copies, by the same rules as before: what no row names, the
+    copies no longer needed and partial writes go; a copy still needed stays."""
+    config = load_config(layout.lab.config_path)
+    old = config.storage.state_dir / "payloads"
+    old.mkdir(parents=True, exist_ok=True)
+    with layout.lab.config_path.open("a") as file:
+        file.write('\n[cluster]\nnode_name = "lab-b"\nbodies_dir = "shared-bodies"\n')
+    spool, audit, context, log = _started(layout, tmp_path)
+    assert context.payloads != old
+    spool.add_intakes(
+        [
+            Intake("<failed@lab>", "hospital", "a.hl7", "text/plain", tmp_path, old / "a"),
+            Intake("<queued@lab>", "hospital", "b.hl7", "text/plain", tmp_path, old / "b"),
+        ]
+    )
+    assert spool.fail_intake("<failed@lab>", "the peer's certificate expired")
+    spool.mark_queued("<queued@lab>", None, [], "mic", 3, body=b"sealed")
+    for name in ("a", "b", "unrecorded", ".c.0123456789ab.partial"):
+        (old / name).write_bytes(b"document")
+
+    _start(context, audit)
+
+    assert {p.name for p in old.iterdir()} == {"a"}
+    assert _logged(log, "recovery.removed_unrecorded_submission") == ["unrecorded"]
+    assert _logged(log, "recovery.removed_plaintext_copy") == ["b"]
+    spool.close()
+
+
 def test_a_start_asks_about_more_receipt_files_than_one_batch_and_keeps_every_named_one(
     layout: DemoLayout, tmp_path: Path
 ) -> None:

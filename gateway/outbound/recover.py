@@ -83,11 +83,16 @@ class Recovery:
         await self._ctx.in_thread(self._record_cut_off, since)
         config = self._ctx.config
         shared = config.cluster.bodies_dir is not None
+        # The node's own copies: with a shared bodies folder, its folder there, and the
+        # state folder's, where they were kept before (a kill there left copies too).
+        own = [self._ctx.payloads]
+        if shared and (old := config.storage.state_dir / "payloads").is_dir():
+            own.append(old)
         for folder in (
             config.storage.inbox_dir,
             self._ctx.outgoing,
             self._ctx.receipts,
-            self._ctx.payloads,
+            *own,
         ):
             # In folders the nodes share (the inbox may be, the bodies folder and the
             # copies of documents in it are), a partial file may be another node's write
@@ -111,7 +116,8 @@ class Recovery:
         # Files no row names (see sweep.py): no writer runs yet, so every one is a
         # left-over, whatever its age.
         ctx = self._ctx
-        await ctx.in_thread(remove_unrecorded_payloads, ctx.spool, ctx.log, ctx.payloads)
+        for folder in own:
+            await ctx.in_thread(remove_unrecorded_payloads, ctx.spool, ctx.log, folder)
         if ctx.shared_payloads is not None:
             await ctx.in_thread(
                 remove_spent_copies_of_others, ctx.spool, ctx.log, ctx.shared_payloads, ctx.payloads
