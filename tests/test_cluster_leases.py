@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.atrest import KeyStore, Vault, open_file, storing
 from gateway.audit import AuditLog
 from gateway.channel.client import Response
 from gateway.clock import SystemClock
@@ -41,6 +42,7 @@ from gateway.inbound.recovery import take_over
 from gateway.logs import make_logger
 from gateway.outbound import Outbound, Settings
 from gateway.outbound.context import Context
+from gateway.outbound.seal import Sealer, ToSeal
 from gateway.outbound.settle import Answer, Settler
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import PeerTrust, assess_peers
@@ -54,7 +56,7 @@ from gateway.spool import (
     Settled,
     Spool,
 )
-from gateway.spool.records import payload_item
+from gateway.spool.records import body_item, payload_item
 from gateway.spool.sql import SqlStore
 from gateway.spool.sqlite import SqliteSpool
 from tests.conftest import MakeSpool
@@ -549,6 +551,70 @@ def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     record = dead.get("<i@KITA-LAB>")
     assert record is not None and record.state is OutboundState.QUEUED
     assert record.node == accepted[0]["node"]
+
+
+def test_a_node_whose_claim_ran_out_does_not_queue_the_document_another_node_holds(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+) -> None:
+    """Node a claimed a large document (its copy in the folder the nodes share) and signed
+    and encrypted it so slowly that its claim ran out; node b took it over.  a, finishing
+    first, does not queue it (b holds the intake): it removes the body it wrote and
+    leaves the copy and its key, from which b prepares and queues it, removing the copy
+    after its commit.  The queued row's body opens with its data key, and the document is
+    accepted once, by b."""
+    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    a, b = nodes
+    bodies = layout.lab.root / "bodies"
+    loaded = load_config(layout.lab.config_path)
+    config = replace(loaded, cluster=replace(loaded.cluster, bodies_dir=bodies))
+    [peer] = config.peers
+    keys = layout.lab.root / "shared-keys"
+    vaults = {node.node: Vault(KeyStore(keys), node) for node in (a, b)}
+    for vault in vaults.values():
+        vault.open()
+    copy = bodies / "payloads" / "a" / "large"
+    copy.parent.mkdir(parents=True)
+    document = b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400  # > 64 KiB: a body file
+    message_id = "<large@KITA-LAB>"
+    with storing(vaults["a"], payload_item(message_id)) as sealing:
+        sealing.write(copy, [document])
+        a.add_intake(
+            message_id, peer.name, "l.hl7", "application/hl7-v2", layout.lab.outbox_dir / "l",
+            copy, zone=peer.zone, data_key=sealing.key,
+        )  # fmt: skip
+    claimed_by_a = a.get(message_id)
+    assert claimed_by_a is not None and claimed_by_a.node == "a"
+    clock.advance(LEASE + 1)  # a lost the database for longer than its lease
+    [taken] = b.intake_take_over(8, bodies / "payloads")
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    trails = {node.node: layout.lab.root / f"audit-{node.node}.jsonl" for node in (a, b)}
+    stream = io.StringIO()
+
+    def sealer(node: Spool) -> Sealer:
+        audit = AuditLog(trails[node.node], clock, node=node.node)
+        log = make_logger(stream=stream)
+        return Sealer(Context(Settings(config, trust), node, audit, log, clock, vaults[node.node]))
+
+    assert sealer(a).seal_and_queue_all([ToSeal(claimed_by_a, peer, None)]) == []
+    assert "message.prepared_elsewhere" in stream.getvalue()
+    assert [p.name for p in bodies.iterdir() if p.is_file()] == []  # a's body is gone
+    assert copy.exists() and b.data_key(payload_item(message_id)) is not None
+    held = b.get(message_id)
+    assert held is not None and (held.state, held.node) == (OutboundState.INTAKE, "b")
+
+    done = sealer(b).seal_and_queue_all([ToSeal(taken, peer, None)])
+    assert [d.record.message_id for d in done] == [message_id]
+    record = b.get(message_id)
+    assert record is not None and record.state is OutboundState.QUEUED
+    assert record.queued_by == "b" and record.body_path == bodies / "large.b.as2"
+    with open_file(vaults["a"], body_item(message_id), record.body_path) as body:
+        assert len(body.read()) > len(document)  # opens, whole, under the row's data key
+    assert [p.name for p in bodies.iterdir() if p.is_file()] == ["large.b.as2"]
+    assert not copy.exists()
+    accepted = {
+        n: [e["message_id"] for e in events(t, "message.accepted")] for n, t in trails.items()
+    }
+    assert accepted == {"a": [], "b": [message_id]}
 
 
 class SteppingClock(Clock):

@@ -66,8 +66,9 @@ class Sealer:
         """:meth:`seal_and_queue` of several documents, each signed and encrypted on its
         own (one that cannot be is kept, unsent, with its alert, as there), queued in one
         transaction, their ``message.accepted`` records written together; returns those
-        it queued.  A document another node prepared meanwhile (no longer in intake) is
-        left to it: no record of it here."""
+        it queued.  A document another node prepared meanwhile, or took over from this
+        one (no longer in intake, or no longer claimed here), is left to it: no record
+        of it here."""
         built: list[tuple[ToSeal, _Sealed]] = []
         items = [body_item(d.record.message_id) for d in documents]
         with storing_all(self._ctx.vault, items) as sealings:
@@ -115,10 +116,11 @@ class Sealer:
     def _prepared_elsewhere(
         self, record: OutboundRecord, peer: Peer, written: Path | None = None
     ) -> None:
-        """``record`` is no longer in intake: another node prepared it (this node's claim
-        on it ran out meanwhile); nothing of it is recorded here, and the body this node
-        ``written`` for it (a file of its own name, see Context.body_path) is removed,
-        unless its row names it after all."""
+        """``record`` is no longer in intake, or no longer this node's: another node
+        prepared it or prepares it now (this node's claim on it ran out meanwhile);
+        nothing of it is recorded here, and the body this node ``written`` for it (a file
+        of its own name, see Context.body_path) is removed, unless its row names it
+        after all; the document's copy stays, the other node's now."""
         if written is not None:
             current = self._ctx.spool.get(record.message_id)
             if current is None or current.body_path != written:

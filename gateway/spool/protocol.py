@@ -129,13 +129,15 @@ class Spool(Protocol):
         message, ``body``, stored in this same transaction, with ``data_key`` (the key
         the body is encrypted under at rest, gateway.atrest); the document's own data
         key is deleted in it (its copy is removed next).  False (nothing queued) if the
-        message is no longer in intake: another node prepared it (and its key stays)."""
+        message is no longer in intake, or no longer claimed by this node (its claim ran
+        out, and another node took it over): another node prepared it or prepares it now
+        (and the keys stay as they are)."""
         ...
 
     def mark_queued_all(self, prepared: Sequence[Prepared]) -> list[str]:
         """Several documents signed and encrypted, each as :meth:`mark_queued` queues it,
         in one transaction; returns the Message-IDs of those it queued (the others were
-        no longer in intake)."""
+        no longer in intake, or no longer this node's)."""
         ...
 
     def pending_by_recipient(self, peer: str) -> dict[str, int]:

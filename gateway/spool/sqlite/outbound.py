@@ -250,7 +250,7 @@ class OutboundQueue(SqlStore):
                 count = db.execute(
                     "UPDATE outbound SET state=?, body_path=?, body=?, headers=?, mic=?, size=?,"  # noqa: S608 - fixed text
                     f" updated_at=?, encrypted_for=?, payload=NULL, queued_by=?, {AUDITED}"
-                    " WHERE message_id=? AND state=?",
+                    " WHERE message_id=? AND state=? AND node=?",
                     (
                         OutboundState.QUEUED.value,
                         str(one.body_path) if one.body_path is not None else None,
@@ -264,11 +264,14 @@ class OutboundQueue(SqlStore):
                         *self._audited(EventType.MESSAGE_ACCEPTED, now),
                         one.message_id,
                         OutboundState.INTAKE.value,
+                        self.node,
                     ),
                 ).rowcount
-                # The document's own key goes: its copy is removed next.
-                db.execute(_DROP_KEY, (payload_item(one.message_id),))
                 if count == 1:
+                    # The document's own key goes: its copy is removed next.  Not when
+                    # this node no longer holds the intake: the node that does may still
+                    # be reading the copy.
+                    db.execute(_DROP_KEY, (payload_item(one.message_id),))
                     queued.append(one.message_id)
                     # Only the preparation that moved it out of intake stores its key: another
                     # one of the same document (on another node) must not replace it.
