@@ -489,6 +489,8 @@ async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_
     )
     record = mine.get("<order@KITA-LAB>")
     assert record is not None
+    # This node's claim ran out: the other node holds the intake now, and queues it.
+    assert mine.intake_release("<order@KITA-LAB>", "lab-2")
     assert other.mark_queued("<order@KITA-LAB>", None, [], "mic", 10, body=b"by the other")
     try:
         assert not Sealer(context).seal_and_queue(record, peer, "outbox:lab")
@@ -549,6 +551,8 @@ async def test_a_document_another_node_queued_first_is_not_marked_failed_here(
         )
     record = nodes["lab-1"].get(message_id)  # as this node read it, before the other's turn
     assert record is not None
+    # This node's claim ran out: the other node holds the intake now.
+    assert nodes["lab-1"].intake_release(message_id, "lab-2")
     try:
         assert sealers["lab-2"].seal_and_queue(record, peer, "outbox:lab")
         assert not sealers["lab-1"].seal_and_queue(record, peer, "outbox:lab")
