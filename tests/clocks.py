@@ -33,6 +33,10 @@ class SetClock:
     def monotonic(self) -> float:
         return self.at.timestamp()
 
+    def advance(self, seconds: float) -> None:
+        """Move the time on by ``seconds``."""
+        self.at += timedelta(seconds=seconds)
+
 
 @dataclass
 class SecondsClock:

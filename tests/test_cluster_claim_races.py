@@ -22,24 +22,14 @@ import pytest
 
 from gateway.spool import Claimant, OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.clocks import SetClock
 
 LEASE = 60.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.at = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
-
-
 @pytest.fixture
-def nodes(postgres: PostgresSettings) -> Iterator[tuple[PostgresSpool, PostgresSpool, Clock]]:
-    clock = Clock()
+def nodes(postgres: PostgresSettings) -> Iterator[tuple[PostgresSpool, PostgresSpool, SetClock]]:
+    clock = SetClock(datetime(2026, 12, 5, 9, 0, tzinfo=UTC))
     a = PostgresSpool(postgres, clock, Claimant("a", LEASE))
     b = PostgresSpool(postgres, clock, Claimant("b", LEASE))
     try:
@@ -92,7 +82,7 @@ def _take_over_during_renewal(
 
 @pytest.mark.parametrize("claim", ["send", "intake", "inbound"])
 def test_a_claim_renewed_while_another_node_takes_it_over_stays_with_its_node(
-    nodes: tuple[PostgresSpool, PostgresSpool, Clock],
+    nodes: tuple[PostgresSpool, PostgresSpool, SetClock],
     postgres: PostgresSettings,
     tmp_path: Path,
     claim: str,

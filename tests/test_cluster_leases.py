@@ -19,8 +19,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -59,6 +59,7 @@ from gateway.spool import (
 from gateway.spool.records import body_item, payload_item
 from gateway.spool.sql import SqlStore
 from gateway.spool.sqlite import SqliteSpool
+from tests.clocks import SetClock
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events
 from tests.helpers.internal_system import InternalSystem, enable_delivery
@@ -67,29 +68,14 @@ from tests.helpers.slow_proxy import edit_every
 LEASE = 60.0
 
 
-class Clock:
+@pytest.fixture
+def clock() -> SetClock:
     """One clock for both nodes; time moves when the test says."""
-
-    def __init__(self) -> None:
-        self.at = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)
+    return SetClock(datetime(2026, 12, 5, 9, 0, tzinfo=UTC))
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def nodes(make_spool: MakeSpool, clock: Clock) -> tuple[Spool, Spool]:
+def nodes(make_spool: MakeSpool, clock: SetClock) -> tuple[Spool, Spool]:
     """Two nodes, a and b, on one spool (each test runs on SQLite and on PostgreSQL)."""
     return make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
 
@@ -102,7 +88,7 @@ def queue(spool: Spool, tmp_path: Path, message_id: str, peer: str = "lab") -> N
 
 
 def test_a_live_claim_to_send_is_left_alone_and_an_expired_one_is_taken_over(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     a, b = nodes
     queue(a, tmp_path, "<m1@x>")
@@ -135,7 +121,7 @@ def test_a_live_claim_to_send_is_left_alone_and_an_expired_one_is_taken_over(
     assert current.attempts == 2
 
 
-def _taken_over(a: Spool, b: Spool, clock: Clock, tmp_path: Path) -> OutboundRecord:
+def _taken_over(a: Spool, b: Spool, clock: SetClock, tmp_path: Path) -> OutboundRecord:
     """A message node a claimed to send, taken over by node b once a's lease ran out, and
     now being sent by b; returns it as a claimed it."""
     queue(a, tmp_path, "<m@x>")
@@ -147,7 +133,7 @@ def _taken_over(a: Spool, b: Spool, clock: Clock, tmp_path: Path) -> OutboundRec
 
 
 def test_a_node_whose_send_was_taken_over_does_not_settle_it(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """Node a gets the answer to its POST after b took the message over: a's receipt
     changes nothing of b's work (state, receipt, the receipt's data key), while b sends
@@ -173,7 +159,7 @@ def test_a_node_whose_send_was_taken_over_does_not_settle_it(
 
 
 def test_an_asynchronous_receipt_settles_the_message_only_as_it_found_it(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """Any node may be POSTed a receipt: it settles a message awaiting one whichever node
     sent it; a second receipt that found it awaiting too, settled after the first,
@@ -195,7 +181,7 @@ def test_an_asynchronous_receipt_settles_the_message_only_as_it_found_it(
 
 
 def test_a_node_whose_send_was_taken_over_records_nothing_of_its_answer(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """The answer to node a's POST, judged after node b took the message over: not
     recorded in the audit trail (b records its own), logged, and a's receipt file goes;
@@ -226,7 +212,7 @@ def test_a_node_whose_send_was_taken_over_records_nothing_of_its_answer(
 
 
 def test_two_receipts_for_one_message_at_once_keep_the_recorded_ones_file(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """A peer POSTs a message's asynchronous receipt twice at once: both found it awaiting
     one.  The first settles it; the second changes nothing, is not audited, and its file
@@ -253,7 +239,7 @@ def test_two_receipts_for_one_message_at_once_keep_the_recorded_ones_file(
 
 
 def test_a_node_renewing_its_claims_keeps_them(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     a, b = nodes
     for number in range(3):
@@ -269,7 +255,7 @@ def test_a_node_renewing_its_claims_keeps_them(
 
 
 def test_at_start_a_node_takes_back_its_own_interrupted_sends_only(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     a, b = nodes
     queue(a, tmp_path, "<a@x>")
@@ -285,7 +271,7 @@ def test_at_start_a_node_takes_back_its_own_interrupted_sends_only(
 
 
 def test_a_node_starting_leaves_another_nodes_expired_sends_to_its_lease_keeper(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """Node a died sending; node b starts after a's lease ran out.  Its start (and its
     sender's) queues again only its own sends: a's is taken over by b's lease keeper,
@@ -318,7 +304,7 @@ def test_a_claim_made_before_nodes_were_recorded_is_taken_back_at_start(
 
 
 def test_the_intake_a_node_left_is_its_own_to_finish_while_it_lives(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """A document taken in but not yet signed is in its node's own state folder: only
     that node prepares it while it renews its claims (a node starting must not fail
@@ -338,7 +324,7 @@ def test_the_intake_a_node_left_is_its_own_to_finish_while_it_lives(
 
 
 def test_an_interrupted_intake_is_claimed_by_one_node_at_a_time(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     """Two nodes starting at the same moment (b, and c: node a renamed) both find the
     intake node a left: one claims it, under a lease it renews, and prepares it; the
@@ -377,7 +363,7 @@ def test_an_interrupted_intake_is_claimed_by_one_node_at_a_time(
 
 
 def test_running_nodes_take_over_a_dead_nodes_intake_kept_in_the_spool_a_few_at_a_time(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     a, b = nodes
     c = make_spool(clock, Claimant("c", LEASE))
@@ -405,7 +391,7 @@ def test_running_nodes_take_over_a_dead_nodes_intake_kept_in_the_spool_a_few_at_
 
 
 def test_a_dead_nodes_intake_copied_into_the_shared_folder_is_taken_over_once_complete(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """A document's copy in the folder all nodes share is taken over once its file is
     complete; one still being copied (no file yet: its document is in the dead node's
@@ -455,7 +441,7 @@ def test_a_dead_nodes_intake_copied_into_the_shared_folder_is_taken_over_once_co
 
 
 def test_a_take_over_from_the_shared_folder_looks_only_at_the_copies_it_claims(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """However many of a dead node's copies wait in the shared folder, one take-over
     looks at the files of those it claims (and of the unfinished copies before them,
@@ -494,7 +480,7 @@ def test_a_take_over_from_the_shared_folder_looks_only_at_the_copies_it_claims(
 
 
 def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     """Node a took a document in and its preparation failed; long after, an operator
     retries it on node b, which prepares it: a node starting meanwhile leaves it to b."""
@@ -514,7 +500,7 @@ def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
 
 
 def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
-    layout: DemoLayout, make_spool: MakeSpool, clock: Clock
+    layout: DemoLayout, make_spool: MakeSpool, clock: SetClock
 ) -> None:
     """Node a took a document in and died; two nodes start at the same moment, each
     recovering what the spool holds: the document is signed, encrypted and queued by
@@ -554,7 +540,7 @@ def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
 
 
 def test_a_node_whose_claim_ran_out_does_not_queue_the_document_another_node_holds(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
 ) -> None:
     """Node a claimed a large document (its copy in the folder the nodes share) and signed
     and encrypted it so slowly that its claim ran out; node b took it over.  a, finishing
@@ -617,12 +603,11 @@ def test_a_node_whose_claim_ran_out_does_not_queue_the_document_another_node_hol
     assert accepted == {"a": [], "b": [message_id]}
 
 
-class SteppingClock(Clock):
+@dataclass
+class SteppingClock(SetClock):
     """Time moves by ``step`` seconds each time a node looks at its monotonic clock."""
 
-    def __init__(self, step: float) -> None:
-        super().__init__()
-        self.step = step
+    step: float = 0.0
 
     def monotonic(self) -> float:
         self.advance(self.step)
@@ -635,8 +620,8 @@ def test_a_recovery_longer_than_a_lease_keeps_the_intakes_it_claimed(
     """Node b claims the three intakes dead node a left and prepares them one by one,
     so slowly that the whole takes longer than a lease: it renews its claims on the
     way, and node c, starting a lease after b's claim, finds none to take."""
-    clock = SteppingClock(0.4 * LEASE)
-    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    # The demo's certificates are valid from now on.
+    clock = SteppingClock(datetime.now(UTC), step=0.4 * LEASE)
     config = load_config(layout.lab.config_path)
     [peer] = config.peers
     dead = make_spool(clock, Claimant("a", LEASE))
@@ -694,7 +679,7 @@ def test_a_document_another_node_delivered_meanwhile_is_not_claimed_again(
 
 
 def test_a_received_document_is_claimed_by_one_node_at_a_time(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     a, b = nodes
     a.inbound_begin("lab", "<r@x>", "00", tmp_path / "t", work_path=tmp_path / ".w", size=1)
@@ -721,7 +706,7 @@ def test_a_received_document_is_claimed_by_one_node_at_a_time(
 
 
 def test_renewal_keeps_a_long_delivery_and_start_up_takes_back_own_and_expired(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     a, b = nodes
     a.inbound_begin("lab", "<long@x>", "00", tmp_path / "t1", work_path=tmp_path / ".w1")
@@ -739,14 +724,14 @@ def test_renewal_keeps_a_long_delivery_and_start_up_takes_back_own_and_expired(
 # -- across two nodes through the exactly-once delivery, one inbox ---------------------
 
 
-def _delivery(layout: DemoLayout, spool: Spool, clock: Clock) -> InboxDelivery:
+def _delivery(layout: DemoLayout, spool: Spool, clock: SetClock) -> InboxDelivery:
     config = load_config(layout.hospital.config_path)
     audit = AuditLog(layout.hospital.root / f"audit-{spool.node}.jsonl", clock, node=spool.node)
     return InboxDelivery(config, spool, audit, make_logger(stream=io.StringIO()), InboundLocks())
 
 
 def test_a_stalled_node_whose_delivery_was_taken_over_does_not_write_it(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
 ) -> None:
     """Node a stalls while writing a received document (longer than its lease); node
     b takes the delivery over and forgets it (not in the inbox); node a, resuming,
@@ -777,7 +762,7 @@ def test_a_stalled_node_whose_delivery_was_taken_over_does_not_write_it(
 
 
 def test_a_delivery_a_dead_node_linked_is_recorded_by_the_node_taking_over(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
 ) -> None:
     """Node a linked the document into the inbox and died before recording it; node b
     takes the delivery over: the document is in the inbox once, audited by b, and a
@@ -812,7 +797,7 @@ def test_a_delivery_a_dead_node_linked_is_recorded_by_the_node_taking_over(
 def _keeper(
     config: GatewayConfig,
     spool: Spool,
-    clock: Clock,
+    clock: SetClock,
     trail: Path,
     stream: io.StringIO,
     trust: Mapping[str, PeerTrust] | None = None,
@@ -829,7 +814,7 @@ def _keeper(
 
 
 def test_a_running_node_prepares_what_a_dead_node_took_in_and_kept_in_the_spool(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
 ) -> None:
     """Node a took documents in and died before preparing them: the small ones' copies
     are in their spool rows, a large one's in a's own state folder.  Live node b's
@@ -875,7 +860,7 @@ def test_a_running_node_prepares_what_a_dead_node_took_in_and_kept_in_the_spool(
 
 
 def test_a_take_over_cut_short_by_the_spool_prepares_the_rest_at_the_next_round(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, monkeypatch: pytest.MonkeyPatch
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Node b's lease keeper claimed a batch of what dead node a took in, and the spool
     failed while it prepared the second: b holds (and renews) the rest of the batch, so
@@ -924,7 +909,7 @@ def test_a_take_over_cut_short_by_the_spool_prepares_the_rest_at_the_next_round(
 
 
 def test_the_lease_keeper_removes_the_work_files_a_dead_node_left_once_a_lease_old(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
 ) -> None:
     """Node z died for good between creating a work file in the shared inbox and
     recording it (or between forgetting a delivery and removing its file): no start of
@@ -982,7 +967,7 @@ def received(spool: Spool, tmp_path: Path, message_id: str) -> None:
 
 
 def test_a_hand_over_is_taken_by_one_node_and_taken_over_once_its_lease_runs_out(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     a, b = nodes
     received(a, tmp_path, "<h@x>")
@@ -1021,7 +1006,7 @@ def test_a_hand_over_is_taken_by_one_node_and_taken_over_once_its_lease_runs_out
 
 
 def test_a_hand_over_let_go_or_retried_is_free_for_any_node_and_a_restart_takes_its_own(
-    nodes: tuple[Spool, Spool], clock: Clock, tmp_path: Path, make_spool: MakeSpool
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
     a, b = nodes
     for message_id in ("<r1@x>", "<r2@x>", "<r3@x>"):
@@ -1043,7 +1028,7 @@ def test_a_hand_over_let_go_or_retried_is_free_for_any_node_and_a_restart_takes_
     assert a.handover_due(clock.now().timestamp()) == []
 
 
-def _handing(layout: DemoLayout, spool: Spool, clock: Clock | SystemClock) -> HandOver:
+def _handing(layout: DemoLayout, spool: Spool, clock: SetClock | SystemClock) -> HandOver:
     config = load_config(layout.hospital.config_path)
     audit = AuditLog(layout.hospital.root / f"audit-{spool.node}.jsonl", clock, node=spool.node)
     return HandOver(
@@ -1101,7 +1086,7 @@ def test_two_nodes_handing_over_at_once_post_each_document_once(
 
 
 def test_a_node_whose_hand_over_was_taken_over_does_not_post_it(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, internal_port: int
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, internal_port: int
 ) -> None:
     """Node a took a hand-over and stalled past its lease; node b took it over.  Node a,
     resuming, checks its claim before the POST and lets it be: b's POST is the one."""
@@ -1149,7 +1134,7 @@ def _posted_message_id(server: socket.socket) -> tuple[str, socket.socket]:
 
 
 def test_a_clean_stop_lets_go_of_the_hand_overs_taken_and_not_attempted(
-    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: Clock, internal_port: int
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, internal_port: int
 ) -> None:
     """Node a takes three hand-overs and is stopped while it POSTs one of them (the
     internal system has not answered): the two it did not attempt are free for node b
@@ -1194,7 +1179,7 @@ class ClaimHeld(SqliteSpool):
 
 
 def test_a_stop_while_hand_overs_are_being_taken_lets_go_of_them_all(
-    layout: DemoLayout, clock: Clock, tmp_path: Path
+    layout: DemoLayout, clock: SetClock, tmp_path: Path
 ) -> None:
     """Node a is stopped while its claim of due hand-overs is being made: once it is
     made, what it took goes back at once, none of it attempted."""

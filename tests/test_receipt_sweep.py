@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,7 @@ from gateway.outbound.settle import Answer, Settler
 from gateway.outbound.sweep import SETTLING_SECONDS
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, OutboundState, Settled, Spool
+from tests.clocks import SetClock
 from tests.conftest import MakeSpool, Processes
 from tests.helpers.cluster import LEASE_SECONDS, add_node
 from tests.helpers.postgres import PostgresServer
@@ -45,26 +46,10 @@ LEASE = 60.0
 OPERATOR = "operator:root (uid 0)"
 
 
-class Clock:
-    """One clock for both nodes; time moves when the test says."""
-
-    def __init__(self) -> None:
-        self.at = datetime.now(UTC)  # the demo's certificates are valid from now on
-
-    def now(self) -> datetime:
-        return self.at
-
-    def monotonic(self) -> float:
-        return self.at.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self.at += timedelta(seconds=seconds)
-
-
 class Node:
     """One node's config (its own state folder), spool handle, log and lease keeper."""
 
-    def __init__(self, config: GatewayConfig, spool: Spool, clock: Clock, root: Path) -> None:
+    def __init__(self, config: GatewayConfig, spool: Spool, clock: SetClock, root: Path) -> None:
         self.config = config
         self.spool = spool
         self.stream = io.StringIO()
@@ -89,8 +74,9 @@ class Node:
 @pytest.fixture
 def two(
     layout: DemoLayout, make_spool: MakeSpool, tmp_path: Path
-) -> Iterator[tuple[Node, Node, Clock]]:
-    clock = Clock()
+) -> Iterator[tuple[Node, Node, SetClock]]:
+    # One clock for both nodes; the demo's certificates are valid from now on.
+    clock = SetClock(datetime.now(UTC))
     config = load_config(layout.hospital.config_path)
     config = replace(config, cluster=replace(config.cluster, lease_seconds=LEASE))
     nodes = []
@@ -102,7 +88,7 @@ def two(
         node.audit.close()
 
 
-def _sweeps_due(a: Node, b: Node, clock: Clock) -> None:
+def _sweeps_due(a: Node, b: Node, clock: SetClock) -> None:
     """Time enough for node a's lease keeper to read its receipts folder again (both
     nodes renewing their claims meanwhile)."""
     for _ in range(RECEIPT_SWEEP_LEASES):
@@ -111,7 +97,7 @@ def _sweeps_due(a: Node, b: Node, clock: Clock) -> None:
         b.spool.renew_leases()
 
 
-def _aged(path: Path, clock: Clock, seconds: float) -> None:
+def _aged(path: Path, clock: SetClock, seconds: float) -> None:
     at = clock.now().timestamp() - seconds
     os.utime(path, (at, at))
 
@@ -133,7 +119,7 @@ def _settled_by(node: Node, message_id: str, disposition: str, tmp_path: Path) -
 
 
 def test_a_receipt_another_nodes_retry_cleared_is_removed_while_the_node_runs(
-    two: tuple[Node, Node, Clock], tmp_path: Path
+    two: tuple[Node, Node, SetClock], tmp_path: Path
 ) -> None:
     """Node a stored the receipt that failed a message; an operator retries it on node b
     (b's retry cannot reach a's folder), b sends it again and stores the receipt that
@@ -166,7 +152,7 @@ def test_a_receipt_another_nodes_retry_cleared_is_removed_while_the_node_runs(
 
 
 def test_a_receipt_being_stored_is_not_removed_while_its_settlement_commits(
-    two: tuple[Node, Node, Clock], tmp_path: Path
+    two: tuple[Node, Node, SetClock], tmp_path: Path
 ) -> None:
     """Node a's settler has stored a receipt and waits for its commit while the lease
     keeper sweeps: the file no row names yet stays, and the settlement records it.  An
