@@ -18,7 +18,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from gateway.atrest import KeyStore, Vault, open_file, storing
 from gateway.audit import AuditLog
 from gateway.channel.client import Response
 from gateway.clock import SystemClock
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, Peer, load_config
 from gateway.daemon.leases import INTAKE_TAKE_OVER_BATCH, LeaseKeeper
 from gateway.delivery.http import HandOver, idempotency_key
 from gateway.delivery.inbox import work_name
@@ -539,23 +539,34 @@ def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     assert record.node == accepted[0]["node"]
 
 
-def test_a_node_whose_claim_ran_out_does_not_queue_the_document_another_node_holds(
+@dataclass
+class TakenOver:
+    """A large document node a took in (its copy in the folder the nodes share) and began
+    to prepare; a lost the spool for longer than its lease, and node b took it over."""
+
+    bodies: Path
+    copy: Path
+    document: bytes
+    message_id: str
+    peer: Peer
+    as_a_had_it: OutboundRecord
+    as_b_took_it: OutboundRecord
+    vault: Vault
+    trails: dict[str, Path]
+    stream: io.StringIO
+    sealer: Callable[[Spool, Mapping[str, PeerTrust] | None], Sealer]
+
+
+def _large_intake_taken_over(
     layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
-) -> None:
-    """Node a claimed a large document (its copy in the folder the nodes share) and signed
-    and encrypted it so slowly that its claim ran out; node b took it over.  a, finishing
-    first, does not queue it (b holds the intake): it removes the body it wrote and
-    leaves the copy and its key, from which b prepares and queues it, removing the copy
-    after its commit.  The queued row's body opens with its data key, and the document is
-    accepted once, by b."""
+) -> TakenOver:
     clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
     a, b = nodes
     bodies = layout.lab.root / "bodies"
     loaded = load_config(layout.lab.config_path)
     config = replace(loaded, cluster=replace(loaded.cluster, bodies_dir=bodies))
     [peer] = config.peers
-    keys = layout.lab.root / "shared-keys"
-    vaults = {node.node: Vault(KeyStore(keys), node) for node in (a, b)}
+    vaults = {node.node: Vault(KeyStore(layout.lab.root / "shared-keys"), node) for node in nodes}
     for vault in vaults.values():
         vault.open()
     copy = bodies / "payloads" / "a" / "large"
@@ -568,39 +579,81 @@ def test_a_node_whose_claim_ran_out_does_not_queue_the_document_another_node_hol
             message_id, peer.name, "l.hl7", "application/hl7-v2", layout.lab.outbox_dir / "l",
             copy, zone=peer.zone, data_key=sealing.key,
         )  # fmt: skip
-    claimed_by_a = a.get(message_id)
-    assert claimed_by_a is not None and claimed_by_a.node == "a"
+    as_a_had_it = a.get(message_id)
+    assert as_a_had_it is not None and as_a_had_it.node == "a"
     clock.advance(LEASE + 1)  # a lost the database for longer than its lease
-    [taken] = b.intake_take_over(8, bodies / "payloads")
+    [as_b_took_it] = b.intake_take_over(8, bodies / "payloads")
     trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
-    trails = {node.node: layout.lab.root / f"audit-{node.node}.jsonl" for node in (a, b)}
+    trails = {node.node: layout.lab.root / f"audit-{node.node}.jsonl" for node in nodes}
     stream = io.StringIO()
 
-    def sealer(node: Spool) -> Sealer:
+    def sealer(node: Spool, judged: Mapping[str, PeerTrust] | None = None) -> Sealer:
         audit = AuditLog(trails[node.node], clock, node=node.node)
         log = make_logger(stream=stream)
-        return Sealer(Context(Settings(config, trust), node, audit, log, clock, vaults[node.node]))
+        settings = Settings(config, trust if judged is None else judged)
+        return Sealer(Context(settings, node, audit, log, clock, vaults[node.node]))
 
-    assert sealer(a).seal_and_queue_all([ToSeal(claimed_by_a, peer, None)]) == []
-    assert "message.prepared_elsewhere" in stream.getvalue()
-    assert [p.name for p in bodies.iterdir() if p.is_file()] == []  # a's body is gone
-    assert copy.exists() and b.data_key(payload_item(message_id)) is not None
-    held = b.get(message_id)
-    assert held is not None and (held.state, held.node) == (OutboundState.INTAKE, "b")
+    return TakenOver(
+        bodies, copy, document, message_id, peer, as_a_had_it, as_b_took_it, vaults["b"],
+        trails, stream, sealer,
+    )  # fmt: skip
 
-    done = sealer(b).seal_and_queue_all([ToSeal(taken, peer, None)])
-    assert [d.record.message_id for d in done] == [message_id]
-    record = b.get(message_id)
+
+def _queued_by_b_alone(case: TakenOver, b: Spool) -> None:
+    """Node b prepares and queues the document: the copy goes after its commit, the
+    queued row's body opens with its data key, and only b accepted it."""
+    done = case.sealer(b, None).seal_and_queue_all([ToSeal(case.as_b_took_it, case.peer, None)])
+    assert [d.record.message_id for d in done] == [case.message_id]
+    record = b.get(case.message_id)
     assert record is not None and record.state is OutboundState.QUEUED
-    assert record.queued_by == "b" and record.body_path == bodies / "large.b.as2"
-    with open_file(vaults["a"], body_item(message_id), record.body_path) as body:
-        assert len(body.read()) > len(document)  # opens, whole, under the row's data key
-    assert [p.name for p in bodies.iterdir() if p.is_file()] == ["large.b.as2"]
-    assert not copy.exists()
+    assert record.queued_by == "b" and record.body_path == case.bodies / "large.b.as2"
+    with open_file(case.vault, body_item(case.message_id), record.body_path) as body:
+        assert len(body.read()) > len(case.document)  # opens, whole, under the row's key
+    assert [p.name for p in case.bodies.iterdir() if p.is_file()] == ["large.b.as2"]
+    assert not case.copy.exists()
     accepted = {
-        n: [e["message_id"] for e in events(t, "message.accepted")] for n, t in trails.items()
+        node: [e["message_id"] for e in events(trail, "message.accepted")]
+        for node, trail in case.trails.items()
     }
-    assert accepted == {"a": [], "b": [message_id]}
+    assert accepted == {"a": [], "b": [case.message_id]}
+
+
+def test_a_node_whose_claim_ran_out_does_not_queue_the_document_another_node_holds(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
+) -> None:
+    """Node a, still signing and encrypting a large document when its claim ran out and
+    node b took it over, finishes first: it does not queue it (b holds the intake), it
+    removes the body it wrote and leaves the copy and its key, from which b prepares and
+    queues it."""
+    a, b = nodes
+    case = _large_intake_taken_over(layout, nodes, clock)
+    assert (
+        case.sealer(a, None).seal_and_queue_all([ToSeal(case.as_a_had_it, case.peer, None)]) == []
+    )
+    assert "message.prepared_elsewhere" in case.stream.getvalue()
+    assert [p.name for p in case.bodies.iterdir() if p.is_file()] == []  # a's body is gone
+    assert case.copy.exists() and b.data_key(payload_item(case.message_id)) is not None
+    held = b.get(case.message_id)
+    assert held is not None and (held.state, held.node) == (OutboundState.INTAKE, "b")
+    _queued_by_b_alone(case, b)
+
+
+def test_a_node_whose_claim_ran_out_does_not_fail_the_document_another_node_holds(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock
+) -> None:
+    """As above, but a's preparation fails (here: a no longer finds the peer's encryption
+    certificate acceptable): that is not a's to decide any more.  a marks nothing failed
+    and raises no alert; b prepares and queues the document."""
+    a, b = nodes
+    case = _large_intake_taken_over(layout, nodes, clock)
+    stale = case.sealer(a, {})  # no acceptable certificate for any peer
+    assert stale.seal_and_queue_all([ToSeal(case.as_a_had_it, case.peer, None)]) == []
+    assert "message.prepared_elsewhere" in case.stream.getvalue()
+    assert events(case.trails["a"], "message.failed") == []
+    held = b.get(case.message_id)
+    assert held is not None and (held.state, held.node) == (OutboundState.INTAKE, "b")
+    assert held.last_error is None and case.copy.exists()
+    _queued_by_b_alone(case, b)
 
 
 @dataclass

@@ -329,9 +329,10 @@ class Spool(Protocol):
 
     def fail_intake(self, message_id: str, error: str) -> bool:
         """A document that cannot be signed and encrypted: failed, not sent (``error``
-        says why), its document kept for ``queue retry``.  Only from ``intake``: False
-        (nothing changed) if another preparation has queued it meanwhile (another node
-        whose claim on it began when this node's ran out)."""
+        says why), its document kept for ``queue retry``.  Only from ``intake``, while
+        this node holds the intake: False (nothing changed) if another preparation has
+        queued it meanwhile, or another node holds it now (its claim began when this
+        node's ran out: that node's preparation decides)."""
         ...
 
     def inbound_get(self, peer: str, message_id: str) -> InboundRecord | None: ...

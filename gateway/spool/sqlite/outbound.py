@@ -882,7 +882,7 @@ class OutboundQueue(SqlStore):
         return (
             self._write(
                 "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"  # noqa: S608 - fixed text
-                f" updated_at=?, {AUDITED} WHERE message_id=? AND state=?",
+                f" updated_at=?, {AUDITED} WHERE message_id=? AND state=? AND node=?",
                 (
                     OutboundState.FAILED.value,
                     "not-sent",
@@ -891,6 +891,7 @@ class OutboundQueue(SqlStore):
                     *self._audited(EventType.MESSAGE_FAILED, now),
                     message_id,
                     OutboundState.INTAKE.value,
+                    self.node,
                 ),
             )
             == 1
