@@ -27,6 +27,17 @@ MAX_SOCKET_PATH = 107  # the longest path a unix socket can be bound to (sun_pat
 MAX_ADMIN_FILE_BYTES = 64 << 20
 
 
+def file_identity(status: os.stat_result) -> str:
+    """One file as it is now: its device and inode, size, and modification and change
+    times.  A file dropped later under the same name differs (the kernel sets its change
+    time when it is created or renamed there, whatever its writer sets), even where
+    its inode number is reused; reading a file does not change it."""
+    return (
+        f"{status.st_dev}:{status.st_ino}:{status.st_size}:"
+        f"{status.st_mtime_ns}:{status.st_ctime_ns}"
+    )
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

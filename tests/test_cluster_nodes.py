@@ -277,6 +277,97 @@ def test_a_large_document_a_dead_node_took_in_is_sent_once_by_a_running_node(
     assert_trails_verify(lab.a, lab.b)
 
 
+# lab-a taken down between recording a document it took in (its copy complete, in the
+# spool row) and removing it from its outbox.
+KILLED_BEFORE_REMOVING = killed_at("--kill-before", "gateway.outbound.intake:OutboxIntake._moved")
+
+
+def delivered_once(layout: DemoLayout, *documents: bytes) -> None:
+    """The hospital delivered each of ``documents`` once, and nothing else."""
+    delivered = Counter(
+        r["message_id"]
+        for r in read_audit(layout.hospital.audit_log)
+        if r["event"] == "message.delivered"
+    )
+    assert len(delivered) == len(documents) and set(delivered.values()) == {1}
+    assert sorted(inbox(layout).values()) == sorted(
+        hashlib.sha256(d).hexdigest() for d in documents
+    )
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["same-file", "new-file-same-name"])
+def test_a_document_left_in_a_dead_nodes_outbox_that_another_node_sent_is_not_sent_again(
+    layout: DemoLayout, processes: Processes, lab: Lab, tmp_path: Path, replaced: bool
+) -> None:
+    """lab-a takes a document in and is killed before removing it from its outbox; lab-b,
+    which cannot reach lab-a's outbox (on lab-a's machine: here moved out of its way),
+    takes it over and sends it.  lab-a, started again, removes the file instead of
+    sending it a second time; a new document dropped under the same name while lab-a
+    was down is sent."""
+    outbox = layout.lab.outbox_dir
+    lab_a = processes.start(lab.a, prefix=KILLED_BEFORE_REMOVING)
+    first = b"MSH|^~\\&|LAB|prescription\r"
+    drop_file(outbox / "hospital", "rx.hl7", first)
+    wait_killed(lab_a)
+    [left] = outbound(lab.spool)
+    assert (left.state, left.node) == (OutboundState.INTAKE, "lab-a")
+    assert left.payload is not None and (outbox / "hospital" / "rx.hl7").exists()
+    elsewhere = tmp_path / "lab-a-machine-outbox"
+    outbox.rename(elsewhere)
+
+    processes.start(lab.b)
+    settled(lab.spool, 1, 120)
+    second = b"MSH|^~\\&|LAB|prescription, a new one\r"
+    if replaced:
+        drop_file(elsewhere / "hospital", "rx.hl7", second)
+    elsewhere.rename(outbox)
+
+    lab_a = processes.start(lab.a)
+    # Gone from the outbox: removed (the same file), or taken by lab-a's intake (recorded
+    # before it was removed: all its messages are in the spool by then).
+    wait_until(lambda: not (outbox / "hospital" / "rx.hl7").exists(), 60, "the outbox emptied")
+    settled(lab.spool, 1 + replaced, 120)
+    assert lab_a.stop() == 0
+    delivered_once(layout, first, *([second] if replaced else []))
+    removed = [line for line in lab_a.raw if "recovery.removed_sent_elsewhere" in line]
+    assert len(removed) == (not replaced)
+    assert all(left.message_id in line and "lab-b" in line for line in removed)
+    assert not [
+        r for r in read_audit(layout.lab.audit_log) if r.get("message_id") == left.message_id
+    ]
+    assert_trails_verify(lab.a, lab.b)
+
+
+def test_a_node_never_takes_an_outbox_file_another_node_holds_in_intake(
+    layout: DemoLayout, processes: Processes, lab: Lab
+) -> None:
+    """lab-a takes a document in and is killed before removing it from its outbox; lab-b
+    claims it and is killed before preparing it (its claim lasting two minutes).  lab-a,
+    started again meanwhile, leaves it to lab-b (no second message of it) and removes
+    its outbox file; lab-b, started again, sends it once."""
+    edit_every(lab.b, "lease_seconds = 5", "lease_seconds = 120")
+    lab_b = processes.start(
+        lab.b, prefix=killed_at("--kill-before", "gateway.daemon.leases:LeaseKeeper._taken_over")
+    )
+    lab_a = processes.start(lab.a, prefix=KILLED_BEFORE_REMOVING)
+    data = b"MSH|^~\\&|LAB|claimed elsewhere\r"
+    drop_file(layout.lab.outbox_dir / "hospital", "rx.hl7", data)
+    wait_killed(lab_a)
+    wait_killed(lab_b)  # its claim committed, the document not yet prepared
+    [left] = outbound(lab.spool)
+    assert (left.state, left.node) == (OutboundState.INTAKE, "lab-b")
+    assert left.lease_until > time.time() + 30
+
+    lab_a = processes.start(lab.a)
+    assert not (layout.lab.outbox_dir / "hospital" / "rx.hl7").exists()
+    assert [r.message_id for r in outbound(lab.spool)] == [left.message_id]
+    lab_b = processes.start(lab.b)
+    settled(lab.spool, 1, 120)
+    assert lab_a.stop() == 0 and lab_b.stop() == 0
+    delivered_once(layout, data)
+    assert_trails_verify(lab.a, lab.b)
+
+
 def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_change(
     layout: DemoLayout,
     processes: Processes,

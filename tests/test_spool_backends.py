@@ -354,6 +354,49 @@ def test_the_payloads_recorded_are_asked_by_file_name_many_at_a_time(
     assert spool.payloads_recorded(["p7", "p8"]) == {"p7": False, "p8": True}
 
 
+def test_the_messages_taken_from_outbox_files_are_asked_by_path_many_at_a_time(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """More paths than one statement asks about; a path used again for a later document
+    names both messages, each with the identity of the file it was taken from."""
+    spool = make_spool(TickingClock())
+    outbox = tmp_path / "outbox" / "hospital"
+    many = 120
+    spool.add_intakes(
+        [
+            Intake(
+                f"<{i}@h>",
+                "hospital",
+                f"{i}.hl7",
+                "text/plain",
+                outbox / f"{i % 100}.hl7",
+                tmp_path / f"p{i}",
+                source_file=f"1:{i}:10:20:30",
+            )
+            for i in range(many)
+        ]
+        + [Intake("<api@h>", "hospital", "a", "text/plain", tmp_path / "p-api", tmp_path / "p-api")]
+    )
+    spool.mark_queued("<7@h>", None, [], "mic", 1, body=b"sealed")
+    asked = [str(outbox / f"{i}.hl7") for i in range(0, 100, 2)]
+    found = spool.outbound_by_source([*asked, str(outbox), str(outbox / "unknown.hl7")])
+    assert sorted((str(r.source_path), r.message_id, r.source_file) for r in found) == sorted(
+        (str(outbox / f"{i % 100}.hl7"), f"<{i}@h>", f"1:{i}:10:20:30")
+        for i in range(many)
+        if i % 2 == 0
+    )
+    states = {
+        (r.message_id, r.state, r.source_file)
+        for r in spool.outbound_by_source([str(outbox / "7.hl7")])
+    }
+    assert states == {
+        ("<7@h>", OutboundState.QUEUED, "1:7:10:20:30"),
+        ("<107@h>", OutboundState.INTAKE, "1:107:10:20:30"),
+    }
+    assert spool.get("<api@h>").source_file is None  # type: ignore[union-attr]
+    assert spool.outbound_by_source([]) == []
+
+
 def test_a_settlement_that_fails_changes_none_of_its_messages(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:

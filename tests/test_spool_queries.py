@@ -105,6 +105,11 @@ def plan(database: Path, statement: str) -> list[str]:
             lambda s: s.receipts_recorded(["a.0123456789ab.mdn", "b.mdn"]),
             "USING COVERING INDEX outbound_receipt_file",
         ),
+        (
+            "outbox files found at start",
+            lambda s: s.outbound_by_source(["/outbox/lab/a.hl7", "/outbox/lab/b.hl7"]),
+            "USING INDEX outbound_source",
+        ),
     ],
 )
 def test_a_per_message_query_neither_scans_nor_sorts_the_queue(

@@ -25,7 +25,7 @@ from gateway.as2.headers import new_message_id
 from gateway.atrest import Sealing, storing_all
 from gateway.config import Peer
 from gateway.errors import MedgwError, SpoolError
-from gateway.fsutil import FolderSync, read_chunks, storage_fix, write_atomic
+from gateway.fsutil import FolderSync, file_identity, read_chunks, storage_fix, write_atomic
 from gateway.intake.outbox import Candidate, Outbox
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
@@ -236,6 +236,7 @@ class OutboxIntake:
                     service=candidate.service,
                     data_key=sealing.key,
                     payload=kept,
+                    source_file=file_identity(status),
                 )
                 intakes.append((candidate, peer, intake, sealing))
                 if small is not None:

@@ -10,11 +10,12 @@ from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.owed import RECOVERED, Owed, changes_since, unrecorded
-from gateway.fsutil import fsync_dir, remove_partials_of, remove_stale_partials
+from gateway.fsutil import file_identity, fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, accepted_event, open_document
 from gateway.outbound.sweep import (
+    remove_sent_elsewhere,
     remove_spent_copies_of_others,
     remove_unrecorded_payloads,
     remove_unrecorded_receipts,
@@ -66,6 +67,17 @@ def _taken_over(record: OutboundRecord) -> bool:
         record.state in (OutboundState.QUEUED, OutboundState.SENDING)
         and record.last_error == TAKEN_OVER
     )
+
+
+def _is_source_file(record: OutboundRecord) -> bool:
+    """Whether the file at ``record``'s source path is the one it was taken from (one
+    taken before that was recorded: whether there is one).  Another node's outbox may be
+    out of reach here, and this node's own may have a file of that name."""
+    try:
+        status = record.source_path.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return record.source_file in (None, file_identity(status))
 
 
 class Recovery:
@@ -134,6 +146,8 @@ class Recovery:
                 self._ctx.spool.renew_leases()
                 renewed_at = self._ctx.clock.monotonic()
             await self._finish(record)
+        # Then the documents left in the outbox that another node took over and sent.
+        await ctx.in_thread(remove_sent_elsewhere, ctx.spool, ctx.log, config.storage.outbox_dir)
 
     def _record_cut_off(self, since: datetime | None) -> None:
         """Write the audit records a kill cut off (worker thread): every change of an
@@ -337,7 +351,7 @@ class Recovery:
             source = record.source_path
             if (
                 source != record.payload_path
-                and source.exists()
+                and _is_source_file(record)
                 and await asyncio.to_thread(self._same_document, record)
             ):
                 # Killed after copying the document into the spool (its file, or its

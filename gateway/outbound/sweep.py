@@ -1,5 +1,6 @@
 """Files in this node's payloads and receipts folders that no message's row names (and
-the copies no longer needed in the other nodes' folders of a shared payloads folder).
+the copies no longer needed in the other nodes' folders of a shared payloads folder),
+and the documents in its outbox that another node has sent.
 
 A process killed between spooling a submitted document and recording it leaves its
 file in ``payloads``, one killed between queueing a message and removing its
@@ -17,12 +18,14 @@ flight.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from gateway.fsutil import file_identity, fsync_dir
 from gateway.logs import Logger
-from gateway.spool import Spool
+from gateway.spool import OutboundRecord, OutboundState, Spool
 
 # Files read from a folder, then asked about in the spool, at a time: memory stays flat
 # however many files a folder holds.
@@ -129,3 +132,65 @@ def remove_spent_copies_of_others(spool: Spool, log: Logger, shared: Path, own: 
         )
     for folder in folders:
         remove_unrecorded_payloads(spool, log, folder, unrecorded=False)
+
+
+def _outbox_files(outbox: Path) -> Iterator[Path]:
+    """The documents in ``outbox``: in its peers' folders and their service folders (not
+    partial writes, not links)."""
+    if not outbox.is_dir():
+        return
+    folders = [outbox]
+    for depth in range(2):
+        deeper: list[Path] = []
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        deeper.append(Path(entry.path))
+                    elif depth and entry.is_file(follow_symlinks=False):
+                        yield Path(entry.path)
+        folders = deeper
+
+
+def remove_sent_elsewhere(spool: Spool, log: Logger, outbox: Path) -> None:
+    """At start, once this node's interrupted intakes are finished and before its outbox
+    intake runs (worker thread): the documents in its ``outbox`` another node took over
+    and prepares or has sent.  A node killed after taking a document in (its copy
+    complete) and before removing it from its outbox leaves it there; when its claim
+    runs out another node, which cannot reach this node's outbox, prepares and sends
+    it from the copy.  The file is that document only if it is still the file taken
+    (file_identity): a new document dropped since under the same name stays, and is
+    sent."""
+    node = spool.node
+    files = _outbox_files(outbox)
+    while batch := list(itertools.islice(files, SWEEP_BATCH)):
+        taken: dict[str, list[OutboundRecord]] = {}
+        for record in spool.outbound_by_source([str(p) for p in batch]):
+            taken.setdefault(str(record.source_path), []).append(record)
+        for path in batch:
+            try:
+                identity = file_identity(path.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            sent = [
+                r
+                for r in taken.get(str(path), ())
+                if r.source_file == identity
+                and (
+                    r.state is not OutboundState.INTAKE
+                    or (r.node not in (None, node) and r.has_document)
+                )
+            ]
+            if not sent:
+                continue
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+            record = sent[0]
+            log.warning(
+                "recovery.removed_sent_elsewhere",
+                peer=record.peer,
+                message_id=record.message_id,
+                node=record.queued_by or record.node,
+            )

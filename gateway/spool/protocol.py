@@ -113,6 +113,13 @@ class Spool(Protocol):
         a name is unique to one receipt received, whichever node stored it."""
         ...
 
+    def outbound_by_source(self, paths: Sequence[str]) -> list[OutboundRecord]:
+        """The messages taken from the files ``paths`` (found in this node's outbox), by
+        the whole path their rows keep as ``source_path``: an index lookup per path,
+        however many rows the spool keeps.  A path may name several messages (a name
+        used again for later documents)."""
+        ...
+
     def mark_queued(
         self,
         message_id: str,

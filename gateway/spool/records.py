@@ -140,6 +140,9 @@ class OutboundRecord:
     # trail (None: changed before this was kept).
     audit_owed: str | None = None
     audit_owed_at: str | None = None
+    # The outbox file it was taken from, as it was then (see gateway.fsutil.file_identity;
+    # None: not taken from an outbox, or taken before this was recorded).
+    source_file: str | None = None
 
     @property
     def has_document(self) -> bool:
@@ -342,6 +345,7 @@ class Intake:
     service: str | None = None
     data_key: DataKey | None = None
     payload: bytes | None = None
+    source_file: str | None = None  # the outbox file's identity (OutboundRecord.source_file)
 
 
 @dataclass(frozen=True)

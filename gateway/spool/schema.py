@@ -144,6 +144,11 @@ ADDED_COLUMNS = (
     ("handover", "audited_by", "TEXT"),
     ("handover", "audit_owed", "TEXT"),
     ("handover", "audit_owed_at", "TEXT"),
+    # The identity of the outbox file a message was taken from, as it was then (device,
+    # inode, size, modification and change times; NULL: not from an outbox, or before
+    # this was recorded): a node killed before removing it tells, at its next start,
+    # the file another node sent from a new document dropped under the same name.
+    ("outbound", "source_file", "TEXT"),
 )
 
 
@@ -177,6 +182,8 @@ ADDED_INDEXES = (
     "DROP INDEX IF EXISTS outbound_receipt_name",
     "CREATE INDEX IF NOT EXISTS outbound_receipt_file ON outbound"
     f" ({file_name('receipt_path')}, receipt_path)",
+    # The start's sweep of the outbox asks about the files it finds, by path.
+    "CREATE INDEX IF NOT EXISTS outbound_source ON outbound (source_path)",
 )
 
 

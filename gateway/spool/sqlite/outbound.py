@@ -88,6 +88,7 @@ def _outbound(row: Row) -> OutboundRecord:
         audited_by=row["audited_by"],
         audit_owed=row["audit_owed"],
         audit_owed_at=row["audit_owed_at"],
+        source_file=row["source_file"],
     )
 
 
@@ -157,6 +158,7 @@ class OutboundQueue(SqlStore):
                 self.node,
                 lease_until,
                 i.payload,
+                i.source_file,
             )
             for i in intakes
         ]
@@ -166,8 +168,8 @@ class OutboundQueue(SqlStore):
             db.executemany(
                 "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
                 " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
-                " updated_at, service, node, lease_until, payload)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " updated_at, service, node, lease_until, payload, source_file)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 rows,
             )
             if submitted:
@@ -198,6 +200,19 @@ class OutboundQueue(SqlStore):
     def receipts_recorded(self, names: Sequence[str]) -> set[str]:
         """See :meth:`gateway.spool.protocol.Spool.receipts_recorded`."""
         return {Path(r["receipt_path"]).name for r in self._by_file_name("receipt_path", "", names)}
+
+    def outbound_by_source(self, paths: Sequence[str]) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.outbound_by_source`."""
+        found: list[OutboundRecord] = []
+        for start in range(0, len(paths), NAMES_PER_STATEMENT):
+            batch = tuple(paths[start : start + NAMES_PER_STATEMENT])
+            rows = self._read(
+                "SELECT * FROM outbound"  # noqa: S608 - fixed text
+                f" WHERE source_path IN ({','.join('?' for _ in batch)})",
+                batch,
+            )
+            found += [_outbound(r) for r in rows]
+        return found
 
     def _by_file_name(self, column: str, more: str, names: Sequence[str]) -> list[Row]:
         """The rows whose path ``column`` ends in one of ``names``, that column and the
