@@ -180,6 +180,36 @@ def test_an_asynchronous_receipt_settles_the_message_only_as_it_found_it(
     assert record.receipt_path == tmp_path / "1.mdn"
 
 
+def test_an_asynchronous_receipt_that_came_before_the_posts_answer_was_recorded_settles_it(
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """The peer POSTs the receipt at once: it is read while the message is still
+    ``sending``, and the sender records the empty answer to its POST (awaiting the
+    receipt) before the receipt commits.  The receipt settles it all the same; a
+    receipt that found it awaiting does not settle it once an operator queued it again."""
+    a, b = nodes
+    queue(a, tmp_path, "<m@x>")
+    a.claim_due("lab", clock.now().timestamp(), 8)
+    early = Settled(
+        "<m@x>", OutboundState.DELIVERED, "processed", tmp_path / "1.mdn",
+        found=OutboundState.SENDING, held=False,
+    )  # fmt: skip
+    assert a.mark_settled([], awaiting=["<m@x>"]) == ["<m@x>"]
+    assert b.mark_settled([early]) == ["<m@x>"]
+    record = a.get("<m@x>")
+    assert record is not None and record.state is OutboundState.DELIVERED
+    assert record.receipt_path == tmp_path / "1.mdn"
+
+    queue(a, tmp_path, "<n@x>")
+    a.claim_due("lab", clock.now().timestamp(), 8)
+    assert a.mark_settled([], awaiting=["<n@x>"]) == ["<n@x>"]
+    late = replace(early, message_id="<n@x>", found=OutboundState.AWAITING_RECEIPT)
+    assert a.requeue_unanswered("lab", "2100-01-01T00:00:00") == ["<n@x>"]
+    assert b.mark_settled([late]) == []
+    record = a.get("<n@x>")
+    assert record is not None and record.state is OutboundState.QUEUED
+
+
 def test_a_node_whose_send_was_taken_over_records_nothing_of_its_answer(
     layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:

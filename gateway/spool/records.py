@@ -270,7 +270,8 @@ class Settled:
     ``held`` (the answer to this node's own POST), still claimed by this node; else
     another node took it over once this node's claim ran out, or another receipt
     settled it, and that is left as it is.  An asynchronous receipt (any node may be
-    POSTed one) names the state it found the message in, ``held`` False."""
+    POSTed one) names the state it found the message in, ``held`` False (see
+    :attr:`settles_from`)."""
 
     message_id: str
     state: OutboundState
@@ -283,6 +284,18 @@ class Settled:
     # The audit record written once it is committed (None: the receipt.received or
     # message.failed of its state).
     owed: EventType | None = None
+
+    @property
+    def settles_from(self) -> tuple[OutboundState, ...]:
+        """The states it is finished from: ``found``, and for an asynchronous receipt
+        that found the message ``sending``, ``awaiting-receipt`` too.  The peer may POST
+        that receipt at once, before the answer to the sender's own POST is recorded
+        (its empty 200 moves the message to ``awaiting-receipt``): refused for that, it
+        would leave the message waiting for the receipt it already has, to be sent again
+        once that is overdue."""
+        if not self.held and self.found is OutboundState.SENDING:
+            return (OutboundState.SENDING, OutboundState.AWAITING_RECEIPT)
+        return (self.found,)
 
     @property
     def owes(self) -> EventType:

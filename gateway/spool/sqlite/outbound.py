@@ -43,7 +43,7 @@ _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
 # once delivered, the body stored in the spool is of no more use (as its file is).
 _SETTLE = (
     "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"  # noqa: S608 - fixed text
-    f" body=CASE WHEN ? THEN NULL ELSE body END, {AUDITED} WHERE message_id=? AND state=?"
+    f" body=CASE WHEN ? THEN NULL ELSE body END, {AUDITED} WHERE message_id=? AND state IN"
 )
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
@@ -455,8 +455,9 @@ class OutboundQueue(SqlStore):
             for done in settled:
                 # The answer to its own send: only while this node holds it (as mark_retry).
                 holder, node = (" AND node=?", (self.node,)) if done.held else ("", ())
+                states = done.settles_from
                 count = db.execute(
-                    _SETTLE + holder,
+                    f"{_SETTLE} ({', '.join('?' * len(states))}){holder}",
                     (
                         done.state.value,
                         done.disposition,
@@ -466,7 +467,7 @@ class OutboundQueue(SqlStore):
                         done.state is OutboundState.DELIVERED,
                         *self._audited(done.owes, now),
                         done.message_id,
-                        done.found.value,
+                        *(state.value for state in states),
                         *node,
                     ),
                 ).rowcount
