@@ -45,6 +45,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Protocol
 
 from gateway.clock import SystemClock
 from gateway.logs import make_logger
@@ -158,20 +159,19 @@ def run_child(way: str, spec: dict[str, object], folder: Path) -> dict[str, floa
     return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
-class Backend:
-    name = ""
+class Backend(Protocol):
+    """A spool backend the sweeps are measured on (SQLite, PostgreSQL)."""
 
-    def fill(self, start: int, stop: int, folder: Path) -> None:
-        raise NotImplementedError
+    name: str
 
-    def spec(self) -> dict[str, object]:
-        raise NotImplementedError
+    def fill(self, start: int, stop: int, folder: Path) -> None: ...
 
-    def drop_indexes(self) -> None:
-        raise NotImplementedError
+    def spec(self) -> dict[str, object]: ...
+
+    def drop_indexes(self) -> None: ...
 
 
-class SqliteBackend(Backend):
+class SqliteBackend:
     name = "sqlite"
 
     def __init__(self, folder: Path) -> None:
@@ -194,7 +194,7 @@ class SqliteBackend(Backend):
                 db.execute(f"DROP INDEX {index}")
 
 
-class PostgresBackend(Backend):
+class PostgresBackend:
     name = "postgresql"
 
     def __init__(self, server: PostgresServer) -> None:
