@@ -8,13 +8,15 @@ changes since the trail's last record owe are not in it, and writes those, marke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.audit.log import CLOCK_MARGIN, last_record_time, recorded_since
+from gateway.audit.events import AuditEvent
+from gateway.audit.log import CLOCK_MARGIN, AuditSink, last_record_time, recorded_since
+from gateway.logs import Logger
 
 RECOVERED = (
     "recorded at recovery: the change was committed before an interruption cut off its record"
@@ -63,3 +65,25 @@ def unrecorded(trail: Path, owed: Sequence[Owed]) -> list[Owed]:
         return any(t is not None and (not one.exact or t >= one.at) for t in times)
 
     return [one for one in owed if not recorded(one)]
+
+
+def write_unrecorded(
+    trail: Path,
+    owed: Sequence[tuple[Owed, Callable[[], AuditEvent]]],
+    audit: AuditSink,
+    log: Logger,
+) -> None:
+    """Write, together and in their order, the records of ``owed`` that ``trail`` lacks
+    (each made only if it is written), and log each as written at recovery."""
+    missing = set(unrecorded(trail, [one for one, _ in owed]))
+    events = [make() for one, make in owed if one in missing]
+    if not events:
+        return
+    audit.emit_all(events)
+    for event in events:
+        log.warning(
+            "recovery.audit_record_written",
+            audit_event=event.event.value,
+            peer=event.peer,
+            message_id=event.message_id,
+        )

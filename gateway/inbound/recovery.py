@@ -3,12 +3,14 @@ stopped process left unfinished."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.audit.owed import RECOVERED, Owed, changes_since, unrecorded
+from gateway.audit.owed import RECOVERED, Owed, changes_since, write_unrecorded
 from gateway.delivery import inbox
 from gateway.errors import ClaimHeldError, MedgwError
 from gateway.inbound.exactly_once import InboxDelivery
@@ -51,7 +53,7 @@ def record_cut_off(
         *spool.inbound_changed_since(after),
         *spool.handover_changed_since(after),
     ]
-    wanted: dict[Owed, tuple[InboundRecord | HandoverRecord, EventType]] = {}
+    wanted: dict[Owed, Callable[[], AuditEvent]] = {}
     for row in changed:
         if row.audit_owed is None or row.audit_owed_at is None:
             continue
@@ -61,18 +63,8 @@ def record_cut_off(
             datetime.fromisoformat(row.audit_owed_at),
             peer=row.peer,
         )
-        wanted[owed] = (row, EventType(row.audit_owed))
-    events = [_cut_off_event(*wanted[owed]) for owed in unrecorded(trail, list(wanted))]
-    if not events:
-        return
-    audit.emit_all(events)
-    for event in events:
-        log.warning(
-            "recovery.audit_record_written",
-            audit_event=event.event.value,
-            peer=event.peer,
-            message_id=event.message_id,
-        )
+        wanted[owed] = partial(_cut_off_event, row, EventType(row.audit_owed))
+    write_unrecorded(trail, list(wanted.items()), audit, log)
 
 
 def _cut_off_event(row: InboundRecord | HandoverRecord, kind: EventType) -> AuditEvent:

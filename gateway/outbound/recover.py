@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from functools import partial
 
 from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
-from gateway.audit.owed import RECOVERED, Owed, changes_since, unrecorded
+from gateway.audit.owed import RECOVERED, Owed, changes_since, write_unrecorded
 from gateway.fsutil import file_identity, fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
@@ -222,22 +223,11 @@ class Recovery:
                 want(record, kind, updated, _SETTLED[record.state])
             elif record.state in _GIVEN_UP:
                 want(record, _GIVEN_UP[record.state], updated)
-        missing = set(unrecorded(trail, [owed for _, owed in wanted.values()]))
-        events = [
-            self._cut_off_event(record, kind)
+        to_write = [
+            (owed, partial(self._cut_off_event, record, kind))
             for (_, kind), (record, owed) in wanted.items()
-            if owed in missing
         ]
-        if not events:
-            return
-        self._ctx.record_all(events)
-        for event in events:
-            self._ctx.log.warning(
-                "recovery.audit_record_written",
-                audit_event=event.event.value,
-                peer=event.peer,
-                message_id=event.message_id,
-            )
+        write_unrecorded(trail, to_write, self._ctx.audit, self._ctx.log)
 
     def _cut_off_event(self, record: OutboundRecord, kind: EventType) -> AuditEvent:
         """The record ``kind`` of ``record``'s step (its queueing, or its last step), as
