@@ -32,8 +32,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import gateway.outbound.intake
-from gateway.atrest import KeyStore, Vault
-from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig
 from gateway.demo_run import drop_file, free_ports, read_audit
@@ -41,7 +39,7 @@ from gateway.pki.demo import init_demo
 from gateway.spool import SqliteSpool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' intake helper
-from tests.helpers.intake import lab_outbound, two_peers
+from tests.helpers.intake import lab_intake, two_peers
 
 SHIPPED_ROUND = gateway.outbound.intake.ROUND_PER_PEER
 
@@ -49,26 +47,17 @@ SHIPPED_ROUND = gateway.outbound.intake.ROUND_PER_PEER
 async def one_run(config: GatewayConfig, state: Path, backlog: int) -> tuple[int, float]:
     """(hospital documents accepted before the pharmacy's, documents per second)."""
     state.mkdir()
-    clock = SystemClock()
-    spool = SqliteSpool(state / "spool.sqlite3", clock)
-    audit = AuditLog(state / "audit.jsonl", clock, node="lab")
-    vault = Vault(KeyStore(state / "keys"), spool)
-    vault.open()
-    outbound = await lab_outbound(config, spool, audit, clock, vault)
     busy = config.storage.outbox_dir / "hospital"
     busy.mkdir(parents=True, exist_ok=True)
     for i in range(backlog):
         (busy / f"order-{i:06}.hl7").write_bytes(b"MSH|^~\\&|%06d|" % i + b"x" * 1000)
-    try:
+    async with lab_intake(config, state, SystemClock(), SqliteSpool, at_rest=True) as lab:
         started = time.perf_counter()
-        await outbound.intake_once()
+        await lab.outbound.intake_once()
         drop_file(config.storage.outbox_dir / "pharmacy", "rx.hl7", b"MSH|rx\r")
-        while await outbound.intake_once():
+        while await lab.outbound.intake_once():
             pass
         elapsed = time.perf_counter() - started
-    finally:
-        spool.close()
-        audit.close()
     peers = [
         r["peer"] for r in read_audit(state / "audit.jsonl") if r["event"] == "message.accepted"
     ]

@@ -11,7 +11,7 @@ import pwd
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from gateway.spool import Claimant, DataKey, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
-from tests.helpers.intake import judged, lab_outbound, two_peers
+from tests.helpers.intake import drop_all, judged, lab_intake, two_peers
 
 
 class SlowTakes(OutboxIntake):
@@ -52,6 +52,17 @@ class SlowTakes(OutboxIntake):
             raise SpoolError("cannot take broken.hl7")
         await asyncio.sleep(0.2)
         self.finished.extend(candidate.path.name for candidate in batch)
+
+
+def accepted_as(trail: Path, documents: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The ``message.accepted`` records of ``trail`` by file name, found to be one for each
+    of ``documents`` (name: content), with its SHA-256."""
+    records = events(trail, "message.accepted")
+    assert sorted(r["detail"]["filename"] for r in records) == sorted(documents)
+    accepted = {r["detail"]["filename"]: r for r in records}
+    for name, data in documents.items():
+        assert accepted[name]["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
+    return accepted
 
 
 def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
@@ -172,33 +183,18 @@ async def test_an_outbox_document_is_recorded_with_its_sha256_and_its_owner(
     """A reviewer links a document re-sent by a local user to the one received, by its
     SHA-256 (message.delivered records it at the receiver), and to who dropped it."""
     config = load_config(layout.lab.config_path)
-    clock = SystemClock()
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    outbound = await lab_outbound(config, spool, audit, clock)
     [peer] = config.peers
     documents = {
         "small.hl7": b"MSH|^~\\&|small\r",
         "large.dcm": os.urandom(INLINE_BODY_BYTES + 1000),  # sealed file to file
     }
-    folder = layout.lab.outbox_dir / peer.name
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in documents.items():
-        (folder / name).write_bytes(data)
-    try:
-        assert await outbound.intake_once() == 2
+    drop_all(layout.lab.outbox_dir / peer.name, documents)
+    async with lab_intake(config, tmp_path, SystemClock(), SqliteSpool) as lab:
+        assert await lab.outbound.intake_once() == 2
         me = f"outbox:{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
-        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
-        by_name = {r["detail"]["filename"]: r for r in accepted}
-        assert set(by_name) == set(documents)
-        for name, data in documents.items():
-            detail = by_name[name]["detail"]
-            assert detail["sha256"] == hashlib.sha256(data).hexdigest()
-            assert detail["submitted_by"] == me
-            assert spool.submitter(by_name[name]["message_id"]) == me
-    finally:
-        spool.close()
-        audit.close()
+        for record in accepted_as(lab.trail, documents).values():
+            assert record["detail"]["submitted_by"] == me
+            assert lab.spool.submitter(record["message_id"]) == me
 
 
 async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_file(
@@ -208,21 +204,12 @@ async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_fil
     file, no fsync of its own); a large one is encrypted into state/payloads.  Neither
     is left behind once queued."""
     config = load_config(layout.lab.config_path)
-    clock = SystemClock()
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    vault = Vault(KeyStore(tmp_path / "keys"), spool)
-    vault.open()
-    outbound = await lab_outbound(config, spool, audit, clock, vault)
     [peer] = config.peers
     documents = {
         "small.hl7": b"MSH|^~\\&|SMALL-Q7Z|" + b"x" * (INLINE_BODY_BYTES - 20),
         "large.dcm": b"LARGE-Q7Z" + os.urandom(INLINE_BODY_BYTES + 1000),
     }
-    folder = layout.lab.outbox_dir / peer.name
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, data in documents.items():
-        (folder / name).write_bytes(data)
+    folder = drop_all(layout.lab.outbox_dir / peer.name, documents)
     seen: dict[str, tuple[bytes | None, bool]] = {}
     seal_and_queue_all = Sealer.seal_and_queue_all
 
@@ -236,24 +223,18 @@ async def test_a_small_document_is_taken_into_its_row_and_a_large_one_into_a_fil
         return seal_and_queue_all(self, documents)
 
     monkeypatch.setattr(Sealer, "seal_and_queue_all", spy)
-    try:
-        assert await outbound.intake_once() == 2
+    async with lab_intake(config, tmp_path, SystemClock(), SqliteSpool, at_rest=True) as lab:
+        assert await lab.outbound.intake_once() == 2
         kept, in_file = seen["small.hl7"]
         assert kept is not None and kept.startswith(MAGIC) and not in_file
         assert b"SMALL-Q7Z" not in kept
         assert seen["large.dcm"] == (None, True)
-        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
-        by_name = {r["detail"]["filename"]: r for r in accepted}
-        for name, data in documents.items():
-            assert by_name[name]["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
-            record = spool.get(by_name[name]["message_id"])
+        for accepted in accepted_as(lab.trail, documents).values():
+            record = lab.spool.get(accepted["message_id"])
             assert record is not None and record.state.value == "queued"
             assert record.payload is None and not record.payload_path.exists()
-            assert spool.data_key(payload_item(record.message_id)) is None
+            assert lab.spool.data_key(payload_item(record.message_id)) is None
         assert not list(folder.iterdir())
-    finally:
-        spool.close()
-        audit.close()
 
 
 class FullSpool(SqliteSpool):
@@ -276,10 +257,6 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
     either: no second row is made for the document while that one stays (a restart would
     act on both), and once there is room again the document is taken once."""
     config = load_config(layout.lab.config_path)
-    clock = SystemClock()
-    spool = FullSpool(tmp_path / "spool.sqlite3", clock)
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    outbound = await lab_outbound(config, spool, audit, clock)
     [peer] = config.peers
     document = drop_file(layout.lab.outbox_dir / peer.name, "late.hl7", b"MSH|late\r")
     move = gateway.outbound.intake.move_into_spool
@@ -288,8 +265,9 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gateway.outbound.intake, "move_into_spool", no_room)
-    spool.full = True
-    try:
+    async with lab_intake(config, tmp_path, SystemClock(), FullSpool) as lab:
+        spool, outbound = lab.spool, lab.outbound
+        spool.full = True
         with pytest.raises(SpoolError, match="into the spool"):
             await outbound.intake_once()
         [stray] = spool.all_outbound()
@@ -307,9 +285,6 @@ async def test_a_failed_take_whose_row_cannot_be_removed_is_removed_before_the_n
         [taken] = spool.all_outbound()
         assert taken.message_id != stray.message_id and taken.state.value == "queued"
         assert not document.exists()
-    finally:
-        spool.close()
-        audit.close()
 
 
 def test_a_preparation_the_spool_cut_short_is_done_again_without_a_restart(
@@ -349,29 +324,13 @@ async def test_small_documents_are_sealed_as_taken_not_read_back_from_their_rows
     data key is not looked up and the copy is not decrypted again.  What it seals is
     that document (its SHA-256 in ``message.accepted``)."""
     config = load_config(layout.lab.config_path)
-    clock = SystemClock()
-    spool = CountedKeys(tmp_path / "spool.sqlite3", clock)
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    vault = Vault(KeyStore(tmp_path / "keys"), spool)
-    vault.open()
-    outbound = await lab_outbound(config, spool, audit, clock, vault)
     [peer] = config.peers
-    folder = layout.lab.outbox_dir / peer.name
-    folder.mkdir(parents=True, exist_ok=True)
     documents = {f"result-{i}.hl7": b"MSH|^~\\&|%d\r" % i for i in range(4)}
-    for name, data in documents.items():
-        (folder / name).write_bytes(data)
-    try:
-        assert await outbound.intake_once() == len(documents)
-        assert spool.payload_keys_read == 0  # (read back: one per document)
-        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
-        assert sorted(r["detail"]["filename"] for r in accepted) == sorted(documents)
-        for record in accepted:
-            data = documents[record["detail"]["filename"]]
-            assert record["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
-    finally:
-        spool.close()
-        audit.close()
+    drop_all(layout.lab.outbox_dir / peer.name, documents)
+    async with lab_intake(config, tmp_path, SystemClock(), CountedKeys, at_rest=True) as lab:
+        assert await lab.outbound.intake_once() == len(documents)
+        assert lab.spool.payload_keys_read == 0  # (read back: one per document)
+        accepted_as(lab.trail, documents)
 
 
 class CountedDisk:
@@ -391,39 +350,25 @@ async def test_documents_are_taken_in_batches_with_a_transaction_and_an_audit_wr
     """Forty documents dropped at once: their rows recorded, their queueing and their
     ``message.accepted`` records each written for a batch at a time, not per document."""
     config = load_config(layout.lab.config_path)
-    clock = SystemClock()
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
-    disk = CountedDisk()
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab", sync=disk)
-    vault = Vault(KeyStore(tmp_path / "keys"), spool)
-    vault.open()
-    outbound = await lab_outbound(config, spool, audit, clock, vault)
     [peer] = config.peers
-    folder = layout.lab.outbox_dir / peer.name
-    folder.mkdir(parents=True, exist_ok=True)
     documents = {f"result-{i:02}.hl7": b"MSH|^~\\&|%d\r" % i for i in range(40)}
-    for name, data in documents.items():
-        (folder / name).write_bytes(data)
-    commits, syncs = spool._writer.commits, disk.calls
-    try:
-        assert await outbound.intake_once() == 40
+    folder = drop_all(layout.lab.outbox_dir / peer.name, documents)
+    disk = CountedDisk()
+    async with lab_intake(
+        config, tmp_path, SystemClock(), SqliteSpool, at_rest=True, sync=disk
+    ) as lab:
+        commits, syncs = lab.spool._writer.commits, disk.calls
+        assert await lab.outbound.intake_once() == 40
         batches = len(gateway.outbound.intake.batches([Candidate("x", folder)] * 40))
         assert batches == 2
         # One transaction for the rows of a batch, one to queue them; one audit write.
-        assert spool._writer.commits - commits <= 2 * batches  # (per document: 80)
+        assert lab.spool._writer.commits - commits <= 2 * batches  # (per document: 80)
         assert disk.calls - syncs <= batches  # (per document: 40)
-        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
-        assert sorted(r["detail"]["filename"] for r in accepted) == sorted(documents)
-        for record in accepted:
-            data = documents[record["detail"]["filename"]]
-            assert record["detail"]["sha256"] == hashlib.sha256(data).hexdigest()
-            queued = spool.get(record["message_id"])
+        for record in accepted_as(lab.trail, documents).values():
+            queued = lab.spool.get(record["message_id"])
             assert queued is not None and queued.state.value == "queued"
         assert not list(folder.iterdir())
-        assert verify_chain(tmp_path / "audit.jsonl") == 40
-    finally:
-        spool.close()
-        audit.close()
+        assert verify_chain(lab.trail) == 40
 
 
 async def test_a_document_that_cannot_be_sealed_is_kept_and_its_batch_mates_are_queued(
@@ -434,16 +379,12 @@ async def test_a_document_that_cannot_be_sealed_is_kept_and_its_batch_mates_are_
     others of the batch are queued."""
     config = two_peers(layout)
     hospital = config.peers[0]
-    clock = SystemClock()
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
-    outbound = await lab_outbound(config, spool, audit, clock, peers=(hospital,))
     for peer_name, name in [("hospital", "a.hl7"), ("hospital", "b.hl7"), ("hospital", "c.hl7")]:
         drop_file(layout.lab.outbox_dir / peer_name, name, b"MSH|" + name.encode() + b"\r")
     drop_file(layout.lab.outbox_dir / "pharmacy", "d.hl7", b"MSH|d\r")
-    try:
-        assert await outbound.intake_once() == 4  # raises nothing: the document is kept
-        by_name = {r.filename: r for r in spool.all_outbound()}
+    async with lab_intake(config, tmp_path, SystemClock(), SqliteSpool, peers=(hospital,)) as lab:
+        assert await lab.outbound.intake_once() == 4  # raises nothing: the document is kept
+        by_name = {r.filename: r for r in lab.spool.all_outbound()}
         assert {n: r.state.value for n, r in by_name.items()} == {
             "a.hl7": "queued",
             "b.hl7": "queued",
@@ -452,14 +393,11 @@ async def test_a_document_that_cannot_be_sealed_is_kept_and_its_batch_mates_are_
         }
         kept = by_name["d.hl7"]
         assert kept.payload_path.read_bytes() == b"MSH|d\r"  # kept, to retry once corrected
-        [failed] = events(tmp_path / "audit.jsonl", "message.failed")
+        [failed] = events(lab.trail, "message.failed")
         assert failed["message_id"] == kept.message_id and failed["severity"] == "alert"
         assert "no acceptable encryption certificate" in failed["reason"]
-        accepted = events(tmp_path / "audit.jsonl", "message.accepted")
+        accepted = events(lab.trail, "message.accepted")
         assert sorted(r["detail"]["filename"] for r in accepted) == ["a.hl7", "b.hl7", "c.hl7"]
-    finally:
-        spool.close()
-        audit.close()
 
 
 async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_here(
