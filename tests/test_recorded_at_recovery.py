@@ -9,11 +9,20 @@ Either way the trail has the record exactly once, and ``medgw audit verify`` pas
 from __future__ import annotations
 
 import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from gateway.demo_run import drop_file
-from gateway.pki.demo import DemoLayout
+import pytest
+
+from gateway.audit import AuditEvent, EventType
+from gateway.audit.log import CLOCK_MARGIN, AuditLog
+from gateway.config import load_config
+from gateway.demo_run import drop_file, free_ports, read_audit
+from gateway.pki.demo import DemoLayout, init_demo
+from gateway.spool import Claimant, OutboundState, SqliteSpool
 from tests.cli import medgw
+from tests.clocks import SetClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import set_runtime
 from tests.helpers.faults import killed_at, wait_killed
@@ -315,3 +324,69 @@ def test_a_record_whose_write_failed_is_written_with_the_next_one(
     assert [r for r in receipts if "first_tried_at" in r["detail"]] == [late]
     # Delivered all along: the failed write is said as what it is, not as a failed send.
     assert events(layout.lab.audit_log, "message.send_failed") == []
+
+
+@pytest.mark.parametrize("expiring", [False, True], ids=["inbound-record", "expiry-alerts"])
+def test_records_a_start_writes_hide_no_outbound_record_owed(
+    layout: DemoLayout, processes: Any, tmp_path: Path, expiring: bool
+) -> None:
+    """A node killed with a sent message's ``receipt.received`` cut off, and started
+    again long after (more than the clock's margin).  The start writes records of its
+    own before it looks for those of the outbound side: a received document's
+    ``receipt.sent`` cut off by the same kill (inbound recovery comes first), or
+    alerts for certificates about to expire.  The outbound check must look from where
+    the trail ended before any of them, or it would take the message's change for
+    older than the trail and leave its record out."""
+    if expiring:  # issued 820 days ago for 825 days: every certificate expires in 5 days
+        hospital_port, lab_port = free_ports(2)
+        layout = init_demo(
+            tmp_path / "expiring",
+            now=datetime.now(UTC) - timedelta(days=820),
+            hospital_port=hospital_port,
+            lab_port=lab_port,
+        )
+    config = load_config(layout.lab.config_path)
+    node = config.cluster.node_name
+    killed = SetClock(datetime.now(UTC) - 3 * CLOCK_MARGIN)  # the run that was killed
+    audit = AuditLog(config.storage.audit_log, killed, node=node)
+    spool = SqliteSpool(
+        config.storage.spool_path, killed, Claimant(node, config.cluster.lease_seconds)
+    )
+    sent, received = "<sent@lab>", "<received@hospital>"
+    try:
+        payload = config.storage.state_dir / "sent.hl7"
+        spool.add_intake(sent, "hospital", "sent.hl7", "text/plain", payload, payload)
+        spool.mark_queued(sent, None, [], "mic", 3, body=b"sealed")
+        audit.emit(AuditEvent(EventType.MESSAGE_ACCEPTED, peer="hospital", message_id=sent))
+        spool.mark_sending(sent)
+        killed.advance(1)
+        target = config.storage.inbox_dir / "received.hl7"
+        spool.inbound_begin("hospital", received, "0" * 64, target)
+        audit.emit(
+            AuditEvent(
+                EventType.MESSAGE_DELIVERED,
+                peer="hospital",
+                message_id=received,
+                direction="inbound",
+            )
+        )
+        killed.advance(1)  # the kill cuts off both records of the changes committed now
+        receipt = config.storage.state_dir / "sent.mdn"
+        spool.mark_done(sent, OutboundState.DELIVERED, "processed", receipt)
+        spool.inbound_delivered("hospital", received, [], b"receipt")
+    finally:
+        spool.close()
+        audit.close()
+
+    assert processes.start(layout.lab.config_path).stop() == 0
+    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    written = read_audit(layout.lab.audit_log)
+    if expiring:  # written by the start, before its recovery, now
+        assert "pki.certificate_expiring" in [r["event"] for r in written]
+    [inbound] = events(layout.lab.audit_log, "receipt.sent")
+    assert inbound["message_id"] == received
+    _recovered(inbound)
+    [outbound] = events(layout.lab.audit_log, "receipt.received")
+    assert outbound["message_id"] == sent
+    _recovered(outbound)

@@ -262,6 +262,10 @@ class Daemon:
             # again by the peer's resend, which the failure answered 503.
             owed=lambda event: event.direction == "outbound",
         )
+        # Where the trail ends before this start writes to it (alerts for certificates
+        # about to expire, the inbound side's recovered records): the changes committed
+        # since may lack their records, which the recovery below writes.
+        since = await asyncio.to_thread(changes_since, config.storage.audit_log)
         self._emergency = Emergency(
             config.storage.state_dir,
             self._clock,
@@ -378,8 +382,7 @@ class Daemon:
         try:
             # Before any request: deliveries a killed run left half-done are settled first;
             # the records a kill cut off are looked for since the trail's end before this
-            # start writes to it.
-            since = await asyncio.to_thread(changes_since, config.storage.audit_log)
+            # start wrote to it.
             await asyncio.to_thread(self.state.inbound.recover, since)
             await self._outbound.recover(since)
             await self._start_listeners(config)
