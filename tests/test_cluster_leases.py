@@ -392,6 +392,32 @@ def test_an_interrupted_intake_is_claimed_by_one_node_at_a_time(
     assert b.intake_interrupted() == [] and c.intake_interrupted() == []
 
 
+def test_a_failed_take_is_not_abandoned_while_another_node_holds_it(
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """Node a, cut off from the spool, could not learn that its take was recorded; b
+    took it over meanwhile (its copy is in the row).  a's removal of the take changes
+    nothing while b's claim is live (b may be reading the copy: its key stays), and
+    removes it, with its key, once b's claim has run out too."""
+    a, b = nodes
+    key = DataKey(payload_item("<t@x>"), 1, b"wrapped")
+    a.add_intake(
+        "<t@x>", "lab", "f.txt", "text/plain", tmp_path / "s", tmp_path / "p",
+        data_key=key, payload=b"copy",
+    )  # fmt: skip
+    clock.advance(LEASE + 1)  # a's claim ran out
+    [taken] = b.intake_take_over(8)
+    assert taken.node == "a"
+    assert a.abandon_intake("<t@x>") is False
+    held = a.get("<t@x>")
+    assert held is not None and (held.state, held.node) == (OutboundState.INTAKE, "b")
+    assert a.data_key(payload_item("<t@x>")) == key
+    clock.advance(LEASE + 1)  # b's claim ran out too
+    assert a.abandon_intake("<t@x>") is True
+    assert a.get("<t@x>") is None and a.data_key(payload_item("<t@x>")) is None
+    assert a.abandon_intake("<t@x>") is False  # nothing left to remove
+
+
 def test_running_nodes_take_over_a_dead_nodes_intake_kept_in_the_spool_a_few_at_a_time(
     nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path, make_spool: MakeSpool
 ) -> None:

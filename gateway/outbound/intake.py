@@ -30,8 +30,9 @@ from gateway.intake.outbox import Candidate, Outbox
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
 from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer, ToSeal
+from gateway.outbound.sweep import remove_if_sent_elsewhere
 from gateway.routing import LOCAL_INTAKE
-from gateway.spool import Intake
+from gateway.spool import Intake, OutboundRecord, OutboundState
 from gateway.spool.records import payload_item
 
 # Documents taken in one trip to a worker thread (one transaction for their rows, one for
@@ -145,10 +146,42 @@ class OutboxIntake:
     def _abandon_failed_takes(self) -> None:
         """Remove the rows of earlier takes that could not be removed when they failed.
         Raises SpoolError while one stays: no document is taken again (under a new
-        Message-ID) beside the row of a failed take, which a restart would act on."""
+        Message-ID) beside the row of a failed take, which a restart would act on.
+
+        A take whose row was recorded after all (its commit's answer lost with the
+        spool) may have been taken over meanwhile: this node, cut off from the spool
+        for longer than its lease, no longer held it, and another node prepared and
+        sent it from the copy kept in its row.  Its outbox file is then removed, not
+        taken again (gateway.outbound.sweep)."""
         for message_id in sorted(self._unabandoned):
-            self._ctx.spool.abandon_intake(message_id)
+            if not self._ctx.spool.abandon_intake(message_id):
+                record = self._ctx.spool.get(message_id)
+                if record is not None and not self._left_to_another(record):
+                    raise SpoolError(
+                        f"a document of outbox/{record.peer} this node took in while the "
+                        f"spool did not answer (message {record.message_id}) is held by "
+                        f"node {record.node}, which takes it in or gives it back",
+                        fix="nothing to do: the outbox is taken in again once that node "
+                        "has (at the latest when its lease runs out)",
+                    )
             self._unabandoned.discard(message_id)
+
+    def _left_to_another(self, record: OutboundRecord) -> bool:
+        """Whether this node is done with ``record``, a take of its own it could not
+        abandon: another node prepared it, or holds it with its complete copy (the
+        outbox file, if still the one taken, removed); or its file is no longer the one
+        taken.  False while another node holds it without a copy (it takes the file in,
+        or gives it back to this node)."""
+        if record.state is not OutboundState.INTAKE or record.has_document:
+            remove_if_sent_elsewhere(
+                self._ctx.spool.node, self._ctx.log, record.source_path, [record]
+            )
+            return True
+        try:
+            status = record.source_path.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        return file_identity(status) != record.source_file
 
     async def _take_batch(self, batch: Sequence[Candidate]) -> None:
         """Take ``batch`` into the spool, sign, encrypt and queue it, in one trip to a
@@ -300,9 +333,12 @@ class OutboxIntake:
                 # document of the same name for this message as well.
                 intake.payload_path.unlink(missing_ok=True)
                 try:
-                    self._ctx.spool.abandon_intake(intake.message_id)
+                    abandoned = self._ctx.spool.abandon_intake(intake.message_id)
                 except SpoolError:
-                    self._unabandoned.add(intake.message_id)  # removed before the next take
+                    abandoned = False
+                if not abandoned:
+                    # Removed before the next take (another node may hold it now).
+                    self._unabandoned.add(intake.message_id)
             errors.append(self._not_moved(candidate.peer, exc))
             return False
         return True

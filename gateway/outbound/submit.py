@@ -27,7 +27,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer
 from gateway.outbound.status import MessageStatus
 from gateway.routing import LOCAL_INTAKE
-from gateway.spool import OutboundRecord
+from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.records import payload_item
 
 WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
@@ -170,7 +170,10 @@ class Submissions:
         """Remove the rows of earlier submissions answered 503 (see ``_unabandoned``);
         SpoolError while the spool does not answer."""
         for message_id in sorted(self._unabandoned):
-            self._ctx.spool.abandon_intake(message_id)
+            if not self._ctx.spool.abandon_intake(message_id):
+                record = self._ctx.spool.get(message_id)
+                if record is not None and record.state is OutboundState.INTAKE:
+                    continue  # claimed by another node meanwhile: removed once it lets go
             self._unabandoned.discard(message_id)
 
     def _not_stored(self, error: str, fix: str) -> SubmissionRefused:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gateway.fsutil import file_identity, fsync_dir
@@ -163,34 +163,42 @@ def remove_sent_elsewhere(spool: Spool, log: Logger, outbox: Path) -> None:
     it from the copy.  The file is that document only if it is still the file taken
     (file_identity): a new document dropped since under the same name stays, and is
     sent."""
-    node = spool.node
     files = _outbox_files(outbox)
     while batch := list(itertools.islice(files, SWEEP_BATCH)):
         taken: dict[str, list[OutboundRecord]] = {}
         for record in spool.outbound_by_source([str(p) for p in batch]):
             taken.setdefault(str(record.source_path), []).append(record)
         for path in batch:
-            try:
-                identity = file_identity(path.stat(follow_symlinks=False))
-            except FileNotFoundError:
-                continue
-            sent = [
-                r
-                for r in taken.get(str(path), ())
-                if r.source_file == identity
-                and (
-                    r.state is not OutboundState.INTAKE
-                    or (r.node not in (None, node) and r.has_document)
-                )
-            ]
-            if not sent:
-                continue
-            path.unlink(missing_ok=True)
-            fsync_dir(path.parent)
-            record = sent[0]
-            log.warning(
-                "recovery.removed_sent_elsewhere",
-                peer=record.peer,
-                message_id=record.message_id,
-                node=record.queued_by or record.node,
-            )
+            remove_if_sent_elsewhere(spool.node, log, path, taken.get(str(path), ()))
+
+
+def remove_if_sent_elsewhere(
+    node: str, log: Logger, path: Path, records: Iterable[OutboundRecord]
+) -> bool:
+    """Remove the outbox file ``path`` if it is still the very file one of ``records``
+    (messages taken from that path) was taken from, and that message is no longer this
+    node's to take in: another node prepared it, sent it, or holds it in intake with
+    its complete copy (from which it prepares it); whether it was removed (worker
+    thread).  A file dropped since under the same name is another document, and stays."""
+    try:
+        identity = file_identity(path.stat(follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+    sent = [
+        r
+        for r in records
+        if r.source_file == identity
+        and (r.state is not OutboundState.INTAKE or (r.node not in (None, node) and r.has_document))
+    ]
+    if not sent:
+        return False
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    record = sent[0]
+    log.warning(
+        "recovery.removed_sent_elsewhere",
+        peer=record.peer,
+        message_id=record.message_id,
+        node=record.queued_by or record.node,
+    )
+    return True

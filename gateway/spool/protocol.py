@@ -331,7 +331,10 @@ class Spool(Protocol):
     def abandon_intake(self, message_id: str) -> bool:
         """Forget a message whose document could not be taken from the outbox (it is
         still there, and a later scan takes it again under a new Message-ID), with the
-        data key of its document."""
+        data key of its document.  Only from ``intake``, and not while another node's
+        claim on it is live: False (nothing changed, the key kept) if another node
+        prepared it, or took it over and holds it now (this node's claim ran out while
+        it could not reach the spool), or it was never recorded."""
         ...
 
     def fail_intake(self, message_id: str, error: str) -> bool:

@@ -914,13 +914,18 @@ class OutboundQueue(SqlStore):
         )
 
     def abandon_intake(self, message_id: str) -> bool:
-        """Forget a message whose document could not be taken from the outbox (it is
-        still there, and a later scan takes it again under a new Message-ID)."""
-        return (
-            self._write(
-                "DELETE FROM outbound WHERE message_id=? AND state=?",
-                (message_id, OutboundState.INTAKE.value),
-                [(_DROP_KEY, (payload_item(message_id),))],
-            )
-            == 1
-        )
+        """See :meth:`gateway.spool.protocol.Spool.abandon_intake`."""
+        now, _ = self._lease()
+
+        def work(db: Connection) -> bool:
+            count = db.execute(
+                "DELETE FROM outbound WHERE message_id=? AND state=?"
+                " AND (node=? OR node IS NULL OR lease_until<?)",
+                (message_id, OutboundState.INTAKE.value, self.node, now),
+            ).rowcount
+            if count != 1:
+                return False  # the key stays: the node holding it may be reading the copy
+            db.execute(_DROP_KEY, (payload_item(message_id),))
+            return True
+
+        return self._transact(work)

@@ -1,0 +1,199 @@
+"""A node cut off from the PostgreSQL spool, still running, with a document in its outbox.
+
+Node a takes a document in: its row (with the document's copy, a small one) is
+committed, but the answer is lost with the database, which a cannot reach again
+for longer than its lease, so a does not know the row exists and the file stays
+in its outbox.  Node b, which reaches the database, takes the intake over and
+prepares it (or holds it, about to).  When the database answers a again, a must
+not take the file in a second time (two messages for one document): it leaves
+the document to b and removes the file; a new document dropped under the same
+name is sent.  Two spool handles on one real database act as the two nodes,
+node a's through a proxy that cuts it off; the clock is injected, and the lease
+runs out when the test moves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.atrest import KeyStore, Vault
+from gateway.audit import AuditLog
+from gateway.config import load_config
+from gateway.demo_run import drop_file
+from gateway.errors import SpoolOutcomeUnknownError
+from gateway.logs import make_logger
+from gateway.outbound import Settings
+from gateway.outbound.context import Context
+from gateway.outbound.intake import OutboxIntake
+from gateway.outbound.seal import Sealer, ToSeal
+from gateway.pki.demo import DemoLayout
+from gateway.pki.peers import assess_peers
+from gateway.spool import Claimant, OutboundState
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.clocks import SetClock
+from tests.helpers.audit import events
+from tests.helpers.commit_cut import CommitCut
+
+pytestmark = pytest.mark.usefixtures("postgres_server")
+
+LEASE = 60.0
+
+
+@dataclass
+class Node:
+    spool: PostgresSpool
+    context: Context
+    log: io.StringIO
+    trail: Path
+    audit: AuditLog
+
+    def logged(self, event: str) -> list[dict[str, object]]:
+        lines = [json.loads(line) for line in self.log.getvalue().splitlines()]
+        return [line for line in lines if line.get("event") == event]
+
+
+@dataclass
+class Cluster:
+    a: Node  # behind the cut
+    b: Node
+    cut: CommitCut
+    clock: SetClock
+    outbox: Path
+
+
+@pytest.fixture
+def cluster(layout: DemoLayout, postgres: PostgresSettings, tmp_path: Path) -> Iterator[Cluster]:
+    assert postgres.socket_dir is not None
+    cut = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
+    clock = SetClock(datetime.now(UTC))  # the demo's certificates are valid from now on
+    config = load_config(layout.lab.config_path)
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    keys = KeyStore(layout.lab.root / "shared-keys")
+    nodes: list[Node] = []
+    for name, settings in (
+        ("a", replace(postgres, socket_dir=cut.socket_dir, connect_timeout=1)),
+        ("b", postgres),
+    ):
+        spool = PostgresSpool(settings, clock, Claimant(name, LEASE))
+        vault = Vault(keys, spool)
+        vault.open()
+        trail = tmp_path / f"audit-{name}.jsonl"
+        log = io.StringIO()
+        audit = AuditLog(trail, clock, node=name)
+        context = Context(
+            Settings(config, trust), spool, audit, make_logger(stream=log), clock, vault
+        )
+        nodes.append(Node(spool, context, log, trail, audit))
+    yield Cluster(nodes[0], nodes[1], cut, clock, layout.lab.outbox_dir / "hospital")
+    for node in nodes:
+        node.audit.close()
+        node.spool.close()
+    cut.close()
+
+
+def _taken_in_while_cut_off(cluster: Cluster, intake: OutboxIntake) -> str:
+    """Node a records the outbox's document and loses the database at that commit,
+    before its answer; the Message-ID of the row recorded."""
+    cluster.cut.cut("after")
+    cluster.cut.refuse = True
+    with pytest.raises(SpoolOutcomeUnknownError):
+        asyncio.run(intake.intake_once())
+    [row] = cluster.b.spool.all_outbound()
+    assert (row.state, row.node) == (OutboundState.INTAKE, "a")
+    assert row.payload is not None  # its copy, kept in the row: any node can prepare it
+    assert (cluster.outbox / "rx.hl7").exists()
+    return row.message_id
+
+
+@pytest.mark.parametrize(
+    "b_did", ["sent", "holds"], ids=["taken-over-and-queued", "taken-over-not-yet-prepared"]
+)
+def test_a_node_cut_off_from_the_spool_does_not_take_again_what_another_node_took_over(
+    cluster: Cluster, b_did: str
+) -> None:
+    """b took the document over while a could not reach the database: a, reaching it
+    again, removes its outbox file (logged ``recovery.removed_sent_elsewhere``, naming
+    b) instead of taking it in again; b's message is the only one, and it is sent (or
+    prepared by b, which still holds it)."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    drop_file(cluster.outbox, "rx.hl7", b"MSH|^~\\&|LAB|prescription\r")
+    message_id = _taken_in_while_cut_off(cluster, intake)
+
+    cluster.clock.advance(LEASE + 1)  # a's claim ran out; b takes the intake over
+    [taken] = b.spool.intake_take_over(8)
+    peer = b.context.config.require_peer("hospital")
+    if b_did == "sent":
+        [queued] = Sealer(b.context).seal_and_queue_all([ToSeal(taken, peer, None)])
+        assert queued.record.message_id == message_id
+
+    cluster.cut.refuse = False  # a reaches the database again, still running
+    assert asyncio.run(intake.intake_once()) == 0
+    assert not (cluster.outbox / "rx.hl7").exists()
+    [removed] = a.logged("recovery.removed_sent_elsewhere")
+    assert (removed["message_id"], removed["node"], removed["peer"]) == (
+        message_id,
+        "b",
+        "hospital",
+    )
+    if b_did == "holds":
+        held = b.spool.get(message_id)
+        assert held is not None and (held.state, held.node) == (OutboundState.INTAKE, "b")
+        Sealer(b.context).seal_and_queue_all([ToSeal(taken, peer, None)])
+    [row] = b.spool.all_outbound()
+    assert (row.message_id, row.state, row.queued_by) == (message_id, OutboundState.QUEUED, "b")
+    assert events(a.trail, "message.accepted") == []
+    assert [e["message_id"] for e in events(b.trail, "message.accepted")] == [message_id]
+
+
+def test_a_new_document_under_the_same_name_is_taken_in_by_the_node_that_was_cut_off(
+    cluster: Cluster,
+) -> None:
+    """As above, b sent the document; meanwhile a new document was dropped under the
+    same name in a's outbox.  It is another file: a takes it in, and nothing is
+    removed."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    drop_file(cluster.outbox, "rx.hl7", b"MSH|^~\\&|LAB|prescription\r")
+    message_id = _taken_in_while_cut_off(cluster, intake)
+    cluster.clock.advance(LEASE + 1)
+    [taken] = b.spool.intake_take_over(8)
+    peer = b.context.config.require_peer("hospital")
+    assert Sealer(b.context).seal_and_queue_all([ToSeal(taken, peer, None)])
+    (cluster.outbox / "rx.hl7").unlink()
+    drop_file(cluster.outbox, "rx.hl7", b"MSH|^~\\&|LAB|prescription, a new one\r")
+
+    cluster.cut.refuse = False
+    assert asyncio.run(intake.intake_once()) == 1
+    assert not (cluster.outbox / "rx.hl7").exists()
+    assert a.logged("recovery.removed_sent_elsewhere") == []
+    rows = {r.message_id: r for r in b.spool.all_outbound()}
+    assert len(rows) == 2 and rows[message_id].queued_by == "b"
+    [new] = [r for r in rows.values() if r.message_id != message_id]
+    assert (new.state, new.queued_by) == (OutboundState.QUEUED, "a")
+
+
+def test_a_take_no_node_took_over_is_removed_and_taken_again(cluster: Cluster) -> None:
+    """a reaches the database again after its lease ran out, before any other node
+    took the intake over: its row is a's own failed take, removed, and the document
+    is taken in once, as a new message."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    drop_file(cluster.outbox, "rx.hl7", b"MSH|^~\\&|LAB|prescription\r")
+    message_id = _taken_in_while_cut_off(cluster, intake)
+    cluster.clock.advance(LEASE + 1)
+    cluster.cut.refuse = False
+    assert asyncio.run(intake.intake_once()) == 1
+    assert not (cluster.outbox / "rx.hl7").exists()
+    [row] = b.spool.all_outbound()
+    assert row.message_id != message_id
+    assert (row.state, row.queued_by) == (OutboundState.QUEUED, "a")
+    assert b.spool.intake_take_over(8) == []
