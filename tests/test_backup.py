@@ -27,7 +27,6 @@ from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
 from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
-from gateway.spool.postgres import PostgresSettings
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import (
@@ -38,7 +37,6 @@ from tests.helpers.backup import (
     owed_handover_backup,
     recipient,
 )
-from tests.helpers.postgres import spool_section
 
 
 def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_once(
@@ -351,21 +349,6 @@ def test_the_current_audit_file_is_cut_at_its_last_whole_record_without_reading_
     assert _complete_records(trail) == 0
     trail.write_bytes(b"")
     assert _complete_records(trail) == 0
-
-
-def test_backup_of_a_postgresql_spool_is_refused_and_names_the_database_tools(
-    layout: DemoLayout, tmp_path: Path, postgres: PostgresSettings
-) -> None:
-    """A bundle holds an SQLite spool: with the spool in PostgreSQL it would hold the
-    bodies without the records of them, so medgw backup says what to use instead."""
-    config = layout.lab.config_path
-    add_backup(config, recipient(tmp_path / "recipient")[1])
-    with config.open("a") as handle:
-        handle.write(spool_section(postgres))
-    made = medgw("backup", "--to", tmp_path / "b.p7m", "--config", config)
-    assert made.returncode == 1 and "Traceback" not in made.stderr, made.stderr
-    assert "the spool is in the PostgreSQL database" in made.stderr and "pg_dump" in made.stderr
-    assert not (tmp_path / "b.p7m").exists()
 
 
 def _leftovers_of_a_killed_backup(state: Path, secret: bytes) -> list[Path]:

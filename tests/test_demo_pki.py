@@ -422,7 +422,13 @@ def test_examples_are_complete_and_loadable(
     """Put the demo certificates where the examples expect them; load_config must accept it,
     as shipped and with every optional table enabled."""
     fake = tmp_path / "fs"
-    prefixes = ("/etc/medgw", "/var/lib/medgw", "/var/log/medgw", "/run/medgw")
+    prefixes = (
+        "/etc/medgw",
+        "/var/lib/medgw",
+        "/var/log/medgw",
+        "/run/medgw",
+        "/usr/lib/postgresql",
+    )
 
     def relocate(text: str) -> str:
         if optional:

@@ -134,7 +134,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
         m["files"]["state/x/../../planted"] = hashlib.sha256(b"planted").hexdigest()
 
     def newer(files: dict[str, bytes], m: dict[str, Any]) -> None:
-        m["format"] = 2
+        m["format"] = 3
 
     def damaged(files: dict[str, bytes], m: dict[str, Any]) -> None:
         files["config/gateway.toml"] += b"\n# changed after the digest was taken\n"
@@ -173,7 +173,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
             "is not a medgw backup",
         ),
         (crafted("planted", planted), key, "unsafe-name", "archive holds"),
-        (crafted("newer", newer), key, "format-version", "format 2"),
+        (crafted("newer", newer), key, "format-version", "format 3"),
         (crafted("damaged", damaged), key, "checksum", "does not match its SHA-256"),
         (crafted("no-database", not_a_database), key, "spool-unreadable", "cannot be read"),
         (bundle, tmp_path / "no-such.key", "recipient-unreadable", "no-such.key"),

@@ -12,14 +12,18 @@ Inside::
     medgw-backup.json        manifest: who, when, the places it came from, each file's SHA-256
     config/gateway.toml      the configuration, and config/peers.d/*.toml
     state/spool.sqlite3      the spool, copied with SQLite's online backup (consistent)
+    state/spool.pgdump       or, with the spool in PostgreSQL, pg_dump's (one snapshot)
     state/<folder>/<file>    the bodies, documents and receipts the spool names
+    bodies/<file>            those in ``[cluster] bodies_dir`` (shared by the nodes)
     inbox/<peer>/...         received documents whose hand-over is owed, or kept
     audit/<file>             every file of the audit trail (the current one up to its last
                              whole record)
 
 The spool is copied first; every file it names is copied after.  A file that
 is gone by then belongs to a message that moved on (sent, delivered): its row
-is taken again from the live spool, so the bundle never names a file it lacks.
+is taken again from the live spool, so the bundle never names a file it lacks
+(with PostgreSQL: into ``state/spool-refreshed.json``, which restore puts in place of
+the dump's rows; see :mod:`gateway.backup.pgspool`).
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ import shutil
 import sqlite3
 import tarfile
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from cryptography import x509
+from psycopg.rows import tuple_row
 
 from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.files import trail_files
+from gateway.backup import pgspool
 from gateway.cms.stream import open_and_verify_file, sign_and_envelope_file
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -53,9 +60,13 @@ from gateway.errors import (
 from gateway.fsutil import private_folder
 from gateway.pki.keypair import PrivateKey
 from gateway.policy import AlgorithmPolicy
+from gateway.spool.postgres import PostgresSettings
 
 MANIFEST = "medgw-backup.json"
-FORMAT = 1
+FORMAT = 2  # 2: a spool in PostgreSQL (a dump), the shared bodies folder (bodies/)
+FORMATS = (1, 2)  # what restore reads
+DUMP = "state/spool.pgdump"  # pg_dump's custom format, of a spool in PostgreSQL
+REFRESHED = "state/spool-refreshed.json"  # rows taken again after the dump (see collect)
 # base64 in CRLF lines: canonical text that every S/MIME reader (openssl's line-based
 # multipart parser included) verifies byte for byte.
 ENTITY_HEAD = b"Content-Type: application/x-tar\r\nContent-Transfer-Encoding: base64\r\n\r\n"
@@ -153,36 +164,55 @@ def _complete_records(path: Path) -> int:
 
 
 def _place(path_text: str | None, config: GatewayConfig) -> str | None:
-    """A spooled file's name in the bundle (None: outside the state folder and inbox)."""
+    """A spooled file's name in the bundle (None: outside the state folder, the inbox and
+    ``[cluster] bodies_dir``)."""
     if not path_text:
         return None
     path = Path(path_text)
-    for folder, prefix in (
-        (config.storage.state_dir, "state"),
-        (config.storage.inbox_dir, "inbox"),
-    ):
+    folders = [(config.storage.state_dir, "state"), (config.storage.inbox_dir, "inbox")]
+    if config.cluster.bodies_dir is not None:
+        folders.insert(0, (config.cluster.bodies_dir, "bodies"))
+    for folder, prefix in folders:
         if path.is_relative_to(folder):
             return f"{prefix}/{path.relative_to(folder).as_posix()}"
     return None
 
 
-def _spooled_files(db: sqlite3.Connection) -> Iterator[tuple[str, str, str, bool]]:
-    """(table, key, path, needed) for each file the spool copy names."""
-    for row in db.execute(
-        "SELECT message_id, state, mic, payload_path, body_path, body, receipt_path,"
-        " payload FROM outbound"
-    ):
-        message_id, state, mic, payload, body_path, body, receipt, kept = row
-        owed = state in _OWED
-        document = owed and (mic is None or state == "intake") and kept is None
-        yield "outbound", message_id, payload, document
-        yield "outbound", message_id, body_path, owed and state != "intake" and body is None
-        yield "outbound", message_id, receipt, False
-    for peer, message_id, path, state, purged in db.execute(
-        "SELECT peer, message_id, path, state, copy_purged_at FROM handover"
-    ):
-        if purged is None:
-            yield "handover", f"{peer}\0{message_id}", path, state != "done"
+_OUTBOUND_FILES = (
+    "message_id",
+    "state",
+    "mic",
+    "payload_path",
+    "body_path",
+    "body",
+    "receipt_path",
+    "payload",
+)
+_HANDOVER_FILES = ("peer", "message_id", "path", "state", "copy_purged_at")
+
+
+def _outbound_files(row: Sequence[Any]) -> Iterator[tuple[str, str, str, bool]]:
+    message_id, state, mic, payload, body_path, body, receipt, kept = row
+    owed = state in _OWED
+    document = owed and (mic is None or state == "intake") and kept is None
+    yield "outbound", message_id, payload, document
+    yield "outbound", message_id, body_path, owed and state != "intake" and body is None
+    yield "outbound", message_id, receipt, False
+
+
+def _handover_files(row: Sequence[Any]) -> Iterator[tuple[str, str, str, bool]]:
+    peer, message_id, path, state, purged = row
+    if purged is None:
+        yield "handover", f"{peer}\0{message_id}", path, state != "done"
+
+
+def _spooled_files(db: Any) -> Iterator[tuple[str, str, str, bool]]:
+    """(table, key, path, needed) for each file the spool copy names (``db``: an SQLite
+    connection, or a cursor of PostgreSQL's giving tuples)."""
+    for row in db.execute(f"SELECT {', '.join(_OUTBOUND_FILES)} FROM outbound"):  # noqa: S608
+        yield from _outbound_files(row)
+    for row in db.execute(f"SELECT {', '.join(_HANDOVER_FILES)} FROM handover"):  # noqa: S608
+        yield from _handover_files(row)
 
 
 def _refresh(snapshot: sqlite3.Connection, live: Path, table: str, key: str) -> None:
@@ -206,11 +236,11 @@ def _refresh(snapshot: sqlite3.Connection, live: Path, table: str, key: str) -> 
     snapshot.commit()
 
 
-def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
-    """Put everything the bundle holds into ``work``; returns the manifest."""
-    files = _Collector(work)
+def _collect_sqlite(config: GatewayConfig, files: _Collector) -> int:
+    """The SQLite spool (its online backup) and the files it names; the number of
+    outbound messages."""
     live = config.storage.spool_path
-    snapshot_path = work / "state" / live.name
+    snapshot_path = files.root / "state" / live.name
     snapshot_path.parent.mkdir(parents=True)
     source = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
     snapshot = sqlite3.connect(snapshot_path)
@@ -227,14 +257,84 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
             name = _place(path_text, config)
             missing = needed and name is not None and name not in files.files
             if missing and (path_text is None or not files.copy(Path(path_text), name or "")):
-                raise BackupError(
-                    f"{path_text}, which the spool needs to send message {key}, is gone",
-                    fix="run medgw backup again; if it happens again, see medgw queue show",
-                )
-        messages = snapshot.execute("SELECT COUNT(*) FROM outbound").fetchone()[0]
+                raise _gone(path_text, key)
+        messages = int(snapshot.execute("SELECT COUNT(*) FROM outbound").fetchone()[0])
     finally:
         snapshot.close()
     files.files[f"state/{live.name}"] = _sha256(snapshot_path)
+    return messages
+
+
+def _gone(path_text: str | None, key: str) -> BackupError:
+    return BackupError(
+        f"{path_text}, which the spool needs to send message {key}, is gone",
+        fix="run medgw backup again; if it happens again, see medgw queue show",
+    )
+
+
+def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: _Collector) -> int:
+    """The spool's tables, dumped by pg_dump (one snapshot), and the files that snapshot
+    names; the number of outbound messages.
+
+    A file the snapshot names that is gone by the time it is copied belongs to a message
+    that moved on (sent, delivered): if it was needed, its row as it is now is taken from
+    the live database into :data:`REFRESHED` (restore puts it in place of the dump's), and
+    the files that row needs are copied, as the SQLite spool's row is taken again."""
+    assert config.backup is not None
+    pg_dump = pgspool.tool("pg_dump", config.backup.pg_bin_dir)
+    dump = files.root / DUMP
+    dump.parent.mkdir(parents=True)
+    with pgspool.snapshot(settings, pg_dump, dump) as conn:
+        cursor = conn.cursor(row_factory=tuple_row)
+        named = list(_spooled_files(cursor))
+        counted = cursor.execute("SELECT count(*) FROM outbound").fetchone()
+        messages = int(counted[0]) if counted else 0
+    files.files[DUMP] = _sha256(dump)
+    refreshed: dict[tuple[str, str], dict[str, Any]] = {}
+    for table, key, path_text, needed in named:
+        name = _place(path_text, config)
+        if name is None or path_text is None or files.copy(Path(path_text), name):
+            continue
+        if needed and (table, key) not in refreshed:
+            peer, _, message_id = key.rpartition("\0")
+            where = {"message_id": message_id}
+            if table != "outbound":
+                where = {"peer": peer, "message_id": message_id}
+            row = pgspool.live_row(settings, table, where)
+            refreshed[(table, key)] = {"table": table, "key": where, "row": pgspool.to_json(row)}
+            if row is None:
+                continue
+            wanted = _OUTBOUND_FILES if table == "outbound" else _HANDOVER_FILES
+            rows = _outbound_files if table == "outbound" else _handover_files
+            for _table, _key, again, need in rows(tuple(row[c] for c in wanted)):
+                place = _place(again, config)
+                if place is None or again is None or place in files.files:
+                    continue
+                if not files.copy(Path(again), place) and need:
+                    raise _gone(again, key)
+    if refreshed:
+        target = files.root / REFRESHED
+        target.write_text(json.dumps(list(refreshed.values())))
+        files.files[REFRESHED] = _sha256(target)
+    return messages
+
+
+def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
+    """Put everything the bundle holds into ``work``; returns the manifest."""
+    files = _Collector(work)
+    settings = config.spool.postgres
+    if settings is None:
+        messages = _collect_sqlite(config, files)
+    else:
+        try:
+            messages = _collect_postgres(config, settings, files)
+        except pgspool.ToolError as exc:
+            raise BackupError(exc.message, fix=exc.fix) from exc
+        except psycopg.Error as exc:
+            raise BackupError(
+                pgspool.database_error(settings, exc),
+                fix="check that the database answers ([spool] settings), then back up again",
+            ) from exc
     files.copy(config.source, "config/gateway.toml")
     peers_dir = _peers_dir(config)
     for peer_file in sorted(peers_dir.glob("*.toml")):
@@ -244,12 +344,16 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
         if audit_file == config.storage.audit_log:
             upto = _complete_records(audit_file)
         files.copy(audit_file, f"audit/{audit_file.name}", upto=upto)
+    bodies = config.cluster.bodies_dir
     return {
         "format": FORMAT,
         "as2_id": config.as2_id,
+        "node": config.cluster.node_name,
+        "spool": "sqlite" if settings is None else "postgresql",
         "state_dir": str(config.storage.state_dir),
         "inbox_dir": str(config.storage.inbox_dir),
         "outbox_dir": str(config.storage.outbox_dir),
+        "bodies_dir": str(bodies) if bodies is not None else None,
         "audit_log": config.storage.audit_log.name,
         "outbound_messages": messages,
         "files": files.files,
@@ -270,6 +374,8 @@ def _refuse_own_folder(config: GatewayConfig, dst: Path) -> None:
         config.source.parent,
         _peers_dir(config),
     ]
+    if config.cluster.bodies_dir is not None:
+        folders.append(config.cluster.bodies_dir)
     if config.at_rest is not None:
         folders.append(config.at_rest.key_dir)
     for folder in folders:
@@ -289,13 +395,6 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
             "no [backup] section: there is no one to encrypt the bundle to",
             fix='add [backup] with recipient = "/etc/medgw/backup/recipient.crt" and its '
             "signing_certificate and signing_key to gateway.toml (see README, Backups)",
-        )
-    if config.spool.postgres is not None:
-        raise BackupError(
-            f"the spool is in the PostgreSQL {config.spool.postgres.where}, which a bundle "
-            "does not hold: it would name bodies and receipts without the records of them",
-            fix="back the database up with PostgreSQL's tools (pg_dump, or continuous "
-            "archiving) together with the state folder (see README, The spool in PostgreSQL)",
         )
     _refuse_own_folder(config, dst)
     state = config.storage.state_dir
@@ -363,7 +462,7 @@ def remove_leftovers(state: Path, prefixes: tuple[str, ...] = (WORK_PREFIX,)) ->
     return len(names)
 
 
-_PARTS = ("state", "inbox", "audit", "config")  # the folders a bundle's files are in
+_PARTS = ("state", "inbox", "bodies", "audit", "config")  # the folders a bundle's files are in
 MAX_MANIFEST_BYTES = 256 << 20  # a name and a digest per file: millions of files
 
 
@@ -452,7 +551,7 @@ def _manifest(src: Path, work: Path) -> dict[str, Any]:
             reason="manifest-unreadable",
             fix="give a bundle written by medgw backup",
         ) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise RestoreRefused(
             f"{src} is a backup of format {found!r}, this medgw reads format {FORMAT}; "
@@ -467,6 +566,8 @@ def _manifest(src: Path, work: Path) -> dict[str, Any]:
         or not all(isinstance(d, str) for d in files.values())
         or not all(isinstance(manifest.get(k), str) for k in texts)
         or not isinstance(manifest.get("outbox_dir", ""), str)
+        or not isinstance(manifest.get("bodies_dir") or "", str)
+        or manifest.get("spool", "sqlite") not in ("sqlite", "postgresql")
     ):
         raise RestoreRefused(
             f"{src}: the manifest lacks the files' digests or the places they came from "

@@ -31,21 +31,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from cryptography import x509
 
 from gateway.atrest.keys import KeyStore, kek_name, unwrap
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.export.cursor import MAX_LINE
 from gateway.audit.files import STAMP, trail_files
-from gateway.backup.bundle import BackupError, RestoreRefused, open_bundle
+from gateway.backup import pgspool
+from gateway.backup.bundle import DUMP, REFRESHED, BackupError, RestoreRefused, open_bundle
 from gateway.config import GatewayConfig
 from gateway.errors import AtRestError
 from gateway.fsutil import private_folder, shared_folder, storage_fix
 from gateway.instance import LOCK_NAME, AlreadyRunningError, InstanceLock
 from gateway.pki.keypair import PrivateKey
+from gateway.spool.schema import create_or_upgrade
 
 RESTORED_CONFIG = "restored-config"
 WORK = ".restore"  # the unpacked bundle, inside the state folder, removed when done
+CHECKED = "spool-check.sqlite3"  # a dump's rows, in WORK, for the checks of file names
 REFUSALS_KEPT = "{stem}-refused-restores-{stamp}{suffix}"  # never a closed file's name
 _PATH_COLUMNS = {
     "outbound": ("source_path", "payload_path", "body_path", "receipt_path"),
@@ -112,6 +116,8 @@ def _places(config: GatewayConfig, manifest: dict[str, Any]) -> list[tuple[str, 
     ]
     if manifest.get("outbox_dir"):  # bundles written before it was recorded lack it
         places.append((manifest["outbox_dir"], str(storage.outbox_dir)))
+    if manifest.get("bodies_dir") and config.cluster.bodies_dir is not None:
+        places.append((manifest["bodies_dir"], str(config.cluster.bodies_dir)))
     return sorted(places, key=lambda p: len(p[0]), reverse=True)
 
 
@@ -142,7 +148,10 @@ def _check_spool_paths(
     state folder or the inbox; a document still in intake may also name the outbox it
     is taken from."""
     storage = config.storage
-    folders = [Path(os.path.normpath(f.absolute())) for f in (storage.state_dir, storage.inbox_dir)]
+    kept = [storage.state_dir, storage.inbox_dir]
+    if config.cluster.bodies_dir is not None:
+        kept.append(config.cluster.bodies_dir)
+    folders = [Path(os.path.normpath(f.absolute())) for f in kept]
     with_outbox = [*folders, Path(os.path.normpath(storage.outbox_dir.absolute()))]
     with _bundle_spool(bundle, spool) as db:
         for table, column, key, value in _used_paths(db):
@@ -150,7 +159,11 @@ def _check_spool_paths(
             intake = column == "source_path"
             if _inside(moved, with_outbox if intake else folders):
                 continue
-            where = "state folder, inbox or outbox" if intake else "state folder or inbox"
+            where = (
+                "state folder, inbox, bodies_dir or outbox"
+                if intake
+                else "state folder, inbox or bodies_dir"
+            )
             raise RestoreRefused(
                 f"{bundle}: its spool names {value!r} ({table}.{column} of message {key}), "
                 f"which leads to {moved!r}, outside this host's {where}; nothing was "
@@ -267,11 +280,15 @@ def _destinations(
     moves = []
     for name in manifest["files"]:
         part, _, rest = name.partition("/")
+        if name in (DUMP, REFRESHED):  # into the database, not a folder
+            continue
         if part == "state":
             spool = rest == config.storage.spool_path.name
             dst = config.storage.spool_path if spool else state / rest
         elif part == "inbox":
             dst = config.storage.inbox_dir / rest
+        elif part == "bodies" and config.cluster.bodies_dir is not None:
+            dst = config.cluster.bodies_dir / rest
         elif part == "audit":
             audit = config.storage.audit_log
             dst = audit.parent / _audit_name(rest, manifest["audit_log"], audit.name)
@@ -299,13 +316,139 @@ def _signers(config: GatewayConfig) -> list[x509.Certificate]:
 
 def _refused_here(config: GatewayConfig, occupied: list[str]) -> RestoreRefused:
     shown = ", ".join(occupied[:3]) + (" ..." if len(occupied) > 3 else "")
+    where = "state folder or audit trail"
+    if config.spool.postgres is not None:
+        where = "state folder, audit trail or spool database"
     return RestoreRefused(
-        f"the state folder or audit trail of {config.source} is not empty ({shown}): a "
+        f"the {where} of {config.source} is not empty ({shown}): a "
         "restore would mix two histories; nothing was restored",
         reason="not-empty",
-        fix="restore onto a fresh host (empty [storage] state_dir and audit log), or add "
-        "--force to replace what is there",
+        fix="restore onto a fresh host (empty [storage] state_dir and audit log, and for a "
+        "spool in PostgreSQL an empty database), or add --force to replace what is there",
     )
+
+
+def _database(config: GatewayConfig, exc: psycopg.Error) -> RestoreRefused:
+    assert config.spool.postgres is not None
+    return RestoreRefused(
+        pgspool.database_error(config.spool.postgres, exc) + "; nothing was restored",
+        reason="database-unreachable",
+        fix="check that the database answers and the [spool] settings, then restore again",
+    )
+
+
+def _spool_rows(config: GatewayConfig) -> list[str]:
+    """The spool database's tables that hold rows (none: the spool is in SQLite)."""
+    settings = config.spool.postgres
+    if settings is None:
+        return []
+    try:
+        return [f"{settings.where}: {t}" for t in pgspool.rows_in(settings)]
+    except psycopg.Error as exc:
+        raise _database(config, exc) from exc
+
+
+def _tool(config: GatewayConfig, name: str) -> str:
+    assert config.backup is not None
+    try:
+        return pgspool.tool(name, config.backup.pg_bin_dir)
+    except pgspool.ToolError as exc:
+        raise RestoreRefused(
+            exc.message + "; nothing was restored", reason="tool-missing", fix=exc.fix or ""
+        ) from exc
+
+
+def _check_spool_kind(config: GatewayConfig, bundle: Path, manifest: dict[str, Any]) -> None:
+    """The bundle's spool goes where this host keeps its spool: a dump into PostgreSQL,
+    an SQLite file into the state folder; its bodies into this host's bodies_dir."""
+    kind = manifest.get("spool", "sqlite")
+    here = "sqlite" if config.spool.postgres is None else "postgresql"
+    if kind != here:
+        raise RestoreRefused(
+            f"{bundle} holds a spool of {kind}, and this host's [spool] keeps it in {here}: "
+            "nothing was restored",
+            reason="spool-backend",
+            fix=f"restore it onto a host configured as the one that wrote it ([spool] "
+            f'backend = "{kind}")',
+        )
+    bodies = any(name.startswith("bodies/") for name in manifest["files"])
+    if bodies and config.cluster.bodies_dir is None:
+        raise RestoreRefused(
+            f"{bundle} holds the bodies of queued messages kept in [cluster] bodies_dir "
+            f"({manifest.get('bodies_dir')}), which {config.source} does not set; nothing "
+            "was restored",
+            reason="no-bodies-dir",
+            fix="set [cluster] bodies_dir (the folder the nodes share) in gateway.toml, "
+            "then restore again",
+        )
+
+
+def _refreshed(bundle: Path, work: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows the backup took again from the live database after its dump."""
+    if REFRESHED not in manifest["files"]:
+        return []
+    try:
+        items = json.loads((work / REFRESHED).read_text())
+        if not isinstance(items, list) or not all(
+            isinstance(i, dict)
+            and i.get("table") in pgspool.KEYS
+            and isinstance(i.get("key"), dict)
+            and isinstance(i.get("row"), dict | None)
+            for i in items
+        ):
+            raise ValueError("not a list of rows")
+    except (OSError, ValueError) as exc:
+        raise RestoreRefused(
+            f"{bundle}: its {REFRESHED} cannot be read ({exc}); nothing was restored",
+            reason="spool-unreadable",
+            fix="the bundle was damaged: restore another one",
+        ) from exc
+    return list(items)
+
+
+def _dump_copy(
+    config: GatewayConfig, bundle: Path, work: Path, refreshed: list[dict[str, Any]]
+) -> Path:
+    """The dump's rows (and the rows taken again after it) in an SQLite spool in
+    ``work``, for the checks an SQLite spool of a bundle gets."""
+    pg_restore = _tool(config, "pg_restore")
+    path = work / CHECKED
+    try:
+        db = sqlite3.connect(path)
+        try:
+            create_or_upgrade(db)
+            pgspool.read_into(pg_restore, work / DUMP, db)
+            for item in refreshed:
+                table, key, row = item["table"], item["key"], item["row"]
+                present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                if not {*key, *(row or {})} <= present:
+                    raise ValueError(f"a row of {table} with columns no spool has")
+                where = " AND ".join(f"{c}=?" for c in key)
+                db.execute(f"DELETE FROM {table} WHERE {where}", tuple(key.values()))  # noqa: S608
+                if row is not None:
+                    values = pgspool.from_json(row)
+                    marks = ", ".join("?" * len(values))
+                    columns = ", ".join(values)
+                    db.execute(
+                        f"INSERT INTO {table} ({columns}) VALUES ({marks})",  # noqa: S608
+                        tuple(values.values()),
+                    )
+            db.commit()
+        finally:
+            db.close()
+    except pgspool.ToolError as exc:
+        raise RestoreRefused(
+            f"{bundle}: {exc.message}; nothing was restored",
+            reason="spool-unreadable",
+            fix=exc.fix or "",
+        ) from exc
+    except (sqlite3.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise RestoreRefused(
+            f"{bundle}: its spool's dump is not a medgw spool ({exc}); nothing was restored",
+            reason="spool-unreadable",
+            fix="the bundle was damaged: restore another one",
+        ) from exc
+    return path
 
 
 def _keep_refusals(refusals: list[Path], at: datetime) -> tuple[Path, ...]:
@@ -339,6 +482,8 @@ def _restore_locked(
             fix="run it as the medgw user (sudo -u medgw medgw restore ...)",
         ) from exc
     occupied = _occupied(config, refusals)
+    if not force:
+        occupied += _spool_rows(config)
     if occupied and not force:
         raise _refused_here(config, occupied)
     state = config.storage.state_dir
@@ -352,9 +497,13 @@ def _restore_locked(
     except BackupError as exc:
         raise RestoreRefused(exc.message, reason="recipient-unreadable", fix=exc.fix or "") from exc
     manifest = open_bundle(bundle, work, cert=cert, key=key, signers=_signers(config))
+    _check_spool_kind(config, bundle, manifest)
     places = _places(config, manifest)
     spool = work / "state" / config.storage.spool_path.name
-    if f"state/{spool.name}" in manifest["files"]:
+    refreshed = _refreshed(bundle, work, manifest)
+    if DUMP in manifest["files"]:
+        spool = _dump_copy(config, bundle, work, refreshed)
+    if spool.exists():
         _check_spool_paths(config, bundle, spool, places)
         _check_keys(config, bundle, spool)
     moves = _destinations(config, manifest, work)
@@ -381,19 +530,76 @@ def _restore_locked(
             shutil.move(src, dst)  # the inbox or audit folder may be on another file system
             placed.files.append(dst)
     except OSError as exc:
-        if force:  # what was there is replaced already: nothing to go back to
-            outcome = "the restore is incomplete (--force replaced files already)"
-        else:
-            placed.undo()
-            for original, moved in zip(refusals, kept, strict=True):
-                moved.rename(original)
+        raise _undone(config, force, placed, refusals, kept, dst, exc) from exc
+    if DUMP in manifest["files"]:
+        try:
+            _load_database(config, bundle, work / DUMP, refreshed, places, force=force)
+        except RestoreRefused:
+            if not force:  # a fresh host stays fresh: restore again once the cause is fixed
+                placed.undo()
+                for original, moved in zip(refusals, kept, strict=True):
+                    moved.rename(original)
+                assert config.spool.postgres is not None
+                with contextlib.suppress(psycopg.Error):
+                    pgspool.drop(config.spool.postgres)
+            raise
+    return manifest, kept
+
+
+def _undone(
+    config: GatewayConfig,
+    force: bool,
+    placed: _Placed,
+    refusals: list[Path],
+    kept: tuple[Path, ...],
+    dst: Path,
+    exc: OSError,
+) -> RestoreRefused:
+    """A file could not be put in place: take back what was written (on a fresh host)."""
+    if force:  # what was there is replaced already: nothing to go back to
+        outcome = "the restore is incomplete (--force replaced files already)"
+    else:
+        placed.undo()
+        for original, moved in zip(refusals, kept, strict=True):
+            moved.rename(original)
+        outcome = "what it had written is removed again; nothing was restored"
+    return RestoreRefused(
+        f"cannot write {dst}: {exc.strerror or exc}; {outcome}",
+        reason="write-failed",
+        fix=f"{storage_fix(exc, dst.parent)}, then restore again",
+    )
+
+
+def _load_database(
+    config: GatewayConfig,
+    bundle: Path,
+    dump: Path,
+    refreshed: list[dict[str, Any]],
+    places: list[tuple[str, str]],
+    *,
+    force: bool,
+) -> None:
+    """The dump into this host's spool database (pg_restore, one transaction), then the
+    rows taken again after it and the file names moved to this host's folders."""
+    settings = config.spool.postgres
+    assert settings is not None
+    pg_restore = _tool(config, "pg_restore")
+    try:
+        pgspool.load(settings, pg_restore, dump)
+        pgspool.rewrite(settings, refreshed, _PATH_COLUMNS, lambda v: _moved(v, places))
+    except (pgspool.ToolError, psycopg.Error, ValueError) as exc:
+        said = exc.message if isinstance(exc, pgspool.ToolError) else str(exc)
+        if isinstance(exc, psycopg.Error):
+            said = pgspool.database_error(settings, exc)
+        outcome = "the restore is incomplete (--force replaced files already)"
+        if not force:
             outcome = "what it had written is removed again; nothing was restored"
         raise RestoreRefused(
-            f"cannot write {dst}: {exc.strerror or exc}; {outcome}",
-            reason="write-failed",
-            fix=f"{storage_fix(exc, dst.parent)}, then restore again",
+            f"{bundle}: the spool could not be put into the {settings.where}: {said}; " + outcome,
+            reason="database-failed",
+            fix="check that the database answers and that the [spool] user may create tables "
+            "in it, then restore again",
         ) from exc
-    return manifest, kept
 
 
 @dataclass

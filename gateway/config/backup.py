@@ -9,12 +9,15 @@ with (OUT-1; see README, "Backups").
     signing_key = "/etc/medgw/backup/signing.key"
     trusted_signers = ["/etc/medgw/backup/signing-2025.crt"]  # earlier ones, for restore
     cipher = "aes-256-gcm"                                # a CRYPTREC content cipher
+    pg_bin_dir = "/usr/lib/postgresql/16/bin"  # pg_dump, pg_restore (default: on PATH)
 
 The bundle is signed with the backup signing key and encrypted to ``recipient``: a
 bundle carried out of the hospital is readable only with that certificate's private
 key, which the gateway never holds.  The signing key is for backups alone (not the
 ``[smime]`` or ``[tls]`` key: a key serves one purpose), and restore accepts a bundle
 signed by exactly ``signing_certificate`` or one of ``trusted_signers``.
+``pg_bin_dir``: where PostgreSQL's ``pg_dump`` and ``pg_restore`` are, for a spool in
+PostgreSQL (default: found on PATH).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class BackupSettings:
     cipher: str
     signing: KeyPair
     trusted_signers: tuple[x509.Certificate, ...] = ()  # earlier signing certificates
+    pg_bin_dir: Path | None = None  # pg_dump and pg_restore (None: found on PATH)
 
     @property
     def restore_signers(self) -> list[x509.Certificate]:
@@ -78,6 +82,7 @@ def load_backup(
     trusted: list[x509.Certificate] = []
     for value in section.string_list("trusted_signers", required=False):
         trusted += reader.certificates(section, "trusted_signers", reader.path(value))
+    tools = section.string("pg_bin_dir", default="")
     section.finish()
     if signing is not None:
         for name, pair in others:
@@ -101,4 +106,11 @@ def load_backup(
     reader.check_key_policy(section, "recipient", certificates[0])
     if signing is None:
         return None
-    return BackupSettings(path, certificates[0], cipher, signing, tuple(trusted))
+    return BackupSettings(
+        path,
+        certificates[0],
+        cipher,
+        signing,
+        tuple(trusted),
+        reader.path(tools) if tools else None,
+    )

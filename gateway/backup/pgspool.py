@@ -1,0 +1,344 @@
+"""A spool in PostgreSQL in a bundle, with PostgreSQL's own tools.
+
+``pg_dump`` writes the spool's tables (those of :mod:`gateway.spool.schema` and
+``spool_schema``, nothing else of the database) in its custom format: compressed,
+restored by ``pg_restore`` into a database owned by another role (``--no-owner``,
+``--no-privileges``), and readable by ``pg_restore`` without a server, which is how a
+restore checks every file name in it before it writes anything (:func:`read_into`
+turns its data into an SQLite copy, which the SQLite spool's checks read).
+
+The dump is one snapshot: this module's transaction exports it
+(``pg_export_snapshot``) and ``pg_dump --snapshot`` takes it, and the file names the
+bundle must hold are read in that same transaction.  The connection settings reach the
+tools through libpq's environment (``PGHOST``, ``PGPASSWORD`` read from
+``password_file``...): never on a command line, where every user of the host can read
+them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from gateway.errors import MedgwError
+from gateway.spool.postgres import PostgresSettings
+from gateway.spool.postgres.database import server_error
+from gateway.spool.schema import SCHEMA
+
+# The spool's tables, and the one that records its schema's version: what a dump holds.
+TABLES = (*re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA), "spool_schema")
+# libpq's environment variable of each connection parameter the tools need.  Not the
+# spool's statement timeouts (``options``): a dump of a large spool runs longer.
+_ENVIRONMENT = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "sslmode": "PGSSLMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME",
+}
+_COPY = re.compile(r'^COPY (?:"?\w+"?\.)?"?(\w+)"? \(([^)]*)\) FROM stdin;$')
+_ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))")
+_ESCAPED = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+_BATCH = 1000  # rows inserted at a time
+
+
+class ToolError(MedgwError):
+    """``pg_dump`` or ``pg_restore`` is missing, or failed; the caller says in which step."""
+
+
+def tool(name: str, bin_dir: Path | None) -> str:
+    """The path of PostgreSQL's program ``name``: in ``bin_dir`` (``[backup] pg_bin_dir``),
+    else on PATH."""
+    found = shutil.which(name, path=str(bin_dir) if bin_dir is not None else None)
+    if found is not None:
+        return found
+    where = f"{bin_dir} ([backup] pg_bin_dir)" if bin_dir is not None else "PATH"
+    raise ToolError(
+        f"{name}, PostgreSQL's tool for the spool database's copy in a bundle, is not in {where}",
+        fix="install Debian's package postgresql-client (apt-get install postgresql-client), "
+        "of the server's major version or newer, or set [backup] pg_bin_dir to the folder "
+        "that holds it (e.g. /usr/lib/postgresql/16/bin)",
+    )
+
+
+def environment(settings: PostgresSettings) -> dict[str, str]:
+    """This process's environment with libpq's of ``settings`` (and no other ``PG*``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    for key, value in settings.connect_args().items():
+        if key in _ENVIRONMENT:
+            env[_ENVIRONMENT[key]] = str(value)
+    return env
+
+
+def _run(argv: list[str], settings: PostgresSettings, what: str) -> None:
+    try:
+        done = subprocess.run(
+            argv, env=environment(settings), capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise ToolError(
+            f"cannot run {argv[0]}: {exc.strerror or exc}",
+            fix="check that the medgw user may run it (see [backup] pg_bin_dir)",
+        ) from exc
+    if done.returncode != 0:
+        said = [line for line in done.stderr.splitlines() if line.strip()]
+        raise ToolError(
+            f"{Path(argv[0]).name} could not {what} ({settings.where}): "
+            f"{said[-1] if said else f'exit status {done.returncode}'}",
+            fix="check that the database answers and the spool's role may read and "
+            "create its tables ([spool] settings), and that the tool's major version is "
+            "the server's or newer",
+        )
+
+
+def connect(settings: PostgresSettings) -> psycopg.Connection[dict[str, Any]]:
+    return psycopg.connect(**settings.connect_args(), row_factory=dict_row)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def snapshot(
+    settings: PostgresSettings, pg_dump: str, dst: Path
+) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """Dump the spool's tables to ``dst``; yields a connection whose transaction sees
+    exactly what the dump holds (the same snapshot), to read the file names it names."""
+    conn = connect(settings)
+    try:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        exported = conn.execute("SELECT pg_export_snapshot() AS id").fetchone()
+        assert exported is not None
+        # pg_dump runs while this transaction waits: the spool's idle limit would end it.
+        conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
+        tables = [f"--table={name}" for name in TABLES]
+        argv = [pg_dump, "--format=custom", "--no-owner", "--no-privileges"]
+        _run([*argv, f"--snapshot={exported['id']}", *tables, f"--file={dst}"], settings, "dump")
+        yield conn
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.rollback()
+        conn.close()
+
+
+def live_row(
+    settings: PostgresSettings, table: str, key: Mapping[str, str]
+) -> dict[str, Any] | None:
+    """The row of ``table`` with primary key ``key`` as it is now (None: gone)."""
+    where = " AND ".join(f"{column} = %s" for column in key)
+    with connect(settings) as conn:
+        return conn.execute(
+            f"SELECT * FROM {table} WHERE {where}",  # noqa: S608 (our names)
+            tuple(key.values()),
+        ).fetchone()
+
+
+def to_json(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A row as JSON (bytes as ``{"base64": ...}``)."""
+    if row is None:
+        return None
+    return {
+        k: {"base64": base64.b64encode(bytes(v)).decode()}
+        if isinstance(v, bytes | memoryview)
+        else v
+        for k, v in row.items()
+    }
+
+
+def from_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: base64.b64decode(v["base64"]) if isinstance(v, dict) else v for k, v in row.items()}
+
+
+def _field(text: str) -> str | None:
+    if text == "\\N":
+        return None
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(1):
+            return chr(int(match.group(1), 8))
+        if match.group(2):
+            return chr(int(match.group(2), 16))
+        return _ESCAPED.get(match.group(3), match.group(3))
+
+    return _ESCAPE.sub(one, text)
+
+
+def read_into(pg_restore: str, dump: Path, db: sqlite3.Connection) -> None:
+    """Put the rows of ``dump`` (pg_dump's custom format, read by ``pg_restore`` without a
+    server) into the spool tables of the SQLite database ``db``; a table it has no
+    place for is skipped.  Raises :class:`ToolError` if ``pg_restore`` cannot read it,
+    ``sqlite3.Error`` or ValueError for data that is not a spool's."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    argv = [pg_restore, "--data-only", "--file=-", str(dump)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as process:
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            _copy_rows(process.stdout, db, tables)
+        except BaseException:
+            process.kill()
+            raise
+        error = process.stderr.read().decode("utf-8", "replace")
+    db.commit()
+    if process.returncode != 0:
+        said = [line for line in error.splitlines() if line.strip()]
+        raise ToolError(
+            f"pg_restore cannot read the spool's dump: {said[-1] if said else process.returncode}",
+            fix="the bundle was damaged, or written by a newer PostgreSQL: use a pg_restore "
+            "of its major version or newer ([backup] pg_bin_dir)",
+        )
+
+
+def _copy_rows(lines: Iterable[bytes], db: sqlite3.Connection, tables: set[str]) -> None:
+    """The COPY blocks of pg_restore's script ``lines`` into ``db``'s ``tables``."""
+    insert: str | None = None
+    blobs: list[bool] = []
+    batch: list[list[object]] = []
+    for raw in lines:
+        line = raw.decode("utf-8").rstrip("\n")
+        if insert is None:
+            found = _COPY.match(line)
+            if found and found.group(1) in tables:
+                table = found.group(1)
+                columns = [c.strip().strip('"') for c in found.group(2).split(",")]
+                kinds = {r[1]: r[2] for r in db.execute(f"PRAGMA table_info({table})")}
+                if any(c not in kinds for c in columns):
+                    raise ValueError(f"the dump's {table} has columns no spool has")
+                blobs = [kinds[c] == "BLOB" for c in columns]
+                marks = ", ".join("?" * len(columns))
+                insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"  # noqa: S608
+            continue
+        if line == "\\.":
+            db.executemany(insert, batch)
+            insert, batch = None, []
+            continue
+        values: list[object] = [_field(f) for f in line.split("\t")]
+        for i, blob in enumerate(blobs):
+            value = values[i]
+            if blob and isinstance(value, str):
+                values[i] = bytes.fromhex(value.removeprefix("\\x"))
+        batch.append(values)
+        if len(batch) >= _BATCH:
+            db.executemany(insert, batch)
+            batch = []
+
+
+def rows_in(settings: PostgresSettings) -> list[str]:
+    """The spool's tables of the database that hold rows ("outbound (12 rows)")."""
+    found = []
+    with connect(settings) as conn:
+        for table in TABLES:
+            if table == "spool_schema":  # a node's start writes it: not a history
+                continue
+            there = conn.execute("SELECT to_regclass(%s) AS t", (table,)).fetchone()
+            if there is None or there["t"] is None:
+                continue
+            count = conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone()  # noqa: S608
+            if count is not None and count["n"]:
+                found.append(f"{table} ({count['n']} rows)")
+    return found
+
+
+def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
+    """Restore ``dump`` into the database of ``settings``, in one transaction, replacing
+    the spool's tables there (a node's start may have created them empty)."""
+    argv = [pg_restore, "--no-owner", "--no-privileges", "--single-transaction"]
+    argv += ["--exit-on-error", "--clean", "--if-exists", f"--dbname={settings.dbname}"]
+    _run([*argv, str(dump)], settings, "restore the spool")
+
+
+def drop(settings: PostgresSettings) -> None:
+    """Remove the spool's tables again (a restore onto an empty database that failed)."""
+    with connect(settings) as conn:
+        for table in TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def database_error(settings: PostgresSettings, exc: psycopg.Error) -> str:
+    return f"the spool {settings.where} cannot be reached or read: {server_error(exc)}"
+
+
+# The primary key of each table whose rows name files.
+KEYS = {
+    "outbound": ("message_id",),
+    "inbound": ("peer", "message_id"),
+    "handover": ("peer", "message_id"),
+}
+
+
+def rewrite(
+    settings: PostgresSettings,
+    refreshed: list[dict[str, Any]],
+    columns: Mapping[str, tuple[str, ...]],
+    moved: Callable[[str | None], str | None],
+) -> None:
+    """In one transaction: put the rows a backup took again from the live spool
+    (``refreshed``: table, key, row or None) in place of the dump's, then move every
+    file name of ``columns`` (per table) with ``moved``."""
+    with connect(settings) as conn, conn.transaction():
+        for item in refreshed:
+            table, key, row = item["table"], item["key"], item["row"]
+            known = {
+                r["column_name"]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND table_name = %s",
+                    (table,),
+                ).fetchall()
+            }
+            names = [*key, *(row or {})]
+            if table not in KEYS or set(key) != set(KEYS[table]) or not set(names) <= known:
+                raise ValueError(f"a refreshed row of {table!r} that is not the spool's")
+            where = " AND ".join(f"{c} = %s" for c in key)
+            conn.execute(f"DELETE FROM {table} WHERE {where}", tuple(key.values()))  # noqa: S608
+            if row is not None:
+                values = from_json(row)
+                marks = ", ".join(["%s"] * len(values))
+                conn.execute(
+                    f"INSERT INTO {table} ({', '.join(values)}) VALUES ({marks})",  # noqa: S608
+                    tuple(values.values()),
+                )
+        for table, paths in columns.items():
+            key = KEYS[table]
+            present = {
+                r["column_name"]
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND table_name = %s",
+                    (table,),
+                ).fetchall()
+            }
+            wanted = [c for c in paths if c in present]
+            rows = conn.execute(
+                f"SELECT {', '.join((*key, *wanted))} FROM {table}"  # noqa: S608
+            ).fetchall()
+            sets = ", ".join(f"{c} = %s" for c in wanted)
+            where = " AND ".join(f"{c} = %s" for c in key)
+            changed = []
+            for row in rows:
+                old = [row[c] for c in wanted]
+                new = [moved(v) for v in old]
+                if new != old:
+                    changed.append((*new, *(row[c] for c in key)))
+            if changed:
+                with conn.cursor() as cursor:
+                    cursor.executemany(
+                        f"UPDATE {table} SET {sets} WHERE {where}",  # noqa: S608
+                        changed,
+                    )
