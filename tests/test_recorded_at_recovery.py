@@ -29,32 +29,83 @@ from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.internal_system import InternalSystem, enable_delivery
 
 OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
+SPOOL = "gateway.spool.sqlite:SqliteSpool"
 
 
-def _queued_and_tried(layout: DemoLayout, processes: Any, prefix: tuple[str, ...] = ()) -> Any:
-    """The lab, its peer down, with one document queued after a first failed attempt
-    (the next one an hour away); returns the lab's process and the message's id."""
+def _lab_killed_after(layout: DemoLayout, processes: Any, step: str | None) -> Any:
+    """The lab started, to be killed right after its outbound queue's ``step`` (None:
+    never)."""
+    prefix = () if step is None else killed_at("--kill-after", f"{OUTBOUND}.{step}")
+    return processes.start(layout.lab.config_path, prefix=prefix)
+
+
+def _retry_in_an_hour(layout: DemoLayout) -> None:
     set_runtime(layout.lab.config_path, "retry_initial_seconds", "3600")
     set_runtime(layout.lab.config_path, "retry_max_seconds", "3600")
-    lab = processes.start(layout.lab.config_path, prefix=prefix)
+
+
+def _queued_and_tried(
+    layout: DemoLayout, processes: Any, kill_after: str | None = None
+) -> tuple[Any, str]:
+    """The lab (to be killed after ``kill_after``), its peer down, with one document
+    queued after a first failed attempt (the next one an hour away); returns the lab's
+    process and the message's id."""
+    _retry_in_an_hour(layout)
+    lab = _lab_killed_after(layout, processes, kill_after)
     drop_file(layout.lab.outbox_dir / "hospital", "given-up.hl7", b"MSH|given up\r")
     [failed] = wait_for_events(layout.lab.audit_log, "message.send_failed")
     return lab, failed["message_id"]
 
 
+def _tried_then_changed(
+    layout: DemoLayout, processes: Any, kill_after: str, sql: str, *params: object
+) -> tuple[Any, str]:
+    """:func:`_queued_and_tried`, the lab stopped, ``sql`` run on its spool with
+    ``params`` and the message's id; then the lab started again, to be killed after
+    ``kill_after``."""
+    lab, message_id = _queued_and_tried(layout, processes)
+    assert lab.stop() == 0
+    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
+    with db:
+        db.execute(sql, (*params, message_id))
+    db.close()
+    return _lab_killed_after(layout, processes, kill_after), message_id
+
+
 def _cut_off_then_restarted(
-    layout: DemoLayout, processes: Any, lab: Any, event: str, side: Any = None
+    layout: DemoLayout, processes: Any, lab: Any, event: str, side: Any = None, before: int = 0
 ) -> Any:
     """``lab`` (or the process of ``side``) killed at its fault point, with ``event``
-    not yet recorded; then started again and stopped (recovery is done before it is
-    ready): the records of ``event``."""
+    not yet recorded (its trail has ``before`` records of it, of earlier steps); then
+    started again and stopped (recovery is done before it is ready): the records of
+    ``event``."""
     side = side or layout.lab
     wait_killed(lab)
-    assert not events(side.audit_log, event)  # cut off by the kill
+    assert len(events(side.audit_log, event)) == before  # cut off by the kill
     assert processes.start(side.config_path).stop() == 0
-    verified = medgw("audit", "verify", "--config", str(side.config_path))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    _verified(side.config_path)
     return events(side.audit_log, event)
+
+
+def _received_then_cut_off(
+    layout: DemoLayout, processes: Any, kill_after: str, name: str, event: str
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The hospital, to be killed after its spool's ``kill_after``, receives the lab's
+    document ``name``; :func:`_cut_off_then_restarted` for its ``event``.  Returns the
+    lab's process, that record and the document's ``message.delivered``."""
+    hospital = processes.start(
+        layout.hospital.config_path, prefix=killed_at("--kill-after", f"{SPOOL}.{kill_after}")
+    )
+    lab = processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", name, b"MSH|%s\r" % name.split(".")[0].encode())
+    [record] = _cut_off_then_restarted(layout, processes, hospital, event, layout.hospital)
+    [delivered] = events(layout.hospital.audit_log, "message.delivered")
+    return lab, record, delivered
+
+
+def _verified(config: Path) -> None:
+    verified = medgw("audit", "verify", "--config", str(config))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def _recovered(record: dict[str, Any]) -> None:
@@ -66,9 +117,7 @@ def test_a_kill_after_the_last_attempt_writes_message_dead_at_the_next_start(
     layout: DemoLayout, processes: Any
 ) -> None:
     set_runtime(layout.lab.config_path, "max_attempts", "1")
-    lab = processes.start(
-        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.mark_dead")
-    )
+    lab = _lab_killed_after(layout, processes, "mark_dead")
     drop_file(layout.lab.outbox_dir / "hospital", "dead.hl7", b"MSH|dead\r")
     [accepted] = wait_for_events(layout.lab.audit_log, "message.accepted")
     [dead] = _cut_off_then_restarted(layout, processes, lab, "message.dead")
@@ -80,15 +129,9 @@ def test_a_kill_after_the_last_attempt_writes_message_dead_at_the_next_start(
 def test_a_kill_after_expiry_writes_message_expired_at_the_next_start(
     layout: DemoLayout, processes: Any
 ) -> None:
-    lab, message_id = _queued_and_tried(layout, processes)
-    assert lab.stop() == 0
     # Time passes for the spool: its expiry moved into the past, as an hour later would.
-    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
-    with db:
-        db.execute("UPDATE outbound SET expires_at=1 WHERE message_id=?", (message_id,))
-    db.close()
-    lab = processes.start(
-        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.expire_due")
+    lab, message_id = _tried_then_changed(
+        layout, processes, "expire_due", "UPDATE outbound SET expires_at=1 WHERE message_id=?"
     )
     [expired] = _cut_off_then_restarted(layout, processes, lab, "message.expired")
     assert expired["message_id"] == message_id and expired["severity"] == "alert"
@@ -99,9 +142,7 @@ def test_a_kill_after_expiry_writes_message_expired_at_the_next_start(
 def test_a_kill_after_an_operator_cancel_writes_message_cancelled_at_the_next_start(
     layout: DemoLayout, processes: Any
 ) -> None:
-    lab, message_id = _queued_and_tried(
-        layout, processes, killed_at("--kill-after", f"{OUTBOUND}.operator_cancel")
-    )
+    lab, message_id = _queued_and_tried(layout, processes, "operator_cancel")
     cancel = medgw("queue", "cancel", message_id, "--config", str(layout.lab.config_path))
     assert cancel.returncode != 0  # the daemon died before it answered
     [cancelled] = _cut_off_then_restarted(layout, processes, lab, "message.cancelled")
@@ -116,9 +157,7 @@ def test_a_kill_after_an_operator_retry_writes_message_retried_not_another_accep
     """Back in the queue with no attempt yet, as after its intake: its last record is the
     operator's ``message.retried``, and its ``message.accepted`` is not written again."""
     set_runtime(layout.lab.config_path, "max_attempts", "1")
-    lab = processes.start(
-        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.operator_retry")
-    )
+    lab = _lab_killed_after(layout, processes, "operator_retry")
     drop_file(layout.lab.outbox_dir / "hospital", "again.hl7", b"MSH|again\r")
     [dead] = wait_for_events(layout.lab.audit_log, "message.dead")
     retry = medgw("queue", "retry", dead["message_id"], "--config", str(layout.lab.config_path))
@@ -155,11 +194,8 @@ def test_a_kill_after_a_failed_send_is_queued_again_writes_message_send_failed_o
 ) -> None:
     """The peer down: the send's failure committed (queued again, the next attempt an
     hour away), the daemon killed before its ``message.send_failed`` is written."""
-    set_runtime(layout.lab.config_path, "retry_initial_seconds", "3600")
-    set_runtime(layout.lab.config_path, "retry_max_seconds", "3600")
-    lab = processes.start(
-        layout.lab.config_path, prefix=killed_at("--kill-after", f"{OUTBOUND}.mark_retry")
-    )
+    _retry_in_an_hour(layout)
+    lab = _lab_killed_after(layout, processes, "mark_retry")
     drop_file(layout.lab.outbox_dir / "hospital", "refused.hl7", b"MSH|refused\r")
     [accepted] = wait_for_events(layout.lab.audit_log, "message.accepted")
     [failed] = _cut_off_then_restarted(layout, processes, lab, "message.send_failed")
@@ -176,26 +212,16 @@ def test_a_kill_after_an_unanswered_send_is_queued_again_writes_message_send_fai
     """Its asynchronous receipt overdue: queued again to be resent, the daemon killed
     before that ``message.send_failed`` is written; the earlier attempt's one stays
     the only other."""
-    lab, message_id = _queued_and_tried(layout, processes)
-    assert lab.stop() == 0
     # Sent long ago, its receipt never come (as request_timeout_seconds later would be).
-    db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
-    with db:
-        db.execute(
-            "UPDATE outbound SET state='awaiting-receipt', updated_at=? WHERE message_id=?",
-            ("2000-01-01T00:00:00+00:00", message_id),
-        )
-    db.close()
-    lab = processes.start(
-        layout.lab.config_path,
-        prefix=killed_at("--kill-after", f"{OUTBOUND}.requeue_unanswered"),
+    lab, message_id = _tried_then_changed(
+        layout,
+        processes,
+        "requeue_unanswered",
+        "UPDATE outbound SET state='awaiting-receipt', updated_at=? WHERE message_id=?",
+        "2000-01-01T00:00:00+00:00",
     )
-    wait_killed(lab)
-    assert len(events(layout.lab.audit_log, "message.send_failed")) == 1  # the first attempt's
-    assert processes.start(layout.lab.config_path).stop() == 0
-    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    first, overdue = events(layout.lab.audit_log, "message.send_failed")
+    send_failed = _cut_off_then_restarted(layout, processes, lab, "message.send_failed", before=1)
+    first, overdue = send_failed  # the first attempt's, and the one cut off
     assert first["message_id"] == overdue["message_id"] == message_id
     assert "no asynchronous receipt in time" in overdue["reason"]
     _recovered(overdue)
@@ -207,14 +233,9 @@ def test_a_kill_after_a_received_documents_receipt_is_stored_writes_receipt_sent
     """The hospital's receipt stored (the message delivered, answered "processed"),
     killed before its ``receipt.sent`` is written; the resend is answered with the
     stored receipt as a duplicate, and writes none."""
-    hospital = processes.start(
-        layout.hospital.config_path,
-        prefix=killed_at("--kill-after", "gateway.spool.sqlite:SqliteSpool.inbound_delivered"),
+    lab, sent, delivered = _received_then_cut_off(
+        layout, processes, "inbound_delivered", "answered.hl7", "receipt.sent"
     )
-    lab = processes.start(layout.lab.config_path)
-    drop_file(layout.lab.outbox_dir / "hospital", "answered.hl7", b"MSH|answered\r")
-    [sent] = _cut_off_then_restarted(layout, processes, hospital, "receipt.sent", layout.hospital)
-    [delivered] = events(layout.hospital.audit_log, "message.delivered")
     assert sent["message_id"] == delivered["message_id"] and sent["outcome"] == "success"
     assert sent["detail"]["disposition"] == "processed"
     assert sent["detail"]["inbox_file"] == delivered["detail"]["inbox_file"]
@@ -234,16 +255,9 @@ def test_a_kill_after_a_hand_over_writes_message_handed_over_once_at_the_next_st
     enable_delivery(layout, internal_port)
     system = InternalSystem(internal_port)
     try:
-        hospital = processes.start(
-            layout.hospital.config_path,
-            prefix=killed_at("--kill-after", "gateway.spool.sqlite:SqliteSpool.handover_done"),
+        _, handed, delivered = _received_then_cut_off(
+            layout, processes, "handover_done", "handed.hl7", "message.handed_over"
         )
-        processes.start(layout.lab.config_path)
-        drop_file(layout.lab.outbox_dir / "hospital", "handed.hl7", b"MSH|handed\r")
-        [handed] = _cut_off_then_restarted(
-            layout, processes, hospital, "message.handed_over", layout.hospital
-        )
-        [delivered] = events(layout.hospital.audit_log, "message.delivered")
         assert handed["message_id"] == delivered["message_id"]
         assert handed["detail"]["sha256"] == delivered["detail"]["sha256"]
         assert handed["detail"]["attempt"] == 1
@@ -260,16 +274,9 @@ def test_a_kill_after_a_hand_over_is_given_up_writes_its_final_alert_once_at_the
     good in the spool, killed before its final ``message.handover_failed`` alert."""
     enable_delivery(layout, internal_port)  # nothing listens there
     set_runtime(layout.hospital.config_path, "max_attempts", "1")
-    hospital = processes.start(
-        layout.hospital.config_path,
-        prefix=killed_at("--kill-after", "gateway.spool.sqlite:SqliteSpool.handover_failed"),
+    _, failed, delivered = _received_then_cut_off(
+        layout, processes, "handover_failed", "unhanded.hl7", "message.handover_failed"
     )
-    processes.start(layout.lab.config_path)
-    drop_file(layout.lab.outbox_dir / "hospital", "unhanded.hl7", b"MSH|unhanded\r")
-    [failed] = _cut_off_then_restarted(
-        layout, processes, hospital, "message.handover_failed", layout.hospital
-    )
-    [delivered] = events(layout.hospital.audit_log, "message.delivered")
     assert failed["message_id"] == delivered["message_id"] and failed["severity"] == "alert"
     assert failed["detail"]["final"] is True and "gave up after 1 attempt" in failed["reason"]
     assert failed["detail"]["inbox_file"] == delivered["detail"]["inbox_file"]
@@ -280,9 +287,7 @@ def test_a_record_written_at_recovery_is_not_written_again_at_later_starts(
     layout: DemoLayout, processes: Any
 ) -> None:
     """Once written, the record counts as the trail's: later starts add none."""
-    lab, message_id = _queued_and_tried(
-        layout, processes, killed_at("--kill-after", f"{OUTBOUND}.operator_cancel")
-    )
+    lab, message_id = _queued_and_tried(layout, processes, "operator_cancel")
     medgw("queue", "cancel", message_id, "--config", str(layout.lab.config_path))
     assert len(_cut_off_then_restarted(layout, processes, lab, "message.cancelled")) == 1
     for _ in range(2):
@@ -316,8 +321,7 @@ def test_a_record_whose_write_failed_is_written_with_the_next_one(
     assert late["detail"]["first_tried_at"] < late["time"]
     assert late["detail"]["disposition"] == "processed" and late["detail"]["mic_verified"]
     assert lab.stop() == 0
-    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    _verified(layout.lab.config_path)
     accepted = [r["message_id"] for r in events(layout.lab.audit_log, "message.accepted")]
     receipts = events(layout.lab.audit_log, "receipt.received")
     assert sorted(r["message_id"] for r in receipts) == sorted(accepted)  # once each
@@ -379,8 +383,7 @@ def test_records_a_start_writes_hide_no_outbound_record_owed(
         audit.close()
 
     assert processes.start(layout.lab.config_path).stop() == 0
-    verified = medgw("audit", "verify", "--config", str(layout.lab.config_path))
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    _verified(layout.lab.config_path)
     written = read_audit(layout.lab.audit_log)
     if expiring:  # written by the start, before its recovery, now
         assert "pki.certificate_expiring" in [r["event"] for r in written]
