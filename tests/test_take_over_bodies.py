@@ -22,13 +22,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
 from gateway.atrest import Vault
 from gateway.audit import AuditLog
-from gateway.config import load_config
+from gateway.config import Peer, load_config
 from gateway.logs import make_logger
 from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
 from gateway.outbound import seal as seal_module
@@ -36,7 +37,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
-from gateway.spool import Claimant, OutboundRecord, OutboundState
+from gateway.spool import Claimant, OutboundRecord, OutboundState, Spool
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
 
@@ -78,20 +79,29 @@ def _pausing(
     return open_document
 
 
-def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone(
-    layout: DemoLayout, make_spool: MakeSpool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Node b takes over and prepares a document node a is still preparing.  a is
-    slightly behind: it begins writing its body after b began, and finishes after b
-    queued the message.  b's body stays as b wrote it (a's preparation is not
-    recorded, and its write is removed), and the document arrives as taken in."""
+@dataclass(frozen=True)
+class TakenIn:
+    """A large document node ``a`` took in (its copy in the shared folder ``bodies``),
+    with node ``b`` beside it on the same spool."""
+
+    clock: SetClock
+    a: Spool
+    b: Spool
+    settings: Settings  # the lab's, its payloads in ``bodies``, the trust judged now
+    peer: Peer
+    bodies: Path
+    copy: Path
+
+
+def _taken_in_by_a(layout: DemoLayout, make_spool: MakeSpool, data: bytes) -> TakenIn:
+    """Node a's intake of the lab's document ``image.dcm`` (``data``, larger than a row
+    keeps): its copy written under ``<bodies_dir>/payloads/a/`` and its row made."""
     clock = SetClock(datetime.now(UTC))  # the demo's certificates are valid from now on
     a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
     config = load_config(layout.lab.config_path)
     bodies = layout.lab.root / "shared-outgoing"
     config = replace(config, cluster=replace(config.cluster, bodies_dir=bodies))
     [peer] = config.peers
-    data = random.Random(19).randbytes(INLINE_BODY_BYTES + 64 * 1024)  # its body is a file
     copy = bodies / "payloads" / "a" / "image.dcm.0123456789ab"
     copy.parent.mkdir(parents=True)
     copy.write_bytes(data)
@@ -99,6 +109,21 @@ def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone
         "<large@KITA-LAB>", peer.name, "image.dcm", "application/dicom",
         layout.lab.outbox_dir / "hospital" / "image.dcm", copy, zone=peer.zone,
     )  # fmt: skip
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    return TakenIn(clock, a, b, Settings(config, trust), peer, bodies, copy)
+
+
+def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone(
+    layout: DemoLayout, make_spool: MakeSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node b takes over and prepares a document node a is still preparing.  a is
+    slightly behind: it begins writing its body after b began, and finishes after b
+    queued the message.  b's body stays as b wrote it (a's preparation is not
+    recorded, and its write is removed), and the document arrives as taken in."""
+    data = random.Random(19).randbytes(INLINE_BODY_BYTES + 64 * 1024)  # its body is a file
+    taken_in = _taken_in_by_a(layout, make_spool, data)
+    clock, a, b, settings = taken_in.clock, taken_in.a, taken_in.b, taken_in.settings
+    peer, bodies, copy = taken_in.peer, taken_in.bodies, taken_in.copy
     [held] = a.intake_interrupted()  # node a's claim, as its intake makes it
     assert held.node == "a"
 
@@ -108,8 +133,6 @@ def test_a_stale_preparation_leaves_the_body_of_the_node_that_took_it_over_alone
     b_signs, a_writes = Pause("b", 1), Pause("a", 3)
     pauses = [b_signs, a_writes]
     monkeypatch.setattr(seal_module, "open_document", _pausing(seal_module.open_document, pauses))
-    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
-    settings = Settings(config, trust)
     streams = {"a": io.StringIO(), "b": io.StringIO()}
     audits = {n: AuditLog(layout.lab.root / f"audit-{n}.jsonl", clock, node=n) for n in "ab"}
     sealer_a = Sealer(Context(settings, a, audits["a"], make_logger(stream=streams["a"]), clock))
@@ -168,26 +191,14 @@ def test_the_body_a_dead_node_wrote_before_recording_it_goes_when_another_prepar
     """Node a wrote a large document's body into the shared folder and died before the
     commit that records it; node b, taking the document over, prepares and queues it,
     and removes a's body, which no row names (no node would ever remove it)."""
-    clock = SetClock(datetime.now(UTC))  # the demo's certificates are valid from now on
-    a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
-    config = load_config(layout.lab.config_path)
-    bodies = layout.lab.root / "shared-outgoing"
-    config = replace(config, cluster=replace(config.cluster, bodies_dir=bodies))
-    [peer] = config.peers
-    copy = bodies / "payloads" / "a" / "image.dcm.0123456789ab"
-    copy.parent.mkdir(parents=True)
-    copy.write_bytes(random.Random(23).randbytes(INLINE_BODY_BYTES + 1024))
-    a.add_intake(
-        "<large@KITA-LAB>", peer.name, "image.dcm", "application/dicom",
-        layout.lab.outbox_dir / "hospital" / "image.dcm", copy, zone=peer.zone,
-    )  # fmt: skip
-    left = bodies / f"{copy.name}.a.as2"  # as node a names the body it writes
-    left.write_bytes(b"the body node a wrote before it was killed")
-    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
-    audit = AuditLog(layout.lab.root / "audit-b.jsonl", clock, node="b")
-    outbound_b = Outbound(
-        Settings(config, trust), b, audit, make_logger(stream=io.StringIO()), clock
+    taken_in = _taken_in_by_a(
+        layout, make_spool, random.Random(23).randbytes(INLINE_BODY_BYTES + 1024)
     )
+    clock, b, bodies = taken_in.clock, taken_in.b, taken_in.bodies
+    left = bodies / f"{taken_in.copy.name}.a.as2"  # as node a names the body it writes
+    left.write_bytes(b"the body node a wrote before it was killed")
+    audit = AuditLog(layout.lab.root / "audit-b.jsonl", clock, node="b")
+    outbound_b = Outbound(taken_in.settings, b, audit, make_logger(stream=io.StringIO()), clock)
     try:
         clock.at += timedelta(seconds=LEASE + 1)
         [taken] = b.intake_take_over(8, outbound_b.shared_payloads)
