@@ -45,6 +45,32 @@ def _start(context: Context, audit: AuditLog) -> None:
     audit.close()
 
 
+def _shared_bodies(layout: DemoLayout) -> None:
+    """The lab configured as node lab-b of a cluster, its copies of documents in the
+    shared bodies folder."""
+    with layout.lab.config_path.open("a") as config:
+        config.write('\n[cluster]\nnode_name = "lab-b"\nbodies_dir = "shared-bodies"\n')
+
+
+def _failed_and_queued(spool: SqliteSpool, source: Path, failed: Path, queued: Path) -> None:
+    """Two documents taken in, their copies ``failed`` and ``queued``: the first one's
+    preparation failed (its copy stays for an operator's retry), the second queued (its
+    copy no longer needed)."""
+    spool.add_intakes(
+        [
+            Intake("<failed@lab>", "hospital", "a.hl7", "text/plain", source, failed),
+            Intake("<queued@lab>", "hospital", "b.hl7", "text/plain", source, queued),
+        ]
+    )
+    assert spool.fail_intake("<failed@lab>", "the peer's certificate expired")
+    spool.mark_queued("<queued@lab>", None, [], "mic", 3, body=b"sealed")
+
+
+def _documents(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).write_bytes(b"document")
+
+
 def test_a_start_removes_unrecorded_submissions_and_plaintext_copies_no_longer_needed(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
@@ -52,17 +78,8 @@ def test_a_start_removes_unrecorded_submissions_and_plaintext_copies_no_longer_n
     payloads = context.payloads
     # Rows of a state folder moved since: their paths are elsewhere, their names here.
     elsewhere = Path("/var/lib/medgw-old/state/payloads")
-    spool.add_intakes(
-        [
-            Intake("<failed@lab>", "hospital", "a.hl7", "text/plain", tmp_path, elsewhere / "a"),
-            Intake("<queued@lab>", "hospital", "b.hl7", "text/plain", tmp_path, payloads / "b"),
-        ]
-    )
-    # Its preparation failed: its document stays for an operator's retry.
-    assert spool.fail_intake("<failed@lab>", "the peer's certificate expired")
-    spool.mark_queued("<queued@lab>", None, [], "mic", 3, body=b"sealed")
-    for name in ("a", "b", "unrecorded", ".hidden"):
-        (payloads / name).write_bytes(b"document")
+    _failed_and_queued(spool, tmp_path, elsewhere / "a", payloads / "b")
+    _documents(payloads, "a", "b", "unrecorded", ".hidden")
     (payloads / "folder").mkdir()
 
     _start(context, audit)
@@ -80,24 +97,16 @@ def test_a_start_removes_the_spent_copies_another_node_left_in_the_shared_folder
     other nodes' folders there, only the copies no longer needed (a node that took one
     over was killed before removing it): a copy no row names yet may be another node's
     submission in progress, and one still needed is another node's to prepare."""
-    with layout.lab.config_path.open("a") as config:
-        config.write('\n[cluster]\nnode_name = "lab-b"\nbodies_dir = "shared-bodies"\n')
+    _shared_bodies(layout)
     spool, audit, context, log = _started(layout, tmp_path)
     assert context.shared_payloads is not None
     assert context.payloads == context.shared_payloads / "lab-b"
     other = context.shared_payloads / "lab-a"
     other.mkdir()
-    spool.add_intakes(
-        [
-            Intake("<spent@lab>", "hospital", "a.hl7", "text/plain", tmp_path, other / "spent"),
-            Intake("<needed@lab>", "hospital", "b.hl7", "text/plain", tmp_path, other / "needed"),
-        ]
-    )
-    spool.mark_queued("<spent@lab>", None, [], "mic", 3, body=b"sealed")  # taken over, sent
-    assert spool.fail_intake("<needed@lab>", "the peer's certificate expired")  # kept
-    for name in ("spent", "needed", "uploading"):
-        (other / name).write_bytes(b"document")
-    (context.payloads / "mine").write_bytes(b"document")  # this node's, unrecorded
+    # One kept for a retry (still needed), one taken over and sent (spent).
+    _failed_and_queued(spool, tmp_path, failed=other / "needed", queued=other / "spent")
+    _documents(other, "spent", "needed", "uploading")
+    _documents(context.payloads, "mine")  # this node's, unrecorded
 
     _start(context, audit)
 
@@ -118,20 +127,11 @@ def test_a_start_sweeps_the_copies_kept_in_the_state_folder_before_the_folder_wa
     config = load_config(layout.lab.config_path)
     old = config.storage.state_dir / "payloads"
     old.mkdir(parents=True, exist_ok=True)
-    with layout.lab.config_path.open("a") as file:
-        file.write('\n[cluster]\nnode_name = "lab-b"\nbodies_dir = "shared-bodies"\n')
+    _shared_bodies(layout)
     spool, audit, context, log = _started(layout, tmp_path)
     assert context.payloads != old
-    spool.add_intakes(
-        [
-            Intake("<failed@lab>", "hospital", "a.hl7", "text/plain", tmp_path, old / "a"),
-            Intake("<queued@lab>", "hospital", "b.hl7", "text/plain", tmp_path, old / "b"),
-        ]
-    )
-    assert spool.fail_intake("<failed@lab>", "the peer's certificate expired")
-    spool.mark_queued("<queued@lab>", None, [], "mic", 3, body=b"sealed")
-    for name in ("a", "b", "unrecorded", ".c.0123456789ab.partial"):
-        (old / name).write_bytes(b"document")
+    _failed_and_queued(spool, tmp_path, old / "a", old / "b")
+    _documents(old, "a", "b", "unrecorded", ".c.0123456789ab.partial")
 
     _start(context, audit)
 
