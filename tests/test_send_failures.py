@@ -32,6 +32,7 @@ from gateway.demo_run import free_ports, read_audit
 from gateway.egress import Network
 from gateway.logs import make_logger
 from gateway.outbound import Outbound, Settings
+from gateway.outbound.send import INTERRUPTED
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
@@ -238,7 +239,7 @@ async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
             await send
         again = spool.get(record.message_id)
         assert again is not None and again.state is OutboundState.QUEUED
-        assert (again.last_error, again.next_attempt_at) == ("interrupted by shutdown", 0)
+        assert (again.last_error, again.next_attempt_at) == (INTERRUPTED, 0)
     finally:
         await client.close()
         spool.close()

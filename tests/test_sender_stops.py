@@ -30,6 +30,7 @@ from gateway.egress import Network
 from gateway.inbound.locks import InboundLocks
 from gateway.logs import make_logger
 from gateway.outbound import Outbound
+from gateway.outbound.send import INTERRUPTED
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import OutboundState
@@ -93,6 +94,7 @@ async def test_messages_being_sent_go_back_to_the_queue_when_their_sender_stops(
         for record in spool.list_outbound():
             assert record.lease_until == 0  # no claim left
             assert record.next_attempt_at == 0  # due now, for whichever node
+            assert record.last_error == INTERRUPTED
     finally:
         tasks.stopping = True
         await senders.stop(0.1)

@@ -32,6 +32,12 @@ SETTLE_BATCH = 64
 SETTLE_GROUPS = 2
 
 Ready = tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]]  # the body to POST, its headers
+# Why a message claimed for sending is queued again, due now, unsent: its peer's sender
+# stopped before the peer took it (`medgw queue show` shows it as the last error).
+INTERRUPTED = (
+    "send interrupted before the peer took it (medgw stopping, the peer removed by a "
+    "reload, or its sender restarted after an error); sent again when due"
+)
 
 
 class _Opened(NamedTuple):
@@ -135,12 +141,10 @@ class Sender:
         return 0.0
 
     async def _interrupted(self, record: OutboundRecord) -> None:
-        """A send stopped (shutdown) before the peer took the message: back to the queue,
-        due now, for whichever node claims it next (a change it made meanwhile, such as
-        a failure recorded, stands: then nothing changes)."""
-        await self._ctx.in_thread(
-            self._ctx.spool.mark_retry, record.message_id, "interrupted by shutdown", 0
-        )
+        """A send stopped (shutdown, reload) before the peer took the message: back to the
+        queue, due now, for whichever node claims it next (a change it made meanwhile,
+        such as a failure recorded, stands: then nothing changes)."""
+        await self._ctx.in_thread(self._ctx.spool.mark_retry, record.message_id, INTERRUPTED, 0)
 
     def _fresh(self, opened: _Opened) -> bool:
         """Whether the claim of a message opened when it was claimed still has half a
@@ -346,7 +350,7 @@ class Sender:
 
         def give_back(result: Claimed) -> None:
             for record in result[0]:
-                self._ctx.spool.mark_retry(record.message_id, "interrupted by shutdown", 0)
+                self._ctx.spool.mark_retry(record.message_id, INTERRUPTED, 0)
 
         records, next_at, opened = await self._ctx.in_thread(claim, on_cancel=give_back)
         self._opened.update(opened)
