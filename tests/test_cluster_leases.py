@@ -35,6 +35,7 @@ from gateway.delivery.http import HandOver, idempotency_key
 from gateway.delivery.inbox import work_name
 from gateway.egress import Network
 from gateway.errors import ClaimHeldError, SpoolUnreachableError
+from gateway.fsutil import file_identity
 from gateway.inbound import InboundProcessor
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
@@ -51,6 +52,7 @@ from gateway.spool import (
     DataKey,
     HandoverRecord,
     HandoverState,
+    Intake,
     OutboundRecord,
     OutboundState,
     Settled,
@@ -910,12 +912,15 @@ def _keeper(
     trail: Path,
     stream: io.StringIO,
     trust: Mapping[str, PeerTrust] | None = None,
+    outbound: Outbound | None = None,
 ) -> LeaseKeeper:
-    """The lease keeper of node ``spool.node``, with its inbound and outbound sides."""
+    """The lease keeper of node ``spool.node``, with its inbound and outbound sides (the
+    node's ``outbound``, if it has one already)."""
     log = make_logger(stream=stream)
     audit = AuditLog(trail, clock, node=spool.node)
     processor = InboundProcessor(config, spool, audit, log, clock)
-    outbound = Outbound(Settings(config, trust or {}), spool, audit, log, clock)
+    if outbound is None:
+        outbound = Outbound(Settings(config, trust or {}), spool, audit, log, clock)
     return LeaseKeeper(
         spool, clock, lambda: config, lambda: processor, outbound, lambda: audit, log,
         lambda: None,
@@ -1015,6 +1020,100 @@ def test_a_take_over_cut_short_by_the_spool_prepares_the_rest_at_the_next_round(
     assert sorted(e["message_id"] for e in accepted) == sorted(rows)
     taken = events(trail, "message.taken_over")
     assert sorted(e["message_id"] for e in taken) == sorted(rows)
+
+
+@pytest.mark.parametrize(
+    "shared, given_back",
+    [(False, True), (True, False)],
+    ids=["state-folder-given-back", "bodies-folder-claim-ran-out"],
+)
+def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_message(
+    layout: DemoLayout, make_spool: MakeSpool, clock: SetClock, shared: bool, given_back: bool
+) -> None:
+    """Node a recorded a large document it took from its outbox and was killed before
+    its copy was written (in its state folder, or its folder of the shared bodies
+    folder): the file is still in a's outbox, out of b's reach.  Node b, starting while
+    a is down, claims the intake; node a starts again while b holds it.  a's intake
+    leaves the file alone (no second message of it); b gives the intake back (or b dies
+    and its claim runs out), and a's lease keeper, a running, takes it up: the document
+    is sent under its first Message-ID, with no alert, and a's next start finds
+    nothing of it left to do."""
+    clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
+    loaded = load_config(layout.lab.config_path)
+    root = layout.lab.root
+    bodies = root / "bodies" if shared else None
+
+    def node(name: str) -> GatewayConfig:
+        storage = replace(loaded.storage, audit_log=root / f"audit-{name}.jsonl")
+        if name == "b":  # another machine: its own state folder and outbox
+            storage = replace(storage, state_dir=root / "state-b", outbox_dir=root / "outbox-b")
+        cluster = replace(loaded.cluster, node_name=name, bodies_dir=bodies)
+        return replace(loaded, storage=storage, cluster=cluster)
+
+    config_a, config_b = node("a"), node("b")
+    [peer] = config_a.peers
+    trust = asyncio.run(assess_peers(config_a.peers, config_a.zones, at=clock.now()))
+    trails = {name: config.storage.audit_log for name, config in (("a", config_a), ("b", config_b))}
+    stream = io.StringIO()
+
+    def outbound(config: GatewayConfig, spool: Spool) -> Outbound:
+        audit = AuditLog(trails[spool.node], clock, node=spool.node)
+        return Outbound(Settings(config, trust), spool, audit, make_logger(stream=stream), clock)
+
+    document = b"MSH|^~\\&|LAB|study\r" + bytes(range(256)) * 400  # > 64 KiB: a file
+    source = config_a.storage.outbox_dir / peer.name / "study.dcm"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(document)
+    copies = bodies / "payloads" / "a" if bodies is not None else config_a.storage.state_dir
+    dead = make_spool(clock, Claimant("a", LEASE))
+    message_id = "<study@KITA-LAB>"
+    dead.add_intakes(
+        [
+            Intake(
+                message_id, peer.name, "study.dcm", "application/dicom", source,
+                copies / "study-copy", zone=peer.zone, source_file=file_identity(source.lstat()),
+            )
+        ]
+    )  # fmt: skip
+    clock.advance(LEASE + 1)  # node a died
+    b = make_spool(clock, Claimant("b", LEASE))
+    [held] = b.intake_interrupted()  # node b starts: its recovery claims the intake
+    assert (held.message_id, held.node) == (message_id, "a")
+
+    async def a_starts_again() -> None:
+        a = make_spool(clock, Claimant("a", LEASE))
+        node_a = outbound(config_a, a)
+        await node_a.recover()
+        assert await node_a.intake_once() == 1  # listed, and left alone
+        assert [r.message_id for r in a.all_outbound()] == [message_id]
+        assert source.exists()
+        keeper = _keeper(config_a, a, clock, trails["a"], stream, trust, node_a)
+        assert await keeper.prepare_taken_over() == 0  # b's claim is live
+        assert await node_a.intake_once() == 1 and source.exists()
+        if given_back:  # node b's recovery comes to it: it cannot reach a's outbox
+            outbox, aside = config_a.storage.outbox_dir, root / "on-machine-a"
+            outbox.rename(aside)
+            await outbound(config_b, b).prepare_taken_over([held])
+            aside.rename(outbox)
+            back = a.get(message_id)
+            assert back is not None and (back.node, back.state) == ("a", OutboundState.INTAKE)
+        else:  # node b died holding it
+            clock.advance(LEASE + 1)
+        assert await keeper.prepare_taken_over() == 1
+        assert await keeper.prepare_taken_over() == 0
+        assert await node_a.intake_once() == 0
+        await outbound(config_a, make_spool(clock, Claimant("a", LEASE))).recover()
+
+    asyncio.run(a_starts_again())
+    [record] = dead.all_outbound()
+    assert (record.message_id, record.state, record.queued_by) == (
+        message_id, OutboundState.QUEUED, "a",
+    )  # fmt: skip
+    assert not source.exists()
+    accepted = [e["message_id"] for e in events(trails["a"], "message.accepted")]
+    assert accepted == [message_id]
+    assert not [t for t in trails.values() if t.exists() and events(t, "message.failed")]
+    assert "recovery.intake_held_elsewhere" in stream.getvalue()
 
 
 def test_the_lease_keeper_removes_the_work_files_a_dead_node_left_once_a_lease_old(

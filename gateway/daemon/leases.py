@@ -11,7 +11,9 @@ not yet prepared, kept in the spool's rows or in the bodies folder all nodes
 share, are prepared here (audited ``message.taken_over``), deliveries they left
 in the middle are settled here (gateway.inbound.recovery), and hand-overs to the
 internal system they had taken are let go (audited ``message.taken_over``, handed
-over by whichever node takes them next: gateway.delivery.http).  Once a lease it also
+over by whichever node takes them next: gateway.delivery.http). And the documents
+of this node's outbox whose intake another node held at its start are taken up
+here once that claim comes back (gateway.outbound.recover).  Once a lease it also
 removes the inbox work files no delivery needs that are a lease old (a node that
 died and never comes back leaves them), as a start does; and every
 RECEIPT_SWEEP_LEASES leases, the receipts in this node's folder no row names (an
@@ -146,9 +148,13 @@ class LeaseKeeper:
     async def prepare_taken_over(self) -> int:
         """The documents other nodes took in and left unprepared when their claims ran
         out (those kept in the spool, or in the shared bodies folder): claimed a few at a
-        time, each audited as taken over, and prepared here; how many."""
+        time, each audited as taken over, and prepared here; and those of this node's
+        outbox another node held at its start, once given back (Outbound.take_back);
+        how many."""
         count = 0
         try:
+            # First the documents in this node's outbox another node held at its start.
+            count += await self._outbound.take_back()
             while True:
                 if self._unprepared:
                     self._unprepared = await asyncio.to_thread(self._still_held, self._unprepared)

@@ -85,6 +85,12 @@ class Context:
         # Set while this node could not renew its claims for half a lease: another node
         # may take its messages over, so its sends in progress stop (see send).
         self.claims_lost = asyncio.Event()
+        # Interrupted intakes whose documents are in this node's outbox, found at start
+        # under another node's claim (sweep.remove_sent_elsewhere), by Message-ID: taken
+        # up under their own Message-IDs once their claims come back (Recovery.take_back),
+        # their files not taken as new documents meanwhile (intake).  Replaced whole,
+        # never changed in place: the intake reads it in worker threads.
+        self.waiting_intakes: Mapping[str, OutboundRecord] = {}
 
     def use(self, state: Current) -> None:
         """Read ``state`` from now on: a reload swaps the configuration and the trust

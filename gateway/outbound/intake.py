@@ -215,6 +215,8 @@ class OutboxIntake:
         moved is left out, its error added to ``errors``; if the rows cannot be recorded,
         none is taken and this raises."""
         found: list[tuple[Candidate, Peer, os.stat_result, str]] = []
+        waiting = self._ctx.waiting_intakes
+        held = {(r.source_path, r.source_file) for r in waiting.values()} if waiting else None
         for candidate in batch:
             peer = self._ctx.config.peer(candidate.peer)
             if peer is None:
@@ -228,6 +230,8 @@ class OutboxIntake:
                 # make the gateway send a file its writer may not read.  The next listing
                 # reports it as skipped.
                 continue
+            if held and (candidate.path, file_identity(status)) in held:
+                continue  # an interrupted intake's document, to be taken up under its own ID
             found.append((candidate, peer, status, new_message_id(self._ctx.config.as2_id)))
         if not found:
             return []

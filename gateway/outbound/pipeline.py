@@ -133,6 +133,11 @@ class Outbound:
         when their claims ran out, claimed by this node (Spool.intake_take_over)."""
         await self._recovery.take_over(taken)
 
+    async def take_back(self) -> int:
+        """Prepare the interrupted intakes of this node's outbox files that were under
+        another node's claim at its start, once they come back (Recovery.take_back)."""
+        return await self._recovery.take_back()
+
     async def due_for_sending(
         self, peer: Peer, now: float, free: int
     ) -> tuple[list[OutboundRecord], float | None]:

@@ -26,6 +26,8 @@ from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 COMMAND_PARTIAL_SECONDS = 3600.0
+# Intakes asked about, and claimed, in one transaction when taken back (Recovery.take_back).
+TAKE_BACK_BATCH = 16
 # Why a message still in intake was taken over (its row keeps no note of it).
 INTAKE_TAKEN_OVER = (
     "taken over: the claim of the node that had taken it in, and not yet signed and "
@@ -147,8 +149,19 @@ class Recovery:
                 self._ctx.spool.renew_leases()
                 renewed_at = self._ctx.clock.monotonic()
             await self._finish(record)
-        # Then the documents left in the outbox that another node took over and sent.
-        await ctx.in_thread(remove_sent_elsewhere, ctx.spool, ctx.log, config.storage.outbox_dir)
+        # Then the documents left in the outbox that another node took over and sent; and
+        # those of intakes another node holds, to be taken up when they come back.
+        waiting = await ctx.in_thread(
+            remove_sent_elsewhere, ctx.spool, ctx.log, config.storage.outbox_dir
+        )
+        for record in waiting:
+            ctx.log.warning(
+                "recovery.intake_held_elsewhere",
+                peer=record.peer,
+                message_id=record.message_id,
+                node=record.node,
+            )
+        ctx.waiting_intakes = {record.message_id: record for record in waiting}
 
     def _record_cut_off(self, since: datetime | None) -> None:
         """Write the audit records a kill cut off (worker thread): every change of an
@@ -309,18 +322,52 @@ class Recovery:
         for record in taken:
             await self._finish(record)
 
-    async def _finish(self, record: OutboundRecord) -> None:
+    async def take_back(self) -> int:
+        """While running: the interrupted intakes whose documents are in this node's
+        outbox, found at its start under another node's claim (Context.waiting_intakes),
+        claimed here once that claim is no longer live (the other node, which cannot
+        reach them, gave them back; or its lease ran out) and prepared under their own
+        Message-IDs; those no longer in intake (prepared, failed or cancelled elsewhere)
+        are forgotten, their files left to the intake.  Returns how many it prepared."""
+        ctx = self._ctx
+        prepared = 0
+        waiting = sorted(ctx.waiting_intakes)
+        for start in range(0, len(waiting), TAKE_BACK_BATCH):
+            asked = waiting[start : start + TAKE_BACK_BATCH]
+            claimed = await ctx.in_thread(ctx.spool.intake_reclaim, asked)
+            done = set()
+            for record in claimed:
+                ctx.log.info(
+                    "recovery.intake_taken_back",
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    from_node=record.node,
+                )
+                await self._finish(record, taken_in_here=True)
+                done.add(record.message_id)
+                prepared += 1
+            for message_id in set(asked) - done:
+                current = await ctx.in_thread(ctx.spool.get, message_id)
+                if current is None or current.state is not OutboundState.INTAKE:
+                    done.add(message_id)
+            ctx.waiting_intakes = {m: r for m, r in ctx.waiting_intakes.items() if m not in done}
+        return prepared
+
+    async def _finish(self, record: OutboundRecord, *, taken_in_here: bool = False) -> None:
         """Prepare an interrupted intake this node claimed, or give it back, or fail it
-        saying why."""
+        saying why.  ``taken_in_here``: its document was found in this node's outbox (see
+        take_back): never given back."""
         peer = self._ctx.config.peer(record.peer)
         if (
-            record.node not in (None, self._ctx.spool.node)
+            not taken_in_here
+            and record.node not in (None, self._ctx.spool.node)
             and not record.has_document
-            and not record.source_path.exists()
+            and not _is_source_file(record)
         ):
             # Taken in by another node that stopped: its document is in that node's
-            # state folder (or, its copy not finished, still in that node's outbox);
-            # given back to it, it prepares it when it starts again.
+            # state folder (or, its copy not finished, still in that node's outbox, out of
+            # reach here: a file of that name here is another); given back to it, it
+            # prepares it when it starts again (or, started meanwhile, once given back).
             await self._ctx.in_thread(
                 self._ctx.spool.intake_release, record.message_id, record.node
             )
@@ -353,7 +400,7 @@ class Recovery:
                 fsync_dir(source.parent)
             submitter = await self._ctx.in_thread(self._ctx.spool.submitter, record.message_id)
             await self._sealer.prepare(record, peer, submitted_by=submitter)
-        elif record.source_path.exists() and peer is not None:
+        elif peer is not None and _is_source_file(record):
             if not await asyncio.to_thread(self._take_again, record):
                 return  # another node took it over meanwhile: it prepares it
             submitter = await self._ctx.in_thread(self._ctx.spool.submitter, record.message_id)

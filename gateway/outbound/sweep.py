@@ -154,7 +154,7 @@ def _outbox_files(outbox: Path) -> Iterator[Path]:
         folders = deeper
 
 
-def remove_sent_elsewhere(spool: Spool, log: Logger, outbox: Path) -> None:
+def remove_sent_elsewhere(spool: Spool, log: Logger, outbox: Path) -> list[OutboundRecord]:
     """At start, once this node's interrupted intakes are finished and before its outbox
     intake runs (worker thread): the documents in its ``outbox`` another node took over
     and prepares or has sent.  A node killed after taking a document in (its copy
@@ -162,14 +162,34 @@ def remove_sent_elsewhere(spool: Spool, log: Logger, outbox: Path) -> None:
     runs out another node, which cannot reach this node's outbox, prepares and sends
     it from the copy.  The file is that document only if it is still the file taken
     (file_identity): a new document dropped since under the same name stays, and is
-    sent."""
+    sent.
+
+    Returns the interrupted intakes of these files still in intake: held by another
+    node (one that started while this one was down, which gives back those it cannot
+    reach: their copies not finished, or in this node's state folder), or given back
+    since this node's own were finished.  This node takes them up under their own
+    Message-IDs once their claims come back, and its intake does not take their files
+    meanwhile as new documents."""
+    node = spool.node
+    waiting: list[OutboundRecord] = []
     files = _outbox_files(outbox)
     while batch := list(itertools.islice(files, SWEEP_BATCH)):
         taken: dict[str, list[OutboundRecord]] = {}
         for record in spool.outbound_by_source([str(p) for p in batch]):
             taken.setdefault(str(record.source_path), []).append(record)
         for path in batch:
-            remove_if_sent_elsewhere(spool.node, log, path, taken.get(str(path), ()))
+            records = taken.get(str(path), ())
+            if not records:
+                continue
+            try:
+                identity = file_identity(path.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue
+            waiting += [
+                r for r in records if r.source_file == identity and r.state is OutboundState.INTAKE
+            ]
+            remove_if_sent_elsewhere(node, log, path, records)
+    return waiting
 
 
 def remove_if_sent_elsewhere(

@@ -230,6 +230,14 @@ class Spool(Protocol):
         claimed by this node (returned as they were: ``node`` is who held them)."""
         ...
 
+    def intake_reclaim(self, message_ids: Sequence[str]) -> list[OutboundRecord]:
+        """While running: of ``message_ids`` (interrupted intakes whose documents are in
+        this node's outbox, found under another node's claim at its start; a few at a
+        time), those still in intake that are this node's (given back to it, or claimed
+        by an earlier call) or whose holder's lease ran out, claimed by this node in one
+        transaction (returned as they were: ``node`` is who held them)."""
+        ...
+
     def intake_release(self, message_id: str, node: str | None) -> bool:
         """Let go of an interrupted intake this node claimed and cannot prepare (its
         document is in the state folder of ``node``, which took it in): held by ``node``

@@ -523,6 +523,17 @@ class OutboundQueue(SqlStore):
             lambda row: row["payload"] is not None or Path(row["payload_path"]).is_file(),
         )
 
+    def intake_reclaim(self, message_ids: Sequence[str]) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.intake_reclaim`."""
+        if not message_ids:
+            return []
+        now, _ = self._lease()
+        asked = ",".join("?" for _ in message_ids)
+        return self._claim_intake(
+            f"message_id IN ({asked}) AND (node=? OR lease_until<?)",
+            (*message_ids, self.node, now),
+        )
+
     def _claim_intake(
         self,
         where: str,
