@@ -8,7 +8,6 @@ that lets go of the GIL while another thread wants it is a switch): bench/README
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -18,37 +17,21 @@ import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType, verify_chain
 from gateway.clock import SystemClock
-from gateway.config import GatewayConfig, load_config
-from gateway.inbound import InboundProcessor, InboundRequest
-from gateway.logs import make_logger
-from gateway.spool import SqliteSpool
-from tests.helpers.zones import Site, as2_message, new_ca
+from tests.helpers.receiving import Receiver, receiver
 
 RECORD_READ = "SELECT * FROM inbound WHERE peer="
 
 
 @pytest.fixture
-def receiving(tmp_path: Path) -> Iterator[tuple[GatewayConfig, Site, Site, SqliteSpool]]:
-    ca = new_ca("Net")
-    hospital = Site.make(tmp_path, "hospital", "SAKURA-HOSPITAL", ca, ["127.0.0.1"])
-    lab = Site.make(tmp_path, "lab", "LAB-1", ca, ["127.0.0.1"])
-    hospital.zone("z0", ["127.0.0.0/8"], [hospital, lab])
-    hospital.listen("z0", "127.0.0.1", 4080, "z0")
-    hospital.peer(lab, "z0", "https://127.0.0.1:4180/as2")
-    config = load_config(hospital.write())
-    spool = SqliteSpool(config.storage.state_dir / "spool.sqlite3", SystemClock())
-    try:
-        yield config, hospital, lab, spool
-    finally:
-        spool.close()
+def hospital(tmp_path: Path) -> Iterator[Receiver]:
+    with receiver(tmp_path) as opened:
+        yield opened
 
 
 def test_a_received_document_reads_its_spool_record_once_and_removes_no_unwritten_file(
-    receiving: tuple[GatewayConfig, Site, Site, SqliteSpool], monkeypatch: pytest.MonkeyPatch
+    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config, hospital, lab, spool = receiving
-    clock = SystemClock()
-    audit = AuditLog(config.storage.audit_log, clock, node=config.as2_id)
+    config, spool = hospital.config, hospital.spool
     removed: list[Path] = []
     unlink = Path.unlink
 
@@ -56,33 +39,26 @@ def test_a_received_document_reads_its_spool_record_once_and_removes_no_unwritte
         removed.append(path)
         unlink(path, missing_ok=missing_ok)
 
+    [peer] = config.peers
+    request = hospital.request(b"MSH|once\r")
+    statements: list[str] = []
+    spool.trace(statements.append)
+    monkeypatch.setattr(Path, "unlink", watched)
     try:
-        inbound = InboundProcessor(config, spool, audit, make_logger("error", io.StringIO()), clock)
-        [peer] = config.peers
-        built = as2_message(lab, hospital, hospital.as2_id, b"MSH|once\r")
-        request = InboundRequest(
-            peer, "127.0.0.1", {k.lower(): v for k, v in built.headers}, built.body
-        )
-        statements: list[str] = []
-        spool.trace(statements.append)
-        monkeypatch.setattr(Path, "unlink", watched)
-        try:
-            answer = inbound.process(request)
-        finally:
-            monkeypatch.undo()
-            spool.trace(None)
-        assert answer.status == 200 and b"processed" in answer.body
-        [delivered] = [p for p in (config.storage.inbox_dir / peer.name).iterdir()]
-        assert delivered.read_bytes() == b"MSH|once\r"
-        # Whether message.received is due, and what the delivery finds: one read.
-        assert sum(s.startswith(RECORD_READ) for s in statements) == 1, statements
-        # The body was held in memory and its signed entity read in place: the work
-        # folder's names for their files were never written, so never removed.
-        incoming = config.storage.state_dir / "incoming"
-        assert [p for p in removed if p.parent == incoming] == []
-        assert list(incoming.iterdir()) == []
+        answer = hospital.inbound.process(request)
     finally:
-        audit.close()
+        monkeypatch.undo()
+        spool.trace(None)
+    assert answer.status == 200 and b"processed" in answer.body
+    [delivered] = [p for p in (config.storage.inbox_dir / peer.name).iterdir()]
+    assert delivered.read_bytes() == b"MSH|once\r"
+    # Whether message.received is due, and what the delivery finds: one read.
+    assert sum(s.startswith(RECORD_READ) for s in statements) == 1, statements
+    # The body was held in memory and its signed entity read in place: the work
+    # folder's names for their files were never written, so never removed.
+    incoming = config.storage.state_dir / "incoming"
+    assert [p for p in removed if p.parent == incoming] == []
+    assert list(incoming.iterdir()) == []
 
 
 def test_an_audit_record_asks_nothing_of_the_file_but_to_write_and_sync_it(
