@@ -557,6 +557,24 @@ def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
     assert b.renew_leases() == 1
 
 
+async def _starting(
+    config: GatewayConfig, make_spool: MakeSpool, clock: SetClock, trails: Mapping[str, Path]
+) -> list[Outbound]:
+    """The sending side of each node of ``trails`` (its name: its audit trail), as it
+    starts, the trust in the lab's peers judged now."""
+    trust = await assess_peers(config.peers, config.zones, at=clock.now())
+    return [
+        Outbound(
+            Settings(config, trust),
+            make_spool(clock, Claimant(name, LEASE)),
+            AuditLog(trail, clock, node=name),
+            make_logger(stream=io.StringIO()),
+            clock,
+        )
+        for name, trail in trails.items()
+    ]
+
+
 def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     layout: DemoLayout, make_spool: MakeSpool, clock: SetClock
 ) -> None:
@@ -576,17 +594,7 @@ def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     trails = {name: layout.lab.root / f"audit-{name}.jsonl" for name in ("b", "c")}
 
     async def start_both() -> None:
-        trust = await assess_peers(config.peers, config.zones, at=clock.now())
-        starting = [
-            Outbound(
-                Settings(config, trust),
-                make_spool(clock, Claimant(name, LEASE)),
-                AuditLog(trail, clock, node=name),
-                make_logger(stream=io.StringIO()),
-                clock,
-            )
-            for name, trail in trails.items()
-        ]
+        starting = await _starting(config, make_spool, clock, trails)
         await asyncio.gather(*(outbound.recover() for outbound in starting))
 
     asyncio.run(start_both())
@@ -747,17 +755,7 @@ def test_a_recovery_longer_than_a_lease_keeps_the_intakes_it_claimed(
     trails = {name: layout.lab.root / f"audit-{name}.jsonl" for name in ("b", "c")}
 
     async def start_both() -> None:
-        trust = await assess_peers(config.peers, config.zones, at=clock.now())
-        b, c = (
-            Outbound(
-                Settings(config, trust),
-                make_spool(clock, Claimant(name, LEASE)),
-                AuditLog(trail, clock, node=name),
-                make_logger(stream=io.StringIO()),
-                clock,
-            )
-            for name, trail in trails.items()
-        )
+        b, c = await _starting(config, make_spool, clock, trails)
         claimed_at = clock.now().timestamp()
         first = asyncio.create_task(b.recover())
         while clock.now().timestamp() < claimed_at + LEASE + 1 and not first.done():
