@@ -23,7 +23,7 @@ from gateway.atrest import KeyStore, Sealing, Vault, storing
 from gateway.atrest.chunked import MAGIC
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
-from gateway.config import load_config
+from gateway.config import Peer, load_config
 from gateway.demo_run import drop_file, free_ports, wait_until
 from gateway.errors import SpoolError
 from gateway.fsutil import FolderSync
@@ -34,7 +34,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer, ToSeal
 from gateway.pki.demo import DemoLayout, init_demo
-from gateway.spool import Claimant, DataKey, SqliteSpool
+from gateway.spool import Claimant, DataKey, OutboundRecord, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
@@ -400,6 +400,27 @@ async def test_a_document_that_cannot_be_sealed_is_kept_and_its_batch_mates_are_
         assert sorted(r["detail"]["filename"] for r in accepted) == ["a.hl7", "b.hl7", "c.hl7"]
 
 
+def _order_taken_in(
+    spool: SqliteSpool, peer: Peer, folder: Path, payload: bytes, data_key: DataKey | None = None
+) -> OutboundRecord:
+    """The row of ``<order@KITA-LAB>`` (``order.hl7`` in ``folder``), taken in by
+    ``spool``'s node with its copy ``payload`` in the row (sealed under ``data_key``)."""
+    spool.add_intake(
+        "<order@KITA-LAB>",
+        peer.name,
+        "order.hl7",
+        "application/hl7-v2",
+        folder / "order.hl7",
+        folder / "payload",
+        zone=peer.zone,
+        data_key=data_key,
+        payload=payload,
+    )
+    record = spool.get("<order@KITA-LAB>")
+    assert record is not None
+    return record
+
+
 async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_here(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
@@ -414,19 +435,7 @@ async def test_a_document_another_node_queued_first_is_not_recorded_as_accepted_
     context = Context(
         await judged(config, clock), mine, audit, make_logger(stream=io.StringIO()), clock
     )
-    source = tmp_path / "order.hl7"
-    mine.add_intake(
-        "<order@KITA-LAB>",
-        peer.name,
-        source.name,
-        "application/hl7-v2",
-        source,
-        tmp_path / "payload",
-        zone=peer.zone,
-        payload=b"MSH|order\r",
-    )
-    record = mine.get("<order@KITA-LAB>")
-    assert record is not None
+    record = _order_taken_in(mine, peer, tmp_path, b"MSH|order\r")
     # This node's claim ran out: the other node holds the intake now, and queues it.
     assert mine.intake_release("<order@KITA-LAB>", "lab-2")
     assert other.mark_queued("<order@KITA-LAB>", None, [], "mic", 10, body=b"by the other")
@@ -472,23 +481,12 @@ async def test_a_document_another_node_queued_first_is_not_marked_failed_here(
         )
         for name, spool in nodes.items()
     }
-    source = tmp_path / "order.hl7"
     message_id = "<order@KITA-LAB>"
     with storing(vaults["lab-1"], payload_item(message_id)) as sealing:
         sealing.begin()
-        nodes["lab-1"].add_intake(
-            message_id,
-            peer.name,
-            source.name,
-            "application/hl7-v2",
-            source,
-            tmp_path / "payload",
-            zone=peer.zone,
-            data_key=sealing.key,
-            payload=sealing.seal(b"MSH|order\r"),
-        )
-    record = nodes["lab-1"].get(message_id)  # as this node read it, before the other's turn
-    assert record is not None
+        # As this node read it, before the other's turn.
+        sealed = sealing.seal(b"MSH|order\r")
+        record = _order_taken_in(nodes["lab-1"], peer, tmp_path, sealed, sealing.key)
     # This node's claim ran out: the other node holds the intake now.
     assert nodes["lab-1"].intake_release(message_id, "lab-2")
     try:
