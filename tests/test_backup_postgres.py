@@ -6,19 +6,28 @@ it sends each queued document once.  A database that is not empty, and a missing
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+import re
 import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.backup.bundle import DUMP
-from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.backup import pgspool
+from gateway.backup.bundle import DUMP, REFRESHED, BackupError, write_bundle
+from gateway.config import load_config
+from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundRecord, OutboundState
+from gateway.spool import Claimant, OutboundRecord, OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.cli import medgw
 from tests.clocks import TickingClock
@@ -67,18 +76,26 @@ def new_host(layout: DemoLayout, name: str, old: PostgresSettings, new: Postgres
     return config
 
 
-def test_a_node_backed_up_with_its_postgresql_spool_and_shared_bodies_is_restored_and_sends_once(
-    layout: DemoLayout, processes: Any, postgres_server: PostgresServer, tmp_path: Path
-) -> None:
-    spool = postgres_server.new_database()
+@dataclass(frozen=True)
+class Queued:
+    """A lab node on ``spool`` whose documents wait for the hospital (down): their
+    records, and which of them have their bodies in the shared bodies folder."""
+
+    config: Path
+    node: GatewayProcess
+    records: list[OutboundRecord]
+    in_files: list[OutboundRecord]
+    documents: dict[str, bytes]
+
+
+def queued_node(layout: DemoLayout, processes: Any, spool: PostgresSettings, cert: Path) -> Queued:
     config = add_node(layout.lab, "lab-a", spool)
-    key, cert = recipient(tmp_path / "offline")
     add_backup(config, cert)
     rng = random.Random(19)
     print("documents' random seed: 19")
     documents = {f"image-{n}.dcm": rng.randbytes(INLINE_BODY_BYTES + 4096 * n) for n in (1, 2)}
     documents["result.hl7"] = b"MSH|small enough to be kept in the spool\r"
-    lab = processes.start(config)
+    node = processes.start(config)
     for name, data in documents.items():
         drop_file(layout.lab.outbox_for("hospital"), name, data)
 
@@ -92,12 +109,25 @@ def test_a_node_backed_up_with_its_postgresql_spool_and_shared_bodies_is_restore
     bodies = layout.lab.root / BODIES
     in_files = [r for r in records if r.body_path is not None and r.body_path.parent == bodies]
     assert len(in_files) == 2 and all(r.body_path and r.body_path.exists() for r in in_files)
+    return Queued(config, node, records, in_files, documents)
 
+
+def restore(bundle: Path, key: Path, cert: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    return medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+
+
+def test_a_node_backed_up_with_its_postgresql_spool_and_shared_bodies_is_restored_and_sends_once(
+    layout: DemoLayout, processes: Any, postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    spool = postgres_server.new_database()
+    key, cert = recipient(tmp_path / "offline")
+    lab = queued_node(layout, processes, spool, cert)
+    config, records, in_files, documents = lab.config, lab.records, lab.in_files, lab.documents
     bundle = tmp_path / "carried-out" / "lab-a.p7m"
     bundle.parent.mkdir()
     made = medgw("backup", "--to", bundle, "--json", "--config", config)
     assert made.returncode == 0, made.stderr
-    lab.kill()  # the node, its database and its shared folder are lost
+    lab.node.kill()  # the node, its database and its shared folder are lost
     _, signer = backup_signer(config)
     manifest = openssl_opens(bundle, key, cert, signer, tmp_path)
     assert manifest["spool"] == "postgresql" and manifest["outbound_messages"] == 3
@@ -111,14 +141,34 @@ def test_a_node_backed_up_with_its_postgresql_spool_and_shared_bodies_is_restore
     host = new_host(layout, "lab-restored", spool, fresh)
     busy = host.with_name("gateway-busy.toml")
     busy.write_text(host.read_text().replace(fresh.dbname, spool.dbname))
-    refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", busy)
+    refused = restore(bundle, key, cert, busy)
     assert refused.returncode == 1, refused.stdout
     assert "spool database" in refused.stderr and "is not empty" in refused.stderr
     assert "outbound (3 rows)" in refused.stderr and "--force" in refused.stderr
     assert not (host.parent / BODIES).exists()
+    # Onto a host without pg_restore, with its spool in SQLite, or without bodies_dir.
+    text = host.read_text()
+    no_tools = tmp_path / "no-tools"
+    no_tools.mkdir()
+    refusals = {
+        "tool-missing": (text + f'pg_bin_dir = "{no_tools}"\n', "pg_restore, PostgreSQL's tool"),
+        "spool-backend": (
+            re.sub(r"\n\[spool\]\n(?:[a-z_]+ = .*\n)*", "\n", text),
+            "holds a spool of postgresql",
+        ),
+        "no-bodies-dir": (text.replace(f'bodies_dir = "{BODIES}"\n', ""), "[cluster] bodies_dir"),
+    }
+    for reason, (changed, says) in refusals.items():
+        busy.write_text(changed)
+        refused = restore(bundle, key, cert, busy)
+        assert refused.returncode == 1 and says in refused.stderr, (reason, refused.stderr)
+        assert "nothing was restored" in refused.stderr, refused.stderr
+        [*_, event] = read_audit(host.parent / "audit" / "audit.jsonl")
+        assert event["event"] == "backup.restore_refused" and event["reason"] == reason
+        assert not (host.parent / BODIES).exists()
     busy.unlink()
 
-    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", host)
+    done = restore(bundle, key, cert, host)
     assert done.returncode == 0, done.stderr
     new_bodies = host.parent / BODIES
     restored = {r.message_id: r for r in outbound(fresh)}
@@ -169,3 +219,66 @@ def test_a_backup_without_pg_dump_names_the_tool_and_how_to_install_it(
     assert "pg_dump, PostgreSQL's tool" in made.stderr and str(no_tools) in made.stderr
     assert "postgresql-client" in made.stderr and "pg_bin_dir" in made.stderr
     assert not bundle.exists()
+
+
+def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
+    layout: DemoLayout,
+    processes: Any,
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dump is one snapshot; a message sent after it (its body removed before the
+    copy) is restored as it is now, delivered, not queued with a body the bundle lacks.
+    A body gone while its message still waits is an error that names the file."""
+    spool = postgres_server.new_database()
+    key, cert = recipient(tmp_path / "offline")
+    lab = queued_node(layout, processes, spool, cert)
+    lab.node.stop()
+    moved_on, waiting = lab.in_files
+    assert moved_on.body_path is not None and waiting.body_path is not None
+    real = pgspool.snapshot
+
+    @contextlib.contextmanager
+    def then_sent(*args: Any) -> Iterator[Any]:
+        with real(*args) as snapshot:  # dumped: the message is sent, its body removed
+            node = PostgresSpool(spool, TickingClock(), Claimant("lab-a"))
+            try:
+                claimed, _ = node.claim_due("hospital", time.time() + 3600, 10)
+                assert moved_on.message_id in {r.message_id for r in claimed}
+                for record in claimed:
+                    if record.message_id != moved_on.message_id:
+                        assert node.mark_retry(record.message_id, "not now", 0)
+                state = OutboundState.DELIVERED
+                assert node.mark_done(moved_on.message_id, state, "processed", None)
+            finally:
+                node.close()
+            assert moved_on.body_path is not None
+            moved_on.body_path.unlink()
+            yield snapshot
+
+    monkeypatch.setattr(pgspool, "snapshot", then_sent)
+    config = load_config(lab.config)
+    bundle = tmp_path / "lab-a.p7m"
+    write_bundle(config, bundle, datetime.now(UTC))
+    monkeypatch.undo()
+    _, signer = backup_signer(lab.config)
+    manifest = openssl_opens(bundle, key, cert, signer, tmp_path)
+    assert REFRESHED in manifest["files"]
+    assert f"bodies/{moved_on.body_path.name}" not in manifest["files"]
+    assert f"bodies/{waiting.body_path.name}" in manifest["files"]
+
+    fresh = postgres_server.new_database()
+    host = new_host(layout, "lab-restored", spool, fresh)
+    done = restore(bundle, key, cert, host)
+    assert done.returncode == 0, done.stderr
+    restored = {r.message_id: r for r in outbound(fresh)}
+    assert restored[moved_on.message_id].state == OutboundState.DELIVERED
+    assert restored[waiting.message_id].state == OutboundState.QUEUED
+    body = restored[waiting.message_id].body_path
+    assert body == host.parent / BODIES / waiting.body_path.name and body.exists()
+
+    waiting.body_path.unlink()  # by hand: the message still waits for it
+    with pytest.raises(BackupError, match=re.escape(f"{waiting.body_path}, which the spool")):
+        write_bundle(config, tmp_path / "again.p7m", datetime.now(UTC))
+    assert not (tmp_path / "again.p7m").exists()
