@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +15,7 @@ from gateway.demo_run import GatewayProcess, free_port, free_ports
 from gateway.pki.demo import DemoLayout, init_demo
 from gateway.spool import Claimant, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.helpers.listener import SilentPeer, silent_peer
 from tests.helpers.postgres import SKIP_REASON, PostgresServer, running_server, server_binaries
 from tests.helpers.zones import World, two_zone_world
 from tests.rsyslog import Collector
@@ -68,6 +69,13 @@ def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
     yield make
     for spool in opened:
         spool.close()
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[SilentPeer]:
+    """A peer that accepts connections and never answers (tests/helpers/listener.py)."""
+    async with silent_peer() as peer:
+        yield peer
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from gateway.audit.log import AuditLog
 from gateway.channel.client import PeerClient
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, Peer, load_config
-from gateway.demo_run import free_ports, read_audit
+from gateway.demo_run import read_audit
 from gateway.egress import Network
 from gateway.logs import make_logger
 from gateway.outbound import Outbound, Settings
@@ -37,6 +37,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
 from gateway.spool import OutboundRecord, OutboundState, SqliteSpool
+from tests.helpers.listener import SilentPeer
 
 
 class NotedSpool(SqliteSpool):
@@ -177,20 +178,9 @@ async def test_a_refused_connection_and_the_last_attempt_are_recorded_off_the_ev
 
 
 async def test_a_send_interrupted_by_shutdown_is_parked_off_the_event_loop(
-    layout: DemoLayout, tmp_path: Path
+    layout: DemoLayout, tmp_path: Path, silent: SilentPeer
 ) -> None:
-    accepted = asyncio.Event()
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # accepts, never answers the TLS handshake
-        accepted.set()
-
-    [port] = free_ports(1)
-    listener = await asyncio.start_server(silent, "127.0.0.1", port)
-    config = load_config(layout.hospital.config_path)
-    [peer] = config.peers
-    config = replace(config, peers=(replace(peer, url=f"https://127.0.0.1:{port}/as2"),))
+    config = silent.sent_to(load_config(layout.hospital.config_path))
     outbound, spool, audit, peer = await _sender(layout, tmp_path, config)
     client = _client(outbound, peer)
     try:
@@ -199,7 +189,7 @@ async def test_a_send_interrupted_by_shutdown_is_parked_off_the_event_loop(
         send = asyncio.get_running_loop().create_task(
             outbound.send_one(record, peer, client, random.Random(1))
         )
-        await asyncio.wait_for(accepted.wait(), 30)
+        await asyncio.wait_for(silent.accepted.wait(), 30)
         send.cancel()
         await asyncio.gather(send, return_exceptions=True)
         assert [w for w, _ in spool.threads] == ["mark_retry"]
@@ -207,9 +197,6 @@ async def test_a_send_interrupted_by_shutdown_is_parked_off_the_event_loop(
         parked = spool.get(record.message_id)
         assert parked is not None and parked.state is OutboundState.QUEUED
     finally:
-        for writer in held:
-            writer.close()
-        listener.close()
         await client.close()
         spool.close()
         audit.close()

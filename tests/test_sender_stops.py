@@ -11,7 +11,6 @@ with its deadline passed.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import random
 from dataclasses import replace
@@ -25,7 +24,6 @@ from gateway.config import load_config
 from gateway.daemon.sending import Senders
 from gateway.daemon.state import Parts, build_state
 from gateway.daemon.tasks import Tasks
-from gateway.demo_run import free_ports
 from gateway.egress import Network
 from gateway.inbound.locks import InboundLocks
 from gateway.logs import make_logger
@@ -35,6 +33,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import OutboundState
 from tests.conftest import MakeSpool
+from tests.helpers.listener import SilentPeer
 from tests.helpers.waiting import until
 
 DOCUMENTS = 3
@@ -42,18 +41,14 @@ DOCUMENTS = 3
 
 @pytest.mark.parametrize("stopped_by", ["reload", "shutdown"])
 async def test_messages_being_sent_go_back_to_the_queue_when_their_sender_stops(
-    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, stopped_by: str
+    layout: DemoLayout,
+    tmp_path: Path,
+    make_spool: MakeSpool,
+    silent: SilentPeer,
+    stopped_by: str,
 ) -> None:
-    held: list[asyncio.StreamWriter] = []
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # accepts, never answers the TLS handshake
-
-    [port] = free_ports(1)
-    listener = await asyncio.start_server(silent, "127.0.0.1", port)
-    config = load_config(layout.hospital.config_path)
+    config = silent.sent_to(load_config(layout.hospital.config_path))
     [peer] = config.peers
-    config = replace(config, peers=(replace(peer, url=f"https://127.0.0.1:{port}/as2"),))
     clock = SystemClock()
     log = make_logger(stream=io.StringIO())
     spool = make_spool(clock)
@@ -77,7 +72,7 @@ async def test_messages_being_sent_go_back_to_the_queue_when_their_sender_stops(
             return [r.state for r in spool.list_outbound()]
 
         senders.sync()  # the peer's sender starts: claims them all, and sends
-        await until(lambda: len(held) >= DOCUMENTS, f"{DOCUMENTS} connections to the peer")
+        await until(lambda: len(silent.held) >= DOCUMENTS, f"{DOCUMENTS} connections to the peer")
         assert states_now() == [OutboundState.SENDING] * DOCUMENTS
 
         if stopped_by == "reload":  # the peer removed from peers.d, as Daemon._swap does
@@ -98,9 +93,6 @@ async def test_messages_being_sent_go_back_to_the_queue_when_their_sender_stops(
     finally:
         tasks.stopping = True
         await senders.stop(0.1)
-        for writer in held:
-            writer.close()
-        listener.close()
         for client in states[0].clients.values():
             await client.close()
         audit.close()

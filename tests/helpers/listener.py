@@ -1,17 +1,22 @@
 """The demo hospital's AS2 listener run in the test's own event loop, on a free port of
-127.0.0.1, requiring a client certificate from the demo CA."""
+127.0.0.1, requiring a client certificate from the demo CA; and a peer that accepts
+connections and never answers."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import ssl
-from dataclasses import replace
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gateway.audit import AuditSink
 from gateway.channel.server import As2Server, RequestHandler
 from gateway.clock import Clock
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
+from gateway.demo_run import free_ports
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 
@@ -43,3 +48,40 @@ def hospital_listener(
         clock,
         **limits,
     )
+
+
+@dataclass(frozen=True)
+class SilentPeer:
+    """A peer on ``port`` of 127.0.0.1 that accepts connections and never answers (a TLS
+    handshake with it never ends): the connections it holds, and whether one came."""
+
+    port: int
+    held: list[asyncio.StreamWriter]
+    accepted: asyncio.Event
+
+    def sent_to(self, config: GatewayConfig) -> GatewayConfig:
+        """``config`` with its one peer's URL here."""
+        [peer] = config.peers
+        url = f"https://127.0.0.1:{self.port}/as2"
+        return replace(config, peers=(replace(peer, url=url),))
+
+
+@asynccontextmanager
+async def silent_peer() -> AsyncIterator[SilentPeer]:
+    """A :class:`SilentPeer` listening on a free port; the listener and the connections it
+    holds closed after."""
+    held: list[asyncio.StreamWriter] = []
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        accepted.set()
+
+    [port] = free_ports(1)
+    listener = await asyncio.start_server(silent, "127.0.0.1", port)
+    try:
+        yield SilentPeer(port, held, accepted)
+    finally:
+        for writer in held:
+            writer.close()
+        listener.close()
