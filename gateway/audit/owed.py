@@ -12,15 +12,37 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from gateway.audit.events import AuditEvent
+from gateway.audit.events import AuditEvent, EventType
 from gateway.audit.log import CLOCK_MARGIN, AuditSink, last_record_time, recorded_since
 from gateway.logs import Logger
 
 RECOVERED = (
     "recorded at recovery: the change was committed before an interruption cut off its record"
 )
+# The records owed that another node's later change of the row does not displace (see
+# gateway.spool.schema.DISPLACES): the row keeps who queued a message (queued_by), and
+# that node's start finds its message.accepted by that, whoever changed the row since.
+KEPT_BY_ROW = frozenset({EventType.MESSAGE_ACCEPTED.value})
+
+
+class OwingRow(Protocol):
+    @property
+    def audit_owed_at(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=OwingRow)
+
+
+def owed_since(rows: Sequence[R], since: datetime) -> list[R]:
+    """Of ``rows`` (each as a change that owes a record left it), those whose change was
+    made at ``since`` or later: the others' records are in the trail."""
+    return [
+        row
+        for row in rows
+        if row.audit_owed_at is not None and datetime.fromisoformat(row.audit_owed_at) >= since
+    ]
 
 
 def changes_since(trail: Path) -> datetime:

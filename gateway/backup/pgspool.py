@@ -34,6 +34,7 @@ from psycopg.rows import dict_row
 from gateway.errors import MedgwError
 from gateway.spool.postgres import PostgresSettings
 from gateway.spool.postgres.database import server_error
+from gateway.spool.postgres.schema import KEEP_DISPLACED
 from gateway.spool.schema import SCHEMA
 
 # The spool's tables, and the one that records its schema's version: what a dump holds.
@@ -260,6 +261,8 @@ def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
     the spool's tables there (a node's start may have created them empty)."""
     argv = [pg_restore, "--no-owner", "--no-privileges", "--single-transaction"]
     argv += ["--exit-on-error", "--clean", "--if-exists", f"--dbname={settings.dbname}"]
+    with connect(settings) as conn:
+        conn.execute(KEEP_DISPLACED)  # the function the dumped tables' triggers run
     _run([*argv, str(dump)], settings, "restore the spool")
 
 

@@ -10,14 +10,14 @@ from functools import partial
 from pathlib import Path
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.audit.owed import RECOVERED, Owed, changes_since, write_unrecorded
+from gateway.audit.owed import RECOVERED, Owed, changes_since, owed_since, write_unrecorded
 from gateway.delivery import inbox
 from gateway.errors import ClaimHeldError, MedgwError
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.logs import Logger
 from gateway.spool import HandoverRecord, InboundRecord, Spool
-from gateway.spool.records import RETRIED_BY
+from gateway.spool.records import RETRIED_BY, DisplacedOwed
 
 
 def recover(
@@ -48,10 +48,17 @@ def record_cut_off(
     ``message.handed_over``, ``message.handover_failed``,
     ``message.handover_retried``), each once, marked as written at recovery; those
     of changes made ``since`` (None: since the trail's end, see changes_since)."""
-    after = (changes_since(trail) if since is None else since).astimezone(UTC).isoformat()
+    since = changes_since(trail) if since is None else since
+    after = since.astimezone(UTC).isoformat()
+    # And the rows as this node's changes left them, whose records another node's later
+    # change displaced (see Spool.displaced_owed).
+    found = spool.displaced_owed()
+    displaced = DisplacedOwed(inbound=found.inbound, handover=found.handover)
     changed: list[InboundRecord | HandoverRecord] = [
         *spool.inbound_changed_since(after),
         *spool.handover_changed_since(after),
+        *owed_since(displaced.inbound, since),
+        *owed_since(displaced.handover, since),
     ]
     wanted: dict[Owed, Callable[[], AuditEvent]] = {}
     for row in changed:
@@ -65,6 +72,7 @@ def record_cut_off(
         )
         wanted[owed] = partial(_cut_off_event, row, EventType(row.audit_owed))
     write_unrecorded(trail, list(wanted.items()), audit, log)
+    spool.forget_displaced(displaced)  # in the trail now, or from before `since`
 
 
 def _cut_off_event(row: InboundRecord | HandoverRecord, kind: EventType) -> AuditEvent:

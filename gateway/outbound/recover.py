@@ -10,7 +10,7 @@ from functools import partial
 from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
-from gateway.audit.owed import RECOVERED, Owed, changes_since, write_unrecorded
+from gateway.audit.owed import RECOVERED, Owed, changes_since, owed_since, write_unrecorded
 from gateway.fsutil import file_identity, fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
@@ -22,7 +22,13 @@ from gateway.outbound.sweep import (
     remove_unrecorded_receipts,
 )
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import CANCELLED_BY, RETRIED_BY, TAKEN_OVER, payload_item
+from gateway.spool.records import (
+    CANCELLED_BY,
+    RETRIED_BY,
+    TAKEN_OVER,
+    DisplacedOwed,
+    payload_item,
+)
 
 SHARED_PARTIAL_SECONDS = 24 * 3600.0
 COMMAND_PARTIAL_SECONDS = 3600.0
@@ -183,8 +189,15 @@ class Recovery:
         trail = self._ctx.config.storage.audit_log
         if since is None:
             since = changes_since(trail)
-        changed = self._ctx.spool.outbound_changed_since(since.astimezone(UTC).isoformat())
-        me = self._ctx.spool.node
+        spool = self._ctx.spool
+        # And the rows as this node's changes left them, whose records another node's
+        # later change displaced (see Spool.displaced_owed).
+        displaced = DisplacedOwed(outbound=spool.displaced_owed().outbound)
+        changed = [
+            *spool.outbound_changed_since(since.astimezone(UTC).isoformat()),
+            *owed_since(displaced.outbound, since),
+        ]
+        me = spool.node
         # (message, record to write) -> the row, and the record it owes.
         wanted: dict[tuple[str, EventType], tuple[OutboundRecord, Owed]] = {}
 
@@ -241,6 +254,7 @@ class Recovery:
             for (_, kind), (record, owed) in wanted.items()
         ]
         write_unrecorded(trail, to_write, self._ctx.audit, self._ctx.log)
+        spool.forget_displaced(displaced)  # in the trail now, or from before `since`
 
     def _cut_off_event(self, record: OutboundRecord, kind: EventType) -> AuditEvent:
         """The record ``kind`` of ``record``'s step (its queueing, or its last step), as

@@ -37,6 +37,7 @@ from gateway.audit.events import EventType
 from gateway.routing import LOCAL_INTAKE, Origin
 from gateway.spool.records import (
     DataKey,
+    DisplacedOwed,
     Disposable,
     HandoverRecord,
     HandoverState,
@@ -290,6 +291,20 @@ class Spool(Protocol):
         """The hand-overs whose last audited change (done, failed, retried by an
         operator) this node made at ``since`` (ISO 8601, UTC) or later: for recovery, as
         :meth:`outbound_changed_since`."""
+        ...
+
+    def displaced_owed(self) -> DisplacedOwed:
+        """The records this node's changes owe (see ``OutboundRecord.audit_owed``) that
+        another node's later change of the same row displaced: that change kept the row
+        as it was (this node's change the last one an audit record followed) in its own
+        transaction.  For recovery, as :meth:`outbound_changed_since`: a kill may have cut
+        them off.  At most one per row (the latest), until :meth:`forget_displaced`."""
+        ...
+
+    def forget_displaced(self, displaced: DisplacedOwed) -> None:
+        """Delete these of :meth:`displaced_owed` (their records are in this node's trail
+        now); one another node's change displaced since (a later change of this node, or
+        the same row read again) stays."""
         ...
 
     def take_over_expired(self) -> list[OutboundRecord]:

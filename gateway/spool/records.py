@@ -214,6 +214,17 @@ class HandoverRecord:
     audit_owed_at: str | None = None
 
 
+@dataclass(frozen=True)
+class DisplacedOwed:
+    """Records this node's changes owe that another node's later change of the same row
+    displaced from it (see Spool.displaced_owed): each row as this node's change left
+    it (its binary data left out), naming that record (``audit_owed``, ``audit_owed_at``)."""
+
+    outbound: tuple[OutboundRecord, ...] = ()
+    inbound: tuple[InboundRecord, ...] = ()
+    handover: tuple[HandoverRecord, ...] = ()
+
+
 class RetainedKind(StrEnum):
     """What the gateway keeps after a message is finished, each with its own retention."""
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+
+from gateway.audit.owed import KEPT_BY_ROW
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbound (
@@ -81,6 +84,21 @@ CREATE TABLE IF NOT EXISTS data_keys (
     wrapped         BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS data_keys_kek ON data_keys (kek);
+-- The record a node's change of a row owes (the row's audited_by, audit_owed and
+-- audit_owed_at), once the row passes to another node before that node's change owes
+-- its own (see DISPLACES): kept by the tables' triggers, in the transaction of that
+-- change, until the owing node's next start has written it to its trail if a kill cut
+-- it off.  One per node and row (source: the table), the row as it was then (JSON,
+-- binary columns left out).
+CREATE TABLE IF NOT EXISTS displaced_owed (
+    node            TEXT NOT NULL,
+    source          TEXT NOT NULL,
+    peer            TEXT NOT NULL,
+    message_id      TEXT NOT NULL,
+    owed_at         TEXT NOT NULL,
+    snapshot        TEXT NOT NULL,
+    PRIMARY KEY (node, source, peer, message_id)
+);
 CREATE TABLE IF NOT EXISTS peer_control (
     peer            TEXT PRIMARY KEY,
     suspended       INTEGER NOT NULL,
@@ -187,8 +205,61 @@ ADDED_INDEXES = (
 )
 
 
+# The tables whose rows name the record their last audited change owes, and those of
+# their columns that hold binary data (documents, bodies, receipts): left out of the
+# snapshot a displaced record keeps.
+OWING_TABLES = ("outbound", "inbound", "handover")
+BINARY_COLUMNS = frozenset(re.findall(r"(\w+)\s+BLOB\b", SCHEMA)) | {
+    column for _, column, kind in ADDED_COLUMNS if kind.split()[0] == "BLOB"
+}
+# When a change of a row passes it to another node, which may displace the record the
+# row's last audited change owes: the change names another node as the one that holds
+# the row (``node``: a claim, a take-over) or as the one whose record its own change
+# owes (``audited_by``), and that record is not one the row keeps otherwise
+# (KEPT_BY_ROW).  The row is kept as it was at the first such change after the audited
+# one (as that change left it, before another node's claim counts its attempt).  Only
+# work across nodes meets it (a take-over, another node's send of a message whose last
+# attempt failed, an operator's action on another node): never a node's own steps, nor
+# a message queued on one node and sent by another.
+DISPLACES = (
+    "OLD.audited_by IS NOT NULL AND OLD.audit_owed IS NOT NULL"
+    " AND OLD.audit_owed_at IS NOT NULL"
+    " AND (NEW.audited_by <> OLD.audited_by OR NEW.node <> OLD.audited_by)"
+    " AND OLD.audit_owed NOT IN ({})".format(", ".join(sorted(f"'{e}'" for e in KEPT_BY_ROW)))
+)
+# The columns a change of which may displace a record (see DISPLACES).
+DISPLACING_COLUMNS = "audited_by, node"
+
+
+def keep_displaced(source: str, snapshot: str) -> str:
+    """The statement of a trigger that keeps the record a change displaces (see
+    DISPLACES) in ``displaced_owed``: ``source`` (the table's name) and ``snapshot`` (the
+    row before the change, as JSON text), expressions of the trigger's language."""
+    return (
+        "INSERT INTO displaced_owed (node, source, peer, message_id, owed_at, snapshot)"  # noqa: S608 - fixed text
+        f" VALUES (OLD.audited_by, {source}, OLD.peer, OLD.message_id, OLD.audit_owed_at,"
+        f" {snapshot}) ON CONFLICT (node, source, peer, message_id)"
+        " DO UPDATE SET owed_at=excluded.owed_at, snapshot=excluded.snapshot"
+        # The same record displaced again (by a claim, then a change): the first stays.
+        " WHERE displaced_owed.owed_at <> excluded.owed_at"
+    )
+
+
+def _displacing_trigger(db: sqlite3.Connection, table: str) -> str:
+    """SQLite's trigger of ``table`` that keeps a displaced record (see DISPLACES), its
+    snapshot of every column the table has now (but binary ones)."""
+    columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+    pairs = ", ".join(f"'{c}', OLD.{c}" for c in columns if c not in BINARY_COLUMNS)
+    keep = keep_displaced(f"'{table}'", f"json_object({pairs})")
+    return (
+        f"CREATE TRIGGER {table}_displaced_owed AFTER UPDATE OF {DISPLACING_COLUMNS} ON {table}"
+        f" WHEN {DISPLACES} BEGIN {keep}; END"
+    )
+
+
 def create_or_upgrade(db: sqlite3.Connection) -> None:
-    """Create the tables (a new spool) or add the columns an older one lacks."""
+    """Create the tables (a new spool) or add the columns an older one lacks, and the
+    triggers that keep displaced records (made again when the columns changed)."""
     db.executescript(SCHEMA)
     for table, column, kind in ADDED_COLUMNS:
         present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -196,3 +267,12 @@ def create_or_upgrade(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     for statement in ADDED_INDEXES:
         db.execute(statement)
+    for table in OWING_TABLES:
+        trigger = _displacing_trigger(db, table)
+        name = f"{table}_displaced_owed"
+        found = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type='trigger' AND name=?", (name,)
+        ).fetchone()
+        if found is None or found[0] != trigger:
+            db.execute(f"DROP TRIGGER IF EXISTS {name}")
+            db.execute(trigger)

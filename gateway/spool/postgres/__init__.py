@@ -1,9 +1,9 @@
 """The spool in a PostgreSQL database, which several gateway nodes can share.
 
 The same parts as the SQLite spool (``outbound``, ``inbound``, ``handover``,
-``peers``, ``retention``, ``datakeys``, ``leases``: the same statements, the same
-states, every change one transaction with the same preconditions) over :mod:`.database`'s
-connections; the claim of messages to send is ``FOR UPDATE SKIP LOCKED``.
+``peers``, ``retention``, ``datakeys``, ``leases``, ``displaced``: the same statements,
+the same states, every change one transaction with the same preconditions) over
+:mod:`.database`'s connections; the claim of messages to send is ``FOR UPDATE SKIP LOCKED``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway.spool.postgres.database import PostgresDatabase
 from gateway.spool.postgres.settings import PostgresSettings
 from gateway.spool.sqlite.datakeys import DataKeys
+from gateway.spool.sqlite.displaced import DisplacedRecords
 from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
 from gateway.spool.sqlite.leases import Leases
@@ -30,5 +31,6 @@ class PostgresSpool(
     RetainedItems,
     DataKeys,
     Leases,
+    DisplacedRecords,
 ):
     """The spool in one PostgreSQL database (see :class:`gateway.spool.Spool`)."""

@@ -14,12 +14,22 @@ from __future__ import annotations
 import re
 
 from gateway.errors import SpoolError
-from gateway.spool.schema import ADDED_COLUMNS, ADDED_INDEXES, SCHEMA
+from gateway.spool.schema import (
+    ADDED_COLUMNS,
+    ADDED_INDEXES,
+    BINARY_COLUMNS,
+    DISPLACES,
+    DISPLACING_COLUMNS,
+    OWING_TABLES,
+    SCHEMA,
+    keep_displaced,
+)
 from gateway.spool.sql import Connection
 
 # Steps of PostgreSQL's tables alone, after the shared schema's (see create_or_upgrade):
-# 1. the times stored as text (columns named ``*_at``) compared in the "C" collation.
-POSTGRES_STEPS = 1
+# 1. the times stored as text (columns named ``*_at``) compared in the "C" collation;
+# 2. the triggers that keep a record a change displaces (gateway.spool.schema.DISPLACES).
+POSTGRES_STEPS = 2
 # The schema's version: it grows with every table, index or column added, and step.
 VERSION = (
     len(re.findall(r"\bCREATE\b", SCHEMA))
@@ -31,6 +41,15 @@ VERSION = (
 _LOCK = 0x6D65646777
 
 _TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
+# The function the triggers of displaced records run: the row before the change as JSON
+# (its binary columns left out), whatever columns the table has.  Not part of a table:
+# a restore of the tables (their triggers with them) creates it first.
+_BINARY = ", ".join(f"'{column}'" for column in sorted(BINARY_COLUMNS))
+KEEP_DISPLACED = (
+    "CREATE OR REPLACE FUNCTION keep_displaced_owed() RETURNS trigger LANGUAGE plpgsql AS $$"
+    f" BEGIN {keep_displaced('TG_TABLE_NAME', f'CAST(to_jsonb(OLD) - ARRAY[{_BINARY}] AS TEXT)')};"
+    " RETURN NULL; END $$"
+)
 
 
 # Times are stored as ISO 8601 text (gateway.spool.sql: SqlStore._now), compared and
@@ -86,5 +105,14 @@ def create_or_upgrade(db: Connection) -> None:
     for row in db.execute(_TIME_COLUMNS_NOT_C, ()).fetchall():
         table, column = row["table_name"], row["column_name"]
         db.execute(f'ALTER TABLE {table} ALTER COLUMN {column} TYPE TEXT COLLATE "C"')
+    db.execute(KEEP_DISPLACED, ())
+    for table in OWING_TABLES:
+        db.execute(f"DROP TRIGGER IF EXISTS {table}_displaced_owed ON {table}", ())
+        db.execute(
+            f"CREATE TRIGGER {table}_displaced_owed AFTER UPDATE OF {DISPLACING_COLUMNS}"
+            f" ON {table}"
+            f" FOR EACH ROW WHEN ({DISPLACES}) EXECUTE FUNCTION keep_displaced_owed()",
+            (),
+        )
     db.execute("DELETE FROM spool_schema", ())
     db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from gateway.spool.sqlite.database import Database
 from gateway.spool.sqlite.datakeys import DataKeys
+from gateway.spool.sqlite.displaced import DisplacedRecords
 from gateway.spool.sqlite.handover import HandoverQueue
 from gateway.spool.sqlite.inbound import InboundDedup
 from gateway.spool.sqlite.leases import Leases
@@ -38,7 +39,8 @@ class SqliteSpool(
     RetainedItems,
     DataKeys,
     Leases,
+    DisplacedRecords,
 ):
     """The spool in one SQLite database (see :class:`gateway.spool.Spool`): one part per
     concern (``outbound``, ``inbound``, ``handover``, ``peers``, ``retention``,
-    ``datakeys``, ``leases``) over one ``database``."""
+    ``datakeys``, ``leases``, ``displaced``) over one ``database``."""

@@ -1,0 +1,216 @@
+"""A record one node's change owes, cut off by a kill, and the row changed since by
+another node: the first node's next start still writes it.
+
+Two spool handles on one database act as nodes a and b (each test runs on SQLite and
+on PostgreSQL), the clock injected; node a has a real audit trail.  Node a commits a
+change and is "killed" before writing its record (the test writes none); node b then
+changes the same row and names its own record, as a take-over, a send or an
+operator's action on b does.  The row keeps only b's; the spool keeps a's, as the row
+was, in the same transaction, for a's start."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit import AuditLog
+from gateway.audit.events import EventType
+from gateway.audit.owed import RECOVERED
+from gateway.config import load_config
+from gateway.demo_run import read_audit
+from gateway.inbound.recovery import record_cut_off
+from gateway.logs import make_logger
+from gateway.outbound.context import Context, Settings
+from gateway.outbound.recover import Recovery
+from gateway.outbound.seal import Sealer
+from gateway.pki.demo import DemoLayout
+from gateway.spool import Claimant, OutboundState, Spool
+from gateway.spool.postgres import PostgresSpool
+from gateway.spool.postgres.schema import VERSION
+from gateway.spool.records import DisplacedOwed
+from gateway.spool.schema import OWING_TABLES
+from gateway.spool.sql import Connection, SqlStore
+from tests.clocks import SetClock
+from tests.conftest import MakeSpool
+
+LEASE = 60.0
+
+
+@pytest.fixture
+def clock() -> SetClock:
+    return SetClock()
+
+
+@pytest.fixture
+def nodes(make_spool: MakeSpool, clock: SetClock) -> tuple[Spool, Spool]:
+    return make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
+
+
+def _queued(spool: Spool, tmp_path: Path, message_id: str) -> None:
+    spool.add_intake(
+        message_id, "hospital", "m.hl7", "text/plain", tmp_path / "src", tmp_path / message_id
+    )
+    assert spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+
+
+def _start_outbound(layout: DemoLayout, spool: Spool, clock: SetClock) -> None:
+    """Node a's start: its outbound recovery, with its own audit trail."""
+    config = load_config(layout.lab.config_path)
+    audit = AuditLog(config.storage.audit_log, clock, node="a")
+    context = Context(Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), clock)
+    asyncio.run(Recovery(context, Sealer(context)).recover())
+    audit.close()
+
+
+def _records(layout: DemoLayout, event: str) -> list[dict[str, Any]]:
+    trail = load_config(layout.lab.config_path).storage.audit_log
+    return [r for r in read_audit(trail) if r["event"] == event]
+
+
+def test_a_failed_send_another_node_then_sent_gets_its_record_at_the_next_start(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """Node a's send failed (queued again), a killed before its message.send_failed;
+    node b sends it and its receipt settles it.  a's start writes message.send_failed,
+    once, as a's change left the row; b's receipt.received is b's to write."""
+    a, b = nodes
+    _queued(a, tmp_path, "<m@lab>")
+    _start_outbound(layout, a, clock)  # its message.accepted, as a running a writes it
+    assert len(_records(layout, "message.accepted")) == 1
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    assert a.mark_retry("<m@lab>", "connection refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
+    # Killed here.  Node b sends it (a's retry is due) and settles it by its receipt.
+    clock.advance(5)
+    [claimed], _ = b.claim_due("hospital", clock.now().timestamp(), 1)
+    assert claimed.audited_by == "a"
+    assert b.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r.mdn")
+    row = b.get("<m@lab>")
+    assert row is not None and (row.audited_by, row.audit_owed) == ("b", "receipt.received")
+
+    clock.advance(5)
+    for _ in range(2):  # a second start finds it recorded
+        _start_outbound(layout, a, clock)
+    [failed] = _records(layout, "message.send_failed")
+    assert failed["message_id"] == "<m@lab>" and failed["node"] == "a"
+    assert failed["reason"] == f"connection refused; {RECOVERED}"
+    assert failed["detail"] == {"attempts": 1, "recorded_at_recovery": True}
+    assert _records(layout, "receipt.received") == []  # b's record, in b's trail
+    assert len(_records(layout, "message.accepted")) == 1
+    assert a.displaced_owed() == DisplacedOwed()  # written: forgotten
+
+
+def test_a_failed_hand_over_another_nodes_operator_retried_gets_its_record_at_the_next_start(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """Node a's hand-over failed for good, a killed before its message.handover_failed;
+    an operator retries it on node b.  a's start writes message.handover_failed, once."""
+    a, b = nodes
+    config = load_config(layout.lab.config_path)
+    trail = config.storage.audit_log
+    audit = AuditLog(trail, clock, node="a")
+    log = make_logger(stream=io.StringIO())
+    a.inbound_begin("hospital", "<r@h>", "ab" * 32, tmp_path / "r.hl7")
+    a.inbound_delivered("hospital", "<r@h>", [], b"receipt", handover=("text/plain", 3))
+    record_cut_off(a, audit, trail, log)  # its receipt.sent, as a running a writes it
+    assert a.handover_due(clock.now().timestamp())
+    assert a.handover_failed("hospital", "<r@h>", "HTTP 410 from the internal system")
+    # Killed here.  An operator on node b retries it.
+    clock.advance(5)
+    b.handover_operator_retry("hospital", "<r@h>", "operator:root (uid 0)", 0)
+    clock.advance(5)
+    for _ in range(2):  # a second start finds it recorded
+        record_cut_off(a, audit, trail, log)
+    audit.close()
+    [failed] = _records(layout, "message.handover_failed")
+    assert failed["message_id"] == "<r@h>" and failed["severity"] == "alert"
+    assert failed["reason"] == f"HTTP 410 from the internal system; not retried; {RECOVERED}"
+    assert failed["detail"]["final"] is True and failed["detail"]["attempt"] == 1
+    assert len(_records(layout, "receipt.sent")) == 1
+    assert _records(layout, "message.handover_retried") == []  # b's record
+    assert a.displaced_owed() == DisplacedOwed()
+
+
+def test_only_a_change_across_nodes_keeps_the_record_it_displaces(
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """A node's own steps, and a message queued on a and sent by b (a's message.accepted
+    is found by queued_by), keep nothing; an operator's cancel on b of a message a gave
+    up, and b's expiry of one whose last attempt a made, keep a's record as a left the
+    row, the latest per row, until a forgets exactly those it read."""
+    a, b = nodes
+    assert isinstance(b, SqlStore)
+    _queued(a, tmp_path, "<sent@lab>")
+    b.claim_due("hospital", clock.now().timestamp(), 1)
+    assert b.mark_done("<sent@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r")
+    _queued(a, tmp_path, "<own@lab>")
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    assert a.mark_retry("<own@lab>", "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    assert a.mark_dead("<own@lab>", "2 attempts failed")
+    assert a.displaced_owed() == b.displaced_owed() == DisplacedOwed()
+
+    clock.advance(1)
+    b.operator_cancel("<own@lab>", "operator:root (uid 0)")
+    _queued(a, tmp_path, "<late@lab>")
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    assert a.mark_retry("<late@lab>", "refused", 1e12, owed=EventType.MESSAGE_SEND_FAILED)
+    clock.advance(1)
+    b._write("UPDATE outbound SET expires_at=1 WHERE message_id=?", ("<late@lab>",))
+    assert b.expire_due("hospital", clock.now().timestamp()) == ["<late@lab>"]
+    found = a.displaced_owed()
+    assert b.displaced_owed() == DisplacedOwed()
+    assert [(r.message_id, r.audit_owed, r.state) for r in found.outbound] == [
+        ("<own@lab>", "message.dead", OutboundState.DEAD),
+        ("<late@lab>", "message.send_failed", OutboundState.QUEUED),
+    ]
+    late = found.outbound[1]
+    assert (late.last_error, late.attempts, late.audited_by) == ("refused", 1, "a")
+    assert late.body is None  # binary data is not kept
+    assert not found.inbound and not found.handover
+
+    # After a's start read them, a retries <late@lab> and b gives it up again: a's
+    # latest record displaced stays when a forgets what it read.
+    clock.advance(1)
+    a.operator_retry("<late@lab>", "operator:root (uid 0)", 0)
+    b.claim_due("hospital", clock.now().timestamp(), 1)
+    assert b.mark_dead("<late@lab>", "3 attempts failed")
+    a.forget_displaced(found)
+    [kept] = a.displaced_owed().outbound
+    assert (kept.message_id, kept.audit_owed) == ("<late@lab>", "message.retried")
+
+
+def test_a_spool_from_before_displaced_records_were_kept_keeps_them_once_upgraded(
+    make_spool: MakeSpool, clock: SetClock, tmp_path: Path
+) -> None:
+    """Opened again after its table and triggers were dropped (PostgreSQL: its version
+    the one before): both are made again, and a change across nodes is kept."""
+    a = make_spool(clock, Claimant("a", LEASE))
+    assert isinstance(a, SqlStore)
+    postgres = isinstance(a, PostgresSpool)
+
+    def as_before(db: Connection) -> None:
+        for table in OWING_TABLES:
+            on = f" ON {table}" if postgres else ""
+            db.execute(f"DROP TRIGGER {table}_displaced_owed{on}", ())
+        db.execute("DROP TABLE displaced_owed", ())
+        if postgres:
+            db.execute("DROP FUNCTION keep_displaced_owed()", ())
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 1,))
+
+    a._transact(as_before)
+    a.close()
+    a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
+    _queued(a, tmp_path, "<m@lab>")
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    assert a.mark_retry("<m@lab>", "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
+    b.claim_due("hospital", clock.now().timestamp(), 1)
+    [kept] = a.displaced_owed().outbound
+    assert (kept.message_id, kept.audit_owed, kept.state) == (
+        "<m@lab>",
+        "message.send_failed",
+        OutboundState.QUEUED,
+    )
