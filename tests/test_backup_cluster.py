@@ -2,7 +2,8 @@
 ``pg_dump`` (one snapshot), the shared ``[cluster] bodies_dir`` with it, restored by a
 real ``pg_restore`` into a fresh database and fresh folders, where a node started on
 it sends each queued document once.  A database that is not empty, and a missing
-``pg_dump``, are refused with what to do."""
+``pg_dump``, are refused with what to do.  A node with an SQLite spool and a
+bodies_dir gets its bodies restored too."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from gateway.config import load_config
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, OutboundRecord, OutboundState
+from gateway.spool import Claimant, OutboundRecord, OutboundState, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.cli import medgw
 from tests.clocks import TickingClock
@@ -282,3 +283,58 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
     with pytest.raises(BackupError, match=re.escape(f"{waiting.body_path}, which the spool")):
         write_bundle(config, tmp_path / "again.p7m", datetime.now(UTC))
     assert not (tmp_path / "again.p7m").exists()
+
+
+def test_a_single_node_with_bodies_dir_and_its_sqlite_spool_is_restored_with_its_bodies(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """An SQLite spool whose node keeps its large bodies in ``[cluster] bodies_dir``: the
+    bodies travel in the bundle, are put in the new host's bodies_dir, and are sent."""
+    key, cert = recipient(tmp_path / "offline")
+    config = layout.lab.config_path
+    add_backup(config, cert)
+    with config.open("a") as handle:
+        handle.write(f'\n[cluster]\nnode_name = "lab-a"\nbodies_dir = "{BODIES}"\n')
+    data = random.Random(19).randbytes(INLINE_BODY_BYTES + 4096)
+    lab = processes.start(config)
+    drop_file(layout.lab.outbox_for("hospital"), "image.dcm", data)
+    spool_path = layout.lab.root / "state" / "spool.sqlite3"
+
+    def queued() -> OutboundRecord | None:
+        spool = SqliteSpool(spool_path, TickingClock())
+        try:
+            found = [r for r in spool.all_outbound() if r.attempts]
+        finally:
+            spool.close()
+        return found[0] if found and found[0].state == OutboundState.QUEUED else None
+
+    record = wait_until(queued, 120, "the document queued, a first attempt failed")
+    assert record.body_path is not None and record.body_path.parent == layout.lab.root / BODIES
+    bundle = tmp_path / "lab.p7m"
+    made = medgw("backup", "--to", bundle, "--config", config)
+    assert made.returncode == 0, made.stderr
+    lab.kill()
+
+    root = layout.lab.root.with_name("lab-restored")
+    shutil.copytree(
+        layout.lab.root,
+        root,
+        ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox", BODIES),
+    )
+    done = restore(bundle, key, cert, root / "gateway.toml")
+    assert done.returncode == 0, done.stderr
+    spool = SqliteSpool(root / "state" / "spool.sqlite3", TickingClock())
+    try:
+        [restored] = spool.all_outbound()
+    finally:
+        spool.close()
+    assert restored.body_path == root / BODIES / record.body_path.name
+    assert (
+        restored.body_path is not None
+        and restored.body_path.read_bytes() == record.body_path.read_bytes()
+    )
+
+    processes.start(layout.hospital.config_path)
+    processes.start(root / "gateway.toml")
+    wait_until(lambda: "image.dcm" in inbox(layout), 180, "the restored document delivered")
+    assert inbox(layout) == {"image.dcm": hashlib.sha256(data).hexdigest()}
