@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +28,7 @@ from gateway.atrest import KeyStore, Vault
 from gateway.audit import AuditLog
 from gateway.config import load_config
 from gateway.demo_run import drop_file
-from gateway.errors import SpoolOutcomeUnknownError
+from gateway.errors import SpoolOutcomeUnknownError, SpoolUnreachableError
 from gateway.logs import make_logger
 from gateway.outbound import Settings
 from gateway.outbound.context import Context
@@ -36,7 +36,7 @@ from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer, ToSeal
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
-from gateway.spool import Claimant, OutboundState
+from gateway.spool import Claimant, OutboundState, Prepared
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.clocks import SetClock
 from tests.helpers.audit import events
@@ -197,3 +197,59 @@ def test_a_take_no_node_took_over_is_removed_and_taken_again(cluster: Cluster) -
     assert row.message_id != message_id
     assert (row.state, row.queued_by) == (OutboundState.QUEUED, "a")
     assert b.spool.intake_take_over(8) == []
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_document_whose_queueing_was_cut_off_is_recorded_once_by_the_node_that_queued_it(
+    cluster: Cluster, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node a took the document in (its file gone from the outbox) and lost the database
+    at the commit that queues it.  ``after`` the server committed it: a, reaching the
+    database again, writes the ``message.accepted`` record its lost answer cut off, once.
+    ``before``: a stayed cut off for longer than its lease and b took the document over
+    and queued it; a leaves it to b (``message.prepared_elsewhere``) and records
+    nothing of it."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    drop_file(cluster.outbox, "rx.hl7", b"MSH|^~\\&|LAB|prescription\r")
+    queue = a.spool.mark_queued_all
+
+    def cut_off(prepared: Sequence[Prepared]) -> list[str]:
+        cluster.cut.cut(when)
+        cluster.cut.refuse = True
+        return queue(prepared)
+
+    monkeypatch.setattr(a.spool, "mark_queued_all", cut_off)
+    with pytest.raises(SpoolUnreachableError):
+        asyncio.run(intake.intake_once())
+    monkeypatch.setattr(a.spool, "mark_queued_all", queue)
+    assert not (cluster.outbox / "rx.hl7").exists()
+    [row] = b.spool.all_outbound()
+    peer = b.context.config.require_peer("hospital")
+    cluster.clock.advance(LEASE + 1)
+    if when == "before":
+        assert (row.state, row.node) == (OutboundState.INTAKE, "a")
+        [taken] = b.spool.intake_take_over(8)
+        assert Sealer(b.context).seal_and_queue_all([ToSeal(taken, peer, None)])
+    else:
+        assert (row.state, row.queued_by) == (OutboundState.QUEUED, "a")
+
+    cluster.cut.refuse = False
+    assert asyncio.run(intake.intake_once()) == 0
+    assert asyncio.run(intake.intake_once()) == 0  # once: nothing more is written
+    [queued] = b.spool.all_outbound()
+    by = "b" if when == "before" else "a"
+    assert (queued.message_id, queued.state, queued.queued_by) == (
+        row.message_id,
+        OutboundState.QUEUED,
+        by,
+    )
+    accepted = {name: events(node.trail, "message.accepted") for name, node in (("a", a), ("b", b))}
+    assert [e["message_id"] for e in accepted[by]] == [row.message_id]
+    assert accepted["b" if by == "a" else "a"] == []
+    if when == "after":
+        assert accepted["a"][0]["detail"]["recorded_at_recovery"] is True
+        assert a.logged("message.prepared_elsewhere") == []
+    else:
+        [elsewhere] = a.logged("message.prepared_elsewhere")
+        assert elsewhere["message_id"] == row.message_id

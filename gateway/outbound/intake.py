@@ -73,7 +73,7 @@ class OutboxIntake:
         if self._unabandoned:
             await self._ctx.in_thread(self._abandon_failed_takes)
         for message_id in sorted(self._unsealed):
-            await self._sealer.prepare_again(message_id)  # raises while it still cannot
+            await self._sealer.prepare_unsealed(message_id)  # raises while it still cannot
             self._unsealed.discard(message_id)
         peers = {p.name: p.services for p in self._ctx.config.peers}
         result = self._outbox.next_round(self._ctx.config.storage.outbox_dir, peers, ROUND_PER_PEER)

@@ -14,7 +14,7 @@ from gateway.audit.owed import RECOVERED, Owed, changes_since, owed_since, write
 from gateway.fsutil import file_identity, fsync_dir, remove_partials_of, remove_stale_partials
 from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
-from gateway.outbound.seal import Sealer, accepted_event, open_document
+from gateway.outbound.seal import Sealer, open_document, recovered_accepted
 from gateway.outbound.sweep import (
     remove_sent_elsewhere,
     remove_spent_copies_of_others,
@@ -321,14 +321,7 @@ class Recovery:
         )
 
     def _accepted_event(self, record: OutboundRecord) -> AuditEvent:
-        return accepted_event(
-            record,
-            self._ctx.spool.submitter(record.message_id),
-            size=record.size,
-            mic=record.mic,
-            recovered=f"queued; {RECOVERED} (its SHA-256, algorithms and patients are not "
-            "known here)",
-        )
+        return recovered_accepted(record, self._ctx.spool.submitter(record.message_id))
 
     async def take_over(self, taken: list[OutboundRecord]) -> None:
         """While running: prepare the documents other nodes had taken in, and left

@@ -13,6 +13,7 @@ from typing import BinaryIO
 from gateway.as2.message import MessageSpec, build_message, build_message_file
 from gateway.atrest import Sealing, Vault, open_bytes, open_file, storing_all
 from gateway.audit import AuditEvent, EventType, PatientId
+from gateway.audit.owed import RECOVERED
 from gateway.audit.patients import SCAN_BYTES, patients_in, unique_patients
 from gateway.cms.enveloping import key_transport_for
 from gateway.config import Peer
@@ -98,7 +99,7 @@ class Sealer:
         for document, sealed in built:
             record, peer = document.record, document.peer
             if record.message_id not in queued:
-                self._prepared_elsewhere(record, peer, sealed.body_path)
+                self._prepared_elsewhere(record, peer.name, sealed.body_path)
                 continue
             record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
             if record.node not in (None, self._ctx.spool.node):
@@ -114,7 +115,7 @@ class Sealer:
         return done
 
     def _prepared_elsewhere(
-        self, record: OutboundRecord, peer: Peer, written: Path | None = None
+        self, record: OutboundRecord, peer: str, written: Path | None = None
     ) -> None:
         """``record`` is no longer in intake, or no longer this node's: another node
         prepared it or prepares it now (this node's claim on it ran out meanwhile);
@@ -127,7 +128,7 @@ class Sealer:
                 written.unlink(missing_ok=True)
         self._ctx.log.info(
             "message.prepared_elsewhere",
-            peer=peer.name,
+            peer=peer,
             message_id=record.message_id,
             node=self._ctx.spool.node,
         )
@@ -148,7 +149,7 @@ class Sealer:
             if not self._ctx.spool.fail_intake(record.message_id, error):
                 # Queued by another node meanwhile, which dropped the document's key (it
                 # cannot be read here any more): not a failure, and not this node's.
-                self._prepared_elsewhere(record, peer)
+                self._prepared_elsewhere(record, peer.name)
                 return None
             retry = f"medgw queue retry {record.message_id}"
             self._ctx.failed(
@@ -283,6 +284,44 @@ class Sealer:
         if peer is None or not record.has_document:
             return  # recovery at the next start marks it failed, saying why
         await self.prepare(record, peer, submitted_by=self._ctx.spool.submitter(message_id))
+
+    async def prepare_unsealed(self, message_id: str) -> None:
+        """Sign, encrypt and queue a document taken in whose preparation stopped when the
+        spool did not answer (raises while it still does not), unless it was queued
+        meanwhile: by this node, its commit's answer lost (its ``message.accepted``
+        record, never written, is written now from its row); or by another node that
+        took it over while this node could not reach the spool for longer than its
+        lease (that node recorded it)."""
+        record = await self._ctx.in_thread(self._ctx.spool.get, message_id)
+        if record is None or record.state is OutboundState.INTAKE:
+            await self.prepare_again(message_id)
+        elif record.queued_by == self._ctx.spool.node:
+            await self._ctx.in_thread(self._record_queued, record)
+        elif record.queued_by is not None:
+            self._prepared_elsewhere(record, record.peer)
+
+    def _record_queued(self, record: OutboundRecord) -> None:
+        """(worker thread) What queueing ``record`` here is followed by, its commit's answer
+        lost: its document's copy removed, and its ``message.accepted`` record, as far as
+        the row tells it."""
+        record.payload_path.unlink(missing_ok=True)  # only the encrypted form stays at rest
+        self._ctx.log.info(
+            "message.accepted", peer=record.peer, message_id=record.message_id, size=record.size
+        )
+        submitter = self._ctx.spool.submitter(record.message_id)
+        self._ctx.record_all([recovered_accepted(record, submitter)])
+
+
+def recovered_accepted(record: OutboundRecord, submitted_by: str | None) -> AuditEvent:
+    """The ``message.accepted`` record of ``record``, queued, whose record an interruption
+    cut off: from its spool row alone."""
+    return accepted_event(
+        record,
+        submitted_by,
+        size=record.size,
+        mic=record.mic,
+        recovered=f"queued; {RECOVERED} (its SHA-256, algorithms and patients are not known here)",
+    )
 
 
 @dataclass(frozen=True)
