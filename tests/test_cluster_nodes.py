@@ -448,6 +448,42 @@ def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_star
     assert_trails_verify(lab.b)
 
 
+def test_a_failed_send_a_kill_cut_off_is_recorded_though_another_node_sent_it_since(
+    layout: DemoLayout,
+    processes: Processes,
+    lab: Lab,
+) -> None:
+    """The hospital unreachable, lab-a's send fails (queued again) and lab-a is killed
+    before writing ``message.send_failed``; lab-b then sends the message and its receipt
+    settles it, which leaves the row naming lab-b's record.  Started again, lab-a still
+    writes its ``message.send_failed`` (once, into its own trail)."""
+    spool = lab.spool
+    trail_a, trail_b = layout.lab.audit_log, layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    hospital = lab.front.ports.pop()  # no node behind the front: every send fails
+    lab_a = processes.start(
+        lab.a,
+        prefix=killed_at("--kill-after", "gateway.spool.sqlite.outbound:OutboundQueue.mark_retry"),
+    )
+    drop_file(layout.lab.outbox_dir / "hospital", "retried.hl7", b"MSH|^~\\&|LAB|retried\r")
+    wait_killed(lab_a)
+    [queued] = outbound(spool)
+    assert (queued.state, queued.audited_by) == (OutboundState.QUEUED, "lab-a")
+    assert not [r for r in read_audit(trail_a) if r["event"] == "message.send_failed"]
+
+    lab.front.ports.append(hospital)
+    processes.start(lab.b)
+    [received] = wait_for_events(trail_b, "receipt.received")
+    assert received["message_id"] == queued.message_id
+    assert outbound(spool)[0].audited_by == "lab-b"
+    assert processes.start(lab.a).stop() == 0
+
+    [failed] = [r for r in read_audit(trail_a) if r["event"] == "message.send_failed"]
+    assert failed["message_id"] == queued.message_id and failed["node"] == "lab-a"
+    assert failed["detail"] == {"attempts": 1, "recorded_at_recovery": True}
+    assert not [r for r in read_audit(trail_b) if r["event"] == "message.send_failed"]
+    assert_trails_verify(lab.a, lab.b)
+
+
 def test_an_intake_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_start(
     layout: DemoLayout,
     processes: Processes,
