@@ -12,9 +12,10 @@ from hypothesis import settings
 
 from gateway.clock import Clock
 from gateway.demo_run import GatewayProcess, free_port, free_ports
-from gateway.pki.demo import DemoLayout, init_demo
+from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.helpers.demo import new_demo
 from tests.helpers.listener import SilentPeer, silent_peer
 from tests.helpers.postgres import SKIP_REASON, PostgresServer, running_server, server_binaries
 from tests.helpers.zones import World, two_zone_world
@@ -80,10 +81,7 @@ async def silent() -> AsyncIterator[SilentPeer]:
 
 @pytest.fixture
 def layout(tmp_path: Path) -> DemoLayout:
-    hospital_port, lab_port = free_ports(2)
-    return init_demo(
-        tmp_path / "demo", now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port
-    )
+    return new_demo(tmp_path / "demo")
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from gateway.demo_run import free_ports, read_audit, wait_until
-from gateway.pki.demo import init_demo
+from gateway.demo_run import read_audit, wait_until
 from gateway.pki.expiry import Held, expiring
 from gateway.pki.issue import issue, make_ca
+from tests.helpers.demo import EXPIRING_SOON, new_demo
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -32,14 +32,7 @@ def test_each_threshold_is_the_smallest_one_reached() -> None:
 def test_the_daemon_alerts_for_its_own_and_the_peers_certificates_expiring_soon(
     tmp_path: Path, processes
 ) -> None:
-    hospital_port, lab_port = free_ports(2)
-    # Issued 820 days ago for 825 days: every demo certificate expires in 5 days.
-    layout = init_demo(
-        tmp_path / "demo",
-        now=datetime.now(UTC) - timedelta(days=820),
-        hospital_port=hospital_port,
-        lab_port=lab_port,
-    )
+    layout = new_demo(tmp_path / "demo", issued_ago=EXPIRING_SOON)  # expires in 5 days
     processes.start(layout.hospital.config_path)
 
     def alerts() -> list[dict[str, Any]] | None:

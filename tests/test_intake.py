@@ -24,7 +24,7 @@ from gateway.atrest.chunked import MAGIC
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
 from gateway.config import Peer, load_config
-from gateway.demo_run import drop_file, free_ports, wait_until
+from gateway.demo_run import drop_file, wait_until
 from gateway.errors import SpoolError
 from gateway.fsutil import FolderSync
 from gateway.intake.outbox import Candidate
@@ -33,7 +33,7 @@ from gateway.outbound import INLINE_BODY_BYTES, Settings
 from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer, ToSeal
-from gateway.pki.demo import DemoLayout, init_demo
+from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, DataKey, OutboundRecord, SqliteSpool
 from gateway.spool.records import payload_item
 from tests.helpers.audit import events, wait_for_events
@@ -66,14 +66,10 @@ def accepted_as(trail: Path, documents: Mapping[str, bytes]) -> dict[str, dict[s
 
 
 def test_a_failed_take_is_raised_only_after_every_other_take_has_finished(
-    tmp_path: Path,
+    layout: DemoLayout, tmp_path: Path
 ) -> None:
     """Otherwise the next scan starts a second take of files still being moved: one
     document, two messages."""
-    hospital_port, lab_port = free_ports(2)
-    layout = init_demo(
-        tmp_path / "demo", now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port
-    )
     config = load_config(layout.lab.config_path)
     clock = SystemClock()
     spool = SqliteSpool(tmp_path / "spool.sqlite3", clock)

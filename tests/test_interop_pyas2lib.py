@@ -25,7 +25,6 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,12 @@ import pytest
 
 from gateway.as2.headers import quote_as2_id, unquote_as2_id
 from gateway.clock import SystemClock
-from gateway.demo_run import drop_file, free_ports
-from gateway.pki.demo import DemoLayout, init_demo
+from gateway.demo_run import drop_file
+from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, SqliteSpool
 from tests.helpers.atrest import kept_receipt
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.demo import lab_post
+from tests.helpers.demo import lab_post, new_demo
 from tests.oscrypto_fix import load_pyas2lib
 
 as2 = load_pyas2lib()
@@ -69,14 +68,7 @@ def _accept_legacy(layout: DemoLayout, *names: str, at_lab: bool = False) -> Non
 
 @pytest.fixture
 def rsa_layout(tmp_path: Path) -> DemoLayout:
-    hospital_port, lab_port = free_ports(2)
-    layout = init_demo(
-        tmp_path / "demo",
-        now=datetime.now(UTC),
-        hospital_port=hospital_port,
-        lab_port=lab_port,
-        key_kind="rsa-3072",
-    )
+    layout = new_demo(tmp_path / "demo", key_kind="rsa-3072")
     for config in (layout.hospital.config_path, layout.lab.root / "peers.d" / "hospital.toml"):
         text = config.read_text()
         assert 'as2_id = "SAKURA-HOSPITAL"' in text

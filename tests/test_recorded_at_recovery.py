@@ -9,7 +9,7 @@ Either way the trail has the record exactly once, and ``medgw audit verify`` pas
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +18,13 @@ import pytest
 from gateway.audit import AuditEvent, EventType
 from gateway.audit.log import CLOCK_MARGIN, AuditLog
 from gateway.config import load_config
-from gateway.demo_run import drop_file, free_ports, read_audit
-from gateway.pki.demo import DemoLayout, init_demo
+from gateway.demo_run import drop_file, read_audit
+from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, OutboundState, SqliteSpool
 from tests.cli import medgw
 from tests.clocks import SetClock
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.demo import set_runtime
+from tests.helpers.demo import EXPIRING_SOON, new_demo, set_runtime
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.internal_system import InternalSystem, enable_delivery
 
@@ -341,14 +341,8 @@ def test_records_a_start_writes_hide_no_outbound_record_owed(
     alerts for certificates about to expire.  The outbound check must look from where
     the trail ended before any of them, or it would take the message's change for
     older than the trail and leave its record out."""
-    if expiring:  # issued 820 days ago for 825 days: every certificate expires in 5 days
-        hospital_port, lab_port = free_ports(2)
-        layout = init_demo(
-            tmp_path / "expiring",
-            now=datetime.now(UTC) - timedelta(days=820),
-            hospital_port=hospital_port,
-            lab_port=lab_port,
-        )
+    if expiring:  # every certificate expires in 5 days
+        layout = new_demo(tmp_path / "expiring", issued_ago=EXPIRING_SOON)
     config = load_config(layout.lab.config_path)
     node = config.cluster.node_name
     killed = SetClock(datetime.now(UTC) - 3 * CLOCK_MARGIN)  # the run that was killed

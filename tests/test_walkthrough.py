@@ -29,7 +29,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +36,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from gateway.demo_run import free_ports, read_audit, wait_until
-from gateway.pki.demo import DemoLayout, init_demo
+from gateway.demo_run import read_audit, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.helpers.demo import new_demo
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -261,13 +261,7 @@ def fingerprint(path: Path) -> str:
 
 @pytest.fixture
 def machine(tmp_path: Path) -> Iterator[Machine]:
-    hospital_port, lab_port = free_ports(2)
-    partner = init_demo(
-        tmp_path / "partner",
-        now=datetime.now(UTC),
-        hospital_port=hospital_port,
-        lab_port=lab_port,
-    )
+    partner = new_demo(tmp_path / "partner")
     machine = Machine(tmp_path, partner)
     try:
         yield machine

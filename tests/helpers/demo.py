@@ -14,12 +14,23 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.as2.mdn import BuiltReceipt, Disposition, build_receipt, parse_receipt
 from gateway.config import load_config
-from gateway.demo_run import GatewayProcess
-from gateway.pki.demo import DemoInstitution, DemoLayout
+from gateway.demo_run import GatewayProcess, free_ports
+from gateway.pki.demo import DemoInstitution, DemoLayout, init_demo
 from gateway.pki.issue import Issued, make_crl
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
 from tests.helpers.audit import events, wait_for_events
+
+# Issued this long ago, the demo's certificates (valid for 825 days) expire in 5 days.
+EXPIRING_SOON = timedelta(days=820)
+
+
+def new_demo(root: Path, *, issued_ago: timedelta = timedelta(0), **options: Any) -> DemoLayout:
+    """The demo installation made in ``root``, its two gateways on free ports, its
+    certificates issued ``issued_ago``; ``options``: init_demo's (``key_kind``)."""
+    hospital_port, lab_port = free_ports(2)
+    now = datetime.now(UTC) - issued_ago
+    return init_demo(root, now=now, hospital_port=hospital_port, lab_port=lab_port, **options)
 
 
 def demo_ca(layout: DemoLayout) -> Issued:
