@@ -35,7 +35,7 @@ from tests.clocks import TickingClock
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import add_backup, backup_signer, openssl_opens, recipient
 from tests.helpers.cluster import add_node
-from tests.helpers.postgres import PostgresServer
+from tests.helpers.postgres import PASSWORD, PostgresServer
 
 pytestmark = pytest.mark.daemon
 
@@ -338,3 +338,70 @@ def test_a_single_node_with_bodies_dir_and_its_sqlite_spool_is_restored_with_its
     processes.start(root / "gateway.toml")
     wait_until(lambda: "image.dcm" in inbox(layout), 180, "the restored document delivered")
     assert inbox(layout) == {"image.dcm": hashlib.sha256(data).hexdigest()}
+
+
+def test_over_the_network_the_tools_get_the_password_and_tls_settings_never_on_a_command_line(
+    layout: DemoLayout,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A spool reached over TCP with TLS (verify-full) and a password file (the server
+    asks for it over TCP): pg_dump and pg_restore connect with the spool's settings,
+    given in their environment; pg_dump's command line holds no password."""
+    password = tmp_path / "db.password"
+    password.write_text(PASSWORD + "\n")
+    password.chmod(0o600)
+    key, cert = recipient(tmp_path / "offline")
+    config = layout.lab.config_path
+    add_backup(config, cert)
+
+    def spool_over_tls(dbname: str) -> str:
+        return (
+            f'\n[spool]\nbackend = "postgresql"\nhost = "localhost"\n'
+            f'port = {postgres_server.port}\nca_file = "{postgres_server.ca_file}"\n'
+            f'password_file = "{password}"\ndbname = "{dbname}"\nuser = "{postgres.user}"\n'
+        )
+
+    text = config.read_text()
+    config.write_text(text + spool_over_tls(postgres.dbname))
+    loaded = load_config(config)
+    assert loaded.spool.postgres is not None
+    spool = PostgresSpool(loaded.spool.postgres, TickingClock())  # a node's start: the tables
+    spool.add_intake(
+        "<one@KITA-LAB>", "hospital", "a.hl7", "application/hl7-v2",
+        layout.lab.outbox_dir / "hospital" / "a.hl7", loaded.storage.state_dir / "payloads" / "a",
+    )  # fmt: skip
+    spool.close()
+    (loaded.storage.state_dir / "payloads").mkdir(parents=True)
+    (loaded.storage.state_dir / "payloads" / "a").write_bytes(b"MSH|taken in\r")
+    seen: list[tuple[list[str], dict[str, str]]] = []
+    real_run = subprocess.run
+
+    def run(argv: list[str], **kwargs: Any) -> Any:
+        seen.append((list(argv), dict(kwargs.get("env") or {})))
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    bundle = tmp_path / "lab.p7m"
+    write_bundle(loaded, bundle, datetime.now(UTC))
+    monkeypatch.setattr(subprocess, "run", real_run)
+    [(argv, env)] = seen
+    assert Path(argv[0]).name == "pg_dump" and not any(PASSWORD in a for a in argv)
+    assert env["PGPASSWORD"] == PASSWORD and env["PGSSLMODE"] == "verify-full"
+    assert env["PGHOST"] == "localhost" and env["PGSSLROOTCERT"] == str(postgres_server.ca_file)
+
+    fresh = postgres_server.new_database()
+    root = layout.lab.root.with_name("lab-restored")
+    shutil.copytree(
+        layout.lab.root, root, ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox")
+    )
+    host = root / "gateway.toml"
+    host.write_text(text + spool_over_tls(fresh.dbname))
+    done = restore(bundle, key, cert, host)
+    assert done.returncode == 0, done.stderr
+    [record] = outbound(fresh)
+    assert record.state == OutboundState.INTAKE
+    assert record.payload_path == root / "state" / "payloads" / "a"
+    assert record.payload_path.read_bytes() == b"MSH|taken in\r"
