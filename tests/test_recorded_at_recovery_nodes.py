@@ -28,7 +28,7 @@ from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, OutboundState, Spool
+from gateway.spool import Claimant, OutboundState, RetainedKind, Spool
 from gateway.spool.postgres import PostgresSpool
 from gateway.spool.postgres.schema import VERSION
 from gateway.spool.records import DisplacedOwed
@@ -214,3 +214,23 @@ def test_a_spool_from_before_displaced_records_were_kept_keeps_them_once_upgrade
         "message.send_failed",
         OutboundState.QUEUED,
     )
+
+
+def test_a_message_disposed_of_takes_the_row_kept_of_it_with_it(
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """Retention deletes a delivered message's row (DSP-1): the copy of that row kept
+    for a node's owed record goes in the same transaction; another message's stays."""
+    a, b = nodes
+    for message_id in ("<gone@lab>", "<kept@lab>"):
+        _queued(a, tmp_path, message_id)
+        a.claim_due("hospital", clock.now().timestamp(), 1)
+        assert a.mark_retry(message_id, "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
+        b.claim_due("hospital", clock.now().timestamp(), 1)
+    assert len(a.displaced_owed().outbound) == 2
+    assert b.mark_done("<gone@lab>", OutboundState.DELIVERED, "processed", None)
+    clock.advance(1)
+    [item] = b.disposable(RetainedKind.SPOOL, clock.now().isoformat())
+    assert b.dispose([item]) == [item] and b.get("<gone@lab>") is None
+    [kept] = a.displaced_owed().outbound
+    assert kept.message_id == "<kept@lab>"

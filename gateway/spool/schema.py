@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS displaced_owed (
     snapshot        TEXT NOT NULL,
     PRIMARY KEY (node, source, peer, message_id)
 );
+-- A row disposed of (retention) takes its kept copies with it.
+CREATE INDEX IF NOT EXISTS displaced_owed_row ON displaced_owed (source, peer, message_id);
 CREATE TABLE IF NOT EXISTS peer_control (
     peer            TEXT PRIMARY KEY,
     suspended       INTEGER NOT NULL,

@@ -29,6 +29,8 @@ _IN_FINISHED = (
     " AND h.message_id=inbound.message_id AND h.state!='done')"
 )
 
+_FORGET_ROW = "DELETE FROM displaced_owed WHERE source=? AND peer=? AND message_id=?"
+
 
 @dataclass(frozen=True)
 class _Rule:
@@ -207,6 +209,9 @@ class RetainedItems(SqlStore):
                     ).rowcount
                     if count and item.table == "outbound" and item.kind is RetainedKind.SPOOL:
                         db.execute("DELETE FROM submissions WHERE message_id=?", (item.message_id,))
+                    if count and rule.disposal.startswith("DELETE"):
+                        # And the copies of the row a node's owed record kept (see displaced).
+                        db.execute(_FORGET_ROW, (item.table, item.peer, item.message_id))
                     if count:
                         # Its data keys go with it (crypto-shredding: see datakeys).
                         db.executemany(
