@@ -294,11 +294,12 @@ class Spool(Protocol):
         ...
 
     def displaced_owed(self) -> DisplacedOwed:
-        """The records this node's changes owe (see ``OutboundRecord.audit_owed``) that
-        another node's later change of the same row displaced: that change kept the row
-        as it was (this node's change the last one an audit record followed) in its own
-        transaction.  For recovery, as :meth:`outbound_changed_since`: a kill may have cut
-        them off.  At most one per row (the latest), until :meth:`forget_displaced`."""
+        """The records this node's changes owe (see ``OutboundRecord.audit_owed``) whose
+        rows another node took on since (claimed, or changed naming its own record,
+        which displaces this node's): the first such change kept the row as it was then
+        in its own transaction.  For recovery, as :meth:`outbound_changed_since`: a kill
+        may have cut them off.  One per row (this node's latest record), until
+        :meth:`forget_displaced` or the row's disposal (retention)."""
         ...
 
     def forget_displaced(self, displaced: DisplacedOwed) -> None:

@@ -216,9 +216,9 @@ class HandoverRecord:
 
 @dataclass(frozen=True)
 class DisplacedOwed:
-    """Records this node's changes owe that another node's later change of the same row
-    displaced from it (see Spool.displaced_owed): each row as this node's change left
-    it (its binary data left out), naming that record (``audit_owed``, ``audit_owed_at``)."""
+    """Records this node's changes owe whose rows another node took on since (see
+    Spool.displaced_owed): each row as it was then (its binary data left out), naming
+    that record (``audit_owed``, ``audit_owed_at``)."""
 
     outbound: tuple[OutboundRecord, ...] = ()
     inbound: tuple[InboundRecord, ...] = ()

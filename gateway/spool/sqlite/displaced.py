@@ -1,11 +1,12 @@
 """Records a node's changes owe that another node's later change displaced.
 
 A row names the record its last audited change owes (``audited_by``, ``audit_owed``,
-``audit_owed_at``).  When another node changes the row again and names its own, a
-trigger of the table (gateway.spool.schema.DISPLACES) keeps the row as it was in
-``displaced_owed``, in that change's transaction: the first node's next start writes
-the record if a kill cut it off, then forgets it.  Nothing is added to a change that
-does not displace another node's record.
+``audit_owed_at``), until a later audited change names its own.  When another node
+takes the row on (claims it, or changes it and names its own record), a trigger of the
+table (gateway.spool.schema.DISPLACES) keeps the row as it was in ``displaced_owed``,
+in that change's transaction: the first node's next start writes the record if a kill
+cut it off, then forgets it.  Nothing is added to a change that does not pass a row
+owing another node's record on.
 """
 
 from __future__ import annotations
