@@ -33,6 +33,7 @@ from gateway.logs import make_logger
 from gateway.outbound import Settings
 from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
+from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer, ToSeal
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
@@ -99,16 +100,18 @@ def cluster(layout: DemoLayout, postgres: PostgresSettings, tmp_path: Path) -> I
     cut.close()
 
 
-def _taken_in_while_cut_off(cluster: Cluster, intake: OutboxIntake) -> str:
+def _taken_in_while_cut_off(cluster: Cluster, intake: OutboxIntake, *, in_row: bool = True) -> str:
     """Node a records the outbox's document and loses the database at that commit,
-    before its answer; the Message-ID of the row recorded."""
+    before its answer; the Message-ID of the row recorded (``in_row``: with the
+    document's copy)."""
     cluster.cut.cut("after")
     cluster.cut.refuse = True
     with pytest.raises(SpoolOutcomeUnknownError):
         asyncio.run(intake.intake_once())
     [row] = cluster.b.spool.all_outbound()
     assert (row.state, row.node) == (OutboundState.INTAKE, "a")
-    assert row.payload is not None  # its copy, kept in the row: any node can prepare it
+    # A small document's copy is kept in the row (any node can prepare it from there).
+    assert (row.payload is not None) is in_row
     assert (cluster.outbox / "rx.hl7").exists()
     return row.message_id
 
@@ -253,3 +256,39 @@ def test_a_document_whose_queueing_was_cut_off_is_recorded_once_by_the_node_that
     else:
         [elsewhere] = a.logged("message.prepared_elsewhere")
         assert elsewhere["message_id"] == row.message_id
+
+
+def test_a_take_another_node_holds_without_its_copy_is_taken_back_under_its_own_id(
+    cluster: Cluster,
+) -> None:
+    """The document is larger than a row keeps: its copy was never written (a lost the
+    database at the commit of its row, before copying it).  b, starting while a was cut
+    off, claimed the intake a left and gives it back (it cannot reach a's outbox).  a,
+    reaching the database again while b still holds it, leaves the file alone (logged
+    ``recovery.intake_held_elsewhere``) instead of taking it as a new document; once
+    given back, a's lease keeper takes it up under its first Message-ID."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    document = b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400  # > 64 KiB: not in the row
+    drop_file(cluster.outbox, "rx.hl7", document)
+    message_id = _taken_in_while_cut_off(cluster, intake, in_row=False)
+    cluster.clock.advance(LEASE + 1)
+    [claimed] = b.spool.intake_interrupted()  # b starts
+    assert claimed.message_id == message_id and not claimed.has_document
+
+    cluster.cut.refuse = False
+    for _ in range(2):  # listed, and left alone
+        asyncio.run(intake.intake_once())
+        assert (cluster.outbox / "rx.hl7").exists()
+        assert [r.message_id for r in b.spool.all_outbound()] == [message_id]
+    [held] = a.logged("recovery.intake_held_elsewhere")
+    assert (held["message_id"], held["node"]) == (message_id, "b")
+    assert list(a.context.waiting_intakes) == [message_id]
+
+    assert b.spool.intake_release(message_id, "a")  # b cannot reach it: given back
+    recovery = Recovery(a.context, Sealer(a.context))
+    assert asyncio.run(recovery.take_back()) == 1
+    assert not (cluster.outbox / "rx.hl7").exists()
+    [row] = b.spool.all_outbound()
+    assert (row.message_id, row.state, row.queued_by) == (message_id, OutboundState.QUEUED, "a")
+    assert [e["message_id"] for e in events(a.trail, "message.accepted")] == [message_id]

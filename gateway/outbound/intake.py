@@ -71,7 +71,20 @@ class OutboxIntake:
     async def intake_once(self) -> int:
         """Take one round of the outbox's documents; returns how many it offered."""
         if self._unabandoned:
-            await self._ctx.in_thread(self._abandon_failed_takes)
+            held = await self._ctx.in_thread(self._abandon_failed_takes)
+            for record in held:
+                self._ctx.log.warning(
+                    "recovery.intake_held_elsewhere",
+                    peer=record.peer,
+                    message_id=record.message_id,
+                    node=record.node,
+                )
+            if held:
+                # Here, on the event loop, as the lease keeper's take_back changes it.
+                self._ctx.waiting_intakes = {
+                    **self._ctx.waiting_intakes,
+                    **{record.message_id: record for record in held},
+                }
         for message_id in sorted(self._unsealed):
             await self._sealer.prepare_unsealed(message_id)  # raises while it still cannot
             self._unsealed.discard(message_id)
@@ -143,35 +156,34 @@ class OutboxIntake:
             raise
         return len(result.candidates)
 
-    def _abandon_failed_takes(self) -> None:
+    def _abandon_failed_takes(self) -> list[OutboundRecord]:
         """Remove the rows of earlier takes that could not be removed when they failed.
         Raises SpoolError while one stays: no document is taken again (under a new
         Message-ID) beside the row of a failed take, which a restart would act on.
 
         A take whose row was recorded after all (its commit's answer lost with the
         spool) may have been taken over meanwhile: this node, cut off from the spool
-        for longer than its lease, no longer held it, and another node prepared and
-        sent it from the copy kept in its row.  Its outbox file is then removed, not
-        taken again (gateway.outbound.sweep)."""
+        for longer than its lease, no longer held it.  If another node prepared it, or
+        holds it with the copy kept in its row, its outbox file is removed, not taken
+        again (gateway.outbound.sweep).  If another node holds it without a copy (one
+        that started meanwhile, which gives back what it cannot reach), it is returned:
+        its file is left alone, and taken up under its own Message-ID once it is given
+        back (Context.waiting_intakes, Recovery.take_back)."""
+        held: list[OutboundRecord] = []
         for message_id in sorted(self._unabandoned):
             if not self._ctx.spool.abandon_intake(message_id):
                 record = self._ctx.spool.get(message_id)
                 if record is not None and not self._left_to_another(record):
-                    raise SpoolError(
-                        f"a document of outbox/{record.peer} this node took in while the "
-                        f"spool did not answer (message {record.message_id}) is held by "
-                        f"node {record.node}, which takes it in or gives it back",
-                        fix="nothing to do: the outbox is taken in again once that node "
-                        "has (at the latest when its lease runs out)",
-                    )
+                    held.append(record)
             self._unabandoned.discard(message_id)
+        return held
 
     def _left_to_another(self, record: OutboundRecord) -> bool:
         """Whether this node is done with ``record``, a take of its own it could not
         abandon: another node prepared it, or holds it with its complete copy (the
         outbox file, if still the one taken, removed); or its file is no longer the one
-        taken.  False while another node holds it without a copy (it takes the file in,
-        or gives it back to this node)."""
+        taken.  False while another node holds it without a copy (it gives it back to
+        this node, or its claim runs out)."""
         if record.state is not OutboundState.INTAKE or record.has_document:
             remove_if_sent_elsewhere(
                 self._ctx.spool.node, self._ctx.log, record.source_path, [record]
