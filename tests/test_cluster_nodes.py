@@ -368,6 +368,63 @@ def test_a_node_never_takes_an_outbox_file_another_node_holds_in_intake(
     assert_trails_verify(lab.a, lab.b)
 
 
+def test_a_document_another_node_held_when_its_node_started_again_is_sent_once_under_its_id(
+    layout: DemoLayout, processes: Processes, lab: Lab, tmp_path: Path
+) -> None:
+    """lab-a records a large document from its outbox and is killed before its copy is
+    written: the file stays in lab-a's outbox.  lab-b, starting while lab-a is down,
+    claims the intake and is killed before giving it back (its claim lasting half a
+    minute).  lab-a, started again meanwhile, leaves the file alone (no second message
+    of it) and, once lab-b's claim has run out, sends the document under its first
+    Message-ID, without a restart: the hospital receives it once, and no
+    `message.failed` is raised for it."""
+    edit_every(lab.b, "lease_seconds = 5", "lease_seconds = 30")
+    lab_a = processes.start(
+        lab.a, prefix=killed_at("--kill-before", "gateway.outbound.intake:move_into_spool")
+    )
+    data = random.Random(19).randbytes(INLINE_BODY_BYTES + 64 * 1024)
+    outbox_file = layout.lab.outbox_dir / "hospital" / "study.dcm"
+    drop_file(outbox_file.parent, outbox_file.name, data)
+    wait_killed(lab_a)
+    [left] = outbound(lab.spool)
+    assert (left.state, left.node, left.payload) == (OutboundState.INTAKE, "lab-a", None)
+    assert not left.payload_path.exists() and outbox_file.exists()
+    wait_until(lambda: time.time() > left.lease_until + 1, 60, "lab-a's claim ran out")
+    # lab-b cannot reach lab-a's outbox (on lab-a's machine: here moved out of its way).
+    outbox, elsewhere = layout.lab.outbox_dir, tmp_path / "lab-a-machine-outbox"
+    outbox.rename(elsewhere)
+    lab_b = processes.start(
+        lab.b,
+        prefix=killed_at(
+            "--kill-before", "gateway.spool.sqlite.outbound:OutboundQueue.intake_release"
+        ),
+        wait=False,
+    )
+    wait_killed(lab_b)  # its claim committed, not yet given back
+    [held] = outbound(lab.spool)
+    assert (held.message_id, held.node) == (left.message_id, "lab-b")
+    elsewhere.rename(outbox)
+
+    lab_a = processes.start(lab.a)
+    settled(lab.spool, 1, 120)
+    assert lab_a.stop() == 0
+    delivered_once(layout, data)
+    [record] = outbound(lab.spool)
+    assert record.message_id == left.message_id and record.queued_by == "lab-a"
+    assert not outbox_file.exists()
+    if any("recovery.intake_held_elsewhere" in line for line in lab_a.raw):
+        # lab-a started before lab-b's claim ran out (else its start took the document up)
+        assert any("recovery.intake_taken_back" in line for line in lab_a.raw)
+    records = [
+        r for r in trails(layout.lab.root / "audit") if r.get("message_id") == left.message_id
+    ]
+    assert [r["event"] for r in records if r["severity"] != "info"] == []
+    assert [(r["event"], r["node"]) for r in records if r["event"] == "message.accepted"] == [
+        ("message.accepted", "lab-a")
+    ]
+    assert_trails_verify(lab.a, lab.b)
+
+
 def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_change(
     layout: DemoLayout,
     processes: Processes,
