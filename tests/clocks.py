@@ -1,9 +1,12 @@
-"""Clocks for tests: time that moves only when the test says so."""
+"""Clocks for tests: time that moves only when the test says so, or runs ahead of the
+system's by as much as the test says."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+from gateway.clock import SystemClock
 
 
 class TickingClock:
@@ -49,3 +52,17 @@ class SecondsClock:
 
     def monotonic(self) -> float:
         return self.seconds
+
+
+class LaterClock(SystemClock):
+    """The system's clock, moved forward by ``ahead`` seconds (its monotonic reading by
+    ``monotonic_ahead`` more)."""
+
+    ahead = 0.0
+    monotonic_ahead = 0.0
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self.ahead)
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.ahead + self.monotonic_ahead

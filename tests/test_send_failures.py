@@ -17,7 +17,6 @@ import io
 import random
 import threading
 from dataclasses import replace
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
 from gateway.spool import OutboundRecord, OutboundState, SqliteSpool
+from tests.clocks import LaterClock
 from tests.helpers.listener import SilentPeer
 
 
@@ -75,20 +75,6 @@ class NotedAudit(AuditLog):
     def emit(self, event: AuditEvent) -> None:
         self.threads.append((str(event.event), threading.get_ident()))
         super().emit(event)
-
-
-class LaterClock(SystemClock):
-    """The system's clock, moved forward by ``ahead`` seconds (its monotonic reading by
-    ``monotonic_ahead`` more)."""
-
-    ahead = 0.0
-    monotonic_ahead = 0.0
-
-    def now(self) -> datetime:
-        return super().now() + timedelta(seconds=self.ahead)
-
-    def monotonic(self) -> float:
-        return super().monotonic() + self.ahead + self.monotonic_ahead
 
 
 async def _sender(
