@@ -244,6 +244,7 @@ class Route:
         keepalive_timeout: float | None = 15.0,
         force_close: bool = False,
         timeout: aiohttp.ClientTimeout,
+        trace_configs: list[aiohttp.TraceConfig] | None = None,
     ) -> aiohttp.ClientSession:
         """An HTTP client session on :meth:`connector`; never decompresses bodies,
         never reads proxy settings from the environment, and names no versions to the
@@ -256,6 +257,7 @@ class Route:
             auto_decompress=False,
             trust_env=False,
             headers={"User-Agent": USER_AGENT},
+            trace_configs=trace_configs,
         )
 
     async def open_socket(self, address: str, port: int) -> socket.socket:

@@ -252,6 +252,43 @@ def test_a_change_an_audit_record_follows_names_that_record_and_when_it_was_made
     assert owed() == ("b", "message.retried", True)
 
 
+def test_a_send_stopped_before_its_request_went_out_gives_its_attempt_back(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """A claim counts an attempt; giving the message back unsent uncounts it, in the same
+    statement; a send that failed or was stopped mid-request keeps it; and a message left
+    "sending" by a crash keeps it too (nothing tells whether its request went out)."""
+    spool = make_spool(TickingClock())
+    spool.add_intake("<m@h>", "lab", "a", "text/plain", tmp_path, tmp_path)
+    spool.mark_queued("<m@h>", None, [], "mic", 1, body=b"sealed")
+
+    def attempts() -> int:
+        record = spool.get("<m@h>")
+        assert record is not None and record.state is OutboundState.QUEUED
+        return record.attempts
+
+    for _ in range(3):  # stopped three times before its POST
+        ([claimed], _) = spool.claim_due("lab", 2e9, 1)
+        assert claimed.attempts == 0
+        assert spool.mark_retry("<m@h>", "interrupted", 0, unsent=True)
+        assert attempts() == 0
+    spool.claim_due("lab", 2e9, 1)
+    assert spool.mark_retry("<m@h>", "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
+    assert attempts() == 1
+    spool.claim_due("lab", 2e9, 1)
+    assert spool.mark_retry("<m@h>", "interrupted mid-request", 0)
+    assert attempts() == 2
+    spool.claim_due("lab", 2e9, 1)
+    assert spool.requeue_interrupted() == ["<m@h>"]  # at the start after a crash
+    assert attempts() == 3
+    # Given back only by the node that holds the claim: another's late give-back is void.
+    other = make_spool(TickingClock(), Claimant("b"))
+    spool.claim_due("lab", 2e9, 1)
+    assert not other.mark_retry("<m@h>", "interrupted", 0, unsent=True)
+    assert spool.mark_retry("<m@h>", "interrupted", 0, unsent=True)
+    assert attempts() == 3
+
+
 def test_a_received_messages_and_a_hand_overs_audited_changes_name_their_records(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import BinaryIO
 
 import aiohttp
@@ -48,18 +50,31 @@ class PeerClient:
             limit=connections,
             keepalive_timeout=30,
             timeout=aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout),
+            trace_configs=[_began_tracing()],
         )
 
     async def post(
-        self, url: str, headers: tuple[tuple[str, str], ...], body: Path | bytes | BinaryIO
+        self,
+        url: str,
+        headers: tuple[tuple[str, str], ...],
+        body: Path | bytes | BinaryIO,
+        *,
+        began: Callable[[], None] | None = None,
     ) -> Response:
         """POST ``body`` (a file, streamed; a reader of one, streamed, its caller closes it
-        and names its size in ``headers``; or bytes, for a receipt) and read the answer."""
+        and names its size in ``headers``; or bytes, for a receipt) and read the answer.
+        ``began`` is called right before the request's first byte goes out to the peer
+        (once a connection is open, its TLS handshake done): until then the peer cannot
+        have seen any of it."""
         try:
             with contextlib.ExitStack() as stack:
                 data_in = stack.enter_context(body.open("rb")) if isinstance(body, Path) else body
                 async with self._session.post(
-                    url, data=data_in, headers=list(headers), allow_redirects=False
+                    url,
+                    data=data_in,
+                    headers=list(headers),
+                    allow_redirects=False,
+                    trace_request_ctx=began,
                 ) as response:
                     data = await read_capped(response.content, MAX_RECEIPT_BYTES)
                     if len(data) > MAX_RECEIPT_BYTES:
@@ -87,3 +102,20 @@ class PeerClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def _began_tracing() -> aiohttp.TraceConfig:
+    """Calls a request's ``began`` (its ``trace_request_ctx``) when aiohttp is about to
+    write the request's headers, before any byte of the request is sent."""
+
+    async def headers_going_out(
+        _session: aiohttp.ClientSession,
+        context: SimpleNamespace,
+        _params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        if callable(began := context.trace_request_ctx):
+            began()
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_headers_sent.append(headers_going_out)
+    return tracing

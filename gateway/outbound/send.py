@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
@@ -97,22 +98,26 @@ class Sender:
         # The caller has marked it "sending" (so no other task or node picks it up).
         try:
             if self._ctx.claims_lost.is_set():
-                await self._ctx.in_thread(self._claim_lost, record)
+                await self._ctx.in_thread(functools.partial(self._claim_lost, record, unsent=True))
                 return 0.0
             if opened is not None and self._fresh(opened):
                 ready: Ready | None = opened.ready
             else:
                 ready = await self._ctx.in_thread(self._ready, record, peer, on_cancel=_close)
         except asyncio.CancelledError:
-            await self._interrupted(record)  # stopped before the POST: any node sends it
+            await self._interrupted(record, unsent=True)  # before the POST: any node sends it
             raise
         if ready is None:
             return 0.0
         body, headers = ready
+        out = asyncio.Event()  # set once a byte of the request may have reached the peer
         try:
-            response = await self._while_claimed(client.post(peer.url, headers, body))
+            response = await self._while_claimed(
+                client.post(peer.url, headers, body, began=out.set)
+            )
             if response is None:
-                await self._ctx.in_thread(self._claim_lost, record)
+                lost = functools.partial(self._claim_lost, record, unsent=not out.is_set())
+                await self._ctx.in_thread(lost)
                 return 0.0
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
@@ -130,7 +135,7 @@ class Sender:
             return await self._ctx.in_thread(self._send_failed, record, peer, str(exc), delay)
         except asyncio.CancelledError:
             # Shutting down mid-send: park it; the receiver deduplicates a resend.
-            await self._interrupted(record)
+            await self._interrupted(record, unsent=not out.is_set())
             raise
         finally:
             if not isinstance(body, bytes):
@@ -140,11 +145,18 @@ class Sender:
         await self.settling.do(Answer(record, peer, response, awaiting=awaiting))
         return 0.0
 
-    async def _interrupted(self, record: OutboundRecord) -> None:
+    async def _interrupted(self, record: OutboundRecord, *, unsent: bool) -> None:
         """A send stopped (shutdown, reload) before the peer took the message: back to the
         queue, due now, for whichever node claims it next (a change it made meanwhile,
-        such as a failure recorded, stands: then nothing changes)."""
-        await self._ctx.in_thread(self._ctx.spool.mark_retry, record.message_id, INTERRUPTED, 0)
+        such as a failure recorded, stands: then nothing changes).  ``unsent``: stopped
+        before any byte of its request went out, so it does not count as an attempt
+        (medgw's own stops never bring a document closer to max_attempts); one stopped
+        while its request was going out counts, as the peer may have seen it."""
+        await self._ctx.in_thread(
+            functools.partial(
+                self._ctx.spool.mark_retry, record.message_id, INTERRUPTED, 0, unsent=unsent
+            )
+        )
 
     def _fresh(self, opened: _Opened) -> bool:
         """Whether the claim of a message opened when it was claimed still has half a
@@ -161,7 +173,7 @@ class Sender:
         is recorded here.  (A small message claimed moments ago skips this trip: its
         claim's trip opened its body, see :meth:`due_for_sending`.)"""
         if not self._ctx.spool.holds_lease(record.message_id):
-            self._claim_lost(record)
+            self._claim_lost(record, unsent=True)
             return None
         try:
             return self._stored_body(record)
@@ -225,9 +237,10 @@ class Sender:
                 await asyncio.gather(sending, return_exceptions=True)
         return None if sending.cancelled() else sending.result()
 
-    def _claim_lost(self, record: OutboundRecord) -> None:
+    def _claim_lost(self, record: OutboundRecord, *, unsent: bool = False) -> None:
         """This node may no longer hold the message (its lease ran out, or nearly): not
-        sent now.  Queued again if it still holds it; else left to the node that took it
+        sent now.  Queued again if it still holds it (``unsent``: no byte of its request
+        went out, so not counted as an attempt); else left to the node that took it
         over (worker thread)."""
         self._ctx.log.warning(
             "message.claim_lost",
@@ -238,7 +251,7 @@ class Sender:
         )
         try:
             self._ctx.spool.mark_retry(
-                record.message_id, "this node's claim ran out before the send", 0
+                record.message_id, "this node's claim ran out before the send", 0, unsent=unsent
             )
         except MedgwError as exc:  # the spool is unreachable: the lease keeper requeues it
             self._ctx.log.warning("message.requeue_failed", error=exc.message)
@@ -350,7 +363,7 @@ class Sender:
 
         def give_back(result: Claimed) -> None:
             for record in result[0]:
-                self._ctx.spool.mark_retry(record.message_id, INTERRUPTED, 0)
+                self._ctx.spool.mark_retry(record.message_id, INTERRUPTED, 0, unsent=True)
 
         records, next_at, opened = await self._ctx.in_thread(claim, on_cancel=give_back)
         self._opened.update(opened)

@@ -174,11 +174,14 @@ class Spool(Protocol):
         next_attempt_at: float,
         *,
         owed: EventType | None = None,
+        unsent: bool = False,
     ) -> bool:
         """A send that did not get through goes back to the queue; False (nothing changed)
         if this node is no longer sending it (its asynchronous receipt settled it, or
         another node took over the claim).  ``owed``: the audit record this node writes
-        of it once committed (kept with the change, see ``OutboundRecord.audit_owed``)."""
+        of it once committed (kept with the change, see ``OutboundRecord.audit_owed``).
+        ``unsent``: this node stopped it before any byte of its request went out, so
+        the attempt its claim counted is given back (same statement: it costs nothing)."""
         ...
 
     def mark_done(

@@ -5,6 +5,7 @@ connections and never answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ssl
 from collections.abc import AsyncIterator
@@ -53,34 +54,46 @@ def hospital_listener(
 @dataclass(frozen=True)
 class SilentPeer:
     """A peer on ``port`` of 127.0.0.1 that accepts connections and never answers (a TLS
-    handshake with it never ends): the connections it holds, and whether one came."""
+    handshake with it never ends; with a TLS context of its own, nothing after the
+    handshake): the connections it holds, whether one came, and what each has sent so
+    far (one entry a connection)."""
 
     port: int
     held: list[asyncio.StreamWriter]
     accepted: asyncio.Event
+    received: list[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/as2"
 
     def sent_to(self, config: GatewayConfig) -> GatewayConfig:
         """``config`` with its one peer's URL here."""
         [peer] = config.peers
-        url = f"https://127.0.0.1:{self.port}/as2"
-        return replace(config, peers=(replace(peer, url=url),))
+        return replace(config, peers=(replace(peer, url=self.url),))
 
 
 @asynccontextmanager
-async def silent_peer() -> AsyncIterator[SilentPeer]:
-    """A :class:`SilentPeer` listening on a free port; the listener and the connections it
-    holds closed after."""
+async def silent_peer(tls: ssl.SSLContext | None = None) -> AsyncIterator[SilentPeer]:
+    """A :class:`SilentPeer` listening on a free port (``tls``: its server context); the
+    listener and the connections it holds closed after."""
     held: list[asyncio.StreamWriter] = []
     accepted = asyncio.Event()
+    received: list[bytes] = []
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
+        index = len(received)
+        received.append(b"")
         accepted.set()
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(65536):
+                received[index] += chunk
 
     [port] = free_ports(1)
-    listener = await asyncio.start_server(silent, "127.0.0.1", port)
+    listener = await asyncio.start_server(silent, "127.0.0.1", port, ssl=tls)
     try:
-        yield SilentPeer(port, held, accepted)
+        yield SilentPeer(port, held, accepted, received)
     finally:
         for writer in held:
             writer.close()

@@ -393,9 +393,12 @@ class OutboundQueue(SqlStore):
         next_attempt_at: float,
         *,
         owed: EventType | None = None,
+        unsent: bool = False,
     ) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.mark_retry`."""
-        return self._end_send(message_id, OutboundState.QUEUED, error, next_attempt_at, owed)
+        return self._end_send(
+            message_id, OutboundState.QUEUED, error, next_attempt_at, owed, unsent=unsent
+        )
 
     def _end_send(
         self,
@@ -404,17 +407,21 @@ class OutboundQueue(SqlStore):
         note: str,
         next_attempt_at: float | None,
         owed: EventType | None,
+        *,
+        unsent: bool = False,
     ) -> bool:
         """This node's send of ``message_id`` ends in state ``new`` (``note`` why; due again
         at ``next_attempt_at`` if given), its claim let go; ``owed``: the record this node
-        writes of it.  False (nothing changed) if this node no longer sends it."""
+        writes of it; ``unsent``: the attempt its claim counted given back.  False
+        (nothing changed) if this node no longer sends it."""
         now = self._now()
         audited, by = (f", {AUDITED}", self._audited(owed, now)) if owed else ("", ())
+        uncounted = ", attempts=CASE WHEN attempts>0 THEN attempts-1 ELSE 0 END" if unsent else ""
         return (
             self._write(
                 "UPDATE outbound SET state=?, last_error=?,"  # noqa: S608 - fixed text
                 " next_attempt_at=COALESCE(?, next_attempt_at), updated_at=?,"
-                f" lease_until=0{audited} WHERE message_id=? AND state=? AND node=?",
+                f" lease_until=0{uncounted}{audited} WHERE message_id=? AND state=? AND node=?",
                 (
                     new.value,
                     note,
