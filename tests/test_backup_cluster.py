@@ -35,7 +35,7 @@ from tests.clocks import TickingClock
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import add_backup, backup_signer, openssl_opens, recipient
 from tests.helpers.cluster import add_node
-from tests.helpers.postgres import PASSWORD, PostgresServer
+from tests.helpers.postgres import PASSWORD, PostgresServer, spool_section
 
 pytestmark = pytest.mark.daemon
 
@@ -405,3 +405,31 @@ def test_over_the_network_the_tools_get_the_password_and_tls_settings_never_on_a
     assert record.state == OutboundState.INTAKE
     assert record.payload_path == root / "state" / "payloads" / "a"
     assert record.payload_path.read_bytes() == b"MSH|taken in\r"
+
+
+def test_a_document_in_another_nodes_own_state_folder_stops_the_backup_naming_bodies_dir(
+    layout: DemoLayout, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """Without a shared bodies_dir, a document another node took in is kept in that
+    node's state folder, out of this node's reach: the backup stops and says to share
+    bodies_dir, rather than write a bundle whose restore could not send it."""
+    config = layout.lab.config_path
+    add_backup(config, recipient(tmp_path / "offline")[1])
+    with config.open("a") as handle:
+        handle.write(spool_section(postgres) + '\n[cluster]\nnode_name = "lab-a"\n')
+    loaded = load_config(config)
+    elsewhere = tmp_path / "lab-b" / "state" / "payloads" / "a.hl7.0123"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_bytes(b"MSH|taken in by lab-b\r")
+    spool = PostgresSpool(postgres, TickingClock(), Claimant("lab-b"))
+    spool.add_intake(
+        "<b@KITA-LAB>", "hospital", "a.hl7", "application/hl7-v2",
+        tmp_path / "lab-b" / "outbox" / "hospital" / "a.hl7", elsewhere,
+    )  # fmt: skip
+    spool.close()
+    bundle = tmp_path / "lab-a.p7m"
+    with pytest.raises(BackupError) as refused:
+        write_bundle(loaded, bundle, datetime.now(UTC))
+    assert str(elsewhere) in str(refused.value) and "another node's own state" in str(refused.value)
+    assert "[cluster] bodies_dir" in str(refused.value)
+    assert not bundle.exists()

@@ -272,6 +272,20 @@ def _gone(path_text: str | None, key: str) -> BackupError:
     )
 
 
+def _unreachable(config: GatewayConfig, path_text: str, key: str) -> BackupError:
+    """A file the spool needs that this node cannot copy: gone, or in another node's own
+    state folder (the nodes share bodies only through ``[cluster] bodies_dir``)."""
+    if config.cluster.bodies_dir is not None:
+        return _gone(path_text, key)
+    return BackupError(
+        f"{path_text}, which the spool needs to send message {key}, is not in this node's "
+        "state folder: it is gone, or kept in another node's own state folder, which a "
+        "backup taken on this node cannot read",
+        fix="set [cluster] bodies_dir, the folder the nodes share, on every node (see "
+        "README, Running several nodes); then run medgw backup again",
+    )
+
+
 def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: _Collector) -> int:
     """The spool's tables, dumped by pg_dump (one snapshot), and the files that snapshot
     names; the number of outbound messages.
@@ -293,7 +307,7 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
     refreshed: dict[tuple[str, str], dict[str, Any]] = {}
     for table, key, path_text, needed in named:
         name = _place(path_text, config)
-        if name is None or path_text is None or files.copy(Path(path_text), name):
+        if path_text is None or (name is not None and files.copy(Path(path_text), name)):
             continue
         if needed and (table, key) not in refreshed:
             peer, _, message_id = key.rpartition("\0")
@@ -308,10 +322,11 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
             rows = _outbound_files if table == "outbound" else _handover_files
             for _table, _key, again, need in rows(tuple(row[c] for c in wanted)):
                 place = _place(again, config)
-                if place is None or again is None or place in files.files:
+                if again is None or place in files.files:
                     continue
-                if not files.copy(Path(again), place) and need:
-                    raise _gone(again, key)
+                copied = place is not None and files.copy(Path(again), place)
+                if need and not copied:
+                    raise _unreachable(config, again, key)
     if refreshed:
         target = files.root / REFRESHED
         target.write_text(json.dumps(list(refreshed.values())))
