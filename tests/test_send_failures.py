@@ -182,6 +182,7 @@ async def test_a_send_interrupted_by_shutdown_is_parked_off_the_event_loop(
         assert _on_loop(spool.threads) == []
         parked = spool.get(record.message_id)
         assert parked is not None and parked.state is OutboundState.QUEUED
+        assert parked.attempts == 0  # stopped in the TLS handshake: not an attempt
     finally:
         await client.close()
         spool.close()
@@ -213,6 +214,7 @@ async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
         again = spool.get(record.message_id)
         assert again is not None and again.state is OutboundState.QUEUED
         assert (again.last_error, again.next_attempt_at) == (INTERRUPTED, 0)
+        assert again.attempts == 0  # nothing went out: not an attempt
     finally:
         await client.close()
         spool.close()
@@ -274,5 +276,7 @@ async def test_a_claim_older_than_half_a_lease_is_checked_again_before_its_post(
     assert checked.is_set() is (claimed_ago > 0.5)
     if claimed_ago > 0.5:
         assert after.last_error == "this node's claim ran out before the send"
+        assert after.attempts == 0  # not sent: not an attempt
     else:
         assert after.last_error != "this node's claim ran out before the send"  # POSTed
+        assert after.attempts == 1
