@@ -34,31 +34,12 @@ from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import add_backup, backup_signer, openssl_opens, recipient
-from tests.helpers.cluster import add_node
+from tests.helpers.cluster import add_node, inbox, outbound
 from tests.helpers.postgres import PASSWORD, PostgresServer, spool_section
 
 pytestmark = pytest.mark.daemon
 
 BODIES = "shared-bodies"  # the nodes' [cluster] bodies_dir (tests/helpers/cluster.py)
-
-
-def outbound(settings: PostgresSettings) -> list[OutboundRecord]:
-    spool = PostgresSpool(settings, TickingClock())
-    try:
-        return spool.all_outbound()
-    finally:
-        spool.close()
-
-
-def inbox(layout: DemoLayout) -> dict[str, str]:
-    folder = layout.hospital.inbox_dir / "lab"
-    if not folder.exists():
-        return {}
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in folder.iterdir()
-        if not p.name.startswith(".")
-    }
 
 
 def new_host(layout: DemoLayout, name: str, old: PostgresSettings, new: PostgresSettings) -> Path:

@@ -31,12 +31,18 @@ from gateway.errors import MedgwError
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from gateway.spool.postgres import PostgresSettings
 from tests.cli import medgw
-from tests.clocks import TickingClock
 from tests.conftest import Processes
 from tests.helpers.audit import wait_for_events
-from tests.helpers.cluster import RoundRobin, add_node, listener_port, point_peer_at
+from tests.helpers.cluster import (
+    RoundRobin,
+    add_node,
+    inbox,
+    listener_port,
+    outbound,
+    point_peer_at,
+)
 from tests.helpers.crash import drop_while_killing
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.internal_system import enable_delivery
@@ -44,26 +50,6 @@ from tests.helpers.postgres import PostgresServer
 from tests.helpers.slow_proxy import edit_every
 
 pytestmark = pytest.mark.daemon
-
-
-def outbound(settings: PostgresSettings) -> list[OutboundRecord]:
-    spool = PostgresSpool(settings, TickingClock())
-    try:
-        return spool.all_outbound()
-    finally:
-        spool.close()
-
-
-def inbox(layout: DemoLayout) -> dict[str, str]:
-    """The hospital's inbox from the lab: file name -> SHA-256 of its content."""
-    folder = layout.hospital.inbox_dir / "lab"
-    if not folder.exists():
-        return {}
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in folder.iterdir()
-        if not p.name.startswith(".")
-    }
 
 
 def trails(*sides: Path) -> list[dict[str, Any]]:

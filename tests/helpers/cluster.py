@@ -11,15 +11,39 @@ Peers reach the nodes through :class:`RoundRobin`, one address in front of them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from pathlib import Path
 
-from gateway.pki.demo import DemoInstitution
-from gateway.spool.postgres import PostgresSettings
+from gateway.pki.demo import DemoInstitution, DemoLayout
+from gateway.spool import OutboundRecord
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.clocks import TickingClock
 from tests.helpers.tcp_proxy import Stream, TcpProxy
 
 LEASE_SECONDS = 5  # the shortest allowed: a dead node's work is taken over quickly
 NODE_PART = "\n# -- this node --\n"
+
+
+def outbound(spool: PostgresSettings) -> list[OutboundRecord]:
+    """Every outbound row of the nodes' shared spool, read through a handle of its own."""
+    opened = PostgresSpool(spool, TickingClock())
+    try:
+        return opened.all_outbound()
+    finally:
+        opened.close()
+
+
+def inbox(layout: DemoLayout) -> dict[str, str]:
+    """The hospital's inbox from the lab: file name -> SHA-256 of its content."""
+    folder = layout.hospital.inbox_dir / "lab"
+    if not folder.exists():
+        return {}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+    }
 
 
 def add_node(
