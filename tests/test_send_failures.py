@@ -67,6 +67,20 @@ class HeldSpool(NotedSpool):
         return super().holds_lease(message_id)
 
 
+class HeldClaims(NotedSpool):
+    """The real spool; its claims wait, once claimed, until ``go`` is set."""
+
+    asked: threading.Event | None = None
+    go: threading.Event | None = None
+
+    def claim_due(self, *args: Any, **kwargs: Any) -> tuple[list[OutboundRecord], float | None]:
+        claimed = super().claim_due(*args, **kwargs)
+        if self.asked is not None and self.go is not None:
+            self.asked.set()
+            self.go.wait(60)
+        return claimed
+
+
 class NotedAudit(AuditLog):
     """The real audit log; notes the thread of each record."""
 
@@ -217,6 +231,34 @@ async def test_a_send_stopped_before_its_post_goes_back_to_the_queue_at_once(
         assert again.attempts == 0  # nothing went out: not an attempt
     finally:
         await client.close()
+        spool.close()
+
+
+async def test_messages_claimed_as_their_sender_stops_go_back_uncounted(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """The peer's sender stops while its claim is being made: what the claim took goes
+    back to the queue, due now, and the claim's attempt is given back (none was made)."""
+    config = load_config(layout.hospital.config_path)
+    outbound, spool, _, peer = await _sender(layout, tmp_path, config, HeldClaims)
+    assert isinstance(spool, HeldClaims)
+    try:
+        folder = layout.hospital.outbox_for(peer.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "order.hl7").write_bytes(b"MSH|^~\\&|order\r")
+        assert await outbound.intake_once() == 1
+        spool.asked, spool.go = threading.Event(), threading.Event()
+        now = SystemClock().now().timestamp()
+        claim = asyncio.create_task(outbound.due_for_sending(peer, now, 1))
+        assert await asyncio.to_thread(spool.asked.wait, 60)
+        claim.cancel()  # SIGTERM, or the peer removed by a reload
+        spool.go.set()
+        with pytest.raises(asyncio.CancelledError):
+            await claim
+        [back] = spool.list_outbound()
+        assert back.state is OutboundState.QUEUED
+        assert (back.last_error, back.next_attempt_at, back.attempts) == (INTERRUPTED, 0, 0)
+    finally:
         spool.close()
 
 
