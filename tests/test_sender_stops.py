@@ -13,6 +13,8 @@ with its deadline passed.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import random
 import ssl
@@ -167,6 +169,37 @@ async def test_messages_being_sent_go_back_to_the_queue_when_their_sender_stops(
             assert record.next_attempt_at == 0  # due now, for whichever node
             assert record.last_error == INTERRUPTED
             assert record.attempts == 0  # stopped in the TLS handshake: not an attempt
+
+
+async def test_a_sender_stopped_by_a_reload_leaves_no_waiter_behind(
+    layout: DemoLayout,
+    tmp_path: Path,
+    make_spool: MakeSpool,
+    silent: SilentPeer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The peer's sender is cancelled in its wait for a send or a wakeup; the wakeup's
+    waiter goes with it (left pending, asyncio reports it destroyed while pending, an
+    error in the daemon's log for a routine reload)."""
+    async with sending(layout, tmp_path, make_spool) as hospital:
+        await hospital.take_in(DOCUMENTS)
+        hospital.with_peer_at(silent.url)
+        await until(lambda: len(silent.held) >= DOCUMENTS, f"{DOCUMENTS} connections to the peer")
+        [sender] = hospital.senders.peer_tasks.values()
+        hospital.reload_without_peer()
+        await asyncio.gather(sender, return_exceptions=True)
+        await until(
+            lambda: hospital.states_now() == [OutboundState.QUEUED] * DOCUMENTS,
+            "the messages back in the queue",
+        )
+        waiting = [
+            task
+            for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__qualname__", "") == "Event.wait"
+        ]
+        assert waiting == []
+        gc.collect()
+        assert "destroyed but it is pending" not in caplog.text
 
 
 async def test_stops_before_a_request_went_out_never_make_a_document_a_dead_letter(

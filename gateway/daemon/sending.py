@@ -6,7 +6,6 @@ import asyncio
 import functools
 import random
 from collections.abc import Callable
-from typing import Any
 
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.daemon.state import PARALLEL_SENDS_PER_PEER, Parts, RuntimeState
@@ -163,13 +162,16 @@ class Senders:
                     wait = resume_at - now
                 elif next_at is not None and next_at > now:
                     wait = min(wait, next_at - now)
-                waiters: set[asyncio.Future[Any]] = {*inflight}
-                waiters.add(asyncio.ensure_future(wakeup.wait()))
-                done, _ = await asyncio.wait(
-                    waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-                for future in waiters - inflight.keys():
-                    future.cancel()
+                woken = asyncio.ensure_future(wakeup.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {*inflight, woken}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    # Also when this loop is cancelled in the wait (the peer removed by a
+                    # reload, the daemon stopping): a waiter left pending is destroyed
+                    # pending.
+                    woken.cancel()
                 for finished in [task for task in inflight if task in done]:
                     message_id = inflight.pop(finished)
                     settling.discard(message_id)
