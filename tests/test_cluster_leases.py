@@ -1021,12 +1021,17 @@ def test_a_take_over_cut_short_by_the_spool_prepares_the_rest_at_the_next_round(
 
 
 @pytest.mark.parametrize(
-    "shared, given_back",
-    [(False, True), (True, False)],
-    ids=["state-folder-given-back", "bodies-folder-claim-ran-out"],
+    "shared, given_back, copied",
+    [(False, True, False), (True, False, False), (False, True, True)],
+    ids=["state-folder-given-back", "bodies-folder-claim-ran-out", "copied-given-back"],
 )
 def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_message(
-    layout: DemoLayout, make_spool: MakeSpool, clock: SetClock, shared: bool, given_back: bool
+    layout: DemoLayout,
+    make_spool: MakeSpool,
+    clock: SetClock,
+    shared: bool,
+    given_back: bool,
+    copied: bool,
 ) -> None:
     """Node a recorded a large document it took from its outbox and was killed before
     its copy was written (in its state folder, or its folder of the shared bodies
@@ -1035,7 +1040,8 @@ def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_mes
     leaves the file alone (no second message of it); b gives the intake back (or b dies
     and its claim runs out), and a's lease keeper, a running, takes it up: the document
     is sent under its first Message-ID, with no alert, and a's next start finds
-    nothing of it left to do."""
+    nothing of it left to do.  So too (``copied``) for one whose copy a finished in its
+    state folder, out of b's reach, and removed from its outbox before it was killed."""
     clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
     loaded = load_config(layout.lab.config_path)
     root = layout.lab.root
@@ -1062,7 +1068,9 @@ def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_mes
     source = config_a.storage.outbox_dir / peer.name / "study.dcm"
     source.parent.mkdir(parents=True, exist_ok=True)
     source.write_bytes(document)
-    copies = bodies / "payloads" / "a" if bodies is not None else config_a.storage.state_dir
+    copies = (
+        bodies / "payloads" / "a" if bodies is not None else config_a.storage.state_dir / "payloads"
+    )
     dead = make_spool(clock, Claimant("a", LEASE))
     message_id = "<study@KITA-LAB>"
     dead.add_intakes(
@@ -1073,6 +1081,10 @@ def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_mes
             )
         ]
     )  # fmt: skip
+    if copied:
+        copies.mkdir(parents=True, exist_ok=True)
+        (copies / "study-copy").write_bytes(document)  # as it is: no encryption at rest here
+        source.unlink()
     clock.advance(LEASE + 1)  # node a died
     b = make_spool(clock, Claimant("b", LEASE))
     [held] = b.intake_interrupted()  # node b starts: its recovery claims the intake
@@ -1082,17 +1094,20 @@ def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_mes
         a = make_spool(clock, Claimant("a", LEASE))
         node_a = outbound(config_a, a)
         await node_a.recover()
-        assert await node_a.intake_once() == 1  # listed, and left alone
+        listed = 0 if copied else 1
+        assert await node_a.intake_once() == listed  # listed, and left alone
         assert [r.message_id for r in a.all_outbound()] == [message_id]
-        assert source.exists()
+        assert source.exists() is not copied
         keeper = _keeper(config_a, a, clock, trails["a"], stream, trust, node_a)
         assert await keeper.prepare_taken_over() == 0  # b's claim is live
-        assert await node_a.intake_once() == 1 and source.exists()
-        if given_back:  # node b's recovery comes to it: it cannot reach a's outbox
-            outbox, aside = config_a.storage.outbox_dir, root / "on-machine-a"
-            outbox.rename(aside)
+        assert await node_a.intake_once() == listed and source.exists() is not copied
+        if given_back:  # node b's recovery comes to it: it cannot reach a's folders
+            machine_a = [config_a.storage.outbox_dir, copies]
+            for number, folder in enumerate(machine_a):
+                folder.rename(root / f"on-machine-a-{number}")
             await outbound(config_b, b).prepare_taken_over([held])
-            aside.rename(outbox)
+            for number, folder in enumerate(machine_a):
+                (root / f"on-machine-a-{number}").rename(folder)
             back = a.get(message_id)
             assert back is not None and (back.node, back.state) == ("a", OutboundState.INTAKE)
         else:  # node b died holding it

@@ -101,6 +101,11 @@ def plan(database: Path, statement: str) -> list[str]:
             "USING INDEX outbound_payload_name",
         ),
         (
+            "copies of documents in intake found at start",
+            lambda s: s.intakes_by_payload(["payload-lab-1", "payload-lab-2", "gone"]),
+            "USING INDEX outbound_payload_name",
+        ),
+        (
             "receipt files found at start",
             lambda s: s.receipts_recorded(["a.0123456789ab.mdn", "b.mdn"]),
             "USING COVERING INDEX outbound_receipt_file",

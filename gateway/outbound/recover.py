@@ -16,6 +16,7 @@ from gateway.outbound.context import Context
 from gateway.outbound.intake import move_into_spool
 from gateway.outbound.seal import Sealer, open_document, recovered_accepted
 from gateway.outbound.sweep import (
+    intakes_of_copies,
     remove_sent_elsewhere,
     remove_spent_copies_of_others,
     remove_unrecorded_payloads,
@@ -156,18 +157,21 @@ class Recovery:
                 renewed_at = self._ctx.clock.monotonic()
             await self._finish(record)
         # Then the documents left in the outbox that another node took over and sent; and
-        # those of intakes another node holds, to be taken up when they come back.
+        # those of intakes another node holds (in the outbox, or copied into this node's
+        # folders), to be taken up when they come back.
         waiting = await ctx.in_thread(
             remove_sent_elsewhere, ctx.spool, ctx.log, config.storage.outbox_dir
         )
-        for record in waiting:
+        for folder in own:
+            waiting += await ctx.in_thread(intakes_of_copies, ctx.spool, folder)
+        ctx.waiting_intakes = {record.message_id: record for record in waiting}
+        for record in ctx.waiting_intakes.values():
             ctx.log.warning(
                 "recovery.intake_held_elsewhere",
                 peer=record.peer,
                 message_id=record.message_id,
                 node=record.node,
             )
-        ctx.waiting_intakes = {record.message_id: record for record in waiting}
 
     def _record_cut_off(self, since: datetime | None) -> None:
         """Write the audit records a kill cut off (worker thread): every change of an

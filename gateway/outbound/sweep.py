@@ -89,6 +89,18 @@ def remove_unrecorded_payloads(
                 log.info("recovery.removed_plaintext_copy", file=name)
 
 
+def intakes_of_copies(spool: Spool, folder: Path) -> list[OutboundRecord]:
+    """At start, once this node's interrupted intakes are finished (worker thread): the
+    messages still in intake whose documents' copies are in this node's payloads
+    ``folder``: held by another node (one that started while this one was down, which
+    gives back those whose copies it cannot reach), or given back since.  As those of
+    :func:`remove_sent_elsewhere`, this node takes them up once they come back."""
+    found: list[OutboundRecord] = []
+    for names in _batches(folder, _is_payload):
+        found += spool.intakes_by_payload(names)
+    return found
+
+
 def remove_unrecorded_receipts(
     spool: Spool, log: Logger, folder: Path, *, older_than: float | None = None
 ) -> int:

@@ -108,6 +108,12 @@ class Spool(Protocol):
         spool keeps."""
         ...
 
+    def intakes_by_payload(self, names: Sequence[str]) -> list[OutboundRecord]:
+        """Of the file names ``names`` (files found in a payloads folder), the messages
+        still in intake whose rows name one as their payload, by name as
+        :meth:`payloads_recorded` (an index lookup per name)."""
+        ...
+
     def receipts_recorded(self, names: Sequence[str]) -> set[str]:
         """Of the file names ``names`` (files found in a receipts folder), those of the
         receipts the outbound messages' rows name, by name as :meth:`payloads_recorded`:

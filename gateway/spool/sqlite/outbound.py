@@ -197,6 +197,21 @@ class OutboundQueue(SqlStore):
             found[name] = found.get(name, False) or needed
         return found
 
+    def intakes_by_payload(self, names: Sequence[str]) -> list[OutboundRecord]:
+        """See :meth:`gateway.spool.protocol.Spool.intakes_by_payload`."""
+        name = file_name("payload_path")
+        found: list[OutboundRecord] = []
+        for start in range(0, len(names), NAMES_PER_STATEMENT):
+            batch = tuple(names[start : start + NAMES_PER_STATEMENT])
+            # By the name's index alone (the state's would read every row in intake).
+            rows = self._read(
+                "SELECT * FROM outbound"  # noqa: S608 - fixed text
+                f" WHERE {name} IN ({','.join('?' for _ in batch)})",
+                batch,
+            )
+            found += [_outbound(r) for r in rows if r["state"] == OutboundState.INTAKE.value]
+        return found
+
     def receipts_recorded(self, names: Sequence[str]) -> set[str]:
         """See :meth:`gateway.spool.protocol.Spool.receipts_recorded`."""
         return {Path(r["receipt_path"]).name for r in self._by_file_name("receipt_path", "", names)}
