@@ -34,7 +34,7 @@ from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.postgres import PostgresSettings
 from tests.cli import medgw
 from tests.conftest import Processes
-from tests.helpers.audit import wait_for_events
+from tests.helpers.audit import events, wait_for_events
 from tests.helpers.cluster import (
     RoundRobin,
     add_node,
@@ -173,7 +173,7 @@ def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
     assert len(delivered) == 6 and set(delivered.values()) == {1}
     assert {r["message_id"] for r in taken} == set(delivered)
     # lab-a's trail never saw a receipt: it sent nothing to completion.
-    assert [r for r in read_audit(audit / "audit.jsonl") if r["event"] == "receipt.received"] == []
+    assert events(audit / "audit.jsonl", "receipt.received") == []
 
 
 def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
@@ -438,13 +438,28 @@ def test_a_record_a_kill_cut_off_goes_into_the_trail_of_the_node_that_made_the_c
     assert received["message_id"] == queued.message_id
     assert processes.start(lab.a).stop() == 0
 
-    [accepted] = [r for r in read_audit(trail_a) if r["event"] == "message.accepted"]
+    [accepted] = events(trail_a, "message.accepted")
     assert accepted["message_id"] == queued.message_id and accepted["node"] == "lab-a"
     assert accepted["detail"]["recorded_at_recovery"] is True
-    assert not [r for r in read_audit(trail_b) if r["event"] == "message.accepted"]
+    assert not events(trail_b, "message.accepted")
     receipts = [r for r in trails(trail_a.parent) if r["event"] == "receipt.received"]
     assert [r["node"] for r in receipts] == ["lab-b"]  # not written again by lab-a
     assert_trails_verify(lab.a, lab.b)
+
+
+def _taken_over_written_at_start(
+    processes: Processes, lab: Lab, trail_b: Path, message_id: str
+) -> dict[str, Any]:
+    """lab-b, killed before writing its take-over of ``message_id``, started again: it
+    writes that ``message.taken_over`` (once, into its own trail), and sends the message."""
+    lab_b = processes.start(lab.b)
+    wait_for_events(trail_b, "receipt.received")
+    assert lab_b.stop() == 0
+    [taken] = events(trail_b, "message.taken_over")
+    assert taken["message_id"] == message_id and taken["node"] == "lab-b"
+    assert taken["detail"]["recorded_at_recovery"] is True
+    assert_trails_verify(lab.b)
+    return taken
 
 
 def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_start(
@@ -480,15 +495,9 @@ def test_a_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_next_star
     wait_killed(lab_b)
     [queued] = outbound(spool)
     assert (queued.state, queued.node) == (OutboundState.QUEUED, None)
-    assert not [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
+    assert not events(trail_b, "message.taken_over")
 
-    lab_b = processes.start(lab.b)
-    wait_for_events(trail_b, "receipt.received")
-    assert lab_b.stop() == 0
-    [taken] = [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
-    assert taken["message_id"] == held.message_id and taken["node"] == "lab-b"
-    assert taken["detail"]["recorded_at_recovery"] is True
-    assert_trails_verify(lab.b)
+    _taken_over_written_at_start(processes, lab, trail_b, held.message_id)
 
 
 def test_a_failed_send_a_kill_cut_off_is_recorded_though_another_node_sent_it_since(
@@ -511,7 +520,7 @@ def test_a_failed_send_a_kill_cut_off_is_recorded_though_another_node_sent_it_si
     wait_killed(lab_a)
     [queued] = outbound(spool)
     assert (queued.state, queued.audited_by) == (OutboundState.QUEUED, "lab-a")
-    assert not [r for r in read_audit(trail_a) if r["event"] == "message.send_failed"]
+    assert not events(trail_a, "message.send_failed")
 
     lab.front.ports.append(hospital)
     processes.start(lab.b)
@@ -520,10 +529,10 @@ def test_a_failed_send_a_kill_cut_off_is_recorded_though_another_node_sent_it_si
     assert outbound(spool)[0].audited_by == "lab-b"
     assert processes.start(lab.a).stop() == 0
 
-    [failed] = [r for r in read_audit(trail_a) if r["event"] == "message.send_failed"]
+    [failed] = events(trail_a, "message.send_failed")
     assert failed["message_id"] == queued.message_id and failed["node"] == "lab-a"
     assert failed["detail"] == {"attempts": 1, "recorded_at_recovery": True}
-    assert not [r for r in read_audit(trail_b) if r["event"] == "message.send_failed"]
+    assert not events(trail_b, "message.send_failed")
     assert_trails_verify(lab.a, lab.b)
 
 
@@ -547,16 +556,10 @@ def test_an_intake_take_over_a_kill_cut_off_from_its_record_is_recorded_at_the_n
     wait_killed(lab_b)  # its claim on lab-a's intake committed, its record not written
     [left] = outbound(lab.spool)
     assert (left.state, left.node) == (OutboundState.INTAKE, "lab-b")
-    assert not [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
+    assert not events(trail_b, "message.taken_over")
 
-    lab_b = processes.start(lab.b)
-    wait_for_events(trail_b, "receipt.received")
-    assert lab_b.stop() == 0
-    [taken] = [r for r in read_audit(trail_b) if r["event"] == "message.taken_over"]
-    assert taken["message_id"] == left.message_id and taken["node"] == "lab-b"
-    assert taken["detail"]["recorded_at_recovery"] is True
+    taken = _taken_over_written_at_start(processes, lab, trail_b, left.message_id)
     assert "had taken it in" in taken["reason"]
-    assert_trails_verify(lab.b)
 
 
 def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_folder(
