@@ -6,7 +6,6 @@ name (a row may keep the path of a moved state folder)."""
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,7 @@ from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.errors import SpoolError
-from gateway.logs import make_logger
 from gateway.operations import Operations
-from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
@@ -27,6 +24,7 @@ from gateway.spool import OutboundState, Settled, SqliteSpool
 from tests.cli import medgw
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.local_api import LIS_TOKEN, enable_api
+from tests.helpers.recovery import lab_starting, logged_files
 
 OPERATOR = "operator:root (uid 0)"
 OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
@@ -49,11 +47,7 @@ def _files(folder: Path) -> set[str]:
 def test_a_start_removes_the_receipt_files_no_row_names_and_keeps_those_named(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
-    config = load_config(layout.lab.config_path)
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
-    audit = AuditLog(config.storage.audit_log, SystemClock(), node="lab")
-    log = io.StringIO()
-    context = Context(Settings(config, {}), spool, audit, make_logger(stream=log), SystemClock())
+    spool, audit, context, log = lab_starting(layout, tmp_path)
     receipts = context.receipts
     named = receipts / "ok.hl7.0123456789ab.mdn"
     # Stored before the state folder was moved: the row keeps the old path, the file is
@@ -77,12 +71,8 @@ def test_a_start_removes_the_receipt_files_no_row_names_and_keeps_those_named(
     audit.close()
 
     assert _files(receipts) == {named.name, moved.name, ".hidden.mdn", "notes.txt", "folder.mdn"}
-    removed = [
-        line["file"]
-        for line in map(json.loads, log.getvalue().splitlines())
-        if line["event"] == "recovery.removed_unrecorded_receipt"
-    ]
-    assert sorted(removed) == ["cut-off.hl7.fedcba987654.mdn", "older.hl7.mdn"]
+    removed = logged_files(log, "recovery.removed_unrecorded_receipt")
+    assert removed == ["cut-off.hl7.fedcba987654.mdn", "older.hl7.mdn"]
     spool.close()
 
 

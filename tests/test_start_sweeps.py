@@ -5,39 +5,17 @@ and rows the folders hold no file of, change nothing of what is kept."""
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 from pathlib import Path
 
 from gateway.audit.log import AuditLog
-from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.logs import make_logger
-from gateway.outbound.context import Context, Settings
+from gateway.outbound.context import Context
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer
 from gateway.outbound.sweep import SWEEP_BATCH
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Intake, OutboundState, Settled, SqliteSpool
-
-
-def _logged(log: io.StringIO, event: str) -> list[str]:
-    return sorted(
-        line["file"]
-        for line in map(json.loads, log.getvalue().splitlines())
-        if line["event"] == event
-    )
-
-
-def _started(
-    layout: DemoLayout, tmp_path: Path
-) -> tuple[SqliteSpool, AuditLog, Context, io.StringIO]:
-    config = load_config(layout.lab.config_path)
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
-    audit = AuditLog(config.storage.audit_log, SystemClock(), node="lab")
-    log = io.StringIO()
-    context = Context(Settings(config, {}), spool, audit, make_logger(stream=log), SystemClock())
-    return spool, audit, context, log
+from tests.helpers.recovery import lab_starting, logged_files
 
 
 def _start(context: Context, audit: AuditLog) -> None:
@@ -74,7 +52,7 @@ def _documents(folder: Path, *names: str) -> None:
 def test_a_start_removes_unrecorded_submissions_and_plaintext_copies_no_longer_needed(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
-    spool, audit, context, log = _started(layout, tmp_path)
+    spool, audit, context, log = lab_starting(layout, tmp_path)
     payloads = context.payloads
     # Rows of a state folder moved since: their paths are elsewhere, their names here.
     elsewhere = Path("/var/lib/medgw-old/state/payloads")
@@ -85,8 +63,8 @@ def test_a_start_removes_unrecorded_submissions_and_plaintext_copies_no_longer_n
     _start(context, audit)
 
     assert {p.name for p in payloads.iterdir()} == {"a", ".hidden", "folder"}
-    assert _logged(log, "recovery.removed_unrecorded_submission") == ["unrecorded"]
-    assert _logged(log, "recovery.removed_plaintext_copy") == ["b"]
+    assert logged_files(log, "recovery.removed_unrecorded_submission") == ["unrecorded"]
+    assert logged_files(log, "recovery.removed_plaintext_copy") == ["b"]
     spool.close()
 
 
@@ -98,7 +76,7 @@ def test_a_start_removes_the_spent_copies_another_node_left_in_the_shared_folder
     over was killed before removing it): a copy no row names yet may be another node's
     submission in progress, and one still needed is another node's to prepare."""
     _shared_bodies(layout)
-    spool, audit, context, log = _started(layout, tmp_path)
+    spool, audit, context, log = lab_starting(layout, tmp_path)
     assert context.shared_payloads is not None
     assert context.payloads == context.shared_payloads / "lab-b"
     other = context.shared_payloads / "lab-a"
@@ -112,8 +90,8 @@ def test_a_start_removes_the_spent_copies_another_node_left_in_the_shared_folder
 
     assert {p.name for p in other.iterdir()} == {"needed", "uploading"}
     assert list(context.payloads.iterdir()) == []
-    assert _logged(log, "recovery.removed_plaintext_copy") == ["spent"]
-    assert _logged(log, "recovery.removed_unrecorded_submission") == ["mine"]
+    assert logged_files(log, "recovery.removed_plaintext_copy") == ["spent"]
+    assert logged_files(log, "recovery.removed_unrecorded_submission") == ["mine"]
     spool.close()
 
 
@@ -128,7 +106,7 @@ def test_a_start_sweeps_the_copies_kept_in_the_state_folder_before_the_folder_wa
     old = config.storage.state_dir / "payloads"
     old.mkdir(parents=True, exist_ok=True)
     _shared_bodies(layout)
-    spool, audit, context, log = _started(layout, tmp_path)
+    spool, audit, context, log = lab_starting(layout, tmp_path)
     assert context.payloads != old
     _failed_and_queued(spool, tmp_path, old / "a", old / "b")
     _documents(old, "a", "b", "unrecorded", ".c.0123456789ab.partial")
@@ -136,8 +114,8 @@ def test_a_start_sweeps_the_copies_kept_in_the_state_folder_before_the_folder_wa
     _start(context, audit)
 
     assert {p.name for p in old.iterdir()} == {"a"}
-    assert _logged(log, "recovery.removed_unrecorded_submission") == ["unrecorded"]
-    assert _logged(log, "recovery.removed_plaintext_copy") == ["b"]
+    assert logged_files(log, "recovery.removed_unrecorded_submission") == ["unrecorded"]
+    assert logged_files(log, "recovery.removed_plaintext_copy") == ["b"]
     spool.close()
 
 
@@ -146,7 +124,7 @@ def test_a_start_asks_about_more_receipt_files_than_one_batch_and_keeps_every_na
 ) -> None:
     """Files of several batches, rows with no file here (another node's receipts): each
     named file is kept, each unnamed one removed, once."""
-    spool, audit, context, log = _started(layout, tmp_path)
+    spool, audit, context, log = lab_starting(layout, tmp_path)
     receipts = context.receipts
     count = 2 * SWEEP_BATCH + 7
     ids = [f"<{i}@lab>" for i in range(count + 50)]
@@ -174,5 +152,5 @@ def test_a_start_asks_about_more_receipt_files_than_one_batch_and_keeps_every_na
     _start(context, audit)
 
     assert {p.name for p in receipts.iterdir()} == set(named[:count])
-    assert _logged(log, "recovery.removed_unrecorded_receipt") == sorted(unnamed)
+    assert logged_files(log, "recovery.removed_unrecorded_receipt") == sorted(unnamed)
     spool.close()
