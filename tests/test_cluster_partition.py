@@ -80,7 +80,9 @@ def cluster(layout: DemoLayout, postgres: PostgresSettings, tmp_path: Path) -> I
     keys = KeyStore(layout.lab.root / "shared-keys")
     nodes: list[Node] = []
     for name, settings in (
-        ("a", replace(postgres, socket_dir=cut.socket_dir, connect_timeout=1)),
+        # A lost commit's outcome is asked for this long (the proxy refusing: all of
+        # it), and a new connection waits as long: ample on a loaded machine.
+        ("a", replace(postgres, socket_dir=cut.socket_dir, connect_timeout=3)),
         ("b", postgres),
     ):
         spool = PostgresSpool(settings, clock, Claimant(name, LEASE))
