@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from gateway.errors import MedgwError
@@ -260,7 +261,11 @@ def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
     """Restore ``dump`` into the database of ``settings``, in one transaction, replacing
     the spool's tables there (a node's start may have created them empty)."""
     argv = [pg_restore, "--no-owner", "--no-privileges", "--single-transaction"]
-    argv += ["--exit-on-error", "--clean", "--if-exists", f"--dbname={settings.dbname}"]
+    # pg_restore reads a --dbname with "=" in it as connection settings: a connection
+    # string naming only the database keeps the name a name (the other settings: libpq's
+    # environment, as the spool's own connections have them).
+    where = make_conninfo(dbname=settings.dbname)
+    argv += ["--exit-on-error", "--clean", "--if-exists", f"--dbname={where}"]
     with connect(settings) as conn:
         conn.execute(KEEP_DISPLACED)  # the function the dumped tables' triggers run
     _run([*argv, str(dump)], settings, "restore the spool")
