@@ -1021,27 +1021,34 @@ def test_a_take_over_cut_short_by_the_spool_prepares_the_rest_at_the_next_round(
 
 
 @pytest.mark.parametrize(
-    "shared, given_back, copied",
-    [(False, True, False), (True, False, False), (False, True, True)],
-    ids=["state-folder-given-back", "bodies-folder-claim-ran-out", "copied-given-back"],
-)
+    "shared, copied, back",
+    [
+        (False, False, "given-back"),
+        (True, False, "claim-ran-out"),
+        (False, True, "given-back"),
+        (True, False, "b-restarted"),
+    ],
+    ids=["state-folder-given-back", "bodies-folder-claim-ran-out", "copied-given-back",
+         "bodies-folder-b-restarted"],
+)  # fmt: skip
 def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_message(
     layout: DemoLayout,
     make_spool: MakeSpool,
     clock: SetClock,
     shared: bool,
-    given_back: bool,
     copied: bool,
+    back: str,
 ) -> None:
     """Node a recorded a large document it took from its outbox and was killed before
     its copy was written (in its state folder, or its folder of the shared bodies
     folder): the file is still in a's outbox, out of b's reach.  Node b, starting while
     a is down, claims the intake; node a starts again while b holds it.  a's intake
     leaves the file alone (no second message of it); b gives the intake back (or b dies
-    and its claim runs out), and a's lease keeper, a running, takes it up: the document
-    is sent under its first Message-ID, with no alert, and a's next start finds
-    nothing of it left to do.  So too (``copied``) for one whose copy a finished in its
-    state folder, out of b's reach, and removed from its outbox before it was killed."""
+    and its claim runs out, or b is killed and started again first: its copy's folder
+    names node a), and a's lease keeper, a running, takes it up: the document is sent
+    under its first Message-ID, with no alert, and a's next start finds nothing of it
+    left to do.  So too (``copied``) for one whose copy a finished in its state
+    folder, out of b's reach, and removed from its outbox before it was killed."""
     clock.at = datetime.now(UTC)  # the demo's certificates are valid from now on
     loaded = load_config(layout.lab.config_path)
     root = layout.lab.root
@@ -1101,17 +1108,20 @@ def test_a_document_under_another_nodes_claim_when_its_node_starts_keeps_its_mes
         keeper = _keeper(config_a, a, clock, trails["a"], stream, trust, node_a)
         assert await keeper.prepare_taken_over() == 0  # b's claim is live
         assert await node_a.intake_once() == listed and source.exists() is not copied
-        if given_back:  # node b's recovery comes to it: it cannot reach a's folders
+        if back == "claim-ran-out":  # node b died holding it
+            clock.advance(LEASE + 1)
+        else:  # node b's recovery comes to it (a new start's): it cannot reach a's folders
             machine_a = [config_a.storage.outbox_dir, copies]
             for number, folder in enumerate(machine_a):
                 folder.rename(root / f"on-machine-a-{number}")
-            await outbound(config_b, b).prepare_taken_over([held])
+            if back == "given-back":
+                await outbound(config_b, b).prepare_taken_over([held])
+            else:
+                await outbound(config_b, make_spool(clock, Claimant("b", LEASE))).recover()
             for number, folder in enumerate(machine_a):
                 (root / f"on-machine-a-{number}").rename(folder)
-            back = a.get(message_id)
-            assert back is not None and (back.node, back.state) == ("a", OutboundState.INTAKE)
-        else:  # node b died holding it
-            clock.advance(LEASE + 1)
+            now = a.get(message_id)
+            assert now is not None and (now.node, now.state) == ("a", OutboundState.INTAKE)
         assert await keeper.prepare_taken_over() == 1
         assert await keeper.prepare_taken_over() == 0
         assert await node_a.intake_once() == 0

@@ -369,19 +369,13 @@ class Recovery:
         saying why.  ``taken_in_here``: its document was found in this node's outbox (see
         take_back): never given back."""
         peer = self._ctx.config.peer(record.peer)
-        if (
-            not taken_in_here
-            and record.node not in (None, self._ctx.spool.node)
-            and not record.has_document
-            and not _is_source_file(record)
-        ):
+        owner = None if taken_in_here else self._taken_in_by(record)
+        if owner is not None and not record.has_document and not _is_source_file(record):
             # Taken in by another node that stopped: its document is in that node's
             # state folder (or, its copy not finished, still in that node's outbox, out of
             # reach here: a file of that name here is another); given back to it, it
             # prepares it when it starts again (or, started meanwhile, once given back).
-            await self._ctx.in_thread(
-                self._ctx.spool.intake_release, record.message_id, record.node
-            )
+            await self._ctx.in_thread(self._ctx.spool.intake_release, record.message_id, owner)
             return
         # Prepared here from now on.  A kill while its body (or its document's copy) was
         # being written left that write's partial file.  In a bodies folder the nodes
@@ -423,6 +417,21 @@ class Recovery:
                 else "the document vanished between outbox and spool"
             )
             await self._ctx.in_thread(self._fail, record, reason)
+
+    def _taken_in_by(self, record: OutboundRecord) -> str | None:
+        """The other node that took ``record``'s document in, as far as known here: the
+        node that held it (one that stopped); or, for one this node holds, the node
+        whose folder of the shared bodies folder its copy is in (this node claimed it
+        at an earlier start and was killed before giving it back).  None: this node,
+        or not known (its copy in a state folder)."""
+        me = self._ctx.spool.node
+        if record.node not in (None, me):
+            return record.node
+        folder = record.payload_path.parent
+        shared = self._ctx.shared_payloads
+        if record.node == me and shared is not None and folder.parent == shared:
+            return folder.name if folder.name != me else None
+        return None
 
     def _fail(self, record: OutboundRecord, reason: str) -> None:
         """Mark an interrupted intake that cannot be prepared failed, and alert (worker
