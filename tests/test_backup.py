@@ -6,36 +6,33 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import shutil
-import tarfile
 import threading
 import tracemalloc
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, WORK_PREFIX, _complete_records
+from gateway.backup.bundle import ENTITY_HEAD, WORK_PREFIX, _complete_records
 from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.clock import SystemClock
-from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import (
     add_backup,
     backup_signer,
+    bundle_content,
     fresh_host,
     openssl_opens,
     owed_handover_backup,
     recipient,
+    sealed_bundle,
 )
 
 
@@ -224,36 +221,6 @@ def test_restore_checks_every_file_and_never_replaces_an_inbox_document_by_accid
     assert (root / "state" / "restored-config" / "gateway.toml").exists()
 
 
-def _seal_archive(
-    config_path: Path, files: dict[str, bytes], manifest: dict[str, Any], dst: Path
-) -> None:
-    """A bundle made as ``medgw backup`` makes one (signed with the gateway's backup
-    signing key, encrypted to the recipient), holding ``files`` and ``manifest``."""
-    config = load_config(config_path)
-    assert config.backup is not None
-    work = dst.with_name("crafted")
-    work.mkdir()
-    archive = work / "bundle.tar"
-    with tarfile.open(archive, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in {MANIFEST: json.dumps(manifest).encode(), **files}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o600
-            tar.addfile(info, io.BytesIO(data))
-    encoded = base64.encodebytes(archive.read_bytes()).replace(b"\n", b"\r\n")
-    entity = work / "entity"
-    entity.write_bytes(ENTITY_HEAD + encoded)
-    sign_and_envelope_file(
-        entity,
-        dst,
-        signer_cert=config.backup.signing.certificate,
-        signer_key=config.backup.signing.key,
-        recipients=[config.backup.recipient],
-        signing_time=datetime.now(UTC),
-        policy=AlgorithmPolicy(),
-    )
-
-
 @pytest.mark.parametrize(
     ("listed", "member"),
     [
@@ -287,7 +254,7 @@ def test_restore_refuses_a_manifest_name_that_leaves_its_folder(
         "files": {listed: hashlib.sha256(data).hexdigest()},
     }
     bundle = tmp_path / "crafted.p7m"
-    _seal_archive(config, {"state/x/kept": b"", member: data}, manifest, bundle)
+    sealed_bundle(bundle_content({"state/x/kept": b"", member: data}, manifest), bundle, config)
     refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert refused.returncode == 1, refused.stdout
     named = "manifest names" in refused.stderr and listed in refused.stderr

@@ -5,86 +5,34 @@ this host's state folder and inbox is refused even when its signature is good.""
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import shutil
 import sqlite3
-import tarfile
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from gateway.atrest import KeyStore, Vault
-from gateway.backup.bundle import ENTITY_HEAD, MANIFEST, open_bundle
+from gateway.backup.bundle import open_bundle
 from gateway.clock import SystemClock
-from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
 from gateway.demo_run import read_audit
 from gateway.pki.demo import DemoLayout
-from gateway.pki.keypair import PrivateKey
-from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
-from tests.helpers.backup import backup_signer, owed_handover_backup, recipient
-
-
-def _key(path: Path) -> PrivateKey:
-    return cast(PrivateKey, serialization.load_pem_private_key(path.read_bytes(), None))
-
-
-def _fresh(layout: DemoLayout, name: str) -> Path:
-    root = layout.hospital.root.with_name(name)
-    shutil.copytree(
-        layout.hospital.root,
-        root,
-        ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox"),
-    )
-    return root / "gateway.toml"
-
-
-def _seal(
-    entity_content: bytes, dst: Path, config_path: Path, *, signer: tuple[Path, Path] | None = None
-) -> Path:
-    """``entity_content`` signed (by the gateway's backup signing key, or ``signer``:
-    certificate, key) and encrypted to the configured backup recipient, as medgw backup seals."""
-    config = load_config(config_path)
-    assert config.backup is not None
-    entity = dst.with_name(dst.name + ".entity")
-    entity.write_bytes(entity_content)
-    if signer is None:
-        cert, key = config.backup.signing.certificate, config.backup.signing.key
-    else:
-        cert = x509.load_pem_x509_certificate(signer[0].read_bytes())
-        key = _key(signer[1])
-    sign_and_envelope_file(
-        entity,
-        dst,
-        signer_cert=cert,
-        signer_key=key,
-        recipients=[config.backup.recipient],
-        signing_time=datetime.now(UTC),
-        policy=AlgorithmPolicy(),
-    )
-    return dst
-
-
-def _archive(files: dict[str, bytes], manifest: dict[str, Any]) -> bytes:
-    """The bundle's signed content: a tar archive of ``files`` and ``manifest``, base64."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in {MANIFEST: json.dumps(manifest).encode(), **files}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o600
-            tar.addfile(info, io.BytesIO(data))
-    return ENTITY_HEAD + base64.encodebytes(out.getvalue()).replace(b"\n", b"\r\n")
+from tests.helpers.backup import (
+    backup_signer,
+    bundle_content,
+    fresh_host,
+    owed_handover_backup,
+    private_key,
+    recipient,
+    sealed_bundle,
+)
 
 
 def _unpacked(bundle: Path, key: Path, cert: Path, config_path: Path, work: Path) -> dict[str, Any]:
@@ -95,7 +43,7 @@ def _unpacked(bundle: Path, key: Path, cert: Path, config_path: Path, work: Path
         bundle,
         work,
         cert=x509.load_pem_x509_certificate(cert.read_bytes()),
-        key=_key(key),
+        key=private_key(key),
         signers=config.backup.restore_signers if config.backup else [],
     )
 
@@ -106,7 +54,7 @@ def _repacked(
     files = {name: (work / name).read_bytes() for name in manifest["files"]}
     manifest = json.loads(json.dumps(manifest))
     change(files, manifest)
-    return _archive(files, manifest)
+    return bundle_content(files, manifest)
 
 
 def _digests(files: dict[str, bytes], manifest: dict[str, Any]) -> None:
@@ -117,7 +65,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
-    config = _fresh(layout, "hospital-restored")
+    config = fresh_host(layout, "hospital-restored", layout.hospital)
     trail = config.parent / "audit" / "audit.jsonl"
     state = config.parent / "state"
     other_key, _ = recipient(tmp_path / "another-recipient")
@@ -125,7 +73,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
     manifest = _unpacked(bundle, key, cert, layout.hospital.config_path, work)
 
     def crafted(name: str, change: Callable[[dict[str, bytes], dict[str, Any]], None]) -> Path:
-        return _seal(
+        return sealed_bundle(
             _repacked(work, manifest, change), tmp_path / f"{name}.p7m", layout.hospital.config_path
         )
 
@@ -156,7 +104,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
         (bundle, other_key, "bundle-decryption", "cannot be opened"),
         (flipped, key, "bundle-decryption", "cannot be opened"),
         (
-            _seal(
+            sealed_bundle(
                 _repacked(work, manifest, lambda _files, _manifest: None),
                 tmp_path / "as2-signed.p7m",
                 config,
@@ -167,7 +115,9 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
             "cannot be opened",
         ),
         (
-            _seal(b"Content-Type: text/plain\r\n\r\nhello\r\n", tmp_path / "text.p7m", config),
+            sealed_bundle(
+                b"Content-Type: text/plain\r\n\r\nhello\r\n", tmp_path / "text.p7m", config
+            ),
             key,
             "not-a-backup",
             "is not a medgw backup",
@@ -199,7 +149,7 @@ def test_every_refused_restore_is_audited_and_the_fresh_host_stays_restorable(
         assert not (config.parent / "inbox").exists()
 
     # A host without [backup] knows no backup signer: it trusts no bundle.
-    bare = _fresh(layout, "hospital-without-backup")
+    bare = fresh_host(layout, "hospital-without-backup", layout.hospital)
     text = bare.read_text()
     bare.write_text(text[: text.index("\n[backup]\n")] + "\n")
     refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", bare)
@@ -270,7 +220,7 @@ def test_a_signed_bundle_whose_spool_names_a_file_outside_is_refused(
     its spool names: every one must lead into this host's state folder or inbox (a
     document still in intake: or its outbox), ``..`` counted where it leads."""
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
-    config = _fresh(layout, "hospital-restored")
+    config = fresh_host(layout, "hospital-restored", layout.hospital)
     old = load_config(layout.hospital.config_path).storage
     outside = tmp_path / "outside" / "victim"
     outside.parent.mkdir()
@@ -293,7 +243,7 @@ def test_a_signed_bundle_whose_spool_names_a_file_outside_is_refused(
         work = tmp_path / f"opened-{number}"
         manifest = _unpacked(bundle, key, cert, layout.hospital.config_path, work)
         manifest["__work"] = str(work)
-        crafted = _seal(
+        crafted = sealed_bundle(
             _repacked(work, manifest, change),
             tmp_path / f"outside-{number}.p7m",
             layout.hospital.config_path,
@@ -323,7 +273,7 @@ def test_after_a_change_of_backup_signing_key_an_older_bundle_restores_only_if_t
     bundle signed with the old one is refused until the old certificate is listed in
     ``trusted_signers``."""
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
-    config = _fresh(layout, "hospital-restored")
+    config = fresh_host(layout, "hospital-restored", layout.hospital)
     certs = config.parent / "certs"
     old = certs / "backup-signing-old.crt"
     (certs / "backup-signing.crt").rename(old)
@@ -344,7 +294,7 @@ def test_a_state_folder_that_cannot_be_locked_is_a_refusal_not_a_traceback(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
-    config = _fresh(layout, "hospital-restored")
+    config = fresh_host(layout, "hospital-restored", layout.hospital)
     (config.parent / "state").write_bytes(b"a file where the state folder belongs\n")
     refused = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
@@ -361,7 +311,7 @@ def test_a_restore_that_cannot_finish_writing_takes_back_what_it_wrote(
     full disk) leaves the fresh host as it was, so that the restore can simply be run
     again once the cause is fixed; the failure is audited."""
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
-    config = _fresh(layout, "hospital-restored")
+    config = fresh_host(layout, "hospital-restored", layout.hospital)
     inbox = config.parent / "inbox"
     inbox.write_bytes(b"a file where the inbox folder belongs\n")
     wrong = medgw(
@@ -399,7 +349,7 @@ def test_a_bundle_whose_data_keys_do_not_open_with_this_hosts_keys_is_refused(
         spool.put_data_key(sealing.key)
     spool.close()
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
-    config = _fresh(layout, "hospital-with-another-key")
+    config = fresh_host(layout, "hospital-with-another-key", layout.hospital)
     fresh = load_config(config)
     assert fresh.at_rest is not None
     keys = fresh.at_rest.key_dir

@@ -1,20 +1,29 @@
 """Backups in tests: the offline recipient, the gateway's backup signer, a fresh host,
-a bundle opened with openssl alone, and a bundle holding a hand-over still owed."""
+a bundle opened with openssl alone, a bundle crafted as medgw backup seals one, and a
+bundle holding a hand-over still owed."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import shutil
 import subprocess
 import tarfile
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.backup.bundle import ENTITY_HEAD, MANIFEST
 from gateway.clock import SystemClock
+from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import load_config
-from gateway.pki.demo import DemoLayout
+from gateway.pki.demo import DemoInstitution, DemoLayout
+from gateway.pki.keypair import PrivateKey
+from gateway.policy import AlgorithmPolicy
 from gateway.spool import SqliteSpool
 from tests.cli import medgw
 from tests.helpers.openssl_keys import P256, self_signed
@@ -52,13 +61,55 @@ def add_backup(config: Path, cert: Path) -> None:
     )
 
 
-def fresh_host(layout: DemoLayout, name: str) -> Path:
-    """The lab's configuration, keys and certificates on a new host: no state, no audit."""
-    root = layout.lab.root.with_name(name)
-    shutil.copytree(
-        layout.lab.root, root, ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox")
-    )
+def fresh_host(layout: DemoLayout, name: str, side: DemoInstitution | None = None) -> Path:
+    """The configuration, keys and certificates of ``side`` (None: the lab) on a new host:
+    no state, no audit."""
+    old = (side or layout.lab).root
+    root = old.with_name(name)
+    shutil.copytree(old, root, ignore=shutil.ignore_patterns("state", "audit", "inbox", "outbox"))
     return root / "gateway.toml"
+
+
+def private_key(path: Path) -> PrivateKey:
+    return cast(PrivateKey, serialization.load_pem_private_key(path.read_bytes(), None))
+
+
+def bundle_content(files: dict[str, bytes], manifest: dict[str, Any]) -> bytes:
+    """A bundle's signed content: a tar archive of ``files`` and ``manifest``, base64."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in {MANIFEST: json.dumps(manifest).encode(), **files}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o600
+            tar.addfile(info, io.BytesIO(data))
+    return ENTITY_HEAD + base64.encodebytes(out.getvalue()).replace(b"\n", b"\r\n")
+
+
+def sealed_bundle(
+    entity_content: bytes, dst: Path, config_path: Path, *, signer: tuple[Path, Path] | None = None
+) -> Path:
+    """``entity_content`` signed (by the gateway's backup signing key, or ``signer``:
+    certificate, key) and encrypted to the configured backup recipient, as medgw backup seals."""
+    config = load_config(config_path)
+    assert config.backup is not None
+    entity = dst.with_name(dst.name + ".entity")
+    entity.write_bytes(entity_content)
+    if signer is None:
+        cert, key = config.backup.signing.certificate, config.backup.signing.key
+    else:
+        cert = x509.load_pem_x509_certificate(signer[0].read_bytes())
+        key = private_key(signer[1])
+    sign_and_envelope_file(
+        entity,
+        dst,
+        signer_cert=cert,
+        signer_key=key,
+        recipients=[config.backup.recipient],
+        signing_time=datetime.now(UTC),
+        policy=AlgorithmPolicy(),
+    )
+    return dst
 
 
 def openssl_opens(bundle: Path, key: Path, cert: Path, ca: Path, tmp: Path) -> dict[str, Any]:
