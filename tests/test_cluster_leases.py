@@ -18,7 +18,8 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -557,22 +558,28 @@ def test_a_preparation_an_operator_retries_is_claimed_by_the_operators_node(
     assert b.renew_leases() == 1
 
 
+@asynccontextmanager
 async def _starting(
     config: GatewayConfig, make_spool: MakeSpool, clock: SetClock, trails: Mapping[str, Path]
-) -> list[Outbound]:
+) -> AsyncIterator[list[Outbound]]:
     """The sending side of each node of ``trails`` (its name: its audit trail), as it
-    starts, the trust in the lab's peers judged now."""
+    starts, the trust in the lab's peers judged now; their audit logs closed after."""
     trust = await assess_peers(config.peers, config.zones, at=clock.now())
-    return [
-        Outbound(
-            Settings(config, trust),
-            make_spool(clock, Claimant(name, LEASE)),
-            AuditLog(trail, clock, node=name),
-            make_logger(stream=io.StringIO()),
-            clock,
-        )
-        for name, trail in trails.items()
-    ]
+    audits = [AuditLog(trail, clock, node=name) for name, trail in trails.items()]
+    try:
+        yield [
+            Outbound(
+                Settings(config, trust),
+                make_spool(clock, Claimant(name, LEASE)),
+                audit,
+                make_logger(stream=io.StringIO()),
+                clock,
+            )
+            for name, audit in zip(trails, audits, strict=True)
+        ]
+    finally:
+        for audit in audits:
+            audit.close()
 
 
 def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
@@ -594,8 +601,8 @@ def test_two_nodes_starting_at_once_prepare_an_interrupted_intake_once(
     trails = {name: layout.lab.root / f"audit-{name}.jsonl" for name in ("b", "c")}
 
     async def start_both() -> None:
-        starting = await _starting(config, make_spool, clock, trails)
-        await asyncio.gather(*(outbound.recover() for outbound in starting))
+        async with _starting(config, make_spool, clock, trails) as starting:
+            await asyncio.gather(*(outbound.recover() for outbound in starting))
 
     asyncio.run(start_both())
     accepted = [e for trail in trails.values() for e in events(trail, "message.accepted")]
@@ -755,14 +762,14 @@ def test_a_recovery_longer_than_a_lease_keeps_the_intakes_it_claimed(
     trails = {name: layout.lab.root / f"audit-{name}.jsonl" for name in ("b", "c")}
 
     async def start_both() -> None:
-        b, c = await _starting(config, make_spool, clock, trails)
-        claimed_at = clock.now().timestamp()
-        first = asyncio.create_task(b.recover())
-        while clock.now().timestamp() < claimed_at + LEASE + 1 and not first.done():
-            await asyncio.sleep(0)
-        assert not first.done()  # node c starts while node b's recovery goes on
-        await c.recover()
-        await first
+        async with _starting(config, make_spool, clock, trails) as (b, c):
+            claimed_at = clock.now().timestamp()
+            first = asyncio.create_task(b.recover())
+            while clock.now().timestamp() < claimed_at + LEASE + 1 and not first.done():
+                await asyncio.sleep(0)
+            assert not first.done()  # node c starts while node b's recovery goes on
+            await c.recover()
+            await first
 
     asyncio.run(start_both())
     accepted = [e for trail in trails.values() for e in events(trail, "message.accepted")]
