@@ -81,6 +81,18 @@ class HeldClaims(NotedSpool):
         return claimed
 
 
+class NotedReads(NotedSpool):
+    """The real spool; notes the thread of each read of a message's row."""
+
+    def get(self, message_id: str) -> OutboundRecord | None:
+        self.threads.append(("get", threading.get_ident()))
+        return super().get(message_id)
+
+    def submitter(self, message_id: str) -> str | None:
+        self.threads.append(("submitter", threading.get_ident()))
+        return super().submitter(message_id)
+
+
 class NotedAudit(AuditLog):
     """The real audit log; notes the thread of each record."""
 
@@ -322,3 +334,28 @@ async def test_a_claim_older_than_half_a_lease_is_checked_again_before_its_post(
     else:
         assert after.last_error != "this node's claim ran out before the send"  # POSTed
         assert after.attempts == 1
+
+
+async def test_a_preparation_an_operator_retried_reads_the_spool_off_the_event_loop(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """`medgw queue retry` of a document whose preparation stopped: its row is read in a
+    worker thread (a spool database that does not answer never holds the event loop,
+    and with it every other peer's sends and receipts)."""
+    config = load_config(layout.hospital.config_path)
+    outbound, spool, audit, peer = await _sender(layout, tmp_path, config, NotedReads)
+    try:
+        spool.add_intake(
+            "<kept@hospital>", peer.name, "order.hl7", "application/hl7-v2",
+            layout.hospital.outbox_dir / peer.name / "order.hl7", tmp_path / "payload",
+            zone=peer.zone, payload=b"MSH|^~\\&|order\r",
+        )  # fmt: skip
+        spool.threads.clear()
+        await outbound.prepare_again("<kept@hospital>")
+        assert {"get", "submitter"} <= {w for w, _ in spool.threads}
+        assert _on_loop(spool.threads) == []
+        queued = spool.get("<kept@hospital>")
+        assert queued is not None and queued.state is OutboundState.QUEUED
+    finally:
+        spool.close()
+        audit.close()

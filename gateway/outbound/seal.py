@@ -277,13 +277,15 @@ class Sealer:
 
     async def prepare_again(self, message_id: str) -> None:
         """Sign, encrypt and queue a kept document whose preparation an operator retried."""
-        record = self._ctx.spool.get(message_id)
+        # In a worker thread: a spool database that does not answer never holds the loop.
+        record = await self._ctx.in_thread(self._ctx.spool.get, message_id)
         if record is None or record.state is not OutboundState.INTAKE:
             return
         peer = self._ctx.config.peer(record.peer)
         if peer is None or not record.has_document:
             return  # recovery at the next start marks it failed, saying why
-        await self.prepare(record, peer, submitted_by=self._ctx.spool.submitter(message_id))
+        submitter = await self._ctx.in_thread(self._ctx.spool.submitter, message_id)
+        await self.prepare(record, peer, submitted_by=submitter)
 
     async def prepare_unsealed(self, message_id: str) -> None:
         """Sign, encrypt and queue a document taken in whose preparation stopped when the
