@@ -294,3 +294,42 @@ def test_a_take_another_node_holds_without_its_copy_is_taken_back_under_its_own_
     [row] = b.spool.all_outbound()
     assert (row.message_id, row.state, row.queued_by) == (message_id, OutboundState.QUEUED, "a")
     assert [e["message_id"] for e in events(a.trail, "message.accepted")] == [message_id]
+
+
+@pytest.mark.parametrize("a_was", ["running", "restarted"])
+def test_a_take_another_node_failed_before_preparing_it_keeps_its_file_and_is_sent(
+    cluster: Cluster, a_was: str
+) -> None:
+    """As above, its copy never written; b claimed the intake a left and, killed before
+    giving it back and started again, holds it under its own name and cannot tell the
+    document is out of its reach: it fails it ("the document vanished between outbox
+    and spool").  The file in a's outbox is then the document's only copy: a, reaching
+    the database again (still ``running``, or ``restarted`` after a kill), keeps it
+    and takes it in as a new message (the failed one was never prepared, and a retry
+    cannot send it): the document is sent once."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    document = b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400  # > 64 KiB: not in the row
+    drop_file(cluster.outbox, "rx.hl7", document)
+    message_id = _taken_in_while_cut_off(cluster, intake, in_row=False)
+    cluster.clock.advance(LEASE + 1)
+    [claimed] = b.spool.intake_interrupted()
+    assert claimed.message_id == message_id and not claimed.has_document
+    assert b.spool.fail_intake(message_id, "the document vanished between outbox and spool")
+
+    cluster.cut.refuse = False
+    if a_was == "restarted":
+        intake = OutboxIntake(a.context, Sealer(a.context))
+        asyncio.run(Recovery(a.context, Sealer(a.context)).recover())
+        assert (cluster.outbox / "rx.hl7").read_bytes() == document
+        assert a.context.waiting_intakes == {}
+    assert asyncio.run(intake.intake_once()) == 1
+    assert not (cluster.outbox / "rx.hl7").exists()
+    assert a.logged("recovery.removed_sent_elsewhere") == []
+    rows = {r.message_id: r for r in b.spool.all_outbound()}
+    assert rows.pop(message_id).state is OutboundState.FAILED
+    [sent] = rows.values()
+    assert (sent.state, sent.queued_by) == (OutboundState.QUEUED, "a")
+    assert [e["message_id"] for e in events(a.trail, "message.accepted")] == [sent.message_id]
+    assert asyncio.run(intake.intake_once()) == 0
+    assert len(b.spool.all_outbound()) == 2

@@ -181,9 +181,10 @@ class OutboxIntake:
     def _left_to_another(self, record: OutboundRecord) -> bool:
         """Whether this node is done with ``record``, a take of its own it could not
         abandon: another node prepared it, or holds it with its complete copy (the
-        outbox file, if still the one taken, removed); or its file is no longer the one
-        taken.  False while another node holds it without a copy (it gives it back to
-        this node, or its claim runs out)."""
+        outbox file, if still the one taken, removed; not if it failed before it was
+        prepared, its copy lost: the file is taken in again, as a new message); or its
+        file is no longer the one taken.  False while another node holds it without a
+        copy (it gives it back to this node, or its claim runs out)."""
         if record.state is not OutboundState.INTAKE or record.has_document:
             remove_if_sent_elsewhere(
                 self._ctx.spool.node, self._ctx.log, record.source_path, [record]

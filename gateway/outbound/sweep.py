@@ -209,19 +209,13 @@ def remove_if_sent_elsewhere(
 ) -> bool:
     """Remove the outbox file ``path`` if it is still the very file one of ``records``
     (messages taken from that path) was taken from, and that message is no longer this
-    node's to take in: another node prepared it, sent it, or holds it in intake with
-    its complete copy (from which it prepares it); whether it was removed (worker
+    node's to take in: see :func:`left_elsewhere`; whether it was removed (worker
     thread).  A file dropped since under the same name is another document, and stays."""
     try:
         identity = file_identity(path.stat(follow_symlinks=False))
     except FileNotFoundError:
         return False
-    sent = [
-        r
-        for r in records
-        if r.source_file == identity
-        and (r.state is not OutboundState.INTAKE or (r.node not in (None, node) and r.has_document))
-    ]
+    sent = [r for r in records if r.source_file == identity and left_elsewhere(node, r)]
     if not sent:
         return False
     path.unlink(missing_ok=True)
@@ -234,3 +228,23 @@ def remove_if_sent_elsewhere(
         node=record.queued_by or record.node,
     )
     return True
+
+
+def left_elsewhere(node: str, record: OutboundRecord) -> bool:
+    """Whether the document of ``record``, whose file is still in this ``node``'s outbox,
+    is safe elsewhere: another node holds it in intake with its complete copy (from
+    which it prepares it), or it left intake with its document kept in the spool
+    (prepared, sent, or failed or cancelled with its copy).  Not a message failed
+    before it was ever prepared with its copy lost ("the document vanished between
+    outbox and spool": a node that took another's intake over could not reach it):
+    the file is its only copy, and is taken in again, as a new message."""
+    if record.state is OutboundState.INTAKE:
+        return record.node not in (None, node) and record.has_document
+    never_prepared = (
+        record.state is OutboundState.FAILED
+        and record.queued_by is None
+        and not record.sealed
+        and record.attempts == 0
+        and record.receipt_path is None
+    )
+    return not never_prepared or record.has_document
