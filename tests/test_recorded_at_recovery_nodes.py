@@ -234,3 +234,30 @@ def test_a_message_disposed_of_takes_the_row_kept_of_it_with_it(
     assert b.dispose([item]) == [item] and b.get("<gone@lab>") is None
     [kept] = a.displaced_owed().outbound
     assert kept.message_id == "<kept@lab>"
+
+
+def test_a_delivery_released_takes_the_row_kept_of_it_with_it(
+    nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """A delivery that did not reach the inbox is forgotten (its row deleted, for a
+    resend to start afresh), which retention never sees: the copies of that row kept
+    for a node's owed record go in the same transaction; another message's stay.  (A
+    row being delivered names no owed record in today's steps: its columns are set
+    here, and b's take-over keeps a's copy through the spool's own trigger.)"""
+    a, b = nodes
+    for message_id in ("<gone@hospital>", "<kept@hospital>"):
+        a.inbound_begin("hospital", message_id, "00" * 32, tmp_path / message_id)
+    assert isinstance(a, SqlStore)
+    a._transact(
+        lambda db: db.execute(
+            "UPDATE inbound SET audited_by='a', audit_owed=?, audit_owed_at=?",
+            (EventType.RECEIPT_SENT.value, clock.now().isoformat()),
+        )
+    )
+    clock.advance(LEASE + 1)
+    assert len(b.inbound_take_over()) == 2
+    assert len(a.displaced_owed().inbound) == 2
+    assert b.inbound_release("hospital", "<gone@hospital>")
+    assert b.inbound_get("hospital", "<gone@hospital>") is None
+    [kept] = a.displaced_owed().inbound
+    assert kept.message_id == "<kept@hospital>"

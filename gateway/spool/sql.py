@@ -25,6 +25,9 @@ Params = tuple[Any, ...] | Mapping[str, Any]
 # outbound, inbound or hand-over table: whose trail it is in, which record, and when the
 # change was made (see OutboundRecord.audit_owed); its parameters: SqlStore._audited.
 AUDITED = "audited_by=?, audit_owed=?, audit_owed_at=?"
+# A row deleted takes the copies kept of it for owed records (displaced_owed) with it,
+# in the same transaction: (source table, peer, message_id).
+FORGET_DISPLACED = "DELETE FROM displaced_owed WHERE source=? AND peer=? AND message_id=?"
 
 _PUT_KEY = (
     "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"

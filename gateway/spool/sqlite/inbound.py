@@ -13,7 +13,7 @@ from gateway.spool.records import (
     HandoverState,
     InboundRecord,
 )
-from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
+from gateway.spool.sql import AUDITED, FORGET_DISPLACED, Connection, Row, SqlStore
 
 
 def _inbound(row: Row) -> InboundRecord:
@@ -182,14 +182,20 @@ class InboundDedup(SqlStore):
 
     def inbound_release(self, peer: str, message_id: str) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.inbound_release`."""
-        return (
-            self._write(
+
+        def work(db: Connection) -> bool:
+            count = db.execute(
                 "DELETE FROM inbound WHERE peer=? AND message_id=? AND state='delivering'"
                 " AND (node=? OR node IS NULL)",
                 (peer, message_id, self.node),
-            )
-            == 1
-        )
+            ).rowcount
+            if count != 1:
+                return False
+            # Retention never sees this row: what was kept of it goes with it.
+            db.execute(FORGET_DISPLACED, ("inbound", peer, message_id))
+            return True
+
+        return self._transact(work)
 
     def inbound_written(self, peer: str, message_id: str) -> None:
         """An interrupted delivery is known to be in the inbox (and audited as such)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.spool.records import Disposable, RetainedKind, items_of
-from gateway.spool.sql import Connection, SqlStore
+from gateway.spool.sql import FORGET_DISPLACED, Connection, SqlStore
 
 # Nothing owed: delivered (a verified receipt), or withdrawn by an operator.
 _OUT_FINISHED = "state IN ('delivered', 'cancelled')"
@@ -28,8 +28,6 @@ _IN_FINISHED = (
     "state='delivered' AND NOT EXISTS (SELECT 1 FROM handover h WHERE h.peer=inbound.peer"
     " AND h.message_id=inbound.message_id AND h.state!='done')"
 )
-
-_FORGET_ROW = "DELETE FROM displaced_owed WHERE source=? AND peer=? AND message_id=?"
 
 
 @dataclass(frozen=True)
@@ -211,7 +209,7 @@ class RetainedItems(SqlStore):
                         db.execute("DELETE FROM submissions WHERE message_id=?", (item.message_id,))
                     if count and rule.disposal.startswith("DELETE"):
                         # And the copies of the row a node's owed record kept (see displaced).
-                        db.execute(_FORGET_ROW, (item.table, item.peer, item.message_id))
+                        db.execute(FORGET_DISPLACED, (item.table, item.peer, item.message_id))
                     if count:
                         # Its data keys go with it (crypto-shredding: see datakeys).
                         db.executemany(
