@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from gateway.backup import pgspool
-from gateway.backup.bundle import DUMP, REFRESHED, BackupError, write_bundle
-from gateway.config import load_config
+from gateway.backup.bundle import DUMP, REFRESHED, BackupError, RestoreRefused, write_bundle
+from gateway.backup.restore import restore as restore_bundle
+from gateway.config import GatewayConfig, load_config
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
@@ -33,7 +36,13 @@ from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.audit import wait_for_events
-from tests.helpers.backup import add_backup, backup_signer, openssl_opens, recipient
+from tests.helpers.backup import (
+    add_backup,
+    backup_signer,
+    openssl_opens,
+    private_key,
+    recipient,
+)
 from tests.helpers.cluster import add_node, inbox, outbound
 from tests.helpers.postgres import PASSWORD, PostgresServer, spool_section
 
@@ -94,8 +103,26 @@ def queued_node(layout: DemoLayout, processes: Any, spool: PostgresSettings, cer
     return Queued(config, node, records, in_files, documents)
 
 
-def restore(bundle: Path, key: Path, cert: Path, config: Path) -> subprocess.CompletedProcess[str]:
-    return medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
+def restore(
+    bundle: Path, key: Path, cert: Path, config: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    return medgw(
+        "restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config, *options
+    )
+
+
+def taken_in(loaded: GatewayConfig, layout: DemoLayout) -> None:
+    """One document taken in by a node of ``loaded`` (its spool in PostgreSQL), its payload
+    in the state folder: what a bundle of a spool holds, without a daemon."""
+    assert loaded.spool.postgres is not None
+    spool = PostgresSpool(loaded.spool.postgres, TickingClock())  # a node's start: the tables
+    spool.add_intake(
+        "<one@KITA-LAB>", "hospital", "a.hl7", "application/hl7-v2",
+        layout.lab.outbox_dir / "hospital" / "a.hl7", loaded.storage.state_dir / "payloads" / "a",
+    )  # fmt: skip
+    spool.close()
+    (loaded.storage.state_dir / "payloads").mkdir(parents=True)
+    (loaded.storage.state_dir / "payloads" / "a").write_bytes(b"MSH|taken in\r")
 
 
 def test_a_node_backed_up_with_its_postgresql_spool_and_shared_bodies_is_restored_and_sends_once(
@@ -348,15 +375,7 @@ def test_over_the_network_the_tools_get_the_password_and_tls_settings_never_on_a
     text = config.read_text()
     config.write_text(text + spool_over_tls(postgres.dbname))
     loaded = load_config(config)
-    assert loaded.spool.postgres is not None
-    spool = PostgresSpool(loaded.spool.postgres, TickingClock())  # a node's start: the tables
-    spool.add_intake(
-        "<one@KITA-LAB>", "hospital", "a.hl7", "application/hl7-v2",
-        layout.lab.outbox_dir / "hospital" / "a.hl7", loaded.storage.state_dir / "payloads" / "a",
-    )  # fmt: skip
-    spool.close()
-    (loaded.storage.state_dir / "payloads").mkdir(parents=True)
-    (loaded.storage.state_dir / "payloads" / "a").write_bytes(b"MSH|taken in\r")
+    taken_in(loaded, layout)
     seen: list[tuple[list[str], dict[str, str]]] = []
     real_run = subprocess.run
 
@@ -414,3 +433,110 @@ def test_a_document_in_another_nodes_own_state_folder_stops_the_backup_naming_bo
     assert str(elsewhere) in str(refused.value) and "another node's own state" in str(refused.value)
     assert "[cluster] bodies_dir" in str(refused.value)
     assert not bundle.exists()
+
+
+def test_a_restore_is_refused_while_a_node_uses_the_spool_database_even_with_force(
+    layout: DemoLayout, postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """A node connected to the spool database (started by mistake, or another node of the
+    cluster) would have its rows replaced by pg_restore, and dropped by a restore that
+    fails: the restore is refused, naming the node, with or without --force, and changes
+    nothing; once the node has stopped, it proceeds."""
+    key, cert = recipient(tmp_path / "offline")
+    config = add_node(layout.lab, "lab-a", postgres)
+    add_backup(config, cert)
+    taken_in(load_config(config), layout)
+    bundle = tmp_path / "lab-a.p7m"
+    made = medgw("backup", "--to", bundle, "--config", config)
+    assert made.returncode == 0, made.stderr
+    fresh = postgres_server.new_database()
+    host = new_host(layout, "lab-restored", postgres, fresh)
+    node = PostgresSpool(fresh, TickingClock(), Claimant("lab-b"))
+    try:
+        node.add_intake(
+            "<b@KITA-LAB>", "hospital", "b.hl7", "application/hl7-v2",
+            tmp_path / "outbox" / "b.hl7", tmp_path / "payloads" / "b",
+        )  # fmt: skip
+        for options in ((), ("--force",)):
+            refused = restore(bundle, key, cert, host, *options)
+            assert refused.returncode == 1, refused.stdout
+            assert "Traceback" not in refused.stderr, refused.stderr
+            assert f"{fresh.where} is in use by medgw node lab-b" in refused.stderr
+            assert "nothing was restored" in refused.stderr
+            assert "stop every node that uses this database" in refused.stderr
+            [*_, event] = read_audit(host.parent / "audit" / "audit.jsonl")
+            assert event["event"] == "backup.restore_refused", event
+            assert event["reason"] == "database-in-use"
+            assert event["detail"]["forced"] == bool(options)
+            assert [r.message_id for r in node.all_outbound()] == ["<b@KITA-LAB>"]
+            assert not (host.parent / "state" / "payloads").exists()
+    finally:
+        node.close()
+
+    done = restore(bundle, key, cert, host, "--force")
+    assert done.returncode == 0, done.stderr
+    [record] = outbound(fresh)
+    assert record.message_id == "<one@KITA-LAB>"
+    assert record.payload_path == host.parent / "state" / "payloads" / "a"
+    assert record.payload_path.read_bytes() == b"MSH|taken in\r"
+
+
+def test_a_node_starting_during_a_restore_waits_and_the_restore_stops_before_writing(
+    layout: DemoLayout,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node started while a restore runs (after its first check) cannot get past its
+    start (the restore holds the lock a start takes): the restore sees it connected
+    before it writes anything, and stops; the node's start then finishes, on tables the
+    restore left alone."""
+    key, cert = recipient(tmp_path / "offline")
+    config = add_node(layout.lab, "lab-a", postgres)
+    add_backup(config, cert)
+    taken_in(load_config(config), layout)
+    bundle = tmp_path / "lab-a.p7m"
+    made = medgw("backup", "--to", bundle, "--config", config)
+    assert made.returncode == 0, made.stderr
+    fresh = postgres_server.new_database()
+    host = new_host(layout, "lab-restored", postgres, fresh)
+    started: list[PostgresSpool] = []
+
+    def start_node() -> None:
+        started.append(PostgresSpool(fresh, TickingClock(), Claimant("lab-b")))
+
+    starting = threading.Thread(target=start_node)
+    real = pgspool.read_into
+
+    def then_a_node_starts(*args: Any) -> None:
+        real(*args)  # the bundle's dump read: the first check is behind
+        starting.start()
+
+        def waiting() -> bool:
+            with postgres_server.admin(fresh.dbname) as admin:
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'medgw node lab-b' AND wait_event_type = 'Lock'"
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        wait_until(waiting, 60, "the node's start waiting for the restore's lock")
+
+    monkeypatch.setattr(pgspool, "read_into", then_a_node_starts)
+    loaded = load_config(host)
+    certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    with pytest.raises(RestoreRefused) as refused:
+        restore_bundle(
+            loaded, bundle, recipient=lambda: (certificate, private_key(key)), now=datetime.now(UTC)
+        )
+    assert refused.value.reason == "database-in-use"
+    assert "medgw node lab-b" in str(refused.value)
+    starting.join(60)
+    assert not starting.is_alive()
+    [node] = started
+    try:
+        assert node.all_outbound() == []  # its start's tables, nothing of the bundle
+    finally:
+        node.close()
+    assert not (host.parent / "state" / "payloads").exists()

@@ -34,8 +34,8 @@ from psycopg.rows import dict_row
 
 from gateway.errors import MedgwError
 from gateway.spool.postgres import PostgresSettings
-from gateway.spool.postgres.database import server_error
-from gateway.spool.postgres.schema import KEEP_DISPLACED
+from gateway.spool.postgres.database import NODE_SESSION, server_error
+from gateway.spool.postgres.schema import KEEP_DISPLACED, SCHEMA_LOCK
 from gateway.spool.schema import SCHEMA
 
 # The spool's tables, and the one that records its schema's version: what a dump holds.
@@ -60,6 +60,16 @@ _COPY = re.compile(r'^COPY (?:"?\w+"?\.)?"?(\w+)"? \(([^)]*)\) FROM stdin;$')
 _ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|(.))")
 _ESCAPED = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 _BATCH = 1000  # rows inserted at a time
+APPLICATION = "medgw backup"  # the application_name of this module's sessions and tools
+# The other sessions of the database that are a node's (gateway.spool.postgres.database
+# names them; "medgw" alone: a node of an earlier release).  application_name is shown
+# to every role, whoever the session's is.
+_NODE_SESSIONS = (
+    "SELECT application_name AS name, host(client_addr) AS addr, count(*) AS n"
+    " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    " AND (application_name = 'medgw' OR starts_with(application_name, %s))"
+    " GROUP BY application_name, client_addr ORDER BY application_name, host(client_addr)"
+)
 
 
 class ToolError(MedgwError):
@@ -84,7 +94,7 @@ def tool(name: str, bin_dir: Path | None) -> str:
 def environment(settings: PostgresSettings) -> dict[str, str]:
     """This process's environment with libpq's of ``settings`` (and no other ``PG*``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    for key, value in settings.connect_args().items():
+    for key, value in settings.connect_args(APPLICATION).items():
         if key in _ENVIRONMENT:
             env[_ENVIRONMENT[key]] = str(value)
     return env
@@ -112,7 +122,36 @@ def _run(argv: list[str], settings: PostgresSettings, what: str) -> None:
 
 
 def connect(settings: PostgresSettings) -> psycopg.Connection[dict[str, Any]]:
-    return psycopg.connect(**settings.connect_args(), row_factory=dict_row)  # type: ignore[arg-type]
+    return psycopg.connect(**settings.connect_args(APPLICATION), row_factory=dict_row)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def held(settings: PostgresSettings) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """A session holding the lock every node's start takes (the schema's creation or
+    upgrade): no node gets past its start while it is held.  Outside any transaction,
+    so that the spool's idle limit does not end it while a restore runs."""
+    conn = psycopg.connect(
+        **settings.connect_args(APPLICATION),  # type: ignore[arg-type]
+        autocommit=True,
+        row_factory=dict_row,
+    )
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK,))
+        yield conn
+    finally:
+        conn.close()  # the session's lock goes with it
+
+
+def nodes_connected(conn: psycopg.Connection[dict[str, Any]]) -> list[str]:
+    """The nodes with a session on ``conn``'s database, other than ``conn``
+    ("medgw node gw-b (3 sessions from 10.0.0.7)")."""
+    found = []
+    for row in conn.execute(_NODE_SESSIONS, (NODE_SESSION,)).fetchall():
+        sessions = f"{row['n']} session" + ("s" if row["n"] != 1 else "")
+        where = f" from {row['addr']}" if row["addr"] else " over the server's local socket"
+        name = row["name"] if row["name"] != "medgw" else "medgw (a node of an earlier release)"
+        found.append(f"{name} ({sessions}{where})")
+    return found
 
 
 @contextlib.contextmanager

@@ -9,7 +9,10 @@ names are moved from the places of the host that wrote the bundle to this host's
 the configuration in the bundle is put beside the state
 (``<state_dir>/restored-config/``) for the administrator to compare, never over this
 host's.  No daemon may run meanwhile (the state folder's lock, held from the first
-check to the last file).
+check to the last file).  A spool in PostgreSQL is restored only while no node uses its
+database, with or without ``force``: no session of a node may be connected to it (checked
+first, and again right before ``pg_restore``), and the restore holds the lock every
+node's start takes, so that none starts meanwhile.
 
 Every refusal is a :class:`RestoreRefused` naming its rule, handed to the caller's
 ``refused`` (to audit it as ``backup.restore_refused``) before it is raised.  A trail
@@ -337,6 +340,45 @@ def _database(config: GatewayConfig, exc: psycopg.Error) -> RestoreRefused:
     )
 
 
+@contextlib.contextmanager
+def _spool_held(config: GatewayConfig) -> Iterator[Callable[[], None]]:
+    """While it lasts, no node starts on this host's spool database (none to hold: the
+    spool is in SQLite); yields the check that no node uses it, made once at once."""
+    settings = config.spool.postgres
+    if settings is None:
+        yield lambda: None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            conn = stack.enter_context(pgspool.held(settings))
+        except psycopg.Error as exc:
+            raise _database(config, exc) from exc
+
+        def unused() -> None:
+            try:
+                nodes = pgspool.nodes_connected(conn)
+            except psycopg.Error as exc:
+                raise _database(config, exc) from exc
+            if nodes:
+                raise _in_use(config, nodes)
+
+        unused()
+        yield unused
+
+
+def _in_use(config: GatewayConfig, nodes: list[str]) -> RestoreRefused:
+    assert config.spool.postgres is not None
+    shown = ", ".join(nodes[:3]) + (" ..." if len(nodes) > 3 else "")
+    return RestoreRefused(
+        f"the spool {config.spool.postgres.where} is in use by {shown}: a restore would "
+        "replace the spool under a running node and lose what it writes, with or without "
+        "--force; nothing was restored",
+        reason="database-in-use",
+        fix="stop every node that uses this database (systemctl stop medgw on each host, "
+        "and any medgw command still running on it), then restore again",
+    )
+
+
 def _spool_rows(config: GatewayConfig) -> list[str]:
     """The spool database's tables that hold rows (none: the spool is in SQLite)."""
     settings = config.spool.postgres
@@ -471,7 +513,21 @@ def _restore_locked(
     force: bool,
     now: datetime,
 ) -> tuple[dict[str, Any], tuple[Path, ...]]:
-    """Check everything, then put the bundle in place; (manifest, earlier refusals kept)."""
+    """Check everything, then put the bundle in place, while no node starts on the spool
+    database; (manifest, earlier refusals kept)."""
+    with _spool_held(config) as unused:
+        return _restore_held(config, bundle, recipient, unused, force=force, now=now)
+
+
+def _restore_held(
+    config: GatewayConfig,
+    bundle: Path,
+    recipient: Callable[[], tuple[x509.Certificate, PrivateKey]],
+    unused: Callable[[], None],
+    *,
+    force: bool,
+    now: datetime,
+) -> tuple[dict[str, Any], tuple[Path, ...]]:
     try:
         refusals = _refusals_only(config.storage.audit_log)
     except OSError as exc:
@@ -517,6 +573,7 @@ def _restore_locked(
             reason="files-exist",
             fix="move them away, or add --force to replace them",
         )
+    unused()  # again, before anything is written
     kept = _keep_refusals(refusals, now)
     placed = _Placed()
     dst = config.storage.state_dir
@@ -533,15 +590,17 @@ def _restore_locked(
         raise _undone(config, force, placed, refusals, kept, dst, exc) from exc
     if DUMP in manifest["files"]:
         try:
+            unused()  # again, right before pg_restore replaces the tables
             _load_database(config, bundle, work / DUMP, refreshed, places, force=force)
-        except RestoreRefused:
+        except RestoreRefused as exc:
             if not force:  # a fresh host stays fresh: restore again once the cause is fixed
                 placed.undo()
                 for original, moved in zip(refusals, kept, strict=True):
                     moved.rename(original)
                 assert config.spool.postgres is not None
-                with contextlib.suppress(psycopg.Error):
-                    pgspool.drop(config.spool.postgres)
+                if exc.reason != "database-in-use":  # the tables are a node's now
+                    with contextlib.suppress(psycopg.Error):
+                        pgspool.drop(config.spool.postgres)
             raise
     return manifest, kept
 

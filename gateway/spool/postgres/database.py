@@ -54,6 +54,9 @@ MAX_BACKOFF = 30.0
 KEY_LOCK = int.from_bytes(b"medgwkek", "big") - (1 << 63)
 _RERUNS = 3  # a transaction ended by a deadlock or serialization failure is run again
 OUTCOME_POLL = 0.2  # seconds between tries to learn a lost COMMIT's outcome
+# The start of a node's sessions' application_name (``pg_stat_activity``); the node's name
+# follows.  "medgw" alone: a node of a release before they were named.
+NODE_SESSION = "medgw node "
 
 _PLACEHOLDERS = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
 
@@ -298,7 +301,9 @@ class PostgresDatabase(SqlStore):
 
     def _open(self) -> psycopg.Connection[DictRow]:
         """A new connection (psycopg.Error if the server does not answer)."""
-        conninfo = make_conninfo("", **self._settings.connect_args())
+        # Named after the node, so that a restore can tell which node still uses the spool.
+        named = self._settings.connect_args(application=f"{NODE_SESSION}{self._claimant.node}")
+        conninfo = make_conninfo("", **named)
         return psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
 
     def _reached(self) -> None:

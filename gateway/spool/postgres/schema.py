@@ -37,8 +37,9 @@ VERSION = (
     + len(ADDED_INDEXES)
     + POSTGRES_STEPS
 )
-# pg_advisory_xact_lock key of the schema upgrade ("medgw" in ASCII, as a number).
-_LOCK = 0x6D65646777
+# pg_advisory_xact_lock key of the schema upgrade ("medgw" in ASCII, as a number): every
+# node's start takes it, and a restore holds it so that no node starts meanwhile.
+SCHEMA_LOCK = 0x6D65646777
 
 _TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
 # The function the triggers of displaced records run: the row before the change as JSON
@@ -74,7 +75,7 @@ def postgres_types(ddl: str) -> str:
 def create_or_upgrade(db: Connection) -> None:
     """Create the tables (a new spool) or add what an older one lacks, in the caller's
     transaction."""
-    db.execute("SELECT pg_advisory_xact_lock(?)", (_LOCK,))
+    db.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
     db.execute("CREATE TABLE IF NOT EXISTS spool_schema (version BIGINT NOT NULL)")
     rows = db.execute("SELECT version FROM spool_schema", ()).fetchall()
     found = int(rows[0]["version"]) if rows else 0

@@ -37,14 +37,15 @@ class PostgresSettings:
         place = f"{self.socket_dir}" if self.socket_dir is not None else f"{self.host}"
         return f"database {self.dbname!r} on {place}:{self.port}"
 
-    def connect_args(self) -> dict[str, str | int]:
-        """The libpq parameters; reads the password file (SpoolError if it cannot)."""
+    def connect_args(self, application: str = "medgw") -> dict[str, str | int]:
+        """The libpq parameters, the session named ``application`` (what
+        ``pg_stat_activity`` shows); reads the password file (SpoolError if it cannot)."""
         args: dict[str, str | int] = {
             "dbname": self.dbname,
             "user": self.user,
             "port": self.port,
             "connect_timeout": self.connect_timeout,
-            "application_name": "medgw",
+            "application_name": application,
             # Bounds: no statement of the spool runs for a minute (a lock another node
             # forgot, a server that hangs), and a peer host that vanished without a
             # reset is noticed within about half a minute, not at TCP's hours.
