@@ -139,12 +139,13 @@ def test_a_document_whose_intake_commit_was_lost_is_taken_once(
         audit.close()
 
 
+@pytest.mark.parametrize("key", [None, "order-1"])
 def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
-    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut, tmp_path: Path
+    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut, tmp_path: Path, key: str | None
 ) -> None:
     """The local API's submission is recorded while the database cannot be asked; the
-    submitter is answered 503, "nothing was spooled", and sends it again: that must be
-    the one message, not the resend beside a row of the first."""
+    submitter is answered 503 and sends it again (with its Idempotency-Key, if it sent
+    one): that must be the one message, not the resend beside a row of the first."""
     config = load_config(layout.lab.config_path)
     clock = SystemClock()
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
@@ -153,7 +154,9 @@ def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
         Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), clock
     )
     submissions = Submissions(context, Sealer(context), MessageStatus(context))
-    submission = Submission("hospital", "result.hl7", "application/hl7-v2", "api:lis")
+    submission = Submission(
+        "hospital", "result.hl7", "application/hl7-v2", "api:lis", idempotency_key=key
+    )
 
     async def body() -> AsyncIterator[bytes]:
         yield b"MSH|submitted\r"
@@ -164,6 +167,7 @@ def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
         with pytest.raises(SubmissionRefused) as refused:
             asyncio.run(submissions.submit(submission, body()))
         assert refused.value.status == 503
+        assert "same Idempotency-Key" in (refused.value.fix or "")
         cut.refuse = False
         again = asyncio.run(submissions.submit(submission, body()))
         assert [r.message_id for r in spool.all_outbound()] == [again["message_id"]]

@@ -13,6 +13,13 @@ An ``X-Medgw-Patient: AUTHORITY|ID[, ...]`` header names the patients the docume
 concerns, for the audit trail (with those the document itself names: see
 gateway.audit.patients).
 
+An ``Idempotency-Key`` header (draft-ietf-httpapi-idempotency-key-header: 1 to
+MAX_IDEMPOTENCY_KEY visible ASCII characters, bare or as a quoted string) makes a
+resend safe: a submission whose submitter's key already names a message is not
+spooled again (its body is read within the usual bounds and dropped) and is answered
+200 with that message's view, ``"resent": true``; the same key with another peer,
+service, file name or media type is refused (422).
+
 ``service`` names one of the destination peer's ``services`` (a routing key
 agreed with it); the receiving medgw delivers the document into
 ``inbox/<us>/<service>/``.  A service the peer does not have is refused.
@@ -44,6 +51,14 @@ BODY_IDLE_SECONDS = 60.0
 IDLE_CONNECTION_SECONDS = 30.0
 MAX_FILENAME = 255
 MAX_PEER_NAME = 255  # a peer is named by its file in peers.d
+IDEMPOTENCY_KEY = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 128
+# Visible ASCII but the quote and the backslash (no escapes to undo); a quoted string
+# (a Structured Field string, as the draft writes it) or bare.
+_KEY_CHARS = rf"[!#-\[\]-~]{{1,{MAX_IDEMPOTENCY_KEY}}}"
+_KEY = re.compile(rf'"({_KEY_CHARS})"|({_KEY_CHARS})')
+# The view's field that says a submission was a resend of the message it names.
+RESENT = "resent"
 
 
 def _printable(text: str) -> bool:
@@ -73,6 +88,7 @@ class Submission:
     submitter: str
     service: str | None = None  # one of the peer's services (checked on submission)
     patients: tuple[PatientId, ...] = ()  # named by the submitter (X-Medgw-Patient)
+    idempotency_key: str | None = None  # the submitter's Idempotency-Key (its value)
 
 
 class SubmissionRefused(MedgwError):
@@ -143,7 +159,20 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
         patients = declared_patients(request.headers.getall(PATIENT_HEADER, []))
     except InvalidValueError as exc:
         return json_error(400, f"{PATIENT_HEADER}: {exc.message}", exc.fix or "")
-    return Submission(peer, filename, content_type, submitter, service, patients)
+    keys = request.headers.getall(IDEMPOTENCY_KEY, [])
+    key = None
+    if keys:
+        found = _KEY.fullmatch(keys[0]) if len(keys) == 1 else None
+        if found is None:
+            return json_error(
+                400,
+                f"{IDEMPOTENCY_KEY} must be one value of 1 to {MAX_IDEMPOTENCY_KEY} visible "
+                "ASCII characters, without '\"' or '\\' inside (bare or in quotes)",
+                f'send one per document, e.g. {IDEMPOTENCY_KEY}: "a UUID made for it", and '
+                "the same one when sending that document again",
+            )
+        key = found.group(1) or found.group(2)
+    return Submission(peer, filename, content_type, submitter, service, patients, key)
 
 
 async def submit(
@@ -173,7 +202,7 @@ async def submit(
         view = await submit_fn(submission, chunks())
     except SubmissionRefused as exc:
         return json_error(exc.status, exc.message, exc.fix or "")
-    return web.json_response(view, status=202)
+    return web.json_response(view, status=200 if view.get(RESENT) else 202)
 
 
 async def status(request: web.Request, submitter: str | None, status_fn: StatusFn) -> web.Response:

@@ -20,9 +20,10 @@ from typing import IO, Any
 from gateway.as2.headers import new_message_id
 from gateway.atrest import new_data_key, storing
 from gateway.atrest.chunked import SealingWriter
+from gateway.audit import EventType, Outcome, Severity
 from gateway.errors import SpoolError
 from gateway.fsutil import fsync_dir, storage_fix
-from gateway.intake.submit import Submission, SubmissionRefused
+from gateway.intake.submit import RESENT, Submission, SubmissionRefused
 from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer
 from gateway.outbound.status import MessageStatus
@@ -42,7 +43,8 @@ class Submissions:
         self._status = status
         # Rows of submissions answered 503 that the spool may have recorded all the same
         # (a commit whose outcome is unknown: its connection lost): removed before the
-        # next submission is taken, so that "nothing was spooled" holds.
+        # next submission is taken, so that the resend is the one message (a row another
+        # node holds meanwhile stays: a resend under its Idempotency-Key is answered with it).
         self._unabandoned: set[str] = set()
 
     async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
@@ -114,6 +116,7 @@ class Submissions:
             raise
 
         stored: list[bool] = []  # the row is recorded, as far as is known
+        resent: list[str] = []  # the message the submitter's idempotency key names already
 
         def record() -> OutboundRecord:
             """The intake row, with who submitted it (worker thread: a spool database
@@ -121,29 +124,41 @@ class Submissions:
             self._abandon_unknown()
             with storing(self._ctx.vault, item) as sealing:
                 sealing.adopt(dek)
-                self._unabandoned.add(message_id)  # until known to be recorded
-                self._ctx.spool.add_intake(
-                    message_id,
-                    peer.name,
-                    submission.filename,
-                    submission.content_type,
-                    payload_path,
-                    payload_path,
-                    expires_at=self._ctx.clock.now().timestamp()
-                    + self._ctx.config.runtime.message_expiry_seconds,
-                    zone=peer.zone,
-                    origin=LOCAL_INTAKE,
-                    submitted_by=submission.submitter,
-                    service=submission.service,
-                    data_key=sealing.key,
+                try:
+                    earlier = self._ctx.spool.add_intake(
+                        message_id,
+                        peer.name,
+                        submission.filename,
+                        submission.content_type,
+                        payload_path,
+                        payload_path,
+                        expires_at=self._ctx.clock.now().timestamp()
+                        + self._ctx.config.runtime.message_expiry_seconds,
+                        zone=peer.zone,
+                        origin=LOCAL_INTAKE,
+                        submitted_by=submission.submitter,
+                        service=submission.service,
+                        data_key=sealing.key,
+                        idempotency_key=submission.idempotency_key,
+                    )
+                except BaseException:
+                    # Perhaps recorded all the same.  Only now: a submission in progress
+                    # on another thread must not remove this one's row while it commits.
+                    self._unabandoned.add(message_id)
+                    raise
+                if earlier is None:
+                    stored.append(True)
+                else:
+                    resent.append(earlier)
+            recorded = self._ctx.spool.get(earlier or message_id)
+            if recorded is None:  # the earlier one disposed of meanwhile (retention)
+                raise SpoolError(
+                    f"message {earlier} named by an idempotency key is gone",
+                    fix="none needed: the submitter sends the document again",
                 )
-                self._unabandoned.discard(message_id)
-                stored.append(True)
-            recorded = self._ctx.spool.get(message_id)
-            assert recorded is not None
             return recorded
 
-        async def spool_and_prepare() -> None:
+        async def spool_and_prepare() -> OutboundRecord:
             try:
                 taken = await self._ctx.in_thread(record)
             except BaseException as exc:
@@ -152,6 +167,9 @@ class Submissions:
                 if isinstance(exc, SpoolError):
                     raise self._not_stored(exc.message, exc.fix or "") from exc
                 raise
+            if resent:
+                payload_path.unlink(missing_ok=True)  # a copy of what is spooled already
+                return taken
             # The patients the submitter named go into message.accepted with the
             # document's own; they are not kept in the spool (only the audit trail holds
             # patient ids), so a preparation finished after a restart records the
@@ -159,12 +177,53 @@ class Submissions:
             await self._sealer.prepare(
                 taken, peer, submitted_by=submission.submitter, declared=submission.patients
             )
+            return taken
 
         # Once recorded, durable: finished even if the submitter hangs up meanwhile.
-        await asyncio.shield(spool_and_prepare())
-        view = await self._status.status(message_id)
+        taken = await asyncio.shield(spool_and_prepare())
+        if resent:
+            self._resent(submission, taken)
+        view = await self._status.status(taken.message_id)
         assert view is not None
-        return view
+        return {**view, RESENT: True} if resent else view
+
+    def _resent(self, submission: Submission, earlier: OutboundRecord) -> None:
+        """A resend under an idempotency key that names ``earlier``: audited, or refused
+        (422) if it is not the same document's submission (the key reused)."""
+        same = (earlier.peer, earlier.service, earlier.filename, earlier.content_type) == (
+            submission.peer,
+            submission.service,
+            submission.filename,
+            submission.content_type,
+        )
+        self._ctx.record(
+            EventType.MESSAGE_DUPLICATE,
+            peer=earlier.peer,
+            message_id=earlier.message_id,
+            outcome=Outcome.SUCCESS if same else Outcome.FAILURE,
+            severity=Severity.INFO if same else Severity.WARNING,
+            service=earlier.service,
+            reason=(
+                "resend of a submitted document (the same Idempotency-Key): not spooled "
+                "again, answered with this message"
+                if same
+                else "Idempotency-Key of this message reused for another submission "
+                f"(to {submission.peer!r}, service {submission.service!r}, file name "
+                f"{submission.filename!r}, {submission.content_type}): refused (422)"
+            ),
+            detail={
+                "submitted_by": submission.submitter,
+                "idempotency_key": submission.idempotency_key,
+            },
+        )
+        if not same:
+            raise SubmissionRefused(
+                f"Idempotency-Key {submission.idempotency_key!r} names an earlier submission "
+                f"({earlier.message_id}) with another peer, service, file name or media type",
+                fix="send each document with a key of its own, and a resend with the same "
+                "query and Content-Type as the first time",
+                status=422,
+            )
 
     def _abandon_unknown(self) -> None:
         """Remove the rows of earlier submissions answered 503 (see ``_unabandoned``);
@@ -185,11 +244,13 @@ class Submissions:
         self._ctx.log.error(
             "submission.not_stored",
             error=error,
-            fix=f"{fix}; the submitter was answered 503 (nothing spooled) and sends again",
+            fix=f"{fix}; the submitter was answered 503 and sends again",
         )
         return SubmissionRefused(
-            "the gateway cannot store the document just now; nothing was spooled",
-            fix="send it again later; if this goes on, tell the gateway administrator",
+            "the gateway cannot store the document just now",
+            fix="send it again later, with the same Idempotency-Key as this request (send "
+            "one: a document recorded after all is then not sent twice); if this goes on, "
+            "tell the gateway administrator",
             status=503,
         )
 

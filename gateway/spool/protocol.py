@@ -78,7 +78,8 @@ class Spool(Protocol):
         service: str | None = None,
         data_key: DataKey | None = None,
         payload: bytes | None = None,
-    ) -> None:
+        idempotency_key: str | None = None,
+    ) -> str | None:
         """Queue a message for ``peer`` (of network ``zone``); ``data_key``: the key its
         document (``payload_path``, or for a small one ``payload``, its stored copy kept
         in this same row) is encrypted under at rest, until it is sealed.
@@ -87,12 +88,18 @@ class Spool(Protocol):
         message that came in from a peer is never queued for a peer of another
         zone (:class:`~gateway.routing.TransitRefused`; the caller audits it).
         ``submitted_by`` (a local API client, an operator, an outbox file's owner) is
-        recorded in the same transaction."""
+        recorded in the same transaction.
+
+        ``idempotency_key`` (with ``submitted_by``): the key the submitter sent with it.
+        When that submitter's key already names a message (recorded earlier, or at the
+        same time by any node sharing the spool), nothing is recorded and that
+        message's id is returned; otherwise None."""
         ...
 
-    def add_intakes(self, intakes: Sequence[Intake]) -> None:
+    def add_intakes(self, intakes: Sequence[Intake]) -> dict[str, str]:
         """Several documents taken in, each as :meth:`add_intake` records it, all in one
-        transaction: every one is recorded, or (an error raised) none is."""
+        transaction: every one is recorded, or (an error raised) none is; but those
+        whose idempotency key names a message already, returned with that message's id."""
         ...
 
     def submitter(self, message_id: str) -> str | None:
@@ -367,7 +374,8 @@ class Spool(Protocol):
         data key of its document.  Only from ``intake``, and not while another node's
         claim on it is live: False (nothing changed, the key kept) if another node
         prepared it, or took it over and holds it now (this node's claim ran out while
-        it could not reach the spool), or it was never recorded."""
+        it could not reach the spool), or it was never recorded.  Who submitted it goes
+        with it (its idempotency key names nothing then)."""
         ...
 
     def fail_intake(self, message_id: str, error: str) -> bool:

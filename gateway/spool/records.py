@@ -370,6 +370,8 @@ class Intake:
     data_key: DataKey | None = None
     payload: bytes | None = None
     source_file: str | None = None  # the outbox file's identity (OutboundRecord.source_file)
+    # The submitter's Idempotency-Key (with submitted_by): one message per key and submitter.
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,9 @@ ADDED_COLUMNS = (
     # this was recorded): a node killed before removing it tells, at its next start,
     # the file another node sent from a new document dropped under the same name.
     ("outbound", "source_file", "TEXT"),
+    # The Idempotency-Key a local submitter sent with the document (NULL: none): a resend
+    # under the same key is answered with this message, never spooled again.
+    ("submissions", "idempotency_key", "TEXT"),
 )
 
 
@@ -204,6 +207,10 @@ ADDED_INDEXES = (
     f" ({file_name('receipt_path')}, receipt_path)",
     # The start's sweep of the outbox asks about the files it finds, by path.
     "CREATE INDEX IF NOT EXISTS outbound_source ON outbound (source_path)",
+    # One message per submitter and Idempotency-Key, whichever node took it: the index
+    # decides between two submissions with one key at once.
+    "CREATE UNIQUE INDEX IF NOT EXISTS submissions_key ON submissions"
+    " (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL",
 )
 
 

@@ -92,6 +92,36 @@ def _outbound(row: Row) -> OutboundRecord:
     )
 
 
+def _claim_keys(db: Connection, keyed: Sequence[Intake]) -> dict[str, str]:
+    """Record who submitted each of ``keyed`` with its idempotency key; returns those
+    whose submitter's key already names a message, each with that message's id.
+
+    The unique index decides (``submissions_key``): a submission with the same key
+    committed meanwhile, on any node, makes this one's insert do nothing (PostgreSQL
+    waits for the other's transaction to end first), and its message is read then."""
+    resent: dict[str, str] = {}
+    for intake in keyed:
+        added = db.execute(
+            "INSERT INTO submissions (message_id, submitted_by, idempotency_key) VALUES (?,?,?)"
+            " ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL"
+            " DO NOTHING",
+            (intake.message_id, intake.submitted_by, intake.idempotency_key),
+        )
+        if added.rowcount == 1:
+            continue
+        rows = db.execute(
+            "SELECT message_id FROM submissions WHERE submitted_by=? AND idempotency_key=?",
+            (intake.submitted_by, intake.idempotency_key),
+        ).fetchall()
+        if not rows:  # removed since (a submission abandoned): not known now
+            raise SpoolError(
+                "a submission with the same idempotency key was being recorded",
+                fix="send it again with the same Idempotency-Key",
+            )
+        resent[intake.message_id] = str(rows[0]["message_id"])
+    return resent
+
+
 class OutboundQueue(SqlStore):
     """The outbound queue: intake, sealing, sending, settling, expiry, operator actions."""
 
@@ -111,29 +141,28 @@ class OutboundQueue(SqlStore):
         service: str | None = None,
         data_key: DataKey | None = None,
         payload: bytes | None = None,
-    ) -> None:
+        idempotency_key: str | None = None,
+    ) -> str | None:
         """See :meth:`gateway.spool.protocol.Spool.add_intake`."""
-        self.add_intakes(
-            [
-                Intake(
-                    message_id,
-                    peer,
-                    filename,
-                    content_type,
-                    source_path,
-                    payload_path,
-                    expires_at,
-                    zone,
-                    origin,
-                    submitted_by,
-                    service,
-                    data_key,
-                    payload,
-                )
-            ]
+        intake = Intake(
+            message_id,
+            peer,
+            filename,
+            content_type,
+            source_path,
+            payload_path,
+            expires_at,
+            zone,
+            origin,
+            submitted_by,
+            service,
+            data_key,
+            payload,
+            idempotency_key=idempotency_key,
         )
+        return self.add_intakes([intake]).get(message_id)
 
-    def add_intakes(self, intakes: Sequence[Intake]) -> None:
+    def add_intakes(self, intakes: Sequence[Intake]) -> dict[str, str]:
         """See :meth:`gateway.spool.protocol.Spool.add_intakes`."""
         for intake in intakes:
             check_enqueue(intake.origin, intake.peer, intake.zone)
@@ -162,26 +191,38 @@ class OutboundQueue(SqlStore):
             )
             for i in intakes
         ]
-        submitted = [(i.message_id, i.submitted_by) for i in intakes if i.submitted_by is not None]
+        submitted = [
+            (i.message_id, i.submitted_by)
+            for i in intakes
+            if i.submitted_by is not None and i.idempotency_key is None
+        ]
+        keyed = [i for i in intakes if i.idempotency_key is not None]
+        for i in keyed:
+            if i.submitted_by is None:
+                raise InvalidValueError(
+                    f"message {i.message_id}: an idempotency key needs its submitter",
+                    fix="give submitted_by with idempotency_key",
+                )
 
-        def work(db: Connection) -> None:
+        def work(db: Connection) -> dict[str, str]:
+            resent = _claim_keys(db, keyed)
             db.executemany(
                 "INSERT INTO outbound (message_id, peer, filename, content_type, source_path,"
                 " payload_path, state, expires_at, zone, origin_peer, origin_zone, created_at,"
                 " updated_at, service, node, lease_until, payload, source_file)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                rows,
+                [row for row in rows if row[0] not in resent],
             )
             if submitted:
                 db.executemany(
                     "INSERT INTO submissions (message_id, submitted_by) VALUES (?,?)", submitted
                 )
             for intake in intakes:
-                if intake.data_key is not None:
+                if intake.data_key is not None and intake.message_id not in resent:
                     self._store_key(db, intake.data_key)
+            return resent
 
-        if intakes:
-            self._transact(work)
+        return self._transact(work) if intakes else {}
 
     def submitter(self, message_id: str) -> str | None:
         """Who submitted the message (None: not recorded, or no such message)."""
@@ -959,6 +1000,9 @@ class OutboundQueue(SqlStore):
             if count != 1:
                 return False  # the key stays: the node holding it may be reading the copy
             db.execute(_DROP_KEY, (payload_item(message_id),))
+            # And who submitted it: its idempotency key then names nothing (a resend
+            # under it is a new submission).
+            db.execute("DELETE FROM submissions WHERE message_id=?", (message_id,))
             return True
 
         return self._transact(work)
