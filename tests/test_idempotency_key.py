@@ -13,6 +13,8 @@ from typing import Any
 
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, Intake
+from gateway.spool.postgres import PostgresSpool
+from gateway.spool.postgres.schema import VERSION
 from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
@@ -71,6 +73,27 @@ def test_a_key_names_one_message_per_submitter(tmp_path: Path, make_spool: MakeS
     assert spool.abandon_intake("<1@lab>")
     assert spool.add_intakes([_intake(tmp_path, "<9@lab>", "k1")]) == {}
     assert spool.get("<9@lab>") is not None
+
+
+def test_a_spool_from_before_keys_gets_them_on_upgrade(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    old = make_spool(TickingClock())
+    old.add_intakes([_intake(tmp_path, "<old@lab>", None)])
+    # As a spool of the version before: no key column, no index on it.
+    statements = [
+        "DROP INDEX submissions_key",
+        "ALTER TABLE submissions DROP COLUMN idempotency_key",
+    ]
+    if isinstance(old, PostgresSpool):
+        statements.append(f"UPDATE spool_schema SET version={VERSION - 2}")
+    old._transact(lambda db: [db.execute(statement, ()) for statement in statements])  # type: ignore[attr-defined]
+    old.close()
+    spool = make_spool(TickingClock())
+    assert spool.submitter("<old@lab>") == "api:lis"
+    assert spool.add_intakes([_intake(tmp_path, "<1@lab>", "k1")]) == {}
+    assert spool.add_intakes([_intake(tmp_path, "<2@lab>", "k1")]) == {"<2@lab>": "<1@lab>"}
+    assert {r.message_id for r in spool.list_outbound()} == {"<old@lab>", "<1@lab>"}
 
 
 def test_two_nodes_submitting_one_key_at_once_record_one_message(
