@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ from gateway.outbound.status import MessageStatus
 from gateway.outbound.submit import Submissions
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
-from gateway.spool import OutboundState
+from gateway.spool import Claimant, OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.clocks import SetClock
 from tests.helpers.commit_cut import CommitCut, spool_behind_a_cut
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
@@ -139,13 +141,24 @@ def test_a_document_whose_intake_commit_was_lost_is_taken_once(
         audit.close()
 
 
-@pytest.mark.parametrize("key", [None, "order-1"])
+@pytest.mark.parametrize(
+    ("key", "taken_over"), [(None, False), ("order-1", False), ("order-1", True)]
+)
 def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
-    layout: DemoLayout, spool: PostgresSpool, cut: CommitCut, tmp_path: Path, key: str | None
+    layout: DemoLayout,
+    spool: PostgresSpool,
+    cut: CommitCut,
+    tmp_path: Path,
+    postgres: PostgresSettings,
+    key: str | None,
+    taken_over: bool,
 ) -> None:
     """The local API's submission is recorded while the database cannot be asked; the
     submitter is answered 503 and sends it again (with its Idempotency-Key, if it sent
-    one): that must be the one message, not the resend beside a row of the first."""
+    one): that must be the one message, not the resend beside a row of the first.
+    ``taken_over``: meanwhile another node took the recorded intake over (this one was
+    cut off longer than its lease), so its row cannot be removed: the resend under the
+    same key is answered with that message."""
     config = load_config(layout.lab.config_path)
     clock = SystemClock()
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
@@ -169,8 +182,19 @@ def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
         assert refused.value.status == 503
         assert "same Idempotency-Key" in (refused.value.fix or "")
         cut.refuse = False
+        if taken_over:
+            later = SetClock(datetime.now(UTC) + timedelta(days=1))
+            other = PostgresSpool(postgres, later, Claimant("node-2"))
+            try:
+                [held] = other.intake_interrupted()
+            finally:
+                other.close()
         again = asyncio.run(submissions.submit(submission, body()))
         assert [r.message_id for r in spool.all_outbound()] == [again["message_id"]]
+        if taken_over:
+            assert again["message_id"] == held.message_id and again["resent"] is True
+        else:
+            assert "resent" not in again
         assert len(list(context.payloads.iterdir())) <= 1
     finally:
         audit.close()
