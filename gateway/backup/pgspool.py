@@ -329,6 +329,18 @@ KEYS = {
 }
 
 
+def _columns(conn: psycopg.Connection[dict[str, Any]], table: str) -> set[str]:
+    """The columns ``table`` has in the spool's schema (none if it has no such table)."""
+    return {
+        r["column_name"]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s",
+            (table,),
+        ).fetchall()
+    }
+
+
 def rewrite(
     settings: PostgresSettings,
     refreshed: list[dict[str, Any]],
@@ -341,14 +353,7 @@ def rewrite(
     with connect(settings) as conn, conn.transaction():
         for item in refreshed:
             table, key, row = item["table"], item["key"], item["row"]
-            known = {
-                r["column_name"]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns"
-                    " WHERE table_schema = current_schema() AND table_name = %s",
-                    (table,),
-                ).fetchall()
-            }
+            known = _columns(conn, table)
             names = [*key, *(row or {})]
             if table not in KEYS or set(key) != set(KEYS[table]) or not set(names) <= known:
                 raise ValueError(f"a refreshed row of {table!r} that is not the spool's")
@@ -363,14 +368,7 @@ def rewrite(
                 )
         for table, paths in columns.items():
             key = KEYS[table]
-            present = {
-                r["column_name"]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns"
-                    " WHERE table_schema = current_schema() AND table_name = %s",
-                    (table,),
-                ).fetchall()
-            }
+            present = _columns(conn, table)
             wanted = [c for c in paths if c in present]
             rows = conn.execute(
                 f"SELECT {', '.join((*key, *wanted))} FROM {table}"  # noqa: S608
