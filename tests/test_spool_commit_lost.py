@@ -191,10 +191,65 @@ def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
                 other.close()
         again = asyncio.run(submissions.submit(submission, body()))
         assert [r.message_id for r in spool.all_outbound()] == [again["message_id"]]
-        if taken_over:
-            assert again["message_id"] == held.message_id and again["resent"] is True
+        if key is not None:  # the first one was recorded after all: named, never lost
+            assert again["resent"] is True
         else:
             assert "resent" not in again
+        if taken_over:
+            assert again["message_id"] == held.message_id
         assert len(list(context.payloads.iterdir())) <= 1
     finally:
+        audit.close()
+
+
+def test_a_resend_answered_by_another_node_is_the_document_sent(
+    layout: DemoLayout,
+    spool: PostgresSpool,
+    cut: CommitCut,
+    tmp_path: Path,
+    postgres: PostgresSettings,
+) -> None:
+    """A node answers 503 without knowing that its intake was committed; the submitter's
+    resend under the same Idempotency-Key reaches another node, which answers 200 with
+    that message.  The first node's next submission must not remove it then (a document
+    acknowledged and never sent): it prepares it, from the copy it kept."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    other = PostgresSpool(postgres, clock, Claimant("node-2"))
+
+    def submissions_on(on: PostgresSpool) -> Submissions:
+        context = Context(
+            Settings(config, trust), on, audit, make_logger(stream=io.StringIO()), clock
+        )
+        return Submissions(context, Sealer(context), MessageStatus(context))
+
+    first, second = submissions_on(spool), submissions_on(other)
+
+    def submission(key: str, filename: str = "result.hl7") -> Submission:
+        return Submission(
+            "hospital", filename, "application/hl7-v2", "api:lis", idempotency_key=key
+        )
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"MSH|submitted\r"
+
+    cut.cut("after")
+    cut.refuse = True
+    try:
+        with pytest.raises(SubmissionRefused) as refused:
+            asyncio.run(first.submit(submission("order-1"), body()))
+        assert refused.value.status == 503
+        cut.refuse = False
+        again = asyncio.run(second.submit(submission("order-1"), body()))
+        assert again["resent"] is True
+        # The first node takes its next document.
+        asyncio.run(first.submit(submission("order-2", "next.hl7"), body()))
+        kept = spool.get(again["message_id"])
+        assert kept is not None, "the message a resend was answered with is gone"
+        assert kept.state is OutboundState.QUEUED, kept.state
+        assert len(spool.all_outbound()) == 2
+    finally:
+        other.close()
         audit.close()

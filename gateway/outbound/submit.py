@@ -14,6 +14,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +35,15 @@ from gateway.spool.records import payload_item
 WRITE_BATCH = 1 << 20  # bytes gathered from the request before one write in a worker thread
 
 
+@dataclass(frozen=True)
+class _Unknown:
+    """A submission answered 503 that the spool may have recorded all the same: its
+    document's copy (kept until that is known) and what it asked for."""
+
+    payload_path: Path
+    submission: Submission
+
+
 class Submissions:
     """Documents streamed by local submitters, spooled and handed to the sealer."""
 
@@ -41,11 +51,13 @@ class Submissions:
         self._ctx = context
         self._sealer = sealer
         self._status = status
-        # Rows of submissions answered 503 that the spool may have recorded all the same
-        # (a commit whose outcome is unknown: its connection lost): removed before the
-        # next submission is taken, so that the resend is the one message (a row another
-        # node holds meanwhile stays: a resend under its Idempotency-Key is answered with it).
-        self._unabandoned: set[str] = set()
+        # Submissions answered 503 that the spool may have recorded all the same (a
+        # commit whose outcome is unknown: its connection lost), settled before the next
+        # submission is taken: one without an Idempotency-Key is removed, so that the
+        # resend is the one message; one with a key is prepared (a resend under it, on
+        # any node, is answered with it: it must be the document sent); one another
+        # node holds meanwhile stays.
+        self._unabandoned: dict[str, _Unknown] = {}
 
     async def submit(self, submission: Submission, chunks: AsyncIterator[bytes]) -> dict[str, Any]:
         """Spool a document streamed from a local submitter; returns the message's view.
@@ -117,11 +129,13 @@ class Submissions:
 
         stored: list[bool] = []  # the row is recorded, as far as is known
         resent: list[str] = []  # the message the submitter's idempotency key names already
+        unknown: list[bool] = []  # perhaps recorded: its copy kept (see _unabandoned)
+        kept: list[tuple[OutboundRecord, _Unknown]] = []  # earlier ones, to prepare
 
         def record() -> OutboundRecord:
             """The intake row, with who submitted it (worker thread: a spool database
             that does not answer never holds the event loop)."""
-            self._abandon_unknown()
+            kept.extend(self._abandon_unknown())
             with storing(self._ctx.vault, item) as sealing:
                 sealing.adopt(dek)
                 try:
@@ -144,7 +158,8 @@ class Submissions:
                 except BaseException:
                     # Perhaps recorded all the same.  Only now: a submission in progress
                     # on another thread must not remove this one's row while it commits.
-                    self._unabandoned.add(message_id)
+                    self._unabandoned[message_id] = _Unknown(payload_path, submission)
+                    unknown.append(True)
                     raise
                 if earlier is None:
                     stored.append(True)
@@ -162,11 +177,13 @@ class Submissions:
             try:
                 taken = await self._ctx.in_thread(record)
             except BaseException as exc:
-                if not stored:  # not recorded, or its row removed before the next one
+                if not stored and not unknown:  # not recorded (perhaps: see _abandon_unknown)
                     payload_path.unlink(missing_ok=True)
                 if isinstance(exc, SpoolError):
                     raise self._not_stored(exc.message, exc.fix or "") from exc
                 raise
+            for earlier, settled in kept:
+                await self._prepare_kept(earlier, settled)
             if resent:
                 payload_path.unlink(missing_ok=True)  # a copy of what is spooled already
                 return taken
@@ -225,15 +242,49 @@ class Submissions:
                 status=422,
             )
 
-    def _abandon_unknown(self) -> None:
-        """Remove the rows of earlier submissions answered 503 (see ``_unabandoned``);
-        SpoolError while the spool does not answer."""
+    def _abandon_unknown(self) -> list[tuple[OutboundRecord, _Unknown]]:
+        """Settle the earlier submissions answered 503 (see ``_unabandoned``); returns
+        those recorded after all, with an Idempotency-Key, that this node prepares now.
+        SpoolError while the spool does not answer (those not settled stay)."""
+        to_prepare = []
         for message_id in sorted(self._unabandoned):
-            if not self._ctx.spool.abandon_intake(message_id):
+            # Taken out while settled: a submission on another thread leaves it alone.
+            unknown = self._unabandoned.pop(message_id, None)
+            if unknown is None:
+                continue
+            try:
+                keyed = unknown.submission.idempotency_key is not None
+                if not keyed and self._ctx.spool.abandon_intake(message_id):
+                    unknown.payload_path.unlink(missing_ok=True)
+                    continue
                 record = self._ctx.spool.get(message_id)
-                if record is not None and record.state is OutboundState.INTAKE:
-                    continue  # claimed by another node meanwhile: removed once it lets go
-            self._unabandoned.discard(message_id)
+            except BaseException:
+                self._unabandoned.setdefault(message_id, unknown)
+                raise
+            if record is None:  # never recorded
+                unknown.payload_path.unlink(missing_ok=True)
+            elif record.state is OutboundState.INTAKE:
+                if keyed and record.node in (None, self._ctx.spool.node):
+                    to_prepare.append((record, unknown))
+                else:  # claimed by another node meanwhile: settled once it lets go
+                    self._unabandoned.setdefault(message_id, unknown)
+        return to_prepare
+
+    async def _prepare_kept(self, record: OutboundRecord, unknown: _Unknown) -> None:
+        """Prepare a submission answered 503 and recorded after all (its Idempotency-Key
+        names it); while the spool does not answer, it is settled at the next one."""
+        peer = self._ctx.config.peer(record.peer)
+        if peer is None:
+            return  # recovery at the next start marks it failed, saying why
+        try:
+            await self._sealer.prepare(
+                record,
+                peer,
+                submitted_by=unknown.submission.submitter,
+                declared=unknown.submission.patients,
+            )
+        except SpoolError:
+            self._unabandoned.setdefault(record.message_id, unknown)
 
     def _not_stored(self, error: str, fix: str) -> SubmissionRefused:
         """The answer to a submission this gateway cannot store now (its disk is full, say).
