@@ -435,13 +435,12 @@ def test_a_document_in_another_nodes_own_state_folder_stops_the_backup_naming_bo
     assert not bundle.exists()
 
 
-def test_a_restore_is_refused_while_a_node_uses_the_spool_database_even_with_force(
+def _bundle_and_fresh_host(
     layout: DemoLayout, postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
-) -> None:
-    """A node connected to the spool database (started by mistake, or another node of the
-    cluster) would have its rows replaced by pg_restore, and dropped by a restore that
-    fails: the restore is refused, naming the node, with or without --force, and changes
-    nothing; once the node has stopped, it proceeds."""
+) -> tuple[Path, Path, Path, PostgresSettings, Path]:
+    """lab-a's bundle with one document taken in, and a fresh host on a new database to
+    restore it to: the recipient's key and certificate, the bundle, the database, the
+    host's gateway.toml."""
     key, cert = recipient(tmp_path / "offline")
     config = add_node(layout.lab, "lab-a", postgres)
     add_backup(config, cert)
@@ -450,7 +449,19 @@ def test_a_restore_is_refused_while_a_node_uses_the_spool_database_even_with_for
     made = medgw("backup", "--to", bundle, "--config", config)
     assert made.returncode == 0, made.stderr
     fresh = postgres_server.new_database()
-    host = new_host(layout, "lab-restored", postgres, fresh)
+    return key, cert, bundle, fresh, new_host(layout, "lab-restored", postgres, fresh)
+
+
+def test_a_restore_is_refused_while_a_node_uses_the_spool_database_even_with_force(
+    layout: DemoLayout, postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """A node connected to the spool database (started by mistake, or another node of the
+    cluster) would have its rows replaced by pg_restore, and dropped by a restore that
+    fails: the restore is refused, naming the node, with or without --force, and changes
+    nothing; once the node has stopped, it proceeds."""
+    key, cert, bundle, fresh, host = _bundle_and_fresh_host(
+        layout, postgres_server, postgres, tmp_path
+    )
     node = PostgresSpool(fresh, TickingClock(), Claimant("lab-b"))
     try:
         node.add_intake(
@@ -492,15 +503,9 @@ def test_a_node_starting_during_a_restore_waits_and_the_restore_stops_before_wri
     start (the restore holds the lock a start takes): the restore sees it connected
     before it writes anything, and stops; the node's start then finishes, on tables the
     restore left alone."""
-    key, cert = recipient(tmp_path / "offline")
-    config = add_node(layout.lab, "lab-a", postgres)
-    add_backup(config, cert)
-    taken_in(load_config(config), layout)
-    bundle = tmp_path / "lab-a.p7m"
-    made = medgw("backup", "--to", bundle, "--config", config)
-    assert made.returncode == 0, made.stderr
-    fresh = postgres_server.new_database()
-    host = new_host(layout, "lab-restored", postgres, fresh)
+    key, cert, bundle, fresh, host = _bundle_and_fresh_host(
+        layout, postgres_server, postgres, tmp_path
+    )
     started: list[PostgresSpool] = []
 
     def start_node() -> None:

@@ -260,6 +260,19 @@ def test_a_document_whose_queueing_was_cut_off_is_recorded_once_by_the_node_that
         assert elsewhere["message_id"] == row.message_id
 
 
+def _large_claimed_by_b(cluster: Cluster, intake: OutboxIntake) -> tuple[str, bytes]:
+    """A document larger than a row keeps, taken in by a while it lost the database at
+    its row's commit (its copy never written); then b, starting once a's lease ran out,
+    claims the intake without a copy: its Message-ID and the document."""
+    document = b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400  # > 64 KiB: not in the row
+    drop_file(cluster.outbox, "rx.hl7", document)
+    message_id = _taken_in_while_cut_off(cluster, intake, in_row=False)
+    cluster.clock.advance(LEASE + 1)
+    [claimed] = cluster.b.spool.intake_interrupted()  # b starts
+    assert claimed.message_id == message_id and not claimed.has_document
+    return message_id, document
+
+
 def test_a_take_another_node_holds_without_its_copy_is_taken_back_under_its_own_id(
     cluster: Cluster,
 ) -> None:
@@ -271,12 +284,7 @@ def test_a_take_another_node_holds_without_its_copy_is_taken_back_under_its_own_
     given back, a's lease keeper takes it up under its first Message-ID."""
     a, b = cluster.a, cluster.b
     intake = OutboxIntake(a.context, Sealer(a.context))
-    document = b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400  # > 64 KiB: not in the row
-    drop_file(cluster.outbox, "rx.hl7", document)
-    message_id = _taken_in_while_cut_off(cluster, intake, in_row=False)
-    cluster.clock.advance(LEASE + 1)
-    [claimed] = b.spool.intake_interrupted()  # b starts
-    assert claimed.message_id == message_id and not claimed.has_document
+    message_id, _ = _large_claimed_by_b(cluster, intake)
 
     cluster.cut.refuse = False
     for _ in range(2):  # listed, and left alone
@@ -309,12 +317,7 @@ def test_a_take_another_node_failed_before_preparing_it_keeps_its_file_and_is_se
     cannot send it): the document is sent once."""
     a, b = cluster.a, cluster.b
     intake = OutboxIntake(a.context, Sealer(a.context))
-    document = b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400  # > 64 KiB: not in the row
-    drop_file(cluster.outbox, "rx.hl7", document)
-    message_id = _taken_in_while_cut_off(cluster, intake, in_row=False)
-    cluster.clock.advance(LEASE + 1)
-    [claimed] = b.spool.intake_interrupted()
-    assert claimed.message_id == message_id and not claimed.has_document
+    message_id, document = _large_claimed_by_b(cluster, intake)
     assert b.spool.fail_intake(message_id, "the document vanished between outbox and spool")
 
     cluster.cut.refuse = False
