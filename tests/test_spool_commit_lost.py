@@ -24,7 +24,7 @@ from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
 from gateway.intake.submit import Submission, SubmissionRefused
 from gateway.logs import make_logger
-from gateway.outbound import Settings
+from gateway.outbound import Outbound, Settings
 from gateway.outbound.context import Context
 from gateway.outbound.intake import OutboxIntake
 from gateway.outbound.seal import Sealer
@@ -250,6 +250,50 @@ def test_a_resend_answered_by_another_node_is_the_document_sent(
         assert kept is not None, "the message a resend was answered with is gone"
         assert kept.state is OutboundState.QUEUED, kept.state
         assert len(spool.all_outbound()) == 2
+    finally:
+        other.close()
+        audit.close()
+
+
+def test_a_keyed_submission_recorded_after_all_is_sent_by_the_next_intake_round(
+    layout: DemoLayout,
+    spool: PostgresSpool,
+    cut: CommitCut,
+    tmp_path: Path,
+    postgres: PostgresSettings,
+) -> None:
+    """As above, the resend answered 200 by another node; the first node then takes no
+    submission for hours.  Its outbox intake's next round (every poll) prepares the
+    message from the copy it kept: an acknowledged document does not wait for the next
+    submission."""
+    config = load_config(layout.lab.config_path)
+    clock = SystemClock()
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="lab")
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=clock.now()))
+    other = PostgresSpool(postgres, clock, Claimant("node-2"))
+    log = make_logger(stream=io.StringIO())
+    first = Outbound(Settings(config, trust), spool, audit, log, clock)
+    second = Outbound(Settings(config, trust), other, audit, log, clock)
+    submission = Submission(
+        "hospital", "result.hl7", "application/hl7-v2", "api:lis", idempotency_key="order-1"
+    )
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"MSH|submitted\r"
+
+    cut.cut("after")
+    cut.refuse = True
+    try:
+        with pytest.raises(SubmissionRefused) as refused:
+            asyncio.run(first.submit(submission, body()))
+        assert refused.value.status == 503
+        cut.refuse = False
+        again = asyncio.run(second.submit(submission, body()))
+        assert again["resent"] is True
+        assert asyncio.run(first.intake_once()) == 0  # its outbox is empty
+        [kept] = spool.all_outbound()
+        assert (kept.message_id, kept.state) == (again["message_id"], OutboundState.QUEUED)
+        assert kept.queued_by == spool.node
     finally:
         other.close()
         audit.close()

@@ -90,7 +90,9 @@ class Outbound:
 
     async def intake_once(self) -> int:
         """Take a round of the outbox's documents (each peer's first ones, the peers in
-        turn); returns how many were found."""
+        turn); returns how many were found.  Submissions answered 503 and recorded
+        after all are settled first (Submissions.settle_unknown)."""
+        await self._submissions.settle_unknown()
         return await self._intake.intake_once()
 
     @property

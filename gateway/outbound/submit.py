@@ -242,6 +242,17 @@ class Submissions:
                 status=422,
             )
 
+    async def settle_unknown(self) -> None:
+        """Settle the earlier submissions answered 503 without waiting for the next one
+        (the outbox intake's round calls this): one recorded after all, with an
+        Idempotency-Key, may have been acknowledged to its submitter's resend by
+        another node, and is prepared here now, not when this node next takes a
+        submission.  SpoolError while the spool does not answer."""
+        if not self._unabandoned:
+            return
+        for record, unknown in await self._ctx.in_thread(self._abandon_unknown):
+            await self._prepare_kept(record, unknown)
+
     def _abandon_unknown(self) -> list[tuple[OutboundRecord, _Unknown]]:
         """Settle the earlier submissions answered 503 (see ``_unabandoned``); returns
         those recorded after all, with an Idempotency-Key, that this node prepares now.
