@@ -52,7 +52,6 @@ async def measure(root: Path, requests: int, rounds: int) -> dict[bool, list[flo
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(certs / "tls.crt", certs / "tls.key")
     client = ssl.create_default_context(cafile=str(layout.ca_certificate))
-    client.check_hostname = False
     app = web.Application()
     app.router.add_post("/as2", _answer)
     runner = web.AppRunner(app)
