@@ -240,18 +240,9 @@ class OutboundQueue(SqlStore):
 
     def intakes_by_payload(self, names: Sequence[str]) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.intakes_by_payload`."""
-        name = file_name("payload_path")
-        found: list[OutboundRecord] = []
-        for start in range(0, len(names), NAMES_PER_STATEMENT):
-            batch = tuple(names[start : start + NAMES_PER_STATEMENT])
-            # By the name's index alone (the state's would read every row in intake).
-            rows = self._read(
-                "SELECT * FROM outbound"  # noqa: S608 - fixed text
-                f" WHERE {name} IN ({','.join('?' for _ in batch)})",
-                batch,
-            )
-            found += [_outbound(r) for r in rows if r["state"] == OutboundState.INTAKE.value]
-        return found
+        # By the name's index alone (the state's would read every row in intake).
+        rows = self._outbound_where_in(file_name("payload_path"), names)
+        return [_outbound(r) for r in rows if r["state"] == OutboundState.INTAKE.value]
 
     def receipts_recorded(self, names: Sequence[str]) -> set[str]:
         """See :meth:`gateway.spool.protocol.Spool.receipts_recorded`."""
@@ -259,16 +250,20 @@ class OutboundQueue(SqlStore):
 
     def outbound_by_source(self, paths: Sequence[str]) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.outbound_by_source`."""
-        found: list[OutboundRecord] = []
-        for start in range(0, len(paths), NAMES_PER_STATEMENT):
-            batch = tuple(paths[start : start + NAMES_PER_STATEMENT])
-            rows = self._read(
+        return [_outbound(r) for r in self._outbound_where_in("source_path", paths)]
+
+    def _outbound_where_in(self, expression: str, values: Sequence[str]) -> list[Row]:
+        """The outbound rows whose ``expression`` (fixed text) is one of ``values``, read
+        in statements of a bounded number of values each."""
+        rows: list[Row] = []
+        for start in range(0, len(values), NAMES_PER_STATEMENT):
+            batch = tuple(values[start : start + NAMES_PER_STATEMENT])
+            rows += self._read(
                 "SELECT * FROM outbound"  # noqa: S608 - fixed text
-                f" WHERE source_path IN ({','.join('?' for _ in batch)})",
+                f" WHERE {expression} IN ({','.join('?' for _ in batch)})",
                 batch,
             )
-            found += [_outbound(r) for r in rows]
-        return found
+        return rows
 
     def _by_file_name(self, column: str, more: str, names: Sequence[str]) -> list[Row]:
         """The rows whose path ``column`` ends in one of ``names``, that column and the
