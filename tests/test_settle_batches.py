@@ -208,6 +208,41 @@ async def test_messages_answered_together_are_settled_together(
     )
 
 
+async def test_answers_to_requests_out_together_are_settled_in_one_group(
+    layout: DemoLayout, tmp_path: Path, processes: Processes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first answer waits for the answers to the requests still out (up to the
+    linger, made longer than the test here so that the peer's pace cannot split the
+    group): one trip, one transaction, one audit write per kind for them all.  A lone
+    request's answer waits for nothing: with nothing else out, it is settled at once,
+    long before that linger."""
+    monkeypatch.setattr("gateway.outbound.send.SETTLE_LINGER_SECONDS", DEADLINE * 10, raising=False)
+    processes.start(layout.lab.config_path)
+    outbound, spool, audit, peer, client = await _sending_side(layout, tmp_path)
+    spool.release.set()  # nothing held
+    loop = asyncio.get_running_loop()
+    try:
+        lone, *together = await _claim(outbound, peer, layout, 1 + OTHERS)
+        alone = outbound.send_one(lone, peer, client, random.Random(1))
+        assert await asyncio.wait_for(alone, DEADLINE) == 0.0
+        assert spool.groups == [[lone.message_id]]
+        trips = _count_trips(monkeypatch)
+        audit.noted.clear()
+        sends = [
+            loop.create_task(outbound.send_one(r, peer, client, random.Random(1))) for r in together
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*sends), DEADLINE)
+    finally:
+        await client.close()
+        spool.close()
+        audit.close()
+    assert results == [0.0] * OTHERS
+    assert len(spool.groups) == 2
+    assert sorted(spool.groups[1]) == sorted(r.message_id for r in together)
+    assert trips == ["_sent_all"]
+    assert sorted(audit.noted) == [["message.sent"] * OTHERS, ["receipt.received"] * OTHERS]
+
+
 async def test_a_group_whose_transaction_fails_leaves_every_message_to_be_sent_again(
     layout: DemoLayout, tmp_path: Path, processes: Processes
 ) -> None:

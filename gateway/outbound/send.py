@@ -31,6 +31,10 @@ SETTLE_BATCH = 64
 # Groups settled at the same moment, each in its worker thread: the receipt files and
 # commits of one overlap the other's.
 SETTLE_GROUPS = 2
+# The longest a group of answered messages waits for the answers to the requests still
+# out before it goes to its worker thread (none out: it goes at once).  Answers that
+# come a few milliseconds apart then share a trip, a transaction and an audit write.
+SETTLE_LINGER_SECONDS = 0.02
 
 Ready = tuple[bytes | BinaryIO, tuple[tuple[str, str], ...]]  # the body to POST, its headers
 # Why a message claimed for sending is queued again, due now, unsent: its peer's sender
@@ -56,7 +60,9 @@ class Sender:
         self._ctx = context
         self._settler = settler
         # The messages the peers have answered, settled in groups (see outbound.batches).
-        self.settling = Batches(context, self._sent_all, SETTLE_BATCH, SETTLE_GROUPS)
+        self.settling = Batches(
+            context, self._sent_all, SETTLE_BATCH, SETTLE_GROUPS, SETTLE_LINGER_SECONDS
+        )
         # The small messages claimed with their bodies opened, until each one's send
         # takes its body (see due_for_sending); by Message-ID.
         self._opened: dict[str, _Opened] = {}
@@ -112,9 +118,11 @@ class Sender:
         body, headers = ready
         out = asyncio.Event()  # set once a byte of the request may have reached the peer
         try:
-            response = await self._while_claimed(
-                client.post(peer.url, headers, body, began=out.set)
-            )
+            # Its answer is on its way to the settling groups (see outbound.batches).
+            with self.settling.coming():
+                response = await self._while_claimed(
+                    client.post(peer.url, headers, body, began=out.set)
+                )
             if response is None:
                 lost = functools.partial(self._claim_lost, record, unsent=not out.is_set())
                 await self._ctx.in_thread(lost)
