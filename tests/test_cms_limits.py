@@ -23,17 +23,19 @@ import pytest
 from gateway.audit import AuditEvent, EventType
 from gateway.cms import decrypt, encrypt, verify
 from gateway.cms.decrypting import decrypt_file
-from gateway.cms.der import joined_octet_strings
+from gateway.cms.der import DerError, joined_octet_strings
 from gateway.cms.limits import (
     MAX_ATTRIBUTE_VALUES,
     MAX_ATTRIBUTES,
     MAX_CERTIFICATES,
+    MAX_DIGEST_ALGORITHMS,
     MAX_MIME_HEADERS,
     MAX_RECIPIENT_INFOS,
     MAX_SIGNER_INFOS,
     TooMany,
 )
 from gateway.cms.mime import parse_entity
+from gateway.cms.signed_read import parse_signed_data_der
 from gateway.cms.smime import verify_entity
 from gateway.errors import MalformedMessageError
 from gateway.logs import make_logger
@@ -145,6 +147,47 @@ def test_attributes_and_their_values_beyond_the_bound_are_refused(signed: bytes,
     _refused(
         _with_signer(signed, unsigned(1, MAX_ATTRIBUTE_VALUES + 1)), pki, "values of one attribute"
     )
+
+
+def _with_digest_algorithms(signed: bytes, count: int) -> bytes:
+    oid, _, elements = enveloped_parts(signed)
+    [index] = [i for i, (tag, _, _) in enumerate(elements) if tag == 0x31][:1]
+    first = der_elements(elements[index][1])[0][2]
+    parts = [e for _, _, e in elements]
+    parts[index] = der_tlv(0x31, first * count)
+    return content_info_der(oid, 0x30, parts)
+
+
+def _with_signed_attribute_values(values: int) -> object:
+    def change(fields: list[tuple[int, bytes, bytes]]) -> bytes:
+        attrs = der_tlv(0xA0, fields[3][1] + _attributes(1, values))
+        return b"".join(f[2] for f in fields[:3]) + attrs + b"".join(f[2] for f in fields[4:])
+
+    return change
+
+
+def test_the_direct_reader_reads_up_to_each_bound_and_refuses_beyond_it(
+    signed: bytes, pki: Pki
+) -> None:
+    """The signature of the common shape is read without a counting walk of its own: the
+    direct reader counts as it reads.  At each bound it reads the signature; one more and
+    it leaves it to the counting path, which refuses it, naming what is too many."""
+    for build, at_bound, what in (
+        (_with_digest_algorithms, MAX_DIGEST_ALGORITHMS, "digest algorithms"),
+        (_with_certificates, MAX_CERTIFICATES, "certificates"),
+        (_with_signer_infos, MAX_SIGNER_INFOS, "signer infos"),
+        (
+            lambda s, n: _with_signer(s, _with_signed_attribute_values(n)),
+            MAX_ATTRIBUTE_VALUES,
+            "values of one attribute",
+        ),
+    ):
+        assert parse_signed_data_der(build(signed, at_bound)).signers
+        beyond = build(signed, at_bound + 1)
+        with pytest.raises(DerError):
+            parse_signed_data_der(beyond)
+        _refused(beyond, pki, what)
+    assert _verify(_with_digest_algorithms(signed, MAX_DIGEST_ALGORITHMS), pki) == PAYLOAD
 
 
 def _with_recipients(enveloped: bytes, count: int) -> bytes:

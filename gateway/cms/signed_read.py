@@ -1,7 +1,9 @@
-"""Reading a received SignedData: its counts bounded first, then the common shape
-read directly from its DER (gateway.cms.der), with the same values the asn1crypto
-reader (:mod:`gateway.cms.signed_parsed`) gives at a fraction of its cost; any
-other shape read with asn1crypto."""
+"""Reading a received SignedData: the common shape read directly from its DER
+(gateway.cms.der), within the bounds of gateway.cms.limits, with the same values
+the asn1crypto reader (:mod:`gateway.cms.signed_parsed`) gives at a fraction of
+its cost; any other shape, or one beyond a bound, has its counts checked
+(:func:`~gateway.cms.contentinfo.check_signed_counts`) and is read with
+asn1crypto."""
 
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ from .common import (
 )
 from .contentinfo import check_signed_counts
 from .der import Cursor, DerError, contents_of, integer, oid_der, oid_valid
+from .limits import (
+    MAX_ATTRIBUTE_VALUES,
+    MAX_ATTRIBUTES,
+    MAX_CERTIFICATES,
+    MAX_DIGEST_ALGORITHMS,
+    MAX_SIGNER_INFOS,
+)
 from .signed_parsed import Asn1Twin, DirectSigner, ParsedSignature, Signer, parse_signed_data_asn1
 
 # the common shape, read directly (gateway.cms.der)
@@ -29,8 +38,11 @@ from .signed_parsed import Asn1Twin, DirectSigner, ParsedSignature, Signer, pars
 # messageDigest, signingTime (UTCTime or GeneralizedTime, seconds, Z) and
 # CMSAlgorithmProtection (a copy of the signer info's algorithms) have one
 # value each, others skipped as the asn1crypto path skips them; certificates
-# only as X.509 certificates; no CRLs, no unsigned attributes.  Anything else
-# raises DerError and is read with asn1crypto.
+# only as X.509 certificates; no CRLs, no unsigned attributes; no more digest
+# algorithms, certificates, signer infos, signed attributes or values of one
+# attribute than gateway.cms.limits allows (the same counts check_signed_counts
+# makes, so that a signature read here would pass it).  Anything else raises
+# DerError and is read with asn1crypto, its counts checked first.
 
 
 def _oid_names(*maps: dict[str, str]) -> dict[bytes, str]:
@@ -71,6 +83,21 @@ def _algorithm(c: Cursor, names: dict[bytes, str]) -> tuple[str, bytes]:
         raise DerError("NULL with contents")
     alg.finish()
     return name, c.buf[start : c.pos]
+
+
+def _within(count: int, limit: int) -> None:
+    """More than ``limit`` of something: left to the counting path, which refuses it."""
+    if count > limit:
+        raise DerError("more elements than gateway.cms.limits allows")
+
+
+def _skip_elements(c: Cursor, limit: int) -> None:
+    """Step over the elements left in ``c``, at most ``limit`` of them."""
+    count = 0
+    while not c.at_end():
+        count += 1
+        _within(count, limit)
+        c.any()
 
 
 def _one_value(attr: Cursor) -> Cursor:
@@ -130,7 +157,10 @@ def _signer_der(c: Cursor, index: int, twin: Asn1Twin) -> DirectSigner:
         s.attrs_original = b"\x31" + buf[attrs_at + 1 : c.pos]
         seen: set[bytes] = set()
         a = Cursor(buf, *attrs)
+        count = 0
         while not a.at_end():
+            count += 1
+            _within(count, MAX_ATTRIBUTES)
             attr = a.inner(0x30)
             typ = attr.value(0x06)
             if not oid_valid(typ):
@@ -149,7 +179,7 @@ def _signer_der(c: Cursor, index: int, twin: Asn1Twin) -> DirectSigner:
                 v = _one_value(attr)
                 protection = v.value(0x30)
             else:  # skipped, as the asn1crypto path skips it
-                attr.next(0x31)
+                _skip_elements(attr.inner(0x31), MAX_ATTRIBUTE_VALUES)
                 attr.finish()
                 continue
             v.finish()
@@ -175,7 +205,7 @@ def parse_signed_data_der(signed: bytes) -> ParsedSignature:
     sd = explicit.inner(0x30)
     explicit.finish()
     sd.next(0x02)  # version: not used
-    sd.next(0x31)  # digestAlgorithms: not used (each signer names its own)
+    _skip_elements(sd.inner(0x31), MAX_DIGEST_ALGORITHMS)  # not used: each signer names its own
     encap = sd.inner(0x30)
     content_type = _oid_name(encap, _CONTENT_TYPE_NAMES)
     content: bytes | None = None
@@ -189,6 +219,7 @@ def parse_signed_data_der(signed: bytes) -> ParsedSignature:
     if certificates is not None:
         cc = Cursor(signed, *certificates)
         while not cc.at_end():
+            _within(len(certs) + 1, MAX_CERTIFICATES)
             try:
                 certs.append(x509.load_der_x509_certificate(cc.raw(0x30)))
             except (ValueError, x509.InvalidVersion) as exc:
@@ -198,6 +229,7 @@ def parse_signed_data_der(signed: bytes) -> ParsedSignature:
     twin = Asn1Twin(signed)
     signers: list[Signer] = []
     while not signer_infos.at_end():
+        _within(len(signers) + 1, MAX_SIGNER_INFOS)
         signers.append(_signer_der(signer_infos.inner(0x30), len(signers), twin))
     if not signers:
         raise DerError("no SignerInfo")
@@ -205,14 +237,16 @@ def parse_signed_data_der(signed: bytes) -> ParsedSignature:
 
 
 def parse_signed_data(signed: bytes) -> ParsedSignature:
-    """The signature read directly if it has the common shape, else with asn1crypto;
-    both give the same values, and a malformed signature the asn1crypto error.
-    Its counts are checked first (:func:`check_signed_counts`)."""
-    if isinstance(signed, bytes | bytearray | memoryview) and len(signed):
-        check_signed_counts(bytes(signed))
+    """The signature read directly if it has the common shape, within the bounds, else
+    with asn1crypto; both give the same values, and a malformed signature the asn1crypto
+    error.  The direct reader counts as it reads, and refuses (for the path below) what
+    :func:`check_signed_counts` would; only the asn1crypto path needs the counts checked
+    first, in a walk of their own."""
     if type(signed) is bytes:
         try:
             return parse_signed_data_der(signed)
         except DerError:
             pass
+    if isinstance(signed, bytes | bytearray | memoryview) and len(signed):
+        check_signed_counts(bytes(signed))
     return parse_signed_data_asn1(signed)
