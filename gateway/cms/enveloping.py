@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from asn1crypto import algos, cms, keys
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import padding as sym_padding
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from ..errors import InvalidValueError, PolicyError
@@ -191,6 +193,66 @@ def _check_recipient(policy: AlgorithmPolicy, cert: x509.Certificate) -> None:
     )
 
 
+@dataclass(frozen=True)
+class _Envelope:
+    """What the content's encryption needs, its DER written up to the ciphertext."""
+
+    head: bytes  # the ContentInfo's DER up to the encrypted content's first octet
+    mode: str  # "gcm" or "cbc"
+    cek: bytes
+    iv_or_nonce: bytes
+
+
+def _envelope(
+    length: int, recipients: Sequence[x509.Certificate], cipher: str, policy: AlgorithmPolicy
+) -> _Envelope:
+    """A fresh content-encryption key wrapped for ``recipients``, and the DER before the
+    ciphertext of ``length`` bytes of content (the lengths are written first)."""
+    cipher = cipher.strip().lower()
+    policy.check_content_cipher(cipher, inbound=False)
+    _oid_name, key_len, mode = CIPHERS[cipher]
+    if length < 0:
+        raise InvalidValueError(
+            f"length={length}: the announced content length is 0 or more",
+            fix="announce the content's size in bytes",
+        )
+    cek = os.urandom(key_len)
+    ri_der, has_kari = _recipient_infos(recipients, cek, policy)
+    if mode == "gcm":
+        iv_or_nonce = os.urandom(12)
+        enc_len = length
+        version = b"\x02\x01\x00"
+        outer_oid = OID_AUTH_ENVELOPED
+        tail_len = 2 + 16  # mac OCTET STRING
+    else:
+        iv_or_nonce = os.urandom(16)
+        enc_len = (length // 16 + 1) * 16
+        version = b"\x02\x01\x02" if has_kari else b"\x02\x01\x00"
+        outer_oid = OID_ENVELOPED
+        tail_len = 0
+    alg_der = content_algorithm_der(cipher, iv_or_nonce)
+    eci_head = oid_der(OID_DATA) + alg_der + tl(0x80, enc_len)
+    eci_len = len(eci_head) + enc_len
+    body_len = len(version) + len(ri_der) + len(tl(0x30, eci_len)) + eci_len + tail_len
+    body_tl = tl(0x30, body_len)
+    explicit_len = len(body_tl) + body_len
+    oid = oid_der(outer_oid)
+    ci_len = len(oid) + len(tl(0xA0, explicit_len)) + explicit_len
+    head = b"".join(
+        (
+            tl(0x30, ci_len),
+            oid,
+            tl(0xA0, explicit_len),
+            body_tl,
+            version,
+            ri_der,
+            tl(0x30, eci_len),
+            eci_head,
+        )
+    )
+    return _Envelope(head, mode, cek, iv_or_nonce)
+
+
 def encrypt_chunks(
     chunks: Iterable[bytes],
     length: int,
@@ -204,51 +266,20 @@ def encrypt_chunks(
     AES-GCM gives AuthEnvelopedData, AES-CBC EnvelopedData.  ``chunks`` must
     add up to exactly ``length`` bytes (the DER lengths are written first).
     """
-    cipher = cipher.strip().lower()
-    policy.check_content_cipher(cipher, inbound=False)
-    _oid_name, key_len, mode = CIPHERS[cipher]
-    if length < 0:
-        raise InvalidValueError(
-            f"length={length}: the announced content length is 0 or more",
-            fix="announce the content's size in bytes",
-        )
-    cek = os.urandom(key_len)
-    ri_der, has_kari = _recipient_infos(recipients, cek, policy)
-    if mode == "gcm":
-        nonce = os.urandom(12)
-        alg_der = content_algorithm_der(cipher, nonce)
-        enc_len = length
-        ctx: Any = Cipher(algorithms.AES(cek), modes.GCM(nonce)).encryptor()
-        padder = None
-        version = b"\x02\x01\x00"
-        outer_oid = OID_AUTH_ENVELOPED
-        tail_len = 2 + 16  # mac OCTET STRING
+    env = _envelope(length, recipients, cipher, policy)
+    yield from _encrypted(env, chunks, length)
+
+
+def _encrypted(env: _Envelope, chunks: Iterable[bytes], length: int) -> Iterator[bytes]:
+    """The DER of :func:`encrypt_chunks` from ``env``: its head, then the ciphertext."""
+    padder = None
+    ctx: Any
+    if env.mode == "gcm":
+        ctx = Cipher(algorithms.AES(env.cek), modes.GCM(env.iv_or_nonce)).encryptor()
     else:
-        iv = os.urandom(16)
-        alg_der = content_algorithm_der(cipher, iv)
-        enc_len = (length // 16 + 1) * 16
-        ctx = Cipher(algorithms.AES(cek), modes.CBC(iv)).encryptor()
+        ctx = Cipher(algorithms.AES(env.cek), modes.CBC(env.iv_or_nonce)).encryptor()
         padder = sym_padding.PKCS7(128).padder()
-        version = b"\x02\x01\x02" if has_kari else b"\x02\x01\x00"
-        outer_oid = OID_ENVELOPED
-        tail_len = 0
-    eci_head = oid_der(OID_DATA) + alg_der + tl(0x80, enc_len)
-    eci_len = len(eci_head) + enc_len
-    body_len = len(version) + len(ri_der) + len(tl(0x30, eci_len)) + eci_len + tail_len
-    body_tl = tl(0x30, body_len)
-    explicit_len = len(body_tl) + body_len
-    oid = oid_der(outer_oid)
-    ci_len = len(oid) + len(tl(0xA0, explicit_len)) + explicit_len
-    yield (
-        tl(0x30, ci_len)
-        + oid
-        + tl(0xA0, explicit_len)
-        + body_tl
-        + version
-        + ri_der
-        + tl(0x30, eci_len)
-        + eci_head
-    )
+    yield env.head
     seen = 0
     for chunk in chunks:
         seen += len(chunk)
@@ -271,7 +302,7 @@ def encrypt_chunks(
         )
     last = ctx.update(padder.finalize()) if padder is not None else b""
     last += ctx.finalize()
-    if mode == "gcm":
+    if env.mode == "gcm":
         last += tlv(0x04, ctx.tag)
     if last:
         yield last
@@ -289,6 +320,10 @@ def encrypt(
     GCM ciphers give AuthEnvelopedData, CBC ciphers EnvelopedData.
     """
     content = bytes(content)
-    return b"".join(
-        encrypt_chunks([content], len(content), recipients, cipher=cipher, policy=policy)
-    )
+    env = _envelope(len(content), recipients, cipher, policy)
+    if env.mode != "gcm":
+        return b"".join(_encrypted(env, [content], len(content)))
+    # All of it at hand: AES-GCM in one call (the same ciphertext and tag as
+    # encrypt_chunks writes), the tag moved after its OCTET STRING header.
+    sealed = memoryview(AESGCM(env.cek).encrypt(env.iv_or_nonce, content, None))
+    return b"".join((env.head, sealed[:-16], b"\x04\x10", sealed[-16:]))
