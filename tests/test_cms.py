@@ -513,3 +513,80 @@ def test_random_payloads_round_trip(pki: Pki) -> None:
         data = os.urandom(size)
         der = encrypt(data, [pki["p256"].cert], cipher="aes-128-cbc", policy=STRICT)
         assert decrypt(der, pki["p256"].cert, pki["p256"].key, policy=STRICT).content == data
+
+
+def test_sign_entity_with_the_digest_given_signs_as_without(pki: Pki) -> None:
+    """The AS2 MIC is the digest the signature's messageDigest holds: a caller that has
+    computed it passes it, and gets the signature it would get without (RSA PKCS#1 v1.5
+    is deterministic); a digest that is not the entity's gives no valid signature."""
+    entity = make_entity("application/hl7-v2", PAYLOADS["hl7-bare-cr"])
+    party = pki["rsa2048"]
+
+    def signed(**extra: Any) -> bytes:
+        return sign_entity(
+            entity,
+            party.cert,
+            party.key,
+            digest="sha384",
+            signing_time=SIGNING_TIME,
+            policy=STRICT,
+            **extra,
+        )
+
+    def signature_part(whole: bytes) -> bytes:
+        boundary = header_param(parse_entity(whole)[0][0][1], "boundary")
+        assert boundary
+        return whole.split(b"--" + boundary.encode())[2]
+
+    given = signed(entity_digest=hashlib.sha384(entity).digest())
+    assert signature_part(given) == signature_part(signed())
+    inner, verified = verify_entity(given, trusted_signers=[party.cert], policy=STRICT)
+    assert inner == entity and verified.digest == "sha384"
+    wrong = signed(entity_digest=hashlib.sha384(entity + b"x").digest())
+    with pytest.raises(SignatureError, match="messageDigest"):
+        verify_entity(wrong, trusted_signers=[party.cert], policy=STRICT)
+
+
+def _fields(der: bytes) -> list[tuple[str, Any]]:
+    """The fields of an (Auth)EnvelopedData that do not depend on its random key, IV or
+    nonce: (name, value), the random ones by their length only."""
+    info = asn1_cms.ContentInfo.load(der)
+    body = info["content"]
+    ri = body["recipient_infos"][0].chosen
+    gcm = info["content_type"].native == "authenticated_enveloped_data"
+    eci = body["auth_encrypted_content_info" if gcm else "encrypted_content_info"]
+    params = eci["content_encryption_algorithm"]["parameters"]
+    return [
+        ("content_type", info["content_type"].native),
+        ("version", body["version"].native),
+        ("rid", ri["rid"].dump()),
+        ("key_algorithm", ri["key_encryption_algorithm"].dump()),
+        ("encrypted_key", len(ri["encrypted_key"].native)),
+        ("algorithm", eci["content_encryption_algorithm"]["algorithm"].native),
+        ("parameters", len(params.dump())),
+        ("content", len(eci["encrypted_content"].native)),
+        ("mac", len(body["mac"].native) if gcm else None),
+    ]
+
+
+@pytest.mark.parametrize("cipher", ["aes-256-gcm", "aes-128-gcm", "aes-256-cbc"])
+def test_encrypt_in_memory_writes_what_the_streaming_encryption_writes(
+    pki: Pki, cipher: str
+) -> None:
+    """A small message is encrypted in one call; the DER is the one encrypt_chunks
+    writes (same fields and lengths, only the random key, IV or nonce differ), and it
+    decrypts to the content."""
+    from gateway.cms.enveloping import encrypt_chunks
+
+    for size in (0, 1, 17, 4096, 70_000):
+        data = os.urandom(size)
+        recipients = [pki["rsa2048"].cert]
+        whole = encrypt(data, recipients, cipher=cipher, policy=STRICT)
+        streamed = b"".join(
+            encrypt_chunks([data[:5], data[5:]], size, recipients, cipher=cipher, policy=STRICT)
+        )
+        assert len(whole) == len(streamed)
+        assert _fields(whole) == _fields(streamed)
+        for der in (whole, streamed):
+            opened = decrypt(der, pki["rsa2048"].cert, pki["rsa2048"].key, policy=STRICT)
+            assert opened.content == data

@@ -16,6 +16,7 @@ service to mean anything at the receiving end.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import BinaryIO
 from cryptography import x509
 
 from gateway.as2.headers import AS2_VERSION, DIGEST_TO_MICALG, quote_as2_id
-from gateway.cms import compute_mic
+from gateway.cms.common import hash_bytes
 from gateway.cms.mime import make_entity
 from gateway.cms.smime import envelope_entity, sign_entity
 from gateway.cms.stream import CHUNK as STREAM_CHUNK
@@ -131,7 +132,10 @@ class MessageSpec:
 def build_message(payload: bytes, spec: MessageSpec) -> BuiltMessage:
     """A small document, signed and encrypted in memory."""
     entity = spec.entity_head(payload)
-    mic = f"{compute_mic(entity, spec.digest)}, {DIGEST_TO_MICALG[spec.digest]}"
+    # The MIC is the digest the signature's messageDigest holds: computed once.
+    spec.policy.check_digest(spec.digest)
+    entity_digest = hash_bytes(entity, spec.digest)
+    mic = f"{base64.b64encode(entity_digest).decode('ascii')}, {DIGEST_TO_MICALG[spec.digest]}"
     signed = sign_entity(
         entity,
         spec.signing.certificate,
@@ -140,6 +144,7 @@ def build_message(payload: bytes, spec: MessageSpec) -> BuiltMessage:
         signing_time=spec.at,
         policy=spec.policy,
         certificates=spec.signing.chain,
+        entity_digest=entity_digest,
     )
     envelope_type, body = envelope_entity(
         signed, spec.recipients, cipher=spec.cipher, policy=spec.policy

@@ -25,7 +25,7 @@ from .decrypting import decrypt
 from .envelope_algorithms import Decrypted
 from .enveloping import encrypt
 from .mime import get_header, header_param, make_entity, media_type, parse_entity
-from .signing import sign
+from .signing import sign, sign_digest
 from .trust import SignerValidator
 from .verification import VerifiedSignature, verify
 
@@ -97,21 +97,37 @@ def sign_entity(
     policy: AlgorithmPolicy,
     certificates: Sequence[x509.Certificate] = (),
     rsa_padding: Literal["pss", "pkcs1v15"] = "pkcs1v15",
+    entity_digest: bytes | None = None,
 ) -> bytes:
-    """A complete ``multipart/signed`` entity whose first part is ``entity`` exactly."""
+    """A complete ``multipart/signed`` entity whose first part is ``entity`` exactly.
+
+    ``entity_digest``: the ``digest`` of ``entity``, when the caller has computed it
+    already (the AS2 MIC is that digest); not computed again."""
     entity = bytes(entity)
     digest = normalize_digest(digest)
-    signature = sign(
-        entity,
-        signer_cert,
-        signer_key,
-        digest=digest,
-        detached=True,
-        rsa_padding=rsa_padding,
-        certificates=certificates,
-        signing_time=signing_time,
-        policy=policy,
-    )
+    if entity_digest is None:
+        signature = sign(
+            entity,
+            signer_cert,
+            signer_key,
+            digest=digest,
+            detached=True,
+            rsa_padding=rsa_padding,
+            certificates=certificates,
+            signing_time=signing_time,
+            policy=policy,
+        )
+    else:
+        signature = sign_digest(
+            entity_digest,
+            signer_cert,
+            signer_key,
+            digest=digest,
+            rsa_padding=rsa_padding,
+            certificates=certificates,
+            signing_time=signing_time,
+            policy=policy,
+        )
     while True:
         boundary = "----=_medgw_" + secrets.token_hex(16)
         if boundary.encode("ascii") not in entity:
@@ -129,19 +145,9 @@ def sign_entity(
         b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
         b"\r\n" + b64_lines(signature) + b"\r\n"
     )
-    return (
-        head
-        + b"--"
-        + b
-        + b"\r\n"
-        + entity
-        + b"\r\n--"
-        + b
-        + b"\r\n"
-        + sig_part
-        + b"--"
-        + b
-        + b"--\r\n"
+    # one copy of the entity, not one per concatenation
+    return b"".join(
+        (head, b"--", b, b"\r\n", entity, b"\r\n--", b, b"\r\n", sig_part, b"--", b, b"--\r\n")
     )
 
 
