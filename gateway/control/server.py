@@ -1,9 +1,10 @@
 """HTTP over the control unix socket, for ``medgw queue`` / ``peers`` / ``send`` / ``handover``.
 
 ``POST /v1/messages`` and ``GET /v1/messages/{id}`` are the local API's (see
-gateway.intake.submit), for the administrator: the submitter recorded is the
-caller's account as the kernel reports it, e.g. ``operator:alice (uid 1000)``,
-and every message is visible.
+gateway.intake.submit), with its ``Idempotency-Key``, for the administrator: the
+submitter recorded (whose keys they are) is the caller's account as the kernel
+reports it, e.g. ``operator:alice (uid 1000)``, and every message is visible; the
+audit trail's actor adds the name sudo passes, as a claim.
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ def caller(request: web.Request) -> str:
     kernel reports for the socket, first; then the login name the command passes (sudo's
     SUDO_USER, else USER) - which medgw cannot verify (only sudo's own log does), and so
     is marked as claimed."""
-    uid = -1
+    return operator(_peer_uid(request), unquote(request.headers.get("X-Medgw-Operator", "")))
+
+
+def _peer_uid(request: web.Request) -> int:
+    """The uid the kernel reports for the socket's other end (-1 if none)."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-    return operator(uid, unquote(request.headers.get("X-Medgw-Operator", "")))
+    if sock is None:
+        return -1
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def operator(uid: int, passed: str) -> str:
@@ -429,7 +435,10 @@ class ControlServer:
         return web.json_response(answer)
 
     async def _submit_message(self, request: web.Request) -> web.Response:
-        submission = parse_submission(request, caller(request))
+        # The message, and its Idempotency-Key, are the account's: a resend is recognised
+        # whoever sudo names (the name is kept as a claim in the audit trail's actor).
+        account = operator(_peer_uid(request), "")
+        submission = parse_submission(request, caller(request), account)
         if isinstance(submission, web.Response):
             return submission
         return await submit(request, submission, self._submit)

@@ -57,6 +57,9 @@ MAX_IDEMPOTENCY_KEY = 128
 # (a Structured Field string, as the draft writes it) or bare.
 _KEY_CHARS = rf"[!#-\[\]-~]{{1,{MAX_IDEMPOTENCY_KEY}}}"
 _KEY = re.compile(rf'"({_KEY_CHARS})"|({_KEY_CHARS})')
+# A key's value as a client gives it (without quotes), and the rule in words.
+KEY_VALUE = re.compile(_KEY_CHARS)
+KEY_RULE = f"1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters, without '\"' or '\\' inside"
 # The view's field that says a submission was a resend of the message it names.
 RESENT = "resent"
 
@@ -89,6 +92,17 @@ class Submission:
     service: str | None = None  # one of the peer's services (checked on submission)
     patients: tuple[PatientId, ...] = ()  # named by the submitter (X-Medgw-Patient)
     idempotency_key: str | None = None  # the submitter's Idempotency-Key (its value)
+    # Whose message and key it is in the spool when that is not ``submitter``: on the
+    # control socket the account the kernel reports, without the name sudo passes (only
+    # claimed, and anyone acting as that account can set it: it stays in the audit
+    # trail's actor), so that a resend run under another claimed name is still the
+    # same submitter's.
+    account: str | None = None
+
+    @property
+    def owner(self) -> str:
+        """Recorded in the spool as the message's submitter; its keys are its own."""
+        return self.account or self.submitter
 
 
 class SubmissionRefused(MedgwError):
@@ -109,8 +123,11 @@ def json_error(status: int, message: str, fix: str) -> web.Response:
     return web.json_response({"error": message, "fix": fix}, status=status)
 
 
-def parse_submission(request: web.Request, submitter: str) -> Submission | web.Response:
-    """The submission a request asks for, or the error response to give (nothing read yet)."""
+def parse_submission(
+    request: web.Request, submitter: str, account: str | None = None
+) -> Submission | web.Response:
+    """The submission a request asks for, or the error response to give (nothing read yet);
+    ``account`` as :attr:`Submission.account`."""
     peer = request.query.get("to", "")
     filename = request.query.get("filename", "")
     service = request.query.get("service")
@@ -166,13 +183,12 @@ def parse_submission(request: web.Request, submitter: str) -> Submission | web.R
         if found is None:
             return json_error(
                 400,
-                f"{IDEMPOTENCY_KEY} must be one value of 1 to {MAX_IDEMPOTENCY_KEY} visible "
-                "ASCII characters, without '\"' or '\\' inside (bare or in quotes)",
+                f"{IDEMPOTENCY_KEY} must be one value of {KEY_RULE} (bare or in quotes)",
                 f'send one per document, e.g. {IDEMPOTENCY_KEY}: "a UUID made for it", and '
                 "the same one when sending that document again",
             )
         key = found.group(1) or found.group(2)
-    return Submission(peer, filename, content_type, submitter, service, patients, key)
+    return Submission(peer, filename, content_type, submitter, service, patients, key, account)
 
 
 async def submit(

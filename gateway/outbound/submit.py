@@ -150,7 +150,7 @@ class Submissions:
                         + self._ctx.config.runtime.message_expiry_seconds,
                         zone=peer.zone,
                         origin=LOCAL_INTAKE,
-                        submitted_by=submission.submitter,
+                        submitted_by=submission.owner,
                         service=submission.service,
                         data_key=sealing.key,
                         idempotency_key=submission.idempotency_key,
