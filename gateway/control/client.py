@@ -26,6 +26,14 @@ class NotRunningError(MedgwError):
     """The daemon's control socket is not there or nobody answers."""
 
 
+class RefusedError(MedgwError):
+    """The daemon answered and refused the request; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, *, fix: str | None, status: int) -> None:
+        super().__init__(message, fix=fix)
+        self.status = status
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: Path, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -88,7 +96,7 @@ class ControlClient:
                 connection.request(method, url, body, headers)
             try:
                 response = connection.getresponse()
-                data = json.loads(response.read() or b"null")
+                raw = response.read()
             except (http.client.HTTPException, ConnectionError) as exc:
                 raise MedgwError(
                     f"the gateway closed the connection on {self.path} without an answer",
@@ -106,6 +114,22 @@ class ControlClient:
             ) from exc
         finally:
             connection.close()
+        data = _answer(raw, response.status)
         if response.status >= 400:
-            raise MedgwError(str(data.get("error")), fix=data.get("fix"))
+            raise RefusedError(str(data.get("error")), fix=data.get("fix"), status=response.status)
         return data
+
+
+def _answer(raw: bytes, status: int) -> Any:
+    """The daemon's JSON answer; an error answered without one (an internal error is
+    answered ``500 internal error`` in plain text, saying nothing more) as its text."""
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        if status < 400:
+            raise MedgwError(
+                f"the gateway's answer (HTTP {status}) is not JSON",
+                fix="check that medgw and this command are the same version",
+            ) from None
+        text = raw.decode("utf-8", "replace").strip()[:200] or f"HTTP {status}"
+        return {"error": text, "fix": "look at the daemon's log (journalctl -u medgw)"}
