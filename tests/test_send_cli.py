@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,13 @@ def test_lost_contact_while_waiting_exits_3_and_the_message_is_delivered_once(
     document = tmp_path / "once.hl7"
     document.write_bytes(b"MSH|exactly once\r")
     command = ["send", str(document), "--to", "hospital", "--config", config]
+    no_sudo = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
     send = subprocess.Popen(
         [sys.executable, "-m", "gateway", *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=no_sudo,
     )
     try:
         assert send.stderr is not None
@@ -43,11 +46,20 @@ def test_lost_contact_while_waiting_exits_3_and_the_message_is_delivered_once(
             send.wait()
     assert send.returncode == 3, out + err
     assert "lost contact with the daemon" in err and "Traceback" not in err
-    assert f"{message_id} is still in the queue - do NOT send it again" in err
+    assert f"{message_id} is still in the queue and goes out once medgw runs again" in err
     assert f"medgw queue show '{message_id}'" in err
+    # The command it prints follows that message: the same key, not a second document.
+    [line] = [line for line in err.splitlines() if line.startswith("    medgw send ")]
+    resend = shlex.split(line)[1:]
+    assert resend[:4] == ["send", str(document), "--to", "hospital"], line
+    assert resend[-1].startswith("--idempotency-key="), line
 
     processes.start(layout.lab.config_path)
     processes.start(layout.hospital.config_path)
+    followed = medgw(*resend, timeout=180, env=no_sudo)
+    assert followed.returncode == 0, followed.stderr
+    assert f"already spooled as {message_id}" in followed.stderr
+    assert followed.stdout.split()[:2] == ["delivered", message_id], followed.stdout
     wait_for_events(layout.lab.audit_log, "receipt.received")
     shown = json.loads(medgw("queue", "show", message_id, "--config", config, "--json").stdout)
     assert shown["state"] == "delivered"
@@ -62,6 +74,7 @@ def test_send_help_documents_the_exit_codes() -> None:
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     assert "0 delivered" in text and "2 usage error" in text and "3 outcome unknown" in text
+    assert "--idempotency-key K" in text and "with the same --idempotency-key" in text
 
 
 @pytest.mark.parametrize(

@@ -3,31 +3,39 @@
 The file is streamed over the control socket (any size; a progress bar on
 stderr for large files when stderr is a terminal), then the command follows
 the message until it reaches a final state and prints the verified receipt.
+Every upload carries an ``Idempotency-Key`` (``--idempotency-key K``, else a new
+random one): a resend with the same key is recognised by the gateway (answered
+with the first message, ``"resent": true``) instead of spooled a second time.
 Exit codes: 0 delivered, 1 failed / expired / dead / cancelled or refused
 before it was spooled (the reason is printed), 2 usage error, 3 outcome
 unknown: the command lost contact with the daemon after the document may have
-been spooled.  With 3 the document is still in the gateway's queue (or may
-be): it must not be sent again, or the peer receives it twice.
+been spooled.  With 3 the command prints how to run it again with its key: that
+resend is the same document, never a second one for the peer.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import re
+import secrets
+import shlex
 import sys
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode
 
 from gateway.audit.patients import PATIENT_HEADER
-from gateway.commands import add_config_option
+from gateway.commands import DEFAULT_CONFIG, add_config_option
 from gateway.commands.queue import control_client
 from gateway.config import load_config
-from gateway.control.client import ControlClient, NotRunningError
+from gateway.control.client import ControlClient, NotRunningError, RefusedError
 from gateway.errors import ConfigError, MedgwError
 from gateway.intake.outbox import CONTENT_TYPES
+from gateway.intake.submit import IDEMPOTENCY_KEY, KEY_RULE, KEY_VALUE, RESENT, account_name
 
 PROGRESS_ABOVE = 4 << 20  # files up to this size get no progress bar
 MAX_FILENAME = 255
@@ -38,10 +46,12 @@ EXIT_UNKNOWN = 3
 EXIT_CODES = (
     "exit status: 0 delivered; 1 failed, expired, dead or cancelled, or refused before it "
     "was spooled; 2 usage error; 3 outcome unknown: contact with the gateway was lost after "
-    "the document was (or may have been) spooled - do NOT send it again, look at medgw queue "
-    "show / medgw queue list"
+    "the document was (or may have been) spooled - run again only the command it prints, "
+    "with the same --idempotency-key (the gateway recognises that resend and does not send "
+    "the document twice), never without it"
 )
 MIB = 1 << 20
+KEY_BYTES = 24  # a new key: 32 URL-safe characters (192 random bits)
 
 
 def register(commands: Any) -> None:
@@ -75,6 +85,14 @@ def register(commands: Any) -> None:
     )
     send.add_argument(
         "--no-wait", action="store_true", help="print the Message-ID once spooled; do not wait"
+    )
+    send.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        help=f"the document's key ({KEY_RULE}): the gateway answers a resend with the same "
+        "key with the message it already has instead of sending the document twice; default "
+        "a new random key, printed with the command to run again if contact is lost (one "
+        "that begins with '-' is given as --idempotency-key=K)",
     )
     add_config_option(send)
     send.set_defaults(handler=_send)
@@ -124,6 +142,7 @@ def _send(args: argparse.Namespace) -> int:
         or _check_content_type(args.content_type)
         or _check_text("--to", args.to)
         or _check_text("--service", args.service)
+        or _check_key(args.idempotency_key)
     )
     if refused is not None:
         return _usage(*refused)
@@ -157,30 +176,64 @@ def _send(args: argparse.Namespace) -> int:
         {"to": args.to, "filename": path.name}
         | ({"service": args.service} if args.service is not None else {})
     )
+    key = args.idempotency_key or secrets.token_urlsafe(KEY_BYTES)
+    again = _resend_command(args, path, key)
     size = path.stat().st_size
     progress = Progress(size, sys.stderr)
+    headers = {IDEMPOTENCY_KEY: key}
+    if args.patient:
+        headers[PATIENT_HEADER] = ", ".join(args.patient)
     try:
-        patients = {PATIENT_HEADER: ", ".join(args.patient)} if args.patient else None
         view = client.upload(
-            f"/v1/messages?{query}", path, content_type, progress, extra_headers=patients
+            f"/v1/messages?{query}", path, content_type, progress, extra_headers=headers
         )
     except NotRunningError:
         raise  # nothing was sent: exit 1, "medgw is not running"
-    except (MedgwError, OSError) as exc:
-        if isinstance(exc, MedgwError) and not _connection_lost(exc):
+    except RefusedError as exc:
+        if exc.status == HTTPStatus.UNPROCESSABLE_ENTITY:
+            print(
+                f"medgw send: refused: the idempotency key {key!r} already names another "
+                f"document ({exc.message}); nothing was spooled\n"
+                "  fix: give each document a key of its own: leave --idempotency-key out (a "
+                "new key is made), or give the key medgw send printed for this document",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        if exc.status < HTTPStatus.INTERNAL_SERVER_ERROR:
             raise  # the gateway answered and refused it: nothing was spooled
+        # 503 (it cannot store documents just now), or an internal error: perhaps
+        # recorded all the same (then it is sent); the same key tells.
         print(
-            f"medgw send: lost contact with the daemon before it confirmed {path.name} "
-            f"({exc}); it may have been spooled - do NOT send it again before checking "
-            f"medgw queue list --peer {args.to}",
+            f"medgw send: the gateway could not take {path.name} (HTTP {exc.status}: "
+            f"{exc.message}); it may have been recorded all the same, and is then sent",
             file=sys.stderr,
         )
+        _tell_resend(again, "later, run exactly this")
+        return EXIT_UNKNOWN
+    except (MedgwError, OSError) as exc:
+        if isinstance(exc, MedgwError) and not _connection_lost(exc):
+            raise  # not a lost answer: nothing was sent
+        print(
+            f"medgw send: lost contact with the daemon before it confirmed {path.name} "
+            f"({exc}); it may have been spooled",
+            file=sys.stderr,
+        )
+        _tell_resend(again, "once medgw runs again, run exactly this")
+        print(f"  (or look for it: medgw queue list --peer {args.to})", file=sys.stderr)
         return EXIT_UNKNOWN
     message_id = view["message_id"]
+    if view.get(RESENT):
+        print(
+            f"medgw send: {path.name} was already spooled as {message_id} under idempotency "
+            f"key {key!r}: the gateway recognised this resend and did not spool or send it "
+            "again",
+            file=sys.stderr,
+        )
     if args.no_wait:
         print(message_id)
         return 0
-    print(f"medgw send: {path.name} ({size} bytes) spooled as {message_id}", file=sys.stderr)
+    if not view.get(RESENT):
+        print(f"medgw send: {path.name} ({size} bytes) spooled as {message_id}", file=sys.stderr)
     try:
         final = _follow(client, view)
     except KeyboardInterrupt:
@@ -192,14 +245,61 @@ def _send(args: argparse.Namespace) -> int:
         return 130
     except (MedgwError, OSError) as exc:
         # The message is in the spool and the daemon goes on with it (now, or once it
-        # runs again): a resend would give the peer the document twice.
+        # runs again): a resend without its key would give the peer the document twice.
         print(
             f"medgw send: lost contact with the daemon ({exc}); {message_id} is still in "
-            f"the queue - do NOT send it again; see medgw queue show '{message_id}'",
+            "the queue and goes out once medgw runs again - do not send the document "
+            f"without its key; see medgw queue show '{message_id}'",
             file=sys.stderr,
         )
+        _tell_resend(again, "to follow it once medgw runs again, run exactly this")
         return EXIT_UNKNOWN
     return _report(final)
+
+
+def _resend_command(args: argparse.Namespace, path: Path, key: str) -> str:
+    """This command with ``key``, as a shell line that works from any folder (and
+    through sudo as the same account: a key belongs to the account that sent it)."""
+    words = ["medgw", "send", str(path.absolute()), "--to", args.to]
+    if args.service is not None:
+        words += ["--service", args.service]
+    if args.content_type is not None:
+        words += ["--content-type", args.content_type]
+    for patient in args.patient:
+        words += ["--patient", patient]
+    if args.no_wait:
+        words.append("--no-wait")
+    if args.config != DEFAULT_CONFIG:
+        words += ["--config", str(Path(args.config).absolute())]
+    words.append(f"--idempotency-key={key}")  # one word: a key may begin with '-'
+    account = account_name(os.getuid())
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user and sudo_user != account:
+        words = ["sudo", "-u", account, *words]
+    return shlex.join(words)
+
+
+def _tell_resend(command: str, what: str) -> None:
+    print(
+        f"  {what} - the gateway recognises the document by its idempotency key and "
+        "answers with the message it has instead of sending it twice (it spools it only "
+        "if it never got it):\n"
+        f"    {command}\n"
+        "  do NOT send the document again without --idempotency-key: the peer could "
+        "receive it twice",
+        file=sys.stderr,
+    )
+
+
+def _check_key(key: str | None) -> tuple[str, str] | None:
+    """--idempotency-key must be a key the gateway takes (gateway.intake.submit)."""
+    if key is None or KEY_VALUE.fullmatch(key):
+        return None
+    return (
+        f"--idempotency-key {key!a} is not an idempotency key: {KEY_RULE}",
+        "give the key medgw send printed for this document, or leave the option out "
+        "(a new key is made)",
+    )
 
 
 def _check_filename(name: str) -> tuple[str, str] | None:
