@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Pending, Severity
+from gateway.audit.log import Then
 from gateway.config import Responsible, who_to_call
 from gateway.logs import Logger
 
@@ -55,6 +56,13 @@ class AlertCalls:
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         called = [self._called(event) for event in events]
         self._inner.emit_all(called)
+        self._log_alerts(called)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        called = [self._called(event) for event in events]
+        return Then(self._inner.emit_later(called), lambda: self._log_alerts(called))
+
+    def _log_alerts(self, called: Sequence[AuditEvent]) -> None:
         for event in called:
             if event.severity is Severity.ALERT:
                 self._log.error(

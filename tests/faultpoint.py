@@ -75,16 +75,17 @@ def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Patches AuditLog.emit_all, which every emit goes through: killed once the records
-    written together with one of ``event`` are durable."""
+    """Patches AuditLog._wait, which every emit (and every wait for a record written
+    before) goes through: killed once the records written together with one of
+    ``event`` are durable."""
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def emit_all(self: Any, records: Any) -> None:
-            original(self, records)
+        def wait(self: Any, ticket: Any, owed: Any, records: Any, now: Any) -> None:
+            original(self, ticket, owed, records, now)
             if any(record.event.value == event for record in records):
                 _kill()
 
-        return emit_all
+        return wait
 
     return wrap
 
@@ -124,7 +125,7 @@ def main(argv: list[str]) -> None:
     if args.fail_once:
         _patch(args.fail_once, _fail_once)
     if args.kill_after_event:
-        _patch("gateway.audit.log:AuditLog.emit_all", _after_event(args.kill_after_event))
+        _patch("gateway.audit.log:AuditLog._wait", _after_event(args.kill_after_event))
     if args.fail_once_at_event:
         failing = _fail_once_at_event(args.fail_once_at_event)
         _patch("gateway.audit.log:AuditLog._write_all", failing)

@@ -19,7 +19,7 @@ import asyncssh
 import pytest
 from cryptography import x509
 
-from gateway.audit import AuditEvent, EventType, Severity
+from gateway.audit import DURABLE, AuditEvent, EventType, Pending, Severity
 from gateway.clock import iso_time
 from gateway.config import load_config
 from gateway.config.emergency import EmergencySettings
@@ -65,6 +65,10 @@ class Recorder(list[AuditEvent]):
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         self.extend(events)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        self.emit_all(events)
+        return DURABLE
 
 
 def seal(site: Site) -> str:

@@ -27,7 +27,7 @@ from cryptography import x509
 
 from gateway.as2.headers import check_message_id
 from gateway.as2.mdn import parse_receipt
-from gateway.audit import AuditEvent, EventType
+from gateway.audit import DURABLE, AuditEvent, EventType, Pending
 from gateway.clock import SystemClock
 from gateway.cms import decrypt
 from gateway.cms.decrypting import decrypt_bytes
@@ -379,6 +379,10 @@ class _Sink:
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         self.events.extend(events)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        self.emit_all(events)
+        return DURABLE
 
 
 async def test_an_exception_in_a_handler_is_a_generic_500_logged_and_audited() -> None:

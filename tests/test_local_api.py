@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.audit import AuditEvent, EventType
+from gateway.audit import DURABLE, AuditEvent, EventType, Pending
 from gateway.config import ApiClient, load_config
 from gateway.demo_run import free_port, wait_until
 from gateway.errors import ConfigError
@@ -434,6 +434,10 @@ class ListSink:
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         self.events.extend(events)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        self.emit_all(events)
+        return DURABLE
 
 
 async def never(*_args: Any) -> Any:

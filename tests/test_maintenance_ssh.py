@@ -19,7 +19,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from gateway.audit import AuditEvent, EventType
+from gateway.audit import DURABLE, AuditEvent, EventType, Pending
 from gateway.audit.index import index_path
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -439,6 +439,10 @@ def test_a_key_verified_for_one_person_is_not_the_first_factor_of_another(site: 
 
         def emit_all(self, batch: Sequence[AuditEvent]) -> None:
             events.extend(batch)
+
+        def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+            self.emit_all(events)
+            return DURABLE
 
     async def no_reload(actor: str) -> str | None:
         return "not here"

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.audit import AuditEvent, EventType, Outcome, Severity
+from gateway.audit import DURABLE, AuditEvent, EventType, Outcome, Pending, Severity
 from gateway.config import GatewayConfig, load_config
 from gateway.daemon.observe import Observer
 from gateway.logs import make_logger
@@ -40,6 +40,10 @@ class Recorder:
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         self.events.extend(events)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        self.emit_all(events)
+        return DURABLE
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditEvent
+from gateway.audit import DURABLE, AuditEvent, Pending
 from gateway.config.retention import RetentionRule, RetentionSettings
 from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
 from gateway.spool import OutboundState, RetainedKind
@@ -30,6 +30,10 @@ class Audit:
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         self.events.extend(events)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        self.emit_all(events)
+        return DURABLE
 
     def named(self, name: str) -> list[AuditEvent]:
         return [e for e in self.events if e.event.value == name]

@@ -12,6 +12,15 @@ link; all of them are on disk when it returns, or none is and it raises.  A
 record that could not be written whole (a full disk) is cut off again before
 ``emit`` raises, so it never merges with the next one.
 
+:meth:`AuditLog.emit_later` writes records at once, chained in order like
+``emit_all``, and returns a :class:`Pending` whose ``wait()`` makes them durable
+(or raises, the records cut off, exactly as ``emit_all`` would have): a caller
+writes a record, does other work, and waits just before the step the record must
+precede.  Meanwhile an fsync begun by another record (of another thread) covers it,
+so one fsync serves both.  ``emit_all`` is ``emit_later`` waited at once.  Every
+handle must be waited, also on a path that gives the step up: until then the log
+remembers that its records may have to be reported lost.
+
 Records are synced in groups (group commit): they are written in chain order
 under one lock, and the fsync happens outside it, one at a time; each fsync
 covers every record written before it began, so threads that emit at the same
@@ -59,10 +68,12 @@ from gateway.clock import Clock
 from gateway.fsutil import shared_folder
 
 __all__ = [
+    "DURABLE",
     "GENESIS",
     "AuditChainError",
     "AuditLog",
     "AuditSink",
+    "Pending",
     "recorded_since",
     "verify_chain",
 ]
@@ -72,11 +83,50 @@ CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set
 MAX_OWED = 10_000
 
 
+class Pending(Protocol):
+    """Records written, not yet known to be durable."""
+
+    def wait(self) -> None:
+        """Return once the records are on disk; raise OSError if they were cut off
+        instead (then none of them is in the trail).  A second call returns or raises
+        as the first did."""
+
+
+class _Durable:
+    """Records already durable (or none): nothing to wait for."""
+
+    def wait(self) -> None:
+        return None
+
+
+DURABLE: Pending = _Durable()
+
+
+class Then:
+    """``pending``, then ``after()`` once it is durable (a sink that passes records on
+    and notes them once recorded): ``after`` runs once, never if the wait raised."""
+
+    def __init__(self, pending: Pending, after: Callable[[], None]) -> None:
+        self._pending = pending
+        self._after: Callable[[], None] | None = after
+
+    def wait(self) -> None:
+        self._pending.wait()
+        after, self._after = self._after, None
+        if after is not None:
+            after()
+
+
 class AuditSink(Protocol):
     def emit(self, event: AuditEvent) -> None: ...
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
         """Record ``events`` in order, all or none: as ``emit`` of each, at once."""
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        """Write ``events`` now, in order, all or none; durable once the handle's
+        ``wait()`` returns (which raises if they were cut off instead).  A sink that
+        cannot defer records them at once and returns :data:`DURABLE`."""
 
 
 class AuditLog:
@@ -148,8 +198,15 @@ class AuditLog:
         all off, and the chain goes on from the record before them).  A checkpoint due
         after one of them is written in its place among them.  A rotation that is due is
         done before them: a batch is never split over two files."""
+        self.emit_later(events).wait()
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        """Write ``events`` as ``emit_all`` does, now, and return without waiting for
+        their fsync: the handle's ``wait()`` does (an fsync that began after the write,
+        perhaps another thread's, covers them), and raises if it failed, the records
+        cut off.  Raises at once if the write itself fails (nothing of it stays)."""
         if not events and not self._owed:
-            return
+            return DURABLE
         if self._rotation is not None:
             self._rotate_if_due(self._rotation)
         with self._lock:
@@ -163,6 +220,16 @@ class AuditLog:
                 raise
             ticket = self._written
             self._waiting.add(ticket)
+        return Written(self, ticket, owed, tuple(events), now)
+
+    def _wait(
+        self,
+        ticket: int,
+        owed: list[tuple[AuditEvent, datetime]],
+        events: Sequence[AuditEvent],
+        now: datetime,
+    ) -> None:
+        """Make the records written as ``ticket`` durable (Written.wait)."""
         try:
             self._make_durable(ticket)
         except OSError:
@@ -408,6 +475,37 @@ class AuditLog:
                 self._flush()
             os.close(self._fd)
             self._fd = -1
+
+
+class Written:
+    """Records :meth:`AuditLog.emit_later` wrote: ``wait()`` makes them durable once."""
+
+    def __init__(
+        self,
+        log: AuditLog,
+        ticket: int,
+        owed: list[tuple[AuditEvent, datetime]],
+        events: tuple[AuditEvent, ...],
+        now: datetime,
+    ) -> None:
+        self._log = log
+        self._ticket = ticket
+        self._owed = owed
+        self.events = events  # as given (the owed written before them are not among them)
+        self._now = now
+        self._done = False
+        self._failed: OSError | None = None
+
+    def wait(self) -> None:
+        if not self._done:
+            self._done = True
+            try:
+                self._log._wait(self._ticket, self._owed, self.events, self._now)
+            except OSError as exc:
+                self._failed = exc
+                raise
+        elif self._failed is not None:
+            raise self._failed
 
 
 class _Mark(NamedTuple):

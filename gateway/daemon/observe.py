@@ -12,7 +12,8 @@ from typing import Protocol
 
 from cryptography import x509
 
-from gateway.audit import AuditEvent, AuditSink, EventType
+from gateway.audit import AuditEvent, AuditSink, EventType, Pending
+from gateway.audit.log import Then
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, MetricsSettings
 from gateway.logs import Logger
@@ -151,6 +152,15 @@ class _Counting:
         self._inner.emit_all(events)
         for event in events:
             self._noted(event)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        kept = tuple(events)
+
+        def noted() -> None:
+            for event in kept:
+                self._noted(event)
+
+        return Then(self._inner.emit_later(kept), noted)
 
     def _noted(self, event: AuditEvent) -> None:
         self._observer.metrics.observe(event)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Pending, Severity
 from gateway.clock import Clock, iso_time
 from gateway.config.emergency import EmergencySettings
 from gateway.errors import MedgwError, UnsafeFileError
@@ -244,13 +244,19 @@ class MarkingSink:
         self.emit_all((event,))
 
     def emit_all(self, events: Sequence[AuditEvent]) -> None:
+        self._inner.emit_all(self._marked(events))
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        return self._inner.emit_later(self._marked(events))
+
+    def _marked(self, events: Sequence[AuditEvent]) -> Sequence[AuditEvent]:
         mode = self._mode()
         window = mode.current() if mode is not None else None
-        if window is not None:
-            events = [
-                replace(event, detail={**event.detail, MARK: window.id})
-                if event.message_id is not None
-                else event
-                for event in events
-            ]
-        self._inner.emit_all(events)
+        if window is None:
+            return events
+        return [
+            replace(event, detail={**event.detail, MARK: window.id})
+            if event.message_id is not None
+            else event
+            for event in events
+        ]

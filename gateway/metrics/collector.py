@@ -27,7 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.audit import AuditEvent, AuditSink, EventType
+from gateway.audit import AuditEvent, AuditSink, EventType, Pending
+from gateway.audit.log import Then
 from gateway.clock import Clock
 
 OTHER = "other"  # the label of a peer that is not configured (now)
@@ -222,6 +223,15 @@ class MetricsSink:
         self._inner.emit_all(events)
         for event in events:
             self._metrics.observe(event)
+
+    def emit_later(self, events: Sequence[AuditEvent]) -> Pending:
+        kept = tuple(events)
+
+        def observe() -> None:
+            for event in kept:
+                self._metrics.observe(event)
+
+        return Then(self._inner.emit_later(kept), observe)
 
 
 class _SnapshotCollector(Collector):

@@ -1,0 +1,181 @@
+"""A record written now and waited for later (AuditLog.emit_later): written at once, in
+chain order; durable when its wait returns, through an fsync that began after it was
+written (its own, or another record's); cut off, its wait raising, if that fsync fails.
+
+The fsync is the real ``os.fsync``, wrapped to count the calls and the file size each
+made durable, or to fail one call as a failing disk does.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.alerts import AlertCalls
+from gateway.audit import AuditEvent, EventType, Severity
+from gateway.audit.log import AuditLog, verify_chain
+from gateway.clock import SystemClock
+from gateway.config import Responsible
+from gateway.daemon.observe import Observer
+from gateway.emergency.mode import MarkingSink
+from gateway.logs import make_logger
+from tests.clocks import TickingClock
+
+
+def _event(note: str) -> AuditEvent:
+    return AuditEvent(EventType.MESSAGE_HANDED_OVER, peer="lab", detail={"note": note})
+
+
+def _notes(path: Path) -> list[str]:
+    return [json.loads(line)["detail"]["note"] for line in path.read_bytes().splitlines()]
+
+
+class Disk:
+    """os.fsync, noting the file size each call made durable; ``fail_at``: the call
+    (counting from 1, the one at opening included) that fails instead."""
+
+    def __init__(self, fail_at: int = 0) -> None:
+        self.fail_at = fail_at
+        self.synced: list[int] = []
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise OSError(errno.EIO, "Input/output error")
+        size = os.fstat(fd).st_size
+        os.fsync(fd)
+        self.synced.append(size)
+
+
+def test_a_record_is_written_at_once_and_durable_when_its_wait_returns(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    disk = Disk()
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    pending = audit.emit_later([_event("a")])
+    assert _notes(path) == ["a"]  # in the file, in chain order, before any wait
+    assert len(disk.synced) == 1  # only the one at opening: no fsync yet
+    pending.wait()
+    assert disk.synced[-1] == path.stat().st_size
+    pending.wait()  # waited again: it is durable, nothing more is done
+    assert len(disk.synced) == 2
+    audit.close()
+    assert verify_chain(path) == 1
+
+
+def test_a_record_waited_for_later_shares_the_fsync_of_a_record_written_after_it(
+    tmp_path: Path,
+) -> None:
+    """The point of waiting later: another record's fsync, begun after this one was
+    written, covers it; its own wait needs no fsync of its own."""
+    path = tmp_path / "audit.jsonl"
+    disk = Disk()
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    first = audit.emit_later([_event("first")])
+    audit.emit(_event("second"))  # its fsync covers both records
+    first.wait()
+    audit.close()
+    assert len(disk.synced) == 1 + 1
+    assert _notes(path) == ["first", "second"]
+    assert verify_chain(path) == 2
+
+
+def test_a_failed_fsync_of_a_later_record_cuts_off_one_written_before_and_its_wait_raises(
+    tmp_path: Path,
+) -> None:
+    """The fsync that was to cover both fails: the emit raises, the record written before
+    it is cut off too, and its wait raises: the step it must precede is not taken."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=Disk(fail_at=3))
+    audit.emit(_event("durable"))
+    pending = audit.emit_later([_event("pending")])
+    with pytest.raises(OSError):
+        audit.emit(_event("failed"))
+    assert _notes(path) == ["durable"]
+    with pytest.raises(OSError) as raised:
+        pending.wait()
+    assert raised.value.errno == errno.EIO
+    assert "not made durable" in str(raised.value) and str(path) in str(raised.value)
+    with pytest.raises(OSError):
+        pending.wait()  # as often as it is asked
+    audit.emit(_event("after"))
+    audit.close()
+    assert _notes(path) == ["durable", "after"]
+    assert verify_chain(path) == 2
+
+
+def test_a_failed_fsync_of_its_own_wait_cuts_off_the_record_and_the_chain_goes_on(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=Disk(fail_at=2))
+    pending = audit.emit_later([_event("a"), _event("b")])
+    later = audit.emit_later([_event("c")])  # written while the first waits: cut off too
+    with pytest.raises(OSError):
+        pending.wait()
+    with pytest.raises(OSError):
+        later.wait()
+    assert path.read_bytes() == b""
+    audit.emit(_event("after"))
+    audit.close()
+    assert _notes(path) == ["after"]
+    assert verify_chain(path) == 1
+
+
+def test_a_record_still_pending_at_close_is_synced_and_its_wait_returns(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    disk = Disk()
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    pending = audit.emit_later([_event("a")])
+    audit.close()
+    pending.wait()
+    assert disk.synced[-1] == path.stat().st_size
+    assert _notes(path) == ["a"]
+
+
+def test_the_daemons_sinks_note_a_pending_record_once_it_is_durable(tmp_path: Path) -> None:
+    """Counted by the metrics, its alert logged with whom to call: once its wait returns,
+    never for a record cut off; marked like any other."""
+    path = tmp_path / "audit.jsonl"
+    clock = TickingClock()
+    log = AuditLog(path, clock, node="hospital", sync=Disk(fail_at=3))
+    observer = Observer(
+        clock, make_logger(), config=lambda: None, spool=lambda: None, export_backlog=lambda: None
+    )
+    admin = Responsible("Sato", "network administrator", "ext. 1234", ("communication",))
+    sink = observer.sink(AlertCalls(MarkingSink(log, lambda: None), [admin], make_logger()))
+
+    def accepted() -> float:
+        return sum(
+            s.value
+            for metric in observer.metrics.registry.collect()
+            if metric.name == "medgw_messages"
+            for s in metric.samples
+            if s.name == "medgw_messages_total" and s.labels["event"] == "accepted"
+        )
+
+    pending = sink.emit_later(
+        [
+            AuditEvent(EventType.MESSAGE_ACCEPTED, peer="lab", message_id="<m1@x>"),
+            AuditEvent(EventType.STORAGE_UNAVAILABLE, severity=Severity.ALERT, reason="disk"),
+        ]
+    )
+    assert accepted() == 0  # written, not yet recorded
+    assert not any("stored" in reason for reason in observer.not_ready())
+    pending.wait()
+    assert accepted() == 1
+    assert any("stored" in reason for reason in observer.not_ready())
+    pending.wait()
+    assert accepted() == 1  # noted once
+    cut = sink.emit_later([AuditEvent(EventType.MESSAGE_ACCEPTED, peer="lab", message_id="<2>")])
+    with pytest.raises(OSError):
+        cut.wait()  # the 3rd fsync fails
+    assert accepted() == 1
+    log.close()
+    storage = [json.loads(line) for line in path.read_bytes().splitlines()][1]
+    assert storage["call"] == [admin.describe()]
+    assert verify_chain(path) == 2
