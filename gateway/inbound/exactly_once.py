@@ -9,14 +9,14 @@ middle, so that no document is written twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from gateway.as2.mdn import Disposition
-from gateway.audit import AuditSink, EventType
+from gateway.audit import DURABLE, AuditSink, EventType, Pending
 from gateway.audit.log import recorded_since
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
@@ -27,13 +27,23 @@ from gateway.errors import (
     StorageFullError,
 )
 from gateway.inbound.locks import InboundLocks
-from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
+from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound, audit_inbound_later
 from gateway.logs import Logger
 from gateway.spool import InboundRecord, Spool
 
 
 class _Unread(Enum):
     UNREAD = 0  # the caller has not read the message's record: deliver_once reads it
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Where :meth:`InboxDelivery.deliver` put a document, and its ``message.delivered``
+    record (or ``message.duplicate``), written: to be waited for before the spool calls
+    the message delivered."""
+
+    target: Path
+    recorded: Pending
 
 
 class InboxDelivery:
@@ -65,6 +75,27 @@ class InboxDelivery:
         *,
         recorded: InboundRecord | Literal[_Unread.UNREAD] | None = _Unread.UNREAD,
     ) -> Path:
+        """Put the document in the inbox, unless it is there already: exactly once; its
+        record durable when this returns (see :meth:`deliver`)."""
+        delivered = self.deliver(
+            peer, message_id, filename, payload, size, sha256, service, recorded=recorded
+        )
+        delivered.recorded.wait()
+        return delivered.target
+
+    def deliver(
+        self,
+        peer: Peer,
+        message_id: str,
+        filename: str | None,
+        payload: Callable[[], Iterable[bytes]],
+        size: int,
+        sha256: str,
+        service: str | None,
+        *,
+        recorded: InboundRecord | Literal[_Unread.UNREAD] | None = _Unread.UNREAD,
+        received: Pending = DURABLE,
+    ) -> Delivered:
         """Put the document in the inbox, unless it is there already: exactly once.
 
         ``recorded``: the spool's record of the message as the caller has just read it
@@ -76,6 +107,12 @@ class InboxDelivery:
         died, or the audit log or spool could not be written, before the receipt was
         stored) is not written again: it is audited as ``message.duplicate`` and
         answered with a new receipt.
+
+        ``received``: the document's ``message.received``, written by the caller and
+        waited for here once the work file is complete, just before the link into the
+        inbox (the record precedes the document's arrival there); the caller waits for
+        it too whatever this raises.  The ``message.delivered`` returned is written,
+        not waited for: the caller waits before the spool calls the message delivered.
         """
         existing = (
             self._spool.inbound_get(peer.name, message_id)
@@ -110,7 +147,7 @@ class InboxDelivery:
                 "an interruption: not written again, answered with a receipt",
                 detail={"inbox_file": str(existing.target_path)},
             )
-            return existing.target_path
+            return Delivered(existing.target_path, DURABLE)
         try:
             with self._locks.target:  # two documents with one name never share a target
                 target = self._choose_target(peer, message_id, filename, service)
@@ -128,7 +165,9 @@ class InboxDelivery:
                     inbox.discard(work)
                     raise
             try:
-                target = self._write(peer, message_id, filename, service, payload, work, target)
+                target = self._write(
+                    peer, message_id, filename, service, payload, work, target, received
+                )
             except ClaimHeldError:
                 raise  # another node took the delivery over: it settles the work file
             except BaseException:  # whatever it was, nothing reached the inbox
@@ -148,14 +187,15 @@ class InboxDelivery:
         # nor written again (the resend, or the next start, settles it).  An OSError
         # is answered 503 (see unavailable()): the peer resends.
         inbox.finish(work, target, self._locks.folders)
-        self._record(
+        written = audit_inbound_later(
+            self._audit,
             EventType.MESSAGE_DELIVERED,
             peer.name,
             message_id,
             service=service,
             detail={"inbox_file": str(target), "size": size, "sha256": sha256},
         )
-        return target
+        return Delivered(target, written)
 
     def _choose_target(
         self, peer: Peer, message_id: str, filename: str | None, service: str | None
@@ -180,13 +220,20 @@ class InboxDelivery:
         payload: Callable[[], Iterable[bytes]],
         work: Path,
         target: Path,
+        received: Pending,
     ) -> Path:
         """Fill the work file and link it into the inbox; the name it took.  Raises only
-        before the link: DeliveryError (StorageFullError) for a file-system error."""
+        before the link: DeliveryError (StorageFullError) for a file-system error, an
+        OSError if ``received`` could not be made durable."""
         try:
             inbox.fill(work, payload())
         except OSError as exc:
             raise inbox.delivery_error(exc, target) from exc
+        # The document's arrival is recorded before it arrives.  Written before the claim
+        # and waited for only now, after the work file's sync: an audit fsync begun
+        # meanwhile (another document's) has made it durable already, or this one
+        # covers the records written since.
+        received.wait()
         for _ in range(3):
             if not self._spool.inbound_holds(peer.name, message_id):
                 # Stalled for so long that this node's claim ran out (or nearly): another

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.as2.mdn import Disposition
-from gateway.audit import AuditEvent, AuditSink, EventType
+from gateway.audit import AuditEvent, AuditSink, EventType, Pending
 
 
 class Refused(Exception):
@@ -35,3 +35,13 @@ def audit_inbound(
 ) -> None:
     """One audit record about a received message (``fields``: AuditEvent's others)."""
     audit.emit(AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields))
+
+
+def audit_inbound_later(
+    audit: AuditSink, event: EventType, peer: str, message_id: str | None, **fields: Any
+) -> Pending:
+    """As :func:`audit_inbound`, written now and durable once the handle is waited for:
+    the caller waits just before the step the record must precede."""
+    return audit.emit_later(
+        (AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields),)
+    )

@@ -9,6 +9,7 @@ the detail.  The peer learns only the standard disposition, nothing internal.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ from gateway.as2.headers import (
 )
 from gateway.as2.mdn import Disposition
 from gateway.atrest import Vault, open_bytes, storing
-from gateway.audit import AuditSink, EventType, Outcome, Severity
+from gateway.audit import DURABLE, AuditSink, EventType, Outcome, Pending, Severity
 from gateway.audit.patients import patients_in_chunks
 from gateway.channel.answers import ANSWERS, Answer, refusal_event
 from gateway.clock import Clock
@@ -55,7 +56,12 @@ from gateway.errors import (
 from gateway.fsutil import private_folder, storage_fix
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
-from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound
+from gateway.inbound.outcomes import (
+    DuplicateReceipt,
+    Refused,
+    audit_inbound,
+    audit_inbound_later,
+)
 from gateway.inbound.receipts import Receipts
 from gateway.inbound.recovery import record_cut_off, recover, remove_unrecorded, take_over
 from gateway.inbound.signers import AcceptedSigners, describe_signer
@@ -104,6 +110,7 @@ class _Delivered:
     service: str | None
     content_type: str
     size: int
+    recorded: Pending  # its message.delivered, written: waited for before the spool's change
 
 
 def _unverified(exc: Exception | None, opened: DecryptedFile) -> Refused:
@@ -338,9 +345,31 @@ class InboundProcessor:
                 reason="resend of a delivered message: answered with the original receipt",
             )
             return InboundResponse(Answer.RECEIPT, duplicate.headers, kept)
+        try:
+            return self._answer(request, message_id, digest, mic, delivered, details)
+        except BaseException:
+            if delivered is not None:  # every record written is waited for
+                with contextlib.suppress(OSError):
+                    delivered.recorded.wait()
+            raise
+
+    def _answer(
+        self,
+        request: InboundRequest,
+        message_id: str,
+        digest: str,
+        mic: str,
+        delivered: _Delivered | None,
+        details: str | None,
+    ) -> InboundResponse:
+        """The receipt of a document delivered (or a probe), stored with its hand-over."""
+        peer = request.peer
         response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest, details)
         if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
             return response
+        # message.delivered, written before the receipt was signed and waited for only
+        # now: it precedes the spool's "delivered" (a fsync meanwhile may have covered it).
+        delivered.recorded.wait()
         delivery = self._config.delivery
         hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
         # The receipt and the hand-over to the internal system are recorded in one
@@ -482,10 +511,14 @@ class InboundProcessor:
             )
             return mic, None, signer.receipt_line
         recorded = self._spool.inbound_get(peer.name, message_id)
+        received: Pending = DURABLE
         if recorded is None:
             # Recorded once: a resend of a document recorded before is recorded by
-            # InboxDelivery.deliver_once, as message.duplicate (or refused when it differs).
-            self._record(
+            # InboxDelivery.deliver, as message.duplicate (or refused when it differs).
+            # Written now, durable before the document is linked into the inbox (the
+            # delivery waits for it there, after the work file's sync).
+            received = audit_inbound_later(
+                self._audit,
                 EventType.MESSAGE_RECEIVED,
                 peer.name,
                 message_id,
@@ -506,17 +539,25 @@ class InboundProcessor:
                     "key_transport": opened.key_transport,
                 },
             )
-        target = self._delivery.deliver_once(
-            peer,
-            message_id,
-            filename,
-            lambda: payload_chunks(entity.path, info),
-            size,
-            sha256,
-            service,
-            recorded=recorded,
-        )
-        return mic, _Delivered(target, service, content_type, size), signer.receipt_line
+        try:
+            delivered = self._delivery.deliver(
+                peer,
+                message_id,
+                filename,
+                lambda: payload_chunks(entity.path, info),
+                size,
+                sha256,
+                service,
+                recorded=recorded,
+                received=received,
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):  # every record written is waited for
+                received.wait()
+            raise
+        received.wait()  # done before the link: returns at once
+        where = _Delivered(delivered.target, service, content_type, size, delivered.recorded)
+        return mic, where, signer.receipt_line
 
     # -- audit ----------------------------------------------------------------
 
