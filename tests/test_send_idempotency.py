@@ -189,6 +189,36 @@ def test_an_internal_error_exits_3_and_the_resend_spools_what_was_never_recorded
     assert [p.read_bytes() for p in _inbox(layout)] == [DOCUMENT]
 
 
+def test_a_document_the_gateway_cannot_store_now_exits_3_with_the_resend(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """Storing the upload fails (an I/O error on the spool's disk): answered 503, the
+    gateway cannot store it just now; send exits 3 (not 1, "refused": with a key, a
+    document answered 503 may have been recorded and is then sent) and its command,
+    run again, spools it once."""
+    processes.start(layout.hospital.config_path)
+    processes.start(
+        layout.lab.config_path,
+        prefix=killed_at("--fail-once", "gateway.outbound.submit:_rename_durably"),
+    )
+    document = tmp_path / "disk.hl7"
+    document.write_bytes(DOCUMENT)
+    failed = _send(layout, document, "--to", "hospital")
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    assert "the gateway could not take disk.hl7 (HTTP 503: the gateway cannot store" in (
+        failed.stderr
+    )
+    assert "it may have been recorded all the same" in failed.stderr
+    assert "later, run exactly this" in failed.stderr and "Traceback" not in failed.stderr
+    resend = _printed_resend(failed.stderr, [])
+    assert _queued(layout) == []
+    done = _run(resend, tmp_path)
+    assert done.returncode == 0, done.stderr
+    [message_id] = _queued(layout)
+    assert _delivered_id(done.stdout) == message_id
+    assert [p.read_bytes() for p in _inbox(layout)] == [DOCUMENT]
+
+
 def _run(argv: list[str], cwd: Path, **extra: str) -> Any:
     """``argv`` from another folder, as an administrator would later."""
     return subprocess.run(
