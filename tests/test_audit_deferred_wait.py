@@ -17,6 +17,7 @@ import pytest
 
 from gateway.alerts import AlertCalls
 from gateway.audit import AuditEvent, EventType, Severity
+from gateway.audit.export.cursor import Broken, Position, read_forward
 from gateway.audit.log import AuditLog, verify_chain
 from gateway.clock import SystemClock
 from gateway.config import Responsible
@@ -179,3 +180,45 @@ def test_the_daemons_sinks_note_a_pending_record_once_it_is_durable(tmp_path: Pa
     storage = [json.loads(line) for line in path.read_bytes().splitlines()][1]
     assert storage["call"] == [admin.describe()]
     assert verify_chain(path) == 2
+
+
+def test_a_reader_of_the_trail_in_this_process_reads_no_record_that_may_yet_be_cut_off(
+    tmp_path: Path,
+) -> None:
+    """The export and the trail's own check read the file while records are written and
+    not yet durable.  Read up to the log's durable mark, they never take a record a failed
+    fsync then cuts off (its seq then given to the next record, which they would skip)."""
+    path = tmp_path / "audit.jsonl"
+    disk = Disk(fail_at=3)  # opening, "before", then the wait of "cut"
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=disk)
+    audit.emit(_event("before"))
+    pending = audit.emit_later([_event("cut")])
+    broken: list[Broken] = []
+    seen = read_forward(path, Position(), 100, broken.append, audit.durable_seq())
+    assert [read.record["detail"]["note"] for read in seen] == ["before"]
+    with pytest.raises(OSError):
+        pending.wait()
+    audit.emit(_event("after"))
+    again = read_forward(path, seen[-1].after, 100, broken.append, audit.durable_seq())
+    assert [(r.record["seq"], r.record["detail"]["note"]) for r in again] == [(2, "after")]
+    assert broken == []
+    audit.close()
+
+
+def test_a_wait_interrupted_by_anything_is_not_taken_for_durable_when_asked_again(
+    tmp_path: Path,
+) -> None:
+    """A wait that raised (an OSError, or anything else in the middle of its fsync) has
+    not made the record durable: waited for again, it raises again."""
+    path = tmp_path / "audit.jsonl"
+
+    def interrupted(fd: int) -> None:
+        if os.fstat(fd).st_size:
+            raise KeyboardInterrupt
+
+    audit = AuditLog(path, SystemClock(), node="hospital", sync=interrupted)
+    pending = audit.emit_later([_event("a")])
+    with pytest.raises(KeyboardInterrupt):
+        pending.wait()
+    with pytest.raises(KeyboardInterrupt):
+        pending.wait()

@@ -186,3 +186,35 @@ def test_a_failed_fsync_of_message_delivered_keeps_the_spool_from_calling_it_del
     assert record is not None and record.state == "delivered"
     hospital.audit.close()
     assert verify_chain(hospital.config.storage.audit_log) > 0
+
+
+def test_a_work_file_that_cannot_be_removed_does_not_undo_a_delivery(
+    opened: Callable[[Disk], Hospital], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's work file is removed after the document is in the inbox and its
+    message.delivered written.  A removal that fails then (the disk's error) must not
+    turn the delivery into a 503 with that record never waited for: the document is
+    answered with its receipt and the file left for the next start."""
+    hospital = opened(Disk(0, lambda: None))
+    spooled = tmp_path / "body.as2"
+    assert isinstance(hospital.request.body, bytes)
+    spooled.write_bytes(hospital.request.body)
+    request = InboundRequest(
+        hospital.request.peer, hospital.request.remote, hospital.request.headers, spooled
+    )
+    unlink = Path.unlink
+
+    def failing(path: Path, missing_ok: bool = False) -> None:
+        if path.suffix == ".signed":
+            raise OSError(errno.EIO, "Input/output error")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", failing)
+    response = hospital.inbound.process(request)
+    monkeypatch.undo()
+    assert response.answer is Answer.RECEIPT
+    record = hospital.record()
+    assert record is not None and record.state == "delivered", record
+    assert hospital.trail("message.delivered") == [hospital.message_id]
+    assert hospital.trail("receipt.sent") == [hospital.message_id]
+    assert list(hospital.files().values()) == [DOCUMENT]

@@ -320,6 +320,12 @@ class AuditLog:
                 raise
             self._durable = _Mark(self._written, self._seq, self._prev, size, self._sealed)
 
+    def durable_seq(self) -> int:
+        """The seq of the last record known durable: a reader in this process (the
+        export, the trail's own check) reads no further, for a record after it may yet be
+        cut off by a failed fsync and its seq taken by the next record."""
+        return self._durable.seq
+
     @property
     def unsealed(self) -> int:
         """How many records no checkpoint covers yet."""
@@ -494,18 +500,19 @@ class Written:
         self.events = events  # as given (the owed written before them are not among them)
         self._now = now
         self._done = False
-        self._failed: OSError | None = None
+        self._failed: BaseException | None = None
 
     def wait(self) -> None:
-        if not self._done:
-            self._done = True
-            try:
-                self._log._wait(self._ticket, self._owed, self.events, self._now)
-            except OSError as exc:
-                self._failed = exc
-                raise
-        elif self._failed is not None:
+        if self._failed is not None:
             raise self._failed
+        if self._done:
+            return
+        try:
+            self._log._wait(self._ticket, self._owed, self.events, self._now)
+        except BaseException as exc:  # not known durable: every later wait raises too
+            self._failed = exc
+            raise
+        self._done = True
 
 
 class _Mark(NamedTuple):

@@ -66,8 +66,16 @@ class BrokenRecords:
 
 
 class TrailWatch:
-    def __init__(self, path: Path, keys: CheckpointKeys | None, broken: BrokenRecords) -> None:
+    def __init__(
+        self,
+        path: Path,
+        keys: CheckpointKeys | None,
+        broken: BrokenRecords,
+        durable: Callable[[], int] | None = None,
+    ) -> None:
+        """``durable``: the seq of the writer's last durable record (as the export's)."""
         self._path = path
+        self._durable = durable
         self._keys = keys
         self._records = broken
         self._broken = broken.reporter("daemon")
@@ -81,7 +89,8 @@ class TrailWatch:
         read = 0
         position, self._previous = self._previous, self._position
         while True:
-            reads = read_forward(self._path, position, BATCH, self._broken)
+            through = self._durable() if self._durable is not None else None
+            reads = read_forward(self._path, position, BATCH, self._broken, through)
             for item in reads:
                 record = item.record
                 if self._keys and record.get("event") == CHECKPOINT_EVENT:

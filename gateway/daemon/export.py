@@ -33,8 +33,11 @@ class AuditExport:
         log: Logger,
         clock: Clock,
         broken: BrokenRecords | None,
+        durable: Callable[[], int] | None = None,
     ) -> None:
+        """``durable``: the seq of the trail's last durable record (AuditLog.durable_seq)."""
         self._config = config
+        self._durable = durable
         self._tasks = tasks
         self._audit = audit
         self._network = network
@@ -73,6 +76,7 @@ class AuditExport:
             log=self._log,
             clock=self._clock,
             on_broken=self._broken.reporter("export") if self._broken else None,
+            durable=self._durable,
         )
         self._task = asyncio.get_running_loop().create_task(
             self._tasks.supervised("audit export", self._exporter.run)

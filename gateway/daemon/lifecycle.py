@@ -281,7 +281,9 @@ class Daemon:
         keys = CheckpointKeys([config.audit.certificate]) if config.audit is not None else None
         self._sink = self._observer.sink(self._alerts)
         self._broken = BrokenRecords(self._sink, self._log)  # the same record alerts once
-        self._watch = TrailWatch(config.storage.audit_log, keys, self._broken)
+        self._watch = TrailWatch(
+            config.storage.audit_log, keys, self._broken, self._audit.durable_seq
+        )
         postgres = config.spool.postgres
         self._spool = open_spool(
             config.storage.spool_path,
@@ -440,6 +442,7 @@ class Daemon:
                 self._log,
                 self._clock,
                 self._broken,
+                self._audit.durable_seq,
             )
             self._export.sync()
             if self._notifier.watchdog_interval:

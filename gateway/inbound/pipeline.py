@@ -430,15 +430,26 @@ class InboundProcessor:
         # verify_entity_span): a name never written is not removed (a system call each).
         written = [] if isinstance(request.body, bytes) else [signed_path]
         try:
-            return self._open_and_deliver(
+            accepted = self._open_and_deliver(
                 request, message_id, digest, signed_path, entity_path, written
             )
         except BaseException:
             written.append(entity_path)  # perhaps written before the failure
+            self._remove_work_files(written)
             raise
-        finally:
-            for path in written:
+        # Nothing may raise between the delivery and the caller's answer: the document is
+        # in the inbox and its message.delivered written, to be waited for there.
+        self._remove_work_files(written)
+        return accepted
+
+    def _remove_work_files(self, paths: list[Path]) -> None:
+        """Remove a request's work files; one that cannot be removed now is left to the
+        next start, which empties the work folder, and logged."""
+        for path in paths:
+            try:
                 path.unlink(missing_ok=True)
+            except OSError as exc:
+                self._log.warning("inbound.work_file_left", file=path.name, error=str(exc))
 
     def _open_and_deliver(
         self,

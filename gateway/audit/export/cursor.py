@@ -138,10 +138,15 @@ def _open_at(log: Path, start: Position) -> tuple[list[Path], int, IO[bytes]] | 
 
 
 def read_forward(
-    log: Path, start: Position, limit: int, on_broken: Callable[[Broken], None]
+    log: Path,
+    start: Position,
+    limit: int,
+    on_broken: Callable[[Broken], None],
+    through: int | None = None,
 ) -> list[Read]:
     """Up to ``limit`` complete records after ``start``, from the file it is in and on
-    into the files after it.
+    into the files after it; none after seq ``through``, if given (the writer's last
+    durable record: one after it may yet be cut off, and its seq taken by another).
 
     If that file no longer holds ``start`` where it was (it was replaced or cut, or it
     is gone and the file holding the next record is read instead), it is read from its
@@ -155,11 +160,11 @@ def read_forward(
     offset = start.offset
     if start.file and _first_seq(handle) != start.file:
         offset = -1  # not the file the cursor was in: from its start, skipping what was sent
-    reader = _Reader(start, found, limit, on_broken)
+    reader = _Reader(start, found, limit, on_broken, through)
     while True:
         with handle:
             reader.read(handle, files[index], offset)
-        if len(found) >= limit or index + 1 >= len(files):
+        if len(found) >= limit or index + 1 >= len(files) or reader.held:
             return found
         index += 1
         offset = 0
@@ -177,9 +182,16 @@ class _Reader:
     """Reads records on from one file to the next, checking each link."""
 
     def __init__(
-        self, start: Position, found: list[Read], limit: int, on_broken: Callable[[Broken], None]
+        self,
+        start: Position,
+        found: list[Read],
+        limit: int,
+        on_broken: Callable[[Broken], None],
+        through: int | None = None,
     ) -> None:
         self.prev, self.seq = start.hash, start.seq
+        self._through = through
+        self.held = False  # stopped at a record not yet durable
         self._sent = start.seq  # records up to this one were sent before
         self._found = found
         self._limit = limit
@@ -215,6 +227,9 @@ class _Reader:
             if rereading and number is not None and number <= self._sent:
                 self.prev, self.seq = str(record.get("hash")), number  # sent before: skip
                 continue
+            if self._through is not None and (number or self.seq + 1) > self._through:
+                self.held = True  # not durable yet: read again later
+                break
             rereading = False
             why = _link_problem(record, line, self.prev, self.seq)
             if why is not None:

@@ -93,11 +93,15 @@ class AuditExporter:
         log: Logger,
         clock: Clock,
         on_broken: Callable[[Broken], None] | None = None,
+        durable: Callable[[], int] | None = None,
     ) -> None:
         """``on_broken``: who alerts on a record whose chain link does not hold (the
         daemon's gateway.audit.watch.BrokenRecords, shared with its own check); by default
-        this exporter, once each."""
+        this exporter, once each.  ``durable``: the seq of the writer's last durable
+        record (AuditLog.durable_seq), when it writes in this process: none after it is
+        sent, for a failed fsync may yet cut it off and give its seq to another record."""
         self._target = target
+        self._durable = durable
         self._report_broken = on_broken or self._on_broken
         self._log_path = log_path
         self._cursor_path = state_dir / CURSOR_NAME
@@ -223,7 +227,8 @@ class AuditExporter:
     def _frames(self, target: Target, start: Position) -> tuple[bytes, Position, bool]:
         """The next records after ``start``, framed for the wire, the cursor after them, and
         whether there may be more (a full batch)."""
-        reads = read_forward(self._log_path, start, BATCH, self._report_broken)
+        through = self._durable() if self._durable is not None else None
+        reads = read_forward(self._log_path, start, BATCH, self._report_broken, through)
         if not reads:
             return b"", start, False
         settings = target.settings
