@@ -141,6 +141,13 @@ class SpoolOutcomeUnknownError(SpoolUnreachableError):
     there, and the caller must leave what is safe either way."""
 
 
+class SpoolReplacedError(SpoolUnreachableError):
+    """The spool database was replaced (restored from a backup) while this node was
+    running: what the node holds in memory (claims, leases, owed records) belongs to the
+    spool it started on.  Every further call fails with this error, for good: the node
+    writes nothing more and stops; a restart reads the restored spool."""
+
+
 class ClaimHeldError(SpoolError):
     """Another node holds the claim on this message (it is sending, or delivering, it),
     and its lease has not run out: this node leaves it alone."""

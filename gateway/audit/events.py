@@ -69,6 +69,8 @@ class EventType(StrEnum):
     # A PostgreSQL spool's server stopped answering (an alert), and answers again.
     SPOOL_UNREACHABLE = "spool.unreachable"
     SPOOL_REACHABLE = "spool.reachable"
+    # A PostgreSQL spool restored while this node ran (unreachable meanwhile): it stops.
+    SPOOL_REPLACED = "spool.replaced"
     MESSAGE_DUPLICATE = "message.duplicate"  # resend of a delivered document: not written again
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"

@@ -33,8 +33,8 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from gateway.errors import MedgwError
-from gateway.spool.postgres import PostgresSettings
-from gateway.spool.postgres.database import NODE_SESSION, server_error
+from gateway.spool.postgres import PostgresSettings, generation
+from gateway.spool.postgres.database import NODE_SESSION, InTransaction, server_error
 from gateway.spool.postgres.schema import KEEP_DISPLACED, SCHEMA_LOCK
 from gateway.spool.schema import SCHEMA
 
@@ -308,6 +308,14 @@ def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
     with connect(settings) as conn:
         conn.execute(KEEP_DISPLACED)  # the function the dumped tables' triggers run
     _run([*argv, str(dump)], settings, "restore the spool")
+
+
+def new_generation(settings: PostgresSettings) -> None:
+    """Give the spool a new generation (gateway.spool.postgres.generation), while
+    :func:`held`: a node that ran before, unreachable meanwhile, stops once it reaches
+    the database again, instead of carrying on with what it held of the old spool."""
+    with connect(settings) as conn, conn.transaction():
+        generation.renew(InTransaction(conn))
 
 
 def drop(settings: PostgresSettings) -> None:

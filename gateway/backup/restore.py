@@ -12,7 +12,10 @@ host's.  No daemon may run meanwhile (the state folder's lock, held from the fir
 check to the last file).  A spool in PostgreSQL is restored only while no node uses its
 database, with or without ``force``: no session of a node may be connected to it (checked
 first, and again right before ``pg_restore``), and the restore holds the lock every
-node's start takes, so that none starts meanwhile.
+node's start takes, so that none starts meanwhile.  A node that runs but cannot reach
+the database (so has no session) is not seen: the restore gives the spool a new
+generation (gateway.spool.postgres.generation), and that node stops when it reaches
+the database again.
 
 Every refusal is a :class:`RestoreRefused` naming its rule, handed to the caller's
 ``refused`` (to audit it as ``backup.restore_refused``) before it is raised.  A trail
@@ -644,6 +647,10 @@ def _load_database(
     assert settings is not None
     pg_restore = _tool(config, "pg_restore")
     try:
+        # First: whatever pg_restore does (even fails after it committed), a node that
+        # ran on the spool before stops when it reaches it again.  No node passes that
+        # check before the lock this restore holds is released.
+        pgspool.new_generation(settings)
         pgspool.load(settings, pg_restore, dump)
         pgspool.rewrite(settings, refreshed, _PATH_COLUMNS, lambda v: _moved(v, places))
     except (pgspool.ToolError, psycopg.Error, ValueError) as exc:

@@ -57,7 +57,7 @@ from gateway.egress import Network, NetworkMap, Refused
 from gateway.emergency.actions import Emergency
 from gateway.emergency.mode import MarkingSink
 from gateway.emergency.relax import relaxed
-from gateway.errors import MedgwError
+from gateway.errors import MedgwError, SpoolReplacedError
 from gateway.fsutil import private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
@@ -120,6 +120,7 @@ class Daemon:
         self._export: AuditExport | None = None  # [audit.export]
         self._watch: TrailWatch | None = None  # the daemon's own check of its trail
         self._broken: BrokenRecords | None = None  # alerts on bad records, once each
+        self._replaced: SpoolReplacedError | None = None  # the spool restored under it
         # Every outbound connection, judged by the configuration in force when it is made.
         self._network = Network(self._network_map, on_refused=self._egress_refused)
         self._inbound_locks = InboundLocks()  # shared by the processors of every reload
@@ -285,14 +286,21 @@ class Daemon:
             config.storage.audit_log, keys, self._broken, self._audit.durable_seq
         )
         postgres = config.spool.postgres
+        loop = asyncio.get_running_loop()
+
+        def stop_replaced(exc: SpoolReplacedError) -> None:  # from any thread
+            loop.call_soon_threadsafe(self._stop_replaced, exc)
+
+        reachability = SpoolReachability(
+            self._audit_sink, self._log, postgres.where if postgres else "", stop_replaced
+        )
         self._spool = open_spool(
             config.storage.spool_path,
             self._clock,
             postgres,
             Claimant(config.cluster.node_name, config.cluster.lease_seconds),
-            on_change=SpoolReachability(
-                self._audit_sink, self._log, postgres.where if postgres else ""
-            ).changed,
+            on_change=reachability.changed,
+            on_replaced=reachability.replaced,
         )
         # What is kept, encrypted at rest; a key rotation a killed run left half-done is
         # finished before anything is read (gateway.atrest).
@@ -470,6 +478,8 @@ class Daemon:
             self._notifier.ready(
                 f"serving {len(self._servers)} listener(s), {len(config.peers)} peer(s)"
             )
+            if self._replaced is not None:  # found during the start
+                tasks.stop_requested.set()
             await tasks.stop_requested.wait()
             await self._shutdown()
             # From here on a repeated SIGTERM must not kill the process mid-exit (asyncio
@@ -478,6 +488,8 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
                 signal.signal(signum, signal.SIG_IGN)
+            if self._replaced is not None:
+                raise self._replaced  # a failure status: systemd shows it, and restarts
         finally:
             await self._close()
         return 0
@@ -565,6 +577,14 @@ class Daemon:
         return context
 
     # -- signals --------------------------------------------------------------
+
+    def _stop_replaced(self, exc: SpoolReplacedError) -> None:
+        """The spool was restored while this node ran (gateway.spool.postgres.generation):
+        stop, as at a SIGTERM, then fail with ``exc``."""
+        self._replaced = exc
+        if self._tasks is not None and not self._tasks.stop_requested.is_set():
+            self._log.info("daemon.stopping", cause="spool.replaced")
+            self._tasks.stop_requested.set()
 
     def _request_stop(self, signame: str) -> None:
         if not self.tasks.stop_requested.is_set():

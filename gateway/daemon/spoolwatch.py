@@ -6,6 +6,10 @@ when its server stops answering (with the cause) and when it answers again
 audit record (an alert when it goes): in between, the gateway refuses new
 documents and answers peers 503 (retryable), exactly as when a SQLite spool
 cannot be written, and tries the database again after a back-off.
+
+:meth:`SpoolReachability.replaced` hears that the spool was restored while this node
+ran (gateway.spool.postgres.generation): a critical log line and an alert, then the
+daemon's ``stop`` (the daemon stops, and exits with a failure status).
 """
 
 from __future__ import annotations
@@ -14,13 +18,37 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.errors import SpoolReplacedError
 
 
 class SpoolReachability:
-    def __init__(self, sink: Callable[[], AuditSink], log: Any, where: str) -> None:
+    def __init__(
+        self,
+        sink: Callable[[], AuditSink],
+        log: Any,
+        where: str,
+        stop: Callable[[SpoolReplacedError], None] = lambda _exc: None,
+    ) -> None:
         self._sink = sink
         self._log = log
         self._where = where  # the database, as gateway.toml names it
+        self._stop = stop  # the daemon's, from whichever thread
+
+    def replaced(self, exc: SpoolReplacedError) -> None:
+        """The spool was restored while this node ran: told, then the daemon stopped."""
+        self._log.critical("spool.replaced", database=self._where, error=exc.message, fix=exc.fix)
+        event = AuditEvent(
+            EventType.SPOOL_REPLACED,
+            Outcome.FAILURE,
+            Severity.ALERT,
+            reason=exc.message,
+            detail={"database": self._where, "fix": exc.fix},
+        )
+        try:
+            self._sink().emit(event)
+        except OSError as failed:  # the audit log's disk may be failing too
+            self._log.critical("audit.write_failed", error=str(failed), event=event.event.value)
+        self._stop(exc)
 
     def changed(self, cause: str | None) -> None:
         if cause is not None:

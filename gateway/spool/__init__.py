@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.clock import Clock
+from gateway.errors import SpoolReplacedError
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.protocol import Spool
 from gateway.spool.records import (
@@ -39,13 +40,16 @@ def open_spool(
     claimant: Claimant | None = None,
     *,
     on_change: Callable[[str | None], None] | None = None,
+    on_replaced: Callable[[SpoolReplacedError], None] | None = None,
 ) -> Spool:
     """The SQLite spool at ``path``, or with ``postgres`` the spool in that database
-    (``on_change``: see gateway.spool.postgres.database); created if missing,
+    (``on_change``, ``on_replaced``: see gateway.spool.postgres.database); created if missing,
     upgraded if older; its work is claimed as ``claimant`` (a node of several sharing
     it; default: this host's name)."""
     if postgres is not None:
-        return PostgresSpool(postgres, clock, claimant, on_change=on_change)
+        return PostgresSpool(
+            postgres, clock, claimant, on_change=on_change, on_replaced=on_replaced
+        )
     return SqliteSpool(path, clock, claimant)
 
 

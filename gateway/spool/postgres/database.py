@@ -22,6 +22,12 @@ so, and the connection is tried again after a back-off that doubles up to
 cannot be written (a peer gets a retryable answer, a document stays in the
 outbox), and nothing is committed half.  ``on_change`` hears when the database
 becomes unreachable (with the cause) and when it answers again (None).
+
+A node reads the spool's generation at start, and every connection it opens later
+is checked against it before it is used (gateway.spool.postgres.generation): a
+spool restored while the node ran (unreachable meanwhile, so that the restore did not
+see it) makes that call, and every later one, fail with
+:class:`~gateway.errors.SpoolReplacedError`, and ``on_replaced`` hears it, once.
 """
 
 from __future__ import annotations
@@ -40,7 +46,13 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import DictRow, dict_row
 
 from gateway.clock import Clock
-from gateway.errors import SpoolError, SpoolOutcomeUnknownError, SpoolUnreachableError
+from gateway.errors import (
+    SpoolError,
+    SpoolOutcomeUnknownError,
+    SpoolReplacedError,
+    SpoolUnreachableError,
+)
+from gateway.spool.postgres import generation
 from gateway.spool.postgres.schema import create_or_upgrade
 from gateway.spool.postgres.settings import PostgresSettings
 from gateway.spool.records import Claimant
@@ -88,7 +100,7 @@ def server_error(exc: psycopg.Error) -> str:
     return f"{primary.strip().splitlines()[0]}" + (f" (SQLSTATE {code})" if code else "")
 
 
-class _InTransaction:
+class InTransaction:
     """A connection inside a transaction, as the spool's parts use one."""
 
     def __init__(self, conn: psycopg.Connection[DictRow]) -> None:
@@ -117,11 +129,13 @@ class PostgresDatabase(SqlStore):
         claimant: Claimant | None = None,
         *,
         on_change: Callable[[str | None], None] | None = None,
+        on_replaced: Callable[[SpoolReplacedError], None] | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
         self._claimant = claimant if claimant is not None else Claimant()
         self._on_change = on_change
+        self._on_replaced = on_replaced
         # Connections not in use; None: one not opened yet (or closed after a failure).
         self._idle: queue.LifoQueue[psycopg.Connection[DictRow] | None] = queue.LifoQueue()
         for _ in range(max(1, settings.connections)):
@@ -131,7 +145,11 @@ class PostgresDatabase(SqlStore):
         self._backoff = 0.0
         self._down: str | None = None  # why the database is unreachable; None: it answers
         self._closed = False
-        self._transact(create_or_upgrade)
+        # The spool's generation this node started on (None until read: the start's own
+        # connection is not checked, its transaction reads it); why not any more.
+        self._generation: str | None = None
+        self._replaced: SpoolReplacedError | None = None
+        self._generation = self._transact(_start)
 
     def close(self) -> None:
         self._closed = True
@@ -173,7 +191,7 @@ class PostgresDatabase(SqlStore):
             cursor.nextset()
             row = cursor.fetchone()
             try:
-                result = work(_InTransaction(conn))
+                result = work(InTransaction(conn))
             except BaseException:
                 if not (conn.broken or conn.closed):
                     with contextlib.suppress(psycopg.Error):
@@ -276,6 +294,8 @@ class PostgresDatabase(SqlStore):
 
     def _take(self) -> psycopg.Connection[DictRow]:
         """A connection to use: an idle one, or a new one (SpoolError if none can be made)."""
+        if self._replaced is not None:  # nothing more, on any connection
+            raise self._replaced
         conn = self._idle.get()
         if conn is not None and not conn.closed:
             return conn
@@ -296,8 +316,48 @@ class PostgresDatabase(SqlStore):
             conn = self._open()
         except psycopg.Error as exc:
             raise self._unreachable(exc) from exc
+        if self._generation is not None:
+            self._check_generation(conn)
         self._reached()
         return conn
+
+    def _check_generation(self, conn: psycopg.Connection[DictRow]) -> None:
+        """``conn`` (new) is to the spool this node started on, or it is closed and the
+        call fails: unreachable while a restore holds the spool (tried again after the
+        back-off), :class:`SpoolReplacedError` for good once it has replaced it."""
+        try:
+            with conn.transaction():
+                # Waits for a restore no longer than for a connection.
+                timeout = f"{max(1, self._settings.connect_timeout)}s"
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+                conn.execute(generation.SHARED)
+                rows = conn.execute(generation.READ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            rows = []  # not the database this node started on (its generation is gone)
+        except psycopg.Error as exc:
+            conn.close()
+            if isinstance(exc, psycopg.errors.LockNotAvailable):
+                held = "a restore (medgw restore) or another node's schema upgrade holds it"
+                raise self._unreachable(exc, held) from None
+            raise self._unreachable(exc) from exc
+        found = [str(row["token"]) for row in rows]
+        if found == [self._generation]:
+            return
+        conn.close()
+        node = self._claimant.node
+        replaced = SpoolReplacedError(
+            f"the spool {self._settings.where} was restored (replaced) while this node "
+            f"({node}) was running: what it holds in memory belongs to the spool it "
+            "started on, so it stops and writes nothing more",
+            fix=f"start node {node} again (systemd does, Restart=on-failure; else systemctl "
+            "restart medgw): a start reads the restored spool",
+        )
+        with self._state:
+            first, self._replaced = self._replaced is None, self._replaced or replaced
+        self._drop_idle()
+        if first and self._on_replaced is not None:
+            self._on_replaced(replaced)
+        raise self._replaced
 
     def _open(self) -> psycopg.Connection[DictRow]:
         """A new connection (psycopg.Error if the server does not answer)."""
@@ -313,13 +373,17 @@ class PostgresDatabase(SqlStore):
         if was is not None and self._on_change is not None:
             self._on_change(None)
 
-    def _unreachable(self, exc: psycopg.Error | None) -> SpoolUnreachableError:
-        """Record that the database does not answer (``exc``: just now); the error to raise."""
+    def _unreachable(
+        self, exc: psycopg.Error | None, why: str | None = None
+    ) -> SpoolUnreachableError:
+        """Record that the database does not answer (``exc``: just now, ``why`` said in
+        its place); the error to raise."""
         with self._state:
             now = self._clock.monotonic()
             first = self._down is None
             if exc is not None:
                 cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                cause = why or cause
                 self._down = cause
                 if first:
                     self._backoff = 0.0  # a connection lost: try again at once, once
@@ -335,3 +399,10 @@ class PostgresDatabase(SqlStore):
             fix="check that PostgreSQL is running and that this host can reach it; medgw "
             f"tries again by itself (next in {wait:.0f} s)",
         )
+
+
+def _start(db: Connection) -> str:
+    """A node's start: the tables made or upgraded, and the generation it starts on, read
+    in the same transaction (under the lock a restore holds)."""
+    create_or_upgrade(db)
+    return generation.current(db)

@@ -28,8 +28,10 @@ from gateway.spool.sql import Connection
 
 # Steps of PostgreSQL's tables alone, after the shared schema's (see create_or_upgrade):
 # 1. the times stored as text (columns named ``*_at``) compared in the "C" collation;
-# 2. the triggers that keep a record a change displaces (gateway.spool.schema.DISPLACES).
-POSTGRES_STEPS = 2
+# 2. the triggers that keep a record a change displaces (gateway.spool.schema.DISPLACES);
+# 3. the spool's generation, which a restore replaces (gateway.spool.postgres.generation):
+#    a node of an earlier release, which does not check it, refuses the upgraded spool.
+POSTGRES_STEPS = 3
 # The schema's version: it grows with every table, index or column added, and step.
 VERSION = (
     len(re.findall(r"\bCREATE\b", SCHEMA))
@@ -40,6 +42,8 @@ VERSION = (
 # pg_advisory_xact_lock key of the schema upgrade ("medgw" in ASCII, as a number): every
 # node's start takes it, and a restore holds it so that no node starts meanwhile.
 SCHEMA_LOCK = 0x6D65646777
+# The table of the spool's generation: not one of the spool's tables (no backup holds it).
+GENERATION_TABLE = "CREATE TABLE IF NOT EXISTS spool_generation (token TEXT NOT NULL)"
 
 _TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}
 # The function the triggers of displaced records run: the row before the change as JSON
@@ -115,5 +119,6 @@ def create_or_upgrade(db: Connection) -> None:
             f" FOR EACH ROW WHEN ({DISPLACES}) EXECUTE FUNCTION keep_displaced_owed()",
             (),
         )
+    db.execute(GENERATION_TABLE, ())  # its token: gateway.spool.postgres.generation
     db.execute("DELETE FROM spool_schema", ())
     db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))

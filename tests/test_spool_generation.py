@@ -1,0 +1,214 @@
+"""The PostgreSQL spool's generation, on a real server: a node that could not reach
+the database while a restore replaced it stops when it reaches it again, and writes
+nothing more; a node reconnecting while a restore runs waits for it; a refused restore
+stops nobody; a spool from before the generation gets one at its first start.
+
+The restore's database steps are the real ones (``pg_dump``, the lock a restore holds,
+the new generation, ``pg_restore``): tests/test_restore_under_node.py runs the whole
+``medgw restore`` against a running ``medgw run`` node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.backup import pgspool
+from gateway.clock import SystemClock
+from gateway.demo_run import wait_until
+from gateway.errors import SpoolReplacedError, SpoolUnreachableError
+from gateway.spool import Claimant
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from gateway.spool.postgres.schema import VERSION
+from tests.helpers.commit_cut import CommitCut
+from tests.helpers.postgres import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("postgres_server")
+
+
+@pytest.fixture
+def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
+    assert postgres.socket_dir is not None
+    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
+    yield proxy
+    proxy.close()
+
+
+class Node:
+    """A node's spool handle through ``cut``, and what its ``on_replaced`` heard."""
+
+    def __init__(self, postgres: PostgresSettings, cut: CommitCut, name: str) -> None:
+        self.heard: list[SpoolReplacedError] = []
+        settings = replace(postgres, socket_dir=cut.socket_dir, connect_timeout=1)
+        self.spool = PostgresSpool(
+            settings, SystemClock(), Claimant(name), on_replaced=self.heard.append
+        )
+
+    def take_in(self, message_id: str, tmp_path: Path) -> None:
+        self.spool.add_intake(message_id, "lab", "a.hl7", "text/plain", tmp_path, tmp_path)
+
+    def error(self) -> SpoolUnreachableError | None:
+        """What a call on the spool fails with now (None: it answered)."""
+        try:
+            self.spool.all_outbound()
+        except SpoolUnreachableError as exc:
+            return exc
+        return None
+
+    def outcome(self) -> type[Exception] | None:
+        """What a call on the spool gives now: None (it answered), or the error's type."""
+        error = self.error()
+        return None if error is None else type(error)
+
+
+@pytest.fixture
+def node(postgres: PostgresSettings, cut: CommitCut) -> Iterator[Node]:
+    handle = Node(postgres, cut, "lab-a")
+    yield handle
+    handle.spool.close()
+
+
+def cut_off(cut: CommitCut, node: Node) -> None:
+    """The node's connections lost, and no new one let through."""
+    cut.refuse = True
+    cut.drop()
+    assert node.outcome() is SpoolUnreachableError
+
+
+def sessions(server: PostgresServer, postgres: PostgresSettings, name: str) -> int:
+    with server.admin(postgres.dbname) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (f"medgw node {name}",),
+        ).fetchone()
+    assert row is not None
+    return int(str(row[0]))
+
+
+def restore_database(
+    postgres_server: PostgresServer, postgres: PostgresSettings, dump: Path
+) -> None:
+    """What ``medgw restore`` does to the database, in its order: while holding the lock
+    of the nodes' starts, no node connected, a new generation, then ``pg_restore``."""
+    with pgspool.held(postgres) as conn:
+        assert pgspool.nodes_connected(conn) == []
+        pgspool.new_generation(postgres)
+        pgspool.load(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
+
+
+def dumped(postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path) -> Path:
+    dump = tmp_path / "spool.pgdump"
+    with pgspool.snapshot(postgres, pgspool.tool("pg_dump", postgres_server.bin), dump):
+        pass
+    return dump
+
+
+def test_a_node_cut_off_while_its_spool_was_restored_stops_when_it_reaches_it_again(
+    node: Node,
+    cut: CommitCut,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+) -> None:
+    node.take_in("<before-backup@lab>", tmp_path)
+    dump = dumped(postgres_server, postgres, tmp_path)
+    node.take_in("<after-backup@lab>", tmp_path)  # what the node holds goes beyond the backup
+    cut_off(cut, node)
+
+    restore_database(postgres_server, postgres, dump)
+    cut.refuse = False
+
+    # It tries again after its back-off: the first connection it gets is checked.
+    wait_until(lambda: node.outcome() is SpoolReplacedError, 30, "the node told it was replaced")
+    [heard] = node.heard
+    assert "was restored (replaced) while this node (lab-a) was running" in heard.message
+    assert postgres.dbname in heard.message
+    assert heard.fix is not None and "start node lab-a again" in heard.fix
+    # For good: every later call fails at once, on no connection, and writes nothing.
+    with pytest.raises(SpoolReplacedError):
+        node.take_in("<after-restore@lab>", tmp_path)
+    assert node.outcome() is SpoolReplacedError
+    assert len(node.heard) == 1  # told once
+    wait_until(
+        lambda: sessions(postgres_server, postgres, "lab-a") == 0,
+        30,
+        "the replaced node's sessions ended (its last one closed by the check)",
+    )
+    # A start after the restore reads the restored spool, and runs.
+    again = Node(postgres, cut, "lab-a")
+    try:
+        assert [r.message_id for r in again.spool.all_outbound()] == ["<before-backup@lab>"]
+        again.take_in("<after-restart@lab>", tmp_path)
+        assert again.outcome() is None and again.heard == []
+    finally:
+        again.spool.close()
+
+
+def test_a_node_reconnecting_during_a_restore_waits_for_it_then_stops(
+    node: Node,
+    cut: CommitCut,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+) -> None:
+    node.take_in("<one@lab>", tmp_path)
+    dump = dumped(postgres_server, postgres, tmp_path)
+    cut_off(cut, node)
+    with pgspool.held(postgres):
+        cut.refuse = False
+        # It gets a connection, but not past the check while the restore holds the spool:
+        # unreachable for now, never served by the spool being replaced.
+        held = "a restore (medgw restore) or another node's schema upgrade holds it"
+        wait_until(lambda: held in str(node.error()), 30, "a reconnect held by the restore")
+        with pytest.raises(SpoolUnreachableError) as waiting:
+            node.take_in("<during@lab>", tmp_path)
+        assert not isinstance(waiting.value, SpoolReplacedError)
+        assert node.heard == []
+        pgspool.new_generation(postgres)
+        pgspool.load(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
+    wait_until(lambda: node.outcome() is SpoolReplacedError, 30, "the node told it was replaced")
+    assert len(node.heard) == 1
+
+
+def test_a_restore_refused_before_it_changed_anything_stops_no_node(
+    node: Node, cut: CommitCut, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    node.take_in("<one@lab>", tmp_path)
+    cut_off(cut, node)
+    with pgspool.held(postgres):  # a restore that refuses (a bundle that does not open ...)
+        pass
+    cut.refuse = False
+    wait_until(lambda: node.outcome() is None, 30, "the node served again")
+    node.take_in("<two@lab>", tmp_path)
+    assert node.heard == []
+
+
+def test_a_spool_from_before_the_generation_gets_one_at_its_first_start(
+    postgres_server: PostgresServer, postgres: PostgresSettings, cut: CommitCut, tmp_path: Path
+) -> None:
+    PostgresSpool(postgres, SystemClock()).close()
+    with postgres_server.admin(postgres.dbname) as admin:  # as an earlier release left it
+        admin.execute("DROP TABLE spool_generation")
+        admin.execute("UPDATE spool_schema SET version = %s", (VERSION - 1,))
+    first = Node(postgres, cut, "lab-a")
+    try:
+        with postgres_server.admin(postgres.dbname) as admin:
+            rows = admin.execute("SELECT token FROM spool_generation").fetchall()
+            version = admin.execute("SELECT version FROM spool_schema").fetchall()
+        assert len(rows) == 1 and len(str(rows[0][0])) == 32
+        assert version == [(VERSION,)]
+        second = Node(postgres, cut, "lab-b")  # another node's start keeps it
+        try:
+            cut.drop()  # both reconnect, and find the spool they started on
+            first.take_in("<one@lab>", tmp_path)
+            second.take_in("<two@lab>", tmp_path)
+            assert first.heard == [] and second.heard == []
+        finally:
+            second.spool.close()
+        with postgres_server.admin(postgres.dbname) as admin:
+            assert admin.execute("SELECT token FROM spool_generation").fetchall() == rows
+    finally:
+        first.spool.close()
