@@ -216,7 +216,7 @@ async def test_answers_to_requests_out_together_are_settled_in_one_group(
     group): one trip, one transaction, one audit write per kind for them all.  A lone
     request's answer waits for nothing: with nothing else out, it is settled at once,
     long before that linger."""
-    monkeypatch.setattr("gateway.outbound.send.SETTLE_LINGER_SECONDS", DEADLINE * 10, raising=False)
+    monkeypatch.setattr("gateway.outbound.send.SETTLE_LINGER_SECONDS", DEADLINE * 10)
     processes.start(layout.lab.config_path)
     outbound, spool, audit, peer, client = await _sending_side(layout, tmp_path)
     spool.release.set()  # nothing held

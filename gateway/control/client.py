@@ -65,16 +65,32 @@ class ControlClient:
         timeout: float = 3600,
         extra_headers: dict[str, str] | None = None,
     ) -> Any:
-        """POST the file at ``path`` as the body, streamed in chunks (any size)."""
-        size = path.stat().st_size
+        """POST the file at ``path`` as the body, streamed in chunks (any size).  A file
+        that cannot be read (gone, a folder, an I/O error) raises an error naming it, never
+        taken for the daemon's: the request ends short, and the daemon keeps nothing."""
+
+        def unreadable(exc: OSError) -> MedgwError:
+            return MedgwError(
+                f"cannot read {path}: {exc.strerror or exc}; nothing was spooled",
+                fix="check the file (it must stay in place until the command ends), then "
+                "send it again",
+            )
+
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise unreadable(exc) from None
 
         def chunks() -> Iterator[bytes]:
             sent = 0
-            with path.open("rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    yield chunk
-                    sent += len(chunk)
-                    progress(sent)
+            try:
+                with path.open("rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        yield chunk
+                        sent += len(chunk)
+                        progress(sent)
+            except OSError as exc:
+                raise unreadable(exc) from None
 
         headers = {"Content-Type": content_type, "Content-Length": str(size)}
         return self._exchange("POST", url, chunks(), headers | (extra_headers or {}), timeout)
@@ -116,7 +132,11 @@ class ControlClient:
             connection.close()
         data = _answer(raw, response.status)
         if response.status >= 400:
-            raise RefusedError(str(data.get("error")), fix=data.get("fix"), status=response.status)
+            said = data if isinstance(data, dict) else {}
+            error, fix = said.get("error") or f"HTTP {response.status}", said.get("fix")
+            raise RefusedError(
+                str(error), fix=fix if isinstance(fix, str) else None, status=response.status
+            )
         return data
 
 
