@@ -444,6 +444,38 @@ def test_corrupted_signature_same_outcome_either_way(
         assert fast[0] == "error" or fast[1][4] == PAYLOAD
 
 
+@pytest.mark.parametrize("name", SIGNATURES)
+def test_a_corrupted_digest_algorithm_list_same_outcome_either_way(
+    pki: Pki, messages: dict[str, bytes], name: str
+) -> None:
+    """The SignedData's digestAlgorithms are not used (each signer names its own), but a
+    corrupted one is read by both readers alike: every bit flipped in it, one at a time."""
+    signed = messages[name]
+    ci = der.contents_of(signed, 0x30)
+    ci.next(0x06)
+    sd = ci.inner(0xA0).inner(0x30)
+    sd.next(0x02)
+    start, stop = sd.next(0x31)
+    party = "p256" if "p256" in name else "p384" if "p384" in name else "rsa2048"
+    detached = name not in ("ossl-sign-p256-attached",)
+    for at in range(start, stop):
+        for bit in range(8):
+            corrupted = bytearray(signed)
+            corrupted[at] ^= 1 << bit
+
+            def run(data: bytes = bytes(corrupted)) -> Any:
+                v = verify(
+                    data,
+                    content=PAYLOAD if detached else None,
+                    trusted_signers=[pki[party].cert],
+                    policy=STRICT,
+                )
+                return _verified(v)
+
+            fast, slow = _both(run)
+            assert fast == slow, (at, bit)
+
+
 @SETTINGS
 @given(case=st.sampled_from(ENVELOPES), data=st.data())
 def test_corrupted_envelope_same_outcome_either_way(

@@ -205,7 +205,14 @@ def parse_signed_data_der(signed: bytes) -> ParsedSignature:
     sd = explicit.inner(0x30)
     explicit.finish()
     sd.next(0x02)  # version: not used
-    _skip_elements(sd.inner(0x31), MAX_DIGEST_ALGORITHMS)  # not used: each signer names its own
+    # digestAlgorithms: not used (each signer names its own), but read as asn1crypto
+    # reads them, so that a corrupted one gets its answer, not another
+    digests = sd.inner(0x31)
+    count = 0
+    while not digests.at_end():
+        count += 1
+        _within(count, MAX_DIGEST_ALGORITHMS)
+        _algorithm(digests, _DIGEST_NAMES)
     encap = sd.inner(0x30)
     content_type = _oid_name(encap, _CONTENT_TYPE_NAMES)
     content: bytes | None = None
