@@ -590,3 +590,51 @@ def test_encrypt_in_memory_writes_what_the_streaming_encryption_writes(
         for der in (whole, streamed):
             opened = decrypt(der, pki["rsa2048"].cert, pki["rsa2048"].key, policy=STRICT)
             assert opened.content == data
+
+
+def _outcome(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        inner, verified = fn(*args, **kwargs)
+    except Exception as exc:  # compared: the same error either way
+        return type(exc), str(exc)
+    return inner, verified.signer, verified.digest, verified.signing_time
+
+
+def test_a_signed_body_verifies_as_the_entity_it_is_the_body_of(pki: Pki) -> None:
+    """A receipt arrives as a Content-Type header and a body: verified as they are, with
+    the result or the error the whole entity gets, intact, altered or malformed."""
+    from gateway.cms.smime import verify_multipart_signed
+
+    entity = make_entity("text/plain", b"dose: 5 mg\r\nnext line\n")
+    signed = sign_entity(
+        entity, pki["rsa2048"].cert, pki["rsa2048"].key, signing_time=SIGNING_TIME, policy=STRICT
+    )
+    headers, body = parse_entity(signed)
+    ctype = headers[0][1]
+    boundary = header_param(ctype, "boundary")
+    assert boundary
+    bodies = {
+        "intact": body,
+        "altered": body.replace(b"5 mg", b"50 mg"),
+        "lf": body.replace(b"\r\n", b"\n"),
+        "no closing boundary": body[: body.rindex(b"--" + boundary.encode())],
+        "three parts": body.replace(
+            f"--{boundary}--".encode(), f"--{boundary}\r\n\r\nx\r\n--{boundary}--".encode()
+        ),
+        "signature not base64": body.replace(b"Content-Transfer-Encoding: base64", b""),
+    }
+    ctypes = {
+        "as sent": ctype,
+        "quoted escapes": ctype.replace(f'"{boundary}"', '"' + "\\" + boundary + '"'),
+        "no boundary": ctype.split("; boundary=")[0],
+    }
+    seen = set()
+    for (_, wire), (_, value) in itertools.product(bodies.items(), ctypes.items()):
+        for trusted in ([pki["rsa2048"].cert], [pki["p256"].cert]):
+            whole = f"Content-Type: {value}\r\n\r\n".encode() + wire
+            expected = _outcome(verify_entity, whole, trusted_signers=trusted, policy=STRICT)
+            assert expected == _outcome(
+                verify_multipart_signed, value, wire, trusted_signers=trusted, policy=STRICT
+            )
+            seen.add(expected[0] if isinstance(expected[0], type) else "verified")
+    assert len(seen) >= 4  # verified, and refused for several reasons

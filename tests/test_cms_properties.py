@@ -228,3 +228,31 @@ def test_arbitrary_bytes_are_refused_cleanly(pki: Pki, noise: bytes, prefix: byt
     ):
         with pytest.raises(MedgwError):
             fn()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet='ab/;"\\= \t', max_size=24))
+def test_media_type_and_parameters_read_quoted_strings_whatever_their_place(value: str) -> None:
+    """The quick readings of a Content-Type (no quoted string before the first ";", a
+    quoted parameter without escapes) give what the full reading of its parameters gives."""
+    from gateway.cms.mime import _split_params, header_param, media_type
+
+    assert media_type(value) == _split_params(value)[0].strip().lower()
+    for part in _split_params(value)[1:]:
+        key, sep, raw = part.partition("=")
+        if sep:
+            text = raw.strip()
+            if len(text) >= 2 and text[0] == text[-1] == '"':
+                out, escaped = [], False
+                for ch in text[1:-1]:
+                    if escaped or ch != "\\":
+                        out.append(ch)
+                        escaped = False
+                    else:
+                        escaped = True
+                text = "".join(out)
+            # the first parameter of that name
+            assert header_param(value, key) is not None
+            if key.strip().lower() == "a":
+                assert header_param(value, "a") == text
+            break

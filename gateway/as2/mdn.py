@@ -28,8 +28,8 @@ from gateway.as2.headers import (
     unquote_as2_id,
 )
 from gateway.cms.limits import MAX_REPORT_PARTS
-from gateway.cms.mime import header_param, make_entity, parse_entity
-from gateway.cms.smime import sign_entity, verify_entity
+from gateway.cms.mime import header_param, make_entity, media_type, parse_entity
+from gateway.cms.smime import sign_entity, verify_entity, verify_multipart_signed
 from gateway.errors import ProtocolError
 from gateway.pki.keypair import KeyPair
 from gateway.policy import COMPAT_DIGESTS, AlgorithmPolicy, normalize_digest
@@ -300,8 +300,14 @@ def parse_receipt(
             "the receipt's Content-Type holds characters that are not US-ASCII",
             fix="the peer's AS2 product sent a broken receipt header; ask the peer to fix it",
         ) from exc
-    entity = head + body
-    inner, verified = verify_entity(entity, trusted_signers=trusted_signers, policy=policy)
+    ctype = content_type.strip()
+    if "\r" in ctype or "\n" in ctype or media_type(ctype) != "multipart/signed":
+        # what the entity's own reading makes of it (and the error it gives)
+        inner, verified = verify_entity(head + body, trusted_signers=trusted_signers, policy=policy)
+    else:  # the body as it is: not copied behind its header to be split off again
+        inner, verified = verify_multipart_signed(
+            ctype, bytes(body), trusted_signers=trusted_signers, policy=policy
+        )
     report = read_report(inner)
     compat = list(verified.compat_algorithms)
     if report.mic is not None:

@@ -140,6 +140,8 @@ def _split_params(value: str) -> list[str]:
 def _unquote(v: str) -> str:
     v = v.strip()
     if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+        if "\\" not in v:  # nothing escaped (a boundary, a protocol): the text between
+            return v[1:-1]
         out: list[str] = []
         escaped = False
         for ch in v[1:-1]:
@@ -166,6 +168,10 @@ def header_param(value: str, name: str) -> str | None:
 
 def media_type(value: str) -> str:
     """The lower-cased ``type/subtype`` of a Content-Type value."""
+    semi = value.find(";")
+    quote = value.find('"')
+    if quote < 0 or 0 <= semi < quote:  # no quoted string before the first ";"
+        return (value if semi < 0 else value[:semi]).strip().lower()
     return _split_params(value)[0].strip().lower()
 
 

@@ -269,41 +269,13 @@ def verify_entity(
         )
     mtype = media_type(ctype)
     if mtype == "multipart/signed":
-        boundary = header_param(ctype, "boundary")
-        if not boundary:
-            raise MalformedMessageError(
-                f"multipart/signed Content-Type has no boundary: {ctype!r}",
-                fix="the sender produced a broken Content-Type header",
-            )
-        parts = split_multipart(body, boundary)
-        if len(parts) != 2:
-            raise MalformedMessageError(
-                f"multipart/signed must have exactly 2 parts (content, signature), found "
-                f"{len(parts)}",
-                fix="ask the peer to send a standard S/MIME signed message",
-            )
-        (content, alt_content), (sig_part, _) = parts
-        sig_headers, sig_body = parse_entity(sig_part)
-        check_signature_part(sig_headers)
-        signature = decode_body(sig_headers, sig_body, "signature part")
-        # The exact bytes first; then the reading that keeps a CR before the
-        # delimiter; then the canonical CRLF form of a part whose line endings
-        # were converted to bare LF in transit (RFC 8551 3.1.1: text is signed
-        # in canonical form).  What verifies is what we return and deliver.
-        first_error: SignatureError | None = None
-        for reading in _readings(content, alt_content):
-            try:
-                return reading, verify(
-                    signature,
-                    content=reading,
-                    trusted_signers=trusted_signers,
-                    policy=policy,
-                    validate_signer=validate_signer,
-                )
-            except SignatureError as exc:
-                first_error = first_error or exc
-        assert first_error is not None
-        raise first_error
+        return verify_multipart_signed(
+            ctype,
+            body,
+            trusted_signers=trusted_signers,
+            policy=policy,
+            validate_signer=validate_signer,
+        )
     if mtype in _MIME_TYPES:
         smime_type = (header_param(ctype, "smime-type") or "signed-data").lower()
         if smime_type != "signed-data":
@@ -321,6 +293,53 @@ def verify_entity(
         "application/pkcs7-mime; smime-type=signed-data)",
         fix="the peer did not sign the message; check its AS2 configuration",
     )
+
+
+def verify_multipart_signed(
+    ctype: str,
+    body: bytes,
+    *,
+    trusted_signers: Sequence[x509.Certificate],
+    policy: AlgorithmPolicy,
+    validate_signer: SignerValidator | None = None,
+) -> tuple[bytes, VerifiedSignature]:
+    """:func:`verify_entity` of a ``multipart/signed`` entity given as its Content-Type
+    value ``ctype`` and its ``body`` (an HTTP body, e.g. a receipt): not copied into an
+    entity to be split again."""
+    boundary = header_param(ctype, "boundary")
+    if not boundary:
+        raise MalformedMessageError(
+            f"multipart/signed Content-Type has no boundary: {ctype!r}",
+            fix="the sender produced a broken Content-Type header",
+        )
+    parts = split_multipart(body, boundary)
+    if len(parts) != 2:
+        raise MalformedMessageError(
+            f"multipart/signed must have exactly 2 parts (content, signature), found {len(parts)}",
+            fix="ask the peer to send a standard S/MIME signed message",
+        )
+    (content, alt_content), (sig_part, _) = parts
+    sig_headers, sig_body = parse_entity(sig_part)
+    check_signature_part(sig_headers)
+    signature = decode_body(sig_headers, sig_body, "signature part")
+    # The exact bytes first; then the reading that keeps a CR before the
+    # delimiter; then the canonical CRLF form of a part whose line endings
+    # were converted to bare LF in transit (RFC 8551 3.1.1: text is signed
+    # in canonical form).  What verifies is what we return and deliver.
+    first_error: SignatureError | None = None
+    for reading in _readings(content, alt_content):
+        try:
+            return reading, verify(
+                signature,
+                content=reading,
+                trusted_signers=trusted_signers,
+                policy=policy,
+                validate_signer=validate_signer,
+            )
+        except SignatureError as exc:
+            first_error = first_error or exc
+    assert first_error is not None
+    raise first_error
 
 
 def envelope_entity(
