@@ -1,0 +1,287 @@
+"""The audit trail's lines, byte for byte: what `medgw audit verify`, the export and other
+software read must not change when the writer changes.  Records of the shapes the
+pipelines write, and the awkward ones (text that JSON escapes, non-ASCII, keys that
+sort around ``hash``, nested detail, clipped text), written by the real AuditLog."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, PatientId, Severity
+from gateway.audit.chain import canonical
+from gateway.audit.verify import verify_chain
+from tests.clocks import TickingClock
+
+MIC = "Qm9ndXMgbWljIGZvciB0ZXN0cw0KAAAAAAAAAAAAAAA=, sha-256"
+SIGNER = "CN=sakura-hospital AS2 signing,O=Sakura Hospital,C=JP"
+ID = "<00000001.0000000001ef@kita-lab.example>"
+
+
+def _events() -> list[AuditEvent]:
+
+    def outbound(
+        kind: EventType,
+        outcome: Outcome = Outcome.SUCCESS,
+        severity: Severity = Severity.INFO,
+        **fields: Any,
+    ) -> AuditEvent:
+        return AuditEvent(
+            kind, outcome, severity, peer="sakura", message_id=ID, direction="outbound", **fields
+        )
+
+    def inbound(kind: EventType, **fields: Any) -> AuditEvent:
+        return AuditEvent(kind, peer="kita-lab", message_id=ID, direction="inbound", **fields)
+
+    patient = PatientId("P-102938", "hl7v2", "1.2.392.200119.6.102.11310", "MR")
+    return [
+        outbound(
+            EventType.MESSAGE_ACCEPTED,
+            service="lab-results",
+            actor="outbox:kita-lab (uid 1001)",
+            patient_ids=(patient, PatientId("4711", "client")),
+            detail={
+                "filename": "order-000001.hl7",
+                "content_type": "application/hl7-v2",
+                "size": 4096,
+                "mic": MIC,
+                "sha256": "ab" * 32,
+                "cipher": "aes256-gcm",
+                "digest": "sha256",
+                "key_transport": "rsaes-oaep",
+                "submitted_by": "api:his",
+            },
+        ),
+        outbound(EventType.MESSAGE_SENT, detail={"attempt": 1, "receipt": "sync"}),
+        outbound(
+            EventType.RECEIPT_RECEIVED,
+            service="lab-results",
+            detail={
+                "disposition": "automatic-action/MDN-sent-automatically; processed",
+                "mic": MIC,
+                "mic_verified": True,
+                "signer": SIGNER,
+                "receipt_file": "/var/lib/medgw/receipts/sakura/1.mdn",
+            },
+        ),
+        inbound(
+            EventType.MESSAGE_RECEIVED,
+            remote_address="192.0.2.17:50412",
+            actor="peer:kita-lab",
+            patient_ids=(patient,),
+            detail={
+                "content_type": "application/hl7-v2",
+                "filename": "order-000001.hl7",
+                "size": 4096,
+                "sha256": "cd" * 32,
+                "signer": SIGNER,
+                "signer_roles": [{"role": "doctor", "oid": "1.2.392.100495.1.6.1.1"}],
+                "digest": "sha256",
+            },
+        ),
+        inbound(
+            EventType.MESSAGE_DELIVERED,
+            detail={"inbox_file": "/srv/medgw/inbox/kita-lab/order.hl7", "size": 0, "x": None},
+        ),
+        inbound(
+            EventType.RECEIPT_SENT,
+            detail={"disposition": "processed", "mic": MIC, "handover": "queued"},
+        ),
+        # Text JSON escapes, non-ASCII written as is, control characters, a float.
+        outbound(
+            EventType.MESSAGE_SEND_FAILED,
+            Outcome.FAILURE,
+            Severity.WARNING,
+            reason='peer said "503" \\ try later\n\ttab \x00\x1f \u2028 患者 é \U0001f600',
+            detail={"attempt": 3, "retry_in_seconds": 12.5, "ratio": 1e-7, "big": 10**20},
+        ),
+        # Keys that sort just before and after "hash", in the detail and beside it.
+        AuditEvent(
+            EventType.TASK_FAILED,
+            Outcome.FAILURE,
+            Severity.WARNING,
+            reason="x",
+            detail={
+                "hash": "not the record's",
+                "node": "n",
+                "seq": -1,
+                "prev": "0" * 64,
+                "message_id": "m",
+                "h": "",
+                "hasg": 1,
+                "hasi": 2,
+                "nested": {"b": [1, {"z": False, "a": True}], "a": {"hash": "h"}},
+            },
+        ),
+        # An alert, with whom to call; a long reason, clipped.
+        AuditEvent(
+            EventType.SIGNATURE_FAILED,
+            Outcome.FAILURE,
+            Severity.ALERT,
+            peer="sakura",
+            message_id="<m@x>",
+            direction="inbound",
+            reason="r" * 2100,
+            call=("Dr. Tanaka (security) +81 3 0000 0000",),
+        ),
+        # No message: no message_id, so "node" follows "hash" directly.
+        AuditEvent(EventType.DAEMON_STARTED, actor="medgw", detail={"version": "1.0"}),
+        AuditEvent(EventType.DAEMON_STOPPED),
+    ]
+
+
+def _write(path: Path) -> bytes:
+    log = AuditLog(path, TickingClock(datetime(2026, 12, 5, 1, 2, 3, 4, tzinfo=UTC)), node="N1")
+    for event in _events()[:-2]:
+        log.emit(event)
+    log.emit_all(_events()[-2:])
+    log.close()
+    return path.read_bytes()
+
+
+# Written by the log before its serialisation was made cheaper (chain.py, log.py).
+EXPECTED = [
+    (
+        b'{"actor":"outbox:kita-lab (uid 1001)","detail":{"cipher":"aes256-gcm"'
+        b',"content_type":"application/hl7-v2","digest":"sha256"'
+        b',"filename":"order-000001.hl7","key_transport":"rsaes-oaep"'
+        b',"mic":"Qm9ndXMgbWljIGZvciB0ZXN0cw0KAAAAAAAAAAAAAAA=, sha-256"'
+        b',"sha256":"abababababababababababababababababababababababababababababababab"'
+        b',"size":4096,"submitted_by":"api:his"},"direction":"outbound"'
+        b',"event":"message.accepted"'
+        b',"hash":"e7a51e42e565d4c164fd3183021be6a2686af80edea453ef0c45f0061fa4835e"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"success","patient_ids":[{"authority":"1.2.392.200119.6.102.11310"'
+        b',"id":"P-102938","source":"hl7v2","type":"MR"},{"id":"4711","source":"client"}]'
+        b',"peer":"sakura"'
+        b',"prev":"0000000000000000000000000000000000000000000000000000000000000000"'
+        b',"seq":1,"service":"lab-results","severity":"info"'
+        b',"time":"2026-12-05T01:02:03.001004+00:00"}'
+    ),
+    (
+        b'{"detail":{"attempt":1,"receipt":"sync"},"direction":"outbound"'
+        b',"event":"message.sent"'
+        b',"hash":"1586b3e394d15323e9f1dc120315392922966d00fe01163ee514ec68cc1cd6f2"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"success","peer":"sakura"'
+        b',"prev":"e7a51e42e565d4c164fd3183021be6a2686af80edea453ef0c45f0061fa4835e"'
+        b',"seq":2,"severity":"info","time":"2026-12-05T01:02:03.002004+00:00"}'
+    ),
+    (
+        b'{"detail":{"disposition":"automatic-action/MDN-sent-automatically; processed"'
+        b',"mic":"Qm9ndXMgbWljIGZvciB0ZXN0cw0KAAAAAAAAAAAAAAA=, sha-256"'
+        b',"mic_verified":true,"receipt_file":"/var/lib/medgw/receipts/sakura/1.mdn"'
+        b',"signer":"CN=sakura-hospital AS2 signing,O=Sakura Hospital,C=JP"}'
+        b',"direction":"outbound","event":"receipt.received"'
+        b',"hash":"2b4b450830f881f466fb0ef6a096027228d32f72df61727a221546b5d656a525"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"success","peer":"sakura"'
+        b',"prev":"1586b3e394d15323e9f1dc120315392922966d00fe01163ee514ec68cc1cd6f2"'
+        b',"seq":3,"service":"lab-results","severity":"info"'
+        b',"time":"2026-12-05T01:02:03.003004+00:00"}'
+    ),
+    (
+        b'{"actor":"peer:kita-lab","detail":{"content_type":"application/hl7-v2"'
+        b',"digest":"sha256","filename":"order-000001.hl7"'
+        b',"sha256":"cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"'
+        b',"signer":"CN=sakura-hospital AS2 signing,O=Sakura Hospital,C=JP"'
+        b',"signer_roles":[{"oid":"1.2.392.100495.1.6.1.1","role":"doctor"}],"size":4096}'
+        b',"direction":"inbound","event":"message.received"'
+        b',"hash":"4289ebb24d676260531b8a563adf70a7e7d7928ec80d84fd7a95379a24fde40a"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"success","patient_ids":[{"authority":"1.2.392.200119.6.102.11310"'
+        b',"id":"P-102938","source":"hl7v2","type":"MR"}],"peer":"kita-lab"'
+        b',"prev":"2b4b450830f881f466fb0ef6a096027228d32f72df61727a221546b5d656a525"'
+        b',"remote_address":"192.0.2.17:50412","seq":4,"severity":"info"'
+        b',"time":"2026-12-05T01:02:03.004004+00:00"}'
+    ),
+    (
+        b'{"detail":{"inbox_file":"/srv/medgw/inbox/kita-lab/order.hl7","size":0,"x":null}'
+        b',"direction":"inbound","event":"message.delivered"'
+        b',"hash":"3e2de3e5867b6df0d8d2f7992e4f12cf76b93add0a91a122de7d43cd2971fcc1"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"success","peer":"kita-lab"'
+        b',"prev":"4289ebb24d676260531b8a563adf70a7e7d7928ec80d84fd7a95379a24fde40a"'
+        b',"seq":5,"severity":"info","time":"2026-12-05T01:02:03.005004+00:00"}'
+    ),
+    (
+        b'{"detail":{"disposition":"processed","handover":"queued"'
+        b',"mic":"Qm9ndXMgbWljIGZvciB0ZXN0cw0KAAAAAAAAAAAAAAA=, sha-256"}'
+        b',"direction":"inbound","event":"receipt.sent"'
+        b',"hash":"eff692cced9c8a5661e1aff5a9f343d7a0ce3aa3d6ac85f31f575d60260802f4"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"success","peer":"kita-lab"'
+        b',"prev":"3e2de3e5867b6df0d8d2f7992e4f12cf76b93add0a91a122de7d43cd2971fcc1"'
+        b',"seq":6,"severity":"info","time":"2026-12-05T01:02:03.006004+00:00"}'
+    ),
+    (
+        b'{"detail":{"attempt":3,"big":100000000000000000000,"ratio":1e-07'
+        b',"retry_in_seconds":12.5},"direction":"outbound","event":"message.send_failed"'
+        b',"hash":"c2935513a882f83ec2e4b953eeb8e1f6ebf95f502e4510b817b1bb9f54bb7876"'
+        b',"message_id":"<00000001.0000000001ef@kita-lab.example>","node":"N1"'
+        b',"outcome":"failure","peer":"sakura"'
+        b',"prev":"eff692cced9c8a5661e1aff5a9f343d7a0ce3aa3d6ac85f31f575d60260802f4"'
+        b',"reason":"peer said \\"503\\" \\\\ try later\\n\\ttab \\u0000\\u001f '
+        + "\u2028 患者 é \U0001f600".encode()
+        + b'"'
+        b',"seq":7,"severity":"warning","time":"2026-12-05T01:02:03.007004+00:00"}'
+    ),
+    (
+        b'{"detail":{"h":"","hasg":1,"hash":"not the record\'s","hasi":2,"message_id":"m"'
+        b',"nested":{"a":{"hash":"h"},"b":[1,{"a":true,"z":false}]},"node":"n"'
+        b',"prev":"0000000000000000000000000000000000000000000000000000000000000000"'
+        b',"seq":-1},"event":"daemon.task_failed"'
+        b',"hash":"9c91c765f6615c8d9f2076d1eba89a8244786361308e2ea0d6ae9a5909bdca58"'
+        b',"node":"N1","outcome":"failure"'
+        b',"prev":"c2935513a882f83ec2e4b953eeb8e1f6ebf95f502e4510b817b1bb9f54bb7876"'
+        b',"reason":"x","seq":8,"severity":"warning"'
+        b',"time":"2026-12-05T01:02:03.008004+00:00"}'
+    ),
+    (
+        b'{"call":["Dr. Tanaka (security) +81 3 0000 0000"],"direction":"inbound"'
+        b',"event":"signature.failed"'
+        b',"hash":"7e6819ab1b3e8f11ed8303494a33b092ea60efd25c1b54639cba68f0c8971321"'
+        b',"message_id":"<m@x>","node":"N1","outcome":"failure","peer":"sakura"'
+        b',"prev":"9c91c765f6615c8d9f2076d1eba89a8244786361308e2ea0d6ae9a5909bdca58"'
+        b',"reason":"' + b"r" * 2000 + b'... [100 more characters]","seq":9,"severity":"alert"'
+        b',"time":"2026-12-05T01:02:03.009004+00:00"}'
+    ),
+    (
+        b'{"actor":"medgw","detail":{"version":"1.0"},"event":"daemon.started"'
+        b',"hash":"9d2b2d790ad4519cea654482fe6bf0f72425b46065040705441a5b753b1a0e0c"'
+        b',"node":"N1","outcome":"success"'
+        b',"prev":"7e6819ab1b3e8f11ed8303494a33b092ea60efd25c1b54639cba68f0c8971321"'
+        b',"seq":10,"severity":"info","time":"2026-12-05T01:02:03.010004+00:00"}'
+    ),
+    (
+        b'{"event":"daemon.stopped"'
+        b',"hash":"eed15bcd61a70ccba9b11b89fa19bc7d2c532ab25b54cd8e30311410f8ca9b3a"'
+        b',"node":"N1","outcome":"success"'
+        b',"prev":"9d2b2d790ad4519cea654482fe6bf0f72425b46065040705441a5b753b1a0e0c"'
+        b',"seq":11,"severity":"info","time":"2026-12-05T01:02:03.010004+00:00"}'
+    ),
+]
+
+
+def test_records_are_written_byte_for_byte_as_before(tmp_path: Path) -> None:
+    written = _write(tmp_path / "audit.jsonl")
+    assert written.endswith(b"\n")
+    assert written.split(b"\n")[:-1] == EXPECTED
+
+
+def test_each_line_is_the_canonical_form_and_hashes_without_its_hash(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    lines = _write(path).split(b"\n")[:-1]
+    assert len(lines) == len(_events())
+    prev = "0" * 64
+    for seq, line in enumerate(lines, 1):
+        record = json.loads(line)
+        assert canonical(record) == line  # sorted keys, compact, UTF-8 as is
+        claimed = record.pop("hash")
+        assert (record["seq"], record["prev"], record["node"]) == (seq, prev, "N1")
+        assert hashlib.sha256(canonical(record)).hexdigest() == claimed
+        prev = claimed
+    verify_chain(path)
