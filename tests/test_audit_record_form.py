@@ -13,6 +13,11 @@ from typing import Any
 
 from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, PatientId, Severity
 from gateway.audit.chain import canonical
+from gateway.audit.export.atna import atna_message
+from gateway.audit.export.cursor import Broken, Position, read_forward
+from gateway.audit.export.fhir import fhir_message
+from gateway.audit.export.record import Source, describe
+from gateway.audit.export.syslog import octet_counted, syslog_message
 from gateway.audit.verify import verify_chain
 from tests.clocks import TickingClock
 
@@ -103,6 +108,8 @@ def _events() -> list[AuditEvent]:
             EventType.TASK_FAILED,
             Outcome.FAILURE,
             Severity.WARNING,
+            actor="operator:o'brien <ob@example> & co (uid 1000)",
+            remote_address="[2001:db8::1]:50000",
             reason="x",
             detail={
                 "hash": "not the record's",
@@ -226,41 +233,41 @@ EXPECTED = [
         b',"prev":"eff692cced9c8a5661e1aff5a9f343d7a0ce3aa3d6ac85f31f575d60260802f4"'
         b',"reason":"peer said \\"503\\" \\\\ try later\\n\\ttab \\u0000\\u001f '
         + "\u2028 患者 é \U0001f600".encode()
-        + b'"'
-        b',"seq":7,"severity":"warning","time":"2026-12-05T01:02:03.007004+00:00"}'
+        + b'","seq":7,"severity":"warning","time":"2026-12-05T01:02:03.007004+00:00"}'
     ),
     (
-        b'{"detail":{"h":"","hasg":1,"hash":"not the record\'s","hasi":2,"message_id":"m"'
+        b'{"actor":"operator:o\'brien <ob@example> & co (uid 1000)","detail":{"h":""'
+        b',"hasg":1,"hash":"not the record\'s","hasi":2,"message_id":"m"'
         b',"nested":{"a":{"hash":"h"},"b":[1,{"a":true,"z":false}]},"node":"n"'
         b',"prev":"0000000000000000000000000000000000000000000000000000000000000000"'
         b',"seq":-1},"event":"daemon.task_failed"'
-        b',"hash":"9c91c765f6615c8d9f2076d1eba89a8244786361308e2ea0d6ae9a5909bdca58"'
+        b',"hash":"30abea6132c70ff476606068e5374e175c7fb06be17daecc4cf4e084773602a2"'
         b',"node":"N1","outcome":"failure"'
         b',"prev":"c2935513a882f83ec2e4b953eeb8e1f6ebf95f502e4510b817b1bb9f54bb7876"'
-        b',"reason":"x","seq":8,"severity":"warning"'
+        b',"reason":"x","remote_address":"[2001:db8::1]:50000","seq":8,"severity":"warning"'
         b',"time":"2026-12-05T01:02:03.008004+00:00"}'
     ),
     (
         b'{"call":["Dr. Tanaka (security) +81 3 0000 0000"],"direction":"inbound"'
         b',"event":"signature.failed"'
-        b',"hash":"7e6819ab1b3e8f11ed8303494a33b092ea60efd25c1b54639cba68f0c8971321"'
+        b',"hash":"b5290894a3e97ab085e3ad60d2abe913b187c47b4a7f090d9f3f9fbc46dabf36"'
         b',"message_id":"<m@x>","node":"N1","outcome":"failure","peer":"sakura"'
-        b',"prev":"9c91c765f6615c8d9f2076d1eba89a8244786361308e2ea0d6ae9a5909bdca58"'
+        b',"prev":"30abea6132c70ff476606068e5374e175c7fb06be17daecc4cf4e084773602a2"'
         b',"reason":"' + b"r" * 2000 + b'... [100 more characters]","seq":9,"severity":"alert"'
         b',"time":"2026-12-05T01:02:03.009004+00:00"}'
     ),
     (
         b'{"actor":"medgw","detail":{"version":"1.0"},"event":"daemon.started"'
-        b',"hash":"9d2b2d790ad4519cea654482fe6bf0f72425b46065040705441a5b753b1a0e0c"'
+        b',"hash":"5205b5af39ece3d14b6f3d9ae94eb0824b90c8207ec22a9cd0fdad4a79d7d263"'
         b',"node":"N1","outcome":"success"'
-        b',"prev":"7e6819ab1b3e8f11ed8303494a33b092ea60efd25c1b54639cba68f0c8971321"'
+        b',"prev":"b5290894a3e97ab085e3ad60d2abe913b187c47b4a7f090d9f3f9fbc46dabf36"'
         b',"seq":10,"severity":"info","time":"2026-12-05T01:02:03.010004+00:00"}'
     ),
     (
         b'{"event":"daemon.stopped"'
-        b',"hash":"eed15bcd61a70ccba9b11b89fa19bc7d2c532ab25b54cd8e30311410f8ca9b3a"'
+        b',"hash":"b0f485e417fe32bf65cedf32848045727438b578bad5e4e9e4dc7dbc43048708"'
         b',"node":"N1","outcome":"success"'
-        b',"prev":"9d2b2d790ad4519cea654482fe6bf0f72425b46065040705441a5b753b1a0e0c"'
+        b',"prev":"5205b5af39ece3d14b6f3d9ae94eb0824b90c8207ec22a9cd0fdad4a79d7d263"'
         b',"seq":11,"severity":"info","time":"2026-12-05T01:02:03.010004+00:00"}'
     ),
 ]
@@ -285,3 +292,58 @@ def test_each_line_is_the_canonical_form_and_hashes_without_its_hash(tmp_path: P
         assert hashlib.sha256(canonical(record)).hexdigest() == claimed
         prev = claimed
     verify_chain(path)
+
+
+# The export's frames of those records (syslog header, ATNA or FHIR body), as written
+# before its formatting was made cheaper: the first 16 hex digits of each one's SHA-256.
+FRAMES = {
+    "atna": [
+        "f097f85d35db2aef",
+        "c8f4c5eb82a1873c",
+        "7a1a2c6b98d10624",
+        "3ebc3c8a0f0c3b32",
+        "e2768165522066f0",
+        "4e2b73d49026d72d",
+        "1646a2e9930d3176",
+        "f68dd66058dc737e",
+        "dccecc7b105db6d3",
+        "f12128ce05ae512c",
+        "000178ce6b1748af",
+    ],
+    "fhir": [
+        "f287fbaa7534c75a",
+        "28dc2171b92c5b87",
+        "a00a57da983544e5",
+        "88495f4e290c544d",
+        "ad4abd9fa2b6c8bd",
+        "40bc4824f9a1277b",
+        "48d485977667bc16",
+        "3c904a3400361248",
+        "744bf280f67c92e4",
+        "2bb412c6a9a3e6c9",
+        "07276eace16d4717",
+    ],
+}
+
+
+def test_the_export_sends_the_records_as_before(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write(path)
+    broken: list[Broken] = []
+    reads = read_forward(path, Position(), 100, broken.append)
+    assert not broken and len(reads) == len(_events())
+    source = Source("N1", "Kita Lab")
+    for message_format, encode in (("atna", atna_message), ("fhir", fhir_message)):
+        frames = [
+            octet_counted(
+                syslog_message(
+                    read.record,
+                    encode(describe(read.record, source), source),
+                    hostname="gw-1.example",
+                    message_format=message_format,
+                )
+            )
+            for read in reads
+        ]
+        digests = [hashlib.sha256(frame).hexdigest()[:16] for frame in frames]
+        assert digests == FRAMES[message_format], frames
