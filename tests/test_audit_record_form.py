@@ -11,8 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gateway.audit import AuditEvent, AuditLog, EventType, Outcome, PatientId, Severity
-from gateway.audit.chain import canonical
+from gateway.audit.chain import canonical, hashed_line
 from gateway.audit.export.atna import atna_message
 from gateway.audit.export.cursor import Broken, Position, read_forward
 from gateway.audit.export.fhir import fhir_message
@@ -347,3 +350,26 @@ def test_the_export_sends_the_records_as_before(tmp_path: Path) -> None:
         ]
         digests = [hashlib.sha256(frame).hexdigest()[:16] for frame in frames]
         assert digests == FRAMES[message_format], frames
+
+
+# Keys around "hash" (before, after, prefixes, case), and values of every JSON kind.
+_keys = st.sampled_from(["hash ", "has", "hasg", "hasha", "hashz", "Hash", "h", "", "é", "~", "a"])
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(_keys | st.text(max_size=6), _values, max_size=8))
+def test_the_line_is_serialised_once_as_it_would_be_twice(record: dict[str, Any]) -> None:
+    """What the log hashes and writes equals the two serialisations it replaces: the
+    record without its hash, hashed; the record with it, written."""
+    record.pop("hash", None)
+    digest, line = hashed_line(record)
+    assert digest == hashlib.sha256(canonical(record)).hexdigest()
+    assert line == canonical({**record, "hash": digest})
+    assert (
+        canonical(record)
+        == json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    )

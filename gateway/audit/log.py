@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import threading
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from gateway.audit import rotation as steps  # by module: a crash test can stop between them
-from gateway.audit.chain import GENESIS, canonical
+from gateway.audit.chain import GENESIS, hashed_line
 from gateway.audit.events import AuditEvent, EventType
 from gateway.audit.files import closed_files, closed_name, trail_backwards
 from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
@@ -378,13 +377,13 @@ class AuditLog:
         record["node"] = self._node
         record["seq"] = self._seq + 1
         record["prev"] = self._prev
-        digest = hashlib.sha256(canonical(record)).hexdigest()
+        digest, line = hashed_line(record)
         record["hash"] = digest
         self._seq += 1
         self._prev = digest
         if self._day is None:
             self._day = datetime.fromisoformat(record["time"]).date()
-        return canonical(record) + b"\n"
+        return line + b"\n"
 
     def _checkpoint_line(self, sealer: Sealer, trigger: str) -> bytes:
         """A checkpoint sealing the records chained so far, chained on (``_lock`` held)."""
