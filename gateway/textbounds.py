@@ -34,6 +34,8 @@ def bounded(value: Any, *, limit: int = MAX_TEXT, depth: int = 0) -> Any:
         return value
     if isinstance(value, str):
         return clip(value, limit)
+    if kind is dict and depth < MAX_DEPTH and _flat_and_short(value, limit):
+        return value  # nothing to cut: what the copy below would be, without copying
     if isinstance(value, Mapping):
         if depth >= MAX_DEPTH:
             return clip(repr(value), limit)
@@ -54,3 +56,22 @@ def bounded(value: Any, *, limit: int = MAX_TEXT, depth: int = 0) -> Any:
             shown.append(f"... {len(items) - MAX_ITEMS} more items")
         return shown
     return value
+
+
+def _flat_and_short(value: dict[Any, Any], limit: int) -> bool:
+    """Whether ``value`` (a dict) holds nothing :func:`bounded` would change: at most
+    MAX_ITEMS items, each key a string of at most 200 characters, each value a string of
+    at most ``limit`` characters, a number, a bool or None.  The detail of almost every
+    audit record, looked at without a call per item."""
+    if len(value) > MAX_ITEMS:
+        return False
+    for key, item in value.items():
+        if type(key) is not str or len(key) > 200:
+            return False
+        kind = type(item)
+        if kind is str:
+            if len(item) > limit:
+                return False
+        elif not (item is None or kind is int or kind is bool or kind is float):
+            return False
+    return True

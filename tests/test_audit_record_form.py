@@ -22,6 +22,7 @@ from gateway.audit.export.fhir import fhir_message
 from gateway.audit.export.record import Source, describe
 from gateway.audit.export.syslog import octet_counted, syslog_message
 from gateway.audit.verify import verify_chain
+from gateway.textbounds import MAX_ITEMS, MAX_TEXT, bounded
 from tests.clocks import TickingClock
 
 MIC = "Qm9ndXMgbWljIGZvciB0ZXN0cw0KAAAAAAAAAAAAAAA=, sha-256"
@@ -350,6 +351,24 @@ def test_the_export_sends_the_records_as_before(tmp_path: Path) -> None:
         ]
         digests = [hashlib.sha256(frame).hexdigest()[:16] for frame in frames]
         assert digests == FRAMES[message_format], frames
+
+
+def test_a_flat_detail_is_cut_where_it_must_be() -> None:
+    """A detail of plain short values is taken as it is; anything bounded() cuts is still
+    cut: a long text, a long key, too many items, a key that is not a string."""
+    flat = {"a": "x", "n": 1, "f": 0.5, "b": True, "none": None}
+    assert bounded(flat) == flat
+    long_text = bounded({"k": "x" * (MAX_TEXT + 1)})
+    assert long_text == {"k": "x" * MAX_TEXT + "... [1 more characters]"}
+    long_key = bounded({"k" * 201: 1})
+    assert long_key == {"k" * 200 + "... [1 more characters]": 1}
+    many = bounded({str(i): i for i in range(MAX_ITEMS + 1)})
+    assert len(many) == MAX_ITEMS + 1 and many["..."] == "1 more items"
+    assert bounded({1: "a", "b": [1, "c"]}) == {"1": "a", "b": [1, "c"]}
+    record = AuditEvent(EventType.MESSAGE_SENT, detail={"k": "y" * (MAX_TEXT + 5)}).to_record(
+        datetime(2026, 12, 5, tzinfo=UTC)
+    )
+    assert record["detail"]["k"].endswith("... [5 more characters]")
 
 
 # Keys around "hash" (before, after, prefixes, case), and values of every JSON kind.

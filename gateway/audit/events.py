@@ -25,7 +25,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from gateway.textbounds import bounded
+from gateway.textbounds import MAX_TEXT, bounded
 
 
 class EventType(StrEnum):
@@ -205,15 +205,18 @@ class AuditEvent:
     def to_record(self, time: datetime) -> dict[str, Any]:
         record: dict[str, Any] = {
             "time": time.isoformat(timespec="microseconds"),
-            "event": self.event.value,
-            "outcome": self.outcome.value,
-            "severity": self.severity.value,
+            # The members' own values (a plain str): what .value reads, without the
+            # enum's descriptor, for every record.
+            "event": self.event._value_,
+            "outcome": self.outcome._value_,
+            "severity": self.severity._value_,
         }
-        keys = ("peer", "service", "message_id", "direction", "remote_address", "reason", "actor")
-        for key in keys:
+        for key in _TEXT_FIELDS:
             value = getattr(self, key)
             if value is not None:
-                record[key] = bounded(value)
+                # a short plain string, the common case, as bounded() would return it
+                short = type(value) is str and len(value) <= MAX_TEXT
+                record[key] = value if short else bounded(value)
         if self.patient_ids:
             record["patient_ids"] = [bounded(p.to_record()) for p in self.patient_ids]
         if self.call:
@@ -221,3 +224,7 @@ class AuditEvent:
         if self.detail:
             record["detail"] = bounded(self.detail)
         return record
+
+
+# The fields of a record that hold one text each, in the order they are filled in.
+_TEXT_FIELDS = ("peer", "service", "message_id", "direction", "remote_address", "reason", "actor")
