@@ -10,6 +10,7 @@ in the syslog structured data, so a collector can check the trail's order.
 
 from __future__ import annotations
 
+import re
 from xml.sax.saxutils import escape
 
 from gateway.audit.export.codes import DCM
@@ -18,7 +19,13 @@ from gateway.audit.export.record import Described, Source, clean
 EVENT_SCHEME = "urn:medgw:event"
 
 
+# What an attribute value cannot carry as it is: control characters (clean) and markup.
+_SPECIAL = re.compile(r'[\x00-\x1f\x7f&<>"]')
+
+
 def _quoted(value: str) -> str:
+    if _SPECIAL.search(value) is None:
+        return f'"{value}"'  # most values: names, codes, times; one look instead of five
     text = clean(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return '"' + text.replace('"', "&quot;") + '"'
 
@@ -37,69 +44,64 @@ def _code(tag: str, code: str, scheme: str, text: str) -> str:
     return _element(tag, {"csd-code": code, "codeSystemName": scheme, "originalText": text})
 
 
+# What is the same in every message, built once.
+_DCM_SCHEME = _quoted(DCM)
+_EVENT_SCHEME = _quoted(EVENT_SCHEME)
+_SOURCE_TYPE = _code("AuditSourceTypeCode", "4", DCM, "Application Server Process")
+_PATIENT_NUMBER = _code("ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
+_MESSAGE_ID_TYPE = _code("ParticipantObjectIDTypeCode", "message-id", "urn:medgw", "AS2 Message-ID")
+
+
 def atna_message(described: Described, source: Source) -> bytes:
     """Built as text, escaped here: a few times cheaper than an element tree, and the
-    export formats every record of the trail."""
+    export formats every record of the trail.  The attributes' names and fixed values
+    are written as they are; every value from the record goes through ``_quoted``."""
+    q = _quoted
     event_id = described.event_id
-    identification = _code("EventID", event_id.code, DCM, event_id.display) + _code(
-        "EventTypeCode", described.event, EVENT_SCHEME, described.event
+    event = q(described.event)
+    identification = (
+        f"<EventID csd-code={q(event_id.code)} codeSystemName={_DCM_SCHEME}"
+        f" originalText={q(event_id.display)}/>"
+        f"<EventTypeCode csd-code={event} codeSystemName={_EVENT_SCHEME} originalText={event}/>"
     )
     if described.reason is not None:
         identification += (
             f"<EventOutcomeDescription>{escape(described.reason)}</EventOutcomeDescription>"
         )
     parts = [
-        _element(
-            "EventIdentification",
-            {
-                "EventActionCode": described.action,
-                "EventDateTime": described.time,
-                "EventOutcomeIndicator": described.outcome,
-            },
-            identification,
-        )
+        f"<EventIdentification EventActionCode={q(described.action)}"
+        f" EventDateTime={q(described.time)} EventOutcomeIndicator={q(described.outcome)}>"
+        f"{identification}</EventIdentification>"
     ]
     for participant in described.participants:
-        attributes = {
-            "UserID": participant.user_id,
-            "UserIsRequestor": "true" if participant.requestor else "false",
-        }
-        if participant.address is not None:
-            attributes["NetworkAccessPointID"] = participant.address
-            attributes["NetworkAccessPointTypeCode"] = "2"  # an IP address
-        parts.append(_element("ActiveParticipant", attributes))
-    parts.append(
-        _element(
-            "AuditSourceIdentification",
-            {"AuditEnterpriseSiteID": source.site, "AuditSourceID": source.node},
-            _code("AuditSourceTypeCode", "4", DCM, "Application Server Process"),
+        requestor = "true" if participant.requestor else "false"
+        address = participant.address
+        where = (
+            ""
+            if address is None
+            else f' NetworkAccessPointID={q(address)} NetworkAccessPointTypeCode="2"'  # an IP
         )
+        parts.append(
+            f"<ActiveParticipant UserID={q(participant.user_id)}"
+            f' UserIsRequestor="{requestor}"{where}/>'
+        )
+    parts.append(
+        f"<AuditSourceIdentification AuditEnterpriseSiteID={q(source.site)}"
+        f" AuditSourceID={q(source.node)}>{_SOURCE_TYPE}</AuditSourceIdentification>"
     )
     for patient in described.patients:
         authority = patient.get("authority")
         identifier = f"{patient['id']}^^^{authority}" if authority else patient["id"]
-        parts.append(
-            _element(
-                "ParticipantObjectIdentification",
-                {
-                    "ParticipantObjectID": identifier,
-                    "ParticipantObjectTypeCode": "1",  # Person
-                    "ParticipantObjectTypeCodeRole": "1",  # Patient
-                },
-                _code("ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number"),
-            )
+        parts.append(  # a Person (1) in the role Patient (1)
+            f"<ParticipantObjectIdentification ParticipantObjectID={q(identifier)}"
+            ' ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="1">'
+            f"{_PATIENT_NUMBER}</ParticipantObjectIdentification>"
         )
     message_id = described.record.get("message_id")
     if message_id is not None:
-        parts.append(
-            _element(
-                "ParticipantObjectIdentification",
-                {
-                    "ParticipantObjectID": str(message_id),
-                    "ParticipantObjectTypeCode": "2",  # System Object
-                    "ParticipantObjectTypeCodeRole": "3",  # Report
-                },
-                _code("ParticipantObjectIDTypeCode", "message-id", "urn:medgw", "AS2 Message-ID"),
-            )
+        parts.append(  # a System Object (2) in the role Report (3)
+            f"<ParticipantObjectIdentification ParticipantObjectID={q(str(message_id))}"
+            ' ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">'
+            f"{_MESSAGE_ID_TYPE}</ParticipantObjectIdentification>"
         )
     return f"<AuditMessage>{''.join(parts)}</AuditMessage>".encode()

@@ -29,6 +29,8 @@ def _sd_value(value: object) -> str:
 
 def _header_field(value: str, limit: int) -> str:
     """A header field: printable US-ASCII without spaces, at most ``limit`` characters."""
+    if value.isascii() and value.isprintable() and " " not in value:
+        return value[:limit] or "-"  # all of it is (a record's time, a host name)
     text = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
     return text or "-"
 
