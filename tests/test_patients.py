@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.audit import PatientId
 from gateway.audit.patients import MAX_IDS, SCAN_BYTES, declared_patients, patients_in
@@ -52,6 +54,57 @@ def test_hl7v2_other_encoding_characters_are_honoured() -> None:
         ("X1", "AUTH", "MR"),
         ("X2", "AUTH", "PI"),
     ]
+
+
+def test_hl7v2_segments_are_found_after_any_line_break_and_only_at_a_line_start() -> None:
+    message = (
+        b"MSH|^~\\&|LIS|LAB\n"
+        b"OBX|1|ST|PID|x|PID|1||NOT-A-PATIENT\r\n"  # "PID" inside another segment
+        b"PID|1||P-1^^^AUTH^MR\r\r"
+        b"NTE|PID|1||NOT-EITHER\n\n"
+        b"PIDX|1||NOR-THIS\r"  # a segment whose name only begins with PID
+        b"PID|1||P-2^^^AUTH^PI\n"
+        b"MSH#!@$%#LIS#LAB\r"  # the next message of a batch, other separators
+        b"PID#1##P-3!!!AUTH!MR"  # the last line, with no line break after it
+    )
+    assert [(p.id, p.type) for p in patients_in(message)] == [
+        ("P-1", "MR"),
+        ("P-2", "PI"),
+        ("P-3", "MR"),
+    ]
+
+
+_SEGMENT = st.sampled_from(
+    [
+        "PID|1||A-1^^^AUTH^MR",
+        "PID|1|OLD-2|B-2~C-3^^^X&1.2.3&ISO^PI",
+        "PID|",
+        "OBX|1|NM|2345-7^GLUCOSE^LN||98",
+        "NTE|PID|1||Z-9",
+        "PIDX|1||Y-8",
+        "MSH|^~\\&|LIS|LAB",
+        "MSH#!@$%#LIS#LAB",
+        "PID#1##D-4!!!AUTH!MR",
+        "",
+    ]
+)
+
+
+@given(
+    st.lists(st.tuples(_SEGMENT, st.sampled_from(["\r", "\n", "\r\n", "\n\r", "\r\r"]))),
+)
+def test_hl7v2_patients_do_not_depend_on_line_breaks_or_other_segments(
+    lines: list[tuple[str, str]],
+) -> None:
+    """CR, LF or both between segments name the same patients, and so does the message
+    without the segments that are neither a header nor a PID."""
+    header = "MSH|^~\\&|LIS|LAB\r"
+    document = header + "".join(segment + end for segment, end in lines)
+    only_cr = header + "".join(segment + "\r" for segment, _ in lines)
+    kept = [s for s, _ in lines if s[:3] in ("MSH", "PID") and s[:4] != "PIDX"]
+    read = header + "\r".join(kept)
+    found = patients_in(document.encode())
+    assert found == patients_in(only_cr.encode()) == patients_in(read.encode())
 
 
 def test_cda_referral_letter_record_target_ids_only() -> None:

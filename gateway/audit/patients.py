@@ -128,8 +128,9 @@ def declared_patients(values: list[str]) -> tuple[PatientId, ...]:
 
 
 def _clean(text: str) -> str | None:
-    text = "".join(c for c in text if c.isprintable()).strip()
-    return text[:MAX_ID_CHARS] or None
+    if not text.isprintable():  # else all of it is kept: no look at each character
+        text = "".join(c for c in text if c.isprintable())
+    return text.strip()[:MAX_ID_CHARS] or None
 
 
 def unique_patients(found: list[PatientId]) -> tuple[PatientId, ...]:
@@ -153,12 +154,19 @@ def _add(
 # -- HL7 v2 ------------------------------------------------------------------
 
 
+# The segments _hl7v2 reads (a header, which sets the separators, or a PID), each after a
+# CR (the text begins with one, and its LFs are made CRs): the others (OBX, ...; most of a
+# message) are passed over by a search for one character, not split off one by one.
+_SEGMENTS = re.compile(r"\r((?:MSH|FHS|BHS|PID)[^\r]*)")
+
+
 def _hl7v2(data: bytes) -> list[PatientId]:
     """PID-3 (and PID-2) of every PID segment of a message or batch."""
     text = data.decode("latin-1")  # separators are ASCII; ids are decoded again below
     found: list[PatientId] = []
     field = component = repetition = escape = subcomponent = ""
-    for segment in re.split(r"[\r\n]+", text):
+    for match in _SEGMENTS.finditer("\r" + text.replace("\n", "\r")):
+        segment = match[1]
         if len(found) >= MAX_IDS * 4:
             break  # enough: the rest is not read
         name = segment[:3]
