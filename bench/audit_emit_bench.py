@@ -21,6 +21,10 @@ from the log, checks its chain link and formats it as an ATNA message in a
 syslog frame: the same functions the exporter's worker thread runs, timed over
 the records just written (the TLS write to the collector is left out).
 
+Patients: the identifiers read from a 4 KiB HL7 v2 message
+(gateway.audit.patients), as for every document's ``message.accepted`` and
+``message.received`` records; per document.
+
 Floor, measured in the same run: per record, ``json.dumps`` of the record as
 written (sorted keys, compact) and one SHA-256 of it: what any hash-chained
 JSON line costs at least.
@@ -30,7 +34,7 @@ rounds.  With ``--callgrind`` the same work is counted in instructions instead
 (deterministic whatever else the machine runs): the script runs itself once
 under ``valgrind --tool=callgrind --dump-before=os_getppid``, and calls
 ``os.getppid()`` between the parts (build the events; emit them; read them
-back; the floor; the export), so that callgrind writes each part's count
+back; the floor; the export; the patients), so that callgrind writes each part's count
 apart; the cost of such a boundary, measured alone, is taken off each.  Use a
 small ``--records`` there (the default, 500: a few minutes).
 """
@@ -57,6 +61,7 @@ from gateway.audit.export.atna import atna_message
 from gateway.audit.export.cursor import Position, read_forward
 from gateway.audit.export.record import Source, describe
 from gateway.audit.export.syslog import octet_counted, syslog_message
+from gateway.audit.patients import patients_in
 from gateway.audit.rotation import RotationSettings
 from gateway.config.emergency import EmergencySettings
 from gateway.daemon.observe import Observer
@@ -244,6 +249,25 @@ def floor(path: Path) -> float:
     return time.process_time() - began
 
 
+def hl7_document() -> bytes:
+    """A 4 KiB HL7 v2 result message (one patient), as the lab sends."""
+    head = (
+        b"MSH|^~\\&|LIS|KITA-LAB|HIS|SAKURA|20261205010203||ORU^R01|MSG0001|P|2.5\r"
+        b"PID|1||P-102938^^^1.2.392.200119.6.102.11310^MR||YAMADA^TARO||19700101|M\r"
+    )
+    return (head + b"OBX|1|NM|2345-7^GLUCOSE^LN||98|mg/dL|70-99|N|||F\r" * 80)[:4096]
+
+
+def scan(count: int) -> float:
+    """CPU seconds to read the patients of ``count`` documents (gateway.audit.patients:
+    for the message.accepted and message.received records, once per document)."""
+    document = hl7_document()
+    began = time.process_time()
+    for _ in range(count):
+        patients_in(document)
+    return time.process_time() - began
+
+
 def mark() -> None:
     """A boundary between measured parts: under callgrind (``--dump-before=os_getppid``)
     the counts so far are written out and started again from zero."""
@@ -267,6 +291,10 @@ def counted_run(folder: Path, count: int, fsync: bool) -> None:
     mark()  # the floor
     export(path, count)
     mark()  # the export
+    document = hl7_document()
+    for _ in range(count):
+        patients_in(document)
+    mark()  # the patients of as many documents
 
 
 def counted(count: int, fsync: bool) -> None:
@@ -288,21 +316,19 @@ def counted(count: int, fsync: bool) -> None:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.name.split(".")[-1]))
         totals = [_total(path) for path in dumps]
-    if len(totals) < 7:
-        raise SystemExit(f"callgrind wrote {len(totals)} dumps, not 7: is os_getppid visible?")
-    _, empty, _built, emit, _loaded, floor_, export_ = totals[:7]
-    per = {
-        name: (value - empty) / count
-        for name, value in (("emit", emit), ("floor", floor_), ("export", export_))
-    }
+    if len(totals) < 8:
+        raise SystemExit(f"callgrind wrote {len(totals)} dumps, not 8: is os_getppid visible?")
+    _, empty, _built, emit, _loaded, floor_, export_, scanned = totals[:8]
+    parts = (("emit", emit), ("floor", floor_), ("export", export_), ("patients", scanned))
+    per = {name: (value - empty) / count for name, value in parts}
     print(
         f"{count} records under callgrind, fsync {'on' if fsync else 'off'}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"  floor  json.dumps + sha256        {per['floor']:9.0f} instructions/record")
-    for name, label in (("emit", "daemon's sinks + AuditLog"), ("export", "read + check + ATNA")):
+    print(f"  floor    json.dumps + sha256        {per['floor']:9.0f} instructions/record")
+    for name, label in PARTS:
         print(
-            f"  {name:6} {label:26} {per[name]:9.0f} instructions/record  "
+            f"  {name:8} {label:26} {per[name]:9.0f} instructions/record  "
             f"{per[name] / per['floor']:5.2f} x floor"
         )
 
@@ -314,24 +340,32 @@ def _total(path: Path) -> int:
     raise SystemExit(f"no instruction count in {path}")
 
 
+PARTS = (
+    ("emit", "daemon's sinks + AuditLog"),
+    ("export", "read + check + ATNA"),
+    ("patients", "4 KiB HL7 v2, per doc"),
+)
+
+
 def timed(count: int, rounds: int, fsync: bool) -> None:
     batch = events(count)
-    best = {"emit": float("inf"), "export": float("inf"), "floor": float("inf")}
+    best = dict.fromkeys(("emit", "export", "floor", "patients"), float("inf"))
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
             spent, path = write(Path(tmp), batch, fsync)
             best["emit"] = min(best["emit"], spent)
             best["export"] = min(best["export"], export(path, count))
             best["floor"] = min(best["floor"], floor(path))
+            best["patients"] = min(best["patients"], scan(count))
     us = {name: seconds / count * 1e6 for name, seconds in best.items()}
     print(
         f"{count} records x {rounds} rounds, CPU best of the rounds, "
         f"fsync {'on' if fsync else 'off'}, load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"  floor  json.dumps + sha256        {us['floor']:7.2f} us/record")
-    for name, label in (("emit", "daemon's sinks + AuditLog"), ("export", "read + check + ATNA")):
+    print(f"  floor    json.dumps + sha256        {us['floor']:7.2f} us/record")
+    for name, label in PARTS:
         print(
-            f"  {name:6} {label:26} {us[name]:7.2f} us/record  "
+            f"  {name:8} {label:26} {us[name]:7.2f} us/record  "
             f"{us[name] / us['floor']:5.2f} x floor"
         )
 
