@@ -95,8 +95,7 @@ def restore_database(
     of the nodes' starts, no node connected, a new generation, then ``pg_restore``."""
     with pgspool.held(postgres) as conn:
         assert pgspool.nodes_connected(conn) == []
-        pgspool.new_generation(postgres)
-        pgspool.load(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
+        pgspool.replace_spool(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
 
 
 def dumped(postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path) -> Path:
@@ -167,8 +166,7 @@ def test_a_node_reconnecting_during_a_restore_waits_for_it_then_stops(
             node.take_in("<during@lab>", tmp_path)
         assert not isinstance(waiting.value, SpoolReplacedError)
         assert node.heard == []
-        pgspool.new_generation(postgres)
-        pgspool.load(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
+        pgspool.replace_spool(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
     wait_until(lambda: node.outcome() is SpoolReplacedError, 30, "the node told it was replaced")
     assert len(node.heard) == 1
 
@@ -184,6 +182,28 @@ def test_a_restore_refused_before_it_changed_anything_stops_no_node(
     wait_until(lambda: node.outcome() is None, 30, "the node served again")
     node.take_in("<two@lab>", tmp_path)
     assert node.heard == []
+
+
+def test_a_restore_whose_dump_could_not_be_loaded_stops_no_node(
+    node: Node,
+    cut: CommitCut,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+) -> None:
+    """pg_restore runs in one transaction: when it fails, the spool is as the nodes left
+    it, and a node cut off meanwhile goes on with it when it is back."""
+    node.take_in("<one@lab>", tmp_path)
+    cut_off(cut, node)
+    broken = tmp_path / "broken.pgdump"
+    broken.write_bytes(b"PGDMP" + bytes(range(256)) * 4)
+    with pytest.raises(pgspool.ToolError):
+        restore_database(postgres_server, postgres, broken)
+    cut.refuse = False
+    wait_until(lambda: node.outcome() is None, 30, "the node served again")
+    node.take_in("<two@lab>", tmp_path)
+    assert node.heard == []
+    assert [r.message_id for r in node.spool.all_outbound()] == ["<one@lab>", "<two@lab>"]
 
 
 def test_a_spool_from_before_the_generation_gets_one_at_its_first_start(

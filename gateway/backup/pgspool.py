@@ -310,12 +310,28 @@ def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
     _run([*argv, str(dump)], settings, "restore the spool")
 
 
-def new_generation(settings: PostgresSettings) -> None:
-    """Give the spool a new generation (gateway.spool.postgres.generation), while
-    :func:`held`: a node that ran before, unreachable meanwhile, stops once it reaches
-    the database again, instead of carrying on with what it held of the old spool."""
+def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
+    """While :func:`held`: give the spool a new generation (gateway.spool.postgres.
+    generation), so that a node that ran before, unreachable meanwhile, stops once it
+    reaches the database again instead of carrying on with what it held of the old
+    spool; then :func:`load` the dump.  A load that fails committed nothing (one
+    transaction): the generation is put back, and those nodes go on with the spool
+    they had (if it cannot be put back, they stop: the safe side)."""
     with connect(settings) as conn, conn.transaction():
-        generation.renew(InTransaction(conn))
+        db = InTransaction(conn)
+        before = generation.read(db)
+        generation.renew(db)
+    try:
+        load(settings, pg_restore, dump)
+    except BaseException:
+        if before is not None:
+            with (
+                contextlib.suppress(psycopg.Error),
+                connect(settings) as conn,
+                conn.transaction(),
+            ):
+                generation.put(InTransaction(conn), before)
+        raise
 
 
 def drop(settings: PostgresSettings) -> None:

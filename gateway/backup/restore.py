@@ -647,11 +647,10 @@ def _load_database(
     assert settings is not None
     pg_restore = _tool(config, "pg_restore")
     try:
-        # First: whatever pg_restore does (even fails after it committed), a node that
-        # ran on the spool before stops when it reaches it again.  No node passes that
-        # check before the lock this restore holds is released.
-        pgspool.new_generation(settings)
-        pgspool.load(settings, pg_restore, dump)
+        # A node that ran on the spool before stops when it reaches it again, unless the
+        # dump was not loaded at all.  No node passes that check before the lock this
+        # restore holds is released.
+        pgspool.replace_spool(settings, pg_restore, dump)
         pgspool.rewrite(settings, refreshed, _PATH_COLUMNS, lambda v: _moved(v, places))
     except (pgspool.ToolError, psycopg.Error, ValueError) as exc:
         said = exc.message if isinstance(exc, pgspool.ToolError) else str(exc)

@@ -35,18 +35,30 @@ def renew(db: Connection) -> str:
     """A fresh random token in place of the one there (the table made if missing), in
     the caller's transaction; the token."""
     token = secrets.token_hex(16)
-    db.execute(GENERATION_TABLE, ())
-    db.execute(f"DELETE FROM {TABLE}", ())  # noqa: S608
-    db.execute(f"INSERT INTO {TABLE} (token) VALUES (?)", (token,))  # noqa: S608
+    put(db, token)
     return token
 
 
-def current(db: Connection) -> str:
-    """The token (a new one if the spool has none yet: a spool made or upgraded now),
-    in the caller's transaction, which holds :data:`SCHEMA_LOCK`."""
+def put(db: Connection, token: str) -> None:
+    """``token`` in place of the one there (the table made if missing), in the caller's
+    transaction."""
+    db.execute(GENERATION_TABLE, ())
+    db.execute(f"DELETE FROM {TABLE}", ())  # noqa: S608
+    db.execute(f"INSERT INTO {TABLE} (token) VALUES (?)", (token,))  # noqa: S608
+
+
+def read(db: Connection) -> str | None:
+    """The token there, if the spool has one."""
     there = db.execute(f"SELECT to_regclass('{TABLE}') AS t", ()).fetchall()
     if there and there[0]["t"] is not None:
         rows = db.execute(READ, ()).fetchall()
         if len(rows) == 1:
             return str(rows[0]["token"])
-    return renew(db)
+    return None
+
+
+def current(db: Connection) -> str:
+    """The token (a new one if the spool has none yet: a spool made or upgraded now),
+    in the caller's transaction, which holds :data:`SCHEMA_LOCK`."""
+    token = read(db)
+    return token if token is not None else renew(db)
