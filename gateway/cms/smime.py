@@ -132,23 +132,37 @@ def sign_entity(
         boundary = "----=_medgw_" + secrets.token_hex(16)
         if boundary.encode("ascii") not in entity:
             break
+    head, tail = signed_frame(boundary, digest, signature)
+    return b"".join((head, entity, tail))  # one copy of the entity, not one per concatenation
+
+
+def signed_frame(boundary: str, digest: str, signature: bytes) -> tuple[bytes, bytes]:
+    """What goes before and after the entity in a ``multipart/signed`` (RFC 1847, RFC
+    8551) with ``boundary``, signed with ``digest``: its header and first delimiter, then
+    the detached ``signature`` part and the closing delimiter."""
     b = boundary.encode("ascii")
     micalg = DIGEST_TO_MICALG.get(digest, digest)
     head = (
         "Content-Type: multipart/signed; "
         f'protocol="application/pkcs7-signature"; micalg={micalg}; boundary="{boundary}"\r\n'
         "\r\n"
+        f"--{boundary}\r\n"
     ).encode("ascii")
-    sig_part = (
-        b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
-        b"Content-Transfer-Encoding: base64\r\n"
-        b'Content-Disposition: attachment; filename="smime.p7s"\r\n'
-        b"\r\n" + b64_lines(signature) + b"\r\n"
+    tail = b"".join(
+        (
+            b"\r\n--",
+            b,
+            b"\r\n",
+            b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n',
+            b"Content-Transfer-Encoding: base64\r\n",
+            b'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n',
+            b64_lines(signature),
+            b"\r\n--",
+            b,
+            b"--\r\n",
+        )
     )
-    # one copy of the entity, not one per concatenation
-    return b"".join(
-        (head, b"--", b, b"\r\n", entity, b"\r\n--", b, b"\r\n", sig_part, b"--", b, b"--\r\n")
-    )
+    return head, tail
 
 
 def decode_body(headers: Sequence[tuple[str, str]], body: bytes, what: str) -> bytes:

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 
 from ..errors import ContentChangedError, MalformedMessageError, SignatureError
 from ..fsutil import create_private, fsync_dir, open_source, partial_name
-from ..policy import DIGEST_TO_MICALG, DIGESTS, AlgorithmPolicy, PrivateKey
+from ..policy import DIGESTS, AlgorithmPolicy, PrivateKey
 from .common import hash_for
 from .decrypting import DecryptedFile, decrypt_file
 from .der import CHUNK as CHUNK  # the streaming chunk size, part of this module's interface
@@ -43,7 +43,7 @@ from .enveloping import encrypt_chunks
 from .limits import MAX_IN_MEMORY_ENTITY, MAX_SIGNATURE_PART
 from .mime import get_header, header_param, media_type, parse_entity
 from .signing import sign_digest
-from .smime import b64_lines, check_signature_part, decode_body, verify_entity
+from .smime import check_signature_part, decode_body, signed_frame, verify_entity
 from .trust import SignerValidator
 from .verification import VerifiedSignature, parse_signature, signer_digests, verify_digest
 
@@ -224,25 +224,7 @@ def _frame(
         signing_time=signing_time,
         policy=policy,
     )
-    micalg = DIGEST_TO_MICALG.get(digest, digest)
-    head = (
-        "Content-Type: multipart/signed; "
-        f'protocol="application/pkcs7-signature"; micalg={micalg}; boundary="{boundary}"\r\n'
-        "\r\n"
-        f"--{boundary}\r\n"
-    ).encode("ascii")
-    tail = (
-        b"\r\n--"
-        + b
-        + b"\r\n"
-        + b'Content-Type: application/pkcs7-signature; name="smime.p7s"\r\n'
-        + b"Content-Transfer-Encoding: base64\r\n"
-        + b'Content-Disposition: attachment; filename="smime.p7s"\r\n\r\n'
-        + b64_lines(signature)
-        + b"\r\n--"
-        + b
-        + b"--\r\n"
-    )
+    head, tail = signed_frame(boundary, digest, signature)
     return _SignedFrame(head, tail, size, entity_digest, digest)
 
 
