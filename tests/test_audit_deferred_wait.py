@@ -222,3 +222,23 @@ def test_a_wait_interrupted_by_anything_is_not_taken_for_durable_when_asked_agai
         pending.wait()
     with pytest.raises(KeyboardInterrupt):
         pending.wait()
+
+
+def test_a_record_whose_seq_was_edited_is_checked_not_held_back_as_not_yet_durable(
+    tmp_path: Path,
+) -> None:
+    """Reading up to the durable mark goes by where the chain is: a record whose seq was
+    edited to a number beyond the mark is read, and reported, as any edit is; the
+    records after it are read too."""
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, SystemClock(), node="hospital")
+    for note in "abcdef":
+        audit.emit(_event(note))
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b'"seq":4,', b'"seq":1000000000,', 1)
+    path.write_bytes(b"".join(lines))
+    broken: list[Broken] = []
+    seen = read_forward(path, Position(), 100, broken.append, audit.durable_seq())
+    assert [read.record["detail"]["note"] for read in seen] == list("abcdef")
+    assert [b.seq for b in broken][:1] == [1000000000]
+    audit.close()

@@ -227,7 +227,10 @@ class _Reader:
             if rereading and number is not None and number <= self._sent:
                 self.prev, self.seq = str(record.get("hash")), number  # sent before: skip
                 continue
-            if self._through is not None and (number or self.seq + 1) > self._through:
+            # Held back by where the chain is, never by the seq a record claims: an edited
+            # seq must not hide the record (and all after it) from the check.
+            at = self.seq + 1 if number is None else min(number, self.seq + 1)
+            if self._through is not None and at > self._through:
                 self.held = True  # not durable yet: read again later
                 break
             rereading = False
