@@ -206,6 +206,82 @@ def test_a_restore_whose_dump_could_not_be_loaded_stops_no_node(
     assert [r.message_id for r in node.spool.all_outbound()] == ["<one@lab>", "<two@lab>"]
 
 
+def wrapped_pg_restore(postgres_server: PostgresServer, folder: Path, after: str) -> str:
+    """A ``pg_restore`` in ``folder`` (where a restore finds it: ``[backup] pg_bin_dir``,
+    else PATH) that runs the real one, then, if that succeeded, runs ``after`` (a shell
+    command: how it ends)."""
+    folder.mkdir()
+    wrapper = folder / "pg_restore"
+    real = postgres_server.bin / "pg_restore"
+    wrapper.write_text(f'#!/bin/sh\n"{real}" "$@" || exit $?\n{after}\n')
+    wrapper.chmod(0o755)
+    return pgspool.tool("pg_restore", folder)
+
+
+@pytest.mark.parametrize("end", ["kill -KILL $$", "exit 1"], ids=["killed", "failed"])
+def test_a_restore_whose_pg_restore_ends_badly_after_its_commit_replaced_the_spool(
+    node: Node,
+    cut: CommitCut,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+    end: str,
+) -> None:
+    """pg_restore's transaction committed, then it was killed (or failed) before it
+    exited: the spool is the dump's, and the restore is done.  A node cut off meanwhile
+    stops when it is back: its claims and leases are of the spool that is gone."""
+    node.take_in("<one@lab>", tmp_path)
+    dump = dumped(postgres_server, postgres, tmp_path)
+    node.take_in("<two@lab>", tmp_path)  # beyond the dump
+    cut_off(cut, node)
+    pg_restore = wrapped_pg_restore(postgres_server, tmp_path / "bin", end)
+    wait_until(lambda: sessions(postgres_server, postgres, "lab-a") == 0, 30, "sessions ended")
+    with pgspool.held(postgres) as conn:
+        assert pgspool.nodes_connected(conn) == []
+        pgspool.replace_spool(postgres, pg_restore, dump)
+    cut.refuse = False
+    wait_until(lambda: node.outcome() is SpoolReplacedError, 30, "the node told it was replaced")
+    assert len(node.heard) == 1
+    again = Node(postgres, cut, "lab-a")
+    try:
+        assert [r.message_id for r in again.spool.all_outbound()] == ["<one@lab>"]
+    finally:
+        again.spool.close()
+
+
+def test_a_load_that_failed_in_its_transaction_puts_the_generation_back(
+    node: Node,
+    cut: CommitCut,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+) -> None:
+    """pg_restore started its transaction and failed in it (a table it must replace is
+    held by another object of the database): nothing of it committed, and a node cut
+    off meanwhile goes on with its spool."""
+    node.take_in("<one@lab>", tmp_path)
+    dump = dumped(postgres_server, postgres, tmp_path)
+    node.take_in("<two@lab>", tmp_path)
+    cut_off(cut, node)
+    with postgres_server.admin(postgres.dbname) as admin:
+        admin.execute("CREATE VIEW waiting AS SELECT message_id FROM outbound")
+    pg_restore = wrapped_pg_restore(postgres_server, tmp_path / "bin", "exit 0")
+    with (
+        pytest.raises(pgspool.ToolError, match=r"DROP TABLE IF EXISTS public\.outbound"),
+        pgspool.held(postgres),
+    ):
+        pgspool.replace_spool(postgres, pg_restore, dump)
+    cut.refuse = False
+    wait_until(lambda: node.outcome() is None, 30, "the node served again")
+    node.take_in("<three@lab>", tmp_path)
+    assert node.heard == []
+    assert [r.message_id for r in node.spool.all_outbound()] == [
+        "<one@lab>",
+        "<two@lab>",
+        "<three@lab>",
+    ]
+
+
 def test_a_spool_from_before_the_generation_gets_one_at_its_first_start(
     postgres_server: PostgresServer, postgres: PostgresSettings, cut: CommitCut, tmp_path: Path
 ) -> None:

@@ -314,24 +314,63 @@ def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> No
     """While :func:`held`: give the spool a new generation (gateway.spool.postgres.
     generation), so that a node that ran before, unreachable meanwhile, stops once it
     reaches the database again instead of carrying on with what it held of the old
-    spool; then :func:`load` the dump.  A load that fails committed nothing (one
-    transaction): the generation is put back, and those nodes go on with the spool
-    they had (if it cannot be put back, they stop: the safe side)."""
+    spool; then :func:`load` the dump.
+
+    Whether the dump was loaded is read from the database, not from how ``pg_restore``
+    ended: killed (or failing) after its transaction committed, it leaves the spool
+    replaced, and that is a restore done.  A load that committed nothing (one
+    transaction) puts the generation back, and those nodes go on with the spool they
+    had; if it cannot be told which (the database does not answer), the new generation
+    stays and they stop: the safe side."""
     with connect(settings) as conn, conn.transaction():
         db = InTransaction(conn)
         before = generation.read(db)
+        tables = _relations(conn)
         generation.renew(db)
     try:
         load(settings, pg_restore, dump)
-    except BaseException:
-        if before is not None:
+    except BaseException as exc:
+        loaded = _loaded(settings, tables)
+        if loaded is False and before is not None:
             with (
                 contextlib.suppress(psycopg.Error),
                 connect(settings) as conn,
                 conn.transaction(),
             ):
                 generation.put(InTransaction(conn), before)
+        if loaded and isinstance(exc, ToolError):
+            return  # what pg_restore did after its commit changes nothing of the spool
         raise
+
+
+def _relations(conn: psycopg.Connection[dict[str, Any]]) -> dict[str, int]:
+    """The spool's tables there now, and the identifier (oid) of each."""
+    found = {}
+    for table in TABLES:
+        row = conn.execute("SELECT to_regclass(%s)::oid AS oid", (table,)).fetchone()
+        if row is not None and row["oid"] is not None:
+            found[table] = int(row["oid"])
+    return found
+
+
+def _loaded(settings: PostgresSettings, before: Mapping[str, int]) -> bool | None:
+    """Whether the transaction of a ``pg_restore`` that did not end well committed: it
+    drops the spool's tables and creates them again (``--clean``), so a table that is
+    not the one of ``before`` (its tables before the load) is the dump's.  None: it
+    cannot be told (no table before, or the database does not answer).
+
+    The tables are locked first: a ``pg_restore`` killed while its COMMIT was on the way
+    leaves a server process that may still be committing, and it holds them until it
+    is done, either way."""
+    if not before:
+        return None
+    try:
+        with connect(settings) as conn, conn.transaction():
+            names = ", ".join(before)
+            conn.execute(f"LOCK TABLE {names} IN ACCESS SHARE MODE")
+            return _relations(conn) != before
+    except psycopg.Error:
+        return None
 
 
 def drop(settings: PostgresSettings) -> None:
