@@ -103,6 +103,10 @@ class EventType(StrEnum):
     HTTP_REQUEST_REFUSED = "http.request_refused"
     # A signed checkpoint sealing every record before it (gateway.audit.seal).
     AUDIT_CHECKPOINT = "audit.checkpoint"
+    # A record left unfinished by a kill or a power cut, cut off the trail's file at the
+    # next start (its bytes' size, hash and beginning in detail): the chain goes on from
+    # the last complete record.
+    AUDIT_RECORD_CUT_SHORT = "audit.record_cut_short"
     # Export to the hospital's monitoring (gateway.audit.export)
     EXPORT_INTERRUPTED = "audit.export_interrupted"  # the collector cannot be reached
     EXPORT_RESUMED = "audit.export_resumed"  # it can again; what waited is being sent

@@ -36,6 +36,12 @@ and written before the next record, in the same write: so the trail never goes o
 a record it lacks, and a kill meanwhile leaves them to the start's check (the changes
 made since the trail's last record).  Each carries ``detail.first_tried_at``.
 
+A record the process was writing when it died (a kill can stop ``write`` at a page
+boundary; a power cut can keep part of what was not synced) is an unfinished last line.
+The next open cuts it off and owes the trail an ``audit.record_cut_short`` record of its
+size, hash and beginning, written first by the next write: every line of the file stays
+a record of the chain, and the unfinished one is accounted for.
+
 With rotation settings, the file is closed when it reaches a size or when the
 first record of a new UTC day is written (gateway.audit.rotation): sealed by a
 checkpoint, synced, renamed to its closed name (gateway.audit.files), and the
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import threading
@@ -58,7 +65,7 @@ from typing import Any, NamedTuple, Protocol
 
 from gateway.audit import rotation as steps  # by module: a crash test can stop between them
 from gateway.audit.chain import GENESIS, hashed_line
-from gateway.audit.events import AuditEvent, EventType
+from gateway.audit.events import AuditEvent, EventType, Severity
 from gateway.audit.files import closed_files, closed_name, trail_backwards
 from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CHECKPOINT_EVENT, Sealer
@@ -142,7 +149,6 @@ class AuditLog:
     ) -> None:
         self._path = path
         self._owes = owed  # whether a record whose write failed is kept, to be written later
-        self._owed: list[tuple[AuditEvent, datetime]] = []  # each with when it was first tried
         self._clock = clock
         self._node = node
         self._sync = sync
@@ -154,8 +160,12 @@ class AuditLog:
         self._seq, self._prev, self._sealed = self._tail(path)
         self._fd = steps.open_current(path)
         self._torn: int | None = None  # size to cut the file back to before the next record
-        if path.stat().st_size and not _ends_with_newline(path):
-            os.write(self._fd, b"\n")  # end a record torn by a crash; the chain shows it
+        # What the next write records first: records the gateway owes the trail, each
+        # with when it was first tried.
+        self._owed: list[tuple[AuditEvent, datetime]] = []
+        cut = _cut_torn_tail(path, self._fd)  # a record a kill or a power cut left unfinished
+        if cut is not None:
+            self._owed.append((cut.event(path), clock.now()))
         self._sync(self._fd)
         self._size = os.fstat(self._fd).st_size  # of the current file
         self._day = _first_day(path)  # when its first record was written (None: empty)
@@ -540,10 +550,65 @@ def _first_day(path: Path) -> date | None:
         return None
 
 
-def _ends_with_newline(path: Path) -> bool:
+class _CutShort(NamedTuple):
+    """The unfinished last line of the trail's current file, cut off at start."""
+
+    offset: int  # where it began: the file's size now
+    size: int  # how many bytes it had
+    sha256: str  # of those bytes
+    start: bytes  # the first TORN_KEPT of them
+
+    def event(self, path: Path) -> AuditEvent:
+        """Its record: what was cut off, so that nothing leaves the file unaccounted."""
+        return AuditEvent(
+            EventType.AUDIT_RECORD_CUT_SHORT,
+            severity=Severity.WARNING,
+            reason=(
+                "a record being written when the gateway was stopped (killed, or the host "
+                "lost power) was left unfinished: it was never complete, so never "
+                "acknowledged; its bytes were cut off the file at start and are kept here"
+            ),
+            detail={
+                "file": str(path),
+                "offset": self.offset,
+                "size": self.size,
+                "sha256": self.sha256,
+                "text": self.start.decode("utf-8", "backslashreplace"),
+            },
+        )
+
+
+TORN_KEPT = 1024  # bytes of an unfinished line kept in its record (all of it by its hash)
+
+
+def _cut_torn_tail(path: Path, fd: int, block: int = 1 << 16) -> _CutShort | None:
+    """Cut off what follows the last newline of the file at ``path`` (open for writing
+    as ``fd``): a record the process was writing when it died (``write`` can stop at a
+    page boundary on a kill, and a power cut can keep part of what was not yet synced).
+    Returns what it was.  Every complete record ends with its newline, so nothing
+    complete is cut."""
     with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
+        size = os.fstat(handle.fileno()).st_size
+        end = size  # the torn part begins here
+        while end > 0:
+            start = max(0, end - block)
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end == size:
+            return None
+        digest = hashlib.sha256()
+        handle.seek(end)
+        kept = handle.read(TORN_KEPT)
+        digest.update(kept)
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    os.ftruncate(fd, end)
+    return _CutShort(end, size - end, digest.hexdigest(), kept)
 
 
 def last_record_time(path: Path, block: int = 1 << 16) -> datetime | None:

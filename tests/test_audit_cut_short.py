@@ -1,0 +1,130 @@
+"""A record the process was writing when it died (``write`` stops at a page boundary on
+SIGKILL; a power cut keeps part of what was not synced) is cut off the trail at the next
+start and accounted for by an ``audit.record_cut_short`` record: the trail stays one
+verifiable chain, every line of it a record, and no false alarm of tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.audit import AuditEvent, AuditLog, EventType, verify_chain
+from gateway.audit.log import TORN_KEPT
+from gateway.demo_run import read_audit
+from gateway.pki.demo import DemoLayout
+from tests.audit_writer import StepClock
+from tests.cli import medgw
+from tests.helpers.audit import wait_for_event
+
+
+def write_trail(path: Path, count: int) -> list[bytes]:
+    """``count`` records in a new trail at ``path``; their lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = AuditLog(path, StepClock(datetime(2026, 12, 6, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    for n in range(count):
+        log.emit(AuditEvent(EventType.MESSAGE_SENT, peer="lab", message_id=f"<{n}@x>"))
+    log.close()
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def unfinished(tmp_path: Path, length: int) -> bytes:
+    """The first ``length`` bytes of a real record's line: what a killed write leaves."""
+    line = write_trail(tmp_path / "other" / "audit.jsonl", 1)[0]
+    assert length < len(line)
+    return line[:length]
+
+
+def test_an_unfinished_last_line_is_cut_off_and_recorded_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    trail = tmp_path / "audit" / "audit.jsonl"
+    lines = write_trail(trail, 5)
+    torn = unfinished(tmp_path, 180)
+    with trail.open("ab") as handle:
+        handle.write(torn)
+    size = trail.stat().st_size - len(torn)
+
+    log = AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    # Nothing is written before the next record: a start's look at where the trail
+    # ended (what the recovery must record) still sees the last complete record.
+    assert trail.read_bytes() == b"".join(lines)
+    log.emit(AuditEvent(EventType.DAEMON_STARTED))
+    log.close()
+
+    assert verify_chain(trail) == 7
+    records = read_audit(trail)  # every line a record
+    assert [r["seq"] for r in records] == list(range(1, 8))
+    assert trail.read_bytes().startswith(b"".join(lines))
+    cut, started = records[5], records[6]
+    assert cut["event"] == "audit.record_cut_short" and cut["severity"] == "warning"
+    assert cut["detail"]["offset"] == size
+    assert cut["detail"]["size"] == len(torn)
+    assert cut["detail"]["sha256"] == hashlib.sha256(torn).hexdigest()
+    assert cut["detail"]["text"] == torn.decode()
+    assert cut["detail"]["file"] == str(trail)
+    assert "unfinished" in cut["reason"]
+    assert started["event"] == "daemon.started" and started["prev"] == cut["hash"]
+
+
+def test_a_long_unfinished_line_is_kept_by_its_beginning_and_its_hash(tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    write_trail(trail, 2)
+    # Longer than one block read backwards, with no newline in it; not UTF-8 at its end.
+    torn = b'{"detail":{"text":"' + b"x" * 70_000 + b"\xe3\x81"
+    with trail.open("ab") as handle:
+        handle.write(torn)
+    log = AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    log.close()  # closing writes what is owed: the record of the cut
+
+    assert verify_chain(trail) == 3
+    cut = read_audit(trail)[2]
+    assert cut["detail"]["size"] == len(torn)
+    assert cut["detail"]["sha256"] == hashlib.sha256(torn).hexdigest()
+    assert cut["detail"]["text"] == torn[:TORN_KEPT].decode()
+
+
+def test_a_trail_that_is_only_an_unfinished_line_starts_again_from_its_first_record(
+    tmp_path: Path,
+) -> None:
+    trail = tmp_path / "audit.jsonl"
+    torn = unfinished(tmp_path, 90)
+    trail.write_bytes(torn)
+    log = AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    log.emit(AuditEvent(EventType.DAEMON_STARTED))
+    log.close()
+    assert verify_chain(trail) == 2
+    first, second = read_audit(trail)
+    assert first["seq"] == 1 and first["event"] == "audit.record_cut_short"
+    assert first["detail"] == {
+        "file": str(trail),
+        "offset": 0,
+        "size": 90,
+        "sha256": hashlib.sha256(torn).hexdigest(),
+        "text": torn.decode(),
+        "first_tried_at": first["detail"]["first_tried_at"],
+    }
+    assert second["event"] == "daemon.started"
+
+
+def test_the_daemon_started_after_a_kill_mid_record_keeps_a_verifiable_trail(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """The daemon checks its trail at start: an unfinished record is no tampering."""
+    trail = layout.hospital.audit_log
+    write_trail(trail, 4)
+    torn = unfinished(tmp_path, 200)
+    with trail.open("ab") as handle:
+        handle.write(torn)
+
+    processes.start(layout.hospital.config_path)
+    started = wait_for_event(trail, "daemon.started")
+    verified = medgw("audit", "verify", "--config", layout.hospital.config_path)
+    assert verified.returncode == 0, verified.stderr
+    events = [r["event"] for r in read_audit(trail)]
+    assert events[4] == "audit.record_cut_short"
+    assert "audit.verification_failed" not in events
+    assert started["seq"] > 5
+    assert all(json.loads(line) for line in trail.read_bytes().splitlines())
