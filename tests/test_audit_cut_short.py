@@ -11,8 +11,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.audit import AuditEvent, AuditLog, EventType, verify_chain
 from gateway.audit.log import TORN_KEPT
+from gateway.audit.verify import AuditChainError, verify_trail
 from gateway.demo_run import read_audit
 from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock
@@ -128,3 +131,33 @@ def test_the_daemon_started_after_a_kill_mid_record_keeps_a_verifiable_trail(
     assert "audit.verification_failed" not in events
     assert started["seq"] > 5
     assert all(json.loads(line) for line in trail.read_bytes().splitlines())
+
+
+def test_audit_verify_reads_an_unfinished_last_line_as_no_record_yet(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Before the next start (or while a record is being written as the trail is read),
+    the unfinished line is at the end of the file: not a record, not a fault."""
+    trail = layout.hospital.audit_log
+    write_trail(trail, 3)
+    torn = unfinished(tmp_path, 150)
+    with trail.open("ab") as handle:
+        handle.write(torn)
+    before = trail.read_bytes()
+
+    verified = medgw("audit", "verify", "--config", layout.hospital.config_path)
+    assert verified.returncode == 0, verified.stderr
+    assert "3 records, hash chain intact" in verified.stdout
+    assert "the last line (150 bytes) is unfinished, not a record" in verified.stdout
+    assert trail.read_bytes() == before  # a check changes nothing
+
+
+def test_an_unfinished_line_in_a_closed_file_is_still_a_fault(tmp_path: Path) -> None:
+    """Only the newest file's end can be a record being written: a closed file is whole."""
+    closed = tmp_path / "audit-1.jsonl"
+    newest = tmp_path / "audit-2.jsonl"
+    lines = write_trail(tmp_path / "whole.jsonl", 4)
+    closed.write_bytes(b"".join(lines[:2]) + lines[2][:100])
+    newest.write_bytes(b"".join(lines[2:]))
+    with pytest.raises(AuditChainError, match=f"{closed}:3: not an audit record"):
+        verify_trail([closed, newest])

@@ -52,6 +52,10 @@ class TrailReport:
     # The record that says the files before first_seq were disposed of (retention)
     # and names first_seq's predecessor; None: no such record.
     disposal_record: int | None = None
+    # Bytes of an unfinished last line of the newest file, not ended by its newline: a
+    # record being written as the trail was read, or one a kill left (the next start
+    # cuts it off and records audit.record_cut_short).  Not a record: not checked.
+    unfinished: int = 0
 
     @property
     def unsealed(self) -> int:
@@ -87,10 +91,15 @@ def verify_trail(
     before: Path | None = None  # the file before this one
     first_prev: str | None = None
     disposal: int | None = None
-    for path in paths:
+    unfinished = 0
+    for index, path in enumerate(paths):
         starting = before is not None
+        newest = index == len(paths) - 1
         with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
+                if newest and not line.endswith(b"\n"):
+                    unfinished = len(line)  # the end of the file: not a record (yet)
+                    break
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
@@ -152,7 +161,9 @@ def verify_trail(
             "records were cut off the end (or the file holding them was not given)",
             fix=FIX,
         )
-    return TrailReport(count, first, expected - 1, checkpoints, last, bool(keys), disposal)
+    return TrailReport(
+        count, first, expected - 1, checkpoints, last, bool(keys), disposal, unfinished
+    )
 
 
 def _explains_start(record: dict[str, Any], first: int, first_prev: str | None) -> bool:

@@ -422,4 +422,10 @@ def _describe(shown: str, report: TrailReport) -> list[str]:
             f"not yet sealed: {report.unsealed} records after "
             f"{f'record {last.seq}' if last else 'the start'} (no checkpoint covers them yet)"
         )
+    if report.unfinished:
+        lines.append(
+            f"the last line ({report.unfinished} bytes) is unfinished, not a record: being "
+            "written as the trail was read, or left by a kill or a power cut (the next start "
+            "cuts it off and records audit.record_cut_short)"
+        )
     return lines
