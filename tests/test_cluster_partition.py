@@ -27,6 +27,7 @@ import pytest
 from gateway.atrest import KeyStore, Vault
 from gateway.audit import AuditLog
 from gateway.config import load_config
+from gateway.config.spool import SpoolSettings
 from gateway.demo_run import drop_file
 from gateway.errors import SpoolOutcomeUnknownError, SpoolUnreachableError
 from gateway.logs import make_logger
@@ -310,11 +311,11 @@ def test_a_take_another_node_failed_before_preparing_it_keeps_its_file_and_is_se
 ) -> None:
     """As above, its copy never written; b claimed the intake a left and, killed before
     giving it back and started again, holds it under its own name and cannot tell the
-    document is out of its reach: it fails it ("the document vanished between outbox
-    and spool").  The file in a's outbox is then the document's only copy: a, reaching
-    the database again (still ``running``, or ``restarted`` after a kill), keeps it
-    and takes it in as a new message (the failed one was never prepared, and a retry
-    cannot send it): the document is sent once."""
+    document is out of its reach: it fails it (its alert: the test below).  The file in
+    a's outbox is then the document's only copy: a, reaching the database again (still
+    ``running``, or ``restarted`` after a kill), keeps it and takes it in as a new
+    message (the failed one was never prepared, and a retry cannot send it): the
+    document is sent once."""
     a, b = cluster.a, cluster.b
     intake = OutboxIntake(a.context, Sealer(a.context))
     message_id, document = _large_claimed_by_b(cluster, intake)
@@ -336,3 +337,67 @@ def test_a_take_another_node_failed_before_preparing_it_keeps_its_file_and_is_se
     assert [e["message_id"] for e in events(a.trail, "message.accepted")] == [sent.message_id]
     assert asyncio.run(intake.intake_once()) == 0
     assert len(b.spool.all_outbound()) == 2
+
+
+def test_a_take_another_node_held_without_bodies_dir_is_failed_saying_where_it_is(
+    cluster: Cluster, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """Without ``[cluster] bodies_dir`` each node keeps its copies in its own state
+    folder.  b, on a host of its own, claimed at its start the intake a left and was
+    killed before giving it back; started again, its recovery holds it under b's name
+    and cannot reach the document.  Its alert says so (and where the document is, and
+    what brings it out), not that the document vanished: it did not, a takes the file
+    still in its outbox in again when it reaches the database, and it is sent."""
+    a, b = cluster.a, cluster.b
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    message_id, _ = _large_claimed_by_b(cluster, intake)
+
+    host = tmp_path / "b-host"
+    storage = replace(
+        b.context.config.storage,
+        state_dir=host / "state",
+        outbox_dir=host / "outbox",
+        inbox_dir=host / "inbox",
+        audit_log=host / "audit" / "audit.jsonl",
+    )
+    for folder in (storage.state_dir, storage.outbox_dir, storage.inbox_dir):
+        folder.mkdir(parents=True)
+    config = replace(b.context.config, storage=storage, spool=SpoolSettings("postgresql", postgres))
+    assert config.cluster.bodies_dir is None
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=cluster.clock.now()))
+    trail = host / "audit" / "audit.jsonl"
+    audit = AuditLog(trail, cluster.clock, node="b")
+    # b's start again, on its host, where a's outbox is not (its path here is a's).
+    away = tmp_path / "on-a-host-only"
+    (cluster.outbox / "rx.hl7").rename(away)
+    try:
+        context = Context(
+            Settings(config, trust),
+            b.spool,
+            audit,
+            make_logger(stream=io.StringIO()),
+            cluster.clock,
+            b.context.vault,
+        )
+        asyncio.run(Recovery(context, Sealer(context)).recover())
+    finally:
+        audit.close()
+        away.rename(cluster.outbox / "rx.hl7")  # the same file (its identity kept)
+    [failed] = events(trail, "message.failed")
+    assert failed["message_id"] == message_id and failed["severity"] == "alert"
+    assert "vanished" not in failed["reason"]
+    assert "neither in this node's (b) state folder nor in its outbox" in failed["reason"]
+    assert "without [cluster] bodies_dir" in failed["reason"]
+    assert "another node took it in" in failed["reason"]
+    fix = failed["detail"]["fix"]
+    assert f"medgw queue retry {message_id}" in fix and "set [cluster] bodies_dir" in fix
+    assert "taken in again as a new message" in fix
+
+    # As the fix says: a, reaching the database again, takes its outbox file in again.
+    cluster.cut.refuse = False
+    assert asyncio.run(intake.intake_once()) == 1
+    rows = {r.message_id: r for r in b.spool.all_outbound()}
+    assert rows.pop(message_id).state is OutboundState.FAILED
+    [sent] = rows.values()
+    assert (sent.state, sent.queued_by) == (OutboundState.QUEUED, "a")
+    assert not (cluster.outbox / "rx.hl7").exists()

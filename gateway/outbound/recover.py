@@ -411,12 +411,40 @@ class Recovery:
             submitter = await self._ctx.in_thread(self._ctx.spool.submitter, record.message_id)
             await self._sealer.prepare(record, peer, submitted_by=submitter)
         else:
-            reason = (
-                "peer no longer configured"
-                if peer is None
-                else "the document vanished between outbox and spool"
-            )
-            await self._ctx.in_thread(self._fail, record, reason)
+            reason, fix = "peer no longer configured", None
+            if peer is not None:
+                reason, fix = self._out_of_reach(record)
+            await self._ctx.in_thread(self._fail, record, reason, fix)
+
+    def _out_of_reach(self, record: OutboundRecord) -> tuple[str, str | None]:
+        """Why an interrupted intake this node holds has no document here, and the fix.
+
+        Nodes sharing the spool without a shared bodies folder each keep the copies of
+        what they take in in their own state folder: one this node claimed (another
+        node's, left when that node stopped) and did not give back before it was
+        stopped itself is held here now under this node's name, and which node took it
+        in is not known.  Its document is most likely safe on that node, not lost."""
+        config = self._ctx.config
+        if config.spool.postgres is None or config.cluster.bodies_dir is not None:
+            return "the document vanished between outbox and spool", None
+        retry = f"medgw queue retry {record.message_id}"
+        reason = (
+            f"its document is neither in this node's ({self._ctx.spool.node}) state folder "
+            "nor in its outbox. The nodes share the spool without [cluster] bodies_dir: "
+            "each keeps the copies of the documents it takes in in its own state folder, "
+            "and this node held this one's claim (a node claims at its start those another "
+            "node left, to give them back): most likely another node took it in, and its "
+            "copy is in that node's state folder or, not finished, the file is still in "
+            "that node's outbox"
+        )
+        fix = (
+            "nothing is lost while that node's disk is: when it runs again, a file still "
+            f"in its outbox is taken in again as a new message; a copy in its state "
+            f"folder is sent by `{retry}` on that node. So that any node can "
+            "prepare another's documents, set [cluster] bodies_dir on every node (a "
+            "folder they all mount)"
+        )
+        return reason, fix
 
     def _taken_in_by(self, record: OutboundRecord) -> str | None:
         """The other node that took ``record``'s document in, as far as known here: the
@@ -433,7 +461,7 @@ class Recovery:
             return folder.name if folder.name != me else None
         return None
 
-    def _fail(self, record: OutboundRecord, reason: str) -> None:
+    def _fail(self, record: OutboundRecord, reason: str, fix: str | None = None) -> None:
         """Mark an interrupted intake that cannot be prepared failed, and alert (worker
         thread: the spool and the audit record, each with its sync); unless another node
         prepared it meanwhile (its document is gone with that)."""
@@ -444,6 +472,7 @@ class Recovery:
             peer=record.peer,
             message_id=record.message_id,
             reason=reason,
+            detail={"fix": fix} if fix else None,
         )
 
     def _same_document(self, record: OutboundRecord) -> bool:

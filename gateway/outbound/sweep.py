@@ -235,8 +235,8 @@ def left_elsewhere(node: str, record: OutboundRecord) -> bool:
     is safe elsewhere: another node holds it in intake with its complete copy (from
     which it prepares it), or it left intake with its document kept in the spool
     (prepared, sent, or failed or cancelled with its copy).  Not a message failed
-    before it was ever prepared with its copy lost ("the document vanished between
-    outbox and spool": a node that took another's intake over could not reach it):
+    before it was ever prepared with its copy out of reach (a node that held another's
+    intake, without a shared bodies folder, could not reach it and failed it):
     the file is its only copy, and is taken in again, as a new message."""
     if record.state is OutboundState.INTAKE:
         return record.node not in (None, node) and record.has_document
