@@ -545,3 +545,45 @@ def test_a_node_starting_during_a_restore_waits_and_the_restore_stops_before_wri
     finally:
         node.close()
     assert not (host.parent / "state" / "payloads").exists()
+
+
+def test_a_restore_whose_pg_restore_is_killed_after_its_commit_is_done(
+    layout: DemoLayout, postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """``medgw restore`` runs the ``pg_restore`` of ``[backup] pg_bin_dir`` (else the
+    one on PATH): here one that runs the real one and, once its load has committed, is
+    killed before it exits.  The spool is the bundle's, so the restore is done (the file
+    names moved to this host's, exit status 0), and the spool keeps its new generation:
+    a node cut off meanwhile stops when it is back instead of going on with the old."""
+    key, cert, bundle, fresh, host = _bundle_and_fresh_host(
+        layout, postgres_server, postgres, tmp_path
+    )
+    PostgresSpool(fresh, TickingClock(), Claimant("lab-b")).close()  # a node ran on it
+
+    def token() -> object:
+        with postgres_server.admin(fresh.dbname) as admin:
+            [(value,)] = admin.execute("SELECT token FROM spool_generation").fetchall()
+        return value
+
+    before = token()
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    wrapper = tools / "pg_restore"
+    real = postgres_server.bin / "pg_restore"
+    wrapper.write_text(
+        f'#!/bin/sh\n"{real}" "$@" || exit $?\n'
+        # The load into the database (not the reading of the dump without a server).
+        'case " $* " in *" --single-transaction "*) kill -KILL $$ ;; esac\n'
+    )
+    wrapper.chmod(0o755)
+    with host.open("a") as handle:  # [backup] is the file's last section
+        handle.write(f'pg_bin_dir = "{tools}"\n')
+    assert load_config(host).backup.pg_bin_dir == tools  # type: ignore[union-attr]
+
+    done = restore(bundle, key, cert, host, "--force")
+    assert done.returncode == 0, done.stderr
+    [record] = outbound(fresh)
+    assert record.message_id == "<one@KITA-LAB>"
+    assert record.payload_path == host.parent / "state" / "payloads" / "a"
+    assert record.payload_path.read_bytes() == b"MSH|taken in\r"
+    assert token() != before
