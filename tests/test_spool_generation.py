@@ -94,7 +94,8 @@ def restore_database(
     """What ``medgw restore`` does to the database, in its order: while holding the lock
     of the nodes' starts, no node connected, a new generation, then ``pg_restore``."""
     with pgspool.held(postgres) as conn:
-        assert pgspool.nodes_connected(conn) == []
+        # A cut-off node's sessions end on the server once it notices its client gone.
+        wait_until(lambda: pgspool.nodes_connected(conn) == [], 30, "no node's session left")
         pgspool.replace_spool(postgres, pgspool.tool("pg_restore", postgres_server.bin), dump)
 
 
