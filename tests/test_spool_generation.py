@@ -283,6 +283,30 @@ def test_a_load_that_failed_in_its_transaction_puts_the_generation_back(
     ]
 
 
+def test_a_pg_restore_killed_before_its_load_is_named_and_stops_no_node(
+    node: Node, cut: CommitCut, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """A pg_restore killed before it loaded anything (it says nothing): the error names
+    how it ended, and a node cut off meanwhile goes on with its spool."""
+    node.take_in("<one@lab>", tmp_path)
+    cut_off(cut, node)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "pg_restore").write_text("#!/bin/sh\nkill -KILL $$\n")
+    (folder / "pg_restore").chmod(0o755)
+    broken = tmp_path / "unread.pgdump"
+    broken.write_bytes(b"PGDMP")
+    with (
+        pytest.raises(pgspool.ToolError, match=r": ended by SIGKILL \(interrupted or killed\)"),
+        pgspool.held(postgres),
+    ):
+        pgspool.replace_spool(postgres, pgspool.tool("pg_restore", folder), broken)
+    cut.refuse = False
+    wait_until(lambda: node.outcome() is None, 30, "the node served again")
+    node.take_in("<two@lab>", tmp_path)
+    assert node.heard == []
+
+
 def test_a_spool_from_before_the_generation_gets_one_at_its_first_start(
     postgres_server: PostgresServer, postgres: PostgresSettings, cut: CommitCut, tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -114,11 +115,22 @@ def _run(argv: list[str], settings: PostgresSettings, what: str) -> None:
         said = [line for line in done.stderr.splitlines() if line.strip()]
         raise ToolError(
             f"{Path(argv[0]).name} could not {what} ({settings.where}): "
-            f"{said[-1] if said else f'exit status {done.returncode}'}",
+            f"{said[-1] if said else _ended(done.returncode)}",
             fix="check that the database answers and the spool's role may read and "
             "create its tables ([spool] settings), and that the tool's major version is "
             "the server's or newer",
         )
+
+
+def _ended(returncode: int) -> str:
+    """How a tool that said nothing ended: its exit status, or the signal that ended it."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"ended by {name} (interrupted or killed)"
 
 
 def connect(settings: PostgresSettings) -> psycopg.Connection[dict[str, Any]]:
