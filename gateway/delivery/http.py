@@ -69,6 +69,7 @@ from gateway.egress import Route
 from gateway.errors import EgressRefused, MedgwError
 from gateway.httpbody import read_capped
 from gateway.logs import Logger
+from gateway.lostclaims import LostClaims
 from gateway.pki.tls import delivery_tls_context
 from gateway.spool import HandoverRecord, Spool
 
@@ -162,6 +163,8 @@ class HandOver:
         # Keyed by the CA certificates themselves: a reloaded config with other
         # certificates in the same file gets a new context.
         self._contexts: dict[tuple[x509.Certificate, ...], ssl.SSLContext] = {}
+        # The claims lost in a row per hand-over: each waits longer (gateway.lostclaims).
+        self.lost_claims = LostClaims(clock)
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -282,6 +285,8 @@ class HandOver:
             if not await _off_loop(self._spool.handover_holds, record.peer, record.message_id):
                 await _off_loop(self._claim_lost, record)
                 return 0.0
+            if self.lost_claims.held(_key(record)):
+                self._log.info("message.handover_claims_holding", node=self._spool.node)
             async with session.post(
                 url,
                 data=_body(record.path, record.size, record.sha256),
@@ -335,17 +340,46 @@ class HandOver:
 
     def _claim_lost(self, record: HandoverRecord) -> None:
         """This node may no longer hold the hand-over (its lease ran out, or nearly: it
-        could not renew it): not POSTed now.  Let go if it still holds it; else left to
-        the node that took it over."""
+        could not renew it): not POSTed now, not counted as an attempt.  Let go if it
+        still holds it, due after a back-off that grows while its claims keep being lost
+        (gateway.lostclaims); else left as it is to the node that took it over."""
+        runtime = self._config().runtime
+        key = _key(record)
+        loss = self.lost_claims.next(key, runtime.retry_initial_seconds, runtime.retry_max_seconds)
+        due = self._clock.now().timestamp() + loss.delay
+        if not self._spool.handover_release(record.peer, record.message_id, due):
+            self.lost_claims.forget(key)  # another node holds it: it hands it over as due
+            self._log.info(
+                "message.handover_claim_taken_over",
+                peer=record.peer,
+                message_id=record.message_id,
+                node=self._spool.node,
+            )
+            return
+        fix = (
+            "check that this node reaches the spool, that its clock is right (NTP) and "
+            "that [cluster] lease_seconds is longer than a hand-over takes; the document "
+            "is handed over once a claim holds, by this node or another"
+        )
+        persisting = self.lost_claims.record(key, loss)
         self._log.warning(
             "message.handover_claim_lost",
             peer=record.peer,
             message_id=record.message_id,
             node=self._spool.node,
-            fix="check that this node reaches the spool; the document is handed over once "
-            "it does, by this node or another",
+            losses=loss.count,
+            retry_in_seconds=round(loss.delay, 1),
+            fix=fix,
         )
-        self._spool.handover_release(record.peer, record.message_id)
+        if persisting:
+            self._log.error(
+                "message.handover_claims_keep_failing",
+                node=self._spool.node,
+                peer=record.peer,
+                message_id=record.message_id,
+                losses=loss.count,
+                fix=fix,
+            )
 
     def _retry(self, record: HandoverRecord, url: str, reason: str) -> float:
         runtime = self._config().runtime
@@ -450,6 +484,11 @@ def _deadline(record: HandoverRecord, runtime: Runtime) -> float:
     except ValueError:
         return float("inf")  # no usable arrival time: max_attempts still applies
     return arrived + runtime.message_expiry_seconds
+
+
+def _key(record: HandoverRecord) -> str:
+    """A hand-over's key among the lost claims (a Message-ID is unique per peer only)."""
+    return f"{record.peer}\0{record.message_id}"
 
 
 def _shown(url: str) -> str:

@@ -18,6 +18,7 @@ from gateway.audit import EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response
 from gateway.config import Peer
 from gateway.errors import AtRestError, MedgwError, TransportError
+from gateway.lostclaims import LostClaims
 from gateway.outbound.batches import Batches
 from gateway.outbound.context import Context
 from gateway.outbound.settle import Answer, Settler, asks_async_receipt
@@ -43,6 +44,8 @@ INTERRUPTED = (
     "send interrupted before the peer took it (medgw stopping, the peer removed by a "
     "reload, or its sender restarted after an error); sent again when due"
 )
+# Why a message this node claimed went back to the queue unsent (its last error).
+CLAIM_LOST = "this node's claim ran out before the send"
 
 
 class _Opened(NamedTuple):
@@ -66,6 +69,8 @@ class Sender:
         # The small messages claimed with their bodies opened, until each one's send
         # takes its body (see due_for_sending); by Message-ID.
         self._opened: dict[str, _Opened] = {}
+        # The claims lost in a row per message: each waits longer (see gateway.lostclaims).
+        self.lost_claims = LostClaims(context.clock)
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         runtime = self._ctx.config.runtime
@@ -127,6 +132,7 @@ class Sender:
                 lost = functools.partial(self._claim_lost, record, unsent=not out.is_set())
                 await self._ctx.in_thread(lost)
                 return 0.0
+            self._claim_held(record)
             # What the message itself asked for when it was signed, not the peer's
             # configuration now (a reload may have changed it while it was queued).
             awaiting = asks_async_receipt(record) and 200 <= response.status < 300
@@ -137,6 +143,7 @@ class Sender:
             else:
                 awaiting = False
         except TransportError as exc:
+            self._claim_held(record)
             if not isinstance(body, bytes) and (failure := failure_of(body)) is not None:
                 return await self._ctx.in_thread(self._unreadable, record, peer, failure)
             delay = self.backoff(record.attempts + 1, rng)
@@ -248,21 +255,61 @@ class Sender:
     def _claim_lost(self, record: OutboundRecord, *, unsent: bool = False) -> None:
         """This node may no longer hold the message (its lease ran out, or nearly): not
         sent now.  Queued again if it still holds it (``unsent``: no byte of its request
-        went out, so not counted as an attempt); else left to the node that took it
-        over (worker thread)."""
+        went out, so not counted as an attempt), due after a back-off that grows while
+        its claims keep being lost (gateway.lostclaims); else left as it is to the node
+        that took it over, which sends it as due (worker thread)."""
+        runtime = self._ctx.config.runtime
+        key = record.message_id
+        loss = self.lost_claims.next(key, runtime.retry_initial_seconds, runtime.retry_max_seconds)
+        fix = (
+            "check that this node reaches the spool, that its clock is right (NTP) and that "
+            "[cluster] lease_seconds is longer than a send takes; the message is sent once "
+            "a claim holds, by this node or another"
+        )
+        try:
+            requeued = self._ctx.spool.mark_retry(
+                key, CLAIM_LOST, self._ctx.clock.now().timestamp() + loss.delay, unsent=unsent
+            )
+        except MedgwError as exc:  # the spool is unreachable: the lease keeper requeues it
+            self.lost_claims.record(key, loss)  # lost all the same: the next one waits longer
+            self._ctx.log.warning(
+                "message.claim_lost", peer=record.peer, message_id=key, losses=loss.count, fix=fix
+            )
+            self._ctx.log.warning("message.requeue_failed", error=exc.message)
+            return
+        if not requeued:
+            # Another node took it over (or its receipt settled it): no back-off, no count.
+            self.lost_claims.forget(key)
+            self._ctx.log.info(
+                "message.claim_taken_over",
+                peer=record.peer,
+                message_id=key,
+                node=self._ctx.spool.node,
+            )
+            return
+        persisting = self.lost_claims.record(key, loss)
         self._ctx.log.warning(
             "message.claim_lost",
             peer=record.peer,
-            message_id=record.message_id,
-            fix="check that this node reaches the spool; the message is sent once it does, "
-            "by this node or another",
+            message_id=key,
+            losses=loss.count,
+            retry_in_seconds=round(loss.delay, 1),
+            fix=fix,
         )
-        try:
-            self._ctx.spool.mark_retry(
-                record.message_id, "this node's claim ran out before the send", 0, unsent=unsent
+        if persisting:
+            self._ctx.log.error(
+                "message.claims_keep_failing",
+                node=self._ctx.spool.node,
+                peer=record.peer,
+                message_id=key,
+                losses=loss.count,
+                fix=fix,
             )
-        except MedgwError as exc:  # the spool is unreachable: the lease keeper requeues it
-            self._ctx.log.warning("message.requeue_failed", error=exc.message)
+
+    def _claim_held(self, record: OutboundRecord) -> None:
+        """The claim on the message held up to its POST: its lost claims start again."""
+        if self.lost_claims.held(record.message_id):
+            self._ctx.log.info("message.claims_holding", node=self._ctx.spool.node)
 
     def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:
         """The send failed (connection, TLS, HTTP): queue it again after ``delay``, or make

@@ -482,9 +482,12 @@ class Spool(Protocol):
         spare: asked right before the POST to the internal system."""
         ...
 
-    def handover_release(self, peer: str, message_id: str) -> bool:
+    def handover_release(
+        self, peer: str, message_id: str, next_attempt_at: float | None = None
+    ) -> bool:
         """Let go of a hand-over this node took and did not attempt (any node may take it
-        again, as due as it was); False if this node no longer holds it."""
+        again, as due as it was, or at ``next_attempt_at`` if given: a claim lost before
+        its POST); False (nothing changed) if this node no longer holds it."""
         ...
 
     def handover_take_over(self) -> list[HandoverRecord]:

@@ -88,13 +88,16 @@ class HandoverQueue(SqlStore):
         )
         return row is not None
 
-    def handover_release(self, peer: str, message_id: str) -> bool:
+    def handover_release(
+        self, peer: str, message_id: str, next_attempt_at: float | None = None
+    ) -> bool:
         """See :meth:`gateway.spool.protocol.Spool.handover_release`."""
         return (
             self._write(
-                "UPDATE handover SET node=NULL, lease_until=0 WHERE peer=? AND message_id=?"
+                "UPDATE handover SET node=NULL, lease_until=0,"
+                " next_attempt_at=COALESCE(?, next_attempt_at) WHERE peer=? AND message_id=?"
                 " AND state=? AND node=?",
-                (peer, message_id, HandoverState.PENDING.value, self.node),
+                (next_attempt_at, peer, message_id, HandoverState.PENDING.value, self.node),
             )
             == 1
         )
