@@ -1,15 +1,20 @@
 """A submitter's resend under its Idempotency-Key is never a second document: the
 spool's unique index on (submitter, key) on both backends, across nodes, and the
-local API's answers on real daemons."""
+local API's answers on real daemons.  Nor is a changed document under a key taken
+for a resend: the document's SHA-256 is kept with the key."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, Intake
@@ -21,11 +26,14 @@ from tests.conftest import MakeSpool
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.local_api import LIS_TOKEN, RIS_TOKEN, Api, enable_api
+from tests.helpers.postgres import PostgresServer, spool_section
 
 DOCUMENT = b"MSH|^~\\&|LIS|KITA|EHR|SAKURA|20260101||ORU^R01|IDEM-1|P|2.5\r"
 
 
-def _intake(tmp_path: Path, message_id: str, key: str | None, by: str = "api:lis") -> Intake:
+def _intake(
+    tmp_path: Path, message_id: str, key: str | None, by: str = "api:lis", sha256: str | None = None
+) -> Intake:
     return Intake(
         message_id,
         "hospital",
@@ -35,6 +43,7 @@ def _intake(tmp_path: Path, message_id: str, key: str | None, by: str = "api:lis
         tmp_path / "a",
         submitted_by=by,
         idempotency_key=key,
+        content_sha256=sha256,
     )
 
 
@@ -96,6 +105,44 @@ def test_a_spool_from_before_keys_gets_them_on_upgrade(
     assert {r.message_id for r in spool.list_outbound()} == {"<old@lab>", "<1@lab>"}
 
 
+def test_the_documents_fingerprint_is_kept_with_its_key(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    spool = make_spool(TickingClock())
+    first, other = "a" * 64, "b" * 64
+    assert spool.add_intakes([_intake(tmp_path, "<1@lab>", "k1", sha256=first)]) == {}
+    assert spool.submitted_sha256("<1@lab>") == first
+    # A resend names the first message; the first one's fingerprint stays as it was.
+    assert spool.add_intakes([_intake(tmp_path, "<2@lab>", "k1", sha256=other)]) == {
+        "<2@lab>": "<1@lab>"
+    }
+    assert spool.submitted_sha256("<1@lab>") == first
+    assert spool.submitted_sha256("<2@lab>") is None
+    # Without a key nothing is kept (nothing to compare a resend with).
+    assert spool.add_intakes([_intake(tmp_path, "<3@lab>", None, sha256=other)]) == {}
+    assert spool.submitted_sha256("<3@lab>") is None
+
+
+def test_a_key_from_before_fingerprints_has_none_after_the_upgrade(
+    tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    old = make_spool(TickingClock())
+    old.add_intakes([_intake(tmp_path, "<old@lab>", "k1")])
+    # As a spool of the version before: no fingerprint column.
+    statements = ["ALTER TABLE submissions DROP COLUMN content_sha256"]
+    if isinstance(old, PostgresSpool):
+        statements.append(f"UPDATE spool_schema SET version={VERSION - 1}")
+    old._transact(lambda db: [db.execute(statement, ()) for statement in statements])  # type: ignore[attr-defined]
+    old.close()
+    spool = make_spool(TickingClock())
+    assert spool.submitted_sha256("<old@lab>") is None
+    assert spool.add_intakes([_intake(tmp_path, "<again@lab>", "k1", sha256="c" * 64)]) == {
+        "<again@lab>": "<old@lab>"
+    }
+    assert spool.add_intakes([_intake(tmp_path, "<new@lab>", "k2", sha256="d" * 64)]) == {}
+    assert spool.submitted_sha256("<new@lab>") == "d" * 64
+
+
 def test_two_nodes_submitting_one_key_at_once_record_one_message(
     tmp_path: Path, make_spool: MakeSpool
 ) -> None:
@@ -139,7 +186,9 @@ def test_two_nodes_submitting_one_key_at_once_record_one_message(
         assert named == winner and winner in recorded and loser not in recorded
 
 
-def _post(api: Api, key: str | None, filename: str = "result.hl7", **kw: Any) -> tuple[int, Any]:
+def _post(
+    api: Api, key: str | None, filename: str = "result.hl7", body: bytes = DOCUMENT, **kw: Any
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/hl7-v2"}
     if key is not None:
         headers["Idempotency-Key"] = key
@@ -147,7 +196,7 @@ def _post(api: Api, key: str | None, filename: str = "result.hl7", **kw: Any) ->
         "POST",
         f"/v1/messages?to=hospital&filename={filename}",
         token=kw.pop("token", LIS_TOKEN),
-        body=DOCUMENT,
+        body=body,
         headers=headers,
         **kw,
     )
@@ -262,3 +311,79 @@ def test_a_node_killed_before_its_answer_answers_the_resend_with_that_message(
     assert api.wait_final(again["message_id"], LIS_TOKEN)["state"] == "delivered"
     assert [m["message_id"] for m in _queued(layout)] == [again["message_id"]]
     assert [p.read_bytes() for p in _inbox(layout)] == [DOCUMENT]
+
+
+def _drop_fingerprints(layout: DemoLayout, server: PostgresServer | None, dbname: str) -> None:
+    """Make the lab's spool (stopped) one of the release before fingerprints were kept."""
+    if server is None:
+        db = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3")
+        try:
+            db.execute("ALTER TABLE submissions DROP COLUMN content_sha256")
+            db.commit()
+        finally:
+            db.close()
+        return
+    with server.admin(dbname) as admin:
+        admin.execute("ALTER TABLE submissions DROP COLUMN content_sha256")
+        admin.execute(f"UPDATE spool_schema SET version={VERSION - 1}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_changed_document_under_a_key_is_refused_not_answered_with_the_first(
+    layout: DemoLayout, processes: Any, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The administrator fixed the document and sent it again under its key: refused
+    (422), nothing spooled; the unchanged document is still a resend.  A key recorded
+    before the upgrade that keeps fingerprints cannot tell: refused too."""
+    api = enable_api(layout)
+    server: PostgresServer | None = None
+    dbname = ""
+    if backend == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        settings = server.new_database()
+        dbname = settings.dbname
+        with layout.lab.config_path.open("a") as config:
+            config.write(spool_section(settings))
+    lab = processes.start(layout.lab.config_path)  # the peer is down: the first stays queued
+    status, first = _post(api, "order-1")
+    assert status == 202, first
+    message_id = first["message_id"]
+
+    changed = DOCUMENT.replace(b"IDEM-1", b"IDEM-2")
+    status, refused = _post(api, "order-1", body=changed)
+    assert status == 422, refused
+    assert set(refused) == {"error", "fix"}, refused
+    assert "'order-1'" in refused["error"] and message_id in refused["error"]
+    assert "SHA-256 differs" in refused["error"]
+    assert refused["fix"].startswith(
+        "a changed document is a new submission: send it with a new key"
+    )
+    # The same document again: a resend, as ever.
+    status, again = _post(api, "order-1")
+    assert status == 200 and again["resent"] is True, again
+    assert again["message_id"] == message_id
+    assert [m["message_id"] for m in _queued(layout)] == [message_id]
+    refusal, resend = wait_for_events(layout.lab.audit_log, "message.duplicate", count=2)
+    assert refusal["outcome"] == "failure" and refusal["message_id"] == message_id
+    assert "changed document" in refusal["reason"]
+    assert refusal["detail"]["idempotency_key"] == "order-1"
+    assert refusal["detail"]["content_sha256"] == hashlib.sha256(changed).hexdigest()
+    assert refusal["detail"]["earlier_content_sha256"] == hashlib.sha256(DOCUMENT).hexdigest()
+    assert resend["outcome"] == "success" and "content_sha256" not in resend["detail"]
+
+    # Upgraded from the release before: the key's fingerprint is not known.
+    assert lab.stop() == 0
+    _drop_fingerprints(layout, server, dbname)
+    processes.start(layout.lab.config_path)
+    status, unknown = _post(api, "order-1")
+    assert status == 422, unknown
+    assert message_id in unknown["error"] and "cannot tell" in unknown["error"]
+    assert f"taken already as {message_id}" in unknown["fix"]
+    assert "send it with a new key" in unknown["fix"]
+    # A new key is a new document.
+    status, fixed = _post(api, "order-1b", body=changed)
+    assert status == 202, fixed
+    assert {m["message_id"] for m in _queued(layout)} == {message_id, fixed["message_id"]}
+    duplicates = wait_for_events(layout.lab.audit_log, "message.duplicate", count=3)
+    assert duplicates[2]["outcome"] == "failure"
+    assert duplicates[2]["detail"]["earlier_content_sha256"] is None

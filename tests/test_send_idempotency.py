@@ -21,6 +21,7 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
+from tests.helpers.postgres import spool_section
 
 DOCUMENT = b"MSH|^~\\&|LIS|KITA|EHR|SAKURA|20260101||ORU^R01|SENDKEY-1|P|2.5\r"
 # A new key as medgw send makes it: secrets.token_urlsafe(24).
@@ -247,6 +248,45 @@ def test_a_key_reused_for_another_document_is_refused(
     assert _queued(layout) == [message_id]
     [duplicate] = wait_for_events(layout.lab.audit_log, "message.duplicate")
     assert duplicate["outcome"] == "failure"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_changed_file_run_again_with_its_key_is_refused(
+    layout: DemoLayout, processes: Any, tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The administrator fixed the file and ran the command with its key again: exit 1,
+    nothing spooled (the peer must not get the first version as if it were the fix);
+    the file as it was first sent is still a resend."""
+    if backend == "postgresql":
+        settings = request.getfixturevalue("postgres")
+        with layout.lab.config_path.open("a") as config:
+            config.write(spool_section(settings))
+    processes.start(layout.lab.config_path)  # the peer is down: the first stays queued
+    document = tmp_path / "result.hl7"
+    document.write_bytes(DOCUMENT)
+    sent = _send(layout, document, "--to", "hospital", "--idempotency-key=rx-7", "--no-wait")
+    assert sent.returncode == 0, sent.stderr
+    message_id = sent.stdout.strip()
+
+    document.write_bytes(DOCUMENT.replace(b"SENDKEY-1", b"SENDKEY-1-FIXED"))
+    refused = _send(layout, document, "--to", "hospital", "--idempotency-key=rx-7", "--no-wait")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "the idempotency key 'rx-7' already names another document" in refused.stderr
+    assert message_id in refused.stderr and "SHA-256 differs" in refused.stderr
+    assert "nothing was spooled" in refused.stderr
+    assert "a changed document is a new submission: send it with a new key" in refused.stderr
+    assert refused.stdout == "" and "Traceback" not in refused.stderr
+    assert _queued(layout) == [message_id]
+
+    document.write_bytes(DOCUMENT)
+    again = _send(layout, document, "--to", "hospital", "--idempotency-key=rx-7", "--no-wait")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == message_id
+    assert f"already spooled as {message_id}" in again.stderr
+    assert _queued(layout) == [message_id]
+    refusal, resend = wait_for_events(layout.lab.audit_log, "message.duplicate", count=2)
+    assert refusal["outcome"] == "failure" and "changed document" in refusal["reason"]
+    assert resend["outcome"] == "success"
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ stderr for large files when stderr is a terminal), then the command follows
 the message until it reaches a final state and prints the verified receipt.
 Every upload carries an ``Idempotency-Key`` (``--idempotency-key K``, else a new
 random one): a resend with the same key is recognised by the gateway (answered
-with the first message, ``"resent": true``) instead of spooled a second time.
+with the first message, ``"resent": true``) instead of spooled a second time; a
+changed file under that key is refused (exit 1): it is a new document, sent with a
+new key.
 Exit codes: 0 delivered, 1 failed / expired / dead / cancelled or refused
 before it was spooled (the reason is printed), 2 usage error, 3 outcome
 unknown: the command lost contact with the daemon after the document may have
@@ -194,8 +196,10 @@ def _send(args: argparse.Namespace) -> int:
             print(
                 f"medgw send: refused: the idempotency key {key!r} already names another "
                 f"document ({exc.message}); nothing was spooled\n"
-                "  fix: give each document a key of its own: leave --idempotency-key out (a "
-                "new key is made), or give the key medgw send printed for this document",
+                "  fix: give each document a key of its own - a changed document is a new "
+                "submission: send it with a new key (leave --idempotency-key out: a new key "
+                "is made); run a printed command with its key only to send the same, "
+                "unchanged file again",
                 file=sys.stderr,
             )
             return EXIT_FAILED

@@ -18,7 +18,8 @@ MAX_IDEMPOTENCY_KEY visible ASCII characters, bare or as a quoted string) makes 
 resend safe: a submission whose submitter's key already names a message is not
 spooled again (its body is read within the usual bounds and dropped) and is answered
 200 with that message's view, ``"resent": true``; the same key with another peer,
-service, file name or media type is refused (422).
+service, file name, media type or content (the document's SHA-256, kept with the key)
+is refused (422): a changed document is a new submission, with a new key.
 
 ``service`` names one of the destination peer's ``services`` (a routing key
 agreed with it); the receiving medgw delivers the document into

@@ -11,6 +11,7 @@ Message-ID and submits again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -63,8 +64,10 @@ class Submissions:
         """Spool a document streamed from a local submitter; returns the message's view.
 
         Memory use does not grow with the body: chunks are gathered up to
-        WRITE_BATCH and written by a worker thread.  Raises SubmissionRefused
-        (unknown peer, empty, too large) before anything is recorded.
+        WRITE_BATCH and written, and added to the document's SHA-256, by a worker
+        thread.  Raises SubmissionRefused (unknown peer, empty, too large) before
+        anything is recorded; and (422) for a resend under an Idempotency-Key that
+        names another document (see :meth:`_resent`).
         """
         peer = self._ctx.config.peer(submission.peer)
         if peer is None:
@@ -92,6 +95,9 @@ class Submissions:
         token = os.urandom(12).hex()
         payload_path = self._ctx.payloads / token
         partial = self._ctx.payloads / f".{token}.{secrets.token_hex(6)}.partial"
+        # The document's fingerprint as submitted (before it is encrypted at rest), kept
+        # with its Idempotency-Key: a resend under that key must be the same bytes.
+        digest = hashlib.sha256()
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb", closefd=True) as out:
@@ -111,13 +117,13 @@ class Submissions:
                     batch.append(chunk)
                     batched += len(chunk)
                     if batched >= WRITE_BATCH:
-                        await asyncio.to_thread(_write_batch, sink, batch)
+                        await asyncio.to_thread(_write_batch, sink, batch, digest)
                         batch, batched = [], 0
                 if size == 0:
                     raise SubmissionRefused(
                         "the request body is empty", fix="send the document as the body", status=400
                     )
-                await asyncio.to_thread(_finish_file, out, sink, batch)
+                await asyncio.to_thread(_finish_file, out, sink, batch, digest)
             await asyncio.to_thread(_rename_durably, partial, payload_path)
         except BaseException as exc:
             partial.unlink(missing_ok=True)
@@ -126,9 +132,12 @@ class Submissions:
                 error = f"cannot write a submitted document: {exc.strerror or exc}"
                 raise self._not_stored(error, storage_fix(exc, self._ctx.payloads)) from exc
             raise
+        fingerprint = digest.hexdigest()
 
         stored: list[bool] = []  # the row is recorded, as far as is known
         resent: list[str] = []  # the message the submitter's idempotency key names already
+        # The fingerprint kept with that message's key (None: recorded before they were).
+        resent_sha256: list[str | None] = []
         unknown: list[bool] = []  # perhaps recorded: its copy kept (see _unabandoned)
         kept: list[tuple[OutboundRecord, _Unknown]] = []  # earlier ones, to prepare
 
@@ -154,6 +163,7 @@ class Submissions:
                         service=submission.service,
                         data_key=sealing.key,
                         idempotency_key=submission.idempotency_key,
+                        content_sha256=fingerprint,
                     )
                 except BaseException:
                     # Perhaps recorded all the same.  Only now: a submission in progress
@@ -165,6 +175,7 @@ class Submissions:
                     stored.append(True)
                 else:
                     resent.append(earlier)
+                    resent_sha256.append(self._ctx.spool.submitted_sha256(earlier))
             recorded = self._ctx.spool.get(earlier or message_id)
             if recorded is None:  # the earlier one disposed of meanwhile (retention)
                 raise SpoolError(
@@ -199,48 +210,96 @@ class Submissions:
         # Once recorded, durable: finished even if the submitter hangs up meanwhile.
         taken = await asyncio.shield(spool_and_prepare())
         if resent:
-            self._resent(submission, taken)
+            self._resent(submission, taken, fingerprint, resent_sha256[0])
         view = await self._status.status(taken.message_id)
         assert view is not None
         return {**view, RESENT: True} if resent else view
 
-    def _resent(self, submission: Submission, earlier: OutboundRecord) -> None:
+    def _resent(
+        self,
+        submission: Submission,
+        earlier: OutboundRecord,
+        sha256: str,
+        earlier_sha256: str | None,
+    ) -> None:
         """A resend under an idempotency key that names ``earlier``: audited, or refused
-        (422) if it is not the same document's submission (the key reused)."""
-        same = (earlier.peer, earlier.service, earlier.filename, earlier.content_type) == (
+        (422) if it is not the same document's submission (the key reused): another
+        peer, service, file name or media type, or other content (``sha256``, the
+        document's as submitted now, is not ``earlier_sha256``, kept with the key).
+
+        A key recorded before fingerprints were kept (``earlier_sha256`` None) cannot
+        tell a changed document from the same one: refused too, naming the message, so
+        that neither a changed document is silently dropped nor one sent twice."""
+        key = submission.idempotency_key
+        same_request = (earlier.peer, earlier.service, earlier.filename, earlier.content_type) == (
             submission.peer,
             submission.service,
             submission.filename,
             submission.content_type,
         )
-        self._ctx.record(
-            EventType.MESSAGE_DUPLICATE,
-            peer=earlier.peer,
-            message_id=earlier.message_id,
-            outcome=Outcome.SUCCESS if same else Outcome.FAILURE,
-            severity=Severity.INFO if same else Severity.WARNING,
-            service=earlier.service,
-            reason=(
-                "resend of a submitted document (the same Idempotency-Key): not spooled "
-                "again, answered with this message"
-                if same
-                else "Idempotency-Key of this message reused for another submission "
+        refusal: SubmissionRefused | None = None
+        if not same_request:
+            reason = (
+                "Idempotency-Key of this message reused for another submission "
                 f"(to {submission.peer!r}, service {submission.service!r}, file name "
                 f"{submission.filename!r}, {submission.content_type}): refused (422)"
-            ),
-            detail={
-                "submitted_by": submission.submitter,
-                "idempotency_key": submission.idempotency_key,
-            },
-        )
-        if not same:
-            raise SubmissionRefused(
-                f"Idempotency-Key {submission.idempotency_key!r} names an earlier submission "
+            )
+            refusal = SubmissionRefused(
+                f"Idempotency-Key {key!r} names an earlier submission "
                 f"({earlier.message_id}) with another peer, service, file name or media type",
                 fix="send each document with a key of its own, and a resend with the same "
                 "query and Content-Type as the first time",
                 status=422,
             )
+        elif earlier_sha256 is None:
+            reason = (
+                "Idempotency-Key of this message, recorded before document fingerprints "
+                "were kept, sent again: whether the document changed is not known; "
+                "refused (422)"
+            )
+            refusal = SubmissionRefused(
+                f"Idempotency-Key {key!r} names an earlier submission ({earlier.message_id}) "
+                "recorded before this gateway kept each document's SHA-256: it cannot tell "
+                "whether this is the same document",
+                fix=f"if it is the same document, it was taken already as "
+                f"{earlier.message_id}: follow that message; if it changed, a changed "
+                "document is a new submission: send it with a new key",
+                status=422,
+            )
+        elif earlier_sha256 != sha256:
+            reason = (
+                "Idempotency-Key of this message reused for a changed document (the same "
+                "peer, service, file name and media type, other content): refused (422)"
+            )
+            refusal = SubmissionRefused(
+                f"Idempotency-Key {key!r} names an earlier submission ({earlier.message_id}) "
+                "of other content: this document's SHA-256 differs from the one sent first "
+                "under the key",
+                fix="a changed document is a new submission: send it with a new key (a "
+                "resend under a key must be the same document, byte for byte)",
+                status=422,
+            )
+        else:
+            reason = (
+                "resend of a submitted document (the same Idempotency-Key): not spooled "
+                "again, answered with this message"
+            )
+        detail: dict[str, Any] = {"submitted_by": submission.submitter, "idempotency_key": key}
+        if refusal is not None:
+            detail["content_sha256"] = sha256
+            detail["earlier_content_sha256"] = earlier_sha256
+        self._ctx.record(
+            EventType.MESSAGE_DUPLICATE,
+            peer=earlier.peer,
+            message_id=earlier.message_id,
+            outcome=Outcome.SUCCESS if refusal is None else Outcome.FAILURE,
+            severity=Severity.INFO if refusal is None else Severity.WARNING,
+            service=earlier.service,
+            reason=reason,
+            detail=detail,
+        )
+        if refusal is not None:
+            raise refusal
 
     async def settle_unknown(self) -> None:
         """Settle the earlier submissions answered 503 without waiting for the next one
@@ -317,13 +376,18 @@ class Submissions:
         )
 
 
-def _write_batch(sink: IO[bytes] | SealingWriter, batch: list[bytes]) -> None:
+def _write_batch(
+    sink: IO[bytes] | SealingWriter, batch: list[bytes], digest: hashlib._Hash
+) -> None:
     for chunk in batch:
+        digest.update(chunk)
         sink.write(chunk)
 
 
-def _finish_file(out: IO[bytes], sink: IO[bytes] | SealingWriter, batch: list[bytes]) -> None:
-    _write_batch(sink, batch)
+def _finish_file(
+    out: IO[bytes], sink: IO[bytes] | SealingWriter, batch: list[bytes], digest: hashlib._Hash
+) -> None:
+    _write_batch(sink, batch, digest)
     if isinstance(sink, SealingWriter):
         sink.finish()
     out.flush()

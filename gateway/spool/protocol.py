@@ -79,6 +79,7 @@ class Spool(Protocol):
         data_key: DataKey | None = None,
         payload: bytes | None = None,
         idempotency_key: str | None = None,
+        content_sha256: str | None = None,
     ) -> str | None:
         """Queue a message for ``peer`` (of network ``zone``); ``data_key``: the key its
         document (``payload_path``, or for a small one ``payload``, its stored copy kept
@@ -93,7 +94,8 @@ class Spool(Protocol):
         ``idempotency_key`` (with ``submitted_by``): the key the submitter sent with it.
         When that submitter's key already names a message (recorded earlier, or at the
         same time by any node sharing the spool), nothing is recorded and that
-        message's id is returned; otherwise None."""
+        message's id is returned; otherwise None.  ``content_sha256``: the SHA-256 (hex)
+        of the document as submitted, kept with the key (see :meth:`submitted_sha256`)."""
         ...
 
     def add_intakes(self, intakes: Sequence[Intake]) -> dict[str, str]:
@@ -104,6 +106,12 @@ class Spool(Protocol):
 
     def submitter(self, message_id: str) -> str | None:
         """Who submitted the message (None: not recorded, or no such message)."""
+        ...
+
+    def submitted_sha256(self, message_id: str) -> str | None:
+        """The SHA-256 (hex) of the document as its submitter sent it, kept with its
+        idempotency key (None: submitted without a key or fingerprint, recorded before
+        fingerprints were kept, or no such message)."""
         ...
 
     def payloads_recorded(self, names: Sequence[str]) -> dict[str, bool]:

@@ -372,6 +372,8 @@ class Intake:
     source_file: str | None = None  # the outbox file's identity (OutboundRecord.source_file)
     # The submitter's Idempotency-Key (with submitted_by): one message per key and submitter.
     idempotency_key: str | None = None
+    # The SHA-256 (hex) of the document as submitted, kept with idempotency_key.
+    content_sha256: str | None = None
 
 
 @dataclass(frozen=True)

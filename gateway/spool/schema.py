@@ -172,6 +172,10 @@ ADDED_COLUMNS = (
     # The Idempotency-Key a local submitter sent with the document (NULL: none): a resend
     # under the same key is answered with this message, never spooled again.
     ("submissions", "idempotency_key", "TEXT"),
+    # The SHA-256 (hex) of the document as that submitter sent it, kept with its key: a
+    # resend under the key with other content is refused, not answered with this message
+    # (NULL: no key, or recorded before fingerprints were kept).
+    ("submissions", "content_sha256", "TEXT"),
 )
 
 

@@ -102,10 +102,16 @@ def _claim_keys(db: Connection, keyed: Sequence[Intake]) -> dict[str, str]:
     resent: dict[str, str] = {}
     for intake in keyed:
         added = db.execute(
-            "INSERT INTO submissions (message_id, submitted_by, idempotency_key) VALUES (?,?,?)"
+            "INSERT INTO submissions (message_id, submitted_by, idempotency_key, content_sha256)"
+            " VALUES (?,?,?,?)"
             " ON CONFLICT (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL"
             " DO NOTHING",
-            (intake.message_id, intake.submitted_by, intake.idempotency_key),
+            (
+                intake.message_id,
+                intake.submitted_by,
+                intake.idempotency_key,
+                intake.content_sha256,
+            ),
         )
         if added.rowcount == 1:
             continue
@@ -142,6 +148,7 @@ class OutboundQueue(SqlStore):
         data_key: DataKey | None = None,
         payload: bytes | None = None,
         idempotency_key: str | None = None,
+        content_sha256: str | None = None,
     ) -> str | None:
         """See :meth:`gateway.spool.protocol.Spool.add_intake`."""
         intake = Intake(
@@ -159,6 +166,7 @@ class OutboundQueue(SqlStore):
             data_key,
             payload,
             idempotency_key=idempotency_key,
+            content_sha256=content_sha256,
         )
         return self.add_intakes([intake]).get(message_id)
 
@@ -228,6 +236,11 @@ class OutboundQueue(SqlStore):
         """Who submitted the message (None: not recorded, or no such message)."""
         row = self._one("SELECT submitted_by FROM submissions WHERE message_id=?", (message_id,))
         return str(row["submitted_by"]) if row else None
+
+    def submitted_sha256(self, message_id: str) -> str | None:
+        """See :meth:`gateway.spool.protocol.Spool.submitted_sha256`."""
+        row = self._one("SELECT content_sha256 FROM submissions WHERE message_id=?", (message_id,))
+        return str(row["content_sha256"]) if row and row["content_sha256"] is not None else None
 
     def payloads_recorded(self, names: Sequence[str]) -> dict[str, bool]:
         """See :meth:`gateway.spool.protocol.Spool.payloads_recorded`."""
