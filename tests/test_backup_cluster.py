@@ -27,6 +27,7 @@ from cryptography import x509
 from gateway.backup import pgspool
 from gateway.backup.bundle import DUMP, REFRESHED, BackupError, RestoreRefused, write_bundle
 from gateway.backup.restore import restore as restore_bundle
+from gateway.cli import EXIT_FAILED
 from gateway.config import GatewayConfig, load_config
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
@@ -547,14 +548,47 @@ def test_a_node_starting_during_a_restore_waits_and_the_restore_stops_before_wri
     assert not (host.parent / "state" / "payloads").exists()
 
 
+def _pg_bin_dir(host: Path, postgres_server: PostgresServer, folder: Path, script: str) -> None:
+    """``[backup] pg_bin_dir`` of ``host`` names ``folder``, whose ``pg_restore`` is a
+    shell script: ``script``, where ``$REAL`` is the real one."""
+    folder.mkdir()
+    wrapper = folder / "pg_restore"
+    wrapper.write_text(f'#!/bin/sh\nREAL="{postgres_server.bin / "pg_restore"}"\n{script}\n')
+    wrapper.chmod(0o755)
+    with host.open("a") as handle:  # [backup] is the file's last section
+        handle.write(f'pg_bin_dir = "{folder}"\n')
+    assert load_config(host).backup.pg_bin_dir == folder  # type: ignore[union-attr]
+
+
+# The load into the database (not the reading of the dump without a server).
+_LOAD = 'case " $* " in *" --single-transaction "*)'
+# Ctrl-C at the terminal: SIGINT to medgw (the wrapper's parent); the wrapper waits to be
+# ended by it (medgw stops waiting for a pg_restore it was interrupted in, and kills it).
+_CTRL_C = "kill -INT $PPID; exec sleep 60"
+
+
+@pytest.mark.parametrize(
+    ("end", "said"),
+    [
+        ("kill -KILL $$", "ended by SIGKILL"),
+        (_CTRL_C, "interrupted (Ctrl-C) after the spool was loaded"),
+    ],
+    ids=["killed", "ctrl-c"],
+)
 def test_a_restore_whose_pg_restore_is_killed_after_its_commit_is_done(
-    layout: DemoLayout, postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+    layout: DemoLayout,
+    postgres_server: PostgresServer,
+    postgres: PostgresSettings,
+    tmp_path: Path,
+    end: str,
+    said: str,
 ) -> None:
     """``medgw restore`` runs the ``pg_restore`` of ``[backup] pg_bin_dir`` (else the
     one on PATH): here one that runs the real one and, once its load has committed, is
-    killed before it exits.  The spool is the bundle's, so the restore is done (the file
-    names moved to this host's, exit status 0), and the spool keeps its new generation:
-    a node cut off meanwhile stops when it is back instead of going on with the old."""
+    killed before it exits, or medgw is interrupted (Ctrl-C) then.  The spool is the
+    bundle's, so the restore is done (the file names moved to this host's, exit status
+    0, how pg_restore ended said), and the spool keeps its new generation: a node cut
+    off meanwhile stops when it is back instead of going on with the old."""
     key, cert, bundle, fresh, host = _bundle_and_fresh_host(
         layout, postgres_server, postgres, tmp_path
     )
@@ -566,24 +600,55 @@ def test_a_restore_whose_pg_restore_is_killed_after_its_commit_is_done(
         return value
 
     before = token()
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    wrapper = tools / "pg_restore"
-    real = postgres_server.bin / "pg_restore"
-    wrapper.write_text(
-        f'#!/bin/sh\n"{real}" "$@" || exit $?\n'
-        # The load into the database (not the reading of the dump without a server).
-        'case " $* " in *" --single-transaction "*) kill -KILL $$ ;; esac\n'
+    _pg_bin_dir(
+        host, postgres_server, tmp_path / "tools", f'"$REAL" "$@" || exit $?\n{_LOAD} {end} ;; esac'
     )
-    wrapper.chmod(0o755)
-    with host.open("a") as handle:  # [backup] is the file's last section
-        handle.write(f'pg_bin_dir = "{tools}"\n')
-    assert load_config(host).backup.pg_bin_dir == tools  # type: ignore[union-attr]
 
     done = restore(bundle, key, cert, host, "--force")
     assert done.returncode == 0, done.stderr
+    assert "pg_restore ended badly after its load had committed" in done.stdout
+    assert said in done.stdout
+    trail = read_audit(host.parent / "audit" / "audit.jsonl")
+    [event] = [e for e in trail if e["event"] == "backup.restored"]
+    assert said in event["detail"]["pg_restore_after_commit"]
     [record] = outbound(fresh)
     assert record.message_id == "<one@KITA-LAB>"
     assert record.payload_path == host.parent / "state" / "payloads" / "a"
     assert record.payload_path.read_bytes() == b"MSH|taken in\r"
     assert token() != before
+
+
+def test_a_restore_interrupted_before_its_load_committed_says_so_and_leaves_the_host_fresh(
+    layout: DemoLayout, postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """Ctrl-C while pg_restore loads, before its transaction committed: the restore says
+    it was interrupted and that nothing was restored, and a fresh host is fresh again
+    (the files it had placed removed, the spool's tables gone), so that the same restore
+    run again is done."""
+    key, cert, bundle, fresh, host = _bundle_and_fresh_host(
+        layout, postgres_server, postgres, tmp_path
+    )
+    tools = tmp_path / "tools"
+    _pg_bin_dir(host, postgres_server, tools, f'{_LOAD} {_CTRL_C} ;; esac\nexec "$REAL" "$@"')
+    payload = host.parent / "state" / "payloads" / "a"
+
+    done = restore(bundle, key, cert, host)
+    assert done.returncode == EXIT_FAILED, (done.returncode, done.stderr)
+    assert "the restore was interrupted (Ctrl-C) while pg_restore ran" in done.stderr
+    assert "nothing was restored" in done.stderr and "fix: restore again" in done.stderr
+    assert not payload.exists()
+    with postgres_server.admin(fresh.dbname) as admin:
+        [(table,)] = admin.execute("SELECT to_regclass('outbound')").fetchall()
+    assert table is None
+    trail = read_audit(host.parent / "audit" / "audit.jsonl")
+    [refused] = [e for e in trail if e["event"] == "backup.restore_refused"]
+    assert refused["reason"] == "interrupted"
+
+    (tools / "pg_restore").write_text(
+        f'#!/bin/sh\nexec "{postgres_server.bin / "pg_restore"}" "$@"\n'
+    )
+    again = restore(bundle, key, cert, host)
+    assert again.returncode == 0, again.stderr
+    [record] = outbound(fresh)
+    assert record.payload_path == payload
+    assert payload.read_bytes() == b"MSH|taken in\r"

@@ -322,7 +322,7 @@ def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
     _run([*argv, str(dump)], settings, "restore the spool")
 
 
-def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
+def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> str | None:
     """While :func:`held`: give the spool a new generation (gateway.spool.postgres.
     generation), so that a node that ran before, unreachable meanwhile, stops once it
     reaches the database again instead of carrying on with what it held of the old
@@ -333,7 +333,12 @@ def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> No
     replaced, and that is a restore done.  A load that committed nothing (one
     transaction) puts the generation back, and those nodes go on with the spool they
     had; if it cannot be told which (the database does not answer), the new generation
-    stays and they stop: the safe side."""
+    stays and they stop: the safe side.
+
+    Returns None when ``pg_restore`` ended well, else how the load ended after its commit
+    (failing, killed, or this process interrupted by Ctrl-C while it ran, which reaches
+    both): the spool is replaced all the same, and the restore must finish (move the file
+    names), not stop half done.  Raises what ended the load if it did not commit."""
     with connect(settings) as conn, conn.transaction():
         db = InTransaction(conn)
         before = generation.read(db)
@@ -341,7 +346,7 @@ def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> No
         generation.renew(db)
     try:
         load(settings, pg_restore, dump)
-    except BaseException as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         loaded = _loaded(settings, tables)
         if loaded is False and before is not None:
             with (
@@ -350,9 +355,13 @@ def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> No
                 conn.transaction(),
             ):
                 generation.put(InTransaction(conn), before)
-        if loaded and isinstance(exc, ToolError):
-            return  # what pg_restore did after its commit changes nothing of the spool
-        raise
+        if not loaded:
+            raise
+        # What happened after the commit changes nothing of the spool: it is the dump's.
+        if isinstance(exc, KeyboardInterrupt):
+            return "interrupted (Ctrl-C) after the spool was loaded"
+        return exc.message if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _relations(conn: psycopg.Connection[dict[str, Any]]) -> dict[str, int]:

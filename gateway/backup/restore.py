@@ -69,6 +69,9 @@ class Restored:
     manifest: dict[str, Any]
     files: int
     kept_refusals: tuple[Path, ...] = ()  # this host's earlier refusals, kept aside
+    # How pg_restore ended after its load had committed (failing, killed, interrupted):
+    # the restore finished all the same.  None when it ended well (or no spool dump).
+    load_ended: str | None = None
 
 
 def _refusals_only(audit_log: Path) -> list[Path]:
@@ -515,9 +518,9 @@ def _restore_locked(
     *,
     force: bool,
     now: datetime,
-) -> tuple[dict[str, Any], tuple[Path, ...]]:
+) -> tuple[dict[str, Any], tuple[Path, ...], str | None]:
     """Check everything, then put the bundle in place, while no node starts on the spool
-    database; (manifest, earlier refusals kept)."""
+    database; (manifest, earlier refusals kept, how pg_restore ended after its commit)."""
     with _spool_held(config) as unused:
         return _restore_held(config, bundle, recipient, unused, force=force, now=now)
 
@@ -530,7 +533,7 @@ def _restore_held(
     *,
     force: bool,
     now: datetime,
-) -> tuple[dict[str, Any], tuple[Path, ...]]:
+) -> tuple[dict[str, Any], tuple[Path, ...], str | None]:
     try:
         refusals = _refusals_only(config.storage.audit_log)
     except OSError as exc:
@@ -591,10 +594,11 @@ def _restore_held(
             placed.files.append(dst)
     except OSError as exc:
         raise _undone(config, force, placed, refusals, kept, dst, exc) from exc
+    ended = None
     if DUMP in manifest["files"]:
         try:
             unused()  # again, right before pg_restore replaces the tables
-            _load_database(config, bundle, work / DUMP, refreshed, places, force=force)
+            ended = _load_database(config, bundle, work / DUMP, refreshed, places, force=force)
         except RestoreRefused as exc:
             if not force:  # a fresh host stays fresh: restore again once the cause is fixed
                 placed.undo()
@@ -605,7 +609,7 @@ def _restore_held(
                     with contextlib.suppress(psycopg.Error):
                         pgspool.drop(config.spool.postgres)
             raise
-    return manifest, kept
+    return manifest, kept, ended
 
 
 def _undone(
@@ -640,31 +644,52 @@ def _load_database(
     places: list[tuple[str, str]],
     *,
     force: bool,
-) -> None:
+) -> str | None:
     """The dump into this host's spool database (pg_restore, one transaction), then the
-    rows taken again after it and the file names moved to this host's folders."""
+    rows taken again after it and the file names moved to this host's folders.  Returns
+    how pg_restore ended after its load committed, if not well (the restore finished)."""
     settings = config.spool.postgres
     assert settings is not None
     pg_restore = _tool(config, "pg_restore")
+    outcome = "the restore is incomplete (--force replaced files already)"
+    if not force:
+        outcome = "what it had written is removed again; nothing was restored"
+    loaded = False
     try:
         # A node that ran on the spool before stops when it reaches it again, unless the
         # dump was not loaded at all.  No node passes that check before the lock this
         # restore holds is released.
-        pgspool.replace_spool(settings, pg_restore, dump)
+        ended = pgspool.replace_spool(settings, pg_restore, dump)
+        loaded = True
         pgspool.rewrite(settings, refreshed, _PATH_COLUMNS, lambda v: _moved(v, places))
     except (pgspool.ToolError, psycopg.Error, ValueError) as exc:
         said = exc.message if isinstance(exc, pgspool.ToolError) else str(exc)
         if isinstance(exc, psycopg.Error):
             said = pgspool.database_error(settings, exc)
-        outcome = "the restore is incomplete (--force replaced files already)"
-        if not force:
-            outcome = "what it had written is removed again; nothing was restored"
         raise RestoreRefused(
             f"{bundle}: the spool could not be put into the {settings.where}: {said}; " + outcome,
             reason="database-failed",
             fix="check that the database answers and that the [spool] user may create tables "
             "in it, then restore again",
         ) from exc
+    except KeyboardInterrupt as exc:  # Ctrl-C: said, and a fresh host made fresh again
+        step = (
+            "after the spool was replaced, before its file names were moved to this host's folders"
+            if loaded
+            else "while pg_restore ran, its load not known to have committed"
+        )
+        if force and loaded:
+            outcome = (
+                "the spool is replaced but its file names are not moved to this host's "
+                "folders, and --force replaced files already: the restore is incomplete"
+            )
+        raise RestoreRefused(
+            f"{bundle}: the restore was interrupted (Ctrl-C) {step}; {outcome}",
+            reason="interrupted",
+            fix="restore again"
+            + (" with --force (nodes must not start before it is done)" if force else ""),
+        ) from exc
+    return ended
 
 
 @dataclass
@@ -733,11 +758,11 @@ def restore(
     work = state / WORK
     try:
         try:
-            manifest, kept = _restore_locked(config, bundle, recipient, force=force, now=now)
+            manifest, kept, ended = _restore_locked(config, bundle, recipient, force=force, now=now)
         except RestoreRefused as exc:
             refused(exc)
             raise
-        done = Restored(manifest, len(manifest["files"]), kept)
+        done = Restored(manifest, len(manifest["files"]), kept, ended)
         restored(done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -770,6 +795,8 @@ def restored_event(bundle: Path, done: Restored, actor: str, *, forced: bool) ->
         "files": done.files,
         "forced": forced,
     }
+    if done.load_ended is not None:
+        detail["pg_restore_after_commit"] = done.load_ended
     if done.kept_refusals:
         detail["refusals_kept_in"] = [str(p) for p in done.kept_refusals]
     return AuditEvent(

@@ -166,6 +166,12 @@ def _restore(args: argparse.Namespace) -> int:
         f"restored {done.files} files from the backup of {manifest.get('created_at')} "
         f"(configuration of then in {config.storage.state_dir / 'restored-config'})"
     )
+    if done.load_ended is not None:
+        result["pg_restore_after_commit"] = done.load_ended
+        text += (
+            f"; pg_restore ended badly after its load had committed ({done.load_ended}): "
+            "the spool was replaced all the same, and the restore finished"
+        )
     if done.kept_refusals:
         result["refusals_kept_in"] = [str(p) for p in done.kept_refusals]
         text += "; the earlier refused attempts' audit records are kept in " + ", ".join(
