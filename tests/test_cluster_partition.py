@@ -390,6 +390,7 @@ def test_a_take_another_node_held_without_bodies_dir_is_failed_saying_where_it_i
     assert "without [cluster] bodies_dir" in failed["reason"]
     assert "another node took it in" in failed["reason"]
     fix = failed["detail"]["fix"]
+    assert "nothing is lost" not in fix
     assert f"medgw queue retry {message_id}" in fix and "set [cluster] bodies_dir" in fix
     assert "taken in again as a new message" in fix
 
@@ -401,3 +402,40 @@ def test_a_take_another_node_held_without_bodies_dir_is_failed_saying_where_it_i
     [sent] = rows.values()
     assert (sent.state, sent.queued_by) == (OutboundState.QUEUED, "a")
     assert not (cluster.outbox / "rx.hl7").exists()
+
+
+def test_an_own_intake_whose_file_is_gone_is_failed_saying_it_may_be_lost(
+    cluster: Cluster, postgres: PostgresSettings
+) -> None:
+    """Only a ever ran on the spool (no bodies_dir): it took in a document larger than a
+    row keeps and lost the database at its row's commit (its copy never written); the
+    file was removed from its outbox meanwhile.  At a's next start its recovery holds
+    its own intake and cannot reach the document, which no other node has: the alert
+    must not say the document is most likely on another node and that nothing is lost;
+    it names both cases and that the document may be lost, and keeps its severity."""
+    a = cluster.a
+    intake = OutboxIntake(a.context, Sealer(a.context))
+    drop_file(cluster.outbox, "rx.hl7", b"MSH|^~\\&|LAB|large\r" + bytes(range(256)) * 400)
+    message_id = _taken_in_while_cut_off(cluster, intake, in_row=False)
+    (cluster.outbox / "rx.hl7").unlink()  # removed while a was cut off
+    cluster.cut.refuse = False
+
+    config = replace(a.context.config, spool=SpoolSettings("postgresql", postgres))
+    assert config.cluster.bodies_dir is None
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=cluster.clock.now()))
+    log = make_logger(stream=io.StringIO())
+    context = Context(
+        Settings(config, trust), a.spool, a.audit, log, cluster.clock, a.context.vault
+    )
+    asyncio.run(Recovery(context, Sealer(context)).recover())
+
+    [row] = a.spool.all_outbound()
+    assert (row.message_id, row.state) == (message_id, OutboundState.FAILED)
+    [failed] = events(a.trail, "message.failed")
+    assert failed["message_id"] == message_id and failed["severity"] == "alert"
+    reason, fix = failed["reason"], failed["detail"]["fix"]
+    assert "most likely another node" not in reason
+    assert "nothing is lost" not in fix
+    assert "Either this node took it in" in reason and "the document is lost here" in reason
+    assert "or another node took it in" in reason
+    assert "if no node has it, the document is lost" in fix

@@ -422,27 +422,31 @@ class Recovery:
         Nodes sharing the spool without a shared bodies folder each keep the copies of
         what they take in in their own state folder: one this node claimed (another
         node's, left when that node stopped) and did not give back before it was
-        stopped itself is held here now under this node's name, and which node took it
-        in is not known.  Its document is most likely safe on that node, not lost."""
+        stopped itself is held here now under this node's name.  Which node took it in
+        is not known here: this node's own intake (its file removed or replaced since)
+        looks the same.  So the alert names both, and says the document may be lost."""
         config = self._ctx.config
         if config.spool.postgres is None or config.cluster.bodies_dir is not None:
             return "the document vanished between outbox and spool", None
         retry = f"medgw queue retry {record.message_id}"
         reason = (
             f"its document is neither in this node's ({self._ctx.spool.node}) state folder "
-            "nor in its outbox. The nodes share the spool without [cluster] bodies_dir: "
-            "each keeps the copies of the documents it takes in in its own state folder, "
-            "and this node held this one's claim (a node claims at its start those another "
-            "node left, to give them back): most likely another node took it in, and its "
-            "copy is in that node's state folder or, not finished, the file is still in "
-            "that node's outbox"
+            "nor in its outbox, and which node took it in is not known here (the nodes "
+            "share the spool without [cluster] bodies_dir: each keeps the copies of the "
+            "documents it takes in in its own state folder). Either this node took it in "
+            "and the file was removed or replaced in its outbox before its copy was "
+            "written: then the document is lost here; or another node took it in and "
+            "this node held its claim (a node claims at its start those another node "
+            "left, to give them back): then its copy is in that node's state folder or, "
+            "not finished, the file is still in that node's outbox"
         )
         fix = (
-            "nothing is lost while that node's disk is: when it runs again, a file still "
-            f"in its outbox is taken in again as a new message; a copy in its state "
-            f"folder is sent by `{retry}` on that node. So that any node can "
-            "prepare another's documents, set [cluster] bodies_dir on every node (a "
-            "folder they all mount)"
+            "check every node that shares the spool: on one that took it in, a file "
+            "still in its outbox is taken in again as a new message when it runs, and a "
+            f"copy in its state folder is sent by `{retry}` on that node; if no node "
+            "has it, the document is lost: have it sent again from its source. So that "
+            "any node can prepare another's documents, set [cluster] bodies_dir on every "
+            "node (a folder they all mount)"
         )
         return reason, fix
 
