@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType, verify_chain
+from gateway.audit.files import closed_files
 from gateway.audit.log import TORN_KEPT
+from gateway.audit.rotation import RotationSettings
 from gateway.audit.verify import AuditChainError, verify_trail
 from gateway.demo_run import read_audit
+from gateway.instance import InstanceLock
 from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock
 from tests.cli import medgw
@@ -51,9 +54,8 @@ def test_an_unfinished_last_line_is_cut_off_and_recorded_at_the_next_open(
     size = trail.stat().st_size - len(torn)
 
     log = AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
-    # Nothing is written before the next record: a start's look at where the trail
-    # ended (what the recovery must record) still sees the last complete record.
-    assert trail.read_bytes() == b"".join(lines)
+    # Recorded at once, durably: a kill before the next record leaves it accounted for.
+    assert [r["event"] for r in read_audit(trail)][5:] == ["audit.record_cut_short"]
     log.emit(AuditEvent(EventType.DAEMON_STARTED))
     log.close()
 
@@ -107,7 +109,6 @@ def test_a_trail_that_is_only_an_unfinished_line_starts_again_from_its_first_rec
         "size": 90,
         "sha256": hashlib.sha256(torn).hexdigest(),
         "text": torn.decode(),
-        "first_tried_at": first["detail"]["first_tried_at"],
     }
     assert second["event"] == "daemon.started"
 
@@ -161,3 +162,80 @@ def test_an_unfinished_line_in_a_closed_file_is_still_a_fault(tmp_path: Path) ->
     newest.write_bytes(b"".join(lines[2:]))
     with pytest.raises(AuditChainError, match=f"{closed}:3: not an audit record"):
         verify_trail([closed, newest])
+
+
+def test_a_record_that_lacks_only_its_newline_is_cut_too_and_the_chain_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A kill can stop the write just before the newline: the record is whole but was
+    never acknowledged.  It is cut (kept in the record of the cut) and the chain goes on
+    from the record before it, never from it."""
+    trail = tmp_path / "audit.jsonl"
+    lines = write_trail(trail, 4)
+    trail.write_bytes(b"".join(lines)[:-1])
+    log = AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    log.emit(AuditEvent(EventType.DAEMON_STARTED))
+    log.close()
+    assert verify_chain(trail) == 5
+    records = read_audit(trail)
+    assert [r["event"] for r in records[3:]] == ["audit.record_cut_short", "daemon.started"]
+    assert records[3]["seq"] == 4 and records[3]["detail"]["text"] == lines[3][:-1].decode()
+
+
+def test_the_record_of_a_cut_stays_in_the_file_it_was_cut_from_when_a_rotation_is_due(
+    tmp_path: Path,
+) -> None:
+    trail = tmp_path / "audit.jsonl"
+    write_trail(trail, 3)  # records of 2026-12-06
+    with trail.open("ab") as handle:
+        handle.write(unfinished(tmp_path, 120))
+    size = trail.stat().st_size - 120
+    next_day = StepClock(datetime(2026, 12, 8, tzinfo=UTC))
+    log = AuditLog(trail, next_day, node="SAKURA-HOSPITAL", rotation=RotationSettings(None, True))
+    log.emit(AuditEvent(EventType.DAEMON_STARTED))  # the day's first record: a new file
+    log.close()
+    [closed] = closed_files(trail)
+    assert verify_trail([closed, trail]).records == 5
+    cut = read_audit(closed)[-1]
+    assert cut["event"] == "audit.record_cut_short" and cut["detail"]["offset"] == size
+    assert [json.loads(line)["event"] for line in trail.read_bytes().splitlines()] == [
+        "daemon.started"
+    ]
+
+
+def test_audit_verify_checks_an_unfinished_last_line_that_is_a_record_as_a_record(
+    layout: DemoLayout,
+) -> None:
+    """Only a line that is not yet a record is passed over: an edited last record whose
+    newline was taken away is still found."""
+    trail = layout.hospital.audit_log
+    lines = write_trail(trail, 3)
+    edited = lines[2][:-1].replace(b'"outcome":"success"', b'"outcome":"failure"')
+    trail.write_bytes(b"".join(lines[:2]) + edited)
+    verified = medgw("audit", "verify", "--config", layout.hospital.config_path)
+    assert verified.returncode != 0
+    assert "record 3 was altered after it was written" in verified.stderr
+
+
+def test_a_read_with_the_daemon_starting_or_stopping_is_refused_not_written_beside_it(
+    layout: DemoLayout,
+) -> None:
+    """A daemon starting or stopping writes its trail without answering on its socket:
+    a command reading the spool itself must not write the trail beside it."""
+    trail = layout.hospital.audit_log
+    write_trail(trail, 2)
+    before = trail.read_bytes()
+    lock = InstanceLock(layout.hospital.root / "state")
+    lock.acquire()  # as a daemon holds it from its first step to its last
+    try:
+        listed = medgw("queue", "list", "--config", layout.hospital.config_path)
+    finally:
+        lock.release()
+    assert listed.returncode == 1
+    assert "medgw is starting or stopping" in listed.stderr
+    assert "nothing is shown" in listed.stderr and "run the command again" in listed.stderr
+    assert trail.read_bytes() == before
+    # Once it is free, the read is recorded and shown.
+    listed = medgw("queue", "list", "--config", layout.hospital.config_path)
+    assert listed.returncode == 0, listed.stderr
+    assert read_audit(trail)[-1]["event"] == "messages.listed"

@@ -40,6 +40,11 @@ def closed_at(current: Path, closed: Path) -> datetime | None:
     return datetime.strptime(found.group(1), STAMP).replace(tzinfo=UTC)
 
 
+def is_closed_name(path: Path) -> bool:
+    """Whether ``path`` is named as a closed file of some trail (``NAME-STAMP.SUFFIX``)."""
+    return re.fullmatch(r".*-" + _STAMP_PATTERN + r"(\.[^.]*)?", path.name) is not None
+
+
 def closed_files(current: Path) -> list[Path]:
     """The closed files of the trail whose current file is ``current``, oldest first."""
     try:

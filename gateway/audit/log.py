@@ -38,9 +38,10 @@ made since the trail's last record).  Each carries ``detail.first_tried_at``.
 
 A record the process was writing when it died (a kill can stop ``write`` at a page
 boundary; a power cut can keep part of what was not synced) is an unfinished last line.
-The next open cuts it off and owes the trail an ``audit.record_cut_short`` record of its
-size, hash and beginning, written first by the next write: every line of the file stays
-a record of the chain, and the unfinished one is accounted for.
+The next open cuts it off and writes an ``audit.record_cut_short`` record of its size,
+hash and beginning in its place: every line of the file stays a record of the chain, and
+the unfinished one is accounted for.  A start that must know where the trail ended
+before (gateway.audit.owed.changes_since) reads that before it opens the log.
 
 With rotation settings, the file is closed when it reaches a size or when the
 first record of a new UTC day is written (gateway.audit.rotation): sealed by a
@@ -157,15 +158,15 @@ class AuditLog:
         self._lock = threading.Lock()  # the chain: seq, prev and the write of each record
         self._sync_lock = threading.Lock()  # one fsync at a time; taken before _lock
         shared_folder(path.parent)
-        self._seq, self._prev, self._sealed = self._tail(path)
         self._fd = steps.open_current(path)
         self._torn: int | None = None  # size to cut the file back to before the next record
         # What the next write records first: records the gateway owes the trail, each
         # with when it was first tried.
         self._owed: list[tuple[AuditEvent, datetime]] = []
-        cut = _cut_torn_tail(path, self._fd)  # a record a kill or a power cut left unfinished
-        if cut is not None:
-            self._owed.append((cut.event(path), clock.now()))
+        # A record a kill or a power cut left unfinished, cut off before the chain's end
+        # is read: all of it, even a record that lacks only its newline, is not the chain's.
+        cut = _cut_torn_tail(path, self._fd)
+        self._seq, self._prev, self._sealed = self._tail(path)
         self._sync(self._fd)
         self._size = os.fstat(self._fd).st_size  # of the current file
         self._day = _first_day(path)  # when its first record was written (None: empty)
@@ -177,6 +178,20 @@ class AuditLog:
         self._durable = _Mark(0, self._seq, self._prev, os.fstat(self._fd).st_size, self._sealed)
         self._lost: list[tuple[int, int, OSError]] = []  # (after, through, why): failed fsyncs
         self._waiting: set[int] = set()  # tickets whose emit has not returned or raised yet
+        if cut is not None:
+            try:
+                self._record_cut(cut)
+            except OSError:
+                os.close(self._fd)
+                raise
+
+    def _record_cut(self, cut: _CutShort) -> None:
+        """Record what was cut off the file at once, durably, as the first record after
+        the last complete one: in the same file (no rotation before it), and before
+        anything a kill could stop again."""
+        with self._sync_lock, self._lock:
+            self._write_all([cut.event(self._path).to_record(self._clock.now())])
+            self._flush()
 
     def _tail(self, path: Path) -> tuple[int, str, int]:
         """Sequence number and hash of the last complete record, to continue the chain,

@@ -183,6 +183,8 @@ def _lines(
         with path.open("rb") as handle:
             handle.seek(start_offset(handle, bounds.early))
             for line in handle:
+                if not line.endswith(b"\n"):
+                    break  # the file's end, unfinished: a record being written, or torn
                 at = time_of(line)
                 if at is None:
                     continue  # a torn line after a crash: `audit verify` reports it

@@ -79,8 +79,15 @@ def verify_trail(
     paths: Sequence[Path],
     keys: CheckpointKeys | None = None,
     last_checkpoint: tuple[int, str] | None = None,
+    live: Path | None = None,
 ) -> TrailReport:
-    """Check the files of one trail, oldest first; raise AuditChainError at the first fault."""
+    """Check the files of one trail, oldest first; raise AuditChainError at the first fault.
+
+    ``live``: the file a writer may be appending to.  When it is the last of ``paths``,
+    its last line not ended by a newline and not a JSON object is a record still being
+    written, or one a kill left unfinished (the next start cuts it off): not checked,
+    counted in ``unfinished``.  Anywhere else such a line is a fault; one that is an
+    object is checked as any record."""
     prev: str | None = None  # None: take the first record's prev (earlier files not given)
     expected = 0
     first = 0
@@ -94,10 +101,10 @@ def verify_trail(
     unfinished = 0
     for index, path in enumerate(paths):
         starting = before is not None
-        newest = index == len(paths) - 1
+        writing = index == len(paths) - 1 and live is not None and path == live
         with path.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
-                if newest and not line.endswith(b"\n"):
+                if writing and not line.endswith(b"\n") and not _an_object(line):
                     unfinished = len(line)  # the end of the file: not a record (yet)
                     break
                 if not line.strip():
@@ -164,6 +171,13 @@ def verify_trail(
     return TrailReport(
         count, first, expected - 1, checkpoints, last, bool(keys), disposal, unfinished
     )
+
+
+def _an_object(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _explains_start(record: dict[str, Any], first: int, first_prev: str | None) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from cryptography import x509
 
 from gateway.audit import index, review
+from gateway.audit.files import is_closed_name
 from gateway.audit.index import AuditIndexError
 from gateway.audit.query import DOCUMENTS_REMEMBERED, Filters, actor_of, patients_of, records
 from gateway.audit.seal import CheckpointKeys
@@ -290,9 +291,12 @@ def _verify(args: argparse.Namespace) -> int:
     config: GatewayConfig | None = None  # the installation's own trail (not --file)
     if args.file:
         paths: list[Path] = args.file
+        # The last file given may be a trail's current file, being written: not a closed one.
+        live: Path | None = None if is_closed_name(paths[-1]) else paths[-1]
     else:
         config = load_config(args.config or DEFAULT_CONFIG)
         paths = review.trail(config.storage.audit_log)
+        live = config.storage.audit_log
         if config.audit is not None and not certificates:
             keys = CheckpointKeys([config.audit.certificate])
     try:
@@ -314,7 +318,7 @@ def _verify(args: argparse.Namespace) -> int:
             return 1
     shown = ", ".join(str(p) for p in paths)
     try:
-        report = verify_trail(paths, keys, outside)
+        report = verify_trail(paths, keys, outside, live)
     except FileNotFoundError as exc:
         print(
             f"medgw: audit log {exc.filename} not found (fix: check --file or [storage] audit_log)",

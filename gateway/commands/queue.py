@@ -28,6 +28,7 @@ from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient, NotRunningError, claimed_operator
 from gateway.control.server import operator
 from gateway.errors import MedgwError
+from gateway.instance import AlreadyRunningError, InstanceLock
 from gateway.operations import listed, peers_view, record_view, viewed
 from gateway.spool import OutboundState, Spool, open_spool
 
@@ -108,9 +109,10 @@ def _offline_spool(args: argparse.Namespace) -> Spool:
 
 
 def offline_trail(config: GatewayConfig) -> AuditLog:
-    """The audit trail's writer for a command run while the daemon is stopped: it closes
-    the current file by size and by day under the same ``[audit]`` rules as the
-    daemon's writer (its checkpoints are the daemon's to write)."""
+    """The audit trail's writer for a command run while the daemon is stopped, the
+    state folder's lock (gateway.instance) held by the caller: it closes the current file
+    by size and by day under the same ``[audit]`` rules as the daemon's writer (its
+    checkpoints are the daemon's to write)."""
     return AuditLog(
         config.storage.audit_log,
         SystemClock(),
@@ -130,6 +132,24 @@ def offline_read(config: GatewayConfig, record: Callable[[AuditSink, str], None]
     the event, given the audit log and the actor (this process's account, and the name
     sudo passes).  Raises MedgwError if it cannot be written: then nothing is shown."""
     actor = offline_actor()
+    # The daemon's lock on the state folder, held while this writes: a daemon starting or
+    # stopping writes the trail without answering on its socket yet (or any more), and
+    # two writers would fork the chain, or one cut off what the other is writing.
+    lock = InstanceLock(config.storage.state_dir)
+    try:
+        lock.acquire()
+    except AlreadyRunningError:
+        raise MedgwError(
+            f"medgw is starting or stopping (it holds {lock.path}) and does not answer on "
+            "its control socket yet; this read was not recorded and nothing is shown",
+            fix="run the command again in a moment",
+        ) from None
+    except OSError as exc:
+        raise MedgwError(
+            f"cannot open the state folder's lock {lock.path}: {exc.strerror or exc}; "
+            "this read was not recorded and nothing is shown",
+            fix="run it as the medgw user (sudo -u medgw medgw ...), or start the daemon",
+        ) from exc
     try:
         audit = offline_trail(config)
         try:
@@ -142,6 +162,8 @@ def offline_read(config: GatewayConfig, record: Callable[[AuditSink, str], None]
             f"{exc.strerror or exc}; nothing is shown",
             fix="run it as the medgw user (sudo -u medgw medgw ...), or start the daemon",
         ) from exc
+    finally:
+        lock.release()
 
 
 def _table(records: list[dict[str, Any]]) -> str:

@@ -250,6 +250,10 @@ class Daemon:
         private_folder(config.storage.state_dir / "incoming")
         for warning in config.warnings:
             self._log.warning("config.warning", problem=str(warning))
+        # Where the trail ends before this start writes to it (alerts for certificates
+        # about to expire, the inbound side's recovered records): the changes committed
+        # since may lack their records, which the recovery below writes.
+        since = await asyncio.to_thread(changes_since, config.storage.audit_log)
         sealer = Sealer(config.audit) if config.audit is not None else None
         self._audit = AuditLog(
             config.storage.audit_log,
@@ -263,10 +267,6 @@ class Daemon:
             # again by the peer's resend, which the failure answered 503.
             owed=lambda event: event.direction == "outbound",
         )
-        # Where the trail ends before this start writes to it (alerts for certificates
-        # about to expire, the inbound side's recovered records): the changes committed
-        # since may lack their records, which the recovery below writes.
-        since = await asyncio.to_thread(changes_since, config.storage.audit_log)
         self._emergency = Emergency(
             config.storage.state_dir,
             self._clock,
