@@ -22,6 +22,11 @@ from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from tests.inboxwatch import InboxWatch
 
+# What a crash test's limit in pytest (``pytest.mark.timeout``) allows beyond the wait for
+# the deliveries (``timeout``): the drops with a kill and a restart after each burst
+# (each start up to 30 s on a loaded machine), and each daemon's stop.
+LIMIT_BEYOND_DELIVERIES = 600
+
 
 class Starts(Protocol):
     """What starts the daemons (the tests' ``processes`` fixture)."""
