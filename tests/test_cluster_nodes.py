@@ -595,6 +595,34 @@ def test_a_body_write_a_kill_cut_short_leaves_no_partial_file_in_the_shared_fold
     assert elsewhere.exists()  # young, and not this node's to judge
 
 
+def test_a_node_removes_at_its_start_the_partial_body_files_a_kill_left_of_its_own_writes(
+    layout: DemoLayout,
+    processes: Processes,
+    lab: Lab,
+) -> None:
+    """A kill in the middle of writing a body leaves its partial file in the shared
+    bodies folder; if another node takes that message over, this node never prepares it
+    again.  Its next start removes the partial files of its own body writes (their names
+    say whose they are), however young, and leaves the other nodes' (the cluster crash
+    test found one left behind)."""
+    bodies = layout.lab.root / "shared-bodies"
+    bodies.mkdir(parents=True, exist_ok=True)
+    data = random.Random(8).randbytes(1000)
+    own = bodies / f".{secrets.token_hex(12)}.lab-a.as2.{secrets.token_hex(6)}.partial"
+    others = bodies / f".{secrets.token_hex(12)}.lab-b.as2.{secrets.token_hex(6)}.partial"
+    suffixed = bodies / f".{secrets.token_hex(12)}.x.lab-a.as2.{secrets.token_hex(6)}.partial"
+    for path in (own, others, suffixed):
+        path.write_bytes(data)
+    lab_a = processes.start(lab.a)  # ready once its recovery is done
+    assert not own.exists()
+    assert others.exists() and suffixed.exists()  # young, and not this node's to judge
+    assert any(
+        line.get("event") == "recovery.removed_partial_file" and line.get("folder") == bodies.name
+        for line in lab_a.lines
+    )
+    assert lab_a.stop() == 0
+
+
 def test_two_nodes_lose_nothing_when_the_database_restarts_mid_run(
     layout: DemoLayout,
     processes: Processes,

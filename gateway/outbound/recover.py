@@ -4,8 +4,10 @@ document taken in is never lost and never sent twice as two messages."""
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime
 from functools import partial
+from pathlib import Path
 
 from gateway.atrest import storing
 from gateway.atrest.chunked import CHUNK
@@ -126,6 +128,13 @@ class Recovery:
                 else None
             )
             for path in remove_stale_partials(folder, older_than=older):
+                self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
+        if shared:
+            # Except the bodies this node was writing when it was killed: their names say
+            # whose they are, only this node writes them, and none of its writes runs yet.
+            # (A message another node has taken over since is never prepared here again,
+            # so they are not removed then.)
+            for path in remove_own_body_partials(self._ctx.outgoing, config.cluster.node_name):
                 self._ctx.log.info("recovery.removed_partial_file", folder=path.parent.name)
         # The state folder itself (the emergency window, the break-glass credential) and
         # the CRL cache: a `medgw` command of this node may be writing there as it
@@ -510,3 +519,16 @@ class Recovery:
                 return False
             move_into_spool(record.source_path, record.payload_path, self._ctx.folder_sync, sealing)
         return True
+
+
+def remove_own_body_partials(bodies: Path, node: str) -> list[Path]:
+    """Delete the partial files (fsutil.partial_name) of the bodies ``node`` writes into
+    the shared ``bodies`` folder (Context.body_path: ``<24 hex>.<node>.as2``), whatever
+    their age: for ``node``'s own start, when none of its writes is in progress."""
+    pattern = re.compile(rf"\.[0-9a-f]{{24}}\.{re.escape(node)}\.as2\.[0-9a-f]{{12}}\.partial")
+    removed = []
+    for path in bodies.glob(".*.partial"):
+        if pattern.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
