@@ -11,12 +11,14 @@ one before, up to ``retry_max_seconds`` or :data:`CEILING_SECONDS`, whichever is
 shorter; once a claim on it holds up to its POST, it starts again from the first
 step.
 
-The count is this node's, in memory: a loss is this node's trouble (its clock, its
-connection, its renewals), not the message's, so it never slows another node, and a
-message another node took over is let go, its count forgotten (that node sends it
-as due).  A node that restarts starts counting again.  Counts are dropped once a
-message has not been lost again for twice the ceiling, so they stay as many as the
-messages lost lately.
+The count is this node's, in memory; the wait is written in the spool (the message's
+``next_attempt_at``, by this node's clock), so while it lasts no other node sends the
+message either.  A message another node took over is let go, its count forgotten (that
+node sends it as due).  A node that restarts starts counting again.  Counts are
+dropped once a message has not been lost again for twice the ceiling, so they stay as
+many as the messages lost lately.  Each message whose losses reach
+:data:`PERSISTING_LOSSES` is reported once, and said to hold again once its own claim
+holds: another message's claim holding says nothing about it.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ class LostClaims:
         self._lock = threading.Lock()
         self._counts: dict[str, tuple[int, float]] = {}  # key -> (losses, when: monotonic)
         self._pruned_at = clock.monotonic()
-        # Set once the losses of some message reached PERSISTING_LOSSES, until a claim holds.
-        self.persisting = False
+        # The messages whose losses reached PERSISTING_LOSSES (said so), until their
+        # claim holds or they are no longer this node's.
+        self._reported: set[str] = set()
 
     def next(self, key: str, initial: float, ceiling: float) -> Loss:
         """The loss that losing ``key``'s claim once more would be (nothing recorded
@@ -65,24 +68,25 @@ class LostClaims:
 
     def record(self, key: str, loss: Loss) -> bool:
         """``loss`` of ``key``'s claim happened (the message was queued again after its
-        delay); True the first time the losses of a message reach PERSISTING_LOSSES
-        since a claim last held (the caller says so, once)."""
+        delay); True the first time the losses of this message reach PERSISTING_LOSSES
+        since its claim last held (the caller says so, once)."""
         now = self._clock.monotonic()
         with self._lock:
             self._prune(now)
             self._counts[key] = (loss.count, now)
-            if loss.count >= PERSISTING_LOSSES and not self.persisting:
-                self.persisting = True
+            if loss.count >= PERSISTING_LOSSES and key not in self._reported:
+                self._reported.add(key)
                 return True
             return False
 
     def held(self, key: str) -> bool:
         """A claim on ``key`` held up to its POST: its count starts again.  True if the
-        node had said that its claims keep being lost (the caller says they hold again)."""
+        node had said that this message's claims keep being lost (the caller says they
+        hold again)."""
         with self._lock:
             self._counts.pop(key, None)
-            if self.persisting:
-                self.persisting = False
+            if key in self._reported:
+                self._reported.discard(key)
                 return True
             return False
 
@@ -91,6 +95,7 @@ class LostClaims:
         settled): its count goes."""
         with self._lock:
             self._counts.pop(key, None)
+            self._reported.discard(key)
 
     def losses(self, key: str) -> int:
         """How many times in a row ``key``'s claim was lost (0: none lately)."""
@@ -106,3 +111,4 @@ class LostClaims:
         old = now - 2 * CEILING_SECONDS
         for key in [k for k, (_, at) in self._counts.items() if at < old]:
             del self._counts[key]
+            self._reported.discard(key)

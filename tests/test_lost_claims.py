@@ -400,3 +400,24 @@ def test_the_wait_doubles_to_its_ceiling_starts_again_once_held_and_old_counts_g
     clock.advance(2 * CEILING_SECONDS + 1)
     claims.record("<new@x>", claims.next("<new@x>", 10, 900))
     assert (claims.losses("<old@x>"), claims.losses("<new@x>")) == (0, 1)
+
+
+def test_a_message_that_keeps_losing_is_said_once_whatever_other_messages_claims_do(
+    clock: SetClock,
+) -> None:
+    """A large message always losing while small ones go through (leases shorter than
+    its work): one error for it, and 'holding again' only once its own claim holds."""
+    claims = LostClaims(clock)
+    said, holding = [], []
+    for _ in range(12):
+        said.append(claims.record("<big@x>", claims.next("<big@x>", 1, 5)))
+        holding.append(claims.held("<small@x>"))  # another message's claim held
+    assert said == [False] * 4 + [True] + [False] * 7
+    assert holding == [False] * 12
+    # Another message reaching the count is said too, though the first still fails.
+    for _ in range(5):
+        reported = claims.record("<other@x>", claims.next("<other@x>", 1, 5))
+    assert reported is True
+    assert claims.held("<big@x>") is True and claims.held("<big@x>") is False
+    claims.forget("<other@x>")  # taken over: nothing more to say of it
+    assert claims.held("<other@x>") is False

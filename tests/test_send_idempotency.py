@@ -241,9 +241,10 @@ def test_a_key_reused_for_another_document_is_refused(
     second.write_bytes(DOCUMENT)
     refused = _send(layout, second, "--to", "hospital", "--idempotency-key=-k1", "--no-wait")
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "the idempotency key '-k1' already names another document" in refused.stderr
-    assert message_id in refused.stderr and "nothing was spooled" in refused.stderr
-    assert "fix: give each document a key of its own" in refused.stderr
+    assert "refused: Idempotency-Key '-k1' names an earlier submission" in refused.stderr
+    assert "with another peer, service, file name or media type" in refused.stderr
+    assert message_id in refused.stderr and "nothing new was spooled" in refused.stderr
+    assert "fix: send each document with a key of its own" in refused.stderr
     assert refused.stdout == "" and "Traceback" not in refused.stderr
     assert _queued(layout) == [message_id]
     [duplicate] = wait_for_events(layout.lab.audit_log, "message.duplicate")
@@ -271,9 +272,9 @@ def test_a_changed_file_run_again_with_its_key_is_refused(
     document.write_bytes(DOCUMENT.replace(b"SENDKEY-1", b"SENDKEY-1-FIXED"))
     refused = _send(layout, document, "--to", "hospital", "--idempotency-key=rx-7", "--no-wait")
     assert refused.returncode == 1, refused.stdout + refused.stderr
-    assert "the idempotency key 'rx-7' already names another document" in refused.stderr
+    assert "refused: Idempotency-Key 'rx-7' names an earlier submission" in refused.stderr
     assert message_id in refused.stderr and "SHA-256 differs" in refused.stderr
-    assert "nothing was spooled" in refused.stderr
+    assert "nothing new was spooled" in refused.stderr
     assert "a changed document is a new submission: send it with a new key" in refused.stderr
     assert refused.stdout == "" and "Traceback" not in refused.stderr
     assert _queued(layout) == [message_id]
@@ -311,3 +312,29 @@ def test_a_key_that_is_not_one_is_a_usage_error(
     assert "1 to 128 visible ASCII characters, without '\"' or '\\' inside" in result.stderr
     assert "fix: give the key medgw send printed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_key_kept_before_fingerprints_is_refused_saying_the_document_may_be_on_its_way(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """A key recorded by a release that kept no fingerprint: the gateway cannot tell
+    whether the file is the same one.  Told so, with the message it may already be: never
+    that it 'names another document', which would have the admin send it twice."""
+    processes.start(layout.lab.config_path)  # the peer is down: the first stays queued
+    document = tmp_path / "result.hl7"
+    document.write_bytes(DOCUMENT)
+    sent = _send(layout, document, "--to", "hospital", "--idempotency-key=rx-8", "--no-wait")
+    assert sent.returncode == 0, sent.stderr
+    message_id = sent.stdout.strip()
+    spool = sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3", timeout=30)
+    with spool:  # as a spool of the release before fingerprints has it
+        spool.execute("UPDATE submissions SET content_sha256 = NULL")
+    spool.close()
+
+    refused = _send(layout, document, "--to", "hospital", "--idempotency-key=rx-8", "--no-wait")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "another document" not in refused.stderr
+    assert "it cannot tell whether this is the same document" in refused.stderr
+    assert f"it was taken already as {message_id}: follow that message" in refused.stderr
+    assert refused.stdout == "" and "Traceback" not in refused.stderr
+    assert _queued(layout) == [message_id]

@@ -193,13 +193,15 @@ def _send(args: argparse.Namespace) -> int:
         raise  # nothing was sent: exit 1, "medgw is not running"
     except RefusedError as exc:
         if exc.status == HTTPStatus.UNPROCESSABLE_ENTITY:
+            # The gateway's own words: only it knows whether the key names another
+            # document, a changed one, or one it cannot compare (kept before fingerprints,
+            # perhaps this very document, already taken and on its way).
             print(
-                f"medgw send: refused: the idempotency key {key!r} already names another "
-                f"document ({exc.message}); nothing was spooled\n"
-                "  fix: give each document a key of its own - a changed document is a new "
-                "submission: send it with a new key (leave --idempotency-key out: a new key "
-                "is made); run a printed command with its key only to send the same, "
-                "unchanged file again",
+                f"medgw send: refused: {exc.message}; nothing new was spooled under the "
+                f"idempotency key {key!r}\n"
+                f"  fix: {exc.fix or 'give each document a key of its own'} (leave "
+                "--idempotency-key out and a new key is made; run a printed command with "
+                "its key only to send the same, unchanged file again)",
                 file=sys.stderr,
             )
             return EXIT_FAILED
