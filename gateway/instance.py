@@ -33,6 +33,12 @@ class InstanceLock:
         """Take the lock, or raise AlreadyRunningError naming the running daemon's pid."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.geteuid() == 0:
+            # Run as root (a command with sudo): the lock stays the state folder owner's,
+            # whose daemon must open it later.
+            folder = os.stat(self.path.parent)
+            with contextlib.suppress(OSError):
+                os.fchown(fd, folder.st_uid, folder.st_gid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -5,8 +5,10 @@ verifiable chain, every line of it a record, and no false alarm of tampering."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -239,3 +241,49 @@ def test_a_read_with_the_daemon_starting_or_stopping_is_refused_not_written_besi
     listed = medgw("queue", "list", "--config", layout.hospital.config_path)
     assert listed.returncode == 0, listed.stderr
     assert read_audit(trail)[-1]["event"] == "messages.listed"
+
+
+def test_an_unfinished_line_whose_record_cannot_be_written_is_put_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the open: the record of the cut fails, so the bytes go back and the
+    next open cuts and records them; they never vanish without a trace."""
+    trail = tmp_path / "audit.jsonl"
+    write_trail(trail, 3)
+    torn = unfinished(tmp_path, 180)
+    with trail.open("ab") as handle:
+        handle.write(torn)
+    before = trail.read_bytes()
+    real_write = os.write
+    full = True
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        if full and bytes(data[:30]).startswith(b'{"detail"'):  # the record of the cut
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError, match="No space left"):
+        AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    assert trail.read_bytes() == before
+    full = False
+    log = AuditLog(trail, StepClock(datetime(2026, 12, 7, tzinfo=UTC)), node="SAKURA-HOSPITAL")
+    log.close()
+    cut = read_audit(trail)[3]
+    assert cut["event"] == "audit.record_cut_short"
+    assert cut["detail"]["sha256"] == hashlib.sha256(torn).hexdigest()
+
+
+def test_a_command_run_as_root_leaves_the_lock_to_the_state_folders_owner(
+    tmp_path: Path,
+) -> None:
+    """``sudo medgw queue list`` before the daemon's first start creates the lock file:
+    it stays the medgw account's, or that daemon could never take it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # the service account's folder (here: nobody)
+    lock = InstanceLock(state)
+    lock.acquire()
+    lock.release()
+    made = (state / "medgw.lock").stat()
+    assert (made.st_uid, made.st_gid) == (65534, 65534)

@@ -182,6 +182,12 @@ class AuditLog:
             try:
                 self._record_cut(cut)
             except OSError:
+                # Not recorded (a full disk): the bytes go back, for the next start to cut
+                # and record; never gone without a trace.
+                if cut.data is not None:
+                    with contextlib.suppress(OSError):
+                        os.write(self._fd, cut.data)
+                        self._sync(self._fd)
                 os.close(self._fd)
                 raise
 
@@ -572,6 +578,7 @@ class _CutShort(NamedTuple):
     size: int  # how many bytes it had
     sha256: str  # of those bytes
     start: bytes  # the first TORN_KEPT of them
+    data: bytes | None  # all of them (None: longer than RESTORABLE)
 
     def event(self, path: Path) -> AuditEvent:
         """Its record: what was cut off, so that nothing leaves the file unaccounted."""
@@ -594,6 +601,7 @@ class _CutShort(NamedTuple):
 
 
 TORN_KEPT = 1024  # bytes of an unfinished line kept in its record (all of it by its hash)
+RESTORABLE = 1 << 20  # an unfinished line up to this long is put back if its record fails
 
 
 def _cut_torn_tail(path: Path, fd: int, block: int = 1 << 16) -> _CutShort | None:
@@ -616,14 +624,16 @@ def _cut_torn_tail(path: Path, fd: int, block: int = 1 << 16) -> _CutShort | Non
             end = start
         if end == size:
             return None
-        digest = hashlib.sha256()
         handle.seek(end)
-        kept = handle.read(TORN_KEPT)
-        digest.update(kept)
+        # All of it, to put back if its record cannot be written (no line the log writes
+        # is longer); a longer one (not the log's) is kept by its hash only.
+        whole = handle.read(RESTORABLE + 1)
+        digest = hashlib.sha256(whole)
         while chunk := handle.read(block):
             digest.update(chunk)
     os.ftruncate(fd, end)
-    return _CutShort(end, size - end, digest.hexdigest(), kept)
+    data = whole if len(whole) <= RESTORABLE else None
+    return _CutShort(end, size - end, digest.hexdigest(), whole[:TORN_KEPT], data)
 
 
 def last_record_time(path: Path, block: int = 1 << 16) -> datetime | None:
