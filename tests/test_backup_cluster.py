@@ -575,6 +575,7 @@ _CTRL_C = "kill -INT $PPID; exec sleep 60"
     ],
     ids=["killed", "ctrl-c"],
 )
+@pytest.mark.parametrize("ran", [True, False], ids=["spool-replaced", "fresh-database"])
 def test_a_restore_whose_pg_restore_is_killed_after_its_commit_is_done(
     layout: DemoLayout,
     postgres_server: PostgresServer,
@@ -582,29 +583,33 @@ def test_a_restore_whose_pg_restore_is_killed_after_its_commit_is_done(
     tmp_path: Path,
     end: str,
     said: str,
+    ran: bool,
 ) -> None:
     """``medgw restore`` runs the ``pg_restore`` of ``[backup] pg_bin_dir`` (else the
     one on PATH): here one that runs the real one and, once its load has committed, is
     killed before it exits, or medgw is interrupted (Ctrl-C) then.  The spool is the
     bundle's, so the restore is done (the file names moved to this host's, exit status
     0, how pg_restore ended said), and the spool keeps its new generation: a node cut
-    off meanwhile stops when it is back instead of going on with the old."""
+    off meanwhile stops when it is back instead of going on with the old.  The same onto
+    a database no node has run on (no spool tables before: the restore of a new host)."""
     key, cert, bundle, fresh, host = _bundle_and_fresh_host(
         layout, postgres_server, postgres, tmp_path
     )
-    PostgresSpool(fresh, TickingClock(), Claimant("lab-b")).close()  # a node ran on it
 
     def token() -> object:
         with postgres_server.admin(fresh.dbname) as admin:
             [(value,)] = admin.execute("SELECT token FROM spool_generation").fetchall()
         return value
 
-    before = token()
+    before = None
+    if ran:
+        PostgresSpool(fresh, TickingClock(), Claimant("lab-b")).close()  # a node ran on it
+        before = token()
     _pg_bin_dir(
         host, postgres_server, tmp_path / "tools", f'"$REAL" "$@" || exit $?\n{_LOAD} {end} ;; esac'
     )
 
-    done = restore(bundle, key, cert, host, "--force")
+    done = restore(bundle, key, cert, host, *(["--force"] if ran else []))
     assert done.returncode == 0, done.stderr
     assert "pg_restore ended badly after its load had committed" in done.stdout
     assert said in done.stdout
@@ -615,7 +620,7 @@ def test_a_restore_whose_pg_restore_is_killed_after_its_commit_is_done(
     assert record.message_id == "<one@KITA-LAB>"
     assert record.payload_path == host.parent / "state" / "payloads" / "a"
     assert record.payload_path.read_bytes() == b"MSH|taken in\r"
-    assert token() != before
+    assert token() is not None and token() != before
 
 
 def test_a_restore_interrupted_before_its_load_committed_says_so_and_leaves_the_host_fresh(

@@ -25,6 +25,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -378,18 +379,49 @@ def _loaded(settings: PostgresSettings, before: Mapping[str, int]) -> bool | Non
     """Whether the transaction of a ``pg_restore`` that did not end well committed: it
     drops the spool's tables and creates them again (``--clean``), so a table that is
     not the one of ``before`` (its tables before the load) is the dump's.  None: it
-    cannot be told (no table before, or the database does not answer).
+    cannot be told (the database does not answer, or a session of another still works
+    in it after a while).
 
     The tables are locked first: a ``pg_restore`` killed while its COMMIT was on the way
     leaves a server process that may still be committing, and it holds them until it
-    is done, either way."""
+    is done, either way.  With no table before (a database no node has run on), there
+    is nothing to lock: any table there once the other sessions in the database are
+    gone is the dump's."""
     if not before:
-        return None
+        return _created(settings)
     try:
         with connect(settings) as conn, conn.transaction():
             names = ", ".join(before)
             conn.execute(f"LOCK TABLE {names} IN ACCESS SHARE MODE")
             return _relations(conn) != before
+    except psycopg.Error:
+        return None
+
+
+SESSIONS_GONE_SECONDS = 30.0  # how long a load's server process may take to end
+
+
+def _created(settings: PostgresSettings) -> bool | None:
+    """Whether a load into a database that had no spool table committed (see _loaded):
+    once no other session is at work in the database (a killed pg_restore's server
+    process may still be committing), whether the spool's tables are there."""
+    deadline = time.monotonic() + SESSIONS_GONE_SECONDS
+    try:
+        with connect(settings) as conn:
+            while True:
+                row = conn.execute(
+                    # Working, not idle: this restore's own lock on the spool is held
+                    # by an idle session, and an uncommitted load whose client died is
+                    # idle in its transaction, never seen, and rolled back.
+                    "SELECT count(*) AS others FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND state = 'active'"
+                ).fetchone()
+                if row is None or not row["others"]:
+                    return bool(_relations(conn))
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.1)
     except psycopg.Error:
         return None
 
