@@ -94,7 +94,8 @@ class GatewayProcess:
                     )
                 self._cond.wait(min(remaining, 0.5))
 
-    def wait_ready(self, timeout: float = 30) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        # A start on a busy host (recovery, a database to reach) can take many seconds.
         return self.wait_for(lambda line: line.get("event") == "daemon.ready", timeout)
 
     def signal(self, signum: int) -> None:
