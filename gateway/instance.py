@@ -11,8 +11,10 @@ releases it when the process ends, however it ends.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from gateway.errors import MedgwError
@@ -24,6 +26,10 @@ class AlreadyRunningError(MedgwError):
     """Another daemon is running with this state folder."""
 
 
+class InstanceLockError(MedgwError):
+    """The lock's name in the state folder is not a plain file medgw can use."""
+
+
 class InstanceLock:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / LOCK_NAME
@@ -32,11 +38,31 @@ class InstanceLock:
     def acquire(self) -> None:
         """Take the lock, or raise AlreadyRunningError naming the running daemon's pid."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.geteuid() == 0:
-            # Run as root (a command with sudo): the lock stays the state folder owner's,
-            # whose daemon must open it later.
-            folder = os.stat(self.path.parent)
+        # Never through a link: whoever owns the state folder could point the name at
+        # any file, for a command run as root to truncate and write.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise InstanceLockError(
+                f"{self.path} is a symbolic link, not the lock file medgw keeps there; "
+                "nothing was done",
+                fix=f"remove {self.path} (and find out who made it): medgw makes it again",
+            ) from None
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode) or held.st_nlink != 1:
+            os.close(fd)
+            raise InstanceLockError(
+                f"{self.path} is not a plain file of its own (a device, a folder or a hard "
+                "link to another file); nothing was done",
+                fix=f"remove {self.path} (and find out who made it): medgw makes it again",
+            )
+        folder = os.stat(self.path.parent)
+        if os.geteuid() == 0 and held.st_uid == 0 and folder.st_uid != 0:
+            # Made just now by a command run as root (sudo): the lock stays the state
+            # folder owner's, whose daemon must open it later.
             with contextlib.suppress(OSError):
                 os.fchown(fd, folder.st_uid, folder.st_gid)
         try:

@@ -72,8 +72,8 @@ class LostClaims:
         since its claim last held (the caller says so, once)."""
         now = self._clock.monotonic()
         with self._lock:
+            self._counts[key] = (loss.count, now)  # before the pruning: this one is new
             self._prune(now)
-            self._counts[key] = (loss.count, now)
             if loss.count >= PERSISTING_LOSSES and key not in self._reported:
                 self._reported.add(key)
                 return True

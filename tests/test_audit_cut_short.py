@@ -21,7 +21,7 @@ from gateway.audit.log import TORN_KEPT
 from gateway.audit.rotation import RotationSettings
 from gateway.audit.verify import AuditChainError, verify_trail
 from gateway.demo_run import read_audit
-from gateway.instance import InstanceLock
+from gateway.instance import InstanceLock, InstanceLockError
 from gateway.pki.demo import DemoLayout
 from tests.audit_writer import StepClock
 from tests.cli import medgw
@@ -287,3 +287,29 @@ def test_a_command_run_as_root_leaves_the_lock_to_the_state_folders_owner(
     lock.release()
     made = (state / "medgw.lock").stat()
     assert (made.st_uid, made.st_gid) == (65534, 65534)
+
+
+def test_the_lock_is_never_taken_through_a_link_the_folders_owner_made(tmp_path: Path) -> None:
+    """The medgw account owns the state folder: a symbolic or hard link it puts in the
+    lock's place must not make a command run as root write, or give away, another file."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's own file\n")
+    os.chmod(victim, 0o600)
+    lock = state / "medgw.lock"
+    for hard in (False, True):
+        if hard:
+            os.link(victim, lock)
+        else:
+            lock.symlink_to(victim)
+        with pytest.raises(InstanceLockError, match="nothing was done"):
+            InstanceLock(state).acquire()
+        lock.unlink()
+        assert victim.read_bytes() == b"root's own file\n"
+        assert (victim.stat().st_uid, victim.stat().st_mode & 0o777) == (0, 0o600)
+    lock.symlink_to(tmp_path / "made-by-root")  # dangling: root would create the target
+    with pytest.raises(InstanceLockError):
+        InstanceLock(state).acquire()
+    assert not (tmp_path / "made-by-root").exists()

@@ -34,6 +34,7 @@ from gateway.config import load_config
 from gateway.delivery.http import HandOver
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.egress import Network
+from gateway.errors import MedgwError
 from gateway.logs import make_logger
 from gateway.lostclaims import CEILING_SECONDS, Loss, LostClaims
 from gateway.outbound import INLINE_BODY_BYTES, Outbound, Settings
@@ -421,3 +422,61 @@ def test_a_message_that_keeps_losing_is_said_once_whatever_other_messages_claims
     assert claims.held("<big@x>") is True and claims.held("<big@x>") is False
     claims.forget("<other@x>")  # taken over: nothing more to say of it
     assert claims.held("<other@x>") is False
+
+
+def test_a_message_lost_again_after_a_long_while_is_still_said_once(clock: SetClock) -> None:
+    """Losses of one message half a long lease apart (more than twice the ceiling): the
+    count goes on and the message is reported once, not at every loss from the fifth."""
+    claims = LostClaims(clock)
+    said = []
+    for _ in range(8):
+        said.append(claims.record("<slow@x>", claims.next("<slow@x>", 1, 5)))
+        clock.advance(2 * CEILING_SECONDS + 100)
+    assert said == [False] * 4 + [True] + [False] * 3
+
+
+@pytest.mark.parametrize(("gap", "unreachable"), [(10.0, True), (700.0, False)])
+async def test_a_message_that_keeps_losing_is_reported_once_and_named_when_it_holds(
+    layout: DemoLayout,
+    nodes: tuple[Spool, Spool],
+    clock: SetClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    gap: float,
+    unreachable: bool,
+) -> None:
+    """Eight losses in a row of one message: one 'keeps failing' line, whether its fifth
+    loss came while the spool was out of reach (the lease keeper requeues it then) or its
+    losses are far apart; the line that says its claim holds again names it."""
+    a, _ = nodes
+    a.add_intake("<m@x>", "lab", "f.hl7", "x-application/hl7", tmp_path / "s", tmp_path / "p")
+    a.mark_queued("<m@x>", None, [("AS2-To", "lab")], "mic", 3, body=b"abc")
+    log = io.StringIO()
+    outbound = await _sender(layout, a, clock, log)
+    [peer] = outbound.config.peers
+    client = _client(outbound)
+    mark_retry = a.mark_retry
+
+    def out_of_reach(*args: Any, **kwargs: Any) -> bool:
+        raise MedgwError("the spool database cannot be reached", fix="-")
+
+    try:
+        for loss in range(1, 9):
+            clock.advance(gap)  # past the wait (here at most 5 s)
+            [record], _ = a.claim_due("lab", clock.now().timestamp(), 1)
+            clock.advance(LEASE / 2 + 1)  # the claim as good as lost before the POST
+            down = unreachable and loss == 5
+            if down:
+                monkeypatch.setattr(a, "mark_retry", out_of_reach)
+            await outbound.send_one(record, peer, client, random.Random(1))
+            if down:
+                monkeypatch.setattr(a, "mark_retry", mark_retry)
+                mark_retry("<m@x>", "claim lost", clock.now().timestamp(), unsent=True)
+        assert len(_logged(log, "message.claim_lost")) == 8
+        [failing] = _logged(log, "message.claims_keep_failing")
+        assert '"losses": 5' in failing and '"message_id": "<m@x>"' in failing
+        outbound._sender._claim_held(record)
+        [holding] = _logged(log, "message.claims_holding")
+        assert '"message_id": "<m@x>"' in holding and '"peer": "lab"' in holding
+    finally:
+        await client.close()

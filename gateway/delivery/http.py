@@ -286,7 +286,12 @@ class HandOver:
                 await _off_loop(self._claim_lost, record)
                 return 0.0
             if self.lost_claims.held(_key(record)):
-                self._log.info("message.handover_claims_holding", node=self._spool.node)
+                self._log.info(
+                    "message.handover_claims_holding",
+                    node=self._spool.node,
+                    peer=record.peer,
+                    message_id=record.message_id,
+                )
             async with session.post(
                 url,
                 data=_body(record.path, record.size, record.sha256),

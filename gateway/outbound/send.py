@@ -18,7 +18,7 @@ from gateway.audit import EventType, Outcome, Severity
 from gateway.channel.client import PeerClient, Response
 from gateway.config import Peer
 from gateway.errors import AtRestError, MedgwError, TransportError
-from gateway.lostclaims import LostClaims
+from gateway.lostclaims import Loss, LostClaims
 from gateway.outbound.batches import Batches
 from gateway.outbound.context import Context
 from gateway.outbound.settle import Answer, Settler, asks_async_receipt
@@ -271,11 +271,14 @@ class Sender:
                 key, CLAIM_LOST, self._ctx.clock.now().timestamp() + loss.delay, unsent=unsent
             )
         except MedgwError as exc:  # the spool is unreachable: the lease keeper requeues it
-            self.lost_claims.record(key, loss)  # lost all the same: the next one waits longer
+            # Lost all the same: the next one waits longer, and is said as any other.
+            persisting = self.lost_claims.record(key, loss)
             self._ctx.log.warning(
                 "message.claim_lost", peer=record.peer, message_id=key, losses=loss.count, fix=fix
             )
             self._ctx.log.warning("message.requeue_failed", error=exc.message)
+            if persisting:
+                self._keep_failing(record, loss, fix)
             return
         if not requeued:
             # Another node took it over (or its receipt settled it): no back-off, no count.
@@ -297,19 +300,27 @@ class Sender:
             fix=fix,
         )
         if persisting:
-            self._ctx.log.error(
-                "message.claims_keep_failing",
-                node=self._ctx.spool.node,
-                peer=record.peer,
-                message_id=key,
-                losses=loss.count,
-                fix=fix,
-            )
+            self._keep_failing(record, loss, fix)
+
+    def _keep_failing(self, record: OutboundRecord, loss: Loss, fix: str) -> None:
+        self._ctx.log.error(
+            "message.claims_keep_failing",
+            node=self._ctx.spool.node,
+            peer=record.peer,
+            message_id=record.message_id,
+            losses=loss.count,
+            fix=fix,
+        )
 
     def _claim_held(self, record: OutboundRecord) -> None:
         """The claim on the message held up to its POST: its lost claims start again."""
         if self.lost_claims.held(record.message_id):
-            self._ctx.log.info("message.claims_holding", node=self._ctx.spool.node)
+            self._ctx.log.info(
+                "message.claims_holding",
+                node=self._ctx.spool.node,
+                peer=record.peer,
+                message_id=record.message_id,
+            )
 
     def _send_failed(self, record: OutboundRecord, peer: Peer, error: str, delay: float) -> float:
         """The send failed (connection, TLS, HTTP): queue it again after ``delay``, or make
