@@ -21,6 +21,7 @@ import base64
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -102,11 +103,13 @@ def environment(settings: PostgresSettings) -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], settings: PostgresSettings, what: str) -> None:
+def _run(argv: list[str], settings: PostgresSettings, what: str, name: str | None = None) -> None:
+    """Run a PostgreSQL tool; ``name``: its sessions' ``application_name``."""
+    env = environment(settings)
+    if name is not None:
+        env["PGAPPNAME"] = name
     try:
-        done = subprocess.run(
-            argv, env=environment(settings), capture_output=True, text=True, check=False
-        )
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     except OSError as exc:
         raise ToolError(
             f"cannot run {argv[0]}: {exc.strerror or exc}",
@@ -309,9 +312,10 @@ def rows_in(settings: PostgresSettings) -> list[str]:
     return found
 
 
-def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
+def load(settings: PostgresSettings, pg_restore: str, dump: Path, name: str | None = None) -> None:
     """Restore ``dump`` into the database of ``settings``, in one transaction, replacing
-    the spool's tables there (a node's start may have created them empty)."""
+    the spool's tables there (a node's start may have created them empty).  ``name``:
+    the ``application_name`` of its session, to find it on the server."""
     argv = [pg_restore, "--no-owner", "--no-privileges", "--single-transaction"]
     # pg_restore reads a --dbname with "=" in it as connection settings: a connection
     # string naming only the database keeps the name a name (the other settings: libpq's
@@ -320,7 +324,7 @@ def load(settings: PostgresSettings, pg_restore: str, dump: Path) -> None:
     argv += ["--exit-on-error", "--clean", "--if-exists", f"--dbname={where}"]
     with connect(settings) as conn:
         conn.execute(KEEP_DISPLACED)  # the function the dumped tables' triggers run
-    _run([*argv, str(dump)], settings, "restore the spool")
+    _run([*argv, str(dump)], settings, "restore the spool", name)
 
 
 def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> str | None:
@@ -340,15 +344,16 @@ def replace_spool(settings: PostgresSettings, pg_restore: str, dump: Path) -> st
     (failing, killed, or this process interrupted by Ctrl-C while it ran, which reaches
     both): the spool is replaced all the same, and the restore must finish (move the file
     names), not stop half done.  Raises what ended the load if it did not commit."""
+    name = f"medgw-restore-{secrets.token_hex(8)}"  # the load's session, by its name
     with connect(settings) as conn, conn.transaction():
         db = InTransaction(conn)
         before = generation.read(db)
         tables = _relations(conn)
         generation.renew(db)
     try:
-        load(settings, pg_restore, dump)
+        load(settings, pg_restore, dump, name)
     except (Exception, KeyboardInterrupt) as exc:
-        loaded = _loaded(settings, tables)
+        loaded = _loaded(settings, tables, name)
         if loaded is False and before is not None:
             with (
                 contextlib.suppress(psycopg.Error),
@@ -375,7 +380,7 @@ def _relations(conn: psycopg.Connection[dict[str, Any]]) -> dict[str, int]:
     return found
 
 
-def _loaded(settings: PostgresSettings, before: Mapping[str, int]) -> bool | None:
+def _loaded(settings: PostgresSettings, before: Mapping[str, int], name: str) -> bool | None:
     """Whether the transaction of a ``pg_restore`` that did not end well committed: it
     drops the spool's tables and creates them again (``--clean``), so a table that is
     not the one of ``before`` (its tables before the load) is the dump's.  None: it
@@ -385,10 +390,10 @@ def _loaded(settings: PostgresSettings, before: Mapping[str, int]) -> bool | Non
     The tables are locked first: a ``pg_restore`` killed while its COMMIT was on the way
     leaves a server process that may still be committing, and it holds them until it
     is done, either way.  With no table before (a database no node has run on), there
-    is nothing to lock: any table there once the other sessions in the database are
-    gone is the dump's."""
+    is nothing to lock: any table there once the load's session (``name``) is gone is
+    the dump's."""
     if not before:
-        return _created(settings)
+        return _created(settings, name)
     try:
         with connect(settings) as conn, conn.transaction():
             names = ", ".join(before)
@@ -401,23 +406,23 @@ def _loaded(settings: PostgresSettings, before: Mapping[str, int]) -> bool | Non
 SESSIONS_GONE_SECONDS = 30.0  # how long a load's server process may take to end
 
 
-def _created(settings: PostgresSettings) -> bool | None:
+def _created(settings: PostgresSettings, name: str) -> bool | None:
     """Whether a load into a database that had no spool table committed (see _loaded):
-    once no other session is at work in the database (a killed pg_restore's server
-    process may still be committing), whether the spool's tables are there."""
+    once the load's session (``application_name`` ``name``) has left the server, which
+    it does only once its transaction is committed or rolled back (a killed
+    ``pg_restore``'s server process may still be reading its COMMIT), whether the
+    spool's tables are there.  None: that session is still there after a while, or
+    the database does not answer."""
     deadline = time.monotonic() + SESSIONS_GONE_SECONDS
     try:
         with connect(settings) as conn:
             while True:
                 row = conn.execute(
-                    # Working, not idle: this restore's own lock on the spool is held
-                    # by an idle session, and an uncommitted load whose client died is
-                    # idle in its transaction, never seen, and rolled back.
-                    "SELECT count(*) AS others FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                    " AND state = 'active'"
+                    "SELECT count(*) AS left_over FROM pg_stat_activity"
+                    " WHERE application_name = %s",
+                    (name,),
                 ).fetchone()
-                if row is None or not row["others"]:
+                if row is None or not row["left_over"]:
                     return bool(_relations(conn))
                 if time.monotonic() > deadline:
                     return None
