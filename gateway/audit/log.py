@@ -186,7 +186,9 @@ class AuditLog:
                 # and record; never gone without a trace.
                 if cut.data is not None:
                     with contextlib.suppress(OSError):
-                        os.write(self._fd, cut.data)
+                        view = memoryview(cut.data)
+                        while view:  # all of it, or as much as the disk takes
+                            view = view[os.write(self._fd, view) :]
                         self._sync(self._fd)
                 os.close(self._fd)
                 raise

@@ -200,8 +200,7 @@ def _send(args: argparse.Namespace) -> int:
                 f"medgw send: refused: {exc.message}; nothing new was spooled under the "
                 f"idempotency key {key!r}\n"
                 f"  fix: {exc.fix or 'give each document a key of its own'} (leave "
-                "--idempotency-key out and a new key is made; run a printed command with "
-                "its key only to send the same, unchanged file again)",
+                "--idempotency-key out and a new key is made)",
                 file=sys.stderr,
             )
             return EXIT_FAILED

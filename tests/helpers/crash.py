@@ -24,7 +24,8 @@ from tests.inboxwatch import InboxWatch
 
 # What a crash test's limit in pytest (``pytest.mark.timeout``) allows beyond the wait for
 # the deliveries (``timeout``): the drops with a kill and a restart after each burst
-# (each start up to 30 s on a loaded machine), and each daemon's stop.
+# (each start usually well under 30 s even on a loaded machine: a typical figure, not a
+# bound), and each daemon's stop.
 LIMIT_BEYOND_DELIVERIES = 600
 
 
