@@ -30,7 +30,7 @@ import pytest
 
 from gateway.audit import AuditLog
 from gateway.channel.client import PeerClient
-from gateway.config import load_config
+from gateway.config import Peer, load_config
 from gateway.delivery.http import HandOver
 from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.egress import Network
@@ -247,6 +247,19 @@ async def _sender(layout: DemoLayout, spool: Spool, clock: SetClock, log: io.Str
     return Outbound(Settings(config, trust), spool, audit, make_logger(stream=log), clock)
 
 
+async def _one_queued_message(
+    layout: DemoLayout, spool: Spool, clock: SetClock, tmp_path: Path
+) -> tuple[Outbound, Peer, PeerClient, io.StringIO]:
+    """Message <m@x> queued for the lab on ``spool``, and a sender of that node whose
+    log is the StringIO returned."""
+    spool.add_intake("<m@x>", "lab", "f.hl7", "x-application/hl7", tmp_path / "s", tmp_path / "p")
+    spool.mark_queued("<m@x>", None, [("AS2-To", "lab")], "mic", 3, body=b"abc")
+    log = io.StringIO()
+    outbound = await _sender(layout, spool, clock, log)
+    [peer] = outbound.config.peers
+    return outbound, peer, _client(outbound), log
+
+
 def _client(outbound: Outbound) -> PeerClient:
     config = outbound.config
     [peer] = config.peers
@@ -271,12 +284,7 @@ async def test_a_send_another_node_took_over_is_let_go_without_delay(
     message never counted as attempted); then, stalled past its lease, b took it over.
     a finds its claim gone and lets go: b claims it at once, not after a's back-off."""
     a, b = nodes
-    a.add_intake("<m@x>", "lab", "f.hl7", "x-application/hl7", tmp_path / "s", tmp_path / "p")
-    a.mark_queued("<m@x>", None, [("AS2-To", "lab")], "mic", 3, body=b"abc")
-    log = io.StringIO()
-    outbound = await _sender(layout, a, clock, log)
-    [peer] = outbound.config.peers
-    client = _client(outbound)
+    outbound, peer, client, log = await _one_queued_message(layout, a, clock, tmp_path)
 
     async def send(spool: Spool, lost_after: float) -> None:
         [record], _ = spool.claim_due("lab", clock.now().timestamp(), 1)
@@ -449,12 +457,7 @@ async def test_a_message_that_keeps_losing_is_reported_once_and_named_when_it_ho
     loss came while the spool was out of reach (the lease keeper requeues it then) or its
     losses are far apart; the line that says its claim holds again names it."""
     a, _ = nodes
-    a.add_intake("<m@x>", "lab", "f.hl7", "x-application/hl7", tmp_path / "s", tmp_path / "p")
-    a.mark_queued("<m@x>", None, [("AS2-To", "lab")], "mic", 3, body=b"abc")
-    log = io.StringIO()
-    outbound = await _sender(layout, a, clock, log)
-    [peer] = outbound.config.peers
-    client = _client(outbound)
+    outbound, peer, client, log = await _one_queued_message(layout, a, clock, tmp_path)
     mark_retry = a.mark_retry
 
     def out_of_reach(*args: Any, **kwargs: Any) -> bool:
