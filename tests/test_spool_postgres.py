@@ -308,3 +308,47 @@ def test_a_spool_upgraded_with_many_rows_answers_the_sweeps_by_its_file_name_ind
         ]
     assert "outbound_payload_name" in plan[0] + plan[-1], plan
     assert not any("Seq Scan" in step for step in plan), plan
+
+
+def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """The sender's lookups had indexes of every row by state, whose entry each change of
+    state moved: the first start after the upgrade drops them for those of the one state
+    each looks up, and the queue is read through them."""
+    spool = PostgresSpool(postgres, TickingClock())
+    queue_messages(spool, tmp_path, 3)
+    # As a database of the version before: those indexes, not the new ones.
+    spool._transact(
+        lambda db: [
+            db.execute("DROP INDEX outbound_queued", ()),
+            db.execute("DROP INDEX outbound_expiring", ()),
+            db.execute("DROP INDEX outbound_awaiting", ()),
+            db.execute(
+                "CREATE INDEX outbound_next ON outbound (peer, state, next_attempt_at, created_at)",
+                (),
+            ),
+            db.execute("CREATE INDEX outbound_expiry ON outbound (peer, state, expires_at)", ()),
+            db.execute(
+                "CREATE INDEX outbound_unanswered ON outbound (peer, state, updated_at)", ()
+            ),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 3,)),
+        ]
+    )
+    spool.close()
+    spool = PostgresSpool(postgres, TickingClock())
+    with postgres_server.admin(postgres.dbname) as db:
+        indexes = {
+            str(row[0]): str(row[1])
+            for row in db.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'outbound'"
+            )
+        }
+        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
+    assert version == [(VERSION,)]
+    assert not {"outbound_next", "outbound_expiry", "outbound_unanswered"} & set(indexes)
+    assert "WHERE (state = 'queued'::text)" in indexes["outbound_queued"], indexes
+    assert "WHERE (state = 'awaiting-receipt'::text)" in indexes["outbound_awaiting"], indexes
+    claimed, _ = spool.claim_due("lab", 2e9, 2)
+    assert [r.message_id for r in claimed] == ["<m0@hospital>", "<m1@hospital>"]
+    spool.close()

@@ -75,7 +75,7 @@ def plan(database: Path, statement: str) -> list[str]:
 @pytest.mark.parametrize(
     ("what", "call", "searched_by"),
     [
-        ("due messages", lambda s: s.claim_due("lab", 2e9, 4), "peer=? AND state=?"),
+        ("due messages", lambda s: s.claim_due("lab", 2e9, 4), "outbound_queued (peer=?)"),
         (
             "expired messages",
             lambda s: s.expire_due("lab", 2e9 + 10),
@@ -86,7 +86,8 @@ def plan(database: Path, statement: str) -> list[str]:
             lambda s: s.requeue_unanswered("lab", "2026-11-26T03:00:00"),
             "updated_at<?",
         ),
-        ("interrupted messages", lambda s: s.requeue_interrupted("lab"), "peer=? AND state=?"),
+        # The messages being sent (no more than the sends under way), whichever peer.
+        ("interrupted messages", lambda s: s.requeue_interrupted("lab"), "(state=?)"),
         (
             "rows changed since the audit trail's last record",
             lambda s: s.outbound_changed_since("2026-11-26T03:00:00"),
@@ -193,8 +194,15 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
     spool = SqliteSpool(path, TickingClock())
     with contextlib.closing(sqlite3.connect(path)) as db:
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"outbound_next", "outbound_expiry", "outbound_unanswered", "outbound_created"} <= names
+    assert {
+        "outbound_queued",
+        "outbound_expiring",
+        "outbound_awaiting",
+        "outbound_created",
+    } <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
+    # Their first forms, of every row by state: each change of state wrote their pages.
+    assert not {"outbound_next", "outbound_expiry", "outbound_unanswered"} & names
     statement = statements_of(spool, lambda: spool.claim_due("lab", 0.0, 4))[0]
     assert not [s for s in plan(path, statement) if "TEMP B-TREE" in s]
 

@@ -1,0 +1,87 @@
+"""The pages the SQLite spool writes for a message's changes of state.
+
+Every page a transaction changes is written to the write-ahead log at its commit
+(a system call and a kernel copy of 4 KiB, in the commit's fsync) and again
+into the database file at the next checkpoint.  A message changes state four
+times after it is taken in (queued, sending, sent, settled): what each change
+writes is counted here from the log itself, file-level, whatever the load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.spool import OutboundState, Settled, SqliteSpool
+from tests.clocks import TickingClock
+
+WAL_HEADER = 32
+FRAME_HEADER = 24
+
+
+def pages_written(database: Path, change: Callable[[], object]) -> int:
+    """The pages ``change`` appends to the write-ahead log of the spool ``database``
+    (no checkpoint runs meanwhile: a few hundred pages, below SQLite's threshold)."""
+    wal = database.with_name(database.name + "-wal")
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+
+    def frames() -> int:
+        size = wal.stat().st_size if wal.exists() else 0
+        return max(0, size - WAL_HEADER) // (page + FRAME_HEADER)
+
+    before = frames()
+    change()
+    return frames() - before
+
+
+def test_a_change_of_state_writes_only_the_indexes_of_what_it_changes(tmp_path: Path) -> None:
+    """Claiming a queued message and recording it sent write the row's page and one
+    page per index the change moves it in (its time of change, its lease, and the
+    index of queued or of unanswered messages it leaves or enters): not a page of
+    every index that names the state, for each change of every message."""
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, TickingClock())
+    for i in range(20):  # others waiting, sent, delivered: the indexes hold more than one row
+        spool.add_intake(
+            f"<{i}@lab>", "lab", "a.hl7", "application/hl7-v2", tmp_path / "a", tmp_path / "p"
+        )
+        spool.mark_queued(f"<{i}@lab>", None, [], "mic", 10, body=b"sealed")
+    spool.claim_due("lab", 2e9, 20)
+    for i in range(10):
+        spool.mark_awaiting_receipt(f"<{i}@lab>")
+    for i in range(10, 15):
+        spool.mark_done(f"<{i}@lab>", OutboundState.DELIVERED, "processed", tmp_path / f"{i}")
+
+    assert spool.counts() == {
+        ("lab", "delivered"): 5,
+        ("lab", "awaiting-receipt"): 10,
+        ("lab", "sending"): 5,
+    }
+
+    spool.add_intake(
+        "<m@lab>", "lab", "m.hl7", "application/hl7-v2", tmp_path / "m", tmp_path / "q"
+    )
+    changes: dict[str, int] = {}
+    changes["queued"] = pages_written(
+        path, lambda: spool.mark_queued("<m@lab>", None, [], "mic", 10, body=b"sealed")
+    )
+    changes["sending"] = pages_written(path, lambda: spool.claim_due("lab", 2e9, 20))
+    changes["awaiting-receipt"] = pages_written(
+        path, lambda: spool.mark_awaiting_receipt("<m@lab>")
+    )
+    settled = Settled(
+        "<m@lab>",
+        OutboundState.DELIVERED,
+        "processed",
+        tmp_path / "r.mdn",
+        found=OutboundState.AWAITING_RECEIPT,
+        held=False,
+    )
+    changes["delivered"] = pages_written(path, lambda: spool.mark_settled([settled]))
+    assert spool.get("<m@lab>").state is OutboundState.DELIVERED  # type: ignore[union-attr]
+    # The row's page and three indexes' (updated_at, lease, the index of the state it
+    # leaves or enters); settled, the index of receipt files too.
+    assert changes == {"queued": 4, "sending": 4, "awaiting-receipt": 4, "delivered": 5}, changes
