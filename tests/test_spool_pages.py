@@ -10,13 +10,18 @@ writes is counted here from the log itself, file-level, whatever the load.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 from gateway.spool import OutboundState, Settled, SqliteSpool
 from tests.clocks import TickingClock
 
+ROOT = Path(__file__).resolve().parents[1]
 WAL_HEADER = 32
 FRAME_HEADER = 24
 
@@ -85,3 +90,51 @@ def test_a_change_of_state_writes_only_the_indexes_of_what_it_changes(tmp_path: 
     # The row's page and three indexes' (updated_at, lease, the index of the state it
     # leaves or enters); settled, the index of receipt files too.
     assert changes == {"queued": 4, "sending": 4, "awaiting-receipt": 4, "delivered": 5}, changes
+
+
+# A group of settlements in one transaction, as a process of its own whose SQLite writes
+# its temporary files to the folder SQLITE_TMPDIR names (read once, at its start).
+SETTLE_A_GROUP = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from gateway.spool import OutboundState, Settled, SqliteSpool
+    from tests.clocks import TickingClock
+
+    state, temporary = Path(sys.argv[1]), Path(sys.argv[2])
+    spool = SqliteSpool(state / "spool.sqlite3", TickingClock())
+    for i in range(200):
+        spool.add_intake(f"<{i}@lab>", "lab", "a.hl7", "text/plain", state / "a", state / f"p{i}")
+        spool.mark_queued(f"<{i}@lab>", None, [], "mic", 10, body=os.urandom(6000))
+    spool.claim_due("lab", 2e9, 200)
+    before = temporary.stat().st_mtime_ns
+    done = spool.mark_settled(
+        [Settled(f"<{i}@lab>", OutboundState.DELIVERED, "processed", state / f"r{i}")
+         for i in range(0, 200, 2)]
+    )
+    assert len(done) == 100, done
+    print("created" if temporary.stat().st_mtime_ns != before else "none")
+    """
+)
+
+
+def test_a_group_of_changes_writes_no_journal_outside_the_spools_log(tmp_path: Path) -> None:
+    """A transaction that changes many pages (a group of settlements) keeps the copies
+    its savepoint needs in memory: no temporary file is created for them (SQLite's
+    default, past 64 KiB: a file in the system's temporary folder, unlinked at once, a
+    write per page changed, and the spool's pages written outside the state folder)."""
+    state, temporary = tmp_path / "state", tmp_path / "temporary"
+    state.mkdir()
+    temporary.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", SETTLE_A_GROUP, str(state), str(temporary)],
+        cwd=ROOT,
+        env={**os.environ, "SQLITE_TMPDIR": str(temporary), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    # A file made and unlinked there changes the folder's modification time.
+    assert done.stdout.split() == ["none"], done.stdout

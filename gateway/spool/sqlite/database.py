@@ -57,6 +57,13 @@ class Database(SqlStore):
             # What is deleted (a purged item's data key, a receipt) is overwritten in the
             # file, not only unlinked from the b-tree (see gateway.spool.sqlite.datakeys).
             self._db.execute("PRAGMA secure_delete=ON")
+            # The statement journal, the copy of each page a transaction's savepoint
+            # changes (every transaction of a group commit has one), kept in memory: by
+            # default SQLite writes it to an unlinked file in the system's temporary
+            # folder once it passes 64 KiB, a write per page (more than the log's own)
+            # and copies of the spool's pages outside the state folder.  It only undoes
+            # a failed transaction of a group; the log makes the commit durable.
+            self._db.execute("PRAGMA temp_store=MEMORY")
             create_or_upgrade(self._db)
             self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._reader.row_factory = sqlite3.Row
