@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import OutboundState, Spool, SqliteSpool
+from gateway.spool import OutboundState, Settled, Spool, SqliteSpool
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
 
@@ -231,3 +231,64 @@ def test_renewing_leases_looks_up_the_claims_even_with_the_planner_s_statistics(
         steps = plan(tmp_path / "spool.db", statement)
         assert not [s for s in steps if s.startswith("SCAN ")], f"{statement}\n  plan: {steps}"
         assert any("USING INDEX outbound_lease" in s for s in steps), steps
+
+
+def test_a_peers_pending_messages_by_recipient_are_read_through_the_state_indexes(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    """A start and every reload count each peer's messages not yet delivered by the
+    certificate they are encrypted to: each state read through an index by state, never
+    the whole table (mostly delivered messages, kept for months)."""
+    statements = statements_of(spool, lambda: spool.pending_by_recipient("lab"))
+    assert statements
+    for statement in statements:
+        steps = plan(tmp_path / "spool.db", statement)
+        whole = [s for s in steps if s.startswith("SCAN outbound") and " USING " not in s]
+        assert not whole, f"{statement}\n  plan: {steps}"
+        searched = [s for s in steps if s.startswith("SEARCH outbound USING ")]
+        assert len(searched) == 3, steps  # queued, being sent, awaiting a receipt
+
+
+def test_pending_by_recipient_counts_each_state_not_yet_delivered(
+    make_spool: MakeSpool, tmp_path: Path
+) -> None:
+    """Queued, being sent and awaiting a receipt count; delivered messages, another
+    peer's and those prepared before the certificate was recorded do not (both
+    backends)."""
+    spool = make_spool(TickingClock())
+    messages = [
+        ("queued", "lab", "A"),
+        ("queued", "lab", "B"),
+        ("sending", "lab", "A"),
+        ("awaiting", "lab", "A"),
+        ("delivered", "lab", "A"),
+        ("queued", "pharmacy", "A"),
+        ("queued", "lab", None),
+    ]
+    for i, (state, peer, encrypted_for) in enumerate(messages):
+        message_id = f"<{i}@hospital>"
+        spool.add_intake(
+            message_id,
+            peer,
+            f"d{i}.hl7",
+            "x-application/hl7",
+            tmp_path / f"s{i}",
+            tmp_path / f"p{i}",
+        )
+        spool.mark_queued(message_id, None, [], "mic", 3, encrypted_for, body=b"abc")
+        if state != "queued":
+            spool.mark_sending(message_id)
+        if state in ("awaiting", "delivered"):
+            assert spool.mark_awaiting_receipt(message_id)
+        if state == "delivered":
+            settled = Settled(
+                message_id,
+                OutboundState.DELIVERED,
+                "processed",
+                None,
+                found=OutboundState.AWAITING_RECEIPT,
+            )
+            assert spool.mark_settled([settled]) == [message_id]
+    assert spool.pending_by_recipient("lab") == {"A": 3, "B": 1}
+    assert spool.pending_by_recipient("pharmacy") == {"A": 1}
+    assert spool.pending_by_recipient("clinic") == {}

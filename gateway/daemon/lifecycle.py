@@ -474,7 +474,10 @@ class Daemon:
                 local_api=config.api.endpoints() if config.api else [],
                 peers=[p.name for p in config.peers],
             )
-            report_stranded_messages(config, self._spool, self._audit_sink(), self._log)
+            # Off the event loop: it counts the queue, which a large spool makes slow.
+            await asyncio.to_thread(
+                report_stranded_messages, config, self._spool, self._audit_sink(), self._log
+            )
             self._notifier.ready(
                 f"serving {len(self._servers)} listener(s), {len(config.peers)} peer(s)"
             )

@@ -138,7 +138,10 @@ class Reloader:
                     detail={"peers": [p.name for p in new_config.peers]},
                 )
             )
-            report_stranded_messages(new_config, self._spool, self._audit, self._log)
+            # Off the event loop: it counts the queue, which a large spool makes slow.
+            await asyncio.to_thread(
+                report_stranded_messages, new_config, self._spool, self._audit, self._log
+            )
             self._notifier.ready("configuration reloaded")
             return None
 

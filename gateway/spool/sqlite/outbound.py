@@ -128,6 +128,27 @@ def _claim_keys(db: Connection, keyed: Sequence[Intake]) -> dict[str, str]:
     return resent
 
 
+# A peer's messages not yet delivered, one state at a time with the state as text, so
+# that each part is read through the index of the rows in that state (queued and
+# awaiting a receipt: by peer; being sent: no more than the sends under way) instead of
+# the whole table, most of which is delivered messages.
+_PENDING_BY_RECIPIENT = " ".join(
+    (
+        "SELECT encrypted_for, COUNT(*) AS n FROM (",
+        " UNION ALL ".join(
+            f"SELECT encrypted_for FROM outbound WHERE state='{state.value}' AND peer=?"  # noqa: S608
+            " AND encrypted_for IS NOT NULL"
+            for state in (
+                OutboundState.QUEUED,
+                OutboundState.SENDING,
+                OutboundState.AWAITING_RECEIPT,
+            )
+        ),
+        ") AS pending GROUP BY encrypted_for",
+    )
+)
+
+
 class OutboundQueue(SqlStore):
     """The outbound queue: intake, sealing, sending, settling, expiry, operator actions."""
 
@@ -363,16 +384,7 @@ class OutboundQueue(SqlStore):
     def pending_by_recipient(self, peer: str) -> dict[str, int]:
         """Messages for ``peer`` not yet delivered, by the SHA-256 of the certificate they
         are encrypted to (those prepared before it was recorded are left out)."""
-        rows = self._read(
-            "SELECT encrypted_for, COUNT(*) AS n FROM outbound WHERE peer=? AND state IN"
-            " (?, ?, ?) AND encrypted_for IS NOT NULL GROUP BY encrypted_for",
-            (
-                peer,
-                OutboundState.QUEUED.value,
-                OutboundState.SENDING.value,
-                OutboundState.AWAITING_RECEIPT.value,
-            ),
-        )
+        rows = self._read(_PENDING_BY_RECIPIENT, (peer, peer, peer))
         return {r["encrypted_for"]: r["n"] for r in rows}
 
     def mark_sending(self, message_id: str) -> None:
