@@ -82,5 +82,15 @@ class Tasks:
             )
 
     async def sleep_unless_stopping(self, seconds: float) -> None:
+        """Wait ``seconds``, or until a stop is asked for.  Once it has been, return at
+        the next turn of the event loop, not at once: the daemon's loops go round
+        (``while not stopping``) until the shutdown has begun, and the shutdown must get
+        to run.  Awaiting an event already set returns without giving the loop a turn
+        (``asyncio.wait_for`` too, since Python 3.12), so a loop woken by the stop before
+        the shutdown's own waiter would go round for ever, and the daemon would never
+        stop."""
+        if self.stop_requested.is_set():
+            await asyncio.sleep(0)
+            return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop_requested.wait(), timeout=seconds)
