@@ -16,6 +16,13 @@ versions in a ``Server`` header of every answer.  Here instead:
   audited; the client learns nothing of it;
 * the ``Server`` header says ``medgw``, without versions.
 
+Stopping (:func:`stop_serving`, :func:`finish_requests`): aiohttp's own shutdown
+ignores every byte that arrives once it has begun, so a request whose body was
+still arriving could only wait for its deadline and be cut.  Here a request
+already started (its headers all received) goes on reading its body and runs to
+its answer, which says ``Connection: close``; a connection waiting for its next
+request is closed at once; what is still in progress at the deadline is cut.
+
 Audit records of one source are bounded as for failed handshakes: the first
 RECORDED a minute one by one, the rest counted in one record (:meth:`flush`).
 """
@@ -39,6 +46,11 @@ from gateway.ratelimit import SourceBudget, address_source
 
 SERVER_NAME = "medgw"
 RECORDED = 10  # refused requests audited one by one per source and minute
+# While stopping: how often the connections are looked at again (one that has answered
+# its request, or has none, is closed), and how long the requests cut at the deadline
+# get to see it before they are cancelled.
+DRAIN_CHECK_SECONDS = 0.05
+CUT_SECONDS = 0.5
 REASON_CHARS = 300  # of a parser's reason kept in a log line or audit record
 # Answers to a refused request: one text per status, nothing from the request.
 _BODIES = {400: "bad request\n", 413: "request too large\n", 431: "bad request\n"}
@@ -156,6 +168,16 @@ class FrontDoor:
                 )
             )
 
+    def cut(self, remote: str, deadline: float) -> None:
+        """A request still in progress when the stop's deadline came was cut."""
+        self._log.warning(
+            "http.request_cut",
+            remote=remote,
+            reason=f"a request was still in progress {deadline:g} s after the stop began "
+            "(runtime.shutdown_deadline_seconds): its connection was closed without an "
+            "answer, and the client has to send it again",
+        )
+
     def _sink(self) -> AuditSink | None:
         return self._audit()
 
@@ -200,6 +222,47 @@ class _Handler(RequestHandler):
     """aiohttp's per-connection protocol, answering and logging through a FrontDoor."""
 
     front: FrontDoor
+    draining = False  # the listener is stopping: this connection takes no next request
+
+    def settle(self) -> bool:
+        """While stopping: close the connection if it waits for a next request (one whose
+        headers have not all arrived is not started); True once it is closing, False
+        while a request is in progress on it (its body may still be arriving)."""
+        self.draining = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and not self._messages:
+            self.force_close()
+            return True
+        return False
+
+    def cut(self, deadline: float) -> None:
+        """The stop's deadline (``deadline`` seconds) has come with a request still in
+        progress: the connection is dropped now (a TLS close would wait for the peer)
+        and the request's handler cancelled."""
+        self.draining = True
+        task = self._task_handler
+        transport = self.transport
+        if transport is not None:
+            peername = transport.get_extra_info("peername")
+            self.front.cut(peername[0] if isinstance(peername, tuple) else "local", deadline)
+            transport.abort()
+        if task is not None:
+            task.cancel()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # While stopping, the answer says Connection: close (if it was not already on its
+        # way) and aiohttp closes the connection after it.
+        if self.draining:
+            resp.force_close()
+        answered, reset = await super().finish_response(request, resp, start_time)
+        if self.draining:
+            answered.force_close()
+        return answered, reset
 
     def handle_error(
         self,
@@ -236,6 +299,48 @@ class _Server(web.Server):
         handler = _Handler(self, loop=self._loop, **self._kwargs)
         handler.front = self._front
         return handler
+
+
+async def finish_requests(server: web.Server | None, timeout: float) -> None:
+    """Stop ``server``'s connections (its listening sockets already closed): each
+    request already started runs to its answer, its body still read as it arrives, for
+    at most ``timeout`` seconds; a connection without one is closed at once, and one
+    whose request has been answered right after it.  At the deadline the requests still
+    in progress are cut: their connections dropped, their handlers cancelled (a body
+    still arriving is not kept; work already handed to a worker thread ends there: an
+    AS2 peer's resend is answered from the duplicate check, a local submission's by its
+    idempotency key).
+    """
+    if server is None:
+        return
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        handlers = [h for h in list(server.connections) if isinstance(h, _Handler)]
+        # Each looked at every time (not all() with its shortcut): one that has just
+        # answered is closed as soon as it waits for a next request.
+        settled = [h.settle() for h in handlers]
+        left = end - loop.time()
+        if all(settled) or left <= 0:
+            break
+        await asyncio.sleep(min(DRAIN_CHECK_SECONDS, left))
+    for handler, done in zip(handlers, settled, strict=True):
+        if not done:
+            handler.cut(timeout)
+    await server.shutdown(CUT_SECONDS)
+
+
+async def stop_serving(runner: web.AppRunner, timeout: float) -> None:
+    """Stop listening, let the requests in progress finish within ``timeout`` seconds,
+    then cut the rest (:func:`finish_requests`).
+
+    ``runner.cleanup()`` alone would wait aiohttp's own 60 s for each of them, whatever
+    the daemon's shutdown deadline, and ignore what arrives meanwhile.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    await finish_requests(runner.server, timeout)
+    await runner.cleanup()
 
 
 class _Runner(web.AppRunner):

@@ -38,7 +38,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.channel.storms import HandshakeStorms, StormNotice
 from gateway.clock import Clock
 from gateway.config import Listener
-from gateway.httpfront import FrontDoor
+from gateway.httpfront import FrontDoor, finish_requests
 from gateway.logs import Logger
 from gateway.pki.tls import fingerprint, refusal_alert
 from gateway.ratelimit import SourceBudget, address_source
@@ -455,18 +455,13 @@ class As2Server:
                 self.write_summaries(everything=True)  # the last counts are not lost
 
     async def stop(self, timeout: float) -> None:
-        """Stop accepting, let requests in progress finish within ``timeout``."""
+        """Stop accepting; each request already started (its body may still be arriving)
+        runs to its answer within ``timeout`` seconds, the rest are cut then; idle
+        keep-alive connections and handshakes in progress end now."""
         self.stop_accepting()
         for task in list(self._tasks):
             task.cancel()
-        http = self._runner.server
-        if http is not None:
-            # Idle keep-alive connections end now; a request in progress finishes first.
-            for connection in http.connections:
-                connection.close()
-        await self._runner.shutdown()
-        if http is not None:
-            await http.shutdown(timeout)
+        await finish_requests(self._runner.server, timeout)
         await self._runner.cleanup()
         if self._server is not None:
             await self._server.wait_closed()

@@ -23,7 +23,7 @@ from aiohttp import web
 from gateway.clock import SystemClock
 from gateway.errors import MedgwError, SpoolError
 from gateway.fsutil import MAX_SOCKET_PATH
-from gateway.httpfront import FrontDoor
+from gateway.httpfront import FrontDoor, stop_serving
 from gateway.intake.submit import (
     IDLE_CONNECTION_SECONDS,
     StatusFn,
@@ -31,7 +31,6 @@ from gateway.intake.submit import (
     account_name,
     parse_submission,
     status,
-    stop_runner,
     submit,
 )
 from gateway.logs import make_logger
@@ -164,7 +163,7 @@ class ControlServer:
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled."""
-        await stop_runner(self._runner, timeout)
+        await stop_serving(self._runner, timeout)
         self.path.unlink(missing_ok=True)
 
     async def _list(self, request: web.Request) -> web.Response:

@@ -637,17 +637,21 @@ class Daemon:
         for server in self._servers:
             server.stop_accepting()
         assert self._senders is not None
-        await self._senders.stop(deadline)
+        # One deadline for every transfer in progress, each way, all at once: every
+        # listener stops accepting now (and closes its idle connections), the requests
+        # already started run to their answer while the sends in progress finish.
+        stops = [self._senders.stop(deadline), *(s.stop(deadline) for s in self._servers)]
+        if self._api is not None:
+            stops.append(self._api.stop(deadline))
+        if self._control is not None:
+            stops.append(self._control.stop(deadline))
+        failed = [r for r in await asyncio.gather(*stops, return_exceptions=True) if r]
+        if failed:  # each one ended first: none is left running behind the failure
+            raise failed[0]
 
         def remaining() -> float:
             return max(0.5, deadline - (self._clock.monotonic() - start))
 
-        for server in self._servers:
-            await server.stop(remaining())
-        if self._api is not None:
-            await self._api.stop(remaining())
-        if self._control is not None:
-            await self._control.stop(remaining())
         if self._maintenance is not None:
             await self._maintenance.stop()
         await self._observer.stop()

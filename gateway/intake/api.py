@@ -28,7 +28,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock, SystemClock
 from gateway.config import ApiClient
 from gateway.errors import MedgwError
-from gateway.httpfront import FrontDoor
+from gateway.httpfront import FrontDoor, stop_serving
 from gateway.intake.submit import (
     BODY_IDLE_SECONDS,
     IDLE_CONNECTION_SECONDS,
@@ -38,7 +38,6 @@ from gateway.intake.submit import (
     json_error,
     parse_submission,
     status,
-    stop_runner,
     submit,
 )
 from gateway.logs import Logger, make_logger
@@ -337,7 +336,7 @@ class LocalApi:
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled
         (a submission not yet spooled leaves nothing behind)."""
-        await stop_runner(self._runner, timeout)
+        await stop_serving(self._runner, timeout)
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

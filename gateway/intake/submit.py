@@ -229,17 +229,3 @@ async def status(request: web.Request, submitter: str | None, status_fn: StatusF
         # The same answer for "not there" and "not yours": a client learns nothing of others.
         return json_error(404, "no such message", "use the message_id the submission returned")
     return web.json_response(view)
-
-
-async def stop_runner(runner: web.AppRunner, timeout: float) -> None:
-    """Stop listening, give requests in progress ``timeout`` seconds, then cancel them.
-
-    ``runner.cleanup()`` alone waits aiohttp's own 60 s for each of them, whatever the
-    daemon's shutdown deadline: a client that stops sending mid-body would keep the
-    daemon from exiting before systemd kills it.
-    """
-    for site in list(runner.sites):
-        await site.stop()
-    if runner.server is not None:
-        await runner.server.shutdown(timeout)
-    await runner.cleanup()

@@ -21,8 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.audit import AuditSink
 from gateway.clock import Clock
 from gateway.errors import MedgwError
-from gateway.httpfront import FrontDoor
-from gateway.intake.submit import stop_runner
+from gateway.httpfront import FrontDoor, stop_serving
 from gateway.logs import Logger
 from gateway.metrics.collector import GatewayMetrics
 
@@ -67,7 +66,7 @@ class MetricsServer:
         self.port = int(listening.getsockname()[1])
 
     async def stop(self, timeout: float = 5.0) -> None:
-        await stop_runner(self._runner, timeout)
+        await stop_serving(self._runner, timeout)
 
     async def _scrape(self, request: web.Request) -> web.Response:
         body = generate_latest(self._metrics.registry)

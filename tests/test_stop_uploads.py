@@ -1,0 +1,235 @@
+"""What SIGTERM does to an upload in progress, with a real ``medgw run`` and a body sent
+by hand (over real TLS to the AS2 listener; to the local API and the control socket): a
+request already started runs to its answer within ``shutdown_deadline_seconds``; one
+that does not end by then is cut, and its resend is answered once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+from gateway.config import load_config
+from gateway.demo_run import GatewayProcess, wait_until
+from gateway.pki.demo import DemoLayout
+from tests import as2client
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import lab_post, receipt_of, set_runtime
+from tests.helpers.local_api import LIS_TOKEN, enable_api
+
+# Larger than what the listener holds in memory (as2_handler.SMALL_BODY): its body is
+# written to <state_dir>/incoming/ from the first byte, which says the request started.
+PAYLOAD_BYTES = 3 << 20
+# Every wait of a test is bounded: a wrong behaviour fails, it does not hang.
+WAIT = 30.0
+
+
+def _lab_message(layout: DemoLayout, filename: str) -> Any:
+    lab = load_config(layout.lab.config_path)
+    return as2client.build(
+        os.urandom(PAYLOAD_BYTES),
+        sender_as2="KITA-LAB",
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+        filename=filename,
+    )
+
+
+def _lab_connection(layout: DemoLayout) -> ssl.SSLSocket:
+    """A TLS connection to the hospital's listener with the lab's client certificate."""
+    certs = layout.lab.root / "certs"
+    context = ssl.create_default_context(cafile=str(layout.ca_certificate))
+    context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
+    raw = socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=WAIT)
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def _head(headers: tuple[tuple[str, str], ...], length: int) -> bytes:
+    lines = ["POST /as2 HTTP/1.1", "Host: localhost"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _incoming(layout: DemoLayout) -> Path:
+    return layout.hospital.root / "state" / "incoming"
+
+
+def _upload_started(layout: DemoLayout, at_least: int) -> bool:
+    """The listener has taken the request and written ``at_least`` bytes of its body."""
+    folder = _incoming(layout)
+    return folder.is_dir() and any(p.stat().st_size >= at_least for p in folder.iterdir())
+
+
+def _refused(port: int) -> bool:
+    """Nothing listens on ``port`` of 127.0.0.1 any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _stop_during_upload(
+    layout: DemoLayout, hospital: GatewayProcess, conn: ssl.SSLSocket, sent: int
+) -> None:
+    """SIGTERM once the listener has the first ``sent`` bytes of the body; back once the
+    daemon is stopping and its listener takes no new connection."""
+    wait_until(lambda: _upload_started(layout, sent), WAIT, "the body's first part spooled")
+    hospital.signal(signal.SIGTERM)
+    hospital.wait_for(lambda line: line.get("event") == "daemon.stopping", WAIT)
+    wait_until(lambda: _refused(layout.hospital.port), WAIT, "the listener to close")
+
+
+def _trickle(conn: ssl.SSLSocket, rest: bytes, stop: threading.Event) -> None:
+    """Send ``rest`` 4 KiB every 0.1 s until it is sent, ``stop`` is set or the
+    connection is gone."""
+    for start in range(0, len(rest), 4096):
+        if stop.wait(0.1):
+            return
+        try:
+            conn.sendall(rest[start : start + 4096])
+        except OSError:  # cut by the listener
+            return
+
+
+def _rest_of(conn: ssl.SSLSocket) -> bytes:
+    """What the listener still sends on ``conn`` before it ends (cut or closed)."""
+    data = b""
+    try:
+        while chunk := conn.recv(65536):
+            data += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return data
+
+
+def _answer(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The HTTP answer read from ``conn`` to its end (the server closes the connection)."""
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_body_half_sent_at_sigterm_is_received_and_answered_with_its_receipt(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    built = _lab_message(layout, "half-sent.bin")
+    half = len(built.body) // 2
+    with _lab_connection(layout) as conn:
+        conn.sendall(_head(built.headers, len(built.body)) + built.body[:half])
+        _stop_during_upload(layout, hospital, conn, half)
+        conn.sendall(built.body[half:])
+        status, headers, body = _answer(conn)
+    assert status == 200
+    assert headers.get("connection") == "close"  # no next request on this connection
+    answer = as2client.Answer(status, headers["content-type"], body)
+    assert receipt_of(layout, answer).processed
+    assert hospital.wait_exit(WAIT) == 0
+    delivered = layout.hospital.inbox_dir / "lab" / "half-sent.bin"
+    assert delivered.stat().st_size == PAYLOAD_BYTES
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+
+
+def test_a_body_still_trickling_at_the_deadline_is_cut_and_its_resend_answered_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", "3")
+    hospital = processes.start(layout.hospital.config_path)
+    built = _lab_message(layout, "trickled.bin")
+    half = len(built.body) // 2
+    stop = threading.Event()
+    with _lab_connection(layout) as conn:
+        conn.sendall(_head(built.headers, len(built.body)) + built.body[:half])
+        _stop_during_upload(layout, hospital, conn, half)
+        # The rest comes at 40 KiB/s, above [runtime] body_min_bytes_per_second: a body
+        # that would take some 40 s, longer than any wait of this test.
+        trickle = threading.Thread(
+            target=_trickle, args=(conn, built.body[half:], stop), daemon=True
+        )
+        trickle.start()
+        try:
+            # The listener goes on reading it while the daemon stops...
+            more = half + 64 * 1024
+            wait_until(lambda: _upload_started(layout, more), WAIT, "the body read on")
+            # ...and cuts it at the deadline, without an answer.
+            assert hospital.wait_exit(WAIT) == 0
+        finally:
+            stop.set()
+            trickle.join(WAIT)
+        assert not trickle.is_alive()
+        assert _rest_of(conn) == b""  # read once the sending thread is done with conn
+    assert any(line.get("event") == "daemon.stopped" for line in hospital.lines)
+    [cut] = [line for line in hospital.lines if line.get("event") == "http.request_cut"]
+    assert cut["remote"] == "127.0.0.1" and "shutdown_deadline_seconds" in cut["reason"]
+    assert list(_incoming(layout).iterdir()) == []  # the partial body is not left behind
+    assert not events(layout.hospital.audit_log, "message.received")
+    processes.start(layout.hospital.config_path)
+    answer = lab_post(layout, built.headers, built.body, timeout=WAIT)
+    assert receipt_of(layout, answer).processed
+    again = lab_post(layout, built.headers, built.body, timeout=WAIT)
+    assert again.body == answer.body  # the resend of the resend: its receipt, once
+    [delivered] = (layout.hospital.inbox_dir / "lab").iterdir()
+    assert delivered.name == "trickled.bin" and delivered.stat().st_size == PAYLOAD_BYTES
+    wait_for_events(layout.hospital.audit_log, "message.duplicate")
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+
+
+def _submission_head(filename: str, length: int, token: str | None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"POST /v1/messages?to=hospital&filename={filename} HTTP/1.1\r\nHost: x\r\n{auth}"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_documents_half_uploaded_to_the_local_api_at_sigterm_are_taken_and_sent_later(
+    layout: DemoLayout, processes: Any
+) -> None:
+    api = enable_api(layout)
+    lab = processes.start(layout.lab.config_path)  # the hospital is down for now
+    documents = {"over-tcp.bin": os.urandom(256 * 1024), "over-control.bin": os.urandom(256 * 1024)}
+    over_tcp = socket.create_connection(("127.0.0.1", api.port), timeout=WAIT)
+    over_control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    over_control.settimeout(WAIT)
+    over_control.connect(str(layout.lab.root / "state" / "control.sock"))
+    uploads = {"over-tcp.bin": (over_tcp, LIS_TOKEN), "over-control.bin": (over_control, None)}
+    try:
+        for name, (sock, token) in uploads.items():
+            document = documents[name]
+            sock.sendall(_submission_head(name, len(document), token) + document[:1000])
+        payloads = layout.lab.root / "state" / "payloads"
+        wait_until(lambda: len(list(payloads.iterdir())) == 2 or None, WAIT, "two partial bodies")
+        lab.signal(signal.SIGTERM)
+        lab.wait_for(lambda line: line.get("event") == "daemon.stopping", WAIT)
+        wait_until(lambda: _refused(api.port), WAIT, "the local API to stop listening")
+        for name, (sock, _) in uploads.items():
+            sock.sendall(documents[name][1000:])
+        answers = [_answer(sock) for sock, _ in uploads.values()]
+    finally:
+        over_tcp.close()
+        over_control.close()
+    for status, headers, body in answers:
+        assert status == 202, body
+        assert headers.get("connection") == "close"
+        assert json.loads(body)["state"] == "queued"
+    assert lab.wait_exit(WAIT) == 0
+    processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    wait_for_events(layout.lab.audit_log, "receipt.received", count=2)
+    inbox = layout.hospital.inbox_dir / "lab"
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
