@@ -16,7 +16,7 @@ class Leases(SqlStore):
         def renew(db: Connection) -> int:
             # One state per statement: with statistics (ANALYZE), SQLite reckons that
             # two states' share of a long queue costs as much as reading it whole and
-            # scans every waiting message; one state is looked up by outbound_lease.
+            # scans every waiting message; one state is looked up by outbound_state.
             sent = sum(
                 db.execute(
                     "UPDATE outbound SET lease_until=? WHERE state=? AND node=?",
