@@ -9,6 +9,7 @@ import os
 import pwd
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -268,3 +269,28 @@ def test_a_port_in_use_stops_the_start_with_one_clear_error_and_no_noise(
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         line for line in result.stderr.splitlines() if line.startswith("medgw: ")
     ]
+
+
+def test_sigterm_does_not_wait_for_peers_that_never_answer_the_tls_close(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A TLS connection closed by the listener waits for the peer's own close.  Peers
+    whose connections stay open and silent (a crashed client, a firewall dropping
+    packets) must not hold the stop past its deadline: from Python 3.12 the listener's
+    stop waits for every connection to be gone, and asyncio's TLS close waits 30 s."""
+    hospital = processes.start(layout.hospital.config_path)
+    certs = layout.lab.root / "certs"
+    context = ssl.create_default_context(cafile=str(layout.ca_certificate))
+    context.load_cert_chain(str(certs / "tls.crt"), str(certs / "tls.key"))
+    silent = []
+    for _ in range(3):
+        raw = socket.create_connection(("127.0.0.1", layout.hospital.port), timeout=30)
+        silent.append(context.wrap_socket(raw, server_hostname="localhost"))
+    try:
+        started = time.monotonic()
+        assert hospital.stop(timeout=60) == 0
+        # The demo's shutdown_deadline_seconds is 10; nothing is in progress.
+        assert time.monotonic() - started < 10
+    finally:
+        for conn in silent:
+            conn.close()

@@ -45,6 +45,10 @@ from gateway.ratelimit import SourceBudget, address_source
 
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HANDSHAKE_TIMEOUT = 15.0
+# How long a closing connection waits for the peer's answer to its TLS close (asyncio's
+# default is 30 s): a peer that never answers cannot hold a stop, or a closed
+# connection's memory, longer than this.
+TLS_CLOSE_SECONDS = 2.0
 FAILURES_RECORDED = 10  # failed handshakes audited one by one per address and minute
 ABANDONED_WINDOW_SECONDS = 600.0  # one log line per address for abandoned handshakes
 SUMMARY_SECONDS = 10.0  # how often the counts of windows that are over are written
@@ -225,6 +229,7 @@ class As2Server:
                 self._context(),
                 server_side=True,
                 ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                ssl_shutdown_timeout=TLS_CLOSE_SECONDS,
             )
         except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
             transport.abort()
@@ -464,7 +469,12 @@ class As2Server:
         await finish_requests(self._runner.server, timeout)
         await self._runner.cleanup()
         if self._server is not None:
-            await self._server.wait_closed()
+            # From Python 3.12 this waits for every connection to be gone, each closed
+            # within TLS_CLOSE_SECONDS; bounded again here, so that nothing a peer does
+            # holds the stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TLS_CLOSE_SECONDS + 1):
+                    await self._server.wait_closed()
         self._log.info("listener.stopped")
 
 
