@@ -17,6 +17,7 @@ own methods and read the plans its statements were run with, as
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,26 @@ def test_a_lookup_by_state_reads_its_state_s_index_under_a_generic_plan(
         assert all(searched for _, searched in found), f"{what}: {query}\n  {found}"
     used = {index for _, found in reads for _, searched in found for index in searched}
     assert through <= used, f"{what}: {reads}"
+
+
+def bound_states(plan: dict[str, Any]) -> Iterator[str]:
+    """Each condition on a state given as a parameter in ``plan`` and the plans under it."""
+    for key in ("Index Cond", "Filter", "Recheck Cond"):
+        if re.search(r"\bstate = \$\d", plan.get(key, "")):
+            yield f"{plan.get('Relation Name', plan.get('Index Name'))}: {plan[key]}"
+    for child in plan.get("Plans", ()):
+        yield from bound_states(child)
+
+
+def test_the_lease_renewal_names_each_state_in_its_text(
+    generic: Path, postgres: PostgresSettings
+) -> None:
+    """The lease renewal (every few seconds on every node) looks up this node's claims
+    by state.  Planned for any state, PostgreSQL reckons with an average state's share
+    of the table (mostly delivered messages kept for months) and reads a hub's whole
+    table; the state written in the statement's text is planned for its own few rows."""
+    seen = list(plans_of(generic, postgres, lambda s: s.renew_leases()))
+    renewals = [(query, plan) for query, plan in seen if "lease_until" in query]
+    assert len(renewals) >= 3, seen  # outbound (intake, sending), inbound and hand-overs
+    bound = [(query, list(bound_states(plan))) for query, plan in renewals]
+    assert not [entry for entry in bound if entry[1]], bound
