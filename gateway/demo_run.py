@@ -322,7 +322,13 @@ def run_demo(root: Path) -> int:
     say()
     say("Where to look next")
     say(f"  delivered document  {delivered}")
-    say(f"  receipt (as sent)   {detail['receipt_file']}")
+    if "receipt_file" in detail:
+        say(f"  receipt (as sent)   {detail['receipt_file']}")
+    else:
+        say(
+            "  receipt (as sent)   kept in the lab's spool "
+            f"(.venv/bin/medgw queue show {record['message_id']} --config {lab.config_path})"
+        )
     say(f"  audit trails        {lab.audit_log}")
     say(f"                      {hospital.audit_log}")
     say(f"  configs             {lab.config_path}, {hospital.config_path}")

@@ -51,6 +51,8 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
         "disposition": record.disposition,
         "mic": record.mic,
         "receipt_file": str(record.receipt_path) if record.receipt_path else None,
+        # Where its receipt is kept: "spool" (its row), "file" (receipt_file), or None.
+        "receipt_kept": record.receipt_form,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
     }
@@ -276,7 +278,12 @@ def viewed(audit: AuditSink, view: Mapping[str, Any], actor: str, via: str) -> N
             message_id=view.get("message_id"),
             direction="inbound" if inbound else "outbound",
             actor=actor,
-            detail={"via": via, "receipt": bool(view.get("receipt") or view.get("receipt_file"))},
+            detail={
+                "via": via,
+                "receipt": bool(
+                    view.get("receipt") or view.get("receipt_file") or view.get("receipt_kept")
+                ),
+            },
         )
     )
 

@@ -95,12 +95,7 @@ def test_a_purge_leaves_nothing_readable_in_earlier_images_and_backups(
     purged = _send(layout, "PURGED", 3, 0)
     purged_ids = [r["message_id"] for r in purged]
     # Their receipts in the clear, read while they still can be (the plaintext to look for).
-    plain = {
-        r["message_id"]: kept_receipt(
-            layout.lab.config_path, r["message_id"], Path(r["detail"]["receipt_file"])
-        )
-        for r in purged
-    }
+    plain = {r["message_id"]: kept_receipt(layout.lab.config_path, r["message_id"]) for r in purged}
     before = datetime.now(UTC).isoformat()
     kept = _send(layout, "KEPT", 2, 3)
     # One more waits in the queue while the hospital is down: owed, never purged.
@@ -196,9 +191,7 @@ def test_a_purge_leaves_nothing_readable_in_earlier_images_and_backups(
 
     # 4. What survived is readable, and the queued message is still sent.
     for record in kept:
-        stored = kept_receipt(
-            layout.lab.config_path, record["message_id"], Path(record["detail"]["receipt_file"])
-        )
+        stored = kept_receipt(layout.lab.config_path, record["message_id"])
         assert stored.startswith(b"Content-Type: ")
     [body] = [p for p in (state / "outgoing").iterdir() if p.suffix == ".as2"]
     assert body.read_bytes().startswith(MAGIC)

@@ -244,12 +244,12 @@ def test_a_node_whose_send_was_taken_over_records_nothing_of_its_answer(
     audit.close()
 
 
-def test_two_receipts_for_one_message_at_once_keep_the_recorded_ones_file(
+def test_two_receipts_for_one_message_at_once_keep_the_recorded_one(
     layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
 ) -> None:
     """A peer POSTs a message's asynchronous receipt twice at once: both found it awaiting
     one.  The first settles it; the second changes nothing, is not audited, and its file
-    goes without touching the recorded receipt's file."""
+    is never stored: the row keeps the recorded receipt, and no file is left."""
     a, _ = nodes
     config = load_config(layout.hospital.config_path)
     trail = tmp_path / "audit-a.jsonl"
@@ -264,9 +264,9 @@ def test_two_receipts_for_one_message_at_once_keep_the_recorded_ones_file(
     for body in (b"first receipt", b"second receipt"):
         settler.settle(found, config.require_peer("lab"), Response(200, "text/plain", (), body))
     settled = a.get("<m@x>")
-    assert settled is not None and settled.receipt_path is not None
-    assert settled.receipt_path.read_bytes().endswith(b"\r\n\r\nfirst receipt")
-    assert list(context.receipts.iterdir()) == [settled.receipt_path]
+    assert settled is not None and settled.receipt_kept and settled.receipt_path is None
+    assert (a.stored_receipt("<m@x>") or b"").endswith(b"\r\n\r\nfirst receipt")
+    assert list(context.receipts.iterdir()) == []
     assert [r["message_id"] for r in events(trail, "receipt.invalid")] == ["<m@x>"]
     audit.close()
 

@@ -91,7 +91,7 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
         for record in records:
             assert record.state is OutboundState.DELIVERED
             assert record.disposition == "processed"
-            assert record.receipt_path is not None and record.receipt_path.exists()
+            assert record.receipt_kept and spool.stored_receipt(record.message_id)
     finally:
         spool.close()
     state = layout.lab.root / "state"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 from datetime import UTC, datetime
@@ -11,13 +12,14 @@ from typing import Any
 import pytest
 
 from gateway.as2.mdn import parse_receipt
+from gateway.atrest.chunked import MAGIC
 from gateway.config import load_config
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
-from tests.helpers.atrest import kept_receipt
+from tests.helpers.atrest import kept_receipt, stored_receipt
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, receipt_of
 
@@ -54,9 +56,12 @@ def test_documents_of_every_size_arrive_identical_with_verified_receipts(layout,
     lab_config = load_config(layout.lab.config_path)
     peer = lab_config.require_peer("hospital")
     for record in receipts:
-        path = Path(record["detail"]["receipt_file"])
-        assert b"Content-Type" not in path.read_bytes()  # kept encrypted at rest
-        stored = kept_receipt(layout.lab.config_path, record["message_id"], path)
+        # Kept in the message's spool row (no file per receipt), encrypted at rest.
+        assert record["detail"]["receipt"] == "spool" and "receipt_file" not in record["detail"]
+        sealed = stored_receipt(layout.lab.config_path, record["message_id"])
+        assert sealed is not None and sealed.startswith(MAGIC)
+        stored = kept_receipt(layout.lab.config_path, record["message_id"])
+        assert hashlib.sha256(stored).hexdigest() == record["detail"]["receipt_sha256"]
         head, _, body = stored.partition(b"\r\n\r\n")
         content_type = head.decode().split(":", 1)[1].strip()
         again = parse_receipt(
@@ -69,6 +74,8 @@ def test_documents_of_every_size_arrive_identical_with_verified_receipts(layout,
     assert set(accepted) == set(documents)
     # The spool keeps no plaintext copy once the encrypted form is stored.
     assert not any((layout.lab.root / "state" / "payloads").iterdir())
+    # Nor a file per receipt.
+    assert not any(lab_config.storage.receipts_dir.iterdir())
 
 
 def _untrusted_identity(tmp_path: Path):

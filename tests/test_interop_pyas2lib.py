@@ -558,8 +558,8 @@ def test_gateway_takes_a_sha1_signed_mdn_only_from_a_peer_that_may_use_sha1(
     [got] = receiver.received
     assert got["status"] == "processed", got["error"]
     stored = _outbound_state(layout, record["message_id"])
-    assert stored is not None and stored.receipt_path is not None
-    kept = kept_receipt(layout.lab.config_path, record["message_id"], stored.receipt_path)
+    assert stored is not None and stored.receipt_kept
+    kept = kept_receipt(layout.lab.config_path, record["message_id"])
     assert b'micalg="sha1"' in kept.partition(b"\r\n\r\n")[0]  # kept encrypted at rest
     warnings = events(layout.lab.audit_log, "policy.compat_algorithm_used")
     if not compat:

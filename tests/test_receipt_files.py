@@ -1,27 +1,40 @@
-"""Receipt files no message's row names are removed: at the next start (a real daemon
-killed between storing a receipt and recording it; and in process), and after an
-operator's retry clears a message's receipt; a file a row names never is, compared by
-name (a row may keep the path of a moved state folder)."""
+"""Where a receipt received is kept: in its message's spool row (no file created per
+message), or, larger than a row keeps, in a file as before.  Receipt files no message's
+row names are removed: at the next start (in process), and after an operator's retry
+clears a message's receipt; a file a row names never is, compared by name (a row may
+keep the path of a moved state folder).  A daemon killed before recording a receipt
+leaves nothing behind."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.atrest import KeyStore, Vault
+from gateway.atrest.chunked import MAGIC
 from gateway.audit.log import AuditLog
+from gateway.channel.client import Response
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.errors import SpoolError
+from gateway.logs import make_logger
 from gateway.operations import Operations
+from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
-from gateway.outbound.seal import Sealer
+from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
+from gateway.outbound.settle import Answer, Settler
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Settled, SqliteSpool
+from gateway.spool.records import receipt_item
 from tests.cli import medgw
+from tests.helpers.atrest import kept_receipt, stored_receipt
+from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.local_api import LIS_TOKEN, enable_api
 from tests.helpers.recovery import lab_starting, logged_files
@@ -106,12 +119,143 @@ def test_a_retry_removes_the_receipt_it_cleared_once_committed_and_no_other(
     spool.close()
 
 
-def test_a_kill_between_storing_a_receipt_and_recording_it_leaves_no_file_behind(
+def _sending(spool: SqliteSpool, message_id: str, tmp_path: Path) -> None:
+    spool.add_intake(message_id, "hospital", "m.hl7", "text/plain", tmp_path, tmp_path)
+    spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+    spool.mark_sending(message_id)
+
+
+def test_receipts_are_kept_in_their_rows_and_one_larger_than_a_row_keeps_is_a_file(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Settled in one group: the small receipt sealed in its row (no file, no path), the
+    large one a sealed file as before; each audit record names where its receipt is,
+    the row's by the SHA-256 of the receipt kept; both read back as received."""
+    config = load_config(layout.lab.config_path)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    trail = tmp_path / "audit.jsonl"
+    audit = AuditLog(trail, SystemClock(), node="lab")
+    context = Context(
+        Settings(config, {}),
+        spool,
+        audit,
+        make_logger(stream=io.StringIO()),
+        SystemClock(),
+        vault,
+    )
+    peer = config.require_peer("hospital")
+    bodies = {"<small@lab>": b"a small receipt", "<large@lab>": b"L" * (INLINE_BODY_BYTES + 1)}
+    answers = []
+    for message_id, body in bodies.items():
+        _sending(spool, message_id, tmp_path)
+        record = spool.get(message_id)
+        assert record is not None
+        answers.append(Answer(record, peer, Response(200, "text/plain", (), body)))
+    try:
+        # Not signed by the peer: failed by their receipts, which are kept all the same.
+        assert Settler(context).settle_all(answers) == [None, None]
+        small, large = spool.get("<small@lab>"), spool.get("<large@lab>")
+        assert small is not None and large is not None
+        assert small.receipt_kept and small.receipt_path is None
+        sealed = spool.stored_receipt("<small@lab>")
+        assert sealed is not None and sealed.startswith(MAGIC)
+        stored = b"Content-Type: text/plain\r\n\r\na small receipt"
+        assert vault.open_bytes(receipt_item("<small@lab>"), sealed) == stored
+        assert not large.receipt_kept and spool.stored_receipt("<large@lab>") is None
+        assert large.receipt_path is not None and large.receipt_path.parent == context.receipts
+        assert large.receipt_path.read_bytes().startswith(MAGIC)
+        assert vault.read_file(receipt_item("<large@lab>"), large.receipt_path).endswith(
+            bodies["<large@lab>"]
+        )
+        assert _files(context.receipts) == {large.receipt_path.name}
+        alerts = {r["message_id"]: r["detail"] for r in events(trail, "receipt.invalid")}
+        assert alerts["<small@lab>"]["receipt"] == "spool"
+        assert alerts["<small@lab>"]["receipt_sha256"] == hashlib.sha256(stored).hexdigest()
+        assert "receipt_file" not in alerts["<small@lab>"]
+        assert alerts["<large@lab>"]["receipt_file"] == str(large.receipt_path)
+    finally:
+        audit.close()
+        spool.close()
+
+
+def test_a_retry_clears_a_receipt_kept_in_its_row_and_its_key(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Nothing of the cleared receipt stays readable: its bytes and its data key go in the
+    retry's transaction; a retry the spool refuses changes neither."""
+    config = load_config(layout.lab.config_path)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    audit = AuditLog(config.storage.audit_log, SystemClock(), node="lab")
+    for message_id, state in (
+        ("<ok@lab>", OutboundState.DELIVERED),
+        ("<bad@lab>", OutboundState.FAILED),
+    ):
+        _sending(spool, message_id, tmp_path)
+        item = receipt_item(message_id)
+        _, key = vault.new_key(item)
+        disposition = "processed" if state is OutboundState.DELIVERED else "mic-mismatch"
+        settled = Settled(message_id, state, disposition, None, None, key, receipt=b"kept")
+        assert spool.mark_settled([settled]) == [message_id]
+    operations = Operations(config, spool, audit, SystemClock())
+    try:
+        with pytest.raises(SpoolError, match="is delivered"):
+            operations.retry("<ok@lab>", OPERATOR)
+        assert spool.stored_receipt("<ok@lab>") == b"kept"
+        assert spool.data_key(receipt_item("<ok@lab>")) is not None
+        retried = operations.retry("<bad@lab>", OPERATOR)
+        assert retried.state is OutboundState.QUEUED and not retried.receipt_kept
+        assert spool.stored_receipt("<bad@lab>") is None
+        assert spool.data_key(receipt_item("<bad@lab>")) is None
+    finally:
+        audit.close()
+        spool.close()
+
+
+def test_a_receipt_verified_end_to_end_is_kept_in_its_row_and_no_file_is_created(
     layout: DemoLayout, processes: Any
 ) -> None:
-    """The receipt is stored (encrypted at rest under a key never recorded), the daemon is
-    killed before the spool records it; started again, it removes that file, sends the
-    message again and keeps the receipt that answers: the one its row names."""
+    """Two real daemons: the lab keeps the receipt sealed in the message's row, creates
+    no receipt file and names the row and the receipt's SHA-256 in its audit record; the
+    local API verifies it again from the row, and ``queue show`` says where it is."""
+    api = enable_api(layout)
+    config = str(layout.lab.config_path)
+    receipts = load_config(layout.lab.config_path).storage.receipts_dir
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    status, view = api.request(
+        "POST", "/v1/messages?to=hospital&filename=row.hl7", token=LIS_TOKEN, body=b"MSH|row\r"
+    )
+    assert status == 202, view
+    message_id = view["message_id"]
+    final = api.wait_final(message_id, LIS_TOKEN)
+    assert final["state"] == "delivered", final
+    assert final["receipt"]["verified"] is True and final["receipt"]["mic_matches"] is True
+    [record] = wait_for_events(
+        layout.lab.audit_log, "receipt.received", where=lambda r: r["message_id"] == message_id
+    )
+    sealed = stored_receipt(layout.lab.config_path, message_id)
+    assert sealed is not None and sealed.startswith(MAGIC)
+    plain = kept_receipt(layout.lab.config_path, message_id)
+    assert record["detail"]["receipt"] == "spool"
+    assert record["detail"]["receipt_sha256"] == hashlib.sha256(plain).hexdigest()
+    shown = medgw("queue", "show", message_id, "--json", "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    view = json.loads(shown.stdout)
+    assert view["receipt_kept"] == "spool" and view["receipt_file"] is None
+    assert list(receipts.iterdir()) == []
+    assert lab.stop() == 0
+
+
+def test_a_kill_between_storing_a_receipt_and_recording_it_leaves_nothing_behind(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The daemon is killed before the spool records the receipt; nothing of it was
+    stored (no file: it goes in the row, by that commit).  Started again, it sends the
+    message again and keeps the receipt that answers in its row."""
     api = enable_api(layout)
     config = str(layout.lab.config_path)
     receipts = load_config(layout.lab.config_path).storage.receipts_dir
@@ -129,19 +273,15 @@ def test_a_kill_between_storing_a_receipt_and_recording_it_leaves_no_file_behind
     message_id = view["message_id"]
     assert medgw("peers", "resume", "hospital", "--config", config).returncode == 0
     wait_killed(lab)
-    [cut_off] = [p.name for p in receipts.iterdir() if p.suffix == ".mdn"]  # not recorded
+    assert list(receipts.iterdir()) == []
+    assert stored_receipt(layout.lab.config_path, message_id) is None
 
     lab = processes.start(layout.lab.config_path)
-    removed = lab.wait_for(
-        lambda line: line.get("event") == "recovery.removed_unrecorded_receipt", 60
-    )
-    assert removed["file"] == cut_off
     final = api.wait_final(message_id, LIS_TOKEN)  # its receipt opened and verified again
     assert final["state"] == "delivered", final
     assert final["receipt"]["verified"] is True and final["receipt"]["mic_matches"] is True
     shown = medgw("queue", "show", message_id, "--json", "--config", config)
     assert shown.returncode == 0, shown.stderr
-    kept = Path(json.loads(shown.stdout)["receipt_file"])
-    assert kept.name != cut_off
-    assert [p for p in receipts.iterdir()] == [kept]
+    assert json.loads(shown.stdout)["receipt_kept"] == "spool"
+    assert list(receipts.iterdir()) == []
     assert lab.stop() == 0

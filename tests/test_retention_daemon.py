@@ -15,6 +15,7 @@ from gateway.demo_run import drop_file, free_port, wait_until
 from gateway.errors import ConfigError
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
+from tests.helpers.atrest import stored_receipt
 from tests.helpers.audit import wait_for_events
 from tests.helpers.internal_system import InternalSystem, enable_delivery
 
@@ -52,8 +53,9 @@ def test_an_operator_purge_disposes_of_what_is_finished_audited_with_who(
         message_id = handed["message_id"]
         copy = layout.hospital.inbox_dir / "lab" / "doc.hl7"
         shown = medgw("queue", "show", message_id, "--json", "--config", lab.config)
-        receipt = Path(json.loads(shown.stdout)["receipt_file"])
-        assert copy.read_bytes() == b"MSH|to dispose of\r" and receipt.exists()
+        assert json.loads(shown.stdout)["receipt_kept"] == "spool"
+        assert copy.read_bytes() == b"MSH|to dispose of\r"
+        assert stored_receipt(Path(lab.config), message_id) is not None
         before = _settled(lab.config, layout.hospital.config_path, message_id)
 
         dry = medgw(
@@ -96,9 +98,10 @@ def test_an_operator_purge_disposes_of_what_is_finished_audited_with_who(
         )
         assert kept.returncode == 0, kept.stderr
         assert "disposed of: receipts 1" in kept.stdout
-        assert not receipt.exists()
+        assert stored_receipt(Path(lab.config), message_id) is None
         shown = medgw("queue", "show", message_id, "--json", "--config", lab.config)
         assert json.loads(shown.stdout)["state"] == "delivered"
+        assert json.loads(shown.stdout)["receipt_kept"] is None
         assert sent["message_id"] == message_id
 
         future = medgw("purge", "--before", "2999-01-01", "--config", lab.config)

@@ -141,9 +141,7 @@ def test_a_service_not_configured_for_the_peer_is_refused_with_a_signed_receipt(
     assert "service 'referrals', which is not configured for peer 'lab'" in rejected["reason"]
     assert "its services: lab-results" in rejected["reason"]
     # The peer learns only the standard disposition, not our configuration.
-    receipt = kept_receipt(
-        layout.lab.config_path, failure["message_id"], Path(failure["detail"]["receipt_file"])
-    )
+    receipt = kept_receipt(layout.lab.config_path, failure["message_id"])
     assert b"unexpected-processing-error" in receipt and b"lab-results" not in receipt
     assert not list(layout.hospital.inbox_dir.rglob("ref.hl7"))
 

@@ -195,7 +195,7 @@ async def test_messages_answered_together_are_settled_together(
         for message_id in (first, *others):
             settled = check.get(message_id)
             assert settled is not None and settled.state is OutboundState.DELIVERED
-            assert settled.receipt_path is not None and settled.receipt_path.is_file()
+            assert settled.receipt_kept and check.stored_receipt(message_id)
     finally:
         check.close()
     verified = [r for r in read_audit(tmp_path / "audit.jsonl") if r["event"] == "receipt.received"]

@@ -61,6 +61,7 @@ from gateway.fsutil import private_folder
 from gateway.pki.keypair import PrivateKey
 from gateway.policy import AlgorithmPolicy
 from gateway.spool.postgres import PostgresSettings
+from gateway.spool.records import RetainedKind, items_of
 
 MANIFEST = "medgw-backup.json"
 FORMAT = 2  # 2: a spool in PostgreSQL (a dump), the shared bodies folder (bodies/)
@@ -215,24 +216,45 @@ def _spooled_files(db: Any) -> Iterator[tuple[str, str, str, bool]]:
         yield from _handover_files(row)
 
 
+def row_keys(table: str, key: str) -> tuple[str, ...]:
+    """The data keys (items) a row taken again from the live spool takes with it: those
+    of what an outbound row holds.  The row may hold what was stored after the copy (its
+    receipt, settled meanwhile), under a key the copy does not have."""
+    return items_of("outbound", "", key, RetainedKind.SPOOL) if table == "outbound" else ()
+
+
 def _refresh(snapshot: sqlite3.Connection, live: Path, table: str, key: str) -> None:
-    """Take the row ``key`` of ``table`` again from the live spool (it moved on)."""
+    """Take the row ``key`` of ``table`` again from the live spool (it moved on), with
+    its data keys (:func:`row_keys`), in one read of the live spool."""
     source = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
     try:
         source.row_factory = sqlite3.Row
+        source.execute("BEGIN")  # the row and its keys as of one moment
         params: tuple[str, ...] = (key,)
         where = "message_id=?"
         if table != "outbound":
             peer, _, message_id = key.partition("\0")
             where, params = "peer=? AND message_id=?", (peer, message_id)
-        row = source.execute(f"SELECT * FROM {table} WHERE {where}", params).fetchone()  # noqa: S608
+        rows = [
+            (
+                table,
+                where,
+                params,
+                source.execute(f"SELECT * FROM {table} WHERE {where}", params).fetchone(),  # noqa: S608
+            )
+        ]
+        for item in row_keys(table, key):
+            found = source.execute("SELECT * FROM data_keys WHERE item=?", (item,)).fetchone()
+            rows.append(("data_keys", "item=?", (item,), found))
+        source.rollback()
     finally:
         source.close()
-    snapshot.execute(f"DELETE FROM {table} WHERE {where}", params)  # noqa: S608
-    if row is not None:
-        columns = ", ".join(row.keys())
-        marks = ", ".join("?" * len(row))
-        snapshot.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(row))  # noqa: S608
+    for name, match, values, row in rows:
+        snapshot.execute(f"DELETE FROM {name} WHERE {match}", values)  # noqa: S608
+        if row is not None:
+            columns = ", ".join(row.keys())
+            marks = ", ".join("?" * len(row))
+            snapshot.execute(f"INSERT INTO {name} ({columns}) VALUES ({marks})", tuple(row))  # noqa: S608
     snapshot.commit()
 
 
@@ -314,8 +336,15 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
             where = {"message_id": message_id}
             if table != "outbound":
                 where = {"peer": peer, "message_id": message_id}
-            row = pgspool.live_row(settings, table, where)
+            keys = [("data_keys", {"item": item}) for item in row_keys(table, message_id)]
+            row, *found = pgspool.live_rows(settings, [(table, where), *keys])
             refreshed[(table, key)] = {"table": table, "key": where, "row": pgspool.to_json(row)}
+            for (_, item), kept in zip(keys, found, strict=True):
+                refreshed[("data_keys", item["item"])] = {
+                    "table": "data_keys",
+                    "key": item,
+                    "row": pgspool.to_json(kept),
+                }
             if row is None:
                 continue
             wanted = _OUTBOUND_FILES if table == "outbound" else _HANDOVER_FILES

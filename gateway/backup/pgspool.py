@@ -27,7 +27,7 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,12 +198,28 @@ def live_row(
     settings: PostgresSettings, table: str, key: Mapping[str, str]
 ) -> dict[str, Any] | None:
     """The row of ``table`` with primary key ``key`` as it is now (None: gone)."""
-    where = " AND ".join(f"{column} = %s" for column in key)
+    [row] = live_rows(settings, [(table, key)])
+    return row
+
+
+def live_rows(
+    settings: PostgresSettings, wanted: Sequence[tuple[str, Mapping[str, str]]]
+) -> list[dict[str, Any] | None]:
+    """The rows (table, primary key) of ``wanted`` as they are now, all as of one moment
+    (one repeatable-read transaction); None: gone."""
+    found = []
     with connect(settings) as conn:
-        return conn.execute(
-            f"SELECT * FROM {table} WHERE {where}",  # noqa: S608 (our names)
-            tuple(key.values()),
-        ).fetchone()
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            for table, key in wanted:
+                where = " AND ".join(f"{column} = %s" for column in key)
+                found.append(
+                    conn.execute(
+                        f"SELECT * FROM {table} WHERE {where}",  # noqa: S608 (our names)
+                        tuple(key.values()),
+                    ).fetchone()
+                )
+    return found
 
 
 def to_json(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -445,6 +461,8 @@ def database_error(settings: PostgresSettings, exc: psycopg.Error) -> str:
 # The primary key of each table whose rows name files.
 KEYS = {
     "outbound": ("message_id",),
+    # A refreshed outbound row's data keys come with it (see bundle.row_keys).
+    "data_keys": ("item",),
     "inbound": ("peer", "message_id"),
     "handover": ("peer", "message_id"),
 }

@@ -398,6 +398,8 @@ def _report(view: dict[str, Any]) -> int:
         lines.append(f"{'disposition':<12} {view['disposition']}")
     if view.get("receipt_file"):
         lines.append(f"{'receipt file':<12} {view['receipt_file']}")
+    elif view.get("receipt_kept") == "spool":
+        lines.append(f"{'receipt':<12} kept in the spool")
     print("\n".join(lines))
     if view["state"] == "delivered":
         return 0

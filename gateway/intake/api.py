@@ -223,8 +223,9 @@ class _CappedSite(web.SockSite):
 
 
 # Fields of a message's view that are the gateway's own business: where it keeps
-# files.  The administrator's view (control socket, `medgw queue show`) has them.
-INTERNAL_FIELDS = frozenset({"receipt_file"})
+# files and receipts.  The administrator's view (control socket, `medgw queue show`)
+# has them.
+INTERNAL_FIELDS = frozenset({"receipt_file", "receipt_kept"})
 
 
 def _client_view(view: dict[str, Any]) -> dict[str, Any]:

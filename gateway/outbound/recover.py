@@ -256,7 +256,7 @@ class Recovery:
             elif _taken_over(record):
                 # Another node's send queued again here: recorded after it.
                 want(record, EventType.MESSAGE_TAKEN_OVER, updated)
-            elif record.state in _SETTLED and record.receipt_path is not None:
+            elif record.state in _SETTLED and record.has_receipt:
                 delivered = record.state is OutboundState.DELIVERED
                 kind = EventType.RECEIPT_RECEIVED if delivered else EventType.MESSAGE_FAILED
                 want(record, kind, updated, _SETTLED[record.state])
@@ -315,7 +315,7 @@ class Recovery:
             )
         # As settle.py, seal.py and send.py write them: receipt.received, or an alert.
         delivered = kind is EventType.RECEIPT_RECEIVED
-        settled = record.state in _SETTLED and record.receipt_path is not None
+        settled = record.state in _SETTLED and record.has_receipt
         why = "settled by its receipt" if delivered else record.last_error or record.state.value
         return self._ctx.event(
             kind,
@@ -327,7 +327,7 @@ class Recovery:
             reason=f"{why}; {RECOVERED}",
             detail={
                 "disposition": record.disposition,
-                **({"receipt_file": str(record.receipt_path)} if settled else {}),
+                **(_receipt_detail(record) if settled else {}),
                 **({} if delivered else {"attempts": record.attempts}),
                 "recorded_at_recovery": True,
             },
@@ -532,3 +532,10 @@ def remove_own_body_partials(bodies: Path, node: str) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def _receipt_detail(record: OutboundRecord) -> dict[str, str]:
+    """Where a settled message's receipt is kept, as settle.py's records name it."""
+    if record.receipt_path is not None:
+        return {"receipt_file": str(record.receipt_path)}
+    return {"receipt": "spool"}

@@ -4,6 +4,7 @@ the answer to the POST) or asynchronous (POSTed to us later, RFC 4130 7.3.2)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.config import Peer
 from gateway.errors import MedgwError
 from gateway.fsutil import DeferredFolderSync, FolderSync, storage_fix
 from gateway.outbound.context import Context
+from gateway.outbound.seal import INLINE_BODY_BYTES
 from gateway.spool import DataKey, OutboundRecord, OutboundState, Settled
 from gateway.spool.records import receipt_item
 
@@ -36,6 +38,10 @@ LATE_RECEIPT_STATES = frozenset(
     }
 )
 GIVEN_UP = frozenset({OutboundState.EXPIRED, OutboundState.DEAD, OutboundState.CANCELLED})
+# A receipt (its Content-Type line and body) of at most this many bytes is kept in the
+# message's spool row, as an AS2 body is: no file created and synced per message.  A
+# larger one (rare: receipts are a few KiB) is a file in state/receipts.
+INLINE_RECEIPT_BYTES = INLINE_BODY_BYTES
 
 
 class Settler:
@@ -115,7 +121,8 @@ class Settler:
         errors: list[Exception | None] = [None] * len(answers)
         judged: list[tuple[int, _Outcome]] = []
         items = [receipt_item(a.record.message_id) for a in answers]
-        # The receipts' folder synced once for the group, before anything relies on them.
+        # The receipts' folder synced once for the group, before anything relies on them
+        # (only a receipt too large for its row is a file).
         folders = DeferredFolderSync(self._ctx.folder_sync)
         with storing_all(self._ctx.vault, items) as sealings:
             for index, (answer, sealing) in enumerate(zip(answers, sealings, strict=True)):
@@ -171,7 +178,8 @@ class Settler:
         """The message was no longer as its settler found it: another node took it over
         (this node's claim ran out) or another receipt settled it.  What that node or
         receipt recorded stands, and this receipt is not recorded (logged only: the
-        audit trail keeps one record of a message's settlement); its file goes."""
+        audit trail keeps one record of a message's settlement); its file, if it has
+        one, goes (a receipt for the row was never stored)."""
         answer, receipt = outcome.answer, outcome.settled.receipt_path
         if receipt is not None:
             receipt.unlink(missing_ok=True)
@@ -193,12 +201,16 @@ class Settler:
         to be recorded."""
         record, peer, response = answer.record, answer.peer, answer.response
         assert record.mic is not None
-        # A name of its own: two receipts for one message (a peer POSTing it twice at once)
-        # never write one file, and the one not recorded is removed (_moved_on).
-        receipt_path = self._ctx.receipts / f"{record.payload_path.name}.{token_hex(6)}.mdn"
         stored = f"Content-Type: {response.content_type}\r\n\r\n".encode() + response.body
-        sealing.write(receipt_path, [stored], folders)
-        judge = _Judging(self._ctx, answer, receipt_path, sealing.key)
+        kept = _Kept.of(stored)
+        if len(stored) <= INLINE_RECEIPT_BYTES:
+            kept.sealed = sealing.seal(stored)  # in the row, by the settlement's commit
+        else:
+            # A name of its own: two receipts for one message (a peer POSTing it twice at
+            # once) never write one file, and the one not recorded is removed (_moved_on).
+            kept.path = self._ctx.receipts / f"{record.payload_path.name}.{token_hex(6)}.mdn"
+            sealing.write(kept.path, [stored], folders)
+        judge = _Judging(self._ctx, answer, kept, sealing.key)
         try:
             receipt = parse_receipt(
                 response.content_type,
@@ -220,7 +232,7 @@ class Settler:
                     algorithm,
                     f"monitored-list algorithm {algorithm} accepted in the receipt "
                     "(named in this peer's accept_legacy)",
-                    receipt_file=str(receipt_path),
+                    **kept.detail,
                 )
             )
         if receipt.original_message_id != record.message_id:
@@ -244,7 +256,7 @@ class Settler:
                     detail={
                         "disposition": receipt.disposition,
                         "mic_verified": False,
-                        "receipt_file": str(receipt_path),
+                        **kept.detail,
                     },
                 ),
                 logged=False,
@@ -281,7 +293,7 @@ class Settler:
                     "mic": receipt.mic,
                     "mic_verified": True,
                     "signer": receipt.signer.subject.rfc4514_string(),
-                    "receipt_file": str(receipt_path),
+                    **kept.detail,
                 },
             ),
         )
@@ -307,7 +319,7 @@ class Answer:
         self,
         state: OutboundState,
         disposition: str,
-        receipt: Path,
+        receipt: _Kept,
         key: DataKey | None,
         error: str | None = None,
         *,
@@ -320,13 +332,36 @@ class Answer:
             self.record.message_id,
             state,
             disposition,
-            receipt,
+            receipt.path,
             error,
             key,
             found=found,
             held=self.found is None,
             owed=owed,
+            receipt=receipt.sealed,
         )
+
+
+@dataclass
+class _Kept:
+    """Where a receipt received is kept: ``sealed`` (the bytes stored in the message's
+    row) or the file ``path``; ``sha256``: of the receipt as received (its Content-Type
+    line and body, before encryption at rest), which the audit record names."""
+
+    sha256: str
+    sealed: bytes | None = None
+    path: Path | None = None
+
+    @classmethod
+    def of(cls, stored: bytes) -> _Kept:
+        return cls(hashlib.sha256(stored).hexdigest())
+
+    @property
+    def detail(self) -> dict[str, str]:
+        """What the audit records of its settlement say of it: the file, or the row."""
+        if self.path is not None:
+            return {"receipt_file": str(self.path)}
+        return {"receipt": "spool", "receipt_sha256": self.sha256}
 
 
 @dataclass
@@ -345,10 +380,8 @@ class _Outcome:
 class _Judging:
     """One receipt being judged: the audit records gathered so far, and the outcome."""
 
-    def __init__(
-        self, ctx: Context, answer: Answer, receipt_path: Path, key: DataKey | None
-    ) -> None:
-        self._ctx, self._answer, self._path, self._key = ctx, answer, receipt_path, key
+    def __init__(self, ctx: Context, answer: Answer, kept: _Kept, key: DataKey | None) -> None:
+        self._ctx, self._answer, self._kept, self._key = ctx, answer, kept, key
         self.events: list[AuditEvent] = []
 
     def delivered(self, disposition: str, event: AuditEvent, *, logged: bool = True) -> _Outcome:
@@ -357,7 +390,7 @@ class _Judging:
         return _Outcome(
             self._answer,
             self._answer.settled(
-                OutboundState.DELIVERED, disposition, self._path, self._key, owed=event.event
+                OutboundState.DELIVERED, disposition, self._kept, self._key, owed=event.event
             ),
             self.events,
             "info" if logged else None,
@@ -378,13 +411,13 @@ class _Judging:
                 severity=Severity.ALERT,
                 service=record.service,
                 reason=reason,
-                detail={"disposition": disposition, "receipt_file": str(self._path)},
+                detail={"disposition": disposition, **self._kept.detail},
             )
         )
         return _Outcome(
             self._answer,
             self._answer.settled(
-                OutboundState.FAILED, disposition, self._path, self._key, reason, owed=event
+                OutboundState.FAILED, disposition, self._kept, self._key, reason, owed=event
             ),
             self.events,
             "error",

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
-from gateway.atrest import open_file
+from gateway.atrest import open_bytes, open_file
 from gateway.channel.client import MAX_RECEIPT_BYTES
 from gateway.errors import AtRestError, MedgwError
 from gateway.operations import record_view
@@ -55,24 +55,41 @@ class MessageStatus:
         return view
 
     def _stored_receipt(self, record: OutboundRecord) -> dict[str, Any] | None:
-        if record.receipt_path is None or not record.receipt_path.is_file():
+        """The receipt kept for ``record`` (in its row, or in its file) verified again."""
+        item = receipt_item(record.message_id)
+        sealed: bytes | None = None
+        if record.receipt_kept:
+            sealed = self._ctx.spool.stored_receipt(record.message_id)
+            if sealed is None:  # cleared since it was read (a retry, retention)
+                return None
+            where = "in the spool"
+        elif record.receipt_path is None or not record.receipt_path.is_file():
             return None
+        else:
+            where = str(record.receipt_path)
         peer = self._ctx.config.peer(record.peer)
         if peer is None:
             return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
+        # A stored receipt is at most MAX_STORED_RECEIPT bytes (sealing adds less than
+        # its chunks' tags): one larger is not one the gateway stored, never read whole.
+        too_large = {
+            "verified": False,
+            "error": f"the stored receipt ({where}) is larger than "
+            f"{MAX_STORED_RECEIPT} bytes, more than any receipt medgw accepts",
+        }
         try:
-            with open_file(
-                self._ctx.vault, receipt_item(record.message_id), record.receipt_path
-            ) as handle:
-                kept = handle.read(MAX_STORED_RECEIPT + 1)
+            if sealed is not None:
+                if len(sealed) > MAX_STORED_RECEIPT + (64 << 10):
+                    return too_large
+                kept = open_bytes(self._ctx.vault, item, sealed)
+            else:
+                assert record.receipt_path is not None
+                with open_file(self._ctx.vault, item, record.receipt_path) as handle:
+                    kept = handle.read(MAX_STORED_RECEIPT + 1)
         except AtRestError as exc:
             return {"verified": False, "error": str(exc)}
-        if len(kept) > MAX_STORED_RECEIPT:  # not one the gateway stored: never read whole
-            return {
-                "verified": False,
-                "error": f"the stored receipt {record.receipt_path} is larger than "
-                f"{MAX_STORED_RECEIPT} bytes, more than any receipt medgw accepts",
-            }
+        if len(kept) > MAX_STORED_RECEIPT:
+            return too_large
         head, _, body = kept.partition(b"\r\n\r\n")
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:

@@ -245,6 +245,6 @@ def left_elsewhere(node: str, record: OutboundRecord) -> bool:
         and record.queued_by is None
         and not record.sealed
         and record.attempts == 0
-        and record.receipt_path is None
+        and not record.has_receipt
     )
     return not never_prepared or record.has_document

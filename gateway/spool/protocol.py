@@ -217,7 +217,7 @@ class Spool(Protocol):
         owed: EventType | None = None,
     ) -> bool:
         """A message this node is sending finished; ``data_key``: the key the receipt
-        file is encrypted under at rest, stored in the same transaction; ``owed``: the
+        is encrypted under at rest, stored in the same transaction; ``owed``: the
         audit record written of it (None: as :attr:`Settled.owes`).  False (nothing
         changed, no key stored) if this node no longer holds it: another node took it
         over when this node's claim ran out, or its asynchronous receipt settled it."""
@@ -230,6 +230,12 @@ class Spool(Protocol):
         marked as :meth:`mark_awaiting_receipt` marks it.  Returns the Message-IDs of
         those changed, of both.  All or nothing: on an error none of these changes is
         made."""
+        ...
+
+    def stored_receipt(self, message_id: str) -> bytes | None:
+        """The receipt kept in the message's row, as stored (sealed under
+        ``receipt_item`` when encrypted at rest); None: no receipt in the row (see
+        :attr:`OutboundRecord.receipt_kept`)."""
         ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...

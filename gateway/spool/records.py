@@ -143,6 +143,21 @@ class OutboundRecord:
     # The outbox file it was taken from, as it was then (see gateway.fsutil.file_identity;
     # None: not taken from an outbox, or taken before this was recorded).
     source_file: str | None = None
+    # Its receipt is kept in the spool row (read by Spool.stored_receipt; the bytes are
+    # not part of the record); else in the file receipt_path names, if any.
+    receipt_kept: bool = False
+
+    @property
+    def has_receipt(self) -> bool:
+        """A receipt of it is kept, in the spool row or in a file."""
+        return self.receipt_kept or self.receipt_path is not None
+
+    @property
+    def receipt_form(self) -> str | None:
+        """Where its receipt is kept: "spool" (the row), "file", or None (no receipt)."""
+        if self.receipt_kept:
+            return "spool"
+        return "file" if self.receipt_path is not None else None
 
     @property
     def has_document(self) -> bool:
@@ -274,8 +289,9 @@ class DataKey:
 @dataclass(frozen=True)
 class Settled:
     """A sent message finished by its receipt (see :meth:`Spool.mark_settled`):
-    ``state`` delivered or failed, the receipt's ``disposition``, the file the receipt
-    is kept in and the ``data_key`` it is encrypted under at rest.
+    ``state`` delivered or failed, the receipt's ``disposition``, where the receipt is
+    kept (``receipt``: the stored bytes, kept in the row; or the file ``receipt_path``)
+    and the ``data_key`` it is encrypted under at rest.
 
     Finished only if it is still as its settler found it: in state ``found`` and, with
     ``held`` (the answer to this node's own POST), still claimed by this node; else
@@ -295,6 +311,9 @@ class Settled:
     # The audit record written once it is committed (None: the receipt.received or
     # message.failed of its state).
     owed: EventType | None = None
+    # The receipt as stored in the row (sealed under receipt_item when encrypted at
+    # rest); None: kept in the file receipt_path, or no receipt.
+    receipt: bytes | None = None
 
     @property
     def settles_from(self) -> tuple[OutboundState, ...]:
@@ -331,7 +350,8 @@ def body_item(message_id: str) -> str:
 
 
 def receipt_item(message_id: str) -> str:
-    """The receipt received for an outbound message (a file in state/receipts)."""
+    """The receipt received for an outbound message (in its spool row, or a file in
+    state/receipts)."""
     return f"outbound-receipt:{message_id}"
 
 

@@ -174,7 +174,21 @@ ADDED_COLUMNS = (
     # resend under the key with other content is refused, not answered with this message
     # (NULL: no key, or recorded before fingerprints were kept).
     ("submissions", "content_sha256", "TEXT"),
+    # The signed receipt (MDN) received for a message, stored as its file was (its
+    # Content-Type line, then its body; sealed under receipt_item when encrypted at
+    # rest).  NULL: no receipt in the row (none yet, or kept in the file receipt_path
+    # names: a receipt larger than a row keeps, or one settled before this column).
+    ("outbound", "receipt", "BLOB"),
 )
+
+
+def columns(table: str) -> tuple[str, ...]:
+    """The columns ``table`` has once created or upgraded: SCHEMA's, then those added."""
+    found = re.search(rf"CREATE TABLE IF NOT EXISTS {table} \((.*?)\n\);", SCHEMA, re.S)
+    assert found is not None, table
+    lines = (line.split() for line in found.group(1).splitlines())
+    first = [words[0] for words in lines if words and words[0] not in ("PRIMARY", "--")]
+    return (*first, *(column for name, column, _ in ADDED_COLUMNS if name == table))
 
 
 def file_name(column: str) -> str:

@@ -23,6 +23,28 @@ def kept_file(config_path: Path, item: str, path: Path) -> bytes:
         spool.close()
 
 
-def kept_receipt(config_path: Path, message_id: str, path: Path) -> bytes:
-    """The receipt received for outbound ``message_id``, as stored (headers, body)."""
-    return kept_file(config_path, receipt_item(message_id), path)
+def kept_receipt(config_path: Path, message_id: str, path: Path | None = None) -> bytes:
+    """The receipt received for outbound ``message_id``, as stored (headers, body): from
+    its spool row, or (a receipt kept as a file) from the file ``path``."""
+    config = load_config(config_path)
+    assert config.at_rest is not None
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    try:
+        vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+        stored = spool.stored_receipt(message_id)
+        if stored is not None:
+            return vault.open_bytes(receipt_item(message_id), stored)
+        assert path is not None, f"no receipt of {message_id} in its row, and no file named"
+        return vault.read_file(receipt_item(message_id), path)
+    finally:
+        spool.close()
+
+
+def stored_receipt(config_path: Path, message_id: str) -> bytes | None:
+    """The receipt of outbound ``message_id`` as its spool row keeps it (sealed), if any."""
+    config = load_config(config_path)
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    try:
+        return spool.stored_receipt(message_id)
+    finally:
+        spool.close()

@@ -23,8 +23,9 @@ from gateway.spool.records import (
     Prepared,
     Settled,
     payload_item,
+    receipt_item,
 )
-from gateway.spool.schema import file_name
+from gateway.spool.schema import columns, file_name
 from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
 
 # File names asked about in one statement (a sweep asks of a folder's files in batches).
@@ -39,17 +40,34 @@ NAMES_PER_STATEMENT = 50
 KEPT_PAGE = 4
 # A data key deleted with what it opened (see gateway.spool.sqlite.datakeys).
 _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
-# Settled by its receipt, if still in the state its settler found it in (see Settled);
-# once delivered, the body stored in the spool is of no more use (as its file is).
+# Settled by its receipt (kept in the row, or in the file a path names), if still in the
+# state its settler found it in (see Settled); once delivered, the body stored in the
+# spool is of no more use (as its file is).
 _SETTLE = (
-    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, last_error=?, updated_at=?,"  # noqa: S608 - fixed text
+    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, receipt=?, last_error=?,"  # noqa: S608 - fixed text
+    " updated_at=?,"
     f" body=CASE WHEN ? THEN NULL ELSE body END, {AUDITED} WHERE message_id=? AND state IN"
 )
+# An outbound row as a record reads it: every column but the receipt's bytes, which
+# only Spool.stored_receipt reads (a listing of delivered messages reads no receipts).
+_LISTED = ", ".join(
+    [*(c for c in columns("outbound") if c != "receipt"), "receipt IS NOT NULL AS receipt_kept"]
+)
+_SELECT_OUTBOUND = f"SELECT {_LISTED} FROM outbound"  # noqa: S608 - fixed text
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
     "UPDATE outbound SET state=?, updated_at=?, lease_until=0 WHERE message_id=?"
     " AND state=? AND node=?"
 )
+
+
+def _receipt_kept(row: Row) -> bool:
+    """Whether the row keeps its receipt: read as ``receipt_kept`` (a listing that leaves
+    the receipts' bytes unread, see _LISTED) or from the ``receipt`` column itself."""
+    try:
+        return bool(row["receipt_kept"])
+    except (KeyError, IndexError):
+        return row["receipt"] is not None
 
 
 def _outbound(row: Row) -> OutboundRecord:
@@ -70,6 +88,7 @@ def _outbound(row: Row) -> OutboundRecord:
         last_error=row["last_error"],
         disposition=row["disposition"],
         receipt_path=Path(row["receipt_path"]) if row["receipt_path"] else None,
+        receipt_kept=_receipt_kept(row),
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
@@ -293,8 +312,7 @@ class OutboundQueue(SqlStore):
         for start in range(0, len(values), NAMES_PER_STATEMENT):
             batch = tuple(values[start : start + NAMES_PER_STATEMENT])
             rows += self._read(
-                "SELECT * FROM outbound"  # noqa: S608 - fixed text
-                f" WHERE {expression} IN ({','.join('?' for _ in batch)})",
+                f"{_SELECT_OUTBOUND} WHERE {expression} IN ({','.join('?' for _ in batch)})",
                 batch,
             )
         return rows
@@ -548,6 +566,7 @@ class OutboundQueue(SqlStore):
                         done.state.value,
                         done.disposition,
                         str(done.receipt_path) if done.receipt_path else None,
+                        done.receipt,
                         done.error,
                         now,
                         done.state is OutboundState.DELIVERED,
@@ -570,14 +589,17 @@ class OutboundQueue(SqlStore):
 
         return self._transact(settle)
 
+    def stored_receipt(self, message_id: str) -> bytes | None:
+        """See :meth:`gateway.spool.protocol.Spool.stored_receipt`."""
+        row = self._one("SELECT receipt FROM outbound WHERE message_id=?", (message_id,))
+        return None if row is None or row["receipt"] is None else bytes(row["receipt"])
+
     def get(self, message_id: str) -> OutboundRecord | None:
-        row = self._one("SELECT * FROM outbound WHERE message_id=?", (message_id,))
+        row = self._one(f"{_SELECT_OUTBOUND} WHERE message_id=?", (message_id,))
         return _outbound(row) if row else None
 
     def in_state(self, state: OutboundState) -> list[OutboundRecord]:
-        rows = self._read(
-            "SELECT * FROM outbound WHERE state=? ORDER BY created_at", (state.value,)
-        )
+        rows = self._read(f"{_SELECT_OUTBOUND} WHERE state=? ORDER BY created_at", (state.value,))
         return [_outbound(r) for r in rows]
 
     def intake_interrupted(self) -> list[OutboundRecord]:
@@ -637,7 +659,7 @@ class OutboundQueue(SqlStore):
         audited = f", updated_at=?, {AUDITED}" if owed else ""
         by = (now, *self._audited(owed, now)) if owed else ()
         limited = limit >= 0
-        select = f"SELECT * FROM outbound WHERE state=? AND {where}"  # noqa: S608 - fixed text
+        select = f"{_SELECT_OUTBOUND} WHERE state=? AND {where}"
         params = (OutboundState.INTAKE.value, *params)
 
         def claim(db: Connection) -> list[Row]:
@@ -720,7 +742,7 @@ class OutboundQueue(SqlStore):
         )
 
     def all_outbound(self) -> list[OutboundRecord]:
-        rows = self._read("SELECT * FROM outbound ORDER BY created_at", ())
+        rows = self._read(f"{_SELECT_OUTBOUND} ORDER BY created_at", ())
         return [_outbound(r) for r in rows]
 
     def claim_due(
@@ -734,7 +756,7 @@ class OutboundQueue(SqlStore):
         def claim(db: Connection) -> tuple[list[Row], list[Row]]:
             rows = db.execute(
                 # The state as text: the partial index of queued messages serves it.
-                "SELECT * FROM outbound WHERE peer=?"  # noqa: S608 - fixed text
+                f"{_SELECT_OUTBOUND} WHERE peer=?"
                 f" AND state='{OutboundState.QUEUED.value}'"
                 f" ORDER BY next_attempt_at, created_at LIMIT ?{self.claim_lock}",
                 (peer, max(0, limit) + 1),
@@ -778,7 +800,7 @@ class OutboundQueue(SqlStore):
     def outbound_changed_since(self, since: str) -> list[OutboundRecord]:
         """See :meth:`gateway.spool.protocol.Spool.outbound_changed_since`."""
         rows = self._read(
-            "SELECT * FROM outbound WHERE updated_at>=? AND (audited_by=? OR queued_by=?"
+            f"{_SELECT_OUTBOUND} WHERE updated_at>=? AND (audited_by=? OR queued_by=?"
             " OR audited_by IS NULL AND (node=? OR node IS NULL))",
             (since, self.node, self.node, self.node),
         )
@@ -812,7 +834,7 @@ class OutboundQueue(SqlStore):
         def requeue(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
             rows = db.execute(
-                f"SELECT * FROM outbound WHERE {where}{self.claim_lock}",  # noqa: S608
+                f"{_SELECT_OUTBOUND} WHERE {where}{self.claim_lock}",
                 params,
             ).fetchall()
             db.executemany(
@@ -856,7 +878,7 @@ class OutboundQueue(SqlStore):
             params.append(peer)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._read(
-            f"SELECT * FROM outbound {where} ORDER BY created_at DESC LIMIT ?",  # noqa: S608
+            f"{_SELECT_OUTBOUND} {where} ORDER BY created_at DESC LIMIT ?",
             (*params, limit),
         )
         return [_outbound(r) for r in rows]
@@ -904,7 +926,9 @@ class OutboundQueue(SqlStore):
         same change."""
         marks = ",".join("?" for _ in allowed)
         extra = (
-            ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL" if reset else ""
+            ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL, receipt=NULL"
+            if reset
+            else ""
         )
         if drop_body:
             extra += ", body=NULL, payload=NULL"
@@ -915,19 +939,29 @@ class OutboundQueue(SqlStore):
             extra += ", node=?, lease_until=?"
             claimed = (self.node, self._lease()[1])
         now = self._now()
-        changed = self._write(
-            f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {AUDITED}{extra}"  # noqa: S608
-            f" WHERE message_id=? AND state IN ({marks})",
-            (
-                new.value,
-                note,
-                now,
-                *self._audited(owed, now),
-                *claimed,
-                message_id,
-                *(a.value for a in allowed),
-            ),
-        )
+
+        def move(db: Connection) -> int:
+            count = int(
+                db.execute(
+                    f"UPDATE outbound SET state=?, last_error=?, updated_at=?, {AUDITED}{extra}"  # noqa: S608
+                    f" WHERE message_id=? AND state IN ({marks})",
+                    (
+                        new.value,
+                        note,
+                        now,
+                        *self._audited(owed, now),
+                        *claimed,
+                        message_id,
+                        *(a.value for a in allowed),
+                    ),
+                ).rowcount
+            )
+            if count == 1 and reset:
+                # The receipt it cleared (in the row or its file) opens with nothing now.
+                db.execute(_DROP_KEY, (receipt_item(message_id),))
+            return count
+
+        changed = self._transact(move)
         record = self.get(message_id)
         if record is None:
             raise SpoolError(
@@ -1001,7 +1035,8 @@ class OutboundQueue(SqlStore):
         now = self._now()
         return (
             self._write(
-                "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, last_error=?,"  # noqa: S608 - fixed text
+                "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, receipt=NULL,"  # noqa: S608 - fixed text
+                " last_error=?,"
                 f" updated_at=?, {AUDITED} WHERE message_id=? AND state=? AND node=?",
                 (
                     OutboundState.FAILED.value,

@@ -2,7 +2,7 @@
 
 Four kinds of kept things, each disposed of on its own (see
 :mod:`gateway.retention`): ``received`` (the inbox copy of a document the
-internal system took over), ``receipts`` (received receipt files, and the
+internal system took over), ``receipts`` (receipts received, in rows or files, and the
 receipts we sent, kept to answer a resend), ``handover`` (hand-over records)
 and ``spool`` (the records of finished messages).  A thing is disposable only
 when nothing is owed on it: the outbound message was delivered or cancelled,
@@ -60,11 +60,13 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
     RetainedKind.RECEIPTS: (
         _Rule(
             "outbound",
-            f"{_OUT_FINISHED} AND receipt_path IS NOT NULL",
+            # Kept in the row, or in the file receipt_path names (a large receipt, or
+            # one settled before receipts were kept in rows): NULL file, none to remove.
+            f"{_OUT_FINISHED} AND (receipt_path IS NOT NULL OR receipt IS NOT NULL)",
             "TRUE",
             "TRUE",
             "receipt_path",
-            "UPDATE outbound SET receipt_path=NULL",
+            "UPDATE outbound SET receipt_path=NULL, receipt=NULL",
         ),
         _Rule(
             "inbound",
@@ -87,7 +89,12 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
     ),
     RetainedKind.SPOOL: (
         _Rule(
-            "outbound", _OUT_FINISHED, "receipt_path IS NULL", "TRUE", None, "DELETE FROM outbound"
+            "outbound",
+            _OUT_FINISHED,
+            "receipt_path IS NULL AND receipt IS NULL",
+            "TRUE",
+            None,
+            "DELETE FROM outbound",
         ),
         _Rule(
             "inbound",
