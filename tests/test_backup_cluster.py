@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from gateway.atrest import KeyStore, Vault
+from gateway.atrest.chunked import seal_bytes
 from gateway.backup import pgspool
 from gateway.backup.bundle import DUMP, REFRESHED, BackupError, RestoreRefused, write_bundle
 from gateway.backup.restore import restore as restore_bundle
@@ -32,8 +34,9 @@ from gateway.config import GatewayConfig, load_config
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, OutboundRecord, OutboundState, SqliteSpool
+from gateway.spool import Claimant, OutboundRecord, OutboundState, Settled, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from gateway.spool.records import receipt_item
 from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.audit import wait_for_events
@@ -239,7 +242,8 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The dump is one snapshot; a message sent after it (its body removed before the
-    copy) is restored as it is now, delivered, not queued with a body the bundle lacks.
+    copy) is restored as it is now, delivered, not queued with a body the bundle lacks,
+    with the receipt its row keeps and that receipt's data key (stored after the dump).
     A body gone while its message still waits is an error that names the file."""
     spool = postgres_server.new_database()
     key, cert = recipient(tmp_path / "offline")
@@ -248,6 +252,10 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
     moved_on, waiting = lab.in_files
     assert moved_on.body_path is not None and waiting.body_path is not None
     real = pgspool.snapshot
+    at_rest = load_config(lab.config).at_rest
+    assert at_rest is not None
+    item = receipt_item(moved_on.message_id)
+    receipt = b"Content-Type: text/plain\r\n\r\nthe receipt, settled after the dump"
 
     @contextlib.contextmanager
     def then_sent(*args: Any) -> Iterator[Any]:
@@ -259,8 +267,17 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
                 for record in claimed:
                     if record.message_id != moved_on.message_id:
                         assert node.mark_retry(record.message_id, "not now", 0)
-                state = OutboundState.DELIVERED
-                assert node.mark_done(moved_on.message_id, state, "processed", None)
+                dek, data_key = Vault(KeyStore(at_rest.key_dir), node).new_key(item)
+                settled = Settled(
+                    moved_on.message_id,
+                    OutboundState.DELIVERED,
+                    "processed",
+                    None,
+                    None,
+                    data_key,
+                    receipt=seal_bytes(dek, item, receipt),
+                )
+                assert node.mark_settled([settled]) == [moved_on.message_id]
             finally:
                 node.close()
             assert moved_on.body_path is not None
@@ -284,6 +301,17 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
     assert done.returncode == 0, done.stderr
     restored = {r.message_id: r for r in outbound(fresh)}
     assert restored[moved_on.message_id].state == OutboundState.DELIVERED
+    assert restored[moved_on.message_id].receipt_kept
+    again = PostgresSpool(fresh, TickingClock())
+    try:
+        kept = again.stored_receipt(moved_on.message_id)
+        assert kept is not None
+        restored_at_rest = load_config(host).at_rest
+        assert restored_at_rest is not None
+        vault = Vault(KeyStore(restored_at_rest.key_dir), again)
+        assert vault.open_bytes(item, kept) == receipt
+    finally:
+        again.close()
     assert restored[waiting.message_id].state == OutboundState.QUEUED
     body = restored[waiting.message_id].body_path
     assert body == host.parent / BODIES / waiting.body_path.name and body.exists()

@@ -16,7 +16,7 @@ from gateway.logs import make_logger
 from gateway.outbound.context import Context, Settings
 from gateway.outbound.status import MAX_STORED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, SqliteSpool
+from gateway.spool import OutboundState, Settled, SqliteSpool
 
 
 def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
@@ -49,3 +49,31 @@ def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
     assert view["receipt"]["verified"] is False
     assert "larger than" in view["receipt"]["error"] and str(receipt) in view["receipt"]["error"]
     assert peak < 4 * MAX_STORED_RECEIPT
+
+
+def test_a_receipt_kept_in_its_row_past_the_bound_is_refused_before_it_is_opened(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """The same bound for a receipt kept in the spool row: one larger than any medgw
+    stores is refused as such, not opened nor parsed."""
+    config = load_config(layout.lab.config_path)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="lab")
+    context = Context(
+        Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
+    )
+    payload = tmp_path / "m.hl7"
+    spool.add_intake("<m@lab>", "hospital", "m.hl7", "application/hl7-v2", payload, payload)
+    spool.mark_queued("<m@lab>", None, [], "mic", 3, body=b"sealed")
+    spool.mark_sending("<m@lab>")
+    grown = b"Content-Type: multipart/signed\r\n\r\n" + b"x" * (2 * MAX_STORED_RECEIPT)
+    settled = Settled("<m@lab>", OutboundState.DELIVERED, "processed", None, receipt=grown)
+    assert spool.mark_settled([settled]) == ["<m@lab>"]
+    try:
+        view = asyncio.run(MessageStatus(context).status("<m@lab>"))
+    finally:
+        spool.close()
+        audit.close()
+    assert view is not None and view["receipt_kept"] == "spool"
+    assert view["receipt"]["verified"] is False
+    assert "larger than" in view["receipt"]["error"] and "in the spool" in view["receipt"]["error"]

@@ -21,17 +21,19 @@ from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, SqliteSpool
+from gateway.spool import OutboundState, Settled, SqliteSpool
 
 REFUSED = "processed/error: decryption-failed"
 
 
+@pytest.mark.parametrize("form", ["row", "file"], ids=["receipt-in-row", "receipt-file"])
 @pytest.mark.parametrize("kept", [True, False], ids=["owed-record-kept", "settled-before-kept"])
 def test_settlements_without_their_records_get_them_at_the_next_start(
-    layout: DemoLayout, tmp_path: Path, kept: bool
+    layout: DemoLayout, tmp_path: Path, kept: bool, form: str
 ) -> None:
     """Whether the spool names the record each change owes, or the changes were made by
-    a medgw from before it did (the start judges by their state): the same records."""
+    a medgw from before it did (the start judges by their state): the same records,
+    naming where the receipt is kept (its row, or its file)."""
     config = load_config(layout.lab.config_path)
     spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     for message_id, state, disposition, error in [
@@ -42,7 +44,11 @@ def test_settlements_without_their_records_get_them_at_the_next_start(
         spool.add_intake(message_id, "hospital", "m.hl7", "text/plain", payload, payload)
         spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
         spool.mark_sending(message_id)
-        spool.mark_done(message_id, state, disposition, tmp_path / "r.mdn", error=error)
+        if form == "file":
+            spool.mark_done(message_id, state, disposition, tmp_path / "r.mdn", error=error)
+        else:
+            settled = Settled(message_id, state, disposition, None, error, receipt=b"kept")
+            assert spool.mark_settled([settled]) == [message_id]
     if not kept:
         spool._write("UPDATE outbound SET audit_owed=NULL, audit_owed_at=NULL", ())
     audit = AuditLog(config.storage.audit_log, SystemClock(), node="lab")
@@ -74,7 +80,11 @@ def test_settlements_without_their_records_get_them_at_the_next_start(
             "reason": f"{reason}; {RECOVERED}",
             "detail": {
                 "disposition": disposition,
-                "receipt_file": str(tmp_path / "r.mdn"),
+                **(
+                    {"receipt_file": str(tmp_path / "r.mdn")}
+                    if form == "file"
+                    else {"receipt": "spool"}
+                ),
                 **({"attempts": 1} if outcome == "failure" else {}),
                 "recorded_at_recovery": True,
             },

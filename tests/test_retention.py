@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +14,8 @@ import pytest
 from gateway.audit import DURABLE, AuditEvent, Pending
 from gateway.config.retention import RetentionRule, RetentionSettings
 from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
-from gateway.spool import OutboundState, RetainedKind
+from gateway.spool import DataKey, OutboundState, RetainedKind, Settled
+from gateway.spool.records import receipt_item
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
 
@@ -224,6 +225,39 @@ def test_a_kind_takes_only_itself_and_what_it_holds(place: Place) -> None:
     assert not receipt.exists() and place.spool.get("<sent@h>") is not None
     kept = place.spool.inbound_get("lab", "<got@l>")
     assert kept is not None and kept.receipt_body is None  # still detects a resend
+
+
+def test_a_receipt_kept_in_its_row_goes_with_its_key_and_the_record_waits_for_it(
+    place: Place,
+) -> None:
+    """Receipts disposal clears the row's receipt and deletes its data key in one
+    transaction (nothing readable is left); the record itself goes only after that."""
+    message_id = "<row@h>"
+    place.spool.add_intake(
+        message_id, "lab", "doc.hl7", "application/hl7-v2", place.tmp / "s", place.tmp / "p"
+    )
+    place.spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+    place.spool.mark_sending(message_id)
+    key = DataKey(receipt_item(message_id), 1, b"wrapped data key")
+    done = Settled(message_id, OutboundState.DELIVERED, "processed", None, None, key)
+    assert place.spool.mark_settled([replace(done, receipt=b"sealed receipt")])
+    # Records kept a day, receipts ten: the record waits for its receipt.
+    settings = RetentionSettings(days={RetainedKind.SPOOL: 1, RetainedKind.RECEIPTS: 10}, rules=())
+    before = place.later(2)
+    assert place.retention.sweep(settings) == {}
+    assert place.spool.stored_receipt(message_id) == b"sealed receipt"
+
+    receipts_only = PurgeRequest(before=before, kinds=(RetainedKind.RECEIPTS,))
+    assert place.retention.purge(receipts_only, "operator:test") == {"receipts": 1}
+    record = place.spool.get(message_id)
+    assert record is not None and not record.has_receipt
+    assert place.spool.stored_receipt(message_id) is None
+    assert place.spool.data_key(receipt_item(message_id)) is None
+    [disposed] = place.audit.named("retention.disposed")
+    assert disposed.detail["messages"][0]["message_id"] == message_id
+
+    assert place.retention.sweep(settings) == {"spool": 1}
+    assert place.spool.get(message_id) is None
 
 
 def test_a_resend_after_its_receipt_was_disposed_of_is_not_handed_over_again(
