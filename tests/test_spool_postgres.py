@@ -389,7 +389,7 @@ def test_a_spool_of_the_version_before_gets_the_receipt_column_and_older_nodes_r
             "SELECT prosrc FROM pg_proc WHERE proname = 'keep_displaced_owed'"
         ).fetchall()
         version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
-    assert kind == "bytea" and "'receipt'" in function
+    assert kind == "bytea" and "'receipt'" in str(function)
     assert version == [(VERSION,)]
     monkeypatch.setattr("gateway.spool.postgres.schema.VERSION", VERSION - 1)
     with pytest.raises(SpoolError, match="newer than this medgw knows"):
