@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/spool_pages_bench.py [--messages 12] [--kept 0]
                                                 [--payload 4200] [--body 6400]
+                                                [--receipt 0]
     .venv/bin/python bench/spool_pages_bench.py --threads 6 --messages 600
 
 Each message in turn is taken in (its document's encrypted copy in the row),
@@ -10,7 +11,9 @@ settled, one transaction each; the pages each appends to the write-ahead log
 are counted from the log file's size (frames of 24 + page-size bytes), so the
 figures do not depend on the machine's load.  ``--kept``: delivered messages
 in the spool before (the indexes then span more pages).  The defaults are the
-sizes of a 4 KiB document and its sealed body in the e2e bench.
+sizes of a 4 KiB document and its sealed body in the e2e bench.  ``--receipt``:
+the size of the sealed receipt each settlement keeps in its row (and the kept
+messages in theirs); 0: a file the row names, as receipts were kept before.
 
 With ``--threads``: the same lives (claimed by Message-ID, settled with their
 receipts' data keys) from that many threads at once, so that their transactions
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -46,9 +50,10 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=4200)
     parser.add_argument("--body", type=int, default=6400)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--receipt", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
-        groups(args.messages, args.threads, args.payload, args.body)
+        groups(args.messages, args.threads, args.payload, args.body, args.receipt)
         return
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -59,7 +64,7 @@ def main() -> None:
             spool.add_intake(message_id, "lab", "a.hl7", "text/plain", tmp, tmp / f"k{i}")
             spool.mark_queued(message_id, None, [], "mic", 10, body=b"sealed")
             spool.mark_sending(message_id)
-            spool.mark_done(message_id, OutboundState.DELIVERED, "processed", tmp / f"r{i}")
+            spool.mark_settled([kept_receipt(message_id, tmp / f"r{i}", args.receipt)])
         if not spool.shred():  # an empty log to count from
             raise SystemExit("the write-ahead log could not be emptied")
         page = int(sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0])
@@ -104,11 +109,8 @@ def main() -> None:
             )
             count("claimed", spool.claim_due, "lab", 2e9, 1)
             count("sent", spool.mark_awaiting_receipt, m)
-            settled = Settled(
-                m,
-                OutboundState.DELIVERED,
-                "processed",
-                tmp / f"s{i}",
+            settled = replace(
+                kept_receipt(m, tmp / f"s{i}", args.receipt),
                 data_key=DataKey(f"receipt:{m}", 1, os.urandom(60)),
                 found=OutboundState.AWAITING_RECEIPT,
             )
@@ -124,7 +126,15 @@ def main() -> None:
     print(f"  {'per message':10s} {total:5.1f} pages ({args.kept} delivered kept)")
 
 
-def groups(messages: int, threads: int, payload: int, body: int) -> None:
+def kept_receipt(message_id: str, file: Path, size: int) -> Settled:
+    """Delivered, its receipt of ``size`` bytes in the row (0: in ``file``)."""
+    if size:
+        receipt = os.urandom(size)
+        return Settled(message_id, OutboundState.DELIVERED, "processed", None, receipt=receipt)
+    return Settled(message_id, OutboundState.DELIVERED, "processed", file)
+
+
+def groups(messages: int, threads: int, payload: int, body: int, receipt: int) -> None:
     """CPU time per message of ``messages`` lives run from ``threads`` threads."""
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -153,9 +163,7 @@ def groups(messages: int, threads: int, payload: int, body: int) -> None:
             )
             spool.mark_sending(m)
             key = DataKey(f"receipt:{m}", 1, os.urandom(60))
-            spool.mark_settled(
-                [Settled(m, OutboundState.DELIVERED, "processed", tmp / f"r{i}", data_key=key)]
-            )
+            spool.mark_settled([replace(kept_receipt(m, tmp / f"r{i}", receipt), data_key=key)])
 
         def lives(numbers: range) -> None:
             for i in numbers:

@@ -110,7 +110,11 @@ SETTLE_A_GROUP = textwrap.dedent(
     before = temporary.stat().st_mtime_ns
     done = spool.mark_settled(
         [Settled(f"<{i}@lab>", OutboundState.DELIVERED, "processed", state / f"r{i}")
-         for i in range(0, 200, 2)]
+         for i in range(0, 200, 4)]
+        # And half with their receipts kept in their rows: more pages changed at once.
+        + [Settled(f"<{i}@lab>", OutboundState.DELIVERED, "processed", None,
+                   receipt=os.urandom(3500))
+           for i in range(2, 200, 4)]
     )
     assert len(done) == 100, done
     print("created" if temporary.stat().st_mtime_ns != before else "none")
@@ -119,7 +123,8 @@ SETTLE_A_GROUP = textwrap.dedent(
 
 
 def test_a_group_of_changes_writes_no_journal_outside_the_spools_log(tmp_path: Path) -> None:
-    """A transaction that changes many pages (a group of settlements) keeps the copies
+    """A transaction that changes many pages (a group of settlements, half of them keeping
+    their receipts in their rows) keeps the copies
     its savepoint needs in memory: no temporary file is created for them (SQLite's
     default, past 64 KiB: a file in the system's temporary folder, unlinked at once, a
     write per page changed, and the spool's pages written outside the state folder)."""
@@ -138,3 +143,32 @@ def test_a_group_of_changes_writes_no_journal_outside_the_spools_log(tmp_path: P
     assert done.returncode == 0, done.stderr
     # A file made and unlinked there changes the folder's modification time.
     assert done.stdout.split() == ["none"], done.stdout
+
+
+def test_a_receipt_kept_in_its_row_costs_its_settlement_one_page_at_most(
+    tmp_path: Path,
+) -> None:
+    """Delivered, the sealed body kept in the row (6.4 KiB for a 4 KiB document) goes and
+    the receipt (a signed receipt is 2-4 KiB) takes its place: the settlement's
+    transaction writes at most one page more to the log than when a file held the
+    receipt, and no file is created, nor its folder synced."""
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, TickingClock())
+    pages: dict[str, list[int]] = {"file": [], "row": []}
+    for i in range(16):
+        message_id, form = f"<{i}@lab>", ("file", "row")[i % 2]
+        spool.add_intake(message_id, "lab", "a.hl7", "text/plain", tmp_path, tmp_path / f"p{i}")
+        spool.mark_queued(message_id, None, [], "mic", 10, body=os.urandom(6400))
+        spool.claim_due("lab", 2e9, 1)
+        settled = Settled(
+            message_id,
+            OutboundState.DELIVERED,
+            "processed",
+            tmp_path / f"r{i}" if form == "file" else None,
+            receipt=os.urandom(3500) if form == "row" else None,
+        )
+        pages[form].append(pages_written(path, lambda s=settled: spool.mark_settled([s])))
+    spool.close()
+    # The first messages fill pages the later ones share: the second half's.
+    assert max(pages["row"][4:]) <= min(pages["file"][4:]) + 1, pages
+    assert list(tmp_path.glob("r*")) == []
