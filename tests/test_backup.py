@@ -15,13 +15,17 @@ from typing import Any
 
 import pytest
 
+from gateway.atrest import KeyStore, Vault
+from gateway.atrest.chunked import seal_bytes
+from gateway.backup import bundle
 from gateway.backup.bundle import ENTITY_HEAD, WORK_PREFIX, _complete_records
 from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.pki.demo import DemoLayout
-from gateway.spool import SqliteSpool
+from gateway.spool import OutboundState, Settled, SqliteSpool
+from gateway.spool.records import receipt_item
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import (
@@ -359,3 +363,63 @@ def test_a_backup_or_restore_killed_half_way_leaves_no_plaintext_in_the_state_fo
     assert made.returncode == 0, made.stderr
     assert [p for p in left if p.exists()] == []
     assert not [p for p in state.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_a_row_refreshed_after_the_copy_takes_its_receipt_and_that_receipts_key(
+    layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message sent and settled between the spool's online backup and the copy of its
+    body file: its row is taken again from the live spool, with the receipt it now
+    keeps, and that receipt's data key (stored after the copy) with it, so that the
+    bundle's spool opens the receipt it holds."""
+    config = load_config(layout.lab.config_path)
+    assert config.at_rest is not None
+    outgoing = config.storage.state_dir / "outgoing"
+    outgoing.mkdir(parents=True, exist_ok=True)
+    body = outgoing / "moved-on.as2"
+    body.write_bytes(b"sealed body")
+    message_id = "<moved-on@KITA-LAB>"
+    item = receipt_item(message_id)
+    receipt = b"Content-Type: text/plain\r\n\r\nthe receipt, settled after the copy"
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+    vault.open()
+    payload = config.storage.state_dir / "payloads" / "moved-on"
+    spool.add_intake(message_id, "hospital", "a.hl7", "text/plain", payload, payload)
+    spool.mark_queued(message_id, body, [], "mic", 11)
+    real = bundle._spooled_files
+    settled: list[str] = []
+
+    def then_settled(db: Any) -> Any:
+        if not settled:  # copied: the message is sent and settled, its body removed
+            spool.mark_sending(message_id)
+            dek, key = vault.new_key(item)
+            done = Settled(
+                message_id,
+                OutboundState.DELIVERED,
+                "processed",
+                None,
+                None,
+                key,
+                receipt=seal_bytes(dek, item, receipt),
+            )
+            settled.extend(spool.mark_settled([done]))
+            body.unlink()
+        return real(db)
+
+    monkeypatch.setattr(bundle, "_spooled_files", then_settled)
+    try:
+        manifest = bundle.collect(config, tmp_path / "work")
+    finally:
+        spool.close()
+    assert settled == [message_id]
+    assert "state/outgoing/moved-on.as2" not in manifest["files"]
+    copy = SqliteSpool(tmp_path / "work" / "state" / config.storage.spool_path.name, SystemClock())
+    try:
+        record = copy.get(message_id)
+        assert record is not None and record.state is OutboundState.DELIVERED
+        kept = copy.stored_receipt(message_id)
+        assert kept is not None
+        assert Vault(KeyStore(config.at_rest.key_dir), copy).open_bytes(item, kept) == receipt
+    finally:
+        copy.close()
