@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from gateway.spool import OutboundState, Settled, SqliteSpool
@@ -167,7 +168,7 @@ def test_a_receipt_kept_in_its_row_costs_its_settlement_one_page_at_most(
             tmp_path / f"r{i}" if form == "file" else None,
             receipt=os.urandom(3500) if form == "row" else None,
         )
-        pages[form].append(pages_written(path, lambda s=settled: spool.mark_settled([s])))
+        pages[form].append(pages_written(path, partial(spool.mark_settled, [settled])))
     spool.close()
     # The first messages fill pages the later ones share: the second half's.
     assert max(pages["row"][4:]) <= min(pages["file"][4:]) + 1, pages
