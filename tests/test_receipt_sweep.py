@@ -33,7 +33,7 @@ from gateway.logs import make_logger
 from gateway.operations import Operations
 from gateway.outbound import Outbound, Settings
 from gateway.outbound.context import Context
-from gateway.outbound.settle import Answer, Settler
+from gateway.outbound.settle import INLINE_RECEIPT_BYTES, Answer, Settler
 from gateway.outbound.sweep import SETTLING_SECONDS
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, OutboundState, Settled, Spool
@@ -154,9 +154,10 @@ def test_a_receipt_another_nodes_retry_cleared_is_removed_while_the_node_runs(
 def test_a_receipt_being_stored_is_not_removed_while_its_settlement_commits(
     two: tuple[Node, Node, SetClock], tmp_path: Path
 ) -> None:
-    """Node a's settler has stored a receipt and waits for its commit while the lease
-    keeper sweeps: the file no row names yet stays, and the settlement records it.  An
-    unrecorded receipt left from long ago goes in the same sweep."""
+    """Node a's settler has stored a receipt (one larger than a spool row keeps: a file)
+    and waits for its commit while the lease keeper sweeps: the file no row names yet
+    stays, and the settlement records it.  An unrecorded receipt left from long ago goes
+    in the same sweep."""
     a, b, clock = two
     spool = a.spool
     spool.add_intake("<m@hospital>", "lab", "f.hl7", "text/plain", tmp_path / "s", tmp_path / "p")
@@ -177,7 +178,8 @@ def test_a_receipt_being_stored_is_not_removed_while_its_settlement_commits(
         return settle(settled, awaiting)
 
     spool.mark_settled = held  # type: ignore[method-assign]
-    answer = Response(200, "text/plain", (), b"not a receipt: the message fails")
+    large = b"not a receipt: the message fails" + b"." * INLINE_RECEIPT_BYTES
+    answer = Response(200, "text/plain", (), large)
     peer = a.config.require_peer("lab")
     context = Context(Settings(a.config, {}), spool, a.audit, make_logger(stream=a.stream), clock)
     settling = threading.Thread(
