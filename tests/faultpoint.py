@@ -10,7 +10,9 @@ luck.  It is a wrapper, used as the command prefix of a test's ``medgw run``
 It replaces the named function, in this process only, with one that calls it
 and then kills the process (``--kill-after``), or kills it before the call
 (``--kill-before``), or makes its first call fail with an I/O error
-(``--fail-once``); ``--kill-after-event NAME`` kills it right after the audit
+(``--fail-once``), or holds its first call until a file exists (``--hold-before``
+with ``--until-file PATH``: ``PATH.reached`` is created when the call is held);
+``--kill-after-event NAME`` kills it right after the audit
 record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
 write of that record fail instead (as on a full disk).  The product has no hook of its own: this
 file is not part of the installed package, and nothing an administrator sets
@@ -27,8 +29,12 @@ import os
 import runpy
 import signal
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+HOLD_SECONDS = 120.0  # a held call goes on after this long, whatever the test does
 
 
 def _kill() -> None:
@@ -74,6 +80,26 @@ def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _hold_until(path: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The first call waits (in its own thread) until ``path`` exists, at most
+    HOLD_SECONDS; ``path``.reached says it is waiting."""
+    held: list[bool] = []
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not held:
+                held.append(True)
+                path.with_name(path.name + ".reached").touch()
+                deadline = time.monotonic() + HOLD_SECONDS
+                while not path.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            return original(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
 def _after_event(event: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Patches AuditLog._wait, which every emit (and every wait for a record written
     before) goes through: killed once the records written together with one of
@@ -113,6 +139,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--kill-after", metavar="MODULE:FUNCTION")
     parser.add_argument("--kill-before", metavar="MODULE:FUNCTION")
     parser.add_argument("--fail-once", metavar="MODULE:FUNCTION")
+    parser.add_argument("--hold-before", metavar="MODULE:FUNCTION")
+    parser.add_argument("--until-file", metavar="PATH", type=Path)
     parser.add_argument("--kill-after-event", metavar="EVENT")
     parser.add_argument("--fail-once-at-event", metavar="EVENT")
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -124,6 +152,8 @@ def main(argv: list[str]) -> None:
         _patch(args.kill_before, _before)
     if args.fail_once:
         _patch(args.fail_once, _fail_once)
+    if args.hold_before:
+        _patch(args.hold_before, _hold_until(args.until_file))
     if args.kill_after_event:
         _patch("gateway.audit.log:AuditLog._wait", _after_event(args.kill_after_event))
     if args.fail_once_at_event:

@@ -20,6 +20,7 @@ from gateway.pki.demo import DemoLayout
 from tests import as2client
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, receipt_of, set_runtime
+from tests.helpers.faults import killed_at
 from tests.helpers.local_api import LIS_TOKEN, enable_api
 
 # Larger than what the listener holds in memory (as2_handler.SMALL_BODY): its body is
@@ -27,6 +28,9 @@ from tests.helpers.local_api import LIS_TOKEN, enable_api
 PAYLOAD_BYTES = 3 << 20
 # Every wait of a test is bounded: a wrong behaviour fails, it does not hang.
 WAIT = 30.0
+# The stop's deadline of a test whose request ends before it (above WAIT: a stop that
+# waited for it would fail the test, not hold it).
+LONG_DEADLINE = 60
 
 
 def _lab_message(layout: DemoLayout, filename: str) -> Any:
@@ -127,6 +131,8 @@ def _answer(conn: socket.socket) -> tuple[int, dict[str, str], bytes]:
 def test_a_body_half_sent_at_sigterm_is_received_and_answered_with_its_receipt(
     layout: DemoLayout, processes: Any
 ) -> None:
+    # Ample on a loaded machine: the stop ends as soon as the answer is out.
+    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
     hospital = processes.start(layout.hospital.config_path)
     built = _lab_message(layout, "half-sent.bin")
     half = len(built.body) // 2
@@ -148,7 +154,7 @@ def test_a_body_half_sent_at_sigterm_is_received_and_answered_with_its_receipt(
 def test_a_body_still_trickling_at_the_deadline_is_cut_and_its_resend_answered_once(
     layout: DemoLayout, processes: Any
 ) -> None:
-    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", "3")
+    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", "5")
     hospital = processes.start(layout.hospital.config_path)
     built = _lab_message(layout, "trickled.bin")
     half = len(built.body) // 2
@@ -164,7 +170,7 @@ def test_a_body_still_trickling_at_the_deadline_is_cut_and_its_resend_answered_o
         trickle.start()
         try:
             # The listener goes on reading it while the daemon stops...
-            more = half + 64 * 1024
+            more = half + 16 * 1024  # past what a file buffer holds back
             wait_until(lambda: _upload_started(layout, more), WAIT, "the body read on")
             # ...and cuts it at the deadline, without an answer.
             assert hospital.wait_exit(WAIT) == 0
@@ -189,6 +195,53 @@ def test_a_body_still_trickling_at_the_deadline_is_cut_and_its_resend_answered_o
     assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
+def test_a_document_received_but_not_answered_by_the_deadline_is_answered_once_on_resend(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", "3")
+    release = tmp_path / "release"
+    # The whole body has arrived; its processing (decrypt, verify, deliver, receipt)
+    # waits in its worker thread until the test lets it go on.
+    held = killed_at(
+        "--hold-before",
+        "gateway.inbound.pipeline:InboundProcessor.process",
+        "--until-file",
+        str(release),
+    )
+    hospital = processes.start(layout.hospital.config_path, prefix=held)
+    built = _lab_message(layout, "held.bin")
+    outcome: list[object] = []
+
+    def post() -> None:
+        try:
+            outcome.append(lab_post(layout, built.headers, built.body, timeout=WAIT))
+        except OSError as exc:  # http.client's RemoteDisconnected is one
+            outcome.append(exc)
+
+    poster = threading.Thread(target=post, daemon=True)
+    poster.start()
+    wait_until(lambda: (tmp_path / "release.reached").exists(), WAIT, "processing held")
+    hospital.signal(signal.SIGTERM)
+    hospital.wait_for(lambda line: line.get("event") == "http.request_cut", WAIT)
+    poster.join(WAIT)
+    assert not poster.is_alive()
+    [cut] = outcome
+    assert isinstance(cut, OSError), cut  # no answer: the sender will send it again
+    release.touch()  # the work handed to the thread is finished before the daemon exits
+    assert hospital.wait_exit(WAIT) == 0
+    [delivered] = (layout.hospital.inbox_dir / "lab").iterdir()
+    assert delivered.name == "held.bin" and delivered.stat().st_size == PAYLOAD_BYTES
+    assert not events(layout.hospital.audit_log, "storage.unavailable")
+    assert list(_incoming(layout).iterdir()) == []
+    processes.start(layout.hospital.config_path)
+    answer = lab_post(layout, built.headers, built.body, timeout=WAIT)
+    assert receipt_of(layout, answer).processed  # from the duplicate check
+    [duplicate] = wait_for_events(layout.hospital.audit_log, "message.duplicate")
+    assert duplicate["message_id"] == dict(built.headers)["Message-ID"]
+    assert len(events(layout.hospital.audit_log, "message.delivered")) == 1
+    assert [p.name for p in (layout.hospital.inbox_dir / "lab").iterdir()] == ["held.bin"]
+
+
 def _submission_head(filename: str, length: int, token: str | None) -> bytes:
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     return (
@@ -201,6 +254,7 @@ def test_documents_half_uploaded_to_the_local_api_at_sigterm_are_taken_and_sent_
     layout: DemoLayout, processes: Any
 ) -> None:
     api = enable_api(layout)
+    set_runtime(layout.lab.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
     lab = processes.start(layout.lab.config_path)  # the hospital is down for now
     documents = {"over-tcp.bin": os.urandom(256 * 1024), "over-control.bin": os.urandom(256 * 1024)}
     over_tcp = socket.create_connection(("127.0.0.1", api.port), timeout=WAIT)

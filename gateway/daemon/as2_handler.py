@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -33,7 +34,7 @@ from gateway.errors import TransportError
 from gateway.fairpool import FairPool
 from gateway.fsutil import create_private
 from gateway.httpbody import BodyPace, BodyTooSlow, paced_chunks, read_capped
-from gateway.inbound import InboundRequest
+from gateway.inbound import InboundRequest, InboundResponse
 from gateway.outbound import Outbound
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.tls import der_spki_fingerprint, fingerprint
@@ -175,6 +176,7 @@ class As2Handler:
         """Spool the body of an AS2 message, process it, answer with its receipt."""
         body_path = self._incoming_dir() / f"{secrets.token_hex(8)}.as2"
         body: bytes | Path | None = None
+        work = _Work()
         try:
             try:
                 body = await self._receive_body(request, body_path, state.config.runtime)
@@ -196,14 +198,18 @@ class As2Handler:
                     "inbound.trust_changed_during_upload", peer=peer.name, remote_address=remote
                 )
                 return response(Answer.TRUST_CHANGED)
-            result = await self.pool.run(
+            processed = await self.pool.run(
                 peer.name,
-                state.inbound.process,
+                _process,
+                state,
                 InboundRequest(peer, remote, headers, body),
+                work,
                 # a large body (spooled to a file) may be costly to read: it takes the
                 # peer's whole share, small ones half of it each
                 weight=INBOUND_WORKERS_PER_PEER if isinstance(body, Path) else 1,
             )
+            assert processed is not None  # given up only once this handler has ended
+            result = processed
         except ConnectionError as exc:  # the peer hung up mid-upload: it will resend
             self._log.warning(
                 "inbound.aborted", peer=peer.name, remote_address=remote, reason=str(exc)
@@ -217,7 +223,9 @@ class As2Handler:
             reason = f"internal error: {type(exc).__name__}: {exc}"[:500]
             return self._refuse(Answer.INTERNAL_ERROR, peer, remote, reason)
         finally:
-            if not isinstance(body, bytes):  # held in memory: no file was written
+            # (held in memory: no file was written)  A handler cancelled while its worker
+            # thread reads the file (the stop's deadline) leaves it to the thread.
+            if not isinstance(body, bytes) and work.give_up():
                 body_path.unlink(missing_ok=True)
         if result.handover:
             # Only then: without one (no [delivery], or a service left in the inbox) the
@@ -399,6 +407,43 @@ class As2Handler:
             if out is not None:
                 out.close()
         return path if out is not None else b"".join(held)
+
+
+class _Work:
+    """Whether a received body's processing has begun in its worker thread (which then
+    removes the body's file) or was given up before (its handler removes it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "waiting"
+
+    def begin(self) -> bool:
+        """The worker thread: False if the handler has given it up already."""
+        with self._lock:
+            if self._state == "given up":
+                return False
+            self._state = "running"
+            return True
+
+    def give_up(self) -> bool:
+        """The handler, at its end: True if the thread never began (nor will)."""
+        with self._lock:
+            if self._state == "running":
+                return False
+            self._state = "given up"
+            return True
+
+
+def _process(state: RuntimeState, request: InboundRequest, work: _Work) -> InboundResponse | None:
+    """In a worker thread: process ``request``, then remove its body's file (None, and
+    nothing done, if its handler gave it up before this thread began)."""
+    if not work.begin():
+        return None
+    try:
+        return state.inbound.process(request)
+    finally:
+        if isinstance(request.body, Path):
+            request.body.unlink(missing_ok=True)
 
 
 class PinnedVerdicts:
