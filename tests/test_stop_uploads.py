@@ -18,6 +18,7 @@ from gateway.config import load_config
 from gateway.demo_run import GatewayProcess, wait_until
 from gateway.pki.demo import DemoLayout
 from tests import as2client
+from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, receipt_of, set_runtime
 from tests.helpers.faults import killed_at
@@ -277,13 +278,40 @@ def test_documents_half_uploaded_to_the_local_api_at_sigterm_are_taken_and_sent_
     finally:
         over_tcp.close()
         over_control.close()
-    for status, headers, body in answers:
+    for status, _, body in answers:
         assert status == 202, body
-        assert headers.get("connection") == "close"
         assert json.loads(body)["state"] == "queued"
+    # The local API takes no next request; the control socket answers until the stop's
+    # transfers are done (it closes this connection then, as the test's read shows).
+    assert answers[0][1].get("connection") == "close"
     assert lab.wait_exit(WAIT) == 0
     processes.start(layout.hospital.config_path)
     processes.start(layout.lab.config_path)
     wait_for_events(layout.lab.audit_log, "receipt.received", count=2)
     inbox = layout.hospital.inbox_dir / "lab"
     assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
+
+
+def test_while_uploads_finish_the_control_socket_answers_and_refuses_a_reload(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """An admin who stopped medgw and looks while a transfer finishes is told it is
+    still there (not "not running"); a reload asked for then is refused, saying why."""
+    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
+    hospital = processes.start(layout.hospital.config_path)
+    built = _lab_message(layout, "while-looking.bin")
+    half = len(built.body) // 2
+    config = layout.hospital.config_path
+    with _lab_connection(layout) as conn:
+        conn.sendall(_head(built.headers, len(built.body)) + built.body[:half])
+        _stop_during_upload(layout, hospital, conn, half)
+        listed = medgw("queue", "list", "--config", config, timeout=WAIT)
+        assert listed.returncode == 0, listed.stderr
+        reload = medgw("reload", "--config", config, timeout=WAIT)
+        assert reload.returncode != 0
+        assert "medgw is stopping" in reload.stderr and "not reloaded" in reload.stderr
+        conn.sendall(built.body[half:])
+        status, _, _ = _answer(conn)
+    assert status == 200
+    assert hospital.wait_exit(WAIT) == 0
+    assert not events(layout.hospital.audit_log, "config.reloaded")

@@ -116,6 +116,7 @@ class ControlServer:
         self._submit = submit_fn
         self._status = status_fn
         self._reload = reload
+        self._draining = False
         app = web.Application()
         app.router.add_get("/v1/queue", self._list)
         app.router.add_get("/v1/queue/{message_id}", self._show)
@@ -160,6 +161,11 @@ class ControlServer:
             sock.close()
             raise
         await web.SockSite(self._runner, sock).start()
+
+    def drain(self) -> None:
+        """The daemon is stopping: the socket goes on answering (status, queue) while
+        the transfers in progress finish, but refuses a reload."""
+        self._draining = True
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled."""
@@ -264,6 +270,15 @@ class ControlServer:
     async def _reload_config(self, request: web.Request) -> web.Response:
         """``medgw reload``: as SIGHUP, recorded with who asked.  Shielded: a client that
         gives up waiting does not cut a reload short."""
+        if self._draining:
+            return web.json_response(
+                {
+                    "error": "medgw is stopping: the configuration is not reloaded",
+                    "fix": "start medgw again once it has stopped (systemctl start medgw): "
+                    "it reads the configuration's files at start",
+                },
+                status=503,
+            )
         why = await asyncio.shield(self._reload(caller(request)))
         if why is None:
             return web.json_response({"reloaded": True})

@@ -636,6 +636,8 @@ class Daemon:
         start = self._clock.monotonic()
         for server in self._servers:
             server.stop_accepting()
+        if self._control is not None:
+            self._control.drain()
         assert self._senders is not None
         # One deadline for every transfer in progress, each way, all at once: every
         # listener stops accepting now (and closes its idle connections), the requests
@@ -643,15 +645,17 @@ class Daemon:
         stops = [self._senders.stop(deadline), *(s.stop(deadline) for s in self._servers)]
         if self._api is not None:
             stops.append(self._api.stop(deadline))
-        if self._control is not None:
-            stops.append(self._control.stop(deadline))
         failed = [r for r in await asyncio.gather(*stops, return_exceptions=True) if r]
-        if failed:  # each one ended first: none is left running behind the failure
-            raise failed[0]
 
         def remaining() -> float:
             return max(0.5, deadline - (self._clock.monotonic() - start))
 
+        # The control socket last: while the transfers finish, `medgw status` still
+        # answers (stopping) rather than "not running", and `medgw reload` is refused.
+        if self._control is not None:
+            await self._control.stop(remaining())
+        if failed:  # each one ended first: none is left running behind the failure
+            raise failed[0]
         if self._maintenance is not None:
             await self._maintenance.stop()
         await self._observer.stop()
