@@ -24,6 +24,7 @@ process's CPU time and the commits per message.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sqlite3
 import sys
@@ -130,7 +131,15 @@ def kept_receipt(message_id: str, file: Path, size: int) -> Settled:
     """Delivered, its receipt of ``size`` bytes in the row (0: in ``file``)."""
     if size:
         receipt = os.urandom(size)
-        return Settled(message_id, OutboundState.DELIVERED, "processed", None, receipt=receipt)
+        sha256 = hashlib.sha256(receipt).hexdigest()
+        return Settled(
+            message_id,
+            OutboundState.DELIVERED,
+            "processed",
+            None,
+            receipt=receipt,
+            receipt_sha256=sha256,
+        )
     return Settled(message_id, OutboundState.DELIVERED, "processed", file)
 
 

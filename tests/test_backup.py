@@ -402,6 +402,7 @@ def test_a_row_refreshed_after_the_copy_takes_its_receipt_and_that_receipts_key(
                 None,
                 key,
                 receipt=seal_bytes(dek, item, receipt),
+                receipt_sha256=hashlib.sha256(receipt).hexdigest(),
             )
             settled.extend(spool.mark_settled([done]))
             body.unlink()

@@ -276,6 +276,7 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
                     None,
                     data_key,
                     receipt=seal_bytes(dek, item, receipt),
+                    receipt_sha256=hashlib.sha256(receipt).hexdigest(),
                 )
                 assert node.mark_settled([settled]) == [moved_on.message_id]
             finally:

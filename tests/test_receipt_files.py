@@ -40,6 +40,7 @@ from tests.helpers.local_api import LIS_TOKEN, enable_api
 from tests.helpers.recovery import lab_starting, logged_files
 
 OPERATOR = "operator:root (uid 0)"
+KEPT = hashlib.sha256(b"kept").hexdigest()
 OUTBOUND = "gateway.spool.sqlite.outbound:OutboundQueue"
 
 
@@ -198,7 +199,9 @@ def test_a_retry_clears_a_receipt_kept_in_its_row_and_its_key(
         item = receipt_item(message_id)
         _, key = vault.new_key(item)
         disposition = "processed" if state is OutboundState.DELIVERED else "mic-mismatch"
-        settled = Settled(message_id, state, disposition, None, None, key, receipt=b"kept")
+        settled = Settled(
+            message_id, state, disposition, None, None, key, receipt=b"kept", receipt_sha256=KEPT
+        )
         assert spool.mark_settled([settled]) == [message_id]
     operations = Operations(config, spool, audit, SystemClock())
     try:

@@ -5,6 +5,7 @@ bounded read, never read whole into memory."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import tracemalloc
 from pathlib import Path
@@ -67,7 +68,14 @@ def test_a_receipt_kept_in_its_row_past_the_bound_is_refused_before_it_is_opened
     spool.mark_queued("<m@lab>", None, [], "mic", 3, body=b"sealed")
     spool.mark_sending("<m@lab>")
     grown = b"Content-Type: multipart/signed\r\n\r\n" + b"x" * (2 * MAX_STORED_RECEIPT)
-    settled = Settled("<m@lab>", OutboundState.DELIVERED, "processed", None, receipt=grown)
+    settled = Settled(
+        "<m@lab>",
+        OutboundState.DELIVERED,
+        "processed",
+        None,
+        receipt=grown,
+        receipt_sha256=hashlib.sha256(grown).hexdigest(),
+    )
     assert spool.mark_settled([settled]) == ["<m@lab>"]
     try:
         view = asyncio.run(MessageStatus(context).status("<m@lab>"))

@@ -28,7 +28,7 @@ from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, OutboundState, RetainedKind, Spool
+from gateway.spool import Claimant, OutboundState, RetainedKind, Settled, Spool
 from gateway.spool.postgres import PostgresSpool
 from gateway.spool.postgres.schema import VERSION
 from gateway.spool.records import DisplacedOwed
@@ -261,3 +261,47 @@ def test_a_delivery_released_takes_the_row_kept_of_it_with_it(
     assert b.inbound_get("hospital", "<gone@hospital>") is None
     [kept] = a.displaced_owed().inbound
     assert kept.message_id == "<kept@hospital>"
+
+
+def test_a_failure_settled_with_its_receipt_in_the_row_names_that_receipt_after_a_retry_on_b(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """Node a settles a message as failed by a receipt kept in its row, and is killed
+    before its message.failed; an operator retries it on node b, which clears the
+    receipt.  a's start writes message.failed naming the receipt a kept, by its SHA-256,
+    as a running a would have: the copy of the row kept for it holds that much of it."""
+    a, b = nodes
+    _queued(a, tmp_path, "<m@lab>")
+    _start_outbound(layout, a, clock)
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    sha256 = "5e" * 32
+    failed = Settled(
+        "<m@lab>",
+        OutboundState.FAILED,
+        "processed/error: decryption-failed",
+        None,
+        "decryption failed at the peer",
+        receipt=b"sealed receipt",
+        receipt_sha256=sha256,
+    )
+    assert a.mark_settled([failed]) == ["<m@lab>"]
+    # Killed here.  An operator on node b retries it: the receipt is cleared.
+    clock.advance(5)
+    retried = b.operator_retry("<m@lab>", "operator:root (uid 0)", 0)
+    assert retried.state is OutboundState.QUEUED and not retried.has_receipt
+    [kept] = a.displaced_owed().outbound
+    assert kept.receipt_kept and kept.receipt_sha256 == sha256
+
+    clock.advance(5)
+    for _ in range(2):  # a second start finds it recorded
+        _start_outbound(layout, a, clock)
+    [record] = _records(layout, "message.failed")
+    assert record["message_id"] == "<m@lab>" and record["node"] == "a"
+    assert record["detail"] == {
+        "disposition": "processed/error: decryption-failed",
+        "receipt": "spool",
+        "receipt_sha256": sha256,
+        "attempts": 1,
+        "recorded_at_recovery": True,
+    }
+    assert a.displaced_owed() == DisplacedOwed()

@@ -6,6 +6,7 @@ recovery, once each."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Settled, SqliteSpool
 
 REFUSED = "processed/error: decryption-failed"
+KEPT = hashlib.sha256(b"kept").hexdigest()
 
 
 @pytest.mark.parametrize("form", ["row", "file"], ids=["receipt-in-row", "receipt-file"])
@@ -47,7 +49,9 @@ def test_settlements_without_their_records_get_them_at_the_next_start(
         if form == "file":
             spool.mark_done(message_id, state, disposition, tmp_path / "r.mdn", error=error)
         else:
-            settled = Settled(message_id, state, disposition, None, error, receipt=b"kept")
+            settled = Settled(
+                message_id, state, disposition, None, error, receipt=b"kept", receipt_sha256=KEPT
+            )
             assert spool.mark_settled([settled]) == [message_id]
     if not kept:
         spool._write("UPDATE outbound SET audit_owed=NULL, audit_owed_at=NULL", ())
@@ -83,7 +87,7 @@ def test_settlements_without_their_records_get_them_at_the_next_start(
                 **(
                     {"receipt_file": str(tmp_path / "r.mdn")}
                     if form == "file"
-                    else {"receipt": "spool"}
+                    else {"receipt": "spool", "receipt_sha256": KEPT}
                 ),
                 **({"attempts": 1} if outcome == "failure" else {}),
                 "recorded_at_recovery": True,

@@ -240,7 +240,10 @@ def test_a_receipt_kept_in_its_row_goes_with_its_key_and_the_record_waits_for_it
     place.spool.mark_sending(message_id)
     key = DataKey(receipt_item(message_id), 1, b"wrapped data key")
     done = Settled(message_id, OutboundState.DELIVERED, "processed", None, None, key)
-    assert place.spool.mark_settled([replace(done, receipt=b"sealed receipt")])
+    sha256 = hashlib.sha256(b"sealed receipt").hexdigest()
+    assert place.spool.mark_settled(
+        [replace(done, receipt=b"sealed receipt", receipt_sha256=sha256)]
+    )
     # Records kept a day, receipts ten: the record waits for its receipt.
     settings = RetentionSettings(days={RetainedKind.SPOOL: 1, RetainedKind.RECEIPTS: 10}, rules=())
     before = place.later(2)

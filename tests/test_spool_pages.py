@@ -114,7 +114,7 @@ SETTLE_A_GROUP = textwrap.dedent(
          for i in range(0, 200, 4)]
         # And half with their receipts kept in their rows: more pages changed at once.
         + [Settled(f"<{i}@lab>", OutboundState.DELIVERED, "processed", None,
-                   receipt=os.urandom(3500))
+                   receipt=os.urandom(3500), receipt_sha256="00" * 32)
            for i in range(2, 200, 4)]
     )
     assert len(done) == 100, done
@@ -167,6 +167,7 @@ def test_a_receipt_kept_in_its_row_costs_its_settlement_one_page_at_most(
             "processed",
             tmp_path / f"r{i}" if form == "file" else None,
             receipt=os.urandom(3500) if form == "row" else None,
+            receipt_sha256="00" * 32 if form == "row" else None,
         )
         pages[form].append(pages_written(path, partial(spool.mark_settled, [settled])))
     spool.close()

@@ -354,42 +354,56 @@ def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
     spool.close()
 
 
-def test_a_spool_of_the_version_before_gets_the_receipt_column_and_older_nodes_refuse_it(
+def test_a_spool_of_the_version_before_gets_the_receipt_columns_and_older_nodes_refuse_it(
     postgres_server: PostgresServer,
     postgres: PostgresSettings,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Receipts kept in rows: the first start after the upgrade adds the column (bytea,
-    left out of the snapshots of displaced records) to a spool with rows; a node of the
-    release before then refuses the spool, whose rows it would not understand."""
+    """Receipts kept in rows: the first start after the upgrade adds the columns (the
+    receipt, bytea, left out of the snapshots of displaced records; its SHA-256, text,
+    kept in them) to a spool with rows; a node of the release before then refuses the
+    spool, whose rows it would not understand."""
     spool = PostgresSpool(postgres, TickingClock())
     [message_id] = queue_messages(spool, tmp_path, 1)
     spool._transact(
         lambda db: [
             db.execute("ALTER TABLE outbound DROP COLUMN receipt", ()),
-            db.execute("UPDATE spool_schema SET version=?", (VERSION - 1,)),
+            db.execute("ALTER TABLE outbound DROP COLUMN receipt_sha256", ()),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 2,)),
         ]
     )
     spool.close()
     spool = PostgresSpool(postgres, TickingClock())
     spool.mark_sending(message_id)
-    done = Settled(message_id, OutboundState.DELIVERED, "processed", None, receipt=b"\x89kept")
+    done = Settled(
+        message_id,
+        OutboundState.DELIVERED,
+        "processed",
+        None,
+        receipt=b"\x89kept",
+        receipt_sha256="6b" * 32,
+    )
     assert spool.mark_settled([done]) == [message_id]
     assert spool.stored_receipt(message_id) == b"\x89kept"
     record = spool.get(message_id)
     assert record is not None and record.receipt_kept and record.receipt_path is None
+    assert record.receipt_sha256 == "6b" * 32
     spool.close()
     with postgres_server.admin(postgres.dbname) as db:
-        [(kind,)] = db.execute(
-            "SELECT data_type FROM information_schema.columns"
-            " WHERE table_name = 'outbound' AND column_name = 'receipt'"
-        ).fetchall()
+        kinds = {
+            str(name): str(kind)
+            for name, kind in db.execute(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_name = 'outbound' AND column_name LIKE 'receipt%'"
+            ).fetchall()
+        }
         [(function,)] = db.execute(
             "SELECT prosrc FROM pg_proc WHERE proname = 'keep_displaced_owed'"
         ).fetchall()
         version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
-    assert kind == "bytea" and "'receipt'" in str(function)
+    assert kinds == {"receipt_path": "text", "receipt": "bytea", "receipt_sha256": "text"}
+    assert "'receipt'" in str(function) and "'receipt_sha256'" not in str(function)
     assert version == [(VERSION,)]
     monkeypatch.setattr("gateway.spool.postgres.schema.VERSION", VERSION - 1)
     with pytest.raises(SpoolError, match="newer than this medgw knows"):

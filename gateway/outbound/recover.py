@@ -535,7 +535,11 @@ def remove_own_body_partials(bodies: Path, node: str) -> list[Path]:
 
 
 def _receipt_detail(record: OutboundRecord) -> dict[str, str]:
-    """Where a settled message's receipt is kept, as settle.py's records name it."""
+    """Where a settled message's receipt is kept, as settle.py's records name it: its
+    file, or its row and the receipt's SHA-256 (which ties the record to the bytes)."""
     if record.receipt_path is not None:
         return {"receipt_file": str(record.receipt_path)}
-    return {"receipt": "spool"}
+    return {
+        "receipt": "spool",
+        **({"receipt_sha256": record.receipt_sha256} if record.receipt_sha256 else {}),
+    }

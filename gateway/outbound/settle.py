@@ -339,6 +339,7 @@ class Answer:
             held=self.found is None,
             owed=owed,
             receipt=receipt.sealed,
+            receipt_sha256=receipt.sha256 if receipt.sealed is not None else None,
         )
 
 

@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from gateway.audit.events import EventType
+from gateway.errors import SpoolError
 from gateway.routing import LOCAL_INTAKE, Origin
 
 
@@ -146,6 +147,8 @@ class OutboundRecord:
     # Its receipt is kept in the spool row (read by Spool.stored_receipt; the bytes are
     # not part of the record); else in the file receipt_path names, if any.
     receipt_kept: bool = False
+    # The SHA-256 (hex) of the receipt kept in the row, as received (see Settled).
+    receipt_sha256: str | None = None
 
     @property
     def has_receipt(self) -> bool:
@@ -314,6 +317,17 @@ class Settled:
     # The receipt as stored in the row (sealed under receipt_item when encrypted at
     # rest); None: kept in the file receipt_path, or no receipt.
     receipt: bytes | None = None
+    # The SHA-256 (hex) of that receipt as received, before sealing: what the audit
+    # record of the settlement names, kept beside it.  Given with ``receipt``, and only.
+    receipt_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.receipt is None) != (self.receipt_sha256 is None):
+            raise SpoolError(
+                f"the settlement of {self.message_id} gives a receipt for its row without "
+                "its SHA-256, or a SHA-256 without the receipt",
+                fix="give both receipt and receipt_sha256, or neither",
+            )
 
     @property
     def settles_from(self) -> tuple[OutboundState, ...]:

@@ -179,6 +179,11 @@ ADDED_COLUMNS = (
     # rest).  NULL: no receipt in the row (none yet, or kept in the file receipt_path
     # names: a receipt larger than a row keeps, or one settled before this column).
     ("outbound", "receipt", "BLOB"),
+    # The SHA-256 (hex) of that receipt as received (before encryption at rest), which
+    # the audit record of its settlement names: set and cleared with ``receipt``.  Text,
+    # so that the copy of the row a displaced record keeps (binary columns left out)
+    # still tells that the row kept a receipt, and which (NULL: none in the row).
+    ("outbound", "receipt_sha256", "TEXT"),
 )
 
 

@@ -44,8 +44,8 @@ _DROP_KEY = "DELETE FROM data_keys WHERE item=?"
 # state its settler found it in (see Settled); once delivered, the body stored in the
 # spool is of no more use (as its file is).
 _SETTLE = (
-    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, receipt=?, last_error=?,"  # noqa: S608 - fixed text
-    " updated_at=?,"
+    "UPDATE outbound SET state=?, disposition=?, receipt_path=?, receipt=?, receipt_sha256=?,"  # noqa: S608 - fixed text
+    " last_error=?, updated_at=?,"
     f" body=CASE WHEN ? THEN NULL ELSE body END, {AUDITED} WHERE message_id=? AND state IN"
 )
 # An outbound row as a record reads it: every column but the receipt's bytes, which
@@ -63,11 +63,13 @@ _AWAIT_RECEIPT = (
 
 def _receipt_kept(row: Row) -> bool:
     """Whether the row keeps its receipt: read as ``receipt_kept`` (a listing that leaves
-    the receipts' bytes unread, see _LISTED) or from the ``receipt`` column itself."""
+    the receipts' bytes unread, see _LISTED), or from the ``receipt`` column itself, or,
+    the bytes absent (the copy of a row a displaced record keeps, binary columns left
+    out), from its SHA-256 kept beside them."""
     try:
         return bool(row["receipt_kept"])
     except (KeyError, IndexError):
-        return row["receipt"] is not None
+        return row["receipt"] is not None or row["receipt_sha256"] is not None
 
 
 def _outbound(row: Row) -> OutboundRecord:
@@ -89,6 +91,7 @@ def _outbound(row: Row) -> OutboundRecord:
         disposition=row["disposition"],
         receipt_path=Path(row["receipt_path"]) if row["receipt_path"] else None,
         receipt_kept=_receipt_kept(row),
+        receipt_sha256=row["receipt_sha256"],
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
@@ -567,6 +570,7 @@ class OutboundQueue(SqlStore):
                         done.disposition,
                         str(done.receipt_path) if done.receipt_path else None,
                         done.receipt,
+                        done.receipt_sha256,
                         done.error,
                         now,
                         done.state is OutboundState.DELIVERED,
@@ -926,7 +930,8 @@ class OutboundQueue(SqlStore):
         same change."""
         marks = ",".join("?" for _ in allowed)
         extra = (
-            ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL, receipt=NULL"
+            ", attempts=0, next_attempt_at=0, disposition=NULL, receipt_path=NULL, receipt=NULL,"
+            " receipt_sha256=NULL"
             if reset
             else ""
         )
@@ -1036,7 +1041,7 @@ class OutboundQueue(SqlStore):
         return (
             self._write(
                 "UPDATE outbound SET state=?, disposition=?, receipt_path=NULL, receipt=NULL,"  # noqa: S608 - fixed text
-                " last_error=?,"
+                " receipt_sha256=NULL, last_error=?,"
                 f" updated_at=?, {AUDITED} WHERE message_id=? AND state=? AND node=?",
                 (
                     OutboundState.FAILED.value,

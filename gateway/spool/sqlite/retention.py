@@ -66,7 +66,7 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
             "TRUE",
             "TRUE",
             "receipt_path",
-            "UPDATE outbound SET receipt_path=NULL, receipt=NULL",
+            "UPDATE outbound SET receipt_path=NULL, receipt=NULL, receipt_sha256=NULL",
         ),
         _Rule(
             "inbound",
