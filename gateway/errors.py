@@ -148,6 +148,11 @@ class SpoolReplacedError(SpoolUnreachableError):
     writes nothing more and stops; a restart reads the restored spool."""
 
 
+class StoredReceiptTooLargeError(SpoolError):
+    """The receipt a spool row keeps is larger than any the gateway stores (the row was
+    changed outside medgw): refused by its size, its bytes never read."""
+
+
 class ClaimHeldError(SpoolError):
     """Another node holds the claim on this message (it is sending, or delivering, it),
     and its lease has not run out: this node leaves it alone."""

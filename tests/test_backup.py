@@ -23,6 +23,7 @@ from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.demo_run import drop_file, read_audit, wait_until
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Settled, SqliteSpool
 from gateway.spool.records import receipt_item
@@ -419,7 +420,7 @@ def test_a_row_refreshed_after_the_copy_takes_its_receipt_and_that_receipts_key(
     try:
         record = copy.get(message_id)
         assert record is not None and record.state is OutboundState.DELIVERED
-        kept = copy.stored_receipt(message_id)
+        kept = copy.stored_receipt(message_id, MAX_SEALED_RECEIPT)
         assert kept is not None
         assert Vault(KeyStore(config.at_rest.key_dir), copy).open_bytes(item, kept) == receipt
     finally:

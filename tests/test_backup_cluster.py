@@ -33,6 +33,7 @@ from gateway.cli import EXIT_FAILED
 from gateway.config import GatewayConfig, load_config
 from gateway.demo_run import GatewayProcess, drop_file, read_audit, wait_until
 from gateway.outbound import INLINE_BODY_BYTES
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, OutboundRecord, OutboundState, Settled, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
@@ -305,7 +306,7 @@ def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
     assert restored[moved_on.message_id].receipt_kept
     again = PostgresSpool(fresh, TickingClock())
     try:
-        kept = again.stored_receipt(moved_on.message_id)
+        kept = again.stored_receipt(moved_on.message_id, MAX_SEALED_RECEIPT)
         assert kept is not None
         restored_at_rest = load_config(host).at_rest
         assert restored_at_rest is not None

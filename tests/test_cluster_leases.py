@@ -46,6 +46,7 @@ from gateway.outbound import Outbound, Settings
 from gateway.outbound.context import Context
 from gateway.outbound.seal import Sealer, ToSeal
 from gateway.outbound.settle import Answer, Settler
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import PeerTrust, assess_peers
 from gateway.spool import (
@@ -265,7 +266,7 @@ def test_two_receipts_for_one_message_at_once_keep_the_recorded_one(
         settler.settle(found, config.require_peer("lab"), Response(200, "text/plain", (), body))
     settled = a.get("<m@x>")
     assert settled is not None and settled.receipt_kept and settled.receipt_path is None
-    assert (a.stored_receipt("<m@x>") or b"").endswith(b"\r\n\r\nfirst receipt")
+    assert (a.stored_receipt("<m@x>", MAX_SEALED_RECEIPT) or b"").endswith(b"\r\n\r\nfirst receipt")
     assert list(context.receipts.iterdir()) == []
     assert [r["message_id"] for r in events(trail, "receipt.invalid")] == ["<m@x>"]
     audit.close()

@@ -21,6 +21,7 @@ import pytest
 
 from gateway.clock import SystemClock
 from gateway.demo_run import read_audit
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSpool
@@ -91,7 +92,9 @@ def test_random_sigkills_of_both_daemons_deliver_every_message_exactly_once(
         for record in records:
             assert record.state is OutboundState.DELIVERED
             assert record.disposition == "processed"
-            assert record.receipt_kept and spool.stored_receipt(record.message_id)
+            assert record.receipt_kept and spool.stored_receipt(
+                record.message_id, MAX_SEALED_RECEIPT
+            )
     finally:
         spool.close()
     state = layout.lab.root / "state"

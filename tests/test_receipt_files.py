@@ -29,6 +29,7 @@ from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
 from gateway.outbound.settle import Answer, Settler
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Settled, SqliteSpool
 from gateway.spool.records import receipt_item
@@ -160,11 +161,14 @@ def test_receipts_are_kept_in_their_rows_and_one_larger_than_a_row_keeps_is_a_fi
         small, large = spool.get("<small@lab>"), spool.get("<large@lab>")
         assert small is not None and large is not None
         assert small.receipt_kept and small.receipt_path is None
-        sealed = spool.stored_receipt("<small@lab>")
+        sealed = spool.stored_receipt("<small@lab>", MAX_SEALED_RECEIPT)
         assert sealed is not None and sealed.startswith(MAGIC)
         stored = b"Content-Type: text/plain\r\n\r\na small receipt"
         assert vault.open_bytes(receipt_item("<small@lab>"), sealed) == stored
-        assert not large.receipt_kept and spool.stored_receipt("<large@lab>") is None
+        assert (
+            not large.receipt_kept
+            and spool.stored_receipt("<large@lab>", MAX_SEALED_RECEIPT) is None
+        )
         assert large.receipt_path is not None and large.receipt_path.parent == context.receipts
         assert large.receipt_path.read_bytes().startswith(MAGIC)
         assert vault.read_file(receipt_item("<large@lab>"), large.receipt_path).endswith(
@@ -207,11 +211,11 @@ def test_a_retry_clears_a_receipt_kept_in_its_row_and_its_key(
     try:
         with pytest.raises(SpoolError, match="is delivered"):
             operations.retry("<ok@lab>", OPERATOR)
-        assert spool.stored_receipt("<ok@lab>") == b"kept"
+        assert spool.stored_receipt("<ok@lab>", MAX_SEALED_RECEIPT) == b"kept"
         assert spool.data_key(receipt_item("<ok@lab>")) is not None
         retried = operations.retry("<bad@lab>", OPERATOR)
         assert retried.state is OutboundState.QUEUED and not retried.receipt_kept
-        assert spool.stored_receipt("<bad@lab>") is None
+        assert spool.stored_receipt("<bad@lab>", MAX_SEALED_RECEIPT) is None
         assert spool.data_key(receipt_item("<bad@lab>")) is None
     finally:
         audit.close()

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.audit import DURABLE, AuditEvent, Pending
 from gateway.config.retention import RetentionRule, RetentionSettings
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
 from gateway.spool import DataKey, OutboundState, RetainedKind, Settled
 from gateway.spool.records import receipt_item
@@ -248,13 +249,13 @@ def test_a_receipt_kept_in_its_row_goes_with_its_key_and_the_record_waits_for_it
     settings = RetentionSettings(days={RetainedKind.SPOOL: 1, RetainedKind.RECEIPTS: 10}, rules=())
     before = place.later(2)
     assert place.retention.sweep(settings) == {}
-    assert place.spool.stored_receipt(message_id) == b"sealed receipt"
+    assert place.spool.stored_receipt(message_id, MAX_SEALED_RECEIPT) == b"sealed receipt"
 
     receipts_only = PurgeRequest(before=before, kinds=(RetainedKind.RECEIPTS,))
     assert place.retention.purge(receipts_only, "operator:test") == {"receipts": 1}
     record = place.spool.get(message_id)
     assert record is not None and not record.has_receipt
-    assert place.spool.stored_receipt(message_id) is None
+    assert place.spool.stored_receipt(message_id, MAX_SEALED_RECEIPT) is None
     assert place.spool.data_key(receipt_item(message_id)) is None
     [disposed] = place.audit.named("retention.disposed")
     assert disposed.detail["messages"][0]["message_id"] == message_id

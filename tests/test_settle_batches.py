@@ -33,6 +33,7 @@ from gateway.egress import Network
 from gateway.logs import make_logger
 from gateway.outbound import Outbound, Settings
 from gateway.outbound.send import SETTLE_GROUPS
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.pki.tls import client_context
@@ -195,7 +196,7 @@ async def test_messages_answered_together_are_settled_together(
         for message_id in (first, *others):
             settled = check.get(message_id)
             assert settled is not None and settled.state is OutboundState.DELIVERED
-            assert settled.receipt_kept and check.stored_receipt(message_id)
+            assert settled.receipt_kept and check.stored_receipt(message_id, MAX_SEALED_RECEIPT)
     finally:
         check.close()
     verified = [r for r in read_audit(tmp_path / "audit.jsonl") if r["event"] == "receipt.received"]

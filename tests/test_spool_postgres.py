@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import SpoolError, SpoolUnreachableError
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.issue import make_ca, write_pem
 from gateway.spool import Intake, OutboundState, Settled
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
@@ -385,7 +386,7 @@ def test_a_spool_of_the_version_before_gets_the_receipt_columns_and_older_nodes_
         receipt_sha256="6b" * 32,
     )
     assert spool.mark_settled([done]) == [message_id]
-    assert spool.stored_receipt(message_id) == b"\x89kept"
+    assert spool.stored_receipt(message_id, MAX_SEALED_RECEIPT) == b"\x89kept"
     record = spool.get(message_id)
     assert record is not None and record.receipt_kept and record.receipt_path is None
     assert record.receipt_sha256 == "6b" * 32

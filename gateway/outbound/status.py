@@ -9,7 +9,7 @@ from typing import Any
 from gateway.as2.mdn import mic_matches, parse_receipt
 from gateway.atrest import open_bytes, open_file
 from gateway.channel.client import MAX_RECEIPT_BYTES
-from gateway.errors import AtRestError, MedgwError
+from gateway.errors import AtRestError, MedgwError, StoredReceiptTooLargeError
 from gateway.operations import record_view
 from gateway.outbound.context import Context
 from gateway.spool import OutboundRecord, OutboundState
@@ -28,6 +28,8 @@ FINAL_STATES = frozenset(
 
 # A receipt as stored: its Content-Type line, then a body of at most MAX_RECEIPT_BYTES.
 MAX_STORED_RECEIPT = MAX_RECEIPT_BYTES + (16 << 10)
+# And as sealed at rest in a spool row: sealing adds less than its chunks' tags.
+MAX_SEALED_RECEIPT = MAX_STORED_RECEIPT + (64 << 10)
 
 
 class MessageStatus:
@@ -59,7 +61,10 @@ class MessageStatus:
         item = receipt_item(record.message_id)
         sealed: bytes | None = None
         if record.receipt_kept:
-            sealed = self._ctx.spool.stored_receipt(record.message_id)
+            try:
+                sealed = self._ctx.spool.stored_receipt(record.message_id, MAX_SEALED_RECEIPT)
+            except StoredReceiptTooLargeError:
+                return _too_large("in the spool")
             if sealed is None:  # cleared since it was read (a retry, retention)
                 return None
             where = "in the spool"
@@ -70,17 +75,8 @@ class MessageStatus:
         peer = self._ctx.config.peer(record.peer)
         if peer is None:
             return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
-        # A stored receipt is at most MAX_STORED_RECEIPT bytes (sealing adds less than
-        # its chunks' tags): one larger is not one the gateway stored, never read whole.
-        too_large = {
-            "verified": False,
-            "error": f"the stored receipt ({where}) is larger than "
-            f"{MAX_STORED_RECEIPT} bytes, more than any receipt medgw accepts",
-        }
         try:
             if sealed is not None:
-                if len(sealed) > MAX_STORED_RECEIPT + (64 << 10):
-                    return too_large
                 kept = open_bytes(self._ctx.vault, item, sealed)
             else:
                 assert record.receipt_path is not None
@@ -89,7 +85,7 @@ class MessageStatus:
         except AtRestError as exc:
             return {"verified": False, "error": str(exc)}
         if len(kept) > MAX_STORED_RECEIPT:
-            return too_large
+            return _too_large(where)
         head, _, body = kept.partition(b"\r\n\r\n")
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:
@@ -106,3 +102,14 @@ class MessageStatus:
             "signer": receipt.signer.subject.rfc4514_string(),
             "original_message_id": receipt.original_message_id,
         }
+
+
+def _too_large(where: str) -> dict[str, Any]:
+    """A stored receipt ``where`` (its file, or "in the spool") larger than any medgw
+    stores: not one the gateway stored, refused after a bounded read (of a file) or by
+    its size alone (a row's)."""
+    return {
+        "verified": False,
+        "error": f"the stored receipt ({where}) is larger than {MAX_STORED_RECEIPT} bytes,"
+        " more than any receipt medgw accepts",
+    }

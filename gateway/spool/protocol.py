@@ -232,10 +232,11 @@ class Spool(Protocol):
         made."""
         ...
 
-    def stored_receipt(self, message_id: str) -> bytes | None:
+    def stored_receipt(self, message_id: str, at_most: int) -> bytes | None:
         """The receipt kept in the message's row, as stored (sealed under
         ``receipt_item`` when encrypted at rest); None: no receipt in the row (see
-        :attr:`OutboundRecord.receipt_kept`)."""
+        :attr:`OutboundRecord.receipt_kept`).  Raises StoredReceiptTooLargeError, its
+        bytes left unread, if it is more than ``at_most`` bytes."""
         ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...

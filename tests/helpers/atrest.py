@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.atrest import KeyStore, Vault
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.spool import SqliteSpool
 from gateway.spool.records import receipt_item
 
@@ -31,7 +32,7 @@ def kept_receipt(config_path: Path, message_id: str, path: Path | None = None) -
     spool = SqliteSpool(config.storage.spool_path, SystemClock())
     try:
         vault = Vault(KeyStore(config.at_rest.key_dir), spool)
-        stored = spool.stored_receipt(message_id)
+        stored = spool.stored_receipt(message_id, MAX_SEALED_RECEIPT)
         if stored is not None:
             return vault.open_bytes(receipt_item(message_id), stored)
         assert path is not None, f"no receipt of {message_id} in its row, and no file named"
@@ -45,6 +46,6 @@ def stored_receipt(config_path: Path, message_id: str) -> bytes | None:
     config = load_config(config_path)
     spool = SqliteSpool(config.storage.spool_path, SystemClock())
     try:
-        return spool.stored_receipt(message_id)
+        return spool.stored_receipt(message_id, MAX_SEALED_RECEIPT)
     finally:
         spool.close()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.audit.events import EventType
-from gateway.errors import InvalidValueError, SpoolError
+from gateway.errors import InvalidValueError, SpoolError, StoredReceiptTooLargeError
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
     CANCELLABLE,
@@ -54,6 +54,11 @@ _LISTED = ", ".join(
     [*(c for c in columns("outbound") if c != "receipt"), "receipt IS NOT NULL AS receipt_kept"]
 )
 _SELECT_OUTBOUND = f"SELECT {_LISTED} FROM outbound"  # noqa: S608 - fixed text
+# A row's receipt as stored, and its size: the bytes only if at most the size given.
+_STORED_RECEIPT = (
+    "SELECT length(receipt) AS size, CASE WHEN length(receipt) <= ? THEN receipt END AS receipt"
+    " FROM outbound WHERE message_id=?"
+)
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
 _AWAIT_RECEIPT = (
     "UPDATE outbound SET state=?, updated_at=?, lease_until=0 WHERE message_id=?"
@@ -593,10 +598,21 @@ class OutboundQueue(SqlStore):
 
         return self._transact(settle)
 
-    def stored_receipt(self, message_id: str) -> bytes | None:
+    def stored_receipt(self, message_id: str, at_most: int) -> bytes | None:
         """See :meth:`gateway.spool.protocol.Spool.stored_receipt`."""
-        row = self._one("SELECT receipt FROM outbound WHERE message_id=?", (message_id,))
-        return None if row is None or row["receipt"] is None else bytes(row["receipt"])
+        # The size asked of the database first, in the same statement: a tampered row's
+        # gigabyte is never read into memory.
+        row = self._one(_STORED_RECEIPT, (at_most, message_id))
+        if row is None or row["size"] is None:
+            return None
+        if row["receipt"] is None:
+            raise StoredReceiptTooLargeError(
+                f"the receipt kept in the spool row of {message_id} is {row['size']} bytes,"
+                f" more than the {at_most} of any receipt medgw stores",
+                fix="the row was changed outside medgw: check who can write the spool"
+                " database, and restore it from a backup",
+            )
+        return bytes(row["receipt"])
 
     def get(self, message_id: str) -> OutboundRecord | None:
         row = self._one(f"{_SELECT_OUTBOUND} WHERE message_id=?", (message_id,))
