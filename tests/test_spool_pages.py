@@ -152,7 +152,8 @@ def test_a_receipt_kept_in_its_row_costs_its_settlement_one_page_at_most(
     """Delivered, the sealed body kept in the row (6.4 KiB for a 4 KiB document) goes and
     the receipt (a signed receipt is 2-4 KiB) takes its place: the settlement's
     transaction writes at most one page more to the log than when a file held the
-    receipt, and no file is created, nor its folder synced."""
+    receipt.  (That no receipt file is created for it, by the settler: see
+    tests/test_receipt_files.py.)"""
     path = tmp_path / "spool.sqlite3"
     spool = SqliteSpool(path, TickingClock())
     pages: dict[str, list[int]] = {"file": [], "row": []}
@@ -173,4 +174,3 @@ def test_a_receipt_kept_in_its_row_costs_its_settlement_one_page_at_most(
     spool.close()
     # The first messages fill pages the later ones share: the second half's.
     assert max(pages["row"][4:]) <= min(pages["file"][4:]) + 1, pages
-    assert list(tmp_path.glob("r*")) == []
