@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -325,10 +326,18 @@ def run_demo(root: Path) -> int:
     if "receipt_file" in detail:
         say(f"  receipt (as sent)   {detail['receipt_file']}")
     else:
-        say(
-            "  receipt (as sent)   kept in the lab's spool "
-            f"(.venv/bin/medgw queue show {record['message_id']} --config {lab.config_path})"
+        # Quoted as a shell reads it: a Message-ID's angle brackets would redirect.
+        show = shlex.join(
+            [
+                ".venv/bin/medgw",
+                "queue",
+                "show",
+                record["message_id"],
+                "--config",
+                str(lab.config_path),
+            ]
         )
+        say(f"  receipt (as sent)   kept in the lab's spool ({show})")
     say(f"  audit trails        {lab.audit_log}")
     say(f"                      {hospital.audit_log}")
     say(f"  configs             {lab.config_path}, {hospital.config_path}")

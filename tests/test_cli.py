@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,31 @@ def test_demo_runs_twice_and_shows_the_verified_receipt(tmp_path: Path) -> None:
         assert "disposition 'processed'" in result.stdout
         assert "matches what was sent" in result.stdout
         assert "stopped cleanly" in result.stdout
+
+
+@pytest.mark.daemon
+def test_the_demos_queue_show_line_runs_as_printed_when_pasted_into_a_shell(
+    tmp_path: Path,
+) -> None:
+    """The command the demo prints to see the receipt kept in the lab's spool names a
+    Message-ID, whose angle brackets a shell would read as redirections: pasted into
+    bash from the checkout, as printed, it shows that message."""
+    result = medgw("demo", "--dir", str(tmp_path / "demo"), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [line] = [x for x in result.stdout.splitlines() if "receipt (as sent)" in x]
+    assert "kept in the lab's spool (" in line and line.endswith(")"), line
+    command = line.partition("kept in the lab's spool (")[2][:-1]
+    shown = subprocess.run(
+        ["bash", "-c", command],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert shown.returncode == 0, (command, shown.stdout, shown.stderr)
+    [message_id] = [x.split()[-1] for x in result.stdout.splitlines() if "message id" in x]
+    assert message_id in shown.stdout and "delivered" in shown.stdout, shown.stdout
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
