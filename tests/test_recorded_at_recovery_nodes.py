@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -304,4 +305,38 @@ def test_a_failure_settled_with_its_receipt_in_the_row_names_that_receipt_after_
         "attempts": 1,
         "recorded_at_recovery": True,
     }
+    assert a.displaced_owed() == DisplacedOwed()
+
+
+def test_a_copy_kept_before_the_upgrade_without_the_receipts_sha256_is_still_recorded(
+    layout: DemoLayout, nodes: tuple[Spool, Spool], clock: SetClock, tmp_path: Path
+) -> None:
+    """A copy of a row kept by the release before (no receipt_sha256 column then, so
+    none in the copy) is read as a copy without a receipt: a's start writes its record
+    rather than failing on the column the copy lacks, at every start."""
+    a, b = nodes
+    _queued(a, tmp_path, "<m@lab>")
+    _start_outbound(layout, a, clock)
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    failed = Settled("<m@lab>", OutboundState.FAILED, "processed/error: x", None, "refused")
+    assert a.mark_settled([failed]) == ["<m@lab>"]
+    clock.advance(5)
+    b.operator_retry("<m@lab>", "operator:root (uid 0)", 0)
+    assert isinstance(a, SqlStore)
+
+    def as_before(db: Connection) -> None:  # the copy as the release before kept it
+        [row] = db.execute("SELECT snapshot FROM displaced_owed", ()).fetchall()
+        older = json.loads(row["snapshot"])
+        del older["receipt_sha256"]
+        db.execute("UPDATE displaced_owed SET snapshot=?", (json.dumps(older),))
+
+    a._transact(as_before)
+    [kept] = a.displaced_owed().outbound
+    assert kept.receipt_sha256 is None and not kept.has_receipt
+
+    clock.advance(5)
+    _start_outbound(layout, a, clock)
+    [record] = _records(layout, "message.failed")
+    assert record["message_id"] == "<m@lab>" and record["detail"]["recorded_at_recovery"]
+    assert "receipt" not in record["detail"]
     assert a.displaced_owed() == DisplacedOwed()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.spool.records import DisplacedOwed
-from gateway.spool.schema import BINARY_COLUMNS
+from gateway.spool.schema import BINARY_COLUMNS, columns
 from gateway.spool.sql import Connection, SqlStore
 from gateway.spool.sqlite.handover import _handover
 from gateway.spool.sqlite.inbound import _inbound
@@ -43,8 +43,12 @@ class DisplacedRecords(SqlStore):
             "handover": _handover,
         }
         for row in rows:
-            snapshot = {**dict.fromkeys(BINARY_COLUMNS), **json.loads(row["snapshot"])}
-            found[row["source"]].append(read[row["source"]](snapshot))
+            # Every column the table has now: the binary ones are left out of a copy, and
+            # a copy kept before an upgrade lacks the columns added since (receipt_sha256).
+            source = row["source"]
+            missing = dict.fromkeys((*columns(source), *BINARY_COLUMNS))
+            snapshot = {**missing, **json.loads(row["snapshot"])}
+            found[source].append(read[source](snapshot))
         return DisplacedOwed(
             tuple(found["outbound"]), tuple(found["inbound"]), tuple(found["handover"])
         )
