@@ -296,7 +296,9 @@ def test_while_uploads_finish_the_control_socket_answers_and_refuses_a_reload(
     layout: DemoLayout, processes: Any
 ) -> None:
     """An admin who stopped medgw and looks while a transfer finishes is told it is
-    still there (not "not running"); a reload asked for then is refused, saying why."""
+    still there (not "not running"); a command that would change or start something
+    then (a reload, a document sent, a backup) is refused, saying why, and does
+    nothing: a backup would hold the stop past its deadline."""
     set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
     hospital = processes.start(layout.hospital.config_path)
     built = _lab_message(layout, "while-looking.bin")
@@ -308,10 +310,19 @@ def test_while_uploads_finish_the_control_socket_answers_and_refuses_a_reload(
         listed = medgw("queue", "list", "--config", config, timeout=WAIT)
         assert listed.returncode == 0, listed.stderr
         reload = medgw("reload", "--config", config, timeout=WAIT)
-        assert reload.returncode != 0
-        assert "medgw is stopping" in reload.stderr and "not reloaded" in reload.stderr
+        assert reload.returncode != 0 and "medgw is stopping" in reload.stderr
+        document = layout.hospital.root / "late.hl7"
+        document.write_bytes(b"MSH|late\r")
+        sent = medgw("send", "--config", config, "--to", "lab", document, timeout=WAIT)
+        assert sent.returncode == 1 and "medgw is stopping" in sent.stderr, sent.stderr
+        backup = medgw(
+            "backup", "--config", config, "--to", layout.hospital.root / "b", timeout=WAIT
+        )
+        assert backup.returncode != 0 and "medgw is stopping" in backup.stderr, backup.stderr
         conn.sendall(built.body[half:])
         status, _, _ = _answer(conn)
     assert status == 200
     assert hospital.wait_exit(WAIT) == 0
     assert not events(layout.hospital.audit_log, "config.reloaded")
+    assert not events(layout.hospital.audit_log, "backup.created")
+    assert not list((layout.hospital.root / "state" / "payloads").glob("*"))

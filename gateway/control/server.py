@@ -117,7 +117,7 @@ class ControlServer:
         self._status = status_fn
         self._reload = reload
         self._draining = False
-        app = web.Application()
+        app = web.Application(middlewares=[self._refused_while_stopping])
         app.router.add_get("/v1/queue", self._list)
         app.router.add_get("/v1/queue/{message_id}", self._show)
         app.router.add_post("/v1/queue/{message_id}/retry", self._retry)
@@ -163,9 +163,26 @@ class ControlServer:
         await web.SockSite(self._runner, sock).start()
 
     def drain(self) -> None:
-        """The daemon is stopping: the socket goes on answering (status, queue) while
-        the transfers in progress finish, but refuses a reload."""
+        """The daemon is stopping: the socket goes on answering what reads (queue, peers)
+        while the transfers in progress finish, and refuses whatever would change or start
+        something (a reload, a document sent, a backup, a purge, an emergency...)."""
         self._draining = True
+
+    @web.middleware
+    async def _refused_while_stopping(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        if self._draining and request.method not in ("GET", "HEAD"):
+            # Nothing is done: 409, which `medgw send` reads as "nothing was spooled".
+            return web.json_response(
+                {
+                    "error": "medgw is stopping: it takes no new command while the "
+                    "transfers in progress finish, and did nothing",
+                    "fix": "run the command again once medgw runs again (systemctl start medgw)",
+                },
+                status=409,
+            )
+        return await handler(request)
 
     async def stop(self, timeout: float = 60.0) -> None:
         """Stop listening; requests in progress get ``timeout`` seconds, then are cancelled."""
@@ -270,15 +287,6 @@ class ControlServer:
     async def _reload_config(self, request: web.Request) -> web.Response:
         """``medgw reload``: as SIGHUP, recorded with who asked.  Shielded: a client that
         gives up waiting does not cut a reload short."""
-        if self._draining:
-            return web.json_response(
-                {
-                    "error": "medgw is stopping: the configuration is not reloaded",
-                    "fix": "start medgw again once it has stopped (systemctl start medgw): "
-                    "it reads the configuration's files at start",
-                },
-                status=503,
-            )
         why = await asyncio.shield(self._reload(caller(request)))
         if why is None:
             return web.json_response({"reloaded": True})
