@@ -148,9 +148,20 @@ class SpoolReplacedError(SpoolUnreachableError):
     writes nothing more and stops; a restart reads the restored spool."""
 
 
-class StoredReceiptTooLargeError(SpoolError):
-    """The receipt a spool row keeps is larger than any the gateway stores (the row was
-    changed outside medgw): refused by its size, its bytes never read."""
+class StoredReceiptRefusedError(SpoolError):
+    """The receipt a spool row keeps is not one the gateway stored (the row was changed
+    outside medgw): refused before its bytes are read."""
+
+
+class StoredReceiptTooLargeError(StoredReceiptRefusedError):
+    """The receipt a spool row keeps is larger than any the gateway stores: refused by
+    its size, its bytes never read."""
+
+
+class StoredReceiptNotBytesError(StoredReceiptRefusedError):
+    """The receipt a spool row keeps is not stored as bytes (SQLite: a TEXT value, whose
+    length the database counts in characters up to a first NUL, so its size cannot
+    bound what a read would take): refused by its type, its bytes never read."""
 
 
 class ClaimHeldError(SpoolError):

@@ -1,14 +1,17 @@
 """A message's status verifies its stored receipt again: a receipt file grown past what
 medgw ever stores (a full disk's worth, a tampered state folder) is refused after a
-bounded read, never read whole into memory."""
+bounded read, never read whole into memory; so is a receipt kept in a spool row that is
+too large, or not stored as bytes."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import io
+import sqlite3
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
@@ -17,37 +20,67 @@ from gateway.logs import make_logger
 from gateway.outbound.context import Context, Settings
 from gateway.outbound.status import MAX_STORED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, Settled, SqliteSpool
+from gateway.spool import OutboundState, Settled, Spool, SqliteSpool
 from tests.conftest import MakeSpool
+
+MESSAGE = "<m@lab>"
+
+
+def _sent(spool: Spool, tmp_path: Path) -> None:
+    """MESSAGE taken in, queued and being sent: its receipt is the next thing to come."""
+    payload = tmp_path / "m.hl7"
+    spool.add_intake(MESSAGE, "hospital", "m.hl7", "application/hl7-v2", payload, payload)
+    spool.mark_queued(MESSAGE, None, [], "mic", 3, body=b"sealed")
+    spool.mark_sending(MESSAGE)
+
+
+def _settled_with(spool: Spool, kept: bytes) -> None:
+    """MESSAGE delivered, ``kept`` its receipt in its row (as received, with its SHA-256)."""
+    settled = Settled(
+        MESSAGE,
+        OutboundState.DELIVERED,
+        "processed",
+        None,
+        receipt=kept,
+        receipt_sha256=hashlib.sha256(kept).hexdigest(),
+    )
+    assert spool.mark_settled([settled]) == [MESSAGE]
+
+
+def _status_bounded(layout: DemoLayout, tmp_path: Path, spool: Spool) -> tuple[Any, int]:
+    """MESSAGE's status as the daemon's MessageStatus gives it, and the peak of the memory
+    Python allocated meanwhile."""
+    config = load_config(layout.lab.config_path)
+    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="lab")
+    context = Context(
+        Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
+    )
+    tracemalloc.start()
+    try:
+        view = asyncio.run(MessageStatus(context).status(MESSAGE))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        audit.close()
+    assert view is not None
+    return view, peak
 
 
 def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
-    config = load_config(layout.lab.config_path)
     spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
-    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="lab")
-    context = Context(
-        Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
-    )
-    receipt = context.receipts / "m.mdn"
+    receipt = load_config(layout.lab.config_path).storage.receipts_dir / "m.mdn"
+    receipt.parent.mkdir(parents=True, exist_ok=True)
     with receipt.open("wb") as handle:
         handle.write(b"Content-Type: multipart/signed\r\n\r\n")
         handle.truncate(64 * MAX_STORED_RECEIPT)  # sparse: costs no disk
-    payload = tmp_path / "m.hl7"
-    spool.add_intake("<m@lab>", "hospital", "m.hl7", "application/hl7-v2", payload, payload)
-    spool.mark_queued("<m@lab>", None, [], "mic", 3, body=b"sealed")
-    spool.mark_sending("<m@lab>")
-    spool.mark_done("<m@lab>", OutboundState.DELIVERED, "processed", receipt)
-    tracemalloc.start()
+    _sent(spool, tmp_path)
+    spool.mark_done(MESSAGE, OutboundState.DELIVERED, "processed", receipt)
     try:
-        view = asyncio.run(MessageStatus(context).status("<m@lab>"))
-        _, peak = tracemalloc.get_traced_memory()
+        view, peak = _status_bounded(layout, tmp_path, spool)
     finally:
-        tracemalloc.stop()
         spool.close()
-        audit.close()
-    assert view is not None
     assert view["receipt"]["verified"] is False
     assert "larger than" in view["receipt"]["error"] and str(receipt) in view["receipt"]["error"]
     assert peak < 4 * MAX_STORED_RECEIPT
@@ -59,35 +92,49 @@ def test_a_receipt_kept_in_its_row_past_the_bound_is_refused_without_reading_it(
     """The same bound for a receipt kept in the spool row (both backends): one larger
     than any medgw stores (a tampered row) is refused as such, its size asked of the
     database, its bytes neither read nor opened nor parsed."""
-    config = load_config(layout.lab.config_path)
     spool = make_spool(SystemClock())
-    audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="lab")
-    context = Context(
-        Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
+    _sent(spool, tmp_path)
+    _settled_with(
+        spool, b"Content-Type: multipart/signed\r\n\r\n" + b"x" * (16 * MAX_STORED_RECEIPT)
     )
-    payload = tmp_path / "m.hl7"
-    spool.add_intake("<m@lab>", "hospital", "m.hl7", "application/hl7-v2", payload, payload)
-    spool.mark_queued("<m@lab>", None, [], "mic", 3, body=b"sealed")
-    spool.mark_sending("<m@lab>")
-    grown = b"Content-Type: multipart/signed\r\n\r\n" + b"x" * (16 * MAX_STORED_RECEIPT)
-    settled = Settled(
-        "<m@lab>",
-        OutboundState.DELIVERED,
-        "processed",
-        None,
-        receipt=grown,
-        receipt_sha256=hashlib.sha256(grown).hexdigest(),
-    )
-    assert spool.mark_settled([settled]) == ["<m@lab>"]
-    del grown, settled
-    tracemalloc.start()
-    try:
-        view = asyncio.run(MessageStatus(context).status("<m@lab>"))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        audit.close()
-    assert view is not None and view["receipt_kept"] == "spool"
+    view, peak = _status_bounded(layout, tmp_path, spool)
+    assert view["receipt_kept"] == "spool"
     assert view["receipt"]["verified"] is False
     assert "larger than" in view["receipt"]["error"] and "in the spool" in view["receipt"]["error"]
+    assert peak < 4 * MAX_STORED_RECEIPT
+
+
+def test_a_row_receipt_stored_as_text_is_refused_without_reading_it(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """SQLite keeps any type in any column, and counts a TEXT value's length in characters
+    up to its first NUL: a tampered row whose receipt is several MB of text beginning
+    with a NUL has a length of 0.  Its type is asked with its size, and it is refused
+    like a receipt too large, unread."""
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    try:
+        _sent(spool, tmp_path)
+        _settled_with(spool, b"Content-Type: multipart/signed\r\n\r\nsigned")
+        db = sqlite3.connect(tmp_path / "spool.sqlite3")
+        try:
+            with db:  # several MB of text, a NUL first
+                db.execute(
+                    "UPDATE outbound SET receipt=? WHERE message_id=?",
+                    ("\0" + "x" * (64 * MAX_STORED_RECEIPT), MESSAGE),
+                )
+            found = db.execute(
+                "SELECT typeof(receipt), length(receipt) FROM outbound WHERE message_id=?",
+                (MESSAGE,),
+            ).fetchone()
+        finally:
+            db.close()
+        assert found == ("text", 0)  # what a check of its size alone let through
+        view, peak = _status_bounded(layout, tmp_path, spool)
+    finally:
+        spool.close()
+    assert view["receipt_kept"] == "spool"
+    assert view["receipt"]["verified"] is False
+    error = view["receipt"]["error"]
+    assert MESSAGE in error and "not stored as bytes" in error, error
+    assert "restore it from a backup" in error, error
     assert peak < 4 * MAX_STORED_RECEIPT

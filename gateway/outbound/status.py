@@ -9,7 +9,12 @@ from typing import Any
 from gateway.as2.mdn import mic_matches, parse_receipt
 from gateway.atrest import open_bytes, open_file
 from gateway.channel.client import MAX_RECEIPT_BYTES
-from gateway.errors import AtRestError, MedgwError, StoredReceiptTooLargeError
+from gateway.errors import (
+    AtRestError,
+    MedgwError,
+    StoredReceiptRefusedError,
+    StoredReceiptTooLargeError,
+)
 from gateway.operations import record_view
 from gateway.outbound.context import Context
 from gateway.spool import OutboundRecord, OutboundState
@@ -65,6 +70,8 @@ class MessageStatus:
                 sealed = self._ctx.spool.stored_receipt(record.message_id, MAX_SEALED_RECEIPT)
             except StoredReceiptTooLargeError:
                 return _too_large("in the spool")
+            except StoredReceiptRefusedError as exc:  # not stored as bytes
+                return {"verified": False, "error": str(exc)}
             if sealed is None:  # cleared since it was read (a retry, retention)
                 return None
             where = "in the spool"

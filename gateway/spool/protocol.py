@@ -236,7 +236,8 @@ class Spool(Protocol):
         """The receipt kept in the message's row, as stored (sealed under
         ``receipt_item`` when encrypted at rest); None: no receipt in the row (see
         :attr:`OutboundRecord.receipt_kept`).  Raises StoredReceiptTooLargeError, its
-        bytes left unread, if it is more than ``at_most`` bytes."""
+        bytes left unread, if it is more than ``at_most`` bytes, and
+        StoredReceiptNotBytesError, unread too, if it is not stored as bytes."""
         ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...

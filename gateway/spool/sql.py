@@ -72,6 +72,10 @@ class SqlStore(ABC):
     # has one writer at a time.
     key_lock_shared: ClassVar[str] = ""
     key_lock: ClassVar[str] = ""
+    # True (in SQL) of a row whose ``receipt`` column holds bytes, whose ``length()`` is
+    # then its size in bytes: each backend's own (SQLite stores any type in any column,
+    # and counts a text's length in characters up to its first NUL).
+    receipt_is_bytes: ClassVar[str]
 
     @abstractmethod
     def close(self) -> None: ...

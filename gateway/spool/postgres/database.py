@@ -121,6 +121,7 @@ class PostgresDatabase(SqlStore):
     claim_lock = " FOR UPDATE SKIP LOCKED"
     key_lock_shared = f"SELECT pg_advisory_xact_lock_shared({KEY_LOCK})"
     key_lock = f"SELECT pg_advisory_xact_lock({KEY_LOCK})"
+    receipt_is_bytes = "receipt IS NOT NULL"  # bytea: always bytes
 
     def __init__(
         self,

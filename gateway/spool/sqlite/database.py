@@ -24,6 +24,8 @@ SHRED_TRIES = 3  # tries of emptying the write-ahead log, each waiting 1 s for r
 class Database(SqlStore):
     """The SQLite spool's connections: a writer (with group commit) and a reader."""
 
+    receipt_is_bytes = "typeof(receipt)='blob'"
+
     def __init__(self, path: Path, clock: Clock, claimant: Claimant | None = None) -> None:
         self._clock = clock
         # By default this host's name, as the daemon's node has unless configured.

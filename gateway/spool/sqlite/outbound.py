@@ -8,7 +8,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.audit.events import EventType
-from gateway.errors import InvalidValueError, SpoolError, StoredReceiptTooLargeError
+from gateway.errors import (
+    InvalidValueError,
+    SpoolError,
+    StoredReceiptNotBytesError,
+    StoredReceiptTooLargeError,
+)
 from gateway.routing import LOCAL_INTAKE, Origin, check_enqueue
 from gateway.spool.records import (
     CANCELLABLE,
@@ -54,9 +59,12 @@ _LISTED = ", ".join(
     [*(c for c in columns("outbound") if c != "receipt"), "receipt IS NOT NULL AS receipt_kept"]
 )
 _SELECT_OUTBOUND = f"SELECT {_LISTED} FROM outbound"  # noqa: S608 - fixed text
-# A row's receipt as stored, and its size: the bytes only if at most the size given.
+# A row's receipt as stored, its size, and whether it is bytes (``{bytes}``: the
+# backend's SqlStore.receipt_is_bytes): the bytes only if they are bytes, of at most the
+# size given (a text's length is no bound on SQLite: see StoredReceiptNotBytesError).
 _STORED_RECEIPT = (
-    "SELECT length(receipt) AS size, CASE WHEN length(receipt) <= ? THEN receipt END AS receipt"
+    "SELECT length(receipt) AS size, {bytes} AS is_bytes,"
+    " CASE WHEN {bytes} AND length(receipt) <= ? THEN receipt END AS receipt"
     " FROM outbound WHERE message_id=?"
 )
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
@@ -602,9 +610,17 @@ class OutboundQueue(SqlStore):
         """See :meth:`gateway.spool.protocol.Spool.stored_receipt`."""
         # The size asked of the database first, in the same statement: a tampered row's
         # gigabyte is never read into memory.
-        row = self._one(_STORED_RECEIPT, (at_most, message_id))
+        row = self._one(_STORED_RECEIPT.format(bytes=self.receipt_is_bytes), (at_most, message_id))
         if row is None or row["size"] is None:
             return None
+        if not row["is_bytes"]:
+            raise StoredReceiptNotBytesError(
+                f"the receipt kept in the spool row of {message_id} is not stored as bytes"
+                " (SQLite's TEXT, whose length is no bound on its size), as medgw stores"
+                " every receipt: refused unread",
+                fix="the row was changed outside medgw: check who can write the spool"
+                " database, restore it from a backup, and run medgw audit verify",
+            )
         if row["receipt"] is None:
             raise StoredReceiptTooLargeError(
                 f"the receipt kept in the spool row of {message_id} is {row['size']} bytes,"
