@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.clock import SystemClock
@@ -89,6 +89,16 @@ def rows(count: int) -> Iterator[tuple[object, ...]]:
         )  # fmt: skip
 
 
+def median_ms(call: Callable[[], object], repeat: int, clock: Callable[[], float]) -> float:
+    """The median of ``repeat`` calls of ``call``, in ms of ``clock``."""
+    took = []
+    for _ in range(repeat):
+        t0 = clock()
+        call()
+        took.append(clock() - t0)
+    return statistics.median(took) * 1000
+
+
 def sqlite_run(folder: Path, count: int, repeat: int) -> None:
     path = folder / "spool.db"
     SqliteSpool(path, SystemClock(), Claimant(node="this")).close()
@@ -112,11 +122,7 @@ def sqlite_run(folder: Path, count: int, repeat: int) -> None:
         spool.trace(seen.append)
         spool.counts()
         spool.trace(None)
-        cpu = []
-        for _ in range(repeat):
-            c0 = time.process_time()
-            spool.counts()
-            cpu.append(time.process_time() - c0)
+        cpu_ms = median_ms(spool.counts, repeat, time.process_time)
     finally:
         spool.close()
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -126,7 +132,7 @@ def sqlite_run(folder: Path, count: int, repeat: int) -> None:
             if " INDEX " in step:
                 read = step.split(" INDEX ")[1].split()[0]
         pages = dict(db.execute("SELECT name, COUNT(*) FROM dbstat GROUP BY name").fetchall())
-    print(f"sqlite: counts() median CPU {statistics.median(cpu) * 1000:.1f} ms over {repeat}")
+    print(f"sqlite: counts() median CPU {cpu_ms:.1f} ms over {repeat}")
     print(f"  plan: {'; '.join(steps)}")
     print(f"  pages of {read}: {pages[read]:,} (the table: {pages['outbound']:,})")
 
@@ -150,11 +156,7 @@ def postgres_run(server: PostgresServer, count: int, repeat: int) -> None:
     print(f"postgresql: filled {count:,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
     spool = PostgresSpool(settings, SystemClock(), Claimant(node="this"))
     try:
-        took = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            spool.counts()
-            took.append(time.perf_counter() - t0)
+        wall_ms = median_ms(spool.counts, repeat, time.perf_counter)
     finally:
         spool.close()
     # One more call with its plan and the pages it read logged (new sessions load it).
@@ -176,7 +178,7 @@ def postgres_run(server: PostgresServer, count: int, repeat: int) -> None:
     with server.log.open() as log:
         log.seek(offset)
         entries = log.read().split("LOG:  duration: ")[1:]
-    print(f"postgresql: counts() median {statistics.median(took) * 1000:.1f} ms over {repeat}")
+    print(f"postgresql: counts() median {wall_ms:.1f} ms over {repeat}")
     for entry in entries:
         found, _ = json.JSONDecoder().raw_decode(entry[entry.index("{") :])
         if "GROUP BY" not in found["Query Text"]:
