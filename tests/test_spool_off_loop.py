@@ -221,7 +221,9 @@ def test_the_spool_view_answers_from_memory_and_keeps_a_suspension_made_meanwhil
     cut.drop()
     began = time.monotonic()
     assert not view.is_suspended("lab") and view.counts() == {("lab", "intake"): 1}
-    assert time.monotonic() - began < 0.1
+    # A read of the silent database would wait its connect timeout; a busy machine may
+    # hold this process a while between two reads of the clock (see BLOCKED).
+    assert time.monotonic() - began < BLOCKED
     other.close()
 
 
