@@ -11,7 +11,10 @@ as text.  SQLite matches a bound state to a partial index, so only a real
 PostgreSQL server, made to plan every statement generically
 (``plan_cache_mode = force_generic_plan``), tells: these tests run the spool's
 own methods and read the plans its statements were run with, as
-``auto_explain`` logged them.
+``auto_explain`` logged them.  Besides the sender's lookups, the take-overs every node
+runs after each renewal of its leases (of the outbound messages, the intake and the
+hand-overs of a node whose claims ran out) and the claims of a node's own unfinished
+work at its start.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from gateway.spool import OutboundState
+from gateway.spool import HandoverState, OutboundState
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.clocks import TickingClock
 from tests.helpers.postgres import PostgresServer
@@ -36,27 +39,59 @@ pytestmark = pytest.mark.usefixtures("postgres_server")
 PEERS = ("pharmacy", "radiology", "clinic")
 WAITING = 500
 DELIVERED = 20_000
+# A node that died: its claims (messages taken in and being sent, hand-overs) ran out.
+DEAD = "node-dead"
+HELD = 50
 COLUMNS = (
     "message_id, peer, filename, content_type, source_path, payload_path, mic, size, state,"
-    " attempts, expires_at, encrypted_for, created_at, updated_at"
+    " attempts, expires_at, encrypted_for, created_at, updated_at, node, lease_until, payload"
 )
+HANDOVER_COLUMNS = (
+    "peer, message_id, path, content_type, sha256, size, state, next_attempt_at,"
+    " created_at, updated_at, node, lease_until"
+)
+STAMP = "2026-01-01T00:00:00+00:00"
+TABLES = ("outbound", "handover")  # those whose lookups by state these tests read
 
 
 def others() -> Iterator[tuple[object, ...]]:
     """Rows of the other peers' backlogs (queued, half of them expiring, and awaiting
-    their receipts) and of delivered messages."""
-    stamp = "2026-01-01T00:00:00+00:00"
+    their receipts), of the dead node's claims (taken in, being sent), and of delivered
+    messages."""
     kinds = [
         (peer, state, WAITING)
         for peer in PEERS
         for state in (OutboundState.QUEUED, OutboundState.AWAITING_RECEIPT)
     ]
-    for peer, state, count in [*kinds, ("lab", OutboundState.DELIVERED, DELIVERED)]:
+    held = [
+        (peer, state, HELD)
+        for peer in PEERS
+        for state in (OutboundState.INTAKE, OutboundState.SENDING)
+    ]
+    for peer, state, count in [*kinds, *held, ("lab", OutboundState.DELIVERED, DELIVERED)]:
+        node, lease_until = (DEAD, 1.0) if (peer, state, count) in held else (None, 0.0)
+        payload = b"document" if state is OutboundState.INTAKE else None
         for i in range(count):
             expires_at = 2e9 + i if i % 2 else 0.0
             message_id = f"<{peer}-{state.value}-{i}@hospital>"
             text = ("d.hl7", "text/plain", "/s", "/p", "mic")
-            yield (message_id, peer, *text, 3, state.value, 1, expires_at, "A", stamp, stamp)
+            yield (
+                *(message_id, peer, *text, 3, state.value, 1, expires_at, "A", STAMP, STAMP),
+                *(node, lease_until, payload),
+            )
+
+
+def handovers() -> Iterator[tuple[object, ...]]:
+    """Hand-overs: done (kept for months, as the resend detection needs them), and some
+    the dead node was making."""
+    for state, count, node, lease_until in (
+        (HandoverState.DONE, DELIVERED, None, 0.0),
+        (HandoverState.PENDING, HELD, DEAD, 1.0),
+    ):
+        for i in range(count):
+            message_id = f"<handover-{state.value}-{i}@hospital>"
+            text = ("/inbox/d.hl7", "text/plain", "0" * 64, 3)
+            yield ("lab", message_id, *text, state.value, 0.0, STAMP, STAMP, node, lease_until)
 
 
 @pytest.fixture
@@ -80,7 +115,11 @@ def generic(postgres_server: PostgresServer, postgres: PostgresSettings, tmp_pat
         with db.cursor().copy(f"COPY outbound ({COLUMNS}) FROM STDIN") as copy:
             for row in others():
                 copy.write_row(row)
+        with db.cursor().copy(f"COPY handover ({HANDOVER_COLUMNS}) FROM STDIN") as copy:
+            for row in handovers():
+                copy.write_row(row)
         db.execute("ANALYZE outbound")
+        db.execute("ANALYZE handover")
         for setting, value in (
             ("plan_cache_mode", "force_generic_plan"),
             ("session_preload_libraries", "auto_explain"),
@@ -120,13 +159,20 @@ def indexes(plan: dict[str, Any]) -> set[str]:
 
 
 def scans(plan: dict[str, Any]) -> Iterator[tuple[str, set[str]]]:
-    """Each read of the outbound table's rows in ``plan``: how (the node type), and
-    through which indexes (none: the whole table)."""
-    if plan.get("Relation Name") == "outbound" and plan["Node Type"] != "ModifyTable":
-        yield plan["Node Type"], indexes(plan)
+    """Each read of the outbound or hand-over table's rows in ``plan``: how (the node
+    type), and through which indexes (none: the whole table)."""
+    for _, how, searched in reads_in(plan):
+        yield how, searched
+
+
+def reads_in(plan: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str, set[str]]]:
+    """Each read of the outbound or hand-over table's rows in ``plan``: its plan, how
+    (the node type), and through which indexes (none: the whole table)."""
+    if plan.get("Relation Name") in TABLES and plan["Node Type"] != "ModifyTable":
+        yield plan, plan["Node Type"], indexes(plan)
         return
     for child in plan.get("Plans", ()):
-        yield from scans(child)
+        yield from reads_in(child)
 
 
 @pytest.mark.parametrize(
@@ -186,3 +232,90 @@ def test_the_lease_renewal_names_each_state_in_its_text(
     assert len(renewals) >= 3, seen  # outbound (intake, sending), inbound and hand-overs
     bound = [(query, list(bound_states(plan))) for query, plan in renewals]
     assert not [entry for entry in bound if entry[1]], bound
+
+
+@pytest.mark.parametrize(
+    ("what", "call", "through"),
+    [
+        # After every renewal of this node's leases (every few seconds, on every node).
+        (
+            "messages a dead node was sending",
+            lambda s: s.take_over_expired(),
+            "outbound_state",
+        ),
+        (
+            "documents a dead node had taken in",
+            lambda s: s.intake_take_over(8),
+            "outbound_state",
+        ),
+        (
+            "documents a dead node had taken in, copied to the shared folder",
+            lambda s: s.intake_take_over(8, Path("/var/lib/medgw/shared")),
+            "outbound_state",
+        ),
+        (
+            "hand-overs a dead node was making",
+            lambda s: s.handover_take_over(),
+            "handover_lease",
+        ),
+        # At a node's start (and a take-over).
+        (
+            "documents in intake, at the start",
+            lambda s: s.intake_interrupted(),
+            "outbound_state",
+        ),
+        (
+            "messages being sent, at the start",
+            lambda s: s.requeue_interrupted(),
+            "outbound_state",
+        ),
+        (
+            "a peer's messages being sent",
+            lambda s: s.requeue_interrupted("lab"),
+            "outbound_state",
+        ),
+        # One state, chosen by the caller: any index that holds that state's rows alone
+        # or first.
+        *(
+            (f"messages {state.value}", lambda s, state=state: s.in_state(state), None)
+            for state in (
+                OutboundState.INTAKE,
+                OutboundState.QUEUED,
+                OutboundState.SENDING,
+                OutboundState.AWAITING_RECEIPT,
+            )
+        ),
+    ],
+)
+def test_a_take_over_or_a_claim_at_start_names_its_state_and_reads_its_index(
+    generic: Path,
+    postgres: PostgresSettings,
+    what: str,
+    call: Callable[[PostgresSpool], list[object]],
+    through: str | None,
+) -> None:
+    """The take-overs after each lease renewal, the claims of a node's unfinished work
+    at its start and the lookup of one state's messages find their rows by state: with
+    the state bound, the generic plan reckons with an average state's share of the
+    table (mostly delivered messages and hand-overs kept for months), and reads it
+    whole (or in the order of an index of every row) on a hub's spool.  Each names
+    its state in its text, and reads through an index that holds it; a row then
+    changed by its key may check its state as a parameter."""
+    found: list[list[object]] = []
+    seen = [
+        (query, list(reads_in(plan)))
+        for query, plan in plans_of(generic, postgres, lambda s: found.append(call(s)))
+    ]
+    assert found[0], f"{what}: nothing found: the spool is not as the test made it"
+    reads = [(query, read) for query, read in seen if read]
+    assert reads, f"{what}: no statement read the table: {seen}"
+    used: set[str] = set()
+    for query, read in reads:
+        for plan, how, searched in read:
+            assert searched, f"{what}: {how} of every row: {query}"
+            used |= searched
+            if all(index.endswith("_pkey") for index in searched):
+                continue  # a row found by its key
+            bound = list(bound_states(plan))
+            assert not bound, f"{what}: the state bound: {query}\n  {bound}"
+    assert through is None or through in used, f"{what}: {reads}"

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.spool import OutboundState, Settled, Spool, SqliteSpool
+from gateway.errors import InvalidTypeError
+from gateway.spool import HandoverState, OutboundState, Settled, Spool, SqliteSpool
+from gateway.spool.sql import state_is
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
 
@@ -320,3 +322,14 @@ def test_the_queue_is_counted_from_an_index_its_changes_of_state_move_anyway(
         ("lab", "sending"): 4,
         ("pharmacy", "queued"): BACKLOG,
     }
+
+
+def test_a_state_is_written_into_a_statement_only_from_the_spool_s_own_states() -> None:
+    """Lookups by state name their state in the statement's text (PostgreSQL's generic
+    plans, tests/test_spool_generic_plans.py): only a state of the spool's own is
+    written so, never a string, whatever it holds."""
+    assert state_is(OutboundState.AWAITING_RECEIPT) == "state='awaiting-receipt'"
+    assert state_is(HandoverState.PENDING) == "state='pending'"
+    for given in ("queued", "queued' OR '1'='1"):
+        with pytest.raises(InvalidTypeError, match="one of the spool's states"):
+            state_is(given)  # type: ignore[arg-type]

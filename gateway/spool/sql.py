@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from gateway.audit.events import EventType
 from gateway.clock import Clock
-from gateway.spool.records import Claimant, DataKey
+from gateway.errors import InvalidTypeError
+from gateway.spool.records import Claimant, DataKey, HandoverState, OutboundState
 
 T = TypeVar("T")
 
@@ -33,6 +34,25 @@ _PUT_KEY = (
     "INSERT INTO data_keys (item, kek, wrapped) VALUES (?, ?, ?)"
     " ON CONFLICT (item) DO UPDATE SET kek=excluded.kek, wrapped=excluded.wrapped"
 )
+
+
+def state_is(state: OutboundState | HandoverState) -> str:
+    """The condition that a row is in ``state``, the state written as text: the one way
+    the spool's statements look rows up by state.
+
+    PostgreSQL plans a prepared statement once for every value of its parameters (a
+    generic plan) after a few runs: a state given as a parameter is planned as an
+    average state's share of the table (mostly messages and hand-overs finished and kept
+    for months), and read through no index of that state alone, or not through an
+    index at all on a large spool; a state written in the text is planned for its own
+    rows.  Only the spool's own states are written so, never a value from input."""
+    if not isinstance(state, OutboundState | HandoverState):
+        raise InvalidTypeError(
+            f"a state written into a spool statement must be one of the spool's states"
+            f" (OutboundState or HandoverState), not {type(state).__name__} {state!r}",
+            fix="this is a bug in medgw; report it",
+        )
+    return f"state='{state.value}'"
 
 
 class Row(Protocol):

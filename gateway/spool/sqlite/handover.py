@@ -11,7 +11,7 @@ from gateway.spool.records import (
     HandoverRecord,
     HandoverState,
 )
-from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
+from gateway.spool.sql import AUDITED, Connection, Row, SqlStore, state_is
 
 
 def _handover(row: Row) -> HandoverRecord:
@@ -109,9 +109,9 @@ class HandoverQueue(SqlStore):
         def release(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): a renewal committing meanwhile is not overruled.
             rows: list[Row] = db.execute(
-                "SELECT * FROM handover WHERE state=? AND node IS NOT NULL AND node!=?"  # noqa: S608
-                f" AND lease_until<?{self.claim_lock}",
-                (HandoverState.PENDING.value, self.node, now),
+                f"SELECT * FROM handover WHERE {state_is(HandoverState.PENDING)}"  # noqa: S608
+                f" AND node IS NOT NULL AND node!=? AND lease_until<?{self.claim_lock}",
+                (self.node, now),
             ).fetchall()
             db.executemany(
                 "UPDATE handover SET node=NULL, lease_until=0 WHERE peer=? AND message_id=?"

@@ -31,7 +31,7 @@ from gateway.spool.records import (
     receipt_item,
 )
 from gateway.spool.schema import columns, file_name
-from gateway.spool.sql import AUDITED, Connection, Row, SqlStore
+from gateway.spool.sql import AUDITED, Connection, Row, SqlStore, state_is
 
 # File names asked about in one statement (a sweep asks of a folder's files in batches).
 # PostgreSQL's planner counts the file name's expression as a few cheap operators, so
@@ -59,6 +59,12 @@ _LISTED = ", ".join(
     [*(c for c in columns("outbound") if c != "receipt"), "receipt IS NOT NULL AS receipt_kept"]
 )
 _SELECT_OUTBOUND = f"SELECT {_LISTED} FROM outbound"  # noqa: S608 - fixed text
+# The messages in one state, oldest first: a statement per state, each naming its state
+# in its text (see state_is).
+_IN_STATE = {
+    state: f"{_SELECT_OUTBOUND} WHERE {state_is(state)} ORDER BY created_at"
+    for state in OutboundState
+}
 # A row's receipt as stored, its size, and whether it is bytes (``{bytes}``: the
 # backend's SqlStore.receipt_is_bytes): the bytes only if they are bytes, of at most the
 # size given (a text's length is no bound on SQLite: see StoredReceiptNotBytesError).
@@ -635,7 +641,7 @@ class OutboundQueue(SqlStore):
         return _outbound(row) if row else None
 
     def in_state(self, state: OutboundState) -> list[OutboundRecord]:
-        rows = self._read(f"{_SELECT_OUTBOUND} WHERE state=? ORDER BY created_at", (state.value,))
+        rows = self._read(_IN_STATE[OutboundState(state)], ())
         return [_outbound(r) for r in rows]
 
     def intake_interrupted(self) -> list[OutboundRecord]:
@@ -695,8 +701,7 @@ class OutboundQueue(SqlStore):
         audited = f", updated_at=?, {AUDITED}" if owed else ""
         by = (now, *self._audited(owed, now)) if owed else ()
         limited = limit >= 0
-        select = f"{_SELECT_OUTBOUND} WHERE state=? AND {where}"
-        params = (OutboundState.INTAKE.value, *params)
+        select = f"{_SELECT_OUTBOUND} WHERE {state_is(OutboundState.INTAKE)} AND {where}"
 
         def claim(db: Connection) -> list[Row]:
             # Locked as read (PostgreSQL): another node claiming at the same moment passes
@@ -823,8 +828,8 @@ class OutboundQueue(SqlStore):
 
     def requeue_interrupted(self, peer: str | None = None) -> list[str]:
         """See :meth:`gateway.spool.protocol.Spool.requeue_interrupted`."""
-        where = "state=? AND (node=? OR node IS NULL)"
-        params: list[object] = [OutboundState.SENDING.value, self.node]
+        where = f"{state_is(OutboundState.SENDING)} AND (node=? OR node IS NULL)"
+        params: list[object] = [self.node]
         if peer is not None:
             where += " AND peer=?"
             params.append(peer)
@@ -846,8 +851,8 @@ class OutboundQueue(SqlStore):
         """See :meth:`gateway.spool.protocol.Spool.take_over_expired`."""
         now, _ = self._lease()
         rows = self._requeue(
-            "state=? AND node IS NOT NULL AND node!=? AND lease_until<?",
-            (OutboundState.SENDING.value, self.node, now),
+            f"{state_is(OutboundState.SENDING)} AND node IS NOT NULL AND node!=? AND lease_until<?",
+            (self.node, now),
             TAKEN_OVER,
             EventType.MESSAGE_TAKEN_OVER,
         )
