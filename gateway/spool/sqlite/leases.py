@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.spool.records import HandoverState, OutboundState
-from gateway.spool.sql import Connection, SqlStore
+from gateway.spool.sql import Connection, SqlStore, state_is
 
 
 class Leases(SqlStore):
@@ -22,7 +22,7 @@ class Leases(SqlStore):
             # messages, and reads it whole.
             sent = sum(
                 db.execute(
-                    f"UPDATE outbound SET lease_until=? WHERE state='{state.value}'"  # noqa: S608 - fixed text
+                    f"UPDATE outbound SET lease_until=? WHERE {state_is(state)}"  # noqa: S608 - fixed text
                     " AND node=?",
                     (lease_until, self.node),
                 ).rowcount
@@ -34,7 +34,7 @@ class Leases(SqlStore):
             ).rowcount
             handing = db.execute(
                 "UPDATE handover SET lease_until=?"  # noqa: S608 - fixed text
-                f" WHERE state='{HandoverState.PENDING.value}' AND node=?",
+                f" WHERE {state_is(HandoverState.PENDING)} AND node=?",
                 (lease_until, self.node),
             ).rowcount
             return int(sent) + int(received) + int(handing)

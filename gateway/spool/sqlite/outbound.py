@@ -177,7 +177,7 @@ _PENDING_BY_RECIPIENT = " ".join(
     (
         "SELECT encrypted_for, COUNT(*) AS n FROM (",
         " UNION ALL ".join(
-            f"SELECT encrypted_for FROM outbound WHERE state='{state.value}' AND peer=?"  # noqa: S608
+            f"SELECT encrypted_for FROM outbound WHERE {state_is(state)} AND peer=?"  # noqa: S608
             " AND encrypted_for IS NOT NULL"
             for state in (
                 OutboundState.QUEUED,
@@ -457,7 +457,7 @@ class OutboundQueue(SqlStore):
             # The state as text, not a parameter: so the planner knows the partial index
             # of that state (outbound_awaiting) serves it.
             "SELECT message_id FROM outbound WHERE peer=?"  # noqa: S608 - fixed text
-            f" AND state='{OutboundState.AWAITING_RECEIPT.value}' AND updated_at<?",
+            f" AND {state_is(OutboundState.AWAITING_RECEIPT)} AND updated_at<?",
             (peer, sent_before),
         )
         return self._move_still(
@@ -798,7 +798,7 @@ class OutboundQueue(SqlStore):
             rows = db.execute(
                 # The state as text: the partial index of queued messages serves it.
                 f"{_SELECT_OUTBOUND} WHERE peer=?"
-                f" AND state='{OutboundState.QUEUED.value}'"
+                f" AND {state_is(OutboundState.QUEUED)}"
                 f" ORDER BY next_attempt_at, created_at LIMIT ?{self.claim_lock}",
                 (peer, max(0, limit) + 1),
             ).fetchall()
@@ -938,7 +938,7 @@ class OutboundQueue(SqlStore):
         rows = self._read(
             # The state as text: the partial index of expiring ones serves it.
             "SELECT message_id FROM outbound WHERE peer=?"  # noqa: S608 - fixed text
-            f" AND state='{OutboundState.QUEUED.value}' AND expires_at>0 AND expires_at<?",
+            f" AND {state_is(OutboundState.QUEUED)} AND expires_at>0 AND expires_at<?",
             (peer, now),
         )
         return self._move_still(
