@@ -1,7 +1,8 @@
 """A message's status verifies its stored receipt again: a receipt file grown past what
 medgw ever stores (a full disk's worth, a tampered state folder) is refused after a
 bounded read, never read whole into memory; so is a receipt kept in a spool row that is
-too large, or not stored as bytes."""
+too large, or not stored as bytes.  A receipt kept in a row is shown only if it is the
+one recorded when it settled the message."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -20,8 +23,10 @@ from gateway.logs import make_logger
 from gateway.outbound.context import Context, Settings
 from gateway.outbound.status import MAX_STORED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
+from gateway.pki.peers import assess_peers
 from gateway.spool import OutboundState, Settled, Spool, SqliteSpool
 from tests.conftest import MakeSpool
+from tests.helpers.demo import hospital_receipt
 
 MESSAGE = "<m@lab>"
 
@@ -48,12 +53,14 @@ def _settled_with(spool: Spool, kept: bytes) -> None:
 
 
 def _status_bounded(layout: DemoLayout, tmp_path: Path, spool: Spool) -> tuple[Any, int]:
-    """MESSAGE's status as the daemon's MessageStatus gives it, and the peak of the memory
+    """MESSAGE's status as the daemon's MessageStatus gives it (the peers' certificates
+    judged as the daemon judges them), and the peak of the memory
     Python allocated meanwhile."""
     config = load_config(layout.lab.config_path)
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=SystemClock().now()))
     audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="lab")
     context = Context(
-        Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
+        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
     )
     tracemalloc.start()
     try:
@@ -138,3 +145,41 @@ def test_a_row_receipt_stored_as_text_is_refused_without_reading_it(
     assert MESSAGE in error and "not stored as bytes" in error, error
     assert "restore it from a backup" in error, error
     assert peak < 4 * MAX_STORED_RECEIPT
+
+
+def _signed(layout: DemoLayout, message_id: str) -> bytes:
+    """A receipt the hospital signs for ``message_id``, as a row keeps it."""
+    built = hospital_receipt(layout, message_id, "mic, sha-256")
+    [content_type] = [value for name, value in built.headers if name.lower() == "content-type"]
+    return f"Content-Type: {content_type}\r\n\r\n".encode() + built.body
+
+
+@pytest.mark.parametrize("tampered", ["another message's receipt", "its own receipt edited"])
+def test_a_row_receipt_not_the_one_recorded_at_settlement_is_not_shown(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, tampered: str
+) -> None:
+    """Both backends: a row's receipt replaced by another that the same peer validly
+    signed (another message's), or its own with bytes edited outside the signed part,
+    still verifies; its SHA-256 is not the one recorded when it settled the message,
+    and the status says the spool was altered instead of showing it."""
+    spool = make_spool(SystemClock())
+    _sent(spool, tmp_path)
+    own = _signed(layout, MESSAGE)
+    _settled_with(spool, own)
+    view, _ = _status_bounded(layout, tmp_path, spool)
+    assert view["receipt"]["verified"] is True, view["receipt"]
+    assert view["receipt"]["original_message_id"] == MESSAGE
+    if tampered == "another message's receipt":
+        swapped = _signed(layout, "<other@lab>")
+    else:  # its Content-Type line is outside what the peer signed
+        swapped = own.replace(b"Content-Type: ", b"Content-Type:  ", 1)
+    assert swapped != own
+    spool._write("UPDATE outbound SET receipt=? WHERE message_id=?", (swapped, MESSAGE))  # type: ignore[attr-defined]
+
+    view, _ = _status_bounded(layout, tmp_path, spool)
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    assert MESSAGE in receipt["error"] and "does not match" in receipt["error"]
+    assert "restore the spool from a backup" in receipt["error"]
+    assert "medgw audit verify" in receipt["error"]
+    assert not {"disposition", "signer", "original_message_id", "mic"} & set(receipt)

@@ -392,6 +392,8 @@ def _report(view: dict[str, Any]) -> int:
         match = "matches what was sent" if receipt["mic_matches"] else "DOES NOT MATCH"
         lines.append(f"{'MIC':<12} {receipt['mic']} ({match})")
         lines.append(f"{'signed by':<12} {receipt['signer']}")
+    elif receipt.get("altered"):
+        lines.append(f"{'receipt':<12} NOT SHOWN, altered: {receipt['error']}")
     elif receipt:
         lines.append(f"{'receipt':<12} cannot be verified now: {receipt['error']}")
     elif view.get("disposition"):

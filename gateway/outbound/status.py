@@ -4,6 +4,7 @@ receipt verified again."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
@@ -18,7 +19,7 @@ from gateway.errors import (
 from gateway.operations import record_view
 from gateway.outbound.context import Context
 from gateway.spool import OutboundRecord, OutboundState
-from gateway.spool.records import receipt_item
+from gateway.spool.records import RowReceipt, receipt_item
 
 FINAL_STATES = frozenset(
     {
@@ -64,15 +65,15 @@ class MessageStatus:
     def _stored_receipt(self, record: OutboundRecord) -> dict[str, Any] | None:
         """The receipt kept for ``record`` (in its row, or in its file) verified again."""
         item = receipt_item(record.message_id)
-        sealed: bytes | None = None
+        row: RowReceipt | None = None
         if record.receipt_kept:
             try:
-                sealed = self._ctx.spool.stored_receipt(record.message_id, MAX_SEALED_RECEIPT)
+                row = self._ctx.spool.row_receipt(record.message_id, MAX_SEALED_RECEIPT)
             except StoredReceiptTooLargeError:
                 return _too_large("in the spool")
             except StoredReceiptRefusedError as exc:  # not stored as bytes
                 return {"verified": False, "error": str(exc)}
-            if sealed is None:  # cleared since it was read (a retry, retention)
+            if row is None:  # cleared since it was read (a retry, retention)
                 return None
             where = "in the spool"
         elif record.receipt_path is None or not record.receipt_path.is_file():
@@ -83,8 +84,8 @@ class MessageStatus:
         if peer is None:
             return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
         try:
-            if sealed is not None:
-                kept = open_bytes(self._ctx.vault, item, sealed)
+            if row is not None:
+                kept = open_bytes(self._ctx.vault, item, row.stored)
             else:
                 assert record.receipt_path is not None
                 with open_file(self._ctx.vault, item, record.receipt_path) as handle:
@@ -93,6 +94,8 @@ class MessageStatus:
             return {"verified": False, "error": str(exc)}
         if len(kept) > MAX_STORED_RECEIPT:
             return _too_large(where)
+        if row is not None and hashlib.sha256(kept).hexdigest() != row.sha256:
+            return _altered(record.message_id)
         head, _, body = kept.partition(b"\r\n\r\n")
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:
@@ -119,4 +122,21 @@ def _too_large(where: str) -> dict[str, Any]:
         "verified": False,
         "error": f"the stored receipt ({where}) is larger than {MAX_STORED_RECEIPT} bytes,"
         " more than any receipt medgw accepts",
+    }
+
+
+def _altered(message_id: str) -> dict[str, Any]:
+    """A receipt kept in the spool row of ``message_id`` whose SHA-256 is not the one
+    recorded when it settled the message: another receipt put in its place (another
+    message's, validly signed by the same peer), or its bytes edited.  Not shown, its
+    signature neither verified nor reported: it says nothing of this message."""
+    return {
+        "verified": False,
+        "altered": True,
+        "error": f"the receipt kept in the spool row of {message_id} does not match the"
+        " receipt recorded when the message was settled (its SHA-256 is not the one"
+        " recorded, outbound.receipt_sha256): the spool was altered outside medgw, and"
+        " this receipt is not shown (fix: restore the spool from a backup, and run medgw"
+        " audit verify: the audit record of the settlement names the SHA-256 of the"
+        " receipt received)",
     }

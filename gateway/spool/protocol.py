@@ -48,6 +48,7 @@ from gateway.spool.records import (
     PeerControl,
     Prepared,
     RetainedKind,
+    RowReceipt,
     Settled,
 )
 
@@ -238,6 +239,12 @@ class Spool(Protocol):
         :attr:`OutboundRecord.receipt_kept`).  Raises StoredReceiptTooLargeError, its
         bytes left unread, if it is more than ``at_most`` bytes, and
         StoredReceiptNotBytesError, unread too, if it is not stored as bytes."""
+        ...
+
+    def row_receipt(self, message_id: str, at_most: int) -> RowReceipt | None:
+        """The same as :meth:`stored_receipt`, with the SHA-256 recorded of it when it
+        settled the message, read in the same statement (a reader compares the two:
+        a receipt read with the SHA-256 of another row version would not match)."""
         ...
 
     def get(self, message_id: str) -> OutboundRecord | None: ...

@@ -290,6 +290,17 @@ class DataKey:
 
 
 @dataclass(frozen=True)
+class RowReceipt:
+    """A receipt kept in its message's spool row, read in one statement with what was
+    recorded of it: ``stored``, as stored (sealed under ``receipt_item`` when encrypted
+    at rest); ``sha256``, the SHA-256 (hex) of the receipt as received, recorded when it
+    settled the message (see Settled; None only in a row changed outside medgw)."""
+
+    stored: bytes
+    sha256: str | None
+
+
+@dataclass(frozen=True)
 class Settled:
     """A sent message finished by its receipt (see :meth:`Spool.mark_settled`):
     ``state`` delivered or failed, the receipt's ``disposition``, where the receipt is

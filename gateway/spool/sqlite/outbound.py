@@ -26,6 +26,7 @@ from gateway.spool.records import (
     OutboundRecord,
     OutboundState,
     Prepared,
+    RowReceipt,
     Settled,
     payload_item,
     receipt_item,
@@ -65,12 +66,12 @@ _IN_STATE = {
     state: f"{_SELECT_OUTBOUND} WHERE {state_is(state)} ORDER BY created_at"
     for state in OutboundState
 }
-# A row's receipt as stored, its size, and whether it is bytes (``{bytes}``: the
+# A row's receipt as stored, its SHA-256, its size, and whether it is bytes (``{bytes}``: the
 # backend's SqlStore.receipt_is_bytes): the bytes only if they are bytes, of at most the
 # size given (a text's length is no bound on SQLite: see StoredReceiptNotBytesError).
 _STORED_RECEIPT = (
     "SELECT length(receipt) AS size, {bytes} AS is_bytes,"
-    " CASE WHEN {bytes} AND length(receipt) <= ? THEN receipt END AS receipt"
+    " CASE WHEN {bytes} AND length(receipt) <= ? THEN receipt END AS receipt, receipt_sha256"
     " FROM outbound WHERE message_id=?"
 )
 # Sent by this node, its receipt to come later (unless that receipt settled it already).
@@ -614,6 +615,11 @@ class OutboundQueue(SqlStore):
 
     def stored_receipt(self, message_id: str, at_most: int) -> bytes | None:
         """See :meth:`gateway.spool.protocol.Spool.stored_receipt`."""
+        kept = self.row_receipt(message_id, at_most)
+        return None if kept is None else kept.stored
+
+    def row_receipt(self, message_id: str, at_most: int) -> RowReceipt | None:
+        """See :meth:`gateway.spool.protocol.Spool.row_receipt`."""
         # The size asked of the database first, in the same statement: a tampered row's
         # gigabyte is never read into memory.
         row = self._one(_STORED_RECEIPT.format(bytes=self.receipt_is_bytes), (at_most, message_id))
@@ -634,7 +640,7 @@ class OutboundQueue(SqlStore):
                 fix="the row was changed outside medgw: check who can write the spool"
                 " database, and restore it from a backup",
             )
-        return bytes(row["receipt"])
+        return RowReceipt(bytes(row["receipt"]), row["receipt_sha256"])
 
     def get(self, message_id: str) -> OutboundRecord | None:
         row = self._one(f"{_SELECT_OUTBOUND} WHERE message_id=?", (message_id,))

@@ -1,0 +1,142 @@
+"""A receipt kept in a message's spool row and replaced outside medgw by another that
+the same peer validly signed (another message's) is not shown as that message's: the
+readers of row receipts compare it with the SHA-256 recorded when it settled the
+message, and say the spool was altered.  Real daemons, on each backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.atrest import KeyStore, Vault
+from gateway.atrest.chunked import seal_bytes
+from gateway.clock import SystemClock
+from gateway.config import load_config
+from gateway.outbound.status import MAX_SEALED_RECEIPT
+from gateway.pki.demo import DemoLayout
+from gateway.spool import open_spool
+from gateway.spool.postgres import PostgresSettings
+from gateway.spool.records import receipt_item
+from tests.cli import medgw
+from tests.helpers.cluster import add_node
+from tests.helpers.local_api import LIS_TOKEN, enable_api
+
+ALTERED = "does not match the receipt recorded when the message was settled"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def lab_spool(request: pytest.FixtureRequest) -> PostgresSettings | None:
+    """The lab's spool: SQLite (None), or a database of its own on the session's
+    PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    settings: PostgresSettings = request.getfixturevalue("postgres")
+    return settings
+
+
+def _configure(layout: DemoLayout, postgres: PostgresSettings | None) -> None:
+    """The lab's spool in PostgreSQL, if given (after its [api], if any)."""
+    if postgres is not None:
+        add_node(layout.lab, "lab-a", postgres)
+
+
+def _replace_receipt(
+    layout: DemoLayout, postgres: PostgresSettings | None, victim: str, donor: str
+) -> None:
+    """``victim``'s row receipt replaced by ``donor``'s, sealed at rest under the victim's
+    own data key (as one who can write the spool and read the key folder would): it
+    opens and verifies as the victim's receipt would."""
+    config = load_config(layout.lab.config_path)
+    assert config.at_rest is not None and config.at_rest.enabled
+    spool = open_spool(config.storage.spool_path, SystemClock(), postgres)
+    try:
+        vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+        stored = spool.stored_receipt(donor, MAX_SEALED_RECEIPT)
+        assert stored is not None
+        plain = vault.open_bytes(receipt_item(donor), stored)
+        item = receipt_item(victim)
+        sealed = seal_bytes(vault._key(item), item, plain)
+        spool._write("UPDATE outbound SET receipt=? WHERE message_id=?", (sealed, victim))  # type: ignore[attr-defined]
+        assert (
+            vault.open_bytes(item, spool.stored_receipt(victim, MAX_SEALED_RECEIPT) or b"") == plain
+        )
+    finally:
+        spool.close()
+
+
+def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
+    layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
+) -> None:
+    api = enable_api(layout)
+    _configure(layout, lab_spool)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    sent = []
+    for name in ("a.hl7", "b.hl7"):
+        status, view = api.request(
+            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
+        )
+        assert status == 202, view
+        sent.append(view["message_id"])
+    for message_id in sent:
+        final = api.wait_final(message_id, LIS_TOKEN)
+        assert final["state"] == "delivered", final
+        assert final["receipt"]["verified"] is True, final
+    victim, donor = sent
+    _replace_receipt(layout, lab_spool, victim, donor)
+
+    status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
+    assert status == 200, view
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    assert victim in receipt["error"] and ALTERED in receipt["error"]
+    assert "restore the spool from a backup" in receipt["error"]
+    assert not {"disposition", "signer", "original_message_id"} & set(receipt)
+    status, view = api.request("GET", f"/v1/messages/{donor}", token=LIS_TOKEN)
+    assert status == 200 and view["receipt"]["verified"] is True, view  # its own, untouched
+    assert lab.stop() == 0
+
+
+def test_medgw_send_does_not_show_a_row_receipt_replaced_by_another(
+    layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None, tmp_path: Path
+) -> None:
+    """``medgw send`` (the control socket's status, followed until final): a resend
+    under the same idempotency key reports the message it has, receipt included."""
+    _configure(layout, lab_spool)
+    config = str(layout.lab.config_path)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    documents = [tmp_path / "a.hl7", tmp_path / "b.hl7"]
+    sent = []
+    for document in documents:
+        document.write_bytes(b"MSH|" + document.name.encode() + b"\r")
+        done = medgw(
+            "send",
+            document,
+            "--to",
+            "hospital",
+            "--idempotency-key",
+            document.stem,
+            "--config",
+            config,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "signed by" in done.stdout, done.stdout
+        first = done.stdout.splitlines()[0].split()
+        assert first[0] == "delivered", done.stdout
+        sent.append(first[1])
+    victim, donor = sent
+    _replace_receipt(layout, lab_spool, victim, donor)
+
+    again = medgw(
+        "send", documents[0], "--to", "hospital", "--idempotency-key", "a", "--config", config
+    )
+    assert again.returncode == 0, again.stderr
+    assert "already spooled as" in again.stderr, again.stderr
+    assert again.stdout.splitlines()[0].split() == ["delivered", victim], again.stdout
+    assert "NOT SHOWN, altered" in again.stdout and ALTERED in again.stdout, again.stdout
+    assert "restore the spool from a backup" in again.stdout
+    assert "signed by" not in again.stdout and "disposition" not in again.stdout
+    assert lab.stop() == 0
