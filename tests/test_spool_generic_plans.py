@@ -82,14 +82,15 @@ def others() -> Iterator[tuple[object, ...]]:
 
 
 def handovers() -> Iterator[tuple[object, ...]]:
-    """Hand-overs: done (kept for months, as the resend detection needs them), and some
-    the dead node was making."""
+    """Hand-overs: done (kept for months, as the resend detection needs them), some the
+    dead node was making, and some to make."""
     for state, count, node, lease_until in (
         (HandoverState.DONE, DELIVERED, None, 0.0),
         (HandoverState.PENDING, HELD, DEAD, 1.0),
+        (HandoverState.PENDING, HELD, None, 0.0),
     ):
         for i in range(count):
-            message_id = f"<handover-{state.value}-{i}@hospital>"
+            message_id = f"<handover-{state.value}-{node}-{i}@hospital>"
             text = ("/inbox/d.hl7", "text/plain", "0" * 64, 3)
             yield ("lab", message_id, *text, state.value, 0.0, STAMP, STAMP, node, lease_until)
 
@@ -258,6 +259,9 @@ def test_the_lease_renewal_names_each_state_in_its_text(
             lambda s: s.handover_take_over(),
             "handover_lease",
         ),
+        # The hand-over worker's claims, and when its next is due.
+        ("hand-overs due", lambda s: s.handover_due(2e9), "handover_next"),
+        ("the next hand-over's time", lambda s: [s.handover_next_at()], "handover_next"),
         # At a node's start (and a take-over).
         (
             "documents in intake, at the start",
@@ -287,18 +291,19 @@ def test_the_lease_renewal_names_each_state_in_its_text(
         ),
     ],
 )
-def test_a_take_over_or_a_claim_at_start_names_its_state_and_reads_its_index(
+def test_a_claim_or_a_take_over_names_its_state_and_reads_its_index(
     generic: Path,
     postgres: PostgresSettings,
     what: str,
     call: Callable[[PostgresSpool], list[object]],
     through: str | None,
 ) -> None:
-    """The take-overs after each lease renewal, the claims of a node's unfinished work
-    at its start and the lookup of one state's messages find their rows by state: with
-    the state bound, the generic plan reckons with an average state's share of the
-    table (mostly delivered messages and hand-overs kept for months), and reads it
-    whole (or in the order of an index of every row) on a hub's spool.  Each names
+    """The take-overs after each lease renewal, the hand-over worker's claims, the
+    claims of a node's unfinished work at its start and the lookup of one state's
+    messages find their rows by state: with the state bound, the generic plan reckons
+    with an average state's share of the table (mostly delivered messages and
+    hand-overs kept for months), and reads it whole (or in the order of an index of
+    every row) on a hub's spool.  Each names
     its state in its text, and reads through an index that holds it; a row then
     changed by its key may check its state as a parameter."""
     found: list[list[object]] = []

@@ -48,7 +48,8 @@ class HandoverQueue(SqlStore):
 
     # Pending, and free for this node: held by nobody, or by this node (what its one
     # hand-over worker took before it was stopped or killed; see handover_due).
-    _FREE = "state=? AND (node IS NULL OR node=?)"
+    # The state as text (see state_is): the worker's claims are planned for its rows.
+    _FREE = f"{state_is(HandoverState.PENDING)} AND (node IS NULL OR node=?)"
 
     def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:
         """See :meth:`gateway.spool.protocol.Spool.handover_due`."""
@@ -58,7 +59,7 @@ class HandoverQueue(SqlStore):
             rows: list[Row] = db.execute(
                 f"SELECT * FROM handover WHERE {self._FREE} AND next_attempt_at<=?"  # noqa: S608
                 f" ORDER BY next_attempt_at, created_at LIMIT ?{self.claim_lock}",
-                (HandoverState.PENDING.value, self.node, now, max(0, limit)),
+                (self.node, now, max(0, limit)),
             ).fetchall()
             db.executemany(
                 "UPDATE handover SET node=?, lease_until=? WHERE peer=? AND message_id=?",
@@ -73,7 +74,7 @@ class HandoverQueue(SqlStore):
         row = self._one(
             f"SELECT next_attempt_at FROM handover WHERE {self._FREE}"  # noqa: S608
             " ORDER BY next_attempt_at LIMIT 1",
-            (HandoverState.PENDING.value, self.node),
+            (self.node,),
         )
         return float(row["next_attempt_at"]) if row is not None else None
 
@@ -154,7 +155,6 @@ class HandoverQueue(SqlStore):
                     self._now(),
                     peer,
                     message_id,
-                    HandoverState.PENDING.value,
                     self.node,
                 ),
             )
@@ -176,7 +176,6 @@ class HandoverQueue(SqlStore):
                     *self._audited(EventType.HANDOVER_FAILED, now),
                     peer,
                     message_id,
-                    HandoverState.PENDING.value,
                     self.node,
                 ),
             )
