@@ -20,6 +20,7 @@ from gateway.spool import open_spool
 from gateway.spool.postgres import PostgresSettings
 from gateway.spool.records import receipt_item
 from tests.cli import medgw
+from tests.helpers.audit import events, wait_for_events
 from tests.helpers.cluster import add_node
 from tests.helpers.local_api import LIS_TOKEN, enable_api
 
@@ -66,6 +67,50 @@ def _replace_receipt(
         spool.close()
 
 
+def _copy_sealed(
+    layout: DemoLayout, postgres: PostgresSettings | None, victim: str, donor: str
+) -> None:
+    """``victim``'s row receipt replaced by ``donor``'s as stored, sealed under the donor's
+    data key (as one who can write the spool, but not read the keys, would)."""
+    config = load_config(layout.lab.config_path)
+    spool = open_spool(config.storage.spool_path, SystemClock(), postgres)
+    try:
+        stored = spool.stored_receipt(donor, MAX_SEALED_RECEIPT)
+        spool._write("UPDATE outbound SET receipt=? WHERE message_id=?", (stored, victim))  # type: ignore[attr-defined]
+    finally:
+        spool.close()
+
+
+def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_once(
+    layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
+) -> None:
+    api = enable_api(layout)
+    _configure(layout, lab_spool)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    sent = []
+    for name in ("a.hl7", "b.hl7"):
+        status, view = api.request(
+            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
+        )
+        assert status == 202, view
+        sent.append(view["message_id"])
+    for message_id in sent:
+        assert api.wait_final(message_id, LIS_TOKEN)["receipt"]["verified"] is True
+    victim, donor = sent
+    _copy_sealed(layout, lab_spool, victim, donor)
+    for _ in range(2):
+        status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
+        assert status == 200, view
+        receipt = view["receipt"]
+        assert receipt["verified"] is False and receipt["altered"] is True, receipt
+        assert not {"disposition", "signer", "original_message_id"} & set(receipt)
+    [alert] = wait_for_events(layout.lab.audit_log, "atrest.integrity_failed")
+    assert alert["message_id"] == victim and alert["severity"] == "alert", alert
+    assert len(events(layout.lab.audit_log, "atrest.integrity_failed")) == 1
+    assert lab.stop() == 0
+
+
 def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
 ) -> None:
@@ -94,6 +139,14 @@ def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     assert victim in receipt["error"] and ALTERED in receipt["error"]
     assert "restore the spool from a backup" in receipt["error"]
     assert not {"disposition", "signer", "original_message_id"} & set(receipt)
+    # An alert in the audit trail (written before the answer); once, however often the
+    # client asks again.
+    [alert] = wait_for_events(layout.lab.audit_log, "atrest.integrity_failed")
+    assert alert["message_id"] == victim and alert["severity"] == "alert", alert
+    assert ALTERED in alert["reason"] and "restore them" in alert["detail"]["fix"], alert
+    status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
+    assert status == 200 and view["receipt"]["altered"] is True, view
+    assert len(events(layout.lab.audit_log, "atrest.integrity_failed")) == 1
     status, view = api.request("GET", f"/v1/messages/{donor}", token=LIS_TOKEN)
     assert status == 200 and view["receipt"]["verified"] is True, view  # its own, untouched
     assert lab.stop() == 0

@@ -26,6 +26,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import OutboundState, Settled, Spool, SqliteSpool
 from tests.conftest import MakeSpool
+from tests.helpers.audit import events
 from tests.helpers.demo import hospital_receipt
 
 MESSAGE = "<m@lab>"
@@ -88,8 +89,9 @@ def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
         view, peak = _status_bounded(layout, tmp_path, spool)
     finally:
         spool.close()
-    assert view["receipt"]["verified"] is False
+    assert view["receipt"]["verified"] is False and view["receipt"]["altered"] is True
     assert "larger than" in view["receipt"]["error"] and str(receipt) in view["receipt"]["error"]
+    assert _alerts(tmp_path) == [MESSAGE]
     assert peak < 4 * MAX_STORED_RECEIPT
 
 
@@ -106,8 +108,9 @@ def test_a_receipt_kept_in_its_row_past_the_bound_is_refused_without_reading_it(
     )
     view, peak = _status_bounded(layout, tmp_path, spool)
     assert view["receipt_kept"] == "spool"
-    assert view["receipt"]["verified"] is False
+    assert view["receipt"]["verified"] is False and view["receipt"]["altered"] is True
     assert "larger than" in view["receipt"]["error"] and "in the spool" in view["receipt"]["error"]
+    assert _alerts(tmp_path) == [MESSAGE]
     assert peak < 4 * MAX_STORED_RECEIPT
 
 
@@ -140,11 +143,17 @@ def test_a_row_receipt_stored_as_text_is_refused_without_reading_it(
     finally:
         spool.close()
     assert view["receipt_kept"] == "spool"
-    assert view["receipt"]["verified"] is False
+    assert view["receipt"]["verified"] is False and view["receipt"]["altered"] is True
     error = view["receipt"]["error"]
     assert MESSAGE in error and "not stored as bytes" in error, error
+    assert _alerts(tmp_path) == [MESSAGE]
     assert "restore it from a backup" in error, error
     assert peak < 4 * MAX_STORED_RECEIPT
+
+
+def _alerts(tmp_path: Path) -> list[str]:
+    """The messages the integrity alerts in the status's audit trail name."""
+    return [r["message_id"] for r in events(tmp_path / "audit.jsonl", "atrest.integrity_failed")]
 
 
 def _signed(layout: DemoLayout, message_id: str) -> bytes:
@@ -169,6 +178,7 @@ def test_a_row_receipt_not_the_one_recorded_at_settlement_is_not_shown(
     view, _ = _status_bounded(layout, tmp_path, spool)
     assert view["receipt"]["verified"] is True, view["receipt"]
     assert view["receipt"]["original_message_id"] == MESSAGE
+    assert _alerts(tmp_path) == []
     if tampered == "another message's receipt":
         swapped = _signed(layout, "<other@lab>")
     else:  # its Content-Type line is outside what the peer signed
@@ -183,3 +193,22 @@ def test_a_row_receipt_not_the_one_recorded_at_settlement_is_not_shown(
     assert "restore the spool from a backup" in receipt["error"]
     assert "medgw audit verify" in receipt["error"]
     assert not {"disposition", "signer", "original_message_id", "mic"} & set(receipt)
+    assert _alerts(tmp_path) == [MESSAGE]
+
+
+def test_a_row_receipt_removed_with_its_sha256_left_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: settlement, a retry and retention set or clear a row's receipt and
+    its SHA-256 together; a receipt removed by itself was removed outside medgw, and the
+    status says so (not that the message has no receipt)."""
+    spool = make_spool(SystemClock())
+    _sent(spool, tmp_path)
+    _settled_with(spool, _signed(layout, MESSAGE))
+    spool._write("UPDATE outbound SET receipt=NULL WHERE message_id=?", (MESSAGE,))  # type: ignore[attr-defined]
+    view, _ = _status_bounded(layout, tmp_path, spool)
+    receipt = view["receipt"]
+    assert receipt is not None, view
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    assert MESSAGE in receipt["error"] and "was removed from its spool row" in receipt["error"]
+    assert _alerts(tmp_path) == [MESSAGE]
