@@ -186,8 +186,9 @@ def test_medgw_send_does_not_show_a_row_receipt_replaced_by_another(
     again = medgw(
         "send", documents[0], "--to", "hospital", "--idempotency-key", "a", "--config", config
     )
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 1, again.stderr  # not "delivered and verified"
     assert "already spooled as" in again.stderr, again.stderr
+    assert "the spool was altered outside medgw" in again.stderr, again.stderr
     assert again.stdout.splitlines()[0].split() == ["delivered", victim], again.stdout
     assert "NOT SHOWN, altered" in again.stdout and ALTERED in again.stdout, again.stdout
     assert "restore the spool from a backup" in again.stdout

@@ -403,6 +403,17 @@ def _report(view: dict[str, Any]) -> int:
     elif view.get("receipt_kept") == "spool":
         lines.append(f"{'receipt':<12} kept in the spool")
     print("\n".join(lines))
+    if receipt.get("altered"):  # the spool's own word that it was delivered is in doubt
+        print(
+            f"medgw send: {view['message_id']} is recorded as {view['state']}, but its stored"
+            " receipt is not the one medgw kept: the spool was altered outside medgw",
+            file=sys.stderr,
+        )
+        print(
+            "  fix: find out how; restore the spool from a backup, and run medgw audit verify",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if view["state"] == "delivered":
         return 0
     reason = view.get("last_error") or view["state"]
