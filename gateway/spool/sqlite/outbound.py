@@ -628,8 +628,8 @@ class OutboundQueue(SqlStore):
         if not row["is_bytes"]:
             raise StoredReceiptNotBytesError(
                 f"the receipt kept in the spool row of {message_id} is not stored as bytes"
-                " (SQLite's TEXT, whose length is no bound on its size), as medgw stores"
-                " every receipt: refused unread",
+                " (text or a number, whose length is no bound on its size), as medgw"
+                " stores every receipt: refused unread",
                 fix="the row was changed outside medgw: check who can write the spool"
                 " database, restore it from a backup, and run medgw audit verify",
             )
