@@ -22,7 +22,7 @@ from gateway.spool.records import receipt_item
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.cluster import add_node
-from tests.helpers.local_api import LIS_TOKEN, enable_api
+from tests.helpers.local_api import LIS_TOKEN, Api, enable_api
 
 ALTERED = "does not match the receipt recorded when the message was settled"
 
@@ -81,13 +81,9 @@ def _copy_sealed(
         spool.close()
 
 
-def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_once(
-    layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
-) -> None:
-    api = enable_api(layout)
-    _configure(layout, lab_spool)
-    processes.start(layout.hospital.config_path)
-    lab = processes.start(layout.lab.config_path)
+def _two_delivered(api: Api) -> list[str]:
+    """Two documents sent through the local API, both delivered with a verified receipt:
+    their message ids."""
     sent = []
     for name in ("a.hl7", "b.hl7"):
         status, view = api.request(
@@ -96,8 +92,20 @@ def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_o
         assert status == 202, view
         sent.append(view["message_id"])
     for message_id in sent:
-        assert api.wait_final(message_id, LIS_TOKEN)["receipt"]["verified"] is True
-    victim, donor = sent
+        final = api.wait_final(message_id, LIS_TOKEN)
+        assert final["state"] == "delivered", final
+        assert final["receipt"]["verified"] is True, final
+    return sent
+
+
+def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_once(
+    layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
+) -> None:
+    api = enable_api(layout)
+    _configure(layout, lab_spool)
+    processes.start(layout.hospital.config_path)
+    lab = processes.start(layout.lab.config_path)
+    victim, donor = _two_delivered(api)
     _copy_sealed(layout, lab_spool, victim, donor)
     for _ in range(2):
         status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
@@ -118,17 +126,7 @@ def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     _configure(layout, lab_spool)
     processes.start(layout.hospital.config_path)
     lab = processes.start(layout.lab.config_path)
-    sent = []
-    for name in ("a.hl7", "b.hl7"):
-        status, view = api.request(
-            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
-        )
-        assert status == 202, view
-        sent.append(view["message_id"])
-    for message_id in sent:
-        final = api.wait_final(message_id, LIS_TOKEN)
-        assert final["state"] == "delivered", final
-        assert final["receipt"]["verified"] is True, final
+    sent = _two_delivered(api)
     victim, donor = sent
     _replace_receipt(layout, lab_spool, victim, donor)
 
