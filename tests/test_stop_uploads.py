@@ -5,6 +5,7 @@ that does not end by then is cut, and its resend is answered once."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, receipt_of, set_runtime
 from tests.helpers.faults import killed_at
 from tests.helpers.local_api import LIS_TOKEN, enable_api
+from tests.helpers.maintenance import Site
 
 # Larger than what the listener holds in memory (as2_handler.SMALL_BODY): its body is
 # written to <state_dir>/incoming/ from the first byte, which says the request started.
@@ -338,3 +340,55 @@ def test_while_uploads_finish_the_control_socket_answers_and_refuses_a_reload(
     assert not events(layout.hospital.audit_log, "config.reloaded")
     assert not events(layout.hospital.audit_log, "backup.created")
     assert not list((layout.hospital.root / "state" / "payloads").glob("*"))
+
+
+def test_while_uploads_finish_a_maintenance_session_reads_and_changes_nothing(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The control socket's sibling: a maintainer logged in over SSH while medgw stops
+    still sees the queue and the peers, and a command that would change something then
+    (a suspension, a reload, an emergency) is refused, saying why, does nothing, and is
+    audited as refused."""
+    site = Site(layout, layout.hospital)
+    site.add("ada", "admin")
+    set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
+    hospital = processes.start(layout.hospital.config_path)
+    site.approve("ada")
+    built = _lab_message(layout, "while-maintained.bin")
+    half = len(built.body) // 2
+    answers: dict[str, Any] = {}
+
+    async def session() -> None:
+        conn = await site.connect("ada", site.code("ada"))
+        async with conn:
+            for line in ("queue list", "peers list", "peers suspend lab", "reload"):
+                answers[line] = await conn.run(line)
+            answers["emergency enter"] = await conn.run("emergency enter 1 drill")
+
+    with _lab_connection(layout) as conn:
+        conn.sendall(_head(built.headers, len(built.body)) + built.body[:half])
+        _stop_during_upload(layout, hospital, conn, half)
+        asyncio.run(session())
+        conn.sendall(built.body[half:])
+        status, _, _ = _answer(conn)
+    assert status == 200
+    assert hospital.wait_exit(WAIT) == 0
+    for line in ("queue list", "peers list"):
+        assert answers[line].exit_status == 0, answers[line].stderr
+    for line in ("peers suspend lab", "reload", "emergency enter"):
+        assert answers[line].exit_status == 1, (line, answers[line].stderr)
+        assert "medgw is stopping" in str(answers[line].stderr), line
+    assert not events(layout.hospital.audit_log, "peer.suspended")
+    assert not events(layout.hospital.audit_log, "config.reloaded")
+    assert not events(layout.hospital.audit_log, "emergency.entered")
+    commands = [
+        (c["detail"]["command"], c["outcome"], c["detail"]["exit_status"])
+        for c in events(layout.hospital.audit_log, "maintenance.command")
+    ]
+    assert commands == [
+        ("queue list", "success", 0),
+        ("peers list", "success", 0),
+        ("peers suspend", "failure", 1),
+        ("reload", "failure", 1),
+        ("emergency enter", "failure", 1),
+    ]

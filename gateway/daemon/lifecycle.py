@@ -638,6 +638,8 @@ class Daemon:
             server.stop_accepting()
         if self._control is not None:
             self._control.drain()
+        if self._maintenance is not None:
+            self._maintenance.drain()
         assert self._senders is not None
         # One deadline for every transfer in progress, each way, all at once: every
         # listener stops accepting now (and closes its idle connections), the requests

@@ -50,6 +50,10 @@ class Command:
     usage: str
     reveals: str | None  # "documents" when its answer names documents
     run: Handler
+    # It only reads (a list, a status, the trail): still answered while the daemon stops.
+    # Any other command changes or starts something and is refused then, as on the
+    # control socket; a command added without saying is refused too.
+    reads_only: bool = False
 
 
 def _json(value: Any) -> str:
@@ -201,12 +205,21 @@ async def _reload(ctx: Context, args: list[str]) -> Result:
 
 
 COMMANDS = (
-    Command(("status",), "viewer", "status", None, _status),
-    Command(("queue", "list"), "viewer", "queue list [STATE]", "documents", _queue_list),
-    Command(("queue", "show"), "viewer", "queue show MESSAGE_ID", "documents", _queue_show),
+    Command(("status",), "viewer", "status", None, _status, reads_only=True),
+    Command(
+        ("queue", "list"), "viewer", "queue list [STATE]", "documents", _queue_list, reads_only=True
+    ),
+    Command(
+        ("queue", "show"),
+        "viewer",
+        "queue show MESSAGE_ID",
+        "documents",
+        _queue_show,
+        reads_only=True,
+    ),
     Command(("queue", "retry"), "operator", "queue retry MESSAGE_ID", None, _queue_retry),
     Command(("queue", "cancel"), "operator", "queue cancel MESSAGE_ID", None, _queue_cancel),
-    Command(("peers", "list"), "viewer", "peers list", None, _peers_list),
+    Command(("peers", "list"), "viewer", "peers list", None, _peers_list, reads_only=True),
     Command(("peers", "suspend"), "operator", "peers suspend PEER [REASON]", None, _peers_suspend),
     Command(("peers", "resume"), "operator", "peers resume PEER", None, _peers_resume),
     Command(
@@ -215,10 +228,18 @@ COMMANDS = (
         "audit query [--since T] [--until T] [--patient ID] [--peer P] [--actor A] [--event E]",
         "patient identifiers",
         _audit_query,
+        reads_only=True,
     ),
     Command(("reload",), "admin", "reload", None, _reload),
     Command(("maintenance", "unlock"), "admin", "maintenance unlock PERSON", None, _unlock),
-    Command(("emergency", "status"), "admin", "emergency status", None, _emergency_status),
+    Command(
+        ("emergency", "status"),
+        "admin",
+        "emergency status",
+        None,
+        _emergency_status,
+        reads_only=True,
+    ),
     Command(
         ("emergency", "enter"), "admin", "emergency enter HOURS REASON", None, _emergency_enter
     ),
@@ -270,8 +291,18 @@ def lookup(line: str) -> tuple[Command | None, list[str], str]:
     return None, words, "unknown command"
 
 
-async def execute(ctx: Context, role: str, line: str) -> tuple[Command | None, list[str], Result]:
-    """Run one command line for a person of ``role``."""
+STOPPING = (
+    "medgw is stopping: while the transfers in progress finish it answers only the"
+    " commands that read, and did nothing\n"
+    "fix: run the command again once medgw runs again (systemctl start medgw)\n"
+)
+
+
+async def execute(
+    ctx: Context, role: str, line: str, stopping: bool = False
+) -> tuple[Command | None, list[str], Result]:
+    """Run one command line for a person of ``role``; while the daemon is ``stopping``,
+    only a command that reads."""
     command, args, why = lookup(line)
     if command is None:
         if line.strip() in ("", "help"):
@@ -284,6 +315,8 @@ async def execute(ctx: Context, role: str, line: str) -> tuple[Command | None, l
     least, most = ARITY[name]
     if not least <= len(args) <= most:
         return command, args, _usage(command)
+    if stopping and not command.reads_only:
+        return command, args, Result(1, STOPPING)
     try:
         return command, args, await command.run(ctx, args)
     except MedgwError as exc:  # an unknown message or peer, a state that does not allow it

@@ -96,6 +96,7 @@ class MaintenanceServer:
         self._locked: dict[str, float] = {}  # person -> until
         self._sweeper: asyncio.Task[None] | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._draining = False
 
     @property
     def port(self) -> int:
@@ -126,6 +127,12 @@ class MaintenanceServer:
             keepalive_count_max=3,
         )
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    def drain(self) -> None:
+        """The daemon is stopping: sessions go on answering the commands that read (the
+        queue, the peers, the trail) while the transfers in progress finish, and refuse
+        any other (a retry, a suspension, a reload, an emergency)."""
+        self._draining = True
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -420,7 +427,9 @@ class MaintenanceServer:
     async def run(self, session: _Session, line: str) -> commands.Result:
         assert session.person is not None and session.role is not None
         context = commands.Context(self._operations(), actor_of(session.person), self._reload)
-        command, args, result = await commands.execute(context, session.role, line)
+        command, args, result = await commands.execute(
+            context, session.role, line, stopping=self._draining
+        )
         self._arm_idle(session)
         detail: dict[str, Any] = {
             "command": " ".join(command.words) if command else line[:200],

@@ -14,7 +14,7 @@ import asyncssh
 
 from gateway.demo_run import free_ports
 from gateway.maintenance import totp
-from gateway.pki.demo import DemoLayout
+from gateway.pki.demo import DemoInstitution, DemoLayout
 from tests.helpers.audit import events
 
 
@@ -34,10 +34,13 @@ def enable_maintenance(root: Path, config: Path, listen: str) -> Path:
 
 
 class Site:
-    def __init__(self, layout: DemoLayout) -> None:
-        self.root = layout.lab.root
-        self.config = layout.lab.config_path
-        self.audit = layout.lab.audit_log
+    """The SSH maintenance listener of one demo installation (the lab's unless told)."""
+
+    def __init__(self, layout: DemoLayout, installation: DemoInstitution | None = None) -> None:
+        installation = installation or layout.lab
+        self.root = installation.root
+        self.config = installation.config_path
+        self.audit = installation.audit_log
         self.port = free_ports(1)[0]
         self.host_key = enable_maintenance(self.root, self.config, f"{ADDRESS}:{self.port}")
         self.folder = self.root / "maintainers.d"
