@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import sqlite3
+import threading
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from gateway.atrest import KeyStore, Vault
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -24,45 +27,91 @@ from gateway.outbound.context import Context, Settings
 from gateway.outbound.status import MAX_STORED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
-from gateway.spool import OutboundState, Settled, Spool, SqliteSpool
+from gateway.spool import DataKey, OutboundState, Settled, Spool, SqliteSpool
+from gateway.spool.records import receipt_item
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events
 from tests.helpers.demo import hospital_receipt
 
 MESSAGE = "<m@lab>"
+SERVICE = "results"
 
 
-def _sent(spool: Spool, tmp_path: Path) -> None:
-    """MESSAGE taken in, queued and being sent: its receipt is the next thing to come."""
-    payload = tmp_path / "m.hl7"
-    spool.add_intake(MESSAGE, "hospital", "m.hl7", "application/hl7-v2", payload, payload)
-    spool.mark_queued(MESSAGE, None, [], "mic", 3, body=b"sealed")
-    spool.mark_sending(MESSAGE)
+def _sent(spool: Spool, tmp_path: Path, message_id: str = MESSAGE, peer: str = "hospital") -> None:
+    """``message_id`` taken in for ``peer``, queued and being sent: its receipt is the
+    next thing to come."""
+    payload = tmp_path / f"{hashlib.sha256(message_id.encode()).hexdigest()[:8]}.hl7"
+    spool.add_intake(
+        message_id, peer, "m.hl7", "application/hl7-v2", payload, payload, service=SERVICE
+    )
+    spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+    spool.mark_sending(message_id)
 
 
-def _settled_with(spool: Spool, kept: bytes) -> None:
-    """MESSAGE delivered, ``kept`` its receipt in its row (as received, with its SHA-256)."""
+def _settled_with(
+    spool: Spool,
+    kept: bytes,
+    message_id: str = MESSAGE,
+    *,
+    stored: bytes | None = None,
+    data_key: DataKey | None = None,
+    state: OutboundState = OutboundState.DELIVERED,
+) -> None:
+    """``message_id`` settled (delivered), ``kept`` its receipt in its row (as received,
+    with its SHA-256; ``stored``: as sealed at rest under ``data_key``)."""
     settled = Settled(
-        MESSAGE,
-        OutboundState.DELIVERED,
-        "processed",
+        message_id,
+        state,
+        "processed" if state is OutboundState.DELIVERED else "failed",
         None,
-        receipt=kept,
+        data_key=data_key,
+        receipt=kept if stored is None else stored,
         receipt_sha256=hashlib.sha256(kept).hexdigest(),
     )
-    assert spool.mark_settled([settled]) == [MESSAGE]
+    assert spool.mark_settled([settled]) == [message_id]
 
 
-def _status_bounded(layout: DemoLayout, tmp_path: Path, spool: Spool) -> tuple[Any, int]:
-    """MESSAGE's status as the daemon's MessageStatus gives it (the peers' certificates
-    judged as the daemon judges them), and the peak of the memory
-    Python allocated meanwhile."""
+def _settled_sealed(
+    spool: Spool,
+    vault: Vault,
+    kept: bytes,
+    state: OutboundState = OutboundState.DELIVERED,
+) -> None:
+    """MESSAGE settled, ``kept`` its receipt in its row sealed at rest under a data key
+    of its own (as settlement stores it when [at_rest] is enabled)."""
+    with vault.storing(receipt_item(MESSAGE)) as sealing:
+        stored = sealing.seal(kept)
+        assert stored != kept and sealing.key is not None  # sealed, under its own key
+        _settled_with(spool, kept, stored=stored, data_key=sealing.key, state=state)
+
+
+def _context(
+    layout: DemoLayout,
+    tmp_path: Path,
+    spool: Spool,
+    log: io.StringIO | None = None,
+    vault: Vault | None = None,
+) -> tuple[Context, AuditLog]:
+    """The daemon's context for a status (the peers' certificates judged as the daemon
+    judges them), its audit trail in tmp_path, its log to ``log``; and that trail, for
+    the caller to close."""
     config = load_config(layout.lab.config_path)
     trust = asyncio.run(assess_peers(config.peers, config.zones, at=SystemClock().now()))
     audit = AuditLog(tmp_path / "audit.jsonl", SystemClock(), node="lab")
-    context = Context(
-        Settings(config, trust), spool, audit, make_logger(stream=io.StringIO()), SystemClock()
-    )
+    logger = make_logger(stream=log or io.StringIO())
+    return Context(Settings(config, trust), spool, audit, logger, SystemClock(), vault), audit
+
+
+def _status_bounded(
+    layout: DemoLayout,
+    tmp_path: Path,
+    spool: Spool,
+    log: io.StringIO | None = None,
+    vault: Vault | None = None,
+) -> tuple[Any, int]:
+    """MESSAGE's status as the daemon's MessageStatus gives it, and the peak of the
+    memory Python allocated meanwhile."""
+    context, audit = _context(layout, tmp_path, spool, log, vault)
     tracemalloc.start()
     try:
         view = asyncio.run(MessageStatus(context).status(MESSAGE))
@@ -72,6 +121,12 @@ def _status_bounded(layout: DemoLayout, tmp_path: Path, spool: Spool) -> tuple[A
         audit.close()
     assert view is not None
     return view, peak
+
+
+def _logged(log: io.StringIO, event: str) -> list[dict[str, Any]]:
+    """The lines of ``event`` the status wrote to ``log``."""
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    return [line for line in lines if line["event"] == event]
 
 
 def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
@@ -85,13 +140,23 @@ def test_a_stored_receipt_past_the_bound_is_refused_without_reading_it_whole(
         handle.truncate(64 * MAX_STORED_RECEIPT)  # sparse: costs no disk
     _sent(spool, tmp_path)
     spool.mark_done(MESSAGE, OutboundState.DELIVERED, "processed", receipt)
+    log = io.StringIO()
     try:
-        view, peak = _status_bounded(layout, tmp_path, spool)
+        view, peak = _status_bounded(layout, tmp_path, spool, log)
     finally:
         spool.close()
     assert view["receipt"]["verified"] is False and view["receipt"]["altered"] is True
-    assert "larger than" in view["receipt"]["error"] and str(receipt) in view["receipt"]["error"]
-    assert _alerts(tmp_path) == [MESSAGE]
+    error = view["receipt"]["error"]
+    assert "larger than" in error and "in its receipt file" in error, error
+    assert "restore them from a backup" in error, error
+    # The local API answers with this view: where the gateway keeps its files is in the
+    # admin's receipt_file field (which the local API leaves out), the log and the trail.
+    assert str(tmp_path) not in error, error
+    assert view["receipt_file"] == str(receipt)
+    [alert] = events(tmp_path / "audit.jsonl", "atrest.integrity_failed")
+    assert alert["message_id"] == MESSAGE and alert["detail"]["receipt_file"] == str(receipt), alert
+    [line] = _logged(log, "receipt.stored_altered")
+    assert line["receipt_file"] == str(receipt) and line["audited"] is True, line
     assert peak < 4 * MAX_STORED_RECEIPT
 
 
@@ -211,4 +276,193 @@ def test_a_row_receipt_removed_with_its_sha256_left_is_reported_altered(
     assert receipt is not None, view
     assert receipt["verified"] is False and receipt["altered"] is True, receipt
     assert MESSAGE in receipt["error"] and "was removed from its spool row" in receipt["error"]
+    # Named as every alert about a message names it: its peer and its service.
+    [alert] = events(tmp_path / "audit.jsonl", "atrest.integrity_failed")
+    assert alert["message_id"] == MESSAGE and alert["peer"] == "hospital", alert
+    assert alert["service"] == SERVICE, alert
+    assert alert["detail"]["receipt"] == "spool", alert
+
+
+def test_a_row_receipt_altered_is_reported_so_when_its_peer_is_no_longer_configured(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: whether its peer is still configured decides only whether its
+    signature can be verified; a receipt not as medgw stored it is reported altered,
+    and alerted, either way."""
+    spool = make_spool(SystemClock())
+    _sent(spool, tmp_path, peer="retired-lab")
+    own = _signed(layout, MESSAGE)
+    _settled_with(spool, own)
+    spool._write("UPDATE outbound SET receipt=? WHERE message_id=?", (own + b" ", MESSAGE))  # type: ignore[attr-defined]
+    view, _ = _status_bounded(layout, tmp_path, spool)
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt.get("altered") is True, receipt
+    assert "does not match" in receipt["error"] and "no longer configured" not in receipt["error"]
     assert _alerts(tmp_path) == [MESSAGE]
+
+
+class _RetriedBetweenReads:
+    """The spool, where an operator's retry of MESSAGE, its resend and a new receipt all
+    happen between the status's read of its row receipt and that of the receipt's data
+    key (``meanwhile``, at the first read of that key)."""
+
+    def __init__(self, spool: Spool, meanwhile: Any) -> None:
+        self._spool = spool
+        self._meanwhile = meanwhile
+        self.interleaved = False
+
+    def data_key(self, item: str) -> DataKey | None:
+        if item == receipt_item(MESSAGE) and not self.interleaved:
+            self.interleaved = True
+            self._meanwhile()
+        return self._spool.data_key(item)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
+def test_a_receipt_replaced_by_a_retry_while_it_is_read_is_no_alarm(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: the row's receipt and its data key are read in statements of their
+    own.  A retry in between (it clears the receipt and drops its key), then the new
+    receipt of the resend under a key of its own, makes the receipt read first fail its
+    at-rest check: not tampering.  The status reads the row again, and shows it as it
+    is now, with no alert."""
+    spool = make_spool(SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    _sent(spool, tmp_path)
+    _settled_sealed(spool, vault, _signed(layout, MESSAGE), OutboundState.FAILED)
+
+    def retried_and_delivered() -> None:
+        spool.operator_retry(MESSAGE, "operator", SystemClock().now().timestamp() + 3600)
+        spool.mark_sending(MESSAGE)
+        _settled_sealed(spool, vault, _signed(layout, MESSAGE))
+
+    reads = _RetriedBetweenReads(spool, retried_and_delivered)
+    between = cast(Spool, reads)
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout, tmp_path, between, log, Vault(KeyStore(tmp_path / "keys"), between)
+    )
+    assert reads.interleaved
+    assert view["state"] == "delivered", view
+    receipt = view["receipt"]
+    assert receipt["verified"] is True and "altered" not in receipt, receipt
+    assert receipt["original_message_id"] == MESSAGE
+    assert _alerts(tmp_path) == []
+    assert _logged(log, "receipt.stored_altered") == []
+
+
+class _MeetingSet(set[str]):
+    """A set whose first membership test, once answered, waits (up to a bound) for a
+    second thread's to be answered too: two checks at once both answer before either
+    thread goes on, unless something keeps them apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.Lock()
+        self._checks = 0
+        self._second = threading.Event()
+
+    def __contains__(self, item: object) -> bool:
+        found = super().__contains__(item)
+        with self._guard:
+            self._checks += 1
+            first = self._checks == 1
+        if first:
+            self._second.wait(5)  # the second thread's check, if it can come meanwhile
+        else:
+            self._second.set()
+        return found
+
+
+def test_two_status_requests_at_once_alert_once(layout: DemoLayout, tmp_path: Path) -> None:
+    """Status requests run in worker threads at once: a check that the message was not
+    alerted yet and its adding are one step, or both requests alert."""
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    _sent(spool, tmp_path)
+    _settled_with(spool, _signed(layout, MESSAGE))
+    spool._write("UPDATE outbound SET receipt=NULL WHERE message_id=?", (MESSAGE,))
+    context, audit = _context(layout, tmp_path, spool)
+    status = MessageStatus(context)
+    status._alerted = _MeetingSet()
+    views: list[Any] = []
+
+    def ask() -> None:
+        views.append(asyncio.run(status.status(MESSAGE)))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        audit.close()
+        spool.close()
+    assert [view["receipt"]["altered"] for view in views] == [True, True], views
+    assert _alerts(tmp_path) == [MESSAGE]
+
+
+def test_past_the_alerts_cap_an_altered_receipt_is_still_logged(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """The audit trail takes one alert per message up to a cap (a spool altered wholesale
+    does not grow it without bound); past it, the administrator still gets an error line
+    in the log for each altered receipt asked for."""
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    other = "<other@lab>"
+    for message_id in (MESSAGE, other):
+        _sent(spool, tmp_path, message_id)
+        _settled_with(spool, _signed(layout, message_id), message_id)
+    spool._write("UPDATE outbound SET receipt=NULL", ())
+    log = io.StringIO()
+    context, audit = _context(layout, tmp_path, spool, log)
+    status = MessageStatus(context, max_alerted=1)
+    try:
+        for message_id in (MESSAGE, other, other):
+            view = asyncio.run(status.status(message_id))
+            assert view is not None and view["receipt"]["altered"] is True, view
+    finally:
+        audit.close()
+        spool.close()
+    assert _alerts(tmp_path) == [MESSAGE]
+    lines = [
+        (line["message_id"], line["audited"]) for line in _logged(log, "receipt.stored_altered")
+    ]
+    assert lines == [(MESSAGE, True), (other, False), (other, False)], lines
+
+
+@pytest.mark.parametrize("lost", ["its data key", "the key-encryption key"])
+def test_a_receipt_whose_key_is_gone_is_not_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, lost: str
+) -> None:
+    """Both backends: a receipt sealed at rest whose data key is gone from the spool, or
+    whose key-encryption key is gone from the key folder, cannot be opened now; that is
+    not tampering (a purge, a key folder not put back): no alert, and the status says it
+    cannot be verified now, naming none of the gateway's files (the local API answers
+    with it); the log names the cause."""
+    spool = make_spool(SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    _sent(spool, tmp_path)
+    _settled_sealed(spool, vault, _signed(layout, MESSAGE))
+    if lost == "its data key":
+        spool._write("DELETE FROM data_keys WHERE item=?", (receipt_item(MESSAGE),))  # type: ignore[attr-defined]
+    else:
+        for kek in (tmp_path / "keys").iterdir():
+            kek.unlink()
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout, tmp_path, spool, log, Vault(KeyStore(tmp_path / "keys"), spool)
+    )
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and "altered" not in receipt, receipt
+    assert "cannot be opened now" in receipt["error"], receipt
+    assert str(tmp_path) not in receipt["error"], receipt
+    assert view["disposition"] == "processed", view  # the row, not said altered
+    assert _alerts(tmp_path) == []
+    [line] = _logged(log, "receipt.unopenable")
+    assert line["message_id"] == MESSAGE and "key" in line["error"], line

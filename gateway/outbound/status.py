@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from gateway.as2.mdn import mic_matches, parse_receipt
@@ -39,8 +42,12 @@ MAX_STORED_RECEIPT = MAX_RECEIPT_BYTES + (16 << 10)
 # And as sealed at rest in a spool row: sealing adds less than its chunks' tags.
 MAX_SEALED_RECEIPT = MAX_STORED_RECEIPT + (64 << 10)
 # How many messages' altered receipts one process audits (past that, a spool altered
-# wholesale has been told by the alerts already written).
+# wholesale has been told by the alerts already written; each is still logged).
 MAX_ALERTED = 10_000
+# How often a status reads a message again when its receipt fails a check and the row
+# changed meanwhile (a retry, retention, a new receipt): a check that fails on a row
+# that moved on is no sign of tampering.
+MAX_READS = 3
 ALTERED_FIX = (
     "the spool or the state folder was changed outside medgw: find out how, restore them"
     " from a backup, and run medgw audit verify"
@@ -50,11 +57,16 @@ ALTERED_FIX = (
 class MessageStatus:
     """What the spool and the stored receipt say about one outbound message."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, *, max_alerted: int = MAX_ALERTED) -> None:
         self._ctx = context
-        # Messages whose stored receipt failed its integrity check: audited once each (a
-        # client polling the status does not fill the trail with the same alert).
+        self._max_alerted = max_alerted
+        # Messages whose stored receipt failed its integrity check (audited), or could
+        # not be opened (logged): once each (a client polling the status does not fill
+        # the trail or the log with the same line).  Status requests run in several
+        # worker threads at once: each check-and-add is made under the lock.
+        self._lock = threading.Lock()
         self._alerted: set[str] = set()
+        self._unopenable: set[str] = set()
 
     async def status(self, message_id: str, submitter: str | None = None) -> dict[str, Any] | None:
         """A message's state, who submitted it, and its receipt verified again from the store.
@@ -65,64 +77,126 @@ class MessageStatus:
         submitted_by = self._ctx.spool.submitter(message_id)
         if submitter is not None and submitted_by != submitter:
             return None
-        record = self._ctx.spool.get(message_id)
-        if record is None:
+        found = await asyncio.to_thread(self._read, message_id)
+        if found is None:
             return None
+        record, receipt = found
         view = record_view(record)
         view["submitted_by"] = submitted_by
         view["final"] = record.state in FINAL_STATES
-        view["receipt"] = await asyncio.to_thread(self._stored_receipt, record)
+        view["receipt"] = receipt
         return view
 
-    def _stored_receipt(self, record: OutboundRecord) -> dict[str, Any] | None:
-        """The receipt kept for ``record`` (in its row, or in its file) verified again; one
-        that is not what the gateway stored is not shown, and is an alert in the audit
-        trail (once per message)."""
-        try:
-            return self._verified_again(record)
-        except _NotAsStored as refused:
-            self._integrity_failed(record, refused.view["error"])
-            return {**refused.view, "altered": True}
+    def _read(self, message_id: str) -> tuple[OutboundRecord, dict[str, Any] | None] | None:
+        """The message's record and its stored receipt verified again (worker thread).
 
-    def _integrity_failed(self, record: OutboundRecord, error: str) -> None:
-        if record.message_id in self._alerted or len(self._alerted) >= MAX_ALERTED:
+        A receipt that fails a check is reported only if the row is still as it was read:
+        the receipt and its data key are read in statements of their own, and a retry, a
+        new receipt or retention between them makes an intact receipt fail (another
+        receipt's key, or none).  Then the row as it is now is read instead."""
+        record = self._ctx.spool.get(message_id)
+        for _ in range(MAX_READS):
+            if record is None:
+                return None
+            try:
+                return record, self._verified_again(record)
+            except (_NotAsStored, _Unopenable) as failed:
+                again = self._ctx.spool.get(message_id)
+                if again is None or _receipt_state(again) != _receipt_state(record):
+                    record = again  # moved on meanwhile: not tampering
+                    continue
+                if isinstance(failed, _NotAsStored):
+                    self._integrity_failed(record, failed)
+                    return record, {**failed.view, "altered": True}
+                self._unopened(record, failed)
+                return record, failed.view
+        if record is None:
+            return None
+        return record, {
+            "verified": False,
+            "error": "the message changed while its receipt was read (a retry, a new"
+            " receipt, retention): ask again",
+        }
+
+    def _first(self, seen: set[str], message_id: str) -> bool | None:
+        """Whether ``message_id`` is new to ``seen`` (added now: True), already in it
+        (False), or new but not added, ``seen`` being full (None); atomically."""
+        with self._lock:
+            if message_id in seen:
+                return False
+            if len(seen) >= self._max_alerted:
+                return None
+            seen.add(message_id)
+            return True
+
+    def _integrity_failed(self, record: OutboundRecord, failed: _NotAsStored) -> None:
+        """An error line in the log and an alert in the audit trail, once per message;
+        past MAX_ALERTED messages, the log line alone (at each request: an administrator
+        still learns of each, the trail does not grow with a spool altered wholesale)."""
+        first = self._first(self._alerted, record.message_id)
+        if first is False:
             return
-        self._alerted.add(record.message_id)
+        error = failed.view["error"]
         self._ctx.log.error(
-            "receipt.stored_altered", peer=record.peer, message_id=record.message_id, error=error
+            "receipt.stored_altered",
+            peer=record.peer,
+            message_id=record.message_id,
+            error=error,
+            audited=first is True,
+            **failed.kept,
         )
+        if first is None:
+            return
         self._ctx.alert(
             EventType.AT_REST_INTEGRITY_FAILED,
             peer=record.peer,
             message_id=record.message_id,
+            service=record.service,
             reason=f"the stored receipt is not the one medgw kept: {error}",
-            detail={"fix": ALTERED_FIX},
+            detail={"fix": ALTERED_FIX, **failed.kept},
+        )
+
+    def _unopened(self, record: OutboundRecord, failed: _Unopenable) -> None:
+        """A warning in the log, with the cause the status does not show (it names the
+        gateway's files), once per message (past MAX_ALERTED, at each request)."""
+        if self._first(self._unopenable, record.message_id) is False:
+            return
+        self._ctx.log.warning(
+            "receipt.unopenable",
+            peer=record.peer,
+            message_id=record.message_id,
+            error=failed.cause,
+            **failed.kept,
         )
 
     def _verified_again(self, record: OutboundRecord) -> dict[str, Any] | None:
+        """The receipt kept for ``record`` checked to be the one medgw stored, then its
+        signature verified again (raises _NotAsStored, _Unopenable).  The checks come
+        first: a receipt altered is reported so whether its peer is configured or not.
+        No text of the view names the gateway's files (the local API answers with it):
+        the log and the audit trail do (``receipt_file``, as settlement's records)."""
         item = receipt_item(record.message_id)
         row: RowReceipt | None = None
+        kept_in: Mapping[str, str]
         if record.receipt_kept:
+            kept_in = IN_ROW
             try:
                 row = self._ctx.spool.row_receipt(record.message_id, MAX_SEALED_RECEIPT)
             except StoredReceiptTooLargeError:
-                raise _NotAsStored(_too_large("in the spool")) from None
+                raise _NotAsStored(_too_large("in the spool"), kept_in) from None
             except StoredReceiptRefusedError as exc:  # not stored as bytes
-                raise _NotAsStored({"verified": False, "error": str(exc)}) from None
+                raise _NotAsStored({"verified": False, "error": str(exc)}, kept_in) from None
             if row is None:  # cleared since it was read (a retry, retention)
                 return None
-            where = "in the spool"
         elif record.receipt_sha256 is not None and record.receipt_path is None:
             # Its SHA-256 recorded, its bytes gone: settlement, a retry and retention set
             # or clear both at once.
-            raise _NotAsStored(_removed(record.message_id))
+            raise _NotAsStored(_removed(record.message_id), IN_ROW)
         elif record.receipt_path is None or not record.receipt_path.is_file():
             return None
         else:
-            where = str(record.receipt_path)
-        peer = self._ctx.config.peer(record.peer)
-        if peer is None:
-            return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
+            kept_in = {"receipt_file": str(record.receipt_path)}
+        where = "in the spool" if row is not None else "in its receipt file"
         try:
             if row is not None:
                 kept = open_bytes(self._ctx.vault, item, row.stored)
@@ -131,13 +205,31 @@ class MessageStatus:
                 with open_file(self._ctx.vault, item, record.receipt_path) as handle:
                     kept = handle.read(MAX_STORED_RECEIPT + 1)
         except AtRestTamperedError as exc:  # changed, truncated, another item's
-            raise _NotAsStored({"verified": False, "error": str(exc)}) from None
+            # Its own fix (restore the file, or cancel the message) is for a body not
+            # yet sent; a receipt altered is the spool's or the state folder's fault.
+            raise _NotAsStored(
+                {"verified": False, "error": f"{exc.message} (fix: {ALTERED_FIX})"}, kept_in
+            ) from None
         except AtRestError as exc:  # its key missing or destroyed
-            return {"verified": False, "error": str(exc)}
+            raise _Unopenable(
+                "the stored receipt cannot be opened now: its at-rest key cannot be used"
+                " (the gateway's log says why: receipt.unopenable)",
+                kept_in,
+                str(exc),
+            ) from None
+        except OSError as exc:  # its file removed or unreadable since it was listed
+            raise _Unopenable(
+                f"the stored receipt cannot be read now ({exc.strerror or 'unreadable'})",
+                kept_in,
+                str(exc),
+            ) from None
         if len(kept) > MAX_STORED_RECEIPT:
-            raise _NotAsStored(_too_large(where))
+            raise _NotAsStored(_too_large(where), kept_in)
         if row is not None and hashlib.sha256(kept).hexdigest() != row.sha256:
-            raise _NotAsStored(_altered(record.message_id))
+            raise _NotAsStored(_altered(record.message_id), kept_in)
+        peer = self._ctx.config.peer(record.peer)
+        if peer is None:
+            return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
         head, _, body = kept.partition(b"\r\n\r\n")
         content_type = head.decode("latin-1").partition(":")[2].strip()
         try:
@@ -156,22 +248,53 @@ class MessageStatus:
         }
 
 
-class _NotAsStored(Exception):
-    """The stored receipt is not what the gateway stored (``view``: what is shown)."""
+# A receipt kept in its spool row, as the log and the audit trail name it (one kept in
+# a file: {"receipt_file": its path}), as the records of its settlement do.
+IN_ROW: Mapping[str, str] = MappingProxyType({"receipt": "spool"})
 
-    def __init__(self, view: dict[str, Any]) -> None:
+
+def _receipt_state(record: OutboundRecord) -> tuple[object, ...]:
+    """What a retry, a new receipt or retention changes of a row, and tampering with its
+    receipt alone does not."""
+    return (
+        record.state,
+        record.attempts,
+        record.updated_at,
+        record.receipt_kept,
+        record.receipt_sha256,
+        record.receipt_path,
+    )
+
+
+class _NotAsStored(Exception):
+    """The stored receipt is not what the gateway stored (``view``: what is shown;
+    ``kept``: where it is, the spool row or its file, see IN_ROW)."""
+
+    def __init__(self, view: dict[str, Any], kept: Mapping[str, str]) -> None:
         super().__init__(view["error"])
         self.view = view
+        self.kept = kept
+
+
+class _Unopenable(Exception):
+    """The stored receipt cannot be read now (its at-rest key, its file): not a sign that
+    it was altered.  ``error``: what is shown; ``cause``: the full error, for the log."""
+
+    def __init__(self, error: str, kept: Mapping[str, str], cause: str) -> None:
+        super().__init__(error)
+        self.view: dict[str, Any] = {"verified": False, "error": error}
+        self.kept = kept
+        self.cause = cause
 
 
 def _too_large(where: str) -> dict[str, Any]:
-    """A stored receipt ``where`` (its file, or "in the spool") larger than any medgw
+    """A stored receipt ``where`` (in its file, or "in the spool") larger than any medgw
     stores: not one the gateway stored, refused after a bounded read (of a file) or by
     its size alone (a row's)."""
     return {
         "verified": False,
         "error": f"the stored receipt ({where}) is larger than {MAX_STORED_RECEIPT} bytes,"
-        " more than any receipt medgw accepts",
+        f" more than any receipt medgw accepts (fix: {ALTERED_FIX})",
     }
 
 
