@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from gateway.atrest import KeyStore, Vault
-from gateway.atrest.chunked import seal_bytes
+from gateway.atrest.chunked import MAGIC, seal_bytes
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.outbound.status import MAX_SEALED_RECEIPT
+from gateway.outbound.status import ALTERED_FIX, MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
 from gateway.spool import open_spool
 from gateway.spool.postgres import PostgresSettings
@@ -73,12 +73,25 @@ def _copy_sealed(
     """``victim``'s row receipt replaced by ``donor``'s as stored, sealed under the donor's
     data key (as one who can write the spool, but not read the keys, would)."""
     config = load_config(layout.lab.config_path)
+    assert config.at_rest is not None and config.at_rest.enabled  # the receipts are sealed
     spool = open_spool(config.storage.spool_path, SystemClock(), postgres)
     try:
         stored = spool.stored_receipt(donor, MAX_SEALED_RECEIPT)
+        assert stored is not None and stored.startswith(MAGIC), stored
         spool._write("UPDATE outbound SET receipt=? WHERE message_id=?", (stored, victim))  # type: ignore[attr-defined]
     finally:
         spool.close()
+
+
+def _lab_and_hospital(
+    layout: DemoLayout, processes: Any, postgres: PostgresSettings | None
+) -> tuple[Api, Any]:
+    """Both daemons running, the lab's local API enabled and its spool in PostgreSQL if
+    ``postgres`` is given: the lab's API, and the lab's process."""
+    api = enable_api(layout)
+    _configure(layout, postgres)
+    processes.start(layout.hospital.config_path)
+    return api, processes.start(layout.lab.config_path)
 
 
 def _two_delivered(api: Api) -> list[str]:
@@ -101,10 +114,11 @@ def _two_delivered(api: Api) -> list[str]:
 def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_once(
     layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
 ) -> None:
-    api = enable_api(layout)
-    _configure(layout, lab_spool)
-    processes.start(layout.hospital.config_path)
-    lab = processes.start(layout.lab.config_path)
+    """A sealed receipt copied from another row fails its at-rest check (it is sealed
+    under the other message's key, for the other message): the status says the spool
+    was altered, with the fix for that (not the fix of a body that failed its check,
+    which is to cancel the message), and shows neither it nor the row's disposition."""
+    api, lab = _lab_and_hospital(layout, processes, lab_spool)
     victim, donor = _two_delivered(api)
     _copy_sealed(layout, lab_spool, victim, donor)
     for _ in range(2):
@@ -113,8 +127,13 @@ def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_o
         receipt = view["receipt"]
         assert receipt["verified"] is False and receipt["altered"] is True, receipt
         assert not {"disposition", "signer", "original_message_id"} & set(receipt)
+        error = receipt["error"]
+        assert f"outbound-receipt:{victim}" in error and "fails its integrity check" in error
+        assert ALTERED_FIX in error and "cancel" not in error, error
+        assert view["state"] == "delivered" and view["disposition"] is None, view
     [alert] = wait_for_events(layout.lab.audit_log, "atrest.integrity_failed")
     assert alert["message_id"] == victim and alert["severity"] == "alert", alert
+    assert alert["detail"]["fix"] == ALTERED_FIX and alert["detail"]["receipt"] == "spool"
     assert len(events(layout.lab.audit_log, "atrest.integrity_failed")) == 1
     assert lab.stop() == 0
 
@@ -122,10 +141,7 @@ def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_o
 def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
 ) -> None:
-    api = enable_api(layout)
-    _configure(layout, lab_spool)
-    processes.start(layout.hospital.config_path)
-    lab = processes.start(layout.lab.config_path)
+    api, lab = _lab_and_hospital(layout, processes, lab_spool)
     sent = _two_delivered(api)
     victim, donor = sent
     _replace_receipt(layout, lab_spool, victim, donor)
@@ -137,6 +153,8 @@ def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     assert victim in receipt["error"] and ALTERED in receipt["error"]
     assert "restore the spool from a backup" in receipt["error"]
     assert not {"disposition", "signer", "original_message_id"} & set(receipt)
+    # The row's disposition is the altered spool's word: not shown as if verified.
+    assert view["state"] == "delivered" and view["disposition"] is None, view
     # An alert in the audit trail (written before the answer); once, however often the
     # client asks again.
     [alert] = wait_for_events(layout.lab.audit_log, "atrest.integrity_failed")
@@ -147,6 +165,7 @@ def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     assert len(events(layout.lab.audit_log, "atrest.integrity_failed")) == 1
     status, view = api.request("GET", f"/v1/messages/{donor}", token=LIS_TOKEN)
     assert status == 200 and view["receipt"]["verified"] is True, view  # its own, untouched
+    assert view["disposition"] == "processed", view
     assert lab.stop() == 0
 
 

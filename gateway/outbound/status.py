@@ -85,6 +85,10 @@ class MessageStatus:
         view["submitted_by"] = submitted_by
         view["final"] = record.state in FINAL_STATES
         view["receipt"] = receipt
+        if receipt is not None and receipt.get("altered"):
+            # The disposition the row records comes from the spool that was altered:
+            # nothing verifies it, and it is not shown.
+            view["disposition"] = None
         return view
 
     def _read(self, message_id: str) -> tuple[OutboundRecord, dict[str, Any] | None] | None:
