@@ -13,8 +13,9 @@ PostgreSQL server, made to plan every statement generically
 own methods and read the plans its statements were run with, as
 ``auto_explain`` logged them.  Besides the sender's lookups, the take-overs every node
 runs after each renewal of its leases (of the outbound messages, the intake and the
-hand-overs of a node whose claims ran out) and the claims of a node's own unfinished
-work at its start.
+hand-overs of a node whose claims ran out), the claims of a node's own unfinished
+work at its start, and an operator's listings of the messages and hand-overs in one
+state.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ TABLES = ("outbound", "handover")  # those whose lookups by state these tests re
 
 def others() -> Iterator[tuple[object, ...]]:
     """Rows of the other peers' backlogs (queued, half of them expiring, and awaiting
-    their receipts), of the dead node's claims (taken in, being sent), and of delivered
-    messages."""
+    their receipts), of the dead node's claims (taken in, being sent), of messages that
+    failed (for an operator to retry), and of delivered messages."""
     kinds = [
         (peer, state, WAITING)
         for peer in PEERS
@@ -68,7 +69,9 @@ def others() -> Iterator[tuple[object, ...]]:
         for peer in PEERS
         for state in (OutboundState.INTAKE, OutboundState.SENDING)
     ]
-    for peer, state, count in [*kinds, *held, ("lab", OutboundState.DELIVERED, DELIVERED)]:
+    failed = [(peer, OutboundState.FAILED, HELD) for peer in PEERS]
+    delivered = ("lab", OutboundState.DELIVERED, DELIVERED)
+    for peer, state, count in [*kinds, *held, *failed, delivered]:
         node, lease_until = (DEAD, 1.0) if (peer, state, count) in held else (None, 0.0)
         payload = b"document" if state is OutboundState.INTAKE else None
         for i in range(count):
@@ -83,11 +86,12 @@ def others() -> Iterator[tuple[object, ...]]:
 
 def handovers() -> Iterator[tuple[object, ...]]:
     """Hand-overs: done (kept for months, as the resend detection needs them), some the
-    dead node was making, and some to make."""
+    dead node was making, some to make, and some that failed (for an operator)."""
     for state, count, node, lease_until in (
         (HandoverState.DONE, DELIVERED, None, 0.0),
         (HandoverState.PENDING, HELD, DEAD, 1.0),
         (HandoverState.PENDING, HELD, None, 0.0),
+        (HandoverState.FAILED, HELD, None, 0.0),
     ):
         for i in range(count):
             message_id = f"<handover-{state.value}-{node}-{i}@hospital>"
@@ -324,3 +328,84 @@ def test_a_claim_or_a_take_over_names_its_state_and_reads_its_index(
             bound = list(bound_states(plan))
             assert not bound, f"{what}: the state bound: {query}\n  {bound}"
     assert through is None or through in used, f"{what}: {reads}"
+
+
+# The indexes that hold the rows of one state alone, or first: each table's others hold
+# every row in another order (outbound_created: the newest first, whatever its state).
+BY_STATE = {
+    "outbound": {"outbound_state", "outbound_queued", "outbound_expiring", "outbound_awaiting"},
+    "handover": {"handover_next", "handover_lease"},
+}
+
+
+@pytest.mark.parametrize(
+    ("what", "call", "by_state"),
+    [
+        # An operator's listing by state (`medgw queue list --state`, the local API's
+        # /v1/queue?state=, the maintenance shell's queue list), newest first.  A state
+        # of few rows (those failed, a dead node's claims) among months of delivered
+        # messages: through an index by state, not every row newest first until enough
+        # are found (all of them, when there are fewer than the listing's limit).
+        *(
+            (
+                f"messages {state.value}, listed",
+                lambda s, state=state: s.list_outbound(state=state),
+                True,
+            )
+            for state in (OutboundState.FAILED, OutboundState.INTAKE, OutboundState.SENDING)
+        ),
+        # A backlog of more rows than the listing shows: its share of the table is known
+        # once the state is in the text, and the newest first may be as quick to read.
+        *(
+            (
+                f"messages {state.value}, listed",
+                lambda s, state=state: s.list_outbound(state=state),
+                False,
+            )
+            for state in (OutboundState.QUEUED, OutboundState.AWAITING_RECEIPT)
+        ),
+        (
+            "a peer's failed messages, listed",
+            lambda s: s.list_outbound(state=OutboundState.FAILED, peer="clinic"),
+            True,
+        ),
+        # `medgw handover list --state`, the local API's /v1/handover?state=.
+        *(
+            (
+                f"hand-overs {state.value}, listed",
+                lambda s, state=state: s.handover_list(state=state),
+                True,
+            )
+            for state in (HandoverState.PENDING, HandoverState.FAILED)
+        ),
+    ],
+)
+def test_a_listing_by_state_names_its_state_in_its_text(
+    generic: Path,
+    postgres: PostgresSettings,
+    what: str,
+    call: Callable[[PostgresSpool], list[object]],
+    by_state: bool,
+) -> None:
+    """An operator's listing of the messages or hand-overs in one state, planned for
+    any state, reckons with an average state's share of the table (mostly delivered
+    messages and hand-overs done, kept for months), and with a tenth of it for its
+    limit: it reads every row newest first until it has found enough (a state of few
+    rows: the whole table, on a hub's spool), or the whole table.  Each names its state
+    and its limit in its text, and reads through an index: for a state of few rows, one
+    that holds that state's rows alone or first."""
+    found: list[list[object]] = []
+    seen = [
+        (query, list(reads_in(plan)))
+        for query, plan in plans_of(generic, postgres, lambda s: found.append(call(s)))
+    ]
+    assert found[0], f"{what}: nothing found: the spool is not as the test made it"
+    reads = [(query, read) for query, read in seen if read]
+    assert reads, f"{what}: no statement read the table: {seen}"
+    for query, read in reads:
+        for plan, how, searched in read:
+            assert searched, f"{what}: {how} of every row: {query}"
+            index = BY_STATE[plan["Relation Name"]]
+            assert searched <= index or not by_state, f"{what}: {how} of {searched}: {query}"
+            bound = list(bound_states(plan))
+            assert not bound, f"{what}: the state bound: {query}\n  {bound}"

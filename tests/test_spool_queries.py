@@ -333,3 +333,35 @@ def test_a_state_is_written_into_a_statement_only_from_the_spool_s_own_states() 
     for given in ("queued", "queued' OR '1'='1"):
         with pytest.raises(InvalidTypeError, match="one of the spool's states"):
             state_is(given)  # type: ignore[arg-type]
+
+
+def test_a_listing_by_state_finds_that_state_s_rows_newest_first(
+    any_spool: Spool, tmp_path: Path
+) -> None:
+    """An operator's listings by state (`medgw queue list --state`, `medgw handover list
+    --state`, the local API), their state written in the statement's text on either
+    backend: exactly that state's messages and hand-overs, newest first, up to the
+    limit.  A string given for a state is refused, never written into a statement."""
+    spool = any_spool
+    claimed, _ = spool.claim_due("lab", 2e9, 3)
+    sending = spool.list_outbound(state=OutboundState.SENDING)
+    assert [r.message_id for r in sending] == [r.message_id for r in reversed(claimed)]
+    queued = spool.list_outbound(state=OutboundState.QUEUED, peer="lab", limit=5)
+    assert [r.message_id for r in queued] == [f"<lab-{i}@hospital>" for i in range(499, 494, -1)]
+    assert {r.state for r in queued} == {OutboundState.QUEUED}
+    assert len(spool.list_outbound(state=OutboundState.QUEUED)) == 2 * BACKLOG - 3
+    assert spool.list_outbound(state=OutboundState.FAILED) == []
+    for i in range(3):
+        spool.inbound_begin("lab", f"<in-{i}@lab>", "aa", tmp_path / f"in-{i}.hl7")
+        spool.inbound_delivered("lab", f"<in-{i}@lab>", [], b"r", ("text/plain", 3))
+    spool.handover_failed("lab", "<in-1@lab>", "gone")
+    pending = spool.handover_list(state=HandoverState.PENDING)
+    assert [h.message_id for h in pending] == ["<in-2@lab>", "<in-0@lab>"]
+    [failed] = spool.handover_list(state=HandoverState.FAILED, message_id="<in-1@lab>")
+    assert failed.state is HandoverState.FAILED
+    assert spool.handover_list(state=HandoverState.DONE) == []
+    for given in ("queued", "pending' OR '1'='1"):
+        with pytest.raises(InvalidTypeError, match="one of the spool's states"):
+            spool.list_outbound(state=given)  # type: ignore[arg-type]
+        with pytest.raises(InvalidTypeError, match="one of the spool's states"):
+            spool.handover_list(state=given)  # type: ignore[arg-type]

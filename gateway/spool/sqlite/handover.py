@@ -193,13 +193,21 @@ class HandoverQueue(SqlStore):
         self, state: HandoverState | None = None, message_id: str | None = None
     ) -> list[HandoverRecord]:
         """Hand-overs, newest first; only those in ``state`` / with ``message_id`` if given."""
-        clauses = [(c, v) for c, v in (("state", state), ("message_id", message_id)) if v]
-        where = " AND ".join(f"{column}=?" for column, _ in clauses)
+        clauses: list[str] = []
+        params: list[str] = []
+        if state is not None:
+            # The state as text (see state_is): planned for its own rows, read through an
+            # index by state, not the whole table (mostly hand-overs done, kept for months).
+            clauses.append(state_is(state))
+        if message_id:
+            clauses.append("message_id=?")
+            params.append(message_id)
+        where = " AND ".join(clauses)
         rows = self._read(
-            "SELECT * FROM handover"  # noqa: S608 - column names are fixed above
+            "SELECT * FROM handover"  # noqa: S608 - fixed text and the spool's own states
             + (f" WHERE {where}" if where else "")
             + " ORDER BY created_at DESC, message_id",
-            tuple(str(v) for _, v in clauses),
+            tuple(params),
         )
         return [_handover(r) for r in rows]
 

@@ -916,17 +916,22 @@ class OutboundQueue(SqlStore):
     def list_outbound(
         self, *, state: OutboundState | None = None, peer: str | None = None, limit: int = 1000
     ) -> list[OutboundRecord]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[object] = []
         if state is not None:
-            clauses.append("state=?")
-            params.append(state.value)
+            # The state as text (see state_is), and the limit (a number): planned for the
+            # state's own rows, a state of few read through the index by state (or of
+            # its state).  Bound, PostgreSQL's generic plan reckons with an average
+            # state's share and a tenth of it for the limit, and reads every row newest
+            # first until it has found enough: the whole table for a state of few rows.
+            clauses.append(state_is(state))
         if peer is not None:
             clauses.append("peer=?")
             params.append(peer)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._read(
-            f"{_SELECT_OUTBOUND} {where} ORDER BY created_at DESC LIMIT ?",
-            (*params, limit),
+            f"{_SELECT_OUTBOUND} {where} ORDER BY created_at DESC LIMIT {int(limit)}",
+            tuple(params),
         )
         return [_outbound(r) for r in rows]
 
