@@ -3,7 +3,8 @@ message), or, larger than a row keeps, in a file as before.  Receipt files no me
 row names are removed: at the next start (in process), and after an operator's retry
 clears a message's receipt; a file a row names never is, compared by name (a row may
 keep the path of a moved state folder).  A daemon killed before recording a receipt
-leaves nothing behind."""
+leaves nothing behind.  A receipt kept as a file has its SHA-256 recorded in its row at
+settlement, as a row's has."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
 from gateway.outbound.settle import Answer, Settler
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
-from gateway.spool import OutboundState, Settled, SqliteSpool
+from gateway.spool import Claimant, OutboundState, Settled, Spool, SqliteSpool
 from gateway.spool.records import receipt_item
 from tests.cli import medgw
+from tests.clocks import SetClock
+from tests.conftest import MakeSpool
 from tests.helpers.atrest import kept_receipt, stored_receipt
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
@@ -121,9 +124,9 @@ def test_a_retry_removes_the_receipt_it_cleared_once_committed_and_no_other(
     spool.close()
 
 
-def _sending(spool: SqliteSpool, message_id: str, tmp_path: Path) -> None:
+def _sending(spool: Spool, message_id: str, tmp_path: Path, mic: str = "mic") -> None:
     spool.add_intake(message_id, "hospital", "m.hl7", "text/plain", tmp_path, tmp_path)
-    spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+    spool.mark_queued(message_id, None, [], mic, 3, body=b"sealed")
     spool.mark_sending(message_id)
 
 
@@ -131,8 +134,9 @@ def test_receipts_are_kept_in_their_rows_and_one_larger_than_a_row_keeps_is_a_fi
     layout: DemoLayout, tmp_path: Path
 ) -> None:
     """Settled in one group: the small receipt sealed in its row (no file, no path), the
-    large one a sealed file as before; each audit record names where its receipt is,
-    the row's by the SHA-256 of the receipt kept; both read back as received."""
+    large one a sealed file as before; each row records the SHA-256 of its receipt as
+    received, and each audit record names where its receipt is, and that SHA-256; both
+    read back as received."""
     config = load_config(layout.lab.config_path)
     spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     vault = Vault(KeyStore(tmp_path / "keys"), spool)
@@ -180,6 +184,10 @@ def test_receipts_are_kept_in_their_rows_and_one_larger_than_a_row_keeps_is_a_fi
         assert alerts["<small@lab>"]["receipt_sha256"] == hashlib.sha256(stored).hexdigest()
         assert "receipt_file" not in alerts["<small@lab>"]
         assert alerts["<large@lab>"]["receipt_file"] == str(large.receipt_path)
+        # The file's SHA-256 recorded in its row as the row's is, and named by its record.
+        plain = vault.read_file(receipt_item("<large@lab>"), large.receipt_path)
+        assert large.receipt_sha256 == hashlib.sha256(plain).hexdigest()
+        assert alerts["<large@lab>"]["receipt_sha256"] == large.receipt_sha256
     finally:
         audit.close()
         spool.close()
@@ -292,3 +300,72 @@ def test_a_kill_between_storing_a_receipt_and_recording_it_leaves_nothing_behind
     assert json.loads(shown.stdout)["receipt_kept"] == "spool"
     assert list(receipts.iterdir()) == []
     assert lab.stop() == 0
+
+
+def test_a_settlement_says_where_its_receipt_is_kept_one_way_only() -> None:
+    """A receipt's SHA-256 goes with the receipt kept in the row or in a file, never alone;
+    a receipt for the row always has one; no receipt is both in the row and a file."""
+    sha256 = hashlib.sha256(b"kept").hexdigest()
+    delivered = OutboundState.DELIVERED
+    file = Path("/state/receipts/m.hl7.0123456789ab.mdn")
+    Settled("<m@lab>", delivered, "processed", file, receipt_sha256=sha256)
+    Settled("<m@lab>", delivered, "processed", None, receipt=b"kept", receipt_sha256=sha256)
+    with pytest.raises(SpoolError, match="without its SHA-256"):
+        Settled("<m@lab>", delivered, "processed", None, receipt=b"kept")
+    with pytest.raises(SpoolError, match="SHA-256 without the receipt"):
+        Settled("<m@lab>", delivered, "processed", None, receipt_sha256=sha256)
+    with pytest.raises(SpoolError, match="both in its row and in the file"):
+        Settled("<m@lab>", delivered, "processed", file, receipt=b"kept", receipt_sha256=sha256)
+
+
+def test_the_record_a_start_writes_after_another_node_retried_names_the_files_sha256(
+    layout: DemoLayout, make_spool: MakeSpool, tmp_path: Path
+) -> None:
+    """Both backends.  Node a settles a message as failed by a receipt kept as a file, its
+    SHA-256 recorded, and is killed before its message.failed; an operator retries it
+    on node b.  The copy of the row kept for a reads as a file receipt (not one kept in
+    the row), and a's start writes message.failed naming the file and its SHA-256."""
+    clock = SetClock()
+    a = make_spool(clock, Claimant("a", 60.0))
+    b = make_spool(clock, Claimant("b", 60.0))
+    config = load_config(layout.lab.config_path)
+    a.add_intake("<m@lab>", "hospital", "m.hl7", "text/plain", tmp_path / "src", tmp_path / "m")
+    assert a.mark_queued("<m@lab>", None, [], "mic", 3, body=b"sealed")
+    a.claim_due("hospital", clock.now().timestamp(), 1)
+    path = tmp_path / "m.hl7.0123456789ab.mdn"
+    sha256 = "5e" * 32
+    failed = Settled(
+        "<m@lab>",
+        OutboundState.FAILED,
+        "processed/error: decryption-failed",
+        path,
+        "decryption failed at the peer",
+        receipt_sha256=sha256,
+    )
+    assert a.mark_settled([failed]) == ["<m@lab>"]
+    settled = a.get("<m@lab>")
+    assert settled is not None and settled.receipt_sha256 == sha256
+    assert settled.receipt_form == "file"
+    # Killed here.  An operator on node b retries it: the receipt is cleared.
+    clock.advance(5)
+    retried = b.operator_retry("<m@lab>", OPERATOR, 0)
+    assert not retried.has_receipt and retried.receipt_sha256 is None
+    [copy] = a.displaced_owed().outbound
+    assert copy.receipt_form == "file" and not copy.receipt_kept
+    assert (copy.receipt_path, copy.receipt_sha256) == (path, sha256)
+
+    clock.advance(5)
+    for _ in range(2):  # a second start finds it recorded
+        audit = AuditLog(config.storage.audit_log, clock, node="a")
+        context = Context(Settings(config, {}), a, audit, make_logger(stream=io.StringIO()), clock)
+        asyncio.run(Recovery(context, Sealer(context)).recover())
+        audit.close()
+    [record] = events(config.storage.audit_log, "message.failed")
+    assert record["message_id"] == "<m@lab>" and record["node"] == "a"
+    assert record["detail"] == {
+        "disposition": "processed/error: decryption-failed",
+        "receipt_file": str(path),
+        "receipt_sha256": sha256,
+        "attempts": 1,
+        "recorded_at_recovery": True,
+    }

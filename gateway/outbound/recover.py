@@ -536,10 +536,9 @@ def remove_own_body_partials(bodies: Path, node: str) -> list[Path]:
 
 def _receipt_detail(record: OutboundRecord) -> dict[str, str]:
     """Where a settled message's receipt is kept, as settle.py's records name it: its
-    file, or its row and the receipt's SHA-256 (which ties the record to the bytes)."""
+    file or its row, and the receipt's SHA-256 (which ties the record to the bytes; not
+    recorded of a file settled before it was kept)."""
+    sha256 = {"receipt_sha256": record.receipt_sha256} if record.receipt_sha256 else {}
     if record.receipt_path is not None:
-        return {"receipt_file": str(record.receipt_path)}
-    return {
-        "receipt": "spool",
-        **({"receipt_sha256": record.receipt_sha256} if record.receipt_sha256 else {}),
-    }
+        return {"receipt_file": str(record.receipt_path), **sha256}
+    return {"receipt": "spool", **sha256}

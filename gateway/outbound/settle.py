@@ -339,7 +339,7 @@ class Answer:
             held=self.found is None,
             owed=owed,
             receipt=receipt.sealed,
-            receipt_sha256=receipt.sha256 if receipt.sealed is not None else None,
+            receipt_sha256=receipt.sha256,
         )
 
 
@@ -347,7 +347,9 @@ class Answer:
 class _Kept:
     """Where a receipt received is kept: ``sealed`` (the bytes stored in the message's
     row) or the file ``path``; ``sha256``: of the receipt as received (its Content-Type
-    line and body, before encryption at rest), which the audit record names."""
+    line and body, before encryption at rest), recorded in the row beside either (a
+    reader compares what it reads with it: a file or row swapped for another message's
+    receipt does not match) and named by the audit record."""
 
     sha256: str
     sealed: bytes | None = None
@@ -359,9 +361,10 @@ class _Kept:
 
     @property
     def detail(self) -> dict[str, str]:
-        """What the audit records of its settlement say of it: the file, or the row."""
+        """What the audit records of its settlement say of it: the file, or the row, and
+        the receipt's SHA-256 (which ties the record to the bytes kept)."""
         if self.path is not None:
-            return {"receipt_file": str(self.path)}
+            return {"receipt_file": str(self.path), "receipt_sha256": self.sha256}
         return {"receipt": "spool", "receipt_sha256": self.sha256}
 
 

@@ -147,7 +147,8 @@ class OutboundRecord:
     # Its receipt is kept in the spool row (read by Spool.stored_receipt; the bytes are
     # not part of the record); else in the file receipt_path names, if any.
     receipt_kept: bool = False
-    # The SHA-256 (hex) of the receipt kept in the row, as received (see Settled).
+    # The SHA-256 (hex) of the receipt kept, in the row or in the file receipt_path, as
+    # received (see Settled; None: no receipt, or a file settled before this was kept).
     receipt_sha256: str | None = None
 
     @property
@@ -328,16 +329,31 @@ class Settled:
     # The receipt as stored in the row (sealed under receipt_item when encrypted at
     # rest); None: kept in the file receipt_path, or no receipt.
     receipt: bytes | None = None
-    # The SHA-256 (hex) of that receipt as received, before sealing: what the audit
-    # record of the settlement names, kept beside it.  Given with ``receipt``, and only.
+    # The SHA-256 (hex) of the receipt as received, before sealing, kept in the row or
+    # in the file: what the audit record of the settlement names, recorded beside it
+    # (its readers compare the bytes they read with it).  Given with ``receipt``
+    # always; with ``receipt_path`` as medgw settles (a spool's caller may leave it out,
+    # as for files settled before it was recorded); never without either.
     receipt_sha256: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.receipt is None) != (self.receipt_sha256 is None):
+        if self.receipt is not None and self.receipt_path is not None:
             raise SpoolError(
-                f"the settlement of {self.message_id} gives a receipt for its row without "
-                "its SHA-256, or a SHA-256 without the receipt",
-                fix="give both receipt and receipt_sha256, or neither",
+                f"the settlement of {self.message_id} keeps its receipt both in its row and"
+                f" in the file {self.receipt_path}",
+                fix="give either receipt (kept in the row) or receipt_path (a file)",
+            )
+        if self.receipt is not None and self.receipt_sha256 is None:
+            raise SpoolError(
+                f"the settlement of {self.message_id} gives a receipt for its row without"
+                " its SHA-256",
+                fix="give receipt_sha256 with receipt",
+            )
+        if self.receipt_sha256 is not None and self.receipt is None and self.receipt_path is None:
+            raise SpoolError(
+                f"the settlement of {self.message_id} gives a receipt's SHA-256 without the"
+                " receipt (in its row or in a file)",
+                fix="give receipt or receipt_path with receipt_sha256, or neither",
             )
 
     @property

@@ -85,11 +85,14 @@ def _receipt_kept(row: Row) -> bool:
     """Whether the row keeps its receipt: read as ``receipt_kept`` (a listing that leaves
     the receipts' bytes unread, see _LISTED), or from the ``receipt`` column itself, or,
     the bytes absent (the copy of a row a displaced record keeps, binary columns left
-    out), from its SHA-256 kept beside them."""
+    out), from its SHA-256 kept beside them with no file named (a receipt kept as a
+    file has its SHA-256 recorded too)."""
     try:
         return bool(row["receipt_kept"])
     except (KeyError, IndexError):
-        return row["receipt"] is not None or row["receipt_sha256"] is not None
+        return row["receipt"] is not None or (
+            row["receipt_sha256"] is not None and not row["receipt_path"]
+        )
 
 
 def _outbound(row: Row) -> OutboundRecord:
