@@ -4,7 +4,8 @@ row names are removed: at the next start (in process), and after an operator's r
 clears a message's receipt; a file a row names never is, compared by name (a row may
 keep the path of a moved state folder).  A daemon killed before recording a receipt
 leaves nothing behind.  A receipt kept as a file has its SHA-256 recorded in its row at
-settlement, as a row's has."""
+settlement, as a row's has: a file put in its place (another message's receipt,
+validly signed by the same peer) is not shown as this message's."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import asyncio
 import hashlib
 import io
 import json
+import ssl
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.as2.mdn import BuiltReceipt, Disposition, build_receipt
 from gateway.atrest import KeyStore, Vault
-from gateway.atrest.chunked import MAGIC
+from gateway.atrest.chunked import MAGIC, seal_bytes
 from gateway.audit.log import AuditLog
 from gateway.channel.client import Response
 from gateway.clock import SystemClock
@@ -29,18 +36,22 @@ from gateway.operations import Operations
 from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
-from gateway.outbound.settle import Answer, Settler
-from gateway.outbound.status import MAX_SEALED_RECEIPT
+from gateway.outbound.settle import INLINE_RECEIPT_BYTES, Answer, Settler
+from gateway.outbound.status import MAX_SEALED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
-from gateway.spool import Claimant, OutboundState, Settled, Spool, SqliteSpool
+from gateway.pki.peers import assess_peers
+from gateway.policy import AlgorithmPolicy
+from gateway.spool import Claimant, OutboundState, Settled, Spool, SqliteSpool, open_spool
+from gateway.spool.postgres import PostgresSettings
 from gateway.spool.records import receipt_item
 from tests.cli import medgw
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
 from tests.helpers.atrest import kept_receipt, stored_receipt
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.cluster import add_node
 from tests.helpers.faults import killed_at, wait_killed
-from tests.helpers.local_api import LIS_TOKEN, enable_api
+from tests.helpers.local_api import LIS_TOKEN, Api, enable_api
 from tests.helpers.recovery import lab_starting, logged_files
 
 OPERATOR = "operator:root (uid 0)"
@@ -369,3 +380,355 @@ def test_the_record_a_start_writes_after_another_node_retried_names_the_files_sh
         "attempts": 1,
         "recorded_at_recovery": True,
     }
+
+
+VICTIM, DONOR = "<victim@lab>", "<donor@lab>"
+MIC = "bWljIG9mIHRoZSBkb2N1bWVudCBzZW50IHRvIHRoZSBob3NwaXRhbA==, sha-256"
+ALTERED = "does not match the receipt recorded when the message was settled"
+
+
+def _large_receipt(layout: DemoLayout, message_id: str, mic: str) -> BuiltReceipt:
+    """A processed receipt the hospital signs for ``message_id``, larger than a spool row
+    keeps (a long explanation in its human-readable part): kept as a file."""
+    hospital = load_config(layout.hospital.config_path)
+    built = build_receipt(
+        original_message_id=message_id,
+        our_as2_id="SAKURA-HOSPITAL",
+        peer_as2_id="KITA-LAB",
+        disposition=Disposition.PROCESSED,
+        mic=mic,
+        signing=hospital.smime.signing,
+        digest="sha256",
+        policy=AlgorithmPolicy(),
+        at=datetime.now(UTC),
+        details="checked " * (INLINE_RECEIPT_BYTES // 8 + 1),
+    )
+    assert len(built.body) > INLINE_RECEIPT_BYTES
+    return built
+
+
+def _content_type(built: BuiltReceipt) -> str:
+    [value] = [v for name, v in built.headers if name.lower() == "content-type"]
+    return value
+
+
+def _judging_context(
+    layout: DemoLayout, spool: Spool, trail: Path, vault: Vault | None
+) -> tuple[Context, AuditLog]:
+    """A context that judges the hospital's receipts as the daemon does (its certificates
+    assessed), with an audit trail of its own."""
+    config = load_config(layout.lab.config_path)
+    trust = asyncio.run(assess_peers(config.peers, config.zones, at=SystemClock().now()))
+    audit = AuditLog(trail, SystemClock(), node="lab")
+    context = Context(
+        Settings(config, trust),
+        spool,
+        audit,
+        make_logger(stream=io.StringIO()),
+        SystemClock(),
+        vault,
+    )
+    return context, audit
+
+
+@pytest.mark.parametrize("at_rest", ["sealed", "in the clear"])
+def test_a_receipt_file_swapped_for_another_messages_receipt_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, at_rest: str
+) -> None:
+    """Both backends, receipts encrypted at rest or not: two messages settled by receipts
+    too large for their rows, each a file whose SHA-256 its row records (and the audit
+    record of the settlement names).  One's file replaced by the other's receipt (sealed
+    under the victim's own data key, as one who can read the key folder would; or copied
+    as it is, at-rest encryption off) still verifies as the peer's signature; its SHA-256
+    is not the one recorded, and the status says it was altered instead of showing it,
+    with one alert however often it is read."""
+    spool = make_spool(SystemClock())
+    vault = None
+    if at_rest == "sealed":
+        vault = Vault(KeyStore(tmp_path / "keys"), spool)
+        vault.open()
+    trail = tmp_path / "audit.jsonl"
+    context, audit = _judging_context(layout, spool, trail, vault)
+    peer = context.config.require_peer("hospital")
+    answers = []
+    for message_id in (VICTIM, DONOR):
+        _sending(spool, message_id, tmp_path, MIC)
+        record = spool.get(message_id)
+        assert record is not None
+        built = _large_receipt(layout, message_id, MIC)
+        answers.append(Answer(record, peer, Response(200, _content_type(built), (), built.body)))
+    status = MessageStatus(context)
+    try:
+        assert Settler(context).settle_all(answers) == [None, None]
+        received = {r["message_id"]: r["detail"] for r in events(trail, "receipt.received")}
+        kept: dict[str, tuple[Path, bytes]] = {}
+        for message_id in (VICTIM, DONOR):
+            record = spool.get(message_id)
+            assert record is not None and record.state is OutboundState.DELIVERED
+            assert not record.receipt_kept and record.receipt_path is not None
+            path = record.receipt_path
+            assert path.read_bytes().startswith(MAGIC) == (vault is not None)
+            plain = vault.read_file(receipt_item(message_id), path) if vault else path.read_bytes()
+            assert record.receipt_sha256 == hashlib.sha256(plain).hexdigest()
+            assert received[message_id]["receipt_file"] == str(path)
+            assert received[message_id]["receipt_sha256"] == record.receipt_sha256
+            kept[message_id] = (path, plain)
+        view = asyncio.run(status.status(VICTIM))
+        assert view is not None and view["receipt"]["verified"] is True, view
+        assert view["receipt"]["original_message_id"] == VICTIM
+
+        path, donor = kept[VICTIM][0], kept[DONOR][1]
+        item = receipt_item(VICTIM)
+        path.write_bytes(seal_bytes(vault._key(item), item, donor) if vault else donor)
+        for _ in range(2):
+            view = asyncio.run(status.status(VICTIM))
+            assert view is not None
+            receipt = view["receipt"]
+            assert receipt["verified"] is False and receipt["altered"] is True, receipt
+            assert VICTIM in receipt["error"] and ALTERED in receipt["error"], receipt
+            assert "restore the spool and the state folder from a backup" in receipt["error"]
+            assert not {"disposition", "signer", "original_message_id", "mic"} & set(receipt)
+        view = asyncio.run(status.status(DONOR))
+        assert view is not None and view["receipt"]["verified"] is True, view  # untouched
+    finally:
+        audit.close()
+    [alert] = events(trail, "atrest.integrity_failed")
+    assert alert["message_id"] == VICTIM and ALTERED in alert["reason"], alert
+
+
+def test_a_receipt_file_settled_before_its_sha256_was_recorded_is_still_shown(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: a receipt file settled by a medgw from before (no SHA-256 in its
+    row) is verified and shown as it was then; it cannot be checked for a swap."""
+    spool = make_spool(SystemClock())
+    trail = tmp_path / "audit.jsonl"
+    context, audit = _judging_context(layout, spool, trail, None)
+    _sending(spool, VICTIM, tmp_path, MIC)
+    built = _large_receipt(layout, VICTIM, MIC)
+    path = context.receipts / "old.hl7.0123456789ab.mdn"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(f"Content-Type: {_content_type(built)}\r\n\r\n".encode() + built.body)
+    assert spool.mark_done(VICTIM, OutboundState.DELIVERED, "processed", path)
+    record = spool.get(VICTIM)
+    assert record is not None and record.receipt_sha256 is None and record.receipt_form == "file"
+    try:
+        view = asyncio.run(MessageStatus(context).status(VICTIM))
+    finally:
+        audit.close()
+    assert view is not None
+    assert view["receipt"]["verified"] is True and view["receipt"]["mic_matches"] is True, view
+    assert view["receipt"]["original_message_id"] == VICTIM
+    assert events(trail, "atrest.integrity_failed") == []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def lab_spool(request: pytest.FixtureRequest) -> PostgresSettings | None:
+    """The lab's spool: SQLite (None), or a database of its own on the session's
+    PostgreSQL server (its [cluster] and [spool] after its [api], if any)."""
+    if request.param == "sqlite":
+        return None
+    settings: PostgresSettings = request.getfixturevalue("postgres")
+    return settings
+
+
+@pytest.fixture
+def large_receipts(layout: DemoLayout, lab_spool: PostgresSettings | None) -> Iterator[list[str]]:
+    """A stand-in for the hospital on its port (its TLS certificate, the clients'
+    required) that takes each message and answers with a processed receipt it signs,
+    larger than a spool row keeps, with the MIC the lab recorded (read from the lab's
+    spool).  Yields the Message-IDs answered."""
+    answered: list[str] = []
+    spool_path = load_config(layout.lab.config_path).storage.spool_path
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            message_id = self.headers["Message-ID"]
+            spool = open_spool(spool_path, SystemClock(), lab_spool)
+            try:
+                record = spool.get(message_id)
+            finally:
+                spool.close()
+            assert record is not None and record.mic is not None
+            built = _large_receipt(layout, message_id, record.mic)
+            self.send_response(200)
+            for name, value in built.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(built.body)))
+            self.end_headers()
+            self.wfile.write(built.body)
+            answered.append(message_id)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    certs = layout.hospital.root / "certs"
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(certs / "tls.crt", certs / "tls.key")
+    tls.load_verify_locations(layout.ca_certificate)
+    tls.verify_mode = ssl.CERT_REQUIRED
+    server = ThreadingHTTPServer(("127.0.0.1", layout.hospital.port), Handler)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield answered
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _configure(layout: DemoLayout, postgres: PostgresSettings | None) -> None:
+    """The lab's spool in PostgreSQL, if given."""
+    if postgres is not None:
+        add_node(layout.lab, "lab-a", postgres)
+
+
+def _kept_file(
+    layout: DemoLayout, postgres: PostgresSettings | None, message_id: str
+) -> tuple[Path, bytes, str | None]:
+    """Where the lab keeps the receipt file of ``message_id``, its plaintext, and the
+    SHA-256 its row records."""
+    config = load_config(layout.lab.config_path)
+    assert config.at_rest is not None and config.at_rest.enabled
+    spool = open_spool(config.storage.spool_path, SystemClock(), postgres)
+    try:
+        record = spool.get(message_id)
+        assert record is not None and record.receipt_path is not None, record
+        vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+        plain = vault.read_file(receipt_item(message_id), record.receipt_path)
+        return record.receipt_path, plain, record.receipt_sha256
+    finally:
+        spool.close()
+
+
+def _replace_file(
+    layout: DemoLayout, postgres: PostgresSettings | None, victim: str, donor: str
+) -> None:
+    """``victim``'s receipt file replaced by ``donor``'s receipt, sealed at rest under the
+    victim's own data key (as one who can write the state folder and read the key
+    folder would): it opens and verifies as the victim's receipt would."""
+    config = load_config(layout.lab.config_path)
+    assert config.at_rest is not None
+    path, _, _ = _kept_file(layout, postgres, victim)
+    _, plain, _ = _kept_file(layout, postgres, donor)
+    spool = open_spool(config.storage.spool_path, SystemClock(), postgres)
+    try:
+        vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+        item = receipt_item(victim)
+        path.write_bytes(seal_bytes(vault._key(item), item, plain))
+        assert vault.read_file(item, path) == plain
+    finally:
+        spool.close()
+
+
+def _two_delivered(api: Api) -> list[str]:
+    """Two documents sent through the local API, both delivered with a verified receipt:
+    their message ids."""
+    sent = []
+    for name in ("a.hl7", "b.hl7"):
+        status, view = api.request(
+            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
+        )
+        assert status == 202, view
+        sent.append(view["message_id"])
+    for message_id in sent:
+        final = api.wait_final(message_id, LIS_TOKEN)
+        assert final["state"] == "delivered", final
+        assert final["receipt"]["verified"] is True, final
+    return sent
+
+
+def test_the_local_api_does_not_show_a_receipt_file_replaced_by_another(
+    layout: DemoLayout,
+    processes: Any,
+    lab_spool: PostgresSettings | None,
+    large_receipts: list[str],
+) -> None:
+    """A real lab daemon on each backend, its peer answering with receipts too large for
+    a spool row: each kept as a sealed file, its SHA-256 recorded in the row and named
+    by the audit record of the settlement.  One file replaced by the other message's
+    receipt is not shown; an alert, once."""
+    api = enable_api(layout)
+    _configure(layout, lab_spool)
+    config = str(layout.lab.config_path)
+    lab = processes.start(layout.lab.config_path)
+    victim, donor = _two_delivered(api)
+    assert sorted(large_receipts) == sorted([victim, donor])
+    shown = medgw("queue", "show", victim, "--json", "--config", config)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["receipt_kept"] == "file"
+    path, plain, sha256 = _kept_file(layout, lab_spool, victim)
+    assert sha256 == hashlib.sha256(plain).hexdigest()
+    [record] = wait_for_events(
+        layout.lab.audit_log, "receipt.received", where=lambda r: r["message_id"] == victim
+    )
+    assert record["detail"]["receipt_file"] == str(path)
+    assert record["detail"]["receipt_sha256"] == sha256
+    _replace_file(layout, lab_spool, victim, donor)
+
+    status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
+    assert status == 200, view
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    assert victim in receipt["error"] and ALTERED in receipt["error"], receipt
+    assert not {"disposition", "signer", "original_message_id"} & set(receipt)
+    [alert] = wait_for_events(layout.lab.audit_log, "atrest.integrity_failed")
+    assert alert["message_id"] == victim and alert["severity"] == "alert", alert
+    assert ALTERED in alert["reason"], alert
+    status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
+    assert status == 200 and view["receipt"]["altered"] is True, view
+    assert len(events(layout.lab.audit_log, "atrest.integrity_failed")) == 1
+    status, view = api.request("GET", f"/v1/messages/{donor}", token=LIS_TOKEN)
+    assert status == 200 and view["receipt"]["verified"] is True, view  # its own, untouched
+    assert lab.stop() == 0
+
+
+def test_medgw_send_does_not_show_a_receipt_file_replaced_by_another(
+    layout: DemoLayout,
+    processes: Any,
+    lab_spool: PostgresSettings | None,
+    large_receipts: list[str],
+    tmp_path: Path,
+) -> None:
+    """``medgw send`` (the control socket's status, followed until final): a resend
+    under the same idempotency key reports the message it has, and exits 1 when its
+    receipt file was replaced by another message's."""
+    _configure(layout, lab_spool)
+    config = str(layout.lab.config_path)
+    lab = processes.start(layout.lab.config_path)
+    documents = [tmp_path / "a.hl7", tmp_path / "b.hl7"]
+    sent = []
+    for document in documents:
+        document.write_bytes(b"MSH|" + document.name.encode() + b"\r")
+        done = medgw(
+            "send",
+            document,
+            "--to",
+            "hospital",
+            "--idempotency-key",
+            document.stem,
+            "--config",
+            config,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "signed by" in done.stdout and "receipt file" in done.stdout, done.stdout
+        first = done.stdout.splitlines()[0].split()
+        assert first[0] == "delivered", done.stdout
+        sent.append(first[1])
+    victim, donor = sent
+    assert sorted(large_receipts) == sorted(sent)
+    _replace_file(layout, lab_spool, victim, donor)
+
+    again = medgw(
+        "send", documents[0], "--to", "hospital", "--idempotency-key", "a", "--config", config
+    )
+    assert again.returncode == 1, again.stderr  # not "delivered and verified"
+    assert "already spooled as" in again.stderr, again.stderr
+    assert "the spool was altered outside medgw" in again.stderr, again.stderr
+    assert again.stdout.splitlines()[0].split() == ["delivered", victim], again.stdout
+    assert "NOT SHOWN, altered" in again.stdout and ALTERED in again.stdout, again.stdout
+    assert "signed by" not in again.stdout and "disposition" not in again.stdout
+    assert lab.stop() == 0

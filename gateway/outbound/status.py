@@ -231,6 +231,10 @@ class MessageStatus:
             raise _NotAsStored(_too_large(where), kept_in)
         if row is not None and hashlib.sha256(kept).hexdigest() != row.sha256:
             raise _NotAsStored(_altered(record.message_id), kept_in)
+        if row is None and record.receipt_sha256 not in (None, hashlib.sha256(kept).hexdigest()):
+            # A file's SHA-256 recorded at settlement (None: settled before it was, and
+            # so never compared): another receipt put in its place, or its bytes edited.
+            raise _NotAsStored(_altered_file(record.message_id), kept_in)
         peer = self._ctx.config.peer(record.peer)
         if peer is None:
             return {"verified": False, "error": f"peer {record.peer!r} is no longer configured"}
@@ -327,4 +331,20 @@ def _altered(message_id: str) -> dict[str, Any]:
         " this receipt is not shown (fix: restore the spool from a backup, and run medgw"
         " audit verify: the audit record of the settlement names the SHA-256 of the"
         " receipt received)",
+    }
+
+
+def _altered_file(message_id: str) -> dict[str, Any]:
+    """As :func:`_altered`, for a receipt kept as a file (one too large for the spool
+    row) whose SHA-256 is not the one the row of ``message_id`` recorded when it settled
+    the message."""
+    return {
+        "verified": False,
+        "altered": True,
+        "error": f"the receipt file kept for {message_id} does not match the receipt"
+        " recorded when the message was settled (its SHA-256 is not the one recorded,"
+        " outbound.receipt_sha256): the state folder was altered outside medgw, and this"
+        " receipt is not shown (fix: restore the spool and the state folder from a"
+        " backup, and run medgw audit verify: the audit record of the settlement names"
+        " the SHA-256 of the receipt received)",
     }
