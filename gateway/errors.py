@@ -187,6 +187,11 @@ class AtRestTamperedError(AtRestError):
     another item's."""
 
 
+class DataKeyMissingError(AtRestError):
+    """A sealed item whose data key is not in the spool: disposed of (the record naming
+    it is cleared in the same transaction), or the spool was altered or replaced."""
+
+
 class StorageFullError(DeliveryError):
     """No space is left where a received document goes (disk full, quota).
 

@@ -24,7 +24,7 @@ from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.logs import make_logger
 from gateway.outbound.context import Context, Settings
-from gateway.outbound.status import MAX_STORED_RECEIPT, MessageStatus
+from gateway.outbound.status import ALTERED_FIX, MAX_STORED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
 from gateway.spool import DataKey, OutboundState, Settled, Spool, SqliteSpool
@@ -435,25 +435,20 @@ def test_past_the_alerts_cap_an_altered_receipt_is_still_logged(
     assert lines == [(MESSAGE, True), (other, False), (other, False)], lines
 
 
-@pytest.mark.parametrize("lost", ["its data key", "the key-encryption key"])
-def test_a_receipt_whose_key_is_gone_is_not_reported_altered(
-    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, lost: str
+def test_a_receipt_whose_key_encryption_key_is_gone_is_not_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
-    """Both backends: a receipt sealed at rest whose data key is gone from the spool, or
-    whose key-encryption key is gone from the key folder, cannot be opened now; that is
-    not tampering (a purge, a key folder not put back): no alert, and the status says it
-    cannot be verified now, naming none of the gateway's files (the local API answers
-    with it); the log names the cause."""
+    """Both backends: a receipt sealed at rest whose key-encryption key is gone from the
+    key folder (a key folder not put back) cannot be opened now; that is not tampering:
+    no alert, and the status says it cannot be verified now, naming none of the
+    gateway's files (the local API answers with it); the log names the cause."""
     spool = make_spool(SystemClock())
     vault = Vault(KeyStore(tmp_path / "keys"), spool)
     vault.open()
     _sent(spool, tmp_path)
     _settled_sealed(spool, vault, _signed(layout, MESSAGE))
-    if lost == "its data key":
-        spool._write("DELETE FROM data_keys WHERE item=?", (receipt_item(MESSAGE),))  # type: ignore[attr-defined]
-    else:
-        for kek in (tmp_path / "keys").iterdir():
-            kek.unlink()
+    for kek in (tmp_path / "keys").iterdir():
+        kek.unlink()
     log = io.StringIO()
     view, _ = _status_bounded(
         layout, tmp_path, spool, log, Vault(KeyStore(tmp_path / "keys"), spool)
@@ -466,3 +461,30 @@ def test_a_receipt_whose_key_is_gone_is_not_reported_altered(
     assert _alerts(tmp_path) == []
     [line] = _logged(log, "receipt.unopenable")
     assert line["message_id"] == MESSAGE and "key" in line["error"], line
+
+
+def test_a_receipt_whose_data_key_was_deleted_from_the_spool_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: settlement stores a receipt's data key with it, and a retry or
+    retention deletes both at once; a sealed receipt whose row is unchanged and whose
+    data key is gone was altered outside medgw (a negative receipt hidden so would
+    otherwise leave the row's "processed" standing, unverified and unalarmed)."""
+    spool = make_spool(SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    _sent(spool, tmp_path)
+    _settled_sealed(spool, vault, _signed(layout, MESSAGE))
+    spool._write("DELETE FROM data_keys WHERE item=?", (receipt_item(MESSAGE),))  # type: ignore[attr-defined]
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout, tmp_path, spool, log, Vault(KeyStore(tmp_path / "keys"), spool)
+    )
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    assert "data key was removed from the spool" in receipt["error"], receipt
+    assert ALTERED_FIX in receipt["error"], receipt
+    assert view["disposition"] is None, view
+    assert _alerts(tmp_path) == [MESSAGE]
+    [line] = _logged(log, "receipt.stored_altered")
+    assert line["message_id"] == MESSAGE and line["receipt"] == "spool", line

@@ -382,13 +382,18 @@ def test_while_uploads_finish_a_maintenance_session_reads_and_changes_nothing(
     assert not events(layout.hospital.audit_log, "config.reloaded")
     assert not events(layout.hospital.audit_log, "emergency.entered")
     commands = [
-        (c["detail"]["command"], c["outcome"], c["detail"]["exit_status"])
+        (
+            c["detail"]["command"],
+            c["outcome"],
+            c["detail"]["exit_status"],
+            c["detail"].get("refused"),
+        )
         for c in events(layout.hospital.audit_log, "maintenance.command")
     ]
     assert commands == [
-        ("queue list", "success", 0),
-        ("peers list", "success", 0),
-        ("peers suspend", "failure", 1),
-        ("reload", "failure", 1),
-        ("emergency enter", "failure", 1),
+        ("queue list", "success", 0, None),
+        ("peers list", "success", 0, None),
+        ("peers suspend", "failure", 1, "stopping"),
+        ("reload", "failure", 1, "stopping"),
+        ("emergency enter", "failure", 1, "stopping"),
     ]

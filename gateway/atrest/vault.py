@@ -30,7 +30,7 @@ from typing import BinaryIO, NamedTuple, cast
 
 from gateway.atrest import chunked
 from gateway.atrest.keys import KeyStore, unwrap, wrap
-from gateway.errors import AtRestError
+from gateway.errors import AtRestError, DataKeyMissingError
 from gateway.fsutil import FolderSync, fsync_dir, partial_name
 from gateway.spool import DataKey, Spool
 
@@ -153,7 +153,7 @@ class Vault:
         while True:
             stored = self._spool.data_key(item)
             if stored is None:
-                raise AtRestError(
+                raise DataKeyMissingError(
                     f"the data key of {item} is not in the spool: the item was disposed of, "
                     "or the spool was replaced by one from elsewhere",
                     fix="restore the spool and its stored files from the same backup",

@@ -31,6 +31,7 @@ class Result:
     text: str
     # What the person was shown that names a document or a patient (MNT-1): audited.
     shown: dict[str, Any] = field(default_factory=dict)
+    refused: str | None = None  # why it was not run at all ("stopping"): audited
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ async def execute(
     if not least <= len(args) <= most:
         return command, args, _usage(command)
     if stopping and not command.reads_only:
-        return command, args, Result(1, STOPPING)
+        return command, args, Result(1, STOPPING, refused="stopping")
     try:
         return command, args, await command.run(ctx, args)
     except MedgwError as exc:  # an unknown message or peer, a state that does not allow it

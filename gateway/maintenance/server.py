@@ -436,6 +436,8 @@ class MaintenanceServer:
             "arguments": args[:16],
             "exit_status": result.status,
         }
+        if result.refused is not None:
+            detail["refused"] = result.refused
         if command is not None and command.reveals and result.shown:
             detail["reveals"] = command.reveals
             detail["shown"] = result.shown

@@ -17,6 +17,7 @@ from gateway.channel.client import MAX_RECEIPT_BYTES
 from gateway.errors import (
     AtRestError,
     AtRestTamperedError,
+    DataKeyMissingError,
     MedgwError,
     StoredReceiptRefusedError,
     StoredReceiptTooLargeError,
@@ -214,7 +215,14 @@ class MessageStatus:
             raise _NotAsStored(
                 {"verified": False, "error": f"{exc.message} (fix: {ALTERED_FIX})"}, kept_in
             ) from None
-        except AtRestError as exc:  # its key missing or destroyed
+        except DataKeyMissingError:
+            # Settlement stores the data key with the receipt, and a retry or retention
+            # clears the receipt with its key in one transaction (a file removed first):
+            # a receipt still kept, its row unchanged, and its key gone from the spool
+            # (which _read checks before reporting) was altered outside medgw, a sealed
+            # negative receipt hidden so. The key folder's keys are another matter (next).
+            raise _NotAsStored(_key_removed(record.message_id), kept_in) from None
+        except AtRestError as exc:  # a key-encryption key missing or destroyed
             raise _Unopenable(
                 "the stored receipt cannot be opened now: its at-rest key cannot be used"
                 " (the gateway's log says why: receipt.unopenable)",
@@ -314,6 +322,16 @@ def _removed(message_id: str) -> dict[str, Any]:
         "error": f"the receipt of {message_id} was removed from its spool row (its SHA-256,"
         " recorded when the message was settled, is still there): the spool was altered"
         f" outside medgw (fix: {ALTERED_FIX})",
+    }
+
+
+def _key_removed(message_id: str) -> dict[str, Any]:
+    """A receipt of ``message_id`` still kept sealed at rest, its data key gone from the
+    spool: settlement, a retry and retention store or delete both at once."""
+    return {
+        "verified": False,
+        "error": f"the receipt of {message_id} is kept sealed, but its data key was removed"
+        f" from the spool: the spool was altered outside medgw (fix: {ALTERED_FIX})",
     }
 
 
