@@ -22,7 +22,7 @@ from gateway.spool.records import receipt_item
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.cluster import add_node
-from tests.helpers.local_api import LIS_TOKEN, Api, enable_api
+from tests.helpers.local_api import LIS_TOKEN, Api, enable_api, two_delivered
 
 ALTERED = "does not match the receipt recorded when the message was settled"
 
@@ -94,23 +94,6 @@ def _lab_and_hospital(
     return api, processes.start(layout.lab.config_path)
 
 
-def _two_delivered(api: Api) -> list[str]:
-    """Two documents sent through the local API, both delivered with a verified receipt:
-    their message ids."""
-    sent = []
-    for name in ("a.hl7", "b.hl7"):
-        status, view = api.request(
-            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
-        )
-        assert status == 202, view
-        sent.append(view["message_id"])
-    for message_id in sent:
-        final = api.wait_final(message_id, LIS_TOKEN)
-        assert final["state"] == "delivered", final
-        assert final["receipt"]["verified"] is True, final
-    return sent
-
-
 def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_once(
     layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
 ) -> None:
@@ -119,7 +102,7 @@ def test_a_row_receipt_copied_from_another_row_is_reported_altered_and_audited_o
     was altered, with the fix for that (not the fix of a body that failed its check,
     which is to cancel the message), and shows neither it nor the row's disposition."""
     api, lab = _lab_and_hospital(layout, processes, lab_spool)
-    victim, donor = _two_delivered(api)
+    victim, donor = two_delivered(api)
     _copy_sealed(layout, lab_spool, victim, donor)
     for _ in range(2):
         status, view = api.request("GET", f"/v1/messages/{victim}", token=LIS_TOKEN)
@@ -142,7 +125,7 @@ def test_the_local_api_does_not_show_a_row_receipt_replaced_by_another(
     layout: DemoLayout, processes: Any, lab_spool: PostgresSettings | None
 ) -> None:
     api, lab = _lab_and_hospital(layout, processes, lab_spool)
-    sent = _two_delivered(api)
+    sent = two_delivered(api)
     victim, donor = sent
     _replace_receipt(layout, lab_spool, victim, donor)
 

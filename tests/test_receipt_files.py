@@ -16,14 +16,13 @@ import json
 import ssl
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.as2.mdn import BuiltReceipt, Disposition, build_receipt
+from gateway.as2.mdn import BuiltReceipt
 from gateway.atrest import KeyStore, Vault
 from gateway.atrest.chunked import MAGIC, seal_bytes
 from gateway.audit.log import AuditLog
@@ -40,7 +39,6 @@ from gateway.outbound.settle import INLINE_RECEIPT_BYTES, Answer, Settler
 from gateway.outbound.status import MAX_SEALED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
-from gateway.policy import AlgorithmPolicy
 from gateway.spool import Claimant, OutboundState, Settled, Spool, SqliteSpool, open_spool
 from gateway.spool.postgres import PostgresSettings
 from gateway.spool.records import receipt_item
@@ -50,8 +48,9 @@ from tests.conftest import MakeSpool
 from tests.helpers.atrest import kept_receipt, stored_receipt
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.cluster import add_node
+from tests.helpers.demo import hospital_receipt
 from tests.helpers.faults import killed_at, wait_killed
-from tests.helpers.local_api import LIS_TOKEN, Api, enable_api
+from tests.helpers.local_api import LIS_TOKEN, enable_api, two_delivered
 from tests.helpers.recovery import lab_starting, logged_files
 
 OPERATOR = "operator:root (uid 0)"
@@ -390,18 +389,8 @@ ALTERED = "does not match the receipt recorded when the message was settled"
 def _large_receipt(layout: DemoLayout, message_id: str, mic: str) -> BuiltReceipt:
     """A processed receipt the hospital signs for ``message_id``, larger than a spool row
     keeps (a long explanation in its human-readable part): kept as a file."""
-    hospital = load_config(layout.hospital.config_path)
-    built = build_receipt(
-        original_message_id=message_id,
-        our_as2_id="SAKURA-HOSPITAL",
-        peer_as2_id="KITA-LAB",
-        disposition=Disposition.PROCESSED,
-        mic=mic,
-        signing=hospital.smime.signing,
-        digest="sha256",
-        policy=AlgorithmPolicy(),
-        at=datetime.now(UTC),
-        details="checked " * (INLINE_RECEIPT_BYTES // 8 + 1),
+    built = hospital_receipt(
+        layout, message_id, mic, details="checked " * (INLINE_RECEIPT_BYTES // 8 + 1)
     )
     assert len(built.body) > INLINE_RECEIPT_BYTES
     return built
@@ -624,23 +613,6 @@ def _replace_file(
         spool.close()
 
 
-def _two_delivered(api: Api) -> list[str]:
-    """Two documents sent through the local API, both delivered with a verified receipt:
-    their message ids."""
-    sent = []
-    for name in ("a.hl7", "b.hl7"):
-        status, view = api.request(
-            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
-        )
-        assert status == 202, view
-        sent.append(view["message_id"])
-    for message_id in sent:
-        final = api.wait_final(message_id, LIS_TOKEN)
-        assert final["state"] == "delivered", final
-        assert final["receipt"]["verified"] is True, final
-    return sent
-
-
 def test_the_local_api_does_not_show_a_receipt_file_replaced_by_another(
     layout: DemoLayout,
     processes: Any,
@@ -655,7 +627,7 @@ def test_the_local_api_does_not_show_a_receipt_file_replaced_by_another(
     _configure(layout, lab_spool)
     config = str(layout.lab.config_path)
     lab = processes.start(layout.lab.config_path)
-    victim, donor = _two_delivered(api)
+    victim, donor = two_delivered(api)
     assert sorted(large_receipts) == sorted([victim, donor])
     shown = medgw("queue", "show", victim, "--json", "--config", config)
     assert shown.returncode == 0, shown.stderr

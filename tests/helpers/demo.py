@@ -116,8 +116,11 @@ def hospital_post(
     return _post(layout, layout.hospital, layout.lab, headers, body, **options)
 
 
-def hospital_receipt(layout: DemoLayout, message_id: str, mic: str | None) -> BuiltReceipt:
-    """A receipt the hospital signs for the lab's ``message_id``: processed, with ``mic``."""
+def hospital_receipt(
+    layout: DemoLayout, message_id: str, mic: str | None, details: str | None = None
+) -> BuiltReceipt:
+    """A receipt the hospital signs for the lab's ``message_id``: processed, with ``mic``
+    (and ``details``, a human-readable explanation, when given)."""
     hospital = load_config(layout.hospital.config_path)
     return build_receipt(
         original_message_id=message_id,
@@ -129,6 +132,7 @@ def hospital_receipt(layout: DemoLayout, message_id: str, mic: str | None) -> Bu
         digest="sha256",
         policy=AlgorithmPolicy(),
         at=datetime.now(UTC),
+        details=details,
     )
 
 

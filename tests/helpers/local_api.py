@@ -62,6 +62,23 @@ class Api:
         return result
 
 
+def two_delivered(api: Api) -> list[str]:
+    """Two documents sent to the hospital through the local API (as "lis"), both delivered
+    with a verified receipt: their message ids."""
+    sent = []
+    for name in ("a.hl7", "b.hl7"):
+        status, view = api.request(
+            "POST", f"/v1/messages?to=hospital&filename={name}", token=LIS_TOKEN, body=b"MSH|x\r"
+        )
+        assert status == 202, view
+        sent.append(view["message_id"])
+    for message_id in sent:
+        final = api.wait_final(message_id, LIS_TOKEN)
+        assert final["state"] == "delivered", final
+        assert final["receipt"]["verified"] is True, final
+    return sent
+
+
 def enable_api(layout: DemoLayout) -> Api:
     """The lab gets an [api] with two clients: "lis" and "ris", both may send to the hospital."""
     port = free_port()
