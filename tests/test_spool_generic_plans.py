@@ -239,6 +239,25 @@ def test_the_lease_renewal_names_each_state_in_its_text(
     assert not [entry for entry in bound if entry[1]], bound
 
 
+def _reads_of(
+    generic: Path,
+    postgres: PostgresSettings,
+    what: str,
+    call: Callable[[PostgresSpool], list[object]],
+) -> list[tuple[str, list[Any]]]:
+    """The table reads of the statements ``call`` ran, each with its query, as their
+    generic plans say; ``call`` must have found rows (the spool is as the test made it)."""
+    found: list[list[object]] = []
+    seen = [
+        (query, list(reads_in(plan)))
+        for query, plan in plans_of(generic, postgres, lambda s: found.append(call(s)))
+    ]
+    assert found[0], f"{what}: nothing found: the spool is not as the test made it"
+    reads = [(query, read) for query, read in seen if read]
+    assert reads, f"{what}: no statement read the table: {seen}"
+    return reads
+
+
 @pytest.mark.parametrize(
     ("what", "call", "through"),
     [
@@ -310,14 +329,7 @@ def test_a_claim_or_a_take_over_names_its_state_and_reads_its_index(
     every row) on a hub's spool.  Each names
     its state in its text, and reads through an index that holds it; a row then
     changed by its key may check its state as a parameter."""
-    found: list[list[object]] = []
-    seen = [
-        (query, list(reads_in(plan)))
-        for query, plan in plans_of(generic, postgres, lambda s: found.append(call(s)))
-    ]
-    assert found[0], f"{what}: nothing found: the spool is not as the test made it"
-    reads = [(query, read) for query, read in seen if read]
-    assert reads, f"{what}: no statement read the table: {seen}"
+    reads = _reads_of(generic, postgres, what, call)
     used: set[str] = set()
     for query, read in reads:
         for plan, how, searched in read:
@@ -394,14 +406,7 @@ def test_a_listing_by_state_names_its_state_in_its_text(
     rows: the whole table, on a hub's spool), or the whole table.  Each names its state
     and its limit in its text, and reads through an index: for a state of few rows, one
     that holds that state's rows alone or first."""
-    found: list[list[object]] = []
-    seen = [
-        (query, list(reads_in(plan)))
-        for query, plan in plans_of(generic, postgres, lambda s: found.append(call(s)))
-    ]
-    assert found[0], f"{what}: nothing found: the spool is not as the test made it"
-    reads = [(query, read) for query, read in seen if read]
-    assert reads, f"{what}: no statement read the table: {seen}"
+    reads = _reads_of(generic, postgres, what, call)
     for query, read in reads:
         for plan, how, searched in read:
             assert searched, f"{what}: {how} of every row: {query}"
