@@ -488,3 +488,70 @@ def test_a_receipt_whose_data_key_was_deleted_from_the_spool_is_reported_altered
     assert _alerts(tmp_path) == [MESSAGE]
     [line] = _logged(log, "receipt.stored_altered")
     assert line["message_id"] == MESSAGE and line["receipt"] == "spool", line
+
+
+class _RetriedBeforeItsReceiptIsRead:
+    """The spool, where an operator's retry of MESSAGE, its resend and a new receipt all
+    happen between the status's read of its row and that of its row receipt
+    (``meanwhile``, at the first read of that receipt)."""
+
+    def __init__(self, spool: Spool, meanwhile: Any) -> None:
+        self._spool = spool
+        self._meanwhile = meanwhile
+        self.interleaved = False
+
+    def row_receipt(self, message_id: str, at_most: int) -> Any:
+        if message_id == MESSAGE and not self.interleaved:
+            self.interleaved = True
+            self._meanwhile()
+        return self._spool.row_receipt(message_id, at_most)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
+@pytest.mark.parametrize("at_rest", ["sealed", "in the clear"])
+def test_a_new_receipt_recorded_while_the_row_is_read_is_not_shown_beside_the_old_row(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, at_rest: str
+) -> None:
+    """Both backends: the row and its receipt are read in statements of their own.  A
+    retry of a failed message, its resend and its new receipt recorded in between leave
+    the new receipt (verified) beside the old row's state and disposition, unless the
+    row is read again once the receipt is verified: the status is one version of the
+    message, as it is now."""
+    spool = make_spool(SystemClock())
+    vault = None
+    if at_rest == "sealed":
+        vault = Vault(KeyStore(tmp_path / "keys"), spool)
+        vault.open()
+    _sent(spool, tmp_path)
+    if vault is not None:
+        _settled_sealed(spool, vault, _signed(layout, MESSAGE), OutboundState.FAILED)
+    else:
+        _settled_with(spool, _signed(layout, MESSAGE), state=OutboundState.FAILED)
+
+    def retried_and_delivered() -> None:
+        spool.operator_retry(MESSAGE, "operator", SystemClock().now().timestamp() + 3600)
+        spool.mark_sending(MESSAGE)
+        if vault is not None:
+            _settled_sealed(spool, vault, _signed(layout, MESSAGE))
+        else:
+            _settled_with(spool, _signed(layout, MESSAGE))
+
+    reads = _RetriedBeforeItsReceiptIsRead(spool, retried_and_delivered)
+    between = cast(Spool, reads)
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout,
+        tmp_path,
+        between,
+        log,
+        None if vault is None else Vault(KeyStore(tmp_path / "keys"), between),
+    )
+    assert reads.interleaved
+    receipt = view["receipt"]
+    assert receipt["verified"] is True and receipt["disposition"] == "processed", receipt
+    assert (view["state"], view["disposition"]) == ("delivered", "processed"), view
+    assert view["final"] is True, view
+    assert _alerts(tmp_path) == []
+    assert _logged(log, "receipt.stored_altered") == []

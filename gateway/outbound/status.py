@@ -93,18 +93,22 @@ class MessageStatus:
         return view
 
     def _read(self, message_id: str) -> tuple[OutboundRecord, dict[str, Any] | None] | None:
-        """The message's record and its stored receipt verified again (worker thread).
+        """The message's record and its stored receipt verified again (worker thread),
+        both of one version of the row.
 
-        A receipt that fails a check is reported only if the row is still as it was read:
-        the receipt and its data key are read in statements of their own, and a retry, a
-        new receipt or retention between them makes an intact receipt fail (another
-        receipt's key, or none).  Then the row as it is now is read instead."""
+        The row, its receipt and the receipt's data key are read in statements of their
+        own: a retry, a new receipt or retention between them pairs a row with another
+        version's receipt (a new receipt verified beside the old row's state), or makes
+        an intact receipt fail a check (another receipt's key, or none).  So once a
+        receipt was read the row is read again, and if it changed meanwhile, the status
+        is read again from it; a receipt that fails a check is reported only if the row
+        is still as it was read."""
         record = self._ctx.spool.get(message_id)
         for _ in range(MAX_READS):
             if record is None:
                 return None
             try:
-                return record, self._verified_again(record)
+                receipt = self._verified_again(record)
             except (_NotAsStored, _Unopenable) as failed:
                 again = self._ctx.spool.get(message_id)
                 if again is None or _receipt_state(again) != _receipt_state(record):
@@ -115,6 +119,12 @@ class MessageStatus:
                     return record, {**failed.view, "altered": True}
                 self._unopened(record, failed)
                 return record, failed.view
+            if not record.has_receipt:
+                return record, receipt  # the row alone was read
+            again = self._ctx.spool.get(message_id)
+            if again is not None and _receipt_state(again) == _receipt_state(record):
+                return record, receipt
+            record = again  # the receipt read may be a newer version's
         if record is None:
             return None
         return record, {
