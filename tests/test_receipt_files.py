@@ -485,6 +485,63 @@ def test_a_receipt_file_swapped_for_another_messages_receipt_is_reported_altered
     assert alert["message_id"] == VICTIM and ALTERED in alert["reason"], alert
 
 
+@pytest.mark.parametrize("settled", ["with its SHA-256", "before its SHA-256 was recorded"])
+def test_a_sealed_receipt_file_whose_data_key_is_gone(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, settled: str
+) -> None:
+    """Both backends: a sealed receipt file still named by an unchanged row whose data key
+    was deleted from the spool.  Settled with its SHA-256 (every settlement since), it
+    was altered outside medgw (settlement stores the key with it, a retry or retention
+    deletes both): reported so, alerted once, naming the file in the trail only.
+    Settled before (no SHA-256), a PostgreSQL backup of then could carry the file
+    without its key: it cannot be opened now, no alarm."""
+    spool = make_spool(SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    trail = tmp_path / "audit.jsonl"
+    context, audit = _judging_context(layout, spool, trail, vault)
+    peer = context.config.require_peer("hospital")
+    _sending(spool, VICTIM, tmp_path, MIC)
+    record = spool.get(VICTIM)
+    assert record is not None
+    built = _large_receipt(layout, VICTIM, MIC)
+    answer = Answer(record, peer, Response(200, _content_type(built), (), built.body))
+    status = MessageStatus(context)
+    try:
+        assert Settler(context).settle_all([answer]) == [None]
+        record = spool.get(VICTIM)
+        assert record is not None and record.receipt_path is not None
+        assert record.receipt_path.read_bytes().startswith(MAGIC)
+        if settled != "with its SHA-256":
+            spool._write(  # type: ignore[attr-defined]
+                "UPDATE outbound SET receipt_sha256=NULL WHERE message_id=?", (VICTIM,)
+            )
+        spool._write("DELETE FROM data_keys WHERE item=?", (receipt_item(VICTIM),))  # type: ignore[attr-defined]
+        for _ in range(2):
+            view = asyncio.run(status.status(VICTIM))
+            assert view is not None
+            receipt = view["receipt"]
+            assert receipt["verified"] is False, receipt
+            assert str(tmp_path) not in receipt["error"], receipt
+            if settled == "with its SHA-256":
+                assert receipt["altered"] is True, receipt
+                assert "data key was removed from the spool" in receipt["error"], receipt
+                assert view["disposition"] is None, view
+            else:
+                assert "altered" not in receipt, receipt
+                assert "cannot be opened now" in receipt["error"], receipt
+                assert view["disposition"] == "processed", view
+    finally:
+        audit.close()
+    alerts = events(trail, "atrest.integrity_failed")
+    if settled == "with its SHA-256":
+        [alert] = alerts
+        assert alert["message_id"] == VICTIM, alert
+        assert alert["detail"]["receipt_file"] == str(record.receipt_path), alert
+    else:
+        assert alerts == []
+
+
 def test_a_receipt_file_settled_before_its_sha256_was_recorded_is_still_shown(
     layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
@@ -543,13 +600,13 @@ def large_receipts(layout: DemoLayout, lab_spool: PostgresSettings | None) -> It
                 spool.close()
             assert record is not None and record.mic is not None
             built = _large_receipt(layout, message_id, record.mic)
+            answered.append(message_id)  # before the answer: the client may have it first
             self.send_response(200)
             for name, value in built.headers:
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(built.body)))
             self.end_headers()
             self.wfile.write(built.body)
-            answered.append(message_id)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

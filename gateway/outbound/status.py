@@ -225,20 +225,19 @@ class MessageStatus:
             raise _NotAsStored(
                 {"verified": False, "error": f"{exc.message} (fix: {ALTERED_FIX})"}, kept_in
             ) from None
-        except DataKeyMissingError:
-            # Settlement stores the data key with the receipt, and a retry or retention
-            # clears the receipt with its key in one transaction (a file removed first):
-            # a receipt still kept, its row unchanged, and its key gone from the spool
-            # (which _read checks before reporting) was altered outside medgw, a sealed
-            # negative receipt hidden so. The key folder's keys are another matter (next).
-            raise _NotAsStored(_key_removed(record.message_id), kept_in) from None
+        except DataKeyMissingError as exc:
+            # Settlement stores the data key with the receipt (and records its SHA-256),
+            # and a retry or retention clears the receipt with its key in one transaction
+            # (a file removed first): a receipt still kept, its row unchanged (which _read
+            # checks before reporting), its key gone from the spool, was altered outside
+            # medgw, a sealed negative receipt hidden so.  Not so a receipt file settled
+            # before its SHA-256 was recorded: a PostgreSQL backup of then could carry
+            # the file without its key (next: it cannot be opened now).
+            if record.receipt_sha256 is not None:
+                raise _NotAsStored(_key_removed(record.message_id), kept_in) from None
+            raise _Unopenable(_UNOPENABLE, kept_in, str(exc)) from None
         except AtRestError as exc:  # a key-encryption key missing or destroyed
-            raise _Unopenable(
-                "the stored receipt cannot be opened now: its at-rest key cannot be used"
-                " (the gateway's log says why: receipt.unopenable)",
-                kept_in,
-                str(exc),
-            ) from None
+            raise _Unopenable(_UNOPENABLE, kept_in, str(exc)) from None
         except OSError as exc:  # its file removed or unreadable since it was listed
             raise _Unopenable(
                 f"the stored receipt cannot be read now ({exc.strerror or 'unreadable'})",
@@ -273,6 +272,11 @@ class MessageStatus:
             "original_message_id": receipt.original_message_id,
         }
 
+
+_UNOPENABLE = (
+    "the stored receipt cannot be opened now: its at-rest key cannot be used"
+    " (the gateway's log says why: receipt.unopenable)"
+)
 
 # A receipt kept in its spool row, as the log and the audit trail name it (one kept in
 # a file: {"receipt_file": its path}), as the records of its settlement do.
@@ -340,6 +344,7 @@ def _key_removed(message_id: str) -> dict[str, Any]:
     spool: settlement, a retry and retention store or delete both at once."""
     return {
         "verified": False,
+        "altered": True,
         "error": f"the receipt of {message_id} is kept sealed, but its data key was removed"
         f" from the spool: the spool was altered outside medgw (fix: {ALTERED_FIX})",
     }
