@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -36,12 +36,20 @@ from gateway.outbound.context import Context, Settings
 from gateway.outbound.recover import Recovery
 from gateway.outbound.seal import INLINE_BODY_BYTES, Sealer
 from gateway.outbound.settle import INLINE_RECEIPT_BYTES, Answer, Settler
-from gateway.outbound.status import MAX_SEALED_RECEIPT, MessageStatus
+from gateway.outbound.status import ALTERED_FIX, MAX_SEALED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
-from gateway.spool import Claimant, OutboundState, Settled, Spool, SqliteSpool, open_spool
+from gateway.spool import (
+    Claimant,
+    OutboundRecord,
+    OutboundState,
+    Settled,
+    Spool,
+    SqliteSpool,
+    open_spool,
+)
 from gateway.spool.postgres import PostgresSettings
-from gateway.spool.records import receipt_item
+from gateway.spool.records import RetainedKind, receipt_item
 from tests.cli import medgw
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
@@ -402,10 +410,14 @@ def _content_type(built: BuiltReceipt) -> str:
 
 
 def _judging_context(
-    layout: DemoLayout, spool: Spool, trail: Path, vault: Vault | None
+    layout: DemoLayout,
+    spool: Spool,
+    trail: Path,
+    vault: Vault | None,
+    log: io.StringIO | None = None,
 ) -> tuple[Context, AuditLog]:
     """A context that judges the hospital's receipts as the daemon does (its certificates
-    assessed), with an audit trail of its own."""
+    assessed), with an audit trail of its own (and its log to ``log``)."""
     config = load_config(layout.lab.config_path)
     trust = asyncio.run(assess_peers(config.peers, config.zones, at=SystemClock().now()))
     audit = AuditLog(trail, SystemClock(), node="lab")
@@ -413,7 +425,7 @@ def _judging_context(
         Settings(config, trust),
         spool,
         audit,
-        make_logger(stream=io.StringIO()),
+        make_logger(stream=log or io.StringIO()),
         SystemClock(),
         vault,
     )
@@ -566,6 +578,216 @@ def test_a_receipt_file_settled_before_its_sha256_was_recorded_is_still_shown(
     assert view["receipt"]["verified"] is True and view["receipt"]["mic_matches"] is True, view
     assert view["receipt"]["original_message_id"] == VICTIM
     assert events(trail, "atrest.integrity_failed") == []
+
+
+def _settled_in_file(
+    layout: DemoLayout,
+    spool: Spool,
+    path: Path,
+    *,
+    sha256: bool = True,
+    state: OutboundState = OutboundState.DELIVERED,
+) -> None:
+    """VICTIM sent by ``spool``'s node and settled by it with a receipt the hospital
+    signed, too large for its row, kept in the clear as the file ``path`` (written), its
+    SHA-256 recorded (``sha256``) or not (settled by a medgw from before)."""
+    _sending(spool, VICTIM, path.parent, MIC)
+    built = _large_receipt(layout, VICTIM, MIC)
+    stored = f"Content-Type: {_content_type(built)}\r\n\r\n".encode() + built.body
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(stored)
+    disposition = "processed" if state is OutboundState.DELIVERED else "failed"
+    recorded = hashlib.sha256(stored).hexdigest() if sha256 else None
+    settled = Settled(VICTIM, state, disposition, path, receipt_sha256=recorded)
+    assert spool.mark_settled([settled]) == [VICTIM]
+
+
+def _status(context: Context, message_id: str = VICTIM) -> dict[str, Any]:
+    view = asyncio.run(MessageStatus(context).status(message_id))
+    assert view is not None
+    return view
+
+
+def _log_lines(log: io.StringIO, event: str) -> list[dict[str, Any]]:
+    """The lines of ``event`` written to ``log``."""
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    return [line for line in lines if line["event"] == event]
+
+
+def test_a_receipt_file_removed_while_its_row_names_it_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: a receipt file this node stored, its SHA-256 recorded when it
+    settled the message, removed while the row still names it (retention and a retry
+    clear the row once they remove the file) was removed outside medgw: reported as
+    the other altered receipts are, the row's disposition not shown, one alert however
+    often it is asked; not "no receipt" beside the row's "processed"."""
+    spool = make_spool(SystemClock())
+    trail = tmp_path / "audit.jsonl"
+    log = io.StringIO()
+    context, audit = _judging_context(layout, spool, trail, None, log)
+    path = context.receipts / "v.hl7.0123456789ab.mdn"
+    try:
+        _settled_in_file(layout, spool, path)
+        status = MessageStatus(context)
+        view = asyncio.run(status.status(VICTIM))
+        assert view is not None and view["receipt"]["verified"] is True, view
+        path.unlink()
+        for _ in range(2):
+            view = asyncio.run(status.status(VICTIM))
+            assert view is not None
+            receipt = view["receipt"]
+            assert receipt is not None, view
+            assert receipt["verified"] is False and receipt["altered"] is True, receipt
+            assert VICTIM in receipt["error"] and "was removed" in receipt["error"], receipt
+            assert ALTERED_FIX in receipt["error"], receipt
+            assert str(tmp_path) not in receipt["error"], receipt
+            assert view["disposition"] is None and view["state"] == "delivered", view
+    finally:
+        audit.close()
+    [alert] = events(trail, "atrest.integrity_failed")
+    assert alert["message_id"] == VICTIM and alert["detail"]["receipt_file"] == str(path), alert
+    [line] = _log_lines(log, "receipt.stored_altered")
+    assert line["receipt_file"] == str(path), line
+
+
+def test_a_receipt_file_settled_before_its_sha256_was_recorded_and_gone_cannot_be_read(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: a receipt file from before files had their SHA-256 recorded, gone
+    while its row names it, "cannot be read now" (nothing tells its removal from a
+    file never checked): not altered, no alert, the row's disposition stands, and a
+    warning in the log names the file, once."""
+    spool = make_spool(SystemClock())
+    trail = tmp_path / "audit.jsonl"
+    log = io.StringIO()
+    context, audit = _judging_context(layout, spool, trail, None, log)
+    path = context.receipts / "old.hl7.0123456789ab.mdn"
+    try:
+        _settled_in_file(layout, spool, path, sha256=False)
+        path.unlink()
+        status = MessageStatus(context)  # one daemon's, asked twice
+        views = [asyncio.run(status.status(VICTIM)) for _ in range(2)]
+    finally:
+        audit.close()
+    for view in views:
+        assert view is not None
+        receipt = view["receipt"]
+        assert receipt is not None, view
+        assert receipt["verified"] is False and "altered" not in receipt, receipt
+        assert "cannot be read now" in receipt["error"], receipt
+        assert str(tmp_path) not in receipt["error"], receipt
+        assert view["disposition"] == "processed", view
+    assert events(trail, "atrest.integrity_failed") == []
+    [line] = _log_lines(log, "receipt.unopenable")
+    assert line["receipt_file"] == str(path), line
+
+
+def test_a_receipt_file_named_outside_this_nodes_receipts_folder_is_not_called_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: a row settled by this node naming a receipt file in another folder
+    (a state folder moved by hand since), the file not there: it "cannot be read now",
+    no alert, the row's disposition stands."""
+    spool = make_spool(SystemClock())
+    trail = tmp_path / "audit.jsonl"
+    context, audit = _judging_context(layout, spool, trail, None)
+    path = tmp_path / "old-state" / "receipts" / "v.hl7.0123456789ab.mdn"
+    assert path.parent != context.receipts
+    try:
+        _settled_in_file(layout, spool, path)
+        path.unlink()
+        view = _status(context)
+    finally:
+        audit.close()
+    receipt = view["receipt"]
+    assert receipt is not None and "altered" not in receipt, view
+    assert "cannot be read now" in receipt["error"] and "moved" in receipt["error"], receipt
+    assert str(tmp_path) not in receipt["error"], receipt
+    assert view["disposition"] == "processed", view
+    assert events(trail, "atrest.integrity_failed") == []
+
+
+class _DisposedAfterTheRowIsRead:
+    """The spool, where retention disposes of VICTIM's receipt (its file removed first,
+    then its row cleared) just after the status's first read of the row."""
+
+    def __init__(self, spool: Spool, path: Path) -> None:
+        self._spool = spool
+        self._path = path
+        self.interleaved = False
+
+    def get(self, message_id: str) -> OutboundRecord | None:
+        record = self._spool.get(message_id)
+        if message_id == VICTIM and not self.interleaved:
+            self.interleaved = True
+            self._path.unlink()
+            batch = self._spool.disposable(RetainedKind.RECEIPTS, "9999-12-31T00:00:00+00:00")
+            assert [item.message_id for item in self._spool.dispose(batch)] == [VICTIM]
+        return record
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
+def test_a_receipt_file_retention_disposes_of_while_it_is_read_is_no_alarm(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: retention removes a receipt file before it clears the row; a
+    status that read the row before and finds the file gone reads the row again and
+    shows it as it is now (no receipt kept), with no alert."""
+    spool = make_spool(SystemClock())
+    trail = tmp_path / "audit.jsonl"
+    path = load_config(layout.lab.config_path).storage.receipts_dir / "v.hl7.0123456789ab.mdn"
+    reads = _DisposedAfterTheRowIsRead(spool, path)
+    log = io.StringIO()
+    context, audit = _judging_context(layout, cast(Spool, reads), trail, None, log)
+    try:
+        _settled_in_file(layout, spool, path)
+        view = _status(context)
+    finally:
+        audit.close()
+    assert reads.interleaved
+    assert view["receipt"] is None and view["receipt_kept"] is None, view
+    assert view["state"] == "delivered", view
+    assert events(trail, "atrest.integrity_failed") == []
+    assert _log_lines(log, "receipt.stored_altered") == []
+
+
+@pytest.mark.parametrize("then", ["settled there", "cancelled here"])
+def test_a_receipt_file_of_another_node_is_not_reported_altered_on_this_one(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, then: str
+) -> None:
+    """Both backends, two nodes sharing the spool, with the same state folder path each
+    on its own machine: node a settles a message with a receipt file in its own state
+    folder.  Asked on node b, where that file is not, the status says it cannot be read
+    on this node, naming a when the row still says a settled it (and not after b
+    cancelled the failed message: then no node is named), never that it was altered."""
+    a = make_spool(SystemClock(), Claimant("a", 60.0))
+    b = make_spool(SystemClock(), Claimant("b", 60.0))
+    trail = tmp_path / "audit.jsonl"
+    log = io.StringIO()
+    context, audit = _judging_context(layout, b, trail, None, log)
+    path = context.receipts / "v.hl7.0123456789ab.mdn"
+    state = OutboundState.DELIVERED if then == "settled there" else OutboundState.FAILED
+    try:
+        _settled_in_file(layout, a, path, state=state)
+        path.unlink()  # on a's machine, not on b's
+        if then == "cancelled here":
+            b.operator_cancel(VICTIM, OPERATOR)
+        view = _status(context)
+    finally:
+        audit.close()
+    receipt = view["receipt"]
+    assert receipt is not None, view
+    assert receipt["verified"] is False and "altered" not in receipt, receipt
+    assert "cannot be read on this node" in receipt["error"], receipt
+    assert ("node 'a'" in receipt["error"]) == (then == "settled there"), receipt
+    assert str(tmp_path) not in receipt["error"], receipt
+    assert view["disposition"] is not None, view
+    assert events(trail, "atrest.integrity_failed") == []
+    [line] = _log_lines(log, "receipt.unopenable")
+    assert line["receipt_file"] == str(path), line
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

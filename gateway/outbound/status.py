@@ -99,21 +99,23 @@ class MessageStatus:
         The row, its receipt and the receipt's data key are read in statements of their
         own: a retry, a new receipt or retention between them pairs a row with another
         version's receipt (a new receipt verified beside the old row's state), or makes
-        an intact receipt fail a check (another receipt's key, or none).  So once a
-        receipt was read the row is read again, and if it changed meanwhile, the status
-        is read again from it; a receipt that fails a check is reported only if the row
-        is still as it was read."""
+        an intact receipt fail a check (another receipt's key, or none; its file removed
+        by retention before it clears the row).  So once a receipt was read the row is
+        read again, and if it changed meanwhile, the status is read again from it; a
+        receipt that fails a check is reported only if the row is still as it was read."""
         record = self._ctx.spool.get(message_id)
         for _ in range(MAX_READS):
             if record is None:
                 return None
             try:
                 receipt = self._verified_again(record)
-            except (_NotAsStored, _Unopenable) as failed:
+            except (_NotAsStored, _Unopenable, _FileGone) as failed:
                 again = self._ctx.spool.get(message_id)
                 if again is None or _receipt_state(again) != _receipt_state(record):
                     record = again  # moved on meanwhile: not tampering
                     continue
+                if isinstance(failed, _FileGone):
+                    failed = self._file_gone(record, failed)
                 if isinstance(failed, _NotAsStored):
                     self._integrity_failed(record, failed)
                     return record, {**failed.view, "altered": True}
@@ -132,6 +134,47 @@ class MessageStatus:
             "error": "the message changed while its receipt was read (a retry, a new"
             " receipt, retention): ask again",
         }
+
+    def _file_gone(self, record: OutboundRecord, gone: _FileGone) -> _NotAsStored | _Unopenable:
+        """What a receipt file that is not there means, its row unchanged since it was
+        read (so not retention, which removes the file before it clears the row, nor a
+        retry): removed outside medgw if this node settled the message into its own
+        receipts folder with the file's SHA-256 recorded; otherwise it cannot be read
+        here (another node's state folder, or settled before a file's SHA-256 was
+        recorded, when nothing tells a removal from a file never checked)."""
+        assert record.receipt_path is not None
+        if record.receipt_sha256 is None:
+            return _Unopenable(
+                "the stored receipt cannot be read now (its file is not there; the message"
+                " was settled before medgw recorded a receipt file's SHA-256)",
+                gone.kept,
+                gone.cause,
+            )
+        settler = _settled_by(record)
+        here = self._ctx.spool.node
+        ours = record.receipt_path.parent == self._ctx.receipts
+        if settler == here and ours:
+            return _NotAsStored(_file_removed(record.message_id), gone.kept)
+        if settler == here:
+            error = (
+                "the stored receipt cannot be read now: its spool row names a file outside"
+                " this node's receipts folder (the state folder moved since the message was"
+                " settled?), and it is not there"
+            )
+        elif settler is not None:
+            error = (
+                "the stored receipt cannot be read on this node: it is a file in the state"
+                f" folder of node {settler!r}, which settled the message (ask for its status"
+                " on that node)"
+            )
+        else:
+            error = (
+                "the stored receipt cannot be read on this node: its file is not in this"
+                " node's state folder, and the spool does not say which node settled the"
+                " message (a receipt file is kept by the node that settled it: ask there)"
+            )
+        kept = {**gone.kept, "settled_by": settler} if settler is not None else gone.kept
+        return _Unopenable(error, kept, gone.cause)
 
     def _first(self, seen: set[str], message_id: str) -> bool | None:
         """Whether ``message_id`` is new to ``seen`` (added now: True), already in it
@@ -207,7 +250,7 @@ class MessageStatus:
             # Its SHA-256 recorded, its bytes gone: settlement, a retry and retention set
             # or clear both at once.
             raise _NotAsStored(_removed(record.message_id), IN_ROW)
-        elif record.receipt_path is None or not record.receipt_path.is_file():
+        elif record.receipt_path is None:
             return None
         else:
             kept_in = {"receipt_file": str(record.receipt_path)}
@@ -238,7 +281,9 @@ class MessageStatus:
             raise _Unopenable(_UNOPENABLE, kept_in, str(exc)) from None
         except AtRestError as exc:  # a key-encryption key missing or destroyed
             raise _Unopenable(_UNOPENABLE, kept_in, str(exc)) from None
-        except OSError as exc:  # its file removed or unreadable since it was listed
+        except FileNotFoundError as exc:  # removed: by retention, or not (see _read)
+            raise _FileGone(kept_in, str(exc)) from None
+        except OSError as exc:  # its file unreadable
             raise _Unopenable(
                 f"the stored receipt cannot be read now ({exc.strerror or 'unreadable'})",
                 kept_in,
@@ -296,6 +341,15 @@ def _receipt_state(record: OutboundRecord) -> tuple[object, ...]:
     )
 
 
+def _settled_by(record: OutboundRecord) -> str | None:
+    """The node that settled ``record`` by the receipt it keeps, if its row still says:
+    a delivered or failed message's last audited change is its settlement (a retry
+    clears the receipt; a cancel, after which this is not known, does not)."""
+    if record.state in (OutboundState.DELIVERED, OutboundState.FAILED):
+        return record.audited_by
+    return None
+
+
 class _NotAsStored(Exception):
     """The stored receipt is not what the gateway stored (``view``: what is shown;
     ``kept``: where it is, the spool row or its file, see IN_ROW)."""
@@ -313,6 +367,17 @@ class _Unopenable(Exception):
     def __init__(self, error: str, kept: Mapping[str, str], cause: str) -> None:
         super().__init__(error)
         self.view: dict[str, Any] = {"verified": False, "error": error}
+        self.kept = kept
+        self.cause = cause
+
+
+class _FileGone(Exception):
+    """The receipt file the row names is not there (``kept``: that file, see IN_ROW;
+    ``cause``: the error, for the log): removed by retention or a retry if the row
+    changed meanwhile, else judged by MessageStatus._file_gone."""
+
+    def __init__(self, kept: Mapping[str, str], cause: str) -> None:
+        super().__init__(cause)
         self.kept = kept
         self.cause = cause
 
@@ -364,6 +429,18 @@ def _altered(message_id: str) -> dict[str, Any]:
         " this receipt is not shown (fix: restore the spool from a backup, and run medgw"
         " audit verify: the audit record of the settlement names the SHA-256 of the"
         " receipt received)",
+    }
+
+
+def _file_removed(message_id: str) -> dict[str, Any]:
+    """A receipt file this node stored for ``message_id``, its SHA-256 recorded in the
+    row when it settled the message, gone while the row still names it: retention and a
+    retry clear the row once they remove it."""
+    return {
+        "verified": False,
+        "error": f"the receipt file kept for {message_id} was removed from this node's state"
+        " folder while its spool row still names it, with the SHA-256 recorded when the"
+        f" message was settled: the state folder was altered outside medgw (fix: {ALTERED_FIX})",
     }
 
 
