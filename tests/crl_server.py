@@ -17,7 +17,9 @@ from tests.ocsp_responder import index_line
 
 class DistributionPoint:
     """``GET`` any path: ``body`` (DER), or 404 while it is None.  ``stop()`` takes it down
-    (connections are then refused); ``start()`` brings it back on the same port."""
+    (connections are then refused); ``start()`` brings it back on the same port.
+    ``hold()``: requests wait for their answer (``waiting`` is set once one does) until
+    ``release()``."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -25,6 +27,9 @@ class DistributionPoint:
         self.requests = 0
         self.clients: list[str] = []
         self.times: list[datetime] = []  # when each request came, by the wall clock
+        self.waiting = threading.Event()
+        self._open = threading.Event()
+        self._open.set()
         self.server: http.server.ThreadingHTTPServer | None = None
         self.thread: threading.Thread | None = None
         self.start()
@@ -36,11 +41,21 @@ class DistributionPoint:
     def serve(self, crl: x509.CertificateRevocationList) -> None:
         self.body = crl.public_bytes(Encoding.DER)
 
+    def hold(self) -> None:
+        self.waiting.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     def start(self) -> None:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if not outer._open.is_set():
+                    outer.waiting.set()
+                    outer._open.wait(60)  # bounded: a test that never releases ends
                 body = outer.body
                 outer.times.append(datetime.now(UTC))
                 outer.requests += 1

@@ -31,6 +31,14 @@ class NotifySocket:
         return [line for message in self.messages for line in message.splitlines()]
 
     def close(self) -> None:
+        """Stop listening; what was sent before (by a daemon that has exited: all it sent)
+        is in ``messages`` then."""
         self._running = False
         self._thread.join()
+        self._sock.setblocking(False)
+        while True:
+            try:
+                self.messages.append(self._sock.recv(4096).decode())
+            except BlockingIOError:
+                break
         self._sock.close()
