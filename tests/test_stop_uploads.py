@@ -12,19 +12,24 @@ import signal
 import socket
 import ssl
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from gateway.config import load_config
-from gateway.demo_run import GatewayProcess, wait_until
+from gateway.demo_run import GatewayProcess, free_port, wait_until
 from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import make_crl
 from tests import as2client
 from tests.cli import medgw
+from tests.crl_server import DistributionPoint
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, receipt_of, set_runtime
 from tests.helpers.faults import killed_at
 from tests.helpers.local_api import LIS_TOKEN, enable_api
 from tests.helpers.maintenance import Site
+from tests.helpers.notify import NotifySocket
+from tests.test_crl_daemon import CrlWorld
 
 # Larger than what the listener holds in memory (as2_handler.SMALL_BODY): its body is
 # written to <state_dir>/incoming/ from the first byte, which says the request started.
@@ -397,3 +402,71 @@ def test_while_uploads_finish_a_maintenance_session_reads_and_changes_nothing(
         ("reload", "failure", 1, "stopping"),
         ("emergency enter", "failure", 1, "stopping"),
     ]
+
+
+def test_reloads_under_way_at_sigterm_are_not_applied_while_uploads_finish(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """`medgw reload` asked before SIGTERM and still fetching the CRLs when the drain
+    begins, and a SIGHUP's reload queued behind it: the transfers finishing keep the
+    configuration they started with, the admin is told the reload was not applied, and
+    systemd, told STOPPING, hears of no reload or readiness after it."""
+    point = DistributionPoint(free_port())
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        world = CrlWorld(layout, point.url)
+        point.serve(make_crl(world.ca, now=datetime.now(UTC) - timedelta(minutes=1), days=7))
+        set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
+        env = {"NOTIFY_SOCKET": str(notify.path)}
+        hospital = processes.start(layout.hospital.config_path, env=env)
+        wait_for_events(layout.hospital.audit_log, "pki.crl_fetched")
+        point.hold()  # the reload's CRL fetch waits for the test
+        asked = point.requests
+        reloaded: list[Any] = []
+        config = layout.hospital.config_path
+        reloader = threading.Thread(
+            target=lambda: reloaded.append(medgw("reload", "--config", config, timeout=WAIT)),
+            daemon=True,
+        )
+        reloader.start()
+        assert point.waiting.wait(WAIT), "the reload's CRL fetch"
+        # Handled before the SIGTERM sent after it: it waits for the reload under way.
+        hospital.signal(signal.SIGHUP)
+        built = _lab_message(layout, "during-reload.bin")
+        half = len(built.body) // 2
+        with _lab_connection(layout) as conn:
+            conn.sendall(_head(built.headers, len(built.body)) + built.body[:half])
+            _stop_during_upload(layout, hospital, conn, half)
+            point.release()
+            reloader.join(WAIT)
+            assert not reloader.is_alive()
+            [reload] = reloaded
+            wait_for_events(
+                layout.hospital.audit_log, "config.reload_failed", count=2, timeout=WAIT
+            )
+            conn.sendall(built.body[half:])
+            status, headers, body = _answer(conn)
+        assert reload.returncode == 1, reload.stdout + reload.stderr
+        assert "medgw is stopping" in reload.stderr and "not applied" in reload.stderr
+        assert status == 200
+        answer = as2client.Answer(status, headers["content-type"], body)
+        assert receipt_of(layout, answer).processed
+        assert hospital.wait_exit(WAIT) == 0
+    finally:
+        point.release()
+        point.stop()
+        notify.close()
+    assert point.requests == asked + 1  # the queued reload fetched nothing
+    assert not events(layout.hospital.audit_log, "config.reloaded")
+    failed = events(layout.hospital.audit_log, "config.reload_failed")
+    assert sorted(f["actor"].split(":")[0] for f in failed) == ["operator", "signal"], failed
+    for record in failed:
+        assert record["reason"].startswith("medgw is stopping"), record
+        assert record["detail"] == {"refused": "stopping"}
+    skipped = [line for line in hospital.lines if line.get("event") == "config.reload_skipped"]
+    assert len(skipped) == 2
+    states = notify.states()
+    after = states[states.index("STOPPING=1") :]
+    assert "READY=1" not in after and "RELOADING=1" not in after, states
+    delivered = layout.hospital.inbox_dir / "lab" / "during-reload.bin"
+    assert delivered.stat().st_size == PAYLOAD_BYTES

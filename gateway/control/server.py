@@ -290,6 +290,15 @@ class ControlServer:
         why = await asyncio.shield(self._reload(caller(request)))
         if why is None:
             return web.json_response({"reloaded": True})
+        if self._draining:  # the shutdown began while it was under way
+            return web.json_response(
+                {
+                    "error": why,
+                    "fix": "start medgw again (systemctl start medgw): it reads the "
+                    "configuration files then",
+                },
+                status=409,
+            )
         return web.json_response(
             {
                 "error": f"the new configuration was refused: {why}; medgw goes on serving "

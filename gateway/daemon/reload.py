@@ -26,6 +26,11 @@ from gateway.sdnotify import Notifier
 TRUST_REFRESH_SECONDS = 300.0
 SIGNAL = "signal"  # the actor of a SIGHUP's reload: the kernel does not say who sent it
 CLIENT_CLOSE_MARGIN_SECONDS = 5.0  # after request_timeout_seconds, before a replaced client closes
+# Why a reload under way when the shutdown began was not applied.
+STOPPING = (
+    "medgw is stopping: the new configuration was not applied (the transfers in progress "
+    "finish with the one in force); medgw reads the files again when it starts"
+)
 
 
 class Reloader:
@@ -76,6 +81,8 @@ class Reloader:
         audit trail: None once the new state serves, else why it was refused (the
         previous one goes on serving)."""
         async with self._lock:
+            if self._tasks.stopping:  # asked before SIGTERM, waited for the lock since
+                return self._skipped(actor)
             self._notifier.reloading()
             old = self._state()
             try:
@@ -123,9 +130,17 @@ class Reloader:
                             reason="; ".join(problems)[:2000],
                         )
                     )
-                self._notifier.ready("reload failed; serving previous configuration")
+                if not self._tasks.stopping:  # systemd was told STOPPING: no READY now
+                    self._notifier.ready("reload failed; serving previous configuration")
                 self._readiness.reload_failed = "; ".join(problems)
                 return "; ".join(problems)[:2000]
+            if self._tasks.stopping:
+                # The shutdown began while the CRLs were fetched: the transfers finishing
+                # now keep the configuration and trust they started with.
+                self._crls.plan(old.config)
+                for client in new_state.clients.values():  # built, never used
+                    await client.close()
+                return self._skipped(actor)
             self._readiness.reload_failed = None
             self._trust.audit(new_config, new_state.trust, old.trust)
             self._replace(old, new_state)
@@ -144,6 +159,23 @@ class Reloader:
             )
             self._notifier.ready("configuration reloaded")
             return None
+
+    def _skipped(self, actor: str) -> str:
+        """A reload not applied because the daemon is stopping: logged, and audited for
+        ``actor`` as a reload that did not take effect; systemd already knows STOPPING."""
+        self._log.info("config.reload_skipped", reason="the daemon is stopping", actor=actor)
+        with contextlib.suppress(Exception):  # the audit log's disk may be the problem
+            self._audit.emit(
+                AuditEvent(
+                    EventType.CONFIG_RELOAD_FAILED,
+                    Outcome.FAILURE,
+                    Severity.WARNING,
+                    actor=actor,
+                    reason=STOPPING,
+                    detail={"refused": "stopping"},
+                )
+            )
+        return STOPPING
 
     async def trust_refresh_loop(self) -> None:
         """Re-judge peer certificates as time passes (expiry, CRL nextUpdate, OCSP)."""
