@@ -120,16 +120,7 @@ class Reloader:
                     action="still serving with the previous configuration",
                     **defect,
                 )
-                with contextlib.suppress(Exception):  # the audit log's disk may be the problem
-                    self._audit.emit(
-                        AuditEvent(
-                            EventType.CONFIG_RELOAD_FAILED,
-                            Outcome.FAILURE,
-                            Severity.WARNING,
-                            actor=actor,
-                            reason="; ".join(problems)[:2000],
-                        )
-                    )
+                self._not_applied(actor, "; ".join(problems)[:2000])
                 if not self._tasks.stopping:  # systemd was told STOPPING: no READY now
                     self._notifier.ready("reload failed; serving previous configuration")
                 self._readiness.reload_failed = "; ".join(problems)
@@ -164,6 +155,12 @@ class Reloader:
         """A reload not applied because the daemon is stopping: logged, and audited for
         ``actor`` as a reload that did not take effect; systemd already knows STOPPING."""
         self._log.info("config.reload_skipped", reason="the daemon is stopping", actor=actor)
+        self._not_applied(actor, STOPPING, {"refused": "stopping"})
+        return STOPPING
+
+    def _not_applied(self, actor: str, reason: str, detail: dict[str, Any] | None = None) -> None:
+        """A reload asked for by ``actor`` that did not take effect, in the audit trail
+        (``config.reload_failed``), as far as the audit log's disk allows."""
         with contextlib.suppress(Exception):  # the audit log's disk may be the problem
             self._audit.emit(
                 AuditEvent(
@@ -171,11 +168,10 @@ class Reloader:
                     Outcome.FAILURE,
                     Severity.WARNING,
                     actor=actor,
-                    reason=STOPPING,
-                    detail={"refused": "stopping"},
+                    reason=reason,
+                    detail=detail or {},
                 )
             )
-        return STOPPING
 
     async def trust_refresh_loop(self) -> None:
         """Re-judge peer certificates as time passes (expiry, CRL nextUpdate, OCSP)."""
