@@ -24,12 +24,12 @@ from tests import as2client
 from tests.cli import medgw
 from tests.crl_server import DistributionPoint
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.crl_world import CrlWorld
 from tests.helpers.demo import lab_post, receipt_of, set_runtime
 from tests.helpers.faults import killed_at
 from tests.helpers.local_api import LIS_TOKEN, enable_api
 from tests.helpers.maintenance import Site
 from tests.helpers.notify import NotifySocket
-from tests.test_crl_daemon import CrlWorld
 
 # Larger than what the listener holds in memory (as2_handler.SMALL_BODY): its body is
 # written to <state_dir>/incoming/ from the first byte, which says the request started.

@@ -194,7 +194,12 @@ class Reloader:
         certificates are judged again with it and a new state is swapped in."""
         while not self._tasks.stopping:
             await self._tasks.sleep_unless_stopping(self._crls.seconds_to_next())
-            if self._tasks.stopping or not await self._crls.refresh():
+            # Woken by SIGTERM before the shutdown has begun (from Python 3.12 this loop's
+            # wait can be the first to see the stop): no new fetch, nothing swapped in
+            # under the transfers that are finishing.
+            if self._tasks.stopping or self._tasks.stop_requested.is_set():
+                continue
+            if not await self._crls.refresh():
                 continue
             async with self._lock:
                 old = self._state()
