@@ -25,6 +25,9 @@ class Notifier:
         if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
             # Ping at half the deadline, as sd_watchdog_enabled(3) recommends.
             self.watchdog_interval = int(usec) / 1_000_000 / 2
+        # Once systemd was told STOPPING, no READY or RELOADING follows (a reload that
+        # finishes during the drain would otherwise tell it the service runs again).
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -42,12 +45,17 @@ class Notifier:
                 return
 
     def ready(self, status: str) -> None:
+        if self._stopping:
+            return
         self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
     def reloading(self) -> None:
+        if self._stopping:
+            return
         self.notify("RELOADING=1", "STATUS=reloading configuration")
 
     def stopping(self) -> None:
+        self._stopping = True
         self.notify("STOPPING=1", "STATUS=stopping")
 
     def watchdog(self) -> None:
