@@ -19,7 +19,8 @@ class DistributionPoint:
     """``GET`` any path: ``body`` (DER), or 404 while it is None.  ``stop()`` takes it down
     (connections are then refused); ``start()`` brings it back on the same port.
     ``hold()``: requests wait for their answer (``waiting`` is set once one does) until
-    ``release()``."""
+    ``release()``; one held past a minute (a test that never released it) is answered 503
+    and counted in ``held_too_long``, so the fetch fails instead of passing unheld."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -28,6 +29,7 @@ class DistributionPoint:
         self.clients: list[str] = []
         self.times: list[datetime] = []  # when each request came, by the wall clock
         self.waiting = threading.Event()
+        self.held_too_long = 0
         self._open = threading.Event()
         self._open.set()
         self.server: http.server.ThreadingHTTPServer | None = None
@@ -55,7 +57,10 @@ class DistributionPoint:
             def do_GET(self) -> None:
                 if not outer._open.is_set():
                     outer.waiting.set()
-                    outer._open.wait(60)  # bounded: a test that never releases ends
+                    if not outer._open.wait(60):  # bounded: a test that never releases ends
+                        outer.held_too_long += 1
+                        self.send_error(503)
+                        return
                 body = outer.body
                 outer.times.append(datetime.now(UTC))
                 outer.requests += 1
