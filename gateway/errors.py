@@ -192,6 +192,12 @@ class DataKeyMissingError(AtRestError):
     it is cleared in the same transaction), or the spool was altered or replaced."""
 
 
+class DataKeyAlteredError(AtRestError):
+    """A sealed item whose data key in the spool does not unwrap under its key-encryption
+    key while another data key wrapped under that same key does: the key is the right
+    one, and this item's data key was changed outside medgw."""
+
+
 class StorageFullError(DeliveryError):
     """No space is left where a received document goes (disk full, quota).
 

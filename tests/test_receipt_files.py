@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import io
 import json
+import secrets
 import ssl
 import threading
 from collections.abc import Iterator
@@ -543,6 +544,71 @@ def test_a_sealed_receipt_file_whose_data_key_is_gone(
                 assert "altered" not in receipt, receipt
                 assert "cannot be opened now" in receipt["error"], receipt
                 assert view["disposition"] == "processed", view
+    finally:
+        audit.close()
+    alerts = events(trail, "atrest.integrity_failed")
+    if settled == "with its SHA-256":
+        [alert] = alerts
+        assert alert["message_id"] == VICTIM, alert
+        assert alert["detail"]["receipt_file"] == str(record.receipt_path), alert
+    else:
+        assert alerts == []
+
+
+@pytest.mark.parametrize("settled", ["with its SHA-256", "before its SHA-256 was recorded"])
+def test_a_sealed_receipt_file_whose_data_key_was_overwritten(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, settled: str
+) -> None:
+    """Both backends: two sealed receipt files, and one's data key overwritten in the
+    spool.  It no longer unwraps while the other's, under the same key-encryption key,
+    does (the key folder is the right one): as a data key deleted, altered outside medgw
+    if settled with its SHA-256 (reported so, alerted once, naming the file in the trail
+    only); otherwise it cannot be opened now, no alarm."""
+    spool = make_spool(SystemClock())
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    trail = tmp_path / "audit.jsonl"
+    context, audit = _judging_context(layout, spool, trail, vault)
+    peer = context.config.require_peer("hospital")
+    answers = []
+    for message_id in (VICTIM, DONOR):
+        _sending(spool, message_id, tmp_path, MIC)
+        record = spool.get(message_id)
+        assert record is not None
+        built = _large_receipt(layout, message_id, MIC)
+        answers.append(Answer(record, peer, Response(200, _content_type(built), (), built.body)))
+    status = MessageStatus(context)
+    try:
+        assert Settler(context).settle_all(answers) == [None, None]
+        record = spool.get(VICTIM)
+        assert record is not None and record.receipt_path is not None
+        assert record.receipt_path.read_bytes().startswith(MAGIC)
+        if settled != "with its SHA-256":
+            spool._write(  # type: ignore[attr-defined]
+                "UPDATE outbound SET receipt_sha256=NULL WHERE message_id=?", (VICTIM,)
+            )
+        key = spool.data_key(receipt_item(VICTIM))
+        assert key is not None
+        spool._write(  # type: ignore[attr-defined]
+            "UPDATE data_keys SET wrapped=? WHERE item=?",
+            (secrets.token_bytes(len(key.wrapped)), key.item),
+        )
+        for _ in range(2):
+            view = asyncio.run(status.status(VICTIM))
+            assert view is not None
+            receipt = view["receipt"]
+            assert receipt["verified"] is False, receipt
+            assert str(tmp_path) not in receipt["error"], receipt
+            if settled == "with its SHA-256":
+                assert receipt["altered"] is True, receipt
+                assert "data key was changed in the spool" in receipt["error"], receipt
+                assert view["disposition"] is None, view
+            else:
+                assert "altered" not in receipt, receipt
+                assert "cannot be opened now" in receipt["error"], receipt
+                assert view["disposition"] == "processed", view
+        view = asyncio.run(status.status(DONOR))
+        assert view is not None and view["receipt"]["verified"] is True, view  # untouched
     finally:
         audit.close()
     alerts = events(trail, "atrest.integrity_failed")

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import json
+import secrets
 import sqlite3
 import threading
 import tracemalloc
@@ -19,6 +20,7 @@ from typing import Any, cast
 import pytest
 
 from gateway.atrest import KeyStore, Vault
+from gateway.atrest.keys import kek_name
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -34,6 +36,7 @@ from tests.helpers.audit import events
 from tests.helpers.demo import hospital_receipt
 
 MESSAGE = "<m@lab>"
+OTHER = "<other@lab>"
 SERVICE = "results"
 
 
@@ -76,13 +79,14 @@ def _settled_sealed(
     vault: Vault,
     kept: bytes,
     state: OutboundState = OutboundState.DELIVERED,
+    message_id: str = MESSAGE,
 ) -> None:
-    """MESSAGE settled, ``kept`` its receipt in its row sealed at rest under a data key
-    of its own (as settlement stores it when [at_rest] is enabled)."""
-    with vault.storing(receipt_item(MESSAGE)) as sealing:
+    """``message_id`` settled, ``kept`` its receipt in its row sealed at rest under a
+    data key of its own (as settlement stores it when [at_rest] is enabled)."""
+    with vault.storing(receipt_item(message_id)) as sealing:
         stored = sealing.seal(kept)
         assert stored != kept and sealing.key is not None  # sealed, under its own key
-        _settled_with(spool, kept, stored=stored, data_key=sealing.key, state=state)
+        _settled_with(spool, kept, message_id, stored=stored, data_key=sealing.key, state=state)
 
 
 def _context(
@@ -555,3 +559,69 @@ def test_a_new_receipt_recorded_while_the_row_is_read_is_not_shown_beside_the_ol
     assert view["final"] is True, view
     assert _alerts(tmp_path) == []
     assert _logged(log, "receipt.stored_altered") == []
+
+
+def _two_settled_sealed(layout: DemoLayout, tmp_path: Path, spool: Spool) -> None:
+    """MESSAGE and another message settled, each receipt sealed in its row under a data
+    key of its own, both wrapped under the key folder's one key-encryption key."""
+    vault = Vault(KeyStore(tmp_path / "keys"), spool)
+    vault.open()
+    for message_id in (MESSAGE, OTHER):
+        _sent(spool, tmp_path, message_id)
+        _settled_sealed(spool, vault, _signed(layout, message_id), message_id=message_id)
+
+
+@pytest.mark.parametrize("changed", ["overwritten", "another item's copied in"])
+def test_a_receipt_whose_data_key_was_changed_in_the_spool_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, changed: str
+) -> None:
+    """Both backends: a sealed receipt whose data key row was overwritten (it no longer
+    unwraps, while another data key wrapped under the same key-encryption key does: the
+    key folder is the right one), or holds another item's wrapped key (it unwraps, and
+    the receipt then fails its at-rest check), was altered outside medgw: reported so,
+    its row's disposition not shown, alerted once."""
+    spool = make_spool(SystemClock())
+    _two_settled_sealed(layout, tmp_path, spool)
+    mine, other = spool.data_key(receipt_item(MESSAGE)), spool.data_key(receipt_item(OTHER))
+    assert mine is not None and other is not None and mine.kek == other.kek
+    wrapped = secrets.token_bytes(len(mine.wrapped)) if changed == "overwritten" else other.wrapped
+    spool._write(  # type: ignore[attr-defined]
+        "UPDATE data_keys SET wrapped=? WHERE item=?", (wrapped, receipt_item(MESSAGE))
+    )
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout, tmp_path, spool, log, Vault(KeyStore(tmp_path / "keys"), spool)
+    )
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    if changed == "overwritten":
+        assert "data key was changed in the spool" in receipt["error"], receipt
+    assert ALTERED_FIX in receipt["error"], receipt
+    assert str(tmp_path) not in receipt["error"], receipt
+    assert view["disposition"] is None, view
+    assert _alerts(tmp_path) == [MESSAGE]
+    [line] = _logged(log, "receipt.stored_altered")
+    assert line["message_id"] == MESSAGE and line["receipt"] == "spool", line
+
+
+def test_a_receipt_under_another_states_key_encryption_key_is_not_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: the key folder holds another state's key-encryption key of the same
+    version (every data key fails to unwrap, not just this one): the key folder is an
+    operator's matter, not tampering.  The receipt cannot be verified now, no alert."""
+    spool = make_spool(SystemClock())
+    _two_settled_sealed(layout, tmp_path, spool)
+    keys = KeyStore(tmp_path / "keys")
+    [version] = keys.versions()
+    (tmp_path / "keys" / kek_name(version)).unlink()
+    keys.create(version)  # same name, other bytes
+    log = io.StringIO()
+    view, _ = _status_bounded(layout, tmp_path, spool, log, Vault(keys, spool))
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and "altered" not in receipt, receipt
+    assert "cannot be opened now" in receipt["error"], receipt
+    assert view["disposition"] == "processed", view
+    assert _alerts(tmp_path) == []
+    [line] = _logged(log, "receipt.unopenable")
+    assert line["message_id"] == MESSAGE and "does not unwrap" in line["error"], line

@@ -30,7 +30,7 @@ from typing import BinaryIO, NamedTuple, cast
 
 from gateway.atrest import chunked
 from gateway.atrest.keys import KeyStore, unwrap, wrap
-from gateway.errors import AtRestError, DataKeyMissingError
+from gateway.errors import AtRestError, DataKeyAlteredError, DataKeyMissingError
 from gateway.fsutil import FolderSync, fsync_dir, partial_name
 from gateway.spool import DataKey, Spool
 
@@ -171,7 +171,32 @@ class Vault:
                     with self._cond:
                         self._cond.wait_for(lambda: not self._rotating)
                     continue
-            return unwrap(kek, stored.wrapped, item)
+            try:
+                return unwrap(kek, stored.wrapped, item)
+            except AtRestError:
+                if not self._others_unwrap(stored, kek):
+                    raise
+            raise DataKeyAlteredError(
+                f"the data key of {item} does not unwrap under its key-encryption key"
+                f" (version {stored.kek}), while another item's data key wrapped under the"
+                " same key does: the spool's record of it was changed outside medgw",
+                fix="restore the spool and its stored files from the same backup",
+            )
+
+    def _others_unwrap(self, failed: DataKey, kek: bytes) -> bool:
+        """Whether the key-encryption key ``kek`` (of the version ``failed`` is wrapped
+        under), which ``failed`` does not unwrap under, is the right one: another data key
+        wrapped under that version (one, any) unwraps under it.  If so, the spool's
+        record of ``failed`` was changed; if none is there or it fails too, the key
+        folder may hold another state's key of that version (an operator's matter)."""
+        other = self._spool.sample_data_key(failed.kek, other_than=failed.item)
+        if other is None:
+            return False
+        try:
+            unwrap(kek, other.wrapped, other.item)
+        except AtRestError:
+            return False
+        return True
 
     # -- reading ------------------------------------------------------------
 

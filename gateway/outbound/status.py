@@ -17,6 +17,7 @@ from gateway.channel.client import MAX_RECEIPT_BYTES
 from gateway.errors import (
     AtRestError,
     AtRestTamperedError,
+    DataKeyAlteredError,
     DataKeyMissingError,
     MedgwError,
     StoredReceiptRefusedError,
@@ -268,16 +269,19 @@ class MessageStatus:
             raise _NotAsStored(
                 {"verified": False, "error": f"{exc.message} (fix: {ALTERED_FIX})"}, kept_in
             ) from None
-        except DataKeyMissingError as exc:
+        except (DataKeyMissingError, DataKeyAlteredError) as exc:
             # Settlement stores the data key with the receipt (and records its SHA-256),
             # and a retry or retention clears the receipt with its key in one transaction
             # (a file removed first): a receipt still kept, its row unchanged (which _read
-            # checks before reporting), its key gone from the spool, was altered outside
-            # medgw, a sealed negative receipt hidden so.  Not so a receipt file settled
-            # before its SHA-256 was recorded: a PostgreSQL backup of then could carry
-            # the file without its key (next: it cannot be opened now).
+            # checks before reporting), its key gone from the spool, or changed there
+            # (another data key under the same key-encryption key unwraps, so the key
+            # folder is the right one), was altered outside medgw, a sealed negative
+            # receipt hidden so.  Not so a receipt file settled before its SHA-256 was
+            # recorded: a PostgreSQL backup of then could carry the file without its key
+            # (next: it cannot be opened now).
             if record.receipt_sha256 is not None:
-                raise _NotAsStored(_key_removed(record.message_id), kept_in) from None
+                changed = isinstance(exc, DataKeyAlteredError)
+                raise _NotAsStored(_key_removed(record.message_id, changed), kept_in) from None
             raise _Unopenable(_UNOPENABLE, kept_in, str(exc)) from None
         except AtRestError as exc:  # a key-encryption key missing or destroyed
             raise _Unopenable(_UNOPENABLE, kept_in, str(exc)) from None
@@ -404,14 +408,16 @@ def _removed(message_id: str) -> dict[str, Any]:
     }
 
 
-def _key_removed(message_id: str) -> dict[str, Any]:
+def _key_removed(message_id: str, changed: bool = False) -> dict[str, Any]:
     """A receipt of ``message_id`` still kept sealed at rest, its data key gone from the
-    spool: settlement, a retry and retention store or delete both at once."""
+    spool (``changed``: there, but changed so that it no longer unwraps): settlement, a
+    retry and retention store or delete both at once, and nothing else writes it."""
+    how = "was changed in the spool" if changed else "was removed from the spool"
     return {
         "verified": False,
         "altered": True,
-        "error": f"the receipt of {message_id} is kept sealed, but its data key was removed"
-        f" from the spool: the spool was altered outside medgw (fix: {ALTERED_FIX})",
+        "error": f"the receipt of {message_id} is kept sealed, but its data key {how}:"
+        f" the spool was altered outside medgw (fix: {ALTERED_FIX})",
     }
 
 

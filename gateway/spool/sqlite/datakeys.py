@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from gateway.spool.records import DataKey
-from gateway.spool.sql import Connection, SqlStore
+from gateway.spool.sql import Connection, Row, SqlStore
 
 
 class DataKeys(SqlStore):
@@ -21,10 +21,18 @@ class DataKeys(SqlStore):
 
     def data_key(self, item: str) -> DataKey | None:
         row = self._one("SELECT item, kek, wrapped FROM data_keys WHERE item=?", (item,))
-        return DataKey(row["item"], int(row["kek"]), bytes(row["wrapped"])) if row else None
+        return _data_key(row) if row else None
 
     def put_data_key(self, key: DataKey) -> None:
         self._transact(lambda db: self._store_key(db, key))
+
+    def sample_data_key(self, kek: int, other_than: str) -> DataKey | None:
+        """One data key wrapped under ``kek``, of an item other than ``other_than``."""
+        row = self._one(
+            "SELECT item, kek, wrapped FROM data_keys WHERE kek=? AND item<>? LIMIT 1",
+            (kek, other_than),
+        )
+        return _data_key(row) if row else None
 
     def data_key_versions(self) -> list[int]:
         """The key-encryption key versions the stored data keys are wrapped under."""
@@ -43,9 +51,13 @@ class DataKeys(SqlStore):
                 db.execute(self.key_lock)
             new = newest()
             rows = db.execute("SELECT item, kek, wrapped FROM data_keys WHERE kek<>?", (new,))
-            keys = [DataKey(r["item"], int(r["kek"]), bytes(r["wrapped"])) for r in rows.fetchall()]
+            keys = [_data_key(r) for r in rows.fetchall()]
             changed = [(rewrap(key, new), new, key.item) for key in keys]
             db.executemany("UPDATE data_keys SET wrapped=?, kek=? WHERE item=?", changed)
             return new
 
         return self._transact(work)
+
+
+def _data_key(row: Row) -> DataKey:
+    return DataKey(row["item"], int(row["kek"]), bytes(row["wrapped"]))
