@@ -35,6 +35,43 @@ class UnknownPeerError(MedgwError):
     """The named peer is not configured."""
 
 
+@dataclass(frozen=True)
+class ReloadRefused:
+    """A reload that did not take effect, and why (``reason``).  ``for_stop``: not
+    applied because medgw is stopping (the files may be right: a start reads them);
+    otherwise the files were refused.  ``stopping``: the stop had begun when it was
+    refused (no later reload applies corrected files: the next start does)."""
+
+    reason: str
+    for_stop: bool = False
+    stopping: bool = False
+
+    @property
+    def error(self) -> str:
+        if self.for_stop:
+            return self.reason
+        if self.stopping:
+            return (
+                f"the new configuration was refused: {self.reason}; medgw is stopping (the"
+                " transfers in progress finish with the previous one)"
+            )
+        return (
+            f"the new configuration was refused: {self.reason}; medgw goes on serving with"
+            " the previous one"
+        )
+
+    @property
+    def fix(self) -> str:
+        if self.for_stop:
+            return (
+                "start medgw again (systemctl start medgw): it reads the configuration files then"
+            )
+        check = "correct what it names (medgw check-config lists every problem of the files)"
+        if self.stopping:
+            return f"{check}, then start medgw again (systemctl start medgw)"
+        return f"{check}, then medgw reload again"
+
+
 def record_view(record: OutboundRecord) -> dict[str, Any]:
     return {
         "message_id": record.message_id,

@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.config import load_config
 from gateway.demo_run import GatewayProcess, free_port, wait_until
 from gateway.pki.demo import DemoLayout
@@ -471,3 +473,83 @@ def test_reloads_under_way_at_sigterm_are_not_applied_while_uploads_finish(
     assert "READY=1" not in after and "RELOADING=1" not in after, states
     delivered = layout.hospital.inbox_dir / "lab" / "during-reload.bin"
     assert delivered.stat().st_size == PAYLOAD_BYTES
+
+
+@pytest.mark.parametrize("files", ["refused", "right"])
+@pytest.mark.parametrize("asked", ["medgw reload", "maintenance reload"])
+def test_a_reload_under_way_at_sigterm_is_answered_by_why_it_was_refused(
+    layout: DemoLayout, processes: Any, tmp_path: Path, asked: str, files: str
+) -> None:
+    """A reload asked (over the control socket, or in an SSH maintenance session) before
+    SIGTERM, still fetching the CRLs when the drain begins.  If the files are right, it
+    is not applied because of the stop: starting medgw again reads them.  If the files
+    are refused (the TLS key file broken meanwhile), starting again would refuse them
+    too: the answer names their error and its fix, and says medgw is stopping."""
+    site = Site(layout, layout.hospital)
+    site.add("ada", "admin")
+    point = DistributionPoint(free_port())
+    try:
+        world = CrlWorld(layout, point.url)
+        point.serve(make_crl(world.ca, now=datetime.now(UTC) - timedelta(minutes=1), days=7))
+        set_runtime(layout.hospital.config_path, "shutdown_deadline_seconds", str(LONG_DEADLINE))
+        hospital = processes.start(layout.hospital.config_path)
+        wait_for_events(layout.hospital.audit_log, "pki.crl_fetched")
+        site.approve("ada")
+        point.hold()  # the reload's CRL fetch waits for the test
+        answered: list[tuple[int, str]] = []
+        config = layout.hospital.config_path
+
+        def reload() -> None:
+            if asked == "medgw reload":
+                done = medgw("reload", "--config", config, timeout=WAIT)
+                answered.append((done.returncode, done.stderr))
+            else:
+                answered.append(asyncio.run(_maintenance_reload(site)))
+
+        reloader = threading.Thread(target=reload, daemon=True)
+        reloader.start()
+        assert point.waiting.wait(WAIT), "the reload's CRL fetch"
+        if files == "refused":  # read by the reload after the CRLs: it is refused
+            key = load_config(config).tls.identity.key_path
+            key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+        built = _lab_message(layout, "during-reload.bin")
+        half = len(built.body) // 2
+        with _lab_connection(layout) as conn:
+            conn.sendall(_head(built.headers, len(built.body)) + built.body[:half])
+            _stop_during_upload(layout, hospital, conn, half)
+            point.release()
+            reloader.join(WAIT)
+            assert not reloader.is_alive()
+            wait_for_events(layout.hospital.audit_log, "config.reload_failed", timeout=WAIT)
+            conn.sendall(built.body[half:])
+            status, _, _ = _answer(conn)
+        assert status == 200
+        assert hospital.wait_exit(WAIT) == 0
+    finally:
+        point.release()
+        point.stop()
+    [(code, text)] = answered
+    assert code == 1, text
+    assert "medgw is stopping" in text, text
+    [failed] = events(layout.hospital.audit_log, "config.reload_failed")
+    if files == "right":
+        assert "not applied" in text and "reads the configuration files then" in text, text
+        assert failed["detail"] == {"refused": "stopping"}, failed
+    else:
+        assert "cannot build the TLS configuration" in text, text
+        assert "medgw check-config" in text, text
+        assert "reads the configuration files then" not in text, text
+        assert "refused" not in failed.get("detail", {}), failed
+    if asked == "maintenance reload":
+        [command] = events(layout.hospital.audit_log, "maintenance.command")
+        refused = "stopping" if files == "right" else None
+        assert command["detail"].get("refused") == refused, command
+    assert not events(layout.hospital.audit_log, "config.reloaded")
+
+
+async def _maintenance_reload(site: Site) -> tuple[int, str]:
+    """``reload`` in an SSH maintenance session of ada's: its exit status and text."""
+    conn = await site.connect("ada", site.code("ada"))
+    async with conn:
+        done = await conn.run("reload")
+    return int(done.exit_status or 0), str(done.stdout) + str(done.stderr)

@@ -35,7 +35,13 @@ from gateway.intake.submit import (
 )
 from gateway.logs import make_logger
 from gateway.maintenance.approvals import approve
-from gateway.operations import Operations, UnknownPeerError, handover_view, record_view
+from gateway.operations import (
+    Operations,
+    ReloadRefused,
+    UnknownPeerError,
+    handover_view,
+    record_view,
+)
 from gateway.retention.purge import purge_request
 from gateway.spool import HandoverState, OutboundState
 
@@ -100,7 +106,7 @@ class ControlServer:
         operations: Callable[[], Operations],
         submit_fn: SubmitFn,
         status_fn: StatusFn,
-        reload: Callable[[str], Awaitable[str | None]],
+        reload: Callable[[str], Awaitable[ReloadRefused | None]],
         front: FrontDoor | None = None,
     ) -> None:
         """``reload``: the daemon's, for the caller (None once done, else why not).
@@ -287,27 +293,12 @@ class ControlServer:
     async def _reload_config(self, request: web.Request) -> web.Response:
         """``medgw reload``: as SIGHUP, recorded with who asked.  Shielded: a client that
         gives up waiting does not cut a reload short."""
-        why = await asyncio.shield(self._reload(caller(request)))
-        if why is None:
+        refused = await asyncio.shield(self._reload(caller(request)))
+        if refused is None:
             return web.json_response({"reloaded": True})
-        if self._draining:  # the shutdown began while it was under way
-            return web.json_response(
-                {
-                    "error": why,
-                    "fix": "start medgw again (systemctl start medgw): it reads the "
-                    "configuration files then",
-                },
-                status=409,
-            )
-        return web.json_response(
-            {
-                "error": f"the new configuration was refused: {why}; medgw goes on serving "
-                "with the previous one",
-                "fix": "correct what it names (medgw check-config lists every problem of "
-                "the files), then medgw reload again",
-            },
-            status=409,
-        )
+        # Decided by why it was refused, not by whether the daemon is stopping now: files
+        # refused during a stop would be refused again at the next start.
+        return web.json_response({"error": refused.error, "fix": refused.fix}, status=409)
 
     async def _restore_refused(self, request: web.Request) -> web.Response:
         """``medgw restore`` refused because this daemon runs: recorded in its trail."""

@@ -66,7 +66,7 @@ from gateway.intake.api import LocalApi
 from gateway.logs import Logger
 from gateway.maintenance.approvals import Approvals
 from gateway.maintenance.server import MaintenanceServer
-from gateway.operations import Operations
+from gateway.operations import Operations, ReloadRefused
 from gateway.outbound import Outbound
 from gateway.pki.peers import PeerTrust, TrustSettings
 from gateway.retention.audit_files import AuditFiles
@@ -594,7 +594,7 @@ class Daemon:
             self._log.info("daemon.stopping", signal=signame)
             self.tasks.stop_requested.set()
 
-    async def reload(self, actor: str) -> str | None:
+    async def reload(self, actor: str) -> ReloadRefused | None:
         """Build a new runtime state from the files; swap it in if that succeeds (None),
         else why not.  ``actor``: who asked, for the audit trail."""
         assert self._reloader is not None

@@ -20,6 +20,7 @@ from gateway.daemon.state import Parts, RuntimeState, StartupError
 from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, trust_changed
 from gateway.errors import ConfigError, MedgwError
+from gateway.operations import ReloadRefused
 from gateway.pki.peers import PeerTrust
 from gateway.sdnotify import Notifier
 
@@ -76,10 +77,10 @@ class Reloader:
             return
         self._tasks.spawn(self.reload(SIGNAL))
 
-    async def reload(self, actor: str) -> str | None:
+    async def reload(self, actor: str) -> ReloadRefused | None:
         """Reload for ``actor`` (who asked; SIGNAL for SIGHUP), recorded with it in the
         audit trail: None once the new state serves, else why it was refused (the
-        previous one goes on serving)."""
+        previous one goes on serving): the files, or the stop."""
         async with self._lock:
             if self._tasks.stopping:  # asked before SIGTERM, waited for the lock since
                 return self._skipped(actor)
@@ -124,7 +125,7 @@ class Reloader:
                 if not self._tasks.stopping:  # systemd was told STOPPING: no READY now
                     self._notifier.ready("reload failed; serving previous configuration")
                 self._readiness.reload_failed = "; ".join(problems)
-                return "; ".join(problems)[:2000]
+                return ReloadRefused("; ".join(problems)[:2000], stopping=self._tasks.stopping)
             if self._tasks.stopping:
                 # The shutdown began while the CRLs were fetched: the transfers finishing
                 # now keep the configuration and trust they started with.
@@ -151,12 +152,12 @@ class Reloader:
             self._notifier.ready("configuration reloaded")
             return None
 
-    def _skipped(self, actor: str) -> str:
+    def _skipped(self, actor: str) -> ReloadRefused:
         """A reload not applied because the daemon is stopping: logged, and audited for
         ``actor`` as a reload that did not take effect; systemd already knows STOPPING."""
         self._log.info("config.reload_skipped", reason="the daemon is stopping", actor=actor)
         self._not_applied(actor, STOPPING, {"refused": "stopping"})
-        return STOPPING
+        return ReloadRefused(STOPPING, for_stop=True, stopping=True)
 
     def _not_applied(self, actor: str, reason: str, detail: dict[str, Any] | None = None) -> None:
         """A reload asked for by ``actor`` that did not take effect, in the audit trail

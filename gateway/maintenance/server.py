@@ -37,7 +37,7 @@ from gateway.config.maintenance import Maintainer, MaintenanceSettings
 from gateway.emergency.actions import Emergency
 from gateway.emergency.credential import USER as BREAK_GLASS_USER
 from gateway.maintenance import algorithms, commands, totp
-from gateway.operations import Operations
+from gateway.operations import Operations, ReloadRefused
 
 LOGIN_TIMEOUT_SECONDS = 30
 MAX_CODE_ATTEMPTS = 3
@@ -78,7 +78,7 @@ class MaintenanceServer:
         operations: Callable[[], Operations],
         audit: Callable[[], AuditSink],
         clock: Clock,
-        reload: Callable[[str], Awaitable[str | None]],
+        reload: Callable[[str], Awaitable[ReloadRefused | None]],
         approved: Approved,
         emergency: Emergency | None = None,
     ) -> None:
