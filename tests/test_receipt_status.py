@@ -7,6 +7,7 @@ one recorded when it settled the message."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import json
@@ -407,6 +408,76 @@ def test_two_status_requests_at_once_alert_once(layout: DemoLayout, tmp_path: Pa
         audit.close()
         spool.close()
     assert [view["receipt"]["altered"] for view in views] == [True, True], views
+    assert _alerts(tmp_path) == [MESSAGE]
+
+
+class _SubmitterReadsRecorded(SqliteSpool):
+    """A spool that records in which thread each submitter lookup runs."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SystemClock())
+        self.threads: list[threading.Thread] = []
+
+    def submitter(self, message_id: str) -> str | None:
+        self.threads.append(threading.current_thread())
+        return super().submitter(message_id)
+
+
+@pytest.mark.parametrize("submitter", [None, "ehr"])
+def test_the_status_reads_the_spool_off_the_event_loop(
+    layout: DemoLayout, tmp_path: Path, submitter: str | None
+) -> None:
+    """Who submitted the message is read in a worker thread too: a slow spool must not stall
+    the event loop, which serves every transfer."""
+    spool = _SubmitterReadsRecorded(tmp_path / "spool.sqlite3")
+    _sent(spool, tmp_path)
+    _settled_with(spool, _signed(layout, MESSAGE))
+    context, audit = _context(layout, tmp_path, spool)
+    try:
+        asyncio.run(MessageStatus(context).status(MESSAGE, submitter))
+    finally:
+        audit.close()
+        spool.close()
+    assert spool.threads and threading.main_thread() not in spool.threads, spool.threads
+
+
+class _AuditFailingOnce:
+    """An audit trail whose first write fails as a full disk does; the rest go to ``trail``."""
+
+    def __init__(self, trail: AuditLog) -> None:
+        self._trail = trail
+        self.failed = False
+
+    def emit(self, event: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._trail.emit(event)
+
+
+def test_an_alert_that_could_not_be_written_is_written_at_the_next_request(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Once per message means once in the trail: an alert the audit log failed to take is
+    not counted as given, and the next status request for the message writes it."""
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    _sent(spool, tmp_path)
+    _settled_with(spool, _signed(layout, MESSAGE))
+    spool._write("UPDATE outbound SET receipt=NULL WHERE message_id=?", (MESSAGE,))
+    context, audit = _context(layout, tmp_path, spool)
+    failing = _AuditFailingOnce(audit)
+    context.audit = cast(AuditLog, failing)
+    status = MessageStatus(context)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            asyncio.run(status.status(MESSAGE))
+        assert failing.failed
+        assert _alerts(tmp_path) == []
+        views = [asyncio.run(status.status(MESSAGE)) for _ in range(2)]
+    finally:
+        audit.close()
+        spool.close()
+    assert [cast(dict[str, Any], view)["receipt"]["altered"] for view in views] == [True, True]
     assert _alerts(tmp_path) == [MESSAGE]
 
 

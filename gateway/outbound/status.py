@@ -76,7 +76,9 @@ class MessageStatus:
         With ``submitter``: None unless that submitter sent it, decided before any work is
         done for it (a client learns nothing of other clients' messages, not even by time).
         """
-        submitted_by = self._ctx.spool.submitter(message_id)
+        # In a worker thread as every spool read here: a PostgreSQL spool's answer can take
+        # long, and the event loop serves every peer's transfers meanwhile.
+        submitted_by = await asyncio.to_thread(self._ctx.spool.submitter, message_id)
         if submitter is not None and submitted_by != submitter:
             return None
         found = await asyncio.to_thread(self._read, message_id)
@@ -206,14 +208,20 @@ class MessageStatus:
         )
         if first is None:
             return
-        self._ctx.alert(
-            EventType.AT_REST_INTEGRITY_FAILED,
-            peer=record.peer,
-            message_id=record.message_id,
-            service=record.service,
-            reason=f"the stored receipt is not the one medgw kept: {error}",
-            detail={"fix": ALTERED_FIX, **failed.kept},
-        )
+        try:
+            self._ctx.alert(
+                EventType.AT_REST_INTEGRITY_FAILED,
+                peer=record.peer,
+                message_id=record.message_id,
+                service=record.service,
+                reason=f"the stored receipt is not the one medgw kept: {error}",
+                detail={"fix": ALTERED_FIX, **failed.kept},
+            )
+        except BaseException:
+            # Not in the trail (its disk full, say): the next request for it alerts.
+            with self._lock:
+                self._alerted.discard(record.message_id)
+            raise
 
     def _unopened(self, record: OutboundRecord, failed: _Unopenable) -> None:
         """A warning in the log, with the cause the status does not show (it names the
