@@ -239,6 +239,11 @@ def test_the_lease_renewal_names_each_state_in_its_text(
     assert not [entry for entry in bound if entry[1]], bound
 
 
+# Indexes of a message's rows, one per peer that sent it: a row changed by its key (peer
+# and message ID) may be found through them as through the key.
+BY_MESSAGE = {"handover_message"}
+
+
 def _reads_of(
     generic: Path,
     postgres: PostgresSettings,
@@ -335,8 +340,8 @@ def test_a_claim_or_a_take_over_names_its_state_and_reads_its_index(
         for plan, how, searched in read:
             assert searched, f"{what}: {how} of every row: {query}"
             used |= searched
-            if all(index.endswith("_pkey") for index in searched):
-                continue  # a row found by its key
+            if all(index.endswith("_pkey") or index in BY_MESSAGE for index in searched):
+                continue  # a row found by its key (or its message's few)
             bound = list(bound_states(plan))
             assert not bound, f"{what}: the state bound: {query}\n  {bound}"
     assert through is None or through in used, f"{what}: {reads}"
@@ -414,3 +419,79 @@ def test_a_listing_by_state_names_its_state_in_its_text(
             assert searched <= index or not by_state, f"{what}: {how} of {searched}: {query}"
             bound = list(bound_states(plan))
             assert not bound, f"{what}: the state bound: {query}\n  {bound}"
+
+
+@pytest.mark.parametrize(
+    ("what", "call", "through"),
+    [
+        # An operator's retry of a hand-over (`medgw handover retry`, the local API):
+        # the message's hand-overs (one per peer that sent it), among months of done ones.
+        (
+            "a message's hand-overs",
+            lambda s: s.handover_list(message_id="<handover-failed-None-7@hospital>"),
+            "handover_message",
+        ),
+    ],
+)
+def test_a_lookup_by_message_or_of_the_oldest_reads_its_index_under_a_generic_plan(
+    generic: Path,
+    postgres: PostgresSettings,
+    what: str,
+    call: Callable[[PostgresSpool], list[object]],
+    through: str,
+) -> None:
+    """A lookup of one message's hand-overs, or of the records finished longest ago,
+    planned for any value of its parameters, reads the index that holds its rows first:
+    never the whole table, nor every row newest first.  A limit bound as a parameter is
+    planned as a tenth of the table, whatever it is: the limit is written as a number."""
+    reads = _reads_of(generic, postgres, what, call)
+    used: set[str] = set()
+    for query, read in reads:
+        assert not re.search(r"\bLIMIT \$\d", query), f"{what}: the limit bound: {query}"
+        for _, how, searched in read:
+            assert searched, f"{what}: {how} of every row: {query}"
+            assert "outbound_created" not in searched, f"{what}: every row newest first: {query}"
+            used |= searched
+    assert through in used, f"{what}: {reads}"
+
+
+@pytest.fixture
+def as_planned(generic: Path, postgres_server: PostgresServer, postgres: PostgresSettings) -> Path:
+    """The spool of ``generic``, its statements planned as a server plans them unless told
+    otherwise: a prepared statement for its parameters' values its first five runs, then
+    generically if that plan seems as cheap."""
+    with postgres_server.admin(postgres.dbname) as db:
+        db.execute(f"ALTER DATABASE \"{postgres.dbname}\" SET plan_cache_mode = 'auto'")
+    return generic
+
+
+# Enough runs on one connection for psycopg to prepare the statement (after five) and for
+# the server to try its generic plan (after five more).
+RUNS = 12
+
+
+def test_a_peer_s_messages_are_listed_through_the_index_by_peer_at_every_run(
+    as_planned: Path, postgres: PostgresSettings
+) -> None:
+    """An operator's listing of one peer's messages, newest first (`medgw queue list
+    --peer`, the local API's /v1/queue?peer=), run again and again.  A generic plan
+    reckons with an average peer's share of the table (a quarter, with four peers): it
+    reads every row newest first until it has found enough, nearly the whole table for a
+    peer of few rows among other peers' backlogs and months of delivered messages.
+    Planned for the peer given at every run, it reads that peer's rows through the
+    index by peer and time."""
+    found: list[list[object]] = []
+
+    def listings(spool: PostgresSpool) -> None:
+        for _ in range(RUNS):
+            found.append(list(spool.list_outbound(peer="clinic")))
+
+    seen = [
+        (query, list(reads_in(plan))) for query, plan in plans_of(as_planned, postgres, listings)
+    ]
+    assert [len(rows) for rows in found] == [1000] * RUNS
+    reads = [(query, read) for query, read in seen if read]
+    assert len(reads) == RUNS, seen
+    for query, read in reads:
+        for _, how, searched in read:
+            assert searched == {"outbound_peer"}, f"{how} of {searched or 'every row'}: {query}"

@@ -355,6 +355,41 @@ def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
     spool.close()
 
 
+def test_a_spool_of_the_version_before_gets_the_indexes_by_peer_and_by_message(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """An operator's listing of a peer's messages and the lookup of a message's
+    hand-overs read through indexes a spool of the version before lacks: the first start
+    after the upgrade builds them."""
+    spool = PostgresSpool(postgres, TickingClock())
+    queue_messages(spool, tmp_path, 3)
+    # As a database of the version before: neither index.
+    spool._transact(
+        lambda db: [
+            db.execute("DROP INDEX IF EXISTS outbound_peer", ()),
+            db.execute("DROP INDEX IF EXISTS handover_message", ()),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 2,)),
+        ]
+    )
+    spool.close()
+    spool = PostgresSpool(postgres, TickingClock())
+    with postgres_server.admin(postgres.dbname) as db:
+        indexes = {
+            str(row[0]): str(row[1])
+            for row in db.execute(
+                "SELECT indexname, indexdef FROM pg_indexes"
+                " WHERE tablename IN ('outbound', 'handover')"
+            )
+        }
+        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
+    assert version == [(VERSION,)]
+    assert "ON public.outbound USING btree (peer, created_at)" in indexes["outbound_peer"]
+    assert "ON public.handover USING btree (message_id)" in indexes["handover_message"]
+    listed = spool.list_outbound(peer="lab")
+    assert [r.message_id for r in listed] == ["<m2@hospital>", "<m1@hospital>", "<m0@hospital>"]
+    spool.close()
+
+
 def test_a_spool_of_the_version_before_gets_the_receipt_columns_and_older_nodes_refuse_it(
     postgres_server: PostgresServer,
     postgres: PostgresSettings,

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import InvalidTypeError
-from gateway.spool import HandoverState, OutboundState, Settled, Spool, SqliteSpool
+from gateway.spool import (
+    HandoverState,
+    OutboundState,
+    RetainedKind,
+    Settled,
+    Spool,
+    SqliteSpool,
+)
 from gateway.spool.sql import state_is
 from tests.clocks import TickingClock
 from tests.conftest import MakeSpool
@@ -102,6 +109,7 @@ def plan(database: Path, statement: str) -> list[str]:
         ("due hand-overs", lambda s: s.handover_due(2e9), "next_attempt_at<?"),
         ("next hand-over time", lambda s: s.handover_next_at(), "state=?"),
         ("operator's latest messages", lambda s: s.list_outbound(limit=20), "outbound_created"),
+        ("a peer's messages", lambda s: s.list_outbound(peer="lab"), "outbound_peer (peer=?)"),
         (
             "payload files found at start",
             lambda s: s.payloads_recorded(["payload-lab-1", "payload-lab-2", "gone"]),
@@ -205,6 +213,8 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
         "outbound_expiring",
         "outbound_awaiting",
         "outbound_created",
+        "outbound_peer",
+        "handover_message",
     } <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
     # Their first forms, of every row by state: each change of state wrote their pages.
@@ -365,3 +375,49 @@ def test_a_listing_by_state_finds_that_state_s_rows_newest_first(
             spool.list_outbound(state=given)  # type: ignore[arg-type]
         with pytest.raises(InvalidTypeError, match="one of the spool's states"):
             spool.handover_list(state=given)  # type: ignore[arg-type]
+
+
+def test_a_peer_s_messages_a_message_s_hand_overs_and_finished_records_are_found(
+    any_spool: Spool, tmp_path: Path
+) -> None:
+    """A peer's messages in every state, newest first, up to the limit (`medgw queue list
+    --peer`); a message's hand-overs, whichever peer sent it, newest first (`medgw
+    handover retry`); and retention's batches of finished records, oldest first, up to
+    its limit: the same rows on either backend, whatever indexes and plans serve them."""
+    spool = any_spool
+    claimed, _ = spool.claim_due("lab", 2e9, 3)
+    for record in claimed[:2]:
+        assert spool.mark_awaiting_receipt(record.message_id)
+        found = OutboundState.AWAITING_RECEIPT
+        settled = Settled(
+            record.message_id, OutboundState.DELIVERED, "processed", None, found=found
+        )
+        assert spool.mark_settled([settled]) == [record.message_id]
+    listed = spool.list_outbound(peer="lab", limit=BACKLOG)
+    assert [r.message_id for r in listed] == [
+        f"<lab-{i}@hospital>" for i in reversed(range(BACKLOG))
+    ]
+    assert {r.state for r in listed} == {
+        OutboundState.QUEUED,
+        OutboundState.SENDING,
+        OutboundState.DELIVERED,
+    }
+    newest = spool.list_outbound(peer="pharmacy", limit=2)
+    assert [r.message_id for r in newest] == ["<pharmacy-499@hospital>", "<pharmacy-498@hospital>"]
+    assert spool.list_outbound(peer="clinic") == []
+    for peer, message_id in (("lab", "<in-1@x>"), ("lab", "<in-2@x>"), ("pharmacy", "<in-1@x>")):
+        spool.inbound_begin(peer, message_id, "aa", tmp_path / f"{peer}-{message_id}.hl7")
+        spool.inbound_delivered(peer, message_id, [], b"r", ("text/plain", 3))
+    handovers = spool.handover_list(message_id="<in-1@x>")
+    assert [(h.peer, h.message_id) for h in handovers] == [
+        ("pharmacy", "<in-1@x>"),
+        ("lab", "<in-1@x>"),
+    ]
+    assert spool.handover_list(message_id="<in-3@x>") == []
+    later = "2999-01-01T00:00:00+00:00"
+    [oldest] = spool.disposable(RetainedKind.SPOOL, later, limit=1)
+    assert (oldest.table, oldest.message_id) == ("outbound", claimed[0].message_id)
+    batch = spool.disposable(RetainedKind.SPOOL, later, peer="lab")
+    assert [(d.table, d.message_id) for d in batch] == [
+        ("outbound", r.message_id) for r in claimed[:2]
+    ]

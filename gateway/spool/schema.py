@@ -253,6 +253,15 @@ ADDED_INDEXES = (
     # decides between two submissions with one key at once.
     "CREATE UNIQUE INDEX IF NOT EXISTS submissions_key ON submissions"
     " (submitted_by, idempotency_key) WHERE idempotency_key IS NOT NULL",
+    # An operator's listing of one peer's messages, newest first (`medgw queue list
+    # --peer`, the local API's /v1/queue?peer=): that peer's rows in that order, not every
+    # row newest first (mostly other peers' and delivered messages kept for months) until
+    # enough are found.  Neither column changes once a message is taken in.
+    "CREATE INDEX IF NOT EXISTS outbound_peer ON outbound (peer, created_at)",
+    # One message's hand-overs, whichever peer sent it (an operator's retry: `medgw
+    # handover retry`, the local API): the key begins with the peer, so without this the
+    # whole table was read (mostly hand-overs done, kept for months).
+    "CREATE INDEX IF NOT EXISTS handover_message ON handover (message_id)",
 )
 
 

@@ -105,8 +105,9 @@ class SqlStore(ABC):
         """Leave no readable copy of deleted rows where the backend can (see Spool.shred)."""
 
     @abstractmethod
-    def _read(self, sql: str, params: Params) -> list[Row]:
-        """The rows of one query of committed state."""
+    def _read(self, sql: str, params: Params, *, each_run: bool = False) -> list[Row]:
+        """The rows of one query of committed state; ``each_run``: planned for its
+        parameters' values at every run, never prepared (PostgreSQL; see list_outbound)."""
 
     @abstractmethod
     def _transact(self, work: Callable[[Connection], T]) -> T:

@@ -170,9 +170,13 @@ class PostgresDatabase(SqlStore):
         self._run(lambda conn: conn.execute("VACUUM data_keys"), lambda: True)
         return True
 
-    def _read(self, sql: str, params: Params) -> list[Row]:
+    def _read(self, sql: str, params: Params, *, each_run: bool = False) -> list[Row]:
+        # Not prepared (psycopg prepares a statement after a few runs), the server plans
+        # it for the values it is run with every time, never generically.
+        prepare = False if each_run else None
+
         def query(conn: psycopg.Connection[DictRow]) -> list[Row]:
-            return list(conn.execute(translate(sql), params).fetchall())
+            return list(conn.execute(translate(sql), params, prepare=prepare).fetchall())
 
         return self._run(query, lambda: True)
 

@@ -94,7 +94,9 @@ class Database(SqlStore):
         for db in (self._db, self._reader):
             db.set_trace_callback(statement)
 
-    def _read(self, sql: str, params: Params) -> list[Row]:
+    def _read(self, sql: str, params: Params, *, each_run: bool = False) -> list[Row]:
+        # SQLite plans no statement for other values than those it runs with: each_run
+        # is PostgreSQL's.
         with self._read_lock:
             rows: list[Row] = self._reader.execute(sql, params).fetchall()
             return rows

@@ -929,12 +929,20 @@ class OutboundQueue(SqlStore):
             # first until it has found enough: the whole table for a state of few rows.
             clauses.append(state_is(state))
         if peer is not None:
+            # A peer's share of the table is its own (one peer's backlog, another's few
+            # messages, a third's months of delivered ones): planned for any peer, the
+            # generic plan reckons with an average peer's share, and reads every row
+            # newest first (outbound_created) until it has found enough, nearly the whole
+            # table for a peer of few rows.  Planned at every run for the peer given
+            # (an operator's listing: rare), that peer's rows are read through
+            # outbound_peer, or newest first if they are most of the table.
             clauses.append("peer=?")
             params.append(peer)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self._read(
             f"{_SELECT_OUTBOUND} {where} ORDER BY created_at DESC LIMIT {int(limit)}",
             tuple(params),
+            each_run=peer is not None,
         )
         return [_outbound(r) for r in rows]
 
