@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from gateway.spool import HandoverState, OutboundState
+from gateway.spool import HandoverState, OutboundState, RetainedKind
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.clocks import TickingClock
 from tests.helpers.postgres import PostgresServer
@@ -430,6 +430,12 @@ def test_a_listing_by_state_names_its_state_in_its_text(
             "a message's hand-overs",
             lambda s: s.handover_list(message_id="<handover-failed-None-7@hospital>"),
             "handover_message",
+        ),
+        # Retention's batches: the records finished longest ago, oldest first.
+        (
+            "finished messages to dispose of",
+            lambda s: s.disposable(RetainedKind.SPOOL, "2026-06-01T00:00:00+00:00"),
+            "outbound_updated",
         ),
     ],
 )

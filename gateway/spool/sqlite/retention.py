@@ -153,10 +153,13 @@ class RetainedItems(SqlStore):
         found: list[Disposable] = []
         for rule in _RULES[kind]:
             where, params = _where(rule, peer, service, any_service, dry_run=False)
+            # The limit as a number (see OutboundQueue.list_outbound): bound, PostgreSQL's
+            # generic plan reckons with a tenth of the table for it.
             rows = self._read(
                 f"SELECT peer, message_id, service, {rule.file or 'NULL'} AS file"  # noqa: S608
-                f" FROM {rule.table} WHERE {where} ORDER BY updated_at LIMIT :limit",
-                params | {"before": before, "limit": limit - len(found)},
+                f" FROM {rule.table} WHERE {where} ORDER BY updated_at"
+                f" LIMIT {int(limit - len(found))}",
+                params | {"before": before},
             )
             found.extend(
                 Disposable(
