@@ -11,6 +11,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -22,6 +23,7 @@ import pytest
 
 from gateway.atrest import KeyStore, Vault
 from gateway.atrest.keys import kek_name
+from gateway.audit.events import AuditEvent, EventType
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -441,41 +443,44 @@ def test_the_status_reads_the_spool_off_the_event_loop(
     assert spool.threads and threading.main_thread() not in spool.threads, spool.threads
 
 
-class _AuditFailingOnce:
-    """An audit trail whose first write fails as a full disk does; the rest go to ``trail``."""
-
-    def __init__(self, trail: AuditLog) -> None:
-        self._trail = trail
-        self.failed = False
-
-    def emit(self, event: Any) -> None:
-        if not self.failed:
-            self.failed = True
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self._trail.emit(event)
-
-
-def test_an_alert_that_could_not_be_written_is_written_at_the_next_request(
+def test_an_alert_the_trail_could_not_take_at_once_is_written_once(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
-    """Once per message means once in the trail: an alert the audit log failed to take is
-    not counted as given, and the next status request for the message writes it."""
+    """An altered receipt is alerted once per message, also when that write fails (the
+    trail's disk full): the daemon's audit log keeps the outbound record it could not write
+    and writes it with its next record; a later status request does not alert again."""
     spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
     _sent(spool, tmp_path)
     _settled_with(spool, _signed(layout, MESSAGE))
     spool._write("UPDATE outbound SET receipt=NULL WHERE message_id=?", (MESSAGE,))
     context, audit = _context(layout, tmp_path, spool)
-    failing = _AuditFailingOnce(audit)
-    context.audit = cast(AuditLog, failing)
+    audit.close()
+    full = threading.Event()
+
+    def sync(fd: int) -> None:
+        if full.is_set():
+            full.clear()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.fsync(fd)
+
+    # As the daemon opens it (gateway/daemon/lifecycle.py): outbound records are owed.
+    trail = AuditLog(
+        tmp_path / "audit.jsonl",
+        SystemClock(),
+        node="lab",
+        sync=sync,
+        owed=lambda event: event.direction == "outbound",
+    )
+    context.audit = trail
     status = MessageStatus(context)
     try:
+        full.set()
         with pytest.raises(OSError, match="No space left"):
             asyncio.run(status.status(MESSAGE))
-        assert failing.failed
-        assert _alerts(tmp_path) == []
         views = [asyncio.run(status.status(MESSAGE)) for _ in range(2)]
+        trail.emit(AuditEvent(EventType.DAEMON_STOPPED))  # the trail's next record
     finally:
-        audit.close()
+        trail.close()
         spool.close()
     assert [cast(dict[str, Any], view)["receipt"]["altered"] for view in views] == [True, True]
     assert _alerts(tmp_path) == [MESSAGE]

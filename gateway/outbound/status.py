@@ -208,20 +208,16 @@ class MessageStatus:
         )
         if first is None:
             return
-        try:
-            self._ctx.alert(
-                EventType.AT_REST_INTEGRITY_FAILED,
-                peer=record.peer,
-                message_id=record.message_id,
-                service=record.service,
-                reason=f"the stored receipt is not the one medgw kept: {error}",
-                detail={"fix": ALTERED_FIX, **failed.kept},
-            )
-        except BaseException:
-            # Not in the trail (its disk full, say): the next request for it alerts.
-            with self._lock:
-                self._alerted.discard(record.message_id)
-            raise
+        # Once, also when the write fails (the trail's disk full, say): the daemon's audit
+        # log keeps an outbound record it could not write and writes it at its next write.
+        self._ctx.alert(
+            EventType.AT_REST_INTEGRITY_FAILED,
+            peer=record.peer,
+            message_id=record.message_id,
+            service=record.service,
+            reason=f"the stored receipt is not the one medgw kept: {error}",
+            detail={"fix": ALTERED_FIX, **failed.kept},
+        )
 
     def _unopened(self, record: OutboundRecord, failed: _Unopenable) -> None:
         """A warning in the log, with the cause the status does not show (it names the
