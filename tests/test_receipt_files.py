@@ -16,7 +16,8 @@ import json
 import secrets
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +41,7 @@ from gateway.outbound.settle import INLINE_RECEIPT_BYTES, Answer, Settler
 from gateway.outbound.status import ALTERED_FIX, MAX_SEALED_RECEIPT, MessageStatus
 from gateway.pki.demo import DemoLayout
 from gateway.pki.peers import assess_peers
+from gateway.retention.purge import PurgeRequest, Retention
 from gateway.spool import (
     Claimant,
     OutboundRecord,
@@ -50,7 +52,7 @@ from gateway.spool import (
     open_spool,
 )
 from gateway.spool.postgres import PostgresSettings
-from gateway.spool.records import RetainedKind, receipt_item
+from gateway.spool.records import Disposable, RetainedKind, receipt_item
 from tests.cli import medgw
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
@@ -775,8 +777,8 @@ def test_a_receipt_file_named_outside_this_nodes_receipts_folder_is_not_called_a
 
 
 class _DisposedAfterTheRowIsRead:
-    """The spool, where retention disposes of VICTIM's receipt (its file removed first,
-    then its row cleared) just after the status's first read of the row."""
+    """The spool, where retention disposes of VICTIM's receipt (its row cleared, then its
+    file removed) just after the status's first read of the row."""
 
     def __init__(self, spool: Spool, path: Path) -> None:
         self._spool = spool
@@ -787,9 +789,9 @@ class _DisposedAfterTheRowIsRead:
         record = self._spool.get(message_id)
         if message_id == VICTIM and not self.interleaved:
             self.interleaved = True
-            self._path.unlink()
             batch = self._spool.disposable(RetainedKind.RECEIPTS, "9999-12-31T00:00:00+00:00")
             assert [item.message_id for item in self._spool.dispose(batch)] == [VICTIM]
+            self._path.unlink()
         return record
 
     def __getattr__(self, name: str) -> Any:
@@ -799,9 +801,9 @@ class _DisposedAfterTheRowIsRead:
 def test_a_receipt_file_retention_disposes_of_while_it_is_read_is_no_alarm(
     layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
 ) -> None:
-    """Both backends: retention removes a receipt file before it clears the row; a
-    status that read the row before and finds the file gone reads the row again and
-    shows it as it is now (no receipt kept), with no alert."""
+    """Both backends: retention clears the row, then removes the receipt file; a status
+    that read the row before and finds the file gone reads the row again and shows it
+    as it is now (no receipt kept), with no alert."""
     spool = make_spool(SystemClock())
     trail = tmp_path / "audit.jsonl"
     path = load_config(layout.lab.config_path).storage.receipts_dir / "v.hl7.0123456789ab.mdn"
@@ -818,6 +820,57 @@ def test_a_receipt_file_retention_disposes_of_while_it_is_read_is_no_alarm(
     assert view["state"] == "delivered", view
     assert events(trail, "atrest.integrity_failed") == []
     assert _log_lines(log, "receipt.stored_altered") == []
+
+
+class _ReadAroundTheDisposal:
+    """The spool retention disposes of VICTIM's receipt through: its status read just
+    before the disposal's commit and just after it, before retention goes on (whichever
+    of retention's two steps, clearing the row and removing the file, comes first, one
+    of the reads falls between them)."""
+
+    def __init__(self, spool: Spool, context: Context) -> None:
+        self._spool = spool
+        self._context = context
+        self.views: list[dict[str, Any]] = []
+
+    def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
+        self.views.append(_status(self._context))
+        done = self._spool.dispose(items)
+        self.views.append(_status(self._context))
+        return done
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
+def test_a_status_read_while_retention_disposes_of_a_receipt_file_is_no_alarm(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: a status read between the two steps of retention's disposal of a
+    receipt file (the row cleared first, then the file removed) shows the row as it
+    is, never "altered"; the file is gone once the purge returns."""
+    spool = make_spool(SystemClock())
+    trail = tmp_path / "audit.jsonl"
+    log = io.StringIO()
+    context, audit = _judging_context(layout, spool, trail, None, log)
+    path = context.receipts / "v.hl7.0123456789ab.mdn"
+    around = _ReadAroundTheDisposal(spool, context)
+    try:
+        _settled_in_file(layout, spool, path)
+        retention = Retention(cast(Spool, around), audit, SystemClock())
+        request = PurgeRequest(SystemClock().now(), (RetainedKind.RECEIPTS,))
+        assert retention.purge(request, OPERATOR) == {"receipts": 1}
+    finally:
+        audit.close()
+    before, after = around.views
+    assert before["receipt"] is not None and before["receipt"]["verified"] is True, before
+    assert after["receipt"] is None and after["receipt_kept"] is None, after
+    assert after["state"] == "delivered", after
+    assert not path.exists()
+    assert events(trail, "atrest.integrity_failed") == []
+    assert _log_lines(log, "receipt.stored_altered") == []
+    [disposed] = events(trail, "retention.disposed")
+    assert [m["message_id"] for m in disposed["detail"]["messages"]] == [VICTIM], disposed
 
 
 @pytest.mark.parametrize("then", ["settled there", "cancelled here"])
@@ -1048,4 +1101,44 @@ def test_medgw_send_does_not_show_a_receipt_file_replaced_by_another(
     assert again.stdout.splitlines()[0].split() == ["delivered", victim], again.stdout
     assert "NOT SHOWN, altered" in again.stdout and ALTERED in again.stdout, again.stdout
     assert "signed by" not in again.stdout and "disposition" not in again.stdout
+    assert lab.stop() == 0
+
+
+@pytest.mark.parametrize("kill", ["--kill-before", "--kill-after"])
+def test_a_purge_killed_as_it_removes_receipt_files_leaves_no_alarm_and_no_file(
+    layout: DemoLayout,
+    processes: Any,
+    lab_spool: PostgresSettings | None,
+    large_receipts: list[str],
+    kill: str,
+) -> None:
+    """A real lab daemon on each backend, its receipts kept as files, killed by SIGKILL
+    in ``medgw purge`` just before or just after it removes the files of the receipts
+    it disposed of.  Started again: the disposal stands (audited), no status calls a
+    receipt altered (no alert), and no receipt file is left (a file no row names any
+    more is removed by the start's sweep)."""
+    api = enable_api(layout)
+    _configure(layout, lab_spool)
+    config = str(layout.lab.config_path)
+    receipts = load_config(layout.lab.config_path).storage.receipts_dir
+    lab = processes.start(
+        layout.lab.config_path, prefix=killed_at(kill, "gateway.retention.purge:_remove_files")
+    )
+    sent = two_delivered(api)
+    assert sorted(large_receipts) == sorted(sent)
+    assert len(list(receipts.iterdir())) == 2
+    before = datetime.now(UTC).isoformat()
+    purged = medgw("purge", "--before", before, "--kind", "receipts", "--config", config)
+    assert purged.returncode != 0, purged.stdout  # killed before it answered
+    wait_killed(lab)
+
+    lab = processes.start(layout.lab.config_path)
+    for message_id in sent:
+        status, view = api.request("GET", f"/v1/messages/{message_id}", token=LIS_TOKEN)
+        assert status == 200, view
+        assert view["receipt"] is None and view["state"] == "delivered", view
+    assert list(receipts.iterdir()) == []
+    assert events(layout.lab.audit_log, "atrest.integrity_failed") == []
+    [disposed] = events(layout.lab.audit_log, "retention.disposed")
+    assert sorted(m["message_id"] for m in disposed["detail"]["messages"]) == sorted(sent)
     assert lab.stop() == 0

@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from gateway.audit import DURABLE, AuditEvent, Pending
-from gateway.config.retention import RetentionRule, RetentionSettings
+from gateway.config.retention import KEEP, RetentionRule, RetentionSettings
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.retention.purge import ORDER, PurgeRefused, PurgeRequest, Retention, parse_before
-from gateway.spool import DataKey, OutboundState, RetainedKind, Settled
+from gateway.spool import DataKey, Disposable, OutboundState, RetainedKind, Settled, Spool
 from gateway.spool.records import receipt_item
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
@@ -314,3 +315,89 @@ def test_purge_dates_are_checked() -> None:
         parse_before("2026-04-01T00:00:00", now)
     with pytest.raises(PurgeRefused, match="not an ISO 8601"):
         parse_before("last week", now)
+
+
+class _Killed(Exception):
+    """Where the process disposing of things would be killed."""
+
+
+class _KilledAfterTheCommit:
+    """The spool of a retention killed just after its first disposal's commit, before it
+    removes the files of what that disposed of."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
+        self._spool.dispose(items)
+        raise _Killed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
+def _killed(place: Place, request: PurgeRequest) -> None:
+    """``request`` purged by a process killed after its first commit."""
+    killed = Retention(cast(Spool, _KilledAfterTheCommit(place.spool)), place.audit, place.clock)
+    with pytest.raises(_Killed):
+        killed.purge(request, "operator:test")
+
+
+def test_an_inbox_copy_a_killed_purge_left_goes_at_the_next_sweep_before_its_record(
+    place: Place,
+) -> None:
+    """Both backends: a purge clears the copy's hand-over record first, then removes the
+    file.  Killed in between, the record says the copy went and that its file is still
+    to be removed; the record cannot go before it is.  The next sweep (the daemon's
+    first is at its start) removes the file, then the record may go."""
+    copy = place.inbound("<got@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    assert copy.exists()
+    [left] = place.spool.files_pending()
+    assert (left.kind, left.message_id, left.file) == (RetainedKind.RECEIVED, "<got@l>", copy)
+    assert place.spool.disposable(RetainedKind.HANDOVER, before.isoformat()) == []
+
+    assert place.retention.sweep(KEEP) == {}  # nothing else to dispose of
+    assert not copy.exists()
+    assert place.spool.files_pending() == []
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+    assert counts == {"received": 0, "receipts": 1, "handover": 1, "spool": 1}
+    assert place.spool.handover_list() == []
+
+
+def test_a_purge_first_removes_the_inbox_copies_a_killed_one_left(place: Place) -> None:
+    """Both backends: an operator's purge after a killed one removes the copies it left
+    before it disposes of anything, so their records go in the same purge."""
+    copy = place.inbound("<got@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    assert copy.exists()
+
+    dry = place.retention.purge(PurgeRequest(before=before, dry_run=True), "operator:test")
+    assert copy.exists() and len(place.spool.files_pending()) == 1  # a dry run removes nothing
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+    assert counts == dry == {"received": 0, "receipts": 1, "handover": 1, "spool": 1}
+    assert not copy.exists() and place.spool.handover_list() == []
+
+
+def test_the_sweep_of_copies_left_removes_no_other_file(place: Place) -> None:
+    """Both backends: the sweep removes only the files of copies whose disposal was
+    committed: not a copy a hand-over record still keeps, nor one waiting for its
+    hand-over, nor a document being delivered (written, not yet recorded as
+    delivered), nor the inbox's documents no hand-over takes (the internal system's),
+    nor a file no row names."""
+    left = place.inbound("<left@c>", peer="clinic")
+    kept = place.inbound("<kept@l>")  # handed over, kept for its retention
+    waiting = place.inbound("<waiting@l>", handover="pending")
+    writing = place.inbound("<writing@l>", delivered=False)
+    own = place.inbound("<inbox-only@l>", handover=None)
+    stray = place.tmp / "inbox" / "dropped.hl7"
+    stray.write_bytes(b"MSH|dropped")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,), peer="clinic"))
+    assert left.exists()
+
+    assert place.retention.sweep(KEEP) == {}
+    assert not left.exists()
+    assert all(f.exists() for f in (kept, waiting, writing, own, stray))

@@ -103,7 +103,7 @@ class MessageStatus:
         own: a retry, a new receipt or retention between them pairs a row with another
         version's receipt (a new receipt verified beside the old row's state), or makes
         an intact receipt fail a check (another receipt's key, or none; its file removed
-        by retention before it clears the row).  So once a receipt was read the row is
+        by retention or a retry once they cleared the row).  So once a receipt was read the row is
         read again, and if it changed meanwhile, the status is read again from it; a
         receipt that fails a check is reported only if the row is still as it was read."""
         record = self._ctx.spool.get(message_id)
@@ -140,8 +140,8 @@ class MessageStatus:
 
     def _file_gone(self, record: OutboundRecord, gone: _FileGone) -> _NotAsStored | _Unopenable:
         """What a receipt file that is not there means, its row unchanged since it was
-        read (so not retention, which removes the file before it clears the row, nor a
-        retry): removed outside medgw if this node settled the message into its own
+        read (so not retention nor a retry, which clear the row before they remove the
+        file): removed outside medgw if this node settled the message into its own
         receipts folder with the file's SHA-256 recorded; otherwise it cannot be read
         here (another node's state folder, or settled before a file's SHA-256 was
         recorded, when nothing tells a removal from a file never checked)."""
@@ -445,7 +445,7 @@ def _altered(message_id: str) -> dict[str, Any]:
 def _file_removed(message_id: str) -> dict[str, Any]:
     """A receipt file this node stored for ``message_id``, its SHA-256 recorded in the
     row when it settled the message, gone while the row still names it: retention and a
-    retry clear the row once they remove it."""
+    retry clear the row before they remove it."""
     return {
         "verified": False,
         "error": f"the receipt file kept for {message_id} was removed from this node's state"

@@ -4,17 +4,27 @@ Two ways in, one path: the daemon's sweep applies the ``[retention]`` rules
 every ``sweep_interval_seconds``; ``medgw purge --before DATE`` disposes of
 everything finished before a date on an operator's request.  Both remove only
 what nothing is owed on any more (the spool decides that, in the transaction
-that disposes of it: see gateway.spool.sqlite.retention), the files first and
-then their records, a batch at a time, and both are audited: one
-``retention.disposed`` per batch naming each message, and one
-``retention.purged`` with the counts per kind.
+that disposes of it: see gateway.spool.sqlite.retention), a batch at a time,
+and both are audited: one ``retention.disposed`` per batch naming each message,
+and one ``retention.purged`` with the counts per kind.
+
+A batch's rows are cleared first, in one transaction, and then the files of
+exactly the rows cleared are removed: a status read in between finds the row as
+it is now, without the file, never a row naming a file already gone (which it
+reports as altered).  A process killed in between leaves files: a receipt file no
+row names any more, removed by the receipts folder's sweep (at start, and while
+running once an hour old: gateway.outbound.sweep); an inbox copy its hand-over
+record says is still to be removed, removed at the start of the next sweep (the
+daemon's first is at its start) or purge, before its record may go.  Every file
+disposed of is gone once a purge or sweep returns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from gateway.atrest import Vault
@@ -22,6 +32,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Severity
 from gateway.clock import Clock
 from gateway.config.retention import HOLDS, RetentionSettings
 from gateway.errors import MedgwError
+from gateway.fsutil import fsync_dir
 from gateway.retention.audit_files import AuditFiles
 from gateway.spool import Disposable, RetainedKind, Spool
 from gateway.textbounds import MAX_ITEMS
@@ -136,6 +147,8 @@ class Retention:
                 fix="purge the kind audit without --peer and --service",
             )
         before = request.before.isoformat()
+        if not request.dry_run:
+            self._remove_pending()
         counts: dict[str, int] = {}
         for kind in request.closure():
             if request.dry_run:
@@ -186,6 +199,7 @@ class Retention:
         """Apply ``settings`` now: each kind, for each peer and service, by its own limit.
         Audited only when something went."""
         now = self._clock.now()
+        self._remove_pending()
         counts: dict[str, int] = {}
         for kind in ORDER:
             for peer, service in self._spool.retained_groups(kind):
@@ -265,7 +279,6 @@ class Retention:
             )
             if not batch:
                 return total
-            _remove_files(batch)
             done = self._spool.dispose(batch)
             if done:
                 self._audit.emit(
@@ -280,10 +293,24 @@ class Retention:
                         },
                     )
                 )
+                self._remove(done)
             total += len(done)
             if len(done) < len(batch):
                 # Something changed under us (a late receipt); the rest waits for next time.
                 return total
+
+    def _remove(self, done: Sequence[Disposable]) -> None:
+        """The files of ``done`` (disposed of, committed) removed, then told the spool."""
+        _remove_files(done)
+        self._spool.files_removed(done)
+
+    def _remove_pending(self) -> None:
+        """The files of things disposed of that a process killed before it removed them
+        left (gateway.spool.sqlite.retention), removed now.  Only files the spool names
+        as disposed of: never a document being written (no such row names it), nor one
+        of the inbox the gateway does not own."""
+        while batch := self._spool.files_pending(MAX_ITEMS):
+            self._remove(batch)
 
 
 # In the purge's audit record: False when the spool's write-ahead log could not be emptied
@@ -305,8 +332,16 @@ def _name(item: Disposable) -> dict[str, str | None]:
 
 
 def _remove_files(items: Iterable[Disposable]) -> None:
-    """The files go before their records: a crash in between leaves a record whose file
-    is gone (found and disposed of again), never a file no record names."""
+    """The files of ``items``, disposed of, removed and their folders synced: gone for
+    good, even after a power loss, once this returns."""
+    folders: set[Path] = set()
     for item in items:
-        if item.file is not None:
-            item.file.unlink(missing_ok=True)
+        if item.file is None:
+            continue
+        try:
+            item.file.unlink()
+        except FileNotFoundError:
+            continue  # removed by an earlier run, or by whoever else reads the inbox
+        folders.add(item.file.parent)
+    for folder in sorted(folders):
+        fsync_dir(folder)

@@ -580,7 +580,18 @@ class Spool(Protocol):
 
     def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
         """Dispose of ``items`` in one transaction, each only if it still may be; returns
-        those disposed of.  Their files are the caller's to remove, before."""
+        those disposed of.  Their files are the caller's to remove, after the commit;
+        then :meth:`files_removed`."""
+        ...
+
+    def files_pending(self, limit: int = 64) -> list[Disposable]:
+        """Up to ``limit`` things disposed of whose files a process killed after the
+        disposal's commit left to remove (inbox copies; a receipt file no row names any
+        more is found by the receipts folder's sweep instead)."""
+        ...
+
+    def files_removed(self, items: Sequence[Disposable]) -> None:
+        """The files of ``items``, disposed of, are removed: no longer owed."""
         ...
 
     def data_key(self, item: str) -> DataKey | None:

@@ -184,6 +184,10 @@ ADDED_COLUMNS = (
     # so that the copy of the row a displaced record keeps (binary columns left out)
     # still tells that the row kept a receipt, and which (NULL: none in the row).
     ("outbound", "receipt_sha256", "TEXT"),
+    # 1 from the commit that disposes of a hand-over's inbox copy (copy_purged_at) until
+    # its file is removed (gateway.retention): a process killed in between leaves the
+    # file, found again by this; the record goes only once it is 0.
+    ("handover", "copy_pending", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -249,6 +253,10 @@ ADDED_INDEXES = (
     f" ({file_name('receipt_path')}, receipt_path)",
     # The start's sweep of the outbox asks about the files it finds, by path.
     "CREATE INDEX IF NOT EXISTS outbound_source ON outbound (source_path)",
+    # Retention's sweep asks for the inbox copies disposed of whose files are still to be
+    # removed (few, and only after a kill): an index of those alone.
+    "CREATE INDEX IF NOT EXISTS handover_copy_pending ON handover (peer, message_id)"
+    " WHERE copy_pending=1",
     # One message per submitter and Idempotency-Key, whichever node took it: the index
     # decides between two submissions with one key at once.
     "CREATE UNIQUE INDEX IF NOT EXISTS submissions_key ON submissions"

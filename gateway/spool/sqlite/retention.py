@@ -7,9 +7,15 @@ receipts we sent, kept to answer a resend), ``handover`` (hand-over records)
 and ``spool`` (the records of finished messages).  A thing is disposable only
 when nothing is owed on it: the outbound message was delivered or cancelled,
 the inbound one answered with its receipt and handed over.  A record goes only
-after what it holds went first (its receipt, its hand-over record, the copy),
-so that no file is left that no record names.  Every condition is checked
-again in the transaction that disposes of it.
+after what it holds went first (its receipt, its hand-over record, the copy).
+Every condition is checked again in the transaction that disposes of it.
+
+A thing that is a file is cleared from its row first, and its file removed after
+the commit (a reader never finds a row naming a file already gone).  A process
+killed in between leaves the file: a receipt file no row names any more, which the
+sweep of the receipts folder removes (gateway.outbound.sweep); an inbox copy whose
+hand-over record says its removal is still owed (``copy_pending``), which
+:meth:`RetainedItems.files_pending` finds again, and the record waits for it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.spool.records import Disposable, RetainedKind, items_of
-from gateway.spool.sql import FORGET_DISPLACED, Connection, SqlStore
+from gateway.spool.sql import FORGET_DISPLACED, Connection, Row, SqlStore
 
 # Nothing owed: delivered (a verified receipt), or withdrawn by an operator.
 _OUT_FINISHED = "state IN ('delivered', 'cancelled')"
@@ -39,6 +45,9 @@ class _Rule:
     held_in_run: str
     file: str | None  # the column naming the file it is
     disposal: str
+    # The column that is 1 while the file of a row disposed of is still to be removed
+    # (None: a file no row names once it is disposed of, found by a folder's sweep).
+    pending: str | None = None
 
 
 _NO_HANDOVER = (
@@ -54,7 +63,8 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
             "TRUE",
             "TRUE",
             "path",
-            "UPDATE handover SET copy_purged_at=:now",
+            "UPDATE handover SET copy_purged_at=:now, copy_pending=1",
+            "copy_pending",
         ),
     ),
     RetainedKind.RECEIPTS: (
@@ -81,7 +91,7 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
         _Rule(
             "handover",
             "state='done'",
-            "copy_purged_at IS NOT NULL",
+            "copy_purged_at IS NOT NULL AND copy_pending=0",
             "TRUE",
             None,
             "DELETE FROM handover",
@@ -120,6 +130,21 @@ def _where(
         where.append("service IS NOT DISTINCT FROM :service")
         params["service"] = service
     return " AND ".join(f"({w})" for w in where), params
+
+
+def _found(kind: RetainedKind, rule: _Rule, rows: Sequence[Row]) -> list[Disposable]:
+    """The things of ``kind`` in ``rows`` (peer, message_id, service, file) of ``rule``."""
+    return [
+        Disposable(
+            kind=kind,
+            table=rule.table,
+            peer=r["peer"],
+            message_id=r["message_id"],
+            service=r["service"],
+            file=Path(r["file"]) if r["file"] else None,
+        )
+        for r in rows
+    ]
 
 
 class RetainedItems(SqlStore):
@@ -161,17 +186,7 @@ class RetainedItems(SqlStore):
                 f" LIMIT {int(limit - len(found))}",
                 params | {"before": before},
             )
-            found.extend(
-                Disposable(
-                    kind=kind,
-                    table=rule.table,
-                    peer=r["peer"],
-                    message_id=r["message_id"],
-                    service=r["service"],
-                    file=Path(r["file"]) if r["file"] else None,
-                )
-                for r in rows
-            )
+            found.extend(_found(kind, rule, rows))
             if len(found) >= limit:
                 break
         return found
@@ -199,9 +214,10 @@ class RetainedItems(SqlStore):
 
     def dispose(self, items: Sequence[Disposable]) -> list[Disposable]:
         """Dispose of ``items`` (as :meth:`disposable` found them) in one transaction, each
-        only if it is still disposable; returns those disposed of.  Files are the
-        caller's: remove them before (a record naming a removed file is found again).
-        The data keys of what goes are deleted in the same transaction."""
+        only if it is still disposable; returns those disposed of (a finished row's
+        file never changes).  Their files are the caller's to remove, after the
+        commit (then :meth:`files_removed`).  The data keys of what goes are deleted in
+        the same transaction."""
         now = self._now()
 
         def work(db: Connection) -> list[Disposable]:
@@ -233,3 +249,36 @@ class RetainedItems(SqlStore):
             return done
 
         return self._transact(work)
+
+    def files_pending(self, limit: int = 64) -> list[Disposable]:
+        """Up to ``limit`` things disposed of whose files are still to be removed (a
+        process killed between the commit and the removal left them)."""
+        found: list[Disposable] = []
+        for kind, rules in _RULES.items():
+            for rule in rules:
+                if rule.pending is None or len(found) >= limit:
+                    continue
+                rows = self._read(
+                    f"SELECT peer, message_id, service, {rule.file} AS file"  # noqa: S608
+                    f" FROM {rule.table} WHERE {rule.pending}=1"
+                    f" LIMIT {int(limit - len(found))}",  # as in disposable
+                    (),
+                )
+                found.extend(_found(kind, rule, rows))
+        return found
+
+    def files_removed(self, items: Sequence[Disposable]) -> None:
+        """The files of ``items`` (disposed of) are removed: their rows no longer say that
+        is owed, and may go in their turn (one transaction)."""
+        statements = [
+            (
+                f"UPDATE {rule.table} SET {rule.pending}=0"  # noqa: S608 - fixed text
+                " WHERE peer=? AND message_id=?",
+                (item.peer, item.message_id),
+            )
+            for item in items
+            for rule in _RULES[item.kind]
+            if rule.pending is not None and rule.table == item.table
+        ]
+        if statements:
+            self._write(*statements[0], statements[1:])
