@@ -27,6 +27,7 @@ from gateway.audit.events import AuditEvent, EventType
 from gateway.audit.log import AuditLog
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.errors import AtRestError, DataKeyAlteredError
 from gateway.logs import make_logger
 from gateway.outbound.context import Context, Settings
 from gateway.outbound.status import ALTERED_FIX, MAX_STORED_RECEIPT, MessageStatus
@@ -637,12 +638,15 @@ def test_a_new_receipt_recorded_while_the_row_is_read_is_not_shown_beside_the_ol
     assert _logged(log, "receipt.stored_altered") == []
 
 
-def _two_settled_sealed(layout: DemoLayout, tmp_path: Path, spool: Spool) -> None:
-    """MESSAGE and another message settled, each receipt sealed in its row under a data
-    key of its own, both wrapped under the key folder's one key-encryption key."""
+def _two_settled_sealed(
+    layout: DemoLayout, tmp_path: Path, spool: Spool, messages: tuple[str, ...] = (MESSAGE, OTHER)
+) -> None:
+    """MESSAGE and another message (or ``messages``, in this order) settled, each
+    receipt sealed in its row under a data key of its own, all wrapped under the key
+    folder's one key-encryption key."""
     vault = Vault(KeyStore(tmp_path / "keys"), spool)
     vault.open()
-    for message_id in (MESSAGE, OTHER):
+    for message_id in messages:
         _sent(spool, tmp_path, message_id)
         _settled_sealed(spool, vault, _signed(layout, message_id), message_id=message_id)
 
@@ -701,3 +705,91 @@ def test_a_receipt_under_another_states_key_encryption_key_is_not_reported_alter
     assert _alerts(tmp_path) == []
     [line] = _logged(log, "receipt.unopenable")
     assert line["message_id"] == MESSAGE and "does not unwrap" in line["error"], line
+
+
+def _assert_altered_once(view: dict[str, Any], tmp_path: Path, log: io.StringIO) -> None:
+    """``view`` reports MESSAGE's kept receipt altered, its disposition not shown, and
+    MESSAGE was alerted and logged once."""
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and receipt["altered"] is True, receipt
+    assert "data key was changed in the spool" in receipt["error"], receipt
+    assert "do not share one key folder" in receipt["error"], receipt
+    assert str(tmp_path) not in receipt["error"], receipt
+    assert view["disposition"] is None, view
+    assert _alerts(tmp_path) == [MESSAGE]
+    [line] = _logged(log, "receipt.stored_altered")
+    assert line["message_id"] == MESSAGE and line["receipt"] == "spool", line
+
+
+@pytest.mark.parametrize("version", [99, 0])
+def test_a_receipt_whose_data_key_names_a_version_never_made_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool, version: int
+) -> None:
+    """Both backends: a sealed receipt whose data key row names a key-encryption key
+    version medgw never made (above the key folder's newest, no other data key under it;
+    or below 1) was altered outside medgw, not "cannot be verified now": reported so,
+    alerted once; and the next start refuses naming the spool's change, not a key file
+    to put back that never existed."""
+    spool = make_spool(SystemClock())
+    _two_settled_sealed(layout, tmp_path, spool)
+    spool._write(  # type: ignore[attr-defined]
+        "UPDATE data_keys SET kek=? WHERE item=?", (version, receipt_item(MESSAGE))
+    )
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout, tmp_path, spool, log, Vault(KeyStore(tmp_path / "keys"), spool)
+    )
+    _assert_altered_once(view, tmp_path, log)
+    with pytest.raises(DataKeyAlteredError) as refused:
+        Vault(KeyStore(tmp_path / "keys"), spool).open()
+    assert receipt_item(MESSAGE) in refused.value.message
+    assert f"version {version}" in refused.value.message
+    assert "put back" not in str(refused.value)
+
+
+def test_a_receipt_under_a_key_folder_not_put_back_is_not_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: the key folder lacks the key every data key is wrapped under (not
+    put back after a restore; a new one made in its place): an operator's matter, not
+    tampering.  The receipt cannot be verified now, no alert; a start names the key."""
+    spool = make_spool(SystemClock())
+    _two_settled_sealed(layout, tmp_path, spool)
+    keys = KeyStore(tmp_path / "keys")
+    [version] = keys.versions()
+    (tmp_path / "keys" / kek_name(version)).unlink()
+    keys.create(version + 1)
+    log = io.StringIO()
+    view, _ = _status_bounded(layout, tmp_path, spool, log, Vault(keys, spool))
+    receipt = view["receipt"]
+    assert receipt["verified"] is False and "altered" not in receipt, receipt
+    assert view["disposition"] == "processed", view
+    assert _alerts(tmp_path) == []
+    [line] = _logged(log, "receipt.unopenable")
+    assert f"put back the {kek_name(version)} file" in line["error"], line
+    with pytest.raises(AtRestError, match=f"put back the {kek_name(version)} file") as refused:
+        Vault(keys, spool).open()
+    assert not isinstance(refused.value, DataKeyAlteredError)
+
+
+def test_a_receipt_whose_data_key_and_the_first_other_were_overwritten_is_reported_altered(
+    layout: DemoLayout, tmp_path: Path, make_spool: MakeSpool
+) -> None:
+    """Both backends: the data keys compared with one that does not unwrap are its
+    nearest on both sides, not the table's first: overwriting the receipt's data key and
+    the first one stored (and first by item) still leaves the one after it unwrapping."""
+    spool = make_spool(SystemClock())
+    first, last = "<a@lab>", "<z@lab>"
+    _two_settled_sealed(layout, tmp_path, spool, (first, MESSAGE, last))
+    for message_id in (MESSAGE, first):
+        key = spool.data_key(receipt_item(message_id))
+        assert key is not None
+        spool._write(  # type: ignore[attr-defined]
+            "UPDATE data_keys SET wrapped=? WHERE item=?",
+            (secrets.token_bytes(len(key.wrapped)), receipt_item(message_id)),
+        )
+    log = io.StringIO()
+    view, _ = _status_bounded(
+        layout, tmp_path, spool, log, Vault(KeyStore(tmp_path / "keys"), spool)
+    )
+    _assert_altered_once(view, tmp_path, log)

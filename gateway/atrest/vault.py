@@ -59,6 +59,8 @@ class Vault:
             versions = self._store.versions()
             for version in self._spool.data_key_versions():
                 if version not in versions:
+                    for stored in self._spool.sample_data_keys(version, around=""):
+                        self._check_version(stored)  # a version medgw never wrote there
                     self._store.load(version)  # the error naming the missing key
             if not versions:
                 self._store.create(1)
@@ -166,6 +168,7 @@ class Vault:
                     kek = self._store.load(stored.kek)
                 except AtRestError:
                     if retried:
+                        self._check_version(stored)
                         raise
                     retried = True  # a rotation re-wrapped it and destroyed that key since
                     with self._cond:
@@ -174,29 +177,54 @@ class Vault:
             try:
                 return unwrap(kek, stored.wrapped, item)
             except AtRestError:
-                if not self._others_unwrap(stored, kek):
+                if not self._others_unwrap(stored.kek, kek, item):
                     raise
-            raise DataKeyAlteredError(
-                f"the data key of {item} does not unwrap under its key-encryption key"
-                f" (version {stored.kek}), while another item's data key wrapped under the"
-                " same key does: the spool's record of it was changed outside medgw",
-                fix="restore the spool and its stored files from the same backup",
+            raise _altered(
+                stored,
+                f"does not unwrap under its key-encryption key (version {stored.kek}), while"
+                " another item's data key wrapped under the same key does",
             )
 
-    def _others_unwrap(self, failed: DataKey, kek: bytes) -> bool:
-        """Whether the key-encryption key ``kek`` (of the version ``failed`` is wrapped
-        under), which ``failed`` does not unwrap under, is the right one: another data key
-        wrapped under that version (one, any) unwraps under it.  If so, the spool's
-        record of ``failed`` was changed; if none is there or it fails too, the key
-        folder may hold another state's key of that version (an operator's matter)."""
-        other = self._spool.sample_data_key(failed.kek, other_than=failed.item)
-        if other is None:
-            return False
-        try:
-            unwrap(kek, other.wrapped, other.item)
-        except AtRestError:
-            return False
-        return True
+    def _others_unwrap(self, version: int, kek: bytes, item: str) -> bool:
+        """Whether ``kek`` (the key-encryption key of ``version``) is the right one: a data
+        key of another item wrapped under ``version`` (the nearest to ``item`` on either
+        side, at most two: not one an alteration could pick beforehand) unwraps under
+        it.  If so, a record of ``item`` that does not unwrap was changed in the spool;
+        if none is there or all fail, the key folder may hold another state's key of that
+        version (an operator's matter)."""
+        for other in self._spool.sample_data_keys(version, around=item):
+            try:
+                unwrap(kek, other.wrapped, other.item)
+            except AtRestError:
+                continue
+            return True
+        return False
+
+    def _check_version(self, stored: DataKey) -> None:
+        """Raise DataKeyAlteredError if ``stored`` names a key-encryption key version
+        (missing from the key folder) that medgw never wrapped it under: one below 1
+        (versions are numbered from 1), or one no other data key is wrapped under while
+        a data key under the key folder's newest key unwraps (the key folder is this
+        state's).  A key folder not put back after a restore lacks the key of every data
+        key of that version, not of one alone: that error stands (an operator's matter)."""
+        if stored.kek >= 1:
+            if self._spool.sample_data_keys(stored.kek, around=stored.item):
+                return
+            versions = self._store.versions()
+            if not versions:
+                return
+            try:
+                kek = self._store.load(versions[-1])
+            except AtRestError:
+                return  # that key cannot be used either: the key folder's matter
+            if not self._others_unwrap(versions[-1], kek, stored.item):
+                return
+        raise _altered(
+            stored,
+            f"names key-encryption key version {stored.kek}, which is not in the key folder"
+            " and under which medgw wrapped no other data key, while the key folder's own"
+            " keys unwrap the other items' data keys",
+        )
 
     # -- reading ------------------------------------------------------------
 
@@ -420,4 +448,15 @@ def _no_vault(item: str) -> AtRestError:
     return AtRestError(
         f"{item} is stored encrypted at rest, and this process has no key folder to open it",
         fix="read it through the running daemon (medgw queue show), or with [at_rest] key_dir set",
+    )
+
+
+def _altered(stored: DataKey, how: str) -> DataKeyAlteredError:
+    """The data key ``stored`` (of its item), which ``how``: changed in the spool."""
+    return DataKeyAlteredError(
+        f"the data key of {stored.item} in the spool {how}: the spool's record of it was"
+        " changed outside medgw",
+        fix="restore the spool and its stored files from the same backup; or, in a"
+        " cluster, the nodes do not share one key folder: give every node the same"
+        " [at_rest] key_dir",
     )

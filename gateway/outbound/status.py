@@ -417,11 +417,19 @@ def _key_removed(message_id: str, changed: bool = False) -> dict[str, Any]:
     spool (``changed``: there, but changed so that it no longer unwraps): settlement, a
     retry and retention store or delete both at once, and nothing else writes it."""
     how = "was changed in the spool" if changed else "was removed from the spool"
+    # A cluster whose nodes each made their own key folder sees other nodes' data keys
+    # as changed: said without naming the folder (the view names no gateway files).
+    cluster = (
+        "; or, in a cluster, the nodes do not share one key folder: give every node the"
+        " same [at_rest] key_dir"
+        if changed
+        else ""
+    )
     return {
         "verified": False,
         "altered": True,
         "error": f"the receipt of {message_id} is kept sealed, but its data key {how}:"
-        f" the spool was altered outside medgw (fix: {ALTERED_FIX})",
+        f" the spool was altered outside medgw (fix: {ALTERED_FIX}{cluster})",
     }
 
 

@@ -600,11 +600,11 @@ class Spool(Protocol):
 
     def put_data_key(self, key: DataKey) -> None: ...
 
-    def sample_data_key(self, kek: int, other_than: str) -> DataKey | None:
-        """One data key wrapped under the key-encryption key of version ``kek``, of an
-        item other than ``other_than`` (any one; None: there is none), to tell a data
-        key changed in the spool from a key-encryption key that is not the one it was
-        wrapped under."""
+    def sample_data_keys(self, kek: int, around: str) -> list[DataKey]:
+        """The data keys wrapped under the key-encryption key of version ``kek`` nearest
+        the item ``around`` (one on each side by item, not ``around`` itself: at most
+        two, none if there are none), to tell a data key changed in the spool from a
+        key-encryption key that is not the one it was wrapped under."""
         ...
 
     def data_key_versions(self) -> list[int]:

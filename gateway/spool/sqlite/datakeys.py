@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from gateway.errors import InvalidTypeError
 from gateway.spool.records import DataKey
 from gateway.spool.sql import Connection, Row, SqlStore
 
@@ -26,13 +27,27 @@ class DataKeys(SqlStore):
     def put_data_key(self, key: DataKey) -> None:
         self._transact(lambda db: self._store_key(db, key))
 
-    def sample_data_key(self, kek: int, other_than: str) -> DataKey | None:
-        """One data key wrapped under ``kek``, of an item other than ``other_than``."""
-        row = self._one(
-            "SELECT item, kek, wrapped FROM data_keys WHERE kek=? AND item<>? LIMIT 1",
-            (kek, other_than),
+    def sample_data_keys(self, kek: int, around: str) -> list[DataKey]:
+        """The data keys wrapped under ``kek`` nearest ``around`` by item, one on each
+        side (none of ``around`` itself): at most two, read through the keys' indexes.
+
+        The version is written in the text (a checked integer, as :func:`state_is`
+        writes a state): PostgreSQL's generic plan of a version given as a parameter
+        is an average version's share of the table, read by a scan of the whole table
+        when no other data key of a version is there; written so, it is planned for
+        that version's own rows."""
+        version = _version(kek)
+        side = (
+            "SELECT item, kek, wrapped FROM data_keys WHERE kek={v} AND item{op}?"
+            " ORDER BY item{order} LIMIT 1"
         )
-        return _data_key(row) if row else None
+        below = side.format(v=version, op="<", order=" DESC")
+        above = side.format(v=version, op=">", order="")
+        rows = self._read(
+            f"SELECT * FROM ({below}) AS below UNION ALL SELECT * FROM ({above}) AS above",  # noqa: S608 - a checked integer only
+            (around, around),
+        )
+        return [_data_key(r) for r in rows]
 
     def data_key_versions(self) -> list[int]:
         """The key-encryption key versions the stored data keys are wrapped under."""
@@ -61,3 +76,15 @@ class DataKeys(SqlStore):
 
 def _data_key(row: Row) -> DataKey:
     return DataKey(row["item"], int(row["kek"]), bytes(row["wrapped"]))
+
+
+def _version(kek: int) -> int:
+    """``kek``, a key-encryption key version to write into a statement's text: an
+    integer, never anything else."""
+    if type(kek) is not int:
+        raise InvalidTypeError(
+            f"a key-encryption key version written into a spool statement must be an"
+            f" integer, not {type(kek).__name__} {kek!r}",
+            fix="this is a bug in medgw; report it",
+        )
+    return kek
