@@ -496,6 +496,7 @@ def test_a_reload_under_way_at_sigterm_is_answered_by_why_it_was_refused(
         wait_for_events(layout.hospital.audit_log, "pki.crl_fetched")
         site.approve("ada")
         point.hold()  # the reload's CRL fetch waits for the test
+        asked_before = point.requests
         answered: list[tuple[int, str]] = []
         config = layout.hospital.config_path
 
@@ -528,6 +529,8 @@ def test_a_reload_under_way_at_sigterm_is_answered_by_why_it_was_refused(
     finally:
         point.release()
         point.stop()
+    assert point.requests == asked_before + 1  # the reload's one fetch
+    assert point.held_too_long == 0  # the fetch was released, not answered 503
     [(code, text)] = answered
     assert code == 1, text
     assert "medgw is stopping" in text, text
