@@ -501,3 +501,45 @@ def test_a_peer_s_messages_are_listed_through_the_index_by_peer_at_every_run(
     for query, read in reads:
         for _, how, searched in read:
             assert searched == {"outbound_peer"}, f"{how} of {searched or 'every row'}: {query}"
+
+
+def data_key_reads(plan: dict[str, Any]) -> Iterator[tuple[str, set[str]]]:
+    """Each read of the data_keys table's rows in ``plan``: how (the node type), and
+    through which indexes (none: the whole table)."""
+    if plan.get("Relation Name") == "data_keys":
+        yield plan["Node Type"], indexes(plan)
+        return
+    for child in plan.get("Plans", ()):
+        yield from data_key_reads(child)
+
+
+def test_the_data_keys_beside_one_that_fails_are_read_through_the_index_by_version(
+    generic: Path, postgres_server: PostgresServer, postgres: PostgresSettings
+) -> None:
+    """The data keys wrapped under one version nearest an item whose data key does not
+    unwrap (read at every status request of such a receipt), planned for any value of
+    its parameters: a version given as a parameter is planned as an average version's
+    share of the table, and read every data key of the other versions for a version no
+    other data key has.  Written as a number, it reads that version's index."""
+    with postgres_server.admin(postgres.dbname) as db:
+        db.execute(
+            "INSERT INTO data_keys SELECT 'item-' || g, 2, decode(md5(g::text), 'hex')"
+            " FROM generate_series(1, 20000) AS g"
+        )
+        db.execute("INSERT INTO data_keys VALUES ('lonely', 1, decode(md5('x'), 'hex'))")
+        db.execute("ANALYZE data_keys")
+    found: list[int] = []
+
+    def samples(spool: PostgresSpool) -> None:
+        for _ in range(RUNS):
+            found.append(len(spool.sample_data_keys(1, around="lonely")))
+
+    seen = [
+        (query, list(data_key_reads(plan))) for query, plan in plans_of(generic, postgres, samples)
+    ]
+    assert found == [0] * RUNS
+    reads = [(query, read) for query, read in seen if read]
+    assert len(reads) == RUNS, seen
+    for query, read in reads:
+        for how, searched in read:
+            assert "data_keys_kek" in searched, f"{how} of {searched or 'every row'}: {query}"
