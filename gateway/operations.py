@@ -39,12 +39,15 @@ class UnknownPeerError(MedgwError):
 class ReloadRefused:
     """A reload that did not take effect, and why (``reason``).  ``for_stop``: not
     applied because medgw is stopping (the files may be right: a start reads them);
-    otherwise the files were refused.  ``stopping``: the stop had begun when it was
-    refused (no later reload applies corrected files: the next start does)."""
+    otherwise the files were refused, for the problems they have (no ``fix``: correct
+    them), or for the error whose own ``fix`` is given (a change only a restart
+    applies, a TLS key that cannot be used).  ``stopping``: the stop had begun when it
+    was refused (no later reload applies a correction: the next start does)."""
 
     reason: str
     for_stop: bool = False
     stopping: bool = False
+    fix_given: str | None = None
 
     @property
     def error(self) -> str:
@@ -66,6 +69,10 @@ class ReloadRefused:
             return (
                 "start medgw again (systemctl start medgw): it reads the configuration files then"
             )
+        if self.fix_given is not None:
+            if self.stopping:
+                return f"{self.fix_given} (medgw is stopping: start it again once it has stopped)"
+            return self.fix_given
         check = "correct what it names (medgw check-config lists every problem of the files)"
         if self.stopping:
             return f"{check}, then start medgw again (systemctl start medgw)"

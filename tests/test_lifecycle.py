@@ -119,6 +119,28 @@ def test_medgw_reload_records_who_asked_and_sighup_records_signal(
     assert stopped.returncode == 1 and "medgw is not running" in stopped.stderr
 
 
+def test_a_reload_of_a_change_only_a_restart_applies_says_to_restart(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """``medgw reload`` of files whose change only a restart applies (the AS2 identifier):
+    refused with that error's own fix, to restart medgw; not told to correct files that
+    are right as they are."""
+    config = layout.hospital.config_path
+    hospital = processes.start(config)
+    text = config.read_text()
+    assert 'as2_id = "SAKURA-HOSPITAL"' in text
+    config.write_text(text.replace('as2_id = "SAKURA-HOSPITAL"', 'as2_id = "SAKURA-2"'))
+    refused = medgw("reload", "--config", config)
+    assert refused.returncode == 1, refused.stdout
+    assert "gateway.as2_id cannot change while running" in refused.stderr, refused.stderr
+    assert "restart medgw (systemctl restart medgw)" in refused.stderr, refused.stderr
+    assert "correct what it names" not in refused.stderr, refused.stderr
+    assert "check-config" not in refused.stderr, refused.stderr
+    [failed] = wait_for_events(layout.hospital.audit_log, "config.reload_failed")
+    assert "gateway.as2_id" in failed["reason"], failed
+    assert hospital.proc.poll() is None  # serving on with the previous configuration
+
+
 def test_sd_notify_ready_reloading_stopping_and_watchdog(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:

@@ -125,6 +125,12 @@ class Reloader:
                 if not self._tasks.stopping:  # systemd was told STOPPING: no READY now
                     self._notifier.ready("reload failed; serving previous configuration")
                 self._readiness.reload_failed = "; ".join(problems)
+                if isinstance(exc, MedgwError) and not isinstance(exc, ConfigError) and exc.fix:
+                    # Its own fix (restart to apply it, the TLS key to check), not "correct
+                    # the files": a restart-only change is right as it is.
+                    return ReloadRefused(
+                        exc.message[:2000], stopping=self._tasks.stopping, fix_given=exc.fix
+                    )
                 return ReloadRefused("; ".join(problems)[:2000], stopping=self._tasks.stopping)
             if self._tasks.stopping:
                 # The shutdown began while the CRLs were fetched: the transfers finishing
