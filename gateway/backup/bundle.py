@@ -20,10 +20,11 @@ Inside::
                              whole record)
 
 The spool is copied first; every file it names is copied after.  A file that
-is gone by then belongs to a message that moved on (sent, delivered): its row
-is taken again from the live spool, so the bundle never names a file it lacks
-(with PostgreSQL: into ``state/spool-refreshed.json``, which restore puts in place of
-the dump's rows; see :mod:`gateway.backup.pgspool`).
+is gone by then belongs to a message that moved on (sent, delivered; its receipt
+removed by retention): its row is taken again from the live spool, so the bundle
+names no file it lacks that the live spool no longer names (with PostgreSQL: into
+``state/spool-refreshed.json``, which restore puts in place of the dump's rows; see
+:mod:`gateway.backup.pgspool`).
 """
 
 from __future__ import annotations
@@ -167,12 +168,21 @@ def _complete_records(path: Path) -> int:
 def _place(path_text: str | None, config: GatewayConfig) -> str | None:
     """A spooled file's name in the bundle (None: outside the state folder, the inbox and
     ``[cluster] bodies_dir``)."""
+    storage = config.storage
+    return bundle_name(path_text, storage.state_dir, storage.inbox_dir, config.cluster.bodies_dir)
+
+
+def bundle_name(
+    path_text: str | None, state_dir: Path, inbox_dir: Path, bodies_dir: Path | None
+) -> str | None:
+    """The name in a bundle of the file ``path_text`` of the gateway whose folders these
+    are (None: outside them)."""
     if not path_text:
         return None
     path = Path(path_text)
-    folders = [(config.storage.state_dir, "state"), (config.storage.inbox_dir, "inbox")]
-    if config.cluster.bodies_dir is not None:
-        folders.insert(0, (config.cluster.bodies_dir, "bodies"))
+    folders = [(state_dir, "state"), (inbox_dir, "inbox")]
+    if bodies_dir is not None:
+        folders.insert(0, (bodies_dir, "bodies"))
     for folder, prefix in folders:
         if path.is_relative_to(folder):
             return f"{prefix}/{path.relative_to(folder).as_posix()}"
@@ -192,24 +202,32 @@ _OUTBOUND_FILES = (
 _HANDOVER_FILES = ("peer", "message_id", "path", "state", "copy_purged_at")
 
 
-def _outbound_files(row: Sequence[Any]) -> Iterator[tuple[str, str, str, bool]]:
+# (table, key, path, needed, again): a file a spool row names; ``needed`` to send the
+# message (its absence stops the backup), or taken ``again`` from the live spool when it
+# is gone (a receipt file: retention removes it, then clears the row that names it).
+Named = tuple[str, str, str, bool, bool]
+
+
+def _outbound_files(row: Sequence[Any]) -> Iterator[Named]:
     message_id, state, mic, payload, body_path, body, receipt, kept = row
     owed = state in _OWED
     document = owed and (mic is None or state == "intake") and kept is None
-    yield "outbound", message_id, payload, document
-    yield "outbound", message_id, body_path, owed and state != "intake" and body is None
-    yield "outbound", message_id, receipt, False
+    yield "outbound", message_id, payload, document, document
+    body_needed = owed and state != "intake" and body is None
+    yield "outbound", message_id, body_path, body_needed, body_needed
+    yield "outbound", message_id, receipt, False, True
 
 
-def _handover_files(row: Sequence[Any]) -> Iterator[tuple[str, str, str, bool]]:
+def _handover_files(row: Sequence[Any]) -> Iterator[Named]:
     peer, message_id, path, state, purged = row
     if purged is None:
-        yield "handover", f"{peer}\0{message_id}", path, state != "done"
+        needed = state != "done"
+        yield "handover", f"{peer}\0{message_id}", path, needed, needed
 
 
-def _spooled_files(db: Any) -> Iterator[tuple[str, str, str, bool]]:
-    """(table, key, path, needed) for each file the spool copy names (``db``: an SQLite
-    connection, or a cursor of PostgreSQL's giving tuples)."""
+def _spooled_files(db: Any) -> Iterator[Named]:
+    """(table, key, path, needed, again) for each file the spool copy names (``db``: an
+    SQLite connection, or a cursor of PostgreSQL's giving tuples)."""
     for row in db.execute(f"SELECT {', '.join(_OUTBOUND_FILES)} FROM outbound"):  # noqa: S608
         yield from _outbound_files(row)
     for row in db.execute(f"SELECT {', '.join(_HANDOVER_FILES)} FROM handover"):  # noqa: S608
@@ -269,13 +287,13 @@ def _collect_sqlite(config: GatewayConfig, files: _Collector) -> int:
     try:
         source.backup(snapshot)  # SQLite's online backup: one consistent state
         source.close()
-        for table, key, path_text, needed in list(_spooled_files(snapshot)):
+        for table, key, path_text, _needed, again in list(_spooled_files(snapshot)):
             name = _place(path_text, config)
             if name is None or path_text is None or files.copy(Path(path_text), name):
                 continue
-            if needed:  # moved on since the copy: take its row as it is now
+            if again:  # moved on since the copy: take its row as it is now
                 _refresh(snapshot, live, table, key)
-        for _table, key, path_text, needed in list(_spooled_files(snapshot)):
+        for _table, key, path_text, needed, _again in list(_spooled_files(snapshot)):
             name = _place(path_text, config)
             missing = needed and name is not None and name not in files.files
             if missing and (path_text is None or not files.copy(Path(path_text), name or "")):
@@ -313,9 +331,10 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
     names; the number of outbound messages.
 
     A file the snapshot names that is gone by the time it is copied belongs to a message
-    that moved on (sent, delivered): if it was needed, its row as it is now is taken from
-    the live database into :data:`REFRESHED` (restore puts it in place of the dump's), and
-    the files that row needs are copied, as the SQLite spool's row is taken again."""
+    that moved on (sent, delivered, its receipt removed by retention): if it was needed,
+    or is a receipt file of this node's, its row as it is now is taken from the live
+    database into :data:`REFRESHED` (restore puts it in place of the dump's), and the
+    files that row needs are copied, as the SQLite spool's row is taken again."""
     assert config.backup is not None
     pg_dump = pgspool.tool("pg_dump", config.backup.pg_bin_dir)
     dump = files.root / DUMP
@@ -327,11 +346,13 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
         messages = int(counted[0]) if counted else 0
     files.files[DUMP] = _sha256(dump)
     refreshed: dict[tuple[str, str], dict[str, Any]] = {}
-    for table, key, path_text, needed in named:
+    for table, key, path_text, needed, again in named:
         name = _place(path_text, config)
         if path_text is None or (name is not None and files.copy(Path(path_text), name)):
             continue
-        if needed and (table, key) not in refreshed:
+        if name is None and not needed:  # another node's receipt file: no row brings it
+            continue
+        if again and (table, key) not in refreshed:
             peer, _, message_id = key.rpartition("\0")
             where = {"message_id": message_id}
             if table != "outbound":
@@ -349,13 +370,13 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
                 continue
             wanted = _OUTBOUND_FILES if table == "outbound" else _HANDOVER_FILES
             rows = _outbound_files if table == "outbound" else _handover_files
-            for _table, _key, again, need in rows(tuple(row[c] for c in wanted)):
-                place = _place(again, config)
-                if again is None or place in files.files:
+            for _table, _key, now, need, _again in rows(tuple(row[c] for c in wanted)):
+                place = _place(now, config)
+                if now is None or place in files.files:
                     continue
-                copied = place is not None and files.copy(Path(again), place)
+                copied = place is not None and files.copy(Path(now), place)
                 if need and not copied:
-                    raise _unreachable(config, again, key)
+                    raise _unreachable(config, now, key)
     if refreshed:
         target = files.root / REFRESHED
         target.write_text(json.dumps(list(refreshed.values())))

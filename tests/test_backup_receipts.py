@@ -1,0 +1,230 @@
+"""Receipt files in a backup, on both backends: a receipt file retention removes between
+the spool's copy and the copy of the files is no stale reference in the bundle (its
+row is taken again, as retention left it); a receipt file removed after the restore is
+still reported altered."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.audit.log import AuditLog
+from gateway.backup import bundle
+from gateway.backup.bundle import write_bundle
+from gateway.clock import SystemClock
+from gateway.config import GatewayConfig, load_config
+from gateway.logs import make_logger
+from gateway.outbound.context import Context
+from gateway.outbound.status import MessageStatus
+from gateway.pki.demo import DemoLayout
+from gateway.spool import Claimant, OutboundState, Settled, Spool, open_spool
+from gateway.spool.postgres import PostgresSettings
+from gateway.spool.records import RetainedKind
+from tests.cli import medgw
+from tests.helpers.audit import events
+from tests.helpers.backup import add_backup, fresh_host, recipient
+from tests.helpers.cluster import add_node
+from tests.helpers.demo import hospital_receipt
+from tests.helpers.intake import judged
+from tests.helpers.postgres import PostgresServer
+
+VICTIM = "<kept-receipt@KITA-LAB>"
+MIC = "bWljIG9mIHRoZSBkb2N1bWVudCBzZW50IHRvIHRoZSBob3NwaXRhbA==, sha-256"
+LATER = "9999-12-31T00:00:00+00:00"  # retention's cut-off: every finished message's receipt
+
+
+@dataclass(frozen=True)
+class Lab:
+    """The lab with a [backup] section, its spool in SQLite or PostgreSQL (``postgres``),
+    and the offline recipient's key and certificate."""
+
+    config: Path
+    postgres: PostgresSettings | None
+    key: Path
+    cert: Path
+    fresh: PostgresSettings | None  # the database of the host a bundle is restored to
+
+    def loaded(self) -> GatewayConfig:
+        return load_config(self.config)
+
+
+def _lab(layout: DemoLayout, tmp_path: Path, server: PostgresServer | None) -> Lab:
+    """The lab, its spool in SQLite, or in a database of ``server`` as node lab-a."""
+    key, cert = recipient(tmp_path / "offline")
+    config, postgres, fresh = layout.lab.config_path, None, None
+    if server is not None:
+        postgres, fresh = server.new_database(), server.new_database()
+        config = add_node(layout.lab, "lab-a", postgres)
+    add_backup(config, cert)
+    return Lab(config, postgres, key, cert, fresh)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def lab(request: pytest.FixtureRequest, layout: DemoLayout, tmp_path: Path) -> Lab:
+    server = request.getfixturevalue("postgres_server") if request.param == "postgresql" else None
+    return _lab(layout, tmp_path, server)
+
+
+def _spool(config: GatewayConfig, node: str | None = None) -> Spool:
+    """The spool of ``config``, as its node (or ``node``) opens it."""
+    return open_spool(
+        config.storage.spool_path,
+        SystemClock(),
+        config.spool.postgres,
+        Claimant(node or config.cluster.node_name),
+    )
+
+
+def _settled_in_file(layout: DemoLayout, config: GatewayConfig, node: str | None = None) -> Path:
+    """VICTIM sent and settled by the lab (by its node ``node``, if given) with a receipt
+    the hospital signed, kept as a file in the lab's receipts folder, its SHA-256
+    recorded: that file."""
+    path = config.storage.receipts_dir / "v.hl7.0123456789ab.mdn"
+    built = hospital_receipt(layout, VICTIM, MIC)
+    [content_type] = [v for name, v in built.headers if name.lower() == "content-type"]
+    stored = f"Content-Type: {content_type}\r\n\r\n".encode() + built.body
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(stored)
+    payload = config.storage.state_dir / "payloads" / "v"
+    source = config.storage.outbox_dir / "hospital" / "v.hl7"
+    spool = _spool(config, node)
+    try:
+        spool.add_intake(VICTIM, "hospital", "v.hl7", "text/plain", source, payload)
+        spool.mark_queued(VICTIM, None, [], MIC, 3, body=b"sealed")
+        spool.mark_sending(VICTIM)
+        sha256 = hashlib.sha256(stored).hexdigest()
+        settled = Settled(VICTIM, OutboundState.DELIVERED, "processed", path, receipt_sha256=sha256)
+        assert spool.mark_settled([settled]) == [VICTIM]
+    finally:
+        spool.close()
+    return path
+
+
+def _retention(config: GatewayConfig, path: Path) -> None:
+    """Retention disposes of VICTIM's receipt as it does: its row cleared, then its file
+    removed."""
+    spool = _spool(config)
+    try:
+        batch = spool.disposable(RetainedKind.RECEIPTS, LATER)
+        assert [item.message_id for item in spool.dispose(batch)] == [VICTIM]
+    finally:
+        spool.close()
+    path.unlink()
+
+
+def _during_the_copy(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> list[bool]:
+    """``action`` run once, right after the spool is copied (SQLite's online backup, or
+    pg_dump's snapshot) and before the files it names are; a list that holds True once
+    it ran."""
+    real = bundle._spooled_files
+    ran: list[bool] = []
+
+    def then(db: Any) -> Iterator[bundle.Named]:
+        if not ran:
+            action()
+            ran.append(True)
+        return real(db)
+
+    monkeypatch.setattr(bundle, "_spooled_files", then)
+    return ran
+
+
+def _backed_up(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]
+) -> Path:
+    """The lab's bundle, ``action`` run between the copy of its spool and its files."""
+    ran = _during_the_copy(monkeypatch, action)
+    written = tmp_path / "lab.p7m"
+    write_bundle(lab.loaded(), written, datetime.now(UTC))
+    monkeypatch.undo()
+    assert ran == [True]
+    return written
+
+
+def _restored(
+    lab: Lab, layout: DemoLayout, written: Path, node: str | None = None
+) -> GatewayConfig:
+    """``written`` restored by medgw restore onto a fresh host (its own database; the
+    cluster node ``node``, if given): that host's configuration."""
+    host = fresh_host(layout, "lab-restored")
+    if lab.postgres is not None:
+        assert lab.fresh is not None
+        text = host.read_text()
+        assert f'dbname = "{lab.postgres.dbname}"' in text
+        text = text.replace(f'dbname = "{lab.postgres.dbname}"', f'dbname = "{lab.fresh.dbname}"')
+        if node is not None:
+            assert 'node_name = "lab-a"' in text
+            text = text.replace('node_name = "lab-a"', f'node_name = "{node}"')
+        host.write_text(text)
+    done = medgw(
+        "restore", "--from", written, "--cert", lab.cert, "--key", lab.key, "--config", host
+    )
+    assert done.returncode == 0, done.stderr
+    return load_config(host)
+
+
+def _status(config: GatewayConfig, trail: Path, log: io.StringIO) -> dict[str, Any]:
+    """VICTIM's status asked twice on the node of ``config`` (its audit trail ``trail``,
+    its log ``log``), as its daemon answers it; the second answer."""
+    spool = _spool(config)
+    audit = AuditLog(trail, SystemClock(), node=config.cluster.node_name)
+    try:
+        settings = asyncio.run(judged(config, SystemClock()))
+        context = Context(settings, spool, audit, make_logger(stream=log), SystemClock(), None)
+        status = MessageStatus(context)
+        views = [asyncio.run(status.status(VICTIM)) for _ in range(2)]
+    finally:
+        audit.close()
+        spool.close()
+    assert views[0] == views[1], views
+    assert views[1] is not None
+    return views[1]
+
+
+def test_a_receipt_file_retention_removes_during_a_backup_is_not_named_by_the_bundle(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention disposes of a delivered message's receipt (its row, then its file) after
+    the spool was copied, before its files are: the bundle's row is taken again
+    as retention left it, so the restored node shows the message without a receipt, as
+    the live one does, and raises no alert."""
+    config = lab.loaded()
+    path = _settled_in_file(layout, config)
+    written = _backed_up(lab, tmp_path, monkeypatch, lambda: _retention(config, path))
+    restored = _restored(lab, layout, written)
+    trail, log = tmp_path / "restored-audit.jsonl", io.StringIO()
+    view = _status(restored, trail, log)
+    assert view["state"] == "delivered", view
+    assert view["receipt"] is None and view["receipt_kept"] is None, view
+    assert events(trail, "atrest.integrity_failed") == []
+    assert "receipt.stored_altered" not in log.getvalue()
+
+
+def test_a_receipt_file_removed_after_a_restore_is_reported_altered(
+    lab: Lab, layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A receipt file the bundle holds is restored with its row; removed from the restored
+    node's state folder afterwards, it is reported altered, with its alert, as on any
+    node."""
+    config = lab.loaded()
+    _settled_in_file(layout, config)
+    written = tmp_path / "lab.p7m"
+    write_bundle(config, written, datetime.now(UTC))
+    restored = _restored(lab, layout, written)
+    trail, log = tmp_path / "restored-audit.jsonl", io.StringIO()
+    view = _status(restored, trail, log)
+    assert view["receipt"]["verified"] is True, view
+    (restored.storage.receipts_dir / "v.hl7.0123456789ab.mdn").unlink()
+    view = _status(restored, trail, log)
+    assert view["receipt"]["altered"] is True and "was removed" in view["receipt"]["error"], view
+    assert view["disposition"] is None, view
+    [alert] = events(trail, "atrest.integrity_failed")
+    assert alert["message_id"] == VICTIM, alert
