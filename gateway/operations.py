@@ -71,7 +71,8 @@ class ReloadRefused:
             )
         if self.fix_given is not None:
             if self.stopping:
-                return f"{self.fix_given} (medgw is stopping: start it again once it has stopped)"
+                # Not "(fix), then start it": the given fix may itself be a restart.
+                return f"medgw is stopping; once it has stopped: {self.fix_given}"
             return self.fix_given
         check = "correct what it names (medgw check-config lists every problem of the files)"
         if self.stopping:

@@ -540,8 +540,8 @@ def test_a_reload_under_way_at_sigterm_is_answered_by_why_it_was_refused(
         assert failed["detail"] == {"refused": "stopping"}, failed
     else:
         assert "cannot build the TLS configuration" in text, text
-        assert "check the [tls] certificate and key" in text, text  # the error's own fix
-        assert "start it again once it has stopped" in text, text
+        # the error's own fix, for once medgw has stopped
+        assert "once it has stopped: check the [tls] certificate and key" in text, text
         assert "reads the configuration files then" not in text, text
         assert "refused" not in failed.get("detail", {}), failed
     if asked == "maintenance reload":

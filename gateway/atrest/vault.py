@@ -188,10 +188,11 @@ class Vault:
     def _others_unwrap(self, version: int, kek: bytes, item: str) -> bool:
         """Whether ``kek`` (the key-encryption key of ``version``) is the right one: a data
         key of another item wrapped under ``version`` (the nearest to ``item`` on either
-        side, at most two: not one an alteration could pick beforehand) unwraps under
-        it.  If so, a record of ``item`` that does not unwrap was changed in the spool;
-        if none is there or all fail, the key folder may hold another state's key of that
-        version (an operator's matter)."""
+        side, at most two) unwraps under it.  If so, a record of ``item`` that does not
+        unwrap was changed in the spool; if none is there or all fail, the key folder may
+        hold another state's key of that version (an operator's matter).  A bound, not a
+        proof: whoever can write the spool can also put rows that do not unwrap beside
+        the one changed, and the receipt is then "cannot be opened now" (no alert)."""
         for other in self._spool.sample_data_keys(version, around=item):
             try:
                 unwrap(kek, other.wrapped, other.item)
