@@ -17,6 +17,7 @@ import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType, verify_chain
 from gateway.clock import SystemClock
+from gateway.spool import SqliteSpool
 from tests.helpers.receiving import Receiver, receiver
 
 RECORD_READ = "SELECT * FROM inbound WHERE peer="
@@ -32,6 +33,7 @@ def test_a_received_document_reads_its_spool_record_once_and_removes_no_unwritte
     hospital: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config, spool = hospital.config, hospital.spool
+    assert isinstance(spool, SqliteSpool)  # its statements traced
     removed: list[Path] = []
     unlink = Path.unlink
 

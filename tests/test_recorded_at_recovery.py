@@ -234,7 +234,7 @@ def test_a_kill_after_a_received_documents_receipt_is_stored_writes_receipt_sent
     killed before its ``receipt.sent`` is written; the resend is answered with the
     stored receipt as a duplicate, and writes none."""
     lab, sent, delivered = _received_then_cut_off(
-        layout, processes, "inbound_delivered", "answered.hl7", "receipt.sent"
+        layout, processes, "inbound_delivered_all", "answered.hl7", "receipt.sent"
     )
     assert sent["message_id"] == delivered["message_id"] and sent["outcome"] == "success"
     assert sent["detail"]["disposition"] == "processed"

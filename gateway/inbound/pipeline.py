@@ -32,8 +32,8 @@ from gateway.as2.headers import (
     unquote_as2_id,
 )
 from gateway.as2.mdn import Disposition
-from gateway.atrest import Vault, open_bytes, storing
-from gateway.audit import DURABLE, AuditSink, EventType, Outcome, Pending, Severity
+from gateway.atrest import Vault, open_bytes
+from gateway.audit import DURABLE, AuditEvent, AuditSink, EventType, Outcome, Pending, Severity
 from gateway.audit.patients import patients_in_chunks
 from gateway.channel.answers import ANSWERS, Answer, refusal_event
 from gateway.clock import Clock
@@ -64,6 +64,7 @@ from gateway.inbound.outcomes import (
 )
 from gateway.inbound.receipts import Receipts
 from gateway.inbound.recovery import record_cut_off, recover, remove_unrecorded, take_over
+from gateway.inbound.settling import Arrival, ReceiptGroups, ReceiptToStore
 from gateway.inbound.signers import AcceptedSigners, describe_signer
 from gateway.logs import Logger
 from gateway.routing import Refusal, route_inbound
@@ -177,7 +178,13 @@ class InboundProcessor:
         self._log = log
         self._locks = locks if locks is not None else InboundLocks()
         self._delivery = InboxDelivery(config, spool, audit, log, self._locks)
+        self._receipt_groups = ReceiptGroups(spool, audit, log, vault)
         self._work_ready = False  # state_dir/incoming made (see _accept)
+
+    @property
+    def receipts_waiting(self) -> int:
+        """Delivered documents whose receipts wait for a group to store them (for tests)."""
+        return self._receipt_groups.waiting
 
     def _decrypt(
         self, body: Path | bytes, signed_path: Path, peer: Peer
@@ -258,9 +265,12 @@ class InboundProcessor:
         digest = receipt_request.choose_digest(peer.digest)
         # One request per (peer, Message-ID) at a time: a resend racing the original
         # waits for it and is then answered with the original receipt.
-        with self._locks.exclusive((peer.name, message_id)):
+        with (
+            self._locks.exclusive((peer.name, message_id)),
+            self._receipt_groups.coming() as arrival,
+        ):
             try:
-                return self._accept_and_answer(request, message_id, digest)
+                return self._accept_and_answer(request, message_id, digest, arrival)
             except (StorageFullError, SpoolError, OSError) as exc:
                 return self.unavailable(request, message_id, exc)
 
@@ -311,7 +321,7 @@ class InboundProcessor:
         return InboundResponse.refused(Answer.UNAVAILABLE)
 
     def _accept_and_answer(
-        self, request: InboundRequest, message_id: str, digest: str
+        self, request: InboundRequest, message_id: str, digest: str, arrival: Arrival
     ) -> InboundResponse:
         peer = request.peer
         try:
@@ -346,7 +356,7 @@ class InboundProcessor:
             )
             return InboundResponse(Answer.RECEIPT, duplicate.headers, kept)
         try:
-            return self._answer(request, message_id, digest, mic, delivered, details)
+            return self._answer(request, message_id, digest, mic, delivered, details, arrival)
         except BaseException:
             if delivered is not None:  # every record written is waited for
                 with contextlib.suppress(OSError):
@@ -361,34 +371,26 @@ class InboundProcessor:
         mic: str,
         delivered: _Delivered | None,
         details: str | None,
+        arrival: Arrival,
     ) -> InboundResponse:
-        """The receipt of a document delivered (or a probe), stored with its hand-over."""
+        """The receipt of a document delivered (or a probe), stored with its hand-over
+        (``arrival``: the document on its way to the receipt groups)."""
         peer = request.peer
         response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest, details)
         if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
             return response
-        # message.delivered, written before the receipt was signed and waited for only
-        # now: it precedes the spool's "delivered" (a fsync meanwhile may have covered it).
-        delivered.recorded.wait()
         delivery = self._config.delivery
         hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
-        # The receipt and the hand-over to the internal system are recorded in one
-        # transaction: every document answered "processed" is handed over.  The receipt
-        # is kept encrypted at rest, with its data key (gateway.atrest).
-        with storing(self._vault, sent_receipt_item(peer.name, message_id)) as sealing:
-            self._spool.inbound_delivered(
-                peer.name,
-                message_id,
-                list(response.headers),
-                sealing.seal(response.body),
-                handover=(delivered.content_type, delivered.size) if hand_over else None,
-                data_key=sealing.key,
-            )
-        self._log.info("message.delivered", peer=peer.name, message_id=message_id)
-        self._record(
+        # message.delivered (written before the receipt was signed, waited for there: it
+        # precedes the spool's "delivered"), then the receipt and the hand-over to the
+        # internal system in one transaction (every document answered "processed" is
+        # handed over; the receipt kept encrypted at rest, with its data key), then
+        # receipt.sent: each step taken together with the documents ready with this one.
+        sent = AuditEvent(
             EventType.RECEIPT_SENT,
-            peer.name,
-            message_id,
+            peer=peer.name,
+            message_id=message_id,
+            direction="inbound",
             service=delivered.service,
             detail={
                 "disposition": Disposition.PROCESSED.value,
@@ -397,6 +399,16 @@ class InboundProcessor:
                 "handover": "queued" if hand_over else "none",
             },
         )
+        receipt = ReceiptToStore(
+            peer.name,
+            message_id,
+            list(response.headers),
+            response.body,
+            (delivered.content_type, delivered.size) if hand_over else None,
+            delivered.recorded,
+            sent,
+        )
+        self._receipt_groups.store(receipt, arrival)
         return replace(response, handover=hand_over)
 
     def _accept(

@@ -41,6 +41,7 @@ from gateway.spool.records import (
     Disposable,
     HandoverRecord,
     HandoverState,
+    InboundDelivered,
     InboundRecord,
     Intake,
     OutboundRecord,
@@ -485,6 +486,11 @@ class Spool(Protocol):
         ``handover`` (content type, size): also queue its hand-over to the internal
         system, in the same transaction, so that every document answered
         ``processed`` is handed over even if the process dies right after."""
+        ...
+
+    def inbound_delivered_all(self, delivered: Sequence[InboundDelivered]) -> None:
+        """:meth:`inbound_delivered` for several documents in ONE transaction: their
+        receipts, data keys and hand-overs are all stored, or (an error raised) none."""
         ...
 
     def handover_due(self, now: float, limit: int = 16) -> list[HandoverRecord]:

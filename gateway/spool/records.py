@@ -305,6 +305,22 @@ class RowReceipt:
 
 
 @dataclass(frozen=True)
+class InboundDelivered:
+    """A received document durably in the inbox, its receipt to be stored (see
+    :meth:`Spool.inbound_delivered_all`): the receipt's ``headers`` and ``body`` (sealed
+    when encrypted at rest, under ``data_key``, stored in the same transaction), and
+    ``handover`` (content type, size): its hand-over to the internal system to queue with
+    it (None: the document stays in the inbox only)."""
+
+    peer: str
+    message_id: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    handover: tuple[str, int] | None = None
+    data_key: DataKey | None = None
+
+
+@dataclass(frozen=True)
 class Settled:
     """A sent message finished by its receipt (see :meth:`Spool.mark_settled`):
     ``state`` delivered or failed, the receipt's ``disposition``, where the receipt is

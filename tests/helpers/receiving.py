@@ -5,17 +5,17 @@ lab's document as the request its listener hands on."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.audit import AuditLog
-from gateway.clock import SystemClock
+from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig, load_config
 from gateway.inbound import InboundProcessor, InboundRequest
 from gateway.logs import make_logger
-from gateway.spool import SqliteSpool
+from gateway.spool import Spool, SqliteSpool
 from tests.helpers.zones import Site, as2_message, new_ca
 
 
@@ -28,7 +28,7 @@ class Receiver:
     hospital: Site
     lab: Site
     clock: SystemClock
-    spool: SqliteSpool
+    spool: Spool
     audit: AuditLog
     inbound: InboundProcessor
 
@@ -41,9 +41,12 @@ class Receiver:
 
 
 @contextmanager
-def receiver(root: Path, *, gateway_extra: str = "") -> Iterator[Receiver]:
+def receiver(
+    root: Path, *, gateway_extra: str = "", spool: Callable[[Clock], Spool] | None = None
+) -> Iterator[Receiver]:
     """The hospital (``gateway_extra``: more of its gateway.toml) and the lab, made in
-    ``root``; the spool and audit trail closed after."""
+    ``root``; the spool (``spool``: opened by it, else SQLite in the state folder) and
+    audit trail closed after."""
     ca = new_ca("Net")
     hospital = Site.make(root, "hospital", "SAKURA-HOSPITAL", ca, ["127.0.0.1"])
     lab = Site.make(root, "lab", "LAB-1", ca, ["127.0.0.1"])
@@ -52,12 +55,16 @@ def receiver(root: Path, *, gateway_extra: str = "") -> Iterator[Receiver]:
     hospital.peer(lab, "z0", "https://127.0.0.1:4180/as2")
     config = load_config(hospital.write(gateway_extra=gateway_extra))
     clock = SystemClock()
-    spool = SqliteSpool(config.storage.state_dir / "spool.sqlite3", clock)
+    opened = (
+        spool(clock)
+        if spool is not None
+        else SqliteSpool(config.storage.state_dir / "spool.sqlite3", clock)
+    )
     audit = AuditLog(config.storage.audit_log, clock, node=config.as2_id)
     try:
         log = make_logger("error", io.StringIO())
-        inbound = InboundProcessor(config, spool, audit, log, clock)
-        yield Receiver(config, hospital, lab, clock, spool, audit, inbound)
+        inbound = InboundProcessor(config, opened, audit, log, clock)
+        yield Receiver(config, hospital, lab, clock, opened, audit, inbound)
     finally:
         audit.close()
-        spool.close()
+        opened.close()

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from gateway.audit.events import EventType
 from gateway.errors import ClaimHeldError
 from gateway.spool.records import (
     DataKey,
     HandoverState,
+    InboundDelivered,
     InboundRecord,
 )
 from gateway.spool.sql import AUDITED, FORGET_DISPLACED, Connection, Row, SqlStore
@@ -216,43 +217,50 @@ class InboundDedup(SqlStore):
         data_key: DataKey | None = None,
     ) -> None:
         """See :meth:`gateway.spool.protocol.Spool.inbound_delivered`."""
+        self.inbound_delivered_all(
+            [InboundDelivered(peer, message_id, receipt_headers, receipt_body, handover, data_key)]
+        )
+
+    def inbound_delivered_all(self, delivered: Sequence[InboundDelivered]) -> None:
+        """See :meth:`gateway.spool.protocol.Spool.inbound_delivered_all`."""
         now = self._now()
-        statements: list[tuple[str, tuple[Any, ...]]] = []
-        if handover is not None:
-            content_type, size = handover
-            # Only for a first delivery: a resend answered again after its stored receipt
-            # was disposed of (gateway.retention) was handed over already.
-            statements.append(
-                (
-                    "INSERT INTO handover (peer, message_id, service, path,"
-                    " content_type, sha256, size, state, created_at, updated_at)"
-                    " SELECT peer, message_id, service, target_path, ?, sha256, ?, ?, ?, ?"
-                    " FROM inbound WHERE peer=? AND message_id=? AND state!='delivered'"
-                    " ON CONFLICT DO NOTHING",
+        audited = self._audited(EventType.RECEIPT_SENT, now)
+
+        def work(db: Connection) -> None:
+            for one in delivered:
+                if one.handover is not None:
+                    content_type, size = one.handover
+                    # Only for a first delivery: a resend answered again after its stored
+                    # receipt was disposed of (gateway.retention) was handed over already.
+                    db.execute(
+                        "INSERT INTO handover (peer, message_id, service, path,"
+                        " content_type, sha256, size, state, created_at, updated_at)"
+                        " SELECT peer, message_id, service, target_path, ?, sha256, ?, ?, ?, ?"
+                        " FROM inbound WHERE peer=? AND message_id=? AND state!='delivered'"
+                        " ON CONFLICT DO NOTHING",
+                        (
+                            content_type,
+                            size,
+                            HandoverState.PENDING.value,
+                            now,
+                            now,
+                            one.peer,
+                            one.message_id,
+                        ),
+                    )
+                db.execute(
+                    "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?,"  # noqa: S608 - fixed text
+                    f" updated_at=?, lease_until=0, {AUDITED} WHERE peer=? AND message_id=?",
                     (
-                        content_type,
-                        size,
-                        HandoverState.PENDING.value,
+                        json.dumps(one.headers),
+                        one.body,
                         now,
-                        now,
-                        peer,
-                        message_id,
+                        *audited,
+                        one.peer,
+                        one.message_id,
                     ),
                 )
-            )
-        statements.append(
-            (
-                "UPDATE inbound SET state='delivered', receipt_headers=?, receipt_body=?,"  # noqa: S608 - fixed text
-                f" updated_at=?, lease_until=0, {AUDITED} WHERE peer=? AND message_id=?",
-                (
-                    json.dumps(receipt_headers),
-                    receipt_body,
-                    now,
-                    *self._audited(EventType.RECEIPT_SENT, now),
-                    peer,
-                    message_id,
-                ),
-            )
-        )
-        first, *more = statements
-        self._write(*first, more, key=data_key)
+                if one.data_key is not None:
+                    self._store_key(db, one.data_key)
+
+        self._transact(work)

@@ -1,0 +1,200 @@
+"""The received documents ready at one moment are made durable together: one spool
+transaction and one audit write for their receipts, not one per document.
+
+The hospital's real inbound pipeline, spool (each backend) and audit trail receive
+the lab's signed and encrypted documents from several threads at once, as the
+daemon's worker threads do.  The first group's spool transaction is held until every
+other document waits for its receipt to be stored, which real requests cannot be made
+to do at an exact moment: those must then be stored in one more group.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.as2.headers import check_message_id
+from gateway.audit import AuditEvent
+from gateway.demo_run import drop_file
+from gateway.inbound import InboundResponse
+from gateway.pki.demo import DemoLayout
+from gateway.spool import InboundDelivered, Spool
+from tests.conftest import MakeSpool
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.faults import killed_at, wait_killed
+from tests.helpers.receiving import Receiver, receiver
+from tests.inboxwatch import InboxWatch
+
+DEADLINE = 60.0
+DOCUMENTS = 6
+
+
+class Noted:
+    """The spool's receipt transactions and the trail's writes, the first transaction
+    held until ``release`` is set; ``fail``: the second one fails with it."""
+
+    def __init__(self, hospital: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.transactions: list[list[str]] = []
+        self.writes: list[list[str]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail: Exception | None = None
+        store, emit_all = hospital.spool.inbound_delivered_all, hospital.audit.emit_all
+
+        def stored(delivered: Sequence[InboundDelivered]) -> None:
+            self.transactions.append([one.message_id for one in delivered])
+            if len(self.transactions) == 1:
+                self.entered.set()
+                if not self.release.wait(DEADLINE):
+                    raise AssertionError("the test never let the first group go")
+            if len(self.transactions) == 2 and self.fail is not None:
+                raise self.fail
+            store(delivered)
+
+        def written(events: Sequence[AuditEvent]) -> None:
+            self.writes.append([str(event.event) for event in events])
+            emit_all(events)
+
+        monkeypatch.setattr(hospital.spool, "inbound_delivered_all", stored)
+        monkeypatch.setattr(hospital.audit, "emit_all", written)
+
+
+@pytest.fixture
+def hospital(tmp_path: Path, make_spool: MakeSpool) -> Iterator[Receiver]:
+    with receiver(tmp_path, spool=make_spool) as opened:
+        yield opened
+
+
+def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def _receive_together(hospital: Receiver, noted: Noted) -> tuple[list[Any], list[str]]:
+    """DOCUMENTS documents processed in threads of their own: the first one's group held
+    until all the others, started then, wait for theirs; each one's answer (or error),
+    and the documents' Message-IDs."""
+    documents = [b"MSH|together %d\r" % n for n in range(DOCUMENTS)]
+    requests = [hospital.request(document) for document in documents]
+    answers: list[Any] = [None] * DOCUMENTS
+
+    def process(index: int) -> None:
+        try:
+            answers[index] = hospital.inbound.process(requests[index])
+        except Exception as exc:
+            answers[index] = exc
+
+    threads = [threading.Thread(target=process, args=(n,)) for n in range(DOCUMENTS)]
+    threads[0].start()
+    assert noted.entered.wait(DEADLINE), "no group stored its receipts"
+    assert len(noted.transactions[0]) == 1
+    for thread in threads[1:]:
+        thread.start()
+    _until(
+        lambda: hospital.inbound.receipts_waiting == DOCUMENTS - 1,
+        "every other document waits for its receipt to be stored",
+    )
+    noted.release.set()
+    for thread in threads:
+        thread.join(DEADLINE)
+    return answers, [check_message_id(request.headers["message-id"]) for request in requests]
+
+
+def test_documents_delivered_together_are_stored_in_one_group(
+    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    noted = Noted(hospital, monkeypatch)
+    answers, message_ids = _receive_together(hospital, noted)
+    assert all(isinstance(a, InboundResponse) and a.status == 200 for a in answers), answers
+    assert all(b"processed" in a.body for a in answers)
+    # The documents that waited while the first one was stored: one transaction ...
+    first, *rest = noted.transactions
+    assert first == message_ids[:1] and len(rest) == 1, noted.transactions
+    assert sorted(rest[0]) == sorted(message_ids[1:])
+    # ... and one audit write of their receipt.sent records.
+    sent = [write for write in noted.writes if "receipt.sent" in write]
+    assert [len(write) for write in sent] == [1, DOCUMENTS - 1], noted.writes
+    # Each document once in the inbox, each recorded delivered with its receipt.
+    [peer] = hospital.config.peers
+    inbox = hospital.config.storage.inbox_dir / peer.name
+    assert sorted(p.read_bytes() for p in inbox.iterdir()) == sorted(
+        b"MSH|together %d\r" % n for n in range(DOCUMENTS)
+    )
+    spool: Spool = hospital.spool
+    for message_id in message_ids:
+        record = spool.inbound_get(peer.name, message_id)
+        assert record is not None and record.state == "delivered" and record.receipt_body
+
+
+def test_a_group_whose_transaction_fails_stores_its_documents_one_by_one(
+    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed group transaction fails none of its documents by itself: each is
+    stored again in a transaction of its own (each succeeds here: the failure was the
+    group's), and every document is answered with its receipt."""
+    noted = Noted(hospital, monkeypatch)
+    noted.fail = OSError("disk I/O error")
+    answers, message_ids = _receive_together(hospital, noted)
+    assert all(isinstance(a, InboundResponse) and a.status == 200 for a in answers), answers
+    _, failed, *alone = noted.transactions
+    assert sorted(failed) == sorted(message_ids[1:]), noted.transactions
+    assert alone == [[message_id] for message_id in failed]
+    [peer] = hospital.config.peers
+    for message_id in message_ids:
+        record = hospital.spool.inbound_get(peer.name, message_id)
+        assert record is not None and record.state == "delivered" and record.receipt_body
+
+
+GROUP_STEP = "gateway.spool.sqlite:SqliteSpool.inbound_delivered_all"
+
+
+def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """A real ``medgw run`` hospital is killed as its first group's transaction begins,
+    with the lab's documents in its inbox, recorded delivered and waiting for their
+    receipts to be stored: after the restart the lab's resends are each answered with a
+    verified receipt, and no document is written into the inbox twice."""
+    go = tmp_path / "go"
+    hold = ("--hold-before", GROUP_STEP, "--until-file", str(go))
+    hospital = processes.start(
+        layout.hospital.config_path, prefix=killed_at("--kill-before", GROUP_STEP, *hold)
+    )
+    processes.start(layout.lab.config_path)
+    documents = {f"order-{n}.hl7": os.urandom(20_000) for n in range(5)}
+    for name, data in documents.items():
+        drop_file(layout.lab.outbox_for("hospital"), name, data)
+    # The peer's share of the workers (two documents) in the inbox, recorded delivered:
+    # one in the held group, the other in it or waiting for the next.
+    waiting = wait_for_events(layout.hospital.audit_log, "message.delivered", count=2)
+    go.touch()
+    wait_killed(hospital)
+    assert not events(layout.hospital.audit_log, "receipt.sent")
+    inbox = layout.hospital.inbox_dir / "lab"
+    landed = sorted(Path(record["detail"]["inbox_file"]).name for record in waiting)
+    assert sorted(p.name for p in inbox.iterdir()) == landed
+    before = {name: os.stat(inbox / name) for name in landed}
+
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        processes.start(layout.hospital.config_path)
+        receipts = wait_for_events(layout.lab.audit_log, "receipt.received", count=5)
+    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
+    assert all(r["detail"]["mic_verified"] for r in receipts)
+    assert watch.rewritten == [] and watch.looks > 10
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
+    for name, stat in before.items():
+        after = os.stat(inbox / name)
+        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    delivered = events(layout.hospital.audit_log, "message.delivered")
+    assert len(delivered) == 5 == len({r["message_id"] for r in delivered})
+    sent = wait_for_events(layout.hospital.audit_log, "receipt.sent", count=5)
+    assert {r["message_id"] for r in sent} == {r["message_id"] for r in delivered}
