@@ -401,3 +401,33 @@ def test_the_sweep_of_copies_left_removes_no_other_file(place: Place) -> None:
     assert place.retention.sweep(KEEP) == {}
     assert not left.exists()
     assert all(f.exists() for f in (kept, waiting, writing, own, stray))
+
+
+def test_an_inbox_copy_that_cannot_be_removed_stops_no_other_disposal(place: Place) -> None:
+    """Both backends: a copy left by a killed purge that cannot be removed (here a folder
+    in its place) is alerted once, naming it with a fix, and stays owed, its record
+    kept; the other copies left are removed, and purges of other kinds and sweeps go on."""
+    stuck = place.inbound("<stuck@l>")
+    other = place.inbound("<other@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    stuck.unlink()
+    stuck.mkdir()  # what the gateway's user cannot unlink (as root, no mode stops it)
+    (stuck / "x").write_bytes(b"")
+
+    counts = place.retention.purge(
+        PurgeRequest(before=before, kinds=(RetainedKind.RECEIPTS,)), "operator:test"
+    )
+    assert counts == {"receipts": 2}
+    assert place.retention.sweep(KEEP) == {}
+    assert not other.exists() and stuck.is_dir()
+    [left] = place.spool.files_pending()
+    assert (left.message_id, left.file) == ("<stuck@l>", stuck)
+    [alert] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert alert.message_id == "<stuck@l>" and str(stuck) in (alert.reason or "")
+    assert alert.detail["file"] == str(stuck) and str(stuck) in alert.detail["fix"]
+
+    (stuck / "x").unlink()
+    stuck.rmdir()  # the administrator's fix: the next sweep clears what is owed
+    assert place.retention.sweep(KEEP) == {}
+    assert place.spool.files_pending() == []

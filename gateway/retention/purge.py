@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.atrest import Vault
-from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config.retention import HOLDS, RetentionSettings
 from gateway.errors import MedgwError
@@ -136,6 +136,7 @@ class Retention:
         self._clock = clock
         self._audit_files = audit_files  # None: closed audit files are not disposed of here
         self._vault = vault  # encryption at rest: its key rotated after each disposal
+        self._alerted: set[Path] = set()  # files not removed, alerted once each
 
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         """An operator's purge: counts per kind (of what would go, for a dry run)."""
@@ -148,7 +149,7 @@ class Retention:
             )
         before = request.before.isoformat()
         if not request.dry_run:
-            self._remove_pending()
+            self._remove_pending(actor)
         counts: dict[str, int] = {}
         for kind in request.closure():
             if request.dry_run:
@@ -199,7 +200,7 @@ class Retention:
         """Apply ``settings`` now: each kind, for each peer and service, by its own limit.
         Audited only when something went."""
         now = self._clock.now()
-        self._remove_pending()
+        self._remove_pending(actor)
         counts: dict[str, int] = {}
         for kind in ORDER:
             for peer, service in self._spool.retained_groups(kind):
@@ -293,24 +294,65 @@ class Retention:
                         },
                     )
                 )
-                self._remove(done)
+                self._remove(done, actor)
             total += len(done)
             if len(done) < len(batch):
                 # Something changed under us (a late receipt); the rest waits for next time.
                 return total
 
-    def _remove(self, done: Sequence[Disposable]) -> None:
-        """The files of ``done`` (disposed of, committed) removed, then told the spool."""
-        _remove_files(done)
-        self._spool.files_removed(done)
+    def _remove(self, done: Sequence[Disposable], actor: str) -> list[Disposable]:
+        """The files of ``done`` (disposed of, committed) removed, then told the spool.
+        A file that cannot be removed is alerted once and left owed (retried at the next
+        sweep or purge); the others are removed all the same.  Returns those not removed."""
+        failed = _remove_files(done)
+        for item, exc in failed:
+            self._alert_not_removed(item, exc, actor)
+        left = {id(item) for item, _ in failed}
+        removed = [item for item in done if id(item) not in left]
+        if removed:
+            self._spool.files_removed(removed)
+        return [item for item, _ in failed]
 
-    def _remove_pending(self) -> None:
+    def _alert_not_removed(self, item: Disposable, exc: OSError, actor: str) -> None:
+        if item.file is None or item.file in self._alerted:
+            return
+        self._alerted.add(item.file)
+        self._audit.emit(
+            AuditEvent(
+                EventType.RETENTION_DISPOSED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.ALERT,
+                peer=item.peer,
+                message_id=item.message_id,
+                service=item.service,
+                direction=_name(item)["direction"],
+                actor=actor,
+                reason=f"the file {item.file} of a {item.kind.value} item disposed of could "
+                f"not be removed: {exc.strerror or type(exc).__name__}",
+                detail={
+                    "kind": item.kind.value,
+                    "file": str(item.file),
+                    "fix": f"remove {item.file} (or let the gateway's user remove it, and "
+                    "its folder be written); the next sweep or purge retries it, and its "
+                    "record stays until it is gone",
+                },
+            )
+        )
+
+    def _remove_pending(self, actor: str) -> None:
         """The files of things disposed of that a process killed before it removed them
         left (gateway.spool.sqlite.retention), removed now.  Only files the spool names
         as disposed of: never a document being written (no such row names it), nor one
-        of the inbox the gateway does not own."""
-        while batch := self._spool.files_pending(MAX_ITEMS):
-            self._remove(batch)
+        of the inbox the gateway does not own.  One that cannot be removed stays owed,
+        and stops nothing else."""
+        stuck: set[tuple[str, str, str]] = set()
+        while True:
+            pending = self._spool.files_pending(MAX_ITEMS + len(stuck))
+            batch = [i for i in pending if (i.table, i.peer, i.message_id) not in stuck]
+            if not batch:
+                return
+            for item in self._remove(batch, actor):
+                stuck.add((item.table, item.peer, item.message_id))
 
 
 # In the purge's audit record: False when the spool's write-ahead log could not be emptied
@@ -331,10 +373,12 @@ def _name(item: Disposable) -> dict[str, str | None]:
     }
 
 
-def _remove_files(items: Iterable[Disposable]) -> None:
+def _remove_files(items: Iterable[Disposable]) -> list[tuple[Disposable, OSError]]:
     """The files of ``items``, disposed of, removed and their folders synced: gone for
-    good, even after a power loss, once this returns."""
-    folders: set[Path] = set()
+    good, even after a power loss, once this returns.  Returns those that could not be
+    (removed, or their folder synced), with why."""
+    folders: dict[Path, list[Disposable]] = {}
+    failed: list[tuple[Disposable, OSError]] = []
     for item in items:
         if item.file is None:
             continue
@@ -342,6 +386,13 @@ def _remove_files(items: Iterable[Disposable]) -> None:
             item.file.unlink()
         except FileNotFoundError:
             continue  # removed by an earlier run, or by whoever else reads the inbox
-        folders.add(item.file.parent)
+        except OSError as exc:
+            failed.append((item, exc))
+            continue
+        folders.setdefault(item.file.parent, []).append(item)
     for folder in sorted(folders):
-        fsync_dir(folder)
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            failed.extend((item, exc) for item in folders[folder])
+    return failed
