@@ -49,10 +49,14 @@ COLUMNS = (
 )
 HANDOVER_COLUMNS = (
     "peer, message_id, path, content_type, sha256, size, state, next_attempt_at,"
-    " created_at, updated_at, node, lease_until"
+    " created_at, updated_at, node, lease_until, copy_purged_at"
+)
+INBOUND_COLUMNS = (
+    "peer, message_id, sha256, target_path, state, receipt_body, received_at, updated_at"
 )
 STAMP = "2026-01-01T00:00:00+00:00"
-TABLES = ("outbound", "handover")  # those whose lookups by state these tests read
+# Those whose lookups by state, and retention's batches, these tests read.
+TABLES = ("outbound", "handover", "inbound")
 
 
 def others() -> Iterator[tuple[object, ...]]:
@@ -85,8 +89,9 @@ def others() -> Iterator[tuple[object, ...]]:
 
 
 def handovers() -> Iterator[tuple[object, ...]]:
-    """Hand-overs: done (kept for months, as the resend detection needs them), some the
-    dead node was making, some to make, and some that failed (for an operator)."""
+    """Hand-overs: done (kept for years, as the resend detection needs them; the inbox
+    copies of the older half disposed of, `received_days` being shorter), some the dead
+    node was making, some to make, and some that failed (for an operator)."""
     for state, count, node, lease_until in (
         (HandoverState.DONE, DELIVERED, None, 0.0),
         (HandoverState.PENDING, HELD, DEAD, 1.0),
@@ -96,7 +101,23 @@ def handovers() -> Iterator[tuple[object, ...]]:
         for i in range(count):
             message_id = f"<handover-{state.value}-{node}-{i}@hospital>"
             text = ("/inbox/d.hl7", "text/plain", "0" * 64, 3)
-            yield ("lab", message_id, *text, state.value, 0.0, STAMP, STAMP, node, lease_until)
+            purged = STAMP if state is HandoverState.DONE and i < count // 2 else None
+            yield (
+                *("lab", message_id, *text, state.value, 0.0, STAMP, STAMP, node),
+                *(lease_until, purged),
+            )
+
+
+def received() -> Iterator[tuple[object, ...]]:
+    """Received messages answered with their receipt, kept for years (the receipts sent,
+    kept to answer a resend, gone from the older half), and some being written: of a peer
+    none of whose messages sent were delivered, nor handed over."""
+    for state, count in (("delivered", DELIVERED), ("delivering", HELD)):
+        for i in range(count):
+            receipt = None if state == "delivered" and i < count // 2 else b"receipt"
+            message_id = f"<received-{state}-{i}@hospital>"
+            text = ("0" * 64, "/inbox/d.hl7", state, receipt, STAMP, STAMP)
+            yield ("radiology", message_id, *text)
 
 
 @pytest.fixture
@@ -123,8 +144,11 @@ def generic(postgres_server: PostgresServer, postgres: PostgresSettings, tmp_pat
         with db.cursor().copy(f"COPY handover ({HANDOVER_COLUMNS}) FROM STDIN") as copy:
             for row in handovers():
                 copy.write_row(row)
-        db.execute("ANALYZE outbound")
-        db.execute("ANALYZE handover")
+        with db.cursor().copy(f"COPY inbound ({INBOUND_COLUMNS}) FROM STDIN") as copy:
+            for row in received():
+                copy.write_row(row)
+        for table in TABLES:
+            db.execute(f"ANALYZE {table}")
         for setting, value in (
             ("plan_cache_mode", "force_generic_plan"),
             ("session_preload_libraries", "auto_explain"),
@@ -437,6 +461,21 @@ def test_a_listing_by_state_names_its_state_in_its_text(
             lambda s: s.disposable(RetainedKind.SPOOL, "2026-06-01T00:00:00+00:00"),
             "outbound_updated",
         ),
+        # And those of the received messages and their hand-overs: inbox copies still
+        # kept among hand-overs done whose copy went, hand-over records, receipts sent
+        # still kept among messages whose receipt went, and the received messages' records.
+        *(
+            (
+                f"{kind.value} to dispose of",
+                lambda s, kind=kind: s.disposable(kind, "2026-06-01T00:00:00+00:00"),
+                index,
+            )
+            for kind, index in (
+                (RetainedKind.RECEIVED, "handover_copy_kept"),
+                (RetainedKind.HANDOVER, "handover_done"),
+                (RetainedKind.RECEIPTS, "inbound_receipt_kept"),
+            )
+        ),
     ],
 )
 def test_a_lookup_by_message_or_of_the_oldest_reads_its_index_under_a_generic_plan(
@@ -543,3 +582,32 @@ def test_the_data_keys_beside_one_that_fails_are_read_through_the_index_by_versi
     for query, read in reads:
         for how, searched in read:
             assert "data_keys_kek" in searched, f"{how} of {searched or 'every row'}: {query}"
+
+
+def test_the_received_messages_records_to_dispose_of_are_read_oldest_first_by_index(
+    generic: Path, postgres: PostgresSettings
+) -> None:
+    """Retention's batches of received messages' records (a peer none of whose messages
+    sent were delivered: the rule of the records sent finds nothing), planned for any
+    value of their parameters, read the received messages answered through the index of
+    those alone, oldest first: not every received message read and sorted for each
+    batch.  (Whether the message's hand-over record is gone is asked of the hand-overs in
+    a join the planner chooses, not checked here.)"""
+    what = "a peer's received messages' records to dispose of"
+    reads = _reads_of(
+        generic,
+        postgres,
+        what,
+        lambda s: list[object](
+            s.disposable(RetainedKind.SPOOL, "2026-06-01T00:00:00+00:00", peer="radiology")
+        ),
+    )
+    received = [
+        (query, how, searched)
+        for query, read in reads
+        for plan, how, searched in read
+        if plan["Relation Name"] == "inbound"
+    ]
+    assert received, f"{what}: {reads}"
+    for query, how, searched in received:
+        assert searched == {"inbound_delivered"}, f"{what}: {how} of {searched}: {query}"

@@ -355,20 +355,32 @@ def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
     spool.close()
 
 
+# The indexes of retention's batches of hand-overs and received messages, as they are.
+RETENTION_INDEXES = {
+    "handover_copy_kept": "ON public.handover USING btree (updated_at)"
+    " WHERE ((state = 'done'::text) AND (copy_purged_at IS NULL))",
+    "handover_done": "ON public.handover USING btree (updated_at) WHERE (state = 'done'::text)",
+    "inbound_receipt_kept": "ON public.inbound USING btree (updated_at)"
+    " WHERE ((state = 'delivered'::text) AND (receipt_body IS NOT NULL))",
+    "inbound_delivered": "ON public.inbound USING btree (updated_at)"
+    " WHERE (state = 'delivered'::text)",
+}
+
+
 def test_a_spool_of_the_version_before_gets_the_indexes_by_peer_and_by_message(
     postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
 ) -> None:
-    """An operator's listing of a peer's messages and the lookup of a message's
-    hand-overs read through indexes a spool of the version before lacks: the first start
-    after the upgrade builds them."""
+    """An operator's listing of a peer's messages, the lookup of a message's hand-overs
+    and retention's batches of hand-overs and received messages read through indexes a
+    spool of the versions before lacks: the first start after the upgrade builds them."""
     spool = PostgresSpool(postgres, TickingClock())
     queue_messages(spool, tmp_path, 3)
-    # As a database of the version before: neither index.
+    # As a database of the versions before: none of these indexes.
+    dropped = ["outbound_peer", "handover_message", *RETENTION_INDEXES]
     spool._transact(
         lambda db: [
-            db.execute("DROP INDEX IF EXISTS outbound_peer", ()),
-            db.execute("DROP INDEX IF EXISTS handover_message", ()),
-            db.execute("UPDATE spool_schema SET version=?", (VERSION - 2,)),
+            *(db.execute(f"DROP INDEX IF EXISTS {name}", ()) for name in dropped),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - len(dropped),)),
         ]
     )
     spool.close()
@@ -378,13 +390,15 @@ def test_a_spool_of_the_version_before_gets_the_indexes_by_peer_and_by_message(
             str(row[0]): str(row[1])
             for row in db.execute(
                 "SELECT indexname, indexdef FROM pg_indexes"
-                " WHERE tablename IN ('outbound', 'handover')"
+                " WHERE tablename IN ('outbound', 'handover', 'inbound')"
             )
         }
         version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
     assert version == [(VERSION,)]
     assert "ON public.outbound USING btree (peer, created_at)" in indexes["outbound_peer"]
     assert "ON public.handover USING btree (message_id)" in indexes["handover_message"]
+    for name, definition in RETENTION_INDEXES.items():
+        assert definition in indexes[name], indexes[name]
     listed = spool.list_outbound(peer="lab")
     assert [r.message_id for r in listed] == ["<m2@hospital>", "<m1@hospital>", "<m0@hospital>"]
     spool.close()

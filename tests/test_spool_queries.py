@@ -215,6 +215,10 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
         "outbound_created",
         "outbound_peer",
         "handover_message",
+        "handover_copy_kept",
+        "handover_done",
+        "inbound_receipt_kept",
+        "inbound_delivered",
     } <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
     # Their first forms, of every row by state: each change of state wrote their pages.
