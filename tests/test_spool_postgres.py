@@ -412,17 +412,15 @@ def test_a_spool_of_the_version_before_gets_the_receipt_columns_and_older_nodes_
 ) -> None:
     """Receipts kept in rows: the first start after the upgrade adds the columns (the
     receipt, bytea, left out of the snapshots of displaced records; its SHA-256, text,
-    kept in them; the mark of a receipt a restored backup lacked) to a spool with rows;
-    a node of the release before then refuses the spool, whose rows it would not
-    understand."""
+    kept in them) to a spool with rows; a node of the release before then refuses the
+    spool, whose rows it would not understand."""
     spool = PostgresSpool(postgres, TickingClock())
     [message_id] = queue_messages(spool, tmp_path, 1)
     spool._transact(
         lambda db: [
             db.execute("ALTER TABLE outbound DROP COLUMN receipt", ()),
             db.execute("ALTER TABLE outbound DROP COLUMN receipt_sha256", ()),
-            db.execute("ALTER TABLE outbound DROP COLUMN receipt_not_restored", ()),
-            db.execute("UPDATE spool_schema SET version=?", (VERSION - 3,)),
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 2,)),
         ]
     )
     spool.close()
@@ -454,12 +452,7 @@ def test_a_spool_of_the_version_before_gets_the_receipt_columns_and_older_nodes_
             "SELECT prosrc FROM pg_proc WHERE proname = 'keep_displaced_owed'"
         ).fetchall()
         version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
-    assert kinds == {
-        "receipt_path": "text",
-        "receipt": "bytea",
-        "receipt_sha256": "text",
-        "receipt_not_restored": "text",
-    }
+    assert kinds == {"receipt_path": "text", "receipt": "bytea", "receipt_sha256": "text"}
     assert "'receipt'" in str(function) and "'receipt_sha256'" not in str(function)
     assert version == [(VERSION,)]
     monkeypatch.setattr("gateway.spool.postgres.schema.VERSION", VERSION - 1)

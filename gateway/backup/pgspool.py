@@ -38,14 +38,9 @@ from psycopg.rows import dict_row
 from gateway.errors import MedgwError
 from gateway.spool.postgres import PostgresSettings, generation
 from gateway.spool.postgres.database import NODE_SESSION, InTransaction, server_error
-from gateway.spool.postgres.schema import KEEP_DISPLACED, SCHEMA_LOCK, postgres_types
-from gateway.spool.schema import ADDED_COLUMNS, SCHEMA
+from gateway.spool.postgres.schema import KEEP_DISPLACED, SCHEMA_LOCK
+from gateway.spool.schema import SCHEMA
 
-# The outbound column naming a receipt whose file a restored bundle lacked, and the
-# type of each column added since the first schema.
-NOT_RESTORED = "receipt_not_restored"
-ADDED = {(table, column): kind for table, column, kind in ADDED_COLUMNS}
-UNMARK = f"UPDATE outbound SET {NOT_RESTORED} = NULL WHERE {NOT_RESTORED} IS NOT NULL"  # noqa: S608
 # The spool's tables, and the one that records its schema's version: what a dump holds.
 TABLES = (*re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA), "spool_schema")
 # libpq's environment variable of each connection parameter the tools need.  Not the
@@ -490,13 +485,10 @@ def rewrite(
     refreshed: list[dict[str, Any]],
     columns: Mapping[str, tuple[str, ...]],
     moved: Callable[[str | None], str | None],
-    not_restored: Sequence[tuple[str, str]] = (),
 ) -> None:
     """In one transaction: put the rows a backup took again from the live spool
-    (``refreshed``: table, key, row or None) in place of the dump's, mark the outbound
-    rows whose receipt file the bundle lacks (``not_restored``: message id, the
-    receipt's SHA-256; see outbound.receipt_not_restored), then move every file name of
-    ``columns`` (per table) with ``moved``."""
+    (``refreshed``: table, key, row or None) in place of the dump's, then move every
+    file name of ``columns`` (per table) with ``moved``."""
     with connect(settings) as conn, conn.transaction():
         for item in refreshed:
             table, key, row = item["table"], item["key"], item["row"]
@@ -512,20 +504,6 @@ def rewrite(
                 conn.execute(
                     f"INSERT INTO {table} ({', '.join(values)}) VALUES ({marks})",  # noqa: S608
                     tuple(values.values()),
-                )
-        marked = NOT_RESTORED in _columns(conn, "outbound")
-        if not_restored and not marked:  # dumped by an older medgw
-            conn.execute(
-                "ALTER TABLE outbound ADD COLUMN "  # the column a node's start would add
-                + postgres_types(f"{NOT_RESTORED} {ADDED[('outbound', NOT_RESTORED)]}")
-            )
-        if not_restored or marked:
-            # What this bundle lacks, and nothing an earlier restore marked.
-            conn.execute(UNMARK)
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    f"UPDATE outbound SET {NOT_RESTORED} = %s WHERE message_id = %s",  # noqa: S608
-                    [(sha256, message_id) for message_id, sha256 in not_restored],
                 )
         for table, paths in columns.items():
             key = KEYS[table]

@@ -45,14 +45,7 @@ from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.export.cursor import MAX_LINE
 from gateway.audit.files import STAMP, trail_files
 from gateway.backup import pgspool
-from gateway.backup.bundle import (
-    DUMP,
-    REFRESHED,
-    BackupError,
-    RestoreRefused,
-    bundle_name,
-    open_bundle,
-)
+from gateway.backup.bundle import DUMP, REFRESHED, BackupError, RestoreRefused, open_bundle
 from gateway.config import GatewayConfig
 from gateway.errors import AtRestError
 from gateway.fsutil import private_folder, shared_folder, storage_fix
@@ -260,51 +253,9 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
             ) from None
 
 
-def _not_restored(bundle: Path, spool: Path, manifest: dict[str, Any]) -> list[tuple[str, str]]:
-    """(message id, receipt SHA-256) of each outbound row of the bundle's spool that names
-    a receipt file, its SHA-256 recorded, which the bundle does not hold: gone when the
-    backup copied it (retention that had not cleared the row yet, or a removal outside
-    medgw), or in the state folder of another node than the one backed up (a cluster).
-    Nothing tells these from a file removed after the restore unless the row says so."""
-    bodies = manifest.get("bodies_dir")
-    folders = (
-        Path(manifest["state_dir"]),
-        Path(manifest["inbox_dir"]),
-        Path(bodies) if bodies else None,
-    )
-    with _bundle_spool(bundle, spool) as db:
-        present = {r[1] for r in db.execute("PRAGMA table_info(outbound)")}
-        if "receipt_sha256" not in present:  # a bundle of a medgw from before it was kept
-            return []
-        rows = db.execute(
-            "SELECT message_id, receipt_path, receipt_sha256 FROM outbound"
-            " WHERE receipt_path IS NOT NULL AND receipt_sha256 IS NOT NULL"
-        ).fetchall()
-    files = manifest["files"]
-    return [
-        (str(message_id), str(sha256))
-        for message_id, path, sha256 in rows
-        if bundle_name(str(path), *folders) not in files
-    ]
-
-
-def _move_paths(
-    spool: Path, places: list[tuple[str, str]], not_restored: list[tuple[str, str]]
-) -> None:
-    """Move the file names of the bundle's SQLite spool to this host's places, and mark
-    the rows whose receipt file the bundle lacks (see :func:`_not_restored`)."""
+def _move_paths(spool: Path, places: list[tuple[str, str]]) -> None:
     db = sqlite3.connect(spool)
     try:
-        present = {r[1] for r in db.execute("PRAGMA table_info(outbound)")}
-        if not_restored and pgspool.NOT_RESTORED not in present:
-            create_or_upgrade(db)  # a bundle of an older medgw: the column first
-        if not_restored or pgspool.NOT_RESTORED in present:
-            # What this bundle lacks, and nothing an earlier restore marked.
-            db.execute(pgspool.UNMARK)
-            db.executemany(
-                f"UPDATE outbound SET {pgspool.NOT_RESTORED}=? WHERE message_id=?",  # noqa: S608
-                [(sha256, message_id) for message_id, sha256 in not_restored],
-            )
         for table, columns in _PATH_COLUMNS.items():
             present = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
             wanted = [c for c in columns if c in present]
@@ -614,11 +565,9 @@ def _restore_held(
     refreshed = _refreshed(bundle, work, manifest)
     if DUMP in manifest["files"]:
         spool = _dump_copy(config, bundle, work, refreshed)
-    not_restored: list[tuple[str, str]] = []
     if spool.exists():
         _check_spool_paths(config, bundle, spool, places)
         _check_keys(config, bundle, spool)
-        not_restored = _not_restored(bundle, spool, manifest)
     moves = _destinations(config, manifest, work)
     taken = [str(dst) for _src, dst in moves if dst.exists() and dst not in refusals]
     if taken and not force:
@@ -637,7 +586,7 @@ def _restore_held(
     try:
         for src, dst in moves:
             if src.name == config.storage.spool_path.name and dst == config.storage.spool_path:
-                _move_paths(src, places, not_restored)
+                _move_paths(src, places)
                 for suffix in ("-wal", "-shm"):
                     dst.with_name(dst.name + suffix).unlink(missing_ok=True)
             placed.parents(dst)
@@ -649,9 +598,7 @@ def _restore_held(
     if DUMP in manifest["files"]:
         try:
             unused()  # again, right before pg_restore replaces the tables
-            ended = _load_database(
-                config, bundle, work / DUMP, refreshed, places, not_restored, force=force
-            )
+            ended = _load_database(config, bundle, work / DUMP, refreshed, places, force=force)
         except RestoreRefused as exc:
             if not force:  # a fresh host stays fresh: restore again once the cause is fixed
                 placed.undo()
@@ -695,13 +642,11 @@ def _load_database(
     dump: Path,
     refreshed: list[dict[str, Any]],
     places: list[tuple[str, str]],
-    not_restored: list[tuple[str, str]],
     *,
     force: bool,
 ) -> str | None:
     """The dump into this host's spool database (pg_restore, one transaction), then the
-    rows taken again after it, the rows whose receipt file the bundle lacks marked (see
-    :func:`_not_restored`) and the file names moved to this host's folders.  Returns
+    rows taken again after it and the file names moved to this host's folders.  Returns
     how pg_restore ended after its load committed, if not well (the restore finished)."""
     settings = config.spool.postgres
     assert settings is not None
@@ -716,9 +661,7 @@ def _load_database(
         # restore holds is released.
         ended = pgspool.replace_spool(settings, pg_restore, dump)
         loaded = True
-        pgspool.rewrite(
-            settings, refreshed, _PATH_COLUMNS, lambda v: _moved(v, places), not_restored
-        )
+        pgspool.rewrite(settings, refreshed, _PATH_COLUMNS, lambda v: _moved(v, places))
     except (pgspool.ToolError, psycopg.Error, ValueError) as exc:
         said = exc.message if isinstance(exc, pgspool.ToolError) else str(exc)
         if isinstance(exc, psycopg.Error):

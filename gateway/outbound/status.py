@@ -142,10 +142,9 @@ class MessageStatus:
         """What a receipt file that is not there means, its row unchanged since it was
         read (so not retention nor a retry, which clear the row before they remove the
         file): removed outside medgw if this node settled the message into its own
-        receipts folder with the file's SHA-256 recorded, unless the row says that the
-        backup it was restored from lacked that file; otherwise it cannot be read here
-        (another node's state folder, or settled before a file's SHA-256 was recorded,
-        when nothing tells a removal from a file never checked)."""
+        receipts folder with the file's SHA-256 recorded; otherwise it cannot be read
+        here (another node's state folder, or settled before a file's SHA-256 was
+        recorded, when nothing tells a removal from a file never checked)."""
         assert record.receipt_path is not None
         if record.receipt_sha256 is None:
             return _Unopenable(
@@ -157,8 +156,6 @@ class MessageStatus:
         settler = _settled_by(record)
         here = self._ctx.spool.node
         ours = record.receipt_path.parent == self._ctx.receipts
-        if settler == here and ours and record.receipt_not_restored == record.receipt_sha256:
-            return _Unopenable(NOT_RESTORED, gone.kept, gone.cause)
         if settler == here and ours:
             return _NotAsStored(_file_removed(record.message_id), gone.kept)
         if settler == here:
@@ -328,18 +325,6 @@ class MessageStatus:
             "original_message_id": receipt.original_message_id,
         }
 
-
-# A receipt file that the backup the spool was restored from did not hold (gone when the
-# backup copied it, or kept by another node than the one backed up): nothing is left to
-# verify again, and nothing says it was altered.  The row's disposition is still shown:
-# medgw recorded it from that receipt, verified when the message was settled, and the
-# restored spool came in a signed bundle.
-NOT_RESTORED = (
-    "the stored receipt is not in the restored backup: this spool was restored (medgw"
-    " restore) from a backup that does not hold its file, so it cannot be verified again;"
-    " the disposition shown is the one medgw recorded when it verified the receipt at"
-    " settlement"
-)
 
 _UNOPENABLE = (
     "the stored receipt cannot be opened now: its at-rest key cannot be used"

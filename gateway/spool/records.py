@@ -150,9 +150,6 @@ class OutboundRecord:
     # The SHA-256 (hex) of the receipt kept, in the row or in the file receipt_path, as
     # received (see Settled; None: no receipt, or a file settled before this was kept).
     receipt_sha256: str | None = None
-    # The receipt_sha256 of a receipt file the backup restored into this spool lacked
-    # (see gateway.spool.schema; None: none).
-    receipt_not_restored: str | None = None
 
     @property
     def has_receipt(self) -> bool:

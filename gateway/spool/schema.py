@@ -188,11 +188,6 @@ ADDED_COLUMNS = (
     # its file is removed (gateway.retention): a process killed in between leaves the
     # file, found again by this; the record goes only once it is 0.
     ("handover", "copy_pending", "INTEGER NOT NULL DEFAULT 0"),
-    # The receipt_sha256 of a receipt file that the backup this spool was restored from
-    # (medgw restore) did not hold: its status says the receipt is not in the restored
-    # backup, not that it was altered.  It names the receipt it was set for (a retry's new
-    # receipt has another SHA-256).  NULL: its file was restored, or no restore.
-    ("outbound", "receipt_not_restored", "TEXT"),
 )
 
 

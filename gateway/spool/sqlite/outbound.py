@@ -115,7 +115,6 @@ def _outbound(row: Row) -> OutboundRecord:
         receipt_path=Path(row["receipt_path"]) if row["receipt_path"] else None,
         receipt_kept=_receipt_kept(row),
         receipt_sha256=row["receipt_sha256"],
-        receipt_not_restored=row["receipt_not_restored"],
         expires_at=row["expires_at"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
