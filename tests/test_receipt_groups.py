@@ -22,6 +22,7 @@ import pytest
 from gateway.as2.headers import check_message_id
 from gateway.audit import AuditEvent
 from gateway.demo_run import drop_file
+from gateway.errors import SpoolUnreachableError
 from gateway.inbound import InboundResponse
 from gateway.pki.demo import DemoLayout
 from gateway.spool import InboundDelivered, Spool
@@ -152,6 +153,24 @@ def test_a_group_whose_transaction_fails_stores_its_documents_one_by_one(
     for message_id in message_ids:
         record = hospital.spool.inbound_get(peer.name, message_id)
         assert record is not None and record.state == "delivered" and record.receipt_body
+
+
+def test_a_group_that_cannot_reach_the_spool_is_not_tried_again_document_by_document(
+    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool unreachable fails every transaction: the group's documents are answered
+    at once (the peer sends them again), not after one more attempt, and its timeout, each,
+    while the documents behind them wait."""
+    noted = Noted(hospital, monkeypatch)
+    noted.fail = SpoolUnreachableError("the spool's database server does not answer")
+    answers, message_ids = _receive_together(hospital, noted)
+    assert len(noted.transactions) == 2, noted.transactions
+    assert isinstance(answers[0], InboundResponse) and answers[0].status == 200, answers
+    assert all(not (isinstance(a, InboundResponse) and a.status == 200) for a in answers[1:])
+    [peer] = hospital.config.peers
+    for message_id in message_ids[1:]:
+        record = hospital.spool.inbound_get(peer.name, message_id)
+        assert record is None or record.state != "delivered", record
 
 
 GROUP_STEP = "gateway.spool.sqlite:SqliteSpool.inbound_delivered_all"
