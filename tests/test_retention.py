@@ -110,7 +110,7 @@ class Place:
         self.spool.inbound_begin(peer, message_id, digest, copy, service)
         if not delivered:
             return copy
-        ticket = ("text/plain", 10) if handover is not None else None
+        ticket = ("text/plain", copy.stat().st_size) if handover is not None else None
         self.spool.inbound_delivered(peer, message_id, [("X", "y")], b"our receipt", ticket)
         if handover == "done":
             self.spool.handover_done(peer, message_id)
@@ -431,3 +431,26 @@ def test_an_inbox_copy_that_cannot_be_removed_stops_no_other_disposal(place: Pla
     stuck.rmdir()  # the administrator's fix: the next sweep clears what is owed
     assert place.retention.sweep(KEEP) == {}
     assert place.spool.files_pending() == []
+
+
+def test_a_file_that_is_not_the_copy_left_is_kept_and_no_longer_owed(place: Place) -> None:
+    """Both backends: where a killed purge left a copy, a file of another size or SHA-256
+    (another program's, written there since) is not the copy disposed of: the sweep keeps
+    it, says so, and its record no longer owes its removal (nor is it retried)."""
+    same_size = place.inbound("<same-size@l>")
+    other_size = place.inbound("<other-size@l>")
+    left = place.inbound("<left@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    same_size.write_bytes(b"MSH|<SAME-SIZE@l>")
+    other_size.write_bytes(b"MSH|another document")
+
+    assert place.retention.sweep(KEEP) == {}
+    assert same_size.read_bytes() == b"MSH|<SAME-SIZE@l>"
+    assert other_size.read_bytes() == b"MSH|another document"
+    assert not left.exists()
+    assert place.spool.files_pending() == []
+    kept = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert sorted(e.detail["file"] for e in kept) == sorted(map(str, (same_size, other_size)))
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+    assert counts["handover"] == 3 and same_size.exists() and other_size.exists()

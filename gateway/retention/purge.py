@@ -21,6 +21,9 @@ disposed of is gone once a purge or sweep returns.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -351,7 +354,41 @@ class Retention:
             batch = [i for i in pending if (i.table, i.peer, i.message_id) not in stuck]
             if not batch:
                 return
-            for item in self._remove(batch, actor):
+            others = []
+            for item in batch:
+                try:
+                    if not _is_the_file(item):
+                        others.append(item)
+                except OSError as exc:  # unreadable: left owed, like one not removable
+                    self._alert_not_removed(item, exc, actor)
+                    stuck.add((item.table, item.peer, item.message_id))
+            for item in others:
+                self._audit.emit(
+                    AuditEvent(
+                        EventType.RETENTION_DISPOSED,
+                        outcome=Outcome.FAILURE,
+                        severity=Severity.WARNING,
+                        peer=item.peer,
+                        message_id=item.message_id,
+                        service=item.service,
+                        direction=_name(item)["direction"],
+                        actor=actor,
+                        reason=f"the file {item.file} is not the {item.kind.value} copy "
+                        "disposed of (its size or SHA-256 is not its record's): kept",
+                        detail={
+                            "kind": item.kind.value,
+                            "file": str(item.file),
+                            "fix": "none for retention: the copy it was is gone; the file "
+                            "now there was written by another program, which owns it",
+                        },
+                    )
+                )
+            if others:
+                self._spool.files_removed(others)  # nothing of theirs left to remove
+            taken = {id(i) for i in others} | {
+                id(i) for i in batch if (i.table, i.peer, i.message_id) in stuck
+            }
+            for item in self._remove([i for i in batch if id(i) not in taken], actor):
                 stuck.add((item.table, item.peer, item.message_id))
 
 
@@ -371,6 +408,28 @@ def _name(item: Disposable) -> dict[str, str | None]:
         "service": item.service,
         "direction": "outbound" if item.table == "outbound" else "inbound",
     }
+
+
+def _is_the_file(item: Disposable) -> bool:
+    """Whether the file at ``item.file`` is the one its row records (size and SHA-256,
+    read at most that size and one byte more); True when gone, or when the row records
+    neither.  Raises OSError when it cannot be read (a folder, a link in its place)."""
+    if item.file is None or item.sha256 is None or item.size is None:
+        return True
+    try:
+        fd = os.open(item.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    digest = hashlib.sha256()
+    seen = 0
+    with os.fdopen(fd, "rb") as handle:
+        while seen <= item.size and (chunk := handle.read(min(_CHUNK, item.size + 1 - seen))):
+            digest.update(chunk)
+            seen += len(chunk)
+    return seen == item.size and hmac.compare_digest(digest.hexdigest(), item.sha256)
+
+
+_CHUNK = 1 << 20
 
 
 def _remove_files(items: Iterable[Disposable]) -> list[tuple[Disposable, OSError]]:

@@ -263,6 +263,10 @@ class Disposable:
     message_id: str
     service: str | None
     file: Path | None  # the file it is (a received copy, a receipt), if any
+    # What its row records of that file, where it does (a received copy): the SHA-256
+    # (hex) and size of the file as it was received.
+    sha256: str | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)

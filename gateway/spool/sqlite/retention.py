@@ -21,7 +21,7 @@ hand-over record says its removal is still owed (``copy_pending``), which
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gateway.spool.records import Disposable, RetainedKind, items_of
@@ -48,6 +48,7 @@ class _Rule:
     # The column that is 1 while the file of a row disposed of is still to be removed
     # (None: a file no row names once it is disposed of, found by a folder's sweep).
     pending: str | None = None
+    checked: bool = False  # the row records its file's sha256 and size
 
 
 _NO_HANDOVER = (
@@ -65,6 +66,7 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
             "path",
             "UPDATE handover SET copy_purged_at=:now, copy_pending=1",
             "copy_pending",
+            checked=True,
         ),
     ),
     RetainedKind.RECEIPTS: (
@@ -260,11 +262,17 @@ class RetainedItems(SqlStore):
                     continue
                 rows = self._read(
                     f"SELECT peer, message_id, service, {rule.file} AS file"  # noqa: S608
-                    f" FROM {rule.table} WHERE {rule.pending}=1"
+                    + (", sha256, size" if rule.checked else "")
+                    + f" FROM {rule.table} WHERE {rule.pending}=1"
                     f" LIMIT {int(limit - len(found))}",  # as in disposable
                     (),
                 )
-                found.extend(_found(kind, rule, rows))
+                found.extend(
+                    replace(item, sha256=str(r["sha256"]), size=int(r["size"]))
+                    if rule.checked
+                    else item
+                    for item, r in zip(_found(kind, rule, rows), rows, strict=True)
+                )
         return found
 
     def files_removed(self, items: Sequence[Disposable]) -> None:
