@@ -454,3 +454,20 @@ def test_a_file_that_is_not_the_copy_left_is_kept_and_no_longer_owed(place: Plac
     assert sorted(e.detail["file"] for e in kept) == sorted(map(str, (same_size, other_size)))
     counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
     assert counts["handover"] == 3 and same_size.exists() and other_size.exists()
+
+
+def test_the_removal_of_a_copy_a_killed_purge_left_is_audited(place: Place) -> None:
+    """Both backends: a purge killed after its commit may not have written its
+    ``retention.disposed``; the sweep that removes the copy it left names it in one."""
+    copy = place.inbound("<got@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    place.audit.events.clear()  # as if killed before its record was written
+
+    assert place.retention.sweep(KEEP, actor="medgw retention sweep") == {}
+    assert not copy.exists()
+    [record] = place.audit.named("retention.disposed")
+    assert record.outcome == "success" and record.actor == "medgw retention sweep"
+    assert record.detail["kind"] == "received" and record.detail["left_by_earlier_run"]
+    assert record.detail["files"] == [str(copy)]
+    assert [m["message_id"] for m in record.detail["messages"]] == ["<got@l>"]

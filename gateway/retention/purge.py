@@ -388,8 +388,32 @@ class Retention:
             taken = {id(i) for i in others} | {
                 id(i) for i in batch if (i.table, i.peer, i.message_id) in stuck
             }
-            for item in self._remove([i for i in batch if id(i) not in taken], actor):
-                stuck.add((item.table, item.peer, item.message_id))
+            tried = [i for i in batch if id(i) not in taken]
+            failed = {id(i) for i in self._remove(tried, actor)}
+            for item in tried:
+                if id(item) in failed:
+                    stuck.add((item.table, item.peer, item.message_id))
+            self._audit_left_removed([i for i in tried if id(i) not in failed], actor)
+
+    def _audit_left_removed(self, removed: Sequence[Disposable], actor: str) -> None:
+        """One ``retention.disposed`` per kind naming the files left by a killed run that
+        were removed now (its own record may not have been written before it died)."""
+        for kind in ORDER:
+            items = [i for i in removed if i.kind is kind]
+            if items:
+                self._audit.emit(
+                    AuditEvent(
+                        EventType.RETENTION_DISPOSED,
+                        actor=actor,
+                        detail={
+                            "kind": kind.value,
+                            "left_by_earlier_run": True,
+                            "count": len(items),
+                            "messages": [_name(item) for item in items],
+                            "files": [str(item.file) for item in items if item.file],
+                        },
+                    )
+                )
 
 
 # In the purge's audit record: False when the spool's write-ahead log could not be emptied
