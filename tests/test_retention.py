@@ -4,6 +4,8 @@ goes by kind, peer and service; nothing still owed ever does."""
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -431,6 +433,29 @@ def test_an_inbox_copy_that_cannot_be_removed_stops_no_other_disposal(place: Pla
     stuck.rmdir()  # the administrator's fix: the next sweep clears what is owed
     assert place.retention.sweep(KEEP) == {}
     assert place.spool.files_pending() == []
+
+
+def test_a_pipe_where_a_copy_was_left_holds_no_sweep(place: Place) -> None:
+    """Both backends: a FIFO put where a killed purge left a copy is not opened for a
+    writer that never comes: the sweep goes on, the copy stays owed and is alerted."""
+    piped = place.inbound("<piped@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    piped.unlink()
+    os.mkfifo(piped)
+    outcome: list[object] = []
+    sweep = threading.Thread(target=lambda: outcome.append(place.retention.sweep(KEEP)))
+    sweep.start()
+    sweep.join(60)
+    if sweep.is_alive():  # the sweep waits for a writer: be one, so the test can end
+        os.close(os.open(piped, os.O_WRONLY | os.O_NONBLOCK))
+        sweep.join(60)
+        raise AssertionError("the sweep waited on the pipe")
+    assert outcome == [{}]
+    [left] = place.spool.files_pending()
+    assert left.file == piped
+    [alert] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert alert.detail["file"] == str(piped) and "not a regular file" in (alert.reason or "")
 
 
 def test_a_file_that_is_not_the_copy_left_is_kept_and_no_longer_owed(place: Place) -> None:

@@ -21,9 +21,11 @@ disposed of is gone once a purge or sweep returns.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -437,16 +439,20 @@ def _name(item: Disposable) -> dict[str, str | None]:
 def _is_the_file(item: Disposable) -> bool:
     """Whether the file at ``item.file`` is the one its row records (size and SHA-256,
     read at most that size and one byte more); True when gone, or when the row records
-    neither.  Raises OSError when it cannot be read (a folder, a link in its place)."""
+    neither.  Raises OSError when it cannot be read (a folder, a link, a pipe in its
+    place)."""
     if item.file is None or item.sha256 is None or item.size is None:
         return True
     try:
-        fd = os.open(item.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put in its place must not hold retention (and the stop) for ever.
+        fd = os.open(item.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return True
     digest = hashlib.sha256()
     seen = 0
     with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a pipe, device or socket)", item.file)
         while seen <= item.size and (chunk := handle.read(min(_CHUNK, item.size + 1 - seen))):
             digest.update(chunk)
             seen += len(chunk)
