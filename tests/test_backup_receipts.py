@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -228,3 +228,41 @@ def test_a_receipt_file_removed_after_a_restore_is_reported_altered(
     assert view["disposition"] is None, view
     [alert] = events(trail, "atrest.integrity_failed")
     assert alert["message_id"] == VICTIM, alert
+
+
+def test_a_receipt_settled_again_during_a_backup_is_in_the_bundle(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends: a message retried and settled again, with a new receipt file, after
+    the spool was copied and before its files are: the row is taken again from the live
+    spool, and the bundle holds the new receipt file it names, so the restored node
+    verifies the receipt and raises no alert."""
+    config = lab.loaded()
+    first = _settled_in_file(layout, config)
+
+    def settled_again() -> None:
+        spool = _spool(config)
+        try:  # as a retry does: the row cleared, its receipt file removed; then settled
+            cast(Any, spool)._write(  # the same on both backends' SQL stores
+                "UPDATE outbound SET state='sending', receipt_path=NULL, receipt=NULL,"
+                " receipt_sha256=NULL WHERE message_id=?",
+                (VICTIM,),
+            )
+            first.unlink()
+            second = config.storage.receipts_dir / "v.hl7.ba9876543210.mdn"
+            second.write_bytes(first_bytes)
+            sha256 = hashlib.sha256(first_bytes).hexdigest()
+            again = Settled(
+                VICTIM, OutboundState.DELIVERED, "processed", second, receipt_sha256=sha256
+            )
+            assert spool.mark_settled([again]) == [VICTIM]
+        finally:
+            spool.close()
+
+    first_bytes = first.read_bytes()
+    written = _backed_up(lab, tmp_path, monkeypatch, settled_again)
+    restored = _restored(lab, layout, written)
+    trail = tmp_path / "restored-audit.jsonl"
+    view = _status(restored, trail, io.StringIO())
+    assert view["receipt"] is not None and view["receipt"].get("verified") is True, view
+    assert events(trail, "atrest.integrity_failed") == []

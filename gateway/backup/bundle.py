@@ -287,14 +287,22 @@ def _collect_sqlite(config: GatewayConfig, files: _Collector) -> int:
     try:
         source.backup(snapshot)  # SQLite's online backup: one consistent state
         source.close()
+        refreshed: set[tuple[str, str]] = set()
         for table, key, path_text, _needed, again in list(_spooled_files(snapshot)):
             name = _place(path_text, config)
             if name is None or path_text is None or files.copy(Path(path_text), name):
                 continue
             if again:  # moved on since the copy: take its row as it is now
                 _refresh(snapshot, live, table, key)
-        for _table, key, path_text, needed, _again in list(_spooled_files(snapshot)):
+                refreshed.add((table, key))
+        for table, key, path_text, needed, _again in list(_spooled_files(snapshot)):
             name = _place(path_text, config)
+            if (table, key) in refreshed and not needed and name is not None and path_text:
+                # A file the row took since (a receipt settled again): as the PostgreSQL
+                # spool's backup does, copied if still there.
+                if name not in files.files:
+                    files.copy(Path(path_text), name)
+                continue
             missing = needed and name is not None and name not in files.files
             if missing and (path_text is None or not files.copy(Path(path_text), name or "")):
                 raise _gone(path_text, key)
