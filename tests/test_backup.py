@@ -85,6 +85,9 @@ def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_on
     manifest = openssl_opens(bundle, key, cert, signer, tmp_path)
     assert manifest["as2_id"] == "KITA-LAB"
     assert written["outbound_messages"] == manifest["outbound_messages"] > 0
+    # What a restore needs from the key folder (no purge ran: the first key only)
+    assert manifest["key_versions"] == [1]
+    assert written["key_encryption_keys"] == created["detail"]["key_encryption_keys"] == ["kek-1"]
     assert {"config/gateway.toml", "state/spool.sqlite3"} <= set(manifest["files"])
     assert any(name.startswith("audit/") for name in manifest["files"])
 

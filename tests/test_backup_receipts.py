@@ -16,18 +16,21 @@ from typing import Any, cast
 
 import pytest
 
+from gateway.atrest.keys import KeyStore
+from gateway.atrest.vault import Vault
 from gateway.audit.log import AuditLog
 from gateway.backup import bundle
-from gateway.backup.bundle import write_bundle
+from gateway.backup.bundle import BackupError, write_bundle
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
 from gateway.logs import make_logger
 from gateway.outbound.context import Context
 from gateway.outbound.status import MessageStatus
 from gateway.pki.demo import DemoLayout
+from gateway.retention.purge import PurgeRequest, Retention
 from gateway.spool import Claimant, OutboundState, Settled, Spool, open_spool
 from gateway.spool.postgres import PostgresSettings
-from gateway.spool.records import RetainedKind
+from gateway.spool.records import RetainedKind, body_item
 from tests.cli import medgw
 from tests.helpers.audit import events
 from tests.helpers.backup import add_backup, fresh_host, recipient
@@ -120,7 +123,7 @@ def _retention(config: GatewayConfig, path: Path) -> None:
     path.unlink()
 
 
-def _during_the_copy(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> list[bool]:
+def _during_the_copy(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object]) -> list[bool]:
     """``action`` run once, right after the spool is copied (SQLite's online backup, or
     pg_dump's snapshot) and before the files it names are; a list that holds True once
     it ran."""
@@ -266,3 +269,42 @@ def test_a_receipt_settled_again_during_a_backup_is_in_the_bundle(
     view = _status(restored, trail, io.StringIO())
     assert view["receipt"] is not None and view["receipt"].get("verified") is True, view
     assert events(trail, "atrest.integrity_failed") == []
+
+
+def test_a_purge_that_rotates_the_key_during_a_backup_fails_the_backup(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends, encryption at rest on: a real purge disposes of a receipt after
+    the spool was copied and before its files are, and rotates the key-encryption key,
+    destroying the one the copy's data keys are wrapped under.  Such a bundle could never
+    be restored, so the backup fails, naming the key and saying to run it again, and
+    writes nothing."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    path = _settled_in_file(layout, config)
+    spool = _spool(config)
+    clock = SystemClock()
+    audit = AuditLog(tmp_path / "purge-audit.jsonl", clock, node=config.cluster.node_name)
+    try:
+        vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+        vault.open()
+        # Another message's body key, under kek-1 (no row of it is taken again)
+        with vault.storing(body_item("<queued@KITA-LAB>")) as sealing:
+            sealing.seal(b"the body")
+            assert sealing.key is not None
+            spool.put_data_key(sealing.key)
+        retention = Retention(spool, audit, clock, None, vault)
+        request = PurgeRequest(before=datetime.now(UTC), kinds=(RetainedKind.RECEIPTS,))
+        written = tmp_path / "lab.p7m"
+        ran = _during_the_copy(monkeypatch, lambda: retention.purge(request, "admin"))
+        with pytest.raises(BackupError) as refused:
+            write_bundle(config, written, datetime.now(UTC))
+        assert ran == [True]
+    finally:
+        audit.close()
+        spool.close()
+    assert not path.exists()  # the purge did dispose of the receipt
+    assert "kek-1" in refused.value.message and "nothing was written" in refused.value.message
+    assert refused.value.fix is not None and "medgw backup again" in refused.value.fix
+    assert not written.exists()
+    assert KeyStore(config.at_rest.key_dir).versions() == [2]

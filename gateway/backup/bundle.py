@@ -47,6 +47,7 @@ import psycopg
 from cryptography import x509
 from psycopg.rows import tuple_row
 
+from gateway.atrest.keys import KeyStore, kek_name
 from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.files import trail_files
 from gateway.backup import pgspool
@@ -108,6 +109,17 @@ class Written:
     size: int
     files: int
     messages: int  # outbound messages in the spool copy
+    key_versions: tuple[int, ...] = ()  # the key-encryption keys a restore of it needs
+
+    def view(self) -> dict[str, Any]:
+        """What the backup's caller is told (and the ``backup.created`` record holds)."""
+        return {
+            "file": str(self.path),
+            "size": self.size,
+            "files": self.files,
+            "outbound_messages": self.messages,
+            "key_encryption_keys": [kek_name(v) for v in self.key_versions],
+        }
 
 
 def _sha256(path: Path) -> str:
@@ -276,9 +288,10 @@ def _refresh(snapshot: sqlite3.Connection, live: Path, table: str, key: str) -> 
     snapshot.commit()
 
 
-def _collect_sqlite(config: GatewayConfig, files: _Collector) -> int:
+def _collect_sqlite(config: GatewayConfig, files: _Collector) -> tuple[int, list[int]]:
     """The SQLite spool (its online backup) and the files it names; the number of
-    outbound messages."""
+    outbound messages, and the key-encryption key versions its data keys are wrapped
+    under."""
     live = config.storage.spool_path
     snapshot_path = files.root / "state" / live.name
     snapshot_path.parent.mkdir(parents=True)
@@ -307,10 +320,11 @@ def _collect_sqlite(config: GatewayConfig, files: _Collector) -> int:
             if missing and (path_text is None or not files.copy(Path(path_text), name or "")):
                 raise _gone(path_text, key)
         messages = int(snapshot.execute("SELECT COUNT(*) FROM outbound").fetchone()[0])
+        versions = _key_versions(snapshot)
     finally:
         snapshot.close()
     files.files[f"state/{live.name}"] = _sha256(snapshot_path)
-    return messages
+    return messages, versions
 
 
 def _gone(path_text: str | None, key: str) -> BackupError:
@@ -334,9 +348,12 @@ def _unreachable(config: GatewayConfig, path_text: str, key: str) -> BackupError
     )
 
 
-def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: _Collector) -> int:
+def _collect_postgres(
+    config: GatewayConfig, settings: PostgresSettings, files: _Collector
+) -> tuple[int, list[int]]:
     """The spool's tables, dumped by pg_dump (one snapshot), and the files that snapshot
-    names; the number of outbound messages.
+    names; the number of outbound messages, and the key-encryption key versions the
+    data keys of the snapshot and of the rows taken again are wrapped under.
 
     A file the snapshot names that is gone by the time it is copied belongs to a message
     that moved on (sent, delivered, its receipt removed by retention): if it was needed,
@@ -352,6 +369,7 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
         named = list(_spooled_files(cursor))
         counted = cursor.execute("SELECT count(*) FROM outbound").fetchone()
         messages = int(counted[0]) if counted else 0
+        versions = set(_key_versions(cursor))
     files.files[DUMP] = _sha256(dump)
     refreshed: dict[tuple[str, str], dict[str, Any]] = {}
     for table, key, path_text, needed, again in named:
@@ -369,6 +387,8 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
             row, *found = pgspool.live_rows(settings, [(table, where), *keys])
             refreshed[(table, key)] = {"table": table, "key": where, "row": pgspool.to_json(row)}
             for (_, item), kept in zip(keys, found, strict=True):
+                if kept is not None:
+                    versions.add(int(kept["kek"]))
                 refreshed[("data_keys", item["item"])] = {
                     "table": "data_keys",
                     "key": item,
@@ -389,7 +409,33 @@ def _collect_postgres(config: GatewayConfig, settings: PostgresSettings, files: 
         target = files.root / REFRESHED
         target.write_text(json.dumps(list(refreshed.values())))
         files.files[REFRESHED] = _sha256(target)
-    return messages
+    return messages, sorted(versions)
+
+
+def _key_versions(db: Any) -> list[int]:
+    """The key-encryption key versions the data keys of a spool copy (``db``: an SQLite
+    connection, or a cursor of PostgreSQL's giving tuples) are wrapped under."""
+    return sorted(int(row[0]) for row in db.execute("SELECT DISTINCT kek FROM data_keys"))
+
+
+def _check_key_versions(config: GatewayConfig, versions: Sequence[int]) -> None:
+    """Every key-encryption key the bundle's data keys are wrapped under is still in the
+    key folder once everything is collected: a purge that rotated the key meanwhile
+    destroyed one, and the bundle could never be restored (restore would refuse it)."""
+    if config.at_rest is None or not versions:
+        return
+    key_dir = config.at_rest.key_dir
+    present = KeyStore(key_dir).versions()
+    missing = [v for v in versions if v not in present]
+    if missing:
+        names = ", ".join(kek_name(v) for v in missing)
+        raise BackupError(
+            f"a purge or retention sweep rotated the key-encryption key while this backup "
+            f"was being taken: what the bundle keeps encrypted is wrapped under {names}, "
+            f"which is no longer in {key_dir} ([at_rest] key_dir), so the bundle could "
+            "never be restored; nothing was written",
+            fix="run medgw backup again (then copy the key folder, as README's Backups says)",
+        )
 
 
 def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
@@ -397,10 +443,10 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
     files = _Collector(work)
     settings = config.spool.postgres
     if settings is None:
-        messages = _collect_sqlite(config, files)
+        messages, versions = _collect_sqlite(config, files)
     else:
         try:
-            messages = _collect_postgres(config, settings, files)
+            messages, versions = _collect_postgres(config, settings, files)
         except pgspool.ToolError as exc:
             raise BackupError(exc.message, fix=exc.fix) from exc
         except psycopg.Error as exc:
@@ -429,6 +475,7 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
         "bodies_dir": str(bodies) if bodies is not None else None,
         "audit_log": config.storage.audit_log.name,
         "outbound_messages": messages,
+        "key_versions": versions,
         "files": files.files,
     }
 
@@ -476,6 +523,7 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
     entity = work.with_name(work.name + ".entity")
     try:
         manifest = collect(config, work)
+        _check_key_versions(config, manifest["key_versions"])
         manifest["created_at"] = now.isoformat()
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         archive = work.with_name(work.name + ".tar")
@@ -514,7 +562,13 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
         shutil.rmtree(work, ignore_errors=True)
         work.with_name(work.name + ".tar").unlink(missing_ok=True)
         entity.unlink(missing_ok=True)
-    return Written(dst, sealed.size, len(manifest["files"]), manifest["outbound_messages"])
+    return Written(
+        dst,
+        sealed.size,
+        len(manifest["files"]),
+        manifest["outbound_messages"],
+        tuple(manifest["key_versions"]),
+    )
 
 
 def remove_leftovers(state: Path, prefixes: tuple[str, ...] = (WORK_PREFIX,)) -> int:
@@ -689,10 +743,5 @@ def created_event(written: Written, actor: str) -> AuditEvent:
         EventType.BACKUP_CREATED,
         severity=Severity.WARNING,  # data leaves the gateway's folders, encrypted
         actor=actor,
-        detail={
-            "file": str(written.path),
-            "size": written.size,
-            "files": written.files,
-            "outbound_messages": written.messages,
-        },
+        detail=written.view(),
     )

@@ -82,16 +82,16 @@ def _backup(args: argparse.Namespace) -> int:
             _record(config, created_event(written, offline_actor()))
         finally:
             lock.release()
-        result = {
-            "file": str(written.path),
-            "size": written.size,
-            "files": written.files,
-            "outbound_messages": written.messages,
-        }
+        result = written.view()
     text = (
         f"{result['file']}: {result['size']} bytes, {result['files']} files, "
         f"{result['outbound_messages']} outbound messages; signed and encrypted"
     )
+    if keys := result.get("key_encryption_keys"):
+        text += (
+            f"\nrestoring it needs {', '.join(keys)} from the key folder ([at_rest] key_dir): "
+            "copy the key folder now, before the next purge or retention sweep rotates it"
+        )
     return emit(args, result, text)
 
 

@@ -385,14 +385,7 @@ class ControlServer:
             written = await asyncio.to_thread(self._ops().backup, Path(to), who)
         except MedgwError as exc:
             return _error(exc, 409)
-        return web.json_response(
-            {
-                "file": str(written.path),
-                "size": written.size,
-                "files": written.files,
-                "outbound_messages": written.messages,
-            }
-        )
+        return web.json_response(written.view())
 
     async def _maintenance_approve(self, request: web.Request) -> web.Response:
         who = caller(request)
