@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from pathlib import Path, PosixPath
 from typing import Any, cast
 
 import pytest
@@ -496,3 +496,81 @@ def test_the_removal_of_a_copy_a_killed_purge_left_is_audited(place: Place) -> N
     assert record.detail["kind"] == "received" and record.detail["left_by_earlier_run"]
     assert record.detail["files"] == [str(copy)]
     assert [m["message_id"] for m in record.detail["messages"]] == ["<got@l>"]
+
+
+def test_a_purge_keeps_a_file_that_is_no_longer_the_copy_handed_over(place: Place) -> None:
+    """Both backends: where a copy was handed over, a file of another size or SHA-256
+    under its name (the internal system's or an operator's, written there since) is not
+    the copy: the purge that disposes of the copy keeps that file and says so, the
+    record no longer owes its removal, and the copies still there go."""
+    same_size = place.inbound("<same-size@l>")
+    other_size = place.inbound("<other-size@l>")
+    copy = place.inbound("<got@l>")
+    same_size.write_bytes(b"MSH|<SAME-SIZE@l>")
+    other_size.write_bytes(b"MSH|the internal system's own document")
+    before = place.later(1)
+
+    received = PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,))
+    assert place.retention.purge(received, "operator:test") == {"received": 3}
+    assert same_size.read_bytes() == b"MSH|<SAME-SIZE@l>"
+    assert other_size.read_bytes() == b"MSH|the internal system's own document"
+    assert not copy.exists()
+    assert place.spool.files_pending() == []
+    kept = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert sorted(e.detail["file"] for e in kept) == sorted(map(str, (same_size, other_size)))
+    assert {e.severity.value for e in kept} == {"warning"}
+    assert all("is not the received copy" in (e.reason or "") for e in kept)
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+    assert counts["handover"] == 3 and same_size.exists() and other_size.exists()
+
+
+class _RenamedAway(PosixPath):
+    """An inbox copy's path whose copy another program renames away, putting a file of
+    the same content in its place, right after the removal has read it: at the path's
+    second use (the look just before the unlink)."""
+
+    def __fspath__(self) -> str:
+        text = super().__fspath__()
+        self.__dict__["uses"] = uses = self.__dict__.get("uses", 0) + 1
+        if uses == 2:
+            os.rename(text, f"{text}.moved")
+            Path(text).write_bytes(Path(f"{text}.moved").read_bytes())
+        return text
+
+
+class _CopiesRenamedAway:
+    """The spool, the paths of the inbox copies it finds disposable :class:`_RenamedAway`."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    def disposable(self, *args: Any, **kwargs: Any) -> list[Disposable]:
+        return [
+            replace(i, file=_RenamedAway(i.file))
+            if i.kind is RetainedKind.RECEIVED and i.file
+            else i
+            for i in self._spool.disposable(*args, **kwargs)
+        ]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
+def test_a_copy_renamed_away_as_it_is_removed_leaves_the_file_put_in_its_place(
+    place: Place,
+) -> None:
+    """Both backends: a copy checked (its size and SHA-256 are its record's) and then
+    renamed away before the unlink, another file put under its name: that file, not the
+    one read, is at the path, and is kept (even with the same content), and said so."""
+    copy = place.inbound("<got@l>")
+    content = copy.read_bytes()
+    before = place.later(1)
+    retention = Retention(cast(Spool, _CopiesRenamedAway(place.spool)), place.audit, place.clock)
+
+    received = PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,))
+    assert retention.purge(received, "operator:test") == {"received": 1}
+    assert copy.read_bytes() == content
+    assert Path(f"{copy}.moved").read_bytes() == content
+    assert place.spool.files_pending() == []
+    [kept] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert kept.detail["file"] == str(copy) and kept.severity.value == "warning"

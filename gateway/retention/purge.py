@@ -15,8 +15,11 @@ reports as altered).  A process killed in between leaves files: a receipt file n
 row names any more, removed by the receipts folder's sweep (at start, and while
 running once an hour old: gateway.outbound.sweep); an inbox copy its hand-over
 record says is still to be removed, removed at the start of the next sweep (the
-daemon's first is at its start) or purge, before its record may go.  Every file
-disposed of is gone once a purge or sweep returns.
+daemon's first is at its start) or purge, before its record may go.  An inbox copy
+is removed, either way, only if the file at its path is still the copy handed over
+(the size and SHA-256 its hand-over record keeps): the inbox is shared, and another
+file written there since under that name is not the gateway's.  Every file disposed
+of is gone once a purge or sweep returns.
 """
 
 from __future__ import annotations
@@ -305,18 +308,40 @@ class Retention:
                 # Something changed under us (a late receipt); the rest waits for next time.
                 return total
 
-    def _remove(self, done: Sequence[Disposable], actor: str) -> list[Disposable]:
-        """The files of ``done`` (disposed of, committed) removed, then told the spool.
-        A file that cannot be removed is alerted once and left owed (retried at the next
-        sweep or purge); the others are removed all the same.  Returns those not removed."""
-        failed = _remove_files(done)
-        for item, exc in failed:
+    def _remove(self, done: Sequence[Disposable], actor: str) -> _Removal:
+        """The files of ``done`` (disposed of, committed) removed, each only if it is
+        still the file its row records (:func:`_remove_files`), then told the spool.  A
+        file that is another now is kept and said so, and no longer owed; one that cannot
+        be checked or removed is alerted once and left owed (retried at the next sweep or
+        purge); the others are removed all the same."""
+        removal = _remove_files(done)
+        for item, exc in removal.failed:
             self._alert_not_removed(item, exc, actor)
-        left = {id(item) for item, _ in failed}
-        removed = [item for item in done if id(item) not in left]
-        if removed:
-            self._spool.files_removed(removed)
-        return [item for item, _ in failed]
+        for item in removal.others:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.RETENTION_DISPOSED,
+                    outcome=Outcome.FAILURE,
+                    severity=Severity.WARNING,
+                    peer=item.peer,
+                    message_id=item.message_id,
+                    service=item.service,
+                    direction=_name(item)["direction"],
+                    actor=actor,
+                    reason=f"the file {item.file} is not the {item.kind.value} copy "
+                    "disposed of (its size or SHA-256 is not its record's, or another "
+                    "file took its place as it was checked): kept",
+                    detail={
+                        "kind": item.kind.value,
+                        "file": str(item.file),
+                        "fix": "none for retention: the copy it was is gone; the file "
+                        "now there was written by another program, which owns it",
+                    },
+                )
+            )
+        if cleared := [*removal.removed, *removal.others]:
+            self._spool.files_removed(cleared)  # nothing of theirs left to remove
+        return removal
 
     def _alert_not_removed(self, item: Disposable, exc: OSError, actor: str) -> None:
         if item.file is None or item.file in self._alerted:
@@ -347,55 +372,18 @@ class Retention:
     def _remove_pending(self, actor: str) -> None:
         """The files of things disposed of that a process killed before it removed them
         left (gateway.spool.sqlite.retention), removed now.  Only files the spool names
-        as disposed of: never a document being written (no such row names it), nor one
-        of the inbox the gateway does not own.  One that cannot be removed stays owed,
-        and stops nothing else."""
+        as disposed of, and each only if it is still that file: never a document being
+        written (no such row names it), nor one of the inbox the gateway does not own.
+        One that cannot be removed stays owed, and stops nothing else."""
         stuck: set[tuple[str, str, str]] = set()
         while True:
             pending = self._spool.files_pending(MAX_ITEMS + len(stuck))
             batch = [i for i in pending if (i.table, i.peer, i.message_id) not in stuck]
             if not batch:
                 return
-            others = []
-            for item in batch:
-                try:
-                    if not _is_the_file(item):
-                        others.append(item)
-                except OSError as exc:  # unreadable: left owed, like one not removable
-                    self._alert_not_removed(item, exc, actor)
-                    stuck.add((item.table, item.peer, item.message_id))
-            for item in others:
-                self._audit.emit(
-                    AuditEvent(
-                        EventType.RETENTION_DISPOSED,
-                        outcome=Outcome.FAILURE,
-                        severity=Severity.WARNING,
-                        peer=item.peer,
-                        message_id=item.message_id,
-                        service=item.service,
-                        direction=_name(item)["direction"],
-                        actor=actor,
-                        reason=f"the file {item.file} is not the {item.kind.value} copy "
-                        "disposed of (its size or SHA-256 is not its record's): kept",
-                        detail={
-                            "kind": item.kind.value,
-                            "file": str(item.file),
-                            "fix": "none for retention: the copy it was is gone; the file "
-                            "now there was written by another program, which owns it",
-                        },
-                    )
-                )
-            if others:
-                self._spool.files_removed(others)  # nothing of theirs left to remove
-            taken = {id(i) for i in others} | {
-                id(i) for i in batch if (i.table, i.peer, i.message_id) in stuck
-            }
-            tried = [i for i in batch if id(i) not in taken]
-            failed = {id(i) for i in self._remove(tried, actor)}
-            for item in tried:
-                if id(item) in failed:
-                    stuck.add((item.table, item.peer, item.message_id))
-            self._audit_left_removed([i for i in tried if id(i) not in failed], actor)
+            removal = self._remove(batch, actor)
+            stuck.update((i.table, i.peer, i.message_id) for i, _ in removal.failed)
+            self._audit_left_removed(removal.removed, actor)
 
     def _audit_left_removed(self, removed: Sequence[Disposable], actor: str) -> None:
         """One ``retention.disposed`` per kind naming the files left by a killed run that
@@ -436,52 +424,88 @@ def _name(item: Disposable) -> dict[str, str | None]:
     }
 
 
-def _is_the_file(item: Disposable) -> bool:
-    """Whether the file at ``item.file`` is the one its row records (size and SHA-256,
-    read at most that size and one byte more); True when gone, or when the row records
-    neither.  Raises OSError when it cannot be read (a folder, a link, a pipe in its
-    place)."""
-    if item.file is None or item.sha256 is None or item.size is None:
-        return True
-    try:
-        # O_NONBLOCK: a FIFO put in its place must not hold retention (and the stop) for ever.
-        fd = os.open(item.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    digest = hashlib.sha256()
-    seen = 0
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a pipe, device or socket)", item.file)
-        while seen <= item.size and (chunk := handle.read(min(_CHUNK, item.size + 1 - seen))):
-            digest.update(chunk)
-            seen += len(chunk)
-    return seen == item.size and hmac.compare_digest(digest.hexdigest(), item.sha256)
+@dataclass(frozen=True)
+class _Removal:
+    """What the removal of the files of things disposed of came to."""
+
+    removed: list[Disposable]  # gone (removed now, or before) and their folders synced
+    others: list[Disposable]  # another file at the path: kept, not the gateway's
+    failed: list[tuple[Disposable, OSError]]  # not checked, removed or synced: still owed
 
 
-_CHUNK = 1 << 20
-
-
-def _remove_files(items: Iterable[Disposable]) -> list[tuple[Disposable, OSError]]:
-    """The files of ``items``, disposed of, removed and their folders synced: gone for
-    good, even after a power loss, once this returns.  Returns those that could not be
-    (removed, or their folder synced), with why."""
+def _remove_files(items: Iterable[Disposable]) -> _Removal:
+    """The files of ``items``, disposed of, removed (:func:`_remove_file`) and their
+    folders synced: gone for good, even after a power loss, once this returns."""
     folders: dict[Path, list[Disposable]] = {}
-    failed: list[tuple[Disposable, OSError]] = []
+    removal = _Removal([], [], [])
     for item in items:
         if item.file is None:
+            removal.removed.append(item)
             continue
         try:
-            item.file.unlink()
-        except FileNotFoundError:
-            continue  # removed by an earlier run, or by whoever else reads the inbox
+            removed = _remove_file(item.file, item.sha256, item.size)
         except OSError as exc:
-            failed.append((item, exc))
+            removal.failed.append((item, exc))
             continue
-        folders.setdefault(item.file.parent, []).append(item)
+        if removed is None:
+            removal.others.append(item)
+        elif removed:
+            folders.setdefault(item.file.parent, []).append(item)
+        else:  # removed by an earlier run, or by whoever else reads the inbox
+            removal.removed.append(item)
     for folder in sorted(folders):
         try:
             fsync_dir(folder)
         except OSError as exc:
-            failed.extend((item, exc) for item in folders[folder])
-    return failed
+            removal.failed.extend((item, exc) for item in folders[folder])
+        else:
+            removal.removed.extend(folders[folder])
+    return removal
+
+
+def _remove_file(path: Path, sha256: str | None, size: int | None) -> bool | None:
+    """The file at ``path`` unlinked if it is the file its row records (``size`` and
+    ``sha256``, read at most that size and one byte more; any file when the row records
+    neither): True.  False when it is gone; None, and kept, when another file is there,
+    or takes its place between the check and the unlink (the path's device and inode
+    are those of the file read, held open until it is unlinked).  Raises OSError when
+    it cannot be read (a folder, a link, a pipe in its place) or removed."""
+    if sha256 is None or size is None:
+        return _unlink(path)
+    try:
+        # O_NONBLOCK: a FIFO put in its place must not hold retention (and the stop) for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    digest = hashlib.sha256()
+    seen = 0
+    with os.fdopen(fd, "rb") as handle:
+        read = os.fstat(fd)
+        if not stat.S_ISREG(read.st_mode):
+            raise OSError(
+                errno.EINVAL, "not a regular file (a folder, pipe, device or socket)", path
+            )
+        while seen <= size and (chunk := handle.read(min(_CHUNK, size + 1 - seen))):
+            digest.update(chunk)
+            seen += len(chunk)
+        if seen != size or not hmac.compare_digest(digest.hexdigest(), sha256):
+            return None
+        try:
+            there = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if (there.st_dev, there.st_ino) != (read.st_dev, read.st_ino):
+            return None  # renamed away meanwhile: what is there now is another file
+        return _unlink(path)
+
+
+def _unlink(path: Path) -> bool:
+    """``path`` unlinked: True, or False when it is gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+_CHUNK = 1 << 20

@@ -569,7 +569,8 @@ class Spool(Protocol):
     ) -> list[Disposable]:
         """Up to ``limit`` things of ``kind`` finished before ``before`` (ISO 8601) of
         ``peer`` and ``service``, on which nothing is owed any more (see
-        gateway.spool.sqlite.retention), oldest first."""
+        gateway.spool.sqlite.retention), oldest first; an inbox copy with the SHA-256 and
+        size its hand-over record keeps."""
         ...
 
     def count_disposable(

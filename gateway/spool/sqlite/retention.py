@@ -21,7 +21,7 @@ hand-over record says its removal is still owed (``copy_pending``), which
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.spool.records import Disposable, RetainedKind, items_of
@@ -48,7 +48,7 @@ class _Rule:
     # The column that is 1 while the file of a row disposed of is still to be removed
     # (None: a file no row names once it is disposed of, found by a folder's sweep).
     pending: str | None = None
-    checked: bool = False  # the row records its file's sha256 and size
+    checked: bool = False  # the row records its file's sha256 and size (both NOT NULL)
 
 
 _NO_HANDOVER = (
@@ -134,8 +134,17 @@ def _where(
     return " AND ".join(f"({w})" for w in where), params
 
 
+def _columns(rule: _Rule) -> str:
+    """What :func:`_found` reads of a row of ``rule``."""
+    return f"peer, message_id, service, {rule.file or 'NULL'} AS file" + (
+        ", sha256, size" if rule.checked else ""
+    )
+
+
 def _found(kind: RetainedKind, rule: _Rule, rows: Sequence[Row]) -> list[Disposable]:
-    """The things of ``kind`` in ``rows`` (peer, message_id, service, file) of ``rule``."""
+    """The things of ``kind`` in ``rows`` (:func:`_columns`) of ``rule``: with the SHA-256
+    and size its row records of its file where the rule is ``checked``, so that what is
+    at the path is removed only if it is still that file (gateway.retention)."""
     return [
         Disposable(
             kind=kind,
@@ -144,6 +153,8 @@ def _found(kind: RetainedKind, rule: _Rule, rows: Sequence[Row]) -> list[Disposa
             message_id=r["message_id"],
             service=r["service"],
             file=Path(r["file"]) if r["file"] else None,
+            sha256=str(r["sha256"]) if rule.checked else None,
+            size=int(r["size"]) if rule.checked else None,
         )
         for r in rows
     ]
@@ -183,8 +194,8 @@ class RetainedItems(SqlStore):
             # The limit as a number (see OutboundQueue.list_outbound): bound, PostgreSQL's
             # generic plan reckons with a tenth of the table for it.
             rows = self._read(
-                f"SELECT peer, message_id, service, {rule.file or 'NULL'} AS file"  # noqa: S608
-                f" FROM {rule.table} WHERE {where} ORDER BY updated_at"
+                f"SELECT {_columns(rule)} FROM {rule.table}"  # noqa: S608
+                f" WHERE {where} ORDER BY updated_at"
                 f" LIMIT {int(limit - len(found))}",
                 params | {"before": before},
             )
@@ -261,18 +272,12 @@ class RetainedItems(SqlStore):
                 if rule.pending is None or len(found) >= limit:
                     continue
                 rows = self._read(
-                    f"SELECT peer, message_id, service, {rule.file} AS file"  # noqa: S608
-                    + (", sha256, size" if rule.checked else "")
-                    + f" FROM {rule.table} WHERE {rule.pending}=1"
+                    f"SELECT {_columns(rule)} FROM {rule.table}"  # noqa: S608
+                    f" WHERE {rule.pending}=1"
                     f" LIMIT {int(limit - len(found))}",  # as in disposable
                     (),
                 )
-                found.extend(
-                    replace(item, sha256=str(r["sha256"]), size=int(r["size"]))
-                    if rule.checked
-                    else item
-                    for item, r in zip(_found(kind, rule, rows), rows, strict=True)
-                )
+                found.extend(_found(kind, rule, rows))
         return found
 
     def files_removed(self, items: Sequence[Disposable]) -> None:
