@@ -293,7 +293,7 @@ class Operations:
 
     def backup(self, to: Path, actor: str) -> Written:
         """Write an encrypted, signed bundle of this gateway to ``to`` (OUT-1), audited."""
-        written = write_bundle(self.config, to, self.clock.now())
+        written = write_bundle(self.config, to, self.clock.now(), self.vault)
         self.audit.emit(created_event(written, actor))
         return written
 

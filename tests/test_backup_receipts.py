@@ -6,6 +6,7 @@ still reported altered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 from collections.abc import Callable, Iterator
@@ -23,11 +24,12 @@ from gateway.backup import bundle
 from gateway.backup.bundle import BackupError, write_bundle
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
+from gateway.config.retention import RetentionSettings
 from gateway.logs import make_logger
 from gateway.outbound.context import Context
 from gateway.outbound.status import MessageStatus
 from gateway.pki.demo import DemoLayout
-from gateway.retention.purge import PurgeRequest, Retention
+from gateway.retention.purge import PurgeRefused, PurgeRequest, Retention
 from gateway.spool import Claimant, OutboundState, Settled, Spool, open_spool
 from gateway.spool.postgres import PostgresSettings
 from gateway.spool.records import RetainedKind, body_item
@@ -271,40 +273,89 @@ def test_a_receipt_settled_again_during_a_backup_is_in_the_bundle(
     assert events(trail, "atrest.integrity_failed") == []
 
 
-def test_a_purge_that_rotates_the_key_during_a_backup_fails_the_backup(
-    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Both backends, encryption at rest on: a real purge disposes of a receipt after
-    the spool was copied and before its files are, and rotates the key-encryption key,
-    destroying the one the copy's data keys are wrapped under.  Such a bundle could never
-    be restored, so the backup fails, naming the key and saying to run it again, and
-    writes nothing."""
-    config = lab.loaded()
+@contextlib.contextmanager
+def _retention_with_keys(config: GatewayConfig, tmp_path: Path) -> Iterator[Retention]:
+    """The lab's retention with its vault, as the daemon has them (encryption at rest on):
+    a first key-encryption key, and another message's body key wrapped under it (no
+    row of it is taken again by a backup)."""
     assert config.at_rest is not None
-    path = _settled_in_file(layout, config)
     spool = _spool(config)
     clock = SystemClock()
     audit = AuditLog(tmp_path / "purge-audit.jsonl", clock, node=config.cluster.node_name)
     try:
         vault = Vault(KeyStore(config.at_rest.key_dir), spool)
         vault.open()
-        # Another message's body key, under kek-1 (no row of it is taken again)
         with vault.storing(body_item("<queued@KITA-LAB>")) as sealing:
             sealing.seal(b"the body")
             assert sealing.key is not None
             spool.put_data_key(sealing.key)
-        retention = Retention(spool, audit, clock, None, vault)
-        request = PurgeRequest(before=datetime.now(UTC), kinds=(RetainedKind.RECEIPTS,))
-        written = tmp_path / "lab.p7m"
-        ran = _during_the_copy(monkeypatch, lambda: retention.purge(request, "admin"))
-        with pytest.raises(BackupError) as refused:
-            write_bundle(config, written, datetime.now(UTC))
-        assert ran == [True]
+        yield Retention(spool, audit, clock, None, vault)
     finally:
         audit.close()
         spool.close()
+
+
+def _receipts_now() -> PurgeRequest:
+    return PurgeRequest(before=datetime.now(UTC), kinds=(RetainedKind.RECEIPTS,))
+
+
+def test_a_purge_that_rotates_the_key_during_a_backup_fails_the_backup(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends, encryption at rest on: a real purge (of another process: a node of
+    the cluster, or medgw purge with the daemon stopped) disposes of a receipt after the
+    spool was copied and before its files are, and rotates the key-encryption key,
+    destroying the one the copy's data keys are wrapped under.  Such a bundle could never
+    be restored, so the backup fails, naming the key and saying to run it again, and
+    writes nothing."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    path = _settled_in_file(layout, config)
+    written = tmp_path / "lab.p7m"
+    with _retention_with_keys(config, tmp_path) as retention:
+        ran = _during_the_copy(monkeypatch, lambda: retention.purge(_receipts_now(), "admin"))
+        with pytest.raises(BackupError) as refused:
+            write_bundle(config, written, datetime.now(UTC))
+        assert ran == [True]
     assert not path.exists()  # the purge did dispose of the receipt
     assert "kek-1" in refused.value.message and "nothing was written" in refused.value.message
     assert refused.value.fix is not None and "medgw backup again" in refused.value.fix
     assert not written.exists()
+    assert KeyStore(config.at_rest.key_dir).versions() == [2]
+
+
+def test_the_daemons_purge_and_sweep_do_not_run_while_its_backup_collects(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends: while the daemon's backup collects, an operator's purge is refused
+    (saying why and to run it again) and a retention sweep does nothing, so the key the
+    bundle needs is still in the key folder when the backup ends; both run as usual once
+    it has ended."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    path = _settled_in_file(layout, config)
+    written = tmp_path / "lab.p7m"
+    refusals: list[PurgeRefused] = []
+    swept: list[dict[str, int]] = []
+    every_day = RetentionSettings(days={RetainedKind.RECEIPTS: 0})
+    with _retention_with_keys(config, tmp_path) as retention:
+        vault = cast(Any, retention)._vault
+
+        def during() -> None:
+            try:
+                retention.purge(_receipts_now(), "admin")
+            except PurgeRefused as exc:
+                refusals.append(exc)
+            swept.append(retention.sweep(every_day))
+
+        ran = _during_the_copy(monkeypatch, during)
+        write_bundle(config, written, datetime.now(UTC), vault)
+        assert ran == [True]
+        [refused] = refusals
+        assert "medgw backup is collecting" in refused.message, refused.message
+        assert refused.fix == "run medgw purge again once medgw backup has finished"
+        assert swept == [{}] and path.exists()
+        assert KeyStore(config.at_rest.key_dir).versions() == [1]
+        assert retention.sweep(every_day) == {"receipts": 1}  # the backup has ended
+    assert not path.exists()
     assert KeyStore(config.at_rest.key_dir).versions() == [2]

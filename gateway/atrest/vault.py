@@ -46,6 +46,8 @@ class Vault:
         self._storing = 0  # items being sealed and stored now
         self._rotating = False
         self._current: tuple[int, bytes] | None = None
+        self._collecting = 0  # backups collecting what their bundle holds
+        self._disposing = 0  # purges and sweeps under way (each rotates the key at its end)
 
     @property
     def key_dir(self) -> Path:
@@ -65,6 +67,40 @@ class Vault:
             if not versions:
                 self._store.create(1)
             self._finish_rotation()
+
+    # -- backups and purges ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[None]:
+        """A backup collects what its bundle holds inside this block: it starts once no
+        purge or sweep of this process is under way, and none starts until it ends (their
+        key rotation would destroy the key the bundle's data keys are wrapped under)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._disposing == 0)
+            self._collecting += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._collecting -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def disposing(self) -> Iterator[bool]:
+        """A purge or sweep (and the rotation that ends it) inside this block; True: it
+        may go on, False: a backup is collecting now (see :meth:`collecting`), and it
+        must not dispose of anything."""
+        with self._cond:
+            free = self._collecting == 0
+            if free:
+                self._disposing += 1
+        try:
+            yield free
+        finally:
+            if free:
+                with self._cond:
+                    self._disposing -= 1
+                    self._cond.notify_all()
 
     # -- keys ---------------------------------------------------------------
 

@@ -30,6 +30,7 @@ names no file it lacks that the live spool no longer names (with PostgreSQL: int
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -48,6 +49,7 @@ from cryptography import x509
 from psycopg.rows import tuple_row
 
 from gateway.atrest.keys import KeyStore, kek_name
+from gateway.atrest.vault import Vault
 from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.files import trail_files
 from gateway.backup import pgspool
@@ -508,8 +510,11 @@ def _refuse_own_folder(config: GatewayConfig, dst: Path) -> None:
             )
 
 
-def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
-    """Write the sealed bundle of ``config``'s gateway to ``dst`` (atomically, durably)."""
+def write_bundle(
+    config: GatewayConfig, dst: Path, now: datetime, vault: Vault | None = None
+) -> Written:
+    """Write the sealed bundle of ``config``'s gateway to ``dst`` (atomically, durably);
+    ``vault``: the running daemon's, whose purges and sweeps do not run while it collects."""
     if config.backup is None:
         raise BackupError(
             "no [backup] section: there is no one to encrypt the bundle to",
@@ -522,8 +527,9 @@ def write_bundle(config: GatewayConfig, dst: Path, now: datetime) -> Written:
     private_folder(work)
     entity = work.with_name(work.name + ".entity")
     try:
-        manifest = collect(config, work)
-        _check_key_versions(config, manifest["key_versions"])
+        with vault.collecting() if vault is not None else contextlib.nullcontext():
+            manifest = collect(config, work)
+            _check_key_versions(config, manifest["key_versions"])
         manifest["created_at"] = now.isoformat()
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         archive = work.with_name(work.name + ".tar")

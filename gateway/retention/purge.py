@@ -147,7 +147,22 @@ class Retention:
         self._alerted: set[Path] = set()  # files not removed, alerted once each
 
     def purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
-        """An operator's purge: counts per kind (of what would go, for a dry run)."""
+        """An operator's purge: counts per kind (of what would go, for a dry run).
+        Refused while a backup collects (its key rotation would leave that backup
+        impossible to restore)."""
+        if request.dry_run or self._vault is None:
+            return self._purge(request, actor)
+        with self._vault.disposing() as free:
+            if not free:
+                raise PurgeRefused(
+                    "medgw backup is collecting a bundle now: this purge would rotate the "
+                    "key-encryption key and leave that backup impossible to restore; nothing "
+                    "was disposed of",
+                    fix="run medgw purge again once medgw backup has finished",
+                )
+            return self._purge(request, actor)
+
+    def _purge(self, request: PurgeRequest, actor: str) -> dict[str, int]:
         if request.audit_files and (self._audit_files is None or request.peer or request.service):
             raise PurgeRefused(
                 "audit files belong to no peer or service"
@@ -206,7 +221,15 @@ class Retention:
         self, settings: RetentionSettings, actor: str = "medgw retention sweep"
     ) -> dict[str, int]:
         """Apply ``settings`` now: each kind, for each peer and service, by its own limit.
-        Audited only when something went."""
+        Audited only when something went.  While a backup collects, nothing: the next
+        sweep applies them (its key rotation would leave that backup impossible to
+        restore)."""
+        if self._vault is None:
+            return self._sweep(settings, actor)
+        with self._vault.disposing() as free:
+            return self._sweep(settings, actor) if free else {}
+
+    def _sweep(self, settings: RetentionSettings, actor: str) -> dict[str, int]:
         now = self._clock.now()
         self._remove_pending(actor)
         counts: dict[str, int] = {}
