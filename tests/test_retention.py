@@ -58,10 +58,17 @@ class Place:
         (self.tmp / "inbox").mkdir()
 
     def outbound(
-        self, message_id: str, state: OutboundState, peer: str = "lab", service: str | None = None
+        self,
+        message_id: str,
+        state: OutboundState,
+        peer: str = "lab",
+        service: str | None = None,
+        *,
+        receipt_at: Path | None = None,
     ) -> Path:
         """A message for ``peer`` brought to ``state`` the way the gateway does; returns
-        its receipt file (there only for a settled message)."""
+        its receipt file (there only for a settled message; ``receipt_at``: that file,
+        as it is)."""
         self.spool.add_intake(
             message_id,
             peer,
@@ -71,7 +78,7 @@ class Place:
             self.tmp / "payload",
             service=service,
         )
-        receipt = self.tmp / "receipts" / f"{message_id}.mdn"
+        receipt = receipt_at or self.tmp / "receipts" / f"{message_id}.mdn"
         if state is OutboundState.INTAKE:
             return receipt
         self.spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
@@ -91,7 +98,8 @@ class Place:
         if state is OutboundState.DEAD:
             self.spool.mark_dead(message_id, "too many attempts")
             return receipt
-        receipt.write_bytes(b"signed receipt of " + message_id.encode())
+        if receipt_at is None:
+            receipt.write_bytes(b"signed receipt of " + message_id.encode())
         self.spool.mark_done(message_id, state, "processed", receipt)
         return receipt
 
@@ -103,16 +111,22 @@ class Place:
         delivered: bool = True,
         handover: str | None = "done",
         service: str | None = None,
+        at: Path | None = None,
     ) -> Path:
         """A received document in the inbox: its receipt stored (``delivered``) and its
-        hand-over (None: no internal system) pending or done."""
-        copy = self.tmp / "inbox" / f"{message_id}.hl7"
-        copy.write_bytes(b"MSH|" + message_id.encode())
-        digest = hashlib.sha256(copy.read_bytes()).hexdigest()
+        hand-over (None: no internal system) pending or done.  ``at``: its copy is that
+        file as it is, or, if there is none, a copy since gone."""
+        copy = at or self.tmp / "inbox" / f"{message_id}.hl7"
+        content = b"MSH|" + message_id.encode()
+        if at is None:
+            copy.write_bytes(content)
+        elif at.exists():
+            content = at.read_bytes()
+        digest = hashlib.sha256(content).hexdigest()
         self.spool.inbound_begin(peer, message_id, digest, copy, service)
         if not delivered:
             return copy
-        ticket = ("text/plain", copy.stat().st_size) if handover is not None else None
+        ticket = ("text/plain", len(content)) if handover is not None else None
         self.spool.inbound_delivered(peer, message_id, [("X", "y")], b"our receipt", ticket)
         if handover == "done":
             self.spool.handover_done(peer, message_id)
@@ -574,3 +588,83 @@ def test_a_copy_renamed_away_as_it_is_removed_leaves_the_file_put_in_its_place(
     assert place.spool.files_pending() == []
     [kept] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
     assert kept.detail["file"] == str(copy) and kept.severity.value == "warning"
+
+
+def test_a_copy_left_that_is_already_gone_is_recorded_so_not_as_removed(place: Place) -> None:
+    """Both backends: a copy a killed purge left that is gone when the next sweep comes
+    (that purge removed it before it died, or another program did) is named in a record
+    of its own, ``already_gone``, not among the copies the sweep removed."""
+    gone = place.inbound("<gone@l>")
+    left = place.inbound("<left@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    place.audit.events.clear()
+    gone.unlink()
+
+    assert place.retention.sweep(KEEP) == {}
+    assert not left.exists() and place.spool.files_pending() == []
+    records = place.audit.named("retention.disposed")
+    by_state = {e.detail["already_gone"]: e.detail for e in records}
+    assert len(records) == 2 and all(e.outcome == "success" for e in records)
+    assert by_state[True]["files"] == [str(gone)] and by_state[False]["files"] == [str(left)]
+    assert [m["message_id"] for m in by_state[True]["messages"]] == ["<gone@l>"]
+    assert all(d["left_by_earlier_run"] and d["count"] == 1 for d in by_state.values())
+
+
+# A folder whose sync fails: the kernel's /proc refuses fsync (EINVAL), as some network
+# file systems do; a path in it that is no file stands for a copy already gone there.
+UNSYNCABLE = Path("/proc") / "medgw-copy-gone.hl7"
+
+
+def test_the_folder_of_a_copy_left_already_gone_is_synced_before_it_is_no_longer_owed(
+    place: Place,
+) -> None:
+    """Both backends: a copy a killed purge left may be gone without its folder synced
+    (the purge died between the two): the next sweep syncs its folder; while that sync
+    fails the copy stays owed (its record kept, retried at each sweep), alerted once,
+    and is not recorded as gone; the other copies go."""
+    assert not UNSYNCABLE.exists()
+    place.inbound("<unsynced@l>", at=UNSYNCABLE)
+    other = place.inbound("<other@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+
+    assert place.retention.sweep(KEEP) == {}
+    assert place.retention.sweep(KEEP) == {}
+    assert not other.exists()
+    [left] = place.spool.files_pending()
+    assert (left.message_id, left.file) == ("<unsynced@l>", UNSYNCABLE)
+    failed = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    [alert] = failed
+    assert alert.severity.value == "alert" and alert.detail["file"] == str(UNSYNCABLE)
+    assert "/proc could not be synced" in (alert.reason or "")
+    assert "the next sweep or purge syncs the folder again" in alert.detail["fix"]
+    gone = [e for e in place.audit.named("retention.disposed") if e.outcome == "success"]
+    assert [f for e in gone for f in e.detail.get("files", [])] == [str(other)]
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+    assert counts["handover"] == 1  # the other's; this one's record waits
+
+
+# A file no one, root included, can unlink, that reads the same each time: a copy that
+# cannot be removed (its folder not the gateway's to write) that is still the copy.
+UNREMOVABLE = Path("/proc/version")
+
+
+def test_a_receipt_file_that_cannot_be_removed_is_left_to_the_receipts_sweep(
+    place: Place,
+) -> None:
+    """Both backends: a receipt file disposed of that cannot be removed is alerted with a
+    fix of its own: no record names it any more (no sweep or purge retries it, unlike a
+    copy): the receipts folder's sweep removes it."""
+    place.outbound("<sent@h>", OutboundState.DELIVERED, receipt_at=UNREMOVABLE)
+    before = place.later(1)
+
+    receipts = PurgeRequest(before=before, kinds=(RetainedKind.RECEIPTS,))
+    assert place.retention.purge(receipts, "operator:test") == {"receipts": 1}
+    assert not place.spool.get("<sent@h>").has_receipt  # type: ignore[union-attr]
+    [alert] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert alert.detail["file"] == str(UNREMOVABLE) and alert.severity.value == "alert"
+    assert "could not be removed: Operation not permitted" in (alert.reason or "")
+    fix = alert.detail["fix"]
+    assert fix.startswith(f"remove {UNREMOVABLE}") and "receipts folder's sweep" in fix
+    assert "record stays" not in fix and "retries" not in fix

@@ -335,11 +335,13 @@ class Retention:
         """The files of ``done`` (disposed of, committed) removed, each only if it is
         still the file its row records (:func:`_remove_files`), then told the spool.  A
         file that is another now is kept and said so, and no longer owed; one that cannot
-        be checked or removed is alerted once and left owed (retried at the next sweep or
-        purge); the others are removed all the same."""
+        be checked or removed, or whose folder's sync fails, is alerted once and left owed
+        (retried at the next sweep or purge); the others are removed all the same."""
         removal = _remove_files(done)
         for item, exc in removal.failed:
             self._alert_not_removed(item, exc, actor)
+        for item, exc in removal.unsynced:
+            self._alert_not_removed(item, exc, actor, unsynced=True)
         for item in removal.others:
             self._audit.emit(
                 AuditEvent(
@@ -362,14 +364,44 @@ class Retention:
                     },
                 )
             )
-        if cleared := [*removal.removed, *removal.others]:
+        if cleared := [*removal.removed, *removal.gone, *removal.others]:
             self._spool.files_removed(cleared)  # nothing of theirs left to remove
         return removal
 
-    def _alert_not_removed(self, item: Disposable, exc: OSError, actor: str) -> None:
+    def _alert_not_removed(
+        self, item: Disposable, exc: OSError, actor: str, *, unsynced: bool = False
+    ) -> None:
+        """One alert per file not removed (or not read; ``unsynced``: gone, but its
+        folder's sync failed), until the daemon restarts."""
         if item.file is None or item.file in self._alerted:
             return
         self._alerted.add(item.file)
+        why = exc.strerror or type(exc).__name__
+        folder = item.file.parent
+        if unsynced:
+            reason = (
+                f"is gone, but its folder {folder} could not be synced ({why}): its removal "
+                "may not survive a power loss"
+            )
+            fix = f"check the file system of {folder}"
+        else:
+            reason = f"could not be removed: {why}"
+            fix = f"remove {item.file} (or let the gateway's user remove it, and its folder "
+            fix += "be written)"
+        if item.kind is RetainedKind.RECEIPTS:
+            # No row names a receipt file once it is disposed of: nothing here retries it.
+            fix += (
+                "; no record names the receipt any more: the receipts folder's sweep removes "
+                "a receipt file no record names at the next start, and while the daemon runs "
+                "once it is an hour old"
+            )
+        elif unsynced:
+            fix += (
+                "; the next sweep or purge syncs the folder again, and its record stays, "
+                "still owing the removal, until a sync succeeds"
+            )
+        else:
+            fix += "; the next sweep or purge retries it, and its record stays until it is gone"
         self._audit.emit(
             AuditEvent(
                 EventType.RETENTION_DISPOSED,
@@ -380,15 +412,8 @@ class Retention:
                 service=item.service,
                 direction=_name(item)["direction"],
                 actor=actor,
-                reason=f"the file {item.file} of a {item.kind.value} item disposed of could "
-                f"not be removed: {exc.strerror or type(exc).__name__}",
-                detail={
-                    "kind": item.kind.value,
-                    "file": str(item.file),
-                    "fix": f"remove {item.file} (or let the gateway's user remove it, and "
-                    "its folder be written); the next sweep or purge retries it, and its "
-                    "record stays until it is gone",
-                },
+                reason=f"the file {item.file} of a {item.kind.value} item disposed of {reason}",
+                detail={"kind": item.kind.value, "file": str(item.file), "fix": fix},
             )
         )
 
@@ -405,15 +430,20 @@ class Retention:
             if not batch:
                 return
             removal = self._remove(batch, actor)
-            stuck.update((i.table, i.peer, i.message_id) for i, _ in removal.failed)
-            self._audit_left_removed(removal.removed, actor)
+            stuck.update(
+                (i.table, i.peer, i.message_id) for i, _ in [*removal.failed, *removal.unsynced]
+            )
+            self._audit_left(removal.removed, actor, already_gone=False)
+            self._audit_left(removal.gone, actor, already_gone=True)
 
-    def _audit_left_removed(self, removed: Sequence[Disposable], actor: str) -> None:
+    def _audit_left(self, items: Sequence[Disposable], actor: str, *, already_gone: bool) -> None:
         """One ``retention.disposed`` per kind naming the files left by a killed run that
-        were removed now (its own record may not have been written before it died)."""
+        were removed now (its own record may not have been written before it died), or
+        that were ``already_gone`` (removed by that run before it died, or by another
+        program): no longer owed either way, their folders synced."""
         for kind in ORDER:
-            items = [i for i in removed if i.kind is kind]
-            if items:
+            of_kind = [i for i in items if i.kind is kind]
+            if of_kind:
                 self._audit.emit(
                     AuditEvent(
                         EventType.RETENTION_DISPOSED,
@@ -421,9 +451,10 @@ class Retention:
                         detail={
                             "kind": kind.value,
                             "left_by_earlier_run": True,
-                            "count": len(items),
-                            "messages": [_name(item) for item in items],
-                            "files": [str(item.file) for item in items if item.file],
+                            "already_gone": already_gone,
+                            "count": len(of_kind),
+                            "messages": [_name(item) for item in of_kind],
+                            "files": [str(item.file) for item in of_kind if item.file],
                         },
                     )
                 )
@@ -451,19 +482,22 @@ def _name(item: Disposable) -> dict[str, str | None]:
 class _Removal:
     """What the removal of the files of things disposed of came to."""
 
-    removed: list[Disposable]  # gone (removed now, or before) and their folders synced
+    removed: list[Disposable]  # removed now, their folders synced
+    gone: list[Disposable]  # already gone (or none), their folders synced
     others: list[Disposable]  # another file at the path: kept, not the gateway's
-    failed: list[tuple[Disposable, OSError]]  # not checked, removed or synced: still owed
+    failed: list[tuple[Disposable, OSError]]  # not read or removed: still owed
+    unsynced: list[tuple[Disposable, OSError]]  # gone, their folders' sync failed: owed
 
 
 def _remove_files(items: Iterable[Disposable]) -> _Removal:
     """The files of ``items``, disposed of, removed (:func:`_remove_file`) and their
-    folders synced: gone for good, even after a power loss, once this returns."""
-    folders: dict[Path, list[Disposable]] = {}
-    removal = _Removal([], [], [])
+    folders synced, also where a file was gone already (removed by a run killed before
+    it synced): gone for good, even after a power loss, once this returns."""
+    folders: dict[Path, list[tuple[Disposable, bool]]] = {}
+    removal = _Removal([], [], [], [], [])
     for item in items:
         if item.file is None:
-            removal.removed.append(item)
+            removal.gone.append(item)
             continue
         try:
             removed = _remove_file(item.file, item.sha256, item.size)
@@ -472,17 +506,18 @@ def _remove_files(items: Iterable[Disposable]) -> _Removal:
             continue
         if removed is None:
             removal.others.append(item)
-        elif removed:
-            folders.setdefault(item.file.parent, []).append(item)
-        else:  # removed by an earlier run, or by whoever else reads the inbox
-            removal.removed.append(item)
+        else:
+            folders.setdefault(item.file.parent, []).append((item, removed))
     for folder in sorted(folders):
         try:
             fsync_dir(folder)
+        except FileNotFoundError:
+            pass  # the folder itself is gone: nothing of the file is left to sync
         except OSError as exc:
-            removal.failed.extend((item, exc) for item in folders[folder])
-        else:
-            removal.removed.extend(folders[folder])
+            removal.unsynced.extend((item, exc) for item, _ in folders[folder])
+            continue
+        for item, removed in folders[folder]:
+            (removal.removed if removed else removal.gone).append(item)
     return removal
 
 
