@@ -90,3 +90,15 @@ def test_an_error_answer_without_an_error_object_is_told_by_its_status(
     server.join(5)
     assert raised.value.status == 503
     assert raised.value.message == "HTTP 503"
+
+
+def test_no_answer_in_time_is_said_with_where_to_look(listening: Path) -> None:
+    """A daemon that takes the request and does not answer within the client's time: the
+    command says so, that it may still be at work, and where its outcome is recorded,
+    instead of a bare timeout."""
+    with pytest.raises(MedgwError) as raised:
+        ControlClient(listening, timeout=0.2).call("POST", "/v1/backup", {"to": "/x"})
+    error = raised.value
+    assert not isinstance(error, NotRunningError)
+    assert "no answer from the gateway" in error.message and "within 0.2 seconds" in error.message
+    assert error.fix is not None and "audit" in error.fix

@@ -31,6 +31,9 @@ from gateway.errors import MedgwError
 from gateway.instance import InstanceLock
 from gateway.pki.keypair import PrivateKey
 
+# The daemon answers a backup once the bundle is written: minutes for a large state.
+BACKUP_ANSWER_SECONDS = 6 * 3600
+
 
 def register(commands: Any) -> None:
     backup = commands.add_parser(
@@ -71,7 +74,8 @@ def register(commands: Any) -> None:
 def _backup(args: argparse.Namespace) -> int:
     to = args.to.absolute()
     try:
-        result = control_client(args.config).call("POST", "/v1/backup", {"to": str(to)})
+        client = control_client(args.config, timeout=BACKUP_ANSWER_SECONDS)
+        result = client.call("POST", "/v1/backup", {"to": str(to)})
     except NotRunningError:
         config = load_config(args.config)
         lock = InstanceLock(config.storage.state_dir)

@@ -118,6 +118,13 @@ class ControlClient:
                     f"the gateway closed the connection on {self.path} without an answer",
                     fix="look at the daemon's log (journalctl -u medgw) and try again",
                 ) from exc
+        except TimeoutError as exc:
+            raise MedgwError(
+                f"no answer from the gateway on {self.path} within "
+                f"{connection.timeout:g} seconds; it may still be doing what was asked",
+                fix="look at the audit trail (medgw audit query) and the daemon's log "
+                "(journalctl -u medgw) for its outcome before asking again",
+            ) from exc
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise NotRunningError(
                 f"medgw is not running (no answer on {self.path})",
