@@ -213,6 +213,61 @@ def test_a_caller_is_never_told_its_change_is_stored_when_the_database_is_gone(
     assert all(isinstance(outcome, sqlite3.Error) for outcome in outcomes.values()), outcomes
 
 
+def test_a_transaction_sqlite_ended_whole_fails_every_caller_with_its_own_error(
+    tmp_path: Path,
+) -> None:
+    """A full disk (here the database's page limit, the real library's SQLITE_FULL) ends
+    the whole transaction, not only the statement: every caller of the batch gets that
+    error, not a failed rollback to a savepoint SQLite already dropped."""
+    path = tmp_path / "t.db"
+    db = connect(path)
+    writer = GroupCommit(db)
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages}")  # full: no page more
+    inside, go = threading.Event(), threading.Event()
+
+    def holder(db: sqlite3.Connection) -> None:
+        inside.set()
+        go.wait(10)
+
+    def small(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t VALUES ('small', 1)")
+
+    def big(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t VALUES (?, 1)", ("x" * 100_000,))
+
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, work: Callable[[sqlite3.Connection], None]) -> None:
+        try:
+            outcomes[name] = writer.run(work)
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=call, args=("holder", holder))]
+    threads[0].start()
+    assert inside.wait(10)
+    for name, work in (("small", small), ("big", big)):  # one batch, after the holder's
+        threads.append(threading.Thread(target=call, args=(name, work)))
+        threads[-1].start()
+    deadline = time.monotonic() + 10
+    while len(writer._waiting) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(writer._waiting) == 2  # the holder's batch still holds the leader
+    go.set()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes["holder"] is None  # its batch was committed before
+    for name in ("small", "big"):
+        error = outcomes[name]
+        assert isinstance(error, sqlite3.Error), outcomes
+        assert error.sqlite_errorcode == sqlite3.SQLITE_FULL, outcomes
+    assert rows(path) == {}
+    db.execute(f"PRAGMA max_page_count={pages * 100}")
+    writer.run(small)  # usable again
+    assert rows(path) == {"small": 1}
+
+
 class MeanwhileClock(TickingClock):
     """``meanwhile`` runs once, in another thread, when the time is next read: what
     another thread does while the spool is between a read and its write."""

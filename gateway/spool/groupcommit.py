@@ -9,9 +9,11 @@ one SQLite transaction, each inside its own SAVEPOINT, and commits once.
 
 Each caller's changes still either all happen or not at all: a transaction
 that fails is rolled back to its savepoint alone and its caller gets the
-error, while the others commit.  Each caller returns only after the COMMIT
-that holds its changes is durable.  A failed COMMIT fails every caller of
-that batch, and none of their changes remain.
+error, while the others commit (unless SQLite rolled back the whole transaction
+for that error, as it may for a full disk: then every caller gets it).  Each
+caller returns only after the COMMIT that holds its changes is durable.  A
+failed COMMIT fails every caller of that batch, and none of their changes
+remain.
 """
 
 from __future__ import annotations
@@ -75,8 +77,12 @@ class GroupCommit:
                 try:
                     transaction.value = transaction.work(db)
                 except BaseException as exc:  # its caller gets it; the others go on
-                    db.execute("ROLLBACK TO work")
                     transaction.error = exc
+                    if not db.in_transaction:
+                        # SQLite ended the whole transaction for it (a full disk, say):
+                        # the others' changes are gone too, and they get this error.
+                        raise
+                    db.execute("ROLLBACK TO work")
                 db.execute("RELEASE work")
             db.execute("COMMIT")
             self.commits += 1
