@@ -131,8 +131,26 @@ class SpoolError(MedgwError):
     """The durable spool cannot store or change a message."""
 
 
-class SpoolUnreachableError(SpoolError):
+class SpoolUnavailableError(SpoolError):
+    """The spool cannot be written for now, whatever the change, until something outside
+    medgw passes or is done: its database server does not answer, another process holds
+    its database, its disk is full.  Every change tried meanwhile fails alike (each
+    after its own wait): a caller with several to make does not try them one by one."""
+
+
+class SpoolUnreachableError(SpoolUnavailableError):
     """The spool's database server does not answer (for now: it is tried again)."""
+
+
+class SpoolBusyError(SpoolUnavailableError):
+    """Another process (a medgw command, a backup, a ``sqlite3`` shell left in a
+    transaction) held the SQLite spool's database for longer than medgw waits for it."""
+
+
+class SpoolFullError(SpoolUnavailableError):
+    """No space is left for the spool's database: on the file system of a SQLite spool,
+    on the PostgreSQL server's disk (SQLSTATE 53100).  A :class:`SpoolError`, unlike
+    :class:`StorageFullError` (the inbox's): every caller of the spool takes it as one."""
 
 
 class SpoolOutcomeUnknownError(SpoolUnreachableError):

@@ -48,6 +48,7 @@ from psycopg.rows import DictRow, dict_row
 from gateway.clock import Clock
 from gateway.errors import (
     SpoolError,
+    SpoolFullError,
     SpoolOutcomeUnknownError,
     SpoolReplacedError,
     SpoolUnreachableError,
@@ -98,6 +99,30 @@ def server_error(exc: psycopg.Error) -> str:
     if not primary:
         return type(exc).__name__ + (f" (SQLSTATE {code})" if code else "")
     return f"{primary.strip().splitlines()[0]}" + (f" (SQLSTATE {code})" if code else "")
+
+
+def statement_error(exc: psycopg.Error, where: str) -> SpoolError:
+    """A statement's failure ``exc`` on the spool ``where``, the connection intact, for the
+    operator (the message and fix) and for the callers (its class: see gateway.errors)."""
+    said = server_error(exc)
+    if isinstance(exc, psycopg.errors.DiskFull):
+        return SpoolFullError(
+            f"spool write failed: {said}: no disk space is left for the spool {where}",
+            fix="free disk space on the PostgreSQL server's data and WAL file systems (its log "
+            "names the file); medgw tries again by itself",
+        )
+    if isinstance(exc, psycopg.errors.OutOfMemory):
+        # Not for every change alike: a smaller transaction may pass.
+        return SpoolError(
+            f"spool write failed: {said}: the PostgreSQL server of the spool {where} ran out "
+            "of memory",
+            fix="see the PostgreSQL server's log, and its memory settings (work_mem) and the "
+            "memory of its host",
+        )
+    return SpoolError(
+        f"spool write failed: {said}",
+        fix="see the PostgreSQL server's log for this statement",
+    )
 
 
 class InTransaction:
@@ -273,10 +298,8 @@ class PostgresDatabase(SqlStore):
                         continue
                     raise self._unreachable(exc) from exc
                 self._idle.put(conn)
-                raise SpoolError(
-                    f"spool write failed: {server_error(exc)}",
-                    fix="see the PostgreSQL server's log for this statement",
-                ) from None  # the server's error text names the failing row's values
+                # The server's error text names the failing row's values: not chained.
+                raise statement_error(exc, self._settings.where) from None
             except BaseException:
                 self._idle.put(None if conn.broken else conn)
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.clock import Clock
-from gateway.errors import SpoolError
+from gateway.errors import SpoolBusyError, SpoolError, SpoolFullError
 from gateway.fsutil import private_file, shared_folder, storage_fix
 from gateway.spool.groupcommit import GroupCommit
 from gateway.spool.records import Claimant
@@ -19,6 +20,7 @@ from gateway.spool.sql import Connection, Params, Row, SqlStore
 T = TypeVar("T")
 
 SHRED_TRIES = 3  # tries of emptying the write-ahead log, each waiting 1 s for readers
+BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another process's lock
 
 
 class Database(SqlStore):
@@ -28,6 +30,7 @@ class Database(SqlStore):
 
     def __init__(self, path: Path, clock: Clock, claimant: Claimant | None = None) -> None:
         self._clock = clock
+        self._path = path
         # By default this host's name, as the daemon's node has unless configured.
         self._claimant = claimant if claimant is not None else Claimant()
         try:
@@ -55,7 +58,7 @@ class Database(SqlStore):
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             # What is deleted (a purged item's data key, a receipt) is overwritten in the
             # file, not only unlinked from the b-tree (see gateway.spool.sqlite.datakeys).
             self._db.execute("PRAGMA secure_delete=ON")
@@ -69,7 +72,7 @@ class Database(SqlStore):
             create_or_upgrade(self._db)
             self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._reader.row_factory = sqlite3.Row
-            self._reader.execute("PRAGMA busy_timeout=5000")
+            self._reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._reader.execute("PRAGMA query_only=1")
         except sqlite3.Error as exc:
             raise SpoolError(
@@ -106,10 +109,7 @@ class Database(SqlStore):
         try:
             return self._writer.run(work)
         except sqlite3.Error as exc:
-            raise SpoolError(
-                f"spool write failed: {exc}",
-                fix="check free disk space and permissions of the state directory",
-            ) from exc
+            raise write_error(self._path, exc) from exc
 
     def shred(self) -> bool:
         """Write every committed change into the database file and empty the write-ahead
@@ -123,7 +123,30 @@ class Database(SqlStore):
                 try:
                     busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
                 finally:
-                    db.execute("PRAGMA busy_timeout=5000")
+                    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             if not busy:
                 return True
         return False
+
+
+def write_error(path: Path, exc: sqlite3.Error) -> SpoolError:
+    """``exc``, raised by a write to the spool database at ``path``, for the operator (the
+    message and fix) and for the callers (its class: see gateway.errors)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+    if code == sqlite3.SQLITE_FULL:
+        return SpoolFullError(
+            f"spool write failed: {exc}: no disk space is left for the spool database {path}",
+            fix=f"{storage_fix(OSError(errno.ENOSPC, 'full'), path.parent)}; medgw tries "
+            "again by itself",
+        )
+    if code == sqlite3.SQLITE_BUSY:
+        return SpoolBusyError(
+            f"spool write failed: {exc}: another process held the spool database {path} "
+            f"for more than {BUSY_TIMEOUT_MS // 1000} s",
+            fix=f"find it (fuser -v {path}): a medgw command still running, or a sqlite3 "
+            "shell left in a transaction, and end it; medgw tries again by itself",
+        )
+    return SpoolError(
+        f"spool write failed: {exc}",
+        fix="check free disk space and permissions of the state directory",
+    )

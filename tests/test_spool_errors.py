@@ -1,0 +1,102 @@
+"""A spool write that fails for a reason outside medgw says which, on either backend.
+
+A full disk (SQLite: the library's SQLITE_FULL on a real full file system;
+PostgreSQL: the server's SQLSTATE 53100) and a SQLite database another process holds
+for longer than medgw waits are :class:`SpoolUnavailableError`: every change fails
+alike until it passes, so a caller with many does not try them one by one (see
+gateway.inbound.settling).  They are not :class:`SpoolUnreachableError`: the daemon's
+loops alert on them (only an unreachable PostgreSQL server has its own alert).  Each
+names the spool, the cause and the fix, and never the failing row's values.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import (
+    SpoolBusyError,
+    SpoolError,
+    SpoolFullError,
+    SpoolUnavailableError,
+    SpoolUnreachableError,
+)
+from gateway.spool import SqliteSpool
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.clocks import TickingClock
+from tests.helpers.spooldisk import BACKENDS, SpoolDisk, raise_on_inbound, spool_disk
+
+
+@pytest.fixture(params=BACKENDS)
+def disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SpoolDisk]:
+    with spool_disk(request, tmp_path) as opened:
+        yield opened
+
+
+def test_a_full_disk_is_named_with_its_fix_and_fails_every_change_alike(
+    disk: SpoolDisk, tmp_path: Path
+) -> None:
+    spool = disk.open(TickingClock())
+    try:
+        spool.inbound_begin("lab", "<before@lab>", "ab" * 32, tmp_path / "before.hl7")
+        disk.fill()
+        with pytest.raises(SpoolFullError) as caught:
+            spool.inbound_begin("lab", "<full@lab>", "ab" * 32, tmp_path / "full.hl7")
+        error = caught.value
+        assert isinstance(error, SpoolUnavailableError)
+        assert not isinstance(error, SpoolUnreachableError)  # the daemon's loops alert on it
+        assert "spool write failed" in error.message and disk.where in error.message
+        assert "no disk space is left for the spool" in error.message
+        assert error.fix and error.fix.startswith("free disk space on the")
+        assert "<full@lab>" not in str(error)  # the server's DETAIL names the row
+        assert spool.inbound_get("lab", "<full@lab>") is None
+        disk.free()
+        spool.inbound_begin("lab", "<full@lab>", "ab" * 32, tmp_path / "full.hl7")
+        assert spool.inbound_get("lab", "<full@lab>") is not None
+    finally:
+        spool.close()
+
+
+def test_a_sqlite_spool_held_by_another_process_is_named_with_its_fix(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, TickingClock())
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # a sqlite3 shell left in a transaction
+        with pytest.raises(SpoolBusyError) as caught:  # after medgw's wait for it
+            spool.inbound_begin("lab", "<held@lab>", "ab" * 32, tmp_path / "held.hl7")
+        error = caught.value
+        assert isinstance(error, SpoolUnavailableError)
+        assert not isinstance(error, SpoolUnreachableError)
+        assert "database is locked" in error.message and str(path) in error.message
+        assert "another process held" in error.message
+        assert error.fix and f"fuser -v {path}" in error.fix
+        other.execute("ROLLBACK")
+        spool.inbound_begin("lab", "<held@lab>", "ab" * 32, tmp_path / "held.hl7")
+        assert spool.inbound_get("lab", "<held@lab>") is not None
+    finally:
+        other.close()
+        spool.close()
+
+
+def test_a_postgresql_server_out_of_memory_is_named_and_tried_again_alone(
+    postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """Out of memory (SQLSTATE 53200) is not for every change alike: a smaller one may
+    pass, so it is a plain SpoolError (a group of changes is tried one by one)."""
+    spool = PostgresSpool(postgres, TickingClock())
+    try:
+        raise_on_inbound(postgres, "out_of_memory", "out of memory")
+        with pytest.raises(SpoolError) as caught:
+            spool.inbound_begin("lab", "<big@lab>", "ab" * 32, tmp_path / "big.hl7")
+        error = caught.value
+        assert not isinstance(error, SpoolUnavailableError)
+        assert "out of memory (SQLSTATE 53200)" in error.message
+        assert postgres.where in error.message and "ran out of memory" in error.message
+        assert error.fix and "work_mem" in error.fix
+        assert "<big@lab>" not in str(error)
+    finally:
+        spool.close()
