@@ -23,13 +23,14 @@ from gateway.as2.headers import check_message_id
 from gateway.audit import AuditEvent
 from gateway.demo_run import drop_file
 from gateway.errors import SpoolUnreachableError
-from gateway.inbound import InboundResponse
+from gateway.inbound import InboundRequest, InboundResponse
 from gateway.pki.demo import DemoLayout
 from gateway.spool import InboundDelivered, Spool
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.receiving import Receiver, receiver
+from tests.helpers.spooldisk import BACKENDS, SpoolDisk, spool_disk
 from tests.inboxwatch import InboxWatch
 
 DEADLINE = 60.0
@@ -38,7 +39,8 @@ DOCUMENTS = 6
 
 class Noted:
     """The spool's receipt transactions and the trail's writes, the first transaction
-    held until ``release`` is set; ``fail``: the second one fails with it."""
+    held until ``release`` is set; ``fail``: the second one fails with it; ``second``:
+    runs as the second one begins, before it is stored."""
 
     def __init__(self, hospital: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
         self.transactions: list[list[str]] = []
@@ -46,6 +48,7 @@ class Noted:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.fail: Exception | None = None
+        self.second: Callable[[], None] | None = None
         store, emit_all = hospital.spool.inbound_delivered_all, hospital.audit.emit_all
 
         def stored(delivered: Sequence[InboundDelivered]) -> None:
@@ -56,6 +59,8 @@ class Noted:
                     raise AssertionError("the test never let the first group go")
             if len(self.transactions) == 2 and self.fail is not None:
                 raise self.fail
+            if len(self.transactions) == 2 and self.second is not None:
+                self.second()
             store(delivered)
 
         def written(events: Sequence[AuditEvent]) -> None:
@@ -80,12 +85,14 @@ def _until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.005)
 
 
-def _receive_together(hospital: Receiver, noted: Noted) -> tuple[list[Any], list[str]]:
-    """DOCUMENTS documents processed in threads of their own: the first one's group held
-    until all the others, started then, wait for theirs; each one's answer (or error),
-    and the documents' Message-IDs."""
-    documents = [b"MSH|together %d\r" % n for n in range(DOCUMENTS)]
-    requests = [hospital.request(document) for document in documents]
+def _receive_together(
+    hospital: Receiver, noted: Noted, requests: Sequence[InboundRequest] | None = None
+) -> tuple[list[Any], list[str]]:
+    """DOCUMENTS documents (``requests``, else new ones) processed in threads of their
+    own: the first one's group held until all the others, started then, wait for theirs;
+    each one's answer (or error), and the documents' Message-IDs."""
+    if requests is None:
+        requests = [hospital.request(b"MSH|together %d\r" % n) for n in range(DOCUMENTS)]
     answers: list[Any] = [None] * DOCUMENTS
 
     def process(index: int) -> None:
@@ -171,6 +178,51 @@ def test_a_group_that_cannot_reach_the_spool_is_not_tried_again_document_by_docu
     for message_id in message_ids[1:]:
         record = hospital.spool.inbound_get(peer.name, message_id)
         assert record is None or record.state != "delivered", record
+
+
+@pytest.fixture(params=BACKENDS)
+def disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SpoolDisk]:
+    with spool_disk(request, tmp_path) as opened:
+        yield opened
+
+
+def test_a_group_whose_spool_disk_is_full_is_not_tried_again_document_by_document(
+    disk: SpoolDisk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spool's disk full (the spool's real error: SQLite's on a full file system,
+    PostgreSQL's SQLSTATE 53100) fails every transaction: the group's documents are
+    answered 503 at once, not each after one more attempt, the operator told why and
+    what to do, the peer nothing; its resends, once space is freed, are delivered once."""
+    with receiver(tmp_path, spool=disk.open) as hospital:
+        requests = [hospital.request(b"MSH|full %d\r" % n) for n in range(DOCUMENTS)]
+        noted = Noted(hospital, monkeypatch)
+        noted.second = disk.fill
+        answers, message_ids = _receive_together(hospital, noted, requests)
+        assert len(noted.transactions) == 2, noted.transactions
+        assert isinstance(answers[0], InboundResponse) and answers[0].status == 200, answers
+        for answer in answers[1:]:
+            assert isinstance(answer, InboundResponse) and answer.status == 503, answers
+            assert b"spool" not in answer.body and b"space" not in answer.body, answer
+        refused = events(hospital.config.storage.audit_log, "storage.unavailable")
+        assert sorted(r["message_id"] for r in refused) == sorted(message_ids[1:]), refused
+        for alert in refused:
+            assert "spool write failed" in alert["reason"], alert
+            assert "no disk space is left for the spool" in alert["reason"], alert
+            assert disk.where in alert["reason"], alert
+            assert alert["detail"]["fix"].startswith("free disk space on the"), alert
+
+        disk.free()  # the administrator frees space; the peer resends
+        for request in requests[1:]:
+            answer = hospital.inbound.process(request)
+            assert answer.status == 200 and b"processed" in answer.body, answer
+        [peer] = hospital.config.peers
+        inbox = hospital.config.storage.inbox_dir / peer.name
+        assert sorted(p.read_bytes() for p in inbox.iterdir()) == sorted(
+            b"MSH|full %d\r" % n for n in range(DOCUMENTS)
+        )
+        for message_id in message_ids:
+            record = hospital.spool.inbound_get(peer.name, message_id)
+            assert record is not None and record.state == "delivered" and record.receipt_body
 
 
 GROUP_STEP = "gateway.spool.sqlite:SqliteSpool.inbound_delivered_all"

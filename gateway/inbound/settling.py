@@ -18,8 +18,9 @@ Each document's order of steps is as when stored alone.  A document whose own st
 fails (its record could not be made durable, its receipt not sealed) fails alone:
 the others of its group go on.  A group whose transaction fails is stored again one
 document at a time, so that one document's failure is its own only, except when the
-spool cannot be reached or its disk is full: that fails every document of the group at
-once (each retry would fail too, after its own timeout).  A failed
+spool cannot be written for now (:class:`~gateway.errors.SpoolUnavailableError`: it
+cannot be reached, another process holds it, its disk is full): that fails every
+document of the group at once (each retry would fail too, after its own timeout).  A failed
 ``receipt.sent`` write fails every document of its write (the trail is one file),
 as it would have failed each of them alone.
 """
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 from gateway.atrest import Vault, storing_all
 from gateway.audit import AuditEvent, AuditSink, Pending
-from gateway.errors import SpoolOutcomeUnknownError, SpoolUnreachableError, StorageFullError
+from gateway.errors import SpoolOutcomeUnknownError, SpoolUnavailableError
 from gateway.logs import Logger
 from gateway.spool import InboundDelivered, Spool
 from gateway.spool.records import sent_receipt_item
@@ -218,11 +219,12 @@ class ReceiptGroups:
             if len(rows) == 1:
                 rows[0].waiting.error = exc
                 return
-            # Each document alone, unless the spool cannot be reached or its disk is
-            # full: that fails every transaction, and each retry would hold the group
-            # (and the documents behind it) for one more timeout.  A commit whose outcome
-            # is unknown is retried: storing a receipt twice changes nothing.
-            alone = not isinstance(exc, SpoolUnreachableError | StorageFullError) or isinstance(
+            # Each document alone, unless the spool cannot be reached, another process
+            # holds it or its disk is full: that fails every transaction, and each retry
+            # would hold the group (and the documents behind it) for one more timeout.  A
+            # commit whose outcome is unknown is retried: storing a receipt twice changes
+            # nothing.
+            alone = not isinstance(exc, SpoolUnavailableError) or isinstance(
                 exc, SpoolOutcomeUnknownError
             )
             self._log.warning(
