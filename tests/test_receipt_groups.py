@@ -11,6 +11,7 @@ to do at an exact moment: those must then be stored in one more group.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -180,6 +181,12 @@ def test_a_group_that_cannot_reach_the_spool_is_not_tried_again_document_by_docu
         assert record is None or record.state != "delivered", record
 
 
+@pytest.fixture
+def hospital_sqlite(tmp_path: Path) -> Iterator[Receiver]:
+    with receiver(tmp_path) as opened:  # its spool: SQLite in its state folder
+        yield opened
+
+
 @pytest.fixture(params=BACKENDS)
 def disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SpoolDisk]:
     with spool_disk(request, tmp_path) as opened:
@@ -223,6 +230,37 @@ def test_a_group_whose_spool_disk_is_full_is_not_tried_again_document_by_documen
         for message_id in message_ids:
             record = hospital.spool.inbound_get(peer.name, message_id)
             assert record is not None and record.state == "delivered" and record.receipt_body
+
+
+def test_a_group_whose_sqlite_spool_another_process_holds_is_not_tried_again_one_by_one(
+    hospital_sqlite: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the SQLite spool (a sqlite3 shell left in a transaction)
+    makes every transaction wait for it, then fail: the group's documents are answered
+    503 after one wait, not one wait each."""
+    hospital = hospital_sqlite
+    path = hospital.config.storage.state_dir / "spool.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        noted = Noted(hospital, monkeypatch)
+
+        def hold() -> None:
+            other.execute("BEGIN IMMEDIATE")
+
+        noted.second = hold
+        answers, message_ids = _receive_together(hospital, noted)
+        assert len(noted.transactions) == 2, noted.transactions
+        assert isinstance(answers[0], InboundResponse) and answers[0].status == 200, answers
+        assert all(isinstance(a, InboundResponse) and a.status == 503 for a in answers[1:])
+        refused = events(hospital.config.storage.audit_log, "storage.unavailable")
+        assert sorted(r["message_id"] for r in refused) == sorted(message_ids[1:]), refused
+        for alert in refused:
+            assert f"another process held the spool database {path}" in alert["reason"], alert
+            assert f"fuser -v {path}" in alert["detail"]["fix"], alert
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
 
 
 GROUP_STEP = "gateway.spool.sqlite:SqliteSpool.inbound_delivered_all"
