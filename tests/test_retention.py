@@ -333,6 +333,17 @@ def test_purge_dates_are_checked() -> None:
         parse_before("last week", now)
 
 
+# Real files that fail retention's removal where no mode can (the tests run as root, whom
+# no folder's permissions stop), with no mount: the kernel's /proc.
+# A file no one, root included, can unlink (EPERM), that reads the same each time: a copy
+# or receipt that cannot be removed (its folder not the gateway's to write) and is still
+# the file its record names.
+UNREMOVABLE = Path("/proc/version")
+# A folder whose sync fails (/proc refuses fsync: EINVAL, as some network file systems
+# do); a path in it that is no file stands for a copy already gone there.
+UNSYNCABLE = Path("/proc") / "medgw-copy-gone.hl7"
+
+
 class _Killed(Exception):
     """Where the process disposing of things would be killed."""
 
@@ -420,28 +431,62 @@ def test_the_sweep_of_copies_left_removes_no_other_file(place: Place) -> None:
 
 
 def test_an_inbox_copy_that_cannot_be_removed_stops_no_other_disposal(place: Place) -> None:
-    """Both backends: a copy left by a killed purge that cannot be removed (here a folder
-    in its place) is alerted once, naming it with a fix, and stays owed, its record
-    kept; the other copies left are removed, and purges of other kinds and sweeps go on."""
-    stuck = place.inbound("<stuck@l>")
+    """Both backends: a copy left by a killed purge, still the copy, that cannot be
+    unlinked is alerted once, naming it and why, with a fix, and stays owed, its record
+    kept and retried at each sweep; the other copies left are removed, and purges of
+    other kinds and sweeps go on."""
+    stuck = place.inbound("<stuck@l>", at=UNREMOVABLE)
     other = place.inbound("<other@l>")
     before = place.later(1)
     _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
-    stuck.unlink()
-    stuck.mkdir()  # what the gateway's user cannot unlink (as root, no mode stops it)
-    (stuck / "x").write_bytes(b"")
 
     counts = place.retention.purge(
         PurgeRequest(before=before, kinds=(RetainedKind.RECEIPTS,)), "operator:test"
     )
     assert counts == {"receipts": 2}
     assert place.retention.sweep(KEEP) == {}
-    assert not other.exists() and stuck.is_dir()
+    assert not other.exists() and stuck.exists()
     [left] = place.spool.files_pending()
     assert (left.message_id, left.file) == ("<stuck@l>", stuck)
     [alert] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
-    assert alert.message_id == "<stuck@l>" and str(stuck) in (alert.reason or "")
+    assert alert.message_id == "<stuck@l>" and alert.severity.value == "alert"
+    assert f"{stuck} of a received item disposed of could not be removed: Operation not" in (
+        alert.reason or ""
+    )
     assert alert.detail["file"] == str(stuck) and str(stuck) in alert.detail["fix"]
+    assert "the next sweep or purge retries it" in alert.detail["fix"]
+    assert place.spool.disposable(RetainedKind.HANDOVER, before.isoformat()) == [
+        Disposable(RetainedKind.HANDOVER, "handover", "lab", "<other@l>", None, None)
+    ]
+
+
+def _open_files() -> set[str]:
+    """What this process holds open, by path."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own, closed since
+            continue
+    return found
+
+
+def test_a_folder_where_a_copy_was_left_stays_owed_until_it_is_removed(place: Place) -> None:
+    """Both backends: a folder put where a killed purge left a copy is not read (nor
+    removed, nor left open): the copy stays owed, alerted; once an administrator removes
+    the folder, the next sweep clears what is owed."""
+    stuck = place.inbound("<stuck@l>")
+    before = place.later(1)
+    _killed(place, PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,)))
+    stuck.unlink()
+    stuck.mkdir()
+    (stuck / "x").write_bytes(b"")
+
+    assert place.retention.sweep(KEEP) == {}
+    assert stuck.is_dir() and len(place.spool.files_pending()) == 1
+    assert str(stuck) not in _open_files()  # read no more than it is removed
+    [alert] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert "not a regular file (a folder" in (alert.reason or "")
 
     (stuck / "x").unlink()
     stuck.rmdir()  # the administrator's fix: the next sweep clears what is owed
@@ -611,11 +656,6 @@ def test_a_copy_left_that_is_already_gone_is_recorded_so_not_as_removed(place: P
     assert all(d["left_by_earlier_run"] and d["count"] == 1 for d in by_state.values())
 
 
-# A folder whose sync fails: the kernel's /proc refuses fsync (EINVAL), as some network
-# file systems do; a path in it that is no file stands for a copy already gone there.
-UNSYNCABLE = Path("/proc") / "medgw-copy-gone.hl7"
-
-
 def test_the_folder_of_a_copy_left_already_gone_is_synced_before_it_is_no_longer_owed(
     place: Place,
 ) -> None:
@@ -645,11 +685,6 @@ def test_the_folder_of_a_copy_left_already_gone_is_synced_before_it_is_no_longer
     assert counts["handover"] == 1  # the other's; this one's record waits
 
 
-# A file no one, root included, can unlink, that reads the same each time: a copy that
-# cannot be removed (its folder not the gateway's to write) that is still the copy.
-UNREMOVABLE = Path("/proc/version")
-
-
 def test_a_receipt_file_that_cannot_be_removed_is_left_to_the_receipts_sweep(
     place: Place,
 ) -> None:
@@ -668,3 +703,48 @@ def test_a_receipt_file_that_cannot_be_removed_is_left_to_the_receipts_sweep(
     fix = alert.detail["fix"]
     assert fix.startswith(f"remove {UNREMOVABLE}") and "receipts folder's sweep" in fix
     assert "record stays" not in fix and "retries" not in fix
+
+
+def test_a_copy_that_cannot_be_removed_as_its_batch_is_disposed_of_stays_owed(
+    place: Place,
+) -> None:
+    """Both backends: a copy that cannot be unlinked as the purge that disposes of it
+    removes its batch's files is alerted once and stays owed (its hand-over record
+    kept); the batch's other copies go, and each later sweep retries it, without
+    alerting again."""
+    stuck = place.inbound("<stuck@l>", at=UNREMOVABLE)
+    other = place.inbound("<other@l>")
+    before = place.later(1)
+
+    received = PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,))
+    assert place.retention.purge(received, "operator:test") == {"received": 2}
+    assert stuck.exists() and not other.exists()
+    [left] = place.spool.files_pending()
+    assert (left.message_id, left.file) == ("<stuck@l>", stuck)
+    assert place.retention.sweep(KEEP) == {} and len(place.spool.files_pending()) == 1
+    failed = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    [alert] = failed
+    assert alert.detail["file"] == str(stuck) and alert.severity.value == "alert"
+    assert "could not be removed: Operation not permitted" in (alert.reason or "")
+    counts = place.retention.purge(PurgeRequest(before=before), "operator:test")
+    assert counts["handover"] == 1 and place.spool.handover_list()[0].message_id == "<stuck@l>"
+
+
+def test_a_copy_whose_folder_sync_fails_as_its_batch_is_disposed_of_stays_owed(
+    place: Place,
+) -> None:
+    """Both backends: where the folder of a copy a purge disposes of cannot be synced
+    (here the copy was gone already: the internal system took it), the removal is not
+    taken as done: the copy stays owed, alerted once, and each later sweep syncs again."""
+    place.inbound("<unsynced@l>", at=UNSYNCABLE)
+    before = place.later(1)
+
+    received = PurgeRequest(before=before, kinds=(RetainedKind.RECEIVED,))
+    assert place.retention.purge(received, "operator:test") == {"received": 1}
+    assert place.retention.sweep(KEEP) == {}
+    [left] = place.spool.files_pending()
+    assert (left.message_id, left.file) == ("<unsynced@l>", UNSYNCABLE)
+    [alert] = [e for e in place.audit.named("retention.disposed") if e.outcome == "failure"]
+    assert alert.detail["file"] == str(UNSYNCABLE) and alert.severity.value == "alert"
+    assert "is gone, but its folder /proc could not be synced" in (alert.reason or "")
+    assert not any(e.detail.get("left_by_earlier_run") for e in place.audit.events)

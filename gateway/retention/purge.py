@@ -537,12 +537,17 @@ def _remove_file(path: Path, sha256: str | None, size: int | None) -> bool | Non
         return False
     digest = hashlib.sha256()
     seen = 0
-    with os.fdopen(fd, "rb") as handle:
+    try:
         read = os.fstat(fd)
         if not stat.S_ISREG(read.st_mode):
             raise OSError(
                 errno.EINVAL, "not a regular file (a folder, pipe, device or socket)", path
             )
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)  # not yet the handle's to close: none is left open, sweep after sweep
+        raise
+    with handle:
         while seen <= size and (chunk := handle.read(min(_CHUNK, size + 1 - seen))):
             digest.update(chunk)
             seen += len(chunk)
