@@ -35,9 +35,8 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-## The whole suite once.  CI (.ci/run) runs it once more on the oldest supported Python,
-## so every test that runs real gateways (marker `daemon`), where a read that races a
-## write would fail only now and then, runs twice there.
+## The whole suite once (CI, .ci/run: on the oldest supported Python, and the tests of
+## what differs between Python versions again on the newest).
 unit: venv
 	$(BIN)/pytest -q
 

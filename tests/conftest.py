@@ -149,7 +149,7 @@ class Processes:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that runs real ``medgw run`` processes is marked ``daemon``: such a test
     waits for what one process writes and reads what it or another writes, which is where
-    a wrong wait shows up only now and then; ``make test`` runs these twice."""
+    a wrong wait shows up only now and then (``pytest -m daemon`` runs them alone)."""
     for item in items:
         if "processes" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.daemon)
