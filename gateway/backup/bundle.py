@@ -182,21 +182,12 @@ def _complete_records(path: Path) -> int:
 def _place(path_text: str | None, config: GatewayConfig) -> str | None:
     """A spooled file's name in the bundle (None: outside the state folder, the inbox and
     ``[cluster] bodies_dir``)."""
-    storage = config.storage
-    return bundle_name(path_text, storage.state_dir, storage.inbox_dir, config.cluster.bodies_dir)
-
-
-def bundle_name(
-    path_text: str | None, state_dir: Path, inbox_dir: Path, bodies_dir: Path | None
-) -> str | None:
-    """The name in a bundle of the file ``path_text`` of the gateway whose folders these
-    are (None: outside them)."""
     if not path_text:
         return None
     path = Path(path_text)
-    folders = [(state_dir, "state"), (inbox_dir, "inbox")]
-    if bodies_dir is not None:
-        folders.insert(0, (bodies_dir, "bodies"))
+    folders = [(config.storage.state_dir, "state"), (config.storage.inbox_dir, "inbox")]
+    if config.cluster.bodies_dir is not None:
+        folders.insert(0, (config.cluster.bodies_dir, "bodies"))
     for folder, prefix in folders:
         if path.is_relative_to(folder):
             return f"{prefix}/{path.relative_to(folder).as_posix()}"
