@@ -1,7 +1,7 @@
 """Receipt files in a backup, on both backends: a receipt file retention removes between
 the spool's copy and the copy of the files is no stale reference in the bundle (its
-row is taken again, as retention left it); a receipt file removed after the restore is
-still reported altered."""
+row is taken again, as retention left it); a receipt file removed before the backup,
+or after the restore, is still reported altered."""
 
 from __future__ import annotations
 
@@ -154,20 +154,15 @@ def _backed_up(
     return written
 
 
-def _restored(
-    lab: Lab, layout: DemoLayout, written: Path, node: str | None = None
-) -> GatewayConfig:
-    """``written`` restored by medgw restore onto a fresh host (its own database; the
-    cluster node ``node``, if given): that host's configuration."""
+def _restored(lab: Lab, layout: DemoLayout, written: Path) -> GatewayConfig:
+    """``written`` restored by medgw restore onto a fresh host (its own database): that
+    host's configuration."""
     host = fresh_host(layout, "lab-restored")
     if lab.postgres is not None:
         assert lab.fresh is not None
         text = host.read_text()
         assert f'dbname = "{lab.postgres.dbname}"' in text
         text = text.replace(f'dbname = "{lab.postgres.dbname}"', f'dbname = "{lab.fresh.dbname}"')
-        if node is not None:
-            assert 'node_name = "lab-a"' in text
-            text = text.replace('node_name = "lab-a"', f'node_name = "{node}"')
         host.write_text(text)
     done = medgw(
         "restore", "--from", written, "--cert", lab.cert, "--key", lab.key, "--config", host
@@ -359,3 +354,31 @@ def test_the_daemons_purge_and_sweep_do_not_run_while_its_backup_collects(
         assert retention.sweep(every_day) == {"receipts": 1}  # the backup has ended
     assert not path.exists()
     assert KeyStore(config.at_rest.key_dir).versions() == [2]
+
+
+def test_a_receipt_file_removed_before_a_backup_is_still_reported_altered_after_its_restore(
+    lab: Lab, layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A delivered message's receipt file is removed outside medgw, its row still naming
+    it: the live node reports it altered.  A backup taken then lacks the file, and the
+    node restored from it reports the receipt altered too, with its alert: a restore
+    turns no removal into a receipt "not in the backup", whose disposition would be
+    shown as if nothing had happened."""
+    config = lab.loaded()
+    _settled_in_file(layout, config).unlink()
+    live_trail = tmp_path / "live-audit.jsonl"
+    view = _status(config, live_trail, io.StringIO())
+    assert view["receipt"].get("altered") is True, view
+    [alert] = events(live_trail, "atrest.integrity_failed")
+    assert alert["message_id"] == VICTIM, alert
+    written = tmp_path / "lab.p7m"
+    write_bundle(config, written, datetime.now(UTC))
+    restored = _restored(lab, layout, written)
+    trail, log = tmp_path / "restored-audit.jsonl", io.StringIO()
+    view = _status(restored, trail, log)
+    receipt = view["receipt"]
+    assert receipt.get("altered") is True and "was removed" in receipt["error"], view
+    assert view["disposition"] is None, view
+    [alert] = events(trail, "atrest.integrity_failed")
+    assert alert["message_id"] == VICTIM, alert
+    assert "receipt.stored_altered" in log.getvalue()
