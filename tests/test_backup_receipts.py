@@ -1,7 +1,9 @@
 """Receipt files in a backup, on both backends: a receipt file retention removes between
 the spool's copy and the copy of the files is no stale reference in the bundle (its
 row is taken again, as retention left it); a receipt file removed before the backup,
-or after the restore, is still reported altered."""
+or after the restore, is still reported altered; and medgw restore names the receipt
+files of this node the bundle lacks, which will be reported altered (a node rebuilt
+from another node's bundle, on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +26,7 @@ from gateway.atrest.vault import Vault
 from gateway.audit.log import AuditLog
 from gateway.backup import bundle
 from gateway.backup.bundle import BackupError, write_bundle
+from gateway.backup.restore import MAX_LISTED
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
 from gateway.config.retention import RetentionSettings
@@ -92,22 +97,33 @@ def _settled_in_file(layout: DemoLayout, config: GatewayConfig, node: str | None
     """VICTIM sent and settled by the lab (by its node ``node``, if given) with a receipt
     the hospital signed, kept as a file in the lab's receipts folder, its SHA-256
     recorded: that file."""
-    path = config.storage.receipts_dir / "v.hl7.0123456789ab.mdn"
     built = hospital_receipt(layout, VICTIM, MIC)
     [content_type] = [v for name, v in built.headers if name.lower() == "content-type"]
     stored = f"Content-Type: {content_type}\r\n\r\n".encode() + built.body
+    return _settled(config, VICTIM, "v", stored, node)
+
+
+def _settled(
+    config: GatewayConfig, message_id: str, stem: str, stored: bytes, node: str | None = None
+) -> Path:
+    """``message_id`` (its document ``<stem>.hl7``) sent and settled as delivered by the lab
+    (by its node ``node``, if given), its receipt ``stored`` kept as a file in the lab's
+    receipts folder, its SHA-256 recorded: that file."""
+    path = config.storage.receipts_dir / f"{stem}.hl7.0123456789ab.mdn"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(stored)
-    payload = config.storage.state_dir / "payloads" / "v"
-    source = config.storage.outbox_dir / "hospital" / "v.hl7"
+    payload = config.storage.state_dir / "payloads" / stem
+    source = config.storage.outbox_dir / "hospital" / f"{stem}.hl7"
     spool = _spool(config, node)
     try:
-        spool.add_intake(VICTIM, "hospital", "v.hl7", "text/plain", source, payload)
-        spool.mark_queued(VICTIM, None, [], MIC, 3, body=b"sealed")
-        spool.mark_sending(VICTIM)
+        spool.add_intake(message_id, "hospital", f"{stem}.hl7", "text/plain", source, payload)
+        spool.mark_queued(message_id, None, [], MIC, 3, body=b"sealed")
+        spool.mark_sending(message_id)
         sha256 = hashlib.sha256(stored).hexdigest()
-        settled = Settled(VICTIM, OutboundState.DELIVERED, "processed", path, receipt_sha256=sha256)
-        assert spool.mark_settled([settled]) == [VICTIM]
+        settled = Settled(
+            message_id, OutboundState.DELIVERED, "processed", path, receipt_sha256=sha256
+        )
+        assert spool.mark_settled([settled]) == [message_id]
     finally:
         spool.close()
     return path
@@ -154,20 +170,39 @@ def _backed_up(
     return written
 
 
-def _restored(lab: Lab, layout: DemoLayout, written: Path) -> GatewayConfig:
-    """``written`` restored by medgw restore onto a fresh host (its own database): that
-    host's configuration."""
+def _host(lab: Lab, layout: DemoLayout, node: str | None = None) -> Path:
+    """A fresh host to restore the lab's bundles onto (its own database; the cluster node
+    ``node``, if given): its configuration."""
     host = fresh_host(layout, "lab-restored")
     if lab.postgres is not None:
         assert lab.fresh is not None
         text = host.read_text()
         assert f'dbname = "{lab.postgres.dbname}"' in text
         text = text.replace(f'dbname = "{lab.postgres.dbname}"', f'dbname = "{lab.fresh.dbname}"')
+        if node is not None:
+            assert 'node_name = "lab-a"' in text
+            text = text.replace('node_name = "lab-a"', f'node_name = "{node}"')
         host.write_text(text)
+    return host
+
+
+def _restore(
+    lab: Lab, host: Path, written: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """``written`` restored onto ``host`` by medgw restore (with ``options``), which ends well."""
     done = medgw(
-        "restore", "--from", written, "--cert", lab.cert, "--key", lab.key, "--config", host
-    )
+        "restore", "--from", written, "--cert", lab.cert, "--key", lab.key, "--config", host,
+        *options,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def _restored(lab: Lab, layout: DemoLayout, written: Path) -> GatewayConfig:
+    """``written`` restored by medgw restore onto a fresh host (its own database): that
+    host's configuration."""
+    host = _host(lab, layout)
+    _restore(lab, host, written)
     return load_config(host)
 
 
@@ -382,3 +417,86 @@ def test_a_receipt_file_removed_before_a_backup_is_still_reported_altered_after_
     [alert] = events(trail, "atrest.integrity_failed")
     assert alert["message_id"] == VICTIM, alert
     assert "receipt.stored_altered" in log.getvalue()
+
+
+def test_a_restore_names_the_receipt_files_it_lacks_that_will_be_reported_altered(
+    lab: Lab, layout: DemoLayout, tmp_path: Path
+) -> None:
+    """More receipt files than a restore names one by one are removed from the lab's
+    state folder, their rows still naming them, before a backup: medgw restore counts
+    them all, names the first MAX_LISTED (by Message-ID, as files of this host) in its
+    output and its backup.restored record, and says that they will be reported
+    altered and what to do.  A file the bundle holds is not named; nor, at a restore
+    again, is a file put back where the restored spool names it."""
+    config = lab.loaded()
+    kept = _settled_in_file(layout, config)
+    gone = {
+        f"<gone-{n:03}@KITA-LAB>": _settled(config, f"<gone-{n:03}@KITA-LAB>", f"g{n}", b"r%d" % n)
+        for n in range(MAX_LISTED + 1)
+    }
+    contents = {message_id: path.read_bytes() for message_id, path in gone.items()}
+    for path in gone.values():
+        path.unlink()
+    written = tmp_path / "lab.p7m"
+    write_bundle(config, written, datetime.now(UTC))
+    host = _host(lab, layout)
+    text = _restore(lab, host, written).stdout
+    restored = load_config(host)
+    receipts = restored.storage.receipts_dir
+    expected = [
+        {"message_id": message_id, "file": str(receipts / path.name)}
+        for message_id, path in sorted(gone.items())
+    ]
+    assert f"WARNING: {MAX_LISTED + 1} receipt file(s)" in text, text
+    assert "will report its receipt altered" in text and "Fix: copy each file" in text, text
+    assert all(f"  {f['message_id']}  {f['file']}\n" in text for f in expected[:MAX_LISTED])
+    assert expected[-1]["file"] not in text and str(receipts / kept.name) not in text, text
+    assert text.endswith(
+        f"\n  ... and 1 more, not named: only the first {MAX_LISTED} are, here"
+        " and in the backup.restored audit record\n"
+    ), text
+    [record] = events(restored.storage.audit_log, "backup.restored")
+    said = record["detail"]["receipt_files_not_in_bundle"]
+    assert said["count"] == MAX_LISTED + 1 and said["first"] == expected[:MAX_LISTED], said
+    assert "will report its receipt altered" in said["warning"], said
+    assert str(receipts) in said["fix"] and "record that decision" in said["fix"], said
+    first = expected[0]
+    Path(first["file"]).write_bytes(contents[first["message_id"]])  # taken from where it is
+    said = json.loads(_restore(lab, host, written, "--force", "--json").stdout)
+    said = said["receipt_files_not_in_bundle"]
+    assert said["count"] == MAX_LISTED and said["first"] == expected[1:], said
+    *_, record = events(restored.storage.audit_log, "backup.restored")  # (the bundle has no trail)
+    assert record["detail"]["receipt_files_not_in_bundle"] == said, record
+
+
+def test_a_node_rebuilt_from_another_nodes_bundle_names_its_own_receipt_files_it_lacks(
+    layout: DemoLayout, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """Nodes share a PostgreSQL spool, each with the same state folder path on its own
+    machine: lab-b and lab-c settle a message each with a receipt file in their own
+    state folders, which lab-a's backup cannot copy.  lab-b rebuilt from lab-a's bundle
+    under its own name: medgw restore names lab-b's receipt file, which its status will
+    report altered (and does), not lab-c's, which lab-c keeps."""
+    lab = _lab(layout, tmp_path, postgres_server)
+    config = lab.loaded()
+    _settled_in_file(layout, config, "lab-b").unlink()  # on lab-b's machine, not on lab-a's
+    other = _settled(config, "<other@KITA-LAB>", "o", b"kept by lab-c", "lab-c")
+    other.unlink()  # on lab-c's machine
+    written = tmp_path / "lab-a.p7m"
+    write_bundle(config, written, datetime.now(UTC))
+    host = _host(lab, layout, "lab-b")
+    text = _restore(lab, host, written).stdout
+    rebuilt = load_config(host)
+    assert rebuilt.cluster.node_name == "lab-b"
+    receipts = rebuilt.storage.receipts_dir
+    assert "WARNING: 1 receipt file(s)" in text, text
+    assert f"  {VICTIM}  {receipts / 'v.hl7.0123456789ab.mdn'}" in text, text
+    assert "<other@KITA-LAB>" not in text and other.name not in text, text
+    [record] = events(rebuilt.storage.audit_log, "backup.restored")
+    said = record["detail"]["receipt_files_not_in_bundle"]
+    assert said["count"] == 1 and [f["message_id"] for f in said["first"]] == [VICTIM], said
+    trail = tmp_path / "rebuilt-audit.jsonl"
+    view = _status(rebuilt, trail, io.StringIO())
+    assert view["receipt"].get("altered") is True, view
+    [alert] = events(trail, "atrest.integrity_failed")
+    assert alert["message_id"] == VICTIM, alert

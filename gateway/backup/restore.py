@@ -51,7 +51,9 @@ from gateway.errors import AtRestError
 from gateway.fsutil import private_folder, shared_folder, storage_fix
 from gateway.instance import LOCK_NAME, AlreadyRunningError, InstanceLock
 from gateway.pki.keypair import PrivateKey
+from gateway.spool.records import OutboundState
 from gateway.spool.schema import create_or_upgrade
+from gateway.textbounds import MAX_ITEMS
 
 RESTORED_CONFIG = "restored-config"
 WORK = ".restore"  # the unpacked bundle, inside the state folder, removed when done
@@ -62,6 +64,51 @@ _PATH_COLUMNS = {
     "inbound": ("target_path", "work_path"),
     "handover": ("path",),
 }
+# Receipt files missing from a bundle named one by one, at most: as many as a list in an
+# audit record holds (gateway.textbounds), so the record names the same ones as the output.
+MAX_LISTED = MAX_ITEMS
+
+
+@dataclass(frozen=True)
+class MissingReceipts:
+    """The receipt files the restored spool names as settled by this node into its own
+    receipts folder, with their SHA-256 recorded, that neither the bundle holds nor this
+    host has: their status will report each receipt altered (see :func:`_missing_receipts`)."""
+
+    count: int
+    first: tuple[tuple[str, str], ...]  # (message id, file), at most MAX_LISTED
+    receipts_dir: Path
+
+    @property
+    def warning(self) -> str:
+        return (
+            f"{self.count} receipt file(s) that the restored spool names as settled by this "
+            f"node into {self.receipts_dir} are not in the bundle (gone from the backed-up "
+            "node before the backup, or kept on another host under this node's name): the "
+            "status of each of these messages (local API, medgw send) will report its "
+            "receipt altered, with an atrest.integrity_failed alert, because a receipt file "
+            "whose SHA-256 the spool records cannot be told, once gone, from one removed "
+            "outside medgw; restoring this bundle again does not bring them back"
+        )
+
+    @property
+    def fix(self) -> str:
+        return (
+            f"copy each file, under the same name, into {self.receipts_dir} from the host "
+            "or an older backup that still has it (the status then verifies it again); "
+            "for one that no copy holds, accept its receipt as lost and record that "
+            "decision, with its message's Message-ID, where this gateway's incidents are "
+            "recorded: its alerts are then expected"
+        )
+
+    def detail(self) -> dict[str, Any]:
+        """What the audit record and ``--json`` say of them."""
+        return {
+            "count": self.count,
+            "first": [{"message_id": m, "file": f} for m, f in self.first],
+            "warning": self.warning,
+            "fix": self.fix,
+        }
 
 
 @dataclass(frozen=True)
@@ -72,6 +119,7 @@ class Restored:
     # How pg_restore ended after its load had committed (failing, killed, interrupted):
     # the restore finished all the same.  None when it ended well (or no spool dump).
     load_ended: str | None = None
+    missing_receipts: MissingReceipts | None = None  # None: none missing
 
 
 def _refusals_only(audit_log: Path) -> list[Path]:
@@ -251,6 +299,45 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
                 f"(its {kek_name(version)}), or restore a bundle of the gateway whose key "
                 "folder this is",
             ) from None
+
+
+def _missing_receipts(
+    config: GatewayConfig,
+    bundle: Path,
+    spool: Path,
+    places: list[tuple[str, str]],
+    moves: list[tuple[Path, Path]],
+) -> MissingReceipts | None:
+    """The receipt files the status of the restored spool will find gone and report
+    altered: named by a delivered or failed message's row settled by this node (its
+    ``audited_by``, ``[cluster] node_name``) into this host's receipts folder once
+    moved there, its SHA-256 recorded, and neither in the bundle nor on this host.  A
+    bundle lacks such a file when it was gone from the backed-up node while its row
+    still named it (removed outside medgw: that node reports it altered too), or when
+    this node's name settled it on another host (a node rebuilt from another node's
+    bundle).  Nothing in the spool marks them (a mark in the spool could be set by
+    anyone who can write it, and would hide a removal): the restore says so, once."""
+    receipts = config.storage.receipts_dir
+    placed = {dst for _src, dst in moves}
+    with _bundle_spool(bundle, spool) as db:
+        present = {r[1] for r in db.execute("PRAGMA table_info(outbound)")}
+        if not {"receipt_sha256", "audited_by"} <= present:  # an older medgw's bundle
+            return None
+        rows = db.execute(
+            "SELECT message_id, receipt_path FROM outbound"
+            " WHERE receipt_path IS NOT NULL AND receipt_sha256 IS NOT NULL"
+            " AND audited_by=? AND state IN (?, ?) ORDER BY message_id",
+            (config.cluster.node_name, OutboundState.DELIVERED, OutboundState.FAILED),
+        )
+        count, first = 0, list[tuple[str, str]]()
+        for message_id, text in rows:
+            path = Path(_moved(str(text), places) or str(text))
+            if path.parent != receipts or path in placed or path.exists():
+                continue
+            count += 1
+            if len(first) < MAX_LISTED:
+                first.append((str(message_id), str(path)))
+    return MissingReceipts(count, tuple(first), receipts) if count else None
 
 
 def _move_paths(spool: Path, places: list[tuple[str, str]]) -> None:
@@ -518,9 +605,9 @@ def _restore_locked(
     *,
     force: bool,
     now: datetime,
-) -> tuple[dict[str, Any], tuple[Path, ...], str | None]:
+) -> Restored:
     """Check everything, then put the bundle in place, while no node starts on the spool
-    database; (manifest, earlier refusals kept, how pg_restore ended after its commit)."""
+    database."""
     with _spool_held(config) as unused:
         return _restore_held(config, bundle, recipient, unused, force=force, now=now)
 
@@ -533,7 +620,7 @@ def _restore_held(
     *,
     force: bool,
     now: datetime,
-) -> tuple[dict[str, Any], tuple[Path, ...], str | None]:
+) -> Restored:
     try:
         refusals = _refusals_only(config.storage.audit_log)
     except OSError as exc:
@@ -569,6 +656,7 @@ def _restore_held(
         _check_spool_paths(config, bundle, spool, places)
         _check_keys(config, bundle, spool)
     moves = _destinations(config, manifest, work)
+    missing = _missing_receipts(config, bundle, spool, places, moves) if spool.exists() else None
     taken = [str(dst) for _src, dst in moves if dst.exists() and dst not in refusals]
     if taken and not force:
         raise RestoreRefused(
@@ -609,7 +697,7 @@ def _restore_held(
                     with contextlib.suppress(psycopg.Error):
                         pgspool.drop(config.spool.postgres)
             raise
-    return manifest, kept, ended
+    return Restored(manifest, len(manifest["files"]), kept, ended, missing)
 
 
 def _undone(
@@ -758,11 +846,10 @@ def restore(
     work = state / WORK
     try:
         try:
-            manifest, kept, ended = _restore_locked(config, bundle, recipient, force=force, now=now)
+            done = _restore_locked(config, bundle, recipient, force=force, now=now)
         except RestoreRefused as exc:
             refused(exc)
             raise
-        done = Restored(manifest, len(manifest["files"]), kept, ended)
         restored(done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -785,8 +872,9 @@ def refused_event(
 
 
 def restored_event(bundle: Path, done: Restored, actor: str, *, forced: bool) -> AuditEvent:
-    """``backup.restored``: which bundle, of when, from whom, how many files, who; and
-    where this host's earlier refused attempts were kept."""
+    """``backup.restored``: which bundle, of when, from whom, how many files, who; where
+    this host's earlier refused attempts were kept; and the receipt files the restored
+    spool names that will be reported altered (see :class:`MissingReceipts`)."""
     manifest = done.manifest
     detail: dict[str, Any] = {
         "file": str(bundle),
@@ -799,6 +887,8 @@ def restored_event(bundle: Path, done: Restored, actor: str, *, forced: bool) ->
         detail["pg_restore_after_commit"] = done.load_ended
     if done.kept_refusals:
         detail["refusals_kept_in"] = [str(p) for p in done.kept_refusals]
+    if done.missing_receipts is not None:
+        detail["receipt_files_not_in_bundle"] = done.missing_receipts.detail()
     return AuditEvent(
         EventType.BACKUP_RESTORED, severity=Severity.WARNING, actor=actor, detail=detail
     )

@@ -181,4 +181,15 @@ def _restore(args: argparse.Namespace) -> int:
         text += "; the earlier refused attempts' audit records are kept in " + ", ".join(
             str(p) for p in done.kept_refusals
         )
+    missing = done.missing_receipts
+    if missing is not None:
+        result["receipt_files_not_in_bundle"] = missing.detail()
+        text += f"\n\nWARNING: {missing.warning}.\nFix: {missing.fix}.\n" + "\n".join(
+            f"  {message_id}  {file}" for message_id, file in missing.first
+        )
+        if missing.count > len(missing.first):
+            text += (
+                f"\n  ... and {missing.count - len(missing.first)} more, not named: only the "
+                f"first {len(missing.first)} are, here and in the backup.restored audit record"
+            )
     return emit(args, result, text)
