@@ -58,6 +58,24 @@ def test_a_commit_whose_answer_was_lost_is_found_committed_and_reported_done(
     assert record is not None and record.state is OutboundState.INTAKE
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_commit_run_many_times_on_its_connection_is_lost_alike(
+    spool: PostgresSpool, cut: CommitCut, tmp_path: Path, when: str
+) -> None:
+    """A connection that has committed a few times sends its COMMIT as a prepared
+    statement (psycopg prepares what it runs often): it is lost at that COMMIT too."""
+    for n in range(8):
+        intake(spool, tmp_path, f"<earlier-{n}@lab>")
+    cut.cut(when)
+    cut.refuse = True
+    with pytest.raises(SpoolOutcomeUnknownError):
+        intake(spool, tmp_path, "<many@lab>")
+    cut.refuse = False
+    assert cut.cuts == 1
+    record = spool.get("<many@lab>")
+    assert (record is not None) is (when == "after")
+
+
 def test_a_commit_lost_before_the_server_saw_it_fails_and_nothing_is_recorded(
     spool: PostgresSpool, cut: CommitCut, tmp_path: Path
 ) -> None:

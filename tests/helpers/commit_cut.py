@@ -3,7 +3,8 @@
 It listens on a Unix socket of its own (a ``socket_dir`` for the spool's settings)
 and passes each connection through to the server's socket, reading the
 client's protocol messages as they pass (no TLS on a Unix socket).  Armed with
-:meth:`CommitCut.cut`, it ends the next connection that sends ``COMMIT``:
+:meth:`CommitCut.cut`, it ends the next connection that sends ``COMMIT`` (a query,
+or the execution of a statement prepared from it):
 ``"before"`` the server sees it (the transaction is rolled back), or ``"after"``
 the server has answered it (committed) without the answer reaching the client.
 With ``refuse`` set it closes every new connection at once, as a server that
@@ -121,6 +122,7 @@ class _Link:
         self._client = client
         self._server = server
         self._holding = False  # the server's answers are no longer passed on
+        self._prepared_commits: set[bytes] = set()  # the statements that are a COMMIT
 
     def end(self) -> None:
         for sock in (self._client, self._server):
@@ -137,6 +139,24 @@ class _Link:
             data += more
         return data
 
+    def _commits(self, message: bytes) -> bool:
+        """Whether ``message`` runs a COMMIT: as a simple query, or as the Bind of a
+        statement prepared from one (psycopg prepares a statement it has run a few times
+        on a connection, COMMIT too, and then only binds and executes it)."""
+        kind, body = message[:1], message[5:]
+        if kind == b"Q":
+            return body.upper().startswith(b"COMMIT")
+        if kind == b"P":  # Parse: the statement's name, then its text
+            name, text, _ = body.split(b"\0", 2)
+            if text.upper().startswith(b"COMMIT"):
+                self._prepared_commits.add(name)
+            else:
+                self._prepared_commits.discard(name)
+        if kind == b"B":  # Bind: the portal's name, then the statement's
+            _, name, _ = body.split(b"\0", 2)
+            return name in self._prepared_commits
+        return False
+
     def upstream(self) -> None:
         """Client to server, message by message (the first is the startup message)."""
         try:
@@ -146,7 +166,7 @@ class _Link:
                 head = self._read(5)
                 (length,) = struct.unpack("!I", head[1:])
                 message = head + self._read(length - 4)
-                if head[:1] == b"Q" and message[5:].upper().startswith(b"COMMIT"):
+                if self._commits(message):
                     when = self._cut._take()
                     if when == "before":
                         self.end()
