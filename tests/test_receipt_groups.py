@@ -10,11 +10,13 @@ to do at an exact moment: those must then be stored in one more group.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +24,16 @@ import pytest
 
 from gateway.as2.headers import check_message_id
 from gateway.audit import AuditEvent
+from gateway.clock import Clock
 from gateway.demo_run import drop_file
-from gateway.errors import SpoolUnreachableError
+from gateway.errors import SpoolOutcomeUnknownError, SpoolUnreachableError
 from gateway.inbound import InboundRequest, InboundResponse
 from gateway.pki.demo import DemoLayout
 from gateway.spool import InboundDelivered, Spool
+from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.conftest import MakeSpool
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.commit_cut import CommitCut
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.receiving import Receiver, receiver
 from tests.helpers.spooldisk import BACKENDS, SpoolDisk, spool_disk
@@ -36,12 +41,20 @@ from tests.inboxwatch import InboxWatch
 
 DEADLINE = 60.0
 DOCUMENTS = 6
+DELIVERY = """
+[delivery]
+http_url = "http://127.0.0.1:9/inbound"
+timeout_seconds = 5
+"""
+
+Store = Callable[[Sequence[InboundDelivered]], None]
 
 
 class Noted:
     """The spool's receipt transactions and the trail's writes, the first transaction
     held until ``release`` is set; ``fail``: the second one fails with it; ``second``:
-    runs as the second one begins, before it is stored."""
+    runs as the second one begins, before it is stored; ``instead``: runs the second
+    one instead, given the spool's own transaction."""
 
     def __init__(self, hospital: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
         self.transactions: list[list[str]] = []
@@ -50,6 +63,7 @@ class Noted:
         self.release = threading.Event()
         self.fail: Exception | None = None
         self.second: Callable[[], None] | None = None
+        self.instead: Callable[[Store, Sequence[InboundDelivered]], None] | None = None
         store, emit_all = hospital.spool.inbound_delivered_all, hospital.audit.emit_all
 
         def stored(delivered: Sequence[InboundDelivered]) -> None:
@@ -62,6 +76,9 @@ class Noted:
                 raise self.fail
             if len(self.transactions) == 2 and self.second is not None:
                 self.second()
+            if len(self.transactions) == 2 and self.instead is not None:
+                self.instead(store, delivered)
+                return
             store(delivered)
 
         def written(events: Sequence[AuditEvent]) -> None:
@@ -261,6 +278,116 @@ def test_a_group_whose_sqlite_spool_another_process_holds_is_not_tried_again_one
         if other.in_transaction:
             other.execute("ROLLBACK")
         other.close()
+
+
+@pytest.fixture
+def handing_over(tmp_path: Path, make_spool: MakeSpool) -> Iterator[Receiver]:
+    """The hospital also handing each document over to its internal system: the
+    hand-over is queued in the spool with the document's receipt."""
+    with receiver(tmp_path, gateway_extra=DELIVERY, spool=make_spool) as opened:
+        yield opened
+
+
+@pytest.fixture
+def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
+    assert postgres.socket_dir is not None
+    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def behind_a_cut(tmp_path: Path, postgres: PostgresSettings, cut: CommitCut) -> Iterator[Receiver]:
+    """The hospital handing over (as ``handing_over``) on a PostgreSQL spool reached
+    through ``cut``."""
+    settings = replace(postgres, socket_dir=cut.socket_dir, connect_timeout=1)
+
+    def spool(clock: Clock) -> Spool:
+        return PostgresSpool(settings, clock)
+
+    with receiver(tmp_path, gateway_extra=DELIVERY, spool=spool) as opened:
+        yield opened
+
+
+class _FailingRows(list[InboundDelivered]):
+    """A group's rows whose transaction fails part-way: as it comes to the row at ``at``,
+    once the rows before it are changed."""
+
+    def __init__(self, rows: Sequence[InboundDelivered], at: int) -> None:
+        super().__init__(rows)
+        self._at = at
+
+    def __iter__(self) -> Iterator[InboundDelivered]:
+        for index, row in enumerate(super().__iter__()):
+            if index == self._at:
+                raise OSError(errno.EIO, "Input/output error")
+            yield row
+
+
+def _each_settled_once(hospital: Receiver, answers: list[Any], message_ids: list[str]) -> None:
+    """Every document answered with its receipt, in the inbox once, delivered with one
+    receipt and one hand-over in the spool, with one ``message.delivered`` and one
+    ``receipt.sent`` record in the trail."""
+    assert all(isinstance(a, InboundResponse) and a.status == 200 for a in answers), answers
+    assert all(b"processed" in a.body for a in answers)
+    [peer] = hospital.config.peers
+    inbox = hospital.config.storage.inbox_dir / peer.name
+    assert sorted(p.read_bytes() for p in inbox.iterdir()) == sorted(
+        b"MSH|together %d\r" % n for n in range(DOCUMENTS)
+    )
+    for message_id in message_ids:
+        record = hospital.spool.inbound_get(peer.name, message_id)
+        assert record is not None and record.state == "delivered" and record.receipt_body
+        assert len(hospital.spool.handover_list(message_id=message_id)) == 1, message_id
+    for name in ("message.delivered", "receipt.sent"):
+        recorded = [r["message_id"] for r in events(hospital.config.storage.audit_log, name)]
+        assert sorted(recorded) == sorted(message_ids), (name, recorded)
+
+
+def test_a_group_whose_transaction_fails_part_way_settles_each_document_once(
+    handing_over: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's transaction fails once it has changed some of its documents' rows (it
+    is rolled back): each document is stored again alone, and is answered, delivered,
+    handed over and audited once."""
+    noted = Noted(handing_over, monkeypatch)
+    noted.instead = lambda store, delivered: store(_FailingRows(delivered, at=2))
+    answers, message_ids = _receive_together(handing_over, noted)
+    _, group, *alone = noted.transactions
+    assert sorted(group) == sorted(message_ids[1:]), noted.transactions
+    assert alone == [[message_id] for message_id in group]
+    _each_settled_once(handing_over, answers, message_ids)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_group_whose_commit_outcome_is_unknown_settles_each_document_once(
+    behind_a_cut: Receiver, cut: CommitCut, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """The connection to PostgreSQL is lost at the group's COMMIT, ``before`` the server
+    sees it (rolled back) or ``after`` (committed), and the server cannot be asked which:
+    each document is stored again alone, and is answered, delivered, handed over and
+    audited once either way."""
+    noted = Noted(behind_a_cut, monkeypatch)
+    raised: list[BaseException] = []
+
+    def lost(store: Store, delivered: Sequence[InboundDelivered]) -> None:
+        cut.cut(when)
+        cut.refuse = True  # nor can the server be asked what became of it
+        try:
+            store(delivered)
+        except BaseException as exc:
+            raised.append(exc)
+            raise
+        finally:
+            cut.refuse = False
+
+    noted.instead = lost
+    answers, message_ids = _receive_together(behind_a_cut, noted)
+    assert cut.cuts == 1 and [type(exc) for exc in raised] == [SpoolOutcomeUnknownError], raised
+    _, group, *alone = noted.transactions
+    assert sorted(group) == sorted(message_ids[1:]), noted.transactions
+    assert alone == [[message_id] for message_id in group]
+    _each_settled_once(behind_a_cut, answers, message_ids)
 
 
 GROUP_STEP = "gateway.spool.sqlite:SqliteSpool.inbound_delivered_all"
