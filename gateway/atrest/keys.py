@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.keywrap import (
@@ -86,6 +87,11 @@ class KeyStore:
         if len(found) > MAX_VERSIONS:
             raise self._unsafe(f"holds {len(found)} key files, more than medgw ever keeps")
         return found
+
+    def missing(self, versions: Iterable[int]) -> list[int]:
+        """Those of ``versions`` whose key is not in the folder, in their order."""
+        present = set(self.versions())
+        return [v for v in versions if v not in present]
 
     def load(self, version: int) -> bytes:
         path = self.key_dir / kek_name(version)

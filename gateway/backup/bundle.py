@@ -418,9 +418,7 @@ def _check_key_versions(config: GatewayConfig, versions: Sequence[int]) -> None:
     if config.at_rest is None or not versions:
         return
     key_dir = config.at_rest.key_dir
-    present = KeyStore(key_dir).versions()
-    missing = [v for v in versions if v not in present]
-    if missing:
+    if missing := KeyStore(key_dir).missing(versions):
         names = ", ".join(kek_name(v) for v in missing)
         raise BackupError(
             f"a purge or retention sweep rotated the key-encryption key while this backup "

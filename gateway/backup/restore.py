@@ -269,10 +269,7 @@ def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
             else {}
         )
     store = KeyStore(key_dir)
-    present = store.versions()
-    used = sorted(samples)
-    missing = [v for v in used if v not in present]
-    if missing:
+    if missing := store.missing(sorted(samples)):
         names = ", ".join(kek_name(v) for v in missing)
         raise RestoreRefused(
             f"{bundle}: what it keeps encrypted at rest is wrapped under the key-encryption "

@@ -344,24 +344,15 @@ class Retention:
             self._alert_not_removed(item, exc, actor, unsynced=True)
         for item in removal.others:
             self._audit.emit(
-                AuditEvent(
-                    EventType.RETENTION_DISPOSED,
-                    outcome=Outcome.FAILURE,
-                    severity=Severity.WARNING,
-                    peer=item.peer,
-                    message_id=item.message_id,
-                    service=item.service,
-                    direction=_name(item)["direction"],
-                    actor=actor,
-                    reason=f"the file {item.file} is not the {item.kind.value} copy "
-                    "disposed of (its size or SHA-256 is not its record's, or another "
-                    "file took its place as it was checked): kept",
-                    detail={
-                        "kind": item.kind.value,
-                        "file": str(item.file),
-                        "fix": "none for retention: the copy it was is gone; the file "
-                        "now there was written by another program, which owns it",
-                    },
+                _not_removed(
+                    item,
+                    actor,
+                    Severity.WARNING,
+                    f"the file {item.file} is not the {item.kind.value} copy disposed of "
+                    "(its size or SHA-256 is not its record's, or another file took its "
+                    "place as it was checked): kept",
+                    "none for retention: the copy it was is gone; the file now there was "
+                    "written by another program, which owns it",
                 )
             )
         if cleared := [*removal.removed, *removal.gone, *removal.others]:
@@ -403,17 +394,12 @@ class Retention:
         else:
             fix += "; the next sweep or purge retries it, and its record stays until it is gone"
         self._audit.emit(
-            AuditEvent(
-                EventType.RETENTION_DISPOSED,
-                outcome=Outcome.FAILURE,
-                severity=Severity.ALERT,
-                peer=item.peer,
-                message_id=item.message_id,
-                service=item.service,
-                direction=_name(item)["direction"],
-                actor=actor,
-                reason=f"the file {item.file} of a {item.kind.value} item disposed of {reason}",
-                detail={"kind": item.kind.value, "file": str(item.file), "fix": fix},
+            _not_removed(
+                item,
+                actor,
+                Severity.ALERT,
+                f"the file {item.file} of a {item.kind.value} item disposed of {reason}",
+                fix,
             )
         )
 
@@ -572,3 +558,22 @@ def _unlink(path: Path) -> bool:
 
 
 _CHUNK = 1 << 20
+
+
+def _not_removed(
+    item: Disposable, actor: str, severity: Severity, reason: str, fix: str
+) -> AuditEvent:
+    """``retention.disposed`` (failure) of an item whose file was not removed: why, and
+    what to do."""
+    return AuditEvent(
+        EventType.RETENTION_DISPOSED,
+        outcome=Outcome.FAILURE,
+        severity=severity,
+        peer=item.peer,
+        message_id=item.message_id,
+        service=item.service,
+        direction=_name(item)["direction"],
+        actor=actor,
+        reason=reason,
+        detail={"kind": item.kind.value, "file": str(item.file), "fix": fix},
+    )
