@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -332,8 +333,8 @@ def _receipts_now() -> PurgeRequest:
 def test_a_purge_that_rotates_the_key_during_a_backup_fails_the_backup(
     lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both backends, encryption at rest on: a real purge (of another process: a node of
-    the cluster, or medgw purge with the daemon stopped) disposes of a receipt after the
+    """Both backends, encryption at rest on: a real purge (of another process: another
+    node of the cluster) disposes of a receipt after the
     spool was copied and before its files are, and rotates the key-encryption key,
     destroying the one the copy's data keys are wrapped under.  Such a bundle could never
     be restored, so the backup fails, naming the key and saying to run it again, and
@@ -500,3 +501,65 @@ def test_a_node_rebuilt_from_another_nodes_bundle_names_its_own_receipt_files_it
     assert view["receipt"].get("altered") is True, view
     [alert] = events(trail, "atrest.integrity_failed")
     assert alert["message_id"] == VICTIM, alert
+
+
+def test_a_rotation_under_way_on_another_node_fails_the_backup(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends: another node's purge (no hold of this daemon's: its own process) has
+    made the new key-encryption key and re-wrapped every data key, and has not yet
+    destroyed the old key (its spool's shred, a long VACUUM, is under way) when the backup
+    checks its keys.  The key the bundle needs is still there, but goes as the rotation
+    ends: the backup fails and says to run it again."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    _settled_in_file(layout, config)
+    written = tmp_path / "lab.p7m"
+    with _retention_with_keys(config, tmp_path) as retention:
+        spool = cast(Any, retention)._spool
+        in_shred, release = threading.Event(), threading.Event()
+        real_shred = spool.shred
+
+        def held_shred() -> bool:  # the rotation paused between its commit and the destroy
+            in_shred.set()
+            assert release.wait(60)
+            return bool(real_shred())
+
+        monkeypatch.setattr(spool, "shred", held_shred)
+        other = threading.Thread(target=retention.purge, args=(_receipts_now(), "other node"))
+
+        def start_other() -> None:
+            other.start()
+            assert in_shred.wait(60)
+
+        ran = _during_the_copy(monkeypatch, start_other)
+        try:
+            with pytest.raises(BackupError) as refused:
+                write_bundle(config, written, datetime.now(UTC))
+        finally:
+            release.set()
+            other.join(60)
+        assert ran == [True]
+    assert "kek-1" in refused.value.message and "holds kek-1, kek-2" in refused.value.message
+    assert refused.value.fix is not None and "medgw backup again" in refused.value.fix
+    assert not written.exists()
+    assert KeyStore(config.at_rest.key_dir).versions() == [2]
+
+
+def test_a_key_folder_with_no_key_fails_the_backup_naming_it(
+    lab: Lab, layout: DemoLayout, tmp_path: Path
+) -> None:
+    """Both backends: the spool keeps items encrypted at rest, and the key folder holds
+    no key (not put back after a move): the backup says that, not that a purge ran."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    _settled_in_file(layout, config)
+    with _retention_with_keys(config, tmp_path):
+        pass
+    for key in config.at_rest.key_dir.iterdir():
+        key.unlink()
+    with pytest.raises(BackupError) as refused:
+        write_bundle(config, tmp_path / "lab.p7m", datetime.now(UTC))
+    assert "holds no key-encryption key" in refused.value.message, refused.value.message
+    assert "rotation" not in refused.value.message
+    assert refused.value.fix is not None and str(config.at_rest.key_dir) in refused.value.fix

@@ -412,20 +412,34 @@ def _key_versions(db: Any) -> list[int]:
 
 
 def _check_key_versions(config: GatewayConfig, versions: Sequence[int]) -> None:
-    """Every key-encryption key the bundle's data keys are wrapped under is still in the
-    key folder once everything is collected: a purge that rotated the key meanwhile
-    destroyed one, and the bundle could never be restored (restore would refuse it)."""
+    """Every key-encryption key the bundle's data keys are wrapped under is the newest in
+    the key folder once everything is collected, and the only one.  An older one
+    destroyed, or a newer one beside it, means a purge's rotation (of this process
+    before the backup, or of another node) ran or is running now: it destroys the key
+    the bundle needs, and the bundle could never be restored (restore would refuse it)."""
     if config.at_rest is None or not versions:
         return
     key_dir = config.at_rest.key_dir
-    if missing := KeyStore(key_dir).missing(versions):
-        names = ", ".join(kek_name(v) for v in missing)
+    present = KeyStore(key_dir).versions()
+    if not present:
         raise BackupError(
-            f"a purge or retention sweep rotated the key-encryption key while this backup "
-            f"was being taken: what the bundle keeps encrypted is wrapped under {names}, "
-            f"which is no longer in {key_dir} ([at_rest] key_dir), so the bundle could "
-            "never be restored; nothing was written",
-            fix="run medgw backup again (then copy the key folder, as README's Backups says)",
+            f"the key folder {key_dir} ([at_rest] key_dir) holds no key-encryption key, "
+            "but the spool keeps items encrypted at rest: the bundle could never be "
+            "restored; nothing was written",
+            fix=f"put back the key folder kept with this gateway's keys at {key_dir}, then "
+            "back up again",
+        )
+    if any(v != present[-1] for v in versions) or len(present) > 1:
+        needed = ", ".join(kek_name(v) for v in versions)
+        raise BackupError(
+            f"a key rotation ran or is running while this backup was being taken (a purge "
+            f"or retention sweep, here or on another node): what the bundle keeps "
+            f"encrypted is wrapped under {needed}, and {key_dir} ([at_rest] key_dir) holds "
+            f"{', '.join(kek_name(v) for v in present)}, so the bundle could not be restored "
+            "once the rotation ends; nothing was written",
+            fix="run medgw backup again once the purge has finished (a rotation a stopped "
+            "medgw left unfinished is finished at its next start); then copy the key folder, "
+            "as README's Backups says",
         )
 
 

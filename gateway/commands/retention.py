@@ -47,6 +47,9 @@ def register(commands: Any) -> None:
     purge.set_defaults(handler=_purge)
 
 
+PURGE_ANSWER_SECONDS = 6 * 3600
+
+
 def _purge(args: argparse.Namespace) -> int:
     body = {
         "before": args.before,
@@ -55,7 +58,11 @@ def _purge(args: argparse.Namespace) -> int:
         "service": args.service,
         "dry_run": args.dry_run,
     }
-    result = control_client(args.config).call("POST", "/v1/purge", body)
+    # The daemon answers once everything went and the key is rotated: minutes for a
+    # large spool.
+    result = control_client(args.config, timeout=PURGE_ANSWER_SECONDS).call(
+        "POST", "/v1/purge", body
+    )
     verb = "would dispose of" if result["dry_run"] else "disposed of"
     counts = ", ".join(f"{kind} {n}" for kind, n in result["counts"].items()) or "nothing"
     return emit(args, result, f"{verb}: {counts}")
