@@ -14,9 +14,10 @@ and then kills the process (``--kill-after``), or kills it before the call
 with ``--until-file PATH``: ``PATH.reached`` is created when the call is held);
 ``--kill-after-event NAME`` kills it right after the audit
 record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
-write of that record fail instead (as on a full disk).  The product has no hook of its own: this
-file is not part of the installed package, and nothing an administrator sets
-can make a ``medgw`` process stop like this.
+write of that record fail instead (as on a full disk); ``--group-of N`` makes the
+receiver's first group of receipts wait until N documents wait to be stored in it.
+The product has no hook of its own: this file is not part of the installed package,
+and nothing an administrator sets can make a ``medgw`` process stop like this.
 """
 
 from __future__ import annotations
@@ -134,6 +135,25 @@ def _fail_once_at_event(event: str) -> Callable[[Callable[..., Any]], Callable[.
     return wrap
 
 
+def _group_of(count: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Patches ReceiptGroups._company (gateway.inbound.settling), which takes the next
+    group of receipts to store: the first group is taken once ``count`` documents wait
+    (at most HOLD_SECONDS), so that it holds them all."""
+    taken: list[bool] = []
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def company(self: Any) -> Any:
+            if not taken:
+                taken.append(True)
+                with self._changed:  # told of each document handed in
+                    self._changed.wait_for(lambda: len(self._waiting) >= count, HOLD_SECONDS)
+            return original(self)
+
+        return company
+
+    return wrap
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kill-after", metavar="MODULE:FUNCTION")
@@ -143,6 +163,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--until-file", metavar="PATH", type=Path)
     parser.add_argument("--kill-after-event", metavar="EVENT")
     parser.add_argument("--fail-once-at-event", metavar="EVENT")
+    parser.add_argument("--group-of", metavar="N", type=int)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -159,6 +180,8 @@ def main(argv: list[str]) -> None:
     if args.fail_once_at_event:
         failing = _fail_once_at_event(args.fail_once_at_event)
         _patch("gateway.audit.log:AuditLog._write_all", failing)
+    if args.group_of:
+        _patch("gateway.inbound.settling:ReceiptGroups._company", _group_of(args.group_of))
     # The command: python -m MODULE ARGS...
     at = command.index("-m")
     module, rest = command[at + 1], command[at + 2 :]

@@ -32,6 +32,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.spool import InboundDelivered, Spool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.conftest import MakeSpool
+from tests.helpers.atrest import kept_receipt, sent_receipt
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.commit_cut import CommitCut
 from tests.helpers.faults import killed_at, wait_killed
@@ -434,3 +435,54 @@ def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
     assert len(delivered) == 5 == len({r["message_id"] for r in delivered})
     sent = wait_for_events(layout.hospital.audit_log, "receipt.sent", count=5)
     assert {r["message_id"] for r in sent} == {r["message_id"] for r in delivered}
+
+
+def test_a_kill_after_a_group_is_committed_leaves_each_document_delivered_once(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A real ``medgw run`` hospital is killed right after its first group's transaction
+    commits, the group holding two of the lab's documents (the lab's share of the
+    workers): their receipts are stored, not yet audited as sent nor answered.  After the
+    restart each of the lab's documents is in the inbox once, written once, with one
+    receipt.sent record, and the lab's resends of the two are answered with the receipts
+    stored before the kill."""
+    group = 2
+    hospital = processes.start(
+        layout.hospital.config_path,
+        prefix=killed_at("--group-of", str(group), "--kill-after", GROUP_STEP),
+    )
+    processes.start(layout.lab.config_path)
+    documents = {f"order-{n}.hl7": os.urandom(20_000) for n in range(5)}
+    for name, data in documents.items():
+        drop_file(layout.lab.outbox_for("hospital"), name, data)
+    wait_killed(hospital)
+    trail = layout.hospital.audit_log
+    delivered = events(trail, "message.delivered")
+    assert len(delivered) == group and not events(trail, "receipt.sent"), delivered
+    assert not events(layout.lab.audit_log, "receipt.received")
+    inbox = layout.hospital.inbox_dir / "lab"
+    landed = sorted(Path(record["detail"]["inbox_file"]).name for record in delivered)
+    assert sorted(p.name for p in inbox.iterdir()) == landed
+    before = {name: os.stat(inbox / name) for name in landed}
+    # Committed before the kill: each document of the group with its receipt.
+    config = layout.hospital.config_path
+    receipts = {r["message_id"]: sent_receipt(config, "lab", r["message_id"]) for r in delivered}
+    assert all(receipts.values()), receipts
+
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        processes.start(config)
+        received = wait_for_events(layout.lab.audit_log, "receipt.received", count=5)
+    assert all(r["detail"]["disposition"] == "processed" for r in received)
+    assert all(r["detail"]["mic_verified"] for r in received)
+    assert watch.rewritten == [] and watch.looks > 10
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
+    for name, stat in before.items():
+        after = os.stat(inbox / name)
+        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    # The lab's resends of the group's documents answered with the receipts stored then.
+    for message_id, receipt in receipts.items():
+        assert kept_receipt(layout.lab.config_path, message_id) == receipt, message_id
+    delivered = events(trail, "message.delivered")
+    assert len(delivered) == 5 == len({r["message_id"] for r in delivered})
+    sent = wait_for_events(trail, "receipt.sent", count=5)
+    assert sorted(r["message_id"] for r in sent) == sorted(r["message_id"] for r in delivered)

@@ -10,7 +10,7 @@ from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.spool import SqliteSpool
-from gateway.spool.records import receipt_item
+from gateway.spool.records import receipt_item, sent_receipt_item
 
 
 def kept_file(config_path: Path, item: str, path: Path) -> bytes:
@@ -47,5 +47,23 @@ def stored_receipt(config_path: Path, message_id: str) -> bytes | None:
     spool = SqliteSpool(config.storage.spool_path, SystemClock())
     try:
         return spool.stored_receipt(message_id, MAX_SEALED_RECEIPT)
+    finally:
+        spool.close()
+
+
+def sent_receipt(config_path: Path, peer: str, message_id: str) -> bytes | None:
+    """The receipt stored for inbound ``message_id`` of ``peer`` (None: none stored), as
+    its sender keeps the receipt it receives: its Content-Type line and body."""
+    config = load_config(config_path)
+    assert config.at_rest is not None
+    spool = SqliteSpool(config.storage.spool_path, SystemClock())
+    try:
+        record = spool.inbound_get(peer, message_id)
+        if record is None or record.state != "delivered" or record.receipt_body is None:
+            return None
+        vault = Vault(KeyStore(config.at_rest.key_dir), spool)
+        body = vault.open_bytes(sent_receipt_item(peer, message_id), record.receipt_body)
+        content_type = dict(record.receipt_headers)["Content-Type"]
+        return f"Content-Type: {content_type}\r\n\r\n".encode() + body
     finally:
         spool.close()
