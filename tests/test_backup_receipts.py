@@ -29,6 +29,7 @@ from gateway.backup import bundle
 from gateway.backup.bundle import BackupError, write_bundle
 from gateway.backup.restore import MAX_LISTED
 from gateway.clock import SystemClock
+from gateway.cms.stream import sign_and_envelope_file
 from gateway.config import GatewayConfig, load_config
 from gateway.config.retention import RetentionSettings
 from gateway.logs import make_logger
@@ -522,7 +523,8 @@ def test_a_rotation_under_way_on_another_node_fails_the_backup(
 
         def held_shred() -> bool:  # the rotation paused between its commit and the destroy
             in_shred.set()
-            assert release.wait(60)
+            if not release.wait(60):
+                raise AssertionError("the backup never let the rotation go on")
             return bool(real_shred())
 
         monkeypatch.setattr(spool, "shred", held_shred)
@@ -539,6 +541,7 @@ def test_a_rotation_under_way_on_another_node_fails_the_backup(
         finally:
             release.set()
             other.join(60)
+        assert not other.is_alive(), "the other node's purge did not end"
         assert ran == [True]
     assert "kek-1" in refused.value.message and "holds kek-1, kek-2" in refused.value.message
     assert refused.value.fix is not None and "medgw backup again" in refused.value.fix
@@ -563,3 +566,54 @@ def test_a_key_folder_with_no_key_fails_the_backup_naming_it(
     assert "holds no key-encryption key" in refused.value.message, refused.value.message
     assert "rotation" not in refused.value.message
     assert refused.value.fix is not None and str(config.at_rest.key_dir) in refused.value.fix
+
+
+def test_an_old_key_a_killed_rotation_left_beside_the_newest_fails_no_backup(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends: a rotation re-wrapped every data key under kek-2 and died before it
+    destroyed kek-1 (here: its destroy fails).  The bundle needs kek-2 alone, which no
+    rotation under way destroys: the backup is written, and names kek-2."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    _settled_in_file(layout, config)
+    written = tmp_path / "lab.p7m"
+    with _retention_with_keys(config, tmp_path) as retention:
+        vault = cast(Any, retention)._vault
+
+        def killed(version: int) -> None:
+            raise OSError(f"killed before kek-{version} was destroyed")
+
+        monkeypatch.setattr(vault._store, "destroy", killed)
+        with pytest.raises(OSError, match="killed before kek-1"):
+            vault.rotate()
+    assert KeyStore(config.at_rest.key_dir).versions() == [1, 2]
+    done = write_bundle(config, written, datetime.now(UTC))
+    assert done.key_versions == (2,) and written.exists()
+
+
+def test_a_rotation_while_the_bundle_is_sealed_fails_it_and_keeps_the_earlier_file(
+    lab: Lab, layout: DemoLayout, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both backends: another node's purge rotates the key after the backup has collected
+    and checked its keys, while the bundle is being signed and encrypted.  The bundle's
+    keys are checked again before it takes its name: the backup fails, and the file of
+    that name from an earlier backup is still there, as it was."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    _settled_in_file(layout, config)
+    written = tmp_path / "lab.p7m"
+    written.write_bytes(b"the bundle of an earlier night")
+    with _retention_with_keys(config, tmp_path) as retention:
+        real = sign_and_envelope_file
+
+        def seal_as_another_node_purges(*args: Any, **kwargs: Any) -> Any:
+            retention.purge(_receipts_now(), "other node")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(bundle, "sign_and_envelope_file", seal_as_another_node_purges)
+        with pytest.raises(BackupError) as refused:
+            write_bundle(config, written, datetime.now(UTC))
+    assert "holds kek-2" in refused.value.message, refused.value.message
+    assert written.read_bytes() == b"the bundle of an earlier night"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lab.p7m")] == []

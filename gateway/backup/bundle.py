@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from cryptography import x509
@@ -61,7 +61,7 @@ from gateway.errors import (
     SignatureError,
     SignerNotTrustedError,
 )
-from gateway.fsutil import private_folder
+from gateway.fsutil import fsync_dir, partial_name, private_folder
 from gateway.pki.keypair import PrivateKey
 from gateway.policy import AlgorithmPolicy
 from gateway.spool.postgres import PostgresSettings
@@ -413,10 +413,10 @@ def _key_versions(db: Any) -> list[int]:
 
 def _check_key_versions(config: GatewayConfig, versions: Sequence[int]) -> None:
     """Every key-encryption key the bundle's data keys are wrapped under is the newest in
-    the key folder once everything is collected, and the only one.  An older one
-    destroyed, or a newer one beside it, means a purge's rotation (of this process
-    before the backup, or of another node) ran or is running now: it destroys the key
-    the bundle needs, and the bundle could never be restored (restore would refuse it)."""
+    the key folder.  One destroyed, or a newer one beside it, means a purge's rotation
+    (of another node, or one left unfinished) ran or is running: it destroys the key the
+    bundle needs, and the bundle could never be restored (restore would refuse it).  An
+    older key beside the newest one, which the bundle does not need, is no matter."""
     if config.at_rest is None or not versions:
         return
     key_dir = config.at_rest.key_dir
@@ -429,17 +429,18 @@ def _check_key_versions(config: GatewayConfig, versions: Sequence[int]) -> None:
             fix=f"put back the key folder kept with this gateway's keys at {key_dir}, then "
             "back up again",
         )
-    if any(v != present[-1] for v in versions) or len(present) > 1:
+    if any(v != present[-1] for v in versions):
         needed = ", ".join(kek_name(v) for v in versions)
         raise BackupError(
-            f"a key rotation ran or is running while this backup was being taken (a purge "
-            f"or retention sweep, here or on another node): what the bundle keeps "
-            f"encrypted is wrapped under {needed}, and {key_dir} ([at_rest] key_dir) holds "
+            f"a key rotation was under way while this backup was being taken (a purge or "
+            f"retention sweep, here or on another node, or one a medgw killed during a "
+            f"purge left unfinished): what the bundle keeps encrypted is wrapped under "
+            f"{needed}, and {key_dir} ([at_rest] key_dir) holds "
             f"{', '.join(kek_name(v) for v in present)}, so the bundle could not be restored "
             "once the rotation ends; nothing was written",
-            fix="run medgw backup again once the purge has finished (a rotation a stopped "
-            "medgw left unfinished is finished at its next start); then copy the key folder, "
-            "as README's Backups says",
+            fix="run medgw backup again once the purge has finished; if none is running, "
+            "start (or restart) a medgw of this spool: its start finishes a rotation left "
+            "unfinished. Then copy the key folder, as README's Backups says",
         )
 
 
@@ -529,39 +530,14 @@ def write_bundle(
     work = state / f"{WORK_PREFIX}{os.getpid()}-{now.strftime('%Y%m%dT%H%M%S%f')}"
     private_folder(work)
     entity = work.with_name(work.name + ".entity")
+    sealed_here = partial_name(dst)  # renamed to dst once its keys are checked again
     try:
         with vault.collecting() if vault is not None else contextlib.nullcontext():
-            manifest = collect(config, work)
-            _check_key_versions(config, manifest["key_versions"])
-        manifest["created_at"] = now.isoformat()
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        archive = work.with_name(work.name + ".tar")
-        with archive.open("wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                tar.add(work / MANIFEST, arcname=MANIFEST)
-                for name in sorted(manifest["files"]):
-                    tar.add(work / name, arcname=name)
-        shutil.rmtree(work, ignore_errors=True)  # its files are in the archive now
-        with entity.open("wb") as handle, archive.open("rb") as tar_file:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(ENTITY_HEAD)
-            while chunk := tar_file.read(_LINE * 1024):
-                for start in range(0, len(chunk), _LINE):
-                    handle.write(base64.b64encode(chunk[start : start + _LINE]) + b"\r\n")
-        signing = config.backup.signing  # backups' own key, never the AS2 one
-        sealed = sign_and_envelope_file(
-            entity,
-            dst,
-            signer_cert=signing.certificate,
-            signer_key=signing.key,
-            recipients=[config.backup.recipient],
-            digest=config.smime.digest,
-            cipher=config.backup.cipher,
-            signing_time=now,
-            policy=AlgorithmPolicy(),
-            durable=True,
-        )
+            sealed = _seal(config, work, entity, sealed_here, now)
+            # Checked again: another node's rotation may have begun while it was sealed.
+            _check_key_versions(config, sealed.manifest["key_versions"])
+        os.replace(sealed_here, dst)
+        fsync_dir(dst.parent)
     except OSError as exc:
         raise BackupError(
             f"cannot write the backup {dst}: {exc.strerror or exc}",
@@ -571,6 +547,8 @@ def write_bundle(
         shutil.rmtree(work, ignore_errors=True)
         work.with_name(work.name + ".tar").unlink(missing_ok=True)
         entity.unlink(missing_ok=True)
+        sealed_here.unlink(missing_ok=True)
+    manifest = sealed.manifest
     return Written(
         dst,
         sealed.size,
@@ -578,6 +556,49 @@ def write_bundle(
         manifest["outbound_messages"],
         tuple(manifest["key_versions"]),
     )
+
+
+class _Sealed(NamedTuple):
+    manifest: dict[str, Any]
+    size: int
+
+
+def _seal(config: GatewayConfig, work: Path, entity: Path, dst: Path, now: datetime) -> _Sealed:
+    """Collect the bundle's files into ``work``, check their keys, and seal them (through
+    ``entity``, a MIME entity of their tar archive) into ``dst``."""
+    assert config.backup is not None
+    manifest = collect(config, work)
+    _check_key_versions(config, manifest["key_versions"])
+    manifest["created_at"] = now.isoformat()
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    archive = work.with_name(work.name + ".tar")
+    with archive.open("wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(work / MANIFEST, arcname=MANIFEST)
+            for name in sorted(manifest["files"]):
+                tar.add(work / name, arcname=name)
+    shutil.rmtree(work, ignore_errors=True)  # its files are in the archive now
+    with entity.open("wb") as handle, archive.open("rb") as tar_file:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(ENTITY_HEAD)
+        while chunk := tar_file.read(_LINE * 1024):
+            for start in range(0, len(chunk), _LINE):
+                handle.write(base64.b64encode(chunk[start : start + _LINE]) + b"\r\n")
+    signing = config.backup.signing  # backups' own key, never the AS2 one
+    sealed = sign_and_envelope_file(
+        entity,
+        dst,
+        signer_cert=signing.certificate,
+        signer_key=signing.key,
+        recipients=[config.backup.recipient],
+        digest=config.smime.digest,
+        cipher=config.backup.cipher,
+        signing_time=now,
+        policy=AlgorithmPolicy(),
+        durable=True,
+    )
+    return _Sealed(manifest, sealed.size)
 
 
 def remove_leftovers(state: Path, prefixes: tuple[str, ...] = (WORK_PREFIX,)) -> int:
