@@ -471,9 +471,9 @@ def test_a_listing_by_state_names_its_state_in_its_text(
                 index,
             )
             for kind, index in (
-                (RetainedKind.RECEIVED, "handover_copy_kept"),
-                (RetainedKind.HANDOVER, "handover_done"),
-                (RetainedKind.RECEIPTS, "inbound_receipt_kept"),
+                (RetainedKind.RECEIVED, "handover_copy_kept_at"),
+                (RetainedKind.HANDOVER, "handover_copy_gone_at"),
+                (RetainedKind.RECEIPTS, "inbound_receipt_kept_at"),
             )
         ),
     ],
@@ -610,4 +610,4 @@ def test_the_received_messages_records_to_dispose_of_are_read_oldest_first_by_in
     ]
     assert received, f"{what}: {reads}"
     for query, how, searched in received:
-        assert searched == {"inbound_delivered"}, f"{what}: {how} of {searched}: {query}"
+        assert searched == {"inbound_receipt_gone_at"}, f"{what}: {how} of {searched}: {query}"

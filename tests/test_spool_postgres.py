@@ -27,6 +27,7 @@ from gateway.spool.postgres.schema import VERSION
 from gateway.spool.schema import file_name
 from tests.clocks import SetClock, TickingClock
 from tests.helpers.postgres import PASSWORD, PostgresServer
+from tests.helpers.spool_indexes import RETENTION_FIRST_FORMS
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
 
@@ -357,13 +358,14 @@ def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
 
 # The indexes of retention's batches of hand-overs and received messages, as they are.
 RETENTION_INDEXES = {
-    "handover_copy_kept": "ON public.handover USING btree (updated_at)"
+    "handover_copy_kept_at": "ON public.handover USING btree (state, updated_at)"
     " WHERE ((state = 'done'::text) AND (copy_purged_at IS NULL))",
-    "handover_done": "ON public.handover USING btree (updated_at) WHERE (state = 'done'::text)",
-    "inbound_receipt_kept": "ON public.inbound USING btree (updated_at)"
+    "handover_copy_gone_at": "ON public.handover USING btree (state, updated_at)"
+    " WHERE ((state = 'done'::text) AND (copy_purged_at IS NOT NULL))",
+    "inbound_receipt_kept_at": "ON public.inbound USING btree (state, updated_at)"
     " WHERE ((state = 'delivered'::text) AND (receipt_body IS NOT NULL))",
-    "inbound_delivered": "ON public.inbound USING btree (updated_at)"
-    " WHERE (state = 'delivered'::text)",
+    "inbound_receipt_gone_at": "ON public.inbound USING btree (state, updated_at)"
+    " WHERE ((state = 'delivered'::text) AND (receipt_body IS NULL))",
 }
 
 
@@ -402,6 +404,39 @@ def test_a_spool_of_the_version_before_gets_the_indexes_by_peer_and_by_message(
     listed = spool.list_outbound(peer="lab")
     assert [r.message_id for r in listed] == ["<m2@hospital>", "<m1@hospital>", "<m0@hospital>"]
     spool.close()
+
+
+def test_a_spool_with_retention_s_first_indexes_gets_their_new_forms(
+    postgres_server: PostgresServer, postgres: PostgresSettings
+) -> None:
+    """A spool of the version before has retention's indexes of the time alone (those of
+    the records of every row done or answered): the first start after the upgrade
+    replaces them with the new ones."""
+    spool = PostgresSpool(postgres, TickingClock())
+    spool._transact(
+        lambda db: [
+            *(db.execute(f"DROP INDEX IF EXISTS {name}", ()) for name in RETENTION_INDEXES),
+            *(db.execute(statement, ()) for statement in RETENTION_FIRST_FORMS.values()),
+            # Four statements fewer: those that drop the first forms.
+            db.execute("UPDATE spool_schema SET version=?", (VERSION - 4,)),
+        ]
+    )
+    spool.close()
+    spool = PostgresSpool(postgres, TickingClock())
+    spool.close()
+    with postgres_server.admin(postgres.dbname) as db:
+        indexes = {
+            str(row[0]): str(row[1])
+            for row in db.execute(
+                "SELECT indexname, indexdef FROM pg_indexes"
+                " WHERE tablename IN ('handover', 'inbound')"
+            )
+        }
+        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
+    assert version == [(VERSION,)]
+    assert not set(RETENTION_FIRST_FORMS) & set(indexes), indexes
+    for name, definition in RETENTION_INDEXES.items():
+        assert definition in indexes[name], indexes[name]
 
 
 def test_a_spool_of_the_version_before_gets_the_receipt_columns_and_older_nodes_refuse_it(
