@@ -199,6 +199,74 @@ def test_a_group_that_cannot_reach_the_spool_is_not_tried_again_document_by_docu
         assert record is None or record.state != "delivered", record
 
 
+class _Pausing(threading.Condition):
+    """The receipt groups' condition, for a leader whose own document is not in its
+    group: after the first ``skip`` documents handed in, the next ``pausing`` ones'
+    threads wait for ``go`` once they have let it go, before they try to lead; those
+    after them wait to lead."""
+
+    def __init__(self, skip: int, pausing: int) -> None:
+        super().__init__()
+        self.skip = skip
+        self.pausing = pausing
+        self.go = threading.Event()
+        self._handed_in = threading.local()
+
+    def notify_all(self) -> None:  # a document handed in (or given up)
+        super().notify_all()
+        self._handed_in.now = True
+
+    def __exit__(self, *args: Any) -> None:
+        super().__exit__(*args)
+        if getattr(self._handed_in, "now", False):
+            self._handed_in.now = False
+            with self:
+                if self.skip > 0:
+                    self.skip, pause = self.skip - 1, False
+                else:
+                    pause, self.pausing = self.pausing > 0, self.pausing - 1
+            if pause and not self.go.wait(DEADLINE):
+                raise AssertionError("the test never let the paused documents go")
+
+
+def test_a_leader_whose_document_is_not_in_its_group_stores_the_next_one_too(
+    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More documents wait than a group holds (here two: as when more threads than a
+    group's limit receive at once), and the first ones handed in are slow to try to lead:
+    the leader's group is the documents handed in first, without its own.  It stores that
+    group, then leads again until its own document is stored: each document is stored
+    and audited before it is answered, none left behind."""
+    groups = hospital.inbound._receipt_groups
+    pausing = _Pausing(skip=1, pausing=2)  # not the first document: the two after it
+    monkeypatch.setattr(groups, "_limit", 2)
+    monkeypatch.setattr(groups, "_changed", pausing)
+    [peer] = hospital.config.peers
+    trail = hospital.config.storage.audit_log
+    stored_when_answered: dict[str, bool] = {}
+    process = hospital.inbound.process
+
+    def answered(request: InboundRequest) -> InboundResponse:
+        answer = process(request)
+        message_id = check_message_id(request.headers["message-id"])
+        record = hospital.spool.inbound_get(peer.name, message_id)
+        sent = [r for r in events(trail, "receipt.sent") if r["message_id"] == message_id]
+        stored_when_answered[message_id] = bool(record and record.state == "delivered" and sent)
+        return answer
+
+    monkeypatch.setattr(hospital.inbound, "process", answered)
+    noted = Noted(hospital, monkeypatch)
+    noted.second = pausing.go.set  # the paused documents' group is being stored
+    answers, message_ids = _receive_together(hospital, noted)
+    first, *rest = noted.transactions
+    assert first == message_ids[:1] and [len(group) for group in rest] == [2, 2, 1], rest
+    assert sorted(one for group in rest for one in group) == sorted(message_ids[1:])
+    assert all(isinstance(a, InboundResponse) and a.status == 200 for a in answers), answers
+    assert stored_when_answered == dict.fromkeys(message_ids, True), stored_when_answered
+    sent = [r["message_id"] for r in events(trail, "receipt.sent")]
+    assert sorted(sent) == sorted(message_ids)
+
+
 @pytest.fixture
 def hospital_sqlite(tmp_path: Path) -> Iterator[Receiver]:
     with receiver(tmp_path) as opened:  # its spool: SQLite in its state folder

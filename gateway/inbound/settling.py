@@ -140,7 +140,13 @@ class ReceiptGroups:
         while not waiting.done:
             with self._leader:
                 if not waiting.done:  # not stored by the leader before us: lead
-                    self._store_group(self._company())
+                    group = self._company()
+                    # Ours is in it unless ``limit`` documents handed in before ours fill
+                    # it (more threads hand documents in at once than a group holds):
+                    # those are stored first, in their order, and ours in a later group,
+                    # on a next turn of this loop; this thread never returns before.
+                    assert any(one is waiting for one in group) or len(group) == self._limit
+                    self._store_group(group)
         if waiting.error is not None:
             raise waiting.error
 
