@@ -133,6 +133,7 @@ def _receive_together(
     noted.release.set()
     for thread in threads:
         thread.join(DEADLINE)
+        assert not thread.is_alive(), "a document's processing did not end"
     return answers, [check_message_id(request.headers["message-id"]) for request in requests]
 
 
@@ -420,8 +421,22 @@ def test_a_group_whose_transaction_fails_part_way_settles_each_document_once(
     is rolled back): each document is stored again alone, and is answered, delivered,
     handed over and audited once."""
     noted = Noted(handing_over, monkeypatch)
-    noted.instead = lambda store, delivered: store(_FailingRows(delivered, at=2))
+    spool = handing_over.spool
+    left: list[list[object]] = []  # what the failed transaction left of its first rows
+
+    def failing(store: Store, delivered: Sequence[InboundDelivered]) -> None:
+        try:
+            store(_FailingRows(delivered, at=2))
+        finally:  # before any document is stored again alone
+            for row in delivered[:2]:
+                record = spool.inbound_get(row.peer, row.message_id)
+                left.append(
+                    [record and record.state, spool.handover_list(message_id=row.message_id)]
+                )
+
+    noted.instead = failing
     answers, message_ids = _receive_together(handing_over, noted)
+    assert len(left) == 2 and all(state != "delivered" and not handed for state, handed in left)
     _, group, *alone = noted.transactions
     assert sorted(group) == sorted(message_ids[1:]), noted.transactions
     assert alone == [[message_id] for message_id in group]
