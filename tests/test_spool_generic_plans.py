@@ -611,3 +611,63 @@ def test_the_received_messages_records_to_dispose_of_are_read_oldest_first_by_in
     assert received, f"{what}: {reads}"
     for query, how, searched in received:
         assert searched == {"inbound_receipt_gone_at"}, f"{what}: {how} of {searched}: {query}"
+
+
+def sorts_in(plan: dict[str, Any]) -> Iterator[str]:
+    """Each sort in ``plan`` and the plans under it (its keys)."""
+    if plan["Node Type"] == "Sort":
+        yield ", ".join(plan.get("Sort Key", ()))
+    for child in plan.get("Plans", ()):
+        yield from sorts_in(child)
+
+
+@pytest.mark.parametrize(
+    ("kind", "peer", "table", "through"),
+    [
+        (RetainedKind.SPOOL, "lab", "outbound", "outbound_updated"),
+        (RetainedKind.RECEIVED, "lab", "handover", "handover_copy_kept_at"),
+        (RetainedKind.HANDOVER, "lab", "handover", "handover_copy_gone_at"),
+        # A peer none of whose messages sent are finished: its received messages are read.
+        (RetainedKind.RECEIPTS, "radiology", "inbound", "inbound_receipt_kept_at"),
+        # Not the received messages' records of one peer: whether each one's hand-over
+        # record is gone is asked in an anti-join that reads the peer's hand-overs whole.
+    ],
+)
+def test_the_sweep_s_batches_of_one_peer_and_service_read_their_index_in_its_order(
+    generic: Path,
+    postgres: PostgresSettings,
+    kind: RetainedKind,
+    peer: str,
+    table: str,
+    through: str,
+) -> None:
+    """The daemon's sweep disposes of each peer's and service's things apart (a service
+    of its own retention, or none).  Planned for any value of its parameters, a service
+    compared with "IS NOT DISTINCT FROM" a parameter was reckoned to match one row: the
+    batch read every row of its rule finished before the cutoff, then sorted them, at
+    every batch.  Each batch reads its rule's index oldest first, and sorts nothing."""
+    what = f"{kind.value} of {peer}, swept"
+    found: list[list[object]] = []
+    seen = list(
+        plans_of(
+            generic,
+            postgres,
+            lambda s: found.append(
+                list(
+                    s.disposable(
+                        kind,
+                        "2026-06-01T00:00:00+00:00",
+                        peer=peer,
+                        service=None,
+                        any_service=False,
+                    )
+                )
+            ),
+        )
+    )
+    assert found[0], f"{what}: nothing found: the spool is not as the test made it"
+    [(query, plan)] = [(q, p) for q, p in seen if f"FROM {table} WHERE" in q]
+    read = list(reads_in(plan))
+    assert read and all(searched for _, _, searched in read), f"{what}: {query}\n  {read}"
+    assert through in {index for _, _, searched in read for index in searched}, read
+    assert not list(sorts_in(plan)), f"{what}: sorted: {query}\n  {plan}"

@@ -128,8 +128,13 @@ def _where(
     if peer is not None:
         where.append("peer = :peer")
         params["peer"] = peer
-    if not any_service:
-        where.append("service IS NOT DISTINCT FROM :service")
+    if not any_service and service is None:
+        # Written as such, not "IS NOT DISTINCT FROM" a parameter: PostgreSQL's generic
+        # plan reckons with one row for that, and read every row of the rule before
+        # ``before`` and sorted them for each batch of the sweep (one peer and service).
+        where.append("service IS NULL")
+    elif not any_service:
+        where.append("service = :service")
         params["service"] = service
     return " AND ".join(f"({w})" for w in where), params
 
