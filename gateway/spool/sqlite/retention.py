@@ -51,9 +51,14 @@ class _Rule:
     checked: bool = False  # the row records its file's sha256 and size (both NOT NULL)
 
 
+# Asked of each row, by the hand-overs' key, as a batch reads the rows oldest first.  A
+# subquery with an OFFSET is never made a join by PostgreSQL: without one, it made this
+# an anti-join, reckoned cheapest by reading every hand-over of the peer (or all of them)
+# into a hash, then sorting all it found, at every batch (31,052 buffers and 21.6 ms
+# against 388 and 0.26 ms for a batch of 64 of 20,000, tests/test_spool_generic_plans.py).
 _NO_HANDOVER = (
     "NOT EXISTS (SELECT 1 FROM handover h WHERE h.peer=inbound.peer"
-    " AND h.message_id=inbound.message_id{later})"
+    " AND h.message_id=inbound.message_id{later} LIMIT 1 OFFSET 0)"
 )
 
 _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
