@@ -205,6 +205,7 @@ def test_a_caller_is_never_told_its_change_is_stored_when_the_database_is_gone(
     deadline = time.monotonic() + 10
     while len(writer._waiting) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert len(writer._waiting) == 2  # both wait behind the batch in progress
     db.close()
     go.set()
     for thread in threads:
