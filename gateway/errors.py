@@ -216,9 +216,19 @@ class DataKeyAlteredError(AtRestError):
     one, and this item's data key was changed outside medgw."""
 
 
-class StorageFullError(DeliveryError):
-    """No space is left where a received document goes (disk full, quota).
+class InboxUnavailableError(DeliveryError):
+    """Where a received document goes cannot be written for now, for a cause the
+    administrator removes on the host without changing the configuration.
 
-    Unlike other delivery errors this one passes by itself once space is freed:
-    the peer is asked to resend instead of being told the delivery failed.
+    Unlike other delivery errors this one passes once that is done: the peer is asked
+    to resend instead of being told the delivery failed.
     """
+
+
+class StorageFullError(InboxUnavailableError):
+    """No space is left where a received document goes (disk full, quota)."""
+
+
+class InboxNotWritableError(InboxUnavailableError):
+    """The user medgw runs as may not write where a received document goes (EACCES,
+    EPERM), or it lies on a file system mounted read-only (EROFS)."""

@@ -8,6 +8,7 @@ import glob
 import hashlib
 import io
 import os
+import pwd
 import re
 import secrets
 import stat
@@ -370,12 +371,41 @@ def read_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterable[bytes]:
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the file system (or the user's quota) is full
+# This user may not write there (modes, owner, an immutable attribute), or the file
+# system is mounted read-only.
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def this_user() -> str:
+    """The user this process reads and writes files as: its name, or its uid when the
+    host has no name for it."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def storage_fix(exc: OSError, folder: Path) -> str:
     """What an administrator does about ``exc``, raised while writing into ``folder``."""
     if exc.errno in NO_SPACE:
         return f"free disk space on the file system of {folder} (df -h {folder})"
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"make {folder} writable by the medgw user (ls -ld {folder})"
+    if exc.errno == errno.EROFS:
+        return (
+            f"{folder} is on a file system mounted read-only: mount it read-write, or "
+            f"move the folder to one that is (findmnt -T {folder})"
+        )
+    if exc.errno in NOT_WRITABLE:
+        return writable_fix(folder)
     return f"check {folder} and the disk under it (dmesg may show I/O errors)"
+
+
+def writable_fix(folder: Path) -> str:
+    """How to let this user write into ``folder``: into the nearest of it and its
+    parents that exists (where medgw creates the rest)."""
+    where = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), folder)
+    user = this_user()
+    return (
+        f"make {where} writable by user {user}, whom medgw runs as "
+        f"(ls -ld {where}; for example chown {user} {where})"
+    )

@@ -25,8 +25,16 @@ import secrets
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
-from gateway.errors import DeliveryError, StorageFullError
-from gateway.fsutil import NO_SPACE, FolderSync, fsync_dir, safe_name, shared_folder, storage_fix
+from gateway.errors import DeliveryError, InboxNotWritableError, StorageFullError
+from gateway.fsutil import (
+    NO_SPACE,
+    NOT_WRITABLE,
+    FolderSync,
+    fsync_dir,
+    safe_name,
+    shared_folder,
+    storage_fix,
+)
 
 FILE_MODE = 0o640
 # A clash gets a random suffix, tried again until free: nobody can predict the
@@ -91,7 +99,7 @@ def prepare(target: Path, node: str) -> Path:
     """Create the target's folder and an empty hidden work file beside it, made by
     ``node``; its path.
 
-    Raises StorageFullError or DeliveryError (see :func:`delivery_error`).
+    Raises InboxUnavailableError or DeliveryError (see :func:`delivery_error`).
     """
     work = work_name(target, node)
     try:
@@ -204,6 +212,11 @@ def delivery_error(exc: OSError, target: Path) -> DeliveryError:
     """``exc``, raised while delivering to ``target``, for the administrator."""
     if exc.errno in NO_SPACE:
         return StorageFullError(
+            f"cannot write the received document to {target}: {exc.strerror or exc}",
+            fix=storage_fix(exc, target.parent),
+        )
+    if exc.errno in NOT_WRITABLE:
+        return InboxNotWritableError(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
             fix=storage_fix(exc, target.parent),
         )

@@ -23,8 +23,8 @@ from gateway.delivery import inbox
 from gateway.errors import (
     ClaimHeldError,
     DeliveryError,
+    InboxUnavailableError,
     SpoolOutcomeUnknownError,
-    StorageFullError,
 )
 from gateway.inbound.locks import InboundLocks
 from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound, audit_inbound_later
@@ -176,8 +176,8 @@ class InboxDelivery:
                 if self._spool.inbound_release(peer.name, message_id):
                     inbox.discard(work)
                 raise
-        except StorageFullError:
-            raise  # passes once space is freed: the peer resends (see unavailable())
+        except InboxUnavailableError:
+            raise  # passes once space is freed or the folder writable: the peer resends
         except DeliveryError as exc:  # needs the administrator: the sender is told now
             self._log.error("delivery.failed", peer=peer.name, error=exc.message, fix=exc.fix)
             raise Refused(
@@ -223,7 +223,7 @@ class InboxDelivery:
         received: Pending,
     ) -> Path:
         """Fill the work file and link it into the inbox; the name it took.  Raises only
-        before the link: DeliveryError (StorageFullError) for a file-system error, an
+        before the link: DeliveryError (InboxUnavailableError) for a file-system error, an
         OSError if ``received`` could not be made durable."""
         try:
             inbox.fill(work, payload())

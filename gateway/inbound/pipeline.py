@@ -44,6 +44,7 @@ from gateway.egress import Network
 from gateway.errors import (
     AtRestError,
     DecryptionError,
+    InboxUnavailableError,
     MalformedMessageError,
     MedgwError,
     PolicyError,
@@ -51,7 +52,6 @@ from gateway.errors import (
     SignatureError,
     SignerNotTrustedError,
     SpoolError,
-    StorageFullError,
 )
 from gateway.fsutil import private_folder, storage_fix
 from gateway.inbound.exactly_once import InboxDelivery
@@ -271,14 +271,15 @@ class InboundProcessor:
         ):
             try:
                 return self._accept_and_answer(request, message_id, digest, arrival)
-            except (StorageFullError, SpoolError, OSError) as exc:
+            except (InboxUnavailableError, SpoolError, OSError) as exc:
                 return self.unavailable(request, message_id, exc)
 
     def unavailable(
         self, request: InboundRequest, message_id: str | None, exc: MedgwError | OSError
     ) -> InboundResponse:
         """What a peer sent could not be stored here for now: no space left for the
-        document, or the spool, working files or audit log could not be written.
+        document, an inbox folder this user may not write (or mounted read-only), or the
+        spool, working files or audit log could not be written.
 
         Nothing is acknowledged: the answer is HTTP 503 without a receipt, so the
         peer keeps the message and resends it (a document that reached the inbox

@@ -46,3 +46,38 @@ def fill_file_system(folder: Path, leave: int = 0) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+class ReadOnlyFolder:
+    """A folder mounted read-only on itself (a bind mount, as root): writing into it
+    fails with EROFS, for root too, as on a file system the host mounted read-only."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.mounted = False
+
+    def mount(self) -> None:
+        for argv in (
+            ["mount", "--bind", str(self.folder), str(self.folder)],
+            ["mount", "-o", "remount,ro,bind", str(self.folder)],
+        ):
+            subprocess.run(argv, capture_output=True, text=True, check=True)
+            self.mounted = True
+
+    def release(self) -> None:
+        """The administrator's fix: the folder writable again."""
+        if self.mounted:
+            subprocess.run(["umount", str(self.folder)], capture_output=True, check=True)
+            self.mounted = False
+
+
+@contextlib.contextmanager
+def read_only_folder(folder: Path) -> Iterator[ReadOnlyFolder]:
+    """``folder`` (created if missing) read-only until the end or its ``release()``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    found = ReadOnlyFolder(folder)
+    try:
+        found.mount()
+        yield found
+    finally:
+        found.release()
