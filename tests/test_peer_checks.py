@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.demo_run import drop_file
 from gateway.pki.demo import DemoLayout
-from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import demo_ca
@@ -194,3 +195,30 @@ def test_an_eddsa_peer_certificate_is_refused_with_the_key_families_medgw_accept
     assert "EdDSA (Ed25519/Ed448) certificates are not accepted" in said, said
     assert "use an ECDSA P-256 or RSA-3072 key" in said
     assert "not on the CRYPTREC list" not in said
+
+
+@pytest.mark.parametrize(
+    ("issued_ago", "valid_days", "clock_first"),
+    [(40, 30, False), (45, 7, True)],
+    ids=["stale", "stale-for-longer-than-its-validity"],
+)
+def test_a_stale_crl_is_named_by_its_issuer_and_dates_with_the_clock_in_the_fix(
+    layout: DemoLayout, issued_ago: int, valid_days: int, clock_first: bool
+) -> None:
+    this_update = NOW - timedelta(days=issued_ago)
+    crl = make_crl(demo_ca(layout), now=this_update, days=valid_days, number=2)
+    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    crl_file.write_bytes(crl.public_bytes(Encoding.PEM))
+    result = check_config(layout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [error] = findings(result, layout, "error", "tls_certificates")
+    next_update = this_update + timedelta(days=valid_days)
+    assert (
+        f"the CRL of Common Name: medgw Demo Root CA, Organization: medgw demo PKI "
+        f"(not for production) (thisUpdate {this_update:%Y-%m-%d %H:%M}Z) passed its "
+        f"nextUpdate on {next_update:%Y-%m-%d %H:%M}Z" in error
+    ), error
+    assert "fix: fetch the CA's current CRL into the zone's `crls`" in error
+    assert "correct this host's clock" in error
+    assert ("check this host's clock first" in error) is clock_first
+    assert "CRLContainer" not in error and "\\x" not in error

@@ -467,7 +467,11 @@ class _Inputs:
 
 
 async def _status_of(
-    cert: asn1_x509.Certificate, index: int, path: ValidationPath, context: ValidationContext
+    cert: asn1_x509.Certificate,
+    index: int,
+    path: ValidationPath,
+    context: ValidationContext,
+    at: datetime,
 ) -> CertificateStatus:
     from pyhanko_certvalidator._state import ValProcState
     from pyhanko_certvalidator.util import ConsList
@@ -489,11 +493,41 @@ async def _status_of(
             problems.append(f"no {source.upper()} for it")
         except (OCSPValidationError, CRLValidationError, ValidationError, ValueError) as exc:
             failures = getattr(exc, "failures", None)
-            text = "; ".join(str(f) for f in failures) if failures else str(exc)
+            text = "; ".join(_failure(f, at) for f in failures) if failures else str(exc)
             problems.append(f"{source.upper()}: {text}")
     if sources:
         return CertificateStatus(subject, "good", "+".join(sorted(sources)))
     return CertificateStatus(subject, "unknown", "", "; ".join(problems))
+
+
+STALE_CRL = "passed its nextUpdate"
+
+
+def _failure(failure: object, at: datetime) -> str:
+    """One of the validator's (message, revocation info) failures, in words: the CRL
+    named by its issuer and dates, never the object's repr (which holds its raw DER)."""
+    if not isinstance(failure, tuple) or not failure:
+        return str(failure)
+    message = str(failure[0])
+    crl = getattr(failure[1], "crl_data", failure[1]) if len(failure) > 1 else None
+    if not isinstance(crl, asn1_crl.CertificateList):
+        return message
+    tbs = crl["tbs_cert_list"]
+    issuer = tbs["issuer"].human_friendly
+    this_update = tbs["this_update"].native
+    next_update = tbs["next_update"].native
+    dates = f"thisUpdate {this_update:%Y-%m-%d %H:%M}Z"
+    if next_update is None or "not recent enough" not in message:
+        return f"{message} (CRL of {issuer}, {dates})"
+    text = (
+        f"the CRL of {issuer} ({dates}) {STALE_CRL} on {next_update:%Y-%m-%d %H:%M}Z "
+        f"and this host's clock reads {at:%Y-%m-%d %H:%M}Z"
+    )
+    if at - next_update > next_update - this_update:
+        # Stale by more than its whole validity period: a CA rarely stops publishing
+        # for that long, a clock set far ahead does that to every CRL at once.
+        text += ", later than that CRL's whole validity period: check this host's clock first"
+    return text
 
 
 def _crl_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
@@ -729,7 +763,7 @@ async def _validate_path(
     path = inputs.fresh(path)
     pairs: list[tuple[asn1_x509.Certificate, CertificateStatus]] = []
     for index, cert in enumerate(certs[1:], start=1):
-        status = await _status_of(cert, index, path, context)
+        status = await _status_of(cert, index, path, context, inputs.at)
         if status.status == "unknown":
             status = _revoked_in_a_stale_crl(cert, certs[index - 1], inputs.crls) or status
         note = notes.get(cert.sha256)
@@ -749,11 +783,17 @@ async def _validate_path(
     unknown = [(c, s) for c, s in pairs if s.status == "unknown"]
     if unknown and revocation is RevocationPolicy.REQUIRE:
         first = unknown[0][1]
+        fix = (
+            "fetch the CA's current CRL into the zone's `crls` (or check why fetch_crls "
+            "cannot refresh it) and reload, or, if that CRL is current, correct this host's "
+            "clock (timedatectl)"
+            if STALE_CRL in first.detail
+            else "provide a current CRL of its issuer, or make its OCSP responder reachable"
+        )
         return ValidationResult(
             False,
             f"revocation status of certificate {first.subject} could not be established "
-            f"({first.detail}); revocation policy 'require' refuses it; fix: provide a current "
-            "CRL of its issuer, or make its OCSP responder reachable",
+            f"({first.detail}); revocation policy 'require' refuses it; fix: {fix}",
             chain,
             summary,
             statuses,
