@@ -372,6 +372,26 @@ def test_revocation_require_gives_no_revocation_warning(layout: DemoLayout) -> N
     assert "revocation:" not in result.stdout
 
 
+def test_a_peer_certificate_as_trust_anchor_is_refused_naming_the_file(
+    layout: DemoLayout,
+) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    anchor = 'trust_anchors = ["certs/trust/loopback.crt"]'
+    assert anchor in text
+    config.write_text(text.replace(anchor, 'trust_anchors = ["certs/peers/lab/tls.crt"]'))
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    peer_cert = layout.hospital.root / "certs" / "peers" / "lab" / "tls.crt"
+    assert reported(
+        result,
+        config,
+        "zones[0].trust_anchors",
+        f"{peer_cert} holds CN=KITA-LAB,O=Kita Clinical Laboratory, which is not a CA certificate",
+        "put the CA's root certificate here",
+    ), result.stdout + result.stderr
+
+
 # --- a value of the wrong type: the fix shows the admin's own value ----------------------
 
 

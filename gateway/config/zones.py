@@ -10,7 +10,7 @@ from cryptography import x509
 
 from gateway.egress import ZonePath
 from gateway.errors import MedgwError
-from gateway.pki.store import load_crls
+from gateway.pki.store import describe, load_crls
 from gateway.routing import Network
 from gateway.tomlreader import Reader, Section
 
@@ -109,7 +109,18 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
         )
         anchors: list[x509.Certificate] = []
         for anchor_path in anchor_paths:
-            anchors.extend(reader.certificates(item, "trust_anchors", anchor_path))
+            for anchor in reader.certificates(item, "trust_anchors", anchor_path):
+                if _is_ca(anchor):
+                    anchors.append(anchor)
+                    continue
+                item.problem(
+                    "trust_anchors",
+                    f"{anchor_path} holds {describe(anchor)}, which is not a CA certificate "
+                    "(its basicConstraints does not say cA): a trust anchor is the CA that "
+                    "issues the peers' certificates, never a peer's own certificate",
+                    "put the CA's root certificate here (the one that issued the peers' "
+                    "certificates), and the peer's own certificate in its peers.d file",
+                )
         min_version = item.choice("min_version", ("1.3", "1.2"), default="1.3")
         revocation = item.choice("revocation", REVOCATION_POLICIES, default="require")
         crl_paths = tuple(reader.path(p) for p in item.string_list("crls", required=False))
@@ -162,6 +173,13 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
             )
         )
     return zones
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _egress_except(item: Section, egress: list[Network]) -> tuple[list[Network], list[Network]]:
