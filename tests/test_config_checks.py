@@ -392,6 +392,34 @@ def test_a_peer_certificate_as_trust_anchor_is_refused_naming_the_file(
     ), result.stdout + result.stderr
 
 
+def test_a_misnamed_peer_file_is_a_warning_naming_it_and_an_editor_swap_file_is_not(
+    layout: DemoLayout,
+) -> None:
+    folder = layout.hospital.root / "peers.d"
+    (folder / "lab.toml").rename(folder / "lab.tml")
+    (folder / ".lab.tml.swp").write_bytes(b"")
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not an error
+    lines = [line for line in result.stdout.splitlines() if str(folder) in line]
+    assert lines == [
+        f"warning: {folder / 'lab.tml'}: ignored: only files named <peer>.toml in the peers "
+        "folder are read, so no peer is configured from this one (fix: rename it to lab.toml "
+        f"if it describes a peer, else move it out of {folder})"
+    ], result.stdout
+
+
+def test_a_backup_beside_its_peer_file_is_a_warning_to_move_it_out(layout: DemoLayout) -> None:
+    folder = layout.hospital.root / "peers.d"
+    (folder / "lab.toml.bak").write_bytes((folder / "lab.toml").read_bytes())
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"warning: {folder / 'lab.toml.bak'}: ignored: only files named <peer>.toml "
+        in result.stdout
+    )
+    assert f"(fix: move it out of {folder} (a copy of lab.toml?))" in result.stdout
+
+
 # --- a value of the wrong type: the fix shows the admin's own value ----------------------
 
 

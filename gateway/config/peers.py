@@ -214,8 +214,11 @@ def load_peers(
     algorithms a peer file does not name."""
     peers: list[Peer] = []
     if peers_dir.is_dir():
-        for peer_file in sorted(peers_dir.glob("*.toml")):
-            peer = _load_peer(reader, peer_file, defaults)
+        for entry in sorted(peers_dir.iterdir()):
+            if entry.suffix != ".toml":
+                _not_a_peer_file(reader, entry)
+                continue
+            peer = _load_peer(reader, entry, defaults)
             if peer is not None:
                 peers.append(peer)
     else:
@@ -226,6 +229,29 @@ def load_peers(
             "create it and put one <peer>.toml per peer institution in it",
         )
     return peers
+
+
+def _not_a_peer_file(reader: Reader, entry: Path) -> None:
+    """A file in peers.d that is not read: a warning, as a misspelt peer file
+    (``lab.tml``, ``lab.toml.bak``) would otherwise leave its peer out unnoticed.
+    Hidden files (an editor's swap file such as ``.lab.toml.swp``) and folders are
+    passed over."""
+    if entry.name.startswith(".") or not entry.is_file():
+        return
+    name = entry.name.split(".", 1)[0].rstrip("~") + ".toml"
+    fix = (
+        f"move it out of {entry.parent} (a copy of {name}?)"
+        if (entry.parent / name).exists()
+        else f"rename it to {name} if it describes a peer, else move it out of {entry.parent}"
+    )
+    reader.add(
+        entry,
+        "",
+        "ignored: only files named <peer>.toml in the peers folder are read, so no "
+        "peer is configured from this one",
+        fix,
+        "warning",
+    )
 
 
 def check_peer_uniqueness(reader: Reader, peers: list[Peer], own_as2_id: str) -> None:
