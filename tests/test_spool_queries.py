@@ -39,6 +39,8 @@ RETENTION_INDEXES = (
     "inbound_receipt_kept_at",
     "inbound_receipt_gone_at",
 )
+# And those of the messages sent whose receipts went, SQLite's alone.
+SENT_RETENTION_INDEXES = ("outbound_receipt_gone_at", "outbound_peer_receipt_gone_at")
 
 
 def with_backlog(spool: Spool, tmp_path: Path) -> None:
@@ -224,6 +226,7 @@ def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> N
         "outbound_peer",
         "handover_message",
         *RETENTION_INDEXES,
+        *SENT_RETENTION_INDEXES,
     } <= names
     assert "outbound_due" not in names  # a prefix of outbound_next: only slows writes
     # Their first forms, of every row by state: each change of state wrote their pages.
@@ -306,6 +309,91 @@ def test_retention_s_batches_of_received_messages_read_their_own_index_in_its_or
     [steps] = [steps for statement, steps in plans.items() if f"FROM {table} WHERE" in statement]
     assert steps[0] == f"SEARCH {table} USING INDEX {index} (state=? AND updated_at<?)", steps
     assert not [s for s in steps if "TEMP B-TREE" in s], steps
+
+
+def with_sent(spool: Spool, tmp_path: Path) -> list[str]:
+    """Messages sent to a peer that sent none (clinic), one after the other: delivered
+    with their receipts, one in five cancelled instead (before it was sent, so without
+    one), and the receipts of the ten oldest delivered disposed of.  Returns the
+    messages whose records retention may dispose of (those without a receipt), oldest
+    first."""
+    finished: list[str] = []
+    for i in range(24):
+        message_id = f"<sent-{i}@hospital>"
+        spool.add_intake(
+            message_id, "clinic", "d.hl7", "text/plain", tmp_path / "s", tmp_path / "p"
+        )
+        spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
+        if i % 5 == 2:
+            spool.operator_cancel(message_id, "operator:test")
+        else:
+            spool.mark_sending(message_id)
+            spool.mark_done(message_id, OutboundState.DELIVERED, "processed", tmp_path / "r")
+        finished.append(message_id)
+    receipts = spool.disposable(
+        RetainedKind.RECEIPTS, "2999", peer="clinic", service=None, any_service=False, limit=10
+    )
+    assert len(spool.dispose(receipts)) == 10
+    gone = {item.message_id for item in receipts}
+    return [m for i, m in enumerate(finished) if i % 5 == 2 or m in gone]
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["purge", "sweep"])
+def test_retention_s_batches_of_messages_sent_records_read_their_own_index_in_its_order(
+    spool: SqliteSpool, tmp_path: Path, sweep: bool
+) -> None:
+    """Each retention batch of the records of messages sent, on a spool without
+    statistics, reads the index of the messages delivered or cancelled whose receipts
+    went, each state apart by state and time (by peer too in the sweep's form), oldest
+    first, and merges the two: not every message delivered or cancelled read through the
+    index by state and sorted, for each batch of 64 (5.7 ms against 0.2 ms per batch on
+    20,000, bench/retention_batch_bench.py)."""
+    with_sent(spool, tmp_path)
+    found: list[object] = []
+
+    def batch() -> None:
+        if sweep:  # the daemon's: one peer's and service's (none here) at a time
+            found.extend(
+                spool.disposable(
+                    RetainedKind.SPOOL, "2999", peer="clinic", service=None, any_service=False
+                )
+            )
+        else:  # a purge's (`medgw purge`): every peer and service
+            found.extend(spool.disposable(RetainedKind.SPOOL, "2999"))
+
+    statements = statements_of(spool, batch)
+    assert found, "nothing found: the spool is not as the test made it"
+    [steps] = [
+        plan(tmp_path / "spool.db", statement)
+        for statement in statements
+        if "FROM outbound WHERE" in statement
+    ]
+    index = (
+        "outbound_peer_receipt_gone_at (state=? AND peer=? AND updated_at<?)"
+        if sweep
+        else "outbound_receipt_gone_at (state=? AND updated_at<?)"
+    )
+    reads = [s for s in steps if s.startswith(("SEARCH ", "SCAN "))]
+    assert reads == [f"SEARCH outbound USING INDEX {index}"] * 2, steps
+    assert not [s for s in steps if "TEMP B-TREE" in s], steps
+
+
+@pytest.mark.parametrize("limit", [5, 64])
+def test_a_batch_of_messages_sent_records_is_the_oldest_whichever_their_state(
+    tmp_path: Path, make_spool: MakeSpool, limit: int
+) -> None:
+    """A batch of the records of messages sent holds those delivered and cancelled alike,
+    oldest first, in the purge's form and the sweep's, and only those whose receipts
+    went: the states read apart (SQLite) or together (PostgreSQL), the same rows."""
+    spool = make_spool(TickingClock())
+    expected = with_sent(spool, tmp_path)
+    purge = spool.disposable(RetainedKind.SPOOL, "2999", limit=limit)
+    sweep = spool.disposable(
+        RetainedKind.SPOOL, "2999", peer="clinic", service=None, any_service=False, limit=limit
+    )
+    assert [item.message_id for item in purge] == expected[:limit]
+    assert [item.message_id for item in sweep] == expected[:limit]
+    assert spool.disposable(RetainedKind.SPOOL, "2999", peer="lab", any_service=True) == []
 
 
 def test_a_spool_with_retention_s_first_indexes_gets_their_new_forms_when_opened(

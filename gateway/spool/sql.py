@@ -96,6 +96,11 @@ class SqlStore(ABC):
     # then its size in bytes: each backend's own (SQLite stores any type in any column,
     # and counts a text's length in characters up to its first NUL).
     receipt_is_bytes: ClassVar[str]
+    # True: a query of the rows of several states, oldest first, reads each state's rows
+    # apart through an index by state and time, in its order, and merges them (SQLite,
+    # which has no statistics and otherwise reads every row of those states through the
+    # index by state and sorts them); False: one read of the index by time (PostgreSQL).
+    reads_states_apart: ClassVar[bool] = False
 
     @abstractmethod
     def close(self) -> None: ...

@@ -27,6 +27,7 @@ class Database(SqlStore):
     """The SQLite spool's connections: a writer (with group commit) and a reader."""
 
     receipt_is_bytes = "typeof(receipt)='blob'"
+    reads_states_apart = True
 
     def __init__(self, path: Path, clock: Clock, claimant: Claimant | None = None) -> None:
         self._clock = clock

@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.spool.records import Disposable, RetainedKind, items_of
-from gateway.spool.sql import FORGET_DISPLACED, Connection, Row, SqlStore
+from gateway.spool.records import Disposable, OutboundState, RetainedKind, items_of
+from gateway.spool.sql import FORGET_DISPLACED, Connection, Row, SqlStore, state_is
 
 # Nothing owed: delivered (a verified receipt), or withdrawn by an operator.
-_OUT_FINISHED = "state IN ('delivered', 'cancelled')"
+_OUT_STATES = (OutboundState.DELIVERED, OutboundState.CANCELLED)
+_OUT_FINISHED = "state IN ({})".format(", ".join(f"'{state.value}'" for state in _OUT_STATES))
 # Answered with its receipt, and not waiting for (or failed in) a hand-over.
 _IN_FINISHED = (
     "state='delivered' AND NOT EXISTS (SELECT 1 FROM handover h WHERE h.peer=inbound.peer"
@@ -49,6 +50,9 @@ class _Rule:
     # (None: a file no row names once it is disposed of, found by a folder's sweep).
     pending: str | None = None
     checked: bool = False  # the row records its file's sha256 and size (both NOT NULL)
+    # The states of ``condition`` a batch reads apart, each through the rule's index by
+    # state and time in its order, the reads merged oldest first (empty: one read).
+    apart: tuple[OutboundState, ...] = ()
 
 
 # Asked of each row, by the hand-overs' key, as a batch reads the rows oldest first.  A
@@ -112,6 +116,10 @@ _RULES: dict[RetainedKind, tuple[_Rule, ...]] = {
             "TRUE",
             None,
             "DELETE FROM outbound",
+            # Both states in one read, SQLite reads every row in them through an index by
+            # state (outbound_state) and sorts them, for each batch: each state apart, in
+            # the order of its index, merged (SqlStore.reads_states_apart).
+            apart=_OUT_STATES,
         ),
         _Rule(
             "inbound",
@@ -201,12 +209,16 @@ class RetainedItems(SqlStore):
         found: list[Disposable] = []
         for rule in _RULES[kind]:
             where, params = _where(rule, peer, service, any_service, dry_run=False)
+            apart = rule.apart if self.reads_states_apart else ()
+            reads = " UNION ALL ".join(
+                f"SELECT {_columns(rule)}, updated_at FROM {rule.table}"  # noqa: S608
+                f" WHERE {part}"
+                for part in [f"{where} AND ({state_is(state)})" for state in apart] or [where]
+            )
             # The limit as a number (see OutboundQueue.list_outbound): bound, PostgreSQL's
             # generic plan reckons with a tenth of the table for it.
             rows = self._read(
-                f"SELECT {_columns(rule)} FROM {rule.table}"  # noqa: S608
-                f" WHERE {where} ORDER BY updated_at"
-                f" LIMIT {int(limit - len(found))}",
+                f"{reads} ORDER BY updated_at LIMIT {int(limit - len(found))}",
                 params | {"before": before},
             )
             found.extend(_found(kind, rule, rows))
