@@ -59,6 +59,8 @@ def _print_problems(exc: ConfigError) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     from gateway.config import load_config
+    from gateway.config.access import access_problems
+    from gateway.fsutil import this_user
     from gateway.pki.peers import assess_peers
     from gateway.report import describe_config, trust_problems
 
@@ -77,10 +79,22 @@ def _check_config(args: argparse.Namespace) -> int:
     now = SystemClock().now()
     trust = asyncio.run(assess_peers(config.peers, config.zones, at=now))
     found = [p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)]
+    # The folders, as the daemon finds them when it runs as this user.
+    access = access_problems(config)
     errors = [p for p in found if p.severity == "error"]
-    warnings = [*config.warnings, *(p for p in found if p.severity != "error")]
+    refused = [p for p in access if p.severity == "error"]
+    warnings = [*config.warnings, *(p for p in [*found, *access] if p.severity != "error")]
     for warning in warnings:
         print(warning)
+    if refused:
+        for error in [*refused, *errors]:
+            print(error, file=sys.stderr)
+        print(
+            f"\n{path}: {len(refused) + len(errors)} error(s); medgw will not start as user "
+            f"{this_user()} with this configuration.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if errors:
         for error in errors:
             print(error, file=sys.stderr)
@@ -107,6 +121,7 @@ def _reload(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.daemon import Daemon
+    from gateway.fsutil import NOT_WRITABLE, storage_fix
     from gateway.logs import make_logger
 
     path: Path = args.config
@@ -125,8 +140,20 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(daemon.run())
     except ConfigError as exc:
         _print_problems(exc)
+        print(f"medgw: not starting: {path}: see above", file=sys.stderr)
         return EXIT_FAILED
     except MedgwError as exc:
         log.error("daemon.failed", error=exc.message, fix=exc.fix)
         print(f"medgw: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        if exc.errno not in NOT_WRITABLE or not exc.filename:
+            raise
+        # A file of the state folder or trail this user may not open, made so since the
+        # start's check (gateway.config.access) found none.
+        where = Path(os.fsdecode(exc.filename))
+        message = f"cannot use {where}: {exc.strerror}; medgw stopped"
+        fix = storage_fix(exc, where)
+        log.error("daemon.failed", error=message, fix=fix)
+        print(f"medgw: {message} (fix: {fix})", file=sys.stderr)
         return EXIT_FAILED

@@ -37,6 +37,7 @@ from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
 from gateway.config import ApiClient, GatewayConfig, load_config
+from gateway.config.access import access_problems
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
 from gateway.daemon.as2_handler import As2Handler
@@ -57,7 +58,7 @@ from gateway.egress import Network, NetworkMap, Refused
 from gateway.emergency.actions import Emergency
 from gateway.emergency.mode import MarkingSink
 from gateway.emergency.relax import relaxed
-from gateway.errors import MedgwError, SpoolReplacedError
+from gateway.errors import ConfigError, MedgwError, SpoolReplacedError
 from gateway.fsutil import private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
@@ -239,6 +240,13 @@ class Daemon:
         )
         config = load_config(self._config_path)  # ConfigError propagates: refuse to start
         self._log = self._log.bind(node=config.cluster.node_name)
+        # A state folder or trail this user may not write: refused before it is touched.
+        # An inbox or outbox: said now, and by the readiness until it is mended.
+        access = access_problems(config)
+        if refused := [p for p in access if p.severity == "error"]:
+            raise ConfigError(refused)
+        for problem in access:
+            self._log.warning("storage.not_writable", problem=str(problem))
         self._instance = InstanceLock(config.storage.state_dir)
         self._instance.acquire()  # before anything in the state folder is touched
         # What a killed run was receiving (bodies, decrypted working files): the peers

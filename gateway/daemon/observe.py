@@ -16,6 +16,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Pending
 from gateway.audit.log import Then
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, MetricsSettings
+from gateway.config.access import access_problems
 from gateway.logs import Logger
 from gateway.metrics.collector import Certificate, Crl, GatewayMetrics, Snapshot
 from gateway.metrics.server import MetricsServer
@@ -61,6 +62,8 @@ class Readiness:
         if failed is not None and self._clock.now() - failed < recent:
             out.append("a received document could not be stored within the last minute")
         if config is not None:
+            # A folder medgw's user may not write (an inbox: documents answered 503).
+            out += [f"{p.message} (fix: {p.fix})" for p in access_problems(config)]
             try:
                 free = shutil.disk_usage(config.storage.state_dir).free
             except OSError as exc:

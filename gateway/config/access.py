@@ -1,0 +1,102 @@
+"""Whether the user medgw runs as may write where ``[storage]`` says medgw works.
+
+Asked by ``medgw check-config``, at the daemon's start and by its readiness, never
+while loading the configuration: other commands read it as other users.
+
+* The state folder (the spool, the lock, the work folders) and the audit trail's
+  folder and file must be writable: without them the daemon cannot start (errors).
+* The inbox and the outbox, with their peers' folders that exist, should be: a
+  document for an inbox folder medgw cannot write is answered 503, and the peer
+  resends it once the folder is fixed; a file in an outbox folder medgw cannot
+  change stays there (warnings: the daemon starts, and says it is not ready).
+
+A folder that does not exist yet is judged by the nearest of its parents that
+does: medgw creates it there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from gateway.config.model import GatewayConfig
+from gateway.config.storage import STATE_FILES, STATE_FOLDERS
+from gateway.errors import ConfigProblem
+from gateway.fsutil import storage_fix, this_user
+
+_STATE = "medgw keeps its spool, its lock and its work files there: it cannot start"
+_AUDIT = "medgw appends the audit trail there: it cannot start"
+_INBOX = (
+    "medgw writes received documents there: until it can, the peers' documents are "
+    "answered 503 and kept by the peers for a resend"
+)
+_OUTBOX = "medgw removes each file it takes from there: until it can, nothing is sent"
+
+
+def access_problems(config: GatewayConfig) -> list[ConfigProblem]:
+    """What this process's user may not write of what ``config``'s ``[storage]`` names."""
+    storage = config.storage
+    checks: list[tuple[str, str, Path, str, str]] = [
+        ("storage.state_dir", "the state folder", storage.state_dir, _STATE, "error"),
+        *(
+            ("storage.state_dir", "the state folder's", storage.state_dir / name, _STATE, "error")
+            for name in (*STATE_FOLDERS, *STATE_FILES)
+            if name != "control.sock"  # made again at every start
+            and os.path.lexists(storage.state_dir / name)
+        ),
+        ("storage.audit_log", "the audit log's folder", storage.audit_log.parent, _AUDIT, "error"),
+    ]
+    if os.path.lexists(storage.audit_log):
+        checks.append(("storage.audit_log", "the audit log", storage.audit_log, _AUDIT, "error"))
+    for key, what, top, rule in (
+        ("storage.inbox_dir", "the inbox", storage.inbox_dir, _INBOX),
+        ("storage.outbox_dir", "the outbox", storage.outbox_dir, _OUTBOX),
+    ):
+        checks.append((key, what, top, rule, "warning"))
+        for peer in config.peers:
+            for folder in (top / peer.name, *(top / peer.name / s for s in peer.services)):
+                if folder.is_dir():
+                    checks.append((key, f"{what}'s folder", folder, rule, "warning"))
+    problems = []
+    for key, what, path, rule, severity in checks:
+        blocked = _not_writable(path)
+        if blocked is not None:
+            where, code = blocked
+            user = this_user()
+            said = (
+                "is on a file system mounted read-only"
+                if code == errno.EROFS
+                else f"may not be read and written by user {user}, whom medgw runs as"
+            )
+            named = (
+                f"{what} {path} {said}"
+                if where == path
+                else f"{what} {path} does not exist, and {where}, where medgw creates it, {said}"
+            )
+            problems.append(
+                ConfigProblem(
+                    str(config.source),
+                    key,
+                    f"{named}; {rule}",
+                    storage_fix(OSError(code, os.strerror(code)), where),
+                    severity,
+                )
+            )
+    return problems
+
+
+def _not_writable(path: Path) -> tuple[Path, int] | None:
+    """Where ``path`` (or the nearest parent that exists) may not be read and written
+    (a folder: listed and entered too), and why (EROFS or EACCES); None when it may."""
+    where = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if where is None:
+        return None
+    mode = os.R_OK | os.W_OK | (os.X_OK if where.is_dir() else 0)
+    if os.access(where, mode, effective_ids=os.access in os.supports_effective_ids):
+        return None
+    try:
+        read_only = bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return where, errno.EROFS if read_only else errno.EACCES

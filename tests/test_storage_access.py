@@ -1,0 +1,96 @@
+"""Folders medgw's user cannot write, found before they hurt, said without a traceback.
+
+Each folder is real and mounted read-only on itself (a bind mount: EROFS, which
+root meets too, as medgw's own user meets EACCES in a folder root owns).
+
+* The state folder or the audit trail's folder: ``check-config`` says so (an error
+  naming the key, the folder, the rule and the fix) and ``medgw run`` does not
+  start, with the same error, touching nothing.
+* An inbox folder: both say so as a warning; the daemon starts, logs
+  ``storage.not_writable``, and ``/health/ready`` says not ready, with the text,
+  until the folder is writable again.
+* A folder no start check covers ([cluster] bodies_dir): ``medgw run`` stops with
+  an error naming it and the fix, not a Python traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo_run import wait_until
+from gateway.pki.demo import DemoLayout
+from tests.cli import medgw
+from tests.helpers.check_config import check_config, reported
+from tests.helpers.metrics import get, with_metrics
+from tests.helpers.storage import read_only_folder
+
+
+@pytest.mark.parametrize(
+    ("key", "what", "folder"),
+    [
+        ("storage.state_dir", "the state folder", "state"),
+        ("storage.audit_log", "the audit log's folder", "audit"),
+    ],
+)
+def test_a_read_only_state_or_audit_folder_is_an_error_and_no_start(
+    layout: DemoLayout, key: str, what: str, folder: str
+) -> None:
+    config = layout.hospital.config_path
+    path = layout.hospital.root / folder
+    with read_only_folder(path):
+        checked = check_config(config)
+        started = medgw("run", "--config", config)
+    words = f"{what} {path} is on a file system mounted read-only"
+    fix = f"mount it read-write, or move the folder to one that is (findmnt -T {path})"
+    for result in (checked, started):
+        assert result.returncode == 1, result
+        assert "Traceback" not in result.stdout + result.stderr, result
+        assert reported(result, config, key, words, fix), result
+        assert "it cannot start" in result.stderr
+    assert "medgw will not start as user root with this configuration" in checked.stderr
+    assert f"medgw: not starting: {config}" in started.stderr
+    assert not (layout.hospital.root / "state" / "spool.sqlite3").exists()
+
+
+def test_a_read_only_inbox_folder_is_a_warning_and_not_ready_until_mended(
+    layout: DemoLayout, processes: Any
+) -> None:
+    port = with_metrics(layout.hospital)
+    config = layout.hospital.config_path
+    folder = layout.hospital.inbox_dir / "lab"
+    words = f"the inbox's folder {folder} is on a file system mounted read-only"
+    with read_only_folder(folder) as inbox:
+        checked = check_config(config)
+        assert checked.returncode == 0, checked
+        assert reported(checked, config, "storage.inbox_dir", words, f"findmnt -T {folder}")
+        assert "configuration is valid (1 warning(s))" in checked.stdout
+
+        hospital = processes.start(config)
+        said = hospital.wait_for(lambda line: line.get("event") == "storage.not_writable", 5)
+        assert words in said["problem"] and "answered 503" in said["problem"], said
+        status, text = get(port, "/health/ready")
+        assert status == 503 and words in text, text
+
+        inbox.release()  # the administrator makes the folder writable: no restart
+        wait_until(lambda: get(port, "/health/ready") == (200, "ready\n"), 30, "ready")
+
+
+def test_a_read_only_folder_no_check_covers_stops_the_start_with_its_fix(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    bodies = tmp_path / "bodies"
+    config = layout.hospital.config_path
+    with config.open("a") as toml:
+        toml.write(f'\n[cluster]\nbodies_dir = "{bodies}"\n')
+    with read_only_folder(bodies):
+        started = medgw("run", "--config", config)
+    assert started.returncode == 1, started
+    assert "Traceback" not in started.stdout + started.stderr, started
+    assert (
+        f"medgw: cannot use {bodies}: Read-only file system; medgw stopped (fix: {bodies} is "
+        "on a file system mounted read-only: mount it read-write, or move the folder to one "
+        f"that is (findmnt -T {bodies}))"
+    ) in started.stderr
