@@ -89,3 +89,32 @@ def test_an_audit_record_asks_nothing_of_the_file_but_to_write_and_sync_it(
     assert [r["message_id"] for r in records if r["event"] == "message.received"] == [
         f"<{n}@x>" for n in range(5)
     ]
+
+
+def test_a_received_document_opens_its_work_file_once(
+    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The work file is made open and written through that one opening: not opened a
+    second time to be filled (an open, a close and the buffered file's own calls)."""
+    config = hospital.config
+    [peer] = config.peers
+    request = hospital.request(b"MSH|one opening\r")
+    opened: list[str] = []
+    os_open = os.open
+
+    def watched(path: str | os.PathLike[str], flags: int, *args: int, **kw: int) -> int:
+        opened.append(os.fspath(path))
+        return os_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", watched)
+    try:
+        answer = hospital.inbound.process(request)
+    finally:
+        monkeypatch.undo()
+    assert answer.status == 200 and b"processed" in answer.body
+    inbox = config.storage.inbox_dir / peer.name
+    [delivered] = list(inbox.iterdir())  # the work name removed
+    assert delivered.read_bytes() == b"MSH|one opening\r"
+    work = [p for p in opened if p.endswith(".delivering")]
+    assert len(work) == 1, opened
+    assert os.path.dirname(work[0]) == str(inbox)

@@ -95,9 +95,27 @@ def work_name(target: Path, node: str) -> Path:
     return target.with_name(f".{target.name}.{node_tag(node)}{secrets.token_hex(3)}.delivering")
 
 
-def prepare(target: Path, node: str) -> Path:
+class WorkFile:
+    """A work file just created (see :func:`prepare`), held open until it is filled
+    (:func:`fill`) or given up (:meth:`close`): one ``open`` per document."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Let go of the open file (the name stays); a second call does nothing."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def prepare(target: Path, node: str) -> WorkFile:
     """Create the target's folder and an empty hidden work file beside it, made by
-    ``node``; its path.
+    ``node``: held open, for :func:`fill` to write without opening it again.
 
     Raises InboxUnavailableError or DeliveryError (see :func:`delivery_error`).
     """
@@ -105,23 +123,28 @@ def prepare(target: Path, node: str) -> Path:
     try:
         shared_folder(target.parent)
         fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-        os.close(fd)
     except OSError as exc:
         raise delivery_error(exc, target) from exc
-    return work
+    return WorkFile(work, fd)
 
 
-def fill(work: Path, payload: Iterable[bytes]) -> None:
-    """Write the document (bytes, or chunks of it) to the work file and sync it.
+def fill(work: WorkFile, payload: Iterable[bytes]) -> None:
+    """Write the document (bytes, or chunks of it) to the work file, sync and close it.
 
-    Raises OSError; the work file stays, for the caller to discard."""
+    Raises OSError; the work file stays (closed), for the caller to discard."""
     chunks = [payload] if isinstance(payload, bytes) else payload
-    fd = os.open(work, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
-    with os.fdopen(fd, "wb", closefd=True) as handle:
+    try:
+        fd = work.fileno()
         for chunk in chunks:
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"wrote nothing of a document to {work.path}")
+                view = view[written:]
+        os.fsync(fd)
+    finally:
+        work.close()
 
 
 def link(work: Path, target: Path) -> None:

@@ -151,7 +151,8 @@ class InboxDelivery:
         try:
             with self._locks.target:  # two documents with one name never share a target
                 target = self._choose_target(peer, message_id, filename, service)
-                work = inbox.prepare(target, self._spool.node)
+                opened = inbox.prepare(target, self._spool.node)
+                work = opened.path
                 try:
                     self._spool.inbound_begin(
                         peer.name, message_id, sha256, target, service, work_path=work, size=size
@@ -160,13 +161,15 @@ class InboxDelivery:
                     # The claim may be recorded, naming the work file: kept, for a record
                     # whose work file is gone reads as "in the inbox".  Not recorded, it is
                     # an unrecorded work file, removed as such (see recovery).
+                    opened.close()
                     raise
                 except BaseException:
+                    opened.close()
                     inbox.discard(work)
                     raise
             try:
                 target = self._write(
-                    peer, message_id, filename, service, payload, work, target, received
+                    peer, message_id, filename, service, payload, opened, target, received
                 )
             except ClaimHeldError:
                 raise  # another node took the delivery over: it settles the work file
@@ -176,6 +179,8 @@ class InboxDelivery:
                 if self._spool.inbound_release(peer.name, message_id):
                     inbox.discard(work)
                 raise
+            finally:
+                opened.close()  # filled and closed already, unless that failed first
         except InboxUnavailableError:
             raise  # passes once space is freed or the folder writable: the peer resends
         except DeliveryError as exc:  # needs the administrator: the sender is told now
@@ -218,15 +223,17 @@ class InboxDelivery:
         filename: str | None,
         service: str | None,
         payload: Callable[[], Iterable[bytes]],
-        work: Path,
+        opened: inbox.WorkFile,
         target: Path,
         received: Pending,
     ) -> Path:
-        """Fill the work file and link it into the inbox; the name it took.  Raises only
-        before the link: DeliveryError (InboxUnavailableError) for a file-system error, an
-        OSError if ``received`` could not be made durable."""
+        """Fill the work file (held open since it was made) and link it into the inbox;
+        the name it took.  Raises only before the link: DeliveryError
+        (InboxUnavailableError) for a file-system error, an OSError if ``received`` could
+        not be made durable."""
+        work = opened.path
         try:
-            inbox.fill(work, payload())
+            inbox.fill(opened, payload())
         except OSError as exc:
             raise inbox.delivery_error(exc, target) from exc
         # The document's arrival is recorded before it arrives.  Written before the claim
