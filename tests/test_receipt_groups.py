@@ -34,7 +34,7 @@ from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.conftest import MakeSpool
 from tests.helpers.atrest import kept_receipt, sent_receipt
 from tests.helpers.audit import events, wait_for_events
-from tests.helpers.commit_cut import CommitCut
+from tests.helpers.commit_cut import CommitCut, commit_cut
 from tests.helpers.faults import killed_at, wait_killed
 from tests.helpers.receiving import Receiver, receiver
 from tests.helpers.spooldisk import BACKENDS, SpoolDisk, spool_disk
@@ -358,12 +358,7 @@ def handing_over(tmp_path: Path, make_spool: MakeSpool) -> Iterator[Receiver]:
         yield opened
 
 
-@pytest.fixture
-def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
-    assert postgres.socket_dir is not None
-    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
-    yield proxy
-    proxy.close()
+cut = commit_cut()
 
 
 @pytest.fixture

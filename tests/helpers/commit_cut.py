@@ -29,11 +29,9 @@ from gateway.clock import SystemClock
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 
 
-def spool_behind_a_cut(connect_timeout: int) -> tuple[object, object]:
-    """The fixtures ``cut`` (a :class:`CommitCut` in front of the test's database) and
-    ``spool`` (a :class:`PostgresSpool` on that database through it, waiting at most
-    ``connect_timeout`` seconds for a connection), for a test module to take as its
-    own: ``cut, spool = spool_behind_a_cut(3)``."""
+def commit_cut() -> object:
+    """The fixture ``cut``, a :class:`CommitCut` in front of the test's database, for a
+    test module to take as its own: ``cut = commit_cut()``."""
 
     @pytest.fixture
     def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
@@ -41,6 +39,16 @@ def spool_behind_a_cut(connect_timeout: int) -> tuple[object, object]:
         proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
         yield proxy
         proxy.close()
+
+    return cut
+
+
+def spool_behind_a_cut(connect_timeout: int) -> tuple[object, object]:
+    """The fixtures ``cut`` (as :func:`commit_cut`) and ``spool`` (a
+    :class:`PostgresSpool` on the test's database through it, waiting at most
+    ``connect_timeout`` seconds for a connection), for a test module to take as its
+    own: ``cut, spool = spool_behind_a_cut(3)``."""
+    cut = commit_cut()
 
     @pytest.fixture
     def spool(postgres: PostgresSettings, cut: CommitCut) -> Iterator[PostgresSpool]:
