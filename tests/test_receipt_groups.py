@@ -137,6 +137,33 @@ def _receive_together(
     return answers, [check_message_id(request.headers["message-id"]) for request in requests]
 
 
+def _each_settled_once(
+    hospital: Receiver,
+    answers: Sequence[Any],
+    message_ids: list[str],
+    document: bytes = b"MSH|together %d\r",
+) -> None:
+    """Every document (``document`` % its number) answered with its receipt, in the
+    inbox once, delivered with its receipt in the spool and, where the hospital hands
+    documents over, one hand-over, with one ``message.delivered`` and one
+    ``receipt.sent`` record in the trail."""
+    assert all(isinstance(a, InboundResponse) and a.status == 200 for a in answers), answers
+    assert all(b"processed" in a.body for a in answers)
+    [peer] = hospital.config.peers
+    inbox = hospital.config.storage.inbox_dir / peer.name
+    assert sorted(p.read_bytes() for p in inbox.iterdir()) == sorted(
+        document % n for n in range(DOCUMENTS)
+    )
+    handovers = 0 if hospital.config.delivery is None else 1
+    for message_id in message_ids:
+        record = hospital.spool.inbound_get(peer.name, message_id)
+        assert record is not None and record.state == "delivered" and record.receipt_body
+        assert len(hospital.spool.handover_list(message_id=message_id)) == handovers, message_id
+    for name in ("message.delivered", "receipt.sent"):
+        recorded = [r["message_id"] for r in events(hospital.config.storage.audit_log, name)]
+        assert sorted(recorded) == sorted(message_ids), (name, recorded)
+
+
 def test_documents_delivered_together_are_stored_in_one_group(
     hospital: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,17 +333,8 @@ def test_a_group_whose_spool_disk_is_full_is_not_tried_again_document_by_documen
             assert alert["detail"]["fix"].startswith("free disk space on the"), alert
 
         disk.free()  # the administrator frees space; the peer resends
-        for request in requests[1:]:
-            answer = hospital.inbound.process(request)
-            assert answer.status == 200 and b"processed" in answer.body, answer
-        [peer] = hospital.config.peers
-        inbox = hospital.config.storage.inbox_dir / peer.name
-        assert sorted(p.read_bytes() for p in inbox.iterdir()) == sorted(
-            b"MSH|full %d\r" % n for n in range(DOCUMENTS)
-        )
-        for message_id in message_ids:
-            record = hospital.spool.inbound_get(peer.name, message_id)
-            assert record is not None and record.state == "delivered" and record.receipt_body
+        resent = [hospital.inbound.process(request) for request in requests[1:]]
+        _each_settled_once(hospital, [answers[0], *resent], message_ids, b"MSH|full %d\r")
 
 
 def test_a_group_whose_sqlite_spool_another_process_holds_is_not_tried_again_one_by_one(
@@ -387,26 +405,6 @@ class _FailingRows(list[InboundDelivered]):
             if index == self._at:
                 raise OSError(errno.EIO, "Input/output error")
             yield row
-
-
-def _each_settled_once(hospital: Receiver, answers: list[Any], message_ids: list[str]) -> None:
-    """Every document answered with its receipt, in the inbox once, delivered with one
-    receipt and one hand-over in the spool, with one ``message.delivered`` and one
-    ``receipt.sent`` record in the trail."""
-    assert all(isinstance(a, InboundResponse) and a.status == 200 for a in answers), answers
-    assert all(b"processed" in a.body for a in answers)
-    [peer] = hospital.config.peers
-    inbox = hospital.config.storage.inbox_dir / peer.name
-    assert sorted(p.read_bytes() for p in inbox.iterdir()) == sorted(
-        b"MSH|together %d\r" % n for n in range(DOCUMENTS)
-    )
-    for message_id in message_ids:
-        record = hospital.spool.inbound_get(peer.name, message_id)
-        assert record is not None and record.state == "delivered" and record.receipt_body
-        assert len(hospital.spool.handover_list(message_id=message_id)) == 1, message_id
-    for name in ("message.delivered", "receipt.sent"):
-        recorded = [r["message_id"] for r in events(hospital.config.storage.audit_log, name)]
-        assert sorted(recorded) == sorted(message_ids), (name, recorded)
 
 
 def test_a_group_whose_transaction_fails_part_way_settles_each_document_once(
