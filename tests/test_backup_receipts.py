@@ -327,6 +327,15 @@ def _retention_with_keys(config: GatewayConfig, tmp_path: Path) -> Iterator[Rete
         spool.close()
 
 
+def _settled_with_keys(lab: Lab, layout: DemoLayout) -> tuple[GatewayConfig, Path, Path]:
+    """The lab's configuration (encryption at rest on) with VICTIM settled, its receipt
+    kept in a file (as :func:`_settled_in_file`): the configuration, that file, and the
+    key folder (``[at_rest] key_dir``)."""
+    config = lab.loaded()
+    assert config.at_rest is not None
+    return config, _settled_in_file(layout, config), config.at_rest.key_dir
+
+
 def _receipts_now() -> PurgeRequest:
     return PurgeRequest(before=datetime.now(UTC), kinds=(RetainedKind.RECEIPTS,))
 
@@ -340,9 +349,7 @@ def test_a_purge_that_rotates_the_key_during_a_backup_fails_the_backup(
     destroying the one the copy's data keys are wrapped under.  Such a bundle could never
     be restored, so the backup fails, naming the key and saying to run it again, and
     writes nothing."""
-    config = lab.loaded()
-    assert config.at_rest is not None
-    path = _settled_in_file(layout, config)
+    config, path, key_dir = _settled_with_keys(lab, layout)
     written = tmp_path / "lab.p7m"
     with _retention_with_keys(config, tmp_path) as retention:
         ran = _during_the_copy(monkeypatch, lambda: retention.purge(_receipts_now(), "admin"))
@@ -353,7 +360,7 @@ def test_a_purge_that_rotates_the_key_during_a_backup_fails_the_backup(
     assert "kek-1" in refused.value.message and "nothing was written" in refused.value.message
     assert refused.value.fix is not None and "medgw backup again" in refused.value.fix
     assert not written.exists()
-    assert KeyStore(config.at_rest.key_dir).versions() == [2]
+    assert KeyStore(key_dir).versions() == [2]
 
 
 def test_the_daemons_purge_and_sweep_do_not_run_while_its_backup_collects(
@@ -363,9 +370,7 @@ def test_the_daemons_purge_and_sweep_do_not_run_while_its_backup_collects(
     (saying why and to run it again) and a retention sweep does nothing, so the key the
     bundle needs is still in the key folder when the backup ends; both run as usual once
     it has ended."""
-    config = lab.loaded()
-    assert config.at_rest is not None
-    path = _settled_in_file(layout, config)
+    config, path, key_dir = _settled_with_keys(lab, layout)
     written = tmp_path / "lab.p7m"
     refusals: list[PurgeRefused] = []
     swept: list[dict[str, int]] = []
@@ -387,10 +392,10 @@ def test_the_daemons_purge_and_sweep_do_not_run_while_its_backup_collects(
         assert "medgw backup is collecting" in refused.message, refused.message
         assert refused.fix == "run medgw purge again once medgw backup has finished"
         assert swept == [{}] and path.exists()
-        assert KeyStore(config.at_rest.key_dir).versions() == [1]
+        assert KeyStore(key_dir).versions() == [1]
         assert retention.sweep(every_day) == {"receipts": 1}  # the backup has ended
     assert not path.exists()
-    assert KeyStore(config.at_rest.key_dir).versions() == [2]
+    assert KeyStore(key_dir).versions() == [2]
 
 
 def test_a_receipt_file_removed_before_a_backup_is_still_reported_altered_after_its_restore(
@@ -512,9 +517,7 @@ def test_a_rotation_under_way_on_another_node_fails_the_backup(
     destroyed the old key (its spool's shred, a long VACUUM, is under way) when the backup
     checks its keys.  The key the bundle needs is still there, but goes as the rotation
     ends: the backup fails and says to run it again."""
-    config = lab.loaded()
-    assert config.at_rest is not None
-    _settled_in_file(layout, config)
+    config, _, key_dir = _settled_with_keys(lab, layout)
     written = tmp_path / "lab.p7m"
     with _retention_with_keys(config, tmp_path) as retention:
         spool = cast(Any, retention)._spool
@@ -546,7 +549,7 @@ def test_a_rotation_under_way_on_another_node_fails_the_backup(
     assert "kek-1" in refused.value.message and "holds kek-1, kek-2" in refused.value.message
     assert refused.value.fix is not None and "medgw backup again" in refused.value.fix
     assert not written.exists()
-    assert KeyStore(config.at_rest.key_dir).versions() == [2]
+    assert KeyStore(key_dir).versions() == [2]
 
 
 def test_a_key_folder_with_no_key_fails_the_backup_naming_it(
@@ -554,18 +557,16 @@ def test_a_key_folder_with_no_key_fails_the_backup_naming_it(
 ) -> None:
     """Both backends: the spool keeps items encrypted at rest, and the key folder holds
     no key (not put back after a move): the backup says that, not that a purge ran."""
-    config = lab.loaded()
-    assert config.at_rest is not None
-    _settled_in_file(layout, config)
+    config, _, key_dir = _settled_with_keys(lab, layout)
     with _retention_with_keys(config, tmp_path):
         pass
-    for key in config.at_rest.key_dir.iterdir():
+    for key in key_dir.iterdir():
         key.unlink()
     with pytest.raises(BackupError) as refused:
         write_bundle(config, tmp_path / "lab.p7m", datetime.now(UTC))
     assert "holds no key-encryption key" in refused.value.message, refused.value.message
     assert "rotation" not in refused.value.message
-    assert refused.value.fix is not None and str(config.at_rest.key_dir) in refused.value.fix
+    assert refused.value.fix is not None and str(key_dir) in refused.value.fix
 
 
 def test_an_old_key_a_killed_rotation_left_beside_the_newest_fails_no_backup(
@@ -574,9 +575,7 @@ def test_an_old_key_a_killed_rotation_left_beside_the_newest_fails_no_backup(
     """Both backends: a rotation re-wrapped every data key under kek-2 and died before it
     destroyed kek-1 (here: its destroy fails).  The bundle needs kek-2 alone, which no
     rotation under way destroys: the backup is written, and names kek-2."""
-    config = lab.loaded()
-    assert config.at_rest is not None
-    _settled_in_file(layout, config)
+    config, _, key_dir = _settled_with_keys(lab, layout)
     written = tmp_path / "lab.p7m"
     with _retention_with_keys(config, tmp_path) as retention:
         vault = cast(Any, retention)._vault
@@ -587,7 +586,7 @@ def test_an_old_key_a_killed_rotation_left_beside_the_newest_fails_no_backup(
         monkeypatch.setattr(vault._store, "destroy", killed)
         with pytest.raises(OSError, match="killed before kek-1"):
             vault.rotate()
-    assert KeyStore(config.at_rest.key_dir).versions() == [1, 2]
+    assert KeyStore(key_dir).versions() == [1, 2]
     done = write_bundle(config, written, datetime.now(UTC))
     assert done.key_versions == (2,) and written.exists()
 
@@ -599,9 +598,7 @@ def test_a_rotation_while_the_bundle_is_sealed_fails_it_and_keeps_the_earlier_fi
     and checked its keys, while the bundle is being signed and encrypted.  The bundle's
     keys are checked again before it takes its name: the backup fails, and the file of
     that name from an earlier backup is still there, as it was."""
-    config = lab.loaded()
-    assert config.at_rest is not None
-    _settled_in_file(layout, config)
+    config, _, _ = _settled_with_keys(lab, layout)
     written = tmp_path / "lab.p7m"
     written.write_bytes(b"the bundle of an earlier night")
     with _retention_with_keys(config, tmp_path) as retention:
