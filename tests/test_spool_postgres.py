@@ -312,6 +312,24 @@ def test_a_spool_upgraded_with_many_rows_answers_the_sweeps_by_its_file_name_ind
     assert not any("Seq Scan" in step for step in plan), plan
 
 
+def upgraded_indexes(
+    server: PostgresServer, database: PostgresSettings, *tables: str
+) -> dict[str, str]:
+    """The definitions of the indexes of ``tables`` in ``database``, by name, once its
+    schema is checked to be of this version (upgraded by the spool's start)."""
+    with server.admin(database.dbname) as db:
+        indexes = {
+            str(row[0]): str(row[1])
+            for row in db.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = ANY(%s)",
+                (list(tables),),
+            )
+        }
+        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
+    assert version == [(VERSION,)]
+    return indexes
+
+
 def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
     postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
 ) -> None:
@@ -339,15 +357,7 @@ def test_a_spool_of_the_version_before_gets_the_indexes_of_one_state(
     )
     spool.close()
     spool = PostgresSpool(postgres, TickingClock())
-    with postgres_server.admin(postgres.dbname) as db:
-        indexes = {
-            str(row[0]): str(row[1])
-            for row in db.execute(
-                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'outbound'"
-            )
-        }
-        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
-    assert version == [(VERSION,)]
+    indexes = upgraded_indexes(postgres_server, postgres, "outbound")
     assert not {"outbound_next", "outbound_expiry", "outbound_unanswered"} & set(indexes)
     assert "WHERE (state = 'queued'::text)" in indexes["outbound_queued"], indexes
     assert "WHERE (state = 'awaiting-receipt'::text)" in indexes["outbound_awaiting"], indexes
@@ -387,16 +397,7 @@ def test_a_spool_of_the_version_before_gets_the_indexes_by_peer_and_by_message(
     )
     spool.close()
     spool = PostgresSpool(postgres, TickingClock())
-    with postgres_server.admin(postgres.dbname) as db:
-        indexes = {
-            str(row[0]): str(row[1])
-            for row in db.execute(
-                "SELECT indexname, indexdef FROM pg_indexes"
-                " WHERE tablename IN ('outbound', 'handover', 'inbound')"
-            )
-        }
-        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
-    assert version == [(VERSION,)]
+    indexes = upgraded_indexes(postgres_server, postgres, "outbound", "handover", "inbound")
     assert "ON public.outbound USING btree (peer, created_at)" in indexes["outbound_peer"]
     assert "ON public.handover USING btree (message_id)" in indexes["handover_message"]
     for name, definition in RETENTION_INDEXES.items():
@@ -424,16 +425,7 @@ def test_a_spool_with_retention_s_first_indexes_gets_their_new_forms(
     spool.close()
     spool = PostgresSpool(postgres, TickingClock())
     spool.close()
-    with postgres_server.admin(postgres.dbname) as db:
-        indexes = {
-            str(row[0]): str(row[1])
-            for row in db.execute(
-                "SELECT indexname, indexdef FROM pg_indexes"
-                " WHERE tablename IN ('handover', 'inbound')"
-            )
-        }
-        version = [tuple(r) for r in db.execute("SELECT version FROM spool_schema")]
-    assert version == [(VERSION,)]
+    indexes = upgraded_indexes(postgres_server, postgres, "handover", "inbound")
     assert not set(RETENTION_FIRST_FORMS) & set(indexes), indexes
     for name, definition in RETENTION_INDEXES.items():
         assert definition in indexes[name], indexes[name]
