@@ -455,6 +455,42 @@ def test_a_group_whose_commit_outcome_is_unknown_settles_each_document_once(
 GROUP_STEP = "gateway.spool.sqlite:SqliteSpool.inbound_delivered_all"
 
 
+def _lab_sends(layout: DemoLayout, processes: Any) -> dict[str, bytes]:
+    """The lab started, and its documents (by file name) put in its outbox for the
+    hospital."""
+    processes.start(layout.lab.config_path)
+    documents = {f"order-{n}.hl7": os.urandom(20_000) for n in range(5)}
+    for name, data in documents.items():
+        drop_file(layout.lab.outbox_for("hospital"), name, data)
+    return documents
+
+
+def _restarted(
+    layout: DemoLayout, processes: Any, documents: dict[str, bytes], landed: list[str]
+) -> None:
+    """The killed hospital started again: the lab's resends of ``documents`` are each
+    answered with a verified receipt, each document is in the inbox once, those that
+    ``landed`` there before the kill never written again, and each is recorded
+    delivered, and its receipt sent, once."""
+    inbox = layout.hospital.inbox_dir / "lab"
+    before = {name: os.stat(inbox / name) for name in landed}
+    with InboxWatch(layout.hospital.inbox_dir) as watch:
+        processes.start(layout.hospital.config_path)
+        receipts = wait_for_events(layout.lab.audit_log, "receipt.received", count=len(documents))
+    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
+    assert all(r["detail"]["mic_verified"] for r in receipts)
+    assert watch.rewritten == [] and watch.looks > 10
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
+    for name, stat in before.items():
+        after = os.stat(inbox / name)
+        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    trail = layout.hospital.audit_log
+    delivered = events(trail, "message.delivered")
+    assert len(delivered) == len(documents) == len({r["message_id"] for r in delivered})
+    sent = wait_for_events(trail, "receipt.sent", count=len(documents))
+    assert sorted(r["message_id"] for r in sent) == sorted(r["message_id"] for r in delivered)
+
+
 def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
     layout: DemoLayout, processes: Any, tmp_path: Path
 ) -> None:
@@ -467,10 +503,7 @@ def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
     hospital = processes.start(
         layout.hospital.config_path, prefix=killed_at("--kill-before", GROUP_STEP, *hold)
     )
-    processes.start(layout.lab.config_path)
-    documents = {f"order-{n}.hl7": os.urandom(20_000) for n in range(5)}
-    for name, data in documents.items():
-        drop_file(layout.lab.outbox_for("hospital"), name, data)
+    documents = _lab_sends(layout, processes)
     # The peer's share of the workers (two documents) in the inbox, recorded delivered:
     # one in the held group, the other in it or waiting for the next.
     waiting = wait_for_events(layout.hospital.audit_log, "message.delivered", count=2)
@@ -480,22 +513,7 @@ def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
     inbox = layout.hospital.inbox_dir / "lab"
     landed = sorted(Path(record["detail"]["inbox_file"]).name for record in waiting)
     assert sorted(p.name for p in inbox.iterdir()) == landed
-    before = {name: os.stat(inbox / name) for name in landed}
-
-    with InboxWatch(layout.hospital.inbox_dir) as watch:
-        processes.start(layout.hospital.config_path)
-        receipts = wait_for_events(layout.lab.audit_log, "receipt.received", count=5)
-    assert all(r["detail"]["disposition"] == "processed" for r in receipts)
-    assert all(r["detail"]["mic_verified"] for r in receipts)
-    assert watch.rewritten == [] and watch.looks > 10
-    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
-    for name, stat in before.items():
-        after = os.stat(inbox / name)
-        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
-    delivered = events(layout.hospital.audit_log, "message.delivered")
-    assert len(delivered) == 5 == len({r["message_id"] for r in delivered})
-    sent = wait_for_events(layout.hospital.audit_log, "receipt.sent", count=5)
-    assert {r["message_id"] for r in sent} == {r["message_id"] for r in delivered}
+    _restarted(layout, processes, documents, landed)
 
 
 def test_a_kill_after_a_group_is_committed_leaves_each_document_delivered_once(
@@ -512,10 +530,7 @@ def test_a_kill_after_a_group_is_committed_leaves_each_document_delivered_once(
         layout.hospital.config_path,
         prefix=killed_at("--group-of", str(group), "--kill-after", GROUP_STEP),
     )
-    processes.start(layout.lab.config_path)
-    documents = {f"order-{n}.hl7": os.urandom(20_000) for n in range(5)}
-    for name, data in documents.items():
-        drop_file(layout.lab.outbox_for("hospital"), name, data)
+    documents = _lab_sends(layout, processes)
     wait_killed(hospital)
     trail = layout.hospital.audit_log
     delivered = events(trail, "message.delivered")
@@ -524,26 +539,11 @@ def test_a_kill_after_a_group_is_committed_leaves_each_document_delivered_once(
     inbox = layout.hospital.inbox_dir / "lab"
     landed = sorted(Path(record["detail"]["inbox_file"]).name for record in delivered)
     assert sorted(p.name for p in inbox.iterdir()) == landed
-    before = {name: os.stat(inbox / name) for name in landed}
     # Committed before the kill: each document of the group with its receipt.
     config = layout.hospital.config_path
     receipts = {r["message_id"]: sent_receipt(config, "lab", r["message_id"]) for r in delivered}
     assert all(receipts.values()), receipts
-
-    with InboxWatch(layout.hospital.inbox_dir) as watch:
-        processes.start(config)
-        received = wait_for_events(layout.lab.audit_log, "receipt.received", count=5)
-    assert all(r["detail"]["disposition"] == "processed" for r in received)
-    assert all(r["detail"]["mic_verified"] for r in received)
-    assert watch.rewritten == [] and watch.looks > 10
-    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == documents
-    for name, stat in before.items():
-        after = os.stat(inbox / name)
-        assert (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    _restarted(layout, processes, documents, landed)
     # The lab's resends of the group's documents answered with the receipts stored then.
     for message_id, receipt in receipts.items():
         assert kept_receipt(layout.lab.config_path, message_id) == receipt, message_id
-    delivered = events(trail, "message.delivered")
-    assert len(delivered) == 5 == len({r["message_id"] for r in delivered})
-    sent = wait_for_events(trail, "receipt.sent", count=5)
-    assert sorted(r["message_id"] for r in sent) == sorted(r["message_id"] for r in delivered)
