@@ -242,11 +242,17 @@ def _bundle_spool(bundle: Path, spool: Path) -> Iterator[sqlite3.Connection]:
         finally:
             db.close()
     except sqlite3.Error as exc:
-        raise RestoreRefused(
-            f"{bundle}: its spool cannot be read ({exc}); nothing was restored",
-            reason="spool-unreadable",
-            fix="the bundle was damaged: restore another one",
-        ) from exc
+        raise _damaged(bundle, f"its spool cannot be read ({exc})") from exc
+
+
+def _damaged(bundle: Path, what: str) -> RestoreRefused:
+    """The refusal of a bundle whose spool, or what it holds of it, is not what medgw
+    backup writes: ``what`` is wrong with it."""
+    return RestoreRefused(
+        f"{bundle}: {what}; nothing was restored",
+        reason="spool-unreadable",
+        fix="the bundle was damaged: restore another one",
+    )
 
 
 def _check_keys(config: GatewayConfig, bundle: Path, spool: Path) -> None:
@@ -530,11 +536,7 @@ def _refreshed(bundle: Path, work: Path, manifest: dict[str, Any]) -> list[dict[
         ):
             raise ValueError("not a list of rows")
     except (OSError, ValueError) as exc:
-        raise RestoreRefused(
-            f"{bundle}: its {REFRESHED} cannot be read ({exc}); nothing was restored",
-            reason="spool-unreadable",
-            fix="the bundle was damaged: restore another one",
-        ) from exc
+        raise _damaged(bundle, f"its {REFRESHED} cannot be read ({exc})") from exc
     return list(items)
 
 
@@ -575,11 +577,7 @@ def _dump_copy(
             fix=exc.fix or "",
         ) from exc
     except (sqlite3.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise RestoreRefused(
-            f"{bundle}: its spool's dump is not a medgw spool ({exc}); nothing was restored",
-            reason="spool-unreadable",
-            fix="the bundle was damaged: restore another one",
-        ) from exc
+        raise _damaged(bundle, f"its spool's dump is not a medgw spool ({exc})") from exc
     return path
 
 
