@@ -684,9 +684,7 @@ def _restore_held(
             ended = _load_database(config, bundle, work / DUMP, refreshed, places, force=force)
         except RestoreRefused as exc:
             if not force:  # a fresh host stays fresh: restore again once the cause is fixed
-                placed.undo()
-                for original, moved in zip(refusals, kept, strict=True):
-                    moved.rename(original)
+                _take_back(placed, refusals, kept)
                 assert config.spool.postgres is not None
                 if exc.reason != "database-in-use":  # the tables are a node's now
                     with contextlib.suppress(psycopg.Error):
@@ -705,18 +703,29 @@ def _undone(
     exc: OSError,
 ) -> RestoreRefused:
     """A file could not be put in place: take back what was written (on a fresh host)."""
-    if force:  # what was there is replaced already: nothing to go back to
-        outcome = "the restore is incomplete (--force replaced files already)"
-    else:
-        placed.undo()
-        for original, moved in zip(refusals, kept, strict=True):
-            moved.rename(original)
-        outcome = "what it had written is removed again; nothing was restored"
+    if not force:  # with it, what was there is replaced already: nothing to go back to
+        _take_back(placed, refusals, kept)
     return RestoreRefused(
-        f"cannot write {dst}: {exc.strerror or exc}; {outcome}",
+        f"cannot write {dst}: {exc.strerror or exc}; {_outcome(force)}",
         reason="write-failed",
         fix=f"{storage_fix(exc, dst.parent)}, then restore again",
     )
+
+
+def _take_back(placed: _Placed, refusals: list[Path], kept: tuple[Path, ...]) -> None:
+    """A fresh host made fresh again: what the restore wrote removed, and the trail of
+    earlier refusals (``refusals``, moved aside to ``kept``) put back."""
+    placed.undo()
+    for original, moved in zip(refusals, kept, strict=True):
+        moved.rename(original)
+
+
+def _outcome(force: bool) -> str:
+    """What a restore that fails once it has begun to write leaves: taken back on a fresh
+    host, incomplete with ``force`` (what was there is replaced already)."""
+    if force:
+        return "the restore is incomplete (--force replaced files already)"
+    return "what it had written is removed again; nothing was restored"
 
 
 def _load_database(
@@ -734,9 +743,7 @@ def _load_database(
     settings = config.spool.postgres
     assert settings is not None
     pg_restore = _tool(config, "pg_restore")
-    outcome = "the restore is incomplete (--force replaced files already)"
-    if not force:
-        outcome = "what it had written is removed again; nothing was restored"
+    outcome = _outcome(force)
     loaded = False
     try:
         # A node that ran on the spool before stops when it reaches it again, unless the
