@@ -121,14 +121,18 @@ def _settled(
         spool.add_intake(message_id, "hospital", f"{stem}.hl7", "text/plain", source, payload)
         spool.mark_queued(message_id, None, [], MIC, 3, body=b"sealed")
         spool.mark_sending(message_id)
-        sha256 = hashlib.sha256(stored).hexdigest()
-        settled = Settled(
-            message_id, OutboundState.DELIVERED, "processed", path, receipt_sha256=sha256
-        )
-        assert spool.mark_settled([settled]) == [message_id]
+        _delivered(spool, message_id, path)
     finally:
         spool.close()
     return path
+
+
+def _delivered(spool: Spool, message_id: str, path: Path) -> None:
+    """``message_id``, being sent, settled as delivered in ``spool`` with the receipt kept
+    in the file ``path``, its SHA-256 recorded."""
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    settled = Settled(message_id, OutboundState.DELIVERED, "processed", path, receipt_sha256=sha256)
+    assert spool.mark_settled([settled]) == [message_id]
 
 
 def _retention(config: GatewayConfig, path: Path) -> None:
@@ -288,11 +292,7 @@ def test_a_receipt_settled_again_during_a_backup_is_in_the_bundle(
             first.unlink()
             second = config.storage.receipts_dir / "v.hl7.ba9876543210.mdn"
             second.write_bytes(first_bytes)
-            sha256 = hashlib.sha256(first_bytes).hexdigest()
-            again = Settled(
-                VICTIM, OutboundState.DELIVERED, "processed", second, receipt_sha256=sha256
-            )
-            assert spool.mark_settled([again]) == [VICTIM]
+            _delivered(spool, VICTIM, second)
         finally:
             spool.close()
 
