@@ -7,7 +7,6 @@ failure status, and sends nothing more; started again, it runs on the restored s
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,14 @@ from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.backup import add_backup, recipient
 from tests.helpers.cluster import add_node, inbox, outbound
-from tests.helpers.commit_cut import CommitCut
+from tests.helpers.commit_cut import CommitCut, commit_cut
 
 pytestmark = pytest.mark.daemon
 
 RECEIVED = ("message.received", "message.duplicate")  # what the hospital got, resends too
 
 
-@pytest.fixture
-def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
-    assert postgres.socket_dir is not None
-    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
-    yield proxy
-    proxy.close()
+cut = commit_cut()
 
 
 def restoring_host(layout: DemoLayout, behind: PostgresSettings, spool: PostgresSettings) -> Path:

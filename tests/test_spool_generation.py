@@ -23,18 +23,13 @@ from gateway.errors import SpoolReplacedError, SpoolUnreachableError
 from gateway.spool import Claimant
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.postgres.schema import VERSION
-from tests.helpers.commit_cut import CommitCut
+from tests.helpers.commit_cut import CommitCut, commit_cut
 from tests.helpers.postgres import PostgresServer
 
 pytestmark = pytest.mark.usefixtures("postgres_server")
 
 
-@pytest.fixture
-def cut(postgres: PostgresSettings, tmp_path: Path) -> Iterator[CommitCut]:
-    assert postgres.socket_dir is not None
-    proxy = CommitCut(tmp_path / "cut", postgres.socket_dir, postgres.port)
-    yield proxy
-    proxy.close()
+cut = commit_cut()
 
 
 class Node:
