@@ -11,10 +11,16 @@ root meets too, as medgw's own user meets EACCES in a folder root owns).
   until the folder is writable again.
 * A folder no start check covers ([cluster] bodies_dir): ``medgw run`` stops with
   an error naming it and the fix, not a Python traceback.
+* A zone's CRL folder that medgw's user may not enter or list (``check-config`` run
+  as ``nobody``: EACCES): a configuration error naming the key, the folder, the user
+  and the fix.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,9 @@ from gateway.demo_run import wait_until
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.check_config import check_config, reported
+from tests.helpers.demo import new_demo
 from tests.helpers.metrics import get, with_metrics
+from tests.helpers.other_user import as_nobody, give_to_nobody, open_folder
 from tests.helpers.storage import read_only_folder
 
 
@@ -94,3 +102,27 @@ def test_a_read_only_folder_no_check_covers_stops_the_start_with_its_fix(
         "on a file system mounted read-only: mount it read-write, or move the folder to one "
         f"that is (findmnt -T {bodies}))"
     ) in started.stderr
+
+
+@pytest.mark.parametrize("closed", ["certs/crls", "certs/crls/loopback"])
+def test_a_crl_folder_the_user_may_not_enter_is_a_config_error(closed: str) -> None:
+    """``certs/crls`` closed: the zone's folder cannot even be looked at; ``loopback``
+    closed: it cannot be listed."""
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        give_to_nobody(layout.hospital.root)
+        os.chown(layout.hospital.root / closed, 0, 0)  # root's, mode 0700
+        (layout.hospital.root / closed).chmod(0o700)
+        config = layout.hospital.config_path
+        checked = subprocess.run(
+            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert checked.returncode == 1, checked
+    assert "Traceback" not in checked.stdout + checked.stderr, checked
+    crls = layout.hospital.root / "certs" / "crls" / "loopback"
+    words = f"cannot read the CRLs at {crls}: Permission denied for user nobody, whom medgw runs as"
+    fix = f"let user nobody enter every folder down to {crls} and read it (namei -l {crls}"
+    assert reported(checked, config, "zones[0].crls", words, fix), checked

@@ -132,7 +132,16 @@ def named_places(
     ]
     for index, zone in enumerate(zones):
         places += [
-            Place(path, source, f"zones[{index}].crls", "a CRL file or folder", path.is_dir())
+            Place(path, source, f"zones[{index}].crls", "a CRL file or folder", _is_dir(path))
             for path in zone.crl_paths
         ]
     return places + list(read)
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder; False when this user may not look (the zone's
+    ``crls`` problem says so: gateway.pki.store.load_crls)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False

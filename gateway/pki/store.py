@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.errors import MedgwError
-from gateway.fsutil import read_admin_file
+from gateway.fsutil import read_admin_file, this_user
 
 CRL_SUFFIXES = (".crl", ".pem", ".der", ".r0", ".r1")
 
@@ -75,13 +75,23 @@ def parse_crls(data: bytes, source: str = "input") -> list[x509.CertificateRevoc
 def load_crls(path: str | os.PathLike[str]) -> list[x509.CertificateRevocationList]:
     """CRLs from a file, or from every ``*.crl``/``*.pem``/``*.der`` file in a folder."""
     file = Path(path)
-    if file.is_dir():
-        out: list[x509.CertificateRevocationList] = []
-        for entry in sorted(file.iterdir()):
-            if entry.is_file() and entry.suffix.lower() in CRL_SUFFIXES:
-                out.extend(parse_crls(_read(entry, "CRL"), str(entry)))
-        return out
-    return parse_crls(_read(file, "CRL"), str(file))
+    try:
+        if not file.is_dir():
+            return parse_crls(_read(file, "CRL"), str(file))
+        entries = [
+            e for e in sorted(file.iterdir()) if e.is_file() and e.suffix.lower() in CRL_SUFFIXES
+        ]
+    except OSError as exc:  # a folder on the way this user may not enter, or list
+        user = this_user()
+        raise PkiFileError(
+            f"cannot read the CRLs at {file}: {exc.strerror} for user {user}, whom medgw runs as",
+            fix=f"let user {user} enter every folder down to {file} and read it "
+            f"(namei -l {file} shows each folder's owner and mode)",
+        ) from None
+    out: list[x509.CertificateRevocationList] = []
+    for entry in entries:
+        out.extend(parse_crls(_read(entry, "CRL"), str(entry)))
+    return out
 
 
 def load_many(paths: Iterable[str | os.PathLike[str]]) -> list[x509.Certificate]:
