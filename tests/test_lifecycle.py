@@ -24,7 +24,9 @@ from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import edit, new_demo
 from tests.helpers.notify import NotifySocket
+from tests.helpers.other_user import as_nobody, give_to_nobody, open_folder
 
 
 def test_sigterm_stops_cleanly_with_exit_0(layout: DemoLayout, processes: Any) -> None:
@@ -284,13 +286,56 @@ def test_a_port_in_use_stops_the_start_with_one_clear_error_and_no_noise(
             timeout=120,
         )
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{layout.hospital.port}" in result.stderr
-    assert "fix:" in result.stderr
+    port = layout.hospital.port
+    assert (
+        f"cannot listen on 127.0.0.1:{port} (listener 'loopback'): Address already in use "
+        f"(fix: another process listens on port {port} (ss -ltnp 'sport = :{port}' names "
+        "it): stop it, or give [[listeners]] 'loopback' another port in gateway.toml)"
+    ) in result.stderr
     # Nothing after the error but the error: no "Unclosed client session" from aiohttp.
     assert "Unclosed" not in result.stderr + result.stdout, result.stderr
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
         line for line in result.stderr.splitlines() if line.startswith("medgw: ")
     ]
+
+
+def test_an_address_this_host_lacks_stops_the_start_naming_it_not_the_port(
+    layout: DemoLayout,
+) -> None:
+    """192.0.2.10 (TEST-NET-1, README's own example) is on no interface of this host."""
+    edit(layout.hospital.config_path, '\naddress = "127.0.0.1"', '\naddress = "192.0.2.10"')
+    result = medgw("run", "--config", layout.hospital.config_path)
+    assert result.returncode == 1
+    assert (
+        f"cannot listen on 192.0.2.10:{layout.hospital.port} (listener 'loopback'): Cannot "
+        "assign requested address (fix: 192.0.2.10 is not an address of this host (ip -br "
+        "addr lists them): add it to the interface on the zone's network, or give "
+        "[[listeners]] 'loopback' an address this host has)"
+    ) in result.stderr, result.stderr
+    assert "free the port" not in result.stderr
+
+
+def test_a_port_below_1024_without_the_capability_names_the_capability() -> None:
+    """Run as ``nobody``, which may not bind a port below 1024 (EACCES)."""
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        edit(layout.hospital.config_path, f"port = {layout.hospital.port}", "port = 1000")
+        give_to_nobody(layout.hospital.root)
+        config = layout.hospital.config_path
+        result = subprocess.run(
+            [*as_nobody(), sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert (
+        "cannot listen on 127.0.0.1:1000 (listener 'loopback'): Permission denied (fix: port "
+        "1000 may be bound only with the capability CAP_NET_BIND_SERVICE: give [[listeners]] "
+        "'loopback' a port from 1024 up (and redirect the standard port to it in the "
+        "firewall), or grant medgw the capability (see systemd/medgw.service))"
+    ) in result.stderr, result.stderr
 
 
 def test_sigterm_does_not_wait_for_peers_that_never_answer_the_tls_close(
