@@ -9,6 +9,7 @@ features such as [audit.export] and [maintenance]) are read with these.
 
 from __future__ import annotations
 
+import difflib
 import grp
 import ipaddress
 import re
@@ -156,7 +157,12 @@ class Section:
             self.problem(key, "is no longer read in this table", fix)
 
     def table(self, key: str, *, required: bool = True) -> Section:
-        value = self._get(key, dict, "a table", None, required, f"[{self._key(key)}]")
+        if required and key not in self._table:
+            self._seen.add(key)
+            self.problem(
+                key, "required table is missing", f"add a [{self._key(key)}] table to the file"
+            )
+        value = self._get(key, dict, "a table", None, False, f"[{self._key(key)}]")
         return Section(self._reader, self._file, self._key(key), value or {})
 
     def optional_table(self, key: str) -> Section | None:
@@ -167,6 +173,14 @@ class Section:
         if missing is not None and key not in self._table:
             self._seen.add(key)
             self.problem(key, *missing)
+            return []
+        if key not in self._table:
+            self._seen.add(key)
+            self.problem(
+                key,
+                "required table is missing",
+                f"add at least one [[{self._key(key)}]] table to the file",
+            )
             return []
         value = self._get(key, list, "an array of tables", None, True, f"[[{self._key(key)}]]")
         sections = []
@@ -185,13 +199,31 @@ class Section:
     def mark_seen(self, key: str) -> None:
         self._seen.add(key)
 
+    def _shown(self, key: str, value: Any) -> str:
+        """``key`` as the file writes it: ``[table]``, ``[[tables]]`` or ``key``."""
+        if isinstance(value, dict):
+            return f"[{self._key(key)}]"
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return f"[[{self._key(key)}]]"
+        return f"`{key}`"
+
     def finish(self) -> None:
-        """Report every key nobody asked for: a typo must not pass silently."""
+        """Report every key nobody asked for: a typo must not pass silently.  Listed
+        before the file's other problems: a misspelt table or key is usually why a
+        required one is reported missing."""
         for key in sorted(set(self._table) - self._seen):
             known = ", ".join(sorted(self._seen)) or "(none)"
-            self.problem(
-                key, "unknown key", f"remove it or correct the spelling; known keys: {known}"
-            )
+            value = self._table[key]
+            shown = self._shown(key, value)
+            message = "unknown key" if shown == f"`{key}`" else f"unknown key: the table {shown}"
+            fix = f"remove it or correct the spelling; known keys: {known}"
+            match = difflib.get_close_matches(key, sorted(self._seen), n=1)
+            if match:
+                meant = self._shown(match[0], value)
+                fix = (
+                    f"did you mean {meant}? rename it to {meant}, or remove it; known keys: {known}"
+                )
+            self._reader.add(self._file, self._key(key), message, fix, first=True)
 
 
 class Reader:
@@ -200,8 +232,26 @@ class Reader:
         self.problems: list[ConfigProblem] = []
         self.read: list[Place] = []  # every file read for a key, for the overlap rules
 
-    def add(self, file: Path, key: str, message: str, fix: str, severity: str = "error") -> None:
-        self.problems.append(ConfigProblem(str(file), key, message, fix, severity))
+    def add(
+        self,
+        file: Path,
+        key: str,
+        message: str,
+        fix: str,
+        severity: str = "error",
+        *,
+        first: bool = False,
+    ) -> None:
+        """One problem; ``first``: listed before the other problems of its file."""
+        problem = ConfigProblem(str(file), key, message, fix, severity)
+        at = len(self.problems)
+        if first:
+            at = next((i for i, p in enumerate(self.problems) if p.file == str(file)), at)
+        self.problems.insert(at, problem)
+
+    def in_error(self, file: Path, key: str) -> bool:
+        """Whether ``key`` of ``file`` already has an error (its value is not usable)."""
+        return any(p.file == str(file) and p.key == key for p in self.errors)
 
     @property
     def errors(self) -> list[ConfigProblem]:

@@ -420,6 +420,37 @@ def test_a_backup_beside_its_peer_file_is_a_warning_to_move_it_out(layout: DemoL
     assert f"(fix: move it out of {folder} (a copy of lab.toml?))" in result.stdout
 
 
+def test_a_misspelt_table_is_reported_first_with_the_name_meant_and_nothing_built_on_it(
+    layout: DemoLayout,
+) -> None:
+    config = layout.hospital.config_path
+    text = config.read_text()
+    assert "\n[storage]\n" in text
+    config.write_text(text.replace("\n[storage]\n", "\n[storge]\n"))
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert errors[0] == (
+        f"error: {config}: storge: unknown key: the table [storge] (fix: did you mean "
+        "[storage]? rename it to [storage], or remove it; known keys: gateway, listeners, "
+        "responsible, runtime, smime, storage, tls, zones)"
+    ), errors
+    assert errors[1] == (
+        f"error: {config}: storage: required table is missing (fix: add a [storage] table "
+        "to the file)"
+    )
+    # The keys of the missing table, each with a line of valid TOML; no overlap judged on
+    # the paths they would have named.
+    assert [e.split(": ")[2] for e in errors[2:]] == [
+        "storage.state_dir",
+        "storage.outbox_dir",
+        "storage.inbox_dir",
+        "storage.audit_log",
+    ], errors
+    assert f"{config}: 6 error(s)" in said
+
+
 # --- a value of the wrong type: the fix shows the admin's own value ----------------------
 
 

@@ -106,7 +106,11 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
                 use="medgw keeps the signed and encrypted bodies of queued messages there",
             )
         )
-    reader.problems.extend(overlap_problems(places))
+    # No overlap is judged on a path already in error (a missing key would stand for the
+    # configuration's own folder and overlap everything).
+    reader.problems.extend(
+        overlap_problems([p for p in places if not reader.in_error(p.file, p.key)])
+    )
     api = load_api(reader, api_section, peers, places) if api_section is not None else None
     maintenance = (
         load_maintenance(
