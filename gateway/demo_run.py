@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -257,6 +258,7 @@ def run_demo(root: Path) -> int:
         print(text, flush=True)
 
     root = root.absolute()
+    command = medgw_command()
     say(f"medgw demo: setting up in {root}")
     hospital_port, lab_port = free_ports(2)
     layout = init_demo(root, now=datetime.now(UTC), hospital_port=hospital_port, lab_port=lab_port)
@@ -328,18 +330,24 @@ def run_demo(root: Path) -> int:
     else:
         # Quoted as a shell reads it: a Message-ID's angle brackets would redirect.
         show = shlex.join(
-            [
-                ".venv/bin/medgw",
-                "queue",
-                "show",
-                record["message_id"],
-                "--config",
-                str(lab.config_path),
-            ]
+            [*command, "queue", "show", record["message_id"], "--config", str(lab.config_path)]
         )
         say(f"  receipt (as sent)   kept in the lab's spool ({show})")
     say(f"  audit trails        {lab.audit_log}")
     say(f"                      {hospital.audit_log}")
     say(f"  configs             {lab.config_path}, {hospital.config_path}")
-    say(f"  try                 .venv/bin/medgw check-config --config {hospital.config_path}")
+    check = shlex.join([*command, "check-config", "--config", str(hospital.config_path)])
+    say(f"  try                 {check}")
     return 0
+
+
+def medgw_command() -> list[str]:
+    """How to run this medgw from any folder: ``medgw`` when that name on PATH is this
+    installation's, else its script by absolute path, else this interpreter's module."""
+    own = Path(sys.executable).absolute().parent / "medgw"
+    if not own.is_file():
+        return [str(Path(sys.executable).absolute()), "-m", "gateway"]
+    found = shutil.which("medgw")
+    if found is not None and Path(found).resolve() == own.resolve():
+        return ["medgw"]
+    return [str(own)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -72,25 +73,42 @@ def test_demo_runs_twice_and_shows_the_verified_receipt(tmp_path: Path) -> None:
 def test_the_demos_queue_show_line_runs_as_printed_when_pasted_into_a_shell(
     tmp_path: Path,
 ) -> None:
-    """The command the demo prints to see the receipt kept in the lab's spool names a
-    Message-ID, whose angle brackets a shell would read as redirections: pasted into
-    bash from the checkout, as printed, it shows that message."""
-    result = medgw("demo", "--dir", str(tmp_path / "demo"), timeout=240)
+    """The commands the demo prints (to see the receipt kept in the lab's spool, and to
+    check a configuration) run as printed when pasted into bash in any folder, with
+    medgw not on PATH: the receipt's names a Message-ID, whose angle brackets a shell
+    would read as redirections."""
+    path = ":".join(
+        d for d in os.environ["PATH"].split(":") if not d or not (Path(d) / "medgw").exists()
+    )
+    result = medgw(
+        "demo", "--dir", str(tmp_path / "demo"), timeout=240, env={**os.environ, "PATH": path}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     [line] = [x for x in result.stdout.splitlines() if "receipt (as sent)" in x]
     assert "kept in the lab's spool (" in line and line.endswith(")"), line
     command = line.partition("kept in the lab's spool (")[2][:-1]
-    shown = subprocess.run(
-        ["bash", "-c", command],
-        cwd=Path(__file__).resolve().parent.parent,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    [check] = [x.partition("try")[2].strip() for x in result.stdout.splitlines() if " try " in x]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def pasted(line: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-c", line],
+            cwd=elsewhere,
+            env={**os.environ, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    shown = pasted(command)
     assert shown.returncode == 0, (command, shown.stdout, shown.stderr)
     [message_id] = [x.split()[-1] for x in result.stdout.splitlines() if "message id" in x]
     assert message_id in shown.stdout and "delivered" in shown.stdout, shown.stdout
+    checked = pasted(check)
+    assert checked.returncode == 0, (check, checked.stdout, checked.stderr)
+    assert "configuration is valid" in checked.stdout
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
