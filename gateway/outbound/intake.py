@@ -25,7 +25,14 @@ from gateway.as2.headers import new_message_id
 from gateway.atrest import Sealing, storing_all
 from gateway.config import Peer
 from gateway.errors import MedgwError, SpoolError
-from gateway.fsutil import FolderSync, file_identity, read_chunks, storage_fix, write_atomic
+from gateway.fsutil import (
+    FolderSync,
+    file_identity,
+    read_chunks,
+    storage_fix,
+    this_user,
+    write_atomic,
+)
 from gateway.intake.outbox import Candidate, Outbox
 from gateway.intake.submit import account_name
 from gateway.outbound.context import Context
@@ -269,7 +276,7 @@ class OutboxIntake:
                 except FileNotFoundError:
                     continue  # taken away since the scan
                 except OSError as exc:
-                    errors.append(self._not_moved(candidate.peer, exc))
+                    errors.append(self._not_moved(candidate.peer, exc, candidate.path))
                     continue
                 owner = status.st_uid
                 intake = Intake(
@@ -356,11 +363,47 @@ class OutboxIntake:
                 if not abandoned:
                     # Removed before the next take (another node may hold it now).
                     self._unabandoned.add(intake.message_id)
-            errors.append(self._not_moved(candidate.peer, exc))
+            errors.append(self._not_moved(candidate.peer, exc, candidate.path))
             return False
         return True
 
-    def _not_moved(self, peer: str, exc: OSError) -> SpoolError:
+    def _not_moved(self, peer: str, exc: OSError, source: Path | None = None) -> SpoolError:
+        """Why a document of ``peer`` (``source``, when it is one document) could not be
+        taken: the read of the document, its removal from the outbox folder, or the
+        write into the spool, whichever failed."""
+        reason = exc.strerror or str(exc)
+        if source is None or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return self._not_stored(peer, exc)
+        folder = source.parent
+        try:
+            where = f"outbox/{folder.relative_to(self._ctx.config.storage.outbox_dir)}"
+            status = source.lstat()
+        except (ValueError, OSError):
+            return self._not_stored(peer, exc)
+        # The file's inode, owner and mode, not its name: names can carry patient
+        # identifiers; `find FOLDER -inum N` finds it.
+        document = (
+            f"a document in {where} (inode {status.st_ino}, owner "
+            f"{account_name(status.st_uid)}, mode {stat.S_IMODE(status.st_mode):o})"
+        )
+        user = this_user()
+        if exc.filename == str(source) and not os.access(source, os.R_OK):
+            return SpoolError(
+                f"cannot read {document}: {reason}; medgw (user {user}) reads each "
+                "document it takes from the outbox",
+                fix=f"have the files written into {folder} readable by user {user} (their "
+                f"writer's umask, or mode 640 and a group {user} is in), or chmod this one; "
+                f"find it with: find {folder} -inum {status.st_ino}",
+            )
+        if not os.access(folder, os.W_OK | os.X_OK) or exc.errno == errno.EROFS:
+            return SpoolError(
+                f"cannot remove {document} from {folder}: {reason}; medgw moves each "
+                "document out of the outbox when it takes it",
+                fix=storage_fix(exc, folder),
+            )
+        return self._not_stored(peer, exc)
+
+    def _not_stored(self, peer: str, exc: OSError) -> SpoolError:
         # The folder, not the file name: names can carry patient identifiers.
         return SpoolError(
             f"cannot move a document from outbox/{peer} into the spool "
