@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.demo_run import read_audit, wait_until
@@ -49,6 +49,7 @@ def _client_certificate(layout: DemoLayout, kind: str, folder: Path) -> tuple[Pa
         ),
         "not-pinned": lambda: issue(ca, "KITA-LAB", purpose="tls", now=NOW),
         "wrong-purpose": lambda: issue(ca, "KITA-LAB", purpose="smime-sign", now=NOW),
+        "not-yet-valid": lambda: issue(ca, "KITA-LAB", purpose="tls", now=NOW + timedelta(days=3)),
     }[kind]()
     write_pem(folder / f"{kind}.crt", issued.certificate)
     write_pem(folder / f"{kind}.key", issued.key)
@@ -84,18 +85,46 @@ def s_client(
 @pytest.mark.parametrize(
     ("kind", "alert", "audited"),
     [
-        ("none", "alert certificate required", "peer did not return a certificate"),
-        ("foreign-ca", "alert unknown ca", "unable to get local issuer certificate"),
-        ("expired", "alert certificate expired", "certificate has expired"),
-        ("not-pinned", "alert bad certificate", "which is not configured for any peer"),
-        ("wrong-purpose", "alert unsupported certificate", "unsuitable certificate purpose"),
+        (
+            "none",
+            "alert certificate required",
+            "client presented no certificate (peer did not return a certificate): every "
+            "listener requires one (mutual TLS)",
+        ),
+        (
+            "foreign-ca",
+            "alert unknown ca",
+            ", refused: unable to get local issuer certificate (it does not chain to a trust "
+            "anchor of the listener's zone)",
+        ),
+        (
+            "expired",
+            "alert certificate expired",
+            ", refused: certificate has expired (its notAfter has passed: the peer must renew it)",
+        ),
+        ("not-pinned", "alert bad certificate", ", which is not configured for any peer"),
+        (
+            "wrong-purpose",
+            "alert unsupported certificate",
+            ", refused: unsuitable certificate purpose (its keyUsage or extendedKeyUsage does "
+            "not allow TLS client authentication)",
+        ),
+        (
+            "not-yet-valid",
+            "alert bad certificate",
+            ", refused: certificate is not yet valid (its notBefore is still ahead (or this "
+            "host's clock is behind))",
+        ),
     ],
 )
 def test_a_refused_client_gets_the_alert_a_tls_server_sends_and_the_refusal_is_audited(
     layout: DemoLayout, processes: Any, tmp_path: Path, kind: str, alert: str, audited: str
 ) -> None:
+    """The record names the certificate presented (subject and SHA-256), so that the
+    administrator can tell which partner it was, and says why in plain words."""
     processes.start(layout.hospital.config_path)
-    output = s_client(layout, _client_certificate(layout, kind, tmp_path))
+    presented = _client_certificate(layout, kind, tmp_path)
+    output = s_client(layout, presented)
     assert alert in output, output
     [failed] = wait_until(
         lambda: [
@@ -104,7 +133,17 @@ def test_a_refused_client_gets_the_alert_a_tls_server_sends_and_the_refusal_is_a
         30,
         "the refusal audited",
     )
-    assert audited in failed["reason"] and failed["severity"] == "alert"
+    assert failed["severity"] == "alert"
+    if presented is None:
+        assert failed["reason"] == audited
+    else:
+        cert = x509.load_pem_x509_certificate(presented[0].read_bytes())
+        sha256 = cert.fingerprint(hashes.SHA256()).hex()
+        named = f"client presented certificate CN=KITA-LAB (sha256:{sha256})"
+        assert failed["reason"] == named + audited, failed["reason"]
+        assert sha256 not in output  # nothing more goes to the client than the alert
+    assert "_ssl.c" not in failed["reason"] and "[SSL" not in failed["reason"]
+    assert "refused" not in output and "requires one" not in output
 
 
 def test_a_protocol_the_zone_refuses_gets_the_protocol_version_alert(

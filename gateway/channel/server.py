@@ -40,7 +40,7 @@ from gateway.clock import Clock
 from gateway.config import Listener
 from gateway.httpfront import FrontDoor, finish_requests
 from gateway.logs import Logger
-from gateway.pki.tls import fingerprint, refusal_alert
+from gateway.pki.tls import fingerprint, refusal_alert, refusal_reason
 from gateway.ratelimit import SourceBudget, address_source
 
 RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -243,7 +243,7 @@ class As2Server:
                         reason=_abandoned_reason(exc),
                     )
                 return
-            reason = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
+            reason = refusal_reason(exc)
             self._audit_storms(self._storms.failed(host))
             if self._failures.admit(host):
                 self._log.warning("tls.handshake_failed", remote=remote, reason=reason)

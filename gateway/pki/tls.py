@@ -174,24 +174,64 @@ def _pinned_object_class(
             raise NotPinnedError(f"{side} presented {what}, which is not configured for any peer")
 
         def _refusal(self, exc: ssl.SSLError) -> ssl.SSLError:
-            """``exc`` with OpenSSL's alert kept (see refusal_alert); a certificate the
-            pins refused inside the handshake is named as such."""
+            """``exc`` with OpenSSL's alert kept (see refusal_alert), and the certificate
+            refused inside the handshake, if one was (see refusal_reason); one the pins
+            refused is named as such."""
             der = refused.der if refused is not None else None
             if refused is not None:
                 refused.der = None
-            if (
-                isinstance(exc, ssl.SSLCertVerificationError)
-                and exc.verify_code == tlsnative.CERT_REJECTED
-                and der is not None
-            ):
-                exc = NotPinnedError(
-                    f"{side} presented certificate sha256:{fingerprint(der)}, which is not "
-                    "configured for any peer"
-                )
+            if isinstance(exc, ssl.SSLCertVerificationError) and der is not None:
+                if exc.verify_code == tlsnative.CERT_REJECTED:
+                    exc = NotPinnedError(
+                        f"{side} presented certificate {_named(der)}, which is not "
+                        "configured for any peer"
+                    )
+                exc.presented = der  # type: ignore[attr-defined]
             exc.tls_alert = self._outgoing.read() if self._outgoing is not None else b""  # type: ignore[attr-defined]
             return exc
 
     return PinnedSSLObject
+
+
+def _named(der: bytes) -> str:
+    """A presented certificate as an administrator finds it: subject and fingerprint."""
+    try:
+        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() or "(no subject)"
+    except ValueError:
+        subject = "(unreadable)"
+    return f"{subject} (sha256:{fingerprint(der)})"
+
+
+# OpenSSL's verification errors (X509_V_ERR_*) a client certificate meets most, in words.
+_IN_WORDS = {
+    2: "it does not chain to a trust anchor of the listener's zone",
+    9: "its notBefore is still ahead (or this host's clock is behind)",
+    10: "its notAfter has passed: the peer must renew it",
+    18: "it is self-signed, not issued by a trust anchor of the listener's zone",
+    19: "its chain ends in a root that is not a trust anchor of the listener's zone",
+    20: "it does not chain to a trust anchor of the listener's zone",
+    26: "its keyUsage or extendedKeyUsage does not allow TLS client authentication",
+}
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why the listener refused a client's handshake, for the log and the audit trail
+    (never sent to the client): the certificate it presented (subject and SHA-256)
+    when it presented one, OpenSSL's reason and what that means."""
+    der = getattr(exc, "presented", None)
+    if isinstance(exc, NotPinnedError):
+        return str(exc)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        said = exc.verify_message or str(exc)
+        words = _IN_WORDS.get(exc.verify_code)
+        who = f"certificate {_named(der)}" if isinstance(der, bytes) else "certificate"
+        return f"client presented {who}, refused: {said}" + (f" ({words})" if words else "")
+    if getattr(exc, "reason", None) == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return (
+            "client presented no certificate (peer did not return a certificate): "
+            "every listener requires one (mutual TLS)"
+        )
+    return getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
 
 
 def _pinned(der: bytes, pins: frozenset[str], spki_pins: frozenset[str]) -> bool:
@@ -284,13 +324,13 @@ def server_context(
     refused = _Refused()
 
     def accept(der: bytes) -> bool:
-        if _pinned(der, pins, spki_pins):
-            return True
+        return _pinned(der, pins, spki_pins)
+
+    def refuse(der: bytes) -> None:
         refused.der = der
-        return False
 
     # Refused inside the handshake: the client gets the bad_certificate alert.
-    tlsnative.judge_leaf(context, security_level=SECURITY_LEVEL, accept=accept)
+    tlsnative.judge_leaf(context, security_level=SECURITY_LEVEL, accept=accept, refused=refuse)
     context.sslobject_class = _pinned_object_class(pins, "client", spki_pins, refused)
     return context
 

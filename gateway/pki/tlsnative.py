@@ -149,13 +149,20 @@ def _der(lib: ctypes.CDLL, cert: int) -> bytes | None:
 
 
 def judge_leaf(
-    context: ssl.SSLContext, *, security_level: int, accept: Callable[[bytes], bool]
+    context: ssl.SSLContext,
+    *,
+    security_level: int,
+    accept: Callable[[bytes], bool],
+    refused: Callable[[bytes], None] | None = None,
 ) -> None:
     """After OpenSSL's own path validation of the other side's certificate, ``accept``
     (called with the leaf's DER) decides; a certificate it refuses fails the handshake
     inside OpenSSL with X509_V_ERR_CERT_REJECTED, so the other side gets the
     bad_certificate alert a standard TLS implementation sends (a refusal after the
-    handshake could only close the connection).  Any error in ``accept`` refuses."""
+    handshake could only close the connection).  Any error in ``accept`` refuses.
+    ``refused`` is told the leaf's DER whenever it is refused, by OpenSSL's validation
+    or by ``accept`` (the handshake then fails in the same step: the failure can name
+    the certificate); it decides nothing."""
     _, pointer = _ssl_ctx(context, security_level)
     try:
         lib = _libcrypto()
@@ -168,12 +175,17 @@ def judge_leaf(
 
     def verify(store: int | None, _arg: int | None) -> int:
         try:
-            if lib.X509_verify_cert(store) != 1:
-                return 0  # OpenSSL's own reason (unknown CA, expired, ...) and alert stand
             leaf = lib.X509_STORE_CTX_get0_cert(store)
             der = _der(lib, leaf) if leaf else None
+            if lib.X509_verify_cert(store) != 1:
+                # OpenSSL's own reason (unknown CA, expired, ...) and alert stand.
+                if der is not None and refused is not None:
+                    refused(der)
+                return 0
             if der is not None and accept(der):
                 return 1
+            if der is not None and refused is not None:
+                refused(der)
             lib.X509_STORE_CTX_set_error(store, _X509_V_ERR_CERT_REJECTED)
         except BaseException:  # nothing may cross into C: refuse instead
             lib.X509_STORE_CTX_set_error(store, _X509_V_ERR_APPLICATION_VERIFICATION)
