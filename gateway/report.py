@@ -11,8 +11,12 @@ from cryptography import x509
 
 from gateway.config import GatewayConfig, Peer, Zone
 from gateway.config.network_rules import reach_problems, zone_problems
-from gateway.errors import ConfigProblem
+from gateway.errors import ConfigError, ConfigProblem
+from gateway.pki.keypair import KeyPair
+from gateway.pki.own import judge_own
 from gateway.pki.peers import ROLES, PeerTrust
+from gateway.pki.validate import Purpose
+from gateway.policy import AlgorithmPolicy
 from gateway.routing import endpoint, on_this_host, url_address
 
 EXPIRY_WARNING_DAYS = 30  # check-config warns about a certificate expiring this soon
@@ -322,4 +326,70 @@ def trust_problems(
                     "use and is not revoked), or correct what the reason says",
                 )
             )
+    return problems
+
+
+# Our certificates, each with the keys naming it in gateway.toml and its uses: the TLS
+# one serves our listeners and our connections to the peers.
+_OWN = (
+    ("TLS", "tls", "certificate", "key", (Purpose.TLS_SERVER, Purpose.TLS_CLIENT)),
+    ("S/MIME signing", "smime", "signing_certificate", "signing_key", (Purpose.SMIME_SIGN,)),
+    (
+        "S/MIME encryption",
+        "smime",
+        "encryption_certificate",
+        "encryption_key",
+        (Purpose.SMIME_ENCRYPT,),
+    ),
+)
+
+
+async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> list[ConfigProblem]:
+    """Our TLS, S/MIME signing and S/MIME encryption certificates judged by the rules
+    applied to a peer's (gateway.pki.own): an error for one outside its validity period
+    or not made for its use (every peer refuses it), a warning for one that chains to
+    no zone's trust anchors."""
+    pairs: dict[str, KeyPair] = {
+        "TLS": config.tls.identity,
+        "S/MIME signing": config.smime.signing,
+        "S/MIME encryption": config.smime.encryption,
+    }
+    anchors = {zone.name: zone.trust_anchors for zone in config.zones}
+    problems = []
+    for label, table, cert_key, key_key, purposes in _OWN:
+        pair = pairs[label]
+        for finding in await judge_own(
+            pair.certificate,
+            chain=pair.chain,
+            purposes=purposes,
+            anchors=anchors,
+            at=at,
+            policy=AlgorithmPolicy(),
+        ):
+            fix = finding.fix
+            if finding.replace:
+                fix += (
+                    f"; then point {table}.{cert_key} and {table}.{key_key} at the new "
+                    "certificate and its key"
+                )
+            problems.append(
+                ConfigProblem(
+                    str(config.source),
+                    f"{table}.{cert_key}",
+                    f"our {label} {finding.message} (file {pair.certificate_path})",
+                    fix,
+                    finding.severity,
+                )
+            )
+    return problems
+
+
+async def own_certificates_usable(config: GatewayConfig, *, at: datetime) -> list[ConfigProblem]:
+    """The warnings about our certificates (:func:`own_certificate_problems`); raises
+    :class:`ConfigError` with the errors when there is one: medgw does not start, or
+    reload, with a certificate every peer refuses."""
+    problems = await own_certificate_problems(config, at=at)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise ConfigError(errors)
     return problems

@@ -62,7 +62,7 @@ def _check_config(args: argparse.Namespace) -> int:
     from gateway.config.access import access_problems
     from gateway.fsutil import this_user
     from gateway.pki.peers import assess_peers
-    from gateway.report import describe_config, trust_problems
+    from gateway.report import describe_config, own_certificate_problems, trust_problems
 
     path: Path = args.config
     try:
@@ -75,23 +75,30 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    # Every peer certificate judged as the daemon judges it (from local files: no OCSP).
+    # Our certificates judged by the rules a peer applies to them, every peer certificate
+    # as the daemon judges it (from local files: no OCSP).
     now = SystemClock().now()
+    own = asyncio.run(own_certificate_problems(config, at=now))
     trust = asyncio.run(assess_peers(config.peers, config.zones, at=now))
     found = [p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)]
     # The folders, as the daemon finds them when it runs as this user.
     access = access_problems(config)
     errors = [p for p in found if p.severity == "error"]
-    refused = [p for p in access if p.severity == "error"]
-    warnings = [*config.warnings, *(p for p in [*found, *access] if p.severity != "error")]
+    # What medgw does not start with: a certificate of ours every peer refuses, a folder.
+    refused = [p for p in [*own, *access] if p.severity == "error"]
+    warnings = [
+        *config.warnings,
+        *(p for p in [*own, *found, *access] if p.severity != "error"),
+    ]
     for warning in warnings:
         print(warning)
     if refused:
         for error in [*refused, *errors]:
             print(error, file=sys.stderr)
+        as_user = f" as user {this_user()}" if any(p in refused for p in access) else ""
         print(
-            f"\n{path}: {len(refused) + len(errors)} error(s); medgw will not start as user "
-            f"{this_user()} with this configuration.",
+            f"\n{path}: {len(refused) + len(errors)} error(s); medgw will not start{as_user} "
+            "with this configuration.",
             file=sys.stderr,
         )
         return EXIT_FAILED

@@ -207,6 +207,7 @@ def check_rows(
     """
     from gateway.pki.validate import Purpose, RevocationPolicy, validate
     from gateway.policy import AlgorithmPolicy
+    from gateway.report import own_certificate_problems
 
     rows: list[tuple[str, str, str]] = []
     # Trust anchors are per zone (older configurations: one set under [tls]).
@@ -225,6 +226,9 @@ def check_rows(
                     '(fix: set revocation = "require" and keep its CRLs current)',
                 )
             )
+    # Our end-entity certificates' validity, purpose and path are judged below, as a
+    # peer judges them; their rows here say how long they have left.
+    leaves = ("tls certificate", "smime signing certificate", "smime encryption certificate")
     own: list[tuple[str, Any]] = [
         ("tls certificate", config.tls.identity.certificate),
         *(("tls chain", c) for c in config.tls.identity.chain),
@@ -233,7 +237,18 @@ def check_rows(
         ("smime encryption certificate", config.smime.encryption.certificate),
     ]
     for label, cert in own:
-        rows.extend(_cert_rows(label, cert, now, warn_days, encryption="encryption" in label))
+        rows.extend(
+            _cert_rows(
+                label,
+                cert,
+                now,
+                warn_days,
+                encryption="encryption" in label,
+                validity=label not in leaves,
+            )
+        )
+    for problem in asyncio.run(own_certificate_problems(config, at=now)):
+        rows.append((problem.severity, problem.key, f"{problem.message} (fix: {problem.fix})"))
     intermediates = list(config.tls.identity.chain)
     for peer in config.peers:
         zone = zones.get(getattr(peer, "zone", ""))
@@ -361,8 +376,16 @@ def _crl_rows(
 
 
 def _cert_rows(
-    label: str, cert: Any, now: datetime, warn_days: int, *, encryption: bool
+    label: str,
+    cert: Any,
+    now: datetime,
+    warn_days: int,
+    *,
+    encryption: bool,
+    validity: bool = True,
 ) -> list[tuple[str, str, str]]:
+    """``validity``: report a certificate outside its validity period (False: the caller
+    reports it)."""
     from gateway.errors import PolicyError
     from gateway.policy import AlgorithmPolicy, certificate_key
 
@@ -370,14 +393,15 @@ def _cert_rows(
     rows: list[tuple[str, str, str]] = []
     left = cert.not_valid_after_utc - now
     if left.total_seconds() <= 0:
-        rows.append(
-            ("error", item, f"expired on {cert.not_valid_after_utc:%Y-%m-%d} (fix: renew it)")
-        )
+        if validity:
+            rows.append(
+                ("error", item, f"expired on {cert.not_valid_after_utc:%Y-%m-%d} (fix: renew it)")
+            )
     elif left.days < warn_days:
         rows.append(("warning", item, f"expires in {left.days} days (fix: renew it now)"))
     else:
         rows.append(("ok", item, f"{left.days} days to expiry"))
-    if cert.not_valid_before_utc > now:
+    if validity and cert.not_valid_before_utc > now:
         rows.append(("error", item, f"not valid before {cert.not_valid_before_utc:%Y-%m-%d}"))
     policy = AlgorithmPolicy()
     try:

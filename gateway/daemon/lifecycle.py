@@ -72,6 +72,7 @@ from gateway.maintenance.server import MaintenanceServer
 from gateway.operations import Operations, ReloadRefused
 from gateway.outbound import Outbound
 from gateway.pki.peers import PeerTrust, TrustSettings
+from gateway.report import own_certificates_usable
 from gateway.retention.audit_files import AuditFiles
 from gateway.retention.purge import Retention
 from gateway.sdnotify import Notifier
@@ -241,6 +242,8 @@ class Daemon:
             ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="worker")
         )
         config = load_config(self._config_path)  # ConfigError propagates: refuse to start
+        # Nor does it start with a certificate of ours that every peer refuses.
+        own_warnings = await own_certificates_usable(config, at=self._clock.now())
         self._log = self._log.bind(node=config.cluster.node_name)
         # A state folder or trail this user may not write: refused before it is touched.
         # An inbox or outbox: said now, and by the readiness until it is mended.
@@ -258,7 +261,7 @@ class Daemon:
         remove_leftovers(config.storage.state_dir, (WORK_PREFIX, RESTORE_WORK))
         shared_folder(config.storage.state_dir)  # holds the spool; often the inbox and outbox
         private_folder(config.storage.state_dir / "incoming")
-        for warning in config.warnings:
+        for warning in (*config.warnings, *own_warnings):
             self._log.warning("config.warning", problem=str(warning))
         # Where the trail ends before this start writes to it (alerts for certificates
         # about to expire, the inbound side's recovered records): the changes committed

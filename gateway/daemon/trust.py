@@ -19,6 +19,7 @@ from gateway.pki.crl import CrlFinding, stale_crl_warnings
 from gateway.pki.expiry import Held, expiring
 from gateway.pki.ocsp import OcspClient
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peers
+from gateway.report import own_certificates_usable
 
 
 class TrustKeeper:
@@ -73,6 +74,13 @@ class TrustKeeper:
             ocsp_client=lambda zone: self.ocsp_client(zone, network),
             adjust=functools.partial(adjust, config) if adjust is not None else None,
         )
+
+    async def judge_own(self, config: GatewayConfig) -> None:
+        """Our certificates judged by the rules a peer applies to them: raises
+        :class:`ConfigError` naming each one every peer refuses (a reload keeps the
+        configuration in force); logs a warning for one a peer may refuse."""
+        for warning in await own_certificates_usable(config, at=self._clock.now()):
+            self._log.warning("config.warning", problem=str(warning))
 
     def audit(
         self,

@@ -331,6 +331,31 @@ def check_purpose(cert: x509.Certificate, purpose: Purpose) -> str | None:
     return None
 
 
+def check_validity(cert: x509.Certificate, at: datetime) -> str | None:
+    """Why ``cert`` is not valid at ``at`` (None: it is): RFC 5280's validity period,
+    the rule path validation applies to every certificate of a path."""
+    who = f"certificate {_subject(cert)}"
+    if at > cert.not_valid_after_utc:
+        return _expired(who, cert.not_valid_after_utc)
+    if at < cert.not_valid_before_utc:
+        return _not_yet_valid(who, cert.not_valid_before_utc)
+    return None
+
+
+def _expired(who: str, when: datetime) -> str:
+    return (
+        f"{who} expired on {when:%Y-%m-%d %H:%M}Z (RFC 5280 validity); "
+        "fix: renew it - its holder needs a new certificate from the CA"
+    )
+
+
+def _not_yet_valid(who: str, when: datetime) -> str:
+    return (
+        f"{who} is not valid before {when:%Y-%m-%d %H:%M}Z (RFC 5280 validity); "
+        "fix: check this host's clock, or wait until the certificate is valid"
+    )
+
+
 def _check_leaf_key(
     cert: x509.Certificate, purpose: Purpose, policy: AlgorithmPolicy
 ) -> str | None:
@@ -369,15 +394,9 @@ def _explain(exc: Exception, path: ValidationPath | None) -> str:
     who = f"certificate {_subject(culprit)}" if culprit is not None else "the path"
     detail = str(exc)
     if isinstance(exc, ExpiredError):
-        return (
-            f"{who} expired on {exc.expired_dt:%Y-%m-%d %H:%M}Z (RFC 5280 validity); "
-            "fix: renew it - its holder needs a new certificate from the CA"
-        )
+        return _expired(who, exc.expired_dt)
     if isinstance(exc, NotYetValidError):
-        return (
-            f"{who} is not valid before {exc.valid_from:%Y-%m-%d %H:%M}Z (RFC 5280 validity); "
-            "fix: check this host's clock, or wait until the certificate is valid"
-        )
+        return _not_yet_valid(who, exc.valid_from)
     if isinstance(exc, RevokedError):
         return (
             f"{who} is revoked since {exc.revocation_dt:%Y-%m-%d %H:%M}Z "
@@ -701,7 +720,11 @@ async def _validate(
             f"no trust anchor to validate certificate {_subject(leaf)} against; "
             "fix: configure the CA root certificate(s) of the peer's PKI",
         )
-    for problem in (check_purpose(leaf, purpose), _check_leaf_key(leaf, purpose, policy)):
+    for problem in (
+        check_purpose(leaf, purpose),
+        _check_leaf_key(leaf, purpose, policy),
+        check_validity(leaf, at),
+    ):
         if problem is not None:
             return ValidationResult(False, problem, (leaf,))
     inputs = _Inputs(

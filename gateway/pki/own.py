@@ -1,0 +1,99 @@
+"""Our own certificates judged by the rules a peer's certificate is judged by.
+
+A peer refuses our TLS certificate, our signature or our encryption certificate by
+the same rules medgw applies to the peer's (:mod:`gateway.pki.validate`): validity,
+keyUsage and extendedKeyUsage for the use, and a path to one of its trust anchors.
+The first two a peer applies as we do, so breaking them is an error here.  The path
+a peer builds ends at its own trust anchors, which we cannot see: a certificate that
+chains to none of ours is said, as a warning, with what a peer needs to accept it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+
+from gateway.pki.validate import (
+    Purpose,
+    RevocationPolicy,
+    check_purpose,
+    check_validity,
+    validate,
+)
+from gateway.policy import AlgorithmPolicy
+
+
+@dataclass(frozen=True)
+class OwnFinding:
+    """One thing a peer would hold against our certificate: ``severity`` ``"error"``
+    (every peer refuses it) or ``"warning"`` (a peer may), the rule broken and its fix;
+    ``replace``: the fix is a new certificate (the caller says where it goes)."""
+
+    severity: str
+    message: str
+    fix: str
+    replace: bool = False
+
+
+def _error(reason: str, *, replace: bool) -> OwnFinding:
+    message, _, fix = reason.partition("; fix: ")
+    return OwnFinding("error", message, fix, replace)
+
+
+async def judge_own(
+    certificate: x509.Certificate,
+    *,
+    chain: Sequence[x509.Certificate],
+    purposes: Sequence[Purpose],
+    anchors: Mapping[str, Sequence[x509.Certificate]],
+    at: datetime,
+    policy: AlgorithmPolicy,
+) -> list[OwnFinding]:
+    """What a peer would hold against ``certificate`` for each of ``purposes`` at ``at``.
+
+    ``chain``: the CA certificates sent with it; ``anchors``: each zone's trust anchors
+    (by zone name).  Errors: outside its validity period, or not made for a purpose.
+    Else a warning when it chains to the trust anchors of no zone (none at all when it
+    chains to one's)."""
+    errors = []
+    validity = check_validity(certificate, at)
+    if validity is not None:
+        # Expired: a new certificate; not valid yet: this host's clock, or patience.
+        errors.append(_error(validity, replace=at > certificate.not_valid_after_utc))
+    for reason in dict.fromkeys(check_purpose(certificate, p) for p in purposes):
+        if reason is not None:
+            errors.append(_error(reason, replace=True))
+    if errors:
+        return errors
+    refused: dict[str, str] = {}  # zone -> why a path to its anchors was refused
+    for zone, trusted in anchors.items():
+        result = await validate(
+            certificate,
+            anchors=trusted,
+            intermediates=chain,
+            purpose=purposes[0],
+            at=at,
+            revocation=RevocationPolicy.OFF,
+            policy=policy,
+        )
+        if result.valid:
+            return []
+        if len(result.chain) > 1:  # a path was built, and refused
+            refused[zone] = (result.reason or "refused").partition("; fix: ")[0]
+    subject = certificate.subject.rfc4514_string()
+    issuer = certificate.issuer.rfc4514_string()
+    zones = ", ".join(anchors) or "none is configured"
+    paths = "".join(f"; zone {zone}: {reason}" for zone, reason in refused.items())
+    return [
+        OwnFinding(
+            "warning",
+            f"certificate {subject} chains to the trust anchors of no zone ({zones}){paths}: "
+            f"a peer accepts it only if its own trust anchors hold the root CA of its issuer "
+            f"{issuer}",
+            "ask each peer's administrator to trust that root CA (send them its certificate), "
+            "or use a certificate from a CA your peers trust",
+        )
+    ]

@@ -1,0 +1,187 @@
+"""Our own certificates judged by the rules a peer's certificate is judged by.
+
+A peer refuses our TLS certificate outside its validity period or without the
+extendedKeyUsage of its use, and our S/MIME certificates likewise: ``check-config``
+and ``pki check`` say so as errors naming the key, the rule and the fix, ``medgw run``
+does not start with such a certificate and a reload to one is refused (the
+configuration in force goes on serving).  One that chains to no zone's trust anchors
+is a warning: a peer judges it by its own anchors.
+
+Real demo PKI (certificates issued by its CA, or by another one), real ``medgw``
+subprocesses.
+"""
+
+from __future__ import annotations
+
+import signal
+import ssl
+import subprocess
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
+from tests.helpers.check_config import check_config, reported
+from tests.helpers.demo import demo_ca, edit
+
+NOW = datetime.now(UTC)
+
+
+def expired_tls(layout: DemoLayout) -> Issued:
+    """Issued by the demo CA; expired two days ago."""
+    return issue(
+        demo_ca(layout),
+        "SAKURA-HOSPITAL",
+        purpose="tls",
+        now=NOW - timedelta(days=32),
+        days=30,
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+    )
+
+
+def future_tls(layout: DemoLayout) -> Issued:
+    """Issued by the demo CA; valid from three days on."""
+    return issue(demo_ca(layout), "SAKURA-HOSPITAL", purpose="tls", now=NOW + timedelta(days=3))
+
+
+def install(layout: DemoLayout, role: str, pair: Issued) -> None:
+    """``pair`` as the hospital's certs/<role>.crt and .key."""
+    certs = layout.hospital.root / "certs"
+    write_pem(certs / f"{role}.crt", pair.certificate)
+    write_pem(certs / f"{role}.key", pair.key)
+
+
+def pki_check(layout: DemoLayout) -> subprocess.CompletedProcess[str]:
+    return medgw("pki", "check", "--config", layout.hospital.config_path)
+
+
+def rows(result: subprocess.CompletedProcess[str], severity: str, item: str) -> list[str]:
+    return [
+        line
+        for line in result.stdout.splitlines()
+        if line.startswith(severity) and line.split()[1] == item
+    ]
+
+
+@pytest.mark.parametrize(
+    ("make", "words", "fix"),
+    [
+        (expired_tls, "expired on", "then point tls.certificate and tls.key at the new"),
+        (future_tls, "is not valid before", "check this host's clock"),
+    ],
+    ids=["expired", "not-yet-valid"],
+)
+def test_our_tls_certificate_outside_its_validity_is_an_error(
+    layout: DemoLayout, make: Any, words: str, fix: str
+) -> None:
+    install(layout, "tls", make(layout))
+    config = layout.hospital.config_path
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "configuration is valid" not in result.stdout
+    assert reported(result, config, "tls.certificate", "our TLS certificate CN=SAKURA", fix)
+    assert reported(result, config, "tls.certificate", words, "")
+    assert "medgw will not start with this configuration" in result.stderr
+    checked = pki_check(layout)
+    assert checked.returncode == 1, checked.stdout
+    [row] = rows(checked, "error", "tls.certificate")
+    assert words in row and "(fix: " in row
+
+
+def test_a_signing_certificate_as_our_tls_certificate_is_an_error(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    edit(config, 'certificate = "certs/tls.crt"', 'certificate = "certs/sign.crt"')
+    edit(config, 'key = "certs/tls.key"', 'key = "certs/sign.key"')
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    for eku in ("serverAuth", "clientAuth"):
+        assert reported(
+            result, config, "tls.certificate", f"extendedKeyUsage lacks {eku}", "medgw pki csr"
+        ), result.stderr
+    checked = pki_check(layout)
+    assert checked.returncode == 1 and len(rows(checked, "error", "tls.certificate")) == 2
+
+
+def test_a_tls_certificate_as_our_signing_certificate_is_an_error(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    edit(config, 'signing_certificate = "certs/sign.crt"', 'signing_certificate = "certs/tls.crt"')
+    edit(config, 'signing_key = "certs/sign.key"', 'signing_key = "certs/tls.key"')
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reported(
+        result,
+        config,
+        "smime.signing_certificate",
+        "our S/MIME signing certificate CN=",
+        "smime.signing_key",
+    ), result.stderr
+    assert "extendedKeyUsage lacks emailProtection" in result.stderr
+
+
+def test_our_certificate_from_a_ca_no_zone_trusts_is_a_warning(layout: DemoLayout) -> None:
+    other = make_ca("Other CA", now=NOW)
+    install(layout, "tls", issue(other, "KITA-LAB", purpose="tls", now=NOW))
+    config = layout.hospital.config_path
+    result = check_config(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert reported(
+        result,
+        config,
+        "tls.certificate",
+        "our TLS certificate CN=KITA-LAB",
+        "ask each peer's administrator to trust that root CA",
+    ), result.stdout
+    assert "chains to the trust anchors of no zone (loopback)" in result.stdout
+    assert "its issuer CN=Other CA" in result.stdout
+    assert "configuration is valid (1 warning(s))" in result.stdout
+    checked = pki_check(layout)
+    assert checked.returncode == 0, checked.stdout
+    assert len(rows(checked, "warning", "tls.certificate")) == 1
+
+
+def test_the_demo_certificates_give_no_finding(layout: DemoLayout) -> None:
+    for site in (layout.hospital, layout.lab):
+        result = check_config(site.config_path)
+        assert result.returncode == 0, result.stderr
+        assert "configuration is valid (0 warning(s))" in result.stdout
+        checked = medgw("pki", "check", "--config", site.config_path)
+        assert checked.returncode == 0 and "0 error(s), 0 warning(s)" in checked.stdout
+
+
+def test_medgw_does_not_start_with_our_expired_tls_certificate(
+    layout: DemoLayout, processes: Any
+) -> None:
+    install(layout, "tls", expired_tls(layout))
+    hospital = processes.start(layout.hospital.config_path, wait=False)
+    assert hospital.wait_exit() == 1
+    output = "\n".join(hospital.raw)
+    assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in output
+    assert "expired on" in output and "(fix: " in output
+    assert not any(line.get("event") == "daemon.ready" for line in hospital.lines)
+
+
+def served_certificate(port: int) -> x509.Certificate:
+    """The certificate the listener on ``port`` shows (the handshake itself is refused
+    afterwards: this client has none)."""
+    pem = ssl.get_server_certificate(("127.0.0.1", port))
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
+def test_a_reload_to_our_expired_tls_certificate_is_refused(
+    layout: DemoLayout, processes: Any
+) -> None:
+    hospital = processes.start(layout.hospital.config_path)
+    before = served_certificate(layout.hospital.port)
+    install(layout, "tls", expired_tls(layout))
+    hospital.signal(signal.SIGHUP)
+    [failed] = wait_for_events(layout.hospital.audit_log, "config.reload_failed")
+    assert "tls.certificate: our TLS certificate" in failed["reason"]
+    assert "expired on" in failed["reason"]
+    assert hospital.proc.poll() is None
+    assert served_certificate(layout.hospital.port) == before
