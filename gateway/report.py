@@ -12,6 +12,7 @@ from cryptography import x509
 from gateway.config import GatewayConfig, Peer, Zone
 from gateway.config.network_rules import reach_problems, zone_problems
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.pki.crl import stale_crl_warnings
 from gateway.pki.keypair import KeyPair
 from gateway.pki.own import judge_own
 from gateway.pki.peers import ROLES, PeerTrust
@@ -392,4 +393,26 @@ async def own_certificates_usable(config: GatewayConfig, *, at: datetime) -> lis
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ConfigError(errors)
+    return problems
+
+
+def crl_problems(config: GatewayConfig, *, at: datetime) -> list[ConfigProblem]:
+    """A warning for each CRL file of a zone close to its nextUpdate (within the zone's
+    crl_warn_days) or without one, as ``medgw pki check`` says it.  A stale one is not
+    repeated: under revocation "require" the peer certificates it covers are refused,
+    and their errors say why; ``pki check`` lists it."""
+    problems = []
+    for index, zone in enumerate(config.zones):
+        for finding in stale_crl_warnings(zone.crls, at=at, warn_days=zone.crl_warn_days):
+            if finding.severity != "warning":
+                continue
+            problems.append(
+                ConfigProblem(
+                    str(config.source),
+                    f"zones[{index}].crls",
+                    f"zone {zone.name}'s CRL of {finding.issuer}: {finding.message}",
+                    finding.fix,
+                    "warning",
+                )
+            )
     return problems

@@ -222,3 +222,22 @@ def test_a_stale_crl_is_named_by_its_issuer_and_dates_with_the_clock_in_the_fix(
     assert "correct this host's clock" in error
     assert ("check this host's clock first" in error) is clock_first
     assert "CRLContainer" not in error and "\\x" not in error
+
+
+def test_check_config_warns_about_a_zone_crl_close_to_its_next_update(
+    layout: DemoLayout,
+) -> None:
+    """As `pki check` does: within the zone's crl_warn_days (7) of its nextUpdate."""
+    crl = make_crl(demo_ca(layout), now=NOW - timedelta(days=27), days=30)
+    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    crl_file.write_bytes(crl.public_bytes(Encoding.PEM))
+    result = check_config(layout)
+    assert result.returncode == 0, result.stderr
+    config = layout.hospital.config_path
+    where = f"warning: {config}: zones[0].crls: zone loopback's CRL of "
+    [warning] = [line for line in result.stdout.splitlines() if line.startswith(where)]
+    assert "goes stale in 2 d 23 h" in warning
+    assert "(fix: fetch the CA's next CRL now, before traffic is refused)" in warning
+    assert "configuration is valid (1 warning(s))" in result.stdout
+    checked = medgw("pki", "check", "--config", config)
+    assert "goes stale in" in checked.stdout

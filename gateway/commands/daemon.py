@@ -62,7 +62,12 @@ def _check_config(args: argparse.Namespace) -> int:
     from gateway.config.access import access_problems
     from gateway.fsutil import this_user
     from gateway.pki.peers import assess_peers
-    from gateway.report import describe_config, own_certificate_problems, trust_problems
+    from gateway.report import (
+        crl_problems,
+        describe_config,
+        own_certificate_problems,
+        trust_problems,
+    )
 
     path: Path = args.config
     try:
@@ -75,12 +80,16 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    # Our certificates judged by the rules a peer applies to them, every peer certificate
-    # as the daemon judges it (from local files: no OCSP).
+    # Our certificates judged by the rules a peer applies to them, the zones' CRL files as
+    # `pki check` judges them, every peer certificate as the daemon judges it (from local
+    # files: no OCSP).
     now = SystemClock().now()
     own = asyncio.run(own_certificate_problems(config, at=now))
     trust = asyncio.run(assess_peers(config.peers, config.zones, at=now))
-    found = [p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)]
+    found = [
+        *crl_problems(config, at=now),
+        *(p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)),
+    ]
     # The folders, as the daemon finds them when it runs as this user.
     access = access_problems(config)
     errors = [p for p in found if p.severity == "error"]
