@@ -392,8 +392,10 @@ def storage_fix(exc: OSError, folder: Path) -> str:
         return f"free disk space on the file system of {folder} (df -h {folder})"
     if exc.errno == errno.EROFS:
         return (
-            f"{folder} is on a file system mounted read-only: mount it read-write, or "
-            f"move the folder to one that is (findmnt -T {folder})"
+            f"{folder} is on a file system mounted read-only (findmnt -T {folder} shows "
+            "it): mount it read-write; under systemd, name the folder in ReadWritePaths= "
+            "of the medgw unit (the unit's ProtectSystem=strict leaves every folder outside "
+            "/var/lib/medgw, /var/log/medgw and ReadWritePaths= read-only to medgw)"
         )
     if exc.errno in NOT_WRITABLE:
         return writable_fix(folder)

@@ -54,7 +54,7 @@ def test_read_only_inbox_answers_503_keeps_nothing_then_delivers_once(
         assert "Read-only file system" in alert["reason"] and "answered 503" in alert["reason"]
         fix = alert["detail"]["fix"]
         assert fix.startswith(f"{folder} is on a file system mounted read-only"), fix
-        assert f"findmnt -T {folder}" in fix
+        assert f"findmnt -T {folder}" in fix and "ReadWritePaths= of the medgw unit" in fix
         retry = wait_for_event(layout.lab.audit_log, "message.send_failed")
         assert "HTTP 503" in retry["reason"] and retry["message_id"] == alert["message_id"]
         # Nothing acknowledged, nothing half-written, nothing refused for good.

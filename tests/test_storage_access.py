@@ -52,7 +52,7 @@ def test_a_read_only_state_or_audit_folder_is_an_error_and_no_start(
         checked = check_config(config)
         started = medgw("run", "--config", config)
     words = f"{what} {path} is on a file system mounted read-only"
-    fix = f"mount it read-write, or move the folder to one that is (findmnt -T {path})"
+    fix = f"(findmnt -T {path} shows it): mount it read-write; under systemd, name the folder"
     for result in (checked, started):
         assert result.returncode == 1, result
         assert "Traceback" not in result.stdout + result.stderr, result
@@ -99,8 +99,10 @@ def test_a_read_only_folder_no_check_covers_stops_the_start_with_its_fix(
     assert "Traceback" not in started.stdout + started.stderr, started
     assert (
         f"medgw: cannot use {bodies}: Read-only file system; medgw stopped (fix: {bodies} is "
-        "on a file system mounted read-only: mount it read-write, or move the folder to one "
-        f"that is (findmnt -T {bodies}))"
+        f"on a file system mounted read-only (findmnt -T {bodies} shows it): mount it "
+        "read-write; under systemd, name the folder in ReadWritePaths= of the medgw unit "
+        "(the unit's ProtectSystem=strict leaves every folder outside /var/lib/medgw, "
+        "/var/log/medgw and ReadWritePaths= read-only to medgw))"
     ) in started.stderr
 
 
