@@ -24,6 +24,8 @@ from gateway.demo_run import drop_file
 from gateway.errors import InboxNotWritableError, InboxUnavailableError
 from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import events, wait_for_event, wait_for_events
+from tests.helpers.demo import new_demo
+from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
 from tests.helpers.postgres import spool_section
 from tests.helpers.storage import read_only_folder
 
@@ -92,3 +94,42 @@ def test_a_folder_this_user_may_not_write_is_a_resend_naming_the_folder_and_the_
         f"make {inbox_dir} writable by user {user}, whom medgw runs as "
         f"(ls -ld {inbox_dir}; for example chown {user} {inbox_dir})"
     )
+
+
+def test_an_inbox_root_owns_is_answered_503_to_a_daemon_run_as_its_user(processes: Any) -> None:
+    """As on a host: the hospital's daemon runs as its own user (``nobody``), and its
+    inbox folder for the lab is root's, mode 0755 (EACCES).  The start says so; the
+    lab's document is answered 503 and delivered once the folder is given to the user."""
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        give_to_nobody(layout.hospital.root)
+        folder = layout.hospital.inbox_dir / "lab"
+        folder.mkdir(mode=0o755)  # root's
+        hospital = processes.start(layout.hospital.config_path, prefix=as_nobody())
+        said = hospital.wait_for(lambda line: line.get("event") == "storage.not_writable", 5)
+        assert (
+            f"the inbox's folder {folder} may not be read and written by user nobody"
+            in (said["problem"])
+        ), said
+        lab = processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_dir / "hospital", "result.hl7", b"MSH|denied\r")
+
+        alert = wait_for_event(layout.hospital.audit_log, "storage.unavailable")
+        assert "Permission denied" in alert["reason"] and "answered 503" in alert["reason"]
+        assert alert["detail"]["fix"] == (
+            f"make {folder} writable by user nobody, whom medgw runs as "
+            f"(ls -ld {folder}; for example chown nobody {folder})"
+        )
+        retry = wait_for_event(layout.lab.audit_log, "message.send_failed")
+        assert "HTTP 503" in retry["reason"] and retry["message_id"] == alert["message_id"]
+        assert not events(layout.lab.audit_log, "message.failed")
+        assert not events(layout.hospital.audit_log, "message.rejected")
+        assert list(folder.iterdir()) == []
+
+        os.chown(folder, NOBODY.pw_uid, NOBODY.pw_gid)  # the administrator's fix
+        [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
+        assert receipt["message_id"] == alert["message_id"]
+        assert receipt["detail"]["disposition"] == "processed"
+        assert (folder / "result.hl7").read_bytes() == b"MSH|denied\r"
+        assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
+        assert lab.stop() == 0 and hospital.stop() == 0  # before their folders go
