@@ -74,7 +74,8 @@ def test_closed_files_are_named_by_their_closing_time_and_ls_lists_the_trail_in_
         assert closed.name.startswith("audit-2026120") and closed.name.endswith("Z.jsonl")
         assert closed_name(current, datetime.fromisoformat(first["time"])).name <= closed.name
     listed = subprocess.run(["ls", tmp_path], capture_output=True, text=True, check=True)
-    assert listed.stdout.split() == [f.name for f in files]
+    # The trail in order, then the writer's notes for reviews (gateway.audit.order).
+    assert listed.stdout.split() == [f.name for f in files] + ["audit.jsonl.order"]
     seqs = [r["seq"] for f in files for r in lines(f)]
     assert seqs == list(range(1, 31))
 

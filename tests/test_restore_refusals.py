@@ -325,7 +325,7 @@ def test_a_restore_that_cannot_finish_writing_takes_back_what_it_wrote(
     assert sorted(p.name for p in state.iterdir() if p.name != "medgw.lock") == []
     trail = config.parent / "audit" / "audit.jsonl"
     assert [r["reason"] for r in read_audit(trail)] == ["recipient-unreadable", "write-failed"]
-    assert sorted(p.name for p in trail.parent.iterdir()) == ["audit.jsonl"]
+    assert sorted(p.name for p in trail.parent.iterdir()) == ["audit.jsonl", "audit.jsonl.order"]
     inbox.unlink()
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert done.returncode == 0, done.stderr

@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gateway.audit.order import ordered
 from gateway.audit.query import (
     LINK_BEFORE,
     Filters,
@@ -377,11 +378,12 @@ def _candidates(paths: Sequence[Path], filters: Filters) -> Iterator[tuple[bytes
     or link a document to the patient), in order, each read from the log and checked."""
     bounds = window(filters, reach(filters))
     documents: set[int] = set()  # the patient's documents, in the files so far
-    for path in paths:
+    in_order = ordered(paths)
+    for number, path in enumerate(paths):
         index = open_index(path)
         try:
             with path.open("rb") as handle:
-                start = start_offset(handle, bounds.early)
+                start = start_offset(handle, bounds.early, in_order[number])
                 # Every row is checked against the log before anything is shown: an index
                 # found wrong is built again, and the review answered from that one.
                 if any(
@@ -480,11 +482,12 @@ def accesses(paths: Sequence[Path], filters: Filters) -> tuple[Iterator[PatientA
     scratch = sqlite3.connect("", isolation_level=None)  # a private file, gone when closed
     try:
         scratch.execute("CREATE TABLE counted(patients TEXT, actor TEXT, n INTEGER)")
-        for path in paths:
+        in_order = ordered(paths)
+        for number, path in enumerate(paths):
             index = open_index(path)
             try:
                 with path.open("rb") as handle:
-                    start = start_offset(handle, bounds.early)
+                    start = start_offset(handle, bounds.early, in_order[number])
                 found = _count(index, bounds, early, start, done)
                 scratch.executemany("INSERT INTO counted VALUES (?, ?, ?)", found)
                 done.append((path, start, index.last_time))
@@ -552,7 +555,7 @@ def _count(
     # Documents named in an earlier file: the newest naming first, kept.
     for path, earlier_start, last_time in reversed(done):
         if last_time < early:
-            break  # that file, and the ones before it, end before reading starts
+            continue  # that file ends before reading starts
         db.execute("ATTACH DATABASE ? AS earlier", (str(index_path(path)),))
         try:
             db.execute(

@@ -60,7 +60,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -68,6 +68,7 @@ from gateway.audit import rotation as steps  # by module: a crash test can stop 
 from gateway.audit.chain import GENESIS, hashed_line
 from gateway.audit.events import AuditEvent, EventType, Severity
 from gateway.audit.files import closed_files, closed_name, trail_backwards
+from gateway.audit.order import CLOCK_MARGIN, Steps
 from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CHECKPOINT_EVENT, Sealer
 from gateway.audit.verify import AuditChainError, verify_chain
@@ -75,6 +76,7 @@ from gateway.clock import Clock
 from gateway.fsutil import shared_folder
 
 __all__ = [
+    "CLOCK_MARGIN",
     "DURABLE",
     "GENESIS",
     "AuditChainError",
@@ -85,7 +87,6 @@ __all__ = [
     "verify_chain",
 ]
 
-CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see recorded_since
 # At most this many owed records are kept while the trail cannot be written (memory).
 MAX_OWED = 10_000
 
@@ -167,6 +168,12 @@ class AuditLog:
         # is read: all of it, even a record that lacks only its newline, is not the chain's.
         cut = _cut_torn_tail(path, self._fd)
         self._seq, self._prev, self._sealed = self._tail(path)
+        # Records stamped before the latest one (a clock stepped back), noted for reviews.
+        try:
+            self._steps = Steps(path, self._seq + 1, last_record_time(path))
+        except OSError:
+            os.close(self._fd)
+            raise
         self._sync(self._fd)
         self._size = os.fstat(self._fd).st_size  # of the current file
         self._day = _first_day(path)  # when its first record was written (None: empty)
@@ -191,6 +198,7 @@ class AuditLog:
                             view = view[os.write(self._fd, view) :]
                         self._sync(self._fd)
                 os.close(self._fd)
+                self._steps.close()
                 raise
 
     def _record_cut(self, cut: _CutShort) -> None:
@@ -382,26 +390,38 @@ class AuditLog:
     def _write_lines(self, records: list[dict[str, Any]], sealer: Sealer | None) -> None:
         before = self._chain_state()
         lines = []
-        for record in records:
-            lines.append(self._chain(record))
-            if sealer is not None and self._seq - self._sealed >= sealer.settings.every_records:
-                lines.append(self._checkpoint_line(sealer, "records"))
+        try:
+            for record in records:
+                lines.append(self._chain(record))
+                if sealer is not None and self._seq - self._sealed >= sealer.settings.every_records:
+                    lines.append(self._checkpoint_line(sealer, "records"))
+        except OSError:  # a step back's note not written: nor are the records
+            self._back_to(before)
+            raise
         self._append_chained(b"".join(lines), before)
         self._written += len(lines)
 
     def _write_checkpoint(self, sealer: Sealer, trigger: str) -> None:
         before = self._chain_state()
-        self._append_chained(self._checkpoint_line(sealer, trigger), before)
+        try:
+            line = self._checkpoint_line(sealer, trigger)
+        except OSError:
+            self._back_to(before)
+            raise
+        self._append_chained(line, before)
 
-    def _chain_state(self) -> tuple[int, str, int, date | None]:
-        return self._seq, self._prev, self._sealed, self._day
+    def _chain_state(self) -> _State:
+        return _State(self._seq, self._prev, self._sealed, self._day, self._steps.latest)
 
-    def _append_chained(self, lines: bytes, before: tuple[int, str, int, date | None]) -> None:
+    def _back_to(self, before: _State) -> None:
+        self._seq, self._prev, self._sealed, self._day, self._steps.latest = before
+
+    def _append_chained(self, lines: bytes, before: _State) -> None:
         """Write ``lines``, chained on from ``before``; if that fails, go back to it."""
         try:
             self._append(lines)
         except OSError:
-            self._seq, self._prev, self._sealed, self._day = before
+            self._back_to(before)
             raise
 
     def _chain(self, record: dict[str, Any]) -> bytes:
@@ -410,12 +430,14 @@ class AuditLog:
         record["node"] = self._node
         record["seq"] = self._seq + 1
         record["prev"] = self._prev
+        at = datetime.fromisoformat(record["time"])
+        self._steps.check(record["seq"], at)  # noted before the record is written
         digest, line = hashed_line(record)
         record["hash"] = digest
         self._seq += 1
         self._prev = digest
         if self._day is None:
-            self._day = datetime.fromisoformat(record["time"]).date()
+            self._day = at.date()
         return line + b"\n"
 
     def _checkpoint_line(self, sealer: Sealer, trigger: str) -> bytes:
@@ -513,6 +535,7 @@ class AuditLog:
                 self._flush()
             os.close(self._fd)
             self._fd = -1
+            self._steps.close()
 
 
 class Written:
@@ -545,6 +568,16 @@ class Written:
             self._failed = exc
             raise
         self._done = True
+
+
+class _State(NamedTuple):
+    """Where the chain is, to go back to if a write fails."""
+
+    seq: int
+    prev: str
+    sealed: int
+    day: date | None
+    latest: datetime | None  # the latest time written (gateway.audit.order)
 
 
 class _Mark(NamedTuple):

@@ -4,7 +4,9 @@ The trail can hold a year of records, millions of lines: it is streamed, never
 loaded.  Records are written in time order (the clock may have been set back a
 little: CLOCK_MARGIN), so the first record of the window is found by bisecting
 the file on its ``time`` field, and reading stops once records are well past
-the window.  A line is parsed only if its raw bytes can match: its time is
+the window.  A file where the clock was set back further, or whose order is not
+known (gateway.audit.order), is read whole instead: no record of the window is
+missed, whatever the clock did.  A line is parsed only if its raw bytes can match: its time is
 read in place, and each filter's value must appear in it.  Records written
 before patients and actors were recorded simply lack them: they match no
 ``patient``/``actor`` filter and are counted under no patient.
@@ -21,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gateway.audit.log import CLOCK_MARGIN
+from gateway.audit.order import CLOCK_MARGIN, ordered
 
 TIME_KEY = b'"time":"'
 TIME_LENGTH = len("2026-12-05T04:22:55.459825+00:00")
@@ -162,10 +164,11 @@ def reach(filters: Filters) -> timedelta:
     return LINK_BEFORE if filters.patient is not None else timedelta(0)
 
 
-def start_offset(handle: BinaryIO, early: bytes | None) -> int:
+def start_offset(handle: BinaryIO, early: bytes | None, in_order: bool = True) -> int:
     """Where reading a file for a window starting at ``early`` begins: the start of a line
-    at or before the first one written at ``early`` or later."""
-    if early is None:
+    at or before the first one written at ``early`` or later (its start if the file is
+    not ``in_order``: see gateway.audit.order)."""
+    if early is None or not in_order:
         return 0
     handle.seek(_first_offset(handle, os.fstat(handle.fileno()).st_size, early))
     if handle.tell():
@@ -177,21 +180,27 @@ def _lines(
     paths: Sequence[Path], filters: Filters, *, before: timedelta = timedelta(0)
 ) -> Iterator[tuple[bytes, bool]]:
     """Each line from ``before`` the window's start (found by bisection) up to its end
-    (both plus CLOCK_MARGIN), with whether it is inside the window."""
+    (both plus CLOCK_MARGIN), with whether it is inside the window; every line of a file
+    not known to be in time order."""
     bounds = window(filters, before)
-    for path in paths:
+    in_order = ordered(paths)
+    for number, path in enumerate(paths):
         with path.open("rb") as handle:
-            handle.seek(start_offset(handle, bounds.early))
+            handle.seek(start_offset(handle, bounds.early, in_order[number]))
             for line in handle:
                 if not line.endswith(b"\n"):
                     break  # the file's end, unfinished: a record being written, or torn
                 at = time_of(line)
                 if at is None:
                     continue  # a torn line after a crash: `audit verify` reports it
-                if bounds.late is not None and at >= bounds.late:
-                    return  # past the window, even allowing for a clock set back
+                if bounds.late is not None and at >= bounds.late and in_order[number]:
+                    if all(in_order[number:]):
+                        return  # past the window, even allowing for a clock set back
+                    break  # a later file's clock went back: it may hold some
                 if bounds.early is not None and at < bounds.early:
-                    continue  # bisection stops a block short
+                    continue  # before the window (bisection stops a block short)
+                if bounds.late is not None and at >= bounds.late:
+                    continue  # after it, in a file not in order
                 yield line, bounds.inside(at)
 
 

@@ -1,0 +1,172 @@
+"""Where the audit trail's times go backwards: which files a review may bisect on time.
+
+A review finds a window's first record by bisecting a file on its ``time`` and stops
+reading once records are past the window (gateway.audit.query): right only while each
+record is at most CLOCK_MARGIN earlier than every record before it.  A clock stepped
+back (an NTP step, ``date -s``, a host started with a wrong clock and corrected later)
+breaks that, and a bisecting review would miss records of the window.
+
+So the writer notes every record stamped earlier than the latest record before it by
+more than CLOCK_MARGIN (a *step back*) in ``<current file>.order`` beside the trail, one
+JSON line each, made durable before the record is written.  A file that holds a step
+back is read whole by a review; the others are bisected.  The writer compares the
+records that follow a step back with that record's time, so a clock that stays behind
+costs one line, not one per record.
+
+The notes also say from which record on the writer kept them (``from_seq``: the first
+record written by a version that notes steps back, or after the notes went missing).
+Records before it were written without them: their files are read whole, as are files
+reviewed without the notes (``--file`` copies without their ``.order``).  Records may be
+slow to review, never missed.  The file is derived data of the writer; it is not the
+authority on the records (the hash chain is) and holds no patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from gateway.audit.files import backwards, closed_at, first_seq, is_closed_name
+
+CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see above
+SUFFIX = ".order"
+
+
+def order_path(current: Path) -> Path:
+    """The notes of the trail whose current file is ``current``."""
+    return current.with_name(current.name + SUFFIX)
+
+
+def trail_current(path: Path) -> Path:
+    """The current file of the trail ``path`` is a file of (``audit-STAMP.jsonl`` is a
+    closed file of ``audit.jsonl``)."""
+    if not is_closed_name(path):
+        return path
+    stem, _, _ = path.stem.rpartition("-")
+    current = path.with_name(stem + path.suffix)
+    return current if closed_at(current, path) is not None else path
+
+
+@dataclass(frozen=True)
+class Notes:
+    from_seq: int | None  # None: no notes (every file is read whole)
+    steps: tuple[int, ...]  # seq of each record that stepped back, ascending
+
+
+def read_notes(current: Path) -> Notes:
+    """The notes of ``current``'s trail; none if missing or unreadable."""
+    try:
+        text = order_path(current).read_bytes()
+    except OSError:
+        return Notes(None, ())
+    start: int | None = None
+    steps: set[int] = set()
+    for line in text.splitlines():
+        try:
+            note = json.loads(line)
+        except ValueError:
+            continue  # torn by a crash: the record it was for was never written
+        if not isinstance(note, dict):
+            continue
+        if isinstance(note.get("from_seq"), int):
+            start = note["from_seq"] if start is None else min(start, note["from_seq"])
+        if isinstance(note.get("seq"), int):
+            steps.add(note["seq"])
+    return Notes(start, tuple(sorted(steps)))
+
+
+def _last_seq(path: Path) -> int | None:
+    for line in backwards(path):
+        try:
+            seq = json.loads(line)["seq"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        return seq if isinstance(seq, int) else None
+    return None
+
+
+def ordered(paths: Sequence[Path]) -> list[bool]:
+    """For each file of ``paths`` (one trail, oldest first), whether a review may bisect
+    it: its records were written with notes kept, and none of them stepped back."""
+    if not paths:
+        return []
+    notes = read_notes(trail_current(paths[-1]))
+    if notes.from_seq is None:
+        return [False] * len(paths)
+    firsts = [first_seq(p) for p in paths]
+    found: list[bool] = []
+    for number, (path, first) in enumerate(zip(paths, firsts, strict=True)):
+        following = firsts[number + 1] if number + 1 < len(paths) else None
+        last = following - 1 if following is not None else _last_seq(path)
+        if first is None or last is None or first < notes.from_seq:
+            found.append(False)
+            continue
+        found.append(not any(first <= s <= last for s in notes.steps))
+    return found
+
+
+def _open(path: Path) -> int:
+    """Open (create) the notes for appending, as the log is opened (gateway.audit.rotation):
+    a folder or a file the gateway cannot write fails here, at the writer's start."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o007:  # whatever the umask was
+            os.fchmod(fd, mode & ~0o007)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _append(fd: int, note: dict[str, object]) -> None:
+    """Add ``note`` to the notes, durably."""
+    data = json.dumps(note, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+class Steps:
+    """The writer's side: the latest time written, and a note for each step back."""
+
+    def __init__(self, current: Path, next_seq: int, last_time: datetime | None) -> None:
+        path = order_path(current)
+        # The latest time in the trail is at most CLOCK_MARGIN after its last record's,
+        # if that one did not step back (and if it did, its file is read whole anyway).
+        self.latest = None if last_time is None else last_time + CLOCK_MARGIN
+        fresh = not path.exists()
+        self._fd = _open(path)
+        if fresh or not path.stat().st_size:
+            try:
+                _append(self._fd, {"from_seq": next_seq})
+            except OSError:
+                self.close()
+                raise
+
+    def check(self, seq: int, at: datetime) -> None:
+        """Record ``seq`` is stamped ``at``: noted first if that steps back (raises
+        OSError if the note cannot be written: the record is not written either)."""
+        latest = self.latest
+        if latest is not None and at < latest - CLOCK_MARGIN:
+            _append(
+                self._fd,
+                {
+                    "seq": seq,
+                    "time": at.isoformat(timespec="microseconds"),
+                    "latest": latest.isoformat(timespec="microseconds"),
+                },
+            )
+            self.latest = at  # the records after it are compared with it
+        elif latest is None or at > latest:
+            self.latest = at
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,143 @@
+"""A review misses no record of its window when the clock was stepped back (MNT-5).
+
+Trails are written by AuditLog under a clock the test moves (ahead by 45 days and back
+again; back by 2 days), in one file or rotated into several, then read by the real
+``medgw audit query`` and ``audit patients``, from the log and through the index.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.audit import AuditEvent, AuditLog, EventType, PatientId
+from gateway.audit.files import trail_files
+from gateway.audit.order import order_path, ordered, read_notes
+from gateway.audit.rotation import RotationSettings
+from tests.cli import medgw
+from tests.clocks import SetClock
+
+TODAY = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+PATIENT = PatientId("P0012345", "hl7v2", "1.2.392.200119.6.102", "MR")
+
+
+def write(log: AuditLog, clock: SetClock, count: int, first: int) -> None:
+    """``count`` documents received, one a minute, each naming the patient."""
+    for n in range(first, first + count):
+        clock.advance(60)
+        log.emit(
+            AuditEvent(
+                EventType.MESSAGE_RECEIVED,
+                peer="lab",
+                actor="peer:lab",
+                message_id=f"<{n}@lab>",
+                patient_ids=(PATIENT,),
+            )
+        )
+
+
+def trail(tmp_path: Path, rotate: bool, steps: list[tuple[timedelta, int]]) -> list[Path]:
+    """A trail written from TODAY with the clock moved by each step's offset from the real
+    time before that step's records; a daemon started again (a new AuditLog) each time."""
+    path = tmp_path / "audit.jsonl"
+    rotation = RotationSettings(max_bytes=20_000, daily=True) if rotate else None
+    written = 0
+    for offset, count in steps:
+        clock = SetClock(TODAY + offset + timedelta(minutes=written))
+        log = AuditLog(path, clock, node="HOSP", sync=lambda fd: None, rotation=rotation)
+        write(log, clock, count, written)
+        log.close()
+        written += count
+    return trail_files(path)
+
+
+def day_of(paths: list[Path], day: str) -> list[int]:
+    """The seq of every record stamped on ``day``, read from the files line by line."""
+    found = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["time"].startswith(day):
+                found.append(record["seq"])
+    return found
+
+
+def query(paths: list[Path], *options: str) -> list[int]:
+    files = [a for p in paths for a in ("--file", str(p))]
+    result = medgw("audit", "query", *files, "--format", "json", *options)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line)["seq"] for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["one-file", "rotated"])
+def test_a_day_is_found_whole_after_the_clock_ran_45_days_ahead(
+    tmp_path: Path, rotate: bool
+) -> None:
+    paths = trail(
+        tmp_path, rotate, [(timedelta(0), 120), (timedelta(days=45), 150), (timedelta(0), 9)]
+    )
+    assert len(paths) > (3 if rotate else 0)
+    day = TODAY.date().isoformat()
+    expected = day_of(paths, day)
+    assert len(expected) == 129
+    window = ("--since", day, "--until", day)
+    assert query(paths, *window) == expected
+    assert query(paths, *window, "--no-index", "--event", "message.received") == expected
+    assert query(paths, *window, "--event", "message.received") == expected  # the index
+    assert query(paths, *window, "--patient", "P0012345") == expected
+    assert query(paths, *window, "--patient", "P0012345", "--no-index") == expected
+    ahead = (TODAY + timedelta(days=45)).date().isoformat()
+    assert query(paths, "--since", ahead, "--until", ahead) == day_of(paths, ahead)
+    for index in (["--no-index"], []):
+        files = [a for p in paths for a in ("--file", str(p))]
+        result = medgw(
+            "audit", "patients", *files, "--since", day, "--until", day, "--format", "csv", *index
+        )
+        assert result.returncode == 0, result.stderr
+        assert ",129" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["one-file", "rotated"])
+def test_the_days_of_a_clock_two_days_behind_are_found(tmp_path: Path, rotate: bool) -> None:
+    paths = trail(
+        tmp_path, rotate, [(timedelta(0), 150), (timedelta(days=-2), 7), (timedelta(0), 150)]
+    )
+    behind = (TODAY - timedelta(days=2)).date().isoformat()
+    expected = day_of(paths, behind)
+    assert len(expected) == 7
+    assert query(paths, "--since", behind, "--until", behind) == expected
+    assert (
+        query(paths, "--since", behind, "--until", behind, "--event", "message.received")
+        == expected
+    )
+    assert query(paths, "--since", behind, "--until", behind, "--patient", "P0012345") == expected
+
+
+def test_the_writer_notes_a_step_back_once_and_the_other_files_stay_bisected(
+    tmp_path: Path,
+) -> None:
+    """A clock that stays behind is noted at its first record only; the files without a
+    step back are still read by bisection, and a trail written before notes were kept
+    (none beside it) is read whole."""
+    paths = trail(
+        tmp_path, True, [(timedelta(0), 150), (timedelta(days=-2), 150), (timedelta(0), 150)]
+    )
+    current = tmp_path / "audit.jsonl"
+    notes = read_notes(current)
+    assert notes.from_seq == 1
+    assert notes.steps == (151,)  # not one note per record written while it stayed behind
+    in_order = ordered(paths)
+    holding = [151 in range(*seqs(p)) for p in paths]
+    assert in_order == [not h for h in holding] and any(in_order)
+    order_path(current).unlink()
+    assert ordered(paths) == [False] * len(paths)
+    behind = (TODAY - timedelta(days=2)).date().isoformat()
+    assert query(paths, "--since", behind, "--until", behind) == day_of(paths, behind)
+
+
+def seqs(path: Path) -> tuple[int, int]:
+    lines = path.read_text().splitlines()
+    return json.loads(lines[0])["seq"], json.loads(lines[-1])["seq"] + 1
