@@ -141,3 +141,27 @@ def test_the_writer_notes_a_step_back_once_and_the_other_files_stay_bisected(
 def seqs(path: Path) -> tuple[int, int]:
     lines = path.read_text().splitlines()
     return json.loads(lines[0])["seq"], json.loads(lines[-1])["seq"] + 1
+
+
+def test_verify_names_the_records_whose_time_goes_back_and_keeps_the_chain_intact(
+    tmp_path: Path,
+) -> None:
+    paths = trail(
+        tmp_path,
+        True,
+        [(timedelta(0), 20), (timedelta(days=45), 20), (timedelta(0), 20), (timedelta(days=-2), 5)],
+    )
+    files = [a for p in paths for a in ("--file", str(p))]
+    result = medgw("audit", "verify", *files)
+    assert result.returncode == 0, result.stderr
+    assert "65 records, hash chain intact" in result.stdout
+    warning = next(line for line in result.stdout.splitlines() if "clock was set back" in line)
+    assert "2 record(s) stamped more than 10 minutes before the latest record before them" in (
+        warning
+    )
+    assert "record 41 (" in warning and "stamped 2026-12-07T09:41:00" in warning
+    assert "after 2027-01-21T" in warning  # 45 days ahead
+    assert "record 61 (" in warning and "stamped 2026-12-05T" in warning
+    assert "fix: check the host's clock" in warning
+    in_order = medgw("audit", "verify", "--file", str(paths[0]))
+    assert in_order.returncode == 0 and "set back" not in in_order.stdout

@@ -10,6 +10,10 @@ file, line and sequence number:
   again): the first checkpoint after the change no longer verifies;
 - a trail cut short: found against the last checkpoint seen outside the box
   (``last_checkpoint``); records after the last checkpoint are "not yet sealed".
+
+Records stamped more than CLOCK_MARGIN before the latest record before them (the clock
+was set back) are counted and the first few named: not a fault of the chain, but what
+an admin must know of the trail's times (gateway.audit.order).
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import GENESIS, canonical
+from gateway.audit.order import CLOCK_MARGIN
 from gateway.audit.seal import CHECKPOINT_EVENT, CheckpointKeys
 from gateway.errors import InvalidValueError, MedgwError
 
 # Closed files disposed of by retention (gateway.retention.audit_files): where the trail starts.
 AUDIT_DISPOSED_EVENT = "retention.audit_disposed"
 FIX = "restore the audit log from backup; investigate who edited it"
+STEPS_NAMED = 5  # steps back named in a report (all are counted)
 
 
 class AuditChainError(MedgwError):
@@ -39,6 +46,16 @@ class Checkpoint:
     seq: int
     hash: str
     where: str  # file:line
+
+
+@dataclass(frozen=True)
+class StepBack:
+    """A record stamped more than CLOCK_MARGIN before the latest record before it."""
+
+    seq: int
+    where: str  # file:line
+    time: str
+    latest: str  # the latest time before it
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,8 @@ class TrailReport:
     # record being written as the trail was read, or one a kill left (the next start
     # cuts it off and records audit.record_cut_short).  Not a record: not checked.
     unfinished: int = 0
+    steps_back: int = 0  # records stamped before the latest one by more than CLOCK_MARGIN
+    first_steps_back: tuple[StepBack, ...] = ()  # the first STEPS_NAMED of them
 
     @property
     def unsealed(self) -> int:
@@ -99,6 +118,9 @@ def verify_trail(
     first_prev: str | None = None
     disposal: int | None = None
     unfinished = 0
+    latest: datetime | None = None  # the latest time so far (that of a step back after one)
+    steps: list[StepBack] = []
+    stepped = 0
     for index, path in enumerate(paths):
         starting = before is not None
         writing = index == len(paths) - 1 and live is not None and path == live
@@ -157,6 +179,14 @@ def verify_trail(
                             f"({last_checkpoint[1]}): the trail was rewritten up to it",
                             fix=FIX,
                         )
+                at = _time(record)
+                if at is not None and latest is not None and at < latest - CLOCK_MARGIN:
+                    stepped += 1
+                    if len(steps) < STEPS_NAMED:
+                        steps.append(StepBack(seq, where, str(record["time"]), latest.isoformat()))
+                    latest = at  # the records after it are compared with it, as the writer does
+                elif at is not None and (latest is None or at > latest):
+                    latest = at
                 prev = claimed
                 expected = seq + 1
                 count += 1
@@ -169,8 +199,25 @@ def verify_trail(
             fix=FIX,
         )
     return TrailReport(
-        count, first, expected - 1, checkpoints, last, bool(keys), disposal, unfinished
+        count,
+        first,
+        expected - 1,
+        checkpoints,
+        last,
+        bool(keys),
+        disposal,
+        unfinished,
+        stepped,
+        tuple(steps),
     )
+
+
+def _time(record: dict[str, Any]) -> datetime | None:
+    try:
+        at = datetime.fromisoformat(record["time"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return at if at.tzinfo is not None else None
 
 
 def _an_object(line: bytes) -> bool:

@@ -16,6 +16,7 @@ from cryptography import x509
 from gateway.audit import index, review
 from gateway.audit.files import is_closed_name
 from gateway.audit.index import AuditIndexError
+from gateway.audit.order import CLOCK_MARGIN
 from gateway.audit.query import DOCUMENTS_REMEMBERED, Filters, actor_of, patients_of, records
 from gateway.audit.seal import CheckpointKeys
 from gateway.audit.verify import AuditChainError, TrailReport, parse_checkpoint, verify_trail
@@ -425,6 +426,20 @@ def _describe(shown: str, report: TrailReport) -> list[str]:
         lines.append(
             f"not yet sealed: {report.unsealed} records after "
             f"{f'record {last.seq}' if last else 'the start'} (no checkpoint covers them yet)"
+        )
+    if report.steps_back:
+        named = "; ".join(
+            f"record {s.seq} ({s.where}) stamped {s.time}, after {s.latest}"
+            for s in report.first_steps_back
+        )
+        more = report.steps_back - len(report.first_steps_back)
+        lines.append(
+            f"WARNING: the clock was set back: {report.steps_back} record(s) stamped more "
+            f"than {CLOCK_MARGIN.seconds // 60} minutes before the latest record before them "
+            f"(the chain is intact; times are as the host's clock gave them): {named}"
+            + (f"; and {more} more" if more > 0 else "")
+            + ". Reviews read the files holding them whole (fix: check the host's clock "
+            "and its time source, NTP: timedatectl, chronyc tracking)"
         )
     if report.unfinished:
         lines.append(
