@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.audit import AuditEvent, AuditLog, EventType, PatientId
 from gateway.audit.files import trail_files
-from gateway.audit.order import order_path, ordered, read_notes
+from gateway.audit.order import CLOCK_MARGIN, clock_behind, order_path, ordered, read_notes
 from gateway.audit.rotation import RotationSettings
+from gateway.demo_run import read_audit
+from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.clocks import SetClock
+from tests.helpers.audit import wait_for_event
 
 TODAY = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 PATIENT = PatientId("P0012345", "hl7v2", "1.2.392.200119.6.102", "MR")
@@ -165,3 +169,49 @@ def test_verify_names_the_records_whose_time_goes_back_and_keeps_the_chain_intac
     assert "fix: check the host's clock" in warning
     in_order = medgw("audit", "verify", "--file", str(paths[0]))
     assert in_order.returncode == 0 and "set back" not in in_order.stdout
+
+
+def test_a_daemon_started_with_its_clock_behind_the_trail_alerts_and_serves(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The trail's last records were written with the clock 45 days ahead; the daemon,
+    started on the real clock, records clock.behind_trail (an alert naming both times and
+    the fix), starts, and today's records are found by a query for today."""
+    trail = layout.hospital.audit_log
+    ahead = datetime.now(UTC) + timedelta(days=45)
+    log = AuditLog(trail, SetClock(ahead), node="SAKURA-HOSPITAL", sync=lambda fd: None)
+    log.emit(AuditEvent(EventType.DAEMON_STARTED))
+    log.emit(AuditEvent(EventType.DAEMON_STOPPED))
+    log.close()
+
+    processes.start(layout.hospital.config_path)
+    started = wait_for_event(trail, "daemon.started", where=lambda r: r["seq"] > 2)
+    records = read_audit(trail)
+    alert = next(r for r in records if r["event"] == "clock.behind_trail")
+    assert alert["severity"] == "alert" and alert["seq"] < started["seq"]
+    assert alert["detail"]["last_record"] == ahead.isoformat(timespec="microseconds")
+    assert alert["detail"]["behind_seconds"] > 44 * 86400
+    reason = alert["reason"]
+    assert reason.startswith("this host's clock (") and "is 44 days behind" in reason
+    assert f"last record ({ahead.isoformat(timespec='seconds')})" in reason
+    assert "fix: check the host's clock and its time source" in reason
+    assert alert["call"]  # whom to call, as for every alert
+
+    today = started["time"][:10]
+    found = medgw(
+        "audit", "query", "--config", layout.hospital.config_path, "--format", "json",
+        "--since", today, "--until", today,
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    seqs = [json.loads(line)["seq"] for line in found.stdout.splitlines()]
+    assert alert["seq"] in seqs and started["seq"] in seqs
+
+
+def test_a_clock_behind_by_the_margin_or_less_is_no_alert() -> None:
+    last = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    assert clock_behind(None, last) is None
+    assert clock_behind(last, last - CLOCK_MARGIN) is None
+    assert clock_behind(last, last + timedelta(days=1)) is None
+    behind = clock_behind(last, last - CLOCK_MARGIN - timedelta(seconds=1))
+    assert behind is not None and behind.detail["behind_seconds"] == 601
+    assert "10 minutes behind" in str(behind.reason)

@@ -107,6 +107,9 @@ class EventType(StrEnum):
     # next start (its bytes' size, hash and beginning in detail): the chain goes on from
     # the last complete record.
     AUDIT_RECORD_CUT_SHORT = "audit.record_cut_short"
+    # At start, this host's clock is behind the trail's last record by more than the
+    # margin (gateway.audit.order): set back, or it ran ahead before (an alert).
+    CLOCK_BEHIND_TRAIL = "clock.behind_trail"
     # Export to the hospital's monitoring (gateway.audit.export)
     EXPORT_INTERRUPTED = "audit.export_interrupted"  # the collector cannot be reached
     EXPORT_RESUMED = "audit.export_resumed"  # it can again; what waited is being sent

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from gateway.audit.events import AuditEvent, EventType, Severity
 from gateway.audit.files import backwards, closed_at, first_seq, is_closed_name
 
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see above
@@ -170,3 +171,39 @@ class Steps:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def clock_behind(last: datetime | None, now: datetime) -> AuditEvent | None:
+    """The alert for a start at ``now`` on a trail whose last record is stamped ``last``,
+    if the clock is behind it by more than CLOCK_MARGIN; else None.  The start goes on:
+    refusing it would stop the documents over a clock."""
+    if last is None or now >= last - CLOCK_MARGIN:
+        return None
+    behind = last - now
+    return AuditEvent(
+        EventType.CLOCK_BEHIND_TRAIL,
+        severity=Severity.ALERT,
+        reason=(
+            f"this host's clock ({now.isoformat(timespec='seconds')}) is {_span(behind)} "
+            f"behind the audit trail's last record ({last.isoformat(timespec='seconds')}): "
+            "it was set back, or it ran ahead when that record was written; the records "
+            "written now are stamped earlier than those before them (reviews read their "
+            "files whole, and medgw audit verify names them); fix: check the host's clock "
+            "and its time source (timedatectl; chronyc tracking or ntpq -p) and keep it "
+            "synchronised"
+        ),
+        detail={
+            "now": now.isoformat(timespec="microseconds"),
+            "last_record": last.isoformat(timespec="microseconds"),
+            "behind_seconds": int(behind.total_seconds()),
+        },
+    )
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds // 3600} hours"
+    return f"{seconds // 60} minutes"

@@ -31,6 +31,8 @@ from gateway.atrest import KeyStore, Vault
 from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
 from gateway.audit.export.cursor import load_position
 from gateway.audit.export.exporter import CURSOR_NAME
+from gateway.audit.log import last_record_time
+from gateway.audit.order import clock_behind
 from gateway.audit.owed import changes_since
 from gateway.audit.seal import CheckpointKeys, Sealer
 from gateway.audit.watch import BrokenRecords, TrailWatch
@@ -267,6 +269,7 @@ class Daemon:
         # about to expire, the inbound side's recovered records): the changes committed
         # since may lack their records, which the recovery below writes.
         since = await asyncio.to_thread(changes_since, config.storage.audit_log)
+        last_record = await asyncio.to_thread(last_record_time, config.storage.audit_log)
         sealer = Sealer(config.audit) if config.audit is not None else None
         self._audit = AuditLog(
             config.storage.audit_log,
@@ -295,6 +298,10 @@ class Daemon:
         keys = CheckpointKeys([config.audit.certificate]) if config.audit is not None else None
         self._sink = self._observer.sink(self._alerts)
         self._broken = BrokenRecords(self._sink, self._log)  # the same record alerts once
+        behind = clock_behind(last_record, self._clock.now())
+        if behind is not None:  # an alert, and the start goes on
+            self._log.warning("clock.behind_trail", **behind.detail)
+            self._sink.emit(behind)
         self._watch = TrailWatch(
             config.storage.audit_log, keys, self._broken, self._audit.durable_seq
         )
