@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -81,9 +82,11 @@ def write_trail(path: Path, count: int, rng: random.Random) -> None:
                 )
                 out.write(line)
                 prev = digest
-    # As the writer leaves it (gateway.audit.order): notes kept from the first record, and
-    # no step back of the clock, so that reviews bisect the file on time.
-    path.with_name(path.name + ".order").write_text('{"from_seq":1}\n')
+    # As the writer leaves it (gateway.audit.order): the file's first record noted, and no
+    # step back of the clock, so that reviews bisect the file on time.
+    first = json.loads(path.open().readline())
+    note = json.dumps({"first_hash": first["hash"], "seq": first["seq"]})
+    path.with_name(path.name + ".order").write_text(note + "\n")
 
 
 def run(command: list[str], limit: float | None = None) -> tuple[float, float, int] | None:

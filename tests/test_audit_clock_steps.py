@@ -131,15 +131,45 @@ def test_the_writer_notes_a_step_back_once_and_the_other_files_stay_bisected(
     )
     current = tmp_path / "audit.jsonl"
     notes = read_notes(current)
-    assert notes.from_seq == 1
+    assert {seq for seq, _ in notes.firsts} == {seqs(p)[0] for p in paths}
     assert notes.steps == (151,)  # not one note per record written while it stayed behind
     in_order = ordered(paths)
     holding = [151 in range(*seqs(p)) for p in paths]
     assert in_order == [not h for h in holding] and any(in_order)
+    behind = (TODAY - timedelta(days=2)).date().isoformat()
     order_path(current).unlink()
     assert ordered(paths) == [False] * len(paths)
-    behind = (TODAY - timedelta(days=2)).date().isoformat()
     assert query(paths, "--since", behind, "--until", behind) == day_of(paths, behind)
+
+
+def test_notes_vouch_only_for_the_files_whose_first_record_they_name(tmp_path: Path) -> None:
+    """A trail put in place of another (a restore) under the other's notes, and a file
+    begun before notes were kept, are read whole: their records are all found."""
+    old = trail(tmp_path / "old", True, [(timedelta(0), 150)])
+    assert all(ordered(old))
+    written = trail(
+        tmp_path / "new",
+        True,
+        [(timedelta(seconds=1), 150), (timedelta(days=-2), 7), (timedelta(0), 9)],
+    )  # its records are not the old trail's (a second later)
+    for path in old:
+        path.unlink()
+    for path in written:  # the new trail's files in place, the old trail's notes kept
+        path.rename(tmp_path / "old" / path.name)
+    restored = trail_files(tmp_path / "old" / "audit.jsonl")
+    assert ordered(restored) == [False] * len(restored)
+    behind = (TODAY - timedelta(days=2)).date().isoformat()
+    expected = day_of(restored, behind)
+    assert len(expected) == 7
+    assert query(restored, "--since", behind, "--until", behind) == expected
+
+    begun = tmp_path / "begun" / "audit.jsonl"  # written by a version that kept no notes
+    begun.parent.mkdir()
+    restored[-1].rename(begun)  # (its notes left behind)
+    log = AuditLog(begun, SetClock(TODAY + timedelta(days=1)), node="HOSP", sync=lambda fd: None)
+    log.emit(AuditEvent(EventType.DAEMON_STARTED))
+    log.close()
+    assert ordered([begun]) == [False]
 
 
 def seqs(path: Path) -> tuple[int, int]:

@@ -43,6 +43,10 @@ hash and beginning in its place: every line of the file stays a record of the ch
 the unfinished one is accounted for.  A start that must know where the trail ended
 before (gateway.audit.owed.changes_since) reads that before it opens the log.
 
+Beside the trail, the writer keeps notes for reviews (gateway.audit.order): each file's
+first record, and each record stamped more than CLOCK_MARGIN before the latest one before
+it (a clock stepped back), each noted durably before the record is written.
+
 With rotation settings, the file is closed when it reaches a size or when the
 first record of a new UTC day is written (gateway.audit.rotation): sealed by a
 checkpoint, synced, renamed to its closed name (gateway.audit.files), and the
@@ -170,7 +174,7 @@ class AuditLog:
         self._seq, self._prev, self._sealed = self._tail(path)
         # Records stamped before the latest one (a clock stepped back), noted for reviews.
         try:
-            self._steps = Steps(path, self._seq + 1, last_record_time(path))
+            self._steps = Steps(path, last_record_time(path))
         except OSError:
             os.close(self._fd)
             raise
@@ -395,7 +399,7 @@ class AuditLog:
                 lines.append(self._chain(record))
                 if sealer is not None and self._seq - self._sealed >= sealer.settings.every_records:
                     lines.append(self._checkpoint_line(sealer, "records"))
-        except OSError:  # a step back's note not written: nor are the records
+        except OSError:  # a note (gateway.audit.order) not written: nor are the records
             self._back_to(before)
             raise
         self._append_chained(b"".join(lines), before)
@@ -433,11 +437,12 @@ class AuditLog:
         at = datetime.fromisoformat(record["time"])
         self._steps.check(record["seq"], at)  # noted before the record is written
         digest, line = hashed_line(record)
+        if self._day is None:  # the first record of the file
+            self._steps.first(record["seq"], digest)
+            self._day = at.date()
         record["hash"] = digest
         self._seq += 1
         self._prev = digest
-        if self._day is None:
-            self._day = at.date()
         return line + b"\n"
 
     def _checkpoint_line(self, sealer: Sealer, trigger: str) -> bytes:

@@ -13,11 +13,12 @@ back is read whole by a review; the others are bisected.  The writer compares th
 records that follow a step back with that record's time, so a clock that stays behind
 costs one line, not one per record.
 
-The notes also say from which record on the writer kept them (``from_seq``: the first
-record written by a version that notes steps back, or after the notes went missing).
-Records before it were written without them: their files are read whole, as are files
-reviewed without the notes (``--file`` copies without their ``.order``).  Records may be
-slow to review, never missed.  The file is derived data of the writer; it is not the
+The notes also name the first record of each file the writer started (its seq and
+hash): only such a file is bisected.  A file begun before notes were kept (by an earlier
+version, or before the notes went missing), one whose first record the notes do not
+name (a trail restored or replaced under them), and files reviewed without their notes
+(``--file`` copies without their ``.order``) are read whole.  Records may be slow to
+review, never missed.  The file is derived data of the writer; it is not the
 authority on the records (the hash chain is) and holds no patient data.
 """
 
@@ -31,7 +32,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from gateway.audit.events import AuditEvent, EventType, Severity
-from gateway.audit.files import backwards, closed_at, first_seq, is_closed_name
+from gateway.audit.files import backwards, closed_at, is_closed_name
 
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see above
 SUFFIX = ".order"
@@ -54,7 +55,7 @@ def trail_current(path: Path) -> Path:
 
 @dataclass(frozen=True)
 class Notes:
-    from_seq: int | None  # None: no notes (every file is read whole)
+    firsts: frozenset[tuple[int, str]]  # (seq, hash) of each file's first record, as written
     steps: tuple[int, ...]  # seq of each record that stepped back, ascending
 
 
@@ -63,21 +64,31 @@ def read_notes(current: Path) -> Notes:
     try:
         text = order_path(current).read_bytes()
     except OSError:
-        return Notes(None, ())
-    start: int | None = None
+        return Notes(frozenset(), ())
+    firsts: set[tuple[int, str]] = set()
     steps: set[int] = set()
     for line in text.splitlines():
         try:
             note = json.loads(line)
         except ValueError:
             continue  # torn by a crash: the record it was for was never written
-        if not isinstance(note, dict):
+        if not isinstance(note, dict) or not isinstance(note.get("seq"), int):
             continue
-        if isinstance(note.get("from_seq"), int):
-            start = note["from_seq"] if start is None else min(start, note["from_seq"])
-        if isinstance(note.get("seq"), int):
+        if isinstance(note.get("first_hash"), str):
+            firsts.add((note["seq"], note["first_hash"]))
+        else:
             steps.add(note["seq"])
-    return Notes(start, tuple(sorted(steps)))
+    return Notes(frozenset(firsts), tuple(sorted(steps)))
+
+
+def _head(path: Path) -> tuple[int, str] | None:
+    """The seq and hash of the first record of ``path``."""
+    try:
+        with path.open("rb") as handle:
+            record = json.loads(handle.readline(1 << 20))
+        return int(record["seq"]), str(record["hash"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _last_seq(path: Path) -> int | None:
@@ -92,21 +103,20 @@ def _last_seq(path: Path) -> int | None:
 
 def ordered(paths: Sequence[Path]) -> list[bool]:
     """For each file of ``paths`` (one trail, oldest first), whether a review may bisect
-    it: its records were written with notes kept, and none of them stepped back."""
-    if not paths:
-        return []
-    notes = read_notes(trail_current(paths[-1]))
-    if notes.from_seq is None:
-        return [False] * len(paths)
-    firsts = [first_seq(p) for p in paths]
+    it: it was written from its first record with notes kept (the notes name that record
+    and its hash: notes of another trail, or of files since replaced, vouch for nothing),
+    and none of its records stepped back."""
+    notes = read_notes(trail_current(paths[-1])) if paths else Notes(frozenset(), ())
+    heads = [_head(p) for p in paths]
     found: list[bool] = []
-    for number, (path, first) in enumerate(zip(paths, firsts, strict=True)):
-        following = firsts[number + 1] if number + 1 < len(paths) else None
-        last = following - 1 if following is not None else _last_seq(path)
-        if first is None or last is None or first < notes.from_seq:
+    for number, (path, head) in enumerate(zip(paths, heads, strict=True)):
+        if head is None or head not in notes.firsts:
             found.append(False)
             continue
-        found.append(not any(first <= s <= last for s in notes.steps))
+        following = heads[number + 1] if number + 1 < len(paths) else None
+        last = following[0] - 1 if following is not None else _last_seq(path)
+        first = head[0]
+        found.append(last is not None and not any(first <= s <= last for s in notes.steps))
     return found
 
 
@@ -134,21 +144,14 @@ def _append(fd: int, note: dict[str, object]) -> None:
 
 
 class Steps:
-    """The writer's side: the latest time written, and a note for each step back."""
+    """The writer's side: the latest time written, and a note for each step back and for
+    each file's first record."""
 
-    def __init__(self, current: Path, next_seq: int, last_time: datetime | None) -> None:
-        path = order_path(current)
+    def __init__(self, current: Path, last_time: datetime | None) -> None:
         # The latest time in the trail is at most CLOCK_MARGIN after its last record's,
         # if that one did not step back (and if it did, its file is read whole anyway).
         self.latest = None if last_time is None else last_time + CLOCK_MARGIN
-        fresh = not path.exists()
-        self._fd = _open(path)
-        if fresh or not path.stat().st_size:
-            try:
-                _append(self._fd, {"from_seq": next_seq})
-            except OSError:
-                self.close()
-                raise
+        self._fd = _open(order_path(current))
 
     def check(self, seq: int, at: datetime) -> None:
         """Record ``seq`` is stamped ``at``: noted first if that steps back (raises
@@ -166,6 +169,12 @@ class Steps:
             self.latest = at  # the records after it are compared with it
         elif latest is None or at > latest:
             self.latest = at
+
+    def first(self, seq: int, digest: str) -> None:
+        """Record ``seq``, hash ``digest``, is the first of a file: noted before it is
+        written (raises OSError as :meth:`check`).  A note of a record whose write then
+        fails matches no file: that file is read whole."""
+        _append(self._fd, {"seq": seq, "first_hash": digest})
 
     def close(self) -> None:
         if self._fd >= 0:
