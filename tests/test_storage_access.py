@@ -9,6 +9,8 @@ root meets too, as medgw's own user meets EACCES in a folder root owns).
 * An inbox folder: both say so as a warning; the daemon starts, logs
   ``storage.not_writable``, and ``/health/ready`` says not ready, with the text,
   until the folder is writable again.
+* An outbox root owns, in which the daemon (run as ``nobody``) cannot make the
+  peers' folders: a warning, and the daemon starts (it receives meanwhile).
 * A folder no start check covers ([cluster] bodies_dir): ``medgw run`` stops with
   an error naming it and the fix, not a Python traceback.
 * A zone's CRL folder that medgw's user may not enter or list (``check-config`` run
@@ -32,7 +34,7 @@ from tests.cli import medgw
 from tests.helpers.check_config import check_config, reported
 from tests.helpers.demo import new_demo
 from tests.helpers.metrics import get, with_metrics
-from tests.helpers.other_user import as_nobody, give_to_nobody, open_folder
+from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
 from tests.helpers.storage import read_only_folder
 
 
@@ -128,3 +130,26 @@ def test_a_crl_folder_the_user_may_not_enter_is_a_config_error(closed: str) -> N
     words = f"cannot read the CRLs at {crls}: Permission denied for user nobody, whom medgw runs as"
     fix = f"let user nobody enter every folder down to {crls} and read it (namei -l {crls}"
     assert reported(checked, config, "zones[0].crls", words, fix), checked
+
+
+def test_an_outbox_the_user_cannot_make_folders_in_is_a_warning_not_a_failed_start(
+    processes: Any,
+) -> None:
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        port = with_metrics(layout.hospital)
+        give_to_nobody(layout.hospital.root)
+        outbox = layout.hospital.outbox_dir
+        (outbox / "lab").rmdir()
+        os.chown(outbox, 0, 0)  # root's, mode 0755: the lab's folder cannot be made
+        outbox.chmod(0o755)
+        hospital = processes.start(layout.hospital.config_path, prefix=as_nobody())
+        said = hospital.wait_for(lambda line: line.get("event") == "storage.not_writable", 5)
+        words = f"the outbox {outbox} may not be read and written by user nobody"
+        assert words in said["problem"] and f"chown nobody {outbox}" in said["problem"], said
+        status, text = get(port, "/health/ready")
+        assert status == 503 and words in text, text
+
+        os.chown(outbox, NOBODY.pw_uid, NOBODY.pw_gid)  # the administrator's fix
+        wait_until(lambda: get(port, "/health/ready") == (200, "ready\n"), 30, "ready")
+        assert hospital.stop() == 0  # before its folders go

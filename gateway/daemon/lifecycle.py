@@ -63,7 +63,7 @@ from gateway.emergency.actions import Emergency
 from gateway.emergency.mode import MarkingSink
 from gateway.emergency.relax import relaxed
 from gateway.errors import ConfigError, MedgwError, SpoolReplacedError
-from gateway.fsutil import private_folder, shared_folder
+from gateway.fsutil import NOT_WRITABLE, private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
 from gateway.instance import InstanceLock
@@ -335,12 +335,20 @@ class Daemon:
         self._vault = vault
         self._view = SpoolView(self._spool, self._clock)
         await asyncio.to_thread(self._view.load)
-        for folder in (config.storage.inbox_dir, config.storage.outbox_dir):
-            shared_folder(folder)
-        for peer in config.peers:
-            shared_folder(config.storage.outbox_dir / peer.name)
-            for service in peer.services:
-                shared_folder(config.storage.outbox_dir / peer.name / service)
+        outbox = config.storage.outbox_dir
+        for folder in (
+            config.storage.inbox_dir,
+            outbox,
+            *(outbox / p.name for p in config.peers),
+            *(outbox / p.name / s for p in config.peers for s in p.services),
+        ):
+            try:
+                shared_folder(folder)
+            except OSError as exc:
+                # One this user may not make was said above (storage.not_writable) and
+                # keeps the daemon not ready; the rest of it runs meanwhile.
+                if exc.errno not in NOT_WRITABLE:
+                    raise
         self._tasks = tasks = Tasks(self._audit_sink, self._log, self._clock)
         self._parts = parts = Parts(
             self._spool,
