@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.clock import SystemClock
 from gateway.daemon import Daemon
 from gateway.demo_run import drop_file, wait_until
@@ -25,6 +27,8 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import edit, new_demo
+from tests.helpers.maintenance import ADDRESS as MAINTENANCE_ADDRESS
+from tests.helpers.maintenance import enable_maintenance
 from tests.helpers.notify import NotifySocket
 from tests.helpers.other_user import as_nobody, give_to_nobody, open_folder
 
@@ -309,8 +313,45 @@ def test_an_address_this_host_lacks_stops_the_start_naming_it_not_the_port(
     assert (
         f"cannot listen on 192.0.2.10:{layout.hospital.port} (listener 'loopback'): Cannot "
         "assign requested address (fix: 192.0.2.10 is not an address of this host (ip -br "
-        "addr lists them): add it to the interface on the zone's network, or give "
+        "addr lists them): add it to the interface on the network it serves, or give "
         "[[listeners]] 'loopback' an address this host has)"
+    ) in result.stderr, result.stderr
+    assert "free the port" not in result.stderr
+
+
+API_CLIENT = f"""
+[[api.clients]]
+name = "ris"
+token_sha256 = "{"0" * 64}"
+peers = ["lab"]
+"""
+
+
+@pytest.mark.parametrize("section", ["metrics", "api", "maintenance"])
+def test_a_port_in_use_for_any_other_listener_names_the_process_to_look_for(
+    layout: DemoLayout, section: str
+) -> None:
+    """The metrics endpoint, the local API and the maintenance listener report a port
+    taken as the zones' listeners do: the cause, and how to find who holds it."""
+    config = layout.hospital.config_path
+    address = MAINTENANCE_ADDRESS if section == "maintenance" else "127.0.0.1"
+    with socket.socket() as taken:
+        taken.bind((address, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        if section == "maintenance":
+            enable_maintenance(layout.hospital.root, config, f"{address}:{port}")
+        else:
+            with config.open("a") as handle:
+                handle.write(f'\n[{section}]\nlisten = "{address}:{port}"\n')
+                if section == "api":
+                    handle.write(API_CLIENT)
+        result = medgw("run", "--config", config)
+    assert result.returncode == 1, result.stderr
+    assert (
+        f": Address already in use (fix: another process listens on port {port} (ss -ltnp "
+        f"'sport = :{port}' names it): stop it, or give [{section}] listen another port in "
+        "gateway.toml)"
     ) in result.stderr, result.stderr
     assert "free the port" not in result.stderr
 

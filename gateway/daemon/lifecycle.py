@@ -16,8 +16,6 @@ Life cycle (mirrors what systemd expects from ``Type=notify``):
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 import random
 import shutil
 import signal
@@ -40,7 +38,7 @@ from gateway.backup.bundle import WORK_PREFIX, remove_leftovers
 from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.channel.server import As2Server
 from gateway.clock import Clock
-from gateway.config import ApiClient, GatewayConfig, Listener, load_config
+from gateway.config import ApiClient, GatewayConfig, load_config
 from gateway.config.access import access_problems
 from gateway.control import SOCKET_NAME
 from gateway.control.server import ControlServer
@@ -68,6 +66,7 @@ from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
 from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
+from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger
 from gateway.maintenance.approvals import Approvals
 from gateway.maintenance.server import MaintenanceServer
@@ -540,11 +539,12 @@ class Daemon:
             try:
                 await server.start()
             except OSError as exc:
-                cause = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise StartupError(
                     f"cannot listen on {listener.address}:{listener.port} "
-                    f"(listener {listener.name!r}): {cause}",
-                    fix=_listen_fix(exc, listener),
+                    f"(listener {listener.name!r}): {bind_cause(exc)}",
+                    fix=bind_fix(
+                        exc, listener.address, listener.port, f"[[listeners]] {listener.name!r}"
+                    ),
                 ) from exc
             self._servers.append(server)
 
@@ -767,41 +767,3 @@ class Daemon:
         while True:
             self._notifier.watchdog()
             await asyncio.sleep(interval)
-
-
-def _listen_fix(exc: OSError, listener: Listener) -> str:
-    """What the administrator does about ``exc``, raised binding ``listener``'s socket."""
-    named = f"[[listeners]] {listener.name!r}"
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            f"another process listens on port {listener.port} (ss -ltnp 'sport = :"
-            f"{listener.port}' names it): stop it, or give {named} another port in gateway.toml"
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return (
-            f"{listener.address} is not an address of this host (ip -br addr lists them): "
-            f"add it to the interface on the zone's network, or give {named} an address "
-            "this host has"
-        )
-    if exc.errno == errno.EACCES and listener.port < _unprivileged_ports_start():
-        return (
-            f"port {listener.port} may be bound only with the capability "
-            f"CAP_NET_BIND_SERVICE: give {named} a port from "
-            f"{_unprivileged_ports_start()} up (and redirect the standard port to it in the "
-            "firewall), or grant medgw the capability (see systemd/medgw.service)"
-        )
-    if exc.errno == errno.EACCES:
-        return (
-            f"the host's security policy (SELinux, AppArmor) forbids medgw this port: allow "
-            f"it there (ausearch -m avc shows the denial), or give {named} another port"
-        )
-    return f"check {named} address and port in gateway.toml"
-
-
-def _unprivileged_ports_start() -> int:
-    """The lowest port a process without CAP_NET_BIND_SERVICE may bind (Linux sysctl
-    net.ipv4.ip_unprivileged_port_start; 1024 where it cannot be read)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    except (OSError, ValueError):
-        return 1024

@@ -40,6 +40,7 @@ from gateway.intake.submit import (
     status,
     submit,
 )
+from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger, make_logger
 from gateway.operations import viewed
 from gateway.ratelimit import SourceBudget
@@ -292,7 +293,7 @@ class LocalApi:
         """Listen on the unix socket (SOCKET_MODE) and/or the loopback address."""
         await self._runner.setup()
         self._flusher = asyncio.create_task(self._flush_loop())
-        where = str(socket_path)
+        where, on_tcp = str(socket_path), False
         try:
             if socket_path is not None:
                 socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +302,7 @@ class LocalApi:
                 self._socket_path = socket_path
                 await self._listen(listening)
             if address is not None and port is not None:
-                where = f"{address}:{port}"
+                where, on_tcp = f"{address}:{port}", True
                 family = socket.AF_INET6 if ":" in address else socket.AF_INET
                 await self._listen(socket.create_server((address, port), family=family))
         except MedgwError:
@@ -309,9 +310,15 @@ class LocalApi:
             raise
         except OSError as exc:
             await self.stop()
+            if on_tcp and address is not None and port is not None:
+                fix = bind_fix(exc, address, port, "[api] listen")
+            else:
+                fix = (
+                    f"check that medgw's user may create {where} (its folder's owner and "
+                    "mode), or change [api] socket in gateway.toml"
+                )
             raise MedgwError(
-                f"cannot listen for the local API on {where}: {exc.strerror}",
-                fix="free the port or the socket path, or change [api] in gateway.toml",
+                f"cannot listen for the local API on {where}: {bind_cause(exc)}", fix=fix
             ) from exc
 
     async def _listen(self, listening: socket.socket) -> None:

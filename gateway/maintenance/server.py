@@ -36,6 +36,8 @@ from gateway.clock import Clock, iso_time
 from gateway.config.maintenance import Maintainer, MaintenanceSettings
 from gateway.emergency.actions import Emergency
 from gateway.emergency.credential import USER as BREAK_GLASS_USER
+from gateway.errors import MedgwError
+from gateway.listening import bind_cause, bind_fix
 from gateway.maintenance import algorithms, commands, totp
 from gateway.operations import Operations, ReloadRefused
 
@@ -105,7 +107,17 @@ class MaintenanceServer:
 
     async def start(self) -> None:
         s = self.settings
-        self._acceptor = await asyncssh.create_server(
+        try:
+            self._acceptor = await self._listen(s)
+        except OSError as exc:
+            raise MedgwError(
+                f"cannot listen for maintenance on {s.address}:{s.port}: {bind_cause(exc)}",
+                fix=bind_fix(exc, s.address, s.port, "[maintenance] listen"),
+            ) from exc
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def _listen(self, s: MaintenanceSettings) -> asyncssh.SSHAcceptor:
+        return await asyncssh.create_server(
             lambda: _Connection(self),
             s.address,
             s.port,
@@ -126,7 +138,6 @@ class MaintenanceServer:
             keepalive_interval=60,
             keepalive_count_max=3,
         )
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     def drain(self) -> None:
         """The daemon is stopping: sessions go on answering the commands that read (the

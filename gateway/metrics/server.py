@@ -22,6 +22,7 @@ from gateway.audit import AuditSink
 from gateway.clock import Clock
 from gateway.errors import MedgwError
 from gateway.httpfront import FrontDoor, stop_serving
+from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger
 from gateway.metrics.collector import GatewayMetrics
 
@@ -58,8 +59,8 @@ class MetricsServer:
         except OSError as exc:
             await self.stop()
             raise MedgwError(
-                f"cannot listen for metrics on {address}:{port}: {exc.strerror}",
-                fix="free the port, or change [metrics] listen in gateway.toml",
+                f"cannot listen for metrics on {address}:{port}: {bind_cause(exc)}",
+                fix=bind_fix(exc, address, port, "[metrics] listen"),
             ) from exc
         site = web.SockSite(self._runner, listening)
         await site.start()
