@@ -373,6 +373,8 @@ async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> li
                     f"; then point {table}.{cert_key} and {table}.{key_key} at the new "
                     "certificate and its key"
                 )
+            if finding.clock:
+                fix += f"; {finding.clock}"
             problems.append(
                 ConfigProblem(
                     str(config.source),

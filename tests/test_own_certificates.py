@@ -57,6 +57,19 @@ def install(layout: DemoLayout, role: str, pair: Issued) -> None:
     write_pem(certs / f"{role}.key", pair.key)
 
 
+def assert_names_the_clock(output: str, *, before: datetime, condition: str) -> None:
+    """An error's fix in ``output`` names this host's clock reading (after ``condition``),
+    read by medgw between ``before`` and now: the clock, not the certificate, may be wrong."""
+    after = datetime.now(UTC)
+    fixes = [line.split("(fix: ", 1)[1] for line in output.splitlines() if "(fix: " in line]
+    marker = f"{condition}the clock reads "
+    [fix] = [fix for fix in fixes if marker in fix]
+    reading = datetime.strptime(fix.split(marker, 1)[1][:16], "%Y-%m-%d %H:%M")
+    assert before.replace(second=0, microsecond=0, tzinfo=None) <= reading
+    assert reading <= after.replace(tzinfo=None)
+    assert "timedatectl" in fix.split(marker, 1)[1]
+
+
 def pki_check(layout: DemoLayout) -> subprocess.CompletedProcess[str]:
     return medgw("pki", "check", "--config", layout.hospital.config_path)
 
@@ -70,23 +83,30 @@ def rows(result: subprocess.CompletedProcess[str], severity: str, item: str) -> 
 
 
 @pytest.mark.parametrize(
-    ("make", "words", "fix"),
+    ("make", "words", "fix", "condition"),
     [
-        (expired_tls, "expired on", "then point tls.certificate and tls.key at the new"),
-        (future_tls, "is not valid before", "check this host's clock"),
+        (
+            expired_tls,
+            "expired on",
+            "then point tls.certificate and tls.key at the new",
+            "or, if the certificate is current, this host's clock is wrong (",
+        ),
+        (future_tls, "is not valid before", "check this host's clock", ""),
     ],
     ids=["expired", "not-yet-valid"],
 )
 def test_our_tls_certificate_outside_its_validity_is_an_error(
-    layout: DemoLayout, make: Any, words: str, fix: str
+    layout: DemoLayout, make: Any, words: str, fix: str, condition: str
 ) -> None:
     install(layout, "tls", make(layout))
     config = layout.hospital.config_path
+    before = datetime.now(UTC)
     result = check_config(config)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "configuration is valid" not in result.stdout
     assert reported(result, config, "tls.certificate", "our TLS certificate CN=SAKURA", fix)
     assert reported(result, config, "tls.certificate", words, "")
+    assert_names_the_clock(result.stderr, before=before, condition=condition)
     assert "medgw will not start with this configuration" in result.stderr
     checked = pki_check(layout)
     assert checked.returncode == 1, checked.stdout
@@ -145,6 +165,43 @@ def test_our_certificate_from_a_ca_no_zone_trusts_is_a_warning(layout: DemoLayou
     assert len(rows(checked, "warning", "tls.certificate")) == 1
 
 
+def test_an_expired_ca_certificate_sent_with_ours_is_an_error(layout: DemoLayout) -> None:
+    """Every peer refuses a path through an expired intermediate CA just as an expired
+    leaf: the CA certificates after ours in its file are judged by the same rule."""
+    issuing = make_ca(
+        "Sakura Issuing CA", now=NOW - timedelta(days=32), days=30, parent=demo_ca(layout)
+    )
+    leaf = issue(
+        issuing,
+        "SAKURA-HOSPITAL",
+        purpose="tls",
+        now=NOW - timedelta(days=1),
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+    )
+    certs = layout.hospital.root / "certs"
+    write_pem(certs / "tls.crt", [leaf.certificate, issuing.certificate])
+    write_pem(certs / "tls.key", leaf.key)
+    config = layout.hospital.config_path
+    before = datetime.now(UTC)
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reported(
+        result,
+        config,
+        "tls.certificate",
+        "our TLS certificate CN=SAKURA-HOSPITAL's chain: CA certificate CN=Sakura Issuing CA "
+        "expired on",
+        "put its CA's current certificate (ask the CA for it) in its place",
+    ), result.stdout + result.stderr
+    assert_names_the_clock(
+        result.stderr,
+        before=before,
+        condition="or, if the certificate is current, this host's clock is wrong (",
+    )
+    assert "medgw will not start with this configuration" in result.stderr
+
+
 def test_the_demo_certificates_give_no_finding(layout: DemoLayout) -> None:
     for site in (layout.hospital, layout.lab):
         result = check_config(site.config_path)
@@ -158,11 +215,17 @@ def test_medgw_does_not_start_with_our_expired_tls_certificate(
     layout: DemoLayout, processes: Any
 ) -> None:
     install(layout, "tls", expired_tls(layout))
+    before = datetime.now(UTC)
     hospital = processes.start(layout.hospital.config_path, wait=False)
     assert hospital.wait_exit() == 1
     output = "\n".join(hospital.raw)
     assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in output
     assert "expired on" in output and "(fix: " in output
+    assert_names_the_clock(
+        output,
+        before=before,
+        condition="if the certificate is current, this host's clock is wrong (",
+    )
     assert not any(line.get("event") == "daemon.ready" for line in hospital.lines)
 
 

@@ -3,7 +3,10 @@
 A peer refuses our TLS certificate, our signature or our encryption certificate by
 the same rules medgw applies to the peer's (:mod:`gateway.pki.validate`): validity,
 keyUsage and extendedKeyUsage for the use, and a path to one of its trust anchors.
-The first two a peer applies as we do, so breaking them is an error here.  The path
+The first two a peer applies as we do, so breaking them is an error here (validity:
+of every certificate we send, the CA certificates after ours in its file too).  This
+host's clock judges validity, so such an error also names the clock reading: after a
+clock step the certificate may be current and the clock wrong.  The path
 a peer builds ends at its own trust anchors, which we cannot see: a certificate that
 chains to none of ours is said, as a warning, with what a peer needs to accept it.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from cryptography import x509
 
@@ -30,17 +33,49 @@ from gateway.policy import AlgorithmPolicy
 class OwnFinding:
     """One thing a peer would hold against our certificate: ``severity`` ``"error"``
     (every peer refuses it) or ``"warning"`` (a peer may), the rule broken and its fix;
-    ``replace``: the fix is a new certificate (the caller says where it goes)."""
+    ``replace``: the fix is a new certificate (the caller says where it goes); ``clock``:
+    the other cause, this host's clock, said after the fix."""
 
     severity: str
     message: str
     fix: str
     replace: bool = False
+    clock: str = ""
 
 
 def _error(reason: str, *, replace: bool) -> OwnFinding:
     message, _, fix = reason.partition("; fix: ")
     return OwnFinding("error", message, fix, replace)
+
+
+def _outside_validity(
+    reason: str, cert: x509.Certificate, at: datetime, *, sent_with: x509.Certificate | None
+) -> OwnFinding:
+    """The error for ``cert`` outside its validity period at ``at`` (``reason``, from
+    :func:`check_validity`): ours (``sent_with`` None), or a CA certificate sent with
+    ``sent_with``, which every peer refuses just the same."""
+    expired = at > cert.not_valid_after_utc
+    message, _, fix = reason.partition("; fix: ")
+    reading = f"the clock reads {at.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+    if expired:
+        clock = f"or, if the certificate is current, this host's clock is wrong ({reading}: "
+        clock += "timedatectl)"
+    else:
+        clock = f"{reading} (timedatectl)"
+    if sent_with is None:
+        # Expired: a new certificate; not valid yet: this host's clock, or patience.
+        return OwnFinding("error", message, fix, replace=expired, clock=clock)
+    if expired:
+        fix = (
+            "put its CA's current certificate (ask the CA for it) in its place, after yours "
+            "in the certificate file"
+        )
+    return OwnFinding(
+        "error",
+        f"certificate {sent_with.subject.rfc4514_string()}'s chain: CA {message}",
+        fix,
+        clock=clock,
+    )
 
 
 async def judge_own(
@@ -58,11 +93,11 @@ async def judge_own(
     (by zone name).  Errors: outside its validity period, or not made for a purpose.
     Else a warning when it chains to the trust anchors of no zone (none at all when it
     chains to one's)."""
-    errors = []
-    validity = check_validity(certificate, at)
-    if validity is not None:
-        # Expired: a new certificate; not valid yet: this host's clock, or patience.
-        errors.append(_error(validity, replace=at > certificate.not_valid_after_utc))
+    errors = [
+        _outside_validity(reason, cert, at, sent_with=None if cert is certificate else certificate)
+        for cert in (certificate, *chain)
+        if (reason := check_validity(cert, at)) is not None
+    ]
     for reason in dict.fromkeys(check_purpose(certificate, p) for p in purposes):
         if reason is not None:
             errors.append(_error(reason, replace=True))
