@@ -4,10 +4,16 @@ an administrator meets them: ``medgw check-config`` and a reload of a running da
 from __future__ import annotations
 
 import signal
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from gateway.demo_run import wait_until
 from gateway.pki.demo import DemoLayout
@@ -387,9 +393,64 @@ def test_a_peer_certificate_as_trust_anchor_is_refused_naming_the_file(
         result,
         config,
         "zones[0].trust_anchors",
-        f"{peer_cert} holds CN=KITA-LAB,O=Kita Clinical Laboratory, which is not a CA certificate",
+        f"{peer_cert} holds CN=KITA-LAB,O=Kita Clinical Laboratory, issued by ",
         "put the CA's root certificate here",
     ), result.stdout + result.stderr
+    assert "which is not a CA certificate" in result.stdout + result.stderr
+
+
+def _self_signed(path: Path, *, not_a_ca: bool) -> Path:
+    """A self-signed certificate at ``path``: with basicConstraints cA false (a partner's
+    own certificate trusted as its anchor), or with no extension at all (as an X.509
+    v1 root has none)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Partner self-signed")])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=300))
+    )
+    if not_a_ca:
+        builder = builder.add_extension(
+            x509.BasicConstraints(ca=False, path_length=None), critical=True
+        )
+    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(Encoding.PEM))
+    return path
+
+
+@pytest.mark.parametrize("not_a_ca", [True, False], ids=["self-signed-end-entity", "no-extensions"])
+def test_a_self_signed_trust_anchor_is_accepted_and_an_end_entity_one_is_a_warning(
+    layout: DemoLayout, not_a_ca: bool
+) -> None:
+    """Path validation takes a self-issued certificate as an anchor whatever its
+    basicConstraints: a partner's self-signed certificate, or a root from before
+    extensions; only certificates issued by someone else are refused there."""
+    config = layout.hospital.config_path
+    extra = _self_signed(layout.hospital.root / "certs" / "trust" / "extra.crt", not_a_ca=not_a_ca)
+    text = config.read_text()
+    anchor = 'trust_anchors = ["certs/trust/loopback.crt"]'
+    assert anchor in text
+    config.write_text(
+        text.replace(
+            anchor, 'trust_anchors = ["certs/trust/loopback.crt", "certs/trust/extra.crt"]'
+        )
+    )
+    result = check_config(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warned = reported(
+        result,
+        config,
+        "zones[0].trust_anchors",
+        f"{extra} holds CN=Partner self-signed, a self-signed certificate that is not a CA",
+        "ask the partner for a certificate issued by a CA",
+    )
+    assert warned is not_a_ca, result.stdout + result.stderr
+    assert "error:" not in result.stdout + result.stderr
 
 
 def test_a_misnamed_peer_file_is_a_warning_naming_it_and_an_editor_swap_file_is_not(

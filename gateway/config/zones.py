@@ -113,9 +113,29 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
                 if _is_ca(anchor):
                     anchors.append(anchor)
                     continue
+                if anchor.issuer == anchor.subject:
+                    # Self-issued: an X.509 v1 root (no basicConstraints at all), or a
+                    # partner's self-signed certificate trusted as its own anchor.  Path
+                    # validation accepts either; only the second is worth a word.
+                    anchors.append(anchor)
+                    if _says_not_ca(anchor):
+                        item.problem(
+                            "trust_anchors",
+                            f"{anchor_path} holds {describe(anchor)}, a self-signed "
+                            "certificate that is not a CA certificate (basicConstraints cA "
+                            "false): it is trusted as its own anchor, and it cannot be "
+                            "revoked (no CA issues a CRL for it)",
+                            "ask the partner for a certificate issued by a CA and put that "
+                            "CA's root certificate here; until then keep the zone's "
+                            "revocation as it is and replace this file when the partner's "
+                            "certificate changes",
+                            severity="warning",
+                        )
+                    continue
                 item.problem(
                     "trust_anchors",
-                    f"{anchor_path} holds {describe(anchor)}, which is not a CA certificate "
+                    f"{anchor_path} holds {describe(anchor)}, issued by "
+                    f"{anchor.issuer.rfc4514_string()}, which is not a CA certificate "
                     "(its basicConstraints does not say cA): a trust anchor is the CA that "
                     "issues the peers' certificates, never a peer's own certificate",
                     "put the CA's root certificate here (the one that issued the peers' "
@@ -178,6 +198,15 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _says_not_ca(cert: x509.Certificate) -> bool:
+    """Whether ``cert`` carries basicConstraints saying it is no CA (a v1 certificate,
+    with no extensions, says nothing)."""
+    try:
+        return not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     except x509.ExtensionNotFound:
         return False
 
