@@ -33,6 +33,8 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.check_config import check_config, reported
 from tests.helpers.demo import new_demo
+from tests.helpers.maintenance import ADDRESS as MAINTENANCE_ADDRESS
+from tests.helpers.maintenance import enable_maintenance
 from tests.helpers.metrics import get, with_metrics
 from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
 from tests.helpers.storage import read_only_folder
@@ -130,6 +132,35 @@ def test_a_crl_folder_the_user_may_not_enter_is_a_config_error(closed: str) -> N
     words = f"cannot read the CRLs at {crls}: Permission denied for user nobody, whom medgw runs as"
     fix = f"let user nobody enter every folder down to {crls} and read it (namei -l {crls}"
     assert reported(checked, config, "zones[0].crls", words, fix), checked
+
+
+@pytest.mark.parametrize("folder", ["peers.d", "maintainers.d"])
+def test_a_peers_or_maintainers_folder_the_user_may_not_list_is_a_config_error(
+    folder: str,
+) -> None:
+    """Not a traceback (peers.d), nor a silent gateway with no maintainer (maintainers.d,
+    which a glob passed over)."""
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        config = layout.hospital.config_path
+        if folder == "maintainers.d":
+            enable_maintenance(layout.hospital.root, config, f"{MAINTENANCE_ADDRESS}:2222")
+        give_to_nobody(layout.hospital.root)
+        closed = layout.hospital.root / folder
+        os.chown(closed, 0, 0)  # root's, mode 0700
+        closed.chmod(0o700)
+        checked = subprocess.run(
+            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert checked.returncode == 1, checked
+    assert "Traceback" not in checked.stdout + checked.stderr, checked
+    key = "gateway.peers_dir" if folder == "peers.d" else "maintenance.maintainers_dir"
+    words = f"cannot list the folder {closed}: Permission denied for user nobody"
+    fix = f"let the user medgw runs as enter every folder down to {closed} and list it"
+    assert reported(checked, config, key, words, fix), checked
 
 
 def test_an_outbox_the_user_cannot_make_folders_in_is_a_warning_not_a_failed_start(

@@ -19,6 +19,7 @@ import asyncssh
 from gateway.config.listeners import Listener
 from gateway.config.zones import Zone
 from gateway.emergency.credential import USER as BREAK_GLASS_USER
+from gateway.fsutil import this_user
 from gateway.maintenance import algorithms, totp
 from gateway.tomlreader import Reader, Section
 
@@ -97,8 +98,23 @@ def load_maintenance(
     most = section.integer("max_connections", default=8, minimum=1, maximum=64)
     section.finish()
     maintainers: list[Maintainer] = []
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.toml")):
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".toml")
+    except (NotADirectoryError, FileNotFoundError):
+        files = None
+    except OSError as exc:  # a folder on the way this user may not enter, or list
+        user = this_user()
+        section.problem(
+            "maintainers_dir",
+            f"cannot list the folder {folder}: {exc.strerror} for user {user}, the user this "
+            "command runs as",
+            f"let the user medgw runs as enter every folder down to {folder} and list it "
+            f"(namei -l {folder} shows each folder's owner and mode), or run this command as "
+            "that user (sudo -u medgw ...)",
+        )
+        files = []
+    if files is not None:
+        for path in files:
             found = load_maintainer(reader, path)
             if found is not None:
                 maintainers.append(found)

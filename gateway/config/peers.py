@@ -16,6 +16,7 @@ from gateway.config.identity import check_as2_id
 from gateway.config.peer_algorithms import read_accept_legacy, read_key_transport
 from gateway.config.smime import SmimeSettings
 from gateway.errors import PolicyError
+from gateway.fsutil import this_user
 from gateway.policy import (
     CONTENT_CIPHERS,
     DEFAULT_KEY_TRANSPORT,
@@ -213,8 +214,22 @@ def load_peers(
     """Every ``<peer>.toml`` in ``peers_dir``, by file name; ``defaults`` gives the
     algorithms a peer file does not name."""
     peers: list[Peer] = []
-    if peers_dir.is_dir():
-        for entry in sorted(peers_dir.iterdir()):
+    try:
+        entries = sorted(peers_dir.iterdir()) if peers_dir.is_dir() else None
+    except OSError as exc:  # a folder on the way this user may not enter, or list
+        user = this_user()
+        reader.add(
+            source,
+            "gateway.peers_dir",
+            f"cannot list the folder {peers_dir}: {exc.strerror} for user {user}, the user "
+            "this command runs as",
+            f"let the user medgw runs as enter every folder down to {peers_dir} and list it "
+            f"(namei -l {peers_dir} shows each folder's owner and mode), or run this command "
+            "as that user (sudo -u medgw ...)",
+        )
+        return peers
+    if entries is not None:
+        for entry in entries:
             if entry.suffix != ".toml":
                 _not_a_peer_file(reader, entry)
                 continue
