@@ -379,7 +379,11 @@ NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 def this_user() -> str:
     """The user this process reads and writes files as: its name, or its uid when the
     host has no name for it."""
-    uid = os.geteuid()
+    return _user_name(os.geteuid())
+
+
+def _user_name(uid: int) -> str:
+    """The host's name for ``uid``, or the uid when it has none."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -407,7 +411,21 @@ def writable_fix(folder: Path) -> str:
     parents that exists (where medgw creates the rest)."""
     where = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), folder)
     user = this_user()
+    try:
+        owner_uid = os.lstat(where).st_uid
+    except OSError:
+        owner_uid = os.geteuid()
+    if owner_uid not in (0, os.geteuid()):
+        # Most likely the user the service runs as, and this command run as another:
+        # giving the folder to this user would take it from the daemon.
+        owner = _user_name(owner_uid)
+        return (
+            f"{where} is owned by user {owner}: if medgw runs as {owner}, run this command "
+            f"as that user (sudo -u {owner} medgw ...) and leave {where} as it is; "
+            f"otherwise let user {user}, whom this command runs as, write it too "
+            f"(ls -ld {where}; for example setfacl -m u:{user}:rwX {where})"
+        )
     return (
-        f"make {where} writable by user {user}, whom medgw runs as "
+        f"make {where} writable by user {user}, whom this command runs as "
         f"(ls -ld {where}; for example chown {user} {where})"
     )

@@ -13,6 +13,10 @@ root meets too, as medgw's own user meets EACCES in a folder root owns).
   peers' folders: a warning, and the daemon starts (it receives meanwhile).
 * A folder no start check covers ([cluster] bodies_dir): ``medgw run`` stops with
   an error naming it and the fix, not a Python traceback.
+* A state folder another user owns (the one medgw runs as, most likely), checked by
+  ``check-config`` run as ``nobody``: the fix says to run the check as that user,
+  never to give the folder to ``nobody`` (which would take it from the daemon).
+* A configuration with errors: ``medgw run`` says to check it as the user it runs as.
 * A zone's CRL folder that medgw's user may not enter or list (``check-config`` run
   as ``nobody``: EACCES): a configuration error naming the key, the folder, the user
   and the fix.
@@ -21,6 +25,7 @@ root meets too, as medgw's own user meets EACCES in a folder root owns).
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -129,8 +134,11 @@ def test_a_crl_folder_the_user_may_not_enter_is_a_config_error(closed: str) -> N
     assert checked.returncode == 1, checked
     assert "Traceback" not in checked.stdout + checked.stderr, checked
     crls = layout.hospital.root / "certs" / "crls" / "loopback"
-    words = f"cannot read the CRLs at {crls}: Permission denied for user nobody, whom medgw runs as"
-    fix = f"let user nobody enter every folder down to {crls} and read it (namei -l {crls}"
+    words = f"cannot read the CRLs at {crls}: Permission denied for user nobody, whom this command"
+    fix = (
+        "if medgw runs as another user, run this command as that user (sudo -u medgw medgw ...); "
+        f"otherwise let user nobody enter every folder down to {crls} and read it (namei -l {crls}"
+    )
     assert reported(checked, config, "zones[0].crls", words, fix), checked
 
 
@@ -184,3 +192,46 @@ def test_an_outbox_the_user_cannot_make_folders_in_is_a_warning_not_a_failed_sta
         os.chown(outbox, NOBODY.pw_uid, NOBODY.pw_gid)  # the administrator's fix
         wait_until(lambda: get(port, "/health/ready") == (200, "ready\n"), 30, "ready")
         assert hospital.stop() == 0  # before its folders go
+
+
+def test_a_state_folder_another_user_owns_says_to_check_as_that_user_not_to_chown() -> None:
+    daemon = pwd.getpwnam("daemon")  # stands for the user the service runs as
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        give_to_nobody(layout.hospital.root)
+        state = layout.hospital.root / "state"
+        os.chown(state, daemon.pw_uid, daemon.pw_gid)
+        state.chmod(0o700)
+        config = layout.hospital.config_path
+        checked = subprocess.run(
+            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert checked.returncode == 1, checked
+    words = (
+        f"the state folder {state} may not be read and written by user nobody, whom this command"
+    )
+    fix = (
+        f"{state} is owned by user daemon: if medgw runs as daemon, run this command as that "
+        f"user (sudo -u daemon medgw ...) and leave {state} as it is; otherwise let user nobody, "
+        f"whom this command runs as, write it too (ls -ld {state}; for example setfacl -m "
+        f"u:nobody:rwX {state})"
+    )
+    assert reported(checked, config, "storage.state_dir", words, fix), checked
+    assert "chown" not in checked.stderr, checked
+
+
+def test_run_with_config_errors_says_to_check_it_as_the_user_medgw_runs_as(
+    layout: DemoLayout,
+) -> None:
+    config = layout.hospital.config_path
+    with config.open("a") as toml:
+        toml.write("\n[no_such_section]\n")
+    started = medgw("run", "--config", config)
+    assert started.returncode == 1, started
+    assert (
+        f"medgw: not starting: {config} has errors (run `sudo -u root medgw check-config "
+        f"--config {config}`, as the user medgw runs as)"
+    ) in started.stderr, started

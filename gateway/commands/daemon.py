@@ -137,7 +137,7 @@ def _reload(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from gateway.config import load_config
     from gateway.daemon import Daemon
-    from gateway.fsutil import NOT_WRITABLE, storage_fix
+    from gateway.fsutil import NOT_WRITABLE, storage_fix, this_user
     from gateway.logs import make_logger
 
     path: Path = args.config
@@ -146,7 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         print(
-            f"medgw: not starting: {path} has errors (run `medgw check-config --config {path}`)",
+            f"medgw: not starting: {path} has errors (run `sudo -u {this_user()} medgw "
+            f"check-config --config {path}`, as the user medgw runs as)",
             file=sys.stderr,
         )
         return EXIT_FAILED

@@ -67,7 +67,7 @@ def access_problems(config: GatewayConfig) -> list[ConfigProblem]:
             said = (
                 "is on a file system mounted read-only"
                 if code == errno.EROFS
-                else f"may not be read and written by user {user}, whom medgw runs as"
+                else f"may not be read and written by user {user}, whom this command runs as"
             )
             named = (
                 f"{what} {path} {said}"

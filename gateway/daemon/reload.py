@@ -20,6 +20,7 @@ from gateway.daemon.state import Parts, RuntimeState, StartupError
 from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, trust_changed
 from gateway.errors import ConfigError, MedgwError
+from gateway.fsutil import this_user
 from gateway.operations import ReloadRefused
 from gateway.pki.peers import PeerTrust
 from gateway.sdnotify import Notifier
@@ -112,7 +113,8 @@ class Reloader:
                 else:
                     problems = [
                         f"unexpected error while reading {self._config_path} "
-                        f"({type(exc).__name__}: {exc}); run `medgw check-config --config "
+                        f"({type(exc).__name__}: {exc}); run `sudo -u {this_user()} medgw "
+                        f"check-config --config "
                         f"{self._config_path}` and report it if it names no problem"
                     ]
                 defect: dict[str, Any] = {} if isinstance(exc, MedgwError) else {"exc_info": exc}

@@ -84,9 +84,11 @@ def load_crls(path: str | os.PathLike[str]) -> list[x509.CertificateRevocationLi
     except OSError as exc:  # a folder on the way this user may not enter, or list
         user = this_user()
         raise PkiFileError(
-            f"cannot read the CRLs at {file}: {exc.strerror} for user {user}, whom medgw runs as",
-            fix=f"let user {user} enter every folder down to {file} and read it "
-            f"(namei -l {file} shows each folder's owner and mode)",
+            f"cannot read the CRLs at {file}: {exc.strerror} for user {user}, "
+            "whom this command runs as",
+            fix=f"if medgw runs as another user, run this command as that user "
+            f"(sudo -u medgw medgw ...); otherwise let user {user} enter every folder "
+            f"down to {file} and read it (namei -l {file} shows each folder's owner and mode)",
         ) from None
     out: list[x509.CertificateRevocationList] = []
     for entry in entries:
