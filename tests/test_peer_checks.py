@@ -241,3 +241,22 @@ def test_check_config_warns_about_a_zone_crl_close_to_its_next_update(
     assert "configuration is valid (1 warning(s))" in result.stdout
     checked = medgw("pki", "check", "--config", config)
     assert "goes stale in" in checked.stdout
+
+
+def test_a_crl_dated_after_this_hosts_clock_names_the_clock(layout: DemoLayout) -> None:
+    """The CA's current CRL on a host whose clock is behind its thisUpdate: the clock
+    is the cause, not the CRL, and the fix says so."""
+    this_update = NOW + timedelta(days=2)
+    crl = make_crl(demo_ca(layout), now=this_update, days=30, number=2)
+    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    crl_file.write_bytes(crl.public_bytes(Encoding.PEM))
+    result = check_config(layout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    [error] = findings(result, layout, "error", "tls_certificates")
+    assert (
+        f"the CRL of Common Name: medgw Demo Root CA, Organization: medgw demo PKI "
+        f"(not for production) (thisUpdate {this_update:%Y-%m-%d %H:%M}Z) is dated after "
+        f"this host's clock, which reads " in error
+    ), error
+    assert "fix: check this host's clock (timedatectl)" in error
+    assert "too recent" not in error and "provide a current CRL" not in error

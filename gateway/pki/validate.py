@@ -520,6 +520,7 @@ async def _status_of(
 
 
 STALE_CRL = "passed its nextUpdate"
+CRL_AHEAD = "is dated after this host's clock"
 
 
 def _failure(failure: object, at: datetime) -> str:
@@ -536,6 +537,9 @@ def _failure(failure: object, at: datetime) -> str:
     this_update = tbs["this_update"].native
     next_update = tbs["next_update"].native
     dates = f"thisUpdate {this_update:%Y-%m-%d %H:%M}Z"
+    if "too recent" in message:
+        # Issued after the time checked: the CA's current CRL and a clock that is behind.
+        return f"the CRL of {issuer} ({dates}) {CRL_AHEAD}, which reads {at:%Y-%m-%d %H:%M}Z"
     if next_update is None or "not recent enough" not in message:
         return f"{message} (CRL of {issuer}, {dates})"
     text = (
@@ -811,6 +815,8 @@ async def _validate_path(
             "cannot refresh it) and reload, or, if that CRL is current, correct this host's "
             "clock (timedatectl)"
             if STALE_CRL in first.detail
+            else "check this host's clock (timedatectl): it reads before the CRL's thisUpdate"
+            if CRL_AHEAD in first.detail
             else "provide a current CRL of its issuer, or make its OCSP responder reachable"
         )
         return ValidationResult(
