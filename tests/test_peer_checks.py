@@ -12,9 +12,11 @@ Real demo PKI, real ``medgw check-config`` and ``medgw run`` subprocesses.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,17 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.audit import AuditLog
+from gateway.config import load_config
+from gateway.daemon.trust import TrustKeeper, trust_changed
 from gateway.demo_run import drop_file
+from gateway.egress import Network
+from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
+from gateway.pki.peers import PeerTrust
 from tests.cli import medgw
+from tests.clocks import SetClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import demo_ca
 
@@ -260,3 +269,57 @@ def test_a_crl_dated_after_this_hosts_clock_names_the_clock(layout: DemoLayout) 
     ), error
     assert "fix: check this host's clock (timedatectl)" in error
     assert "too recent" not in error and "provide a current CRL" not in error
+
+
+async def test_a_stale_crl_makes_one_unusable_alert_over_the_re_checks_and_a_new_cause_another(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """The reason of a stale CRL names the clock, which moves between the five-minute
+    re-checks; the alert is raised once per cause: again when another certificate is
+    refused, and again after the peer was usable in between."""
+    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+
+    def crl(issued_ago: int) -> None:
+        issued = make_crl(demo_ca(layout), now=NOW - timedelta(days=issued_ago), days=30, number=2)
+        crl_file.write_bytes(issued.public_bytes(Encoding.PEM))
+
+    clock = SetClock(NOW)
+    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="test")
+    log = make_logger(stream=io.StringIO())
+    network = Network.fixed(load_config(layout.hospital.config_path).network_map)
+    keeper = TrustKeeper(network, lambda: audit, log, clock, lambda refused: None)
+    kept: Mapping[str, PeerTrust] = {}
+
+    async def refresh() -> list[dict[str, Any]]:
+        """A re-check five minutes on, as the daemon's: its state kept unless trust changed."""
+        nonlocal kept
+        clock.advance(300)
+        config = load_config(layout.hospital.config_path)
+        trust = await keeper.assess(config)
+        keeper.audit(config, trust, kept)
+        if not kept or trust_changed(kept, trust):
+            kept = trust
+        return events(tmp_path / "audit.jsonl", ("peer.unusable", "peer.usable"))
+
+    crl(40)
+    for _ in range(4):
+        said = await refresh()
+    assert [r["event"] for r in said] == ["peer.unusable"], said
+    assert "passed its nextUpdate" in said[0]["reason"]
+
+    original = lab_cert(layout, "tls").read_bytes()
+    write_pem(lab_cert(layout, "tls"), expired_tls(layout).certificate)  # another refused
+    await refresh()
+    said = await refresh()
+    assert [r["event"] for r in said] == ["peer.unusable"] * 2, said
+
+    lab_cert(layout, "tls").write_bytes(original)
+    crl(1)
+    said = await refresh()
+    assert [r["event"] for r in said] == ["peer.unusable"] * 2 + ["peer.usable"], said
+
+    crl(40)  # the same problem again, after the peer was usable: a new alert
+    await refresh()
+    said = await refresh()
+    assert [r["event"] for r in said] == ["peer.unusable"] * 2 + ["peer.usable", "peer.unusable"]
+    audit.close()

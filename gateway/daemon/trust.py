@@ -135,12 +135,14 @@ class TrustKeeper:
     ) -> None:
         """One alert when a peer becomes unusable (a use with no acceptable certificate:
         nothing is sent to it until that changes), one record when it is usable again;
-        nothing while it stays as it was."""
+        nothing while it stays as it was: compared by its cause (the uses, certificates
+        and revocation statuses), not by the reason's text, which names the clock."""
         for name, verdicts in trust.items():
             before = previous.get(name)
             was = before.unusable if before is not None else None
             now = verdicts.unusable
-            if now is not None and now != was:
+            changed = before is None or verdicts.unusable_cause != before.unusable_cause
+            if now is not None and (was is None or changed):
                 fix = (
                     f"put the peer's current certificates in peers.d/{name}.toml and reload "
                     f"(medgw check-config names each one and why it is refused); messages for "
@@ -207,12 +209,15 @@ def unusable(trust: Mapping[str, PeerTrust]) -> dict[str, str]:
 
 
 def trust_changed(old: Mapping[str, PeerTrust], new: Mapping[str, PeerTrust]) -> bool:
-    """Whether ``new`` accepts other certificates than ``old`` (a new state is due)."""
+    """Whether ``new`` accepts other certificates than ``old``, or a peer is unusable for
+    another cause (a new state is due: the next re-check compares with it, so each cause
+    is alerted once)."""
     pins = {n: {v.fingerprint for v in t.tls if v.valid} for n, t in new.items()}
     old_pins = {n: {v.fingerprint for v in t.tls if v.valid} for n, t in old.items()}
     return pins != old_pins or any(
         new[n].signing_certificates != old[n].signing_certificates
         or new[n].encryption_recipient != old[n].encryption_recipient
+        or new[n].unusable_cause != old[n].unusable_cause
         for n in new
     )
 

@@ -163,6 +163,20 @@ class PeerTrust:
                 missing.append(f"no acceptable {label} certificate" + (f" ({why})" if why else ""))
         return "; ".join(missing) or None
 
+    @property
+    def unusable_cause(self) -> tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...]:
+        """What makes this peer unusable, without the time it was judged at (empty: it is
+        usable): each use with no acceptable certificate, with the fingerprint of each of
+        its certificates and their revocation statuses.  The reason's text names the clock
+        (a stale CRL), so the same problem reads differently at each re-check; this stays
+        the same until another certificate is refused or the cause changes."""
+        uses = ((name, self.role(name)) for name, _, _ in ROLES)
+        return tuple(
+            (name, tuple((v.fingerprint, tuple(s.status for s in v.result.statuses)) for v in vs))
+            for name, vs in uses
+            if not any(v.valid for v in vs)
+        )
+
 
 async def _judge(
     certs: Sequence[x509.Certificate],
