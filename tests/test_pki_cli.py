@@ -6,7 +6,7 @@ import json
 import shutil
 import stat
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -115,6 +115,24 @@ def test_verify_with_crls_requires_status_for_every_certificate(files: dict[str,
     by_folder = medgw("pki", "verify", files["revoked"], "--intermediate", files["sub"],
                       "--trust", files["root"], "--crl", folder)  # fmt: skip
     assert by_folder.returncode == 1 and "INVALID" in by_folder.stdout
+
+
+def test_verify_at_a_time_with_a_zone_names_it_in_utc(files: dict[str, Path]) -> None:
+    """--at with another time zone: a stale CRL's reason gives the time checked in UTC
+    (the zone's wall time with a Z would be hours off), and calls it the time checked,
+    not this host's clock."""
+    at = NOW + timedelta(days=40)
+    tokyo = at.astimezone(timezone(timedelta(hours=9)))
+    done = medgw(
+        "pki", "verify", files["leaf"], "--intermediate", files["sub"],
+        "--trust", files["root"], "--crl", files["root_crl"], "--crl", files["sub_crl"],
+        "--at", tokyo.isoformat(), "--json",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    reason = json.loads(done.stdout)["reason"]
+    assert "passed its nextUpdate on" in reason, reason
+    assert f"and the time checked is {at:%Y-%m-%d %H:%M}Z" in reason, reason
+    assert f"{tokyo:%Y-%m-%d %H:%M}Z" not in reason and "this host's clock reads" not in reason
 
 
 def test_verify_invalid_reasons_name_certificate_and_fix(files: dict[str, Path]) -> None:

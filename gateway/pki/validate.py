@@ -29,7 +29,7 @@ import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Any
 
@@ -520,12 +520,14 @@ async def _status_of(
 
 
 STALE_CRL = "passed its nextUpdate"
-CRL_AHEAD = "is dated after this host's clock"
+CRL_AHEAD = "is dated after the time checked"
 
 
 def _failure(failure: object, at: datetime) -> str:
     """One of the validator's (message, revocation info) failures, in words: the CRL
-    named by its issuer and dates, never the object's repr (which holds its raw DER)."""
+    named by its issuer and dates, never the object's repr (which holds its raw DER).
+    ``at`` is this host's clock or a time given (``pki verify --at``): "the time checked",
+    in UTC like every other time said."""
     if not isinstance(failure, tuple) or not failure:
         return str(failure)
     message = str(failure[0])
@@ -537,14 +539,15 @@ def _failure(failure: object, at: datetime) -> str:
     this_update = tbs["this_update"].native
     next_update = tbs["next_update"].native
     dates = f"thisUpdate {this_update:%Y-%m-%d %H:%M}Z"
+    checked = f"{at.astimezone(UTC):%Y-%m-%d %H:%M}Z"
     if "too recent" in message:
         # Issued after the time checked: the CA's current CRL and a clock that is behind.
-        return f"the CRL of {issuer} ({dates}) {CRL_AHEAD}, which reads {at:%Y-%m-%d %H:%M}Z"
+        return f"the CRL of {issuer} ({dates}) {CRL_AHEAD}, {checked}"
     if next_update is None or "not recent enough" not in message:
         return f"{message} (CRL of {issuer}, {dates})"
     text = (
         f"the CRL of {issuer} ({dates}) {STALE_CRL} on {next_update:%Y-%m-%d %H:%M}Z "
-        f"and this host's clock reads {at:%Y-%m-%d %H:%M}Z"
+        f"and the time checked is {checked}"
     )
     if at - next_update > next_update - this_update:
         # Stale by more than its whole validity period: a CA rarely stops publishing
