@@ -16,6 +16,8 @@ root meets too, as medgw's own user meets EACCES in a folder root owns).
 * A state folder another user owns (the one medgw runs as, most likely), checked by
   ``check-config`` run as ``nobody``: the fix says to run the check as that user,
   never to give the folder to ``nobody`` (which would take it from the daemon).
+* The audit log's ``.order`` notes left root's by a command run as root: an error
+  naming the file (the daemon, run as its own user, could not open them at start).
 * A configuration with errors: ``medgw run`` says to check it as the user it runs as.
 * A zone's CRL folder that medgw's user may not enter or list (``check-config`` run
   as ``nobody``: EACCES): a configuration error naming the key, the folder, the user
@@ -235,3 +237,25 @@ def test_run_with_config_errors_says_to_check_it_as_the_user_medgw_runs_as(
         f"medgw: not starting: {config} has errors (run `sudo -u root medgw check-config "
         f"--config {config}`, as the user medgw runs as)"
     ) in started.stderr, started
+
+
+def test_audit_order_notes_another_user_made_are_an_error_before_the_start() -> None:
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        give_to_nobody(layout.hospital.root)
+        notes = layout.hospital.audit_log.with_name(layout.hospital.audit_log.name + ".order")
+        notes.touch()  # as a command run with sudo, not sudo -u, leaves them
+        os.chown(notes, 0, 0)
+        notes.chmod(0o640)
+        config = layout.hospital.config_path
+        checked = subprocess.run(
+            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert checked.returncode == 1, checked
+    words = f"the audit log's order notes {notes} may not be read and written by user nobody"
+    fix = f"make {notes} writable by user nobody, whom this command runs as"
+    assert reported(checked, config, "storage.audit_log", words, fix), checked
+    assert "it cannot start" in checked.stderr, checked

@@ -4,7 +4,8 @@ Asked by ``medgw check-config``, at the daemon's start and by its readiness, nev
 while loading the configuration: other commands read it as other users.
 
 * The state folder (the spool, the lock, the work folders) and the audit trail's
-  folder and file must be writable: without them the daemon cannot start (errors).
+  folder and files (the log and its ``.order`` notes) must be writable: without them
+  the daemon cannot start (errors).
 * The inbox and the outbox, with their peers' folders that exist, should be: a
   document for an inbox folder medgw cannot write is answered 503, and the peer
   resends it once the folder is fixed; a file in an outbox folder medgw cannot
@@ -20,6 +21,7 @@ import errno
 import os
 from pathlib import Path
 
+from gateway.audit.order import order_path
 from gateway.config.model import GatewayConfig
 from gateway.config.storage import STATE_FILES, STATE_FOLDERS
 from gateway.errors import ConfigProblem
@@ -47,8 +49,12 @@ def access_problems(config: GatewayConfig) -> list[ConfigProblem]:
         ),
         ("storage.audit_log", "the audit log's folder", storage.audit_log.parent, _AUDIT, "error"),
     ]
-    if os.path.lexists(storage.audit_log):
-        checks.append(("storage.audit_log", "the audit log", storage.audit_log, _AUDIT, "error"))
+    for what, file in (
+        ("the audit log", storage.audit_log),
+        ("the audit log's order notes", order_path(storage.audit_log)),  # opened at start too
+    ):
+        if os.path.lexists(file):
+            checks.append(("storage.audit_log", what, file, _AUDIT, "error"))
     for key, what, top, rule in (
         ("storage.inbox_dir", "the inbox", storage.inbox_dir, _INBOX),
         ("storage.outbox_dir", "the outbox", storage.outbox_dir, _OUTBOX),
