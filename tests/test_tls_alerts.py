@@ -100,7 +100,8 @@ def s_client(
         (
             "expired",
             "alert certificate expired",
-            ", refused: certificate has expired (its notAfter has passed: the peer must renew it)",
+            ", refused: certificate has expired (its notAfter has passed: the peer must renew "
+            "it, or this host's clock is ahead)",
         ),
         ("not-pinned", "alert bad certificate", ", which is not configured for any peer"),
         (
@@ -120,8 +121,9 @@ def s_client(
 def test_a_refused_client_gets_the_alert_a_tls_server_sends_and_the_refusal_is_audited(
     layout: DemoLayout, processes: Any, tmp_path: Path, kind: str, alert: str, audited: str
 ) -> None:
-    """The record names the certificate presented (subject and SHA-256), so that the
-    administrator can tell which partner it was, and says why in plain words."""
+    """The record names the certificate presented by its SHA-256, then the subject it
+    claims (unverified: an impostor's names the partner it poses as), and says why in
+    plain words."""
     processes.start(layout.hospital.config_path)
     presented = _client_certificate(layout, kind, tmp_path)
     output = s_client(layout, presented)
@@ -139,7 +141,7 @@ def test_a_refused_client_gets_the_alert_a_tls_server_sends_and_the_refusal_is_a
     else:
         cert = x509.load_pem_x509_certificate(presented[0].read_bytes())
         sha256 = cert.fingerprint(hashes.SHA256()).hex()
-        named = f"client presented certificate CN=KITA-LAB (sha256:{sha256})"
+        named = f"client presented a certificate (sha256:{sha256}) claiming CN=KITA-LAB"
         assert failed["reason"] == named + audited, failed["reason"]
         assert sha256 not in output  # nothing more goes to the client than the alert
     assert "_ssl.c" not in failed["reason"] and "[SSL" not in failed["reason"]

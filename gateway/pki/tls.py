@@ -183,8 +183,7 @@ def _pinned_object_class(
             if isinstance(exc, ssl.SSLCertVerificationError) and der is not None:
                 if exc.verify_code == tlsnative.CERT_REJECTED:
                     exc = NotPinnedError(
-                        f"{side} presented certificate {_named(der)}, which is not "
-                        "configured for any peer"
+                        f"{side} presented {_named(der)}, which is not configured for any peer"
                     )
                 exc.presented = der  # type: ignore[attr-defined]
             exc.tls_alert = self._outgoing.read() if self._outgoing is not None else b""  # type: ignore[attr-defined]
@@ -194,19 +193,22 @@ def _pinned_object_class(
 
 
 def _named(der: bytes) -> str:
-    """A presented certificate as an administrator finds it: subject and fingerprint."""
+    """A presented certificate as an administrator finds it: by its fingerprint, then
+    the subject it claims.  A refused certificate's subject is whatever its holder
+    wrote into it (an impostor's names the peer it poses as), so it is said as a claim."""
+    named = f"a certificate (sha256:{fingerprint(der)})"
     try:
-        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string() or "(no subject)"
+        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
     except ValueError:
-        subject = "(unreadable)"
-    return f"{subject} (sha256:{fingerprint(der)})"
+        return f"{named} that cannot be read"
+    return f"{named} claiming {subject}" if subject else f"{named} with no subject"
 
 
 # OpenSSL's verification errors (X509_V_ERR_*) a client certificate meets most, in words.
 _IN_WORDS = {
     2: "it does not chain to a trust anchor of the listener's zone",
     9: "its notBefore is still ahead (or this host's clock is behind)",
-    10: "its notAfter has passed: the peer must renew it",
+    10: "its notAfter has passed: the peer must renew it, or this host's clock is ahead",
     18: "it is self-signed, not issued by a trust anchor of the listener's zone",
     19: "its chain ends in a root that is not a trust anchor of the listener's zone",
     20: "it does not chain to a trust anchor of the listener's zone",
@@ -216,15 +218,15 @@ _IN_WORDS = {
 
 def refusal_reason(exc: BaseException) -> str:
     """Why the listener refused a client's handshake, for the log and the audit trail
-    (never sent to the client): the certificate it presented (subject and SHA-256)
-    when it presented one, OpenSSL's reason and what that means."""
+    (never sent to the client): the certificate it presented (SHA-256, and the subject
+    it claims) when it presented one, OpenSSL's reason and what that means."""
     der = getattr(exc, "presented", None)
     if isinstance(exc, NotPinnedError):
         return str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
         said = exc.verify_message or str(exc)
         words = _IN_WORDS.get(exc.verify_code)
-        who = f"certificate {_named(der)}" if isinstance(der, bytes) else "certificate"
+        who = _named(der) if isinstance(der, bytes) else "a certificate"
         return f"client presented {who}, refused: {said}" + (f" ({words})" if words else "")
     if getattr(exc, "reason", None) == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
         return (
