@@ -481,6 +481,26 @@ def test_a_backup_beside_its_peer_file_is_a_warning_to_move_it_out(layout: DemoL
     assert f"(fix: move it out of {folder} (a copy of lab.toml?))" in result.stdout
 
 
+def test_a_reload_logs_the_new_configurations_warnings_as_the_start_does(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """A renamed peer file usually takes effect at a reload: its warning is logged then,
+    before ``config.reloaded`` lists one peer fewer."""
+    hospital = processes.start(layout.hospital.config_path)
+    folder = layout.hospital.root / "peers.d"
+    (folder / "lab.toml").rename(folder / "lab.tml")
+    hospital.signal(signal.SIGHUP)
+    reloaded = hospital.wait_for(lambda line: line.get("event") == "config.reloaded", 30)
+    assert reloaded["peers"] == []
+    logged = hospital.lines[: hospital.lines.index(reloaded)]
+    warnings = [line["problem"] for line in logged if line.get("event") == "config.warning"]
+    assert (
+        f"warning: {folder / 'lab.tml'}: ignored: only files named <peer>.toml in the peers "
+        "folder are read, so no peer is configured from this one (fix: rename it to lab.toml "
+        f"if it describes a peer, else move it out of {folder})"
+    ) in warnings, warnings
+
+
 def test_a_misspelt_table_is_reported_first_with_the_name_meant_and_nothing_built_on_it(
     layout: DemoLayout,
 ) -> None:

@@ -48,7 +48,7 @@ from gateway.daemon.export import AuditExport
 from gateway.daemon.leases import LeaseKeeper
 from gateway.daemon.observe import Observer
 from gateway.daemon.reload import Reloader
-from gateway.daemon.reports import report_stranded_messages
+from gateway.daemon.reports import report_config_warnings, report_stranded_messages
 from gateway.daemon.sending import Senders
 from gateway.daemon.spoolview import SpoolView
 from gateway.daemon.spoolwatch import SpoolReachability
@@ -262,8 +262,7 @@ class Daemon:
         remove_leftovers(config.storage.state_dir, (WORK_PREFIX, RESTORE_WORK))
         shared_folder(config.storage.state_dir)  # holds the spool; often the inbox and outbox
         private_folder(config.storage.state_dir / "incoming")
-        for warning in (*config.warnings, *own_warnings):
-            self._log.warning("config.warning", problem=str(warning))
+        report_config_warnings(config, own_warnings, self._log)
         # Where the trail ends before this start writes to it (alerts for certificates
         # about to expire, the inbound side's recovered records): the changes committed
         # since may lack their records, which the recovery below writes.

@@ -15,7 +15,7 @@ from gateway.channel.client import PeerClient
 from gateway.config import GatewayConfig, Runtime, load_config
 from gateway.daemon.crls import DaemonCrls
 from gateway.daemon.observe import Readiness
-from gateway.daemon.reports import report_stranded_messages
+from gateway.daemon.reports import report_config_warnings, report_stranded_messages
 from gateway.daemon.state import Parts, RuntimeState, StartupError
 from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, trust_changed
@@ -89,7 +89,7 @@ class Reloader:
             old = self._state()
             try:
                 new_config = await asyncio.to_thread(load_config, self._config_path)
-                await self._trust.judge_own(new_config)
+                own_warnings = await self._trust.judge_own(new_config)
                 unchanged = restart_only_changes(old.config, new_config)
                 if unchanged:
                     raise StartupError(
@@ -146,6 +146,7 @@ class Reloader:
             self._trust.audit(new_config, new_state.trust, old.trust)
             self._replace(old, new_state)
             self.on_reloaded(old.config, new_config, actor)
+            report_config_warnings(new_config, own_warnings, self._log)
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
             self._audit.emit(
                 AuditEvent(

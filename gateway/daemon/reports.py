@@ -1,12 +1,24 @@
-"""Reports about queued messages a configuration leaves stranded, at start and reload."""
+"""What a configuration's start and reload say: its warnings, and the queued messages
+it leaves stranded."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.config import GatewayConfig
 from gateway.logs import Logger
 from gateway.pki.tls import certificate_fingerprint
 from gateway.spool import PENDING_STATES, Spool
+
+
+def report_config_warnings(
+    config: GatewayConfig, own_certificates: Sequence[object], log: Logger
+) -> None:
+    """The warnings ``check-config`` shows for ``config`` (and for our certificates),
+    logged as the configuration comes into force: at the start, and at each reload."""
+    for warning in (*config.warnings, *own_certificates):
+        log.warning("config.warning", problem=str(warning))
 
 
 def report_stranded_messages(

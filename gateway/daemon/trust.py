@@ -8,7 +8,7 @@ without a usable certificate are logged and audited as alerts, each once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
@@ -75,12 +75,11 @@ class TrustKeeper:
             adjust=functools.partial(adjust, config) if adjust is not None else None,
         )
 
-    async def judge_own(self, config: GatewayConfig) -> None:
+    async def judge_own(self, config: GatewayConfig) -> Sequence[object]:
         """Our certificates judged by the rules a peer applies to them: raises
         :class:`ConfigError` naming each one every peer refuses (a reload keeps the
-        configuration in force); logs a warning for one a peer may refuse."""
-        for warning in await own_certificates_usable(config, at=self._clock.now()):
-            self._log.warning("config.warning", problem=str(warning))
+        configuration in force); returns a warning for each one a peer may refuse."""
+        return await own_certificates_usable(config, at=self._clock.now())
 
     def audit(
         self,
