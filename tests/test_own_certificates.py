@@ -202,6 +202,32 @@ def test_an_expired_ca_certificate_sent_with_ours_is_an_error(layout: DemoLayout
     assert "medgw will not start with this configuration" in result.stderr
 
 
+@pytest.mark.parametrize("aside", ["expired-root", "next-intermediate"])
+def test_a_certificate_in_our_file_that_no_path_goes_through_is_only_a_warning(
+    layout: DemoLayout, aside: str
+) -> None:
+    """An expired root appended after ours, or the CA's next intermediate put there
+    before it is valid: a peer builds its path without them, so the configuration that
+    started before starts still, with a warning naming the certificate."""
+    certs = layout.hospital.root / "certs"
+    ours = x509.load_pem_x509_certificates((certs / "tls.crt").read_bytes())
+    if aside == "expired-root":
+        extra = make_ca("Old Root", now=NOW - timedelta(days=400), days=30).certificate
+        words = "CA certificate CN=Old Root expired on"
+    else:
+        extra = make_ca(
+            "Next Issuing CA", now=NOW + timedelta(days=10), days=30, parent=demo_ca(layout)
+        ).certificate
+        words = "CA certificate CN=Next Issuing CA is not valid before"
+    write_pem(certs / "tls.crt", [*ours, extra])
+    config = layout.hospital.config_path
+    result = check_config(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning:" in result.stdout + result.stderr
+    assert words in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "error:" not in result.stdout + result.stderr
+
+
 def test_the_demo_certificates_give_no_finding(layout: DemoLayout) -> None:
     for site in (layout.hospital, layout.lab):
         result = check_config(site.config_path)

@@ -13,6 +13,7 @@ chains to none of ours is said, as a warning, with what a peer needs to accept i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,16 +94,26 @@ async def judge_own(
     (by zone name).  Errors: outside its validity period, or not made for a purpose.
     Else a warning when it chains to the trust anchors of no zone (none at all when it
     chains to one's)."""
-    errors = [
-        _outside_validity(reason, cert, at, sent_with=None if cert is certificate else certificate)
-        for cert in (certificate, *chain)
-        if (reason := check_validity(cert, at)) is not None
-    ]
+    path = _path(certificate, chain, at)
+    errors: list[OwnFinding] = []
+    aside: list[OwnFinding] = []
+    for cert in (certificate, *chain):
+        reason = check_validity(cert, at)
+        if reason is None:
+            continue
+        sent_with = None if cert is certificate else certificate
+        finding = _outside_validity(reason, cert, at, sent_with=sent_with)
+        if sent_with is None or any(cert is c for c in path):
+            errors.append(finding)
+        else:
+            # In the file but on no path from ours (a root, an old cross-certificate,
+            # the next intermediate put there early): a peer does not need it.
+            aside.append(dataclasses.replace(finding, severity="warning"))
     for reason in dict.fromkeys(check_purpose(certificate, p) for p in purposes):
         if reason is not None:
             errors.append(_error(reason, replace=True))
     if errors:
-        return errors
+        return errors + aside
     refused: dict[str, str] = {}  # zone -> why a path to its anchors was refused
     for zone, trusted in anchors.items():
         result = await validate(
@@ -115,20 +126,36 @@ async def judge_own(
             policy=policy,
         )
         if result.valid:
-            return []
+            return aside
         if len(result.chain) > 1:  # a path was built, and refused
             refused[zone] = (result.reason or "refused").partition("; fix: ")[0]
     subject = certificate.subject.rfc4514_string()
     issuer = certificate.issuer.rfc4514_string()
     zones = ", ".join(anchors) or "none is configured"
     paths = "".join(f"; zone {zone}: {reason}" for zone, reason in refused.items())
-    return [
-        OwnFinding(
-            "warning",
-            f"certificate {subject} chains to the trust anchors of no zone ({zones}){paths}: "
-            f"a peer accepts it only if its own trust anchors hold the root CA of its issuer "
-            f"{issuer}",
-            "ask each peer's administrator to trust that root CA (send them its certificate), "
-            "or use a certificate from a CA your peers trust",
-        )
-    ]
+    unanchored = OwnFinding(
+        "warning",
+        f"certificate {subject} chains to the trust anchors of no zone ({zones}){paths}: "
+        f"a peer accepts it only if its own trust anchors hold the root CA of its issuer "
+        f"{issuer}",
+        "ask each peer's administrator to trust that root CA (send them its certificate), "
+        "or use a certificate from a CA your peers trust",
+    )
+    return [unanchored, *aside]
+
+
+def _path(
+    certificate: x509.Certificate, chain: Sequence[x509.Certificate], at: datetime
+) -> list[x509.Certificate]:
+    """The CA certificates of ``chain`` a peer's path from ``certificate`` goes through:
+    each the issuer of the one before (by name; of two with one name, one valid at
+    ``at`` first), up to a self-issued one, which a peer's own trust anchors stand for."""
+    path: list[x509.Certificate] = []
+    current, left = certificate, list(chain)
+    while True:
+        issuers = [c for c in left if c.subject == current.issuer and c.issuer != c.subject]
+        if not issuers:
+            return path
+        current = next((c for c in issuers if check_validity(c, at) is None), issuers[0])
+        path.append(current)
+        left = [c for c in left if c is not current]
