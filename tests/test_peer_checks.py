@@ -278,12 +278,15 @@ async def test_a_stale_crl_makes_one_unusable_alert_over_the_re_checks_and_a_new
     re-checks; the alert is raised once per cause: again when another certificate is
     refused, and again after the peer was usable in between."""
     crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    # The time now, not the module's NOW (taken when the suite was collected, which may
+    # be before ``layout``'s certificates were made: they would not be valid yet).
+    now = datetime.now(UTC)
 
     def crl(issued_ago: int) -> None:
-        issued = make_crl(demo_ca(layout), now=NOW - timedelta(days=issued_ago), days=30, number=2)
+        issued = make_crl(demo_ca(layout), now=now - timedelta(days=issued_ago), days=30, number=2)
         crl_file.write_bytes(issued.public_bytes(Encoding.PEM))
 
-    clock = SetClock(NOW)
+    clock = SetClock(now)
     audit = AuditLog(tmp_path / "audit.jsonl", clock, node="test")
     log = make_logger(stream=io.StringIO())
     network = Network.fixed(load_config(layout.hospital.config_path).network_map)
