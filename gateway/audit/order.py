@@ -33,6 +33,7 @@ from pathlib import Path
 
 from gateway.audit.events import AuditEvent, EventType, Severity
 from gateway.audit.files import backwards, closed_at, is_closed_name
+from gateway.audit.rotation import open_current
 
 CLOCK_MARGIN = timedelta(minutes=10)  # how far back the clock may have been set: see above
 SUFFIX = ".order"
@@ -120,20 +121,6 @@ def ordered(paths: Sequence[Path]) -> list[bool]:
     return found
 
 
-def _open(path: Path) -> int:
-    """Open (create) the notes for appending, as the log is opened (gateway.audit.rotation):
-    a folder or a file the gateway cannot write fails here, at the writer's start."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-    try:
-        mode = os.fstat(fd).st_mode & 0o777
-        if mode & 0o007:  # whatever the umask was
-            os.fchmod(fd, mode & ~0o007)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _append(fd: int, note: dict[str, object]) -> None:
     """Add ``note`` to the notes, durably."""
     data = json.dumps(note, sort_keys=True, separators=(",", ":")).encode() + b"\n"
@@ -151,7 +138,7 @@ class Steps:
         # The latest time in the trail is at most CLOCK_MARGIN after its last record's,
         # if that one did not step back (and if it did, its file is read whole anyway).
         self.latest = None if last_time is None else last_time + CLOCK_MARGIN
-        self._fd = _open(order_path(current))
+        self._fd = open_current(order_path(current))  # as the log: at the writer's start
 
     def check(self, seq: int, at: datetime) -> None:
         """Record ``seq`` is stamped ``at``: noted first if that steps back (raises

@@ -40,7 +40,9 @@ class RotationSettings:
 
 
 def open_current(path: Path) -> int:
-    """Open (create) the file records are appended to, never readable by other users."""
+    """Open (create) a file the writer appends to (the trail's current file, its order
+    notes), never readable by other users: a folder or a file the gateway cannot write
+    fails here (at the writer's start, or at a rotation)."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
     fd = os.open(path, flags, 0o640)
     try:
