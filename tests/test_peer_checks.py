@@ -271,58 +271,109 @@ def test_a_crl_dated_after_this_hosts_clock_names_the_clock(layout: DemoLayout) 
     assert "too recent" not in error and "provide a current CRL" not in error
 
 
+class ReChecks:
+    """The daemon's five-minute trust re-checks of the hospital's configuration, by a
+    real :class:`TrustKeeper` on an injected clock starting at the time the test runs
+    (not the module's NOW, taken when the suite was collected, which may be before
+    ``layout``'s certificates were made: they would not be valid yet)."""
+
+    def __init__(self, layout: DemoLayout, tmp_path: Path) -> None:
+        self.layout = layout
+        self.now = datetime.now(UTC)
+        self.clock = SetClock(self.now)
+        self.trail = tmp_path / "audit.jsonl"
+        self.audit = AuditLog(self.trail, self.clock, node="test")
+        network = Network.fixed(load_config(layout.hospital.config_path).network_map)
+        log = make_logger(stream=io.StringIO())
+        self.keeper = TrustKeeper(network, lambda: self.audit, log, self.clock, lambda r: None)
+        self.kept: Mapping[str, PeerTrust] = {}
+
+    def crl(self, issued_ago: int) -> None:
+        """The loopback zone's CRL file: issued ``issued_ago`` days ago, valid for 30."""
+        issued = make_crl(
+            demo_ca(self.layout), now=self.now - timedelta(days=issued_ago), days=30, number=2
+        )
+        crl_file = self.layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+        crl_file.write_bytes(issued.public_bytes(Encoding.PEM))
+
+    async def refresh(self, *names: str) -> list[dict[str, Any]]:
+        """A re-check five minutes on, as the daemon's (its state kept unless trust
+        changed); the trail's records of the events ``names``."""
+        self.clock.advance(300)
+        config = load_config(self.layout.hospital.config_path)
+        trust = await self.keeper.assess(config)
+        self.keeper.audit(config, trust, self.kept)
+        if not self.kept or trust_changed(self.kept, trust):
+            self.kept = trust
+        return events(self.trail, names)
+
+
 async def test_a_stale_crl_makes_one_unusable_alert_over_the_re_checks_and_a_new_cause_another(
     layout: DemoLayout, tmp_path: Path
 ) -> None:
     """The reason of a stale CRL names the clock, which moves between the five-minute
     re-checks; the alert is raised once per cause: again when another certificate is
     refused, and again after the peer was usable in between."""
-    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
-    # The time now, not the module's NOW (taken when the suite was collected, which may
-    # be before ``layout``'s certificates were made: they would not be valid yet).
-    now = datetime.now(UTC)
+    checks = ReChecks(layout, tmp_path)
+    unusable = ("peer.unusable", "peer.usable")
 
-    def crl(issued_ago: int) -> None:
-        issued = make_crl(demo_ca(layout), now=now - timedelta(days=issued_ago), days=30, number=2)
-        crl_file.write_bytes(issued.public_bytes(Encoding.PEM))
-
-    clock = SetClock(now)
-    audit = AuditLog(tmp_path / "audit.jsonl", clock, node="test")
-    log = make_logger(stream=io.StringIO())
-    network = Network.fixed(load_config(layout.hospital.config_path).network_map)
-    keeper = TrustKeeper(network, lambda: audit, log, clock, lambda refused: None)
-    kept: Mapping[str, PeerTrust] = {}
-
-    async def refresh() -> list[dict[str, Any]]:
-        """A re-check five minutes on, as the daemon's: its state kept unless trust changed."""
-        nonlocal kept
-        clock.advance(300)
-        config = load_config(layout.hospital.config_path)
-        trust = await keeper.assess(config)
-        keeper.audit(config, trust, kept)
-        if not kept or trust_changed(kept, trust):
-            kept = trust
-        return events(tmp_path / "audit.jsonl", ("peer.unusable", "peer.usable"))
-
-    crl(40)
+    checks.crl(40)
     for _ in range(4):
-        said = await refresh()
+        said = await checks.refresh(*unusable)
     assert [r["event"] for r in said] == ["peer.unusable"], said
     assert "passed its nextUpdate" in said[0]["reason"]
 
     original = lab_cert(layout, "tls").read_bytes()
     write_pem(lab_cert(layout, "tls"), expired_tls(layout).certificate)  # another refused
-    await refresh()
-    said = await refresh()
+    await checks.refresh()
+    said = await checks.refresh(*unusable)
     assert [r["event"] for r in said] == ["peer.unusable"] * 2, said
 
     lab_cert(layout, "tls").write_bytes(original)
-    crl(1)
-    said = await refresh()
+    checks.crl(1)
+    said = await checks.refresh(*unusable)
     assert [r["event"] for r in said] == ["peer.unusable"] * 2 + ["peer.usable"], said
 
-    crl(40)  # the same problem again, after the peer was usable: a new alert
-    await refresh()
-    said = await refresh()
+    checks.crl(40)  # the same problem again, after the peer was usable: a new alert
+    await checks.refresh()
+    said = await checks.refresh(*unusable)
     assert [r["event"] for r in said] == ["peer.unusable"] * 2 + ["peer.usable", "peer.unusable"]
-    audit.close()
+    checks.audit.close()
+
+
+async def test_a_crl_near_or_past_its_next_update_is_alerted_once_per_kind(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """``pki.crl_stale`` is raised when a zone's CRL nears its nextUpdate (a warning) and
+    again when it passes it (an alert), not at every five-minute re-check while it stays
+    so, though its message counts the time left; ``pki.crl_fresh`` is recorded once a
+    current CRL is in place, and the same problem after it is a new alert."""
+    checks = ReChecks(layout, tmp_path)
+    crl = ("pki.crl_stale", "pki.crl_fresh")
+
+    checks.crl(25)  # nextUpdate in 5 days: within crl_warn_days (7)
+    for _ in range(4):
+        said = await checks.refresh(*crl)
+    assert [(r["event"], r["severity"]) for r in said] == [("pki.crl_stale", "warning")], said
+    assert "goes stale in 4 d 23 h" in said[0]["reason"], said
+    assert said[0]["detail"]["zone"] == "loopback"
+
+    checks.crl(40)  # past its nextUpdate: the warning becomes an alert, once
+    for _ in range(4):
+        said = await checks.refresh(*crl)
+    assert [(r["event"], r["severity"]) for r in said[1:]] == [("pki.crl_stale", "alert")], said
+    assert "is stale: nextUpdate" in said[1]["reason"], said
+
+    checks.crl(1)
+    for _ in range(3):
+        said = await checks.refresh(*crl)
+    assert [r["event"] for r in said[2:]] == ["pki.crl_fresh"], said
+    fresh = said[2]
+    assert fresh["detail"] == {"zone": "loopback", "issuer": said[1]["detail"]["issuer"]}
+    assert "fresh again" in fresh["reason"] and "medgw Demo Root CA" in fresh["reason"], fresh
+
+    checks.crl(40)  # stale again after it was fresh: a new alert
+    for _ in range(2):
+        said = await checks.refresh(*crl)
+    assert [r["event"] for r in said[3:]] == ["pki.crl_stale"], said
+    checks.audit.close()

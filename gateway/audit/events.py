@@ -86,6 +86,7 @@ class EventType(StrEnum):
     PEER_UNUSABLE = "peer.unusable"  # a use (TLS, signing, encryption) has no acceptable cert
     PEER_USABLE = "peer.usable"  # an unusable peer has an acceptable cert for every use again
     CRL_STALE = "pki.crl_stale"  # a CRL is near or past its nextUpdate
+    CRL_FRESH = "pki.crl_fresh"  # a zone pki.crl_stale was raised for has none to act on again
     CRL_FETCHED = "pki.crl_fetched"  # a new CRL from a distribution point, verified, in use
     CRL_FETCH_FAILED = "pki.crl_fetch_failed"  # none usable from a distribution point this time
     PEER_AUTHENTICATION_FAILED = "peer.authentication_failed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
@@ -49,6 +50,9 @@ class TrustKeeper:
         self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
         # (fingerprint, owner, use, days): certificate expiry alerts already raised
         self._expiry_alerted: set[tuple[str, str, str, int]] = set()
+        # Per zone, the causes of the CRL findings in force (each alerted once): a zone
+        # left out of a reload is forgotten, so it is alerted again if it comes back.
+        self._crl_alerted: dict[str, frozenset[tuple[str, str, datetime | None]]] = {}
 
     def ocsp_client(self, zone: Zone, network: Network | None = None) -> OcspClient:
         """The zone's OCSP client: its cache survives reloads while the zone's way out
@@ -113,8 +117,22 @@ class TrustKeeper:
                     },
                 )
         self._audit_unusable(trust, previous)
+        self._audit_crls(config)
+
+    def _audit_crls(self, config: GatewayConfig) -> None:
+        """One ``pki.crl_stale`` for a zone's CRL when it needs acting on (near or past its
+        nextUpdate; again when its finding changes in kind, warning to error, or it is
+        another CRL), one ``pki.crl_fresh`` when it does not any more; nothing while it
+        stays as it was: compared by cause (the CRL and the kind of finding), not by the
+        message, which counts the time left."""
+        said = self._crl_alerted
+        self._crl_alerted = {}
         for zone in config.zones:
-            for finding in self._crl_findings(zone):
+            findings = self._crl_findings(zone)
+            before = said.get(zone.name, frozenset())
+            for finding in findings:
+                if finding.cause in before:
+                    continue
                 self._log.warning("crl.stale", zone=zone.name, finding=finding.message)
                 self._audit().emit(
                     AuditEvent(
@@ -122,9 +140,22 @@ class TrustKeeper:
                         Outcome.FAILURE,
                         Severity.ALERT if finding.severity == "error" else Severity.WARNING,
                         reason=finding.message,
-                        detail={"zone": zone.name},
+                        detail={"zone": zone.name, "issuer": finding.issuer, "fix": finding.fix},
                     )
                 )
+            still = {f.issuer for f in findings}
+            for issuer in sorted({issuer for issuer, _, _ in before} - still):
+                self._log.info("crl.fresh", zone=zone.name, issuer=issuer)
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.CRL_FRESH,
+                        reason=f"zone {zone.name}'s CRL of {issuer} is fresh again: neither "
+                        "past nor near its nextUpdate, or downloaded again",
+                        detail={"zone": zone.name, "issuer": issuer},
+                    )
+                )
+            if findings:
+                self._crl_alerted[zone.name] = frozenset(f.cause for f in findings)
 
     def _file_crl_findings(self, zone: Zone) -> list[CrlFinding]:
         return stale_crl_warnings(zone.crls, at=self._clock.now(), warn_days=zone.crl_warn_days)

@@ -33,6 +33,14 @@ class CrlFinding:
     def __str__(self) -> str:
         return f"{self.severity}: CRL of {self.issuer}: {self.message} (fix: {self.fix})"
 
+    @property
+    def cause(self) -> tuple[str, str, datetime | None]:
+        """What this finding is about, without the time it was judged at: the CRL (its
+        issuer and nextUpdate) and the kind of finding.  The message counts the time left
+        (or names a download's last error), so the same finding reads differently at each
+        re-check; this stays the same until the CRL or the kind of finding changes."""
+        return (self.issuer, self.severity, self.next_update)
+
 
 def is_delta(crl: x509.CertificateRevocationList) -> bool:
     try:
