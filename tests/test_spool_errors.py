@@ -6,7 +6,10 @@ for longer than medgw waits are :class:`SpoolUnavailableError`: every change fai
 alike until it passes, so a caller with many does not try them one by one (see
 gateway.inbound.settling).  They are not :class:`SpoolUnreachableError`: the daemon's
 loops alert on them (only an unreachable PostgreSQL server has its own alert).  Each
-names the spool, the cause and the fix, and never the failing row's values.
+names the spool, the cause and the fix, and never the failing row's values.  A damaged
+SQLite spool (pages of its real file overwritten) fails its reads and writes as a
+:class:`SpoolError` saying so and naming the restore from a backup: never the library's
+own error, which a command would show as a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config.storage import SPOOL_FILE
 from gateway.errors import (
     SpoolBusyError,
     SpoolError,
@@ -24,8 +28,10 @@ from gateway.errors import (
     SpoolUnavailableError,
     SpoolUnreachableError,
 )
+from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.spooldisk import BACKENDS, SpoolDisk, raise_on_inbound, spool_disk
 
@@ -100,3 +106,87 @@ def test_a_postgresql_server_out_of_memory_is_named_and_tried_again_alone(
         assert "<big@lab>" not in str(error)
     finally:
         spool.close()
+
+
+def damage(path: Path, table: str) -> None:
+    """Overwrite the root pages of ``table`` and of its indexes in the SQLite file at
+    ``path`` (closed, its log emptied into it), as a failing disk or a stray write does."""
+    db = sqlite3.connect(path)
+    try:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        roots = [
+            root
+            for (root,) in db.execute(
+                "SELECT rootpage FROM sqlite_master WHERE tbl_name=? AND rootpage>0", (table,)
+            )
+        ]
+    finally:
+        db.close()
+    assert roots, table
+    with path.open("r+b") as handle:
+        for root in roots:
+            handle.seek((root - 1) * size)
+            handle.write(b"\xa5" * size)
+
+
+def assert_damaged(error: SpoolError, path: Path) -> None:
+    assert not isinstance(error, SpoolUnavailableError)  # not fixed by waiting
+    assert "database disk image is malformed" in error.message
+    assert f"the spool database {path} is damaged" in error.message
+    assert error.fix and "restore the last backup (medgw restore --from BUNDLE" in error.fix
+    assert f"copy {path} and its -wal file aside" in error.fix
+
+
+def test_a_damaged_sqlite_spool_fails_its_reads_and_writes_naming_the_restore(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, TickingClock())
+    for n in range(200):  # the table spans pages, its root one of several
+        spool.inbound_begin("lab", f"<m{n}@lab>", "ab" * 32, tmp_path / f"{n}.hl7")
+    spool.close()
+    damage(path, "inbound")
+    spool = SqliteSpool(path, TickingClock())  # its other tables are intact: it opens
+    try:
+        with pytest.raises(SpoolError) as read:
+            spool.inbound_get("lab", "<m7@lab>")
+        assert read.value.message.startswith("spool read failed: ")
+        assert_damaged(read.value, path)
+        assert "<m7@lab>" not in str(read.value)
+        assert isinstance(read.value.__cause__, sqlite3.DatabaseError)
+        with pytest.raises(SpoolError) as write:
+            spool.inbound_begin("lab", "<new@lab>", "ab" * 32, tmp_path / "new.hl7")
+        assert write.value.message.startswith("spool write failed: ")
+        assert_damaged(write.value, path)
+    finally:
+        spool.close()
+
+
+def test_a_sqlite_spool_whose_first_page_is_damaged_names_the_restore_at_the_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    SqliteSpool(path, TickingClock()).close()
+    with path.open("r+b") as handle:
+        handle.write(b"\xa5" * 100)  # the database header
+    with pytest.raises(SpoolError) as caught:
+        SqliteSpool(path, TickingClock())
+    error = caught.value
+    assert error.message.startswith(f"cannot open the spool database {path}: ")
+    assert "file is not a database" in error.message
+    assert f"the spool database {path} is damaged" in error.message
+    assert error.fix and "restore the last backup (medgw restore --from BUNDLE" in error.fix
+
+
+def test_a_command_reading_a_damaged_spool_says_so_without_a_traceback(
+    layout: DemoLayout,
+) -> None:
+    path = layout.hospital.root / "state" / SPOOL_FILE
+    SqliteSpool(path, TickingClock()).close()
+    damage(path, "outbound")
+    listed = medgw("queue", "list", "--config", layout.hospital.config_path)
+    assert listed.returncode == 1, listed
+    assert "Traceback" not in listed.stderr, listed.stderr
+    assert "medgw: spool read failed: database disk image is malformed" in listed.stderr
+    assert f"the spool database {path} is damaged" in listed.stderr
+    assert "medgw restore --from BUNDLE --force" in listed.stderr

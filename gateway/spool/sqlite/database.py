@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import SpoolBusyError, SpoolError, SpoolFullError
@@ -76,9 +76,13 @@ class Database(SqlStore):
             self._reader.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             self._reader.execute("PRAGMA query_only=1")
         except sqlite3.Error as exc:
+            damage = _damage(path, exc)
             raise SpoolError(
-                f"cannot open the spool database {path}: {exc}",
-                fix="check that the state directory is writable and the disk is not full",
+                f"cannot open the spool database {path}: {exc}"
+                + (f": {damage[0]}" if damage else ""),
+                fix=damage[1]
+                if damage
+                else "check that the state directory is writable and the disk is not full",
             ) from exc
         self._writer = GroupCommit(self._db)
         self._read_lock = threading.Lock()
@@ -102,7 +106,12 @@ class Database(SqlStore):
         # SQLite plans no statement for other values than those it runs with: each_run
         # is PostgreSQL's.
         with self._read_lock:
-            rows: list[Row] = self._reader.execute(sql, params).fetchall()
+            try:
+                rows: list[Row] = self._reader.execute(sql, params).fetchall()
+            except sqlite3.ProgrammingError:
+                raise  # a bug in medgw (a closed spool, a wrong statement): not the disk's
+            except sqlite3.Error as exc:
+                raise database_error(self._path, exc, "read") from exc
             return rows
 
     def _transact(self, work: Callable[[Connection], T]) -> T:
@@ -110,7 +119,7 @@ class Database(SqlStore):
         try:
             return self._writer.run(work)
         except sqlite3.Error as exc:
-            raise write_error(self._path, exc) from exc
+            raise database_error(self._path, exc, "write") from exc
 
     def shred(self) -> bool:
         """Write every committed change into the database file and empty the write-ahead
@@ -123,6 +132,8 @@ class Database(SqlStore):
                 db.execute("PRAGMA busy_timeout=1000")  # each try waits for readers this long
                 try:
                     busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                except sqlite3.Error as exc:
+                    raise database_error(self._path, exc, "write") from exc
                 finally:
                     db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             if not busy:
@@ -130,24 +141,48 @@ class Database(SqlStore):
         return False
 
 
-def write_error(path: Path, exc: sqlite3.Error) -> SpoolError:
-    """``exc``, raised by a write to the spool database at ``path``, for the operator (the
-    message and fix) and for the callers (its class: see gateway.errors)."""
+def database_error(path: Path, exc: sqlite3.Error, doing: Literal["read", "write"]) -> SpoolError:
+    """``exc``, raised by a ``doing`` ("read" or "write") of the spool database at ``path``,
+    for the operator (the message and fix) and for the callers (its class: see
+    gateway.errors)."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
     if code == sqlite3.SQLITE_FULL:
         return SpoolFullError(
-            f"spool write failed: {exc}: no disk space is left for the spool database {path}",
+            f"spool {doing} failed: {exc}: no disk space is left for the spool database {path}",
             fix=f"{storage_fix(OSError(errno.ENOSPC, 'full'), path.parent)}; medgw tries "
             "again by itself",
         )
     if code == sqlite3.SQLITE_BUSY:
         return SpoolBusyError(
-            f"spool write failed: {exc}: another process held the spool database {path} "
+            f"spool {doing} failed: {exc}: another process held the spool database {path} "
             f"for more than {BUSY_TIMEOUT_MS // 1000} s",
             fix=f"find it (fuser -v {path}): a medgw command still running, or a sqlite3 "
             "shell left in a transaction, and end it; medgw tries again by itself",
         )
+    damage = _damage(path, exc)
+    if damage is not None:
+        return SpoolError(f"spool {doing} failed: {exc}: {damage[0]}", fix=damage[1])
     return SpoolError(
-        f"spool write failed: {exc}",
+        f"spool {doing} failed: {exc}",
         fix="check free disk space and permissions of the state directory",
     )
+
+
+def _damage(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
+    """What ``exc`` says of the spool database at ``path``, and what an administrator does
+    about it, if it is damaged (or the disk under it failed); None otherwise."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+    restore = (
+        f"stop medgw, copy {path} and its -wal file aside (for the investigation), and "
+        "restore the last backup (medgw restore --from BUNDLE --force; see Backups in the "
+        "admin guide)"
+    )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return f"the spool database {path} is damaged", restore
+    if code == sqlite3.SQLITE_IOERR:
+        return (
+            f"the disk under the spool database {path} failed",
+            f"check the disk of {path.parent} (dmesg shows its I/O errors); if the spool "
+            f"database is damaged: {restore}",
+        )
+    return None
