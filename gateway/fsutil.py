@@ -390,8 +390,9 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
-def storage_fix(exc: OSError, folder: Path) -> str:
-    """What an administrator does about ``exc``, raised while writing into ``folder``."""
+def storage_fix(exc: OSError, folder: Path, *, daemon: bool = False) -> str:
+    """What an administrator does about ``exc``, raised while writing into ``folder``
+    (``daemon``: by the daemon, see :func:`writable_fix`)."""
     if exc.errno in NO_SPACE:
         return f"free disk space on the file system of {folder} (df -h {folder})"
     if exc.errno == errno.EROFS:
@@ -402,19 +403,29 @@ def storage_fix(exc: OSError, folder: Path) -> str:
             "/var/lib/medgw, /var/log/medgw and ReadWritePaths= read-only to medgw)"
         )
     if exc.errno in NOT_WRITABLE:
-        return writable_fix(folder)
+        return writable_fix(folder, daemon=daemon)
     return f"check {folder} and the disk under it (dmesg may show I/O errors)"
 
 
-def writable_fix(folder: Path) -> str:
+def writable_fix(folder: Path, *, daemon: bool = False) -> str:
     """How to let this user write into ``folder``: into the nearest of it and its
-    parents that exists (where medgw creates the rest)."""
+    parents that exists (where medgw creates the rest).
+
+    ``daemon``: asked by the daemon, which is medgw running as its own user; otherwise by
+    a command, which an administrator may have run as another user than the daemon's."""
     where = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), folder)
     user = this_user()
     try:
         owner_uid = os.lstat(where).st_uid
     except OSError:
         owner_uid = os.geteuid()
+    if owner_uid not in (0, os.geteuid()) and daemon:
+        owner = _user_name(owner_uid)
+        return (
+            f"{where} is owned by user {owner}: let user {user}, whom medgw runs as, write "
+            f"it too (ls -ld {where}; for example setfacl -m u:{user}:rwX {where}), or give "
+            f"it to user {user} (chown {user} {where}) if nothing needs it to stay {owner}'s"
+        )
     if owner_uid not in (0, os.geteuid()):
         # Most likely the user the service runs as, and this command run as another:
         # giving the folder to this user would take it from the daemon.

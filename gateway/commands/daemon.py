@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         # start's check (gateway.config.access) found none.
         where = Path(os.fsdecode(exc.filename))
         message = f"cannot use {where}: {exc.strerror}; medgw stopped"
-        fix = storage_fix(exc, where)
+        fix = storage_fix(exc, where, daemon=True)
         log.error("daemon.failed", error=message, fix=fix)
         print(f"medgw: {message} (fix: {fix})", file=sys.stderr)
         return EXIT_FAILED

@@ -36,8 +36,9 @@ _INBOX = (
 _OUTBOX = "medgw removes each file it takes from there: until it can, nothing is sent"
 
 
-def access_problems(config: GatewayConfig) -> list[ConfigProblem]:
-    """What this process's user may not write of what ``config``'s ``[storage]`` names."""
+def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[ConfigProblem]:
+    """What this process's user may not write of what ``config``'s ``[storage]`` names
+    (``daemon``: asked by the daemon, running as the user medgw runs as)."""
     storage = config.storage
     checks: list[tuple[str, str, Path, str, str]] = [
         ("storage.state_dir", "the state folder", storage.state_dir, _STATE, "error"),
@@ -70,10 +71,11 @@ def access_problems(config: GatewayConfig) -> list[ConfigProblem]:
         if blocked is not None:
             where, code = blocked
             user = this_user()
+            whom = "medgw" if daemon else "this command"
             said = (
                 "is on a file system mounted read-only"
                 if code == errno.EROFS
-                else f"may not be read and written by user {user}, whom this command runs as"
+                else f"may not be read and written by user {user}, whom {whom} runs as"
             )
             named = (
                 f"{what} {path} {said}"
@@ -85,7 +87,7 @@ def access_problems(config: GatewayConfig) -> list[ConfigProblem]:
                     str(config.source),
                     key,
                     f"{named}; {rule}",
-                    storage_fix(OSError(code, os.strerror(code)), where),
+                    storage_fix(OSError(code, os.strerror(code)), where, daemon=daemon),
                     severity,
                 )
             )

@@ -248,7 +248,7 @@ class Daemon:
         self._log = self._log.bind(node=config.cluster.node_name)
         # A state folder or trail this user may not write: refused before it is touched.
         # An inbox or outbox: said now, and by the readiness until it is mended.
-        access = access_problems(config)
+        access = access_problems(config, daemon=True)
         if refused := [p for p in access if p.severity == "error"]:
             raise ConfigError(refused)
         for problem in access:

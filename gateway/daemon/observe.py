@@ -63,7 +63,7 @@ class Readiness:
             out.append("a received document could not be stored within the last minute")
         if config is not None:
             # A folder medgw's user may not write (an inbox: documents answered 503).
-            out += [f"{p.message} (fix: {p.fix})" for p in access_problems(config)]
+            out += [f"{p.message} (fix: {p.fix})" for p in access_problems(config, daemon=True)]
             try:
                 free = shutil.disk_usage(config.storage.state_dir).free
             except OSError as exc:

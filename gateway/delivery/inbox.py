@@ -236,12 +236,12 @@ def delivery_error(exc: OSError, target: Path) -> DeliveryError:
     if exc.errno in NO_SPACE:
         return StorageFullError(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
-            fix=storage_fix(exc, target.parent),
+            fix=storage_fix(exc, target.parent, daemon=True),
         )
     if exc.errno in NOT_WRITABLE:
         return InboxNotWritableError(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
-            fix=storage_fix(exc, target.parent),
+            fix=storage_fix(exc, target.parent, daemon=True),
         )
     blocker = _file_in_the_way(target.parent)
     if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):
@@ -254,7 +254,7 @@ def delivery_error(exc: OSError, target: Path) -> DeliveryError:
         )
     return DeliveryError(
         f"cannot write the received document to {target}: {exc.strerror or exc}",
-        fix=storage_fix(exc, target.parent),
+        fix=storage_fix(exc, target.parent, daemon=True),
     )
 
 

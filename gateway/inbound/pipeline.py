@@ -294,7 +294,7 @@ class InboundProcessor:
             cause, fix = exc.message, exc.fix
         elif isinstance(exc, OSError) and exc.filename:
             cause = f"{exc.strerror or exc} ({exc.filename})"
-            fix = storage_fix(exc, Path(exc.filename).parent)
+            fix = storage_fix(exc, Path(exc.filename).parent, daemon=True)
         else:
             cause = str(exc)
         fix = fix or "free disk space, or fix the permissions, of the state and inbox folders"

@@ -399,7 +399,7 @@ class OutboxIntake:
             return SpoolError(
                 f"cannot remove {document} from {folder}: {reason}; medgw moves each "
                 "document out of the outbox when it takes it",
-                fix=storage_fix(exc, folder),
+                fix=storage_fix(exc, folder, daemon=True),
             )
         return self._not_stored(peer, exc)
 
@@ -408,7 +408,7 @@ class OutboxIntake:
         return SpoolError(
             f"cannot move a document from outbox/{peer} into the spool "
             f"({self._ctx.payloads}): {exc.strerror or exc}",
-            fix=storage_fix(exc, self._ctx.payloads),
+            fix=storage_fix(exc, self._ctx.payloads, daemon=True),
         )
 
 

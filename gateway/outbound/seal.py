@@ -145,7 +145,7 @@ class Sealer:
                 error, fix = exc.message, exc.fix
             else:
                 error = f"cannot write the signed, encrypted message: {exc.strerror or exc}"
-                fix = storage_fix(exc, self._ctx.outgoing)
+                fix = storage_fix(exc, self._ctx.outgoing, daemon=True)
             if not self._ctx.spool.fail_intake(record.message_id, error):
                 # Queued by another node meanwhile, which dropped the document's key (it
                 # cannot be read here any more): not a failure, and not this node's.

@@ -160,7 +160,7 @@ class Settler:
                 events=sorted({e.event.value for e in events}),
                 count=len(events),
                 kept="written first in the trail's next write, or at the next start",
-                fix=storage_fix(exc, trail.parent),
+                fix=storage_fix(exc, trail.parent, daemon=True),
             )
         except Exception as exc:  # settled, not recorded: their callers say so
             for index, _ in judged:

@@ -130,7 +130,9 @@ class Submissions:
             if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
                 # This disk, not the submitter (who may have hung up: ConnectionError).
                 error = f"cannot write a submitted document: {exc.strerror or exc}"
-                raise self._not_stored(error, storage_fix(exc, self._ctx.payloads)) from exc
+                raise self._not_stored(
+                    error, storage_fix(exc, self._ctx.payloads, daemon=True)
+                ) from exc
             raise
         fingerprint = digest.hexdigest()
 
