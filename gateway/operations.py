@@ -36,6 +36,14 @@ class UnknownPeerError(MedgwError):
 
 
 @dataclass(frozen=True)
+class Reloaded:
+    """A reload that took effect, with the new configuration's ``warnings`` as
+    ``medgw check-config`` words them (also logged as ``config.warning``)."""
+
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ReloadRefused:
     """A reload that did not take effect, and why (``reason``).  ``for_stop``: not
     applied because medgw is stopping (the files may be right: a start reads them);

@@ -501,6 +501,23 @@ def test_a_reload_logs_the_new_configurations_warnings_as_the_start_does(
     ) in warnings, warnings
 
 
+def test_medgw_reload_prints_the_new_configurations_warnings(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The admin who asked for the reload sees what check-config would have shown: a
+    reload applied with a warning is not one with nothing to fix."""
+    processes.start(layout.hospital.config_path)
+    folder = layout.hospital.root / "peers.d"
+    (folder / "lab.toml").rename(folder / "lab.tml")
+    done = medgw("reload", "--config", layout.hospital.config_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "configuration reloaded (1 warning(s))", done.stdout
+    assert lines[0].startswith(
+        f"warning: {folder / 'lab.tml'}: ignored: only files named <peer>.toml"
+    ), done.stdout
+
+
 def test_a_misspelt_table_is_reported_first_with_the_name_meant_and_nothing_built_on_it(
     layout: DemoLayout,
 ) -> None:

@@ -27,7 +27,7 @@ from gateway.demo_run import drop_file, wait_until
 from gateway.errors import ConfigError
 from gateway.maintenance import algorithms
 from gateway.maintenance.server import MaintenanceServer, _Connection, _Session
-from gateway.operations import ReloadRefused
+from gateway.operations import Reloaded, ReloadRefused
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
@@ -445,7 +445,7 @@ def test_a_key_verified_for_one_person_is_not_the_first_factor_of_another(site: 
             self.emit_all(events)
             return DURABLE
 
-    async def no_reload(actor: str) -> ReloadRefused | None:
+    async def no_reload(actor: str) -> Reloaded | ReloadRefused:
         return ReloadRefused("not here")
 
     def no_operations() -> Any:

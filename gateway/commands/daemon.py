@@ -129,8 +129,12 @@ def _check_config(args: argparse.Namespace) -> int:
 def _reload(args: argparse.Namespace) -> int:
     from gateway.commands.queue import control_client
 
-    control_client(args.config, RELOAD_WAIT_SECONDS).call("POST", "/v1/reload")
-    print("configuration reloaded")
+    answer = control_client(args.config, RELOAD_WAIT_SECONDS).call("POST", "/v1/reload")
+    # As `check-config` shows them: a reload applied is not one without anything to fix.
+    warnings = [str(w) for w in answer.get("warnings", [])]
+    for warning in warnings:
+        print(warning)
+    print(f"configuration reloaded ({len(warnings)} warning(s))")
     return EXIT_OK
 
 

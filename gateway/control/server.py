@@ -37,6 +37,7 @@ from gateway.logs import make_logger
 from gateway.maintenance.approvals import approve
 from gateway.operations import (
     Operations,
+    Reloaded,
     ReloadRefused,
     UnknownPeerError,
     handover_view,
@@ -106,10 +107,10 @@ class ControlServer:
         operations: Callable[[], Operations],
         submit_fn: SubmitFn,
         status_fn: StatusFn,
-        reload: Callable[[str], Awaitable[ReloadRefused | None]],
+        reload: Callable[[str], Awaitable[Reloaded | ReloadRefused]],
         front: FrontDoor | None = None,
     ) -> None:
-        """``reload``: the daemon's, for the caller (None once done, else why not).
+        """``reload``: the daemon's, for the caller (the warnings once done, else why not).
         ``front``: how malformed requests and internal errors are answered, logged and
         audited (without: a front door that only logs)."""
         if len(str(path)) > MAX_SOCKET_PATH:
@@ -294,8 +295,8 @@ class ControlServer:
         """``medgw reload``: as SIGHUP, recorded with who asked.  Shielded: a client that
         gives up waiting does not cut a reload short."""
         refused = await asyncio.shield(self._reload(caller(request)))
-        if refused is None:
-            return web.json_response({"reloaded": True})
+        if isinstance(refused, Reloaded):
+            return web.json_response({"reloaded": True, "warnings": list(refused.warnings)})
         # Decided by why it was refused, not by whether the daemon is stopping now: files
         # refused during a stop would be refused again at the next start.
         return web.json_response({"error": refused.error, "fix": refused.fix}, status=409)

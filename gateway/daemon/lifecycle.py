@@ -70,7 +70,7 @@ from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger
 from gateway.maintenance.approvals import Approvals
 from gateway.maintenance.server import MaintenanceServer
-from gateway.operations import Operations, ReloadRefused
+from gateway.operations import Operations, Reloaded, ReloadRefused
 from gateway.outbound import Outbound
 from gateway.pki.peers import PeerTrust, TrustSettings
 from gateway.report import own_certificates_usable
@@ -622,9 +622,10 @@ class Daemon:
             self._log.info("daemon.stopping", signal=signame)
             self.tasks.stop_requested.set()
 
-    async def reload(self, actor: str) -> ReloadRefused | None:
-        """Build a new runtime state from the files; swap it in if that succeeds (None),
-        else why not.  ``actor``: who asked, for the audit trail."""
+    async def reload(self, actor: str) -> Reloaded | ReloadRefused:
+        """Build a new runtime state from the files; swap it in if that succeeds (with
+        the new configuration's warnings), else why not.  ``actor``: who asked, for the
+        audit trail."""
         assert self._reloader is not None
         return await self._reloader.reload(actor)
 

@@ -21,7 +21,7 @@ from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, trust_changed
 from gateway.errors import ConfigError, MedgwError
 from gateway.fsutil import this_user
-from gateway.operations import ReloadRefused
+from gateway.operations import Reloaded, ReloadRefused
 from gateway.pki.peers import PeerTrust
 from gateway.sdnotify import Notifier
 
@@ -78,10 +78,10 @@ class Reloader:
             return
         self._tasks.spawn(self.reload(SIGNAL))
 
-    async def reload(self, actor: str) -> ReloadRefused | None:
+    async def reload(self, actor: str) -> Reloaded | ReloadRefused:
         """Reload for ``actor`` (who asked; SIGNAL for SIGHUP), recorded with it in the
-        audit trail: None once the new state serves, else why it was refused (the
-        previous one goes on serving): the files, or the stop."""
+        audit trail: the new configuration's warnings once its state serves, else why it
+        was refused (the previous one goes on serving): the files, or the stop."""
         async with self._lock:
             if self._tasks.stopping:  # asked before SIGTERM, waited for the lock since
                 return self._skipped(actor)
@@ -146,7 +146,7 @@ class Reloader:
             self._trust.audit(new_config, new_state.trust, old.trust)
             self._replace(old, new_state)
             self.on_reloaded(old.config, new_config, actor)
-            report_config_warnings(new_config, own_warnings, self._log)
+            warnings = report_config_warnings(new_config, own_warnings, self._log)
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
             self._audit.emit(
                 AuditEvent(
@@ -160,7 +160,7 @@ class Reloader:
                 report_stranded_messages, new_config, self._spool, self._audit, self._log
             )
             self._notifier.ready("configuration reloaded")
-            return None
+            return Reloaded(warnings)
 
     def _skipped(self, actor: str) -> ReloadRefused:
         """A reload not applied because the daemon is stopping: logged, and audited for

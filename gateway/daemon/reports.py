@@ -14,11 +14,14 @@ from gateway.spool import PENDING_STATES, Spool
 
 def report_config_warnings(
     config: GatewayConfig, own_certificates: Sequence[object], log: Logger
-) -> None:
+) -> tuple[str, ...]:
     """The warnings ``check-config`` shows for ``config`` (and for our certificates),
-    logged as the configuration comes into force: at the start, and at each reload."""
-    for warning in (*config.warnings, *own_certificates):
-        log.warning("config.warning", problem=str(warning))
+    logged as the configuration comes into force: at the start, and at each reload;
+    returned for the one who asked for the reload."""
+    warnings = tuple(str(warning) for warning in (*config.warnings, *own_certificates))
+    for warning in warnings:
+        log.warning("config.warning", problem=warning)
+    return warnings
 
 
 def report_stranded_messages(

@@ -18,7 +18,7 @@ from gateway.audit import review
 from gateway.audit.query import Filters, patients_of
 from gateway.emergency.actions import Emergency
 from gateway.errors import InvalidValueError, MedgwError
-from gateway.operations import Operations, ReloadRefused, record_view
+from gateway.operations import Operations, Reloaded, ReloadRefused, record_view
 from gateway.spool import OutboundState
 
 MAX_LINE = 4096  # bytes of one command line
@@ -38,7 +38,7 @@ class Result:
 class Context:
     operations: Operations
     actor: str
-    reload: Callable[[str], Awaitable[ReloadRefused | None]]  # with who asks: why it failed
+    reload: Callable[[str], Awaitable[Reloaded | ReloadRefused]]  # with who asks: why it failed
 
 
 Handler = Callable[[Context, list[str]], Awaitable[Result]]
@@ -200,8 +200,8 @@ async def _unlock(ctx: Context, args: list[str]) -> Result:
 
 async def _reload(ctx: Context, args: list[str]) -> Result:
     refused = await ctx.reload(ctx.actor)
-    if refused is None:
-        return Result(0, _json({"reloaded": True}))
+    if isinstance(refused, Reloaded):
+        return Result(0, _json({"reloaded": True, "warnings": list(refused.warnings)}))
     if refused.for_stop:  # under way when the stop began: audited as refused, as one after
         text = f"reload not applied: {refused.error}\nfix: {refused.fix}\n"
         return Result(1, text, refused="stopping")

@@ -39,7 +39,7 @@ from gateway.emergency.credential import USER as BREAK_GLASS_USER
 from gateway.errors import MedgwError
 from gateway.listening import bind_cause, bind_fix
 from gateway.maintenance import algorithms, commands, totp
-from gateway.operations import Operations, ReloadRefused
+from gateway.operations import Operations, Reloaded, ReloadRefused
 
 LOGIN_TIMEOUT_SECONDS = 30
 MAX_CODE_ATTEMPTS = 3
@@ -80,7 +80,7 @@ class MaintenanceServer:
         operations: Callable[[], Operations],
         audit: Callable[[], AuditSink],
         clock: Clock,
-        reload: Callable[[str], Awaitable[ReloadRefused | None]],
+        reload: Callable[[str], Awaitable[Reloaded | ReloadRefused]],
         approved: Approved,
         emergency: Emergency | None = None,
     ) -> None:
