@@ -357,14 +357,24 @@ def test_a_port_in_use_for_any_other_listener_names_the_process_to_look_for(
 
 
 def test_a_port_below_1024_without_the_capability_names_the_capability() -> None:
-    """Run as ``nobody``, which may not bind a port below 1024 (EACCES)."""
+    """Run as ``nobody``, which may not bind a port below 1024 (EACCES), in a network
+    namespace of its own where the unprivileged ports start at 1024 whatever the host's
+    setting (0 in some containers)."""
+    own_network = (
+        "ip link set lo up && echo 1024 > /proc/sys/net/ipv4/ip_unprivileged_port_start "
+        '&& exec "$@"'
+    )
     with open_folder() as base:
         layout = new_demo(base / "demo")
         edit(layout.hospital.config_path, f"port = {layout.hospital.port}", "port = 1000")
         give_to_nobody(layout.hospital.root)
         config = layout.hospital.config_path
         result = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            [
+                *("unshare", "--net", "sh", "-c", own_network, "sh"),
+                *as_nobody(),
+                *(sys.executable, "-m", "gateway", "run", "--config", str(config)),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
