@@ -436,6 +436,13 @@ def writable_fix(folder: Path, *, daemon: bool = False) -> str:
             f"otherwise let user {user}, whom this command runs as, write it too "
             f"(ls -ld {where}; for example setfacl -m u:{user}:rwX {where})"
         )
+    if owner_uid == os.geteuid() != 0:
+        # Its own: the mode lacks a permission (a chown would change nothing).
+        wanted = "rwx" if os.path.isdir(where) else "rw"
+        return (
+            f"{where} is user {user}'s own: give that user the permissions it lacks "
+            f"(ls -ld {where}; for example chmod u+{wanted} {where})"
+        )
     return (
         f"make {where} writable by user {user}, whom this command runs as "
         f"(ls -ld {where}; for example chown {user} {where})"

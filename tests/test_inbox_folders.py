@@ -4,6 +4,8 @@ deliver into, and the fix they give, as an administrator meets them.
 * A folder another user owns, found by the daemon (run as ``nobody``): the fix lets the
   daemon's user write it (ACL or chown); it never says to run the daemon as the owner,
   as ``check-config`` run by hand as another user may (the daemon *is* medgw's user).
+* medgw's own folder that it may write but not list (mode 0300): ``check-config`` and the
+  start name the permission missing and the chmod that gives it, before documents arrive.
 """
 
 from __future__ import annotations
@@ -65,3 +67,41 @@ def test_an_inbox_folder_another_user_owns_gets_the_daemons_fix_not_the_commands
         assert receipt["message_id"] == alert["message_id"]
         assert (folder / "result.hl7").read_bytes() == b"MSH|owned\r"
         assert lab.stop() == 0 and hospital.stop() == 0  # before their folders go
+
+
+def test_an_inbox_folder_medgw_may_write_but_not_list_is_said_before_documents_arrive(
+    processes: Any,
+) -> None:
+    """Mode 0300 on medgw's own folder: a document could be linked there, but the folder's
+    sync after it needs read: each document would be answered 503 once.  ``check-config``
+    and the start name the missing permission and the fix that gives it (chmod, not a
+    chown to the user that owns it already)."""
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        give_to_nobody(layout.hospital.root)
+        folder = layout.hospital.inbox_dir / "lab"
+        folder.mkdir()
+        os.chown(folder, NOBODY.pw_uid, NOBODY.pw_gid)
+        folder.chmod(0o300)  # write and search, no read
+        config = layout.hospital.config_path
+        words = (
+            f"the inbox's folder {folder} may not be read and written by user nobody, whom "
+            "this command runs as (no read permission: medgw needs read, write and search "
+            "permission on a folder, read to sync it after each change)"
+        )
+        fix = f"chmod u+rwx {folder}"
+        checked = subprocess.run(
+            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert checked.returncode == 0, checked
+        assert reported(checked, config, "storage.inbox_dir", words, fix), checked
+        assert f"chown nobody {folder}" not in checked.stdout, checked
+
+        hospital = processes.start(config, prefix=as_nobody())
+        said = hospital.wait_for(lambda line: line.get("event") == "storage.not_writable", 5)
+        assert words.replace("this command", "medgw") in said["problem"], said
+        assert fix in said["problem"] and "chown" not in said["problem"], said
+        assert hospital.stop() == 0  # before its folders go

@@ -76,6 +76,7 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
                 "is on a file system mounted read-only"
                 if code == errno.EROFS
                 else f"may not be read and written by user {user}, whom {whom} runs as"
+                + _lacking(where)
             )
             named = (
                 f"{what} {path} {said}"
@@ -92,6 +93,23 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
                 )
             )
     return problems
+
+
+def _lacking(where: Path) -> str:
+    """Which permission this user lacks on the folder ``where``, and why medgw needs it
+    (a folder it may write but not read would take each document, then fail to sync
+    it: the peer's resend settles it, one 503 each)."""
+    if not where.is_dir():
+        return ""
+    missing = [
+        name
+        for bit, name in ((os.R_OK, "read"), (os.W_OK, "write"), (os.X_OK, "search"))
+        if not os.access(where, bit, effective_ids=os.access in os.supports_effective_ids)
+    ]
+    return (
+        f" (no {' or '.join(missing)} permission: medgw needs read, write and search "
+        "permission on a folder, read to sync it after each change)"
+    )
 
 
 def _not_writable(path: Path) -> tuple[Path, int] | None:
