@@ -376,6 +376,29 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the file system (or the user's quota)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+ROOM_PROBE_BYTES = 64 * 1024  # what no_room() asks of the file system
+
+
+def no_room(folder: Path) -> OSError | None:
+    """The error (ENOSPC, or EDQUOT: this user's quota) the file system of ``folder``
+    gives a file of :data:`ROOM_PROBE_BYTES` made there for a moment, if it has no room
+    for it; None if it has room (or fails otherwise).  For a write that failed without
+    saying why (SQLite's "disk I/O error" for a quota used up)."""
+    probe = partial_name(folder / "room")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return exc if exc.errno in NO_SPACE else None
+    try:
+        os.posix_fallocate(fd, 0, ROOM_PROBE_BYTES)
+    except OSError as exc:
+        return exc if exc.errno in NO_SPACE else None
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+    return None
+
+
 def this_user() -> str:
     """The user this process reads and writes files as: its name, or its uid when the
     host has no name for it."""
@@ -393,6 +416,12 @@ def _user_name(uid: int) -> str:
 def storage_fix(exc: OSError, folder: Path, *, daemon: bool = False) -> str:
     """What an administrator does about ``exc``, raised while writing into ``folder``
     (``daemon``: by the daemon, see :func:`writable_fix`)."""
+    if exc.errno == errno.EDQUOT:
+        user = this_user()
+        return (
+            f"free space in the disk quota of user {user} on the file system of {folder}, "
+            f"or have the quota raised (quota -u {user} shows it)"
+        )
     if exc.errno in NO_SPACE:
         return f"free disk space on the file system of {folder} (df -h {folder})"
     if exc.errno == errno.EROFS:

@@ -14,6 +14,7 @@ own error, which a command would show as a traceback.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +29,14 @@ from gateway.errors import (
     SpoolUnavailableError,
     SpoolUnreachableError,
 )
+from gateway.fsutil import this_user
 from gateway.pki.demo import DemoLayout
 from gateway.spool import SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.spooldisk import BACKENDS, SpoolDisk, raise_on_inbound, spool_disk
+from tests.helpers.storage import quota_used_up, writes_refused
 
 
 @pytest.fixture(params=BACKENDS)
@@ -190,3 +193,52 @@ def test_a_command_reading_a_damaged_spool_says_so_without_a_traceback(
     assert "medgw: spool read failed: database disk image is malformed" in listed.stderr
     assert f"the spool database {path} is damaged" in listed.stderr
     assert "medgw restore --from BUNDLE --force" in listed.stderr
+
+
+def test_a_sqlite_spool_write_refused_by_the_disk_quota_is_a_full_spool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says "disk I/O error" (SQLITE_IOERR_WRITE) of a write the user's disk quota
+    refused (EDQUOT; only ENOSPC is its SQLITE_FULL): the spool finds the folder without
+    room for the user, and it is a full spool (503 and resend, nothing refused for good),
+    said to be the quota, until there is room again."""
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, TickingClock())
+    try:
+        monkeypatch.setattr(os, "posix_fallocate", quota_used_up)
+        with writes_refused(), pytest.raises(SpoolFullError) as caught:
+            spool.inbound_begin("lab", "<quota@lab>", "ab" * 32, tmp_path / "quota.hl7")
+        monkeypatch.undo()
+        error = caught.value
+        assert error.message.startswith("spool write failed: disk I/O error: ")
+        assert f"the disk quota of user {this_user()} is used up" in error.message
+        assert str(path) in error.message
+        assert error.fix and error.fix.startswith(
+            f"free space in the disk quota of user {this_user()} on the file system of "
+            f"{tmp_path}, or have the quota raised (quota -u {this_user()} shows it)"
+        )
+        assert not list(tmp_path.glob(".room*"))  # the folder's probe left nothing
+        spool.inbound_begin("lab", "<quota@lab>", "ab" * 32, tmp_path / "quota.hl7")
+        assert spool.inbound_get("lab", "<quota@lab>") is not None
+    finally:
+        spool.close()
+
+
+def test_a_sqlite_spool_write_the_disk_fails_with_room_left_names_the_disk(
+    tmp_path: Path,
+) -> None:
+    """An I/O error on a folder with room left is no full spool: the disk failed."""
+    path = tmp_path / "spool.sqlite3"
+    spool = SqliteSpool(path, TickingClock())
+    try:
+        with writes_refused(), pytest.raises(SpoolError) as caught:
+            spool.inbound_begin("lab", "<eio@lab>", "ab" * 32, tmp_path / "eio.hl7")
+        error = caught.value
+        assert not isinstance(error, SpoolUnavailableError)
+        assert error.message == (
+            f"spool write failed: disk I/O error: the disk under the spool database {path} failed"
+        )
+        assert error.fix and error.fix.startswith(f"check the disk of {tmp_path} (dmesg")
+        assert "restore the last backup" in error.fix
+    finally:
+        spool.close()

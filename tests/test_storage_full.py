@@ -31,11 +31,14 @@ from typing import Any
 
 import pytest
 
+from gateway.delivery import inbox
 from gateway.demo_run import drop_file, wait_until
+from gateway.errors import StorageFullError
+from gateway.fsutil import this_user
 from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.demo import set_runtime
-from tests.helpers.storage import fill_file_system, small_file_system
+from tests.helpers.storage import fill_file_system, quota_used_up, small_file_system
 
 
 @pytest.fixture
@@ -266,3 +269,30 @@ def test_a_message_still_arriving_when_trust_changes_is_not_judged_by_the_old_tr
         == "lab"
     )
     assert not events(layout.hospital.audit_log, "message.rejected")
+
+
+def test_a_used_up_disk_quota_on_the_inbox_is_a_full_inbox_said_to_be_the_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The inbox's file system refuses the medgw user's write for its disk quota
+    (EDQUOT): the same as a full disk for the administrator (answered 503, the peer
+    resends), and the fix names the quota, not the file system's free space."""
+    target = tmp_path / "inbox" / "lab" / "scan.hl7"
+    work = inbox.prepare(target, "node-a")
+    write = os.write
+
+    def refused(fd: int, data: memoryview) -> int:
+        return quota_used_up() if fd == work.fileno() else write(fd, data)
+
+    monkeypatch.setattr(os, "write", refused)
+    with pytest.raises(OSError) as raised:
+        inbox.fill(work, [b"MSH|scan\r"])
+    monkeypatch.undo()
+    error = inbox.delivery_error(raised.value, target)
+    assert isinstance(error, StorageFullError)
+    assert error.message == f"cannot write the received document to {target}: Disk quota exceeded"
+    user = this_user()
+    assert error.fix == (
+        f"free space in the disk quota of user {user} on the file system of {target.parent}, "
+        f"or have the quota raised (quota -u {user} shows it)"
+    )

@@ -1,13 +1,17 @@
-"""A small file system (tmpfs, as root) mounted for a test, and filling it to the last byte."""
+"""A small file system (tmpfs, as root) mounted for a test, and filling it to the last byte;
+a disk that refuses this process's writes; a used-up disk quota."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import resource
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -81,3 +85,25 @@ def read_only_folder(folder: Path) -> Iterator[ReadOnlyFolder]:
         yield found
     finally:
         found.release()
+
+
+@contextlib.contextmanager
+def writes_refused() -> Iterator[None]:
+    """For the duration, every write into a file by this process fails (EFBIG: a file
+    size limit of 0, its signal ignored), as a disk refusing writes: SQLite reports it as
+    its "disk I/O error" (SQLITE_IOERR_WRITE).  Nothing else may write meanwhile."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def quota_used_up(*_: object) -> NoReturn:
+    """In place of a file operation: fails as the kernel fails one for a user whose disk
+    quota is used up (EDQUOT, "Disk quota exceeded").  Quotas cannot be set up for a test
+    on a kernel built without them, nor for root, whom they do not bind."""
+    raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))

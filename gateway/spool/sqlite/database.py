@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Literal, TypeVar
 
 from gateway.clock import Clock
 from gateway.errors import SpoolBusyError, SpoolError, SpoolFullError
-from gateway.fsutil import private_file, shared_folder, storage_fix
+from gateway.fsutil import no_room, private_file, shared_folder, storage_fix, this_user
 from gateway.spool.groupcommit import GroupCommit
 from gateway.spool.records import Claimant
 from gateway.spool.schema import create_or_upgrade
@@ -147,11 +148,12 @@ def database_error(path: Path, exc: sqlite3.Error, doing: Literal["read", "write
     gateway.errors)."""
     code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
     if code == sqlite3.SQLITE_FULL:
-        return SpoolFullError(
-            f"spool {doing} failed: {exc}: no disk space is left for the spool database {path}",
-            fix=f"{storage_fix(OSError(errno.ENOSPC, 'full'), path.parent)}; medgw tries "
-            "again by itself",
-        )
+        return _full(path, exc, doing, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    # SQLite says "disk I/O error" of a write the user's disk quota refused (EDQUOT; only
+    # ENOSPC is SQLITE_FULL): a full disk all the same, if the folder has no room.
+    full = no_room(path.parent) if code == sqlite3.SQLITE_IOERR else None
+    if full is not None:
+        return _full(path, exc, doing, full)
     if code == sqlite3.SQLITE_BUSY:
         return SpoolBusyError(
             f"spool {doing} failed: {exc}: another process held the spool database {path} "
@@ -165,6 +167,22 @@ def database_error(path: Path, exc: sqlite3.Error, doing: Literal["read", "write
     return SpoolError(
         f"spool {doing} failed: {exc}",
         fix="check free disk space and permissions of the state directory",
+    )
+
+
+def _full(
+    path: Path, exc: sqlite3.Error, doing: Literal["read", "write"], full: OSError
+) -> SpoolFullError:
+    """``exc``: the file system of the spool database at ``path`` had no room (``full``:
+    ENOSPC, or EDQUOT for the user's quota)."""
+    what = (
+        f"the disk quota of user {this_user()} is used up"
+        if full.errno == errno.EDQUOT
+        else "no disk space is left"
+    )
+    return SpoolFullError(
+        f"spool {doing} failed: {exc}: {what} for the spool database {path}",
+        fix=f"{storage_fix(full, path.parent)}; medgw tries again by itself",
     )
 
 
