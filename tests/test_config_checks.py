@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -399,10 +400,11 @@ def test_a_peer_certificate_as_trust_anchor_is_refused_naming_the_file(
     assert "which is not a CA certificate" in result.stdout + result.stderr
 
 
-def _self_signed(path: Path, *, not_a_ca: bool) -> Path:
-    """A self-signed certificate at ``path``: with basicConstraints cA false (a partner's
-    own certificate trusted as its anchor), or with no extension at all (as an X.509
-    v1 root has none)."""
+def _self_signed(path: Path, shape: str) -> Path:
+    """A self-signed certificate at ``path``, of one ``shape``: "end-entity", with
+    basicConstraints cA false (a partner's own certificate trusted as its anchor);
+    "v3-bare", an X.509 v3 certificate with no extension at all; "v1", an X.509 v1
+    root (a version without extensions)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Partner self-signed")])
     now = datetime.now(UTC)
@@ -415,23 +417,52 @@ def _self_signed(path: Path, *, not_a_ca: bool) -> Path:
         .not_valid_before(now - timedelta(days=1))
         .not_valid_after(now + timedelta(days=300))
     )
-    if not_a_ca:
+    if shape == "end-entity":
         builder = builder.add_extension(
             x509.BasicConstraints(ca=False, path_length=None), critical=True
         )
-    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(Encoding.PEM))
+    der = builder.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+    if shape == "v1":
+        # cryptography writes only v3: the same certificate as version 1, signed again.
+        cert = asn1_x509.Certificate.load(der)
+        tbs = cert["tbs_certificate"]
+        tbs["version"] = "v1"
+        cert["signature_value"] = key.sign(tbs.dump(force=True), ec.ECDSA(hashes.SHA256()))
+        der = cert.dump(force=True)
+    certificate = x509.load_der_x509_certificate(der)
+    assert certificate.version is (x509.Version.v1 if shape == "v1" else x509.Version.v3)
+    path.write_bytes(certificate.public_bytes(Encoding.PEM))
     return path
 
 
-@pytest.mark.parametrize("not_a_ca", [True, False], ids=["self-signed-end-entity", "no-extensions"])
-def test_a_self_signed_trust_anchor_is_accepted_and_an_end_entity_one_is_a_warning(
-    layout: DemoLayout, not_a_ca: bool
+@pytest.mark.parametrize(
+    ("shape", "words", "fix"),
+    [
+        (
+            "end-entity",
+            "a self-signed certificate that is not a CA certificate (basicConstraints cA false)",
+            "ask the partner for a certificate issued by a CA",
+        ),
+        (
+            "v3-bare",
+            "a self-signed X.509 v3 certificate without basicConstraints, which RFC 5280 "
+            "(4.2.1.9) requires of every CA certificate",
+            "if it is your PKI's root, have the CA reissue it with basicConstraints cA true",
+        ),
+        ("v1", None, None),
+    ],
+    ids=["end-entity", "v3-bare", "v1"],
+)
+def test_a_self_signed_trust_anchor_is_accepted_and_one_that_is_no_ca_is_a_warning(
+    layout: DemoLayout, shape: str, words: str | None, fix: str | None
 ) -> None:
     """Path validation takes a self-issued certificate as an anchor whatever its
     basicConstraints: a partner's self-signed certificate, or a root from before
-    extensions; only certificates issued by someone else are refused there."""
+    extensions; only certificates issued by someone else are refused there.  One that
+    says it is no CA, or a v3 one that does not say it is one (RFC 5280 requires a CA
+    certificate to), is a warning; a v1 root, which cannot say, is not."""
     config = layout.hospital.config_path
-    extra = _self_signed(layout.hospital.root / "certs" / "trust" / "extra.crt", not_a_ca=not_a_ca)
+    extra = _self_signed(layout.hospital.root / "certs" / "trust" / "extra.crt", shape)
     text = config.read_text()
     anchor = 'trust_anchors = ["certs/trust/loopback.crt"]'
     assert anchor in text
@@ -441,16 +472,21 @@ def test_a_self_signed_trust_anchor_is_accepted_and_an_end_entity_one_is_a_warni
         )
     )
     result = check_config(config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    warned = reported(
-        result,
-        config,
-        "zones[0].trust_anchors",
-        f"{extra} holds CN=Partner self-signed, a self-signed certificate that is not a CA",
-        "ask the partner for a certificate issued by a CA",
-    )
-    assert warned is not_a_ca, result.stdout + result.stderr
-    assert "error:" not in result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    about = [line for line in out.splitlines() if str(extra) in line]
+    if words is None or fix is None:
+        assert about == [], out
+    else:
+        assert len(about) == 1 and about[0].startswith("warning:"), out
+        assert reported(
+            result,
+            config,
+            "zones[0].trust_anchors",
+            f"{extra} holds CN=Partner self-signed, {words}",
+            fix,
+        ), out
+    assert "error:" not in out
 
 
 def test_a_misnamed_peer_file_is_a_warning_naming_it_and_an_editor_swap_file_is_not(

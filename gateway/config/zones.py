@@ -116,7 +116,9 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
                 if anchor.issuer == anchor.subject:
                     # Self-issued: an X.509 v1 root (no basicConstraints at all), or a
                     # partner's self-signed certificate trusted as its own anchor.  Path
-                    # validation accepts either; only the second is worth a word.
+                    # validation accepts either; only the second is worth a word, and so
+                    # is a v3 certificate without basicConstraints, which no CA certificate
+                    # may be (RFC 5280 4.2.1.9).
                     anchors.append(anchor)
                     if _says_not_ca(anchor):
                         item.problem(
@@ -129,6 +131,20 @@ def load_zones(reader: Reader, root: Section) -> list[Zone]:
                             "CA's root certificate here; until then keep the zone's "
                             "revocation as it is and replace this file when the partner's "
                             "certificate changes",
+                            severity="warning",
+                        )
+                    elif anchor.version is not x509.Version.v1:
+                        item.problem(
+                            "trust_anchors",
+                            f"{anchor_path} holds {describe(anchor)}, a self-signed "
+                            "X.509 v3 certificate without basicConstraints, which RFC 5280 "
+                            "(4.2.1.9) requires of every CA certificate: it is trusted as "
+                            "its own anchor; if it is a partner's own certificate, it cannot "
+                            "be revoked (no CA issues a CRL for it)",
+                            "if it is your PKI's root, have the CA reissue it with "
+                            "basicConstraints cA true; if it is a partner's own certificate, "
+                            "ask for one issued by a CA and put that CA's root certificate "
+                            "here, and until then replace this file when it changes",
                             severity="warning",
                         )
                     continue
