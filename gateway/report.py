@@ -347,15 +347,16 @@ _OWN = (
 
 async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> list[ConfigProblem]:
     """Our TLS, S/MIME signing and S/MIME encryption certificates judged by the rules
-    applied to a peer's (gateway.pki.own): an error for one outside its validity period
-    or not made for its use (every peer refuses it), a warning for one that chains to
-    no zone's trust anchors."""
+    applied to a peer's (gateway.pki.own): an error for one outside its validity period,
+    not made for its use or revoked by a CRL of a zone it chains to (every peer refuses
+    it), a warning for one that chains to no zone's trust anchors."""
     pairs: dict[str, KeyPair] = {
         "TLS": config.tls.identity,
         "S/MIME signing": config.smime.signing,
         "S/MIME encryption": config.smime.encryption,
     }
     anchors = {zone.name: zone.trust_anchors for zone in config.zones}
+    crls = {zone.name: zone.crls_in_use for zone in config.zones}
     problems = []
     for label, table, cert_key, key_key, purposes in _OWN:
         pair = pairs[label]
@@ -366,6 +367,7 @@ async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> li
             anchors=anchors,
             at=at,
             policy=AlgorithmPolicy(),
+            crls=crls,
         ):
             fix = finding.fix
             if finding.replace:

@@ -9,6 +9,12 @@ host's clock judges validity, so such an error also names the clock reading: aft
 clock step the certificate may be current and the clock wrong.  The path
 a peer builds ends at its own trust anchors, which we cannot see: a certificate that
 chains to none of ours is said, as a warning, with what a peer needs to accept it.
+
+A certificate that chains to a zone's trust anchors is also judged by that zone's CRLs,
+as a peer's is: listed there (ours, or a CA certificate on its path), our CA revoked it
+and every peer that checks its CRLs refuses it, an error whatever the zone's revocation
+policy (that policy says how the peers' certificates are judged, not ours).  A status
+no CRL of the zone gives is no finding: our own CA's CRL is often not configured.
 """
 
 from __future__ import annotations
@@ -87,13 +93,15 @@ async def judge_own(
     anchors: Mapping[str, Sequence[x509.Certificate]],
     at: datetime,
     policy: AlgorithmPolicy,
+    crls: Mapping[str, Sequence[x509.CertificateRevocationList]] | None = None,
 ) -> list[OwnFinding]:
     """What a peer would hold against ``certificate`` for each of ``purposes`` at ``at``.
 
     ``chain``: the CA certificates sent with it; ``anchors``: each zone's trust anchors
-    (by zone name).  Errors: outside its validity period, or not made for a purpose.
-    Else a warning when it chains to the trust anchors of no zone (none at all when it
-    chains to one's)."""
+    (by zone name); ``crls``: each zone's CRLs (by zone name).  Errors: outside its
+    validity period, or not made for a purpose; else revoked by a CRL of a zone it
+    chains to.  Else a warning when it chains to the trust anchors of no zone (none at
+    all when it chains to one's)."""
     path = _path(certificate, chain, at)
     errors: list[OwnFinding] = []
     aside: list[OwnFinding] = []
@@ -115,6 +123,7 @@ async def judge_own(
     if errors:
         return errors + aside
     refused: dict[str, str] = {}  # zone -> why a path to its anchors was refused
+    chained: list[str] = []  # the zones it chains to
     for zone, trusted in anchors.items():
         result = await validate(
             certificate,
@@ -126,9 +135,25 @@ async def judge_own(
             policy=policy,
         )
         if result.valid:
-            return aside
-        if len(result.chain) > 1:  # a path was built, and refused
+            chained.append(zone)
+        elif len(result.chain) > 1:  # a path was built, and refused
             refused[zone] = (result.reason or "refused").partition("; fix: ")[0]
+    if chained:
+        revoked: dict[str, OwnFinding] = {}  # one per message: zones may share a CRL
+        for zone in chained:
+            found = await _revoked(
+                certificate,
+                chain=chain,
+                purpose=purposes[0],
+                zone=zone,
+                anchors=anchors[zone],
+                crls=(crls or {}).get(zone, ()),
+                at=at,
+                policy=policy,
+            )
+            if found is not None:
+                revoked.setdefault(found.message, found)
+        return [*revoked.values(), *aside]
     subject = certificate.subject.rfc4514_string()
     issuer = certificate.issuer.rfc4514_string()
     zones = ", ".join(anchors) or "none is configured"
@@ -142,6 +167,58 @@ async def judge_own(
         "or use a certificate from a CA your peers trust",
     )
     return [unanchored, *aside]
+
+
+async def _revoked(
+    certificate: x509.Certificate,
+    *,
+    chain: Sequence[x509.Certificate],
+    purpose: Purpose,
+    zone: str,
+    anchors: Sequence[x509.Certificate],
+    crls: Sequence[x509.CertificateRevocationList],
+    at: datetime,
+    policy: AlgorithmPolicy,
+) -> OwnFinding | None:
+    """The error for ``certificate``, or a CA certificate on its path to ``zone``'s
+    ``anchors``, revoked by one of the zone's ``crls``: judged as a peer's certificate
+    is under "prefer" (a status no CRL gives is no finding; one a stale CRL lists stays
+    revoked)."""
+    if not crls:
+        return None
+    result = await validate(
+        certificate,
+        anchors=anchors,
+        intermediates=chain,
+        purpose=purpose,
+        at=at,
+        revocation=RevocationPolicy.PREFER,
+        crls=crls,
+        policy=policy,
+    )
+    # The statuses go leaf first, as the chain does: each one's CRL is its issuer's.
+    for index, status in enumerate(result.statuses[: len(result.chain) - 1]):
+        if status.status != "revoked":
+            continue
+        what = status.detail.partition("; fix: ")[0]
+        issuer = result.chain[index + 1].subject.rfc4514_string()
+        where = f"by the CRL of {issuer} that zone {zone} holds"
+        if index == 0:
+            fix = (
+                f"ask the CA ({issuer}) for a new certificate (`medgw pki csr` makes the "
+                "request): every peer that checks its CRL refuses this one"
+            )
+            return OwnFinding("error", f"{what}, {where}", fix, replace=True)
+        subject = certificate.subject.rfc4514_string()
+        return OwnFinding(
+            "error",
+            f"certificate {subject}'s chain: CA {what}, {where}",
+            "ask the CA for a new certificate issued by a CA certificate that is not revoked, "
+            "and that CA certificate to put after yours in the certificate file: every peer "
+            "that checks its CRL refuses this chain",
+            replace=True,
+        )
+    return None
 
 
 def _path(

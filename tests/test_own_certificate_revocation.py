@@ -1,0 +1,141 @@
+"""Our own certificates judged by the CRLs of the zones they chain to, as a peer's are.
+
+Our CA revoked our certificate, or a CA certificate on its path: every peer that checks
+its CRL refuses us.  Listed in a CRL the zone holds, it is an error in ``check-config``
+and ``pki check`` naming the certificate, the CRL's issuer, the revocation date and the
+fix, and ``medgw run`` does not start with it, whatever the zone's revocation policy.
+A status no CRL of the zone gives (our CA's CRL is often not configured) is no finding.
+
+Real demo PKI, real CRLs, real ``medgw`` subprocesses.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from tests.cli import medgw
+from tests.helpers.check_config import check_config, reported
+from tests.helpers.demo import demo_ca, edit, revoke
+
+ROOT_CA = "CN=medgw Demo Root CA"
+NEW_CERTIFICATE = "ask the CA (CN=medgw Demo Root CA"
+
+
+def crl_file(layout: DemoLayout) -> Path:
+    """The hospital's zone's CRL of the demo CA."""
+    return layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+
+
+def our(layout: DemoLayout, name: str) -> x509.Certificate:
+    """The hospital's certs/<name>.crt (its first certificate)."""
+    return x509.load_pem_x509_certificate((layout.hospital.root / "certs" / name).read_bytes())
+
+
+def issued_by_an_intermediate(layout: DemoLayout) -> Issued:
+    """A TLS certificate of the hospital issued by a CA the demo CA issued: installed as
+    certs/tls.crt (with that CA after it) and its key; returns that CA."""
+    now = datetime.now(UTC)
+    issuing = make_ca("Sakura Issuing CA", now=now - timedelta(days=1), parent=demo_ca(layout))
+    leaf = issue(
+        issuing,
+        "SAKURA-HOSPITAL",
+        purpose="tls",
+        now=now - timedelta(days=1),
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+    )
+    certs = layout.hospital.root / "certs"
+    write_pem(certs / "tls.crt", [leaf.certificate, issuing.certificate])
+    write_pem(certs / "tls.key", leaf.key)
+    return issuing
+
+
+@pytest.mark.parametrize("policy", ["require", "off"])
+def test_our_revoked_tls_certificate_is_an_error(layout: DemoLayout, policy: str) -> None:
+    """Under "off" too: that policy says how the peers' certificates are judged; the
+    peers judge ours by their own, and our CA's CRL says it is revoked."""
+    config = layout.hospital.config_path
+    if policy == "off":
+        edit(config, 'revocation = "require"', 'revocation = "off"')
+    revoke(layout, crl_file(layout), our(layout, "tls.crt"))
+    result = check_config(config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert reported(
+        result,
+        config,
+        "tls.certificate",
+        "our TLS certificate CN=SAKURA-HOSPITAL,O=Sakura General Hospital is revoked since ",
+        NEW_CERTIFICATE,
+    ), output
+    [line] = [line for line in output.splitlines() if "is revoked since" in line]
+    assert f"by the CRL of {ROOT_CA}" in line and "that zone loopback holds" in line
+    assert "then point tls.certificate and tls.key at the new certificate" in line
+    assert "medgw will not start with this configuration" in result.stderr
+    checked = medgw("pki", "check", "--config", config)
+    assert checked.returncode == 1, checked.stdout
+    assert any(
+        row.startswith("error") and "tls.certificate" in row and "is revoked since" in row
+        for row in checked.stdout.splitlines()
+    ), checked.stdout
+
+
+def test_our_revoked_signing_certificate_is_an_error(layout: DemoLayout) -> None:
+    config = layout.hospital.config_path
+    revoke(layout, crl_file(layout), our(layout, "sign.crt"))
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reported(
+        result,
+        config,
+        "smime.signing_certificate",
+        "our S/MIME signing certificate CN=",
+        "then point smime.signing_certificate and smime.signing_key at the new",
+    ), result.stdout + result.stderr
+    assert "is revoked since" in result.stderr
+
+
+def test_a_revoked_ca_certificate_on_our_path_is_an_error(layout: DemoLayout) -> None:
+    issuing = issued_by_an_intermediate(layout)
+    revoke(layout, crl_file(layout), issuing.certificate)
+    config = layout.hospital.config_path
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reported(
+        result,
+        config,
+        "tls.certificate",
+        "our TLS certificate CN=SAKURA-HOSPITAL's chain: CA certificate CN=Sakura Issuing CA "
+        "is revoked since ",
+        "a CA certificate that is not revoked",
+    ), result.stdout + result.stderr
+    assert f"by the CRL of {ROOT_CA}" in result.stderr
+
+
+def test_a_status_no_crl_of_the_zone_gives_is_no_finding(layout: DemoLayout) -> None:
+    """Our certificate issued by an intermediate whose CRL the zone does not hold: its
+    status is unknown, which says nothing against it."""
+    issued_by_an_intermediate(layout)
+    result = check_config(layout.hospital.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configuration is valid (0 warning(s))" in result.stdout
+    assert "revoked" not in result.stdout + result.stderr
+
+
+def test_medgw_does_not_start_with_our_revoked_tls_certificate(
+    layout: DemoLayout, processes: Any
+) -> None:
+    revoke(layout, crl_file(layout), our(layout, "tls.crt"))
+    hospital = processes.start(layout.hospital.config_path, wait=False)
+    assert hospital.wait_exit() == 1
+    output = "\n".join(hospital.raw)
+    assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in output
+    assert "is revoked since" in output and f"by the CRL of {ROOT_CA}" in output
+    assert not any(line.get("event") == "daemon.ready" for line in hospital.lines)
