@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 import tracemalloc
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ import pytest
 
 from gateway.atrest import KeyStore, Vault
 from gateway.atrest.chunked import seal_bytes
+from gateway.audit import AuditEvent, AuditLog, EventType
+from gateway.audit.files import trail_files
+from gateway.audit.order import order_path, ordered
+from gateway.audit.rotation import RotationSettings
 from gateway.backup import bundle
 from gateway.backup.bundle import ENTITY_HEAD, WORK_PREFIX, _complete_records
 from gateway.backup.restore import WORK as RESTORE_WORK
@@ -28,6 +33,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundState, Settled, SqliteSpool
 from gateway.spool.records import receipt_item
 from tests.cli import medgw
+from tests.clocks import SetClock
 from tests.helpers.audit import wait_for_events
 from tests.helpers.backup import (
     add_backup,
@@ -428,3 +434,42 @@ def test_a_row_refreshed_after_the_copy_takes_its_receipt_and_that_receipts_key(
         assert Vault(KeyStore(config.at_rest.key_dir), copy).open_bytes(item, kept) == receipt
     finally:
         copy.close()
+
+
+@pytest.mark.parametrize("notes", [True, False], ids=["with-notes", "older-bundle"])
+def test_a_restored_trail_keeps_its_order_notes_so_reviews_bisect_it(
+    layout: DemoLayout, tmp_path: Path, notes: bool
+) -> None:
+    """The bundle carries the writer's notes for reviews (``<audit_log>.order``): the
+    restored trail's files are bisected by a query as on the host that wrote them.  A
+    bundle without them (written by an earlier version) restores a trail read whole: the
+    same records found, more slowly."""
+    hospital = layout.hospital
+    start = (datetime.now(UTC) - timedelta(days=3)).replace(hour=9, minute=0, second=0)
+    clock = SetClock(start)
+    rotation = RotationSettings(max_bytes=20_000, daily=True)
+    log = AuditLog(hospital.audit_log, clock, node="HOSP", sync=lambda fd: None, rotation=rotation)
+    for n in range(150):
+        clock.advance(60)
+        log.emit(AuditEvent(EventType.MESSAGE_RECEIVED, peer="lab", message_id=f"<{n}@lab>"))
+    log.close()
+    written = trail_files(hospital.audit_log)
+    assert len(written) > 2 and all(ordered(written))
+    if not notes:
+        order_path(hospital.audit_log).unlink()
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
+
+    new = fresh_host(layout, "hospital-restored", hospital)
+    done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", new)
+    assert done.returncode == 0, done.stderr
+    restored = trail_files(new.parent / "audit" / "audit.jsonl")
+    # The files written above (the backup's own record began another, closing the last)
+    assert ordered(restored[: len(written)]) == [notes] * len(written)
+    day = start.date().isoformat()
+    found = medgw(
+        "audit", "query", "--config", new, "--format", "json", "--since", day, "--until", day,
+        "--event", "message.received", "--no-index",
+    )  # fmt: skip
+    assert found.returncode == 0, found.stderr
+    got = [json.loads(line)["message_id"] for line in found.stdout.splitlines()]
+    assert got == [f"<{n}@lab>" for n in range(150)]

@@ -18,6 +18,7 @@ Inside::
     inbox/<peer>/...         received documents whose hand-over is owed, or kept
     audit/<file>             every file of the audit trail (the current one up to its last
                              whole record)
+    audit/<file>.order       the writer's notes for reviews (gateway.audit.order), if kept
 
 The spool is copied first; every file it names is copied after.  A file that
 is gone by then belongs to a message that moved on (sent, delivered; its receipt
@@ -52,6 +53,7 @@ from gateway.atrest.keys import KeyStore, kek_name
 from gateway.atrest.vault import Vault
 from gateway.audit import AuditEvent, EventType, Severity
 from gateway.audit.files import trail_files
+from gateway.audit.order import order_path
 from gateway.backup import pgspool
 from gateway.cms.stream import open_and_verify_file, sign_and_envelope_file
 from gateway.config import GatewayConfig
@@ -469,6 +471,12 @@ def collect(config: GatewayConfig, work: Path) -> dict[str, Any]:
         if audit_file == config.storage.audit_log:
             upto = _complete_records(audit_file)
         files.copy(audit_file, f"audit/{audit_file.name}", upto=upto)
+    # The writer's notes for reviews, after the files: a note is durable before its record,
+    # so every step back among the records copied is in it (a note of a record written
+    # since is of no file copied).  Without it the restored trail is read whole: slower.
+    notes = order_path(config.storage.audit_log)
+    with contextlib.suppress(FileNotFoundError):
+        files.copy(notes, f"audit/{notes.name}", upto=_complete_records(notes))
     bodies = config.cluster.bodies_dir
     return {
         "format": FORMAT,

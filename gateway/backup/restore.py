@@ -44,6 +44,7 @@ from gateway.atrest.keys import KeyStore, kek_name, unwrap
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.export.cursor import MAX_LINE
 from gateway.audit.files import STAMP, trail_files
+from gateway.audit.order import order_path
 from gateway.backup import pgspool
 from gateway.backup.bundle import DUMP, REFRESHED, BackupError, RestoreRefused, open_bundle
 from gateway.config import GatewayConfig
@@ -151,8 +152,13 @@ def _occupied(config: GatewayConfig, refusals: list[Path]) -> list[str]:
             for p in state.iterdir()
             if p.name not in (LOCK_NAME, WORK) and not audit.is_relative_to(p)
         ]
-    found += [str(p) for p in trail_files(audit) if p.stat().st_size and p not in refusals]
+    found += [str(p) for p in _trail_held(audit, refusals)]
     return found
+
+
+def _trail_held(audit: Path, refusals: list[Path]) -> list[Path]:
+    """The files of this host's trail holding records other than earlier refusals."""
+    return [p for p in trail_files(audit) if p.stat().st_size and p not in refusals]
 
 
 def _moved(text: str | None, places: list[tuple[str, str]]) -> str | None:
@@ -365,6 +371,8 @@ def _audit_name(name: str, old: str, new: str) -> str:
     old_path, new_path = Path(old), Path(new)
     if name == old:
         return new
+    if name == order_path(old_path).name:
+        return order_path(new_path).name
     if name.startswith(old_path.stem + "-") and name.endswith(old_path.suffix):
         stamp = name[len(old_path.stem) : len(name) - len(old_path.suffix)]
         return f"{new_path.stem}{stamp}{new_path.suffix}"
@@ -652,7 +660,13 @@ def _restore_held(
         _check_keys(config, bundle, spool)
     moves = _destinations(config, manifest, work)
     missing = _missing_receipts(config, bundle, spool, places, moves) if spool.exists() else None
-    taken = [str(dst) for _src, dst in moves if dst.exists() and dst not in refusals]
+    # The notes of a trail that held nothing (or only refusals, moved aside) name no file
+    # the host keeps: the bundle's replace them.
+    audit = config.storage.audit_log
+    spare = None if _trail_held(audit, refusals) else order_path(audit)
+    taken = [
+        str(dst) for _src, dst in moves if dst.exists() and dst not in refusals and dst != spare
+    ]
     if taken and not force:
         raise RestoreRefused(
             f"{len(taken)} files of the bundle are there already ({', '.join(taken[:3])}"
