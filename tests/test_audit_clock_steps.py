@@ -245,3 +245,30 @@ def test_a_clock_behind_by_the_margin_or_less_is_no_alert() -> None:
     behind = clock_behind(last, last - CLOCK_MARGIN - timedelta(seconds=1))
     assert behind is not None and behind.detail["behind_seconds"] == 601
     assert "10 minutes behind" in str(behind.reason)
+
+
+def test_rotation_goes_on_with_the_clock_behind_the_last_closed_file(tmp_path: Path) -> None:
+    """The clock set back 2 days after a file was closed at midnight: the files closed
+    while it stays behind are named one second after the last one closed (unique, and
+    listed in the trail's order), none grows past its size, and the chain verifies."""
+    current = tmp_path / "audit.jsonl"
+    clock = SetClock(datetime(2026, 12, 6, 23, 30, tzinfo=UTC))
+    rotation = RotationSettings(max_bytes=20_000, daily=True)
+    log = AuditLog(current, clock, node="HOSP", sync=lambda fd: None, rotation=rotation)
+    write(log, clock, 40, 0)  # past midnight: the first file is closed then
+    [midnight] = trail_files(current)[:-1]
+    assert midnight.name == "audit-20261207T000000Z.jsonl"
+    clock.at -= timedelta(days=2)
+    write(log, clock, 300, 40)
+    log.close()
+    files = trail_files(current)
+    behind = [p.name for p in files[1:-1]]
+    assert behind == [f"audit-20261207T0000{n:02}Z.jsonl" for n in range(1, len(behind) + 1)]
+    assert len(behind) >= 5
+    assert all(p.stat().st_size < 20_000 + 1000 for p in files)  # closed at the first record over
+    chain = [json.loads(line)["seq"] for p in files for line in p.read_text().splitlines()]
+    assert chain == list(range(1, 341))  # the names list the files in the chain's order
+    result = medgw("audit", "verify", *[a for p in files for a in ("--file", str(p))])
+    assert result.returncode == 0, result.stderr
+    assert "340 records, hash chain intact" in result.stdout
+    assert ordered(files) == [41 not in range(*seqs(p)) for p in files]  # 41: stepped back

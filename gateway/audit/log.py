@@ -64,14 +64,14 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from gateway.audit import rotation as steps  # by module: a crash test can stop between them
 from gateway.audit.chain import GENESIS, hashed_line
 from gateway.audit.events import AuditEvent, EventType, Severity
-from gateway.audit.files import closed_files, closed_name, trail_backwards
+from gateway.audit.files import closed_at, closed_files, closed_name, trail_backwards
 from gateway.audit.order import CLOCK_MARGIN, Steps
 from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CHECKPOINT_EVENT, Sealer
@@ -323,13 +323,27 @@ class AuditLog:
                 return
             if self._clock.monotonic() < self._retry_at:
                 return
-            closed = closed_name(self._path, now)
-            if closed.name <= self._last_closed:
-                return  # one a second, and never named before a file closed earlier
+            closed = self._closed_name(now)
+            if closed is None:
+                return
             try:
                 self._rotate(closed)
             except OSError:
                 self._retry_at = self._clock.monotonic() + RETRY_SECONDS
+
+    def _closed_name(self, now: datetime) -> Path | None:
+        """The name the current file is closed under at ``now``: never one before a file
+        closed earlier, so that the names list the trail in its order.  None within the
+        second the last file was closed (one a second).  With the clock behind that file's
+        time (set back since), one second after it: the rotation goes on, and the names
+        stay unique and in order until the clock is past them again."""
+        closed = closed_name(self._path, now)
+        if closed.name > self._last_closed:
+            return closed
+        last = closed_at(self._path, self._path.with_name(self._last_closed))
+        if last is None or now >= last:
+            return None
+        return closed_name(self._path, last + timedelta(seconds=1))
 
     def _rotate(self, closed: Path) -> None:
         """Seal, sync and close the current file as ``closed``; go on in a new one (both
