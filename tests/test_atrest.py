@@ -161,6 +161,51 @@ def test_two_nodes_preparing_a_new_key_folder_at_once_both_start(
     assert keys.is_dir() and keys.stat().st_mode & 0o777 == 0o700
 
 
+def test_two_nodes_making_the_first_key_at_once_both_start_with_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes sharing a new key folder start together: both find no key and write one.
+    The other node's whole write falls between ours and our link: neither may take the
+    other's file being written for a leftover, and ours starts with the key it made."""
+    keys = tmp_path / "keys"
+    linked = os.link
+    others: list[bytes] = []
+
+    def other_node_writes_its_key_first(source: str, target: str) -> None:
+        monkeypatch.setattr("gateway.atrest.keys.os.link", linked)  # the other's, as is
+        others.append(KeyStore(keys).create(1))  # the other node, start to end
+        linked(source, target)
+
+    monkeypatch.setattr("gateway.atrest.keys.os.link", other_node_writes_its_key_first)
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", SystemClock())
+    vault = Vault(KeyStore(keys), spool)
+    vault.open()
+    assert KeyStore(keys).versions() == [1]
+    assert (keys / "kek-1").read_bytes() == others[0]
+    assert sorted(os.listdir(keys)) == ["kek-1"]  # no file being written left behind
+    with vault.storing("inbound-receipt:lab:<1@lab>") as sealing:
+        sealed = sealing.seal(b"receipt")
+        assert sealing.key is not None and sealing.key.kek == 1
+        spool.put_data_key(sealing.key)
+    assert vault.open_bytes("inbound-receipt:lab:<1@lab>", sealed) == b"receipt"
+    spool.close()
+
+
+def test_a_key_write_a_kill_left_is_removed_by_the_next_one(tmp_path: Path) -> None:
+    """A process killed while writing a key leaves random bytes that wrap nothing; the
+    next key written removes them once no write can still be in progress."""
+    store = KeyStore(tmp_path / "keys")
+    store.prepare()
+    left = tmp_path / "keys" / ".kek-1.0123456789abcdef.new"
+    in_progress = tmp_path / "keys" / ".kek-1.fedcba9876543210.new"
+    for path in (left, in_progress):
+        path.write_bytes(os.urandom(32))
+    hours_ago = left.stat().st_mtime - 2 * 3600
+    os.utime(left, (hours_ago, hours_ago))
+    store.create(1)
+    assert sorted(os.listdir(tmp_path / "keys")) == [in_progress.name, "kek-1"]
+
+
 def test_destroy_overwrites_then_removes(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys")
     store.prepare()

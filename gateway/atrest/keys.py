@@ -12,6 +12,7 @@ unwrapped by anyone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -31,6 +32,8 @@ from gateway.fsutil import PRIVATE_FILE, PRIVATE_FOLDER, fsync_dir, read_private
 
 _NAME = re.compile(r"^kek-([1-9][0-9]{0,8})$")
 MAX_VERSIONS = 64  # more files than a crash mid-rotation can leave: a wrong folder
+_WRITING = ".new"  # a key file being written
+STALE_WRITE_SECONDS = 3600  # a key file is written in milliseconds
 
 
 def kek_name(version: int) -> str:
@@ -119,23 +122,43 @@ class KeyStore:
         return data
 
     def create(self, version: int) -> bytes:
-        """Write ``kek-<version>`` (new random bytes), durable before this returns."""
+        """Write ``kek-<version>`` (new random bytes), durable before this returns;
+        FileExistsError if another process (a node sharing the folder) made it first."""
         path = self.key_dir / kek_name(version)
-        tmp = self.key_dir / f".{kek_name(version)}.new"  # a kill mid-write leaves no kek-<n>
-        tmp.unlink(missing_ok=True)
+        # A kill mid-write leaves no kek-<n>; a name of its own, as another node may be
+        # writing the same version at this moment (see remove_stale_writes).
+        tmp = self.key_dir / f".{kek_name(version)}.{secrets.token_hex(8)}{_WRITING}"
         key = secrets.token_bytes(KEY_BYTES)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE
         )
         try:
-            os.write(fd, key)
-            os.fsync(fd)
+            try:
+                os.write(fd, key)
+                os.fsync(fd)
+                written = os.fstat(fd).st_mtime  # the file system's time, as others' files
+            finally:
+                os.close(fd)
+            os.link(tmp, path)  # never replaces an existing key: FileExistsError
         finally:
-            os.close(fd)
-        os.link(tmp, path)  # never replaces an existing key: FileExistsError
-        tmp.unlink()
+            tmp.unlink()
+        self._remove_stale_writes(written)
         fsync_dir(self.key_dir)
         return key
+
+    def _remove_stale_writes(self, now: float) -> None:
+        """Remove what a process killed in :meth:`create` left (random bytes that wrap
+        nothing): files older than any write still in progress can be."""
+        try:
+            entries = list(os.scandir(self.key_dir))
+        except OSError:
+            return  # versions() names the folder's problem
+        for entry in entries:
+            if not (entry.name.startswith(".kek-") and entry.name.endswith(_WRITING)):
+                continue
+            with contextlib.suppress(OSError):  # another node removed it first
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_WRITE_SECONDS:
+                    os.unlink(entry.path)
 
     def destroy(self, version: int) -> None:
         """Overwrite ``kek-<version>``, then remove it (both on disk when this returns)."""

@@ -65,7 +65,10 @@ class Vault:
                         self._check_version(stored)  # a version medgw never wrote there
                     self._store.load(version)  # the error naming the missing key
             if not versions:
-                self._store.create(1)
+                # Another node sharing the folder, started at this moment, may make it
+                # first: its key is the one.
+                with contextlib.suppress(FileExistsError):
+                    self._store.create(1)
             self._finish_rotation()
 
     # -- backups and purges ---------------------------------------------------
