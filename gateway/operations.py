@@ -108,6 +108,13 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
         "receipt_kept": record.receipt_form,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
+        # Which node holds it now (preparing or sending it) and until when its claim lasts
+        # unrenewed; which node queued it and made its last audited change: whose audit
+        # trail to read for it, where nodes share the spool.
+        "node": record.node,
+        "lease_until": iso_time(record.lease_until) if record.node else None,
+        "queued_by": record.queued_by,
+        "audited_by": record.audited_by,
     }
 
 

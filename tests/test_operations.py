@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,32 @@ def test_queue_list_works_when_the_daemon_is_stopped(layout: DemoLayout, process
     [hospital] = json.loads(peers.stdout)
     assert hospital["name"] == "hospital" and sum(hospital["messages"].values()) == 1
     assert "not running" in peers.stderr
+
+
+def test_queue_list_and_show_name_the_node_holding_a_message_and_the_one_that_queued_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Where nodes share the spool, the operator learns from the queue which node holds
+    a message now (and until when) and whose audit trail holds its records."""
+    lab = processes.start(layout.lab.config_path)
+    drop_file(layout.lab.outbox_dir / "hospital", "held.hl7", b"MSH|x\r")
+    [accepted] = wait_for_events(layout.lab.audit_log, "message.accepted")
+    assert lab.stop() == 0
+    message_id = accepted["message_id"]
+    until = 4102444800  # 2100-01-01T00:00:00+00:00
+    with sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3") as db:
+        db.execute(
+            "UPDATE outbound SET node='lab-b', lease_until=?, queued_by='lab-a' WHERE message_id=?",
+            (until, message_id),
+        )
+    listed = medgw("queue", "list", "--config", str(layout.lab.config_path))
+    assert listed.returncode == 0, listed.stderr
+    assert "held by node lab-b (claim until 2100-01-01T00:00:00+00:00)" in listed.stdout
+    shown = queue(layout.lab.config_path, "show", message_id)
+    assert shown["node"] == "lab-b" and shown["queued_by"] == "lab-a", shown
+    assert shown["lease_until"] == "2100-01-01T00:00:00+00:00", shown
+    text = medgw("queue", "show", message_id, "--config", str(layout.lab.config_path))
+    assert "node             lab-b" in text.stdout and "queued_by        lab-a" in text.stdout
 
 
 def test_operator_commands_work_while_the_config_on_disk_has_a_mistake(

@@ -173,7 +173,15 @@ def _table(records: list[dict[str, Any]]) -> str:
         state_width=10,
         created="CREATED",
         file=lambda r: str(r["filename"]),
+        notes=_held,
     )
+
+
+def _held(record: dict[str, Any]) -> list[str]:
+    """The node holding a message (preparing or sending it), where nodes share the spool."""
+    if not record.get("node"):
+        return []
+    return [f"held by node {record['node']} (claim until {record['lease_until']})"]
 
 
 def _detail(record: dict[str, Any]) -> str:
