@@ -27,6 +27,11 @@ from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.demo import new_demo
 from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
 from tests.helpers.postgres import spool_section
+from tests.helpers.refused_inbox import (
+    assert_delivered_once,
+    assert_kept_for_a_resend,
+    send_to_a_refusing_inbox,
+)
 from tests.helpers.storage import read_only_folder
 
 
@@ -44,35 +49,21 @@ def test_read_only_inbox_answers_503_keeps_nothing_then_delivers_once(
 ) -> None:
     folder = layout.hospital.inbox_dir / "lab"
     with read_only_folder(folder) as inbox:
-        processes.start(layout.hospital.config_path)
-        processes.start(layout.lab.config_path)
-        document = os.urandom(20_000)
-        drop_file(layout.lab.outbox_dir / "hospital", "scan.bin", document)
-
-        alert = wait_for_event(layout.hospital.audit_log, "storage.unavailable")
-        assert alert["severity"] == "alert" and alert["outcome"] == "failure"
-        assert alert["peer"] == "lab" and alert["message_id"]
+        document, alert = send_to_a_refusing_inbox(layout, processes)
         assert f"cannot write the received document to {folder}/" in alert["reason"], alert
         assert "Read-only file system" in alert["reason"] and "answered 503" in alert["reason"]
         fix = alert["detail"]["fix"]
         assert fix.startswith(f"{folder} is on a file system mounted read-only"), fix
         assert f"findmnt -T {folder}" in fix and "ReadWritePaths= of the medgw unit" in fix
-        retry = wait_for_event(layout.lab.audit_log, "message.send_failed")
-        assert "HTTP 503" in retry["reason"] and retry["message_id"] == alert["message_id"]
         # Nothing acknowledged, nothing half-written, nothing refused for good.
-        assert not events(layout.lab.audit_log, "receipt.received")
-        assert not events(layout.lab.audit_log, "message.failed")
-        assert not events(layout.hospital.audit_log, "receipt.sent")
+        assert_kept_for_a_resend(layout, alert)
         assert not events(layout.hospital.audit_log, "message.rejected")
         assert list(folder.iterdir()) == []
 
         inbox.release()  # the administrator makes the folder writable
-        [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
-    assert receipt["message_id"] == alert["message_id"]
-    assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
+        assert_delivered_once(layout, alert)
     assert [p.name for p in folder.iterdir()] == ["scan.bin"]
     assert (folder / "scan.bin").read_bytes() == document
-    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
 def test_a_folder_this_user_may_not_write_is_a_resend_naming_the_folder_and_the_user(

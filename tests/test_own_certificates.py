@@ -26,7 +26,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
-from tests.helpers.check_config import check_config, reported
+from tests.helpers.check_config import check_config, check_config_reports, reported
 from tests.helpers.demo import demo_ca, edit
 
 NOW = datetime.now(UTC)
@@ -132,15 +132,13 @@ def test_a_tls_certificate_as_our_signing_certificate_is_an_error(layout: DemoLa
     config = layout.hospital.config_path
     edit(config, 'signing_certificate = "certs/sign.crt"', 'signing_certificate = "certs/tls.crt"')
     edit(config, 'signing_key = "certs/sign.key"', 'signing_key = "certs/tls.key"')
-    result = check_config(config)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert reported(
-        result,
+    result = check_config_reports(
         config,
+        1,
         "smime.signing_certificate",
         "our S/MIME signing certificate CN=",
         "smime.signing_key",
-    ), result.stderr
+    )
     assert "extendedKeyUsage lacks emailProtection" in result.stderr
 
 
@@ -148,15 +146,13 @@ def test_our_certificate_from_a_ca_no_zone_trusts_is_a_warning(layout: DemoLayou
     other = make_ca("Other CA", now=NOW)
     install(layout, "tls", issue(other, "KITA-LAB", purpose="tls", now=NOW))
     config = layout.hospital.config_path
-    result = check_config(config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert reported(
-        result,
+    result = check_config_reports(
         config,
+        0,
         "tls.certificate",
         "our TLS certificate CN=KITA-LAB",
         "ask each peer's administrator to trust that root CA",
-    ), result.stdout
+    )
     assert "chains to the trust anchors of no zone (loopback)" in result.stdout
     assert "its issuer CN=Other CA" in result.stdout
     assert "configuration is valid (1 warning(s))" in result.stdout

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,13 @@ from tests.helpers.demo import new_demo
 from tests.helpers.maintenance import ADDRESS as MAINTENANCE_ADDRESS
 from tests.helpers.maintenance import enable_maintenance
 from tests.helpers.metrics import get, with_metrics
-from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
+from tests.helpers.other_user import (
+    NOBODY,
+    as_nobody,
+    check_config_as_nobody,
+    give_to_nobody,
+    open_folder,
+)
 from tests.helpers.storage import read_only_folder
 
 
@@ -127,12 +131,7 @@ def test_a_crl_folder_the_user_may_not_enter_is_a_config_error(closed: str) -> N
         os.chown(layout.hospital.root / closed, 0, 0)  # root's, mode 0700
         (layout.hospital.root / closed).chmod(0o700)
         config = layout.hospital.config_path
-        checked = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        checked = check_config_as_nobody(config)
     assert checked.returncode == 1, checked
     assert "Traceback" not in checked.stdout + checked.stderr, checked
     crls = layout.hospital.root / "certs" / "crls" / "loopback"
@@ -159,12 +158,7 @@ def test_a_peers_or_maintainers_folder_the_user_may_not_list_is_a_config_error(
         closed = layout.hospital.root / folder
         os.chown(closed, 0, 0)  # root's, mode 0700
         closed.chmod(0o700)
-        checked = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        checked = check_config_as_nobody(config)
     assert checked.returncode == 1, checked
     assert "Traceback" not in checked.stdout + checked.stderr, checked
     key = "gateway.peers_dir" if folder == "peers.d" else "maintenance.maintainers_dir"
@@ -205,12 +199,7 @@ def test_a_state_folder_another_user_owns_says_to_check_as_that_user_not_to_chow
         os.chown(state, daemon.pw_uid, daemon.pw_gid)
         state.chmod(0o700)
         config = layout.hospital.config_path
-        checked = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        checked = check_config_as_nobody(config)
     assert checked.returncode == 1, checked
     words = (
         f"the state folder {state} may not be read and written by user nobody, whom this command"
@@ -248,12 +237,7 @@ def test_audit_order_notes_another_user_made_are_an_error_before_the_start() -> 
         os.chown(notes, 0, 0)
         notes.chmod(0o640)
         config = layout.hospital.config_path
-        checked = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        checked = check_config_as_nobody(config)
     assert checked.returncode == 1, checked
     words = f"the audit log's order notes {notes} may not be read and written by user nobody"
     fix = f"make {notes} writable by user nobody, whom this command runs as"

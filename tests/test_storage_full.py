@@ -38,6 +38,11 @@ from gateway.fsutil import this_user
 from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.demo import set_runtime
+from tests.helpers.refused_inbox import (
+    assert_delivered_once,
+    assert_kept_for_a_resend,
+    send_to_a_refusing_inbox,
+)
 from tests.helpers.storage import fill_file_system, quota_used_up, small_file_system
 
 
@@ -57,33 +62,19 @@ def test_full_inbox_answers_503_keeps_nothing_then_delivers_once(
     layout: DemoLayout, small_inbox: Path, processes: Any
 ) -> None:
     filler = fill_file_system(small_inbox)
-    processes.start(layout.hospital.config_path)
-    processes.start(layout.lab.config_path)
-    document = os.urandom(20_000)
-    drop_file(layout.lab.outbox_dir / "hospital", "scan.bin", document)
-
-    alert = wait_for_event(layout.hospital.audit_log, "storage.unavailable")
-    assert alert["severity"] == "alert" and alert["outcome"] == "failure"
-    assert alert["peer"] == "lab" and alert["message_id"]
+    document, alert = send_to_a_refusing_inbox(layout, processes)
     assert "No space left on device" in alert["reason"], alert
     assert "answered 503" in alert["reason"]
     assert alert["detail"]["fix"].startswith(f"free disk space on the file system of {small_inbox}")
-    retry = wait_for_event(layout.lab.audit_log, "message.send_failed")
-    assert "HTTP 503" in retry["reason"] and retry["message_id"] == alert["message_id"]
     # Nothing acknowledged, nothing half-written, nothing refused for good.
-    assert not events(layout.lab.audit_log, "receipt.received")
-    assert not events(layout.lab.audit_log, "message.failed")
-    assert not events(layout.hospital.audit_log, "receipt.sent")
+    assert_kept_for_a_resend(layout, alert)
     assert sorted(p.name for p in small_inbox.rglob("*") if p.is_file()) == ["filler.bin"]
 
     filler.unlink()  # the administrator frees space
-    [receipt] = wait_for_events(layout.lab.audit_log, "receipt.received")
-    assert receipt["message_id"] == alert["message_id"]
-    assert receipt["detail"]["disposition"] == "processed" and receipt["detail"]["mic_verified"]
+    assert_delivered_once(layout, alert)
     delivered = [p for p in small_inbox.rglob("*") if p.is_file()]
     assert [p.name for p in delivered] == ["scan.bin"]
     assert delivered[0].read_bytes() == document
-    assert len(wait_for_events(layout.hospital.audit_log, "message.delivered")) == 1
 
 
 @pytest.mark.parametrize(

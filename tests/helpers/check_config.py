@@ -27,6 +27,18 @@ def reported(
     )
 
 
+def check_config_reports(
+    config: Path, status: int, key: str, words: str, fix: str
+) -> subprocess.CompletedProcess[str]:
+    """``medgw check-config`` of ``config``, which ends with ``status`` and reports ``key``
+    with ``words`` and ``fix`` (see :func:`reported`); its result, for more checks."""
+    result = check_config(config)
+    said = result.stdout + result.stderr
+    assert result.returncode == status, said
+    assert reported(result, config, key, words, fix), said
+    return result
+
+
 def set_peer_url(layout: DemoLayout, url: str) -> Path:
     peer = layout.hospital.root / "peers.d" / "lab.toml"
     text = peer.read_text()

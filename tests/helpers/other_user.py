@@ -8,9 +8,12 @@ import contextlib
 import os
 import pwd
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.cli import medgw
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -18,6 +21,12 @@ NOBODY = pwd.getpwnam("nobody")
 def as_nobody() -> list[str]:
     """The prefix that runs a command as ``nobody``, with no supplementary groups."""
     return ["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups"]
+
+
+def check_config_as_nobody(config: Path) -> subprocess.CompletedProcess[str]:
+    """``medgw check-config`` of ``config`` run as ``nobody``: an administrator's check run
+    as another user than root (exit status not checked)."""
+    return medgw("check-config", "--config", config, prefix=as_nobody())
 
 
 def give_to_nobody(path: Path) -> None:
