@@ -11,6 +11,8 @@ import functools
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
+from cryptography import x509
+
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Zone
@@ -18,8 +20,11 @@ from gateway.egress import Network, Refused, ZonePath
 from gateway.logs import Logger
 from gateway.pki.crl import CrlFinding, stale_crl_warnings
 from gateway.pki.expiry import Held, expiring
+from gateway.pki.keypair import KeyPair
 from gateway.pki.ocsp import OcspClient
+from gateway.pki.own import peer_path
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peers
+from gateway.pki.tls import certificate_fingerprint
 from gateway.report import own_certificates_usable
 
 
@@ -203,7 +208,8 @@ class TrustKeeper:
     def _alert_expiring(self, config: GatewayConfig) -> None:
         """An alert for each of our and the peers' certificates that expires within 30, 7
         and 1 day(s): once per certificate and threshold in this run."""
-        for found in expiring(held_certificates(config), self._clock.now()):
+        now = self._clock.now()
+        for found in expiring(held_certificates(config, now), now):
             key = (found.fingerprint, found.held.owner, found.held.use, found.threshold_days)
             if key in self._expiry_alerted:
                 continue
@@ -214,6 +220,16 @@ class TrustKeeper:
                 use=found.held.use,
                 days_left=round(found.days_left, 1),
             )
+            detail: dict[str, object] = {
+                "use": found.held.use,
+                "fingerprint": found.fingerprint,
+                "threshold_days": found.threshold_days,
+                "days_left": round(found.days_left, 2),
+                "not_after": found.not_after.isoformat(timespec="seconds"),
+                "fix": _EXPIRY_FIX,
+            }
+            if found.held.sent_with:  # a CA certificate sent with ours (their uses)
+                detail.update(sent_with=list(found.held.sent_with), fix=_CA_EXPIRY_FIX)
             self._audit().emit(
                 AuditEvent(
                     EventType.CERTIFICATE_EXPIRING,
@@ -221,14 +237,7 @@ class TrustKeeper:
                     Severity.ALERT,
                     peer=found.held.peer,
                     reason=found.text(),
-                    detail={
-                        "use": found.held.use,
-                        "fingerprint": found.fingerprint,
-                        "threshold_days": found.threshold_days,
-                        "days_left": round(found.days_left, 2),
-                        "not_after": found.not_after.isoformat(timespec="seconds"),
-                        "fix": "issue and install a new certificate (README: rotation runbook)",
-                    },
+                    detail=detail,
                 )
             )
 
@@ -252,17 +261,40 @@ def trust_changed(old: Mapping[str, PeerTrust], new: Mapping[str, PeerTrust]) ->
     )
 
 
-def held_certificates(config: GatewayConfig) -> list[Held]:
-    """Every certificate the configuration uses, ours and the peers'."""
+_EXPIRY_FIX = "issue and install a new certificate (README: rotation runbook)"
+_CA_EXPIRY_FIX = (
+    "ask the CA for its current CA certificate and put it in this one's place, after yours "
+    "in each certificate file that holds it, or for new certificates of yours issued under "
+    "a current one (README: rotation runbook)"
+)
+
+
+def held_certificates(config: GatewayConfig, at: datetime) -> list[Held]:
+    """Every certificate the configuration uses, ours and the peers'; of the CA
+    certificates sent with ours, those on the path a peer builds (at ``at``), once each."""
     ours = "this gateway"
     held = [
         Held(ours, "TLS", config.tls.identity.certificate),
         Held(ours, "S/MIME signing", config.smime.signing.certificate),
         *(Held(ours, "S/MIME decryption", k.certificate) for k in config.smime.decryption_keys),
     ]
+    sent: list[tuple[str, KeyPair]] = [
+        ("TLS", config.tls.identity),
+        ("S/MIME signing", config.smime.signing),
+        ("S/MIME encryption", config.smime.encryption),
+    ]
     export = config.audit_export
     if export is not None and export.identity is not None:
         held.append(Held(ours, "audit export client", export.identity.certificate))
+        sent.append(("audit export client", export.identity))
+    # fingerprint -> the CA certificate and the uses of ours it is sent with
+    cas: dict[str, tuple[x509.Certificate, list[str]]] = {}
+    for use, pair in sent:
+        for ca in peer_path(pair.certificate, pair.chain, at):
+            uses = cas.setdefault(certificate_fingerprint(ca), (ca, []))[1]
+            if use not in uses:
+                uses.append(use)
+    held += [Held(ours, "CA", ca, sent_with=tuple(uses)) for ca, uses in cas.values()]
     for peer in config.peers:
         owner = f"peer {peer.name!r}"
         held += [Held(owner, "TLS", c, peer.name) for c in peer.tls_certificates]

@@ -1,8 +1,9 @@
 """Certificates that expire soon: the running daemon alerts 30, 7 and 1 day(s) before.
 
 Pure functions over the loaded configuration's certificates (ours: TLS,
-S/MIME signing and decryption, the audit export's client certificate; each
-peer's TLS, signing and encryption certificates).  The daemon calls
+S/MIME signing and decryption, the audit export's client certificate, and the CA
+certificates on the path a peer builds from one of those we send; each peer's TLS,
+signing and encryption certificates).  The daemon calls
 :func:`expiring` at start and at every trust refresh, and alerts once per
 certificate and threshold crossed (gateway.daemon).
 """
@@ -23,12 +24,14 @@ THRESHOLDS_DAYS = (30, 7, 1)
 @dataclass(frozen=True)
 class Held:
     """A certificate the configuration uses: whose (``"this gateway"``, ``"peer 'lab'"``)
-    and for what (``"TLS"``, ``"S/MIME signing"``...)."""
+    and for what (``"TLS"``, ``"S/MIME signing"``..., ``"CA"``: a CA certificate sent
+    with ``sent_with``, the uses of the certificates it issued)."""
 
     owner: str
     use: str
     certificate: x509.Certificate
     peer: str | None = None  # the peer's name, when it is a peer's
+    sent_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,16 @@ class Expiring:
     not_after: datetime
 
     def text(self) -> str:
-        subject = self.held.certificate.subject.rfc4514_string()
+        held = self.held
+        what = f"{held.owner}'s {held.use} certificate {held.certificate.subject.rfc4514_string()}"
+        if held.sent_with:
+            what += f" (in the chain of its {' and '.join(held.sent_with)} certificate)"
         when = self.not_after.isoformat(timespec="seconds")
         if self.days_left <= 0:
-            return f"{self.held.owner}'s {self.held.use} certificate {subject} expired at {when}"
+            return f"{what} expired at {when}"
         return (
-            f"{self.held.owner}'s {self.held.use} certificate {subject} expires at {when}, "
-            f"in {self.days_left:.1f} day(s) (within {self.threshold_days})"
+            f"{what} expires at {when}, in {self.days_left:.1f} day(s) "
+            f"(within {self.threshold_days})"
         )
 
 

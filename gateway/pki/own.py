@@ -102,7 +102,7 @@ async def judge_own(
     validity period, or not made for a purpose; else revoked by a CRL of a zone it
     chains to.  Else a warning when it chains to the trust anchors of no zone (none at
     all when it chains to one's)."""
-    path = _path(certificate, chain, at)
+    path = peer_path(certificate, chain, at)
     errors: list[OwnFinding] = []
     aside: list[OwnFinding] = []
     for cert in (certificate, *chain):
@@ -221,7 +221,7 @@ async def _revoked(
     return None
 
 
-def _path(
+def peer_path(
     certificate: x509.Certificate, chain: Sequence[x509.Certificate], at: datetime
 ) -> list[x509.Certificate]:
     """The CA certificates of ``chain`` a peer's path from ``certificate`` goes through:
