@@ -481,6 +481,7 @@ class Daemon:
             self._export.sync()
             if self._notifier.watchdog_interval:
                 tasks.spawn(self._watchdog_loop(self._notifier.watchdog_interval))
+            await self._observer.check_folders()  # the readiness answers of them at once
             self._observer.readiness.started = True  # listeners, spool and trust are up
             ports = {s.listener.name: s.port for s in self._servers}
             self._audit_sink().emit(

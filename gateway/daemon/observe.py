@@ -4,8 +4,10 @@ why it is not ready, and the endpoint that serves them (``[metrics]``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -24,6 +26,7 @@ from gateway.pki.tls import certificate_fingerprint
 
 MIN_FREE_BYTES = 64 << 20  # the spool's file system with less free: not ready
 STORAGE_FAILURE_SECONDS = 60.0  # a received document that could not be stored: not ready
+FOLDER_CHECK_SECONDS = 5.0  # the readiness's folder checks answer this long from one run
 
 
 class QueueCounts(Protocol):
@@ -32,11 +35,88 @@ class QueueCounts(Protocol):
         ...
 
 
+def folder_problems(config: GatewayConfig) -> list[str]:
+    """What the folders ``config``'s ``[storage]`` names lack for the daemon to work: the
+    access its user needs, the spool's free space.  File-system calls, which a hung network
+    mount holds: run by :class:`FolderChecks`, never on the event loop."""
+    # A folder medgw's user may not write (an inbox: documents answered 503).
+    out = [f"{p.message} (fix: {p.fix})" for p in access_problems(config, daemon=True)]
+    try:
+        free = shutil.disk_usage(config.storage.state_dir).free
+    except OSError as exc:
+        out.append(f"the spool's folder cannot be read: {exc.strerror}")
+    else:
+        if free < MIN_FREE_BYTES:
+            out.append(f"the spool's file system is full: {free >> 20} MiB free")
+    return out
+
+
+FolderCheck = Callable[[GatewayConfig], list[str]]
+
+
+class FolderChecks:
+    """The readiness's folder checks, off the event loop: a folder on a network mount
+    that hangs must not stop the daemon's work, nor its answers.
+
+    One check at a time, in a thread of its own; its answer is given for
+    ``FOLDER_CHECK_SECONDS`` (a readiness probe or scrape each second checks no more
+    often), and while the next check runs: a check that hangs leaves the last answer,
+    and no more threads, until it returns."""
+
+    def __init__(
+        self, clock: Clock, check: FolderCheck, fresh: float = FOLDER_CHECK_SECONDS
+    ) -> None:
+        self._clock = clock
+        self._check = check
+        self._fresh = fresh
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)  # a check finished
+        self._answer: list[str] = []
+        self._of: GatewayConfig | None = None  # the configuration the answer is of
+        self._at = 0.0  # when it was found (monotonic)
+        self._running = False
+
+    def reasons(self, config: GatewayConfig) -> list[str]:
+        """The last answer; a check of ``config`` started if that answer is stale or of
+        another configuration (a reload) and none is running."""
+        with self._lock:
+            stale = self._of is not config or self._clock.monotonic() - self._at >= self._fresh
+            if stale and not self._running:
+                self._running = True
+                threading.Thread(
+                    target=self._run, args=(config,), name="folder checks", daemon=True
+                ).start()
+            return list(self._answer)
+
+    async def check(self, config: GatewayConfig) -> None:
+        """Check now (after the check running, if one is) and wait for the answer (at the
+        start: the readiness has one from its first question on)."""
+        await asyncio.to_thread(self._check_now, config)
+
+    def _check_now(self, config: GatewayConfig) -> None:
+        with self._done:
+            while self._running:
+                self._done.wait()
+            self._running = True
+        self._run(config)
+
+    def _run(self, config: GatewayConfig) -> None:
+        try:
+            found = self._check(config)
+        except Exception as exc:  # the answer says so, rather than a thread dying unseen
+            found = [f"the folders could not be checked: {exc}"]
+        with self._lock:
+            self._answer, self._of, self._at = found, config, self._clock.monotonic()
+            self._running = False
+            self._done.notify_all()
+
+
 class Readiness:
     """Why the gateway is not ready now."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, folder_check: FolderCheck = folder_problems) -> None:
         self._clock = clock
+        self.folders = FolderChecks(clock, folder_check)
         self.started = False  # listeners, spool and trust are up
         self.stopping = False
         self.reload_failed: str | None = None  # the problems of the last reload, if it failed
@@ -62,15 +142,7 @@ class Readiness:
         if failed is not None and self._clock.now() - failed < recent:
             out.append("a received document could not be stored within the last minute")
         if config is not None:
-            # A folder medgw's user may not write (an inbox: documents answered 503).
-            out += [f"{p.message} (fix: {p.fix})" for p in access_problems(config, daemon=True)]
-            try:
-                free = shutil.disk_usage(config.storage.state_dir).free
-            except OSError as exc:
-                out.append(f"the spool's folder cannot be read: {exc.strerror}")
-            else:
-                if free < MIN_FREE_BYTES:
-                    out.append(f"the spool's file system is full: {free >> 20} MiB free")
+            out += self.folders.reasons(config)
         return out
 
 
@@ -85,14 +157,16 @@ class Observer:
         config: Callable[[], GatewayConfig | None],
         spool: Callable[[], QueueCounts | None],
         export_backlog: Callable[[], int | None],
+        folder_check: FolderCheck = folder_problems,
     ) -> None:
-        """``config``: the configuration in force (None before there is one)."""
+        """``config``: the configuration in force (None before there is one);
+        ``folder_check``: what the readiness finds of its folders."""
         self._clock = clock
         self._log = log
         self._config = config
         self._spool = spool
         self._export_backlog = export_backlog
-        self.readiness = Readiness(clock)
+        self.readiness = Readiness(clock, folder_check)
         # The configured peers' names, kept with the configuration they were read from.
         self._peer_names: tuple[GatewayConfig | None, frozenset[str]] = (None, frozenset())
         self.metrics = GatewayMetrics(clock, self._snapshot, self._peers)
@@ -104,6 +178,13 @@ class Observer:
 
     def not_ready(self) -> list[str]:
         return self.readiness.reasons(self._config())
+
+    async def check_folders(self) -> None:
+        """The folders of the configuration in force checked, the readiness's answer
+        waited for (at the start, before it says ready)."""
+        config = self._config()
+        if config is not None:
+            await self.readiness.folders.check(config)
 
     async def start(self, settings: MetricsSettings | None, audit: AuditSink) -> None:
         if settings is None:
