@@ -166,6 +166,14 @@ class SpoolReplacedError(SpoolUnreachableError):
     writes nothing more and stops; a restart reads the restored spool."""
 
 
+class NodeNameTakenError(SpoolReplacedError):
+    """Another live node holds this node's ``[cluster] node_name`` on the shared PostgreSQL
+    spool: the claims, the interrupted work and the owed audit records under that name
+    are that node's.  A start refuses; a running node whose hold on the name went with a
+    lost session, and which finds the name taken meanwhile, stops as when its spool was
+    replaced (every further call fails with this error)."""
+
+
 class StoredReceiptRefusedError(SpoolError):
     """The receipt a spool row keeps is not one the gateway stored (the row was changed
     outside medgw): refused before its bytes are read."""

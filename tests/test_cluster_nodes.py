@@ -176,6 +176,62 @@ def test_a_node_killed_while_sending_leaves_its_messages_to_the_other_node(
     assert events(audit / "audit.jsonl", "receipt.received") == []
 
 
+def test_a_second_node_under_a_running_nodes_name_refuses_to_start(
+    layout: DemoLayout,
+    processes: Processes,
+    lab: Lab,
+) -> None:
+    """A node configured with the name of a running node (lab-a) refuses to start before
+    it touches the spool's work: lab-a's sends stay lab-a's, and no record of lab-a's
+    goes into the second node's trail; once lab-a is killed, its name is free and a node
+    under it starts and takes up lab-a's interrupted sends."""
+    lab.slow_handshakes()
+    lab.front.held = True  # lab-a's sends stay open
+    lab_a = processes.start(lab.a)
+    documents = [f"MSH|^~\\&|LAB|{i}\r".encode() for i in range(2)]
+    for i, data in enumerate(documents):
+        drop_file(layout.lab.outbox_dir / "hospital", f"doc-{i}.hl7", data)  # lab-a's outbox
+
+    def held_by_a() -> bool:
+        records = outbound(lab.spool)
+        return len(records) == len(documents) and all(
+            r.state is OutboundState.SENDING and r.node == "lab-a" for r in records
+        )
+
+    wait_until(held_by_a, 120, "lab-a sending every document")
+    # lab-b's configuration (its own state folder, outbox, trail and port) named lab-a.
+    edit_every(lab.b, 'node_name = "lab-b"', 'node_name = "lab-a"')
+    twin = processes.start(lab.b, wait=False)
+    assert twin.wait_exit() != 0
+    [failed] = [line for line in twin.lines if line.get("event") == "daemon.failed"]
+    assert (
+        "node name 'lab-a' ([cluster] node_name) is in use by another running node"
+        in (failed["error"])
+    )
+    assert "'medgw node lab-a'" in failed["error"]
+    assert "node_name of its own" in failed["fix"]
+    assert not any(
+        line.get("event") in ("message.requeued_after_restart", "recovery.audit_record_written")
+        for line in twin.lines
+    )
+    assert held_by_a()
+    ids = {r.message_id for r in outbound(lab.spool)}
+    trail = layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    assert not trail.exists() or not [r for r in read_audit(trail) if r.get("message_id") in ids]
+
+    lab_a.kill()  # its session, and the name's lock with it, ends with the process
+    again = processes.start(lab.b)
+    requeued = [
+        line["message_id"]
+        for line in again.lines
+        if line.get("event") == "message.requeued_after_restart"
+    ]
+    assert sorted(requeued) == sorted(ids)
+    lab.front.held = False
+    settled(lab.spool, len(documents), 120)
+    delivered_once(layout, *documents)
+
+
 def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
     layout: DemoLayout,
     processes: Processes,

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from gateway.errors import SpoolError, SpoolUnreachableError
+from gateway.errors import NodeNameTakenError, SpoolError, SpoolReplacedError, SpoolUnreachableError
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.issue import make_ca, write_pem
-from gateway.spool import Intake, OutboundState, Settled
+from gateway.spool import Claimant, Intake, OutboundState, Settled
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from gateway.spool.postgres.database import translate
 from gateway.spool.postgres.schema import VERSION
@@ -94,6 +95,67 @@ def test_the_schema_is_created_once_and_a_newer_one_is_refused(
     assert "same medgw version on every node" in (refused.value.fix or "")
     for spool in (first, again):
         spool.close()
+
+
+def node_spool(
+    postgres: PostgresSettings,
+    name: str,
+    on_replaced: Callable[[SpoolReplacedError], None] | None = None,
+) -> PostgresSpool:
+    """A running node's spool: it holds its name."""
+    claimant = Claimant(name, 60)
+    return PostgresSpool(
+        postgres, TickingClock(), claimant, on_replaced=on_replaced, hold_name=True
+    )
+
+
+def cut_sessions(server: PostgresServer, postgres: PostgresSettings, node: str) -> None:
+    """Every session of ``node`` ended by the server (a network cut, a server restart),
+    returning once they are gone; the node notices when it next uses them."""
+    with server.admin(postgres.dbname) as db:
+        db.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (f"medgw node {node}",),
+        )
+
+
+def test_a_node_name_is_held_by_one_running_node_at_a_time(
+    postgres_server: PostgresServer, postgres: PostgresSettings
+) -> None:
+    """A second node under a running node's name refuses to start, naming the holder;
+    a node whose sessions were cut takes its name again at its next renewal; one that
+    finds its name taken meanwhile stops for good."""
+    lost: list[SpoolReplacedError] = []
+    first = node_spool(postgres, "gw-a", lost.append)
+    with pytest.raises(NodeNameTakenError, match="node name 'gw-a'") as refused:
+        node_spool(postgres, "gw-a")
+    said = refused.value.message
+    assert "'medgw node gw-a' over the database server's local socket" in said
+    assert "server process" in said
+    assert "node_name of its own" in (refused.value.fix or "")
+    other = node_spool(postgres, "gw-b")  # another name: no conflict
+    # Commands that read the spool (no name held) open it alongside.
+    PostgresSpool(postgres, TickingClock(), Claimant("gw-a", 60)).close()
+
+    cut_sessions(postgres_server, postgres, "gw-a")
+    first.renew_leases()  # its name taken again, with new sessions
+    with pytest.raises(NodeNameTakenError):
+        node_spool(postgres, "gw-a")
+    assert lost == []
+
+    cut_sessions(postgres_server, postgres, "gw-a")
+    second = node_spool(postgres, "gw-a")  # the name was free: it starts
+    with pytest.raises(NodeNameTakenError, match="is in use by another running node"):
+        first.renew_leases()
+    assert len(lost) == 1 and isinstance(lost[0], NodeNameTakenError)
+    with pytest.raises(NodeNameTakenError):  # for good: nothing more on any connection
+        first.get("<m0@hospital>")
+    first.close()
+    # A node's lock goes with its session: closed, the name is free again.
+    second.close()
+    node_spool(postgres, "gw-a").close()
+    other.close()
 
 
 @dataclass

@@ -71,6 +71,8 @@ class EventType(StrEnum):
     SPOOL_REACHABLE = "spool.reachable"
     # A PostgreSQL spool restored while this node ran (unreachable meanwhile): it stops.
     SPOOL_REPLACED = "spool.replaced"
+    # Another live node took this node's name while its session holding it was lost: it stops.
+    NODE_NAME_TAKEN = "node.name_taken"
     MESSAGE_DUPLICATE = "message.duplicate"  # resend of a delivered document: not written again
     PROBE_RECEIVED = "probe.received"  # `medgw diagnose` test message: verified, not delivered
     RECEIPT_SENT = "receipt.sent"

@@ -60,7 +60,7 @@ from gateway.egress import Network, NetworkMap, Refused
 from gateway.emergency.actions import Emergency
 from gateway.emergency.mode import MarkingSink
 from gateway.emergency.relax import relaxed
-from gateway.errors import ConfigError, MedgwError, SpoolReplacedError
+from gateway.errors import ConfigError, MedgwError, NodeNameTakenError, SpoolReplacedError
 from gateway.fsutil import NOT_WRITABLE, private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
@@ -319,6 +319,7 @@ class Daemon:
             Claimant(config.cluster.node_name, config.cluster.lease_seconds),
             on_change=reachability.changed,
             on_replaced=reachability.replaced,
+            hold_name=True,
         )
         # What is kept, encrypted at rest; a key rotation a killed run left half-done is
         # finished before anything is read (gateway.atrest).
@@ -615,7 +616,8 @@ class Daemon:
         stop, as at a SIGTERM, then fail with ``exc``."""
         self._replaced = exc
         if self._tasks is not None and not self._tasks.stop_requested.is_set():
-            self._log.info("daemon.stopping", cause="spool.replaced")
+            cause = "node.name_taken" if isinstance(exc, NodeNameTakenError) else "spool.replaced"
+            self._log.info("daemon.stopping", cause=cause)
             self._tasks.stop_requested.set()
 
     def _request_stop(self, signame: str) -> None:

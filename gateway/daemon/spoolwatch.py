@@ -8,8 +8,9 @@ documents and answers peers 503 (retryable), exactly as when a SQLite spool
 cannot be written, and tries the database again after a back-off.
 
 :meth:`SpoolReachability.replaced` hears that the spool was restored while this node
-ran (gateway.spool.postgres.generation): a critical log line and an alert, then the
-daemon's ``stop`` (the daemon stops, and exits with a failure status).
+ran (gateway.spool.postgres.generation), or that another node took this node's name
+while its session holding it was lost (``node.name_taken``): a critical log line and an
+alert, then the daemon's ``stop`` (the daemon stops, and exits with a failure status).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.errors import SpoolReplacedError
+from gateway.errors import NodeNameTakenError, SpoolReplacedError
 
 
 class SpoolReachability:
@@ -36,9 +37,14 @@ class SpoolReachability:
 
     def replaced(self, exc: SpoolReplacedError) -> None:
         """The spool was restored while this node ran: told, then the daemon stopped."""
-        self._log.critical("spool.replaced", database=self._where, error=exc.message, fix=exc.fix)
+        kind = (
+            EventType.NODE_NAME_TAKEN
+            if isinstance(exc, NodeNameTakenError)
+            else EventType.SPOOL_REPLACED
+        )
+        self._log.critical(kind.value, database=self._where, error=exc.message, fix=exc.fix)
         event = AuditEvent(
-            EventType.SPOOL_REPLACED,
+            kind,
             Outcome.FAILURE,
             Severity.ALERT,
             reason=exc.message,

@@ -34,3 +34,10 @@ class PostgresSpool(
     DisplacedRecords,
 ):
     """The spool in one PostgreSQL database (see :class:`gateway.spool.Spool`)."""
+
+    def renew_leases(self) -> int:
+        """See :meth:`gateway.spool.protocol.Spool.renew_leases`; a running node's name held
+        first (:meth:`PostgresDatabase.hold_name`): claims are renewed only under it."""
+        if self._holds_name:
+            self.hold_name()
+        return super().renew_leases()

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -47,6 +48,7 @@ from psycopg.rows import DictRow, dict_row
 
 from gateway.clock import Clock
 from gateway.errors import (
+    NodeNameTakenError,
     SpoolError,
     SpoolFullError,
     SpoolOutcomeUnknownError,
@@ -70,6 +72,26 @@ OUTCOME_POLL = 0.2  # seconds between tries to learn a lost COMMIT's outcome
 # The start of a node's sessions' application_name (``pg_stat_activity``); the node's name
 # follows.  "medgw" alone: a node of a release before they were named.
 NODE_SESSION = "medgw node "
+# The session that holds a node's name (see PostgresDatabase.hold_name) and the one that
+# holds it now, found by the lock's key (pg_locks shows a bigint key as two halves).
+_NAME_HOLDER = (
+    "SELECT a.pid, a.application_name AS name, host(a.client_addr) AS addr,"
+    " a.client_hostname AS hostname, a.backend_start AS since"
+    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND CAST(l.classid AS BIGINT) = %s AND CAST(l.objid AS BIGINT) = %s"
+)
+# How long a start waits for its own earlier session, which still holds its name, to end.
+_OWN_SESSION_WAIT_MS = 5000
+
+
+def name_lock(node: str) -> int:
+    """The key of the session-level advisory lock a running node holds on its name: the
+    first 8 bytes of the SHA-256 of its sessions' application_name, as a signed bigint."""
+    digest = hashlib.sha256(f"{NODE_SESSION}{node}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
 
 _PLACEHOLDERS = re.compile(r"'[^']*'|\?|(?<![:\w]):([A-Za-z_]\w*)|%")
 
@@ -156,7 +178,10 @@ class PostgresDatabase(SqlStore):
         *,
         on_change: Callable[[str | None], None] | None = None,
         on_replaced: Callable[[SpoolReplacedError], None] | None = None,
+        hold_name: bool = False,
     ) -> None:
+        """``hold_name``: a running node's spool, which holds its name (see
+        :meth:`hold_name`) from here on; :class:`NodeNameTakenError` if another holds it."""
         self._settings = settings
         self._clock = clock
         self._claimant = claimant if claimant is not None else Claimant()
@@ -175,10 +200,25 @@ class PostgresDatabase(SqlStore):
         # connection is not checked, its transaction reads it); why not any more.
         self._generation: str | None = None
         self._replaced: SpoolReplacedError | None = None
+        # The session holding this node's name (hold_name), its server process's id.
+        self._holds_name = hold_name
+        self._name_session: psycopg.Connection[DictRow] | None = None
+        self._name_pid: int | None = None
+        self._name_guard = threading.Lock()
         self._generation = self._transact(_start)
+        if hold_name:
+            try:
+                self.hold_name()
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         self._closed = True
+        with self._name_guard:
+            if self._name_session is not None:
+                self._name_session.close()  # the name's lock goes with its session
+                self._name_session = None
         while True:
             try:
                 conn = self._idle.get_nowait()
@@ -186,6 +226,88 @@ class PostgresDatabase(SqlStore):
                 return
             if conn is not None:
                 conn.close()
+
+    def hold_name(self) -> None:
+        """Hold this node's name on the spool for as long as it runs: a session-level
+        advisory lock keyed by the name (:func:`name_lock`) on a connection of its own, so
+        that a second node started under the same name refuses to start instead of taking
+        up the first one's interrupted work and owed records as its own.  A node that dies
+        loses the lock with its session.  Called again at each renewal of the leases and
+        with each new connection: a session found gone (the server restarted, the network
+        cut) is replaced and the lock taken again; if another node holds the name by then,
+        the node stops (every call fails with :class:`NodeNameTakenError`, ``on_replaced``
+        hears it).  Unreachable: :class:`SpoolUnreachableError`, tried again later."""
+        with self._name_guard:
+            session = self._name_session
+            if session is not None and not (session.closed or session.broken):
+                try:
+                    session.execute("SELECT 1")
+                    return
+                except psycopg.Error:
+                    session.close()
+            self._name_session = None
+            try:
+                session = self._open()
+            except psycopg.Error as exc:
+                raise self._unreachable(exc) from exc
+            try:
+                taken = self._take_name(session)
+            except psycopg.Error as exc:
+                session.close()
+                if session.broken or session.closed:
+                    raise self._unreachable(exc) from exc
+                raise statement_error(exc, self._settings.where) from None
+            if taken is not None:
+                session.close()
+                if self._name_pid is None:  # at start
+                    raise taken
+                self._give_up(taken)
+            self._name_session, self._name_pid = session, session.info.backend_pid
+
+    def _take_name(self, session: psycopg.Connection[DictRow]) -> NodeNameTakenError | None:
+        """Take this node's name's lock on ``session``; else why not (another holds it)."""
+        key = name_lock(self._claimant.node)
+        halves = ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)
+        for _ in range(2):
+            row = session.execute("SELECT pg_try_advisory_lock(%s) AS took", (key,)).fetchone()
+            if row is not None and row["took"]:
+                return None
+            holder = session.execute(_NAME_HOLDER, halves).fetchone()
+            if holder is None or holder["pid"] != self._name_pid:
+                break
+            # This node's own session from before a lost connection, which the server
+            # has not yet noticed is gone: ended, its lock goes with it.
+            session.execute(
+                "SELECT pg_terminate_backend(%s, %s)", (self._name_pid, _OWN_SESSION_WAIT_MS)
+            )
+        node = self._claimant.node
+        if holder is None:
+            who = "another session (it has just left)"
+        else:
+            client = holder["hostname"] or holder["addr"]
+            where = f"from {client}" if client else "over the database server's local socket"
+            who = (
+                f"the session {holder['name']!r} {where} (server process {holder['pid']}, "
+                f"connected since {holder['since']:%Y-%m-%d %H:%M:%S %Z})"
+            )
+        return NodeNameTakenError(
+            f"node name {node!r} ([cluster] node_name) is in use by another running node on "
+            f"the spool {self._settings.where}: {who} holds it; two nodes under one name "
+            "would take up each other's interrupted work and audit records as their own",
+            fix=f"give this node a [cluster] node_name of its own, unique among the nodes "
+            f"sharing the spool; if {node!r} is this very node started twice, stop the "
+            "other process first",
+        )
+
+    def _give_up(self, error: SpoolReplacedError) -> NoReturn:
+        """Nothing more on any connection, for good (``on_replaced`` hears ``error``,
+        once): raises."""
+        with self._state:
+            first, self._replaced = self._replaced is None, self._replaced or error
+        self._drop_idle()
+        if first and self._on_replaced is not None:
+            self._on_replaced(error)
+        raise self._replaced
 
     def shred(self) -> bool:
         """Reclaim the space of deleted rows (``VACUUM``): PostgreSQL has no secure
@@ -346,6 +468,12 @@ class PostgresDatabase(SqlStore):
             raise self._unreachable(exc) from exc
         if self._generation is not None:
             self._check_generation(conn)
+            if self._holds_name:
+                try:
+                    self.hold_name()
+                except BaseException:
+                    conn.close()
+                    raise
         self._reached()
         return conn
 
@@ -380,12 +508,7 @@ class PostgresDatabase(SqlStore):
             fix=f"start node {node} again (systemd does, Restart=on-failure; else systemctl "
             "restart medgw): a start reads the restored spool",
         )
-        with self._state:
-            first, self._replaced = self._replaced is None, self._replaced or replaced
-        self._drop_idle()
-        if first and self._on_replaced is not None:
-            self._on_replaced(replaced)
-        raise self._replaced
+        self._give_up(replaced)
 
     def _open(self) -> psycopg.Connection[DictRow]:
         """A new connection (psycopg.Error if the server does not answer)."""
