@@ -12,7 +12,7 @@ from cryptography import x509
 from gateway.config import GatewayConfig, Peer, Zone
 from gateway.config.network_rules import reach_problems, zone_problems
 from gateway.errors import ConfigError, ConfigProblem
-from gateway.pki.crl import stale_crl_warnings
+from gateway.pki.crl import CrlFinding, stale_crl_warnings
 from gateway.pki.keypair import KeyPair
 from gateway.pki.own import judge_own
 from gateway.pki.peers import ROLES, PeerTrust
@@ -402,21 +402,51 @@ async def own_certificates_usable(config: GatewayConfig, *, at: datetime) -> lis
 
 def crl_problems(config: GatewayConfig, *, at: datetime) -> list[ConfigProblem]:
     """A warning for each CRL file of a zone close to its nextUpdate (within the zone's
-    crl_warn_days) or without one, as ``medgw pki check`` says it.  A stale one is not
-    repeated: under revocation "require" the peer certificates it covers are refused,
-    and their errors say why; ``pki check`` lists it."""
+    crl_warn_days) or without one, as ``medgw pki check`` says it.  A stale one (or one
+    dated after ``at``) is not repeated under revocation "require": the peer certificates
+    it covers are refused, and their errors say why.  Under "prefer" and "off" nothing
+    is refused for it, so it is a warning here, saying what the policy does with it."""
     problems = []
     for index, zone in enumerate(config.zones):
         for finding in stale_crl_warnings(zone.crls, at=at, warn_days=zone.crl_warn_days):
-            if finding.severity != "warning":
+            if finding.severity == "warning":
+                text = f"zone {zone.name}'s CRL of {finding.issuer}: {finding.message}"
+                fix = finding.fix
+            elif zone.revocation == "require":
                 continue
+            else:
+                text, fix = _unused_crl(zone, finding, at)
             problems.append(
-                ConfigProblem(
-                    str(config.source),
-                    f"zones[{index}].crls",
-                    f"zone {zone.name}'s CRL of {finding.issuer}: {finding.message}",
-                    finding.fix,
-                    "warning",
-                )
+                ConfigProblem(str(config.source), f"zones[{index}].crls", text, fix, "warning")
             )
     return problems
+
+
+def _unused_crl(zone: Zone, finding: CrlFinding, at: datetime) -> tuple[str, str]:
+    """What check-config says of a zone's CRL that cannot be used (stale, or dated after
+    ``at``) under revocation "prefer" or "off", and its fix."""
+    next_update = finding.next_update
+    if next_update is not None and next_update <= at:
+        what = f"is stale: its nextUpdate {next_update:%Y-%m-%d %H:%M}Z has passed"
+        fix = "download the CA's current CRL into the zone's `crls` folder and reload"
+    else:
+        until = f", nextUpdate {next_update:%Y-%m-%d %H:%M}Z" if next_update else ""
+        what = f"cannot be used yet: {finding.message}{until}"
+        fix = finding.fix
+    if zone.revocation == "off":
+        does = (
+            'revocation = "off" checks no certificate against any CRL, so a revoked '
+            "certificate of this zone's peers is accepted whatever its CRLs say"
+        )
+        fix = (
+            f'set revocation = "require" (or "prefer") to use the zone\'s CRLs, and {fix}; '
+            "or take it out of `crls`"
+        )
+    else:
+        unless = " unless their OCSP responder answers" if zone.ocsp else ""
+        does = (
+            'revocation = "prefer" accepts the certificates of its CA with their revocation '
+            f"status unknown{unless}: a revocation this CRL does not list goes unseen (the "
+            "certificates it lists stay refused)"
+        )
+    return f"zone {zone.name}'s CRL of {finding.issuer} {what}; {does}", fix

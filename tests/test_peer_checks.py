@@ -252,6 +252,48 @@ def test_check_config_warns_about_a_zone_crl_close_to_its_next_update(
     assert "goes stale in" in checked.stdout
 
 
+@pytest.mark.parametrize(
+    ("policy", "does", "fix"),
+    [
+        (
+            "prefer",
+            'revocation = "prefer" accepts the certificates of its CA with their revocation '
+            "status unknown: a revocation this CRL does not list goes unseen",
+            "download the CA's current CRL into the zone's `crls` folder and reload",
+        ),
+        (
+            "off",
+            'revocation = "off" checks no certificate against any CRL',
+            'set revocation = "require" (or "prefer") to use the zone\'s CRLs, and download',
+        ),
+    ],
+)
+def test_check_config_warns_about_a_stale_zone_crl_under_prefer_and_off(
+    layout: DemoLayout, policy: str, does: str, fix: str
+) -> None:
+    """Past its nextUpdate, a CRL refuses nothing under "prefer" or "off" (no peer
+    certificate error says it): check-config still names it, its nextUpdate and what
+    the zone's policy does with it."""
+    next_update = NOW - timedelta(days=10)
+    crl = make_crl(demo_ca(layout), now=next_update - timedelta(days=30), days=30, number=2)
+    crl_file = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    crl_file.write_bytes(crl.public_bytes(Encoding.PEM))
+    config = layout.hospital.config_path
+    text = config.read_text()
+    assert text.count('revocation = "require"') == 1
+    config.write_text(text.replace('revocation = "require"', f'revocation = "{policy}"'))
+    result = check_config(layout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    where = f"warning: {config}: zones[0].crls: "
+    [warning] = [line for line in result.stdout.splitlines() if line.startswith(where)]
+    assert (
+        "zone loopback's CRL of CN=medgw Demo Root CA,O=medgw demo PKI (not for production) "
+        f"is stale: its nextUpdate {next_update:%Y-%m-%d %H:%M}Z has passed; {does}"
+    ) in warning, warning
+    assert f"(fix: {fix}" in warning, warning
+    assert "'require' are refused" not in warning
+
+
 def test_a_crl_dated_after_this_hosts_clock_names_the_clock(layout: DemoLayout) -> None:
     """The CA's current CRL on a host whose clock is behind its thisUpdate: the clock
     is the cause, not the CRL, and the fix says so."""
