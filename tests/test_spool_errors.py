@@ -35,7 +35,7 @@ from gateway.spool import SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.cli import medgw
 from tests.clocks import TickingClock
-from tests.helpers.spooldisk import BACKENDS, SpoolDisk, raise_on_inbound, spool_disk
+from tests.helpers.spooldisk import BACKENDS, SpoolDisk, raise_on_inbound, run_sql, spool_disk
 from tests.helpers.storage import quota_used_up, writes_refused
 
 
@@ -240,5 +240,38 @@ def test_a_sqlite_spool_write_the_disk_fails_with_room_left_names_the_disk(
         )
         assert error.fix and error.fix.startswith(f"check the disk of {tmp_path} (dmesg")
         assert "restore the last backup" in error.fix
+    finally:
+        spool.close()
+
+
+def test_a_damaged_postgresql_spool_fails_its_reads_saying_so_with_its_fix(
+    postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """The server's own error for a damaged page (SQLSTATE XX001), raised on each read of
+    ``inbound`` (by a row security policy: the session's server cannot have its files
+    damaged for one test): a read, said to be one, naming the damage and the fix."""
+    spool = PostgresSpool(postgres, TickingClock())
+    try:
+        spool.inbound_begin("lab", "<m1@lab>", "ab" * 32, tmp_path / "m1.hl7")
+        run_sql(
+            postgres,
+            "CREATE FUNCTION damaged() RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION USING ERRCODE = 'data_corrupted',"
+            " MESSAGE = 'invalid page in block 0 of relation base/16384/16402'; END $$",
+        )
+        run_sql(postgres, "CREATE POLICY damaged ON inbound USING (damaged())")
+        run_sql(postgres, "ALTER TABLE inbound ENABLE ROW LEVEL SECURITY")
+        run_sql(postgres, "ALTER TABLE inbound FORCE ROW LEVEL SECURITY")
+        with pytest.raises(SpoolError) as caught:
+            spool.inbound_get("lab", "<m1@lab>")
+        error = caught.value
+        assert not isinstance(error, SpoolUnavailableError)
+        assert error.message == (
+            "spool read failed: invalid page in block 0 of relation base/16384/16402 "
+            f"(SQLSTATE XX001): the spool {postgres.where} is damaged"
+        )
+        assert error.fix and "REINDEX" in error.fix
+        assert "restore the last backup (medgw restore --from BUNDLE" in error.fix
+        assert "<m1@lab>" not in str(error)
     finally:
         spool.close()

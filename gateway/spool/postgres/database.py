@@ -40,7 +40,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -123,26 +123,36 @@ def server_error(exc: psycopg.Error) -> str:
     return f"{primary.strip().splitlines()[0]}" + (f" (SQLSTATE {code})" if code else "")
 
 
-def statement_error(exc: psycopg.Error, where: str) -> SpoolError:
-    """A statement's failure ``exc`` on the spool ``where``, the connection intact, for the
-    operator (the message and fix) and for the callers (its class: see gateway.errors)."""
+def statement_error(
+    exc: psycopg.Error, where: str, doing: Literal["read", "write"] = "write"
+) -> SpoolError:
+    """A statement's failure ``exc`` on the spool ``where``, the connection intact, in a
+    ``doing`` ("read" or "write"), for the operator (the message and fix) and for the
+    callers (its class: see gateway.errors)."""
     said = server_error(exc)
+    if isinstance(exc, psycopg.errors.DataCorrupted | psycopg.errors.IndexCorrupted):
+        return SpoolError(
+            f"spool {doing} failed: {said}: the spool {where} is damaged",
+            fix="the PostgreSQL server's log names the table or index: rebuild a damaged "
+            "index (REINDEX INDEX name); for a damaged table, stop medgw and restore the last "
+            "backup (medgw restore --from BUNDLE --force; see Backups in the admin guide)",
+        )
     if isinstance(exc, psycopg.errors.DiskFull):
         return SpoolFullError(
-            f"spool write failed: {said}: no disk space is left for the spool {where}",
+            f"spool {doing} failed: {said}: no disk space is left for the spool {where}",
             fix="free disk space on the PostgreSQL server's data and WAL file systems (its log "
             "names the file); medgw tries again by itself",
         )
     if isinstance(exc, psycopg.errors.OutOfMemory):
         # Not for every change alike: a smaller transaction may pass.
         return SpoolError(
-            f"spool write failed: {said}: the PostgreSQL server of the spool {where} ran out "
+            f"spool {doing} failed: {said}: the PostgreSQL server of the spool {where} ran out "
             "of memory",
             fix="see the PostgreSQL server's log, and its memory settings (work_mem) and the "
             "memory of its host",
         )
     return SpoolError(
-        f"spool write failed: {said}",
+        f"spool {doing} failed: {said}",
         fix="see the PostgreSQL server's log for this statement",
     )
 
@@ -325,7 +335,7 @@ class PostgresDatabase(SqlStore):
         def query(conn: psycopg.Connection[DictRow]) -> list[Row]:
             return list(conn.execute(translate(sql), params, prepare=prepare).fetchall())
 
-        return self._run(query, lambda: True)
+        return self._run(query, lambda: True, doing="read")
 
     def _transact(self, work: Callable[[Connection], T]) -> T:
         began: list[bool] = []
@@ -394,9 +404,16 @@ class PostgresDatabase(SqlStore):
             fix=lost.fix,
         ) from lost
 
-    def _run(self, use: Callable[[psycopg.Connection[DictRow]], T], again: Callable[[], bool]) -> T:
-        """``use`` a connection; a deadlock or serialization failure runs it again, and so
-        does a connection found dead when ``again()`` says that is safe."""
+    def _run(
+        self,
+        use: Callable[[psycopg.Connection[DictRow]], T],
+        again: Callable[[], bool],
+        *,
+        doing: Literal["read", "write"] = "write",
+    ) -> T:
+        """``use`` a connection (to ``doing``: read or write); a deadlock or serialization
+        failure runs it again, and so does a connection found dead when ``again()`` says
+        that is safe."""
         for rerun in range(_RERUNS + 1):
             last = rerun == _RERUNS
             conn = self._take()
@@ -421,7 +438,7 @@ class PostgresDatabase(SqlStore):
                     raise self._unreachable(exc) from exc
                 self._idle.put(conn)
                 # The server's error text names the failing row's values: not chained.
-                raise statement_error(exc, self._settings.where) from None
+                raise statement_error(exc, self._settings.where, doing) from None
             except BaseException:
                 self._idle.put(None if conn.broken else conn)
                 raise
