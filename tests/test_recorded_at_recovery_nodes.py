@@ -10,7 +10,6 @@ was, in the same transaction, for a's start."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 from pathlib import Path
@@ -25,9 +24,6 @@ from gateway.config import load_config
 from gateway.demo_run import read_audit
 from gateway.inbound.recovery import record_cut_off
 from gateway.logs import make_logger
-from gateway.outbound.context import Context, Settings
-from gateway.outbound.recover import Recovery
-from gateway.outbound.seal import Sealer
 from gateway.pki.demo import DemoLayout
 from gateway.spool import Claimant, OutboundState, RetainedKind, Settled, Spool
 from gateway.spool.postgres import PostgresSpool
@@ -37,6 +33,7 @@ from gateway.spool.schema import OWING_TABLES
 from gateway.spool.sql import Connection, SqlStore
 from tests.clocks import SetClock
 from tests.conftest import MakeSpool
+from tests.helpers.recovery import queued, start_outbound
 
 LEASE = 60.0
 
@@ -51,22 +48,6 @@ def nodes(make_spool: MakeSpool, clock: SetClock) -> tuple[Spool, Spool]:
     return make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
 
 
-def _queued(spool: Spool, tmp_path: Path, message_id: str) -> None:
-    spool.add_intake(
-        message_id, "hospital", "m.hl7", "text/plain", tmp_path / "src", tmp_path / message_id
-    )
-    assert spool.mark_queued(message_id, None, [], "mic", 3, body=b"sealed")
-
-
-def _start_outbound(layout: DemoLayout, spool: Spool, clock: SetClock) -> None:
-    """Node a's start: its outbound recovery, with its own audit trail."""
-    config = load_config(layout.lab.config_path)
-    audit = AuditLog(config.storage.audit_log, clock, node="a")
-    context = Context(Settings(config, {}), spool, audit, make_logger(stream=io.StringIO()), clock)
-    asyncio.run(Recovery(context, Sealer(context)).recover())
-    audit.close()
-
-
 def _records(layout: DemoLayout, event: str) -> list[dict[str, Any]]:
     trail = load_config(layout.lab.config_path).storage.audit_log
     return [r for r in read_audit(trail) if r["event"] == event]
@@ -79,8 +60,8 @@ def test_a_failed_send_another_node_then_sent_gets_its_record_at_the_next_start(
     node b sends it and its receipt settles it.  a's start writes message.send_failed,
     once, as a's change left the row; b's receipt.received is b's to write."""
     a, b = nodes
-    _queued(a, tmp_path, "<m@lab>")
-    _start_outbound(layout, a, clock)  # its message.accepted, as a running a writes it
+    queued(a, tmp_path, "<m@lab>")
+    start_outbound(layout, a, clock)  # its message.accepted, as a running a writes it
     assert len(_records(layout, "message.accepted")) == 1
     a.claim_due("hospital", clock.now().timestamp(), 1)
     assert a.mark_retry("<m@lab>", "connection refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
@@ -94,7 +75,7 @@ def test_a_failed_send_another_node_then_sent_gets_its_record_at_the_next_start(
 
     clock.advance(5)
     for _ in range(2):  # a second start finds it recorded
-        _start_outbound(layout, a, clock)
+        start_outbound(layout, a, clock)
     [failed] = _records(layout, "message.send_failed")
     assert failed["message_id"] == "<m@lab>" and failed["node"] == "a"
     assert failed["reason"] == f"connection refused; {RECOVERED}"
@@ -144,10 +125,10 @@ def test_only_a_change_across_nodes_keeps_the_record_it_displaces(
     row, the latest per row, until a forgets exactly those it read."""
     a, b = nodes
     assert isinstance(b, SqlStore)
-    _queued(a, tmp_path, "<sent@lab>")
+    queued(a, tmp_path, "<sent@lab>")
     b.claim_due("hospital", clock.now().timestamp(), 1)
     assert b.mark_done("<sent@lab>", OutboundState.DELIVERED, "processed", tmp_path / "r")
-    _queued(a, tmp_path, "<own@lab>")
+    queued(a, tmp_path, "<own@lab>")
     a.claim_due("hospital", clock.now().timestamp(), 1)
     assert a.mark_retry("<own@lab>", "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
     a.claim_due("hospital", clock.now().timestamp(), 1)
@@ -156,7 +137,7 @@ def test_only_a_change_across_nodes_keeps_the_record_it_displaces(
 
     clock.advance(1)
     b.operator_cancel("<own@lab>", "operator:root (uid 0)")
-    _queued(a, tmp_path, "<late@lab>")
+    queued(a, tmp_path, "<late@lab>")
     a.claim_due("hospital", clock.now().timestamp(), 1)
     assert a.mark_retry("<late@lab>", "refused", 1e12, owed=EventType.MESSAGE_SEND_FAILED)
     clock.advance(1)
@@ -205,7 +186,7 @@ def test_a_spool_from_before_displaced_records_were_kept_keeps_them_once_upgrade
     a._transact(as_before)
     a.close()
     a, b = make_spool(clock, Claimant("a", LEASE)), make_spool(clock, Claimant("b", LEASE))
-    _queued(a, tmp_path, "<m@lab>")
+    queued(a, tmp_path, "<m@lab>")
     a.claim_due("hospital", clock.now().timestamp(), 1)
     assert a.mark_retry("<m@lab>", "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
     b.claim_due("hospital", clock.now().timestamp(), 1)
@@ -224,7 +205,7 @@ def test_a_message_disposed_of_takes_the_row_kept_of_it_with_it(
     for a node's owed record goes in the same transaction; another message's stays."""
     a, b = nodes
     for message_id in ("<gone@lab>", "<kept@lab>"):
-        _queued(a, tmp_path, message_id)
+        queued(a, tmp_path, message_id)
         a.claim_due("hospital", clock.now().timestamp(), 1)
         assert a.mark_retry(message_id, "refused", 0, owed=EventType.MESSAGE_SEND_FAILED)
         b.claim_due("hospital", clock.now().timestamp(), 1)
@@ -272,8 +253,8 @@ def test_a_failure_settled_with_its_receipt_in_the_row_names_that_receipt_after_
     receipt.  a's start writes message.failed naming the receipt a kept, by its SHA-256,
     as a running a would have: the copy of the row kept for it holds that much of it."""
     a, b = nodes
-    _queued(a, tmp_path, "<m@lab>")
-    _start_outbound(layout, a, clock)
+    queued(a, tmp_path, "<m@lab>")
+    start_outbound(layout, a, clock)
     a.claim_due("hospital", clock.now().timestamp(), 1)
     sha256 = "5e" * 32
     failed = Settled(
@@ -295,7 +276,7 @@ def test_a_failure_settled_with_its_receipt_in_the_row_names_that_receipt_after_
 
     clock.advance(5)
     for _ in range(2):  # a second start finds it recorded
-        _start_outbound(layout, a, clock)
+        start_outbound(layout, a, clock)
     [record] = _records(layout, "message.failed")
     assert record["message_id"] == "<m@lab>" and record["node"] == "a"
     assert record["detail"] == {
@@ -315,8 +296,8 @@ def test_a_copy_kept_before_the_upgrade_without_the_receipts_sha256_is_still_rec
     none in the copy) is read as a copy without a receipt: a's start writes its record
     rather than failing on the column the copy lacks, at every start."""
     a, b = nodes
-    _queued(a, tmp_path, "<m@lab>")
-    _start_outbound(layout, a, clock)
+    queued(a, tmp_path, "<m@lab>")
+    start_outbound(layout, a, clock)
     a.claim_due("hospital", clock.now().timestamp(), 1)
     failed = Settled("<m@lab>", OutboundState.FAILED, "processed/error: x", None, "refused")
     assert a.mark_settled([failed]) == ["<m@lab>"]
@@ -335,7 +316,7 @@ def test_a_copy_kept_before_the_upgrade_without_the_receipts_sha256_is_still_rec
     assert kept.receipt_sha256 is None and not kept.has_receipt
 
     clock.advance(5)
-    _start_outbound(layout, a, clock)
+    start_outbound(layout, a, clock)
     [record] = _records(layout, "message.failed")
     assert record["message_id"] == "<m@lab>" and record["detail"]["recorded_at_recovery"]
     assert "receipt" not in record["detail"]

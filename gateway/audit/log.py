@@ -62,7 +62,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -72,7 +72,7 @@ from gateway.audit import rotation as steps  # by module: a crash test can stop 
 from gateway.audit.chain import GENESIS, hashed_line
 from gateway.audit.events import AuditEvent, EventType, Severity
 from gateway.audit.files import closed_at, closed_files, closed_name, trail_backwards
-from gateway.audit.order import CLOCK_MARGIN, Steps
+from gateway.audit.order import CLOCK_MARGIN, Steps, read_notes
 from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CHECKPOINT_EVENT, Sealer
 from gateway.audit.verify import AuditChainError, verify_chain
@@ -693,12 +693,16 @@ def _cut_torn_tail(path: Path, fd: int, block: int = 1 << 16) -> _CutShort | Non
 def last_record_time(path: Path, block: int = 1 << 16) -> datetime | None:
     """The time of the newest record of the trail (None: none yet).  For recovery: what
     changed in the spool after it may lack its record."""
+    return next(record_times(path, block), None)
+
+
+def record_times(path: Path, block: int = 1 << 16) -> Iterator[datetime]:
+    """The times of the trail's records, from the newest to the oldest."""
     for line in trail_backwards(path, block):
         try:
-            return datetime.fromisoformat(json.loads(line)["time"])
+            yield datetime.fromisoformat(json.loads(line)["time"])
         except (ValueError, KeyError, TypeError):
             continue  # an empty or torn line
-    return None
 
 
 def recorded_since(
@@ -708,10 +712,13 @@ def recorded_since(
 
     Reads the trail backwards from its end (into closed files too), so the cost is
     that of the records written since then (plus a margin for a clock set back meanwhile), whatever
-    the size of the log.  For recovery: whether an event was recorded before a
-    process died.
+    the size of the log.  Past a record stamped earlier than that, it reads on while the
+    writer's notes (gateway.audit.order) say a record before it was stamped later (the
+    clock was set back since): the records written before the step are read too.  For
+    recovery: whether an event was recorded before a process died.
     """
     limit = since - CLOCK_MARGIN
+    notes = read_notes(path)
     for line in trail_backwards(path, block):
         try:
             record = json.loads(line)
@@ -719,7 +726,10 @@ def recorded_since(
         except (ValueError, KeyError, TypeError):
             continue  # an empty or torn line
         if at < limit:
-            return False
+            seq = record.get("seq")
+            later = notes.latest_before(seq) if isinstance(seq, int) else None
+            if later is None or later < limit:
+                return False
         if match(record):
             return True
     return False

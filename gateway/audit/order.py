@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,6 +59,15 @@ def trail_current(path: Path) -> Path:
 class Notes:
     firsts: frozenset[tuple[int, str]]  # (seq, hash) of each file's first record, as written
     steps: tuple[int, ...]  # seq of each record that stepped back, ascending
+    # (seq, time) of each step back, ascending: the latest time written before it or any
+    # earlier step (so at most that, plus CLOCK_MARGIN, before it)
+    latest: tuple[tuple[int, datetime], ...] = ()
+
+    def latest_before(self, seq: int) -> datetime | None:
+        """How late a record before ``seq`` may be stamped, beyond CLOCK_MARGIN after the
+        record ``seq`` itself, by the steps back noted (None: no step back before it)."""
+        found = bisect_right(self.latest, seq, key=lambda step: step[0])
+        return self.latest[found - 1][1] if found else None
 
 
 def read_notes(current: Path) -> Notes:
@@ -67,7 +77,7 @@ def read_notes(current: Path) -> Notes:
     except OSError:
         return Notes(frozenset(), ())
     firsts: set[tuple[int, str]] = set()
-    steps: set[int] = set()
+    steps: dict[int, datetime | None] = {}
     for line in text.splitlines():
         try:
             note = json.loads(line)
@@ -78,8 +88,20 @@ def read_notes(current: Path) -> Notes:
         if isinstance(note.get("first_hash"), str):
             firsts.add((note["seq"], note["first_hash"]))
         else:
-            steps.add(note["seq"])
-    return Notes(frozenset(firsts), tuple(sorted(steps)))
+            steps[note["seq"]] = _time(note.get("latest"))
+    latest: list[tuple[int, datetime]] = []
+    for seq in sorted(steps):
+        at = steps[seq]
+        if at is not None and (not latest or at > latest[-1][1]):
+            latest.append((seq, at))
+    return Notes(frozenset(firsts), tuple(sorted(steps)), tuple(latest))
+
+
+def _time(text: object) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _head(path: Path) -> tuple[int, str] | None:

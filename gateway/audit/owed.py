@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from gateway.audit.events import AuditEvent, EventType
-from gateway.audit.log import CLOCK_MARGIN, AuditSink, last_record_time, recorded_since
+from gateway.audit.log import CLOCK_MARGIN, AuditSink, record_times, recorded_since
 from gateway.logs import Logger
 
 RECOVERED = (
@@ -25,6 +25,7 @@ RECOVERED = (
 # gateway.spool.schema.DISPLACES): the row keeps who queued a message (queued_by), and
 # that node's start finds its message.accepted by that, whoever changed the row since.
 KEPT_BY_ROW = frozenset({EventType.MESSAGE_ACCEPTED.value})
+EVER = datetime.min.replace(tzinfo=UTC)
 
 
 class OwingRow(Protocol):
@@ -45,11 +46,23 @@ def owed_since(rows: Sequence[R], since: datetime) -> list[R]:
     ]
 
 
-def changes_since(trail: Path) -> datetime:
+def changes_since(trail: Path, now: datetime | None = None) -> datetime:
     """From when on a change committed in the spool may lack its record in ``trail``:
-    its last record's time (less the margin of a clock set back), or ever."""
-    last = last_record_time(trail)
-    return datetime.min.replace(tzinfo=UTC) if last is None else last - CLOCK_MARGIN
+    its last record's time (less the margin of a clock set back), or ever (none).
+
+    With the clock at this start (``now``) behind that record by more than the margin, the
+    clock was set back after it was written (or it was written ahead): a change made since
+    was stamped before it, by how much the trail cannot say.  From the newest record the
+    clock has passed then (a clock set right was set to a time after it), or ever if none
+    has been: the records stamped ahead are read back once, at this start."""
+    times = record_times(trail)
+    last = next(times, None)
+    if last is None:
+        return EVER
+    if now is None or now >= last - CLOCK_MARGIN:
+        return last - CLOCK_MARGIN
+    passed = next((at for at in times if at <= now), None)
+    return EVER if passed is None else passed - CLOCK_MARGIN
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,11 @@ def unrecorded(trail: Path, owed: Sequence[Owed]) -> list[Owed]:
     if not owed:
         return []
     latest: dict[tuple[object, object, object], datetime] = {}
+    messages = {one.message_id for one in owed}  # only theirs kept: a long read stays small
 
     def seen(event: dict[str, Any]) -> bool:
+        if event.get("message_id") not in messages:
+            return False
         at = datetime.fromisoformat(event["time"])
         for peer in (event.get("peer"), None):
             key = (event.get("event"), event.get("message_id"), peer)

@@ -266,7 +266,7 @@ class Daemon:
         # Where the trail ends before this start writes to it (alerts for certificates
         # about to expire, the inbound side's recovered records): the changes committed
         # since may lack their records, which the recovery below writes.
-        since = await asyncio.to_thread(changes_since, config.storage.audit_log)
+        since = await asyncio.to_thread(changes_since, config.storage.audit_log, self._clock.now())
         last_record = await asyncio.to_thread(last_record_time, config.storage.audit_log)
         sealer = Sealer(config.audit) if config.audit is not None else None
         self._audit = AuditLog(

@@ -201,7 +201,7 @@ class Recovery:
         over from another node (``message.taken_over``)."""
         trail = self._ctx.config.storage.audit_log
         if since is None:
-            since = changes_since(trail)
+            since = changes_since(trail, self._ctx.clock.now())
         spool = self._ctx.spool
         # And the rows as this node's changes left them, whose records another node's
         # later change displaced (see Spool.displaced_owed).
