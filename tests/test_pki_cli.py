@@ -135,6 +135,36 @@ def test_verify_at_a_time_with_a_zone_names_it_in_utc(files: dict[str, Path]) ->
     assert f"{tokyo:%Y-%m-%d %H:%M}Z" not in reason and "this host's clock reads" not in reason
 
 
+@pytest.mark.parametrize(
+    ("at", "cause"),
+    [
+        (NOW + timedelta(days=40), "passed its nextUpdate on"),
+        (NOW - timedelta(hours=2), "is dated after the time checked"),
+    ],
+    ids=["stale", "dated-after"],
+)
+def test_verify_at_a_time_given_blames_the_time_not_this_hosts_clock(
+    files: dict[str, Path], at: datetime, cause: str
+) -> None:
+    """--at is the administrator's choice: a CRL that does not cover it (past its
+    nextUpdate, or issued after it) is fixed by another CRL or another time, and the
+    fix names that time; this host's clock has nothing to do with it."""
+    done = medgw(
+        "pki", "verify", files["leaf"], "--intermediate", files["sub"],
+        "--trust", files["root"], "--crl", files["root_crl"], "--crl", files["sub_crl"],
+        "--at", at.isoformat(), "--json",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    reason = json.loads(done.stdout)["reason"]
+    assert cause in reason, reason
+    assert (
+        "fix: give a CRL of its issuer that was current at the time given "
+        f"({at:%Y-%m-%d %H:%M}Z): thisUpdate before it and nextUpdate after it; or verify "
+        "at a time within that CRL's validity period"
+    ) in reason, reason
+    assert "clock" not in reason and "timedatectl" not in reason, reason
+
+
 def test_verify_invalid_reasons_name_certificate_and_fix(files: dict[str, Path]) -> None:
     later = (NOW + timedelta(days=200)).isoformat()
     expired = medgw("pki", "verify", files["leaf"], "--intermediate", files["sub"],

@@ -145,6 +145,7 @@ def _verify(args: argparse.Namespace) -> int:
             # host's default route, as the operator asked.
             ocsp_client=OcspClient(Network.unconfigured()) if args.ocsp else None,
             policy=AlgorithmPolicy(),
+            at_given=bool(args.at),
         )
     )
     if args.json:

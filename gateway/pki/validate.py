@@ -440,6 +440,7 @@ class _Inputs:
     others: list[bytes]
     crls: list[bytes]
     at: datetime
+    at_given: bool  # ``at`` is a time the caller chose, not this host's clock
     algorithms: CryptrecAlgorithms
     ocsps: list[bytes] = field(default_factory=list)
 
@@ -491,6 +492,7 @@ async def _status_of(
     path: ValidationPath,
     context: ValidationContext,
     at: datetime,
+    given: bool,
 ) -> CertificateStatus:
     from pyhanko_certvalidator._state import ValProcState
     from pyhanko_certvalidator.util import ConsList
@@ -512,7 +514,7 @@ async def _status_of(
             problems.append(f"no {source.upper()} for it")
         except (OCSPValidationError, CRLValidationError, ValidationError, ValueError) as exc:
             failures = getattr(exc, "failures", None)
-            text = "; ".join(_failure(f, at) for f in failures) if failures else str(exc)
+            text = "; ".join(_failure(f, at, given) for f in failures) if failures else str(exc)
             problems.append(f"{source.upper()}: {text}")
     if sources:
         return CertificateStatus(subject, "good", "+".join(sorted(sources)))
@@ -523,11 +525,11 @@ STALE_CRL = "passed its nextUpdate"
 CRL_AHEAD = "is dated after the time checked"
 
 
-def _failure(failure: object, at: datetime) -> str:
+def _failure(failure: object, at: datetime, given: bool) -> str:
     """One of the validator's (message, revocation info) failures, in words: the CRL
     named by its issuer and dates, never the object's repr (which holds its raw DER).
-    ``at`` is this host's clock or a time given (``pki verify --at``): "the time checked",
-    in UTC like every other time said."""
+    ``at`` is this host's clock or, ``given``, a time the caller chose (``pki verify
+    --at``): "the time checked", in UTC like every other time said."""
     if not isinstance(failure, tuple) or not failure:
         return str(failure)
     message = str(failure[0])
@@ -549,7 +551,7 @@ def _failure(failure: object, at: datetime) -> str:
         f"the CRL of {issuer} ({dates}) {STALE_CRL} on {next_update:%Y-%m-%d %H:%M}Z "
         f"and the time checked is {checked}"
     )
-    if at - next_update > next_update - this_update:
+    if at - next_update > next_update - this_update and not given:
         # Stale by more than its whole validity period: a CA rarely stops publishing
         # for that long, a clock set far ahead does that to every CRL at once.
         text += ", later than that CRL's whole validity period: check this host's clock first"
@@ -657,6 +659,7 @@ async def validate(
     ocsp: bool = False,
     ocsp_client: OcspClient | None = None,
     pkix_params: PKIXValidationParams | None = None,
+    at_given: bool = False,
 ) -> ValidationResult:
     """Validate ``leaf`` for ``purpose`` at ``at`` under the algorithm ``policy``.
 
@@ -672,6 +675,8 @@ async def validate(
     in the certificates (through ``ocsp_client``, whose cache is reused and whose
     route says how the requests leave: required with ``ocsp``, else
     :class:`InvalidValueError`, as for a time without a time zone).
+    ``at_given``: ``at`` is a time the caller chose (``pki verify --at``), not this
+    host's clock, so a reason's fix names that time rather than the clock.
     """
     when = at
     if when.tzinfo is None:
@@ -700,6 +705,7 @@ async def validate(
             ocsp_client=ocsp_client if ocsp else None,
             policy=policy,
             pkix_params=pkix_params,
+            at_given=at_given,
         )
     except Exception as exc:  # fail closed: an unexpected error never validates a path
         return ValidationResult(
@@ -720,6 +726,7 @@ async def _validate(
     ocsp_client: OcspClient | None,
     policy: AlgorithmPolicy,
     pkix_params: PKIXValidationParams | None,
+    at_given: bool,
 ) -> ValidationResult:
     if not anchors:
         return ValidationResult(
@@ -740,6 +747,7 @@ async def _validate(
         others=[c.public_bytes(serialization.Encoding.DER) for c in intermediates],
         crls=[c.public_bytes(serialization.Encoding.DER) for c in crls],
         at=at,
+        at_given=at_given,
         algorithms=CryptrecAlgorithms(policy),
     )
     asn1_leaf = _to_asn1(leaf)
@@ -793,7 +801,7 @@ async def _validate_path(
     path = inputs.fresh(path)
     pairs: list[tuple[asn1_x509.Certificate, CertificateStatus]] = []
     for index, cert in enumerate(certs[1:], start=1):
-        status = await _status_of(cert, index, path, context, inputs.at)
+        status = await _status_of(cert, index, path, context, inputs.at, inputs.at_given)
         if status.status == "unknown":
             status = _revoked_in_a_stale_crl(cert, certs[index - 1], inputs.crls) or status
         note = notes.get(cert.sha256)
@@ -813,15 +821,7 @@ async def _validate_path(
     unknown = [(c, s) for c, s in pairs if s.status == "unknown"]
     if unknown and revocation is RevocationPolicy.REQUIRE:
         first = unknown[0][1]
-        fix = (
-            "fetch the CA's current CRL into the zone's `crls` (or check why fetch_crls "
-            "cannot refresh it) and reload, or, if that CRL is current, correct this host's "
-            "clock (timedatectl)"
-            if STALE_CRL in first.detail
-            else "check this host's clock (timedatectl): it reads before the CRL's thisUpdate"
-            if CRL_AHEAD in first.detail
-            else "provide a current CRL of its issuer, or make its OCSP responder reachable"
-        )
+        fix = _unknown_fix(first.detail, inputs.at, inputs.at_given)
         return ValidationResult(
             False,
             f"revocation status of certificate {first.subject} could not be established "
@@ -850,6 +850,29 @@ async def _validate_path(
         if cert.sha256 in good_by_ocsp and client is not None:
             client.remember(cert, issuer, answer)
     return ValidationResult(True, None, chain, summary, statuses, warnings)
+
+
+def _unknown_fix(detail: str, at: datetime, given: bool) -> str:
+    """The fix for a status that could not be established under 'require': a CRL past its
+    nextUpdate, or dated after the time checked, is fixed by another CRL or by this
+    host's clock; when ``at`` was given (``pki verify --at``) the clock is not the cause,
+    the time given is."""
+    if given and (STALE_CRL in detail or CRL_AHEAD in detail):
+        when = f"{at.astimezone(UTC):%Y-%m-%d %H:%M}Z"
+        return (
+            f"give a CRL of its issuer that was current at the time given ({when}): "
+            "thisUpdate before it and nextUpdate after it; or verify at a time within that "
+            "CRL's validity period"
+        )
+    if STALE_CRL in detail:
+        return (
+            "fetch the CA's current CRL into the zone's `crls` (or check why fetch_crls "
+            "cannot refresh it) and reload, or, if that CRL is current, correct this host's "
+            "clock (timedatectl)"
+        )
+    if CRL_AHEAD in detail:
+        return "check this host's clock (timedatectl): it reads before the CRL's thisUpdate"
+    return "provide a current CRL of its issuer, or make its OCSP responder reachable"
 
 
 async def _run(
