@@ -331,7 +331,8 @@ def trust_problems(
 
 
 # Our certificates, each with the keys naming it in gateway.toml and its uses: the TLS
-# one serves our listeners and our connections to the peers.
+# one serves our listeners and our connections to the peers; the audit export's client
+# certificate (when it is not the TLS one) is shown to the collector alone.
 _OWN = (
     ("TLS", "tls", "certificate", "key", (Purpose.TLS_SERVER, Purpose.TLS_CLIENT)),
     ("S/MIME signing", "smime", "signing_certificate", "signing_key", (Purpose.SMIME_SIGN,)),
@@ -342,6 +343,7 @@ _OWN = (
         "encryption_key",
         (Purpose.SMIME_ENCRYPT,),
     ),
+    ("audit export client", "audit.export", "certificate", "key", (Purpose.TLS_CLIENT,)),
 )
 
 
@@ -349,22 +351,28 @@ async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> li
     """Our TLS, S/MIME signing and S/MIME encryption certificates judged by the rules
     applied to a peer's (gateway.pki.own): an error for one outside its validity period,
     not made for its use or revoked by a CRL of a zone it chains to (every peer refuses
-    it), a warning for one that chains to no zone's trust anchors."""
-    pairs: dict[str, KeyPair] = {
+    it), a warning for one that chains to no zone's trust anchors.  The audit export's
+    client certificate likewise for validity and clientAuth (its collector refuses it):
+    its path ends at the collector's trust anchors, not a zone's."""
+    export = config.audit_export
+    pairs: dict[str, KeyPair | None] = {
         "TLS": config.tls.identity,
         "S/MIME signing": config.smime.signing,
         "S/MIME encryption": config.smime.encryption,
+        "audit export client": export.identity if export is not None else None,
     }
     anchors = {zone.name: zone.trust_anchors for zone in config.zones}
     crls = {zone.name: zone.crls_in_use for zone in config.zones}
     problems = []
     for label, table, cert_key, key_key, purposes in _OWN:
         pair = pairs[label]
+        if pair is None:  # no export, or it uses the TLS certificate
+            continue
         for finding in await judge_own(
             pair.certificate,
             chain=pair.chain,
             purposes=purposes,
-            anchors=anchors,
+            anchors=None if table == "audit.export" else anchors,
             at=at,
             policy=AlgorithmPolicy(),
             crls=crls,

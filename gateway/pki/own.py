@@ -90,7 +90,7 @@ async def judge_own(
     *,
     chain: Sequence[x509.Certificate],
     purposes: Sequence[Purpose],
-    anchors: Mapping[str, Sequence[x509.Certificate]],
+    anchors: Mapping[str, Sequence[x509.Certificate]] | None,
     at: datetime,
     policy: AlgorithmPolicy,
     crls: Mapping[str, Sequence[x509.CertificateRevocationList]] | None = None,
@@ -98,10 +98,11 @@ async def judge_own(
     """What a peer would hold against ``certificate`` for each of ``purposes`` at ``at``.
 
     ``chain``: the CA certificates sent with it; ``anchors``: each zone's trust anchors
-    (by zone name); ``crls``: each zone's CRLs (by zone name).  Errors: outside its
-    validity period, or not made for a purpose; else revoked by a CRL of a zone it
-    chains to.  Else a warning when it chains to the trust anchors of no zone (none at
-    all when it chains to one's)."""
+    (by zone name), None for a certificate the zones' peers never see (the audit
+    export's client certificate: its collector trusts a CA of its own); ``crls``: each
+    zone's CRLs (by zone name).  Errors: outside its validity period, or not made for a
+    purpose; else revoked by a CRL of a zone it chains to.  Else a warning when it
+    chains to the trust anchors of no zone (none at all when it chains to one's)."""
     path = peer_path(certificate, chain, at)
     errors: list[OwnFinding] = []
     aside: list[OwnFinding] = []
@@ -120,7 +121,7 @@ async def judge_own(
     for reason in dict.fromkeys(check_purpose(certificate, p) for p in purposes):
         if reason is not None:
             errors.append(_error(reason, replace=True))
-    if errors:
+    if errors or anchors is None:
         return errors + aside
     refused: dict[str, str] = {}  # zone -> why a path to its anchors was refused
     chained: list[str] = []  # the zones it chains to
