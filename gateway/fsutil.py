@@ -376,6 +376,47 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the file system (or the user's quota)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+# link() refused by the file system: it has no hard links (vfat, some CIFS and FUSE
+# mounts: EPERM, EOPNOTSUPP; an immutable file: EPERM too), or the two names are on two
+# file systems (EXDEV).
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV)
+HARD_LINK_RULE = "medgw delivers a document with a hard link, so that it appears whole and once"
+
+
+def hard_link_fix(folder: Path) -> str:
+    """What an administrator does about an inbox ``folder`` where a hard link fails."""
+    return (
+        f"put the inbox on a file system with hard links, such as ext4 or xfs (findmnt -T "
+        f"{folder} shows the one it is on; vfat and some CIFS or FUSE mounts have none); on "
+        f"one that has them, look for files made immutable there (lsattr -a {folder}; "
+        "chattr -i)"
+    )
+
+
+def no_hard_links(folder: Path) -> OSError | None:
+    """The error (one of :data:`NO_HARD_LINKS`) the file system of ``folder`` gives a
+    hard link made as a delivery makes one: a file created in ``folder``, linked to a
+    second name beside it (both hidden, both removed); None if it links, or if the file
+    cannot be made (the folder's access check says why)."""
+    # Named as the inbox's work files: any a killed process leaves are swept with them.
+    token = secrets.token_hex(6)
+    made = folder / f".medgw-link-check.{token}.delivering"
+    linked = folder / f".medgw-link-check-2.{token}.delivering"
+    try:
+        os.close(os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except OSError:
+        return None
+    try:
+        os.link(made, linked, follow_symlinks=False)
+    except OSError as exc:
+        return exc if exc.errno in NO_HARD_LINKS else None
+    finally:
+        for name in (linked, made):
+            with contextlib.suppress(OSError):
+                name.unlink(missing_ok=True)
+    return None
+
+
 ROOM_PROBE_BYTES = 64 * 1024  # what no_room() asks of the file system
 
 

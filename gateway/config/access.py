@@ -10,6 +10,9 @@ while loading the configuration: other commands read it as other users.
   document for an inbox folder medgw cannot write is answered 503, and the peer
   resends it once the folder is fixed; a file in an outbox folder medgw cannot
   change stays there (warnings: the daemon starts, and says it is not ready).
+* An inbox folder's file system must make hard links (a delivery gives a document its
+  name with one): each existing inbox folder is tried with a hidden file linked and
+  removed (a warning, as above).
 
 A folder that does not exist yet is judged by the nearest of its parents that
 does: medgw creates it there.
@@ -25,7 +28,7 @@ from gateway.audit.order import order_path
 from gateway.config.model import GatewayConfig
 from gateway.config.storage import STATE_FILES, STATE_FOLDERS
 from gateway.errors import ConfigProblem
-from gateway.fsutil import storage_fix, this_user
+from gateway.fsutil import HARD_LINK_RULE, hard_link_fix, no_hard_links, storage_fix, this_user
 
 _STATE = "medgw keeps its spool, its lock and its work files there: it cannot start"
 _AUDIT = "medgw appends the audit trail there: it cannot start"
@@ -68,6 +71,21 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
     problems = []
     for key, what, path, rule, severity in checks:
         blocked = _not_writable(path)
+        if blocked is None and key == "storage.inbox_dir" and path.is_dir():
+            refused = no_hard_links(path)
+            if refused is not None:
+                problems.append(
+                    ConfigProblem(
+                        str(config.source),
+                        key,
+                        f"{what} {path} is on a file system that refuses hard links "
+                        f"(link: {refused.strerror}): {HARD_LINK_RULE}; until it can, "
+                        "the peers' documents are answered 503 and kept by the peers for "
+                        "a resend",
+                        hard_link_fix(path),
+                        severity,
+                    )
+                )
         if blocked is not None:
             where, code = blocked
             user = this_user()

@@ -17,6 +17,7 @@ where in the file system a document lands, nor which existing file it meets.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -27,10 +28,13 @@ from pathlib import Path
 
 from gateway.errors import DeliveryError, InboxNotWritableError, StorageFullError
 from gateway.fsutil import (
+    HARD_LINK_RULE,
+    NO_HARD_LINKS,
     NO_SPACE,
     NOT_WRITABLE,
     FolderSync,
     fsync_dir,
+    hard_link_fix,
     safe_name,
     shared_folder,
     storage_fix,
@@ -149,8 +153,19 @@ def fill(work: WorkFile, payload: Iterable[bytes]) -> None:
 
 def link(work: Path, target: Path) -> None:
     """Give the complete work file its name in the inbox: from here on the document is
-    delivered.  FileExistsError if anything has that name (nothing is replaced)."""
-    os.link(work, target, follow_symlinks=False)
+    delivered.  FileExistsError if anything has that name (nothing is replaced);
+    InboxNotWritableError if the file system refuses the link."""
+    try:
+        os.link(work, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        raise InboxNotWritableError(
+            f"cannot link the received document into {target.parent}: "
+            f"{exc.strerror or exc}; {HARD_LINK_RULE}: the file system refuses hard links, "
+            "or the document's work file was made immutable",
+            fix=hard_link_fix(target.parent),
+        ) from exc
 
 
 def finish(work: Path, target: Path, folders: FolderSync | None = None) -> None:
@@ -189,7 +204,11 @@ def landed(work: Path | None, target: Path) -> bool:
 
 
 def discard(work: Path) -> None:
-    work.unlink(missing_ok=True)
+    """Remove a work file given up.  One that cannot be removed now (made immutable)
+    stays, unrecorded: the sweep of such files removes it once it can; the error that
+    made the caller give up is the one to tell."""
+    with contextlib.suppress(OSError):
+        work.unlink(missing_ok=True)
 
 
 def remove_stale_work_files(
