@@ -272,3 +272,25 @@ def test_rotation_goes_on_with_the_clock_behind_the_last_closed_file(tmp_path: P
     assert result.returncode == 0, result.stderr
     assert "340 records, hash chain intact" in result.stdout
     assert ordered(files) == [41 not in range(*seqs(p)) for p in files]  # 41: stepped back
+
+
+def test_a_note_torn_by_a_crash_does_not_swallow_the_next_one(tmp_path: Path) -> None:
+    """A crash while a note was written leaves part of a line (its record was never
+    written); the next writer begins on a line of its own, so the step back it notes is
+    kept and the day behind is found whole."""
+    current = tmp_path / "audit.jsonl"
+    trail(tmp_path, True, [(timedelta(0), 150)])
+    notes = order_path(current)
+    with notes.open("ab") as handle:
+        handle.write(b'{"seq":151,"time":"2026-12-')  # torn
+    clock = SetClock(TODAY - timedelta(days=2))
+    rotation = RotationSettings(max_bytes=20_000, daily=True)
+    log = AuditLog(current, clock, node="HOSP", sync=lambda fd: None, rotation=rotation)
+    write(log, clock, 7, 150)
+    log.close()
+    assert read_notes(current).steps == (151,)
+    paths = trail_files(current)
+    behind = (TODAY - timedelta(days=2)).date().isoformat()
+    expected = day_of(paths, behind)
+    assert len(expected) == 7
+    assert query(paths, "--since", behind, "--until", behind) == expected

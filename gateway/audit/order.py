@@ -143,6 +143,19 @@ def ordered(paths: Sequence[Path]) -> list[bool]:
     return found
 
 
+def _end_line(path: Path, fd: int) -> None:
+    """End a line a crash left torn (its record was never written), durably, so that the
+    next note begins a line of its own instead of being lost with it."""
+    with path.open("rb") as handle:
+        if handle.seek(0, os.SEEK_END) == 0:
+            return
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+    os.write(fd, b"\n")
+    os.fsync(fd)
+
+
 def _append(fd: int, note: dict[str, object]) -> None:
     """Add ``note`` to the notes, durably."""
     data = json.dumps(note, sort_keys=True, separators=(",", ":")).encode() + b"\n"
@@ -160,7 +173,13 @@ class Steps:
         # The latest time in the trail is at most CLOCK_MARGIN after its last record's,
         # if that one did not step back (and if it did, its file is read whole anyway).
         self.latest = None if last_time is None else last_time + CLOCK_MARGIN
-        self._fd = open_current(order_path(current))  # as the log: at the writer's start
+        path = order_path(current)
+        self._fd = open_current(path)  # as the log: at the writer's start
+        try:
+            _end_line(path, self._fd)
+        except OSError:
+            os.close(self._fd)
+            raise
 
     def check(self, seq: int, at: datetime) -> None:
         """Record ``seq`` is stamped ``at``: noted first if that steps back (raises
