@@ -334,6 +334,7 @@ def test_a_single_node_with_bodies_dir_and_its_sqlite_spool_is_restored_with_its
     add_backup(config, cert)
     with config.open("a") as handle:
         handle.write(f'\n[cluster]\nnode_name = "lab-a"\nbodies_dir = "{BODIES}"\n')
+    (layout.lab.root / BODIES).mkdir()
     data = random.Random(19).randbytes(INLINE_BODY_BYTES + 4096)
     lab = processes.start(config)
     drop_file(layout.lab.outbox_for("hospital"), "image.dcm", data)

@@ -121,6 +121,37 @@ def test_a_read_only_folder_no_check_covers_stops_the_start_with_its_fix(
     ) in started.stderr
 
 
+def test_a_shared_bodies_folder_that_is_not_there_is_an_error_not_made_anew(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """``[cluster] bodies_dir`` on a shared file system not mounted: medgw must not make
+    the folder on the local disk, where no other node would read the bodies."""
+    mount = tmp_path / "shared"  # the mount point, with nothing mounted on it
+    mount.mkdir()
+    bodies = mount / "medgw"
+    config = layout.hospital.config_path
+    with config.open("a") as toml:
+        toml.write(f'\n[cluster]\nbodies_dir = "{bodies}"\n')
+    said = (
+        f"error: {config}: cluster.bodies_dir: the nodes' shared folder of bodies {bodies} "
+        "does not exist (or is not a folder); medgw does not create it: if the shared file "
+        "system it is on is not mounted, the bodies this node queues would be where no "
+        f"other node can read them (fix: mount the shared file system (findmnt -T {mount}), "
+        f"or, on a new one, create the folder in it (mkdir {bodies}, owned by the medgw "
+        "user); keep it a folder inside the mount, not the mount point itself, so that a "
+        "missing mount is seen)"
+    )
+    checked = check_config(config)
+    assert checked.returncode == 1 and said in checked.stderr, checked.stderr
+    started = medgw("run", "--config", config)
+    assert started.returncode == 1 and "Traceback" not in started.stderr, started.stderr
+    assert said.removeprefix("error: ") in started.stderr, started.stderr
+    assert not bodies.exists()
+
+    bodies.mkdir()  # mounted
+    assert check_config(config).returncode == 0
+
+
 @pytest.mark.parametrize("closed", ["certs/crls", "certs/crls/loopback"])
 def test_a_crl_folder_the_user_may_not_enter_is_a_config_error(closed: str) -> None:
     """``certs/crls`` closed: the zone's folder cannot even be looked at; ``loopback``

@@ -15,7 +15,8 @@ while loading the configuration: other commands read it as other users.
   removed (a warning, as above).
 
 A folder that does not exist yet is judged by the nearest of its parents that
-does: medgw creates it there.
+does: medgw creates it there.  Except ``[cluster] bodies_dir``, the folder the nodes
+share: it must exist (an error), as medgw cannot tell a new folder from a missing mount.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
             for folder in (top / peer.name, *(top / peer.name / s for s in peer.services)):
                 if folder.is_dir():
                     checks.append((key, f"{what}'s folder", folder, rule, "warning"))
-    problems = []
+    problems = _shared_folder_missing(config)
     for key, what, path, rule, severity in checks:
         blocked = _not_writable(path)
         if blocked is None and key == "storage.inbox_dir" and path.is_dir():
@@ -111,6 +112,29 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
                 )
             )
     return problems
+
+
+def _shared_folder_missing(config: GatewayConfig) -> list[ConfigProblem]:
+    """``[cluster] bodies_dir``, the folder the nodes share, must be there: medgw makes
+    its own folders in it, never the folder itself, since a shared file system that is
+    not mounted would leave the bodies this node queues where no other node reads them."""
+    bodies = config.cluster.bodies_dir
+    if bodies is None or bodies.is_dir():
+        return []
+    return [
+        ConfigProblem(
+            str(config.source),
+            "cluster.bodies_dir",
+            f"the nodes' shared folder of bodies {bodies} does not exist (or is not a "
+            "folder); medgw does not create it: if the shared file system it is on is not "
+            "mounted, the bodies this node queues would be where no other node can read them",
+            f"mount the shared file system (findmnt -T {bodies.parent}), or, on a new one, "
+            f"create the folder in it (mkdir {bodies}, owned by the medgw user); keep it a "
+            "folder inside the mount, not the mount point itself, so that a missing mount "
+            "is seen",
+            "error",
+        )
+    ]
 
 
 def _lacking(where: Path) -> str:

@@ -72,6 +72,7 @@ def add_node(
     )
     path = side.config_path if first else side.config_path.with_name(f"gateway-{name}.toml")
     path.write_text(text)
+    (side.root / "shared-bodies").mkdir(exist_ok=True)  # the mount the nodes share
     return path
 
 
