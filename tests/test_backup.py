@@ -441,9 +441,10 @@ def test_a_restored_trail_keeps_its_order_notes_so_reviews_bisect_it(
     layout: DemoLayout, tmp_path: Path, notes: bool
 ) -> None:
     """The bundle carries the writer's notes for reviews (``<audit_log>.order``): the
-    restored trail's files are bisected by a query as on the host that wrote them.  A
-    bundle without them (written by an earlier version) restores a trail read whole: the
-    same records found, more slowly."""
+    restored trail's files are bisected by a query as on the host that wrote them (the
+    notes a refused restore left on the fresh host are replaced).  A bundle without them
+    (written by an earlier version) restores a trail read whole: the same records found,
+    more slowly."""
     hospital = layout.hospital
     start = (datetime.now(UTC) - timedelta(days=3)).replace(hour=9, minute=0, second=0)
     clock = SetClock(start)
@@ -460,6 +461,11 @@ def test_a_restored_trail_keeps_its_order_notes_so_reviews_bisect_it(
     bundle, key, cert = owed_handover_backup(layout, tmp_path)
 
     new = fresh_host(layout, "hospital-restored", hospital)
+    wrong = medgw(
+        "restore", "--from", bundle, "--cert", cert, "--key", "/nonexistent", "--config", new
+    )
+    assert wrong.returncode == 1  # refused and audited: a trail and notes of its own
+    assert order_path(new.parent / "audit" / "audit.jsonl").exists()
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", new)
     assert done.returncode == 0, done.stderr
     restored = trail_files(new.parent / "audit" / "audit.jsonl")
