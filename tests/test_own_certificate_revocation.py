@@ -21,6 +21,7 @@ from cryptography import x509
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from tests.cli import medgw
+from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, reported
 from tests.helpers.demo import demo_ca, edit, revoke
 
@@ -139,3 +140,30 @@ def test_medgw_does_not_start_with_our_revoked_tls_certificate(
     assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in output
     assert "is revoked since" in output and f"by the CRL of {ROOT_CA}" in output
     assert not any(line.get("event") == "daemon.ready" for line in hospital.lines)
+
+
+def test_a_crl_revoking_ours_and_a_peers_is_applied_at_a_reload_and_ours_alerted(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The CA's new CRL revokes our TLS certificate and the lab's: refusing the reload
+    for ours would keep the old CRL, and the lab's revoked certificate accepted, while
+    changing nothing about ours.  The reload is applied, the lab's certificate refused,
+    and ours alerted and said to the admin who asked."""
+    hospital = processes.start(layout.hospital.config_path)
+    lab_tls = x509.load_pem_x509_certificate(
+        (layout.hospital.root / "certs" / "peers" / "lab" / "tls.crt").read_bytes()
+    )
+    revoke(layout, crl_file(layout), our(layout, "tls.crt"), lab_tls)
+    done = medgw("reload", "--config", layout.hospital.config_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in done.stdout, done.stdout
+    [alert] = wait_for_events(layout.hospital.audit_log, "pki.own_certificate_unusable")
+    assert alert["severity"] == "alert" and "is revoked since" in alert["reason"], alert
+    [rejected] = wait_for_events(
+        layout.hospital.audit_log,
+        "peer.certificate_rejected",
+        where=lambda r: r["peer"] == "lab" and "revoked" in r["reason"].lower(),
+    )
+    assert rejected["outcome"] == "failure", rejected
+    wait_for_events(layout.hospital.audit_log, "config.reloaded")
+    assert hospital.proc.poll() is None  # still serving

@@ -122,6 +122,8 @@ class EventType(StrEnum):
     AUDIT_VERIFICATION_FAILED = "audit.verification_failed"
     # Our own or a peer's certificate expires within 30, 7 or 1 day(s)
     CERTIFICATE_EXPIRING = "pki.certificate_expiring"
+    # A reload found a certificate of ours in force unusable (expired, revoked): applied
+    OWN_CERTIFICATE_UNUSABLE = "pki.own_certificate_unusable"
     # Remote maintenance over SSH (gateway.maintenance): one session's login, each
     # command, each refused request (shell, port forward, SFTP), logout (MNT-3).
     MAINTENANCE_LOGIN = "maintenance.login"

@@ -89,7 +89,7 @@ class Reloader:
             old = self._state()
             try:
                 new_config = await asyncio.to_thread(load_config, self._config_path)
-                own_warnings = await self._trust.judge_own(new_config)
+                own_warnings = await self._trust.judge_own(new_config, old.config)
                 unchanged = restart_only_changes(old.config, new_config)
                 if unchanged:
                     raise StartupError(

@@ -17,6 +17,7 @@ from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, Zone
 from gateway.egress import Network, Refused, ZonePath
+from gateway.errors import ConfigError
 from gateway.logs import Logger
 from gateway.pki.crl import CrlFinding, stale_crl_warnings
 from gateway.pki.expiry import Held, expiring
@@ -26,6 +27,18 @@ from gateway.pki.own import peer_path
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peers
 from gateway.pki.tls import certificate_fingerprint
 from gateway.report import own_certificates_usable
+
+
+def _own_identities(config: GatewayConfig) -> tuple[object, ...]:
+    """The certificates (with their chains) medgw presents, signs and exports with."""
+    export = config.audit_export
+    pairs = (
+        config.tls.identity,
+        config.smime.signing,
+        config.smime.encryption,
+        export.identity if export is not None else None,
+    )
+    return tuple((p.certificate, p.chain) if p is not None else None for p in pairs)
 
 
 class TrustKeeper:
@@ -84,11 +97,35 @@ class TrustKeeper:
             adjust=functools.partial(adjust, config) if adjust is not None else None,
         )
 
-    async def judge_own(self, config: GatewayConfig) -> Sequence[object]:
+    async def judge_own(
+        self, config: GatewayConfig, in_force: GatewayConfig | None = None
+    ) -> Sequence[object]:
         """Our certificates judged by the rules a peer applies to them: raises
         :class:`ConfigError` naming each one every peer refuses (a reload keeps the
-        configuration in force); returns a warning for each one a peer may refuse."""
-        return await own_certificates_usable(config, at=self._clock.now())
+        configuration in force); returns a warning for each one a peer may refuse.
+
+        At a reload (``in_force``: the configuration serving), certificates found wanting
+        that are the very ones serving (expired while medgw ran, or revoked by the CRL
+        the reload brings) do not refuse it: that would keep the old CRLs, peers and
+        zones too, and change nothing about ours.  They are alerted instead, and returned
+        with the warnings."""
+        try:
+            return await own_certificates_usable(config, at=self._clock.now())
+        except ConfigError as exc:
+            if in_force is None or _own_identities(config) != _own_identities(in_force):
+                raise
+            for problem in exc.problems:
+                self._log.error("pki.own_certificate_unusable", problem=str(problem))
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.OWN_CERTIFICATE_UNUSABLE,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        reason=problem.message,
+                        detail={"key": problem.key, "fix": problem.fix},
+                    )
+                )
+            return list(exc.problems)
 
     def audit(
         self,
