@@ -6,11 +6,15 @@ from __future__ import annotations
 import signal
 import socket
 import ssl
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gateway.demo_run import drop_file
+from gateway.demo_run import drop_file, free_port
 from gateway.pki.demo import DemoLayout
+from gateway.pki.issue import issue, make_ca, write_pem
+from gateway.pki.tls import certificate_fingerprint
 from tests.helpers.audit import wait_for_events
+from tests.helpers.demo import demo_ca
 from tests.helpers.metrics import DEADLINE, get, scrape, value, wait_scrape, with_metrics
 
 
@@ -108,3 +112,66 @@ def test_not_ready_while_a_failed_reload_leaves_the_old_configuration(
     hospital.signal(signal.SIGHUP)
     wait_for_events(layout.hospital.audit_log, "config.reloaded")
     assert get(port, "/health/ready") == (200, "ready\n")
+
+
+def test_expiry_days_of_the_ca_certificates_sent_with_ours_and_of_the_export_certificate(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The metric covers what the expiry alerts cover: our TLS certificate issued by an
+    intermediate that expires in 5 days (sent after it in tls.crt), and the audit export's
+    client certificate with its own intermediate from the monitoring's CA."""
+    now = datetime.now(UTC)
+    issuing = make_ca(
+        "Sakura Issuing CA", now=now - timedelta(days=25), days=30, parent=demo_ca(layout)
+    )
+    certs = layout.hospital.root / "certs"
+    tls = issue(
+        issuing,
+        "SAKURA-HOSPITAL",
+        purpose="tls",
+        now=now - timedelta(days=1),
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+    )
+    write_pem(certs / "tls.crt", [tls.certificate, issuing.certificate])
+    write_pem(certs / "tls.key", tls.key)
+    monitoring = make_ca("Monitoring CA", now=now - timedelta(days=400))
+    monitoring_issuing = make_ca(
+        "Monitoring Issuing CA", now=now - timedelta(days=10), days=100, parent=monitoring
+    )
+    client = issue(
+        monitoring_issuing, "medgw-hospital", purpose="tls", now=now - timedelta(days=1), days=61
+    )
+    folder = certs / "audit-export"
+    folder.mkdir()
+    write_pem(folder / "client.crt", [client.certificate, monitoring_issuing.certificate])
+    write_pem(folder / "client.key", client.key)
+    write_pem(folder / "ca.crt", monitoring.certificate)
+    port = with_metrics(layout.hospital)
+    with layout.hospital.config_path.open("a") as handle:
+        handle.write(
+            f"""
+[audit.export]
+collector = "127.0.0.1:{free_port()}"
+ca = "{folder / "ca.crt"}"
+certificate = "{folder / "client.crt"}"
+key = "{folder / "client.key"}"
+"""
+        )
+    processes.start(layout.hospital.config_path)
+
+    found = {
+        (dict(k[1])["use"], dict(k[1])["sha256"]): v
+        for k, v in scrape(port).items()
+        if k[0] == "medgw_certificate_expiry_days" and dict(k[1])["owner"] == "self"
+    }
+
+    def days(use: str, issued: Any) -> float:
+        return found[(use, certificate_fingerprint(issued.certificate)[:16])]
+
+    assert 823 < days("tls", tls) <= 824, found
+    assert 4 < days("ca", issuing) <= 5, found
+    assert 59 < days("export", client) <= 60, found
+    assert 89 < days("ca", monitoring_issuing) <= 90, found
+    # Roots are a peer's (or the collector's) own trust anchors: not ours to renew.
+    assert len([use for use, _ in found if use == "ca"]) == 2, found

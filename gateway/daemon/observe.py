@@ -8,17 +8,16 @@ import asyncio
 import contextlib
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
-
-from cryptography import x509
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Pending
 from gateway.audit.log import Then
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, MetricsSettings
 from gateway.config.access import access_problems
+from gateway.daemon.trust import held_certificates
 from gateway.logs import Logger
 from gateway.metrics.collector import Certificate, Crl, GatewayMetrics, Snapshot
 from gateway.metrics.server import MetricsServer
@@ -218,6 +217,7 @@ class Observer:
         return snapshot(
             config,
             spool,
+            at=self._clock.now(),
             not_ready=self.not_ready(),
             export_backlog=self._export_backlog(),
         )
@@ -251,30 +251,37 @@ class _Counting:
         self._observer.readiness.note(event)
 
 
-def _certificates(owner: str, use: str, certs: Iterable[x509.Certificate]) -> list[Certificate]:
-    return [
-        Certificate(owner, use, certificate_fingerprint(c)[:16], c.not_valid_after_utc)
-        for c in certs
-    ]
+# The metric's ``use`` label of each use the expiry alerts name (gateway.daemon.trust).
+_USE_LABELS = {
+    "TLS": "tls",
+    "S/MIME signing": "signing",
+    "S/MIME decryption": "encryption",
+    "S/MIME encryption": "encryption",
+    "audit export client": "export",
+    "CA": "ca",
+}
 
 
 def snapshot(
     config: GatewayConfig,
     spool: QueueCounts,
     *,
+    at: datetime,
     not_ready: list[str],
     export_backlog: int | None,
 ) -> Snapshot:
-    """What Prometheus reads at one scrape, from the configuration in force."""
+    """What Prometheus reads at one scrape, from the configuration in force; its
+    certificates are those the expiry alerts watch (the CA certificates sent with ours
+    on the path a peer builds at ``at``)."""
     certificates = [
-        *_certificates("self", "tls", [config.tls.identity.certificate]),
-        *_certificates("self", "signing", [config.smime.signing.certificate]),
-        *_certificates("self", "encryption", [k.certificate for k in config.smime.decryption_keys]),
+        Certificate(
+            held.peer if held.peer is not None else "self",
+            _USE_LABELS[held.use],
+            certificate_fingerprint(held.certificate)[:16],
+            held.certificate.not_valid_after_utc,
+        )
+        for held in held_certificates(config, at)
     ]
-    for peer in config.peers:
-        certificates += _certificates(peer.name, "tls", peer.tls_certificates)
-        certificates += _certificates(peer.name, "signing", peer.signing_certificates)
-        certificates += _certificates(peer.name, "encryption", peer.encryption_certificates)
     crls = [
         Crl(
             zone.name,

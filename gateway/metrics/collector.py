@@ -263,7 +263,7 @@ class _SnapshotCollector(Collector):
         days = GaugeMetricFamily(
             "medgw_certificate_expiry_days",
             "Days until a configured certificate expires (negative: expired), ours "
-            "(owner=self) and the peers'",
+            "(owner=self, with the CA certificates sent with them: use=ca) and the peers'",
             labels=["owner", "use", "sha256"],
         )
         for cert in snap.certificates:
