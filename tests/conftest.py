@@ -62,7 +62,8 @@ def make_spool(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
         spool: Spool = (
             SqliteSpool(tmp_path / "spool.db", clock, claimant)
             if settings is None
-            else PostgresSpool(settings, clock, claimant)
+            # Leases on the test's clock, which it moves to make them run out.
+            else PostgresSpool(settings, clock, claimant, server_time=False)
         )
         opened.append(spool)
         return spool

@@ -15,7 +15,9 @@ with ``--until-file PATH``: ``PATH.reached`` is created when the call is held);
 ``--kill-after-event NAME`` kills it right after the audit
 record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
 write of that record fail instead (as on a full disk); ``--group-of N`` makes the
-receiver's first group of receipts wait until N documents wait to be stored in it.
+receiver's first group of receipts wait until N documents wait to be stored in it;
+``--clock-ahead SECONDS`` sets the process's wall clock (gateway.clock.SystemClock)
+that far ahead of the host's (a node whose clock is wrong).
 The product has no hook of its own: this file is not part of the installed package,
 and nothing an administrator sets can make a ``medgw`` process stop like this.
 """
@@ -32,6 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +167,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--kill-after-event", metavar="EVENT")
     parser.add_argument("--fail-once-at-event", metavar="EVENT")
     parser.add_argument("--group-of", metavar="N", type=int)
+    parser.add_argument("--clock-ahead", metavar="SECONDS", type=float)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -182,6 +186,9 @@ def main(argv: list[str]) -> None:
         _patch("gateway.audit.log:AuditLog._write_all", failing)
     if args.group_of:
         _patch("gateway.inbound.settling:ReceiptGroups._company", _group_of(args.group_of))
+    if args.clock_ahead:
+        ahead = timedelta(seconds=args.clock_ahead)
+        _patch("gateway.clock:SystemClock.now", lambda now: lambda self: now(self) + ahead)
     # The command: python -m MODULE ARGS...
     at = command.index("-m")
     module, rest = command[at + 1], command[at + 2 :]

@@ -30,8 +30,8 @@ LEASE = 60.0
 @pytest.fixture
 def nodes(postgres: PostgresSettings) -> Iterator[tuple[PostgresSpool, PostgresSpool, SetClock]]:
     clock = SetClock(datetime(2026, 12, 5, 9, 0, tzinfo=UTC))
-    a = PostgresSpool(postgres, clock, Claimant("a", LEASE))
-    b = PostgresSpool(postgres, clock, Claimant("b", LEASE))
+    a = PostgresSpool(postgres, clock, Claimant("a", LEASE), server_time=False)
+    b = PostgresSpool(postgres, clock, Claimant("b", LEASE), server_time=False)
     try:
         yield a, b, clock
     finally:

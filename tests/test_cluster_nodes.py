@@ -232,6 +232,54 @@ def test_a_second_node_under_a_running_nodes_name_refuses_to_start(
     delivered_once(layout, *documents)
 
 
+def test_a_node_whose_clock_is_ahead_takes_over_only_the_claims_that_ran_out(
+    layout: DemoLayout,
+    processes: Processes,
+    lab: Lab,
+) -> None:
+    """lab-b's clock is ten minutes ahead of lab-a's: leases are judged by the database's
+    clock, so lab-b leaves lab-a's live sends alone, and still takes them over once
+    lab-a is dead and its lease has run out."""
+    lab.slow_handshakes()
+    lab.front.held = True  # the sends stay open
+    lab_a = processes.start(lab.a)
+    documents = [f"MSH|^~\\&|LAB|{i}\r".encode() for i in range(3)]
+    for i, data in enumerate(documents[:2]):
+        drop_file(layout.lab.outbox_dir / "hospital", f"doc-{i}.hl7", data)  # lab-a's outbox
+
+    def sending_by(node: str, count: int) -> Callable[[], bool]:
+        return lambda: (
+            sum(r.state is OutboundState.SENDING and r.node == node for r in outbound(lab.spool))
+            == count
+        )
+
+    wait_until(sending_by("lab-a", 2), 120, "lab-a sending its documents")
+    processes.start(lab.b, prefix=killed_at("--clock-ahead", "600"))
+    drop_file(layout.lab.root / "outbox-lab-b" / "hospital", "doc-2.hl7", documents[2])
+    wait_until(sending_by("lab-b", 1), 120, "lab-b sending its document")
+
+    def renewed_after(lease: float) -> Callable[[], bool]:
+        return lambda: own_lease() != lease
+
+    def own_lease() -> float:
+        [mine] = [r for r in outbound(lab.spool) if r.filename == "doc-2.hl7"]
+        return mine.lease_until
+
+    # Its claim renewed twice: lab-b has judged every claim in a take-over round between.
+    for _ in range(2):
+        wait_until(renewed_after(own_lease()), 60, "lab-b renewing its claim")
+    assert sending_by("lab-a", 2)()  # lab-a's live claims left alone
+    trail_b = layout.lab.root / "audit" / "audit-lab-b.jsonl"
+    assert events(trail_b, "message.taken_over") == []
+
+    lab_a.kill()  # dead: its claims run out, and lab-b takes them over
+    taken = wait_for_events(trail_b, "message.taken_over", count=2)
+    assert {r["detail"]["from_node"] for r in taken} == {"lab-a"}
+    lab.front.held = False
+    settled(lab.spool, len(documents), 120)
+    delivered_once(layout, *documents)
+
+
 def test_a_document_a_dead_node_took_in_is_sent_by_a_running_node(
     layout: DemoLayout,
     processes: Processes,

@@ -86,7 +86,7 @@ def cluster(layout: DemoLayout, postgres: PostgresSettings, tmp_path: Path) -> I
         ("a", replace(postgres, socket_dir=cut.socket_dir, connect_timeout=3)),
         ("b", postgres),
     ):
-        spool = PostgresSpool(settings, clock, Claimant(name, LEASE))
+        spool = PostgresSpool(settings, clock, Claimant(name, LEASE), server_time=False)
         vault = Vault(keys, spool)
         vault.open()
         trail = tmp_path / f"audit-{name}.jsonl"

@@ -37,7 +37,9 @@ class PostgresSpool(
 
     def renew_leases(self) -> int:
         """See :meth:`gateway.spool.protocol.Spool.renew_leases`; a running node's name held
-        first (:meth:`PostgresDatabase.hold_name`): claims are renewed only under it."""
+        first (:meth:`PostgresDatabase.hold_name`): claims are renewed only under it; and
+        the database server's clock read again, which the leases are judged by."""
         if self._holds_name:
             self.hold_name()
+        self.clock_offset()
         return super().renew_leases()

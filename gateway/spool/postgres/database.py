@@ -28,6 +28,13 @@ is checked against it before it is used (gateway.spool.postgres.generation): a
 spool restored while the node ran (unreachable meanwhile, so that the restore did not
 see it) makes that call, and every later one, fail with
 :class:`~gateway.errors.SpoolReplacedError`, and ``on_replaced`` hears it, once.
+
+Leases are judged by the database server's clock, the one clock all nodes share: a
+node's clock set ahead would otherwise find the live claims of the others run out
+and take them over, and one set behind would hold its own past their end.  The
+server's time is read at start and at each renewal of the leases (every third of a
+lease) and the node's clock's difference to it kept (:meth:`PostgresDatabase.clock_offset`);
+each lease written or judged is a time on the node's clock moved by that difference.
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ _NAME_HOLDER = (
     " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
     " AND CAST(l.classid AS BIGINT) = %s AND CAST(l.objid AS BIGINT) = %s"
 )
+# The database server's time (epoch seconds) as the leases take it.
+_SERVER_TIME = "SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now"
 # How long a start waits for its own earlier session, which still holds its name, to end.
 _OWN_SESSION_WAIT_MS = 5000
 
@@ -189,9 +198,12 @@ class PostgresDatabase(SqlStore):
         on_change: Callable[[str | None], None] | None = None,
         on_replaced: Callable[[SpoolReplacedError], None] | None = None,
         hold_name: bool = False,
+        server_time: bool = True,
     ) -> None:
         """``hold_name``: a running node's spool, which holds its name (see
-        :meth:`hold_name`) from here on; :class:`NodeNameTakenError` if another holds it."""
+        :meth:`hold_name`) from here on; :class:`NodeNameTakenError` if another holds it.
+        ``server_time``: leases judged by the database server's clock (see module doc);
+        False: by ``clock`` alone (a test's, that moves it to make leases run out)."""
         self._settings = settings
         self._clock = clock
         self._claimant = claimant if claimant is not None else Claimant()
@@ -215,7 +227,11 @@ class PostgresDatabase(SqlStore):
         self._name_session: psycopg.Connection[DictRow] | None = None
         self._name_pid: int | None = None
         self._name_guard = threading.Lock()
+        # The database server's clock minus this node's, in seconds (see clock_offset).
+        self._offset = 0.0
+        self._server_time = server_time
         self._generation = self._transact(_start)
+        self.clock_offset()
         if hold_name:
             try:
                 self.hold_name()
@@ -318,6 +334,21 @@ class PostgresDatabase(SqlStore):
         if first and self._on_replaced is not None:
             self._on_replaced(error)
         raise self._replaced
+
+    def clock_offset(self) -> float:
+        """Read the database server's time and keep how far it is from this node's clock
+        (seconds; positive: the node's clock is behind), by which every lease is moved
+        (see module doc); returns it."""
+        before = self._clock.now().timestamp()
+        rows = self._read(_SERVER_TIME, (), each_run=True)
+        after = self._clock.now().timestamp()
+        self._offset = float(rows[0]["now"]) - (before + after) / 2
+        return self._offset
+
+    def _lease(self) -> tuple[float, float]:
+        """Now and the end of a lease made now, on the database server's clock."""
+        now = self._clock.now().timestamp() + (self._offset if self._server_time else 0.0)
+        return now, now + self._claimant.lease_seconds
 
     def shred(self) -> bool:
         """Reclaim the space of deleted rows (``VACUUM``): PostgreSQL has no secure
