@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,12 +21,31 @@ from tests.helpers.listener import SilentPeer, silent_peer
 from tests.helpers.postgres import SKIP_REASON, PostgresServer, running_server, server_binaries
 from tests.helpers.zones import World, two_zone_world
 from tests.rsyslog import Collector
+from tests.testdata import OUTSIDE
 
 # No property test has a wall-clock deadline per example: on a loaded machine a
 # correct example can take longer than hypothesis' default 200 ms, and how fast
 # the code is is measured in bench/, not asserted by a test.
 settings.register_profile("medgw", deadline=None)
 settings.load_profile("medgw")
+
+# Set by CI (.ci/run), which installs everything the suite needs: there a test that
+# skips (no PostgreSQL, openssl, root, a namespace...) is a failure, so a missing part
+# can never pass for a check that ran.  Except test data from outside the project
+# (tests/testdata.py), which no installation brings.
+EVERY_TEST_RUNS = "MEDGW_EVERY_TEST_RUNS"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get(EVERY_TEST_RUNS):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        if OUTSIDE in str(reason):
+            return
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run ({EVERY_TEST_RUNS} is set): {reason}"
 
 
 @pytest.fixture(scope="session")

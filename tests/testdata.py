@@ -18,6 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ENVIRONMENT = "MEDGW_TESTDATA"
+# In the reason of a test skipped for want of such a set: not a part CI installs.
+OUTSIDE = "It is test data from outside this project, not in the repository"
 
 
 def shared_folder() -> Path:
@@ -47,7 +49,7 @@ class DataSet:
         """Why the tests that need this set cannot run here, and what to do about it."""
         return (
             f"needs {self.name}, not found at {self.folder} (no {self.marker} there). "
-            f"It is test data from outside this project, not in the repository: get it "
+            f"{OUTSIDE}: get it "
             f"from {self.source}, and put it in {self.folder_name}/ of ../shared/testdata "
             f"beside the project's folder, or of the folder named by ${ENVIRONMENT}"
         )
