@@ -111,7 +111,9 @@ class _Delivered:
     service: str | None
     content_type: str
     size: int
-    recorded: Pending  # its message.delivered, written: waited for before the spool's change
+    # Its message.delivered, written by the receipt groups once the inbox folder is
+    # synced, before the spool's change (None: a resend of a document delivered before).
+    record: AuditEvent | None
 
 
 def _unverified(exc: Exception | None, opened: DecryptedFile) -> Refused:
@@ -178,7 +180,7 @@ class InboundProcessor:
         self._log = log
         self._locks = locks if locks is not None else InboundLocks()
         self._delivery = InboxDelivery(config, spool, audit, log, self._locks)
-        self._receipt_groups = ReceiptGroups(spool, audit, log, vault)
+        self._receipt_groups = ReceiptGroups(spool, audit, log, vault, self._locks.folders)
         self._work_ready = False  # state_dir/incoming made (see _accept)
 
     @property
@@ -356,13 +358,7 @@ class InboundProcessor:
                 reason="resend of a delivered message: answered with the original receipt",
             )
             return InboundResponse(Answer.RECEIPT, duplicate.headers, kept)
-        try:
-            return self._answer(request, message_id, digest, mic, delivered, details, arrival)
-        except BaseException:
-            if delivered is not None:  # every record written is waited for
-                with contextlib.suppress(OSError):
-                    delivered.recorded.wait()
-            raise
+        return self._answer(request, message_id, digest, mic, delivered, details, arrival)
 
     def _answer(
         self,
@@ -382,11 +378,11 @@ class InboundProcessor:
             return response
         delivery = self._config.delivery
         hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
-        # message.delivered (written before the receipt was signed, waited for there: it
-        # precedes the spool's "delivered"), then the receipt and the hand-over to the
-        # internal system in one transaction (every document answered "processed" is
-        # handed over; the receipt kept encrypted at rest, with its data key), then
-        # receipt.sent: each step taken together with the documents ready with this one.
+        # The inbox folder's sync (the link durable), message.delivered (it precedes the
+        # spool's "delivered"), then the receipt and the hand-over to the internal system
+        # in one transaction (every document answered "processed" is handed over; the
+        # receipt kept encrypted at rest, with its data key), then receipt.sent: each
+        # step taken together with the documents ready with this one.
         sent = AuditEvent(
             EventType.RECEIPT_SENT,
             peer=peer.name,
@@ -406,7 +402,8 @@ class InboundProcessor:
             list(response.headers),
             response.body,
             (delivered.content_type, delivered.size) if hand_over else None,
-            delivered.recorded,
+            None if delivered.record is None else delivered.target.parent,
+            delivered.record,
             sent,
         )
         self._receipt_groups.store(receipt, arrival)
@@ -451,7 +448,7 @@ class InboundProcessor:
             self._remove_work_files(written)
             raise
         # Nothing may raise between the delivery and the caller's answer: the document is
-        # in the inbox and its message.delivered written, to be waited for there.
+        # in the inbox, its folder's sync and message.delivered left to the receipt groups.
         self._remove_work_files(written)
         return accepted
 
@@ -580,7 +577,7 @@ class InboundProcessor:
                 received.wait()
             raise
         received.wait()  # done before the link: returns at once
-        where = _Delivered(delivered.target, service, content_type, size, delivered.recorded)
+        where = _Delivered(delivered.target, service, content_type, size, delivered.record)
         return mic, where, signer.receipt_line
 
     # -- audit ----------------------------------------------------------------
