@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import __version__
 from gateway.errors import NodeNameTakenError, SpoolError, SpoolReplacedError, SpoolUnreachableError
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.issue import make_ca, write_pem
@@ -156,6 +157,26 @@ def test_a_node_name_is_held_by_one_running_node_at_a_time(
     second.close()
     node_spool(postgres, "gw-a").close()
     other.close()
+
+
+def test_a_newer_schema_is_refused_naming_both_releases_and_the_node_that_upgraded_it(
+    postgres: PostgresSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    PostgresSpool(postgres, TickingClock(), Claimant("gw-a", 60)).close()
+    # A newer release, started on node gw-new, upgrades the spool.
+    monkeypatch.setattr("gateway.spool.postgres.schema.VERSION", VERSION + 1)
+    monkeypatch.setattr("gateway.spool.postgres.schema.__version__", "9.9.9")
+    PostgresSpool(postgres, TickingClock(), Claimant("gw-new", 60)).close()
+    monkeypatch.undo()
+    with pytest.raises(SpoolError) as refused:
+        PostgresSpool(postgres, TickingClock(), Claimant("gw-a", 60))
+    said = refused.value.message
+    assert (
+        f"schema version {VERSION + 1}, newer than this medgw knows ({VERSION}; medgw "
+        f"{__version__} on node gw-a): medgw 9.9.9 on node gw-new has upgraded it"
+    ) in said
+    assert "upgrade medgw on node gw-a" in (refused.value.fix or "")
+    assert "same medgw version on every node" in (refused.value.fix or "")
 
 
 @dataclass

@@ -230,7 +230,7 @@ class PostgresDatabase(SqlStore):
         # The database server's clock minus this node's, in seconds (see clock_offset).
         self._offset = 0.0
         self._server_time = server_time
-        self._generation = self._transact(_start)
+        self._generation = self._transact(functools.partial(_start, node=self._claimant.node))
         self.clock_offset()
         if hold_name:
             try:
@@ -600,8 +600,8 @@ class PostgresDatabase(SqlStore):
         )
 
 
-def _start(db: Connection) -> str:
-    """A node's start: the tables made or upgraded, and the generation it starts on, read
-    in the same transaction (under the lock a restore holds)."""
-    create_or_upgrade(db)
+def _start(db: Connection, node: str) -> str:
+    """A node's start (``node``: its name): the tables made or upgraded, and the generation
+    it starts on, read in the same transaction (under the lock a restore holds)."""
+    create_or_upgrade(db, node)
     return generation.current(db)

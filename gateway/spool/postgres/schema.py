@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+from gateway import __version__
 from gateway.errors import SpoolError
 from gateway.spool.schema import (
     ADDED_COLUMNS,
@@ -76,18 +77,30 @@ def postgres_types(ddl: str) -> str:
     return re.sub(r"\b(INTEGER|REAL|BLOB)\b", lambda m: _TYPES[m.group(1)], ddl)
 
 
-def create_or_upgrade(db: Connection) -> None:
+def upgraded_by(node: str) -> str:
+    """What the spool records of the medgw that last created or upgraded its tables (the
+    comment of the table ``spool_schema``): its release and the node it ran as."""
+    return f"medgw {__version__} on node {node}"
+
+
+def create_or_upgrade(db: Connection, node: str) -> None:
     """Create the tables (a new spool) or add what an older one lacks, in the caller's
-    transaction."""
+    transaction; ``node``: the name of the node doing it (recorded, for the message of
+    an older node that refuses the spool then)."""
     db.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
     db.execute("CREATE TABLE IF NOT EXISTS spool_schema (version BIGINT NOT NULL)")
     rows = db.execute("SELECT version FROM spool_schema", ()).fetchall()
     found = int(rows[0]["version"]) if rows else 0
     if found > VERSION:
+        rows = db.execute(
+            "SELECT obj_description(CAST('spool_schema' AS regclass), 'pg_class') AS who", ()
+        ).fetchall()
+        who = rows[0]["who"] if rows and rows[0]["who"] else "a newer medgw"
         raise SpoolError(
             f"the spool database has schema version {found}, newer than this medgw knows "
-            f"({VERSION}): a newer medgw has upgraded it",
-            fix="run the same medgw version on every node that shares this spool database",
+            f"({VERSION}; medgw {__version__} on node {node}): {who} has upgraded it",
+            fix=f"upgrade medgw on node {node} to the release the other nodes run: run the "
+            "same medgw version on every node that shares this spool database",
         )
     if found == VERSION:
         # Nothing to do: no DDL, whose table locks would conflict (even deadlock) with
@@ -122,3 +135,6 @@ def create_or_upgrade(db: Connection) -> None:
     db.execute(GENERATION_TABLE, ())  # its token: gateway.spool.postgres.generation
     db.execute("DELETE FROM spool_schema", ())
     db.execute("INSERT INTO spool_schema (version) VALUES (?)", (VERSION,))
+    # COMMENT takes no parameters: a literal, its quotes doubled.
+    said = upgraded_by(node).replace("'", "''")
+    db.execute(f"COMMENT ON TABLE spool_schema IS '{said}'", ())
