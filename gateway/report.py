@@ -352,8 +352,10 @@ async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> li
     applied to a peer's (gateway.pki.own): an error for one outside its validity period,
     not made for its use or revoked by a CRL of a zone it chains to (every peer refuses
     it), a warning for one that chains to no zone's trust anchors.  The audit export's
-    client certificate likewise for validity and clientAuth (its collector refuses it):
-    its path ends at the collector's trust anchors, not a zone's."""
+    client certificate likewise for validity and clientAuth (its collector refuses it),
+    but only as a warning: without it the export waits (and says so), while documents
+    go on flowing; a monitoring certificate never stops the gateway.  Its path ends at
+    the collector's trust anchors, not a zone's."""
     export = config.audit_export
     pairs: dict[str, KeyPair | None] = {
         "TLS": config.tls.identity,
@@ -385,14 +387,16 @@ async def own_certificate_problems(config: GatewayConfig, *, at: datetime) -> li
                 )
             if finding.clock:
                 fix += f"; {finding.clock}"
-            problems.append(
-                ConfigProblem(
-                    str(config.source),
-                    f"{table}.{cert_key}",
-                    f"our {label} {finding.message} (file {pair.certificate_path})",
-                    fix,
-                    finding.severity,
+            message = f"our {label} {finding.message} (file {pair.certificate_path})"
+            severity = finding.severity
+            if table == "audit.export":
+                message += (
+                    "; the collector refuses it: the audit export waits, and the records "
+                    "wait in the audit log, while documents go on flowing"
                 )
+                severity = "warning"
+            problems.append(
+                ConfigProblem(str(config.source), f"{table}.{cert_key}", message, fix, severity)
             )
     return problems
 
