@@ -27,6 +27,7 @@ from gateway.backup.bundle import ENTITY_HEAD, WORK_PREFIX, _complete_records
 from gateway.backup.restore import WORK as RESTORE_WORK
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.config.storage import SPOOL_FILE
 from gateway.demo_run import drop_file, read_audit, wait_until
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.demo import DemoLayout
@@ -45,6 +46,7 @@ from tests.helpers.backup import (
     recipient,
     sealed_bundle,
 )
+from tests.helpers.spooldisk import damage
 
 
 def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_once(
@@ -479,3 +481,39 @@ def test_a_restored_trail_keeps_its_order_notes_so_reviews_bisect_it(
     assert found.returncode == 0, found.stderr
     got = [json.loads(line)["message_id"] for line in found.stdout.splitlines()]
     assert got == [f"<{n}@lab>" for n in range(150)]
+
+
+@pytest.mark.parametrize("spool", ["missing", "damaged", "not-a-database"])
+def test_a_backup_of_a_missing_or_damaged_sqlite_spool_names_it_and_the_fix(
+    layout: DemoLayout, tmp_path: Path, spool: str
+) -> None:
+    """The backup reads the spool database itself (the daemon stopped): a missing file, or
+    one whose pages a failing disk overwrote, is said as the spool's own reads say it,
+    naming the file and the fix, without a traceback; no bundle is written."""
+    _, cert = recipient(tmp_path / "offline")
+    hospital = layout.hospital
+    add_backup(hospital.config_path, cert)
+    path = hospital.root / "state" / SPOOL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if spool != "missing":
+        SqliteSpool(path, SystemClock()).close()
+    if spool == "damaged":
+        damage(path, "outbound")
+    elif spool == "not-a-database":
+        with path.open("r+b") as handle:
+            handle.write(b"\xa5" * 100)  # the database header
+    target = tmp_path / "b.p7m"
+    made = medgw("backup", "--to", target, "--config", hospital.config_path)
+    assert made.returncode == 1, made.stdout
+    assert "Traceback" not in made.stderr, made.stderr
+    assert str(path) in made.stderr, made.stderr
+    assert "nothing was written" in made.stderr, made.stderr
+    if spool == "missing":
+        assert f"the spool database {path} does not exist" in made.stderr, made.stderr
+        assert "[storage] state_dir" in made.stderr, made.stderr
+    else:
+        assert f"the spool database {path} is damaged" in made.stderr, made.stderr
+        assert "medgw restore --from BUNDLE --force" in made.stderr, made.stderr
+    assert not target.exists()
+    assert not list(target.parent.glob(".*b.p7m*"))
+    assert not list((hospital.root / "state").glob(f"{WORK_PREFIX}*"))

@@ -35,7 +35,14 @@ from gateway.spool import SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.cli import medgw
 from tests.clocks import TickingClock
-from tests.helpers.spooldisk import BACKENDS, SpoolDisk, raise_on_inbound, run_sql, spool_disk
+from tests.helpers.spooldisk import (
+    BACKENDS,
+    SpoolDisk,
+    damage,
+    raise_on_inbound,
+    run_sql,
+    spool_disk,
+)
 from tests.helpers.storage import quota_used_up, writes_refused
 
 
@@ -109,27 +116,6 @@ def test_a_postgresql_server_out_of_memory_is_named_and_tried_again_alone(
         assert "<big@lab>" not in str(error)
     finally:
         spool.close()
-
-
-def damage(path: Path, table: str) -> None:
-    """Overwrite the root pages of ``table`` and of its indexes in the SQLite file at
-    ``path`` (closed, its log emptied into it), as a failing disk or a stray write does."""
-    db = sqlite3.connect(path)
-    try:
-        size = db.execute("PRAGMA page_size").fetchone()[0]
-        roots = [
-            root
-            for (root,) in db.execute(
-                "SELECT rootpage FROM sqlite_master WHERE tbl_name=? AND rootpage>0", (table,)
-            )
-        ]
-    finally:
-        db.close()
-    assert roots, table
-    with path.open("r+b") as handle:
-        for root in roots:
-            handle.seek((root - 1) * size)
-            handle.write(b"\xa5" * size)
 
 
 def assert_damaged(error: SpoolError, path: Path) -> None:

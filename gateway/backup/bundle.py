@@ -68,6 +68,7 @@ from gateway.pki.keypair import PrivateKey
 from gateway.policy import AlgorithmPolicy
 from gateway.spool.postgres import PostgresSettings
 from gateway.spool.records import RetainedKind, items_of
+from gateway.spool.sqlite.database import database_error
 
 MANIFEST = "medgw-backup.json"
 FORMAT = 2  # 2: a spool in PostgreSQL (a dump), the shared bodies folder (bodies/)
@@ -286,8 +287,37 @@ def _refresh(snapshot: sqlite3.Connection, live: Path, table: str, key: str) -> 
 def _collect_sqlite(config: GatewayConfig, files: _Collector) -> tuple[int, list[int]]:
     """The SQLite spool (its online backup) and the files it names; the number of
     outbound messages, and the key-encryption key versions its data keys are wrapped
-    under."""
+    under.  A spool database that is missing, damaged or unreadable is a
+    :class:`BackupError` naming it and the fix (as the spool's own reads say it)."""
     live = config.storage.spool_path
+    try:
+        return _copy_sqlite(config, files, live)
+    except sqlite3.ProgrammingError:
+        raise  # a bug in medgw (a closed connection, a wrong statement): not the file's
+    except sqlite3.Error as exc:
+        raise _spool_unreadable(config, live, exc) from exc
+
+
+def _spool_unreadable(config: GatewayConfig, live: Path, exc: sqlite3.Error) -> BackupError:
+    """``exc``, raised while the SQLite spool database ``live`` was read (or its copy,
+    which holds what the live file held), for the operator."""
+    if not live.exists():
+        return BackupError(
+            f"cannot back up the spool: the spool database {live} does not exist; nothing "
+            "was written",
+            fix=f"check [storage] state_dir in {config.source} (the spool is {live.name} in "
+            "it); a gateway never started has no spool to back up, and one whose spool was "
+            "lost is restored from its last backup (medgw restore --from BUNDLE --force; see "
+            "Backups in the admin guide)",
+        )
+    error = database_error(live, exc, "read")
+    return BackupError(
+        f"cannot back up the spool: {error.message}; nothing was written", fix=error.fix
+    )
+
+
+def _copy_sqlite(config: GatewayConfig, files: _Collector, live: Path) -> tuple[int, list[int]]:
+    """:func:`_collect_sqlite`'s work; sqlite3 errors left to it."""
     snapshot_path = files.root / "state" / live.name
     snapshot_path.parent.mkdir(parents=True)
     source = sqlite3.connect(f"file:{live}?mode=ro", uri=True)
@@ -317,6 +347,7 @@ def _collect_sqlite(config: GatewayConfig, files: _Collector) -> tuple[int, list
         messages = int(snapshot.execute("SELECT COUNT(*) FROM outbound").fetchone()[0])
         versions = _key_versions(snapshot)
     finally:
+        source.close()  # closed already, unless the copy failed
         snapshot.close()
     files.files[f"state/{live.name}"] = _sha256(snapshot_path)
     return messages, versions

@@ -10,6 +10,7 @@ the real server's error through the spool's real connection.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -105,3 +106,24 @@ def spool_disk(request: pytest.FixtureRequest, root: Path) -> Iterator[SpoolDisk
             yield SqliteDisk(folder)
         return
     yield PostgresDisk(request.getfixturevalue("postgres"))
+
+
+def damage(path: Path, table: str) -> None:
+    """Overwrite the root pages of ``table`` and of its indexes in the SQLite file at
+    ``path`` (closed, its log emptied into it), as a failing disk or a stray write does."""
+    db = sqlite3.connect(path)
+    try:
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+        roots = [
+            root
+            for (root,) in db.execute(
+                "SELECT rootpage FROM sqlite_master WHERE tbl_name=? AND rootpage>0", (table,)
+            )
+        ]
+    finally:
+        db.close()
+    assert roots, table
+    with path.open("r+b") as handle:
+        for root in roots:
+            handle.seek((root - 1) * size)
+            handle.write(b"\xa5" * size)
