@@ -445,7 +445,20 @@ def _unused_crl(zone: Zone, finding: CrlFinding, at: datetime) -> tuple[str, str
         until = f", nextUpdate {next_update:%Y-%m-%d %H:%M}Z" if next_update else ""
         what = f"cannot be used yet: {finding.message}{until}"
         fix = finding.fix
-    if zone.revocation == "off":
+    does, fix = crl_policy(zone, fix)
+    return f"zone {zone.name}'s CRL of {finding.issuer} {what}; {does}", fix
+
+
+def crl_policy(zone: Zone, fix: str) -> tuple[str, str]:
+    """What ``zone``'s revocation policy does while one of its CRLs cannot be used (stale,
+    dated after now, never fetched), and what ``fix`` (that CRL's) becomes under it."""
+    unless = " unless their OCSP responder answers" if zone.ocsp else ""
+    if zone.revocation == "require":
+        does = (
+            f'revocation = "require" refuses the certificates of its CA{unless}, and with '
+            "them the zone's peers that hold them"
+        )
+    elif zone.revocation == "off":
         does = (
             'revocation = "off" checks no certificate against any CRL, so a revoked '
             "certificate of this zone's peers is accepted whatever its CRLs say"
@@ -455,10 +468,9 @@ def _unused_crl(zone: Zone, finding: CrlFinding, at: datetime) -> tuple[str, str
             "or take it out of `crls`"
         )
     else:
-        unless = " unless their OCSP responder answers" if zone.ocsp else ""
         does = (
             'revocation = "prefer" accepts the certificates of its CA with their revocation '
             f"status unknown{unless}: a revocation this CRL does not list goes unseen (the "
             "certificates it lists stay refused)"
         )
-    return f"zone {zone.name}'s CRL of {finding.issuer} {what}; {does}", fix
+    return does, fix

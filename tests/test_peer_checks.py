@@ -419,3 +419,51 @@ async def test_a_crl_near_or_past_its_next_update_is_alerted_once_per_kind(
         said = await checks.refresh(*crl)
     assert [r["event"] for r in said[3:]] == ["pki.crl_stale"], said
     checks.audit.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "severity", "does", "fix"),
+    [
+        (
+            "require",
+            "alert",
+            'revocation = "require" refuses the certificates of its CA, and with them the '
+            "zone's peers that hold them",
+            "download the current CRL from the CA into the CRL folder and reload",
+        ),
+        (
+            "prefer",
+            "alert",
+            'revocation = "prefer" accepts the certificates of its CA with their revocation '
+            "status unknown: a revocation this CRL does not list goes unseen",
+            "download the current CRL from the CA into the CRL folder and reload",
+        ),
+        (
+            "off",
+            "warning",
+            'revocation = "off" checks no certificate against any CRL',
+            'set revocation = "require" (or "prefer") to use the zone\'s CRLs, and download',
+        ),
+    ],
+)
+async def test_a_stale_crl_alert_says_what_the_zones_revocation_policy_does(
+    layout: DemoLayout, tmp_path: Path, policy: str, severity: str, does: str, fix: str
+) -> None:
+    """Past its nextUpdate, a CRL refuses its CA's certificates only under "require":
+    ``pki.crl_stale`` and ``medgw pki check`` say what the zone's policy does with it, in
+    check-config's words; under "off", which uses no CRL, it is no alert."""
+    config = layout.hospital.config_path
+    text = config.read_text()
+    assert text.count('revocation = "require"') == 1
+    config.write_text(text.replace('revocation = "require"', f'revocation = "{policy}"'))
+    checks = ReChecks(layout, tmp_path)
+    checks.crl(40)
+    [stale] = await checks.refresh("pki.crl_stale")
+    assert stale["severity"] == severity, stale
+    assert stale["reason"].startswith("CRL is stale: nextUpdate "), stale
+    assert f"has passed; {does}" in stale["reason"], stale
+    assert "'require' are refused" not in stale["reason"]
+    assert stale["detail"]["fix"].startswith(fix), stale
+    checks.audit.close()
+    checked = medgw("pki", "check", "--config", config)  # says it as the alert does
+    assert f"has passed; {does}" in checked.stdout, checked.stdout

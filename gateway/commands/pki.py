@@ -289,7 +289,7 @@ def check_rows(
     for zone in zones.values():
         zone_crls = list(getattr(zone, "crls", ()))
         label = f"zone {zone.name} CRL"
-        rows.extend(_crl_rows(label, zone_crls, now, getattr(zone, "crl_warn_days", 7)))
+        rows.extend(_crl_rows(label, zone_crls, now, getattr(zone, "crl_warn_days", 7), zone))
         if getattr(zone, "fetch_crls", False):
             rows.extend(_fetched_crl_rows(config, zone, now))
             continue
@@ -347,7 +347,7 @@ def _fetched_crl_rows(config: Any, zone: Any, now: datetime) -> list[tuple[str, 
     rows = [
         ("ok" if severity == "warning" else severity, item, text)
         for severity, item, text in _crl_rows(
-            f"zone {zone.name} fetched CRL", list(held), now, zone.crl_warn_days
+            f"zone {zone.name} fetched CRL", list(held), now, zone.crl_warn_days, zone
         )
     ]
     have = {crl.issuer for crl in held}
@@ -365,13 +365,20 @@ def _fetched_crl_rows(config: Any, zone: Any, now: datetime) -> list[tuple[str, 
 
 
 def _crl_rows(
-    label: str, crls: list[Any], now: datetime, warn_days: int
+    label: str, crls: list[Any], now: datetime, warn_days: int, zone: Any = None
 ) -> list[tuple[str, str, str]]:
+    """``zone``: the zone the CRLs are of (None: given with --crl), whose revocation
+    policy says what a CRL that cannot be used does."""
     from gateway.pki.crl import crl_findings
+    from gateway.report import crl_policy
 
     rows: list[tuple[str, str, str]] = []
     for finding in crl_findings(crls, at=now, warn_days=warn_days):
-        text = finding.message + (f" (fix: {finding.fix})" if finding.fix else "")
+        message, fix = finding.message, finding.fix
+        if zone is not None and finding.severity == "error":
+            does, fix = crl_policy(zone, fix)
+            message = f"{message}; {does}"
+        text = message + (f" (fix: {fix})" if fix else "")
         rows.append((finding.severity, f"{label} {finding.issuer}", text))
     return rows
 

@@ -26,7 +26,7 @@ from gateway.pki.ocsp import OcspClient
 from gateway.pki.own import peer_path
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peers
 from gateway.pki.tls import certificate_fingerprint
-from gateway.report import own_certificates_usable
+from gateway.report import crl_policy, own_certificates_usable
 
 
 def _own_identities(config: GatewayConfig) -> tuple[object, ...]:
@@ -175,14 +175,20 @@ class TrustKeeper:
             for finding in findings:
                 if finding.cause in before:
                     continue
-                self._log.warning("crl.stale", zone=zone.name, finding=finding.message)
+                reason, fix, severity = finding.message, finding.fix, Severity.WARNING
+                if finding.severity == "error":  # not usable: what the zone's policy does
+                    does, fix = crl_policy(zone, fix)
+                    reason = f"{reason}; {does}"
+                    if zone.revocation != "off":  # "off" uses no CRL
+                        severity = Severity.ALERT
+                self._log.warning("crl.stale", zone=zone.name, finding=reason)
                 self._audit().emit(
                     AuditEvent(
                         EventType.CRL_STALE,
                         Outcome.FAILURE,
-                        Severity.ALERT if finding.severity == "error" else Severity.WARNING,
-                        reason=finding.message,
-                        detail={"zone": zone.name, "issuer": finding.issuer, "fix": finding.fix},
+                        severity,
+                        reason=reason,
+                        detail={"zone": zone.name, "issuer": finding.issuer, "fix": fix},
                     )
                 )
             still = {f.issuer for f in findings}

@@ -96,8 +96,7 @@ def crl_findings(
                 CrlFinding(
                     issuer,
                     "error",
-                    f"{kind} is stale: nextUpdate {next_update:%Y-%m-%d %H:%M}Z has passed; "
-                    "paths under revocation policy 'require' are refused",
+                    f"{kind} is stale: nextUpdate {next_update:%Y-%m-%d %H:%M}Z has passed",
                     "download the current CRL from the CA into the CRL folder and reload",
                     next_update,
                 )
