@@ -230,8 +230,9 @@ def test_a_submission_whose_commit_was_lost_is_answered_503_and_not_sent(
     assert "same Idempotency-Key" in (refused.value.fix or "")
     cut.refuse = False
     if taken_over:
+        # A lease past by a day: the other node judges it by its own clock, set ahead.
         later = SetClock(datetime.now(UTC) + timedelta(days=1))
-        other = PostgresSpool(postgres, later, Claimant("node-2"))
+        other = PostgresSpool(postgres, later, Claimant("node-2"), server_time=False)
         try:
             [held] = other.intake_interrupted()
         finally:
