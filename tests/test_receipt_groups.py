@@ -1,7 +1,5 @@
-"""The received documents ready at one moment are made durable together: one sync of
-the inbox folder they were linked into, one audit write of their ``message.delivered``
-records, one spool transaction and one audit write for their receipts, not one per
-document.
+"""The received documents ready at one moment are made durable together: one spool
+transaction and one audit write for their receipts, not one per document.
 
 The hospital's real inbound pipeline, spool (each backend) and audit trail receive
 the lab's signed and encrypted documents from several threads at once, as the
@@ -107,15 +105,11 @@ def _until(condition: Callable[[], bool], what: str) -> None:
 
 
 def _receive_together(
-    hospital: Receiver,
-    noted: Noted,
-    requests: Sequence[InboundRequest] | None = None,
-    waiting: Callable[[], None] = lambda: None,
+    hospital: Receiver, noted: Noted, requests: Sequence[InboundRequest] | None = None
 ) -> tuple[list[Any], list[str]]:
     """DOCUMENTS documents (``requests``, else new ones) processed in threads of their
-    own: the first one's group held until all the others, started then, wait for theirs
-    (``waiting`` is called then); each one's answer (or error), and the documents'
-    Message-IDs."""
+    own: the first one's group held until all the others, started then, wait for theirs;
+    each one's answer (or error), and the documents' Message-IDs."""
     if requests is None:
         requests = [hospital.request(b"MSH|together %d\r" % n) for n in range(DOCUMENTS)]
     answers: list[Any] = [None] * DOCUMENTS
@@ -136,7 +130,6 @@ def _receive_together(
         lambda: hospital.inbound.receipts_waiting == DOCUMENTS - 1,
         "every other document waits for its receipt to be stored",
     )
-    waiting()
     noted.release.set()
     for thread in threads:
         thread.join(DEADLINE)
@@ -184,82 +177,6 @@ def test_documents_delivered_together_are_stored_in_one_group(
     sent = [write for write in noted.writes if "receipt.sent" in write]
     assert [len(write) for write in sent] == [1, DOCUMENTS - 1], noted.writes
     _each_settled_once(hospital, answers, message_ids)
-
-
-class FolderSyncs:
-    """The inbox folders' syncs the hospital's pipeline makes (real ones), in order;
-    ``fail_at``: that one (1st, 2nd, ...) raises EIO instead, as a failing disk does."""
-
-    def __init__(self, hospital: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.synced: list[Path] = []
-        self.fail_at = 0
-        folders = hospital.inbound._locks.folders
-        sync = folders._sync
-
-        def counted(folder: Path) -> None:
-            self.synced.append(folder)
-            if len(self.synced) == self.fail_at:
-                raise OSError(errno.EIO, "Input/output error", str(folder))
-            sync(folder)
-
-        monkeypatch.setattr(folders, "_sync", counted)
-
-
-def test_documents_linked_together_share_one_sync_of_their_inbox_folder(
-    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The documents linked into one inbox folder while a group is stored are made
-    durable there by one sync of the folder, then recorded delivered in one audit
-    write, in their group: none syncs the folder on its own before."""
-    syncs = FolderSyncs(hospital, monkeypatch)
-    noted = Noted(hospital, monkeypatch)
-    inbox = hospital.config.storage.inbox_dir / "lab"
-    while_waiting: list[Path] = []
-    answers, message_ids = _receive_together(
-        hospital, noted, waiting=lambda: while_waiting.extend(syncs.synced)
-    )
-    # The first document's own sync, before its group's transaction; the other five,
-    # linked meanwhile, not synced while they waited, then synced together in theirs.
-    assert while_waiting == [inbox], while_waiting
-    assert syncs.synced == [inbox, inbox], syncs.synced
-    delivered = [write for write in noted.writes if "message.delivered" in write]
-    assert delivered == [["message.delivered"], ["message.delivered"] * (DOCUMENTS - 1)]
-    _each_settled_once(hospital, answers, message_ids)
-
-
-def test_a_group_whose_inbox_folder_cannot_be_synced_answers_503_and_resends_land_once(
-    hospital: Receiver, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The group's sync of its inbox folder fails (the disk's error): its documents are
-    in the inbox but not known to be durable there, so none is recorded delivered nor
-    answered with a receipt (503, the peer told nothing of the cause).  Their resends are
-    answered with receipts, the documents recorded delivered once and never written
-    again."""
-    syncs = FolderSyncs(hospital, monkeypatch)
-    syncs.fail_at = 2  # the group's, after the first document's own
-    noted = Noted(hospital, monkeypatch)
-    requests = [hospital.request(b"MSH|together %d\r" % n) for n in range(DOCUMENTS)]
-    answers, message_ids = _receive_together(hospital, noted, requests)
-    assert isinstance(answers[0], InboundResponse) and answers[0].status == 200, answers
-    for answer in answers[1:]:
-        assert isinstance(answer, InboundResponse) and answer.status == 503, answers
-        assert b"Input/output" not in answer.body and b"inbox" not in answer.body, answer
-    assert len(noted.transactions) == 1, noted.transactions
-    trail = hospital.config.storage.audit_log
-    recorded = [r["message_id"] for r in events(trail, "message.delivered")]
-    assert recorded == message_ids[:1], recorded
-    refused = events(trail, "storage.unavailable")
-    assert sorted(r["message_id"] for r in refused) == sorted(message_ids[1:]), refused
-    assert all("Input/output error" in r["reason"] for r in refused), refused
-    inbox = hospital.config.storage.inbox_dir / "lab"
-    inodes = {p.name: p.stat().st_ino for p in inbox.iterdir()}
-    assert len(inodes) == DOCUMENTS and not any(name.startswith(".") for name in inodes)
-
-    resent = [hospital.inbound.process(request) for request in requests[1:]]
-    _each_settled_once(hospital, [answers[0], *resent], message_ids)
-    assert {p.name: p.stat().st_ino for p in inbox.iterdir()} == inodes
-    duplicates = [r["message_id"] for r in events(trail, "message.duplicate")]
-    assert sorted(duplicates) == sorted(message_ids[1:]), duplicates
 
 
 def test_a_group_whose_transaction_fails_stores_its_documents_one_by_one(
@@ -582,14 +499,13 @@ def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
     receipts to be stored: after the restart the lab's resends are each answered with a
     verified receipt, and no document is written into the inbox twice."""
     go = tmp_path / "go"
-    hold = ("--hold-before", GROUP_STEP, "--until-file", str(go), "--group-of", "2")
+    hold = ("--hold-before", GROUP_STEP, "--until-file", str(go))
     hospital = processes.start(
         layout.hospital.config_path, prefix=killed_at("--kill-before", GROUP_STEP, *hold)
     )
     documents = _lab_sends(layout, processes)
-    # The peer's share of the workers (two documents) in the inbox, recorded delivered
-    # by their group (a document is recorded delivered in its group, once its inbox
-    # folder is synced), held as its transaction begins.
+    # The peer's share of the workers (two documents) in the inbox, recorded delivered:
+    # one in the held group, the other in it or waiting for the next.
     waiting = wait_for_events(layout.hospital.audit_log, "message.delivered", count=2)
     go.touch()
     wait_killed(hospital)
@@ -597,36 +513,6 @@ def test_a_kill_while_a_group_is_stored_leaves_every_document_delivered_once(
     inbox = layout.hospital.inbox_dir / "lab"
     landed = sorted(Path(record["detail"]["inbox_file"]).name for record in waiting)
     assert sorted(p.name for p in inbox.iterdir()) == landed
-    _restarted(layout, processes, documents, landed)
-
-
-@pytest.mark.parametrize("when", ["--kill-before", "--kill-after"])
-def test_a_kill_while_a_group_syncs_its_inbox_folder_leaves_every_document_delivered_once(
-    layout: DemoLayout, processes: Any, when: str
-) -> None:
-    """A real ``medgw run`` hospital is killed in its first group (two of the lab's
-    documents, linked into the inbox) before the group syncs their inbox folder and
-    writes their ``message.delivered`` records, or right after: after the restart each
-    document is in the inbox once, never written again, recorded delivered once, and
-    the lab's resends are each answered with a verified receipt."""
-    group = 2
-    step = "gateway.inbound.settling:ReceiptGroups._delivered"
-    hospital = processes.start(
-        layout.hospital.config_path,
-        prefix=killed_at("--group-of", str(group), when, step),
-    )
-    documents = _lab_sends(layout, processes)
-    wait_killed(hospital)
-    trail = layout.hospital.audit_log
-    delivered = events(trail, "message.delivered")
-    assert len(delivered) == (0 if when == "--kill-before" else group), delivered
-    assert not events(trail, "receipt.sent")
-    assert len(events(trail, "message.received")) == group
-    inbox = layout.hospital.inbox_dir / "lab"
-    landed = sorted(p.name for p in inbox.iterdir())
-    assert len(landed) == group and set(landed) <= set(documents), landed
-    recorded = sorted(Path(record["detail"]["inbox_file"]).name for record in delivered)
-    assert recorded in ([], landed), recorded
     _restarted(layout, processes, documents, landed)
 
 

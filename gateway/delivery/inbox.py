@@ -168,19 +168,12 @@ def link(work: Path, target: Path) -> None:
         ) from exc
 
 
-def finish(
-    work: Path, target: Path, folders: FolderSync | None = None, *, sync: bool = True
-) -> None:
+def finish(work: Path, target: Path, folders: FolderSync | None = None) -> None:
     """After :func:`link`: remove the work name and make both changes durable (the
     folder's fsync shared through ``folders`` with other deliveries at that moment).
-    ``sync`` False: the name is removed only, and the caller syncs ``target``'s folder
-    before anything that relies on the link being durable (the receipt groups sync it
-    once for the documents linked into it at one moment).
 
     Raises OSError; the document is in the inbox all the same (see :func:`landed`)."""
     os.unlink(work)
-    if not sync:
-        return
     if folders is not None:
         folders.sync(target.parent)
     else:

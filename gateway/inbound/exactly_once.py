@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.as2.mdn import Disposition
-from gateway.audit import DURABLE, AuditEvent, AuditSink, EventType, Pending
+from gateway.audit import DURABLE, AuditSink, EventType, Pending
 from gateway.audit.log import recorded_since
 from gateway.config import GatewayConfig, Peer
 from gateway.delivery import inbox
@@ -27,7 +27,7 @@ from gateway.errors import (
     SpoolOutcomeUnknownError,
 )
 from gateway.inbound.locks import InboundLocks
-from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound, inbound_event
+from gateway.inbound.outcomes import DuplicateReceipt, Refused, audit_inbound, audit_inbound_later
 from gateway.logs import Logger
 from gateway.spool import InboundRecord, Spool
 
@@ -38,14 +38,12 @@ class _Unread(Enum):
 
 @dataclass(frozen=True)
 class Delivered:
-    """Where :meth:`InboxDelivery.deliver` put a document.  One linked into the inbox
-    now comes with ``record``, its ``message.delivered``, not yet written: the caller
-    syncs ``target``'s folder (the link is durable then), writes the record and waits
-    for it, in that order, before the spool calls the message delivered.  None: a
-    resend of a document in the inbox before, recorded as ``message.duplicate``."""
+    """Where :meth:`InboxDelivery.deliver` put a document, and its ``message.delivered``
+    record (or ``message.duplicate``), written: to be waited for before the spool calls
+    the message delivered."""
 
     target: Path
-    record: AuditEvent | None = None
+    recorded: Pending
 
 
 class InboxDelivery:
@@ -77,14 +75,12 @@ class InboxDelivery:
         *,
         recorded: InboundRecord | Literal[_Unread.UNREAD] | None = _Unread.UNREAD,
     ) -> Path:
-        """Put the document in the inbox, unless it is there already: exactly once; the
-        link and its record durable when this returns (see :meth:`deliver`)."""
+        """Put the document in the inbox, unless it is there already: exactly once; its
+        record durable when this returns (see :meth:`deliver`)."""
         delivered = self.deliver(
             peer, message_id, filename, payload, size, sha256, service, recorded=recorded
         )
-        if delivered.record is not None:
-            self._locks.folders.sync(delivered.target.parent)
-            self._audit.emit(delivered.record)
+        delivered.recorded.wait()
         return delivered.target
 
     def deliver(
@@ -115,10 +111,8 @@ class InboxDelivery:
         ``received``: the document's ``message.received``, written by the caller and
         waited for here once the work file is complete, just before the link into the
         inbox (the record precedes the document's arrival there); the caller waits for
-        it too whatever this raises.  The link is not synced here, nor its
-        ``message.delivered`` written: both are the caller's, before the spool calls the
-        message delivered (see :class:`Delivered`), so that the documents linked into one
-        folder at one moment share its sync and the write of their records.
+        it too whatever this raises.  The ``message.delivered`` returned is written,
+        not waited for: the caller waits before the spool calls the message delivered.
         """
         existing = (
             self._spool.inbound_get(peer.name, message_id)
@@ -153,7 +147,7 @@ class InboxDelivery:
                 "an interruption: not written again, answered with a receipt",
                 detail={"inbox_file": str(existing.target_path)},
             )
-            return Delivered(existing.target_path)
+            return Delivered(existing.target_path, DURABLE)
         try:
             with self._locks.target:  # two documents with one name never share a target
                 target = self._choose_target(peer, message_id, filename, service)
@@ -197,15 +191,16 @@ class InboxDelivery:
         # From here on the document is in the inbox: whatever fails, it is never released
         # nor written again (the resend, or the next start, settles it).  An OSError
         # is answered 503 (see unavailable()): the peer resends.
-        inbox.finish(work, target, sync=False)  # the folder synced by the caller
-        record = inbound_event(
+        inbox.finish(work, target, self._locks.folders)
+        written = audit_inbound_later(
+            self._audit,
             EventType.MESSAGE_DELIVERED,
             peer.name,
             message_id,
             service=service,
             detail={"inbox_file": str(target), "size": size, "sha256": sha256},
         )
-        return Delivered(target, record)
+        return Delivered(target, written)
 
     def _choose_target(
         self, peer: Peer, message_id: str, filename: str | None, service: str | None

@@ -30,16 +30,11 @@ class DuplicateReceipt(Exception):
         self.body = body
 
 
-def inbound_event(event: EventType, peer: str, message_id: str | None, **fields: Any) -> AuditEvent:
-    """An audit record about a received message (``fields``: AuditEvent's others)."""
-    return AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields)
-
-
 def audit_inbound(
     audit: AuditSink, event: EventType, peer: str, message_id: str | None, **fields: Any
 ) -> None:
-    """One audit record about a received message, written (see :func:`inbound_event`)."""
-    audit.emit(inbound_event(event, peer, message_id, **fields))
+    """One audit record about a received message (``fields``: AuditEvent's others)."""
+    audit.emit(AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields))
 
 
 def audit_inbound_later(
@@ -47,4 +42,6 @@ def audit_inbound_later(
 ) -> Pending:
     """As :func:`audit_inbound`, written now and durable once the handle is waited for:
     the caller waits just before the step the record must precede."""
-    return audit.emit_later((inbound_event(event, peer, message_id, **fields),))
+    return audit.emit_later(
+        (AuditEvent(event, peer=peer, message_id=message_id, direction="inbound", **fields),)
+    )

@@ -111,9 +111,7 @@ class _Delivered:
     service: str | None
     content_type: str
     size: int
-    # Its message.delivered, written by the receipt groups once the inbox folder is
-    # synced, before the spool's change (None: a resend of a document delivered before).
-    record: AuditEvent | None
+    recorded: Pending  # its message.delivered, written: waited for before the spool's change
 
 
 def _unverified(exc: Exception | None, opened: DecryptedFile) -> Refused:
@@ -180,7 +178,7 @@ class InboundProcessor:
         self._log = log
         self._locks = locks if locks is not None else InboundLocks()
         self._delivery = InboxDelivery(config, spool, audit, log, self._locks)
-        self._receipt_groups = ReceiptGroups(spool, audit, log, vault, self._locks.folders)
+        self._receipt_groups = ReceiptGroups(spool, audit, log, vault)
         self._work_ready = False  # state_dir/incoming made (see _accept)
 
     @property
@@ -358,7 +356,13 @@ class InboundProcessor:
                 reason="resend of a delivered message: answered with the original receipt",
             )
             return InboundResponse(Answer.RECEIPT, duplicate.headers, kept)
-        return self._answer(request, message_id, digest, mic, delivered, details, arrival)
+        try:
+            return self._answer(request, message_id, digest, mic, delivered, details, arrival)
+        except BaseException:
+            if delivered is not None:  # every record written is waited for
+                with contextlib.suppress(OSError):
+                    delivered.recorded.wait()
+            raise
 
     def _answer(
         self,
@@ -378,11 +382,11 @@ class InboundProcessor:
             return response
         delivery = self._config.delivery
         hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
-        # The inbox folder's sync (the link durable), message.delivered (it precedes the
-        # spool's "delivered"), then the receipt and the hand-over to the internal system
-        # in one transaction (every document answered "processed" is handed over; the
-        # receipt kept encrypted at rest, with its data key), then receipt.sent: each
-        # step taken together with the documents ready with this one.
+        # message.delivered (written before the receipt was signed, waited for there: it
+        # precedes the spool's "delivered"), then the receipt and the hand-over to the
+        # internal system in one transaction (every document answered "processed" is
+        # handed over; the receipt kept encrypted at rest, with its data key), then
+        # receipt.sent: each step taken together with the documents ready with this one.
         sent = AuditEvent(
             EventType.RECEIPT_SENT,
             peer=peer.name,
@@ -402,8 +406,7 @@ class InboundProcessor:
             list(response.headers),
             response.body,
             (delivered.content_type, delivered.size) if hand_over else None,
-            None if delivered.record is None else delivered.target.parent,
-            delivered.record,
+            delivered.recorded,
             sent,
         )
         self._receipt_groups.store(receipt, arrival)
@@ -448,7 +451,7 @@ class InboundProcessor:
             self._remove_work_files(written)
             raise
         # Nothing may raise between the delivery and the caller's answer: the document is
-        # in the inbox, its folder's sync and message.delivered left to the receipt groups.
+        # in the inbox and its message.delivered written, to be waited for there.
         self._remove_work_files(written)
         return accepted
 
@@ -577,7 +580,7 @@ class InboundProcessor:
                 received.wait()
             raise
         received.wait()  # done before the link: returns at once
-        where = _Delivered(delivered.target, service, content_type, size, delivered.record)
+        where = _Delivered(delivered.target, service, content_type, size, delivered.recorded)
         return mic, where, signer.receipt_line
 
     # -- audit ----------------------------------------------------------------

@@ -1,12 +1,10 @@
-"""The received documents' receipts stored in groups: one sync of each inbox folder,
-one audit write and fsync, one spool transaction and one audit write for the
-documents ready at one moment, instead of each of them.
+"""The received documents' receipts stored in groups: one audit fsync, one spool
+transaction and one audit write for the documents ready at one moment, instead of
+each of them.
 
-A document linked into the inbox is answered once four steps are durable, in this
-order: its link (the inbox folder's sync), its ``message.delivered`` record (written
-only then: the trail never tells of a document a power cut could take back out of
-the inbox), the spool's change to "delivered" with the receipt (and its hand-over,
-and the receipt's data key), then ``receipt.sent``.
+A document delivered into the inbox is answered once three steps are durable, in
+this order: its ``message.delivered`` record, the spool's change to "delivered" with
+the receipt (and its hand-over, and the receipt's data key), then ``receipt.sent``.
 Here the documents ready at the same moment take each step together, as the spool's
 group commit does for its transactions (gateway.spool.groupcommit): the first one
 to arrive while no group is being stored leads a group of every document waiting
@@ -17,10 +15,8 @@ while it is not full; with none on its way it goes at once (an idle gateway answ
 as fast as before).
 
 Each document's order of steps is as when stored alone.  A document whose own step
-fails (its receipt not sealed) fails alone: the others of its group go on.  A folder
-whose sync fails fails the documents linked into it (each alone would have failed
-so), and a failed ``message.delivered`` write the documents of that write (the trail
-is one file); the others go on.  A group whose transaction fails is stored again one
+fails (its record could not be made durable, its receipt not sealed) fails alone:
+the others of its group go on.  A group whose transaction fails is stored again one
 document at a time, so that one document's failure is its own only, except when the
 spool cannot be written for now (:class:`~gateway.errors.SpoolUnavailableError`: it
 cannot be reached, another process holds it, its disk is full): that fails every
@@ -36,12 +32,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from gateway.atrest import Vault, storing_all
-from gateway.audit import AuditEvent, AuditSink
+from gateway.audit import AuditEvent, AuditSink, Pending
 from gateway.errors import SpoolOutcomeUnknownError, SpoolUnavailableError
-from gateway.fsutil import FolderSync
 from gateway.logs import Logger
 from gateway.spool import InboundDelivered, Spool
 from gateway.spool.records import sent_receipt_item
@@ -52,18 +46,15 @@ GROUP_LINGER_SECONDS = 0.01  # the longest a group waits for the documents on th
 
 @dataclass(frozen=True)
 class ReceiptToStore:
-    """A delivered document's receipt, to be stored once ``folder`` is synced and then
-    ``delivered`` (its ``message.delivered``) written; ``sent`` is its ``receipt.sent``
-    record.  ``folder`` and ``delivered`` None: a resend of a document delivered before
-    (its link durable, its ``message.duplicate`` written)."""
+    """A delivered document's receipt, to be stored once ``recorded`` (its
+    ``message.delivered``) is durable; ``sent`` is its ``receipt.sent`` record."""
 
     peer: str
     message_id: str
     headers: list[tuple[str, str]]
     body: bytes  # as sent (sealed here when encrypted at rest)
     handover: tuple[str, int] | None  # (content type, size): queued with the receipt
-    folder: Path | None  # the inbox folder the document was linked into
-    delivered: AuditEvent | None
+    recorded: Pending
     sent: AuditEvent
 
 
@@ -98,17 +89,14 @@ class ReceiptGroups:
         audit: AuditSink,
         log: Logger,
         vault: Vault | None,
-        folders: FolderSync,
         *,
         limit: int = GROUP_LIMIT,
         linger: float = GROUP_LINGER_SECONDS,
     ) -> None:
-        # ``folders``: the inbox folders' syncs, shared with the daemon's other threads.
         self._spool = spool
         self._audit = audit
         self._log = log
         self._vault = vault
-        self._folders = folders
         self._limit = limit
         self._linger = linger
         self._leader = threading.Lock()  # held while a group is stored
@@ -178,7 +166,15 @@ class ReceiptGroups:
 
     def _store_group(self, group: list[_Waiting]) -> None:
         try:
-            ready = self._delivered(group)
+            ready: list[_Waiting] = []
+            for waiting in group:
+                try:
+                    # Each record precedes its document's change in the spool; the first
+                    # wait's fsync covers the records of the others written before it.
+                    waiting.receipt.recorded.wait()
+                    ready.append(waiting)
+                except Exception as exc:  # its own document fails, not the rest
+                    waiting.error = exc
             items = [sent_receipt_item(w.receipt.peer, w.receipt.message_id) for w in ready]
             with storing_all(self._vault, items) as sealings:
                 rows: list[_Stored] = []
@@ -218,34 +214,6 @@ class ReceiptGroups:
         finally:
             for waiting in group:
                 waiting.done = True
-
-    def _delivered(self, group: list[_Waiting]) -> list[_Waiting]:
-        """Each inbox folder the group's documents were linked into synced once, then
-        their ``message.delivered`` records written in one write and fsync: the
-        documents whose steps succeeded (a failed step fails those it was taken for)."""
-        failed: dict[Path, Exception] = {}
-        for folder in sorted({w.receipt.folder for w in group if w.receipt.folder}):
-            try:
-                self._folders.sync(folder)
-            except Exception as exc:  # its documents fail, not the rest
-                failed[folder] = exc
-        ready: list[_Waiting] = []
-        for waiting in group:
-            linked = waiting.receipt.folder
-            if linked is not None and linked in failed:
-                waiting.error = failed[linked]
-            else:
-                ready.append(waiting)
-        records = [(w, w.receipt.delivered) for w in ready if w.receipt.delivered]
-        if not records:  # resends of documents delivered before only
-            return ready
-        try:
-            self._audit.emit_all([record for _, record in records])
-        except Exception as exc:  # one trail: its write failed for all of them
-            for waiting, _ in records:
-                waiting.error = exc
-            return [w for w in ready if w.error is None]
-        return ready
 
     def _commit(self, rows: list[_Stored]) -> None:
         """The rows' changes in one transaction; if it fails, each in one of its own."""
