@@ -35,6 +35,10 @@ class UnknownPeerError(MedgwError):
     """The named peer is not configured."""
 
 
+# The states in which a node holds a message under a claim: taking it in, sending it.
+HELD_STATES = frozenset({OutboundState.INTAKE, OutboundState.SENDING})
+
+
 @dataclass(frozen=True)
 class Reloaded:
     """A reload that took effect, with the new configuration's ``warnings`` as
@@ -89,6 +93,7 @@ class ReloadRefused:
 
 
 def record_view(record: OutboundRecord) -> dict[str, Any]:
+    held = record.node is not None and record.state in HELD_STATES
     return {
         "message_id": record.message_id,
         "peer": record.peer,
@@ -108,11 +113,12 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
         "receipt_kept": record.receipt_form,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
-        # Which node holds it now (preparing or sending it) and until when its claim lasts
-        # unrenewed; which node queued it and made its last audited change: whose audit
-        # trail to read for it, where nodes share the spool.
-        "node": record.node,
-        "lease_until": iso_time(record.lease_until) if record.node else None,
+        # Which node holds it now (preparing or sending it: a row keeps the last holder's
+        # name after that) and until when its claim lasts unrenewed; which node queued it
+        # and made its last audited change: whose audit trail to read for it, where nodes
+        # share the spool.
+        "node": record.node if held else None,
+        "lease_until": iso_time(record.lease_until) if held else None,
         "queued_by": record.queued_by,
         "audited_by": record.audited_by,
     }

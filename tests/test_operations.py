@@ -138,7 +138,8 @@ def test_queue_list_and_show_name_the_node_holding_a_message_and_the_one_that_qu
     layout: DemoLayout, processes: Any
 ) -> None:
     """Where nodes share the spool, the operator learns from the queue which node holds
-    a message now (and until when) and whose audit trail holds its records."""
+    a message now (and until when) and whose audit trail holds its records; a row that
+    keeps its last holder's name once no node holds it says nothing of one."""
     lab = processes.start(layout.lab.config_path)
     drop_file(layout.lab.outbox_dir / "hospital", "held.hl7", b"MSH|x\r")
     [accepted] = wait_for_events(layout.lab.audit_log, "message.accepted")
@@ -147,7 +148,8 @@ def test_queue_list_and_show_name_the_node_holding_a_message_and_the_one_that_qu
     until = 4102444800  # 2100-01-01T00:00:00+00:00
     with sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3") as db:
         db.execute(
-            "UPDATE outbound SET node='lab-b', lease_until=?, queued_by='lab-a' WHERE message_id=?",
+            "UPDATE outbound SET state='sending', node='lab-b', lease_until=?, "
+            "queued_by='lab-a' WHERE message_id=?",
             (until, message_id),
         )
     listed = medgw("queue", "list", "--config", str(layout.lab.config_path))
@@ -158,6 +160,14 @@ def test_queue_list_and_show_name_the_node_holding_a_message_and_the_one_that_qu
     assert shown["lease_until"] == "2100-01-01T00:00:00+00:00", shown
     text = medgw("queue", "show", message_id, "--config", str(layout.lab.config_path))
     assert "node             lab-b" in text.stdout and "queued_by        lab-a" in text.stdout
+
+    with sqlite3.connect(layout.lab.root / "state" / "spool.sqlite3") as db:
+        db.execute("UPDATE outbound SET state='queued' WHERE message_id=?", (message_id,))
+    listed = medgw("queue", "list", "--config", str(layout.lab.config_path))
+    assert "held by" not in listed.stdout, listed.stdout
+    shown = queue(layout.lab.config_path, "show", message_id)
+    assert shown["node"] is None and shown["lease_until"] is None, shown
+    assert shown["queued_by"] == "lab-a", shown
 
 
 def test_operator_commands_work_while_the_config_on_disk_has_a_mistake(
