@@ -254,7 +254,7 @@ def test_a_node_whose_clock_is_ahead_takes_over_only_the_claims_that_ran_out(
         )
 
     wait_until(sending_by("lab-a", 2), 120, "lab-a sending its documents")
-    processes.start(lab.b, prefix=killed_at("--clock-ahead", "600"))
+    lab_b = processes.start(lab.b, prefix=killed_at("--clock-ahead", "600"))
     drop_file(layout.lab.root / "outbox-lab-b" / "hospital", "doc-2.hl7", documents[2])
     wait_until(sending_by("lab-b", 1), 120, "lab-b sending its document")
 
@@ -271,6 +271,13 @@ def test_a_node_whose_clock_is_ahead_takes_over_only_the_claims_that_ran_out(
     assert sending_by("lab-a", 2)()  # lab-a's live claims left alone
     trail_b = layout.lab.root / "audit" / "audit-lab-b.jsonl"
     assert events(trail_b, "message.taken_over") == []
+    # lab-b says once that its clock is off the database's; lab-a, in step, says nothing.
+    [skewed] = [line for line in lab_b.lines if line.get("event") == "clock.skewed"]
+    assert -610 < skewed["offset_seconds"] < -590
+    assert "chrony" in skewed["fix"]
+    [alert] = events(trail_b, "clock.skewed")
+    assert "600 s ahead of the clock of the spool's database server" in alert["reason"]
+    assert not any(line.get("event") == "clock.skewed" for line in lab_a.lines)
 
     lab_a.kill()  # dead: its claims run out, and lab-b takes them over
     taken = wait_for_events(trail_b, "message.taken_over", count=2)

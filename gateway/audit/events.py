@@ -113,6 +113,9 @@ class EventType(StrEnum):
     # At start, this host's clock is behind the trail's last record by more than the
     # margin (gateway.audit.order): set back, or it ran ahead before (an alert).
     CLOCK_BEHIND_TRAIL = "clock.behind_trail"
+    # This node's clock is off the shared PostgreSQL spool's server's by more than a
+    # quarter of a lease (gateway.daemon.spoolwatch): once, until it is back in step.
+    CLOCK_SKEWED = "clock.skewed"
     # Export to the hospital's monitoring (gateway.audit.export)
     EXPORT_INTERRUPTED = "audit.export_interrupted"  # the collector cannot be reached
     EXPORT_RESUMED = "audit.export_resumed"  # it can again; what waited is being sent

@@ -310,7 +310,11 @@ class Daemon:
             loop.call_soon_threadsafe(self._stop_replaced, exc)
 
         reachability = SpoolReachability(
-            self._audit_sink, self._log, postgres.where if postgres else "", stop_replaced
+            self._audit_sink,
+            self._log,
+            postgres.where if postgres else "",
+            stop_replaced,
+            lease=config.cluster.lease_seconds,
         )
         self._spool = open_spool(
             config.storage.spool_path,
@@ -320,6 +324,7 @@ class Daemon:
             on_change=reachability.changed,
             on_replaced=reachability.replaced,
             hold_name=True,
+            on_clock=reachability.clock,
         )
         # What is kept, encrypted at rest; a key rotation a killed run left half-done is
         # finished before anything is read (gateway.atrest).

@@ -29,8 +29,13 @@ class SpoolReachability:
         log: Any,
         where: str,
         stop: Callable[[SpoolReplacedError], None] = lambda _exc: None,
+        *,
+        lease: float = 60.0,
     ) -> None:
+        """``lease``: ``[cluster] lease_seconds``, by which a clock's skew is judged."""
         self._sink = sink
+        self._lease = lease
+        self._skewed = False  # said that this node's clock is off the server's
         self._log = log
         self._where = where  # the database, as gateway.toml names it
         self._stop = stop  # the daemon's, from whichever thread
@@ -55,6 +60,44 @@ class SpoolReachability:
         except OSError as failed:  # the audit log's disk may be failing too
             self._log.critical("audit.write_failed", error=str(failed), event=event.event.value)
         self._stop(exc)
+
+    def clock(self, offset: float) -> None:
+        """The database server's clock is ``offset`` seconds ahead of this node's (negative:
+        behind), read at start and at each lease renewal: beyond a quarter of a lease, a
+        warning and an alert, once until it is back within it (then an info line).  Leases
+        are judged by the server's clock whatever it is; the node's other times are not."""
+        skewed = abs(offset) > self._lease / 4
+        if skewed == self._skewed:
+            return
+        self._skewed = skewed
+        if not skewed:
+            self._log.info("clock.in_step", database=self._where, offset_seconds=round(offset, 3))
+            return
+        way = "ahead of" if offset < 0 else "behind"
+        fix = (
+            "synchronise this host's clock (chrony or ntpd: chronyc tracking, timedatectl) "
+            "with the same time source as the database server's and the other nodes'"
+        )
+        reason = (
+            f"this node's clock is {abs(offset):.0f} s {way} the clock of the spool's database "
+            f"server {self._where}, more than a quarter of a lease ({self._lease:g} s): leases "
+            "are judged by the server's clock, but this node's retry waits, audit records and "
+            "log lines carry its own"
+        )
+        self._log.warning(
+            "clock.skewed", database=self._where, offset_seconds=round(offset, 3), fix=fix
+        )
+        event = AuditEvent(
+            EventType.CLOCK_SKEWED,
+            Outcome.FAILURE,
+            Severity.ALERT,
+            reason=reason,
+            detail={"database": self._where, "offset_seconds": round(offset, 3), "fix": fix},
+        )
+        try:
+            self._sink().emit(event)
+        except OSError as exc:  # the audit log's disk may be failing too
+            self._log.critical("audit.write_failed", error=str(exc), event=event.event.value)
 
     def changed(self, cause: str | None) -> None:
         if cause is not None:

@@ -43,12 +43,14 @@ def open_spool(
     on_change: Callable[[str | None], None] | None = None,
     on_replaced: Callable[[SpoolReplacedError], None] | None = None,
     hold_name: bool = False,
+    on_clock: Callable[[float], None] | None = None,
 ) -> Spool:
     """The SQLite spool at ``path``, or with ``postgres`` the spool in that database
     (``on_change``, ``on_replaced``: see gateway.spool.postgres.database); created if missing,
     upgraded if older; its work is claimed as ``claimant`` (a node of several sharing
     it; default: this host's name); ``hold_name``: a running node's, which holds its name
-    on a shared spool for its life (gateway.spool.postgres.database)."""
+    on a shared spool for its life, ``on_clock`` hears its clock's difference to the
+    server's (gateway.spool.postgres.database)."""
     if postgres is not None:
         return PostgresSpool(
             postgres,
@@ -57,6 +59,7 @@ def open_spool(
             on_change=on_change,
             on_replaced=on_replaced,
             hold_name=hold_name,
+            on_clock=on_clock,
         )
     return SqliteSpool(path, clock, claimant)
 

@@ -199,11 +199,13 @@ class PostgresDatabase(SqlStore):
         on_replaced: Callable[[SpoolReplacedError], None] | None = None,
         hold_name: bool = False,
         server_time: bool = True,
+        on_clock: Callable[[float], None] | None = None,
     ) -> None:
         """``hold_name``: a running node's spool, which holds its name (see
         :meth:`hold_name`) from here on; :class:`NodeNameTakenError` if another holds it.
         ``server_time``: leases judged by the database server's clock (see module doc);
-        False: by ``clock`` alone (a test's, that moves it to make leases run out)."""
+        False: by ``clock`` alone (a test's, that moves it to make leases run out).
+        ``on_clock`` hears each difference read (see :meth:`clock_offset`)."""
         self._settings = settings
         self._clock = clock
         self._claimant = claimant if claimant is not None else Claimant()
@@ -230,6 +232,7 @@ class PostgresDatabase(SqlStore):
         # The database server's clock minus this node's, in seconds (see clock_offset).
         self._offset = 0.0
         self._server_time = server_time
+        self._on_clock = on_clock
         self._generation = self._transact(functools.partial(_start, node=self._claimant.node))
         self.clock_offset()
         if hold_name:
@@ -343,6 +346,8 @@ class PostgresDatabase(SqlStore):
         rows = self._read(_SERVER_TIME, (), each_run=True)
         after = self._clock.now().timestamp()
         self._offset = float(rows[0]["now"]) - (before + after) / 2
+        if self._on_clock is not None:
+            self._on_clock(self._offset)
         return self._offset
 
     def _lease(self) -> tuple[float, float]:
