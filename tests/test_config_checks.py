@@ -21,6 +21,7 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, reported, set_peer_url
+from tests.helpers.demo import revoke
 
 # --- 1. peer URLs -------------------------------------------------------------------------
 
@@ -548,10 +549,22 @@ def test_medgw_reload_prints_the_new_configurations_warnings(
     done = medgw("reload", "--config", layout.hospital.config_path)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1] == "configuration reloaded (1 warning(s))", done.stdout
+    assert lines[-1] == "configuration reloaded (1 problem(s) found; see above)", done.stdout
     assert lines[0].startswith(
         f"warning: {folder / 'lab.tml'}: ignored: only files named <peer>.toml"
     ), done.stdout
+
+    # A peer certificate the new CRL revokes: check-config's error, said by the reload too.
+    (folder / "lab.tml").rename(folder / "lab.toml")
+    lab_tls = layout.hospital.root / "certs" / "peers" / "lab" / "tls.crt"
+    crl = layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl"
+    revoke(layout, crl, x509.load_pem_x509_certificate(lab_tls.read_bytes()))
+    again = medgw("reload", "--config", layout.hospital.config_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    *said, last = again.stdout.splitlines()
+    refused = [line for line in said if line.startswith("error:")]
+    assert refused and all("lab" in line and "revoked" in line for line in refused), again.stdout
+    assert last == f"configuration reloaded ({len(said)} problem(s) found; see above)", said
 
 
 def test_a_misspelt_table_is_reported_first_with_the_name_meant_and_nothing_built_on_it(

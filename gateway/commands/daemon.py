@@ -131,10 +131,10 @@ def _reload(args: argparse.Namespace) -> int:
 
     answer = control_client(args.config, RELOAD_WAIT_SECONDS).call("POST", "/v1/reload")
     # As `check-config` shows them: a reload applied is not one without anything to fix.
-    warnings = [str(w) for w in answer.get("warnings", [])]
-    for warning in warnings:
-        print(warning)
-    print(f"configuration reloaded ({len(warnings)} warning(s))")
+    problems = [str(w) for w in answer.get("warnings", [])]
+    for problem in problems:
+        print(problem)
+    print(f"configuration reloaded ({len(problems)} problem(s) found; see above)")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.channel.client import PeerClient
 from gateway.config import GatewayConfig, Runtime, load_config
+from gateway.config.access import access_problems
 from gateway.daemon.crls import DaemonCrls
 from gateway.daemon.observe import Readiness
 from gateway.daemon.reports import report_config_warnings, report_stranded_messages
@@ -23,6 +24,7 @@ from gateway.errors import ConfigError, MedgwError
 from gateway.fsutil import this_user
 from gateway.operations import Reloaded, ReloadRefused
 from gateway.pki.peers import PeerTrust
+from gateway.report import crl_problems, trust_problems
 from gateway.sdnotify import Notifier
 
 TRUST_REFRESH_SECONDS = 300.0
@@ -58,6 +60,7 @@ class Reloader:
         self._swap = swap
         self._trust = trust
         self._spool, self._audit, self._log = parts.spool, parts.audit, parts.log
+        self._clock = parts.clock
         self._crls = crls
         self._readiness = readiness
         self._tasks = tasks
@@ -160,7 +163,18 @@ class Reloader:
                 report_stranded_messages, new_config, self._spool, self._audit, self._log
             )
             self._notifier.ready("configuration reloaded")
-            return Reloaded(warnings)
+            # For the one who asked: all that check-config would say of these files now
+            # (the daemon alerts and logs the peers', CRLs' and folders' on its own).
+            found = await asyncio.to_thread(self._findings, new_config, new_state.trust)
+            return Reloaded((*warnings, *found))
+
+    def _findings(self, config: GatewayConfig, trust: Mapping[str, PeerTrust]) -> list[str]:
+        """What ``check-config`` says of ``config``'s CRLs, peer certificates and folders
+        (worker thread: the folder checks touch the disk)."""
+        now = self._clock.now()
+        peers = [p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)]
+        found = [*crl_problems(config, at=now), *peers, *access_problems(config, daemon=True)]
+        return [str(problem) for problem in found]
 
     def _skipped(self, actor: str) -> ReloadRefused:
         """A reload not applied because the daemon is stopping: logged, and audited for
