@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.backup.bundle import Written, created_event, write_bundle
+from gateway.backup.bundle import BackupError, Written, created_event, write_bundle
 from gateway.backup.restore import refused_event
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
@@ -314,6 +314,16 @@ class Operations:
 
     def backup(self, to: Path, actor: str) -> Written:
         """Write an encrypted, signed bundle of this gateway to ``to`` (OUT-1), audited."""
+        if self.config.backup is None:
+            # The file may have [backup] by now: this daemon writes with what it loaded.
+            raise BackupError(
+                f"the running daemon's configuration has no [backup] section (it was read "
+                f"from {self.config.source} at the daemon's start or last reload): there is "
+                "no one to encrypt the bundle to",
+                fix="if gateway.toml has [backup] now, run medgw reload (medgw check-config "
+                "first), then the backup again; else add [backup] with its recipient, "
+                "signing_certificate and signing_key (see README, Backups) and reload",
+            )
         written = write_bundle(self.config, to, self.clock.now(), self.vault)
         self.audit.emit(created_event(written, actor))
         return written

@@ -159,6 +159,28 @@ def test_backup_without_a_recipient_is_refused(layout: DemoLayout, tmp_path: Pat
     assert "no [backup] section" in made.stderr and "recipient" in made.stderr
 
 
+def test_a_backup_from_a_daemon_that_has_not_loaded_backup_says_to_reload(
+    layout: DemoLayout, processes: Any, tmp_path: Path
+) -> None:
+    """[backup] added to gateway.toml while the daemon runs: the daemon writes the backup
+    with the configuration it runs, so the refusal names that one and the reload."""
+    lab = processes.start(layout.lab.config_path)
+    _, cert = recipient(tmp_path / "offline")
+    add_backup(layout.lab.config_path, cert)
+    bundle = tmp_path / "carried-out" / "medgw.p7m"
+    bundle.parent.mkdir()
+    made = medgw("backup", "--to", bundle, "--config", lab.config)
+    assert made.returncode == 1
+    assert "the running daemon's configuration has no [backup] section" in made.stderr
+    assert "run medgw reload" in made.stderr, made.stderr
+    assert not bundle.exists()
+    reloaded = medgw("reload", "--config", lab.config)
+    assert reloaded.returncode == 0, reloaded.stderr
+    made = medgw("backup", "--to", bundle, "--config", lab.config)
+    assert made.returncode == 0, made.stderr
+    assert bundle.exists()
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
