@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.audit import DURABLE, AuditEvent, EventType, Outcome, Pending, Severity
 from gateway.config import GatewayConfig, load_config
 from gateway.daemon.observe import Observer
+from gateway.inbound.outages import StorageOutages
 from gateway.logs import make_logger
 from gateway.metrics.collector import (
     Certificate,
@@ -192,13 +193,15 @@ def test_not_ready_for_a_minute_after_a_document_could_not_be_stored(
 ) -> None:
     from gateway.daemon.observe import Readiness
 
-    readiness = Readiness(clock)
+    outages = StorageOutages(clock)
+    readiness = Readiness(clock, outages)
     assert readiness.reasons(None) == ["starting: listeners, spool and trust are not all up yet"]
     readiness.started = True
     assert readiness.reasons(None) == []
-    readiness.note(AuditEvent(EventType.STORAGE_UNAVAILABLE, Outcome.FAILURE, Severity.ALERT))
+    outages.refused("full", "lab", "no space left on device (/srv/inbox)", "free space")
     assert readiness.reasons(None) == [
-        "a received document could not be stored within the last minute"
+        "a received document could not be stored within the last minute: no space left "
+        "on device (/srv/inbox) (fix: free space)"
     ]
     clock.at += timedelta(seconds=61)
     assert readiness.reasons(None) == []

@@ -66,6 +66,8 @@ class EventType(StrEnum):
     # What a peer sent could not be stored here (disk full, permissions, I/O error):
     # nothing was acknowledged, the peer was asked to resend (HTTP 503).
     STORAGE_UNAVAILABLE = "storage.unavailable"
+    # The first document stored again of a peer that such an outage refused: it ended.
+    STORAGE_AVAILABLE = "storage.available"
     # A PostgreSQL spool's server stopped answering (an alert), and answers again.
     SPOOL_UNREACHABLE = "spool.unreachable"
     SPOOL_REACHABLE = "spool.reachable"

@@ -64,6 +64,7 @@ from gateway.errors import ConfigError, MedgwError, NodeNameTakenError, SpoolRep
 from gateway.fsutil import NOT_WRITABLE, private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
+from gateway.inbound.outages import StorageOutages
 from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
 from gateway.listening import bind_cause, bind_fix
@@ -132,12 +133,15 @@ class Daemon:
         self._instance: InstanceLock | None = None  # one daemon per state folder
         self._sink: AuditSink | None = None  # the alerts, counted by the metrics
         self._crls: DaemonCrls | None = None
+        # Received documents that could not be stored, alerted once per cause.
+        self._outages = StorageOutages(clock)
         self._observer = Observer(
             clock,
             log,
             config=lambda: self._state.config if self._state is not None else None,
             spool=lambda: self._view,
             export_backlog=self._export_backlog,
+            outages=self._outages,
         )
 
     # -- building -------------------------------------------------------------
@@ -313,6 +317,7 @@ class Daemon:
             self._audit_sink,
             self._log,
             postgres.where if postgres else "",
+            self._outages,
             stop_replaced,
             lease=config.cluster.lease_seconds,
         )
@@ -362,6 +367,7 @@ class Daemon:
             self._network,
             self._inbound_locks,
             vault,
+            self._outages,
         )
         self._crls = crls = DaemonCrls(
             config.storage.state_dir,

@@ -12,12 +12,13 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from gateway.audit import AuditEvent, AuditSink, EventType, Pending
+from gateway.audit import AuditEvent, AuditSink, Pending
 from gateway.audit.log import Then
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, MetricsSettings
 from gateway.config.access import access_problems
 from gateway.daemon.trust import held_certificates
+from gateway.inbound.outages import StorageOutages
 from gateway.logs import Logger
 from gateway.metrics.collector import Certificate, Crl, GatewayMetrics, Snapshot
 from gateway.metrics.server import MetricsServer
@@ -113,17 +114,18 @@ class FolderChecks:
 class Readiness:
     """Why the gateway is not ready now."""
 
-    def __init__(self, clock: Clock, folder_check: FolderCheck = folder_problems) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        outages: StorageOutages,
+        folder_check: FolderCheck = folder_problems,
+    ) -> None:
         self._clock = clock
+        self._outages = outages  # the received documents that could not be stored
         self.folders = FolderChecks(clock, folder_check)
         self.started = False  # listeners, spool and trust are up
         self.stopping = False
         self.reload_failed: str | None = None  # the problems of the last reload, if it failed
-        self._storage_failed_at: datetime | None = None
-
-    def note(self, event: AuditEvent) -> None:
-        if event.event is EventType.STORAGE_UNAVAILABLE:
-            self._storage_failed_at = self._clock.now()
 
     def reasons(self, config: GatewayConfig | None) -> list[str]:
         out = []
@@ -136,10 +138,13 @@ class Readiness:
                 f"the last reload failed ({self.reload_failed[:300]}); serving the previous "
                 "configuration"
             )
-        failed = self._storage_failed_at
+        failed = self._outages.latest()
         recent = timedelta(seconds=STORAGE_FAILURE_SECONDS)
-        if failed is not None and self._clock.now() - failed < recent:
-            out.append("a received document could not be stored within the last minute")
+        if failed is not None and self._clock.now() - failed.at < recent:
+            out.append(
+                "a received document could not be stored within the last minute: "
+                f"{failed.cause} (fix: {failed.fix})"
+            )
         if config is not None:
             out += self.folders.reasons(config)
         return out
@@ -157,15 +162,17 @@ class Observer:
         spool: Callable[[], QueueCounts | None],
         export_backlog: Callable[[], int | None],
         folder_check: FolderCheck = folder_problems,
+        outages: StorageOutages | None = None,
     ) -> None:
         """``config``: the configuration in force (None before there is one);
-        ``folder_check``: what the readiness finds of its folders."""
+        ``folder_check``: what the readiness finds of its folders; ``outages``: the
+        daemon's received documents that could not be stored (alone: its own)."""
         self._clock = clock
         self._log = log
         self._config = config
         self._spool = spool
         self._export_backlog = export_backlog
-        self.readiness = Readiness(clock, folder_check)
+        self.readiness = Readiness(clock, outages or StorageOutages(clock), folder_check)
         # The configured peers' names, kept with the configuration they were read from.
         self._peer_names: tuple[GatewayConfig | None, frozenset[str]] = (None, frozenset())
         self.metrics = GatewayMetrics(clock, self._snapshot, self._peers)
@@ -248,7 +255,6 @@ class _Counting:
 
     def _noted(self, event: AuditEvent) -> None:
         self._observer.metrics.observe(event)
-        self._observer.readiness.note(event)
 
 
 # The metric's ``use`` label of each use the expiry alerts name (gateway.daemon.trust).

@@ -5,7 +5,9 @@ when its server stops answering (with the cause) and when it answers again
 (None), from whichever thread noticed.  Each change is one log line and one
 audit record (an alert when it goes): in between, the gateway refuses new
 documents and answers peers 503 (retryable), exactly as when a SQLite spool
-cannot be written, and tries the database again after a back-off.
+cannot be written, and tries the database again after a back-off.  Those
+refusals are alerted once (gateway.inbound.outages); the record of its return
+says how many there were.
 
 :meth:`SpoolReachability.replaced` hears that the spool was restored while this node
 ran (gateway.spool.postgres.generation), or that another node took this node's name
@@ -20,6 +22,7 @@ from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.errors import NodeNameTakenError, SpoolReplacedError
+from gateway.inbound.outages import StorageOutages
 
 
 class SpoolReachability:
@@ -28,6 +31,7 @@ class SpoolReachability:
         sink: Callable[[], AuditSink],
         log: Any,
         where: str,
+        outages: StorageOutages,
         stop: Callable[[SpoolReplacedError], None] = lambda _exc: None,
         *,
         lease: float = 60.0,
@@ -38,6 +42,7 @@ class SpoolReachability:
         self._skewed = False  # said that this node's clock is off the server's
         self._log = log
         self._where = where  # the database, as gateway.toml names it
+        self._outages = outages  # the received documents it refused, counted
         self._stop = stop  # the daemon's, from whichever thread
 
     def replaced(self, exc: SpoolReplacedError) -> None:
@@ -115,10 +120,14 @@ class SpoolReachability:
                 detail={"fix": fix},
             )
         else:
-            self._log.info("spool.reachable", database=self._where)
+            outage = self._outages.spool_answers()
+            refused = outage.refused if outage is not None else 0
+            self._log.info("spool.reachable", database=self._where, refused_during_outage=refused)
             event = AuditEvent(
                 EventType.SPOOL_REACHABLE,
-                reason=f"the spool {self._where} answers again",
+                reason=f"the spool {self._where} answers again; {refused} received documents "
+                "were answered 503 during its outage (their peers resend them)",
+                detail={"refused": refused},
             )
         try:
             self._sink().emit(event)

@@ -21,6 +21,7 @@ from gateway.config import GatewayConfig, Peer
 from gateway.egress import Network
 from gateway.errors import MedgwError
 from gateway.inbound import InboundLocks, InboundProcessor
+from gateway.inbound.outages import StorageOutages
 from gateway.logs import Logger
 from gateway.pki.peers import PeerTrust
 from gateway.pki.tls import client_context, fingerprint, server_context
@@ -59,6 +60,8 @@ class Parts:
     network: Network
     inbound_locks: InboundLocks  # shared by the processors of every reload
     vault: Vault | None = None  # encryption at rest of what is kept (gateway.atrest)
+    # Received documents that could not be stored: alerted once per cause.
+    outages: StorageOutages | None = None
 
 
 def build_state(
@@ -124,6 +127,7 @@ def build_state(
         locks=parts.inbound_locks,
         network=parts.network,
         vault=parts.vault,
+        outages=parts.outages,
     )
     peers_by_spki = {pin: p for p in config.peers for pin in p.tls_spki_pins}
     return RuntimeState(config, servers, clients, peers_by_tls, inbound, trust, peers_by_spki)

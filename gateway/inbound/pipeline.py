@@ -52,10 +52,12 @@ from gateway.errors import (
     SignatureError,
     SignerNotTrustedError,
     SpoolError,
+    SpoolUnreachableError,
 )
 from gateway.fsutil import private_folder, storage_fix
 from gateway.inbound.exactly_once import InboxDelivery
 from gateway.inbound.locks import InboundLocks
+from gateway.inbound.outages import SPOOL_UNREACHABLE, Outage, StorageOutages
 from gateway.inbound.outcomes import (
     DuplicateReceipt,
     Refused,
@@ -160,6 +162,7 @@ class InboundProcessor:
         locks: InboundLocks | None = None,
         network: Network | None = None,
         vault: Vault | None = None,
+        outages: StorageOutages | None = None,
     ) -> None:
         # ``signers``: each peer's signing certificates that validate now (PKI layer);
         # without it (tests of this layer alone), every configured one.
@@ -167,7 +170,9 @@ class InboundProcessor:
         # ``network``: the daemon's connect path, for OCSP about personal signers
         # (alone: one judged by this configuration).
         # ``vault``: the daemon's encryption at rest (alone: receipts kept as they are).
+        # ``outages``: the daemon's, kept across reloads (alone: its own).
         self._vault = vault
+        self._outages = outages if outages is not None else StorageOutages(clock)
         network = network if network is not None else Network.fixed(config.network_map)
         self._signers = AcceptedSigners(config, network, clock, signers)
         self._receipts = Receipts(config, audit, log, clock)
@@ -270,9 +275,12 @@ class InboundProcessor:
             self._receipt_groups.coming() as arrival,
         ):
             try:
-                return self._accept_and_answer(request, message_id, digest, arrival)
+                answered = self._accept_and_answer(request, message_id, digest, arrival)
             except (InboxUnavailableError, SpoolError, OSError) as exc:
                 return self.unavailable(request, message_id, exc)
+        for outage in self._outages.stored(peer.name):
+            self._storage_available(outage)
+        return answered
 
     def unavailable(
         self, request: InboundRequest, message_id: str | None, exc: MedgwError | OSError
@@ -284,7 +292,8 @@ class InboundProcessor:
         Nothing is acknowledged: the answer is HTTP 503 without a receipt, so the
         peer keeps the message and resends it (a document that reached the inbox
         before the failure is not written again: see exactly_once).  An alert
-        names the cause and the fix; the peer learns nothing of it.  (An inbox the
+        names the cause and the fix, once per outage (gateway.inbound.outages: the
+        next failures of the same cause are counted); the peer learns nothing of it.  (An inbox the
         administrator must repair, such as a file where a folder should be, is
         answered with a negative receipt instead: the sender learns at once that
         the document was not delivered.)
@@ -298,6 +307,20 @@ class InboundProcessor:
         else:
             cause = str(exc)
         fix = fix or "free disk space, or fix the permissions, of the state and inbox folders"
+        if isinstance(exc, SpoolUnreachableError):
+            kind = SPOOL_UNREACHABLE  # its text names the back-off's seconds left
+        else:
+            kind = f"{type(exc).__name__}|{getattr(exc, 'errno', None)}|{fix}"
+        refused = self._outages.refused(kind, request.peer.name, cause, fix)
+        if refused > 1:  # alerted at the first of this outage
+            self._log.warning(
+                "storage.unavailable",
+                peer=request.peer.name,
+                message_id=message_id,
+                error=cause,
+                refused_during_outage=refused,
+            )
+            return InboundResponse.refused(Answer.UNAVAILABLE)
         self._log.error(
             "storage.unavailable",
             peer=request.peer.name,
@@ -320,6 +343,28 @@ class InboundProcessor:
         except OSError as audit_exc:  # the audit log's disk may be the full one
             self._log.critical("audit.write_failed", error=str(audit_exc), event=cause)
         return InboundResponse.refused(Answer.UNAVAILABLE)
+
+    def _storage_available(self, outage: Outage) -> None:
+        """A document of a peer an outage refused was stored: the outage is over."""
+        since = outage.since.isoformat(timespec="seconds")
+        self._log.info(
+            "storage.available",
+            cause=outage.cause,
+            since=since,
+            refused_during_outage=outage.refused,
+        )
+        try:
+            self._audit.emit(
+                AuditEvent(
+                    EventType.STORAGE_AVAILABLE,
+                    reason=f"received documents are stored again; {outage.refused} "
+                    f"documents were answered 503 during the outage since {since} "
+                    f"({outage.cause})",
+                    detail={"refused": outage.refused, "since": since},
+                )
+            )
+        except OSError as exc:
+            self._log.critical("audit.write_failed", error=str(exc), event="storage.available")
 
     def _accept_and_answer(
         self, request: InboundRequest, message_id: str, digest: str, arrival: Arrival

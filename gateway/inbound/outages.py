@@ -1,0 +1,93 @@
+"""Received documents that could not be stored here, told once per cause.
+
+While the spool's database does not answer, or a disk is full, every document a
+peer sends, and each resend of it, is answered 503 (``InboundProcessor.unavailable``).
+The first failure of a cause is an error log line and one alert
+(``storage.unavailable``); the next ones of that cause are counted, each a warning
+log line with the count so far, until the outage ends: when a document of a peer it
+refused is stored again (``storage.available``: a log line and a record saying how
+many documents were answered 503 during it), or, for the spool's database, when it
+answers again (its ``spool.reachable`` record says how many).  The same cause after
+that is a new outage, alerted again.
+
+A cause is the kind of failure and its fix, which names the folder or database,
+never the text of the error (which may name the free bytes, or the server's
+words of the moment).  The daemon's readiness (gateway.daemon.observe) reads the
+latest failure, with its cause and fix.  One per daemon, shared by the inbound
+processors of every reload; called from the worker threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.clock import Clock
+
+# The kind of the failures of a spool database that does not answer: its outage ends
+# when it answers again, whichever peer sends next.
+SPOOL_UNREACHABLE = "spool-unreachable"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The latest received document that could not be stored."""
+
+    cause: str
+    fix: str
+    at: datetime
+    spool_unreachable: bool  # the spool's database did not answer
+
+
+@dataclass
+class Outage:
+    """The failures of one cause, from the first (alerted) on."""
+
+    cause: str  # the first one's
+    fix: str
+    since: datetime
+    refused: int = 0  # documents answered 503 for it, the first one too
+    peers: set[str] = field(default_factory=set)  # whose documents it refused
+
+
+class StorageOutages:
+    """The outages in progress, by cause (see module doc)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, Outage] = {}
+        self._latest: Failure | None = None
+
+    def refused(self, kind: str, peer: str, cause: str, fix: str) -> int:
+        """A document of ``peer`` could not be stored (``kind``: the cause, as compared;
+        :data:`SPOOL_UNREACHABLE` for a spool database that does not answer): how many
+        documents that cause refused so far, this one too (1: a new outage)."""
+        now = self._clock.now()
+        with self._lock:
+            outage = self._open.get(kind)
+            if outage is None:
+                outage = self._open[kind] = Outage(cause, fix, now)
+            outage.refused += 1
+            outage.peers.add(peer)
+            self._latest = Failure(cause, fix, now, kind == SPOOL_UNREACHABLE)
+            return outage.refused
+
+    def stored(self, peer: str) -> list[Outage]:
+        """A document of ``peer`` was stored: the outages that refused one of its documents
+        ended (whatever stopped them works again)."""
+        if not self._open:  # every request asks: without the lock while none is open
+            return []
+        with self._lock:
+            ended = [kind for kind, outage in self._open.items() if peer in outage.peers]
+            return [self._open.pop(kind) for kind in ended]
+
+    def spool_answers(self) -> Outage | None:
+        """The spool's database answers again: the outage of its failures ended (None:
+        it refused no document)."""
+        with self._lock:
+            return self._open.pop(SPOOL_UNREACHABLE, None)
+
+    def latest(self) -> Failure | None:
+        return self._latest

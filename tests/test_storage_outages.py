@@ -1,0 +1,94 @@
+"""An outage of the storage, as the operator hears of it: while a disk is full or the
+spool's database does not answer, every document a peer sends (and each resend) is
+answered 503; the operator gets one alert per cause and outage, and the record of
+its end says how many documents were answered 503 during it.
+
+Real ``medgw run`` daemons, a real small file system (tmpfs, as root) for the full
+inbox, the real PostgreSQL server the tests start, stopped and started again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo_run import GatewayProcess, drop_file, wait_until
+from gateway.pki.demo import DemoLayout
+from tests.conftest import Processes
+from tests.helpers.audit import events, wait_for_events
+from tests.helpers.postgres import PostgresServer, spool_section
+from tests.helpers.storage import fill_file_system, small_file_system
+
+pytestmark = pytest.mark.daemon
+
+DOCUMENTS = 3
+
+
+@pytest.fixture
+def small_inbox(layout: DemoLayout) -> Iterator[Path]:
+    with small_file_system(layout.hospital.inbox_dir, "256k") as inbox:
+        yield inbox
+
+
+def refusals(node: GatewayProcess) -> list[dict[str, Any]]:
+    """The node's log lines of documents answered 503."""
+    return [line for line in node.lines if line.get("event") == "storage.unavailable"]
+
+
+def drop_documents(layout: DemoLayout) -> None:
+    for n in range(DOCUMENTS):
+        drop_file(layout.lab.outbox_dir / "hospital", f"doc-{n}.hl7", f"MSH|{n}\r".encode())
+
+
+def test_a_full_inbox_is_alerted_once_and_its_end_counts_the_documents_refused(
+    layout: DemoLayout, small_inbox: Path, processes: Processes
+) -> None:
+    filler = fill_file_system(small_inbox)
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    drop_documents(layout)
+    # Each document, and the lab's resends of them, answered 503.
+    wait_until(lambda: len(refusals(hospital)) >= DOCUMENTS + 2, 120, "resends refused")
+    [alert] = events(layout.hospital.audit_log, "storage.unavailable")
+    assert alert["severity"] == "alert" and "No space left on device" in alert["reason"]
+    first, *counted = refusals(hospital)
+    assert first["level"] == "error" and first["fix"] == alert["detail"]["fix"]
+    assert [line["level"] for line in counted] == ["warning"] * len(counted)
+    assert [line["refused_during_outage"] for line in counted] == list(range(2, len(counted) + 2))
+
+    filler.unlink()  # the administrator frees space
+    wait_for_events(layout.hospital.audit_log, "message.delivered", count=DOCUMENTS)
+    [ended] = wait_for_events(layout.hospital.audit_log, "storage.available")
+    refused = ended["detail"]["refused"]
+    assert refused >= DOCUMENTS + 2, ended
+    assert f"{refused} documents were answered 503 during the outage" in ended["reason"]
+    assert "No space left on device" in ended["reason"]
+    assert len(events(layout.hospital.audit_log, "storage.unavailable")) == 1
+
+
+def test_a_database_outage_is_alerted_once_and_its_return_counts_the_documents_refused(
+    layout: DemoLayout, processes: Processes, postgres_server: PostgresServer
+) -> None:
+    with layout.hospital.config_path.open("a") as config:
+        config.write(spool_section(postgres_server.new_database()))
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)  # its own spool is SQLite
+    postgres_server.stop("immediate")
+    try:
+        drop_documents(layout)
+        wait_until(lambda: len(refusals(hospital)) >= DOCUMENTS + 2, 120, "resends refused")
+        [alert] = events(layout.hospital.audit_log, "storage.unavailable")
+        assert "is unreachable" in alert["reason"]
+        assert len(events(layout.hospital.audit_log, "spool.unreachable")) == 1
+    finally:
+        postgres_server.start()
+    [back] = wait_for_events(layout.hospital.audit_log, "spool.reachable", timeout=120)
+    refused = back["detail"]["refused"]
+    assert refused >= DOCUMENTS + 2, back
+    assert f"{refused} received documents were answered 503 during its outage" in back["reason"]
+    wait_for_events(layout.hospital.audit_log, "message.delivered", count=DOCUMENTS)
+    assert len(events(layout.hospital.audit_log, "storage.unavailable")) == 1
+    assert events(layout.hospital.audit_log, "storage.available") == []  # said by its return
