@@ -19,6 +19,7 @@ from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.conftest import Processes
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.metrics import get, scrape, value, wait_scrape, with_metrics
 from tests.helpers.postgres import PostgresServer, spool_section
 from tests.helpers.storage import fill_file_system, small_file_system
 
@@ -92,3 +93,41 @@ def test_a_database_outage_is_alerted_once_and_its_return_counts_the_documents_r
     wait_for_events(layout.hospital.audit_log, "message.delivered", count=DOCUMENTS)
     assert len(events(layout.hospital.audit_log, "storage.unavailable")) == 1
     assert events(layout.hospital.audit_log, "storage.available") == []  # said by its return
+
+
+def test_the_readiness_says_the_spool_database_is_down_and_is_ready_again_with_it(
+    layout: DemoLayout, processes: Processes, postgres_server: PostgresServer
+) -> None:
+    """Not ready from the moment the node finds its database gone, naming it, the cause
+    and the fix; ready again as soon as it answers, not a minute after the last
+    document it refused (a load balancer would drop every node of a cluster at once).
+    The spool's size is the database's, not that of a SQLite file that is not there."""
+    with layout.hospital.config_path.open("a") as config:
+        config.write(spool_section(spool := postgres_server.new_database()))
+    port = with_metrics(layout.hospital)
+    hospital = processes.start(layout.hospital.config_path)
+    processes.start(layout.lab.config_path)
+    assert get(port, "/health/ready") == (200, "ready\n")
+    samples = wait_scrape(port, "the spool's size", lambda s: value(s, "medgw_spool_bytes"))
+    size = value(samples, "medgw_spool_bytes")
+    assert size is not None and size > 1 << 20  # pg_database_size: MiBs
+
+    postgres_server.stop("immediate")
+    try:
+        wait_for_events(layout.hospital.audit_log, "spool.unreachable")
+        status, text = get(port, "/health/ready")
+        assert status == 503, text
+        assert f"the spool {spool.where} is unreachable: " in text
+        assert "(fix: check that the PostgreSQL server is running" in text
+        assert value(scrape(port), "medgw_ready") == 0
+        drop_documents(layout)
+        wait_until(lambda: len(refusals(hospital)) >= DOCUMENTS, 120, "documents refused")
+        status, text = get(port, "/health/ready")
+        assert status == 503 and "is unreachable" in text
+        assert "could not be stored" not in text  # said once, by its cause
+    finally:
+        postgres_server.start()
+    wait_for_events(layout.hospital.audit_log, "spool.reachable", timeout=120)
+    assert get(port, "/health/ready") == (200, "ready\n")
+    assert value(scrape(port), "medgw_ready") == 1
+    wait_for_events(layout.hospital.audit_log, "message.delivered", count=DOCUMENTS)

@@ -318,6 +318,7 @@ class Daemon:
             self._log,
             postgres.where if postgres else "",
             self._outages,
+            self._observer.readiness,
             stop_replaced,
             lease=config.cluster.lease_seconds,
         )

@@ -34,21 +34,36 @@ class QueueCounts(Protocol):
         """Messages per (peer, state): the spool's, kept by gateway.daemon.spoolview."""
         ...
 
+    def size_bytes(self) -> int | None:
+        """The spool database's size on disk, as last read (None: not yet)."""
+        ...
+
+
+def _free_space(config: GatewayConfig) -> list[str]:
+    """The state folder's file system nearly full: with SQLite it holds the spool; with
+    PostgreSQL the bodies of larger documents and the receipts (the database's disk is
+    the server's: a full one is a refused write, SQLSTATE 53100)."""
+    state = config.storage.state_dir
+    what = "state folder" if config.spool.postgres is not None else "spool's state folder"
+    try:
+        free = shutil.disk_usage(state).free
+    except OSError as exc:
+        return [f"the {what} {state} cannot be read: {exc.strerror}"]
+    if free >= MIN_FREE_BYTES:
+        return []
+    return [
+        f"the file system of the {what} {state} is full: {free >> 20} MiB free "
+        f"(fix: free space on the file system of {state})"
+    ]
+
 
 def folder_problems(config: GatewayConfig) -> list[str]:
     """What the folders ``config``'s ``[storage]`` names lack for the daemon to work: the
-    access its user needs, the spool's free space.  File-system calls, which a hung network
-    mount holds: run by :class:`FolderChecks`, never on the event loop."""
+    access its user needs, the state folder's free space.  File-system calls, which a hung
+    network mount holds: run by :class:`FolderChecks`, never on the event loop."""
     # A folder medgw's user may not write (an inbox: documents answered 503).
     out = [f"{p.message} (fix: {p.fix})" for p in access_problems(config, daemon=True)]
-    try:
-        free = shutil.disk_usage(config.storage.state_dir).free
-    except OSError as exc:
-        out.append(f"the spool's folder cannot be read: {exc.strerror}")
-    else:
-        if free < MIN_FREE_BYTES:
-            out.append(f"the spool's file system is full: {free >> 20} MiB free")
-    return out
+    return out + _free_space(config)
 
 
 FolderCheck = Callable[[GatewayConfig], list[str]]
@@ -126,6 +141,8 @@ class Readiness:
         self.started = False  # listeners, spool and trust are up
         self.stopping = False
         self.reload_failed: str | None = None  # the problems of the last reload, if it failed
+        # The spool's database does not answer: what to say (gateway.daemon.spoolwatch).
+        self.spool_unreachable: str | None = None
 
     def reasons(self, config: GatewayConfig | None) -> list[str]:
         out = []
@@ -138,9 +155,14 @@ class Readiness:
                 f"the last reload failed ({self.reload_failed[:300]}); serving the previous "
                 "configuration"
             )
+        unreachable = self.spool_unreachable
+        if unreachable is not None:
+            out.append(unreachable)
         failed = self._outages.latest()
         recent = timedelta(seconds=STORAGE_FAILURE_SECONDS)
-        if failed is not None and self._clock.now() - failed.at < recent:
+        if failed is None or (failed.spool_unreachable and unreachable is not None):
+            pass  # nothing, or said above by its cause
+        elif self._clock.now() - failed.at < recent:
             out.append(
                 "a received document could not be stored within the last minute: "
                 f"{failed.cause} (fix: {failed.fix})"
@@ -300,17 +322,12 @@ def snapshot(
         for fetched, held in ((False, zone.crls), (True, zone.fetched_crls))
         for crl in held
     ]
-    spool_bytes = 0
-    for suffix in ("", "-wal"):
-        path = config.storage.spool_path.with_name(config.storage.spool_path.name + suffix)
-        with contextlib.suppress(OSError):
-            spool_bytes += path.stat().st_size
     return Snapshot(
         messages={(peer, str(state)): n for (peer, state), n in spool.counts().items()},
         certificates=certificates,
         crls=crls,
         export_backlog_bytes=export_backlog,
-        spool_bytes=spool_bytes,
+        spool_bytes=spool.size_bytes(),
         not_ready=not_ready,
         node=config.cluster.node_name,
     )

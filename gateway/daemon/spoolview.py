@@ -1,7 +1,8 @@
 """What the event loop asks of the spool often, answered from memory.
 
 The AS2 handler asks, for every request, whether an operator suspended its
-peer; the metrics scrape asks how many messages wait per peer and state.  Asked
+peer; the metrics scrape asks how many messages wait per peer and state, and the
+spool database's size.  Asked
 of the spool on the event loop, each held the loop while the spool's database
 did not answer (up to its connect timeout with PostgreSQL), and the counts
 grow with the queue (a scan of a million waiting messages takes a tenth of a
@@ -12,7 +13,8 @@ second).  Here both are kept in memory and read again in a worker thread:
   when an operator suspends or resumes a peer on this node;
 * the counts every :data:`COUNTS_SECONDS`, or less often when counting takes
   long, so that counting takes at most :data:`COUNTS_SHARE` of the time: the
-  metrics show them as of then.
+  metrics show them as of then; the database's size with them (a PostgreSQL
+  spool's is the server's ``pg_database_size``, a sum of file sizes it keeps).
 
 While the database does not answer, the last answers stand (the requests that
 need the spool are answered 503 when they reach it).  Maintained counters,
@@ -44,6 +46,7 @@ class SpoolView:
         self._suspended: frozenset[str] = frozenset()
         self._changes = 0  # suspensions changed here: a read begun before is stale
         self._counts: Mapping[tuple[str, str], int] = {}
+        self._size: int | None = None  # the database's bytes (None: not read yet)
         self._counts_due = 0.0  # clock.monotonic() when the counts are read again
         self.counts_every = COUNTS_SECONDS  # seconds between two counts, by their cost
 
@@ -58,6 +61,10 @@ class SpoolView:
     def counts(self) -> Mapping[tuple[str, str], int]:
         """Messages per (peer, state), as of the last count."""
         return self._counts
+
+    def size_bytes(self) -> int | None:
+        """The spool database's size on disk, as of the last count (None: none yet)."""
+        return self._size
 
     def suspension_changed(self, peer: str, suspended: bool) -> None:
         """An operator suspended or resumed ``peer`` on this node (committed)."""
@@ -77,6 +84,7 @@ class SpoolView:
     def read_counts(self) -> None:
         started = self._clock.monotonic()
         self._counts = self._spool.counts()
+        self._size = self._spool.size_bytes()
         took = self._clock.monotonic() - started
         self.counts_every = max(COUNTS_SECONDS, took / COUNTS_SHARE)
         self._counts_due = started + self.counts_every

@@ -3,7 +3,9 @@
 A PostgreSQL spool (gateway.spool.postgres) calls :meth:`SpoolReachability.changed`
 when its server stops answering (with the cause) and when it answers again
 (None), from whichever thread noticed.  Each change is one log line and one
-audit record (an alert when it goes): in between, the gateway refuses new
+audit record (an alert when it goes), and the readiness (gateway.daemon.observe)
+is "not ready", naming the database, the cause and the fix, from the moment the
+node finds it gone until it answers: in between, the gateway refuses new
 documents and answers peers 503 (retryable), exactly as when a SQLite spool
 cannot be written, and tries the database again after a back-off.  Those
 refusals are alerted once (gateway.inbound.outages); the record of its return
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.daemon.observe import Readiness
 from gateway.errors import NodeNameTakenError, SpoolReplacedError
 from gateway.inbound.outages import StorageOutages
 
@@ -32,6 +35,7 @@ class SpoolReachability:
         log: Any,
         where: str,
         outages: StorageOutages,
+        readiness: Readiness,
         stop: Callable[[SpoolReplacedError], None] = lambda _exc: None,
         *,
         lease: float = 60.0,
@@ -43,6 +47,7 @@ class SpoolReachability:
         self._log = log
         self._where = where  # the database, as gateway.toml names it
         self._outages = outages  # the received documents it refused, counted
+        self._readiness = readiness  # not ready while it does not answer
         self._stop = stop  # the daemon's, from whichever thread
 
     def replaced(self, exc: SpoolReplacedError) -> None:
@@ -110,6 +115,10 @@ class SpoolReachability:
                 "check that the PostgreSQL server is running and that this host can reach "
                 "it; medgw tries again by itself and needs no restart"
             )
+            # Not ready from now: before the log line and record that say so.
+            self._readiness.spool_unreachable = (
+                f"the spool {self._where} is unreachable: {cause} (fix: {fix})"
+            )
             self._log.error("spool.unreachable", database=self._where, error=cause, fix=fix)
             event = AuditEvent(
                 EventType.SPOOL_UNREACHABLE,
@@ -121,6 +130,7 @@ class SpoolReachability:
             )
         else:
             outage = self._outages.spool_answers()
+            self._readiness.spool_unreachable = None
             refused = outage.refused if outage is not None else 0
             self._log.info("spool.reachable", database=self._where, refused_during_outage=refused)
             event = AuditEvent(

@@ -85,8 +85,12 @@ class StorageOutages:
 
     def spool_answers(self) -> Outage | None:
         """The spool's database answers again: the outage of its failures ended (None:
-        it refused no document)."""
+        it refused no document), and the latest failure, if it was one of them, no
+        longer keeps the node not ready (every node sharing the database is ready
+        again as soon as it answers, not a minute later)."""
         with self._lock:
+            if self._latest is not None and self._latest.spool_unreachable:
+                self._latest = None
             return self._open.pop(SPOOL_UNREACHABLE, None)
 
     def latest(self) -> Failure | None:

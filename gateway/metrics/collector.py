@@ -94,7 +94,7 @@ class Snapshot:
     certificates: Sequence[Certificate] = ()
     crls: Sequence[Crl] = ()
     export_backlog_bytes: int | None = None  # None: no [audit.export]
-    spool_bytes: int = 0
+    spool_bytes: int | None = None  # the spool database's size (None: not read yet)
     not_ready: Sequence[str] = ()  # why the gateway is not ready (empty: ready)
     node: str = ""  # this node's name ([cluster] node_name; empty: not yet known)
 
@@ -293,11 +293,13 @@ class _SnapshotCollector(Collector):
                 "Bytes of audit records waiting for the collector of [audit.export]",
                 value=snap.export_backlog_bytes,
             )
-        yield GaugeMetricFamily(
-            "medgw_spool_bytes",
-            "Size of the spool database on disk (with its write-ahead log)",
-            value=snap.spool_bytes,
-        )
+        if snap.spool_bytes is not None:
+            yield GaugeMetricFamily(
+                "medgw_spool_bytes",
+                "Size of the spool database on disk: SQLite's file with its write-ahead "
+                "log, or PostgreSQL's pg_database_size",
+                value=snap.spool_bytes,
+            )
         if snap.node:
             info = GaugeMetricFamily(
                 "medgw_node_info",

@@ -372,6 +372,11 @@ class Spool(Protocol):
         """Number of messages per (peer, state)."""
         ...
 
+    def size_bytes(self) -> int:
+        """The spool database's size on disk: SQLite's file with its write-ahead log, or
+        PostgreSQL's ``pg_database_size`` (SpoolError if it does not answer)."""
+        ...
+
     def expire_due(self, peer: str, now: float) -> list[str]:
         """Queued messages for ``peer`` past their expiry become ``expired``."""
         ...

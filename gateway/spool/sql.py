@@ -106,6 +106,10 @@ class SqlStore(ABC):
     def close(self) -> None: ...
 
     @abstractmethod
+    def size_bytes(self) -> int:
+        """The spool database's size on disk now (see Spool.size_bytes)."""
+
+    @abstractmethod
     def shred(self) -> bool:
         """Leave no readable copy of deleted rows where the backend can (see Spool.shred)."""
 

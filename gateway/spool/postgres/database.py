@@ -355,6 +355,12 @@ class PostgresDatabase(SqlStore):
         now = self._clock.now().timestamp() + (self._offset if self._server_time else 0.0)
         return now, now + self._claimant.lease_seconds
 
+    def size_bytes(self) -> int:
+        """``pg_database_size`` of the spool's database: its files on the server's disk
+        (the server sums their sizes: no row is read), without the server's WAL."""
+        [row] = self._read("SELECT pg_database_size(current_database()) AS size", ())
+        return int(row["size"])
+
     def shred(self) -> bool:
         """Reclaim the space of deleted rows (``VACUUM``): PostgreSQL has no secure
         delete, so a purged item is unreadable by its data key being gone, whatever

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -121,6 +122,14 @@ class Database(SqlStore):
             return self._writer.run(work)
         except sqlite3.Error as exc:
             raise database_error(self._path, exc, "write") from exc
+
+    def size_bytes(self) -> int:
+        """The database file and its write-ahead log."""
+        size = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                size += self._path.with_name(self._path.name + suffix).stat().st_size
+        return size
 
     def shred(self) -> bool:
         """Write every committed change into the database file and empty the write-ahead
