@@ -781,6 +781,48 @@ def test_two_nodes_lose_nothing_when_the_database_restarts_mid_run(
         assert node.stop() == 0
 
 
+def test_a_node_that_cannot_renew_its_claims_says_why_how_many_and_what_to_do(
+    layout: DemoLayout,
+    processes: Processes,
+    postgres_server: PostgresServer,
+    lab: Lab,
+) -> None:
+    """The database goes while lab-a holds three sends open: its lease.claims_lost line
+    names the cause, how many claims it held and what happens and what to do."""
+    lab.slow_handshakes()
+    lab.front.held = True  # the hospital's answers do not come back: the sends stay open
+    lab_a = processes.start(lab.a)
+    for n in range(3):
+        drop_file(layout.lab.outbox_dir / "hospital", f"doc-{n}.hl7", f"MSH|{n}\r".encode())
+
+    def held_by_a() -> bool:
+        records = outbound(lab.spool)
+        return len(records) == 3 and all(r.state is OutboundState.SENDING for r in records)
+
+    wait_until(held_by_a, 120, "lab-a sending every document")
+    claimed = max(r.lease_until for r in outbound(lab.spool))
+    wait_until(
+        lambda: all(r.lease_until > claimed for r in outbound(lab.spool)),
+        60,
+        "a renewal of all three claims",
+    )
+    postgres_server.stop("immediate")
+    try:
+        wait_until(lost_its_claims(lab_a), 60, "the node to say it lost its claims")
+        [lost] = [line for line in lab_a.lines if line.get("event") == "lease.claims_lost"]
+        assert lost["level"] == "error" and lost["claims"] == 3, lost
+        assert f"the spool {lab.spool.where} is unreachable" in lost["error"], lost
+        assert lost["unrenewed_seconds"] >= 2.5, lost  # half the 5 s lease
+        assert "stops the work of its 3 claims in progress" in lost["fix"], lost
+        assert "other nodes take them over" in lost["fix"], lost
+        assert "check the spool database" in lost["fix"], lost
+    finally:
+        lab.front.held = False
+        postgres_server.start()
+    settled(lab.spool, 3, 180)
+    assert lab_a.stop() == 0
+
+
 class HeldInternalSystem:
     """The internal system of the HTTP hand-over: the first POST is never answered (the
     node making it is killed meanwhile), the others are answered 200; each POST with the

@@ -70,6 +70,7 @@ class LeaseKeeper:
         self._swept_at = clock.monotonic()  # the start removed the inbox's left-overs
         self._receipts_swept_at = clock.monotonic()  # and the receipts no row names
         self._failing: str | None = None
+        self._claims = 0  # the claims this node held at its last renewal
         # Documents taken over here whose preparation failed part-way through a batch
         # (the spool did not answer): this node holds and renews their claims, so no
         # other node takes them; prepared first at the next round.
@@ -112,7 +113,7 @@ class LeaseKeeper:
         its sends in progress until one succeeds."""
         started = self._clock.monotonic()
         try:
-            await asyncio.to_thread(self._spool.renew_leases)
+            claims = await asyncio.to_thread(self._spool.renew_leases)
         except (MedgwError, OSError) as exc:
             error = exc.message if isinstance(exc, MedgwError) else str(exc)
             if error != self._failing:
@@ -127,13 +128,15 @@ class LeaseKeeper:
                 self._failing = error
         else:
             self._renewed_at = started
+            self._claims = claims
             if self._failing is not None:
                 self._log.info("lease.renew_recovered", node=self._spool.node)
                 self._failing = None
         lost = self._outbound.claims_lost
-        if self._clock.monotonic() - self._renewed_at >= lease / 2:
+        unrenewed = self._clock.monotonic() - self._renewed_at
+        if unrenewed >= lease / 2:
             if not lost.is_set():
-                self._log.error("lease.claims_lost", node=self._spool.node)
+                self._claims_lost(lease, unrenewed)
             lost.set()
         elif lost.is_set():
             # No send of this node is in flight while its claims are lost: what they left
@@ -144,6 +147,27 @@ class LeaseKeeper:
                 return  # again at the next renewal
             self._log.info("lease.claims_back", node=self._spool.node, requeued=len(requeued))
             lost.clear()
+
+    def _claims_lost(self, lease: float, unrenewed: float) -> None:
+        """Said once, when this node stops its sends in progress: why, how many claims it
+        held, what happens to them and what to do."""
+        cause = self._failing or (
+            f"the last renewal of its claims took {unrenewed:.1f} s (the spool database "
+            "answered that slowly)"
+        )
+        self._log.error(
+            "lease.claims_lost",
+            node=self._spool.node,
+            error=cause,
+            claims=self._claims,
+            unrenewed_seconds=round(unrenewed, 1),
+            fix=f"check the spool database and the network to it; this node could not renew "
+            f"its claims for half a lease ({lease / 2:g} s), so it stops the work of its "
+            f"{self._claims} claims in progress (sends, deliveries into the inbox, hand-overs: "
+            "as counted at its last renewal) before another node may take them; after a lease "
+            f"({lease:g} s) other nodes take them over, or this node goes on once a renewal "
+            "succeeds (lease.claims_back); nothing is sent or written twice",
+        )
 
     async def prepare_taken_over(self) -> int:
         """The documents other nodes took in and left unprepared when their claims ran
