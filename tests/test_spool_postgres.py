@@ -250,6 +250,24 @@ def test_over_the_network_the_server_is_verified_and_the_password_read_from_a_fi
     spool.close()
 
 
+def test_the_server_drops_a_vanished_nodes_session_within_half_a_minute(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """The server's own keepalives for the node's sessions: a node's host that crashed
+    (no reset sent) loses its sessions, and its name's lock, within about half a
+    minute, not the server host's default two hours."""
+    spool = PostgresSpool(over_tls(postgres_server, postgres, tmp_path), TickingClock())
+    (row,) = spool._read(
+        "SELECT current_setting('tcp_keepalives_idle') AS idle,"
+        " current_setting('tcp_keepalives_interval') AS every,"
+        " current_setting('tcp_keepalives_count') AS count,"
+        " current_setting('tcp_user_timeout') AS unacked",
+        (),
+    )
+    spool.close()
+    assert (row["idle"], row["every"], row["count"], row["unacked"]) == ("10", "5", "3", "30000")
+
+
 def test_a_server_whose_certificate_or_name_does_not_verify_is_never_used(
     postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
 ) -> None:

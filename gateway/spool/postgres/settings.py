@@ -48,8 +48,14 @@ class PostgresSettings:
             "application_name": application,
             # Bounds: no statement of the spool runs for a minute (a lock another node
             # forgot, a server that hangs), and a peer host that vanished without a
-            # reset is noticed within about half a minute, not at TCP's hours.
-            "options": "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=60000",
+            # reset is noticed within about half a minute, not at TCP's hours: by this
+            # node (keepalives below) and by the server (tcp_*: its session, and the
+            # node name's lock it holds, go within that time of a node's host crashing,
+            # so the node restarted there takes its name back instead of being refused
+            # for the two hours of the server host's default keepalive).
+            "options": "-c statement_timeout=60000 -c idle_in_transaction_session_timeout=60000"
+            " -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
+            " -c tcp_user_timeout=30000",
             "keepalives": 1,
             "keepalives_idle": 10,
             "keepalives_interval": 5,
