@@ -93,6 +93,7 @@ _NAME_HOLDER = (
 _SERVER_TIME = "SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now"
 # How long a start waits for its own earlier session, which still holds its name, to end.
 _OWN_SESSION_WAIT_MS = 5000
+_SESSION_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s) AS gone"
 
 
 def name_lock(node: str) -> int:
@@ -306,9 +307,13 @@ class PostgresDatabase(SqlStore):
                 break
             # This node's own session from before a lost connection, which the server
             # has not yet noticed is gone: ended, its lock goes with it.
-            session.execute(
-                "SELECT pg_terminate_backend(%s, %s)", (self._name_pid, _OWN_SESSION_WAIT_MS)
-            )
+            # (The one-argument form: PostgreSQL 12 and 13 have no wait; waited for here.)
+            session.execute("SELECT pg_terminate_backend(%s)", (self._name_pid,))
+            for _ in range(_OWN_SESSION_WAIT_MS // 100):
+                gone = session.execute(_SESSION_GONE, (self._name_pid,)).fetchone()
+                if gone is not None and gone["gone"]:
+                    break
+                session.execute("SELECT pg_sleep(0.1)")
         node = self._claimant.node
         if holder is None:
             who = "another session (it has just left)"
