@@ -5,7 +5,8 @@ hangs holds neither the daemon nor its answers.
   folder is writable again and a check has run since.
 * A check that hangs (the check is the readiness's own, given a function that blocks
   until the test lets it go): ``not_ready()`` answers at once with the last answer,
-  and no second check starts while it hangs.
+  and no second check starts while it hangs; once it has hung for twice the check's
+  interval, the answer also says the checks do not answer (not ready).
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ async def test_a_folder_check_that_hangs_holds_neither_the_loop_nor_the_answer(
         await asyncio.to_thread(entered.wait)
         assert observer.not_ready() == ["the first answer"]  # it hangs: the last answer
         assert len(hung_in) == 1 and hung_in[0] is not threading.current_thread()
+        clock.advance(2 * FOLDER_CHECK_SECONDS)  # and hangs on: not ready, saying why
+        first, hanging = observer.not_ready()
+        assert first == "the first answer"
+        assert hanging.startswith(
+            f"the folder checks have not answered for {2 * FOLDER_CHECK_SECONDS:.0f} s"
+        ), hanging
+        assert len(hung_in) == 1  # still the one check
     finally:
         release.set()
     await observer.check_folders()  # after the one that hung, not beside it

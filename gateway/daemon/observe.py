@@ -76,7 +76,9 @@ class FolderChecks:
     One check at a time, in a thread of its own; its answer is given for
     ``FOLDER_CHECK_SECONDS`` (a readiness probe or scrape each second checks no more
     often), and while the next check runs: a check that hangs leaves the last answer,
-    and no more threads, until it returns."""
+    and no more threads, until it returns; once it has not returned for twice that
+    time, the answer says so too (a folder on a mount that hangs is not ready: the
+    documents delivered there would hang)."""
 
     def __init__(
         self, clock: Clock, check: FolderCheck, fresh: float = FOLDER_CHECK_SECONDS
@@ -90,18 +92,27 @@ class FolderChecks:
         self._of: GatewayConfig | None = None  # the configuration the answer is of
         self._at = 0.0  # when it was found (monotonic)
         self._running = False
+        self._started = 0.0  # when the check running began (monotonic)
 
     def reasons(self, config: GatewayConfig) -> list[str]:
         """The last answer; a check of ``config`` started if that answer is stale or of
         another configuration (a reload) and none is running."""
         with self._lock:
             stale = self._of is not config or self._clock.monotonic() - self._at >= self._fresh
+            now = self._clock.monotonic()
             if stale and not self._running:
-                self._running = True
+                self._running, self._started = True, now
                 threading.Thread(
                     target=self._run, args=(config,), name="folder checks", daemon=True
                 ).start()
-            return list(self._answer)
+            answer = list(self._answer)
+            if self._running and now - self._started >= 2 * self._fresh:
+                answer.append(
+                    f"the folder checks have not answered for {now - self._started:.0f} s "
+                    "(fix: a folder on a network mount that does not answer? findmnt -T "
+                    "<folder>, and the mount's server)"
+                )
+            return answer
 
     async def check(self, config: GatewayConfig) -> None:
         """Check now (after the check running, if one is) and wait for the answer (at the
@@ -112,7 +123,7 @@ class FolderChecks:
         with self._done:
             while self._running:
                 self._done.wait()
-            self._running = True
+            self._running, self._started = True, self._clock.monotonic()
         self._run(config)
 
     def _run(self, config: GatewayConfig) -> None:
