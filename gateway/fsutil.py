@@ -513,7 +513,8 @@ def writable_fix(folder: Path, *, daemon: bool = False) -> str:
             f"{where} is user {user}'s own: give that user the permissions it lacks "
             f"(ls -ld {where}; for example chmod u+{wanted} {where})"
         )
+    whom = "medgw" if daemon else "this command"
     return (
-        f"make {where} writable by user {user}, whom this command runs as "
+        f"make {where} writable by user {user}, whom {whom} runs as "
         f"(ls -ld {where}; for example chown {user} {where})"
     )

@@ -82,7 +82,7 @@ def test_a_folder_this_user_may_not_write_is_a_resend_naming_the_folder_and_the_
     )
     user = pwd.getpwuid(os.geteuid()).pw_name
     assert error.fix == (
-        f"make {inbox_dir} writable by user {user}, whom this command runs as "
+        f"make {inbox_dir} writable by user {user}, whom medgw runs as "
         f"(ls -ld {inbox_dir}; for example chown {user} {inbox_dir})"
     )
 
@@ -108,7 +108,7 @@ def test_an_inbox_root_owns_is_answered_503_to_a_daemon_run_as_its_user(processe
         alert = wait_for_event(layout.hospital.audit_log, "storage.unavailable")
         assert "Permission denied" in alert["reason"] and "answered 503" in alert["reason"]
         assert alert["detail"]["fix"] == (
-            f"make {folder} writable by user nobody, whom this command runs as "
+            f"make {folder} writable by user nobody, whom medgw runs as "
             f"(ls -ld {folder}; for example chown nobody {folder})"
         )
         retry = wait_for_event(layout.lab.audit_log, "message.send_failed")
