@@ -154,6 +154,12 @@ def test_a_crl_revoking_ours_and_a_peers_is_applied_at_a_reload_and_ours_alerted
         (layout.hospital.root / "certs" / "peers" / "lab" / "tls.crt").read_bytes()
     )
     revoke(layout, crl_file(layout), our(layout, "tls.crt"), lab_tls)
+    # A new signing certificate in the same reload: it changes, the TLS one found
+    # revoked does not.
+    now = datetime.now(UTC)
+    signing = issue(demo_ca(layout), "SAKURA-HOSPITAL", purpose="smime-sign", now=now)
+    write_pem(layout.hospital.root / "certs" / "sign.crt", signing.certificate)
+    write_pem(layout.hospital.root / "certs" / "sign.key", signing.key)
     done = medgw("reload", "--config", layout.hospital.config_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in done.stdout, done.stdout

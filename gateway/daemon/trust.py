@@ -29,16 +29,17 @@ from gateway.pki.tls import certificate_fingerprint
 from gateway.report import crl_policy, own_certificates_usable
 
 
-def _own_identities(config: GatewayConfig) -> tuple[object, ...]:
-    """The certificates (with their chains) medgw presents, signs and exports with."""
+def _own_identities(config: GatewayConfig) -> dict[str, object]:
+    """The certificates (with their chains) medgw presents, signs and exports with, by
+    the key their problems name."""
     export = config.audit_export
-    pairs = (
-        config.tls.identity,
-        config.smime.signing,
-        config.smime.encryption,
-        export.identity if export is not None else None,
-    )
-    return tuple((p.certificate, p.chain) if p is not None else None for p in pairs)
+    pairs = {
+        "tls.certificate": config.tls.identity,
+        "smime.signing_certificate": config.smime.signing,
+        "smime.encryption_certificate": config.smime.encryption,
+        "audit.export.certificate": export.identity if export is not None else None,
+    }
+    return {k: (p.certificate, p.chain) if p is not None else None for k, p in pairs.items()}
 
 
 class TrustKeeper:
@@ -106,14 +107,17 @@ class TrustKeeper:
 
         At a reload (``in_force``: the configuration serving), certificates found wanting
         that are the very ones serving (expired while medgw ran, or revoked by the CRL
-        the reload brings) do not refuse it: that would keep the old CRLs, peers and
-        zones too, and change nothing about ours.  They are alerted instead, and returned
-        with the warnings."""
+        the reload brings) do not refuse it, whatever else of ours it changes: that
+        would keep the old CRLs, peers and zones too, and change nothing about them.
+        They are alerted instead, and returned with the warnings."""
         try:
             return await own_certificates_usable(config, at=self._clock.now())
         except ConfigError as exc:
-            if in_force is None or _own_identities(config) != _own_identities(in_force):
+            if in_force is None:
                 raise
+            now, before = _own_identities(config), _own_identities(in_force)
+            if any(p.key not in now or now[p.key] != before[p.key] for p in exc.problems):
+                raise  # a certificate the reload would change to
             for problem in exc.problems:
                 self._log.error("pki.own_certificate_unusable", problem=str(problem))
                 self._audit().emit(
