@@ -18,7 +18,13 @@ from gateway.spool import Claimant, Spool, SqliteSpool
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
 from tests.helpers.demo import new_demo
 from tests.helpers.listener import SilentPeer, silent_peer
-from tests.helpers.postgres import SKIP_REASON, PostgresServer, running_server, server_binaries
+from tests.helpers.postgres import (
+    SKIP_REASON,
+    PostgresServer,
+    running_server,
+    server_binaries,
+    spool_section,
+)
 from tests.helpers.zones import World, two_zone_world
 from tests.rsyslog import Collector
 from tests.testdata import OUTSIDE
@@ -184,3 +190,12 @@ def processes() -> Iterator[Processes]:
         yield procs
     finally:
         procs.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spool_backend(request: pytest.FixtureRequest, layout: DemoLayout) -> str:
+    """The hospital's spool: SQLite in its state folder, or a PostgreSQL database."""
+    if request.param == "postgresql":
+        with layout.hospital.config_path.open("a") as config:
+            config.write(spool_section(request.getfixturevalue("postgres")))
+    return str(request.param)

@@ -20,8 +20,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gateway.demo_run import drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import events, wait_for_event, wait_for_events
@@ -29,7 +27,6 @@ from tests.helpers.check_config import check_config, reported
 from tests.helpers.faults import killed_at
 from tests.helpers.linkless import linkless_folder
 from tests.helpers.metrics import get, with_metrics
-from tests.helpers.postgres import spool_section
 
 RULE = "medgw delivers a document with a hard link, so that it appears whole and once"
 
@@ -41,15 +38,6 @@ def fix_for(folder: Path) -> str:
         f"one that has them, look for files made immutable there (lsattr -a {folder}; "
         "chattr -i)"
     )
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def spool_backend(request: pytest.FixtureRequest, layout: DemoLayout) -> str:
-    """The hospital's spool: SQLite in its state folder, or a PostgreSQL database."""
-    if request.param == "postgresql":
-        with layout.hospital.config_path.open("a") as config:
-            config.write(spool_section(request.getfixturevalue("postgres")))
-    return str(request.param)
 
 
 def test_an_inbox_folder_without_hard_links_is_said_at_start_check_and_readiness(

@@ -17,8 +17,6 @@ import pwd
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from gateway.delivery import inbox
 from gateway.demo_run import drop_file
 from gateway.errors import InboxNotWritableError, InboxUnavailableError
@@ -26,22 +24,12 @@ from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.demo import new_demo
 from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
-from tests.helpers.postgres import spool_section
 from tests.helpers.refused_inbox import (
     assert_delivered_once,
     assert_kept_for_a_resend,
     send_to_a_refusing_inbox,
 )
 from tests.helpers.storage import read_only_folder
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def spool_backend(request: pytest.FixtureRequest, layout: DemoLayout) -> str:
-    """The hospital's spool: SQLite in its state folder, or a PostgreSQL database."""
-    if request.param == "postgresql":
-        with layout.hospital.config_path.open("a") as config:
-            config.write(spool_section(request.getfixturevalue("postgres")))
-    return str(request.param)
 
 
 def test_read_only_inbox_answers_503_keeps_nothing_then_delivers_once(
