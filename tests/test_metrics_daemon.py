@@ -14,7 +14,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.pki.tls import certificate_fingerprint
 from tests.helpers.audit import wait_for_events
-from tests.helpers.demo import demo_ca
+from tests.helpers.demo import tls_under_an_intermediate
 from tests.helpers.metrics import DEADLINE, get, scrape, value, wait_scrape, with_metrics
 
 
@@ -121,20 +121,10 @@ def test_expiry_days_of_the_ca_certificates_sent_with_ours_and_of_the_export_cer
     intermediate that expires in 5 days (sent after it in tls.crt), and the audit export's
     client certificate with its own intermediate from the monitoring's CA."""
     now = datetime.now(UTC)
-    issuing = make_ca(
-        "Sakura Issuing CA", now=now - timedelta(days=25), days=30, parent=demo_ca(layout)
+    issuing, tls = tls_under_an_intermediate(
+        layout, ca_from=now - timedelta(days=25), ca_days=30, leaf_from=now - timedelta(days=1)
     )
     certs = layout.hospital.root / "certs"
-    tls = issue(
-        issuing,
-        "SAKURA-HOSPITAL",
-        purpose="tls",
-        now=now - timedelta(days=1),
-        dns_names=("localhost",),
-        ip_addresses=("127.0.0.1",),
-    )
-    write_pem(certs / "tls.crt", [tls.certificate, issuing.certificate])
-    write_pem(certs / "tls.key", tls.key)
     monitoring = make_ca("Monitoring CA", now=now - timedelta(days=400))
     monitoring_issuing = make_ca(
         "Monitoring Issuing CA", now=now - timedelta(days=10), days=100, parent=monitoring

@@ -19,11 +19,11 @@ import pytest
 from cryptography import x509
 
 from gateway.pki.demo import DemoLayout
-from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from gateway.pki.issue import Issued, issue, write_pem
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, reported
-from tests.helpers.demo import demo_ca, edit, revoke
+from tests.helpers.demo import demo_ca, edit, revoke, tls_under_an_intermediate
 
 ROOT_CA = "CN=medgw Demo Root CA"
 NEW_CERTIFICATE = "ask the CA (CN=medgw Demo Root CA"
@@ -42,20 +42,8 @@ def our(layout: DemoLayout, name: str) -> x509.Certificate:
 def issued_by_an_intermediate(layout: DemoLayout) -> Issued:
     """A TLS certificate of the hospital issued by a CA the demo CA issued: installed as
     certs/tls.crt (with that CA after it) and its key; returns that CA."""
-    now = datetime.now(UTC)
-    issuing = make_ca("Sakura Issuing CA", now=now - timedelta(days=1), parent=demo_ca(layout))
-    leaf = issue(
-        issuing,
-        "SAKURA-HOSPITAL",
-        purpose="tls",
-        now=now - timedelta(days=1),
-        dns_names=("localhost",),
-        ip_addresses=("127.0.0.1",),
-    )
-    certs = layout.hospital.root / "certs"
-    write_pem(certs / "tls.crt", [leaf.certificate, issuing.certificate])
-    write_pem(certs / "tls.key", leaf.key)
-    return issuing
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    return tls_under_an_intermediate(layout, ca_from=yesterday, leaf_from=yesterday)[0]
 
 
 @pytest.mark.parametrize("policy", ["require", "off"])

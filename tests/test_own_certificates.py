@@ -27,7 +27,7 @@ from gateway.pki.issue import Issued, issue, make_ca, write_pem
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, check_config_reports, reported
-from tests.helpers.demo import demo_ca, edit
+from tests.helpers.demo import demo_ca, edit, tls_under_an_intermediate
 
 NOW = datetime.now(UTC)
 
@@ -164,20 +164,9 @@ def test_our_certificate_from_a_ca_no_zone_trusts_is_a_warning(layout: DemoLayou
 def test_an_expired_ca_certificate_sent_with_ours_is_an_error(layout: DemoLayout) -> None:
     """Every peer refuses a path through an expired intermediate CA just as an expired
     leaf: the CA certificates after ours in its file are judged by the same rule."""
-    issuing = make_ca(
-        "Sakura Issuing CA", now=NOW - timedelta(days=32), days=30, parent=demo_ca(layout)
+    tls_under_an_intermediate(
+        layout, ca_from=NOW - timedelta(days=32), ca_days=30, leaf_from=NOW - timedelta(days=1)
     )
-    leaf = issue(
-        issuing,
-        "SAKURA-HOSPITAL",
-        purpose="tls",
-        now=NOW - timedelta(days=1),
-        dns_names=("localhost",),
-        ip_addresses=("127.0.0.1",),
-    )
-    certs = layout.hospital.root / "certs"
-    write_pem(certs / "tls.crt", [leaf.certificate, issuing.certificate])
-    write_pem(certs / "tls.key", leaf.key)
     config = layout.hospital.config_path
     before = datetime.now(UTC)
     result = check_config(config)

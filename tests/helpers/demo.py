@@ -16,7 +16,7 @@ from gateway.as2.mdn import BuiltReceipt, Disposition, build_receipt, parse_rece
 from gateway.config import load_config
 from gateway.demo_run import GatewayProcess, free_ports
 from gateway.pki.demo import DemoInstitution, DemoLayout, init_demo
-from gateway.pki.issue import Issued, make_crl
+from gateway.pki.issue import Issued, issue, make_ca, make_crl, write_pem
 from gateway.policy import AlgorithmPolicy
 from tests import as2client
 from tests.helpers.audit import events, wait_for_events
@@ -38,6 +38,27 @@ def demo_ca(layout: DemoLayout) -> Issued:
     key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     return Issued(x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes()), key)
+
+
+def tls_under_an_intermediate(
+    layout: DemoLayout, *, ca_from: datetime, ca_days: int = 3650, leaf_from: datetime
+) -> tuple[Issued, Issued]:
+    """The hospital's TLS certificate issued (valid from ``leaf_from``) by a CA the demo
+    CA issued (valid ``ca_days`` from ``ca_from``): installed as certs/tls.crt, with that
+    CA after it, and its key; returns that CA and the certificate."""
+    issuing = make_ca("Sakura Issuing CA", now=ca_from, days=ca_days, parent=demo_ca(layout))
+    leaf = issue(
+        issuing,
+        "SAKURA-HOSPITAL",
+        purpose="tls",
+        now=leaf_from,
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1",),
+    )
+    certs = layout.hospital.root / "certs"
+    write_pem(certs / "tls.crt", [leaf.certificate, issuing.certificate])
+    write_pem(certs / "tls.key", leaf.key)
+    return issuing, leaf
 
 
 def revoke(layout: DemoLayout, crl_file: Path, *certs: x509.Certificate) -> None:
