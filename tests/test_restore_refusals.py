@@ -16,6 +16,8 @@ from typing import Any
 from cryptography import x509
 
 from gateway.atrest import KeyStore, Vault
+from gateway.audit.files import closed_files
+from gateway.audit.order import order_path
 from gateway.backup.bundle import open_bundle
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -369,3 +371,39 @@ def test_a_bundle_whose_data_keys_do_not_open_with_this_hosts_keys_is_refused(
     shutil.copytree(hospital.at_rest.key_dir, keys)
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", config)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_trail_inside_the_state_folder_leaves_a_fresh_host_restorable_after_refusals(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """With ``[storage] audit_log`` directly in the state folder, the files the refused
+    restores wrote there (the current trail file, the closed ones a rotation left, the
+    writer's order notes) are those refusals' trail, not state in use: the restore that
+    follows is not refused as "not empty", and keeps them aside."""
+    bundle, key, cert = owed_handover_backup(layout, tmp_path)
+    config = fresh_host(layout, "hospital-restored", layout.hospital)
+    text = config.read_text().replace(
+        'audit_log = "audit/audit.jsonl"', 'audit_log = "state/audit.jsonl"'
+    )
+    config.write_text(text + "\n[audit]\nrotate_mib = 0.01\n")  # rotated after a few records
+    state = config.parent / "state"
+    trail = state / "audit.jsonl"
+    other_key, _ = recipient(tmp_path / "another-recipient")
+    refusals = 0
+    while not closed_files(trail) or not order_path(trail).exists():
+        assert refusals < 100, sorted(p.name for p in state.iterdir())
+        refused = medgw(
+            "restore", "--from", bundle, "--cert", cert, "--key", other_key, "--config", config
+        )
+        assert refused.returncode == 1 and "cannot be opened" in refused.stderr, refused.stderr
+        assert "NOT recorded" not in refused.stderr, refused.stderr
+        refusals += 1
+    done = medgw(
+        "restore", "--from", bundle, "--cert", cert, "--key", key, "--json", "--config", config
+    )
+    assert done.returncode == 0, done.stderr
+    kept = [Path(p) for p in json.loads(done.stdout)["refusals_kept_in"]]
+    kept_records = [r for path in kept for r in read_audit(path)]
+    assert [r["event"] for r in kept_records] == ["backup.restore_refused"] * refusals
+    assert medgw("audit", "verify", "--config", config).returncode == 0
+    assert (config.parent / "inbox" / "lab" / "result.hl7").exists()

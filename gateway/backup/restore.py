@@ -143,14 +143,18 @@ def _refusals_only(audit_log: Path) -> list[Path]:
 
 
 def _occupied(config: GatewayConfig, refusals: list[Path]) -> list[str]:
+    """What makes this host "not empty": the state folder's files, and the trail's files
+    holding records other than earlier refusals.  The trail may be directly in the state
+    folder: its files (closed ones, the writer's order notes) count only as the trail's."""
     state = config.storage.state_dir
     audit = config.storage.audit_log
+    trail = {*trail_files(audit), order_path(audit)}
     found = []
     if state.exists():
         found += [
             str(p)
             for p in state.iterdir()
-            if p.name not in (LOCK_NAME, WORK) and not audit.is_relative_to(p)
+            if p.name not in (LOCK_NAME, WORK) and not audit.is_relative_to(p) and p not in trail
         ]
     found += [str(p) for p in _trail_held(audit, refusals)]
     return found
