@@ -222,9 +222,13 @@ def test_a_sqlite_spool_write_the_disk_fails_with_room_left_names_the_disk(
         error = caught.value
         assert not isinstance(error, SpoolUnavailableError)
         assert error.message == (
-            f"spool write failed: disk I/O error: the disk under the spool database {path} failed"
+            "spool write failed: disk I/O error: the disk under the spool database "
+            f"{path} refused a read or write"
         )
-        assert error.fix and error.fix.startswith(f"check the disk of {tmp_path} (dmesg")
+        assert error.fix and error.fix.startswith(
+            f"check the free space and the user's quota there (df -h {tmp_path}; quota -u "
+        ), error.fix
+        assert f"only if sqlite3 {path} 'PRAGMA quick_check' reports damage: " in error.fix
         assert "restore the last backup" in error.fix
     finally:
         spool.close()

@@ -207,9 +207,12 @@ def _damage(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return f"the spool database {path} is damaged", restore
     if code == sqlite3.SQLITE_IOERR:
+        # Also what a write the user's quota refused looks like when a little room is
+        # left (less than the write needed): restoring is the last resort, not the first.
         return (
-            f"the disk under the spool database {path} failed",
-            f"check the disk of {path.parent} (dmesg shows its I/O errors); if the spool "
-            f"database is damaged: {restore}",
+            f"the disk under the spool database {path} refused a read or write",
+            f"check the free space and the user's quota there (df -h {path.parent}; quota "
+            f"-u {this_user()}) and the disk (dmesg shows its I/O errors); only if "
+            f"sqlite3 {path} 'PRAGMA quick_check' reports damage: {restore}",
         )
     return None
