@@ -309,8 +309,9 @@ def test_a_group_whose_spool_disk_is_full_is_not_tried_again_document_by_documen
         for answer in answers[1:]:
             assert isinstance(answer, InboundResponse) and answer.status == 503, answers
             assert b"spool" not in answer.body and b"space" not in answer.body, answer
+        # One alert for the outage (the next refusals of its cause are counted).
         refused = events(hospital.config.storage.audit_log, "storage.unavailable")
-        assert sorted(r["message_id"] for r in refused) == sorted(message_ids[1:]), refused
+        assert len(refused) == 1 and refused[0]["message_id"] in message_ids[1:], refused
         for alert in refused:
             assert "spool write failed" in alert["reason"], alert
             assert "no disk space is left for the spool" in alert["reason"], alert
@@ -342,8 +343,9 @@ def test_a_group_whose_sqlite_spool_another_process_holds_is_not_tried_again_one
         assert len(noted.transactions) == 2, noted.transactions
         assert isinstance(answers[0], InboundResponse) and answers[0].status == 200, answers
         assert all(isinstance(a, InboundResponse) and a.status == 503 for a in answers[1:])
+        # One alert for the outage (the next refusals of its cause are counted).
         refused = events(hospital.config.storage.audit_log, "storage.unavailable")
-        assert sorted(r["message_id"] for r in refused) == sorted(message_ids[1:]), refused
+        assert len(refused) == 1 and refused[0]["message_id"] in message_ids[1:], refused
         for alert in refused:
             assert f"another process held the spool database {path}" in alert["reason"], alert
             assert f"fuser -v {path}" in alert["detail"]["fix"], alert
