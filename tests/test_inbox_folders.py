@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import os
 import pwd
-import subprocess
-import sys
 from typing import Any
 
 from gateway.demo_run import drop_file
 from tests.helpers.audit import events, wait_for_event, wait_for_events
 from tests.helpers.check_config import reported
 from tests.helpers.demo import new_demo
-from tests.helpers.other_user import NOBODY, as_nobody, give_to_nobody, open_folder
+from tests.helpers.other_user import (
+    NOBODY,
+    as_nobody,
+    check_config_as_nobody,
+    give_to_nobody,
+    open_folder,
+)
 
 
 def test_an_inbox_folder_another_user_owns_gets_the_daemons_fix_not_the_commands(
@@ -40,12 +44,7 @@ def test_an_inbox_folder_another_user_owns_gets_the_daemons_fix_not_the_commands
             f"to user nobody (chown nobody {folder}) if nothing needs it to stay daemon's"
         )
         # check-config, run by hand, may run as another user than the daemon's.
-        checked = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        checked = check_config_as_nobody(config)
         assert checked.returncode == 0, checked
         words = f"the inbox's folder {folder} may not be read and written by user nobody"
         assert reported(checked, config, "storage.inbox_dir", words, "run this command as that")
@@ -90,12 +89,7 @@ def test_an_inbox_folder_medgw_may_write_but_not_list_is_said_before_documents_a
             "permission on a folder, read to sync it after each change)"
         )
         fix = f"chmod u+rwx {folder}"
-        checked = subprocess.run(
-            [*as_nobody(), sys.executable, "-m", "gateway", "check-config", "--config", config],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        checked = check_config_as_nobody(config)
         assert checked.returncode == 0, checked
         assert reported(checked, config, "storage.inbox_dir", words, fix), checked
         assert f"chown nobody {folder}" not in checked.stdout, checked
