@@ -54,6 +54,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"skipped where every test must run ({EVERY_TEST_RUNS} is set): {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """A whole module skipped while being collected (`pytest.skip(allow_module_level=True)`,
+    `pytest.importorskip`) is a failure there too."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get(EVERY_TEST_RUNS):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        if OUTSIDE in str(reason):
+            return
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run ({EVERY_TEST_RUNS} is set): {reason}"
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One real PostgreSQL server for the session (skipped where none is installed)."""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,6 +46,23 @@ def test_a_skip_fails_where_every_test_must_run(tmp_path: Path) -> None:
     assert "(MEDGW_EVERY_TEST_RUNS is set): Skipped: no gadget here" in strict.stdout
     elsewhere = _run(test_file, strict=False)
     assert elsewhere.returncode == 0 and "2 skipped" in elsewhere.stdout, elsewhere.stdout
+
+
+def test_a_module_skipped_while_collected_fails_where_every_test_must_run(tmp_path: Path) -> None:
+    test_file = tmp_path / "test_needs_a_module.py"
+    test_file.write_text(
+        "import pytest\n\n"
+        "pytest.importorskip('no_such_module_anywhere')\n\n\n"
+        "def test_with_the_module() -> None:\n    pass\n"
+    )
+    strict = _run(test_file, strict=True)
+    assert strict.returncode != 0, strict.stdout + strict.stderr
+    assert "1 error" in strict.stdout, strict.stdout
+    assert "(MEDGW_EVERY_TEST_RUNS is set)" in strict.stdout, strict.stdout
+    assert "no_such_module_anywhere" in strict.stdout, strict.stdout
+    elsewhere = _run(test_file, strict=False)  # a module's only test skipped: none ran
+    assert elsewhere.returncode == pytest.ExitCode.NO_TESTS_COLLECTED, elsewhere.stdout
+    assert "1 skipped" in elsewhere.stdout, elsewhere.stdout
 
 
 def test_test_data_from_outside_the_project_may_be_missing_there(tmp_path: Path) -> None:
