@@ -20,6 +20,7 @@ import pytest
 
 from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import Issued, issue, make_ca, write_pem
+from tests.helpers.audit_export import export_with_files_in
 from tests.helpers.check_config import check_config, check_config_reports, reported
 
 KEY = "audit.export.certificate"
@@ -40,16 +41,7 @@ def export_with(layout: DemoLayout, client: Issued, *, key: Issued | None = None
     write_pem(folder / "client.key", (key or client).key)
     (folder / "client.key").chmod(0o600)
     write_pem(folder / "ca.crt", monitoring_ca(datetime.now(UTC)).certificate)
-    with layout.hospital.config_path.open("a") as handle:
-        handle.write(
-            f"""
-[audit.export]
-collector = "127.0.0.1:6514"
-ca = "{folder / "ca.crt"}"
-certificate = "{folder / "client.crt"}"
-key = "{folder / "client.key"}"
-"""
-        )
+    export_with_files_in(layout.hospital.config_path, "127.0.0.1:6514", folder)
 
 
 def client(purpose: str, *, issued_ago: timedelta = timedelta(days=1), days: int = 825) -> Issued:

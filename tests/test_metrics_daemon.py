@@ -14,6 +14,7 @@ from gateway.pki.demo import DemoLayout
 from gateway.pki.issue import issue, make_ca, write_pem
 from gateway.pki.tls import certificate_fingerprint
 from tests.helpers.audit import wait_for_events
+from tests.helpers.audit_export import export_with_files_in
 from tests.helpers.demo import tls_under_an_intermediate
 from tests.helpers.metrics import DEADLINE, get, scrape, value, wait_scrape, with_metrics
 
@@ -138,16 +139,7 @@ def test_expiry_days_of_the_ca_certificates_sent_with_ours_and_of_the_export_cer
     write_pem(folder / "client.key", client.key)
     write_pem(folder / "ca.crt", monitoring.certificate)
     port = with_metrics(layout.hospital)
-    with layout.hospital.config_path.open("a") as handle:
-        handle.write(
-            f"""
-[audit.export]
-collector = "127.0.0.1:{free_port()}"
-ca = "{folder / "ca.crt"}"
-certificate = "{folder / "client.crt"}"
-key = "{folder / "client.key"}"
-"""
-        )
+    export_with_files_in(layout.hospital.config_path, f"127.0.0.1:{free_port()}", folder)
     processes.start(layout.hospital.config_path)
 
     found = {

@@ -3,6 +3,8 @@ collector received."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from gateway.pki.demo import DemoLayout
 from tests.rsyslog import Collector, Received
 
@@ -18,6 +20,21 @@ certificate = "{collector.client_cert}"
 key = "{collector.client_key}"
 format = "{message_format}"
 hostname = "medgw-hospital"
+"""
+        )
+
+
+def export_with_files_in(config_path: Path, collector: str, folder: Path) -> None:
+    """``[audit.export]`` to ``collector`` ("host:port") with the CA, client certificate and
+    key in ``folder`` (``ca.crt``, ``client.crt``, ``client.key``)."""
+    with config_path.open("a") as handle:
+        handle.write(
+            f"""
+[audit.export]
+collector = "{collector}"
+ca = "{folder / "ca.crt"}"
+certificate = "{folder / "client.crt"}"
+key = "{folder / "client.key"}"
 """
         )
 
