@@ -227,6 +227,31 @@ def test_a_stopped_server_fails_calls_at_once_and_is_reconnected_after_a_back_of
     spool.close()
 
 
+def test_a_step_of_a_nodes_wall_clock_between_renewals_moves_no_lease(
+    postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """Leases are reckoned from the server's time at the last reading plus the node's
+    monotonic time since: a node whose wall clock steps ten minutes ahead between two
+    renewals takes over no live claim, nor does one stepped back claim for a lease
+    already run out; once a lease has passed on the monotonic clock, a claim is over."""
+    clock_a, clock_b = StoppedClock(), StoppedClock()
+    gw_a = PostgresSpool(postgres, clock_a, Claimant("gw-a", 60))
+    gw_b = PostgresSpool(postgres, clock_b, Claimant("gw-b", 60))
+    first, second = queue_messages(gw_a, tmp_path, 2)
+    (claimed,), _ = gw_a.claim_due("lab", 2e9, 1)
+    assert claimed.message_id == first
+    clock_b.wall.at += timedelta(minutes=10)  # gw-b's clock set ahead
+    assert gw_b.take_over_expired() == []  # gw-a's claim is live
+    clock_a.wall.at -= timedelta(minutes=10)  # gw-a's clock set back
+    (claimed,), _ = gw_a.claim_due("lab", 2e9, 1)
+    assert claimed.message_id == second
+    assert gw_b.take_over_expired() == []  # a whole lease ahead of it still
+    clock_b.at += 61  # a lease on, on gw-b's monotonic clock
+    assert sorted(r.message_id for r in gw_b.take_over_expired()) == [first, second]
+    for spool in (gw_a, gw_b):
+        spool.close()
+
+
 def over_tls(
     server: PostgresServer, database: PostgresSettings, tmp_path: Path, **changes: object
 ) -> PostgresSettings:

@@ -33,8 +33,10 @@ Leases are judged by the database server's clock, the one clock all nodes share:
 node's clock set ahead would otherwise find the live claims of the others run out
 and take them over, and one set behind would hold its own past their end.  The
 server's time is read at start and at each renewal of the leases (every third of a
-lease) and the node's clock's difference to it kept (:meth:`PostgresDatabase.clock_offset`);
-each lease written or judged is a time on the node's clock moved by that difference.
+lease) (:meth:`PostgresDatabase.clock_offset`); each lease written or judged is the
+server's time at the last reading plus the time elapsed since on the node's monotonic
+clock, which no step of its wall clock (an operator, a time sync) moves.  The node's
+wall clock's difference to the server's is kept only to be told (``on_clock``).
 """
 
 from __future__ import annotations
@@ -230,8 +232,12 @@ class PostgresDatabase(SqlStore):
         self._name_session: psycopg.Connection[DictRow] | None = None
         self._name_pid: int | None = None
         self._name_guard = threading.Lock()
-        # The database server's clock minus this node's, in seconds (see clock_offset).
+        # The database server's clock minus this node's wall clock, in seconds, and the
+        # server's time at the last reading with this node's monotonic time then (see
+        # clock_offset).
         self._offset = 0.0
+        self._server_at = 0.0
+        self._server_read_at = 0.0
         self._server_time = server_time
         self._on_clock = on_clock
         self._generation = self._transact(functools.partial(_start, node=self._claimant.node))
@@ -344,20 +350,28 @@ class PostgresDatabase(SqlStore):
         raise self._replaced
 
     def clock_offset(self) -> float:
-        """Read the database server's time and keep how far it is from this node's clock
-        (seconds; positive: the node's clock is behind), by which every lease is moved
-        (see module doc); returns it."""
-        before = self._clock.now().timestamp()
+        """Read the database server's time, from which every lease is reckoned until the
+        next reading (see module doc), and how far it is from this node's wall clock
+        (seconds; positive: the node's clock is behind; ``on_clock`` hears it); returns
+        that difference."""
+        wall, ticks = self._clock.now().timestamp(), self._clock.monotonic()
         rows = self._read(_SERVER_TIME, (), each_run=True)
-        after = self._clock.now().timestamp()
-        self._offset = float(rows[0]["now"]) - (before + after) / 2
+        wall_after, ticks_after = self._clock.now().timestamp(), self._clock.monotonic()
+        server = float(rows[0]["now"])
+        # Read halfway through the round trip, on either clock of the node.
+        self._server_at, self._server_read_at = server, (ticks + ticks_after) / 2
+        self._offset = server - (wall + wall_after) / 2
         if self._on_clock is not None:
             self._on_clock(self._offset)
         return self._offset
 
     def _lease(self) -> tuple[float, float]:
-        """Now and the end of a lease made now, on the database server's clock."""
-        now = self._clock.now().timestamp() + (self._offset if self._server_time else 0.0)
+        """Now and the end of a lease made now, on the database server's clock: its time
+        at the last reading plus the node's monotonic time elapsed since."""
+        if self._server_time:
+            now = self._server_at + (self._clock.monotonic() - self._server_read_at)
+        else:
+            now = self._clock.now().timestamp()
         return now, now + self._claimant.lease_seconds
 
     def size_bytes(self) -> int:
