@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.rows import DictRow
 
 from gateway import __version__
 from gateway.errors import NodeNameTakenError, SpoolError, SpoolReplacedError, SpoolUnreachableError
@@ -24,9 +26,10 @@ from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.issue import make_ca, write_pem
 from gateway.spool import Claimant, Intake, OutboundState, Settled
 from gateway.spool.postgres import PostgresSettings, PostgresSpool
-from gateway.spool.postgres.database import translate
+from gateway.spool.postgres.database import name_lock, translate
 from gateway.spool.postgres.schema import VERSION
 from gateway.spool.schema import file_name
+from gateway.spool.sql import Params
 from tests.clocks import SetClock, TickingClock
 from tests.helpers.postgres import PASSWORD, PostgresServer
 from tests.helpers.spool_indexes import RETENTION_FIRST_FORMS
@@ -157,6 +160,62 @@ def test_a_node_name_is_held_by_one_running_node_at_a_time(
     second.close()
     node_spool(postgres, "gw-a").close()
     other.close()
+
+
+class HolderLeaves:
+    """A node's new session, on which ``leave`` ends the holder of the node's name right
+    after the node's first try for the lock and before it looks who holds it."""
+
+    def __init__(self, session: psycopg.Connection[DictRow], leave: Callable[[], None]) -> None:
+        self._session = session
+        self._leave: Callable[[], None] | None = leave
+
+    def execute(
+        self, query: str, params: Params | None = None, *, prepare: bool | None = None
+    ) -> psycopg.Cursor[DictRow]:
+        cursor = self._session.execute(query, params, prepare=prepare)
+        if "pg_try_advisory_lock" in query and self._leave is not None:
+            leave, self._leave = self._leave, None
+            leave()
+        return cursor
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._session, name)
+
+
+def test_a_node_takes_its_name_again_when_its_holder_leaves_between_the_try_and_the_look(
+    postgres_server: PostgresServer, postgres: PostgresSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose name's session was cut finds its name held by another session,
+    which ends before the node looks who holds it: the node tries again and takes its
+    name, instead of stopping for good on a holder that is gone."""
+    lost: list[SpoolReplacedError] = []
+    node = node_spool(postgres, "gw-a", lost.append)
+    cut_sessions(postgres_server, postgres, "gw-a")
+    holder = postgres_server.admin(postgres.dbname)
+    holder.execute("SELECT pg_advisory_lock(%s)", (name_lock("gw-a"),))
+    holder_pid = holder.info.backend_pid
+
+    def leave() -> None:  # returns once the holder's session, and its lock, are gone
+        with postgres_server.admin(postgres.dbname) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (holder_pid,))
+
+    opened, wrapped = node._open, list[object]()
+
+    def open_session() -> object:
+        session = opened()
+        if wrapped:
+            return session
+        wrapped.append(session)  # the first: the session that takes the name again
+        return HolderLeaves(session, leave)
+
+    monkeypatch.setattr(node, "_open", open_session)
+    node.renew_leases()
+    assert lost == []
+    with pytest.raises(NodeNameTakenError):  # node holds its name again
+        node_spool(postgres, "gw-a")
+    node.close()
+    holder.close()
 
 
 def test_a_newer_schema_is_refused_naming_both_releases_and_the_node_that_upgraded_it(

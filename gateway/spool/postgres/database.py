@@ -96,6 +96,10 @@ _SERVER_TIME = "SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PREC
 # How long a start waits for its own earlier session, which still holds its name, to end.
 _OWN_SESSION_WAIT_MS = 5000
 _SESSION_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s) AS gone"
+# How many times a node tries to take its name's lock: a holder can leave between a try
+# and the look for it (each leaving is another try), and its own session from before a
+# lost connection is ended once.
+_NAME_TRIES = 4
 
 
 def name_lock(node: str) -> int:
@@ -304,13 +308,17 @@ class PostgresDatabase(SqlStore):
         """Take this node's name's lock on ``session``; else why not (another holds it)."""
         key = name_lock(self._claimant.node)
         halves = ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)
-        for _ in range(2):
+        own_ended = False
+        for _ in range(_NAME_TRIES):
             row = session.execute("SELECT pg_try_advisory_lock(%s) AS took", (key,)).fetchone()
             if row is not None and row["took"]:
                 return None
             holder = session.execute(_NAME_HOLDER, halves).fetchone()
-            if holder is None or holder["pid"] != self._name_pid:
+            if holder is None:
+                continue  # the holder left between the try and the look: tried again
+            if holder["pid"] != self._name_pid or own_ended:
                 break
+            own_ended = True
             # This node's own session from before a lost connection, which the server
             # has not yet noticed is gone: ended, its lock goes with it.
             # (The one-argument form: PostgreSQL 12 and 13 have no wait; waited for here.)
