@@ -228,7 +228,8 @@ def test_a_sqlite_spool_write_the_disk_fails_with_room_left_names_the_disk(
         assert error.fix and error.fix.startswith(
             f"check the free space and the user's quota there (df -h {tmp_path}; quota -u "
         ), error.fix
-        assert f"only if sqlite3 {path} 'PRAGMA quick_check' reports damage: " in error.fix
+        check = f'sudo -u {this_user()} sqlite3 -readonly {path} "PRAGMA quick_check"'
+        assert f"only if a read-only check as the service user ({check})" in error.fix
         assert "restore the last backup" in error.fix
     finally:
         spool.close()

@@ -213,6 +213,8 @@ def _damage(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
             f"the disk under the spool database {path} refused a read or write",
             f"check the free space and the user's quota there (df -h {path.parent}; quota "
             f"-u {this_user()}) and the disk (dmesg shows its I/O errors); only if "
-            f"sqlite3 {path} 'PRAGMA quick_check' reports damage: {restore}",
+            f"a read-only check as the service user (sudo -u {this_user()} sqlite3 "
+            f'-readonly {path} "PRAGMA quick_check"), which changes nothing, reports '
+            f"damage: {restore}",
         )
     return None
