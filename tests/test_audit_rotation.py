@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from cryptography import x509
 from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit import rotation as steps
 from gateway.audit.files import closed_name, trail_files
-from gateway.audit.log import recorded_since
+from gateway.audit.log import Pending, recorded_since
 from gateway.audit.rotation import RETRY_SECONDS, RotationSettings
 from gateway.audit.seal import CheckpointKeys
 from gateway.audit.verify import verify_trail
@@ -148,6 +149,51 @@ def test_a_rotation_that_cannot_rename_keeps_every_record_and_is_tried_again_lat
     assert len(files) == 2
     assert verify_trail(files).records == 21
     assert sent(current) == [f"<{n}@writer>" for n in range(21)]
+
+
+@pytest.mark.timeout(60)  # before the fix, the record below waited for the fsync: forever
+def test_a_record_written_while_a_failed_rotation_waits_does_not_wait_for_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until a failed rotation is tried again, the file stays due: a record written
+    meanwhile goes on without the lock an fsync holds, so it does not queue behind
+    another thread's fsync (a slow disk).  Here the fsync under way waits for that
+    record to be written.  The rotation is tried again after the window."""
+    current = tmp_path / "audit.jsonl"
+    clock = StepClock(START)
+    during: list[threading.Thread] = []
+    pending: list[Pending] = []
+
+    def sync(fd: int) -> None:  # an fsync under way while another thread writes a record
+        if during:
+            writer = during.pop()
+            writer.start()
+            writer.join()
+        os.fsync(fd)
+
+    rotation = RotationSettings(500, daily=False)
+    log = AuditLog(current, clock, node="HOSP", sync=sync, rotation=rotation)
+
+    def refuse(current: Path, closed: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(current))
+
+    monkeypatch.setattr(steps, "close_file", refuse)
+    emit(log, range(10))  # due, refused: tried again in RETRY_SECONDS
+    event = AuditEvent(EventType.MESSAGE_SENT, peer="lab", message_id="<in-window@writer>")
+    during.append(threading.Thread(target=lambda: pending.append(log.emit_later([event]))))
+    emit(log, range(10, 11))  # its fsync waits for that record
+    [written] = pending
+    written.wait()
+    assert trail_files(current) == [current]
+    monkeypatch.undo()
+    clock.at += timedelta(seconds=RETRY_SECONDS)
+    emit(log, range(11, 12))
+    log.close()
+    files = trail_files(current)
+    assert len(files) == 2  # tried again after the window: closed
+    assert verify_trail(files).records == 13
+    ids = [f"<{n}@writer>" for n in range(11)]
+    assert sent(current) == [*ids, "<in-window@writer>", "<11@writer>"]
 
 
 def test_recorded_since_finds_a_record_in_a_closed_file(tmp_path: Path) -> None:

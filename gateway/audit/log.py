@@ -318,6 +318,10 @@ class AuditLog:
         now = self._clock.now()
         if not rotation.due(self._size, self._day, now):
             return  # read without the lock: looked at again under it
+        if self._clock.monotonic() < self._retry_at:
+            # One failed a moment ago: until it is tried again, a record is written
+            # without both locks (it would wait for any fsync under way).
+            return
         with self._sync_lock, self._lock:
             if self._fd < 0 or not rotation.due(self._size, self._day, now):
                 return
