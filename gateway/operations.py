@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ class ReloadRefused:
         return f"{check}, then medgw reload again"
 
 
-def record_view(record: OutboundRecord) -> dict[str, Any]:
+def record_view(record: OutboundRecord, now: datetime) -> dict[str, Any]:
+    """``record`` as the queue shows it, its claim judged at ``now``."""
     held = record.node is not None and record.state in HELD_STATES
     return {
         "message_id": record.message_id,
@@ -114,14 +116,37 @@ def record_view(record: OutboundRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         # Which node holds it now (preparing or sending it: a row keeps the last holder's
-        # name after that) and until when its claim lasts unrenewed; which node queued it
-        # and made its last audited change: whose audit trail to read for it, where nodes
-        # share the spool.
+        # name after that) and until when its claim lasts unrenewed, and whether that
+        # claim is "held", "ran out" (the node may have stopped: another node takes it
+        # over) or "let go" (an intake left for the node that took it in); which node
+        # queued it, last took it to send, and made its last audited change: whose audit
+        # trail to read for it, where nodes share the spool.
         "node": record.node if held else None,
         "lease_until": iso_time(record.lease_until) if held else None,
+        "claim": _claim(record, now) if held else None,
         "queued_by": record.queued_by,
+        "sent_by": _sender(record),
         "audited_by": record.audited_by,
     }
+
+
+def _claim(record: OutboundRecord, now: datetime) -> str:
+    """The claim of the node holding ``record``: "held", "ran out" at its lease_until, or
+    "let go" (no lease: an interrupted intake left for the node whose state folder has
+    its document, see Spool.intake_release)."""
+    if not record.lease_until and record.state is OutboundState.INTAKE:
+        return "let go"
+    return "held" if record.lease_until > now.timestamp() else "ran out"
+
+
+def _sender(record: OutboundRecord) -> str | None:
+    """The node that last took ``record`` to send, where its row says so for certain: a
+    message awaiting its receipt or delivered keeps the name of the node that claimed it
+    to send (the settler of an asynchronous receipt is audited_by); None otherwise (a
+    row queued or failed may name the node that prepared it; an operator's retry counts
+    its attempts from nought)."""
+    sent = record.state in (OutboundState.AWAITING_RECEIPT, OutboundState.DELIVERED)
+    return record.node if sent and record.attempts > 0 else None
 
 
 def handover_view(record: HandoverRecord) -> dict[str, Any]:

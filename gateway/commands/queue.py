@@ -178,10 +178,30 @@ def _table(records: list[dict[str, Any]]) -> str:
 
 
 def _held(record: dict[str, Any]) -> list[str]:
-    """The node holding a message (preparing or sending it), where nodes share the spool."""
-    if not record.get("node"):
-        return []
-    return [f"held by node {record['node']} (claim until {record['lease_until']})"]
+    """Where nodes share the spool: the node holding a message (preparing or sending it)
+    and what its claim is now, or the node that sent a message awaiting its receipt or
+    delivered."""
+    node, until = record.get("node"), record.get("lease_until")
+    if node:
+        claim = record.get("claim")
+        if claim == "let go":
+            return [
+                f"waits for node {node}, which took it in: its document is in that "
+                "node's state folder, and that node prepares it when it starts again"
+            ]
+        if claim == "ran out":
+            doing = "sending" if record["state"] == OutboundState.SENDING else "taking it in"
+            ran_out = f" at {until}" if until else ""
+            return [
+                f"node {node} was {doing}; its claim ran out{ran_out} (that node may have "
+                "stopped): another node takes it over"
+                + ("" if doing == "sending" else " if it can read its document")
+                + f", or node {node} when it starts again"
+            ]
+        return [f"held by node {node} (claim until {until})"]
+    if record.get("sent_by"):
+        return [f"sent by node {record['sent_by']}"]
+    return []
 
 
 def _detail(record: dict[str, Any]) -> str:
@@ -196,7 +216,10 @@ def _queue_list(args: argparse.Namespace) -> int:
         config, spool = _offline(args)
         try:
             state = OutboundState(args.state) if args.state else None
-            records = [record_view(r) for r in spool.list_outbound(state=state, peer=args.peer)]
+            now = SystemClock().now()
+            records = [
+                record_view(r, now) for r in spool.list_outbound(state=state, peer=args.peer)
+            ]
         finally:
             spool.close()
         offline_read(config, lambda audit, actor: listed(audit, records, actor, "queue", query))
@@ -215,7 +238,7 @@ def _queue_show(args: argparse.Namespace) -> int:
         if found is None:
             print(f"medgw: no message {args.message_id}", file=sys.stderr)
             return 1
-        record = record_view(found)
+        record = record_view(found, SystemClock().now())
         offline_read(config, lambda audit, actor: viewed(audit, record, actor, "spool"))
     return emit(args, record, _detail(record))
 

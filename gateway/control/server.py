@@ -208,7 +208,8 @@ class ControlServer:
         ops, who, peer = self._ops(), caller(request), request.query.get("peer")
 
         def listed() -> list[dict[str, Any]]:
-            views = [record_view(r) for r in ops.spool.list_outbound(state=wanted, peer=peer)]
+            now = ops.clock.now()
+            views = [record_view(r, now) for r in ops.spool.list_outbound(state=wanted, peer=peer)]
             ops.listed(views, who, "queue", request.query)
             return views
 
@@ -221,7 +222,7 @@ class ControlServer:
             record = ops.spool.get(request.match_info["message_id"])
             if record is None:
                 return None
-            view = record_view(record)
+            view = record_view(record, ops.clock.now())
             ops.viewed(view, who, "control socket")
             return view
 
@@ -256,7 +257,7 @@ class ControlServer:
             return _error(exc, 409)
         if result is None:
             return web.json_response({"ok": True})
-        return web.json_response(record_view(result))
+        return web.json_response(record_view(result, ops.clock.now()))
 
     async def _retry(self, request: web.Request) -> web.Response:
         who = caller(request)

@@ -82,7 +82,8 @@ async def _queue_list(ctx: Context, args: list[str]) -> Result:
             names = ", ".join(s.value for s in OutboundState)
             return Result(2, f"unknown state {args[0]!r}; use one of: {names}\n")
     records = ctx.operations.spool.list_outbound(state=state)
-    views = [record_view(r) for r in records]
+    now = ctx.operations.clock.now()
+    views = [record_view(r, now) for r in records]
     shown = {"documents": [[v["message_id"], v["filename"]] for v in views]}
     return Result(0, _json(views), shown)
 
@@ -91,16 +92,20 @@ async def _queue_show(ctx: Context, args: list[str]) -> Result:
     record = ctx.operations.spool.get(args[0])
     if record is None:
         return Result(1, "no such message; check the id with `queue list`\n")
-    view = record_view(record)
+    view = record_view(record, ctx.operations.clock.now())
     return Result(0, _json(view), {"documents": [[view["message_id"], view["filename"]]]})
 
 
 async def _queue_retry(ctx: Context, args: list[str]) -> Result:
-    return Result(0, _json(record_view(ctx.operations.retry(args[0], ctx.actor))))
+    return Result(
+        0, _json(record_view(ctx.operations.retry(args[0], ctx.actor), ctx.operations.clock.now()))
+    )
 
 
 async def _queue_cancel(ctx: Context, args: list[str]) -> Result:
-    return Result(0, _json(record_view(ctx.operations.cancel(args[0], ctx.actor))))
+    return Result(
+        0, _json(record_view(ctx.operations.cancel(args[0], ctx.actor), ctx.operations.clock.now()))
+    )
 
 
 async def _peers_list(ctx: Context, args: list[str]) -> Result:

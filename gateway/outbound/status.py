@@ -85,7 +85,7 @@ class MessageStatus:
         if found is None:
             return None
         record, receipt = found
-        view = record_view(record)
+        view = record_view(record, self._ctx.clock.now())
         view["submitted_by"] = submitted_by
         view["final"] = record.state in FINAL_STATES
         view["receipt"] = receipt
