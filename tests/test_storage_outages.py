@@ -19,6 +19,7 @@ from gateway.demo_run import GatewayProcess, drop_file, wait_until
 from gateway.pki.demo import DemoLayout
 from tests.conftest import Processes
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import lab_message, lab_post, receipt_of
 from tests.helpers.metrics import get, scrape, value, wait_scrape, with_metrics
 from tests.helpers.postgres import PostgresServer, spool_section
 from tests.helpers.storage import fill_file_system, small_file_system
@@ -68,6 +69,39 @@ def test_a_full_inbox_is_alerted_once_and_its_end_counts_the_documents_refused(
     assert f"{refused} documents were answered 503 during the outage" in ended["reason"]
     assert "No space left on device" in ended["reason"]
     assert len(events(layout.hospital.audit_log, "storage.unavailable")) == 1
+
+
+def test_only_a_document_stored_again_ends_an_outage(
+    layout: DemoLayout, small_inbox: Path, spool_backend: str, processes: Processes
+) -> None:
+    """While the inbox's disk is full, the lab's resend of a document delivered before is
+    answered with its kept receipt, and a document with a forged AS2-From with a negative
+    receipt: neither is stored, so the outage goes on (its end would say storage works
+    again while the disk is still full), and the next refusal is counted in it."""
+    processes.start(layout.hospital.config_path)
+    audit = layout.hospital.audit_log
+    delivered = lab_message(layout, b"MSH|before\r", filename="before.hl7")
+    assert receipt_of(layout, lab_post(layout, *delivered)).processed
+    filler = fill_file_system(small_inbox)
+    refused = lab_message(layout, b"MSH|during\r", filename="during.hl7")
+    assert lab_post(layout, *refused).status == 503
+
+    # Each record is written before its answer is sent.
+    forged = lab_message(layout, b"MSH|forged\r", sender_as2="SOME-OTHER-LAB")
+    negative = receipt_of(layout, lab_post(layout, *forged))
+    assert negative.disposition == "processed/error: authentication-failed"
+    assert events(audit, "storage.available") == []
+    resent = lab_post(layout, *delivered)  # answered from the spool
+    assert receipt_of(layout, resent).processed
+    assert len(events(audit, "message.duplicate")) == 1
+    assert events(audit, "storage.available") == []
+    assert lab_post(layout, *refused).status == 503  # the lab's resend: counted
+    assert len(events(audit, "storage.unavailable")) == 1  # one outage
+
+    filler.unlink()  # the administrator frees space
+    assert receipt_of(layout, lab_post(layout, *refused)).processed
+    [ended] = events(audit, "storage.available")
+    assert ended["detail"]["refused"] == 2, ended
 
 
 def test_a_database_outage_is_alerted_once_and_its_return_counts_the_documents_refused(

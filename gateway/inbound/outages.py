@@ -6,9 +6,10 @@ The first failure of a cause is an error log line and one alert
 (``storage.unavailable``); the next ones of that cause are counted, each a warning
 log line with the count so far, until the outage ends: when a document of a peer it
 refused is stored again (``storage.available``: a log line and a record saying how
-many documents were answered 503 during it), or, for the spool's database, when it
-answers again (its ``spool.reachable`` record says how many).  The same cause after
-that is a new outage, alerted again.
+many documents were answered 503 during it; a resend answered with the receipt kept
+from before, or a negative receipt, stores nothing and ends nothing), or, for the
+spool's database, when it answers again (its ``spool.reachable`` record says how
+many).  The same cause after that is a new outage, alerted again.
 
 A cause is the kind of failure and its fix, which names the folder or database,
 never the text of the error (which may name the free bytes, or the server's

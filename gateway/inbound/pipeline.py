@@ -275,11 +275,12 @@ class InboundProcessor:
             self._receipt_groups.coming() as arrival,
         ):
             try:
-                answered = self._accept_and_answer(request, message_id, digest, arrival)
+                answered, stored = self._accept_and_answer(request, message_id, digest, arrival)
             except (InboxUnavailableError, SpoolError, OSError) as exc:
                 return self.unavailable(request, message_id, exc)
-        for outage in self._outages.stored(peer.name):
-            self._storage_available(outage)
+        if stored:  # an answer that stored nothing says nothing of the storage
+            for outage in self._outages.stored(peer.name):
+                self._storage_available(outage)
         return answered
 
     def unavailable(
@@ -368,13 +369,16 @@ class InboundProcessor:
 
     def _accept_and_answer(
         self, request: InboundRequest, message_id: str, digest: str, arrival: Arrival
-    ) -> InboundResponse:
+    ) -> tuple[InboundResponse, bool]:
+        """The answer, and whether the document was stored here (delivered, and its
+        receipt written to the spool): not for a negative receipt, a resend answered with
+        the receipt kept from before, or a probe, which write nothing there."""
         peer = request.peer
         try:
             mic, delivered, details = self._accept(request, message_id, digest)
         except Refused as refused:
             self._reject(request, message_id, refused.event, refused.reason)
-            return self._receipt(request, message_id, refused.disposition, None, digest)
+            return self._receipt(request, message_id, refused.disposition, None, digest), False
         except DuplicateReceipt as duplicate:
             try:
                 kept = open_bytes(
@@ -390,9 +394,10 @@ class InboundProcessor:
                     reason=f"{exc.message}; the resend is answered with an error receipt",
                     detail={"fix": exc.fix} if exc.fix else None,
                 )
-                return self._receipt(
+                answer = self._receipt(
                     request, message_id, Disposition.UNEXPECTED_ERROR, None, digest
                 )
+                return answer, False
             self._record(
                 EventType.MESSAGE_DUPLICATE,
                 peer.name,
@@ -400,9 +405,10 @@ class InboundProcessor:
                 remote_address=request.remote,
                 reason="resend of a delivered message: answered with the original receipt",
             )
-            return InboundResponse(Answer.RECEIPT, duplicate.headers, kept)
+            return InboundResponse(Answer.RECEIPT, duplicate.headers, kept), False
         try:
-            return self._answer(request, message_id, digest, mic, delivered, details, arrival)
+            answer = self._answer(request, message_id, digest, mic, delivered, details, arrival)
+            return answer, delivered is not None
         except BaseException:
             if delivered is not None:  # every record written is waited for
                 with contextlib.suppress(OSError):

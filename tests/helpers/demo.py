@@ -137,6 +137,24 @@ def hospital_post(
     return _post(layout, layout.hospital, layout.lab, headers, body, **options)
 
 
+def lab_message(
+    layout: DemoLayout, payload: bytes, *, sender_as2: str = "KITA-LAB", filename: str = "doc.bin"
+) -> tuple[tuple[tuple[str, str], ...], bytes]:
+    """The lab's AS2 message of ``payload`` to the hospital, signed and encrypted as the
+    lab's gateway sends it (``sender_as2``: the AS2-From it says); its headers and body,
+    for :func:`lab_post` (again, for a resend)."""
+    lab = load_config(layout.lab.config_path)
+    built = as2client.build(
+        payload,
+        sender_as2=sender_as2,
+        receiver_as2="SAKURA-HOSPITAL",
+        signing=lab.smime.signing,
+        recipient=lab.require_peer("hospital").encryption_certificates[0],
+        filename=filename,
+    )
+    return built.headers, built.body
+
+
 def hospital_receipt(
     layout: DemoLayout, message_id: str, mic: str | None, details: str | None = None
 ) -> BuiltReceipt:
