@@ -32,6 +32,8 @@ from gateway.outbound import INLINE_BODY_BYTES
 from gateway.pki.demo import DemoLayout
 from gateway.spool import OutboundRecord, OutboundState
 from gateway.spool.postgres import PostgresSettings
+from gateway.spool.postgres.schema import upgraded_by
+from gateway.spool.records import host_node_name
 from tests.cli import medgw
 from tests.conftest import Processes
 from tests.helpers.audit import events, wait_for_events
@@ -230,6 +232,29 @@ def test_a_second_node_under_a_running_nodes_name_refuses_to_start(
     lab.front.held = False
     settled(lab.spool, len(documents), 120)
     delivered_once(layout, *documents)
+
+
+def test_an_offline_command_opens_the_spool_as_its_configured_node(
+    layout: DemoLayout, postgres_server: PostgresServer
+) -> None:
+    """medgw queue list with the node stopped opens the spool as the node [cluster]
+    node_name names, not as the host: the spool's schema it creates names lab-a, and so
+    does its refusal of a spool a newer release upgraded."""
+    assert host_node_name() != "lab-a"
+    spool = postgres_server.new_database()
+    config = add_node(layout.lab, "lab-a", spool)
+    listed = medgw("queue", "list", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    with postgres_server.admin(spool.dbname) as db:
+        [(said,)] = db.execute(
+            "SELECT obj_description(CAST('spool_schema' AS regclass), 'pg_class')"
+        ).fetchall()
+        assert said == upgraded_by("lab-a")
+        db.execute("UPDATE spool_schema SET version = version + 1")
+    refused = medgw("queue", "list", "--config", config)
+    assert refused.returncode != 0
+    assert "on node lab-a): medgw" in refused.stderr
+    assert "upgrade medgw on node lab-a " in refused.stderr
 
 
 def test_a_node_whose_clock_is_ahead_takes_over_only_the_claims_that_ran_out(

@@ -11,10 +11,11 @@ from typing import Any
 
 from gateway.clock import SystemClock
 from gateway.commands import add_config_option
+from gateway.commands.queue import offline_spool
 from gateway.config import GatewayConfig, Responsible, load_config, who_to_call
 from gateway.diagnose import STEP_AREAS, Diagnoser, Diagnosis, Status
 from gateway.errors import MedgwError
-from gateway.spool import PeerControl, open_spool
+from gateway.spool import PeerControl
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -59,7 +60,7 @@ def suspended_here(config: GatewayConfig, peer: str) -> PeerControl | None:
     if config.spool.postgres is None and not path.is_file():
         return None
     try:
-        spool = open_spool(path, SystemClock(), config.spool.postgres)
+        spool = offline_spool(config)
     except (MedgwError, OSError):
         return None  # not readable by this account: the steps say what they can
     try:

@@ -30,7 +30,7 @@ from gateway.control.server import operator
 from gateway.errors import MedgwError
 from gateway.instance import AlreadyRunningError, InstanceLock
 from gateway.operations import listed, peers_view, record_view, viewed
-from gateway.spool import OutboundState, Spool, open_spool
+from gateway.spool import Claimant, OutboundState, Spool, open_spool
 
 
 def register(commands: Any) -> None:
@@ -101,11 +101,20 @@ def _offline(args: argparse.Namespace) -> tuple[GatewayConfig, Spool]:
     # No daemon vouches for this configuration: validate all of it before opening its spool.
     config = load_config(args.config)
     print("(medgw is not running: reading its spool directly)", file=sys.stderr)
-    return config, open_spool(config.storage.spool_path, SystemClock(), config.spool.postgres)
+    return config, offline_spool(config)
 
 
-def _offline_spool(args: argparse.Namespace) -> Spool:
-    return _offline(args)[1]
+def offline_spool(config: GatewayConfig) -> Spool:
+    """The spool, opened by a command as the node ``config`` is, by its ``[cluster]
+    node_name`` (its sessions on a shared spool, the node named in the spool's schema),
+    which holds no name: it takes up no node's interrupted work."""
+    cluster = config.cluster
+    return open_spool(
+        config.storage.spool_path,
+        SystemClock(),
+        config.spool.postgres,
+        Claimant(cluster.node_name, cluster.lease_seconds),
+    )
 
 
 def offline_trail(config: GatewayConfig) -> AuditLog:
