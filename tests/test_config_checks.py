@@ -21,7 +21,8 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, reported, set_peer_url
-from tests.helpers.demo import revoke
+from tests.helpers.demo import new_demo, revoke
+from tests.helpers.other_user import as_nobody, give_to_nobody, open_folder
 
 # --- 1. peer URLs -------------------------------------------------------------------------
 
@@ -622,3 +623,29 @@ def test_a_wrong_type_fix_shows_the_value_as_written(
     result = check_config(config)
     assert result.returncode == 1, result.stdout
     assert reported(result, config, key, "must be", fix.format(port=port)), result.stderr
+
+
+def test_a_reload_whose_folders_cannot_be_checked_is_applied_and_says_so(
+    processes: Any,
+) -> None:
+    """The findings a reload answers with are judged once it is in force: a folder the
+    daemon's user cannot search (the inbox made 0600) makes that check fail, which is a
+    finding saying what could not be checked and why, never a failed reload."""
+    with open_folder() as base:
+        layout = new_demo(base / "demo")
+        give_to_nobody(layout.hospital.root)
+        config = layout.hospital.config_path
+        processes.start(config, prefix=as_nobody())
+        inbox = layout.hospital.inbox_dir
+        inbox.chmod(0o600)  # user nobody may no longer look into it
+        done = medgw("reload", "--config", config)
+        assert done.returncode == 0, done.stdout + done.stderr
+        *said, last = done.stdout.splitlines()
+        assert last == f"configuration reloaded ({len(said)} problem(s) found; see above)", said
+        [unchecked] = [line for line in said if "could not be checked" in line]
+        assert unchecked.startswith(
+            f"warning: {config}: storage: the folders [storage] names could not be checked "
+            f"after the reload (Permission denied: {inbox / 'lab'}); the reload is applied"
+        ), unchecked
+        assert "fix: " in unchecked and f"ls -ld {inbox / 'lab'}" in unchecked, unchecked
+        wait_for_events(layout.hospital.audit_log, "config.reloaded")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,60 @@ class Reloader:
 
     def _findings(self, config: GatewayConfig, trust: Mapping[str, PeerTrust]) -> list[str]:
         """What ``check-config`` says of ``config``'s CRLs, peer certificates and folders
-        (worker thread: the folder checks touch the disk)."""
+        (worker thread: the folder checks touch the disk).  Judged once the reload is in
+        force: a check that fails (a folder this user cannot search) is a finding of its
+        own, saying what was not judged and why; the others are still given."""
         now = self._clock.now()
-        peers = [p for peer in config.peers for p in trust_problems(peer, trust[peer.name], at=now)]
-        found = [*crl_problems(config, at=now), *peers, *access_problems(config, daemon=True)]
-        return [str(problem) for problem in found]
+        checks: list[tuple[str, str, Callable[[], Sequence[object]]]] = [
+            ("the CRLs", "tls", lambda: crl_problems(config, at=now)),
+            *(
+                (
+                    f"the certificates of peer {peer.name}",
+                    "peers",
+                    functools.partial(trust_problems, peer, trust[peer.name], at=now),
+                )
+                for peer in config.peers
+            ),
+            (
+                "the folders [storage] names",
+                "storage",
+                lambda: access_problems(config, daemon=True),
+            ),
+        ]
+        found: list[str] = []
+        for what, key, check in checks:
+            try:
+                found += [str(problem) for problem in check()]
+            except Exception as exc:  # said to the admin, and logged
+                found.append(self._unchecked(config, what, key, exc))
+        return found
+
+    def _unchecked(self, config: GatewayConfig, what: str, key: str, exc: Exception) -> str:
+        """A finding of the reload that could not be judged (``what``, of the
+        configuration's ``key``), as ``check-config`` words its findings; logged."""
+        user = this_user()
+        check = f"sudo -u {user} medgw check-config --config {self._config_path}"
+        if isinstance(exc, OSError) and exc.filename is not None:
+            why = f"{exc.strerror or exc}: {exc.filename}"
+            fix = (
+                f"let user {user}, whom medgw runs as, read and search {exc.filename} and "
+                f"the folders above it (ls -ld {exc.filename}, then each parent folder), "
+                f"then run `{check}`"
+            )
+        else:
+            why = f"{type(exc).__name__}: {exc}"
+            fix = f"run `{check}`, and report it if it names no problem"
+        self._log.error(
+            "config.reload_check_failed",
+            what=what,
+            error=why,
+            action="the reload is applied; this was not judged",
+            **({} if isinstance(exc, OSError) else {"exc_info": exc}),
+        )
+        return (
+            f"warning: {config.source}: {key}: {what} could not be checked after the reload "
+            f"({why}); the reload is applied, and this was not judged (fix: {fix})"
+        )
 
     def _skipped(self, actor: str) -> ReloadRefused:
         """A reload not applied because the daemon is stopping: logged, and audited for
