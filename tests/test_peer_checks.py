@@ -421,6 +421,29 @@ async def test_a_crl_near_or_past_its_next_update_is_alerted_once_per_kind(
     checks.audit.close()
 
 
+async def test_a_stale_crl_taken_out_of_the_zone_is_no_all_clear(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    """A stale CRL's file removed from the zone's ``crls``: no CRL of its CA is current,
+    so nothing says it is fresh again; a current one put back after that is none either,
+    since nothing was said to be stale meanwhile."""
+    checks = ReChecks(layout, tmp_path)
+    crl = ("pki.crl_stale", "pki.crl_fresh")
+    checks.crl(40)
+    said = await checks.refresh(*crl)
+    assert [(r["event"], r["severity"]) for r in said] == [("pki.crl_stale", "alert")], said
+
+    (layout.hospital.root / "certs" / "crls" / "loopback" / "ca.crl").unlink()
+    for _ in range(2):
+        said = await checks.refresh(*crl)
+    assert [r["event"] for r in said] == ["pki.crl_stale"], said
+
+    checks.crl(1)
+    said = await checks.refresh(*crl)
+    assert [r["event"] for r in said] == ["pki.crl_stale"], said
+    checks.audit.close()
+
+
 @pytest.mark.parametrize(
     ("policy", "severity", "does", "fix"),
     [

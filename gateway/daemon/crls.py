@@ -78,6 +78,15 @@ class DaemonCrls:
             found += self.keeper.findings(zone.name, warn_days=zone.crl_warn_days)
         return found
 
+    def sources(self, zone: Zone) -> set[str]:
+        """What ``zone`` has CRLs from, as its findings name them: the issuers of its files
+        and of the CRLs fetched for it, and each distribution point it fetches from."""
+        held = [*zone.crls]
+        if zone.fetch_crls:
+            held += self.keeper.crls(zone.name)
+        points = self.keeper.urls(zone.name) if zone.fetch_crls else []
+        return {crl.issuer.rfc4514_string() for crl in held} | set(points)
+
     async def refresh(self, config: GatewayConfig | None = None) -> bool:
         """Fetch what is due; True when a new CRL is held (trust must be judged again).
         ``config``: the configuration whose zones the requests leave by (at start and at a

@@ -386,6 +386,7 @@ class Daemon:
             self._clock,
             self._egress_refused,
             crl_findings=crls.findings,
+            crl_sources=crls.sources,
             adjust=self._relaxed,
         )
         # The zones' CRLs from their distribution points (cached ones first), before the

@@ -8,7 +8,7 @@ without a usable certificate are logged and audited as alerts, each once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 
 from cryptography import x509
@@ -53,10 +53,13 @@ class TrustKeeper:
         clock: Clock,
         on_refused: Callable[[Refused], None],
         crl_findings: Callable[[Zone], list[CrlFinding]] | None = None,
+        crl_sources: Callable[[Zone], Collection[str]] | None = None,
         adjust: Callable[[GatewayConfig, str, TrustSettings], TrustSettings] | None = None,
     ) -> None:
         """``network``: the daemon's connect path (judged by the configuration in force);
-        ``on_refused``: what a refused OCSP connection is told to."""
+        ``on_refused``: what a refused OCSP connection is told to; ``crl_findings``: what to
+        say about a zone's CRLs, ``crl_sources``: what it has CRLs from, by the ``issuer``
+        its findings name (default for both: its files)."""
         self._network = network
         self._audit = audit
         self._log = log
@@ -64,6 +67,7 @@ class TrustKeeper:
         self._on_refused = on_refused
         # What to say about a zone's CRLs (default: its files' freshness).
         self._crl_findings = crl_findings or self._file_crl_findings
+        self._crl_sources = crl_sources or _file_crl_sources
         self._adjust = adjust  # emergency mode's relaxations (gateway.emergency.relax)
         # Per zone, with the way out it was made for: each keeps its OCSP cache.
         self._ocsp_clients: dict[str, tuple[ZonePath, OcspClient]] = {}
@@ -168,7 +172,8 @@ class TrustKeeper:
     def _audit_crls(self, config: GatewayConfig) -> None:
         """One ``pki.crl_stale`` for a zone's CRL when it needs acting on (near or past its
         nextUpdate; again when its finding changes in kind, warning to error, or it is
-        another CRL), one ``pki.crl_fresh`` when it does not any more; nothing while it
+        another CRL), one ``pki.crl_fresh`` when it does not any more (while the zone still
+        has that CRL: one taken out of it is no all-clear, and says nothing); nothing while it
         stays as it was: compared by cause (the CRL and the kind of finding), not by the
         message, which counts the time left."""
         said = self._crl_alerted
@@ -196,7 +201,13 @@ class TrustKeeper:
                     )
                 )
             still = {f.issuer for f in findings}
+            held = self._crl_sources(zone)
             for issuer in sorted({issuer for issuer, _, _ in before} - still):
+                if issuer not in held:
+                    # Taken out of the zone (its file, or the last peer whose certificates
+                    # point to it): no CRL of it is current, so this is no all-clear.
+                    self._log.info("crl.no_longer_used", zone=zone.name, issuer=issuer)
+                    continue
                 self._log.info("crl.fresh", zone=zone.name, issuer=issuer)
                 self._audit().emit(
                     AuditEvent(
@@ -287,6 +298,11 @@ class TrustKeeper:
                     detail=detail,
                 )
             )
+
+
+def _file_crl_sources(zone: Zone) -> set[str]:
+    """The issuers of ``zone``'s CRL files, as its findings name them."""
+    return {crl.issuer.rfc4514_string() for crl in zone.crls}
 
 
 def unusable(trust: Mapping[str, PeerTrust]) -> dict[str, str]:

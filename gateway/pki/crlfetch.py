@@ -204,6 +204,10 @@ class CrlKeeper:
             p.crl for (z, _), p in sorted(self._points.items()) if z == zone and p.crl is not None
         )
 
+    def urls(self, zone: str) -> list[str]:
+        """The distribution points kept for ``zone``."""
+        return [url for z, url in sorted(self._points) if z == zone]
+
     def holds(self, crl: x509.CertificateRevocationList) -> bool:
         return any(p.crl is crl for p in self._points.values())
 
