@@ -427,16 +427,18 @@ def crl_problems(config: GatewayConfig, *, at: datetime) -> list[ConfigProblem]:
             elif zone.revocation == "require":
                 continue
             else:
-                text, fix = _unused_crl(zone, finding, at)
+                what, fix = unused_crl(zone, finding, at)
+                text = f"zone {zone.name}'s CRL of {finding.issuer} {what}"
             problems.append(
                 ConfigProblem(str(config.source), f"zones[{index}].crls", text, fix, "warning")
             )
     return problems
 
 
-def _unused_crl(zone: Zone, finding: CrlFinding, at: datetime) -> tuple[str, str]:
-    """What check-config says of a zone's CRL that cannot be used (stale, or dated after
-    ``at``) under revocation "prefer" or "off", and its fix."""
+def unused_crl(zone: Zone, finding: CrlFinding, at: datetime) -> tuple[str, str]:
+    """What check-config (and ``medgw pki check``) says of a zone's CRL file that cannot be
+    used (stale, or dated after ``at``) under revocation "prefer" or "off", after the
+    CRL's name, and its fix."""
     next_update = finding.next_update
     if next_update is not None and next_update <= at:
         what = f"is stale: its nextUpdate {next_update:%Y-%m-%d %H:%M}Z has passed"
@@ -446,7 +448,7 @@ def _unused_crl(zone: Zone, finding: CrlFinding, at: datetime) -> tuple[str, str
         what = f"cannot be used yet: {finding.message}{until}"
         fix = finding.fix
     does, fix = crl_policy(zone, fix)
-    return f"zone {zone.name}'s CRL of {finding.issuer} {what}; {does}", fix
+    return f"{what}; {does}", fix
 
 
 def crl_policy(zone: Zone, fix: str) -> tuple[str, str]:

@@ -490,3 +490,15 @@ async def test_a_stale_crl_alert_says_what_the_zones_revocation_policy_does(
     checks.audit.close()
     checked = medgw("pki", "check", "--config", config)  # says it as the alert does
     assert f"has passed; {does}" in checked.stdout, checked.stdout
+    # An error only where the policy refuses certificates for it; a warning under "prefer"
+    # and "off", as check-config says it (in its words).
+    [row] = [line for line in checked.stdout.splitlines() if f"has passed; {does}" in line]
+    assert row.startswith("error" if policy == "require" else "warning"), row
+    assert checked.returncode == (1 if policy == "require" else 0), checked.stdout
+    if policy != "require":
+        result = check_config(layout)
+        output = result.stdout + result.stderr
+        [said] = [line for line in output.splitlines() if f"has passed; {does}" in line]
+        assert said.startswith("warning: "), output
+        words = said[said.index("is stale: its nextUpdate") :]
+        assert words in row, (said, row)  # the finding and its fix

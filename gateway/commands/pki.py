@@ -322,8 +322,7 @@ def check_rows(
 
 def _fetched_crl_rows(config: Any, zone: Any, now: datetime) -> list[tuple[str, str, str]]:
     """The CRLs the daemon keeps for a zone with ``fetch_crls`` (its cache, verified as the
-    daemon verifies it): stale is an error; near nextUpdate is fine, since the daemon
-    fetches the next one well before."""
+    daemon verifies it), judged as :func:`_crl_rows` judges a zone's."""
     from gateway.clock import SystemClock
     from gateway.egress import Network
     from gateway.pki.crlfetch import CrlKeeper, wanted_points
@@ -344,12 +343,9 @@ def _fetched_crl_rows(config: Any, zone: Any, now: datetime) -> list[tuple[str, 
     )
     keeper.plan(wanted, {zone.name: zone.crl_refresh_hours})
     held = keeper.crls(zone.name)
-    rows = [
-        ("ok" if severity == "warning" else severity, item, text)
-        for severity, item, text in _crl_rows(
-            f"zone {zone.name} fetched CRL", list(held), now, zone.crl_warn_days, zone
-        )
-    ]
+    rows = _crl_rows(
+        f"zone {zone.name} fetched CRL", list(held), now, zone.crl_warn_days, zone, fetched=True
+    )
     have = {crl.issuer for crl in held}
     for point in wanted:
         if not any(ca.subject in have for ca in point.issuers):
@@ -365,21 +361,38 @@ def _fetched_crl_rows(config: Any, zone: Any, now: datetime) -> list[tuple[str, 
 
 
 def _crl_rows(
-    label: str, crls: list[Any], now: datetime, warn_days: int, zone: Any = None
+    label: str,
+    crls: list[Any],
+    now: datetime,
+    warn_days: int,
+    zone: Any = None,
+    *,
+    fetched: bool = False,
 ) -> list[tuple[str, str, str]]:
     """``zone``: the zone the CRLs are of (None: given with --crl), whose revocation
-    policy says what a CRL that cannot be used does."""
+    policy says what a CRL that cannot be used (stale, or dated after ``now``) does: an
+    error under "require", which refuses its CA's certificates for it; a warning under
+    "prefer" and "off", which refuse nothing for it, in check-config's words for a file.
+    ``fetched``: the daemon's (near its nextUpdate is fine: the daemon fetches the next
+    one well before)."""
     from gateway.pki.crl import crl_findings
-    from gateway.report import crl_policy
+    from gateway.report import crl_policy, unused_crl
 
     rows: list[tuple[str, str, str]] = []
     for finding in crl_findings(crls, at=now, warn_days=warn_days):
-        message, fix = finding.message, finding.fix
-        if zone is not None and finding.severity == "error":
-            does, fix = crl_policy(zone, fix)
-            message = f"{message}; {does}"
+        severity, message, fix = finding.severity, finding.message, finding.fix
+        if fetched and severity == "warning":
+            severity = "ok"
+        elif zone is not None and severity == "error":
+            if zone.revocation != "require":
+                severity = "warning"
+            if severity == "warning" and not fetched:
+                message, fix = unused_crl(zone, finding, now)
+            else:
+                does, fix = crl_policy(zone, fix)
+                message = f"{message}; {does}"
         text = message + (f" (fix: {fix})" if fix else "")
-        rows.append((finding.severity, f"{label} {finding.issuer}", text))
+        rows.append((severity, f"{label} {finding.issuer}", text))
     return rows
 
 
