@@ -68,7 +68,9 @@ class SpoolReachability:
         try:
             self._sink().emit(event)
         except OSError as failed:  # the audit log's disk may be failing too
-            self._log.critical("audit.write_failed", error=str(failed), event=event.event.value)
+            self._log.critical(
+                "audit.write_failed", error=str(failed), audit_event=event.event.value
+            )
         self._stop(exc)
 
     def clock(self, offset: float) -> None:
@@ -107,7 +109,7 @@ class SpoolReachability:
         try:
             self._sink().emit(event)
         except OSError as exc:  # the audit log's disk may be failing too
-            self._log.critical("audit.write_failed", error=str(exc), event=event.event.value)
+            self._log.critical("audit.write_failed", error=str(exc), audit_event=event.event.value)
 
     def changed(self, cause: str | None) -> None:
         if cause is not None:
@@ -142,4 +144,4 @@ class SpoolReachability:
         try:
             self._sink().emit(event)
         except OSError as exc:  # the audit log's disk may be failing too
-            self._log.critical("audit.write_failed", error=str(exc), event=event.event.value)
+            self._log.critical("audit.write_failed", error=str(exc), audit_event=event.event.value)

@@ -329,20 +329,21 @@ class InboundProcessor:
             error=cause,
             fix=fix,
         )
+        alert = refusal_event(
+            Answer.UNAVAILABLE,
+            peer=request.peer.name,
+            message_id=message_id,
+            remote=request.remote,
+            reason=f"could not store a received message: {cause}; answered "
+            f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
+            detail={"fix": fix},
+        )
         try:
-            self._audit.emit(
-                refusal_event(
-                    Answer.UNAVAILABLE,
-                    peer=request.peer.name,
-                    message_id=message_id,
-                    remote=request.remote,
-                    reason=f"could not store a received message: {cause}; answered "
-                    f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
-                    detail={"fix": fix},
-                )
-            )
+            self._audit.emit(alert)
         except OSError as audit_exc:  # the audit log's disk may be the full one
-            self._log.critical("audit.write_failed", error=str(audit_exc), event=cause)
+            self._log.critical(
+                "audit.write_failed", error=str(audit_exc), audit_event=alert.event.value
+            )
         return InboundResponse.refused(Answer.UNAVAILABLE)
 
     def _storage_available(self, outage: Outage) -> None:
@@ -365,7 +366,11 @@ class InboundProcessor:
                 )
             )
         except OSError as exc:
-            self._log.critical("audit.write_failed", error=str(exc), event="storage.available")
+            self._log.critical(
+                "audit.write_failed",
+                error=str(exc),
+                audit_event=EventType.STORAGE_AVAILABLE.value,
+            )
 
     def _accept_and_answer(
         self, request: InboundRequest, message_id: str, digest: str, arrival: Arrival
