@@ -22,7 +22,7 @@ from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_message, lab_post, receipt_of
 from tests.helpers.metrics import get, scrape, value, wait_scrape, with_metrics
 from tests.helpers.postgres import PostgresServer, spool_section
-from tests.helpers.storage import fill_file_system, small_file_system
+from tests.helpers.storage import files_capped, fill_file_system, small_file_system
 
 pytestmark = pytest.mark.daemon
 
@@ -102,6 +102,44 @@ def test_only_a_document_stored_again_ends_an_outage(
     assert receipt_of(layout, lab_post(layout, *refused)).processed
     [ended] = events(audit, "storage.available")
     assert ended["detail"]["refused"] == 2, ended
+
+
+def test_an_alert_the_audit_log_could_not_take_is_written_at_the_next_refusal(
+    layout: DemoLayout, processes: Processes, postgres_server: PostgresServer
+) -> None:
+    """The database stops while the audit log's disk refuses writes: the outage's alert
+    is lost, and is not taken as written.  The next document refused once the disk
+    takes writes again writes it, once; the ones after are counted."""
+    with layout.hospital.config_path.open("a") as config:
+        config.write(spool_section(postgres_server.new_database()))
+    audit = layout.hospital.audit_log
+    hospital = processes.start(layout.hospital.config_path)
+    documents = [lab_message(layout, f"MSH|{n}\r".encode()) for n in range(3)]
+    postgres_server.stop("immediate")
+    try:
+        with files_capped(hospital.proc.pid, audit.stat().st_size) as audit_disk:
+            assert lab_post(layout, *documents[0]).status == 503
+            hospital.wait_for(
+                lambda line: (
+                    line.get("event") == "audit.write_failed"
+                    and line.get("audit_event") == "storage.unavailable"
+                ),
+                60,
+            )
+            audit_disk.release()  # the administrator frees space
+            assert lab_post(layout, *documents[1]).status == 503
+            [alert] = events(audit, "storage.unavailable")  # written before the answer
+            assert alert["severity"] == "alert" and "is unreachable" in alert["reason"]
+            assert alert["message_id"] == dict(documents[1][0])["Message-ID"]
+            assert lab_post(layout, *documents[2]).status == 503
+            assert len(events(audit, "storage.unavailable")) == 1  # once
+    finally:
+        postgres_server.start()
+    [back] = wait_for_events(audit, "spool.reachable", timeout=120)
+    assert back["detail"]["refused"] == 3, back
+    hospital.wait_for(lambda line: line.get("event") == "spool.reachable", 60)  # read up to it
+    said = [line for line in refusals(hospital) if line["level"] == "error"]
+    assert [line.get("refused_during_outage") for line in said] == [None, 2]
 
 
 def test_a_database_outage_is_alerted_once_and_its_return_counts_the_documents_refused(

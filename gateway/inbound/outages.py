@@ -4,7 +4,9 @@ While the spool's database does not answer, or a disk is full, every document a
 peer sends, and each resend of it, is answered 503 (``InboundProcessor.unavailable``).
 The first failure of a cause is an error log line and one alert
 (``storage.unavailable``); the next ones of that cause are counted, each a warning
-log line with the count so far, until the outage ends: when a document of a peer it
+log line with the count so far (an alert the audit log could not take, its disk
+full, is not taken as written: the next failure of the cause tries it again), until
+the outage ends: when a document of a peer it
 refused is stored again (``storage.available``: a log line and a record saying how
 many documents were answered 503 during it; a resend answered with the receipt kept
 from before, or a negative receipt, stores nothing and ends nothing), or, for the
@@ -50,6 +52,7 @@ class Outage:
     since: datetime
     refused: int = 0  # documents answered 503 for it, the first one too
     peers: set[str] = field(default_factory=set)  # whose documents it refused
+    alert: str = "due"  # its alert: "due" (not written yet), "writing" (by one thread), "written"
 
 
 class StorageOutages:
@@ -61,10 +64,12 @@ class StorageOutages:
         self._open: dict[str, Outage] = {}
         self._latest: Failure | None = None
 
-    def refused(self, kind: str, peer: str, cause: str, fix: str) -> int:
+    def refused(self, kind: str, peer: str, cause: str, fix: str) -> tuple[int, Outage | None]:
         """A document of ``peer`` could not be stored (``kind``: the cause, as compared;
         :data:`SPOOL_UNREACHABLE` for a spool database that does not answer): how many
-        documents that cause refused so far, this one too (1: a new outage)."""
+        documents that cause refused so far, this one too (1: a new outage); and its
+        outage if the caller is to write its alert (not written yet, nor being written
+        by another thread), then to say how that went with :meth:`alert_written`."""
         now = self._clock.now()
         with self._lock:
             outage = self._open.get(kind)
@@ -73,7 +78,16 @@ class StorageOutages:
             outage.refused += 1
             outage.peers.add(peer)
             self._latest = Failure(cause, fix, now, kind == SPOOL_UNREACHABLE)
-            return outage.refused
+            if outage.alert != "due":
+                return outage.refused, None
+            outage.alert = "writing"
+            return outage.refused, outage
+
+    def alert_written(self, outage: Outage, written: bool) -> None:
+        """The alert of ``outage`` :meth:`refused` handed out was written to the audit log;
+        else (``written`` False) it is due again, tried at the cause's next failure."""
+        with self._lock:
+            outage.alert = "written" if written else "due"
 
     def stored(self, peer: str) -> list[Outage]:
         """A document of ``peer`` was stored: the outages that refused one of its documents

@@ -294,7 +294,8 @@ class InboundProcessor:
         peer keeps the message and resends it (a document that reached the inbox
         before the failure is not written again: see exactly_once).  An alert
         names the cause and the fix, once per outage (gateway.inbound.outages: the
-        next failures of the same cause are counted); the peer learns nothing of it.  (An inbox the
+        next failures of the same cause are counted; an alert the audit log could not
+        take is tried again at the next); the peer learns nothing of it.  (An inbox the
         administrator must repair, such as a file where a folder should be, is
         answered with a negative receipt instead: the sender learns at once that
         the document was not delivered.)
@@ -312,38 +313,46 @@ class InboundProcessor:
             kind = SPOOL_UNREACHABLE  # its text names the back-off's seconds left
         else:
             kind = f"{type(exc).__name__}|{getattr(exc, 'errno', None)}|{fix}"
-        refused = self._outages.refused(kind, request.peer.name, cause, fix)
-        if refused > 1:  # alerted at the first of this outage
+        refused, outage = self._outages.refused(kind, request.peer.name, cause, fix)
+        counted = {"refused_during_outage": refused} if refused > 1 else {}
+        if outage is None:  # alerted already in this outage
             self._log.warning(
                 "storage.unavailable",
                 peer=request.peer.name,
                 message_id=message_id,
                 error=cause,
-                refused_during_outage=refused,
+                **counted,
             )
             return InboundResponse.refused(Answer.UNAVAILABLE)
-        self._log.error(
-            "storage.unavailable",
-            peer=request.peer.name,
-            message_id=message_id,
-            error=cause,
-            fix=fix,
-        )
-        alert = refusal_event(
-            Answer.UNAVAILABLE,
-            peer=request.peer.name,
-            message_id=message_id,
-            remote=request.remote,
-            reason=f"could not store a received message: {cause}; answered "
-            f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
-            detail={"fix": fix},
-        )
+        written = False
         try:
+            self._log.error(
+                "storage.unavailable",
+                peer=request.peer.name,
+                message_id=message_id,
+                error=cause,
+                fix=fix,
+                **counted,
+            )
+            alert = refusal_event(
+                Answer.UNAVAILABLE,
+                peer=request.peer.name,
+                message_id=message_id,
+                remote=request.remote,
+                reason=f"could not store a received message: {cause}; answered "
+                f"{ANSWERS[Answer.UNAVAILABLE].status}, the peer keeps it and resends",
+                detail={"fix": fix},
+            )
             self._audit.emit(alert)
+            written = True
         except OSError as audit_exc:  # the audit log's disk may be the full one
             self._log.critical(
-                "audit.write_failed", error=str(audit_exc), audit_event=alert.event.value
+                "audit.write_failed",
+                error=str(audit_exc),
+                audit_event=EventType.STORAGE_UNAVAILABLE.value,
             )
+        finally:  # not written: tried again at the next document refused for it
+            self._outages.alert_written(outage, written)
         return InboundResponse.refused(Answer.UNAVAILABLE)
 
     def _storage_available(self, outage: Outage) -> None:

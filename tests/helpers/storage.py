@@ -1,5 +1,5 @@
 """A small file system (tmpfs, as root) mounted for a test, and filling it to the last byte;
-a disk that refuses this process's writes; a used-up disk quota."""
+a disk that refuses this process's (or a daemon's) writes; a used-up disk quota."""
 
 from __future__ import annotations
 
@@ -100,6 +100,37 @@ def writes_refused() -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, handler)
+
+
+class FilesCapped:
+    """Another process's writes that would make a file longer than ``size`` bytes fail
+    with EFBIG, as a disk refusing them: its file size limit lowered (as root), until
+    :meth:`release`.  Only for a Python process, which ignores SIGXFSZ (CPython does at
+    start): another would be killed by its first such write."""
+
+    def __init__(self, pid: int, size: int) -> None:
+        self.pid = pid
+        self._was: tuple[int, int] | None = resource.prlimit(
+            pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY)
+        )
+
+    def release(self) -> None:
+        """The disk takes writes again."""
+        if self._was is not None:
+            resource.prlimit(self.pid, resource.RLIMIT_FSIZE, self._was)
+            self._was = None
+
+
+@contextlib.contextmanager
+def files_capped(pid: int, size: int) -> Iterator[FilesCapped]:
+    """Process ``pid``'s files capped at ``size`` bytes until the end or ``release()``."""
+    if os.geteuid() != 0:
+        pytest.skip("lowering another process's file size limit needs root (CI runs as root)")
+    capped = FilesCapped(pid, size)
+    try:
+        yield capped
+    finally:
+        capped.release()
 
 
 def quota_used_up(*_: object) -> NoReturn:
