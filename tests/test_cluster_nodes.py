@@ -37,6 +37,7 @@ from gateway.spool.records import host_node_name
 from tests.cli import medgw
 from tests.conftest import Processes
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.check_config import check_config
 from tests.helpers.cluster import (
     RoundRobin,
     add_node,
@@ -255,6 +256,36 @@ def test_an_offline_command_opens_the_spool_as_its_configured_node(
     assert refused.returncode != 0
     assert "on node lab-a): medgw" in refused.stderr
     assert "upgrade medgw on node lab-a " in refused.stderr
+
+
+def test_a_shared_key_folder_that_is_not_there_is_an_error_not_made_anew(
+    layout: DemoLayout, postgres_server: PostgresServer
+) -> None:
+    """lab-a's [at_rest] key_dir on the nodes' shared file system, not mounted: medgw
+    must not make the folder, and its first key-encryption key, on the local disk, where
+    no other node has that key."""
+    config = add_node(layout.lab, "lab-a", postgres_server.new_database())
+    keys = layout.lab.root / "shared-keys"
+    keys.rmdir()  # the shared file system not mounted
+    said = (
+        f"at_rest.key_dir: the nodes' shared key folder {keys} does not exist (or is not "
+        "a folder); on a spool in PostgreSQL medgw does not create it: if the shared file "
+        "system it is on is not mounted, the key-encryption key this node would make there "
+        "is one no other node has, and what it encrypts at rest would be unreadable to them "
+        f"(fix: mount the shared file system (findmnt -T {layout.lab.root}), or, on a new "
+        f"one, create the folder in it (mkdir -m 700 {keys}, owned by the medgw user); keep "
+        "it a folder inside the mount, not the mount point itself, so that a missing mount "
+        "is seen)"
+    )
+    checked = check_config(config)
+    assert checked.returncode == 1 and said in checked.stderr, checked.stderr
+    started = medgw("run", "--config", config)
+    assert started.returncode == 1 and "Traceback" not in started.stderr, started.stderr
+    assert said in started.stderr, started.stderr
+    assert not keys.exists()
+
+    keys.mkdir(mode=0o700)  # mounted
+    assert check_config(config).returncode == 0
 
 
 def test_a_node_whose_clock_is_ahead_takes_over_only_the_claims_that_ran_out(

@@ -15,8 +15,10 @@ while loading the configuration: other commands read it as other users.
   removed (a warning, as above).
 
 A folder that does not exist yet is judged by the nearest of its parents that
-does: medgw creates it there.  Except ``[cluster] bodies_dir``, the folder the nodes
-share: it must exist (an error), as medgw cannot tell a new folder from a missing mount.
+does: medgw creates it there.  Except the folders the nodes share, ``[cluster]
+bodies_dir`` and, on a spool in PostgreSQL, an ``[at_rest] key_dir`` other than the
+default beside the state folder: they must exist (an error), as medgw cannot tell a new
+folder from a missing mount.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 from pathlib import Path
 
 from gateway.audit.order import order_path
+from gateway.config.atrest import default_key_dir
 from gateway.config.model import GatewayConfig
 from gateway.config.storage import STATE_FILES, STATE_FOLDERS
 from gateway.errors import ConfigProblem
@@ -69,7 +72,7 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
             for folder in (top / peer.name, *(top / peer.name / s for s in peer.services)):
                 if folder.is_dir():
                     checks.append((key, f"{what}'s folder", folder, rule, "warning"))
-    problems = _shared_folder_missing(config)
+    problems = _shared_folders_missing(config)
     for key, what, path, rule, severity in checks:
         blocked = _not_writable(path)
         if blocked is None and key == "storage.inbox_dir" and path.is_dir():
@@ -114,27 +117,64 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
     return problems
 
 
-def _shared_folder_missing(config: GatewayConfig) -> list[ConfigProblem]:
-    """``[cluster] bodies_dir``, the folder the nodes share, must be there: medgw makes
-    its own folders in it, never the folder itself, since a shared file system that is
-    not mounted would leave the bodies this node queues where no other node reads them."""
+def _shared_folders_missing(config: GatewayConfig) -> list[ConfigProblem]:
+    """The folders the nodes share must be there: medgw makes its own folders and files
+    in them, never the folder itself, since a shared file system that is not mounted
+    would leave what this node writes there where no other node reads it.
+    ``[cluster] bodies_dir``, and the key folder of a spool in PostgreSQL (the data keys
+    in the spool are wrapped under its keys) unless it is the default beside the state
+    folder, which is this node's own."""
+    problems = []
     bodies = config.cluster.bodies_dir
-    if bodies is None or bodies.is_dir():
-        return []
-    return [
-        ConfigProblem(
-            str(config.source),
-            "cluster.bodies_dir",
-            f"the nodes' shared folder of bodies {bodies} does not exist (or is not a "
-            "folder); medgw does not create it: if the shared file system it is on is not "
-            "mounted, the bodies this node queues would be where no other node can read them",
-            f"mount the shared file system (findmnt -T {bodies.parent}), or, on a new one, "
-            f"create the folder in it (mkdir {bodies}, owned by the medgw user); keep it a "
-            "folder inside the mount, not the mount point itself, so that a missing mount "
-            "is seen",
-            "error",
+    if bodies is not None and not bodies.is_dir():
+        problems.append(
+            _not_mounted(
+                config,
+                "cluster.bodies_dir",
+                "the nodes' shared folder of bodies",
+                bodies,
+                "medgw does not create it: if the shared file system it is on is not mounted, "
+                "the bodies this node queues would be where no other node can read them",
+            )
         )
-    ]
+    at_rest = config.at_rest
+    if (
+        at_rest is not None
+        and config.spool.postgres is not None
+        and at_rest.key_dir != default_key_dir(config.storage)
+        and not at_rest.key_dir.is_dir()
+    ):
+        keys = at_rest.key_dir
+        problems.append(
+            _not_mounted(
+                config,
+                "at_rest.key_dir",
+                "the nodes' shared key folder",
+                keys,
+                "on a spool in PostgreSQL medgw does not create it: if the shared file system "
+                "it is on is not mounted, the key-encryption key this node would make there "
+                "is one no other node has, and what it encrypts at rest would be unreadable "
+                "to them",
+                mkdir="mkdir -m 700",
+            )
+        )
+    return problems
+
+
+def _not_mounted(
+    config: GatewayConfig, key: str, what: str, folder: Path, why: str, *, mkdir: str = "mkdir"
+) -> ConfigProblem:
+    """``what``, the folder the nodes share that ``key`` names, is missing: ``why`` medgw
+    does not make it, and the fix (mount it, or ``mkdir`` it on a new file system)."""
+    return ConfigProblem(
+        str(config.source),
+        key,
+        f"{what} {folder} does not exist (or is not a folder); {why}",
+        f"mount the shared file system (findmnt -T {folder.parent}), or, on a new one, "
+        f"create the folder in it ({mkdir} {folder}, owned by the medgw user); keep it a folder "
+        "inside the mount, not the mount point itself, so that a missing mount is seen",
+        "error",
+    )
 
 
 def _lacking(where: Path) -> str:

@@ -72,7 +72,8 @@ def add_node(
     )
     path = side.config_path if first else side.config_path.with_name(f"gateway-{name}.toml")
     path.write_text(text)
-    (side.root / "shared-bodies").mkdir(exist_ok=True)  # the mount the nodes share
+    for shared in ("shared-bodies", "shared-keys"):  # on the mount the nodes share
+        (side.root / shared).mkdir(mode=0o700, exist_ok=True)
     return path
 
 
