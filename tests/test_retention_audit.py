@@ -4,6 +4,7 @@ says where the trail starts."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from gateway.audit.verify import verify_trail
 from gateway.config.retention import RetentionSettings
 from gateway.demo_run import read_audit
 from gateway.retention.audit_files import AuditFiles
-from gateway.retention.purge import PurgeRefused, PurgeRequest, Retention
+from gateway.retention.purge import PurgeRefused, PurgeRequest, Retention, purge_request
 from gateway.spool import SqliteSpool
 from tests.audit_writer import StepClock, sealer
 from tests.cli import medgw
@@ -112,3 +113,29 @@ def test_a_trail_cut_without_a_disposal_record_is_reported_as_not_given(
     files[0].unlink()  # removed by hand, not by retention
     report = verify_trail(files[1:])
     assert report.first_seq == 4 and report.disposal_record is None
+
+
+NOW = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("audit_days", "kept"),
+    [
+        (None, "audit files are kept at least 1825 days (5 years"),
+        (2000, "[retention] audit_days keeps audit files 2000 days"),
+    ],
+)
+def test_an_operator_purge_takes_audit_files_only_named_and_old_enough(
+    audit_days: int | None, kept: str
+) -> None:
+    days = audit_days or 1825
+    everything = purge_request({"before": NOW.isoformat()}, NOW, audit_days)
+    assert not everything.audit_files  # "everything finished before" leaves the trail
+    with pytest.raises(
+        PurgeRefused, match=re.escape(f"closed less than {days} days ago: {kept}")
+    ) as refused:
+        purge_request({"before": NOW.isoformat(), "kinds": ["audit"]}, NOW, audit_days)
+    latest = (NOW - timedelta(days=days)).date().isoformat()
+    assert f"give a --before of {latest} or earlier" in str(refused.value.fix)
+    old = purge_request({"before": latest, "kinds": ["audit"]}, NOW, audit_days)
+    assert old.audit_files and old.kinds == ()

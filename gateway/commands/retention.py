@@ -19,7 +19,8 @@ def register(commands: Any) -> None:
         help="dispose of kept copies, receipts and records of messages finished before a date",
         description="Dispose of what the gateway keeps of messages finished before DATE: "
         "inbox copies already handed over (received), receipts, hand-over records, records "
-        "of finished messages (spool), closed audit files (audit). Nothing still owed is "
+        "of finished messages (spool), and, asked for by name, closed audit files (audit). "
+        "Nothing still owed is "
         "touched: unsent, awaiting a receipt, not handed over, or a receipt not yet given to "
         "the peer. A kind takes "
         "what it holds with it (spool: its receipts, hand-over records and copies).",
@@ -36,8 +37,10 @@ def register(commands: Any) -> None:
         "--kind",
         action="append",
         choices=KINDS,
-        help="only this kind (and what it holds); repeat for several; default all "
-        "(audit: closed audit files older than DATE, not with --peer or --service)",
+        help="only this kind (and what it holds); repeat for several; default all but "
+        "audit (audit: closed audit files closed before DATE, only when named, never "
+        "younger than [retention] audit_days or, unset, 5 years; not with --peer or "
+        "--service)",
     )
     purge.add_argument(
         "--dry-run", action="store_true", help="count what would go; dispose of nothing"

@@ -363,7 +363,7 @@ class ControlServer:
             return body
         ops = self._ops()
         try:
-            purge = purge_request(body, ops.clock.now())
+            purge = purge_request(body, ops.clock.now(), ops.config.retention.audit_days)
             counts = await asyncio.to_thread(ops.purge, purge, who)
         except MedgwError as exc:
             return _error(exc, 400)

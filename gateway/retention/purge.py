@@ -38,7 +38,7 @@ from typing import Any
 from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.clock import Clock
-from gateway.config.retention import HOLDS, RetentionSettings
+from gateway.config.retention import AUDIT_GUIDELINE_DAYS, HOLDS, RetentionSettings
 from gateway.errors import MedgwError
 from gateway.fsutil import fsync_dir
 from gateway.retention.audit_files import AuditFiles
@@ -98,13 +98,19 @@ def parse_before(text: str, now: datetime) -> datetime:
     return when
 
 
-def purge_request(body: Mapping[str, Any], now: datetime) -> PurgeRequest:
+def purge_request(
+    body: Mapping[str, Any], now: datetime, audit_days: int | None = None
+) -> PurgeRequest:
     """A purge as the control socket receives it: ``before`` (required), ``kinds``,
-    ``peer``, ``service``, ``dry_run``."""
+    ``peer``, ``service``, ``dry_run``.  ``audit_days``: ``[retention] audit_days`` in
+    force (None: not set).
+
+    Closed audit files go only when asked for by name (``kinds`` holding ``audit``), and
+    only those older than the time they are kept (see :func:`_audit_files_kept`): the
+    trail is the evidence of who did what, and a purge of "everything finished before"
+    a recent date must not take it with the messages."""
     peer, service = body.get("peer"), body.get("service")
-    # All kinds by default; audit files belong to no peer, so not when one is named.
-    every = [k.value for k in ORDER] + ([] if peer or service else [AUDIT])
-    kinds_text = body.get("kinds") or every
+    kinds_text = body.get("kinds") or [k.value for k in ORDER]
     names = ", ".join([*(k.value for k in ORDER), AUDIT])
     if not isinstance(kinds_text, list):
         raise PurgeRefused("kinds must be a list", fix=f"name kinds of: {names}")
@@ -118,13 +124,38 @@ def purge_request(body: Mapping[str, Any], now: datetime) -> PurgeRequest:
             raise PurgeRefused(
                 f"unknown kind {str(text)[:64]!r}", fix=f"use one of: {names}"
             ) from None
+    before = parse_before(str(body.get("before") or ""), now)
+    if AUDIT in kinds_text:
+        _audit_files_kept(before, now, audit_days)
     return PurgeRequest(
-        before=parse_before(str(body.get("before") or ""), now),
+        before=before,
         kinds=tuple(kinds),
         peer=str(peer) if peer else None,
         service=str(service) if service else None,
         dry_run=bool(body.get("dry_run")),
         audit_files=AUDIT in kinds_text,
+    )
+
+
+def _audit_files_kept(before: datetime, now: datetime, audit_days: int | None) -> None:
+    """Refuse a purge of audit files closed after the time they are kept: ``audit_days``
+    if set, else the 5 years medical records are kept (the trail of who accessed a record
+    does not go before the record)."""
+    days = audit_days if audit_days is not None else AUDIT_GUIDELINE_DAYS
+    latest = now - timedelta(days=days)
+    if before <= latest:
+        return
+    kept = (
+        f"[retention] audit_days keeps audit files {days} days"
+        if audit_days is not None
+        else f"audit files are kept at least {days} days (5 years, as medical records are; "
+        "[retention] audit_days is not set)"
+    )
+    raise PurgeRefused(
+        f"--before {before.isoformat()} would dispose of audit files closed less than "
+        f"{days} days ago: {kept}; nothing was disposed of",
+        fix=f"for --kind audit give a --before of {latest.date().isoformat()} or earlier; "
+        "purge the other kinds without --kind audit",
     )
 
 
