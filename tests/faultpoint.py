@@ -10,8 +10,10 @@ luck.  It is a wrapper, used as the command prefix of a test's ``medgw run``
 It replaces the named function, in this process only, with one that calls it
 and then kills the process (``--kill-after``), or kills it before the call
 (``--kill-before``), or makes its first call fail with an I/O error
-(``--fail-once``), or holds its first call until a file exists (``--hold-before``
-with ``--until-file PATH``: ``PATH.reached`` is created when the call is held);
+(``--fail-once``), or makes each call fail so until a file exists (``--fail-until``
+with ``--until-file PATH``: each failed call adds a line to ``PATH.failed``), or
+holds its first call until a file exists (``--hold-before`` with ``--until-file
+PATH``: ``PATH.reached`` is created when the call is held);
 ``--kill-after-event NAME`` kills it right after the audit
 record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
 write of that record fail instead (as on a full disk); ``--group-of N`` makes the
@@ -82,6 +84,23 @@ def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(*args, **kwargs)
 
     return call
+
+
+def _fail_until(path: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every call fails with an I/O error (as a failing disk's) until ``path`` exists;
+    each one failed adds a line to ``path``.failed."""
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not path.exists():
+                with path.with_name(path.name + ".failed").open("a") as failed:
+                    failed.write(f"{getattr(original, '__qualname__', original)}\n")
+                raise OSError(errno.EIO, "Input/output error (faultpoint.py)")
+            return original(*args, **kwargs)
+
+        return call
+
+    return wrap
 
 
 def _hold_until(path: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -162,6 +181,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--kill-after", metavar="MODULE:FUNCTION")
     parser.add_argument("--kill-before", metavar="MODULE:FUNCTION")
     parser.add_argument("--fail-once", metavar="MODULE:FUNCTION")
+    parser.add_argument("--fail-until", metavar="MODULE:FUNCTION")
     parser.add_argument("--hold-before", metavar="MODULE:FUNCTION")
     parser.add_argument("--until-file", metavar="PATH", type=Path)
     parser.add_argument("--kill-after-event", metavar="EVENT")
@@ -177,6 +197,8 @@ def main(argv: list[str]) -> None:
         _patch(args.kill_before, _before)
     if args.fail_once:
         _patch(args.fail_once, _fail_once)
+    if args.fail_until:
+        _patch(args.fail_until, _fail_until(args.until_file))
     if args.hold_before:
         _patch(args.hold_before, _hold_until(args.until_file))
     if args.kill_after_event:

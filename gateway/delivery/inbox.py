@@ -174,15 +174,27 @@ def finish(work: Path, target: Path, folders: FolderSync | None = None) -> None:
 
     Raises OSError; the document is in the inbox all the same (see :func:`landed`)."""
     os.unlink(work)
-    if folders is not None:
-        folders.sync(target.parent)
-    else:
-        fsync_dir(target.parent)
+    sync_folder(target, folders)
+
+
+def sync_folder(target: Path, folders: FolderSync | None = None) -> None:
+    """Make ``target``'s folder durable as it is now: its name, and the work name's
+    removal (the fsync shared through ``folders``).  A folder that is gone leaves
+    nothing to make durable: the document was taken away with it.  Raises OSError."""
+    try:
+        if folders is not None:
+            folders.sync(target.parent)
+        else:
+            fsync_dir(target.parent)
+    except FileNotFoundError:
+        if os.path.lexists(target.parent):
+            raise
 
 
 def landed(work: Path | None, target: Path) -> bool:
     """Whether an interrupted delivery put its document in the inbox: its work file is
-    gone, or is the target itself (then the work name is removed now).
+    gone, or is the target itself (then the work name is removed now; the caller makes
+    that durable, with :func:`sync_folder`, before it records the delivery).
 
     ``work`` None: a delivery recorded before work files (by an older version),
     which wrote the target in one rename: landed if the target is there.
@@ -199,7 +211,7 @@ def landed(work: Path | None, target: Path) -> bool:
         return False
     if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
         return False
-    finish(work, target)
+    os.unlink(work)
     return True
 
 

@@ -270,14 +270,21 @@ class InboxDelivery:
     def settle(self, record: InboundRecord) -> InboundRecord | None:
         """An interrupted delivery, claimed by this node (Spool.inbound_take,
         inbound_unfinished, inbound_take_over): if its document reached the inbox, make
-        sure that is audited (once in this node's trail) and recorded; else forget it,
-        for a resend to start afresh.  Returns the record as it now is (None:
-        forgotten)."""
+        sure that is durable (its folder synced), then audited (once in this node's
+        trail) and recorded; else forget it, for a resend to start afresh.  Returns the
+        record as it now is (None: forgotten).  Raises OSError if the folder cannot be
+        synced: the delivery stays in the middle."""
         if not inbox.landed(record.work_path, record.target_path):
             released = self._spool.inbound_release(record.peer, record.message_id)
             if released and record.work_path is not None:
                 inbox.discard(record.work_path)
             return None
+        # In the inbox, but perhaps not on disk: the folder's sync after the link failed
+        # (that request was answered 503), or a kill cut it off.  Nothing records the
+        # document delivered, nor answers the peer, before it is: an OSError leaves the
+        # delivery as it is, the resend answered 503 as the first attempt was, and the
+        # next resend (or start) tries again.
+        inbox.sync_folder(record.target_path, self._locks.folders)
         received = datetime.fromisoformat(record.received_at)
 
         def delivered(event: dict[str, object]) -> bool:
