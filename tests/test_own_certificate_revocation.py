@@ -18,11 +18,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from gateway.demo_run import free_port
 from gateway.pki.demo import DemoLayout
-from gateway.pki.issue import Issued, issue, write_pem
+from gateway.pki.issue import Issued, issue, make_crl, write_pem
 from tests.cli import medgw
-from tests.helpers.audit import wait_for_events
+from tests.crl_server import DistributionPoint
+from tests.helpers.audit import events, wait_for_events
 from tests.helpers.check_config import check_config, reported
+from tests.helpers.crl_world import CrlWorld
 from tests.helpers.demo import demo_ca, edit, revoke, tls_under_an_intermediate
 
 ROOT_CA = "CN=medgw Demo Root CA"
@@ -161,3 +164,79 @@ def test_a_crl_revoking_ours_and_a_peers_is_applied_at_a_reload_and_ours_alerted
     assert rejected["outcome"] == "failure", rejected
     wait_for_events(layout.hospital.audit_log, "config.reloaded")
     assert hospital.proc.poll() is None  # still serving
+
+
+def fetched_crl(
+    world: CrlWorld,
+    *revoked: x509.Certificate,
+    since: datetime | None = None,
+    lapses_in: timedelta,
+    number: int,
+) -> x509.CertificateRevocationList:
+    """The demo CA's CRL, listing ``revoked`` (revoked ``since``), whose nextUpdate is
+    ``lapses_in`` from now: the daemon fetches the next one at about half that time."""
+    now = datetime.now(UTC)
+    when = since or now - timedelta(minutes=2)
+    return make_crl(
+        world.ca,
+        now=now + lapses_in - timedelta(days=7),
+        days=7,
+        revoked=[(cert.serial_number, when) for cert in revoked],
+        number=number,
+    )
+
+
+def test_a_fetched_crl_revoking_ours_is_alerted_at_the_start(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The zone fetches its CA's CRL (no CRL file): the one fetched at the start revokes
+    our TLS certificate.  Fetched by the daemon, it judges ours too: alerted, and medgw
+    serves (the peers that do not check it still accept us)."""
+    point = DistributionPoint(free_port())
+    try:
+        world = CrlWorld(layout, point.url)
+        ours = our(layout, "tls.crt")
+        point.serve(fetched_crl(world, ours, lapses_in=timedelta(days=3), number=1))
+        hospital = processes.start(layout.hospital.config_path)
+        [alert] = wait_for_events(layout.hospital.audit_log, "pki.own_certificate_unusable")
+        assert alert["severity"] == "alert" and "is revoked since" in alert["reason"], alert
+        assert "our TLS certificate CN=SAKURA-HOSPITAL" in alert["reason"], alert
+        assert alert["detail"]["key"] == "tls.certificate", alert
+        assert NEW_CERTIFICATE in alert["detail"]["fix"], alert
+        assert hospital.proc.poll() is None
+    finally:
+        point.stop()
+
+
+def test_a_fetched_crl_revoking_ours_is_alerted_once_when_the_daemon_refreshes_it(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The CRL fetched at the start revokes nothing and lapses soon; the next one the
+    daemon fetches on its own (no reload) revokes our TLS certificate: alerted then.  The
+    same revocation in the CRLs after it (fetched again by a reload) is not alerted
+    again: once per cause."""
+    point = DistributionPoint(free_port())
+    try:
+        world = CrlWorld(layout, point.url)
+        ours = our(layout, "tls.crt")
+        point.serve(fetched_crl(world, lapses_in=timedelta(seconds=40), number=1))
+        hospital = processes.start(layout.hospital.config_path)
+        wait_for_events(layout.hospital.audit_log, "pki.crl_fetched")
+        since = datetime.now(UTC) - timedelta(minutes=2)
+        point.serve(fetched_crl(world, ours, since=since, lapses_in=timedelta(days=3), number=2))
+        wait_for_events(layout.hospital.audit_log, "pki.crl_fetched", count=2)
+        [alert] = wait_for_events(layout.hospital.audit_log, "pki.own_certificate_unusable")
+        assert "is revoked since" in alert["reason"], alert
+        assert alert["detail"]["key"] == "tls.certificate", alert
+
+        point.serve(fetched_crl(world, ours, since=since, lapses_in=timedelta(days=3), number=3))
+        done = medgw("reload", "--config", layout.hospital.config_path)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "tls.certificate: our TLS certificate CN=SAKURA-HOSPITAL" in done.stdout
+        wait_for_events(layout.hospital.audit_log, "pki.crl_fetched", count=3)
+        wait_for_events(layout.hospital.audit_log, "config.reloaded")
+        said = events(layout.hospital.audit_log, "pki.own_certificate_unusable")
+        assert said == [alert], said
+        assert hospital.proc.poll() is None
+    finally:
+        point.stop()

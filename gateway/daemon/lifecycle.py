@@ -394,6 +394,9 @@ class Daemon:
         crls.plan(config)
         await crls.refresh(config)
         config = crls.applied(config)
+        # Ours were judged by the zones' CRL files above (refusing the start); the fetched
+        # CRLs judge them too, now that they are held: alerted, not refused.
+        await self._trust.recheck_own(config)
         trust = await self._trust.assess(config)
         self._trust.audit(config, trust, {})
         self._state = self._build_state(config, trust)

@@ -93,7 +93,6 @@ class Reloader:
             old = self._state()
             try:
                 new_config = await asyncio.to_thread(load_config, self._config_path)
-                own_warnings = await self._trust.judge_own(new_config, old.config)
                 unchanged = restart_only_changes(old.config, new_config)
                 if unchanged:
                     raise StartupError(
@@ -104,6 +103,8 @@ class Reloader:
                 self._crls.plan(new_config, fetch_now=True)
                 await self._crls.refresh(new_config)
                 new_config = self._crls.applied(new_config)
+                # Ours judged by the CRLs the zones hold now: their files and the fetched.
+                own_warnings = await self._trust.judge_own(new_config, old.config)
                 new_trust = await self._trust.assess(new_config)
                 new_state = self._build(new_config, new_trust)
             except Exception as exc:
@@ -279,6 +280,7 @@ class Reloader:
             async with self._lock:
                 old = self._state()
                 config = self._crls.applied(old.config)
+                await self._trust.recheck_own(config)  # the new CRL may revoke ours
                 trust = await self._trust.assess(config)
                 self._trust.audit(config, trust, old.trust)
                 self._replace(old, self._build(config, trust))

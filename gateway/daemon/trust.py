@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
+from typing import Protocol
 
 from cryptography import x509
 
@@ -26,7 +27,18 @@ from gateway.pki.ocsp import OcspClient
 from gateway.pki.own import peer_path
 from gateway.pki.peers import PeerTrust, TrustSettings, assess_peers
 from gateway.pki.tls import certificate_fingerprint
-from gateway.report import crl_policy, own_certificates_usable
+from gateway.report import crl_policy, own_certificate_problems, own_certificates_usable
+
+
+class _OwnProblem(Protocol):
+    """An error about a certificate of ours (a configuration problem: the key naming it)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def fix(self) -> str: ...
 
 
 def _own_identities(config: GatewayConfig) -> dict[str, object]:
@@ -76,6 +88,9 @@ class TrustKeeper:
         # Per zone, the causes of the CRL findings in force (each alerted once): a zone
         # left out of a reload is forgotten, so it is alerted again if it comes back.
         self._crl_alerted: dict[str, frozenset[tuple[str, str, datetime | None]]] = {}
+        # The (key, message) of each error about a certificate of ours in force, alerted:
+        # one that goes away is forgotten, so it is alerted again if it comes back.
+        self._own_alerted: frozenset[tuple[str, str]] = frozenset()
 
     def ocsp_client(self, zone: Zone, network: Network | None = None) -> OcspClient:
         """The zone's OCSP client: its cache survives reloads while the zone's way out
@@ -113,27 +128,50 @@ class TrustKeeper:
         that are the very ones serving (expired while medgw ran, or revoked by the CRL
         the reload brings) do not refuse it, whatever else of ours it changes: that
         would keep the old CRLs, peers and zones too, and change nothing about them.
-        They are alerted instead, and returned with the warnings."""
+        They are alerted instead (once per cause: see :meth:`recheck_own`), and returned
+        with the warnings.  ``config``'s zones hold the CRLs fetched for them (a reload
+        judges ours after it has fetched them)."""
         try:
-            return await own_certificates_usable(config, at=self._clock.now())
+            found = await own_certificates_usable(config, at=self._clock.now())
         except ConfigError as exc:
             if in_force is None:
                 raise
             now, before = _own_identities(config), _own_identities(in_force)
             if any(p.key not in now or now[p.key] != before[p.key] for p in exc.problems):
                 raise  # a certificate the reload would change to
-            for problem in exc.problems:
-                self._log.error("pki.own_certificate_unusable", problem=str(problem))
-                self._audit().emit(
-                    AuditEvent(
-                        EventType.OWN_CERTIFICATE_UNUSABLE,
-                        Outcome.FAILURE,
-                        Severity.ALERT,
-                        reason=problem.message,
-                        detail={"key": problem.key, "fix": problem.fix},
-                    )
-                )
+            self._alert_own(exc.problems)
             return list(exc.problems)
+        if in_force is not None:
+            self._alert_own([])
+        return found
+
+    async def recheck_own(self, config: GatewayConfig) -> None:
+        """Our certificates in force judged again by the CRLs ``config``'s zones hold now:
+        those fetched at the start (after the files' check, which refuses the start) and
+        each new one fetched while medgw runs.  A CRL fetched for the peers' certificates
+        is often our CA's too: one that revokes ours does not stop medgw (the peers that
+        check no CRL still accept us); each such error is alerted, once per cause."""
+        problems = await own_certificate_problems(config, at=self._clock.now())
+        self._alert_own([p for p in problems if p.severity == "error"])
+
+    def _alert_own(self, errors: Sequence[_OwnProblem]) -> None:
+        """One ``pki.own_certificate_unusable`` alert for each of ``errors`` (about our
+        certificates in force) not alerted already; the ones no longer found are forgotten."""
+        said = self._own_alerted
+        self._own_alerted = frozenset((p.key, p.message) for p in errors)
+        for problem in errors:
+            if (problem.key, problem.message) in said:
+                continue
+            self._log.error("pki.own_certificate_unusable", problem=str(problem))
+            self._audit().emit(
+                AuditEvent(
+                    EventType.OWN_CERTIFICATE_UNUSABLE,
+                    Outcome.FAILURE,
+                    Severity.ALERT,
+                    reason=problem.message,
+                    detail={"key": problem.key, "fix": problem.fix},
+                )
+            )
 
     def audit(
         self,
