@@ -187,6 +187,38 @@ def test_an_expired_ca_certificate_sent_with_ours_is_an_error(layout: DemoLayout
     assert "medgw will not start with this configuration" in result.stderr
 
 
+def test_of_two_intermediates_of_one_name_the_one_that_issued_ours_is_judged(
+    layout: DemoLayout,
+) -> None:
+    """A CA rollover: the CA's next intermediate (its name, a new key, valid now) put in
+    the file before the one that issued ours, which has expired.  A peer's path goes
+    through the one whose key signed ours: expired, an error, though a valid certificate
+    of that name is in the file too."""
+    issuing, _ = tls_under_an_intermediate(
+        layout, ca_from=NOW - timedelta(days=32), ca_days=30, leaf_from=NOW - timedelta(days=1)
+    )
+    subject = issuing.certificate.subject
+    next_ca = make_ca(
+        "Sakura Issuing CA", now=NOW - timedelta(days=1), days=30, parent=demo_ca(layout)
+    ).certificate
+    assert next_ca.subject == subject and next_ca.public_key() != issuing.certificate.public_key()
+    certs = layout.hospital.root / "certs"
+    leaf, old_ca = x509.load_pem_x509_certificates((certs / "tls.crt").read_bytes())
+    write_pem(certs / "tls.crt", [leaf, next_ca, old_ca])
+    config = layout.hospital.config_path
+    result = check_config(config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert reported(
+        result,
+        config,
+        "tls.certificate",
+        "our TLS certificate CN=SAKURA-HOSPITAL's chain: CA certificate CN=Sakura Issuing CA "
+        "expired on",
+        "put its CA's current certificate (ask the CA for it) in its place",
+    ), result.stdout + result.stderr
+    assert "medgw will not start with this configuration" in result.stderr
+
+
 @pytest.mark.parametrize("aside", ["expired-root", "next-intermediate"])
 def test_a_certificate_in_our_file_that_no_path_goes_through_is_only_a_warning(
     layout: DemoLayout, aside: str

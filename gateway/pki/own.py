@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
+from gateway.pki.tls import issues
 from gateway.pki.validate import (
     Purpose,
     RevocationPolicy,
@@ -226,12 +227,14 @@ def peer_path(
     certificate: x509.Certificate, chain: Sequence[x509.Certificate], at: datetime
 ) -> list[x509.Certificate]:
     """The CA certificates of ``chain`` a peer's path from ``certificate`` goes through:
-    each the issuer of the one before (by name; of two with one name, one valid at
-    ``at`` first), up to a self-issued one, which a peer's own trust anchors stand for."""
+    each the issuer of the one before (by name and by the key that signed it, as a peer
+    builds its path: of two with one name during a CA rollover, the one whose key did; of
+    two with that key too, one valid at ``at`` first), up to a self-issued one, which a
+    peer's own trust anchors stand for."""
     path: list[x509.Certificate] = []
     current, left = certificate, list(chain)
     while True:
-        issuers = [c for c in left if c.subject == current.issuer and c.issuer != c.subject]
+        issuers = [c for c in left if c.issuer != c.subject and issues(c, current)]
         if not issuers:
             return path
         current = next((c for c in issuers if check_validity(c, at) is None), issuers[0])

@@ -280,7 +280,9 @@ def _self_signed(cert: x509.Certificate) -> bool:
     return cert.issuer == cert.subject
 
 
-def _issues(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+def issues(issuer: x509.Certificate, cert: x509.Certificate) -> bool:
+    """Whether ``issuer`` issued ``cert``: its name, and the key that signed it (of two CA
+    certificates with one name, during a rollover, only one has that key)."""
     if cert.issuer != issuer.subject:
         return False
     try:
@@ -297,7 +299,7 @@ def chain_to_send(identity: KeyPair, anchors: Iterable[x509.Certificate]) -> lis
     candidates = [c for c in (*identity.chain, *anchors) if c != leaf and not _self_signed(c)]
     chain = [leaf]
     while len(chain) <= 8 and not _self_signed(chain[-1]):
-        issuer = next((c for c in candidates if c not in chain and _issues(c, chain[-1])), None)
+        issuer = next((c for c in candidates if c not in chain and issues(c, chain[-1])), None)
         if issuer is None:
             break
         chain.append(issuer)
