@@ -6,6 +6,7 @@ HTTP, no argument parsing.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,13 @@ from typing import Any
 
 from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.backup.bundle import BackupError, Written, created_event, write_bundle
+from gateway.backup.bundle import (
+    BackupError,
+    Written,
+    created_event,
+    refused_backup_event,
+    write_bundle,
+)
 from gateway.backup.restore import refused_event
 from gateway.clock import Clock, iso_time
 from gateway.config import GatewayConfig
@@ -338,7 +345,19 @@ class Operations:
         return peers_view(self.config, self.spool, self.unusable())
 
     def backup(self, to: Path, actor: str) -> Written:
-        """Write an encrypted, signed bundle of this gateway to ``to`` (OUT-1), audited."""
+        """Write an encrypted, signed bundle of this gateway to ``to`` (OUT-1), audited; a
+        refused one too (``backup.refused``), its error raised as it was."""
+        try:
+            written = self._write_backup(to)
+        except MedgwError as exc:
+            # Not recorded if the trail cannot be written: the refusal stands as it is.
+            with contextlib.suppress(OSError):
+                self.audit.emit(refused_backup_event(to, exc, actor))
+            raise
+        self.audit.emit(created_event(written, actor))
+        return written
+
+    def _write_backup(self, to: Path) -> Written:
         if self.config.backup is None:
             # The file may have [backup] by now: this daemon writes with what it loaded.
             raise BackupError(
@@ -349,9 +368,7 @@ class Operations:
                 "first), then the backup again; else add [backup] with its recipient, "
                 "signing_certificate and signing_key (see README, Backups) and reload",
             )
-        written = write_bundle(self.config, to, self.clock.now(), self.vault)
-        self.audit.emit(created_event(written, actor))
-        return written
+        return write_bundle(self.config, to, self.clock.now(), self.vault)
 
     def restore_refused(
         self, bundle: Path, reason: str, message: str, actor: str, forced: bool

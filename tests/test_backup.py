@@ -35,7 +35,7 @@ from gateway.spool import OutboundState, Settled, SqliteSpool
 from gateway.spool.records import receipt_item
 from tests.cli import medgw
 from tests.clocks import SetClock
-from tests.helpers.audit import wait_for_events
+from tests.helpers.audit import events, wait_for_events
 from tests.helpers.backup import (
     add_backup,
     backup_signer,
@@ -154,9 +154,18 @@ def test_backup_under_load_restores_onto_a_fresh_host_and_sends_each_document_on
 
 
 def test_backup_without_a_recipient_is_refused(layout: DemoLayout, tmp_path: Path) -> None:
-    made = medgw("backup", "--to", tmp_path / "b.p7m", "--config", layout.lab.config_path)
+    """Refused, and audited: which bundle, why (the error the command said), who."""
+    target = tmp_path / "b.p7m"
+    made = medgw("backup", "--to", target, "--config", layout.lab.config_path)
     assert made.returncode == 1
     assert "no [backup] section" in made.stderr and "recipient" in made.stderr
+    assert "NOT recorded" not in made.stderr, made.stderr
+    [refused] = events(layout.lab.audit_log, "backup.refused")
+    assert refused["outcome"] == "failure" and refused["severity"] == "warning"
+    assert refused["detail"]["file"] == str(target)
+    assert refused["reason"].startswith("no [backup] section"), refused
+    assert "README, Backups" in refused["detail"]["fix"]
+    assert "(uid " in refused["actor"]
 
 
 def test_a_backup_from_a_daemon_that_has_not_loaded_backup_says_to_reload(
@@ -174,6 +183,10 @@ def test_a_backup_from_a_daemon_that_has_not_loaded_backup_says_to_reload(
     assert "the running daemon's configuration has no [backup] section" in made.stderr
     assert "run medgw reload" in made.stderr, made.stderr
     assert not bundle.exists()
+    # Recorded by the daemon, the trail's one writer, before it answered.
+    [refused] = events(layout.lab.audit_log, "backup.refused")
+    assert refused["detail"]["file"] == str(bundle) and "(uid " in refused["actor"]
+    assert refused["reason"].startswith("the running daemon's configuration has no [backup]")
     reloaded = medgw("reload", "--config", lab.config)
     assert reloaded.returncode == 0, reloaded.stderr
     made = medgw("backup", "--to", bundle, "--config", lab.config)
@@ -329,7 +342,13 @@ def test_backup_never_replaces_a_file_of_the_gateway(
     made = medgw("backup", "--to", target, "--config", hospital.config_path)
     assert made.returncode == 1, made.stdout
     assert str(target) in made.stderr and "--to" in made.stderr, made.stderr
-    assert target.read_bytes() == before
+    trail = read_audit(hospital.audit_log)  # {"kept": true} too, where it is the trail
+    [refused] = [r for r in trail if r.get("event") == "backup.refused"]
+    assert refused["detail"]["file"] == str(target) and "--to" in refused["reason"]
+    if target == hospital.audit_log.resolve():  # kept, with the refusal's record after
+        assert target.read_bytes().startswith(before)
+    else:
+        assert target.read_bytes() == before
 
 
 def test_the_current_audit_file_is_cut_at_its_last_whole_record_without_reading_it_whole(
@@ -539,3 +558,5 @@ def test_a_backup_of_a_missing_or_damaged_sqlite_spool_names_it_and_the_fix(
     assert not target.exists()
     assert not list(target.parent.glob(".*b.p7m*"))
     assert not list((hospital.root / "state").glob(f"{WORK_PREFIX}*"))
+    [refused] = events(hospital.audit_log, "backup.refused")
+    assert refused["detail"]["file"] == str(target) and str(path) in refused["reason"]

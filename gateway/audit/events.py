@@ -159,6 +159,9 @@ class EventType(StrEnum):
     BACKUP_CREATED = "backup.created"
     BACKUP_RESTORED = "backup.restored"
     BACKUP_RESTORE_REFUSED = "backup.restore_refused"
+    # A backup refused, no bundle written: which file (``detail.file``), why (``reason``:
+    # the error the command said) and its fix (gateway.backup.bundle).
+    BACKUP_REFUSED = "backup.refused"
     # Emergencies (gateway.emergency): a break-glass credential sealed (any earlier one
     # stops working), used (an alert), emergency mode entered (an alert) and left.
     EMERGENCY_SEALED = "emergency.credential_sealed"

@@ -51,7 +51,7 @@ from psycopg.rows import tuple_row
 
 from gateway.atrest.keys import KeyStore, kek_name
 from gateway.atrest.vault import Vault
-from gateway.audit import AuditEvent, EventType, Severity
+from gateway.audit import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.files import trail_files
 from gateway.audit.order import order_path
 from gateway.backup import pgspool
@@ -804,6 +804,19 @@ def open_bundle(
                 fix="the bundle was damaged: restore another one",
             )
     return dict(manifest)
+
+
+def refused_backup_event(dst: Path, error: MedgwError, actor: str) -> AuditEvent:
+    """``backup.refused``: the bundle that was not written (``dst``), why (the error the
+    command said), its fix, and who asked."""
+    return AuditEvent(
+        EventType.BACKUP_REFUSED,
+        Outcome.FAILURE,
+        Severity.WARNING,
+        reason=error.message,
+        actor=actor,
+        detail={"file": str(dst), "fix": error.fix},
+    )
 
 
 def created_event(written: Written, actor: str) -> AuditEvent:

@@ -18,6 +18,7 @@ from gateway.backup.bundle import (
     BackupError,
     RestoreRefused,
     created_event,
+    refused_backup_event,
     remove_leftovers,
     write_bundle,
 )
@@ -82,7 +83,11 @@ def _backup(args: argparse.Namespace) -> int:
         lock.acquire()  # the daemon does not start meanwhile
         try:
             remove_leftovers(config.storage.state_dir)  # of a backup killed half-way
-            written = write_bundle(config, to, SystemClock().now())
+            try:
+                written = write_bundle(config, to, SystemClock().now())
+            except MedgwError as exc:
+                _record_said(config, refused_backup_event(to, exc, offline_actor()))
+                raise
             _record(config, created_event(written, offline_actor()))
         finally:
             lock.release()
@@ -126,26 +131,34 @@ def _record(config: GatewayConfig, event: AuditEvent) -> None:
         audit.close()
 
 
+def _record_said(config: GatewayConfig, refusal: AuditEvent) -> None:
+    """Write ``refusal`` to the trail (as :func:`_record`); if it cannot be written, say so
+    on stderr (the refusal stands)."""
+    try:
+        _record(config, refusal)
+    except (MedgwError, OSError) as error:
+        _not_recorded(error)
+
+
+def _not_recorded(error: Exception) -> None:
+    print(f"medgw: this refusal is NOT recorded in the audit trail: {error}", file=sys.stderr)
+
+
 def _record_refusal(args: argparse.Namespace, config: GatewayConfig, exc: RestoreRefused) -> None:
     """Audit a refused restore: in the trail, or through the daemon that runs and holds it.
     A refusal that cannot be recorded is said on stderr (the refusal stands)."""
     bundle = args.source.absolute()
+    if exc.reason != "daemon-running":
+        event = refused_event(bundle, exc.reason, exc.message, offline_actor(), forced=args.force)
+        _record_said(config, event)
+        return
+    body = {"file": str(bundle), "reason": exc.reason, "error": exc.message}
     try:
-        if exc.reason == "daemon-running":
-            body = {"file": str(bundle), "reason": exc.reason, "error": exc.message}
-            control_client(args.config).call(
-                "POST", "/v1/backup/restore-refused", {**body, "forced": args.force}
-            )
-        else:
-            _record(
-                config,
-                refused_event(bundle, exc.reason, exc.message, offline_actor(), forced=args.force),
-            )
-    except (MedgwError, OSError) as error:
-        print(
-            f"medgw: this refusal is NOT recorded in the audit trail: {error}",
-            file=sys.stderr,
+        control_client(args.config).call(
+            "POST", "/v1/backup/restore-refused", {**body, "forced": args.force}
         )
+    except (MedgwError, OSError) as error:
+        _not_recorded(error)
 
 
 def _restore(args: argparse.Namespace) -> int:
