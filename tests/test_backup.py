@@ -20,7 +20,7 @@ from gateway.atrest import KeyStore, Vault
 from gateway.atrest.chunked import seal_bytes
 from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.files import trail_files
-from gateway.audit.order import order_path, ordered
+from gateway.audit.order import order_path, ordered, read_notes
 from gateway.audit.rotation import RotationSettings
 from gateway.backup import bundle
 from gateway.backup.bundle import ENTITY_HEAD, WORK_PREFIX, _complete_records
@@ -508,10 +508,16 @@ def test_a_restored_trail_keeps_its_order_notes_so_reviews_bisect_it(
         "restore", "--from", bundle, "--cert", cert, "--key", "/nonexistent", "--config", new
     )
     assert wrong.returncode == 1  # refused and audited: a trail and notes of its own
-    assert order_path(new.parent / "audit" / "audit.jsonl").exists()
+    audit = new.parent / "audit" / "audit.jsonl"
+    refusals_notes = order_path(audit).read_bytes()
+    [refusal_first] = read_notes(audit).firsts
     done = medgw("restore", "--from", bundle, "--cert", cert, "--key", key, "--config", new)
     assert done.returncode == 0, done.stderr
-    restored = trail_files(new.parent / "audit" / "audit.jsonl")
+    # The refusals' notes are kept with them, never paired with the restored trail.
+    assert refusal_first not in read_notes(audit).firsts
+    [kept] = audit.parent.glob("audit-refused-restores-*.jsonl")
+    assert order_path(kept).read_bytes() == refusals_notes
+    restored = trail_files(audit)
     # The files written above (the backup's own record began another, closing the last)
     assert ordered(restored[: len(written)]) == [notes] * len(written)
     day = start.date().isoformat()

@@ -21,7 +21,9 @@ Every refusal is a :class:`RestoreRefused` naming its rule, handed to the caller
 ``refused`` (to audit it as ``backup.restore_refused``) before it is raised.  A trail
 that holds nothing but such refusals (earlier attempts on this fresh host) does not
 make the host "not empty": the restore keeps it, under a name of its own beside the
-restored trail (:data:`REFUSALS_KEPT`), and says so to ``restored``.
+restored trail (:data:`REFUSALS_KEPT`), with the writer's notes for reviews that are its
+(gateway.audit.order: never left to pair with the restored trail), and says so to
+``restored``.
 """
 
 from __future__ import annotations
@@ -593,13 +595,17 @@ def _dump_copy(
     return path
 
 
-def _keep_refusals(refusals: list[Path], at: datetime) -> tuple[Path, ...]:
-    """Move the trail of earlier refusals aside, under a name that is no file of the trail."""
+def _keep_refusals(refusals: list[Path], audit: Path, at: datetime) -> tuple[Path, ...]:
+    """Move the trail of earlier refusals aside, under a name that is no file of the trail;
+    the notes among ``refusals`` (``audit``'s) go with its current file, under its name."""
     kept = []
     stamp = at.astimezone(UTC).strftime(STAMP)
+
+    def aside(path: Path) -> Path:
+        return path.with_name(REFUSALS_KEPT.format(stem=path.stem, stamp=stamp, suffix=path.suffix))
+
     for path in refusals:
-        name = REFUSALS_KEPT.format(stem=path.stem, stamp=stamp, suffix=path.suffix)
-        target = path.with_name(name)
+        target = order_path(aside(audit)) if path == order_path(audit) else aside(path)
         path.rename(target)
         kept.append(target)
     return tuple(kept)
@@ -681,7 +687,12 @@ def _restore_held(
             fix="move them away, or add --force to replace them",
         )
     unused()  # again, before anything is written
-    kept = _keep_refusals(refusals, now)
+    trail = len(refusals)
+    if spare is not None and spare.exists():
+        # They go with the refusals, whatever the bundle holds: the restored trail is never
+        # paired with notes of another trail.
+        refusals = [*refusals, spare]
+    kept = _keep_refusals(refusals, audit, now)
     placed = _Placed()
     dst = config.storage.state_dir
     try:
@@ -708,7 +719,7 @@ def _restore_held(
                     with contextlib.suppress(psycopg.Error):
                         pgspool.drop(config.spool.postgres)
             raise
-    return Restored(manifest, len(manifest["files"]), kept, ended, missing)
+    return Restored(manifest, len(manifest["files"]), kept[:trail], ended, missing)
 
 
 def _undone(
