@@ -233,6 +233,9 @@ def test_a_backup_without_pg_dump_names_the_tool_and_how_to_install_it(
     assert "pg_dump, PostgreSQL's tool" in made.stderr and str(no_tools) in made.stderr
     assert "postgresql-client" in made.stderr and "pg_bin_dir" in made.stderr
     assert not bundle.exists()
+    trail = read_audit(load_config(config).storage.audit_log)  # as with a SQLite spool
+    [refused] = [r for r in trail if r["event"] == "backup.refused"]
+    assert refused["detail"]["file"] == str(bundle) and "pg_dump" in refused["reason"]
 
 
 def test_a_body_removed_after_the_dump_takes_its_row_as_it_is_now(
