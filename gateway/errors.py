@@ -10,6 +10,7 @@ disposition and keeps the detail for the audit trail.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class MedgwError(Exception):
@@ -240,3 +241,15 @@ class StorageFullError(InboxUnavailableError):
 class InboxNotWritableError(InboxUnavailableError):
     """The user medgw runs as may not write where a received document goes (EACCES,
     EPERM), or it lies on a file system mounted read-only (EROFS)."""
+
+
+class AuditNotWrittenError(MedgwError):
+    """An accountable action refused, not done, because its audit record could not be
+    written (a full disk under the audit log, say): no action without its audit record.
+    ``trail``: the audit log (None where the caller does not know it); ``cause``: the
+    error the write gave (its ``errno``: ENOSPC for a full disk)."""
+
+    def __init__(self, message: str, *, fix: str, trail: Path | None, cause: OSError) -> None:
+        super().__init__(message, fix=fix)
+        self.trail = trail
+        self.cause = cause

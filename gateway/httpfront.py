@@ -30,6 +30,7 @@ RECORDED a minute one by one, the rest counted in one record (:meth:`flush`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -99,14 +100,17 @@ class FrontDoor:
             error=what,
             exc_info=exc,
         )
-        self._record(
-            request,
-            f"internal error while answering {_printable(request.method)} "
-            f"{_printable(request.path)}: {what}; "
-            "answered 500 without detail",
-            500,
-            Severity.ALERT,
-        )
+        # Answered even if the trail cannot take its record (a full disk under it: the
+        # line above says so): a client is never left without an answer.
+        with contextlib.suppress(OSError):
+            self._record(
+                request,
+                f"internal error while answering {_printable(request.method)} "
+                f"{_printable(request.path)}: {what}; "
+                "answered 500 without detail",
+                500,
+                Severity.ALERT,
+            )
         return _answer(500)
 
     def refused(self, request: web.BaseRequest, status: int, reason: str) -> web.Response:

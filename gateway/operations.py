@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit.first import recorded
 from gateway.backup.bundle import (
     BackupError,
     Written,
@@ -318,23 +319,35 @@ class Operations:
         listed(self.audit, views, actor, what, query)
 
     def suspend(self, peer: str, reason: str, actor: str) -> None:
-        self.spool.set_suspended(self._peer(peer), True, reason, actor)
-        self.suspension_changed(peer, True)
-        self.audit.emit(
-            AuditEvent(
-                EventType.PEER_SUSPENDED,
-                severity=Severity.WARNING,
-                peer=peer,
-                reason=reason,
-                actor=actor,
-            )
+        name = self._peer(peer)
+        event = AuditEvent(
+            EventType.PEER_SUSPENDED,
+            severity=Severity.WARNING,
+            peer=peer,
+            reason=reason,
+            actor=actor,
         )
 
+        def act() -> None:
+            self.spool.set_suspended(name, True, reason, actor)
+            self.suspension_changed(peer, True)
+
+        recorded(self.audit, self._trail, f"suspending peer {peer}", event, act)
+
     def resume(self, peer: str, actor: str) -> None:
-        self.spool.set_suspended(self._peer(peer), False, "", actor)
-        self.suspension_changed(peer, False)
-        self.wake(peer)
-        self.audit.emit(AuditEvent(EventType.PEER_RESUMED, peer=peer, actor=actor))
+        name = self._peer(peer)
+        event = AuditEvent(EventType.PEER_RESUMED, peer=peer, actor=actor)
+
+        def act() -> None:
+            self.spool.set_suspended(name, False, "", actor)
+            self.suspension_changed(peer, False)
+            self.wake(peer)
+
+        recorded(self.audit, self._trail, f"resuming peer {peer}", event, act)
+
+    @property
+    def _trail(self) -> Path:
+        return self.config.storage.audit_log
 
     def audit_verification_failed(self, reason: str, actor: str) -> None:
         """An administrator's ``medgw audit verify`` found the trail broken: an alert that

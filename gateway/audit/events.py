@@ -170,6 +170,10 @@ class EventType(StrEnum):
     EMERGENCY_LEFT = "emergency.left"
     EMERGENCY_RELAXATIONS_CHANGED = "emergency.relaxations_changed"
     EMERGENCY_STATE_REFUSED = "emergency.state_refused"
+    # An accountable action whose record was written, but which then could not be done
+    # (its state not written): the record before it did not take effect
+    # (gateway.audit.first).
+    ACTION_NOT_DONE = "audit.action_not_done"
 
 
 class Outcome(StrEnum):

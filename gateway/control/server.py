@@ -20,8 +20,9 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from gateway.audit.first import log_not_written
 from gateway.clock import SystemClock
-from gateway.errors import MedgwError, SpoolError
+from gateway.errors import AuditNotWrittenError, MedgwError, SpoolError
 from gateway.fsutil import MAX_SOCKET_PATH
 from gateway.httpfront import FrontDoor, stop_serving
 from gateway.intake.submit import (
@@ -33,7 +34,7 @@ from gateway.intake.submit import (
     status,
     submit,
 )
-from gateway.logs import make_logger
+from gateway.logs import Logger, make_logger
 from gateway.maintenance.approvals import approve
 from gateway.operations import (
     Operations,
@@ -109,10 +110,11 @@ class ControlServer:
         status_fn: StatusFn,
         reload: Callable[[str], Awaitable[Reloaded | ReloadRefused]],
         front: FrontDoor | None = None,
+        log: Logger | None = None,
     ) -> None:
         """``reload``: the daemon's, for the caller (the warnings once done, else why not).
         ``front``: how malformed requests and internal errors are answered, logged and
-        audited (without: a front door that only logs)."""
+        audited (without: a front door that only logs).  ``log``: the daemon's log."""
         if len(str(path)) > MAX_SOCKET_PATH:
             raise MedgwError(
                 f"control socket path {path} is longer than {MAX_SOCKET_PATH} characters",
@@ -124,6 +126,7 @@ class ControlServer:
         self._status = status_fn
         self._reload = reload
         self._draining = False
+        self._log = log or make_logger()
         app = web.Application(middlewares=[self._refused_while_stopping])
         app.router.add_get("/v1/queue", self._list)
         app.router.add_get("/v1/queue/{message_id}", self._show)
@@ -145,7 +148,7 @@ class ControlServer:
         app.router.add_post("/v1/emergency/{action:seal|enter|leave}", self._emergency)
         app.router.add_post("/v1/messages", self._submit_message)
         app.router.add_get("/v1/messages/{message_id}", self._message_status)
-        front = front or FrontDoor("control", make_logger(), lambda: None, SystemClock())
+        front = front or FrontDoor("control", self._log, lambda: None, SystemClock())
         self._runner = front.runner(
             app,
             access_log=None,
@@ -253,11 +256,20 @@ class ControlServer:
             result = await asyncio.to_thread(action, ops)
         except UnknownPeerError as exc:
             return _error(exc, 404)
+        except AuditNotWrittenError as exc:
+            return self._not_written(exc)
         except SpoolError as exc:
             return _error(exc, 409)
         if result is None:
             return web.json_response({"ok": True})
         return web.json_response(record_view(result, ops.clock.now()))
+
+    def _not_written(self, exc: AuditNotWrittenError) -> web.Response:
+        """An action refused because its audit record could not be written: logged, and
+        answered with what, why and the fix (503: it works again once the trail can be
+        written)."""
+        log_not_written(self._log, exc)
+        return _error(exc, 503)
 
     async def _retry(self, request: web.Request) -> web.Response:
         who = caller(request)
@@ -402,6 +414,8 @@ class ControlServer:
                 str(body.get("reason", "")),
                 who,
             )
+        except AuditNotWrittenError as exc:
+            return self._not_written(exc)
         except MedgwError as exc:
             return _error(exc, 400)
         return web.json_response(entry)
@@ -413,6 +427,8 @@ class ControlServer:
             return body
         try:
             return web.json_response(self._ops().unlock(str(body.get("person", "")), who))
+        except AuditNotWrittenError as exc:
+            return self._not_written(exc)
         except MedgwError as exc:
             return _error(exc, 400)
 
@@ -447,6 +463,8 @@ class ControlServer:
                 )
             else:
                 answer = emergency.leave(str(body.get("reason", "")), who)
+        except AuditNotWrittenError as exc:
+            return self._not_written(exc)
         except MedgwError as exc:
             return _error(exc, 400)
         return web.json_response(answer)

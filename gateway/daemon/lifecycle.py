@@ -292,6 +292,7 @@ class Daemon:
             # The configuration read at start until the first state is built (the peers'
             # first judgement already asks whether emergency mode is on).
             lambda: (self._state.config if self._state is not None else config).emergency,
+            trail=config.storage.audit_log,
         )
         # While emergency mode is on, every event about a message carries its mark.
         emergency = self._emergency
@@ -446,6 +447,7 @@ class Daemon:
                 self._outbound.status,
                 self.reload,
                 front=FrontDoor("control", self._log, self._audit_sink, self._clock),
+                log=self._log,
             )
             await self._control.start()
             await self._start_api(config)
@@ -594,6 +596,7 @@ class Daemon:
             self.reload,
             approvals.approved,
             self._emergency,
+            self._log,
         )
         await self._maintenance.start()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Severity
+from gateway.audit.first import recorded
 from gateway.clock import Clock, iso_time
 from gateway.config.emergency import EmergencySettings
 from gateway.config.maintenance import parse_public_key
@@ -31,11 +32,15 @@ class Emergency:
         clock: Clock,
         audit: Callable[[], AuditSink],
         settings: Callable[[], EmergencySettings],
+        *,
+        trail: Path | None = None,
     ) -> None:
+        """``trail``: the audit log, named when a record cannot be written there."""
         self._clock = clock
         self._audit = audit
         self._settings = settings
-        self.mode = EmergencyMode(state_dir, clock, audit, settings)
+        self._trail = trail
+        self.mode = EmergencyMode(state_dir, clock, audit, settings, trail=trail)
         self.credentials = CredentialStore(state_dir)
 
     def _now(self) -> float:
@@ -53,7 +58,7 @@ class Emergency:
                 "the code's verifier is not a 16-byte salt and an HMAC-SHA-256 in hex",
                 fix="run medgw emergency seal again",
             )
-        sealed, old = self.credentials.seal(
+        sealed, old = self.credentials.next_seal(
             public_key.strip(),
             key.get_fingerprint("sha256"),
             bytes.fromhex(salt),
@@ -65,15 +70,15 @@ class Emergency:
         if old is not None:
             detail["replaces"] = old.serial
             detail["replaced_was_used"] = old.used_at is not None
-        self._audit().emit(
-            AuditEvent(
-                EventType.EMERGENCY_SEALED,
-                severity=Severity.WARNING,
-                actor=actor,
-                reason="a new break-glass credential was sealed; any earlier one no longer works",
-                detail=detail,
-            )
+        event = AuditEvent(
+            EventType.EMERGENCY_SEALED,
+            severity=Severity.WARNING,
+            actor=actor,
+            reason="a new break-glass credential was sealed; any earlier one no longer works",
+            detail=detail,
         )
+        what = "sealing a break-glass credential"
+        recorded(self._audit(), self._trail, what, event, lambda: self.credentials.store(sealed))
         return sealed.view() | {"sealed_at": iso_time(sealed.sealed_at)}
 
     def sealed_key(self, fingerprint: str) -> bool:
@@ -84,8 +89,17 @@ class Emergency:
             return False
         return sealed is not None and sealed.used_at is None and sealed.fingerprint == fingerprint
 
-    def break_glass(self, fingerprint: str, code: str, remote: str) -> Sealed | None:
-        """The credential, its one use recorded durably, when key and code are right."""
+    def break_glass(
+        self,
+        fingerprint: str,
+        code: str,
+        remote: str,
+        record: Callable[[Sealed], AuditEvent],
+    ) -> Sealed | None:
+        """The credential, when key and code are right: its use recorded first (the
+        alert ``record`` makes of it), then spent, durably.  None: wrong, used, or used
+        or replaced meanwhile.  AuditNotWrittenError: the alert could not be written,
+        and the credential is not spent."""
         try:
             sealed = self.credentials.current()
         except CredentialError:
@@ -97,7 +111,17 @@ class Emergency:
             or not code_matches(sealed, code)
         ):
             return None
-        if not self.credentials.use(sealed, remote, self._now()):
+
+        def spend() -> None:
+            if not self.credentials.use(sealed, remote, self._now()):
+                raise CredentialError(
+                    "the break-glass credential was used or sealed anew meanwhile",
+                    fix="use the envelope of the credential sealed last",
+                )
+
+        try:
+            recorded(self._audit(), self._trail, "the break-glass login", record(sealed), spend)
+        except CredentialError:
             return None
         return sealed
 

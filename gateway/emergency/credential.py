@@ -112,6 +112,22 @@ class CredentialStore:
         now: float,
     ) -> tuple[Sealed, Sealed | None]:
         """Store a new credential in place of the old one; both are returned."""
+        sealed, old = self.next_seal(public_key, fingerprint, salt, verifier, actor=actor, now=now)
+        self.store(sealed)
+        return sealed, old
+
+    def next_seal(
+        self,
+        public_key: str,
+        fingerprint: str,
+        salt: bytes,
+        verifier: str,
+        *,
+        actor: str,
+        now: float,
+    ) -> tuple[Sealed, Sealed | None]:
+        """The credential :meth:`seal` would store (not stored yet: :meth:`store`), and
+        the one it replaces."""
         try:
             old = self.current()
         except CredentialError:
@@ -125,8 +141,11 @@ class CredentialStore:
             now,
             actor,
         )
-        self._write(sealed)
         return sealed, old
+
+    def store(self, sealed: Sealed) -> None:
+        """Store ``sealed`` in place of the credential there."""
+        self._write(sealed)
 
     def use(self, sealed: Sealed, remote: str, now: float) -> bool:
         """Record the one use of ``sealed``, durably, before its session starts.  False

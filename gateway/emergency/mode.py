@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Pending, Severity
+from gateway.audit.first import recorded
 from gateway.clock import Clock, iso_time
 from gateway.config.emergency import EmergencySettings
 from gateway.errors import MedgwError, UnsafeFileError
@@ -95,8 +96,12 @@ class EmergencyMode:
         clock: Clock,
         audit: Callable[[], AuditSink],
         settings: Callable[[], EmergencySettings],
+        *,
+        trail: Path | None = None,
     ) -> None:
+        """``trail``: the audit log, named when a record cannot be written there."""
         self.path = state_dir / FILE_NAME
+        self._trail = trail
         self._clock = clock
         self._audit = audit
         self._settings = settings
@@ -167,22 +172,25 @@ class EmergencyMode:
             clean_reason(reason),
             actor,
         )
-        write_atomic(self.path, [json.dumps(asdict(window)).encode()], mode=0o600)
+        entered = AuditEvent(
+            EventType.EMERGENCY_ENTERED,
+            severity=Severity.ALERT,
+            actor=actor,
+            reason=window.reason,
+            detail={
+                MARK: window.id,
+                "until": iso_time(until),
+                "relaxed": self._settings().relaxations(),
+            },
+        )
+
+        def write() -> None:
+            write_atomic(self.path, [json.dumps(asdict(window)).encode()], mode=0o600)
+
+        # Recorded first: the mode is never on without its record (gateway.audit.first).
+        recorded(self._audit(), self._trail, "entering emergency mode", entered, write)
         self._window = window
         self.on_change()
-        self._audit().emit(
-            AuditEvent(
-                EventType.EMERGENCY_ENTERED,
-                severity=Severity.ALERT,
-                actor=actor,
-                reason=window.reason,
-                detail={
-                    MARK: window.id,
-                    "until": iso_time(until),
-                    "relaxed": self._settings().relaxations(),
-                },
-            )
-        )
         return window
 
     def leave(self, actor: str, reason: str) -> Window:
@@ -220,19 +228,22 @@ class EmergencyMode:
         )
 
     def _end(self, window: Window, actor: str, reason: str, at: float) -> None:
-        self.path.unlink(missing_ok=True)
-        fsync_dir(self.path.parent)
+        left = AuditEvent(
+            EventType.EMERGENCY_LEFT,
+            severity=Severity.WARNING,
+            actor=actor,
+            reason=reason,
+            detail={MARK: window.id, "since": iso_time(window.since), "ended": iso_time(at)},
+        )
+
+        def remove() -> None:
+            self.path.unlink(missing_ok=True)
+            fsync_dir(self.path.parent)
+
+        # Recorded first: the mode never ends without its record (gateway.audit.first).
+        recorded(self._audit(), self._trail, "leaving emergency mode", left, remove)
         self._window = None
         self.on_change()
-        self._audit().emit(
-            AuditEvent(
-                EventType.EMERGENCY_LEFT,
-                severity=Severity.WARNING,
-                actor=actor,
-                reason=reason,
-                detail={MARK: window.id, "since": iso_time(window.since), "ended": iso_time(at)},
-            )
-        )
 
 
 class MarkingSink:

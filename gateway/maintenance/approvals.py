@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit import AuditEvent, EventType
+from gateway.audit.first import recorded
 from gateway.clock import Clock, iso_time
 from gateway.errors import MedgwError
 from gateway.operations import Operations
@@ -54,6 +55,12 @@ class Approvals:
         )
 
     def approve(self, person: str, until: str, reason: str, actor: str) -> dict[str, Any]:
+        entry = self.entry(person, until, reason, actor)
+        self.append(entry)
+        return entry
+
+    def entry(self, person: str, until: str, reason: str, actor: str) -> dict[str, Any]:
+        """The approval :meth:`approve` would add (not added yet: :meth:`append`)."""
         now = self._clock.now()
         try:
             end = datetime.fromisoformat(until)
@@ -76,13 +83,16 @@ class Approvals:
         reason = "".join(c for c in reason if c.isprintable()).strip()[:MAX_REASON]
         if not reason:
             raise ApprovalError("--reason is empty", fix="say what work is approved")
-        entry = {
+        return {
             "person": person,
             "from": now.timestamp(),
             "until": end.timestamp(),
             "reason": reason,
             "approved_by": actor,
         }
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Add ``entry`` to the file, synced."""
         line = (json.dumps(entry) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -97,7 +107,6 @@ class Approvals:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return entry
 
 
 def approve(
@@ -111,15 +120,16 @@ def approve(
             f"no maintainer named {person!r}",
             fix=f"use one of: {known or '(none: add one with medgw maintainer add)'}",
         )
-    entry = Approvals(operations.config.storage.state_dir, operations.clock).approve(
-        person, until, reason, actor
+    approvals = Approvals(operations.config.storage.state_dir, operations.clock)
+    entry = approvals.entry(person, until, reason, actor)
+    event = AuditEvent(
+        EventType.MAINTENANCE_APPROVED,
+        actor=actor,
+        reason=entry["reason"],
+        detail={"person": person, "until": iso_time(entry["until"])},
     )
-    operations.audit.emit(
-        AuditEvent(
-            EventType.MAINTENANCE_APPROVED,
-            actor=actor,
-            reason=entry["reason"],
-            detail={"person": person, "until": iso_time(entry["until"])},
-        )
-    )
+    # Recorded first: no approval lets anyone in without its record (gateway.audit.first).
+    trail = operations.config.storage.audit_log
+    what = f"approving maintenance work of {person}"
+    recorded(operations.audit, trail, what, event, lambda: approvals.append(entry))
     return {**entry, "from": iso_time(entry["from"]), "until": iso_time(entry["until"])}

@@ -26,18 +26,22 @@ import contextlib
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 from asyncssh.public_key import decode_ssh_public_key
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
+from gateway.audit.first import log_not_written, record_first
 from gateway.clock import Clock, iso_time
 from gateway.config.maintenance import Maintainer, MaintenanceSettings
 from gateway.emergency.actions import Emergency
 from gateway.emergency.credential import USER as BREAK_GLASS_USER
-from gateway.errors import MedgwError
+from gateway.emergency.credential import Sealed
+from gateway.errors import AuditNotWrittenError, MedgwError
 from gateway.listening import bind_cause, bind_fix
+from gateway.logs import Logger, make_logger
 from gateway.maintenance import algorithms, commands, totp
 from gateway.operations import Operations, Reloaded, ReloadRefused
 
@@ -83,8 +87,10 @@ class MaintenanceServer:
         reload: Callable[[str], Awaitable[Reloaded | ReloadRefused]],
         approved: Approved,
         emergency: Emergency | None = None,
+        log: Logger | None = None,
     ) -> None:
         self.settings = settings
+        self._log = log or make_logger()
         self._emergency = emergency
         self._operations = operations
         self._audit = audit
@@ -202,32 +208,58 @@ class MaintenanceServer:
     def unlock(self, person: str, actor: str) -> dict[str, Any]:
         """An admin lifts a person's lockout (and forgets their wrong codes), audited."""
         was = self.locked_until(person)
+        event = AuditEvent(
+            EventType.MAINTENANCE_UNLOCKED,
+            actor=actor,
+            detail={"person": person, "was_locked": was is not None},
+        )
+        record_first(self._audit(), self._trail(), f"unlocking {person}'s logins", event)
         self._locked.pop(person, None)
         self._wrong.pop(person, None)
-        self._audit().emit(
-            AuditEvent(
-                EventType.MAINTENANCE_UNLOCKED,
-                actor=actor,
-                detail={"person": person, "was_locked": was is not None},
-            )
-        )
         return {"person": person, "was_locked": was is not None}
+
+    def _trail(self) -> Path:
+        return self._operations().config.storage.audit_log
 
     # -- events of one connection ------------------------------------------------
 
     def emit(self, session: _Session, event: EventType, **fields: Any) -> None:
+        self._audit().emit(self.event(session, event, **fields))
+
+    def event(self, session: _Session, event: EventType, **fields: Any) -> AuditEvent:
+        """The record of ``event`` on ``session``'s connection."""
         detail = {"session": session.id, **fields.pop("detail", {})}
         if session.fingerprint:
             detail.setdefault("key", session.fingerprint)
-        self._audit().emit(
-            AuditEvent(
-                event,
-                actor=actor_of(session.person) if session.person else None,
-                remote_address=session.remote,
-                detail=detail,
-                **fields,
-            )
+        return AuditEvent(
+            event,
+            actor=actor_of(session.person) if session.person else None,
+            remote_address=session.remote,
+            detail=detail,
+            **fields,
         )
+
+    def _login_first(self, session: _Session, what: str, event: AuditEvent) -> bool:
+        """Record ``event`` (a login) before the session may run anything; if it cannot
+        be written, the login is refused, logged, and the client told why."""
+        try:
+            record_first(self._audit(), self._trail(), what, event)
+        except AuditNotWrittenError as exc:
+            self._not_written(session, exc)
+            return False
+        return True
+
+    def _not_written(self, session: _Session, exc: AuditNotWrittenError) -> None:
+        """A login refused because its record could not be written: the daemon's log says
+        why; the client, who has proven both factors, that the trail is the cause."""
+        log_not_written(self._log, exc)
+        session.ended = True
+        if session.conn is not None:
+            session.conn.disconnect(
+                asyncssh.DISC_BY_APPLICATION,
+                "login refused: the gateway cannot write its audit trail now, and nobody "
+                "logs in without a record; tell the gateway's administrator",
+            )
 
     def opened(self, session: _Session) -> bool:
         if len(self._sessions) >= self.settings.max_connections:
@@ -340,14 +372,16 @@ class MaintenanceServer:
             if session.conn is not None:
                 session.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, refusal)
             return False
-        session.logged_in = True
-        session.role = account.role
-        self._arm_idle(session)
-        self.emit(
+        login = self.event(
             session,
             EventType.MAINTENANCE_LOGIN,
             detail={"second_factor": "passed", "role": account.role, "name": account.name},
         )
+        if not self._login_first(session, f"the maintenance login of {session.person}", login):
+            return False
+        session.logged_in = True
+        session.role = account.role
+        self._arm_idle(session)
         return True
 
     def _wrong_code(self, session: _Session, reason: str | None = None) -> None:
@@ -384,27 +418,32 @@ class MaintenanceServer:
         )
 
     def _break_glass(self, session: _Session, code: str) -> bool:
-        """The sealed credential's one use: recorded before anything else, then the
-        alert, then emergency mode (EMG-3)."""
+        """The sealed credential's one use: its alert recorded first, then the use,
+        durably, then emergency mode (EMG-3).  An alert that cannot be written refuses the
+        login and leaves the credential unspent."""
         found = self._emergency
         assert found is not None and session.fingerprint is not None
-        sealed = found.break_glass(session.fingerprint, code, session.remote)
-        if sealed is None:
-            self._wrong_code(session)
+
+        def alert(sealed: Sealed) -> AuditEvent:
+            return self.event(
+                session,
+                EventType.EMERGENCY_BREAK_GLASS,
+                severity=Severity.ALERT,
+                reason="the sealed break-glass credential was used: it no longer works; "
+                "seal a new one (medgw emergency seal)",
+                detail={"serial": sealed.serial, "sealed_by": sealed.sealed_by},
+            )
+
+        try:
+            sealed = found.break_glass(session.fingerprint, code, session.remote, alert)
+            if sealed is None:
+                self._wrong_code(session)
+                return False
+            window = found.enter_for_break_glass(actor_of(BREAK_GLASS_USER))
+        except AuditNotWrittenError as exc:
+            self._not_written(session, exc)
             return False
-        session.logged_in = True
-        session.role = "admin"
-        self.emit(
-            session,
-            EventType.EMERGENCY_BREAK_GLASS,
-            severity=Severity.ALERT,
-            reason="the sealed break-glass credential was used: it no longer works; "
-            "seal a new one (medgw emergency seal)",
-            detail={"serial": sealed.serial, "sealed_by": sealed.sealed_by},
-        )
-        window = found.enter_for_break_glass(actor_of(BREAK_GLASS_USER))
-        self._arm_idle(session)
-        self.emit(
+        login = self.event(
             session,
             EventType.MAINTENANCE_LOGIN,
             detail={
@@ -414,6 +453,11 @@ class MaintenanceServer:
                 "emergency": window.id,
             },
         )
+        if not self._login_first(session, "the break-glass login", login):
+            return False
+        session.logged_in = True
+        session.role = "admin"
+        self._arm_idle(session)
         return True
 
     def _refusal(self, account: Maintainer, now: float) -> str | None:
@@ -452,12 +496,20 @@ class MaintenanceServer:
         if command is not None and command.reveals and result.shown:
             detail["reveals"] = command.reveals
             detail["shown"] = result.shown
-        self.emit(
+        event = self.event(
             session,
             EventType.MAINTENANCE_COMMAND,
             outcome=Outcome.SUCCESS if result.status == 0 else Outcome.FAILURE,
             detail=detail,
         )
+        try:
+            record_first(self._audit(), self._trail(), f"the command {detail['command']}", event)
+        except AuditNotWrittenError as exc:
+            # What it would show is not shown without its record (a change it makes is
+            # refused on its own record); the daemon's log names the cause.
+            log_not_written(self._log, exc)
+            fix = f"fix: {exc.fix}\n" if exc.fix else ""
+            return commands.Result(1, f"{exc.message}\n{fix}")
         return result
 
 
