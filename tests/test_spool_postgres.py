@@ -323,6 +323,38 @@ def test_a_step_of_a_nodes_wall_clock_between_renewals_moves_no_lease(
         spool.close()
 
 
+def test_reach_tries_one_connection_within_the_back_off(
+    postgres_server: PostgresServer, postgres: PostgresSettings, tmp_path: Path
+) -> None:
+    """The daemon's watch (gateway.daemon.spoolwatch) reaches for the database every
+    second, whatever the back-off of the spool's other calls: a database that answers
+    again is heard at once, not when the back-off (up to half a minute) has run out."""
+    changes: list[str | None] = []
+    clock = StoppedClock()  # the back-off never runs out by itself
+    spool = PostgresSpool(postgres, clock, on_change=changes.append)
+    queue_messages(spool, tmp_path, 1)
+    spool.reach()  # it answers: nothing to do
+    postgres_server.stop("immediate")
+    try:
+        for _ in range(3):  # the back-off grows
+            with pytest.raises(SpoolError, match="is unreachable"):
+                spool.get("<m0@hospital>")
+            clock.at += 0.01
+        with pytest.raises(SpoolUnreachableError, match="is unreachable"):
+            spool.reach()  # tried, still down
+        assert len(changes) == 1 and changes[0]
+    finally:
+        postgres_server.start()
+    with pytest.raises(SpoolError, match="is unreachable"):  # within the back-off
+        spool.get("<m0@hospital>")
+    spool.reach()
+    assert changes[1:] == [None]
+    record = spool.get("<m0@hospital>")  # the clock has not moved
+    assert record is not None and record.state is OutboundState.QUEUED
+    spool.close()
+    spool.reach()  # closed: nothing
+
+
 def over_tls(
     server: PostgresServer, database: PostgresSettings, tmp_path: Path, **changes: object
 ) -> PostgresSettings:

@@ -9,6 +9,7 @@ inbox, the real PostgreSQL server the tests start, stopped and started again.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,31 @@ def test_the_readiness_says_the_spool_database_is_down_and_is_ready_again_with_i
     assert get(port, "/health/ready") == (200, "ready\n")
     assert value(scrape(port), "medgw_ready") == 1
     wait_for_events(layout.hospital.audit_log, "message.delivered", count=DOCUMENTS)
+
+
+def test_a_node_is_ready_again_when_its_database_answers_whatever_its_back_off(
+    layout: DemoLayout, processes: Processes, postgres_server: PostgresServer
+) -> None:
+    """While the database is down, the node's loops try it again after a back-off that
+    grows to half a minute; its watch tries it every second (gateway.daemon.spoolwatch).
+    The database back, the node is ready again (its health page, which a load balancer
+    reads) without waiting for its loops; the nodes of a cluster come back together."""
+    with layout.hospital.config_path.open("a") as config:
+        config.write(spool_section(postgres_server.new_database()))
+    port = with_metrics(layout.hospital)
+    hospital = processes.start(layout.hospital.config_path)
+    postgres_server.stop("immediate")
+    try:
+        hospital.wait_for(lambda line: backed_off(line) >= 8, 120)  # a loop told to wait
+        assert get(port, "/health/ready")[0] == 503
+    finally:
+        postgres_server.start()
+    wait_until(lambda: get(port, "/health/ready") == (200, "ready\n"), 120, "ready again")
+    [back] = wait_for_events(layout.hospital.audit_log, "spool.reachable")
+    assert back["detail"]["refused"] == 0
+
+
+def backed_off(line: dict[str, Any]) -> int:
+    """The seconds a log line says the node waits before it tries the database again."""
+    found = re.search(r"tries again by itself \(next in (\d+) s\)", str(line.get("error", "")))
+    return int(found.group(1)) if found else 0

@@ -481,6 +481,12 @@ class Daemon:
                 self._wake_handover,
             )
             tasks.spawn(tasks.supervised("claims renewal and take-over", keeper.run))
+            spool = self._spool
+            tasks.spawn(
+                tasks.supervised(
+                    "spool reconnection", lambda: reachability.retry(spool.reach, tasks)
+                )
+            )
             tasks.spawn(tasks.supervised("trust refresh", self._reloader.trust_refresh_loop))
             tasks.spawn(tasks.supervised("retention sweep", self._retention_loop))
             tasks.spawn(tasks.supervised("emergency time bound", self._emergency_loop))

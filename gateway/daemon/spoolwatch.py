@@ -7,7 +7,10 @@ audit record (an alert when it goes), and the readiness (gateway.daemon.observe)
 is "not ready", naming the database, the cause and the fix, from the moment the
 node finds it gone until it answers: in between, the gateway refuses new
 documents and answers peers 503 (retryable), exactly as when a SQLite spool
-cannot be written, and tries the database again after a back-off.  Those
+cannot be written.  Its loops try the database again after a back-off that grows
+to half a minute; :meth:`SpoolReachability.retry` tries one connection every
+:data:`RETRY_SECONDS` meanwhile, so that every node sharing the database is ready
+again within a second or two of its return, not each at its own back-off.  Those
 refusals are alerted once (gateway.inbound.outages); the record of its return
 says how many there were.
 
@@ -19,13 +22,19 @@ alert, then the daemon's ``stop`` (the daemon stops, and exits with a failure st
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
 from gateway.daemon.observe import Readiness
-from gateway.errors import NodeNameTakenError, SpoolReplacedError
+from gateway.daemon.tasks import Tasks
+from gateway.errors import NodeNameTakenError, SpoolReplacedError, SpoolUnreachableError
 from gateway.inbound.outages import StorageOutages
+
+# While the database does not answer, one connection is tried this often (seconds).
+RETRY_SECONDS = 1.0
 
 
 class SpoolReachability:
@@ -49,6 +58,7 @@ class SpoolReachability:
         self._outages = outages  # the received documents it refused, counted
         self._readiness = readiness  # not ready while it does not answer
         self._stop = stop  # the daemon's, from whichever thread
+        self._down = False  # the database does not answer (changed)
 
     def replaced(self, exc: SpoolReplacedError) -> None:
         """The spool was restored while this node ran: told, then the daemon stopped."""
@@ -111,7 +121,19 @@ class SpoolReachability:
         except OSError as exc:  # the audit log's disk may be failing too
             self._log.critical("audit.write_failed", error=str(exc), audit_event=event.event.value)
 
+    async def retry(self, reach: Callable[[], None], tasks: Tasks) -> None:
+        """While the database does not answer, ``reach`` (the spool's: one connection
+        tried, whatever its back-off) every :data:`RETRY_SECONDS`, in a worker thread;
+        when it answers, ``changed`` hears it from there.  Runs until the daemon stops."""
+        while not tasks.stopping:
+            if self._down:
+                # Said when it went (spool.unreachable): tried again shortly.
+                with contextlib.suppress(SpoolUnreachableError):
+                    await asyncio.to_thread(reach)
+            await tasks.sleep_unless_stopping(RETRY_SECONDS)
+
     def changed(self, cause: str | None) -> None:
+        self._down = cause is not None
         if cause is not None:
             fix = (
                 "check that the PostgreSQL server is running and that this host can reach "

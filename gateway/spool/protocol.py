@@ -64,6 +64,11 @@ class Spool(Protocol):
 
     def close(self) -> None: ...
 
+    def reach(self) -> None:
+        """A spool database that did not answer: one connection tried now, whatever the
+        back-off (it answers: ``on_change`` hears it); nothing if it answers, or if the
+        spool is a file.  Still unreachable: :class:`~gateway.errors.SpoolUnreachableError`."""
+
     def add_intake(
         self,
         message_id: str,

@@ -21,7 +21,10 @@ so, and the connection is tried again after a back-off that doubles up to
 :data:`MAX_BACKOFF` seconds: the callers answer as they do when a SQLite spool
 cannot be written (a peer gets a retryable answer, a document stays in the
 outbox), and nothing is committed half.  ``on_change`` hears when the database
-becomes unreachable (with the cause) and when it answers again (None).
+becomes unreachable (with the cause) and when it answers again (None).  The back-off
+spares the server the calls of a node's many loops; :meth:`PostgresDatabase.reach`
+tries one connection regardless (the daemon's watch, every second while it is down:
+gateway.daemon.spoolwatch), so that a node finds the database back at once.
 
 A node reads the spool's generation at start, and every connection it opens later
 is checked against it before it is used (gateway.spool.postgres.generation): a
@@ -541,11 +544,21 @@ class PostgresDatabase(SqlStore):
             self._idle.put(None)
             raise
 
-    def _connect(self) -> psycopg.Connection[DictRow]:
+    def reach(self) -> None:
+        """See :meth:`gateway.spool.Spool.reach`: one connection, opened and closed (the
+        calls that follow open theirs: within the back-off no more)."""
+        with self._state:
+            if self._down is None or self._closed or self._replaced is not None:
+                return
+        self._connect(now=True).close()
+
+    def _connect(self, *, now: bool = False) -> psycopg.Connection[DictRow]:
+        """A new connection (``now``: tried within the back-off too)."""
         if self._closed:
             raise SpoolError("the spool is closed", fix="this is a bug in medgw; report it")
         with self._state:
             waiting = self._down is not None and self._clock.monotonic() < self._retry_at
+            waiting = waiting and not now
         if waiting:  # within the back-off: no connection is tried
             raise self._unreachable(None)
         try:

@@ -89,6 +89,9 @@ class Database(SqlStore):
         self._writer = GroupCommit(self._db)
         self._read_lock = threading.Lock()
 
+    def reach(self) -> None:
+        """A file: nothing to reach (see :meth:`gateway.spool.Spool.reach`)."""
+
     def close(self) -> None:
         """Close both connections once a read or a write another thread has in progress
         is done (closing a connection under a running statement can crash the process);
