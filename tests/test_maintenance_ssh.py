@@ -373,6 +373,28 @@ def test_an_account_file_with_an_unknown_key_a_weak_key_or_loose_mode_is_refused
     assert any("accessible by other users" in p and "chmod 600" in p for p in problems)
 
 
+def test_one_key_in_two_accounts_is_refused_naming_both_files(site: Site) -> None:
+    """A shared key is a shared account: the trail could not say who logged in."""
+    site.add("hanako", "operator")
+    site.add("hanako2", "admin")
+    assert _problems(site.config) == []
+    theirs = site.key("hanako").with_suffix(".pub").read_text().strip()
+    second = site.folder / "hanako2.toml"
+    own = site.key("hanako2").with_suffix(".pub").read_text().strip()
+    second.write_text(second.read_text().replace(own, theirs))
+    [problem] = _problems(site.config)
+    assert str(second) in problem and "public_keys" in problem, problem
+    assert "also a key of account 'hanako'" in problem and "hanako.toml" in problem, problem
+    assert "give each person a key of their own" in problem, problem
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(site.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1 and "shared key" in done.stdout + done.stderr
+
+
 def test_maintainer_add_writes_the_account_and_shows_its_secret_once(
     site: Site, processes: Any
 ) -> None:

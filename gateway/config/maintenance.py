@@ -118,6 +118,7 @@ def load_maintenance(
             found = load_maintainer(reader, path)
             if found is not None:
                 maintainers.append(found)
+        _shared_keys(reader, maintainers)
     else:
         section.problem(
             "maintainers_dir",
@@ -139,6 +140,26 @@ def load_maintenance(
         most,
         tuple((z.name, net) for z in zones for net in z.egress),
     )
+
+
+def _shared_keys(reader: Reader, maintainers: Sequence[Maintainer]) -> None:
+    """A key in two accounts is one key shared by two people (or one person with two
+    accounts): the trail could not tell whose login it was."""
+    owners: dict[str, Maintainer] = {}
+    for account in maintainers:
+        for fingerprint in account.fingerprints:
+            first = owners.setdefault(fingerprint, account)
+            if first is account:
+                continue
+            reader.add(
+                account.source,
+                "public_keys",
+                f"key {fingerprint} is also a key of account {first.person!r} "
+                f"({first.source}): a shared key makes the audit trail unable to tell "
+                "who logged in",
+                f"give each person a key of their own (ssh-keygen on their machine), and "
+                f"remove this key from {account.source} or from {first.source}",
+            )
 
 
 def _listen_address(
