@@ -30,6 +30,7 @@ from gateway.maintenance.server import MaintenanceServer, _Connection, _Session
 from gateway.operations import Reloaded, ReloadRefused
 from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
+from tests.helpers.audit import events as records_of
 from tests.helpers.audit import wait_for_events
 from tests.helpers.maintenance import ADDRESS, Site
 
@@ -317,6 +318,50 @@ def test_an_account_removed_at_reload_loses_its_open_session(site: Site, process
     logout = wait_until(lambda: site.events("maintenance.logout"), 30, "the logout")
     assert logout[0]["reason"] == "the account was removed"
     assert logout[0]["actor"] == "maintainer:oscar"
+
+
+def test_the_accounts_at_start_and_each_change_at_reload_are_recorded(
+    site: Site, processes: Any
+) -> None:
+    """When an account was given, changed or revoked can be proven from the trail (MNT-2),
+    even for an account nobody logged in with."""
+    site.add("alice", "operator")
+    site.add("oscar", "viewer")
+    processes.start(site.config)
+    [started] = wait_for_events(site.audit, "daemon.started")
+    shown = started["detail"]["maintainers"]
+    assert [(m["person"], m["role"], m["expires"]) for m in shown] == [
+        ("alice", "operator", "2099-12-31"),
+        ("oscar", "viewer", "2099-12-31"),
+    ]
+    assert shown[0]["keys"][0].startswith("SHA256:")
+    assert site.secrets["alice"] not in json.dumps(started)  # never the TOTP secret
+    site.add("jiro", "admin")
+    (site.folder / "oscar.toml").unlink()
+    alice = site.folder / "alice.toml"
+    text = alice.read_text().replace('role = "operator"', 'role = "admin"')
+    alice.write_text(text.replace("expires = 2099-12-31", "expires = 2027-03-31"))
+    done = medgw("reload", "--config", site.config)
+    assert done.returncode == 0, done.stderr
+    names = ("account_added", "account_removed", "account_changed")
+    found = wait_for_events(site.audit, tuple(f"maintenance.{n}" for n in names), count=3)
+    by_event = {r["event"]: r for r in found}
+    assert len(by_event) == 3, found
+    added = by_event["maintenance.account_added"]
+    assert (added["detail"]["person"], added["detail"]["role"]) == ("jiro", "admin")
+    assert added["actor"].startswith("operator:")
+    assert by_event["maintenance.account_removed"]["detail"]["person"] == "oscar"
+    changed = by_event["maintenance.account_changed"]["detail"]
+    assert changed["person"] == "alice"
+    assert changed["changed"] == {
+        "role": {"was": "operator", "now": "admin"},
+        "expires": {"was": "2099-12-31", "now": "2027-03-31"},
+    }
+    # a reload that changes no account records none
+    again = medgw("reload", "--config", site.config)
+    assert again.returncode == 0, again.stderr
+    wait_for_events(site.audit, "config.reloaded", count=2)
+    assert len(records_of(site.audit, tuple(f"maintenance.{n}" for n in names))) == 3
 
 
 def _problems(config: Path) -> list[str]:

@@ -141,6 +141,11 @@ class EventType(StrEnum):
     # alert), and an admin lifting it.
     MAINTENANCE_LOCKED = "maintenance.locked"
     MAINTENANCE_UNLOCKED = "maintenance.unlocked"
+    # An account of maintainers.d/ added, removed or changed (role, keys, expiry, name),
+    # recorded at the reload that put it in force (MNT-2: when access was given or ended).
+    MAINTENANCE_ACCOUNT_ADDED = "maintenance.account_added"
+    MAINTENANCE_ACCOUNT_REMOVED = "maintenance.account_removed"
+    MAINTENANCE_ACCOUNT_CHANGED = "maintenance.account_changed"
     # Disposal (DSP-1, gateway.retention): one purge or sweep with its counts per kind,
     # and each batch of messages whose records, receipts or copies were disposed of.
     RETENTION_PURGED = "retention.purged"

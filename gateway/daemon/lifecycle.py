@@ -69,6 +69,7 @@ from gateway.instance import InstanceLock
 from gateway.intake.api import LocalApi
 from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger
+from gateway.maintenance import accounts
 from gateway.maintenance.approvals import Approvals
 from gateway.maintenance.server import MaintenanceServer
 from gateway.operations import Operations, Reloaded, ReloadRefused
@@ -516,6 +517,8 @@ class Daemon:
                         "listeners": ports,
                         "local_api": config.api.endpoints() if config.api else [],
                         "maintenance": self._maintenance.port if self._maintenance else None,
+                        # the accounts in force from now on (each reload records changes)
+                        "maintainers": accounts.in_force(config.maintenance),
                         "peers": [p.name for p in config.peers],
                     },
                 )

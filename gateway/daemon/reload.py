@@ -23,6 +23,7 @@ from gateway.daemon.tasks import Tasks
 from gateway.daemon.trust import TrustKeeper, trust_changed
 from gateway.errors import ConfigError, MedgwError
 from gateway.fsutil import this_user
+from gateway.maintenance import accounts
 from gateway.operations import Reloaded, ReloadRefused
 from gateway.pki.peers import PeerTrust
 from gateway.report import crl_problems, trust_problems
@@ -153,6 +154,9 @@ class Reloader:
             self.on_reloaded(old.config, new_config, actor)
             warnings = report_config_warnings(new_config, own_warnings, self._log)
             self._log.info("config.reloaded", peers=[p.name for p in new_config.peers])
+            # Each account added, removed or changed, before the reload's own record.
+            for event in accounts.changes(old.config.maintenance, new_config.maintenance, actor):
+                self._audit.emit(event)
             self._audit.emit(
                 AuditEvent(
                     EventType.CONFIG_RELOADED,
