@@ -331,6 +331,7 @@ def test_verify_reads_the_whole_set_and_names_a_missing_or_cut_file_by_the_recor
     files = trail_files(trail)
     assert len(files) >= 4
     total = sum(len(lines(f)) for f in files)
+    firsts = [lines(f)[0]["seq"] for f in files]
 
     def verify() -> subprocess.CompletedProcess[str]:
         return medgw("audit", "verify", "--config", config, "--certificate", keys[1])
@@ -362,12 +363,27 @@ def test_verify_reads_the_whole_set_and_names_a_missing_or_cut_file_by_the_recor
     assert f"{files[3]}:1: record {after}: chain broken" in gap.stderr
     assert "a file between them is missing" in gap.stderr
 
-    # The oldest files archived away: what is left verifies, and says where it starts.
+    # The oldest files removed by hand, no record of their disposal: the trail's notes
+    # say this gateway wrote them.
     for old in files[:3]:
         old.unlink(missing_ok=True)
-    recent = verify()
-    assert recent.returncode == 0, recent.stderr
-    assert f"starts at record {after}: the files before it were not given" in recent.stdout
+    removed = verify()
+    assert removed.returncode == 1, removed.stdout
+    assert f"BROKEN: {trail}: the trail starts at record {after}, but its notes" in removed.stderr
+    begun = firsts[2]  # the newest of the files removed
+    assert f"say this gateway wrote a file beginning at record {begun}" in removed.stderr
+    assert "a closed audit file was removed outside medgw" in removed.stderr
+    assert "recorded in the audit trail as an alert (audit.verification_failed)" in (removed.stderr)
+    # Given as files (copies, without their notes), what is left verifies and says where
+    # it starts.
+    given = medgw(
+        "audit",
+        "verify",
+        *(arg for path in trail_files(trail) for arg in ("--file", path)),
+        *("--certificate", keys[1]),
+    )
+    assert given.returncode == 0, given.stderr
+    assert f"starts at record {after}: the files before it were not given" in given.stdout
 
 
 @pytest.mark.parametrize("rule", ["daily", "size"])

@@ -15,7 +15,7 @@ from gateway.audit import AuditEvent, AuditLog, EventType
 from gateway.audit.files import trail_files
 from gateway.audit.rotation import RotationSettings
 from gateway.audit.seal import CheckpointKeys
-from gateway.audit.verify import verify_trail
+from gateway.audit.verify import AuditChainError, files_removed, verify_trail
 from gateway.config.retention import RetentionSettings
 from gateway.demo_run import read_audit
 from gateway.retention.audit_files import AuditFiles
@@ -72,6 +72,7 @@ def test_old_closed_audit_files_go_sealed_and_the_rest_verifies(
     log.checkpoint("test")
     report = verify_trail(remaining, keys_)
     assert report.first_seq > 1 and report.disposal_record is not None
+    files_removed(current, report)  # disposed of by retention: not removed outside medgw
     [record] = [r for r in read_audit(current) if r["event"] == "retention.audit_disposed"]
     assert record["seq"] == report.disposal_record
     assert [f["file"] for f in record["detail"]["files"]] == [p.name for p in files[:3]]
@@ -113,6 +114,8 @@ def test_a_trail_cut_without_a_disposal_record_is_reported_as_not_given(
     files[0].unlink()  # removed by hand, not by retention
     report = verify_trail(files[1:])
     assert report.first_seq == 4 and report.disposal_record is None
+    with pytest.raises(AuditChainError, match="wrote a file beginning at record 1, and no "):
+        files_removed(current, report)  # its notes say the writer began a file there
 
 
 NOW = datetime(2031, 3, 1, 12, 0, tzinfo=UTC)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.audit.chain import GENESIS, canonical
-from gateway.audit.order import CLOCK_MARGIN
+from gateway.audit.order import CLOCK_MARGIN, order_path, read_notes
 from gateway.audit.seal import CHECKPOINT_EVENT, CheckpointKeys
 from gateway.errors import InvalidValueError, MedgwError
 
@@ -81,6 +81,28 @@ class TrailReport:
         """Records after the last checkpoint: no signature covers them yet."""
         sealed = self.last_checkpoint.seq if self.last_checkpoint else self.first_seq - 1
         return max(0, self.last_seq - sealed) if self.records else 0
+
+
+def files_removed(current: Path, report: TrailReport) -> None:
+    """Raise AuditChainError if the trail whose current file is ``current`` (verified:
+    ``report``) starts after a file this medgw wrote, by its notes beside it
+    (gateway.audit.order), and no record says retention disposed of it: a closed file
+    was removed outside medgw.  Without the notes nothing is known (files begun before
+    they were kept, a trail restored without them) and nothing is said."""
+    if report.first_seq <= 1 or report.disposal_record is not None:
+        return
+    begun = sorted(seq for seq, _ in read_notes(current).firsts if seq < report.first_seq)
+    if not begun:
+        return
+    raise AuditChainError(
+        f"{current}: the trail starts at record {report.first_seq}, but its notes "
+        f"({order_path(current)}) say this gateway wrote a file beginning at record "
+        f"{begun[-1]}, and no retention.audit_disposed record says the files before "
+        f"record {report.first_seq} were disposed of: a closed audit file was removed "
+        "outside medgw",
+        fix="put the missing file back from a backup (medgw backup bundles hold the trail) "
+        "or ask the audit export's collector for its records, and find out who removed it",
+    )
 
 
 def parse_checkpoint(text: str) -> tuple[int, str]:

@@ -19,7 +19,13 @@ from gateway.audit.index import AuditIndexError
 from gateway.audit.order import CLOCK_MARGIN
 from gateway.audit.query import DOCUMENTS_REMEMBERED, Filters, actor_of, patients_of, records
 from gateway.audit.seal import CheckpointKeys
-from gateway.audit.verify import AuditChainError, TrailReport, parse_checkpoint, verify_trail
+from gateway.audit.verify import (
+    AuditChainError,
+    TrailReport,
+    files_removed,
+    parse_checkpoint,
+    verify_trail,
+)
 from gateway.clock import iso_seconds
 from gateway.commands import DEFAULT_CONFIG
 from gateway.commands.queue import control_client, offline_read
@@ -320,6 +326,8 @@ def _verify(args: argparse.Namespace) -> int:
     shown = ", ".join(str(p) for p in paths)
     try:
         report = verify_trail(paths, keys, outside, live)
+        if config is not None:  # the installation's trail: all of it, with its notes
+            files_removed(config.storage.audit_log, report)
     except FileNotFoundError as exc:
         print(
             f"medgw: audit log {exc.filename} not found (fix: check --file or [storage] audit_log)",
