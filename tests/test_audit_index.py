@@ -363,3 +363,30 @@ def test_audit_verify_finds_an_index_edited_to_hide_records(trail: Path, edit: s
     assert not index.exists()
     assert review(trail, "--patient", "P1") == expected
     assert patients_report(trail) == counted.stdout.splitlines()
+
+
+def test_the_current_files_index_left_by_a_rotation_is_no_tamper_warning(tmp_path: Path) -> None:
+    """A review indexes the current file; the writer then rotates it (its index stays under
+    the current file's name): ``audit verify`` removes that index without calling it
+    edited, while an index edited after the rotation is still reported."""
+    current = tmp_path / "audit" / "audit.jsonl"
+    clock = StepClock(START)
+    log = AuditLog(current, clock, node="HOSP", rotation=RotationSettings(None, daily=True))
+    log.emit(AuditEvent(EventType.MESSAGE_ACCEPTED, peer="lab", message_id="<0@x>"))
+    review(current, "--event", "message.accepted")
+    index = audit_index.index_path(current)
+    assert index.exists()
+    clock.at += timedelta(days=1)
+    log.emit(AuditEvent(EventType.MESSAGE_ACCEPTED, peer="lab", message_id="<1@x>"))  # rotates
+    log.close()
+    assert len(trail_files(current)) == 2
+    files = [arg for path in trail_files(current) for arg in ("--file", str(path))]
+    checked = medgw("audit", "verify", *files)
+    assert checked.returncode == 0, checked.stderr
+    assert "WARNING" not in checked.stderr, checked.stderr
+    assert not index.exists()  # the next review builds the current file's own
+
+    review(current, "--event", "message.accepted")
+    _tamper(index, "UPDATE meta SET value = x'00' WHERE key = 'first_hash'")  # edited
+    edited = medgw("audit", "verify", *files)
+    assert f"WARNING: the review index {index} did not match the log" in edited.stderr

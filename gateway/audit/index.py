@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gateway.audit.files import closed_files, is_closed_name
 from gateway.audit.order import ordered
 from gateway.audit.query import (
     LINK_BEFORE,
@@ -605,6 +606,9 @@ def check(log: Path) -> str | None:
     try:
         with log.open("rb") as handle:
             problem = _differs(db, handle) if db is not None else "not an index"
+        if problem is not None and db is not None and _rotated_away(db, log):
+            problem = None  # the index of the file the current one was before it rotated
+            _remove(path)
     except sqlite3.DatabaseError as exc:
         problem = f"unreadable ({exc})"
     finally:
@@ -613,6 +617,29 @@ def check(log: Path) -> str | None:
     if problem is not None:
         _remove(path)
     return problem
+
+
+def _rotated_away(db: sqlite3.Connection, log: Path) -> bool:
+    """Whether the index of the current file ``log`` is that of a file it was before a
+    rotation gave it its closed name (the index stays under the current file's name):
+    its first record is the first of one of the trail's closed files."""
+    if is_closed_name(log):
+        return False
+    try:
+        first = db.execute("SELECT value FROM meta WHERE key = 'first_hash'").fetchone()
+    except sqlite3.DatabaseError:
+        return False
+    if first is None:
+        return False
+    for closed in reversed(closed_files(log)):
+        try:
+            with closed.open("rb") as handle:
+                line = handle.readline(1 << 20)
+        except OSError:
+            continue
+        if line.endswith(b"\n") and _hash_of(line) == first[0]:
+            return True
+    return False
 
 
 def _differs(db: sqlite3.Connection, handle: BinaryIO) -> str | None:
