@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.audit.order import order_path
@@ -43,10 +44,28 @@ _INBOX = (
 _OUTBOX = "medgw removes each file it takes from there: until it can, nothing is sent"
 
 
-def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[ConfigProblem]:
+LinkProbe = Callable[[Path], OSError | None]
+
+
+def _nowhere(_folder: Path) -> None:
+    pass
+
+
+def access_problems(
+    config: GatewayConfig,
+    *,
+    daemon: bool = False,
+    links: LinkProbe = no_hard_links,
+    visit: Callable[[Path], None] = _nowhere,
+) -> list[ConfigProblem]:
     """What this process's user may not write of what ``config``'s ``[storage]`` names
-    (``daemon``: asked by the daemon, running as the user medgw runs as)."""
+    (``daemon``: asked by the daemon, running as the user medgw runs as).  ``links``
+    tries an inbox folder's hard links (see :func:`gateway.fsutil.no_hard_links`: the
+    readiness asks it again only of a folder that has not passed); ``visit`` is told
+    of each folder before its file-system calls, which a hung network mount holds
+    (the readiness names the folder that does not answer)."""
     storage = config.storage
+    visit(storage.state_dir)
     checks: list[tuple[str, str, Path, str, str]] = [
         ("storage.state_dir", "the state folder", storage.state_dir, _STATE, "error"),
         *(
@@ -70,13 +89,15 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
         checks.append((key, what, top, rule, "warning"))
         for peer in config.peers:
             for folder in (top / peer.name, *(top / peer.name / s for s in peer.services)):
+                visit(folder)
                 if folder.is_dir():
                     checks.append((key, f"{what}'s folder", folder, rule, "warning"))
-    problems = _shared_folders_missing(config)
+    problems = _shared_folders_missing(config, visit)
     for key, what, path, rule, severity in checks:
+        visit(path)
         blocked = _not_writable(path)
         if blocked is None and key == "storage.inbox_dir" and path.is_dir():
-            refused = no_hard_links(path)
+            refused = links(path)
             if refused is not None:
                 problems.append(
                     ConfigProblem(
@@ -117,7 +138,9 @@ def access_problems(config: GatewayConfig, *, daemon: bool = False) -> list[Conf
     return problems
 
 
-def _shared_folders_missing(config: GatewayConfig) -> list[ConfigProblem]:
+def _shared_folders_missing(
+    config: GatewayConfig, visit: Callable[[Path], None]
+) -> list[ConfigProblem]:
     """The folders the nodes share must be there: medgw makes its own folders and files
     in them, never the folder itself, since a shared file system that is not mounted
     would leave what this node writes there where no other node reads it.
@@ -126,6 +149,8 @@ def _shared_folders_missing(config: GatewayConfig) -> list[ConfigProblem]:
     folder, which is this node's own."""
     problems = []
     bodies = config.cluster.bodies_dir
+    if bodies is not None:
+        visit(bodies)
     if bodies is not None and not bodies.is_dir():
         problems.append(
             _not_mounted(
@@ -138,12 +163,14 @@ def _shared_folders_missing(config: GatewayConfig) -> list[ConfigProblem]:
             )
         )
     at_rest = config.at_rest
-    if (
+    shared_keys = (
         at_rest is not None
         and config.spool.postgres is not None
         and at_rest.key_dir != default_key_dir(config.storage)
-        and not at_rest.key_dir.is_dir()
-    ):
+    )
+    if at_rest is not None and shared_keys:
+        visit(at_rest.key_dir)
+    if at_rest is not None and shared_keys and not at_rest.key_dir.is_dir():
         keys = at_rest.key_dir
         problems.append(
             _not_mounted(

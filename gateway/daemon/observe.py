@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Protocol
 
 from gateway.audit import AuditEvent, AuditSink, Pending
@@ -18,6 +20,7 @@ from gateway.clock import Clock
 from gateway.config import GatewayConfig, MetricsSettings
 from gateway.config.access import access_problems
 from gateway.daemon.trust import held_certificates
+from gateway.fsutil import no_hard_links
 from gateway.inbound.outages import StorageOutages
 from gateway.logs import Logger
 from gateway.metrics.collector import Certificate, Crl, GatewayMetrics, Snapshot
@@ -57,16 +60,49 @@ def _free_space(config: GatewayConfig) -> list[str]:
     ]
 
 
-def folder_problems(config: GatewayConfig) -> list[str]:
-    """What the folders ``config``'s ``[storage]`` names lack for the daemon to work: the
-    access its user needs, the state folder's free space.  File-system calls, which a hung
-    network mount holds: run by :class:`FolderChecks`, never on the event loop."""
-    # A folder medgw's user may not write (an inbox: documents answered 503).
-    out = [f"{p.message} (fix: {p.fix})" for p in access_problems(config, daemon=True)]
-    return out + _free_space(config)
+Visit = Callable[[Path], None]  # told of each folder before a check's calls on it
+FolderCheck = Callable[[GatewayConfig, Visit], list[str]]
 
 
-FolderCheck = Callable[[GatewayConfig], list[str]]
+class FolderProblems:
+    """What the folders a configuration's ``[storage]`` names lack for the daemon to
+    work: the access its user needs, the state folder's free space.  File-system calls,
+    which a hung network mount holds: run by :class:`FolderChecks`, never on the event
+    loop, one at a time.
+
+    An inbox folder's hard links are tried (hidden files made, linked and removed: the
+    work of a delivery) once per configuration in force, at the start and after each
+    reload, and at a check only while they have not passed, or once another file system
+    is mounted there: not every few seconds in every folder an inbox tool watches."""
+
+    def __init__(self) -> None:
+        self._of: GatewayConfig | None = None  # the configuration the folders passed of
+        # Its inbox folders whose hard links passed, each with the file system's device
+        # it passed on.
+        self._linked: dict[Path, int] = {}
+
+    def __call__(self, config: GatewayConfig, visit: Visit) -> list[str]:
+        if config is not self._of:
+            self._of, self._linked = config, {}
+        # A folder medgw's user may not write (an inbox: documents answered 503).
+        found = access_problems(config, daemon=True, links=self._links, visit=visit)
+        out = [f"{p.message} (fix: {p.fix})" for p in found]
+        visit(config.storage.state_dir)
+        return out + _free_space(config)
+
+    def _links(self, folder: Path) -> OSError | None:
+        try:
+            device: int | None = os.stat(folder).st_dev
+        except OSError:
+            device = None  # tried, and the access check says why it cannot be
+        if device is not None and self._linked.get(folder) == device:
+            return None
+        refused = no_hard_links(folder)
+        if refused is None and device is not None:
+            self._linked[folder] = device
+        else:
+            self._linked.pop(folder, None)
+        return refused
 
 
 class FolderChecks:
@@ -76,9 +112,10 @@ class FolderChecks:
     One check at a time, in a thread of its own; its answer is given for
     ``FOLDER_CHECK_SECONDS`` (a readiness probe or scrape each second checks no more
     often), and while the next check runs: a check that hangs leaves the last answer,
-    and no more threads, until it returns; once it has not returned for twice that
-    time, the answer says so too (a folder on a mount that hangs is not ready: the
-    documents delivered there would hang)."""
+    and no more threads, until it returns; once one folder has not answered for twice
+    that time, the answer says so too (a folder on a mount that hangs is not ready: the
+    documents delivered there would hang).  Judged per folder, not for the whole check:
+    many peers' folders on a slow mount make a long check of folders that all answer."""
 
     def __init__(
         self, clock: Clock, check: FolderCheck, fresh: float = FOLDER_CHECK_SECONDS
@@ -92,7 +129,10 @@ class FolderChecks:
         self._of: GatewayConfig | None = None  # the configuration the answer is of
         self._at = 0.0  # when it was found (monotonic)
         self._running = False
-        self._started = 0.0  # when the check running began (monotonic)
+        # The folder the running check is at (None: it has named none yet), and since
+        # when (monotonic): the folder's first call, or the check's start.
+        self._folder: Path | None = None
+        self._since = 0.0
 
     def reasons(self, config: GatewayConfig) -> list[str]:
         """The last answer; a check of ``config`` started if that answer is stale or of
@@ -101,16 +141,22 @@ class FolderChecks:
             stale = self._of is not config or self._clock.monotonic() - self._at >= self._fresh
             now = self._clock.monotonic()
             if stale and not self._running:
-                self._running, self._started = True, now
+                self._begin(now)
                 threading.Thread(
                     target=self._run, args=(config,), name="folder checks", daemon=True
                 ).start()
             answer = list(self._answer)
-            if self._running and now - self._started >= 2 * self._fresh:
+            waited = now - self._since
+            if self._running and waited >= 2 * self._fresh:
+                folder = self._folder
                 answer.append(
-                    f"the folder checks have not answered for {now - self._started:.0f} s "
-                    "(fix: a folder on a network mount that does not answer? findmnt -T "
-                    "<folder>, and the mount's server)"
+                    f"the folder checks have not answered for {waited:.0f} s (fix: a folder "
+                    "on a network mount that does not answer? findmnt -T <folder>, and the "
+                    "mount's server)"
+                    if folder is None
+                    else f"the folder {folder} has not answered its check for {waited:.0f} s "
+                    f"(fix: a network mount that does not answer? findmnt -T {folder}, and "
+                    "the mount's server)"
                 )
             return answer
 
@@ -123,12 +169,20 @@ class FolderChecks:
         with self._done:
             while self._running:
                 self._done.wait()
-            self._running, self._started = True, self._clock.monotonic()
+            self._begin(self._clock.monotonic())
         self._run(config)
+
+    def _begin(self, now: float) -> None:
+        """A check starts at ``now`` (the lock held)."""
+        self._running, self._folder, self._since = True, None, now
+
+    def _visit(self, folder: Path) -> None:
+        with self._lock:
+            self._folder, self._since = folder, self._clock.monotonic()
 
     def _run(self, config: GatewayConfig) -> None:
         try:
-            found = self._check(config)
+            found = self._check(config, self._visit)
         except Exception as exc:  # the answer says so, rather than a thread dying unseen
             found = [f"the folders could not be checked: {exc}"]
         with self._lock:
@@ -144,11 +198,11 @@ class Readiness:
         self,
         clock: Clock,
         outages: StorageOutages,
-        folder_check: FolderCheck = folder_problems,
+        folder_check: FolderCheck | None = None,
     ) -> None:
         self._clock = clock
         self._outages = outages  # the received documents that could not be stored
-        self.folders = FolderChecks(clock, folder_check)
+        self.folders = FolderChecks(clock, folder_check or FolderProblems())
         self.started = False  # listeners, spool and trust are up
         self.stopping = False
         self.reload_failed: str | None = None  # the problems of the last reload, if it failed
@@ -194,11 +248,12 @@ class Observer:
         config: Callable[[], GatewayConfig | None],
         spool: Callable[[], QueueCounts | None],
         export_backlog: Callable[[], int | None],
-        folder_check: FolderCheck = folder_problems,
+        folder_check: FolderCheck | None = None,
         outages: StorageOutages | None = None,
     ) -> None:
         """``config``: the configuration in force (None before there is one);
-        ``folder_check``: what the readiness finds of its folders; ``outages``: the
+        ``folder_check``: what the readiness finds of its folders (default:
+        :class:`FolderProblems`); ``outages``: the
         daemon's received documents that could not be stored (alone: its own)."""
         self._clock = clock
         self._log = log
