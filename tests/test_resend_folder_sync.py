@@ -26,7 +26,7 @@ from gateway.pki.demo import DemoLayout
 from tests.helpers.audit import Record, events, wait_for_event, wait_for_events
 from tests.helpers.faults import killed_at, wait_killed
 
-FOLDER_SYNC = "gateway.fsutil:FolderSync.sync"  # the inbox folder's fsync after the link
+FOLDER_SYNC = "gateway.delivery.inbox:sync_folder"  # the inbox folder's fsync after the link
 SENT = ("message.send_failed", "receipt.received")  # what the peer makes of an attempt
 
 

@@ -2,14 +2,14 @@
 
 Internal systems watching the inbox see a document only once it is complete
 and on disk, and never see it written twice.  A document is written to a
-hidden *work file* beside its target (created before the spool records the
-delivery, so that the record always names an existing work file), synced, and
-then hard-linked to its target name, which never replaces anything: a name
-that exists is never overwritten.  The work name is then removed.  Whether an
-interrupted delivery reached the inbox is therefore known from the work file
-alone (:func:`landed`): gone, or the same file as the target, means the
-document is in the inbox (even if an internal system has already taken it
-away); otherwise it is not.
+hidden *work file* beside its target (created, and its name made durable, before
+the spool records the delivery, so that the record always names an existing work
+file, even after a power loss), synced, and then hard-linked to its target name,
+which never replaces anything: a name that exists is never overwritten.  The
+work name is then removed.  Whether an interrupted delivery reached the inbox is
+therefore known from the work file alone (:func:`landed`): gone, or the same
+file as the target, means the document is in the inbox (even if an internal
+system has already taken it away); otherwise it is not.
 
 A name sent by a peer is reduced to a safe base name: a peer can never choose
 where in the file system a document lands, nor which existing file it meets.
@@ -149,6 +149,15 @@ def fill(work: WorkFile, payload: Iterable[bytes]) -> None:
         os.fsync(fd)
     finally:
         work.close()
+
+
+def sync_work_name(work: WorkFile, folders: FolderSync) -> None:
+    """Make the work file's name durable (its folder synced, the fsync shared through
+    ``folders`` with other deliveries at that moment): before the spool records a
+    delivery naming it, for a record whose work file is gone reads as "in the inbox"
+    (see :func:`landed`), and a power loss must not take the name away unlinked.
+    Raises OSError; the work file stays, for the caller to discard."""
+    folders.sync(work.path.parent)
 
 
 def link(work: Path, target: Path) -> None:

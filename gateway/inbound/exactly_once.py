@@ -154,6 +154,10 @@ class InboxDelivery:
                 opened = inbox.prepare(target, self._spool.node)
                 work = opened.path
                 try:
+                    # Its name durable before the claim names it: a claim whose work
+                    # file is gone reads as "in the inbox" (see inbox.landed).  An
+                    # OSError is answered 503 (see unavailable()): nothing is claimed.
+                    inbox.sync_work_name(opened, self._locks.folders)
                     self._spool.inbound_begin(
                         peer.name, message_id, sha256, target, service, work_path=work, size=size
                     )
