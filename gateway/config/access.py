@@ -90,7 +90,7 @@ def access_problems(
         for peer in config.peers:
             for folder in (top / peer.name, *(top / peer.name / s for s in peer.services)):
                 visit(folder)
-                if folder.is_dir():
+                if _is_folder(folder):
                     checks.append((key, f"{what}'s folder", folder, rule, "warning"))
     problems = _shared_folders_missing(config, visit)
     for key, what, path, rule, severity in checks:
@@ -202,6 +202,16 @@ def _not_mounted(
         "inside the mount, not the mount point itself, so that a missing mount is seen",
         "error",
     )
+
+
+def _is_folder(path: Path) -> bool:
+    """``path`` is a folder, as far as this user can see: one inside a folder it may not
+    search cannot be looked at (Path.is_dir raises PermissionError on Python 3.11), and
+    that folder's own check names the permission missing."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _lacking(where: Path) -> str:
