@@ -159,6 +159,59 @@ def test_break_glass_works_once_raises_the_alert_and_needs_a_new_seal(
     assert failed, "the refused uses are audited"
 
 
+def test_a_break_glass_session_ends_with_its_emergency_a_new_seal_and_a_reload(
+    site: Site, processes: Any, tmp_path: Path
+) -> None:
+    """One session for several commands (OpenSSH's ControlMaster, as the README says),
+    ended when emergency mode is left, when a new credential is sealed, and at a reload
+    that finds the credential removed: each time audited with why, and the command that
+    follows is not run."""
+    processes.start(site.config)
+    control = tmp_path / "cm"
+    mux = ("-o", "ControlMaster=no", "-o", f"ControlPath={control}")
+
+    def logged_in(code: str) -> None:
+        master = site.master("emergency", control, code)
+        assert master.returncode == 0, control.with_suffix(".log").read_text()
+        for _ in range(2):  # the envelope is spent once, not per command
+            done = site.ssh("emergency", *mux, command="emergency status")
+            assert done.returncode == 0, done.stderr
+
+    def ended(number: int, why: str) -> None:
+        done = site.ssh("emergency", *mux, command="peers suspend hospital after-the-end")
+        assert done.returncode != 0, done.stdout
+        [*_, logout] = wait_for_events(
+            site.audit,
+            "maintenance.logout",
+            where=lambda r: r["actor"] == "maintainer:emergency",
+            count=number,
+        )
+        assert why in logout["reason"], logout
+        # the connection is gone: the master ends, and its control socket with it
+        wait_until(lambda: not control.exists(), 60, "the end of the ssh ControlMaster")
+        assert site.events("peer.suspended") == []
+        for command in site.events("maintenance.command"):  # refused if it came in time
+            detail = command["detail"]
+            if detail["session"] == logout["detail"]["session"] and "after-the-end" in str(detail):
+                assert detail["refused"] == logout["reason"], command
+
+    logged_in(seal(site))
+    run_emergency(site.config, "leave", "--reason", "resolved")
+    ended(1, "was left: the break-glass session ends with it")
+
+    logged_in(seal(site))
+    code = seal(site)
+    ended(2, "a new break-glass credential was sealed (serial 3)")
+
+    logged_in(code)
+    [stored] = site.root.rglob(CREDENTIAL_FILE)
+    stored.unlink()  # the envelope withdrawn by hand: taken in at the reload
+    reloaded = medgw("reload", "--config", site.config)
+    assert reloaded.returncode == 0, reloaded.stderr
+    ended(3, "a reload: the break-glass credential was removed")
+    assert [e["detail"]["serial"] for e in site.events("emergency.break_glass_used")] == [1, 2, 3]
+
+
 def _send_and_wait(layout: DemoLayout, name: str, count: int) -> str:
     """Drop ``name`` in the lab's outbox for the hospital; its message id once the
     hospital has sent its receipt (the last event of the exchange there)."""

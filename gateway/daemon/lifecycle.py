@@ -607,6 +607,8 @@ class Daemon:
             self._emergency,
             self._log,
         )
+        if self._emergency is not None:
+            self._emergency.on_sealed = self._maintenance.credential_sealed
         await self._maintenance.start()
 
     async def _start_metrics(self, config: GatewayConfig) -> None:

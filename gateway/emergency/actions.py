@@ -42,6 +42,8 @@ class Emergency:
         self._trail = trail
         self.mode = EmergencyMode(state_dir, clock, audit, settings, trail=trail)
         self.credentials = CredentialStore(state_dir)
+        # A new credential was sealed: the sessions of the old one end (gateway.maintenance).
+        self.on_sealed: Callable[[], None] = lambda: None
 
     def _now(self) -> float:
         return self._clock.now().timestamp()
@@ -79,6 +81,7 @@ class Emergency:
         )
         what = "sealing a break-glass credential"
         recorded(self._audit(), self._trail, what, event, lambda: self.credentials.store(sealed))
+        self.on_sealed()
         return sealed.view() | {"sealed_at": iso_time(sealed.sealed_at)}
 
     def sealed_key(self, fingerprint: str) -> bool:

@@ -12,7 +12,12 @@ nothing about accounts.
 The sealed break-glass credential (gateway.emergency) logs in the same two steps as
 user ``emergency``: its key, then its code.  It needs no approved window; its use is
 recorded durably before the session starts, raises an alert and declares an emergency,
-and the session has the admin role.
+and the session has the admin role.  That session lasts only while both hold: the
+emergency it declared (or found on) is on, and its credential is the one sealed.  It
+ends when the emergency is left or reaches its end (within a second), when a new
+credential is sealed (at once), and at a reload that finds the credential file
+removed, replaced or untrusted; each is a ``maintenance.logout`` that says why, and no
+further command runs on it.
 
 Refused, each with an audit event: a shell, subsystems (SFTP), local and remote port
 forwarding (TCP and unix sockets), tunnels, agent and X11 forwarding (also switched
@@ -38,7 +43,8 @@ from gateway.clock import Clock, iso_time
 from gateway.config.maintenance import Maintainer, MaintenanceSettings
 from gateway.emergency.actions import Emergency
 from gateway.emergency.credential import USER as BREAK_GLASS_USER
-from gateway.emergency.credential import Sealed
+from gateway.emergency.credential import CredentialError, Sealed
+from gateway.emergency.mode import Window
 from gateway.errors import AuditNotWrittenError, MedgwError
 from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger, make_logger
@@ -73,6 +79,10 @@ class _Session:
     code_failures: int = 0
     logged_in: bool = False
     ended: bool = False
+    why_ended: str | None = None  # what ended a session that was logged in
+    # A break-glass session: the serial of the credential used, the emergency it is for.
+    break_glass: int | None = None
+    emergency: Window | None = None
     conn: asyncssh.SSHServerConnection | None = field(default=None, repr=False)
     idle: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -161,11 +171,17 @@ class MaintenanceServer:
             self._end(session, "the gateway is stopping")
 
     def update(self, settings: MaintenanceSettings) -> None:
-        """A reload: the sessions of accounts removed, changed or expired end now (MNT-2)."""
+        """A reload: the sessions of accounts removed, changed or expired end now (MNT-2),
+        and break-glass sessions whose credential file no longer holds their credential."""
         self.settings = settings
         today = self._clock.now().date()
         for session in list(self._sessions.values()):
-            if not session.logged_in or session.person in (None, BREAK_GLASS_USER):
+            if not session.logged_in or session.ended or session.person is None:
+                continue
+            if session.person == BREAK_GLASS_USER:
+                why = self._break_glass_over(session, credential=True)
+                if why is not None:
+                    self._end(session, f"a reload: {why}")
                 continue
             account = settings.maintainer(session.person)
             if account is None:
@@ -188,7 +204,12 @@ class MaintenanceServer:
         not only at the next reload."""
         now = self._clock.now().timestamp()
         for session in list(self._sessions.values()):
-            if not session.logged_in or session.ended or session.person in (None, BREAK_GLASS_USER):
+            if not session.logged_in or session.ended or session.person is None:
+                continue
+            if session.person == BREAK_GLASS_USER:
+                why = self._break_glass_over(session, credential=False)
+                if why is not None:
+                    self._end(session, why)
                 continue
             account = self.settings.maintainer(session.person)
             if account is None or self._refusal(account, now) is None:
@@ -197,6 +218,41 @@ class MaintenanceServer:
                 self._end(session, "the account has expired")
             else:
                 self._end(session, "the approved maintenance window has ended")
+
+    def credential_sealed(self) -> None:
+        """A new break-glass credential was sealed: the sessions of the old one end now."""
+        for session in list(self._sessions.values()):
+            if session.logged_in and not session.ended and session.break_glass is not None:
+                why = self._break_glass_over(session, credential=True)
+                if why is not None:
+                    self._end(session, why)
+
+    def _break_glass_over(self, session: _Session, *, credential: bool) -> str | None:
+        """Why a break-glass session may no longer go on, or None: its emergency is over
+        (in memory: cheap enough for every sweep), or (``credential``: read from the
+        state folder) its credential is no longer the one sealed."""
+        window = session.emergency
+        found = self._emergency
+        if window is None or found is None:
+            return "the break-glass session has no emergency"
+        now = found.mode.current()
+        if now is None or now.id != window.id:
+            how = "reached its end" if self._clock.now().timestamp() >= window.until else "was left"
+            return f"emergency mode {window.id} {how}: the break-glass session ends with it"
+        if not credential:
+            return None
+        try:
+            sealed = found.credentials.current()
+        except CredentialError as exc:
+            return f"the break-glass credential is no longer trusted ({exc.message})"
+        if sealed is None:
+            return "the break-glass credential was removed from the state folder"
+        if sealed.serial != session.break_glass or sealed.fingerprint != session.fingerprint:
+            return (
+                f"a new break-glass credential was sealed (serial {sealed.serial}): the session "
+                f"of serial {session.break_glass} ends"
+            )
+        return None
 
     def locked_until(self, person: str) -> float | None:
         until = self._locked.get(person)
@@ -315,6 +371,7 @@ class MaintenanceServer:
     def _end(self, session: _Session, why: str) -> None:
         if not session.ended and session.logged_in:
             session.ended = True
+            session.why_ended = why
             self.emit(session, EventType.MAINTENANCE_LOGOUT, severity=Severity.WARNING, reason=why)
         if session.conn is not None:
             session.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
@@ -457,6 +514,8 @@ class MaintenanceServer:
             return False
         session.logged_in = True
         session.role = "admin"
+        session.break_glass = sealed.serial
+        session.emergency = window
         self._arm_idle(session)
         return True
 
@@ -481,6 +540,19 @@ class MaintenanceServer:
 
     async def run(self, session: _Session, line: str) -> commands.Result:
         assert session.person is not None and session.role is not None
+        over = (session.why_ended or "the session has ended") if session.ended else None
+        if over is None and session.break_glass is not None:
+            over = self._break_glass_over(session, credential=True)
+        if over is not None:
+            self.emit(
+                session,
+                EventType.MAINTENANCE_COMMAND,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                detail={"command": line[:200], "exit_status": 1, "refused": over},
+            )
+            self._end(session, over)
+            return commands.Result(1, "the session has ended\n", refused=over)
         context = commands.Context(self._operations(), actor_of(session.person), self._reload)
         command, args, result = await commands.execute(
             context, session.role, line, stopping=self._draining
@@ -606,7 +678,7 @@ class _Connection(asyncssh.SSHServer):
         return self._server.check_code(self._session, responses[0][:MAX_CODE_CHARS])
 
     def session_requested(self) -> asyncssh.SSHServerSession[str] | bool:
-        if not self._session.logged_in:
+        if not self._session.logged_in or self._session.ended:
             return False
         return _CommandSession(self._server, self._session)
 

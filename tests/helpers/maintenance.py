@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,52 @@ class Site:
         prog: str = "ssh",
         env: dict[str, str] | None = None,
     ) -> Any:
+        argv, environment = self._client(person, args, command, code, prog, env)
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def master(self, person: str, control: Path, code: str) -> Any:
+        """``ssh -f -N -o ControlMaster=yes -o ControlPath=CONTROL``, as the README shows
+        the break-glass holder: logs in with the key and ``code``, then goes on in the
+        background as the one session that ``ssh -o ControlPath=CONTROL`` runs each
+        command on.  Returns once logged in (or refused); its messages go to
+        ``CONTROL.log``."""
+        argv, environment = self._client(
+            person,
+            ("-f", "-N", "-o", "ControlMaster=yes", "-o", f"ControlPath={control}"),
+            None,
+            code,
+            "ssh",
+            None,
+        )
+        with control.with_suffix(".log").open("a") as log:
+            # the background ssh keeps its output open: a file, not a pipe to wait on
+            return subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=environment,
+                timeout=60,
+                check=False,
+            )
+
+    def _client(
+        self,
+        person: str,
+        args: Sequence[str],
+        command: str | None,
+        code: str | None,
+        prog: str,
+        env: dict[str, str] | None,
+    ) -> tuple[list[str], dict[str, str]]:
         askpass = self.root / f"askpass-{person}"
         askpass.write_text(f"#!/bin/sh\necho {code or '000000'}\n")
         askpass.chmod(0o700)
@@ -117,22 +164,15 @@ class Site:
         ]
         target = [f"{person}@{ADDRESS}"]
         port = ["-P" if prog == "sftp" else "-p", str(self.port)]
-        env = {
+        environment = {
             **(env or {}),
             "PATH": os.environ["PATH"],
             "SSH_ASKPASS": str(askpass),
             "SSH_ASKPASS_REQUIRE": "force",
             "DISPLAY": ":0",
         }
-        return subprocess.run(
-            [prog, *port, *options, *args, *target, *([command] if command else [])],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        argv = [prog, *port, *options, *args, *target, *([command] if command else [])]
+        return argv, environment
 
     async def connect(self, person: str, code: str | None) -> asyncssh.SSHClientConnection:
         class Answer(asyncssh.SSHClient):
