@@ -230,8 +230,13 @@ class InboxUnavailableError(DeliveryError):
     administrator removes on the host without changing the configuration.
 
     Unlike other delivery errors this one passes once that is done: the peer is asked
-    to resend instead of being told the delivery failed.
+    to resend instead of being told the delivery failed.  ``folder``: the inbox folder
+    the document was to be stored in.
     """
+
+    def __init__(self, message: str, *, fix: str | None = None, folder: Path | None = None):
+        super().__init__(message, fix=fix)
+        self.folder = folder
 
 
 class StorageFullError(InboxUnavailableError):

@@ -67,6 +67,7 @@ def build(
     filename: str = "doc.bin",
     cipher: str = "aes-256-gcm",
     message_id: str | None = None,
+    service: str | None = None,
 ):
     return build_message(
         payload,
@@ -82,6 +83,7 @@ def build(
             cipher=cipher,
             policy=AlgorithmPolicy(),
             at=datetime.now(UTC),
+            service=service,
         ),
     )
 

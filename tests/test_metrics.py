@@ -198,7 +198,7 @@ def test_not_ready_for_a_minute_after_a_document_could_not_be_stored(
     assert readiness.reasons(None) == ["starting: listeners, spool and trust are not all up yet"]
     readiness.started = True
     assert readiness.reasons(None) == []
-    outages.refused("full", "lab", "no space left on device (/srv/inbox)", "free space")
+    outages.refused("full", "no space left on device (/srv/inbox)", "free space")
     assert readiness.reasons(None) == [
         "a received document could not be stored within the last minute: no space left "
         "on device (/srv/inbox) (fix: free space)"

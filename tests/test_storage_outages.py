@@ -21,9 +21,15 @@ from gateway.pki.demo import DemoLayout
 from tests.conftest import Processes
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_message, lab_post, receipt_of
+from tests.helpers.internal_system import set_services
 from tests.helpers.metrics import get, scrape, value, wait_scrape, with_metrics
 from tests.helpers.postgres import PostgresServer, spool_section
-from tests.helpers.storage import files_capped, fill_file_system, small_file_system
+from tests.helpers.storage import (
+    files_capped,
+    fill_file_system,
+    read_only_folder,
+    small_file_system,
+)
 
 pytestmark = pytest.mark.daemon
 
@@ -103,6 +109,37 @@ def test_only_a_document_stored_again_ends_an_outage(
     assert receipt_of(layout, lab_post(layout, *refused)).processed
     [ended] = events(audit, "storage.available")
     assert ended["detail"]["refused"] == 2, ended
+
+
+def test_a_folders_outage_ends_only_with_a_document_stored_in_that_folder(
+    layout: DemoLayout, spool_backend: str, processes: Processes
+) -> None:
+    """The lab's two services: while its orders folder is read-only, a result stored in
+    the results folder proves nothing of it.  The outage goes on (its end would say the
+    documents are stored again while the orders are still refused), the next order
+    refused is counted in it, not alerted again, and it ends with an order stored."""
+    services = '["orders", "results"]'
+    set_services(layout, hospital_accepts=services, lab_sends=services)
+    processes.start(layout.hospital.config_path)
+    audit = layout.hospital.audit_log
+    orders = layout.hospital.inbox_dir / "lab" / "orders"
+    with read_only_folder(orders) as folder:
+        order = lab_message(layout, b"MSH|order\r", filename="order.hl7", service="orders")
+        assert lab_post(layout, *order).status == 503
+        result = lab_message(layout, b"MSH|result\r", filename="result.hl7", service="results")
+        # Each record is written before its answer is sent.
+        assert receipt_of(layout, lab_post(layout, *result)).processed
+        assert (orders.parent / "results" / "result.hl7").read_bytes() == b"MSH|result\r"
+        assert events(audit, "storage.available") == []
+        assert lab_post(layout, *order).status == 503  # the lab's resend: counted
+        [alert] = events(audit, "storage.unavailable")  # one outage
+        assert f"cannot write the received document to {orders}/" in alert["reason"], alert
+
+        folder.release()  # the administrator makes the folder writable
+        assert receipt_of(layout, lab_post(layout, *order)).processed
+    [ended] = events(audit, "storage.available")
+    assert ended["detail"]["refused"] == 2, ended
+    assert (orders / "order.hl7").read_bytes() == b"MSH|order\r"
 
 
 def test_an_alert_the_audit_log_could_not_take_is_written_at_the_next_refusal(

@@ -174,6 +174,7 @@ def link(work: Path, target: Path) -> None:
             f"{exc.strerror or exc}; {HARD_LINK_RULE}: the file system refuses hard links, "
             "or the document's work file was made immutable",
             fix=hard_link_fix(target.parent),
+            folder=target.parent,
         ) from exc
 
 
@@ -277,11 +278,13 @@ def delivery_error(exc: OSError, target: Path) -> DeliveryError:
         return StorageFullError(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
             fix=storage_fix(exc, target.parent, daemon=True),
+            folder=target.parent,
         )
     if exc.errno in NOT_WRITABLE:
         return InboxNotWritableError(
             f"cannot write the received document to {target}: {exc.strerror or exc}",
             fix=storage_fix(exc, target.parent, daemon=True),
+            folder=target.parent,
         )
     blocker = _file_in_the_way(target.parent)
     if blocker is not None and exc.errno in (errno.EEXIST, errno.ENOTDIR):

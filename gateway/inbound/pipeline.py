@@ -278,8 +278,8 @@ class InboundProcessor:
                 answered, stored = self._accept_and_answer(request, message_id, digest, arrival)
             except (InboxUnavailableError, SpoolError, OSError) as exc:
                 return self.unavailable(request, message_id, exc)
-        if stored:  # an answer that stored nothing says nothing of the storage
-            for outage in self._outages.stored(peer.name):
+        if stored is not None:  # an answer that stored nothing says nothing of the storage
+            for outage in self._outages.stored(stored):
                 self._storage_available(outage)
         return answered
 
@@ -313,7 +313,10 @@ class InboundProcessor:
             kind = SPOOL_UNREACHABLE  # its text names the back-off's seconds left
         else:
             kind = f"{type(exc).__name__}|{getattr(exc, 'errno', None)}|{fix}"
-        refused, outage = self._outages.refused(kind, request.peer.name, cause, fix)
+        # An inbox folder's cause is that folder's: a document stored in another one
+        # (another service's) does not end its outage.
+        folder = exc.folder if isinstance(exc, InboxUnavailableError) else None
+        refused, outage = self._outages.refused(kind, cause, fix, folder)
         counted = {"refused_during_outage": refused} if refused > 1 else {}
         if outage is None:  # alerted already in this outage
             self._log.warning(
@@ -356,7 +359,7 @@ class InboundProcessor:
         return InboundResponse.refused(Answer.UNAVAILABLE)
 
     def _storage_available(self, outage: Outage) -> None:
-        """A document of a peer an outage refused was stored: the outage is over."""
+        """A document was stored where an outage's cause was: the outage is over."""
         since = outage.since.isoformat(timespec="seconds")
         self._log.info(
             "storage.available",
@@ -383,16 +386,16 @@ class InboundProcessor:
 
     def _accept_and_answer(
         self, request: InboundRequest, message_id: str, digest: str, arrival: Arrival
-    ) -> tuple[InboundResponse, bool]:
-        """The answer, and whether the document was stored here (delivered, and its
-        receipt written to the spool): not for a negative receipt, a resend answered with
+    ) -> tuple[InboundResponse, Path | None]:
+        """The answer, and the inbox folder the document was stored in (delivered, and its
+        receipt written to the spool); None for a negative receipt, a resend answered with
         the receipt kept from before, or a probe, which write nothing there."""
         peer = request.peer
         try:
             mic, delivered, details = self._accept(request, message_id, digest)
         except Refused as refused:
             self._reject(request, message_id, refused.event, refused.reason)
-            return self._receipt(request, message_id, refused.disposition, None, digest), False
+            return self._receipt(request, message_id, refused.disposition, None, digest), None
         except DuplicateReceipt as duplicate:
             try:
                 kept = open_bytes(
@@ -411,7 +414,7 @@ class InboundProcessor:
                 answer = self._receipt(
                     request, message_id, Disposition.UNEXPECTED_ERROR, None, digest
                 )
-                return answer, False
+                return answer, None
             self._record(
                 EventType.MESSAGE_DUPLICATE,
                 peer.name,
@@ -419,10 +422,10 @@ class InboundProcessor:
                 remote_address=request.remote,
                 reason="resend of a delivered message: answered with the original receipt",
             )
-            return InboundResponse(Answer.RECEIPT, duplicate.headers, kept), False
+            return InboundResponse(Answer.RECEIPT, duplicate.headers, kept), None
         try:
             answer = self._answer(request, message_id, digest, mic, delivered, details, arrival)
-            return answer, delivered is not None
+            return answer, delivered.target.parent if delivered is not None else None
         except BaseException:
             if delivered is not None:  # every record written is waited for
                 with contextlib.suppress(OSError):

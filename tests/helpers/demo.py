@@ -138,11 +138,16 @@ def hospital_post(
 
 
 def lab_message(
-    layout: DemoLayout, payload: bytes, *, sender_as2: str = "KITA-LAB", filename: str = "doc.bin"
+    layout: DemoLayout,
+    payload: bytes,
+    *,
+    sender_as2: str = "KITA-LAB",
+    filename: str = "doc.bin",
+    service: str | None = None,
 ) -> tuple[tuple[tuple[str, str], ...], bytes]:
     """The lab's AS2 message of ``payload`` to the hospital, signed and encrypted as the
-    lab's gateway sends it (``sender_as2``: the AS2-From it says); its headers and body,
-    for :func:`lab_post` (again, for a resend)."""
+    lab's gateway sends it (``sender_as2``: the AS2-From it says; ``service``: the one
+    it names); its headers and body, for :func:`lab_post` (again, for a resend)."""
     lab = load_config(layout.lab.config_path)
     built = as2client.build(
         payload,
@@ -151,6 +156,7 @@ def lab_message(
         signing=lab.smime.signing,
         recipient=lab.require_peer("hospital").encryption_certificates[0],
         filename=filename,
+        service=service,
     )
     return built.headers, built.body
 
