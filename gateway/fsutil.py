@@ -152,11 +152,12 @@ def private_folder(path: Path) -> None:
     os.chmod(path, PRIVATE_FOLDER)
 
 
-def shared_folder(path: Path) -> None:
+def shared_folder(path: Path) -> list[Path]:
     """``path`` (and any missing parent) as a folder for medgw and the internal systems:
     the owner's and the group's permissions as the umask or a default ACL make them
     (so that an ACL granting an internal system access keeps working), never any for
-    other users (on the folders medgw owns)."""
+    other users (on the folders medgw owns).  Returns the folders it created, deepest
+    first (their names are durable once their parents are synced)."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -164,7 +165,7 @@ def shared_folder(path: Path) -> None:
     else:
         if stat.S_ISDIR(info.st_mode):  # the common case (each document delivered): one stat
             _no_access_for_others(path, info)
-            return
+            return []
     missing = []
     folder = path
     while not os.path.lexists(folder):
@@ -173,6 +174,7 @@ def shared_folder(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o770)  # a file in the way: an OSError
     for folder in (*missing, path):
         _no_access_for_others(folder, os.stat(folder))
+    return missing
 
 
 def _no_access_for_others(folder: Path, info: os.stat_result) -> None:

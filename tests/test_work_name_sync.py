@@ -8,7 +8,9 @@ folder is synced after the work file is created and before the claim
 (gateway.inbound.exactly_once).  While that sync fails (tests/faultpoint.py
 ``--fail-until``, the real fsync of the folder otherwise) the peer is answered 503 as
 for any other storage failure, nothing is claimed and the work file is removed; once it
-succeeds the resend is delivered once.  The spool is each backend in turn.
+succeeds the resend is delivered once.  The spool is each backend in turn.  The
+folders made for a work file (a peer's or service's first document) are synced in
+their parents too.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any
 
 from gateway.clock import SystemClock
 from gateway.config import load_config
+from gateway.delivery import inbox
 from gateway.demo_run import drop_file
+from gateway.fsutil import FolderSync, fsync_dir
 from gateway.pki.demo import DemoLayout
 from gateway.spool import open_spool
 from tests.helpers.audit import events, wait_for_event, wait_for_events
@@ -73,3 +77,28 @@ def test_a_work_file_whose_name_cannot_be_synced_is_not_claimed(
     assert not events(audit, "message.duplicate")
     [sent] = wait_for_events(audit, "receipt.sent", where=lambda r: r["message_id"] == message_id)
     assert sent["detail"]["disposition"] == "processed"
+
+
+def test_the_folders_made_for_a_work_file_are_synced_in_their_parents(tmp_path: Path) -> None:
+    """The first document of a peer's service makes ``inbox/<peer>/<service>/``: the
+    work file's name is durable only once those folders' names are too."""
+    inbox_dir = tmp_path / "inbox"
+    inbox_dir.mkdir()
+    synced: list[Path] = []
+
+    def recorded(folder: Path) -> None:
+        synced.append(folder)
+        fsync_dir(folder)
+
+    folders = FolderSync(recorded)
+    service = inbox_dir / "lab" / "orders"
+    first = inbox.prepare(service / "a.hl7", "node-1")
+    first.close()
+    inbox.sync_work_name(first, folders)
+    assert synced == [service, inbox_dir / "lab", inbox_dir]
+
+    synced.clear()  # the folders exist now: only the work file's own is synced
+    second = inbox.prepare(service / "b.hl7", "node-1")
+    second.close()
+    inbox.sync_work_name(second, folders)
+    assert synced == [service]

@@ -103,9 +103,10 @@ class WorkFile:
     """A work file just created (see :func:`prepare`), held open until it is filled
     (:func:`fill`) or given up (:meth:`close`): one ``open`` per document."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, made: tuple[Path, ...] = ()) -> None:
         self.path = path
         self._fd = fd
+        self.made = made  # the folders created for it, deepest first
 
     def fileno(self) -> int:
         return self._fd
@@ -125,11 +126,11 @@ def prepare(target: Path, node: str) -> WorkFile:
     """
     work = work_name(target, node)
     try:
-        shared_folder(target.parent)
+        made = shared_folder(target.parent)
         fd = os.open(work, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     except OSError as exc:
         raise delivery_error(exc, target) from exc
-    return WorkFile(work, fd)
+    return WorkFile(work, fd, tuple(made))
 
 
 def fill(work: WorkFile, payload: Iterable[bytes]) -> None:
@@ -156,8 +157,12 @@ def sync_work_name(work: WorkFile, folders: FolderSync) -> None:
     ``folders`` with other deliveries at that moment): before the spool records a
     delivery naming it, for a record whose work file is gone reads as "in the inbox"
     (see :func:`landed`), and a power loss must not take the name away unlinked.
+    A folder :func:`prepare` created for it is synced in its parent too, up to the
+    first that existed: the work file's name is durable only with theirs.
     Raises OSError; the work file stays, for the caller to discard."""
     folders.sync(work.path.parent)
+    for made in work.made:
+        folders.sync(made.parent)
 
 
 def link(work: Path, target: Path) -> None:
