@@ -241,10 +241,9 @@ class PostgresDatabase(SqlStore):
         self._name_guard = threading.Lock()
         # The database server's clock minus this node's wall clock, in seconds, and the
         # server's time at the last reading with this node's monotonic time then (see
-        # clock_offset).
+        # clock_offset): one tuple, replaced whole, as worker threads read it meanwhile.
         self._offset = 0.0
-        self._server_at = 0.0
-        self._server_read_at = 0.0
+        self._reading = (0.0, 0.0)
         self._server_time = server_time
         self._on_clock = on_clock
         self._generation = self._transact(functools.partial(_start, node=self._claimant.node))
@@ -370,7 +369,7 @@ class PostgresDatabase(SqlStore):
         wall_after, ticks_after = self._clock.now().timestamp(), self._clock.monotonic()
         server = float(rows[0]["now"])
         # Read halfway through the round trip, on either clock of the node.
-        self._server_at, self._server_read_at = server, (ticks + ticks_after) / 2
+        self._reading = (server, (ticks + ticks_after) / 2)
         self._offset = server - (wall + wall_after) / 2
         if self._on_clock is not None:
             self._on_clock(self._offset)
@@ -380,7 +379,8 @@ class PostgresDatabase(SqlStore):
         """Now and the end of a lease made now, on the database server's clock: its time
         at the last reading plus the node's monotonic time elapsed since."""
         if self._server_time:
-            now = self._server_at + (self._clock.monotonic() - self._server_read_at)
+            server, read_at = self._reading
+            now = server + (self._clock.monotonic() - read_at)
         else:
             now = self._clock.now().timestamp()
         return now, now + self._claimant.lease_seconds
