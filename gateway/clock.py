@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -14,6 +15,12 @@ class Clock(Protocol):
 
     def monotonic(self) -> float:
         """Seconds on a clock that never goes backwards (for timeouts)."""
+        ...
+
+    def boottime(self) -> float:
+        """Seconds on a clock that never goes backwards and, unlike :meth:`monotonic`,
+        goes on while the host is suspended (for the time elapsed between two readings
+        of another host's clock: the spool's leases)."""
         ...
 
 
@@ -38,4 +45,11 @@ class SystemClock:
         return datetime.now(UTC)
 
     def monotonic(self) -> float:
+        return time.monotonic()
+
+    def boottime(self) -> float:
+        # Linux's CLOCK_MONOTONIC (time.monotonic) stops while the host is suspended,
+        # CLOCK_BOOTTIME does not; elsewhere (no systemd service) the monotonic clock.
+        if sys.platform == "linux":
+            return time.clock_gettime(time.CLOCK_BOOTTIME)
         return time.monotonic()

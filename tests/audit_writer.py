@@ -34,6 +34,9 @@ class StepClock:
     def monotonic(self) -> float:
         return self.at.timestamp()
 
+    def boottime(self) -> float:
+        return self.monotonic()
+
 
 def sealer(key: Path, cert: Path, every: int = 1000) -> Sealer:
     private = serialization.load_pem_private_key(key.read_bytes(), None)

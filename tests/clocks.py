@@ -23,6 +23,9 @@ class TickingClock:
     def monotonic(self) -> float:
         return self.at.timestamp()
 
+    def boottime(self) -> float:
+        return self.monotonic()
+
 
 @dataclass
 class SetClock:
@@ -35,6 +38,9 @@ class SetClock:
 
     def monotonic(self) -> float:
         return self.at.timestamp()
+
+    def boottime(self) -> float:
+        return self.monotonic()
 
     def advance(self, seconds: float) -> None:
         """Move the time on by ``seconds``."""
@@ -53,10 +59,13 @@ class SecondsClock:
     def monotonic(self) -> float:
         return self.seconds
 
+    def boottime(self) -> float:
+        return self.monotonic()
+
 
 class LaterClock(SystemClock):
-    """The system's clock, moved forward by ``ahead`` seconds (its monotonic reading by
-    ``monotonic_ahead`` more)."""
+    """The system's clock, moved forward by ``ahead`` seconds (its monotonic and boot
+    readings by ``monotonic_ahead`` more)."""
 
     ahead = 0.0
     monotonic_ahead = 0.0
@@ -66,3 +75,6 @@ class LaterClock(SystemClock):
 
     def monotonic(self) -> float:
         return super().monotonic() + self.ahead + self.monotonic_ahead
+
+    def boottime(self) -> float:
+        return super().boottime() + self.ahead + self.monotonic_ahead

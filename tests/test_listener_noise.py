@@ -42,6 +42,9 @@ class SteppedClock:
     def monotonic(self) -> float:
         return self.seconds
 
+    def boottime(self) -> float:
+        return self.monotonic()
+
 
 async def _not_reached(request: web.Request) -> web.Response:
     raise AssertionError("no request can get past a failed handshake")

@@ -28,7 +28,7 @@ from gateway.errors import NodeNameTakenError, SpoolError, SpoolReplacedError, S
 from gateway.outbound.status import MAX_SEALED_RECEIPT
 from gateway.pki.issue import make_ca, write_pem
 from gateway.spool import Claimant, Intake, OutboundState, Settled
-from gateway.spool.postgres import PostgresSettings, PostgresSpool
+from gateway.spool.postgres import PostgresSettings, PostgresSpool, database
 from gateway.spool.postgres.database import name_lock, translate
 from gateway.spool.postgres.schema import VERSION
 from gateway.spool.schema import file_name
@@ -252,7 +252,7 @@ def test_a_newer_schema_is_refused_naming_both_releases_and_the_node_that_upgrad
 
 @dataclass
 class StoppedClock:
-    """Monotonic time that moves only when the test says (for the back-off)."""
+    """Monotonic (and boot) time that moves only when the test says (for the back-off)."""
 
     at: float = 1000.0
     wall: TickingClock = field(default_factory=TickingClock)
@@ -261,6 +261,9 @@ class StoppedClock:
         return self.wall.now()
 
     def monotonic(self) -> float:
+        return self.at
+
+    def boottime(self) -> float:
         return self.at
 
 
@@ -317,7 +320,8 @@ def test_a_step_of_a_nodes_wall_clock_between_renewals_moves_no_lease(
     (claimed,), _ = gw_a.claim_due("lab", 2e9, 1)
     assert claimed.message_id == second
     assert gw_b.take_over_expired() == []  # a whole lease ahead of it still
-    clock_b.at += 61  # a lease on, on gw-b's monotonic clock
+    clock_b.at += 61  # a lease on, on both of gw-b's clocks
+    clock_b.wall.at += timedelta(seconds=61)
     assert sorted(r.message_id for r in gw_b.take_over_expired()) == [first, second]
     for spool in (gw_a, gw_b):
         spool.close()
@@ -353,6 +357,36 @@ def test_reach_tries_one_connection_within_the_back_off(
     assert record is not None and record.state is OutboundState.QUEUED
     spool.close()
     spool.reach()  # closed: nothing
+
+
+def test_a_node_paused_reads_the_servers_time_again_before_its_leases(
+    postgres: PostgresSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose VM was paused five minutes (its monotonic and boot clocks stood still,
+    its wall clock was set right on resume) reads the server's time again before it
+    writes or judges a lease: it claims for a whole lease, which the other node does not
+    take over, and no longer holds the claim whose lease ran out meanwhile, which the
+    other node takes over (else it would send that message a second time)."""
+    clock_a, clock_b = StoppedClock(), StoppedClock()
+    gw_a = PostgresSpool(postgres, clock_a, Claimant("gw-a", 60))
+    gw_b = PostgresSpool(postgres, clock_b, Claimant("gw-b", 60))
+    first, second = queue_messages(gw_a, tmp_path, 2)
+    (claimed,), _ = gw_a.claim_due("lab", 2e9, 1)
+    assert claimed.message_id == first
+    # Five minutes pass: on the server's clock (which the test cannot move: it is read
+    # five minutes ahead) and on both of gw-b's clocks; of gw-a's, on its wall clock only.
+    later = database._SERVER_TIME.replace("clock_timestamp()", "clock_timestamp() + '5 min'")
+    monkeypatch.setattr(database, "_SERVER_TIME", later)
+    clock_b.at += 300
+    clock_b.wall.at += timedelta(minutes=5)
+    clock_a.wall.at += timedelta(minutes=5)
+    (claimed,), _ = gw_a.claim_due("lab", 2e9, 1)  # read again within its transaction
+    assert claimed.message_id == second
+    assert not gw_a.holds_lease(first)  # run out: gw-a sends it no more
+    assert gw_a.holds_lease(second)
+    assert [r.message_id for r in gw_b.take_over_expired()] == [first]
+    for spool in (gw_a, gw_b):
+        spool.close()
 
 
 def over_tls(

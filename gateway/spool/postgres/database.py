@@ -37,9 +37,15 @@ node's clock set ahead would otherwise find the live claims of the others run ou
 and take them over, and one set behind would hold its own past their end.  The
 server's time is read at start and at each renewal of the leases (every third of a
 lease) (:meth:`PostgresDatabase.clock_offset`); each lease written or judged is the
-server's time at the last reading plus the time elapsed since on the node's monotonic
-clock, which no step of its wall clock (an operator, a time sync) moves.  The node's
-wall clock's difference to the server's is kept only to be told (``on_clock``).
+server's time at the last reading plus the time elapsed since on the node's boot clock
+(:meth:`~gateway.clock.Clock.boottime`: monotonic, and going on while the host is
+suspended), which no step of its wall clock (an operator, a time sync) moves.  A node
+whose wall clock and boot clock disagree by more than :data:`PAUSE_SECONDS` on the time
+elapsed since the last reading (its VM was paused or moved, which some hypervisors hide
+from the boot clock too, or its wall clock was stepped) reads the server's time again
+before it writes or judges a lease: else, just resumed, it would write leases already
+run out and hold claims the other nodes have taken over.  The node's wall clock's
+difference to the server's is kept only to be told (``on_clock``).
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ _NAME_HOLDER = (
 )
 # The database server's time (epoch seconds) as the leases take it.
 _SERVER_TIME = "SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION) AS now"
+# A node's wall clock and boot clock that disagree by more than this (seconds) on the time
+# elapsed since the server's time was read: the server's time is read again (see module doc).
+PAUSE_SECONDS = 2.0
 # How long a start waits for its own earlier session, which still holds its name, to end.
 _OWN_SESSION_WAIT_MS = 5000
 _SESSION_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s) AS gone"
@@ -240,10 +249,14 @@ class PostgresDatabase(SqlStore):
         self._name_pid: int | None = None
         self._name_guard = threading.Lock()
         # The database server's clock minus this node's wall clock, in seconds, and the
-        # server's time at the last reading with this node's monotonic time then (see
-        # clock_offset): one tuple, replaced whole, as worker threads read it meanwhile.
+        # server's time at the last reading with this node's boot and wall clocks' times
+        # then (see clock_offset): one tuple, replaced whole, as worker threads read it
+        # meanwhile.
         self._offset = 0.0
-        self._reading = (0.0, 0.0)
+        self._reading = (0.0, 0.0, 0.0)
+        # The connection this thread uses now, if any (see _run): the server's time is
+        # read again on it, not on another the pool may not have to spare.
+        self._using = threading.local()
         self._server_time = server_time
         self._on_clock = on_clock
         self._generation = self._transact(functools.partial(_start, node=self._claimant.node))
@@ -364,25 +377,36 @@ class PostgresDatabase(SqlStore):
         next reading (see module doc), and how far it is from this node's wall clock
         (seconds; positive: the node's clock is behind; ``on_clock`` hears it); returns
         that difference."""
-        wall, ticks = self._clock.now().timestamp(), self._clock.monotonic()
-        rows = self._read(_SERVER_TIME, (), each_run=True)
-        wall_after, ticks_after = self._clock.now().timestamp(), self._clock.monotonic()
-        server = float(rows[0]["now"])
+        wall, ticks = self._clock.now().timestamp(), self._clock.boottime()
+        conn: psycopg.Connection[DictRow] | None = getattr(self._using, "conn", None)
+        if conn is None:
+            read = self._read(_SERVER_TIME, (), each_run=True)[0]["now"]
+        else:  # within a call on ``conn``
+            read = conn.execute(_SERVER_TIME, prepare=False).fetchall()[0]["now"]
+        wall_after, ticks_after = self._clock.now().timestamp(), self._clock.boottime()
+        server = float(read)
         # Read halfway through the round trip, on either clock of the node.
-        self._reading = (server, (ticks + ticks_after) / 2)
-        self._offset = server - (wall + wall_after) / 2
+        wall_then = (wall + wall_after) / 2
+        self._reading = (server, (ticks + ticks_after) / 2, wall_then)
+        self._offset = server - wall_then
         if self._on_clock is not None:
             self._on_clock(self._offset)
         return self._offset
 
     def _lease(self) -> tuple[float, float]:
         """Now and the end of a lease made now, on the database server's clock: its time
-        at the last reading plus the node's monotonic time elapsed since."""
-        if self._server_time:
-            server, read_at = self._reading
-            now = server + (self._clock.monotonic() - read_at)
-        else:
+        at the last reading plus the node's boot clock's time elapsed since, read again
+        first if the node's wall clock says otherwise (see module doc)."""
+        if not self._server_time:
             now = self._clock.now().timestamp()
+            return now, now + self._claimant.lease_seconds
+        server, read_at, wall_then = self._reading
+        elapsed = self._clock.boottime() - read_at
+        if abs(self._clock.now().timestamp() - wall_then - elapsed) > PAUSE_SECONDS:
+            self.clock_offset()  # a pause or a step since the last reading
+            server, read_at, _ = self._reading
+            elapsed = self._clock.boottime() - read_at
+        now = server + elapsed
         return now, now + self._claimant.lease_seconds
 
     def size_bytes(self) -> int:
@@ -490,7 +514,7 @@ class PostgresDatabase(SqlStore):
             last = rerun == _RERUNS
             conn = self._take()
             try:
-                result = use(conn)
+                result = self._use(conn, use)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 self._idle.put(conn)
                 if last:
@@ -517,6 +541,17 @@ class PostgresDatabase(SqlStore):
             self._idle.put(conn)
             return result
         raise AssertionError("not reached")  # pragma: no cover
+
+    def _use(
+        self, conn: psycopg.Connection[DictRow], use: Callable[[psycopg.Connection[DictRow]], T]
+    ) -> T:
+        """``use(conn)``, ``conn`` known meanwhile as this thread's connection in use."""
+        outer = getattr(self._using, "conn", None)
+        self._using.conn = conn
+        try:
+            return use(conn)
+        finally:
+            self._using.conn = outer
 
     def _drop_idle(self) -> None:
         """Close the idle connections: after one was found dead, they are too."""
