@@ -9,11 +9,12 @@ stops and comes back under a running spool.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -228,6 +229,86 @@ def test_a_node_takes_its_name_again_when_its_holder_leaves_between_the_try_and_
         node_spool(postgres, "gw-a")
     node.close()
     holder.close()
+
+
+class HoldersComeAndGo:
+    """A node's new session, around each of whose tries for the node's name another
+    session takes the name before the try and ends right after it."""
+
+    def __init__(
+        self,
+        session: psycopg.Connection[DictRow],
+        come_and_go: Callable[[], contextlib.AbstractContextManager[None]],
+    ) -> None:
+        self._session = session
+        self._come_and_go = come_and_go
+
+    def execute(
+        self, query: str, params: Params | None = None, *, prepare: bool | None = None
+    ) -> psycopg.Cursor[DictRow]:
+        if "pg_try_advisory_lock" not in query:
+            return self._session.execute(query, params, prepare=prepare)
+        with self._come_and_go():
+            return self._session.execute(query, params, prepare=prepare)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._session, name)
+
+
+def test_a_node_whose_name_holders_keep_leaving_says_so(
+    postgres_server: PostgresServer, postgres: PostgresSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that finds its name held at each of its tries, by a session gone before it
+    looks who holds it, stops saying that sessions kept coming and going under its name
+    (not that another running node holds it), and how to find them."""
+    lost: list[SpoolReplacedError] = []
+    node = node_spool(postgres, "gw-a", lost.append)
+    cut_sessions(postgres_server, postgres, "gw-a")
+
+    @contextlib.contextmanager
+    def come_and_go() -> Iterator[None]:  # leaves once its session, and lock, are gone
+        with postgres_server.admin(postgres.dbname) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (name_lock("gw-a"),))
+            yield
+            with postgres_server.admin(postgres.dbname) as admin:
+                pid = holder.info.backend_pid
+                admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+
+    opened = node._open
+    monkeypatch.setattr(node, "_open", lambda: HoldersComeAndGo(opened(), come_and_go))
+    with pytest.raises(NodeNameTakenError, match="could not be taken") as stopped:
+        node.renew_leases()
+    said = stopped.value.message
+    assert "after 4 tries" in said and "kept coming and going" in said
+    assert "in use by another running node" not in said
+    assert "'medgw node gw-a' in pg_stat_activity" in (stopped.value.fix or "")
+    assert lost == [stopped.value]
+    node.close()
+
+
+def test_a_node_ends_no_session_with_its_old_sessions_process_id_started_later(
+    postgres_server: PostgresServer, postgres: PostgresSettings
+) -> None:
+    """A node whose name's session was cut finds its name held by a session with the
+    process id its own had (a server restart can give it to another): started at
+    another time, that session is another node's, which the node does not end; it
+    stops, naming it."""
+    lost: list[SpoolReplacedError] = []
+    node = node_spool(postgres, "gw-a", lost.append)
+    cut_sessions(postgres_server, postgres, "gw-a")
+    duplicate = node_spool(postgres, "gw-a")  # started meanwhile under the same name
+    with postgres_server.admin(postgres.dbname) as admin:
+        [(pid,)] = admin.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        ).fetchall()
+    assert node._name_held is not None
+    node._name_held = (int(str(pid)), node._name_held[1])  # the id its own session had
+    with pytest.raises(NodeNameTakenError, match="is in use by another running node"):
+        node.renew_leases()
+    assert len(lost) == 1
+    duplicate.renew_leases()  # its session not ended: it holds its name still
+    node.close()
+    duplicate.close()
 
 
 def test_a_newer_schema_is_refused_naming_both_releases_and_the_node_that_upgraded_it(

@@ -58,6 +58,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import Literal, NoReturn, TypeVar
 
 import psycopg
@@ -107,6 +108,11 @@ _SERVER_TIME = "SELECT CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PREC
 PAUSE_SECONDS = 2.0
 # How long a start waits for its own earlier session, which still holds its name, to end.
 _OWN_SESSION_WAIT_MS = 5000
+# A try for a node's name's lock, with the trying session's server process id and start.
+_TAKE_NAME = (
+    "SELECT pg_try_advisory_lock(%s) AS took, a.pid, a.backend_start AS since"
+    " FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()"
+)
 _SESSION_GONE = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s) AS gone"
 # How many times a node tries to take its name's lock: a holder can leave between a try
 # and the look for it (each leaving is another try), and its own session from before a
@@ -243,10 +249,11 @@ class PostgresDatabase(SqlStore):
         # connection is not checked, its transaction reads it); why not any more.
         self._generation: str | None = None
         self._replaced: SpoolReplacedError | None = None
-        # The session holding this node's name (hold_name), its server process's id.
+        # The session holding this node's name (hold_name), its server process's id and
+        # start (a process id alone can be another session's after a server restart).
         self._holds_name = hold_name
         self._name_session: psycopg.Connection[DictRow] | None = None
-        self._name_pid: int | None = None
+        self._name_held: tuple[int, datetime] | None = None
         self._name_guard = threading.Lock()
         # The database server's clock minus this node's wall clock, in seconds, and the
         # server's time at the last reading with this node's boot and wall clocks' times
@@ -312,50 +319,62 @@ class PostgresDatabase(SqlStore):
                 if session.broken or session.closed:
                     raise self._unreachable(exc) from exc
                 raise statement_error(exc, self._settings.where) from None
-            if taken is not None:
+            if isinstance(taken, NodeNameTakenError):
                 session.close()
-                if self._name_pid is None:  # at start
+                if self._name_held is None:  # at start
                     raise taken
                 self._give_up(taken)
-            self._name_session, self._name_pid = session, session.info.backend_pid
+            self._name_session, self._name_held = session, taken
 
-    def _take_name(self, session: psycopg.Connection[DictRow]) -> NodeNameTakenError | None:
-        """Take this node's name's lock on ``session``; else why not (another holds it)."""
+    def _take_name(
+        self, session: psycopg.Connection[DictRow]
+    ) -> tuple[int, datetime] | NodeNameTakenError:
+        """Take this node's name's lock on ``session``: its server process's id and start;
+        else why not (another holds it, or holders kept leaving)."""
         key = name_lock(self._claimant.node)
         halves = ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)
         own_ended = False
         for _ in range(_NAME_TRIES):
-            row = session.execute("SELECT pg_try_advisory_lock(%s) AS took", (key,)).fetchone()
+            row = session.execute(_TAKE_NAME, (key,)).fetchone()
             if row is not None and row["took"]:
-                return None
+                return int(row["pid"]), row["since"]
             holder = session.execute(_NAME_HOLDER, halves).fetchone()
             if holder is None:
                 continue  # the holder left between the try and the look: tried again
-            if holder["pid"] != self._name_pid or own_ended:
+            if self._name_held is None or own_ended:
+                break
+            pid, since = self._name_held
+            if (holder["pid"], holder["since"]) != (pid, since):
                 break
             own_ended = True
             # This node's own session from before a lost connection, which the server
             # has not yet noticed is gone: ended, its lock goes with it.
             # (The one-argument form: PostgreSQL 12 and 13 have no wait; waited for here.)
-            session.execute("SELECT pg_terminate_backend(%s)", (self._name_pid,))
+            session.execute("SELECT pg_terminate_backend(%s)", (pid,))
             for _ in range(_OWN_SESSION_WAIT_MS // 100):
-                gone = session.execute(_SESSION_GONE, (self._name_pid,)).fetchone()
+                gone = session.execute(_SESSION_GONE, (pid,)).fetchone()
                 if gone is not None and gone["gone"]:
                     break
                 session.execute("SELECT pg_sleep(0.1)")
         node = self._claimant.node
         if holder is None:
-            who = "another session (it has just left)"
-        else:
-            client = holder["hostname"] or holder["addr"]
-            where = f"from {client}" if client else "over the database server's local socket"
-            who = (
-                f"the session {holder['name']!r} {where} (server process {holder['pid']}, "
-                f"connected since {holder['since']:%Y-%m-%d %H:%M:%S %Z})"
+            return NodeNameTakenError(
+                f"node name {node!r} ([cluster] node_name) could not be taken on the spool "
+                f"{self._settings.where} after {_NAME_TRIES} tries: each time, the session "
+                "holding it had left before it could be looked up (sessions under this name "
+                "kept coming and going)",
+                fix=f"look for what keeps connecting as {node!r} (another node configured with "
+                "this name, restarted over and over, or a command run in a loop: medgw's "
+                f"sessions are named '{NODE_SESSION}{node}' in pg_stat_activity) and stop it; "
+                "then start this node again (systemctl restart medgw)",
             )
+        client = holder["hostname"] or holder["addr"]
+        where = f"from {client}" if client else "over the database server's local socket"
         return NodeNameTakenError(
             f"node name {node!r} ([cluster] node_name) is in use by another running node on "
-            f"the spool {self._settings.where}: {who} holds it; two nodes under one name "
+            f"the spool {self._settings.where}: the session {holder['name']!r} {where} "
+            f"(server process {holder['pid']}, connected since "
+            f"{holder['since']:%Y-%m-%d %H:%M:%S %Z}) holds it; two nodes under one name "
             "would take up each other's interrupted work and audit records as their own",
             fix=f"give this node a [cluster] node_name of its own, unique among the nodes "
             f"sharing the spool; if {node!r} is this very node started twice, stop the "
