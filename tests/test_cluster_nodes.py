@@ -26,6 +26,9 @@ from typing import Any
 
 import pytest
 
+from gateway.backup import pgspool
+from gateway.commands.queue import offline_spool
+from gateway.config import load_config
 from gateway.demo_run import GatewayProcess, drop_file, free_port, read_audit, wait_until
 from gateway.errors import MedgwError
 from gateway.outbound import INLINE_BODY_BYTES
@@ -256,6 +259,22 @@ def test_an_offline_command_opens_the_spool_as_its_configured_node(
     assert refused.returncode != 0
     assert "on node lab-a): medgw" in refused.stderr
     assert "upgrade medgw on node lab-a " in refused.stderr
+
+
+def test_an_offline_commands_sessions_are_named_as_a_commands_not_as_its_nodes(
+    layout: DemoLayout, postgres_server: PostgresServer
+) -> None:
+    """A command that opens the spool with the node stopped (medgw queue ...) connects as
+    `medgw command lab-a`: a restore refused while it is connected names the command, not
+    a running node lab-a."""
+    spool = postgres_server.new_database()
+    opened = offline_spool(load_config(add_node(layout.lab, "lab-a", spool)))
+    try:
+        with pgspool.held(spool) as restoring:  # what a restore holds, and looks from
+            connected = pgspool.nodes_connected(restoring)
+    finally:
+        opened.close()
+    assert connected == ["medgw command lab-a (1 session over the server's local socket)"]
 
 
 def test_a_shared_key_folder_that_is_not_there_is_an_error_not_made_anew(

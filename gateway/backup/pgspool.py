@@ -37,7 +37,12 @@ from psycopg.rows import dict_row
 
 from gateway.errors import MedgwError
 from gateway.spool.postgres import PostgresSettings, generation
-from gateway.spool.postgres.database import NODE_SESSION, InTransaction, server_error
+from gateway.spool.postgres.database import (
+    COMMAND_SESSION,
+    NODE_SESSION,
+    InTransaction,
+    server_error,
+)
 from gateway.spool.postgres.schema import KEEP_DISPLACED, SCHEMA_LOCK
 from gateway.spool.schema import SCHEMA
 
@@ -70,7 +75,8 @@ APPLICATION = "medgw backup"  # the application_name of this module's sessions a
 _NODE_SESSIONS = (
     "SELECT application_name AS name, host(client_addr) AS addr, count(*) AS n"
     " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    " AND (application_name = 'medgw' OR starts_with(application_name, %s))"
+    " AND (application_name = 'medgw' OR starts_with(application_name, %s)"
+    " OR starts_with(application_name, %s))"
     " GROUP BY application_name, client_addr ORDER BY application_name, host(client_addr)"
 )
 
@@ -159,10 +165,11 @@ def held(settings: PostgresSettings) -> Iterator[psycopg.Connection[dict[str, An
 
 
 def nodes_connected(conn: psycopg.Connection[dict[str, Any]]) -> list[str]:
-    """The nodes with a session on ``conn``'s database, other than ``conn``
-    ("medgw node gw-b (3 sessions from 10.0.0.7)")."""
+    """The nodes, and the commands (``medgw queue ...`` with the daemon stopped), with a
+    session on ``conn``'s database, other than ``conn``, each as its sessions name it
+    ("medgw node gw-b (3 sessions from 10.0.0.7)", "medgw command gw-a (1 session ...)")."""
     found = []
-    for row in conn.execute(_NODE_SESSIONS, (NODE_SESSION,)).fetchall():
+    for row in conn.execute(_NODE_SESSIONS, (NODE_SESSION, COMMAND_SESSION)).fetchall():
         sessions = f"{row['n']} session" + ("s" if row["n"] != 1 else "")
         where = f" from {row['addr']}" if row["addr"] else " over the server's local socket"
         name = row["name"] if row["name"] != "medgw" else "medgw (a node of an earlier release)"

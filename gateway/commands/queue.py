@@ -106,14 +106,16 @@ def _offline(args: argparse.Namespace) -> tuple[GatewayConfig, Spool]:
 
 def offline_spool(config: GatewayConfig) -> Spool:
     """The spool, opened by a command as the node ``config`` is, by its ``[cluster]
-    node_name`` (its sessions on a shared spool, the node named in the spool's schema),
-    which holds no name: it takes up no node's interrupted work."""
+    node_name`` (its sessions on a shared spool, named ``medgw command <node_name>``; the
+    node named in the spool's schema), which holds no name: it takes up no node's
+    interrupted work."""
     cluster = config.cluster
     return open_spool(
         config.storage.spool_path,
         SystemClock(),
         config.spool.postgres,
         Claimant(cluster.node_name, cluster.lease_seconds),
+        command=True,
     )
 
 

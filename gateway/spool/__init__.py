@@ -44,13 +44,15 @@ def open_spool(
     on_replaced: Callable[[SpoolReplacedError], None] | None = None,
     hold_name: bool = False,
     on_clock: Callable[[float], None] | None = None,
+    command: bool = False,
 ) -> Spool:
     """The SQLite spool at ``path``, or with ``postgres`` the spool in that database
     (``on_change``, ``on_replaced``: see gateway.spool.postgres.database); created if missing,
     upgraded if older; its work is claimed as ``claimant`` (a node of several sharing
     it; default: this host's name); ``hold_name``: a running node's, which holds its name
     on a shared spool for its life, ``on_clock`` hears its clock's difference to the
-    server's (gateway.spool.postgres.database)."""
+    server's, ``command``: a command's, its sessions named as such
+    (gateway.spool.postgres.database)."""
     if postgres is not None:
         return PostgresSpool(
             postgres,
@@ -60,6 +62,7 @@ def open_spool(
             on_replaced=on_replaced,
             hold_name=hold_name,
             on_clock=on_clock,
+            command=command,
         )
     return SqliteSpool(path, clock, claimant)
 

@@ -91,6 +91,10 @@ OUTCOME_POLL = 0.2  # seconds between tries to learn a lost COMMIT's outcome
 # The start of a node's sessions' application_name (``pg_stat_activity``); the node's name
 # follows.  "medgw" alone: a node of a release before they were named.
 NODE_SESSION = "medgw node "
+# The start of the application_name of a command's sessions (``medgw queue ...`` with the
+# daemon stopped, ``medgw diagnose``), which open the spool as a node without running as
+# it; the node's name follows.
+COMMAND_SESSION = "medgw command "
 # The session that holds a node's name (see PostgresDatabase.hold_name) and the one that
 # holds it now, found by the lock's key (pg_locks shows a bigint key as two halves).
 _NAME_HOLDER = (
@@ -225,9 +229,12 @@ class PostgresDatabase(SqlStore):
         hold_name: bool = False,
         server_time: bool = True,
         on_clock: Callable[[float], None] | None = None,
+        command: bool = False,
     ) -> None:
         """``hold_name``: a running node's spool, which holds its name (see
         :meth:`hold_name`) from here on; :class:`NodeNameTakenError` if another holds it.
+        ``command``: a command's, its sessions named ``medgw command <node>``, not as the
+        running node's (``medgw node <node>``: a restore tells them apart).
         ``server_time``: leases judged by the database server's clock (see module doc);
         False: by ``clock`` alone (a test's, that moves it to make leases run out).
         ``on_clock`` hears each difference read (see :meth:`clock_offset`)."""
@@ -245,6 +252,7 @@ class PostgresDatabase(SqlStore):
         self._backoff = 0.0
         self._down: str | None = None  # why the database is unreachable; None: it answers
         self._closed = False
+        self._session_name = COMMAND_SESSION if command else NODE_SESSION
         # The spool's generation this node started on (None until read: the start's own
         # connection is not checked, its transaction reads it); why not any more.
         self._generation: str | None = None
@@ -666,7 +674,9 @@ class PostgresDatabase(SqlStore):
     def _open(self) -> psycopg.Connection[DictRow]:
         """A new connection (psycopg.Error if the server does not answer)."""
         # Named after the node, so that a restore can tell which node still uses the spool.
-        named = self._settings.connect_args(application=f"{NODE_SESSION}{self._claimant.node}")
+        named = self._settings.connect_args(
+            application=f"{self._session_name}{self._claimant.node}"
+        )
         conninfo = make_conninfo("", **named)
         return psycopg.connect(conninfo, autocommit=True, row_factory=dict_row)
 
