@@ -209,7 +209,20 @@ def test_a_break_glass_session_ends_with_its_emergency_a_new_seal_and_a_reload(
     reloaded = medgw("reload", "--config", site.config)
     assert reloaded.returncode == 0, reloaded.stderr
     ended(3, "a reload: the break-glass credential was removed")
-    assert [e["detail"]["serial"] for e in site.events("emergency.break_glass_used")] == [1, 2, 3]
+    # The holder logs out as the README says: the session ends, the emergency goes on.
+    logged_in(seal(site))
+    done = site.ssh("emergency", "-o", f"ControlPath={control}", "-O", "exit")
+    assert done.returncode == 0, done.stderr
+    wait_until(lambda: not control.exists(), 60, "the end of the ssh ControlMaster")
+    [*_, logout] = wait_for_events(
+        site.audit,
+        "maintenance.logout",
+        where=lambda r: r["actor"] == "maintainer:emergency",
+        count=4,
+    )
+    assert logout["reason"] == "the client closed it"
+    used = site.events("emergency.break_glass_used")
+    assert [e["detail"]["serial"] for e in used] == [1, 2, 3, 1]  # counted from the file
 
 
 def _send_and_wait(layout: DemoLayout, name: str, count: int) -> str:
