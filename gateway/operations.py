@@ -399,7 +399,7 @@ class Operations:
 
 def viewed(audit: AuditSink, view: Mapping[str, Any], actor: str, via: str) -> None:
     """An operator or a local client read one message's record (MNT-1): audited with who,
-    and how (``via``: "control socket", "local API", "spool")."""
+    and how (``via``: "control socket", "local API", "maintenance console", "spool")."""
     inbound = "inbox_file" in view
     audit.emit(
         AuditEvent(

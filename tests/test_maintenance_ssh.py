@@ -169,9 +169,11 @@ def test_the_console_s_audit_query_answers_what_the_host_s_does(
 
     in_console = asyncio.run(console())
     assert index_path(site.audit).exists()  # the console built the review index
+    (asked,) = wait_for_events(site.audit, "maintenance.command")
     on_host = medgw("audit", "query", "--config", site.config, "--format", "json", *filters)
     assert on_host.returncode == 0, on_host.stderr
-    assert in_console == [json.loads(line) for line in on_host.stdout.splitlines()]
+    # and the console's query itself, which named the patient it showed
+    assert [*in_console, asked] == [json.loads(line) for line in on_host.stdout.splitlines()]
     events = {r["event"] for r in in_console}
     assert {"message.accepted", "receipt.received"} <= events, events
 

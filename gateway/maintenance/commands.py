@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from gateway.audit import review
+from gateway.audit.events import PatientId
 from gateway.audit.query import Filters, patients_of
 from gateway.emergency.actions import Emergency
 from gateway.errors import InvalidValueError, MedgwError
@@ -22,6 +23,9 @@ from gateway.operations import Operations, Reloaded, ReloadRefused, record_view
 from gateway.spool import OutboundState
 
 MAX_LINE = 4096  # bytes of one command line
+# How a maintainer's read is recorded (message.viewed, messages.listed: "via"), as the
+# control socket's are: the same records for the same command, the person as actor.
+VIA = "maintenance console"
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 
 
@@ -32,6 +36,9 @@ class Result:
     # What the person was shown that names a document or a patient (MNT-1): audited.
     shown: dict[str, Any] = field(default_factory=dict)
     refused: str | None = None  # why it was not run at all ("stopping"): audited
+    # The patients the answer named (``audit query``): the command's record names them,
+    # so the patient review (`audit query --patient`, `audit patients`) finds who read it.
+    patients: tuple[PatientId, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ async def _queue_list(ctx: Context, args: list[str]) -> Result:
     records = ctx.operations.spool.list_outbound(state=state)
     now = ctx.operations.clock.now()
     views = [record_view(r, now) for r in records]
+    ctx.operations.listed(views, ctx.actor, "queue", {"state": args[0] if args else None})
     shown = {"documents": [[v["message_id"], v["filename"]] for v in views]}
     return Result(0, _json(views), shown)
 
@@ -93,6 +101,7 @@ async def _queue_show(ctx: Context, args: list[str]) -> Result:
     if record is None:
         return Result(1, "no such message; check the id with `queue list`\n")
     view = record_view(record, ctx.operations.clock.now())
+    ctx.operations.viewed(view, ctx.actor, VIA)
     return Result(0, _json(view), {"documents": [[view["message_id"], view["filename"]]]})
 
 
@@ -125,6 +134,7 @@ async def _peers_resume(ctx: Context, args: list[str]) -> Result:
 
 AUDIT_OPTIONS = ("--since", "--until", "--patient", "--peer", "--actor", "--event")
 MAX_AUDIT_RECORDS = 1000  # one answer's records; narrow the window for more
+AUDIT_SOURCE = "audit"  # a patient id read from the trail (PatientId.source)
 
 
 def _audit_filters(args: list[str]) -> Filters | str:
@@ -166,15 +176,16 @@ async def _audit_query(ctx: Context, args: list[str]) -> Result:
     found = await asyncio.to_thread(read)
     more = len(found) > MAX_AUDIT_RECORDS
     found = found[:MAX_AUDIT_RECORDS]
-    patients = sorted({f"{a}^{p}" if a else p for r in found for p, a in patients_of(r)})
+    named = sorted({(p, a) for r in found for p, a in patients_of(r)})
     shown: dict[str, Any] = {"records": len(found)}
-    if patients:
-        shown["patients"] = patients
+    if named:
+        shown["patients"] = [f"{a}^{p}" if a else p for p, a in named]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in found)
     if more:
         text += f"(more than {MAX_AUDIT_RECORDS} records: narrow --since/--until)\n"
     text += "".join(f"(note: {note})\n" for note in notes)
-    return Result(0, text, shown)
+    patients = tuple(PatientId(p, AUDIT_SOURCE, a or None) for p, a in named)
+    return Result(0, text, shown, patients=patients)
 
 
 def _emergency(ctx: Context) -> Emergency:

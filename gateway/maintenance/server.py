@@ -573,6 +573,7 @@ class MaintenanceServer:
             EventType.MAINTENANCE_COMMAND,
             outcome=Outcome.SUCCESS if result.status == 0 else Outcome.FAILURE,
             detail=detail,
+            patient_ids=result.patients,
         )
         try:
             record_first(self._audit(), self._trail(), f"the command {detail['command']}", event)
