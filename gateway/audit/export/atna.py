@@ -3,13 +3,15 @@
 One line of XML, no declaration: the syslog message body of ITI-20.  The
 record's own event name is the EventTypeCode (scheme ``urn:medgw:event``),
 its reason the EventOutcomeDescription; the actor and the peer are
-ActiveParticipants, the patients (role Patient) and the document (its
-message ID) ParticipantObjects.  The record's sequence number and hash travel
+ActiveParticipants, the patients (role Patient), the documents (their
+message IDs) and a maintainer's command (its words and exit status)
+ParticipantObjects.  The record's sequence number and hash travel
 in the syslog structured data, so a collector can check the trail's order.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from xml.sax.saxutils import escape
 
@@ -49,6 +51,7 @@ _DCM_SCHEME = _quoted(DCM)
 _EVENT_SCHEME = _quoted(EVENT_SCHEME)
 _SOURCE_TYPE = _code("AuditSourceTypeCode", "4", DCM, "Application Server Process")
 _PATIENT_NUMBER = _code("ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
+_COMMAND_TYPE = _code("ParticipantObjectIDTypeCode", "command", "urn:medgw", "Maintenance command")
 _MESSAGE_ID_TYPE = _code("ParticipantObjectIDTypeCode", "message-id", "urn:medgw", "AS2 Message-ID")
 
 
@@ -97,11 +100,23 @@ def atna_message(described: Described, source: Source) -> bytes:
             ' ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="1">'
             f"{_PATIENT_NUMBER}</ParticipantObjectIdentification>"
         )
-    message_id = described.record.get("message_id")
-    if message_id is not None:
+    for message_id in described.documents:
         parts.append(  # a System Object (2) in the role Report (3)
-            f"<ParticipantObjectIdentification ParticipantObjectID={q(str(message_id))}"
+            f"<ParticipantObjectIdentification ParticipantObjectID={q(message_id)}"
             ' ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">'
             f"{_MESSAGE_ID_TYPE}</ParticipantObjectIdentification>"
+        )
+    command = described.command
+    if command is not None:
+        # a System Object (2) in the role Query (24) when it read, else Job (20); its
+        # exit status a detail (base64, as the schema has every detail's value)
+        role = "24" if command.reads else "20"
+        status = base64.b64encode(command.exit_status.encode()).decode()
+        parts.append(
+            f"<ParticipantObjectIdentification ParticipantObjectID={q(command.line)}"
+            f' ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="{role}">'
+            f"{_COMMAND_TYPE}<ParticipantObjectName>{escape(command.line)}"
+            f'</ParticipantObjectName><ParticipantObjectDetail type="exit_status"'
+            f' value="{status}"/></ParticipantObjectIdentification>'
         )
     return f"<AuditMessage>{''.join(parts)}</AuditMessage>".encode()

@@ -53,14 +53,20 @@ _BY_NAME: dict[str, tuple[Code, str]] = {
     "maintenance.login": (USER_AUTHENTICATION, EXECUTE),
     "maintenance.login_failed": (USER_AUTHENTICATION, EXECUTE),
     "maintenance.logout": (USER_AUTHENTICATION, EXECUTE),
+    # an operator's or a maintainer's read of a list of documents
+    "messages.listed": (QUERY, EXECUTE),
 }
+COMMAND = "maintenance.command"
 
 # The last part of the name of an event that reads stored documents or records
 _READS = ("viewed", "shown", "fetched", "query", "read")
 
 
-def classify(event: str, severity: str) -> tuple[Code, str]:
-    """The ATNA EventID and EventActionCode of a record with this event name."""
+def classify(event: str, severity: str, reads: bool = False) -> tuple[Code, str]:
+    """The ATNA EventID and EventActionCode of a record with this event name; ``reads``:
+    a maintenance command that showed documents or patients, a Query as any read."""
+    if event == COMMAND:
+        return (QUERY if reads else APPLICATION_ACTIVITY), EXECUTE
     known = _BY_NAME.get(event)
     if known is not None:
         return known

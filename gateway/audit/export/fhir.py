@@ -2,7 +2,8 @@
 
 ``type`` is the same DICOM EventID the ATNA format carries, ``subtype`` the
 record's own event name; agents are the actor and the peer, entities the
-patients (``Patient`` references by identifier) and the document.
+patients (``Patient`` references by identifier), the documents and a maintainer's
+command (its words and exit status).
 """
 
 from __future__ import annotations
@@ -61,15 +62,23 @@ def fhir_message(described: Described, source: Source) -> bytes:
                 "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"},
             }
         )
-    message_id = described.record.get("message_id")
-    if message_id is not None:
+    for message_id in described.documents:
         entities.append(
             {
-                "what": {
-                    "identifier": {"system": "urn:medgw:message-id", "value": clean(message_id)}
-                },
+                "what": {"identifier": {"system": "urn:medgw:message-id", "value": message_id}},
                 "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
                 "role": {"system": OBJECT_ROLE, "code": "3", "display": "Report"},
+            }
+        )
+    command = described.command
+    if command is not None:
+        role = ("24", "Query") if command.reads else ("20", "Job")
+        entities.append(
+            {
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "role": {"system": OBJECT_ROLE, "code": role[0], "display": role[1]},
+                "name": command.line,
+                "detail": [{"type": "exit_status", "valueString": command.exit_status}],
             }
         )
     if entities:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.audit.export.codes import Code, classify, outcome_indicator
+from gateway.audit.export.codes import COMMAND, Code, classify, outcome_indicator
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -33,6 +34,21 @@ class Participant:
     address: str | None = None
 
 
+# The documents one record names for export (a list's, a command's): as many as the
+# trail keeps of a list (gateway.audit.events, messages.listed's first 64).
+MAX_DOCUMENTS = 64
+
+
+@dataclass(frozen=True)
+class Command:
+    """What a maintainer ran (``maintenance.command``): its words as typed, the exit
+    status, and whether it showed documents or patients (a read)."""
+
+    line: str  # the command and its arguments, quoted as a shell would
+    exit_status: str
+    reads: bool
+
+
 @dataclass(frozen=True)
 class Described:
     """One audit record, read for export."""
@@ -42,6 +58,7 @@ class Described:
     action: str
     outcome: str  # EventOutcomeIndicator
     participants: tuple[Participant, ...]
+    command: Command | None = None  # what a maintainer ran (maintenance.command)
 
     @property
     def event(self) -> str:
@@ -67,6 +84,35 @@ class Described:
             if isinstance(p, dict) and "id" in p
         ]
 
+    @property
+    def documents(self) -> list[str]:
+        """The message IDs of the documents the record is about: its own, or those a list
+        or a maintenance command showed."""
+        own = self.record.get("message_id")
+        if own is not None:
+            return [clean(own)]
+        detail = self.record.get("detail")
+        detail = detail if isinstance(detail, dict) else {}
+        found = detail.get("message_ids")  # a list's (messages.listed)
+        shown = detail.get("shown")  # a maintenance command's
+        if found is None and isinstance(shown, dict) and isinstance(shown.get("documents"), list):
+            found = [d[0] for d in shown["documents"] if isinstance(d, list) and d]
+        if not isinstance(found, list):
+            return []
+        return [clean(m) for m in found[:MAX_DOCUMENTS] if isinstance(m, str)]
+
+
+def command_of(record: dict[str, Any]) -> Command | None:
+    """What was run, for a ``maintenance.command`` record; None for any other."""
+    detail = record.get("detail")
+    if record.get("event") != COMMAND or not isinstance(detail, dict):
+        return None
+    name = clean(detail.get("command", ""))
+    found = detail.get("arguments")
+    arguments = [clean(a) for a in found] if isinstance(found, list) else []
+    line = " ".join((name, shlex.join(arguments))) if arguments else name
+    return Command(line, clean(detail.get("exit_status", "")), "reveals" in detail)
+
 
 def host_of(remote: str) -> str:
     """The address of ``remote`` as the audit records it (``192.0.2.1:50000``,
@@ -80,7 +126,8 @@ def host_of(remote: str) -> str:
 def describe(record: dict[str, Any], source: Source) -> Described:
     event = str(record.get("event", ""))
     severity = str(record.get("severity", "info"))
-    event_id, action = classify(event, severity)
+    command = command_of(record)
+    event_id, action = classify(event, severity, command is not None and command.reads)
     actor = record.get("actor")
     peer = record.get("peer")
     remote = record.get("remote_address")
@@ -101,4 +148,5 @@ def describe(record: dict[str, Any], source: Source) -> Described:
         action,
         outcome_indicator(str(record.get("outcome", "success")), severity),
         tuple(participants),
+        command,
     )
