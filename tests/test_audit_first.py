@@ -26,7 +26,7 @@ from gateway.maintenance.approvals import FILE_NAME as APPROVALS_FILE
 from gateway.pki.demo import DemoLayout
 from gateway.spool.postgres import PostgresSettings
 from tests.cli import medgw
-from tests.helpers.audit import events
+from tests.helpers.audit import events, wait_for_events
 from tests.helpers.maintenance import Site
 from tests.helpers.postgres import spool_section
 from tests.helpers.storage import fill_file_system, small_file_system
@@ -206,3 +206,35 @@ def test_a_peer_is_not_suspended_without_its_record(full_spool: FullTrail) -> No
     assert done.returncode == 0, done.stderr
     [suspended] = full.events("peer.suspended")
     assert suspended["peer"] == "hospital"
+
+
+def test_emergency_mode_is_left_without_its_record_which_follows_once_written(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """Leaving gives the gateway its protections back: with the audit disk full it is
+    done all the same, the command says its record could not be written, and
+    ``emergency.left`` is written as soon as the trail takes records again."""
+    site = Site(layout)
+    site.add("taro", "operator")
+    config = site.config
+    with small_file_system(site.audit.parent, "1m") as folder:
+        proc = processes.start(config)
+        entered = medgw(
+            "emergency", "enter", "--reason", "flood", "--hours", "1", "--config", config
+        )
+        assert entered.returncode == 0, entered.stderr
+        full = FullTrail(site, proc, folder)
+        left = medgw("emergency", "leave", "--reason", "over", "--config", config)
+        assert left.returncode == 0, left.stderr
+        warning = " ".join(json.loads(left.stdout)["warning"].split())
+        assert "emergency mode was left" in warning
+        assert f"could not be written to the audit log in {folder} (ENOSPC" in warning
+        assert f"free disk space on the file system of {folder}" in warning
+        assert not (full.state / "emergency-mode.json").exists()
+        full.logged()
+        assert full.events("emergency.left") == []
+
+        full.free()
+        [record] = wait_for_events(site.audit, "emergency.left")
+        assert record["reason"] == "over" and "ended" in record["detail"]
+        proc.kill()

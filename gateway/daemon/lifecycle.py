@@ -29,6 +29,7 @@ from gateway.atrest import KeyStore, Vault
 from gateway.audit import AuditEvent, AuditLog, AuditSink, EventType, Outcome, Severity
 from gateway.audit.export.cursor import load_position
 from gateway.audit.export.exporter import CURSOR_NAME
+from gateway.audit.first import log_not_written
 from gateway.audit.log import last_record_time
 from gateway.audit.order import clock_behind
 from gateway.audit.owed import changes_since
@@ -60,7 +61,13 @@ from gateway.egress import Network, NetworkMap, Refused
 from gateway.emergency.actions import Emergency
 from gateway.emergency.mode import MarkingSink
 from gateway.emergency.relax import relaxed
-from gateway.errors import ConfigError, MedgwError, NodeNameTakenError, SpoolReplacedError
+from gateway.errors import (
+    AuditNotWrittenError,
+    ConfigError,
+    MedgwError,
+    NodeNameTakenError,
+    SpoolReplacedError,
+)
 from gateway.fsutil import NOT_WRITABLE, private_folder, shared_folder
 from gateway.httpfront import FrontDoor
 from gateway.inbound import InboundLocks
@@ -769,8 +776,15 @@ class Daemon:
         """Emergency mode ends by itself when its time is up (also one that ended while
         the gateway was down): left and audited here."""
         assert self._emergency is not None
+        said = False  # a record the trail cannot take: said once, tried each tick
         while not self.tasks.stopping:
-            self._emergency.mode.expire()
+            try:
+                self._emergency.mode.expire()
+                said = False
+            except AuditNotWrittenError as exc:
+                if not said:
+                    log_not_written(self._log, exc)
+                    said = True
             await self.tasks.sleep_unless_stopping(EMERGENCY_TICK_SECONDS)
 
     async def _seal_loop(self, every: float | None) -> None:

@@ -4,6 +4,7 @@ control socket (the host's CLI) and the maintenance console alike."""
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -145,7 +146,20 @@ class Emergency:
         return self.mode.enter(reason, end, actor).view()
 
     def leave(self, reason: str, actor: str) -> dict[str, object]:
-        return self.mode.leave(actor, reason).view()
+        window, unrecorded = self.mode.leave(actor, reason)
+        view = window.view()
+        if unrecorded is not None:
+            where = unrecorded.trail.parent if unrecorded.trail else "the audit log's folder"
+            cause = unrecorded.cause
+            view["warning"] = (
+                "emergency mode was left (leaving gives the gateway its protections back, "
+                "so it is done all the same), but its record (emergency.left) could not be "
+                f"written to the audit log in {where} "
+                f"({errno.errorcode.get(cause.errno or 0, 'error')}: {cause.strerror or cause}); "
+                "it is written as soon as the audit log takes records again "
+                f"(fix: {unrecorded.fix})"
+            )
+        return view
 
     def status(self) -> dict[str, Any]:
         window = self.mode.current()

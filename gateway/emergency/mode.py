@@ -26,10 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Pending, Severity
-from gateway.audit.first import recorded
+from gateway.audit.first import record_first, recorded
 from gateway.clock import Clock, iso_time
 from gateway.config.emergency import EmergencySettings
-from gateway.errors import MedgwError, UnsafeFileError
+from gateway.errors import AuditNotWrittenError, MedgwError, UnsafeFileError
 from gateway.fsutil import fsync_dir, read_private, write_atomic
 
 FILE_NAME = "emergency-mode.json"
@@ -107,6 +107,7 @@ class EmergencyMode:
         self._settings = settings
         self._window: Window | None = None
         self._loaded = False  # read at first use: the audit trail is open by then
+        self._owed: AuditEvent | None = None  # a leave's record not written then
         self.on_change: Callable[[], None] = lambda: None  # what it relaxes changed
 
     def _now_window(self) -> Window | None:
@@ -193,20 +194,42 @@ class EmergencyMode:
         self.on_change()
         return window
 
-    def leave(self, actor: str, reason: str) -> Window:
+    def leave(self, actor: str, reason: str) -> tuple[Window, AuditNotWrittenError | None]:
+        """Leave the window in force.  Leaving gives the gateway its protections back, so
+        it is done even when its record cannot be written (then also returned: the record
+        is written by :meth:`expire`, each tick of the daemon, once the trail takes it)."""
         window = self.current()
         if window is None:
             raise EmergencyError("emergency mode is off", fix="nothing to leave")
-        self._end(window, actor, clean_reason(reason), self._clock.now().timestamp())
-        return window
+        left = self._left(window, actor, clean_reason(reason), self._clock.now().timestamp())
+        try:
+            # Recorded first where it can be (gateway.audit.first).
+            recorded(self._audit(), self._trail, "leaving emergency mode", left, self._remove)
+        except AuditNotWrittenError as exc:
+            self._remove()
+            self._owed = left
+            unrecorded: AuditNotWrittenError | None = exc
+        else:
+            unrecorded = None
+        self._window = None
+        self.on_change()
+        return window, unrecorded
 
     def expire(self) -> None:
-        """Leave a window whose time is up (also one that ended while the gateway was
-        down), and audit it as ended by its time bound."""
+        """Write the record of a leave that could not be written then; leave a window
+        whose time is up (also one that ended while the gateway was down), audited as
+        ended by its time bound (its relaxations ended with it: :meth:`current`; its file
+        goes with its record).  Raises AuditNotWrittenError while the trail takes none."""
+        if self._owed is not None:
+            record_first(self._audit(), self._trail, "leaving emergency mode", self._owed)
+            self._owed = None
         window = self._now_window()
         if window is None or self.current() is not None:
             return
-        self._end(window, "medgw", "its time bound was reached", window.until)
+        left = self._left(window, "medgw", "its time bound was reached", window.until)
+        recorded(self._audit(), self._trail, "ending emergency mode", left, self._remove)
+        self._window = None
+        self.on_change()
 
     def relaxations_changed(
         self, old: EmergencySettings, new: EmergencySettings, actor: str
@@ -227,8 +250,8 @@ class EmergencyMode:
             )
         )
 
-    def _end(self, window: Window, actor: str, reason: str, at: float) -> None:
-        left = AuditEvent(
+    def _left(self, window: Window, actor: str, reason: str, at: float) -> AuditEvent:
+        return AuditEvent(
             EventType.EMERGENCY_LEFT,
             severity=Severity.WARNING,
             actor=actor,
@@ -236,14 +259,9 @@ class EmergencyMode:
             detail={MARK: window.id, "since": iso_time(window.since), "ended": iso_time(at)},
         )
 
-        def remove() -> None:
-            self.path.unlink(missing_ok=True)
-            fsync_dir(self.path.parent)
-
-        # Recorded first: the mode never ends without its record (gateway.audit.first).
-        recorded(self._audit(), self._trail, "leaving emergency mode", left, remove)
-        self._window = None
-        self.on_change()
+    def _remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        fsync_dir(self.path.parent)
 
 
 class MarkingSink:
