@@ -13,7 +13,9 @@ and then kills the process (``--kill-after``), or kills it before the call
 (``--fail-once``), or makes each call fail so until a file exists (``--fail-until``
 with ``--until-file PATH``: each failed call adds a line to ``PATH.failed``), or
 holds its first call until a file exists (``--hold-before`` with ``--until-file
-PATH``: ``PATH.reached`` is created when the call is held);
+PATH``: ``PATH.reached`` is created when the call is held), or makes each call
+refused by the gateway's own checks (PolicyError, as a signing key the policy no
+longer takes) until a file exists (``--refuse-until`` with ``--until-file PATH``);
 ``--kill-after-event NAME`` kills it right after the audit
 record of event NAME is written; ``--fail-once-at-event NAME`` makes the first
 write of that record fail instead (as on a full disk); ``--group-of N`` makes the
@@ -86,16 +88,30 @@ def _fail_once(original: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _fail_until(path: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Every call fails with an I/O error (as a failing disk's) until ``path`` exists;
-    each one failed adds a line to ``path``.failed."""
+def _io_error() -> Exception:
+    return OSError(errno.EIO, "Input/output error (faultpoint.py)")
+
+
+def _refused() -> Exception:
+    from gateway.errors import PolicyError
+
+    return PolicyError(
+        "RSA-1024", "the signing key is refused (faultpoint.py)", fix="use a longer key"
+    )
+
+
+def _fail_until(
+    path: Path, error: Callable[[], Exception] = _io_error
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Every call fails with ``error()`` (an I/O error, as a failing disk's) until ``path``
+    exists; each one failed adds a line to ``path``.failed."""
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             if not path.exists():
                 with path.with_name(path.name + ".failed").open("a") as failed:
                     failed.write(f"{getattr(original, '__qualname__', original)}\n")
-                raise OSError(errno.EIO, "Input/output error (faultpoint.py)")
+                raise error()
             return original(*args, **kwargs)
 
         return call
@@ -183,6 +199,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--fail-once", metavar="MODULE:FUNCTION")
     parser.add_argument("--fail-until", metavar="MODULE:FUNCTION")
     parser.add_argument("--hold-before", metavar="MODULE:FUNCTION")
+    parser.add_argument("--refuse-until", metavar="MODULE:FUNCTION")
     parser.add_argument("--until-file", metavar="PATH", type=Path)
     parser.add_argument("--kill-after-event", metavar="EVENT")
     parser.add_argument("--fail-once-at-event", metavar="EVENT")
@@ -199,6 +216,8 @@ def main(argv: list[str]) -> None:
         _patch(args.fail_once, _fail_once)
     if args.fail_until:
         _patch(args.fail_until, _fail_until(args.until_file))
+    if args.refuse_until:
+        _patch(args.refuse_until, _fail_until(args.until_file, _refused))
     if args.hold_before:
         _patch(args.hold_before, _hold_until(args.until_file))
     if args.kill_after_event:

@@ -425,7 +425,9 @@ class InboundProcessor:
             return InboundResponse(Answer.RECEIPT, duplicate.headers, kept), None
         try:
             answer = self._answer(request, message_id, digest, mic, delivered, details, arrival)
-            return answer, delivered.target.parent if delivered is not None else None
+            if delivered is None or answer.answer is not Answer.RECEIPT:
+                return answer, None
+            return answer, delivered.target.parent
         except BaseException:
             if delivered is not None:  # every record written is waited for
                 with contextlib.suppress(OSError):
@@ -447,6 +449,13 @@ class InboundProcessor:
         peer = request.peer
         response = self._receipt(request, message_id, Disposition.PROCESSED, mic, digest, details)
         if delivered is None:  # a `medgw diagnose` probe: audited, never delivered
+            return response
+        if response.answer is not Answer.RECEIPT:
+            # Not built (our signing key failed: logged): the error answer is no receipt,
+            # so nothing is stored, sent nor handed over.  The document stays in the inbox,
+            # delivered but without a receipt in the spool, and the peer's resend (answered
+            # 5xx now, as any internal failure) gets a receipt built then, delivered once.
+            delivered.recorded.wait()
             return response
         delivery = self._config.delivery
         hand_over = delivery is not None and bool(delivery.url_for(delivered.service))
