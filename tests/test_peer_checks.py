@@ -12,11 +12,13 @@ Real demo PKI, real ``medgw check-config`` and ``medgw run`` subprocesses.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import signal
 import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.audit import AuditLog
+from gateway.audit import AuditEvent, AuditLog
 from gateway.config import load_config
 from gateway.daemon.trust import TrustKeeper, trust_changed
-from gateway.demo_run import drop_file
+from gateway.demo_run import drop_file, read_audit
 from gateway.egress import Network
 from gateway.logs import make_logger
 from gateway.pki.demo import DemoLayout
@@ -502,3 +504,42 @@ async def test_a_stale_crl_alert_says_what_the_zones_revocation_policy_does(
         assert said.startswith("warning: "), output
         words = said[said.index("is stale: its nextUpdate") :]
         assert words in row, (said, row)  # the finding and its fix
+
+
+@dataclass(frozen=True)
+class _OwnProblem:
+    key: str
+    message: str
+    fix: str = "put a current certificate in its place"
+
+
+class _FailingOnce(AuditLog):
+    """An audit log whose first write fails as a full disk's would."""
+
+    failed = False
+
+    def emit(self, event: AuditEvent) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().emit(event)
+
+
+def test_an_own_certificate_alert_the_trail_did_not_take_is_raised_at_the_next_check(
+    layout: DemoLayout, tmp_path: Path
+) -> None:
+    checks = ReChecks(layout, tmp_path)
+    audit = _FailingOnce(checks.trail, checks.clock, node="test")
+    keeper = TrustKeeper(
+        Network.fixed(load_config(layout.hospital.config_path).network_map),
+        lambda: audit,
+        make_logger(stream=io.StringIO()),
+        checks.clock,
+        lambda r: None,
+    )
+    revoked = _OwnProblem("tls.certificate", "our TLS certificate is revoked")
+    with pytest.raises(OSError):
+        keeper._alert_own([revoked])
+    keeper._alert_own([revoked])  # the next check: alerted now, once
+    keeper._alert_own([revoked])
+    assert [r["reason"] for r in read_audit(checks.trail)] == [revoked.message]

@@ -157,10 +157,11 @@ class TrustKeeper:
     def _alert_own(self, errors: Sequence[_OwnProblem]) -> None:
         """One ``pki.own_certificate_unusable`` alert for each of ``errors`` (about our
         certificates in force) not alerted already; the ones no longer found are forgotten."""
-        said = self._own_alerted
-        self._own_alerted = frozenset((p.key, p.message) for p in errors)
+        said = set(self._own_alerted & {(p.key, p.message) for p in errors})
+        self._own_alerted = frozenset(said)
         for problem in errors:
-            if (problem.key, problem.message) in said:
+            cause = (problem.key, problem.message)
+            if cause in said:
                 continue
             self._log.error("pki.own_certificate_unusable", problem=str(problem))
             self._audit().emit(
@@ -172,6 +173,10 @@ class TrustKeeper:
                     detail={"key": problem.key, "fix": problem.fix},
                 )
             )
+            # Marked once written: an alert the trail did not take is raised at the next
+            # check again.
+            said.add(cause)
+            self._own_alerted = frozenset(said)
 
     def audit(
         self,
