@@ -581,7 +581,43 @@ def test_the_data_keys_beside_one_that_fails_are_read_through_the_index_by_versi
     assert len(reads) == RUNS, seen
     for query, read in reads:
         for how, searched in read:
-            assert "data_keys_kek" in searched, f"{how} of {searched or 'every row'}: {query}"
+            assert "data_keys_kek_item" in searched, f"{how} of {searched or 'every row'}: {query}"
+
+
+def node_types(plan: dict[str, Any]) -> Iterator[str]:
+    """The node type of ``plan`` and of every plan under it."""
+    yield plan["Node Type"]
+    for child in plan.get("Plans", ()):
+        yield from node_types(child)
+
+
+def test_the_data_keys_nearest_an_item_of_a_version_of_many_are_found_in_order_by_index(
+    generic: Path, postgres_server: PostgresServer, postgres: PostgresSettings
+) -> None:
+    """The data keys nearest an item within a version that wraps many (every data key is
+    wrapped under the newest version once rotated): each side found in the index by
+    version and item, the nearest first, not every data key of the version read and
+    sorted for the one nearest."""
+    with postgres_server.admin(postgres.dbname) as db:
+        db.execute(
+            "INSERT INTO data_keys SELECT 'item-' || g, 2, decode(md5(g::text), 'hex')"
+            " FROM generate_series(1, 20000) AS g"
+        )
+        db.execute("ANALYZE data_keys")
+    found: list[list[str]] = []
+
+    def samples(spool: PostgresSpool) -> None:
+        for _ in range(RUNS):
+            found.append([key.item for key in spool.sample_data_keys(2, around="item-5000")])
+
+    seen = [(query, plan) for query, plan in plans_of(generic, postgres, samples)]
+    assert found == [["item-500", "item-5001"]] * RUNS
+    reads = [(query, plan, list(data_key_reads(plan))) for query, plan in seen]
+    reads = [(query, plan, read) for query, plan, read in reads if read]
+    assert len(reads) == RUNS, seen
+    for query, plan, read in reads:
+        assert [searched for _, searched in read] == [{"data_keys_kek_item"}] * 2, query
+        assert "Sort" not in set(node_types(plan)), query
 
 
 def test_the_received_messages_records_to_dispose_of_are_read_oldest_first_by_index(

@@ -200,6 +200,22 @@ def test_expiry_takes_exactly_the_messages_past_their_time(any_spool: Spool) -> 
     assert spool.get("<pharmacy-0@hospital>").state is OutboundState.QUEUED  # type: ignore[union-attr]
 
 
+def test_the_data_keys_nearest_an_item_are_found_in_order_by_version_and_item(
+    spool: SqliteSpool, tmp_path: Path
+) -> None:
+    """The data keys of one version nearest an item: each side searched in the index by
+    version and item, the nearest first, not every data key of the version read and
+    sorted (a temporary B-tree)."""
+    [statement] = statements_of(spool, lambda: spool.sample_data_keys(2, around="item"))
+    steps = plan(tmp_path / "spool.db", statement)
+    searched = [s for s in steps if s.startswith("SEARCH data_keys")]
+    assert searched == [
+        "SEARCH data_keys USING INDEX data_keys_kek_item (kek=? AND item<?)",
+        "SEARCH data_keys USING INDEX data_keys_kek_item (kek=? AND item>?)",
+    ], steps
+    assert not [s for s in steps if "TEMP B-TREE" in s], steps
+
+
 def test_an_existing_spool_gets_the_new_indexes_when_opened(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     db = sqlite3.connect(path)

@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS data_keys (
     kek             INTEGER NOT NULL,
     wrapped         BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS data_keys_kek ON data_keys (kek);
+-- Its index, by version and item: see ADDED_INDEXES.
 -- The record a node's change of a row owes (the row's audited_by, audit_owed and
 -- audit_owed_at), once the row passes to another node before that node's change owes
 -- its own (see DISPLACES): kept by the tables' triggers, in the transaction of that
@@ -295,6 +295,12 @@ ADDED_INDEXES = (
     " WHERE state='delivered' AND receipt_body IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS inbound_receipt_gone_at ON inbound (state, updated_at)"
     " WHERE state='delivered' AND receipt_body IS NULL",
+    # The data keys of one version nearest an item (DataKeys.sample_data_keys, at every
+    # status request of a receipt whose key does not unwrap): found in the index by
+    # version and item, the nearest first, not every data key of the version read and
+    # sorted.  Its first form had the version alone.
+    "DROP INDEX IF EXISTS data_keys_kek",
+    "CREATE INDEX IF NOT EXISTS data_keys_kek_item ON data_keys (kek, item)",
 )
 # SQLite's alone (PostgreSQL reads these rows through outbound_updated, by its statistics).
 # Retention's batches of the records of messages sent (gateway.spool.sqlite.retention):
