@@ -223,6 +223,19 @@ def test_a_break_glass_session_ends_with_its_emergency_a_new_seal_and_a_reload(
     assert logout["reason"] == "the client closed it"
     used = site.events("emergency.break_glass_used")
     assert [e["detail"]["serial"] for e in used] == [1, 2, 3, 1]  # counted from the file
+    # The review shows each break-glass session with its use and its emergency's events.
+    review = medgw("audit", "sessions", "--config", site.config)
+    assert review.returncode == 0, review.stderr
+    login = site.events("maintenance.login")[0]["detail"]
+    lines = review.stdout.splitlines()
+    at = lines.index(next(line for line in lines if login["session"] in line))
+    entry = lines[at : at + next(i for i, line in enumerate(lines[at + 1 :], 1) if line[:1] != " ")]
+    first = "\n".join(entry)
+    assert f"with the break-glass credential 1 (emergency {login['emergency']})" in entry[0]
+    assert "emergency.break_glass_used by maintainer:emergency" in first, first
+    assert "emergency.entered by maintainer:emergency: the break-glass credential" in first
+    assert "emergency.left by operator:" in first and ": resolved" in first, first
+    assert "$ emergency status  -> 0" in first, first
 
 
 def _send_and_wait(layout: DemoLayout, name: str, count: int) -> str:

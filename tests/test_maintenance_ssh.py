@@ -143,6 +143,8 @@ def test_key_and_code_log_in_and_every_step_is_audited(site: Site, processes: An
         check=True,
     ).stdout
     assert "$ queue retry 1234  -> 126" in table and "APPROVED alice" in table
+    # what a command showed, as a person reads it (not as Python writes it)
+    assert "$ audit query --event maintenance.login  -> 0  shown: records 3\n" in table
 
 
 def test_the_console_s_audit_query_answers_what_the_host_s_does(
@@ -597,6 +599,12 @@ def test_wrong_codes_lock_the_person_out_until_an_admin_unlocks(site: Site, proc
     assert json.loads(done.stdout) == {"person": "alice", "was_locked": True}
     [unlocked] = wait_until(lambda: site.events("maintenance.unlocked"), 30, "the unlock")
     assert unlocked["actor"].startswith("operator:")
+    # The review: the lockout in the session that caused it, the unlock as what it is.
+    review = medgw("audit", "sessions", "--config", site.config)
+    assert review.returncode == 0, review.stderr
+    assert f"  LOCKED: {locked['reason']}\n" in review.stdout
+    assert f"  UNLOCKED alice by {unlocked['actor']} (was_locked True)\n" in review.stdout
+    assert "SESSION None" not in review.stdout and "from None" not in review.stdout
 
     async def works() -> None:
         async with await site.connect("alice", site.code("alice", 1)) as conn:
