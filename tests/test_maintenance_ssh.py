@@ -368,6 +368,48 @@ def test_the_accounts_at_start_and_each_change_at_reload_are_recorded(
     assert len(records_of(site.audit, tuple(f"maintenance.{n}" for n in names))) == 3
 
 
+def test_logins_by_a_removed_account_or_an_unknown_key_are_recorded_bounded(
+    site: Site, processes: Any
+) -> None:
+    """A revoked vendor engineer who tries is on record (user name, address, reason); a
+    scanner trying names gets one record per address and minute, then a count."""
+    site.add("hanako", "operator")
+    proc = processes.start(site.config)
+    (site.folder / "hanako.toml").unlink()
+    assert medgw("reload", "--config", site.config).returncode == 0
+    done = site.ssh("hanako", command="status")  # OpenSSH, hanako's old key
+    assert done.returncode == 255 and "Permission denied" in done.stderr, done.stderr
+    [refused] = wait_for_events(
+        site.audit,
+        "maintenance.login_failed",
+        where=lambda r: r["detail"].get("first_factor") == "refused",
+    )
+    assert refused["detail"]["user"] == "hanako" and "actor" not in refused
+    assert refused["reason"] == "no account named 'hanako' (never added, or removed)"
+    assert refused["remote_address"] == "127.0.0.1"
+    hanako_key = site.key("hanako").with_suffix(".pub")
+    assert refused["detail"]["offered_key"] == asyncssh.read_public_key(hanako_key).get_fingerprint(
+        "sha256"
+    )
+
+    async def scanner() -> None:
+        for name in ("root", "admin", "mallory", "root", "oracle"):
+            with pytest.raises(asyncssh.PermissionDenied):
+                await site.connect(name, None)
+
+    asyncio.run(scanner())
+    # the stop writes the count of the minute not yet over
+    assert proc.stop() == 0
+    records = records_of(site.audit, "maintenance.login_failed")
+    assert records[0] == refused
+    [summary] = [r for r in records if "not_recorded_one_by_one" in r["detail"]]
+    assert summary["detail"]["not_recorded_one_by_one"] == 5, summary
+    assert summary["detail"]["users"] == ["hanako", "root", "admin", "mallory", "oracle"]
+    assert summary["remote_address"] == "127.0.0.1"
+    assert "5 more logins from 127.0.0.1 refused at the key within 60 s" in summary["reason"]
+    assert len(records) == 2, records
+
+
 def _problems(config: Path) -> list[str]:
     try:
         load_config(config)

@@ -50,6 +50,7 @@ from gateway.listening import bind_cause, bind_fix
 from gateway.logs import Logger, make_logger
 from gateway.maintenance import algorithms, commands, totp
 from gateway.operations import Operations, Reloaded, ReloadRefused
+from gateway.ratelimit import SourceBudget, address_source
 
 LOGIN_TIMEOUT_SECONDS = 30
 MAX_CODE_ATTEMPTS = 3
@@ -59,6 +60,11 @@ MAX_CODE_CHARS = 64  # a one-time code, or the break-glass envelope's longer cod
 LOCKOUT_FAILURES = 5
 LOCKOUT_SECONDS = 900
 SWEEP_SECONDS = 1.0  # how soon a session ends after its approved window
+# Logins refused at the first factor (no such account, a key of no account): the first
+# of each source (an IPv6 address: its /64) in a minute is recorded, the rest counted
+# into one record when the minute is over, so that a scanner cannot flood the trail.
+REFUSED_RECORDED = 1
+REFUSED_WINDOW_SECONDS = 60.0
 # Approved(person, now) -> whether an approved window covers now.
 Approved = Callable[[str, float], bool]
 
@@ -75,6 +81,7 @@ class _Session:
     remote: str
     person: str | None = None
     fingerprint: str | None = None  # the verified key: the first factor
+    offered_key: str | None = None  # the last key offered that no account holds
     role: str | None = None  # set once logged in
     code_failures: int = 0
     logged_in: bool = False
@@ -112,6 +119,9 @@ class MaintenanceServer:
         # Wrong codes in a row and lockouts, per configured person only: bounded.
         self._wrong: dict[str, int] = {}
         self._locked: dict[str, float] = {}  # person -> until
+        self._refused = SourceBudget(
+            clock, per_window=REFUSED_RECORDED, window_seconds=REFUSED_WINDOW_SECONDS
+        )
         self._sweeper: asyncio.Task[None] | None = None
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._draining = False
@@ -169,6 +179,7 @@ class MaintenanceServer:
             await self._acceptor.wait_closed()
         for session in list(self._sessions.values()):
             self._end(session, "the gateway is stopping")
+        self.write_summaries(everything=True)  # the last counts are not lost
 
     def update(self, settings: MaintenanceSettings) -> None:
         """A reload: the sessions of accounts removed, changed or expired end now (MNT-2),
@@ -201,7 +212,9 @@ class MaintenanceServer:
 
     def sweep(self) -> None:
         """Sessions whose approved window has ended (or whose account expired) end now,
-        not only at the next reload."""
+        not only at the next reload; the counts of refused logins whose minute is over
+        are written."""
+        self.write_summaries()
         now = self._clock.now().timestamp()
         for session in list(self._sessions.values()):
             if not session.logged_in or session.ended or session.person is None:
@@ -366,6 +379,64 @@ class MaintenanceServer:
                 severity=Severity.WARNING,
                 reason="the key was verified, but no valid one-time code followed",
                 detail={"second_factor": "missing"},
+            )
+        elif session.person is not None:
+            self._refused_at_first_factor(session)
+
+    def _refused_at_first_factor(self, session: _Session) -> None:
+        """A login that offered a user name and never got past the key: a removed or
+        unknown account, a key the account does not hold, or no key at all.  Recorded
+        with the user name offered, the first per source and minute (the others are
+        counted: :meth:`write_summaries`)."""
+        assert session.person is not None
+        if not self._refused.admit(address_source(session.remote), session.person):
+            return
+        if session.offered_key is None:
+            reason = "no public key was offered"
+        elif self.settings.maintainer(session.person) is None:
+            reason = f"no account named {session.person!r} (never added, or removed)"
+        else:
+            reason = f"the key offered is not one of the keys of account {session.person!r}"
+        detail: dict[str, Any] = {
+            "session": session.id,
+            "first_factor": "refused",
+            "user": session.person,
+        }
+        if session.offered_key is not None:
+            detail["offered_key"] = session.offered_key
+        # No actor: the user name is the client's word, not a person who logged in.
+        self._audit().emit(
+            AuditEvent(
+                EventType.MAINTENANCE_LOGIN_FAILED,
+                outcome=Outcome.FAILURE,
+                severity=Severity.WARNING,
+                remote_address=session.remote,
+                reason=reason,
+                detail=detail,
+            )
+        )
+
+    def write_summaries(self, *, everything: bool = False) -> None:
+        """One record for each source whose refused logins were counted, not recorded
+        one by one, with the user names they offered."""
+        for window in self._refused.closed(everything=everything):
+            self._audit().emit(
+                AuditEvent(
+                    EventType.MAINTENANCE_LOGIN_FAILED,
+                    outcome=Outcome.FAILURE,
+                    severity=Severity.WARNING,
+                    remote_address=window.source,
+                    reason=f"{window.held_back} more logins from {window.source} refused "
+                    f"at the key within {self._refused.window_seconds:.0f} s, beyond the "
+                    f"{self._refused.per_window} recorded one by one",
+                    detail={
+                        "first_factor": "refused",
+                        "users": window.notes,
+                        "more_users": window.more_notes,
+                        "not_recorded_one_by_one": window.held_back,
+                        "window_seconds": self._refused.window_seconds,
+                    },
+                )
             )
 
     def _end(self, session: _Session, why: str) -> None:
@@ -663,7 +734,10 @@ class _Connection(asyncssh.SSHServer):
         return self._session.fingerprint is None
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        return self._server.key_allowed(username, key)
+        allowed = self._server.key_allowed(username, key)
+        if not allowed:
+            self._session.offered_key = key.get_fingerprint("sha256")
+        return allowed
 
     def kbdint_auth_supported(self) -> bool:
         return self._session.fingerprint is not None
