@@ -39,7 +39,7 @@ from tests.cli import medgw
 from tests.clocks import TickingClock
 from tests.helpers.audit import events, wait_for_events
 from tests.helpers.demo import lab_post, wait_handshake_refused
-from tests.helpers.maintenance import Site
+from tests.helpers.maintenance import ADDRESS, Site
 from tests.helpers.ocsp_world import OcspWorld
 from tests.helpers.zones import World, as2_message, handshake_refused, post_as2
 from tests.rsyslog import Collector
@@ -79,6 +79,8 @@ def seal(site: Site) -> str:
     sealed = run_emergency(site.config, "seal", "--key-file", str(key_file))
     [code] = re.findall(r"code: +(\S+)", sealed)
     assert "BEGIN OPENSSH PRIVATE KEY" in sealed
+    # how to use it, with this gateway's maintenance port and address
+    assert f"ssh -i KEYFILE -p {site.port} emergency@{ADDRESS} status" in sealed, sealed
     assert key_file.stat().st_mode & 0o777 == 0o600
     return str(code)
 

@@ -18,6 +18,7 @@ from gateway.audit.query import Filters, records
 from gateway.commands import add_config_option
 from gateway.commands.audit import _review_options, _trail, _unreadable
 from gateway.commands.queue import control_client
+from gateway.config import load_config
 from gateway.emergency import report
 from gateway.emergency.credential import USER, new_code, new_salt, verifier_of
 from gateway.errors import MedgwError
@@ -99,11 +100,24 @@ def _seal(args: argparse.Namespace) -> int:
         f"  code:      {code}\n\n"
         f"{private}\n"
         "To use it: save the key above to a file (chmod 600), then\n"
-        f"  ssh -i KEYFILE -p PORT {USER}@MAINTENANCE_ADDRESS status\n"
+        f"  ssh -i KEYFILE {_maintenance_target(args.config)} status\n"
         "and answer the prompt with the code.  Using it raises an alert, declares an "
         "emergency, and it works once.\n"
     )
     return 0
+
+
+def _maintenance_target(config: Path) -> str:
+    """``-p PORT emergency@ADDRESS`` of the maintenance listener ``config`` names, for
+    the envelope; placeholders if it cannot be read here (the credential is sealed
+    anyway)."""
+    try:
+        settings = load_config(config).maintenance
+    except MedgwError:
+        settings = None
+    if settings is None:
+        return f"-p PORT {USER}@MAINTENANCE_ADDRESS"
+    return f"-p {settings.port} {USER}@{settings.address}"
 
 
 def _show(answer: Any) -> int:

@@ -180,7 +180,7 @@ def _listen_address(
         section.problem(
             "listen",
             f"{host} listens on every address, the zones' included",
-            "name the one address of the management network (or 127.0.0.1)",
+            f"name the one address of the management network (or {_free_loopback(listeners)})",
         )
         return None
     problem = None
@@ -208,10 +208,17 @@ def _listen_address(
             "listen",
             problem,
             "give maintenance an address of its own on the management network, outside "
-            "every zone's egress (or 127.0.0.1, reached through a jump host)",
+            f"every zone's egress (or {_free_loopback(listeners)}, reached through a jump "
+            "host)",
         )
         return None
     return str(address), port
+
+
+def _free_loopback(listeners: Sequence[Listener]) -> str:
+    """A loopback address no listener uses: the one to suggest in a fix."""
+    taken = {listener.address for listener in listeners}
+    return next(f"127.0.0.{n}" for n in range(1, 256) if f"127.0.0.{n}" not in taken)
 
 
 def _host_key(reader: Reader, section: Section, path: Path) -> asyncssh.SSHKey | None:

@@ -592,7 +592,11 @@ class MaintenanceServer:
 
     def _refusal(self, account: Maintainer, now: float) -> str | None:
         if account.expired(self._clock.now().date()):
-            return f"the account expired on {account.expires.isoformat()}"
+            return (
+                f"the account expired on {account.expires.isoformat()}: an administrator of "
+                "the gateway extends it (expires in the person's maintainers.d file, then "
+                "medgw reload) or adds a new one (medgw maintainer add)"
+            )
         if self._approved(account.person, now):
             return None
         if account.role == "viewer" and self.settings.viewer_without_approval:
