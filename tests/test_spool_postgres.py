@@ -175,6 +175,21 @@ def test_a_node_name_is_held_by_one_running_node_at_a_time(
     other.close()
 
 
+def test_a_name_held_by_a_session_of_another_role_is_named_without_its_start(
+    postgres_server: PostgresServer, postgres: PostgresSettings
+) -> None:
+    """pg_stat_activity hides another role's session start from a role that may not read
+    all statistics (the spool's): the refusal names the holder without it."""
+    with postgres_server.admin(postgres.dbname) as holder:
+        holder.execute("SET application_name = 'medgw node gw-a'")
+        holder.execute("SELECT pg_advisory_lock(%s)", (name_lock("gw-a"),))
+        with pytest.raises(NodeNameTakenError, match="is in use by another running node") as taken:
+            node_spool(postgres, "gw-a")
+    said = taken.value.message
+    assert "the session 'medgw node gw-a'" in said and "server process" in said
+    assert "connected since" not in said
+
+
 class HolderLeaves:
     """A node's new session, on which ``leave`` ends the holder of the node's name right
     after the node's first try for the lock and before it looks who holds it."""

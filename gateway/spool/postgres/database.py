@@ -378,11 +378,14 @@ class PostgresDatabase(SqlStore):
             )
         client = holder["hostname"] or holder["addr"]
         where = f"from {client}" if client else "over the database server's local socket"
+        # A session of another role is shown without its start (or address) unless the
+        # spool's role may read all statistics (pg_read_all_stats).
+        since = holder["since"]
+        started = f", connected since {since:%Y-%m-%d %H:%M:%S %Z}" if since else ""
         return NodeNameTakenError(
             f"node name {node!r} ([cluster] node_name) is in use by another running node on "
             f"the spool {self._settings.where}: the session {holder['name']!r} {where} "
-            f"(server process {holder['pid']}, connected since "
-            f"{holder['since']:%Y-%m-%d %H:%M:%S %Z}) holds it; two nodes under one name "
+            f"(server process {holder['pid']}{started}) holds it; two nodes under one name "
             "would take up each other's interrupted work and audit records as their own",
             fix=f"give this node a [cluster] node_name of its own, unique among the nodes "
             f"sharing the spool; if {node!r} is this very node started twice, stop the "
