@@ -258,3 +258,10 @@ class AuditNotWrittenError(MedgwError):
         super().__init__(message, fix=fix)
         self.trail = trail
         self.cause = cause
+
+
+class AuditRecordOwedError(AuditNotWrittenError):
+    """A change committed in the spool (a message retried or cancelled, a hand-over
+    retried) whose record could not be written yet: the change is done, and its record
+    owed; medgw writes it once the audit log takes records again, or at its next start
+    (gateway.audit.owed).  Not recorded first: the spool keeps which record it owes."""

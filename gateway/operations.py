@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.atrest import Vault
 from gateway.audit import AuditEvent, AuditSink, EventType, Outcome, Severity
-from gateway.audit.first import recorded
+from gateway.audit.first import owed, recorded
 from gateway.backup.bundle import (
     BackupError,
     Written,
@@ -175,6 +175,10 @@ def handover_view(record: HandoverRecord) -> dict[str, Any]:
     }
 
 
+# How the command line names an operator's change of an outbound message.
+_CHANGES = {EventType.MESSAGE_RETRIED: "retry", EventType.MESSAGE_CANCELLED: "cancel"}
+
+
 @dataclass
 class Operations:
     config: GatewayConfig
@@ -257,18 +261,19 @@ class Operations:
         self, kind: EventType, record: OutboundRecord, actor: str, previous: str | None
     ) -> None:
         """An operator changed an outbound message's state (a warning: it changes what
-        the gateway will do with a patient's document)."""
-        self.audit.emit(
-            AuditEvent(
-                kind,
-                severity=Severity.WARNING,
-                peer=record.peer,
-                message_id=record.message_id,
-                direction="outbound",
-                actor=actor,
-                detail={"previous_state": previous},
-            )
+        the gateway will do with a patient's document).  Committed first, its record owed
+        (the spool keeps that): one that cannot be written now follows (AuditRecordOwedError)."""
+        event = AuditEvent(
+            kind,
+            severity=Severity.WARNING,
+            peer=record.peer,
+            message_id=record.message_id,
+            direction="outbound",
+            actor=actor,
+            detail={"previous_state": previous},
         )
+        what = f"the {_CHANGES[kind]} of message {record.message_id}"
+        owed(self.audit, self._trail, what, event)
 
     def handover_retry(
         self, message_id: str, actor: str, peer: str | None = None
@@ -292,21 +297,20 @@ class Operations:
         expires = self.clock.now().timestamp() + self.config.runtime.message_expiry_seconds
         record = self.spool.handover_operator_retry(before.peer, message_id, actor, expires)
         self.wake_handover()
-        self.audit.emit(
-            AuditEvent(
-                EventType.HANDOVER_RETRIED,
-                severity=Severity.WARNING,
-                peer=record.peer,
-                service=record.service,
-                message_id=message_id,
-                direction="inbound",
-                actor=actor,
-                detail={
-                    "previous_state": before.state.value,
-                    "previous_error": before.last_error,
-                },
-            )
+        event = AuditEvent(
+            EventType.HANDOVER_RETRIED,
+            severity=Severity.WARNING,
+            peer=record.peer,
+            service=record.service,
+            message_id=message_id,
+            direction="inbound",
+            actor=actor,
+            detail={
+                "previous_state": before.state.value,
+                "previous_error": before.last_error,
+            },
         )
+        owed(self.audit, self._trail, f"the hand-over retry of message {message_id}", event)
         return record
 
     def handovers(self, state: HandoverState | None = None) -> list[dict[str, Any]]:

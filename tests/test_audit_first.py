@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 
 from gateway.control import SOCKET_NAME
 from gateway.control.client import ControlClient
+from gateway.demo_run import drop_file
 from gateway.emergency.credential import CredentialStore
 from gateway.errors import MedgwError
 from gateway.maintenance.approvals import FILE_NAME as APPROVALS_FILE
@@ -77,10 +78,14 @@ class FullTrail:
         return self.site.events(name)
 
 
-def _running(site: Site, processes: Any) -> Iterator[FullTrail]:
+def _running(
+    site: Site, processes: Any, before: Callable[[], None] = lambda: None
+) -> Iterator[FullTrail]:
+    """The daemon started, ``before()`` done while there is room, then the disk filled."""
     site.add("taro", "operator")  # an account the daemon reads at its start
     with small_file_system(site.audit.parent, "1m") as folder:
         proc = processes.start(site.config)
+        before()
         yield FullTrail(site, proc, folder)
         proc.kill()
 
@@ -94,13 +99,27 @@ def full(layout: DemoLayout, processes: Any) -> Iterator[FullTrail]:
 def full_spool(
     request: pytest.FixtureRequest, layout: DemoLayout, processes: Any
 ) -> Iterator[FullTrail]:
-    """As ``full``, with the spool in SQLite, then in PostgreSQL."""
+    """As ``full``, with the spool in SQLite, then in PostgreSQL; a document for the
+    hospital (which is down) queued before the disk fills."""
     site = Site(layout)
     if request.param == "postgresql":
         settings: PostgresSettings = request.getfixturevalue("postgres")
         with site.config.open("a") as handle:
             handle.write(spool_section(settings))
-    yield from _running(site, processes)
+
+    # Its first send fails; the next would be ten minutes later: it stays queued.
+    text = site.config.read_text()
+    for slow in ("retry_initial_seconds = 600", "retry_max_seconds = 900"):
+        key = slow.split(" = ")[0]
+        [line] = [line for line in text.splitlines() if line.startswith(f"{key} = ")]
+        text = text.replace(f"{line}\n", f"{slow}\n")
+    site.config.write_text(text)
+
+    def queued() -> None:
+        drop_file(layout.lab.outbox_dir / "hospital", "held.hl7", b"MSH|held\r")
+        wait_for_events(site.audit, "message.send_failed")
+
+    yield from _running(site, processes, queued)
 
 
 def test_emergency_mode_is_not_entered_without_its_record(full: FullTrail) -> None:
@@ -238,3 +257,28 @@ def test_emergency_mode_is_left_without_its_record_which_follows_once_written(
         [record] = wait_for_events(site.audit, "emergency.left")
         assert record["reason"] == "over" and "ended" in record["detail"]
         proc.kill()
+
+
+def test_a_cancel_done_without_its_record_says_so_and_its_record_follows(
+    full_spool: FullTrail,
+) -> None:
+    """A change committed in the spool owes its record (written later, or at the next
+    start): the command says it was done and its record follows, not an internal error."""
+    full = full_spool
+    config = full.site.config
+    [accepted] = full.events("message.accepted")
+    message_id = accepted["message_id"]
+    done = medgw("queue", "cancel", message_id, "--config", config)
+    assert done.returncode != 0, done.stdout
+    said = " ".join(done.stderr.split())
+    assert f"the cancel of message {message_id} was done" in said, said
+    assert str(full.folder) in said and "ENOSPC" in said, said
+    assert "do not do it again" in said, said
+    full.logged()
+
+    full.free()
+    listing = medgw("queue", "list", "--config", config)  # the next record: the owed first
+    assert listing.returncode == 0, listing.stderr
+    [cancelled] = full.events("message.cancelled")
+    assert cancelled["message_id"] == message_id
+    assert "first_tried_at" in cancelled["detail"]

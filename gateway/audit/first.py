@@ -8,6 +8,10 @@ disk under the audit log, say) nothing is done, and the caller gets an
 :class:`~gateway.errors.AuditNotWrittenError` naming the audit log's folder, the rule
 and the fix.  If the state then cannot be written, a record says so
 (``audit.action_not_done``), as far as the trail takes it.
+
+A change committed in the spool that keeps the record it owes (an operator's retry or
+cancel of a message, a hand-over retried) is not recorded first: its record follows
+the change (gateway.audit.owed), and :func:`owed` says so when it cannot be written now.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import TypeVar
 
 from gateway.audit.events import AuditEvent, EventType, Outcome, Severity
 from gateway.audit.log import AuditSink
-from gateway.errors import AuditNotWrittenError
+from gateway.errors import AuditNotWrittenError, AuditRecordOwedError
 from gateway.fsutil import storage_fix
 from gateway.logs import Logger
 
@@ -46,6 +50,30 @@ def not_written(trail: Path | None, what: str, exc: OSError) -> AuditNotWrittenE
         trail=trail,
         cause=exc,
     )
+
+
+def owed(audit: AuditSink, trail: Path | None, what: str, event: AuditEvent) -> None:
+    """Write ``event``, the record of ``what``, a change already committed in the spool,
+    which keeps that it owes this record (gateway.audit.owed): if it cannot be written,
+    AuditRecordOwedError says that ``what`` is done and its record follows."""
+    try:
+        audit.emit(event)
+    except OSError as exc:
+        code = errno.errorcode.get(exc.errno or 0, "error")
+        where = f"the audit log in {trail.parent}" if trail else "the audit log"
+        fix = (
+            storage_fix(exc, trail.parent, daemon=True)
+            if trail is not None
+            else "free disk space where [storage] audit_log is (df -h on its folder)"
+        )
+        raise AuditRecordOwedError(
+            f"{what} was done, but its audit record could not be written to {where} "
+            f"({code}: {exc.strerror or exc}) yet: medgw writes it as soon as the audit log "
+            "takes records again, or at its next start",
+            fix=f"{fix}; do not do it again",
+            trail=trail,
+            cause=exc,
+        ) from exc
 
 
 def record_first(audit: AuditSink, trail: Path | None, what: str, event: AuditEvent) -> None:

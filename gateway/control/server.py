@@ -364,6 +364,8 @@ class ControlServer:
                 who,
                 str(peer) if peer else None,
             )
+        except AuditNotWrittenError as exc:
+            return self._not_written(exc)
         except SpoolError as exc:
             return _error(exc, 409)
         return web.json_response(handover_view(record))

@@ -650,14 +650,17 @@ class MaintenanceServer:
             detail=detail,
             patient_ids=result.patients,
         )
+        what = f"showing the answer to {detail['command']}"
         try:
-            record_first(self._audit(), self._trail(), f"the command {detail['command']}", event)
+            record_first(self._audit(), self._trail(), what, event)
         except AuditNotWrittenError as exc:
-            # What it would show is not shown without its record (a change it makes is
-            # refused on its own record); the daemon's log names the cause.
+            # An answer is not shown without its record (a change the command makes is
+            # refused on its own record, or done with its record owed, as its error
+            # says); the daemon's log names the cause.
             log_not_written(self._log, exc)
+            said = result.text if result.status != 0 else ""
             fix = f"fix: {exc.fix}\n" if exc.fix else ""
-            return commands.Result(1, f"{exc.message}\n{fix}")
+            return commands.Result(1, f"{said}{exc.message}\n{fix}")
         return result
 
 
