@@ -21,13 +21,7 @@ from gateway.pki.demo import DemoLayout
 from tests.cli import medgw
 from tests.helpers.audit import wait_for_events
 from tests.helpers.check_config import check_config, reported, set_peer_url
-from tests.helpers.demo import new_demo, revoke
-from tests.helpers.other_user import (
-    as_nobody,
-    check_config_as_nobody,
-    give_to_nobody,
-    open_folder,
-)
+from tests.helpers.demo import revoke
 
 # --- 1. peer URLs -------------------------------------------------------------------------
 
@@ -628,52 +622,3 @@ def test_a_wrong_type_fix_shows_the_value_as_written(
     result = check_config(config)
     assert result.returncode == 1, result.stdout
     assert reported(result, config, key, "must be", fix.format(port=port)), result.stderr
-
-
-def test_a_reload_whose_folders_cannot_be_checked_is_applied_and_says_so(
-    processes: Any,
-) -> None:
-    """The findings a reload answers with are judged once it is in force: a folder the
-    daemon's user cannot search (the one holding the nodes' shared folder of bodies, made
-    0600) makes that check fail, which is a finding saying what could not be checked and
-    why, never a failed reload."""
-    with open_folder() as base:
-        layout = new_demo(base / "demo")
-        config = layout.hospital.config_path
-        mount = layout.hospital.root / "shared"
-        bodies = mount / "outgoing"
-        bodies.mkdir(parents=True)
-        with config.open("a") as text:
-            text.write(f'\n[cluster]\nbodies_dir = "{bodies}"\n')
-        give_to_nobody(layout.hospital.root)
-        processes.start(config, prefix=as_nobody())
-        mount.chmod(0o600)  # user nobody may no longer look into it
-        done = medgw("reload", "--config", config)
-        assert done.returncode == 0, done.stdout + done.stderr
-        *said, last = done.stdout.splitlines()
-        assert last == f"configuration reloaded ({len(said)} problem(s) found; see above)", said
-        [unchecked] = [line for line in said if "could not be checked" in line]
-        assert unchecked.startswith(
-            f"warning: {config}: storage: the folders [storage] names could not be checked "
-            f"after the reload (Permission denied: {bodies}); the reload is applied"
-        ), unchecked
-        assert "fix: " in unchecked and f"ls -ld {bodies}" in unchecked, unchecked
-        wait_for_events(layout.hospital.audit_log, "config.reloaded")
-
-
-def test_check_config_names_an_inbox_its_user_cannot_search_rather_than_failing() -> None:
-    """The peers' inbox folders are looked for inside the inbox: one that user cannot
-    search hides them, and check-config says what it lacks instead of a traceback."""
-    with open_folder() as base:
-        layout = new_demo(base / "demo")
-        give_to_nobody(layout.hospital.root)
-        config = layout.hospital.config_path
-        inbox = layout.hospital.inbox_dir
-        inbox.chmod(0o600)
-        checked = check_config_as_nobody(config)
-        assert "Traceback" not in checked.stderr, checked.stderr
-        assert checked.returncode == 0, checked.stdout + checked.stderr
-        assert reported(
-            checked, config, "storage.inbox_dir", f"the inbox {inbox} may not be read", ""
-        ), checked.stdout
-        assert "no search permission" in checked.stdout, checked.stdout
