@@ -86,6 +86,9 @@ class StepClock:
     def monotonic(self) -> float:
         return self.at.timestamp()
 
+    def boottime(self) -> float:
+        return self.monotonic()
+
 
 def shapes(n: int) -> list[AuditEvent]:
     """The six records of one message's life, sender's and receiver's, for message ``n``."""

@@ -41,6 +41,9 @@ class FastClock:
     def monotonic(self) -> float:
         return self.at.timestamp()
 
+    def boottime(self) -> float:
+        return self.monotonic()
+
 
 def run(
     folder: Path, records: int, rotation: RotationSettings | None, fsync: bool
