@@ -284,3 +284,42 @@ def test_a_cancel_done_without_its_record_says_so_and_its_record_follows(
     [cancelled] = full.events("message.cancelled")
     assert cancelled["message_id"] == message_id
     assert "first_tried_at" in cancelled["detail"]
+
+
+def test_a_session_ends_on_time_though_its_logout_record_cannot_be_written(
+    layout: DemoLayout, processes: Any
+) -> None:
+    """The maintenance server's once-a-second sweep ends a break-glass session when its
+    emergency is left; with the audit disk full its logout record fails: the connection
+    is closed all the same, the daemon logs the record it lost, and the sweep goes on."""
+    site = Site(layout)
+    with small_file_system(site.audit.parent, "1m") as folder:
+        proc = processes.start(site.config)
+        code = _seal(site)
+
+        async def ended() -> FullTrail:
+            conn = await site.connect("emergency", code)  # declares an emergency
+            try:
+                full = FullTrail(site, proc, folder)
+                left = await asyncio.to_thread(
+                    medgw, "emergency", "leave", "--reason", "over", "--config", site.config
+                )
+                assert left.returncode == 0, left.stderr
+                await asyncio.wait_for(conn.wait_closed(), 60)
+            finally:
+                conn.close()
+            return full
+
+        full = asyncio.run(ended())
+        lost = proc.wait_for(
+            lambda line: (
+                line.get("event") == "audit.write_failed"
+                and line.get("audit_event") == "maintenance.logout"
+            ),
+            30,
+        )
+        assert lost["person"] == "emergency" and "emergency" in lost["reason"]
+        full.free()
+        # Still sweeping: emergency.left, owed since the leave, is written by the daemon.
+        wait_for_events(site.audit, "emergency.left")
+        assert not any(line.get("event") == "maintenance.sweep_failed" for line in proc.lines)

@@ -51,6 +51,7 @@ from gateway.logs import Logger, make_logger
 from gateway.maintenance import algorithms, commands, totp
 from gateway.operations import Operations, Reloaded, ReloadRefused
 from gateway.ratelimit import SourceBudget, address_source
+from gateway.ratelimit import Window as RefusedWindow
 
 LOGIN_TIMEOUT_SECONDS = 30
 MAX_CODE_ATTEMPTS = 3
@@ -206,9 +207,14 @@ class MaintenanceServer:
             self._end(session, why)
 
     async def _sweep_loop(self) -> None:
+        """Every second, for the server's life: a record the trail does not take (a full
+        audit disk) is logged and the sweep goes on, so sessions still end on time."""
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception as exc:  # never the end of the sessions' time bounds
+                self._log.error("maintenance.sweep_failed", error=str(exc))
 
     def sweep(self) -> None:
         """Sessions whose approved window has ended (or whose account expired) end now,
@@ -420,6 +426,10 @@ class MaintenanceServer:
         """One record for each source whose refused logins were counted, not recorded
         one by one, with the user names they offered."""
         for window in self._refused.closed(everything=everything):
+            self._write_summary(window)
+
+    def _write_summary(self, window: RefusedWindow) -> None:
+        try:
             self._audit().emit(
                 AuditEvent(
                     EventType.MAINTENANCE_LOGIN_FAILED,
@@ -438,14 +448,40 @@ class MaintenanceServer:
                     },
                 )
             )
+        except OSError as exc:  # the counts said in the log at least
+            self._log.critical(
+                "audit.write_failed",
+                error=str(exc),
+                audit_event=EventType.MAINTENANCE_LOGIN_FAILED.value,
+                source=window.source,
+                refused_logins=window.held_back,
+                users=window.notes,
+            )
 
     def _end(self, session: _Session, why: str) -> None:
-        if not session.ended and session.logged_in:
-            session.ended = True
-            session.why_ended = why
-            self.emit(session, EventType.MAINTENANCE_LOGOUT, severity=Severity.WARNING, reason=why)
-        if session.conn is not None:
-            session.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
+        """End ``session`` for ``why``: its connection closed whether or not its logout
+        record could be written (then logged: ``audit.write_failed``)."""
+        try:
+            if not session.ended and session.logged_in:
+                session.ended = True
+                session.why_ended = why
+                logout = self.event(
+                    session, EventType.MAINTENANCE_LOGOUT, severity=Severity.WARNING, reason=why
+                )
+                try:
+                    self._audit().emit(logout)
+                except OSError as exc:
+                    self._log.critical(
+                        "audit.write_failed",
+                        error=str(exc),
+                        audit_event=logout.event.value,
+                        session=session.id,
+                        person=session.person,
+                        reason=why,
+                    )
+        finally:
+            if session.conn is not None:
+                session.conn.disconnect(asyncssh.DISC_BY_APPLICATION, why)
 
     def key_allowed(self, person: str, key: asyncssh.SSHKey) -> bool:
         if person == BREAK_GLASS_USER:
