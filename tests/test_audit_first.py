@@ -28,6 +28,8 @@ from gateway.pki.demo import DemoLayout
 from gateway.spool.postgres import PostgresSettings
 from tests.cli import medgw
 from tests.helpers.audit import events, wait_for_events
+from tests.helpers.demo import set_runtime
+from tests.helpers.internal_system import enable_delivery
 from tests.helpers.maintenance import Site
 from tests.helpers.postgres import spool_section
 from tests.helpers.storage import fill_file_system, small_file_system
@@ -323,3 +325,33 @@ def test_a_session_ends_on_time_though_its_logout_record_cannot_be_written(
         # Still sweeping: emergency.left, owed since the leave, is written by the daemon.
         wait_for_events(site.audit, "emergency.left")
         assert not any(line.get("event") == "maintenance.sweep_failed" for line in proc.lines)
+
+
+def test_a_hand_over_retry_done_without_its_record_has_its_record_follow(
+    layout: DemoLayout, processes: Any, internal_port: int
+) -> None:
+    """As a cancel: the retry is committed before its record, so the record, refused by
+    the full audit disk, is kept and written with the next record once there is room."""
+    enable_delivery(layout, internal_port)  # the internal system is down: nothing listens
+    config = layout.hospital.config_path
+    set_runtime(config, "max_attempts", "1")
+    site = Site(layout, layout.hospital)
+    with small_file_system(site.audit.parent, "1m") as folder:
+        proc = processes.start(config)
+        processes.start(layout.lab.config_path)
+        drop_file(layout.lab.outbox_for("hospital"), "doc.hl7", b"MSH|doc\r")
+        [gave_up] = wait_for_events(
+            site.audit, "message.handover_failed", where=lambda e: e["detail"].get("final")
+        )
+        message_id = gave_up["message_id"]
+        full = FullTrail(site, proc, folder)
+        done = medgw("handover", "retry", message_id, "--config", config)
+        assert done.returncode != 0, done.stdout
+        said = " ".join(done.stderr.split())
+        assert "was done" in said and "do not do it again" in said, said
+        full.free()
+        listing = medgw("queue", "list", "--config", config)  # the next record: the owed first
+        assert listing.returncode == 0, listing.stderr
+        [retried] = wait_for_events(site.audit, "message.handover_retried")
+        assert retried["message_id"] == message_id
+        assert "first_tried_at" in retried["detail"]

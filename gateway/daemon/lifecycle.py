@@ -289,9 +289,12 @@ class Daemon:
             rotation=config.audit_rotation,
             # The record of an outbound message's step follows a change already committed
             # (or a send that happened): nothing records it again, so one that could not
-            # be written is kept for the next write.  An inbound delivery's is written
-            # again by the peer's resend, which the failure answered 503.
-            owed=lambda event: event.direction == "outbound",
+            # be written is kept for the next write; so is an operator's hand-over retry
+            # (committed before its record, gateway.operations).  An inbound delivery's is
+            # written again by the peer's resend, which the failure answered 503.
+            owed=lambda event: (
+                event.direction == "outbound" or event.event is EventType.HANDOVER_RETRIED
+            ),
         )
         self._emergency = Emergency(
             config.storage.state_dir,
