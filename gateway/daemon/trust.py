@@ -164,17 +164,25 @@ class TrustKeeper:
             if cause in said:
                 continue
             self._log.error("pki.own_certificate_unusable", problem=str(problem))
-            self._audit().emit(
-                AuditEvent(
-                    EventType.OWN_CERTIFICATE_UNUSABLE,
-                    Outcome.FAILURE,
-                    Severity.ALERT,
-                    reason=problem.message,
-                    detail={"key": problem.key, "fix": problem.fix},
+            try:
+                self._audit().emit(
+                    AuditEvent(
+                        EventType.OWN_CERTIFICATE_UNUSABLE,
+                        Outcome.FAILURE,
+                        Severity.ALERT,
+                        reason=problem.message,
+                        detail={"key": problem.key, "fix": problem.fix},
+                    )
                 )
-            )
-            # Marked once written: an alert the trail did not take is raised at the next
-            # check again.
+            except OSError as exc:
+                # Not marked: raised again at the next check.  The check itself goes on
+                # (a CRL fetched is applied to the peers all the same).
+                self._log.critical(
+                    "audit.write_failed",
+                    error=str(exc),
+                    audit_event=EventType.OWN_CERTIFICATE_UNUSABLE.value,
+                )
+                continue
             said.add(cause)
             self._own_alerted = frozenset(said)
 
